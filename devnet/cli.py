@@ -1,0 +1,48 @@
+"""The `loramesh` command: every part's sub-commands under one root, errors as one clear line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from devnet.demo_cli import demo
+from node.cli import adapter_app, base_app, keys_app
+
+app = typer.Typer(
+    help="loramesh: serve many LoRA adapters on shared base models, with on-chain attribution.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(base_app, name="base")
+app.add_typer(adapter_app, name="adapter")
+app.command("demo")(demo)
+
+_err = Console(stderr=True)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning any failure into one line and exit code 1."""
+    debug = os.environ.get("LORAMESH_DEBUG") == "1"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        _err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # the user sees one line; LORAMESH_DEBUG=1 shows the traceback
+        if debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _err.print(f"[red]error:[/] {message}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The package manifest `loramesh.json`: its schema, canonical bytes and the adapter id derived from them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+from eth_utils import is_checksum_address, keccak, to_checksum_address
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.adapters.errors import PackageError
+from node.canonical import canonical_json, is_id, sha256_hex
+
+MANIFEST_FILE = "loramesh.json"
+SIGNATURE_FILE = "signature.json"
+RESERVED_FILES = frozenset({MANIFEST_FILE, SIGNATURE_FILE})
+FORMAT = "loramesh-adapter/1"
+MAX_MANIFEST_BYTES = 1 << 20
+# Flat, plain file names only: no folders, no "..", no hidden files, nothing a shell would expand.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+Id = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
+
+
+def dataset_id(name: str) -> str:
+    """A dataset's on-chain id: keccak256 of its UTF-8 name."""
+    return "0x" + keccak(text=name).hex()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Strict):
+    path: str
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size: Annotated[int, Field(ge=0)]
+
+    @field_validator("path")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        check_file_name(v)
+        return v
+
+
+class DatasetShare(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    id: Id
+    contributor: str
+    share_bps: Annotated[int, Field(ge=0, le=10_000)]
+
+    @field_validator("contributor")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not is_checksum_address(v):
+            raise ValueError(f"contributor {v!r} is not a checksummed EVM address")
+        return v
+
+
+class BaseModelRef(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    id: Id
+
+
+class LoraInfo(_Strict):
+    rank: Annotated[int, Field(ge=1, le=1024)]
+    alpha: float
+    targets: tuple[str, ...]
+
+
+class Manifest(_Strict):
+    format: str = FORMAT
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    predecessor: Id | None = None
+    base_model: BaseModelRef
+    files: tuple[FileEntry, ...]
+    datasets: tuple[DatasetShare, ...] = ()
+    price_per_1k_tokens: Annotated[int, Field(ge=0)] = 0
+    license: str = "apache-2.0"
+    lora: LoraInfo
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v != FORMAT:
+            raise ValueError(f"unknown manifest format {v!r}, expected {FORMAT!r}")
+        return v
+
+    @field_validator("datasets")
+    @classmethod
+    def _shares(cls, v: tuple[DatasetShare, ...]) -> tuple[DatasetShare, ...]:
+        if sum(d.share_bps for d in v) > 10_000:
+            raise ValueError("dataset shares add up to more than 10000 basis points")
+        if len({d.id for d in v}) != len(v):
+            raise ValueError("a dataset is listed twice")
+        for d in v:
+            if d.id != dataset_id(d.name):
+                raise ValueError(f"dataset {d.name!r} has id {d.id}, expected keccak256 of its name")
+        return v
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes the adapter id and the signature are computed over."""
+        return canonical_json(self.model_dump(mode="json"))
+
+    @property
+    def adapter_id(self) -> str:
+        return sha256_hex(self.canonical_bytes())
+
+
+def make_dataset_share(name: str, contributor: str, share_bps: int) -> DatasetShare:
+    """A dataset share with its id computed from its name and the address checksummed."""
+    try:
+        address = to_checksum_address(contributor)
+    except ValueError as e:
+        raise ValueError(f"contributor {contributor!r} is not an EVM address") from e
+    return DatasetShare(name=name, id=dataset_id(name), contributor=address, share_bps=share_bps)
+
+
+def check_file_name(name: str) -> None:
+    """Refuse a package file name that could escape the package folder or is otherwise unsafe."""
+    if name.startswith("/") or "\\" in name or ".." in name.split("/") or "/" in name:
+        raise PackageError(f"file name {name!r} escapes the package folder")
+    if not _SAFE_NAME.match(name) or name in RESERVED_FILES:
+        raise PackageError(f"file name {name!r} is not allowed in a package")
+
+
+def read_manifest(pkg_dir: Path) -> Manifest:
+    """Parse and validate `loramesh.json`; every problem becomes a one-line PackageError."""
+    path = pkg_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise PackageError(f"{pkg_dir} is not an adapter package: {MANIFEST_FILE} is missing")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PackageError(f"{MANIFEST_FILE} is not valid UTF-8 JSON: {e}") from e
+    return parse_manifest(raw)
+
+
+def parse_manifest(raw: object) -> Manifest:
+    """Validate a decoded manifest document."""
+    if isinstance(raw, dict):
+        for entry in raw.get("files") or ():
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                check_file_name(entry["path"])  # a path escape gets its own message, not a schema error
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise PackageError(f"{MANIFEST_FILE} is invalid at {where}: {first['msg']}") from e
+
+
+def check_id(value: str, what: str = "adapter id") -> str:
+    """Return `value` if it is a 0x + 64 lowercase hex id, else raise ValueError naming it."""
+    if not is_id(value):
+        raise ValueError(f"{what} {value!r} is not 0x followed by 64 lowercase hex digits")
+    return value

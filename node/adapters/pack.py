@@ -1,0 +1,114 @@
+"""Packing: wrap a PEFT adapter folder into a signed loramesh package."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from eth_account.signers.local import LocalAccount
+
+from node.adapters.errors import PackageError
+from node.adapters.manifest import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    BaseModelRef,
+    DatasetShare,
+    FileEntry,
+    LoraInfo,
+    Manifest,
+)
+from node.adapters.signing import sign_manifest
+from node.adapters.verify import VerifiedPackage, file_sha256, verify_package
+from node.adapters.weights import WEIGHTS_FILE, check_lora_tensors, is_pickle_file, read_lora_config
+from node.adapters.weights import read_safetensors_header
+from node.basemodel import base_model_id, base_model_name, read_config
+from node.canonical import canonical_json
+
+
+def build_manifest(
+    pkg_dir: Path,
+    *,
+    name: str,
+    base_dir: Path,
+    datasets: Iterable[DatasetShare] = (),
+    price_per_1k_tokens: int = 0,
+    version: str = "1",
+    predecessor: str | None = None,
+    license: str = "apache-2.0",
+) -> Manifest:
+    """A manifest describing the files now in `pkg_dir` (no checks on their contents)."""
+    lora = read_lora_config(pkg_dir)
+    files = tuple(
+        FileEntry(path=p.name, sha256=file_sha256(p), size=p.stat().st_size)
+        for p in sorted(pkg_dir.iterdir())
+        if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
+    )
+    return Manifest(
+        name=name,
+        version=version,
+        predecessor=predecessor,
+        base_model=BaseModelRef(name=base_model_name(base_dir), id=base_model_id(base_dir)),
+        files=files,
+        datasets=tuple(datasets),
+        price_per_1k_tokens=price_per_1k_tokens,
+        license=license,
+        lora=LoraInfo(rank=lora.rank, alpha=lora.alpha, targets=lora.targets),
+    )
+
+
+def write_signed(pkg_dir: Path, manifest: Manifest, account: LocalAccount) -> None:
+    """Write the manifest and its signature into `pkg_dir`."""
+    (pkg_dir / MANIFEST_FILE).write_bytes(manifest.canonical_bytes())
+    (pkg_dir / SIGNATURE_FILE).write_bytes(canonical_json(sign_manifest(manifest, account)))
+
+
+def resolve_base_dir(peft_dir: Path, base_dir: str | Path | None) -> Path:
+    """The base model folder: the one given, else the one the PEFT config names if it exists here."""
+    if base_dir is not None:
+        return Path(base_dir)
+    import json
+
+    named = json.loads((peft_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if named and (Path(named) / "config.json").is_file():
+        return Path(named)
+    raise PackageError(f"the base model {named!r} named by the adapter is not a local folder: pass --base DIR")
+
+
+def pack_adapter(
+    peft_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    account: LocalAccount,
+    base_dir: str | Path | None = None,
+    datasets: Iterable[DatasetShare] = (),
+    price_per_1k_tokens: int = 0,
+    version: str = "1",
+    predecessor: str | None = None,
+    license: str = "apache-2.0",
+) -> VerifiedPackage:
+    """Check a PEFT LoRA folder against its base, copy it to `out_dir`, sign it, and verify the result."""
+    peft_dir, out_dir = Path(peft_dir), Path(out_dir)
+    if not peft_dir.is_dir():
+        raise PackageError(f"{peft_dir} is not a folder")
+    lora = read_lora_config(peft_dir)
+    if not (peft_dir / WEIGHTS_FILE).is_file():
+        raise PackageError(f"{peft_dir} has no {WEIGHTS_FILE}: not a PEFT LoRA adapter saved with safetensors")
+    for p in peft_dir.iterdir():
+        if is_pickle_file(p.name):
+            raise PackageError(f"pickle weight file {p.name!r} refused: save the adapter with safetensors")
+    base = resolve_base_dir(peft_dir, base_dir)
+    check_lora_tensors(read_safetensors_header(peft_dir / WEIGHTS_FILE), lora, read_config(base))
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PackageError(f"output folder {out_dir} is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in sorted(peft_dir.iterdir()):
+        if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE):
+            shutil.copyfile(p, out_dir / p.name)
+    manifest = build_manifest(
+        out_dir, name=name, base_dir=base, datasets=datasets, price_per_1k_tokens=price_per_1k_tokens,
+        version=version, predecessor=predecessor, license=license,
+    )
+    write_signed(out_dir, manifest, account)
+    return verify_package(out_dir, base_dir=base)

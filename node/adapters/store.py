@@ -1,0 +1,124 @@
+"""The content-addressed package store: `root/<adapter id>/` holds only packages that passed verification.
+
+Writers fill a temporary folder inside `root/.tmp/`, verify it, and rename it into place, so a
+package is either whole and verified or not visible at all, even if the process dies mid-write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from node.adapters.errors import PackageError
+from node.adapters.manifest import MANIFEST_FILE, check_id
+from node.adapters.verify import VerifiedPackage, verify_package
+
+log = logging.getLogger(__name__)
+
+
+class AdapterStore:
+    """Verified adapter packages on disk, addressed by adapter id."""
+
+    def __init__(self, root: str | Path, *, base_dir: str | Path | None = None):
+        self.root = Path(root)
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self._tmp_root = self.root / ".tmp"
+        self._tmp_root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, adapter_id: str) -> Path:
+        return self.root / check_id(adapter_id)
+
+    def has(self, adapter_id: str) -> bool:
+        return (self.path_for(adapter_id) / MANIFEST_FILE).is_file()
+
+    def get(self, adapter_id: str, *, verify_hashes: bool = True) -> VerifiedPackage | None:
+        """The installed package with this id, re-verified, or None if the store lacks it."""
+        path = self.path_for(adapter_id)
+        if not (path / MANIFEST_FILE).is_file():
+            return None
+        pkg = verify_package(path, base_dir=self.base_dir, hashes=verify_hashes)
+        if pkg.adapter_id != adapter_id:
+            raise PackageError(f"store entry {adapter_id} holds adapter {pkg.adapter_id}")
+        return pkg
+
+    def list(self) -> list[VerifiedPackage]:
+        """Every installed package (size-checked; hashes were checked at install)."""
+        out = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("0x") and (entry / MANIFEST_FILE).is_file():
+                try:
+                    out.append(self.get(entry.name, verify_hashes=False))
+                except PackageError as e:
+                    log.warning("skipping damaged store entry %s: %s", entry.name, e)
+        return out
+
+    def by_name(self, name: str) -> list[VerifiedPackage]:
+        """Installed packages with this name, newest registration order unknown here: sorted by version."""
+        return sorted((p for p in self.list() if p.name == name), key=lambda p: p.manifest.version)
+
+    def tmp_dir(self) -> Path:
+        """A fresh, empty temporary folder inside the store (same filesystem, so the final rename is atomic)."""
+        return Path(tempfile.mkdtemp(prefix="pkg-", dir=self._tmp_root))
+
+    def install(
+        self, src_dir: str | Path, *, expected_owner: str | None = None, base_dir: str | Path | None = None
+    ) -> VerifiedPackage:
+        """Copy a package folder into the store, verifying the copy; installing an id twice is a no-op."""
+        src_dir = Path(src_dir)
+        if not src_dir.is_dir():
+            raise PackageError(f"{src_dir} is not a folder")
+        tmp = self.tmp_dir()
+        try:
+            for p in src_dir.iterdir():
+                if p.is_dir():
+                    raise PackageError(f"{p.name!r} is not a plain file; packages hold plain files only")
+                shutil.copyfile(p, tmp / p.name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.install_from_tmp(tmp, expected_owner=expected_owner, base_dir=base_dir)
+
+    def install_from_tmp(
+        self, tmp: Path, *, expected_owner: str | None = None, base_dir: str | Path | None = None
+    ) -> VerifiedPackage:
+        """Verify a filled temporary folder and rename it into place; the folder is gone afterwards either way.
+
+        `base_dir` (else the store's own) makes the check include the base model's identity and shapes.
+        """
+        try:
+            pkg = verify_package(tmp, base_dir=base_dir or self.base_dir, expected_owner=expected_owner)
+            final = self.path_for(pkg.adapter_id)
+            if (final / MANIFEST_FILE).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return self.get(pkg.adapter_id, verify_hashes=False)
+            if final.exists():  # a leftover without a manifest cannot be a finished install
+                shutil.rmtree(final)
+            for p in tmp.iterdir():
+                os.chmod(p, 0o444)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("installed adapter %s (%s) signed by %s", pkg.adapter_id, pkg.name, pkg.signer)
+        return verify_package(final, base_dir=self.base_dir, hashes=False)
+
+    def remove(self, adapter_id: str) -> bool:
+        """Delete an installed package; True if there was one."""
+        path = self.path_for(adapter_id)
+        if not path.exists():
+            return False
+        doomed = self._tmp_root / f"rm-{adapter_id[2:12]}-{os.getpid()}"
+        os.replace(path, doomed)  # disappear atomically, then delete at leisure
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+    def clean_tmp(self) -> int:
+        """Remove temporary folders left by a process that died mid-write; returns how many."""
+        n = 0
+        for p in self._tmp_root.iterdir():
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+        return n

@@ -1,0 +1,136 @@
+"""The full package check: nothing is loaded or served before a package passes all of it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from eth_utils import to_checksum_address
+
+from node.adapters.errors import PackageError
+from node.adapters.manifest import RESERVED_FILES, Manifest, check_file_name, read_manifest
+from node.adapters.signing import read_signature, recover_signer
+from node.adapters.weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    LoraConfig,
+    check_lora_tensors,
+    is_pickle_file,
+    read_lora_config,
+    read_safetensors_header,
+)
+from node.basemodel import base_model_id_from_config, read_config
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedPackage:
+    """A package folder that passed every check, with what the checks established."""
+
+    path: Path
+    manifest: Manifest
+    adapter_id: str
+    signer: str
+    lora: LoraConfig
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def peft_config(self) -> dict:
+        return json.loads((self.path / CONFIG_FILE).read_text())
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_files(pkg_dir: Path, manifest: Manifest, *, hashes: bool = True) -> None:
+    """The folder holds exactly the manifest's files (plus manifest and signature) with their sizes and hashes."""
+    listed = {f.path for f in manifest.files}
+    for name in listed:
+        if is_pickle_file(name):
+            raise PackageError(f"pickle weight file {name!r} refused: only safetensors weights are loaded")
+    present = set()
+    for entry in pkg_dir.iterdir():
+        if entry.name in RESERVED_FILES:
+            continue
+        if is_pickle_file(entry.name):
+            raise PackageError(f"pickle weight file {entry.name!r} refused: only safetensors weights are loaded")
+        if not entry.is_file() or entry.is_symlink():
+            raise PackageError(f"{entry.name!r} is not a plain file; packages hold plain files only")
+        check_file_name(entry.name)
+        present.add(entry.name)
+    if missing := sorted(listed - present):
+        raise PackageError(f"file {missing[0]!r} listed in the manifest is missing")
+    if extra := sorted(present - listed):
+        raise PackageError(f"file {extra[0]!r} is not listed in the manifest")
+    for entry in manifest.files:
+        path = pkg_dir / entry.path
+        size = path.stat().st_size
+        if size != entry.size:
+            raise PackageError(f"file {entry.path!r} is {size} bytes, the manifest says {entry.size}")
+        if hashes and file_sha256(path) != entry.sha256:
+            raise PackageError(f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)")
+
+
+def check_weights(pkg_dir: Path, manifest: Manifest, base_config: dict | None) -> LoraConfig:
+    """PEFT config and safetensors header agree with each other, the manifest and (if given) the base."""
+    names = {f.path for f in manifest.files}
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if required not in names:
+            raise PackageError(f"package lacks {required}: not a PEFT LoRA adapter")
+    lora = read_lora_config(pkg_dir)
+    if (lora.rank, lora.alpha, lora.targets) != (manifest.lora.rank, manifest.lora.alpha, manifest.lora.targets):
+        raise PackageError("manifest's lora section does not match adapter_config.json")
+    check_lora_tensors(read_safetensors_header(pkg_dir / WEIGHTS_FILE), lora, base_config)
+    return lora
+
+
+def verify_package(
+    pkg_dir: str | Path,
+    *,
+    base_dir: str | Path | None = None,
+    expected_owner: str | None = None,
+    hashes: bool = True,
+) -> VerifiedPackage:
+    """Run every check on a package folder and return what it proved, or raise PackageError."""
+    pkg_dir = Path(pkg_dir)
+    if not pkg_dir.is_dir():
+        raise PackageError(f"{pkg_dir} is not a folder")
+    manifest = read_manifest(pkg_dir)
+    check_files(pkg_dir, manifest, hashes=hashes)
+    signer = recover_signer(manifest, read_signature(pkg_dir))
+    if expected_owner is not None and signer != to_checksum_address(expected_owner):
+        raise PackageError(f"package is signed by {signer}, but the adapter's registered owner is {expected_owner}")
+    base_config = None
+    if base_dir is not None:
+        base_config = read_config(base_dir)
+        base_id = base_model_id_from_config(base_config)
+        if manifest.base_model.id != base_id:
+            raise PackageError(
+                f"adapter is for base model {manifest.base_model.name} ({manifest.base_model.id}), "
+                f"not this base ({base_id})"
+            )
+    lora = check_weights(pkg_dir, manifest, base_config)
+    return VerifiedPackage(path=pkg_dir, manifest=manifest, adapter_id=manifest.adapter_id, signer=signer, lora=lora)
+
+
+def load_lora_tensors(pkg: VerifiedPackage, device: str = "cpu") -> dict:
+    """The adapter's LoRA tensors by PEFT name, read with safetensors (never pickle)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(pkg.weights_path), device=device)

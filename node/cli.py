@@ -1,0 +1,153 @@
+"""Contributor commands: `loramesh keys`, `loramesh base`, `loramesh adapter` (train, pack, verify)."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from node.train import DEFAULT_TARGETS
+
+console = Console()
+keys_app = typer.Typer(help="Create and inspect identity files (EVM account key + Ed25519 node key).",
+                       no_args_is_help=True)
+base_app = typer.Typer(help="Base models: make a tiny deterministic one for tests and demos.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Adapters: train a LoRA, pack and sign it, verify a package.", no_args_is_help=True)
+
+TOKEN_DECIMALS = 18
+
+
+def parse_price(text: str) -> int:
+    """A price in whole tokens (e.g. '0.002') as an integer amount of the smallest unit."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation as e:
+        raise ValueError(f"price {text!r} is not a number") from e
+    if value < 0:
+        raise ValueError(f"price {text!r} is negative")
+    units = value * (10**TOKEN_DECIMALS)
+    if units != units.to_integral_value():
+        raise ValueError(f"price {text!r} has more than {TOKEN_DECIMALS} decimal places")
+    return int(units)
+
+
+def parse_dataset(spec: str):
+    """`NAME=ADDRESS:SHARE_BPS` -> a DatasetShare."""
+    from node.adapters import make_dataset_share
+
+    try:
+        name, rest = spec.split("=", 1)
+        address, bps = rest.rsplit(":", 1)
+        return make_dataset_share(name.strip(), address.strip(), int(bps))
+    except ValueError as e:
+        raise ValueError(f"--dataset {spec!r}: expected NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS ({e})") from e
+
+
+@keys_app.command("new")
+def keys_new(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the identity file (mode 0600).")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Make a new identity: an EVM account (eth-account keystore) and an Ed25519 node key, password-protected.
+
+    The password comes from $LORAMESH_KEY_PASSWORD, else it is asked for.
+    """
+    from node.keys import create_identity
+
+    identity = create_identity(out, overwrite=force)
+    console.print(f"wrote [bold]{out}[/] (mode 0600)")
+    console.print(f"  address  {identity.address}\n  node id  {identity.node_id}")
+
+
+@keys_app.command("show")
+def keys_show(path: Annotated[Path, typer.Argument(help="An identity file.")]) -> None:
+    """Print the address and node id held in an identity file."""
+    from node.keys import load_identity
+
+    identity = load_identity(path)
+    console.print(f"address  {identity.address}\nnode id  {identity.node_id}")
+
+
+@base_app.command("init-tiny")
+def base_init_tiny(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the model into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the deterministic weights.")] = 0,
+    hidden_size: Annotated[int, typer.Option(help="Hidden size (64 to 256 keeps it tiny).")] = 128,
+    layers: Annotated[int, typer.Option(help="Number of decoder layers.")] = 2,
+    model_type: Annotated[str, typer.Option(help="llama, mistral, qwen2 or qwen3.")] = "llama",
+) -> None:
+    """Write a tiny Llama-architecture causal LM in Hugging Face format (weights, config, byte-level tokenizer)."""
+    from node.basemodel import base_model_id, init_tiny
+
+    init_tiny(out_dir, seed, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_layers=layers,
+              model_type=model_type)
+    console.print(f"wrote tiny {model_type} base to [bold]{out_dir}[/] (id {base_model_id(out_dir)})")
+
+
+@adapter_app.command("train")
+def adapter_train(
+    base: Annotated[Path, typer.Option(help="Base model folder.")],
+    data: Annotated[Path, typer.Option(help='JSONL of {"prompt": ..., "completion": ...}.')],
+    out: Annotated[Path, typer.Option(help="Folder for the PEFT adapter.")],
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    targets: Annotated[str, typer.Option(help="Comma-separated target modules.")] = ",".join(DEFAULT_TARGETS),
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 80,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train a LoRA adapter on prompt/completion pairs (CPU is fine) and save a standard PEFT folder."""
+    from node.train import train_adapter
+
+    target_list = tuple(t.strip() for t in targets.split(",") if t.strip())
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("train", total=steps, loss="-")
+        train_adapter(base, data, out, rank=rank, targets=target_list, steps=steps, lr=lr, seed=seed,
+                      on_step=lambda s, loss: progress.update(task, completed=s, loss=f"{loss:.3f}"))
+    console.print(f"wrote PEFT adapter to [bold]{out}[/]")
+
+
+@adapter_app.command("pack")
+def adapter_pack(
+    peft_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder (save_pretrained output).")],
+    name: Annotated[str, typer.Option(help="Adapter name, e.g. 'alice/capitals'.")],
+    key: Annotated[Path, typer.Option(help="Identity file of the publisher (signs the manifest).")],
+    out: Annotated[Path, typer.Option(help="Folder to write the package into.")],
+    base: Annotated[Path | None, typer.Option(help="Base model folder (default: the one the adapter names).")] = None,
+    dataset: Annotated[list[str] | None, typer.Option(help="NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS, repeatable.")] = None,
+    price_per_1k_tokens: Annotated[str, typer.Option(help="Price per 1,000 tokens, in whole tokens.")] = "0",
+    version: Annotated[str, typer.Option(help="Version label.")] = "1",
+    predecessor: Annotated[str | None, typer.Option(help="Adapter id of the version this one replaces.")] = None,
+    license: Annotated[str, typer.Option(help="License of the weights.")] = "apache-2.0",
+) -> None:
+    """Wrap a PEFT adapter into a signed loramesh package (manifest + EIP-712 signature)."""
+    from node.adapters import pack_adapter
+    from node.keys import load_identity
+
+    shares = [parse_dataset(s) for s in dataset or []]
+    identity = load_identity(key)
+    pkg = pack_adapter(peft_dir, out, name=name, account=identity.account, base_dir=base, datasets=shares,
+                       price_per_1k_tokens=parse_price(price_per_1k_tokens), version=version,
+                       predecessor=predecessor, license=license)
+    console.print(f"packed [bold]{pkg.name}[/] -> {out}\n  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}")
+
+
+@adapter_app.command("verify")
+def adapter_verify(
+    pkg_dir: Annotated[Path, typer.Argument(help="A loramesh package folder.")],
+    base: Annotated[Path | None, typer.Option(help="Also check it fits this base model folder.")] = None,
+) -> None:
+    """Check a package: files and hashes, signature, weights; print its id, name, signer and base model."""
+    from node.adapters import verify_package
+
+    pkg = verify_package(pkg_dir, base_dir=base)
+    m = pkg.manifest
+    console.print(f"[green]ok[/] {m.name} v{m.version}")
+    console.print(f"  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}\n  base model  {m.base_model.name} "
+                  f"({m.base_model.id})\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}")
+    for d in m.datasets:
+        console.print(f"  dataset     {d.name} -> {d.contributor} ({d.share_bps} bps)")

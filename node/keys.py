@@ -1,0 +1,160 @@
+"""Identity files: an EVM account key (eth-account keystore) and an Ed25519 node key, one file, mode 0600.
+
+The EVM key signs adapter manifests, registrations and settlements; the Ed25519 key is the node's
+libp2p identity and signs usage receipts and heartbeats. Both are encrypted with one password.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from node.canonical import sha256_hex
+
+PASSWORD_ENV = "LORAMESH_KEY_PASSWORD"
+FORMAT = "loramesh-identity/1"
+# scrypt cost: 2**15 keeps unlocking under ~0.2 s on a small CPU while staying memory-hard.
+SCRYPT_N = 2**15
+
+
+class IdentityError(ValueError):
+    """An identity file that cannot be read, decrypted or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The keys of one participant: EVM account and Ed25519 node key."""
+
+    account: LocalAccount
+    node_key: Ed25519PrivateKey
+
+    @property
+    def address(self) -> str:
+        return self.account.address
+
+    @property
+    def node_seed(self) -> bytes:
+        return self.node_key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
+    @property
+    def node_public_key(self) -> bytes:
+        return self.node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    @property
+    def node_id(self) -> str:
+        return node_id_from_public_key(self.node_public_key)
+
+    @classmethod
+    def generate(cls) -> "Identity":
+        """A fresh identity held only in memory."""
+        return cls(account=Account.create(), node_key=Ed25519PrivateKey.generate())
+
+
+def node_id_from_public_key(public_key: bytes) -> str:
+    """A node's id: sha256 of its raw 32-byte Ed25519 public key."""
+    if len(public_key) != 32:
+        raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
+    return sha256_hex(public_key)
+
+
+def _scrypt(password: str, salt: bytes, n: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(password.encode("utf-8"))
+
+
+def resolve_password(password: str | None, *, confirm: bool = False) -> str:
+    """The password given, else $LORAMESH_KEY_PASSWORD, else a prompt on the terminal."""
+    if password is not None:
+        return password
+    env = os.environ.get(PASSWORD_ENV)
+    if env is not None:
+        return env
+    try:
+        first = getpass.getpass("identity password: ")
+        if confirm and getpass.getpass("repeat password: ") != first:
+            raise IdentityError("the two passwords differ")
+    except EOFError as e:
+        raise IdentityError(f"no password: set {PASSWORD_ENV} or run in a terminal") from e
+    return first
+
+
+def create_identity(path: str | Path, password: str | None = None, *, overwrite: bool = False) -> Identity:
+    """Create an identity file at `path` (mode 0600) and return the identity it holds."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise IdentityError(f"{path} already exists; refusing to overwrite a key file")
+    password = resolve_password(password, confirm=True)
+    identity = Identity.generate()
+    save_identity(identity, path, password)
+    return identity
+
+
+def save_identity(identity: Identity, path: str | Path, password: str) -> None:
+    """Write `identity` encrypted under `password`; the file is created with mode 0600 atomically."""
+    path = Path(path)
+    salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+    sealed = AESGCM(_scrypt(password, salt, SCRYPT_N)).encrypt(nonce, identity.node_seed, b"loramesh-node-key")
+    doc = {
+        "format": FORMAT,
+        "address": identity.address,
+        "node_id": identity.node_id,
+        "node_public_key": identity.node_public_key.hex(),
+        "evm_keystore": Account.encrypt(identity.account.key, password, kdf="scrypt", iterations=SCRYPT_N),
+        "node_key": {
+            "kdf": "scrypt",
+            "n": SCRYPT_N,
+            "r": 8,
+            "p": 1,
+            "salt": base64.b64encode(salt).decode(),
+            "nonce": base64.b64encode(nonce).decode(),
+            "ciphertext": base64.b64encode(sealed).decode(),
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_identity(path: str | Path, password: str | None = None) -> Identity:
+    """Read and decrypt an identity file; a wrong password or a damaged file is an IdentityError."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise IdentityError(f"identity file {path} not found (create one with `loramesh keys new`)") from e
+    except (OSError, ValueError) as e:
+        raise IdentityError(f"identity file {path} is not readable JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise IdentityError(f"{path} is not a loramesh identity file (expected format {FORMAT})")
+    password = resolve_password(password)
+    try:
+        evm_key = Account.decrypt(doc["evm_keystore"], password)
+        nk = doc["node_key"]
+        seed = AESGCM(_scrypt(password, base64.b64decode(nk["salt"]), int(nk["n"]))).decrypt(
+            base64.b64decode(nk["nonce"]), base64.b64decode(nk["ciphertext"]), b"loramesh-node-key"
+        )
+    except (ValueError, InvalidTag) as e:
+        raise IdentityError(f"cannot unlock {path}: wrong password or damaged file") from e
+    except (KeyError, TypeError) as e:
+        raise IdentityError(f"{path} is missing field {e}") from e
+    identity = Identity(account=Account.from_key(evm_key), node_key=Ed25519PrivateKey.from_private_bytes(seed))
+    if identity.address != doc.get("address"):
+        raise IdentityError(f"{path} is damaged: its key does not match its address {doc.get('address')}")
+    return identity
