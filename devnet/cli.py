@@ -23,7 +23,7 @@ app.add_typer(base_app, name="base")
 app.add_typer(adapter_app, name="adapter")
 app.command("demo")(demo)
 
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from node.train import DEFAULT_TARGETS
 
-console = Console()
+console = Console(soft_wrap=True)
 keys_app = typer.Typer(help="Create and inspect identity files (EVM account key + Ed25519 node key).",
                        no_args_is_help=True)
 base_app = typer.Typer(help="Base models: make a tiny deterministic one for tests and demos.", no_args_is_help=True)

@@ -1,0 +1,195 @@
+"""Every way a package can be bad gets its own refusal message; a good package passes."""
+
+import json
+import shutil
+import struct
+
+import pytest
+from eth_account import Account
+
+from node.adapters import PackageError, make_dataset_share, pack_adapter, verify_package
+from node.adapters.manifest import MANIFEST_FILE, read_manifest
+from node.adapters.pack import build_manifest, write_signed
+from node.basemodel import init_tiny
+from tests.utils.factories import make_peft_adapter
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tiny_base, tmp_path_factory):
+    return make_peft_adapter(tiny_base, tmp_path_factory.mktemp("peft") / "a", rank=4, targets=("q_proj", "v_proj"))
+
+
+@pytest.fixture(scope="module")
+def good_pkg(tiny_base, peft_dir, publisher, tmp_path_factory):
+    share = make_dataset_share("capitals-qa", publisher.address, 2500)
+    return pack_adapter(peft_dir, tmp_path_factory.mktemp("pkg") / "good", name="alice/capitals",
+                        account=publisher, base_dir=tiny_base, datasets=[share], price_per_1k_tokens=10**15)
+
+
+@pytest.fixture
+def pkg(good_pkg, tmp_path):
+    """A private, writable copy of the good package."""
+    dst = tmp_path / "pkg"
+    shutil.copytree(good_pkg.path, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst
+
+
+def resign(pkg_dir, base, account):
+    """Re-sign a package folder as it now is (to reach the checks behind the hash and signature checks)."""
+    old = read_manifest(pkg_dir)
+    (pkg_dir / MANIFEST_FILE).unlink()
+    (pkg_dir / "signature.json").unlink()
+    write_signed(pkg_dir, build_manifest(pkg_dir, name=old.name, base_dir=base), account)
+
+
+def refused(pkg_dir, match, **kw):
+    with pytest.raises(PackageError, match=match):
+        verify_package(pkg_dir, **kw)
+
+
+def test_good_package_verifies(good_pkg, tiny_base, publisher):
+    pkg = verify_package(good_pkg.path, base_dir=tiny_base, expected_owner=publisher.address)
+    assert pkg.adapter_id == good_pkg.adapter_id
+    assert pkg.signer == publisher.address
+    assert pkg.manifest.datasets[0].share_bps == 2500
+    assert {f.path for f in pkg.manifest.files} == {"README.md", "adapter_config.json", WEIGHTS}
+    assert pkg.manifest.lora.targets == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", WEIGHTS, "README.md"])
+def test_flipped_byte_in_any_file(pkg, name):
+    data = bytearray((pkg / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (pkg / name).write_bytes(bytes(data))
+    refused(pkg, f"file '{name}' does not match its sha256")
+
+
+def test_missing_file(pkg):
+    (pkg / "README.md").unlink()
+    refused(pkg, "file 'README.md' listed in the manifest is missing")
+
+
+def test_extra_file(pkg):
+    (pkg / "notes.txt").write_text("hi")
+    refused(pkg, "file 'notes.txt' is not listed in the manifest")
+
+
+def test_manifest_edited_after_signing(pkg):
+    doc = json.loads((pkg / MANIFEST_FILE).read_text())
+    doc["price_per_1k_tokens"] = 1
+    (pkg / MANIFEST_FILE).write_text(json.dumps(doc))
+    refused(pkg, "manifest does not match its signature")
+
+
+def test_signature_by_another_key(pkg):
+    sig = json.loads((pkg / "signature.json").read_text())
+    from node.adapters.signing import sign_manifest
+
+    forged = sign_manifest(read_manifest(pkg), Account.create())
+    sig["signature"] = forged["signature"]  # claims the publisher but was signed by someone else
+    (pkg / "signature.json").write_text(json.dumps(sig))
+    refused(pkg, "signature was made by 0x[0-9a-fA-F]{40}, not by the claimed signer")
+
+
+def test_signer_is_not_the_registered_owner(good_pkg):
+    refused(good_pkg.path, "registered owner is", expected_owner=Account.create().address)
+
+
+def test_truncated_safetensors_body(pkg, tiny_base, publisher):
+    data = (pkg / WEIGHTS).read_bytes()
+    (pkg / WEIGHTS).write_bytes(data[:-100])
+    resign(pkg, tiny_base, publisher)
+    refused(pkg, "body is truncated")
+
+
+def test_header_length_past_end_of_file(pkg, tiny_base, publisher):
+    data = (pkg / WEIGHTS).read_bytes()
+    (pkg / WEIGHTS).write_bytes(struct.pack("<Q", len(data) + 10) + data[8:])
+    resign(pkg, tiny_base, publisher)
+    refused(pkg, "runs past the end")
+
+
+def test_oversized_header(pkg, tiny_base, publisher):
+    (pkg / WEIGHTS).write_bytes(struct.pack("<Q", 200 << 20) + b"{}")
+    resign(pkg, tiny_base, publisher)
+    refused(pkg, "larger than the")
+
+
+def test_shapes_that_do_not_match_base_or_rank(tiny_base, tmp_path, publisher):
+    wide = init_tiny(tmp_path / "wide", seed=0, hidden_size=64, intermediate_size=128)
+    peft = make_peft_adapter(wide, tmp_path / "wide-peft", rank=4)
+    pkg_dir = tmp_path / "pkg"
+    shutil.copytree(peft, pkg_dir)
+    write_signed(pkg_dir, build_manifest(pkg_dir, name="x", base_dir=tiny_base), publisher)
+    refused(pkg_dir, r"has shape \[4, 64\], expected \[4, 128\] for rank 4 on this base", base_dir=tiny_base)
+    cfg = json.loads((pkg_dir / "adapter_config.json").read_text())
+    cfg["r"] = 8  # the config now claims rank 8 while the tensors have rank 4
+    (pkg_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    (pkg_dir / MANIFEST_FILE).unlink()
+    write_signed(pkg_dir, build_manifest(pkg_dir, name="x", base_dir=wide), publisher)
+    refused(pkg_dir, r"expected \[8, 64\] for rank 8")
+
+
+@pytest.mark.parametrize("bad", ["../evil.json", "/etc/passwd", "sub/../../x", "..", "a\\b"])
+def test_file_names_that_escape_the_package(pkg, bad):
+    doc = json.loads((pkg / MANIFEST_FILE).read_text())
+    doc["files"][0]["path"] = bad
+    (pkg / MANIFEST_FILE).write_text(json.dumps(doc))
+    refused(pkg, "escapes the package folder")
+
+
+def test_pickle_weight_file(pkg, tiny_base, publisher):
+    (pkg / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    refused(pkg, "pickle weight file 'adapter_model.bin' refused")
+    resign(pkg, tiny_base, publisher)  # even when signed and listed
+    refused(pkg, "pickle weight file 'adapter_model.bin' refused")
+
+
+def test_adapter_for_another_base_model(good_pkg, tmp_path):
+    other = init_tiny(tmp_path / "other", seed=1)
+    refused(good_pkg.path, "adapter is for base model tiny-llama-h128-l2-s0", base_dir=other)
+
+
+def test_missing_manifest_and_signature(pkg):
+    (pkg / "signature.json").unlink()
+    refused(pkg, "is not signed")
+    (pkg / MANIFEST_FILE).unlink()
+    refused(pkg, "loramesh.json is missing")
+
+
+def test_malformed_manifest(pkg):
+    (pkg / MANIFEST_FILE).write_text("[1,2")
+    refused(pkg, "not valid UTF-8 JSON")
+    (pkg / MANIFEST_FILE).write_text('{"format": "loramesh-adapter/1", "name": "x"}')
+    refused(pkg, "loramesh.json is invalid at version")
+
+
+def test_dataset_shares_over_10000_bps_are_refused(publisher):
+    from node.adapters.manifest import parse_manifest
+
+    with pytest.raises(ValueError, match="more than 10000"):
+        parse_manifest({"name": "x", "version": "1", "base_model": {"name": "b", "id": "0x" + "0" * 64},
+                        "files": [], "lora": {"rank": 1, "alpha": 1, "targets": ["q_proj"]},
+                        "datasets": [make_dataset_share("a", publisher.address, 6000).model_dump(),
+                                     make_dataset_share("b", publisher.address, 6000).model_dump()]})
+
+
+def test_pack_refuses_a_folder_that_is_not_a_peft_lora_adapter(tmp_path, tiny_base, publisher):
+    with pytest.raises(PackageError, match="adapter_config.json is missing"):
+        pack_adapter(tiny_base, tmp_path / "out", name="x", account=publisher, base_dir=tiny_base)
+    folder = tmp_path / "ia3"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["q_proj"]}))
+    with pytest.raises(PackageError, match="peft_type is 'IA3', expected 'LORA'"):
+        pack_adapter(folder, tmp_path / "out", name="x", account=publisher, base_dir=tiny_base)
+
+
+def test_pack_is_deterministic(peft_dir, tiny_base, publisher, good_pkg, tmp_path):
+    share = make_dataset_share("capitals-qa", publisher.address, 2500)
+    again = pack_adapter(peft_dir, tmp_path / "again", name="alice/capitals", account=publisher, base_dir=tiny_base,
+                         datasets=[share], price_per_1k_tokens=10**15)
+    assert again.adapter_id == good_pkg.adapter_id

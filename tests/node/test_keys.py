@@ -1,0 +1,48 @@
+import json
+import os
+import stat
+
+import pytest
+
+from node.keys import IdentityError, create_identity, load_identity, node_id_from_public_key
+
+
+def test_identity_round_trip_and_file_mode(tmp_path):
+    path = tmp_path / "id.json"
+    made = create_identity(path, "pw")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loaded = load_identity(path, "pw")
+    assert loaded.address == made.address
+    assert loaded.node_seed == made.node_seed
+    assert loaded.node_id == node_id_from_public_key(made.node_public_key)
+    doc = json.loads(path.read_text())
+    assert made.node_seed.hex() not in path.read_text()  # the node key is encrypted too
+    assert doc["evm_keystore"]["crypto"]["kdf"] == "scrypt"
+
+
+def test_password_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMESH_KEY_PASSWORD", "from-env")
+    made = create_identity(tmp_path / "id.json")
+    assert load_identity(tmp_path / "id.json").address == made.address
+    with pytest.raises(IdentityError, match="wrong password"):
+        load_identity(tmp_path / "id.json", "other")
+
+
+def test_refuses_overwrite_missing_and_damaged_files(tmp_path):
+    path = tmp_path / "id.json"
+    create_identity(path, "pw")
+    with pytest.raises(IdentityError, match="already exists"):
+        create_identity(path, "pw")
+    with pytest.raises(IdentityError, match="not found"):
+        load_identity(tmp_path / "nope.json", "pw")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(IdentityError, match="not readable JSON"):
+        load_identity(tmp_path / "junk.json", "pw")
+    (tmp_path / "other.json").write_text('{"format": "something-else"}')
+    with pytest.raises(IdentityError, match="not a loramesh identity file"):
+        load_identity(tmp_path / "other.json", "pw")
+    doc = json.loads(path.read_text())
+    doc["node_key"]["ciphertext"] = doc["node_key"]["ciphertext"][:-4] + "AAAA"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(IdentityError, match="wrong password or damaged"):
+        load_identity(path, "pw")

@@ -1,0 +1,85 @@
+"""The `loramesh` command: every command explains itself, errors are one line, the adapter flow works."""
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from devnet.cli import app
+
+ENV_PASSWORD = {"LORAMESH_KEY_PASSWORD": "pw"}
+
+
+def all_command_paths():
+    root = typer.main.get_command(app)
+    out = []
+
+    def walk(cmd, path):
+        out.append(path)
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, path + [name])
+
+    walk(root, [])
+    return out
+
+
+@pytest.mark.parametrize("path", all_command_paths(), ids=lambda p: " ".join(p) or "root")
+def test_every_command_has_help(path):
+    result = CliRunner().invoke(app, path + ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    body = result.output.split("Usage:", 1)[1]
+    assert len(body.strip().splitlines()) >= 3  # a description or options, not just a usage line
+
+
+def run(*args, env=None, cwd=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "devnet", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **ENV_PASSWORD, **(env or {})}, timeout=300)
+
+
+def test_adapter_flow_through_the_cli(tmp_path):
+    base, data = tmp_path / "base", tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Symbol of gold?", "completion": " Au."}) + "\n")
+    assert run("keys", "new", "--out", str(tmp_path / "k.json")).returncode == 0
+    assert run("base", "init-tiny", str(base), "--seed", "3").returncode == 0
+    r = run("adapter", "train", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "peft"),
+            "--steps", "5", "--rank", "2")
+    assert r.returncode == 0, r.stderr
+    r = run("adapter", "pack", str(tmp_path / "peft"), "--name", "me/gold", "--key", str(tmp_path / "k.json"),
+            "--out", str(tmp_path / "pkg"), "--dataset", "gold=0x000000000000000000000000000000000000dEaD:1500",
+            "--price-per-1k-tokens", "0.001")
+    assert r.returncode == 0, r.stderr
+    r = run("adapter", "verify", str(tmp_path / "pkg"), "--base", str(base))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "pkg" / "loramesh.json").read_text())
+    assert manifest["price_per_1k_tokens"] == 10**15
+    assert manifest["datasets"][0]["share_bps"] == 1500
+    assert "me/gold" in r.stdout and "adapter id" in r.stdout
+
+    weights = tmp_path / "pkg" / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    r = run("adapter", "verify", str(tmp_path / "pkg"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["error: file 'adapter_model.safetensors' does not match its sha256 in "
+                                             "the manifest (modified after signing)"]
+    assert "Traceback" not in r.stderr
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    r = run("adapter", "verify", str(tmp_path / "missing"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: {tmp_path / 'missing'} is not a folder"
+    r = run("adapter", "pack", str(tmp_path), "--name", "x", "--key", str(tmp_path / "nokey.json"), "--out",
+            str(tmp_path / "o"), "--dataset", "bad-spec")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS" in r.stderr
