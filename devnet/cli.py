@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 
 from devnet.demo_cli import demo
+from devnet.devnet_cli import devnet_app
+from ledger.cli import rewards_app, settler_app
 from node.cli import adapter_app, base_app, keys_app
 
 app = typer.Typer(
@@ -21,6 +23,9 @@ app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(base_app, name="base")
 app.add_typer(adapter_app, name="adapter")
+app.add_typer(devnet_app, name="devnet")
+app.add_typer(rewards_app, name="rewards")
+app.add_typer(settler_app, name="settler")
 app.command("demo")(demo)
 
 _err = Console(stderr=True, soft_wrap=True)

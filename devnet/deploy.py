@@ -1,0 +1,82 @@
+"""Deploy AdapterRegistry + AttributionLedger from the committed artifacts, fund accounts, write the file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from eth_account import Account
+from eth_utils import to_checksum_address
+
+from devnet.anvil import DEV_KEYS
+from ledger.artifacts import load_artifact
+from ledger.chain import ChainClient
+from ledger.deployment import Deployment
+from ledger.errors import LedgerError
+from ledger.transport import PRIORITY_FEE, make_web3, rpc_guard
+
+log = logging.getLogger(__name__)
+
+ETHER = 10**18
+DEFAULT_NODE_SHARE_BPS = 2_000  # node operator's cut of every fee; the rest goes to datasets and owner
+DEFAULT_FUND = 100 * ETHER
+
+
+def _deploy_contract(w3, account, chain_id: int, name: str, args: Sequence = ()):
+    art = load_artifact(name)
+    contract = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+    tx = contract.constructor(*args).build_transaction({
+        "from": account.address, "chainId": chain_id, "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+        "maxPriorityFeePerGas": PRIORITY_FEE, "maxFeePerGas": 2 * PRIORITY_FEE,
+    })  # fmt: skip
+    signed = account.sign_transaction(tx)
+    rcpt = w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(signed.raw_transaction), timeout=60)
+    if rcpt["status"] != 1:
+        raise LedgerError(f"deploying {name} reverted (tx {rcpt['transactionHash'].hex()})")
+    return rcpt
+
+
+def deploy(rpc_url: str, *, deployer_key: str = DEV_KEYS[0], node_share_bps: int = DEFAULT_NODE_SHARE_BPS,
+           fund: Sequence[str] = (), fund_amount: int = DEFAULT_FUND, settlers: Sequence[str] = (),
+           settler_deposit: int = 0) -> Deployment:  # fmt: skip
+    """Deploy both contracts (deployer = admin), fund `fund`, grant and prefund `settlers`."""
+    if not 0 <= node_share_bps <= 10_000:
+        raise ValueError(f"node_share_bps must be 0..10000, got {node_share_bps}")
+    account = Account.from_key(deployer_key)
+    w3 = make_web3(rpc_url)
+    with rpc_guard(rpc_url):
+        chain_id = w3.eth.chain_id
+        reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry")
+        led = _deploy_contract(w3, account, chain_id, "AttributionLedger",
+                               (reg["contractAddress"], account.address, node_share_bps))  # fmt: skip
+    deployment = Deployment(
+        chain_id=chain_id, rpc_url=rpc_url, registry=reg["contractAddress"], ledger=led["contractAddress"],
+        deploy_block=reg["blockNumber"], deployer=account.address, node_share_bps=node_share_bps,
+        sources_sha256=load_artifact("AttributionLedger").get("sourcesSha256", ""),
+    )  # fmt: skip
+    client = ChainClient(deployment, account)
+    setup_accounts(client, fund=fund, fund_amount=fund_amount, settlers=settlers, settler_deposit=settler_deposit)
+    deployment.funded = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
+    log.info("deployed registry %s, ledger %s at block %d", deployment.registry, deployment.ledger,
+             deployment.deploy_block)  # fmt: skip
+    return deployment
+
+
+def setup_accounts(client: ChainClient, *, fund: Sequence[str] = (), fund_amount: int = DEFAULT_FUND,
+                   settlers: Sequence[str] = (), settler_deposit: int = 0) -> None:  # fmt: skip
+    """Fund addresses with gas money, grant settlers and prefund their fee deposit (admin client)."""
+    targets = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
+    if targets and fund_amount > 0:
+        client.fund(targets, fund_amount)
+    for s in settlers:
+        client.grant_settler(s)
+        if settler_deposit > 0:
+            client.deposit_for(s, settler_deposit)
+
+
+def deploy_to_file(rpc_url: str, path: str | Path, **kwargs) -> Deployment:
+    """deploy() and write the deployment file."""
+    deployment = deploy(rpc_url, **kwargs)
+    deployment.save(path)
+    return deployment

@@ -1,0 +1,266 @@
+"""ChainClient: typed bindings to AdapterRegistry and AttributionLedger, built from the artifacts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from eth_utils import to_checksum_address
+
+from ledger.artifacts import load_artifact
+from ledger.deployment import Deployment
+from ledger.errors import DeploymentMismatch
+from ledger.transport import RevertDecoder, Transactor, make_web3, rpc_guard
+from ledger.types import (
+    ZERO_ID,
+    AdapterInfo,
+    BatchInfo,
+    DatasetInfo,
+    NodeInfo,
+    RewardBalance,
+    SettleRecord,
+    id_bytes,
+    to_id,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _hex(b: bytes) -> str:
+    return "0x" + bytes(b).hex()
+
+
+class ChainClient:
+    """One deployment, one (optional) signing account. Reverts raise ledger.errors classes."""
+
+    def __init__(self, deployment: Deployment, account=None, *, rpc_url: str | None = None,
+                 receipt_timeout: float = 60.0) -> None:  # fmt: skip
+        self.deployment = deployment
+        self.rpc_url = rpc_url or deployment.rpc_url
+        self.w3 = make_web3(self.rpc_url)
+        reg_abi = load_artifact("AdapterRegistry")["abi"]
+        led_abi = load_artifact("AttributionLedger")["abi"]
+        self.registry = self.w3.eth.contract(address=deployment.registry, abi=reg_abi)
+        self.ledger = self.w3.eth.contract(address=deployment.ledger, abi=led_abi)
+        self.decoder = RevertDecoder([reg_abi, led_abi])
+        self.tx = Transactor(self.w3, self.decoder, deployment.chain_id, account, receipt_timeout)
+
+    @classmethod
+    def from_deployment(cls, deployment: str | Path | dict | Deployment, account=None, *,
+                        rpc_url: str | None = None, check: bool = True) -> "ChainClient":  # fmt: skip
+        """Client for a deployment file/dict; check=True verifies the chain matches it."""
+        if isinstance(deployment, (str, Path)):
+            deployment = Deployment.load(deployment)
+        elif isinstance(deployment, dict):
+            deployment = Deployment.from_dict(deployment)
+        client = cls(deployment, account, rpc_url=rpc_url)
+        if check:
+            client.check_deployment()
+        return client
+
+    @property
+    def account(self):
+        return self.tx.account
+
+    @property
+    def address(self) -> str:
+        return self.tx.account.address
+
+    def with_account(self, account) -> "ChainClient":
+        """The same deployment, signing as another account."""
+        return ChainClient(self.deployment, account, rpc_url=self.rpc_url, receipt_timeout=self.tx.receipt_timeout)
+
+    def check_deployment(self) -> None:
+        """Raise DeploymentMismatch unless chain id, contract code and wiring match the file."""
+        d = self.deployment
+        with rpc_guard(self.rpc_url):
+            chain_id = self.w3.eth.chain_id
+            if chain_id != d.chain_id:
+                raise DeploymentMismatch(
+                    f"chain at {self.rpc_url} has chain id {chain_id}, the deployment file says {d.chain_id}"
+                )
+            for name, addr in (("AdapterRegistry", d.registry), ("AttributionLedger", d.ledger)):
+                if len(self.w3.eth.get_code(addr)) == 0:
+                    raise DeploymentMismatch(
+                        f"no {name} code at {addr} on {self.rpc_url}: the chain was reset or the file is "
+                        "stale (remove the devnet folder and run loramesh devnet up again)"
+                    )
+            wired = self.ledger.functions.registry().call()
+        if to_checksum_address(wired) != d.registry:
+            raise DeploymentMismatch(f"AttributionLedger at {d.ledger} uses registry {wired}, not {d.registry}")
+
+    # ------------------------------------------------------------------ chain basics
+
+    def block_number(self) -> int:
+        with rpc_guard(self.rpc_url):
+            return self.w3.eth.block_number
+
+    def balance(self, address: str) -> int:
+        with rpc_guard(self.rpc_url):
+            return self.w3.eth.get_balance(to_checksum_address(address))
+
+    def fund(self, addresses: Iterable[str], amount: int) -> None:
+        """Send `amount` wei to each address from this client's account, waiting for every receipt."""
+        hashes = [self.tx.send_value(to_checksum_address(a), amount) for a in addresses]
+        for h in hashes:
+            self.tx.wait(h)
+
+    # ------------------------------------------------------------------ registry: datasets
+
+    def register_dataset(self, dataset_id: str, content_hash: str, payee: str | None = None):
+        """Register a dataset (payee defaults to the sender); returns the receipt."""
+        payee = to_checksum_address(payee or self.address)
+        fn = self.registry.functions.registerDataset(id_bytes(dataset_id), id_bytes(content_hash), payee)
+        return self.tx.transact(fn)
+
+    def set_dataset_payee(self, dataset_id: str, payee: str):
+        fn = self.registry.functions.setDatasetPayee(id_bytes(dataset_id), to_checksum_address(payee))
+        return self.tx.transact(fn)
+
+    def get_dataset(self, dataset_id: str) -> DatasetInfo:
+        content, payee = self.tx.call(self.registry.functions.getDataset(id_bytes(dataset_id)))
+        return DatasetInfo(to_id(dataset_id), _hex(content), payee)
+
+    # ------------------------------------------------------------------ registry: adapters
+
+    def register_adapter(self, adapter_id: str, *, name: str, version: str, base_model: str,
+                         price_per_1k_tokens: int, datasets: Sequence[tuple[str, int]] = (),
+                         predecessor: str = ZERO_ID):  # fmt: skip
+        """Register an adapter owned by the sender; datasets = [(dataset_id, share_bps)]."""
+        spec = (name, version, id_bytes(predecessor), id_bytes(base_model), int(price_per_1k_tokens),
+                [id_bytes(d) for d, _ in datasets], [int(s) for _, s in datasets])  # fmt: skip
+        return self.tx.transact(self.registry.functions.registerAdapter(id_bytes(adapter_id), spec))
+
+    def set_adapter_price(self, adapter_id: str, price_per_1k_tokens: int):
+        return self.tx.transact(self.registry.functions.setAdapterPrice(id_bytes(adapter_id), price_per_1k_tokens))
+
+    def transfer_adapter(self, adapter_id: str, new_owner: str):
+        fn = self.registry.functions.transferAdapter(id_bytes(adapter_id), to_checksum_address(new_owner))
+        return self.tx.transact(fn)
+
+    def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        a = self.tx.call(self.registry.functions.getAdapter(id_bytes(adapter_id)))
+        owner, pred, base, price, name, version, ds, shares = a
+        return AdapterInfo(to_id(adapter_id), owner, name, version, _hex(pred), _hex(base), price,
+                           tuple(_hex(d) for d in ds), tuple(shares))  # fmt: skip
+
+    # ------------------------------------------------------------------ registry: nodes
+
+    def register_node(self, node_id: str, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
+                      base_model: str):  # fmt: skip
+        """Register a node operated by the sender (active from the start)."""
+        fn = self.registry.functions.registerNode(id_bytes(node_id), peer_id, list(multiaddrs), api_url,
+                                                  id_bytes(base_model))  # fmt: skip
+        return self.tx.transact(fn)
+
+    def update_node(self, node_id: str, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
+                    base_model: str):  # fmt: skip
+        fn = self.registry.functions.updateNode(id_bytes(node_id), peer_id, list(multiaddrs), api_url,
+                                                id_bytes(base_model))  # fmt: skip
+        return self.tx.transact(fn)
+
+    def set_node_active(self, node_id: str, active: bool):
+        return self.tx.transact(self.registry.functions.setNodeActive(id_bytes(node_id), bool(active)))
+
+    def get_node(self, node_id: str) -> NodeInfo:
+        operator, active, base, peer_id, api_url, addrs = self.tx.call(self.registry.functions.getNode(id_bytes(node_id)))
+        return NodeInfo(to_id(node_id), operator, active, _hex(base), peer_id, api_url, tuple(addrs))
+
+    # ------------------------------------------------------------------ ledger: admin and deposits
+
+    def grant_settler(self, settler: str):
+        return self.tx.transact(self.ledger.functions.grantSettler(to_checksum_address(settler)))
+
+    def revoke_settler(self, settler: str):
+        return self.tx.transact(self.ledger.functions.revokeSettler(to_checksum_address(settler)))
+
+    def set_node_share_bps(self, bps: int):
+        return self.tx.transact(self.ledger.functions.setNodeShareBps(bps))
+
+    def transfer_admin(self, new_admin: str):
+        return self.tx.transact(self.ledger.functions.transferAdmin(to_checksum_address(new_admin)))
+
+    def is_settler(self, address: str) -> bool:
+        return self.tx.call(self.ledger.functions.isSettler(to_checksum_address(address)))
+
+    def node_share_bps(self) -> int:
+        return self.tx.call(self.ledger.functions.nodeShareBps())
+
+    def deposit_for(self, settler: str, amount: int):
+        """Prepay `amount` wei of fees for a settler."""
+        return self.tx.transact(self.ledger.functions.depositFor(to_checksum_address(settler)), value=amount)
+
+    def reclaim_deposit(self, amount: int):
+        return self.tx.transact(self.ledger.functions.reclaimDeposit(amount))
+
+    def deposit_of(self, settler: str) -> int:
+        return self.tx.call(self.ledger.functions.depositOf(to_checksum_address(settler)))
+
+    def totals(self) -> dict[str, int]:
+        """Ledger-wide money counters (deposited, accrued, withdrawn, reclaimed) and its balance."""
+        f = self.ledger.functions
+        out = {k: self.tx.call(getattr(f, "total" + k.capitalize())()) for k in
+               ("deposited", "accrued", "withdrawn", "reclaimed")}  # fmt: skip
+        out["balance"] = self.balance(self.ledger.address)
+        return out
+
+    # ------------------------------------------------------------------ ledger: settlement
+
+    def _settle_fn(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord]):
+        return self.ledger.functions.settleBatch(id_bytes(batch_id), id_bytes(merkle_root),
+                                                 [r.as_tuple() for r in records])  # fmt: skip
+
+    def send_settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord]) -> str:
+        """Send settleBatch (simulated first: a duplicate raises BatchAlreadySettled); returns tx hash."""
+        return self.tx.send(self._settle_fn(batch_id, merkle_root, records))
+
+    def wait_settle_batch(self, tx_hash: str, batch_id: str, merkle_root: str, records: Sequence[SettleRecord],
+                          timeout: float | None = None):  # fmt: skip
+        """Wait for a settleBatch receipt; a reverted one raises its decoded reason."""
+        return self.tx.wait(tx_hash, timeout, fn=self._settle_fn(batch_id, merkle_root, records))
+
+    def settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord]):
+        """Send and wait; returns the receipt."""
+        return self.tx.transact(self._settle_fn(batch_id, merkle_root, records))
+
+    def is_settled(self, batch_id: str) -> bool:
+        return self.tx.call(self.ledger.functions.isSettled(id_bytes(batch_id)))
+
+    def get_batch(self, batch_id: str) -> BatchInfo | None:
+        """The settled batch, or None when this id was never settled."""
+        root, settler, block, count, fees = self.tx.call(self.ledger.functions.getBatch(id_bytes(batch_id)))
+        if block == 0:
+            return None
+        return BatchInfo(to_id(batch_id), _hex(root), settler, block, count, fees)
+
+    def leaf_of(self, record: SettleRecord) -> str:
+        """The leaf as the contract computes it (for cross-checks)."""
+        return _hex(self.tx.call(self.ledger.functions.leafOf(record.as_tuple())))
+
+    def verify_record(self, batch_id: str, leaf: str, proof: Sequence[str]) -> bool:
+        fn = self.ledger.functions.verifyRecord(id_bytes(batch_id), id_bytes(leaf), [id_bytes(p) for p in proof])
+        return self.tx.call(fn)
+
+    # ------------------------------------------------------------------ ledger: rewards
+
+    def withdraw(self):
+        """Withdraw everything accrued to the sender."""
+        return self.tx.transact(self.ledger.functions.withdraw())
+
+    def withdraw_amount(self, amount: int):
+        return self.tx.transact(self.ledger.functions.withdrawAmount(amount))
+
+    def rewards_of(self, address: str) -> RewardBalance:
+        return RewardBalance(*self.tx.call(self.ledger.functions.rewardsOf(to_checksum_address(address))))
+
+    # ------------------------------------------------------------------ events
+
+    def events(self, contract: str, event: str, *, from_block: int | None = None,
+               to_block: int | str = "latest", filters: dict | None = None) -> list:  # fmt: skip
+        """Decoded logs of one event ("registry" or "ledger"), from the deploy block by default."""
+        c = self.registry if contract == "registry" else self.ledger
+        start = self.deployment.deploy_block if from_block is None else from_block
+        with rpc_guard(self.rpc_url):
+            return list(getattr(c.events, event)().get_logs(
+                from_block=start, to_block=to_block, argument_filters=filters or None))  # fmt: skip

@@ -1,0 +1,116 @@
+"""`loramesh rewards ...` and `loramesh settler ...` (typer sub-apps mounted by devnet/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ledger.chain import ChainClient
+from ledger.db import init_db, make_engine
+from ledger.keys import load_account
+from ledger.rewards import rewards_summary
+from ledger.settler import Settler, SettlerConfig
+
+DEFAULT_DEPLOYMENT = Path(os.environ.get("LORAMESH_DEPLOYMENT", ".loramesh/devnet/deployment.json"))
+ETHER = 10**18
+
+rewards_app = typer.Typer(help="Rewards accrued from settled inferences.", no_args_is_help=True)
+settler_app = typer.Typer(help="Settle the usage-record outbox on chain.", no_args_is_help=True)
+
+DeploymentOpt = Annotated[Path, typer.Option("--deployment", help="deployment file ($LORAMESH_DEPLOYMENT)")]
+RpcOpt = Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL (default: the deployment's)")]
+
+
+def _eth(wei: int) -> str:
+    return f"{wei / ETHER:.6f} ETH"
+
+
+@rewards_app.command("show")
+def rewards_show(
+    address: Annotated[str, typer.Argument(help="account to report on")],
+    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT,
+    rpc: RpcOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Accrued, withdrawn and available rewards of ADDRESS, by adapter and by role."""
+    client = ChainClient.from_deployment(deployment, rpc_url=rpc)
+    summary = rewards_summary(client, address)
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
+        return
+    console = Console()
+    console.print(f"[bold]{summary.address}[/bold]: accrued {_eth(summary.accrued)}, withdrawn "
+                  f"{_eth(summary.withdrawn)}, available {_eth(summary.available)} ({summary.accrued} wei)")  # fmt: skip
+    table = Table("adapter", "role", "wei", "ETH")
+    for adapter, roles in sorted(summary.by_adapter.items()):
+        for role, amount in sorted(roles.items()):
+            table.add_row(adapter, role, str(amount), _eth(amount))
+    console.print(table)
+    totals = ", ".join(f"{role} {amount}" for role, amount in sorted(summary.by_role.items())) or "none"
+    console.print(f"by role (wei): {totals}; {summary.batches} batches")
+    console.print("[green]adds up[/green]" if summary.adds_up else "[red]does NOT add up[/red]")
+
+
+@rewards_app.command("withdraw")
+def rewards_withdraw(
+    key: Annotated[Path, typer.Option("--key", help="key file: identity file or hex private key")],
+    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT,
+    rpc: RpcOpt = None,
+    amount: Annotated[int | None, typer.Option(help="wei to withdraw (default: everything)")] = None,
+) -> None:
+    """Withdraw what accrued to the key's address."""
+    client = ChainClient.from_deployment(deployment, load_account(key), rpc_url=rpc)
+    before = client.rewards_of(client.address).available
+    rcpt = client.withdraw() if amount is None else client.withdraw_amount(amount)
+    taken = before - client.rewards_of(client.address).available
+    typer.echo(f"withdrew {taken} wei ({_eth(taken)}) to {client.address} in tx 0x{bytes(rcpt['transactionHash']).hex()}")
+
+
+@settler_app.callback()
+def _settler() -> None:
+    """Settle the usage-record outbox on chain."""
+
+
+@settler_app.command("run")
+def settler_run(
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL of the outbox database")],
+    key: Annotated[Path, typer.Option("--key", help="settler key file: identity file or hex private key")],
+    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT,
+    rpc: RpcOpt = None,
+    batch_size: Annotated[int, typer.Option(help="N: records per batch")] = 100,
+    interval: Annotated[float, typer.Option(help="T: seconds a partial batch may wait")] = 5.0,
+    drain: Annotated[bool, typer.Option(help="exit once nothing is left to settle")] = False,
+) -> None:
+    """Run the settler until SIGINT/SIGTERM (or, with --drain, until the outbox is empty)."""
+    logging.basicConfig(level=os.environ.get("LORAMESH_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    engine = make_engine(db, immediate=True)
+    init_db(engine)
+    client = ChainClient.from_deployment(deployment, load_account(key), rpc_url=rpc)
+    settler = Settler(engine, client, SettlerConfig(batch_size=batch_size, interval=interval))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    n = settler.run(stop, drain=drain)
+    typer.echo(f"settled {n} records")
+
+
+def main() -> None:
+    """Standalone entry: `python -m ledger.cli settler run ...` (the lead mounts the sub-apps)."""
+    app = typer.Typer(no_args_is_help=True)
+    app.add_typer(rewards_app, name="rewards")
+    app.add_typer(settler_app, name="settler")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The deployment file: which chain, where, which contract addresses, from which block."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eth_utils import to_checksum_address
+
+from ledger.errors import DeploymentMismatch
+
+
+@dataclass(slots=True)
+class Deployment:
+    """What devnet/deploy.py writes and ChainClient.from_deployment reads (JSON)."""
+
+    chain_id: int
+    rpc_url: str
+    registry: str
+    ledger: str
+    deploy_block: int
+    deployer: str = ""
+    node_share_bps: int = 0
+    sources_sha256: str = ""
+    funded: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("registry", "ledger"):
+            value = getattr(self, name)
+            try:
+                setattr(self, name, to_checksum_address(value))
+            except ValueError as e:
+                raise DeploymentMismatch(f"deployment {name} address {value!r} is not an address") from e
+        if self.chain_id <= 0 or self.deploy_block < 0:
+            raise DeploymentMismatch(f"deployment has chain_id={self.chain_id}, deploy_block={self.deploy_block}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Deployment":
+        """Parse the JSON object; a missing or mistyped key is a DeploymentMismatch."""
+        try:
+            contracts = data["contracts"]
+            return cls(
+                chain_id=int(data["chain_id"]),
+                rpc_url=str(data["rpc_url"]),
+                registry=contracts["AdapterRegistry"],
+                ledger=contracts["AttributionLedger"],
+                deploy_block=int(data["deploy_block"]),
+                deployer=data.get("deployer", ""),
+                node_share_bps=int(data.get("node_share_bps", 0)),
+                sources_sha256=data.get("sources_sha256", ""),
+                funded=list(data.get("funded", [])),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeploymentMismatch(f"deployment file is malformed ({e!r}): expected chain_id, rpc_url, "
+                                     "contracts.AdapterRegistry, contracts.AttributionLedger, deploy_block") from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Deployment":
+        """Read a deployment file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise DeploymentMismatch(f"deployment file {path} does not exist: run loramesh devnet up") from e
+        except ValueError as e:
+            raise DeploymentMismatch(f"deployment file {path} is not JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["contracts"] = {"AdapterRegistry": d.pop("registry"), "AttributionLedger": d.pop("ledger")}
+        return d
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+

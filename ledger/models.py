@@ -1,0 +1,139 @@
+"""SQLModel tables: the usage-record outbox, settlement batches, API keys and registry mirrors.
+
+Big on-chain integers (prices, fees in wei) are stored as decimal strings: SQLite integers stop at 2**63.
+Timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Column, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Aware UTC now."""
+    return datetime.now(UTC)
+
+
+class RecordStatus:
+    PENDING = "pending"  # in the outbox, not yet in a batch
+    SUBMITTED = "submitted"  # in a written batch that is not known settled yet
+    SETTLED = "settled"  # its batch is settled on chain
+    REJECTED = "rejected"  # names an adapter or node the registry does not know; see `error`
+
+
+class BatchStatus:
+    CREATED = "created"  # written with its records; maybe sent (a crash can hide that), not settled
+    SENT = "sent"  # a transaction hash is recorded
+    SETTLED = "settled"  # the chain says isSettled(batch_id)
+
+
+class UsageRecord(SQLModel, table=True):
+    """One inference, written by the gateway in the same transaction as the request's completion."""
+
+    __tablename__ = "usage_records"
+
+    id: int | None = Field(default=None, primary_key=True)  # outbox order
+    request_id: str = Field(max_length=66, unique=True, index=True)
+    adapter_id: str = Field(max_length=66, index=True)
+    node_id: str = Field(max_length=66, index=True)
+    prompt_tokens: int
+    completion_tokens: int
+    receipt_json: str = Field(sa_column=Column(Text, nullable=False))  # the node's signed usage receipt
+    node_signature: str = Field(sa_column=Column(Text, nullable=False))
+    gateway_key_id: int | None = Field(default=None, index=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    status: str = Field(default=RecordStatus.PENDING, max_length=16, index=True)
+    batch_id: str | None = Field(default=None, max_length=66, index=True)
+    leaf_index: int | None = None  # position in its batch's Merkle tree
+    error: str | None = None
+
+
+class SettlementBatch(SQLModel, table=True):
+    """A batch of records with a deterministic id; written before any transaction is sent."""
+
+    __tablename__ = "batches"
+
+    id: int | None = Field(default=None, primary_key=True)
+    batch_id: str = Field(max_length=66, unique=True, index=True)
+    merkle_root: str = Field(max_length=66)
+    record_count: int
+    status: str = Field(default=BatchStatus.CREATED, max_length=16, index=True)
+    tx_hash: str | None = Field(default=None, max_length=66)
+    block_number: int | None = None
+    total_fees: str | None = None  # wei, decimal string, as settled on chain
+    attempts: int = 0
+    last_error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    sent_at: datetime | None = None
+    settled_at: datetime | None = None
+
+
+class ApiKey(SQLModel, table=True):
+    """A gateway API key, stored hashed (sha256 hex of the secret)."""
+
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    key_hash: str = Field(max_length=66, unique=True, index=True)
+    prefix: str = Field(default="", max_length=16)  # first characters, to recognise a key in listings
+    rate_limit_per_minute: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class DatasetMirror(SQLModel, table=True):
+    """AdapterRegistry dataset, as of `updated_block`."""
+
+    __tablename__ = "datasets"
+
+    dataset_id: str = Field(max_length=66, primary_key=True)
+    content_hash: str = Field(max_length=66)
+    payee: str = Field(max_length=42, index=True)
+    registered_block: int
+    updated_block: int
+
+
+class AdapterMirror(SQLModel, table=True):
+    """AdapterRegistry adapter, as of `updated_block`; datasets_json = [[dataset_id, share_bps], ...]."""
+
+    __tablename__ = "adapters"
+
+    adapter_id: str = Field(max_length=66, primary_key=True)
+    owner: str = Field(max_length=42, index=True)
+    name: str = Field(index=True)
+    version: str
+    predecessor: str = Field(max_length=66)
+    base_model: str = Field(max_length=66, index=True)
+    price_per_1k_tokens: str  # wei, decimal string
+    datasets_json: str = Field(sa_column=Column(Text, nullable=False))
+    registered_block: int
+    updated_block: int
+
+
+class NodeMirror(SQLModel, table=True):
+    """AdapterRegistry node, as of `updated_block`; multiaddrs_json = ["/ip4/...", ...]."""
+
+    __tablename__ = "nodes"
+
+    node_id: str = Field(max_length=66, primary_key=True)
+    operator: str = Field(max_length=42, index=True)
+    active: bool = True
+    base_model: str = Field(max_length=66, index=True)
+    peer_id: str
+    api_url: str
+    multiaddrs_json: str = Field(sa_column=Column(Text, nullable=False))
+    registered_block: int
+    updated_block: int
+
+
+class SyncCursor(SQLModel, table=True):
+    """Last block whose events a mirror has applied."""
+
+    __tablename__ = "sync_cursors"
+
+    name: str = Field(primary_key=True, max_length=64)
+    block: int

@@ -1,0 +1,61 @@
+"""The outbox: usage records written by the gateway, read and advanced by the settler."""
+
+from __future__ import annotations
+
+import json
+
+from sqlmodel import Session, func, select
+
+from ledger.models import RecordStatus, UsageRecord
+from ledger.types import to_id
+
+MAX_TOKENS = 2**64 - 1
+
+
+class OutboxError(ValueError):
+    """A usage record that cannot be settled as given."""
+
+
+def add_usage_record(session: Session, *, request_id: str, adapter_id: str, node_id: str, prompt_tokens: int,
+                     completion_tokens: int, receipt_json: str | dict, node_signature: str,
+                     gateway_key_id: int | None = None) -> UsageRecord:  # fmt: skip
+    """Add one record to the outbox in the caller's session; the caller commits (same transaction as
+    its request completion). A second record with the same request id fails at commit (unique)."""
+    try:
+        ids = {name: to_id(v) for name, v in
+               (("request_id", request_id), ("adapter_id", adapter_id), ("node_id", node_id))}  # fmt: skip
+    except ValueError as e:
+        raise OutboxError(f"usage record: {e}") from e
+    for name, v in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKENS:
+            raise OutboxError(f"usage record: {name} must be an integer in [0, 2**64), got {v!r}")
+    if isinstance(receipt_json, dict):
+        receipt_json = json.dumps(receipt_json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if not isinstance(receipt_json, str) or not receipt_json:
+        raise OutboxError("usage record: receipt_json must be the node's receipt as a JSON string or dict")
+    if not isinstance(node_signature, str) or not node_signature:
+        raise OutboxError("usage record: node_signature must be a non-empty string")
+    record = UsageRecord(**ids, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         receipt_json=receipt_json, node_signature=node_signature,
+                         gateway_key_id=gateway_key_id)  # fmt: skip
+    session.add(record)
+    return record
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """How many records are in each status."""
+    rows = session.exec(select(UsageRecord.status, func.count()).group_by(UsageRecord.status)).all()
+    return {status: n for status, n in rows}
+
+
+def pending_records(session: Session, limit: int) -> list[UsageRecord]:
+    """The oldest pending records, in outbox order."""
+    stmt = (select(UsageRecord).where(UsageRecord.status == RecordStatus.PENDING)
+            .order_by(UsageRecord.id).limit(limit))  # fmt: skip
+    return list(session.exec(stmt).all())
+
+
+def batch_records(session: Session, batch_id: str) -> list[UsageRecord]:
+    """A batch's records in leaf order."""
+    stmt = select(UsageRecord).where(UsageRecord.batch_id == batch_id).order_by(UsageRecord.leaf_index)
+    return list(session.exec(stmt).all())

@@ -1,0 +1,56 @@
+"""Reward queries: what accrued to an address, split by adapter and by role, from chain events."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from eth_utils import to_checksum_address
+
+from ledger.chain import ChainClient
+from ledger.types import Role
+
+
+@dataclass(slots=True)
+class RewardsSummary:
+    """available + withdrawn == accrued; the by_* maps sum to accrued (checked by `adds_up`)."""
+
+    address: str
+    available: int
+    accrued: int
+    withdrawn: int
+    by_role: dict[str, int] = field(default_factory=dict)
+    by_adapter: dict[str, dict[str, int]] = field(default_factory=dict)
+    batches: int = 0
+
+    @property
+    def adds_up(self) -> bool:
+        return (self.available + self.withdrawn == self.accrued
+                and sum(self.by_role.values()) == self.accrued
+                and sum(sum(v.values()) for v in self.by_adapter.values()) == self.accrued)  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {"address": self.address, "available": self.available, "accrued": self.accrued,
+                "withdrawn": self.withdrawn, "by_role": self.by_role, "by_adapter": self.by_adapter,
+                "batches": self.batches, "adds_up": self.adds_up}  # fmt: skip
+
+
+def role_name(role: int) -> str:
+    return Role(role).name.lower()
+
+
+def rewards_summary(client: ChainClient, address: str) -> RewardsSummary:
+    """Balances from rewardsOf plus every RewardAccrued event for the address."""
+    address = to_checksum_address(address)
+    bal = client.rewards_of(address)
+    by_role: dict[str, int] = defaultdict(int)
+    by_adapter: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    batches = set()
+    for ev in client.events("ledger", "RewardAccrued", filters={"account": address}):
+        a = ev["args"]
+        role = role_name(a["role"])
+        by_role[role] += a["amount"]
+        by_adapter["0x" + bytes(a["adapterId"]).hex()][role] += a["amount"]
+        batches.add(bytes(a["batchId"]))
+    return RewardsSummary(address, bal.available, bal.accrued, bal.withdrawn, dict(by_role),
+                          {k: dict(v) for k, v in by_adapter.items()}, len(batches))  # fmt: skip

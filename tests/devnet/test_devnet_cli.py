@@ -1,0 +1,96 @@
+"""`loramesh devnet up|down|status` with a real detached anvil: state survives, clear errors."""
+
+import json
+import socket
+
+import pytest
+from eth_account import Account
+from typer.testing import CliRunner
+
+from devnet.anvil import AnvilError, PortInUseError, free_port, pid_alive
+from devnet.devnet_cli import devnet_app, devnet_down, devnet_up
+from ledger.chain import ChainClient
+from ledger.errors import DeploymentMismatch
+from tests.utils.chain import rand_id
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "devnet"
+    yield d
+    devnet_down(d)  # never leave anvil running, also on failure
+
+
+def _up(folder, port, *extra):
+    return runner.invoke(devnet_app, ["up", "--dir", str(folder), "--port", str(port), "--block-time", "0.2", *extra])
+
+
+def test_up_status_down_up_keeps_state(folder):
+    port = free_port()
+    user, gateway = Account.create(), Account.create()
+    r = _up(folder, port, "--fund", user.address, "--settler", gateway.address, "--deposit", "2")
+    assert r.exit_code == 0, r.output
+    deployment = json.loads((folder / "deployment.json").read_text())
+    assert deployment["chain_id"] == 424242 and deployment["rpc_url"] == f"http://127.0.0.1:{port}"
+    client = ChainClient.from_deployment(folder / "deployment.json")
+    assert client.balance(user.address) == 100 * 10**18
+    assert client.is_settler(gateway.address) and client.deposit_of(gateway.address) == 2 * 10**18
+    from devnet.anvil import DEV_KEYS
+
+    ds = rand_id()
+    client.with_account(Account.from_key(DEV_KEYS[3])).register_dataset(ds, rand_id())
+
+    status = json.loads(runner.invoke(devnet_app, ["status", "--dir", str(folder)]).output)
+    assert status["running"] and status["chain_id"] == 424242
+    assert status["deployment"]["contracts"] == deployment["contracts"]
+    pid = status["pid"]
+
+    r = _up(folder, port)  # already running: idempotent
+    assert r.exit_code == 0, r.output
+    assert json.loads(runner.invoke(devnet_app, ["status", "--dir", str(folder)]).output)["pid"] == pid
+
+    assert "stopped" in runner.invoke(devnet_app, ["down", "--dir", str(folder)]).output
+    assert not pid_alive(pid)
+    assert not json.loads(runner.invoke(devnet_app, ["status", "--dir", str(folder)]).output)["running"]
+    assert "no devnet running" in runner.invoke(devnet_app, ["down", "--dir", str(folder)]).output
+
+    r = _up(folder, port)
+    assert r.exit_code == 0, r.output
+    client = ChainClient.from_deployment(folder / "deployment.json")
+    assert client.get_dataset(ds).dataset_id == ds  # state survived down/up
+    assert json.loads((folder / "deployment.json").read_text())["contracts"] == deployment["contracts"]
+
+
+def test_port_in_use_is_a_clear_error(folder):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = _up(folder, s.getsockname()[1])
+    assert isinstance(r.exception, PortInUseError)
+    assert "already in use" in str(r.exception)
+
+
+def test_deployment_not_matching_the_chain(folder):
+    port = free_port()
+    assert _up(folder, port).exit_code == 0
+    devnet_down(folder)
+    (folder / "state.json").unlink()  # the chain is reset, the deployment file stays
+    with pytest.raises(DeploymentMismatch, match="no AdapterRegistry code"):
+        devnet_up(folder, port, block_time=0.2)
+    assert not (folder / "anvil.pid").exists()  # the anvil it started was stopped again
+
+
+def test_missing_anvil_says_run_make_setup(folder, monkeypatch):
+    monkeypatch.setenv("LORAMESH_ANVIL", str(folder / "no-anvil"))
+    with pytest.raises(AnvilError, match="run make setup"):
+        devnet_up(folder, free_port())
+
+
+def test_second_port_for_running_devnet_is_refused(folder):
+    port = free_port()
+    assert _up(folder, port).exit_code == 0
+    with pytest.raises(AnvilError, match="already runs on port"):
+        devnet_up(folder, free_port())

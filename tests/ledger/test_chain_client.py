@@ -1,0 +1,70 @@
+"""ChainClient refuses deployments that do not match the chain, and reports an unreachable chain."""
+
+import json
+
+import pytest
+from eth_account import Account
+
+from devnet.anvil import Anvil, AnvilConfig, free_port
+from ledger.chain import ChainClient
+from ledger.deployment import Deployment
+from ledger.errors import ChainUnavailable, DeploymentMismatch, LedgerError
+
+pytestmark = pytest.mark.integration
+
+
+def test_matching_deployment_loads_from_file_dict_and_object(anvil_chain):
+    env = anvil_chain
+    for source in (env.deployment_path, str(env.deployment_path), env.deployment.to_dict(), env.deployment):
+        assert ChainClient.from_deployment(source).block_number() >= env.deployment.deploy_block
+
+
+def test_wrong_chain_id(anvil_chain):
+    d = anvil_chain.deployment.to_dict() | {"chain_id": 1}
+    with pytest.raises(DeploymentMismatch, match="chain id"):
+        ChainClient.from_deployment(d)
+
+
+def test_chain_without_the_contracts(anvil_chain, tmp_path):
+    fresh = Anvil(AnvilConfig(port=free_port(), block_time=None)).start()
+    try:
+        with pytest.raises(DeploymentMismatch, match="no AdapterRegistry code"):
+            ChainClient.from_deployment(anvil_chain.deployment.to_dict(), rpc_url=fresh.rpc_url)
+    finally:
+        fresh.stop()
+
+
+def test_ledger_wired_to_another_registry(anvil_chain):
+    d = anvil_chain.deployment.to_dict()
+    d["contracts"]["AdapterRegistry"] = d["contracts"]["AttributionLedger"]  # has code, wrong wiring
+    with pytest.raises(DeploymentMismatch, match="uses registry"):
+        ChainClient.from_deployment(d)
+
+
+def test_malformed_and_missing_files(tmp_path):
+    with pytest.raises(DeploymentMismatch, match="does not exist"):
+        Deployment.load(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DeploymentMismatch, match="not JSON"):
+        Deployment.load(tmp_path / "bad.json")
+    (tmp_path / "partial.json").write_text(json.dumps({"chain_id": 1}))
+    with pytest.raises(DeploymentMismatch, match="malformed"):
+        Deployment.load(tmp_path / "partial.json")
+    with pytest.raises(DeploymentMismatch, match="not an address"):
+        Deployment(chain_id=1, rpc_url="x", registry="0x12", ledger="0x12", deploy_block=0)
+
+
+def test_unreachable_chain(anvil_chain):
+    d = anvil_chain.deployment.to_dict() | {"rpc_url": f"http://127.0.0.1:{free_port()}"}
+    with pytest.raises(ChainUnavailable, match="unreachable"):
+        ChainClient.from_deployment(d)
+
+
+def test_sending_needs_an_account(anvil_chain):
+    with pytest.raises(LedgerError, match="no account"):
+        anvil_chain.client().grant_settler(Account.create().address)
+
+
+def test_deployment_round_trips(anvil_chain, tmp_path):
+    anvil_chain.deployment.save(tmp_path / "d.json")
+    assert Deployment.load(tmp_path / "d.json") == anvil_chain.deployment

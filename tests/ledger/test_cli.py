@@ -1,0 +1,70 @@
+"""`rewards show` / `rewards withdraw` (typer, in-process) against a real anvil."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ledger import errors as E
+from ledger.cli import rewards_app, settler_app
+from ledger.keys import load_account
+from ledger.merkle import MerkleTree
+from ledger.types import SettleRecord
+from tests.utils.chain import ETHER, rand_id, register_sample
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+def _settle(env, reg, n):
+    records = [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 500, 100) for _ in range(n)]
+    env.client(env.settler).settle_batch(rand_id(), "0x" + MerkleTree.from_records(records).root.hex(), records)
+
+
+def test_rewards_show_adds_up(anvil_chain):
+    env = anvil_chain
+    owner = env.new_account(ETHER)
+    reg = register_sample(env, price=10**12, shares=(4000,), owner=owner, payees=(owner,))
+    _settle(env, reg, 3)
+    _settle(env, reg, 2)
+    r = runner.invoke(rewards_app, ["show", owner.address, "--deployment", str(env.deployment_path), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["adds_up"] and out["batches"] == 2
+    assert set(out["by_role"]) == {"adapter_owner", "dataset"}
+    assert out["accrued"] == env.client().rewards_of(owner.address).accrued > 0
+    assert list(out["by_adapter"]) == [reg.adapter_id]
+    r = runner.invoke(rewards_app, ["show", owner.address, "--deployment", str(env.deployment_path)])
+    assert r.exit_code == 0 and "adds up" in r.output and reg.adapter_id[:10] in r.output
+
+
+def test_rewards_withdraw_with_key_file(anvil_chain, tmp_path):
+    env = anvil_chain
+    owner = env.new_account(ETHER)
+    reg = register_sample(env, price=10**12, shares=(), owner=owner)
+    key = tmp_path / "owner.key"
+    key.write_text(owner.key.hex())
+    r = runner.invoke(rewards_app, ["withdraw", "--key", str(key), "--deployment", str(env.deployment_path)])
+    assert isinstance(r.exception, E.NothingToWithdraw)
+    _settle(env, reg, 2)
+    owed = env.client().rewards_of(owner.address).available
+    r = runner.invoke(rewards_app, ["withdraw", "--key", str(key), "--deployment", str(env.deployment_path),
+                                    "--amount", str(owed + 1)])  # fmt: skip
+    assert isinstance(r.exception, E.InsufficientRewards)
+    r = runner.invoke(rewards_app, ["withdraw", "--key", str(key), "--deployment", str(env.deployment_path)])
+    assert r.exit_code == 0, r.output
+    assert f"withdrew {owed} wei" in r.output
+    assert env.client().rewards_of(owner.address).withdrawn == owed
+
+
+def test_key_file_errors(tmp_path):
+    with pytest.raises(E.LedgerError, match="cannot read key file"):
+        load_account(tmp_path / "missing.key")
+    (tmp_path / "bin.key").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(E.LedgerError, match="not text"):
+        load_account(tmp_path / "bin.key")
+
+
+def test_settler_app_lists_run():
+    r = runner.invoke(settler_app, ["--help"])
+    assert r.exit_code == 0 and "run" in r.output

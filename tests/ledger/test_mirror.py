@@ -1,0 +1,48 @@
+"""Registry mirror tables follow AdapterRegistry events, incrementally."""
+
+import json
+
+import pytest
+from sqlmodel import Session
+
+from ledger.db import init_db, make_engine
+from ledger.mirror import sync_registry
+from ledger.models import AdapterMirror, DatasetMirror, NodeMirror
+from tests.utils.chain import rand_id, register_sample
+
+pytestmark = pytest.mark.integration
+
+
+def test_mirror_tracks_registrations_and_updates(anvil_chain, tmp_path):
+    env = anvil_chain
+    engine = make_engine(f"sqlite:///{tmp_path}/mirror.db")
+    init_db(engine)
+    reg = register_sample(env, price=1234, shares=(1000, 2000))
+    client = env.client()
+    assert sync_registry(engine, client) > 0
+    with Session(engine) as s:
+        a = s.get(AdapterMirror, reg.adapter_id)
+        assert (a.owner, a.price_per_1k_tokens, a.base_model) == (reg.owner.address, "1234", reg.base_model)
+        assert json.loads(a.datasets_json) == [[reg.dataset_ids[0], 1000], [reg.dataset_ids[1], 2000]]
+        n = s.get(NodeMirror, reg.node_id)
+        assert (n.operator, n.active, json.loads(n.multiaddrs_json)) == (reg.operator.address, True,
+                                                                         ["/ip4/127.0.0.1/tcp/4001"])  # fmt: skip
+        assert s.get(DatasetMirror, reg.dataset_ids[0]).payee == reg.payees[0].address
+    assert sync_registry(engine, client) == 0  # nothing new
+
+    heir = env.users[7]
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 99)
+    env.client(reg.owner).transfer_adapter(reg.adapter_id, heir.address)
+    new_base = rand_id()
+    env.client(reg.operator).update_node(reg.node_id, peer_id="p2", multiaddrs=[], api_url="http://new",
+                                         base_model=new_base)  # fmt: skip
+    env.client(reg.operator).set_node_active(reg.node_id, False)
+    env.client(reg.payees[0]).set_dataset_payee(reg.dataset_ids[0], heir.address)
+    assert sync_registry(engine, client) == 5
+    with Session(engine) as s:
+        a = s.get(AdapterMirror, reg.adapter_id)
+        assert (a.owner, a.price_per_1k_tokens) == (heir.address, "99")
+        n = s.get(NodeMirror, reg.node_id)
+        assert (n.active, n.api_url, n.peer_id, n.base_model) == (False, "http://new", "p2", new_base)
+        assert s.get(DatasetMirror, reg.dataset_ids[0]).payee == heir.address
+    engine.dispose()

@@ -1,0 +1,67 @@
+"""The outbox API the gateway calls, and the database helpers (real SQLite files)."""
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from ledger.db import init_db, make_engine
+from ledger.models import RecordStatus, UsageRecord
+from ledger.outbox import OutboxError, add_usage_record, count_by_status, pending_records
+
+
+@pytest.fixture
+def engine(tmp_path):
+    e = make_engine(f"sqlite:///{tmp_path}/db/outbox.db")
+    init_db(e)
+    yield e
+    e.dispose()
+
+
+def _rec(**kw):
+    base = dict(request_id="0x" + "01" * 32, adapter_id="0x" + "02" * 32, node_id="0x" + "03" * 32,
+                prompt_tokens=3, completion_tokens=4, receipt_json={"b": 1, "a": "é"}, node_signature="0xsig")  # fmt: skip
+    return {**base, **kw}
+
+
+def test_sqlite_uses_wal(engine):
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_record_is_written_in_the_callers_transaction(engine):
+    with Session(engine) as s:
+        add_usage_record(s, **_rec(), gateway_key_id=7)
+        s.rollback()
+    with Session(engine) as s:
+        assert s.exec(select(UsageRecord)).all() == []
+        rec = add_usage_record(s, **_rec(request_id="0x" + "AB" * 32), gateway_key_id=7)
+        s.commit()
+        assert rec.id is not None
+    with Session(engine) as s:
+        (row,) = s.exec(select(UsageRecord)).all()
+        assert row.request_id == "0x" + "ab" * 32  # normalised to lowercase
+        assert row.status == RecordStatus.PENDING and row.batch_id is None and row.gateway_key_id == 7
+        assert row.receipt_json == '{"a":"é","b":1}'
+        assert row.created_at.tzinfo is not None
+        assert count_by_status(s) == {"pending": 1}
+        assert [r.id for r in pending_records(s, 10)] == [row.id]
+
+
+def test_duplicate_request_id_fails_at_commit(engine):
+    with Session(engine) as s:
+        add_usage_record(s, **_rec())
+        s.commit()
+        add_usage_record(s, **_rec())
+        with pytest.raises(IntegrityError):
+            s.commit()
+
+
+@pytest.mark.parametrize("bad", [
+    {"request_id": "0x1234"}, {"adapter_id": "zz" * 32}, {"node_id": b"\x00" * 31},
+    {"prompt_tokens": -1}, {"completion_tokens": 2**64}, {"prompt_tokens": 1.5}, {"prompt_tokens": True},
+    {"receipt_json": ""}, {"receipt_json": 5}, {"node_signature": ""},
+])  # fmt: skip
+def test_invalid_records_are_refused(engine, bad):
+    with Session(engine) as s, pytest.raises(OutboxError):
+        add_usage_record(s, **_rec(**bad))

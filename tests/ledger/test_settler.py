@@ -1,0 +1,220 @@
+"""The settler in-process against a real anvil: 1,000 records, triggers, rejections, duplicates,
+unauthorised settler, missing deposit, and the chain stopped then restarted."""
+
+import threading
+import time
+
+import pytest
+from sqlmodel import Session, select
+
+from ledger import errors as E
+from ledger.db import init_db, make_engine
+from ledger.merkle import MerkleTree
+from ledger.models import BatchStatus, SettlementBatch, UsageRecord
+from ledger.outbox import add_usage_record, batch_records, count_by_status
+from ledger.settler import Settler, SettlerConfig, batch_id_for, to_settle_record
+from tests.utils.chain import ETHER, rand_id, register_sample
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def engine(tmp_path):
+    e = make_engine(f"sqlite:///{tmp_path}/outbox.db", immediate=True)
+    init_db(e)
+    yield e
+    e.dispose()
+
+
+def add_records(engine, regs, n, *, tokens=(40, 9)) -> list[str]:
+    ids = []
+    with Session(engine) as s:
+        for i in range(n):
+            reg = regs[i % len(regs)]
+            rid = rand_id()
+            ids.append(rid)
+            add_usage_record(s, request_id=rid, adapter_id=reg.adapter_id, node_id=reg.node_id,
+                             prompt_tokens=tokens[0] + i % 13, completion_tokens=tokens[1],
+                             receipt_json={"request_id": rid}, node_signature="sig")  # fmt: skip
+        s.commit()
+    return ids
+
+
+def settled_on_chain(client, request_ids) -> dict[str, int]:
+    """How many RecordSettled events each request id has."""
+    wanted = set(request_ids)
+    counts = {r: 0 for r in wanted}
+    for ev in client.events("ledger", "RecordSettled"):
+        rid = "0x" + bytes(ev["args"]["requestId"]).hex()
+        if rid in wanted:
+            counts[rid] += 1
+    return counts
+
+
+def test_thousand_records_settle_once_in_batches(anvil_chain, engine):
+    env = anvil_chain
+    regs = [register_sample(env, price=10**12), register_sample(env, price=7 * 10**11, shares=(2500,))]
+    ids = add_records(engine, regs, 1000)
+    client = env.client(env.settler)
+    totals_before = client.totals()
+    settler = Settler(engine, client, SettlerConfig(batch_size=100))
+    assert settler.drain() == 1000
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 1000}
+        batches = s.exec(select(SettlementBatch).order_by(SettlementBatch.id)).all()
+        assert [b.record_count for b in batches] == [100] * 10
+        assert all(b.status == BatchStatus.SETTLED and b.block_number for b in batches)
+        # in outbox order, with a deterministic id and the root of its records
+        first = batch_records(s, batches[0].batch_id)
+        assert [r.request_id for r in first] == ids[:100]
+        assert batches[0].batch_id == batch_id_for(ids[:100])
+        assert batches[0].merkle_root == "0x" + MerkleTree.from_records([to_settle_record(r) for r in first]).root.hex()
+    assert set(settled_on_chain(client, ids).values()) == {1}
+    fees = 0
+    with Session(engine) as s:
+        for r in s.exec(select(UsageRecord)).all():
+            reg = regs[0] if r.adapter_id == regs[0].adapter_id else regs[1]
+            fees += reg.price * (r.prompt_tokens + r.completion_tokens) // 1000
+        assert sum(int(b.total_fees) for b in s.exec(select(SettlementBatch)).all()) == fees
+    assert client.totals()["accrued"] - totals_before["accrued"] == fees
+
+
+def test_partial_batch_waits_for_interval(anvil_chain, engine):
+    env = anvil_chain
+    reg = register_sample(env)
+    add_records(engine, [reg], 5)
+    client = env.client(env.settler)
+    slow = Settler(engine, client, SettlerConfig(batch_size=10, interval=3600))
+    assert slow.step() == 0  # neither N records nor T seconds yet
+    add_records(engine, [reg], 5)
+    assert slow.step() == 10  # N reached
+    add_records(engine, [reg], 3)
+    quick = Settler(engine, client, SettlerConfig(batch_size=10, interval=0.2))
+    time.sleep(0.3)
+    assert quick.step() == 3  # T passed: the partial batch goes out
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 13}
+
+
+def test_records_of_unregistered_adapters_are_rejected_not_blocking(anvil_chain, engine):
+    env = anvil_chain
+    reg = register_sample(env)
+    good = add_records(engine, [reg], 3)
+    with Session(engine) as s:
+        add_usage_record(s, request_id=rand_id(), adapter_id=rand_id(), node_id=reg.node_id, prompt_tokens=1,
+                         completion_tokens=1, receipt_json="{}", node_signature="s")  # fmt: skip
+        add_usage_record(s, request_id=rand_id(), adapter_id=reg.adapter_id, node_id=rand_id(), prompt_tokens=1,
+                         completion_tokens=1, receipt_json="{}", node_signature="s")  # fmt: skip
+        s.commit()
+    good += add_records(engine, [reg], 3)
+    assert Settler(engine, env.client(env.settler)).drain() == 6
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 6, "rejected": 2}
+        errors = sorted(r.error for r in s.exec(select(UsageRecord).where(UsageRecord.status == "rejected")))
+        assert errors[0].startswith("adapter ") and errors[1].startswith("node ")
+    assert set(settled_on_chain(env.client(), good).values()) == {1}
+
+
+def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):
+    """The contract refuses the duplicate (BatchAlreadySettled) and the settler reads that as done."""
+    env = anvil_chain
+    reg = register_sample(env)
+    ids = add_records(engine, [reg], 4)
+    client = env.client(env.settler)
+    with Session(engine) as s:
+        records = [to_settle_record(r) for r in s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(ids))
+                                                       .order_by(UsageRecord.id))]  # fmt: skip
+    client.settle_batch(batch_id_for(ids), "0x" + MerkleTree.from_records(records).root.hex(), records)
+    settler = Settler(engine, client, SettlerConfig(batch_size=4))
+    with pytest.raises(E.BatchAlreadySettled):
+        client.send_settle_batch(batch_id_for(ids), "0x" + MerkleTree.from_records(records).root.hex(), records)
+    assert settler.drain() == 4
+    assert set(settled_on_chain(client, ids).values()) == {1}
+
+
+def test_unauthorised_settler_leaves_records_waiting(anvil_chain, engine):
+    env = anvil_chain
+    reg = register_sample(env)
+    add_records(engine, [reg], 3)
+    stranger = env.new_account(ETHER)
+    settler = Settler(engine, env.client(stranger), SettlerConfig(batch_size=3))
+    with pytest.raises(E.NotSettler):
+        settler.step()
+    with Session(engine) as s:
+        assert count_by_status(s) == {"submitted": 3}
+        assert s.exec(select(SettlementBatch)).one().status == BatchStatus.CREATED
+    env.client(env.admin).grant_settler(stranger.address)
+    env.client(env.admin).deposit_for(stranger.address, ETHER)
+    assert settler.drain() == 3
+
+
+def test_missing_deposit_waits_then_resumes(anvil_chain, engine):
+    env = anvil_chain
+    gateway = env.new_account(ETHER)
+    env.client(env.admin).grant_settler(gateway.address)
+    reg = register_sample(env, price=10**15)
+    add_records(engine, [reg], 5)
+    settler = Settler(engine, env.client(gateway), SettlerConfig(batch_size=5, poll=0.05, max_backoff=0.2))
+    stop = threading.Event()
+    t = threading.Thread(target=settler.run, args=(stop,))
+    t.start()
+    try:
+        time.sleep(0.8)
+        with Session(engine) as s:
+            assert count_by_status(s) == {"submitted": 5}
+        env.client(env.admin).deposit_for(gateway.address, ETHER)
+        _wait_for(lambda: _status(engine) == {"settled": 5}, 20)
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def test_chain_down_then_back(fresh_chain, tmp_path):
+    """Records wait while anvil is stopped; after it restarts (same state), all settle exactly once."""
+    env = fresh_chain
+    engine = make_engine(f"sqlite:///{tmp_path}/outbox.db", immediate=True)
+    init_db(engine)
+    reg = register_sample(env)
+    first = add_records(engine, [reg], 30)
+    settler = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=10, interval=0, poll=0.05,
+                                                                      max_backoff=0.3))  # fmt: skip
+    stop = threading.Event()
+    t = threading.Thread(target=settler.run, args=(stop,))
+    t.start()
+    try:
+        _wait_for(lambda: _status(engine) == {"settled": 30}, 30)
+        env.anvil.stop()
+        later = add_records(engine, [reg], 25)
+        with pytest.raises(E.ChainUnavailable):
+            env.client().block_number()
+        time.sleep(1.0)
+        assert _status(engine).get("settled") == 30  # nothing lost, nothing settled while down
+        env.restart()
+        _wait_for(lambda: _status(engine) == {"settled": 55}, 30)
+    finally:
+        stop.set()
+        t.join(10)
+        engine.dispose()
+    assert set(settled_on_chain(env.client(), first + later).values()) == {1}
+
+
+def _status(engine) -> dict:
+    with Session(engine) as s:
+        return count_by_status(s)
+
+
+def _wait_for(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.1)
+
+
+def test_settler_config_is_checked():
+    with pytest.raises(ValueError):
+        SettlerConfig(batch_size=0)
+    with pytest.raises(ValueError):
+        SettlerConfig(crash_at="sometimes")
+    with pytest.raises(ValueError):
+        SettlerConfig(poll=0)

@@ -1,0 +1,83 @@
+"""Kill the settler process at each crash point, restart it: every record settles exactly once.
+
+Runs `python -m ledger.cli settler run` as its own process against anvil with 1-second blocks (so a
+transaction sent just before the crash may still be in the mempool when the settler restarts)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from ledger.db import init_db, make_engine
+from ledger.models import BatchStatus, SettlementBatch
+from ledger.outbox import count_by_status
+from ledger.settler import CRASH_EXIT_CODE, CRASH_ENV
+from tests.ledger.test_settler import add_records, settled_on_chain
+from tests.utils.chain import register_sample, start_chain
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def slow_chain(tmp_path_factory):
+    env = start_chain(tmp_path_factory.mktemp("anvil-1s"), block_time=1.0)
+    try:
+        yield env
+    finally:
+        env.anvil.stop()
+
+
+def run_settler(env, db_url: str, key_file: Path, crash_at: str | None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ledger.cli", "settler", "run", "--db", db_url, "--deployment",
+           str(env.deployment_path), "--key", str(key_file), "--batch-size", "20", "--interval", "0", "--drain"]  # fmt: skip
+    child_env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    if crash_at:
+        child_env[CRASH_ENV] = crash_at
+    child_env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("crash_at", ["before_send", "after_send", "after_receipt"])
+def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
+    env = slow_chain
+    reg = register_sample(env)
+    db_url = f"sqlite:///{tmp_path}/outbox.db"
+    engine = make_engine(db_url)
+    init_db(engine)
+    ids = add_records(engine, [reg], 50)
+    key_file = tmp_path / "settler.key"
+    key_file.write_text(env.settler.key.hex())
+    client = env.client()
+
+    crashed = run_settler(env, db_url, key_file, crash_at)
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
+    with Session(engine) as s:
+        batch = s.exec(select(SettlementBatch).order_by(SettlementBatch.id)).first()
+        assert count_by_status(s) == {"submitted": 20, "pending": 30}
+    if crash_at == "before_send":
+        assert batch.status == BatchStatus.CREATED and not client.is_settled(batch.batch_id)
+    elif crash_at == "after_send":
+        assert batch.status == BatchStatus.CREATED and batch.tx_hash is None  # sent, but the DB never heard
+        _wait(lambda: client.is_settled(batch.batch_id))  # the transaction lands anyway
+    else:
+        assert batch.status == BatchStatus.SENT and client.is_settled(batch.batch_id)
+
+    done = run_settler(env, db_url, key_file, None)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 50}
+        assert [b.status for b in s.exec(select(SettlementBatch))] == [BatchStatus.SETTLED] * 3
+    assert set(settled_on_chain(client, ids).values()) == {1}
+    engine.dispose()
+
+
+def _wait(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
