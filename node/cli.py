@@ -151,3 +151,41 @@ def adapter_verify(
                   f"({m.base_model.id})\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}")
     for d in m.datasets:
         console.print(f"  dataset     {d.name} -> {d.contributor} ({d.share_bps} bps)")
+
+
+@adapter_app.command("publish")
+def adapter_publish(
+    pkg_dir: Annotated[Path, typer.Argument(help="A signed loramesh package folder.")],
+    key: Annotated[Path, typer.Option(help="Identity file of the signer (pays gas, becomes the owner).")],
+    rpc: Annotated[str | None, typer.Option(help="JSON-RPC URL of the chain (default: the deployment's).")] = None,
+    deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses.")] = Path(
+        ".loramesh/devnet/deployment.json"),
+    node: Annotated[str | None, typer.Option(help="Node API URL to hand the package to; it seeds it to peers.")] = None,
+    dataset_file: Annotated[list[str] | None, typer.Option(
+        help="NAME=FILE: record sha256 of FILE as the dataset's content hash when registering it.")] = None,
+) -> None:
+    """Register an adapter (and its new datasets) on chain as its signer, then hand it to a node.
+
+    Publishing an adapter id that is already registered is a no-op; a new version is a new package
+    whose manifest names its predecessor.
+    """
+    from ledger.chain import ChainClient
+    from node.adapters.verify import file_sha256
+    from node.keys import load_identity
+    from node.publish import publish
+
+    hashes = {}
+    for spec in dataset_file or []:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"--dataset-file {spec!r}: expected NAME=FILE")
+        hashes[name] = "0x" + file_sha256(Path(path))
+    identity = load_identity(key)
+    client = ChainClient.from_deployment(deployment, identity.account, rpc_url=rpc)
+    result = publish(pkg_dir, client, node_url=node, dataset_hashes=hashes)
+    state = "registered" if result.registered else "already registered (no-op)"
+    console.print(f"[green]{state}[/] {result.name}\n  adapter id  {result.adapter_id}")
+    for d in result.datasets_registered:
+        console.print(f"  dataset     {d} registered")
+    if result.node_url:
+        console.print(f"  handed to   {result.node_url}")
