@@ -1,0 +1,204 @@
+"""Fetch-and-verify of a ~168 MB adapter package between two node processes on loopback, beside a raw
+py-libp2p stream of the same bytes (same host stack: TCP + Noise + Yamux) measured in the same run.
+
+    .venv/bin/python bench/p2p.py [--runs 3] [--work DIR]
+
+Prints a table; nothing is asserted (performance lives here, not in tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RAW_PROTOCOL = "/loramesh-bench/raw/1.0.0"
+# 5 layers x 7 targets of a hidden-512 base at rank 960 in fp32: ~167 MB of LoRA weights.
+BASE = dict(hidden_size=512, intermediate_size=1024, num_layers=5, num_heads=8, num_kv_heads=8)
+RANK = 960
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# -- raw baseline: one host serves a file's bytes, the other reads them to EOF ---------------------
+
+
+def _raw_config(listen: str):
+    from node.p2p.config import P2PConfig
+
+    return P2PConfig(listen=listen)
+
+
+async def _raw_serve(path: Path) -> None:
+    import trio
+    from libp2p.custom_types import TProtocol
+    from multiaddr import Multiaddr
+
+    from node.p2p.codec import MAX_PAYLOAD
+    from node.p2p.mesh import build_host
+
+    _, host = build_host(os.urandom(32), _raw_config("/ip4/127.0.0.1/tcp/0"))
+
+    async def handler(stream) -> None:
+        await stream.read(1)
+        with open(path, "rb") as f:
+            while chunk := f.read(MAX_PAYLOAD):
+                await stream.write(chunk)
+        await stream.close()
+
+    host.set_stream_handler(TProtocol(RAW_PROTOCOL), handler)
+    async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        pid = host.get_id().to_base58()
+        print(json.dumps({"addr": f"{host.get_addrs()[0]}".split("/p2p/")[0] + f"/p2p/{pid}"}), flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)  # until the parent closes stdin
+
+
+async def _raw_fetch(addr: str, runs: int) -> None:
+    import trio
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from node.p2p.codec import READ_CHUNK
+    from node.p2p.mesh import build_host
+
+    _, host = build_host(os.urandom(32), _raw_config("/ip4/127.0.0.1/tcp/0"))
+    async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        info = info_from_p2p_addr(Multiaddr(addr))
+        await host.connect(info)
+        out = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            stream = await host.new_stream(info.peer_id, [TProtocol(RAW_PROTOCOL)])
+            await stream.write(b"g")
+            n = 0
+            while True:
+                try:
+                    with trio.fail_after(10):
+                        chunk = await stream.read(READ_CHUNK)
+                except EOFError:
+                    break
+                except Exception:  # a reset after the last byte ends the run too
+                    break
+                if not chunk:
+                    break
+                n += len(chunk)
+            out.append({"bytes": n, "seconds": time.perf_counter() - t0})
+        print(json.dumps(out), flush=True)
+
+
+def _raw_baseline(path: Path, runs: int) -> list[dict]:
+    server = subprocess.Popen([sys.executable, __file__, "--raw-serve", str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        addr = json.loads(server.stdout.readline())["addr"]
+        res = subprocess.run([sys.executable, __file__, "--raw-fetch", addr, "--runs", str(runs)],
+                             capture_output=True, text=True, cwd=REPO, timeout=600)
+        if res.returncode:
+            raise RuntimeError(f"raw fetch failed: {res.stderr[-2000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        server.stdin.close()
+        server.wait(30)
+
+
+# -- the real thing ----------------------------------------------------------------------------
+
+
+def _make_package(work: Path):
+    import torch
+    from eth_account import Account
+
+    from tests.utils.p2p import make_base, make_package
+
+    torch.set_num_threads(2)
+    base = make_base(work / "base", **BASE)
+    owner = Account.create()
+    pkg = make_package(base, work, account=owner, name="bench", rank=RANK, targets=TARGETS)
+    return base, owner.address, pkg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--raw-serve", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--raw-fetch", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.raw_serve or args.raw_fetch:
+        import trio
+
+        from node.p2p.logs import route_libp2p_logging
+
+        route_libp2p_logging()
+        trio.run(_raw_serve, args.raw_serve) if args.raw_serve else trio.run(_raw_fetch, args.raw_fetch, args.runs)
+        return
+
+    from node.adapters import AdapterStore, verify_package
+    from tests.utils.p2p import PeerProcess
+
+    with tempfile.TemporaryDirectory(prefix="loramesh-bench-p2p-") as tmp:
+        work = args.work or Path(tmp)
+        t0 = time.perf_counter()
+        base, owner, pkg = _make_package(work)
+        size = sum(f.size for f in pkg.manifest.files)
+        weights = pkg.path / "adapter_model.safetensors"
+        print(f"package {pkg.adapter_id[:18]}…: {size / 1e6:.1f} MB in {len(pkg.manifest.files)} files "
+              f"(built in {time.perf_counter() - t0:.1f}s)", flush=True)
+
+        owners = work / "owners.json"
+        owners.write_text(json.dumps({pkg.adapter_id: owner}))
+        AdapterStore(work / "a").install(pkg.path)
+        store_b = AdapterStore(work / "b")
+        a = PeerProcess(store=work / "a", owners=owners, base=base, read_timeout=10, log_path=work / "a.log")
+        b = None
+        try:
+            b = PeerProcess(store=work / "b", owners=owners, base=base, read_timeout=10, log_path=work / "b.log")
+            fetch = []
+            for _ in range(args.runs):
+                store_b.remove(pkg.adapter_id)
+                got = b.call("fetch", timeout=600, adapter_id=pkg.adapter_id, providers=[a.addrs[0]])
+                if not got["ok"]:
+                    raise RuntimeError(f"fetch failed: {got}")
+                fetch.append(got["seconds"])
+        finally:
+            if b is not None:
+                b.stop()
+            a.stop()
+
+        verify = []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            verify_package(store_b.path_for(pkg.adapter_id), base_dir=base, expected_owner=owner)
+            verify.append(time.perf_counter() - t)
+
+        raw = _raw_baseline(weights, args.runs)
+        raw_bytes = raw[0]["bytes"]
+        if raw_bytes != weights.stat().st_size:
+            raise RuntimeError(f"raw stream moved {raw_bytes} bytes, expected {weights.stat().st_size}")
+        raw_s = statistics.median(r["seconds"] for r in raw)
+
+    mb = size / 1e6
+    fetch_s, verify_s = statistics.median(fetch), statistics.median(verify)
+    raw_mbs = raw_bytes / 1e6 / raw_s
+    rows = [
+        ("raw py-libp2p stream (baseline)", raw_bytes / 1e6, raw_s, raw_mbs),
+        ("fetch + verify + install (loramesh)", mb, fetch_s, mb / fetch_s),
+        ("  of which: verify_package alone", mb, verify_s, mb / verify_s),
+    ]
+    print(f"\nloopback, two processes, TCP + Noise + Yamux, median of {args.runs} runs")
+    print(f"{'path':<38} {'MB':>8} {'s':>7} {'MB/s':>8} {'x raw':>7}")
+    for name, m, s, r in rows:
+        print(f"{name:<38} {m:>8.1f} {s:>7.2f} {r:>8.1f} {r / raw_mbs:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Typed errors of the p2p layer: each message is one line saying what was wrong and what was expected."""
+
+from __future__ import annotations
+
+
+class P2PError(RuntimeError):
+    """The p2p host could not do what was asked (not started, dial failed, bad multiaddr)."""
+
+
+class FrameError(ValueError):
+    """A peer sent a frame that breaks the wire format (unknown kind, oversized, truncated)."""
+
+
+class ProviderError(RuntimeError):
+    """One provider failed to deliver a valid package; the fetcher tries the next one."""
+
+
+class ProviderTimeout(ProviderError):
+    """A provider stalled: no bytes within the read timeout."""
+
+
+class ProviderRefused(ProviderError):
+    """A provider answered with an error frame (does not hold the adapter, busy)."""
+
+
+class BadBytes(ProviderError):
+    """A provider sent bytes that do not match the adapter id or the manifest's hashes and sizes."""
+
+
+class FetchError(RuntimeError):
+    """No provider delivered a valid package."""
+
+
+class UnregisteredAdapter(FetchError):
+    """The adapter id has no registered owner, so no bytes for it can be trusted."""
+
+
+class NoProviders(FetchError):
+    """Discovery found no peer that holds the adapter."""

@@ -1,0 +1,82 @@
+"""Fixtures for the p2p tests: tiny signed packages and a mesh of peer processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from eth_account import Account
+
+from node.adapters import AdapterStore, VerifiedPackage
+from tests.utils.p2p import PeerProcess, make_base, make_package
+
+
+@dataclass
+class Packages:
+    base: Path
+    owner: str
+    stranger: str
+    main: VerifiedPackage  # held by A; C fetches it through B
+    tampered: VerifiedPackage  # F flips a byte; A holds a good copy
+    stalled: VerifiedPackage  # F goes silent mid-file; A holds a good copy
+    dropped: VerifiedPackage  # F resets the stream mid-file; A holds a good copy
+    oversized: VerifiedPackage  # F announces a 64 MiB frame; nobody else holds it
+    foreign: VerifiedPackage  # F holds a copy signed by a stranger, not the registered owner
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory) -> Packages:
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("pkgs")
+    base = make_base(work / "base")
+    owner, stranger = Account.create(), Account.create()
+    made = {name: make_package(base, work, account=owner, name=name, seed=i)
+            for i, name in enumerate(["main", "tampered", "stalled", "dropped", "oversized"])}
+    foreign = make_package(base, work, account=stranger, name="foreign", seed=99)
+    return Packages(base=base, owner=owner.address, stranger=stranger.address, foreign=foreign, **made)
+
+
+@dataclass
+class Mesh:
+    a: PeerProcess
+    b: PeerProcess
+    f: PeerProcess
+    c: PeerProcess
+    c_store: Path
+    owners: Path
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory, packages: Packages):
+    """A (honest, holds packages) <- B (bootstrap relay) <- C (fetcher); F misbehaves per adapter."""
+    work = tmp_path_factory.mktemp("mesh")
+    p = packages
+    owners = work / "owners.json"  # stand-in for the chain registry: adapter id -> owner address
+    owners.write_text(json.dumps({pkg.adapter_id: p.owner for pkg in
+                                  (p.main, p.tampered, p.stalled, p.dropped, p.oversized, p.foreign)}))
+    faults = work / "faults.json"
+    faults.write_text(json.dumps({p.tampered.adapter_id: "tamper", p.stalled.adapter_id: "stall",
+                                  p.dropped.adapter_id: "drop", p.oversized.adapter_id: "oversize"}))
+    store_a, store_f = AdapterStore(work / "a"), AdapterStore(work / "f")
+    for pkg in (p.main, p.tampered, p.stalled, p.dropped):
+        store_a.install(pkg.path)
+    for pkg in (p.tampered, p.stalled, p.dropped, p.oversized, p.foreign):
+        store_f.install(pkg.path)
+    started: list[PeerProcess] = []
+    try:
+        kw = dict(owners=owners, base=p.base)
+        a = PeerProcess(store=work / "a", log_path=work / "a.log", **kw)
+        started.append(a)
+        b = PeerProcess(store=work / "b", bootstrap=a.addrs, log_path=work / "b.log", **kw)
+        started.append(b)
+        f = PeerProcess(store=work / "f", bootstrap=b.addrs, faults=faults, log_path=work / "f.log", **kw)
+        started.append(f)
+        c = PeerProcess(store=work / "c", bootstrap=b.addrs, log_path=work / "c.log", **kw)
+        started.append(c)
+        yield Mesh(a=a, b=b, f=f, c=c, c_store=work / "c", owners=owners)
+    finally:
+        for proc in reversed(started):
+            proc.stop()

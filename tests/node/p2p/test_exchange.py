@@ -1,0 +1,110 @@
+"""Adapters move between real libp2p hosts in separate processes, and only verified bytes land in a store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from node.adapters import AdapterStore, verify_package
+
+pytestmark = pytest.mark.integration
+
+
+def _nothing_half_written(store_dir: Path, adapter_id: str) -> None:
+    assert not (store_dir / adapter_id).exists()
+    assert list((store_dir / ".tmp").iterdir()) == []
+
+
+def test_c_fetches_a_adapter_through_b(mesh, packages):
+    pkg = packages.main
+    # C was only told about B; A's address reaches it through the mesh (gossip / DHT).
+    found = mesh.c.call("providers", adapter_id=pkg.adapter_id, wait=8)
+    assert found["ok"], found
+    assert mesh.a.peer_id in [p["peer_id"] for p in found["providers"]]
+
+    got = mesh.c.call("fetch", adapter_id=pkg.adapter_id)
+
+    assert got["ok"], got
+    assert got["peer_id"] == mesh.a.peer_id and got["attempts"] == 1
+    installed = Path(got["path"])
+    assert installed == mesh.c_store / pkg.adapter_id
+    assert sorted(os.listdir(installed)) == sorted(os.listdir(pkg.path))
+    for name in os.listdir(pkg.path):
+        assert (installed / name).read_bytes() == (pkg.path / name).read_bytes()
+    verified = verify_package(installed, base_dir=packages.base, expected_owner=packages.owner)
+    assert verified.adapter_id == pkg.adapter_id and verified.signer == packages.owner
+    assert AdapterStore(mesh.c_store).get(pkg.adapter_id) is not None
+
+
+def test_c_announces_what_it_fetched(mesh, packages):
+    adapter_id = packages.main.adapter_id
+    assert adapter_id in mesh.c.call("status")["held"]
+    for _ in range(40):  # C re-announces every second; B learns C is now a provider too
+        peers = [p["peer_id"] for p in mesh.b.call("providers", adapter_id=adapter_id, wait=1)["providers"]]
+        if mesh.c.peer_id in peers:
+            break
+    assert mesh.c.peer_id in peers and mesh.a.peer_id in peers
+
+
+@pytest.mark.parametrize(
+    ("which", "reason"),
+    [
+        ("tampered", "sha256 differs from the manifest"),
+        ("stalled", "sent nothing for"),
+        ("dropped", "reset the stream|stream ended after"),  # a reset may surface as EOF first
+    ],
+)
+def test_bad_provider_then_good_one(mesh, packages, which, reason):
+    pkg = getattr(packages, which)
+    got = mesh.c.call("fetch", adapter_id=pkg.adapter_id, providers=[mesh.f.addrs[0], mesh.a.addrs[0]])
+
+    assert got["ok"], got
+    assert got["peer_id"] == mesh.a.peer_id and got["attempts"] == 2
+    assert len(got["failures"]) == 1 and got["failures"][0].startswith(mesh.f.peer_id)
+    assert re.search(reason, got["failures"][0])
+    installed = Path(got["path"])
+    assert (installed / "adapter_model.safetensors").read_bytes() == (pkg.path / "adapter_model.safetensors").read_bytes()
+    assert list((mesh.c_store / ".tmp").iterdir()) == []
+
+
+def test_oversized_frame_refused(mesh, packages):
+    pkg = packages.oversized
+    got = mesh.c.call("fetch", adapter_id=pkg.adapter_id, providers=[mesh.f.addrs[0]])
+
+    assert not got["ok"] and got["type"] == "FetchError"
+    assert "DATA frame announces 67108864 bytes; the cap is 1048576" in got["error"]
+    _nothing_half_written(mesh.c_store, pkg.adapter_id)
+
+
+def test_package_signed_by_someone_else_refused(mesh, packages):
+    pkg = packages.foreign
+    got = mesh.c.call("fetch", adapter_id=pkg.adapter_id)
+
+    assert not got["ok"] and got["type"] == "FetchError"
+    assert f"signed by {packages.stranger}, but the adapter's registered owner is {packages.owner}" in got["error"]
+    _nothing_half_written(mesh.c_store, pkg.adapter_id)
+
+
+def test_unregistered_adapter_refused(mesh):
+    adapter_id = "0x" + "ab" * 32
+    got = mesh.c.call("fetch", adapter_id=adapter_id)
+
+    assert not got["ok"] and got["type"] == "UnregisteredAdapter"
+    assert f"adapter {adapter_id} has no registered owner" in got["error"]
+    _nothing_half_written(mesh.c_store, adapter_id)
+
+
+def test_registered_adapter_nobody_holds(mesh, packages):
+    adapter_id = "0x" + "cd" * 32
+    owners = json.loads(mesh.owners.read_text())
+    mesh.owners.write_text(json.dumps({**owners, adapter_id: packages.owner}))
+
+    got = mesh.c.call("fetch", adapter_id=adapter_id)
+
+    assert not got["ok"] and got["type"] == "NoProviders"
+    assert f"no peer announced adapter {adapter_id}" in got["error"]
+    _nothing_half_written(mesh.c_store, adapter_id)

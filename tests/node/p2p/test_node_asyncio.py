@@ -1,0 +1,128 @@
+"""P2PNode driven from asyncio (as the node daemon will), against peer processes and in-process hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+
+import pytest
+
+from node.adapters import AdapterStore
+from node.p2p import P2PConfig, P2PNode
+from node.p2p.errors import FetchError, P2PError
+from tests.utils.p2p import FaultyServer
+
+pytestmark = pytest.mark.integration
+
+CONFIG = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", read_timeout=2, discover_timeout=3, announce_interval=1)
+
+
+def _owners(packages):
+    ids = [p.adapter_id for p in (packages.main, packages.stalled, packages.dropped, packages.tampered)]
+    return {i: packages.owner for i in ids}.get
+
+
+def test_provider_without_the_adapter_refuses(mesh, packages):
+    pkg = packages.oversized  # A does not hold it; F does (and misbehaves)
+    got = mesh.c.call("fetch", adapter_id=pkg.adapter_id, providers=[mesh.a.addrs[0]])
+
+    assert not got["ok"]
+    assert got["failures"][0] == f"{mesh.a.peer_id}: provider refused: this node does not hold adapter {pkg.adapter_id}"
+
+
+def test_afetch_from_asyncio_reports_progress(mesh, packages, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    seen = []
+    with P2PNode(seed=os.urandom(32), store=store, owner_of=_owners(packages), config=CONFIG,
+                 base_dir=packages.base) as node:
+
+        async def main():
+            return await node.afetch(packages.main.adapter_id, providers=[mesh.a.addrs[0]], on_progress=seen.append)
+
+        pkg = asyncio.run(main())
+        assert node.held == [packages.main.adapter_id]
+    assert pkg.path == store.path_for(packages.main.adapter_id) and pkg.signer == packages.owner
+    states = [s.state for s in seen]
+    assert states[0] == "discovering" and states[-2:] == ["verifying", "done"]
+    last = seen[-1]
+    assert last.done == last.total == sum(f.size for f in packages.main.manifest.files)
+
+
+def test_cancelling_afetch_discards_the_partial_download(mesh, packages, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    config = replace(CONFIG, read_timeout=30)  # the stall would last 30 s; the caller gives up first
+    with P2PNode(seed=os.urandom(32), store=store, owner_of=_owners(packages), config=config,
+                 base_dir=packages.base) as node:
+
+        async def main():
+            await asyncio.wait_for(node.afetch(packages.stalled.adapter_id, providers=[mesh.f.addrs[0]]), 1.5)
+
+        with pytest.raises(TimeoutError):
+            asyncio.run(main())
+        for _ in range(50):
+            status = {t.adapter_id: t for t in node.transfers()}.get(packages.stalled.adapter_id)
+            if status and status.state == "failed":
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        assert status.state == "failed"
+    assert not store.path_for(packages.stalled.adapter_id).exists()
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+
+
+class _StallAll(FaultyServer):
+    faults = {}
+
+
+def test_inbound_stream_cap_refuses_extra_streams(packages, tmp_path):
+    stalled, dropped = packages.stalled, packages.dropped
+    _StallAll.faults = {stalled.adapter_id: "stall", dropped.adapter_id: "stall"}
+    server_store = AdapterStore(tmp_path / "server")
+    server_store.install(stalled.path)
+    server_store.install(dropped.path)
+    server_cfg = replace(CONFIG, max_inbound_streams=1, read_timeout=3)
+    with P2PNode(seed=os.urandom(32), store=server_store, owner_of=_owners(packages), config=server_cfg,
+                 server_factory=_StallAll) as server, \
+         P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "client"), owner_of=_owners(packages),
+                 config=replace(CONFIG, read_timeout=3)) as client:
+        addr = server.listen_addrs[0]
+
+        async def main():
+            first = asyncio.create_task(client.afetch(stalled.adapter_id, providers=[addr]))
+            await asyncio.sleep(0.5)  # the first stream holds the only slot, stalled
+            with pytest.raises(FetchError, match="provider refused: busy: already serving 1 streams"):
+                await client.afetch(dropped.adapter_id, providers=[addr])
+            with pytest.raises(FetchError, match="stalled mid-frame"):
+                await first
+
+        asyncio.run(main())
+
+
+def test_calls_before_start_are_refused(packages, tmp_path):
+    node = P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "s"), owner_of=_owners(packages), config=CONFIG)
+    with pytest.raises(P2PError, match="the p2p node is not started"):
+        node.fetch(packages.main.adapter_id)
+
+
+def test_bad_seed_refused(packages, tmp_path):
+    with pytest.raises(ValueError, match=r"node seed must be 32 bytes \(Identity.node_seed\), got 5"):
+        P2PNode(seed=b"short", store=AdapterStore(tmp_path / "s"), owner_of=_owners(packages), config=CONFIG)
+
+
+def test_listen_port_in_use_fails_start_with_one_line(packages, tmp_path):
+    with P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "a"), owner_of=_owners(packages),
+                 config=CONFIG) as first:
+        taken = first.listen_addrs[0].split("/p2p/")[0]
+        second = P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "b"), owner_of=_owners(packages),
+                         config=replace(CONFIG, listen=taken))
+        with pytest.raises(P2PError, match="the p2p host failed to start: ") as err:
+            second.start()
+        assert "\n" not in str(err.value) and "sub-exception" not in str(err.value)
+        print(err.value)
+
+
+def test_announce_requires_holding_the_adapter(packages, tmp_path):
+    with P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "s"), owner_of=_owners(packages),
+                 config=CONFIG) as node:
+        with pytest.raises(P2PError, match="this node's store does not hold it"):
+            node.announce(packages.main.adapter_id)

@@ -1,0 +1,162 @@
+"""What a fetcher trusts before the package check: the manifest's file plan and signed announcements."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import pytest
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from node.adapters.manifest import BaseModelRef, FileEntry, LoraInfo, Manifest
+from node.canonical import canonical_json
+from node.p2p.announce import Announcement, AnnouncementError, ProviderBook, sign_announcement, verify_announcement
+from node.p2p.config import P2PConfig
+from node.p2p.errors import BadBytes
+from node.p2p.plan import FileHasher, PlannedFile, plan_transfer
+
+
+def _manifest(**files: bytes) -> Manifest:
+    return Manifest(
+        name="t", version="1", base_model=BaseModelRef(name="b", id="0x" + "11" * 32),
+        files=tuple(FileEntry(path=k.replace("_", "."), sha256=hashlib.sha256(v).hexdigest(), size=len(v))
+                    for k, v in files.items()),
+        lora=LoraInfo(rank=4, alpha=8, targets=("q_proj",)),
+    )
+
+
+def test_plan_lists_the_manifest_files():
+    m = _manifest(a_json=b"{}", w_bin=b"1234")
+    plan = plan_transfer(m.canonical_bytes(), m.adapter_id, max_bytes=100)
+    assert [(f.path, f.size) for f in plan.files] == [("a.json", 2), ("w.bin", 4)]
+    assert plan.total_bytes == 6
+
+
+def test_plan_refuses_a_manifest_for_another_id():
+    m = _manifest(a_json=b"{}")
+    other = "0x" + "22" * 32
+    with pytest.raises(BadBytes, match=f"manifest hashes to {m.adapter_id}, not the requested adapter id {other}"):
+        plan_transfer(m.canonical_bytes(), other, max_bytes=100)
+
+
+def test_plan_refuses_a_path_escape_before_anything_is_written():
+    doc = json.loads(_manifest(a_json=b"{}").canonical_bytes())
+    doc["files"][0]["path"] = "../../etc/passwd"
+    raw = canonical_json(doc)
+    with pytest.raises(BadBytes, match="escapes the package folder"):
+        plan_transfer(raw, "0x" + hashlib.sha256(raw).hexdigest(), max_bytes=100)
+
+
+def test_plan_refuses_non_json():
+    with pytest.raises(BadBytes, match="provider sent an invalid manifest"):
+        plan_transfer(b"\xff not json", "0x" + "33" * 32, max_bytes=100)
+
+
+def test_plan_refuses_a_package_over_the_size_limit():
+    m = _manifest(w_bin=b"x" * 50)
+    with pytest.raises(BadBytes, match="package is 50 bytes; this node accepts at most 10"):
+        plan_transfer(m.canonical_bytes(), m.adapter_id, max_bytes=10)
+
+
+def test_hasher_refuses_extra_bytes_at_once():
+    h = FileHasher(PlannedFile("w.bin", 3, hashlib.sha256(b"abc").hexdigest()))
+    h.reserve(2)
+    with pytest.raises(BadBytes, match="w.bin: peer sent more than the manifest's 3 bytes"):
+        h.reserve(2)
+
+
+def test_hasher_refuses_changed_bytes():
+    h = FileHasher(PlannedFile("w.bin", 3, hashlib.sha256(b"abc").hexdigest()))
+    h.reserve(3)
+    h.update(b"abd")
+    with pytest.raises(BadBytes, match="w.bin: sha256 differs from the manifest"):
+        h.finish()
+
+
+def test_hasher_refuses_missing_bytes():
+    h = FileHasher(PlannedFile("w.bin", 3, hashlib.sha256(b"abc").hexdigest()))
+    h.reserve(2)
+    h.update(b"ab")
+    with pytest.raises(BadBytes, match="w.bin: 1 bytes missing"):
+        h.finish()
+
+
+# -- announcements ---------------------------------------------------------------------------
+
+ADAPTER = "0x" + "aa" * 32
+
+
+def _signed(ts_ms: int | None = None, key=None):
+    kp = key or create_new_key_pair(os.urandom(32))
+    pid = ID.from_pubkey(kp.public_key).to_base58()
+    ts = int(time.time() * 1000) if ts_ms is None else ts_ms
+    ann = Announcement(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",), (ADAPTER,), ts)
+    return ann, sign_announcement(ann, kp.private_key), kp
+
+
+def test_announcement_round_trip():
+    ann, data, _ = _signed()
+    assert verify_announcement(data, now=time.time(), max_age=60) == ann
+
+
+def test_announcement_with_altered_payload_refused():
+    _, data, _ = _signed()
+    doc = json.loads(data)
+    doc["payload"]["adapters"] = ["0x" + "bb" * 32]
+    with pytest.raises(AnnouncementError, match="signature does not match peer"):
+        verify_announcement(canonical_json(doc), now=time.time(), max_age=60)
+
+
+def test_announcement_signed_by_another_key_refused():
+    ann, _, _ = _signed()
+    forged = sign_announcement(ann, create_new_key_pair(os.urandom(32)).private_key)
+    with pytest.raises(AnnouncementError, match=f"signature does not match peer {ann.peer_id}"):
+        verify_announcement(forged, now=time.time(), max_age=60)
+
+
+def test_unsigned_announcement_refused():
+    ann, _, _ = _signed()
+    with pytest.raises(AnnouncementError, match="announcement is not"):
+        verify_announcement(canonical_json({"payload": ann.payload()}), now=time.time(), max_age=60)
+
+
+def test_stale_announcement_refused():
+    _, data, _ = _signed(ts_ms=int((time.time() - 120) * 1000))
+    with pytest.raises(AnnouncementError, match="stale or future-dated"):
+        verify_announcement(data, now=time.time(), max_age=60)
+
+
+def test_future_dated_announcement_refused():
+    _, data, _ = _signed(ts_ms=int((time.time() + 3600) * 1000))
+    with pytest.raises(AnnouncementError, match="stale or future-dated"):
+        verify_announcement(data, now=time.time(), max_age=60)
+
+
+def test_announcement_with_a_bad_adapter_id_refused():
+    ann, _, kp = _signed()
+    bad = Announcement(ann.peer_id, ann.addrs, ("not-an-id",), ann.ts_ms)
+    with pytest.raises(AnnouncementError, match="adapters must be a list"):
+        verify_announcement(sign_announcement(bad, kp.private_key), now=time.time(), max_age=60)
+
+
+def test_provider_book_keeps_the_newest_and_expires():
+    kp = create_new_key_pair(os.urandom(32))
+    now = time.time()
+    old, _, _ = _signed(ts_ms=int((now - 30) * 1000), key=kp)
+    new, _, _ = _signed(ts_ms=int(now * 1000), key=kp)
+    book = ProviderBook(max_age=60)
+    assert book.add(new) and not book.add(old)
+    assert book.providers(ADAPTER, now=now) == [new]
+    assert book.providers(ADAPTER, now=now + 61) == []
+
+
+def test_config_checks_values():
+    with pytest.raises(ValueError, match="bad multiaddr in p2p config"):
+        P2PConfig(listen="127.0.0.1:4001")
+    with pytest.raises(ValueError, match="read_timeout must be > 0"):
+        P2PConfig(read_timeout=0)
+    with pytest.raises(ValueError, match="max_inbound_streams must be >= 1"):
+        P2PConfig(max_inbound_streams=0)

@@ -1,0 +1,189 @@
+"""Factories for p2p tests and the bench: tiny signed packages, misbehaving servers, peer processes.
+
+Run as a module to start a peer whose server misbehaves on purpose for some adapters:
+    python -m tests.utils.p2p --faults FILE <peer_main args>     (FILE: {adapter_id: tamper|stall|drop|oversize})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from node.p2p.codec import Kind, encode_header, write_frame
+from node.p2p.server import AdapterServer
+from node.p2p.transfer import package_sections
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# -- packages ------------------------------------------------------------------------------
+
+
+def make_base(out_dir: Path, **kw) -> Path:
+    """A tiny base model (1 layer, hidden 64) unless sizes are given."""
+    from node.basemodel import init_tiny
+
+    args = dict(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2)
+    args.update(kw)
+    return init_tiny(out_dir, seed=0, **args)
+
+
+def make_peft(base_dir: Path, out_dir: Path, *, rank: int = 4, seed: int = 0,
+              targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A PEFT LoRA folder on `base_dir` with random (non-zero) A and B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.02)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def make_package(base_dir: Path, work: Path, *, account, name: str, rank: int = 4, seed: int = 0,
+                 targets: tuple[str, ...] = ("q_proj", "v_proj")):
+    """A signed package folder at work/<name>-pkg; returns its VerifiedPackage."""
+    from node.adapters import pack_adapter
+
+    peft_dir = make_peft(base_dir, work / f"{name}-peft", rank=rank, seed=seed, targets=targets)
+    return pack_adapter(peft_dir, work / f"{name}-pkg", name=name, account=account, base_dir=base_dir)
+
+
+# -- misbehaving server ---------------------------------------------------------------------
+
+
+async def _tamper(server, stream, pkg_dir, adapter_id):
+    """Flip one byte of the first DATA frame (sizes stay right, the hash does not)."""
+    flipped = False
+    for kind, payload in package_sections(pkg_dir, adapter_id):
+        if kind == Kind.DATA and not flipped:
+            payload, flipped = bytes([payload[0] ^ 0xFF]) + payload[1:], True
+        await write_frame(stream, kind, payload, timeout=server.timeout)
+
+
+async def _send_some(server, stream, pkg_dir, adapter_id):
+    """Manifest, signature and half of the first DATA frame."""
+    for kind, payload in package_sections(pkg_dir, adapter_id):
+        if kind == Kind.DATA:
+            await write_frame(stream, kind, payload[: len(payload) // 2], timeout=server.timeout)
+            return
+        await write_frame(stream, kind, payload, timeout=server.timeout)
+
+
+async def _stall(server, stream, pkg_dir, adapter_id):
+    """Send part of the package, then go silent with the stream open."""
+    await _send_some(server, stream, pkg_dir, adapter_id)
+    await trio.sleep_forever()
+
+
+async def _drop(server, stream, pkg_dir, adapter_id):
+    """Send part of the package, then reset the stream (a provider dying mid-transfer)."""
+    await _send_some(server, stream, pkg_dir, adapter_id)
+    await stream.reset()
+    raise OSError("dropping the transfer on purpose")
+
+
+async def _oversize(server, stream, pkg_dir, adapter_id):
+    """Announce a 64 MiB DATA frame (the cap is 1 MiB) right after the signature."""
+    for kind, payload in package_sections(pkg_dir, adapter_id):
+        if kind == Kind.DATA:
+            await stream.write(encode_header(Kind.DATA, 64 << 20) + b"\0" * 1024)
+            await trio.sleep_forever()
+        await write_frame(stream, kind, payload, timeout=server.timeout)
+
+
+FAULTS = {"tamper": _tamper, "stall": _stall, "drop": _drop, "oversize": _oversize}
+
+
+class FaultyServer(AdapterServer):
+    """Serves each adapter id with the fault named for it in `faults` (honestly when none is)."""
+
+    faults: dict[str, str] = {}
+
+    async def send_package(self, stream, pkg_dir, adapter_id):
+        fault = FAULTS.get(self.faults.get(adapter_id, ""))
+        if fault is None:
+            await super().send_package(stream, pkg_dir, adapter_id)
+        else:
+            await fault(self, stream, pkg_dir, adapter_id)
+
+
+# -- peer processes -------------------------------------------------------------------------
+
+
+class PeerProcess:
+    """A peer in its own process (node.p2p.peer_main), driven over stdin/stdout JSON lines."""
+
+    def __init__(self, *, store: Path, owners: Path, base: Path | None = None, bootstrap: list[str] = (),
+                 faults: Path | None = None, read_timeout: float = 3.0, discover_timeout: float = 8.0,
+                 announce_interval: float = 1.0, log_path: Path | None = None, start_timeout: float = 60.0):
+        args = ["--store", str(store), "--owners", str(owners), "--listen", "/ip4/127.0.0.1/tcp/0",
+                "--read-timeout", str(read_timeout), "--discover-timeout", str(discover_timeout),
+                "--announce-interval", str(announce_interval), "--log-level", "INFO"]
+        if base is not None:
+            args += ["--base", str(base)]
+        if bootstrap:
+            args += ["--bootstrap", *bootstrap]
+        module = ["-m", "tests.utils.p2p", "--faults", str(faults)] if faults else ["-m", "node.p2p.peer_main"]
+        self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, *module, *args], cwd=REPO, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        hello = self._read(start_timeout)
+        self.peer_id: str = hello["peer_id"]
+        self.addrs: list[str] = hello["addrs"]
+
+    def _read(self, timeout: float) -> dict:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"peer process gave no answer within {timeout:g}s")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"peer process exited (rc={self.proc.poll()})")
+                return json.loads(line)
+
+    def call(self, cmd: str, timeout: float = 60.0, **kw) -> dict:
+        """Send one command; returns its answer (ok true or false)."""
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call("quit", timeout=10)
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+if __name__ == "__main__":
+    from node.p2p.peer_main import run
+
+    argv = sys.argv[1:]
+    factory = AdapterServer
+    if argv[:1] == ["--faults"]:
+        FaultyServer.faults = json.loads(Path(argv[1]).read_text())
+        factory, argv = FaultyServer, argv[2:]
+    run(argv, server_factory=factory)
