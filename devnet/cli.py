@@ -11,8 +11,10 @@ from rich.console import Console
 
 from devnet.demo_cli import demo
 from devnet.devnet_cli import devnet_app
+from gateway.cli import gateway_app
 from ledger.cli import rewards_app, settler_app
 from node.cli import adapter_app, base_app, keys_app
+from node.node_cli import node_app
 
 app = typer.Typer(
     help="loramesh: serve many LoRA adapters on shared base models, with on-chain attribution.",
@@ -23,6 +25,8 @@ app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(base_app, name="base")
 app.add_typer(adapter_app, name="adapter")
+app.add_typer(node_app, name="node")
+app.add_typer(gateway_app, name="gateway")
 app.add_typer(devnet_app, name="devnet")
 app.add_typer(rewards_app, name="rewards")
 app.add_typer(settler_app, name="settler")

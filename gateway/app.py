@@ -1,0 +1,235 @@
+"""The gateway's HTTP layer: OpenAI-compatible routes, node heartbeats, metrics. Thin handlers over
+gateway.service.Gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.errors import BadRequest, GatewayError, UpstreamError, error_body
+from gateway.openai_api import (
+    DONE,
+    ChatRequest,
+    ChunkBuilder,
+    CompletionRequest,
+    chat_response,
+    completion_response,
+    finish_reason,
+    parse_body,
+    sse,
+    usage_dict,
+)
+from gateway.registry import RegistryView
+from gateway.relay import Relay
+from gateway.service import Gateway
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+def _settler_thread(settings: GatewaySettings, client, account) -> tuple[threading.Thread, threading.Event]:
+    from ledger.db import make_engine
+    from ledger.settler import Settler, SettlerConfig
+
+    engine = make_engine(settings.db_url, immediate=True)
+    settler = Settler(engine, client.with_account(account),
+                      SettlerConfig(batch_size=settings.settle_batch_size, interval=settings.settle_interval_s))
+    stop = threading.Event()
+    thread = threading.Thread(target=settler.run, args=(stop,), name="settler", daemon=True)
+    return thread, stop
+
+
+def create_app(settings: GatewaySettings | None = None, *, chain_client=None, settler_account=None) -> FastAPI:
+    """A gateway app. The chain client defaults to one built from settings.deployment (registry mirror
+    sync); the settler runs in-process when a settler account (or settings.key_file) is given."""
+    from sqlmodel import SQLModel
+
+    import gateway.models  # noqa: F401 - registers the gateway's tables
+    from ledger.db import init_db, make_engine
+
+    settings = settings or GatewaySettings()
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    SQLModel.metadata.create_all(engine)
+    if chain_client is None and settings.deployment is not None:
+        from ledger.chain import ChainClient
+
+        chain_client = ChainClient.from_deployment(settings.deployment, rpc_url=settings.rpc_url, check=False)
+    if settler_account is None and settings.key_file is not None and settings.settle:
+        from ledger.keys import load_account
+
+        settler_account = load_account(settings.key_file)
+    gw = Gateway(settings, engine, RegistryView(engine, chain_client))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sync = asyncio.get_running_loop().create_task(gw.sync_loop(), name="registry-sync")
+        settler = None
+        if settler_account is not None and chain_client is not None and settings.settle:
+            settler = _settler_thread(settings, chain_client, settler_account)
+            settler[0].start()
+        try:
+            yield
+        finally:
+            sync.cancel()
+            await gw.aclose()
+            if settler is not None:
+                settler[1].set()
+                await asyncio.to_thread(settler[0].join, 30)
+
+    app = FastAPI(title="loramesh gateway", lifespan=lifespan)
+    app.state.gateway = gw
+
+    def _count_error(request: Request, status: int) -> None:
+        model = getattr(request.state, "model", None) or "-"
+        if request.url.path.startswith("/v1/"):
+            gw.metrics.requests.labels(model, str(status)).inc()
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        _count_error(request, exc.status)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {}
+        return BadRequest(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), type=kind, code=None), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        _count_error(request, 500)
+        return JSONResponse(error_body("internal gateway error", type="server_error", code="internal_error"),
+                            status_code=500)  # fmt: skip
+
+    async def _auth(request: Request):
+        key, private = await asyncio.to_thread(gw.authenticate, request.headers.get("authorization"))
+        gw.admit(key)
+        return key, private
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "live_nodes": len(gw.directory.live())}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        gw.metrics.live_nodes.set(len(gw.directory.live()))
+        return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
+
+    @app.post("/internal/heartbeat")
+    async def heartbeat(request: Request) -> dict:
+        try:
+            doc = await request.json()
+        except ValueError as e:
+            gw.metrics.heartbeats.labels("refused").inc()
+            raise BadRequest(f"heartbeat is not valid JSON: {e}") from e
+        try:
+            entry = await asyncio.to_thread(gw.directory.accept_heartbeat, doc)
+        except GatewayError:
+            gw.metrics.heartbeats.labels("refused").inc()
+            raise
+        gw.metrics.heartbeats.labels("accepted").inc()
+        return {"accepted": True, "node_id": entry.node_id, "ttl_s": gw.directory.ttl}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        key, private = await _auth(request)
+        return {"object": "list", "data": gw.list_models(key, private)}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict:
+        key, private = await _auth(request)
+        request.state.model = model
+        target = gw.resolve(model, key, private)
+        for m in gw.list_models(key, private):
+            if m["id"] == model or m["adapter_id"] == target.adapter_id and target.adapter_id:
+                return m
+        raise AssertionError("a resolved model is listed")  # pragma: no cover
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _serve(request, chat=True)
+
+    async def _serve(request: Request, *, chat: bool):
+        key, private = await _auth(request)
+        req = parse_body(ChatRequest if chat else CompletionRequest, await request.body())
+        request.state.model = req.model
+        target = gw.resolve(req.model, key, private)
+        wanted = req.wanted_tokens() if chat else req.max_tokens
+        max_tokens = wanted or settings.default_max_tokens
+        if max_tokens > settings.max_max_tokens:
+            raise BadRequest(f"max_tokens {max_tokens} is more than this gateway allows ({settings.max_max_tokens})",
+                             param="max_tokens")  # fmt: skip
+        if chat:
+            prompt = await asyncio.to_thread(gw.templates.render, target.base_model_id, req.chat_messages())
+        elif isinstance(req.prompt, str):
+            prompt = {"prompt": req.prompt}
+        elif isinstance(req.prompt[0], str):
+            prompt = {"prompt": req.prompt[0]}
+        else:
+            prompt = {"prompt_token_ids": list(req.prompt)}
+        node_body = {"adapter_id": target.adapter_id, **prompt, "max_tokens": max_tokens,
+                     "temperature": 1.0 if req.temperature is None else req.temperature,
+                     "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "stop": req.stop_list()}
+        rid = "0x" + secrets.token_hex(32)
+        endpoint = "chat" if chat else "completions"
+        relay = Relay(gw, target, request_id=rid, node_body=node_body, key_id=key.id, endpoint=endpoint)
+        await relay.start()
+        created = int(time.time())
+        headers = {"X-Request-Id": rid, "X-Loramesh-Node": relay.node.node_id}
+        if req.stream:
+            builder = ChunkBuilder(chat=chat, rid=rid, created=created, model=req.model,
+                                   include_usage=req.include_usage)  # fmt: skip
+            return StreamingResponse(_stream(relay, builder), media_type="text/event-stream",
+                                     headers=headers | {"Cache-Control": "no-cache"})  # fmt: skip
+        try:
+            async for _ in relay.tokens():
+                pass
+        except BaseException:
+            relay.finish_detached(client_gone=True)
+            raise
+        await asyncio.shield(gw.spawn(relay.finish()))
+        if relay.failure:
+            raise UpstreamError(f"{relay.failure}; the completion is incomplete", code="node_failed")
+        usage = usage_dict(*relay.usage)
+        build = chat_response if chat else completion_response
+        body = build(rid, created, req.model, "".join(relay.text), finish_reason(relay.finish_reason), usage)
+        return JSONResponse(body, headers=headers)
+
+    async def _stream(relay: Relay, b: ChunkBuilder):
+        try:
+            if b.chat:
+                yield b.role()
+            async for text in relay.tokens():
+                yield b.token(text)
+            await asyncio.shield(gw.spawn(relay.finish()))
+            if relay.failure:
+                yield sse(error_body(f"{relay.failure}; the response is incomplete", type="upstream_error",
+                                     code="node_failed"))  # fmt: skip
+                return
+            yield b.finish(finish_reason(relay.finish_reason))
+            if b.include_usage:
+                yield b.usage(usage_dict(*relay.usage))
+            yield DONE
+        finally:
+            relay.finish_detached(client_gone=True)
+
+    return app

@@ -1,0 +1,120 @@
+"""`loramesh gateway ...`: run the gateway, manage its API keys."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger("gateway.cli")  # not __name__: it is __main__ under python -m
+console = Console(soft_wrap=True)
+
+gateway_app = typer.Typer(help="The OpenAI-compatible gateway: run it, manage its API keys.", no_args_is_help=True,
+                          add_completion=False, pretty_exceptions_enable=False)  # fmt: skip
+keys_app = typer.Typer(help="API keys of the gateway (stored hashed; a key is shown once).", no_args_is_help=True)
+gateway_app.add_typer(keys_app, name="keys")
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default $LORAMESH_GATEWAY_DB_URL or "
+                                           "sqlite:///loramesh.db).")]  # fmt: skip
+
+
+def _engine(db: str | None):
+    from sqlmodel import SQLModel
+
+    import gateway.models  # noqa: F401 - registers the gateway's tables
+    from gateway.settings import GatewaySettings
+    from ledger.db import init_db, make_engine
+
+    engine = make_engine(db or GatewaySettings().db_url)
+    init_db(engine)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+@gateway_app.command("run")
+def run(
+    rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
+    deployment: Annotated[Path | None, typer.Option("--deployment", help="Deployment file (addresses).")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Identity or hex key file of the settler account "
+                                              "(password from LORAMESH_KEY_PASSWORD).")] = None,
+    db: DbOpt = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="HTTP port.")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")] = None,
+    base: Annotated[list[Path] | None, typer.Option("--base", help="Base model folder whose tokenizer renders "
+                                                    "chat prompts (repeatable).")] = None,
+    k: Annotated[int | None, typer.Option("--owners", min=1, help="Owners per adapter (rendezvous top-k).")] = None,
+    no_settle: Annotated[bool, typer.Option("--no-settle", help="Do not run the settler in this process.")] = False,
+) -> None:
+    """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    overrides = {name: v for name, v in (("rpc_url", rpc), ("deployment", deployment), ("key_file", key),
+                                          ("db_url", db), ("port", port), ("host", host), ("owners_k", k),
+                                          ("bases", base or None)) if v is not None}  # fmt: skip
+    if no_settle:
+        overrides["settle"] = False
+    settings = GatewaySettings(**overrides)
+    logging.getLogger("gateway").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    chain_client = None
+    if settings.deployment is not None:
+        from ledger.chain import ChainClient
+
+        chain_client = ChainClient.from_deployment(settings.deployment, rpc_url=settings.rpc_url, check=True)
+    elif settings.key_file is not None and settings.settle:
+        raise typer.BadParameter("settling needs the chain: give --deployment too (or --no-settle)",
+                                 param_hint="--key")  # fmt: skip
+    app = create_app(settings, chain_client=chain_client)
+    log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, settings.db_url)
+    uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                  timeout_graceful_shutdown=10, lifespan="on")).run()  # fmt: skip
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "",
+    rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute (default unlimited).")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute (default unlimited).")] = None,
+    adapters: Annotated[str, typer.Option("--adapters", help="Private adapter names listed to this key, "
+                                          "comma-separated (an adapter granted to any key is private).")] = "",
+    db: DbOpt = None,
+) -> None:
+    """Create a key and print it once: it is stored only as a hash."""
+    from gateway.keys import create_key
+
+    secret, info = create_key(_engine(db), name=name, rpm=rpm, tpm=tpm, adapters=adapters.split(","))
+    console.print(f"key {info.id} ({info.name or 'unnamed'}) created; it is shown only this once:")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(db: DbOpt = None) -> None:
+    """List keys (prefix, limits, private adapters, revoked or not)."""
+    from gateway.keys import list_keys
+
+    table = Table("id", "name", "prefix", "rpm", "tpm", "adapters", "revoked")
+    for k in list_keys(_engine(db)):
+        table.add_row(str(k.id), k.name, k.prefix + "…", str(k.requests_per_minute or "-"),
+                      str(k.tokens_per_minute or "-"), ",".join(sorted(k.adapters)) or "-", "yes" if k.revoked else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(ident: Annotated[str, typer.Argument(help="Key id or shown prefix.")], db: DbOpt = None) -> None:
+    """Revoke a key: it gets 401 from then on."""
+    from gateway.keys import revoke_key
+
+    info = revoke_key(_engine(db), ident)
+    console.print(f"key {info.id} ({info.prefix}…) revoked")
+
+
+if __name__ == "__main__":
+    gateway_app()

@@ -1,0 +1,162 @@
+"""The node directory: registered nodes (chain) that prove themselves with signed heartbeats."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.errors import BadRequest, Forbidden
+from gateway.registry import RegistryView
+from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartbeat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class NodeLocal:
+    """What this gateway saw of a node itself; shared by its successive heartbeat entries, so a request
+    that holds an older entry still updates the current counts."""
+
+    inflight: int = 0  # requests this gateway has open on it now
+    failed_at: float | None = None  # a request to it failed; not live until a later heartbeat
+    prefetched: dict[str, float] = field(default_factory=dict)  # adapter id -> when we asked it to load
+
+
+@dataclass(slots=True)
+class NodeEntry:
+    """A node as its last accepted heartbeat described it, plus what this gateway saw itself."""
+
+    node_id: str
+    api_url: str
+    base_model_id: str
+    public_key: bytes
+    status: dict
+    ts_ms: int
+    last_seen: float  # monotonic time of the last accepted heartbeat
+    local: NodeLocal = field(default_factory=NodeLocal)
+
+    @property
+    def inflight(self) -> int:
+        return self.local.inflight
+
+    @property
+    def base_model_name(self) -> str:
+        bm = self.status.get("base_model")
+        return str(bm.get("name")) if isinstance(bm, dict) and bm.get("name") else ""
+
+    @property
+    def resident(self) -> frozenset[str]:
+        out = set()
+        for a in self.status.get("resident_adapters") or ():
+            if isinstance(a, dict) and isinstance(a.get("adapter_id"), str):
+                out.add(a["adapter_id"])
+        return frozenset(out)
+
+    @property
+    def queue_depth(self) -> int:
+        return _int(self.status.get("queue_depth"))
+
+    @property
+    def load(self) -> int:
+        """Queued + running at the last heartbeat, or what we have open on it now if that is more."""
+        return max(_int(self.status.get("queue_depth")) + _int(self.status.get("running")), self.inflight)
+
+
+def _int(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+class NodeDirectory:
+    """Heartbeats in, live nodes out. A node counts only while it is registered and active on chain
+    and has sent a valid heartbeat within `ttl` seconds."""
+
+    def __init__(self, registry: RegistryView, *, ttl: float = 10.0, max_skew_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.registry = registry
+        self.ttl = ttl
+        self.max_skew_ms = int(max_skew_s * 1000)
+        self.clock = clock
+        self.entries: dict[str, NodeEntry] = {}
+        self._lock = threading.Lock()
+
+    def accept_heartbeat(self, doc: object) -> NodeEntry:
+        """Verify and store a heartbeat. Forbidden for unsigned, forged or unregistered senders;
+        BadRequest for a malformed document."""
+        try:
+            body = verify_heartbeat(doc, max_skew_ms=self.max_skew_ms)
+        except UnsignedHeartbeatError as e:
+            raise Forbidden(str(e), code="unsigned_heartbeat") from e
+        except HeartbeatError as e:
+            if "does not hash" in str(e):
+                raise Forbidden(str(e), code="key_mismatch") from e
+            raise BadRequest(str(e), param="heartbeat") from e
+        node_id = body["node_id"]
+        reg = self.registry.node(node_id)
+        if reg is None:  # registered a moment ago? look at the chain once more before refusing
+            self.registry.sync(force=False)
+            reg = self.registry.node(node_id)
+        if reg is None:
+            raise Forbidden(f"node {node_id} is not registered on chain; register it before heartbeating",
+                            code="unregistered_node")  # fmt: skip
+        if not reg.active:
+            raise Forbidden(f"node {node_id} is registered but inactive on chain", code="inactive_node")
+        if reg.base_model_id != body["base_model_id"]:
+            raise Forbidden(f"node {node_id} heartbeats base model {body['base_model_id']} but is registered "
+                            f"for {reg.base_model_id}", code="base_model_mismatch")  # fmt: skip
+        now = self.clock()
+        with self._lock:
+            old = self.entries.get(node_id)
+            if old is not None and body["ts_ms"] <= old.ts_ms:
+                raise BadRequest(f"heartbeat ts_ms {body['ts_ms']} is not newer than the last one ({old.ts_ms})",
+                                 code="stale_heartbeat")  # fmt: skip
+            entry = NodeEntry(node_id=node_id, api_url=reg.api_url.rstrip("/") or body["api_url"],
+                              base_model_id=body["base_model_id"], public_key=bytes.fromhex(body["public_key"]),
+                              status=body["status"], ts_ms=body["ts_ms"], last_seen=now)  # fmt: skip
+            if old is not None:
+                entry.local = old.local
+            self.entries[node_id] = entry
+        if reg.api_url.rstrip("/") != body["api_url"].rstrip("/"):
+            log.warning("node %s heartbeats api_url %s but is registered with %s; using the registered one",
+                        node_id[:10], body["api_url"], reg.api_url)  # fmt: skip
+        return entry
+
+    def is_live(self, e: NodeEntry, now: float | None = None) -> bool:
+        now = self.clock() if now is None else now
+        failed_at = e.local.failed_at
+        if now - e.last_seen > self.ttl or (failed_at is not None and failed_at >= e.last_seen):
+            return False
+        reg = self.registry.node(e.node_id)
+        return reg is not None and reg.active and reg.base_model_id == e.base_model_id
+
+    def live(self, base_model_id: str | None = None) -> list[NodeEntry]:
+        """Live nodes, optionally only those serving `base_model_id`, in node id order."""
+        now = self.clock()
+        with self._lock:
+            entries = list(self.entries.values())
+        return sorted((e for e in entries if self.is_live(e, now) and
+                       (base_model_id is None or e.base_model_id == base_model_id)), key=lambda e: e.node_id)
+
+    def get(self, node_id: str) -> NodeEntry | None:
+        return self.entries.get(node_id)
+
+    def public_key(self, node_id: str) -> bytes | None:
+        """The node's Ed25519 key from its heartbeats (its sha256 was checked to be the node id)."""
+        e = self.entries.get(node_id)
+        return e.public_key if e is not None else None
+
+    def mark_failed(self, node_id: str) -> None:
+        """A request to this node failed: route around it until it heartbeats again."""
+        e = self.entries.get(node_id)
+        if e is not None:
+            e.local.failed_at = self.clock()
+            log.warning("node %s failed; not routing to it until its next heartbeat", node_id[:10])
+
+    def base_models(self) -> dict[str, str]:
+        """Base model id -> name, over live nodes."""
+        out: dict[str, str] = {}
+        for e in self.live():
+            out.setdefault(e.base_model_id, e.base_model_name or e.base_model_id)
+        return out

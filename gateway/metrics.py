@@ -1,0 +1,39 @@
+"""Prometheus metrics of one gateway app, on its own registry (several apps may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    """Requests by model and status, latency and time-to-first-token, tokens, routing, residency."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("loramesh_gateway_requests", "Requests by model (adapter name) and status.",
+                                ["model", "status"], registry=r)  # fmt: skip
+        self.latency = Histogram("loramesh_gateway_request_latency_seconds", "Request latency, end to end.",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram("loramesh_gateway_time_to_first_token_seconds", "Time to the first token.",
+                              ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.tokens = Counter("loramesh_gateway_tokens", "Tokens served, by model and kind (prompt, completion).",
+                              ["model", "kind"], registry=r)  # fmt: skip
+        self.routing = Counter("loramesh_gateway_routing_decisions", "How the first node of a route was chosen.",
+                               ["decision"], registry=r)  # fmt: skip
+        self.residency = Counter("loramesh_gateway_residency", "Adapter resident on the chosen node (hit) or not.",
+                                 ["model", "result"], registry=r)  # fmt: skip
+        self.failovers = Counter("loramesh_gateway_node_failovers", "Nodes that failed before the first token.",
+                                 registry=r)  # fmt: skip
+        self.usage_records = Counter("loramesh_gateway_usage_records", "Ends of requests, by how they were recorded.",
+                                     ["result"], registry=r)  # fmt: skip
+        self.heartbeats = Counter("loramesh_gateway_heartbeats", "Heartbeats by result (accepted, refused).",
+                                  ["result"], registry=r)  # fmt: skip
+        self.live_nodes = Gauge("loramesh_gateway_live_nodes", "Nodes live at the last heartbeat.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

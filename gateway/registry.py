@@ -1,0 +1,95 @@
+"""The chain's registries as the gateway reads them: ledger's mirror tables, kept current from events."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from ledger.models import AdapterMirror, NodeMirror
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredNode:
+    node_id: str
+    operator: str
+    active: bool
+    base_model_id: str
+    api_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredAdapter:
+    adapter_id: str
+    name: str
+    version: str
+    owner: str
+    base_model_id: str
+    registered_block: int
+
+
+class RegistryView:
+    """An in-memory snapshot of the node and adapter mirrors; `sync()` pulls new registry events
+    first when a chain client is given (ledger.mirror.sync_registry), then reloads the snapshot."""
+
+    def __init__(self, engine: Engine, client=None, *, min_sync_interval: float = 0.5) -> None:
+        self.engine = engine
+        self.client = client
+        self.min_sync_interval = min_sync_interval
+        self.nodes: dict[str, RegisteredNode] = {}
+        self.adapters: dict[str, RegisteredAdapter] = {}
+        self._newest_by_name: dict[str, RegisteredAdapter] = {}
+        self._lock = threading.Lock()
+        self._last_sync = 0.0
+        self.reload()
+
+    def sync(self, *, force: bool = True) -> bool:
+        """Pull registry events (if a chain is configured) and reload; False when skipped or the chain failed."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_sync < self.min_sync_interval:
+                return False
+            self._last_sync = now
+            if self.client is not None:
+                from ledger.errors import LedgerError
+                from ledger.mirror import sync_registry
+
+                try:
+                    sync_registry(self.engine, self.client)
+                except LedgerError as e:
+                    log.warning("registry sync failed, keeping the last snapshot: %s", e)
+                    return False
+            self.reload()
+            return True
+
+    def reload(self) -> None:
+        """Re-read the mirror tables."""
+        with Session(self.engine) as s:
+            nodes = {r.node_id: RegisteredNode(r.node_id, r.operator, r.active, r.base_model, r.api_url)
+                     for r in s.exec(select(NodeMirror)).all()}  # fmt: skip
+            adapters = {r.adapter_id: RegisteredAdapter(r.adapter_id, r.name, r.version, r.owner, r.base_model,
+                                                        r.registered_block)
+                        for r in s.exec(select(AdapterMirror)).all()}  # fmt: skip
+        newest: dict[str, RegisteredAdapter] = {}
+        for a in adapters.values():
+            cur = newest.get(a.name)
+            # the newest registration of a name wins; same block: the larger id, so the choice is stable
+            if cur is None or (a.registered_block, a.adapter_id) > (cur.registered_block, cur.adapter_id):
+                newest[a.name] = a
+        self.nodes, self.adapters, self._newest_by_name = nodes, adapters, newest
+
+    def node(self, node_id: str) -> RegisteredNode | None:
+        return self.nodes.get(node_id)
+
+    def adapter_by_name(self, name: str) -> RegisteredAdapter | None:
+        """The newest registered adapter of this name."""
+        return self._newest_by_name.get(name)
+
+    def newest_adapters(self) -> list[RegisteredAdapter]:
+        return sorted(self._newest_by_name.values(), key=lambda a: a.name)

@@ -1,0 +1,43 @@
+"""Gateway configuration (pydantic-settings, env prefix LORAMESH_GATEWAY_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Everything `loramesh gateway run` needs; each field can come from LORAMESH_GATEWAY_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMESH_GATEWAY_", extra="forbid")
+
+    db_url: str = "sqlite:///loramesh.db"
+    rpc_url: str | None = None  # default: the deployment file's
+    deployment: Path | None = None  # without one, the node directory reads the mirror tables only
+    key_file: Path | None = None  # the settler's identity (EVM account); without it nothing is settled
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    bases: list[Path] = Field(default_factory=list)  # base model folders whose tokenizers render chat
+    owners_k: int = Field(default=2, ge=1, le=64)  # top-k rendezvous owners of an adapter
+    saturation_queue_depth: int = Field(default=4, ge=1)  # an owner with this many queued is saturated
+    heartbeat_ttl_s: float = Field(default=10.0, gt=0)  # silent longer than this -> dead
+    heartbeat_max_skew_s: float = Field(default=60.0, gt=0)
+    registry_sync_s: float = Field(default=2.0, gt=0)  # how often the node/adapter mirror is refreshed
+    node_timeout_s: float = Field(default=60.0, gt=0)  # read timeout on a node's stream
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)  # nodes tried before the first token
+    prefetch_ttl_s: float = Field(default=30.0, ge=0)  # do not re-ask an owner to load within this
+    default_max_tokens: int = Field(default=64, ge=1)
+    max_max_tokens: int = Field(default=4096, ge=1)
+    settle: bool = True  # run the ledger settler in-process when a key file is given
+    settle_batch_size: int = Field(default=100, ge=1)
+    settle_interval_s: float = Field(default=5.0, ge=0)
+
+    @field_validator("db_url")
+    @classmethod
+    def _db_url(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError(f"db_url {v!r} is not a database URL (expected e.g. sqlite:///gateway.db)")
+        return v

@@ -1,0 +1,104 @@
+"""Usage capture: check the node's signed receipt, then write the request's completion record and its
+usage record (the ledger outbox row) in one database transaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
+
+from gateway.models import CompletionRecord, RequestStatus
+from ledger.outbox import OutboxError, add_usage_record
+from node.receipts import ReceiptError, check_receipt
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(RuntimeError):
+    """A request end that could not be written to the database."""
+
+
+@dataclass(slots=True)
+class RequestEnd:
+    """How one request ended, as the gateway saw it; receipt and signature come from the node."""
+
+    request_id: str
+    model: str
+    adapter_id: str | None
+    node_id: str | None
+    status: str
+    key_id: int | None = None
+    finish_reason: str | None = None
+    receipt: dict | None = None
+    signature: str | None = None
+    prompt_tokens: int = 0  # as streamed; the receipt's counts win when it verifies
+    completion_tokens: int = 0
+    attempts: int = 1
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+def check_served_receipt(end: RequestEnd, public_key: bytes | None) -> dict:
+    """The receipt, once its signature verifies and it describes this request on this node."""
+    if end.receipt is None or end.signature is None:
+        raise ReceiptError("the node sent no receipt")
+    if public_key is None:
+        raise ReceiptError(f"no public key known for node {end.node_id}")
+    check_receipt(end.receipt, end.signature, public_key)
+    r = end.receipt
+    for name, want in (("request_id", end.request_id), ("node_id", end.node_id), ("adapter_id", end.adapter_id)):
+        if r[name] != want:
+            raise ReceiptError(f"receipt {name} is {r[name]}, expected {want}")
+    return r
+
+
+class UsageRecorder:
+    """Writes request ends. Call `record` from a worker thread (it blocks on the database)."""
+
+    def __init__(self, engine: Engine, public_key_of) -> None:
+        self.engine = engine
+        self.public_key_of = public_key_of  # node id -> raw Ed25519 key (from its heartbeats) or None
+
+    def record(self, end: RequestEnd) -> str:
+        """Write the completion record, and the usage record when the receipt verifies; returns
+        "recorded", "unrecorded_base" (no adapter: nothing to attribute) or "unreceipted"."""
+        result = "recorded"
+        receipt = None
+        if end.node_id is not None and (end.receipt is not None or end.completion_tokens > 0):
+            try:
+                receipt = check_served_receipt(end, self.public_key_of(end.node_id))
+            except ReceiptError as e:
+                log.error("request %s on node %s: receipt refused: %s", end.request_id[:10], str(end.node_id)[:10], e)
+                end.error = f"{end.error + '; ' if end.error else ''}receipt refused: {e}"
+                end.status = RequestStatus.UNRECEIPTED if end.status == RequestStatus.OK else end.status
+                result = "unreceipted"
+        elif end.node_id is None:
+            result = "unreceipted" if end.completion_tokens else "recorded"
+        if receipt is not None:
+            end.prompt_tokens, end.completion_tokens = receipt["prompt_tokens"], receipt["completion_tokens"]
+            end.finish_reason = end.finish_reason or receipt["finish_reason"]
+        row = CompletionRecord(
+            request_id=end.request_id, key_id=end.key_id, model=end.model, adapter_id=end.adapter_id,
+            node_id=end.node_id, status=end.status, finish_reason=end.finish_reason,
+            prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens, attempts=end.attempts,
+            ttft_ms=end.ttft_ms, latency_ms=end.latency_ms, error=end.error)  # fmt: skip
+        try:
+            with Session(self.engine) as s:
+                s.add(row)
+                if receipt is not None and end.adapter_id is not None:
+                    add_usage_record(s, request_id=end.request_id, adapter_id=end.adapter_id, node_id=end.node_id,
+                                     prompt_tokens=receipt["prompt_tokens"],
+                                     completion_tokens=receipt["completion_tokens"],
+                                     receipt_json=json.dumps(receipt, sort_keys=True, separators=(",", ":")),
+                                     node_signature=end.signature, gateway_key_id=end.key_id)  # fmt: skip
+                elif receipt is not None:
+                    result = "unrecorded_base"
+                s.commit()
+        except (SQLAlchemyError, OutboxError) as e:
+            raise UsageError(f"could not record request {end.request_id}: {e}") from e
+        return result

@@ -1,0 +1,253 @@
+"""The node's HTTP API for gateways (FastAPI). Contract (stable; the gateway depends on it):
+
+POST /v1/generate
+    body (unknown fields -> 400): {"request_id": "0x"+64hex (optional; made if absent),
+      "adapter_id": "0x"+64hex | null (base model), "prompt": str | "prompt_token_ids": [int],
+      "max_tokens": int >= 1 = 16, "temperature": float >= 0 = 1.0 (0 = greedy), "top_p": (0, 1] = 1,
+      "top_k": int >= 0 = 0 (off), "seed": int | null, "stop": [str] (<= 4), "stream": bool = false}
+    non-stream 200: {"request_id", "adapter_id", "text", "token_ids", "finish_reason": "stop"|"length"|"abort",
+      "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}, "receipt": {...}, "signature": hex}
+    (an engine failure: 500 {"error": {...}, "receipt", "signature"} for the tokens produced)
+    stream (text/event-stream): `data: {"type":"token","text":str,"token_id":int}` per token (text holds
+      only complete characters, possibly ""), then `data: {"type":"done","finish_reason","usage","receipt",
+      "signature"}`; an engine failure sends `data: {"type":"error","message"}` before the done event.
+      A client that disconnects aborts its request.
+POST /v1/requests/{request_id}/abort -> {"receipt", "signature"} for what was produced (404 if unknown).
+POST /v1/adapters/{adapter_id}/load  body optional {"pin": bool} -> {"adapter_id", "slot", "pinned"}.
+GET  /health -> {"status": "ok"}
+GET  /status -> {"node_id", "public_key", "base_model": {"name", "id"}, "resident_adapters": [{"adapter_id",
+      "name", "slot", "pinned"}], "cached_adapters": [{"adapter_id", "name"}], "free_slots", "num_slots",
+      "queue_depth", "running", "tokens_per_s", "device", "usage": {"requests", "prompt_tokens",
+      "completion_tokens"}}
+Errors: {"error": {"message", "type", "code"}}: 400 bad body / malformed JSON / unknown field / prompt longer
+than the context (code "context_length_exceeded"); 404 adapter the node neither holds nor can fetch
+("adapter_not_found"); 409 adapter for another base model ("adapter_base_mismatch") or duplicate request id;
+422 adapter whose weights do not fit ("adapter_incompatible"); 503 no free slot ("slots_busy").
+Receipts: see node/receipts.py (Ed25519 over canonical JSON; node_id = sha256(public_key)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from node.engine import (
+    AdapterBaseMismatchError,
+    AdapterError,
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    AdapterSlotsBusyError,
+    DuplicateRequestError,
+    Engine,
+    FinishEvent,
+    GenerationRequest,
+    PromptTooLongError,
+    RequestError,
+    SamplingParams,
+)
+from node.receipts import make_receipt, node_id_of, public_key_bytes, sign_receipt
+
+log = logging.getLogger(__name__)
+
+HEX_ID = r"^0x[0-9a-f]{64}$"
+IdPath = Annotated[str, Path(pattern=HEX_ID)]
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str, extra: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.extra = status, message, code, extra or {}
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: Annotated[str | None, Field(pattern=HEX_ID)] = None
+    adapter_id: Annotated[str | None, Field(pattern=HEX_ID)] = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] = 16
+    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0
+    seed: int | None = None
+    stop: Annotated[list[str], Field(max_length=4)] = []
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "GenerateBody":
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise ValueError("give exactly one of prompt or prompt_token_ids")
+        return self
+
+
+class LoadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pin: bool | None = None
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "path"))
+    if err.get("type") == "extra_forbidden":
+        return f"unknown field {loc!r}"
+    if err.get("type") == "missing" and not loc:
+        return "request body is missing; expected a JSON object"
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _error_body(message: str, code: str, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def _adapter_error(e: AdapterError) -> ApiError:
+    if isinstance(e, AdapterNotFoundError):
+        return ApiError(404, str(e), "adapter_not_found")
+    if isinstance(e, AdapterBaseMismatchError):
+        return ApiError(409, str(e), "adapter_base_mismatch")
+    if isinstance(e, AdapterSlotsBusyError):
+        return ApiError(503, str(e), "slots_busy")
+    if isinstance(e, AdapterIncompatibleError):
+        return ApiError(422, str(e), "adapter_incompatible")
+    return ApiError(500, str(e), "adapter_error")
+
+
+def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bool = True) -> FastAPI:
+    """The node API over a (started or, with manage_engine, to-be-started) engine."""
+    public_key = public_key_bytes(node_key)
+    node_id = node_id_of(public_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                engine.close()
+
+    app = FastAPI(title="loramesh node", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        body = _error_body(exc.message, exc.code, "server_error" if exc.status >= 500 else "invalid_request_error")
+        return JSONResponse(body | exc.extra, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_error_body(_validation_message(exc), "invalid_request"), status_code=400)
+
+    def signed(ev: FinishEvent) -> dict:
+        reason = ev.finish_reason if ev.finish_reason in ("stop", "length") else "abort"
+        receipt = make_receipt(request_id=ev.request_id, adapter_id=ev.adapter_id, node_id=node_id,
+                               prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                               finish_reason=reason, started_at=ev.started_at, finished_at=ev.finished_at)
+        return {"receipt": receipt, "signature": sign_receipt(receipt, node_key)}
+
+    def usage(ev: FinishEvent) -> dict:
+        return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/status")
+    async def status() -> dict:
+        return {"node_id": node_id, "public_key": public_key.hex(),
+                "base_model": {"name": engine.base_model_name, "id": engine.base_model_id}} | engine.status()
+
+    @app.post("/v1/adapters/{adapter_id}/load")
+    async def load_adapter(adapter_id: IdPath, body: LoadBody | None = None) -> dict:
+        pin = body.pin if body is not None else None
+        try:
+            slot = await engine.load_adapter(adapter_id, pin)
+        except AdapterError as e:
+            raise _adapter_error(e) from e
+        pinned = any(a["adapter_id"] == adapter_id and a["pinned"] for a in engine.status()["resident_adapters"])
+        return {"adapter_id": adapter_id, "slot": slot, "pinned": pinned}
+
+    @app.post("/v1/requests/{request_id}/abort")
+    async def abort(request_id: IdPath) -> dict:
+        ev = await engine.abort(request_id)
+        if ev is None:
+            raise ApiError(404, f"request {request_id} is not running or recently finished on this node",
+                           "request_not_found")
+        return signed(ev)
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateBody):
+        rid = body.request_id or "0x" + secrets.token_hex(32)
+        if body.adapter_id is not None:
+            try:
+                await engine.prepare_adapter(body.adapter_id)
+            except AdapterError as e:
+                raise _adapter_error(e) from e
+        try:
+            params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                    top_k=body.top_k, seed=body.seed, stop=tuple(body.stop))
+            req = GenerationRequest(rid, body.adapter_id, prompt=body.prompt,
+                                    prompt_token_ids=body.prompt_token_ids, params=params)
+            stream = engine.submit(req)
+        except PromptTooLongError as e:
+            raise ApiError(400, str(e), "context_length_exceeded") from e
+        except DuplicateRequestError as e:
+            raise ApiError(409, str(e), "duplicate_request") from e
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request") from e
+        if body.stream:
+            return StreamingResponse(_sse(stream), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        try:
+            async for ev in stream:
+                pass
+        finally:
+            if not stream.finished:  # the client went away mid-request
+                await stream.aclose()
+        final = stream.final
+        s = signed(final)
+        out = {"request_id": rid, "adapter_id": body.adapter_id, "text": final.text,
+               "token_ids": list(final.token_ids), "finish_reason": s["receipt"]["finish_reason"],
+               "usage": usage(final)} | s
+        if final.error is not None:
+            return JSONResponse(_error_body(final.error, "engine_error", "server_error") | out, status_code=500)
+        return out
+
+    async def _sse(stream):
+        try:
+            async for ev in stream:
+                if isinstance(ev, FinishEvent):
+                    if ev.error is not None:
+                        yield _event({"type": "error", "message": ev.error})
+                    s = signed(ev)
+                    if ev.finish_reason == "abort":
+                        log.info("request %s aborted: receipt %s", ev.request_id, s["receipt"])
+                    yield _event({"type": "done", "finish_reason": s["receipt"]["finish_reason"],
+                                  "usage": usage(ev)} | s)
+                else:
+                    yield _event({"type": "token", "text": ev.text, "token_id": ev.token_id})
+        finally:
+            if not stream.finished:  # client disconnected: stop generating for it
+                log.info("client of %s disconnected; aborting", stream.request_id)
+                await stream.aclose()
+
+    return app
+
+
+def _event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"

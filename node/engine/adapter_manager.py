@@ -1,0 +1,226 @@
+"""Adapter residency in two LRU tiers: device slots (with pinning and in-use counts) <- decoded
+adapters in host memory (pinned on CUDA) <- the verified package store on disk <- an optional
+fetcher (peers). Disk reads and decoding run on a loader thread, never inside an engine step."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from node.engine.lora_weights import (
+    AdapterBaseMismatchError,
+    AdapterError,
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    LoadedAdapter,
+)
+
+log = logging.getLogger(__name__)
+
+Fetcher = Callable[[str], Awaitable[Path | None]]
+
+
+class AdapterSlotsBusyError(AdapterError):
+    """Every slot holds a pinned or in-use adapter."""
+
+
+class AdapterManager:
+    """Owns the slot table (slot -> adapter id), the LRU orders and pins; tests assert them exactly."""
+
+    def __init__(self, *, num_slots: int, cpu_cache_size: int, store, base_model_id: str,
+                 decode: Callable[[object], LoadedAdapter], write_slot: Callable[[int, LoadedAdapter | None], None],
+                 fetcher: Fetcher | None = None, fetch_timeout: float = 300.0) -> None:
+        if cpu_cache_size < 1:
+            raise ValueError(f"cpu_cache_size must be >= 1, got {cpu_cache_size}")
+        self.num_slots = num_slots
+        self.cpu_cache_size = cpu_cache_size
+        self.store = store
+        self.base_model_id = base_model_id
+        self.decode = decode
+        self.write_slot = write_slot
+        self.fetcher = fetcher
+        self.fetch_timeout = fetch_timeout
+        self.on_ready: Callable[[], None] = lambda: None  # the engine's wake-up
+        self.slots: list[str | None] = [None] * num_slots
+        self._resident: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._pinned: set[str] = set()
+        self._refs: dict[str, int] = {}
+        self._cpu: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        self._inflight: dict[str, Future] = {}
+        self._failed: dict[str, AdapterError] = {}
+        self._names: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self.counters = {"disk_loads": 0, "slot_loads": 0, "slot_hits": 0, "evictions": 0, "cpu_evictions": 0}
+
+    # ---- host tier (any thread) ----
+    def load(self, adapter_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Future:
+        """Start (or join) decoding the adapter into the host cache; the future yields it."""
+        with self._lock:
+            if adapter_id in self._cpu:
+                self._cpu.move_to_end(adapter_id)
+                f: Future = Future()
+                f.set_result(self._cpu[adapter_id])
+                return f
+            if adapter_id not in self._inflight:
+                self._failed.pop(adapter_id, None)
+                self._inflight[adapter_id] = self._pool.submit(self._load_job, adapter_id, loop)
+            return self._inflight[adapter_id]
+
+    async def prefetch(self, adapter_id: str) -> LoadedAdapter:
+        """Bring the adapter into the host cache; raises the AdapterError that stopped it."""
+        return await asyncio.wrap_future(self.load(adapter_id, asyncio.get_running_loop()))
+
+    def _load_job(self, adapter_id: str, loop) -> LoadedAdapter:
+        try:
+            loaded = self._resolve(adapter_id, loop)
+        except Exception as e:
+            err = e if isinstance(e, AdapterError) else AdapterError(f"adapter {adapter_id} failed to load: {e}")
+            log.warning("adapter %s failed to load: %s", adapter_id, err)
+            with self._lock:
+                self._inflight.pop(adapter_id, None)
+                self._failed[adapter_id] = err
+            self.on_ready()
+            raise err from e
+        with self._lock:
+            self._cpu[adapter_id] = loaded
+            self._names[adapter_id] = loaded.name
+            self.counters["disk_loads"] += 1
+            while len(self._cpu) > self.cpu_cache_size:
+                old, _ = self._cpu.popitem(last=False)
+                self.counters["cpu_evictions"] += 1
+                log.info("adapter %s dropped from the host cache", old)
+            self._inflight.pop(adapter_id, None)
+        log.info("adapter %s (%s, rank %d) decoded into the host cache", adapter_id, loaded.name, loaded.rank)
+        self.on_ready()
+        return loaded
+
+    def _resolve(self, adapter_id: str, loop) -> LoadedAdapter:
+        pkg = self._from_store(adapter_id)
+        if pkg is None and self.fetcher is not None and loop is not None:
+            path = asyncio.run_coroutine_threadsafe(self.fetcher(adapter_id), loop).result(self.fetch_timeout)
+            if path is not None:
+                pkg = self._from_store(adapter_id)
+                if pkg is None:
+                    from node.adapters import verify_package
+
+                    pkg = verify_package(path)
+                    if pkg.adapter_id != adapter_id:
+                        raise AdapterIncompatibleError(f"fetched package is adapter {pkg.adapter_id}, not {adapter_id}")
+        if pkg is None:
+            where = "this node's store" + (" or its peers" if self.fetcher is not None else "")
+            raise AdapterNotFoundError(f"adapter {adapter_id} is not in {where}")
+        base = pkg.manifest.base_model
+        if base.id != self.base_model_id:
+            raise AdapterBaseMismatchError(
+                f"adapter {adapter_id} is for base model {base.name} ({base.id}), not this node's base ({self.base_model_id})")
+        return self.decode(pkg)
+
+    def _from_store(self, adapter_id: str):
+        from node.adapters import PackageError
+
+        try:
+            return self.store.get(adapter_id)
+        except PackageError as e:
+            raise AdapterIncompatibleError(f"adapter {adapter_id} failed verification: {e}") from e
+
+    # ---- device slots (engine thread) ----
+    def acquire(self, adapter_id: str, loop=None) -> int | None:
+        """The adapter's slot, taking a use reference; None while it loads or no slot can be freed.
+        Raises the AdapterError of a failed load."""
+        with self._lock:
+            if adapter_id in self._resident:
+                self._resident.move_to_end(adapter_id)
+                self._refs[adapter_id] = self._refs.get(adapter_id, 0) + 1
+                self.counters["slot_hits"] += 1
+                return self._resident[adapter_id]
+            err = self._failed.pop(adapter_id, None)
+            if err is not None:
+                raise err
+            loaded = self._cpu.get(adapter_id)
+            if loaded is None:
+                self.load(adapter_id, loop)
+                return None
+            self._cpu.move_to_end(adapter_id)
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            self.write_slot(slot, loaded)
+            self.slots[slot] = adapter_id
+            self._resident[adapter_id] = slot
+            self._refs[adapter_id] = 1
+            self.counters["slot_loads"] += 1
+            log.info("adapter %s loaded into slot %d", adapter_id, slot)
+            return slot
+
+    def release(self, adapter_id: str) -> None:
+        with self._lock:
+            self._refs[adapter_id] -= 1
+            assert self._refs[adapter_id] >= 0, adapter_id
+
+    def _take_slot(self) -> int | None:
+        # a never-used slot first, else the least recently used adapter nobody runs or pinned
+        for i, occupant in enumerate(self.slots):
+            if occupant is None:
+                return i
+        for aid, slot in self._resident.items():
+            if aid not in self._pinned and self._refs.get(aid, 0) == 0:
+                del self._resident[aid]
+                self._refs.pop(aid, None)
+                self.slots[slot] = None
+                self.write_slot(slot, None)
+                self.counters["evictions"] += 1
+                log.info("adapter %s evicted from slot %d", aid, slot)
+                return slot
+        return None
+
+    def make_resident(self, adapter_id: str, pin: bool | None = None) -> int:
+        """Put a host-cached adapter into a slot now (and pin/unpin it); raises if no slot is free."""
+        with self._lock:
+            slot = self.acquire(adapter_id)
+            if slot is None:
+                if adapter_id in self._cpu:
+                    raise AdapterSlotsBusyError(
+                        f"no free slot for adapter {adapter_id}: all {self.num_slots} slots are pinned or in use")
+                raise AdapterNotFoundError(f"adapter {adapter_id} is not in the host cache")
+            self.release(adapter_id)
+            if pin is True:
+                self._pinned.add(adapter_id)
+            elif pin is False:
+                self._pinned.discard(adapter_id)
+            return slot
+
+    def unpin(self, adapter_id: str) -> None:
+        with self._lock:
+            self._pinned.discard(adapter_id)
+
+    def slot_of(self, adapter_id: str) -> int | None:
+        with self._lock:
+            return self._resident.get(adapter_id)
+
+    def lru_order(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        with self._lock:
+            return list(self._resident)
+
+    def cached(self) -> list[str]:
+        """Host-cached adapters, least recently used first."""
+        with self._lock:
+            return list(self._cpu)
+
+    def snapshot(self) -> dict:
+        """Slot table and host cache for /status."""
+        with self._lock:
+            resident = [{"adapter_id": aid, "name": self._names.get(aid, ""), "slot": s, "pinned": aid in self._pinned}
+                        for s, aid in enumerate(self.slots) if aid is not None]
+            cached = [{"adapter_id": aid, "name": self._names.get(aid, "")} for aid in self._cpu]
+            return {"resident_adapters": resident, "cached_adapters": cached,
+                    "free_slots": self.slots.count(None), "num_slots": self.num_slots}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,85 @@
+"""Paged attention over a block-table KV cache: the torch reference (CUDA kernels slot in here).
+
+Semantics: for query token i of sequence b at position p_i, out_i = softmax(q_i K_b^T / sqrt(d)
++ mask) V_b, where K_b/V_b are the sequence's cached keys/values at positions 0..ctx_b-1 and the
+mask keeps positions j <= p_i (and j > p_i - window with a sliding window)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Built once per step by the model runner and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache index (block * block_size + offset) per token
+    block_tables: torch.Tensor  # [B, max_blocks] int64 (padding points at block 0, masked out)
+    query_index: torch.Tensor | None  # [B, Lq] int64 into the flat tokens; None when every Lq == 1
+    query_valid: torch.Tensor | None  # [B, Lq] bool
+    mask: torch.Tensor  # [B, 1, Lq, Lk] bool, True = attend
+    num_seqs: int
+
+
+def build_metadata(positions: list[list[int]], block_tables: list[list[int]], block_size: int,
+                   window: int | None, device: torch.device) -> AttentionMetadata:
+    """positions[b] are the positions of sequence b's query tokens this step (contiguous, ending
+    at its context length - 1); block_tables[b] covers its whole context."""
+    b = len(positions)
+    lq = max(len(p) for p in positions)
+    max_blocks = max(len(t) for t in block_tables)
+    lk = max_blocks * block_size
+    slots, qidx, qpos = [], [], []
+    flat = 0
+    for pos, table in zip(positions, block_tables):
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+        qidx.append(list(range(flat, flat + len(pos))) + [0] * (lq - len(pos)))
+        # padded query rows look at position 0 only, so no row is fully masked (no NaN)
+        qpos.append(list(pos) + [-1] * (lq - len(pos)))
+        flat += len(pos)
+    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64)
+    qpos_t = torch.tensor(qpos, dtype=torch.int64)  # [B, Lq]
+    kpos = torch.arange(lk, dtype=torch.int64)  # [Lk]
+    mask = kpos[None, None, :] <= qpos_t[:, :, None].clamp(min=0)  # [B, Lq, Lk]
+    if window is not None:
+        mask &= kpos[None, None, :] > qpos_t[:, :, None] - window
+    valid = qpos_t >= 0
+    single = lq == 1
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+        block_tables=tables.to(device),
+        query_index=None if single else torch.tensor(qidx, dtype=torch.int64).to(device),
+        query_valid=None if single else valid.to(device),
+        mask=mask.unsqueeze(1).to(device),
+        num_seqs=b,
+    )
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """Store this step's keys/values: caches [blocks, block_size, kv_heads, d], k/v [T, kv_heads, d]."""
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(nb * bs, h, d).index_copy_(0, meta.slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """q [T, heads, d] -> out [T, heads, d], keys/values read from the cache via block tables."""
+    _, bs, kvh, d = k_cache.shape
+    b = meta.num_seqs
+    if meta.query_index is None:
+        qp = q.view(b, 1, q.shape[1], d)  # [B, 1, H, d]
+    else:
+        qp = q[meta.query_index]  # [B, Lq, H, d]
+    kk = k_cache[meta.block_tables].view(b, -1, kvh, d)  # [B, Lk, KVH, d]
+    vv = v_cache[meta.block_tables].view(b, -1, kvh, d)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=meta.mask, enable_gqa=True
+    ).transpose(1, 2)  # [B, Lq, H, d]
+    if meta.query_valid is None:
+        return out.reshape(b, q.shape[1], d)
+    return out[meta.query_valid]  # [T, H, d], sequence-major like q

@@ -1,0 +1,197 @@
+"""Typed configuration of the engine (EngineConfig) and of the base model it serves (ModelConfig)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelConfigError(ValueError):
+    """The base model folder holds a config this engine cannot serve."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Map a dtype name ("bf16", "float32", ...) to a torch dtype."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not supported; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(slots=True, frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "llama3" | "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(slots=True, frozen=True)
+class ModelConfig:
+    """The decoder's shape, read from a Hugging Face config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(
+                f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelConfig":
+        """Build from the dict of a Hugging Face config.json (transformers 4.x or 5.x layout)."""
+        model_type = cfg.get("model_type", "")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ModelConfigError(f"hidden_act {cfg.get('hidden_act')!r} is not supported; expected 'silu'")
+        if cfg.get("mlp_bias"):
+            raise ModelConfigError("mlp_bias=true is not supported; expected false")
+        rp = dict(cfg.get("rope_parameters") or {})
+        rs = dict(cfg.get("rope_scaling") or {})
+        rp.update({k: v for k, v in rs.items() if k not in rp})
+        theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ModelConfigError(f"rope_type {rope_type!r} is not supported; expected default, linear or llama3")
+        rope = RopeConfig(
+            theta=theta,
+            rope_type=rope_type,
+            factor=float(rp.get("factor", 1.0)),
+            low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rp.get("original_max_position_embeddings", 8192)),
+        )
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        window = cfg.get("sliding_window")
+        use_window = model_type == "mistral" or bool(cfg.get("use_sliding_window"))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope=rope,
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_bias=model_type in ("llama", "mistral") and bool(cfg.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=int(window) if (window and use_window) else None,
+            eos_token_ids=eos_ids,
+            torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        """Read `model_dir/config.json`."""
+        path = Path(model_dir) / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelConfigError(f"cannot read base model config {path}: {e}; expected a Hugging Face config.json") from e
+        try:
+            return cls.from_dict(cfg)
+        except KeyError as e:
+            raise ModelConfigError(f"base model config {path} lacks {e.args[0]!r}") from e
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """What the engine runs and how big its tables are; checked when built."""
+
+    model_dir: Path
+    device: str = "cpu"
+    dtype: str = "auto"  # "auto": fp32 on CPU, the checkpoint's dtype on CUDA
+    num_slots: int = 8  # adapter slots on the device
+    max_lora_rank: int = 16  # every slot is padded to this rank
+    cpu_cache_size: int = 32  # decoded adapters kept in (pinned) host memory
+    block_size: int = 16  # tokens per KV cache block
+    num_kv_blocks: int | None = None  # None: size from kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes; None: 512 MiB on CPU, 90% of free memory on CUDA
+    max_num_seqs: int = 64  # running sequences per step
+    max_num_batched_tokens: int = 4096  # prompt tokens per prefill step
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} is not supported; expected 'cpu' or 'cuda'")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpu_cache_size < 0:
+            raise ValueError(f"cpu_cache_size must be >= 0, got {self.cpu_cache_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def torch_dtype(self, model: ModelConfig) -> torch.dtype:
+        """The dtype weights and activations run in."""
+        if self.dtype != "auto":
+            return parse_dtype(self.dtype)
+        if self.device == "cpu":
+            return torch.float32
+        return _DTYPES.get(model.torch_dtype, torch.bfloat16)
+
+    def context_len(self, model: ModelConfig) -> int:
+        """Longest sequence (prompt + completion) a request may reach."""
+        return min(self.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)

@@ -1,0 +1,188 @@
+"""The asyncio-facing engine: `submit` returns an async iterator of token events; steps run on a
+background thread so the event loop stays responsive, and commands reach that thread between steps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from node.engine.config import EngineConfig
+from node.engine.llm_engine import LLMEngine
+from node.engine.request import DuplicateRequestError, FinishEvent, GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """Events of one request: TokenEvent..., then one FinishEvent. Closing it early aborts the request."""
+
+    def __init__(self, engine: "Engine", request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.final: FinishEvent | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> TokenEvent | FinishEvent:
+        if self.final is not None:
+            raise StopAsyncIteration
+        ev = await self.queue.get()
+        if isinstance(ev, FinishEvent):
+            self.final = ev
+        return ev
+
+    async def aclose(self) -> None:
+        if self.final is None:
+            self.engine.abort_nowait(self.request_id)
+
+
+class Engine:
+    """Thread-driven wrapper of LLMEngine for asyncio code (the node API)."""
+
+    def __init__(self, config: EngineConfig, *, store=None, fetcher=None, weights=None, kernel=None) -> None:
+        self.core = LLMEngine(config, store=store, fetcher=fetcher, weights=weights, kernel=kernel)
+        self.config = config
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._commands: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.core.adapters.on_ready = self._wake.set
+
+    @property
+    def base_model_id(self) -> str:
+        return self.core.base_model_id
+
+    @property
+    def base_model_name(self) -> str:
+        return self.core.base_model_name
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the loop (pending requests end as aborted) and the adapter loader."""
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.core.close()
+
+    # ---- API for asyncio callers ----
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate and queue a request; raises RequestError subclasses for bad ones."""
+        seq = self.core.make_sequence(request)
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(self, request.request_id, loop)
+        with self._lock:
+            if request.request_id in self._streams:
+                raise DuplicateRequestError(f"request {request.request_id} is already running")
+            self._streams[request.request_id] = stream
+        self.core.scheduler.loop = loop  # adapter fetchers are coroutines on this loop
+
+        def add() -> None:
+            try:
+                self.core.add_sequence(seq)
+            except Exception:
+                with self._lock:
+                    self._streams.pop(request.request_id, None)
+                raise
+        self.call(add)
+        return stream
+
+    async def abort(self, request_id: str) -> FinishEvent | None:
+        """Abort a request; returns its final event (None if the engine never saw it)."""
+        return await asyncio.wrap_future(self.call(lambda: self._abort(request_id)))
+
+    def abort_nowait(self, request_id: str) -> None:
+        self.call(lambda: self._abort(request_id))
+
+    async def prepare_adapter(self, adapter_id: str):
+        """Make sure the adapter can be served (host cache); raises AdapterError subclasses."""
+        return await self.core.adapters.prefetch(adapter_id)
+
+    async def load_adapter(self, adapter_id: str, pin: bool | None = None) -> int:
+        """Load an adapter into a slot now (optionally pinning it); returns the slot."""
+        await self.prepare_adapter(adapter_id)
+        return await asyncio.wrap_future(self.call(lambda: self.core.adapters.make_resident(adapter_id, pin)))
+
+    def status(self) -> dict:
+        """Slots, queue and throughput (for /status)."""
+        s = self.core.adapters.snapshot()
+        s.update(queue_depth=self.core.scheduler.num_waiting, running=len(self.core.scheduler.running),
+                 tokens_per_s=self.core.tokens_per_s(), device=self.config.device, usage=dict(self.core.usage))
+        return s
+
+    def call(self, fn: Callable) -> Future:
+        """Run `fn` on the engine thread between steps."""
+        fut: Future = Future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    # ---- engine thread ----
+    def _abort(self, request_id: str) -> FinishEvent | None:
+        ev = self.core.abort(request_id)
+        if ev is not None:
+            self._dispatch([ev])
+        return ev
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            self._run_commands()
+            if self._stopping:
+                break
+            did = False
+            if self.core.has_work():
+                events, did = self.core.step()
+                self._dispatch(events)
+            if not did:
+                self._wake.wait(0.5)
+        for rid in list(self.core.seqs):
+            self._abort(rid)
+        self._run_commands()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _dispatch(self, events) -> None:
+        for ev in events:
+            with self._lock:
+                stream = self._streams.get(ev.request_id)
+                if isinstance(ev, FinishEvent):
+                    self._streams.pop(ev.request_id, None)
+            if stream is None:
+                continue
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, ev)
+            except RuntimeError:  # the caller's loop is gone
+                pass

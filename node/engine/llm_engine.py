@@ -1,0 +1,224 @@
+"""The synchronous engine core: requests in, one scheduled step at a time, token events out.
+`Engine` (engine.py) drives it from a background thread for asyncio callers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+
+import torch
+
+from node.engine.adapter_manager import AdapterManager, Fetcher
+from node.engine.block_manager import BlockManager
+from node.engine.config import EngineConfig, ModelConfig
+from node.engine.loader import build_model, checkpoint_tensors
+from node.engine.lora import LoRAMapping
+from node.engine.lora_kernels import LoRAKernel
+from node.engine.lora_weights import LoadedAdapter, decode_lora
+from node.engine.request import (
+    DuplicateRequestError,
+    FinishEvent,
+    GenerationRequest,
+    PromptTooLongError,
+    RequestError,
+    TokenEvent,
+)
+from node.engine.runner import ModelRunner
+from node.engine.sampler import sample
+from node.engine.scheduler import Scheduler
+from node.engine.sequence import Sequence, now_ms
+
+log = logging.getLogger(__name__)
+
+RECENT_FINISHED = 1024
+RATE_WINDOW_S = 10.0
+
+
+def load_tokenizer(model_dir):
+    """The base model's tokenizer, or None when the folder has none (token ids only then)."""
+    from pathlib import Path
+
+    if not any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        log.warning("no tokenizer in %s: requests must give prompt_token_ids", model_dir)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+class LLMEngine:
+    """Owns the model runner, scheduler, KV blocks, adapter manager and per-request state."""
+
+    def __init__(self, config: EngineConfig, *, store=None, fetcher: Fetcher | None = None,
+                 weights: Iterable[tuple[str, torch.Tensor]] | None = None, kernel: LoRAKernel | None = None) -> None:
+        from node.basemodel import base_model_id, base_model_name
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        self.model_cfg = ModelConfig.from_dir(config.model_dir)
+        self.dtype = config.torch_dtype(self.model_cfg)
+        self.device = torch.device(config.device)
+        self.base_model_id = base_model_id(config.model_dir)
+        self.base_model_name = base_model_name(config.model_dir)
+        self.tokenizer = load_tokenizer(config.model_dir)
+        self.eos_ids = self._eos_ids()
+        self.mapping = LoRAMapping(config.num_slots, kernel)
+        tensors = weights if weights is not None else checkpoint_tensors(config.model_dir)
+        model = build_model(self.model_cfg, self.mapping, tensors, self.device, self.dtype)
+        self.runner = ModelRunner(config, self.model_cfg, model, self.mapping, self.dtype)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.max_len = min(config.context_len(self.model_cfg), self.runner.num_blocks * config.block_size)
+        self.adapters = AdapterManager(
+            num_slots=config.num_slots, cpu_cache_size=config.cpu_cache_size, store=store,
+            base_model_id=self.base_model_id, decode=self._decode, write_slot=self.runner.write_slot,
+            fetcher=fetcher)
+        self.scheduler = Scheduler(self.blocks, self.adapters, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.recent: OrderedDict[str, FinishEvent] = OrderedDict()
+        self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._rate: deque[tuple[float, int]] = deque()
+        log.info("engine ready: %s (%s) on %s, %s, %d slots, max_len %d", self.base_model_name,
+                 self.model_cfg.model_type, config.device, self.dtype, config.num_slots, self.max_len)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(self.model_cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen = self.config.model_dir / "generation_config.json"
+        if gen.exists():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        return frozenset(ids)
+
+    def _decode(self, pkg) -> LoadedAdapter:
+        from node.adapters import load_lora_tensors
+
+        pin = self.device.type == "cuda"
+        return decode_lora(pkg.adapter_id, pkg.name, load_lora_tensors(pkg), pkg.lora.scaling, self.model_cfg,
+                           self.config.max_lora_rank, self.dtype, pin_memory=pin)
+
+    # ---- requests ----
+    def make_sequence(self, req: GenerationRequest) -> Sequence:
+        """Validate a request and build its sequence (no engine state changes; any thread)."""
+        if req.prompt_token_ids is not None:
+            ids = list(req.prompt_token_ids)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_cfg.vocab_size]
+            if bad:
+                raise RequestError(f"prompt_token_ids holds {bad[0]!r}; expected ints in [0, {self.model_cfg.vocab_size})")
+        else:
+            if self.tokenizer is None:
+                raise RequestError("this node's base model has no tokenizer: send prompt_token_ids")
+            ids = self.tokenizer.encode(req.prompt)
+        if not ids:
+            raise RequestError("the prompt is empty; expected at least one token")
+        if len(ids) >= self.max_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; this node's context holds {self.max_len} "
+                f"(prompt + at least one generated token)")
+        if req.params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer, and this node's base model has none")
+        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+        return Sequence(req.request_id, req.adapter_id, ids, req.params, self.tokenizer, self.device, seed)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a validated sequence (engine thread)."""
+        if seq.request_id in self.seqs:
+            raise DuplicateRequestError(f"request {seq.request_id} is already running")
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def add_request(self, req: GenerationRequest) -> Sequence:
+        seq = self.make_sequence(req)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, request_id: str) -> FinishEvent | None:
+        """Stop a request; returns its final event (also for one that just finished), or None."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return self.recent.get(request_id)
+        return self._finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ----
+    def step(self) -> tuple[list[TokenEvent | FinishEvent], bool]:
+        """Run one scheduled step; returns its events and whether anything happened."""
+        seqs, prefill, failed = self.scheduler.schedule()
+        events: list[TokenEvent | FinishEvent] = [self._finish(s, "error") for s in failed]
+        if not seqs:
+            return events, bool(failed)
+        try:
+            logits = self.runner.forward(seqs, prefill)  # [B, V]
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception as e:  # fail this step's requests, keep serving everyone else
+            log.exception("engine step failed")
+            for s in seqs:
+                s.error = f"engine step failed: {type(e).__name__}: {e}"
+                events.append(self._finish(s, "error"))
+            return events, True
+        for s, t in zip(seqs, tokens):
+            s.output_token_ids.append(t)
+            text, hit_stop = s.stream.push(t)
+            reason = "stop" if hit_stop else None
+            if reason is None and t in self.eos_ids and not s.params.ignore_eos:
+                reason = "stop"
+            elif reason is None and (len(s.output_token_ids) >= s.params.max_tokens or s.num_tokens >= self.max_len):
+                reason = "length"
+            if reason is not None and not hit_stop:
+                text += s.stream.flush()
+            events.append(TokenEvent(s.request_id, t, text))
+            if reason is not None:
+                events.append(self._finish(s, reason))
+        self._count(len(seqs))
+        return events, True
+
+    def _finish(self, seq: Sequence, reason: str) -> FinishEvent:
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.request_id, None)
+        ev = FinishEvent(
+            request_id=seq.request_id, adapter_id=seq.adapter_id, finish_reason=reason,
+            prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids),
+            started_at=seq.started_at, finished_at=now_ms(), text=seq.stream.text,
+            token_ids=tuple(seq.output_token_ids), error=seq.error)
+        self.recent[seq.request_id] = ev
+        while len(self.recent) > RECENT_FINISHED:
+            self.recent.popitem(last=False)
+        self.usage["requests"] += 1
+        self.usage["prompt_tokens"] += ev.prompt_tokens
+        self.usage["completion_tokens"] += ev.completion_tokens
+        return ev
+
+    def _count(self, n: int) -> None:
+        now = time.monotonic()
+        self._rate.append((now, n))
+        while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
+            self._rate.popleft()
+
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second over the last few seconds."""
+        now = time.monotonic()
+        recent = [n for t, n in self._rate if t >= now - RATE_WINDOW_S]
+        return round(sum(recent) / RATE_WINDOW_S, 2)
+
+    def generate(self, requests: list[GenerationRequest]) -> dict[str, FinishEvent]:
+        """Run requests to completion synchronously (tests, benchmarks)."""
+        for r in requests:
+            self.add_request(r)
+        done: dict[str, FinishEvent] = {}
+        while self.has_work():
+            events, did = self.step()
+            if not did:
+                time.sleep(0.002)  # waiting for an adapter to load
+            done.update({e.request_id: e for e in events if isinstance(e, FinishEvent)})
+        return done
+
+    def close(self) -> None:
+        self.adapters.close()

@@ -1,0 +1,88 @@
+"""Decode a verified adapter package into per-projection (A, B) tensors ready for a slot."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from node.engine.config import ModelConfig
+
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+class AdapterError(RuntimeError):
+    """An adapter the node cannot serve (base class of the adapter errors)."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """The node neither holds the adapter nor could fetch it."""
+
+
+class AdapterBaseMismatchError(AdapterError):
+    """The adapter was trained for a different base model."""
+
+
+class AdapterIncompatibleError(AdapterError):
+    """The adapter's tensors do not fit this model or the engine's slot rank."""
+
+
+@dataclass(slots=True)
+class LoadedAdapter:
+    """An adapter decoded in host memory: weights[(layer, target)] = (A [r, in], B [out, r] * scaling)."""
+
+    adapter_id: str
+    name: str
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+
+def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA target."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"q_proj": (h, cfg.q_size), "k_proj": (h, cfg.kv_size), "v_proj": (h, cfg.kv_size),
+            "o_proj": (cfg.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def decode_lora(adapter_id: str, name: str, tensors: dict[str, torch.Tensor], scaling: float, cfg: ModelConfig,
+                max_rank: int, dtype: torch.dtype, pin_memory: bool = False) -> LoadedAdapter:
+    """PEFT tensors -> LoadedAdapter, checked against the model's shapes and the slot rank."""
+    dims = module_dims(cfg)
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.search(key)
+        if not m or m.group(2) not in dims:
+            raise AdapterIncompatibleError(f"adapter {adapter_id}: tensor {key!r} is not a LoRA weight of q/k/v/o/gate/up/down")
+        layer = int(m.group(1))
+        if layer >= cfg.num_layers:
+            raise AdapterIncompatibleError(f"adapter {adapter_id}: tensor {key!r} is for layer {layer}; the base has {cfg.num_layers}")
+        parts.setdefault((layer, m.group(2)), {})[m.group(3)] = t
+    weights = {}
+    rank = 0
+    for (layer, target), ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterIncompatibleError(f"adapter {adapter_id}: layer {layer} {target} lacks lora_A or lora_B")
+        a, b = ab["A"], ab["B"]
+        d_in, d_out = dims[target]
+        r = a.shape[0]
+        if a.shape != (r, d_in) or b.shape != (d_out, r):
+            raise AdapterIncompatibleError(
+                f"adapter {adapter_id}: layer {layer} {target} has A{list(a.shape)} B{list(b.shape)}, "
+                f"expected A[r, {d_in}] B[{d_out}, r]")
+        if r > max_rank:
+            raise AdapterIncompatibleError(
+                f"adapter {adapter_id} has rank {r}, above this node's max_lora_rank {max_rank}")
+        rank = max(rank, r)
+        a = a.to(dtype).contiguous()
+        b = (b.float() * scaling).to(dtype).contiguous()
+        if pin_memory:
+            a, b = a.pin_memory(), b.pin_memory()
+        weights[(layer, target)] = (a, b)
+    if not weights:
+        raise AdapterIncompatibleError(f"adapter {adapter_id} holds no LoRA weights")
+    return LoadedAdapter(adapter_id=adapter_id, name=name, rank=rank, weights=weights)

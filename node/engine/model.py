@@ -1,0 +1,159 @@
+"""Our Llama-family decoder (Llama 2/3, Mistral, Qwen2 qkv bias, Qwen3 q/k norm) over flat token
+batches with a paged KV cache; q/k/v and gate/up are fused, each wrapped with LoRA."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.engine.attention import AttentionMetadata, paged_attention, write_kv
+from node.engine.config import ModelConfig, RopeConfig
+from node.engine.lora import LinearWithLoRA, LoRAMapping
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in fp32 like transformers, so fp32 logits match to rounding
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with Llama 3 / linear scaling when configured."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        low_wl = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wl = rope.original_max_position_embeddings / rope.high_freq_factor
+        wl = 2 * math.pi / inv
+        scaled = torch.where(wl > low_wl, inv / rope.factor, inv)
+        smooth = (rope.original_max_position_embeddings / wl - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        mid = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_mid = (wl >= high_wl) & (wl <= low_wl)
+        return torch.where(is_mid, mid, scaled)
+    return inv
+
+
+class Rotary(nn.Module):
+    """cos/sin tables [max_pos, head_dim], applied rotate-half style (the HF layout)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        inv = rope_inv_freq(self.cfg.rope, self.cfg.head_dim).to(device)
+        t = torch.arange(self.cfg.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x [T, heads, d], positions [T]
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, rotary: Rotary) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv_proj = LinearWithLoRA(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size),
+                                       ("q_proj", "k_proj", "v_proj"), cfg.qkv_bias, mapping)
+        self.o_proj = LinearWithLoRA(cfg.q_size, (cfg.hidden_size,), ("o_proj",), cfg.o_bias, mapping)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        c = self.cfg
+        qkv = self.qkv_proj(x)  # [T, q + 2 kv]
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(-1, c.num_heads, c.head_dim)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        write_kv(kv[0], kv[1], k, v.contiguous(), meta)
+        out = paged_attention(q, kv[0], kv[1], meta)  # [T, H, d]
+        return self.o_proj(out.reshape(-1, c.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = LinearWithLoRA(cfg.hidden_size, (self.inter, self.inter), ("gate_proj", "up_proj"),
+                                           False, mapping)
+        self.down_proj = LinearWithLoRA(self.inter, (cfg.hidden_size,), ("down_proj",), False, mapping)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, rotary: Rotary) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, mapping, rotary)
+        self.mlp = MLP(cfg, mapping)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, meta, kv):
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Flat-batch decoder: forward(token_ids [T], positions [T], meta, kv caches) -> hidden [T, D]."""
+
+    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mapping = mapping
+        self.rotary = Rotary(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, mapping, self.rotary) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
+            self.lm_head.weight.requires_grad_(False)
+
+    def lora_layers(self) -> list[tuple[int, LinearWithLoRA]]:
+        """(layer index, wrapped linear) for every LoRA-capable module."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            a, m = layer.self_attn, layer.mlp
+            out += [(i, a.qkv_proj), (i, a.o_proj), (i, m.gate_up_proj), (i, m.down_proj)]
+        return out
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        x = self.embed_tokens(token_ids)  # [T, D]
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, positions, meta, kv)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden [N, D] -> [N, vocab]
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w)

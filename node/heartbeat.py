@@ -1,0 +1,178 @@
+"""Signed heartbeats: how a node tells its gateways it is alive, how loaded it is, and what is resident.
+
+A heartbeat is {"body": {...}, "signature": hex}; the signature is Ed25519 by the node key over
+canonical_json(body). The body carries the raw public key, so a gateway can check that
+sha256(public key) is the node id the chain registered, and then trust the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from node.canonical import canonical_json, is_id, sha256_hex
+
+log = logging.getLogger(__name__)
+
+FORMAT = "loramesh-heartbeat/1"
+HEARTBEAT_PATH = "/internal/heartbeat"
+# Statuses larger than this are not a heartbeat but an attack on the gateway's memory.
+MAX_STATUS_BYTES = 64 * 1024
+
+
+class HeartbeatError(ValueError):
+    """A heartbeat that is malformed, unsigned, or signed by a key that is not the node's."""
+
+
+class UnsignedHeartbeatError(HeartbeatError):
+    """A heartbeat without a signature, or whose signature does not verify."""
+
+
+def make_heartbeat(identity, *, api_url: str, base_model_id: str, status: dict, ts_ms: int | None = None) -> dict:
+    """A heartbeat document signed with `identity.node_key` over the canonical body."""
+    body = {
+        "format": FORMAT,
+        "node_id": identity.node_id,
+        "public_key": identity.node_public_key.hex(),
+        "api_url": api_url,
+        "base_model_id": base_model_id,
+        "status": status,
+        "ts_ms": int(time.time() * 1000) if ts_ms is None else int(ts_ms),
+    }
+    signature = identity.node_key.sign(canonical_json(body))
+    return {"body": body, "signature": signature.hex()}
+
+
+def verify_heartbeat(doc: object, *, now_ms: int | None = None, max_skew_ms: int | None = None) -> dict:
+    """Check a heartbeat's shape, key-to-id binding and signature; return its body.
+
+    Raises UnsignedHeartbeatError for a missing or wrong signature and HeartbeatError otherwise.
+    With max_skew_ms, a timestamp further than that from now_ms (default: now) is refused too."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict):
+        raise HeartbeatError('heartbeat must be a JSON object {"body": {...}, "signature": hex}')
+    body, signature = doc["body"], doc.get("signature")
+    if not isinstance(signature, str) or not signature:
+        raise UnsignedHeartbeatError("heartbeat has no signature: expected a hex Ed25519 signature of its body")
+    if body.get("format") != FORMAT:
+        raise HeartbeatError(f"heartbeat format is {body.get('format')!r}, expected {FORMAT!r}")
+    for name in ("node_id", "base_model_id"):
+        if not is_id(body.get(name)):
+            raise HeartbeatError(f"heartbeat {name} must be 0x followed by 64 lowercase hex digits")
+    if not isinstance(body.get("api_url"), str) or not body["api_url"].startswith(("http://", "https://")):
+        raise HeartbeatError("heartbeat api_url must be an http(s) URL")
+    if not isinstance(body.get("status"), dict):
+        raise HeartbeatError("heartbeat status must be a JSON object (the node's /status)")
+    ts = body.get("ts_ms")
+    if isinstance(ts, bool) or not isinstance(ts, int) or ts <= 0:
+        raise HeartbeatError("heartbeat ts_ms must be a positive integer (milliseconds since the epoch)")
+    try:
+        public_key = bytes.fromhex(body.get("public_key", ""))
+        sig = bytes.fromhex(signature)
+    except (TypeError, ValueError) as e:
+        raise HeartbeatError("heartbeat public_key and signature must be hex strings") from e
+    if len(public_key) != 32:
+        raise HeartbeatError(f"heartbeat public_key must be 32 bytes (raw Ed25519), got {len(public_key)}")
+    if sha256_hex(public_key) != body["node_id"]:
+        raise HeartbeatError("heartbeat public_key does not hash to its node_id (node id = sha256(public key))")
+    payload = canonical_json(body)
+    if len(payload) > MAX_STATUS_BYTES:
+        raise HeartbeatError(f"heartbeat is {len(payload)} bytes, more than the {MAX_STATUS_BYTES} allowed")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(sig, payload)
+    except InvalidSignature as e:
+        raise UnsignedHeartbeatError("heartbeat signature does not verify against its public key") from e
+    if max_skew_ms is not None:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        if abs(now - ts) > max_skew_ms:
+            raise HeartbeatError(f"heartbeat ts_ms is {abs(now - ts)} ms from now, more than {max_skew_ms} allowed")
+    return body
+
+
+StatusFn = Callable[[], dict | Awaitable[dict]]
+
+
+class HeartbeatSender:
+    """Posts a signed heartbeat to every gateway every `interval` seconds; a down gateway is retried
+    on the next beat and never stops the others. Start it from the node daemon's event loop."""
+
+    def __init__(self, identity, gateway_urls: Sequence[str], *, api_url: str, base_model_id: str,
+                 status_fn: StatusFn, interval: float = 2.0, timeout: float = 2.0) -> None:  # fmt: skip
+        if interval <= 0:
+            raise ValueError(f"heartbeat interval must be > 0 seconds, got {interval}")
+        self.identity = identity
+        self.gateway_urls = [u.rstrip("/") for u in gateway_urls]
+        self.api_url = api_url
+        self.base_model_id = base_model_id
+        self.status_fn = status_fn
+        self.interval = interval
+        self.timeout = timeout
+        self.sent = 0  # heartbeats accepted by some gateway
+        self._task: asyncio.Task | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    async def _status(self) -> dict:
+        status = self.status_fn()
+        if inspect.isawaitable(status):
+            status = await status
+        return status
+
+    async def send_once(self) -> dict[str, int | str]:
+        """Send one heartbeat to every gateway; returns url -> HTTP status, or the error text."""
+        doc = make_heartbeat(self.identity, api_url=self.api_url, base_model_id=self.base_model_id,
+                             status=await self._status())  # fmt: skip
+        client = self._client or httpx.AsyncClient(timeout=self.timeout)
+        try:
+            results = await asyncio.gather(*(self._post(client, url, doc) for url in self.gateway_urls))
+        finally:
+            if client is not self._client:
+                await client.aclose()
+        return dict(zip(self.gateway_urls, results))
+
+    async def _post(self, client: httpx.AsyncClient, url: str, doc: dict) -> int | str:
+        try:
+            r = await client.post(url + HEARTBEAT_PATH, json=doc)
+        except httpx.HTTPError as e:
+            log.debug("heartbeat to %s failed: %s", url, e)
+            return f"unreachable: {e}"
+        if r.status_code == 200:
+            self.sent += 1
+        else:
+            log.warning("gateway %s refused our heartbeat (%d): %s", url, r.status_code, r.text[:200])
+        return r.status_code
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.send_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a broken status callback must not end the heartbeats
+                log.exception("heartbeat round failed")
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> "HeartbeatSender":
+        """Start the background task on the running loop."""
+        if self._task is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="heartbeat-sender")
+        return self
+
+    async def stop(self) -> None:
+        """Cancel the task and close the HTTP client."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -1,0 +1,99 @@
+"""Usage receipts: what a node served for one request, signed with the node's Ed25519 key.
+
+Receipt (all fields required, timestamps unix ms):
+    {"request_id": "0x..", "adapter_id": "0x.." | null, "node_id": "0x..", "prompt_tokens": int,
+     "completion_tokens": int, "finish_reason": "stop"|"length"|"abort", "started_at": int, "finished_at": int}
+signature = hex(Ed25519(canonical_json(receipt))). node_id = sha256(raw public key), so a verifier
+holding the public key (from /status or the chain registry) checks it against the receipt's node_id."""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from node.canonical import canonical_json, is_id, sha256_hex
+
+RECEIPT_FIELDS = ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens", "finish_reason",
+                  "started_at", "finished_at")
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class ReceiptError(ValueError):
+    """A receipt that is malformed or whose signature does not verify."""
+
+
+def public_key_bytes(node_key: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of a node key."""
+    return node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def node_id_of(public_key: bytes) -> str:
+    """sha256 of the raw public key, the node's id."""
+    if len(public_key) != 32:
+        raise ReceiptError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
+    return sha256_hex(public_key)
+
+
+def check_receipt_fields(receipt: dict) -> None:
+    """Raise ReceiptError unless the receipt has exactly the receipt fields with valid values."""
+    if not isinstance(receipt, dict) or set(receipt) != set(RECEIPT_FIELDS):
+        got = sorted(receipt) if isinstance(receipt, dict) else type(receipt).__name__
+        raise ReceiptError(f"receipt fields are {got}, expected {sorted(RECEIPT_FIELDS)}")
+    for k in ("request_id", "node_id"):
+        if not is_id(receipt[k]):
+            raise ReceiptError(f"receipt {k} {receipt[k]!r} is not '0x' + 64 lowercase hex")
+    if receipt["adapter_id"] is not None and not is_id(receipt["adapter_id"]):
+        raise ReceiptError(f"receipt adapter_id {receipt['adapter_id']!r} is not '0x' + 64 lowercase hex or null")
+    for k in ("prompt_tokens", "completion_tokens", "started_at", "finished_at"):
+        v = receipt[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ReceiptError(f"receipt {k} {v!r} is not a non-negative integer")
+    if receipt["finish_reason"] not in FINISH_REASONS:
+        raise ReceiptError(f"receipt finish_reason {receipt['finish_reason']!r} is not one of {FINISH_REASONS}")
+    if receipt["finished_at"] < receipt["started_at"]:
+        raise ReceiptError("receipt finished_at is before started_at")
+
+
+def make_receipt(*, request_id: str, adapter_id: str | None, node_id: str, prompt_tokens: int,
+                 completion_tokens: int, finish_reason: str, started_at: int, finished_at: int) -> dict:
+    """A checked receipt dict."""
+    receipt = {"request_id": request_id, "adapter_id": adapter_id, "node_id": node_id,
+               "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+               "finish_reason": finish_reason, "started_at": started_at, "finished_at": finished_at}
+    check_receipt_fields(receipt)
+    return receipt
+
+
+def sign_receipt(receipt: dict, node_key: Ed25519PrivateKey) -> str:
+    """Hex Ed25519 signature over the receipt's canonical JSON; the receipt must name this key's node."""
+    check_receipt_fields(receipt)
+    if receipt["node_id"] != node_id_of(public_key_bytes(node_key)):
+        raise ReceiptError(f"receipt node_id {receipt['node_id']} is not this key's node id")
+    return node_key.sign(canonical_json(receipt)).hex()
+
+
+def check_receipt(receipt: dict, signature_hex: str, public_key: bytes) -> None:
+    """Raise ReceiptError unless the receipt is well formed, names this key's node, and the signature verifies."""
+    check_receipt_fields(receipt)
+    if receipt["node_id"] != node_id_of(public_key):
+        raise ReceiptError(f"receipt node_id {receipt['node_id']} does not match the public key ({node_id_of(public_key)})")
+    try:
+        sig = bytes.fromhex(signature_hex)
+    except (TypeError, ValueError) as e:
+        raise ReceiptError(f"signature is not hex: {signature_hex!r}") from e
+    if len(sig) != 64:
+        raise ReceiptError(f"an Ed25519 signature is 64 bytes, got {len(sig)}")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(sig, canonical_json(receipt))
+    except InvalidSignature as e:
+        raise ReceiptError(f"receipt signature does not verify for node {receipt['node_id']}") from e
+
+
+def verify_receipt(receipt: dict, signature_hex: str, public_key: bytes) -> bool:
+    """True when check_receipt passes."""
+    try:
+        check_receipt(receipt, signature_hex, public_key)
+    except ReceiptError:
+        return False
+    return True

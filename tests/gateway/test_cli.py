@@ -1,0 +1,51 @@
+"""`loramesh gateway keys ...` and the refusals of `gateway run`."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from gateway.cli import gateway_app
+from gateway.keys import lookup_key
+from ledger.db import make_engine
+
+runner = CliRunner()
+
+
+def test_keys_create_list_revoke(tmp_path):
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    r = runner.invoke(gateway_app, ["keys", "create", "--name", "web", "--rpm", "5", "--tpm", "900",
+                                    "--adapters", "acme/a,acme/b", "--db", db])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    secret = r.output.strip().splitlines()[-1]
+    key = lookup_key(make_engine(db), secret)
+    assert (key.name, key.requests_per_minute, key.tokens_per_minute, key.adapters) == \
+        ("web", 5, 900, {"acme/a", "acme/b"})
+    listing = runner.invoke(gateway_app, ["keys", "list", "--db", db])
+    assert listing.exit_code == 0 and key.prefix in listing.output and secret not in listing.output
+    r = runner.invoke(gateway_app, ["keys", "revoke", str(key.id), "--db", db])
+    assert r.exit_code == 0 and "revoked" in r.output
+    assert lookup_key(make_engine(db), secret) is None
+
+
+def test_revoke_unknown_key_fails(tmp_path):
+    r = runner.invoke(gateway_app, ["keys", "revoke", "lm-nothing", "--db", f"sqlite:///{tmp_path / 'k.db'}"])
+    assert r.exit_code != 0 and "no API key" in str(r.exception)
+
+
+def test_run_refuses_key_without_chain(tmp_path):
+    (tmp_path / "k").write_text("00" * 32)
+    r = runner.invoke(gateway_app, ["run", "--key", str(tmp_path / "k"), "--db", f"sqlite:///{tmp_path / 'g.db'}"])
+    assert r.exit_code != 0 and "--deployment" in r.output + str(r.exception)
+
+
+def test_settings_from_env(monkeypatch):
+    from gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("LORAMESH_GATEWAY_OWNERS_K", "3")
+    monkeypatch.setenv("LORAMESH_GATEWAY_DB_URL", "sqlite:///x.db")
+    s = GatewaySettings()
+    assert (s.owners_k, s.db_url) == (3, "sqlite:///x.db")
+    monkeypatch.setenv("LORAMESH_GATEWAY_DB_URL", "x.db")
+    with pytest.raises(ValueError, match="not a database URL"):
+        GatewaySettings()

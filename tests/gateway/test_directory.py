@@ -1,0 +1,157 @@
+"""NodeDirectory over real mirror tables: heartbeats accepted only from registered, active, signing nodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.directory import NodeDirectory
+from gateway.errors import BadRequest, Forbidden
+from gateway.registry import RegistryView
+from node.heartbeat import make_heartbeat
+from node.keys import Identity
+from tests.utils.gateway import add_adapter, add_node, make_db
+
+BASE = "0x" + "11" * 32
+OTHER_BASE = "0x" + "22" * 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def world(tmp_path):
+    engine = make_db(tmp_path / "gw.db")
+    a, b = Identity.generate(), Identity.generate()
+    add_node(engine, node_id=a.node_id, base_model=BASE, api_url="http://127.0.0.1:7001")
+    add_node(engine, node_id=b.node_id, base_model=BASE, api_url="http://127.0.0.1:7002", active=False)
+    clock = Clock()
+    reg = RegistryView(engine)
+    return engine, reg, NodeDirectory(reg, ttl=10, clock=clock), clock, a, b
+
+
+def hb(ident, ts=None, base=BASE, **status):
+    import time
+
+    return make_heartbeat(ident, api_url="http://127.0.0.1:7001", base_model_id=base,
+                          status={"queue_depth": 0, "running": 0, **status},
+                          ts_ms=ts or int(time.time() * 1000))  # fmt: skip
+
+
+def test_registered_node_becomes_live(world):
+    _, _, d, _, a, _ = world
+    e = d.accept_heartbeat(hb(a, resident_adapters=[{"adapter_id": "0x" + "aa" * 32}], base_model={"name": "tiny"}))
+    assert [n.node_id for n in d.live(BASE)] == [a.node_id]
+    assert d.live(OTHER_BASE) == []
+    assert e.resident == {"0x" + "aa" * 32} and d.public_key(a.node_id) == a.node_public_key
+    assert d.base_models() == {BASE: "tiny"}
+    assert e.api_url == "http://127.0.0.1:7001"  # the registered URL
+
+
+def test_unregistered_node_refused(world):
+    _, _, d, _, _, _ = world
+    with pytest.raises(Forbidden, match="not registered") as ei:
+        d.accept_heartbeat(hb(Identity.generate()))
+    assert ei.value.status == 403
+
+
+def test_node_registered_later_is_found_by_resync(world):
+    engine, _, d, _, _, _ = world
+    c = Identity.generate()
+    add_node(engine, node_id=c.node_id, base_model=BASE, api_url="http://127.0.0.1:7003")
+    assert d.accept_heartbeat(hb(c)).node_id == c.node_id
+
+
+def test_inactive_node_refused(world):
+    _, _, d, _, _, b = world
+    with pytest.raises(Forbidden, match="inactive"):
+        d.accept_heartbeat(hb(b))
+
+
+def test_unsigned_refused(world):
+    _, _, d, _, a, _ = world
+    doc = hb(a)
+    doc.pop("signature")
+    with pytest.raises(Forbidden, match="no signature"):
+        d.accept_heartbeat(doc)
+
+
+def test_forged_refused(world):
+    _, _, d, _, a, _ = world
+    doc = hb(a)
+    doc["body"]["status"]["queue_depth"] = 5
+    with pytest.raises(Forbidden, match="does not verify"):
+        d.accept_heartbeat(doc)
+
+
+def test_someone_elses_id_refused(world):
+    _, _, d, _, a, _ = world
+    mallory = Identity.generate()
+    doc = hb(mallory)
+    doc["body"]["node_id"] = a.node_id
+    with pytest.raises(Forbidden, match="does not hash"):
+        d.accept_heartbeat(doc)
+
+
+def test_wrong_base_refused(world):
+    _, _, d, _, a, _ = world
+    with pytest.raises(Forbidden, match="registered for"):
+        d.accept_heartbeat(hb(a, base=OTHER_BASE))
+
+
+def test_malformed_is_bad_request(world):
+    _, _, d, _, _, _ = world
+    with pytest.raises(BadRequest, match="JSON object"):
+        d.accept_heartbeat("hello")
+
+
+def test_replayed_heartbeat_refused(world):
+    _, _, d, _, a, _ = world
+    doc = hb(a)
+    d.accept_heartbeat(doc)
+    with pytest.raises(BadRequest, match="not newer"):
+        d.accept_heartbeat(doc)
+
+
+def test_silent_node_dies_after_ttl(world):
+    _, _, d, clock, a, _ = world
+    d.accept_heartbeat(hb(a))
+    clock.t += 9.9
+    assert d.live()
+    clock.t += 0.2
+    assert d.live() == []
+
+
+def test_failed_node_out_until_next_heartbeat(world):
+    _, _, d, clock, a, _ = world
+    import time
+
+    d.accept_heartbeat(hb(a, ts=int(time.time() * 1000) - 10))
+    d.mark_failed(a.node_id)
+    assert d.live() == []
+    clock.t += 1
+    d.accept_heartbeat(hb(a))
+    assert [n.node_id for n in d.live()] == [a.node_id]
+
+
+def test_deactivated_on_chain_stops_routing(world):
+    engine, reg, d, _, a, _ = world
+    d.accept_heartbeat(hb(a))
+    add_node(engine, node_id=a.node_id, base_model=BASE, api_url="http://127.0.0.1:7001", active=False)
+    reg.reload()
+    assert d.live() == []
+
+
+def test_registry_newest_adapter_by_name(world):
+    engine, reg, _, _, _, _ = world
+    add_adapter(engine, adapter_id="0x" + "a1" * 32, name="acme/x", base_model=BASE, block=5)
+    add_adapter(engine, adapter_id="0x" + "a2" * 32, name="acme/x", base_model=BASE, block=9)
+    add_adapter(engine, adapter_id="0x" + "a3" * 32, name="acme/y", base_model=BASE, block=7)
+    reg.reload()
+    assert reg.adapter_by_name("acme/x").adapter_id == "0x" + "a2" * 32
+    assert [a.name for a in reg.newest_adapters()] == ["acme/x", "acme/y"]
+    assert reg.adapter_by_name("nope") is None

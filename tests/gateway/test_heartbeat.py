@@ -1,0 +1,114 @@
+"""node.heartbeat: signing, every refusal of verify_heartbeat, and the sender's tolerance of a down gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+
+from devnet.anvil import free_port
+from node.heartbeat import HeartbeatError, HeartbeatSender, UnsignedHeartbeatError, make_heartbeat, verify_heartbeat
+from node.keys import Identity
+
+BASE = "0x" + "11" * 32
+
+
+@pytest.fixture(scope="module")
+def ident():
+    return Identity.generate()
+
+
+def _hb(ident, **kw):
+    return make_heartbeat(ident, api_url="http://127.0.0.1:9", base_model_id=BASE,
+                          status={"queue_depth": 1, "resident_adapters": []}, ts_ms=kw.pop("ts_ms", 1_000), **kw)
+
+
+def test_roundtrip(ident):
+    body = verify_heartbeat(_hb(ident))
+    assert body["node_id"] == ident.node_id and body["status"]["queue_depth"] == 1 and body["ts_ms"] == 1000
+    assert bytes.fromhex(body["public_key"]) == ident.node_public_key
+
+
+def test_missing_signature(ident):
+    doc = _hb(ident)
+    del doc["signature"]
+    with pytest.raises(UnsignedHeartbeatError, match="no signature"):
+        verify_heartbeat(doc)
+
+
+def test_tampered_body(ident):
+    doc = _hb(ident)
+    doc["body"]["status"]["queue_depth"] = 0
+    with pytest.raises(UnsignedHeartbeatError, match="does not verify"):
+        verify_heartbeat(doc)
+
+
+def test_key_not_matching_node_id(ident):
+    other = Identity.generate()
+    doc = _hb(ident)
+    doc["body"]["node_id"] = other.node_id  # claims another node's id with its own key
+    with pytest.raises(HeartbeatError, match="does not hash"):
+        verify_heartbeat(doc)
+
+
+def test_signed_by_other_key(ident):
+    other = Identity.generate()
+    doc = _hb(ident)
+    doc["signature"] = _hb(other)["signature"]
+    with pytest.raises(UnsignedHeartbeatError):
+        verify_heartbeat(doc)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("format", "v0", "format"),
+    ("node_id", "0xABC", "node_id"),
+    ("base_model_id", None, "base_model_id"),
+    ("api_url", "ftp://x", "api_url"),
+    ("status", [], "status"),
+    ("ts_ms", -5, "ts_ms"),
+    ("public_key", "zz", "hex"),
+])
+def test_malformed_fields(ident, field, value, match):
+    doc = copy.deepcopy(_hb(ident))
+    doc["body"][field] = value
+    with pytest.raises(HeartbeatError, match=match):
+        verify_heartbeat(doc)
+
+
+def test_not_an_object():
+    with pytest.raises(HeartbeatError, match="JSON object"):
+        verify_heartbeat(["body"])
+
+
+def test_skew(ident):
+    doc = _hb(ident, ts_ms=1_000)
+    assert verify_heartbeat(doc, now_ms=1_500, max_skew_ms=1_000)
+    with pytest.raises(HeartbeatError, match="from now"):
+        verify_heartbeat(doc, now_ms=5_000, max_skew_ms=1_000)
+
+
+def test_sender_tolerates_down_gateway(ident):
+    calls = []
+
+    async def status():
+        calls.append(1)
+        return {"queue_depth": 0}
+
+    async def main():
+        sender = HeartbeatSender(ident, [f"http://127.0.0.1:{free_port()}"], api_url="http://127.0.0.1:9",
+                                 base_model_id=BASE, status_fn=status, interval=0.05, timeout=0.5)
+        result = await sender.send_once()
+        sender.start()
+        await asyncio.sleep(0.3)
+        await sender.stop()
+        return result, sender
+
+    result, sender = asyncio.run(main())
+    assert list(result.values())[0].startswith("unreachable")
+    assert len(calls) >= 3 and sender.sent == 0  # kept beating although nobody listened
+
+
+def test_sender_rejects_bad_interval(ident):
+    with pytest.raises(ValueError, match="interval"):
+        HeartbeatSender(ident, [], api_url="http://x", base_model_id=BASE, status_fn=dict, interval=0)

@@ -1,0 +1,318 @@
+"""The gateway in a real uvicorn, driven by the official openai client, in front of two stand-in nodes
+(real uvicorn servers speaking the node API contract and signing real receipts). The real node is in
+test_integration.py; here we steer failures the real engine cannot be made to produce on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from sqlmodel import Session, select
+
+from devnet.anvil import free_port
+from gateway.app import create_app
+from gateway.keys import create_key, revoke_key
+from gateway.models import CompletionRecord
+from gateway.router import rank_nodes
+from gateway.settings import GatewaySettings
+from ledger.models import UsageRecord
+from node.heartbeat import HeartbeatSender, make_heartbeat
+from node.keys import Identity
+from node.receipts import check_receipt
+from tests.utils.gateway import ServerThread, StandInNode, add_adapter, add_node, make_db, poll
+
+pytestmark = pytest.mark.integration
+
+BASE = "0x" + "b0" * 32
+LONELY_BASE = "0x" + "b1" * 32
+ADAPTERS = {"acme/alpha": "0x" + "a1" * 32, "acme/beta": "0x" + "a2" * 32, "acme/secret": "0x" + "a3" * 32,
+            "acme/orphan": "0x" + "a4" * 32}  # fmt: skip
+
+
+class World:
+    def __init__(self, tmp) -> None:
+        self.db_path = tmp / "gw.db"
+        self.engine = make_db(self.db_path)
+        self.nodes = [StandInNode(Identity.generate(), BASE, delay=0.0) for _ in range(2)]
+        self.node_servers = [ServerThread(n.app()).start() for n in self.nodes]
+        for n, srv in zip(self.nodes, self.node_servers):
+            add_node(self.engine, node_id=n.identity.node_id, base_model=BASE, api_url=srv.url)
+        for i, (name, aid) in enumerate(ADAPTERS.items()):
+            add_adapter(self.engine, adapter_id=aid, name=name, base_model=LONELY_BASE if "orphan" in name else BASE,
+                        block=10 + i)
+        self.key, _ = create_key(self.engine, name="app")
+        self.limited, _ = create_key(self.engine, name="slow", rpm=2)
+        self.granted, _ = create_key(self.engine, name="insider", adapters=["acme/secret"])
+        self.revoked, info = create_key(self.engine, name="gone")
+        revoke_key(self.engine, info.id)
+        settings = GatewaySettings(db_url=f"sqlite:///{self.db_path}", heartbeat_ttl_s=60, max_attempts=3,
+                                   registry_sync_s=0.5, default_max_tokens=5)  # fmt: skip
+        self.gw = ServerThread(create_app(settings)).start()
+
+    def beat(self, nodes=None) -> None:
+        async def go():
+            for n, srv in zip(self.nodes, self.node_servers):
+                if nodes is None or n in nodes:
+                    sender = HeartbeatSender(n.identity, [self.gw.url], api_url=srv.url, base_model_id=BASE,
+                                             status_fn=n.status)  # fmt: skip
+                    result = await sender.send_once()
+                    assert result == {self.gw.url: 200}, result
+
+        asyncio.run(go())
+
+    def client(self, key=None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.gw.url + "/v1", api_key=key or self.key, max_retries=0, timeout=20)
+
+    def owners(self, adapter: str) -> list[StandInNode]:
+        by_id = {n.identity.node_id: n for n in self.nodes}
+        from gateway.directory import NodeEntry
+
+        entries = [NodeEntry(n.identity.node_id, "", BASE, b"", {}, 1, 0.0) for n in self.nodes]
+        return [by_id[e.node_id] for e in rank_nodes(ADAPTERS[adapter], entries)]
+
+    def records(self):
+        with Session(self.engine) as s:
+            return s.exec(select(CompletionRecord)).all(), s.exec(select(UsageRecord)).all()
+
+    def stop(self) -> None:
+        self.gw.stop()
+        for s in self.node_servers:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = World(tmp_path_factory.mktemp("gw"))
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def w(world):
+    for n in world.nodes:
+        n.fail_early = False
+        n.delay = 0.0
+    world.beat()
+    return world
+
+
+def test_models_listing_respects_private_adapters(w):
+    ids = [m.id for m in w.client().models.list()]
+    assert ids == ["acme/alpha", "acme/beta", "acme/orphan", "tiny-test"]
+    insider = [m.id for m in w.client(w.granted).models.list()]
+    assert "acme/secret" in insider
+    alpha = w.client().models.retrieve("acme/alpha")
+    assert alpha.owned_by == "0x" + "cd" * 20 and alpha.model_extra["adapter_id"] == ADAPTERS["acme/alpha"]
+
+
+def test_private_adapter_is_404_to_other_keys(w):
+    with pytest.raises(openai.NotFoundError):
+        w.client().completions.create(model="acme/secret", prompt="x")
+    r = w.client(w.granted).completions.create(model="acme/secret", prompt="x", max_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+def test_completion_and_usage_record(w):
+    raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="one two three", max_tokens=4,
+                                                          temperature=0.5, top_p=0.9, seed=7, stop=["\n"], user="u")
+    r = raw.parse()
+    rid = raw.headers["x-request-id"]
+    assert r.choices[0].text == " t0 t1 t2 t3" and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 4, 7)
+    sent = next(b for n in w.nodes for b in n.requests if b["request_id"] == rid)
+    assert sent == {"adapter_id": ADAPTERS["acme/alpha"], "prompt": "one two three", "max_tokens": 4,
+                    "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["\n"], "request_id": rid,
+                    "stream": True}  # fmt: skip
+    done, usage = w.records()
+    row = next(u for u in usage if u.request_id == rid)
+    node = next(n for n in w.nodes if n.identity.node_id == row.node_id)
+    check_receipt(json.loads(row.receipt_json), row.node_signature, node.identity.node_public_key)
+    assert next(d for d in done if d.request_id == rid).status == "ok"
+
+
+def test_chat_stream_usage_matches_tokens(w):
+    stream = w.client().chat.completions.create(model="acme/beta", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True, stream_options={"include_usage": True}, max_tokens=5)
+    chunks = list(stream)
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(content) == 5
+    # no tokenizer for this base in the gateway: the generic loramesh chat template is used
+    assert any(b.get("prompt") == "<|user|>\nhi\n<|assistant|>\n" for n in w.nodes for b in n.requests)
+
+
+def test_completion_stream_stop_reason(w):
+    chunks = list(w.client().completions.create(model="acme/alpha", prompt="STOP_AT_3", stream=True, max_tokens=9))
+    assert "".join(c.choices[0].text for c in chunks) == " t0 t1 t2"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_same_adapter_goes_to_same_node_and_owner_prefetches(w):
+    nodes = set()
+    for _ in range(4):
+        raw = w.client().completions.with_raw_response.create(model="acme/beta", prompt="x", max_tokens=1)
+        nodes.add(raw.headers["x-loramesh-node"])
+    assert len(nodes) == 1
+    # with k=2 both stand-ins own every adapter: the one not serving was told to load it
+    poll(lambda: all(ADAPTERS["acme/beta"] in n.loaded for n in w.nodes if n.identity.node_id not in nodes))
+
+
+def test_failover_before_first_token(w):
+    first = w.owners("acme/alpha")[0]
+    first.resident.clear()
+    w.nodes[1 - w.nodes.index(first)].resident.clear()
+    w.beat()
+    first.fail_early = True
+    raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="x", max_tokens=2)
+    assert raw.headers["x-loramesh-node"] != first.identity.node_id and raw.parse().usage.completion_tokens == 2
+    rid = raw.headers["x-request-id"]
+    assert next(d for d in w.records()[0] if d.request_id == rid).attempts == 2
+
+
+def test_engine_error_everywhere_is_503(w):
+    with pytest.raises(openai.InternalServerError) as ei:
+        w.client().completions.create(model="acme/alpha", prompt="ENGINE_ERROR", max_tokens=2)
+    assert ei.value.status_code == 503 and "before the first token" in ei.value.message
+
+
+def test_node_cut_after_first_token_ends_stream_with_error(w):
+    stream = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="CUT_AFTER_2", stream=True,
+                                                             max_tokens=5)  # fmt: skip
+    rid = stream.headers["x-request-id"]
+    texts = []
+    with pytest.raises(openai.APIError, match="incomplete"):
+        for c in stream.parse():
+            texts.append(c.choices[0].text)
+    assert texts == [" t0", " t1"]
+    row = poll(lambda: next((u for u in w.records()[1] if u.request_id == rid), None))
+    assert row.completion_tokens == 2  # the tokens produced are still attributed (receipt from abort)
+    assert next(d for d in w.records()[0] if d.request_id == rid).status == "node_failed"
+
+
+def test_non_stream_cut_is_502(w):
+    with pytest.raises(openai.APIStatusError) as ei:
+        w.client().completions.create(model="acme/alpha", prompt="CUT_AFTER_2", max_tokens=5)
+    assert ei.value.status_code == 502
+
+
+def test_client_disconnect_aborts_and_records(w):
+    for n in w.nodes:
+        n.delay = 0.2
+        n.tokens = 30
+    try:
+        with httpx.stream("POST", w.gw.url + "/v1/completions", headers={"Authorization": f"Bearer {w.key}"},
+                          json={"model": "acme/alpha", "prompt": "long", "max_tokens": 30, "stream": True}) as r:
+            rid = r.headers["x-request-id"]
+            got = []
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    got.append(line)
+                if len(got) == 2:
+                    break  # leave with the response half read: the connection is closed
+    finally:
+        for n in w.nodes:
+            n.tokens = 5
+    row = poll(lambda: next((u for u in w.records()[1] if u.request_id == rid), None), timeout=15)
+    assert json.loads(row.receipt_json)["finish_reason"] == "abort" and row.completion_tokens < 30
+    assert any(rid in n.aborted for n in w.nodes)
+    assert next(d for d in w.records()[0] if d.request_id == rid).status == "client_closed"
+
+
+@pytest.mark.parametrize("key", [None, "lm-wrong", "revoked"])
+def test_401(w, key):
+    headers = {} if key is None else {"Authorization": f"Bearer {w.revoked if key == 'revoked' else key}"}
+    r = httpx.post(w.gw.url + "/v1/completions", headers=headers, json={"model": "acme/alpha", "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_401_through_openai_client(w):
+    with pytest.raises(openai.AuthenticationError):
+        w.client("lm-wrong").models.list()
+
+
+def test_429_with_retry_after(w):
+    c = w.client(w.limited)
+    c.models.list()
+    c.models.list()
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.completions.create(model="acme/alpha", prompt="x")
+    assert int(ei.value.response.headers["retry-after"]) >= 1
+
+
+def test_404_unknown_model(w):
+    with pytest.raises(openai.NotFoundError) as ei:
+        w.client().chat.completions.create(model="nobody/none", messages=[{"role": "user", "content": "x"}])
+    assert ei.value.body["code"] == "model_not_found" and ei.value.body["param"] == "model"
+
+
+def test_400_bad_body(w):
+    with pytest.raises(openai.BadRequestError) as ei:
+        w.client().completions.create(model="acme/alpha", prompt="x", n=2)
+    assert ei.value.body["param"] == "n"
+    r = httpx.post(w.gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {w.key}"}, content=b"{")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_400_from_node_is_not_retried(w):
+    before = sum(len(n.requests) for n in w.nodes)
+    with pytest.raises(openai.BadRequestError) as ei:
+        w.client().completions.create(model="acme/alpha", prompt="TOO_LONG")
+    assert ei.value.body["code"] == "context_length_exceeded"
+    assert sum(len(n.requests) for n in w.nodes) == before + 1
+
+
+def test_503_when_no_node_serves_the_base(w):
+    with pytest.raises(openai.InternalServerError) as ei:
+        w.client().completions.create(model="acme/orphan", prompt="x")
+    assert ei.value.status_code == 503 and ei.value.body["code"] == "no_node_available"
+
+
+def test_heartbeat_refusals(w):
+    stranger = Identity.generate()
+    doc = make_heartbeat(stranger, api_url="http://127.0.0.1:1", base_model_id=BASE, status={})
+    r = httpx.post(w.gw.url + "/internal/heartbeat", json=doc)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "unregistered_node"
+    doc = make_heartbeat(w.nodes[0].identity, api_url="http://127.0.0.1:1", base_model_id=BASE, status={})
+    doc["signature"] = ""
+    assert httpx.post(w.gw.url + "/internal/heartbeat", json=doc).status_code == 403
+    assert httpx.post(w.gw.url + "/internal/heartbeat", content=b"nope").status_code == 400
+
+
+def test_metrics(w):
+    w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=1)
+    text = httpx.get(w.gw.url + "/metrics").text
+    assert 'loramesh_gateway_requests_total{model="acme/alpha",status="ok"}' in text
+    assert 'loramesh_gateway_requests_total{model="nobody/none",status="404"}' in text
+    for name in ("loramesh_gateway_time_to_first_token_seconds_bucket", "loramesh_gateway_request_latency_seconds",
+                 'loramesh_gateway_tokens_total{kind="completion",model="acme/alpha"}',
+                 "loramesh_gateway_routing_decisions_total", "loramesh_gateway_residency_total",
+                 "loramesh_gateway_live_nodes 2.0"):
+        assert name in text, name
+
+
+def test_killed_node_moves_its_adapters(world):
+    w = world
+    w.beat()
+    served = w.client().completions.with_raw_response.create(model="acme/beta", prompt="x", max_tokens=1)
+    victim = next(n for n in w.nodes if n.identity.node_id == served.headers["x-loramesh-node"])
+    w.node_servers[w.nodes.index(victim)].stop()
+    for _ in range(3):
+        raw = w.client().completions.with_raw_response.create(model="acme/beta", prompt="x", max_tokens=1)
+        assert raw.headers["x-loramesh-node"] != victim.identity.node_id
+
+
+def test_every_served_request_is_in_the_outbox_once(world):
+    done, usage = world.records()
+    served = {d.request_id for d in done if d.completion_tokens > 0}
+    assert served and served == {u.request_id for u in usage}
+    assert len(usage) == len({u.request_id for u in usage})
+    keys = {n.identity.node_id: n.identity.node_public_key for n in world.nodes}
+    for u in usage:
+        check_receipt(json.loads(u.receipt_json), u.node_signature, keys[u.node_id])

@@ -1,0 +1,145 @@
+"""Slot table, LRU eviction, pinning, the host tier, and refused adapters, asserted exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from eth_account import Account
+
+from node.adapters import AdapterStore
+from node.engine import (
+    AdapterBaseMismatchError,
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    AdapterSlotsBusyError,
+)
+from tests.utils.engine import PUBLISHER_KEY, greedy
+from tests.utils.factories import make_base, make_package
+
+PROMPT = [1, 40, 41, 42, 43]
+
+
+def _run(engine, aid, rid):
+    done = engine.generate([greedy(rid, aid, PROMPT, 2)])
+    assert done[rid].finish_reason == "length", done[rid].error
+
+
+def test_slot_eviction_order_pinning_and_host_tier(llama_world):
+    a, b, c, d = (x.adapter_id for x in llama_world.adapters)
+    engine = llama_world.engine(num_slots=2, cpu_cache_size=3)
+    m = engine.adapters
+    try:
+        _run(engine, a, "1")
+        assert m.slots == [a, None] and m.cached() == [a] and m.counters["disk_loads"] == 1
+        _run(engine, b, "2")
+        assert m.slots == [a, b] and m.lru_order() == [a, b]
+        _run(engine, a, "3")  # a slot hit makes b the least recently used
+        assert m.lru_order() == [b, a] and m.counters["slot_hits"] == 1 and m.counters["disk_loads"] == 2
+        _run(engine, c, "4")  # evicts b, the LRU
+        assert m.slots == [a, c] and m.cached() == [a, b, c] and m.counters["evictions"] == 1
+        _run(engine, b, "5")  # from the host tier, no disk read; evicts a
+        assert m.slots == [b, c] and m.counters["disk_loads"] == 3 and m.counters["slot_loads"] == 4
+        assert m.cached() == [a, c, b]
+        assert m.make_resident(b, pin=True) == 0
+        _run(engine, d, "6")  # b is pinned although least recent: c goes; the host tier drops a
+        assert m.slots == [b, d] and m.cached() == [c, b, d] and m.counters["cpu_evictions"] == 1
+        _run(engine, a, "7")  # a left the host tier: read from disk again; d is the only unpinned
+        assert m.slots == [b, a] and m.counters["disk_loads"] == 5
+        snap = m.snapshot()
+        assert snap["resident_adapters"] == [
+            {"adapter_id": b, "name": "test/ko-r8", "slot": 0, "pinned": True},
+            {"adapter_id": a, "name": "test/qv-r4", "slot": 1, "pinned": False},
+        ]
+        assert snap["free_slots"] == 0 and snap["num_slots"] == 2
+    finally:
+        engine.close()
+
+
+def test_adapter_in_use_is_not_evicted_and_waiting_request_runs_after(llama_world):
+    a, b = llama_world.adapters[0].adapter_id, llama_world.adapters[1].adapter_id
+    engine = llama_world.engine(num_slots=1)
+    try:
+        engine.add_request(greedy("first", a, PROMPT, 6))
+        engine.add_request(greedy("second", b, PROMPT, 2))
+        order = []
+        while engine.has_work():
+            events, _ = engine.step()
+            order += [(e.request_id, type(e).__name__) for e in events]
+            assert engine.adapters.slots in ([None], [a], [b])
+        first_done = order.index(("first", "FinishEvent"))
+        assert all(rid != "second" for rid, _ in order[:first_done])
+        assert order[-1] == ("second", "FinishEvent")
+    finally:
+        engine.close()
+
+
+def test_all_slots_pinned_refuses_a_new_resident(llama_world):
+    a, b = llama_world.adapters[0].adapter_id, llama_world.adapters[1].adapter_id
+    engine = llama_world.engine(num_slots=1)
+    try:
+        engine.adapters.load(a).result(30)
+        engine.adapters.load(b).result(30)
+        engine.adapters.make_resident(a, pin=True)
+        with pytest.raises(AdapterSlotsBusyError, match="all 1 slots are pinned or in use"):
+            engine.adapters.make_resident(b)
+        engine.adapters.make_resident(a, pin=False)
+        assert engine.adapters.make_resident(b) == 0 and engine.adapters.slots == [b]
+    finally:
+        engine.close()
+
+
+def test_unknown_adapter_fails_its_request_and_others_keep_running(llama_world):
+    engine = llama_world.engine()
+    try:
+        missing = "0x" + "ab" * 32
+        done = engine.generate([greedy("bad", missing, PROMPT, 2), greedy("ok", None, PROMPT, 2)])
+        assert done["bad"].finish_reason == "error" and "is not in this node's store" in done["bad"].error
+        assert done["ok"].finish_reason == "length" and done["ok"].completion_tokens == 2
+        with pytest.raises(AdapterNotFoundError):
+            engine.adapters.load(missing).result(30)
+    finally:
+        engine.close()
+
+
+def test_adapter_for_another_base_is_refused_at_load(llama_world, tmp_path):
+    other = make_base(tmp_path / "other", seed=1)
+    pkg = make_package(other, tmp_path / "pkg", account=Account.from_key(PUBLISHER_KEY), name="test/other")
+    llama_world.store.install(pkg.path)
+    engine = llama_world.engine()
+    try:
+        with pytest.raises(AdapterBaseMismatchError, match="not this node's base"):
+            engine.adapters.load(pkg.adapter_id).result(30)
+    finally:
+        engine.close()
+        llama_world.store.remove(pkg.adapter_id)
+
+
+def test_adapter_above_max_rank_is_refused(llama_world):
+    engine = llama_world.engine(max_lora_rank=8)
+    try:
+        with pytest.raises(AdapterIncompatibleError, match="rank 16, above this node's max_lora_rank 8"):
+            engine.adapters.load(llama_world.adapters[2].adapter_id).result(30)
+    finally:
+        engine.close()
+
+
+def test_fetcher_supplies_an_adapter_the_store_lacks(llama_world, tmp_path):
+    wanted = llama_world.adapters[3]
+    local = AdapterStore(tmp_path / "empty-store")
+    calls = []
+
+    async def fetcher(adapter_id):
+        calls.append(adapter_id)
+        # stands in for a peer: install from another node's store into ours
+        return local.install(llama_world.store.path_for(adapter_id)).path
+
+    engine = llama_world.engine(fetcher=fetcher)
+    engine.adapters.store = local
+    try:
+        async def go():
+            return await engine.adapters.prefetch(wanted.adapter_id)
+        loaded = asyncio.run(go())
+        assert loaded.adapter_id == wanted.adapter_id and loaded.rank == 2 and calls == [wanted.adapter_id]
+    finally:
+        engine.close()

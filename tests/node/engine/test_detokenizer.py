@@ -1,0 +1,51 @@
+"""Incremental text: whole UTF-8 characters only, stop strings held back and cut."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from node.engine.detokenizer import TextStream
+
+
+@pytest.fixture(scope="module")
+def tok(llama_world):
+    return AutoTokenizer.from_pretrained(llama_world.base_dir)
+
+
+def _feed(stream, ids):
+    pieces, stopped = [], False
+    for t in ids:
+        text, stopped = stream.push(t)
+        pieces.append(text)
+        if stopped:
+            break
+    return pieces, stopped
+
+
+def test_multibyte_characters_are_emitted_whole(tok):
+    text = "héllo 世界 🙂 ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text)  # byte-level: several tokens per character
+    stream = TextStream(tok)
+    pieces, _ = _feed(stream, ids)
+    pieces.append(stream.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens completed no character
+
+
+def test_stop_string_is_held_back_then_cut(tok):
+    ids = tok.encode("the answer is 42. END more", add_special_tokens=False)
+    stream = TextStream(tok, stop=("END",))
+    pieces, stopped = _feed(stream, ids)
+    assert stopped and "".join(pieces) == "the answer is 42. " and stream.text == "the answer is 42. "
+    assert not any("E" in p for p in pieces)
+
+
+def test_held_back_prefix_is_released_when_it_is_not_a_stop(tok):
+    ids = tok.encode("a EN b", add_special_tokens=False)
+    stream = TextStream(tok, stop=("END",))
+    pieces, stopped = _feed(stream, ids)
+    pieces.append(stream.flush())
+    assert not stopped and "".join(pieces) == "a EN b"

@@ -1,0 +1,72 @@
+"""The asyncio-facing Engine: streaming, aborting, validation, and a loop that stays responsive."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from node.engine import DuplicateRequestError, Engine, FinishEvent, PromptTooLongError, TokenEvent
+from tests.utils.engine import greedy
+
+
+@pytest.fixture(scope="module")
+def engine(llama_world):
+    eng = Engine(llama_world.config(num_kv_blocks=64, block_size=8), store=llama_world.store).start()
+    yield eng
+    eng.close()
+
+
+def test_stream_yields_tokens_then_finish(engine, llama_world):
+    async def go():
+        stream = engine.submit(greedy("s1", llama_world.adapters[0].adapter_id, [1, 5, 6, 7], 5))
+        return [ev async for ev in stream]
+    events = asyncio.run(go())
+    assert [type(e) for e in events] == [TokenEvent] * 5 + [FinishEvent]
+    fin = events[-1]
+    assert fin.finish_reason == "length" and fin.completion_tokens == 5 and fin.prompt_tokens == 4
+    assert list(fin.token_ids) == [e.token_id for e in events[:-1]]
+    assert fin.text == "".join(e.text for e in events[:-1])
+    assert fin.finished_at >= fin.started_at
+
+
+def test_abort_mid_stream_returns_final_event_and_loop_stays_responsive(engine):
+    async def go():
+        stream = engine.submit(greedy("s2", None, [1, 5, 6, 7], 400))
+        first = await stream.__anext__()
+        ticks = 0
+        for _ in range(5):  # the event loop keeps running while the engine thread works
+            await asyncio.sleep(0.01)
+            ticks += 1
+        final = await engine.abort("s2")
+        rest = [ev async for ev in stream]
+        again = await engine.abort("s2")  # a finished request answers with its final event
+        return first, ticks, final, rest, again
+    first, ticks, final, rest, again = asyncio.run(go())
+    assert isinstance(first, TokenEvent) and ticks == 5
+    assert final.finish_reason == "abort" and 1 <= final.completion_tokens < 400
+    assert rest[-1] == final and again == final
+
+
+def test_closing_a_stream_aborts_the_request(engine):
+    async def go():
+        stream = engine.submit(greedy("s3", None, [1, 5, 6], 400))
+        await stream.__anext__()
+        await stream.aclose()
+        for _ in range(100):
+            if engine.core.recent.get("s3"):
+                break
+            await asyncio.sleep(0.02)
+        return engine.core.recent.get("s3")
+    assert asyncio.run(go()).finish_reason == "abort"
+
+
+def test_bad_requests_are_refused_at_submit(engine):
+    async def go():
+        with pytest.raises(PromptTooLongError, match="the prompt has 600 tokens; this node's context holds"):
+            engine.submit(greedy("s4", None, [1] * 600, 2))
+        stream = engine.submit(greedy("s5", None, [1, 2], 50))
+        with pytest.raises(DuplicateRequestError, match="request s5 is already running"):
+            engine.submit(greedy("s5", None, [1, 2], 2))
+        await engine.abort("s5")
+    asyncio.run(go())

@@ -1,0 +1,200 @@
+"""Gateway test factories: uvicorn in a thread, registry mirror rows, and a stand-in node that speaks
+the node API contract (for unit tests of the proxy only; integration tests use the real node)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlmodel import Session, SQLModel
+
+import gateway.models  # noqa: F401 - registers the gateway's tables
+from devnet.anvil import free_port
+from ledger.db import init_db, make_engine
+from ledger.models import AdapterMirror, NodeMirror
+from node.receipts import make_receipt, sign_receipt
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1:<free port>, in a daemon thread of this process."""
+
+    def __init__(self, app, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on", timeout_graceful_shutdown=3))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on port {self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def make_db(path: Path):
+    """A SQLite database with the ledger's and the gateway's tables."""
+    engine = make_engine(f"sqlite:///{path}")
+    init_db(engine)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def add_node(engine, *, node_id: str, base_model: str, api_url: str, active: bool = True,
+             operator: str = "0x" + "ab" * 20) -> None:  # fmt: skip
+    """A NodeMirror row, as the registry sync would write it."""
+    with Session(engine) as s:
+        s.merge(NodeMirror(node_id=node_id, operator=operator, active=active, base_model=base_model,
+                           peer_id="12D3KooWtest", api_url=api_url, multiaddrs_json="[]", registered_block=1,
+                           updated_block=1))  # fmt: skip
+        s.commit()
+
+
+def add_adapter(engine, *, adapter_id: str, name: str, base_model: str, block: int = 1,
+                owner: str = "0x" + "cd" * 20) -> None:  # fmt: skip
+    """An AdapterMirror row."""
+    with Session(engine) as s:
+        s.merge(AdapterMirror(adapter_id=adapter_id, owner=owner, name=name, version="1.0.0",
+                              predecessor="0x" + "00" * 32, base_model=base_model, price_per_1k_tokens="0",
+                              datasets_json="[]", registered_block=block, updated_block=block))  # fmt: skip
+        s.commit()
+
+
+@dataclass
+class StandInNode:
+    """Behaviour of the stand-in node: `tokens` per request, `delay` between them. Prompts steer it:
+    'FAIL_EARLY' -> 500 before streaming, 'ENGINE_ERROR' -> error event before any token,
+    'CUT_AFTER_2' -> the connection drops after two tokens, 'STOP_AT_3' -> finish_reason stop after 3."""
+
+    identity: object
+    base_model_id: str
+    base_model_name: str = "tiny-test"
+    tokens: int = 5
+    delay: float = 0.0
+    requests: list[dict] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    resident: list[str] = field(default_factory=list)
+    queue_depth: int = 0
+    fail_early: bool = False  # answer every generate with a 500
+    seen: dict = field(default_factory=dict)  # request id -> [produced, prompt_tokens, started_ms, adapter]
+    running: set = field(default_factory=set)  # request ids streaming now
+
+    def receipt(self, rid: str, reason: str) -> dict:
+        produced, prompt_tokens, started, adapter = self.seen[rid]
+        r = make_receipt(request_id=rid, adapter_id=adapter, node_id=self.identity.node_id,
+                         prompt_tokens=prompt_tokens, completion_tokens=produced, finish_reason=reason,
+                         started_at=started, finished_at=int(time.time() * 1000))  # fmt: skip
+        return {"receipt": r, "signature": sign_receipt(r, self.identity.node_key)}
+
+    def status(self) -> dict:
+        return {"node_id": self.identity.node_id, "public_key": self.identity.node_public_key.hex(),
+                "base_model": {"name": self.base_model_name, "id": self.base_model_id},
+                "resident_adapters": [{"adapter_id": a, "name": "", "slot": i, "pinned": False}
+                                      for i, a in enumerate(self.resident)],
+                "free_slots": 4 - len(self.resident), "num_slots": 4, "queue_depth": self.queue_depth,
+                "running": len(self.running), "tokens_per_s": 0.0, "device": "cpu"}  # fmt: skip
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/status")
+        async def status():
+            return self.status()
+
+        @app.post("/v1/adapters/{adapter_id}/load")
+        async def load(adapter_id: str):
+            self.loaded.append(adapter_id)
+            if adapter_id not in self.resident:
+                self.resident.append(adapter_id)
+            return {"adapter_id": adapter_id, "slot": 0, "pinned": False}
+
+        @app.post("/v1/requests/{rid}/abort")
+        async def abort(rid: str):
+            if rid not in self.seen:
+                return JSONResponse({"error": {"message": "unknown", "type": "x", "code": "request_not_found"}}, 404)
+            self.aborted.append(rid)
+            return self.receipt(rid, "abort")
+
+        @app.post("/v1/generate")
+        async def generate(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            prompt = body.get("prompt") or ""
+            if self.fail_early or "FAIL_EARLY" in prompt:
+                return JSONResponse({"error": {"message": "boom", "type": "server_error", "code": "x"}}, 500)
+            if "TOO_LONG" in prompt:
+                return JSONResponse({"error": {"message": "prompt is 900 tokens, the context holds 512",
+                                               "type": "invalid_request_error", "code": "context_length_exceeded"}},
+                                    400)  # fmt: skip
+            rid = body["request_id"]
+            n_prompt = len(body.get("prompt_token_ids") or prompt.split()) or 1
+            self.seen[rid] = [0, n_prompt, int(time.time() * 1000), body.get("adapter_id")]
+            limit = min(body["max_tokens"], 3 if "STOP_AT_3" in prompt else self.tokens)
+
+            async def events():
+                self.running.add(rid)
+                try:
+                    async for ev in produce():
+                        yield ev
+                finally:
+                    self.running.discard(rid)
+
+            async def produce():
+                if "ENGINE_ERROR" in prompt:
+                    yield _ev({"type": "error", "message": "engine broke"})
+                    yield _ev({"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")})
+                    return
+                for i in range(limit):
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    if "CUT_AFTER_2" in prompt and i == 2:
+                        raise RuntimeError("node crashed mid-stream")
+                    self.seen[rid][0] += 1
+                    yield _ev({"type": "token", "text": f" t{i}", "token_id": 10 + i})
+                reason = "stop" if limit < min(body["max_tokens"], self.tokens) or limit == 3 else "length"
+                s = self.receipt(rid, reason)
+                usage = {"prompt_tokens": n_prompt, "completion_tokens": limit, "total_tokens": n_prompt + limit}
+                yield _ev({"type": "done", "finish_reason": reason, "usage": usage, **s})
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        return app
+
+
+def _ev(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def poll(fn, timeout: float = 10.0, interval: float = 0.05):
+    """Call fn until it returns something truthy; that value, or AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def get_json(url: str, **kw) -> dict:
+    return httpx.get(url, timeout=10, **kw).json()
