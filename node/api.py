@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -126,8 +127,13 @@ def _adapter_error(e: AdapterError) -> ApiError:
     return ApiError(500, str(e), "adapter_error")
 
 
-def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bool = True) -> FastAPI:
-    """The node API over a (started or, with manage_engine, to-be-started) engine."""
+def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bool = True,
+               extra_status: Callable[[], dict] | None = None) -> FastAPI:
+    """The node API over a (started or, with manage_engine, to-be-started) engine.
+
+    `extra_status` adds sections (e.g. p2p transfers) to GET /status; `app.state.status_doc()` returns
+    the same document for other users such as the heartbeat sender.
+    """
     public_key = public_key_bytes(node_key)
     node_id = node_id_of(public_key)
 
@@ -167,10 +173,16 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bo
     async def health() -> dict:
         return {"status": "ok"}
 
+    def status_doc() -> dict:
+        doc = {"node_id": node_id, "public_key": public_key.hex(),
+               "base_model": {"name": engine.base_model_name, "id": engine.base_model_id}} | engine.status()
+        return doc | (extra_status() if extra_status is not None else {})
+
+    app.state.status_doc = status_doc
+
     @app.get("/status")
     async def status() -> dict:
-        return {"node_id": node_id, "public_key": public_key.hex(),
-                "base_model": {"name": engine.base_model_name, "id": engine.base_model_id}} | engine.status()
+        return status_doc()
 
     @app.post("/v1/adapters/{adapter_id}/load")
     async def load_adapter(adapter_id: IdPath, body: LoadBody | None = None) -> dict:

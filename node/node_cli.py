@@ -41,15 +41,13 @@ def _group() -> None:
     """Run a node: the shared-base multi-LoRA engine behind the node HTTP API."""
 
 
-def _node_key(key: Path | None):
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+def _identity(key: Path | None):
+    from node.keys import Identity, load_identity
 
     if key is None:
         log.warning("no --key given: using an ephemeral node key; receipts will not verify after a restart")
-        return Ed25519PrivateKey.generate()
-    from node.keys import load_identity
-
-    return load_identity(key).node_key
+        return Identity.generate()
+    return load_identity(key)
 
 
 @node_app.command("run")
@@ -64,12 +62,28 @@ def run(
     max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", min=1, help="Largest adapter rank served.")] = 16,
     kv_blocks: Annotated[int | None, typer.Option("--kv-blocks", min=1, help="KV cache blocks (default: from memory).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    deployment: Annotated[Path | None, typer.Option(
+        "--deployment", help="Deployment file: register this node on chain and check adapter owners there.")] = None,
+    rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
+    listen: Annotated[str | None, typer.Option(
+        "--listen", help="libp2p listen multiaddr, e.g. /ip4/127.0.0.1/tcp/4001 (omit: no p2p).")] = None,
+    bootstrap: Annotated[list[str] | None, typer.Option(
+        "--bootstrap", help="Peer multiaddr (…/p2p/<peer id>) to join the mesh through; repeatable.")] = None,
+    gateway: Annotated[list[str] | None, typer.Option(
+        "--gateway", help="Gateway URL to send signed heartbeats to; repeatable.")] = None,
+    api_url: Annotated[str | None, typer.Option(
+        "--api-url", help="URL gateways use to reach this node (default http://HOST:PORT).")] = None,
+    pin: Annotated[list[str] | None, typer.Option("--pin", help="Adapter id to hold in a slot; repeatable.")] = None,
 ) -> None:
-    """Serve the node API until SIGINT/SIGTERM (in-flight requests are aborted with receipts)."""
-    from node.adapters import AdapterStore
-    from node.api import create_app
+    """Serve the node API until SIGINT/SIGTERM (in-flight requests are aborted with receipts).
+
+    With --deployment the node registers itself on chain (operator = the key's address) and only
+    accepts adapters signed by their registered owner; with --listen it joins the p2p mesh and
+    fetches adapters it lacks from peers; with --gateway it heartbeats to those gateways.
+    """
     from node.basemodel import quiet_transformers
-    from node.engine import Engine, EngineConfig
+    from node.daemon import DaemonConfig, NodeDaemon
+    from node.engine import EngineConfig
 
     logging.getLogger("node").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
@@ -77,18 +91,21 @@ def run(
     quiet_transformers()
     if not (base / "config.json").is_file():
         raise typer.BadParameter(f"{base} is not a base model folder (config.json missing)", param_hint="--base")
-    node_key = _node_key(key)
-    config = EngineConfig(model_dir=base, device=device, num_slots=slots, max_lora_rank=max_lora_rank,
-                          num_kv_blocks=kv_blocks, threads=threads)
-    engine = Engine(config, store=AdapterStore(store))
-    app = create_app(engine, node_key)
-    from node.receipts import node_id_of, public_key_bytes
-
-    log.info("node %s serving %s on http://%s:%d", node_id_of(public_key_bytes(node_key)), engine.base_model_name,
-             host, port)
-    server = NodeServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+    if deployment is not None and key is None:
+        raise typer.BadParameter("registering on chain needs the operator's identity file", param_hint="--key")
+    identity = _identity(key)
+    config = DaemonConfig(base=base, store=store, host=host, port=port, api_url=api_url, deployment=deployment,
+                          rpc=rpc, listen=listen, bootstrap=tuple(bootstrap or ()), gateways=tuple(gateway or ()),
+                          pins=tuple(pin or ()))
+    engine_config = EngineConfig(model_dir=base, device=device, num_slots=slots, max_lora_rank=max_lora_rank,
+                                 num_kv_blocks=kv_blocks, threads=threads)
+    daemon = NodeDaemon(config, engine_config, identity)
+    log.info("node %s serving %s on %s", identity.node_id, daemon.engine.base_model_name, config.public_url)
+    server = NodeServer(uvicorn.Config(daemon.app, host=host, port=port, log_level="warning",
                                         timeout_graceful_shutdown=10, lifespan="on"))
-    server.run()  # lifespan shutdown closes the engine (in-flight requests end as aborted)
+    server.run()  # lifespan shutdown stops heartbeats, the p2p host and the engine
+    if not server.started:
+        raise RuntimeError(f"node did not start: see the log above (port {port} busy, chain unreachable, ...)")
     log.info("node stopped")
 
 

@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 from node.adapters.errors import PackageError
-from node.adapters.manifest import check_file_name
+from node.adapters.manifest import RESERVED_FILES, check_file_name
 
 MAX_UPLOAD_BYTES = 4 << 30
 MAX_FILES = 64
@@ -39,7 +39,8 @@ def untar_package(data: bytes, dest: Path) -> None:
             for m in members:
                 if not m.isreg():
                     raise PackageError(f"upload entry {m.name!r} is not a regular file")
-                check_file_name(m.name)
+                if m.name not in RESERVED_FILES:  # manifest and signature travel with the files
+                    check_file_name(m.name)
                 src = tar.extractfile(m)
                 assert src is not None  # regular files always have a body
                 with (dest / m.name).open("xb") as out:

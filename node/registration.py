@@ -1,0 +1,61 @@
+"""The node's side of the chain: register itself in the node registry, find peers there, look up owners."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from ledger.chain import ChainClient
+from ledger.errors import UnknownAdapter, UnknownNode
+
+log = logging.getLogger(__name__)
+
+
+class RegistrationError(RuntimeError):
+    """The node cannot take its place in the on-chain registry."""
+
+
+def ensure_registered(client: ChainClient, *, node_id: str, peer_id: str, multiaddrs: Sequence[str], api_url: str,
+                      base_model: str) -> str:
+    """Register this node (or bring its entry up to date); returns what was done: registered/updated/unchanged."""
+    try:
+        current = client.get_node(node_id)
+    except UnknownNode:
+        client.register_node(node_id, peer_id=peer_id, multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)
+        log.info("registered node %s on chain (operator %s)", node_id, client.address)
+        return "registered"
+    if current.operator != client.address:
+        raise RegistrationError(f"node id {node_id} is registered to operator {current.operator}, not {client.address}")
+    action = "unchanged"
+    wanted = (peer_id, tuple(multiaddrs), api_url, base_model)
+    if (current.peer_id, tuple(current.multiaddrs), current.api_url, current.base_model) != wanted:
+        client.update_node(node_id, peer_id=peer_id, multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)
+        action = "updated"
+    if not current.active:
+        client.set_node_active(node_id, True)
+        action = "updated"
+    log.info("node %s on chain: %s", node_id, action)
+    return action
+
+
+def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -> list[str]:
+    """Multiaddrs of the other active nodes in the registry that serve the same base model."""
+    node_ids = {"0x" + ev["args"]["nodeId"].hex() for ev in client.events("registry", "NodeRegistered")}
+    addrs: list[str] = []
+    for node_id in sorted(node_ids - {exclude_node}):
+        info = client.get_node(node_id)
+        if info.active and info.base_model == base_model:
+            addrs.extend(info.multiaddrs)
+    return addrs
+
+
+def owner_lookup(client: ChainClient):
+    """`owner_of(adapter_id) -> address | None` backed by the adapter registry (None = unregistered)."""
+
+    def owner_of(adapter_id: str) -> str | None:
+        try:
+            return client.get_adapter(adapter_id).owner
+        except UnknownAdapter:
+            return None
+
+    return owner_of
