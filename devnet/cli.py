@@ -11,6 +11,7 @@ from rich.console import Console
 
 from devnet.demo_cli import demo
 from devnet.devnet_cli import devnet_app
+from devnet.explorer_cli import explorer
 from gateway.cli import gateway_app
 from ledger.cli import rewards_app, settler_app
 from node.cli import adapter_app, base_app, keys_app
@@ -30,6 +31,7 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(devnet_app, name="devnet")
 app.add_typer(rewards_app, name="rewards")
 app.add_typer(settler_app, name="settler")
+app.command("explorer")(explorer)
 app.command("demo")(demo)
 
 _err = Console(stderr=True, soft_wrap=True)

@@ -1,0 +1,277 @@
+"""ChainIndex: every event of our two contracts, decoded, kept in memory and extended block by block.
+
+The explorer needs only eth_blockNumber, eth_getLogs and a few eth_call/eth_getBlockByNumber (see
+notes/evm.md): each page asks for the head, and logs of blocks not seen yet are fetched in one
+range query over both contract addresses and decoded by topic. A head below the last indexed block
+means the chain was reset, so the index starts over.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from eth_utils import event_abi_to_log_topic
+
+from ledger.chain import ChainClient
+from ledger.transport import rpc_guard
+from ledger.types import Role
+
+log = logging.getLogger(__name__)
+
+LOG_CHUNK = 50_000  # blocks per eth_getLogs call
+
+
+def _h(b: bytes) -> str:
+    return "0x" + bytes(b).hex()
+
+
+def _tx(ev) -> str:
+    return _h(ev["transactionHash"])
+
+
+@dataclass(slots=True)
+class AdapterView:
+    adapter_id: str
+    owner: str
+    name: str
+    version: str
+    predecessor: str
+    base_model: str
+    price: int
+    datasets: list[tuple[str, int]]  # (dataset id, share in basis points)
+    block: int
+    tx_hash: str
+    history: list[tuple[int, str, str]] = field(default_factory=list)  # (block, tx, what changed)
+
+
+@dataclass(slots=True)
+class DatasetView:
+    dataset_id: str
+    content_hash: str
+    payee: str
+    block: int
+    tx_hash: str
+    history: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class NodeView:
+    node_id: str
+    operator: str
+    active: bool
+    base_model: str
+    peer_id: str
+    api_url: str
+    multiaddrs: list[str]
+    block: int
+    tx_hash: str
+    history: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BatchView:
+    batch_id: str
+    settler: str
+    merkle_root: str
+    record_count: int
+    total_fees: int
+    block: int
+    tx_hash: str
+    timestamp: int | None = None
+
+
+@dataclass(slots=True)
+class RecordView:
+    """One RecordSettled event."""
+
+    request_id: str
+    batch_id: str
+    adapter_id: str
+    node_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    fee: int
+    block: int
+    tx_hash: str
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class RewardView:
+    """One RewardAccrued event; role is "node", "adapter_owner" or "dataset"."""
+
+    batch_id: str
+    account: str
+    adapter_id: str
+    role: str
+    subject_id: str
+    amount: int
+    block: int
+    tx_hash: str
+
+
+@dataclass(slots=True)
+class MoneyEvent:
+    """A deposit, reclaim or withdrawal."""
+
+    kind: str
+    account: str
+    amount: int
+    block: int
+    tx_hash: str
+
+
+class ChainIndex:
+    """Registry state and ledger history rebuilt from events; `refresh()` before reading."""
+
+    def __init__(self, client: ChainClient) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._decoders = {}
+        for contract in (client.registry, client.ledger):
+            for item in contract.abi:
+                if item.get("type") == "event":
+                    self._decoders[event_abi_to_log_topic(item)] = getattr(contract.events, item["name"])()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.last_block = self.client.deployment.deploy_block - 1
+        self.adapters: dict[str, AdapterView] = {}
+        self.datasets: dict[str, DatasetView] = {}
+        self.nodes: dict[str, NodeView] = {}
+        self.batches: dict[str, BatchView] = {}  # in settlement order
+        self.records: list[RecordView] = []  # in settlement order
+        self.records_by_request: dict[str, list[RecordView]] = defaultdict(list)
+        self.records_by_batch: dict[str, list[RecordView]] = defaultdict(list)
+        self.rewards: list[RewardView] = []
+        self.money: list[MoneyEvent] = []
+        self.settlers: dict[str, bool] = {}
+        self.tx_events: dict[str, list[str]] = defaultdict(list)  # tx hash -> event names, for search
+
+    def refresh(self) -> int:
+        """Index blocks up to the head; returns the head block number."""
+        with self._lock, rpc_guard(self.client.rpc_url):
+            w3 = self.client.w3
+            head = w3.eth.block_number
+            if head < self.last_block:
+                log.warning("chain head %d is below indexed block %d: the chain was reset, re-indexing",
+                            head, self.last_block)  # fmt: skip
+                self._reset()
+            addresses = [self.client.registry.address, self.client.ledger.address]
+            start = self.last_block + 1
+            while start <= head:
+                end = min(head, start + LOG_CHUNK - 1)
+                logs = w3.eth.get_logs({"address": addresses, "fromBlock": start, "toBlock": end})
+                for raw in sorted(logs, key=lambda x: (x["blockNumber"], x["logIndex"])):
+                    ev = self.decode(raw)
+                    if ev is not None:
+                        self._apply(ev)
+                self.last_block = end
+                start = end + 1
+            self._fill_timestamps()
+            return head
+
+    def decode(self, raw_log):
+        """The decoded event of a log from one of our contracts, else None."""
+        if raw_log["address"] not in (self.client.registry.address, self.client.ledger.address):
+            return None
+        decoder = self._decoders.get(bytes(raw_log["topics"][0])) if raw_log["topics"] else None
+        return decoder.process_log(raw_log) if decoder is not None else None
+
+    def _fill_timestamps(self) -> None:
+        cache: dict[int, int] = {}
+        for b in self.batches.values():
+            if b.timestamp is None:
+                if b.block not in cache:
+                    cache[b.block] = int(self.client.w3.eth.get_block(b.block)["timestamp"])
+                b.timestamp = cache[b.block]
+
+    # ------------------------------------------------------------------ applying events
+
+    def _apply(self, ev) -> None:
+        name, a, block, tx = ev["event"], ev["args"], ev["blockNumber"], _tx(ev)
+        self.tx_events[tx].append(name)
+        handler = getattr(self, f"_on_{name}", None)
+        if handler is not None:
+            handler(a, block, tx)
+
+    def _on_DatasetRegistered(self, a, block, tx) -> None:
+        ds = _h(a["datasetId"])
+        self.datasets[ds] = DatasetView(ds, _h(a["contentHash"]), a["payee"], block, tx,
+                                        [(block, tx, f"registered, payee {a['payee']}")])  # fmt: skip
+
+    def _on_DatasetPayeeChanged(self, a, block, tx) -> None:
+        d = self.datasets[_h(a["datasetId"])]
+        d.payee = a["payee"]
+        d.history.append((block, tx, f"payee changed to {a['payee']}"))
+
+    def _on_AdapterRegistered(self, a, block, tx) -> None:
+        spec, ad = a["spec"], _h(a["adapterId"])
+        datasets = [(_h(d), int(s)) for d, s in zip(spec["datasetIds"], spec["sharesBps"])]
+        self.adapters[ad] = AdapterView(ad, a["owner"], spec["name"], spec["version"], _h(spec["predecessor"]),
+                                        _h(spec["baseModel"]), int(spec["pricePer1kTokens"]), datasets, block, tx,
+                                        [(block, tx, f"registered by {a['owner']}")])  # fmt: skip
+
+    def _on_AdapterPriceChanged(self, a, block, tx) -> None:
+        ad = self.adapters[_h(a["adapterId"])]
+        ad.price = int(a["pricePer1kTokens"])
+        ad.history.append((block, tx, f"price changed to {ad.price} wei per 1k tokens"))
+
+    def _on_AdapterOwnershipTransferred(self, a, block, tx) -> None:
+        ad = self.adapters[_h(a["adapterId"])]
+        ad.owner = a["newOwner"]
+        ad.history.append((block, tx, f"ownership moved from {a['previousOwner']} to {a['newOwner']}"))
+
+    def _on_NodeRegistered(self, a, block, tx) -> None:
+        nid = _h(a["nodeId"])
+        self.nodes[nid] = NodeView(nid, a["operator"], True, _h(a["baseModel"]), a["peerId"], a["apiUrl"],
+                                   list(a["multiaddrs"]), block, tx,
+                                   [(block, tx, f"registered by {a['operator']}")])  # fmt: skip
+
+    def _on_NodeUpdated(self, a, block, tx) -> None:
+        n = self.nodes[_h(a["nodeId"])]
+        n.base_model, n.peer_id, n.api_url = _h(a["baseModel"]), a["peerId"], a["apiUrl"]
+        n.multiaddrs = list(a["multiaddrs"])
+        n.history.append((block, tx, f"updated: peer {a['peerId']}, API {a['apiUrl']}"))
+
+    def _on_NodeActiveChanged(self, a, block, tx) -> None:
+        n = self.nodes[_h(a["nodeId"])]
+        n.active = bool(a["active"])
+        n.history.append((block, tx, "activated" if n.active else "deactivated"))
+
+    def _on_SettlerGranted(self, a, block, tx) -> None:
+        self.settlers[a["settler"]] = True
+
+    def _on_SettlerRevoked(self, a, block, tx) -> None:
+        self.settlers[a["settler"]] = False
+
+    def _on_Deposited(self, a, block, tx) -> None:
+        self.money.append(MoneyEvent("deposit", a["settler"], int(a["amount"]), block, tx))
+
+    def _on_DepositReclaimed(self, a, block, tx) -> None:
+        self.money.append(MoneyEvent("reclaim", a["settler"], int(a["amount"]), block, tx))
+
+    def _on_RewardWithdrawn(self, a, block, tx) -> None:
+        self.money.append(MoneyEvent("withdrawal", a["account"], int(a["amount"]), block, tx))
+
+    def _on_RecordSettled(self, a, block, tx) -> None:
+        r = RecordView(_h(a["requestId"]), _h(a["batchId"]), _h(a["adapterId"]), _h(a["nodeId"]),
+                       int(a["promptTokens"]), int(a["completionTokens"]), int(a["fee"]), block, tx)  # fmt: skip
+        self.records.append(r)
+        self.records_by_request[r.request_id].append(r)
+        self.records_by_batch[r.batch_id].append(r)
+
+    def _on_RewardAccrued(self, a, block, tx) -> None:
+        self.rewards.append(RewardView(_h(a["batchId"]), a["account"], _h(a["adapterId"]), Role(a["role"]).name.lower(),
+                                       _h(a["subjectId"]), int(a["amount"]), block, tx))  # fmt: skip
+
+    def _on_BatchSettled(self, a, block, tx) -> None:
+        b = _h(a["batchId"])
+        self.batches[b] = BatchView(b, a["settler"], _h(a["merkleRoot"]), int(a["recordCount"]),
+                                    int(a["totalFees"]), block, tx)  # fmt: skip

@@ -1,0 +1,178 @@
+"""Pages of the registry: adapters (versions, datasets, usage), datasets and their contributors, nodes."""
+
+from __future__ import annotations
+
+from devnet.explorer.layout import (
+    ZERO_ID,
+    adapter_link,
+    address_link,
+    card,
+    esc,
+    eth,
+    id_link,
+    kv,
+    link,
+    mono,
+    num,
+    page,
+    record_link,
+    role,
+    stats,
+    table,
+    tx_link,
+)
+from devnet.explorer.service import Explorer
+
+RECENT = 50
+
+
+def _history(rows) -> str:
+    return table(["block", "transaction", "change"], ([num(b), tx_link(tx), esc(what)] for b, tx, what in rows))
+
+
+def _predecessors(a, versions: list[str]) -> str:
+    if versions:
+        return " ← ".join(versions)
+    if a.predecessor == ZERO_ID:
+        return '<span class="muted">none (first version)</span>'
+    return mono(a.predecessor) + ' <span class="muted">(not registered here)</span>'
+
+
+def records_table(ex: Explorer, records, *, table_id: str) -> str:
+    rows = []
+    for r in records:
+        rows.append([record_link(r.request_id), adapter_link(r.adapter_id, ex.adapter_name(r.adapter_id)),
+                     id_link("nodes", r.node_id), num(r.prompt_tokens), num(r.completion_tokens), eth(r.fee),
+                     id_link("batches", r.batch_id), num(r.block)])  # fmt: skip
+    return table(["request", "adapter", "node", "prompt", "completion", "fee", "batch", "block"], rows,
+                 numeric=(3, 4, 5, 7), empty="no settled records yet", table_id=table_id)  # fmt: skip
+
+
+def adapters_page(ex: Explorer) -> str:
+    usage = ex.usage_by("adapter_id")
+    rows = []
+    for a in sorted(ex.index.adapters.values(), key=lambda a: (a.name, a.block)):
+        u = usage.get(a.adapter_id)
+        rows.append([adapter_link(a.adapter_id, a.name), esc(a.version), address_link(a.owner), eth(a.price),
+                     num(len(a.datasets)), num(u.records if u else 0), num(u.tokens if u else 0),
+                     eth(u.fees if u else 0)])  # fmt: skip
+    body = table(["name", "version", "owner", "price / 1k tokens", "datasets", "records", "tokens", "fees"], rows,
+                 numeric=(3, 4, 5, 6, 7), empty="no adapters registered", table_id="adapters")  # fmt: skip
+    return page("Adapters", body)
+
+
+def adapter_page(ex: Explorer, adapter_id: str) -> str:
+    a = ex.index.adapters[adapter_id]
+    u = ex.usage_by("adapter_id").get(adapter_id)
+    versions = [adapter_link(p, f"{ex.index.adapters[p].name} {ex.index.adapters[p].version}")
+                for p in ex.predecessors(adapter_id)]  # fmt: skip
+    later = [adapter_link(s, f"{ex.index.adapters[s].name} {ex.index.adapters[s].version}")
+             for s in ex.successors(adapter_id)]  # fmt: skip
+    info = kv([
+        ("adapter id", mono(a.adapter_id)),
+        ("name", esc(a.name)),
+        ("version", esc(a.version)),
+        ("owner", address_link(a.owner, full=True)),
+        ("price per 1k tokens", eth(a.price)),
+        ("base model", mono(a.base_model)),
+        ("predecessors", _predecessors(a, versions)),
+        ("successors", ", ".join(later) or '<span class="muted">none</span>'),
+        ("registered", f"block {num(a.block)}, tx {tx_link(a.tx_hash)}"),
+    ], dl_id="adapter-info")  # fmt: skip
+    ds_rows = []
+    for ds, bps in a.datasets:
+        d = ex.index.datasets.get(ds)
+        ds_rows.append([id_link("datasets", ds), address_link(d.payee if d else None), f"{bps / 100:.2f}%"])
+    shares = table(["dataset", "contributor (payee)", "share of the non-node part"], ds_rows, numeric=(2,),
+                   empty="no datasets declared")  # fmt: skip
+    node_pct, ds_pct = ex.client.node_share_bps() / 100, sum(b for _, b in a.datasets) / 100
+    shares += (f'<p class="muted" id="fee-split">Each fee: the serving node operator gets {node_pct:.2f}%; '
+               f"of the rest, the datasets get their shares above and the owner the remaining {100 - ds_pct:.2f}%.</p>")
+    earned: dict[tuple[str, str], int] = {}
+    for rw in ex.index.rewards:
+        if rw.adapter_id == adapter_id:
+            earned[(rw.account, rw.role)] = earned.get((rw.account, rw.role), 0) + rw.amount
+    earned_rows = [[address_link(acc), role(r), eth(v)] for (acc, r), v in sorted(earned.items())]
+    records = [r for r in reversed(ex.index.records) if r.adapter_id == adapter_id][:RECENT]
+    more = link(f"/records?adapter={adapter_id}", "all records of this adapter")
+    body = (card(info)
+            + stats([("records", num(u.records if u else 0)), ("tokens", num(u.tokens if u else 0)),
+                     ("fees", eth(u.fees if u else 0))])
+            + "<h2>Datasets and shares</h2>" + shares
+            + "<h2>Rewards from this adapter</h2>" + table(["account", "role", "accrued"], earned_rows, numeric=(2,))
+            + f"<h2>Latest records</h2><p>{more}</p>" + records_table(ex, records, table_id="adapter-records")
+            + "<h2>History</h2>" + _history(a.history))  # fmt: skip
+    return page(f"Adapter {a.name} {a.version}", body)
+
+
+def datasets_page(ex: Explorer) -> str:
+    earned = ex.dataset_rewards()
+    users: dict[str, int] = {}
+    for a in ex.index.adapters.values():
+        for ds, _ in a.datasets:
+            users[ds] = users.get(ds, 0) + 1
+    rows = [[id_link("datasets", d.dataset_id), address_link(d.payee), mono(d.content_hash[:18] + "…"),
+             num(users.get(d.dataset_id, 0)), eth(earned.get(d.dataset_id, 0))]
+            for d in ex.index.datasets.values()]  # fmt: skip
+    body = table(["dataset", "contributor (payee)", "content hash", "adapters", "rewards accrued"], rows,
+                 numeric=(3, 4), empty="no datasets registered", table_id="datasets")  # fmt: skip
+    contributors: dict[str, int] = {}
+    for d in ex.index.datasets.values():
+        contributors[d.payee] = contributors.get(d.payee, 0) + earned.get(d.dataset_id, 0)
+    crow = [[address_link(p, full=True), eth(v)] for p, v in sorted(contributors.items(), key=lambda kv: -kv[1])]
+    body += "<h2>Contributors</h2>" + table(["address", "dataset rewards accrued"], crow, numeric=(1,))
+    return page("Datasets and contributors", body)
+
+
+def dataset_page(ex: Explorer, dataset_id: str) -> str:
+    d = ex.index.datasets[dataset_id]
+    info = kv([("dataset id", mono(d.dataset_id)), ("contributor (payee)", address_link(d.payee, full=True)),
+               ("content hash", mono(d.content_hash)), ("registered", f"block {num(d.block)}, tx {tx_link(d.tx_hash)}"),
+               ("rewards accrued", eth(ex.dataset_rewards().get(dataset_id, 0)))], dl_id="dataset-info")  # fmt: skip
+    rows = []
+    for a in ex.index.adapters.values():
+        for ds, bps in a.datasets:
+            if ds == dataset_id:
+                rows.append([adapter_link(a.adapter_id, f"{a.name} {a.version}"), address_link(a.owner),
+                             f"{bps / 100:.2f}%"])  # fmt: skip
+    body = (card(info) + "<h2>Adapters trained on it</h2>"
+            + table(["adapter", "owner", "share"], rows, numeric=(2,), empty="no adapter declares it")
+            + "<h2>History</h2>" + _history(d.history))  # fmt: skip
+    return page(f"Dataset {d.dataset_id[:18]}…", body)
+
+
+def nodes_page(ex: Explorer) -> str:
+    usage = ex.usage_by("node_id")
+    rows = []
+    for n in ex.index.nodes.values():
+        u = usage.get(n.node_id)
+        rows.append([id_link("nodes", n.node_id), address_link(n.operator), mono(n.peer_id), esc(n.api_url),
+                     "active" if n.active else '<span class="bad">inactive</span>', num(u.records if u else 0),
+                     num(u.tokens if u else 0)])  # fmt: skip
+    body = table(["node", "operator", "peer id", "API URL", "state", "records", "tokens served"], rows,
+                 numeric=(5, 6), empty="no nodes registered", table_id="nodes")  # fmt: skip
+    return page("Nodes", body)
+
+
+def node_page(ex: Explorer, node_id: str) -> str:
+    n = ex.index.nodes[node_id]
+    u = ex.usage_by("node_id").get(node_id)
+    info = kv([("node id", mono(n.node_id)), ("operator", address_link(n.operator, full=True)),
+               ("peer id", mono(n.peer_id)), ("API URL", esc(n.api_url)),
+               ("multiaddrs", "<br>".join(mono(m) for m in n.multiaddrs) or "none"),
+               ("base model", mono(n.base_model)), ("state", "active" if n.active else "inactive"),
+               ("registered", f"block {num(n.block)}, tx {tx_link(n.tx_hash)}")], dl_id="node-info")  # fmt: skip
+    per_adapter: dict[str, list[int]] = {}
+    for r in ex.index.records:
+        if r.node_id == node_id:
+            acc = per_adapter.setdefault(r.adapter_id, [0, 0])
+            acc[0] += 1
+            acc[1] += r.tokens
+    rows = [[adapter_link(a, ex.adapter_name(a)), num(c), num(t)] for a, (c, t) in per_adapter.items()]
+    records = [r for r in reversed(ex.index.records) if r.node_id == node_id][:RECENT]
+    body = (card(info)
+            + stats([("records", num(u.records if u else 0)), ("tokens served", num(u.tokens if u else 0))])
+            + "<h2>Served per adapter</h2>" + table(["adapter", "records", "tokens"], rows, numeric=(1, 2))
+            + "<h2>Latest records</h2>" + records_table(ex, records, table_id="node-records")
+            + "<h2>History</h2>" + _history(n.history))  # fmt: skip
+    return page(f"Node {n.node_id[:18]}…", body)
