@@ -1,8 +1,10 @@
-"""`loramesh demo`: the command-line face of devnet/demo.py."""
+"""`loramesh demo`: the whole network on this machine, from a tiny base model to attributed, settled answers."""
 
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -10,41 +12,109 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from devnet import demo as stages
+from devnet import demo as models
+from devnet import demo_checks as checks
+from devnet import demo_network as net
+from devnet.anvil import free_port
+from devnet.processes import ManagedProcess, ProcessGroup
+
+PARTICIPANTS = ["alice", "bob", "operator1", "operator2", "gateway"]
 
 
 def demo(
-    workdir: Annotated[Path, typer.Option("--dir", help="Working folder for the demo's models, keys and state.")] = Path(
-        "work/demo"
-    ),
+    workdir: Annotated[Path, typer.Option("--dir", help="Working folder for models, keys, logs and state.")] = Path(
+        "work/demo"),
     fresh: Annotated[bool, typer.Option(help="Delete the working folder first and redo every stage.")] = False,
     once: Annotated[bool, typer.Option(help="Exit after the checks instead of staying up until Ctrl-C.")] = False,
 ) -> None:
-    """Run the whole flow on this machine: tiny base, two contributors' adapters, signed packages, answers."""
-    console = Console()
+    """Run the whole network here: devnet, two contributors' adapters, two p2p nodes, the gateway, the explorer.
+
+    Sends real requests through the openai client, waits until every one is settled on chain,
+    checks that each is there exactly once and that the rewards add up, and prints who earned what.
+    """
+    console = Console(soft_wrap=True)
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    for old in ("store-node1", "store-node2", "gateway.db", "gateway.db-wal", "gateway.db-shm"):
+        shutil.rmtree(workdir / old, ignore_errors=True) if (workdir / old).is_dir() else (workdir / old).unlink(
+            missing_ok=True)  # every run starts a fresh chain, so state tied to the last one goes
     console.rule("[bold]loramesh demo")
-    base = stages.make_base(workdir, console)
-    keys = stages.make_identities(workdir, ["alice", "bob"], console)
-    adapters = stages.demo_adapters(workdir, keys)
-    stages.train_and_pack(workdir, base, adapters, console)
-    show_answers(base, adapters, console)
-    console.print(f"[green]demo finished[/]: everything is under {workdir}")
+    base = models.make_base(workdir, console)
+    ids = models.make_identities(workdir, PARTICIPANTS, console)
+    adapters = models.demo_adapters(workdir, ids)
+    packages = models.train_and_pack(workdir, base, adapters, console)
+    anvil, deployment = net.start_chain(workdir, ids, console)
+    db_url = f"sqlite:///{(workdir / 'gateway.db').resolve()}"
+    with ProcessGroup() as group:
+        try:
+            net.publish_all(packages, ids, deployment, console)
+            gateway_port = free_port()
+            nodes = net.start_nodes(group, workdir, base, ids, deployment, f"http://127.0.0.1:{gateway_port}",
+                                    console)
+            net.hand_packages_to_nodes(packages, nodes, console)
+            net.cross_fetch(packages, nodes, console)
+            api_key = net.create_api_key(db_url)
+            gateway_url = net.start_gateway(group, workdir, gateway_port, base, ids, deployment, db_url, console)
+            net.wait_for_models(gateway_url, api_key, [a.name for a in adapters], group)
+            console.print("• sending requests through the openai client")
+            answers = checks.send_requests(gateway_url, api_key, adapters)
+            console.print(f"• {len(answers)} requests answered; waiting for settlement on chain")
+            checks.wait_settled(db_url, [a.request_id for a in answers])
+            from ledger.chain import ChainClient
+
+            client = ChainClient.from_deployment(deployment)
+            summary = checks.check_on_chain(client, answers)
+            show_answers(answers, console)
+            show_attribution(client, ids, console)
+            console.print(f"[green]✓[/] {summary['records']} requests on chain exactly once in {summary['batches']} "
+                          f"batch(es); rewards accrued = fees = {summary['fees'] / 1e18:.6f} ETH")
+            explorer_port = free_port()
+            explorer = group.start(ManagedProcess("explorer", [
+                "explorer", "--rpc", anvil.rpc_url, "--db", db_url, "--deployment", str(deployment),
+                "--port", str(explorer_port)], workdir / "logs" / "explorer.log"))
+            explorer.wait_http(f"http://127.0.0.1:{explorer_port}/", timeout=60)
+            console.print(f"[bold]explorer[/]: http://127.0.0.1:{explorer_port}/   [bold]gateway[/]: {gateway_url}/v1   "
+                          f"[bold]API key[/]: {api_key}   [bold]chain[/]: {anvil.rpc_url}   logs: {workdir / 'logs'}")
+            if not once:
+                console.print("running; press Ctrl-C to stop everything")
+                wait_for_interrupt()
+        finally:
+            codes = group.stop_all()
+            anvil.stop()
+            bad = {name: code for name, code in codes.items() if code not in (0, None)}
+            if bad:
+                console.print(f"[yellow]processes that did not exit cleanly: {bad}[/]")
+            console.print("stopped every process")
 
 
-def show_answers(base: Path, adapters, console: Console) -> None:
-    """Each adapter's greedy answers to its own prompts beside the base model's."""
-    from node.reference import greedy_answers
+def wait_for_interrupt() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
 
-    for a in adapters:
-        table = Table(title=f"{a.name}: answers to its own prompts")
-        table.add_column("prompt")
-        table.add_column("base model")
-        table.add_column(a.name)
-        base_out = greedy_answers(base, list(a.prompts), max_new_tokens=20)
-        tuned = greedy_answers(base, list(a.prompts), adapter_dir=a.package_dir, max_new_tokens=20)
-        for p, b, t in zip(a.prompts, base_out, tuned):
-            table.add_row(p, repr(b), t)
-        console.print(table)
+
+def show_answers(answers, console: Console) -> None:
+    table = Table(title="answers through the gateway (greedy)")
+    for col in ("adapter", "kind", "prompt", "answer", "tokens"):
+        table.add_column(col)
+    for a in answers:
+        table.add_row(a.adapter, a.kind, a.prompt, a.text.strip(), f"{a.prompt_tokens}+{a.completion_tokens}")
+    console.print(table)
+
+
+def show_attribution(client, ids: dict[str, Path], console: Console) -> None:
+    from ledger.rewards import rewards_summary
+    from node.keys import load_identity
+
+    table = Table(title="attribution on chain: who earned what (ETH)")
+    for col in ("participant", "address", "as node operator", "as adapter owner", "as dataset contributor", "total"):
+        table.add_column(col)
+    for name, path in ids.items():
+        address = load_identity(path, models.DEMO_PASSWORD).address
+        s = rewards_summary(client, address)
+        table.add_row(name, address, *(f"{s.by_role.get(r, 0) / 1e18:.6f}" for r in ("node", "adapter_owner",
+                                                                                   "dataset")),
+                      f"{s.accrued / 1e18:.6f}")
+    console.print(table)

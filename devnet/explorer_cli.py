@@ -29,8 +29,6 @@ def explorer(
     """Serve the attribution explorer: adapters, datasets, nodes, batches, records with checked proofs."""
     import socket
 
-    import uvicorn
-
     from devnet.explorer import ExplorerConfig, create_app
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -42,12 +40,7 @@ def explorer(
     app = create_app(ExplorerConfig(deployment=deployment, db_url=db, rpc_url=rpc))  # checks chain and database
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     typer.echo(f"loramesh explorer on http://{shown}:{port}/ (Ctrl-C to stop)")
-    # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, finishes requests and runs the lifespan
-    # shutdown (which closes the database); then it re-raises the signal, so Ctrl-C arrives here as
-    # KeyboardInterrupt after a clean stop.
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+    from node.serving import serve
+
+    serve(app, host=host, port=port, name="explorer", graceful_timeout=5)
     typer.echo("explorer stopped")

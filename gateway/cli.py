@@ -50,9 +50,8 @@ def run(
     no_settle: Annotated[bool, typer.Option("--no-settle", help="Do not run the settler in this process.")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT."""
-    import uvicorn
-
     from gateway.app import create_app
+    from node.serving import serve
     from gateway.settings import GatewaySettings
 
     overrides = {name: v for name, v in (("rpc_url", rpc), ("deployment", deployment), ("key_file", key),
@@ -74,8 +73,7 @@ def run(
                                  param_hint="--key")  # fmt: skip
     app = create_app(settings, chain_client=chain_client)
     log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, settings.db_url)
-    uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                  timeout_graceful_shutdown=10, lifespan="on")).run()  # fmt: skip
+    serve(app, host=settings.host, port=settings.port, name="gateway")
 
 
 @keys_app.command("create")

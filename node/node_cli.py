@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import uvicorn
 
 log = logging.getLogger("node.node_cli")  # a stable name also under `python -m`
 
 node_app = typer.Typer(help="Run a node: the shared-base multi-LoRA engine behind the node HTTP API.",
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-class NodeServer(uvicorn.Server):
-    """uvicorn re-raises SIGINT/SIGTERM after shutting down; a node stops gracefully and exits 0."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        def handle(sig, frame):
-            if self.should_exit:  # a second signal: stop waiting for open connections
-                self.force_exit = True
-            self.should_exit = True
-            log.info("received %s: shutting down", signal.Signals(sig).name)
-
-        old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
 
 @node_app.callback()
@@ -101,12 +79,9 @@ def run(
                                  num_kv_blocks=kv_blocks, threads=threads)
     daemon = NodeDaemon(config, engine_config, identity)
     log.info("node %s serving %s on %s", identity.node_id, daemon.engine.base_model_name, config.public_url)
-    server = NodeServer(uvicorn.Config(daemon.app, host=host, port=port, log_level="warning",
-                                        timeout_graceful_shutdown=10, lifespan="on"))
-    server.run()  # lifespan shutdown stops heartbeats, the p2p host and the engine
-    if not server.started:
-        raise RuntimeError(f"node did not start: see the log above (port {port} busy, chain unreachable, ...)")
-    log.info("node stopped")
+    from node.serving import serve
+
+    serve(daemon.app, host=host, port=port, name="node")  # shutdown stops heartbeats, the p2p host, the engine
 
 
 if __name__ == "__main__":

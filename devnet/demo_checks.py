@@ -1,0 +1,107 @@
+"""The demo's traffic and its proof: real OpenAI-client requests, then checks that every one of them is
+on chain exactly once and that the rewards accrued add up to the fees of the settled records."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from sqlmodel import Session, select
+
+
+class DemoCheckFailed(RuntimeError):
+    """The demo's end-to-end check found something wrong."""
+
+
+@dataclass(slots=True)
+class Answer:
+    adapter: str
+    kind: str  # completion, chat, stream
+    prompt: str
+    text: str
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _rid(response_id: str) -> str:
+    return "0x" + response_id.split("-", 1)[1]
+
+
+def send_requests(gateway_url: str, api_key: str, adapters) -> list[Answer]:
+    """Each adapter's prompts as completions, plus one chat and one streamed request per adapter."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=180)
+    out: list[Answer] = []
+    for a in adapters:
+        for prompt in a.prompts:
+            r = client.completions.create(model=a.name, prompt=prompt, max_tokens=16, temperature=0)
+            out.append(Answer(a.name, "completion", prompt, r.choices[0].text, _rid(r.id), r.usage.prompt_tokens,
+                              r.usage.completion_tokens))
+        chat = client.chat.completions.create(model=a.name, messages=[{"role": "user", "content": a.prompts[0]}],
+                                              max_tokens=8, temperature=0)
+        out.append(Answer(a.name, "chat", a.prompts[0], chat.choices[0].message.content or "", _rid(chat.id),
+                          chat.usage.prompt_tokens, chat.usage.completion_tokens))
+        text, usage, rid = [], None, ""
+        for chunk in client.completions.create(model=a.name, prompt=a.prompts[1], max_tokens=16, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}):
+            rid = chunk.id
+            if chunk.choices:
+                text.append(chunk.choices[0].text)
+            if chunk.usage is not None:
+                usage = chunk.usage
+        if usage is None:
+            raise DemoCheckFailed(f"the streamed request for {a.name} ended without usage")
+        out.append(Answer(a.name, "stream", a.prompts[1], "".join(text), _rid(rid), usage.prompt_tokens,
+                          usage.completion_tokens))
+    return out
+
+
+def wait_settled(db_url: str, request_ids: list[str], timeout: float = 180.0) -> None:
+    """Until the gateway's ledger outbox says every request is settled on chain."""
+    from ledger.db import make_engine
+    from ledger.models import RecordStatus, UsageRecord
+
+    engine = make_engine(db_url)
+    deadline = time.monotonic() + timeout
+    wanted = set(request_ids)
+    while True:
+        with Session(engine) as s:
+            rows = s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(wanted))).all()
+        settled = {r.request_id for r in rows if r.status == RecordStatus.SETTLED}
+        if settled == wanted:
+            return
+        if time.monotonic() > deadline:
+            missing = sorted(wanted - {r.request_id for r in rows})
+            raise DemoCheckFailed(f"{len(wanted - settled)} of {len(wanted)} records not settled after {timeout:.0f}s"
+                                  + (f"; {len(missing)} never reached the outbox" if missing else ""))
+        time.sleep(0.5)
+
+
+def check_on_chain(client, answers: list[Answer]) -> dict:
+    """Every request settled exactly once with the token counts the client saw; accruals equal fees."""
+    sent = {a.request_id: a for a in answers}
+    events = client.events("ledger", "RecordSettled")
+    counts = Counter("0x" + bytes(e["args"]["requestId"]).hex() for e in events)
+    for rid, a in sent.items():
+        if counts[rid] != 1:
+            raise DemoCheckFailed(f"request {rid} ({a.adapter}) is on chain {counts[rid]} times, expected once")
+    fees, batches = 0, set()
+    for e in events:
+        args = e["args"]
+        rid = "0x" + bytes(args["requestId"]).hex()
+        if rid in sent:
+            a = sent[rid]
+            if (args["promptTokens"], args["completionTokens"]) != (a.prompt_tokens, a.completion_tokens):
+                raise DemoCheckFailed(f"request {rid}: chain has {args['promptTokens']}+{args['completionTokens']} "
+                                      f"tokens, the client was told {a.prompt_tokens}+{a.completion_tokens}")
+            fees += args["fee"]
+            batches.add(bytes(args["batchId"]))
+    accrued = sum(e["args"]["amount"] for e in client.events("ledger", "RewardAccrued")
+                  if bytes(e["args"]["batchId"]) in batches)
+    batch_fees = sum(e["args"]["fee"] for e in events if bytes(e["args"]["batchId"]) in batches)
+    if accrued != batch_fees or batch_fees != fees:
+        raise DemoCheckFailed(f"rewards do not add up: accrued {accrued} wei, fees of the settled records {fees} wei")
+    return {"records": len(sent), "batches": len(batches), "fees": fees, "accrued": accrued}
