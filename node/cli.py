@@ -189,3 +189,39 @@ def adapter_publish(
         console.print(f"  dataset     {d} registered")
     if result.node_url:
         console.print(f"  handed to   {result.node_url}")
+
+
+@adapter_app.command("fetch")
+def adapter_fetch(
+    adapter_id: Annotated[str, typer.Argument(help="Id (0x + 64 hex) of a registered adapter.")],
+    store: Annotated[Path, typer.Option(help="Adapter store folder to install it into.")],
+    bootstrap: Annotated[list[str], typer.Option(help="Peer multiaddr (…/p2p/<peer id>) to join through; repeatable.")],
+    deployment: Annotated[Path, typer.Option(help="Deployment file: the adapter's owner is read from the chain.")] = Path(
+        ".loramesh/devnet/deployment.json"),
+    rpc: Annotated[str | None, typer.Option(help="Chain JSON-RPC URL (default: the deployment's).")] = None,
+    base: Annotated[Path | None, typer.Option(help="Also check the package fits this base model folder.")] = None,
+    listen: Annotated[str, typer.Option(help="libp2p listen multiaddr of this short-lived peer.")] = "/ip4/127.0.0.1/tcp/0",
+) -> None:
+    """Fetch a package from the p2p mesh into a store, verifying every byte and the owner's signature."""
+    from ledger.chain import ChainClient
+    from node.adapters import AdapterStore
+    from node.adapters.manifest import check_id
+    from node.keys import Identity
+    from node.p2p import P2PConfig, P2PNode
+    from node.registration import owner_lookup
+
+    check_id(adapter_id)
+    owner_of = owner_lookup(ChainClient.from_deployment(deployment, rpc_url=rpc))
+    p2p = P2PNode(seed=Identity.generate().node_seed, store=AdapterStore(store), owner_of=owner_of,
+                  config=P2PConfig(listen=listen, bootstrap=tuple(bootstrap)), base_dir=base)
+    with Progress(TextColumn("{task.fields[state]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("{task.fields[peer]}"), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("fetch", total=None, state="discovering", peer="")
+
+        def show(t) -> None:
+            progress.update(task, completed=t.done, total=t.total or None, state=t.state,
+                            peer=(t.peer_id or "")[:16])
+
+        with p2p:
+            pkg = p2p.fetch(adapter_id, on_progress=show)
+    console.print(f"[green]fetched[/] {pkg.name} -> {pkg.path}\n  signer      {pkg.signer} (the registered owner)")

@@ -141,3 +141,23 @@ def test_unknown_adapter_is_a_404_and_the_node_keeps_serving(mesh, published):
     r = nodes["B"].generate("0x" + "42" * 32)
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
     assert nodes["B"].generate(published.adapter_id).status_code == 200
+
+
+def test_cli_fetch_through_the_mesh_with_progress(mesh, published, anvil_chain, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    nodes, _ = mesh
+    b_addr = nodes["B"].status()["p2p"]["listen_addrs"][0]
+    r = subprocess.run([sys.executable, "-m", "devnet", "adapter", "fetch", published.adapter_id, "--store",
+                        str(tmp_path / "store"), "--bootstrap", b_addr, "--deployment",
+                        str(anvil_chain.deployment_path)], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert f"fetched mesh/capitals -> {tmp_path / 'store' / published.adapter_id}" in r.stdout
+    assert AdapterStore(tmp_path / "store").get(published.adapter_id).signer == published.signer
+    r = subprocess.run([sys.executable, "-m", "devnet", "adapter", "fetch", "0x" + "77" * 32, "--store",
+                        str(tmp_path / "store"), "--bootstrap", b_addr, "--deployment",
+                        str(anvil_chain.deployment_path)], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1 and "has no registered owner" in r.stderr and "Traceback" not in r.stderr
