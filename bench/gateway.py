@@ -1,8 +1,8 @@
 """Latency the gateway adds, and requests/s, direct-to-node versus through-the-gateway, streaming.
 
-Starts one real node (tiny base, one adapter) and one gateway as processes on 127.0.0.1, seeds the
-gateway's registry mirror directly (no chain needed: the gateway reads the mirror tables), heartbeats
-for the node from here, then measures in the same run:
+Starts anvil with the contracts, one real node daemon (tiny base, one adapter; it registers itself on
+chain and heartbeats to the gateway) and one gateway, all as `python -m devnet ...` processes on
+127.0.0.1, then measures in the same run:
   - sequential streamed requests, interleaved direct/gateway: time to first token and total, p50/p99;
   - --concurrency clients at once: requests/s both ways.
 
@@ -14,10 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,38 +22,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
-from eth_account import Account  # noqa: E402
 
 from devnet.anvil import free_port  # noqa: E402
+from devnet.processes import ManagedProcess, ProcessGroup  # noqa: E402
 from gateway.keys import create_key  # noqa: E402
-from node.adapters import AdapterStore  # noqa: E402
-from node.basemodel import base_model_id  # noqa: E402
-from node.heartbeat import HeartbeatSender  # noqa: E402
 from node.keys import create_identity  # noqa: E402
+from node.publish import publish  # noqa: E402
+from tests.utils.chain import start_chain  # noqa: E402
 from tests.utils.factories import make_base, make_package  # noqa: E402
-from tests.utils.gateway import add_adapter, add_node, make_db  # noqa: E402
+from tests.utils.gateway import make_db  # noqa: E402
 
 PASSWORD = "bench"
-
-
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, LORAMESH_KEY_PASSWORD=PASSWORD)
-    return subprocess.Popen([sys.executable, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # fmt: skip
-
-
-def wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{url} exited:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"{url} did not start")
+ETHER = 10**18
+ENV = {"LORAMESH_KEY_PASSWORD": PASSWORD}
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> tuple[float, float, int]:
@@ -83,13 +60,12 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
 
 
-async def measure(args, node_url: str, gw_url: str, key: str, adapter_id: str, sender: HeartbeatSender) -> None:
+async def measure(args, node_url: str, gw_url: str, key: str, adapter_id: str) -> None:
     direct = (node_url + "/v1/generate", {"adapter_id": adapter_id, "prompt": "The capital of France is",
                                           "max_tokens": args.max_tokens, "temperature": 0, "stream": True}, {})
     via = (gw_url + "/v1/completions", {"model": "bench/adapter", "prompt": "The capital of France is",
                                         "max_tokens": args.max_tokens, "temperature": 0, "stream": True},
            {"Authorization": f"Bearer {key}"})  # fmt: skip
-    sender.start()
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
         for path in (direct, via):  # warm both paths (adapter load, connections)
             for _ in range(3):
@@ -110,7 +86,6 @@ async def measure(args, node_url: str, gw_url: str, key: str, adapter_id: str, s
             t0 = time.perf_counter()
             await asyncio.gather(*(go() for _ in range(n)))
             rps[name] = n / (time.perf_counter() - t0)
-    await sender.stop()
     rows = {}
     for name, res in seq.items():
         ttft, total = [r[0] for r in res], [r[1] for r in res]
@@ -136,39 +111,40 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = make_base(root / "base", seed=0)
-        pkg = make_package(base, root / "pkg", account=Account.create(), name="bench/adapter")
-        AdapterStore(root / "store").install(pkg.path)
-        ident = create_identity(root / "node.key", PASSWORD)
-        node_port, gw_port = free_port(), free_port()
-        node_url, gw_url = f"http://127.0.0.1:{node_port}", f"http://127.0.0.1:{gw_port}"
-        engine = make_db(root / "gw.db")
-        add_node(engine, node_id=ident.node_id, base_model=base_model_id(base), api_url=node_url)
-        add_adapter(engine, adapter_id=pkg.adapter_id, name="bench/adapter", base_model=base_model_id(base))
-        key, _ = create_key(engine, name="bench")
-        procs = [
-            spawn(["-c", "from node.node_cli import node_app; node_app()", "run", "--base", str(base), "--store",
-                   str(root / "store"), "--port", str(node_port), "--key", str(root / "node.key"), "--slots", "2",
-                   "--threads", "1", "--kv-blocks", "128"], root / "node.log"),
-            spawn(["-m", "gateway.cli", "run", "--db", f"sqlite:///{root / 'gw.db'}", "--port", str(gw_port),
-                   "--base", str(base), "--no-settle"], root / "gw.log"),
-        ]  # fmt: skip
+        chain = start_chain(root / "chain")
+        group = ProcessGroup()
         try:
-            wait_up(node_url + "/health", procs[0], root / "node.log")
-            wait_up(gw_url + "/health", procs[1], root / "gw.log")
+            base = make_base(root / "base", seed=0)
+            owner = chain.users[0]
+            pkg = make_package(base, root / "pkg", account=owner, name="bench/adapter")
+            ident = create_identity(root / "node.key", PASSWORD)
+            chain.client(chain.admin).fund([ident.address], ETHER)  # gas for the node's own registration
+            engine = make_db(root / "gw.db")
+            key, _ = create_key(engine, name="bench")
+            engine.dispose()
+            node_port, gw_port = free_port(), free_port()
+            node_url, gw_url = f"http://127.0.0.1:{node_port}", f"http://127.0.0.1:{gw_port}"
+            gateway = group.start(ManagedProcess("gateway", [
+                "gateway", "run", "--deployment", str(chain.deployment_path), "--db", f"sqlite:///{root / 'gw.db'}",
+                "--port", str(gw_port), "--base", str(base), "--no-settle"], root / "gw.log", env=ENV))
+            node = group.start(ManagedProcess("node", [
+                "node", "run", "--base", str(base), "--store", str(root / "store"), "--port", str(node_port),
+                "--key", str(root / "node.key"), "--deployment", str(chain.deployment_path), "--gateway", gw_url,
+                "--slots", "2", "--threads", "1", "--kv-blocks", "128"], root / "node.log", env=ENV))  # fmt: skip
+            gateway.wait_http(gw_url + "/health")
+            node.wait_http(node_url + "/health")
+            publish(pkg.path, chain.client(owner), node_url=node_url)  # on chain, then into the node's store
 
-            async def status():
-                async with httpx.AsyncClient(timeout=2) as c:
-                    return (await c.get(node_url + "/status")).json()
+            def ready() -> bool:
+                models = httpx.get(gw_url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5)
+                live = httpx.get(gw_url + "/health", timeout=5).json()["live_nodes"]
+                return live == 1 and "bench/adapter" in {m["id"] for m in models.json().get("data", [])}
 
-            sender = HeartbeatSender(ident, [gw_url], api_url=node_url, base_model_id=base_model_id(base),
-                                     status_fn=status, interval=1.0)  # fmt: skip
-            asyncio.run(measure(args, node_url, gw_url, key, pkg.adapter_id, sender))
+            gateway.wait_until(ready, timeout=60, what="the node live and its adapter listed")
+            asyncio.run(measure(args, node_url, gw_url, key, pkg.adapter_id))
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-                    p.wait(15)
+            group.stop_all()
+            chain.anvil.stop()
 
 
 if __name__ == "__main__":

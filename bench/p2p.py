@@ -117,12 +117,12 @@ def _make_package(work: Path):
     import torch
     from eth_account import Account
 
-    from tests.utils.p2p import make_base, make_package
+    from tests.utils.factories import make_base, make_package
 
     torch.set_num_threads(2)
     base = make_base(work / "base", **BASE)
     owner = Account.create()
-    pkg = make_package(base, work, account=owner, name="bench", rank=RANK, targets=TARGETS)
+    pkg = make_package(base, work / "bench-pkg", account=owner, name="bench", rank=RANK, targets=TARGETS)
     return base, owner.address, pkg
 
 

@@ -23,14 +23,15 @@ class Answer:
     request_id: str
     prompt_tokens: int
     completion_tokens: int
+    base_text: str = ""  # the bare base model's answer to the same prompt, for comparison
 
 
 def _rid(response_id: str) -> str:
     return "0x" + response_id.split("-", 1)[1]
 
 
-def send_requests(gateway_url: str, api_key: str, adapters) -> list[Answer]:
-    """Each adapter's prompts as completions, plus one chat and one streamed request per adapter."""
+def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> list[Answer]:
+    """Each adapter's prompts as completions (and to the bare base), plus one chat and one streamed request."""
     from openai import OpenAI
 
     client = OpenAI(base_url=gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=180)
@@ -38,8 +39,9 @@ def send_requests(gateway_url: str, api_key: str, adapters) -> list[Answer]:
     for a in adapters:
         for prompt in a.prompts:
             r = client.completions.create(model=a.name, prompt=prompt, max_tokens=16, temperature=0)
+            base = client.completions.create(model=base_name, prompt=prompt, max_tokens=16, temperature=0)
             out.append(Answer(a.name, "completion", prompt, r.choices[0].text, _rid(r.id), r.usage.prompt_tokens,
-                              r.usage.completion_tokens))
+                              r.usage.completion_tokens, base.choices[0].text))
         chat = client.chat.completions.create(model=a.name, messages=[{"role": "user", "content": a.prompts[0]}],
                                               max_tokens=8, temperature=0)
         out.append(Answer(a.name, "chat", a.prompts[0], chat.choices[0].message.content or "", _rid(chat.id),

@@ -17,6 +17,7 @@ from devnet import demo_checks as checks
 from devnet import demo_network as net
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess, ProcessGroup
+from node.basemodel import base_model_name
 
 PARTICIPANTS = ["alice", "bob", "operator1", "operator2", "gateway"]
 
@@ -36,9 +37,11 @@ def demo(
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    for old in ("store-node1", "store-node2", "gateway.db", "gateway.db-wal", "gateway.db-shm"):
-        shutil.rmtree(workdir / old, ignore_errors=True) if (workdir / old).is_dir() else (workdir / old).unlink(
-            missing_ok=True)  # every run starts a fresh chain, so state tied to the last one goes
+    # every run starts a fresh chain, so the node stores and the ledger of the last run go with it
+    for name in ("store-node1", "store-node2"):
+        shutil.rmtree(workdir / name, ignore_errors=True)
+    for name in ("gateway.db", "gateway.db-wal", "gateway.db-shm"):
+        (workdir / name).unlink(missing_ok=True)
     console.rule("[bold]loramesh demo")
     base = models.make_base(workdir, console)
     ids = models.make_identities(workdir, PARTICIPANTS, console)
@@ -56,9 +59,9 @@ def demo(
             net.cross_fetch(packages, nodes, console)
             api_key = net.create_api_key(db_url)
             gateway_url = net.start_gateway(group, workdir, gateway_port, base, ids, deployment, db_url, console)
-            net.wait_for_models(gateway_url, api_key, [a.name for a in adapters], group)
+            net.wait_for_models(gateway_url, api_key, [a.name for a in adapters], group, len(nodes))
             console.print("• sending requests through the openai client")
-            answers = checks.send_requests(gateway_url, api_key, adapters)
+            answers = checks.send_requests(gateway_url, api_key, adapters, base_model_name(base))
             console.print(f"• {len(answers)} requests answered; waiting for settlement on chain")
             checks.wait_settled(db_url, [a.request_id for a in answers])
             from ledger.chain import ChainClient
@@ -97,10 +100,11 @@ def wait_for_interrupt() -> None:
 
 def show_answers(answers, console: Console) -> None:
     table = Table(title="answers through the gateway (greedy)")
-    for col in ("adapter", "kind", "prompt", "answer", "tokens"):
+    for col in ("adapter", "kind", "prompt", "answer", "base model's answer", "tokens"):
         table.add_column(col)
     for a in answers:
-        table.add_row(a.adapter, a.kind, a.prompt, a.text.strip(), f"{a.prompt_tokens}+{a.completion_tokens}")
+        table.add_row(a.adapter, a.kind, a.prompt, a.text.strip(), repr(a.base_text) if a.base_text else "",
+                      f"{a.prompt_tokens}+{a.completion_tokens}")
     console.print(table)
 
 

@@ -113,16 +113,18 @@ def start_gateway(group: ProcessGroup, workdir: Path, port: int, base: Path, ide
     return url
 
 
-def wait_for_models(gateway_url: str, api_key: str, names: list[str], group: ProcessGroup) -> None:
-    """Until the gateway lists every adapter with a live node behind it."""
+def wait_for_models(gateway_url: str, api_key: str, names: list[str], group: ProcessGroup, nodes: int) -> None:
+    """Until the gateway has heard every node's heartbeat and lists every adapter."""
     gateway = next(p for p in group.procs if p.name == "gateway")
 
     def ready() -> bool:
+        if httpx.get(gateway_url + "/health", timeout=5).json().get("live_nodes") != nodes:
+            return False
         r = httpx.get(gateway_url + "/v1/models", headers={"authorization": f"Bearer {api_key}"}, timeout=5)
         listed = {m["id"] for m in r.json().get("data", [])}
         return r.status_code == 200 and set(names) <= listed
 
-    gateway.wait_until(ready, timeout=120, what="both adapters listed")
+    gateway.wait_until(ready, timeout=120, what="every node live and every adapter listed")
 
 
 def cross_fetch(packages, node_urls: list[str], console: Console) -> None:

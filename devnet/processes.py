@@ -63,6 +63,12 @@ class ManagedProcess:
     def wait_http(self, url: str, *, timeout: float = 120.0) -> None:
         self.wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, timeout=timeout, what=f"ready at {url}")
 
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up (a crash, for failure tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGINT first (graceful shutdown), SIGKILL if it does not finish in time; returns the exit code."""
         if self.proc is None or self.proc.poll() is not None:

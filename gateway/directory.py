@@ -61,8 +61,13 @@ class NodeEntry:
 
     @property
     def load(self) -> int:
-        """Queued + running at the last heartbeat, or what we have open on it now if that is more."""
-        return max(_int(self.status.get("queue_depth")) + _int(self.status.get("running")), self.inflight)
+        """What we have open on it now plus what waits in its queue at the last heartbeat.
+
+        A heartbeat's running count lags by up to one interval, so a request of ours that just
+        finished would still count and flip the choice between equal owners; our own open count is
+        exact, and the reported queue adds what other gateways are waiting for.
+        """
+        return self.inflight + _int(self.status.get("queue_depth"))
 
 
 def _int(v) -> int:

@@ -1,16 +1,14 @@
-"""The whole path with real processes: anvil with the contracts, two real nodes (tiny base, three adapters),
-the gateway (`python -m gateway.cli run`), driven through the official openai client."""
+"""The whole path with real processes: anvil with the contracts, two real node daemons (tiny base, three
+adapters), the gateway, all started as `python -m devnet ...` and driven through the official openai client.
+
+Each node registers itself on chain (its operator is its own funded identity), takes the packages at
+POST /v1/adapters and heartbeats to the gateway: the test process only publishes and asks.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,13 +17,13 @@ import pytest
 from sqlmodel import Session, select
 
 from devnet.anvil import free_port
+from devnet.processes import ManagedProcess, ProcessGroup
 from gateway.keys import create_key
 from gateway.models import CompletionRecord
 from ledger.models import UsageRecord
-from node.adapters import AdapterStore
-from node.basemodel import base_model_id, base_model_name
-from node.heartbeat import HeartbeatSender
-from node.keys import create_identity
+from node.basemodel import base_model_name
+from node.keys import Identity, create_identity
+from node.publish import publish, upload_to_node
 from node.receipts import check_receipt
 from tests.utils.factories import make_package
 from tests.utils.gateway import make_db, poll
@@ -33,138 +31,88 @@ from tests.utils.gateway import make_db, poll
 pytestmark = pytest.mark.integration
 
 PASSWORD = "integration"
+ETHER = 10**18
 ADAPTER_NAMES = ("acme/capitals", "acme/elements", "acme/poems")
+ENV = {"LORAMESH_KEY_PASSWORD": PASSWORD, "LORAMESH_GATEWAY_SETTLE_INTERVAL_S": "1"}
 
 
-def _spawn(args: list[str], log: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # fmt: skip
+@dataclass
+class Node:
+    identity: Identity
+    url: str
+    proc: ManagedProcess
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up in {timeout}s:\n{log.read_text()[-3000:]}")
+@dataclass
+class Net:
+    gw: str
+    key: str
+    limited: str
+    nodes: list[Node]
+    engine: object  # the gateway's database (ledger outbox + completion records)
+    base_name: str
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
-class Beats:
-    """Heartbeats of the nodes, sent from a thread here until the node daemon sends its own (each node's
-    real /status, signed with its real key)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.senders: dict[str, HeartbeatSender] = {}
-
-    def add(self, identity, api_url: str, base_id: str, gateway_url: str) -> None:
-        async def status():
-            async with httpx.AsyncClient(timeout=2) as c:
-                return (await c.get(api_url + "/status")).json()
-
-        async def start():
-            s = HeartbeatSender(identity, [gateway_url], api_url=api_url, base_model_id=base_id, status_fn=status,
-                                interval=0.5)  # fmt: skip
-            self.senders[identity.node_id] = s.start()
-
-        asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-
-    def remove(self, node_id: str) -> None:
-        asyncio.run_coroutine_threadsafe(self.senders.pop(node_id).stop(), self.loop).result(10)
-
-    def close(self) -> None:
-        for nid in list(self.senders):
-            self.remove(nid)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+def start_node(group: ProcessGroup, i: int, root: Path, base: Path, chain, gw_url: str) -> Node:
+    """A node daemon with its own funded identity; it registers itself on chain and heartbeats to gw_url."""
+    key = root / f"node{i}.key"
+    identity = create_identity(key, PASSWORD)
+    chain.client(chain.admin).fund([identity.address], ETHER)  # gas for its own registration
+    port = free_port()
+    args = ["node", "run", "--base", str(base), "--store", str(root / f"store{i}"), "--port", str(port),
+            "--key", str(key), "--deployment", str(chain.deployment_path), "--gateway", gw_url, "--slots", "4",
+            "--threads", "1", "--kv-blocks", "64"]  # fmt: skip
+    proc = group.start(ManagedProcess(f"node{i}", args, root / f"node{i}.log", env=ENV))
+    return Node(identity, f"http://127.0.0.1:{port}", proc)
 
 
 @pytest.fixture(scope="module")
 def net(anvil_chain, tiny_base, tmp_path_factory):
-    env_chain = anvil_chain
+    chain = anvil_chain
     root = tmp_path_factory.mktemp("net")
-    publisher = env_chain.users[0]
-    operator = env_chain.users[1]
-    base_id = base_model_id(tiny_base)
-    adapters = {}
-    for i, name in enumerate(ADAPTER_NAMES):
-        pkg = make_package(tiny_base, root / f"pkg{i}", account=publisher, name=name, seed=10 + i)
-        m = pkg.manifest
-        env_chain.client(publisher).register_adapter(pkg.adapter_id, name=m.name, version=m.version,
-                                                     base_model=base_id, price_per_1k_tokens=m.price_per_1k_tokens)
-        adapters[name] = pkg
-    env = dict(os.environ, LORAMESH_KEY_PASSWORD=PASSWORD, PYTHONUNBUFFERED="1")
-    procs: list[subprocess.Popen] = []
-    beats = Beats()
+    publisher = chain.users[0]
+    packages = [make_package(tiny_base, root / f"pkg{i}", account=publisher, name=name, seed=10 + i)
+                for i, name in enumerate(ADAPTER_NAMES)]  # fmt: skip
+    engine = make_db(root / "gateway.db")
+    key, _ = create_key(engine, name="app")
+    limited, _ = create_key(engine, name="slow", rpm=1)
+    settler_key = root / "settler.key"
+    settler_key.write_text(chain.settler.key.hex())
+    gw_port = free_port()
+    gw_url = f"http://127.0.0.1:{gw_port}"
+    group = ProcessGroup()
     try:
-        gw_port = free_port()
-        gw_url = f"http://127.0.0.1:{gw_port}"
-        nodes = []
-        for i in range(2):
-            ident = create_identity(root / f"node{i}.key", PASSWORD)
-            store = AdapterStore(root / f"store{i}")
-            for pkg in adapters.values():
-                store.install(pkg.path)
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            env_chain.client(operator).register_node(ident.node_id, peer_id=f"peer{i}", multiaddrs=[], api_url=url,
-                                                     base_model=base_id)  # fmt: skip
-            log = root / f"node{i}.log"
-            proc = _spawn(["-c", "from node.node_cli import node_app; node_app()", "run", "--base", str(tiny_base),
-                           "--store", str(root / f"store{i}"),
-                           "--port", str(port), "--key", str(root / f"node{i}.key"), "--slots", "4",
-                           "--threads", "1", "--kv-blocks", "64"], log, env)  # fmt: skip
-            procs.append(proc)
-            nodes.append({"identity": ident, "url": url, "proc": proc, "log": log})
-        db = root / "gateway.db"
-        engine = make_db(db)
-        key, _ = create_key(engine, name="app")
-        limited, _ = create_key(engine, name="slow", rpm=1)
-        settler_key = root / "settler.key"
-        settler_key.write_text(env_chain.settler.key.hex())
-        glog = root / "gateway.log"
-        gw = _spawn(["-m", "gateway.cli", "run", "--deployment", str(env_chain.deployment_path), "--db",
-                     f"sqlite:///{db}", "--port", str(gw_port), "--key", str(settler_key), "--base", str(tiny_base)],
-                    glog, env | {"LORAMESH_GATEWAY_HEARTBEAT_TTL_S": "3", "LORAMESH_GATEWAY_SETTLE_INTERVAL_S": "1"})
-        procs.append(gw)
-        _wait_http(gw_url + "/health", gw, glog)
+        gateway = group.start(ManagedProcess("gateway", [
+            "gateway", "run", "--deployment", str(chain.deployment_path), "--db", f"sqlite:///{root / 'gateway.db'}",
+            "--port", str(gw_port), "--key", str(settler_key), "--base", str(tiny_base)],
+            root / "gateway.log", env=ENV))  # fmt: skip
+        nodes = [start_node(group, i, root, tiny_base, chain, gw_url) for i in range(2)]  # both load at once
+        gateway.wait_http(gw_url + "/health")
         for n in nodes:
-            _wait_http(n["url"] + "/health", n["proc"], n["log"])
-            beats.add(n["identity"], n["url"], base_id, gw_url)
-        poll(lambda: httpx.get(gw_url + "/health").json()["live_nodes"] == 2, timeout=20)
-        yield {"gw": gw_url, "gw_log": glog, "key": key, "limited": limited, "nodes": nodes, "beats": beats,
-               "engine": engine, "adapters": adapters, "base_name": base_model_name(tiny_base)}
+            n.proc.wait_http(n.url + "/health")
+        for pkg in packages:  # both nodes hold every adapter, so either can take over the other's
+            publish(pkg.path, chain.client(publisher), node_url=nodes[0].url)
+            upload_to_node(pkg, nodes[1].url)
+
+        def ready() -> bool:
+            listed = httpx.get(gw_url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5).json()
+            live = httpx.get(gw_url + "/health", timeout=5).json()["live_nodes"]
+            return live == 2 and set(ADAPTER_NAMES) <= {m["id"] for m in listed.get("data", [])}
+
+        gateway.wait_until(ready, timeout=60, what="both nodes live and every adapter listed")
+        yield Net(gw=gw_url, key=key, limited=limited, nodes=nodes, engine=engine, base_name=base_model_name(tiny_base))
     finally:
-        beats.close()
-        for p in procs:
-            _stop(p)
+        group.stop_all()
+        engine.dispose()
 
 
 def client(net, key=None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=net["gw"] + "/v1", api_key=key or net["key"], max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=net.gw + "/v1", api_key=key or net.key, max_retries=0, timeout=60)
 
 
 def test_list_models(net):
     ids = [m.id for m in client(net).models.list()]
-    assert ids == [*ADAPTER_NAMES, net["base_name"]]
+    assert ids == [*ADAPTER_NAMES, net.base_name]
 
 
 def test_completion(net):
@@ -192,7 +140,7 @@ def test_stream_usage_matches_tokens_streamed(net):
 
 
 def test_base_model(net):
-    r = client(net).completions.create(model=net["base_name"], prompt="hello", max_tokens=2, temperature=0)
+    r = client(net).completions.create(model=net.base_name, prompt="hello", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
 
 
@@ -207,7 +155,7 @@ def test_repeated_requests_stay_on_one_node(net):
 def test_errors(net):
     with pytest.raises(openai.AuthenticationError):
         client(net, "lm-not-a-key").models.list()
-    slow = client(net, net["limited"])
+    slow = client(net, net.limited)
     slow.models.list()
     with pytest.raises(openai.RateLimitError) as ei:
         slow.models.list()
@@ -219,7 +167,7 @@ def test_errors(net):
 
 
 def test_client_disconnect_is_recorded_with_the_nodes_receipt(net):
-    with httpx.stream("POST", net["gw"] + "/v1/completions", headers={"Authorization": f"Bearer {net['key']}"},
+    with httpx.stream("POST", net.gw + "/v1/completions", headers={"Authorization": f"Bearer {net.key}"},
                       json={"model": "acme/capitals", "prompt": "x", "max_tokens": 400, "stream": True}) as r:
         rid = r.headers["x-request-id"]
         seen = 0
@@ -229,7 +177,7 @@ def test_client_disconnect_is_recorded_with_the_nodes_receipt(net):
                 break  # hang up mid-stream
 
     def record():
-        with Session(net["engine"]) as s:
+        with Session(net.engine) as s:
             usage = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
             return s.get(CompletionRecord, rid), usage
 
@@ -244,25 +192,24 @@ def test_client_disconnect_is_recorded_with_the_nodes_receipt(net):
 def test_killing_a_node_moves_its_adapters(net):
     raw = client(net).completions.with_raw_response.create(model="acme/poems", prompt="x", max_tokens=1)
     victim_id = raw.headers["x-loramesh-node"]
-    victim = next(n for n in net["nodes"] if n["identity"].node_id == victim_id)
-    net["beats"].remove(victim_id)
-    os.killpg(victim["proc"].pid, signal.SIGKILL)
-    victim["proc"].wait(10)
+    victim = next(n for n in net.nodes if n.identity.node_id == victim_id)
+    victim.proc.kill()  # no graceful shutdown: its heartbeats just stop
+    victim.proc.proc.wait(10)
     for model in ADAPTER_NAMES:
         raw = client(net).completions.with_raw_response.create(model=model, prompt="x", max_tokens=2)
         assert raw.headers["x-loramesh-node"] != victim_id and raw.parse().usage.completion_tokens == 2
 
 
 def test_every_served_request_is_in_the_outbox_once_with_valid_signature(net):
-    with Session(net["engine"]) as s:
+    with Session(net.engine) as s:
         done = s.exec(select(CompletionRecord)).all()
         usage = s.exec(select(UsageRecord)).all()
     served = {d.request_id for d in done if d.completion_tokens > 0 and d.adapter_id is not None}
     assert len(served) >= 10
     assert {u.request_id for u in usage} == served and len(usage) == len(served)
-    keys = {n["identity"].node_id: n["identity"].node_public_key for n in net["nodes"]}
+    keys = {n.identity.node_id: n.identity.node_public_key for n in net.nodes}
     for u in usage:
         check_receipt(json.loads(u.receipt_json), u.node_signature, keys[u.node_id])
     # the in-process settler takes it from there
-    poll(lambda: all(u.status == "settled" for u in Session(net["engine"]).exec(select(UsageRecord)).all()),
+    poll(lambda: all(u.status == "settled" for u in Session(net.engine).exec(select(UsageRecord)).all()),
          timeout=30, interval=0.5)

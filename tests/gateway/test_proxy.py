@@ -22,7 +22,8 @@ from ledger.models import UsageRecord
 from node.heartbeat import HeartbeatSender, make_heartbeat
 from node.keys import Identity
 from node.receipts import check_receipt
-from tests.utils.gateway import ServerThread, StandInNode, add_adapter, add_node, make_db, poll
+from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db, poll
+from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
 

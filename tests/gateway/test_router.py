@@ -69,8 +69,16 @@ def test_resident_owner_preferred_over_less_loaded():
 def test_least_loaded_among_cold_owners():
     ranked = rank_nodes(aid(2), [node(i) for i in range(2)])
     top, second = (int(n.node_id[2:4], 16) for n in ranked)
-    route = Router(k=2).route(aid(2), [node(top, running=3), node(second, running=1)])
+    route = Router(k=2).route(aid(2), [node(top, queue=3), node(second, queue=1)])
     assert route.first.node_id == nid(second)
+
+
+def test_a_stale_running_count_does_not_move_an_adapter():
+    # a heartbeat sent while our last request ran still reports it; the top owner must keep the adapter
+    ranked = rank_nodes(aid(2), [node(i) for i in range(2)])
+    top, second = (int(n.node_id[2:4], 16) for n in ranked)
+    route = Router(k=2).route(aid(2), [node(top, running=1, resident=[aid(2)]), node(second, resident=[aid(2)])])
+    assert route.first.node_id == nid(top)
 
 
 def test_inflight_counts_as_load():
@@ -105,7 +113,7 @@ def test_failover_order_lists_every_node_once():
 
 
 def test_base_model_least_loaded():
-    route = Router().route(None, [node(1, running=2), node(2), node(3, queue=1)])
+    route = Router().route(None, [node(1, inflight=2), node(2), node(3, queue=1)])
     assert route.decision == "base" and route.first.node_id == nid(2) and route.owners == ()
 
 

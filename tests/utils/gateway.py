@@ -1,53 +1,23 @@
-"""Gateway test factories: uvicorn in a thread, registry mirror rows, and a stand-in node that speaks
+"""Gateway test factories: registry mirror rows, and a stand-in node that speaks
 the node API contract (for unit tests of the proxy only; integration tests use the real node)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session, SQLModel
 
 import gateway.models  # noqa: F401 - registers the gateway's tables
-from devnet.anvil import free_port
 from ledger.db import init_db, make_engine
 from ledger.models import AdapterMirror, NodeMirror
 from node.receipts import make_receipt, sign_receipt
-
-
-class ServerThread:
-    """A real uvicorn server on 127.0.0.1:<free port>, in a daemon thread of this process."""
-
-    def __init__(self, app, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=3))  # fmt: skip
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start on port {self.port}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def make_db(path: Path):

@@ -1,4 +1,4 @@
-"""Factories for p2p tests and the bench: tiny signed packages, misbehaving servers, peer processes.
+"""p2p test helpers: misbehaving servers and peer processes (packages come from tests/utils/factories.py).
 
 Run as a module to start a peer whose server misbehaves on purpose for some adapters:
     python -m tests.utils.p2p --faults FILE <peer_main args>     (FILE: {adapter_id: tamper|stall|drop|oversize})
@@ -20,45 +20,6 @@ from node.p2p.server import AdapterServer
 from node.p2p.transfer import package_sections
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-# -- packages ------------------------------------------------------------------------------
-
-
-def make_base(out_dir: Path, **kw) -> Path:
-    """A tiny base model (1 layer, hidden 64) unless sizes are given."""
-    from node.basemodel import init_tiny
-
-    args = dict(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2)
-    args.update(kw)
-    return init_tiny(out_dir, seed=0, **args)
-
-
-def make_peft(base_dir: Path, out_dir: Path, *, rank: int = 4, seed: int = 0,
-              targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
-    """A PEFT LoRA folder on `base_dir` with random (non-zero) A and B."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.02)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
-def make_package(base_dir: Path, work: Path, *, account, name: str, rank: int = 4, seed: int = 0,
-                 targets: tuple[str, ...] = ("q_proj", "v_proj")):
-    """A signed package folder at work/<name>-pkg; returns its VerifiedPackage."""
-    from node.adapters import pack_adapter
-
-    peft_dir = make_peft(base_dir, work / f"{name}-peft", rank=rank, seed=seed, targets=targets)
-    return pack_adapter(peft_dir, work / f"{name}-pkg", name=name, account=account, base_dir=base_dir)
 
 
 # -- misbehaving server ---------------------------------------------------------------------

@@ -8,17 +8,14 @@ this database), a withdrawal, one rejected and one pending record.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from sqlmodel import Session
 
-from devnet.anvil import free_port
 from ledger.db import init_db, make_engine
 from ledger.merkle import MerkleTree
 from ledger.outbox import add_usage_record
@@ -122,30 +119,3 @@ def _serve(engine, adapter_id: str, node: Identity, *, prompt: int, completion: 
                          node_signature=sign_receipt(receipt, node.node_key))  # fmt: skip
         s.commit()
     return rid
-
-
-class ServerThread:
-    """The app under a real uvicorn on 127.0.0.1:<free port>, in a daemon thread."""
-
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=3))  # fmt: skip
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start on port {self.port}")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)

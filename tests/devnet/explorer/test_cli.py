@@ -18,7 +18,7 @@ from devnet.explorer_cli import ExplorerPortInUse, explorer
 from ledger.chain import ChainClient
 from ledger.errors import ChainUnavailable, DeploymentMismatch
 from tests.devnet.explorer.htmlq import text_of
-from tests.devnet.explorer.scenario import ServerThread
+from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
 

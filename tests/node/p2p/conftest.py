@@ -11,7 +11,8 @@ import torch
 from eth_account import Account
 
 from node.adapters import AdapterStore, VerifiedPackage
-from tests.utils.p2p import PeerProcess, make_base, make_package
+from tests.utils.factories import make_base, make_package
+from tests.utils.p2p import PeerProcess
 
 
 @dataclass
@@ -31,11 +32,12 @@ class Packages:
 def packages(tmp_path_factory) -> Packages:
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("pkgs")
-    base = make_base(work / "base")
+    # one layer, hidden 64: the transfer tests need real signed packages, not a big model
+    base = make_base(work / "base", hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2)
     owner, stranger = Account.create(), Account.create()
-    made = {name: make_package(base, work, account=owner, name=name, seed=i)
+    made = {name: make_package(base, work / name, account=owner, name=name, seed=i)
             for i, name in enumerate(["main", "tampered", "stalled", "dropped", "oversized"])}
-    foreign = make_package(base, work, account=stranger, name="foreign", seed=99)
+    foreign = make_package(base, work / "foreign", account=stranger, name="foreign", seed=99)
     return Packages(base=base, owner=owner.address, stranger=stranger.address, foreign=foreign, **made)
 
 
