@@ -1,19 +1,23 @@
-"""Settlement throughput and gas per record at batch sizes 1, 100, 500, against a real anvil.
+"""Settlement throughput and gas per record at batch sizes 1, 100, 500: the Settler end to end
+(SQLite outbox -> batches -> anvil), sequential against pipelined, in one run.
 
 Starts its own anvil (1-second blocks, zero base fee, as the devnet runs), deploys, registers one
-adapter with two datasets and one node, then for each batch size sends every batch without waiting
-(pipelined nonces) and waits for all receipts. Prints records/s and gas per record, with ratios
-against batch size 1 measured in the same run.
+adapter with two datasets and one node. For each batch size and mode it fills a fresh outbox (not
+timed), then times `Settler.drain()` until every record is settled (receipts awaited, database
+committed). Modes: sequential = SettlerConfig(max_in_flight=1), one batch per receipt, as the
+settler worked before pipelining; pipelined = --in-flight batches sent before awaiting receipts.
+Prints records/s and gas per record, with ratios against batch size 1 and against sequential.
 
-    python bench/settle.py [--records 500] [--batched-records 20000] [--block-time 1]
+    python bench/settle.py [--records 600] [--batched-records 20000] [--seq-seconds 8] [--in-flight 64]
 
-Batch size 1 settles --records; 100 and 500 settle --batched-records, enough to fill several blocks
-(with 1-second blocks a small run measures the block time, not settlement).
+Pipelined settles --records at batch size 1 and --batched-records at 100 and 500; sequential settles
+about --seq-seconds worth of blocks at each size (it does one batch per block, so more only waits).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -23,12 +27,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eth_account import Account  # noqa: E402
+from sqlmodel import Session, select  # noqa: E402
 
 from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, free_port  # noqa: E402
 from devnet.deploy import deploy  # noqa: E402
 from ledger.chain import ChainClient  # noqa: E402
-from ledger.merkle import MerkleTree  # noqa: E402
-from ledger.types import SettleRecord  # noqa: E402
+from ledger.db import init_db, make_engine  # noqa: E402
+from ledger.models import SettlementBatch, UsageRecord  # noqa: E402
+from ledger.settler import Settler, SettlerConfig  # noqa: E402
+
+SIZES = (1, 100, 500)
 
 
 def rid() -> str:
@@ -45,41 +53,69 @@ def setup(rpc_url: str):
     ChainClient(d, owner).register_adapter(adapter, name="bench", version="1", base_model=base,
                                            price_per_1k_tokens=10**12, datasets=[(ds1, 3000), (ds2, 2000)])  # fmt: skip
     ChainClient(d, op).register_node(node, peer_id="p", multiaddrs=[], api_url="http://x", base_model=base)
-    return ChainClient(d, settler), adapter, node, admin
+    return ChainClient(d, settler), adapter, node
 
 
-def run_size(client: ChainClient, adapter: str, node: str, batch_size: int, total: int) -> dict:
-    records = [SettleRecord(rid(), adapter, node, 100 + i % 50, 20 + i % 7) for i in range(total)]
-    batches = [records[i:i + batch_size] for i in range(0, total, batch_size)]
-    prepared = [(rid(), "0x" + MerkleTree.from_records(b).root.hex(), b) for b in batches]
+def fill_outbox(db_url: str, adapter: str, node: str, total: int):
+    engine = make_engine(db_url, immediate=True)
+    init_db(engine)
+    rows = [UsageRecord(request_id=rid(), adapter_id=adapter, node_id=node, prompt_tokens=100 + i % 50,
+                        completion_tokens=20 + i % 7, receipt_json="{}", node_signature="bench")
+            for i in range(total)]  # fmt: skip
+    with Session(engine) as s:
+        s.add_all(rows)
+        s.commit()
+    return engine
+
+
+def run_mode(client: ChainClient, adapter: str, node: str, folder: Path, *, batch_size: int, total: int,
+             in_flight: int) -> dict:  # fmt: skip
+    engine = fill_outbox(f"sqlite:///{folder}/outbox-{batch_size}-{in_flight}.db", adapter, node, total)
+    settler = Settler(engine, client.with_account(client.account),
+                      SettlerConfig(batch_size=batch_size, interval=0, max_in_flight=in_flight))  # fmt: skip
     t0 = time.perf_counter()
-    hashes = [client.send_settle_batch(bid, root, b) for bid, root, b in prepared]
-    gas = 0
-    for h, (bid, root, b) in zip(hashes, prepared):
-        gas += client.wait_settle_batch(h, bid, root, b, timeout=300)["gasUsed"]
+    settled = settler.drain()
     elapsed = time.perf_counter() - t0
-    return {"batch": batch_size, "records": total, "txs": len(batches), "seconds": elapsed,
-            "rps": total / elapsed, "gas_per_record": gas / total}  # fmt: skip
+    if settled != total:
+        raise RuntimeError(f"settled {settled} of {total} records at batch size {batch_size}")
+    with Session(engine) as s:
+        hashes = [b.tx_hash for b in s.exec(select(SettlementBatch))]
+    gas = sum(client.tx.light_receipt(h)["gasUsed"] for h in hashes)
+    engine.dispose()
+    return {"records": total, "txs": len(hashes), "seconds": elapsed, "rps": total / elapsed,
+            "gas_per_record": gas / total}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=500, help="records settled one per transaction")
-    ap.add_argument("--batched-records", type=int, default=20_000, help="records settled at sizes 100 and 500")
+    ap.add_argument("--records", type=int, default=600, help="records settled one per transaction (pipelined)")
+    ap.add_argument("--batched-records", type=int, default=20_000, help="records at sizes 100 and 500 (pipelined)")
+    ap.add_argument("--seq-seconds", type=float, default=8.0, help="about how long each sequential run lasts")
+    ap.add_argument("--in-flight", type=int, default=64, help="max_in_flight of the pipelined mode")
     ap.add_argument("--block-time", type=float, default=1.0)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    seq_batches = max(2, round(args.seq_seconds / args.block_time))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AnvilConfig(port=free_port(), block_time=args.block_time, log_file=Path(tmp) / "anvil.log")
         with Anvil(cfg) as anvil:
-            client, adapter, node, _ = setup(anvil.rpc_url)
-            rows = [run_size(client, adapter, node, size, args.records if size == 1 else args.batched_records)
-                    for size in (1, 100, 500)]
-    base = rows[0]
-    print(f"settlement on anvil (block time {args.block_time:g}s)")
-    print(f"{'batch':>6} {'records':>8} {'txs':>5} {'seconds':>8} {'records/s':>10} {'x vs 1':>7} {'gas/record':>11} {'x vs 1':>7}")
-    for r in rows:
-        print(f"{r['batch']:>6} {r['records']:>8} {r['txs']:>5} {r['seconds']:>8.2f} {r['rps']:>10.0f} {r['rps'] / base['rps']:>7.1f} "
-              f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f}")
+            client, adapter, node = setup(anvil.rpc_url)
+            for size in SIZES:
+                seq = run_mode(client, adapter, node, Path(tmp), batch_size=size, total=seq_batches * size, in_flight=1)
+                pipe = run_mode(client, adapter, node, Path(tmp), batch_size=size,
+                                total=args.records if size == 1 else args.batched_records, in_flight=args.in_flight)
+                rows.append((size, seq, pipe))
+    base = rows[0][2]
+    print(f"settlement on anvil (block time {args.block_time:g}s): Settler.drain() from a SQLite outbox; "
+          f"sequential = max_in_flight 1, pipelined = max_in_flight {args.in_flight}")
+    print(f"{'batch':>6} {'records':>8} {'txs':>5} {'seconds':>8} {'records/s':>10} {'x vs 1':>7} {'gas/record':>11} "
+          f"{'x vs 1':>7} {'seq rec/s':>10} {'pipe/seq':>9}")
+    for size, seq, r in rows:
+        print(f"{size:>6} {r['records']:>8} {r['txs']:>5} {r['seconds']:>8.2f} {r['rps']:>10.0f} "
+              f"{r['rps'] / base['rps']:>7.1f} "
+              f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f} "
+              f"{seq['rps']:>10.1f} {r['rps'] / seq['rps']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def _settler_thread(settings: GatewaySettings, client, account) -> tuple[threadi
 
     engine = make_engine(settings.db_url, immediate=True)
     settler = Settler(engine, client.with_account(account),
-                      SettlerConfig(batch_size=settings.settle_batch_size, interval=settings.settle_interval_s))
+                      SettlerConfig(batch_size=settings.settle_batch_size, interval=settings.settle_interval_s,
+                                    max_in_flight=settings.settle_max_in_flight))
     stop = threading.Event()
     thread = threading.Thread(target=settler.run, args=(stop,), name="settler", daemon=True)
     return thread, stop

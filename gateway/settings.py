@@ -34,6 +34,7 @@ class GatewaySettings(BaseSettings):
     settle: bool = True  # run the ledger settler in-process when a key file is given
     settle_batch_size: int = Field(default=100, ge=1)
     settle_interval_s: float = Field(default=5.0, ge=0)
+    settle_max_in_flight: int = Field(default=32, ge=1, le=256)  # batches sent before awaiting receipts
 
     @field_validator("db_url")
     @classmethod

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from eth_utils import to_checksum_address
+from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
-from ledger.errors import DeploymentMismatch
-from ledger.transport import RevertDecoder, Transactor, make_web3, rpc_guard
+from ledger.errors import DeploymentMismatch, TransactionFailed
+from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, make_web3, rpc_guard
 from ledger.types import (
     ZERO_ID,
     AdapterInfo,
@@ -27,8 +28,34 @@ from ledger.types import (
 log = logging.getLogger(__name__)
 
 
+SETTLE_SELECTOR = function_signature_to_4byte_selector(
+    "settleBatch(bytes32,bytes32,(bytes32,bytes32,bytes32,uint64,uint64)[])"
+)
+GET_BATCH_SELECTOR = function_signature_to_4byte_selector("getBatch(bytes32)")
+_WORD = 32
+
+
 def _hex(b: bytes) -> str:
     return "0x" + bytes(b).hex()
+
+
+def encode_record(r: SettleRecord) -> bytes:
+    """abi.encode(Record): five 32-byte words. It is both the record's calldata and its leaf preimage.
+    Written out by hand because web3's generic encoder costs about 0.5 ms a record."""
+    # SettleRecord holds its ids normalised ("0x" + 64 lowercase hex), so no to_id per field here
+    return (bytes.fromhex(r.request_id[2:]) + bytes.fromhex(r.adapter_id[2:]) + bytes.fromhex(r.node_id[2:])
+            + r.prompt_tokens.to_bytes(_WORD, "big") + r.completion_tokens.to_bytes(_WORD, "big"))  # fmt: skip
+
+
+def record_leaves(encoded: Sequence[bytes]) -> list[bytes]:
+    """Merkle leaves (keccak256 of each encoded record), as AttributionLedger.leafOf computes them."""
+    return [keccak(e) for e in encoded]
+
+
+def settle_calldata(batch_id: str, merkle_root: str, encoded: Sequence[bytes]) -> bytes:
+    """Calldata of settleBatch(batchId, merkleRoot, records) from records already encoded."""
+    head = id_bytes(batch_id) + id_bytes(merkle_root) + (3 * _WORD).to_bytes(_WORD, "big")
+    return SETTLE_SELECTOR + head + len(encoded).to_bytes(_WORD, "big") + b"".join(encoded)
 
 
 class ChainClient:
@@ -45,6 +72,8 @@ class ChainClient:
         self.ledger = self.w3.eth.contract(address=deployment.ledger, abi=led_abi)
         self.decoder = RevertDecoder([reg_abi, led_abi])
         self.tx = Transactor(self.w3, self.decoder, deployment.chain_id, account, receipt_timeout)
+        # settleBatch gas limit by record count: one estimate per count, raised when a batch needs more
+        self._settle_gas: dict[int, int] = {}
 
     @classmethod
     def from_deployment(cls, deployment: str | Path | dict | Deployment, account=None, *,
@@ -211,14 +240,33 @@ class ChainClient:
         return self.ledger.functions.settleBatch(id_bytes(batch_id), id_bytes(merkle_root),
                                                  [r.as_tuple() for r in records])  # fmt: skip
 
-    def send_settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord]) -> str:
-        """Send settleBatch (simulated first: a duplicate raises BatchAlreadySettled); returns tx hash."""
-        return self.tx.send(self._settle_fn(batch_id, merkle_root, records))
+    def send_settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], *,
+                          simulate: bool = True) -> str:  # fmt: skip
+        """Send settleBatch; returns the tx hash. simulate=True estimates it first (a duplicate raises
+        BatchAlreadySettled, any revert its typed error); simulate=False sends at once with the gas
+        limit learned for this record count (estimating only the first batch of each count) and the
+        managed nonce: a revert then shows in wait_settle_batch, a too-low limit as GasTooLow."""
+        data = settle_calldata(batch_id, merkle_root, [encode_record(r) for r in records])
+        n = len(records)
+        if simulate or n not in self._settle_gas:
+            need = int(self.tx.estimate(self.ledger.address, data) * GAS_MARGIN) + 10_000
+            self._settle_gas[n] = max(self._settle_gas.get(n, 0), need)
+        return self.tx.send_data(self.ledger.address, data, gas=self._settle_gas[n])
 
     def wait_settle_batch(self, tx_hash: str, batch_id: str, merkle_root: str, records: Sequence[SettleRecord],
-                          timeout: float | None = None):  # fmt: skip
-        """Wait for a settleBatch receipt; a reverted one raises its decoded reason."""
-        return self.tx.wait(tx_hash, timeout, fn=self._settle_fn(batch_id, merkle_root, records))
+                          timeout: float | None = None, *, light: bool = False):  # fmt: skip
+        """Wait for a settleBatch receipt (light=True: Transactor.light_receipt's fields only, much
+        cheaper); a reverted one raises its decoded reason, one that ran out of gas
+        raises GasTooLow (and the next batch of that size is estimated again)."""
+        def replay() -> dict:  # only a reverted receipt needs the calldata again
+            return {"to": self.ledger.address, "data": settle_calldata(batch_id, merkle_root,
+                                                                      [encode_record(r) for r in records])}  # fmt: skip
+
+        try:
+            return self.tx.wait(tx_hash, timeout, replay=replay, light=light)
+        except GasTooLow:
+            self._settle_gas.pop(len(records), None)
+            raise
 
     def settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord]):
         """Send and wait; returns the receipt."""
@@ -229,10 +277,33 @@ class ChainClient:
 
     def get_batch(self, batch_id: str) -> BatchInfo | None:
         """The settled batch, or None when this id was never settled."""
-        root, settler, block, count, fees = self.tx.call(self.ledger.functions.getBatch(id_bytes(batch_id)))
-        if block == 0:
+        out = self.tx.raw_call(self.ledger.address, GET_BATCH_SELECTOR + id_bytes(batch_id))
+        if len(out) != 5 * _WORD:
+            raise DeploymentMismatch(f"getBatch at {self.ledger.address} returned {len(out)} bytes, not {5 * _WORD}")
+        root, settler, block, count, fees = (out[i:i + _WORD] for i in range(0, 5 * _WORD, _WORD))
+        if not any(block):
             return None
-        return BatchInfo(to_id(batch_id), _hex(root), settler, block, count, fees)
+        return BatchInfo(to_id(batch_id), _hex(root), to_checksum_address(settler[12:]), int.from_bytes(block, "big"),
+                         int.from_bytes(count, "big"), int.from_bytes(fees, "big"))  # fmt: skip
+
+    def await_settled_batch(self, tx_hash: str, batch_id: str, merkle_root: str, records: Sequence[SettleRecord],
+                            timeout: float | None = None, poll: float = 0.05) -> BatchInfo:  # fmt: skip
+        """Wait until `batch_id` is settled (by tx_hash or any other transaction) and return it; when
+        tx_hash is mined without settling it, raise as wait_settle_batch does. Polls getBatch, a few
+        hundred bytes, rather than the receipt, which carries one log per record."""
+        limit = timeout if timeout is not None else self.tx.receipt_timeout
+        deadline = time.monotonic() + limit
+        while (info := self.get_batch(batch_id)) is None:
+            rcpt = self.tx.light_receipt(tx_hash)
+            if rcpt is not None:  # mined after our getBatch, or failed (a failed receipt has no logs)
+                if rcpt["status"] == 1 and (info := self.get_batch(batch_id)) is not None:
+                    return info
+                self.wait_settle_batch(tx_hash, batch_id, merkle_root, records, timeout=0, light=True)
+                raise TransactionFailed(f"transaction {tx_hash} succeeded but batch {batch_id} is not settled")
+            if time.monotonic() > deadline:
+                raise TransactionFailed(f"no receipt for {tx_hash} within {limit:.0f}s")
+            time.sleep(poll)
+        return info
 
     def leaf_of(self, record: SettleRecord) -> str:
         """The leaf as the contract computes it (for cross-checks)."""

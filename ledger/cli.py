@@ -88,6 +88,7 @@ def settler_run(
     rpc: RpcOpt = None,
     batch_size: Annotated[int, typer.Option(help="N: records per batch")] = 100,
     interval: Annotated[float, typer.Option(help="T: seconds a partial batch may wait")] = 5.0,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="batches sent before awaiting their receipts")] = 32,
     drain: Annotated[bool, typer.Option(help="exit once nothing is left to settle")] = False,
 ) -> None:
     """Run the settler until SIGINT/SIGTERM (or, with --drain, until the outbox is empty)."""
@@ -96,7 +97,7 @@ def settler_run(
     engine = make_engine(db, immediate=True)
     init_db(engine)
     client = ChainClient.from_deployment(deployment, load_account(key), rpc_url=rpc)
-    settler = Settler(engine, client, SettlerConfig(batch_size=batch_size, interval=interval))
+    settler = Settler(engine, client, SettlerConfig(batch_size=batch_size, interval=interval, max_in_flight=max_in_flight))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

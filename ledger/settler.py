@@ -4,8 +4,13 @@ State machine (every step is committed before the next one acts, so a crash anyw
   records pending --form--> batch `created` + records `submitted` (one DB transaction)
   batch created --send--> tx hash recorded, batch `sent`
   batch sent --receipt--> batch `settled` + records `settled` (one DB transaction)
-The chain is the judge: before sending, and after any failure, `isSettled(batch_id)` decides. A
+The chain is the judge: before resending, and after any failure, `isSettled(batch_id)` decides. A
 resent batch that already landed reverts with BatchAlreadySettled, which means "settled".
+
+Pipelining: a step sends up to `max_in_flight` batches (each written before it is sent, each with
+the next local nonce) and then waits for all their receipts, so one block carries many batches.
+After a start or any error the settler probes: one batch per step, simulated before it is sent,
+until one of its transactions settles; a revert then never costs more than that one batch.
 """
 
 from __future__ import annotations
@@ -13,14 +18,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from eth_utils import keccak
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from ledger.chain import ChainClient
+from ledger.chain import ChainClient, encode_record, record_leaves
 from ledger.errors import (
     BatchAlreadySettled,
     ChainUnavailable,
@@ -32,13 +40,14 @@ from ledger.errors import (
 )
 from ledger.merkle import MerkleTree
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
-from ledger.outbox import batch_records, pending_records
-from ledger.types import SettleRecord, id_bytes
+from ledger.outbox import batch_records
+from ledger.types import BatchInfo, SettleRecord, id_bytes
 
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "LORAMESH_SETTLER_CRASH_AT"
-CRASH_POINTS = ("before_send", "after_send", "after_receipt")
+# in_flight: every batch of a step sent, no receipt awaited yet. "point@k" dies the k-th time there.
+CRASH_POINTS = ("before_send", "after_send", "in_flight", "after_receipt")
 CRASH_EXIT_CODE = 97
 BATCH_DOMAIN = b"loramesh.batch.v1"
 
@@ -47,16 +56,25 @@ class SettlementError(LedgerError):
     """The chain disagrees with what the database says about a batch."""
 
 
+def _parse_crash(spec: str) -> tuple[str, int]:
+    name, at, count = spec.partition("@")
+    if name not in CRASH_POINTS or (at and not (count.isdigit() and int(count) >= 1)):
+        raise ValueError(f"{CRASH_ENV} must be one of {', '.join(CRASH_POINTS)} (optionally @N), got {spec!r}")
+    return name, int(count or 1)
+
+
 @dataclass(slots=True)
 class SettlerConfig:
     """batch_size (N): most records per batch, and a full batch goes out at once; interval (T): a
-    partial batch goes out when its oldest record has waited this long (seconds)."""
+    partial batch goes out when its oldest record has waited this long (seconds); max_in_flight:
+    most batches sent before waiting for their receipts (1 = one batch per receipt, sequential)."""
 
     batch_size: int = 100
     interval: float = 5.0
     poll: float = 0.2
     max_backoff: float = 15.0
     receipt_timeout: float = 60.0
+    max_in_flight: int = 32
     crash_at: str | None = field(default_factory=lambda: os.environ.get(CRASH_ENV) or None)
 
     def __post_init__(self) -> None:
@@ -64,8 +82,10 @@ class SettlerConfig:
             raise ValueError(f"batch_size must be 1..5000, got {self.batch_size}")
         if self.interval < 0 or self.poll <= 0:
             raise ValueError(f"interval must be >= 0 and poll > 0, got {self.interval}, {self.poll}")
-        if self.crash_at is not None and self.crash_at not in CRASH_POINTS:
-            raise ValueError(f"{CRASH_ENV} must be one of {', '.join(CRASH_POINTS)}, got {self.crash_at!r}")
+        if not 1 <= self.max_in_flight <= 256:
+            raise ValueError(f"max_in_flight must be 1..256, got {self.max_in_flight}")
+        if self.crash_at is not None:
+            _parse_crash(self.crash_at)
 
 
 def batch_id_for(request_ids: list[str]) -> str:
@@ -77,6 +97,28 @@ def to_settle_record(r: UsageRecord) -> SettleRecord:
     return SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
 
 
+@dataclass(slots=True)
+class _Work:
+    """A batch this step sends or waits for. resumed: written by an earlier step (or process), so
+    it may already be settled or have a live transaction; a batch formed in this step has neither."""
+
+    batch: SettlementBatch
+    records: list[SettleRecord]
+    resumed: bool
+    tx_hash: str | None = None
+
+
+_PENDING_COLUMNS = (UsageRecord.id, UsageRecord.request_id, UsageRecord.adapter_id, UsageRecord.node_id,
+                    UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.created_at)  # fmt: skip
+
+
+def _pending_rows(session: Session, limit: int) -> list:
+    """The oldest pending records as plain rows (the ORM objects cost more than the rest of a batch)."""
+    stmt = (select(*_PENDING_COLUMNS).where(UsageRecord.status == RecordStatus.PENDING)
+            .order_by(UsageRecord.id).limit(limit))  # fmt: skip
+    return list(session.exec(stmt).all())
+
+
 class Settler:
     """Moves outbox records onto the chain. One instance per database is the intended deployment;
     two would still settle each batch once (the contract refuses duplicates)."""
@@ -85,7 +127,11 @@ class Settler:
         self.engine = engine
         self.client = client
         self.config = config or SettlerConfig()
+        self.settled_total = 0  # records this instance marked settled
         self._known_ids: set[str] = set()  # adapter and node ids seen registered (registries never delete)
+        self._probe = True  # one simulated batch per step until one of our transactions settles
+        self._crash = _parse_crash(self.config.crash_at) if self.config.crash_at else None
+        self._crash_seen = 0
 
     # ------------------------------------------------------------------ loop
 
@@ -93,11 +139,10 @@ class Settler:
         """Settle until `stop` is set (or, with drain, until nothing is left); returns records settled.
         Chain errors are logged and retried with backoff: records wait, nothing is lost."""
         stop = stop or threading.Event()
-        settled, backoff = 0, self.config.poll
+        start, backoff = self.settled_total, self.config.poll
         while not stop.is_set():
             try:
                 n = self.step(force=drain)
-                settled += n
                 backoff = self.config.poll
                 if n == 0:
                     if drain and not self.has_work():
@@ -111,7 +156,7 @@ class Settler:
                 log.error("settlement refused by the contract (retry in %.1fs): %s", backoff, e)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff)
-        return settled
+        return self.settled_total - start
 
     def drain(self) -> int:
         """Settle everything pending now (partial batches included); raises on chain errors."""
@@ -126,64 +171,99 @@ class Settler:
                 UsageRecord.status.in_([RecordStatus.PENDING, RecordStatus.SUBMITTED])).limit(1)).first() is not None
 
     def step(self, *, force: bool = False) -> int:
-        """Finish the oldest unfinished batch, else form one if due; returns records settled."""
-        batch = self._unfinished_batch()
-        if batch is None:
-            batch = self._form_batch(force=force)
-            if batch is None:
-                return 0
-        return self._finish(batch)
+        """Finish unfinished batches and form due ones, up to max_in_flight (1 while probing), sending
+        each as soon as it is written; then await every receipt. Returns records settled; raises the
+        first chain error after awaiting whatever was already sent."""
+        limit = 1 if self._probe else self.config.max_in_flight
+        before = self.settled_total
+        self.client.tx.reset()  # nonce and fees from the chain once a step: a lost transaction leaves no gap
+        error: LedgerError | None = None
+        sent: list[_Work] = []
+        batches = self._batches(limit, force=force)
+        while True:
+            try:  # forming (registry look-ups) and sending may both fail on the chain
+                if (w := next(batches, None)) is None:
+                    break
+                if self._send(w):
+                    sent.append(w)
+            except LedgerError as e:
+                error = e
+                break  # later batches would only queue behind the failure
+        if sent:
+            self._crash_point("in_flight")
+        deadline = time.monotonic() + self.config.receipt_timeout  # one wait for the whole step
+        for w in sent:
+            try:
+                self._await(w, max(0.0, deadline - time.monotonic()))
+            except LedgerError as e:
+                error = error or e
+        if error is not None:
+            self._probe = True
+            raise error
+        return self.settled_total - before
+
+    def _batches(self, limit: int, *, force: bool) -> Iterator[_Work]:
+        """This step's batches: unfinished ones (oldest first), then new ones, each formed just before
+        it is sent so that early transactions are mined while later batches are being written."""
+        work = self._unfinished(limit)
+        yield from work
+        n = len(work)
+        while n < limit and (w := self._form_batch(force=force)) is not None:
+            n += 1
+            yield w
 
     # ------------------------------------------------------------------ forming
 
-    def _unfinished_batch(self) -> SettlementBatch | None:
+    def _unfinished(self, limit: int) -> list[_Work]:
         with Session(self.engine, expire_on_commit=False) as s:
             stmt = (select(SettlementBatch).where(SettlementBatch.status != BatchStatus.SETTLED)
-                    .order_by(SettlementBatch.id).limit(1))  # fmt: skip
-            return s.exec(stmt).first()
+                    .order_by(SettlementBatch.id).limit(limit))  # fmt: skip
+            return [_Work(b, [to_settle_record(r) for r in batch_records(s, b.batch_id)], resumed=True)
+                    for b in s.exec(stmt).all()]  # fmt: skip
 
-    def _form_batch(self, *, force: bool) -> SettlementBatch | None:
+    def _form_batch(self, *, force: bool) -> _Work | None:
         cfg = self.config
         with Session(self.engine) as s:  # short read; no chain call while the database is locked
-            records = pending_records(s, cfg.batch_size)
-        if not records:
+            rows = _pending_rows(s, cfg.batch_size)
+        if not rows:
             return None
-        due = force or len(records) >= cfg.batch_size or (
-            utcnow() - records[0].created_at >= timedelta(seconds=cfg.interval))
+        due = force or len(rows) >= cfg.batch_size or (
+            utcnow() - rows[0].created_at >= timedelta(seconds=cfg.interval))
         if not due:
             return None
-        unknown = self._unregistered_ids(records)
+        unknown = self._unregistered_ids(rows)
         with Session(self.engine, expire_on_commit=False) as s:
-            rows = pending_records(s, cfg.batch_size)
-            if [r.id for r in rows] != [r.id for r in records]:
+            ids = s.exec(select(UsageRecord.id).where(UsageRecord.status == RecordStatus.PENDING)
+                         .order_by(UsageRecord.id).limit(cfg.batch_size)).all()  # fmt: skip
+            if list(ids) != [r.id for r in rows]:
                 return None  # the outbox changed under us (another settler?): look again next step
             keep = []
             for r in rows:
                 reason = unknown.get(r.adapter_id) or unknown.get(r.node_id)
                 if reason:
                     log.error("rejecting usage record %s: %s", r.request_id, reason)
-                    r.status, r.error = RecordStatus.REJECTED, reason
-                    s.add(r)
+                    s.execute(update(UsageRecord).where(UsageRecord.id == r.id)
+                              .values(status=RecordStatus.REJECTED, error=reason))  # fmt: skip
                 else:
                     keep.append(r)
             if not keep:
                 s.commit()
                 return None
-            settle = [to_settle_record(r) for r in keep]
-            batch = SettlementBatch(
-                batch_id=batch_id_for([r.request_id for r in keep]),
-                merkle_root="0x" + MerkleTree.from_records(settle).root.hex(),
-                record_count=len(keep),
-            )
-            for i, r in enumerate(keep):
-                r.status, r.batch_id, r.leaf_index = RecordStatus.SUBMITTED, batch.batch_id, i
-                s.add(r)
+            settle = [SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
+                      for r in keep]  # fmt: skip
+            tree = MerkleTree(record_leaves([encode_record(r) for r in settle]))
+            batch = SettlementBatch(batch_id=batch_id_for([r.request_id for r in keep]),
+                                    merkle_root="0x" + tree.root.hex(), record_count=len(keep))  # fmt: skip
+            s.execute(update(UsageRecord), [
+                {"id": r.id, "status": RecordStatus.SUBMITTED, "batch_id": batch.batch_id, "leaf_index": i}
+                for i, r in enumerate(keep)
+            ])  # fmt: skip
             s.add(batch)
             s.commit()
         log.info("formed batch %s with %d records", batch.batch_id, batch.record_count)
-        return batch
+        return _Work(batch, settle, resumed=False)
 
-    def _unregistered_ids(self, records: list[UsageRecord]) -> dict[str, str]:
+    def _unregistered_ids(self, records) -> dict[str, str]:
         """Adapter and node ids the registry does not know, with the reason. Records naming them are
         rejected: one such record would otherwise make every batch it sits in revert forever."""
         bad: dict[str, str] = {}
@@ -201,32 +281,39 @@ class Settler:
 
     # ------------------------------------------------------------------ finishing
 
-    def _finish(self, batch: SettlementBatch) -> int:
-        with Session(self.engine) as s:
-            records = [to_settle_record(r) for r in batch_records(s, batch.batch_id)]
-        if self.client.is_settled(batch.batch_id):
-            return self._mark_settled(batch)
-        if batch.tx_hash and self._tx_still_pending(batch.tx_hash):
-            return self._await(batch, batch.tx_hash, records)
+    def _send(self, w: _Work) -> bool:
+        """Send the batch (or find it settled, or its transaction still live); True when a receipt
+        is to be awaited."""
+        batch = w.batch
+        if w.resumed:
+            if self.client.is_settled(batch.batch_id):
+                self._mark_settled(batch)
+                return False
+            if batch.tx_hash and self._tx_still_pending(batch.tx_hash):
+                w.tx_hash = batch.tx_hash
+                return True
         self._crash_point("before_send")
         try:
-            tx_hash = self.client.send_settle_batch(batch.batch_id, batch.merkle_root, records)
+            tx_hash = self.client.send_settle_batch(batch.batch_id, batch.merkle_root, w.records,
+                                                    simulate=self._probe)  # fmt: skip
         except BatchAlreadySettled:
-            return self._mark_settled(batch)
+            self._mark_settled(batch)
+            return False
         self._crash_point("after_send")
         with Session(self.engine, expire_on_commit=False) as s:
             row = s.get(SettlementBatch, batch.id)
             row.tx_hash, row.status, row.sent_at, row.attempts = tx_hash, BatchStatus.SENT, utcnow(), row.attempts + 1
             s.add(row)
             s.commit()
-            batch = row
-        return self._await(batch, tx_hash, records)
+            w.batch = row
+        w.tx_hash = tx_hash
+        return True
 
     def _tx_still_pending(self, tx_hash: str) -> bool:
         """Whether to wait on a recorded transaction rather than resend: mined successfully (odd,
         since isSettled said no: _await sorts it out) or still in the mempool. Reverted or dropped
         transactions (e.g. the chain restarted) are resent."""
-        rcpt = self.client.tx.receipt(tx_hash)
+        rcpt = self.client.tx.light_receipt(tx_hash)
         if rcpt is not None:
             return rcpt["status"] == 1
         try:
@@ -235,20 +322,24 @@ class Settler:
         except Exception:  # noqa: BLE001 - TransactionNotFound: dropped (e.g. chain restarted)
             return False
 
-    def _await(self, batch: SettlementBatch, tx_hash: str, records: list[SettleRecord]) -> int:
+    def _await(self, w: _Work, timeout: float) -> None:
+        batch = w.batch
+        info = None
         try:
-            self.client.wait_settle_batch(tx_hash, batch.batch_id, batch.merkle_root, records,
-                                          timeout=self.config.receipt_timeout)  # fmt: skip
+            info = self.client.await_settled_batch(w.tx_hash, batch.batch_id, batch.merkle_root, w.records,
+                                                   timeout=timeout)  # fmt: skip
+            self._probe = False  # our own transaction settled: the pipe may open
         except BatchAlreadySettled:
             pass  # an earlier send of this batch landed first
         except (TransactionFailed, ContractError):
             if not self.client.is_settled(batch.batch_id):
                 raise
         self._crash_point("after_receipt")
-        return self._mark_settled(batch)
+        self._mark_settled(batch, info)
 
-    def _mark_settled(self, batch: SettlementBatch) -> int:
-        info = self.client.get_batch(batch.batch_id)
+    def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
+        """Record the batch settled as the chain has it (`info`, else getBatch)."""
+        info = info or self.client.get_batch(batch.batch_id)
         if info is None:
             raise SettlementError(f"batch {batch.batch_id} is not settled on chain")
         if info.merkle_root != batch.merkle_root:
@@ -260,17 +351,20 @@ class Settler:
             row.status, row.block_number, row.total_fees = BatchStatus.SETTLED, info.settled_block, str(info.total_fees)
             row.settled_at = utcnow()
             s.add(row)
-            records = batch_records(s, batch.batch_id)
-            for r in records:
-                r.status = RecordStatus.SETTLED
-                s.add(r)
+            n = s.execute(update(UsageRecord).where(UsageRecord.batch_id == batch.batch_id)
+                          .values(status=RecordStatus.SETTLED)).rowcount  # fmt: skip
             s.commit()
-        log.info("batch %s settled in block %d (%d records)", batch.batch_id, info.settled_block, len(records))
-        return len(records)
+        self.settled_total += n
+        log.info("batch %s settled in block %d (%d records)", batch.batch_id, info.settled_block, n)
+        return n
 
     def _crash_point(self, name: str) -> None:
-        """Test-only: die here, abruptly, when LORAMESH_SETTLER_CRASH_AT names this point."""
-        if self.config.crash_at == name:
-            log.warning("crash injection at %s", name)
+        """Test-only: die here, abruptly, when LORAMESH_SETTLER_CRASH_AT names this point (@k: the
+        k-th time it is reached)."""
+        if self._crash is None or self._crash[0] != name:
+            return
+        self._crash_seen += 1
+        if self._crash_seen >= self._crash[1]:
+            log.warning("crash injection at %s", self.config.crash_at)
             logging.shutdown()
             os._exit(CRASH_EXIT_CODE)

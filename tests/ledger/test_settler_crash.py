@@ -32,9 +32,11 @@ def slow_chain(tmp_path_factory):
         env.anvil.stop()
 
 
-def run_settler(env, db_url: str, key_file: Path, crash_at: str | None) -> subprocess.CompletedProcess:
+def run_settler(env, db_url: str, key_file: Path, crash_at: str | None,
+                batch_size: int = 20) -> subprocess.CompletedProcess:  # fmt: skip
     cmd = [sys.executable, "-m", "ledger.cli", "settler", "run", "--db", db_url, "--deployment",
-           str(env.deployment_path), "--key", str(key_file), "--batch-size", "20", "--interval", "0", "--drain"]  # fmt: skip
+           str(env.deployment_path), "--key", str(key_file), "--batch-size", str(batch_size), "--interval", "0",
+           "--drain"]  # fmt: skip
     child_env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash_at:
         child_env[CRASH_ENV] = crash_at
@@ -72,6 +74,44 @@ def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
     with Session(engine) as s:
         assert count_by_status(s) == {"settled": 50}
         assert [b.status for b in s.exec(select(SettlementBatch))] == [BatchStatus.SETTLED] * 3
+    assert set(settled_on_chain(client, ids).values()) == {1}
+    engine.dispose()
+
+
+@pytest.mark.parametrize(("crash_at", "sent_with_hash", "statuses"), [
+    # the probe batch settled, then four batches sent in one step, none awaited
+    ("in_flight@2", 4, {"settled": 10, "submitted": 40}),
+    # the probe batch settled, then the second batch sent and recorded, the third sent unrecorded
+    ("after_send@3", 1, {"settled": 10, "submitted": 20, "pending": 20}),
+])  # fmt: skip
+def test_crash_with_several_batches_in_flight(slow_chain, tmp_path, crash_at, sent_with_hash, statuses):
+    env = slow_chain
+    reg = register_sample(env)
+    db_url = f"sqlite:///{tmp_path}/outbox.db"
+    engine = make_engine(db_url)
+    init_db(engine)
+    ids = add_records(engine, [reg], 50)
+    key_file = tmp_path / "settler.key"
+    key_file.write_text(env.settler.key.hex())
+    client = env.client()
+
+    crashed = run_settler(env, db_url, key_file, crash_at, batch_size=10)
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
+    with Session(engine) as s:
+        batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
+        assert count_by_status(s) == statuses
+    assert batches[0].status == BatchStatus.SETTLED
+    assert [b.status for b in batches[1:]].count(BatchStatus.SENT) == sent_with_hash
+    assert all(b.tx_hash for b in batches[1:1 + sent_with_hash])
+    if crash_at.startswith("after_send"):
+        assert batches[2].status == BatchStatus.CREATED and batches[2].tx_hash is None
+        _wait(lambda: client.is_settled(batches[2].batch_id))  # sent before the crash: it lands anyway
+
+    done = run_settler(env, db_url, key_file, None, batch_size=10)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 50}
+        assert [b.status for b in s.exec(select(SettlementBatch))] == [BatchStatus.SETTLED] * 5
     assert set(settled_on_chain(client, ids).values()) == {1}
     engine.dispose()
 

@@ -1,0 +1,56 @@
+"""The settler's hand-written ABI encoding and Merkle leaves agree with web3 and ledger.merkle;
+crash-injection specs are checked."""
+
+import pytest
+from web3 import Web3
+
+from ledger.artifacts import load_artifact
+from ledger.chain import encode_record, record_leaves, settle_calldata
+from ledger.merkle import MerkleTree, leaf_hash
+from ledger.settler import SettlerConfig
+from ledger.types import SettleRecord
+from tests.utils.chain import rand_id
+
+
+def _records(n):
+    return [SettleRecord(rand_id(), rand_id(), rand_id(), (2**64 - 1) - i, i * 7919) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64])
+def test_calldata_matches_web3_encoding(n):
+    ledger = Web3().eth.contract(address="0x" + "11" * 20, abi=load_artifact("AttributionLedger")["abi"])
+    records, batch_id, root = _records(n), rand_id(), rand_id()
+    ours = settle_calldata(batch_id, root, [encode_record(r) for r in records])
+    web3s = ledger.functions.settleBatch(bytes.fromhex(batch_id[2:]), bytes.fromhex(root[2:]),
+                                         [r.as_tuple() for r in records])._encode_transaction_data()  # fmt: skip
+    assert ours == Web3.to_bytes(hexstr=web3s)
+
+
+def test_leaves_and_root_match_merkle_module():
+    records = _records(9)
+    leaves = record_leaves([encode_record(r) for r in records])
+    assert leaves == [leaf_hash(r) for r in records]
+    assert MerkleTree(leaves).root == MerkleTree.from_records(records).root
+
+
+def test_encode_record_uses_normalised_ids():
+    upper = "0x" + "AB" * 32
+    r = SettleRecord(upper, upper, upper, 1, 2)
+    assert encode_record(r)[:32] == bytes.fromhex("ab" * 32)
+
+
+@pytest.mark.parametrize("spec", ["in_flight", "after_send@3", "before_send@1", "after_receipt"])
+def test_crash_specs_accepted(spec):
+    assert SettlerConfig(crash_at=spec).crash_at == spec
+
+
+@pytest.mark.parametrize("spec", ["in_flight@0", "after_send@x", "after_send@", "later@2"])
+def test_crash_specs_refused(spec):
+    with pytest.raises(ValueError, match="LORAMESH_SETTLER_CRASH_AT"):
+        SettlerConfig(crash_at=spec)
+
+
+@pytest.mark.parametrize("n", [0, 257])
+def test_max_in_flight_is_checked(n):
+    with pytest.raises(ValueError, match="max_in_flight"):
+        SettlerConfig(max_in_flight=n)

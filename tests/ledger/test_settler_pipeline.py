@@ -1,0 +1,149 @@
+"""Pipelined settlement against a real anvil: several batches per step, a too-low gas limit,
+a revert in the pipe, a nonce taken by another client, a refused transaction."""
+
+import pytest
+from eth_account import Account
+from sqlmodel import Session, select
+
+from ledger import errors as E
+from ledger.db import init_db, make_engine
+from ledger.models import BatchStatus, SettlementBatch
+from ledger.outbox import count_by_status
+from ledger.settler import Settler, SettlerConfig
+from ledger.transport import GasTooLow
+from tests.ledger.test_settler import add_records, settled_on_chain
+from tests.utils.chain import ETHER, register_sample, start_chain
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def slow_chain(tmp_path_factory):
+    """1-second blocks, so a sent transaction stays in the mempool for a while."""
+    env = start_chain(tmp_path_factory.mktemp("anvil-1s"), block_time=1.0)
+    try:
+        yield env
+    finally:
+        env.anvil.stop()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    e = make_engine(f"sqlite:///{tmp_path}/outbox.db", immediate=True)
+    init_db(e)
+    yield e
+    e.dispose()
+
+
+def _batches(engine) -> list[SettlementBatch]:
+    with Session(engine) as s:
+        return list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
+
+
+def _granted_settler(env):
+    """A fresh settler account, granted and prepaid, so tests may revoke it without touching others."""
+    acct = env.new_account(10 * ETHER)
+    env.client(env.admin).grant_settler(acct.address)
+    env.client(env.admin).deposit_for(acct.address, ETHER)
+    return acct
+
+
+def test_probe_then_several_batches_per_step(anvil_chain, engine):
+    env = anvil_chain
+    reg = register_sample(env)
+    ids = add_records(engine, [reg], 40)
+    settler = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=5, interval=0, max_in_flight=4))
+    assert settler.step() == 5  # probing: one simulated batch
+    assert settler.step() == 20  # the pipe is open: max_in_flight batches in one step
+    assert settler.drain() == 15
+    assert [b.status for b in _batches(engine)] == [BatchStatus.SETTLED] * 8
+    assert set(settled_on_chain(env.client(), ids).values()) == {1}
+
+
+def test_max_in_flight_one_is_sequential(anvil_chain, engine):
+    env = anvil_chain
+    reg = register_sample(env)
+    add_records(engine, [reg], 15)
+    settler = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=5, interval=0, max_in_flight=1))
+    assert [settler.step(), settler.step(), settler.step(), settler.step()] == [5, 5, 5, 0]
+
+
+def test_gas_limit_too_low_is_detected_and_resent(anvil_chain, engine):
+    """The limit learned from a cheap batch (one adapter) is too low for a batch of the same size
+    that writes many fresh reward slots: it runs out of gas, and the next step re-estimates."""
+    env = anvil_chain
+    cheap = register_sample(env)
+    dear = [register_sample(env, shares=(1000, 1000, 1000, 1000, 1000)) for _ in range(4)]
+    first = add_records(engine, [cheap], 4)
+    client = env.client(env.settler)
+    settler = Settler(engine, client, SettlerConfig(batch_size=4, interval=0, max_in_flight=4))
+    assert settler.step() == 4  # probe: the gas limit for 4 records comes from this cheap batch
+    later = add_records(engine, dear, 4)
+    with pytest.raises(GasTooLow):
+        settler.step()
+    b = _batches(engine)[1]
+    assert b.status == BatchStatus.SENT and b.attempts == 1 and not client.is_settled(b.batch_id)
+    assert settler.step() == 4  # probing again: estimated, resent, settled
+    b = _batches(engine)[1]
+    assert b.status == BatchStatus.SETTLED and b.attempts == 2
+    assert set(settled_on_chain(client, first + later).values()) == {1}
+
+
+def test_revert_in_the_pipe_falls_back_to_probing(anvil_chain, engine):
+    env = anvil_chain
+    reg = register_sample(env)
+    acct = _granted_settler(env)
+    add_records(engine, [reg], 3)
+    settler = Settler(engine, env.client(acct), SettlerConfig(batch_size=3, interval=0))
+    assert settler.step() == 3
+    env.client(env.admin).revoke_settler(acct.address)
+    ids = add_records(engine, [reg], 3)
+    with pytest.raises(E.NotSettler):  # sent unsimulated, reverted on chain, reason decoded
+        settler.step()
+    b = _batches(engine)[1]
+    assert (b.status, b.attempts) == (BatchStatus.SENT, 1)
+    with pytest.raises(E.NotSettler):  # probing: simulated, refused before anything is sent
+        settler.step()
+    assert _batches(engine)[1].attempts == 1
+    env.client(env.admin).grant_settler(acct.address)
+    assert settler.drain() == 3
+    assert _batches(engine)[1].attempts == 2
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 6}
+    assert set(settled_on_chain(env.client(), ids).values()) == {1}
+
+
+def test_nonce_taken_by_another_client_is_read_again(anvil_chain):
+    """Two clients of one account: the first one's local nonce goes stale, the node says "nonce too
+    low", and it reads the pending nonce again instead of failing."""
+    env = anvil_chain
+    acct = env.new_account(ETHER)
+    to = env.users[0].address
+    client = env.client(acct)
+    h1 = client.tx.send_data(to, b"", gas=21_000, value=1)
+    env.client(acct).fund([to], 1)  # another client of the account takes the next nonce
+    h2 = client.tx.send_data(to, b"", gas=21_000, value=1)
+    client.tx.wait(h2)
+    eth = env.client().w3.eth
+    assert eth.get_transaction(h2)["nonce"] == eth.get_transaction(h1)["nonce"] + 2
+
+
+def test_same_transaction_sent_twice_returns_its_hash(slow_chain):
+    """A node that already holds the very transaction (answer lost, sent again) is not an error."""
+    env = slow_chain
+    acct = env.new_account(ETHER)
+    client = env.client(acct)
+    h1 = client.tx.send_data(env.users[0].address, b"", gas=21_000, value=1)
+    client.tx._nonce -= 1  # as if the node's answer had been lost: the same nonce, fees and data again
+    h2 = client.tx.send_data(env.users[0].address, b"", gas=21_000, value=1)
+    assert h2 == h1
+    assert client.tx.wait(h1, timeout=10)["status"] == 1
+
+
+def test_refused_transaction_raises_transaction_failed(anvil_chain):
+    env = anvil_chain
+    broke = Account.create()  # no coin for gas: the node refuses the transaction outright
+    client = env.client(broke)
+    with pytest.raises(E.TransactionFailed, match="refused"):
+        client.tx.send_data(env.deployment.ledger, b"", gas=100_000)
+    assert client.tx._nonce is None  # read again from the chain next time
