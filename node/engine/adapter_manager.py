@@ -1,6 +1,8 @@
 """Adapter residency in two LRU tiers: device slots (with pinning and in-use counts) <- decoded
 adapters in host memory (pinned on CUDA) <- the verified package store on disk <- an optional
-fetcher (peers). Disk reads and decoding run on a loader thread, never inside an engine step."""
+fetcher (peers). Disk reads and decoding run on a loader thread, never inside an engine step.
+A slot write may be asynchronous (CUDA: one copy on a side stream): the slot then counts as
+loading, and its adapter becomes resident, and schedulable, once the copy has completed."""
 
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ class AdapterManager:
     """Owns the slot table (slot -> adapter id), the LRU orders and pins; tests assert them exactly."""
 
     def __init__(self, *, num_slots: int, cpu_cache_size: int, store, base_model_id: str,
-                 decode: Callable[[object], LoadedAdapter], write_slot: Callable[[int, LoadedAdapter | None], None],
-                 fetcher: Fetcher | None = None, fetch_timeout: float = 300.0) -> None:
+                 decode: Callable[[object], LoadedAdapter], write_slot: Callable[[int, LoadedAdapter | None], object],
+                 fetcher: Fetcher | None = None, fetch_timeout: float = 300.0, verify_hashes: bool = True) -> None:
         if cpu_cache_size < 1:
             raise ValueError(f"cpu_cache_size must be >= 1, got {cpu_cache_size}")
         self.num_slots = num_slots
@@ -45,6 +47,7 @@ class AdapterManager:
         self.write_slot = write_slot
         self.fetcher = fetcher
         self.fetch_timeout = fetch_timeout
+        self.verify_hashes = verify_hashes
         self.on_ready: Callable[[], None] = lambda: None  # the engine's wake-up
         self.slots: list[str | None] = [None] * num_slots
         self._resident: OrderedDict[str, int] = OrderedDict()  # least recently used first
@@ -52,6 +55,9 @@ class AdapterManager:
         self._refs: dict[str, int] = {}
         self._cpu: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self._inflight: dict[str, Future] = {}
+        # adapter id -> (slot, pending copy with .query()/.synchronize()) while its slot write runs
+        self._loading: dict[str, tuple[int, object]] = {}
+        self._waiter: ThreadPoolExecutor | None = None
         self._failed: dict[str, AdapterError] = {}
         self._names: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -125,7 +131,9 @@ class AdapterManager:
         from node.adapters import PackageError
 
         try:
-            return self.store.get(adapter_id)
+            if self.verify_hashes:
+                return self.store.get(adapter_id)
+            return self.store.get(adapter_id, verify_hashes=False)
         except PackageError as e:
             raise AdapterIncompatibleError(f"adapter {adapter_id} failed verification: {e}") from e
 
@@ -139,6 +147,12 @@ class AdapterManager:
                 self._refs[adapter_id] = self._refs.get(adapter_id, 0) + 1
                 self.counters["slot_hits"] += 1
                 return self._resident[adapter_id]
+            if adapter_id in self._loading:
+                slot, copy = self._loading[adapter_id]
+                if not copy.query():
+                    return None
+                del self._loading[adapter_id]
+                return self._make_resident(adapter_id, slot)
             err = self._failed.pop(adapter_id, None)
             if err is not None:
                 raise err
@@ -150,13 +164,36 @@ class AdapterManager:
             slot = self._take_slot()
             if slot is None:
                 return None
-            self.write_slot(slot, loaded)
+            copy = self.write_slot(slot, loaded)
             self.slots[slot] = adapter_id
-            self._resident[adapter_id] = slot
-            self._refs[adapter_id] = 1
             self.counters["slot_loads"] += 1
-            log.info("adapter %s loaded into slot %d", adapter_id, slot)
-            return slot
+            if copy is not None and not copy.query():
+                self._loading[adapter_id] = (slot, copy)
+                self._watch(copy)
+                log.info("adapter %s loading into slot %d", adapter_id, slot)
+                return None
+            return self._make_resident(adapter_id, slot)
+
+    def _make_resident(self, adapter_id: str, slot: int) -> int:
+        self._resident[adapter_id] = slot
+        self._refs[adapter_id] = 1
+        log.info("adapter %s loaded into slot %d", adapter_id, slot)
+        return slot
+
+    def _watch(self, copy) -> None:
+        # wake the engine when the copy lands, so a waiting request is admitted on the next step
+        if self._waiter is None:
+            self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-copy")
+
+        def wait() -> None:
+            copy.synchronize()
+            self.on_ready()
+        self._waiter.submit(wait)
+
+    def loading(self) -> list[str]:
+        """Adapters whose slot write is still in flight."""
+        with self._lock:
+            return list(self._loading)
 
     def release(self, adapter_id: str) -> None:
         with self._lock:
@@ -183,6 +220,9 @@ class AdapterManager:
         """Put a host-cached adapter into a slot now (and pin/unpin it); raises if no slot is free."""
         with self._lock:
             slot = self.acquire(adapter_id)
+            if slot is None and adapter_id in self._loading:
+                self._loading[adapter_id][1].synchronize()
+                slot = self.acquire(adapter_id)
             if slot is None:
                 if adapter_id in self._cpu:
                     raise AdapterSlotsBusyError(
@@ -224,3 +264,5 @@ class AdapterManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=True)

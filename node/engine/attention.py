@@ -20,8 +20,12 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int64 (padding points at block 0, masked out)
     query_index: torch.Tensor | None  # [B, Lq] int64 into the flat tokens; None when every Lq == 1
     query_valid: torch.Tensor | None  # [B, Lq] bool
-    mask: torch.Tensor  # [B, 1, Lq, Lk] bool, True = attend
+    mask: torch.Tensor | None  # [B, 1, Lq, Lk] bool, True = attend (None on the decode-kernel path)
     num_seqs: int
+    # decode-kernel path (static buffers, CUDA graphs): one query per sequence, keys read through
+    # block_tables up to context_lens (Triton paged decode attention instead of SDPA)
+    context_lens: torch.Tensor | None = None  # [B] int
+    window: int | None = None
 
 
 def build_metadata(positions: list[list[int]], block_tables: list[list[int]], block_size: int,
@@ -49,13 +53,21 @@ def build_metadata(positions: list[list[int]], block_tables: list[list[int]], bl
     valid = qpos_t >= 0
     single = lq == 1
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
-        block_tables=tables.to(device),
-        query_index=None if single else torch.tensor(qidx, dtype=torch.int64).to(device),
-        query_valid=None if single else valid.to(device),
-        mask=mask.unsqueeze(1).to(device),
+        slot_mapping=to_device(torch.tensor(slots, dtype=torch.int64), device),
+        block_tables=to_device(tables, device),
+        query_index=None if single else to_device(torch.tensor(qidx, dtype=torch.int64), device),
+        query_valid=None if single else to_device(valid, device),
+        mask=to_device(mask.unsqueeze(1), device),
         num_seqs=b,
     )
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor -> device; through pinned memory on CUDA, so the copy does not sync the stream."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -69,6 +81,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
     """q [T, heads, d] -> out [T, heads, d], keys/values read from the cache via block tables."""
+    if meta.context_lens is not None:
+        from node.engine.triton_attention import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.window)
     _, bs, kvh, d = k_cache.shape
     b = meta.num_seqs
     if meta.query_index is None:

@@ -164,6 +164,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096  # prompt tokens per prefill step
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # decode on static buffers for bucketed batch sizes: "auto" captures CUDA graphs on CUDA when
+    # the Triton kernels run; "static" runs the same buffers without capture (tests, debugging)
+    cuda_graphs: str = "auto"  # "auto" | "off" | "static"
+    slot_images: bool | None = None  # one copy of a prepared host image per slot load; None: on CUDA
+    verify_adapter_hashes: bool = True  # re-hash package files on every load from the store
+    fused_ops: bool | None = None  # fused Triton norm / rotary+cache / SiLU ops; None: with static decode
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -178,6 +184,8 @@ class EngineConfig:
             raise ValueError(f"cpu_cache_size must be >= 0, got {self.cpu_cache_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.cuda_graphs not in ("auto", "off", "static"):
+            raise ValueError(f"cuda_graphs {self.cuda_graphs!r} is not one of auto, off, static")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

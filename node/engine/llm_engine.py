@@ -17,7 +17,7 @@ from node.engine.block_manager import BlockManager
 from node.engine.config import EngineConfig, ModelConfig
 from node.engine.loader import build_model, checkpoint_tensors
 from node.engine.lora import LoRAMapping
-from node.engine.lora_kernels import LoRAKernel
+from node.engine.lora_kernels import LoRAKernel, TorchLoRAKernel
 from node.engine.lora_weights import LoadedAdapter, decode_lora
 from node.engine.request import (
     DuplicateRequestError,
@@ -28,7 +28,7 @@ from node.engine.request import (
     TokenEvent,
 )
 from node.engine.runner import ModelRunner
-from node.engine.sampler import sample
+from node.engine.sampler import sample, sample_on_device
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import Sequence, now_ms
 
@@ -50,6 +50,18 @@ def load_tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
+def default_kernel(device: torch.device) -> LoRAKernel:
+    """The Triton kernels on CUDA (when Triton is installed), the torch reference elsewhere."""
+    if device.type == "cuda":
+        try:
+            from node.engine.triton_lora import TritonLoRAKernel
+        except ImportError:
+            log.warning("triton is not installed: LoRA runs on the torch reference kernel, without CUDA graphs")
+        else:
+            return TritonLoRAKernel()
+    return TorchLoRAKernel()
+
+
 class LLMEngine:
     """Owns the model runner, scheduler, KV blocks, adapter manager and per-request state."""
 
@@ -67,7 +79,7 @@ class LLMEngine:
         self.base_model_name = base_model_name(config.model_dir)
         self.tokenizer = load_tokenizer(config.model_dir)
         self.eos_ids = self._eos_ids()
-        self.mapping = LoRAMapping(config.num_slots, kernel)
+        self.mapping = LoRAMapping(config.num_slots, kernel or default_kernel(self.device))
         tensors = weights if weights is not None else checkpoint_tensors(config.model_dir)
         model = build_model(self.model_cfg, self.mapping, tensors, self.device, self.dtype)
         self.runner = ModelRunner(config, self.model_cfg, model, self.mapping, self.dtype)
@@ -76,7 +88,7 @@ class LLMEngine:
         self.adapters = AdapterManager(
             num_slots=config.num_slots, cpu_cache_size=config.cpu_cache_size, store=store,
             base_model_id=self.base_model_id, decode=self._decode, write_slot=self.runner.write_slot,
-            fetcher=fetcher)
+            fetcher=fetcher, verify_hashes=config.verify_adapter_hashes)
         self.scheduler = Scheduler(self.blocks, self.adapters, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -99,9 +111,15 @@ class LLMEngine:
     def _decode(self, pkg) -> LoadedAdapter:
         from node.adapters import load_lora_tensors
 
-        pin = self.device.type == "cuda"
-        return decode_lora(pkg.adapter_id, pkg.name, load_lora_tensors(pkg), pkg.lora.scaling, self.model_cfg,
-                           self.config.max_lora_rank, self.dtype, pin_memory=pin)
+        cuda = self.device.type == "cuda"
+        images = self.runner.slot_buf is not None
+        loaded = decode_lora(pkg.adapter_id, pkg.name, load_lora_tensors(pkg), pkg.lora.scaling, self.model_cfg,
+                             self.config.max_lora_rank, self.dtype, pin_memory=cuda and not images)
+        if images:
+            loaded.image = self.runner.slot_image(loaded)  # pinned on CUDA: a slot load is one async copy
+            if cuda:
+                loaded.weights = {}  # the image holds everything the slot needs
+        return loaded
 
     # ---- requests ----
     def make_sequence(self, req: GenerationRequest) -> Sequence:
@@ -157,7 +175,11 @@ class LLMEngine:
             return events, bool(failed)
         try:
             logits = self.runner.forward(seqs, prefill)  # [B, V]
-            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            if self.device.type == "cuda":  # batched on the device, one copy of the ids to the host
+                tokens = sample_on_device(logits, [s.params for s in seqs], [s.seed for s in seqs],
+                                          [len(s.output_token_ids) for s in seqs])
+            else:
+                tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         except Exception as e:  # fail this step's requests, keep serving everyone else
             log.exception("engine step failed")
             for s in seqs:

@@ -29,15 +29,24 @@ class LoRAMapping:
         if not self.active:
             self.meta = None
             return
-        token_slots = torch.tensor(host_slots, dtype=torch.int64).to(device)
+        device = torch.device(device)
+        # pinned on CUDA: a pageable host-to-device copy would sync the stream
+        token_slots = torch.tensor(host_slots, dtype=torch.int64, pin_memory=device.type == "cuda")
+        token_slots = token_slots.to(device, non_blocking=True)
         self.meta = self.kernel.prepare(token_slots, self.num_slots, host_slots)
 
-    def add_lora(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    def set_meta(self, meta: object | None) -> None:
+        """Install metadata prepared elsewhere (static buffers a CUDA graph replays); None = base only."""
+        self.active = meta is not None
+        self.meta = meta
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 slices: tuple[int, ...] | None = None) -> None:
         """y += B[s] @ (A[s] @ x), in place; fused slices sit block-diagonally in A and B."""
         if not self.active:
             return
-        h = self.kernel.shrink(x, a, self.meta)  # [T, n_slices * R]
-        self.kernel.expand(y, h, b, self.meta, 0)
+        h = self.kernel.shrink(x, a, self.meta)  # [T, n_slices * R] (or the kernel's partials)
+        self.kernel.expand(y, h, b, self.meta, 0, slices)
 
 
 class LinearWithLoRA(nn.Module):
@@ -75,6 +84,28 @@ class LinearWithLoRA(nn.Module):
         self.lora_a = torch.zeros(num_slots + 1, n * max_rank, self.in_features, device=dev, dtype=dt)
         self.lora_b = torch.zeros(num_slots + 1, n * max_rank, sum(self.output_sizes), device=dev, dtype=dt)
 
+    def lora_shapes(self, max_rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Per-slot shapes of (A, B): ([n*R, in], [n*R, sum(out)])."""
+        n = len(self.names)
+        return (n * max_rank, self.in_features), (n * max_rank, sum(self.output_sizes))
+
+    def attach_lora(self, a: torch.Tensor, b: torch.Tensor, max_rank: int) -> None:
+        """Use views into a shared slot buffer as the stacks (one copy then fills a whole slot)."""
+        self.rank = max_rank
+        self.lora_a, self.lora_b = a, b
+
+    def slot_image(self, image_a: torch.Tensor, image_b: torch.Tensor, layer: int, adapter) -> None:
+        """Write `adapter`'s weights for this module into one slot's (zeroed) A and B views."""
+        for i, name in enumerate(self.names):
+            w = adapter.weights.get((layer, name))
+            if w is None:
+                continue
+            a, b = w
+            r = a.shape[0]
+            base = i * self.rank
+            image_a[base: base + r].copy_(a)
+            image_b[base: base + r, self.offsets[i]: self.offsets[i] + self.output_sizes[i]].copy_(b.t())
+
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
@@ -94,5 +125,5 @@ class LinearWithLoRA(nn.Module):
         # x [T, in] -> y [T, sum(out)]
         y = F.linear(x, self.weight, self.bias)
         if self.mapping.active:
-            self.mapping.add_lora(y, x, self.lora_a, self.lora_b)
+            self.mapping.add_lora(y, x, self.lora_a, self.lora_b, self.output_sizes)
         return y

@@ -37,13 +37,17 @@ class LoRAKernel(Protocol):
     shrink: h[t] = A[s_t] @ x[t]                  (x [T, in] -> h [T, R])
     expand: y[t, off:off+out] += B[s_t] @ h[t]    (h [T, R] -> y slice [T, out], in place)
     tokens with s_t = -1 get h[t] = 0 and y unchanged. `host_slots` is the same list on the host,
-    so a kernel can plan the step without reading device memory."""
+    so a kernel can plan the step without reading device memory. `slices` (fused outputs) says
+    that slice i's columns take only rank rows i*R/n..(i+1)*R/n (B is block-diagonal), so a kernel
+    may skip the zero blocks. What shrink returns is only ever handed to the same kernel's expand
+    (the Triton kernel returns float32 split-K partials [K, T, R] whose sum is h)."""
 
     def prepare(self, token_slots: torch.Tensor, num_slots: int, host_slots: list[int]) -> object: ...
 
     def shrink(self, x: torch.Tensor, a: torch.Tensor, meta: object) -> torch.Tensor: ...
 
-    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: object, offset: int) -> None: ...
+    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: object, offset: int,
+               slices: tuple[int, ...] | None = None) -> None: ...
 
 
 class TorchLoRAKernel:
@@ -111,8 +115,9 @@ class TorchLoRAKernel:
         # [T, R, in] @ [T, in, 1] -> [T, R]
         return torch.bmm(a[meta.rows], x.unsqueeze(-1)).squeeze(-1)
 
-    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: LoRAMeta, offset: int) -> None:
-        """y[t, off:off+out] += B[s_t] @ h[t]."""
+    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: LoRAMeta, offset: int,
+               slices: tuple[int, ...] | None = None) -> None:
+        """y[t, off:off+out] += B[s_t] @ h[t] (the zero blocks of a fused B are simply multiplied)."""
         s1, r, out = b.shape
         if meta.mode == "grouped":
             hg = h.new_zeros(meta.group_slots.shape[0], meta.max_per_slot, r)  # [G, M, R]
@@ -124,7 +129,7 @@ class TorchLoRAKernel:
             # scatter h into its slot's columns: [T, (S+1)*R] @ [(S+1)*R, out] -> [T, out]
             wide = h.new_zeros(meta.num_tokens, s1, r)
             wide[torch.arange(meta.num_tokens, device=h.device), meta.rows] = h
-            delta = wide.view(meta.num_tokens, s1 * r) @ b.view(s1 * r, out)
+            delta = wide.view(meta.num_tokens, s1 * r) @ b.reshape(s1 * r, out)  # a view unless b is strided
         else:
             # [T, 1, R] @ [T, R, out] -> [T, out]
             delta = torch.bmm(h.unsqueeze(1), b[meta.rows]).squeeze(1)

@@ -36,10 +36,14 @@ class LoadedAdapter:
     name: str
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    # the whole slot as laid out on the device (padded ranks, block-diagonal fused B), pinned on
+    # CUDA, so a slot load is one asynchronous copy; the runner builds it when it uses slot images
+    image: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+        n = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+        return n + (0 if self.image is None else self.image.numel() * self.image.element_size())
 
 
 def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -81,9 +81,15 @@ class Attention(nn.Module):
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor], fused: bool = False) -> torch.Tensor:
         c = self.cfg
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
+        if fused and self.q_norm is None:  # one kernel: rotate q and k, write k and v into the cache
+            from node.engine.triton_ops import rope_and_cache
+
+            q = rope_and_cache(qkv, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, kv[0], kv[1],
+                               c.num_heads)  # [T, H, d]
+            return self.o_proj(paged_attention(q, kv[0], kv[1], meta).reshape(-1, c.q_size))
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -104,7 +110,11 @@ class MLP(nn.Module):
                                            False, mapping)
         self.down_proj = LinearWithLoRA(self.inter, (cfg.hidden_size,), ("down_proj",), False, mapping)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            from node.engine.triton_ops import silu_mul
+
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, D]
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)  # [T, I] each
         return self.down_proj(F.silu(gate) * up)
 
@@ -120,6 +130,18 @@ class DecoderLayer(nn.Module):
     def forward(self, x, positions, meta, kv):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, x, residual, positions, meta, kv):
+        """(x, residual) -> (x, residual): the residual adds happen inside the fused norms (vLLM's
+        fused_add_rms_norm); residual None on the first layer, whose input is the residual stream."""
+        from node.engine.triton_ops import rms_norm
+
+        ln, post = self.input_layernorm, self.post_attention_layernorm
+        h = rms_norm(x, ln.weight, ln.eps, residual)  # [T, D]
+        residual = x if residual is None else residual
+        x = self.self_attn(h, positions, meta, kv, fused=True)
+        h = rms_norm(x, post.weight, post.eps, residual)  # residual += attention output
+        return self.mlp(h, fused=True), residual
 
 
 class CausalLM(nn.Module):
@@ -137,6 +159,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)
+        self.fused_ops = False  # the CUDA path's fused Triton norms, rotary + cache writes, SiLU gate
 
     def lora_layers(self) -> list[tuple[int, LinearWithLoRA]]:
         """(layer index, wrapped linear) for every LoRA-capable module."""
@@ -149,6 +172,13 @@ class CausalLM(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(token_ids)  # [T, D]
+        if self.fused_ops:
+            from node.engine.triton_ops import rms_norm
+
+            residual = None
+            for layer, kv in zip(self.layers, kv_caches):
+                x, residual = layer.forward_fused(x, residual, positions, meta, kv)
+            return rms_norm(x, self.norm.weight, self.norm.eps, residual)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, positions, meta, kv)
         return self.norm(x)

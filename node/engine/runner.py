@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from node.engine.attention import build_metadata
+from node.engine.attention import build_metadata, to_device
 from node.engine.config import EngineConfig, ModelConfig
 from node.engine.lora import LoRAMapping
 from node.engine.lora_weights import LoadedAdapter
@@ -17,6 +17,23 @@ from node.engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 CPU_KV_DEFAULT = 512 << 20
+ALIGN = 64  # elements: every stack in the slot buffer starts 128-byte aligned (bf16)
+
+
+class SlotCopy:
+    """A slot write in flight on the copy stream; holds the host image until the copy is done."""
+
+    __slots__ = ("event", "image")
+
+    def __init__(self, event, image: torch.Tensor | None) -> None:
+        self.event = event
+        self.image = image
+
+    def query(self) -> bool:
+        return self.event.query()
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
 
 
 class ModelRunner:
@@ -28,14 +45,71 @@ class ModelRunner:
         self.mapping = mapping
         self.dtype = dtype
         self.device = torch.device(config.device)
-        for _, layer in model.lora_layers():
-            layer.allocate_lora(config.num_slots, config.max_lora_rank)
+        cuda = self.device.type == "cuda"
+        use_images = config.slot_images if config.slot_images is not None else cuda
+        self.slot_buf: torch.Tensor | None = None  # [S+1, P]: every layer's stacks of one slot, contiguous
+        self.slot_layout: list[tuple[int, object, int, int]] = []  # (layer, module, A offset, B offset)
+        if use_images:
+            self._allocate_slot_buffer()
+        else:
+            for _, layer in model.lora_layers():
+                layer.allocate_lora(config.num_slots, config.max_lora_rank)
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda and use_images else None
+        self.static_decode = self._static_decode_mode()
+        model.fused_ops = config.fused_ops if config.fused_ops is not None else self.static_decode
         self.num_blocks = self._num_blocks()
-        shape = (self.num_blocks, config.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        # static decode pads batches up to a bucket: the padded rows write their K/V into one extra block
+        self.scratch_block = self.num_blocks if self.static_decode else None
+        total = self.num_blocks + (1 if self.static_decode else 0)
+        shape = (total, config.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(model_cfg.num_layers)]
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, config.block_size,
                  self.num_blocks * self._block_bytes() / 2**20)
+        self.graphs = None
+        if self.static_decode:
+            from node.engine.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, capture=cuda and config.cuda_graphs == "auto")
+
+    def _static_decode_mode(self) -> bool:
+        mode = self.config.cuda_graphs
+        triton_kernel = hasattr(self.mapping.kernel, "static_meta")
+        if mode == "static" and not triton_kernel:
+            raise ValueError("cuda_graphs='static' needs the Triton LoRA kernel (TritonLoRAKernel)")
+        return mode == "static" or (mode == "auto" and self.device.type == "cuda" and triton_kernel)
+
+    def _allocate_slot_buffer(self) -> None:
+        # one [S+1, P] buffer; each layer's A/B stacks are views [S+1, n*R, in] / [S+1, n*R, out]
+        # into it, so a slot is one contiguous row that a single copy fills
+        r = self.config.max_lora_rank
+        layout, p = [], 0
+        for idx, layer in self.model.lora_layers():
+            (ra, ca), (rb, cb) = layer.lora_shapes(r)
+            a_off = p
+            p += -(-ra * ca // ALIGN) * ALIGN
+            b_off = p
+            p += -(-rb * cb // ALIGN) * ALIGN
+            layout.append((idx, layer, a_off, b_off))
+        self.slot_buf = torch.zeros(self.config.num_slots + 1, p, dtype=self.dtype, device=self.device)
+        s1 = self.config.num_slots + 1
+        for _, layer, a_off, b_off in layout:
+            (ra, ca), (rb, cb) = layer.lora_shapes(r)
+            a = self.slot_buf[:, a_off: a_off + ra * ca].view(s1, ra, ca)
+            b = self.slot_buf[:, b_off: b_off + rb * cb].view(s1, rb, cb)
+            layer.attach_lora(a, b, r)
+        self.slot_layout = layout
+
+    def slot_image(self, adapter: LoadedAdapter) -> torch.Tensor:
+        """The adapter laid out as one slot row [P] (pinned on CUDA): built on the loader thread."""
+        assert self.slot_buf is not None
+        image = torch.zeros(self.slot_buf.shape[1], dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        r = self.config.max_lora_rank
+        for idx, layer, a_off, b_off in self.slot_layout:
+            (ra, ca), (rb, cb) = layer.lora_shapes(r)
+            layer.slot_image(image[a_off: a_off + ra * ca].view(ra, ca), image[b_off: b_off + rb * cb].view(rb, cb),
+                             idx, adapter)
+        return image
 
     def _block_bytes(self) -> int:
         c = self.cfg
@@ -58,8 +132,12 @@ class ModelRunner:
             raise ValueError(f"kv_cache_memory {mem} bytes holds no {self._block_bytes()}-byte KV block")
         return int(n)
 
-    def write_slot(self, slot: int, adapter: LoadedAdapter | None) -> None:
-        """Copy an adapter's weights into `slot` of every LoRA layer (None clears it)."""
+    def write_slot(self, slot: int, adapter: LoadedAdapter | None) -> SlotCopy | None:
+        """Copy an adapter's weights into `slot` of every LoRA layer (None clears it). On CUDA with
+        slot images this is one asynchronous copy on the copy stream, and the returned SlotCopy
+        says when it is done; otherwise the slot is written when this returns (None)."""
+        if self.slot_buf is not None:
+            return self._write_image(slot, adapter)
         with torch.no_grad():
             for layer_idx, layer in self.model.lora_layers():
                 layer.clear_slot(slot)
@@ -70,11 +148,31 @@ class ModelRunner:
                     if w is not None:
                         layer.set_slot(slot, name, w[0].to(self.device, non_blocking=True),
                                        w[1].to(self.device, non_blocking=True))
+        return None
+
+    def _write_image(self, slot: int, adapter: LoadedAdapter | None) -> SlotCopy | None:
+        image = None
+        if adapter is not None:
+            image = adapter.image if adapter.image is not None else self.slot_image(adapter)
+        row = self.slot_buf[slot]
+        if self.copy_stream is None:
+            with torch.no_grad():
+                row.zero_() if image is None else row.copy_(image)
+            return None
+        # the slot is free (no running sequence holds it); ordering after the compute stream costs no host sync
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), torch.cuda.stream(self.copy_stream):
+            row.zero_() if image is None else row.copy_(image, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return SlotCopy(event, image)
 
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], prefill: bool, all_logits: bool = False) -> torch.Tensor:
         """Run one step: prefill computes every token of each sequence, decode only the newest.
         Returns logits [B, vocab] of each sequence's last token ([T, vocab] when all_logits)."""
+        if not prefill and not all_logits and self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+            return self.graphs.run(seqs)
         tokens: list[int] = []
         positions: list[list[int]] = []
         slots: list[int] = []
@@ -91,11 +189,11 @@ class ModelRunner:
         dev = self.device
         meta = build_metadata(positions, [s.block_table for s in seqs], self.config.block_size,
                               self.cfg.sliding_window, dev)
-        token_t = torch.tensor(tokens, dtype=torch.int64).to(dev)  # [T]
-        pos_t = torch.tensor([p for ps in positions for p in ps], dtype=torch.int64).to(dev)  # [T]
+        token_t = to_device(torch.tensor(tokens, dtype=torch.int64), dev)  # [T]
+        pos_t = to_device(torch.tensor([p for ps in positions for p in ps], dtype=torch.int64), dev)  # [T]
         self.mapping.set_token_slots(slots, dev)
         hidden = self.model(token_t, pos_t, meta, self.kv_caches)  # [T, D]
         if not all_logits:
             last = torch.tensor([0] + [len(p) for p in positions]).cumsum(0)[1:] - 1
-            hidden = hidden[last.to(dev)]  # [B, D]
+            hidden = hidden[to_device(last, dev)]  # [B, D]
         return self.model.compute_logits(hidden)

@@ -39,3 +39,65 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         pick = torch.multinomial(probs[j], 1, generator=generators[i]).item()
         out[i] = int(order[j, pick])
     return out
+
+
+# ---- batched on-device sampling (the CUDA path): no per-row host syncs ----
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # a 32-bit integer hash (lowbias32) on int64 tensors; products are masked back to 32 bits
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_from(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One float64 in [0, 1) per row, a pure function of (seed, step): rows never share a stream,
+    and a resumed request draws exactly what it would have drawn."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    x = _mix32(lo ^ _mix32(hi ^ _mix32(steps * 0x9E3779B9 + 0x632BE5AB)))
+    y = _mix32(x ^ 0x5BD1E995)
+    return ((x << 21) | (y >> 11)).double() / float(1 << 53)
+
+
+def sample_batched(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] int64, on logits' device, with no host sync.
+
+    Semantics: row i is argmax(logits_i) when temperature_i == 0; otherwise the inverse-CDF draw at
+    u_i = uniform_from(seed_i, step_i) from softmax(logits_i / temperature_i) restricted to its
+    top_k_i tokens (0 = all) and then to the smallest set whose probability reaches top_p_i.
+    temperature/top_p float [B], top_k/seeds/steps int64 [B]."""
+    lg = logits.float()
+    greedy = lg.argmax(dim=-1)
+    v = lg.shape[-1]
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
+    sorted_lg, order = (lg / t[:, None]).sort(dim=-1, descending=True)  # [B, V]
+    rank = torch.arange(v, device=lg.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, v))
+    probs = sorted_lg.masked_fill(rank >= k[:, None], float("-inf")).softmax(dim=-1)
+    # drop a token when the mass before it already reaches top_p; the first token always stays
+    before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill((before >= top_p[:, None].float()) & (rank > 0), 0.0)
+    cdf = probs.double().cumsum(dim=-1)  # [B, V]
+    target = uniform_from(seeds, steps) * cdf[:, -1]
+    pick = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=v - 1)  # first cdf > target
+    drawn = order.gather(1, pick).squeeze(1)
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+                     steps: list[int]) -> list[int]:
+    """The CUDA engine's sampler: one batched draw on the device, then one copy of the ids to the
+    host (the step's only sync). Greedy-only batches skip the sort entirely."""
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(dim=-1).tolist()
+    dev = logits.device
+    pin = dev.type == "cuda"
+    f = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]], dtype=torch.float64,
+                     pin_memory=pin).to(dev, non_blocking=True)
+    i = torch.tensor([[p.top_k for p in params], [s & ((1 << 63) - 1) for s in seeds], steps], dtype=torch.int64,
+                     pin_memory=pin).to(dev, non_blocking=True)
+    return sample_batched(logits, f[0], i[0], f[1], i[1], i[2]).tolist()

@@ -27,7 +27,7 @@ class Sequence:
 
     __slots__ = ("request_id", "adapter_id", "prompt_token_ids", "output_token_ids", "params", "block_table",
                  "status", "slot", "generator", "stream", "finish_reason", "started_at", "error",
-                 "num_preemptions")
+                 "num_preemptions", "seed")
 
     def __init__(self, request_id: str, adapter_id: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer, device: torch.device, seed: int) -> None:
@@ -41,6 +41,7 @@ class Sequence:
         self.slot = -1  # adapter slot while running; -1 = base model
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.seed = seed  # the on-device sampler draws from (seed, token index) instead
         self.stream = TextStream(tokenizer, params.stop)
         self.finish_reason: str | None = None
         self.started_at = now_ms()

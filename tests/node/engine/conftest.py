@@ -1,10 +1,23 @@
-"""Engine worlds (tiny base + four adapters in a store), built once per session."""
+"""Engine worlds (tiny base + four adapters in a store), built once per session; the device
+fixture of the Triton kernel tests (the interpreter on CPU, compiled on CUDA)."""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from tests.utils.engine import make_world
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors under its interpreter, which is chosen when a kernel is
+    # defined: set it before anything imports node.engine.triton_*
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.utils.engine import make_world  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+TRITON_DEVICES = [pytest.param("cpu", id="interpret"),
+                  pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +38,12 @@ def qwen3_world(tmp_path_factory):
 @pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
 def world(request):
     return request.getfixturevalue(f"{request.param}_world")
+
+
+@pytest.fixture(params=TRITON_DEVICES)
+def triton_device(request):
+    """'cpu' (kernels under TRITON_INTERPRET=1) or 'cuda' (compiled; marker gpu)."""
+    pytest.importorskip("triton")
+    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CUDA is present: the kernels run compiled, not under the interpreter")
+    return torch.device(request.param)

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The one prepared GPU check of issue 8 (bench/NOTES.md says what it measures and what to expect).
+#
+# 1. Here, on the CPU machine, once per session (the device image lacks some of our dependencies;
+#    they travel as wheels, 24 files, ~12 MB):
+#        bash bench/gpu_check.sh wheels
+#        grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude   # never commit them
+# 2. Through the device tool (the machine's python3 has torch, triton, transformers, peft, pytest):
+#        run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#    One stage again:  run(command="bash bench/gpu_check.sh bench", carry=[".whl"], timeout_s=600)
+#
+# Stages (default: all = env tests bench): correctness first (the gpu-marked engine tests), then
+# bench/engine.py --device cuda --shape llama3-8b, whose JSON is rewritten after every section, so a
+# stage cut off by its time limit still leaves what it measured. Sized to end well inside 10 minutes:
+# tests <= 170 s, bench <= 370 s. Everything lands in $OUT (./gpu-out when $OUT is unset):
+#   env.txt  tests.log  tests.xml  bench.log  engine-cuda-llama3-8b.json  table.txt
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STAGES=${*:-all}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 TOKENIZERS_PARALLELISM=false
+WHEELS=(annotated-types==0.8.0 bitarray==3.12.3 cffi==2.1.1 pycparser==3.12 ckzg==2.1.8 coincurve==21.0.0
+        cytoolz==1.2.0 eth-account==0.14.0 eth-hash==0.8.0 eth-keyfile==0.10.0 eth-keys==0.8.0 eth-rlp==3.0.0
+        eth-typing==6.0.0 eth-utils==6.0.0 eth-abi==6.0.0 hexbytes==2.0.0 parsimonious==0.10.0
+        pycryptodome==3.24.1 py-ecc==8.0.0 pydantic==2.14.4 pydantic-core==2.50.5 rlp==5.0.0
+        typing-inspection==0.4.5 typing-extensions==4.16.0)
+
+has() { [[ " $STAGES " == *" $1 "* || " $STAGES " == *" all "* ]]; }
+
+if [[ " $STAGES " == *" wheels "* ]]; then  # runs HERE, not on the GPU machine
+    mkdir -p .whl
+    for w in "${WHEELS[@]}"; do
+        "${PIP_PY:-.venv/bin/python}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+            -d .whl "$w" || { echo "wheel download failed: $w"; exit 1; }
+    done
+    ls .whl | wc -l
+    exit 0
+fi
+
+if [ -d .whl ] && ! "$PY" -c "import eth_account, pydantic" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if has env; then
+    {
+        date -u; nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
+        "$PY" -c "import sys, torch, triton, transformers, peft; print(sys.version.split()[0], 'torch', torch.__version__,
+'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__,
+'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+        "$PY" -c "import eth_account, pydantic; print('eth_account', eth_account.__version__, 'pydantic', pydantic.VERSION)"
+        nproc; free -g | head -2
+    } 2>&1 | tee "$OUT/env.txt"
+fi
+
+rc_tests=0
+if has tests; then
+    # --confcutdir keeps pytest out of tests/conftest.py (anvil/web3 fixtures the GPU image cannot import)
+    timeout 170 "$PY" -m pytest -m gpu tests/node/engine --confcutdir=tests/node/engine -p no:cacheprovider \
+        -q -x --timeout 150 --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
+    rc_tests=${PIPESTATUS[0]}
+    echo "gpu tests exit code: $rc_tests"
+fi
+
+rc_bench=0
+if has bench; then
+    timeout 370 "$PY" bench/engine.py --device cuda --shape llama3-8b --threads 8 \
+        --out "$OUT/engine-cuda-llama3-8b.json" > "$OUT/bench.log" 2>&1
+    rc_bench=$?
+    grep -vE "Warning|warn\(" "$OUT/bench.log" | grep -E "round|engine build failed|Error|error" | tail -20
+    echo "bench exit code: $rc_bench (124 = cut off by its time limit; the JSON keeps the finished sections)"
+    if [ -f "$OUT/engine-cuda-llama3-8b.json" ]; then
+        "$PY" bench/engine.py --print "$OUT/engine-cuda-llama3-8b.json" 2>&1 | tee "$OUT/table.txt"
+    else
+        tail -40 "$OUT/bench.log"
+    fi
+fi
+echo "stages: $STAGES; tests rc $rc_tests; bench rc $rc_bench; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+[ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ]

@@ -1,0 +1,388 @@
+"""Triton LoRA kernels behind the `LoRAKernel` interface: BGMV (one token per program, per-token
+slot index, for decode batches where adapters are mostly distinct) and SGMV (tokens sorted into
+per-slot tiles, each adapter's weights read once per tile, for prefill and decode batches that
+share adapters). Ranks are heterogeneous: every slot is padded to the layer's rank R with zero
+rows, and fused projections (q/k/v, gate/up) skip the zero off-diagonal blocks of B.
+
+Runs compiled on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (set before this module is
+imported), which is how the tests check it without a GPU.
+
+Layouts (as in lora_kernels.py): a [S+1, R, in], b [S+1, R, out] with R = n_slices * rank and
+slice i's rows i*rank..(i+1)*rank feeding only its columns; x [T, in]; y [T, >= offset + out]."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonUnavailableError(RuntimeError):
+    """Triton kernels were asked to run where they cannot (CPU tensors without the interpreter)."""
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, slot_ptr, K_IN, R, K_PER_SPLIT,
+                        stride_xt, stride_as, stride_ar, stride_hk, stride_ht,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (t, r-tile, k-split): h_k[t, r] = sum_{k in split} A[s_t, r, k] * x[t, k]; 0 when s_t < 0
+    t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    slot = tl.load(slot_ptr + t)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if slot >= 0:
+        k_lo = pid_k * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K_IN)
+        a_row = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            xv = tl.load(x_ptr + t * stride_xt + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
+            av = tl.load(a_row + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
+            acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+    tl.store(h_ptr + pid_k * stride_hk + t * stride_ht + offs_r, acc, mask=r_mask)
+
+
+@triton.jit
+def _bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, slot_ptr, cols_ptr, RANK, SPLIT,
+                        stride_hk, stride_ht, stride_bs, stride_br, stride_yt,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (t, slice i, n-tile): y[t, cols_i] += h[t, i*rank:(i+1)*rank] @ B[s_t, same rows, cols_i]
+    t = tl.program_id(0)
+    sl = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(slot_ptr + t)
+    c_lo = tl.load(cols_ptr + sl)
+    c_hi = tl.load(cols_ptr + sl + 1)
+    n0 = c_lo + pid_n * BLOCK_N
+    if (slot >= 0) & (n0 < c_hi):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < c_hi
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr < RANK
+        offs_r = sl * RANK + rr
+        hv = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k in range(0, SPLIT):  # sum the shrink's split-K partials
+            hv += tl.load(h_ptr + k * stride_hk + t * stride_ht + offs_r, mask=r_mask, other=0.0)
+        bv = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BR, BN]
+        delta = tl.sum(bv.to(tl.float32) * hv[:, None], axis=0)  # [BN]
+        y_row = y_ptr + t * stride_yt + offs_n
+        yv = tl.load(y_row, mask=n_mask, other=0.0)
+        tl.store(y_row, (yv.to(tl.float32) + delta).to(yv.dtype), mask=n_mask)
+
+
+@triton.jit
+def _sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, tok_ptr, tiles_ptr, MAX_TILES, K_IN, R, K_PER_SPLIT,
+                        stride_xt, stride_as, stride_ar, stride_hk, stride_ht,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    # program (tile, r-tile, k-split): for the <= BLOCK_M tokens of one slot in this tile,
+    # h_k[tok, r] = sum_{k in split} x[tok, k] * A[slot, r, k]; the null slot (-1) writes zeros
+    tile = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    slot = tl.load(tiles_ptr + tile)
+    start = tl.load(tiles_ptr + MAX_TILES + tile)
+    n = tl.load(tiles_ptr + 2 * MAX_TILES + tile)
+    if n > 0:
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < n
+        toks = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if slot >= 0:
+            k_lo = pid_k * K_PER_SPLIT
+            k_hi = tl.minimum(k_lo + K_PER_SPLIT, K_IN)
+            a_row = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar
+            x_row = x_ptr + toks[:, None].to(tl.int64) * stride_xt
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_hi
+                xv = tl.load(x_row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                av = tl.load(a_row + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+                if DOT_F32:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
+                    xv = xv.to(tl.float32)
+                    av = av.to(tl.float32)
+                acc += tl.dot(xv, tl.trans(av), input_precision=PRECISION)
+        tl.store(h_ptr + pid_k * stride_hk + toks[:, None] * stride_ht + offs_r[None, :], acc,
+                 mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, tok_ptr, tiles_ptr, cols_ptr, MAX_TILES, RANK, SPLIT,
+                        stride_hk, stride_ht, stride_bs, stride_br, stride_yt,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # program (tile, slice i, n-tile): y[tok, cols_i] += h[tok, slice rows] @ B[slot, slice rows, cols_i]
+    tile = tl.program_id(0)
+    sl = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(tiles_ptr + tile)
+    start = tl.load(tiles_ptr + MAX_TILES + tile)
+    n = tl.load(tiles_ptr + 2 * MAX_TILES + tile)
+    c_lo = tl.load(cols_ptr + sl)
+    c_hi = tl.load(cols_ptr + sl + 1)
+    n0 = c_lo + pid_n * BLOCK_N
+    if (n > 0) & (slot >= 0) & (n0 < c_hi):
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < n
+        toks = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0)
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr < RANK
+        offs_r = sl * RANK + rr
+        hm = m_mask[:, None] & r_mask[None, :]
+        hv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(0, SPLIT):
+            hv += tl.load(h_ptr + k * stride_hk + toks[:, None] * stride_ht + offs_r[None, :], mask=hm, other=0.0)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < c_hi
+        bv = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BR, BN]
+        delta = tl.dot(hv, bv.to(tl.float32), input_precision=PRECISION)  # [BM, BN]
+        ym = m_mask[:, None] & n_mask[None, :]
+        y_tile = y_ptr + toks[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
+        yv = tl.load(y_tile, mask=ym, other=0.0)
+        tl.store(y_tile, (yv.to(tl.float32) + delta).to(yv.dtype), mask=ym)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 engines get exact fp32 dots (CUDA-core FMAs); bf16/fp16 operands ignore it (tensor cores)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def shrink_config(mode: str, r: int, dtype: torch.dtype, block_k: int | None = None) -> dict:
+    """Constexprs and warps of a shrink launch (registers per thread read off the sm_90 build:
+    about 100 for these tiles, no spills; tests/node/engine/test_triton_compile.py builds them)."""
+    if mode == "bgmv":  # a [32, 128] weight tile a step, reduced on the CUDA cores
+        return {"BLOCK_R": min(_pow2(r), 32), "BLOCK_K": block_k or 128, "num_warps": 8}
+    # [16, 64] x [64, 32] tensor-core tiles; R and K beyond them loop or take more programs
+    return {"BLOCK_R": min(_pow2(r, 16), 32), "BLOCK_K": block_k or (128 if INTERPRET else 64),
+            "DOT_F32": INTERPRET, "PRECISION": _precision(dtype), "num_warps": 4}
+
+
+def expand_config(mode: str, rank: int, dtype: torch.dtype, block_n: int | None = None) -> dict:
+    """Constexprs and warps of an expand launch (one slice's rank rows x BLOCK_N columns)."""
+    cfg = {"BLOCK_R": _pow2(rank, 1 if mode == "bgmv" else 16), "BLOCK_N": block_n or 128, "num_warps": 4}
+    if mode == "sgmv":
+        cfg["PRECISION"] = _precision(dtype)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# per-step metadata
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class TritonLoRAMeta:
+    """Per-step tables in one int32 device buffer (static when a CUDA graph replays them).
+    bgmv: buf = slots [T] (-1 = none). sgmv: buf = tok [T] (tokens sorted by slot) then the tile
+    table [3, max_tiles] (slot, start in tok, length; length 0 = unused tile)."""
+
+    mode: str  # "bgmv" | "sgmv"
+    num_tokens: int
+    num_slots: int
+    buf: torch.Tensor
+    max_tiles: int = 0
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.buf[: self.num_tokens]
+
+    @property
+    def tok(self) -> torch.Tensor:
+        return self.buf[: self.num_tokens]
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        return self.buf[self.num_tokens:]
+
+
+def max_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
+    """Upper bound of SGMV tiles for any slot assignment: sum_g ceil(n_g / M) <= T // M + groups."""
+    return num_tokens // block_m + min(num_tokens, num_slots + 1)
+
+
+def plan_tables(mode: str, host_slots: list[int], block_m: int, tiles_cap: int | None = None) -> list[int]:
+    """The int32 table contents of a step (see TritonLoRAMeta), on the host."""
+    if mode == "bgmv":
+        return list(host_slots)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(host_slots):
+        groups.setdefault(s if s >= 0 else -1, []).append(i)
+    tok: list[int] = []
+    t_slot: list[int] = []
+    t_start: list[int] = []
+    t_len: list[int] = []
+    for s, idx in groups.items():
+        for j in range(0, len(idx), block_m):
+            t_slot.append(s)
+            t_start.append(len(tok) + j)
+            t_len.append(min(block_m, len(idx) - j))
+        tok.extend(idx)
+    n = len(t_slot) if tiles_cap is None else tiles_cap
+    assert len(t_slot) <= n, (len(t_slot), n)
+    pad = n - len(t_slot)
+    return tok + t_slot + [-1] * pad + t_start + [0] * pad + t_len + [0] * pad
+
+
+class TritonLoRAKernel:
+    """The `LoRAKernel` interface on Triton. mode None picks per step: SGMV when the adapter
+    tokens average >= 2 per active slot (each adapter's weights are then read once per tile, not
+    once per token), else BGMV. `shrink` returns float32 split-K partials [K, T, R] (h = their
+    sum over K), which the same kernel's `expand` reduces on the fly."""
+
+    def __init__(self, mode: str | None = None, *, block_m: int = 16, split_k: int | None = None,
+                 block_k: int | None = None, block_n: int | None = None) -> None:
+        if mode not in (None, "bgmv", "sgmv"):
+            raise ValueError(f"mode {mode!r} is not one of bgmv, sgmv (or None = automatic)")
+        if block_m < 16 or block_m & (block_m - 1):
+            raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+        if split_k is not None and split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {split_k}")
+        self.mode = mode
+        self.block_m = block_m
+        self.split_k = split_k
+        self.block_k = block_k
+        self.block_n = block_n
+        self._cols: dict[tuple, torch.Tensor] = {}
+        self._sms: dict[torch.device, int] = {}
+
+    # ---- planning ----
+    def choose_mode(self, host_slots: list[int]) -> str:
+        if self.mode is not None:
+            return self.mode
+        active = [s for s in host_slots if s >= 0]
+        return "sgmv" if len(active) >= 2 * max(1, len(set(active))) else "bgmv"
+
+    def static_meta(self, mode: str, num_tokens: int, num_slots: int, device: torch.device | str) -> TritonLoRAMeta:
+        """Tables of fixed size for `num_tokens` tokens (any slot assignment), for CUDA graphs."""
+        mt = max_tiles(num_tokens, num_slots, self.block_m) if mode == "sgmv" else 0
+        buf = torch.full((num_tokens + 3 * mt,), -1, dtype=torch.int32, device=device)
+        if mode == "sgmv":
+            buf[num_tokens + 2 * mt:] = 0
+        return TritonLoRAMeta(mode, num_tokens, num_slots, buf, mt)
+
+    def fill(self, meta: TritonLoRAMeta, host_slots: list[int]) -> None:
+        """Write a step's tables into a static meta (one host-to-device copy, no sync on CUDA)."""
+        assert len(host_slots) == meta.num_tokens, (len(host_slots), meta.num_tokens)
+        vals = plan_tables(meta.mode, host_slots, self.block_m, meta.max_tiles if meta.mode == "sgmv" else None)
+        meta.buf.copy_(_host_int32(vals, meta.buf.device), non_blocking=True)
+
+    def prepare(self, token_slots: torch.Tensor, num_slots: int, host_slots: list[int]) -> TritonLoRAMeta:
+        """Plan this step on the host (tables sized exactly) and copy them to the device once."""
+        mode = self.choose_mode(host_slots)
+        vals = plan_tables(mode, host_slots, self.block_m)
+        dev = token_slots.device
+        _check_device(dev)
+        t = len(host_slots)
+        buf = _host_int32(vals, dev).to(dev, non_blocking=True)
+        return TritonLoRAMeta(mode, t, num_slots, buf, (len(vals) - t) // 3 if mode == "sgmv" else 0)
+
+    # ---- launch parameters ----
+    def _num_sms(self, dev: torch.device) -> int:
+        if dev.type != "cuda":
+            return 1
+        if dev not in self._sms:
+            self._sms[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        return self._sms[dev]
+
+    def _split(self, programs: int, k_in: int, block_k: int, dev: torch.device) -> tuple[int, int]:
+        """(splits, k per split): enough programs for two waves on the GPU; no empty split."""
+        chunks = triton.cdiv(k_in, block_k)
+        want = self.split_k or triton.cdiv(2 * self._num_sms(dev), max(1, programs))
+        split = max(1, min(want, chunks))
+        per = triton.cdiv(chunks, split) * block_k
+        return triton.cdiv(k_in, per), per
+
+    def _cols_table(self, slices: tuple[int, ...], dev: torch.device) -> torch.Tensor:
+        key = (slices, dev)
+        if key not in self._cols:
+            offs = [0]
+            for s in slices:
+                offs.append(offs[-1] + s)
+            self._cols[key] = torch.tensor(offs, dtype=torch.int32).to(dev)
+        return self._cols[key]
+
+    # ---- the interface ----
+    def shrink(self, x: torch.Tensor, a: torch.Tensor, meta: TritonLoRAMeta,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Semantics: h[t] = A[s_t] @ x[t] for tokens with a slot, h[t] = 0 for s_t = -1; returns
+        float32 partials hk [K, T, R] with h = hk.sum(0). x [T, in], a [S+1, R, in]."""
+        t, k_in = x.shape
+        _, r, k_in_a = a.shape
+        assert k_in == k_in_a and t == meta.num_tokens, (x.shape, a.shape, meta.num_tokens)
+        assert x.stride(1) == 1 and a.stride(2) == 1, "last dims must be contiguous"
+        dev = x.device
+        cfg = shrink_config(meta.mode, r, x.dtype, self.block_k)
+        block_r, block_k = cfg["BLOCK_R"], cfg["BLOCK_K"]
+        grid_tr = (t if meta.mode == "bgmv" else meta.max_tiles) * triton.cdiv(r, block_r)
+        split, per = self._split(grid_tr, k_in, block_k, dev)
+        h = out if out is not None else torch.empty(split, t, r, dtype=torch.float32, device=dev)
+        assert h.shape == (split, t, r) and h.dtype == torch.float32 and h.stride(2) == 1, h.shape
+        if t == 0:
+            return h
+        if meta.mode == "bgmv":
+            _bgmv_shrink_kernel[(t, triton.cdiv(r, block_r), split)](
+                x, a, h, meta.slots, k_in, r, per, x.stride(0), a.stride(0), a.stride(1), h.stride(0), h.stride(1),
+                **cfg)
+        else:
+            _sgmv_shrink_kernel[(meta.max_tiles, triton.cdiv(r, block_r), split)](
+                x, a, h, meta.tok, meta.tiles, meta.max_tiles, k_in, r, per,
+                x.stride(0), a.stride(0), a.stride(1), h.stride(0), h.stride(1), BLOCK_M=self.block_m, **cfg)
+        return h
+
+    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: TritonLoRAMeta, offset: int,
+               slices: tuple[int, ...] | None = None) -> None:
+        """Semantics: y[t, off:off+out] += B[s_t] @ h[t] for tokens with a slot (others untouched),
+        h = hk.sum(0). With `slices` (fused outputs), slice i's columns take only rank rows
+        i*R/n..(i+1)*R/n, so B's zero off-diagonal blocks are never read."""
+        split, t, r = h.shape
+        _, r_b, out = b.shape
+        assert r == r_b and t == meta.num_tokens, (h.shape, b.shape, meta.num_tokens)
+        assert b.stride(2) == 1 and y.stride(1) == 1, "last dims must be contiguous"
+        slices = tuple(slices) if slices else (out,)
+        assert sum(slices) == out and r % len(slices) == 0, (slices, out, r)
+        if t == 0:
+            return
+        rank = r // len(slices)
+        dev = y.device
+        cols = self._cols_table(slices, dev)
+        yv = y[:, offset: offset + out]
+        cfg = expand_config(meta.mode, rank, y.dtype, self.block_n)
+        n_tiles = triton.cdiv(max(slices), cfg["BLOCK_N"])
+        if meta.mode == "bgmv":
+            _bgmv_expand_kernel[(t, len(slices), n_tiles)](
+                h, b, yv, meta.slots, cols, rank, split, h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+                yv.stride(0), **cfg)
+        else:
+            _sgmv_expand_kernel[(meta.max_tiles, len(slices), n_tiles)](
+                h, b, yv, meta.tok, meta.tiles, cols, meta.max_tiles, rank, split, h.stride(0), h.stride(1),
+                b.stride(0), b.stride(1), yv.stride(0), BLOCK_M=self.block_m, **cfg)
+
+
+def _check_device(dev: torch.device) -> None:
+    if dev.type != "cuda" and not INTERPRET:
+        raise TritonUnavailableError(
+            f"Triton kernels need CUDA tensors (got {dev.type}), or TRITON_INTERPRET=1 set before import")
+
+
+def _host_int32(vals: list[int], dev: torch.device) -> torch.Tensor:
+    # pinned on CUDA so the copy to the device is asynchronous (a pageable copy syncs the stream)
+    return torch.tensor(vals, dtype=torch.int32, pin_memory=dev.type == "cuda")
