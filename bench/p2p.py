@@ -43,7 +43,7 @@ async def _raw_serve(path: Path) -> None:
     from multiaddr import Multiaddr
 
     from node.p2p.codec import MAX_PAYLOAD
-    from node.p2p.mesh import build_host
+    from node.p2p.host import build_host
 
     _, host = build_host(os.urandom(32), _raw_config("/ip4/127.0.0.1/tcp/0"))
 
@@ -68,7 +68,7 @@ async def _raw_fetch(addr: str, runs: int) -> None:
     from multiaddr import Multiaddr
 
     from node.p2p.codec import READ_CHUNK
-    from node.p2p.mesh import build_host
+    from node.p2p.host import build_host
 
     _, host = build_host(os.urandom(32), _raw_config("/ip4/127.0.0.1/tcp/0"))
     async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):

@@ -34,7 +34,8 @@ from devnet.deploy import deploy  # noqa: E402
 from ledger.chain import ChainClient  # noqa: E402
 from ledger.db import init_db, make_engine  # noqa: E402
 from ledger.models import SettlementBatch, UsageRecord  # noqa: E402
-from ledger.settler import Settler, SettlerConfig  # noqa: E402
+from ledger.settler import Settler  # noqa: E402
+from ledger.settler_config import SettlerConfig  # noqa: E402
 
 SIZES = (1, 100, 500)
 

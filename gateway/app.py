@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 def _settler_thread(settings: GatewaySettings, client, account) -> tuple[threading.Thread, threading.Event]:
     from ledger.db import make_engine
-    from ledger.settler import Settler, SettlerConfig
+    from ledger.settler import Settler
+    from ledger.settler_config import SettlerConfig
 
     engine = make_engine(settings.db_url, immediate=True)
     settler = Settler(engine, client.with_account(account),

@@ -23,6 +23,12 @@ class NodeLocal:
     inflight: int = 0  # requests this gateway has open on it now
     failed_at: float | None = None  # a request to it failed; not live until a later heartbeat
     prefetched: dict[str, float] = field(default_factory=dict)  # adapter id -> when we asked it to load
+    # adapter id -> wall-clock ms when we saw it loaded there (served a token, or a prefetch succeeded);
+    # it counts as resident until a heartbeat newer than that says otherwise
+    loaded: dict[str, int] = field(default_factory=dict)
+
+    def saw_loaded(self, adapter_id: str) -> None:
+        self.loaded[adapter_id] = int(time.time() * 1000)
 
 
 @dataclass(slots=True)
@@ -49,7 +55,12 @@ class NodeEntry:
 
     @property
     def resident(self) -> frozenset[str]:
-        out = set()
+        """Resident at the last heartbeat, plus what we saw it load after that heartbeat was made.
+
+        Heartbeats lag by up to one interval; without our own sightings two owners would look cold
+        and warm in turn, and repeated requests for one adapter would hop between them.
+        """
+        out = {a for a, ms in self.local.loaded.items() if ms > self.ts_ms}
         for a in self.status.get("resident_adapters") or ():
             if isinstance(a, dict) and isinstance(a.get("adapter_id"), str):
                 out.add(a["adapter_id"])

@@ -65,9 +65,9 @@ class Relay:
         errors = []
         for node in route.nodes[: gw.settings.max_attempts]:
             self.attempts += 1
+            hit = t.adapter_id is not None and t.adapter_id in node.resident  # before this request loads it
             if await self._try(node, errors):
                 if t.adapter_id is not None:
-                    hit = t.adapter_id in node.resident
                     gw.metrics.residency.labels(t.model, "hit" if hit else "miss").inc()
                 return
             gw.metrics.failovers.inc()
@@ -102,6 +102,8 @@ class Relay:
             if not isinstance(e, NodeUnavailable):
                 self.gw.directory.mark_failed(node.node_id)
             return False
+        if self.target.adapter_id is not None:
+            node.local.saw_loaded(self.target.adapter_id)
         self.node, self.up, self._it, self._first = node, up, it, first
         return True
 

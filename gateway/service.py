@@ -109,7 +109,11 @@ class Gateway:
             if asked is not None and now - asked < self.settings.prefetch_ttl_s:
                 continue
             node.local.prefetched[adapter_id] = now
-            self.spawn(self.nodes.load(node.api_url, adapter_id))
+            self.spawn(self._prefetch_one(node, adapter_id))
+
+    async def _prefetch_one(self, node, adapter_id: str) -> None:
+        if await self.nodes.load(node.api_url, adapter_id):
+            node.local.saw_loaded(adapter_id)
 
     # ------------------------------------------------------------------ usage
 

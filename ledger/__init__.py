@@ -8,7 +8,8 @@ from ledger.merkle import MerkleTree, leaf_hash, verify_proof
 from ledger.models import ApiKey, SettlementBatch, UsageRecord
 from ledger.outbox import OutboxError, add_usage_record
 from ledger.rewards import RewardsSummary, rewards_summary
-from ledger.settler import Settler, SettlerConfig
+from ledger.settler import Settler
+from ledger.settler_config import SettlerConfig
 from ledger.types import SettleRecord
 
 __all__ = [

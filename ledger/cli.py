@@ -18,7 +18,8 @@ from ledger.chain import ChainClient
 from ledger.db import init_db, make_engine
 from ledger.keys import load_account
 from ledger.rewards import rewards_summary
-from ledger.settler import Settler, SettlerConfig
+from ledger.settler import Settler
+from ledger.settler_config import SettlerConfig
 
 DEFAULT_DEPLOYMENT = Path(os.environ.get("LORAMESH_DEPLOYMENT", ".loramesh/devnet/deployment.json"))
 ETHER = 10**18

@@ -16,18 +16,17 @@ until one of its transactions settles; a revert then never costs more than that 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
-from eth_utils import keccak
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from ledger.batching import _pending_rows, batch_id_for, to_settle_record
 from ledger.chain import ChainClient, encode_record, record_leaves
 from ledger.errors import (
     BatchAlreadySettled,
@@ -41,60 +40,14 @@ from ledger.errors import (
 from ledger.merkle import MerkleTree
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records
-from ledger.types import BatchInfo, SettleRecord, id_bytes
+from ledger.settler_config import CrashHook, SettlerConfig
+from ledger.types import BatchInfo, SettleRecord
 
 log = logging.getLogger(__name__)
-
-CRASH_ENV = "LORAMESH_SETTLER_CRASH_AT"
-# in_flight: every batch of a step sent, no receipt awaited yet. "point@k" dies the k-th time there.
-CRASH_POINTS = ("before_send", "after_send", "in_flight", "after_receipt")
-CRASH_EXIT_CODE = 97
-BATCH_DOMAIN = b"loramesh.batch.v1"
 
 
 class SettlementError(LedgerError):
     """The chain disagrees with what the database says about a batch."""
-
-
-def _parse_crash(spec: str) -> tuple[str, int]:
-    name, at, count = spec.partition("@")
-    if name not in CRASH_POINTS or (at and not (count.isdigit() and int(count) >= 1)):
-        raise ValueError(f"{CRASH_ENV} must be one of {', '.join(CRASH_POINTS)} (optionally @N), got {spec!r}")
-    return name, int(count or 1)
-
-
-@dataclass(slots=True)
-class SettlerConfig:
-    """batch_size (N): most records per batch, and a full batch goes out at once; interval (T): a
-    partial batch goes out when its oldest record has waited this long (seconds); max_in_flight:
-    most batches sent before waiting for their receipts (1 = one batch per receipt, sequential)."""
-
-    batch_size: int = 100
-    interval: float = 5.0
-    poll: float = 0.2
-    max_backoff: float = 15.0
-    receipt_timeout: float = 60.0
-    max_in_flight: int = 32
-    crash_at: str | None = field(default_factory=lambda: os.environ.get(CRASH_ENV) or None)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.batch_size <= 5_000:
-            raise ValueError(f"batch_size must be 1..5000, got {self.batch_size}")
-        if self.interval < 0 or self.poll <= 0:
-            raise ValueError(f"interval must be >= 0 and poll > 0, got {self.interval}, {self.poll}")
-        if not 1 <= self.max_in_flight <= 256:
-            raise ValueError(f"max_in_flight must be 1..256, got {self.max_in_flight}")
-        if self.crash_at is not None:
-            _parse_crash(self.crash_at)
-
-
-def batch_id_for(request_ids: list[str]) -> str:
-    """Deterministic batch id: keccak256(domain || request ids in batch order)."""
-    return "0x" + keccak(BATCH_DOMAIN + b"".join(id_bytes(r) for r in request_ids)).hex()
-
-
-def to_settle_record(r: UsageRecord) -> SettleRecord:
-    return SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
 
 
 @dataclass(slots=True)
@@ -108,17 +61,6 @@ class _Work:
     tx_hash: str | None = None
 
 
-_PENDING_COLUMNS = (UsageRecord.id, UsageRecord.request_id, UsageRecord.adapter_id, UsageRecord.node_id,
-                    UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.created_at)  # fmt: skip
-
-
-def _pending_rows(session: Session, limit: int) -> list:
-    """The oldest pending records as plain rows (the ORM objects cost more than the rest of a batch)."""
-    stmt = (select(*_PENDING_COLUMNS).where(UsageRecord.status == RecordStatus.PENDING)
-            .order_by(UsageRecord.id).limit(limit))  # fmt: skip
-    return list(session.exec(stmt).all())
-
-
 class Settler:
     """Moves outbox records onto the chain. One instance per database is the intended deployment;
     two would still settle each batch once (the contract refuses duplicates)."""
@@ -130,8 +72,7 @@ class Settler:
         self.settled_total = 0  # records this instance marked settled
         self._known_ids: set[str] = set()  # adapter and node ids seen registered (registries never delete)
         self._probe = True  # one simulated batch per step until one of our transactions settles
-        self._crash = _parse_crash(self.config.crash_at) if self.config.crash_at else None
-        self._crash_seen = 0
+        self._crash_point = CrashHook(self.config.crash_at)  # test-only: LORAMESH_SETTLER_CRASH_AT
 
     # ------------------------------------------------------------------ loop
 
@@ -357,14 +298,3 @@ class Settler:
         self.settled_total += n
         log.info("batch %s settled in block %d (%d records)", batch.batch_id, info.settled_block, n)
         return n
-
-    def _crash_point(self, name: str) -> None:
-        """Test-only: die here, abruptly, when LORAMESH_SETTLER_CRASH_AT names this point (@k: the
-        k-th time it is reached)."""
-        if self._crash is None or self._crash[0] != name:
-            return
-        self._crash_seen += 1
-        if self._crash_seen >= self._crash[1]:
-            log.warning("crash injection at %s", self.config.crash_at)
-            logging.shutdown()
-            os._exit(CRASH_EXIT_CODE)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ledger.batching import to_settle_record
 from ledger.chain import ChainClient
 from ledger.merkle import MerkleTree, leaf_hash, verify_proof
 from ledger.models import UsageRecord
-from ledger.settler import to_settle_record
 from ledger.types import SettleRecord
 
 

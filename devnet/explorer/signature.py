@@ -1,7 +1,7 @@
 """Check a record's node receipt: its fields match the record and its Ed25519 signature verifies.
 
 The outbox row holds the receipt and signature but not the node's public key. A node's libp2p
-identity is its node key (node/p2p/mesh.py builds the host from the node seed), and an Ed25519
+identity is its node key (node/p2p/host.py builds the host from the node seed), and an Ed25519
 peer id embeds the public key, so the peer id registered on chain yields the key; it counts only
 when sha256(key) is the record's node id. Without such a key the signature is shown unchecked.
 """

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from node.engine.triton_lora import INTERPRET, _check_device
+from node.engine.triton_lora import _check_device
+from node.engine.triton_lora_kernels import INTERPRET
 
 NO_WINDOW = 2**31 - 1
 BLOCK_N = 32  # positions per inner step (any cache block size: each position looks its block up)

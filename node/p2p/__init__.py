@@ -3,6 +3,7 @@
 from node.p2p.announce import Announcement, AnnouncementError
 from node.p2p.codec import MAX_PAYLOAD, PROTOCOL_ID
 from node.p2p.config import P2PConfig
+from node.p2p.discovery import Provider
 from node.p2p.errors import (
     BadBytes,
     FetchError,
@@ -14,7 +15,7 @@ from node.p2p.errors import (
     ProviderTimeout,
     UnregisteredAdapter,
 )
-from node.p2p.mesh import Provider, TransferStatus
+from node.p2p.fetcher import TransferStatus
 from node.p2p.node import P2PNode
 from node.p2p.server import AdapterServer
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from node.adapters import AdapterStore, VerifiedPackage
 from node.p2p.bridge import TrioThread
 from node.p2p.config import P2PConfig
+from node.p2p.discovery import Provider
 from node.p2p.errors import P2PError
+from node.p2p.fetcher import OwnerOf, Progress, TransferStatus
 from node.p2p.logs import route_libp2p_logging
-from node.p2p.mesh import Mesh, OwnerOf, Progress, Provider, TransferStatus
+from node.p2p.mesh import Mesh
 from node.p2p.server import AdapterServer
 
 log = logging.getLogger(__name__)

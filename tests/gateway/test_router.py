@@ -124,3 +124,12 @@ def test_no_nodes():
 def test_bad_config():
     with pytest.raises(ValueError, match="k and saturation"):
         Router(k=0)
+
+
+def test_what_we_saw_loaded_counts_as_resident_until_a_newer_heartbeat():
+    n = node(1)
+    n.ts_ms = 1_000
+    n.local.loaded[aid(3)] = 2_000  # served after the heartbeat was made
+    assert aid(3) in n.resident
+    n.ts_ms = 3_000  # a newer heartbeat is the truth again (it may have evicted the adapter)
+    assert aid(3) not in n.resident

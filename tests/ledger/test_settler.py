@@ -8,11 +8,13 @@ import pytest
 from sqlmodel import Session, select
 
 from ledger import errors as E
+from ledger.batching import batch_id_for, to_settle_record
 from ledger.db import init_db, make_engine
 from ledger.merkle import MerkleTree
 from ledger.models import BatchStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, batch_records, count_by_status
-from ledger.settler import Settler, SettlerConfig, batch_id_for, to_settle_record
+from ledger.settler import Settler
+from ledger.settler_config import SettlerConfig
 from tests.utils.chain import ETHER, rand_id, register_sample
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 from ledger.db import init_db, make_engine
 from ledger.models import BatchStatus, SettlementBatch
 from ledger.outbox import count_by_status
-from ledger.settler import CRASH_EXIT_CODE, CRASH_ENV
+from ledger.settler_config import CRASH_EXIT_CODE, CRASH_ENV
 from tests.ledger.test_settler import add_records, settled_on_chain
 from tests.utils.chain import register_sample, start_chain
 

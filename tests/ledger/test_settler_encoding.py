@@ -7,7 +7,7 @@ from web3 import Web3
 from ledger.artifacts import load_artifact
 from ledger.chain import encode_record, record_leaves, settle_calldata
 from ledger.merkle import MerkleTree, leaf_hash
-from ledger.settler import SettlerConfig
+from ledger.settler_config import SettlerConfig
 from ledger.types import SettleRecord
 from tests.utils.chain import rand_id
 

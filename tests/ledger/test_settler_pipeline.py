@@ -9,7 +9,8 @@ from ledger import errors as E
 from ledger.db import init_db, make_engine
 from ledger.models import BatchStatus, SettlementBatch
 from ledger.outbox import count_by_status
-from ledger.settler import Settler, SettlerConfig
+from ledger.settler import Settler
+from ledger.settler_config import SettlerConfig
 from ledger.transport import GasTooLow
 from tests.ledger.test_settler import add_records, settled_on_chain
 from tests.utils.chain import ETHER, register_sample, start_chain

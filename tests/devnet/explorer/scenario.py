@@ -19,7 +19,8 @@ from sqlmodel import Session
 from ledger.db import init_db, make_engine
 from ledger.merkle import MerkleTree
 from ledger.outbox import add_usage_record
-from ledger.settler import Settler, SettlerConfig
+from ledger.settler import Settler
+from ledger.settler_config import SettlerConfig
 from ledger.types import SettleRecord
 from node.adapters.manifest import dataset_id
 from node.keys import Identity
@@ -30,7 +31,7 @@ PRICE = 10**15  # wei per 1k tokens
 
 
 def peer_id_of(identity: Identity) -> str:
-    """The libp2p peer id a node gets from its seed (as node/p2p/mesh.py builds its host)."""
+    """The libp2p peer id a node gets from its seed (as node/p2p/host.py builds its host)."""
     return ID.from_pubkey(create_new_key_pair(identity.node_seed).public_key).to_base58()
 
 

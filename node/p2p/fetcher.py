@@ -1,0 +1,203 @@
+"""The fetch flow: find providers, stream an adapter package from one, verify it against the
+registered owner and install it; the next provider on any failure. Runs on the p2p thread's trio
+loop as part of Mesh (mesh.py), with its dialing and Discovery's provider lookup."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from node.adapters import AdapterStore, PackageError, VerifiedPackage
+from node.canonical import is_id
+from node.p2p.codec import PROTOCOL_ID
+from node.p2p.config import P2PConfig
+from node.p2p.discovery import Provider
+from node.p2p.errors import (
+    FetchError,
+    FrameError,
+    NoProviders,
+    P2PError,
+    ProviderError,
+    ProviderTimeout,
+    UnregisteredAdapter,
+)
+from node.p2p.host import _addr_str
+from node.p2p.transfer import request_package
+
+if TYPE_CHECKING:
+    from libp2p.abc import IHost
+
+log = logging.getLogger(__name__)
+
+OwnerOf = Callable[[str], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStatus:
+    """Progress of one fetch, for the CLI bar and the node's status page."""
+
+    adapter_id: str
+    state: str  # discovering | downloading | verifying | done | failed
+    done: int = 0
+    total: int = 0
+    peer_id: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    failures: tuple[str, ...] = ()  # one line per provider that failed, in order
+
+
+Progress = Callable[[TransferStatus], None]
+
+
+def _provider_from_addr(multiaddr: str) -> Provider:
+    try:
+        info = info_from_p2p_addr(Multiaddr(multiaddr))
+    except Exception as e:
+        raise P2PError(f"bad provider multiaddr {multiaddr!r}: expected /ip4/…/tcp/…/p2p/<peer id> ({e})") from e
+    pid = info.peer_id.to_base58()
+    return Provider(pid, tuple(_addr_str(a, pid) for a in info.addrs), "given")
+
+
+class Fetcher:
+    """Mesh's fetch flow (a mixin: Mesh.__init__ builds the state below; find_providers, _hold and
+    _announce_now come from Discovery, _dial from Mesh)."""
+
+    config: P2PConfig
+    store: AdapterStore
+    owner_of: OwnerOf
+    base_dir: Path | None
+    host: IHost
+    peer_id: str
+    transfers: dict[str, TransferStatus]
+    _fetch_locks: dict[str, trio.Lock]
+
+    def _set(self, status: TransferStatus, on_progress: Progress | None) -> None:
+        self.transfers[status.adapter_id] = status
+        if on_progress is not None:
+            on_progress(status)
+
+    async def fetch(
+        self, adapter_id: str, *, providers: Sequence[str] = (), on_progress: Progress | None = None
+    ) -> VerifiedPackage:
+        """Download, verify against the registered owner and install; next provider on failure.
+
+        `providers` (full multiaddrs, e.g. nodes the registry says hold it) are tried first, in order,
+        then the peers discovery finds.
+        """
+        if not is_id(adapter_id):
+            raise ValueError(f"adapter id {adapter_id!r} is not a 0x-prefixed 64-hex id")
+        lock = self._fetch_locks.setdefault(adapter_id, trio.Lock())
+        async with lock:
+            status = TransferStatus(adapter_id, "discovering")
+            self._set(status, on_progress)
+            try:
+                pkg = await self._fetch_locked(adapter_id, list(providers), status, on_progress)
+            except BaseException as e:
+                self._set(replace(self.transfers[adapter_id], state="failed", error=str(e) or type(e).__name__), on_progress)
+                raise
+            self._set(replace(self.transfers[adapter_id], state="done"), on_progress)
+            return pkg
+
+    async def _fetch_locked(
+        self, adapter_id: str, given: list[str], status: TransferStatus, on_progress: Progress | None
+    ) -> VerifiedPackage:
+        owner = await trio.to_thread.run_sync(self.owner_of, adapter_id)
+        if owner is None:
+            raise UnregisteredAdapter(f"adapter {adapter_id} has no registered owner; refusing to fetch unsigned-for bytes")
+        existing = await trio.to_thread.run_sync(lambda: self.store.get(adapter_id, verify_hashes=False))
+        if existing is not None and existing.signer.lower() == owner.lower():
+            return existing
+        candidates = [_provider_from_addr(a) for a in given]
+        if not candidates:
+            candidates = await self.find_providers(adapter_id, wait=self.config.discover_timeout)
+        else:
+            candidates += await self.find_providers(adapter_id)
+        order: dict[str, Provider] = {}
+        for prov in candidates:  # de-duplicate: gossip and DHT often name the same peer
+            if prov.peer_id != self.peer_id:
+                order.setdefault(prov.peer_id, prov)
+        if not order:
+            raise NoProviders(f"no peer announced adapter {adapter_id} within {self.config.discover_timeout:g}s")
+        failures: list[str] = []
+        for attempt, prov in enumerate(order.values(), start=1):
+            status = replace(status, state="downloading", peer_id=prov.peer_id, attempts=attempt, done=0, total=0,
+                             failures=tuple(failures))
+            self._set(status, on_progress)
+            try:
+                pkg = await self._fetch_from(prov, adapter_id, owner, status, on_progress)
+            except (ProviderError, FrameError, PackageError, P2PError, OSError) as e:
+                log.warning("provider %s failed for %s: %s", prov.peer_id, adapter_id, e)
+                failures.append(f"{prov.peer_id}: {e}")
+                self._set(replace(self.transfers[adapter_id], failures=tuple(failures)), on_progress)
+                continue
+            self._hold(adapter_id)
+            self._announce_now.set()
+            return pkg
+        raise FetchError(f"no provider delivered a valid adapter {adapter_id} ({len(failures)} tried): " + "; ".join(failures))
+
+    async def _fetch_from(
+        self, prov: Provider, adapter_id: str, owner: str, status: TransferStatus, on_progress: Progress | None
+    ) -> VerifiedPackage:
+        info = PeerInfo(ID.from_base58(prov.peer_id), [Multiaddr(a.split("/p2p/")[0]) for a in prov.addrs])
+        stream = await self._open_stream(info)
+        tmp = Path(await trio.to_thread.run_sync(self.store.tmp_dir))
+        try:
+
+            def on_bytes(done: int, total: int) -> None:
+                self._set(replace(status, done=done, total=total), on_progress)
+
+            try:
+                await request_package(
+                    stream, adapter_id, tmp, timeout=self.config.read_timeout,
+                    max_bytes=self.config.max_package_bytes, on_bytes=on_bytes,
+                )
+            except BaseException:
+                with trio.move_on_after(2):
+                    await _quietly(stream.reset)
+                raise
+            with trio.move_on_after(2):
+                await _quietly(stream.close)
+            self._set(replace(self.transfers[adapter_id], state="verifying"), on_progress)
+            return await trio.to_thread.run_sync(self._install, tmp, owner)
+        finally:
+            if tmp.exists():  # shielded: on cancellation the partial download must still go
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
+
+    async def _open_stream(self, info: PeerInfo):
+        # A connection the peer just dropped can linger in the swarm ("No valid connections"):
+        # then disconnect, dial afresh and try once more.
+        for attempt in (1, 2):
+            await self._dial(info)
+            try:
+                with trio.fail_after(self.config.dial_timeout):
+                    return await self.host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID)])
+            except trio.TooSlowError as e:
+                raise ProviderTimeout(f"opening an adapter stream timed out after {self.config.dial_timeout:g}s") from e
+            except Exception as e:
+                if attempt == 2:
+                    raise ProviderError(f"cannot open an adapter stream: {e}") from e
+                log.info("stream to %s failed (%s); reconnecting", info.peer_id, e)
+                with trio.move_on_after(2):
+                    await _quietly(lambda: self.host.disconnect(info.peer_id))
+        raise AssertionError("unreachable")
+
+    def _install(self, tmp: Path, owner: str) -> VerifiedPackage:
+        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir)
+
+
+async def _quietly(fn) -> None:
+    try:
+        await fn()
+    except Exception:
+        pass
