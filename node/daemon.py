@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -45,7 +46,6 @@ class DaemonConfig:
     gateways: tuple[str, ...] = ()
     pins: tuple[str, ...] = ()
     heartbeat_interval: float = 2.0
-    fetch_providers: tuple[str, ...] = ()  # multiaddrs tried before discovered providers
 
     def __post_init__(self) -> None:
         if self.bootstrap and self.listen is None:
@@ -145,7 +145,7 @@ class NodeDaemon:
         from node.p2p import FetchError, P2PError
 
         try:
-            pkg = await self.p2p.afetch(adapter_id, providers=self.config.fetch_providers)
+            pkg = await self.p2p.afetch(adapter_id)
         except (FetchError, P2PError) as e:
             log.warning("cannot fetch adapter %s from peers: %s", adapter_id, e)
             return None
@@ -172,8 +172,6 @@ class NodeDaemon:
             if self.chain is not None and owner is None:
                 raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
         except BaseException:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.config.base)
