@@ -18,6 +18,7 @@ BENIGN = (
     "stream reset",
     "Error reading from stream",
     "Connection closed",
+    "add_conn failed",  # two peers dialling each other at once: one connection loses, harmlessly
 )
 
 
@@ -32,6 +33,8 @@ class _Forward(logging.Handler):
         msg = record.getMessage()
         if record.levelno < logging.ERROR and any(b.lower() in msg.lower() for b in BENIGN):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        if record.levelno < logging.ERROR and self.min_level > logging.DEBUG:
+            record.exc_info = record.exc_text = None  # a library warning is one line; LIBP2P_DEBUG shows the rest
         target = logging.getLogger(TARGET)
         if target.isEnabledFor(record.levelno):
             target.handle(record)

@@ -60,6 +60,9 @@ def test_adapter_in_use_is_not_evicted_and_waiting_request_runs_after(llama_worl
     a, b = llama_world.adapters[0].adapter_id, llama_world.adapters[1].adapter_id
     engine = llama_world.engine(num_slots=1)
     try:
+        # both decoded in the host tier first, so only the one slot decides the order (not load timing)
+        engine.adapters.load(a).result(30)
+        engine.adapters.load(b).result(30)
         engine.add_request(greedy("first", a, PROMPT, 6))
         engine.add_request(greedy("second", b, PROMPT, 2))
         order = []
