@@ -31,8 +31,10 @@ class ManagedProcess:
     def start(self) -> "ManagedProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
+            # own session: a Ctrl-C in the terminal reaches only the parent, which stops children in order
             self.proc = subprocess.Popen([sys.executable, "-m", "devnet", *self.args], stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                                         start_new_session=True)
         return self
 
     def alive(self) -> bool:
