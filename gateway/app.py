@@ -53,15 +53,12 @@ def _settler_thread(settings: GatewaySettings, client, account) -> tuple[threadi
 def create_app(settings: GatewaySettings | None = None, *, chain_client=None, settler_account=None) -> FastAPI:
     """A gateway app. The chain client defaults to one built from settings.deployment (registry mirror
     sync); the settler runs in-process when a settler account (or settings.key_file) is given."""
-    from sqlmodel import SQLModel
-
     import gateway.models  # noqa: F401 - registers the gateway's tables
     from ledger.db import init_db, make_engine
 
     settings = settings or GatewaySettings()
     engine = make_engine(settings.db_url)
-    init_db(engine)
-    SQLModel.metadata.create_all(engine)
+    init_db(engine)  # creates every registered table, the gateway's included
     if chain_client is None and settings.deployment is not None:
         from ledger.chain import ChainClient
 

@@ -54,12 +54,20 @@ class UpstreamStream:
                 data.append(line[5:].lstrip(" "))
             elif line == "" and data:
                 payload, data = "\n".join(data), []
-                yield json.loads(payload)
+                yield _event(payload)
         if data:
-            yield json.loads("\n".join(data))
+            yield _event("\n".join(data))
 
     async def aclose(self) -> None:
         await self._ctx.__aexit__(None, None, None)
+
+
+def _event(payload: str) -> dict:
+    """One SSE event from a node: a JSON object, or ValueError (the relay treats that as a failed node)."""
+    event = json.loads(payload)
+    if not isinstance(event, dict):
+        raise ValueError(f"node sent a {type(event).__name__} where an event object was expected")
+    return event
 
 
 class NodeClient:
@@ -99,7 +107,14 @@ class NodeClient:
         if r.status_code != 200:
             log.warning("abort of %s at %s answered %d: %s", request_id[:10], api_url, r.status_code, r.text[:200])
             return None
-        return r.json()
+        try:
+            got = r.json()
+        except ValueError:
+            got = None
+        if not isinstance(got, dict):
+            log.warning("abort of %s at %s answered something other than a JSON object", request_id[:10], api_url)
+            return None
+        return got
 
     async def load(self, api_url: str, adapter_id: str) -> bool:
         """Ask a node to make an adapter resident (prefetch); False when it could not."""

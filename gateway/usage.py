@@ -3,7 +3,6 @@ usage record (the ledger outbox row) in one database transaction."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -94,7 +93,7 @@ class UsageRecorder:
                     add_usage_record(s, request_id=end.request_id, adapter_id=end.adapter_id, node_id=end.node_id,
                                      prompt_tokens=receipt["prompt_tokens"],
                                      completion_tokens=receipt["completion_tokens"],
-                                     receipt_json=json.dumps(receipt, sort_keys=True, separators=(",", ":")),
+                                     receipt_json=receipt,
                                      node_signature=end.signature, gateway_key_id=end.key_id)  # fmt: skip
                 elif receipt is not None:
                     result = "unrecorded_base"

@@ -25,7 +25,7 @@ _PENDING_COLUMNS = (UsageRecord.id, UsageRecord.request_id, UsageRecord.adapter_
                     UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.created_at)  # fmt: skip
 
 
-def _pending_rows(session: Session, limit: int) -> list:
+def pending_rows(session: Session, limit: int) -> list:
     """The oldest pending records as plain rows (the ORM objects cost more than the rest of a batch)."""
     stmt = (select(*_PENDING_COLUMNS).where(UsageRecord.status == RecordStatus.PENDING)
             .order_by(UsageRecord.id).limit(limit))  # fmt: skip

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from sqlmodel import Session, func, select
 
-from ledger.models import RecordStatus, UsageRecord
+from ledger.models import UsageRecord
 from ledger.types import to_id
+from node.canonical import canonical_json  # the receipt's canonical form is the node's
 
 MAX_TOKENS = 2**64 - 1
 
@@ -30,7 +29,7 @@ def add_usage_record(session: Session, *, request_id: str, adapter_id: str, node
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKENS:
             raise OutboxError(f"usage record: {name} must be an integer in [0, 2**64), got {v!r}")
     if isinstance(receipt_json, dict):
-        receipt_json = json.dumps(receipt_json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        receipt_json = canonical_json(receipt_json).decode("utf-8")
     if not isinstance(receipt_json, str) or not receipt_json:
         raise OutboxError("usage record: receipt_json must be the node's receipt as a JSON string or dict")
     if not isinstance(node_signature, str) or not node_signature:
@@ -46,13 +45,6 @@ def count_by_status(session: Session) -> dict[str, int]:
     """How many records are in each status."""
     rows = session.exec(select(UsageRecord.status, func.count()).group_by(UsageRecord.status)).all()
     return {status: n for status, n in rows}
-
-
-def pending_records(session: Session, limit: int) -> list[UsageRecord]:
-    """The oldest pending records, in outbox order."""
-    stmt = (select(UsageRecord).where(UsageRecord.status == RecordStatus.PENDING)
-            .order_by(UsageRecord.id).limit(limit))  # fmt: skip
-    return list(session.exec(stmt).all())
 
 
 def batch_records(session: Session, batch_id: str) -> list[UsageRecord]:

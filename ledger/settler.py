@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from ledger.batching import _pending_rows, batch_id_for, to_settle_record
+from ledger.batching import batch_id_for, pending_rows, to_settle_record
 from ledger.chain import ChainClient, encode_record, record_leaves
 from ledger.errors import (
     BatchAlreadySettled,
@@ -97,6 +98,10 @@ class Settler:
                 log.error("settlement refused by the contract (retry in %.1fs): %s", backoff, e)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff)
+            except (LedgerError, SQLAlchemyError) as e:  # a long-running settler must outlive these; drain() raises
+                log.error("settlement step failed (retry in %.1fs): %s", backoff, e)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.max_backoff)
         return self.settled_total - start
 
     def drain(self) -> int:
@@ -165,7 +170,7 @@ class Settler:
     def _form_batch(self, *, force: bool) -> _Work | None:
         cfg = self.config
         with Session(self.engine) as s:  # short read; no chain call while the database is locked
-            rows = _pending_rows(s, cfg.batch_size)
+            rows = pending_rows(s, cfg.batch_size)
         if not rows:
             return None
         due = force or len(rows) >= cfg.batch_size or (
@@ -190,8 +195,7 @@ class Settler:
             if not keep:
                 s.commit()
                 return None
-            settle = [SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
-                      for r in keep]  # fmt: skip
+            settle = [to_settle_record(r) for r in keep]
             tree = MerkleTree(record_leaves([encode_record(r) for r in settle]))
             batch = SettlementBatch(batch_id=batch_id_for([r.request_id for r in keep]),
                                     merkle_root="0x" + tree.root.hex(), record_count=len(keep))  # fmt: skip

@@ -11,10 +11,12 @@ import asyncio
 import dataclasses
 import logging
 import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -25,7 +27,7 @@ from node.api import create_app
 from node.engine import Engine, EngineConfig
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
-from node.upload import untar_package
+from node.upload import MAX_UPLOAD_BYTES, untar_package
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ class NodeDaemon:
             return {"p2p": {"state": "not running"}}
 
     # ---- package upload (publishers hand packages to a node) ----
-    def _install_upload(self, data: bytes) -> VerifiedPackage:
+    def _install_upload(self, data: BinaryIO) -> VerifiedPackage:
         tmp = self.store.tmp_dir()
         try:
             untar_package(data, tmp)
@@ -181,13 +183,28 @@ class NodeDaemon:
 
         @router.post("/v1/adapters")
         async def upload(request: Request):
-            data = await request.body()
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+                return _error(413, f"upload of {declared} bytes is over the {MAX_UPLOAD_BYTES}-byte limit",
+                              "upload_too_large")
+            # spooled to disk past 64 MiB and capped while it arrives: an upload never sits whole in memory
+            data = tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=self.store.root / ".tmp")
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_UPLOAD_BYTES:
+                    data.close()
+                    return _error(413, f"upload is over the {MAX_UPLOAD_BYTES}-byte limit", "upload_too_large")
+                data.write(chunk)
+            data.seek(0)
             try:
                 pkg = await asyncio.to_thread(self._install_upload, data)
             except PackageError as e:
                 return _error(400, str(e), "package_refused")
             except UploadRefused as e:
                 return _error(403, str(e), "adapter_unregistered")
+            finally:
+                data.close()
             if self.p2p is not None:
                 await self.p2p.aannounce(pkg.adapter_id)
             log.info("accepted package %s (%s) from a publisher", pkg.adapter_id, pkg.name)

@@ -7,8 +7,10 @@ written, sizes are capped, and the result still has to pass the full package che
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 from node.adapters.errors import PackageError
 from node.adapters.manifest import RESERVED_FILES, check_file_name
@@ -27,12 +29,14 @@ def tar_package(pkg_dir: str | Path) -> bytes:
     return buf.getvalue()
 
 
-def untar_package(data: bytes, dest: Path) -> None:
-    """Write a flat tar archive's regular files into `dest`, refusing anything else."""
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise PackageError(f"upload of {len(data)} bytes is over the {MAX_UPLOAD_BYTES}-byte limit")
+def untar_package(data: bytes | BinaryIO, dest: Path) -> None:
+    """Write a flat tar archive's (bytes or a file) regular files into `dest`, refusing anything else."""
+    if isinstance(data, bytes):
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise PackageError(f"upload of {len(data)} bytes is over the {MAX_UPLOAD_BYTES}-byte limit")
+        data = io.BytesIO(data)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=data, mode="r:") as tar:
             members = tar.getmembers()
             if len(members) > MAX_FILES:
                 raise PackageError(f"upload holds {len(members)} entries, more than {MAX_FILES}")
@@ -44,7 +48,7 @@ def untar_package(data: bytes, dest: Path) -> None:
                 src = tar.extractfile(m)
                 assert src is not None  # regular files always have a body
                 with (dest / m.name).open("xb") as out:
-                    out.write(src.read())
+                    shutil.copyfileobj(src, out)
     except tarfile.TarError as e:
         raise PackageError(f"upload is not a valid tar archive: {e}") from e
     except FileExistsError as e:

@@ -6,6 +6,7 @@ package is either whole and verified or not visible at all, even if the process 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -103,7 +104,7 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("installed adapter %s (%s) signed by %s", pkg.adapter_id, pkg.name, pkg.signer)
-        return verify_package(final, base_dir=self.base_dir, hashes=False)
+        return dataclasses.replace(pkg, path=final)  # what was verified is what now sits at `final`
 
     def remove(self, adapter_id: str) -> bool:
         """Delete an installed package; True if there was one."""

@@ -7,7 +7,8 @@ from sqlmodel import Session, select
 
 from ledger.db import init_db, make_engine
 from ledger.models import RecordStatus, UsageRecord
-from ledger.outbox import OutboxError, add_usage_record, count_by_status, pending_records
+from ledger.batching import pending_rows
+from ledger.outbox import OutboxError, add_usage_record, count_by_status
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_record_is_written_in_the_callers_transaction(engine):
         assert row.receipt_json == '{"a":"é","b":1}'
         assert row.created_at.tzinfo is not None
         assert count_by_status(s) == {"pending": 1}
-        assert [r.id for r in pending_records(s, 10)] == [row.id]
+        assert [r.id for r in pending_rows(s, 10)] == [row.id]
 
 
 def test_duplicate_request_id_fails_at_commit(engine):
