@@ -83,12 +83,13 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
     async def _http(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
         return html(acc.error_page(exc.status_code, str(exc.detail)), exc.status_code)
 
-    def locked(fn):
-        """Run a handler holding the explorer's lock: pages read the index that refresh() extends."""
+    def fresh(fn):
+        """Run a handler holding the explorer's lock on an index brought up to the chain's head first."""
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             with ex.lock:
+                ex.refresh()
                 return fn(*args, **kwargs)
 
         return wrapper
@@ -100,71 +101,60 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
         return key
 
     @app.get("/", response_class=HTMLResponse)
-    @locked
+    @fresh
     def overview():
-        head = ex.refresh()
-        return led.overview_page(ex, head)
+        return led.overview_page(ex, ex.index.last_block)
 
     @app.get("/adapters", response_class=HTMLResponse)
-    @locked
+    @fresh
     def adapters():
-        ex.refresh()
         return reg.adapters_page(ex)
 
     @app.get("/adapters/{adapter_id}", response_class=HTMLResponse)
-    @locked
+    @fresh
     def adapter(adapter_id: str):
-        ex.refresh()
         return reg.adapter_page(ex, lookup(ex.index.adapters, adapter_id, "adapter"))
 
     @app.get("/datasets", response_class=HTMLResponse)
-    @locked
+    @fresh
     def datasets():
-        ex.refresh()
         return reg.datasets_page(ex)
 
     @app.get("/datasets/{dataset_id}", response_class=HTMLResponse)
-    @locked
+    @fresh
     def dataset(dataset_id: str):
-        ex.refresh()
         return reg.dataset_page(ex, lookup(ex.index.datasets, dataset_id, "dataset"))
 
     @app.get("/nodes", response_class=HTMLResponse)
-    @locked
+    @fresh
     def nodes():
-        ex.refresh()
         return reg.nodes_page(ex)
 
     @app.get("/nodes/{node_id}", response_class=HTMLResponse)
-    @locked
+    @fresh
     def node(node_id: str):
-        ex.refresh()
         return reg.node_page(ex, lookup(ex.index.nodes, node_id, "node"))
 
     @app.get("/batches", response_class=HTMLResponse)
-    @locked
+    @fresh
     def batches():
-        ex.refresh()
         return led.batches_page(ex)
 
     @app.get("/batches/{batch_id}", response_class=HTMLResponse)
-    @locked
+    @fresh
     def batch(batch_id: str):
-        ex.refresh()
         return led.batch_page(ex, lookup(ex.index.batches, batch_id, "settled batch"))
 
     @app.get("/records", response_class=HTMLResponse)
-    @locked
+    @fresh
     def records(adapter: str | None = None, node: str | None = None, batch: str | None = None,
                 page: Annotated[int, Query(ge=0)] = 0):  # fmt: skip
-        ex.refresh()
         ids = {k: _id(v, f"{k} id") if v else None for k, v in (("adapter", adapter), ("node", node), ("batch", batch))}
         return led.records_page(ex, **ids, page_no=page)
 
     @app.get("/records/{request_id}", response_class=HTMLResponse)
-    @locked
+    @fresh
     def record(request_id: str):
-        ex.refresh()
         rid = _id(request_id, "request id")
         detail = ex.record_detail(rid)
         if detail is None:
@@ -172,53 +162,47 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
         return led.record_page(ex, detail)
 
     @app.get("/accounts", response_class=HTMLResponse)
-    @locked
+    @fresh
     def accounts():
-        ex.refresh()
         return acc.accounts_page(ex)
 
     @app.get("/address/{address}", response_class=HTMLResponse)
-    @locked
+    @fresh
     def address(address: str):
         if not is_hex_address(address):
             raise BadId(f"address must be 0x followed by 40 hex digits, got {address[:80]!r}")
-        ex.refresh()
         return acc.address_page(ex, to_checksum_address(address.lower()))
 
     @app.get("/tx/{tx_hash}", response_class=HTMLResponse)
-    @locked
+    @fresh
     def tx(tx_hash: str):
         h = _id(tx_hash, "transaction hash")
-        ex.refresh()
         found = ex.transaction(h)
         if found is None:
             raise NotFound(f"no transaction {h} on this chain")
         return acc.tx_page(ex, h, *found)
 
     @app.get("/search")
-    @locked
+    @fresh
     def search(q: str = ""):
-        ex.refresh()
         url, hits = ex.search(q)
         if url is not None:
             return RedirectResponse(url, status_code=303)
         return HTMLResponse(acc.search_page(q, hits), status_code=200 if hits or not q.strip() else 404)
 
     @app.get("/plots/tokens.svg")
-    @locked
+    @fresh
     def tokens_svg():
-        ex.refresh()
         return Response(led.tokens_plot(ex), media_type="image/svg+xml")
 
     @app.get("/plots/rewards.svg")
-    @locked
+    @fresh
     def rewards_svg():
-        ex.refresh()
         return Response(led.rewards_plot(ex), media_type="image/svg+xml")
 
     @app.get("/health")
-    @locked
+    @fresh
     def health() -> dict:
-        return {"ok": True, "head": ex.refresh(), "records": len(ex.index.records)}
+        return {"ok": True, "head": ex.index.last_block, "records": len(ex.index.records)}
 
     return app

@@ -44,17 +44,21 @@ def run_settler(env, db_url: str, key_file: Path, crash_at: str | None,
     return subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("crash_at", ["before_send", "after_send", "after_receipt"])
-def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
-    env = slow_chain
-    reg = register_sample(env)
+def outbox_with_records(env, tmp_path, n: int):
+    """A SQLite outbox holding `n` records of a registered adapter and node, and the settler's key file."""
     db_url = f"sqlite:///{tmp_path}/outbox.db"
     engine = make_engine(db_url)
     init_db(engine)
-    ids = add_records(engine, [reg], 50)
+    ids = add_records(engine, [register_sample(env)], n)
     key_file = tmp_path / "settler.key"
     key_file.write_text(env.settler.key.hex())
-    client = env.client()
+    return db_url, engine, ids, key_file, env.client()
+
+
+@pytest.mark.parametrize("crash_at", ["before_send", "after_send", "after_receipt"])
+def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
+    env = slow_chain
+    db_url, engine, ids, key_file, client = outbox_with_records(env, tmp_path, 50)
 
     crashed = run_settler(env, db_url, key_file, crash_at)
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
@@ -86,14 +90,7 @@ def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
 ])  # fmt: skip
 def test_crash_with_several_batches_in_flight(slow_chain, tmp_path, crash_at, sent_with_hash, statuses):
     env = slow_chain
-    reg = register_sample(env)
-    db_url = f"sqlite:///{tmp_path}/outbox.db"
-    engine = make_engine(db_url)
-    init_db(engine)
-    ids = add_records(engine, [reg], 50)
-    key_file = tmp_path / "settler.key"
-    key_file.write_text(env.settler.key.hex())
-    client = env.client()
+    db_url, engine, ids, key_file, client = outbox_with_records(env, tmp_path, 50)
 
     crashed = run_settler(env, db_url, key_file, crash_at, batch_size=10)
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
