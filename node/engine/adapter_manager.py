@@ -75,24 +75,70 @@ class AdapterManager:
                 return f
             if adapter_id not in self._inflight:
                 self._failed.pop(adapter_id, None)
-                self._inflight[adapter_id] = self._pool.submit(self._load_job, adapter_id, loop)
+                done: Future = Future()
+                self._inflight[adapter_id] = done
+                self._pool.submit(self._guarded, adapter_id, done, self._from_local, adapter_id, loop, done)
             return self._inflight[adapter_id]
 
     async def prefetch(self, adapter_id: str) -> LoadedAdapter:
         """Bring the adapter into the host cache; raises the AdapterError that stopped it."""
         return await asyncio.wrap_future(self.load(adapter_id, asyncio.get_running_loop()))
 
-    def _load_job(self, adapter_id: str, loop) -> LoadedAdapter:
+    def _from_local(self, adapter_id: str, loop, done: Future) -> None:
+        """Loader thread: decode from the store, or hand a missing adapter to the fetcher. The fetch
+        runs on the event loop, not here, so a slow peer never holds up other adapters' loads."""
+        pkg = self._from_store(adapter_id)
+        if pkg is not None:
+            self._finish(adapter_id, done, self._decode_checked(adapter_id, pkg))
+            return
+        if self.fetcher is None or loop is None:
+            raise self._not_found(adapter_id)
+        fetch = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(self.fetcher(adapter_id), self.fetch_timeout), loop)
+        fetch.add_done_callback(
+            lambda f: self._submit(adapter_id, done, self._from_fetched, adapter_id, f, done))
+
+    def _from_fetched(self, adapter_id: str, fetch: Future, done: Future) -> None:
+        """Loader thread, once the fetch has ended: decode what it installed."""
         try:
-            loaded = self._resolve(adapter_id, loop)
+            path = fetch.result()
+        except TimeoutError:
+            raise AdapterNotFoundError(
+                f"adapter {adapter_id}: no peer delivered it within {self.fetch_timeout:g} s") from None
+        pkg = self._from_store(adapter_id) if path is not None else None
+        if pkg is None and path is not None:
+            from node.adapters import verify_package
+
+            pkg = verify_package(path)
+            if pkg.adapter_id != adapter_id:
+                raise AdapterIncompatibleError(f"fetched package is adapter {pkg.adapter_id}, not {adapter_id}")
+        if pkg is None:
+            raise self._not_found(adapter_id)
+        self._finish(adapter_id, done, self._decode_checked(adapter_id, pkg))
+
+    def _submit(self, adapter_id: str, done: Future, stage, *args) -> None:
+        try:
+            self._pool.submit(self._guarded, adapter_id, done, stage, *args)
+        except RuntimeError as e:  # the manager was closed while a fetch ran
+            self._fail(adapter_id, done, e)
+
+    def _guarded(self, adapter_id: str, done: Future, stage, *args) -> None:
+        try:
+            stage(*args)
         except Exception as e:
-            err = e if isinstance(e, AdapterError) else AdapterError(f"adapter {adapter_id} failed to load: {e}")
-            log.warning("adapter %s failed to load: %s", adapter_id, err)
-            with self._lock:
-                self._inflight.pop(adapter_id, None)
-                self._failed[adapter_id] = err
-            self.on_ready()
-            raise err from e
+            self._fail(adapter_id, done, e)
+
+    def _fail(self, adapter_id: str, done: Future, e: Exception) -> None:
+        err = e if isinstance(e, AdapterError) else AdapterError(f"adapter {adapter_id} failed to load: {e}")
+        log.warning("adapter %s failed to load: %s", adapter_id, err)
+        with self._lock:
+            self._inflight.pop(adapter_id, None)
+            self._failed[adapter_id] = err
+        self.on_ready()
+        if not done.done():
+            done.set_exception(err)
+
+    def _finish(self, adapter_id: str, done: Future, loaded: LoadedAdapter) -> None:
         with self._lock:
             self._cpu[adapter_id] = loaded
             self._names[adapter_id] = loaded.name
@@ -104,23 +150,13 @@ class AdapterManager:
             self._inflight.pop(adapter_id, None)
         log.info("adapter %s (%s, rank %d) decoded into the host cache", adapter_id, loaded.name, loaded.rank)
         self.on_ready()
-        return loaded
+        done.set_result(loaded)
 
-    def _resolve(self, adapter_id: str, loop) -> LoadedAdapter:
-        pkg = self._from_store(adapter_id)
-        if pkg is None and self.fetcher is not None and loop is not None:
-            path = asyncio.run_coroutine_threadsafe(self.fetcher(adapter_id), loop).result(self.fetch_timeout)
-            if path is not None:
-                pkg = self._from_store(adapter_id)
-                if pkg is None:
-                    from node.adapters import verify_package
+    def _not_found(self, adapter_id: str) -> AdapterNotFoundError:
+        where = "this node's store" + (" or its peers" if self.fetcher is not None else "")
+        return AdapterNotFoundError(f"adapter {adapter_id} is not in {where}")
 
-                    pkg = verify_package(path)
-                    if pkg.adapter_id != adapter_id:
-                        raise AdapterIncompatibleError(f"fetched package is adapter {pkg.adapter_id}, not {adapter_id}")
-        if pkg is None:
-            where = "this node's store" + (" or its peers" if self.fetcher is not None else "")
-            raise AdapterNotFoundError(f"adapter {adapter_id} is not in {where}")
+    def _decode_checked(self, adapter_id: str, pkg) -> LoadedAdapter:
         base = pkg.manifest.base_model
         if base.id != self.base_model_id:
             raise AdapterBaseMismatchError(
@@ -264,5 +300,9 @@ class AdapterManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            unfinished = list(self._inflight.items())
+        for adapter_id, done in unfinished:  # their queued stages were cancelled: nobody else ends them
+            self._fail(adapter_id, done, AdapterError(f"adapter {adapter_id}: the engine closed before it loaded"))
         if self._waiter is not None:
             self._waiter.shutdown(wait=True)

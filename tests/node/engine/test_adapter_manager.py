@@ -146,3 +146,51 @@ def test_fetcher_supplies_an_adapter_the_store_lacks(llama_world, tmp_path):
         assert loaded.adapter_id == wanted.adapter_id and loaded.rank == 2 and calls == [wanted.adapter_id]
     finally:
         engine.close()
+
+
+def test_a_stalled_peer_fetch_does_not_hold_up_loads_from_the_store(llama_world, tmp_path):
+    missing, present = llama_world.adapters[3], llama_world.adapters[0]
+    local = AdapterStore(tmp_path / "store")
+    local.install(llama_world.store.path_for(present.adapter_id))
+
+    async def go():
+        release = asyncio.Event()
+
+        async def slow_fetcher(adapter_id):
+            await release.wait()  # a peer that has not sent a byte yet
+            return local.install(llama_world.store.path_for(adapter_id)).path
+
+        engine = llama_world.engine(fetcher=slow_fetcher)
+        engine.adapters.store = local
+        try:
+            stalled = asyncio.ensure_future(engine.adapters.prefetch(missing.adapter_id))
+            await asyncio.sleep(0.2)  # the fetch has started and holds nothing the store load needs
+            loaded = await asyncio.wait_for(engine.adapters.prefetch(present.adapter_id), 10)
+            assert loaded.adapter_id == present.adapter_id and not stalled.done()
+            assert engine.adapters.cached() == [present.adapter_id]
+            release.set()
+            assert (await asyncio.wait_for(stalled, 10)).adapter_id == missing.adapter_id
+            assert engine.adapters.cached() == [present.adapter_id, missing.adapter_id]
+        finally:
+            engine.close()
+
+    asyncio.run(go())
+
+
+def test_a_fetch_past_its_timeout_is_a_clear_not_found(llama_world, tmp_path):
+    async def go():
+        async def silent_fetcher(adapter_id):
+            await asyncio.sleep(60)
+
+        engine = llama_world.engine(fetcher=silent_fetcher)
+        engine.adapters.store = AdapterStore(tmp_path / "empty")
+        engine.adapters.fetch_timeout = 0.3
+        try:
+            aid = llama_world.adapters[1].adapter_id
+            with pytest.raises(AdapterNotFoundError, match=r"no peer delivered it within 0\.3 s"):
+                await engine.adapters.prefetch(aid)
+            assert aid not in engine.adapters.cached() and engine.adapters.loading() == []
+        finally:
+            engine.close()
+
+    asyncio.run(go())
