@@ -193,7 +193,8 @@ class Fetcher:
         raise AssertionError("unreachable")
 
     def _install(self, tmp: Path, owner: str) -> VerifiedPackage:
-        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir)
+        # request_package hashed every byte against the manifest on arrival; the rest is checked here
+        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True)
 
 
 async def _quietly(fn) -> None:
