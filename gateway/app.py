@@ -116,7 +116,9 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
                             status_code=500)  # fmt: skip
 
     async def _auth(request: Request):
-        key, private = await asyncio.to_thread(gw.authenticate, request.headers.get("authorization"))
+        header = request.headers.get("authorization")
+        # a cached key answers on the event loop; only a miss pays the worker thread and the database
+        key, private = gw.cached_auth(header) or await asyncio.to_thread(gw.authenticate, header)
         gw.admit(key)
         return key, private
 
@@ -214,20 +216,20 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         return JSONResponse(body, headers=headers)
 
     async def _stream(relay: Relay, b: ChunkBuilder):
+        # chunks that are ready together go out in one write: each write is a send through the whole
+        # ASGI stack and a wake-up of the client, and the bytes on the wire are the same
+        opening = b.role() if b.chat else b""
         try:
-            if b.chat:
-                yield b.role()
             async for text in relay.tokens():
-                yield b.token(text)
+                yield opening + b.token(text)
+                opening = b""
             await asyncio.shield(gw.spawn(relay.finish()))
             if relay.failure:
-                yield sse(error_body(f"{relay.failure}; the response is incomplete", type="upstream_error",
-                                     code="node_failed"))  # fmt: skip
+                yield opening + sse(error_body(f"{relay.failure}; the response is incomplete",
+                                               type="upstream_error", code="node_failed"))  # fmt: skip
                 return
-            yield b.finish(finish_reason(relay.finish_reason))
-            if b.include_usage:
-                yield b.usage(usage_dict(*relay.usage))
-            yield DONE
+            usage = b.usage(usage_dict(*relay.usage)) if b.include_usage else b""
+            yield opening + b.finish(finish_reason(relay.finish_reason)) + usage + DONE
         finally:
             relay.finish_detached(client_gone=True)
 

@@ -107,7 +107,7 @@ def keys_list(db: DbOpt = None) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(ident: Annotated[str, typer.Argument(help="Key id or shown prefix.")], db: DbOpt = None) -> None:
-    """Revoke a key: it gets 401 from then on."""
+    """Revoke a key: it gets 401 from then on (a running gateway within key_cache_ttl_s, 2 s by default)."""
     from gateway.keys import revoke_key
 
     info = revoke_key(_engine(db), ident)

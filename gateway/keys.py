@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -108,3 +111,38 @@ def private_adapter_names(engine: Engine) -> frozenset[str]:
     """Adapter names listed to some key: the private ones."""
     with Session(engine) as s:
         return frozenset(s.exec(select(AdapterGrant.adapter_name).distinct()).all())
+
+
+class KeyCache:
+    """Authenticated keys, with the private adapter names read alongside, kept `ttl` seconds so that a
+    request costs no database round trip. A revoked or deleted key, changed limits or grants take effect
+    within `ttl` seconds: keys are revoked by the CLI in another process, so nothing here could be told.
+    Unknown secrets are never cached (a key just created works at once); ttl=0 turns caching off."""
+
+    def __init__(self, engine: Engine, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if ttl < 0:
+            raise ValueError(f"key cache ttl must be >= 0, got {ttl}")
+        self.engine, self.ttl, self.clock = engine, ttl, clock
+        self._entries: dict[str, tuple[float, KeyInfo, frozenset[str]]] = {}  # secret hash -> (expiry, ...)
+        self._lock = threading.Lock()
+
+    def get(self, secret: str) -> tuple[KeyInfo, frozenset[str]] | None:
+        """The cached key and private names when still fresh; None means: call `load` (blocking)."""
+        entry = self._entries.get(hash_secret(secret))
+        if entry is None or entry[0] <= self.clock():
+            return None
+        return entry[1], entry[2]
+
+    def load(self, secret: str) -> tuple[KeyInfo | None, frozenset[str]]:
+        """Read the key and the private names from the database and cache them (blocking: DB)."""
+        digest, now = hash_secret(secret), self.clock()  # before the read: no entry outlives a change by > ttl
+        key = lookup_key(self.engine, secret)
+        private = private_adapter_names(self.engine) if key is not None else frozenset()
+        with self._lock:
+            if key is None:
+                self._entries.pop(digest, None)
+            elif self.ttl > 0:
+                # expired entries go whenever one is added, so keys nobody uses any more do not pile up
+                self._entries = {h: e for h, e in self._entries.items() if e[0] > now}
+                self._entries[digest] = (now + self.ttl, key, private)
+        return key, private

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -12,6 +13,8 @@ log = logging.getLogger(__name__)
 
 # Node error codes that are the client's fault: another node would refuse the same request.
 CLIENT_ERROR_CODES = frozenset({"invalid_request", "context_length_exceeded"})
+KEEPALIVE_S = 2.0  # idle pooled connections to nodes live this long
+DRAIN_TIMEOUT_S = 0.5  # how long a finished stream's end may take to arrive before we drop the connection
 
 
 class NodeUnavailable(RuntimeError):
@@ -58,7 +61,18 @@ class UpstreamStream:
         if data:
             yield _event("\n".join(data))
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, drain: bool = False) -> None:
+        """Close the stream. drain=True (the node sent its done event) first reads the rest, the end of
+        the chunked body: only a response read to its end lets the connection back into the pool, and a
+        new connection per request costs both processes a TCP handshake and teardown. Bounded in time,
+        so a node that keeps the stream open after done only costs its connection."""
+        if drain:
+            try:
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    async for _ in self._lines:
+                        pass
+            except (TimeoutError, httpx.HTTPError, RuntimeError):
+                pass  # the connection is closed instead of reused
         await self._ctx.__aexit__(None, None, None)
 
 
@@ -74,8 +88,10 @@ class NodeClient:
     """A shared httpx client for every node; one instance per gateway app."""
 
     def __init__(self, *, connect_timeout: float = 3.0, read_timeout: float = 60.0) -> None:
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-                                      limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+        # idle connections are dropped well before a node's server would close them (uvicorn: after 5 s), so
+        # a request is never sent down a connection the node is closing at that moment (it would fail)
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=connect_timeout), limits=limits)
 
     async def open_stream(self, api_url: str, body: dict) -> UpstreamStream:
         """POST /v1/generate with stream=true; NodeUnavailable or NodeRejected when it is not a 200."""

@@ -169,7 +169,7 @@ class Relay:
             if self.failure and not client_gone and got is None:
                 gw.directory.mark_failed(node.node_id)
         try:
-            await self.up.aclose()
+            await self.up.aclose(drain=self.done is not None)  # a finished stream keeps its connection
         except (httpx.HTTPError, RuntimeError):
             pass
         node.local.inflight = max(0, node.local.inflight - 1)

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from gateway.chat import ChatTemplates
 from gateway.directory import NodeDirectory
 from gateway.errors import AuthError, ModelNotFound
-from gateway.keys import KeyInfo, lookup_key, private_adapter_names
+from gateway.keys import KeyCache, KeyInfo
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient
 from gateway.ratelimit import RateLimiter
@@ -24,6 +24,16 @@ from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from node.canonical import is_id
 
 log = logging.getLogger(__name__)
+
+
+def _secret(authorization: str | None) -> str:
+    """The key of an `Authorization: Bearer <key>` header; AuthError when there is none."""
+    if not authorization:
+        raise AuthError("missing API key: send it as 'Authorization: Bearer <key>'")
+    scheme, _, secret = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise AuthError("malformed Authorization header: expected 'Bearer <key>'")
+    return secret.strip()
 
 
 class Gateway:
@@ -42,21 +52,26 @@ class Gateway:
         self.templates = ChatTemplates(settings.bases)
         self._tasks: set[asyncio.Task] = set()
         self._key_tpm: dict[int, int | None] = {}
+        self.keys = KeyCache(engine, settings.key_cache_ttl_s)
 
     # ------------------------------------------------------------------ auth and limits
 
     def authenticate(self, authorization: str | None) -> tuple[KeyInfo, frozenset[str]]:
-        """The key named by an `Authorization: Bearer` header and the private adapter names (blocking: DB)."""
-        if not authorization:
-            raise AuthError("missing API key: send it as 'Authorization: Bearer <key>'")
-        scheme, _, secret = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            raise AuthError("malformed Authorization header: expected 'Bearer <key>'")
-        key = lookup_key(self.engine, secret.strip())
+        """The key named by an `Authorization: Bearer` header and the private adapter names (blocking: DB
+        unless `cached_auth` would have answered)."""
+        secret = _secret(authorization)
+        key, private = self.keys.get(secret) or self.keys.load(secret)
         if key is None:
             raise AuthError("invalid API key: unknown or revoked")
         self._key_tpm[key.id] = key.tokens_per_minute
-        return key, private_adapter_names(self.engine)
+        return key, private
+
+    def cached_auth(self, authorization: str | None) -> tuple[KeyInfo, frozenset[str]] | None:
+        """`authenticate` from the key cache, without blocking; None when the database must be asked."""
+        hit = self.keys.get(_secret(authorization))
+        if hit is not None:
+            self._key_tpm[hit[0].id] = hit[0].tokens_per_minute
+        return hit
 
     def admit(self, key: KeyInfo) -> None:
         self.limiter.admit(key.id, rpm=key.requests_per_minute, tpm=key.tokens_per_minute)

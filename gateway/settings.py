@@ -29,6 +29,9 @@ class GatewaySettings(BaseSettings):
     connect_timeout_s: float = Field(default=3.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)  # nodes tried before the first token
     prefetch_ttl_s: float = Field(default=30.0, ge=0)  # do not re-ask an owner to load within this
+    # an authenticated key is reused this long without asking the database: a revoked key, changed limits
+    # or grants take effect within it (0: look every request up)
+    key_cache_ttl_s: float = Field(default=2.0, ge=0)
     default_max_tokens: int = Field(default=64, ge=1)
     max_max_tokens: int = Field(default=4096, ge=1)
     settle: bool = True  # run the ledger settler in-process when a key file is given

@@ -4,6 +4,8 @@ usage record (the ledger outbox row) in one database transaction."""
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -62,6 +64,9 @@ class UsageRecorder:
     def __init__(self, engine: Engine, public_key_of) -> None:
         self.engine = engine
         self.public_key_of = public_key_of  # node id -> raw Ed25519 key (from its heartbeats) or None
+        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in growing steps
+        # (1, 2, 5, 10 ms...) before it retries: our own writers wait their turn here instead
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
 
     def record(self, end: RequestEnd) -> str:
         """Write the completion record, and the usage record when the receipt verifies; returns
@@ -87,7 +92,7 @@ class UsageRecorder:
             prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens, attempts=end.attempts,
             ttft_ms=end.ttft_ms, latency_ms=end.latency_ms, error=end.error)  # fmt: skip
         try:
-            with Session(self.engine) as s:
+            with self._write_lock, Session(self.engine) as s:
                 s.add(row)
                 if receipt is not None and end.adapter_id is not None:
                     add_usage_record(s, request_id=end.request_id, adapter_id=end.adapter_id, node_id=end.node_id,

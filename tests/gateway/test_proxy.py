@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -148,6 +149,23 @@ def test_chat_stream_usage_matches_tokens(w):
     assert any(b.get("prompt") == "<|user|>\nhi\n<|assistant|>\n" for n in w.nodes for b in n.requests)
 
 
+def test_chat_stream_without_tokens_still_opens_with_the_role(w):
+    # on the bare base model: no outbox row for a request that produced no token (see the last test)
+    for n in w.nodes:
+        n.tokens = 0
+    try:
+        r = httpx.post(w.gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {w.key}"}, timeout=10,
+                       json={"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    finally:
+        for n in w.nodes:
+            n.tokens = 5
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and len(events) == 3, events
+    role, finish = json.loads(events[0]), json.loads(events[1])
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert finish["choices"][0]["finish_reason"] == "length" and finish["choices"][0]["delta"] == {}
+
+
 def test_completion_stream_stop_reason(w):
     chunks = list(w.client().completions.create(model="acme/alpha", prompt="STOP_AT_3", stream=True, max_tokens=9))
     assert "".join(c.choices[0].text for c in chunks) == " t0 t1 t2"
@@ -231,6 +249,18 @@ def test_401(w, key):
     r = httpx.post(w.gw.url + "/v1/completions", headers=headers, json={"model": "acme/alpha", "prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_revoked_key_is_refused_once_the_key_cache_ttl_passed(w):
+    secret, info = create_key(w.engine, name="soon-gone")
+    assert w.client(secret).completions.create(model="acme/alpha", prompt="x", max_tokens=1).choices  # now cached
+    revoke_key(w.engine, info.id)  # from outside the gateway, as `loramesh gateway keys revoke` does
+    # the cached entry was read before the revocation, so it has expired once the ttl has passed since
+    time.sleep(GatewaySettings().key_cache_ttl_s)
+    r = httpx.get(w.gw.url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        w.client(secret).completions.create(model="acme/alpha", prompt="x", max_tokens=1)
 
 
 def test_401_through_openai_client(w):

@@ -107,3 +107,14 @@ def test_same_request_twice_fails_loudly(setup):
     with pytest.raises(UsageError, match="could not record"):
         rec.record(end_for(ident, rid=end.request_id))
     assert len(rows(engine)[1]) == 1
+
+
+def test_concurrent_records_all_land(setup):
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine, ident, rec = setup
+    ends = [end_for(ident, rid="0x" + f"{i + 1:064x}") for i in range(32)]
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(rec.record, ends)) == {"recorded"}
+    done, usage = rows(engine)
+    assert {d.request_id for d in done} == {u.request_id for u in usage} == {e.request_id for e in ends}
