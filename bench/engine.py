@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -77,6 +79,71 @@ def copy_bandwidth(device: str) -> float:
     y = torch.empty_like(x)
     t = timed(lambda: y.copy_(x), device, 10)
     return 2 * x.numel() / t
+
+
+def bandwidth_floor(args, cfg, engine, head_dim: int, with_distinct: bool) -> dict:
+    """Step time if a decode step did nothing but read its bytes once at the measured copy bandwidth:
+    every weight but the embedding table (a step reads only its batch's rows of it), the adapters in
+    use, and the KV cache at the run's mean context length."""
+    bw = copy_bandwidth(args.device)
+    model = engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:  # untied: the embedding table is not the output layer's weight
+        emb = model.embed_tokens.weight
+        weight_bytes -= emb.numel() * emb.element_size()
+    dims = {"q": (cfg.hidden_size, cfg.hidden_size), "k": (cfg.hidden_size, cfg.num_key_value_heads * head_dim),
+            "v": (cfg.hidden_size, cfg.num_key_value_heads * head_dim), "o": (cfg.hidden_size, cfg.hidden_size),
+            "g": (cfg.hidden_size, cfg.intermediate_size), "u": (cfg.hidden_size, cfg.intermediate_size),
+            "d": (cfg.intermediate_size, cfg.hidden_size)}
+    adapter_bytes = cfg.num_hidden_layers * sum(args.rank * (i + o) for i, o in dims.values()) * 2  # bf16
+    ctx = args.prompt_len + args.new_tokens / 2
+    kv_bytes = args.batch * ctx * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
+
+    def at(n_adapters: int) -> dict:
+        step_s = (weight_bytes + n_adapters * adapter_bytes + kv_bytes) / bw
+        return {"step_ms": step_s * 1e3, "tokens_per_s": args.batch / step_s}
+    floor = {"copy_bandwidth_GBps": bw / 1e9, "weight_GB": weight_bytes / 1e9, "adapter_MB": adapter_bytes / 1e6,
+             "kv_GB": kv_bytes / 1e9, f"{args.adapters} adapters": at(args.adapters), "base-only": at(0)}
+    if with_distinct:
+        floor[f"{args.batch} adapters"] = at(args.batch)
+    return floor
+
+
+def smoke_test(engine, ids, prompts, GenerationRequest, SamplingParams) -> None:
+    """A few tokens on every row over all the adapters, in each LoRA mode the kernel has, so a broken
+    graph bucket or prefill shape fails here, while the next engine configuration can still be tried."""
+    kernel = engine.mapping.kernel
+    modes = ("bgmv", "sgmv") if hasattr(kernel, "choose_mode") else (None,)
+    saved = getattr(kernel, "mode", None)
+    try:
+        for mode in modes:
+            if mode is not None:
+                kernel.mode = mode
+            reqs = [GenerationRequest(f"smoke-{mode}-{i}", ids[i % len(ids)], prompt_token_ids=p.tolist(),
+                                      params=SamplingParams(max_tokens=3, temperature=0.0))
+                    for i, p in enumerate(prompts)]
+            bad = [r.error for r in engine.generate(reqs).values() if r.finish_reason == "error"]
+            if bad:
+                raise RuntimeError(f"smoke run ({mode or 'torch'}): {bad[0]}")
+    finally:
+        if saved is not None:
+            kernel.mode = saved
+
+
+def close_quietly(engine) -> None:
+    if engine is not None:
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001 - it failed already; freeing its memory is what matters
+            pass
+
+
+def release_memory(device: str) -> None:
+    """A failed engine's parts point at each other, so only a collection frees them, and the next
+    configuration needs the room (an 8B engine holds ~30 GB)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def build(args, work: Path):
@@ -273,7 +340,6 @@ def main() -> None:
     g = torch.Generator().manual_seed(2)
     prompts = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)
     dev_prompts = prompts.to(args.device)
-    n_tokens = args.batch * args.new_tokens
     head_dim = cfg.hidden_size // cfg.num_attention_heads
 
     # our engine on the same weights (copied from the HF model) and adapters (from the store)
@@ -297,6 +363,7 @@ def main() -> None:
     attempts = [(args.kernel, args.cuda_graphs)]
     if cuda:
         attempts += [(args.kernel, "static"), ("torch", "off")]
+    engine = None
     for kernel_name, graphs in dict.fromkeys(attempts):
         t0 = time.perf_counter()
         try:
@@ -306,10 +373,7 @@ def main() -> None:
                 max_num_seqs=args.batch, max_num_batched_tokens=args.batch * args.prompt_len,
                 max_model_len=max_len + 1, block_size=16, cuda_graphs=graphs),
                 store=store, weights=base_sd.items(), kernel=make_kernel(kernel_name))
-            smoke = engine.generate([GenerationRequest("smoke", ids[0], prompt_token_ids=prompts[0].tolist(),
-                                                       params=SamplingParams(max_tokens=3, temperature=0.0))])
-            if smoke["smoke"].finish_reason == "error":
-                raise RuntimeError(smoke["smoke"].error)
+            smoke_test(engine, ids, prompts, GenerationRequest, SamplingParams)
             break
         except Exception as e:  # noqa: BLE001 - reported, then the next attempt
             import traceback
@@ -317,7 +381,9 @@ def main() -> None:
             traceback.print_exc()
             failures.append(f"kernel={kernel_name} cuda_graphs={graphs}: {type(e).__name__}: {e}")
             print(f"engine build failed ({failures[-1]}); trying the next configuration", flush=True)
+            close_quietly(engine)
             engine = None
+        release_memory(args.device)  # outside the except block: the traceback's frames hold the engine too
     if engine is None:
         raise SystemExit("every engine configuration failed: " + " | ".join(failures))
     engine_build_s = time.perf_counter() - t0
@@ -349,9 +415,30 @@ def main() -> None:
         except ImportError:
             pass
 
-    def save() -> None:
+    def save() -> None:  # write-then-rename: a run killed mid-write keeps the previous JSON whole
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, args.out)
+
+    if cuda:  # first: a section that fails later must not cost the table its floor
+        report["floor"] = bandwidth_floor(args, cfg, engine, head_dim, bool(distinct_ids))
+        report["tokens_per_s"]["floor (bandwidth)"] = report["floor"][f"{args.adapters} adapters"]["tokens_per_s"]
+    save()
+
+    def section(name: str, fn) -> None:
+        """Run one section; an exception is recorded in the JSON and the next section still runs."""
+        if name not in args.sections:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - one GPU run must bring back every section it can
+            import traceback
+
+            traceback.print_exc()
+            report.setdefault("section_errors", {})[name] = f"{type(e).__name__}: {e}"
+            print(f"section {name} failed: {type(e).__name__}: {e}", flush=True)
+        save()
 
     def make_resident(aids) -> None:
         for aid in aids:
@@ -422,7 +509,7 @@ def main() -> None:
             return 0.0, timer.steps(), out
         return run
 
-    if "throughput" in args.sections:
+    def throughput() -> None:
         make_resident(ids)
         hf_systems = {peft_key: (hf_system(peft_model, peft_names), args.peft_new_tokens),
                       hf_key: (hf_system(base_model), args.hf_new_tokens)}
@@ -437,14 +524,16 @@ def main() -> None:
         k = min(args.new_tokens, args.peft_new_tokens)
         same = sum(a[:k] == b[:k] for a, b in zip(outputs[ours_key], outputs[peft_key]))
         report["greedy rows identical to PEFT"] = f"{same}/{args.batch} (first {k} tokens)"
-        save()
-    if "distinct" in args.sections:
+
+    def distinct() -> None:
         make_resident(distinct_ids[:args.batch])
         key = f"ours, {args.batch} distinct adapters"
         measure({key: (lambda n: ours([distinct_ids[i % len(distinct_ids)] for i in range(args.batch)], n),
                        args.new_tokens)}, args.repeats)
-        save()
-    if "modes" in args.sections and hasattr(kernel, "choose_mode"):
+
+    def modes() -> None:
+        if not hasattr(kernel, "choose_mode"):
+            return
         saved = kernel.mode
         systems = {}
         for mode in ("bgmv", "sgmv"):
@@ -455,40 +544,18 @@ def main() -> None:
                 systems[f"ours, {args.batch} distinct [{mode}]"] = (
                     lambda n, m=mode, dn=dn: (setattr(kernel, "mode", m), ours(dn, n))[1], args.new_tokens)
         make_resident(ids)
-        measure(systems, max(1, args.repeats - 1))
-        kernel.mode = saved
-        save()
-    if "cold" in args.sections:
+        try:
+            measure(systems, max(1, args.repeats - 1))
+        finally:
+            kernel.mode = saved
+
+    def cold() -> None:
         report["cold_load"] = cold_load(args, engine, cold_ids, names16, prompts, ours)
-        save()
-    if "ttft" in args.sections:
+
+    def first_token() -> None:
         report["ttft_ms"] = ttft(args, engine, ids, cfg, peft_model, base_model)
-        save()
 
-    floor_fn = None
-    if cuda:
-        bw = copy_bandwidth(args.device)
-        weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
-        dims = {"q": (cfg.hidden_size, cfg.hidden_size), "k": (cfg.hidden_size, cfg.num_key_value_heads * head_dim),
-                "v": (cfg.hidden_size, cfg.num_key_value_heads * head_dim), "o": (cfg.hidden_size, cfg.hidden_size),
-                "g": (cfg.hidden_size, cfg.intermediate_size), "u": (cfg.hidden_size, cfg.intermediate_size),
-                "d": (cfg.intermediate_size, cfg.hidden_size)}
-        adapter_bytes = cfg.num_hidden_layers * sum(args.rank * (i + o) for i, o in dims.values()) * 2  # bf16
-        ctx = args.prompt_len + args.new_tokens / 2
-        kv_bytes = args.batch * ctx * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
-
-        def floor_fn(n_adapters: int) -> dict:
-            step_s = (weight_bytes + n_adapters * adapter_bytes + kv_bytes) / bw
-            return {"step_ms": step_s * 1e3, "tokens_per_s": args.batch / step_s}
-        report["floor"] = {"copy_bandwidth_GBps": bw / 1e9, "weight_GB": weight_bytes / 1e9,
-                           "adapter_MB": adapter_bytes / 1e6, "kv_GB": kv_bytes / 1e9,
-                           f"{args.adapters} adapters": floor_fn(args.adapters), "base-only": floor_fn(0)}
-        if distinct_ids:
-            report["floor"][f"{args.batch} adapters"] = floor_fn(args.batch)
-        report["tokens_per_s"]["floor (bandwidth)"] = report["floor"][f"{args.adapters} adapters"]["tokens_per_s"]
-    report["ratios"] = ratios(args, report)
-    save()
-    if "hf-static" in args.sections:  # last: its torch.compile can take minutes
+    def hf_static() -> None:
         key = "transformers static cache, base-only"
         timer = StepTimer(args.device)
         t0 = time.perf_counter()
@@ -503,8 +570,11 @@ def main() -> None:
         report["tokens_per_s"][key] = args.batch * args.hf_new_tokens / wall
         report["step_ms"][key], report["step_tokens_per_s"][key] = med * 1e3, args.batch / med
         report["hf_static_first_call_s"] = compile_s
+
+    for name, fn in (("throughput", throughput), ("distinct", distinct), ("modes", modes), ("cold", cold),
+                     ("ttft", first_token), ("hf-static", hf_static)):  # hf-static last: torch.compile takes minutes
+        section(name, fn)
         report["ratios"] = ratios(args, report)
-        save()
     report["total_s"] = time.perf_counter() - t_start
     save()
     print_table(report, args.out)

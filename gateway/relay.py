@@ -3,7 +3,6 @@ then abort if needed and record the end with the node's receipt."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator

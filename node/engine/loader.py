@@ -51,8 +51,8 @@ def build_model(cfg: ModelConfig, mapping: LoRAMapping, tensors: Iterable[tuple[
     """Meta-device construction, then allocate on `device` and copy every checkpoint tensor in."""
     with torch.device("meta"):
         model = CausalLM(cfg, mapping)
+    model.to(dtype)  # still on meta: allocating afterwards never holds an fp32 copy (32 GB for an 8B model)
     model.to_empty(device=device)
-    model.to(dtype)
     params = dict(model.named_parameters())
     missing = set(params)
     for name, t in tensors:

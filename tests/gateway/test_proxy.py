@@ -13,7 +13,6 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from devnet.anvil import free_port
 from gateway.app import create_app
 from gateway.keys import create_key, revoke_key
 from gateway.models import CompletionRecord
