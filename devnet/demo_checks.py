@@ -1,5 +1,6 @@
 """The demo's traffic and its proof: real OpenAI-client requests, then checks that every one of them is
-on chain exactly once and that the rewards accrued add up to the fees of the settled records."""
+on chain exactly once (the bare base-model comparisons too, under the zero adapter id, at the ledger's
+base price) and that the rewards accrued add up to the fees of the settled records."""
 
 from __future__ import annotations
 
@@ -24,6 +25,31 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     base_text: str = ""  # the bare base model's answer to the same prompt, for comparison
+    base_request_id: str = ""  # that comparison request (settled too, under the zero adapter id)
+    base_prompt_tokens: int = 0
+    base_completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """One request the demo sent, as the client saw it; base: to the bare base model (no adapter)."""
+
+    request_id: str
+    label: str
+    prompt_tokens: int
+    completion_tokens: int
+    base: bool = False
+
+
+def sent_requests(answers: list[Answer]) -> list[Sent]:
+    """Every request behind the answers: the adapter ones and their base-model comparisons."""
+    out = []
+    for a in answers:
+        out.append(Sent(a.request_id, a.adapter, a.prompt_tokens, a.completion_tokens))
+        if a.base_request_id:
+            out.append(Sent(a.base_request_id, f"base model (vs {a.adapter})", a.base_prompt_tokens,
+                            a.base_completion_tokens, base=True))  # fmt: skip
+    return out
 
 
 def _rid(response_id: str) -> str:
@@ -41,7 +67,8 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
             r = client.completions.create(model=a.name, prompt=prompt, max_tokens=16, temperature=0)
             base = client.completions.create(model=base_name, prompt=prompt, max_tokens=16, temperature=0)
             out.append(Answer(a.name, "completion", prompt, r.choices[0].text, _rid(r.id), r.usage.prompt_tokens,
-                              r.usage.completion_tokens, base.choices[0].text))
+                              r.usage.completion_tokens, base.choices[0].text, _rid(base.id),
+                              base.usage.prompt_tokens, base.usage.completion_tokens))  # fmt: skip
         chat = client.chat.completions.create(model=a.name, messages=[{"role": "user", "content": a.prompts[0]}],
                                               max_tokens=8, temperature=0)
         out.append(Answer(a.name, "chat", a.prompts[0], chat.choices[0].message.content or "", _rid(chat.id),
@@ -83,14 +110,16 @@ def wait_settled(db_url: str, request_ids: list[str], timeout: float = 180.0) ->
 
 
 def check_on_chain(client, answers: list[Answer]) -> dict:
-    """Every request settled exactly once with the token counts the client saw; accruals equal fees."""
-    sent = {a.request_id: a for a in answers}
+    """Every request (base-model comparisons included) settled exactly once with the token counts the
+    client saw, base-model ones under the zero adapter id at the base price; accruals equal fees."""
+    sent = {s.request_id: s for s in sent_requests(answers)}
     events = client.events("ledger", "RecordSettled")
     counts = Counter("0x" + bytes(e["args"]["requestId"]).hex() for e in events)
     for rid, a in sent.items():
         if counts[rid] != 1:
-            raise DemoCheckFailed(f"request {rid} ({a.adapter}) is on chain {counts[rid]} times, expected once")
-    fees, batches = 0, set()
+            raise DemoCheckFailed(f"request {rid} ({a.label}) is on chain {counts[rid]} times, expected once")
+    base_price = client.base_price()
+    fees, base_fees, batches = 0, 0, set()
     for e in events:
         args = e["args"]
         rid = "0x" + bytes(args["requestId"]).hex()
@@ -99,6 +128,13 @@ def check_on_chain(client, answers: list[Answer]) -> dict:
             if (args["promptTokens"], args["completionTokens"]) != (a.prompt_tokens, a.completion_tokens):
                 raise DemoCheckFailed(f"request {rid}: chain has {args['promptTokens']}+{args['completionTokens']} "
                                       f"tokens, the client was told {a.prompt_tokens}+{a.completion_tokens}")
+            if a.base:
+                want = base_price * (a.prompt_tokens + a.completion_tokens) // 1000
+                adapter = "0x" + bytes(args["adapterId"]).hex()
+                if adapter != "0x" + "00" * 32 or args["fee"] != want:
+                    raise DemoCheckFailed(f"base-model request {rid}: chain has adapter {adapter} and fee "
+                                          f"{args['fee']} wei, expected the zero id and {want} wei")
+                base_fees += args["fee"]
             fees += args["fee"]
             batches.add(bytes(args["batchId"]))
     accrued = sum(e["args"]["amount"] for e in client.events("ledger", "RewardAccrued")
@@ -106,4 +142,5 @@ def check_on_chain(client, answers: list[Answer]) -> dict:
     batch_fees = sum(e["args"]["fee"] for e in events if bytes(e["args"]["batchId"]) in batches)
     if accrued != batch_fees or batch_fees != fees:
         raise DemoCheckFailed(f"rewards do not add up: accrued {accrued} wei, fees of the settled records {fees} wei")
-    return {"records": len(sent), "batches": len(batches), "fees": fees, "accrued": accrued}
+    return {"records": len(sent), "base_records": sum(s.base for s in sent.values()), "batches": len(batches),
+            "fees": fees, "base_fees": base_fees, "accrued": accrued}

@@ -62,8 +62,9 @@ def demo(
             net.wait_for_models(gateway_url, api_key, [a.name for a in adapters], group, len(nodes))
             console.print("• sending requests through the openai client")
             answers = checks.send_requests(gateway_url, api_key, adapters, base_model_name(base))
-            console.print(f"• {len(answers)} requests answered; waiting for settlement on chain")
-            checks.wait_settled(db_url, [a.request_id for a in answers])
+            sent = checks.sent_requests(answers)  # the base-model comparisons are settled too
+            console.print(f"• {len(sent)} requests answered; waiting for settlement on chain")
+            checks.wait_settled(db_url, [s.request_id for s in sent])
             from ledger.chain import ChainClient
 
             client = ChainClient.from_deployment(deployment)
@@ -72,6 +73,8 @@ def demo(
             show_attribution(client, ids, console)
             console.print(f"[green]✓[/] {summary['records']} requests on chain exactly once in {summary['batches']} "
                           f"batch(es); rewards accrued = fees = {summary['fees'] / 1e18:.6f} ETH")
+            console.print(f"[green]✓[/] {summary['base_records']} of them to the bare base model, at the base price: "
+                          f"{summary['base_fees'] / 1e18:.6f} ETH, all to the serving node operators")
             explorer_port = free_port()
             explorer = group.start(ManagedProcess("explorer", [
                 "explorer", "--rpc", anvil.rpc_url, "--db", db_url, "--deployment", str(deployment),

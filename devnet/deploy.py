@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 ETHER = 10**18
 DEFAULT_NODE_SHARE_BPS = 2_000  # node operator's cut of every fee; the rest goes to datasets and owner
+# Fee per 1,000 tokens of a bare base-model request (no adapter); all of it goes to the serving node.
+DEFAULT_BASE_PRICE = 10**14
 DEFAULT_FUND = 100 * ETHER
 
 
@@ -38,11 +40,15 @@ def _deploy_contract(w3, account, chain_id: int, name: str, args: Sequence = ())
 
 
 def deploy(rpc_url: str, *, deployer_key: str = DEV_KEYS[0], node_share_bps: int = DEFAULT_NODE_SHARE_BPS,
+           base_price_per_1k_tokens: int = DEFAULT_BASE_PRICE,
            fund: Sequence[str] = (), fund_amount: int = DEFAULT_FUND, settlers: Sequence[str] = (),
            settler_deposit: int = 0) -> Deployment:  # fmt: skip
-    """Deploy both contracts (deployer = admin), fund `fund`, grant and prefund `settlers`."""
+    """Deploy both contracts (deployer = admin), set the base-model price, fund `fund`, grant and
+    prefund `settlers`."""
     if not 0 <= node_share_bps <= 10_000:
         raise ValueError(f"node_share_bps must be 0..10000, got {node_share_bps}")
+    if base_price_per_1k_tokens < 0:
+        raise ValueError(f"base_price_per_1k_tokens must be >= 0, got {base_price_per_1k_tokens}")
     account = Account.from_key(deployer_key)
     w3 = make_web3(rpc_url)
     with rpc_guard(rpc_url):
@@ -53,9 +59,12 @@ def deploy(rpc_url: str, *, deployer_key: str = DEV_KEYS[0], node_share_bps: int
     deployment = Deployment(
         chain_id=chain_id, rpc_url=rpc_url, registry=reg["contractAddress"], ledger=led["contractAddress"],
         deploy_block=reg["blockNumber"], deployer=account.address, node_share_bps=node_share_bps,
+        base_price_per_1k_tokens=base_price_per_1k_tokens,
         sources_sha256=load_artifact("AttributionLedger").get("sourcesSha256", ""),
     )  # fmt: skip
     client = ChainClient(deployment, account)
+    if base_price_per_1k_tokens:
+        client.set_base_price(base_price_per_1k_tokens)
     setup_accounts(client, fund=fund, fund_amount=fund_amount, settlers=settlers, settler_deposit=settler_deposit)
     deployment.funded = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
     log.info("deployed registry %s, ledger %s at block %d", deployment.registry, deployment.ledger,

@@ -1,5 +1,9 @@
 """Usage capture: check the node's signed receipt, then write the request's completion record and its
-usage record (the ledger outbox row) in one database transaction."""
+usage record (the ledger outbox row) in one database transaction.
+
+A request to the bare base model (no adapter) is recorded like any other, with the zero adapter id
+(ledger.types.BASE_MODEL_ADAPTER_ID): the ledger prices it at its base price and credits the node.
+The node's receipt for it says adapter_id null, and is checked to say so."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from sqlmodel import Session
 
 from gateway.models import CompletionRecord, RequestStatus
 from ledger.outbox import OutboxError, add_usage_record
+from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.receipts import ReceiptError, check_receipt
 
 log = logging.getLogger(__name__)
@@ -69,8 +74,8 @@ class UsageRecorder:
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
 
     def record(self, end: RequestEnd) -> str:
-        """Write the completion record, and the usage record when the receipt verifies; returns
-        "recorded", "unrecorded_base" (no adapter: nothing to attribute) or "unreceipted"."""
+        """Write the completion record, and the usage record when the receipt verifies (base-model
+        requests too, under the zero adapter id); returns "recorded" or "unreceipted"."""
         result = "recorded"
         receipt = None
         if end.node_id is not None and (end.receipt is not None or end.completion_tokens > 0):
@@ -94,14 +99,13 @@ class UsageRecorder:
         try:
             with self._write_lock, Session(self.engine) as s:
                 s.add(row)
-                if receipt is not None and end.adapter_id is not None:
-                    add_usage_record(s, request_id=end.request_id, adapter_id=end.adapter_id, node_id=end.node_id,
+                if receipt is not None:
+                    adapter_id = BASE_MODEL_ADAPTER_ID if end.adapter_id is None else end.adapter_id
+                    add_usage_record(s, request_id=end.request_id, adapter_id=adapter_id, node_id=end.node_id,
                                      prompt_tokens=receipt["prompt_tokens"],
                                      completion_tokens=receipt["completion_tokens"],
                                      receipt_json=receipt,
                                      node_signature=end.signature, gateway_key_id=end.key_id)  # fmt: skip
-                elif receipt is not None:
-                    result = "unrecorded_base"
                 s.commit()
         except (SQLAlchemyError, OutboxError) as e:
             raise UsageError(f"could not record request {end.request_id}: {e}") from e

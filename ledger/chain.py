@@ -207,6 +207,13 @@ class ChainClient:
     def set_node_share_bps(self, bps: int):
         return self.tx.transact(self.ledger.functions.setNodeShareBps(bps))
 
+    def set_base_price(self, price_per_1k_tokens: int):
+        """Fee per 1,000 tokens of base-model records (adapter id zero), in wei."""
+        return self.tx.transact(self.ledger.functions.setBasePricePer1kTokens(price_per_1k_tokens))
+
+    def base_price(self) -> int:
+        return self.tx.call(self.ledger.functions.basePricePer1kTokens())
+
     def transfer_admin(self, new_admin: str):
         return self.tx.transact(self.ledger.functions.transferAdmin(to_checksum_address(new_admin)))
 

@@ -20,6 +20,7 @@ from ledger.keys import load_account
 from ledger.rewards import rewards_summary
 from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
+from ledger.types import BASE_MODEL_ADAPTER_ID
 
 DEFAULT_DEPLOYMENT = Path(os.environ.get("LORAMESH_DEPLOYMENT", ".loramesh/devnet/deployment.json"))
 ETHER = 10**18
@@ -54,7 +55,8 @@ def rewards_show(
     table = Table("adapter", "role", "wei", "ETH")
     for adapter, roles in sorted(summary.by_adapter.items()):
         for role, amount in sorted(roles.items()):
-            table.add_row(adapter, role, str(amount), _eth(amount))
+            label = "base model" if adapter == BASE_MODEL_ADAPTER_ID else adapter
+            table.add_row(label, role, str(amount), _eth(amount))
     console.print(table)
     totals = ", ".join(f"{role} {amount}" for role, amount in sorted(summary.by_role.items())) or "none"
     console.print(f"by role (wei): {totals}; {summary.batches} batches")

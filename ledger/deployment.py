@@ -22,6 +22,7 @@ class Deployment:
     deploy_block: int
     deployer: str = ""
     node_share_bps: int = 0
+    base_price_per_1k_tokens: int = 0  # wei per 1,000 tokens of a base-model record, as set at deploy
     sources_sha256: str = ""
     funded: list[str] = field(default_factory=list)
 
@@ -48,6 +49,7 @@ class Deployment:
                 deploy_block=int(data["deploy_block"]),
                 deployer=data.get("deployer", ""),
                 node_share_bps=int(data.get("node_share_bps", 0)),
+                base_price_per_1k_tokens=int(data.get("base_price_per_1k_tokens", 0)),
                 sources_sha256=data.get("sources_sha256", ""),
                 funded=list(data.get("funded", [])),
             )

@@ -19,7 +19,8 @@ def add_usage_record(session: Session, *, request_id: str, adapter_id: str, node
                      completion_tokens: int, receipt_json: str | dict, node_signature: str,
                      gateway_key_id: int | None = None) -> UsageRecord:  # fmt: skip
     """Add one record to the outbox in the caller's session; the caller commits (same transaction as
-    its request completion). A second record with the same request id fails at commit (unique)."""
+    its request completion). A second record with the same request id fails at commit (unique).
+    A request to the bare base model has adapter_id = the zero id (ledger.types.BASE_MODEL_ADAPTER_ID)."""
     try:
         ids = {name: to_id(v) for name, v in
                (("request_id", request_id), ("adapter_id", adapter_id), ("node_id", node_id))}  # fmt: skip

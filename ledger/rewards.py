@@ -1,4 +1,7 @@
-"""Reward queries: what accrued to an address, split by adapter and by role, from chain events."""
+"""Reward queries: what accrued to an address, split by adapter and by role, from chain events.
+
+Base-model records (no adapter) accrue under the zero adapter id (BASE_MODEL_ADAPTER_ID), role node.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from dataclasses import dataclass, field
 from eth_utils import to_checksum_address
 
 from ledger.chain import ChainClient
-from ledger.types import Role
+from ledger.types import BASE_MODEL_ADAPTER_ID, Role
 
 
 @dataclass(slots=True)
@@ -24,6 +27,11 @@ class RewardsSummary:
     batches: int = 0
 
     @property
+    def base_model(self) -> int:
+        """What accrued for serving the bare base model (node operators only)."""
+        return sum(self.by_adapter.get(BASE_MODEL_ADAPTER_ID, {}).values())
+
+    @property
     def adds_up(self) -> bool:
         return (self.available + self.withdrawn == self.accrued
                 and sum(self.by_role.values()) == self.accrued
@@ -32,7 +40,7 @@ class RewardsSummary:
     def to_dict(self) -> dict:
         return {"address": self.address, "available": self.available, "accrued": self.accrued,
                 "withdrawn": self.withdrawn, "by_role": self.by_role, "by_adapter": self.by_adapter,
-                "batches": self.batches, "adds_up": self.adds_up}  # fmt: skip
+                "batches": self.batches, "base_model": self.base_model, "adds_up": self.adds_up}  # fmt: skip
 
 
 def role_name(role: int) -> str:

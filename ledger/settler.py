@@ -42,7 +42,7 @@ from ledger.merkle import MerkleTree
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records
 from ledger.settler_config import CrashHook, SettlerConfig
-from ledger.types import BatchInfo, SettleRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, SettleRecord
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ class Settler:
         """Adapter and node ids the registry does not know, with the reason. Records naming them are
         rejected: one such record would otherwise make every batch it sits in revert forever."""
         bad: dict[str, str] = {}
-        checks = [(r.adapter_id, self.client.get_adapter, "adapter") for r in records]
+        checks = [(r.adapter_id, self.client.get_adapter, "adapter") for r in records
+                  if r.adapter_id != BASE_MODEL_ADAPTER_ID]  # a base-model record names no adapter
         checks += [(r.node_id, self.client.get_node, "node") for r in records]
         for ident, getter, what in checks:
             if ident in self._known_ids or ident in bad:

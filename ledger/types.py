@@ -6,6 +6,19 @@ import enum
 from dataclasses import dataclass
 
 ZERO_ID = "0x" + "00" * 32
+# The adapter id of a request to the bare base model (no adapter): stored as such in the outbox and
+# sent as such on chain, where AttributionLedger prices it at basePricePer1kTokens, all to the node.
+BASE_MODEL_ADAPTER_ID = ZERO_ID
+
+
+def is_base_model(adapter_id: str | bytes | None) -> bool:
+    """Whether an adapter id names the bare base model (the zero id)."""
+    if adapter_id is None:
+        return False
+    try:
+        return to_id(adapter_id) == ZERO_ID
+    except ValueError:
+        return False
 
 
 def to_id(value: str | bytes) -> str:

@@ -7,6 +7,8 @@ import {AdapterRegistry} from "./AdapterRegistry.sol";
 /// @notice Settles batches of inference records in the native coin. A settler (a gateway, granted by
 /// the admin) prepays a deposit; each batch pulls its records' fees from that deposit and accrues
 /// them to node operators, adapter owners and dataset payees, who withdraw what accrued.
+/// A record whose adapterId is zero is an inference of the bare base model: its fee is
+/// basePricePer1kTokens per 1,000 tokens and all of it accrues to the serving node's operator.
 /// @dev Money invariant: totalDeposited == totalAccrued + sum(deposits left) + totalReclaimed and
 /// totalAccrued == sum(rewards available) + totalWithdrawn; the balance equals deposits left plus
 /// rewards available. A batch id is accepted once (BatchAlreadySettled), so retries are idempotent.
@@ -14,6 +16,7 @@ contract AttributionLedger {
     uint16 public constant MAX_BPS = 10_000;
 
     /// @notice One inference. leaf = keccak256(abi.encode(requestId, adapterId, nodeId, promptTokens, completionTokens)).
+    /// adapterId == bytes32(0): the bare base model (no adapter, no owner, no datasets).
     struct Record {
         bytes32 requestId;
         bytes32 adapterId;
@@ -47,7 +50,7 @@ contract AttributionLedger {
         uint256 rest;
     }
 
-    /// @dev A node's cut of one adapter's records within a batch.
+    /// @dev A node's cut of one adapter's records within a batch (adapterId zero: its base-model fees).
     struct NodeGroup {
         bytes32 adapterId;
         bytes32 nodeId;
@@ -59,6 +62,7 @@ contract AttributionLedger {
     struct BatchWork {
         bytes32 batchId;
         uint16 nodeShareBps;
+        uint256 basePrice;
         AdapterGroup[] groups;
         uint256 nGroups;
         NodeGroup[] nodeGroups;
@@ -69,6 +73,8 @@ contract AttributionLedger {
     AdapterRegistry public immutable registry;
     address public admin;
     uint16 public nodeShareBps;
+    /// @notice Fee per 1,000 tokens of a base-model record (adapterId zero), in wei; set by the admin.
+    uint256 public basePricePer1kTokens;
 
     uint256 public totalDeposited;
     uint256 public totalAccrued;
@@ -100,6 +106,7 @@ contract AttributionLedger {
     event SettlerGranted(address indexed settler);
     event SettlerRevoked(address indexed settler);
     event NodeShareChanged(uint16 nodeShareBps);
+    event BasePriceChanged(uint256 basePricePer1kTokens);
     event Deposited(address indexed settler, address indexed from, uint256 amount);
     event DepositReclaimed(address indexed settler, uint256 amount);
     event RecordSettled(
@@ -168,6 +175,12 @@ contract AttributionLedger {
         emit NodeShareChanged(bps);
     }
 
+    /// @notice Set the fee per 1,000 tokens of base-model records (adapterId zero), for future batches.
+    function setBasePricePer1kTokens(uint256 price) external onlyAdmin {
+        basePricePer1kTokens = price;
+        emit BasePriceChanged(price);
+    }
+
     /// @notice Whether an address may settle batches.
     function isSettler(address account) external view returns (bool) {
         return _settlers[account];
@@ -215,6 +228,7 @@ contract AttributionLedger {
         BatchWork memory w = BatchWork({
             batchId: batchId,
             nodeShareBps: nodeShareBps,
+            basePrice: basePricePer1kTokens,
             groups: new AdapterGroup[](n),
             nGroups: 0,
             nodeGroups: new NodeGroup[](n),
@@ -336,7 +350,16 @@ contract AttributionLedger {
     }
 
     /// @dev Price one record, add its node cut and the rest to their groups, emit its event.
+    /// A base-model record (adapterId zero) has no adapter group: its whole fee is the node's.
     function _addRecord(BatchWork memory w, Record calldata r) private {
+        if (r.adapterId == bytes32(0)) {
+            NodeGroup memory bg = w.nodeGroups[_nodeGroup(w, bytes32(0), r.nodeId)];
+            uint256 baseFee = w.basePrice * (uint256(r.promptTokens) + r.completionTokens) / 1000;
+            bg.amount += baseFee;
+            w.total += baseFee;
+            emit RecordSettled(w.batchId, r.requestId, r.adapterId, r.nodeId, r.promptTokens, r.completionTokens, baseFee);
+            return;
+        }
         AdapterGroup memory ag = w.groups[_adapterGroup(w, r.adapterId)];
         NodeGroup memory ng = w.nodeGroups[_nodeGroup(w, r.adapterId, r.nodeId)];
         uint256 fee = ag.price * (uint256(r.promptTokens) + r.completionTokens) / 1000;

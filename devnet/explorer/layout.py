@@ -111,6 +111,11 @@ def id_link(kind: str, ident: str, text: str | None = None, *, cls: str = "", fu
 
 
 def adapter_link(adapter_id: str, name: str | None = None) -> str:
+    """A link to the adapter's page; the zero id (a bare base-model inference, no adapter) reads
+    "base model" and links to its records instead."""
+    if adapter_id == ZERO_ID:
+        return link(f"/records?adapter={ZERO_ID}", "base model", cls="base-model",
+                    title="no adapter: the bare base model (all of the fee goes to the node operator)")
     return id_link("adapters", adapter_id, name or None)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from devnet.explorer.layout import (
     ZERO_ID,
+    adapter_link,
     address_link,
     card,
     esc,
@@ -47,7 +48,7 @@ def address_page(ex: Explorer, address: str) -> str:
              '<p class="bad">accrued events and rewardsOf do not add up for this address</p>')  # fmt: skip
     by_adapter = []
     for adapter_id, roles in sorted(s.by_adapter.items()):
-        by_adapter.append([id_link("adapters", adapter_id, ex.adapter_name(adapter_id)),
+        by_adapter.append([adapter_link(adapter_id, ex.adapter_name(adapter_id)),
                            *(eth(roles.get(r, 0)) for r in ROLES), eth(sum(roles.values()))])  # fmt: skip
     by_adapter.append(["<b>all adapters</b>", *(eth(s.by_role.get(r, 0)) for r in ROLES), eth(s.accrued)])
     rewards = table(["adapter", "as node operator", "as adapter owner", "as dataset contributor", "total"],
@@ -75,13 +76,13 @@ def _arg(ex: Explorer, name: str, value) -> str:
     if isinstance(value, (bytes, bytearray)):
         h = "0x" + bytes(value).hex()
         if h == ZERO_ID:
-            return mono(h)
+            return adapter_link(h) if name == "adapterId" else mono(h)  # adapterId zero: the base model
         kinds = {"adapterId": "adapters", "predecessor": "adapters", "datasetId": "datasets", "nodeId": "nodes",
                  "batchId": "batches"}  # fmt: skip
         if name == "requestId":
             return record_link(h, full=True)
         if name in kinds:
-            return id_link(kinds[name], h, ex.adapter_name(h) if kinds[name] == "adapters" else h)
+            return adapter_link(h, ex.adapter_name(h)) if kinds[name] == "adapters" else id_link(kinds[name], h, h)
         if name == "subjectId":
             idx = ex.index
             for kind, known in (("adapters", idx.adapters), ("datasets", idx.datasets), ("nodes", idx.nodes)):

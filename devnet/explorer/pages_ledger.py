@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from devnet.explorer.layout import (
+    adapter_link,
     address_link,
     card,
     esc,
@@ -106,7 +107,7 @@ def batch_page(ex: Explorer, batch_id: str) -> str:
                ("records", num(b.record_count)), ("fees", eth(b.total_fees)), ("settler", address_link(b.settler)),
                ("ledger database", db_line)], dl_id="batch-info")  # fmt: skip
     records = ex.index.records_by_batch.get(batch_id, [])
-    rewards = [[address_link(r.account), role(r.role), id_link("adapters", r.adapter_id, ex.adapter_name(r.adapter_id)),
+    rewards = [[address_link(r.account), role(r.role), adapter_link(r.adapter_id, ex.adapter_name(r.adapter_id)),
                 eth(r.amount)] for r in ex.index.rewards if r.batch_id == batch_id]  # fmt: skip
     body = (card(info) + "<h2>Records</h2>" + records_table(ex, records, table_id="batch-records")
             + "<h2>Rewards accrued</h2>" + table(["account", "role", "adapter", "amount"], rewards, numeric=(3,)))
@@ -124,7 +125,7 @@ def records_page(ex: Explorer, *, adapter: str | None, node: str | None, batch: 
         pager.append(link(f"/records?page={page_no - 1}{params}", "← newer"))
     if start + PAGE_SIZE < len(records):
         pager.append(link(f"/records?page={page_no + 1}{params}", "older →"))
-    what = [f"adapter {id_link('adapters', adapter, ex.adapter_name(adapter))}" if adapter else "",
+    what = [f"adapter {adapter_link(adapter, ex.adapter_name(adapter))}" if adapter else "",
             f"node {id_link('nodes', node)}" if node else "", f"batch {id_link('batches', batch)}" if batch else ""]
     head = f"<p>{num(len(records))} settled records" + (" of " + ", ".join(w for w in what if w) if any(what) else "")
     body = head + "</p>" + records_table(ex, shown, table_id="records") + f'<p class="pager">{" · ".join(pager)}</p>'
@@ -137,7 +138,7 @@ def records_page(ex: Explorer, *, adapter: str | None, node: str | None, batch: 
 
 
 def adapter_link_or_id(ex: Explorer, adapter_id: str) -> str:
-    return id_link("adapters", adapter_id, ex.adapter_name(adapter_id))
+    return adapter_link(adapter_id, ex.adapter_name(adapter_id))
 
 
 def record_page(ex: Explorer, rec: RecordDetail) -> str:

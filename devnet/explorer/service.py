@@ -20,7 +20,7 @@ from ledger.chain import ChainClient
 from ledger.deployment import Deployment
 from ledger.models import UsageRecord
 from ledger.transport import rpc_guard
-from ledger.types import SettleRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ class Explorer:
         return [a.adapter_id for a in self.index.adapters.values() if a.predecessor == adapter_id]
 
     def adapter_name(self, adapter_id: str) -> str | None:
-        """The adapter's "name version" if registered, else None."""
+        """The adapter's "name version" if registered ("base model" for the zero id), else None."""
+        if adapter_id == BASE_MODEL_ADAPTER_ID:
+            return "base model"
         a = self.index.adapters.get(adapter_id)
         return f"{a.name} {a.version}" if a else None
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from ledger.models import UsageRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.canonical import sha256_hex
 from node.receipts import ReceiptError, check_receipt
 
@@ -66,9 +67,12 @@ def check_record_signature(row: UsageRecord, peer_id: str | None) -> SignatureCh
     if not isinstance(receipt, dict):
         return SignatureCheck(NOT_VERIFIED, "the stored receipt is not a JSON object", sig)
     for name in ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens"):
-        if receipt.get(name) != getattr(row, name):
+        want = getattr(row, name)
+        if name == "adapter_id" and want == BASE_MODEL_ADAPTER_ID:
+            want = None  # a base-model record: the node's receipt says "no adapter" (null)
+        if receipt.get(name) != want:
             return SignatureCheck(NOT_VERIFIED, f"the receipt says {name} = {receipt.get(name)!r}, "
-                                  f"the record says {getattr(row, name)!r}", sig, receipt)  # fmt: skip
+                                  f"the record says {want!r}", sig, receipt)  # fmt: skip
     key = public_key_from_peer_id(peer_id)
     if key is None or sha256_hex(key) != row.node_id:
         if peer_id is None:

@@ -252,6 +252,120 @@ def test_insufficient_deposit(anvil_chain):
     assert err.value.args_by_name["available"] == ETHER // 2
 
 
+# ------------------------------------------------------------------ base-model records (adapter id zero)
+
+
+def _base_records(node_id, n, *, prompt=100, completion=23):
+    return [SettleRecord(rand_id(), ZERO_ID, node_id, prompt + 3 * i, completion + i) for i in range(n)]
+
+
+def test_base_price_is_admin_set_with_an_event(anvil_chain):
+    env = anvil_chain
+    admin = env.client(env.admin)
+    assert admin.base_price() == env.deployment.base_price_per_1k_tokens > 0  # the deploy sets it
+    with pytest.raises(E.NotAdmin):
+        env.client(env.users[0]).set_base_price(1)
+    before = admin.base_price()
+    ev = _events(env, "BasePriceChanged", admin.set_base_price(777))[0]
+    assert ev["basePricePer1kTokens"] == 777 and admin.base_price() == 777
+    admin.set_base_price(before)
+
+
+def test_base_records_accrue_entirely_to_the_node_operator(anvil_chain):
+    env = anvil_chain
+    reg = register_sample(env)
+    admin = env.client(env.admin)
+    before_price = admin.base_price()
+    price = 999_999_937  # leaves dust in every division
+    admin.set_base_price(price)
+    try:
+        c = env.client()
+        records = _base_records(reg.node_id, 5)
+        op_before = c.rewards_of(reg.operator.address).accrued
+        owner_before = c.rewards_of(reg.owner.address).accrued
+        deposit_before = c.deposit_of(env.settler.address)
+        batch_id, rcpt = _settle(env, records)
+    finally:
+        admin.set_base_price(before_price)
+    fees = [price * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records]
+    settled = _events(env, "RecordSettled", rcpt)
+    assert [(_h(e["requestId"]), _h(e["adapterId"]), _h(e["nodeId"]), e["promptTokens"], e["completionTokens"])
+            for e in settled] == [(r.request_id, ZERO_ID, r.node_id, r.prompt_tokens, r.completion_tokens)
+                                  for r in records]  # fmt: skip
+    assert [e["fee"] for e in settled] == fees
+    assert all(_h(e["batchId"]) == batch_id for e in settled)
+    accrued = _events(env, "RewardAccrued", rcpt)
+    assert [(e["account"], _h(e["adapterId"]), Role(e["role"]), _h(e["subjectId"]), e["amount"]) for e in accrued] == [
+        (reg.operator.address, ZERO_ID, Role.NODE, reg.node_id, sum(fees))]  # one per (base, node) per batch
+    batch_ev = _events(env, "BatchSettled", rcpt)[0]
+    assert (batch_ev["recordCount"], batch_ev["totalFees"]) == (5, sum(fees))
+    assert c.deposit_of(env.settler.address) == deposit_before - sum(fees)
+    assert c.rewards_of(reg.operator.address).accrued - op_before == sum(fees)
+    assert c.rewards_of(reg.owner.address).accrued == owner_before  # no adapter, no owner cut
+
+
+def test_base_and_adapter_records_in_one_batch(anvil_chain):
+    env = anvil_chain
+    a = register_sample(env, price=10**9, shares=(5000,))
+    b = register_sample(env, price=3 * 10**9, shares=(), operator=env.users[3])
+    base_price = env.client().base_price()
+    share = env.client().node_share_bps()
+    records = []
+    for i in range(12):
+        node = (a.node_id, b.node_id)[(i // 3) % 2]
+        adapter = (a.adapter_id, ZERO_ID, b.adapter_id)[i % 3]
+        records.append(SettleRecord(rand_id(), adapter, node, 40 + i, 7))
+    batch_id, rcpt = _settle(env, records)
+    price = {a.adapter_id: a.price, b.adapter_id: b.price, ZERO_ID: base_price}
+    fees = [price[r.adapter_id] * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records]
+    assert [e["fee"] for e in _events(env, "RecordSettled", rcpt)] == fees
+    accrued = _events(env, "RewardAccrued", rcpt)
+    assert sum(e["amount"] for e in accrued) == sum(fees) == _events(env, "BatchSettled", rcpt)[0]["totalFees"]
+    node_rows = {(_h(e["adapterId"]), _h(e["subjectId"])): e for e in accrued if e["role"] == Role.NODE}
+    assert len(node_rows) == 6  # (a, base, b) x (node a, node b), once each
+    operator = {a.node_id: a.operator.address, b.node_id: b.operator.address}
+    for node_id in (a.node_id, b.node_id):
+        want = sum(f for r, f in zip(records, fees) if r.adapter_id == ZERO_ID and r.node_id == node_id)
+        row = node_rows[(ZERO_ID, node_id)]
+        assert (row["account"], row["amount"]) == (operator[node_id], want)
+        for reg in (a, b):  # adapter records still pay the node only its share
+            want = sum(f * share // 10_000 for r, f in zip(records, fees)
+                       if r.adapter_id == reg.adapter_id and r.node_id == node_id)  # fmt: skip
+            assert node_rows[(reg.adapter_id, node_id)]["amount"] == want
+    assert not any(e["role"] != Role.NODE and _h(e["adapterId"]) == ZERO_ID for e in accrued)
+    tree = MerkleTree.from_records(records)
+    c = env.client()
+    for i, r in enumerate(records):  # base records prove like any other, same leaf format
+        assert c.leaf_of(r) == "0x" + leaf_hash(r).hex()
+        assert c.verify_record(batch_id, "0x" + leaf_hash(r).hex(), ["0x" + p.hex() for p in tree.proof(i)])
+
+
+def test_base_records_at_zero_price_settle_for_nothing(anvil_chain):
+    env = anvil_chain
+    reg = register_sample(env)
+    admin = env.client(env.admin)
+    before_price = admin.base_price()
+    admin.set_base_price(0)
+    try:
+        deposit_before = admin.deposit_of(env.settler.address)
+        batch_id, rcpt = _settle(env, _base_records(reg.node_id, 3))
+    finally:
+        admin.set_base_price(before_price)
+    assert [e["fee"] for e in _events(env, "RecordSettled", rcpt)] == [0, 0, 0]
+    assert _events(env, "RewardAccrued", rcpt) == []
+    assert admin.is_settled(batch_id) and admin.get_batch(batch_id).total_fees == 0
+    assert admin.deposit_of(env.settler.address) == deposit_before
+
+
+def test_base_record_needs_a_registered_node(anvil_chain):
+    env = anvil_chain
+    reg = register_sample(env)
+    s = env.client(env.settler)
+    bad = [*_base_records(reg.node_id, 2), SettleRecord(rand_id(), ZERO_ID, rand_id(), 1, 1)]
+    with pytest.raises(E.UnknownNode):
+        s.settle_batch(rand_id(), _root(bad), bad)
+
+
 # ------------------------------------------------------------------ proofs
 
 
@@ -327,8 +441,9 @@ def test_money_invariant(anvil_chain):
     """deposits = accrued + withdrawn-from-deposits(reclaimed) + left; accrued = available + withdrawn."""
     env = anvil_chain
     reg = register_sample(env, price=10**14)
-    _settle(env, _records(reg, 5))
+    _settle(env, _records(reg, 5) + _base_records(reg.node_id, 3))  # base-model fees count like any other
     env.client(reg.owner).withdraw()
+    env.client(reg.operator).withdraw()
     c = env.client()
     t = c.totals()
     deposits_left = sum(c.deposit_of(a) for a in _depositors(c))

@@ -16,7 +16,9 @@ def test_demo_once_checks_everything_and_exits_cleanly(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     # the demo exits 0 only after its own checks; here we make sure they ran and said so
-    assert re.search(r"✓ 12 requests on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
+    # 12 adapter requests and the 8 bare base-model comparisons the demo sends alongside
+    assert re.search(r"✓ 20 requests on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
+    assert re.search(r"✓ 8 of them to the bare base model, at the base price: 0\.0000\d+ ETH", out), out
     assert "node1 fetched bob/elements through the mesh" in out
     assert "node2 fetched alice/capitals through the mesh" in out
     assert "Paris." in out and "Au, from aurum." in out

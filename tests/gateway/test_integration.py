@@ -21,6 +21,7 @@ from devnet.processes import ManagedProcess, ProcessGroup
 from gateway.keys import create_key
 from gateway.models import CompletionRecord
 from ledger.models import UsageRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.basemodel import base_model_name
 from node.keys import Identity, create_identity
 from node.publish import publish, upload_to_node
@@ -200,16 +201,26 @@ def test_killing_a_node_moves_its_adapters(net):
         assert raw.headers["x-loramesh-node"] != victim_id and raw.parse().usage.completion_tokens == 2
 
 
-def test_every_served_request_is_in_the_outbox_once_with_valid_signature(net):
+def test_every_served_request_is_in_the_outbox_once_with_valid_signature(net, anvil_chain):
     with Session(net.engine) as s:
         done = s.exec(select(CompletionRecord)).all()
         usage = s.exec(select(UsageRecord)).all()
-    served = {d.request_id for d in done if d.completion_tokens > 0 and d.adapter_id is not None}
+    served = {d.request_id for d in done if d.completion_tokens > 0}  # adapter and bare base-model requests
     assert len(served) >= 10
     assert {u.request_id for u in usage} == served and len(usage) == len(served)
+    base = {d.request_id for d in done if d.adapter_id is None and d.completion_tokens > 0}
+    assert base and {u.request_id for u in usage if u.adapter_id == BASE_MODEL_ADAPTER_ID} == base
     keys = {n.identity.node_id: n.identity.node_public_key for n in net.nodes}
     for u in usage:
         check_receipt(json.loads(u.receipt_json), u.node_signature, keys[u.node_id])
     # the in-process settler takes it from there
     poll(lambda: all(u.status == "settled" for u in Session(net.engine).exec(select(UsageRecord)).all()),
          timeout=30, interval=0.5)
+    chain = anvil_chain.client()
+    price = chain.base_price()
+    settled = {"0x" + bytes(e["args"]["requestId"]).hex(): e["args"] for e in chain.events("ledger", "RecordSettled")}
+    for u in usage:
+        if u.adapter_id == BASE_MODEL_ADAPTER_ID:  # on chain under the zero adapter id, at the base price
+            ev = settled[u.request_id]
+            assert bytes(ev["adapterId"]) == bytes(32)
+            assert ev["fee"] == price * (u.prompt_tokens + u.completion_tokens) // 1000 > 0

@@ -19,6 +19,7 @@ from gateway.models import CompletionRecord
 from gateway.router import rank_nodes
 from gateway.settings import GatewaySettings
 from ledger.models import UsageRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.heartbeat import HeartbeatSender, make_heartbeat
 from node.keys import Identity
 from node.receipts import check_receipt
@@ -149,7 +150,8 @@ def test_chat_stream_usage_matches_tokens(w):
 
 
 def test_chat_stream_without_tokens_still_opens_with_the_role(w):
-    # on the bare base model: no outbox row for a request that produced no token (see the last test)
+    # on the bare base model; it produced no token but the node counted the prompt: it is in the
+    # outbox under the zero adapter id (see the last test)
     for n in w.nodes:
         n.tokens = 0
     try:
@@ -339,9 +341,15 @@ def test_killed_node_moves_its_adapters(world):
 
 
 def test_every_served_request_is_in_the_outbox_once(world):
+    # served = a node answered it with a signed receipt: tokens counted, prompt or completion. That
+    # includes bare base-model requests (the chat stream that produced no token above paid for its
+    # prompt), which go to the outbox under the zero adapter id like adapter requests under theirs.
     done, usage = world.records()
-    served = {d.request_id for d in done if d.completion_tokens > 0}
+    served = {d.request_id for d in done if d.node_id is not None and d.prompt_tokens + d.completion_tokens > 0}
     assert served and served == {u.request_id for u in usage}
+    adapter_of = {d.request_id: d.adapter_id for d in done}
+    assert all(u.adapter_id == (adapter_of[u.request_id] or BASE_MODEL_ADAPTER_ID) for u in usage)
+    assert any(u.adapter_id == BASE_MODEL_ADAPTER_ID and u.completion_tokens == 0 for u in usage)
     assert len(usage) == len({u.request_id for u in usage})
     keys = {n.identity.node_id: n.identity.node_public_key for n in world.nodes}
     for u in usage:

@@ -1,5 +1,5 @@
-"""Usage capture: a verified receipt writes the completion record and the outbox row together; anything
-else writes the completion record only, saying why."""
+"""Usage capture: a verified receipt writes the completion record and the outbox row together (base-model
+requests included, under the zero adapter id); anything else writes the completion record only, saying why."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlmodel import Session, select
 from gateway.models import CompletionRecord, RequestStatus
 from gateway.usage import RequestEnd, UsageRecorder
 from ledger.models import UsageRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.keys import Identity
 from node.receipts import check_receipt, make_receipt, sign_receipt
 from tests.utils.gateway import make_db
@@ -91,11 +92,33 @@ def test_tokens_without_receipt_are_recorded_as_such(setup):
     assert usage == [] and done[0].status == RequestStatus.NODE_FAILED and done[0].completion_tokens == 4
 
 
-def test_base_model_request_has_no_outbox_row(setup):
+def test_base_model_request_is_in_the_outbox_under_the_zero_adapter_id(setup):
+    import json
+
     engine, ident, rec = setup
-    assert rec.record(end_for(ident, adapter=None)) == "unrecorded_base"
+    end = end_for(ident, adapter=None)
+    assert rec.record(end) == "recorded"
     done, usage = rows(engine)
-    assert len(done) == 1 and usage == []
+    assert [d.request_id for d in done] == [u.request_id for u in usage] == [end.request_id]
+    assert done[0].adapter_id is None  # the gateway's own record says "no adapter"
+    u = usage[0]
+    assert (u.adapter_id, u.node_id, u.prompt_tokens, u.completion_tokens) == \
+        (BASE_MODEL_ADAPTER_ID, ident.node_id, 3, 4)
+    receipt = json.loads(u.receipt_json)  # the node signed "no adapter" for exactly this request
+    assert receipt["adapter_id"] is None and receipt["request_id"] == end.request_id
+    check_receipt(receipt, u.node_signature, ident.node_public_key)
+
+
+def test_base_and_adapter_receipts_are_not_interchangeable(setup):
+    engine, ident, rec = setup
+    claims_adapter = end_for(ident)  # receipt names an adapter, the request was for the base model
+    claims_adapter.adapter_id = None
+    assert rec.record(claims_adapter) == "unreceipted"
+    claims_base = end_for(ident, adapter=None)  # receipt says base model, the request named an adapter
+    claims_base.adapter_id = ADAPTER
+    assert rec.record(claims_base) == "unreceipted"
+    done, usage = rows(engine)
+    assert usage == [] and all("adapter_id" in d.error for d in done)
 
 
 def test_same_request_twice_fails_loudly(setup):

@@ -9,7 +9,7 @@ from ledger import errors as E
 from ledger.cli import rewards_app, settler_app
 from ledger.keys import load_account
 from ledger.merkle import MerkleTree
-from ledger.types import SettleRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
 from tests.utils.chain import ETHER, rand_id, register_sample
 
 pytestmark = pytest.mark.integration
@@ -36,6 +36,24 @@ def test_rewards_show_adds_up(anvil_chain):
     assert list(out["by_adapter"]) == [reg.adapter_id]
     r = runner.invoke(rewards_app, ["show", owner.address, "--deployment", str(env.deployment_path)])
     assert r.exit_code == 0 and "adds up" in r.output and reg.adapter_id[:10] in r.output
+
+
+def test_rewards_show_includes_base_model_earnings(anvil_chain):
+    env = anvil_chain
+    operator = env.new_account(ETHER)
+    reg = register_sample(env, price=10**12, operator=operator)
+    _settle(env, reg, 2)
+    base = [SettleRecord(rand_id(), BASE_MODEL_ADAPTER_ID, reg.node_id, 500, 100) for _ in range(3)]
+    env.client(env.settler).settle_batch(rand_id(), "0x" + MerkleTree.from_records(base).root.hex(), base)
+    want_base = 3 * env.client().base_price() * 600 // 1000
+    r = runner.invoke(rewards_app, ["show", operator.address, "--deployment", str(env.deployment_path), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["adds_up"] and out["base_model"] == want_base > 0
+    assert out["by_adapter"][BASE_MODEL_ADAPTER_ID] == {"node": want_base}
+    assert out["accrued"] == want_base + out["by_adapter"][reg.adapter_id]["node"]
+    r = runner.invoke(rewards_app, ["show", operator.address, "--deployment", str(env.deployment_path)])
+    assert r.exit_code == 0 and "base model" in r.output and "adds up" in r.output
 
 
 def test_rewards_withdraw_with_key_file(anvil_chain, tmp_path):

@@ -15,6 +15,7 @@ from ledger.models import BatchStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, batch_records, count_by_status
 from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
+from ledger.types import BASE_MODEL_ADAPTER_ID
 from tests.utils.chain import ETHER, rand_id, register_sample
 
 pytestmark = pytest.mark.integration
@@ -115,6 +116,35 @@ def test_records_of_unregistered_adapters_are_rejected_not_blocking(anvil_chain,
         errors = sorted(r.error for r in s.exec(select(UsageRecord).where(UsageRecord.status == "rejected")))
         assert errors[0].startswith("adapter ") and errors[1].startswith("node ")
     assert set(settled_on_chain(env.client(), good).values()) == {1}
+
+
+def test_base_model_records_settle_with_adapter_records(anvil_chain, engine):
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    client = env.client(env.settler)
+    base_price = client.base_price()
+    assert base_price > 0
+    ids = add_records(engine, [reg], 4)
+    with Session(engine) as s:  # a base-model request: adapter id zero, not looked up in the registry
+        for i in range(3):
+            rid = rand_id()
+            ids.append(rid)
+            add_usage_record(s, request_id=rid, adapter_id=BASE_MODEL_ADAPTER_ID, node_id=reg.node_id,
+                             prompt_tokens=30 + i, completion_tokens=8, receipt_json={"request_id": rid},
+                             node_signature="sig")  # fmt: skip
+        s.commit()
+    operator_before = client.rewards_of(reg.operator.address).accrued
+    assert Settler(engine, client).drain() == 7
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 7}
+        rows = s.exec(select(UsageRecord)).all()
+        fees = {r.request_id: (base_price if r.adapter_id == BASE_MODEL_ADAPTER_ID else reg.price)
+                * (r.prompt_tokens + r.completion_tokens) // 1000 for r in rows}  # fmt: skip
+        assert sum(int(b.total_fees) for b in s.exec(select(SettlementBatch)).all()) == sum(fees.values())
+    assert set(settled_on_chain(client, ids).values()) == {1}
+    base_fees = sum(f for rid, f in fees.items() if rid in ids[4:])
+    node_cut = sum(f * client.node_share_bps() // 10_000 for rid, f in fees.items() if rid in ids[:4])
+    assert client.rewards_of(reg.operator.address).accrued - operator_before == base_fees + node_cut
 
 
 def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):

@@ -8,12 +8,14 @@ from ledger.artifacts import load_artifact
 from ledger.chain import encode_record, record_leaves, settle_calldata
 from ledger.merkle import MerkleTree, leaf_hash
 from ledger.settler_config import SettlerConfig
-from ledger.types import SettleRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID, ZERO_ID, SettleRecord, is_base_model
 from tests.utils.chain import rand_id
 
 
 def _records(n):
-    return [SettleRecord(rand_id(), rand_id(), rand_id(), (2**64 - 1) - i, i * 7919) for i in range(n)]
+    # every third record is a base-model one (adapter id zero): same encoding, same leaf format
+    return [SettleRecord(rand_id(), BASE_MODEL_ADAPTER_ID if i % 3 == 1 else rand_id(), rand_id(),
+                         (2**64 - 1) - i, i * 7919) for i in range(n)]  # fmt: skip
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 64])
@@ -31,6 +33,14 @@ def test_leaves_and_root_match_merkle_module():
     leaves = record_leaves([encode_record(r) for r in records])
     assert leaves == [leaf_hash(r) for r in records]
     assert MerkleTree(leaves).root == MerkleTree.from_records(records).root
+
+
+def test_base_model_record_encodes_the_zero_adapter_id():
+    r = SettleRecord(rand_id(), BASE_MODEL_ADAPTER_ID, rand_id(), 3, 4)
+    assert BASE_MODEL_ADAPTER_ID == ZERO_ID and encode_record(r)[32:64] == bytes(32)
+    assert leaf_hash(r) == record_leaves([encode_record(r)])[0]
+    assert is_base_model(ZERO_ID) and is_base_model(bytes(32)) and not is_base_model(rand_id())
+    assert not is_base_model(None) and not is_base_model("0x00")
 
 
 def test_encode_record_uses_normalised_ids():

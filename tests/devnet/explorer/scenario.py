@@ -2,8 +2,9 @@
 
 Two contributors' datasets, three adapters (one a new version of another), two nodes (one whose
 on-chain peer id embeds its node key, one registered with a peer id that does not), usage records
-signed by the nodes, three settled batches, a fourth settled by another settler (its record is not in
-this database), a withdrawal, one rejected and one pending record.
+signed by the nodes (one a bare base-model inference, adapter id zero), three settled batches, a fourth
+settled by another settler (its record is not in this database), a withdrawal, one rejected and one
+pending record.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ledger.merkle import MerkleTree
 from ledger.outbox import add_usage_record
 from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
-from ledger.types import SettleRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
 from node.adapters.manifest import dataset_id
 from node.keys import Identity
 from node.receipts import make_receipt, sign_receipt
@@ -49,6 +50,7 @@ class World:
     pending: str = ""
     chain_only: str = ""  # settled straight on chain by someone else: not in this ledger database
     rejected: str = ""
+    base: str = ""  # a bare base-model inference (adapter id zero) on the keyed node, settled in the third batch
     withdrawer: str = ""
     withdrawn: int = 0
 
@@ -95,7 +97,10 @@ def build_world(env: ChainEnv, folder: Path) -> World:
         late = _serve(engine, ad["bob/elements 1.0.0"], keyed, prompt=90, completion=30)
         world.settled.append(late)
         world.by_node[keyed.node_id].append(late)
-        assert settler.drain() == 1  # a third batch, in a later block
+        world.base = _serve(engine, None, keyed, prompt=12, completion=6)
+        world.settled.append(world.base)
+        world.by_node[keyed.node_id].append(world.base)
+        assert settler.drain() == 2  # a third batch, in a later block
         world.pending = _serve(engine, ad["alice/capitals 1.1.0"], keyed, prompt=4, completion=2)
     finally:
         engine.dispose()
@@ -108,14 +113,16 @@ def build_world(env: ChainEnv, folder: Path) -> World:
     return world
 
 
-def _serve(engine, adapter_id: str, node: Identity, *, prompt: int, completion: int) -> str:
-    """One inference's outbox row with the node's real signed receipt; returns its request id."""
+def _serve(engine, adapter_id: str | None, node: Identity, *, prompt: int, completion: int) -> str:
+    """One inference's outbox row with the node's real signed receipt; returns its request id.
+    adapter_id None: the bare base model (receipt says null, the outbox row the zero id, as the gateway writes)."""
     rid = rand_id()
     now = int(time.time() * 1000)
     receipt = make_receipt(request_id=rid, adapter_id=adapter_id, node_id=node.node_id, prompt_tokens=prompt,
                            completion_tokens=completion, finish_reason="stop", started_at=now - 50, finished_at=now)
     with Session(engine) as s:
-        add_usage_record(s, request_id=rid, adapter_id=adapter_id, node_id=node.node_id, prompt_tokens=prompt,
+        add_usage_record(s, request_id=rid, adapter_id=adapter_id or BASE_MODEL_ADAPTER_ID, node_id=node.node_id,
+                         prompt_tokens=prompt,
                          completion_tokens=completion, receipt_json=receipt,
                          node_signature=sign_receipt(receipt, node.node_key))  # fmt: skip
         s.commit()

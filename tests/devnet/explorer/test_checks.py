@@ -56,6 +56,20 @@ def test_signature_verified_with_key_from_peer_id():
     assert check.public_key == ident.node_public_key.hex()
 
 
+def test_base_model_record_signature_verified_against_a_null_adapter_receipt():
+    ident = Identity.generate()
+    now = int(time.time() * 1000)
+    receipt = make_receipt(request_id=rand_id(), adapter_id=None, node_id=ident.node_id, prompt_tokens=5,
+                           completion_tokens=2, finish_reason="stop", started_at=now, finished_at=now)
+    row = UsageRecord(request_id=receipt["request_id"], adapter_id="0x" + "00" * 32, node_id=ident.node_id,
+                      prompt_tokens=5, completion_tokens=2, receipt_json=json.dumps(receipt),
+                      node_signature=sign_receipt(receipt, ident.node_key))  # fmt: skip
+    assert check_record_signature(row, peer_id_of(ident)).state == VERIFIED
+    row.adapter_id = rand_id()  # a receipt for the base model does not vouch for an adapter record
+    check = check_record_signature(row, peer_id_of(ident))
+    assert check.state == NOT_VERIFIED and "adapter_id" in check.reason
+
+
 def test_signature_of_another_key_is_not_verified():
     ident, other = Identity.generate(), Identity.generate()
     row = signed_row(ident)

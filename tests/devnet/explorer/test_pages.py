@@ -40,15 +40,15 @@ def test_overview_shows_chain_contracts_totals_and_plots(explorer_url, anvil_cha
     fees = client.totals()["accrued"]
     assert f'title="{fees} wei"' in html.split('id="stat-fees"')[1][:200]
     assert text_of(html, "attribution-check").startswith("rewards add up")
-    assert "pending 1, rejected 1, settled 7" in text_of(html, "contracts")
-    # both plots, one line per adapter / contributor
-    assert html.count('data-series="') == 3 + 4  # alice owns two adapters: one line for her
-    for name in ("bob/elements 1.0.0", "alice/capitals 1.1.0", "alice/capitals 1.0.0"):
+    assert "pending 1, rejected 1, settled 8" in text_of(html, "contracts")
+    # both plots, one line per adapter (and the base model) / contributor
+    assert html.count('data-series="') == 4 + 4  # alice owns two adapters: one line for her
+    for name in ("bob/elements 1.0.0", "alice/capitals 1.1.0", "alice/capitals 1.0.0", "base model"):
         assert f'data-series="{name}"' in html
 
 
 def test_plot_endpoints_are_svg(explorer_url):
-    for path, series in (("/plots/tokens.svg", 3), ("/plots/rewards.svg", 4)):
+    for path, series in (("/plots/tokens.svg", 4), ("/plots/rewards.svg", 4)):
         r = httpx.get(explorer_url + path, timeout=30)
         assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
         assert r.text.startswith("<svg") and r.text.count('class="series"') == series
@@ -176,6 +176,27 @@ def test_forged_signature_is_not_verified(explorer_url, world):
         db.execute("UPDATE usage_records SET node_signature = ? WHERE request_id = ?", (sig, rid))
         db.commit()
         db.close()
+
+
+def test_base_model_record_reads_base_model_and_verifies(explorer_url, anvil_chain, world):
+    zero = "0x" + "00" * 32
+    page = get(explorer_url, f"/records/{world.base}")
+    info = text_of(page, "record-info")
+    assert "base model" in info and f'href="/adapters/{zero}"' not in page  # no broken adapter link
+    assert text_of(page, "proof-status") == "verified" and "contract's verifyRecord" in text_of(page, "proof-reason")
+    assert text_of(page, "signature-status") == "verified"  # the receipt says adapter_id null
+    price = anvil_chain.client().base_price()
+    assert f'title="{price * (12 + 6) // 1000} wei"' in page.split('id="record-info"')[1]
+    for path in ("/records", f"/nodes/{world.node_keyed}", f"/address/{anvil_chain.users[2].address}", "/"):
+        html = get(explorer_url, path)
+        assert f'href="/adapters/{zero}"' not in html, path
+    node = get(explorer_url, f"/nodes/{world.node_keyed}")
+    assert "base model" in node
+    operator = get(explorer_url, f"/address/{anvil_chain.users[2].address}")  # runs the keyed node
+    assert "base model" in text_of(operator, "rewards-by-adapter")
+    only = get(explorer_url, f"/records?adapter={zero}")
+    assert {h.rsplit("/", 1)[1] for h, _ in links(only.split('id="records"')[1].split("</table>")[0],
+                                                  "record-link")} == {world.base}  # fmt: skip
 
 
 def test_record_known_only_on_chain(explorer_url, world):
