@@ -45,7 +45,7 @@ class LoRAMapping:
         """y += B[s] @ (A[s] @ x), in place; fused slices sit block-diagonally in A and B."""
         if not self.active:
             return
-        h = self.kernel.shrink(x, a, self.meta)  # [T, n_slices * R] (or the kernel's partials)
+        h = self.kernel.shrink(x, a, self.meta)  # [T, n_slices * R], or the kernel's own layout of it
         self.kernel.expand(y, h, b, self.meta, 0, slices)
 
 
