@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     # defined: set it before anything imports node.engine.triton_*
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.utils.engine import make_world  # noqa: E402
+from tests.utils.engine import make_world, reference_model  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 TRITON_DEVICES = [pytest.param("cpu", id="interpret"),
@@ -38,6 +38,18 @@ def qwen3_world(tmp_path_factory):
 @pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
 def world(request):
     return request.getfixturevalue(f"{request.param}_world")
+
+
+@pytest.fixture(scope="session")
+def references():
+    """references(world): the transformers + PEFT model of a world, built once per session."""
+    cache = {}
+
+    def get(world):
+        if id(world) not in cache:
+            cache[id(world)] = reference_model(world)
+        return cache[id(world)]
+    return get
 
 
 @pytest.fixture(params=TRITON_DEVICES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from node.engine import TorchLoRAKernel
-from tests.utils.engine import greedy, preload, reference_greedy, reference_logits, reference_model
+from tests.utils.engine import greedy, preload, reference_greedy, reference_logits
 
 ATOL = 1e-4
 
@@ -14,17 +14,6 @@ ATOL = 1e-4
 def _prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(7)
     return [[1] + torch.randint(3, 300, (5 + 3 * i,), generator=g).tolist() for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def references():
-    cache = {}
-
-    def get(world):
-        if id(world) not in cache:
-            cache[id(world)] = reference_model(world)
-        return cache[id(world)]
-    return get
 
 
 @pytest.mark.parametrize("mode", ["grouped", "dense", "gather"])

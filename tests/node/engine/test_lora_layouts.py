@@ -8,7 +8,7 @@ import torch
 
 from node.engine import LoRAMapping, TorchLoRAKernel
 from node.engine.lora_kernels import LAYOUTS
-from tests.utils.engine import greedy, preload, reference_greedy, reference_logits, reference_model
+from tests.utils.engine import greedy, preload, reference_greedy, reference_logits
 
 S, R, D_IN, OUTS = 4, 4, 24, (16, 8, 8)  # a fused q/k/v-like projection, slices of unequal width
 
@@ -90,17 +90,6 @@ def test_expand_into_an_offset_column_slice_leaves_the_rest(layout):
 def test_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="layout 'tiled' is not one of padded, sorted, runs"):
         TorchLoRAKernel("grouped", "tiled")
-
-
-@pytest.fixture(scope="module")
-def references():
-    cache = {}
-
-    def get(world):
-        if id(world) not in cache:
-            cache[id(world)] = reference_model(world)
-        return cache[id(world)]
-    return get
 
 
 def _prompts(n: int) -> list[list[int]]:
