@@ -38,8 +38,11 @@ def _read_pid(folder: Path) -> dict | None:
 
 def devnet_up(folder: Path = DEFAULT_DIR, port: int = DEFAULT_PORT, *, fund: list[str] | None = None,
               settlers: list[str] | None = None, settler_deposit: int = 0, fund_amount: int = DEFAULT_FUND,
-              block_time: float | None = 1.0) -> Deployment:  # fmt: skip
-    """Start anvil in the background (or find it running), deploy once, fund; returns the deployment."""
+              block_time: float | None = 1.0, node_share_bps: int | None = None,
+              base_price: int | None = None) -> Deployment:  # fmt: skip
+    """Start anvil in the background (or find it running), deploy once, fund; returns the deployment.
+    `node_share_bps` / `base_price` (wei per 1,000 base-model tokens), when given, are deployed with or
+    set on the running ledger by its admin (the devnet's first key), for batches settled afterwards."""
     folder = Path(folder)
     paths = _paths(folder)
     running = _read_pid(folder)
@@ -61,14 +64,35 @@ def devnet_up(folder: Path = DEFAULT_DIR, port: int = DEFAULT_PORT, *, fund: lis
                 deployment.save(paths["deployment"])
             setup_accounts(client, fund=fund or (), fund_amount=fund_amount, settlers=settlers or (),
                            settler_deposit=settler_deposit)  # fmt: skip
+            if _set_fees(client, deployment, node_share_bps, base_price):
+                deployment.save(paths["deployment"])
         else:
+            fees = {k: v for k, v in (("node_share_bps", node_share_bps), ("base_price_per_1k_tokens", base_price))
+                    if v is not None}
             deployment = deploy_to_file(rpc_url, paths["deployment"], fund=fund or (), fund_amount=fund_amount,
-                                        settlers=settlers or (), settler_deposit=settler_deposit)  # fmt: skip
+                                        settlers=settlers or (), settler_deposit=settler_deposit, **fees)  # fmt: skip
     except DeploymentMismatch:
         if running is None:
             devnet_down(folder)
         raise
     return deployment
+
+
+def _set_fees(client: ChainClient, deployment: Deployment, node_share_bps: int | None,
+              base_price: int | None) -> bool:
+    """Change the running ledger's fee settings that were given; True when the deployment changed."""
+    if node_share_bps is not None and not 0 <= node_share_bps <= 10_000:
+        raise ValueError(f"node share must be 0..10000 bps, got {node_share_bps}")
+    if base_price is not None and base_price < 0:
+        raise ValueError(f"base price must be >= 0 wei, got {base_price}")
+    changed = False
+    if node_share_bps is not None and node_share_bps != client.node_share_bps():
+        client.set_node_share_bps(node_share_bps)
+        deployment.node_share_bps, changed = node_share_bps, True
+    if base_price is not None and base_price != client.base_price():
+        client.set_base_price(base_price)
+        deployment.base_price_per_1k_tokens, changed = base_price, True
+    return changed
 
 
 def devnet_down(folder: Path = DEFAULT_DIR) -> bool:
@@ -111,10 +135,18 @@ def up_cmd(
     settler: Annotated[list[str] | None, typer.Option("--settler", help="address to grant the settler role")] = None,
     deposit: Annotated[float, typer.Option(help="ETH to prepay as each settler's fee deposit")] = 10.0,
     block_time: Annotated[float, typer.Option(help="seconds per block")] = 1.0,
+    node_share: Annotated[int | None, typer.Option(
+        "--node-share-bps", min=0, max=10_000,
+        help="node operator's cut of every adapter fee, in basis points (deployed default 2000); "
+             "also changes a running devnet's ledger")] = None,
+    base_price: Annotated[int | None, typer.Option(
+        "--base-price-wei", min=0,
+        help="fee per 1,000 tokens of a bare base-model request, in wei, all to the serving node "
+             "(deployed default 10^14); also changes a running devnet's ledger")] = None,
 ) -> None:
-    """Start anvil in the background, deploy the contracts (once), fund accounts."""
+    """Start anvil in the background, deploy the contracts (once), fund accounts, set fees."""
     d = devnet_up(folder, port, fund=fund, settlers=settler, settler_deposit=int(deposit * ETHER),
-                  block_time=block_time)  # fmt: skip
+                  block_time=block_time, node_share_bps=node_share, base_price=base_price)  # fmt: skip
     typer.echo(f"devnet up on {d.rpc_url} (chain {d.chain_id}); registry {d.registry}, ledger {d.ledger}; "
                f"deployment file {_paths(folder)['deployment']}")  # fmt: skip
 

@@ -94,3 +94,21 @@ def test_second_port_for_running_devnet_is_refused(folder):
     assert _up(folder, port).exit_code == 0
     with pytest.raises(AnvilError, match="already runs on port"):
         devnet_up(folder, free_port())
+
+
+def test_fee_settings_at_deploy_and_on_a_running_devnet(folder):
+    port = free_port()
+    r = _up(folder, port, "--node-share-bps", "3000", "--base-price-wei", "5")
+    assert r.exit_code == 0, r.output
+    client = ChainClient.from_deployment(folder / "deployment.json")
+    assert client.node_share_bps() == 3000 and client.base_price() == 5
+    saved = json.loads((folder / "deployment.json").read_text())
+    assert saved["node_share_bps"] == 3000 and saved["base_price_per_1k_tokens"] == 5
+
+    r = _up(folder, port, "--base-price-wei", "7")  # running: the admin changes it in place
+    assert r.exit_code == 0, r.output
+    assert client.base_price() == 7 and client.node_share_bps() == 3000
+    assert json.loads((folder / "deployment.json").read_text())["base_price_per_1k_tokens"] == 7
+
+    r = _up(folder, port, "--node-share-bps", "10001")
+    assert r.exit_code == 2 and "--node-share-bps" in r.output and client.node_share_bps() == 3000
