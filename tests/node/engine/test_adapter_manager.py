@@ -10,6 +10,7 @@ from eth_account import Account
 from node.adapters import AdapterStore
 from node.engine import (
     AdapterBaseMismatchError,
+    AdapterError,
     AdapterIncompatibleError,
     AdapterNotFoundError,
     AdapterSlotsBusyError,
@@ -190,6 +191,32 @@ def test_a_fetch_past_its_timeout_is_a_clear_not_found(llama_world, tmp_path):
             with pytest.raises(AdapterNotFoundError, match=r"no peer delivered it within 0\.3 s"):
                 await engine.adapters.prefetch(aid)
             assert aid not in engine.adapters.cached() and engine.adapters.loading() == []
+        finally:
+            engine.close()
+
+    asyncio.run(go())
+
+
+def test_a_failed_fetch_is_reported_and_the_next_load_tries_again(llama_world, tmp_path):
+    wanted = llama_world.adapters[2]
+    local = AdapterStore(tmp_path / "store")
+    attempts = []
+
+    async def flaky_fetcher(adapter_id):
+        attempts.append(adapter_id)
+        if len(attempts) == 1:
+            raise RuntimeError("every provider dropped the stream")
+        return local.install(llama_world.store.path_for(adapter_id)).path
+
+    async def go():
+        engine = llama_world.engine(fetcher=flaky_fetcher)
+        engine.adapters.store = local
+        try:
+            with pytest.raises(AdapterError, match="every provider dropped the stream"):
+                await engine.adapters.prefetch(wanted.adapter_id)
+            assert engine.adapters.cached() == []
+            loaded = await engine.adapters.prefetch(wanted.adapter_id)  # a failure is not remembered as final
+            assert loaded.adapter_id == wanted.adapter_id and len(attempts) == 2
         finally:
             engine.close()
 
