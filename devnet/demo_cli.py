@@ -103,12 +103,18 @@ def wait_for_interrupt() -> None:
 
 def show_answers(answers, console: Console) -> None:
     table = Table(title="answers through the gateway (greedy)")
-    for col in ("adapter", "kind", "prompt", "answer", "base model's answer", "tokens"):
+    # the demo's base has random weights: alone it answers byte soup, which is the point of the column
+    for col in ("adapter", "kind", "prompt", "answer", "base alone (random weights)", "tokens"):
         table.add_column(col)
     for a in answers:
-        table.add_row(a.adapter, a.kind, a.prompt, a.text.strip(), repr(a.base_text) if a.base_text else "",
+        table.add_row(a.adapter, a.kind, a.prompt, a.text.strip(), _printable(a.base_text),
                       f"{a.prompt_tokens}+{a.completion_tokens}")
     console.print(table)
+
+
+def _printable(text: str) -> str:
+    """Text for a terminal cell: control characters and undecodable bytes (U+FFFD) shown as '·'."""
+    return "".join("·" if ch == "\ufffd" or not ch.isprintable() else ch for ch in text)
 
 
 def show_attribution(client, ids: dict[str, Path], console: Console) -> None:
