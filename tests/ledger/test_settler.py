@@ -9,7 +9,6 @@ from sqlmodel import Session, select
 
 from ledger import errors as E
 from ledger.batching import batch_id_for, to_settle_record
-from ledger.db import init_db, make_engine
 from ledger.merkle import MerkleTree
 from ledger.models import BatchStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, batch_records, count_by_status
@@ -19,14 +18,6 @@ from ledger.types import BASE_MODEL_ADAPTER_ID
 from tests.utils.chain import ETHER, rand_id, register_sample
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def engine(tmp_path):
-    e = make_engine(f"sqlite:///{tmp_path}/outbox.db", immediate=True)
-    init_db(e)
-    yield e
-    e.dispose()
 
 
 def add_records(engine, regs, n, *, tokens=(40, 9)) -> list[str]:
@@ -201,11 +192,9 @@ def test_missing_deposit_waits_then_resumes(anvil_chain, engine):
         t.join(10)
 
 
-def test_chain_down_then_back(fresh_chain, tmp_path):
+def test_chain_down_then_back(fresh_chain, engine):
     """Records wait while anvil is stopped; after it restarts (same state), all settle exactly once."""
     env = fresh_chain
-    engine = make_engine(f"sqlite:///{tmp_path}/outbox.db", immediate=True)
-    init_db(engine)
     reg = register_sample(env)
     first = add_records(engine, [reg], 30)
     settler = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=10, interval=0, poll=0.05,

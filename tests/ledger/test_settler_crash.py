@@ -17,19 +17,10 @@ from ledger.models import BatchStatus, SettlementBatch
 from ledger.outbox import count_by_status
 from ledger.settler_config import CRASH_EXIT_CODE, CRASH_ENV
 from tests.ledger.test_settler import add_records, settled_on_chain
-from tests.utils.chain import register_sample, start_chain
+from tests.utils.chain import register_sample
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def slow_chain(tmp_path_factory):
-    env = start_chain(tmp_path_factory.mktemp("anvil-1s"), block_time=1.0)
-    try:
-        yield env
-    finally:
-        env.anvil.stop()
 
 
 def run_settler(env, db_url: str, key_file: Path, crash_at: str | None,

@@ -6,34 +6,15 @@ from eth_account import Account
 from sqlmodel import Session, select
 
 from ledger import errors as E
-from ledger.db import init_db, make_engine
 from ledger.models import BatchStatus, SettlementBatch
 from ledger.outbox import count_by_status
 from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
 from ledger.transport import GasTooLow
 from tests.ledger.test_settler import add_records, settled_on_chain
-from tests.utils.chain import ETHER, register_sample, start_chain
+from tests.utils.chain import ETHER, register_sample
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def slow_chain(tmp_path_factory):
-    """1-second blocks, so a sent transaction stays in the mempool for a while."""
-    env = start_chain(tmp_path_factory.mktemp("anvil-1s"), block_time=1.0)
-    try:
-        yield env
-    finally:
-        env.anvil.stop()
-
-
-@pytest.fixture
-def engine(tmp_path):
-    e = make_engine(f"sqlite:///{tmp_path}/outbox.db", immediate=True)
-    init_db(e)
-    yield e
-    e.dispose()
 
 
 def _batches(engine) -> list[SettlementBatch]:
