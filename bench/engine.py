@@ -109,9 +109,11 @@ def bandwidth_floor(args, cfg, engine, head_dim: int, with_distinct: bool) -> di
     return floor
 
 
-def smoke_test(engine, ids, prompts, GenerationRequest, SamplingParams) -> None:
+def smoke_test(engine, ids, prompts) -> None:
     """A few tokens on every row over all the adapters, in each LoRA mode the kernel has, so a broken
     graph bucket or prefill shape fails here, while the next engine configuration can still be tried."""
+    from node.engine import GenerationRequest, SamplingParams
+
     kernel = engine.mapping.kernel
     modes = ("bgmv", "sgmv") if hasattr(kernel, "choose_mode") else (None,)
     saved = getattr(kernel, "mode", None)
@@ -373,7 +375,7 @@ def main() -> None:
                 max_num_seqs=args.batch, max_num_batched_tokens=args.batch * args.prompt_len,
                 max_model_len=max_len + 1, block_size=16, cuda_graphs=graphs),
                 store=store, weights=base_sd.items(), kernel=make_kernel(kernel_name))
-            smoke_test(engine, ids, prompts, GenerationRequest, SamplingParams)
+            smoke_test(engine, ids, prompts)
             break
         except Exception as e:  # noqa: BLE001 - reported, then the next attempt
             import traceback

@@ -39,16 +39,21 @@ def _deploy_contract(w3, account, chain_id: int, name: str, args: Sequence = ())
     return rcpt
 
 
+def check_fees(node_share_bps: int | None, base_price_per_1k_tokens: int | None) -> None:
+    """ValueError for a fee setting the ledger would refuse or misread (None: not being set)."""
+    if node_share_bps is not None and not 0 <= node_share_bps <= 10_000:
+        raise ValueError(f"node_share_bps must be 0..10000, got {node_share_bps}")
+    if base_price_per_1k_tokens is not None and base_price_per_1k_tokens < 0:
+        raise ValueError(f"base_price_per_1k_tokens must be >= 0, got {base_price_per_1k_tokens}")
+
+
 def deploy(rpc_url: str, *, deployer_key: str = DEV_KEYS[0], node_share_bps: int = DEFAULT_NODE_SHARE_BPS,
            base_price_per_1k_tokens: int = DEFAULT_BASE_PRICE,
            fund: Sequence[str] = (), fund_amount: int = DEFAULT_FUND, settlers: Sequence[str] = (),
            settler_deposit: int = 0) -> Deployment:  # fmt: skip
     """Deploy both contracts (deployer = admin), set the base-model price, fund `fund`, grant and
     prefund `settlers`."""
-    if not 0 <= node_share_bps <= 10_000:
-        raise ValueError(f"node_share_bps must be 0..10000, got {node_share_bps}")
-    if base_price_per_1k_tokens < 0:
-        raise ValueError(f"base_price_per_1k_tokens must be >= 0, got {base_price_per_1k_tokens}")
+    check_fees(node_share_bps, base_price_per_1k_tokens)
     account = Account.from_key(deployer_key)
     w3 = make_web3(rpc_url)
     with rpc_guard(rpc_url):

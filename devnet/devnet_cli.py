@@ -11,7 +11,7 @@ import typer
 from eth_account import Account
 
 from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, AnvilError, pid_alive, rpc, stop_pid
-from devnet.deploy import DEFAULT_FUND, deploy_to_file, setup_accounts
+from devnet.deploy import DEFAULT_FUND, check_fees, deploy_to_file, setup_accounts
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
 from ledger.errors import DeploymentMismatch
@@ -81,10 +81,7 @@ def devnet_up(folder: Path = DEFAULT_DIR, port: int = DEFAULT_PORT, *, fund: lis
 def _set_fees(client: ChainClient, deployment: Deployment, node_share_bps: int | None,
               base_price: int | None) -> bool:
     """Change the running ledger's fee settings that were given; True when the deployment changed."""
-    if node_share_bps is not None and not 0 <= node_share_bps <= 10_000:
-        raise ValueError(f"node share must be 0..10000 bps, got {node_share_bps}")
-    if base_price is not None and base_price < 0:
-        raise ValueError(f"base price must be >= 0 wei, got {base_price}")
+    check_fees(node_share_bps, base_price)
     changed = False
     if node_share_bps is not None and node_share_bps != client.node_share_bps():
         client.set_node_share_bps(node_share_bps)
