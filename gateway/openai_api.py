@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from gateway.errors import BadRequest
 
@@ -123,18 +123,11 @@ class ChatRequest(_Sampling):
     tool_choice: object | None = None
     response_format: dict | None = None
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "tools")
     @classmethod
-    def _no_logprobs(cls, v):
+    def _unsupported(cls, v, info: ValidationInfo):
         if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
+            raise ValueError(f"{info.field_name} are not supported")
         return v
 
     @field_validator("response_format")
