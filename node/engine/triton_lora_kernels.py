@@ -30,8 +30,9 @@ def _pow2(n: int, lo: int = 1) -> int:
 @triton.jit
 def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, slot_ptr, K_IN, R, K_PER_SPLIT,
                         stride_xt, stride_as, stride_ar, stride_hk, stride_ht,
-                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    # program (t, r-tile, k-split): h_k[t, r] = sum_{k in split} A[s_t, r, k] * x[t, k]; 0 when s_t < 0
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ACC_2D: tl.constexpr = False):
+    # program (t, r-tile, k-split): h_k[t, r] = sum_{k in split} A[s_t, r, k] * x[t, k]; 0 when s_t < 0.
+    # ACC_2D keeps a [BR, BK] accumulator and reduces once after the loop instead of every step
     t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -43,12 +44,18 @@ def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, slot_ptr, K_IN, R, K_PER_SPLIT,
         k_lo = pid_k * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K_IN)
         a_row = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar
+        acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
             xv = tl.load(x_ptr + t * stride_xt + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
             av = tl.load(a_row + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
-            acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+            if ACC_2D:
+                acc2 += av.to(tl.float32) * xv[None, :]
+            else:
+                acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+        if ACC_2D:
+            acc = tl.sum(acc2, axis=1)
     tl.store(h_ptr + pid_k * stride_hk + t * stride_ht + offs_r, acc, mask=r_mask)
 
 
