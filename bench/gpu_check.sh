@@ -12,7 +12,8 @@
 # Stages (default: all = env tests bench): correctness first (the gpu-marked engine tests), then
 # bench/engine.py --device cuda --shape llama3-8b, whose JSON is rewritten after every section, so a
 # stage cut off by its time limit still leaves what it measured, and a section that fails is recorded
-# in it while the next one runs. One deadline, 565 s after the wheels are in (GPU_CHECK_BUDGET_S):
+# in it while the next one runs (BENCH_SECTIONS picks some; default all). One deadline, 565 s after the
+# wheels are in (GPU_CHECK_BUDGET_S):
 # tests get at most 170 s, the bench whatever is left but 20 s. Everything lands in $OUT (./gpu-out when $OUT is unset):
 #   env.txt  tests.log  tests.xml  bench.log  engine-cuda-llama3-8b.json  table.txt
 set -uo pipefail
@@ -79,7 +80,7 @@ fi
 rc_bench=0
 if has bench; then
     t=$(( END - SECONDS - 20 )); echo "bench time limit: $t s"
-    timeout $t "$PY" bench/engine.py --device cuda --shape llama3-8b --threads 8 \
+    timeout $t "$PY" bench/engine.py --device cuda --shape llama3-8b --threads 8 --sections "${BENCH_SECTIONS:-all}" \
         --out "$OUT/engine-cuda-llama3-8b.json" > "$OUT/bench.log" 2>&1
     rc_bench=$?
     grep -vE "Warning|warn\(" "$OUT/bench.log" | grep -E "round|engine build failed|Error|error" | tail -20

@@ -9,6 +9,8 @@
            and the engine's step wall time split into its host parts (scheduling, input fill and
            launch, the sampler's wait, bookkeeping)
   profile  kernel time of one eager decode step by kind (GEMM, LoRA, attention, fused ops, other)
+  attention  the paged decode attention alone at the bench's decode shape, per partition size
+           (0 = one program per sequence and KV head), over 8 layers' caches in turn
 
     python bench/gpu_profile.py --device cuda                        # the 8B shape, every section
     TRITON_INTERPRET=1 python bench/gpu_profile.py --device cpu --shape tiny --quick   # the script's own check
@@ -50,15 +52,15 @@ def projections(shape: dict) -> dict[str, tuple[int, tuple[int, ...]]]:
 def candidates(quick: bool) -> dict[str, list[dict]]:
     """Launch settings per (mode, op); 'split' is the kernel's split_k (None = its own rule)."""
     if quick:
-        return {"bgmv/shrink": [{"ACC_2D": a, "BLOCK_K": 32, "split": s} for a in (False, True) for s in (None, 2)],
+        return {"bgmv/shrink": [{"BLOCK_K": 32, "split": s} for s in (None, 2)],
                 "bgmv/expand": [{"BLOCK_N": 16}, {"BLOCK_N": 32}],
                 "sgmv/shrink": [{"BLOCK_K": 32, "split": s} for s in (None, 2)],
                 "sgmv/expand": [{"BLOCK_N": 16}, {"BLOCK_N": 32}]}
     expand = [{"BLOCK_N": n, "num_warps": w} for n, w in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8),
                                                              (512, 4), (512, 8), (1024, 8))]
     return {
-        "bgmv/shrink": [{"ACC_2D": a, "BLOCK_K": k, "num_warps": w, "split": s}
-                        for a, k, w, s in itertools.product((False, True), (128, 256, 512), (4, 8), (None, 4, 8, 16))],
+        "bgmv/shrink": [{"BLOCK_K": k, "num_warps": w, "split": s}
+                        for k, w, s in itertools.product((128, 256, 512), (4, 8), (None, 4, 8, 16))],
         "bgmv/expand": expand,
         "sgmv/shrink": [{"BLOCK_K": k, "num_warps": w, "split": s}
                         for k, w, s in itertools.product((64, 128, 256), (4, 8), (None, 4, 8, 16, 32))],
@@ -179,6 +181,39 @@ def check(kern, meta, x, y, w, slices, ref_h, ref_y) -> float:
     yy = y.clone()
     kern.expand(yy, h, w[1], meta, 0, slices)
     return max(rel_err(h.sum(0), ref_h), rel_err(yy, ref_y))
+
+
+def attention(args, report: dict) -> None:
+    from node.engine.triton_attention import paged_decode_attention
+
+    shape = bench.SHAPES[args.shape]
+    heads, kvh = shape["num_attention_heads"], shape["num_key_value_heads"]
+    d, bs, t, dev = shape["hidden_size"] // heads, 16, args.batch, args.device
+    contexts = [args.prompt_len + 1 + (i * 37) % args.new_tokens for i in range(t)]  # mid-decode lengths
+    width = -(-(4 * args.prompt_len + 2) // bs)  # bench/engine.py's graph tables: max_model_len 514 on the 8B run
+    blocks = t * width + 1
+    copies = 8 if dev.startswith("cuda") else 1
+    g = torch.Generator(device=dev).manual_seed(11)
+    caches = [(torch.randn(blocks, bs, kvh, d, generator=g, device=dev).to(torch.bfloat16),
+               torch.randn(blocks, bs, kvh, d, generator=g, device=dev).to(torch.bfloat16)) for _ in range(copies)]
+    perm = torch.randperm(blocks - 1, generator=torch.Generator().manual_seed(12))[: t * width].view(t, width)
+    tables = perm.to(dev, torch.int64)
+    ctx = torch.tensor(contexts, device=dev, dtype=torch.int64)
+    q = torch.randn(t, heads, d, generator=g, device=dev).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    kv_bytes = sum(contexts) * kvh * d * 2 * 2
+    timer = make_timer(dev, args.quick)
+    rows = {}
+    ref = paged_decode_attention(q, *caches[0], tables, ctx, partition=0).double()
+    for part in (0, 32, 64, 128):
+        got = paged_decode_attention(q, *caches[0], tables, ctx, partition=part)
+        err = rel_err(got, ref)
+        ms = timer(lambda: [paged_decode_attention(q, k, v, tables, ctx, out=out, partition=part)
+                            for k, v in caches]) / copies
+        rows[str(part)] = {"ms": ms, "GBps": kv_bytes / ms / 1e6, "rel_err_vs_whole": err}
+        print(f"attention, partition {part}: {ms * 1e3:.1f} us a layer, {kv_bytes / ms / 1e6:,.0f} GB/s, "
+              f"rel err vs whole {err:.1e}", flush=True)
+    report["attention"] = rows
 
 
 # ---- the whole engine ----
@@ -420,6 +455,8 @@ def main() -> None:
         try:
             if name == "sweep":
                 sweep(args, report)
+            elif name == "attention":
+                attention(args, report)
             elif name == "step":
                 with tempfile.TemporaryDirectory(prefix="gpu-profile-") as work:
                     engine, ids, _ = build_engine(args, Path(work))

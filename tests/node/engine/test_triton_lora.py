@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from node.engine.triton_lora import TritonLoRAKernel, max_tiles, plan_tables  # noqa: E402
+from node.engine.triton_lora import SGMV_MIN_TOKENS, TritonLoRAKernel, max_tiles, plan_tables  # noqa: E402
 
 
 def bound(dtype: torch.dtype, device: torch.device) -> float:
@@ -139,7 +139,9 @@ def test_tile_bound_holds_for_any_assignment():
 
 def test_automatic_mode_follows_tokens_per_adapter():
     k = TritonLoRAKernel()
-    assert k.choose_mode([0, 0, 1, 1, -1]) == "sgmv"  # two tokens per adapter: weights shared
+    n = SGMV_MIN_TOKENS
+    assert k.choose_mode([0] * n + [1] * n + [-1]) == "sgmv"  # many tokens per adapter: weights shared
+    assert k.choose_mode([0] * (n - 1) + [1] * n + [-1]) == "bgmv"  # one token short of the average
     assert k.choose_mode([0, 1, 2, 3, 0, -1]) == "bgmv"  # mostly distinct adapters
     assert TritonLoRAKernel("bgmv").choose_mode([0, 0, 0]) == "bgmv"
 
