@@ -116,7 +116,7 @@ def smoke_test(engine, ids, prompts) -> None:
 
     kernel = engine.mapping.kernel
     modes = ("bgmv", "sgmv") if hasattr(kernel, "choose_mode") else (None,)
-    saved = getattr(kernel, "mode", None)
+    saved = getattr(kernel, "mode", None)  # None = chosen per step, which the measured sections must keep
     try:
         for mode in modes:
             if mode is not None:
@@ -128,7 +128,7 @@ def smoke_test(engine, ids, prompts) -> None:
             if bad:
                 raise RuntimeError(f"smoke run ({mode or 'torch'}): {bad[0]}")
     finally:
-        if saved is not None:
+        if modes != (None,):
             kernel.mode = saved
 
 
@@ -402,7 +402,8 @@ def main() -> None:
         "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "adapters": args.adapters,
         "rank": args.rank, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "peft_new_tokens": args.peft_new_tokens, "hf_new_tokens": args.hf_new_tokens, "sections": args.sections,
-        "kernel": type(kernel).__name__, "cuda_graphs": engine.runner.graphs is not None and engine.runner.graphs.capture,
+        "kernel": type(kernel).__name__, "lora_mode": getattr(kernel, "mode", None) or "per step",
+        "cuda_graphs": engine.runner.graphs is not None and engine.runner.graphs.capture,
         "engine_build_s": engine_build_s, "setup_s": setup_s, "engine_failures": failures,
         "config": {"num_slots": n_slots, "block_size": 16, "max_model_len": max_len + 1,
                    "graph_buckets": engine.runner.graphs.buckets if engine.runner.graphs else None},

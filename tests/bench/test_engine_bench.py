@@ -4,6 +4,7 @@ shape has minutes, not the time to find that an engine API moved under it. Nothi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,20 @@ def test_every_section_runs_and_lands_in_the_json(tmp_path):
     table = subprocess.run([sys.executable, str(REPO / "bench" / "engine.py"), "--print", str(out)],
                            capture_output=True, text=True, timeout=120, cwd=REPO)
     assert table.returncode == 0 and "ours / PEFT mixed" in table.stdout, table.stderr[-2000:]
+
+
+def test_triton_path_keeps_the_automatic_lora_mode(tmp_path):
+    """The smoke run forces each LoRA mode in turn; the measured sections must get the per-step
+    choice back (on the first H200 run they silently ran forced SGMV)."""
+    out = tmp_path / "engine.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "engine.py"), "--device", "cpu", "--shape", "tiny", "--kernel", "triton",
+         "--cuda-graphs", "static", "--sections", "distinct", "--batch", "4", "--adapters", "2", "--repeats", "1",
+         "--new-tokens", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["kernel"] == "TritonLoRAKernel" and report["engine_failures"] == []
+    assert report["lora_mode"] == "per step"
+    assert report["tokens_per_s"]["ours, 4 distinct adapters"] > 0

@@ -12,20 +12,14 @@ import torch
 pytest.importorskip("triton")
 
 from node.engine.attention import build_metadata, paged_attention  # noqa: E402
-from node.engine.triton_attention import (  # noqa: E402
-    BLOCK_N,
-    MAX_PARTITIONS,
-    PARTITION,
-    paged_decode_attention,
-    partitioning,
-)
+from node.engine.triton_attention import paged_decode_attention  # noqa: E402
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-def run_case(device, dtype, heads, kv_heads, head_dim, block_size, window, contexts, seed, partition=None):
+def run_case(device, dtype, heads, kv_heads, head_dim, block_size, window, contexts, seed):
     g = torch.Generator().manual_seed(seed)
     blocks = sum(-(-c // block_size) for c in contexts) + 3
     k_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
@@ -43,32 +37,23 @@ def run_case(device, dtype, heads, kv_heads, head_dim, block_size, window, conte
     out = torch.full_like(q, float("nan"), device=device)  # poisoned: every element must be written
     ctx = torch.tensor(contexts, dtype=torch.int32, device=device)
     got = paged_decode_attention(q.to(device), k_cache.to(device), v_cache.to(device), meta.block_tables.to(device),
-                                 ctx, window, out=out, partition=partition)
+                                 ctx, window, out=out)
     assert got.data_ptr() == out.data_ptr() and torch.isfinite(out).all()
     return rel(out, ref)
 
 
-@pytest.mark.parametrize("partition", [0, 32, None], ids=["whole", "split32", "auto"])
-@pytest.mark.parametrize("window", [None, 7, 40], ids=["full", "window7", "window40"])
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
     (4, 2, 32, 8),  # the tiny test models
     (6, 2, 24, 5),  # group of 3 and d = 24 (both padded), blocks of 5
     (4, 4, 16, 16),  # plain multi-head
 ])
-def test_paged_decode_matches_sdpa(triton_device, heads, kv_heads, head_dim, block_size, dtype, window, partition):
-    # split32: contexts of 1..3 partitions beside ones of 1 token; the table is wider than any context
-    contexts = [1, block_size, block_size + 1, 3 * block_size + 2, 45, 90]
+def test_paged_decode_matches_sdpa(triton_device, heads, kv_heads, head_dim, block_size, dtype, window):
+    contexts = [1, block_size, block_size + 1, 3 * block_size + 2, 45]
     err = run_case(triton_device, dtype, heads, kv_heads, head_dim, block_size, window, contexts,
-                   seed=heads * 100 + head_dim + block_size + (window or 0), partition=partition)
+                   seed=heads * 100 + head_dim + block_size + (window or 0))
     assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
-
-
-def test_partitioning_bounds_the_grid():
-    assert partitioning(PARTITION) == (0, 1)  # one partition: no split, no second kernel
-    assert partitioning(PARTITION + 1) == (PARTITION, 2)
-    part, n = partitioning(1 << 20)
-    assert n <= MAX_PARTITIONS and part * n >= 1 << 20 and part % BLOCK_N == 0
 
 
 @pytest.mark.gpu
@@ -76,7 +61,5 @@ def test_partitioning_bounds_the_grid():
 def test_llama3_8b_decode_shape_on_cuda():
     """Bench shape: 32 heads on 8 KV heads, d 128, blocks of 16, 64 sequences of ~190 tokens."""
     contexts = [129 + (i * 37) % 120 for i in range(64)]
-    for partition in (0, None):
-        err = run_case(torch.device("cuda"), torch.bfloat16, 32, 8, 128, 16, None, contexts, seed=5,
-                       partition=partition)
-        assert err < 1e-2, (partition, err)
+    err = run_case(torch.device("cuda"), torch.bfloat16, 32, 8, 128, 16, None, contexts, seed=5)
+    assert err < 1e-2, err

@@ -16,7 +16,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
-    import itertools, torch, triton
+    import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from node.engine import triton_attention as A, triton_lora as L, triton_ops as O
@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent('''
     target = GPUTarget("cuda", 90, 32)
     FLOAT_PTRS = {"x_ptr", "a_ptr", "b_ptr", "y_ptr", "q_ptr", "k_ptr", "v_ptr", "out_ptr"}
     INT_PTRS = {"slot_ptr": "*i32", "tok_ptr": "*i32", "tiles_ptr": "*i32", "cols_ptr": "*i32",
-                "tables_ptr": "*i64", "ctx_ptr": "*i64", "h_ptr": "*fp32", "pos_ptr": "*i64", "ml_ptr": "*fp32"}
-    FLOAT_PTRS |= {"res_ptr", "w_ptr", "qkv_ptr", "cos_ptr", "sin_ptr", "gu_ptr", "part_ptr"}
+                "tables_ptr": "*i64", "ctx_ptr": "*i64", "h_ptr": "*fp32", "pos_ptr": "*i64"}
+    FLOAT_PTRS |= {"res_ptr", "w_ptr", "qkv_ptr", "cos_ptr", "sin_ptr", "gu_ptr"}
 
     def build(fn, cfg, dt):
         cfg = dict(cfg)
@@ -45,12 +45,10 @@ SCRIPT = textwrap.dedent('''
             build(L._sgmv_shrink_kernel, dict(L.shrink_config("sgmv", r, tdt), BLOCK_M=16), dt)
             build(L._bgmv_expand_kernel, L.expand_config("bgmv", rank, tdt), dt)
             build(L._sgmv_expand_kernel, dict(L.expand_config("sgmv", rank, tdt), BLOCK_M=16), dt)
-        for (group, d, bs), part in itertools.product(((4, 128, 16), (2, 32, 8), (3, 24, 5)), (0, A.PARTITION)):
+        for group, d, bs in ((4, 128, 16), (2, 32, 8), (3, 24, 5)):
             build(A._paged_decode_kernel, dict(GROUP=group, GROUP_P=16, HEAD_DIM=d, HEAD_P=max(16, triton.next_power_of_2(d)),
                   CACHE_BLOCK=bs, BLOCK_N=A.BLOCK_N, DOT_F32=False, PRECISION="ieee" if dt == "fp32" else "tf32",
-                  PART=part, num_warps=A.NUM_WARPS), dt)
-            build(A._partition_reduce_kernel, dict(HEAD_DIM=d, HEAD_P=max(16, triton.next_power_of_2(d)),
-                  PART=A.PARTITION, PARTS_P=16, num_warps=4), dt)
+                  num_warps=A.NUM_WARPS), dt)
         build(O._rmsnorm_kernel, dict(HAS_RES=True, BLOCK=4096, num_warps=16), dt)
         build(O._rmsnorm_kernel, dict(HAS_RES=False, BLOCK=4096, num_warps=16), dt)
         build(O._rope_cache_kernel, dict(HEADS=32, KV_HEADS=8, HEADS_P=32, KV_P=8, HALF=64, HALF_P=64), dt)
