@@ -1,4 +1,5 @@
-"""Where a decode step's time goes on a GPU (issue 8). Three sections, one device call:
+"""Where a decode step's time goes on a GPU (issue 8). Sections (--sections, default step,sweep), one
+device call:
 
   sweep    the LoRA kernels alone, per projection of the shape (qkv, o, gate_up, down) and slot
            pattern (16 adapters x 4 rows, 64 adapters x 1 row), mode (bgmv, sgmv) and launch
@@ -8,14 +9,17 @@
   step     graph replay time of a whole decode step per LoRA mode and pattern (the GPU's share),
            and the engine's step wall time split into its host parts (scheduling, input fill and
            launch, the sampler's wait, bookkeeping)
-  profile  kernel time of one eager decode step by kind (GEMM, LoRA, attention, fused ops, other)
+           (its last part: kernel time of one eager decode step by kind, GEMM, LoRA, attention,
+           fused ops, other, with the top kernels in profile-<mode>.txt)
   attention  the paged decode attention alone at the bench's decode shape (mid-decode contexts, the
            bench graph's table width), over 8 layers' caches in turn
 
-    python bench/gpu_profile.py --device cuda                        # the 8B shape, every section
+    python bench/gpu_profile.py --device cuda                        # the 8B shape: step, sweep
+    python bench/gpu_profile.py --device cuda --sections attention
     TRITON_INTERPRET=1 python bench/gpu_profile.py --device cpu --shape tiny --quick   # the script's own check
 
-Writes gpu-profile.json (and profile tables) to --out; prints a short table last. Never run as a test."""
+Writes gpu-profile.json (and the profile tables) to --out ($OUT on the device machine) and prints
+one line per measurement. Never run as a test."""
 
 from __future__ import annotations
 

@@ -29,9 +29,9 @@ from node.engine.triton_lora_kernels import (
 )
 
 
-# Measured on an H200 (bench/NOTES.md, attempt 3): at 4 tokens per adapter a BGMV decode step's LoRA
-# kernels took 1.7 ms against SGMV's 2.1 ms (8B shape, batch 64, 16 adapters); a 128-token-per-adapter
-# prefill took 0.22 s with SGMV and 0.34 s with BGMV. Between the two the crossover is not measured.
+# Measured on an H200 (bench/NOTES.md, attempt 3): at 4 tokens per adapter, one decode step's LoRA
+# kernels take 1.7 ms as BGMV and 2.1 ms as SGMV (kernel sweep, 8B shape, batch 64, 16 adapters); a
+# prefill of 128 tokens per adapter took 0.22 s as SGMV, 0.34 s as BGMV. The crossover is not measured.
 SGMV_MIN_TOKENS = 8
 
 
@@ -99,8 +99,8 @@ def plan_tables(mode: str, host_slots: list[int], block_m: int, tiles_cap: int |
 class TritonLoRAKernel:
     """The `LoRAKernel` interface on Triton. mode None picks per step: SGMV when the adapter
     tokens average >= SGMV_MIN_TOKENS per active slot (each adapter's weights are then read once
-    per tile, not once per token), else BGMV. `shrink` returns float32 split-K partials [K, T, R] (h = their
-    sum over K), which the same kernel's `expand` reduces on the fly."""
+    per tile, not once per token), else BGMV. `shrink` returns float32 split-K partials [K, T, R]
+    (h = their sum over K), which the same kernel's `expand` reduces on the fly."""
 
     def __init__(self, mode: str | None = None, *, block_m: int = 16, split_k: int | None = None,
                  block_k: int | None = None, block_n: int | None = None, shrink_cfg: dict | None = None,
