@@ -45,7 +45,7 @@ def rid() -> str:
 
 
 def setup(rpc_url: str):
-    admin, settler = Account.from_key(DEV_KEYS[0]), Account.from_key(DEV_KEYS[1])
+    settler = Account.from_key(DEV_KEYS[1])  # DEV_KEYS[0] is the admin deploy() uses
     d = deploy(rpc_url, settlers=[settler.address], settler_deposit=1000 * 10**18, fund_amount=0)
     owner, op, p1, p2 = (Account.from_key(k) for k in DEV_KEYS[2:6])
     base, ds1, ds2, adapter, node = rid(), rid(), rid(), rid(), rid()
