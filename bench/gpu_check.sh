@@ -9,13 +9,15 @@
 #        run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #    One stage again:  run(command="bash bench/gpu_check.sh bench", carry=[".whl"], timeout_s=600)
 #
-# Stages (default: all = env tests bench): correctness first (the gpu-marked engine tests), then
+# Stages (default: all = env tests bench profile): correctness first (the gpu-marked engine tests), then
 # bench/engine.py --device cuda --shape llama3-8b, whose JSON is rewritten after every section, so a
 # stage cut off by its time limit still leaves what it measured, and a section that fails is recorded
 # in it while the next one runs (BENCH_SECTIONS picks some; default all). One deadline, 565 s after the
-# wheels are in (GPU_CHECK_BUDGET_S):
-# tests get at most 170 s, the bench whatever is left but 20 s. Everything lands in $OUT (./gpu-out when $OUT is unset):
-#   env.txt  tests.log  tests.xml  bench.log  engine-cuda-llama3-8b.json  table.txt
+# wheels are in (GPU_CHECK_BUDGET_S): tests get at most 170 s, the bench what is left but 20 s (and
+# 110 s for the profile when that stage runs); the profile (bench/gpu_profile.py --sections
+# step,attention: host vs GPU time, kernel time by kind) runs last on what remains. Everything lands
+# in $OUT (./gpu-out when $OUT is unset), 8 files, the device tool's limit:
+#   env.txt  tests.log  tests.xml  bench.log  engine-cuda-llama3-8b.json  table.txt  gpu-profile.json  profile.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGES=${*:-all}
@@ -79,7 +81,7 @@ fi
 
 rc_bench=0
 if has bench; then
-    t=$(( END - SECONDS - 20 )); echo "bench time limit: $t s"
+    t=$(( END - SECONDS - 20 )); has profile && t=$(( t - 110 )); echo "bench time limit: $t s"
     timeout $t "$PY" bench/engine.py --device cuda --shape llama3-8b --threads 8 --sections "${BENCH_SECTIONS:-all}" \
         --out "$OUT/engine-cuda-llama3-8b.json" > "$OUT/bench.log" 2>&1
     rc_bench=$?
@@ -89,6 +91,15 @@ if has bench; then
         "$PY" bench/engine.py --print "$OUT/engine-cuda-llama3-8b.json" 2>&1 | tee "$OUT/table.txt"
     else
         tail -40 "$OUT/bench.log"
+    fi
+fi
+if has profile; then
+    t=$(( END - SECONDS - 10 ))
+    if [ $t -ge 80 ]; then
+        timeout $t "$PY" bench/gpu_profile.py --device cuda --sections step,attention --out "$OUT" 2>&1 \
+            | grep -viE "warn" | tee "$OUT/profile.log" | grep -E "replay|kernel time|attention|step,|Error" | tail -12
+    else
+        echo "profile skipped: $t s left"
     fi
 fi
 echo "stages: $STAGES; tests rc $rc_tests; bench rc $rc_bench; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

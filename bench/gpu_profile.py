@@ -10,7 +10,7 @@ device call:
            and the engine's step wall time split into its host parts (scheduling, input fill and
            launch, the sampler's wait, bookkeeping)
            (its last part: kernel time of one eager decode step by kind, GEMM, LoRA, attention,
-           fused ops, other, with the top kernels in profile-<mode>.txt)
+           fused ops, other, and the 40 costliest kernels)
   attention  the paged decode attention alone at the bench's decode shape (mid-decode contexts, the
            bench graph's table width), over 8 layers' caches in turn
 
@@ -18,8 +18,8 @@ device call:
     python bench/gpu_profile.py --device cuda --sections attention
     TRITON_INTERPRET=1 python bench/gpu_profile.py --device cpu --shape tiny --quick   # the script's own check
 
-Writes gpu-profile.json (and the profile tables) to --out ($OUT on the device machine) and prints
-one line per measurement. Never run as a test."""
+Writes gpu-profile.json to --out ($OUT on the device machine; one file, as the device tool brings
+back at most 8) and prints one line per measurement. Never run as a test."""
 
 from __future__ import annotations
 
@@ -371,7 +371,7 @@ def step_section(args, engine, ids, report: dict) -> None:
             rep[f"{mode} {pat}"] = replay_ms(engine, t, mode, slots)
     report["replay_ms"] = rep
     print(f"graph replay ms (bucket {t}): {rep}", flush=True)
-    report["profile"] = profile(engine, t, pats["16x4"], args.out)
+    report["profile"] = profile(engine, t, pats["16x4"])
     while engine.has_work():
         engine.step()
 
@@ -389,7 +389,7 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile(engine, bucket: int, slots: list[int], out: Path) -> dict:
+def profile(engine, bucket: int, slots: list[int]) -> dict:
     """Kernel time by kind for one eager decode step (same kernels as the graph, without its launch gaps)."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
@@ -418,9 +418,8 @@ def profile(engine, bucket: int, slots: list[int], out: Path) -> dict:
             by_kind[kind_of(ev.key)] = by_kind.get(kind_of(ev.key), 0.0) + us / 3 / 1e3
             top.append((us / 3 / 1e3, ev.count // 3, ev.key[:90]))
         top.sort(reverse=True)
-        (out / f"profile-{mode}.txt").write_text("\n".join(f"{ms:8.4f} ms {n:5d}x {k}" for ms, n, k in top[:40]))
         result[mode] = {"by_kind_ms": by_kind, "total_kernel_ms": sum(by_kind.values()),
-                        "top": [{"ms": ms, "count": n, "kernel": k} for ms, n, k in top[:15]]}
+                        "top": [{"ms": ms, "count": n, "kernel": k} for ms, n, k in top[:40]]}
         print(f"kernel time per step, {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(by_kind.items())),
               flush=True)
     return result
