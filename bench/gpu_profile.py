@@ -12,7 +12,7 @@ device call:
            (its last part: kernel time of one eager decode step by kind, GEMM, LoRA, attention,
            fused ops, other, and the 40 costliest kernels)
   attention  the paged decode attention alone at the bench's decode shape (mid-decode contexts, the
-           bench graph's table width), over 8 layers' caches in turn
+           bench graph's table width), over 8 layers' caches in turn, per launch setting
 
     python bench/gpu_profile.py --device cuda                        # the 8B shape: step, sweep
     python bench/gpu_profile.py --device cuda --sections attention
@@ -207,9 +207,22 @@ def attention(args, report: dict) -> None:
     out = torch.empty_like(q)
     kv_bytes = sum(contexts) * kvh * d * 2 * 2
     timer = make_timer(dev, args.quick)
-    ms = timer(lambda: [paged_decode_attention(q, k, v, tables, ctx, out=out) for k, v in caches]) / copies
-    report["attention"] = {"ms": ms, "GBps": kv_bytes / ms / 1e6, "kv_MB": kv_bytes / 1e6}
-    print(f"attention: {ms * 1e3:.1f} us a layer, {kv_bytes / ms / 1e6:,.0f} GB/s", flush=True)
+    ref = paged_decode_attention(q, *caches[0], tables, ctx).double()
+    rows = []
+    # (positions per step, warps): the default (32, 8) first; registers a thread in triton_attention.py
+    for block_n, warps in ((None, None), (16, 8), (16, 4), (64, 8)):
+        try:
+            err = rel_err(paged_decode_attention(q, *caches[0], tables, ctx, block_n=block_n, num_warps=warps), ref)
+            ms = timer(lambda: [paged_decode_attention(q, k, v, tables, ctx, out=out, block_n=block_n, num_warps=warps)
+                                for k, v in caches]) / copies
+        except Exception as e:  # noqa: BLE001 - a setting that fails to build is reported, not fatal
+            rows.append({"block_n": block_n, "num_warps": warps, "error": f"{type(e).__name__}: {e}"[:200]})
+            continue
+        rows.append({"block_n": block_n, "num_warps": warps, "ms": ms, "GBps": kv_bytes / ms / 1e6,
+                     "rel_err_vs_default": err})
+        print(f"attention BLOCK_N {block_n or 'default'} warps {warps or 'default'}: {ms * 1e3:.1f} us a layer, "
+              f"{kv_bytes / ms / 1e6:,.0f} GB/s (rel err vs default {err:.1e})", flush=True)
+    report["attention"] = {"kv_MB": kv_bytes / 1e6, "settings": rows}
 
 
 # ---- the whole engine ----

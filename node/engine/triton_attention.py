@@ -17,7 +17,10 @@ from node.engine.triton_lora_kernels import INTERPRET
 
 NO_WINDOW = 2**31 - 1
 BLOCK_N = 32  # positions per inner step (any cache block size: each position looks its block up)
-NUM_WARPS = 8  # sm_90 build: ~160 registers a thread, no spills (4 warps: 255)
+# sm_90 build (registers a thread, read with the cuobjdump Triton ships; 8B shape): BLOCK_N 32 at 8
+# warps 157 (one program per SM: the H200 ran this kernel at 1.6 TB/s), at 4 warps 255; BLOCK_N 16
+# at 8 warps 112 (two per SM), not yet measured on a GPU; BLOCK_N 64 at 4 warps spills
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -76,12 +79,14 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, scal
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, window: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, block_n: int | None = None,
+                           num_warps: int | None = None) -> torch.Tensor:
     """Semantics: for sequence b with c = context_lens[b] >= 1 and query q[b] (its newest token, at
     position c-1), out[b, h] = softmax(q[b, h] . K_b[j] / sqrt(d), j in [lo, c)) @ V_b[j], where
     K_b[j] / V_b[j] sit at cache[block_tables[b, j // bs], j % bs, h // (H / KVH)], and
     lo = max(0, c - window) with a sliding window, else 0.
-    q [B, H, d]; caches [blocks, bs, KVH, d]; block_tables [B, >= ceil(c / bs)] int; context_lens [B] int."""
+    q [B, H, d]; caches [blocks, bs, KVH, d]; block_tables [B, >= ceil(c / bs)] int; context_lens [B] int.
+    block_n / num_warps override BLOCK_N / NUM_WARPS (bench/gpu_profile.py's attention sweep)."""
     bsz, heads, d = q.shape
     _, block_size, kvh, d_k = k_cache.shape
     assert d == d_k and heads % kvh == 0, (q.shape, k_cache.shape)
@@ -96,6 +101,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), block_tables.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        HEAD_P=max(16, triton.next_power_of_2(d)), CACHE_BLOCK=block_size, BLOCK_N=BLOCK_N, DOT_F32=INTERPRET,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+        HEAD_P=max(16, triton.next_power_of_2(d)), CACHE_BLOCK=block_size, BLOCK_N=block_n or BLOCK_N,
+        DOT_F32=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps or NUM_WARPS)
     return o

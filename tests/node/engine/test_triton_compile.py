@@ -16,7 +16,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
-    import torch, triton
+    import itertools, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from node.engine import triton_attention as A, triton_lora as L, triton_ops as O
@@ -45,9 +45,9 @@ SCRIPT = textwrap.dedent('''
             build(L._sgmv_shrink_kernel, dict(L.shrink_config("sgmv", r, tdt), BLOCK_M=16), dt)
             build(L._bgmv_expand_kernel, L.expand_config("bgmv", rank, tdt), dt)
             build(L._sgmv_expand_kernel, dict(L.expand_config("sgmv", rank, tdt), BLOCK_M=16), dt)
-        for group, d, bs in ((4, 128, 16), (2, 32, 8), (3, 24, 5)):
+        for (group, d, bs), bn in itertools.product(((4, 128, 16), (2, 32, 8), (3, 24, 5)), (A.BLOCK_N, 16)):
             build(A._paged_decode_kernel, dict(GROUP=group, GROUP_P=16, HEAD_DIM=d, HEAD_P=max(16, triton.next_power_of_2(d)),
-                  CACHE_BLOCK=bs, BLOCK_N=A.BLOCK_N, DOT_F32=False, PRECISION="ieee" if dt == "fp32" else "tf32",
+                  CACHE_BLOCK=bs, BLOCK_N=bn, DOT_F32=False, PRECISION="ieee" if dt == "fp32" else "tf32",
                   num_warps=A.NUM_WARPS), dt)
         build(O._rmsnorm_kernel, dict(HAS_RES=True, BLOCK=4096, num_warps=16), dt)
         build(O._rmsnorm_kernel, dict(HAS_RES=False, BLOCK=4096, num_warps=16), dt)
