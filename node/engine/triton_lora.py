@@ -33,6 +33,7 @@ from node.engine.triton_lora_kernels import (
 # kernels take 1.7 ms as BGMV and 2.1 ms as SGMV (kernel sweep, 8B shape, batch 64, 16 adapters); a
 # prefill of 128 tokens per adapter took 0.22 s as SGMV, 0.34 s as BGMV. The crossover is not measured.
 SGMV_MIN_TOKENS = 8
+MAX_SPLIT = 16  # split-K partials per shrink, unless split_k asks for more
 
 
 class TritonUnavailableError(RuntimeError):
@@ -163,9 +164,11 @@ class TritonLoRAKernel:
 
     def _split(self, programs: int, k_in: int, block_k: int, dev: torch.device) -> tuple[int, int]:
         """(splits, k per split): about 8 programs per multiprocessor, so enough weight loads are in
-        flight to cover memory latency (2 per SM left the H200 at half the speed); no empty split."""
+        flight to cover memory latency (2 per SM left the H200 at half the speed); no empty split.
+        At most MAX_SPLIT: every expand program re-reads all the partials of its tokens, and the
+        sweep's best splits were 8-16."""
         chunks = triton.cdiv(k_in, block_k)
-        want = self.split_k or triton.cdiv(8 * self._num_sms(dev), max(1, programs))
+        want = self.split_k or min(MAX_SPLIT, triton.cdiv(8 * self._num_sms(dev), max(1, programs)))
         split = max(1, min(want, chunks))
         per = triton.cdiv(chunks, split) * block_k
         return triton.cdiv(k_in, per), per
