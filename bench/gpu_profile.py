@@ -43,7 +43,13 @@ _spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "bench" / 
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-PATTERNS = {"16x4": lambda t: [i % 16 for i in range(t)], "64x1": lambda t: list(range(t))}
+
+
+def patterns(args) -> dict[str, list[int]]:
+    """Slot per row: '16x4' = args.few adapters over the batch in turn (16 x 4 rows on the 8B run),
+    '64x1' = every row its own adapter. Keys name the 8B run's shapes, also on the CPU check."""
+    t = args.batch
+    return {"16x4": [i % args.few for i in range(t)], "64x1": list(range(t))}
 
 
 def projections(shape: dict) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -116,10 +122,9 @@ def sweep(args, report: dict) -> None:
         gemm_ms = timer(lambda: [torch.mm(x, w.t(), out=ybuf) for w in base_w]) / copies
         gemm_bytes = base_w[0].numel() * 2
         rows.append({"proj": proj, "what": "base GEMM", "ms": gemm_ms, "GBps": gemm_bytes / gemm_ms / 1e6})
-        for pat, slot_fn in PATTERNS.items():
+        for pat, host_slots in patterns(args).items():
             if pat == "64x1" and s < t:
                 continue
-            host_slots = slot_fn(t)
             ref_h, ref_y = reference(x, y, ws[0], host_slots, slices, r)
             used = len(set(host_slots))
             lora_bytes = used * r * (n_sl * k_in + out) * 2  # each adapter's A and diagonal B blocks, once
@@ -348,8 +353,8 @@ def step_section(args, engine, ids, report: dict) -> None:
     prompts = torch.randint(3, min(1000, engine.model_cfg.vocab_size), (t, args.prompt_len), generator=g).tolist()
     parts = step_parts(engine)
     slot_of = engine.adapters.slot_of
-    systems = {"base-only": [None] * t, "16 adapters (auto)": [ids[i % 16] for i in range(t)],
-               "64 distinct (auto)": [ids[i % len(ids)] for i in range(t)]}
+    systems = {"base-only": [None] * t, "16 adapters (auto)": [ids[i] for i in patterns(args)["16x4"]],
+               "64 distinct (auto)": [ids[i] for i in patterns(args)["64x1"]]}
     kernel = engine.mapping.kernel
     res = {}
     for name, names in systems.items():
@@ -377,7 +382,7 @@ def step_section(args, engine, ids, report: dict) -> None:
         engine.step()
     seqs = list(engine.scheduler.running)
     engine.runner.graphs._fill(seqs, t)
-    pats = {"16x4": [slot_of(ids[i % 16]) for i in range(t)], "64x1": [slot_of(ids[i % len(ids)]) for i in range(t)]}
+    pats = {name: [slot_of(ids[i]) for i in rows] for name, rows in patterns(args).items()}
     rep = {"base": replay_ms(engine, t, "base", None)}
     for mode in ("bgmv", "sgmv"):
         for pat, slots in pats.items():
@@ -453,7 +458,7 @@ def main() -> None:
     args.batch, args.slots, args.rank = (64, 64, 16) if cuda else (8, 8, 4)
     args.prompt_len, args.new_tokens = (128, 64) if cuda else (8, 6)
     args.out.mkdir(parents=True, exist_ok=True)
-    PATTERNS.update({} if cuda else {"16x4": lambda t: [i % 2 for i in range(t)]})
+    args.few = 16 if cuda else 2
     report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu",
               "shape": args.shape, "batch": args.batch, "rank": args.rank, "torch": torch.__version__}
     path = args.out / "gpu-profile.json"

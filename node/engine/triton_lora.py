@@ -104,8 +104,7 @@ class TritonLoRAKernel:
     (h = their sum over K), which the same kernel's `expand` reduces on the fly."""
 
     def __init__(self, mode: str | None = None, *, block_m: int = 16, split_k: int | None = None,
-                 block_k: int | None = None, block_n: int | None = None, shrink_cfg: dict | None = None,
-                 expand_cfg: dict | None = None) -> None:
+                 shrink_cfg: dict | None = None, expand_cfg: dict | None = None) -> None:
         if mode not in (None, "bgmv", "sgmv"):
             raise ValueError(f"mode {mode!r} is not one of bgmv, sgmv (or None = automatic)")
         if block_m < 16 or block_m & (block_m - 1):
@@ -115,9 +114,8 @@ class TritonLoRAKernel:
         self.mode = mode
         self.block_m = block_m
         self.split_k = split_k
-        self.block_k = block_k
-        self.block_n = block_n
-        # launch settings laid over the defaults of triton_lora_kernels (bench/gpu_profile.py sweeps them)
+        # launch settings laid over the defaults of triton_lora_kernels, e.g. {"BLOCK_K": 64, "num_warps": 4}
+        # (tests use small tiles; bench/gpu_profile.py sweeps them)
         self.shrink_cfg = dict(shrink_cfg or {})
         self.expand_cfg = dict(expand_cfg or {})
         self._cols: dict[tuple, torch.Tensor] = {}
@@ -192,7 +190,7 @@ class TritonLoRAKernel:
         assert k_in == k_in_a and t == meta.num_tokens, (x.shape, a.shape, meta.num_tokens)
         assert x.stride(1) == 1 and a.stride(2) == 1, "last dims must be contiguous"
         dev = x.device
-        cfg = {**shrink_config(meta.mode, r, x.dtype, self.block_k), **self.shrink_cfg}
+        cfg = {**shrink_config(meta.mode, r, x.dtype), **self.shrink_cfg}
         block_r, block_k = cfg["BLOCK_R"], cfg["BLOCK_K"]
         grid_tr = (t if meta.mode == "bgmv" else meta.max_tiles) * triton.cdiv(r, block_r)
         split, per = self._split(grid_tr, k_in, block_k, dev)
@@ -227,7 +225,7 @@ class TritonLoRAKernel:
         dev = y.device
         cols = self._cols_table(slices, dev)
         yv = y[:, offset: offset + out]
-        cfg = {**expand_config(meta.mode, rank, y.dtype, self.block_n), **self.expand_cfg}
+        cfg = {**expand_config(meta.mode, rank, y.dtype), **self.expand_cfg}
         n_tiles = triton.cdiv(max(slices), cfg["BLOCK_N"])
         if meta.mode == "bgmv":
             _bgmv_expand_kernel[(t, len(slices), n_tiles)](

@@ -165,20 +165,20 @@ def _precision(dtype: torch.dtype) -> str:
 # 37% less time with 8 waves of split-K programs instead of 2, the SGMV shrink 38% less with K tiles
 # of 128, and the BGMV expand 11% less with 512-column tiles.
 
-def shrink_config(mode: str, r: int, dtype: torch.dtype, block_k: int | None = None) -> dict:
+def shrink_config(mode: str, r: int, dtype: torch.dtype) -> dict:
     """Constexprs and warps of a shrink launch (registers per thread read off the sm_90 build:
     about 100 for these tiles, no spills; tests/node/engine/test_triton_compile.py builds them)."""
     if mode == "bgmv":  # a [32, 128] weight tile a step, reduced on the CUDA cores
-        return {"BLOCK_R": min(_pow2(r), 32), "BLOCK_K": block_k or 128, "num_warps": 8}
+        return {"BLOCK_R": min(_pow2(r), 32), "BLOCK_K": 128, "num_warps": 8}
     # [16, 128] x [128, 32] tensor-core tiles; R and K beyond them loop or take more programs
-    return {"BLOCK_R": min(_pow2(r, 16), 32), "BLOCK_K": block_k or 128,
+    return {"BLOCK_R": min(_pow2(r, 16), 32), "BLOCK_K": 128,
             "DOT_F32": INTERPRET, "PRECISION": _precision(dtype), "num_warps": 4}
 
 
-def expand_config(mode: str, rank: int, dtype: torch.dtype, block_n: int | None = None) -> dict:
+def expand_config(mode: str, rank: int, dtype: torch.dtype) -> dict:
     """Constexprs and warps of an expand launch (one slice's rank rows x BLOCK_N columns)."""
     cfg = {"BLOCK_R": _pow2(rank, 1 if mode == "bgmv" else 16),
-           "BLOCK_N": block_n or (512 if mode == "bgmv" else 128), "num_warps": 4}
+           "BLOCK_N": 512 if mode == "bgmv" else 128, "num_warps": 4}
     if mode == "sgmv":
         cfg["PRECISION"] = _precision(dtype)
     return cfg

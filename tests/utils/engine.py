@@ -90,6 +90,16 @@ def reference_logits(model, adapter_name: str | None, ids: list[int]) -> torch.T
     return model(input_ids=x).logits[0]
 
 
+def prefill_rows(ref_model, world, seqs, logits: torch.Tensor):
+    """(sequence, its rows of a flat all-token prefill's logits, the reference logits) per sequence."""
+    by_id = {a.adapter_id: a.name for a in world.adapters}
+    off = 0
+    for s in seqs:
+        n = len(s.prompt_token_ids)
+        yield s, logits[off:off + n], reference_logits(ref_model, by_id.get(s.adapter_id), s.prompt_token_ids)
+        off += n
+
+
 @torch.no_grad()
 def reference_greedy(model, adapter_name: str | None, ids: list[int], n: int) -> list[int]:
     """n greedy tokens (EOS ignored) under one adapter."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from node.engine import TorchLoRAKernel
-from tests.utils.engine import greedy, preload, reference_greedy, reference_logits
+from tests.utils.engine import greedy, prefill_rows, preload, reference_greedy, reference_logits
 
 ATOL = 1e-4
 
@@ -30,15 +30,10 @@ def test_mixed_batch_logits_match_peft(world, references, mode):
         assert sorted(s.slot for s in seqs) == [-1, -1, 0, 0, 1, 2, 3]
         logits = engine.runner.forward(seqs, True, all_logits=True)
         ref = references(world)
-        by_id = {a.adapter_id: a.name for a in world.adapters}
-        off = 0
-        for s in seqs:
-            n = len(s.prompt_token_ids)
-            want = reference_logits(ref, by_id.get(s.adapter_id), s.prompt_token_ids)
-            torch.testing.assert_close(logits[off:off + n], want, atol=ATOL, rtol=0)
+        for s, got, want in prefill_rows(ref, world, seqs, logits):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
             if s.adapter_id is not None:  # the adapter really changes the output
                 assert (want - reference_logits(ref, None, s.prompt_token_ids)).abs().max() > 1e-2
-            off += n
     finally:
         engine.close()
 

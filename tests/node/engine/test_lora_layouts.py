@@ -8,7 +8,7 @@ import torch
 
 from node.engine import LoRAMapping, TorchLoRAKernel
 from node.engine.lora_kernels import LAYOUTS
-from tests.utils.engine import greedy, preload, reference_greedy, reference_logits
+from tests.utils.engine import greedy, prefill_rows, preload, reference_greedy
 
 S, R, D_IN, OUTS = 4, 4, 24, (16, 8, 8)  # a fused q/k/v-like projection, slices of unequal width
 
@@ -109,14 +109,8 @@ def test_each_layout_matches_peft_on_a_mixed_prefill(world, references, layout):
         assert prefill and not failed and len(seqs) == len(rows)
         logits = engine.runner.forward(seqs, True, all_logits=True)
         assert engine.mapping.meta.layout == layout
-        ref = references(world)
-        by_id = {a.adapter_id: a.name for a in world.adapters}
-        off = 0
-        for s in seqs:
-            n = len(s.prompt_token_ids)
-            want = reference_logits(ref, by_id.get(s.adapter_id), s.prompt_token_ids)
-            torch.testing.assert_close(logits[off:off + n], want, atol=1e-4, rtol=0)
-            off += n
+        for _, got, want in prefill_rows(references(world), world, seqs, logits):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     finally:
         engine.close()
 

@@ -77,7 +77,7 @@ def test_shrink_expand_match_float64(triton_device, mode, dtype, split):
     offset = 3
     h_ref, y_ref = reference(a, b, x, y0, slots, offset)
     # small tiles so K loops, splits and column tiles all take several steps
-    k = TritonLoRAKernel(mode, split_k=split, block_k=16, block_n=16)
+    k = TritonLoRAKernel(mode, split_k=split, shrink_cfg={"BLOCK_K": 16}, expand_cfg={"BLOCK_N": 16})
     meta = k.prepare(torch.tensor(slots, device=triton_device), 5, slots)
     assert meta.mode == mode
     hk = torch.full((split, x.shape[0], a.shape[1]), float("nan"), device=triton_device)  # poisoned
