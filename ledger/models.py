@@ -22,6 +22,8 @@ class RecordStatus:
     SUBMITTED = "submitted"  # in a written batch that is not known settled yet
     SETTLED = "settled"  # its batch is settled on chain
     REJECTED = "rejected"  # names an adapter or node the registry does not know; see `error`
+    DISPUTED = "disputed"  # the node's receipt disagrees with the gateway's count beyond tolerance; never settled
+    SET_ASIDE = "set_aside"  # cannot be paid as it stands (price out of bounds, deposit short); see `error`
 
 
 class BatchStatus:
@@ -31,7 +33,12 @@ class BatchStatus:
 
 
 class UsageRecord(SQLModel, table=True):
-    """One inference, written by the gateway in the same transaction as the request's completion."""
+    """One inference, written by the gateway in the same transaction as the request's completion.
+
+    prompt_tokens / completion_tokens are what is billed: the gateway's own count (it tokenized the
+    prompt and relayed every token). node_*_tokens are the node's signed receipt's counts, kept beside
+    them; a record without a receipt (the node died mid-stream) has None there and is billed at the
+    gateway's count."""
 
     __tablename__ = "usage_records"
 
@@ -41,8 +48,11 @@ class UsageRecord(SQLModel, table=True):
     node_id: str = Field(max_length=66, index=True)
     prompt_tokens: int
     completion_tokens: int
-    receipt_json: str = Field(sa_column=Column(Text, nullable=False))  # the node's signed usage receipt
-    node_signature: str = Field(sa_column=Column(Text, nullable=False))
+    node_prompt_tokens: int | None = None
+    node_completion_tokens: int | None = None
+    receipt_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # the node's signed receipt
+    node_signature: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    fee_wei: str | None = None  # decimal string; the settler's price of this record when it was batched
     gateway_key_id: int | None = Field(default=None, index=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     status: str = Field(default=RecordStatus.PENDING, max_length=16, index=True)
