@@ -161,6 +161,11 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
             raise NotFound(f"no record with request id {rid} on this chain or in this ledger database")
         return led.record_page(ex, detail)
 
+    @app.get("/disputes", response_class=HTMLResponse)
+    @fresh
+    def disputes():
+        return led.disputes_page(ex)
+
     @app.get("/accounts", response_class=HTMLResponse)
     @fresh
     def accounts():

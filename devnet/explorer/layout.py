@@ -50,6 +50,7 @@ dl.kv dd { margin:0; overflow-wrap:anywhere; }
 .status.verified { background:#dcfce7; color:var(--ok); border:1px solid #86efac; }
 .status.not-verified { background:#fee4e2; color:var(--bad); border:1px solid #fda29b; }
 .status.unchecked { background:#fef3c7; color:var(--warn); border:1px solid #fcd34d; }
+.status.no-receipt { background:#e0e7ff; color:#3730a3; border:1px solid #a5b4fc; }
 .muted { color:var(--muted); }
 .bad { color:var(--bad); font-weight:600; }
 .pill { display:inline-block; padding:0 8px; border-radius:10px; background:#eef2f8; font-size:12px; }
@@ -59,7 +60,7 @@ dl.kv dd { margin:0; overflow-wrap:anywhere; }
 """
 
 NAV = (("Overview", "/"), ("Adapters", "/adapters"), ("Datasets", "/datasets"), ("Nodes", "/nodes"),
-       ("Batches", "/batches"), ("Records", "/records"), ("Accounts", "/accounts"))  # fmt: skip
+       ("Batches", "/batches"), ("Records", "/records"), ("Disputes", "/disputes"), ("Accounts", "/accounts"))  # fmt: skip
 
 
 ROLE_LABELS = {"node": "node operator", "adapter_owner": "adapter owner", "dataset": "dataset contributor"}
@@ -156,7 +157,7 @@ def when(ts: int | None) -> str:
 
 
 def status_badge(state: str, text: str, *, element_id: str) -> str:
-    """A badge tests and people can read: class verified | not-verified | unchecked."""
+    """A badge tests and people can read: class verified | not-verified | unchecked | no-receipt."""
     return f'<span id="{esc(element_id)}" class="status {esc(state)}">{esc(text)}</span>'
 
 

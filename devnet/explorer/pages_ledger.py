@@ -114,6 +114,33 @@ def batch_page(ex: Explorer, batch_id: str) -> str:
     return page("Settlement batch", body)
 
 
+def disputes_page(ex: Explorer) -> str:
+    """Records the gateway refused to bill at the node's word: the node's signed receipt claimed more
+    (or other) tokens than the gateway counted. They are never settled; their nodes get no traffic."""
+    rows = ex.store.disputed()
+    by_node: dict[str, int] = {}
+    for r in rows:
+        by_node[r.node_id] = by_node.get(r.node_id, 0) + 1
+    nodes = table(["node", "operator", "disputed records"],
+                  [[id_link("nodes", n), address_link(ex.index.nodes[n].operator) if n in ex.index.nodes else "—",
+                    num(k)] for n, k in sorted(by_node.items(), key=lambda kv: -kv[1])],
+                  numeric=(2,), empty="no node has a disputed record", table_id="disputed-nodes")  # fmt: skip
+
+    def count(v) -> str:
+        return "—" if v is None else num(v)
+
+    records = table(
+        ["request", "node", "adapter", "gateway counted (prompt + completion)", "node's receipt claimed", "why"],
+        [[mono(r.request_id[:18] + "…"), id_link("nodes", r.node_id), adapter_link_or_id(ex, r.adapter_id),
+          f"{num(r.prompt_tokens)} + {num(r.completion_tokens)}",
+          f"{count(r.node_prompt_tokens)} + {count(r.node_completion_tokens)}", esc(r.error or "")] for r in rows],
+        empty="no disputed records", table_id="disputed-records")  # fmt: skip
+    intro = ('<p class="muted">The gateway bills what it counted itself. A node whose signed receipt claims '
+             "more than that, beyond the stated tolerance, is disputed: the record is kept with both counts, never "
+             "settled, and the node is dropped from routing.</p>")  # fmt: skip
+    return page("Disputes", intro + "<h2>Nodes</h2>" + nodes + "<h2>Records</h2>" + records)
+
+
 def records_page(ex: Explorer, *, adapter: str | None, node: str | None, batch: str | None, page_no: int) -> str:
     records = [r for r in reversed(ex.index.records) if (adapter is None or r.adapter_id == adapter)
                and (node is None or r.node_id == node) and (batch is None or r.batch_id == batch)]  # fmt: skip

@@ -1,5 +1,10 @@
 """Check a record's node receipt: its fields match the record and its Ed25519 signature verifies.
 
+What is billed is the gateway's own count (it tokenized the prompt and relayed every token); the
+receipt's counts are kept beside it (node_prompt_tokens / node_completion_tokens) and are what the
+signature covers, so the receipt is compared with those. A record without a receipt (the node died
+mid-stream; billed at the gateway's count) has no signature to check.
+
 The outbox row holds the receipt and signature but not the node's public key. A node's libp2p
 identity is its node key (node/p2p/host.py builds the host from the node seed), and an Ed25519
 peer id embeds the public key, so the peer id registered on chain yields the key; it counts only
@@ -19,7 +24,7 @@ from node.receipts import ReceiptError, check_receipt
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # identity multihash (0x00, 36 bytes) of the protobuf PublicKey {Type: Ed25519 (1), Data: 32 bytes}
 ED25519_PEER_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
-VERIFIED, NOT_VERIFIED, UNCHECKED = "verified", "not-verified", "unchecked"
+VERIFIED, NOT_VERIFIED, UNCHECKED, NO_RECEIPT = "verified", "not-verified", "unchecked", "no-receipt"
 
 
 def b58decode(text: str) -> bytes | None:
@@ -44,7 +49,7 @@ def public_key_from_peer_id(peer_id: str | None) -> bytes | None:
 
 @dataclass(slots=True)
 class SignatureCheck:
-    """state: verified | not-verified | unchecked (no public key whose hash is the node id)."""
+    """state: verified | not-verified | unchecked (no public key whose hash is the node id) | no-receipt."""
 
     state: str
     reason: str
@@ -54,12 +59,16 @@ class SignatureCheck:
 
     @property
     def label(self) -> str:
-        return {VERIFIED: "verified", NOT_VERIFIED: "NOT verified"}.get(self.state, "not checkable")
+        return {VERIFIED: "verified", NOT_VERIFIED: "NOT verified", NO_RECEIPT: "no receipt"}.get(
+            self.state, "not checkable")
 
 
 def check_record_signature(row: UsageRecord, peer_id: str | None) -> SignatureCheck:
     """Check the row's receipt against the row, then its signature with the key from `peer_id`."""
     sig = row.node_signature
+    if row.receipt_json is None or sig is None:
+        return SignatureCheck(NO_RECEIPT, "the node sent no receipt (it failed mid-stream); billed at the "
+                              "gateway's own count", sig or "")  # fmt: skip
     try:
         receipt = json.loads(row.receipt_json)
     except ValueError:
@@ -68,11 +77,18 @@ def check_record_signature(row: UsageRecord, peer_id: str | None) -> SignatureCh
         return SignatureCheck(NOT_VERIFIED, "the stored receipt is not a JSON object", sig)
     for name in ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens"):
         want = getattr(row, name)
+        if name.endswith("_tokens") and getattr(row, "node_" + name) is not None:
+            want = getattr(row, "node_" + name)  # the receipt's own count, kept beside the billed one
         if name == "adapter_id" and want == BASE_MODEL_ADAPTER_ID:
             want = None  # a base-model record: the node's receipt says "no adapter" (null)
         if receipt.get(name) != want:
             return SignatureCheck(NOT_VERIFIED, f"the receipt says {name} = {receipt.get(name)!r}, "
                                   f"the record says {want!r}", sig, receipt)  # fmt: skip
+    for name in ("prompt_tokens", "completion_tokens"):
+        billed, claimed = getattr(row, name), receipt.get(name)
+        if isinstance(claimed, int) and billed > claimed:  # the gateway never relays more than the node made
+            return SignatureCheck(NOT_VERIFIED, f"the record bills {billed} {name.replace('_', ' ')}, more than the "
+                                  f"node's signed receipt claims ({claimed})", sig, receipt)  # fmt: skip
     key = public_key_from_peer_id(peer_id)
     if key is None or sha256_hex(key) != row.node_id:
         if peer_id is None:

@@ -66,6 +66,13 @@ class LedgerStore:
         with Session(self.engine) as s:
             return count_by_status(s)
 
+    def disputed(self, limit: int = 500) -> list[UsageRecord]:
+        """Records whose node receipt disagreed with the gateway's count beyond tolerance, newest first."""
+        with Session(self.engine) as s:
+            stmt = (select(UsageRecord).where(UsageRecord.status == RecordStatus.DISPUTED)
+                    .order_by(UsageRecord.id.desc()).limit(limit))  # fmt: skip
+            return list(s.exec(stmt).all())
+
     def unsettled(self, limit: int = 100) -> list[UsageRecord]:
         """Records not (yet) settled, newest first: pending, submitted or rejected."""
         with Session(self.engine) as s:

@@ -11,6 +11,7 @@ from devnet.explorer import ExplorerConfig
 from devnet.explorer.plots import Point, nice_ticks, step_chart
 from devnet.explorer.proof import check_record_proof
 from devnet.explorer.signature import (
+    NO_RECEIPT,
     NOT_VERIFIED,
     UNCHECKED,
     VERIFIED,
@@ -140,3 +141,23 @@ def test_step_chart_without_data_says_so():
 def test_config_wants_a_database_url(tmp_path):
     with pytest.raises(ValueError, match="not a database URL"):
         ExplorerConfig(deployment=tmp_path / "d.json", db_url="loramesh.db")
+
+
+def test_record_billed_below_the_receipt_verifies_against_the_receipts_own_counts():
+    ident = Identity.generate()
+    # the gateway relayed 3 of the 4 tokens the node made (an abort in flight): billed 3, receipt 4
+    row = signed_row(ident, completion_tokens=3, node_prompt_tokens=11, node_completion_tokens=4)
+    assert check_record_signature(row, peer_id_of(ident)).state == VERIFIED
+
+
+def test_record_billing_more_than_the_receipt_is_not_verified():
+    ident = Identity.generate()
+    row = signed_row(ident, completion_tokens=40, node_prompt_tokens=11, node_completion_tokens=4)
+    check = check_record_signature(row, peer_id_of(ident))
+    assert check.state == NOT_VERIFIED and "more than the node's signed receipt claims (4)" in check.reason
+
+
+def test_record_without_receipt_says_so():
+    ident = Identity.generate()
+    check = check_record_signature(signed_row(ident, receipt_json=None, node_signature=None), peer_id_of(ident))
+    assert check.state == NO_RECEIPT and check.label == "no receipt" and "gateway's own count" in check.reason

@@ -288,3 +288,30 @@ def test_bad_and_unknown_ids(explorer_url):
     assert "no settled records yet" in past_end and 'href="/records?page=0"' in past_end
     get(explorer_url, "/no/such/page", 404)
 
+
+
+def test_disputes_page_lists_records_billed_below_their_receipts(explorer_url, world):
+    from sqlmodel import Session, delete
+
+    from ledger.db import make_engine
+    from ledger.models import RecordStatus, UsageRecord
+
+    assert "no disputed records" in get(explorer_url, "/disputes")
+    rid, engine = rand_id(), make_engine(world.db_url)
+    with Session(engine) as s:
+        s.add(UsageRecord(request_id=rid, adapter_id=world.adapters["bob/elements 1.0.0"], node_id=world.node_opaque,
+                          prompt_tokens=7, completion_tokens=2, node_prompt_tokens=5_000_000,
+                          node_completion_tokens=5_000_000, status=RecordStatus.DISPUTED,
+                          error="receipt claims 5000000 + 5000000 tokens, the gateway counted 7 + 2"))  # fmt: skip
+        s.commit()
+    try:
+        html = get(explorer_url, "/disputes")
+        assert world.node_opaque[:10] in text_of(html, "disputed-nodes")
+        row = text_of(html, "disputed-records")
+        assert "7 + 2" in row and "5,000,000 + 5,000,000" in row and "the gateway counted 7 + 2" in row
+        assert "disputed 1" in text_of(get(explorer_url, "/"), "contracts")
+    finally:
+        with Session(engine) as s:
+            s.exec(delete(UsageRecord).where(UsageRecord.request_id == rid))
+            s.commit()
+        engine.dispose()
