@@ -1,0 +1,327 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+/// @title Ed25519
+/// @notice Ed25519 signature verification (RFC 8032, section 5.1.7), written from the RFC for the
+/// registry's node-key proofs. Returns false, never reverts, for any malformed key, signature or
+/// scalar.
+/// @dev Encodings: a bytes32 holds the 32 bytes in the order they appear in the key or signature
+/// (sig = r || s, as Python `cryptography` produces them); RFC 8032 integers are little-endian, so
+/// every input goes through `littleEndian` first.
+///
+/// Checks, in order: s < L (rejects the malleated s + L); A and R decode canonically (y < p) to
+/// points on the curve; then the COFACTORLESS equation [s]B == R + [k]A with
+/// k = SHA-512(R || A || message) mod L. RFC 8032 allows either this or the cofactored [8]-form; the
+/// cofactorless one rejects some signatures that mix in small-order components which the cofactored
+/// one would accept, so keys produced by `cryptography` (OpenSSL) and honest signers are unaffected.
+///
+/// Cost choices: points use extended twisted Edwards coordinates (X:Y:Z:T), x = X/Z, y = Y/Z,
+/// xy = T/Z, so additions and doublings need no field inversion; [s]B + [k](-A) is one
+/// Straus/Shamir double-scalar loop (253 doublings shared by both scalars) and the result is compared
+/// with R projectively, so the only exponentiations are the two square roots in point decoding, which
+/// go to the modexp precompile.
+library Ed25519 {
+    /// Field prime p = 2^255 - 19.
+    uint256 private constant P = 0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffed;
+    /// Order of the base point, L = 2^252 + 27742317777372353535851937790883648493.
+    uint256 private constant L = 0x1000000000000000000000000000000014def9dea2f79cd65812631a5cf5d3ed;
+    /// Curve constant d = -121665 / 121666 mod p, and 2d (the addition formula uses 2d).
+    uint256 private constant D = 0x52036cee2b6ffe738cc740797779e89800700a4d4141d8ab75eb4dca135978a3;
+    uint256 private constant D2 = 0x2406d9dc56dffce7198e80f2eef3d13000e0149a8283b156ebd69b9426b2f159;
+    /// sqrt(-1) mod p = 2^((p-1)/4).
+    uint256 private constant SQRT_M1 = 0x2b8324804fc1df0b2b4d00993dfbd7a72f431806ad2fe478c4ee1b274a0ea0b0;
+    /// (p - 5) / 8: the exponent of the combined inverse-and-square-root in point decoding.
+    uint256 private constant SQRT_EXP = 0x0ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffd;
+    /// Base point B (RFC 8032 5.1): y = 4/5, x the even root; T = x*y.
+    uint256 private constant B_X = 0x216936d3cd6e53fec0a4e231fdd6dc5c692cc7609525a7b2c9562d608f25d51a;
+    uint256 private constant B_Y = 0x6666666666666666666666666666666666666666666666666666666666666658;
+    /// 2^256 mod L, to fold the high half of the 512-bit challenge hash.
+    uint256 private constant TWO_256_MOD_L = 0x0ffffffffffffffffffffffffffffffec6ef5bf4737dcf70d6ec31748d98951d;
+
+    uint256 private constant MASK64 = 0xffffffffffffffff;
+    /// SHA-512 round constants K[0..79], 8 bytes each, big-endian (FIPS 180-4, 4.2.3).
+    bytes private constant SHA512_K =
+        hex"428a2f98d728ae227137449123ef65cdb5c0fbcfec4d3b2fe9b5dba58189dbbc"
+        hex"3956c25bf348b53859f111f1b605d019923f82a4af194f9bab1c5ed5da6d8118"
+        hex"d807aa98a303024212835b0145706fbe243185be4ee4b28c550c7dc3d5ffb4e2"
+        hex"72be5d74f27b896f80deb1fe3b1696b19bdc06a725c71235c19bf174cf692694"
+        hex"e49b69c19ef14ad2efbe4786384f25e30fc19dc68b8cd5b5240ca1cc77ac9c65"
+        hex"2de92c6f592b02754a7484aa6ea6e4835cb0a9dcbd41fbd476f988da831153b5"
+        hex"983e5152ee66dfaba831c66d2db43210b00327c898fb213fbf597fc7beef0ee4"
+        hex"c6e00bf33da88fc2d5a79147930aa72506ca6351e003826f142929670a0e6e70"
+        hex"27b70a8546d22ffc2e1b21385c26c9264d2c6dfc5ac42aed53380d139d95b3df"
+        hex"650a73548baf63de766a0abb3c77b2a881c2c92e47edaee692722c851482353b"
+        hex"a2bfe8a14cf10364a81a664bbc423001c24b8b70d0f89791c76c51a30654be30"
+        hex"d192e819d6ef5218d69906245565a910f40e35855771202a106aa07032bbd1b8"
+        hex"19a4c116b8d2d0c81e376c085141ab532748774cdf8eeb9934b0bcb5e19b48a8"
+        hex"391c0cb3c5c95a634ed8aa4ae3418acb5b9cca4f7763e373682e6ff3d6b2b8a3"
+        hex"748f82ee5defb2fc78a5636f43172f6084c87814a1f0ab728cc702081a6439ec"
+        hex"90befffa23631e28a4506cebde82bde9bef9a3f7b2c67915c67178f2e372532b"
+        hex"ca273eceea26619cd186b8c721c0c207eada7dd6cde0eb1ef57d4f7fee6ed178"
+        hex"06f067aa72176fba0a637dc5a2c898a6113f9804bef90dae1b710b35131c471b"
+        hex"28db77f523047d8432caab7b40c724933c9ebe0a15c9bebc431d67c49c100d4c"
+        hex"4cc5d4becb3e42b6597f299cfc657e2a5fcb6fab3ad6faec6c44198c4a475817";
+
+    /// @notice True iff (r, s) is a valid RFC 8032 Ed25519 signature of `message` under `publicKey`.
+    function verify(bytes32 publicKey, bytes32 r, bytes32 s, bytes memory message) internal view returns (bool) {
+        uint256 sScalar = littleEndian(s);
+        if (sScalar >= L) return false;
+        (bool ok, uint256 ax, uint256 ay) = decodePoint(publicKey);
+        if (!ok) return false;
+        uint256 rx;
+        uint256 ry;
+        (ok, rx, ry) = decodePoint(r);
+        if (!ok) return false;
+        uint256 k = challenge(r, publicKey, message);
+        // [s]B - [k]A, compared with R = (rx, ry) without leaving projective coordinates.
+        (uint256 x, uint256 y, uint256 z) = shamirSBminusKA(sScalar, k, ax, ay);
+        return mulmod(rx, z, P) == x && mulmod(ry, z, P) == y;
+    }
+
+    // ------------------------------------------------------------------ encodings and scalars
+
+    /// The integer whose little-endian encoding is `b` (byte 0 of b is the least significant).
+    function littleEndian(bytes32 b) private pure returns (uint256 v) {
+        v = uint256(b);
+        v = ((v >> 8) & 0x00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff)
+            | ((v & 0x00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff) << 8);
+        v = ((v >> 16) & 0x0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff)
+            | ((v & 0x0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff) << 16);
+        v = ((v >> 32) & 0x00000000ffffffff00000000ffffffff00000000ffffffff00000000ffffffff)
+            | ((v & 0x00000000ffffffff00000000ffffffff00000000ffffffff00000000ffffffff) << 32);
+        v = ((v >> 64) & 0x0000000000000000ffffffffffffffff0000000000000000ffffffffffffffff)
+            | ((v & 0x0000000000000000ffffffffffffffff0000000000000000ffffffffffffffff) << 64);
+        v = (v >> 128) | (v << 128);
+    }
+
+    /// k = SHA-512(R || A || message) read as a little-endian 512-bit integer, reduced mod L.
+    function challenge(bytes32 r, bytes32 publicKey, bytes memory message) private pure returns (uint256) {
+        (bytes32 first, bytes32 second) = sha512(abi.encodePacked(r, publicKey, message));
+        // Digest bytes 0..31 are the low 256 bits, bytes 32..63 the high ones.
+        uint256 low = littleEndian(first) % L;
+        uint256 high = littleEndian(second);
+        return addmod(mulmod(high, TWO_256_MOD_L, L), low, L);
+    }
+
+    /// Decode an RFC 8032 point encoding (5.1.3): y in the low 255 bits, the sign (parity) of x in
+    /// the top bit. Fails for y >= p (non-canonical), for points off the curve (x^2 has no root) and
+    /// for x = 0 with the sign bit set.
+    function decodePoint(bytes32 encoded) private view returns (bool ok, uint256 x, uint256 y) {
+        uint256 v = littleEndian(encoded);
+        uint256 sign = v >> 255;
+        y = v & ((1 << 255) - 1);
+        if (y >= P) return (false, 0, 0);
+        (ok, x) = recoverX(y);
+        if (!ok || (x == 0 && sign == 1)) return (false, 0, 0);
+        if ((x & 1) != sign) x = P - x;
+    }
+
+    /// A root x of x^2 = (y^2 - 1) / (d y^2 + 1), if there is one (which of the two: unspecified).
+    /// RFC 8032 5.1.3 step 2: x = u v^3 (u v^7)^((p-5)/8) computes the inverse and the root in one
+    /// exponentiation; then v x^2 is u (done), -u (multiply by sqrt(-1)) or neither (no root).
+    /// v = d y^2 + 1 is never 0 because d is not a square mod p.
+    function recoverX(uint256 y) private view returns (bool ok, uint256 x) {
+        uint256 yy = mulmod(y, y, P);
+        uint256 u = addmod(yy, P - 1, P);
+        uint256 v = addmod(mulmod(D, yy, P), 1, P);
+        uint256 v3 = mulmod(mulmod(v, v, P), v, P);
+        uint256 v7 = mulmod(mulmod(v3, v3, P), v, P);
+        uint256 power;
+        (ok, power) = modExpP(mulmod(u, v7, P), SQRT_EXP);
+        if (!ok) return (false, 0);
+        x = mulmod(mulmod(u, v3, P), power, P);
+        uint256 vxx = mulmod(v, mulmod(x, x, P), P);
+        if (vxx == u) return (true, x);
+        if (vxx == P - u) return (true, mulmod(x, SQRT_M1, P));
+        return (false, 0);
+    }
+
+    /// base^exponent mod p through the modexp precompile (EIP-198 at 0x05): ~1,400 gas for a 255-bit
+    /// exponent, against ~250 squarings in Solidity. ok is false only if the call itself fails.
+    function modExpP(uint256 base, uint256 exponent) private view returns (bool ok, uint256 result) {
+        assembly ("memory-safe") {
+            // Scratch space past the free-memory pointer: not allocated, only used for this call.
+            let input := mload(0x40)
+            mstore(input, 0x20) // length of base
+            mstore(add(input, 0x20), 0x20) // length of exponent
+            mstore(add(input, 0x40), 0x20) // length of modulus
+            mstore(add(input, 0x60), base)
+            mstore(add(input, 0x80), exponent)
+            mstore(add(input, 0xa0), P)
+            ok := staticcall(gas(), 0x05, input, 0xc0, input, 0x20)
+            result := mload(input)
+        }
+    }
+
+    // ------------------------------------------------------------------ curve arithmetic
+    //
+    // -x^2 + y^2 = 1 + d x^2 y^2 over GF(p). Formulas are RFC 8032 5.1.4 (Hisil-Wong-Carter-Dawson,
+    // a = -1), which are complete: valid for every pair of curve points, identity and small-order
+    // points included, so no special cases are needed for adversarial A or R.
+    // A point being added is kept "cached" as [Y - X, Y + X, 2d*T, 2Z], the four factors the addition
+    // multiplies by, so each addition costs 8 multiplications instead of 10.
+
+    /// [s]B + [k](-A) in projective (X : Y : Z), by Straus/Shamir: one pass over the bits of both
+    /// scalars from the top, doubling once per bit and adding B, -A or B - A as the two bits say.
+    /// Both scalars are < L < 2^253.
+    function shamirSBminusKA(uint256 s, uint256 k, uint256 ax, uint256 ay)
+        private
+        pure
+        returns (uint256 x, uint256 y, uint256 z)
+    {
+        uint256[4] memory b = cachedFromAffine(B_X, B_Y);
+        uint256[4] memory negA = cachedFromAffine((P - ax) % P, ay);
+        uint256[4] memory bMinusA = cachedBPlus(negA);
+        uint256 t;
+        (x, y, z, t) = (0, 1, 1, 0); // identity
+        for (uint256 i = 253; i > 0;) {
+            --i;
+            (x, y, z, t) = pointDouble(x, y, z);
+            uint256 bits = ((s >> i) & 1) | (((k >> i) & 1) << 1);
+            if (bits == 1) (x, y, z, t) = pointAdd(x, y, z, t, b);
+            else if (bits == 2) (x, y, z, t) = pointAdd(x, y, z, t, negA);
+            else if (bits == 3) (x, y, z, t) = pointAdd(x, y, z, t, bMinusA);
+        }
+    }
+
+    /// Cached form of the affine point (x, y): Z = 1, T = x*y.
+    function cachedFromAffine(uint256 x, uint256 y) private pure returns (uint256[4] memory) {
+        return [addmod(y, P - x, P), addmod(y, x, P), mulmod(D2, mulmod(x, y, P), P), 2];
+    }
+
+    /// Cached form of B + q, for q already cached.
+    function cachedBPlus(uint256[4] memory q) private pure returns (uint256[4] memory) {
+        (uint256 x, uint256 y, uint256 z, uint256 t) = pointAdd(B_X, B_Y, 1, mulmod(B_X, B_Y, P), q);
+        return [addmod(y, P - x, P), addmod(y, x, P), mulmod(D2, t, P), addmod(z, z, P)];
+    }
+
+    /// (x1 : y1 : z1 : t1) + q, q cached (RFC 8032 5.1.4 addition).
+    function pointAdd(uint256 x1, uint256 y1, uint256 z1, uint256 t1, uint256[4] memory q)
+        private
+        pure
+        returns (uint256, uint256, uint256, uint256)
+    {
+        uint256 a = mulmod(addmod(y1, P - x1, P), q[0], P);
+        uint256 b = mulmod(addmod(y1, x1, P), q[1], P);
+        uint256 c = mulmod(t1, q[2], P);
+        uint256 d = mulmod(z1, q[3], P);
+        (a, b) = (addmod(b, P - a, P), addmod(b, a, P)); // E = B - A, H = B + A
+        (c, d) = (addmod(d, P - c, P), addmod(d, c, P)); // F = D - C, G = D + C
+        // X3 = E*F, Y3 = G*H, Z3 = F*G, T3 = E*H
+        return (mulmod(a, c, P), mulmod(d, b, P), mulmod(c, d, P), mulmod(a, b, P));
+    }
+
+    /// 2 * (x1 : y1 : z1), which does not need T (RFC 8032 5.1.4 doubling).
+    function pointDouble(uint256 x1, uint256 y1, uint256 z1)
+        private
+        pure
+        returns (uint256, uint256, uint256, uint256)
+    {
+        uint256 a = mulmod(x1, x1, P);
+        uint256 b = mulmod(y1, y1, P);
+        uint256 c = mulmod(z1, z1, P);
+        c = addmod(c, c, P); // C = 2 Z1^2
+        uint256 h = addmod(a, b, P); // H = A + B
+        uint256 xy = addmod(x1, y1, P);
+        uint256 e = addmod(h, P - mulmod(xy, xy, P), P); // E = H - (X1 + Y1)^2
+        uint256 g = addmod(a, P - b, P); // G = A - B
+        uint256 f = addmod(c, g, P); // F = C + G
+        // X3 = E*F, Y3 = G*H, Z3 = F*G, T3 = E*H
+        return (mulmod(e, f, P), mulmod(g, h, P), mulmod(f, g, P), mulmod(e, h, P));
+    }
+
+    // ------------------------------------------------------------------ SHA-512 (FIPS 180-4)
+    //
+    // 64-bit words live in uint256 and are masked back to 64 bits after each sum or rotation; the
+    // EVM has no 64-bit arithmetic, and masking is cheaper than Solidity's uint64 cleanups.
+
+    /// SHA-512 of `data`, as the two 32-byte halves of the digest in byte order.
+    function sha512(bytes memory data) private pure returns (bytes32, bytes32) {
+        // Padding (5.1.2): 0x80, zeros up to 112 mod 128, then the bit length as 128 bits big-endian.
+        uint256 zeros = (128 - ((data.length + 17) % 128)) % 128;
+        bytes memory padded = abi.encodePacked(data, bytes1(0x80), new bytes(zeros), uint128(data.length * 8));
+        uint256[8] memory h = [
+            uint256(0x6a09e667f3bcc908), 0xbb67ae8584caa73b, 0x3c6ef372fe94f82b, 0xa54ff53a5f1d36f1,
+            0x510e527fade682d1, 0x9b05688c2b3e6c1f, 0x1f83d9abfb41bd6b, 0x5be0cd19137e2179
+        ];
+        bytes memory roundConstants = SHA512_K; // copied to memory once per hash, not per round
+        uint256[80] memory w;
+        for (uint256 offset = 0; offset < padded.length; offset += 128) {
+            messageSchedule(w, padded, offset);
+            compress(h, w, roundConstants);
+        }
+        return (
+            bytes32((h[0] << 192) | (h[1] << 128) | (h[2] << 64) | h[3]),
+            bytes32((h[4] << 192) | (h[5] << 128) | (h[6] << 64) | h[7])
+        );
+    }
+
+    /// W[0..79] for the 128-byte block of `padded` at `offset` (6.4.2 step 1).
+    function messageSchedule(uint256[80] memory w, bytes memory padded, uint256 offset) private pure {
+        unchecked {
+            for (uint256 t = 0; t < 16; ++t) {
+                w[t] = word64At(padded, offset + 8 * t);
+            }
+            for (uint256 t = 16; t < 80; ++t) {
+                w[t] = (smallSigma1(w[t - 2]) + w[t - 7] + smallSigma0(w[t - 15]) + w[t - 16]) & MASK64;
+            }
+        }
+    }
+
+    /// The 80 rounds on one block's schedule, added into the hash state h (6.4.2 steps 2-4).
+    function compress(uint256[8] memory h, uint256[80] memory w, bytes memory roundConstants) private pure {
+        // Working variables a..h as v[0..7], in memory to stay clear of the EVM's 16-slot stack reach.
+        uint256[8] memory v;
+        for (uint256 i = 0; i < 8; ++i) v[i] = h[i];
+        unchecked {
+            for (uint256 t = 0; t < 80; ++t) {
+                uint256 t1 = v[7] + bigSigma1(v[4]) + choose(v[4], v[5], v[6]) + word64At(roundConstants, 8 * t) + w[t];
+                uint256 t2 = bigSigma0(v[0]) + majority(v[0], v[1], v[2]);
+                v[7] = v[6];
+                v[6] = v[5];
+                v[5] = v[4];
+                v[4] = (v[3] + t1) & MASK64;
+                v[3] = v[2];
+                v[2] = v[1];
+                v[1] = v[0];
+                v[0] = (t1 + t2) & MASK64;
+            }
+            for (uint256 i = 0; i < 8; ++i) h[i] = (h[i] + v[i]) & MASK64;
+        }
+    }
+
+    /// The big-endian 64-bit word at byte `offset` of `data` (caller keeps offset + 8 in bounds).
+    function word64At(bytes memory data, uint256 offset) private pure returns (uint256 word) {
+        assembly ("memory-safe") {
+            word := shr(192, mload(add(add(data, 0x20), offset)))
+        }
+    }
+
+    function rotr(uint256 x, uint256 n) private pure returns (uint256) {
+        return ((x >> n) | (x << (64 - n))) & MASK64;
+    }
+
+    function choose(uint256 e, uint256 f, uint256 g) private pure returns (uint256) {
+        return (e & f) ^ (~e & g & MASK64);
+    }
+
+    function majority(uint256 a, uint256 b, uint256 c) private pure returns (uint256) {
+        return (a & b) ^ (a & c) ^ (b & c);
+    }
+
+    function bigSigma0(uint256 x) private pure returns (uint256) {
+        return rotr(x, 28) ^ rotr(x, 34) ^ rotr(x, 39);
+    }
+
+    function bigSigma1(uint256 x) private pure returns (uint256) {
+        return rotr(x, 14) ^ rotr(x, 18) ^ rotr(x, 41);
+    }
+
+    function smallSigma0(uint256 x) private pure returns (uint256) {
+        return rotr(x, 1) ^ rotr(x, 8) ^ (x >> 7);
+    }
+
+    function smallSigma1(uint256 x) private pure returns (uint256) {
+        return rotr(x, 19) ^ rotr(x, 61) ^ (x >> 6);
+    }
+}
