@@ -10,7 +10,8 @@ pragma solidity ^0.8.24;
 /// every input goes through `littleEndian` first.
 ///
 /// Checks, in order: s < L (rejects the malleated s + L); A and R decode canonically (y < p) to
-/// points on the curve; then the COFACTORLESS equation [s]B == R + [k]A with
+/// points on the curve; A is not of small order (beyond RFC 8032, see hasSmallOrder); then the
+/// COFACTORLESS equation [s]B == R + [k]A with
 /// k = SHA-512(R || A || message) mod L. RFC 8032 allows either this or the cofactored [8]-form; the
 /// cofactorless one rejects some signatures that mix in small-order components which the cofactored
 /// one would accept, so keys produced by `cryptography` (OpenSSL) and honest signers are unaffected.
@@ -38,7 +39,6 @@ library Ed25519 {
     /// 2^256 mod L, to fold the high half of the 512-bit challenge hash.
     uint256 private constant TWO_256_MOD_L = 0x0ffffffffffffffffffffffffffffffec6ef5bf4737dcf70d6ec31748d98951d;
 
-    uint256 private constant MASK64 = 0xffffffffffffffff;
     /// SHA-512 round constants K[0..79], 8 bytes each, big-endian (FIPS 180-4, 4.2.3).
     bytes private constant SHA512_K =
         hex"428a2f98d728ae227137449123ef65cdb5c0fbcfec4d3b2fe9b5dba58189dbbc"
@@ -67,7 +67,7 @@ library Ed25519 {
         uint256 sScalar = littleEndian(s);
         if (sScalar >= L) return false;
         (bool ok, uint256 ax, uint256 ay) = decodePoint(publicKey);
-        if (!ok) return false;
+        if (!ok || hasSmallOrder(ax, ay)) return false;
         uint256 rx;
         uint256 ry;
         (ok, rx, ry) = decodePoint(r);
@@ -160,6 +160,19 @@ library Ed25519 {
     // points included, so no special cases are needed for adversarial A or R.
     // A point being added is kept "cached" as [Y - X, Y + X, 2d*T, 2Z], the four factors the addition
     // multiplies by, so each addition costs 8 multiplications instead of 10.
+    // Every coordinate is kept reduced (< p), so P - x never underflows: the arithmetic is unchecked.
+
+    /// True for the eight points of order dividing 8 (the identity among them): [8]P is the identity.
+    /// Such a public key has no secret behind it, and s = 0 with R = identity "verifies" under it for
+    /// every message whose k is a multiple of its order, so a key proof by it would prove nothing.
+    /// RFC 8032 does not require this check (libsodium makes it); honest keys [a]B never fail it.
+    function hasSmallOrder(uint256 x, uint256 y) private pure returns (bool) {
+        uint256 z = 1;
+        (x, y, z,) = pointDouble(x, y, z);
+        (x, y, z,) = pointDouble(x, y, z);
+        (x, y, z,) = pointDouble(x, y, z);
+        return x == 0 && y == z;
+    }
 
     /// [s]B + [k](-A) in projective (X : Y : Z), by Straus/Shamir: one pass over the bits of both
     /// scalars from the top, doubling once per bit and adding B, -A or B - A as the two bits say.
@@ -201,14 +214,16 @@ library Ed25519 {
         pure
         returns (uint256, uint256, uint256, uint256)
     {
-        uint256 a = mulmod(addmod(y1, P - x1, P), q[0], P);
-        uint256 b = mulmod(addmod(y1, x1, P), q[1], P);
-        uint256 c = mulmod(t1, q[2], P);
-        uint256 d = mulmod(z1, q[3], P);
-        (a, b) = (addmod(b, P - a, P), addmod(b, a, P)); // E = B - A, H = B + A
-        (c, d) = (addmod(d, P - c, P), addmod(d, c, P)); // F = D - C, G = D + C
-        // X3 = E*F, Y3 = G*H, Z3 = F*G, T3 = E*H
-        return (mulmod(a, c, P), mulmod(d, b, P), mulmod(c, d, P), mulmod(a, b, P));
+        unchecked {
+            uint256 a = mulmod(addmod(y1, P - x1, P), q[0], P);
+            uint256 b = mulmod(addmod(y1, x1, P), q[1], P);
+            uint256 c = mulmod(t1, q[2], P);
+            uint256 d = mulmod(z1, q[3], P);
+            (a, b) = (addmod(b, P - a, P), addmod(b, a, P)); // E = B - A, H = B + A
+            (c, d) = (addmod(d, P - c, P), addmod(d, c, P)); // F = D - C, G = D + C
+            // X3 = E*F, Y3 = G*H, Z3 = F*G, T3 = E*H
+            return (mulmod(a, c, P), mulmod(d, b, P), mulmod(c, d, P), mulmod(a, b, P));
+        }
     }
 
     /// 2 * (x1 : y1 : z1), which does not need T (RFC 8032 5.1.4 doubling).
@@ -217,111 +232,125 @@ library Ed25519 {
         pure
         returns (uint256, uint256, uint256, uint256)
     {
-        uint256 a = mulmod(x1, x1, P);
-        uint256 b = mulmod(y1, y1, P);
-        uint256 c = mulmod(z1, z1, P);
-        c = addmod(c, c, P); // C = 2 Z1^2
-        uint256 h = addmod(a, b, P); // H = A + B
-        uint256 xy = addmod(x1, y1, P);
-        uint256 e = addmod(h, P - mulmod(xy, xy, P), P); // E = H - (X1 + Y1)^2
-        uint256 g = addmod(a, P - b, P); // G = A - B
-        uint256 f = addmod(c, g, P); // F = C + G
-        // X3 = E*F, Y3 = G*H, Z3 = F*G, T3 = E*H
-        return (mulmod(e, f, P), mulmod(g, h, P), mulmod(f, g, P), mulmod(e, h, P));
+        unchecked {
+            uint256 a = mulmod(x1, x1, P);
+            uint256 b = mulmod(y1, y1, P);
+            uint256 c = mulmod(z1, z1, P);
+            c = addmod(c, c, P); // C = 2 Z1^2
+            uint256 h = addmod(a, b, P); // H = A + B
+            uint256 xy = addmod(x1, y1, P);
+            uint256 e = addmod(h, P - mulmod(xy, xy, P), P); // E = H - (X1 + Y1)^2
+            uint256 g = addmod(a, P - b, P); // G = A - B
+            uint256 f = addmod(c, g, P); // F = C + G
+            // X3 = E*F, Y3 = G*H, Z3 = F*G, T3 = E*H
+            return (mulmod(e, f, P), mulmod(g, h, P), mulmod(f, g, P), mulmod(e, h, P));
+        }
     }
 
     // ------------------------------------------------------------------ SHA-512 (FIPS 180-4)
     //
-    // 64-bit words live in uint256 and are masked back to 64 bits after each sum or rotation; the
-    // EVM has no 64-bit arithmetic, and masking is cheaper than Solidity's uint64 cleanups.
+    // The EVM has no 64-bit arithmetic: 64-bit words live in uint256 and are masked back to 64 bits
+    // after each sum or rotation. The eight working variables are packed four to a word,
+    // abcd = a|b|c|d and efgh = e|f|g|h with a and e in the top 64 bits: a round then shifts each
+    // pack down one lane and puts the new a / e on top, so the state stays on the stack.
+
+    uint256 private constant LANES_1_3 = 0x0000000000000000ffffffffffffffff0000000000000000ffffffffffffffff;
+    uint256 private constant LANES_0_2 = 0xffffffffffffffff0000000000000000ffffffffffffffff0000000000000000;
 
     /// SHA-512 of `data`, as the two 32-byte halves of the digest in byte order.
     function sha512(bytes memory data) private pure returns (bytes32, bytes32) {
         // Padding (5.1.2): 0x80, zeros up to 112 mod 128, then the bit length as 128 bits big-endian.
         uint256 zeros = (128 - ((data.length + 17) % 128)) % 128;
         bytes memory padded = abi.encodePacked(data, bytes1(0x80), new bytes(zeros), uint128(data.length * 8));
-        uint256[8] memory h = [
-            uint256(0x6a09e667f3bcc908), 0xbb67ae8584caa73b, 0x3c6ef372fe94f82b, 0xa54ff53a5f1d36f1,
-            0x510e527fade682d1, 0x9b05688c2b3e6c1f, 0x1f83d9abfb41bd6b, 0x5be0cd19137e2179
-        ];
+        // H0..H7 (5.3.5), packed like the working variables, which is also the digest's byte order.
+        uint256 abcd = 0x6a09e667f3bcc908bb67ae8584caa73b3c6ef372fe94f82ba54ff53a5f1d36f1;
+        uint256 efgh = 0x510e527fade682d19b05688c2b3e6c1f1f83d9abfb41bd6b5be0cd19137e2179;
         bytes memory roundConstants = SHA512_K; // copied to memory once per hash, not per round
-        uint256[80] memory w;
+        uint256[80] memory w; // message schedule, reused by every block
         for (uint256 offset = 0; offset < padded.length; offset += 128) {
-            messageSchedule(w, padded, offset);
-            compress(h, w, roundConstants);
+            (uint256 x, uint256 y) = compress(abcd, efgh, padded, offset, w, roundConstants);
+            abcd = addLanes(abcd, x);
+            efgh = addLanes(efgh, y);
         }
-        return (
-            bytes32((h[0] << 192) | (h[1] << 128) | (h[2] << 64) | h[3]),
-            bytes32((h[4] << 192) | (h[5] << 128) | (h[6] << 64) | h[7])
-        );
+        return (bytes32(abcd), bytes32(efgh));
     }
 
-    /// W[0..79] for the 128-byte block of `padded` at `offset` (6.4.2 step 1).
-    function messageSchedule(uint256[80] memory w, bytes memory padded, uint256 offset) private pure {
-        unchecked {
-            for (uint256 t = 0; t < 16; ++t) {
-                w[t] = word64At(padded, offset + 8 * t);
-            }
-            for (uint256 t = 16; t < 80; ++t) {
-                w[t] = (smallSigma1(w[t - 2]) + w[t - 7] + smallSigma0(w[t - 15]) + w[t - 16]) & MASK64;
-            }
-        }
-    }
-
-    /// The 80 rounds on one block's schedule, added into the hash state h (6.4.2 steps 2-4).
-    function compress(uint256[8] memory h, uint256[80] memory w, bytes memory roundConstants) private pure {
-        // Working variables a..h as v[0..7], in memory to stay clear of the EVM's 16-slot stack reach.
-        uint256[8] memory v;
-        for (uint256 i = 0; i < 8; ++i) v[i] = h[i];
-        unchecked {
-            for (uint256 t = 0; t < 80; ++t) {
-                uint256 t1 = v[7] + bigSigma1(v[4]) + choose(v[4], v[5], v[6]) + word64At(roundConstants, 8 * t) + w[t];
-                uint256 t2 = bigSigma0(v[0]) + majority(v[0], v[1], v[2]);
-                v[7] = v[6];
-                v[6] = v[5];
-                v[5] = v[4];
-                v[4] = (v[3] + t1) & MASK64;
-                v[3] = v[2];
-                v[2] = v[1];
-                v[1] = v[0];
-                v[0] = (t1 + t2) & MASK64;
-            }
-            for (uint256 i = 0; i < 8; ++i) h[i] = (h[i] + v[i]) & MASK64;
-        }
-    }
-
-    /// The big-endian 64-bit word at byte `offset` of `data` (caller keeps offset + 8 in bounds).
-    function word64At(bytes memory data, uint256 offset) private pure returns (uint256 word) {
+    /// The working variables after the 80 rounds on the 128-byte block at `offset` of `padded`
+    /// (6.4.2 steps 1-3); w is scratch for the message schedule, k the round constants.
+    /// Assembly because the hash runs 80 rounds per block: in Solidity, function-call and
+    /// checked-arithmetic overhead made one block cost ~200,000 gas.
+    function compress(
+        uint256 abcd,
+        uint256 efgh,
+        bytes memory padded,
+        uint256 offset,
+        uint256[80] memory w,
+        bytes memory k
+    ) private pure returns (uint256, uint256) {
         assembly ("memory-safe") {
-            word := shr(192, mload(add(add(data, 0x20), offset)))
+            // Rotations right by n are or(shr(n, x), shl(64 - n, x)); the bits that shl pushes above
+            // bit 63 are cleared by one mask at the end of each sigma.
+            function bigSigma0(x) -> y {
+                y := and(xor(xor(or(shr(28, x), shl(36, x)), or(shr(34, x), shl(30, x))),
+                             or(shr(39, x), shl(25, x))), 0xffffffffffffffff)
+            }
+            function bigSigma1(x) -> y {
+                y := and(xor(xor(or(shr(14, x), shl(50, x)), or(shr(18, x), shl(46, x))),
+                             or(shr(41, x), shl(23, x))), 0xffffffffffffffff)
+            }
+            function smallSigma0(x) -> y {
+                y := and(xor(xor(or(shr(1, x), shl(63, x)), or(shr(8, x), shl(56, x))), shr(7, x)),
+                         0xffffffffffffffff)
+            }
+            function smallSigma1(x) -> y {
+                y := and(xor(xor(or(shr(19, x), shl(45, x)), or(shr(61, x), shl(3, x))), shr(6, x)),
+                         0xffffffffffffffff)
+            }
+            // Ch(e, f, g) = (e AND f) XOR (NOT e AND g): shifting efgh left one or two lanes
+            // brings f or g to the top, next to e.
+            function choose(efgh_) -> y {
+                y := shr(192, xor(and(efgh_, shl(64, efgh_)), and(not(efgh_), shl(128, efgh_))))
+            }
+            // Maj(a, b, c) = (a AND b) XOR (a AND c) XOR (b AND c), from abcd the same way.
+            function majority(abcd_) -> y {
+                let b := shl(64, abcd_)
+                let c := shl(128, abcd_)
+                y := shr(192, xor(xor(and(abcd_, b), and(abcd_, c)), and(b, c)))
+            }
+            function wAt(w_, t) -> y {
+                y := mload(add(w_, shl(5, t)))
+            }
+
+            // Step 1: W[0..15] are the block's big-endian 64-bit words, W[16..79] mix earlier ones.
+            let input := add(add(padded, 0x20), offset)
+            for { let t := 0 } lt(t, 16) { t := add(t, 1) } {
+                mstore(add(w, shl(5, t)), shr(192, mload(add(input, shl(3, t)))))
+            }
+            for { let t := 16 } lt(t, 80) { t := add(t, 1) } {
+                let sum := add(add(smallSigma1(wAt(w, sub(t, 2))), wAt(w, sub(t, 7))),
+                               add(smallSigma0(wAt(w, sub(t, 15))), wAt(w, sub(t, 16))))
+                mstore(add(w, shl(5, t)), and(sum, 0xffffffffffffffff))
+            }
+            // Step 3: the rounds. Each shifts both packs down one lane and puts the new e / a on top;
+            // shl(192, .) keeps only the low 64 bits of the sum, which is the reduction mod 2^64.
+            let kTable := add(k, 0x20)
+            for { let t := 0 } lt(t, 80) { t := add(t, 1) } {
+                // T1 = h + SIGMA1(e) + Ch(e, f, g) + K[t] + W[t];  T2 = SIGMA0(a) + Maj(a, b, c)
+                let t1 := add(add(and(efgh, 0xffffffffffffffff), bigSigma1(shr(192, efgh))),
+                              add(choose(efgh), add(shr(192, mload(add(kTable, shl(3, t)))), wAt(w, t))))
+                let t2 := add(bigSigma0(shr(192, abcd)), majority(abcd))
+                efgh := or(shl(192, add(and(abcd, 0xffffffffffffffff), t1)), shr(64, efgh)) // e = d + T1
+                abcd := or(shl(192, add(t1, t2)), shr(64, abcd)) // a = T1 + T2
+            }
         }
+        return (abcd, efgh);
     }
 
-    function rotr(uint256 x, uint256 n) private pure returns (uint256) {
-        return ((x >> n) | (x << (64 - n))) & MASK64;
-    }
-
-    function choose(uint256 e, uint256 f, uint256 g) private pure returns (uint256) {
-        return (e & f) ^ (~e & g & MASK64);
-    }
-
-    function majority(uint256 a, uint256 b, uint256 c) private pure returns (uint256) {
-        return (a & b) ^ (a & c) ^ (b & c);
-    }
-
-    function bigSigma0(uint256 x) private pure returns (uint256) {
-        return rotr(x, 28) ^ rotr(x, 34) ^ rotr(x, 39);
-    }
-
-    function bigSigma1(uint256 x) private pure returns (uint256) {
-        return rotr(x, 14) ^ rotr(x, 18) ^ rotr(x, 41);
-    }
-
-    function smallSigma0(uint256 x) private pure returns (uint256) {
-        return rotr(x, 1) ^ rotr(x, 8) ^ (x >> 7);
-    }
-
-    function smallSigma1(uint256 x) private pure returns (uint256) {
-        return rotr(x, 19) ^ rotr(x, 61) ^ (x >> 6);
+    /// Lane-wise x + y mod 2^64 over four packed words: alternate lanes are summed apart so that a
+    /// carry out of one lane lands in an empty one and is masked off.
+    function addLanes(uint256 x, uint256 y) private pure returns (uint256) {
+        unchecked {
+            return (((x & LANES_1_3) + (y & LANES_1_3)) & LANES_1_3) | (((x & LANES_0_2) + (y & LANES_0_2)) & LANES_0_2);
+        }
     }
 }

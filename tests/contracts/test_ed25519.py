@@ -2,6 +2,7 @@
 vectors, signatures from Python `cryptography`, tampered and malformed inputs, the registry's node-proof
 message layout, and the gas of one verification."""
 
+import hashlib
 import random
 
 import pytest
@@ -144,12 +145,19 @@ def test_malformed_inputs_return_false(harness):
         assert not _verify(harness, rng.randbytes(32), rng.randbytes(64), rng.randbytes(rng.randrange(200)))
 
 
-def test_identity_key_and_r_rejected(harness):
-    """A = R = identity (y = 1) with s = 0 satisfies [0]B == O + [k]O; a cofactorless verifier still
-    accepts it by the equation, so this pins down what the library does with it: it is a valid RFC
-    8032 equation, and the registry must not rely on Ed25519 alone to reject degenerate keys."""
-    identity = _le(1)
-    assert _verify(harness, identity, identity + _le(0), b"anything")
+def _challenge(r: bytes, key: bytes, msg: bytes) -> int:
+    return int.from_bytes(hashlib.sha512(r + key + msg).digest(), "little") % L
+
+
+def test_small_order_keys_rejected(harness):
+    """With R = identity and s = 0 the equation [s]B == R + [k]A holds whenever [k]A is the identity:
+    for A = identity always, for A of order 4 when 4 divides k. No secret key is behind such an A, so
+    the library refuses small-order keys outright (RFC 8032 does not require it)."""
+    identity, zero = _le(1), _le(0)
+    assert not _verify(harness, identity, identity + zero, b"anything")
+    order4 = _le(0)  # y = 0: x^2 = -1, x = sqrt(-1) (even root): a point of order 4
+    msg = next(m for m in (i.to_bytes(4, "big") for i in range(64)) if _challenge(identity, order4, m) % 4 == 0)
+    assert not _verify(harness, order4, identity + zero, msg)
 
 
 # ------------------------------------------------------------------ the registry's node proof
