@@ -48,9 +48,10 @@ def setup(rpc_url: str):
     settler = Account.from_key(DEV_KEYS[1])  # DEV_KEYS[0] is the admin deploy() uses
     d = deploy(rpc_url, settlers=[settler.address], settler_deposit=1000 * 10**18, fund_amount=0)
     owner, op, p1, p2 = (Account.from_key(k) for k in DEV_KEYS[2:6])
-    base, ds1, ds2, adapter, node = rid(), rid(), rid(), rid(), rid()
-    ChainClient(d, p1).register_dataset(ds1, rid())
-    ChainClient(d, p2).register_dataset(ds2, rid())
+    base, adapter, node = rid(), rid(), rid()
+    ChainClient(d, p1).register_dataset("bench-1", rid())
+    ChainClient(d, p2).register_dataset("bench-2", rid())
+    ds1, ds2 = ChainClient(d).dataset_id("bench-1", p1.address), ChainClient(d).dataset_id("bench-2", p2.address)
     ChainClient(d, owner).register_adapter(adapter, name="bench", version="1", base_model=base,
                                            price_per_1k_tokens=10**12, datasets=[(ds1, 3000), (ds2, 2000)])  # fmt: skip
     ChainClient(d, op).register_node(node, peer_id="p", multiaddrs=[], api_url="http://x", base_model=base)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from ledger.models import AdapterMirror, NodeMirror
+from ledger.models import AdapterMirror, NameMirror, NodeMirror
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ class RegisteredNode:
     active: bool
     base_model_id: str
     api_url: str
+    public_key: bytes | None = None  # the Ed25519 key the on-chain registration proved (None: not mirrored)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class RegisteredAdapter:
     owner: str
     base_model_id: str
     registered_block: int
+    publisher: str = ""  # who registered it (the name's owner at the time)
 
 
 class RegistryView:
@@ -44,9 +46,13 @@ class RegistryView:
         self.min_sync_interval = min_sync_interval
         self.nodes: dict[str, RegisteredNode] = {}
         self.adapters: dict[str, RegisteredAdapter] = {}
+        self.name_owners: dict[str, str] = {}
         self._newest_by_name: dict[str, RegisteredAdapter] = {}
         self._lock = threading.Lock()
         self._last_sync = 0.0
+        from ledger.mirror import ensure_mirror_schema
+
+        ensure_mirror_schema(engine)
         self.reload()
 
     def sync(self, *, force: bool = True) -> bool:
@@ -71,24 +77,31 @@ class RegistryView:
     def reload(self) -> None:
         """Re-read the mirror tables."""
         with Session(self.engine) as s:
-            nodes = {r.node_id: RegisteredNode(r.node_id, r.operator, r.active, r.base_model, r.api_url)
+            nodes = {r.node_id: RegisteredNode(r.node_id, r.operator, r.active, r.base_model, r.api_url,
+                                               bytes.fromhex(r.public_key) if r.public_key else None)
                      for r in s.exec(select(NodeMirror)).all()}  # fmt: skip
             adapters = {r.adapter_id: RegisteredAdapter(r.adapter_id, r.name, r.version, r.owner, r.base_model,
-                                                        r.registered_block)
+                                                        r.registered_block, r.publisher or r.owner)
                         for r in s.exec(select(AdapterMirror)).all()}  # fmt: skip
+            owners = {r.name: r.owner for r in s.exec(select(NameMirror)).all()}
         newest: dict[str, RegisteredAdapter] = {}
         for a in adapters.values():
+            # a name resolves only to versions its current owner registered: a version anyone else
+            # registered (impossible on the registry, which refuses it, but not on every mirror) or one
+            # of a previous owner is never served under the name
+            if owners.get(a.name, "").lower() != a.publisher.lower():
+                continue
             cur = newest.get(a.name)
-            # the newest registration of a name wins; same block: the larger id, so the choice is stable
+            # the owner's newest registration wins; same block: the larger id, so the choice is stable
             if cur is None or (a.registered_block, a.adapter_id) > (cur.registered_block, cur.adapter_id):
                 newest[a.name] = a
-        self.nodes, self.adapters, self._newest_by_name = nodes, adapters, newest
+        self.nodes, self.adapters, self.name_owners, self._newest_by_name = nodes, adapters, owners, newest
 
     def node(self, node_id: str) -> RegisteredNode | None:
         return self.nodes.get(node_id)
 
     def adapter_by_name(self, name: str) -> RegisteredAdapter | None:
-        """The newest registered adapter of this name."""
+        """The newest adapter of this name registered by the name's current owner."""
         return self._newest_by_name.get(name)
 
     def newest_adapters(self) -> list[RegisteredAdapter]:

@@ -16,11 +16,14 @@ from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, m
 from ledger.types import (
     ZERO_ID,
     AdapterInfo,
+    AdapterRegistration,
     BatchInfo,
     DatasetInfo,
+    Domain,
     NodeInfo,
     RewardBalance,
     SettleRecord,
+    dataset_id_for,
     id_bytes,
     to_id,
 )
@@ -135,12 +138,20 @@ class ChainClient:
         for h in hashes:
             self.tx.wait(h)
 
+    @property
+    def domain(self) -> Domain:
+        """The EIP-712 domain of this deployment's registry (its chain id and address)."""
+        return Domain(self.deployment.chain_id, self.deployment.registry)
+
     # ------------------------------------------------------------------ registry: datasets
 
-    def register_dataset(self, dataset_id: str, content_hash: str, payee: str | None = None):
-        """Register a dataset (payee defaults to the sender); returns the receipt."""
-        payee = to_checksum_address(payee or self.address)
-        fn = self.registry.functions.registerDataset(id_bytes(dataset_id), id_bytes(content_hash), payee)
+    def dataset_id(self, name: str, contributor: str | None = None) -> str:
+        """The id of `contributor`'s (default: the sender's) dataset `name`."""
+        return dataset_id_for(contributor or self.address, name)
+
+    def register_dataset(self, name: str, content_hash: str = ZERO_ID):
+        """Register the sender's dataset `name` (id = dataset_id(name), payee = the sender); returns the receipt."""
+        fn = self.registry.functions.registerDataset(name, id_bytes(content_hash))
         return self.tx.transact(fn)
 
     def set_dataset_payee(self, dataset_id: str, payee: str):
@@ -148,18 +159,42 @@ class ChainClient:
         return self.tx.transact(fn)
 
     def get_dataset(self, dataset_id: str) -> DatasetInfo:
-        content, payee = self.tx.call(self.registry.functions.getDataset(id_bytes(dataset_id)))
-        return DatasetInfo(to_id(dataset_id), _hex(content), payee)
+        content, payee, contributor, name = self.tx.call(self.registry.functions.getDataset(id_bytes(dataset_id)))
+        return DatasetInfo(to_id(dataset_id), _hex(content), payee, contributor, name)
 
-    # ------------------------------------------------------------------ registry: adapters
+    # ------------------------------------------------------------------ registry: names and adapters
 
-    def register_adapter(self, adapter_id: str, *, name: str, version: str, base_model: str,
-                         price_per_1k_tokens: int, datasets: Sequence[tuple[str, int]] = (),
-                         predecessor: str = ZERO_ID):  # fmt: skip
-        """Register an adapter owned by the sender; datasets = [(dataset_id, share_bps)]."""
-        spec = (name, version, id_bytes(predecessor), id_bytes(base_model), int(price_per_1k_tokens),
-                [id_bytes(d) for d, _ in datasets], [int(s) for _, s in datasets])  # fmt: skip
-        return self.tx.transact(self.registry.functions.registerAdapter(id_bytes(adapter_id), spec))
+    def name_owner(self, name: str) -> str | None:
+        """The owner of an adapter name, None when nobody registered it."""
+        owner = self.tx.call(self.registry.functions.nameOwner(name))
+        return None if int(owner, 16) == 0 else to_checksum_address(owner)
+
+    def transfer_name(self, name: str, new_owner: str):
+        return self.tx.transact(self.registry.functions.transferName(name, to_checksum_address(new_owner)))
+
+    def register_adapter(self, adapter_id: str | AdapterRegistration, *, name: str | None = None,
+                         version: str | None = None, base_model: str | None = None, price_per_1k_tokens: int = 0,
+                         datasets: Sequence[tuple[str, int]] = (), predecessor: str = ZERO_ID,
+                         signature: str | bytes | None = None):  # fmt: skip
+        """Register an adapter published and owned by the sender; datasets = [(dataset_id, share_bps)].
+        Takes an AdapterRegistration or its fields. `signature` is the publisher's EIP-712 signature of
+        it under this registry's domain (a package's signature.json); None: this client's account signs."""
+        if isinstance(adapter_id, AdapterRegistration):
+            reg = adapter_id
+        else:
+            reg = AdapterRegistration.of(adapter_id, name=name, version=version, base_model=base_model,
+                                         price_per_1k_tokens=price_per_1k_tokens, datasets=datasets,
+                                         predecessor=predecessor)  # fmt: skip
+        if signature is None:
+            signature = reg.sign(self.account, self.domain)
+        sig = bytes.fromhex(signature[2:] if signature.startswith("0x") else signature) if isinstance(signature, str) \
+            else bytes(signature)  # fmt: skip
+        return self.tx.transact(self.registry.functions.registerAdapter(id_bytes(reg.adapter_id), reg.spec(), sig))
+
+    def adapter_digest(self, registration: AdapterRegistration) -> str:
+        """The EIP-712 digest as the contract computes it (for cross-checks)."""
+        fn = self.registry.functions.adapterDigest(id_bytes(registration.adapter_id), registration.spec())
+        return _hex(self.tx.call(fn))
 
     def set_adapter_price(self, adapter_id: str, price_per_1k_tokens: int):
         return self.tx.transact(self.registry.functions.setAdapterPrice(id_bytes(adapter_id), price_per_1k_tokens))
@@ -170,9 +205,9 @@ class ChainClient:
 
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         a = self.tx.call(self.registry.functions.getAdapter(id_bytes(adapter_id)))
-        owner, pred, base, price, name, version, ds, shares = a
+        owner, publisher, pred, base, price, name, version, ds, shares = a
         return AdapterInfo(to_id(adapter_id), owner, name, version, _hex(pred), _hex(base), price,
-                           tuple(_hex(d) for d in ds), tuple(shares))  # fmt: skip
+                           tuple(_hex(d) for d in ds), tuple(shares), publisher)  # fmt: skip
 
     # ------------------------------------------------------------------ registry: nodes
 

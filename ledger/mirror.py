@@ -1,21 +1,58 @@
-"""Keep the registry mirror tables (datasets, adapters, nodes) current from AdapterRegistry events."""
+"""Keep the registry mirror tables (datasets, names, adapters, nodes) current from AdapterRegistry events."""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import weakref
 
+from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from ledger.chain import ChainClient
-from ledger.models import AdapterMirror, DatasetMirror, NodeMirror, SyncCursor
+from ledger.models import AdapterMirror, DatasetMirror, NameMirror, NodeMirror, SyncCursor
 
 log = logging.getLogger(__name__)
 
 CURSOR = "registry"
-EVENTS = ("DatasetRegistered", "DatasetPayeeChanged", "AdapterRegistered", "AdapterPriceChanged",
-          "AdapterOwnershipTransferred", "NodeRegistered", "NodeUpdated", "NodeActiveChanged")  # fmt: skip
+EVENTS = ("DatasetRegistered", "DatasetPayeeChanged", "NameRegistered", "NameTransferred", "AdapterRegistered",
+          "AdapterPriceChanged", "AdapterOwnershipTransferred", "NodeRegistered", "NodeUpdated",
+          "NodeActiveChanged")  # fmt: skip
+MIRRORS = (DatasetMirror, NameMirror, AdapterMirror, NodeMirror)
+_checked: weakref.WeakSet = weakref.WeakSet()
+_checked_lock = threading.Lock()
+
+
+def ensure_mirror_schema(engine: Engine) -> bool:
+    """Make the mirror tables match the models. The mirrors are derived from chain events, so tables of
+    an older schema (a database from before a registry upgrade) are dropped, recreated and re-synced
+    from the deploy block; returns True when that happened. Checked once per engine."""
+    with _checked_lock:
+        if engine in _checked:
+            return False
+        insp = inspect(engine)
+        stale = []
+        for model in MIRRORS:
+            table = model.__table__
+            if insp.has_table(table.name):
+                have = {c["name"] for c in insp.get_columns(table.name)}
+                if not {c.name for c in table.columns} <= have:
+                    stale.append(table)
+        if stale:
+            log.warning("registry mirror tables of an older schema (%s): rebuilding them from chain events",
+                        ", ".join(t.name for t in stale))  # fmt: skip
+            for model in MIRRORS:
+                model.__table__.drop(engine, checkfirst=True)
+            with Session(engine) as s:
+                if (cur := s.get(SyncCursor, CURSOR)) is not None:
+                    s.delete(cur)
+                s.commit()
+        for model in (*MIRRORS, SyncCursor):
+            model.__table__.create(engine, checkfirst=True)
+        _checked.add(engine)
+        return bool(stale)
 
 
 def _h(b: bytes) -> str:
@@ -24,6 +61,7 @@ def _h(b: bytes) -> str:
 
 def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None = None) -> int:
     """Apply registry events after the stored cursor up to `to_block` (default latest); returns how many."""
+    ensure_mirror_schema(engine)
     to_block = client.block_number() if to_block is None else to_block
     with Session(engine) as s:
         cursor = s.get(SyncCursor, CURSOR)
@@ -42,17 +80,24 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
 
 def _apply(s: Session, ev) -> None:
     a, block, name = ev["args"], ev["blockNumber"], ev["event"]
-    if name == "DatasetRegistered":
+    if name == "DatasetRegistered":  # the registering address is the contributor and first payee
         s.merge(DatasetMirror(dataset_id=_h(a["datasetId"]), content_hash=_h(a["contentHash"]), payee=a["payee"],
-                              registered_block=block, updated_block=block))  # fmt: skip
+                              contributor=a["payee"], name=a["name"], registered_block=block,
+                              updated_block=block))  # fmt: skip
     elif name == "DatasetPayeeChanged":
         row = s.get(DatasetMirror, _h(a["datasetId"]))
         row.payee, row.updated_block = a["payee"], block
+    elif name == "NameRegistered":
+        s.merge(NameMirror(name=a["name"], owner=a["owner"], registered_block=block, updated_block=block))
+    elif name == "NameTransferred":
+        row = s.get(NameMirror, a["name"])
+        row.owner, row.updated_block = a["newOwner"], block
     elif name == "AdapterRegistered":
         spec = a["spec"]
         datasets = [[_h(d), int(b)] for d, b in zip(spec["datasetIds"], spec["sharesBps"])]
         s.merge(AdapterMirror(
-            adapter_id=_h(a["adapterId"]), owner=a["owner"], name=spec["name"], version=spec["version"],
+            adapter_id=_h(a["adapterId"]), owner=a["owner"], publisher=a["owner"], name=spec["name"],
+            version=spec["version"],
             predecessor=_h(spec["predecessor"]), base_model=_h(spec["baseModel"]),
             price_per_1k_tokens=str(spec["pricePer1kTokens"]), datasets_json=json.dumps(datasets),
             registered_block=block, updated_block=block))  # fmt: skip
@@ -64,7 +109,8 @@ def _apply(s: Session, ev) -> None:
         row.owner, row.updated_block = a["newOwner"], block
     elif name == "NodeRegistered":
         s.merge(NodeMirror(
-            node_id=_h(a["nodeId"]), operator=a["operator"], active=True, base_model=_h(a["baseModel"]),
+            node_id=_h(a["nodeId"]), operator=a["operator"], public_key=bytes(a.get("publicKey", b"")).hex(),
+            active=True, base_model=_h(a["baseModel"]),
             peer_id=a["peerId"], api_url=a["apiUrl"], multiaddrs_json=json.dumps(list(a["multiaddrs"])),
             registered_block=block, updated_block=block))  # fmt: skip
     elif name == "NodeUpdated":

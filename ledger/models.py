@@ -96,13 +96,26 @@ class ApiKey(SQLModel, table=True):
 
 
 class DatasetMirror(SQLModel, table=True):
-    """AdapterRegistry dataset, as of `updated_block`."""
+    """AdapterRegistry dataset, as of `updated_block`; its id is bound to `contributor` and `name`."""
 
     __tablename__ = "datasets"
 
     dataset_id: str = Field(max_length=66, primary_key=True)
     content_hash: str = Field(max_length=66)
     payee: str = Field(max_length=42, index=True)
+    contributor: str = Field(default="", max_length=42, index=True)
+    name: str = ""
+    registered_block: int
+    updated_block: int
+
+
+class NameMirror(SQLModel, table=True):
+    """AdapterRegistry adapter name and its current owner (the only one who registers its versions)."""
+
+    __tablename__ = "adapter_names"
+
+    name: str = Field(primary_key=True)
+    owner: str = Field(max_length=42, index=True)
     registered_block: int
     updated_block: int
 
@@ -113,7 +126,8 @@ class AdapterMirror(SQLModel, table=True):
     __tablename__ = "adapters"
 
     adapter_id: str = Field(max_length=66, primary_key=True)
-    owner: str = Field(max_length=42, index=True)
+    owner: str = Field(max_length=42, index=True)  # paid the owner share; transferAdapter moves it
+    publisher: str = Field(default="", max_length=42, index=True)  # registered and signed it; never changes
     name: str = Field(index=True)
     version: str
     predecessor: str = Field(max_length=66)
@@ -131,6 +145,7 @@ class NodeMirror(SQLModel, table=True):
 
     node_id: str = Field(max_length=66, primary_key=True)
     operator: str = Field(max_length=42, index=True)
+    public_key: str = ""  # hex of the raw Ed25519 key the registration proved (node id = its sha256)
     active: bool = True
     base_model: str = Field(max_length=66, index=True)
     peer_id: str

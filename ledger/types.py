@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from eth_utils import keccak, to_checksum_address
 
 ZERO_ID = "0x" + "00" * 32
 # The adapter id of a request to the bare base model (no adapter): stored as such in the outbox and
@@ -72,11 +75,109 @@ class SettleRecord:
                 self.prompt_tokens, self.completion_tokens)  # fmt: skip
 
 
+def dataset_id_for(contributor: str, name: str) -> str:
+    """A dataset's id as AdapterRegistry.datasetIdOf computes it: keccak256(abi.encode(contributor,
+    keccak256(name))). Bound to the contributor, so nobody else can register it."""
+    try:
+        address = bytes.fromhex(to_checksum_address(contributor)[2:])
+    except ValueError as e:
+        raise ValueError(f"contributor {contributor!r} is not an EVM address") from e
+    return "0x" + keccak(b"\0" * 12 + address + keccak(text=name)).hex()
+
+
+# ------------------------------------------------------------------ EIP-712: adapter registrations
+
+EIP712_NAME = "loramesh"
+EIP712_VERSION = "2"
+ADAPTER_TYPES = {
+    "AdapterRegistration": [
+        {"name": "adapterId", "type": "bytes32"},
+        {"name": "name", "type": "string"},
+        {"name": "version", "type": "string"},
+        {"name": "predecessor", "type": "bytes32"},
+        {"name": "baseModel", "type": "bytes32"},
+        {"name": "pricePer1kTokens", "type": "uint256"},
+        {"name": "datasetIds", "type": "bytes32[]"},
+        {"name": "sharesBps", "type": "uint16[]"},
+    ]
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """Where a typed signature is valid: one chain, one AdapterRegistry."""
+
+    chain_id: int
+    registry: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chain_id, int) or self.chain_id <= 0:
+            raise ValueError(f"chain id must be a positive integer, got {self.chain_id!r}")
+        object.__setattr__(self, "registry", to_checksum_address(self.registry))
+
+    def as_eip712(self) -> dict:
+        return {"name": EIP712_NAME, "version": EIP712_VERSION, "chainId": self.chain_id,
+                "verifyingContract": self.registry}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRegistration:
+    """What registerAdapter registers and its publisher signs (AdapterRegistry.AdapterSpec + the id)."""
+
+    adapter_id: str
+    name: str
+    version: str
+    predecessor: str
+    base_model: str
+    price_per_1k_tokens: int
+    dataset_ids: tuple[str, ...] = ()
+    shares_bps: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for f in ("adapter_id", "predecessor", "base_model"):
+            object.__setattr__(self, f, to_id(getattr(self, f)))
+        object.__setattr__(self, "dataset_ids", tuple(to_id(d) for d in self.dataset_ids))
+        object.__setattr__(self, "shares_bps", tuple(int(b) for b in self.shares_bps))
+
+    @classmethod
+    def of(cls, adapter_id: str, *, name: str, version: str, base_model: str, price_per_1k_tokens: int,
+           datasets: Sequence[tuple[str, int]] = (), predecessor: str | None = None) -> "AdapterRegistration":  # fmt: skip
+        return cls(adapter_id, name, version, predecessor or ZERO_ID, base_model, int(price_per_1k_tokens),
+                   tuple(d for d, _ in datasets), tuple(b for _, b in datasets))  # fmt: skip
+
+    def spec(self) -> tuple:
+        """The AdapterSpec tuple registerAdapter takes."""
+        return (self.name, self.version, id_bytes(self.predecessor), id_bytes(self.base_model), self.price_per_1k_tokens,
+                [id_bytes(d) for d in self.dataset_ids], list(self.shares_bps))  # fmt: skip
+
+    def typed_data(self, domain: Domain):
+        """The EIP-712 message (eth_account SignableMessage) the publisher signs."""
+        from eth_account.messages import encode_typed_data
+
+        message = {"adapterId": id_bytes(self.adapter_id), "name": self.name, "version": self.version,
+                   "predecessor": id_bytes(self.predecessor), "baseModel": id_bytes(self.base_model),
+                   "pricePer1kTokens": self.price_per_1k_tokens,
+                   "datasetIds": [id_bytes(d) for d in self.dataset_ids], "sharesBps": list(self.shares_bps)}  # fmt: skip
+        return encode_typed_data(domain_data=domain.as_eip712(), message_types=ADAPTER_TYPES, message_data=message)
+
+    def sign(self, account, domain: Domain) -> str:
+        """The publisher's signature, "0x" + 65 bytes hex (r || s || v)."""
+        return "0x" + account.sign_message(self.typed_data(domain)).signature.hex()
+
+    def recover(self, signature: str | bytes, domain: Domain) -> str:
+        """The checksummed address that made `signature` over this registration in `domain`."""
+        from eth_account import Account
+
+        return Account.recover_message(self.typed_data(domain), signature=signature)
+
+
 @dataclass(frozen=True, slots=True)
 class DatasetInfo:
     dataset_id: str
     content_hash: str
     payee: str
+    contributor: str = ""
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +191,7 @@ class AdapterInfo:
     price_per_1k_tokens: int
     dataset_ids: tuple[str, ...]
     shares_bps: tuple[int, ...]
+    publisher: str = ""  # who registered (and signed) it; `owner` is who its owner share is paid to
 
 
 @dataclass(frozen=True, slots=True)

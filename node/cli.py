@@ -19,6 +19,7 @@ base_app = typer.Typer(help="Base models: make a tiny deterministic one for test
 adapter_app = typer.Typer(help="Adapters: train a LoRA, pack and sign it, verify a package.", no_args_is_help=True)
 
 TOKEN_DECIMALS = 18
+DEFAULT_DEPLOYMENT = Path(".loramesh/devnet/deployment.json")
 
 
 def parse_price(text: str) -> int:
@@ -123,17 +124,35 @@ def adapter_pack(
     version: Annotated[str, typer.Option(help="Version label.")] = "1",
     predecessor: Annotated[str | None, typer.Option(help="Adapter id of the version this one replaces.")] = None,
     license: Annotated[str, typer.Option(help="License of the weights.")] = "apache-2.0",
+    deployment: Annotated[Path | None, typer.Option(
+        help="Deployment the signature is for (its chain id and registry); default "
+             ".loramesh/devnet/deployment.json when it exists, else an offline signature.")] = None,
 ) -> None:
-    """Wrap a PEFT adapter into a signed loramesh package (manifest + EIP-712 signature)."""
+    """Wrap a PEFT adapter into a signed loramesh package (manifest + EIP-712 signature).
+
+    The signature is bound to one chain and registry (the deployment's). Without a deployment the
+    package is signed offline: `adapter publish` signs it again for the chain it registers on.
+    """
+    from ledger.deployment import Deployment
+    from ledger.types import Domain
     from node.adapters import pack_adapter
     from node.keys import load_identity
 
     shares = [parse_dataset(s) for s in dataset or []]
+    if deployment is None and DEFAULT_DEPLOYMENT.is_file():
+        deployment = DEFAULT_DEPLOYMENT
+    domain = None
+    if deployment is not None:
+        d = Deployment.load(deployment)
+        domain = Domain(d.chain_id, d.registry)
     identity = load_identity(key)
     pkg = pack_adapter(peft_dir, out, name=name, account=identity.account, base_dir=base, datasets=shares,
                        price_per_1k_tokens=parse_price(price_per_1k_tokens), version=version,
-                       predecessor=predecessor, license=license)
-    console.print(f"packed [bold]{pkg.name}[/] -> {out}\n  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}")
+                       predecessor=predecessor, license=license, domain=domain)
+    signed_for = f"chain {domain.chain_id}, registry {domain.registry}" if domain else \
+        "offline (adapter publish signs it for its chain)"  # fmt: skip
+    console.print(f"packed [bold]{pkg.name}[/] -> {out}\n  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}"
+                  f"\n  signed for  {signed_for}")
 
 
 @adapter_app.command("verify")
@@ -143,11 +162,13 @@ def adapter_verify(
 ) -> None:
     """Check a package: files and hashes, signature, weights; print its id, name, signer and base model."""
     from node.adapters import verify_package
+    from node.adapters.signing import describe
 
     pkg = verify_package(pkg_dir, base_dir=base)
     m = pkg.manifest
     console.print(f"[green]ok[/] {m.name} v{m.version}")
-    console.print(f"  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}\n  base model  {m.base_model.name} "
+    console.print(f"  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}\n  signed for  {describe(pkg.domain)}"
+                  f"\n  price       {m.price_per_1k_tokens} per 1k tokens\n  base model  {m.base_model.name} "
                   f"({m.base_model.id})\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}")
     for d in m.datasets:
         console.print(f"  dataset     {d.name} -> {d.contributor} ({d.share_bps} bps)")
@@ -164,10 +185,12 @@ def adapter_publish(
     dataset_file: Annotated[list[str] | None, typer.Option(
         help="NAME=FILE: record sha256 of FILE as the dataset's content hash when registering it.")] = None,
 ) -> None:
-    """Register an adapter (and its new datasets) on chain as its signer, then hand it to a node.
+    """Register an adapter (and the publisher's own new datasets) on chain as its signer, then hand it to a node.
 
-    Publishing an adapter id that is already registered is a no-op; a new version is a new package
-    whose manifest names its predecessor.
+    A package signed offline or for another deployment is signed again for this one (the key must be
+    the one that signed it). Publishing an adapter id that is already registered is a no-op; a name
+    belongs to its first publisher, and a new version is a new package whose manifest names its
+    predecessor. A dataset of another contributor must be registered by them first, and pay them.
     """
     from ledger.chain import ChainClient
     from node.adapters.verify import file_sha256
@@ -185,10 +208,43 @@ def adapter_publish(
     result = publish(pkg_dir, client, node_url=node, dataset_hashes=hashes)
     state = "registered" if result.registered else "already registered (no-op)"
     console.print(f"[green]{state}[/] {result.name}\n  adapter id  {result.adapter_id}")
+    if result.signed:
+        console.print(f"  signed for  chain {client.deployment.chain_id}, registry {client.deployment.registry}")
     for d in result.datasets_registered:
         console.print(f"  dataset     {d} registered")
     if result.node_url:
         console.print(f"  handed to   {result.node_url}")
+
+
+@adapter_app.command("register-dataset")
+def adapter_register_dataset(
+    name: Annotated[str, typer.Argument(help="The dataset's name, as adapters list it (--dataset NAME=...).")],
+    key: Annotated[Path, typer.Option(help="Identity file of the contributor (pays gas, is paid the shares).")],
+    deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses.")] = DEFAULT_DEPLOYMENT,
+    rpc: Annotated[str | None, typer.Option(help="JSON-RPC URL of the chain (default: the deployment's).")] = None,
+    file: Annotated[Path | None, typer.Option(help="Record sha256 of this file as the dataset's content hash.")] = None,
+) -> None:
+    """Register your dataset on chain: its id is bound to your address, so only you can, and its
+    shares in any adapter that lists it are paid to you. Needed before someone else publishes an
+    adapter listing it (a publisher's own datasets are registered by `adapter publish`)."""
+    from ledger.chain import ChainClient
+    from ledger.errors import UnknownDataset
+    from ledger.types import ZERO_ID
+    from node.adapters.verify import file_sha256
+    from node.keys import load_identity
+
+    identity = load_identity(key)
+    client = ChainClient.from_deployment(deployment, identity.account, rpc_url=rpc)
+    dataset_id = client.dataset_id(name)
+    try:
+        info = client.get_dataset(dataset_id)
+        console.print(f"already registered: {name}\n  dataset id  {dataset_id}\n  payee       {info.payee}")
+        return
+    except UnknownDataset:
+        pass
+    content = "0x" + file_sha256(file) if file is not None else ZERO_ID
+    client.register_dataset(name, content)
+    console.print(f"[green]registered[/] {name}\n  dataset id  {dataset_id}\n  contributor {identity.address}")
 
 
 @adapter_app.command("fetch")
@@ -211,8 +267,9 @@ def adapter_fetch(
     from node.registration import owner_lookup
 
     check_id(adapter_id)
-    owner_of = owner_lookup(ChainClient.from_deployment(deployment, rpc_url=rpc))
-    p2p = P2PNode(seed=Identity.generate().node_seed, store=AdapterStore(store), owner_of=owner_of,
+    client = ChainClient.from_deployment(deployment, rpc_url=rpc)
+    owner_of = owner_lookup(client)
+    p2p = P2PNode(seed=Identity.generate().node_seed, store=AdapterStore(store, domain=client.domain), owner_of=owner_of,
                   config=P2PConfig(listen=listen, bootstrap=tuple(bootstrap)), base_dir=base)
     with Progress(TextColumn("{task.fields[state]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("{task.fields[peer]}"), TimeElapsedColumn(), console=console) as progress:

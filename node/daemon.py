@@ -81,6 +81,7 @@ class NodeDaemon:
 
             self.chain = ChainClient.from_deployment(config.deployment, identity.account, rpc_url=config.rpc)
             self.owner_of = owner_lookup(self.chain)
+            self.store.domain = self.chain.domain  # only packages signed for this chain's registry
         self.p2p = None
         if config.listen is not None:
             from node.p2p import P2PConfig, P2PNode

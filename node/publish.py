@@ -1,7 +1,10 @@
-"""Publishing: register an adapter (and its datasets) on chain, then hand the package to a node.
+"""Publishing: sign for the chain, register an adapter (and the publisher's datasets), hand it to a node.
 
-Re-publishing the same adapter id is a no-op; a new version is a new id whose manifest names its
-predecessor, which must already be registered.
+Re-publishing the same adapter id is a no-op. A name belongs to whoever registered it first: only
+its owner publishes versions of it, and a new version names its predecessor of the same name. A
+dataset's id is bound to its contributor: the publisher registers its own datasets; anyone else's
+must already be registered by its contributor, and pay that contributor. A package signed offline or
+for another deployment is signed again here for this one (same manifest, same adapter id).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from pathlib import Path
 import httpx
 
 from ledger.chain import ChainClient
-from ledger.errors import UnknownAdapter, UnknownDataset
+from ledger.errors import ContractError, UnknownAdapter, UnknownDataset
 from ledger.types import ZERO_ID
-from node.adapters import PackageError, VerifiedPackage, verify_package
+from node.adapters import PackageError, VerifiedPackage, sign_package, verify_package
+from node.adapters.signing import read_signature
 from node.upload import tar_package
 
 log = logging.getLogger(__name__)
@@ -32,12 +36,67 @@ class PublishResult:
     registered: bool  # False: it was already on chain, nothing sent
     datasets_registered: list[str] = field(default_factory=list)
     node_url: str | None = None
+    signed: bool = False  # True: signature.json was (re)written for this deployment
+
+
+def sign_for(pkg: VerifiedPackage, client: ChainClient) -> tuple[VerifiedPackage, bool]:
+    """The package signed for the client's registry: as it is when it already is, else signed again
+    with the client's key (only the key that signed it may). Returns (package, whether it was signed here)."""
+    if pkg.signer is not None and pkg.signer != client.address:
+        raise PublishError(f"package is signed by {pkg.signer}, but the key given is {client.address}")
+    if pkg.signer is not None and pkg.domain == client.domain:
+        return pkg, False
+    try:
+        return sign_package(pkg.path, client.account, client.domain), True
+    except (PackageError, OSError) as e:
+        raise PublishError(f"cannot sign {pkg.path} for this deployment: {e}") from e
+
+
+def check_datasets(pkg: VerifiedPackage, client: ChainClient) -> list:
+    """The manifest's datasets the publisher still has to register (its own); refuses, in one line, a
+    dataset paying someone other than its contributor or another contributor's unregistered dataset."""
+    missing = []
+    for d in pkg.manifest.datasets:
+        try:
+            info = client.get_dataset(d.id)
+        except UnknownDataset:
+            if d.contributor != client.address:
+                raise PublishError(
+                    f"dataset {d.name!r} of contributor {d.contributor} is not on chain: its contributor registers it "
+                    f"first (loramesh adapter register-dataset {d.name} --key <their key>)") from None  # fmt: skip
+            missing.append(d)
+            continue
+        if info.payee != d.contributor:
+            raise PublishError(f"dataset {d.name!r} ({d.id}) pays {info.payee} on chain, but the manifest names its "
+                               f"contributor {d.contributor}: refusing to publish")  # fmt: skip
+    return missing
+
+
+def check_name(pkg: VerifiedPackage, client: ChainClient) -> None:
+    """Refuse, in one line, a version the registry would refuse for its name or predecessor."""
+    m = pkg.manifest
+    owner = client.name_owner(m.name)
+    if owner is not None and owner != client.address:
+        raise PublishError(f"name {m.name!r} belongs to {owner}: only its owner publishes versions of it")
+    if owner is None and m.predecessor:
+        raise PublishError(f"name {m.name!r} has no versions yet, but the package names predecessor {m.predecessor}")
+    if owner is not None and not m.predecessor:
+        raise PublishError(f"name {m.name!r} already has versions: a new one names its predecessor "
+                           "(adapter pack --version N --predecessor 0x<id>)")  # fmt: skip
+    if m.predecessor:
+        try:
+            pred = client.get_adapter(m.predecessor)
+        except UnknownAdapter:
+            raise PublishError(f"predecessor {m.predecessor} is not registered") from None
+        if pred.name != m.name:
+            raise PublishError(f"predecessor {m.predecessor} is a version of {pred.name!r}, not of {m.name!r}")
 
 
 def register_package(pkg: VerifiedPackage, client: ChainClient, *, dataset_hashes: dict[str, str] | None = None
                      ) -> PublishResult:
-    """Register the package's datasets (if new) and the adapter (if new) from the signer's account."""
-    if client.address != pkg.signer:
+    """Sign the package for the client's registry if needed, then register the publisher's new datasets and
+    the adapter (if new) from the signer's account."""
+    if pkg.signer is not None and client.address != pkg.signer:
         raise PublishError(f"package is signed by {pkg.signer}, but the key given is {client.address}")
     m = pkg.manifest
     result = PublishResult(adapter_id=pkg.adapter_id, name=m.name, registered=False)
@@ -45,23 +104,21 @@ def register_package(pkg: VerifiedPackage, client: ChainClient, *, dataset_hashe
         existing = client.get_adapter(pkg.adapter_id)
     except UnknownAdapter:
         existing = None
+    pkg, result.signed = sign_for(pkg, client)
     if existing is not None:
-        if existing.owner != pkg.signer:
-            raise PublishError(f"adapter {pkg.adapter_id} is already registered to {existing.owner}")
+        if existing.publisher != pkg.signer:
+            raise PublishError(f"adapter {pkg.adapter_id} is already registered to {existing.publisher}")
         log.info("adapter %s is already registered; nothing to do on chain", pkg.adapter_id)
         return result
-    for d in m.datasets:
-        try:
-            client.get_dataset(d.id)
-        except UnknownDataset:
-            content = (dataset_hashes or {}).get(d.name, ZERO_ID)
-            client.register_dataset(d.id, content, payee=d.contributor)
-            result.datasets_registered.append(d.name)
-    client.register_adapter(
-        pkg.adapter_id, name=m.name, version=m.version, base_model=m.base_model.id,
-        price_per_1k_tokens=m.price_per_1k_tokens, datasets=[(d.id, d.share_bps) for d in m.datasets],
-        predecessor=m.predecessor or ZERO_ID,
-    )
+    check_name(pkg, client)
+    for d in check_datasets(pkg, client):
+        client.register_dataset(d.name, (dataset_hashes or {}).get(d.name, ZERO_ID))
+        result.datasets_registered.append(d.name)
+    signature = read_signature(pkg.path)["signature"]
+    try:
+        client.register_adapter(m.registration(), signature=signature)
+    except ContractError as e:
+        raise PublishError(f"the registry refused {m.name} v{m.version}: {e}") from e
     result.registered = True
     return result
 
@@ -85,9 +142,9 @@ def upload_to_node(pkg: VerifiedPackage, node_url: str, *, timeout: float = 120.
 
 def publish(pkg_dir: str | Path, client: ChainClient, *, node_url: str | None = None,
             dataset_hashes: dict[str, str] | None = None) -> PublishResult:
-    """Verify, register and (optionally) upload a package."""
+    """Verify, sign for the client's deployment if needed, register and (optionally) upload a package."""
     try:
-        pkg = verify_package(pkg_dir)
+        pkg = verify_package(pkg_dir, require_signature=False)
     except PackageError as e:
         raise PublishError(f"package refused before publishing: {e}") from e
     result = register_package(pkg, client, dataset_hashes=dataset_hashes)

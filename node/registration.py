@@ -50,11 +50,13 @@ def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -
 
 
 def owner_lookup(client: ChainClient):
-    """`owner_of(adapter_id) -> address | None` backed by the adapter registry (None = unregistered)."""
+    """`owner_of(adapter_id) -> address | None` backed by the adapter registry (None = unregistered):
+    the adapter's publisher, who registered it and signed its package (its reward owner may since have
+    changed with transferAdapter; the signature does not)."""
 
     def owner_of(adapter_id: str) -> str | None:
         try:
-            return client.get_adapter(adapter_id).owner
+            return client.get_adapter(adapter_id).publisher
         except UnknownAdapter:
             return None
 

@@ -4,20 +4,39 @@ pragma solidity ^0.8.24;
 /// @title AdapterRegistry
 /// @notice Public registry of datasets, LoRA adapters and serving nodes. Anyone registers; only a
 /// dataset's payee, an adapter's owner or a node's operator changes what it registered.
-/// @dev Ids are bytes32: dataset id = keccak256(name), adapter id = sha256(canonical manifest),
-/// node id = sha256(raw Ed25519 public key). The registry never deletes: a settled record must
-/// always resolve its adapter and node.
+/// Adapter names belong to their first registrant (who may transfer them); only a name's owner
+/// registers versions of it, each naming its predecessor of the same name. A registration carries
+/// the publisher's EIP-712 signature over what it registers, bound to this chain and this contract.
+/// @dev Ids are bytes32: dataset id = keccak256(abi.encode(contributor, keccak256(name))) computed
+/// here from the caller (so nobody registers another's dataset first), adapter id = sha256(canonical
+/// manifest), node id = sha256(raw Ed25519 public key). The registry never deletes: a settled record
+/// must always resolve its adapter and node.
 contract AdapterRegistry {
     uint16 public constant MAX_BPS = 10_000;
+
+    /// @dev EIP-712: the domain binds every adapter signature to this chain and this registry.
+    bytes32 private constant DOMAIN_TYPEHASH =
+        keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)");
+    bytes32 private constant DOMAIN_NAME_HASH = keccak256("loramesh");
+    bytes32 private constant DOMAIN_VERSION_HASH = keccak256("2");
+    bytes32 public constant ADAPTER_TYPEHASH = keccak256(
+        "AdapterRegistration(bytes32 adapterId,string name,string version,bytes32 predecessor,bytes32 baseModel,"
+        "uint256 pricePer1kTokens,bytes32[] datasetIds,uint16[] sharesBps)"
+    );
+    /// @dev secp256k1n / 2: a signature with a larger s is the malleated twin of a valid one.
+    uint256 private constant HALF_N = 0x7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0;
 
     struct Dataset {
         bytes32 contentHash;
         address payee;
+        address contributor;
         bool exists;
+        string name;
     }
 
     struct Adapter {
         address owner;
+        address publisher;
         bytes32 predecessor;
         bytes32 baseModel;
         uint256 pricePer1kTokens;
@@ -50,9 +69,16 @@ contract AdapterRegistry {
     mapping(bytes32 => Dataset) private _datasets;
     mapping(bytes32 => Adapter) private _adapters;
     mapping(bytes32 => Node) private _nodes;
+    mapping(bytes32 => address) private _nameOwners; // keccak256(bytes(name)) => owner
 
     error ZeroId();
     error ZeroAddress();
+    error EmptyName();
+    error NotNameOwner(string name, address owner, address caller);
+    error PredecessorRequired(string name);
+    error PredecessorNameMismatch(bytes32 predecessorId, string name);
+    error InvalidSignature();
+    error SignatureMismatch(address signer, address caller);
     error DatasetAlreadyRegistered(bytes32 datasetId);
     error UnknownDataset(bytes32 datasetId);
     error NotDatasetPayee(bytes32 datasetId, address caller);
@@ -67,7 +93,9 @@ contract AdapterRegistry {
     error UnknownNode(bytes32 nodeId);
     error NotNodeOperator(bytes32 nodeId, address caller);
 
-    event DatasetRegistered(bytes32 indexed datasetId, address indexed payee, bytes32 contentHash);
+    event DatasetRegistered(bytes32 indexed datasetId, address indexed payee, bytes32 contentHash, string name);
+    event NameRegistered(bytes32 indexed nameHash, address indexed owner, string name);
+    event NameTransferred(bytes32 indexed nameHash, address indexed previousOwner, address indexed newOwner, string name);
     event DatasetPayeeChanged(bytes32 indexed datasetId, address indexed payee);
     event AdapterRegistered(
         bytes32 indexed adapterId, address indexed owner, bytes32 indexed baseModel, AdapterSpec spec
@@ -87,13 +115,21 @@ contract AdapterRegistry {
 
     // ------------------------------------------------------------------ datasets
 
-    /// @notice Register a dataset with the hash of its content and the address paid for its use.
-    function registerDataset(bytes32 datasetId, bytes32 contentHash, address payee) external {
-        if (datasetId == bytes32(0)) revert ZeroId();
-        if (payee == address(0)) revert ZeroAddress();
+    /// @notice Register the caller's dataset `name` with the hash of its content; the caller is its
+    /// contributor and first payee. Its id is bound to the caller (datasetIdOf), so nobody else can
+    /// register it, first or later.
+    function registerDataset(string calldata name, bytes32 contentHash) external returns (bytes32 datasetId) {
+        if (bytes(name).length == 0) revert EmptyName();
+        datasetId = datasetIdOf(msg.sender, name);
         if (_datasets[datasetId].exists) revert DatasetAlreadyRegistered(datasetId);
-        _datasets[datasetId] = Dataset({contentHash: contentHash, payee: payee, exists: true});
-        emit DatasetRegistered(datasetId, payee, contentHash);
+        _datasets[datasetId] =
+            Dataset({contentHash: contentHash, payee: msg.sender, contributor: msg.sender, exists: true, name: name});
+        emit DatasetRegistered(datasetId, msg.sender, contentHash, name);
+    }
+
+    /// @notice The id of `contributor`'s dataset called `name`.
+    function datasetIdOf(address contributor, string calldata name) public pure returns (bytes32) {
+        return keccak256(abi.encode(contributor, keccak256(bytes(name))));
     }
 
     /// @notice Move a dataset's future rewards to a new payee; only the current payee may.
@@ -105,26 +141,54 @@ contract AdapterRegistry {
         emit DatasetPayeeChanged(datasetId, payee);
     }
 
-    /// @notice A dataset's content hash and payee; reverts for an unknown id.
-    function getDataset(bytes32 datasetId) external view returns (bytes32 contentHash, address payee) {
+    /// @notice A dataset's content hash, payee, contributor and name; reverts for an unknown id.
+    function getDataset(bytes32 datasetId)
+        external
+        view
+        returns (bytes32 contentHash, address payee, address contributor, string memory name)
+    {
         Dataset storage d = _datasetOrRevert(datasetId);
-        return (d.contentHash, d.payee);
+        return (d.contentHash, d.payee, d.contributor, d.name);
+    }
+
+    // ------------------------------------------------------------------ names
+
+    /// @notice The owner of an adapter name (zero when nobody registered it yet).
+    function nameOwner(string calldata name) external view returns (address) {
+        return _nameOwners[keccak256(bytes(name))];
+    }
+
+    /// @notice Hand a name to another address; only its owner may. From then on only the new owner
+    /// registers versions of it (already registered versions keep their publisher and owner).
+    function transferName(string calldata name, address newOwner) external {
+        if (newOwner == address(0)) revert ZeroAddress();
+        bytes32 h = keccak256(bytes(name));
+        address owner = _nameOwners[h];
+        if (owner != msg.sender) revert NotNameOwner(name, owner, msg.sender);
+        _nameOwners[h] = newOwner;
+        emit NameTransferred(h, msg.sender, newOwner, name);
     }
 
     // ------------------------------------------------------------------ adapters
 
-    /// @notice Register an adapter owned by the caller. Dataset shares (basis points of the
-    /// non-node part of each fee) must name registered datasets, once each, summing to <= 10,000.
-    function registerAdapter(bytes32 adapterId, AdapterSpec calldata spec) external {
+    /// @notice Register an adapter published and owned by the caller. Dataset shares (basis points of
+    /// the non-node part of each fee) must name registered datasets, once each, summing to <= 10,000.
+    /// The first registration of a name makes the caller its owner; later ones must come from the
+    /// name's owner and name a registered predecessor of the same name. `signature` is the caller's
+    /// EIP-712 signature (65 bytes, r || s || v) of AdapterRegistration(adapterId, spec) under this
+    /// contract's domain: a spec that differs from what was signed recovers another address and reverts.
+    function registerAdapter(bytes32 adapterId, AdapterSpec calldata spec, bytes calldata signature) external {
         if (adapterId == bytes32(0) || spec.baseModel == bytes32(0)) revert ZeroId();
+        if (bytes(spec.name).length == 0) revert EmptyName();
         if (_adapters[adapterId].owner != address(0)) revert AdapterAlreadyRegistered(adapterId);
-        if (spec.predecessor != bytes32(0) && _adapters[spec.predecessor].owner == address(0)) {
-            revert UnknownPredecessor(spec.predecessor);
-        }
+        address signer = _recover(adapterDigest(adapterId, spec), signature);
+        if (signer != msg.sender) revert SignatureMismatch(signer, msg.sender);
+        _claimName(spec.name, spec.predecessor);
         _checkShares(spec.datasetIds, spec.sharesBps);
 
         Adapter storage a = _adapters[adapterId];
         a.owner = msg.sender;
+        a.publisher = msg.sender;
         a.predecessor = spec.predecessor;
         a.baseModel = spec.baseModel;
         a.pricePer1kTokens = spec.pricePer1kTokens;
@@ -133,6 +197,28 @@ contract AdapterRegistry {
         a.datasetIds = spec.datasetIds;
         a.sharesBps = spec.sharesBps;
         emit AdapterRegistered(adapterId, msg.sender, spec.baseModel, spec);
+    }
+
+    /// @notice This contract's EIP-712 domain separator (name "loramesh", version "2", this chain, this contract).
+    function domainSeparator() public view returns (bytes32) {
+        return keccak256(abi.encode(DOMAIN_TYPEHASH, DOMAIN_NAME_HASH, DOMAIN_VERSION_HASH, block.chainid, address(this)));
+    }
+
+    /// @notice The EIP-712 digest a publisher signs to register `adapterId` with `spec`.
+    function adapterDigest(bytes32 adapterId, AdapterSpec calldata spec) public view returns (bytes32) {
+        // abi.encode(typehash, adapterId, name, version, predecessor, baseModel, price, datasetIds,
+        // sharesBps) with dynamic members hashed as EIP-712 says, in two halves to keep the stack shallow
+        bytes memory words = bytes.concat(
+            abi.encode(ADAPTER_TYPEHASH, adapterId, keccak256(bytes(spec.name)), keccak256(bytes(spec.version))),
+            abi.encode(
+                spec.predecessor,
+                spec.baseModel,
+                spec.pricePer1kTokens,
+                keccak256(abi.encodePacked(spec.datasetIds)),
+                keccak256(abi.encodePacked(spec.sharesBps))
+            )
+        );
+        return keccak256(abi.encodePacked("\x19\x01", domainSeparator(), keccak256(words)));
     }
 
     /// @notice Change the price per 1,000 tokens of future settlements; only the owner may.
@@ -233,6 +319,39 @@ contract AdapterRegistry {
     }
 
     // ------------------------------------------------------------------ internal
+
+    /// @dev The name's owner is the caller (a new name becomes the caller's); a first version has no
+    /// predecessor, a later one names a registered version of the same name.
+    function _claimName(string calldata name, bytes32 predecessor) private {
+        bytes32 h = keccak256(bytes(name));
+        address owner = _nameOwners[h];
+        if (owner == address(0)) {
+            if (predecessor != bytes32(0)) {
+                if (_adapters[predecessor].owner == address(0)) revert UnknownPredecessor(predecessor);
+                revert PredecessorNameMismatch(predecessor, name);
+            }
+            _nameOwners[h] = msg.sender;
+            emit NameRegistered(h, msg.sender, name);
+            return;
+        }
+        if (owner != msg.sender) revert NotNameOwner(name, owner, msg.sender);
+        if (predecessor == bytes32(0)) revert PredecessorRequired(name);
+        Adapter storage p = _adapters[predecessor];
+        if (p.owner == address(0)) revert UnknownPredecessor(predecessor);
+        if (keccak256(bytes(p.name)) != h) revert PredecessorNameMismatch(predecessor, name);
+    }
+
+    /// @dev ecrecover of a 65-byte r || s || v signature; malformed or malleable ones revert.
+    function _recover(bytes32 digest, bytes calldata signature) private pure returns (address signer) {
+        if (signature.length != 65) revert InvalidSignature();
+        bytes32 r = bytes32(signature[0:32]);
+        bytes32 s = bytes32(signature[32:64]);
+        uint8 v = uint8(signature[64]);
+        if (v < 27) v += 27;
+        if ((v != 27 && v != 28) || uint256(s) > HALF_N) revert InvalidSignature();
+        signer = ecrecover(digest, v, r, s);
+        if (signer == address(0)) revert InvalidSignature();
+    }
 
     function _checkShares(bytes32[] calldata datasetIds, uint16[] calldata sharesBps) private view {
         if (datasetIds.length != sharesBps.length) revert LengthMismatch(datasetIds.length, sharesBps.length);

@@ -1,6 +1,6 @@
 """Adapter packages: format, signing, verification and the content-addressed store."""
 
-from node.adapters.errors import PackageError
+from node.adapters.errors import ForeignSignature, PackageError
 from node.adapters.manifest import (
     LORA_TARGETS,
     MANIFEST_FILE,
@@ -10,7 +10,7 @@ from node.adapters.manifest import (
     dataset_id,
     make_dataset_share,
 )
-from node.adapters.pack import pack_adapter
+from node.adapters.pack import pack_adapter, sign_package
 from node.adapters.store import AdapterStore
 from node.adapters.verify import VerifiedPackage, load_lora_tensors, verify_package
 from node.adapters.weights import LoraConfig
@@ -21,6 +21,7 @@ __all__ = [
     "SIGNATURE_FILE",
     "AdapterStore",
     "DatasetShare",
+    "ForeignSignature",
     "LoraConfig",
     "Manifest",
     "PackageError",
@@ -29,5 +30,6 @@ __all__ = [
     "load_lora_tensors",
     "make_dataset_share",
     "pack_adapter",
+    "sign_package",
     "verify_package",
 ]

@@ -3,3 +3,8 @@
 
 class PackageError(ValueError):
     """An adapter package that is refused; the message says what is wrong in one line."""
+
+
+class ForeignSignature(PackageError):
+    """The package is signed for another chain or registry (or in the old, unbound format): it may be
+    fine elsewhere, but this registry cannot vouch for it."""

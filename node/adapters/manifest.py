@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from eth_utils import is_checksum_address, keccak, to_checksum_address
+from eth_utils import is_checksum_address, to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ledger.types import ZERO_ID, AdapterRegistration, dataset_id_for
 from node.adapters.errors import PackageError
 from node.canonical import canonical_json, is_id, sha256_hex
 
@@ -25,9 +26,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 Id = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
 
 
-def dataset_id(name: str) -> str:
-    """A dataset's on-chain id: keccak256 of its UTF-8 name."""
-    return "0x" + keccak(text=name).hex()
+def dataset_id(name: str, contributor: str) -> str:
+    """A dataset's on-chain id, bound to its contributor: keccak256(abi.encode(contributor,
+    keccak256(name))), as AdapterRegistry.registerDataset computes it from the registering address."""
+    return dataset_id_for(contributor, name)
 
 
 class _Strict(BaseModel):
@@ -98,8 +100,9 @@ class Manifest(_Strict):
         if len({d.id for d in v}) != len(v):
             raise ValueError("a dataset is listed twice")
         for d in v:
-            if d.id != dataset_id(d.name):
-                raise ValueError(f"dataset {d.name!r} has id {d.id}, expected keccak256 of its name")
+            if d.id != dataset_id(d.name, d.contributor):
+                raise ValueError(f"dataset {d.name!r} has id {d.id}, expected the id of {d.name!r} contributed by "
+                                 f"{d.contributor}")
         return v
 
     def canonical_bytes(self) -> bytes:
@@ -110,14 +113,22 @@ class Manifest(_Strict):
     def adapter_id(self) -> str:
         return sha256_hex(self.canonical_bytes())
 
+    def registration(self) -> AdapterRegistration:
+        """What registerAdapter registers for this manifest, which is also what the publisher signs."""
+        return AdapterRegistration.of(
+            self.adapter_id, name=self.name, version=self.version, base_model=self.base_model.id,
+            price_per_1k_tokens=self.price_per_1k_tokens, datasets=[(d.id, d.share_bps) for d in self.datasets],
+            predecessor=self.predecessor or ZERO_ID,
+        )
+
 
 def make_dataset_share(name: str, contributor: str, share_bps: int) -> DatasetShare:
-    """A dataset share with its id computed from its name and the address checksummed."""
+    """A dataset share with its id computed from its name and contributor, the address checksummed."""
     try:
         address = to_checksum_address(contributor)
     except ValueError as e:
         raise ValueError(f"contributor {contributor!r} is not an EVM address") from e
-    return DatasetShare(name=name, id=dataset_id(name), contributor=address, share_bps=share_bps)
+    return DatasetShare(name=name, id=dataset_id(name, address), contributor=address, share_bps=share_bps)
 
 
 def check_file_name(name: str) -> None:

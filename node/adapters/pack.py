@@ -8,6 +8,7 @@ from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 
+from ledger.types import Domain
 from node.adapters.errors import PackageError
 from node.adapters.manifest import (
     MANIFEST_FILE,
@@ -18,7 +19,7 @@ from node.adapters.manifest import (
     LoraInfo,
     Manifest,
 )
-from node.adapters.signing import sign_manifest
+from node.adapters.signing import sign_manifest, write_signature
 from node.adapters.verify import VerifiedPackage, file_sha256, verify_package
 from node.adapters.weights import WEIGHTS_FILE, check_lora_tensors, is_pickle_file, read_lora_config
 from node.adapters.weights import read_safetensors_header
@@ -57,10 +58,21 @@ def build_manifest(
     )
 
 
-def write_signed(pkg_dir: Path, manifest: Manifest, account: LocalAccount) -> None:
-    """Write the manifest and its signature into `pkg_dir`."""
+def write_signed(pkg_dir: Path, manifest: Manifest, account: LocalAccount, domain: Domain | None = None) -> None:
+    """Write the manifest and its signature for `domain`'s registry (None: offline) into `pkg_dir`."""
     (pkg_dir / MANIFEST_FILE).write_bytes(manifest.canonical_bytes())
-    (pkg_dir / SIGNATURE_FILE).write_bytes(canonical_json(sign_manifest(manifest, account)))
+    (pkg_dir / SIGNATURE_FILE).write_bytes(canonical_json(sign_manifest(manifest, account, domain)))
+
+
+def sign_package(pkg_dir: str | Path, account: LocalAccount, domain: Domain | None) -> VerifiedPackage:
+    """(Re-)sign a package folder for `domain`'s registry: its manifest, hence its adapter id, is
+    unchanged; only signature.json is replaced. Refuses a package another key signed."""
+    pkg_dir = Path(pkg_dir)
+    pkg = verify_package(pkg_dir, require_signature=False)
+    if pkg.signer is not None and pkg.signer != account.address:
+        raise PackageError(f"package is signed by {pkg.signer}, but the key given is {account.address}")
+    write_signature(pkg_dir, sign_manifest(pkg.manifest, account, domain))
+    return verify_package(pkg_dir, domain=domain)
 
 
 def resolve_base_dir(peft_dir: Path, base_dir: str | Path | None) -> Path:
@@ -87,8 +99,10 @@ def pack_adapter(
     version: str = "1",
     predecessor: str | None = None,
     license: str = "apache-2.0",
+    domain: Domain | None = None,
 ) -> VerifiedPackage:
-    """Check a PEFT LoRA folder against its base, copy it to `out_dir`, sign it, and verify the result."""
+    """Check a PEFT LoRA folder against its base, copy it to `out_dir`, sign it for `domain`'s registry
+    (None: an offline signature, which `adapter publish` replaces), and verify the result."""
     peft_dir, out_dir = Path(peft_dir), Path(out_dir)
     if not peft_dir.is_dir():
         raise PackageError(f"{peft_dir} is not a folder")
@@ -110,5 +124,5 @@ def pack_adapter(
         out_dir, name=name, base_dir=base, datasets=datasets, price_per_1k_tokens=price_per_1k_tokens,
         version=version, predecessor=predecessor, license=license,
     )
-    write_signed(out_dir, manifest, account)
-    return verify_package(out_dir, base_dir=base)
+    write_signed(out_dir, manifest, account, domain)
+    return verify_package(out_dir, base_dir=base, domain=domain)

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from node.adapters.errors import PackageError
+from ledger.types import Domain
+from node.adapters.errors import ForeignSignature, PackageError
 from node.adapters.manifest import MANIFEST_FILE, check_id
 from node.adapters.verify import VerifiedPackage, verify_package
 
@@ -21,11 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class AdapterStore:
-    """Verified adapter packages on disk, addressed by adapter id."""
+    """Verified adapter packages on disk, addressed by adapter id. With a `domain` (the node's
+    deployment) only packages signed for that chain and registry are installed or read back."""
 
-    def __init__(self, root: str | Path, *, base_dir: str | Path | None = None):
+    def __init__(self, root: str | Path, *, base_dir: str | Path | None = None, domain: Domain | None = None):
         self.root = Path(root)
         self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.domain = domain
         self._tmp_root = self.root / ".tmp"
         self._tmp_root.mkdir(parents=True, exist_ok=True)
 
@@ -36,11 +39,16 @@ class AdapterStore:
         return (self.path_for(adapter_id) / MANIFEST_FILE).is_file()
 
     def get(self, adapter_id: str, *, verify_hashes: bool = True) -> VerifiedPackage | None:
-        """The installed package with this id, re-verified, or None if the store lacks it."""
+        """The installed package with this id, re-verified, or None if the store lacks it (or holds it
+        signed for another registry than the store's: it must be fetched or handed over again)."""
         path = self.path_for(adapter_id)
         if not (path / MANIFEST_FILE).is_file():
             return None
-        pkg = verify_package(path, base_dir=self.base_dir, hashes=verify_hashes)
+        try:
+            pkg = verify_package(path, base_dir=self.base_dir, hashes=verify_hashes, domain=self.domain)
+        except ForeignSignature as e:
+            log.warning("store entry %s is not usable here: %s", adapter_id, e)
+            return None
         if pkg.adapter_id != adapter_id:
             raise PackageError(f"store entry {adapter_id} holds adapter {pkg.adapter_id}")
         return pkg
@@ -51,7 +59,8 @@ class AdapterStore:
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith("0x") and (entry / MANIFEST_FILE).is_file():
                 try:
-                    out.append(self.get(entry.name, verify_hashes=False))
+                    if (pkg := self.get(entry.name, verify_hashes=False)) is not None:
+                        out.append(pkg)
                 except PackageError as e:
                     log.warning("skipping damaged store entry %s: %s", entry.name, e)
         return out
@@ -94,11 +103,14 @@ class AdapterStore:
         """
         try:
             pkg = verify_package(tmp, base_dir=base_dir or self.base_dir, expected_owner=expected_owner,
-                                 hashes=not hashes_checked)
+                                 hashes=not hashes_checked, domain=self.domain)
             final = self.path_for(pkg.adapter_id)
             if (final / MANIFEST_FILE).is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-                return self.get(pkg.adapter_id, verify_hashes=False)
+                existing = self.get(pkg.adapter_id, verify_hashes=False)
+                if existing is not None and existing.signer == pkg.signer:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return existing
+                self.remove(pkg.adapter_id)  # signed for another registry, or by someone else: superseded
             if final.exists():  # a leftover without a manifest cannot be a finished install
                 shutil.rmtree(final)
             for p in tmp.iterdir():

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from eth_utils import to_checksum_address
 
-from node.adapters.errors import PackageError
-from node.adapters.manifest import RESERVED_FILES, Manifest, check_file_name, read_manifest
-from node.adapters.signing import read_signature, recover_signer
+from ledger.types import Domain
+from node.adapters.errors import ForeignSignature, PackageError
+from node.adapters.manifest import RESERVED_FILES, SIGNATURE_FILE, Manifest, check_file_name, read_manifest
+from node.adapters.signing import read_signature, recover_signer, signature_domain
 from node.adapters.weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -33,8 +34,9 @@ class VerifiedPackage:
     path: Path
     manifest: Manifest
     adapter_id: str
-    signer: str
+    signer: str | None  # None only for an unsigned package checked with require_signature=False
     lora: LoraConfig
+    domain: Domain | None = None  # the registry the signature is for; None: offline or unsigned
 
     @property
     def name(self) -> str:
@@ -106,14 +108,29 @@ def verify_package(
     base_dir: str | Path | None = None,
     expected_owner: str | None = None,
     hashes: bool = True,
+    domain: Domain | None = None,
+    require_signature: bool = True,
 ) -> VerifiedPackage:
-    """Run every check on a package folder and return what it proved, or raise PackageError."""
+    """Run every check on a package folder and return what it proved, or raise PackageError.
+
+    `domain`: the registry the signature must be for (a node's deployment); None accepts any.
+    `expected_owner`: the adapter's on-chain publisher, who must be the signer.
+    `require_signature=False` lets an unsigned package, or one signed in the old unbound format, pass
+    the other checks (signer None)."""
     pkg_dir = Path(pkg_dir)
     if not pkg_dir.is_dir():
         raise PackageError(f"{pkg_dir} is not a folder")
     manifest = read_manifest(pkg_dir)
     check_files(pkg_dir, manifest, hashes=hashes)
-    signer = recover_signer(manifest, read_signature(pkg_dir))
+    signer, signed_for = None, None
+    if require_signature or (pkg_dir / SIGNATURE_FILE).exists():
+        doc = read_signature(pkg_dir)
+        try:
+            signer = recover_signer(manifest, doc, domain=domain, any_domain=domain is None)
+            signed_for = signature_domain(doc)
+        except ForeignSignature:
+            if require_signature:
+                raise
     if expected_owner is not None and signer != to_checksum_address(expected_owner):
         raise PackageError(f"package is signed by {signer}, but the adapter's registered owner is {expected_owner}")
     base_config = None
@@ -126,7 +143,8 @@ def verify_package(
                 f"not this base ({base_id})"
             )
     lora = check_weights(pkg_dir, manifest, base_config)
-    return VerifiedPackage(path=pkg_dir, manifest=manifest, adapter_id=manifest.adapter_id, signer=signer, lora=lora)
+    return VerifiedPackage(path=pkg_dir, manifest=manifest, adapter_id=manifest.adapter_id, signer=signer, lora=lora,
+                           domain=signed_for)  # fmt: skip
 
 
 def load_lora_tensors(pkg: VerifiedPackage, device: str = "cpu") -> dict:

@@ -1,10 +1,15 @@
 """AdapterRegistry against a real anvil: every revert path and event."""
 
+import dataclasses
+
 import pytest
+from eth_utils import keccak
 from web3.logs import DISCARD
 
 from ledger import errors as E
-from ledger.types import ZERO_ID
+from devnet.deploy import _deploy_contract
+from ledger.chain import ChainClient
+from ledger.types import ZERO_ID, AdapterRegistration, Domain, dataset_id_for
 from tests.utils.chain import rand_id, register_sample
 
 pytestmark = pytest.mark.integration
@@ -24,36 +29,54 @@ def _last(env, event, rcpt):
 
 
 def test_register_dataset_emits_and_reads_back(anvil_chain):
-    env, payee = anvil_chain, anvil_chain.users[3]
-    ds, content = rand_id(), rand_id()
-    rcpt = env.client(env.users[0]).register_dataset(ds, content, payee.address)
+    env, contributor = anvil_chain, anvil_chain.users[3]
+    content = rand_id()
+    rcpt = env.client(contributor).register_dataset("reads-back", content)
     ev = _last(env, "DatasetRegistered", rcpt)
-    assert (_h(ev["datasetId"]), ev["payee"], _h(ev["contentHash"])) == (ds, payee.address, content)
+    ds = dataset_id_for(contributor.address, "reads-back")
+    assert (_h(ev["datasetId"]), ev["payee"], _h(ev["contentHash"]), ev["name"]) == (ds, contributor.address,
+                                                                                   content, "reads-back")  # fmt: skip
+    assert _h(env.client().registry.functions.datasetIdOf(contributor.address, "reads-back").call()) == ds
     info = env.client().get_dataset(ds)
-    assert (info.content_hash, info.payee) == (content, payee.address)
+    assert (info.content_hash, info.payee, info.contributor, info.name) == (content, contributor.address,
+                                                                           contributor.address, "reads-back")  # fmt: skip
 
 
 def test_dataset_reverts(anvil_chain):
     env = anvil_chain
     c = env.client(env.users[0])
-    with pytest.raises(E.ZeroId):
-        c.register_dataset(ZERO_ID, rand_id())
-    with pytest.raises(E.ZeroAddress):
-        c.register_dataset(rand_id(), rand_id(), "0x" + "00" * 20)
-    ds = rand_id()
-    c.register_dataset(ds, rand_id())
+    with pytest.raises(E.EmptyName):
+        c.register_dataset("", rand_id())
+    c.register_dataset("twice", rand_id())
     with pytest.raises(E.DatasetAlreadyRegistered) as err:
-        env.client(env.users[1]).register_dataset(ds, rand_id())
-    assert _h(err.value.args_by_name["datasetId"]) == ds
+        c.register_dataset("twice", rand_id())
+    assert _h(err.value.args_by_name["datasetId"]) == c.dataset_id("twice")
     with pytest.raises(E.UnknownDataset):
         env.client().get_dataset(rand_id())
+
+
+def test_a_stranger_cannot_take_a_contributors_dataset(anvil_chain):
+    """The demo-network attack: a stranger registered the dataset's name first, with herself as payee.
+    Now the id is bound to its contributor: the stranger's registration of the name is her own dataset."""
+    env = anvil_chain
+    contributor, stranger = env.users[4], env.new_account()
+    env.client(stranger).register_dataset("capitals-qa-squat", rand_id())  # first, with herself as payee
+    ours = dataset_id_for(contributor.address, "capitals-qa-squat")
+    with pytest.raises(E.UnknownDataset):
+        env.client().get_dataset(ours)  # the stranger's registration is not the contributor's dataset
+    env.client(contributor).register_dataset("capitals-qa-squat", rand_id())
+    assert env.client().get_dataset(ours).payee == contributor.address
+    theirs = env.client().get_dataset(dataset_id_for(stranger.address, "capitals-qa-squat"))
+    assert theirs.payee == stranger.address and theirs.dataset_id != ours
+    with pytest.raises(E.NotDatasetPayee):  # nor can she redirect the contributor's payments
+        env.client(stranger).set_dataset_payee(ours, stranger.address)
 
 
 def test_dataset_payee_change_only_by_payee(anvil_chain):
     env = anvil_chain
     payee, other = env.users[0], env.users[1]
-    ds = rand_id()
-    env.client(payee).register_dataset(ds, rand_id())
+    env.client(payee).register_dataset("payee-change", rand_id())
+    ds = env.client(payee).dataset_id("payee-change")
     with pytest.raises(E.NotDatasetPayee) as err:
         env.client(other).set_dataset_payee(ds, other.address)
     assert err.value.args_by_name["caller"] == other.address
@@ -63,62 +86,189 @@ def test_dataset_payee_change_only_by_payee(anvil_chain):
         env.client(payee).set_dataset_payee(ds, "0x" + "00" * 20)
     ev = _last(env, "DatasetPayeeChanged", env.client(payee).set_dataset_payee(ds, other.address))
     assert ev["payee"] == other.address
-    assert env.client().get_dataset(ds).payee == other.address
+    info = env.client().get_dataset(ds)
+    assert (info.payee, info.contributor) == (other.address, payee.address)
 
 
 # ------------------------------------------------------------------ adapters
+
+
+def _reg(name, *, base=None, price=1, predecessor=None, datasets=(), version="1"):
+    return AdapterRegistration.of(rand_id(), name=name, version=version, base_model=base or rand_id(),
+                                  price_per_1k_tokens=price, datasets=datasets, predecessor=predecessor)  # fmt: skip
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{rand_id()[2:10]}"
 
 
 def test_register_adapter_emits_and_reads_back(anvil_chain):
     env = anvil_chain
     reg = register_sample(env, price=777, shares=(6000, 4000))  # exactly 10,000 is allowed
     a = env.client().get_adapter(reg.adapter_id)
-    assert a.owner == reg.owner.address and a.price_per_1k_tokens == 777
+    assert a.owner == reg.owner.address and a.publisher == reg.owner.address and a.price_per_1k_tokens == 777
     assert a.dataset_ids == reg.dataset_ids and a.shares_bps == (6000, 4000)
     assert a.base_model == reg.base_model and a.predecessor == ZERO_ID
     ev = env.client().events("registry", "AdapterRegistered", filters={"adapterId": bytes.fromhex(reg.adapter_id[2:])})
     assert len(ev) == 1 and ev[0]["args"]["spec"]["pricePer1kTokens"] == 777
     assert ev[0]["args"]["owner"] == reg.owner.address
-
-
-def test_adapter_with_predecessor(anvil_chain):
-    env = anvil_chain
-    reg = register_sample(env)
-    child = rand_id()
-    env.client(env.users[4]).register_adapter(child, name="x", version="2", base_model=reg.base_model,
-                                              price_per_1k_tokens=1, predecessor=reg.adapter_id)  # fmt: skip
-    assert env.client().get_adapter(child).predecessor == reg.adapter_id
+    assert env.client().name_owner(a.name) == reg.owner.address
+    names = env.client().events("registry", "NameRegistered", filters={"owner": reg.owner.address})
+    assert a.name in [e["args"]["name"] for e in names]
 
 
 def test_adapter_reverts(anvil_chain):
     env = anvil_chain
     c = env.client(env.users[0])
-    ds = rand_id()
-    c.register_dataset(ds, rand_id())
+    c.register_dataset("adapter-reverts", rand_id())
+    ds = c.dataset_id("adapter-reverts")
     base = rand_id()
-    kw = dict(name="n", version="1", base_model=base, price_per_1k_tokens=1)
+    kw = dict(version="1", base_model=base, price_per_1k_tokens=1)
     with pytest.raises(E.ZeroId):
-        c.register_adapter(ZERO_ID, **kw)
+        c.register_adapter(ZERO_ID, name=_unique("n"), **kw)
     with pytest.raises(E.ZeroId):
-        c.register_adapter(rand_id(), **{**kw, "base_model": ZERO_ID})
+        c.register_adapter(rand_id(), name=_unique("n"), **{**kw, "base_model": ZERO_ID})
+    with pytest.raises(E.EmptyName):
+        c.register_adapter(rand_id(), name="", **kw)
     with pytest.raises(E.UnknownPredecessor):
-        c.register_adapter(rand_id(), predecessor=rand_id(), **kw)
+        c.register_adapter(rand_id(), name=_unique("n"), predecessor=rand_id(), **kw)
     with pytest.raises(E.UnknownDataset):
-        c.register_adapter(rand_id(), datasets=[(rand_id(), 100)], **kw)
+        c.register_adapter(rand_id(), name=_unique("n"), datasets=[(rand_id(), 100)], **kw)
     with pytest.raises(E.DuplicateDataset):
-        c.register_adapter(rand_id(), datasets=[(ds, 100), (ds, 100)], **kw)
+        c.register_adapter(rand_id(), name=_unique("n"), datasets=[(ds, 100), (ds, 100)], **kw)
     with pytest.raises(E.SharesExceedTotal) as err:
-        c.register_adapter(rand_id(), datasets=[(ds, 10_001)], **kw)
+        c.register_adapter(rand_id(), name=_unique("n"), datasets=[(ds, 10_001)], **kw)
     assert err.value.args_by_name["totalBps"] == 10_001
-    spec = ("n", "1", bytes(32), bytes.fromhex(base[2:]), 1, [bytes.fromhex(ds[2:])], [])
+    bad = AdapterRegistration(rand_id(), _unique("n"), "1", ZERO_ID, base, 1, (ds,), ())
+    spec = bad.spec()
+    sig = bytes.fromhex(bad.sign(c.account, c.domain)[2:])
     with pytest.raises(E.LengthMismatch):
-        c.tx.transact(c.registry.functions.registerAdapter(bytes.fromhex(rand_id()[2:]), spec))
-    aid = rand_id()
-    c.register_adapter(aid, **kw)
+        c.tx.transact(c.registry.functions.registerAdapter(bytes.fromhex(bad.adapter_id[2:]), spec, sig))
+    aid, name = rand_id(), _unique("n")
+    c.register_adapter(aid, name=name, **kw)
     with pytest.raises(E.AdapterAlreadyRegistered):
-        env.client(env.users[1]).register_adapter(aid, **kw)
+        env.client(env.users[1]).register_adapter(aid, name=_unique("n"), **kw)
     with pytest.raises(E.UnknownAdapter):
         env.client().get_adapter(rand_id())
+
+
+def test_a_stranger_cannot_take_over_a_name(anvil_chain):
+    """The demo-network attack: a second identity registered `alice/geo` v2 (other weights, 1,000x the
+    price). Now only the name's owner registers its versions; the name stays hers."""
+    env = anvil_chain
+    alice, mallory = env.users[0], env.new_account()
+    name = _unique("alice/geo")
+    v1 = _reg(name, price=5)
+    env.client(alice).register_adapter(v1)
+    squat = _reg(name, price=5000, version="2", predecessor=v1.adapter_id)
+    with pytest.raises(E.NotNameOwner) as err:
+        env.client(mallory).register_adapter(squat)
+    assert (err.value.args_by_name["owner"], err.value.args_by_name["caller"]) == (alice.address, mallory.address)
+    with pytest.raises(E.NotNameOwner):  # without a predecessor neither
+        env.client(mallory).register_adapter(_reg(name, price=5000, version="9"))
+    with pytest.raises(E.NotNameOwner):  # nor can she hand the name to herself
+        env.client(mallory).transfer_name(name, mallory.address)
+    assert env.client().name_owner(name) == alice.address
+    with pytest.raises(E.UnknownAdapter):
+        env.client().get_adapter(squat.adapter_id)
+    v2 = _reg(name, price=6, version="2", predecessor=v1.adapter_id)
+    env.client(alice).register_adapter(v2)
+    assert env.client().get_adapter(v2.adapter_id).predecessor == v1.adapter_id
+
+
+def test_predecessor_rules(anvil_chain):
+    env = anvil_chain
+    c = env.client(env.users[1])
+    name, other = _unique("pred"), _unique("pred-other")
+    v1, o1 = _reg(name), _reg(other)
+    c.register_adapter(o1)
+    with pytest.raises(E.PredecessorNameMismatch):  # a first version names no predecessor (least of all another name's)
+        c.register_adapter(_reg(name, predecessor=o1.adapter_id))
+    c.register_adapter(v1)
+    with pytest.raises(E.PredecessorRequired):  # a later version names its predecessor
+        c.register_adapter(_reg(name, version="2"))
+    with pytest.raises(E.PredecessorNameMismatch) as err:  # of the same name
+        c.register_adapter(_reg(name, version="2", predecessor=o1.adapter_id))
+    assert err.value.args_by_name["name"] == name
+    with pytest.raises(E.UnknownPredecessor):
+        c.register_adapter(_reg(name, version="2", predecessor=rand_id()))
+    v2 = _reg(name, version="2", predecessor=v1.adapter_id)
+    c.register_adapter(v2)
+    c.register_adapter(_reg(name, version="3", predecessor=v2.adapter_id))
+
+
+def test_transfer_name(anvil_chain):
+    env = anvil_chain
+    alice, carol, stranger = env.users[0], env.users[6], env.new_account()
+    name = _unique("alice/sold")
+    v1 = _reg(name)
+    env.client(alice).register_adapter(v1)
+    with pytest.raises(E.ZeroAddress):
+        env.client(alice).transfer_name(name, "0x" + "00" * 20)
+    with pytest.raises(E.NotNameOwner):
+        env.client(stranger).transfer_name(name, stranger.address)
+    with pytest.raises(E.NotNameOwner):  # an unregistered name has no owner to transfer it
+        env.client(alice).transfer_name(_unique("nobody"), carol.address)
+    ev = _last(env, "NameTransferred", env.client(alice).transfer_name(name, carol.address))
+    assert (ev["previousOwner"], ev["newOwner"], ev["name"]) == (alice.address, carol.address, name)
+    assert env.client().name_owner(name) == carol.address
+    with pytest.raises(E.NotNameOwner):  # the previous owner no longer publishes versions
+        env.client(alice).register_adapter(_reg(name, version="2", predecessor=v1.adapter_id))
+    v2 = _reg(name, version="2", predecessor=v1.adapter_id)  # the new owner continues the line
+    env.client(carol).register_adapter(v2)
+    a1, a2 = env.client().get_adapter(v1.adapter_id), env.client().get_adapter(v2.adapter_id)
+    assert (a1.publisher, a1.owner, a2.publisher) == (alice.address, alice.address, carol.address)
+
+
+def test_signature_must_match_the_registration(anvil_chain):
+    """The chain refuses a registration that differs from what the publisher signed."""
+    env = anvil_chain
+    alice, other = env.users[2], env.users[3]
+    c = env.client(alice)
+    reg = _reg(_unique("signed"), price=10)
+    sig = reg.sign(alice, c.domain)
+    raised = dataclasses.replace(reg, price_per_1k_tokens=10_000)  # price changed after signing
+    with pytest.raises(E.SignatureMismatch) as err:
+        c.register_adapter(raised, signature=sig)
+    assert err.value.args_by_name["caller"] == alice.address and err.value.args_by_name["signer"] != alice.address
+    for changed in (dataclasses.replace(reg, name=_unique("renamed")), dataclasses.replace(reg, version="7"),
+                    dataclasses.replace(reg, base_model=rand_id())):  # fmt: skip
+        with pytest.raises(E.SignatureMismatch):
+            c.register_adapter(changed, signature=sig)
+    with pytest.raises(E.SignatureMismatch) as err:  # signed by someone else than the sender
+        c.register_adapter(reg, signature=reg.sign(other, c.domain))
+    assert err.value.args_by_name["signer"] == other.address
+    with pytest.raises(E.InvalidSignature):
+        c.register_adapter(reg, signature=sig[:-2])  # 64 bytes
+    r, s_, v = bytes.fromhex(sig[2:66]), int(sig[66:130], 16), int(sig[130:], 16)
+    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    malleated = r + (n - s_).to_bytes(32, "big") + bytes([55 - v])  # the same signer, s in the upper half
+    with pytest.raises(E.InvalidSignature):
+        c.register_adapter(reg, signature=malleated)
+    assert c.adapter_digest(reg) == "0x" + keccak(b"\x19" + (sm := reg.typed_data(c.domain)).version + sm.header
+                                                  + sm.body).hex()  # fmt: skip
+    c.register_adapter(reg, signature=sig)
+    assert env.client().get_adapter(reg.adapter_id).price_per_1k_tokens == 10
+
+
+def test_signature_is_bound_to_chain_and_registry(anvil_chain):
+    """A signature made for another registry (or chain) is refused by this one."""
+    env = anvil_chain
+    alice = env.users[2]
+    c = env.client(alice)
+    other_registry = _deploy_contract(c.w3, alice, env.deployment.chain_id, "AdapterRegistry")["contractAddress"]
+    assert other_registry != env.deployment.registry
+    reg = _reg(_unique("bound"))
+    for domain in (Domain(env.deployment.chain_id, other_registry), Domain(env.deployment.chain_id + 1,
+                                                                          env.deployment.registry)):  # fmt: skip
+        with pytest.raises(E.SignatureMismatch):
+            c.register_adapter(reg, signature=reg.sign(alice, domain))
+    # the signature made for the other registry is good there, and only there
+    there = ChainClient(dataclasses.replace(env.deployment, registry=other_registry), alice)
+    there.register_adapter(reg, signature=reg.sign(alice, Domain(env.deployment.chain_id, other_registry)))
+    assert there.get_adapter(reg.adapter_id).publisher == alice.address
+    with pytest.raises(E.UnknownAdapter):
+        env.client().get_adapter(reg.adapter_id)
 
 
 def test_only_owner_changes_adapter(anvil_chain):
@@ -140,7 +290,8 @@ def test_only_owner_changes_adapter(anvil_chain):
     with pytest.raises(E.NotAdapterOwner):
         env.client(owner).set_adapter_price(reg.adapter_id, 9)
     env.client(heir).set_adapter_price(reg.adapter_id, 9)
-    assert env.client().get_adapter(reg.adapter_id).price_per_1k_tokens == 9
+    a = env.client().get_adapter(reg.adapter_id)
+    assert (a.price_per_1k_tokens, a.owner, a.publisher) == (9, heir.address, owner.address)
 
 
 # ------------------------------------------------------------------ nodes

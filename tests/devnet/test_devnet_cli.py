@@ -40,8 +40,9 @@ def test_up_status_down_up_keeps_state(folder):
     assert client.is_settler(gateway.address) and client.deposit_of(gateway.address) == 2 * 10**18
     from devnet.anvil import DEV_KEYS
 
-    ds = rand_id()
-    client.with_account(Account.from_key(DEV_KEYS[3])).register_dataset(ds, rand_id())
+    contributor = Account.from_key(DEV_KEYS[3])
+    client.with_account(contributor).register_dataset("kept", rand_id())
+    ds = client.dataset_id("kept", contributor.address)
 
     status = json.loads(runner.invoke(devnet_app, ["status", "--dir", str(folder)]).output)
     assert status["running"] and status["chain_id"] == 424242

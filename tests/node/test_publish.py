@@ -1,9 +1,13 @@
-"""Publishing against a real anvil: register once, no-op on repeat, versions name predecessors."""
+"""Publishing against a real anvil: signed for the chain, register once, no-op on repeat, versions name
+predecessors, names belong to their first publisher, dataset shares go to their contributors."""
+
+import json
 
 import pytest
 
 from ledger.types import ZERO_ID
-from node.adapters import make_dataset_share, pack_adapter
+from node.adapters import make_dataset_share, pack_adapter, verify_package
+from node.adapters.signing import read_signature
 from node.publish import PublishError, publish
 from tests.utils.factories import make_peft_adapter
 
@@ -15,26 +19,74 @@ def peft(tiny_base, tmp_path_factory):
 
 def test_publish_registers_datasets_and_adapter_once(anvil_chain, tiny_base, peft, tmp_path):
     owner, contributor = anvil_chain.users[2], anvil_chain.new_account()
-    share = make_dataset_share("pub-data", contributor.address, 3000)
-    pkg = pack_adapter(peft, tmp_path / "v1", name="pub/one", account=owner, base_dir=tiny_base, datasets=[share],
-                       price_per_1k_tokens=7)
+    anvil_chain.client(contributor).register_dataset("pub-data", "0x" + "cd" * 32)  # another's dataset: theirs to register
+    theirs = make_dataset_share("pub-data", contributor.address, 3000)
+    mine = make_dataset_share("pub-own", owner.address, 1000)
+    pkg = pack_adapter(peft, tmp_path / "v1", name="pub/one", account=owner, base_dir=tiny_base,
+                       datasets=[theirs, mine], price_per_1k_tokens=7)
+    assert pkg.domain is None  # packed offline: publish signs it for the chain
     client = anvil_chain.client(owner)
-    first = publish(pkg.path, client, dataset_hashes={"pub-data": "0x" + "ab" * 32})
-    assert first.registered and first.datasets_registered == ["pub-data"]
+    first = publish(pkg.path, client, dataset_hashes={"pub-own": "0x" + "ab" * 32})
+    assert first.registered and first.signed and first.datasets_registered == ["pub-own"]
+    signed = verify_package(pkg.path, domain=client.domain)
+    assert signed.adapter_id == pkg.adapter_id and signed.signer == owner.address
+    assert read_signature(pkg.path)["chain_id"] == anvil_chain.deployment.chain_id
     info = client.get_adapter(pkg.adapter_id)
-    assert (info.owner, info.name, info.price_per_1k_tokens) == (owner.address, "pub/one", 7)
+    assert (info.owner, info.publisher, info.name, info.price_per_1k_tokens) == (owner.address, owner.address,
+                                                                                 "pub/one", 7)  # fmt: skip
     assert info.base_model == pkg.manifest.base_model.id and info.predecessor == ZERO_ID
-    assert info.dataset_ids == (share.id,) and info.shares_bps == (3000,)
-    ds = client.get_dataset(share.id)
-    assert (ds.payee, ds.content_hash) == (contributor.address, "0x" + "ab" * 32)
+    assert info.dataset_ids == (theirs.id, mine.id) and info.shares_bps == (3000, 1000)
+    assert (client.get_dataset(theirs.id).payee, client.get_dataset(mine.id).payee) == (contributor.address,
+                                                                                       owner.address)  # fmt: skip
+    assert client.get_dataset(mine.id).content_hash == "0x" + "ab" * 32
 
     again = publish(pkg.path, client)
-    assert not again.registered and again.datasets_registered == []
+    assert not again.registered and not again.signed and again.datasets_registered == []
 
-    v2 = pack_adapter(peft, tmp_path / "v2", name="pub/one", account=owner, base_dir=tiny_base, datasets=[share],
-                      price_per_1k_tokens=9, version="2", predecessor=pkg.adapter_id)
-    assert publish(v2.path, client).registered
+    v2 = pack_adapter(peft, tmp_path / "v2", name="pub/one", account=owner, base_dir=tiny_base, datasets=[theirs],
+                      price_per_1k_tokens=9, version="2", predecessor=pkg.adapter_id, domain=client.domain)
+    result = publish(v2.path, client)
+    assert result.registered and not result.signed  # packed for this deployment already
     assert client.get_adapter(v2.adapter_id).predecessor == pkg.adapter_id
+
+    v3 = pack_adapter(peft, tmp_path / "v3", name="pub/one", account=owner, base_dir=tiny_base, version="3")
+    with pytest.raises(PublishError, match="name 'pub/one' already has versions: a new one names its predecessor"):
+        publish(v3.path, client)
+
+
+def test_publish_refuses_a_dataset_paying_someone_else(anvil_chain, tiny_base, peft, tmp_path):
+    """The payee on chain must be the manifest's contributor: refused in one line, nothing registered."""
+    owner, contributor, heir = anvil_chain.users[3], anvil_chain.new_account(), anvil_chain.new_account()
+    c = anvil_chain.client(contributor)
+    c.register_dataset("moved-data")
+    c.set_dataset_payee(c.dataset_id("moved-data"), heir.address)
+    share = make_dataset_share("moved-data", contributor.address, 2000)
+    pkg = pack_adapter(peft, tmp_path / "p", name="pub/moved", account=owner, base_dir=tiny_base, datasets=[share])
+    with pytest.raises(PublishError) as err:
+        publish(pkg.path, anvil_chain.client(owner))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"dataset 'moved-data' ({share.id}) pays {heir.address} on chain, but the manifest names its "
+                       f"contributor {contributor.address}: refusing to publish")  # fmt: skip
+    assert anvil_chain.client().name_owner("pub/moved") is None
+
+
+def test_publish_refuses_another_contributors_unregistered_dataset(anvil_chain, tiny_base, peft, tmp_path):
+    owner, contributor = anvil_chain.users[3], anvil_chain.new_account()
+    share = make_dataset_share("not-yet", contributor.address, 2000)
+    pkg = pack_adapter(peft, tmp_path / "p", name="pub/early", account=owner, base_dir=tiny_base, datasets=[share])
+    with pytest.raises(PublishError, match=f"dataset 'not-yet' of contributor {contributor.address} is not on chain"):
+        publish(pkg.path, anvil_chain.client(owner))
+
+
+def test_publish_refuses_a_name_someone_else_owns(anvil_chain, tiny_base, peft, tmp_path):
+    alice, mallory = anvil_chain.users[4], anvil_chain.new_account()
+    v1 = pack_adapter(peft, tmp_path / "a", name="pub/geo", account=alice, base_dir=tiny_base, price_per_1k_tokens=1)
+    publish(v1.path, anvil_chain.client(alice))
+    squat = pack_adapter(peft, tmp_path / "m", name="pub/geo", account=mallory, base_dir=tiny_base, version="2",
+                         predecessor=v1.adapter_id, price_per_1k_tokens=1000)  # fmt: skip
+    with pytest.raises(PublishError, match=f"name 'pub/geo' belongs to {alice.address}: only its owner publishes"):
+        publish(squat.path, anvil_chain.client(mallory))
 
 
 def test_publish_refuses_a_key_that_did_not_sign(anvil_chain, tiny_base, peft, tmp_path):
@@ -49,3 +101,15 @@ def test_publish_refuses_a_tampered_package(anvil_chain, tiny_base, peft, tmp_pa
     (pkg.path / "README.md").write_text("changed")
     with pytest.raises(PublishError, match="package refused before publishing: file 'README.md' is 7 bytes"):
         publish(pkg.path, anvil_chain.client(anvil_chain.users[3]))
+
+
+def test_publish_signs_an_old_format_package_again(anvil_chain, tiny_base, peft, tmp_path):
+    """A package signed before signatures named their chain is signed again by its publisher."""
+    owner = anvil_chain.users[5]
+    pkg = pack_adapter(peft, tmp_path / "p", name="pub/old", account=owner, base_dir=tiny_base)
+    doc = json.loads((pkg.path / "signature.json").read_text())
+    del doc["chain_id"], doc["registry"]
+    (pkg.path / "signature.json").write_text(json.dumps(doc))
+    result = publish(pkg.path, anvil_chain.client(owner))
+    assert result.registered and result.signed
+    assert verify_package(pkg.path, domain=anvil_chain.client().domain).signer == owner.address

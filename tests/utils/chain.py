@@ -122,9 +122,10 @@ def register_sample(env: ChainEnv, *, price: int = 10**12, shares: tuple[int, ..
     operator = operator or env.users[1]
     payees = payees or tuple(env.users[2 + i % 6] for i in range(len(shares)))
     base = rand_id()
-    dataset_ids = tuple(rand_id() for _ in shares)
-    for ds, payee in zip(dataset_ids, payees):
-        env.client(payee).register_dataset(ds, rand_id())
+    names = tuple(f"ds-{rand_id()[2:14]}" for _ in shares)
+    dataset_ids = tuple(env.client().dataset_id(n, payee.address) for n, payee in zip(names, payees))
+    for name, payee in zip(names, payees):
+        env.client(payee).register_dataset(name, rand_id())
     adapter_id, node_id = rand_id(), rand_id()
     env.client(owner).register_adapter(adapter_id, name=f"adapter-{adapter_id[2:8]}", version="1.0.0",
                                        base_model=base, price_per_1k_tokens=price,

@@ -60,9 +60,10 @@ def build_world(env: ChainEnv, folder: Path) -> World:
     u = env.users
     alice, bob, op_a, op_b, pay_cap, pay_el = u[0], u[1], u[2], u[3], u[4], u[5]
     base = rand_id()
-    ds = {"capitals-qa": dataset_id("capitals-qa"), "element-symbols": dataset_id("element-symbols")}
-    env.client(pay_cap).register_dataset(ds["capitals-qa"], rand_id())
-    env.client(pay_el).register_dataset(ds["element-symbols"], rand_id())
+    ds = {"capitals-qa": dataset_id("capitals-qa", pay_cap.address),
+          "element-symbols": dataset_id("element-symbols", pay_el.address)}
+    env.client(pay_cap).register_dataset("capitals-qa", rand_id())
+    env.client(pay_el).register_dataset("element-symbols", rand_id())
     ad = {"alice/capitals 1.0.0": rand_id(), "alice/capitals 1.1.0": rand_id(), "bob/elements 1.0.0": rand_id()}
     env.client(alice).register_adapter(ad["alice/capitals 1.0.0"], name="alice/capitals", version="1.0.0",
                                        base_model=base, price_per_1k_tokens=PRICE,

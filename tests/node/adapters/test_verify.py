@@ -1,15 +1,19 @@
 """Every way a package can be bad gets its own refusal message; a good package passes."""
 
+import dataclasses
 import json
+import os
 import shutil
 import struct
 
 import pytest
 from eth_account import Account
 
-from node.adapters import PackageError, make_dataset_share, pack_adapter, verify_package
+from ledger.types import Domain, dataset_id_for
+from node.adapters import AdapterStore, ForeignSignature, PackageError, make_dataset_share, pack_adapter, verify_package
 from node.adapters.manifest import MANIFEST_FILE, read_manifest
 from node.adapters.pack import build_manifest, write_signed
+from node.adapters.signing import sign_manifest, write_signature
 from node.basemodel import init_tiny
 from tests.utils.factories import make_peft_adapter
 
@@ -193,3 +197,78 @@ def test_pack_is_deterministic(peft_dir, tiny_base, publisher, good_pkg, tmp_pat
     again = pack_adapter(peft_dir, tmp_path / "again", name="alice/capitals", account=publisher, base_dir=tiny_base,
                          datasets=[share], price_per_1k_tokens=10**15)
     assert again.adapter_id == good_pkg.adapter_id
+
+
+# ------------------------------------------------------------------ signatures bound to a chain and registry
+
+CHAIN_A = Domain(31337, "0x" + "aa" * 20)
+
+
+def test_signature_is_bound_to_its_chain_and_registry(pkg, tiny_base, publisher):
+    write_signature(pkg, sign_manifest(read_manifest(pkg), publisher, CHAIN_A))
+    assert verify_package(pkg, domain=CHAIN_A).signer == publisher.address
+    assert verify_package(pkg).domain == CHAIN_A  # no domain asked: the signature's own is reported
+    for other in (Domain(31337, "0x" + "bb" * 20), Domain(1, CHAIN_A.registry)):
+        with pytest.raises(ForeignSignature, match=f"package is signed for chain 31337, registry {CHAIN_A.registry}, "
+                                                   f"not for this registry \\(chain {other.chain_id}"):  # fmt: skip
+            verify_package(pkg, domain=other)
+    offline = sign_manifest(read_manifest(pkg), publisher)  # no domain: valid on no registry
+    write_signature(pkg, offline)
+    with pytest.raises(ForeignSignature, match="signed for no deployment"):
+        verify_package(pkg, domain=CHAIN_A)
+
+
+def test_a_signature_moved_to_another_domain_does_not_verify(pkg, publisher):
+    doc = sign_manifest(read_manifest(pkg), publisher, CHAIN_A)
+    doc["registry"] = "0x" + "bb" * 20  # claims another registry than it was made for
+    write_signature(pkg, doc)
+    refused(pkg, "signature was made by 0x[0-9a-fA-F]{40}, not by the claimed signer")
+
+
+def test_the_signature_covers_what_the_registry_registers(pkg, publisher):
+    """The signed message is the manifest's registration (name, version, price, ...): a signature over
+    another registration of the same adapter id does not verify."""
+    m = read_manifest(pkg)
+    reg = dataclasses.replace(m.registration(), price_per_1k_tokens=m.price_per_1k_tokens * 1000)
+    write_signature(pkg, {"adapter_id": m.adapter_id, "signer": publisher.address, "chain_id": CHAIN_A.chain_id,
+                          "registry": CHAIN_A.registry, "signature": reg.sign(publisher, CHAIN_A)})  # fmt: skip
+    refused(pkg, "signature was made by 0x[0-9a-fA-F]{40}, not by the claimed signer")
+
+
+def test_old_format_signature_is_refused_with_a_way_out(pkg):
+    doc = json.loads((pkg / "signature.json").read_text())
+    del doc["chain_id"], doc["registry"]
+    (pkg / "signature.json").write_text(json.dumps(doc))
+    refused(pkg, "old format .* sign it again with `loramesh adapter publish`")
+    assert verify_package(pkg, require_signature=False).signer is None
+
+
+def test_dataset_ids_are_bound_to_their_contributor(publisher):
+    from node.adapters.manifest import parse_manifest
+
+    share = make_dataset_share("capitals-qa", publisher.address, 100)
+    assert share.id == dataset_id_for(publisher.address, "capitals-qa") != dataset_id_for(Account.create().address,
+                                                                                           "capitals-qa")  # fmt: skip
+    squatted = {**share.model_dump(), "contributor": Account.create().address}  # the id of another contributor
+    with pytest.raises(PackageError, match="expected the id of 'capitals-qa' contributed by"):
+        parse_manifest({"name": "x", "version": "1", "base_model": {"name": "b", "id": "0x" + "0" * 64},
+                        "files": [], "lora": {"rank": 1, "alpha": 1, "targets": ["q_proj"]}, "datasets": [squatted]})
+
+
+def test_a_store_bound_to_a_registry(good_pkg, pkg, tiny_base, publisher, tmp_path):
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base, domain=CHAIN_A)
+    with pytest.raises(ForeignSignature):  # signed offline
+        store.install(good_pkg.path)
+    assert sorted(os.listdir(store.root)) == [".tmp"]
+    write_signature(pkg, sign_manifest(read_manifest(pkg), publisher, CHAIN_A))
+    installed = store.install(pkg, expected_owner=publisher.address)
+    assert installed.domain == CHAIN_A and store.get(installed.adapter_id).signer == publisher.address
+    # an entry signed for another registry (a store reused across deployments) is not served here...
+    moved = AdapterStore(tmp_path / "store", base_dir=tiny_base, domain=Domain(31337, "0x" + "bb" * 20))
+    assert moved.get(installed.adapter_id) is None and moved.list() == []
+    # ...and a package signed for this one replaces it
+    again = tmp_path / "again"
+    shutil.copytree(pkg, again)
+    write_signature(again, sign_manifest(read_manifest(again), publisher, moved.domain))
+    assert moved.install(again).domain == moved.domain
+    assert moved.get(installed.adapter_id).domain == moved.domain
