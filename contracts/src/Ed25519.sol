@@ -174,55 +174,85 @@ library Ed25519 {
         return x == 0 && y == z;
     }
 
-    /// [s]B + [k](-A) in projective (X : Y : Z), by Straus/Shamir: one pass over the bits of both
-    /// scalars from the top, doubling once per bit and adding B, -A or B - A as the two bits say.
-    /// Both scalars are < L < 2^253.
+    /// [s]B + [k](-A) in projective (X : Y : Z), by Straus/Shamir with 2-bit windows: one pass over
+    /// both scalars from the top, two bits of each at a time, so the doublings are shared and each
+    /// window costs at most one addition, of [i]B + [j](-A) from a table (i, j: the window of s, k).
+    /// Both scalars are < L < 2^253, so 127 windows cover them.
     function shamirSBminusKA(uint256 s, uint256 k, uint256 ax, uint256 ay)
         private
         pure
         returns (uint256 x, uint256 y, uint256 z)
     {
-        uint256[4] memory b = cachedFromAffine(B_X, B_Y);
-        uint256[4] memory negA = cachedFromAffine((P - ax) % P, ay);
-        uint256[4] memory bMinusA = cachedBPlus(negA);
+        uint256[4][16] memory addend = addendTable(ax, ay);
         uint256 t;
         (x, y, z, t) = (0, 1, 1, 0); // identity
-        for (uint256 i = 253; i > 0;) {
-            --i;
-            (x, y, z, t) = pointDouble(x, y, z);
-            uint256 bits = ((s >> i) & 1) | (((k >> i) & 1) << 1);
-            if (bits == 1) (x, y, z, t) = pointAdd(x, y, z, t, b);
-            else if (bits == 2) (x, y, z, t) = pointAdd(x, y, z, t, negA);
-            else if (bits == 3) (x, y, z, t) = pointAdd(x, y, z, t, bMinusA);
+        unchecked {
+            for (uint256 i = 254; i > 0;) {
+                i -= 2;
+                (x, y, z, t) = pointDouble(x, y, z);
+                (x, y, z, t) = pointDouble(x, y, z);
+                uint256 window = ((s >> i) & 3) | (((k >> i) & 3) << 2);
+                if (window != 0) (x, y, z, t) = pointAdd(x, y, z, t, addend[window]);
+            }
         }
     }
 
-    /// Cached form of the affine point (x, y): Z = 1, T = x*y.
-    function cachedFromAffine(uint256 x, uint256 y) private pure returns (uint256[4] memory) {
-        return [addmod(y, P - x, P), addmod(y, x, P), mulmod(D2, mulmod(x, y, P), P), 2];
+    /// addend[i + 4j] = [i]B + [j](-A), cached, for i, j in 0..3 (entry 0, the identity, unused).
+    function addendTable(uint256 ax, uint256 ay) private pure returns (uint256[4][16] memory addend) {
+        uint256[4][4] memory multB = multiples(B_X, B_Y);
+        uint256[4][4] memory multNegA = multiples((P - ax) % P, ay);
+        for (uint256 j = 1; j < 4; ++j) {
+            addend[4 * j] = toCached(multNegA[j]);
+        }
+        for (uint256 i = 1; i < 4; ++i) {
+            addend[i] = toCached(multB[i]);
+            for (uint256 j = 1; j < 4; ++j) {
+                addend[i + 4 * j] = toCached(addExtended(multB[i], addend[4 * j]));
+            }
+        }
     }
 
-    /// Cached form of B + q, for q already cached.
-    function cachedBPlus(uint256[4] memory q) private pure returns (uint256[4] memory) {
-        (uint256 x, uint256 y, uint256 z, uint256 t) = pointAdd(B_X, B_Y, 1, mulmod(B_X, B_Y, P), q);
-        return [addmod(y, P - x, P), addmod(y, x, P), mulmod(D2, t, P), addmod(z, z, P)];
+    /// [1]Q, [2]Q, [3]Q in extended coordinates (index 0 unused), Q = (x, y) affine.
+    function multiples(uint256 x, uint256 y) private pure returns (uint256[4][4] memory m) {
+        m[1] = [x, y, 1, mulmod(x, y, P)];
+        (uint256 x2, uint256 y2, uint256 z2, uint256 t2) = pointDouble(x, y, 1);
+        m[2] = [x2, y2, z2, t2];
+        m[3] = addExtended(m[2], toCached(m[1]));
+    }
+
+    /// The cached form [Y - X, Y + X, 2d*T, 2Z] of an extended point [X, Y, Z, T].
+    function toCached(uint256[4] memory q) private pure returns (uint256[4] memory) {
+        unchecked {
+            return [addmod(q[1], P - q[0], P), addmod(q[1], q[0], P), mulmod(D2, q[3], P), addmod(q[2], q[2], P)];
+        }
+    }
+
+    /// extended p + cached q, as an extended point.
+    function addExtended(uint256[4] memory p, uint256[4] memory q) private pure returns (uint256[4] memory) {
+        (uint256 x, uint256 y, uint256 z, uint256 t) = pointAdd(p[0], p[1], p[2], p[3], q);
+        return [x, y, z, t];
     }
 
     /// (x1 : y1 : z1 : t1) + q, q cached (RFC 8032 5.1.4 addition).
     function pointAdd(uint256 x1, uint256 y1, uint256 z1, uint256 t1, uint256[4] memory q)
         private
         pure
-        returns (uint256, uint256, uint256, uint256)
+        returns (uint256 x3, uint256 y3, uint256 z3, uint256 t3)
     {
-        unchecked {
-            uint256 a = mulmod(addmod(y1, P - x1, P), q[0], P);
-            uint256 b = mulmod(addmod(y1, x1, P), q[1], P);
-            uint256 c = mulmod(t1, q[2], P);
-            uint256 d = mulmod(z1, q[3], P);
-            (a, b) = (addmod(b, P - a, P), addmod(b, a, P)); // E = B - A, H = B + A
-            (c, d) = (addmod(d, P - c, P), addmod(d, c, P)); // F = D - C, G = D + C
-            // X3 = E*F, Y3 = G*H, Z3 = F*G, T3 = E*H
-            return (mulmod(a, c, P), mulmod(d, b, P), mulmod(c, d, P), mulmod(a, b, P));
+        assembly ("memory-safe") {
+            let p := P
+            let a := mulmod(addmod(y1, sub(p, x1), p), mload(q), p) // A = (Y1 - X1) (Y2 - X2)
+            let b := mulmod(addmod(y1, x1, p), mload(add(q, 0x20)), p) // B = (Y1 + X1) (Y2 + X2)
+            let c := mulmod(t1, mload(add(q, 0x40)), p) // C = T1 2d T2
+            let d := mulmod(z1, mload(add(q, 0x60)), p) // D = Z1 2 Z2
+            let e := addmod(b, sub(p, a), p)
+            let f := addmod(d, sub(p, c), p)
+            let g := addmod(d, c, p)
+            let h := addmod(b, a, p)
+            x3 := mulmod(e, f, p)
+            y3 := mulmod(g, h, p)
+            z3 := mulmod(f, g, p)
+            t3 := mulmod(e, h, p)
         }
     }
 
@@ -230,20 +260,23 @@ library Ed25519 {
     function pointDouble(uint256 x1, uint256 y1, uint256 z1)
         private
         pure
-        returns (uint256, uint256, uint256, uint256)
+        returns (uint256 x3, uint256 y3, uint256 z3, uint256 t3)
     {
-        unchecked {
-            uint256 a = mulmod(x1, x1, P);
-            uint256 b = mulmod(y1, y1, P);
-            uint256 c = mulmod(z1, z1, P);
-            c = addmod(c, c, P); // C = 2 Z1^2
-            uint256 h = addmod(a, b, P); // H = A + B
-            uint256 xy = addmod(x1, y1, P);
-            uint256 e = addmod(h, P - mulmod(xy, xy, P), P); // E = H - (X1 + Y1)^2
-            uint256 g = addmod(a, P - b, P); // G = A - B
-            uint256 f = addmod(c, g, P); // F = C + G
-            // X3 = E*F, Y3 = G*H, Z3 = F*G, T3 = E*H
-            return (mulmod(e, f, P), mulmod(g, h, P), mulmod(f, g, P), mulmod(e, h, P));
+        assembly ("memory-safe") {
+            let p := P
+            let a := mulmod(x1, x1, p)
+            let b := mulmod(y1, y1, p)
+            let c := mulmod(z1, z1, p)
+            c := addmod(c, c, p) // C = 2 Z1^2
+            let h := addmod(a, b, p) // H = A + B
+            let xy := addmod(x1, y1, p)
+            let e := addmod(h, sub(p, mulmod(xy, xy, p)), p) // E = H - (X1 + Y1)^2
+            let g := addmod(a, sub(p, b), p) // G = A - B
+            let f := addmod(c, g, p) // F = C + G
+            x3 := mulmod(e, f, p)
+            y3 := mulmod(g, h, p)
+            z3 := mulmod(f, g, p)
+            t3 := mulmod(e, h, p)
         }
     }
 
@@ -288,59 +321,57 @@ library Ed25519 {
         bytes memory k
     ) private pure returns (uint256, uint256) {
         assembly ("memory-safe") {
-            // Rotations right by n are or(shr(n, x), shl(64 - n, x)); the bits that shl pushes above
-            // bit 63 are cleared by one mask at the end of each sigma.
-            function bigSigma0(x) -> y {
-                y := and(xor(xor(or(shr(28, x), shl(36, x)), or(shr(34, x), shl(30, x))),
-                             or(shr(39, x), shl(25, x))), 0xffffffffffffffff)
+            // 64-bit rotations right by n are written or(shr(n, x), shl(64 - n, x)); the bits that
+            // shl pushes above bit 63 are cleared by one mask per sigma. They are written out rather
+            // than as Yul helper functions, which the legacy pipeline does not inline (a call per
+            // rotation cost more than the rotation), and scoped in blocks to fit the stack.
+
+            // Step 1: W[0..15] are the block's big-endian 64-bit words; for t >= 16
+            // W[t] = sigma1(W[t-2]) + W[t-7] + sigma0(W[t-15]) + W[t-16].
+            offset := add(add(padded, 0x20), offset) // the block's first byte
+            for { let t := 0 } lt(t, 16) { t := add(t, 1) } {
+                mstore(add(w, shl(5, t)), shr(192, mload(add(offset, shl(3, t)))))
             }
-            function bigSigma1(x) -> y {
-                y := and(xor(xor(or(shr(14, x), shl(50, x)), or(shr(18, x), shl(46, x))),
-                             or(shr(41, x), shl(23, x))), 0xffffffffffffffff)
-            }
-            function smallSigma0(x) -> y {
-                y := and(xor(xor(or(shr(1, x), shl(63, x)), or(shr(8, x), shl(56, x))), shr(7, x)),
-                         0xffffffffffffffff)
-            }
-            function smallSigma1(x) -> y {
-                y := and(xor(xor(or(shr(19, x), shl(45, x)), or(shr(61, x), shl(3, x))), shr(6, x)),
-                         0xffffffffffffffff)
-            }
-            // Ch(e, f, g) = (e AND f) XOR (NOT e AND g): shifting efgh left one or two lanes
-            // brings f or g to the top, next to e.
-            function choose(efgh_) -> y {
-                y := shr(192, xor(and(efgh_, shl(64, efgh_)), and(not(efgh_), shl(128, efgh_))))
-            }
-            // Maj(a, b, c) = (a AND b) XOR (a AND c) XOR (b AND c), from abcd the same way.
-            function majority(abcd_) -> y {
-                let b := shl(64, abcd_)
-                let c := shl(128, abcd_)
-                y := shr(192, xor(xor(and(abcd_, b), and(abcd_, c)), and(b, c)))
-            }
-            function wAt(w_, t) -> y {
-                y := mload(add(w_, shl(5, t)))
+            for { let wt := add(w, 0x200) } lt(wt, add(w, 0xa00)) { wt := add(wt, 0x20) } {
+                let x := mload(sub(wt, 0x40)) // W[t-2]
+                let sum := xor(xor(or(shr(19, x), shl(45, x)), or(shr(61, x), shl(3, x))), shr(6, x))
+                x := mload(sub(wt, 0x1e0)) // W[t-15]
+                sum := add(and(sum, 0xffffffffffffffff),
+                           and(xor(xor(or(shr(1, x), shl(63, x)), or(shr(8, x), shl(56, x))), shr(7, x)),
+                               0xffffffffffffffff))
+                mstore(wt, and(add(sum, add(mload(sub(wt, 0xe0)), mload(sub(wt, 0x200)))), 0xffffffffffffffff))
             }
 
-            // Step 1: W[0..15] are the block's big-endian 64-bit words, W[16..79] mix earlier ones.
-            let input := add(add(padded, 0x20), offset)
-            for { let t := 0 } lt(t, 16) { t := add(t, 1) } {
-                mstore(add(w, shl(5, t)), shr(192, mload(add(input, shl(3, t)))))
-            }
-            for { let t := 16 } lt(t, 80) { t := add(t, 1) } {
-                let sum := add(add(smallSigma1(wAt(w, sub(t, 2))), wAt(w, sub(t, 7))),
-                               add(smallSigma0(wAt(w, sub(t, 15))), wAt(w, sub(t, 16))))
-                mstore(add(w, shl(5, t)), and(sum, 0xffffffffffffffff))
-            }
             // Step 3: the rounds. Each shifts both packs down one lane and puts the new e / a on top;
             // shl(192, .) keeps only the low 64 bits of the sum, which is the reduction mod 2^64.
-            let kTable := add(k, 0x20)
+            k := add(k, 0x20) // the first round constant
             for { let t := 0 } lt(t, 80) { t := add(t, 1) } {
-                // T1 = h + SIGMA1(e) + Ch(e, f, g) + K[t] + W[t];  T2 = SIGMA0(a) + Maj(a, b, c)
-                let t1 := add(add(and(efgh, 0xffffffffffffffff), bigSigma1(shr(192, efgh))),
-                              add(choose(efgh), add(shr(192, mload(add(kTable, shl(3, t)))), wAt(w, t))))
-                let t2 := add(bigSigma0(shr(192, abcd)), majority(abcd))
-                efgh := or(shl(192, add(and(abcd, 0xffffffffffffffff), t1)), shr(64, efgh)) // e = d + T1
-                abcd := or(shl(192, add(t1, t2)), shr(64, abcd)) // a = T1 + T2
+                // T1 = h + SIGMA1(e) + Ch(e, f, g) + K[t] + W[t]
+                let t1 := add(and(efgh, 0xffffffffffffffff),
+                              add(shr(192, mload(add(k, shl(3, t)))), mload(add(w, shl(5, t)))))
+                {
+                    let e := shr(192, efgh)
+                    t1 := add(t1, and(xor(xor(or(shr(14, e), shl(50, e)), or(shr(18, e), shl(46, e))),
+                                          or(shr(41, e), shl(23, e))), 0xffffffffffffffff))
+                }
+                // Ch(e, f, g) = (e AND f) XOR (NOT e AND g): shifting efgh left one or two lanes
+                // brings f or g to the top, next to e.
+                t1 := add(t1, shr(192, xor(and(efgh, shl(64, efgh)), and(not(efgh), shl(128, efgh)))))
+                // T2 = SIGMA0(a) + Maj(a, b, c), Maj = (a AND b) XOR (a AND c) XOR (b AND c), the same way
+                let t2
+                {
+                    let a := shr(192, abcd)
+                    t2 := and(xor(xor(or(shr(28, a), shl(36, a)), or(shr(34, a), shl(30, a))),
+                                  or(shr(39, a), shl(25, a))), 0xffffffffffffffff)
+                }
+                {
+                    let b := shl(64, abcd)
+                    let c := shl(128, abcd)
+                    t2 := add(t2, shr(192, xor(xor(and(abcd, b), and(abcd, c)), and(b, c))))
+                }
+                // e' = d + T1, f' = e, g' = f, h' = g;  a' = T1 + T2, b' = a, c' = b, d' = c
+                efgh := or(shl(192, add(and(abcd, 0xffffffffffffffff), t1)), shr(64, efgh))
+                abcd := or(shl(192, add(t1, t2)), shr(64, abcd))
             }
         }
         return (abcd, efgh);
