@@ -1,32 +1,52 @@
-"""What a settlement batch is formed from: the oldest pending outbox rows, their on-chain records
-and the batch's deterministic id."""
+"""What a settlement batch is formed from: the oldest pending outbox rows (claimed so that no two
+settlers take the same row), their on-chain records, their fees, and the batch's id."""
 
 from __future__ import annotations
 
-from eth_utils import keccak
+from eth_utils import keccak, to_canonical_address
 from sqlmodel import Session, select
 
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import SettleRecord, id_bytes
 
-BATCH_DOMAIN = b"loramesh.batch.v1"
+BATCH_DOMAIN = b"loramesh.batch.v2"
 
 
-def batch_id_for(request_ids: list[str]) -> str:
-    """Deterministic batch id: keccak256(domain || request ids in batch order)."""
-    return "0x" + keccak(BATCH_DOMAIN + b"".join(id_bytes(r) for r in request_ids)).hex()
+def batch_id_for(request_ids: list[str], settler: str, salt: int = 0) -> str:
+    """Batch id: keccak256(domain || settler address || salt || request ids in batch order).
+
+    The settler's address is in it so that no other settler (another gateway on the same ledger) can
+    settle, or front-run, a batch under an id we use; the salt tells apart a batch re-formed from the
+    very records of an abandoned one (ledger.settler: re-pricing after InsufficientDeposit)."""
+    return "0x" + keccak(BATCH_DOMAIN + to_canonical_address(settler) + salt.to_bytes(4, "big")
+                         + b"".join(id_bytes(r) for r in request_ids)).hex()  # fmt: skip
 
 
 def to_settle_record(r: UsageRecord) -> SettleRecord:
     return SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
 
 
+def record_fee(price_per_1k_tokens: int, prompt_tokens: int, completion_tokens: int) -> int:
+    """A record's fee in wei exactly as AttributionLedger computes it: price * (prompt + completion) / 1000,
+    rounded down."""
+    return price_per_1k_tokens * (prompt_tokens + completion_tokens) // 1000
+
+
 _PENDING_COLUMNS = (UsageRecord.id, UsageRecord.request_id, UsageRecord.adapter_id, UsageRecord.node_id,
-                    UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.created_at)  # fmt: skip
+                    UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.created_at,
+                    UsageRecord.error)  # fmt: skip
 
 
-def pending_rows(session: Session, limit: int) -> list:
-    """The oldest pending records as plain rows (the ORM objects cost more than the rest of a batch)."""
+def pending_rows(session: Session, limit: int, *, lock: bool = False) -> list:
+    """The oldest pending records as plain rows (the ORM objects cost more than the rest of a batch).
+
+    lock=True claims them for the caller's transaction: on PostgreSQL `FOR UPDATE SKIP LOCKED`, so a
+    second settler forming a batch at the same moment gets the next rows instead of waiting for (or
+    colliding on) these; SQLite has no row locks and ignores it (the settler's SQLite transactions hold
+    the database's write lock from BEGIN IMMEDIATE instead). Records that are disputed, rejected, set
+    aside or already in a batch are never returned."""
     stmt = (select(*_PENDING_COLUMNS).where(UsageRecord.status == RecordStatus.PENDING)
             .order_by(UsageRecord.id).limit(limit))  # fmt: skip
+    if lock:
+        stmt = stmt.with_for_update(skip_locked=True)
     return list(session.exec(stmt).all())

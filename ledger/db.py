@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 import ledger.models  # noqa: F401 - registers the tables on SQLModel.metadata
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DB_URL = "sqlite:///loramesh.db"
 
@@ -18,7 +21,12 @@ def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: boo
     makes every SQLite transaction take the write lock at BEGIN, so a read-then-write transaction
     never fails on a snapshot another process moved (the settler uses it)."""
     if not url.startswith("sqlite"):
-        return create_engine(url, echo=echo, pool_pre_ping=True)
+        connect_args = {}
+        if url.startswith(("postgresql", "postgres")):
+            # timestamps are stored as UTC without a zone: make the session's zone UTC so that aware
+            # datetimes are written as UTC and `now()` compares with them (settler leases)
+            connect_args["options"] = "-c timezone=UTC"
+        return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
     if url.startswith("sqlite:///") and url not in ("sqlite://", "sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
@@ -43,9 +51,44 @@ def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: boo
     return engine
 
 
+def is_postgres(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+_INIT_LOCK = 0x6C6D5F696E6974  # pg_advisory_lock key of init_db ("lm_init")
+
+
 def init_db(engine: Engine) -> None:
-    """Create every table that does not exist yet."""
-    SQLModel.metadata.create_all(engine)
+    """Create every table that does not exist yet, and add nullable columns that a newer version
+    declares to tables an older one created. Several processes (gateways, settlers) may call it at
+    once on one PostgreSQL database: they take turns (an advisory lock), as CREATE TABLE races."""
+    with engine.connect() as conn:
+        if is_postgres(engine):
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _INIT_LOCK})
+        try:
+            SQLModel.metadata.create_all(conn)
+            _add_missing_columns(conn)
+            conn.commit()
+        finally:
+            if is_postgres(engine):
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _INIT_LOCK})
+                conn.commit()
+
+
+def _add_missing_columns(conn) -> None:
+    """ALTER TABLE ... ADD COLUMN for each nullable column missing from an existing table (the only
+    kind a table with rows can take without a default)."""
+    insp = inspect(conn)
+    for table in SQLModel.metadata.sorted_tables:
+        if not insp.has_table(table.name):
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have or not col.nullable or col.primary_key:
+                continue
+            ddl = col.type.compile(dialect=conn.dialect)
+            log.info("adding column %s.%s (%s)", table.name, col.name, ddl)
+            conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{col.name}" {ddl}'))
 
 
 def session(engine: Engine) -> Session:

@@ -30,6 +30,7 @@ class BatchStatus:
     CREATED = "created"  # written with its records; maybe sent (a crash can hide that), not settled
     SENT = "sent"  # a transaction hash is recorded
     SETTLED = "settled"  # the chain says isSettled(batch_id)
+    ABANDONED = "abandoned"  # never settled and never will be (re-priced after InsufficientDeposit); records left it
 
 
 class UsageRecord(SQLModel, table=True):
@@ -79,6 +80,14 @@ class SettlementBatch(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     sent_at: datetime | None = None
     settled_at: datetime | None = None
+    # Many settlers, one database: `settler` is the account that formed (or took over) the batch and
+    # whose deposit pays it; fees_priced (wei, decimal string) is what the settler priced its records
+    # at, counted against that deposit while the batch is in flight. claimed_by/lease_expires: the
+    # settler process working on the batch, until when (ledger.settler: the lease).
+    settler: str | None = Field(default=None, max_length=42, index=True)
+    fees_priced: str | None = None
+    claimed_by: str | None = Field(default=None, max_length=200)
+    lease_expires: datetime | None = None
 
 
 class ApiKey(SQLModel, table=True):

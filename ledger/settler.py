@@ -1,11 +1,41 @@
-"""The settler: outbox records -> batches -> AttributionLedger.settleBatch, exactly once.
+"""The settler: outbox records -> batches -> AttributionLedger.settleBatch, exactly once, with any
+number of settler processes (and gateways running one in-process) on one database and one ledger.
 
 State machine (every step is committed before the next one acts, so a crash anywhere resumes):
   records pending --form--> batch `created` + records `submitted` (one DB transaction)
   batch created --send--> tx hash recorded, batch `sent`
   batch sent --receipt--> batch `settled` + records `settled` (one DB transaction)
+  batch refused for InsufficientDeposit --> batch `abandoned`, its records pending again (re-priced)
 The chain is the judge: before resending, and after any failure, `isSettled(batch_id)` decides. A
 resent batch that already landed reverts with BatchAlreadySettled, which means "settled".
+
+Many settlers, one database:
+- Forming claims records atomically. The candidate rows are read in the forming transaction itself:
+  on PostgreSQL with `SELECT ... FOR UPDATE SKIP LOCKED` (a second settler forming at the same moment
+  takes the next rows instead of the same ones) under a per-settler-account advisory lock (two
+  processes sharing a key count its deposit one at a time); on SQLite every settler transaction is
+  BEGIN IMMEDIATE, which holds the database's write lock. Everywhere the records are then moved with
+  `UPDATE ... WHERE id IN (...) AND status = 'pending'` and the row count is checked: a mismatch
+  rolls the whole batch back, so no record is ever in two batches and none is lost.
+- Unfinished batches (a crash, a chain outage) are resumed by exactly one settler at a time through
+  a lease on the batch row (claimed_by, lease_expires), taken and renewed with conditional updates.
+  A lease rather than a row lock: it must hold across a whole step (send, then up to
+  receipt_timeout waiting for the receipt), SQLite has no row locks, and a lock held by an open
+  transaction would pin a PostgreSQL connection and snapshot that long. A thread renews our leases
+  every lease/3 while a step runs; before each send the lease is checked again, so a settler that
+  lost its claim never sends. A claim left by a dead process on this host is taken at once (its pid
+  is gone), one left elsewhere when it expires; a stopping settler hands its claims back.
+- Batch ids include the settler's address (ledger.batching.batch_id_for).
+
+Prices are bounded (settler side): each record is priced as the contract will price it (the
+adapter's on-chain price, or the ledger's base price for the zero adapter id, times tokens / 1000)
+into UsageRecord.fee_wei. A record priced above SettlerConfig.max_price_per_1k, with more tokens than
+max_record_tokens, or whose fee the deposit cannot pay is set aside (status set_aside, reason in
+`error`) and never holds up its batch or later ones. A batch's total never exceeds the deposit left
+minus what this settler's in-flight batches will take. Records set aside because the deposit was
+short go back to the outbox by themselves once the deposit can pay them. A batch that still fails
+with InsufficientDeposit (a price raised between pricing and mining, a deposit reclaimed) is
+abandoned and its records re-priced; a record caught in that twice is set aside.
 
 Pipelining: a step sends up to `max_in_flight` batches (each written before it is sent, each with
 the next local nonce) and then waits for all their receipts, so one block carries many batches.
@@ -15,24 +45,31 @@ until one of its transactions settles; a revert then never costs more than that 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import update
-from sqlalchemy.exc import SQLAlchemyError
+from eth_utils import keccak, to_canonical_address
+from sqlalchemy import false, func, or_, text, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
-from ledger.batching import batch_id_for, pending_rows, to_settle_record
+from ledger.batching import batch_id_for, pending_rows, record_fee, to_settle_record
 from ledger.chain import ChainClient, encode_record, record_leaves
+from ledger.db import is_postgres
 from ledger.errors import (
     BatchAlreadySettled,
     ChainUnavailable,
     ContractError,
+    InsufficientDeposit,
     LedgerError,
     TransactionFailed,
     UnknownAdapter,
@@ -40,11 +77,23 @@ from ledger.errors import (
 )
 from ledger.merkle import MerkleTree
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
-from ledger.outbox import batch_records
-from ledger.settler_config import CrashHook, SettlerConfig
+from ledger.outbox import batch_records, count_by_status
+from ledger.settler_config import DEFAULT_LOW_DEPOSIT, CrashHook, SettlerConfig
 from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, SettleRecord
 
 log = logging.getLogger(__name__)
+
+OPEN = (BatchStatus.CREATED, BatchStatus.SENT)  # batches some settler still has to finish
+# Reasons a record is set aside, as the start of its `error` (status set_aside). DEPOSIT_SHORT ones go
+# back to the outbox by themselves when the deposit can pay them; the others wait for an operator
+# (`loramesh settler requeue` after raising the bounds).
+DEPOSIT_SHORT = "deposit short"
+PRICE_TOO_HIGH = "price above bound"
+TOO_MANY_TOKENS = "tokens above bound"
+PRICE_MOVING = "price changed while settling"
+REPRICED = "re-priced"  # `error` of a pending record whose batch was abandoned: a second time sets it aside
+REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the deposit can now pay
+LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
 
 
 class SettlementError(LedgerError):
@@ -62,59 +111,111 @@ class _Work:
     tx_hash: str | None = None
 
 
+def _aware(dt: datetime | None) -> datetime | None:
+    """Timestamps come back naive from PostgreSQL's `timestamp` columns; they are UTC."""
+    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
+
+
 class Settler:
-    """Moves outbox records onto the chain. One instance per database is the intended deployment;
-    two would still settle each batch once (the contract refuses duplicates)."""
+    """Moves outbox records onto the chain. Any number of instances (processes, gateways) may share
+    one database and one ledger: see the module docstring for how they divide the work."""
 
     def __init__(self, engine: Engine, client: ChainClient, config: SettlerConfig | None = None) -> None:
         self.engine = engine
         self.client = client
         self.config = config or SettlerConfig()
+        self.address = client.address
+        # who holds a lease: the account, then host, pid namespace and pid (a claim of a dead process
+        # on this host is free at once), then a random tag (two instances in one process differ)
+        self.instance = (f"{self.address}|{socket.gethostname()}|{_pid_namespace()}|{os.getpid()}|"
+                         f"{secrets.token_hex(4)}")  # fmt: skip
+        self._postgres = is_postgres(engine)
+        # pg_advisory_xact_lock key of this settler account: same-key processes form one at a time
+        self._lock_key = int.from_bytes(keccak(to_canonical_address(self.address))[:8], "big", signed=True)
         self.settled_total = 0  # records this instance marked settled
-        self._known_ids: set[str] = set()  # adapter and node ids seen registered (registries never delete)
+        self.set_aside_total = 0  # records this instance set aside
+        self._known_nodes: set[str] = set()  # node ids seen registered (registries never delete)
         self._probe = True  # one simulated batch per step until one of our transactions settles
         self._crash_point = CrashHook(self.config.crash_at)  # test-only: LORAMESH_SETTLER_CRASH_AT
+        self._next_requeue = 0.0
+        self._next_low_warning = 0.0
 
     # ------------------------------------------------------------------ loop
 
     def run(self, stop: threading.Event | None = None, *, drain: bool = False) -> int:
         """Settle until `stop` is set (or, with drain, until nothing is left); returns records settled.
-        Chain errors are logged and retried with backoff: records wait, nothing is lost."""
+        Chain errors are logged and retried with backoff: records wait, nothing is lost. On the way out
+        the leases on unfinished batches are handed back, so another settler resumes them at once."""
         stop = stop or threading.Event()
         start, backoff = self.settled_total, self.config.poll
-        while not stop.is_set():
-            try:
-                n = self.step(force=drain)
-                backoff = self.config.poll
-                if n == 0:
-                    if drain and not self.has_work():
-                        break
-                    stop.wait(self.config.poll)
-            except (ChainUnavailable, TransactionFailed) as e:
-                log.warning("settler waiting for the chain (retry in %.1fs): %s", backoff, e)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.config.max_backoff)
-            except ContractError as e:
-                log.error("settlement refused by the contract (retry in %.1fs): %s", backoff, e)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.config.max_backoff)
-            except (LedgerError, SQLAlchemyError) as e:  # a long-running settler must outlive these; drain() raises
-                log.error("settlement step failed (retry in %.1fs): %s", backoff, e)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.config.max_backoff)
+        try:
+            while not stop.is_set():
+                try:
+                    n = self.step(force=drain)
+                    backoff = self.config.poll
+                    if n == 0:
+                        if drain and not self.has_work():
+                            break
+                        stop.wait(self.config.poll)
+                except (ChainUnavailable, TransactionFailed) as e:
+                    log.warning("settler waiting for the chain (retry in %.1fs): %s", backoff, e)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, self.config.max_backoff)
+                except ContractError as e:
+                    log.error("settlement refused by the contract (retry in %.1fs): %s", backoff, e)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, self.config.max_backoff)
+                except (LedgerError, SQLAlchemyError) as e:  # a long-running settler must outlive these; drain() raises
+                    log.error("settlement step failed (retry in %.1fs): %s", backoff, e)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, self.config.max_backoff)
+        finally:
+            self.release()
         return self.settled_total - start
 
     def drain(self) -> int:
-        """Settle everything pending now (partial batches included); raises on chain errors."""
+        """Settle everything pending now (partial batches included); raises on chain errors. Batches
+        another live settler holds are waited for."""
         total = 0
-        while (n := self.step(force=True)) or self.has_work():
+        while True:
+            n = self.step(force=True)
             total += n
-        return total
+            if n == 0:
+                if not self.has_work():
+                    return total
+                time.sleep(self.config.poll)  # another settler's batches: wait for them (or their lease)
 
     def has_work(self) -> bool:
         with Session(self.engine) as s:
             return s.exec(select(UsageRecord.id).where(
                 UsageRecord.status.in_([RecordStatus.PENDING, RecordStatus.SUBMITTED])).limit(1)).first() is not None
+
+    def release(self) -> int:
+        """Hand back this instance's leases on unfinished batches (another settler may take them at
+        once); returns how many."""
+        try:
+            with Session(self.engine) as s:
+                n = s.execute(update(SettlementBatch).where(SettlementBatch.claimed_by == self.instance,
+                                                            SettlementBatch.status.in_(OPEN))
+                              .values(claimed_by=None, lease_expires=None)).rowcount  # fmt: skip
+                s.commit()
+        except SQLAlchemyError as e:
+            log.warning("could not hand back batch leases (they expire in %.0fs): %s", self.config.lease, e)
+            return 0
+        if n:
+            log.info("handed back %d unfinished batches", n)
+        return n
+
+    def status(self) -> dict:
+        """settler_status() for this settler's account and low-deposit threshold."""
+        return settler_status(self.engine, self.client, self.address, low_deposit=self.config.low_deposit)
 
     def step(self, *, force: bool = False) -> int:
         """Finish unfinished batches and form due ones, up to max_in_flight (1 while probing), sending
@@ -125,32 +226,55 @@ class Settler:
         self.client.tx.reset()  # nonce and fees from the chain once a step: a lost transaction leaves no gap
         error: LedgerError | None = None
         sent: list[_Work] = []
-        batches = self._batches(limit, force=force)
-        while True:
-            try:  # forming (registry look-ups) and sending may both fail on the chain
-                if (w := next(batches, None)) is None:
-                    break
-                if self._send(w):
-                    sent.append(w)
-            except LedgerError as e:
-                error = e
-                break  # later batches would only queue behind the failure
-        if sent:
-            self._crash_point("in_flight")
-        deadline = time.monotonic() + self.config.receipt_timeout  # one wait for the whole step
-        for w in sent:
+        short: list[tuple[_Work, InsufficientDeposit]] = []  # refused for the deposit: re-priced below
+        with self._heartbeat():
             try:
-                self._await(w, max(0.0, deadline - time.monotonic()))
+                self._requeue_deposit_short()
             except LedgerError as e:
-                error = error or e
+                log.warning("could not look at set-aside records: %s", e)
+            batches = self._batches(limit, force=force)
+            while True:
+                try:  # forming (registry look-ups, the deposit) may fail on the chain
+                    w = next(batches, None)
+                except LedgerError as e:
+                    error = e
+                    break
+                if w is None:
+                    break
+                try:
+                    if self._send(w):
+                        sent.append(w)
+                except InsufficientDeposit as e:
+                    short.append((w, e))  # later batches are priced against the deposit as it is now
+                except LedgerError as e:
+                    error = e
+                    break  # later batches would only queue behind the failure
+            if sent:
+                self._crash_point("in_flight")
+            deadline = time.monotonic() + self.config.receipt_timeout  # one wait for the whole step
+            for w in sent:
+                try:
+                    self._await(w, max(0.0, deadline - time.monotonic()))
+                except InsufficientDeposit as e:
+                    short.append((w, e))
+                except LedgerError as e:
+                    error = error or e
+            for w, e in short:  # every receipt of this step is in: nothing of ours is still on its way
+                try:
+                    self._abandon(w, e)
+                except LedgerError as e2:
+                    error = error or e2
+        if short:
+            self._probe = True
         if error is not None:
             self._probe = True
             raise error
         return self.settled_total - before
 
     def _batches(self, limit: int, *, force: bool) -> Iterator[_Work]:
-        """This step's batches: unfinished ones (oldest first), then new ones, each formed just before
-        it is sent so that early transactions are mined while later batches are being written."""
+        """This step's batches: unfinished ones we could claim (oldest first), then new ones, each
+        formed just before it is sent so that early transactions are mined while later batches are
+        being written."""
         work = self._unfinished(limit)
         yield from work
         n = len(work)
@@ -158,74 +282,307 @@ class Settler:
             n += 1
             yield w
 
-    # ------------------------------------------------------------------ forming
+    # ------------------------------------------------------------------ transactions and leases
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction that forms or changes batches: on PostgreSQL under this account's
+        advisory lock (released at commit or rollback); on SQLite the settler's engine begins every
+        transaction IMMEDIATE, which takes the database's write lock."""
+        with Session(self.engine, expire_on_commit=False) as s:
+            if self._postgres:
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
+            yield s
+
+    def _now(self, s: Session) -> datetime:
+        """The database's clock on PostgreSQL (settlers on several hosts compare leases with one
+        clock), this host's on SQLite (every process is on this host)."""
+        if self._postgres:
+            return _aware(s.execute(text("SELECT now()")).scalar_one())
+        return utcnow()
+
+    def _claimable(self, now: datetime, dead: list[str]):
+        """SQL condition: a batch row this instance may claim (or already holds)."""
+        return or_(SettlementBatch.claimed_by == self.instance, SettlementBatch.claimed_by.is_(None),
+                   SettlementBatch.lease_expires.is_(None), SettlementBatch.lease_expires < now,
+                   SettlementBatch.claimed_by.in_(dead) if dead else false())  # fmt: skip
+
+    def _dead_claims(self, s: Session) -> list[str]:
+        """Claims on open batches held by processes of this host (same pid namespace) that are gone."""
+        host, ns, pid = socket.gethostname(), _pid_namespace(), os.getpid()
+        dead = []
+        owners = s.exec(select(SettlementBatch.claimed_by).where(SettlementBatch.status.in_(OPEN),
+                                                                 SettlementBatch.claimed_by.is_not(None),
+                                                                 SettlementBatch.claimed_by != self.instance)
+                        .distinct()).all()  # fmt: skip
+        for owner in owners:
+            parts = owner.split("|")
+            if len(parts) != 5 or parts[1] != host or parts[2] != ns or not parts[3].isdigit():
+                continue
+            other = int(parts[3])
+            if other == pid:
+                continue  # another instance in this process: alive as far as we can tell
+            try:
+                os.kill(other, 0)
+            except ProcessLookupError:
+                dead.append(owner)
+            except OSError:
+                pass  # exists, someone else's
+        return dead
+
+    def _renew(self, batch_ids: list[int] | None = None) -> int:
+        """Extend this instance's leases (all of them, or on the given batch rows); returns how many
+        it still holds."""
+        with Session(self.engine) as s:
+            until = self._now(s) + timedelta(seconds=self.config.lease)
+            cond = [SettlementBatch.claimed_by == self.instance, SettlementBatch.status.in_(OPEN)]
+            if batch_ids is not None:
+                cond.append(SettlementBatch.id.in_(batch_ids))
+            n = s.execute(update(SettlementBatch).where(*cond).values(lease_expires=until)).rowcount
+            s.commit()
+        return n
+
+    @contextlib.contextmanager
+    def _heartbeat(self) -> Iterator[None]:
+        """Renew our leases every lease/3 while a step runs (a step may wait receipt_timeout)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.config.lease / 3):
+                try:
+                    self._renew()
+                except SQLAlchemyError as e:
+                    log.warning("could not renew batch leases: %s", e)
+
+        t = threading.Thread(target=beat, name="settler-lease", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
+    # ------------------------------------------------------------------ resuming
 
     def _unfinished(self, limit: int) -> list[_Work]:
+        """Claim up to `limit` unfinished batches (ours, unclaimed, expired, or a dead local process's)."""
         with Session(self.engine, expire_on_commit=False) as s:
-            stmt = (select(SettlementBatch).where(SettlementBatch.status != BatchStatus.SETTLED)
-                    .order_by(SettlementBatch.id).limit(limit))  # fmt: skip
-            return [_Work(b, [to_settle_record(r) for r in batch_records(s, b.batch_id)], resumed=True)
-                    for b in s.exec(stmt).all()]  # fmt: skip
+            dead = self._dead_claims(s)
+            now = self._now(s)
+            until = now + timedelta(seconds=self.config.lease)
+            ids = s.exec(select(SettlementBatch.id).where(SettlementBatch.status.in_(OPEN),
+                                                          self._claimable(now, dead))
+                         .order_by(SettlementBatch.id).limit(limit)).all()  # fmt: skip
+            mine = []
+            for bid in ids:
+                n = s.execute(update(SettlementBatch).where(SettlementBatch.id == bid, SettlementBatch.status.in_(OPEN),
+                                                            self._claimable(now, dead))
+                              .values(claimed_by=self.instance, lease_expires=until)).rowcount  # fmt: skip
+                if n == 1:
+                    mine.append(bid)
+            s.commit()
+            work = []
+            for bid in mine:
+                b = s.get(SettlementBatch, bid)
+                work.append(_Work(b, [to_settle_record(r) for r in batch_records(s, b.batch_id)], resumed=True))
+            return work
+
+    # ------------------------------------------------------------------ forming
 
     def _form_batch(self, *, force: bool) -> _Work | None:
+        """The next batch, written and claimed; None when nothing is due. Records set aside or
+        rejected on the way never stop it: forming goes on with the rows after them."""
         cfg = self.config
-        with Session(self.engine) as s:  # short read; no chain call while the database is locked
-            rows = pending_rows(s, cfg.batch_size)
-        if not rows:
-            return None
-        due = force or len(rows) >= cfg.batch_size or (
-            utcnow() - rows[0].created_at >= timedelta(seconds=cfg.interval))
-        if not due:
-            return None
-        unknown = self._unregistered_ids(rows)
-        with Session(self.engine, expire_on_commit=False) as s:
-            ids = s.exec(select(UsageRecord.id).where(UsageRecord.status == RecordStatus.PENDING)
-                         .order_by(UsageRecord.id).limit(cfg.batch_size)).all()  # fmt: skip
-            if list(ids) != [r.id for r in rows]:
-                return None  # the outbox changed under us (another settler?): look again next step
-            keep = []
-            for r in rows:
-                reason = unknown.get(r.adapter_id) or unknown.get(r.node_id)
-                if reason:
-                    log.error("rejecting usage record %s: %s", r.request_id, reason)
-                    s.execute(update(UsageRecord).where(UsageRecord.id == r.id)
-                              .values(status=RecordStatus.REJECTED, error=reason))  # fmt: skip
-                else:
-                    keep.append(r)
-            if not keep:
-                s.commit()
+        while True:
+            with Session(self.engine) as s:  # a short read first: the look-ups run outside the write lock
+                rows = pending_rows(s, cfg.batch_size)
+            if not rows or not self._due(rows, force):
                 return None
-            settle = [to_settle_record(r) for r in keep]
-            tree = MerkleTree(record_leaves([encode_record(r) for r in settle]))
-            batch = SettlementBatch(batch_id=batch_id_for([r.request_id for r in keep]),
-                                    merkle_root="0x" + tree.root.hex(), record_count=len(keep))  # fmt: skip
-            s.execute(update(UsageRecord), [
-                {"id": r.id, "status": RecordStatus.SUBMITTED, "batch_id": batch.batch_id, "leaf_index": i}
-                for i, r in enumerate(keep)
-            ])  # fmt: skip
-            s.add(batch)
-            s.commit()
-        log.info("formed batch %s with %d records", batch.batch_id, batch.record_count)
-        return _Work(batch, settle, resumed=False)
+            prices: dict[str, int | str] = {}
+            self._look_up(rows, prices)
+            with self._write() as s:
+                rows = pending_rows(s, cfg.batch_size, lock=True)  # what is still there, claimed for us
+                if not rows or not self._due(rows, force):
+                    return None
+                self._look_up(rows, prices)  # rows another settler left since the read: rarely any
+                done = self._form_in(s, rows, prices)
+            if done is not False:
+                return done
+            # only set-aside or rejected records this time: form again from the rows after them
 
-    def _unregistered_ids(self, records) -> dict[str, str]:
-        """Adapter and node ids the registry does not know, with the reason. Records naming them are
-        rejected: one such record would otherwise make every batch it sits in revert forever."""
-        bad: dict[str, str] = {}
-        checks = [(r.adapter_id, self.client.get_adapter, "adapter") for r in records
-                  if r.adapter_id != BASE_MODEL_ADAPTER_ID]  # a base-model record names no adapter
-        checks += [(r.node_id, self.client.get_node, "node") for r in records]
-        for ident, getter, what in checks:
-            if ident in self._known_ids or ident in bad:
+    def _due(self, rows, force: bool) -> bool:
+        return force or len(rows) >= self.config.batch_size or (
+            utcnow() - _aware(rows[0].created_at) >= timedelta(seconds=self.config.interval))
+
+    def _look_up(self, rows, prices: dict[str, int | str]) -> None:
+        """Fill `prices`: adapter id (or node id) -> price per 1k tokens, or the reason it cannot be
+        settled (not registered). Prices are read fresh for every batch: the contract charges the price
+        at mining time, so a cached price would only widen the window for a raised one."""
+        for r in rows:
+            a = r.adapter_id
+            if a in prices:
+                pass
+            elif a == BASE_MODEL_ADAPTER_ID:  # a base-model record: the ledger's base price, no registry entry
+                prices[a] = self.client.base_price()
+            else:
+                try:
+                    prices[a] = self.client.get_adapter(a).price_per_1k_tokens
+                except UnknownAdapter:
+                    prices[a] = f"adapter {a} is not registered on chain"
+            n = r.node_id
+            if n in prices or n in self._known_nodes:
                 continue
             try:
-                getter(ident)
-                self._known_ids.add(ident)
-            except (UnknownAdapter, UnknownNode):
-                bad[ident] = f"{what} {ident} is not registered on chain"
-        return bad
+                self.client.get_node(n)
+                self._known_nodes.add(n)
+            except UnknownNode:
+                prices[n] = f"node {n} is not registered on chain"
+
+    def _free_deposit(self, s: Session) -> tuple[int, int]:
+        """(deposit left on chain minus what this account's unfinished batches were priced at, that
+        in-flight amount). Read inside the forming transaction, so same-key settlers never both count
+        the same wei (PostgreSQL: the advisory lock; SQLite: the write lock)."""
+        deposit = self.client.deposit_of(self.address)
+        fees = s.exec(select(SettlementBatch.fees_priced).where(SettlementBatch.settler == self.address,
+                                                                SettlementBatch.status.in_(OPEN))).all()  # fmt: skip
+        in_flight = sum(int(f) for f in fees if f)
+        return deposit - in_flight, in_flight
+
+    def _form_in(self, s: Session, rows, prices: dict[str, int | str]) -> _Work | bool | None:
+        """Price `rows` (claimed in `s`), set aside or reject what cannot be settled, write the batch
+        of the rest, commit. Returns the batch, False when only records were set aside or rejected,
+        None when nothing changed."""
+        cfg = self.config
+        free, in_flight = self._free_deposit(s)
+        keep: list[tuple[object, int]] = []
+        aside: list[tuple[object, str, int | None]] = []
+        rejected: list[tuple[object, str]] = []
+        total, short = 0, False
+        for r in rows:
+            a_price, n_reason = prices[r.adapter_id], prices.get(r.node_id)
+            if isinstance(a_price, str) or isinstance(n_reason, str):
+                rejected.append((r, a_price if isinstance(a_price, str) else n_reason))
+                continue
+            tokens = r.prompt_tokens + r.completion_tokens
+            if tokens > cfg.max_record_tokens:
+                aside.append((r, f"{TOO_MANY_TOKENS}: {tokens} tokens > max {cfg.max_record_tokens} per record", None))
+                continue
+            fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
+            if a_price > cfg.max_price_per_1k:
+                what = "base model" if r.adapter_id == BASE_MODEL_ADAPTER_ID else f"adapter {r.adapter_id}"
+                aside.append((r, f"{PRICE_TOO_HIGH}: {what} costs {a_price} wei per 1k tokens > max "
+                                 f"{cfg.max_price_per_1k}", fee))  # fmt: skip
+                continue
+            if total + fee <= free:
+                keep.append((r, fee))
+                total += fee
+                continue
+            short = True
+            if fee > free and in_flight == 0:  # no batch of ours will ever free room for it: set aside
+                aside.append((r, f"{DEPOSIT_SHORT}: fee {fee} wei > deposit left {max(free, 0)} wei", fee))
+                continue
+            break  # the rest waits for the next batch (or for our in-flight batches to settle)
+        if short or free - total < cfg.low_deposit:
+            self._warn_low(free - total, in_flight + total, short)
+        if not (keep or aside or rejected):
+            return None
+
+        batch = None
+        if keep:
+            settle = [to_settle_record(r) for r, _ in keep]
+            tree = MerkleTree(record_leaves([encode_record(r) for r in settle]))
+            request_ids = [r.request_id for r, _ in keep]
+            salt = 0
+            while s.exec(select(SettlementBatch.id).where(
+                    SettlementBatch.batch_id == batch_id_for(request_ids, self.address, salt))).first() is not None:
+                salt += 1  # the very records of an abandoned batch: a new id
+            batch = SettlementBatch(batch_id=batch_id_for(request_ids, self.address, salt),
+                                    merkle_root="0x" + tree.root.hex(), record_count=len(keep), settler=self.address,
+                                    fees_priced=str(total), claimed_by=self.instance,
+                                    lease_expires=self._now(s) + timedelta(seconds=cfg.lease))  # fmt: skip
+            if not self._move(s, [r.id for r, _ in keep], status=RecordStatus.SUBMITTED, batch_id=batch.batch_id):
+                return None
+            s.execute(update(UsageRecord), [{"id": r.id, "leaf_index": i, "fee_wei": str(fee)}
+                                            for i, (r, fee) in enumerate(keep)])  # by primary key: rows we hold
+            s.add(batch)
+        for r, reason, fee in aside:
+            if not self._move(s, [r.id], status=RecordStatus.SET_ASIDE, error=reason,
+                              fee_wei=None if fee is None else str(fee)):  # fmt: skip
+                return None
+        for r, reason in rejected:
+            if not self._move(s, [r.id], status=RecordStatus.REJECTED, error=reason):
+                return None
+        s.commit()
+        for r, reason, _ in aside:
+            log.warning("setting aside usage record %s: %s", r.request_id, reason)
+        for r, reason in rejected:
+            log.error("rejecting usage record %s: %s", r.request_id, reason)
+        self.set_aside_total += len(aside)
+        if batch is None:
+            return False
+        log.info("formed batch %s with %d records (%d wei)", batch.batch_id, batch.record_count, total)
+        return _Work(batch, settle, resumed=False)
+
+    def _move(self, s: Session, ids: list[int], **values) -> bool:
+        """Move pending records, and only pending ones: False (and the transaction rolled back) when
+        any of them is no longer pending, so no record ever lands in two batches."""
+        n = s.execute(update(UsageRecord).where(UsageRecord.id.in_(ids), UsageRecord.status == RecordStatus.PENDING)
+                      .values(**values).execution_options(synchronize_session=False)).rowcount  # fmt: skip
+        if n != len(ids):
+            s.rollback()
+            log.info("outbox rows moved under us (%d of %d still pending): forming again", n, len(ids))
+            return False
+        return True
+
+    def _warn_low(self, left: int, in_flight: int, short: bool) -> None:
+        now = time.monotonic()
+        if now < self._next_low_warning:
+            return
+        self._next_low_warning = now + LOW_WARN_EVERY
+        log.warning("settler %s deposit is low: %d wei left after %d wei in flight%s; top it up with "
+                    "depositFor(%s)", self.address, max(left, 0), in_flight,
+                    " (records wait or are set aside)" if short else "", self.address)  # fmt: skip
+
+    def _requeue_deposit_short(self) -> int:
+        """Records set aside because the deposit was short go back to the outbox, oldest first, as far
+        as the deposit left can pay them now (they are priced again when batched)."""
+        now = time.monotonic()
+        if now < self._next_requeue:
+            return 0
+        self._next_requeue = now + REQUEUE_EVERY
+        cond = (UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{DEPOSIT_SHORT}%"))
+        with Session(self.engine) as s:
+            if s.exec(select(UsageRecord.id).where(*cond).limit(1)).first() is None:
+                return 0
+        with self._write() as s:
+            free, _ = self._free_deposit(s)
+            rows = s.exec(select(UsageRecord.id, UsageRecord.fee_wei).where(*cond).order_by(UsageRecord.id)
+                          .limit(self.config.batch_size * self.config.max_in_flight)).all()  # fmt: skip
+            ids = []
+            for rid, fee in rows:
+                fee = int(fee or 0)
+                if fee > free:
+                    break
+                free -= fee
+                ids.append(rid)
+            if not ids:
+                return 0
+            n = s.execute(update(UsageRecord).where(UsageRecord.id.in_(ids), *cond)
+                          .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
+            s.commit()
+        log.info("the deposit can pay %d records set aside for it: back in the outbox", n)
+        return n
 
     # ------------------------------------------------------------------ finishing
+
+    def _senders_quiet(self, addresses) -> bool:
+        """Whether none of these accounts has a transaction still waiting to be mined: then no earlier
+        send of a batch by them can land any more."""
+        for a in {x for x in addresses if x}:
+            if self.client.tx.w3.eth.get_transaction_count(a, "latest") != \
+                    self.client.tx.w3.eth.get_transaction_count(a, "pending"):  # fmt: skip
+                return False
+        return True
 
     def _send(self, w: _Work) -> bool:
         """Send the batch (or find it settled, or its transaction still live); True when a receipt
@@ -238,6 +595,13 @@ class Settler:
             if batch.tx_hash and self._tx_still_pending(batch.tx_hash):
                 w.tx_hash = batch.tx_hash
                 return True
+            if batch.settler and batch.settler != self.address and not self._senders_quiet([batch.settler]):
+                log.info("batch %s: waiting for %s's transactions before sending it ourselves", batch.batch_id,
+                         batch.settler)  # fmt: skip
+                return False
+        if self._renew([batch.id]) != 1:  # never send a batch whose lease another settler has taken
+            log.warning("lost the lease on batch %s to another settler", batch.batch_id)
+            return False
         self._crash_point("before_send")
         try:
             tx_hash = self.client.send_settle_batch(batch.batch_id, batch.merkle_root, w.records,
@@ -249,6 +613,7 @@ class Settler:
         with Session(self.engine, expire_on_commit=False) as s:
             row = s.get(SettlementBatch, batch.id)
             row.tx_hash, row.status, row.sent_at, row.attempts = tx_hash, BatchStatus.SENT, utcnow(), row.attempts + 1
+            row.settler = self.address  # the account whose deposit pays it
             s.add(row)
             s.commit()
             w.batch = row
@@ -283,6 +648,40 @@ class Settler:
         self._crash_point("after_receipt")
         self._mark_settled(batch, info)
 
+    def _abandon(self, w: _Work, error: InsufficientDeposit) -> None:
+        """The deposit cannot pay the batch as priced (a price raised since, a deposit reclaimed): once
+        no transaction of it can land any more, give it up and put its records back in the outbox to be
+        priced again (a record already re-priced once is set aside instead: the price keeps moving)."""
+        batch = w.batch
+        if self.client.is_settled(batch.batch_id):
+            self._mark_settled(batch)
+            return
+        if not self._senders_quiet([self.address, batch.settler]):
+            raise error  # one of its transactions may still be mined: look again next step
+        reason = f"batch {batch.batch_id} refused: {error}"
+        with self._write() as s:
+            n = s.execute(update(SettlementBatch).where(SettlementBatch.id == batch.id, SettlementBatch.status.in_(OPEN),
+                                                        SettlementBatch.claimed_by == self.instance)
+                          .values(status=BatchStatus.ABANDONED, last_error=reason[:1000], claimed_by=None,
+                                  lease_expires=None)).rowcount  # fmt: skip
+            if n != 1:
+                return  # not ours any more
+            rows = s.exec(select(UsageRecord.id, UsageRecord.error).where(
+                UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)).all()
+            again = [rid for rid, err in rows if err and err.startswith(REPRICED)]
+            first = [rid for rid, err in rows if not (err and err.startswith(REPRICED))]
+            cleared = {"batch_id": None, "leaf_index": None}
+            if first:
+                s.execute(update(UsageRecord).where(UsageRecord.id.in_(first)).values(
+                    status=RecordStatus.PENDING, fee_wei=None, error=f"{REPRICED}: {reason}"[:1000], **cleared))
+            if again:
+                s.execute(update(UsageRecord).where(UsageRecord.id.in_(again)).values(
+                    status=RecordStatus.SET_ASIDE, error=f"{PRICE_MOVING}: {reason}"[:1000], **cleared))
+            s.commit()
+        self.set_aside_total += len(again)
+        log.warning("abandoned batch %s (%s): %d records to be priced again, %d set aside", batch.batch_id, error,
+                    len(first), len(again))  # fmt: skip
+
     def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
         """Record the batch settled as the chain has it (`info`, else getBatch)."""
         info = info or self.client.get_batch(batch.batch_id)
@@ -292,14 +691,70 @@ class Settler:
             raise SettlementError(
                 f"batch {batch.batch_id} settled on chain with root {info.merkle_root}, database has {batch.merkle_root}"
             )
-        with Session(self.engine) as s:
+        with Session(self.engine, expire_on_commit=False) as s:
             row = s.get(SettlementBatch, batch.id)
             row.status, row.block_number, row.total_fees = BatchStatus.SETTLED, info.settled_block, str(info.total_fees)
-            row.settled_at = utcnow()
+            row.settled_at, row.lease_expires = utcnow(), None
             s.add(row)
-            n = s.execute(update(UsageRecord).where(UsageRecord.batch_id == batch.batch_id)
+            n = s.execute(update(UsageRecord).where(UsageRecord.batch_id == batch.batch_id,
+                                                    UsageRecord.status == RecordStatus.SUBMITTED)
                           .values(status=RecordStatus.SETTLED)).rowcount  # fmt: skip
             s.commit()
         self.settled_total += n
+        if row.fees_priced is not None and info.total_fees > int(row.fees_priced):
+            log.warning("batch %s cost %d wei, priced at %s: a price rose between pricing and mining",
+                        batch.batch_id, info.total_fees, row.fees_priced)  # fmt: skip
         log.info("batch %s settled in block %d (%d records)", batch.batch_id, info.settled_block, n)
         return n
+
+
+# ---------------------------------------------------------------------- status
+
+
+def settler_status(engine: Engine, client: ChainClient | None = None, settler: str | None = None, *,
+                   low_deposit: int = DEFAULT_LOW_DEPOSIT) -> dict:  # fmt: skip
+    """Where settlement stands, for `loramesh settler status`, /metrics and /health. Database only,
+    plus one eth_call for the deposit when `client` and `settler` (an address) are given; a chain
+    that does not answer leaves the deposit fields None and says why in chain_error.
+
+    Keys: pending, in_flight (records in unsettled batches), set_aside, set_aside_deposit_short (of
+    those, the ones that go back by themselves once the deposit can pay them), disputed, rejected,
+    settled (record counts); batches_in_flight; fees_pending_wei (what unsettled batches were priced
+    at: the deposit will pay it); fees_set_aside_wei; settler; deposit_wei (on chain);
+    deposit_left_wei (deposit_wei minus this settler's fees pending); deposit_low (deposit_left_wei
+    below low_deposit, or records set aside for the deposit); chain_error."""
+    with Session(engine) as s:
+        counts = count_by_status(s)
+        open_batches = s.exec(select(SettlementBatch.settler, SettlementBatch.fees_priced)
+                              .where(SettlementBatch.status.in_(OPEN))).all()  # fmt: skip
+        aside_fees = s.exec(select(UsageRecord.fee_wei).where(UsageRecord.status == RecordStatus.SET_ASIDE,
+                                                              UsageRecord.fee_wei.is_not(None))).all()  # fmt: skip
+        deposit_short = s.exec(select(func.count()).select_from(UsageRecord).where(
+            UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{DEPOSIT_SHORT}%"))).one()
+    mine = [f for who, f in open_batches if settler is None or (who or "").lower() == settler.lower()]
+    out = {
+        "pending": counts.get(RecordStatus.PENDING, 0),
+        "in_flight": counts.get(RecordStatus.SUBMITTED, 0),
+        "set_aside": counts.get(RecordStatus.SET_ASIDE, 0),
+        "set_aside_deposit_short": int(deposit_short),
+        "disputed": counts.get(RecordStatus.DISPUTED, 0),
+        "rejected": counts.get(RecordStatus.REJECTED, 0),
+        "settled": counts.get(RecordStatus.SETTLED, 0),
+        "batches_in_flight": len(open_batches),
+        "fees_pending_wei": sum(int(f) for f in mine if f),
+        "fees_set_aside_wei": sum(int(f) for f in aside_fees if f),
+        "settler": settler,
+        "deposit_wei": None,
+        "deposit_left_wei": None,
+        "deposit_low": bool(deposit_short) or None,
+        "chain_error": None,
+    }
+    if client is not None and settler is not None:
+        try:
+            deposit = client.deposit_of(settler)
+        except LedgerError as e:
+            out["chain_error"] = str(e)
+        else:
+            left = deposit - out["fees_pending_wei"]
+            out.update(deposit_wei=deposit, deposit_left_wei=left, deposit_low=left < low_deposit or bool(deposit_short))
+    return out

@@ -61,7 +61,7 @@ def test_thousand_records_settle_once_in_batches(anvil_chain, engine):
         # in outbox order, with a deterministic id and the root of its records
         first = batch_records(s, batches[0].batch_id)
         assert [r.request_id for r in first] == ids[:100]
-        assert batches[0].batch_id == batch_id_for(ids[:100])
+        assert batches[0].batch_id == batch_id_for(ids[:100], client.address)
         assert batches[0].merkle_root == "0x" + MerkleTree.from_records([to_settle_record(r) for r in first]).root.hex()
     assert set(settled_on_chain(client, ids).values()) == {1}
     fees = 0
@@ -147,10 +147,11 @@ def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):
     with Session(engine) as s:
         records = [to_settle_record(r) for r in s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(ids))
                                                        .order_by(UsageRecord.id))]  # fmt: skip
-    client.settle_batch(batch_id_for(ids), "0x" + MerkleTree.from_records(records).root.hex(), records)
+    batch_id = batch_id_for(ids, client.address)
+    client.settle_batch(batch_id, "0x" + MerkleTree.from_records(records).root.hex(), records)
     settler = Settler(engine, client, SettlerConfig(batch_size=4))
     with pytest.raises(E.BatchAlreadySettled):
-        client.send_settle_batch(batch_id_for(ids), "0x" + MerkleTree.from_records(records).root.hex(), records)
+        client.send_settle_batch(batch_id, "0x" + MerkleTree.from_records(records).root.hex(), records)
     assert settler.drain() == 4
     assert set(settled_on_chain(client, ids).values()) == {1}
 
@@ -160,6 +161,7 @@ def test_unauthorised_settler_leaves_records_waiting(anvil_chain, engine):
     reg = register_sample(env)
     add_records(engine, [reg], 3)
     stranger = env.new_account(ETHER)
+    env.client(env.admin).deposit_for(stranger.address, ETHER)  # anyone may be funded; only settlers settle
     settler = Settler(engine, env.client(stranger), SettlerConfig(batch_size=3))
     with pytest.raises(E.NotSettler):
         settler.step()
@@ -167,11 +169,12 @@ def test_unauthorised_settler_leaves_records_waiting(anvil_chain, engine):
         assert count_by_status(s) == {"submitted": 3}
         assert s.exec(select(SettlementBatch)).one().status == BatchStatus.CREATED
     env.client(env.admin).grant_settler(stranger.address)
-    env.client(env.admin).deposit_for(stranger.address, ETHER)
     assert settler.drain() == 3
 
 
 def test_missing_deposit_waits_then_resumes(anvil_chain, engine):
+    """Without a deposit the records are set aside for it (they never block the outbox) and go back
+    by themselves once it is paid in."""
     env = anvil_chain
     gateway = env.new_account(ETHER)
     env.client(env.admin).grant_settler(gateway.address)
@@ -184,7 +187,8 @@ def test_missing_deposit_waits_then_resumes(anvil_chain, engine):
     try:
         time.sleep(0.8)
         with Session(engine) as s:
-            assert count_by_status(s) == {"submitted": 5}
+            assert count_by_status(s) == {"set_aside": 5}
+            assert all(r.error.startswith("deposit short") for r in s.exec(select(UsageRecord)))
         env.client(env.admin).deposit_for(gateway.address, ETHER)
         _wait_for(lambda: _status(engine) == {"settled": 5}, 20)
     finally:
