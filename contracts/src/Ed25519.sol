@@ -15,7 +15,7 @@ pragma solidity ^0.8.24;
 /// allows this or the cofactored [8][s]B == [8]R + [8][k]A; they differ only on signatures built
 /// with small-order components, which honest signers (OpenSSL, `cryptography`) never produce.
 ///
-/// Cost choices (~330,000 gas for the registry's 88-byte message): points use extended twisted
+/// Cost choices (~314,000 gas for the registry's 88-byte message): points use extended twisted
 /// Edwards coordinates (X:Y:Z:T), x = X/Z, y = Y/Z, xy = T/Z, so additions and doublings need no
 /// field inversion; [s]B + [k](-A) is one Straus/Shamir double-scalar loop (the 253 doublings shared
 /// by both scalars, 2-bit windows) and its result is compared with R projectively, so the only
@@ -185,7 +185,7 @@ library Ed25519 {
         pure
         returns (uint256 x, uint256 y, uint256 z)
     {
-        uint256[4][16] memory addend = addendTable(ax, ay);
+        uint256[64] memory addend = addendTable(ax, ay);
         uint256 t;
         (x, y, z, t) = (0, 1, 1, 0); // identity
         unchecked {
@@ -194,55 +194,74 @@ library Ed25519 {
                 (x, y, z, t) = pointDouble(x, y, z);
                 (x, y, z, t) = pointDouble(x, y, z);
                 uint256 window = ((s >> i) & 3) | (((k >> i) & 3) << 2);
-                if (window != 0) (x, y, z, t) = pointAdd(x, y, z, t, addend[window]);
+                if (window != 0) (x, y, z, t) = pointAdd(x, y, z, t, addend, window);
             }
         }
     }
 
-    /// addend[i + 4j] = [i]B + [j](-A), cached, for i, j in 0..3 (entry 0, the identity, unused).
-    function addendTable(uint256 ax, uint256 ay) private pure returns (uint256[4][16] memory addend) {
-        uint256[4][4] memory multB = multiples(B_X, B_Y);
-        uint256[4][4] memory multNegA = multiples((P - ax) % P, ay);
-        for (uint256 j = 1; j < 4; ++j) {
-            addend[4 * j] = toCached(multNegA[j]);
-        }
+    /// Entry i + 4j of the table is [i]B + [j](-A), cached, for i, j in 0..3 (entry 0, the identity,
+    /// is unused): row 0 holds the multiples of B, row j each of them plus [j](-A).
+    function addendTable(uint256 ax, uint256 ay) private pure returns (uint256[64] memory table) {
+        storeCached(table, 1, B_X, B_Y, 1, mulmod(B_X, B_Y, P));
+        (uint256 x, uint256 y, uint256 z, uint256 t) = pointDouble(B_X, B_Y, 1);
+        storeCached(table, 2, x, y, z, t);
+        (x, y, z, t) = pointAdd(x, y, z, t, table, 1);
+        storeCached(table, 3, x, y, z, t);
+        uint256 negAx = (P - ax) % P;
+        fillRow(table, 1, negAx, ay, 1, mulmod(negAx, ay, P));
+        (x, y, z, t) = pointDouble(negAx, ay, 1);
+        fillRow(table, 2, x, y, z, t);
+        (x, y, z, t) = pointAdd(x, y, z, t, table, 4);
+        fillRow(table, 3, x, y, z, t);
+    }
+
+    /// Row j of the table from the extended point (x : y : z : t) = [j](-A), row 0 being filled.
+    function fillRow(uint256[64] memory table, uint256 j, uint256 x, uint256 y, uint256 z, uint256 t)
+        private
+        pure
+    {
+        storeCached(table, 4 * j, x, y, z, t);
         for (uint256 i = 1; i < 4; ++i) {
-            addend[i] = toCached(multB[i]);
-            for (uint256 j = 1; j < 4; ++j) {
-                addend[i + 4 * j] = toCached(addExtended(multB[i], addend[4 * j]));
-            }
+            storeCachedSum(table, i + 4 * j, x, y, z, t, i);
         }
     }
 
-    /// [1]Q, [2]Q, [3]Q in extended coordinates (index 0 unused), Q = (x, y) affine.
-    function multiples(uint256 x, uint256 y) private pure returns (uint256[4][4] memory m) {
-        m[1] = [x, y, 1, mulmod(x, y, P)];
-        (uint256 x2, uint256 y2, uint256 z2, uint256 t2) = pointDouble(x, y, 1);
-        m[2] = [x2, y2, z2, t2];
-        m[3] = addExtended(m[2], toCached(m[1]));
+    /// Store (x : y : z : t) + table entry `other` as table entry `index`.
+    function storeCachedSum(
+        uint256[64] memory table,
+        uint256 index,
+        uint256 x,
+        uint256 y,
+        uint256 z,
+        uint256 t,
+        uint256 other
+    ) private pure {
+        (x, y, z, t) = pointAdd(x, y, z, t, table, other);
+        storeCached(table, index, x, y, z, t);
     }
 
-    /// The cached form [Y - X, Y + X, 2d*T, 2Z] of an extended point [X, Y, Z, T].
-    function toCached(uint256[4] memory q) private pure returns (uint256[4] memory) {
+    /// Store the extended point (x : y : z : t) as table entry `index`, in the cached form
+    /// [Y - X, Y + X, 2d*T, 2Z]. Entries are 4 words (128 bytes) at table + 128 * index.
+    function storeCached(uint256[64] memory table, uint256 index, uint256 x, uint256 y, uint256 z, uint256 t)
+        private
+        pure
+    {
         unchecked {
-            return [addmod(q[1], P - q[0], P), addmod(q[1], q[0], P), mulmod(D2, q[3], P), addmod(q[2], q[2], P)];
+            uint256 o = 4 * index;
+            (table[o], table[o + 1], table[o + 2], table[o + 3]) =
+                (addmod(y, P - x, P), addmod(y, x, P), mulmod(D2, t, P), addmod(z, z, P));
         }
     }
 
-    /// extended p + cached q, as an extended point.
-    function addExtended(uint256[4] memory p, uint256[4] memory q) private pure returns (uint256[4] memory) {
-        (uint256 x, uint256 y, uint256 z, uint256 t) = pointAdd(p[0], p[1], p[2], p[3], q);
-        return [x, y, z, t];
-    }
-
-    /// (x1 : y1 : z1 : t1) + q, q cached (RFC 8032 5.1.4 addition).
-    function pointAdd(uint256 x1, uint256 y1, uint256 z1, uint256 t1, uint256[4] memory q)
+    /// (x1 : y1 : z1 : t1) + table entry `index` (< 16, cached): RFC 8032 5.1.4 addition.
+    function pointAdd(uint256 x1, uint256 y1, uint256 z1, uint256 t1, uint256[64] memory table, uint256 index)
         private
         pure
         returns (uint256 x3, uint256 y3, uint256 z3, uint256 t3)
     {
         assembly ("memory-safe") {
             let p := P
+            let q := add(table, shl(7, index))
             let a := mulmod(addmod(y1, sub(p, x1), p), mload(q), p) // A = (Y1 - X1) (Y2 - X2)
             let b := mulmod(addmod(y1, x1, p), mload(add(q, 0x20)), p) // B = (Y1 + X1) (Y2 + X2)
             let c := mulmod(t1, mload(add(q, 0x40)), p) // C = T1 2d T2
