@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import BadRequest, GatewayError, UpstreamError, error_body
+from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, UpstreamError, error_body
 from gateway.openai_api import (
     DONE,
     ChatRequest,
@@ -56,9 +56,14 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     import gateway.models  # noqa: F401 - registers the gateway's tables
     from ledger.db import init_db, make_engine
 
+    from gateway.models import add_missing_columns
+    from gateway.usage import set_busy_timeout
+
     settings = settings or GatewaySettings()
     engine = make_engine(settings.db_url)
+    set_busy_timeout(engine, settings.db_busy_timeout_s)
     init_db(engine)  # creates every registered table, the gateway's included
+    add_missing_columns(engine)
     if chain_client is None and settings.deployment is not None:
         from ledger.chain import ChainClient
 
@@ -71,7 +76,9 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await gw.load_disputes()
         sync = asyncio.get_running_loop().create_task(gw.sync_loop(), name="registry-sync")
+        outbox = asyncio.get_running_loop().create_task(gw.outbox_loop(), name="outbox-check")
         settler = None
         if settler_account is not None and chain_client is not None and settings.settle:
             settler = _settler_thread(settings, chain_client, settler_account)
@@ -80,6 +87,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
             yield
         finally:
             sync.cancel()
+            outbox.cancel()
             await gw.aclose()
             if settler is not None:
                 settler[1].set()
@@ -123,12 +131,16 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         return key, private
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "live_nodes": len(gw.directory.live())}
+    async def health() -> JSONResponse:
+        # 503 while the outbox cannot be written: this gateway serves nothing then, and says why
+        body = gw.health()
+        return JSONResponse(body, status_code=200 if body["outbox"]["writable"] else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         gw.metrics.live_nodes.set(len(gw.directory.live()))
+        for node_id in list(gw.directory.disputed):
+            gw.metrics.disputed_nodes.labels(node_id).set(1)
         return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
 
     @app.post("/internal/heartbeat")
@@ -171,28 +183,40 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     async def _serve(request: Request, *, chat: bool):
         key, private = await _auth(request)
+        gw.check_outbox()  # nothing is served that could not be recorded
         req = parse_body(ChatRequest if chat else CompletionRequest, await request.body())
         request.state.model = req.model
         target = gw.resolve(req.model, key, private)
+        gw.check_price(target, key)
         wanted = req.wanted_tokens() if chat else req.max_tokens
         max_tokens = wanted or settings.default_max_tokens
         if max_tokens > settings.max_max_tokens:
             raise BadRequest(f"max_tokens {max_tokens} is more than this gateway allows ({settings.max_max_tokens})",
                              param="max_tokens")  # fmt: skip
+        # the prompt goes to the node as token ids the gateway made itself: their number is the prompt count
+        base = target.base_model_id
+        if not gw.directory.live(base):
+            raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
         if chat:
-            prompt = await asyncio.to_thread(gw.templates.render, target.base_model_id, req.chat_messages())
-        elif isinstance(req.prompt, str):
-            prompt = {"prompt": req.prompt}
-        elif isinstance(req.prompt[0], str):
-            prompt = {"prompt": req.prompt[0]}
+            ids = await asyncio.to_thread(gw.templates.render, base, req.chat_messages())
+        elif isinstance(req.prompt, list) and isinstance(req.prompt[0], int):
+            ids = list(req.prompt)
         else:
-            prompt = {"prompt_token_ids": list(req.prompt)}
-        node_body = {"adapter_id": target.adapter_id, **prompt, "max_tokens": max_tokens,
+            text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            ids = await asyncio.to_thread(gw.templates.encode, base, text)
+        context = gw.templates.context_len(base)
+        if not ids:
+            raise BadRequest("the prompt is empty; expected at least one token", param="prompt")
+        if context is not None and len(ids) >= context:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; the model's context holds {context} (prompt + at "
+                             "least one generated token)", code="context_length_exceeded", param="prompt")  # fmt: skip
+        node_body = {"adapter_id": target.adapter_id, "prompt_token_ids": ids, "max_tokens": max_tokens,
                      "temperature": 1.0 if req.temperature is None else req.temperature,
                      "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "stop": req.stop_list()}
         rid = "0x" + secrets.token_hex(32)
         endpoint = "chat" if chat else "completions"
-        relay = Relay(gw, target, request_id=rid, node_body=node_body, key_id=key.id, endpoint=endpoint)
+        relay = Relay(gw, target, request_id=rid, node_body=node_body, key_id=key.id, endpoint=endpoint,
+                      prompt_tokens=len(ids), max_tokens=max_tokens, context_len=context)  # fmt: skip
         await relay.start()
         created = int(time.time())
         headers = {"X-Request-Id": rid, "X-Loramesh-Node": relay.node.node_id}

@@ -1,55 +1,86 @@
-"""Chat prompts: messages rendered with the base model's own chat template (its tokenizer)."""
+"""Prompts as token ids: the gateway tokenizes every prompt itself with the base model's own tokenizer (and
+renders chat with its chat template), sends the node `prompt_token_ids`, and so knows the prompt's token
+count exactly: the node's count of the same ids is their number, by construction."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from pathlib import Path
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, BaseNotConfigured
 
 log = logging.getLogger(__name__)
 
 
 class ChatTemplates:
-    """Tokenizers of the base models named in the settings, by base model id."""
+    """Tokenizers (and context lengths) of the base models named in the settings, by base model id."""
 
     def __init__(self, base_dirs: list[Path] | tuple[Path, ...] = ()) -> None:
         from node.basemodel import base_model_id
 
         self.tokenizers: dict[str, object] = {}
         self.dirs: dict[str, Path] = {}
+        self.context: dict[str, int | None] = {}
         for d in base_dirs:
-            self.dirs[base_model_id(d)] = Path(d)
-        self._warned: set[str] = set()
+            bid = base_model_id(d)
+            self.dirs[bid] = Path(d)
+            self.context[bid] = _context_len(Path(d))
+        self._lock = threading.Lock()
+
+    def knows(self, base_model_id: str) -> bool:
+        return base_model_id in self.dirs
+
+    def context_len(self, base_model_id: str) -> int | None:
+        """The base's context (max_position_embeddings): no request on it can hold more tokens."""
+        return self.context.get(base_model_id)
 
     def _tokenizer(self, base_model_id: str):
-        tok = self.tokenizers.get(base_model_id)
-        if tok is None and base_model_id in self.dirs:
-            from transformers import AutoTokenizer
-
-            from node.basemodel import quiet_transformers
-
-            quiet_transformers()
-            tok = self.tokenizers[base_model_id] = AutoTokenizer.from_pretrained(self.dirs[base_model_id])
+        if base_model_id not in self.dirs:
+            raise BaseNotConfigured(f"this gateway has no tokenizer for base model {base_model_id}, so it cannot "
+                                    "count the prompt's tokens; its operator starts it with --base <folder> for "
+                                    "every base it serves (or send the prompt as token ids)")  # fmt: skip
+        with self._lock:
+            tok = self.tokenizers.get(base_model_id)
+            if tok is None:
+                tok = self.tokenizers[base_model_id] = _load_tokenizer(self.dirs[base_model_id])
+        if tok is False:
+            raise BadRequest(f"base model {base_model_id} has no tokenizer: send the prompt as token ids",
+                             param="prompt")  # fmt: skip
         return tok
 
-    def render(self, base_model_id: str, messages: list[dict]) -> dict:
-        """The node's prompt field for these messages: {"prompt_token_ids": [...]} rendered by the base's
-        template, or {"prompt": text} with the generic loramesh template when the gateway lacks the base."""
+    def encode(self, base_model_id: str, text: str) -> list[int]:
+        """A completion prompt's token ids, exactly as the node would encode the text (blocking)."""
+        return list(self._tokenizer(base_model_id).encode(text))
+
+    def render(self, base_model_id: str, messages: list[dict]) -> list[int]:
+        """Chat messages rendered by the base's template, as token ids (blocking)."""
         tok = self._tokenizer(base_model_id)
-        if tok is None:
-            from jinja2 import Template
-
-            from node.basemodel import CHAT_TEMPLATE
-
-            if base_model_id not in self._warned:
-                self._warned.add(base_model_id)
-                log.warning("no tokenizer for base model %s (give the gateway --base DIR); chat uses the generic "
-                            "loramesh template", base_model_id[:10])  # fmt: skip
-            return {"prompt": Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)}
         if not getattr(tok, "chat_template", None):
             raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # the template writes any special tokens itself, so the tokenizer must not add them again
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return {"prompt_token_ids": list(ids)}
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _load_tokenizer(base_dir: Path):
+    """The base's tokenizer as the node loads it (node.engine.llm_engine.load_tokenizer: AutoTokenizer from
+    the folder), or False when the folder has none; not imported from there, which would load the engine."""
+    if not any((base_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return False
+    from transformers import AutoTokenizer
+
+    from node.basemodel import quiet_transformers
+
+    quiet_transformers()
+    return AutoTokenizer.from_pretrained(str(base_dir))
+
+
+def _context_len(base_dir: Path) -> int | None:
+    try:
+        cfg = json.loads((base_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    return n if isinstance(n, int) and n > 0 else None

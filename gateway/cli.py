@@ -18,6 +18,10 @@ gateway_app = typer.Typer(help="The OpenAI-compatible gateway: run it, manage it
 keys_app = typer.Typer(help="API keys of the gateway (stored hashed; a key is shown once).", no_args_is_help=True)
 gateway_app.add_typer(keys_app, name="keys")
 
+MaxPriceOpt = Annotated[int | None, typer.Option(
+    "--max-price-per-1k-tokens", min=0, help="The dearest adapter (or base model) this key may use, in wei per "
+    "1,000 tokens; a dearer one is refused with 403 price_exceeds_key_limit (default: the gateway's "
+    "LORAMESH_GATEWAY_DEFAULT_MAX_PRICE_PER_1K_TOKENS).")]  # fmt: skip
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default $LORAMESH_GATEWAY_DB_URL or "
                                            "sqlite:///loramesh.db).")]  # fmt: skip
 
@@ -32,6 +36,7 @@ def _engine(db: str | None):
     engine = make_engine(db or GatewaySettings().db_url)
     init_db(engine)
     SQLModel.metadata.create_all(engine)
+    gateway.models.add_missing_columns(engine)
     return engine
 
 
@@ -83,12 +88,14 @@ def keys_create(
     tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute (default unlimited).")] = None,
     adapters: Annotated[str, typer.Option("--adapters", help="Private adapter names listed to this key, "
                                           "comma-separated (an adapter granted to any key is private).")] = "",
+    max_price: MaxPriceOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Create a key and print it once: it is stored only as a hash."""
     from gateway.keys import create_key
 
-    secret, info = create_key(_engine(db), name=name, rpm=rpm, tpm=tpm, adapters=adapters.split(","))
+    secret, info = create_key(_engine(db), name=name, rpm=rpm, tpm=tpm, adapters=adapters.split(","),
+                              max_price_per_1k_tokens=max_price)  # fmt: skip
     console.print(f"key {info.id} ({info.name or 'unnamed'}) created; it is shown only this once:")
     print(secret)
 
@@ -98,11 +105,41 @@ def keys_list(db: DbOpt = None) -> None:
     """List keys (prefix, limits, private adapters, revoked or not)."""
     from gateway.keys import list_keys
 
-    table = Table("id", "name", "prefix", "rpm", "tpm", "adapters", "revoked")
+    table = Table("id", "name", "prefix", "rpm", "tpm", "max wei/1k", "adapters", "revoked")
     for k in list_keys(_engine(db)):
+        price = "default" if k.max_price_per_1k_tokens is None else str(k.max_price_per_1k_tokens)
         table.add_row(str(k.id), k.name, k.prefix + "…", str(k.requests_per_minute or "-"),
-                      str(k.tokens_per_minute or "-"), ",".join(sorted(k.adapters)) or "-", "yes" if k.revoked else "")
+                      str(k.tokens_per_minute or "-"), price, ",".join(sorted(k.adapters)) or "-",
+                      "yes" if k.revoked else "")  # fmt: skip
     console.print(table)
+
+
+@keys_app.command("update")
+def keys_update(
+    ident: Annotated[str, typer.Argument(help="Key id or shown prefix.")],
+    rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute.")] = None,
+    max_price: MaxPriceOpt = None,
+    default_max_price: Annotated[bool, typer.Option("--default-max-price", help="Drop the key's own max price: "
+                                                    "the gateway's default applies again.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Change a key's limits; what is not given stays (a running gateway sees it within key_cache_ttl_s)."""
+    from gateway.keys import ApiKeyError, update_key
+
+    if default_max_price and max_price is not None:
+        raise typer.BadParameter("give --max-price-per-1k-tokens or --default-max-price, not both")
+    changes = {name: v for name, v in (("rpm", rpm), ("tpm", tpm), ("max_price_per_1k_tokens", max_price))
+               if v is not None}  # fmt: skip
+    if default_max_price:
+        changes["max_price_per_1k_tokens"] = None
+    try:
+        info = update_key(_engine(db), ident, **changes)
+    except ApiKeyError as e:
+        raise typer.BadParameter(str(e), param_hint="IDENT") from e
+    price = "the gateway default" if info.max_price_per_1k_tokens is None else f"{info.max_price_per_1k_tokens} wei"
+    console.print(f"key {info.id} ({info.prefix}…): rpm {info.requests_per_minute or '-'}, "
+                  f"tpm {info.tokens_per_minute or '-'}, max price per 1k tokens {price}")
 
 
 @keys_app.command("revoke")

@@ -96,6 +96,8 @@ class NodeDirectory:
         self.max_skew_ms = int(max_skew_s * 1000)
         self.clock = clock
         self.entries: dict[str, NodeEntry] = {}
+        # node id -> why: a node whose receipt disagreed with what the gateway relayed gets no traffic
+        self.disputed: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def accept_heartbeat(self, doc: object) -> NodeEntry:
@@ -144,6 +146,8 @@ class NodeDirectory:
         failed_at = e.local.failed_at
         if now - e.last_seen > self.ttl or (failed_at is not None and failed_at >= e.last_seen):
             return False
+        if e.node_id in self.disputed:
+            return False
         reg = self.registry.node(e.node_id)
         return reg is not None and reg.active and reg.base_model_id == e.base_model_id
 
@@ -169,6 +173,13 @@ class NodeDirectory:
         if e is not None:
             e.local.failed_at = self.clock()
             log.warning("node %s failed; not routing to it until its next heartbeat", node_id[:10])
+
+    def mark_disputed(self, node_id: str, reason: str) -> None:
+        """The node's receipt disagreed with what the gateway relayed: no more traffic to it (for good:
+        the gateway reloads the disputed nodes from the outbox when it starts)."""
+        if node_id not in self.disputed:
+            log.error("node %s disputed, dropped from routing: %s", node_id[:10], reason)
+        self.disputed[node_id] = reason
 
     def base_models(self) -> dict[str, str]:
         """Base model id -> name, over live nodes."""

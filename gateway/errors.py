@@ -66,3 +66,21 @@ class UpstreamError(GatewayError):
     """A node failed in a way another node cannot fix (or after the first token)."""
 
     status, type, code = 502, "upstream_error", "node_error"
+
+
+class PriceExceedsLimit(GatewayError):
+    """The adapter's price per 1,000 tokens is above the key's maximum."""
+
+    status, type, code = 403, "permission_error", "price_exceeds_key_limit"
+
+
+class OutboxUnavailable(GatewayError):
+    """The usage outbox cannot be written: nothing is served that could not be recorded."""
+
+    status, type, code = 503, "service_unavailable", "outbox_unavailable"
+
+
+class BaseNotConfigured(GatewayError):
+    """The gateway cannot count tokens for this base model (it lacks the base's tokenizer)."""
+
+    status, type, code = 503, "service_unavailable", "base_not_configured"

@@ -34,6 +34,7 @@ class KeyInfo:
     tokens_per_minute: int | None
     adapters: frozenset[str]  # private adapter names listed to this key
     revoked: bool = False
+    max_price_per_1k_tokens: int | None = None  # wei; None: the gateway's default limit applies
 
 
 def hash_secret(secret: str) -> str:
@@ -46,11 +47,19 @@ def _check_limit(name: str, value: int | None) -> None:
         raise ApiKeyError(f"{name} must be a positive integer or omitted, got {value}")
 
 
+def _check_price(value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ApiKeyError(f"max price per 1k tokens must be a non-negative integer (wei) or omitted, got {value!r}")
+
+
 def create_key(engine: Engine, *, name: str = "", rpm: int | None = None, tpm: int | None = None,
-               adapters: list[str] | tuple[str, ...] = ()) -> tuple[str, KeyInfo]:  # fmt: skip
-    """Create a key; returns (secret, info). The secret is not stored and cannot be shown again."""
+               adapters: list[str] | tuple[str, ...] = (),
+               max_price_per_1k_tokens: int | None = None) -> tuple[str, KeyInfo]:  # fmt: skip
+    """Create a key; returns (secret, info). The secret is not stored and cannot be shown again.
+    max_price_per_1k_tokens (wei): the dearest adapter this key may use; None: the gateway's default."""
     _check_limit("rpm", rpm)
     _check_limit("tpm", tpm)
+    _check_price(max_price_per_1k_tokens)
     adapters = sorted({a.strip() for a in adapters if a.strip()})
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     with Session(engine) as s:
@@ -58,19 +67,65 @@ def create_key(engine: Engine, *, name: str = "", rpm: int | None = None, tpm: i
                      rate_limit_per_minute=rpm)  # fmt: skip
         s.add(row)
         s.flush()
-        s.add(KeyPolicy(key_id=row.id, tokens_per_minute=tpm))
+        price = None if max_price_per_1k_tokens is None else str(max_price_per_1k_tokens)
+        s.add(KeyPolicy(key_id=row.id, tokens_per_minute=tpm, max_price_per_1k_tokens=price))
         for a in adapters:
             s.add(AdapterGrant(key_id=row.id, adapter_name=a))
         s.commit()
-        info = KeyInfo(row.id, name, row.prefix, rpm, tpm, frozenset(adapters))
+        info = KeyInfo(row.id, name, row.prefix, rpm, tpm, frozenset(adapters),
+                       max_price_per_1k_tokens=max_price_per_1k_tokens)  # fmt: skip
     return secret, info
 
 
 def _info(s: Session, row: ApiKey) -> KeyInfo:
     policy = s.get(KeyPolicy, row.id)
     grants = s.exec(select(AdapterGrant.adapter_name).where(AdapterGrant.key_id == row.id)).all()
+    price = policy.max_price_per_1k_tokens if policy else None
     return KeyInfo(row.id, row.name, row.prefix, row.rate_limit_per_minute,
-                   policy.tokens_per_minute if policy else None, frozenset(grants), row.revoked_at is not None)
+                   policy.tokens_per_minute if policy else None, frozenset(grants), row.revoked_at is not None,
+                   max_price_per_1k_tokens=None if price is None else int(price))  # fmt: skip
+
+
+_UNCHANGED = object()
+
+
+def _row(s: Session, ident: str | int) -> ApiKey:
+    if isinstance(ident, int) or str(ident).isdigit():
+        row = s.get(ApiKey, int(ident))
+    else:
+        rows = s.exec(select(ApiKey).where(ApiKey.prefix == str(ident))).all()
+        if len(rows) > 1:
+            raise ApiKeyError(f"prefix {ident!r} matches {len(rows)} keys: name it by id")
+        row = rows[0] if rows else None
+    if row is None:
+        raise ApiKeyError(f"no API key with id or prefix {ident!r} (see `loramesh gateway keys list`)")
+    return row
+
+
+def update_key(engine: Engine, ident: str | int, *, rpm=_UNCHANGED, tpm=_UNCHANGED,
+               max_price_per_1k_tokens=_UNCHANGED) -> KeyInfo:  # fmt: skip
+    """Change a key's limits (named by id or shown prefix); a limit given as None goes back to the default
+    (unlimited rates; the gateway's default max price). A running gateway sees it within key_cache_ttl_s."""
+    if rpm is not _UNCHANGED:
+        _check_limit("rpm", rpm)
+    if tpm is not _UNCHANGED:
+        _check_limit("tpm", tpm)
+    if max_price_per_1k_tokens is not _UNCHANGED:
+        _check_price(max_price_per_1k_tokens)
+    with Session(engine) as s:
+        row = _row(s, ident)
+        policy = s.get(KeyPolicy, row.id) or KeyPolicy(key_id=row.id)
+        if rpm is not _UNCHANGED:
+            row.rate_limit_per_minute = rpm
+            s.add(row)
+        if tpm is not _UNCHANGED:
+            policy.tokens_per_minute = tpm
+        if max_price_per_1k_tokens is not _UNCHANGED:
+            price = max_price_per_1k_tokens
+            policy.max_price_per_1k_tokens = None if price is None else str(price)
+        s.add(policy)
+        s.commit()
+        return _info(s, row)
 
 
 def lookup_key(engine: Engine, secret: str) -> KeyInfo | None:
@@ -91,15 +146,7 @@ def list_keys(engine: Engine) -> list[KeyInfo]:
 def revoke_key(engine: Engine, ident: str | int) -> KeyInfo:
     """Revoke a key named by id or by its shown prefix; revoking twice is harmless."""
     with Session(engine) as s:
-        if isinstance(ident, int) or str(ident).isdigit():
-            row = s.get(ApiKey, int(ident))
-        else:
-            rows = s.exec(select(ApiKey).where(ApiKey.prefix == str(ident))).all()
-            if len(rows) > 1:
-                raise ApiKeyError(f"prefix {ident!r} matches {len(rows)} keys: revoke by id")
-            row = rows[0] if rows else None
-        if row is None:
-            raise ApiKeyError(f"no API key with id or prefix {ident!r} (see `loramesh gateway keys list`)")
+        row = _row(s, ident)
         if row.revoked_at is None:
             row.revoked_at = utcnow()
             s.add(row)

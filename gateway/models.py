@@ -17,6 +17,8 @@ class KeyPolicy(SQLModel, table=True):
 
     key_id: int = Field(primary_key=True)  # ApiKey.id
     tokens_per_minute: int | None = None
+    # wei per 1,000 tokens, decimal string (prices pass 2**63); None: the gateway's default limit
+    max_price_per_1k_tokens: str | None = None
 
 
 class AdapterGrant(SQLModel, table=True):
@@ -29,14 +31,20 @@ class AdapterGrant(SQLModel, table=True):
 
 
 class RequestStatus:
+    OPEN = "open"  # dispatched to a node, not ended yet (or the gateway died: closed by reconciliation)
     OK = "ok"  # finished: stop or length
     CLIENT_CLOSED = "client_closed"  # the client went away; the node was aborted
     NODE_FAILED = "node_failed"  # the node failed after the first token
     UNRECEIPTED = "unreceipted"  # tokens were produced but no valid receipt came back (see error)
+    NOT_SERVED = "not_served"  # no node produced a token (all failed, or the node refused the request)
+    RECONCILED = "reconciled"  # its gateway died mid-request; closed later from the node's stored receipt
+    LOST = "lost"  # its gateway died mid-request and the node never produced a receipt for it (see error)
 
 
 class CompletionRecord(SQLModel, table=True):
-    """One request as the gateway saw it end."""
+    """One request: written "open" when it is dispatched (with the gateway's prompt count and max_tokens),
+    closed when it ends, in the same transaction as its usage record. prompt_tokens/completion_tokens are
+    the gateway's own counts. An open row whose gateway instance is gone is closed by reconciliation."""
 
     __tablename__ = "gateway_requests"
 
@@ -53,5 +61,35 @@ class CompletionRecord(SQLModel, table=True):
     ttft_ms: float | None = None
     latency_ms: float | None = None
     error: str | None = None
+    max_tokens: int | None = None
+    instance_id: str | None = Field(default=None, max_length=64, index=True)  # the gateway process that opened it
     created_at: datetime = Field(default_factory=utcnow, index=True)
-    finished_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime = Field(default_factory=utcnow)  # when it was opened, until it is closed
+
+
+class GatewayInstance(SQLModel, table=True):
+    """A running gateway process, alive while it keeps `last_seen` fresh. Its write of `last_seen` is also
+    the check that the outbox can be written; the open requests of an instance that stopped writing are
+    reconciled by the others (or by its own restart)."""
+
+    __tablename__ = "gateway_instances"
+
+    instance_id: str = Field(primary_key=True, max_length=64)
+    started_at: datetime = Field(default_factory=utcnow)
+    last_seen: datetime = Field(default_factory=utcnow, index=True)
+
+
+def add_missing_columns(engine) -> None:
+    """Add the columns of the gateway's tables that an older database lacks (all of them nullable)."""
+    from sqlalchemy import inspect
+
+    insp = inspect(engine)
+    for table in (KeyPolicy.__table__, CompletionRecord.__table__):
+        if not insp.has_table(table.name):
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name not in have and col.nullable:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
+                                         f"{col.type.compile(engine.dialect)}")  # fmt: skip

@@ -132,6 +132,27 @@ class NodeClient:
             return None
         return got
 
+    async def receipt(self, api_url: str, request_id: str) -> tuple[str, dict | None]:
+        """The node's stored receipt of a request: ("ok", {"receipt", "signature", "public_key"}), ("running",
+        None) while it still runs there, ("unknown", None) when the node has none, ("unreachable", None)."""
+        try:
+            r = await self.http.get(f"{api_url}/v1/requests/{request_id}/receipt", timeout=5.0)
+        except httpx.HTTPError as e:
+            log.info("receipt of %s at %s: %r", request_id[:10], api_url, e)
+            return "unreachable", None
+        if r.status_code == 404:
+            return "unknown", None
+        if r.status_code == 409:
+            return "running", None
+        try:
+            got = r.json() if r.status_code == 200 else None
+        except ValueError:
+            got = None
+        if not isinstance(got, dict):
+            log.warning("receipt of %s at %s answered %d: %s", request_id[:10], api_url, r.status_code, r.text[:200])
+            return "unreachable", None
+        return "ok", got
+
     async def load(self, api_url: str, adapter_id: str) -> bool:
         """Ask a node to make an adapter resident (prefetch); False when it could not."""
         try:

@@ -1,8 +1,10 @@
-"""One request's trip through the network: route, fail over before the first token, relay tokens,
-then abort if needed and record the end with the node's receipt."""
+"""One request's trip through the network: route, fail over before the first token, relay tokens (and
+count them: the gateway bills what it relayed), then abort if needed and record the end with the node's
+receipt."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,12 +13,17 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.directory import NodeEntry
-from gateway.errors import BadRequest, NoNodeAvailable
+from gateway.errors import BadRequest, GatewayError, NoNodeAvailable
 from gateway.models import RequestStatus
 from gateway.node_client import NodeRejected, NodeUnavailable, UpstreamStream
 from gateway.usage import RequestEnd
 
 log = logging.getLogger(__name__)
+
+# after aborting a request, how long the gateway reads the node's stream on to its done event (counting the
+# tokens produced until the abort landed) before it settles for the abort's own receipt
+ABORT_DRAIN_TIMEOUT_S = 5.0
+_READ_ERRORS = (StopAsyncIteration, httpx.HTTPError, ValueError, RuntimeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,25 +36,34 @@ class Target:
 
 
 class Relay:
-    """Lifecycle: `await start()` (raises before anything was sent to the client), iterate `tokens()`,
-    then `await finish()` (idempotent; also the path for a client that went away)."""
+    """Lifecycle: `await start()` (records the request as open, then raises before anything was sent to the
+    client), iterate `tokens()`, then `await finish()` (idempotent; also the path for a client that went
+    away). `usage` is the gateway's own count: the prompt ids it sent, the token events it read."""
 
-    def __init__(self, gw, target: Target, *, request_id: str, node_body: dict, key_id: int | None,
-                 endpoint: str) -> None:  # fmt: skip
+    def __init__(self, gw, target: Target, *, request_id: str, node_body: dict, key_id: int | None, endpoint: str,
+                 prompt_tokens: int, max_tokens: int, context_len: int | None = None) -> None:  # fmt: skip
         self.gw, self.target, self.rid, self.body = gw, target, request_id, node_body
         self.key_id, self.endpoint = key_id, endpoint
+        self.prompt_tokens, self.max_tokens, self.context_len = prompt_tokens, max_tokens, context_len
+        # the most tokens this request can produce: max_tokens, and what the context leaves after the prompt
+        self.limit = max_tokens if context_len is None else max(0, min(max_tokens, context_len - prompt_tokens))
         self.node: NodeEntry | None = None
         self.up: UpstreamStream | None = None
         self._it: AsyncIterator[dict] | None = None
         self._first: dict | None = None
+        self._next: asyncio.Future | None = None  # the read in progress (it survives a cancelled reader)
+        self.stream_ok = True  # the node's stream can still be read
         self.attempts = 0
         self.started = time.monotonic()
         self.ttft: float | None = None
-        self.n_tokens = 0
+        self.n_tokens = 0  # token events read from the node, up to `limit`
+        self.overrun = 0  # token events past `limit` (not relayed, not counted)
         self.text: list[str] = []
         self.done: dict | None = None  # the node's done event
         self.engine_error: str | None = None
         self.failure: str | None = None  # the node broke off after the first token
+        self.aborted = False
+        self.node_lost = False
         self.finished = False
         self.result: str | None = None
 
@@ -58,11 +74,23 @@ class Relay:
         route = gw.router.route(t.adapter_id, gw.directory.live(t.base_model_id))
         if route is None:
             raise NoNodeAvailable(f"no live node serves the base model of {t.model!r} right now; retry later")
+        # written before any node sees the request: whatever it is served, a record of it exists
+        await gw.open_request(self, route.nodes[0].node_id)
+        try:
+            await self._start(route)
+        except GatewayError as e:
+            self.gw.spawn(self.gw.record(self._end(RequestStatus.NOT_SERVED, served=False, error=e.message)))
+            raise
+
+    async def _start(self, route) -> None:
+        gw, t = self.gw, self.target
         gw.metrics.routing.labels(route.decision).inc()
         if t.adapter_id is not None:
             gw.prefetch(t.adapter_id, route)
         errors = []
-        for node in route.nodes[: gw.settings.max_attempts]:
+        for i, node in enumerate(route.nodes[: gw.settings.max_attempts]):
+            if i:
+                await gw.move_request(self.rid, node.node_id)
             self.attempts += 1
             hit = t.adapter_id is not None and t.adapter_id in node.resident  # before this request loads it
             if await self._try(node, errors):
@@ -108,47 +136,98 @@ class Relay:
 
     # ------------------------------------------------------------------ relaying
 
+    async def _read(self) -> dict:
+        """The node's next event. The read runs on a future of its own, so a reader cancelled mid-read (the
+        client went away) leaves it to `finish`, which reads on to the done event."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._it.__anext__())
+        nxt = self._next
+        try:
+            return await asyncio.shield(nxt)
+        finally:
+            if nxt.done():
+                self._next = None
+
+    def _count(self, ev: dict, *, relay: bool) -> str | None:
+        """Count one token event; its text when it is to be relayed (None past the limit)."""
+        if self.n_tokens >= self.limit:
+            self.overrun += 1
+            return None
+        self.n_tokens += 1
+        if not relay:
+            return None
+        text = ev.get("text")
+        text = text if isinstance(text, str) else ""
+        self.text.append(text)
+        return text
+
     async def tokens(self) -> AsyncIterator[str]:
-        """Token texts as the node streams them; afterwards `done` or `failure` says how it ended."""
-        ev = self._first
+        """Token texts as the node streams them, at most `limit`; afterwards `done` or `failure` says how it
+        ended (neither: the node went past the limit, and `finish` aborts it)."""
+        ev, self._first = self._first, None
         while True:
             kind = ev.get("type")
             if kind == "token":
                 if self.ttft is None:
                     self.ttft = time.monotonic() - self.started
-                self.n_tokens += 1
-                text = ev.get("text") or ""
-                self.text.append(text)
+                text = self._count(ev, relay=True)
+                if text is None:  # more tokens than the request allows: stop relaying, finish() aborts
+                    log.warning("node %s streamed past the %d tokens request %s allows", self.node.node_id[:10],
+                                self.limit, self.rid[:10])  # fmt: skip
+                    return
                 yield text
             elif kind == "error":
-                self.engine_error = str(ev.get("message") or "engine error")
+                self.engine_error = str(ev.get("message") or "engine error")[:500]
             elif kind == "done":
                 self.done = ev
                 if self.engine_error:
                     self.failure = f"the node's engine failed after {self.n_tokens} tokens: {self.engine_error}"
                 return
             try:
-                ev = await self._it.__anext__()
+                ev = await self._read()
             except StopAsyncIteration:
+                self.stream_ok = False
                 self.failure = f"node {self.node.node_id[:10]} closed the stream after {self.n_tokens} tokens"
                 return
-            except (httpx.HTTPError, ValueError) as e:
+            except (httpx.HTTPError, ValueError, RuntimeError) as e:
+                self.stream_ok = False
                 self.failure = f"node {self.node.node_id[:10]} failed after {self.n_tokens} tokens: {e!r}"
                 return
 
     @property
     def usage(self) -> tuple[int, int]:
-        """(prompt, completion) tokens as the node reported them (its receipt decides what is recorded)."""
-        if self.done and isinstance(self.done.get("usage"), dict):
-            u = self.done["usage"]
-            return int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", self.n_tokens))
-        return 0, self.n_tokens
+        """(prompt, completion) tokens as the gateway counted them: what the client is shown and billed."""
+        return self.prompt_tokens, self.n_tokens
 
     @property
     def finish_reason(self) -> str | None:
-        return self.done.get("finish_reason") if self.done else None
+        if self.done:
+            return self.done.get("finish_reason")
+        return "length" if self.overrun else None
 
     # ------------------------------------------------------------------ the end
+
+    async def _drain(self) -> None:
+        """After an abort: read the node's stream on to its done event, counting the tokens it produced until
+        the abort landed (they were produced for this request; the client just did not read them)."""
+        try:
+            async with asyncio.timeout(ABORT_DRAIN_TIMEOUT_S):
+                while self.done is None:
+                    ev = await self._read()
+                    if ev.get("type") == "token":
+                        self._count(ev, relay=False)
+                    elif ev.get("type") == "done":
+                        self.done = ev
+        except (TimeoutError, *_READ_ERRORS):
+            self.stream_ok = False
+
+    def _end(self, status: str, *, served: bool = True, error: str | None = None, **kw) -> RequestEnd:
+        prompt, completion = self.usage
+        return RequestEnd(request_id=self.rid, model=self.target.model, adapter_id=self.target.adapter_id,
+                          node_id=self.node.node_id if self.node else None, status=status, key_id=self.key_id,
+                          prompt_tokens=prompt, completion_tokens=completion, attempts=max(1, self.attempts),
+                          max_tokens=self.max_tokens, context_len=self.context_len, served=served, error=error,
+                          **kw)  # fmt: skip
 
     async def finish(self, *, client_gone: bool = False) -> str:
         """Get the receipt (aborting the request when it did not end on its own), record, release."""
@@ -158,31 +237,35 @@ class Relay:
         gw, node = self.gw, self.node
         receipt = signature = None
         if self.done is not None:
-            receipt, signature = self.done.get("receipt"), self.done.get("signature")
             status = RequestStatus.NODE_FAILED if self.failure else RequestStatus.OK
         else:
+            self.aborted = True
             got = await gw.nodes.abort(node.api_url, self.rid)
-            if got is not None:
+            if self.stream_ok:
+                await self._drain()
+            if self.done is None and got is not None:
                 receipt, signature = got.get("receipt"), got.get("signature")
-            status = RequestStatus.CLIENT_CLOSED if client_gone else RequestStatus.NODE_FAILED
-            if self.failure and not client_gone and got is None:
-                gw.directory.mark_failed(node.node_id)
+            if self.overrun and not client_gone:
+                status = RequestStatus.OK
+            else:
+                status = RequestStatus.CLIENT_CLOSED if client_gone else RequestStatus.NODE_FAILED
+            if self.done is None and got is None:
+                self.node_lost = True  # no receipt will come: the tokens it streamed are billed at our count
+                if not client_gone:
+                    gw.directory.mark_failed(node.node_id)
+        if self.done is not None:
+            receipt, signature = self.done.get("receipt"), self.done.get("signature")
         try:
             await self.up.aclose(drain=self.done is not None)  # a finished stream keeps its connection
         except (httpx.HTTPError, RuntimeError):
             pass
         node.local.inflight = max(0, node.local.inflight - 1)
-        prompt, completion = self.usage
-        if receipt is not None and isinstance(receipt, dict):
-            prompt = receipt.get("prompt_tokens", prompt)
         latency = time.monotonic() - self.started
-        end = RequestEnd(request_id=self.rid, model=self.target.model, adapter_id=self.target.adapter_id,
-                         node_id=node.node_id, status=status, key_id=self.key_id,
-                         finish_reason="abort" if client_gone else self.finish_reason, receipt=receipt,
-                         signature=signature, prompt_tokens=prompt if isinstance(prompt, int) else 0,
-                         completion_tokens=completion, attempts=self.attempts,
-                         ttft_ms=None if self.ttft is None else self.ttft * 1000, latency_ms=latency * 1000,
-                         error=self.failure)  # fmt: skip
+        reason = "abort" if client_gone else self.finish_reason
+        end = self._end(status, finish_reason=reason if isinstance(reason, str) else None, receipt=receipt,
+                        signature=signature, ttft_ms=None if self.ttft is None else self.ttft * 1000,
+                        latency_ms=latency * 1000, error=self.failure, aborted=self.aborted,
+                        node_lost=self.node_lost)  # fmt: skip
         self.result = await gw.record(end)
         m = gw.metrics
         m.requests.labels(self.target.model, status).inc()

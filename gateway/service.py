@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Coroutine
 
@@ -11,10 +12,11 @@ from sqlalchemy.engine import Engine
 
 from gateway.chat import ChatTemplates
 from gateway.directory import NodeDirectory
-from gateway.errors import AuthError, ModelNotFound
+from gateway.errors import AuthError, ModelNotFound, OutboxUnavailable
 from gateway.keys import KeyCache, KeyInfo
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient
+from gateway.pricing import Prices, check_price, wei
 from gateway.ratelimit import RateLimiter
 from gateway.registry import RegistryView
 from gateway.relay import Target
@@ -22,6 +24,7 @@ from gateway.router import Route, Router
 from gateway.settings import GatewaySettings
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from node.canonical import is_id
+from node.receipts import ReceiptError, node_id_of
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,13 @@ class Gateway:
         self.directory = NodeDirectory(registry, ttl=settings.heartbeat_ttl_s, max_skew_s=settings.heartbeat_max_skew_s)
         self.router = Router(k=settings.owners_k, saturation=settings.saturation_queue_depth)
         self.nodes = NodeClient(connect_timeout=settings.connect_timeout_s, read_timeout=settings.node_timeout_s)
-        self.recorder = UsageRecorder(engine, self.directory.public_key)
+        self.instance_id = secrets.token_hex(16)
+        self.recorder = UsageRecorder(engine, self.node_key, instance_id=self.instance_id)
+        self._learned_keys: dict[str, bytes] = {}  # node id -> key, from reconciliation (checked against the id)
+        self.prices = Prices(engine, registry.client)
+        # None while the outbox takes writes; otherwise why not (new requests get 503 until a write succeeds)
+        self.outbox_error: str | None = None
+        self.unwritten: list[RequestEnd] = []  # request ends the outbox refused, written when it takes writes
         self.metrics = GatewayMetrics()
         self.limiter = RateLimiter()
         self.templates = ChatTemplates(settings.bases)
@@ -79,6 +88,16 @@ class Gateway:
     def charge_tokens(self, key_id: int, tokens: int) -> None:
         self.limiter.charge_tokens(key_id, tokens, tpm=self._key_tpm.get(key_id))
 
+    def max_price(self, key: KeyInfo) -> int:
+        """The dearest price per 1,000 tokens (wei) this key may use."""
+        if key.max_price_per_1k_tokens is not None:
+            return key.max_price_per_1k_tokens
+        return self.settings.default_max_price_per_1k_tokens
+
+    def check_price(self, target: Target, key: KeyInfo) -> None:
+        """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows."""
+        check_price(target.model, self.prices.of(target.adapter_id), self.max_price(key))
+
     # ------------------------------------------------------------------ models
 
     def _visible(self, name: str, key: KeyInfo, private: frozenset[str]) -> bool:
@@ -106,10 +125,12 @@ class Gateway:
             out.append({"id": a.name, "object": "model", "created": a.registered_block, "owned_by": a.owner,
                         "adapter_id": a.adapter_id, "version": a.version,
                         "base_model": {"id": a.base_model_id, "name": bases.get(a.base_model_id)},
-                        "private": a.name in private})  # fmt: skip
+                        "private": a.name in private,
+                        "price_per_1k_tokens_wei": wei(self.prices.of(a.adapter_id))})  # fmt: skip
         for base_id, name in sorted(bases.items(), key=lambda kv: kv[1]):
             out.append({"id": name, "object": "model", "created": 0, "owned_by": "loramesh", "adapter_id": None,
-                        "base_model": {"id": base_id, "name": name}, "private": False})  # fmt: skip
+                        "base_model": {"id": base_id, "name": name}, "private": False,
+                        "price_per_1k_tokens_wei": wei(self.prices.base)})  # fmt: skip
         return out
 
     # ------------------------------------------------------------------ routing helpers
@@ -132,14 +153,129 @@ class Gateway:
 
     # ------------------------------------------------------------------ usage
 
+    def node_key(self, node_id: str) -> bytes | None:
+        """A node's Ed25519 key: from its heartbeats, or learnt while reconciling (checked against its id)."""
+        return self.directory.public_key(node_id) or self._learned_keys.get(node_id)
+
+    def learn_key(self, node_id: str, public_key_hex: object) -> None:
+        try:
+            key = bytes.fromhex(public_key_hex) if isinstance(public_key_hex, str) else b""
+            if node_id_of(key) == node_id:
+                self._learned_keys[node_id] = key
+        except (ValueError, ReceiptError):
+            pass
+
+    def _outbox_failed(self, e: Exception) -> None:
+        if self.outbox_error is None:
+            log.error("the outbox cannot be written; refusing new requests until it can: %s", e)
+        self.outbox_error = str(e)[:500]
+        self.metrics.outbox_writable.set(0)
+
+    def _outbox_ok(self) -> None:
+        if self.outbox_error is not None:
+            log.warning("the outbox takes writes again; serving")
+        self.outbox_error = None
+        self.metrics.outbox_writable.set(1)
+
+    def check_outbox(self) -> None:
+        if self.outbox_error is not None:
+            raise OutboxUnavailable(f"this gateway cannot record usage right now, so it serves nothing: "
+                                    f"{self.outbox_error}", headers={"Retry-After": "5"})  # fmt: skip
+
+    async def open_request(self, relay, node_id: str) -> None:
+        """Record a request as open before it is dispatched; OutboxUnavailable (503) when that fails."""
+        self.check_outbox()
+        try:
+            await asyncio.to_thread(self.recorder.open, request_id=relay.rid, model=relay.target.model,
+                                    adapter_id=relay.target.adapter_id, node_id=node_id, key_id=relay.key_id,
+                                    prompt_tokens=relay.prompt_tokens, max_tokens=relay.max_tokens)  # fmt: skip
+        except UsageError as e:
+            self._outbox_failed(e)
+            self.check_outbox()
+
+    async def move_request(self, request_id: str, node_id: str) -> None:
+        try:
+            await asyncio.to_thread(self.recorder.move, request_id, node_id)
+        except UsageError as e:
+            self._outbox_failed(e)
+            self.check_outbox()
+
     async def record(self, end: RequestEnd) -> str:
+        """Close a request (see UsageRecorder.record). When the outbox refuses, the end is kept and written
+        once it takes writes again (its open row is in the database, so a crash meanwhile loses nothing)."""
         try:
             result = await asyncio.to_thread(self.recorder.record, end)
         except UsageError as e:
-            log.error("%s", e)
-            result = "db_error"
-        self.metrics.usage_records.labels(result).inc()
+            if _integrity(e):
+                log.error("%s", e)
+                result = "db_error"
+            else:
+                self._outbox_failed(e)
+                self.unwritten.append(end)
+                self.metrics.outbox_unwritten.set(len(self.unwritten))
+                result = "unwritten"
+        self._after_record(end, result)
         return result
+
+    def _after_record(self, end: RequestEnd, result: str) -> None:
+        self.metrics.usage_records.labels(result).inc()
+        if result == "disputed" and end.node_id is not None:
+            self.directory.mark_disputed(end.node_id, end.disputed or "disputed")
+            self.metrics.disputed_nodes.labels(end.node_id).set(1)
+
+    async def outbox_tick(self) -> None:
+        """Write this instance's heartbeat row (the outbox write check), then the ends it refused before."""
+        try:
+            await asyncio.to_thread(self.recorder.beat)
+        except UsageError as e:
+            self._outbox_failed(e)
+            return
+        self._outbox_ok()
+        while self.unwritten:
+            end = self.unwritten[0]
+            try:
+                result = await asyncio.to_thread(self.recorder.record, end)
+            except UsageError as e:
+                if not _integrity(e):
+                    self._outbox_failed(e)
+                    break
+                log.error("%s", e)
+                result = "db_error"
+            self.unwritten.pop(0)
+            self.metrics.outbox_unwritten.set(len(self.unwritten))
+            self._after_record(end, result)
+
+    async def outbox_loop(self) -> None:
+        """The outbox check every outbox_probe_s; closing the open requests of dead instances between."""
+        from gateway.reconcile import reconcile
+
+        last = 0.0
+        while True:
+            try:
+                await self.outbox_tick()
+                if self.outbox_error is None and time.monotonic() - last >= self.settings.outbox_probe_s * 2:
+                    last = time.monotonic()
+                    await reconcile(self)
+            except Exception:  # nothing may end the checks
+                log.exception("outbox check failed")
+            await asyncio.sleep(self.settings.outbox_probe_s)
+
+    async def load_disputes(self) -> None:
+        try:
+            disputed = await asyncio.to_thread(self.recorder.disputed_nodes)
+        except Exception as e:
+            log.error("could not read disputed nodes: %s", e)
+            return
+        for node_id, reason in disputed.items():
+            self.directory.mark_disputed(node_id, reason)
+            self.metrics.disputed_nodes.labels(node_id).set(1)
+
+    def health(self) -> dict:
+        """What /health answers: outbox state, live and disputed nodes."""
+        writable = self.outbox_error is None
+        return {"status": "ok" if writable else "unavailable", "live_nodes": len(self.directory.live()),
+                "outbox": {"writable": writable, "error": self.outbox_error, "unwritten": len(self.unwritten)},
+                "disputed_nodes": [{"node_id": n, "reason": r} for n, r in sorted(self.directory.disputed.items())]}
 
     # ------------------------------------------------------------------ background tasks
 
@@ -159,12 +295,26 @@ class Gateway:
         """Refresh the registry mirror every registry_sync_s seconds."""
         while True:
             try:
-                await asyncio.to_thread(self.registry.sync)
+                await asyncio.to_thread(self._sync)
             except Exception:  # a bad answer from the chain must not end the refreshes
                 log.exception("registry sync failed")
             self.metrics.live_nodes.set(len(self.directory.live()))
             await asyncio.sleep(self.settings.registry_sync_s)
 
+    def _sync(self) -> None:
+        self.registry.sync()
+        self.prices.reload()
+        self.prices.refresh_base()
+
     async def aclose(self) -> None:
         await self.drain()
         await self.nodes.aclose()
+
+
+def _integrity(e: UsageError) -> bool:
+    """A write refused for what it holds (a duplicate request id, a bad record), not for the database's state."""
+    from sqlalchemy.exc import IntegrityError
+
+    from ledger.outbox import OutboxError
+
+    return isinstance(e.__cause__, (IntegrityError, OutboxError))

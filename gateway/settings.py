@@ -32,6 +32,18 @@ class GatewaySettings(BaseSettings):
     # an authenticated key is reused this long without asking the database: a revoked key, changed limits
     # or grants take effect within it (0: look every request up)
     key_cache_ttl_s: float = Field(default=2.0, ge=0)
+    # the dearest adapter (or base model) a key may use, in wei per 1,000 tokens, unless the key has its own
+    # limit (`loramesh gateway keys create/update --max-price-per-1k-tokens`); a dearer one is refused (403)
+    default_max_price_per_1k_tokens: int = Field(default=10**16, ge=0)
+    # outbox health: the gateway writes its instance row every outbox_probe_s seconds; a write that fails
+    # (or waits longer than db_busy_timeout_s for SQLite's lock) makes it refuse new requests with 503
+    # until a write succeeds again
+    outbox_probe_s: float = Field(default=1.0, gt=0)
+    db_busy_timeout_s: float = Field(default=5.0, gt=0)
+    # a gateway instance silent this long is dead: its open requests are closed from the nodes' receipts
+    instance_lease_s: float = Field(default=10.0, gt=0)
+    # an open request whose node never answers with a receipt is closed as lost after this long
+    reconcile_give_up_s: float = Field(default=600.0, gt=0)
     default_max_tokens: int = Field(default=64, ge=1)
     max_max_tokens: int = Field(default=4096, ge=1)
     settle: bool = True  # run the ledger settler in-process when a key file is given

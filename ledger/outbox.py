@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlmodel import Session, func, select
 
-from ledger.models import UsageRecord
+from ledger.models import RecordStatus, UsageRecord
 from ledger.types import to_id
 from node.canonical import canonical_json  # the receipt's canonical form is the node's
 
@@ -16,27 +16,44 @@ class OutboxError(ValueError):
 
 
 def add_usage_record(session: Session, *, request_id: str, adapter_id: str, node_id: str, prompt_tokens: int,
-                     completion_tokens: int, receipt_json: str | dict, node_signature: str,
+                     completion_tokens: int, receipt_json: str | dict | None = None, node_signature: str | None = None,
+                     node_prompt_tokens: int | None = None, node_completion_tokens: int | None = None,
+                     status: str = RecordStatus.PENDING, error: str | None = None,
                      gateway_key_id: int | None = None) -> UsageRecord:  # fmt: skip
     """Add one record to the outbox in the caller's session; the caller commits (same transaction as
     its request completion). A second record with the same request id fails at commit (unique).
-    A request to the bare base model has adapter_id = the zero id (ledger.types.BASE_MODEL_ADAPTER_ID)."""
+    A request to the bare base model has adapter_id = the zero id (ledger.types.BASE_MODEL_ADAPTER_ID).
+
+    prompt_tokens / completion_tokens are what is billed (the gateway's count). The node's signed receipt
+    and its counts go beside them when there is one; a record without a receipt (the node died
+    mid-stream) has both None. status is PENDING (to be settled) or DISPUTED (kept, never settled; the
+    reason in `error`)."""
     try:
         ids = {name: to_id(v) for name, v in
                (("request_id", request_id), ("adapter_id", adapter_id), ("node_id", node_id))}  # fmt: skip
     except ValueError as e:
         raise OutboxError(f"usage record: {e}") from e
-    for name, v in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
+    for name, v in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens),
+                    ("node_prompt_tokens", node_prompt_tokens), ("node_completion_tokens", node_completion_tokens)):
+        if v is None and name.startswith("node_"):
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKENS:
             raise OutboxError(f"usage record: {name} must be an integer in [0, 2**64), got {v!r}")
     if isinstance(receipt_json, dict):
         receipt_json = canonical_json(receipt_json).decode("utf-8")
-    if not isinstance(receipt_json, str) or not receipt_json:
-        raise OutboxError("usage record: receipt_json must be the node's receipt as a JSON string or dict")
-    if not isinstance(node_signature, str) or not node_signature:
+    if receipt_json is not None and (not isinstance(receipt_json, str) or not receipt_json):
+        raise OutboxError("usage record: receipt_json must be the node's receipt as a JSON string or dict, or None")
+    if (receipt_json is None) != (node_signature is None):
+        raise OutboxError("usage record: a receipt and its signature come together (or neither)")
+    if node_signature is not None and (not isinstance(node_signature, str) or not node_signature):
         raise OutboxError("usage record: node_signature must be a non-empty string")
+    if status not in (RecordStatus.PENDING, RecordStatus.DISPUTED):
+        raise OutboxError(f"usage record: a new record is pending or disputed, not {status!r}")
+    if status == RecordStatus.DISPUTED and not error:
+        raise OutboxError("usage record: a disputed record says why in `error`")
     record = UsageRecord(**ids, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         receipt_json=receipt_json, node_signature=node_signature,
+                         node_prompt_tokens=node_prompt_tokens, node_completion_tokens=node_completion_tokens,
+                         receipt_json=receipt_json, node_signature=node_signature, status=status, error=error,
                          gateway_key_id=gateway_key_id)  # fmt: skip
     session.add(record)
     return record

@@ -13,6 +13,11 @@ POST /v1/generate
       "signature"}`; an engine failure sends `data: {"type":"error","message"}` before the done event.
       A client that disconnects aborts its request.
 POST /v1/requests/{request_id}/abort -> {"receipt", "signature"} for what was produced (404 if unknown).
+GET  /v1/requests/{request_id}/receipt -> {"receipt", "signature", "public_key"}: the signed receipt of a
+      recent request (the node keeps the last RECENT_RECEIPTS, also of requests whose client went away, so a
+      gateway that died mid-request can still close it); 409 "request_running" while it runs, 404
+      "receipt_not_found" for one this node does not know (or has forgotten). Public: request ids are
+      unguessable and a receipt holds only counts.
 POST /v1/adapters/{adapter_id}/load  body optional {"pin": bool} -> {"adapter_id", "slot", "pinned"}.
 GET  /health -> {"status": "ok"}
 GET  /status -> {"node_id", "public_key", "base_model": {"name", "id"}, "resident_adapters": [{"adapter_id",
@@ -28,9 +33,11 @@ Receipts: see node/receipts.py (Ed25519 over canonical JSON; node_id = sha256(pu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -60,6 +67,7 @@ from node.receipts import make_receipt, node_id_of, public_key_bytes, sign_recei
 log = logging.getLogger(__name__)
 
 HEX_ID = r"^0x[0-9a-f]{64}$"
+RECENT_RECEIPTS = 16384  # signed receipts kept for GET /v1/requests/{id}/receipt (about 600 bytes each)
 IdPath = Annotated[str, Path(pattern=HEX_ID)]
 
 
@@ -128,7 +136,7 @@ def _adapter_error(e: AdapterError) -> ApiError:
 
 
 def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bool = True,
-               extra_status: Callable[[], dict] | None = None) -> FastAPI:
+               extra_status: Callable[[], dict] | None = None, recent_receipts: int = RECENT_RECEIPTS) -> FastAPI:
     """The node API over a (started or, with manage_engine, to-be-started) engine.
 
     `extra_status` adds sections (e.g. p2p transfers) to GET /status; `app.state.status_doc()` returns
@@ -158,12 +166,39 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bo
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_error_body(_validation_message(exc), "invalid_request"), status_code=400)
 
+    receipts: OrderedDict[str, dict] = OrderedDict()  # request id -> {"receipt", "signature"}, newest last
+    running: set[str] = set()  # request ids submitted here whose receipt is not stored yet
+
     def signed(ev: FinishEvent) -> dict:
+        """The signed receipt of a finished request, kept for GET /v1/requests/{id}/receipt."""
+        kept = receipts.get(ev.request_id)
+        if kept is not None and kept["receipt"]["finished_at"] == ev.finished_at:
+            return kept
         reason = ev.finish_reason if ev.finish_reason in ("stop", "length") else "abort"
         receipt = make_receipt(request_id=ev.request_id, adapter_id=ev.adapter_id, node_id=node_id,
                                prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
                                finish_reason=reason, started_at=ev.started_at, finished_at=ev.finished_at)
-        return {"receipt": receipt, "signature": sign_receipt(receipt, node_key)}
+        out = {"receipt": receipt, "signature": sign_receipt(receipt, node_key)}
+        receipts[ev.request_id] = out
+        receipts.move_to_end(ev.request_id)
+        while len(receipts) > recent_receipts:
+            receipts.popitem(last=False)
+        running.discard(ev.request_id)
+        return out
+
+    async def abort_and_keep(stream) -> None:
+        """Abort a request whose client went away and keep its receipt (shielded: it runs to its end)."""
+        async def go() -> None:
+            try:
+                ev = await engine.abort(stream.request_id)
+                if ev is not None:
+                    signed(ev)
+            finally:
+                running.discard(stream.request_id)
+        try:
+            await asyncio.shield(go())
+        except asyncio.CancelledError:
+            pass
 
     def usage(ev: FinishEvent) -> dict:
         return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
@@ -202,6 +237,16 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bo
                            "request_not_found")
         return signed(ev)
 
+    @app.get("/v1/requests/{request_id}/receipt")
+    async def receipt(request_id: IdPath) -> dict:
+        kept = receipts.get(request_id)
+        if kept is not None:
+            return kept | {"public_key": public_key.hex()}
+        if request_id in running:
+            raise ApiError(409, f"request {request_id} is still running on this node", "request_running")
+        raise ApiError(404, f"this node has no receipt for request {request_id} (unknown, or long finished)",
+                       "receipt_not_found")
+
     @app.post("/v1/generate")
     async def generate(body: GenerateBody):
         rid = body.request_id or "0x" + secrets.token_hex(32)
@@ -216,6 +261,7 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bo
             req = GenerationRequest(rid, body.adapter_id, prompt=body.prompt,
                                     prompt_token_ids=body.prompt_token_ids, params=params)
             stream = engine.submit(req)
+            running.add(rid)
         except PromptTooLongError as e:
             raise ApiError(400, str(e), "context_length_exceeded") from e
         except DuplicateRequestError as e:
@@ -230,7 +276,7 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bo
                 pass
         finally:
             if not stream.finished:  # the client went away mid-request
-                await stream.aclose()
+                await abort_and_keep(stream)
         final = stream.final
         s = signed(final)
         out = {"request_id": rid, "adapter_id": body.adapter_id, "text": final.text,
@@ -254,9 +300,9 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bo
                 else:
                     yield _event({"type": "token", "text": ev.text, "token_id": ev.token_id})
         finally:
-            if not stream.finished:  # client disconnected: stop generating for it
+            if not stream.finished:  # client disconnected: stop generating for it, keep the receipt
                 log.info("client of %s disconnected; aborting", stream.request_id)
-                await stream.aclose()
+                await abort_and_keep(stream)
 
     return app
 

@@ -1,8 +1,12 @@
-"""Chat prompts rendered with the base model's own template through its tokenizer."""
+"""Prompts as token ids: chat rendered with the base model's own template through its tokenizer, completion
+text encoded as the node encodes it; a base the gateway has no folder for cannot be counted."""
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.chat import ChatTemplates
+from gateway.errors import BaseNotConfigured
 from node.basemodel import base_model_id
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -11,11 +15,22 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 def test_base_template_gives_token_ids(tiny_base):
     from transformers import AutoTokenizer
 
-    out = ChatTemplates([tiny_base]).render(base_model_id(tiny_base), MESSAGES)
+    ids = ChatTemplates([tiny_base]).render(base_model_id(tiny_base), MESSAGES)
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    assert tok.decode(out["prompt_token_ids"]) == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+    assert tok.decode(ids) == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
 
 
-def test_unknown_base_falls_back_to_generic_template_text():
-    out = ChatTemplates().render("0x" + "00" * 32, MESSAGES)
-    assert out == {"prompt": "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"}
+def test_completion_text_is_encoded_as_the_node_does(tiny_base):
+    from node.engine.llm_engine import load_tokenizer
+
+    t = ChatTemplates([tiny_base])
+    text = "The capital of France is Paris. ünïcode ✓"
+    assert t.encode(base_model_id(tiny_base), text) == load_tokenizer(tiny_base).encode(text)
+    assert t.context_len(base_model_id(tiny_base)) == 512
+
+
+def test_unknown_base_cannot_be_counted():
+    with pytest.raises(BaseNotConfigured, match="--base"):
+        ChatTemplates().render("0x" + "00" * 32, MESSAGES)
+    with pytest.raises(BaseNotConfigured):
+        ChatTemplates().encode("0x" + "00" * 32, "hello")

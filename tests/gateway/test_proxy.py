@@ -21,6 +21,7 @@ from gateway.settings import GatewaySettings
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.heartbeat import HeartbeatSender, make_heartbeat
+from node.basemodel import base_model_id
 from node.keys import Identity
 from node.receipts import check_receipt
 from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db, poll
@@ -28,17 +29,22 @@ from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
 
-BASE = "0x" + "b0" * 32
+BASE = ""  # the tiny base's id, set by World
 LONELY_BASE = "0x" + "b1" * 32
 ADAPTERS = {"acme/alpha": "0x" + "a1" * 32, "acme/beta": "0x" + "a2" * 32, "acme/secret": "0x" + "a3" * 32,
             "acme/orphan": "0x" + "a4" * 32}  # fmt: skip
 
 
 class World:
-    def __init__(self, tmp) -> None:
+    def __init__(self, tmp, base_dir) -> None:
+        from transformers import AutoTokenizer
+
+        global BASE
+        BASE = base_model_id(base_dir)  # the gateway tokenizes prompts with this base's tokenizer
+        self.tok = AutoTokenizer.from_pretrained(str(base_dir))
         self.db_path = tmp / "gw.db"
         self.engine = make_db(self.db_path)
-        self.nodes = [StandInNode(Identity.generate(), BASE, delay=0.0) for _ in range(2)]
+        self.nodes = [StandInNode(Identity.generate(), BASE, delay=0.0, tokenizer=self.tok) for _ in range(2)]
         self.node_servers = [ServerThread(n.app()).start() for n in self.nodes]
         for n, srv in zip(self.nodes, self.node_servers):
             add_node(self.engine, node_id=n.identity.node_id, base_model=BASE, api_url=srv.url)
@@ -51,7 +57,7 @@ class World:
         self.revoked, info = create_key(self.engine, name="gone")
         revoke_key(self.engine, info.id)
         settings = GatewaySettings(db_url=f"sqlite:///{self.db_path}", heartbeat_ttl_s=60, max_attempts=3,
-                                   registry_sync_s=0.5, default_max_tokens=5)  # fmt: skip
+                                   registry_sync_s=0.5, default_max_tokens=5, bases=[base_dir])  # fmt: skip
         self.gw = ServerThread(create_app(settings)).start()
 
     def beat(self, nodes=None) -> None:
@@ -86,8 +92,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("gw"))
+def world(tmp_path_factory, tiny_base):
+    w = World(tmp_path_factory.mktemp("gw"), tiny_base)
     try:
         yield w
     finally:
@@ -125,9 +131,10 @@ def test_completion_and_usage_record(w):
     r = raw.parse()
     rid = raw.headers["x-request-id"]
     assert r.choices[0].text == " t0 t1 t2 t3" and r.choices[0].finish_reason == "length"
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 4, 7)
+    ids = w.tok.encode("one two three")  # the gateway counts the prompt itself and sends it as these ids
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 4, len(ids) + 4)
     sent = next(b for n in w.nodes for b in n.requests if b["request_id"] == rid)
-    assert sent == {"adapter_id": ADAPTERS["acme/alpha"], "prompt": "one two three", "max_tokens": 4,
+    assert sent == {"adapter_id": ADAPTERS["acme/alpha"], "prompt_token_ids": ids, "max_tokens": 4,
                     "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["\n"], "request_id": rid,
                     "stream": True}  # fmt: skip
     done, usage = w.records()
@@ -145,8 +152,9 @@ def test_chat_stream_usage_matches_tokens(w):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(content) == 5
-    # no tokenizer for this base in the gateway: the generic loramesh chat template is used
-    assert any(b.get("prompt") == "<|user|>\nhi\n<|assistant|>\n" for n in w.nodes for b in n.requests)
+    # the base's own chat template, sent as token ids
+    want = w.tok("<|user|>\nhi\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    assert any(b.get("prompt_token_ids") == want for n in w.nodes for b in n.requests)
 
 
 def test_chat_stream_without_tokens_still_opens_with_the_role(w):

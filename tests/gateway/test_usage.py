@@ -1,16 +1,18 @@
-"""Usage capture: a verified receipt writes the completion record and the outbox row together (base-model
-requests included, under the zero adapter id); anything else writes the completion record only, saying why."""
+"""Usage capture: the gateway's own counts are billed; the node's verified receipt goes beside them when it
+is within the tolerance, and anything else is kept as DISPUTED (never settled), saying why. The completion
+record and the outbox row are written together; a request is opened before it is dispatched."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from sqlmodel import Session, select
 
-from gateway.models import CompletionRecord, RequestStatus
-from gateway.usage import RequestEnd, UsageRecorder
-from ledger.models import UsageRecord
+from gateway.models import CompletionRecord, GatewayInstance, RequestStatus
+from gateway.usage import RECEIPT_COMPLETION_SLACK_ON_ABORT, RequestEnd, UsageError, UsageRecorder
+from ledger.models import RecordStatus, UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.keys import Identity
 from node.receipts import check_receipt, make_receipt, sign_receipt
@@ -24,17 +26,21 @@ def setup(tmp_path):
     engine = make_db(tmp_path / "u.db")
     ident = Identity.generate()
     keys = {ident.node_id: ident.node_public_key}
-    return engine, ident, UsageRecorder(engine, keys.get)
+    return engine, ident, UsageRecorder(engine, keys.get, instance_id="me")
 
 
-def end_for(ident, *, rid=None, adapter=ADAPTER, completion=4, reason="stop", sign_with=None, **kw) -> RequestEnd:
+def end_for(ident, *, rid=None, adapter=ADAPTER, completion=4, prompt=3, claimed=None, reason="stop",
+            sign_with=None, **kw) -> RequestEnd:  # fmt: skip
+    """An end where the gateway counted prompt/completion and the node's receipt claims `claimed`."""
     rid = rid or "0x" + f"{int(time.time_ns()):064x}"
     now = int(time.time() * 1000)
-    r = make_receipt(request_id=rid, adapter_id=adapter, node_id=ident.node_id, prompt_tokens=3,
-                     completion_tokens=completion, finish_reason=reason, started_at=now, finished_at=now)
+    cp, cc = claimed or (prompt, completion)
+    r = make_receipt(request_id=rid, adapter_id=adapter, node_id=ident.node_id, prompt_tokens=cp,
+                     completion_tokens=cc, finish_reason=reason, started_at=now, finished_at=now)
     sig = sign_receipt(r, ident.node_key) if sign_with is None else sign_with
     base = dict(request_id=rid, model="acme/a", adapter_id=adapter, node_id=ident.node_id, status=RequestStatus.OK,
-                finish_reason=reason, receipt=r, signature=sig, completion_tokens=completion, key_id=7)
+                finish_reason=reason, receipt=r, signature=sig, prompt_tokens=prompt, completion_tokens=completion,
+                key_id=7, max_tokens=16)  # fmt: skip
     return RequestEnd(**(base | kw))
 
 
@@ -43,63 +49,128 @@ def rows(engine):
         return s.exec(select(CompletionRecord)).all(), s.exec(select(UsageRecord)).all()
 
 
-def test_verified_receipt_writes_both(setup):
+def test_receipt_that_matches_writes_both(setup):
     engine, ident, rec = setup
     end = end_for(ident)
     assert rec.record(end) == "recorded"
     done, usage = rows(engine)
     assert [d.request_id for d in done] == [u.request_id for u in usage] == [end.request_id]
     u = usage[0]
-    assert (u.adapter_id, u.node_id, u.prompt_tokens, u.completion_tokens, u.gateway_key_id) == \
-        (ADAPTER, ident.node_id, 3, 4, 7)
-    import json
-
+    assert (u.adapter_id, u.node_id, u.prompt_tokens, u.completion_tokens, u.gateway_key_id, u.status) == \
+        (ADAPTER, ident.node_id, 3, 4, 7, RecordStatus.PENDING)
+    assert (u.node_prompt_tokens, u.node_completion_tokens) == (3, 4)
     check_receipt(json.loads(u.receipt_json), u.node_signature, ident.node_public_key)
-    assert done[0].status == "ok"
+    assert done[0].status == "ok" and done[0].error is None
 
 
-def test_bad_signature_is_not_in_outbox(setup):
+def test_inflated_receipt_is_disputed_at_the_gateways_count(setup):
+    engine, ident, rec = setup
+    end = end_for(ident, prompt=5, completion=2, claimed=(5_000_000, 5_000_000))
+    assert rec.record(end) == "disputed"
+    done, (u,) = rows(engine)
+    assert (u.prompt_tokens, u.completion_tokens) == (5, 2)  # billed: what the gateway saw
+    assert (u.node_prompt_tokens, u.node_completion_tokens) == (5_000_000, 5_000_000)
+    assert u.status == RecordStatus.DISPUTED and "5000000 prompt tokens" in u.error and "5000000 completion" in u.error
+    assert "disputed" in done[0].error and end.disputed
+
+
+@pytest.mark.parametrize("claimed,aborted,result", [
+    ((3, 4), False, "recorded"), ((3, 5), False, "disputed"), ((3, 3), False, "disputed"),
+    ((4, 4), False, "disputed"), ((3, 4 + RECEIPT_COMPLETION_SLACK_ON_ABORT), True, "recorded"),
+    ((3, 4 + RECEIPT_COMPLETION_SLACK_ON_ABORT + 1), True, "disputed"), ((3, 3), True, "disputed"),
+])  # fmt: skip
+def test_tolerance(setup, claimed, aborted, result):
+    engine, ident, rec = setup
+    assert rec.record(end_for(ident, claimed=claimed, aborted=aborted)) == result
+    (u,) = rows(engine)[1]
+    assert (u.prompt_tokens, u.completion_tokens) == (3, 4)
+
+
+def test_bad_signature_is_disputed(setup):
     engine, ident, rec = setup
     other = Identity.generate()
     end = end_for(ident)
     end.signature = sign_receipt(end.receipt | {"node_id": other.node_id}, other.node_key)
-    assert rec.record(end) == "unreceipted"
-    done, usage = rows(engine)
-    assert usage == [] and done[0].status == RequestStatus.UNRECEIPTED and "receipt refused" in done[0].error
+    assert rec.record(end) == "disputed"
+    done, (u,) = rows(engine)
+    assert u.status == RecordStatus.DISPUTED and "receipt refused" in u.error and u.receipt_json is None
+    assert (u.prompt_tokens, u.completion_tokens) == (3, 4)
 
 
-def test_receipt_for_another_request_refused(setup):
+def test_receipt_for_another_request_is_disputed(setup):
     engine, ident, rec = setup
     end = end_for(ident)
     end.request_id = "0x" + "01" * 32
-    assert rec.record(end) == "unreceipted"
-    assert "request_id" in rows(engine)[0][0].error
+    assert rec.record(end) == "disputed"
+    assert "request_id" in rows(engine)[1][0].error
 
 
-def test_unknown_node_key(setup):
-    engine, _, rec = setup
-    stranger = Identity.generate()
-    assert rec.record(end_for(stranger)) == "unreceipted"
-    assert "no public key" in rows(engine)[0][0].error
-
-
-def test_tokens_without_receipt_are_recorded_as_such(setup):
+def test_missing_receipt_from_a_node_that_answered_is_disputed(setup):
     engine, ident, rec = setup
-    end = end_for(ident, status=RequestStatus.NODE_FAILED)
+    end = end_for(ident)
     end.receipt = end.signature = None
-    assert rec.record(end) == "unreceipted"
+    assert rec.record(end) == "disputed"
+    assert "no receipt" in rows(engine)[1][0].error
+
+
+def test_node_lost_mid_stream_is_billed_at_the_gateways_count(setup):
+    engine, ident, rec = setup
+    end = end_for(ident, status=RequestStatus.NODE_FAILED, node_lost=True, aborted=True)
+    end.receipt = end.signature = None
+    assert rec.record(end) == "recorded"
+    done, (u,) = rows(engine)
+    assert u.status == RecordStatus.PENDING and (u.prompt_tokens, u.completion_tokens) == (3, 4)
+    assert u.receipt_json is None and u.node_signature is None and u.node_completion_tokens is None
+    assert done[0].status == RequestStatus.NODE_FAILED
+
+
+def test_reconciled_completion_is_the_receipts_capped_at_max_tokens(setup):
+    engine, ident, rec = setup
+    ok = end_for(ident, completion=0, claimed=(3, 9), reconciled=True, status=RequestStatus.RECONCILED)
+    assert rec.record(ok) == "recorded"
+    over = end_for(ident, completion=0, claimed=(3, 40), reconciled=True, status=RequestStatus.RECONCILED)
+    assert rec.record(over) == "disputed"
+    usage = {u.request_id: u for u in rows(engine)[1]}
+    assert usage[ok.request_id].completion_tokens == 9 and usage[ok.request_id].status == RecordStatus.PENDING
+    assert usage[over.request_id].completion_tokens == 16 and usage[over.request_id].status == RecordStatus.DISPUTED
+
+
+def test_not_served_writes_no_usage(setup):
+    engine, ident, rec = setup
+    end = end_for(ident, served=False, status=RequestStatus.NOT_SERVED, completion=0)
+    assert rec.record(end) == "not_served"
     done, usage = rows(engine)
-    assert usage == [] and done[0].status == RequestStatus.NODE_FAILED and done[0].completion_tokens == 4
+    assert usage == [] and done[0].status == RequestStatus.NOT_SERVED
+
+
+def test_open_then_close_and_orphans(setup):
+    engine, ident, rec = setup
+    rec.open(request_id="0x" + "0a" * 32, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=7,
+             prompt_tokens=3, max_tokens=16)  # fmt: skip
+    (row,), _ = rows(engine)
+    assert (row.status, row.prompt_tokens, row.max_tokens, row.instance_id) == ("open", 3, 16, "me")
+    other = UsageRecorder(engine, lambda _: None, instance_id="other")
+    other.beat()
+    assert [r.request_id for r in other.orphaned(lease_s=60)] == ["0x" + "0a" * 32]  # "me" never wrote: dead
+    rec.beat()
+    assert other.orphaned(lease_s=60) == []  # mine, and I am alive
+    with Session(engine) as s:  # I stopped writing a minute ago
+        me = s.get(GatewayInstance, "me")
+        me.last_seen = me.last_seen.replace(year=2000)
+        s.add(me)
+        s.commit()
+    assert [r.request_id for r in other.orphaned(lease_s=60)] == ["0x" + "0a" * 32]
+    assert rec.record(end_for(ident, rid="0x" + "0a" * 32)) == "recorded"
+    (row,), (u,) = rows(engine)
+    assert row.status == "ok" and row.max_tokens == 16 and u.request_id == row.request_id
+    assert other.orphaned(lease_s=60) == []
 
 
 def test_base_model_request_is_in_the_outbox_under_the_zero_adapter_id(setup):
-    import json
-
     engine, ident, rec = setup
     end = end_for(ident, adapter=None)
     assert rec.record(end) == "recorded"
     done, usage = rows(engine)
-    assert [d.request_id for d in done] == [u.request_id for u in usage] == [end.request_id]
     assert done[0].adapter_id is None  # the gateway's own record says "no adapter"
     u = usage[0]
     assert (u.adapter_id, u.node_id, u.prompt_tokens, u.completion_tokens) == \
@@ -113,17 +184,15 @@ def test_base_and_adapter_receipts_are_not_interchangeable(setup):
     engine, ident, rec = setup
     claims_adapter = end_for(ident)  # receipt names an adapter, the request was for the base model
     claims_adapter.adapter_id = None
-    assert rec.record(claims_adapter) == "unreceipted"
+    assert rec.record(claims_adapter) == "disputed"
     claims_base = end_for(ident, adapter=None)  # receipt says base model, the request named an adapter
     claims_base.adapter_id = ADAPTER
-    assert rec.record(claims_base) == "unreceipted"
+    assert rec.record(claims_base) == "disputed"
     done, usage = rows(engine)
-    assert usage == [] and all("adapter_id" in d.error for d in done)
+    assert all(u.status == RecordStatus.DISPUTED and "adapter_id" in u.error for u in usage)
 
 
 def test_same_request_twice_fails_loudly(setup):
-    from gateway.usage import UsageError
-
     engine, ident, rec = setup
     end = end_for(ident)
     rec.record(end)
@@ -141,3 +210,9 @@ def test_concurrent_records_all_land(setup):
         assert set(pool.map(rec.record, ends)) == {"recorded"}
     done, usage = rows(engine)
     assert {d.request_id for d in done} == {u.request_id for u in usage} == {e.request_id for e in ends}
+
+
+def test_disputed_nodes_are_read_back(setup):
+    engine, ident, rec = setup
+    rec.record(end_for(ident, claimed=(3, 99)))
+    assert list(rec.disputed_nodes()) == [ident.node_id]

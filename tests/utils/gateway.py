@@ -69,13 +69,16 @@ class StandInNode:
     fail_early: bool = False  # answer every generate with a 500
     seen: dict = field(default_factory=dict)  # request id -> [produced, prompt_tokens, started_ms, adapter]
     running: set = field(default_factory=set)  # request ids streaming now
+    receipts: dict = field(default_factory=dict)  # request id -> its final signed receipt (GET .../receipt)
+    tokenizer: object = None  # the base's tokenizer: prompts arrive as token ids
 
     def receipt(self, rid: str, reason: str) -> dict:
         produced, prompt_tokens, started, adapter = self.seen[rid]
         r = make_receipt(request_id=rid, adapter_id=adapter, node_id=self.identity.node_id,
                          prompt_tokens=prompt_tokens, completion_tokens=produced, finish_reason=reason,
                          started_at=started, finished_at=int(time.time() * 1000))  # fmt: skip
-        return {"receipt": r, "signature": sign_receipt(r, self.identity.node_key)}
+        out = self.receipts[rid] = {"receipt": r, "signature": sign_receipt(r, self.identity.node_key)}
+        return out
 
     def status(self) -> dict:
         return {"node_id": self.identity.node_id, "public_key": self.identity.node_public_key.hex(),
@@ -103,14 +106,25 @@ class StandInNode:
         async def abort(rid: str):
             if rid not in self.seen:
                 return JSONResponse({"error": {"message": "unknown", "type": "x", "code": "request_not_found"}}, 404)
+            if rid not in self.running and rid in self.receipts:  # finished: its final receipt
+                return self.receipts[rid]
             self.aborted.append(rid)
             return self.receipt(rid, "abort")
+
+        @app.get("/v1/requests/{rid}/receipt")
+        async def stored_receipt(rid: str):
+            if rid in self.receipts:
+                return self.receipts[rid] | {"public_key": self.identity.node_public_key.hex()}
+            code = (409, "request_running") if rid in self.running else (404, "receipt_not_found")
+            return JSONResponse({"error": {"message": "no receipt", "type": "x", "code": code[1]}}, code[0])
 
         @app.post("/v1/generate")
         async def generate(request: Request):
             body = await request.json()
             self.requests.append(body)
-            prompt = body.get("prompt") or ""
+            # the gateway sends token ids: decoded with the base's tokenizer, they steer the stand-in as text
+            ids = body.get("prompt_token_ids") or []
+            prompt = body.get("prompt") or (self.tokenizer.decode(ids) if self.tokenizer is not None else "")
             if self.fail_early or "FAIL_EARLY" in prompt:
                 return JSONResponse({"error": {"message": "boom", "type": "server_error", "code": "x"}}, 500)
             if "TOO_LONG" in prompt:
@@ -138,6 +152,10 @@ class StandInNode:
                 for i in range(limit):
                     if self.delay:
                         await asyncio.sleep(self.delay)
+                    if rid in self.aborted:  # as the real node: an aborted request ends with its receipt
+                        s = self.receipt(rid, "abort")
+                        yield _ev({"type": "done", "finish_reason": "abort", **s})
+                        return
                     if "CUT_AFTER_2" in prompt and i == 2:
                         raise RuntimeError("node crashed mid-stream")
                     self.seen[rid][0] += 1
