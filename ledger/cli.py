@@ -18,8 +18,14 @@ from ledger.chain import ChainClient
 from ledger.db import init_db, make_engine
 from ledger.keys import load_account
 from ledger.rewards import rewards_summary
-from ledger.settler import Settler
-from ledger.settler_config import SettlerConfig
+from ledger.settler import Settler, requeue_set_aside, settler_status
+from ledger.settler_config import (
+    DEFAULT_LEASE,
+    DEFAULT_LOW_DEPOSIT,
+    DEFAULT_MAX_PRICE_PER_1K,
+    DEFAULT_MAX_RECORD_TOKENS,
+    SettlerConfig,
+)
 from ledger.types import BASE_MODEL_ADAPTER_ID
 
 DEFAULT_DEPLOYMENT = Path(os.environ.get("LORAMESH_DEPLOYMENT", ".loramesh/devnet/deployment.json"))
@@ -83,6 +89,14 @@ def _settler() -> None:
     """Settle the usage-record outbox on chain."""
 
 
+MaxPriceOpt = Annotated[int, typer.Option("--max-price-per-1k", min=0,
+                                            help="wei per 1k tokens above which a record is set aside")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-record-tokens", min=0,
+                                           help="prompt + completion tokens above which a record is set aside")]
+LowDepositOpt = Annotated[int, typer.Option("--low-deposit", min=0,
+                                            help="wei of deposit left (after in-flight batches) below which to warn")]
+
+
 @settler_app.command("run")
 def settler_run(
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL of the outbox database")],
@@ -92,20 +106,88 @@ def settler_run(
     batch_size: Annotated[int, typer.Option(help="N: records per batch")] = 100,
     interval: Annotated[float, typer.Option(help="T: seconds a partial batch may wait")] = 5.0,
     max_in_flight: Annotated[int, typer.Option(min=1, help="batches sent before awaiting their receipts")] = 32,
+    max_price_per_1k: MaxPriceOpt = DEFAULT_MAX_PRICE_PER_1K,
+    max_record_tokens: MaxTokensOpt = DEFAULT_MAX_RECORD_TOKENS,
+    low_deposit: LowDepositOpt = DEFAULT_LOW_DEPOSIT,
+    lease: Annotated[float, typer.Option(min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed")]
+    = DEFAULT_LEASE,
     drain: Annotated[bool, typer.Option(help="exit once nothing is left to settle")] = False,
 ) -> None:
-    """Run the settler until SIGINT/SIGTERM (or, with --drain, until the outbox is empty)."""
+    """Run the settler until SIGINT/SIGTERM (or, with --drain, until the outbox is empty). Any number
+    of settlers (and gateways) may run on one database and one ledger."""
     logging.basicConfig(level=os.environ.get("LORAMESH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     engine = make_engine(db, immediate=True)
     init_db(engine)
     client = ChainClient.from_deployment(deployment, load_account(key), rpc_url=rpc)
-    settler = Settler(engine, client, SettlerConfig(batch_size=batch_size, interval=interval, max_in_flight=max_in_flight))
+    config = SettlerConfig(batch_size=batch_size, interval=interval, max_in_flight=max_in_flight,
+                           max_price_per_1k=max_price_per_1k, max_record_tokens=max_record_tokens,
+                           low_deposit=low_deposit, lease=lease)  # fmt: skip
+    settler = Settler(engine, client, config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     n = settler.run(stop, drain=drain)
     typer.echo(f"settled {n} records")
+
+
+@settler_app.command("status")
+def settler_status_cmd(
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL of the outbox database")],
+    key: Annotated[Path | None, typer.Option("--key", help="settler key file, for its deposit")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="settler address, for its deposit")] = None,
+    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT,
+    rpc: RpcOpt = None,
+    low_deposit: LowDepositOpt = DEFAULT_LOW_DEPOSIT,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Records pending, in flight, set aside, disputed and settled; the settler's deposit left and the
+    fees its unsettled batches will take from it (with --key or --address)."""
+    engine = make_engine(db)
+    init_db(engine)
+    client = None
+    if key is not None:
+        account = load_account(key)
+        address = address or account.address
+    if address is not None:
+        client = ChainClient.from_deployment(deployment, rpc_url=rpc, check=False)
+    st = settler_status(engine, client, address, low_deposit=low_deposit)
+    engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    console = Console()
+    table = Table("records", "count")
+    for k in ("pending", "in_flight", "set_aside", "disputed", "rejected", "settled"):
+        extra = f" ({st['set_aside_deposit_short']} for the deposit)" if k == "set_aside" and st[k] else ""
+        table.add_row(k.replace("_", " "), f"{st[k]}{extra}")
+    console.print(table)
+    console.print(f"batches in flight: {st['batches_in_flight']}; fees pending {st['fees_pending_wei']} wei "
+                  f"({_eth(st['fees_pending_wei'])}); fees set aside {st['fees_set_aside_wei']} wei")  # fmt: skip
+    if st["settler"] is None:
+        console.print("deposit: pass --key or --address to see the settler's deposit")
+    elif st["deposit_wei"] is None:
+        console.print(f"[red]deposit of {st['settler']} unknown[/red]: {st['chain_error']}")
+    else:
+        line = (f"deposit of {st['settler']}: {st['deposit_wei']} wei, {max(st['deposit_left_wei'], 0)} wei left "
+                f"after fees pending ({_eth(max(st['deposit_left_wei'], 0))})")
+        console.print(f"[red]LOW DEPOSIT[/red] {line}" if st["deposit_low"] else line)
+    if st["deposit_low"]:
+        console.print("deposit low: records wait or are set aside until the settler's deposit is topped up")
+
+
+@settler_app.command("requeue")
+def settler_requeue(
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL of the outbox database")],
+    reason: Annotated[str, typer.Option(help="only records whose reason starts with this")] = "",
+) -> None:
+    """Put set-aside records back in the outbox (after raising --max-price-per-1k or --max-record-tokens,
+    or when an adapter's price is fixed); the settler prices and bounds them again."""
+    engine = make_engine(db, immediate=True)
+    init_db(engine)
+    n = requeue_set_aside(engine, reason)
+    engine.dispose()
+    typer.echo(f"{n} set-aside records back in the outbox")
 
 
 def main() -> None:

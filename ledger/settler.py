@@ -758,3 +758,16 @@ def settler_status(engine: Engine, client: ChainClient | None = None, settler: s
             left = deposit - out["fees_pending_wei"]
             out.update(deposit_wei=deposit, deposit_left_wei=left, deposit_low=left < low_deposit or bool(deposit_short))
     return out
+
+
+def requeue_set_aside(engine: Engine, reason_prefix: str = "") -> int:
+    """Put set-aside records (those whose reason starts with `reason_prefix`) back in the outbox as
+    pending; a settler prices and bounds them again. Returns how many."""
+    cond = [UsageRecord.status == RecordStatus.SET_ASIDE]
+    if reason_prefix:
+        cond.append(UsageRecord.error.like(reason_prefix.replace("%", r"\%").replace("_", r"\_") + "%", escape="\\"))
+    with Session(engine) as s:
+        n = s.execute(update(UsageRecord).where(*cond).values(status=RecordStatus.PENDING, error=None,
+                                                              fee_wei=None)).rowcount  # fmt: skip
+        s.commit()
+    return n

@@ -1,0 +1,59 @@
+"""Exactly-once checks read straight from the chain (raw JSON-RPC, no ABI decoding of ours): how many
+RecordSettled events each request id has, and the receipt of every transaction sent to the ledger.
+Shared by the multi-settler tests and bench/settle_soak.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from eth_utils import keccak
+
+RECORD_SETTLED_TOPIC = "0x" + keccak(text="RecordSettled(bytes32,bytes32,bytes32,bytes32,uint64,uint64,uint256)").hex()
+
+
+def _rpc(w3, method: str, params: list):
+    resp = w3.provider.make_request(method, params)
+    if resp.get("error"):
+        raise RuntimeError(f"{method}: {resp['error']}")
+    return resp["result"]
+
+
+def record_settled_counts(w3, ledger: str, from_block: int, to_block: int | None = None) -> Counter:
+    """request id ("0x"+64 hex) -> number of RecordSettled events, from eth_getLogs (topic 2 is the
+    request id: batchId, requestId and adapterId are the indexed ones)."""
+    to_block = int(_rpc(w3, "eth_blockNumber", []), 16) if to_block is None else to_block
+    counts: Counter = Counter()
+    step = 2_000
+    for start in range(from_block, to_block + 1, step):
+        logs = _rpc(w3, "eth_getLogs", [{"address": ledger, "topics": [RECORD_SETTLED_TOPIC],
+                                         "fromBlock": hex(start), "toBlock": hex(min(start + step - 1, to_block))}])
+        for log in logs:
+            counts[log["topics"][2].lower()] += 1
+    return counts
+
+
+@dataclass
+class LedgerTx:
+    tx_hash: str
+    sender: str
+    block: int
+    status: int
+    gas_used: int
+
+
+def ledger_transactions(w3, ledger: str, from_block: int, senders=None) -> list[LedgerTx]:
+    """Every transaction to `ledger` (from `senders` when given) in blocks from_block..latest, with its receipt status."""
+    want = {s.lower() for s in senders} if senders else None
+    latest = int(_rpc(w3, "eth_blockNumber", []), 16)
+    out = []
+    for n in range(from_block, latest + 1):
+        block = _rpc(w3, "eth_getBlockByNumber", [hex(n), True])
+        for tx in block["transactions"]:
+            if (tx.get("to") or "").lower() != ledger.lower():
+                continue
+            if want is not None and tx["from"].lower() not in want:
+                continue
+            rcpt = _rpc(w3, "eth_getTransactionReceipt", [tx["hash"]])
+            out.append(LedgerTx(tx["hash"], tx["from"].lower(), n, int(rcpt["status"], 16), int(rcpt["gasUsed"], 16)))
+    return out
