@@ -138,7 +138,8 @@ library Ed25519 {
     }
 
     /// base^exponent mod p through the modexp precompile (EIP-198 at 0x05): ~1,300 gas for a 252-bit
-    /// exponent, against ~250 squarings and ~125 multiplications in Solidity. ok is false only if the call itself fails.
+    /// exponent, against ~250 squarings and ~125 multiplications in Solidity. ok is false only if the
+    /// call itself fails.
     function modExpP(uint256 base, uint256 exponent) private view returns (bool ok, uint256 result) {
         assembly ("memory-safe") {
             // Scratch space past the free-memory pointer: not allocated, only used for this call.
@@ -402,7 +403,9 @@ library Ed25519 {
     /// carry out of one lane lands in an empty one and is masked off.
     function addLanes(uint256 x, uint256 y) private pure returns (uint256) {
         unchecked {
-            return (((x & LANES_1_3) + (y & LANES_1_3)) & LANES_1_3) | (((x & LANES_0_2) + (y & LANES_0_2)) & LANES_0_2);
+            uint256 odd = ((x & LANES_1_3) + (y & LANES_1_3)) & LANES_1_3;
+            uint256 even = ((x & LANES_0_2) + (y & LANES_0_2)) & LANES_0_2;
+            return odd | even;
         }
     }
 }

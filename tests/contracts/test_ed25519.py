@@ -7,10 +7,10 @@ import random
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from eth_account import Account
 
 from devnet.anvil import CHAIN_ID, DEV_KEYS, Anvil, AnvilConfig, free_port
 from devnet.deploy import _deploy_contract
-from eth_account import Account
 from ledger.artifacts import load_artifact
 from ledger.transport import make_web3
 
@@ -48,7 +48,8 @@ RFC8032_VECTORS = [
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    """A bare anvil (no loramesh deployment needed) with Ed25519Harness deployed."""
+    """A bare anvil with only Ed25519Harness deployed: the library needs none of the loramesh
+    deployment that `anvil_chain` makes, and this keeps these tests independent of it."""
     folder = tmp_path_factory.mktemp("anvil-ed25519")
     anvil = Anvil(AnvilConfig(port=free_port(), block_time=None, log_file=folder / "anvil.log")).start()
     try:
