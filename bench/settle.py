@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from eth_account import Account  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
 
@@ -36,6 +37,7 @@ from ledger.db import init_db, make_engine  # noqa: E402
 from ledger.models import SettlementBatch, UsageRecord  # noqa: E402
 from ledger.settler import Settler  # noqa: E402
 from ledger.settler_config import SettlerConfig  # noqa: E402
+from ledger.types import node_id_of  # noqa: E402
 
 SIZES = (1, 100, 500)
 
@@ -48,13 +50,15 @@ def setup(rpc_url: str):
     settler = Account.from_key(DEV_KEYS[1])  # DEV_KEYS[0] is the admin deploy() uses
     d = deploy(rpc_url, settlers=[settler.address], settler_deposit=1000 * 10**18, fund_amount=0)
     owner, op, p1, p2 = (Account.from_key(k) for k in DEV_KEYS[2:6])
-    base, adapter, node = rid(), rid(), rid()
+    base, adapter = rid(), rid()
     ChainClient(d, p1).register_dataset("bench-1", rid())
     ChainClient(d, p2).register_dataset("bench-2", rid())
     ds1, ds2 = ChainClient(d).dataset_id("bench-1", p1.address), ChainClient(d).dataset_id("bench-2", p2.address)
     ChainClient(d, owner).register_adapter(adapter, name="bench", version="1", base_model=base,
                                            price_per_1k_tokens=10**12, datasets=[(ds1, 3000), (ds2, 2000)])  # fmt: skip
-    ChainClient(d, op).register_node(node, peer_id="p", multiaddrs=[], api_url="http://x", base_model=base)
+    node_key = Ed25519PrivateKey.generate()  # the registry takes a node id only with its key's proof
+    node = node_id_of(node_key.public_key().public_bytes_raw())
+    ChainClient(d, op).register_node(node_key, peer_id="p", multiaddrs=[], api_url="http://x", base_model=base)
     return ChainClient(d, settler), adapter, node
 
 

@@ -6,6 +6,7 @@ stages that already ran (a trained adapter, a packed package) are reused on the 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
     """Train each adapter on its contributor's data, pack and sign it, and verify the package."""
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from node.adapters import make_dataset_share, pack_adapter, verify_package
+    from node.adapters import PackageError, make_dataset_share, pack_adapter, verify_package
     from node.keys import load_identity
     from node.train import train_adapter
 
@@ -80,9 +81,16 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
                 train_adapter(base, a.data_file, a.peft_dir, steps=80,
                               on_step=lambda s, _loss: progress.update(task, completed=s))
             console.print(f"• trained {a.name}")
+        if (a.package_dir / "signature.json").is_file():
+            try:
+                verify_package(a.package_dir, base_dir=base)
+            except PackageError as e:  # e.g. packed by an older loramesh: pack it again
+                console.print(f"• repacking {a.name}: {e}")
+                shutil.rmtree(a.package_dir)
         if not (a.package_dir / "signature.json").is_file():
             identity = load_identity(a.contributor_key, DEMO_PASSWORD)
-            share = make_dataset_share(a.dataset, identity.address, 5_000)
+            share = make_dataset_share(a.dataset, identity.address, 5_000)  # id bound to its contributor
+            # signed offline: the chain does not exist yet; publishing signs it for the devnet's registry
             pack_adapter(a.peft_dir, a.package_dir, name=a.name, account=identity.account, base_dir=base,
                          datasets=[share], price_per_1k_tokens=10**15)
             console.print(f"• packed and signed {a.name}")

@@ -50,7 +50,8 @@ def start_chain(workdir: Path, identities: dict[str, Path], console: Console) ->
 
 
 def publish_all(packages, identities: dict[str, Path], deployment_path: Path, console: Console) -> None:
-    """Each contributor registers their adapter and its dataset on chain."""
+    """Each contributor signs their package for this devnet's registry (chain id and address) and
+    registers it, with its dataset, on chain; the first registration of a name makes it theirs."""
     from ledger.chain import ChainClient
     from node.keys import load_identity
     from node.publish import register_package

@@ -25,6 +25,8 @@ from ledger.types import (
     SettleRecord,
     dataset_id_for,
     id_bytes,
+    node_id_of,
+    node_proof_message,
     to_id,
 )
 
@@ -211,10 +213,30 @@ class ChainClient:
 
     # ------------------------------------------------------------------ registry: nodes
 
-    def register_node(self, node_id: str, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
+    def node_proof_message(self, operator: str | None = None) -> bytes:
+        """What a node key signs to let `operator` (default: the sender) register it on this registry."""
+        return node_proof_message(self.deployment.chain_id, self.deployment.registry, operator or self.address)
+
+    def register_node(self, node_key, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
                       base_model: str):  # fmt: skip
-        """Register a node operated by the sender (active from the start)."""
-        fn = self.registry.functions.registerNode(id_bytes(node_id), peer_id, list(multiaddrs), api_url,
+        """Register the node whose Ed25519 key is `node_key` (a cryptography Ed25519PrivateKey), operated by
+        the sender and active from the start: the key signs the proof for the sender. Registering a node
+        another operator holds moves it to the sender."""
+        from cryptography.hazmat.primitives import serialization
+
+        public_key = node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        signature = node_key.sign(self.node_proof_message())
+        return self.register_node_with_proof(node_id_of(public_key), public_key, signature, peer_id=peer_id,
+                                             multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)  # fmt: skip
+
+    def register_node_with_proof(self, node_id: str, public_key: bytes, signature: bytes, *, peer_id: str,
+                                 multiaddrs: Sequence[str], api_url: str, base_model: str):  # fmt: skip
+        """registerNode with a proof made elsewhere: `signature` (64 bytes, r || s) by `public_key` of
+        node_proof_message(sender)."""
+        if len(public_key) != 32 or len(signature) != 64:
+            raise ValueError("a node proof is a 32-byte Ed25519 public key and a 64-byte signature")
+        proof = (bytes(public_key), bytes(signature[:32]), bytes(signature[32:]))
+        fn = self.registry.functions.registerNode(id_bytes(node_id), proof, peer_id, list(multiaddrs), api_url,
                                                   id_bytes(base_model))  # fmt: skip
         return self.tx.transact(fn)
 
@@ -228,8 +250,9 @@ class ChainClient:
         return self.tx.transact(self.registry.functions.setNodeActive(id_bytes(node_id), bool(active)))
 
     def get_node(self, node_id: str) -> NodeInfo:
-        operator, active, base, peer_id, api_url, addrs = self.tx.call(self.registry.functions.getNode(id_bytes(node_id)))
-        return NodeInfo(to_id(node_id), operator, active, _hex(base), peer_id, api_url, tuple(addrs))
+        operator, active, key, base, peer_id, api_url, addrs = self.tx.call(
+            self.registry.functions.getNode(id_bytes(node_id)))
+        return NodeInfo(to_id(node_id), operator, active, _hex(base), peer_id, api_url, tuple(addrs), _hex(key))
 
     # ------------------------------------------------------------------ ledger: admin and deposits
 

@@ -171,6 +171,28 @@ class AdapterRegistration:
         return Account.recover_message(self.typed_data(domain), signature=signature)
 
 
+# ------------------------------------------------------------------ node-key proofs
+
+NODE_PROOF_TAG = b"loramesh.node.v1"
+
+
+def node_proof_message(chain_id: int, registry: str, operator: str) -> bytes:
+    """What a node's Ed25519 key signs to let `operator` register it on `registry` (AdapterRegistry.
+    nodeProofMessage): abi.encodePacked(bytes("loramesh.node.v1"), uint256 chainId, address registry,
+    address operator), 88 bytes."""
+    return (NODE_PROOF_TAG + int(chain_id).to_bytes(32, "big") + bytes.fromhex(to_checksum_address(registry)[2:])
+            + bytes.fromhex(to_checksum_address(operator)[2:]))  # fmt: skip
+
+
+def node_id_of(public_key: bytes) -> str:
+    """A node's id: sha256 of its raw 32-byte Ed25519 public key."""
+    import hashlib
+
+    if len(public_key) != 32:
+        raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
+    return "0x" + hashlib.sha256(public_key).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class DatasetInfo:
     dataset_id: str
@@ -203,6 +225,7 @@ class NodeInfo:
     peer_id: str
     api_url: str
     multiaddrs: tuple[str, ...]
+    public_key: str = ""  # "0x" + hex of the Ed25519 key the registration proved
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,7 +127,7 @@ class NodeDaemon:
 
         addrs = self.p2p.listen_addrs if self.p2p is not None else []
         peer_id = self.p2p.peer_id if self.p2p is not None else ""
-        ensure_registered(self.chain, node_id=self.identity.node_id, peer_id=peer_id, multiaddrs=addrs,
+        ensure_registered(self.chain, self.identity.node_key, peer_id=peer_id, multiaddrs=addrs,
                           api_url=self.config.public_url, base_model=self.engine.base_model_id)
         if self.p2p is not None:
             peers = registry_peers(self.chain, base_model=self.engine.base_model_id, exclude_node=self.identity.node_id)

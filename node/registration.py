@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from ledger.chain import ChainClient
-from ledger.errors import UnknownAdapter, UnknownNode
+from ledger.errors import ContractError, UnknownAdapter, UnknownNode
 
 log = logging.getLogger(__name__)
 
@@ -15,25 +15,41 @@ class RegistrationError(RuntimeError):
     """The node cannot take its place in the on-chain registry."""
 
 
-def ensure_registered(client: ChainClient, *, node_id: str, peer_id: str, multiaddrs: Sequence[str], api_url: str,
+def ensure_registered(client: ChainClient, node_key, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
                       base_model: str) -> str:
-    """Register this node (or bring its entry up to date); returns what was done: registered/updated/unchanged."""
+    """Register this node (or bring its entry up to date); returns what was done: registered/moved/updated/
+    unchanged. `node_key` (the node's Ed25519 private key) proves the node id; an entry another operator
+    holds is moved to this one (only the key holder can), so nobody can keep the node off the registry."""
+    from cryptography.hazmat.primitives import serialization
+
+    from ledger.types import node_id_of
+
+    public_key = node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    node_id = node_id_of(public_key)
+    kw = dict(peer_id=peer_id, multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)
     try:
         current = client.get_node(node_id)
     except UnknownNode:
-        client.register_node(node_id, peer_id=peer_id, multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)
-        log.info("registered node %s on chain (operator %s)", node_id, client.address)
-        return "registered"
-    if current.operator != client.address:
-        raise RegistrationError(f"node id {node_id} is registered to operator {current.operator}, not {client.address}")
-    action = "unchanged"
-    wanted = (peer_id, tuple(multiaddrs), api_url, base_model)
-    if (current.peer_id, tuple(current.multiaddrs), current.api_url, current.base_model) != wanted:
-        client.update_node(node_id, peer_id=peer_id, multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)
-        action = "updated"
-    if not current.active:
-        client.set_node_active(node_id, True)
-        action = "updated"
+        current = None
+    try:
+        if current is None or current.operator != client.address:
+            client.register_node(node_key, **kw)
+            if current is None:
+                log.info("registered node %s on chain (operator %s)", node_id, client.address)
+                return "registered"
+            log.warning("node %s was registered to operator %s; moved to %s with the node key's proof", node_id,
+                        current.operator, client.address)  # fmt: skip
+            return "moved"
+        action = "unchanged"
+        wanted = (peer_id, tuple(multiaddrs), api_url, base_model)
+        if (current.peer_id, tuple(current.multiaddrs), current.api_url, current.base_model) != wanted:
+            client.update_node(node_id, **kw)
+            action = "updated"
+        if not current.active:
+            client.set_node_active(node_id, True)
+            action = "updated"
+    except ContractError as e:
+        raise RegistrationError(f"the registry refused node {node_id}: {e}") from e
     log.info("node %s on chain: %s", node_id, action)
     return action
 

@@ -1,12 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
+import {Ed25519} from "./Ed25519.sol";
+
 /// @title AdapterRegistry
 /// @notice Public registry of datasets, LoRA adapters and serving nodes. Anyone registers; only a
 /// dataset's payee, an adapter's owner or a node's operator changes what it registered.
 /// Adapter names belong to their first registrant (who may transfer them); only a name's owner
 /// registers versions of it, each naming its predecessor of the same name. A registration carries
 /// the publisher's EIP-712 signature over what it registers, bound to this chain and this contract.
+/// A node's registration proves its Ed25519 key: the key signs (this chain, this registry, the
+/// operator), checked here, so nobody registers a node id without holding its key.
 /// @dev Ids are bytes32: dataset id = keccak256(abi.encode(contributor, keccak256(name))) computed
 /// here from the caller (so nobody registers another's dataset first), adapter id = sha256(canonical
 /// manifest), node id = sha256(raw Ed25519 public key). The registry never deletes: a settled record
@@ -57,9 +61,18 @@ contract AdapterRegistry {
         uint16[] sharesBps;
     }
 
+    /// @notice A node key's proof for one operator: the raw Ed25519 public key and its signature
+    /// (r || s, 64 bytes as RFC 8032 encodes it) of nodeProofMessage(operator).
+    struct NodeKeyProof {
+        bytes32 publicKey;
+        bytes32 r;
+        bytes32 s;
+    }
+
     struct Node {
         address operator;
         bool active;
+        bytes32 publicKey;
         bytes32 baseModel;
         string peerId;
         string apiUrl;
@@ -92,6 +105,8 @@ contract AdapterRegistry {
     error NodeAlreadyRegistered(bytes32 nodeId);
     error UnknownNode(bytes32 nodeId);
     error NotNodeOperator(bytes32 nodeId, address caller);
+    error NodeKeyMismatch(bytes32 nodeId, bytes32 publicKey);
+    error InvalidNodeProof(bytes32 nodeId, address operator);
 
     event DatasetRegistered(bytes32 indexed datasetId, address indexed payee, bytes32 contentHash, string name);
     event NameRegistered(bytes32 indexed nameHash, address indexed owner, string name);
@@ -108,8 +123,10 @@ contract AdapterRegistry {
         bytes32 indexed baseModel,
         string peerId,
         string apiUrl,
-        string[] multiaddrs
+        string[] multiaddrs,
+        bytes32 publicKey
     );
+    event NodeOperatorChanged(bytes32 indexed nodeId, address indexed previousOperator, address indexed newOperator);
     event NodeUpdated(bytes32 indexed nodeId, bytes32 indexed baseModel, string peerId, string apiUrl, string[] multiaddrs);
     event NodeActiveChanged(bytes32 indexed nodeId, bool active);
 
@@ -264,24 +281,39 @@ contract AdapterRegistry {
 
     // ------------------------------------------------------------------ nodes
 
-    /// @notice Register a serving node operated by the caller (active from the start).
+    /// @notice Register a serving node operated by the caller (active from the start). `proof` shows the
+    /// caller holds the node's key: nodeId must be sha256(publicKey) and the key must have signed
+    /// nodeProofMessage(caller), so a stranger can neither register a node id first nor replay the
+    /// node's proof for another operator. A node already registered to another operator moves to the
+    /// caller (the key holder decides who operates it); its own operator uses updateNode instead.
     function registerNode(
         bytes32 nodeId,
+        NodeKeyProof calldata proof,
         string calldata peerId,
         string[] calldata multiaddrs,
         string calldata apiUrl,
         bytes32 baseModel
     ) external {
         if (nodeId == bytes32(0) || baseModel == bytes32(0)) revert ZeroId();
-        if (_nodes[nodeId].operator != address(0)) revert NodeAlreadyRegistered(nodeId);
+        _checkNodeProof(nodeId, proof);
         Node storage n = _nodes[nodeId];
+        address previous = n.operator;
+        if (previous == msg.sender) revert NodeAlreadyRegistered(nodeId);
         n.operator = msg.sender;
         n.active = true;
+        n.publicKey = proof.publicKey;
         n.baseModel = baseModel;
         n.peerId = peerId;
         n.apiUrl = apiUrl;
         _setMultiaddrs(n, multiaddrs);
-        emit NodeRegistered(nodeId, msg.sender, baseModel, peerId, apiUrl, multiaddrs);
+        if (previous != address(0)) emit NodeOperatorChanged(nodeId, previous, msg.sender);
+        _emitNodeRegistered(nodeId, n);
+    }
+
+    /// @notice What a node key signs to let `operator` register it here:
+    /// abi.encodePacked(bytes("loramesh.node.v1"), uint256 chainid, address registry, address operator).
+    function nodeProofMessage(address operator) public view returns (bytes memory) {
+        return abi.encodePacked(bytes("loramesh.node.v1"), block.chainid, address(this), operator);
     }
 
     /// @notice Replace a node's addresses and base model; only its operator may.
@@ -364,6 +396,19 @@ contract AdapterRegistry {
             total += sharesBps[i];
         }
         if (total > MAX_BPS) revert SharesExceedTotal(total);
+    }
+
+    /// @dev nodeId = sha256(publicKey), and the key signed nodeProofMessage(caller).
+    function _checkNodeProof(bytes32 nodeId, NodeKeyProof calldata proof) private view {
+        if (sha256(abi.encodePacked(proof.publicKey)) != nodeId) revert NodeKeyMismatch(nodeId, proof.publicKey);
+        if (!Ed25519.verify(proof.publicKey, proof.r, proof.s, nodeProofMessage(msg.sender))) {
+            revert InvalidNodeProof(nodeId, msg.sender);
+        }
+    }
+
+    /// @dev Emitted from storage: with every calldata argument on the stack the legacy generator runs out of it.
+    function _emitNodeRegistered(bytes32 nodeId, Node storage n) private {
+        emit NodeRegistered(nodeId, n.operator, n.baseModel, n.peerId, n.apiUrl, n.multiaddrs, n.publicKey);
     }
 
     /// @dev The legacy code generator cannot copy string[] calldata to storage in one assignment.

@@ -45,6 +45,7 @@ class AdapterView:
     block: int
     tx_hash: str
     history: list[tuple[int, str, str]] = field(default_factory=list)  # (block, tx, what changed)
+    publisher: str = ""  # who registered and signed it (the name's owner then); `owner` is paid its share
 
 
 @dataclass(slots=True)
@@ -55,6 +56,8 @@ class DatasetView:
     block: int
     tx_hash: str
     history: list[tuple[int, str, str]] = field(default_factory=list)
+    name: str = ""
+    contributor: str = ""  # the registering address, which the id is bound to
 
 
 @dataclass(slots=True)
@@ -66,6 +69,18 @@ class NodeView:
     peer_id: str
     api_url: str
     multiaddrs: list[str]
+    block: int
+    tx_hash: str
+    history: list[tuple[int, str, str]] = field(default_factory=list)
+    public_key: str = ""  # the Ed25519 key the registration proved (node id = its sha256)
+
+
+@dataclass(slots=True)
+class NameView:
+    """An adapter name: its owner (the only one who registers its versions) and how it got there."""
+
+    name: str
+    owner: str
     block: int
     tx_hash: str
     history: list[tuple[int, str, str]] = field(default_factory=list)
@@ -145,6 +160,7 @@ class ChainIndex:
         self.adapters: dict[str, AdapterView] = {}
         self.datasets: dict[str, DatasetView] = {}
         self.nodes: dict[str, NodeView] = {}
+        self.names: dict[str, NameView] = {}
         self.batches: dict[str, BatchView] = {}  # in settlement order
         self.records: list[RecordView] = []  # in settlement order
         self.records_by_request: dict[str, list[RecordView]] = defaultdict(list)
@@ -204,7 +220,8 @@ class ChainIndex:
     def _on_DatasetRegistered(self, a, block, tx) -> None:
         ds = _h(a["datasetId"])
         self.datasets[ds] = DatasetView(ds, _h(a["contentHash"]), a["payee"], block, tx,
-                                        [(block, tx, f"registered, payee {a['payee']}")])  # fmt: skip
+                                        [(block, tx, f"registered by its contributor {a['payee']} as {a['name']!r}")],
+                                        a["name"], a["payee"])  # fmt: skip
 
     def _on_DatasetPayeeChanged(self, a, block, tx) -> None:
         d = self.datasets[_h(a["datasetId"])]
@@ -216,7 +233,16 @@ class ChainIndex:
         datasets = [(_h(d), int(s)) for d, s in zip(spec["datasetIds"], spec["sharesBps"])]
         self.adapters[ad] = AdapterView(ad, a["owner"], spec["name"], spec["version"], _h(spec["predecessor"]),
                                         _h(spec["baseModel"]), int(spec["pricePer1kTokens"]), datasets, block, tx,
-                                        [(block, tx, f"registered by {a['owner']}")])  # fmt: skip
+                                        [(block, tx, f"registered by {a['owner']}")], a["owner"])  # fmt: skip
+
+    def _on_NameRegistered(self, a, block, tx) -> None:
+        self.names[a["name"]] = NameView(a["name"], a["owner"], block, tx,
+                                         [(block, tx, f"name registered by {a['owner']}")])  # fmt: skip
+
+    def _on_NameTransferred(self, a, block, tx) -> None:
+        n = self.names[a["name"]]
+        n.owner = a["newOwner"]
+        n.history.append((block, tx, f"name transferred from {a['previousOwner']} to {a['newOwner']}"))
 
     def _on_AdapterPriceChanged(self, a, block, tx) -> None:
         ad = self.adapters[_h(a["adapterId"])]
@@ -230,9 +256,11 @@ class ChainIndex:
 
     def _on_NodeRegistered(self, a, block, tx) -> None:
         nid = _h(a["nodeId"])
+        old = self.nodes.get(nid)  # registered again: the key holder moved it to another operator
+        history = (old.history if old else []) + [(block, tx, f"registered by {a['operator']} with its key's proof")]
         self.nodes[nid] = NodeView(nid, a["operator"], True, _h(a["baseModel"]), a["peerId"], a["apiUrl"],
-                                   list(a["multiaddrs"]), block, tx,
-                                   [(block, tx, f"registered by {a['operator']}")])  # fmt: skip
+                                   list(a["multiaddrs"]), old.block if old else block, old.tx_hash if old else tx,
+                                   history, _h(a["publicKey"]))  # fmt: skip
 
     def _on_NodeUpdated(self, a, block, tx) -> None:
         n = self.nodes[_h(a["nodeId"])]

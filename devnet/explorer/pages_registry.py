@@ -38,6 +38,13 @@ def _predecessors(a, versions: list[str]) -> str:
     return mono(a.predecessor) + ' <span class="muted">(not registered here)</span>'
 
 
+def _name_owner(ex: Explorer, name: str) -> str:
+    n = ex.index.names.get(name)
+    if n is None:
+        return '<span class="muted">unknown</span>'
+    return address_link(n.owner, full=True) + ' <span class="muted">(only the name\'s owner registers its versions)</span>'
+
+
 def records_table(ex: Explorer, records, *, table_id: str) -> str:
     rows = []
     for r in records:
@@ -73,6 +80,8 @@ def adapter_page(ex: Explorer, adapter_id: str) -> str:
         ("name", esc(a.name)),
         ("version", esc(a.version)),
         ("owner", address_link(a.owner, full=True)),
+        ("publisher", address_link(a.publisher or a.owner, full=True)),
+        ("name owner", _name_owner(ex, a.name)),
         ("price per 1k tokens", eth(a.price)),
         ("base model", mono(a.base_model)),
         ("predecessors", _predecessors(a, versions)),
@@ -111,11 +120,11 @@ def datasets_page(ex: Explorer) -> str:
     for a in ex.index.adapters.values():
         for ds, _ in a.datasets:
             users[ds] = users.get(ds, 0) + 1
-    rows = [[id_link("datasets", d.dataset_id), address_link(d.payee), mono(d.content_hash[:18] + "…"),
+    rows = [[id_link("datasets", d.dataset_id), esc(d.name), address_link(d.payee), mono(d.content_hash[:18] + "…"),
              num(users.get(d.dataset_id, 0)), eth(earned.get(d.dataset_id, 0))]
             for d in ex.index.datasets.values()]  # fmt: skip
-    body = table(["dataset", "contributor (payee)", "content hash", "adapters", "rewards accrued"], rows,
-                 numeric=(3, 4), empty="no datasets registered", table_id="datasets")  # fmt: skip
+    body = table(["dataset", "name", "contributor (payee)", "content hash", "adapters", "rewards accrued"], rows,
+                 numeric=(4, 5), empty="no datasets registered", table_id="datasets")  # fmt: skip
     contributors: dict[str, int] = {}
     for d in ex.index.datasets.values():
         contributors[d.payee] = contributors.get(d.payee, 0) + earned.get(d.dataset_id, 0)
@@ -126,7 +135,10 @@ def datasets_page(ex: Explorer) -> str:
 
 def dataset_page(ex: Explorer, dataset_id: str) -> str:
     d = ex.index.datasets[dataset_id]
-    info = kv([("dataset id", mono(d.dataset_id)), ("contributor (payee)", address_link(d.payee, full=True)),
+    info = kv([("dataset id", mono(d.dataset_id)), ("name", esc(d.name)),
+               ("contributor", address_link(d.contributor or d.payee, full=True)
+                + ' <span class="muted">(the id is bound to this address)</span>'),
+               ("payee", address_link(d.payee, full=True)),
                ("content hash", mono(d.content_hash)), ("registered", f"block {num(d.block)}, tx {tx_link(d.tx_hash)}"),
                ("rewards accrued", eth(ex.dataset_rewards().get(dataset_id, 0)))], dl_id="dataset-info")  # fmt: skip
     rows = []
@@ -158,6 +170,7 @@ def node_page(ex: Explorer, node_id: str) -> str:
     n = ex.index.nodes[node_id]
     u = ex.usage_by("node_id").get(node_id)
     info = kv([("node id", mono(n.node_id)), ("operator", address_link(n.operator, full=True)),
+               ("public key", mono(n.public_key) + ' <span class="muted">(proved on registration)</span>'),
                ("peer id", mono(n.peer_id)), ("API URL", esc(n.api_url)),
                ("multiaddrs", "<br>".join(mono(m) for m in n.multiaddrs) or "none"),
                ("base model", mono(n.base_model)), ("state", "active" if n.active else "inactive"),

@@ -3,13 +3,14 @@
 import dataclasses
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from eth_utils import keccak
 from web3.logs import DISCARD
 
 from ledger import errors as E
 from devnet.deploy import _deploy_contract
 from ledger.chain import ChainClient
-from ledger.types import ZERO_ID, AdapterRegistration, Domain, dataset_id_for
+from ledger.types import ZERO_ID, AdapterRegistration, Domain, dataset_id_for, node_id_of, node_proof_message
 from tests.utils.chain import rand_id, register_sample
 
 pytestmark = pytest.mark.integration
@@ -297,30 +298,41 @@ def test_only_owner_changes_adapter(anvil_chain):
 # ------------------------------------------------------------------ nodes
 
 
+def _key():
+    key = Ed25519PrivateKey.generate()
+    return key, key.public_key().public_bytes_raw(), node_id_of(key.public_key().public_bytes_raw())
+
+
 def test_register_node_emits_and_reads_back(anvil_chain):
     env = anvil_chain
-    op, nid, base = env.users[2], rand_id(), rand_id()
-    rcpt = env.client(op).register_node(nid, peer_id="12D3KooWabc", multiaddrs=["/ip4/1.2.3.4/tcp/1", "/dns/x/tcp/2"],
+    op, base = env.users[2], rand_id()
+    key, public, nid = _key()
+    rcpt = env.client(op).register_node(key, peer_id="12D3KooWabc", multiaddrs=["/ip4/1.2.3.4/tcp/1", "/dns/x/tcp/2"],
                                         api_url="http://n:1", base_model=base)  # fmt: skip
     ev = _last(env, "NodeRegistered", rcpt)
     assert ev["operator"] == op.address and list(ev["multiaddrs"]) == ["/ip4/1.2.3.4/tcp/1", "/dns/x/tcp/2"]
+    assert bytes(ev["publicKey"]) == public and _h(ev["nodeId"]) == nid
     n = env.client().get_node(nid)
-    assert (n.operator, n.active, n.peer_id, n.api_url, n.base_model) == (op.address, True, "12D3KooWabc",
-                                                                           "http://n:1", base)  # fmt: skip
+    assert (n.operator, n.active, n.peer_id, n.api_url, n.base_model, n.public_key) == (
+        op.address, True, "12D3KooWabc", "http://n:1", base, "0x" + public.hex())  # fmt: skip
+    assert env.client().registry.functions.nodeProofMessage(op.address).call() == env.client().node_proof_message(
+        op.address)  # fmt: skip
 
 
 def test_node_reverts_and_operator_only(anvil_chain):
     env = anvil_chain
-    op, stranger, nid, base = env.users[2], env.users[3], rand_id(), rand_id()
+    op, stranger, base = env.users[2], env.users[3], rand_id()
+    key, public, nid = _key()
     c = env.client(op)
     kw = dict(peer_id="p", multiaddrs=[], api_url="u", base_model=base)
+    sig = key.sign(c.node_proof_message())
     with pytest.raises(E.ZeroId):
-        c.register_node(ZERO_ID, **kw)
+        c.register_node_with_proof(ZERO_ID, public, sig, **kw)
     with pytest.raises(E.ZeroId):
-        c.register_node(rand_id(), **{**kw, "base_model": ZERO_ID})
-    c.register_node(nid, **kw)
-    with pytest.raises(E.NodeAlreadyRegistered):
-        env.client(stranger).register_node(nid, **kw)
+        c.register_node(key, **{**kw, "base_model": ZERO_ID})
+    c.register_node(key, **kw)
+    with pytest.raises(E.NodeAlreadyRegistered):  # its own operator updates instead
+        c.register_node(key, **kw)
     with pytest.raises(E.NotNodeOperator):
         env.client(stranger).update_node(nid, **kw)
     with pytest.raises(E.NotNodeOperator):
@@ -339,3 +351,52 @@ def test_node_reverts_and_operator_only(anvil_chain):
     assert ev["active"] is False
     n = env.client().get_node(nid)
     assert (n.active, n.peer_id, n.multiaddrs, n.base_model) == (False, "q", ("/ip4/9.9.9.9/tcp/9",), new_base)
+
+
+def test_a_stranger_cannot_register_a_node_id(anvil_chain):
+    """The demo-network attack: a stranger registered a real node's id first. Now registerNode needs the
+    node key's signature for the caller: without the key, no proof she makes or copies passes."""
+    env = anvil_chain
+    real_op, stranger = env.users[4], env.new_account()
+    key, public, nid = _key()
+    kw = dict(peer_id="p", multiaddrs=["/ip4/6.6.6.6/tcp/1"], api_url="http://evil", base_model=rand_id())
+    s = env.client(stranger)
+    her_key, her_public, her_nid = _key()
+    with pytest.raises(E.NodeKeyMismatch):  # her own key's proof, the real node's id
+        s.register_node_with_proof(nid, her_public, her_key.sign(s.node_proof_message()), **kw)
+    with pytest.raises(E.InvalidNodeProof):  # the real key, a forged signature
+        s.register_node_with_proof(nid, public, her_key.sign(s.node_proof_message()), **kw)
+    with pytest.raises(E.InvalidNodeProof):  # the real key, no signature at all
+        s.register_node_with_proof(nid, public, bytes(64), **kw)
+    real_proof = key.sign(env.client(real_op).node_proof_message())
+    with pytest.raises(E.InvalidNodeProof) as err:  # the real node's proof, replayed from her address
+        s.register_node_with_proof(nid, public, real_proof, **kw)
+    assert err.value.args_by_name["operator"] == stranger.address
+    other_chain = node_proof_message(env.deployment.chain_id + 1, env.deployment.registry, stranger.address)
+    other_registry = node_proof_message(env.deployment.chain_id, "0x" + "ab" * 20, stranger.address)
+    for message in (other_chain, other_registry):  # the key's proof for her, but made for another chain/registry
+        with pytest.raises(E.InvalidNodeProof):
+            s.register_node_with_proof(nid, public, key.sign(message), **kw)
+    with pytest.raises(E.UnknownNode):
+        env.client().get_node(nid)
+    env.client(real_op).register_node_with_proof(nid, public, real_proof, **{**kw, "api_url": "http://real"})
+    n = env.client().get_node(nid)
+    assert (n.operator, n.api_url) == (real_op.address, "http://real")
+    with pytest.raises(E.InvalidNodeProof):  # nor can she take it over once registered
+        s.register_node_with_proof(nid, public, real_proof, **kw)
+
+
+def test_the_key_holder_moves_a_node_to_another_operator(anvil_chain):
+    env = anvil_chain
+    first, second = env.users[5], env.users[6]
+    key, public, nid = _key()
+    kw = dict(peer_id="p", multiaddrs=[], api_url="http://a", base_model=rand_id())
+    env.client(first).register_node(key, **kw)
+    env.client(first).set_node_active(nid, False)
+    rcpt = env.client(second).register_node(key, **{**kw, "api_url": "http://b"})
+    ev = _last(env, "NodeOperatorChanged", rcpt)
+    assert (_h(ev["nodeId"]), ev["previousOperator"], ev["newOperator"]) == (nid, first.address, second.address)
+    n = env.client().get_node(nid)
+    assert (n.operator, n.active, n.api_url) == (second.address, True, "http://b")
+    with pytest.raises(E.NotNodeOperator):
+        env.client(first).update_node(nid, **kw)

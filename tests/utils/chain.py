@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
@@ -20,6 +21,7 @@ from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, free_port
 from devnet.deploy import deploy
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
+from ledger.types import node_id_of
 
 ETHER = 10**18
 SETTLER_DEPOSIT = 100 * ETHER
@@ -126,10 +128,11 @@ def register_sample(env: ChainEnv, *, price: int = 10**12, shares: tuple[int, ..
     dataset_ids = tuple(env.client().dataset_id(n, payee.address) for n, payee in zip(names, payees))
     for name, payee in zip(names, payees):
         env.client(payee).register_dataset(name, rand_id())
-    adapter_id, node_id = rand_id(), rand_id()
+    adapter_id, node_key = rand_id(), Ed25519PrivateKey.generate()
+    node_id = node_id_of(node_key.public_key().public_bytes_raw())
     env.client(owner).register_adapter(adapter_id, name=f"adapter-{adapter_id[2:8]}", version="1.0.0",
                                        base_model=base, price_per_1k_tokens=price,
                                        datasets=list(zip(dataset_ids, shares)))  # fmt: skip
-    env.client(operator).register_node(node_id, peer_id="12D3KooWtest", multiaddrs=["/ip4/127.0.0.1/tcp/4001"],
+    env.client(operator).register_node(node_key, peer_id="12D3KooWtest", multiaddrs=["/ip4/127.0.0.1/tcp/4001"],
                                        api_url="http://127.0.0.1:9000", base_model=base)  # fmt: skip
     return Registered(adapter_id, node_id, dataset_ids, base, owner, operator, tuple(payees), price)

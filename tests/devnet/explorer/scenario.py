@@ -76,9 +76,9 @@ def build_world(env: ChainEnv, folder: Path) -> World:
                                      price_per_1k_tokens=2 * PRICE,
                                      datasets=[(ds["element-symbols"], 4000), (ds["capitals-qa"], 1000)])  # fmt: skip
     keyed, opaque = Identity.generate(), Identity.generate()
-    env.client(op_a).register_node(keyed.node_id, peer_id=peer_id_of(keyed), multiaddrs=["/ip4/127.0.0.1/tcp/4101"],
+    env.client(op_a).register_node(keyed.node_key, peer_id=peer_id_of(keyed), multiaddrs=["/ip4/127.0.0.1/tcp/4101"],
                                    api_url="http://127.0.0.1:9101", base_model=base)  # fmt: skip
-    env.client(op_b).register_node(opaque.node_id, peer_id="12D3KooWtest", multiaddrs=["/ip4/127.0.0.1/tcp/4102"],
+    env.client(op_b).register_node(opaque.node_key, peer_id="12D3KooWtest", multiaddrs=["/ip4/127.0.0.1/tcp/4102"],
                                    api_url="http://127.0.0.1:9102", base_model=base)  # fmt: skip
 
     db_path = folder / "ledger.db"

@@ -1,0 +1,167 @@
+"""The registry attacks found on the demo network, run for real against anvil (and a real node and CLI
+process), each shown to fail: a stranger with a funded identity squats an adapter name, a contributor's
+dataset, a node's id."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from sqlmodel import SQLModel
+
+from devnet.processes import ManagedProcess
+from gateway.registry import RegistryView
+from ledger import errors as E
+from ledger.db import init_db, make_engine
+from ledger.types import AdapterRegistration
+from node.adapters import make_dataset_share, pack_adapter
+from node.keys import create_identity
+from node.publish import PublishError, publish
+from tests.utils.chain import rand_id
+from tests.utils.factories import make_peft_adapter
+
+pytestmark = pytest.mark.integration
+PASSWORD = "pw"
+ETHER = 10**18
+
+
+@pytest.fixture(scope="module")
+def peft(tiny_base, tmp_path_factory):
+    return make_peft_adapter(tiny_base, tmp_path_factory.mktemp("peft") / "a", rank=2)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LORAMESH_KEY_PASSWORD": PASSWORD}
+    env.pop("LORAMESH_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "devnet", *args], capture_output=True, text=True, env=env,
+                          timeout=180)  # fmt: skip
+
+
+def test_a_stranger_cannot_take_over_an_adapter_name(anvil_chain, tiny_base, peft, tmp_path):
+    """Mallory, funded, registers `alice/geo` v2 (other weights, 1,000x the price): the registry refuses,
+    and the gateway keeps resolving the name to alice's newest version."""
+    env = anvil_chain
+    alice, mallory, carol = env.new_account(ETHER), env.new_account(ETHER), env.new_account(ETHER)
+    v1 = pack_adapter(peft, tmp_path / "v1", name="alice/geo", account=alice, base_dir=tiny_base, price_per_1k_tokens=5)
+    publish(v1.path, env.client(alice))
+    v2 = pack_adapter(peft, tmp_path / "v2", name="alice/geo", account=alice, base_dir=tiny_base, price_per_1k_tokens=6,
+                      version="2", predecessor=v1.adapter_id)  # fmt: skip
+    publish(v2.path, env.client(alice))
+
+    other = make_peft_adapter(tiny_base, tmp_path / "other-weights", rank=2, seed=7)
+    squat = pack_adapter(other, tmp_path / "squat", name="alice/geo", account=mallory, base_dir=tiny_base,
+                         price_per_1k_tokens=6000, version="3", predecessor=v2.adapter_id)  # fmt: skip
+    with pytest.raises(PublishError, match=f"name 'alice/geo' belongs to {alice.address}"):
+        publish(squat.path, env.client(mallory))
+    reg = squat.manifest.registration()  # straight at the contract, skipping publish's checks
+    with pytest.raises(E.NotNameOwner):
+        env.client(mallory).register_adapter(reg)
+    with pytest.raises(E.NotNameOwner):  # as a "first version" too
+        env.client(mallory).register_adapter(AdapterRegistration.of(
+            rand_id(), name="alice/geo", version="1", base_model=reg.base_model, price_per_1k_tokens=6000))
+    with pytest.raises(E.NotNameOwner):
+        env.client(mallory).transfer_name("alice/geo", mallory.address)
+
+    engine = make_engine(f"sqlite:///{tmp_path}/gw.db")
+    init_db(engine)
+    SQLModel.metadata.create_all(engine)
+    view = RegistryView(engine, env.client())
+    assert view.sync()
+    assert view.adapter_by_name("alice/geo").adapter_id == v2.adapter_id
+    assert view.name_owners["alice/geo"] == alice.address
+
+    # the owner may hand the name on: then only the new owner's versions resolve
+    env.client(alice).transfer_name("alice/geo", carol.address)
+    view.sync()
+    assert view.adapter_by_name("alice/geo") is None  # alice's versions are no longer the name's
+    v3 = pack_adapter(peft, tmp_path / "v3", name="alice/geo", account=carol, base_dir=tiny_base, version="3",
+                      predecessor=v2.adapter_id)  # fmt: skip
+    publish(v3.path, env.client(carol))
+    view.sync()
+    assert view.adapter_by_name("alice/geo").adapter_id == v3.adapter_id
+    engine.dispose()
+
+
+def test_a_stranger_cannot_take_a_datasets_share(anvil_chain, tiny_base, peft, tmp_path):
+    """A stranger registers the dataset's name first, as her own payee: the contributor's dataset (its id
+    bound to the contributor) is untouched and pays the contributor. A payee that is not the manifest's
+    contributor makes `loramesh adapter publish` refuse in one line."""
+    env = anvil_chain
+    contributor = create_identity(tmp_path / "contributor.json", PASSWORD)
+    stranger = env.new_account(ETHER)
+    env.client(env.admin).fund([contributor.address], ETHER)
+    env.client(stranger).register_dataset("geo-facts", rand_id())  # first come: her own dataset now
+    share = make_dataset_share("geo-facts", contributor.address, 4000)
+    assert share.id != env.client().dataset_id("geo-facts", stranger.address)
+    pkg = pack_adapter(peft, tmp_path / "p", name="contrib/geo", account=contributor.account, base_dir=tiny_base,
+                       datasets=[share], price_per_1k_tokens=10)  # fmt: skip
+    d = str(env.deployment_path)
+    r = _cli("adapter", "publish", str(pkg.path), "--key", str(tmp_path / "contributor.json"), "--deployment", d)
+    assert r.returncode == 0, r.stderr
+    assert env.client().get_dataset(share.id).payee == contributor.address  # the stranger was first, in vain
+    split = env.client().registry.functions.adapterSplit(bytes.fromhex(pkg.adapter_id[2:])).call()
+    assert split[3] == [contributor.address]  # settlement pays the contributor
+
+    # the contributor moved the payee elsewhere: a publisher listing the contributor is refused, one line
+    env.client(contributor.account).set_dataset_payee(share.id, stranger.address)
+    publisher = create_identity(tmp_path / "publisher.json", PASSWORD)
+    env.client(env.admin).fund([publisher.address], ETHER)
+    pkg2 = pack_adapter(peft, tmp_path / "p2", name="pub/geo", account=publisher.account, base_dir=tiny_base,
+                        datasets=[share])  # fmt: skip
+    r = _cli("adapter", "publish", str(pkg2.path), "--key", str(tmp_path / "publisher.json"), "--deployment", d)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (
+        f"error: dataset 'geo-facts' ({share.id}) pays {stranger.address} on chain, but the manifest names its "
+        f"contributor {contributor.address}: refusing to publish")  # fmt: skip
+    assert env.client().name_owner("pub/geo") is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_stranger_cannot_block_a_node(anvil_chain, tiny_base, tmp_path):
+    """A stranger registers the real node's id first: without the node key's proof (none, forged, or
+    the real node's replayed from her address) the registry refuses; the real node then starts and
+    registers itself."""
+    env = anvil_chain
+    key_file = tmp_path / "operator.json"
+    real = create_identity(key_file, PASSWORD)
+    env.client(env.admin).fund([real.address], ETHER)
+    stranger = env.new_account(ETHER)
+    s = env.client(stranger)
+    public = real.node_public_key
+    kw = dict(peer_id="12D3KooWevil", multiaddrs=["/ip4/6.6.6.6/tcp/1"], api_url="http://6.6.6.6:1",
+              base_model=rand_id())  # fmt: skip
+    attempts = {
+        "no proof": bytes(64),
+        "forged": create_identity(tmp_path / "hers.json", PASSWORD).node_key.sign(s.node_proof_message()),
+        "replayed": real.node_key.sign(env.client(real.account).node_proof_message()),  # the real node's own proof
+    }
+    for what, signature in attempts.items():
+        with pytest.raises(E.InvalidNodeProof):
+            s.register_node_with_proof(real.node_id, public, signature, **kw)
+    with pytest.raises(E.UnknownNode):
+        env.client().get_node(real.node_id)
+
+    port = _free_port()
+    proc = ManagedProcess("node", ["node", "run", "--base", str(tiny_base), "--store", str(tmp_path / "store"),
+                                   "--port", str(port), "--key", str(key_file), "--deployment", str(env.deployment_path),
+                                   "--slots", "1", "--threads", "1"], tmp_path / "node.log",
+                          env={"LORAMESH_KEY_PASSWORD": PASSWORD})  # fmt: skip
+    try:
+        proc.start()
+        proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        assert httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()["node_id"] == real.node_id
+        info = env.client().get_node(real.node_id)
+        assert (info.operator, info.active, info.api_url) == (real.address, True, f"http://127.0.0.1:{port}")
+        assert info.public_key == "0x" + public.hex()
+    finally:
+        proc.stop()
