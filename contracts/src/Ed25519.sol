@@ -163,7 +163,7 @@ library Ed25519 {
     // A point being added is kept "cached" as [Y - X, Y + X, 2d*T, 2Z], the four factors the addition
     // multiplies by, so each addition costs 8 multiplications instead of 10.
     // Every coordinate is kept reduced (< p), so P - x never underflows: the arithmetic is unchecked.
-    // pointAdd and pointDouble, which run ~380 times per verification, are written in assembly.
+    // pointAdd and pointDouble, which run ~400 times per verification, are written in assembly.
 
     /// True for the eight points of order dividing 8 (the identity among them): [8]P is the identity.
     /// Such a public key has no secret behind it, and s = 0 with R = identity "verifies" under it for
