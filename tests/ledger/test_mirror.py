@@ -46,3 +46,49 @@ def test_mirror_tracks_registrations_and_updates(anvil_chain, tmp_path):
         assert (n.active, n.api_url, n.peer_id, n.base_model) == (False, "http://new", "p2", new_base)
         assert s.get(DatasetMirror, reg.dataset_ids[0]).payee == heir.address
     engine.dispose()
+
+
+def test_mirror_tracks_names_publishers_contributors_and_node_keys(anvil_chain, tmp_path):
+    from ledger.models import NameMirror
+
+    env = anvil_chain
+    engine = make_engine(f"sqlite:///{tmp_path}/names.db")
+    init_db(engine)
+    reg = register_sample(env, shares=(1000,))
+    name = env.client().get_adapter(reg.adapter_id).name
+    heir = env.users[7]
+    env.client(reg.owner).transfer_name(name, heir.address)
+    sync_registry(engine, env.client())
+    with Session(engine) as s:
+        assert s.get(NameMirror, name).owner == heir.address
+        a = s.get(AdapterMirror, reg.adapter_id)
+        assert (a.owner, a.publisher) == (reg.owner.address, reg.owner.address)
+        d = s.get(DatasetMirror, reg.dataset_ids[0])
+        assert d.contributor == reg.payees[0].address and d.name.startswith("ds-")
+        n = s.get(NodeMirror, reg.node_id)
+        assert "0x" + n.public_key == env.client().get_node(reg.node_id).public_key
+    engine.dispose()
+
+
+def test_mirror_tables_of_an_older_schema_are_rebuilt_from_events(anvil_chain, tmp_path):
+    from sqlalchemy import text
+
+    from ledger.mirror import ensure_mirror_schema
+
+    env = anvil_chain
+    reg = register_sample(env)
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = make_engine(url)
+    with old.begin() as c:  # the adapters table as it was before publishers were mirrored
+        c.execute(text("CREATE TABLE adapters (adapter_id VARCHAR(66) PRIMARY KEY, owner VARCHAR(42), name VARCHAR,"
+                       " version VARCHAR, predecessor VARCHAR(66), base_model VARCHAR(66), price_per_1k_tokens VARCHAR,"
+                       " datasets_json TEXT, registered_block INTEGER, updated_block INTEGER)"))
+        c.execute(text("CREATE TABLE sync_cursors (name VARCHAR(64) PRIMARY KEY, block INTEGER)"))
+        c.execute(text("INSERT INTO sync_cursors VALUES ('registry', 999999)"))
+    old.dispose()
+    engine = make_engine(url)
+    assert ensure_mirror_schema(engine) and not ensure_mirror_schema(engine)  # once per engine
+    sync_registry(engine, env.client())  # from the deploy block again
+    with Session(engine) as s:
+        assert s.get(AdapterMirror, reg.adapter_id).publisher == reg.owner.address
+    engine.dispose()
