@@ -1,0 +1,141 @@
+"""A rogue node: registered on chain, heartbeating, it streams 2 tokens and signs a correct receipt claiming
+5,000,000 prompt + 5,000,000 completion tokens. The gateway bills what it relayed: the client sees the
+gateway's count, the outbox keeps the record DISPUTED with both counts, the node is dropped from routing
+and shown in /health and /metrics, and nothing of it settles, while an honest node's request does.
+
+Real parts: anvil with the contracts, the node as its own process (tests/utils/rogue_node.py), the gateway
+in a real uvicorn with its in-process settler, the official openai client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from sqlmodel import Session, select
+from transformers import AutoTokenizer
+
+from devnet.anvil import free_port
+from gateway.app import create_app
+from gateway.keys import create_key
+from gateway.models import CompletionRecord
+from gateway.settings import GatewaySettings
+from ledger.models import RecordStatus, UsageRecord
+from node.basemodel import base_model_id
+from node.keys import create_identity
+from node.receipts import check_receipt
+from tests.utils.gateway import make_db, poll
+from tests.utils.rogue_node import ROGUE_CLAIM
+from tests.utils.servers import ServerThread
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PASSWORD = "rogue"
+ETHER = 10**18
+
+
+def start_script_node(root: Path, name: str, chain, gw_url: str, base: str, *, mode: str, tokens: int = 2,
+                      delay: float = 0.0, deployment: bool = True):  # fmt: skip
+    """A tests/utils/rogue_node.py process with a funded identity of its own; (process, identity, url)."""
+    key = root / f"{name}.key"
+    identity = create_identity(key, PASSWORD)
+    if chain is not None:
+        chain.client(chain.admin).fund([identity.address], ETHER)  # gas for its registration
+    port = free_port()
+    args = [sys.executable, "-m", "tests.utils.rogue_node", "--key", str(key), "--port", str(port), "--gateway",
+            gw_url, "--base-model", base, "--mode", mode, "--tokens", str(tokens), "--delay", str(delay)]
+    if deployment:
+        args += ["--deployment", str(chain.deployment_path)]
+    log = (root / f"{name}.log").open("ab")
+    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={"LORAMESH_KEY_PASSWORD": PASSWORD, "PATH": "/usr/bin:/bin"})  # fmt: skip
+    return proc, identity, f"http://127.0.0.1:{port}"
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture
+def gw(anvil_chain, tiny_base, tmp_path):
+    engine = make_db(tmp_path / "gw.db")
+    key, _ = create_key(engine, name="app")
+    settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", deployment=anvil_chain.deployment_path,
+                               bases=[tiny_base], registry_sync_s=0.3, settle_interval_s=0.3, heartbeat_ttl_s=30)
+    app = create_app(settings, chain_client=anvil_chain.client(), settler_account=anvil_chain.settler)
+    server = ServerThread(app).start()
+    try:
+        yield server, engine, key
+    finally:
+        server.stop()
+        engine.dispose()
+
+
+def health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=5).json()
+
+
+def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_base, tmp_path):
+    server, engine, key = gw
+    base = base_model_id(tiny_base)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    rogue, rogue_id, _ = start_script_node(tmp_path, "rogue", anvil_chain, server.url, base, mode="rogue")
+    honest = None
+    try:
+        poll(lambda: health(server.url)["live_nodes"] == 1, timeout=60, interval=0.2)
+        models = {m.id: m.model_extra for m in client.models.list()}
+        assert models["tiny"]["price_per_1k_tokens_wei"] == str(anvil_chain.client().base_price())  # the base price
+
+        raw = client.completions.with_raw_response.create(model="tiny", prompt="hello world, how are you", max_tokens=8)
+        r, rid = raw.parse(), raw.headers["x-request-id"]
+        prompt_ids = AutoTokenizer.from_pretrained(str(tiny_base)).encode("hello world, how are you")
+        # the client is shown what the gateway saw, not the receipt's claim
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt_ids), 2)
+        assert r.choices[0].text == " w0 w1"
+
+        with Session(engine) as s:
+            u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).one()
+            done = s.get(CompletionRecord, rid)
+        assert u.status == RecordStatus.DISPUTED
+        assert (u.prompt_tokens, u.completion_tokens) == (len(prompt_ids), 2)
+        assert (u.node_prompt_tokens, u.node_completion_tokens) == (ROGUE_CLAIM, ROGUE_CLAIM)
+        assert "5000000" in u.error and "disputed" in done.error
+        check_receipt(json.loads(u.receipt_json), u.node_signature, rogue_id.node_public_key)  # signed, still refused
+
+        h = health(server.url)
+        assert h["live_nodes"] == 0 and [d["node_id"] for d in h["disputed_nodes"]] == [rogue_id.node_id]
+        assert "5000000" in h["disputed_nodes"][0]["reason"]
+        metrics = httpx.get(server.url + "/metrics").text
+        assert f'loramesh_gateway_disputed_node{{node_id="{rogue_id.node_id}"}} 1.0' in metrics
+        # dropped from routing though it still heartbeats: its base model is served by nobody now
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="tiny", prompt="again", max_tokens=2)
+        assert health(server.url)["live_nodes"] == 0
+
+        # an honest node takes over; its request settles, the disputed one never does
+        honest, honest_id, _ = start_script_node(tmp_path, "honest", anvil_chain, server.url, base, mode="honest",
+                                                 tokens=3)  # fmt: skip
+        poll(lambda: health(server.url)["live_nodes"] == 1, timeout=60, interval=0.2)
+        raw = client.completions.with_raw_response.create(model="tiny", prompt="hello", max_tokens=3)
+        ok_rid = raw.headers["x-request-id"]
+        assert raw.headers["x-loramesh-node"] == honest_id.node_id and raw.parse().usage.completion_tokens == 3
+
+        def status_of(request_id):
+            with Session(engine) as s:
+                return s.exec(select(UsageRecord.status).where(UsageRecord.request_id == request_id)).one()
+
+        poll(lambda: status_of(ok_rid) == RecordStatus.SETTLED, timeout=60, interval=0.3)
+        assert status_of(rid) == RecordStatus.DISPUTED
+        settled = {"0x" + bytes(e["args"]["requestId"]).hex() for e in anvil_chain.client().events("ledger", "RecordSettled")}
+        assert ok_rid in settled and rid not in settled
+    finally:
+        stop(rogue)
+        if honest is not None:
+            stop(honest)
