@@ -1,0 +1,202 @@
+"""Prices bounded on the settler's side, against a real anvil: a record claiming 10^12 tokens and
+adapters priced at 10^30 wei (or in whole coins) are set aside with their reasons while the rest
+settle; a deposit too small for everything settles what it can and sets the rest aside (and says
+so in `settler status`); a price raised between pricing and mining makes the batch re-priced, never
+retried forever."""
+
+import json
+import logging
+
+import pytest
+from sqlmodel import Session, select
+from typer.testing import CliRunner
+
+from ledger.cli import settler_app
+from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord
+from ledger.outbox import add_usage_record, count_by_status
+from ledger.settler import DEPOSIT_SHORT, PRICE_MOVING, PRICE_TOO_HIGH, REPRICED, TOO_MANY_TOKENS, Settler
+from ledger.settler_config import SettlerConfig
+from tests.ledger.audit import ledger_transactions, record_settled_counts
+from tests.ledger.test_settler import add_records
+from tests.utils.chain import ETHER, rand_id, register_sample
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+FEE = 10**12 * 50 // 1000  # one record of add_records(tokens=(40, 10)) at 10^12 wei per 1k tokens
+
+
+def _funded_settler(env, deposit: int):
+    acct = env.new_account(10 * ETHER)
+    env.client(env.admin).grant_settler(acct.address)
+    if deposit:
+        env.client(env.admin).deposit_for(acct.address, deposit)
+    return acct
+
+
+def _rows(engine, status=None) -> list[UsageRecord]:
+    with Session(engine) as s:
+        stmt = select(UsageRecord).order_by(UsageRecord.id)
+        if status:
+            stmt = stmt.where(UsageRecord.status == status)
+        return list(s.exec(stmt))
+
+
+def test_out_of_bounds_records_are_set_aside_while_the_rest_settle(anvil_chain, engine):
+    env = anvil_chain
+    client = env.client(env.settler)
+    start = client.block_number() + 1
+    good = register_sample(env, price=10**12)
+    absurd = register_sample(env, price=10**30)  # 10^30 wei per 1k tokens
+    whole_coins = register_sample(env, price=3 * ETHER)  # "3" meant as coins, entered in wei units of 10^18
+    ids = add_records(engine, [good], 5)
+    with Session(engine) as s:
+        huge = rand_id()
+        add_usage_record(s, request_id=huge, adapter_id=good.adapter_id, node_id=good.node_id,
+                         prompt_tokens=10**12, completion_tokens=3, receipt_json={"r": 1}, node_signature="s")  # fmt: skip
+        s.commit()
+    dear = add_records(engine, [absurd, whole_coins], 4)
+    ids += add_records(engine, [good], 5)
+
+    settler = Settler(engine, client, SettlerConfig(batch_size=4, interval=0))
+    assert settler.drain() == 10
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 10, "set_aside": 5}
+    aside = {r.request_id: r for r in _rows(engine, RecordStatus.SET_ASIDE)}
+    assert aside[huge].error.startswith(TOO_MANY_TOKENS) and "1000000000003 tokens" in aside[huge].error
+    for rid in dear:
+        assert aside[rid].error.startswith(PRICE_TOO_HIGH) and aside[rid].batch_id is None
+    assert str(10**30) in aside[dear[0]].error and str(3 * ETHER) in aside[dear[1]].error
+    r0 = aside[dear[0]]
+    assert int(r0.fee_wei) == 10**30 * (r0.prompt_tokens + r0.completion_tokens) // 1000
+    # the rest settled exactly once, the set-aside ones never, and nothing reverted
+    on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
+    assert set(on_chain) == set(ids) and set(on_chain.values()) == {1}
+    assert all(t.status == 1 for t in ledger_transactions(client.w3, env.deployment.ledger, start))
+    for r in _rows(engine, RecordStatus.SETTLED):
+        assert int(r.fee_wei) == 10**12 * (r.prompt_tokens + r.completion_tokens) // 1000
+    # an operator who raises the bounds puts them back, and they are priced again
+    r = runner.invoke(settler_app, ["requeue", "--db", str(engine.url), "--reason", TOO_MANY_TOKENS])
+    assert r.exit_code == 0 and "1 set-aside records back" in r.output, r.output
+    assert Settler(engine, client, SettlerConfig(max_record_tokens=2 * 10**12, max_price_per_1k=10**30)).drain() == 0
+    assert _rows(engine, RecordStatus.SET_ASIDE)[0].error.startswith(DEPOSIT_SHORT)  # 10^12 tokens: no deposit pays that
+
+
+def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engine, caplog):
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    acct = _funded_settler(env, 10 * FEE + FEE // 2)  # ten records' worth and a half
+    client = env.client(acct)
+    start = client.block_number() + 1
+    ids = add_records(engine, [reg], 30, tokens=(40, 10))
+    assert all(r.prompt_tokens + r.completion_tokens >= 50 for r in _rows(engine))
+    # add_records varies prompt tokens (40 + i % 13): price them as the contract will
+    with caplog.at_level(logging.WARNING, logger="ledger.settler"):
+        settled = Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain()
+    assert 0 < settled < 10
+    statuses = count_by_status(Session(engine))
+    assert statuses == {"settled": settled, "set_aside": 30 - settled}
+    aside = _rows(engine, RecordStatus.SET_ASIDE)
+    assert all(r.error.startswith(DEPOSIT_SHORT) and r.batch_id is None for r in aside)
+    left = client.deposit_of(acct.address)
+    assert all(int(r.fee_wei) > left for r in aside)  # set aside only what the deposit cannot pay
+    assert "deposit is low" in caplog.text
+    with Session(engine) as s:
+        batches = list(s.exec(select(SettlementBatch)))
+    assert sum(int(b.total_fees) for b in batches) == 10 * FEE + FEE // 2 - left
+    assert all(t.status == 1 for t in ledger_transactions(client.w3, env.deployment.ledger, start))
+
+    r = runner.invoke(settler_app, ["status", "--db", str(engine.url), "--address", acct.address,
+                                    "--deployment", str(env.deployment_path), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.output)
+    assert (st["settled"], st["set_aside"], st["set_aside_deposit_short"]) == (settled, 30 - settled, 30 - settled)
+    assert st["deposit_wei"] == left and st["deposit_left_wei"] == left and st["deposit_low"] is True
+    assert st["fees_pending_wei"] == 0 and st["fees_set_aside_wei"] == sum(int(r.fee_wei) for r in aside)
+    assert (st["pending"], st["in_flight"], st["disputed"]) == (0, 0, 0)
+    r = runner.invoke(settler_app, ["status", "--db", str(engine.url), "--address", acct.address,
+                                    "--deployment", str(env.deployment_path)])  # fmt: skip
+    assert r.exit_code == 0 and "LOW DEPOSIT" in r.output, r.output
+
+    # topped up: the set-aside records go back by themselves and settle, each once
+    env.client(env.admin).deposit_for(acct.address, ETHER)
+    assert Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain() == 30 - settled
+    assert count_by_status(Session(engine)) == {"settled": 30}
+    on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
+    assert set(on_chain) == set(ids) and set(on_chain.values()) == {1}
+    st = runner.invoke(settler_app, ["status", "--db", str(engine.url), "--address", acct.address,
+                                     "--deployment", str(env.deployment_path), "--json"]).output  # fmt: skip
+    assert json.loads(st)["deposit_low"] is False
+
+
+def _raise_price_before_sends(monkeypatch, client, owner_client, adapter_id, prices):
+    """Wrap client.send_settle_batch: before each of the first len(prices) sends, the adapter's owner
+    sets the next price (mined first: the batch was priced at the old one)."""
+    original, queue = client.send_settle_batch, list(prices)
+
+    def send(*args, **kwargs):
+        if queue:
+            owner_client.set_adapter_price(adapter_id, queue.pop(0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "send_settle_batch", send)
+
+
+def test_price_raised_before_a_simulated_send_is_repriced(anvil_chain, engine, monkeypatch):
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    acct = _funded_settler(env, ETHER)
+    client = env.client(acct)
+    start = client.block_number() + 1
+    ids = add_records(engine, [reg], 4, tokens=(50, 0))  # 50..53 tokens
+    # 10^19 wei per 1k tokens (allowed here): a record costs ~0.5 ETH, the deposit pays for one
+    _raise_price_before_sends(monkeypatch, client, env.client(reg.owner), reg.adapter_id, [10**19])
+    settler = Settler(engine, client, SettlerConfig(batch_size=4, interval=0, max_price_per_1k=10**20))
+    assert settler.drain() == 1
+    with Session(engine) as s:
+        batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
+    assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.SETTLED]
+    assert "InsufficientDeposit" in batches[0].last_error and batches[1].record_count == 1
+    assert count_by_status(Session(engine)) == {"settled": 1, "set_aside": 3}
+    assert all(r.error.startswith(DEPOSIT_SHORT) for r in _rows(engine, RecordStatus.SET_ASIDE))
+    settled = _rows(engine, RecordStatus.SETTLED)[0]
+    assert settled.error.startswith(REPRICED) and int(settled.fee_wei) == 10**19 * settled.prompt_tokens // 1000
+    on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
+    assert set(on_chain) == {settled.request_id} and set(on_chain.values()) == {1} and settled.request_id in ids
+    assert all(t.status == 1 for t in ledger_transactions(client.w3, env.deployment.ledger, start, [acct.address]))
+
+
+def test_price_raised_under_an_unsimulated_send_reverts_once_then_is_set_aside(anvil_chain, engine, monkeypatch):
+    """With the pipe open the batch is sent unsimulated and reverts on chain (InsufficientDeposit,
+    decoded): abandoned, its records priced again. Raised once more under the re-formed batch, its
+    record is set aside (the price keeps moving): never retried forever."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    acct = _funded_settler(env, ETHER)
+    client = env.client(acct)
+    add_records(engine, [reg], 2, tokens=(50, 0))
+    settler = Settler(engine, client, SettlerConfig(batch_size=2, interval=0, max_price_per_1k=10**30))
+    assert settler.step() == 2  # the probe settles: the pipe opens
+    start = client.block_number() + 1
+    first, second = add_records(engine, [reg], 2, tokens=(50, 0))  # 50 and 51 tokens
+    # before send 1 (unsimulated): 1.2e19 per 1k, the pair costs 1.21 ETH > the deposit -> reverts on chain;
+    # re-formed at that price only the first fits; before send 2 (simulated): 2.5e19, it costs 1.25 ETH
+    _raise_price_before_sends(monkeypatch, client, env.client(reg.owner), reg.adapter_id, [12 * 10**18, 25 * 10**18])
+    for _ in range(5):
+        try:
+            settler.step()
+        except Exception:  # noqa: BLE001 - what a step raises is not the point: the end state is
+            pass
+        if not settler.has_work():
+            break
+    assert not settler.has_work()
+    with Session(engine) as s:
+        batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))[1:]
+    assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.ABANDONED]
+    assert [b.record_count for b in batches] == [2, 1]
+    assert all("InsufficientDeposit" in b.last_error for b in batches)
+    rows = {r.request_id: r for r in _rows(engine)}
+    assert rows[first].status == RecordStatus.SET_ASIDE and rows[first].error.startswith(PRICE_MOVING)
+    assert rows[second].status == RecordStatus.SET_ASIDE and rows[second].error.startswith(DEPOSIT_SHORT)
+    txs = ledger_transactions(client.w3, env.deployment.ledger, start, [acct.address])
+    assert [t.status for t in txs] == [0]  # the one revert the first raise caused, nothing after
+    assert record_settled_counts(client.w3, env.deployment.ledger, start) == {}
