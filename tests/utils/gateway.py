@@ -39,11 +39,11 @@ def add_node(engine, *, node_id: str, base_model: str, api_url: str, active: boo
 
 
 def add_adapter(engine, *, adapter_id: str, name: str, base_model: str, block: int = 1,
-                owner: str = "0x" + "cd" * 20) -> None:  # fmt: skip
+                owner: str = "0x" + "cd" * 20, price: int = 0) -> None:  # fmt: skip
     """An AdapterMirror row published by `owner`, and the name's row (owned by its first publisher)."""
     with Session(engine) as s:
         s.merge(AdapterMirror(adapter_id=adapter_id, owner=owner, publisher=owner, name=name, version="1.0.0",
-                              predecessor="0x" + "00" * 32, base_model=base_model, price_per_1k_tokens="0",
+                              predecessor="0x" + "00" * 32, base_model=base_model, price_per_1k_tokens=str(price),
                               datasets_json="[]", registered_block=block, updated_block=block))  # fmt: skip
         if s.get(NameMirror, name) is None:
             s.add(NameMirror(name=name, owner=owner, registered_block=block, updated_block=block))

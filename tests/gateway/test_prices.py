@@ -1,0 +1,112 @@
+"""Prices bounded and visible: /v1/models shows each adapter's price per 1,000 tokens (wei, from the registry
+mirror); a key has a maximum price (the gateway's default, or its own from `loramesh gateway keys
+create/update --max-price-per-1k-tokens`), and a dearer adapter is refused with 403 price_exceeds_key_limit
+naming the price and the limit, before any node is asked."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from gateway.app import create_app
+from gateway.cli import gateway_app
+from gateway.keys import create_key, lookup_key, update_key
+from gateway.settings import GatewaySettings
+from node.basemodel import base_model_id
+from node.heartbeat import HeartbeatSender
+from node.keys import Identity
+from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db
+from tests.utils.servers import ServerThread
+
+pytestmark = pytest.mark.integration
+
+CHEAP, DEAR = "0x" + "c1" * 32, "0x" + "c2" * 32
+DEFAULT_LIMIT = 10**15
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_base):
+    tmp = tmp_path_factory.mktemp("prices")
+    engine = make_db(tmp / "gw.db")
+    base = base_model_id(tiny_base)
+    node = StandInNode(Identity.generate(), base)
+    node_srv = ServerThread(node.app()).start()
+    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
+    add_adapter(engine, adapter_id=CHEAP, name="acme/cheap", base_model=base, price=10**12)
+    add_adapter(engine, adapter_id=DEAR, name="acme/dear", base_model=base, price=5 * 10**18, block=2)
+    settings = GatewaySettings(db_url=f"sqlite:///{tmp / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=60,
+                               default_max_price_per_1k_tokens=DEFAULT_LIMIT, key_cache_ttl_s=0)  # fmt: skip
+    gw = ServerThread(create_app(settings)).start()
+    sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
+    assert asyncio.run(sender.send_once()) == {gw.url: 200}
+    try:
+        yield gw, engine, node, tmp
+    finally:
+        gw.stop()
+        node_srv.stop()
+
+
+def client(gw, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+
+def test_models_show_prices(world):
+    gw, engine, _, _ = world
+    key, _ = create_key(engine, name="viewer")
+    listed = {m.id: m.model_extra for m in client(gw, key).models.list()}
+    assert listed["acme/cheap"]["price_per_1k_tokens_wei"] == str(10**12)
+    assert listed["acme/dear"]["price_per_1k_tokens_wei"] == str(5 * 10**18)
+    assert listed["tiny-test"]["price_per_1k_tokens_wei"] is None  # no chain here: no base price to show
+    assert client(gw, key).models.retrieve("acme/dear").model_extra["price_per_1k_tokens_wei"] == str(5 * 10**18)
+
+
+def test_default_limit_refuses_the_dear_adapter(world):
+    gw, engine, node, _ = world
+    key, _ = create_key(engine, name="default")
+    before = len(node.requests)
+    with pytest.raises(openai.PermissionDeniedError) as ei:
+        client(gw, key).completions.create(model="acme/dear", prompt="hi", max_tokens=2)
+    err = ei.value.body
+    assert ei.value.status_code == 403 and err["code"] == "price_exceeds_key_limit" and err["param"] == "model"
+    assert str(5 * 10**18) in err["message"] and str(DEFAULT_LIMIT) in err["message"]
+    assert len(node.requests) == before  # no node was asked
+    assert client(gw, key).completions.create(model="acme/cheap", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_key_limits_from_the_cli(world):
+    gw, engine, _, tmp = world
+    db = f"sqlite:///{tmp / 'gw.db'}"
+    runner = CliRunner()
+    r = runner.invoke(gateway_app, ["keys", "create", "--name", "frugal", "--max-price-per-1k-tokens", str(10**11),
+                                    "--db", db])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    frugal = r.output.strip().splitlines()[-1]
+    info = lookup_key(engine, frugal)
+    assert info.max_price_per_1k_tokens == 10**11
+    with pytest.raises(openai.PermissionDeniedError, match="limit of 100000000000 wei"):
+        client(gw, frugal).completions.create(model="acme/cheap", prompt="hi", max_tokens=1)
+    r = runner.invoke(gateway_app, ["keys", "update", str(info.id), "--max-price-per-1k-tokens", str(10**19),
+                                    "--db", db])  # fmt: skip
+    assert r.exit_code == 0 and str(10**19) in r.output, r.output
+    assert client(gw, frugal).completions.create(model="acme/dear", prompt="hi", max_tokens=1).choices
+    listing = runner.invoke(gateway_app, ["keys", "list", "--db", db], env={"COLUMNS": "250"})
+    assert str(10**19) in listing.output
+    r = runner.invoke(gateway_app, ["keys", "update", str(info.id), "--default-max-price", "--db", db])
+    assert r.exit_code == 0 and "gateway default" in r.output
+    with pytest.raises(openai.PermissionDeniedError):
+        client(gw, frugal).completions.create(model="acme/dear", prompt="hi", max_tokens=1)
+
+
+def test_update_key_refuses_bad_values(world):
+    from gateway.keys import ApiKeyError
+
+    _, engine, _, _ = world
+    _, info = create_key(engine, name="x")
+    with pytest.raises(ApiKeyError):
+        update_key(engine, info.id, max_price_per_1k_tokens=-1)
+    with pytest.raises(ApiKeyError):
+        update_key(engine, "lm-nothing-like-it", rpm=3)
+    assert update_key(engine, info.id, rpm=3, tpm=10).requests_per_minute == 3
