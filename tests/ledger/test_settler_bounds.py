@@ -25,6 +25,11 @@ runner = CliRunner()
 FEE = 10**12 * 50 // 1000  # one record of add_records(tokens=(40, 10)) at 10^12 wei per 1k tokens
 
 
+def _status(engine) -> dict:
+    with Session(engine) as s:
+        return count_by_status(s)
+
+
 def _funded_settler(env, deposit: int):
     acct = env.new_account(10 * ETHER)
     env.client(env.admin).grant_settler(acct.address)
@@ -93,7 +98,7 @@ def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engi
     with caplog.at_level(logging.WARNING, logger="ledger.settler"):
         settled = Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain()
     assert 0 < settled < 10
-    statuses = count_by_status(Session(engine))
+    statuses = _status(engine)
     assert statuses == {"settled": settled, "set_aside": 30 - settled}
     aside = _rows(engine, RecordStatus.SET_ASIDE)
     assert all(r.error.startswith(DEPOSIT_SHORT) and r.batch_id is None for r in aside)
@@ -120,7 +125,7 @@ def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engi
     # topped up: the set-aside records go back by themselves and settle, each once
     env.client(env.admin).deposit_for(acct.address, ETHER)
     assert Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain() == 30 - settled
-    assert count_by_status(Session(engine)) == {"settled": 30}
+    assert _status(engine) == {"settled": 30}
     on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
     assert set(on_chain) == set(ids) and set(on_chain.values()) == {1}
     st = runner.invoke(settler_app, ["status", "--db", str(engine.url), "--address", acct.address,
@@ -156,7 +161,7 @@ def test_price_raised_before_a_simulated_send_is_repriced(anvil_chain, engine, m
         batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
     assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.SETTLED]
     assert "InsufficientDeposit" in batches[0].last_error and batches[1].record_count == 1
-    assert count_by_status(Session(engine)) == {"settled": 1, "set_aside": 3}
+    assert _status(engine) == {"settled": 1, "set_aside": 3}
     assert all(r.error.startswith(DEPOSIT_SHORT) for r in _rows(engine, RecordStatus.SET_ASIDE))
     settled = _rows(engine, RecordStatus.SETTLED)[0]
     assert settled.error.startswith(REPRICED) and int(settled.fee_wei) == 10**19 * settled.prompt_tokens // 1000
