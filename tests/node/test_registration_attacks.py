@@ -92,14 +92,17 @@ def test_a_stranger_cannot_take_a_datasets_share(anvil_chain, tiny_base, peft, t
     contributor makes `loramesh adapter publish` refuse in one line."""
     env = anvil_chain
     contributor = create_identity(tmp_path / "contributor.json", PASSWORD)
-    stranger = env.new_account(ETHER)
-    env.client(env.admin).fund([contributor.address], ETHER)
-    env.client(stranger).register_dataset("geo-facts", rand_id())  # first come: her own dataset now
+    stranger_id = create_identity(tmp_path / "stranger.json", PASSWORD)
+    stranger = stranger_id.account
+    env.client(env.admin).fund([contributor.address, stranger.address], ETHER)
+    d = str(env.deployment_path)
+    r = _cli("adapter", "register-dataset", "geo-facts", "--key", str(tmp_path / "stranger.json"), "--deployment", d)
+    assert r.returncode == 0, r.stderr  # first come: but it is her own dataset, not the contributor's
     share = make_dataset_share("geo-facts", contributor.address, 4000)
-    assert share.id != env.client().dataset_id("geo-facts", stranger.address)
+    theirs = env.client().dataset_id("geo-facts", stranger.address)
+    assert theirs in r.stdout and share.id != theirs
     pkg = pack_adapter(peft, tmp_path / "p", name="contrib/geo", account=contributor.account, base_dir=tiny_base,
                        datasets=[share], price_per_1k_tokens=10)  # fmt: skip
-    d = str(env.deployment_path)
     r = _cli("adapter", "publish", str(pkg.path), "--key", str(tmp_path / "contributor.json"), "--deployment", d)
     assert r.returncode == 0, r.stderr
     assert env.client().get_dataset(share.id).payee == contributor.address  # the stranger was first, in vain
