@@ -2,7 +2,8 @@
 # Sets up everything loramesh needs, from a fresh clone, idempotently:
 #   .venv/   the virtual environment with loramesh installed (editable) and its test tools
 #   .tools/  non-Python tools from npm: anvil (devnet) and solc-js (contract compiler)
-#   chromium + chromedriver (Debian packages) when called with --browser, for the browser tests
+#   chromium + chromedriver (Debian packages) when called with --browser, for the browser tests,
+#   and postgresql (Debian package; --browser or --postgres) for the multi-settler PostgreSQL tests
 # Re-running is cheap: each step is skipped while its inputs are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,9 +14,11 @@ PYTHON="${PYTHON:-python3}"
 # Override with e.g. LORAMESH_TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124".
 TORCH_SPEC="${LORAMESH_TORCH_SPEC:-torch==2.13.0}"
 WANT_BROWSER=0
+WANT_POSTGRES=0
 for arg in "$@"; do
   case "$arg" in
-    --browser) WANT_BROWSER=1 ;;
+    --browser) WANT_BROWSER=1; WANT_POSTGRES=1 ;;
+    --postgres) WANT_POSTGRES=1 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -67,6 +70,15 @@ if [ "$WANT_BROWSER" = 1 ] && { ! command -v chromium >/dev/null || ! command -v
   else
     echo "setup.sh: the browser tests need chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2
     exit 1
+  fi
+fi
+if [ "$WANT_POSTGRES" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    say "installing postgresql (Debian package) for the PostgreSQL tests"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "setup.sh: the PostgreSQL tests need postgresql (sudo apt-get install postgresql); they skip without it" >&2
   fi
 fi
 say "ready"
