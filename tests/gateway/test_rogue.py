@@ -9,9 +9,6 @@ in a real uvicorn with its in-process settler, the official openai client."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import openai
@@ -19,42 +16,18 @@ import pytest
 from sqlmodel import Session, select
 from transformers import AutoTokenizer
 
-from devnet.anvil import free_port
 from gateway.app import create_app
 from gateway.keys import create_key
 from gateway.models import CompletionRecord
 from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
 from node.basemodel import base_model_id
-from node.keys import create_identity
 from node.receipts import check_receipt
-from tests.utils.gateway import make_db, poll
+from tests.utils.gateway import make_db, poll, start_script_node
 from tests.utils.rogue_node import ROGUE_CLAIM
 from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-PASSWORD = "rogue"
-ETHER = 10**18
-
-
-def start_script_node(root: Path, name: str, chain, gw_url: str, base: str, *, mode: str, tokens: int = 2,
-                      delay: float = 0.0, deployment: bool = True):  # fmt: skip
-    """A tests/utils/rogue_node.py process with a funded identity of its own; (process, identity, url)."""
-    key = root / f"{name}.key"
-    identity = create_identity(key, PASSWORD)
-    if chain is not None:
-        chain.client(chain.admin).fund([identity.address], ETHER)  # gas for its registration
-    port = free_port()
-    args = [sys.executable, "-m", "tests.utils.rogue_node", "--key", str(key), "--port", str(port), "--gateway",
-            gw_url, "--base-model", base, "--mode", mode, "--tokens", str(tokens), "--delay", str(delay)]
-    if deployment:
-        args += ["--deployment", str(chain.deployment_path)]
-    log = (root / f"{name}.log").open("ab")
-    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={"LORAMESH_KEY_PASSWORD": PASSWORD, "PATH": "/usr/bin:/bin"})  # fmt: skip
-    return proc, identity, f"http://127.0.0.1:{port}"
 
 
 def stop(proc) -> None:
@@ -86,7 +59,7 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
     server, engine, key = gw
     base = base_model_id(tiny_base)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30)
-    rogue, rogue_id, _ = start_script_node(tmp_path, "rogue", anvil_chain, server.url, base, mode="rogue")
+    rogue, rogue_id, _ = start_script_node(tmp_path, "rogue", server.url, base, mode="rogue", chain=anvil_chain)
     honest = None
     try:
         poll(lambda: health(server.url)["live_nodes"] == 1, timeout=60, interval=0.2)
@@ -120,8 +93,8 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         assert health(server.url)["live_nodes"] == 0
 
         # an honest node takes over; its request settles, the disputed one never does
-        honest, honest_id, _ = start_script_node(tmp_path, "honest", anvil_chain, server.url, base, mode="honest",
-                                                 tokens=3)  # fmt: skip
+        honest, honest_id, _ = start_script_node(tmp_path, "honest", server.url, base, mode="honest",
+                                                 chain=anvil_chain, tokens=3)  # fmt: skip
         poll(lambda: health(server.url)["live_nodes"] == 1, timeout=60, interval=0.2)
         raw = client.completions.with_raw_response.create(model="tiny", prompt="hello", max_tokens=3)
         ok_rid = raw.headers["x-request-id"]

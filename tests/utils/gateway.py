@@ -174,6 +174,32 @@ def _ev(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
+def start_script_node(root: Path, name: str, gw_url: str, base: str, *, mode: str, chain=None, tokens: int = 2,
+                      delay: float = 0.0, port: int | None = None, password: str = "script"):  # fmt: skip
+    """A tests/utils/rogue_node.py process with an identity of its own; (process, identity, url). With a
+    chain (tests.utils.chain.ChainEnv) it is funded and registers itself there; without one, give the
+    gateway a NodeMirror row for it (add_node) at the returned url."""
+    import subprocess
+    import sys
+
+    from devnet.anvil import free_port
+    from node.keys import create_identity
+
+    key = root / f"{name}.key"
+    identity = create_identity(key, password)
+    if chain is not None:
+        chain.client(chain.admin).fund([identity.address], 10**18)  # gas for its registration
+    port = port or free_port()
+    args = [sys.executable, "-m", "tests.utils.rogue_node", "--key", str(key), "--port", str(port), "--gateway",
+            gw_url, "--base-model", base, "--mode", mode, "--tokens", str(tokens), "--delay", str(delay)]
+    if chain is not None:
+        args += ["--deployment", str(chain.deployment_path)]
+    with (root / f"{name}.log").open("ab") as log:
+        proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={"LORAMESH_KEY_PASSWORD": password, "PATH": "/usr/bin:/bin"})
+    return proc, identity, f"http://127.0.0.1:{port}"
+
+
 def poll(fn, timeout: float = 10.0, interval: float = 0.05):
     """Call fn until it returns something truthy; that value, or AssertionError on timeout."""
     deadline = time.monotonic() + timeout
