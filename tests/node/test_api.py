@@ -272,3 +272,32 @@ def test_node_run_command_serves_adapters_and_stops_on_sigterm(node, llama_world
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_receipts_are_kept_for_the_gateway(node):
+    """GET /v1/requests/{id}/receipt: the signed receipt of a finished request (also of one whose client went
+    away, so a gateway that died mid-request can close it); 409 while it runs; 404 for one never seen."""
+    c = node["client"]
+    rid = "0x" + "5a" * 32
+    body = c.post("/v1/generate", json={"request_id": rid, "prompt": "hello", "max_tokens": 3, "temperature": 0}).json()
+    kept = c.get(f"/v1/requests/{rid}/receipt")
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["receipt"] == body["receipt"] and bytes.fromhex(kept.json()["public_key"]) == node["pub"]
+    check_receipt(kept.json()["receipt"], kept.json()["signature"], node["pub"])
+
+    cut = "0x" + "5b" * 32
+    with c.stream("POST", "/v1/generate", json={"request_id": cut, "prompt": "hi", "max_tokens": 500,
+                                                "temperature": 0, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                running = c.get(f"/v1/requests/{cut}/receipt")
+                break  # one token, then hang up (as a gateway killed mid-stream)
+    _error(running, 409, "request_running", "still running")
+    deadline = time.time() + 30
+    while (got := c.get(f"/v1/requests/{cut}/receipt")).status_code != 200:
+        assert time.time() < deadline, got.text
+        time.sleep(0.05)
+    rec = got.json()["receipt"]
+    check_receipt(rec, got.json()["signature"], node["pub"])
+    assert rec["request_id"] == cut and rec["finish_reason"] == "abort" and 1 <= rec["completion_tokens"] < 500
+    _error(c.get("/v1/requests/0x" + "5c" * 32 + "/receipt"), 404, "receipt_not_found", "no receipt")
