@@ -168,8 +168,9 @@ def adapter_verify(
     m = pkg.manifest
     console.print(f"[green]ok[/] {m.name} v{m.version}")
     console.print(f"  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}\n  signed for  {describe(pkg.domain)}"
-                  f"\n  price       {m.price_per_1k_tokens} per 1k tokens\n  base model  {m.base_model.name} "
-                  f"({m.base_model.id})\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}")
+                  f"\n  price       {m.price_per_1k_tokens} (smallest unit) per 1k tokens"
+                  f"\n  base model  {m.base_model.name} ({m.base_model.id})"
+                  f"\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}")
     for d in m.datasets:
         console.print(f"  dataset     {d.name} -> {d.contributor} ({d.share_bps} bps)")
 
