@@ -79,6 +79,7 @@ from ledger.merkle import MerkleTree
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records, count_by_status
 from ledger.settler_config import DEFAULT_LOW_DEPOSIT, CrashHook, SettlerConfig
+from ledger.transport import rpc_guard
 from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, SettleRecord
 
 log = logging.getLogger(__name__)
@@ -578,11 +579,10 @@ class Settler:
     def _senders_quiet(self, addresses) -> bool:
         """Whether none of these accounts has a transaction still waiting to be mined: then no earlier
         send of a batch by them can land any more."""
-        for a in {x for x in addresses if x}:
-            if self.client.tx.w3.eth.get_transaction_count(a, "latest") != \
-                    self.client.tx.w3.eth.get_transaction_count(a, "pending"):  # fmt: skip
-                return False
-        return True
+        eth = self.client.w3.eth
+        with rpc_guard(self.client.rpc_url):
+            return all(eth.get_transaction_count(a, "latest") == eth.get_transaction_count(a, "pending")
+                       for a in {x for x in addresses if x})
 
     def _send(self, w: _Work) -> bool:
         """Send the batch (or find it settled, or its transaction still live); True when a receipt
