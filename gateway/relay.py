@@ -78,8 +78,9 @@ class Relay:
         await gw.open_request(self, route.nodes[0].node_id)
         try:
             await self._start(route)
-        except GatewayError as e:
-            self.gw.spawn(self.gw.record(self._end(RequestStatus.NOT_SERVED, served=False, error=e.message)))
+        except BaseException as e:  # no node took it: close the open record (cancelled too: the client left)
+            error = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
+            self.gw.spawn(self.gw.record(self._end(RequestStatus.NOT_SERVED, served=False, error=error[:500])))
             raise
 
     async def _start(self, route) -> None:

@@ -243,6 +243,10 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, manage_engine: bo
         if kept is not None:
             return kept | {"public_key": public_key.hex()}
         if request_id in running:
+            # finished in the engine, but nobody read its end (its client left before the stream began)?
+            ev = await asyncio.wrap_future(engine.call(lambda: engine.core.recent.get(request_id)))
+            if ev is not None:
+                return signed(ev) | {"public_key": public_key.hex()}
             raise ApiError(409, f"request {request_id} is still running on this node", "request_running")
         raise ApiError(404, f"this node has no receipt for request {request_id} (unknown, or long finished)",
                        "receipt_not_found")
