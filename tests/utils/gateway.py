@@ -71,6 +71,7 @@ class StandInNode:
     running: set = field(default_factory=set)  # request ids streaming now
     receipts: dict = field(default_factory=dict)  # request id -> its final signed receipt (GET .../receipt)
     tokenizer: object = None  # the base's tokenizer: prompts arrive as token ids
+    ignore_max_tokens: bool = False  # stream `tokens` tokens whatever max_tokens says (a misbehaving node)
 
     def receipt(self, rid: str, reason: str) -> dict:
         produced, prompt_tokens, started, adapter = self.seen[rid]
@@ -135,6 +136,8 @@ class StandInNode:
             n_prompt = len(body.get("prompt_token_ids") or prompt.split()) or 1
             self.seen[rid] = [0, n_prompt, int(time.time() * 1000), body.get("adapter_id")]
             limit = min(body["max_tokens"], 3 if "STOP_AT_3" in prompt else self.tokens)
+            if self.ignore_max_tokens:
+                limit = self.tokens
 
             async def events():
                 self.running.add(rid)

@@ -1,0 +1,67 @@
+"""Counts are bounded by max_tokens and the context: a node that streams past max_tokens is cut off there
+(the client gets and is billed max_tokens; the receipt claiming more leaves the record disputed), and a
+prompt the context cannot hold is refused by the gateway itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from sqlmodel import Session, select
+
+from gateway.app import create_app
+from gateway.keys import create_key
+from gateway.settings import GatewaySettings
+from ledger.models import RecordStatus, UsageRecord
+from node.basemodel import base_model_id
+from node.heartbeat import HeartbeatSender
+from node.keys import Identity
+from tests.utils.gateway import StandInNode, add_node, make_db, poll
+from tests.utils.servers import ServerThread
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def world(tmp_path, tiny_base):
+    engine = make_db(tmp_path / "gw.db")
+    base = base_model_id(tiny_base)
+    node = StandInNode(Identity.generate(), base, tokens=10, ignore_max_tokens=True)
+    node_srv = ServerThread(node.app()).start()
+    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
+    key, _ = create_key(engine, name="app")
+    gw = ServerThread(create_app(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base],
+                                                 heartbeat_ttl_s=120))).start()  # fmt: skip
+    sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
+    assert asyncio.run(sender.send_once()) == {gw.url: 200}
+    try:
+        yield openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20), engine, node
+    finally:
+        gw.stop()
+        node_srv.stop()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokens_past_max_tokens_are_not_relayed_nor_billed(world, stream):
+    client, engine, node = world
+    if stream:
+        chunks = list(client.completions.create(model="tiny-test", prompt="x", max_tokens=3, stream=True,
+                                                stream_options={"include_usage": True}))  # fmt: skip
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        usage, reason = chunks[-1].usage, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        r = client.completions.create(model="tiny-test", prompt="x", max_tokens=3)
+        text, usage, reason = r.choices[0].text, r.usage, r.choices[0].finish_reason
+    assert text == " t0 t1 t2" and usage.completion_tokens == 3 and reason == "length"
+    (u,) = poll(lambda: Session(engine).exec(select(UsageRecord)).all())
+    assert u.completion_tokens == 3 and u.status == RecordStatus.DISPUTED and u.node_completion_tokens > 4
+
+
+def test_prompt_longer_than_the_context_is_refused_by_the_gateway(world):
+    client, _, node = world
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model="tiny-test", prompt=[5] * 600, max_tokens=3)  # the tiny base holds 512
+    assert ei.value.body["code"] == "context_length_exceeded" and "512" in ei.value.body["message"]
+    assert node.requests == []
