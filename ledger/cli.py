@@ -113,8 +113,7 @@ def settler_run(
     = DEFAULT_LEASE,
     drain: Annotated[bool, typer.Option(help="exit once nothing is left to settle")] = False,
 ) -> None:
-    """Run the settler until SIGINT/SIGTERM (or, with --drain, until the outbox is empty). Any number
-    of settlers (and gateways) may run on one database and one ledger."""
+    """Run the settler until SIGINT/SIGTERM (--drain: until the outbox is empty); any number may share a database."""
     logging.basicConfig(level=os.environ.get("LORAMESH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     engine = make_engine(db, immediate=True)
@@ -141,8 +140,7 @@ def settler_status_cmd(
     low_deposit: LowDepositOpt = DEFAULT_LOW_DEPOSIT,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Records pending, in flight, set aside, disputed and settled; the settler's deposit left and the
-    fees its unsettled batches will take from it (with --key or --address)."""
+    """Records pending, in flight, set aside, disputed, settled; deposit left and fees pending (--key/--address)."""
     engine = make_engine(db)
     init_db(engine)
     client = None
@@ -181,8 +179,7 @@ def settler_requeue(
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL of the outbox database")],
     reason: Annotated[str, typer.Option(help="only records whose reason starts with this")] = "",
 ) -> None:
-    """Put set-aside records back in the outbox (after raising --max-price-per-1k or --max-record-tokens,
-    or when an adapter's price is fixed); the settler prices and bounds them again."""
+    """Put set-aside records back in the outbox, to be priced and bounded again (e.g. after raising the bounds)."""
     engine = make_engine(db, immediate=True)
     init_db(engine)
     n = requeue_set_aside(engine, reason)

@@ -83,6 +83,6 @@ def test_key_file_errors(tmp_path):
         load_account(tmp_path / "bin.key")
 
 
-def test_settler_app_lists_run():
+def test_settler_app_lists_its_commands():
     r = runner.invoke(settler_app, ["--help"])
-    assert r.exit_code == 0 and "run" in r.output
+    assert r.exit_code == 0 and all(c in r.output for c in ("run", "status", "requeue"))
