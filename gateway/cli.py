@@ -53,6 +53,8 @@ def run(
                                                     "chat prompts (repeatable).")] = None,
     k: Annotated[int | None, typer.Option("--owners", min=1, help="Owners per adapter (rendezvous top-k).")] = None,
     no_settle: Annotated[bool, typer.Option("--no-settle", help="Do not run the settler in this process.")] = False,
+    max_price: Annotated[int | None, typer.Option("--default-max-price-per-1k-tokens", min=0, help="The dearest model "
+                         "(wei per 1,000 tokens) a key without a limit of its own may use (default 10^16).")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT."""
     from gateway.app import create_app
@@ -61,7 +63,8 @@ def run(
 
     overrides = {name: v for name, v in (("rpc_url", rpc), ("deployment", deployment), ("key_file", key),
                                           ("db_url", db), ("port", port), ("host", host), ("owners_k", k),
-                                          ("bases", base or None)) if v is not None}  # fmt: skip
+                                          ("bases", base or None), ("default_max_price_per_1k_tokens", max_price))
+                 if v is not None}  # fmt: skip
     if no_settle:
         overrides["settle"] = False
     settings = GatewaySettings(**overrides)

@@ -49,3 +49,23 @@ def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("LORAMESH_GATEWAY_DB_URL", "x.db")
     with pytest.raises(ValueError, match="not a database URL"):
         GatewaySettings()
+
+
+def test_keys_update_and_run_options(tmp_path):
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    r = runner.invoke(gateway_app, ["keys", "update", "lm-nothing", "--rpm", "3", "--db", db])
+    assert r.exit_code != 0 and "no API key" in r.output
+    r = runner.invoke(gateway_app, ["keys", "create", "--name", "x", "--db", db])
+    key = lookup_key(make_engine(db), r.output.strip().splitlines()[-1])
+    r = runner.invoke(gateway_app, ["keys", "update", str(key.id), "--max-price-per-1k-tokens", "5",
+                                    "--default-max-price", "--db", db])  # fmt: skip
+    assert r.exit_code != 0
+    r = runner.invoke(gateway_app, ["keys", "update", key.prefix, "--rpm", "7", "--max-price-per-1k-tokens", "5",
+                                    "--db", db])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    from gateway.keys import list_keys
+
+    (info,) = list_keys(make_engine(db))
+    assert (info.requests_per_minute, info.max_price_per_1k_tokens) == (7, 5)
+    help_text = runner.invoke(gateway_app, ["run", "--help"], env={"COLUMNS": "200"}).output
+    assert "--default-max-price-per-1k-tokens" in help_text
