@@ -65,6 +65,16 @@ def adapters_page(ex: Explorer) -> str:
                      eth(u.fees if u else 0)])  # fmt: skip
     body = table(["name", "version", "owner", "price / 1k tokens", "datasets", "records", "tokens", "fees"], rows,
                  numeric=(3, 4, 5, 6, 7), empty="no adapters registered", table_id="adapters")  # fmt: skip
+    name_rows = []
+    for n in sorted(ex.index.names.values(), key=lambda n: n.name):
+        theirs = [a for a in ex.index.adapters.values() if a.name == n.name and a.publisher == n.owner]
+        newest = max(theirs, key=lambda a: (a.block, a.adapter_id), default=None)
+        name_rows.append([esc(n.name), address_link(n.owner),
+                          adapter_link(newest.adapter_id, newest.version) if newest else '<span class="muted">none</span>',
+                          num(sum(1 for a in ex.index.adapters.values() if a.name == n.name))])  # fmt: skip
+    body += ("<h2>Names</h2><p class=\"muted\">A name belongs to its first registrant (or whom they handed it "
+             "to); it resolves to the newest version its owner registered.</p>"
+             + table(["name", "owner", "resolves to", "versions"], name_rows, numeric=(3,), table_id="names"))
     return page("Adapters", body)
 
 

@@ -54,9 +54,12 @@ def test_plot_endpoints_are_svg(explorer_url):
         assert r.text.startswith("<svg") and r.text.count('class="series"') == series
 
 
-def test_adapters_list_and_pages(explorer_url, world):
+def test_adapters_list_and_pages(explorer_url, anvil_chain, world):
     html = get(explorer_url, "/adapters")
     assert ids_in(html, "adapters") == set(world.adapters.values())
+    names = html.split('id="names"')[1]
+    assert f'href="/adapters/{world.adapters["alice/capitals 1.1.0"]}"' in names  # the owner's newest version
+    assert anvil_chain.users[0].address in names
     bob = world.adapters["bob/elements 1.0.0"]
     page = get(explorer_url, f"/adapters/{bob}")
     info = text_of(page, "adapter-info")
