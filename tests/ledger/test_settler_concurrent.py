@@ -125,3 +125,52 @@ def test_two_settler_processes_settle_each_record_once(slow_chain, tmp_path, db_
     by_batch = {b.batch_id: int(b.total_fees) for b in batches}
     assert all(int(b.fees_priced) == by_batch[b.batch_id] for b in batches)  # priced exactly as charged
     engine.dispose()
+
+
+def test_unfinished_batch_is_resumed_by_one_settler_once_its_lease_expires(anvil_chain, db_url, monkeypatch):
+    """In-process: settler A writes a batch and fails to send it (chain error); B cannot take it while
+    A's lease runs, takes it once it has expired, and settles it from its own deposit. A handing its
+    claims back (release) frees them at once."""
+    env = anvil_chain
+    from ledger import errors as E
+    from ledger.settler import Settler
+    from ledger.settler_config import SettlerConfig
+
+    reg = register_sample(env)
+    other = env.new_account(10 * ETHER)
+    env.client(env.admin).grant_settler(other.address)
+    env.client(env.admin).deposit_for(other.address, ETHER)
+    engine = make_engine(db_url, immediate=True)
+    init_db(engine)
+    cfg = SettlerConfig(batch_size=5, interval=0, lease=1.5)
+    a = Settler(engine, env.client(env.settler), cfg)
+    b = Settler(engine, env.client(other), cfg)
+
+    def down(*_a, **_k):
+        raise E.ChainUnavailable("chain down (test)")
+
+    ids: list[str] = []
+    write_records(db_url, [reg], 5, 5, 0, ids)
+    monkeypatch.setattr(a.client, "send_settle_batch", down)
+    with pytest.raises(E.ChainUnavailable):
+        a.step()
+    with Session(engine) as s:
+        batch = s.exec(select(SettlementBatch)).one()
+    assert batch.claimed_by == a.instance and batch.status == BatchStatus.CREATED and batch.settler == env.settler.address
+    assert b.step() == 0  # A's lease still runs: B leaves the batch alone
+    time.sleep(1.7)
+    assert b.step() == 5  # expired: B takes it over, sends it, and its deposit pays
+    with Session(engine) as s:
+        batch = s.exec(select(SettlementBatch)).one()
+    assert batch.status == BatchStatus.SETTLED and batch.claimed_by == b.instance and batch.settler == other.address
+    assert env.client().get_batch(batch.batch_id).settler == other.address
+    assert a.step() == 0  # nothing left for A, and no second send
+
+    write_records(db_url, [reg], 5, 5, 0, ids)
+    with pytest.raises(E.ChainUnavailable):
+        a.step()
+    assert a.release() == 1  # handed back: B may resume it at once
+    assert b.step() == 5
+    on_chain = record_settled_counts(env.client().w3, env.deployment.ledger, 0)
+    assert all(on_chain[r] == 1 for r in ids)
+    engine.dispose()
