@@ -216,3 +216,24 @@ def test_disputed_nodes_are_read_back(setup):
     engine, ident, rec = setup
     rec.record(end_for(ident, claimed=(3, 99)))
     assert list(rec.disputed_nodes()) == [ident.node_id]
+
+
+def test_older_gateway_tables_get_the_new_columns(tmp_path):
+    from sqlalchemy import inspect, text
+
+    from gateway.models import add_missing_columns
+    from ledger.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as c:  # the tables as an older gateway made them
+        c.execute(text("CREATE TABLE gateway_key_policies (key_id INTEGER PRIMARY KEY, tokens_per_minute INTEGER)"))
+        c.execute(text("CREATE TABLE gateway_requests (request_id VARCHAR(66) PRIMARY KEY, key_id INTEGER, "
+                       "model VARCHAR NOT NULL, adapter_id VARCHAR(66), node_id VARCHAR(66), status VARCHAR(16) "
+                       "NOT NULL, finish_reason VARCHAR, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER "
+                       "NOT NULL, attempts INTEGER NOT NULL, ttft_ms FLOAT, latency_ms FLOAT, error VARCHAR, "
+                       "created_at DATETIME NOT NULL, finished_at DATETIME NOT NULL)"))
+    add_missing_columns(engine)
+    add_missing_columns(engine)  # idempotent
+    cols = {c["name"] for c in inspect(engine).get_columns("gateway_requests")}
+    assert {"max_tokens", "instance_id"} <= cols
+    assert "max_price_per_1k_tokens" in {c["name"] for c in inspect(engine).get_columns("gateway_key_policies")}
