@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,7 +172,9 @@ def soak(args) -> int:
         print(f"  {k:<{width}}  {v}")
     ok = once == len(ids) == args.records and not (twice or missing or extra or reverted)
     print("PASS: every request on chain exactly once, no settlement transaction reverted" if ok else "FAIL")
-    if not ok:
+    if ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
         print(f"logs in {tmp}", file=sys.stderr)
     return 0 if ok else 1
 
