@@ -50,6 +50,17 @@ def _settler_thread(settings: GatewaySettings, client, account) -> tuple[threadi
     return thread, stop
 
 
+# prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
+# worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def _blocking(size: int, fn, *args):
+    if size <= INLINE_TOKENIZE_CHARS and getattr(fn, "__self__", None) is not None and fn.__self__.loaded(args[0]):
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 def create_app(settings: GatewaySettings | None = None, *, chain_client=None, settler_account=None) -> FastAPI:
     """A gateway app. The chain client defaults to one built from settings.deployment (registry mirror
     sync); the settler runs in-process when a settler account (or settings.key_file) is given."""
@@ -198,12 +209,13 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         if not gw.directory.live(base):
             raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
         if chat:
-            ids = await asyncio.to_thread(gw.templates.render, base, req.chat_messages())
+            messages = req.chat_messages()
+            ids = await _blocking(sum(len(m["content"]) for m in messages), gw.templates.render, base, messages)
         elif isinstance(req.prompt, list) and isinstance(req.prompt[0], int):
             ids = list(req.prompt)
         else:
             text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-            ids = await asyncio.to_thread(gw.templates.encode, base, text)
+            ids = await _blocking(len(text), gw.templates.encode, base, text)
         context = gw.templates.context_len(base)
         if not ids:
             raise BadRequest("the prompt is empty; expected at least one token", param="prompt")

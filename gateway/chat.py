@@ -32,6 +32,10 @@ class ChatTemplates:
     def knows(self, base_model_id: str) -> bool:
         return base_model_id in self.dirs
 
+    def loaded(self, base_model_id: str) -> bool:
+        """Whether the base's tokenizer is loaded already (using it does not read files)."""
+        return self.tokenizers.get(base_model_id) is not None
+
     def context_len(self, base_model_id: str) -> int | None:
         """The base's context (max_position_embeddings): no request on it can hold more tokens."""
         return self.context.get(base_model_id)

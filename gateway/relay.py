@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.directory import NodeEntry
-from gateway.errors import BadRequest, GatewayError, NoNodeAvailable
+from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable
 from gateway.models import RequestStatus
 from gateway.node_client import NodeRejected, NodeUnavailable, UpstreamStream
 from gateway.usage import RequestEnd
@@ -24,6 +24,15 @@ log = logging.getLogger(__name__)
 # tokens produced until the abort landed) before it settles for the abort's own receipt
 ABORT_DRAIN_TIMEOUT_S = 5.0
 _READ_ERRORS = (StopAsyncIteration, httpx.HTTPError, ValueError, RuntimeError)
+
+
+async def _written(opening: asyncio.Future) -> bool:
+    """Whether the open record was written (waits for the write; the waiter's cancellation leaves it be)."""
+    try:
+        await asyncio.shield(opening)
+    except GatewayError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +83,39 @@ class Relay:
         route = gw.router.route(t.adapter_id, gw.directory.live(t.base_model_id))
         if route is None:
             raise NoNodeAvailable(f"no live node serves the base model of {t.model!r} right now; retry later")
-        # written before any node sees the request: whatever it is served, a record of it exists
-        await gw.open_request(self, route.nodes[0].node_id)
+        gw.check_outbox()
+        # the open record is written while the first node starts on the request (its write is off the
+        # time to first token), and nothing reaches the client before it is written: whatever the client
+        # is served, a record of it exists
+        opening = asyncio.ensure_future(gw.open_request(self, route.nodes[0].node_id))
         try:
-            await self._start(route)
+            await self._start(route, opening)
         except BaseException as e:  # no node took it: close the open record (cancelled too: the client left)
-            error = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
-            self.gw.spawn(self.gw.record(self._end(RequestStatus.NOT_SERVED, served=False, error=error[:500])))
+            if await _written(opening):
+                error = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
+                self.gw.spawn(self.gw.record(self._end(RequestStatus.NOT_SERVED, served=False, error=error[:500])))
             raise
+        if not await _written(opening):  # the outbox refused the record: the node's work goes unserved
+            await self._release()
+            gw.check_outbox()
+            raise OutboxUnavailable("this gateway cannot record usage right now, so it serves nothing")
 
-    async def _start(self, route) -> None:
+    async def _release(self) -> None:
+        """Give up a request a node has started on (before anything reached the client)."""
+        node, up = self.node, self.up
+        self.node = None
+        if node is None:
+            return
+        node.local.inflight = max(0, node.local.inflight - 1)
+        self.gw.spawn(self.gw.nodes.abort(node.api_url, self.rid))
+        if self._next is not None:
+            self._next.cancel()
+        try:
+            await up.aclose()
+        except (httpx.HTTPError, RuntimeError):
+            pass
+
+    async def _start(self, route, opening: asyncio.Future) -> None:
         gw, t = self.gw, self.target
         gw.metrics.routing.labels(route.decision).inc()
         if t.adapter_id is not None:
@@ -91,6 +123,7 @@ class Relay:
         errors = []
         for i, node in enumerate(route.nodes[: gw.settings.max_attempts]):
             if i:
+                await opening  # the record is written before it is moved (OutboxUnavailable if it was not)
                 await gw.move_request(self.rid, node.node_id)
             self.attempts += 1
             hit = t.adapter_id is not None and t.adapter_id in node.resident  # before this request loads it

@@ -28,8 +28,7 @@ from tests.utils.servers import ServerThread
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def world(tmp_path, tiny_base):
+def make_world(tmp_path, tiny_base, probe_s: float):
     engine = make_db(tmp_path / "gw.db")
     base = base_model_id(tiny_base)
     node = StandInNode(Identity.generate(), base, tokens=10, delay=0.1)
@@ -37,12 +36,18 @@ def world(tmp_path, tiny_base):
     add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
     key, _ = create_key(engine, name="app")
     settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=120,
-                               outbox_probe_s=0.1, db_busy_timeout_s=0.2)  # fmt: skip
+                               outbox_probe_s=probe_s, db_busy_timeout_s=0.2)  # fmt: skip
     gw = ServerThread(create_app(settings)).start()
     sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
     assert asyncio.run(sender.send_once()) == {gw.url: 200}
+    return gw, engine, key, tmp_path / "gw.db", node, node_srv
+
+
+@pytest.fixture
+def world(tmp_path, tiny_base):
+    gw, engine, key, path, _, node_srv = make_world(tmp_path, tiny_base, 0.1)
     try:
-        yield gw, engine, key, tmp_path / "gw.db"
+        yield gw, engine, key, path
     finally:
         gw.stop()
         node_srv.stop()
@@ -100,3 +105,22 @@ def test_locked_outbox_refuses_then_recovers(world):
         usage = s.exec(select(UsageRecord).where(UsageRecord.request_id == got["rid"])).one()
     assert done.status == "ok" and usage.completion_tokens == 10
     assert client.completions.create(model="tiny-test", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_request_whose_open_record_cannot_be_written_is_refused(tmp_path, tiny_base):
+    # the periodic check has not seen the lock yet: the request's own open record finds it
+    gw, engine, key, path, node, node_srv = make_world(tmp_path, tiny_base, 60.0)
+    lock = sqlite3.connect(path, isolation_level=None, timeout=5)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        r = httpx.post(gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                       json={"model": "tiny-test", "prompt": "hi", "max_tokens": 3})  # fmt: skip
+        assert r.status_code == 503 and r.json()["error"]["code"] == "outbox_unavailable", r.text
+        assert health(gw).status_code == 503 and "locked" in health(gw).json()["outbox"]["error"]
+        poll(lambda: node.aborted, timeout=10)  # the node, which had started on it, was told to stop
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+        gw.stop()
+        node_srv.stop()
+        engine.dispose()
