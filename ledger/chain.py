@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 
 
 SETTLE_SELECTOR = function_signature_to_4byte_selector(
-    "settleBatch(bytes32,bytes32,(bytes32,bytes32,bytes32,uint64,uint64)[])"
+    "settleBatch(bytes32,bytes32,(bytes32,bytes32,bytes32,uint64,uint64)[],uint256)"
 )
 GET_BATCH_SELECTOR = function_signature_to_4byte_selector("getBatch(bytes32)")
 _WORD = 32
+NO_FEE_LIMIT = 2**256 - 1  # settleBatch's maxFees when the caller priced nothing (tests, tools)
 
 
 def _hex(b: bytes) -> str:
@@ -57,9 +58,10 @@ def record_leaves(encoded: Sequence[bytes]) -> list[bytes]:
     return [keccak(e) for e in encoded]
 
 
-def settle_calldata(batch_id: str, merkle_root: str, encoded: Sequence[bytes]) -> bytes:
-    """Calldata of settleBatch(batchId, merkleRoot, records) from records already encoded."""
-    head = id_bytes(batch_id) + id_bytes(merkle_root) + (3 * _WORD).to_bytes(_WORD, "big")
+def settle_calldata(batch_id: str, merkle_root: str, encoded: Sequence[bytes], max_fees: int = NO_FEE_LIMIT) -> bytes:
+    """Calldata of settleBatch(batchId, merkleRoot, records, maxFees) from records already encoded."""
+    head = (id_bytes(batch_id) + id_bytes(merkle_root) + (4 * _WORD).to_bytes(_WORD, "big")
+            + max_fees.to_bytes(_WORD, "big"))  # fmt: skip
     return SETTLE_SELECTOR + head + len(encoded).to_bytes(_WORD, "big") + b"".join(encoded)
 
 
@@ -301,17 +303,19 @@ class ChainClient:
 
     # ------------------------------------------------------------------ ledger: settlement
 
-    def _settle_fn(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord]):
+    def _settle_fn(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], max_fees: int):
         return self.ledger.functions.settleBatch(id_bytes(batch_id), id_bytes(merkle_root),
-                                                 [r.as_tuple() for r in records])  # fmt: skip
+                                                 [r.as_tuple() for r in records], max_fees)  # fmt: skip
 
     def send_settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], *,
-                          simulate: bool = True) -> str:  # fmt: skip
+                          simulate: bool = True, max_fees: int = NO_FEE_LIMIT) -> str:  # fmt: skip
         """Send settleBatch; returns the tx hash. simulate=True estimates it first (a duplicate raises
         BatchAlreadySettled, any revert its typed error); simulate=False sends at once with the gas
         limit learned for this record count (estimating only the first batch of each count) and the
-        managed nonce: a revert then shows in wait_settle_batch, a too-low limit as GasTooLow."""
-        data = settle_calldata(batch_id, merkle_root, [encode_record(r) for r in records])
+        managed nonce: a revert then shows in wait_settle_batch, a too-low limit as GasTooLow.
+        max_fees: what the caller priced the records at; the ledger refuses to charge more
+        (FeesAboveQuote)."""
+        data = settle_calldata(batch_id, merkle_root, [encode_record(r) for r in records], max_fees)
         n = len(records)
         if simulate or n not in self._settle_gas:
             need = int(self.tx.estimate(self.ledger.address, data) * GAS_MARGIN) + 10_000
@@ -319,13 +323,15 @@ class ChainClient:
         return self.tx.send_data(self.ledger.address, data, gas=self._settle_gas[n])
 
     def wait_settle_batch(self, tx_hash: str, batch_id: str, merkle_root: str, records: Sequence[SettleRecord],
-                          timeout: float | None = None, *, light: bool = False):  # fmt: skip
+                          timeout: float | None = None, *, light: bool = False,
+                          max_fees: int = NO_FEE_LIMIT):  # fmt: skip
         """Wait for a settleBatch receipt (light=True: Transactor.light_receipt's fields only, much
         cheaper); a reverted one raises its decoded reason, one that ran out of gas
         raises GasTooLow (and the next batch of that size is estimated again)."""
         def replay() -> dict:  # only a reverted receipt needs the calldata again
             return {"to": self.ledger.address, "data": settle_calldata(batch_id, merkle_root,
-                                                                      [encode_record(r) for r in records])}  # fmt: skip
+                                                                      [encode_record(r) for r in records],
+                                                                      max_fees)}  # fmt: skip
 
         try:
             return self.tx.wait(tx_hash, timeout, replay=replay, light=light)
@@ -333,9 +339,10 @@ class ChainClient:
             self._settle_gas.pop(len(records), None)
             raise
 
-    def settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord]):
+    def settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], *,
+                     max_fees: int = NO_FEE_LIMIT):  # fmt: skip
         """Send and wait; returns the receipt."""
-        return self.tx.transact(self._settle_fn(batch_id, merkle_root, records))
+        return self.tx.transact(self._settle_fn(batch_id, merkle_root, records, max_fees))
 
     def is_settled(self, batch_id: str) -> bool:
         return self.tx.call(self.ledger.functions.isSettled(id_bytes(batch_id)))
@@ -352,7 +359,8 @@ class ChainClient:
                          int.from_bytes(count, "big"), int.from_bytes(fees, "big"))  # fmt: skip
 
     def await_settled_batch(self, tx_hash: str, batch_id: str, merkle_root: str, records: Sequence[SettleRecord],
-                            timeout: float | None = None, poll: float = 0.05) -> BatchInfo:  # fmt: skip
+                            timeout: float | None = None, poll: float = 0.05, *,
+                            max_fees: int = NO_FEE_LIMIT) -> BatchInfo:  # fmt: skip
         """Wait until `batch_id` is settled (by tx_hash or any other transaction) and return it; when
         tx_hash is mined without settling it, raise as wait_settle_batch does. Polls getBatch, a few
         hundred bytes, rather than the receipt, which carries one log per record."""
@@ -363,7 +371,8 @@ class ChainClient:
             if rcpt is not None:  # mined after our getBatch, or failed (a failed receipt has no logs)
                 if rcpt["status"] == 1 and (info := self.get_batch(batch_id)) is not None:
                     return info
-                self.wait_settle_batch(tx_hash, batch_id, merkle_root, records, timeout=0, light=True)
+                self.wait_settle_batch(tx_hash, batch_id, merkle_root, records, timeout=0, light=True,
+                                       max_fees=max_fees)  # fmt: skip
                 raise TransactionFailed(f"transaction {tx_hash} succeeded but batch {batch_id} is not settled")
             if time.monotonic() > deadline:
                 raise TransactionFailed(f"no receipt for {tx_hash} within {limit:.0f}s")

@@ -5,7 +5,8 @@ State machine (every step is committed before the next one acts, so a crash anyw
   records pending --form--> batch `created` + records `submitted` (one DB transaction)
   batch created --send--> tx hash recorded, batch `sent`
   batch sent --receipt--> batch `settled` + records `settled` (one DB transaction)
-  batch refused for InsufficientDeposit --> batch `abandoned`, its records pending again (re-priced)
+  batch refused for its price (InsufficientDeposit, FeesAboveQuote) --> batch `abandoned`, its records
+    pending again (re-priced)
 The chain is the judge: before resending, and after any failure, `isSettled(batch_id)` decides. A
 resent batch that already landed reverts with BatchAlreadySettled, which means "settled".
 
@@ -34,8 +35,10 @@ max_record_tokens, or whose fee the deposit cannot pay is set aside (status set_
 `error`) and never holds up its batch or later ones. A batch's total never exceeds the deposit left
 minus what this settler's in-flight batches will take. Records set aside because the deposit was
 short go back to the outbox by themselves once the deposit can pay them. A batch that still fails
-with InsufficientDeposit (a price raised between pricing and mining, a deposit reclaimed) is
-abandoned and its records re-priced; a record caught in that twice is set aside.
+with InsufficientDeposit (a deposit reclaimed meanwhile) or FeesAboveQuote (the ledger charges at
+most the total the settler priced the batch at, so a price raised between pricing and mining, e.g. by
+an owner front-running the batch, never costs more than was priced) is abandoned and its records
+re-priced; a record caught in that twice is set aside.
 
 Pipelining: a step sends up to `max_in_flight` batches (each written before it is sent, each with
 the next local nonce) and then waits for all their receipts, so one block carries many batches.
@@ -63,12 +66,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from ledger.batching import batch_id_for, pending_rows, record_fee, to_settle_record
-from ledger.chain import ChainClient, encode_record, record_leaves
+from ledger.chain import NO_FEE_LIMIT, ChainClient, encode_record, record_leaves
 from ledger.db import is_postgres
 from ledger.errors import (
     BatchAlreadySettled,
     ChainUnavailable,
     ContractError,
+    FeesAboveQuote,
     InsufficientDeposit,
     LedgerError,
     TransactionFailed,
@@ -92,6 +96,8 @@ DEPOSIT_SHORT = "deposit short"
 PRICE_TOO_HIGH = "price above bound"
 TOO_MANY_TOKENS = "tokens above bound"
 PRICE_MOVING = "price changed while settling"
+# the ledger refused the batch as priced: give it up and price its records again
+REPRICE = (InsufficientDeposit, FeesAboveQuote)
 REPRICED = "re-priced"  # `error` of a pending record whose batch was abandoned: a second time sets it aside
 REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the deposit can now pay
 LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
@@ -227,7 +233,7 @@ class Settler:
         self.client.tx.reset()  # nonce and fees from the chain once a step: a lost transaction leaves no gap
         error: LedgerError | None = None
         sent: list[_Work] = []
-        short: list[tuple[_Work, InsufficientDeposit]] = []  # refused for the deposit: re-priced below
+        short: list[tuple[_Work, ContractError]] = []  # refused as priced (REPRICE): re-priced below
         with self._heartbeat():
             try:
                 self._requeue_deposit_short()
@@ -245,7 +251,7 @@ class Settler:
                 try:
                     if self._send(w):
                         sent.append(w)
-                except InsufficientDeposit as e:
+                except REPRICE as e:
                     short.append((w, e))  # later batches are priced against the deposit as it is now
                 except LedgerError as e:
                     error = e
@@ -256,7 +262,7 @@ class Settler:
             for w in sent:
                 try:
                     self._await(w, max(0.0, deadline - time.monotonic()))
-                except InsufficientDeposit as e:
+                except REPRICE as e:
                     short.append((w, e))
                 except LedgerError as e:
                     error = error or e
@@ -605,7 +611,7 @@ class Settler:
         self._crash_point("before_send")
         try:
             tx_hash = self.client.send_settle_batch(batch.batch_id, batch.merkle_root, w.records,
-                                                    simulate=self._probe)  # fmt: skip
+                                                    simulate=self._probe, max_fees=_quote(batch))  # fmt: skip
         except BatchAlreadySettled:
             self._mark_settled(batch)
             return False
@@ -638,7 +644,7 @@ class Settler:
         info = None
         try:
             info = self.client.await_settled_batch(w.tx_hash, batch.batch_id, batch.merkle_root, w.records,
-                                                   timeout=timeout)  # fmt: skip
+                                                   timeout=timeout, max_fees=_quote(batch))  # fmt: skip
             self._probe = False  # our own transaction settled: the pipe may open
         except BatchAlreadySettled:
             pass  # an earlier send of this batch landed first
@@ -648,8 +654,8 @@ class Settler:
         self._crash_point("after_receipt")
         self._mark_settled(batch, info)
 
-    def _abandon(self, w: _Work, error: InsufficientDeposit) -> None:
-        """The deposit cannot pay the batch as priced (a price raised since, a deposit reclaimed): once
+    def _abandon(self, w: _Work, error: ContractError) -> None:
+        """The ledger refused the batch as priced (a price raised since, a deposit reclaimed): once
         no transaction of it can land any more, give it up and put its records back in the outbox to be
         priced again (a record already re-priced once is set aside instead: the price keeps moving)."""
         batch = w.batch
@@ -709,6 +715,12 @@ class Settler:
 
 
 # ---------------------------------------------------------------------- status
+
+
+def _quote(batch: SettlementBatch) -> int:
+    """settleBatch's maxFees: the total this batch's records were priced at (no limit for a batch
+    written before prices were recorded)."""
+    return NO_FEE_LIMIT if batch.fees_priced is None else int(batch.fees_priced)
 
 
 def settler_status(engine: Engine, client: ChainClient | None = None, settler: str | None = None, *,

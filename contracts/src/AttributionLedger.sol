@@ -98,6 +98,7 @@ contract AttributionLedger {
     error BatchAlreadySettled(bytes32 batchId);
     error MerkleRootMismatch(bytes32 given, bytes32 computed);
     error InsufficientDeposit(address settler, uint256 needed, uint256 available);
+    error FeesAboveQuote(uint256 fees, uint256 maxFees);
     error InsufficientRewards(address account, uint256 requested, uint256 available);
     error NothingToWithdraw(address account);
     error TransferFailed(address to, uint256 amount);
@@ -216,8 +217,11 @@ contract AttributionLedger {
     // ------------------------------------------------------------------ settlement
 
     /// @notice Settle a batch: check its Merkle root, pull its fees from the caller's deposit and
-    /// accrue them. Reverts with BatchAlreadySettled when this batch id was settled before.
-    function settleBatch(bytes32 batchId, bytes32 merkleRoot, Record[] calldata records) external {
+    /// accrue them. Reverts with BatchAlreadySettled when this batch id was settled before, and with
+    /// FeesAboveQuote when the records cost more than `maxFees`, the total the settler priced them at:
+    /// an adapter owner who raises the price after the batch was priced (e.g. front-running it) gets
+    /// the batch refused and re-priced, never charged at a price the settler did not see.
+    function settleBatch(bytes32 batchId, bytes32 merkleRoot, Record[] calldata records, uint256 maxFees) external {
         if (!_settlers[msg.sender]) revert NotSettler(msg.sender);
         if (batchId == bytes32(0)) revert ZeroId();
         if (records.length == 0) revert EmptyBatch();
@@ -243,6 +247,7 @@ contract AttributionLedger {
 
         bytes32 computed = _merkleRoot(leaves);
         if (computed != merkleRoot) revert MerkleRootMismatch(merkleRoot, computed);
+        if (total > maxFees) revert FeesAboveQuote(total, maxFees);
         uint256 available = _deposits[msg.sender];
         if (total > available) revert InsufficientDeposit(msg.sender, total, available);
         _deposits[msg.sender] = available - total;

@@ -252,6 +252,25 @@ def test_insufficient_deposit(anvil_chain):
     assert err.value.args_by_name["available"] == ETHER // 2
 
 
+def test_batch_costing_more_than_its_quote_is_refused(anvil_chain):
+    """An owner who raises the price after the settler priced a batch (front-running it) gets the
+    batch refused, not the settler's deposit charged at a price it never saw."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**15)
+    records = _records(reg, 3)  # 100 + 101 + 102 prompt tokens, 23 completion each
+    quote = sum(10**15 * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records)
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**18)
+    s = env.client(env.settler)
+    deposit = s.deposit_of(env.settler.address)
+    with pytest.raises(E.FeesAboveQuote) as err:
+        s.settle_batch(rand_id(), _root(records), records, max_fees=quote)
+    assert err.value.args_by_name == {"fees": quote * 1000, "maxFees": quote}
+    assert s.deposit_of(env.settler.address) == deposit  # nothing charged
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**15)
+    rcpt = s.settle_batch(rand_id(), _root(records), records, max_fees=quote)  # exactly the quote settles
+    assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == quote
+
+
 # ------------------------------------------------------------------ base-model records (adapter id zero)
 
 

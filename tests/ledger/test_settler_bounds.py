@@ -160,7 +160,7 @@ def test_price_raised_before_a_simulated_send_is_repriced(anvil_chain, engine, m
     with Session(engine) as s:
         batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
     assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.SETTLED]
-    assert "InsufficientDeposit" in batches[0].last_error and batches[1].record_count == 1
+    assert "FeesAboveQuote" in batches[0].last_error and batches[1].record_count == 1
     assert _status(engine) == {"settled": 1, "set_aside": 3}
     assert all(r.error.startswith(DEPOSIT_SHORT) for r in _rows(engine, RecordStatus.SET_ASIDE))
     settled = _rows(engine, RecordStatus.SETTLED)[0]
@@ -171,7 +171,7 @@ def test_price_raised_before_a_simulated_send_is_repriced(anvil_chain, engine, m
 
 
 def test_price_raised_under_an_unsimulated_send_reverts_once_then_is_set_aside(anvil_chain, engine, monkeypatch):
-    """With the pipe open the batch is sent unsimulated and reverts on chain (InsufficientDeposit,
+    """With the pipe open the batch is sent unsimulated and reverts on chain (FeesAboveQuote,
     decoded): abandoned, its records priced again. Raised once more under the re-formed batch, its
     record is set aside (the price keeps moving): never retried forever."""
     env = anvil_chain
@@ -198,7 +198,7 @@ def test_price_raised_under_an_unsimulated_send_reverts_once_then_is_set_aside(a
         batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))[1:]
     assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.ABANDONED]
     assert [b.record_count for b in batches] == [2, 1]
-    assert all("InsufficientDeposit" in b.last_error for b in batches)
+    assert all("FeesAboveQuote" in b.last_error for b in batches)
     rows = {r.request_id: r for r in _rows(engine)}
     assert rows[first].status == RecordStatus.SET_ASIDE and rows[first].error.startswith(PRICE_MOVING)
     assert rows[second].status == RecordStatus.SET_ASIDE and rows[second].error.startswith(DEPOSIT_SHORT)

@@ -22,9 +22,10 @@ def _records(n):
 def test_calldata_matches_web3_encoding(n):
     ledger = Web3().eth.contract(address="0x" + "11" * 20, abi=load_artifact("AttributionLedger")["abi"])
     records, batch_id, root = _records(n), rand_id(), rand_id()
-    ours = settle_calldata(batch_id, root, [encode_record(r) for r in records])
+    max_fees = 10**18 + n
+    ours = settle_calldata(batch_id, root, [encode_record(r) for r in records], max_fees)
     web3s = ledger.functions.settleBatch(bytes.fromhex(batch_id[2:]), bytes.fromhex(root[2:]),
-                                         [r.as_tuple() for r in records])._encode_transaction_data()  # fmt: skip
+                                         [r.as_tuple() for r in records], max_fees)._encode_transaction_data()  # fmt: skip
     assert ours == Web3.to_bytes(hexstr=web3s)
 
 
