@@ -175,12 +175,15 @@ class Relay:
         client went away) leaves it to `finish`, which reads on to the done event."""
         if self._next is None:
             self._next = asyncio.ensure_future(self._it.__anext__())
-        nxt = self._next
         try:
-            return await asyncio.shield(nxt)
-        finally:
-            if nxt.done():
-                self._next = None
+            ev = await asyncio.shield(self._next)
+        except asyncio.CancelledError:
+            raise  # the read stays in _next, also when it completed at this very moment: its event is not lost
+        except BaseException:
+            self._next = None
+            raise
+        self._next = None
+        return ev
 
     def _count(self, ev: dict, *, relay: bool) -> str | None:
         """Count one token event; its text when it is to be relayed (None past the limit)."""
