@@ -34,8 +34,9 @@ class GatewayMetrics:
         self.heartbeats = Counter("loramesh_gateway_heartbeats", "Heartbeats by result (accepted, refused).",
                                   ["result"], registry=r)  # fmt: skip
         self.live_nodes = Gauge("loramesh_gateway_live_nodes", "Nodes live at the last heartbeat.", registry=r)
-        self.disputed_nodes = Gauge("loramesh_gateway_disputed_node", "1 for each node dropped from routing because "
-                                    "its receipt disagreed with the gateway's count.", ["node_id"], registry=r)  # fmt: skip
+        self.disputed_nodes = Gauge("loramesh_gateway_disputed_node", "1 for each node dropped from routing "
+                                    "because its receipt disagreed with the gateway's count.", ["node_id"],
+                                    registry=r)  # fmt: skip
         self.outbox_writable = Gauge("loramesh_gateway_outbox_writable", "1 while the usage outbox takes writes; "
                                      "0: new requests are refused with 503.", registry=r)  # fmt: skip
         self.outbox_unwritten = Gauge("loramesh_gateway_outbox_unwritten", "Request ends waiting for the outbox "

@@ -106,7 +106,8 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
 
         poll(lambda: status_of(ok_rid) == RecordStatus.SETTLED, timeout=60, interval=0.3)
         assert status_of(rid) == RecordStatus.DISPUTED
-        settled = {"0x" + bytes(e["args"]["requestId"]).hex() for e in anvil_chain.client().events("ledger", "RecordSettled")}
+        events = anvil_chain.client().events("ledger", "RecordSettled")
+        settled = {"0x" + bytes(e["args"]["requestId"]).hex() for e in events}
         assert ok_rid in settled and rid not in settled
     finally:
         stop(rogue)

@@ -198,8 +198,9 @@ def start_script_node(root: Path, name: str, gw_url: str, base: str, *, mode: st
     if chain is not None:
         args += ["--deployment", str(chain.deployment_path)]
     with (root / f"{name}.log").open("ab") as log:
+        env = {"LORAMESH_KEY_PASSWORD": password, "PATH": "/usr/bin:/bin"}
         proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={"LORAMESH_KEY_PASSWORD": password, "PATH": "/usr/bin:/bin"})
+                                stdin=subprocess.DEVNULL, env=env)  # fmt: skip
     return proc, identity, f"http://127.0.0.1:{port}"
 
 
