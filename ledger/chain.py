@@ -215,26 +215,36 @@ class ChainClient:
 
     # ------------------------------------------------------------------ registry: nodes
 
-    def node_proof_message(self, operator: str | None = None) -> bytes:
-        """What a node key signs to let `operator` (default: the sender) register it on this registry."""
-        return node_proof_message(self.deployment.chain_id, self.deployment.registry, operator or self.address)
+    def node_nonce(self, node_id: str) -> int:
+        """How many times the node was registered (0: never): the nonce its next registration proof names."""
+        return self.tx.call(self.registry.functions.nodeNonce(id_bytes(node_id)))
+
+    def node_proof_message(self, node_id: str, operator: str | None = None, *, nonce: int | None = None) -> bytes:
+        """What the key of `node_id` signs to let `operator` (default: the sender) register it on this
+        registry now: the message names the node's current nonce (read from the chain unless given), so the
+        proof is good for the next registration only."""
+        if nonce is None:
+            nonce = self.node_nonce(node_id)
+        return node_proof_message(self.deployment.chain_id, self.deployment.registry, operator or self.address,
+                                  nonce)  # fmt: skip
 
     def register_node(self, node_key, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
                       base_model: str):  # fmt: skip
         """Register the node whose Ed25519 key is `node_key` (a cryptography Ed25519PrivateKey), operated by
-        the sender and active from the start: the key signs the proof for the sender. Registering a node
-        another operator holds moves it to the sender."""
+        the sender and active from the start: the key signs the proof for the sender and the node's current
+        nonce. Registering a node another operator holds moves it to the sender."""
         from cryptography.hazmat.primitives import serialization
 
         public_key = node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        signature = node_key.sign(self.node_proof_message())
-        return self.register_node_with_proof(node_id_of(public_key), public_key, signature, peer_id=peer_id,
+        node_id = node_id_of(public_key)
+        signature = node_key.sign(self.node_proof_message(node_id))
+        return self.register_node_with_proof(node_id, public_key, signature, peer_id=peer_id,
                                              multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)  # fmt: skip
 
     def register_node_with_proof(self, node_id: str, public_key: bytes, signature: bytes, *, peer_id: str,
                                  multiaddrs: Sequence[str], api_url: str, base_model: str):  # fmt: skip
         """registerNode with a proof made elsewhere: `signature` (64 bytes, r || s) by `public_key` of
-        node_proof_message(sender)."""
+        node_proof_message(node_id, sender) at the node's current nonce."""
         if len(public_key) != 32 or len(signature) != 64:
             raise ValueError("a node proof is a 32-byte Ed25519 public key and a 64-byte signature")
         proof = (bytes(public_key), bytes(signature[:32]), bytes(signature[32:]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,36 @@ def dataset_id_for(contributor: str, name: str) -> str:
     except ValueError as e:
         raise ValueError(f"contributor {contributor!r} is not an EVM address") from e
     return "0x" + keccak(b"\0" * 12 + address + keccak(text=name)).hex()
+
+
+# ------------------------------------------------------------------ what AdapterRegistry accepts
+
+MAX_PRICE_PER_1K_TOKENS = 2**128 - 1  # AdapterRegistry.MAX_PRICE_PER_1K_TOKENS
+MAX_DATASETS = 16  # AdapterRegistry.MAX_DATASETS: datasets one adapter pays
+# AdapterRegistry._checkName: 1..64 bytes of [a-z0-9._/-], the first [a-z0-9], never starting with "0x" (no
+# name looks like an id); _checkVersion: 1..32 bytes of [0-9A-Za-z.+-]
+ADAPTER_NAME_RE = re.compile(r"(?!0x)[a-z0-9][a-z0-9._/-]{0,63}")
+ADAPTER_VERSION_RE = re.compile(r"[0-9A-Za-z.+-]{1,32}")
+
+
+def adapter_name_problem(name: object) -> str | None:
+    """Why the registry would refuse `name` as an adapter name, in a few words; None when it is fine."""
+    if not isinstance(name, str) or not name:
+        return "is empty"
+    if len(name.encode("utf-8")) > 64:
+        return "is longer than 64 bytes"
+    if name.startswith("0x"):
+        return "starts with 0x (names never look like ids)"
+    if ADAPTER_NAME_RE.fullmatch(name) is None:
+        return "is not lower-case letters, digits and . _ / - (starting with a letter or digit)"
+    return None
+
+
+def adapter_version_problem(version: object) -> str | None:
+    """Why the registry would refuse `version` as an adapter version; None when it is fine."""
+    if not isinstance(version, str) or ADAPTER_VERSION_RE.fullmatch(version) is None:
+        return "is not 1..32 characters of letters, digits and . + -"
+    return None
 
 
 # ------------------------------------------------------------------ EIP-712: adapter registrations
@@ -173,15 +204,18 @@ class AdapterRegistration:
 
 # ------------------------------------------------------------------ node-key proofs
 
-NODE_PROOF_TAG = b"loramesh.node.v1"
+NODE_PROOF_TAG = b"loramesh.node.v2"
 
 
-def node_proof_message(chain_id: int, registry: str, operator: str) -> bytes:
-    """What a node's Ed25519 key signs to let `operator` register it on `registry` (AdapterRegistry.
-    nodeProofMessage): abi.encodePacked(bytes("loramesh.node.v1"), uint256 chainId, address registry,
-    address operator), 88 bytes."""
+def node_proof_message(chain_id: int, registry: str, operator: str, nonce: int) -> bytes:
+    """What a node's Ed25519 key signs to let `operator` register it on `registry` while the node's
+    registration nonce (AdapterRegistry.nodeNonce, incremented by every registration) is `nonce`
+    (AdapterRegistry.nodeProofMessage): abi.encodePacked(bytes("loramesh.node.v2"), uint256 chainId,
+    address registry, address operator, uint256 nonce), 120 bytes. A proof is good for one registration."""
+    if not isinstance(nonce, int) or not 0 <= nonce < 2**256:
+        raise ValueError(f"a node nonce is an integer in [0, 2**256), got {nonce!r}")
     return (NODE_PROOF_TAG + int(chain_id).to_bytes(32, "big") + bytes.fromhex(to_checksum_address(registry)[2:])
-            + bytes.fromhex(to_checksum_address(operator)[2:]))  # fmt: skip
+            + bytes.fromhex(to_checksum_address(operator)[2:]) + nonce.to_bytes(32, "big"))  # fmt: skip
 
 
 def node_id_of(public_key: bytes) -> str:

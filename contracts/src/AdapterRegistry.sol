@@ -10,13 +10,26 @@ import {Ed25519} from "./Ed25519.sol";
 /// registers versions of it, each naming its predecessor of the same name. A registration carries
 /// the publisher's EIP-712 signature over what it registers, bound to this chain and this contract.
 /// A node's registration proves its Ed25519 key: the key signs (this chain, this registry, the
-/// operator), checked here, so nobody registers a node id without holding its key.
+/// operator, the node's registration nonce), checked here, so nobody registers a node id without
+/// holding its key, and no proof works twice (a former operator cannot replay its old one).
+/// Names are 1..64 bytes of [a-z0-9._/-], start with [a-z0-9] and never with "0x" (so no name looks
+/// like an id); versions are 1..32 bytes of [0-9A-Za-z.+-]. Prices are at most 2**128 - 1 wei per
+/// 1,000 tokens and an adapter names at most 16 datasets, so settling a batch neither overflows nor
+/// grows without bound.
 /// @dev Ids are bytes32: dataset id = keccak256(abi.encode(contributor, keccak256(name))) computed
 /// here from the caller (so nobody registers another's dataset first), adapter id = sha256(canonical
 /// manifest), node id = sha256(raw Ed25519 public key). The registry never deletes: a settled record
 /// must always resolve its adapter and node.
 contract AdapterRegistry {
     uint16 public constant MAX_BPS = 10_000;
+    /// @notice The highest price per 1,000 tokens an adapter may ask: price * tokens (tokens < 2**64 each
+    /// way) then stays far below 2**256 in settlement.
+    uint256 public constant MAX_PRICE_PER_1K_TOKENS = type(uint128).max;
+    /// @notice The most datasets one adapter pays: each is a payee credited in every batch it appears in.
+    uint256 public constant MAX_DATASETS = 16;
+    /// @notice Adapter names are 1..MAX_NAME_BYTES bytes, versions 1..MAX_VERSION_BYTES.
+    uint256 public constant MAX_NAME_BYTES = 64;
+    uint256 public constant MAX_VERSION_BYTES = 32;
 
     /// @dev EIP-712: the domain binds every adapter signature to this chain and this registry.
     bytes32 private constant DOMAIN_TYPEHASH =
@@ -62,7 +75,7 @@ contract AdapterRegistry {
     }
 
     /// @notice A node key's proof for one operator: the raw Ed25519 public key and its signature
-    /// (r || s, 64 bytes as RFC 8032 encodes it) of nodeProofMessage(operator).
+    /// (r || s, 64 bytes as RFC 8032 encodes it) of nodeProofMessage(operator, nodeNonce(nodeId)).
     struct NodeKeyProof {
         bytes32 publicKey;
         bytes32 r;
@@ -83,6 +96,7 @@ contract AdapterRegistry {
     mapping(bytes32 => Adapter) private _adapters;
     mapping(bytes32 => Node) private _nodes;
     mapping(bytes32 => address) private _nameOwners; // keccak256(bytes(name)) => owner
+    mapping(bytes32 => uint256) private _nodeNonces; // node id => successful registerNode calls so far
 
     error ZeroId();
     error ZeroAddress();
@@ -107,6 +121,10 @@ contract AdapterRegistry {
     error NotNodeOperator(bytes32 nodeId, address caller);
     error NodeKeyMismatch(bytes32 nodeId, bytes32 publicKey);
     error InvalidNodeProof(bytes32 nodeId, address operator);
+    error InvalidName(string name);
+    error InvalidVersion(string version);
+    error PriceTooHigh(uint256 pricePer1kTokens, uint256 maxPricePer1kTokens);
+    error TooManyDatasets(uint256 datasets, uint256 maxDatasets);
 
     event DatasetRegistered(bytes32 indexed datasetId, address indexed payee, bytes32 contentHash, string name);
     event NameRegistered(bytes32 indexed nameHash, address indexed owner, string name);
@@ -197,6 +215,9 @@ contract AdapterRegistry {
     function registerAdapter(bytes32 adapterId, AdapterSpec calldata spec, bytes calldata signature) external {
         if (adapterId == bytes32(0) || spec.baseModel == bytes32(0)) revert ZeroId();
         if (bytes(spec.name).length == 0) revert EmptyName();
+        _checkName(spec.name);
+        _checkVersion(spec.version);
+        _checkPrice(spec.pricePer1kTokens);
         if (_adapters[adapterId].owner != address(0)) revert AdapterAlreadyRegistered(adapterId);
         address signer = _recover(adapterDigest(adapterId, spec), signature);
         if (signer != msg.sender) revert SignatureMismatch(signer, msg.sender);
@@ -238,9 +259,11 @@ contract AdapterRegistry {
         return keccak256(abi.encodePacked("\x19\x01", domainSeparator(), keccak256(words)));
     }
 
-    /// @notice Change the price per 1,000 tokens of future settlements; only the owner may.
+    /// @notice Change the price per 1,000 tokens of future settlements (at most MAX_PRICE_PER_1K_TOKENS);
+    /// only the owner may.
     function setAdapterPrice(bytes32 adapterId, uint256 pricePer1kTokens) external {
         Adapter storage a = _ownedAdapter(adapterId);
+        _checkPrice(pricePer1kTokens);
         a.pricePer1kTokens = pricePer1kTokens;
         emit AdapterPriceChanged(adapterId, pricePer1kTokens);
     }
@@ -283,9 +306,11 @@ contract AdapterRegistry {
 
     /// @notice Register a serving node operated by the caller (active from the start). `proof` shows the
     /// caller holds the node's key: nodeId must be sha256(publicKey) and the key must have signed
-    /// nodeProofMessage(caller), so a stranger can neither register a node id first nor replay the
-    /// node's proof for another operator. A node already registered to another operator moves to the
-    /// caller (the key holder decides who operates it); its own operator uses updateNode instead.
+    /// nodeProofMessage(caller, nodeNonce(nodeId)), so a stranger can neither register a node id first
+    /// nor replay the node's proof for another operator. Every registration increments the nonce, so a
+    /// proof is good once: a former operator cannot take the node back with the proof it registered
+    /// with. A node already registered to another operator moves to the caller (the key holder decides
+    /// who operates it); its own operator uses updateNode instead.
     function registerNode(
         bytes32 nodeId,
         NodeKeyProof calldata proof,
@@ -299,6 +324,7 @@ contract AdapterRegistry {
         Node storage n = _nodes[nodeId];
         address previous = n.operator;
         if (previous == msg.sender) revert NodeAlreadyRegistered(nodeId);
+        ++_nodeNonces[nodeId];
         n.operator = msg.sender;
         n.active = true;
         n.publicKey = proof.publicKey;
@@ -310,10 +336,16 @@ contract AdapterRegistry {
         _emitNodeRegistered(nodeId, n);
     }
 
-    /// @notice What a node key signs to let `operator` register it here:
-    /// abi.encodePacked(bytes("loramesh.node.v1"), uint256 chainid, address registry, address operator).
-    function nodeProofMessage(address operator) public view returns (bytes memory) {
-        return abi.encodePacked(bytes("loramesh.node.v1"), block.chainid, address(this), operator);
+    /// @notice What a node key signs to let `operator` register it here while its nonce is `nonce`:
+    /// abi.encodePacked(bytes("loramesh.node.v2"), uint256 chainid, address registry, address operator,
+    /// uint256 nonce), 120 bytes.
+    function nodeProofMessage(address operator, uint256 nonce) public view returns (bytes memory) {
+        return abi.encodePacked(bytes("loramesh.node.v2"), block.chainid, address(this), operator, nonce);
+    }
+
+    /// @notice How many times `nodeId` was registered (0 for a new node): the nonce its next proof names.
+    function nodeNonce(bytes32 nodeId) external view returns (uint256) {
+        return _nodeNonces[nodeId];
     }
 
     /// @notice Replace a node's addresses and base model; only its operator may.
@@ -387,6 +419,7 @@ contract AdapterRegistry {
 
     function _checkShares(bytes32[] calldata datasetIds, uint16[] calldata sharesBps) private view {
         if (datasetIds.length != sharesBps.length) revert LengthMismatch(datasetIds.length, sharesBps.length);
+        if (datasetIds.length > MAX_DATASETS) revert TooManyDatasets(datasetIds.length, MAX_DATASETS);
         uint256 total;
         for (uint256 i; i < datasetIds.length; ++i) {
             if (!_datasets[datasetIds[i]].exists) revert UnknownDataset(datasetIds[i]);
@@ -398,10 +431,39 @@ contract AdapterRegistry {
         if (total > MAX_BPS) revert SharesExceedTotal(total);
     }
 
-    /// @dev nodeId = sha256(publicKey), and the key signed nodeProofMessage(caller).
+    function _checkPrice(uint256 pricePer1kTokens) private pure {
+        if (pricePer1kTokens > MAX_PRICE_PER_1K_TOKENS) revert PriceTooHigh(pricePer1kTokens, MAX_PRICE_PER_1K_TOKENS);
+    }
+
+    /// @dev 1..64 bytes of [a-z0-9._/-], the first [a-z0-9], not starting with "0x". (Empty names revert
+    /// EmptyName before this.)
+    function _checkName(string calldata name) private pure {
+        bytes calldata b = bytes(name);
+        if (b.length > MAX_NAME_BYTES) revert InvalidName(name);
+        if (b.length >= 2 && b[0] == "0" && b[1] == "x") revert InvalidName(name);
+        for (uint256 i; i < b.length; ++i) {
+            bytes1 c = b[i];
+            bool alnum = (c >= "a" && c <= "z") || (c >= "0" && c <= "9");
+            if (!alnum && (i == 0 || (c != "." && c != "_" && c != "/" && c != "-"))) revert InvalidName(name);
+        }
+    }
+
+    /// @dev 1..32 bytes of [0-9A-Za-z.+-].
+    function _checkVersion(string calldata version) private pure {
+        bytes calldata b = bytes(version);
+        if (b.length == 0 || b.length > MAX_VERSION_BYTES) revert InvalidVersion(version);
+        for (uint256 i; i < b.length; ++i) {
+            bytes1 c = b[i];
+            bool ok = (c >= "a" && c <= "z") || (c >= "A" && c <= "Z") || (c >= "0" && c <= "9") || c == "."
+                || c == "+" || c == "-";
+            if (!ok) revert InvalidVersion(version);
+        }
+    }
+
+    /// @dev nodeId = sha256(publicKey), and the key signed nodeProofMessage(caller, the node's nonce).
     function _checkNodeProof(bytes32 nodeId, NodeKeyProof calldata proof) private view {
         if (sha256(abi.encodePacked(proof.publicKey)) != nodeId) revert NodeKeyMismatch(nodeId, proof.publicKey);
-        if (!Ed25519.verify(proof.publicKey, proof.r, proof.s, nodeProofMessage(msg.sender))) {
+        if (!Ed25519.verify(proof.publicKey, proof.r, proof.s, nodeProofMessage(msg.sender, _nodeNonces[nodeId]))) {
             revert InvalidNodeProof(nodeId, msg.sender);
         }
     }

@@ -22,10 +22,15 @@ contract Ed25519Harness {
     }
 
     /// A node-key proof as the registry checks it: the key signs
-    /// abi.encodePacked(bytes("loramesh.node.v1"), chainid, registry, operator), with this contract in
-    /// the registry's place; pins the byte layout the Python signer must produce.
-    function verifyNodeProof(bytes32 publicKey, bytes32 r, bytes32 s, address operator) external view returns (bool) {
-        bytes memory message = abi.encodePacked(bytes("loramesh.node.v1"), block.chainid, address(this), operator);
+    /// abi.encodePacked(bytes("loramesh.node.v2"), chainid, registry, operator, nonce), with this contract
+    /// in the registry's place; pins the byte layout the Python signer must produce.
+    function verifyNodeProof(bytes32 publicKey, bytes32 r, bytes32 s, address operator, uint256 nonce)
+        external
+        view
+        returns (bool)
+    {
+        bytes memory message =
+            abi.encodePacked(bytes("loramesh.node.v2"), block.chainid, address(this), operator, nonce);
         return Ed25519.verify(publicKey, r, s, message);
     }
 }

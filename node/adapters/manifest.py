@@ -10,7 +10,15 @@ from typing import Annotated
 from eth_utils import is_checksum_address, to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ledger.types import ZERO_ID, AdapterRegistration, dataset_id_for
+from ledger.types import (
+    MAX_DATASETS,
+    MAX_PRICE_PER_1K_TOKENS,
+    ZERO_ID,
+    AdapterRegistration,
+    adapter_name_problem,
+    adapter_version_problem,
+    dataset_id_for,
+)
 from node.adapters.errors import PackageError
 from node.canonical import canonical_json, is_id, sha256_hex
 
@@ -30,6 +38,29 @@ def dataset_id(name: str, contributor: str) -> str:
     """A dataset's on-chain id, bound to its contributor: keccak256(abi.encode(contributor,
     keccak256(name))), as AdapterRegistry.registerDataset computes it from the registering address."""
     return dataset_id_for(contributor, name)
+
+
+def check_adapter_name(name: str) -> str:
+    """`name` if the registry accepts it as an adapter name (1..64 bytes of [a-z0-9._/-], starting with
+    [a-z0-9], never with "0x"), else a one-line PackageError."""
+    if (why := adapter_name_problem(name)) is not None:
+        raise PackageError(f"adapter name {name!r} {why}: the registry refuses it (e.g. alice/capitals)")
+    return name
+
+
+def check_adapter_version(version: str) -> str:
+    """`version` if the registry accepts it (1..32 bytes of [0-9A-Za-z.+-]), else a one-line PackageError."""
+    if (why := adapter_version_problem(version)) is not None:
+        raise PackageError(f"adapter version {version!r} {why}: the registry refuses it (e.g. 1.0.0)")
+    return version
+
+
+def check_price(price_per_1k_tokens: int) -> int:
+    """`price_per_1k_tokens` if the registry accepts it (0..2**128 - 1 wei), else a one-line PackageError."""
+    if not isinstance(price_per_1k_tokens, int) or not 0 <= price_per_1k_tokens <= MAX_PRICE_PER_1K_TOKENS:
+        raise PackageError(f"price {price_per_1k_tokens!r} per 1,000 tokens is not between 0 and 2**128 - 1 wei: "
+                           "the registry refuses it")  # fmt: skip
+    return price_per_1k_tokens
 
 
 class _Strict(BaseModel):
@@ -75,13 +106,13 @@ class LoraInfo(_Strict):
 
 class Manifest(_Strict):
     format: str = FORMAT
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
-    version: Annotated[str, Field(min_length=1, max_length=64)]
+    name: str
+    version: str
     predecessor: Id | None = None
     base_model: BaseModelRef
     files: tuple[FileEntry, ...]
     datasets: tuple[DatasetShare, ...] = ()
-    price_per_1k_tokens: Annotated[int, Field(ge=0)] = 0
+    price_per_1k_tokens: Annotated[int, Field(ge=0, le=MAX_PRICE_PER_1K_TOKENS)] = 0
     license: str = "apache-2.0"
     lora: LoraInfo
 
@@ -92,9 +123,25 @@ class Manifest(_Strict):
             raise ValueError(f"unknown manifest format {v!r}, expected {FORMAT!r}")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if (why := adapter_name_problem(v)) is not None:
+            raise ValueError(f"adapter name {v!r} {why}")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if (why := adapter_version_problem(v)) is not None:
+            raise ValueError(f"adapter version {v!r} {why}")
+        return v
+
     @field_validator("datasets")
     @classmethod
     def _shares(cls, v: tuple[DatasetShare, ...]) -> tuple[DatasetShare, ...]:
+        if len(v) > MAX_DATASETS:
+            raise ValueError(f"{len(v)} datasets: an adapter pays at most {MAX_DATASETS}")
         if sum(d.share_bps for d in v) > 10_000:
             raise ValueError("dataset shares add up to more than 10000 basis points")
         if len({d.id for d in v}) != len(v):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 
-from ledger.types import Domain
+from ledger.types import MAX_DATASETS, Domain
 from node.adapters.errors import PackageError
 from node.adapters.manifest import (
     MANIFEST_FILE,
@@ -18,6 +18,9 @@ from node.adapters.manifest import (
     FileEntry,
     LoraInfo,
     Manifest,
+    check_adapter_name,
+    check_adapter_version,
+    check_price,
 )
 from node.adapters.signing import sign_manifest, write_signature
 from node.adapters.verify import VerifiedPackage, file_sha256, verify_package
@@ -104,6 +107,12 @@ def pack_adapter(
     """Check a PEFT LoRA folder against its base, copy it to `out_dir`, sign it for `domain`'s registry
     (None: an offline signature, which `adapter publish` replaces), and verify the result."""
     peft_dir, out_dir = Path(peft_dir), Path(out_dir)
+    check_adapter_name(name)  # what the registry would refuse, refused before anything is written
+    check_adapter_version(version)
+    check_price(price_per_1k_tokens)
+    datasets = tuple(datasets)
+    if len(datasets) > MAX_DATASETS:
+        raise PackageError(f"{len(datasets)} datasets: an adapter pays at most {MAX_DATASETS} (the registry's limit)")
     if not peft_dir.is_dir():
         raise PackageError(f"{peft_dir} is not a folder")
     lora = read_lora_config(peft_dir)

@@ -165,22 +165,27 @@ def test_small_order_keys_rejected(harness):
 
 
 def test_node_proof_message_layout(harness):
-    """message = abi.encodePacked(bytes("loramesh.node.v1"), uint256 chainId, address registry,
-    address operator), built here in Python and signed by `cryptography`."""
+    """message = abi.encodePacked(bytes("loramesh.node.v2"), uint256 chainId, address registry,
+    address operator, uint256 nonce), built here in Python and signed by `cryptography`."""
+    from ledger.types import node_proof_message
+
     rng = random.Random(11)
     sk, key = _keypair(rng)
     operator = Account.create().address
     registry = harness.address
     chain_id = harness.w3.eth.chain_id
-    message = (b"loramesh.node.v1" + chain_id.to_bytes(32, "big") + bytes.fromhex(registry[2:])
-               + bytes.fromhex(operator[2:]))  # fmt: skip
-    assert len(message) == 16 + 32 + 20 + 20
+    nonce = 7
+    message = (b"loramesh.node.v2" + chain_id.to_bytes(32, "big") + bytes.fromhex(registry[2:])
+               + bytes.fromhex(operator[2:]) + nonce.to_bytes(32, "big"))  # fmt: skip
+    assert len(message) == 16 + 32 + 20 + 20 + 32
+    assert node_proof_message(chain_id, registry, operator, nonce) == message
     sig = sk.sign(message)
     assert _verify(harness, key, sig, message)
     # The harness builds the same bytes with abi.encodePacked, as the registry does.
-    assert harness.functions.verifyNodeProof(key, sig[:32], sig[32:], operator).call()
+    assert harness.functions.verifyNodeProof(key, sig[:32], sig[32:], operator, nonce).call()
     other_operator = Account.create().address
-    assert not harness.functions.verifyNodeProof(key, sig[:32], sig[32:], other_operator).call()
+    assert not harness.functions.verifyNodeProof(key, sig[:32], sig[32:], other_operator, nonce).call()
+    assert not harness.functions.verifyNodeProof(key, sig[:32], sig[32:], operator, nonce + 1).call()
 
 
 # ------------------------------------------------------------------ gas
@@ -189,7 +194,7 @@ def test_node_proof_message_layout(harness):
 def test_gas_of_one_verification(harness):
     rng = random.Random(13)
     sk, key = _keypair(rng)
-    message = b"loramesh.node.v1" + rng.randbytes(72)  # the node-proof length: 88 bytes, 2 SHA blocks
+    message = b"loramesh.node.v2" + rng.randbytes(104)  # the node-proof length: 120 bytes, 2 SHA-512 blocks
     sig = sk.sign(message)
     ok, library_gas = harness.functions.verifyGas(key, sig[:32], sig[32:], message).call()
     assert ok

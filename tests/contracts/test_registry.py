@@ -315,8 +315,12 @@ def test_register_node_emits_and_reads_back(anvil_chain):
     n = env.client().get_node(nid)
     assert (n.operator, n.active, n.peer_id, n.api_url, n.base_model, n.public_key) == (
         op.address, True, "12D3KooWabc", "http://n:1", base, "0x" + public.hex())  # fmt: skip
-    assert env.client().registry.functions.nodeProofMessage(op.address).call() == env.client().node_proof_message(
-        op.address)  # fmt: skip
+    nonce = env.client().node_nonce(nid)
+    assert nonce == 1  # one registration so far; the next proof names nonce 1
+    assert env.client().registry.functions.nodeProofMessage(op.address, nonce).call() == env.client(
+        ).node_proof_message(nid, op.address)  # fmt: skip
+    assert env.client().node_proof_message(nid, op.address) == node_proof_message(
+        env.deployment.chain_id, env.deployment.registry, op.address, 1)  # fmt: skip
 
 
 def test_node_reverts_and_operator_only(anvil_chain):
@@ -325,7 +329,7 @@ def test_node_reverts_and_operator_only(anvil_chain):
     key, public, nid = _key()
     c = env.client(op)
     kw = dict(peer_id="p", multiaddrs=[], api_url="u", base_model=base)
-    sig = key.sign(c.node_proof_message())
+    sig = key.sign(c.node_proof_message(nid))
     with pytest.raises(E.ZeroId):
         c.register_node_with_proof(ZERO_ID, public, sig, **kw)
     with pytest.raises(E.ZeroId):
@@ -363,17 +367,17 @@ def test_a_stranger_cannot_register_a_node_id(anvil_chain):
     s = env.client(stranger)
     her_key, her_public, her_nid = _key()
     with pytest.raises(E.NodeKeyMismatch):  # her own key's proof, the real node's id
-        s.register_node_with_proof(nid, her_public, her_key.sign(s.node_proof_message()), **kw)
+        s.register_node_with_proof(nid, her_public, her_key.sign(s.node_proof_message(nid)), **kw)
     with pytest.raises(E.InvalidNodeProof):  # the real key, a forged signature
-        s.register_node_with_proof(nid, public, her_key.sign(s.node_proof_message()), **kw)
+        s.register_node_with_proof(nid, public, her_key.sign(s.node_proof_message(nid)), **kw)
     with pytest.raises(E.InvalidNodeProof):  # the real key, no signature at all
         s.register_node_with_proof(nid, public, bytes(64), **kw)
-    real_proof = key.sign(env.client(real_op).node_proof_message())
+    real_proof = key.sign(env.client(real_op).node_proof_message(nid))
     with pytest.raises(E.InvalidNodeProof) as err:  # the real node's proof, replayed from her address
         s.register_node_with_proof(nid, public, real_proof, **kw)
     assert err.value.args_by_name["operator"] == stranger.address
-    other_chain = node_proof_message(env.deployment.chain_id + 1, env.deployment.registry, stranger.address)
-    other_registry = node_proof_message(env.deployment.chain_id, "0x" + "ab" * 20, stranger.address)
+    other_chain = node_proof_message(env.deployment.chain_id + 1, env.deployment.registry, stranger.address, 0)
+    other_registry = node_proof_message(env.deployment.chain_id, "0x" + "ab" * 20, stranger.address, 0)
     for message in (other_chain, other_registry):  # the key's proof for her, but made for another chain/registry
         with pytest.raises(E.InvalidNodeProof):
             s.register_node_with_proof(nid, public, key.sign(message), **kw)
@@ -400,3 +404,114 @@ def test_the_key_holder_moves_a_node_to_another_operator(anvil_chain):
     assert (n.operator, n.active, n.api_url) == (second.address, True, "http://b")
     with pytest.raises(E.NotNodeOperator):
         env.client(first).update_node(nid, **kw)
+
+
+def test_a_former_operator_cannot_take_a_node_back_with_its_old_proof(anvil_chain):
+    """H1: the proof A sent in its registration is public (it is in A's transaction). Once the key holder
+    moved the node to B, A re-sending it must not make A the operator again: every proof names the node's
+    registration nonce, which each registration increments."""
+    env = anvil_chain
+    first, second = env.users[5], env.users[6]
+    key, public, nid = _key()
+    kw = dict(peer_id="p", multiaddrs=[], api_url="http://a", base_model=rand_id())
+    a = env.client(first)
+    assert a.node_nonce(nid) == 0
+    old_proof = key.sign(a.node_proof_message(nid))  # what A's registration carried
+    a.register_node_with_proof(nid, public, old_proof, **kw)
+    assert a.node_nonce(nid) == 1
+    env.client(second).register_node(key, **{**kw, "api_url": "http://b"})
+    assert a.node_nonce(nid) == 2
+    with pytest.raises(E.InvalidNodeProof) as err:
+        a.register_node_with_proof(nid, public, old_proof, **{**kw, "api_url": "http://evil"})
+    assert err.value.args_by_name["operator"] == first.address
+    n = env.client().get_node(nid)
+    assert (n.operator, n.active, n.api_url) == (second.address, True, "http://b")
+    # the key holder can always move it back with a fresh proof, which is good once
+    stale = key.sign(a.node_proof_message(nid))
+    a.register_node_with_proof(nid, public, stale, **kw)
+    assert env.client().get_node(nid).operator == first.address
+    env.client(second).register_node(key, **kw)
+    with pytest.raises(E.InvalidNodeProof):  # and no earlier proof of A's works again
+        a.register_node_with_proof(nid, public, stale, **kw)
+    assert env.client().get_node(nid).operator == second.address
+
+
+def test_a_price_that_would_overflow_settlement_is_refused(anvil_chain):
+    """H2: price * tokens must not overflow in AttributionLedger: prices are capped at 2**128 - 1."""
+    env = anvil_chain
+    c = env.client(env.users[0])
+    cap = c.registry.functions.MAX_PRICE_PER_1K_TOKENS().call()
+    assert cap == 2**128 - 1
+    with pytest.raises(E.PriceTooHigh):
+        c.register_adapter(rand_id(), name=_unique("dear"), version="1", base_model=rand_id(),
+                           price_per_1k_tokens=2**255)  # fmt: skip
+    reg = register_sample(env, owner=env.users[0])
+    for price in (2**255, 2**128, 2**256 - 1):
+        with pytest.raises(E.PriceTooHigh):
+            c.set_adapter_price(reg.adapter_id, price)
+    c.set_adapter_price(reg.adapter_id, cap)  # the cap itself is allowed
+    assert env.client().get_adapter(reg.adapter_id).price_per_1k_tokens == cap
+    aid = rand_id()
+    c.register_adapter(aid, name=_unique("cap"), version="1", base_model=rand_id(), price_per_1k_tokens=cap)
+
+
+def test_an_adapter_names_at_most_sixteen_datasets(anvil_chain):
+    """H2: a batch settles every dataset of every adapter in it; hundreds of payees per adapter would push
+    a batch past the block gas limit."""
+    env = anvil_chain
+    c = env.client(env.users[1])
+    assert c.registry.functions.MAX_DATASETS().call() == 16
+    names = [_unique("many") for _ in range(17)]
+    for name in names:
+        c.register_dataset(name, rand_id())
+    ids = [c.dataset_id(n) for n in names]
+    with pytest.raises(E.TooManyDatasets):
+        c.register_adapter(rand_id(), name=_unique("wide"), version="1", base_model=rand_id(),
+                           datasets=[(d, 1) for d in ids])  # fmt: skip
+    aid = rand_id()
+    c.register_adapter(aid, name=_unique("wide"), version="1", base_model=rand_id(),
+                       datasets=[(d, 1) for d in ids[:16]])  # fmt: skip
+    assert len(env.client().get_adapter(aid).dataset_ids) == 16
+
+
+BAD_NAMES = [
+    "0x" + "aa" * 32,  # shaped like an adapter id: would shadow it in the gateway
+    "0xabc",  # any 0x prefix
+    "a" * 65,  # too long (and far too long for a database index)
+    "x" * 3000,
+    "Alice/capitals",  # upper case
+    "alice capitals",
+    "alice/capitals\n",
+    "alice:capitals",
+    "ålice/capitals",
+    "/alice",  # starts with a separator
+    "-alice",
+    ".alice",
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_adapter_names_are_narrow(anvil_chain, name):
+    """H3/H4: names are 1..64 bytes of [a-z0-9._/-], starting with [a-z0-9], never with "0x"."""
+    env = anvil_chain
+    c = env.client(env.users[2])
+    with pytest.raises(E.InvalidName):
+        c.register_adapter(rand_id(), name=name, version="1", base_model=rand_id())
+    assert env.client().name_owner(name) is None
+
+
+@pytest.mark.parametrize("version", ["", "v" * 33, "1 0", "1/2", "1_0", "é", "1\n"])
+def test_adapter_versions_are_narrow(anvil_chain, version):
+    env = anvil_chain
+    c = env.client(env.users[2])
+    with pytest.raises(E.InvalidVersion):
+        c.register_adapter(rand_id(), name=_unique("ver"), version=version, base_model=rand_id())
+
+
+def test_good_names_and_versions_pass(anvil_chain):
+    env = anvil_chain
+    c = env.client(env.users[2])
+    for name, version in ((_unique("alice/capitals"), "1.0.0"), (_unique("a" * 40), "2"),
+                          (_unique("x0/y.z_w-v"), "1.0.0-rc.1+Build.7"), ("q" * 64, "v" * 32)):  # fmt: skip
+        c.register_adapter(rand_id(), name=name, version=version, base_model=rand_id())
+        assert env.client().name_owner(name) == c.address
