@@ -3,7 +3,8 @@
 Re-publishing the same adapter id is a no-op. A name belongs to whoever registered it first: only
 its owner publishes versions of it, and a new version names its predecessor of the same name. A
 dataset's id is bound to its contributor: the publisher registers its own datasets; anyone else's
-must already be registered by its contributor, and pay that contributor. A package signed offline or
+must already be registered by its contributor (who may since have moved its payouts to another payee:
+settlement pays whoever the chain names). A package signed offline or
 for another deployment is signed again here for this one (same manifest, same adapter id).
 """
 
@@ -54,7 +55,8 @@ def sign_for(pkg: VerifiedPackage, client: ChainClient) -> tuple[VerifiedPackage
 
 def check_datasets(pkg: VerifiedPackage, client: ChainClient) -> list:
     """The manifest's datasets the publisher still has to register (its own); refuses, in one line, a
-    dataset paying someone other than its contributor or another contributor's unregistered dataset."""
+    dataset whose contributor on chain is not the manifest's or another contributor's unregistered dataset.
+    The payee is the contributor's to move (setDatasetPayee) and is not compared."""
     missing = []
     for d in pkg.manifest.datasets:
         try:
@@ -66,9 +68,9 @@ def check_datasets(pkg: VerifiedPackage, client: ChainClient) -> list:
                     f"first (loramesh adapter register-dataset {d.name} --key <their key>)") from None  # fmt: skip
             missing.append(d)
             continue
-        if info.payee != d.contributor:
-            raise PublishError(f"dataset {d.name!r} ({d.id}) pays {info.payee} on chain, but the manifest names its "
-                               f"contributor {d.contributor}: refusing to publish")  # fmt: skip
+        if info.contributor.lower() != d.contributor.lower():
+            raise PublishError(f"dataset {d.name!r} ({d.id}) belongs to contributor {info.contributor} on chain, but "
+                               f"the manifest names {d.contributor}: refusing to publish")  # fmt: skip
     return missing
 
 

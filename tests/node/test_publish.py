@@ -54,21 +54,41 @@ def test_publish_registers_datasets_and_adapter_once(anvil_chain, tiny_base, pef
         publish(v3.path, client)
 
 
-def test_publish_refuses_a_dataset_paying_someone_else(anvil_chain, tiny_base, peft, tmp_path):
-    """The payee on chain must be the manifest's contributor: refused in one line, nothing registered."""
+def test_publish_accepts_a_dataset_whose_contributor_moved_its_payee(anvil_chain, tiny_base, peft, tmp_path):
+    """L4: a contributor who moved payouts with setDatasetPayee (its right) must not block publishing: the
+    dataset id is bound to its contributor, and that is what the manifest names; settlement pays the payee."""
     owner, contributor, heir = anvil_chain.users[3], anvil_chain.new_account(), anvil_chain.new_account()
     c = anvil_chain.client(contributor)
     c.register_dataset("moved-data")
     c.set_dataset_payee(c.dataset_id("moved-data"), heir.address)
     share = make_dataset_share("moved-data", contributor.address, 2000)
     pkg = pack_adapter(peft, tmp_path / "p", name="pub/moved", account=owner, base_dir=tiny_base, datasets=[share])
+    result = publish(pkg.path, anvil_chain.client(owner))
+    assert result.registered and result.datasets_registered == []
+    split = anvil_chain.client().registry.functions.adapterSplit(bytes.fromhex(pkg.adapter_id[2:])).call()
+    assert split[3] == [heir.address]
+
+
+def test_publish_refuses_a_dataset_of_another_contributor(anvil_chain, tiny_base, peft, tmp_path, monkeypatch):
+    """The chain's contributor of the dataset id must be the manifest's: refused in one line, nothing registered.
+    (A valid manifest cannot get there, its ids are bound to its contributors: the chain's answer is forged.)"""
+    import dataclasses
+
+    owner, contributor, other = anvil_chain.users[3], anvil_chain.new_account(), anvil_chain.new_account()
+    c = anvil_chain.client(contributor)
+    c.register_dataset("other-data")
+    share = make_dataset_share("other-data", contributor.address, 2000)
+    pkg = pack_adapter(peft, tmp_path / "p", name="pub/other", account=owner, base_dir=tiny_base, datasets=[share])
+    client = anvil_chain.client(owner)
+    real = client.get_dataset
+    monkeypatch.setattr(client, "get_dataset", lambda d: dataclasses.replace(real(d), contributor=other.address))
     with pytest.raises(PublishError) as err:
-        publish(pkg.path, anvil_chain.client(owner))
+        publish(pkg.path, client)
     message = str(err.value)
     assert "\n" not in message
-    assert message == (f"dataset 'moved-data' ({share.id}) pays {heir.address} on chain, but the manifest names its "
-                       f"contributor {contributor.address}: refusing to publish")  # fmt: skip
-    assert anvil_chain.client().name_owner("pub/moved") is None
+    assert message == (f"dataset 'other-data' ({share.id}) belongs to contributor {other.address} on chain, but the "
+                       f"manifest names {contributor.address}: refusing to publish")  # fmt: skip
+    assert anvil_chain.client().name_owner("pub/other") is None
 
 
 def test_publish_refuses_another_contributors_unregistered_dataset(anvil_chain, tiny_base, peft, tmp_path):
