@@ -104,16 +104,31 @@ class Gateway:
         return name not in private or name in key.adapters
 
     def resolve(self, model: str, key: KeyInfo, private: frozenset[str]) -> Target:
-        """An adapter name (its newest registration), an adapter id, or a base model's name."""
+        """An adapter id, a base model's id or name, or an adapter name (its newest registration), in that
+        order: a string shaped like an id ("0x...") resolves only as an id, and a base model's name or id
+        only to the base model, so no adapter name shadows either (the registry refuses such names too)."""
+        not_found = ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
+                                  param="model")  # fmt: skip
+        if model.startswith("0x"):  # never an adapter name
+            if not is_id(model):
+                raise not_found
+            adapter = self.registry.adapters.get(model.lower())
+            if adapter is not None and self._visible(adapter.name, key, private):
+                return Target(model, adapter.adapter_id, adapter.base_model_id)
+            if model.lower() in self.directory.base_models():
+                return Target(model, None, model.lower())
+            raise not_found
+        bases = self.directory.base_models()
+        # base names any node announced (live or not): a base whose nodes are down still owns its name
+        for entry in list(self.directory.entries.values()):
+            bases.setdefault(entry.base_model_id, entry.base_model_name or entry.base_model_id)
+        for base_id, name in bases.items():
+            if model == name:
+                return Target(model, None, base_id)
         adapter = self.registry.adapter_by_name(model)
-        if adapter is None and is_id(model):
-            adapter = self.registry.adapters.get(model)
         if adapter is not None and self._visible(adapter.name, key, private):
             return Target(model, adapter.adapter_id, adapter.base_model_id)
-        for base_id, name in self.directory.base_models().items():
-            if model in (name, base_id):
-                return Target(model, None, base_id)
-        raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model")
+        raise not_found
 
     def list_models(self, key: KeyInfo, private: frozenset[str]) -> list[dict]:
         """OpenAI model objects: visible adapters (newest of each name), then the live base models."""

@@ -1,0 +1,97 @@
+"""Gateway.resolve: a model string shaped like an id resolves only as an id, and a base model's name or
+id always to the base model; an adapter name can shadow neither (H3)."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.directory import NodeDirectory
+from gateway.errors import ModelNotFound
+from gateway.keys import KeyInfo
+from gateway.registry import RegistryView
+from gateway.service import Gateway
+from node.heartbeat import make_heartbeat
+from node.keys import Identity
+from tests.utils.gateway import add_adapter, add_node, make_db
+
+BASE = "0x" + "11" * 32
+OTHER_BASE = "0x" + "22" * 32
+REAL = "0x" + "aa" * 32  # a real adapter's id
+SHADOW = "0x" + "bb" * 32  # the attacker's adapters
+KEY = KeyInfo(id=1, name="k", prefix="p", requests_per_minute=None, tokens_per_minute=None, adapters=frozenset())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def world(tmp_path):
+    """Base "tiny" served by a live node; adapter REAL on it; rows an attacker's mirror could hold."""
+    engine = make_db(tmp_path / "gw.db")
+    node = Identity.generate()
+    add_node(engine, node_id=node.node_id, base_model=BASE, api_url="http://127.0.0.1:7001")
+    add_adapter(engine, adapter_id=REAL, name="alice/capitals", base_model=BASE, block=1)
+    clock = Clock()
+    reg = RegistryView(engine)
+    directory = NodeDirectory(reg, ttl=10, clock=clock)
+    directory.accept_heartbeat(make_heartbeat(node, api_url="http://127.0.0.1:7001", base_model_id=BASE,
+                                              status={"queue_depth": 0, "running": 0, "base_model": {"name": "tiny"}},
+                                              ts_ms=int(time.time() * 1000)))  # fmt: skip
+    gw = SimpleNamespace(registry=reg, directory=directory, _visible=partial(Gateway._visible, None))
+    return engine, reg, gw, clock
+
+
+def resolve(gw, model):
+    return Gateway.resolve(gw, model, KEY, frozenset())
+
+
+def test_names_ids_and_bases_resolve(world):
+    _, _, gw, _ = world
+    assert resolve(gw, "alice/capitals").adapter_id == REAL
+    assert resolve(gw, REAL).adapter_id == REAL
+    t = resolve(gw, "tiny")
+    assert (t.adapter_id, t.base_model_id) == (None, BASE)
+    t = resolve(gw, BASE)
+    assert (t.adapter_id, t.base_model_id) == (None, BASE)
+    with pytest.raises(ModelNotFound):
+        resolve(gw, "nobody/nothing")
+
+
+def test_an_adapter_named_like_an_adapter_id_does_not_take_its_requests(world):
+    engine, reg, gw, _ = world
+    add_adapter(engine, adapter_id=SHADOW, name=REAL, base_model=BASE, block=2, owner="0x" + "ee" * 20)
+    reg.reload()
+    assert resolve(gw, REAL).adapter_id == REAL
+
+
+def test_an_adapter_named_like_an_unknown_id_is_not_served(world):
+    engine, reg, gw, _ = world
+    unknown = "0x" + "cc" * 32
+    add_adapter(engine, adapter_id=SHADOW, name=unknown, base_model=BASE, block=2, owner="0x" + "ee" * 20)
+    add_adapter(engine, adapter_id="0x" + "dd" * 32, name="0xabc", base_model=BASE, block=2, owner="0x" + "ee" * 20)
+    reg.reload()
+    for model in (unknown, "0xabc"):
+        with pytest.raises(ModelNotFound):
+            resolve(gw, model)
+
+
+def test_an_adapter_named_like_a_base_model_does_not_take_its_requests(world):
+    engine, reg, gw, clock = world
+    add_adapter(engine, adapter_id=SHADOW, name="tiny", base_model=BASE, block=2, owner="0x" + "ee" * 20)
+    add_adapter(engine, adapter_id="0x" + "dd" * 32, name=BASE, base_model=BASE, block=2, owner="0x" + "ee" * 20)
+    reg.reload()
+    for model in ("tiny", BASE):
+        t = resolve(gw, model)
+        assert (t.adapter_id, t.base_model_id) == (None, BASE)
+    clock.t += 60  # the base's nodes went quiet: its name still never reaches the adapter named after it
+    t = resolve(gw, "tiny")
+    assert (t.adapter_id, t.base_model_id) == (None, BASE)
