@@ -9,6 +9,7 @@ import weakref
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from ledger.chain import ChainClient
@@ -71,11 +72,34 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
         logs = [ev for name in EVENTS for ev in client.events("registry", name, from_block=start, to_block=to_block)]
         logs.sort(key=lambda ev: (ev["blockNumber"], ev["logIndex"]))
         for ev in logs:
-            _apply(s, ev)
+            _apply_or_skip(s, ev)
         s.merge(SyncCursor(name=CURSOR, block=to_block))
         s.commit()
     log.debug("registry mirror: %d events up to block %d", len(logs), to_block)
     return len(logs)
+
+
+def _apply_or_skip(s: Session, ev) -> None:
+    """Apply one event in a savepoint of its own. An event the database refuses for what it holds (a value
+    too large for an index, say) or that names a row a skipped event never wrote is logged and skipped:
+    one bad event must not stop the cursor forever. A lost connection still fails the whole sync."""
+    try:
+        with s.begin_nested():
+            _apply(s, ev)
+            s.flush()
+    except DBAPIError as e:
+        if e.connection_invalidated:
+            raise
+        _skipped(ev, e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        _skipped(ev, e)
+
+
+def _skipped(ev, e: Exception) -> None:
+    tx = ev.get("transactionHash")
+    why = (str(e).splitlines() or [type(e).__name__])[0][:300]
+    log.error("registry mirror: %s at block %s (tx %s) cannot be mirrored and is skipped: %s", ev["event"],
+              ev["blockNumber"], "0x" + bytes(tx).hex() if tx is not None else "?", why)  # fmt: skip
 
 
 def _apply(s: Session, ev) -> None:
