@@ -67,14 +67,12 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     import gateway.models  # noqa: F401 - registers the gateway's tables
     from ledger.db import init_db, make_engine
 
-    from gateway.models import add_missing_columns
     from gateway.usage import set_busy_timeout
 
     settings = settings or GatewaySettings()
     engine = make_engine(settings.db_url)
     set_busy_timeout(engine, settings.db_busy_timeout_s)
-    init_db(engine)  # creates every registered table, the gateway's included
-    add_missing_columns(engine)
+    init_db(engine)  # creates every registered table and adds missing columns, the gateway's included
     if chain_client is None and settings.deployment is not None:
         from ledger.chain import ChainClient
 
@@ -90,6 +88,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         await gw.load_disputes()
         sync = asyncio.get_running_loop().create_task(gw.sync_loop(), name="registry-sync")
         outbox = asyncio.get_running_loop().create_task(gw.outbox_loop(), name="outbox-check")
+        reconciling = asyncio.get_running_loop().create_task(gw.reconcile_loop(), name="reconcile")
         settler = None
         if settler_account is not None and chain_client is not None and settings.settle:
             settler = _settler_thread(settings, chain_client, settler_account)
@@ -99,6 +98,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         finally:
             sync.cancel()
             outbox.cancel()
+            reconciling.cancel()
             await gw.aclose()
             if settler is not None:
                 settler[1].set()

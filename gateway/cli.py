@@ -27,16 +27,12 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default $
 
 
 def _engine(db: str | None):
-    from sqlmodel import SQLModel
-
     import gateway.models  # noqa: F401 - registers the gateway's tables
     from gateway.settings import GatewaySettings
     from ledger.db import init_db, make_engine
 
     engine = make_engine(db or GatewaySettings().db_url)
-    init_db(engine)
-    SQLModel.metadata.create_all(engine)
-    gateway.models.add_missing_columns(engine)
+    init_db(engine)  # creates and migrates every registered table, the gateway's included
     return engine
 
 

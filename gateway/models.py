@@ -14,6 +14,7 @@ class KeyPolicy(SQLModel, table=True):
     """Limits of one API key that ledger's ApiKey has no column for."""
 
     __tablename__ = "gateway_key_policies"
+    __table_args__ = {"info": {"migrate_columns": True}}  # ledger.db.init_db adds the columns it lacks
 
     key_id: int = Field(primary_key=True)  # ApiKey.id
     tokens_per_minute: int | None = None
@@ -35,7 +36,6 @@ class RequestStatus:
     OK = "ok"  # finished: stop or length
     CLIENT_CLOSED = "client_closed"  # the client went away; the node was aborted
     NODE_FAILED = "node_failed"  # the node failed after the first token
-    UNRECEIPTED = "unreceipted"  # tokens were produced but no valid receipt came back (see error)
     NOT_SERVED = "not_served"  # no node produced a token (all failed, or the node refused the request)
     RECONCILED = "reconciled"  # its gateway died mid-request; closed later from the node's stored receipt
     LOST = "lost"  # its gateway died mid-request and the node never produced a receipt for it (see error)
@@ -47,6 +47,7 @@ class CompletionRecord(SQLModel, table=True):
     the gateway's own counts. An open row whose gateway instance is gone is closed by reconciliation."""
 
     __tablename__ = "gateway_requests"
+    __table_args__ = {"info": {"migrate_columns": True}}  # ledger.db.init_db adds the columns it lacks
 
     request_id: str = Field(primary_key=True, max_length=66)
     key_id: int | None = Field(default=None, index=True)
@@ -65,6 +66,9 @@ class CompletionRecord(SQLModel, table=True):
     instance_id: str | None = Field(default=None, max_length=64, index=True)  # the gateway process that opened it
     created_at: datetime = Field(default_factory=utcnow, index=True)
     finished_at: datetime = Field(default_factory=utcnow)  # when it was opened, until it is closed
+    # open, its gateway gone: when reconciliation last tried to close it (None: never); the least recently
+    # tried go first, so requests that cannot be closed yet do not hold back the others
+    reconcile_attempted_at: datetime | None = None
 
 
 class GatewayInstance(SQLModel, table=True):
@@ -77,19 +81,3 @@ class GatewayInstance(SQLModel, table=True):
     instance_id: str = Field(primary_key=True, max_length=64)
     started_at: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow, index=True)
-
-
-def add_missing_columns(engine) -> None:
-    """Add the columns of the gateway's tables that an older database lacks (all of them nullable)."""
-    from sqlalchemy import inspect
-
-    insp = inspect(engine)
-    for table in (KeyPolicy.__table__, CompletionRecord.__table__):
-        if not insp.has_table(table.name):
-            continue
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        for col in table.columns:
-            if col.name not in have and col.nullable:
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
-                                         f"{col.type.compile(engine.dialect)}")  # fmt: skip

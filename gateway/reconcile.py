@@ -5,10 +5,19 @@ The dead gateway's own completion count is gone; what is billed is the receipt's
 the request's max_tokens (and the context), with the prompt count the gateway stored when it dispatched the
 request. A receipt over those bounds, or with another prompt count, is disputed as usual. A node that does
 not know the request (it never got it, or restarted and lost its receipts) or stays unreachable for
-reconcile_give_up_s leaves it closed as "lost", with nothing billed."""
+reconcile_give_up_s leaves it closed as "lost", with nothing billed; so does one the node still says is
+running after that long.
+
+A pass runs on a task of its own (Gateway.reconcile_loop), never in the loop that writes the instance
+heartbeat: slow nodes cannot make sibling gateways think this one dead. It asks the nodes in parallel
+(RECONCILE_CONCURRENCY at a time) and stops after reconcile_pass_s; requests it could not close yet go to
+the back of the queue (UsageRecorder.tried), so they do not hold back the ones after them. A request is
+closed only while it is open: a sibling that closed it first, or its own gateway that was alive after
+all, wins, and this pass writes nothing for it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC
 
@@ -18,21 +27,42 @@ from ledger.models import utcnow
 
 log = logging.getLogger(__name__)
 
+RECONCILE_BATCH = 100  # open requests taken per pass
+RECONCILE_CONCURRENCY = 16  # nodes asked at once
+
 
 async def reconcile(gw) -> int:
-    """One pass over the orphaned open requests; returns how many were closed."""
-    import asyncio
+    """One pass over the orphaned open requests, within reconcile_pass_s; returns how many were closed."""
+    rows = await asyncio.to_thread(gw.recorder.orphaned, gw.settings.instance_lease_s, RECONCILE_BATCH)
+    if not rows:
+        return 0
+    gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
+    closed: set[str] = set()
 
-    rows = await asyncio.to_thread(gw.recorder.orphaned, gw.settings.instance_lease_s)
-    closed = 0
-    for row in rows:
-        end = await _end_of(gw, row)
+    async def one(row: CompletionRecord) -> None:
+        async with gate:
+            end = await _end_of(gw, row)
         if end is None:
-            continue  # still running on its node, or the node cannot be asked yet: the next pass tries again
+            return  # still running on its node, or the node cannot be asked yet: a later pass tries again
         result = await gw.record(end)
-        log.warning("request %s of a gateway that died: closed as %s (%s)", row.request_id[:10], end.status, result)
-        closed += 1
-    return closed
+        if result != "already_closed":
+            log.warning("request %s of a gateway that died: closed as %s (%s)", row.request_id[:10], end.status,
+                        result)  # fmt: skip
+        closed.add(row.request_id)
+
+    tasks = [asyncio.ensure_future(one(row)) for row in rows]
+    done, pending = await asyncio.wait(tasks, timeout=gw.settings.reconcile_pass_s)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            log.error("reconciliation of a request failed", exc_info=t.exception())
+    if pending:
+        log.warning("reconciliation pass stopped after %.0f s with %d request(s) unanswered",
+                    gw.settings.reconcile_pass_s, len(pending))  # fmt: skip
+    await asyncio.to_thread(gw.recorder.tried, [r.request_id for r in rows if r.request_id not in closed])
+    return len(closed)
 
 
 def _base_of(gw, row: CompletionRecord) -> str | None:
@@ -63,13 +93,12 @@ async def _end_of(gw, row: CompletionRecord) -> RequestEnd | None:
             end.finish_reason = end.receipt.get("finish_reason") if isinstance(end.receipt.get("finish_reason"),
                                                                                 str) else None  # fmt: skip
         return end
-    if what == "running":
-        return None
     age = (utcnow() - (row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)))
     if what == "unknown" or age.total_seconds() > gw.settings.reconcile_give_up_s:
         end.status, end.served = RequestStatus.LOST, False
         end.error = (f"its gateway died mid-request and node {row.node_id[:10]} "
                      + ("has no receipt for it (it never ran it, or restarted since)" if what == "unknown"
+                        else f"still says it is running after {int(age.total_seconds())} s" if what == "running"
                         else f"did not answer for {int(age.total_seconds())} s"))  # fmt: skip
         return end
-    return None
+    return None  # running, or unreachable: a later pass asks again

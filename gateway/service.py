@@ -261,19 +261,28 @@ class Gateway:
             self._after_record(end, result)
 
     async def outbox_loop(self) -> None:
-        """The outbox check every outbox_probe_s; closing the open requests of dead instances between."""
-        from gateway.reconcile import reconcile
-
-        last = 0.0
+        """The outbox check (this instance's heartbeat row) every outbox_probe_s. Nothing else runs in this
+        loop: a late heartbeat lets sibling gateways take this one for dead and close its live requests."""
         while True:
             try:
                 await self.outbox_tick()
-                if self.outbox_error is None and time.monotonic() - last >= self.settings.outbox_probe_s * 2:
-                    last = time.monotonic()
-                    await reconcile(self)
             except Exception:  # nothing may end the checks
                 log.exception("outbox check failed")
             await asyncio.sleep(self.settings.outbox_probe_s)
+
+    async def reconcile_loop(self) -> None:
+        """Close the open requests of dead instances (gateway.reconcile), a pass every 2 x outbox_probe_s
+        while the outbox takes writes; each pass is bounded by reconcile_pass_s."""
+        from gateway import reconcile
+
+        while True:
+            await asyncio.sleep(self.settings.outbox_probe_s * 2)
+            if self.outbox_error is not None:
+                continue
+            try:
+                await reconcile.reconcile(self)
+            except Exception:  # nothing may end reconciliation
+                log.exception("reconciliation pass failed")
 
     async def load_disputes(self) -> None:
         try:
@@ -327,9 +336,10 @@ class Gateway:
 
 
 def _integrity(e: UsageError) -> bool:
-    """A write refused for what it holds (a duplicate request id, a bad record), not for the database's state."""
+    """A write refused for what it holds (a duplicate request id, a value the outbox or a column refuses),
+    not for the database's state: it is never taken for the database being down."""
     from sqlalchemy.exc import IntegrityError
 
-    from ledger.outbox import OutboxError
+    from gateway.usage import VALUE_ERRORS
 
-    return isinstance(e.__cause__, (IntegrityError, OutboxError))
+    return isinstance(e.__cause__, (IntegrityError, *VALUE_ERRORS))

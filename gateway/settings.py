@@ -44,6 +44,11 @@ class GatewaySettings(BaseSettings):
     instance_lease_s: float = Field(default=10.0, gt=0)
     # an open request whose node never answers with a receipt is closed as lost after this long
     reconcile_give_up_s: float = Field(default=600.0, gt=0)
+    # one reconciliation pass asks the nodes for at most this long (it runs beside the instance heartbeat)
+    reconcile_pass_s: float = Field(default=30.0, gt=0)
+    # a request whose node has not finished streaming it this long after dispatch is cut off (the client
+    # gets what was relayed, and an error)
+    request_deadline_s: float = Field(default=1800.0, gt=0)
     default_max_tokens: int = Field(default=64, ge=1)
     max_max_tokens: int = Field(default=4096, ge=1)
     settle: bool = True  # run the ledger settler in-process when a key file is given

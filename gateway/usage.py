@@ -1,12 +1,15 @@
-"""Usage capture: the gateway bills what it saw. A request is written "open" when it is dispatched (the
-gateway's prompt count, max_tokens) and closed when it ends: its completion record and its usage record
-(the ledger outbox row) in one database transaction.
+"""Usage capture: the gateway bills what it delivered. A request is written "open" when it is dispatched
+(the gateway's prompt count, max_tokens) and closed when it ends: its completion record and its usage
+record (the ledger outbox row) in one database transaction, once (a request that is no longer open is left
+as it is: a live gateway's own close and a sibling's reconciliation never both write).
 
 The billed counts are always the gateway's own: the prompt it tokenized and sent as token ids, the token
-events it relayed. The node's signed receipt is checked against them; within RECEIPT_COMPLETION_SLACK_ON_ABORT
-it is kept beside them and the record is settled normally; outside it (or a receipt that does not verify)
-the record is kept as DISPUTED with both counts and the reason, never settled, and the node is dropped
-from routing. A node that died mid-stream sent no receipt: its record is billed at the gateway's count.
+events it relayed to the client before the client left or the node's stream broke. Tokens the node made
+beyond those (read after an abort, or counted in its receipt) are not paid. The node's signed receipt is
+checked against the gateway's counts (see `receipt_completion_range`); within that it is kept beside them
+and the record is settled normally; outside it (or a receipt that does not verify) the record is kept as
+DISPUTED with both counts and the reason, never settled, and the node is dropped from routing. A node that
+died mid-stream sent no receipt: its record is billed at the gateway's count.
 
 A request to the bare base model (no adapter) is recorded like any other, with the zero adapter id
 (ledger.types.BASE_MODEL_ADAPTER_ID): the ledger prices it at its base price and credits the node.
@@ -20,9 +23,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import event, or_
+from sqlalchemy import event, or_, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlmodel import Session, select
 
 from gateway.models import CompletionRecord, GatewayInstance, RequestStatus
@@ -33,19 +36,9 @@ from node.receipts import ReceiptError, check_receipt
 
 log = logging.getLogger(__name__)
 
-# How far a node's signed receipt may differ from the gateway's own count and still be recorded normally
-# (billing is the gateway's count either way; outside this the record is DISPUTED and never settled).
-# - prompt: exact. The gateway sends every prompt as token ids, so the node's count is their number.
-# - completion, request that ended on its own (stop, length, engine error): exact. The node streams one
-#   token event per token and signs its receipt from the same finish event, after the last token event.
-# - completion, request the gateway aborted (client gone, node cut off): the receipt may claim one token
-#   more than the gateway read. The gateway reads the stream on to the node's done event after the abort
-#   and so normally still sees every token; when that read is cut short, one token can have been produced
-#   while the abort was in flight, after the last event the gateway read.
-# - never fewer than the gateway saw: a node does not under-count tokens it streamed.
-RECEIPT_COMPLETION_SLACK_ON_ABORT = 1
-
-
+# A write refused for a value it holds (the outbox's own checks, a number the database column cannot hold),
+# not for the database's state: writing it again will not help, and the database is not down.
+VALUE_ERRORS = (OutboxError, DataError, OverflowError)
 class UsageError(RuntimeError):
     """A request end that could not be written to the database."""
 
@@ -54,9 +47,11 @@ class UsageError(RuntimeError):
 class RequestEnd:
     """How one request ended, as the gateway saw it; receipt and signature come from the node.
 
-    prompt_tokens / completion_tokens are the gateway's counts (what is billed). `served`: a node took the
-    request (it answered with its first event), so its prompt was processed. `aborted`: the gateway aborted
-    it. `node_lost`: the node's stream broke and it did not answer the abort (no receipt is expected).
+    prompt_tokens / completion_tokens are the gateway's counts (what is billed): the prompt ids it sent, the
+    token events it relayed to the client. `served`: a node took the request (it answered with its first
+    event), so its prompt was processed. `aborted`: the request did not end on its own (the gateway aborted
+    it, or the node's stream broke first). `node_lost`: the node's stream broke and it did not answer the
+    abort (no receipt is expected).
     `reconciled`: the gateway died mid-request, so it has no completion count of its own: the receipt's,
     capped at max_tokens and the context, is billed."""
 
@@ -108,6 +103,26 @@ def completion_bound(end: RequestEnd) -> int | None:
     return min(bounds) if bounds else None
 
 
+def receipt_completion_range(end: RequestEnd) -> tuple[int, int | None]:
+    """The completion counts a verified receipt may claim and still be recorded normally: (low, high), high
+    None when no bound is known. The prompt count must always match exactly: the gateway sends every prompt
+    as token ids, so the node's count is their number.
+    - a request that ended on its own (the node's done event read as it came, no abort): exactly the
+      tokens relayed. The node streams one token event per token and signs its receipt from the same
+      finish event, after the last token event.
+    - a request the gateway aborted (client gone, node past the limit) or whose stream broke: at least the
+      tokens relayed, at most what the request allows (max_tokens, the context). The node made tokens the
+      client never got (in flight when the client left or the stream broke, or made before the node noticed
+      the abort): they are not paid, and not held against the node either. Fewer than relayed is a dispute.
+    - a reconciled request (its gateway died, so there is no count of its own): up to what it allows."""
+    bound = completion_bound(end)
+    if end.reconciled:
+        return 0, bound
+    if end.aborted:
+        return end.completion_tokens, bound
+    return end.completion_tokens, end.completion_tokens
+
+
 def judge(end: RequestEnd, receipt: dict) -> str | None:
     """Why this verified receipt is outside the tolerance (None: it is within). For a reconciled request
     it also sets the gateway's completion count from the receipt, capped."""
@@ -115,16 +130,19 @@ def judge(end: RequestEnd, receipt: dict) -> str | None:
     reasons = []
     if np != end.prompt_tokens:
         reasons.append(f"receipt claims {np} prompt tokens, the gateway sent {end.prompt_tokens}")
-    bound = completion_bound(end)
+    low, high = receipt_completion_range(end)
     if end.reconciled:
-        end.completion_tokens = nc if bound is None else min(nc, bound)
-        if bound is not None and nc > bound:
-            reasons.append(f"receipt claims {nc} completion tokens, more than the request allows ({bound})")
-    else:
-        slack = RECEIPT_COMPLETION_SLACK_ON_ABORT if end.aborted else 0
-        if not end.completion_tokens <= nc <= end.completion_tokens + slack:
-            reasons.append(f"receipt claims {nc} completion tokens, the gateway relayed {end.completion_tokens}"
-                           + (f" (+{slack} allowed for an abort)" if slack else ""))  # fmt: skip
+        if high is None:  # a row of an older gateway that did not store max_tokens: nothing bounds the claim
+            end.completion_tokens = 0
+            reasons.append(f"receipt claims {nc} completion tokens and the request's max_tokens is unknown")
+        else:
+            end.completion_tokens = min(nc, high)
+    if nc < low:
+        reasons.append(f"receipt claims {nc} completion tokens, fewer than the {low} the gateway relayed")
+    elif high is not None and nc > high:
+        reasons.append(f"receipt claims {nc} completion tokens, "
+                       + (f"the gateway relayed {high} and the request ended on its own" if high == low and
+                          not end.reconciled else f"more than the request allows ({high})"))  # fmt: skip
     return "; ".join(reasons) or None
 
 
@@ -174,8 +192,9 @@ class UsageRecorder:
 
     def record(self, end: RequestEnd) -> str:
         """Close the request: its completion record, and its usage record when a node served it (base-model
-        requests too, under the zero adapter id). Returns "recorded", "disputed" (see end.disputed) or
-        "not_served"; UsageError when the database refuses."""
+        requests too, under the zero adapter id). Returns "recorded", "disputed" (see end.disputed),
+        "not_served", or "already_closed" (the request is no longer open: closed by this gateway before,
+        or by a sibling's reconciliation; nothing is written); UsageError when the database refuses."""
         receipt = None
         usage = None
         result = "not_served"
@@ -187,7 +206,7 @@ class UsageRecorder:
             else:
                 try:
                     receipt = check_served_receipt(end, self.public_key_of(end.node_id))
-                except ReceiptError as e:
+                except ReceiptError as e:  # any malformed or unverified receipt: a dispute
                     end.disputed = f"receipt refused: {e}"
                 else:
                     node_counts = (receipt["prompt_tokens"], receipt["completion_tokens"])
@@ -195,9 +214,7 @@ class UsageRecorder:
                     end.finish_reason = end.finish_reason or receipt["finish_reason"]
             if end.disputed:
                 result = "disputed"
-                log.error("request %s on node %s disputed: %s", end.request_id[:10], str(end.node_id)[:10],
-                          end.disputed)  # fmt: skip
-                end.error = f"{end.error + '; ' if end.error else ''}disputed: {end.disputed}"
+                self._disputed(end)
             usage = dict(request_id=end.request_id,
                          adapter_id=BASE_MODEL_ADAPTER_ID if end.adapter_id is None else end.adapter_id,
                          node_id=end.node_id, prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens,
@@ -205,26 +222,65 @@ class UsageRecorder:
                          receipt_json=receipt, node_signature=end.signature if receipt is not None else None,
                          status=RecordStatus.DISPUTED if end.disputed else RecordStatus.PENDING,
                          error=end.disputed, gateway_key_id=end.key_id)  # fmt: skip
+        try:
+            try:
+                closed = self._close(end, usage)
+            except VALUE_ERRORS as e:
+                if usage is None:
+                    raise
+                # the node's values cannot be stored as given: the record is kept disputed at the gateway's
+                # counts without them (their claim in the reason), and the request closed all the same
+                claim = f" (receipt counts {node_counts[0]} + {node_counts[1]})" if receipt is not None else ""
+                refused = f"usage record refused{claim}: {e}"[:1000]
+                if result == "disputed":
+                    end.disputed = f"{end.disputed}; {refused}"
+                    end.error = f"{end.error}; {refused}"
+                else:
+                    end.disputed = refused
+                    self._disputed(end)
+                result = "disputed"
+                usage |= dict(node_prompt_tokens=None, node_completion_tokens=None, receipt_json=None,
+                              node_signature=None, status=RecordStatus.DISPUTED, error=end.disputed)  # fmt: skip
+                try:
+                    closed = self._close(end, usage)
+                except VALUE_ERRORS as e2:  # the gateway's own values are refused: close it without a record
+                    log.error("request %s: no usage record can be written: %s", end.request_id[:10], e2)
+                    end.error = f"{end.error}; no usage record could be written: {e2}"[:2000]
+                    closed = self._close(end, None)
+        except (SQLAlchemyError, *VALUE_ERRORS) as e:
+            raise UsageError(f"could not record request {end.request_id}: {e}") from e
+        if not closed:
+            log.warning("request %s was closed already (by a sibling's reconciliation?): its end as %s is not "
+                        "written", end.request_id[:10], end.status)  # fmt: skip
+            return "already_closed"
+        return result
+
+    @staticmethod
+    def _disputed(end: RequestEnd) -> None:
+        log.error("request %s on node %s disputed: %s", end.request_id[:10], str(end.node_id)[:10], end.disputed)
+        end.error = f"{end.error + '; ' if end.error else ''}disputed: {end.disputed}"
+
+    def _close(self, end: RequestEnd, usage: dict | None) -> bool:
+        """Write the completion record over the open one, with the usage record, in one transaction; False
+        (nothing written) when the request is no longer open. A request without an open row gets one."""
         fields = dict(key_id=end.key_id, model=end.model, adapter_id=end.adapter_id, node_id=end.node_id,
                       status=end.status, finish_reason=end.finish_reason, prompt_tokens=end.prompt_tokens,
                       completion_tokens=end.completion_tokens, attempts=end.attempts, ttft_ms=end.ttft_ms,
                       latency_ms=end.latency_ms, error=end.error, finished_at=utcnow())  # fmt: skip
-        try:
-            with self._write_lock, Session(self.engine) as s:
-                row = s.get(CompletionRecord, end.request_id)
-                if row is None:
-                    row = CompletionRecord(request_id=end.request_id, max_tokens=end.max_tokens,
-                                           instance_id=self.instance_id, **fields)  # fmt: skip
-                else:
-                    for k, v in fields.items():
-                        setattr(row, k, v)
-                s.add(row)
-                if usage is not None:
-                    add_usage_record(s, **usage)
-                s.commit()
-        except (SQLAlchemyError, OutboxError) as e:
-            raise UsageError(f"could not record request {end.request_id}: {e}") from e
-        return result
+        with self._write_lock, Session(self.engine) as s:
+            # the status condition makes the close one writer's: another close of the same request waits for
+            # this one's row lock (PostgreSQL) or the write lock (SQLite), then finds it closed
+            stmt = (update(CompletionRecord).where(CompletionRecord.request_id == end.request_id)
+                    .where(CompletionRecord.status == RequestStatus.OPEN).values(**fields))  # fmt: skip
+            if s.connection().execute(stmt).rowcount == 0:
+                if s.get(CompletionRecord, end.request_id) is not None:
+                    return False
+                s.add(CompletionRecord(request_id=end.request_id, max_tokens=end.max_tokens,
+                                       instance_id=self.instance_id, **fields))  # fmt: skip
+            if usage is not None:
+                add_usage_record(s, **usage)
+            s.commit()
+        return True
 
     # ------------------------------------------------------------------ instances and reconciliation
 
@@ -237,15 +293,26 @@ class UsageRecorder:
         self._write(touch, "(instance heartbeat)")
 
     def orphaned(self, lease_s: float, limit: int = 100) -> list[CompletionRecord]:
-        """Open requests of gateway instances that stopped writing `lease_s` seconds ago (or are unknown)."""
+        """Open requests of gateway instances that stopped writing `lease_s` seconds ago (or are unknown):
+        those never tried first (oldest first), then those tried longest ago (see `tried`), so requests that
+        cannot be closed yet do not keep the ones after them waiting."""
         cutoff = utcnow() - timedelta(seconds=lease_s)
         with Session(self.engine) as s:
             instances = s.exec(select(GatewayInstance)).all()
             alive = {i.instance_id for i in instances if _aware(i.last_seen) > cutoff} | {self.instance_id}
             stmt = (select(CompletionRecord).where(CompletionRecord.status == RequestStatus.OPEN)
                     .where(or_(CompletionRecord.instance_id.is_(None), CompletionRecord.instance_id.not_in(alive)))
-                    .order_by(CompletionRecord.created_at).limit(limit))  # fmt: skip
+                    .order_by(CompletionRecord.reconcile_attempted_at.asc().nulls_first(), CompletionRecord.created_at)
+                    .limit(limit))  # fmt: skip
             return list(s.exec(stmt).all())
+
+    def tried(self, request_ids: list[str]) -> None:
+        """Reconciliation tried these open requests and could not close them yet: they go to the back."""
+        if not request_ids:
+            return
+        stmt = (update(CompletionRecord).where(CompletionRecord.request_id.in_(request_ids))
+                .where(CompletionRecord.status == RequestStatus.OPEN).values(reconcile_attempted_at=utcnow()))
+        self._write(lambda s: s.connection().execute(stmt), "(reconciliation attempts)")
 
     def disputed_nodes(self) -> dict[str, str]:
         """Node id -> the reason of its latest disputed record, from the outbox."""

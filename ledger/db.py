@@ -59,8 +59,8 @@ _INIT_LOCK = 0x6C6D5F696E6974  # pg_advisory_lock key of init_db ("lm_init")
 
 
 def init_db(engine: Engine) -> None:
-    """Create every table that does not exist yet, and add nullable columns that a newer version
-    declares to outbox tables an older one created. Several processes (gateways, settlers) may call it at
+    """Create every registered table that does not exist yet, and add nullable columns that a newer version
+    declares to migrated tables (the outbox's, the gateway's) an older one created. Several processes (gateways, settlers) may call it at
     once on one PostgreSQL database: they take turns (an advisory lock), as CREATE TABLE races."""
     with engine.connect() as conn:
         if is_postgres(engine):
@@ -77,15 +77,21 @@ def init_db(engine: Engine) -> None:
 
 # Tables whose rows exist nowhere else (the outbox and its batches): an older schema gets the new
 # columns added in place. The registry mirrors are rebuilt from chain events instead (ledger.mirror).
+# Other packages' tables opt in with `__table_args__ = {"info": {"migrate_columns": True}}` (the gateway's).
 MIGRATED_TABLES = ("usage_records", "batches")
 
 
+def _migrated(table) -> bool:
+    return table.name in MIGRATED_TABLES or bool(table.info.get("migrate_columns"))
+
+
 def _add_missing_columns(conn) -> None:
-    """ALTER TABLE ... ADD COLUMN for each nullable column missing from an existing outbox table (the
-    only kind a table with rows can take without a default)."""
+    """ALTER TABLE ... ADD COLUMN for each nullable column missing from an existing migrated table (the
+    only kind a table with rows can take without a default). The one migration: init_db runs it under its
+    lock, so processes starting together never race on the same ALTER TABLE."""
     insp = inspect(conn)
     for table in SQLModel.metadata.sorted_tables:
-        if table.name not in MIGRATED_TABLES or not insp.has_table(table.name):
+        if not _migrated(table) or not insp.has_table(table.name):
             continue
         have = {c["name"] for c in insp.get_columns(table.name)}
         for col in table.columns:

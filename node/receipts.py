@@ -1,6 +1,6 @@
 """Usage receipts: what a node served for one request, signed with the node's Ed25519 key.
 
-Receipt (all fields required, timestamps unix ms):
+Receipt (all fields required, timestamps unix ms; integers below 2**64):
     {"request_id": "0x..", "adapter_id": "0x.." | null, "node_id": "0x..", "prompt_tokens": int,
      "completion_tokens": int, "finish_reason": "stop"|"length"|"abort", "started_at": int, "finished_at": int}
 signature = hex(Ed25519(canonical_json(receipt))). node_id = sha256(raw public key), so a verifier
@@ -17,6 +17,8 @@ from node.canonical import canonical_json, is_id, sha256_hex
 RECEIPT_FIELDS = ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens", "finish_reason",
                   "started_at", "finished_at")
 FINISH_REASONS = ("stop", "length", "abort")
+# counts and timestamps are uint64, as in the outbox and on chain: a receipt with a larger one is malformed
+MAX_UINT64 = 2**64 - 1
 
 
 class ReceiptError(ValueError):
@@ -47,8 +49,8 @@ def check_receipt_fields(receipt: dict) -> None:
         raise ReceiptError(f"receipt adapter_id {receipt['adapter_id']!r} is not '0x' + 64 lowercase hex or null")
     for k in ("prompt_tokens", "completion_tokens", "started_at", "finished_at"):
         v = receipt[k]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ReceiptError(f"receipt {k} {v!r} is not a non-negative integer")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < MAX_UINT64 + 1:
+            raise ReceiptError(f"receipt {k} {v!r} is not a non-negative integer below 2**64")
     if receipt["finish_reason"] not in FINISH_REASONS:
         raise ReceiptError(f"receipt finish_reason {receipt['finish_reason']!r} is not one of {FINISH_REASONS}")
     if receipt["finished_at"] < receipt["started_at"]:

@@ -76,3 +76,18 @@ def test_bad_signature_encodings_are_refused():
         check_receipt(_receipt(), "zz", PUB)
     with pytest.raises(ReceiptError, match="an Ed25519 signature is 64 bytes, got 2"):
         check_receipt(_receipt(), "abcd", PUB)
+
+
+@pytest.mark.parametrize("field", ["prompt_tokens", "completion_tokens", "started_at", "finished_at"])
+def test_counts_must_fit_in_64_bits(field):
+    # the outbox and the ledger hold uint64 counts: a receipt with a larger one is malformed, so a gateway
+    # disputes it like any refused receipt (it never reaches the outbox, which would refuse to write it)
+    big = {field: 2**64} | ({"finished_at": 2**64} if field == "started_at" else {})
+    with pytest.raises(ReceiptError, match="below 2\\*\\*64"):
+        make_receipt(**_receipt(**big))
+    receipt = _receipt(**{field: 2**64 - 1} | ({"finished_at": 2**64 - 1} if field == "started_at" else {}))
+    sig = KEY.sign(canonical_json(receipt)).hex()
+    check_receipt(receipt, sig, PUB)
+    too_big = _receipt(**big)
+    with pytest.raises(ReceiptError, match="below 2\\*\\*64"):
+        check_receipt(too_big, KEY.sign(canonical_json(too_big)).hex(), PUB)

@@ -1,0 +1,173 @@
+"""Reconciliation of the open requests of a dead gateway: it gives up on a request whose node says "running"
+for too long, pages past requests it cannot close yet, asks the nodes in parallel within a time limit per
+pass, and runs on a task of its own, so the instance heartbeat never waits for it.
+
+The gateway here is a stub around a real UsageRecorder on SQLite; nodes are stubbed at NodeClient.receipt."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+from sqlmodel import Session
+
+from gateway.models import CompletionRecord, RequestStatus
+from gateway.reconcile import reconcile
+from gateway.usage import UsageRecorder
+from node.keys import Identity
+from node.receipts import make_receipt, sign_receipt
+from tests.utils.gateway import make_db
+
+ADAPTER = "0x" + "aa" * 32
+
+
+class StubNodes:
+    def __init__(self, answer) -> None:
+        self.answer = answer  # async (request_id) -> (what, doc)
+        self.asked: list[str] = []
+
+    async def receipt(self, api_url: str, request_id: str):
+        self.asked.append(request_id)
+        return await self.answer(request_id)
+
+
+class StubGateway:
+    def __init__(self, engine, ident, answer, **settings) -> None:
+        self.recorder = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
+        self.settings = SimpleNamespace(**({"instance_lease_s": 10.0, "reconcile_give_up_s": 600.0,
+                                            "reconcile_pass_s": 30.0} | settings))  # fmt: skip
+        self.nodes = StubNodes(answer)
+        node = SimpleNamespace(api_url="http://node.invalid", base_model_id="0x" + "b0" * 32)
+        self.registry = SimpleNamespace(node=lambda node_id: node, adapters={})
+        self.directory = SimpleNamespace(get=lambda node_id: None)
+        self.templates = SimpleNamespace(context_len=lambda base: None)
+
+    async def record(self, end):
+        return await asyncio.to_thread(self.recorder.record, end)
+
+    def learn_key(self, node_id, key) -> None:
+        pass
+
+
+@pytest.fixture
+def world(tmp_path):
+    engine = make_db(tmp_path / "r.db")
+    ident = Identity.generate()
+    dead = UsageRecorder(engine, lambda _: None, instance_id="dead")  # the gateway that died; it never beats
+    return engine, ident, dead
+
+
+def open_rows(dead, ident, n: int, *, age_s: float = 0.0) -> list[str]:
+    rids = []
+    for _ in range(n):
+        rid = "0x" + f"{time.time_ns():064x}"
+        dead.open(request_id=rid, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=1,
+                  prompt_tokens=3, max_tokens=16)  # fmt: skip
+        rids.append(rid)
+    if age_s:
+        with Session(dead.engine) as s:
+            for rid in rids:
+                row = s.get(CompletionRecord, rid)
+                row.created_at = row.created_at.replace(year=2000)
+                s.add(row)
+            s.commit()
+    return rids
+
+
+def status_of(engine, rid: str) -> str:
+    with Session(engine) as s:
+        return s.get(CompletionRecord, rid).status
+
+
+def signed(ident, rid: str) -> dict:
+    r = make_receipt(request_id=rid, adapter_id=ADAPTER, node_id=ident.node_id, prompt_tokens=3,
+                     completion_tokens=5, finish_reason="abort", started_at=1, finished_at=2)  # fmt: skip
+    return {"receipt": r, "signature": sign_receipt(r, ident.node_key)}
+
+
+def test_a_node_that_says_running_for_ever_is_given_up(world):
+    engine, ident, dead = world
+    (rid,) = open_rows(dead, ident, 1, age_s=1e9)
+
+    async def running(_rid):
+        return "running", None
+
+    gw = StubGateway(engine, ident, running)
+    assert asyncio.run(reconcile(gw)) == 1
+    assert status_of(engine, rid) == RequestStatus.LOST
+
+
+def test_stuck_requests_do_not_block_the_ones_after_them(world):
+    engine, ident, dead = world
+    stuck = open_rows(dead, ident, 100)  # their node does not answer (yet): they stay open
+    (later,) = open_rows(dead, ident, 1)
+
+    async def answer(rid):
+        return ("ok", signed(ident, rid)) if rid == later else ("unreachable", None)
+
+    gw = StubGateway(engine, ident, answer)
+    for _ in range(3):
+        asyncio.run(reconcile(gw))
+        if status_of(engine, later) != RequestStatus.OPEN:
+            break
+    assert status_of(engine, later) == RequestStatus.RECONCILED
+    assert all(status_of(engine, rid) == RequestStatus.OPEN for rid in stuck)
+
+
+def test_nodes_are_asked_in_parallel_within_a_time_limit(world):
+    engine, ident, dead = world
+    slow = open_rows(dead, ident, 3)
+
+    async def in_two_seconds(rid):
+        await asyncio.sleep(2)
+        return "ok", signed(ident, rid)
+
+    gw = StubGateway(engine, ident, in_two_seconds)
+    t0 = time.monotonic()
+    assert asyncio.run(reconcile(gw)) == 3
+    assert time.monotonic() - t0 < 4  # not one after the other
+    assert all(status_of(engine, rid) == RequestStatus.RECONCILED for rid in slow)
+
+    hung = open_rows(dead, ident, 2)
+
+    async def never(rid):
+        await asyncio.sleep(3600)
+
+    gw = StubGateway(engine, ident, never, reconcile_pass_s=1.0)
+    t0 = time.monotonic()
+    assert asyncio.run(reconcile(gw)) == 0
+    assert time.monotonic() - t0 < 3
+    assert all(status_of(engine, rid) == RequestStatus.OPEN for rid in hung)
+
+
+def test_the_instance_heartbeat_does_not_wait_for_reconciliation(tmp_path, monkeypatch):
+    import gateway.reconcile
+    from gateway.registry import RegistryView
+    from gateway.service import Gateway
+    from gateway.settings import GatewaySettings
+
+    engine = make_db(tmp_path / "h.db")
+    gw = Gateway(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'h.db'}", outbox_probe_s=0.05), engine,
+                 RegistryView(engine, None))  # fmt: skip
+    passes, beats = [], []
+
+    async def slow_pass(_gw):
+        passes.append(time.monotonic())
+        await asyncio.sleep(3600)  # three unreachable nodes, say
+
+    monkeypatch.setattr(gateway.reconcile, "reconcile", slow_pass)
+    beat = gw.recorder.beat
+    monkeypatch.setattr(gw.recorder, "beat", lambda: (beats.append(time.monotonic()), beat()))
+
+    async def main():
+        tasks = [asyncio.create_task(gw.outbox_loop()), asyncio.create_task(gw.reconcile_loop())]
+        await asyncio.sleep(1.0)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    assert passes  # reconciliation ran (and hangs)...
+    assert len(beats) >= 5 and beats[-1] > passes[0] + 0.5  # ...while the heartbeat went on
