@@ -83,11 +83,14 @@ class SettlementBatch(SQLModel, table=True):
     # Many settlers, one database: `settler` is the account that formed (or took over) the batch and
     # whose deposit pays it; fees_priced (wei, decimal string) is what the settler priced its records
     # at, counted against that deposit while the batch is in flight. claimed_by/lease_expires: the
-    # settler process working on the batch, until when (ledger.settler: the lease).
+    # settler process working on the batch, until when (ledger.settler: the lease). senders: every
+    # account that ever sent a transaction of the batch, comma-separated (it is abandoned only once
+    # none of them has a transaction still waiting to be mined).
     settler: str | None = Field(default=None, max_length=42, index=True)
     fees_priced: str | None = None
     claimed_by: str | None = Field(default=None, max_length=200)
     lease_expires: datetime | None = None
+    senders: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class ApiKey(SQLModel, table=True):

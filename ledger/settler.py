@@ -5,10 +5,22 @@ State machine (every step is committed before the next one acts, so a crash anyw
   records pending --form--> batch `created` + records `submitted` (one DB transaction)
   batch created --send--> tx hash recorded, batch `sent`
   batch sent --receipt--> batch `settled` + records `settled` (one DB transaction)
-  batch refused for its price (InsufficientDeposit, FeesAboveQuote) --> batch `abandoned`, its records
-    pending again (re-priced)
+  batch refused by the ledger (its send, simulated, or its receipt reverts: any contract error but
+    BatchAlreadySettled and NotSettler) --> batch `abandoned` (one DB transaction), and
+    - refused for its price (InsufficientDeposit, FeesAboveQuote), or a batch of one record: its
+      records pending again (re-priced);
+    - refused for any other reason (a revert the settler does not expect: a registry that does not
+      know an adapter the settler's RPC node knew, a panic): split in two halves, new batches of the
+      same records (`created`, sent next, simulated), so that the records at fault are isolated and
+      set aside while the rest settle.
+    A record caught a second time (re-priced or split before) is set aside with the reason
+    (PRICE_MOVING, UNREGISTERED, REVERTED). A refused batch is abandoned only once no account that
+    ever sent it (SettlementBatch.senders) has a transaction still waiting to be mined.
 The chain is the judge: before resending, and after any failure, `isSettled(batch_id)` decides. A
-resent batch that already landed reverts with BatchAlreadySettled, which means "settled".
+resent batch that already landed reverts with BatchAlreadySettled, which means "settled". An old
+batch that keeps failing never keeps new batches from forming in the same step. Chain unavailability
+(ChainUnavailable, TransactionFailed) and NotSettler (this account may not settle: no record is at
+fault) leave batches as they are, to be resumed.
 
 Many settlers, one database:
 - Forming claims records atomically. The candidate rows are read in the forming transaction itself:
@@ -24,9 +36,14 @@ Many settlers, one database:
   receipt_timeout waiting for the receipt), SQLite has no row locks, and a lock held by an open
   transaction would pin a PostgreSQL connection and snapshot that long. A thread renews our leases
   every lease/3 while a step runs; before each send the lease is checked again, so a settler that
-  lost its claim never sends. A claim left by a dead process on this host is taken at once (its pid
-  is gone), one left elsewhere when it expires; a stopping settler hands its claims back.
+  lost its claim never sends. A claim left by a dead process on this host is taken at once (same
+  host name, boot id and pid namespace, and its pid is gone), one left elsewhere when it expires; a
+  stopping settler hands its claims back.
 - Batch ids include the settler's address (ledger.batching.batch_id_for).
+- No chain call is made inside a write transaction: prices, registrations and the deposit are read
+  before it (on SQLite it holds the database's write lock, which the gateway needs for every request),
+  and inside it only the database is read again. The deposit is read at a known block: the batches
+  of this account settled after that block count as in flight, like the unfinished ones.
 
 Prices are bounded (settler side): each record is priced as the contract will price it (the
 adapter's on-chain price, or the ledger's base price for the zero adapter id, times tokens / 1000)
@@ -34,7 +51,10 @@ into UsageRecord.fee_wei. A record priced above SettlerConfig.max_price_per_1k, 
 max_record_tokens, or whose fee the deposit cannot pay is set aside (status set_aside, reason in
 `error`) and never holds up its batch or later ones. A batch's total never exceeds the deposit left
 minus what this settler's in-flight batches will take. Records set aside because the deposit was
-short go back to the outbox by themselves once the deposit can pay them. A batch that still fails
+short go back to the outbox by themselves once the deposit can pay them. Records naming an adapter or
+node the registry does not know (yet: an RPC node may lag behind the chain) are set aside as
+UNREGISTERED, re-checked on start and every UNREGISTERED_RECHECK_EVERY seconds, and go back to the
+outbox once both are registered (no record is rejected for good any more). A batch that still fails
 with InsufficientDeposit (a deposit reclaimed meanwhile) or FeesAboveQuote (the ledger charges at
 most the total the settler priced the batch at, so a price raised between pricing and mining, e.g. by
 an owner front-running the batch, never costs more than was priced) is abandoned and its records
@@ -75,6 +95,7 @@ from ledger.errors import (
     FeesAboveQuote,
     InsufficientDeposit,
     LedgerError,
+    NotSettler,
     TransactionFailed,
     UnknownAdapter,
     UnknownNode,
@@ -96,10 +117,15 @@ DEPOSIT_SHORT = "deposit short"
 PRICE_TOO_HIGH = "price above bound"
 TOO_MANY_TOKENS = "tokens above bound"
 PRICE_MOVING = "price changed while settling"
+REVERTED = "reverted"  # the ledger refused it, alone, for a reason the settler does not expect, twice
+# its adapter or node is not registered (yet: an RPC node may lag behind the chain); re-checked every
+# UNREGISTERED_RECHECK_EVERY seconds, back in the outbox once both are
+UNREGISTERED = "unregistered"
 # the ledger refused the batch as priced: give it up and price its records again
 REPRICE = (InsufficientDeposit, FeesAboveQuote)
-REPRICED = "re-priced"  # `error` of a pending record whose batch was abandoned: a second time sets it aside
+REPRICED = "re-priced"  # `error` of a record whose batch was abandoned (or split): a second time sets it aside
 REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the deposit can now pay
+UNREGISTERED_RECHECK_EVERY = 60.0  # seconds between looks at records set aside as unregistered
 LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
 
 
@@ -130,6 +156,24 @@ def _pid_namespace() -> str:
         return "-"
 
 
+def _boot_id() -> str:
+    """This boot of this machine (the initial pid namespace's inode is the same on every Linux host)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or "-"
+    except OSError:
+        return "-"
+
+
+def _pid_space() -> str:
+    """Where a pid names one process: this boot of this machine, this pid namespace."""
+    return f"{_boot_id()}/{_pid_namespace()}"
+
+
+def _split_senders(senders: str | None) -> list[str]:
+    return [a for a in (senders or "").split(",") if a]
+
+
 class Settler:
     """Moves outbox records onto the chain. Any number of instances (processes, gateways) may share
     one database and one ledger: see the module docstring for how they divide the work."""
@@ -139,9 +183,9 @@ class Settler:
         self.client = client
         self.config = config or SettlerConfig()
         self.address = client.address
-        # who holds a lease: the account, then host, pid namespace and pid (a claim of a dead process
-        # on this host is free at once), then a random tag (two instances in one process differ)
-        self.instance = (f"{self.address}|{socket.gethostname()}|{_pid_namespace()}|{os.getpid()}|"
+        # who holds a lease: the account, then host, boot id and pid namespace, and pid (a claim of a
+        # dead process on this host is free at once), then a random tag (two instances in one process differ)
+        self.instance = (f"{self.address}|{socket.gethostname()}|{_pid_space()}|{os.getpid()}|"
                          f"{secrets.token_hex(4)}")  # fmt: skip
         self._postgres = is_postgres(engine)
         # pg_advisory_xact_lock key of this settler account: same-key processes form one at a time
@@ -152,6 +196,7 @@ class Settler:
         self._probe = True  # one simulated batch per step until one of our transactions settles
         self._crash_point = CrashHook(self.config.crash_at)  # test-only: LORAMESH_SETTLER_CRASH_AT
         self._next_requeue = 0.0
+        self._next_recheck = 0.0  # records set aside as unregistered: looked at on start, then every minute
         self._next_low_warning = 0.0
 
     # ------------------------------------------------------------------ loop
@@ -226,68 +271,73 @@ class Settler:
 
     def step(self, *, force: bool = False) -> int:
         """Finish unfinished batches and form due ones, up to max_in_flight (1 while probing), sending
-        each as soon as it is written; then await every receipt. Returns records settled; raises the
-        first chain error after awaiting whatever was already sent."""
+        each as soon as it is written; then await every receipt. A batch the ledger refuses (any revert
+        but BatchAlreadySettled and NotSettler) is abandoned at the end of the step: its records are
+        priced again, or, when it holds several and the revert is not about the price, it is split in
+        two. Returns records settled; raises the first chain error after awaiting whatever was sent."""
         limit = 1 if self._probe else self.config.max_in_flight
         before = self.settled_total
         self.client.tx.reset()  # nonce and fees from the chain once a step: a lost transaction leaves no gap
         error: LedgerError | None = None
         sent: list[_Work] = []
-        short: list[tuple[_Work, ContractError]] = []  # refused as priced (REPRICE): re-priced below
+        refused: list[tuple[_Work, ContractError]] = []  # abandoned (re-priced or split) below
         with self._heartbeat():
-            try:
-                self._requeue_deposit_short()
-            except LedgerError as e:
-                log.warning("could not look at set-aside records: %s", e)
-            batches = self._batches(limit, force=force)
-            while True:
-                try:  # forming (registry look-ups, the deposit) may fail on the chain
-                    w = next(batches, None)
+            for look in (self._requeue_deposit_short, self._recheck_unregistered):
+                try:
+                    look()
                 except LedgerError as e:
-                    error = e
-                    break
-                if w is None:
-                    break
+                    log.warning("could not look at set-aside records: %s", e)
+            work = self._unfinished(limit)
+            slots = limit
+            while slots > 0:
+                if work:
+                    w = work.pop(0)
+                else:
+                    try:  # forming (registry look-ups, the deposit) may fail on the chain
+                        w = self._form_batch(force=force)
+                    except LedgerError as e:
+                        error = error or e
+                        break
+                    if w is None:
+                        break
                 try:
                     if self._send(w):
                         sent.append(w)
-                except REPRICE as e:
-                    short.append((w, e))  # later batches are priced against the deposit as it is now
+                    slots -= 1
+                except NotSettler as e:  # this account may not settle: no batch is at fault
+                    error = error or e
+                    break
+                except ContractError as e:
+                    refused.append((w, e))  # later batches are priced against the deposit as it is now
+                    slots -= 1
                 except LedgerError as e:
-                    error = e
-                    break  # later batches would only queue behind the failure
+                    error = error or e
+                    if not w.resumed or isinstance(e, (ChainUnavailable, TransactionFailed)):
+                        break  # later batches would only queue behind the failure
+                    # an old batch failing for a reason of its own never keeps new ones from forming
             if sent:
                 self._crash_point("in_flight")
             deadline = time.monotonic() + self.config.receipt_timeout  # one wait for the whole step
             for w in sent:
                 try:
                     self._await(w, max(0.0, deadline - time.monotonic()))
-                except REPRICE as e:
-                    short.append((w, e))
+                except NotSettler as e:
+                    error = error or e
+                except ContractError as e:
+                    refused.append((w, e))
                 except LedgerError as e:
                     error = error or e
-            for w, e in short:  # every receipt of this step is in: nothing of ours is still on its way
+            for w, e in refused:  # every receipt of this step is in: nothing of ours is still on its way
                 try:
                     self._abandon(w, e)
                 except LedgerError as e2:
                     error = error or e2
-        if short:
+        if refused:
             self._probe = True
         if error is not None:
             self._probe = True
             raise error
         return self.settled_total - before
-
-    def _batches(self, limit: int, *, force: bool) -> Iterator[_Work]:
-        """This step's batches: unfinished ones we could claim (oldest first), then new ones, each
-        formed just before it is sent so that early transactions are mined while later batches are
-        being written."""
-        work = self._unfinished(limit)
-        yield from work
-        n = len(work)
-        while n < limit and (w := self._form_batch(force=force)) is not None:
-            n += 1
-            yield w
 
     # ------------------------------------------------------------------ transactions and leases
 
@@ -315,8 +365,9 @@ class Settler:
                    SettlementBatch.claimed_by.in_(dead) if dead else false())  # fmt: skip
 
     def _dead_claims(self, s: Session) -> list[str]:
-        """Claims on open batches held by processes of this host (same pid namespace) that are gone."""
-        host, ns, pid = socket.gethostname(), _pid_namespace(), os.getpid()
+        """Claims on open batches held by processes of this host (same boot, same pid namespace) that are
+        gone."""
+        host, ns, pid = socket.gethostname(), _pid_space(), os.getpid()
         dead = []
         owners = s.exec(select(SettlementBatch.claimed_by).where(SettlementBatch.status.in_(OPEN),
                                                                  SettlementBatch.claimed_by.is_not(None),
@@ -397,25 +448,31 @@ class Settler:
     # ------------------------------------------------------------------ forming
 
     def _form_batch(self, *, force: bool) -> _Work | None:
-        """The next batch, written and claimed; None when nothing is due. Records set aside or
-        rejected on the way never stop it: forming goes on with the rows after them."""
+        """The next batch, written and claimed; None when nothing is due. Records set aside on the way
+        never stop it: forming goes on with the rows after them.
+
+        Every chain read (prices, registrations, the deposit) is made before the write transaction: on
+        SQLite that transaction holds the database's write lock, which the gateway needs for every
+        request, and a slow chain must never hold it. Inside, only the database is read again."""
         cfg = self.config
+        prices: dict[str, int | str] = {}
         while True:
             with Session(self.engine) as s:  # a short read first: the look-ups run outside the write lock
                 rows = pending_rows(s, cfg.batch_size)
             if not rows or not self._due(rows, force):
                 return None
-            prices: dict[str, int | str] = {}
             self._look_up(rows, prices)
+            deposit = self._deposit()
             with self._write() as s:
                 rows = pending_rows(s, cfg.batch_size, lock=True)  # what is still there, claimed for us
                 if not rows or not self._due(rows, force):
                     return None
-                self._look_up(rows, prices)  # rows another settler left since the read: rarely any
-                done = self._form_in(s, rows, prices)
+                if any(not self._looked_up(r, prices) for r in rows):
+                    continue  # rows another settler left since the read: look them up outside the lock
+                done = self._form_in(s, rows, prices, deposit)
             if done is not False:
                 return done
-            # only set-aside or rejected records this time: form again from the rows after them
+            # only set-aside records this time: form again from the rows after them
 
     def _due(self, rows, force: bool) -> bool:
         return force or len(rows) >= self.config.batch_size or (
@@ -435,7 +492,7 @@ class Settler:
                 try:
                     prices[a] = self.client.get_adapter(a).price_per_1k_tokens
                 except UnknownAdapter:
-                    prices[a] = f"adapter {a} is not registered on chain"
+                    prices[a] = f"{UNREGISTERED}: adapter {a} is not registered on chain"
             n = r.node_id
             if n in prices or n in self._known_nodes:
                 continue
@@ -443,32 +500,45 @@ class Settler:
                 self.client.get_node(n)
                 self._known_nodes.add(n)
             except UnknownNode:
-                prices[n] = f"node {n} is not registered on chain"
+                prices[n] = f"{UNREGISTERED}: node {n} is not registered on chain"
 
-    def _free_deposit(self, s: Session) -> tuple[int, int]:
-        """(deposit left on chain minus what this account's unfinished batches were priced at, that
-        in-flight amount). Read inside the forming transaction, so same-key settlers never both count
-        the same wei (PostgreSQL: the advisory lock; SQLite: the write lock)."""
-        deposit = self.client.deposit_of(self.address)
+    def _looked_up(self, r, prices: dict[str, int | str]) -> bool:
+        return r.adapter_id in prices and (r.node_id in prices or r.node_id in self._known_nodes)
+
+    def _deposit(self) -> tuple[int, int]:
+        """(this account's deposit on chain, the block it was read at), read before a write
+        transaction (never inside: see _form_batch)."""
+        block = self.client.block_number()
+        return self.client.tx.call(self.client.ledger.functions.depositOf(self.address), block=block), block
+
+    def _free_deposit(self, s: Session, deposit: tuple[int, int]) -> tuple[int, int]:
+        """(deposit left: `deposit` as read at its block, minus what this account's batches that it
+        does not reflect yet will take; that in-flight amount). Those batches are the unfinished ones
+        (at their price) and the ones settled after that block (at what they cost). Counted inside the
+        forming transaction, so same-key settlers never both count the same wei (PostgreSQL: the
+        advisory lock; SQLite: the write lock)."""
+        amount, block = deposit
         fees = s.exec(select(SettlementBatch.fees_priced).where(SettlementBatch.settler == self.address,
                                                                 SettlementBatch.status.in_(OPEN))).all()  # fmt: skip
-        in_flight = sum(int(f) for f in fees if f)
-        return deposit - in_flight, in_flight
+        since = s.exec(select(SettlementBatch.total_fees).where(
+            SettlementBatch.settler == self.address, SettlementBatch.status == BatchStatus.SETTLED,
+            SettlementBatch.block_number > block)).all()
+        in_flight = sum(int(f) for f in fees if f) + sum(int(f) for f in since if f)
+        return amount - in_flight, in_flight
 
-    def _form_in(self, s: Session, rows, prices: dict[str, int | str]) -> _Work | bool | None:
-        """Price `rows` (claimed in `s`), set aside or reject what cannot be settled, write the batch
-        of the rest, commit. Returns the batch, False when only records were set aside or rejected,
-        None when nothing changed."""
+    def _form_in(self, s: Session, rows, prices: dict[str, int | str], deposit: tuple[int, int]) -> _Work | bool | None:
+        """Price `rows` (claimed in `s`), set aside what cannot be settled, write the batch of the
+        rest, commit. Returns the batch, False when only records were set aside, None when nothing
+        changed."""
         cfg = self.config
-        free, in_flight = self._free_deposit(s)
+        free, in_flight = self._free_deposit(s, deposit)
         keep: list[tuple[object, int]] = []
         aside: list[tuple[object, str, int | None]] = []
-        rejected: list[tuple[object, str]] = []
         total, short = 0, False
         for r in rows:
             a_price, n_reason = prices[r.adapter_id], prices.get(r.node_id)
             if isinstance(a_price, str) or isinstance(n_reason, str):
-                rejected.append((r, a_price if isinstance(a_price, str) else n_reason))
+                aside.append((r, a_price if isinstance(a_price, str) else n_reason, None))
                 continue
             tokens = r.prompt_tokens + r.completion_tokens
             if tokens > cfg.max_record_tokens:
@@ -491,22 +561,12 @@ class Settler:
             break  # the rest waits for the next batch (or for our in-flight batches to settle)
         if short or free - total < cfg.low_deposit:
             self._warn_low(free - total, in_flight + total, short)
-        if not (keep or aside or rejected):
+        if not (keep or aside):
             return None
 
         batch = None
         if keep:
-            settle = [to_settle_record(r) for r, _ in keep]
-            tree = MerkleTree(record_leaves([encode_record(r) for r in settle]))
-            request_ids = [r.request_id for r, _ in keep]
-            salt = 0
-            while s.exec(select(SettlementBatch.id).where(
-                    SettlementBatch.batch_id == batch_id_for(request_ids, self.address, salt))).first() is not None:
-                salt += 1  # the very records of an abandoned batch: a new id
-            batch = SettlementBatch(batch_id=batch_id_for(request_ids, self.address, salt),
-                                    merkle_root="0x" + tree.root.hex(), record_count=len(keep), settler=self.address,
-                                    fees_priced=str(total), claimed_by=self.instance,
-                                    lease_expires=self._now(s) + timedelta(seconds=cfg.lease))  # fmt: skip
+            batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep])
             if not self._move(s, [r.id for r, _ in keep], status=RecordStatus.SUBMITTED, batch_id=batch.batch_id):
                 return None
             s.execute(update(UsageRecord), [{"id": r.id, "leaf_index": i, "fee_wei": str(fee)}
@@ -516,19 +576,31 @@ class Settler:
             if not self._move(s, [r.id], status=RecordStatus.SET_ASIDE, error=reason,
                               fee_wei=None if fee is None else str(fee)):  # fmt: skip
                 return None
-        for r, reason in rejected:
-            if not self._move(s, [r.id], status=RecordStatus.REJECTED, error=reason):
-                return None
         s.commit()
         for r, reason, _ in aside:
             log.warning("setting aside usage record %s: %s", r.request_id, reason)
-        for r, reason in rejected:
-            log.error("rejecting usage record %s: %s", r.request_id, reason)
         self.set_aside_total += len(aside)
         if batch is None:
             return False
         log.info("formed batch %s with %d records (%d wei)", batch.batch_id, batch.record_count, total)
         return _Work(batch, settle, resumed=False)
+
+    def _new_batch(self, s: Session, rows, fees: list[int | None]) -> tuple[SettlementBatch, list[SettleRecord]]:
+        """A batch row (not added yet) of `rows` in this order, claimed by this instance; fees_priced is
+        the sum of `fees` (None when one is unknown: a record of a batch written before prices were)."""
+        settle = [to_settle_record(r) for r in rows]
+        tree = MerkleTree(record_leaves([encode_record(r) for r in settle]))
+        request_ids = [r.request_id for r in rows]
+        salt = 0
+        while s.exec(select(SettlementBatch.id).where(
+                SettlementBatch.batch_id == batch_id_for(request_ids, self.address, salt))).first() is not None:
+            salt += 1  # the very records of an abandoned batch: a new id
+        priced = None if any(f is None for f in fees) else str(sum(fees))
+        batch = SettlementBatch(batch_id=batch_id_for(request_ids, self.address, salt),
+                                merkle_root="0x" + tree.root.hex(), record_count=len(rows), settler=self.address,
+                                fees_priced=priced, claimed_by=self.instance,
+                                lease_expires=self._now(s) + timedelta(seconds=self.config.lease))  # fmt: skip
+        return batch, settle
 
     def _move(self, s: Session, ids: list[int], **values) -> bool:
         """Move pending records, and only pending ones: False (and the transaction rolled back) when
@@ -561,8 +633,9 @@ class Settler:
         with Session(self.engine) as s:
             if s.exec(select(UsageRecord.id).where(*cond).limit(1)).first() is None:
                 return 0
+        deposit = self._deposit()  # read before the write lock is taken
         with self._write() as s:
-            free, _ = self._free_deposit(s)
+            free, _ = self._free_deposit(s, deposit)
             rows = s.exec(select(UsageRecord.id, UsageRecord.fee_wei).where(*cond).order_by(UsageRecord.id)
                           .limit(self.config.batch_size * self.config.max_in_flight)).all()  # fmt: skip
             ids = []
@@ -578,6 +651,44 @@ class Settler:
                           .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
             s.commit()
         log.info("the deposit can pay %d records set aside for it: back in the outbox", n)
+        return n
+
+    def _recheck_unregistered(self) -> int:
+        """Records set aside because their adapter or node was not registered go back to the outbox
+        once the registry knows both (an RPC node lagging behind the chain, or a record written just
+        before its adapter was registered). Looked at on start, then every UNREGISTERED_RECHECK_EVERY."""
+        now = time.monotonic()
+        if now < self._next_recheck:
+            return 0
+        self._next_recheck = now + UNREGISTERED_RECHECK_EVERY
+        cond = (UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{UNREGISTERED}%"))
+        with Session(self.engine) as s:
+            rows = s.exec(select(UsageRecord.id, UsageRecord.adapter_id, UsageRecord.node_id).where(*cond)
+                          .order_by(UsageRecord.id).limit(self.config.batch_size * 10)).all()  # fmt: skip
+        if not rows:
+            return 0
+        known: dict[str, bool] = {BASE_MODEL_ADAPTER_ID: True}
+        for _, a, n in rows:
+            if a not in known:
+                try:
+                    self.client.get_adapter(a)
+                    known[a] = True
+                except UnknownAdapter:
+                    known[a] = False
+            if n not in known:
+                try:
+                    known[n] = n in self._known_nodes or self.client.get_node(n) is not None
+                    self._known_nodes.add(n)
+                except UnknownNode:
+                    known[n] = False
+        ids = [rid for rid, a, n in rows if known[a] and known[n]]
+        if not ids:
+            return 0
+        with Session(self.engine) as s:
+            n = s.execute(update(UsageRecord).where(UsageRecord.id.in_(ids), *cond)
+                          .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
+            s.commit()
+        log.info("%d records set aside as unregistered name a registered adapter and node now: back in the outbox", n)
         return n
 
     # ------------------------------------------------------------------ finishing
@@ -601,9 +712,10 @@ class Settler:
             if batch.tx_hash and self._tx_still_pending(batch.tx_hash):
                 w.tx_hash = batch.tx_hash
                 return True
-            if batch.settler and batch.settler != self.address and not self._senders_quiet([batch.settler]):
-                log.info("batch %s: waiting for %s's transactions before sending it ourselves", batch.batch_id,
-                         batch.settler)  # fmt: skip
+            others = {batch.settler, *_split_senders(batch.senders)} - {None, self.address}
+            if others and not self._senders_quiet(others):
+                log.info("batch %s: waiting for the transactions of %s before sending it ourselves", batch.batch_id,
+                         ", ".join(sorted(others)))  # fmt: skip
                 return False
         if self._renew([batch.id]) != 1:  # never send a batch whose lease another settler has taken
             log.warning("lost the lease on batch %s to another settler", batch.batch_id)
@@ -620,6 +732,8 @@ class Settler:
             row = s.get(SettlementBatch, batch.id)
             row.tx_hash, row.status, row.sent_at, row.attempts = tx_hash, BatchStatus.SENT, utcnow(), row.attempts + 1
             row.settler = self.address  # the account whose deposit pays it
+            if self.address not in (senders := _split_senders(row.senders)):  # every account that ever sent it
+                row.senders = ",".join([*senders, self.address])
             s.add(row)
             s.commit()
             w.batch = row
@@ -655,16 +769,29 @@ class Settler:
         self._mark_settled(batch, info)
 
     def _abandon(self, w: _Work, error: ContractError) -> None:
-        """The ledger refused the batch as priced (a price raised since, a deposit reclaimed): once
-        no transaction of it can land any more, give it up and put its records back in the outbox to be
-        priced again (a record already re-priced once is set aside instead: the price keeps moving)."""
+        """The ledger refused the batch. Once no transaction of it can land any more (no account that
+        ever sent it has one waiting to be mined), give it up:
+        - refused as priced (REPRICE: a price raised since, a deposit reclaimed), or a batch of one
+          record: its records go back to the outbox to be priced again;
+        - refused for any other reason with several records: it is split in two halves (written and
+          claimed here, sent next), so that the records at fault are isolated and the rest settle.
+        A record caught a second time (re-priced or split before) is set aside instead, with the
+        reason: PRICE_MOVING for a price refusal, UNREGISTERED when the ledger did not know its
+        adapter or node, else REVERTED."""
         batch = w.batch
         if self.client.is_settled(batch.batch_id):
             self._mark_settled(batch)
             return
-        if not self._senders_quiet([self.address, batch.settler]):
+        with Session(self.engine) as s:
+            row = s.get(SettlementBatch, batch.id)
+            senders = {self.address, batch.settler, row.settler, *_split_senders(row.senders)} - {None}
+        if not self._senders_quiet(senders):
             raise error  # one of its transactions may still be mined: look again next step
+        priced = isinstance(error, REPRICE)
         reason = f"batch {batch.batch_id} refused: {error}"
+        aside_as = PRICE_MOVING if priced else UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) \
+            else REVERTED  # fmt: skip
+        split: list[SettlementBatch] = []
         with self._write() as s:
             n = s.execute(update(SettlementBatch).where(SettlementBatch.id == batch.id, SettlementBatch.status.in_(OPEN),
                                                         SettlementBatch.claimed_by == self.instance)
@@ -672,21 +799,39 @@ class Settler:
                                   lease_expires=None)).rowcount  # fmt: skip
             if n != 1:
                 return  # not ours any more
-            rows = s.exec(select(UsageRecord.id, UsageRecord.error).where(
-                UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)).all()
-            again = [rid for rid, err in rows if err and err.startswith(REPRICED)]
-            first = [rid for rid, err in rows if not (err and err.startswith(REPRICED))]
-            cleared = {"batch_id": None, "leaf_index": None}
-            if first:
-                s.execute(update(UsageRecord).where(UsageRecord.id.in_(first)).values(
-                    status=RecordStatus.PENDING, fee_wei=None, error=f"{REPRICED}: {reason}"[:1000], **cleared))
-            if again:
-                s.execute(update(UsageRecord).where(UsageRecord.id.in_(again)).values(
-                    status=RecordStatus.SET_ASIDE, error=f"{PRICE_MOVING}: {reason}"[:1000], **cleared))
+            rows = s.exec(select(UsageRecord.id, UsageRecord.request_id, UsageRecord.adapter_id, UsageRecord.node_id,
+                                 UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.error,
+                                 UsageRecord.fee_wei)
+                          .where(UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
+                          .order_by(UsageRecord.leaf_index, UsageRecord.id)).all()  # fmt: skip
+            mark = f"{REPRICED}: {reason}"[:1000]
+            again, first = [], []
+            if not priced and len(rows) > 1:  # isolate: each half is sent (simulated) on its own
+                for half in (rows[:len(rows) // 2], rows[len(rows) // 2:]):
+                    child, _ = self._new_batch(s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half])
+                    s.add(child)
+                    split.append(child)
+                    s.execute(update(UsageRecord), [{"id": r.id, "batch_id": child.batch_id, "leaf_index": i,
+                                                     "error": mark} for i, r in enumerate(half)])  # fmt: skip
+            else:
+                again = [r.id for r in rows if r.error and r.error.startswith(REPRICED)]
+                first = [r.id for r in rows if not (r.error and r.error.startswith(REPRICED))]
+                cleared = {"batch_id": None, "leaf_index": None}
+                if first:
+                    s.execute(update(UsageRecord).where(UsageRecord.id.in_(first)).values(
+                        status=RecordStatus.PENDING, fee_wei=None, error=mark, **cleared))
+                if again:
+                    s.execute(update(UsageRecord).where(UsageRecord.id.in_(again)).values(
+                        status=RecordStatus.SET_ASIDE, error=f"{aside_as}: {reason}"[:1000], **cleared))
             s.commit()
         self.set_aside_total += len(again)
-        log.warning("abandoned batch %s (%s): %d records to be priced again, %d set aside", batch.batch_id, error,
-                    len(first), len(again))  # fmt: skip
+        if split:
+            log.warning("abandoned batch %s (%s): split into %s (%d records) and %s (%d records) to find the "
+                        "records at fault", batch.batch_id, error, split[0].batch_id, split[0].record_count,
+                        split[1].batch_id, split[1].record_count)  # fmt: skip
+        else:
+            log.warning("abandoned batch %s (%s): %d records to be priced again, %d set aside", batch.batch_id, error,
+                        len(first), len(again))  # fmt: skip
 
     def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
         """Record the batch settled as the chain has it (`info`, else getBatch)."""

@@ -90,7 +90,8 @@ def test_partial_batch_waits_for_interval(anvil_chain, engine):
         assert count_by_status(s) == {"settled": 13}
 
 
-def test_records_of_unregistered_adapters_are_rejected_not_blocking(anvil_chain, engine):
+def test_records_of_unregistered_adapters_are_set_aside_not_blocking(anvil_chain, engine):
+    """Set aside (re-checked every minute: test_settler_review), never rejected for good."""
     env = anvil_chain
     reg = register_sample(env)
     good = add_records(engine, [reg], 3)
@@ -103,9 +104,9 @@ def test_records_of_unregistered_adapters_are_rejected_not_blocking(anvil_chain,
     good += add_records(engine, [reg], 3)
     assert Settler(engine, env.client(env.settler)).drain() == 6
     with Session(engine) as s:
-        assert count_by_status(s) == {"settled": 6, "rejected": 2}
-        errors = sorted(r.error for r in s.exec(select(UsageRecord).where(UsageRecord.status == "rejected")))
-        assert errors[0].startswith("adapter ") and errors[1].startswith("node ")
+        assert count_by_status(s) == {"settled": 6, "set_aside": 2}
+        errors = sorted(r.error for r in s.exec(select(UsageRecord).where(UsageRecord.status == "set_aside")))
+        assert errors[0].startswith("unregistered: adapter ") and errors[1].startswith("unregistered: node ")
     assert set(settled_on_chain(env.client(), good).values()) == {1}
 
 

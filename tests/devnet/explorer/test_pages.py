@@ -40,7 +40,7 @@ def test_overview_shows_chain_contracts_totals_and_plots(explorer_url, anvil_cha
     fees = client.totals()["accrued"]
     assert f'title="{fees} wei"' in html.split('id="stat-fees"')[1][:200]
     assert text_of(html, "attribution-check").startswith("rewards add up")
-    assert "pending 1, rejected 1, settled 8" in text_of(html, "contracts")
+    assert "pending 1, set_aside 1, settled 8" in text_of(html, "contracts")  # unregistered: set aside
     # both plots, one line per adapter (and the base model) / contributor
     assert html.count('data-series="') == 4 + 4  # alice owns two adapters: one line for her
     for name in ("bob/elements 1.0.0", "alice/capitals 1.1.0", "alice/capitals 1.0.0", "base model"):
