@@ -295,3 +295,32 @@ def test_records_of_an_adapter_registered_late_settle_once_it_is(anvil_chain, en
     row = {r.request_id: r for r in _rows(engine)}[rid]
     assert row.error is None and int(row.fee_wei) == 10**12 * 12 // 1000
     assert set(record_settled_counts(client.w3, env.deployment.ledger, 0)[r] for r in good + [rid]) == {1}
+
+
+def test_an_old_batch_failing_on_its_own_never_keeps_new_batches_from_forming(anvil_chain, engine, monkeypatch):
+    """A resumed batch that fails every time for a reason of its own (here the database and the chain
+    disagree about it: SettlementError) is retried, but new records still form batches and settle."""
+    env = anvil_chain
+    reg = register_sample(env)
+    client = env.client(env.settler)
+    add_records(engine, [reg], 2)
+    settler = Settler(engine, client, SettlerConfig(batch_size=2, interval=0))
+    send = settler._send
+    monkeypatch.setattr(settler, "_send", lambda w: (_ for _ in ()).throw(E.ChainUnavailable("down (test)")))
+    with pytest.raises(E.ChainUnavailable):
+        settler.step()
+    (old,) = _batches(engine)
+
+    def failing(w):
+        if w.batch.batch_id == old.batch_id:
+            raise settler_mod.SettlementError("the chain disagrees about this batch (test)")
+        return send(w)
+
+    monkeypatch.setattr(settler, "_send", failing)
+    new = add_records(engine, [reg], 4)
+    for _ in range(4):
+        with pytest.raises(settler_mod.SettlementError):
+            settler.step()
+    rows = {r.request_id: r for r in _rows(engine)}
+    assert all(rows[r].status == RecordStatus.SETTLED for r in new)
+    assert _status(engine) == {"settled": 4, "submitted": 2}
