@@ -54,7 +54,8 @@ minus what this settler's in-flight batches will take. Records set aside because
 short go back to the outbox by themselves once the deposit can pay them. Records naming an adapter or
 node the registry does not know (yet: an RPC node may lag behind the chain) are set aside as
 UNREGISTERED, re-checked on start and every UNREGISTERED_RECHECK_EVERY seconds, and go back to the
-outbox once both are registered (no record is rejected for good any more). A batch that still fails
+outbox once both are registered (no record is rejected for good any more; records an older settler
+rejected, all for that reason, are re-checked the same way). A batch that still fails
 with InsufficientDeposit (a deposit reclaimed meanwhile) or FeesAboveQuote (the ledger charges at
 most the total the settler priced the batch at, so a price raised between pricing and mining, e.g. by
 an owner front-running the batch, never costs more than was priced) is abandoned and its records
@@ -80,7 +81,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from eth_utils import keccak, to_canonical_address
-from sqlalchemy import false, func, or_, text, update
+from sqlalchemy import and_, false, func, or_, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
@@ -656,12 +657,15 @@ class Settler:
     def _recheck_unregistered(self) -> int:
         """Records set aside because their adapter or node was not registered go back to the outbox
         once the registry knows both (an RPC node lagging behind the chain, or a record written just
-        before its adapter was registered). Looked at on start, then every UNREGISTERED_RECHECK_EVERY."""
+        before its adapter was registered). Looked at on start, then every UNREGISTERED_RECHECK_EVERY.
+        Records an older settler rejected (status rejected: it rejected only for an unregistered adapter
+        or node) are looked at the same way."""
         now = time.monotonic()
         if now < self._next_recheck:
             return 0
         self._next_recheck = now + UNREGISTERED_RECHECK_EVERY
-        cond = (UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{UNREGISTERED}%"))
+        cond = (or_(and_(UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{UNREGISTERED}%")),
+                    UsageRecord.status == RecordStatus.REJECTED),)  # fmt: skip
         with Session(self.engine) as s:
             rows = s.exec(select(UsageRecord.id, UsageRecord.adapter_id, UsageRecord.node_id).where(*cond)
                           .order_by(UsageRecord.id).limit(self.config.batch_size * 10)).all()  # fmt: skip

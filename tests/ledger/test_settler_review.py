@@ -288,10 +288,18 @@ def test_records_of_an_adapter_registered_late_settle_once_it_is(anvil_chain, en
     assert _rows(engine, RecordStatus.SET_ASIDE)
     env.client(reg.owner).register_adapter(late, name=f"late-{late[2:8]}", version="1.0.0", base_model=reg.base_model,
                                            price_per_1k_tokens=10**12)  # fmt: skip
+    with Session(engine) as s:  # rejected by an older settler (it rejected only unregistered ones): looked at too
+        add_usage_record(s, request_id=(old := rand_id()), adapter_id=late, node_id=reg.node_id, prompt_tokens=10,
+                         completion_tokens=2, receipt_json="{}", node_signature="s")  # fmt: skip
+        s.commit()
+        r = s.exec(select(UsageRecord).where(UsageRecord.request_id == old)).one()
+        r.status, r.error = RecordStatus.REJECTED, f"adapter {late} is not registered on chain"
+        s.add(r)
+        s.commit()
     monkeypatch.setattr(settler_mod, "UNREGISTERED_RECHECK_EVERY", 0.0)
     settler._next_recheck = 0.0
-    assert settler.drain() == 1
-    assert _status(engine) == {"settled": 3}
+    assert settler.drain() == 2
+    assert _status(engine) == {"settled": 4}
     row = {r.request_id: r for r in _rows(engine)}[rid]
     assert row.error is None and int(row.fee_wei) == 10**12 * 12 // 1000
     assert set(record_settled_counts(client.w3, env.deployment.ledger, 0)[r] for r in good + [rid]) == {1}
