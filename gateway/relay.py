@@ -1,6 +1,6 @@
 """One request's trip through the network: route, fail over before the first token, relay tokens (and
-count them: the gateway bills what it relayed), then abort if needed and record the end with the node's
-receipt."""
+count them: the gateway bills what it delivered, the tokens it relayed before the client left or the
+node's stream broke), then abort if needed and record the end with the node's receipt."""
 
 from __future__ import annotations
 
@@ -20,10 +20,18 @@ from gateway.usage import RequestEnd
 
 log = logging.getLogger(__name__)
 
-# after aborting a request, how long the gateway reads the node's stream on to its done event (counting the
-# tokens produced until the abort landed) before it settles for the abort's own receipt
+# after aborting a request, how long the gateway reads the node's stream on to its done event (for the
+# receipt it carries; the tokens read meanwhile reach nobody and are not paid) before it settles for the
+# abort's own receipt
 ABORT_DRAIN_TIMEOUT_S = 5.0
+# events other than tokens a node may send in one request (a real node sends an error and a done event at
+# most): a node that sends more is cut off, so it cannot hold a request open with events that never end
+MAX_OTHER_EVENTS = 64
 _READ_ERRORS = (StopAsyncIteration, httpx.HTTPError, ValueError, RuntimeError)
+
+
+class DeadlinePassed(Exception):
+    """The request ran past its deadline (settings.request_deadline_s after dispatch)."""
 
 
 async def _written(opening: asyncio.Future) -> bool:
@@ -47,7 +55,7 @@ class Target:
 class Relay:
     """Lifecycle: `await start()` (records the request as open, then raises before anything was sent to the
     client), iterate `tokens()`, then `await finish()` (idempotent; also the path for a client that went
-    away). `usage` is the gateway's own count: the prompt ids it sent, the token events it read."""
+    away). `usage` is the gateway's own count: the prompt ids it sent, the token events it relayed."""
 
     def __init__(self, gw, target: Target, *, request_id: str, node_body: dict, key_id: int | None, endpoint: str,
                  prompt_tokens: int, max_tokens: int, context_len: int | None = None) -> None:  # fmt: skip
@@ -64,9 +72,12 @@ class Relay:
         self.stream_ok = True  # the node's stream can still be read
         self.attempts = 0
         self.started = time.monotonic()
+        self.deadline = self.started + gw.settings.request_deadline_s
         self.ttft: float | None = None
-        self.n_tokens = 0  # token events read from the node, up to `limit`
+        self.n_tokens = 0  # token events relayed to the client, up to `limit`: what is billed
         self.overrun = 0  # token events past `limit` (not relayed, not counted)
+        self.drained = 0  # token events read after the abort: they reached nobody (logged, not billed)
+        self.other_events = 0  # events that are not tokens (at most MAX_OTHER_EVENTS)
         self.text: list[str] = []
         self.done: dict | None = None  # the node's done event
         self.engine_error: str | None = None
@@ -151,16 +162,15 @@ class Relay:
         it = up.events().__aiter__()
         try:
             first = await it.__anext__()
-            while first.get("type") == "error":  # the engine failed before any token: drain to done
+            if first.get("type") == "error":  # the engine failed before any token: read on to done, bounded
                 msg = first.get("message")
-                while first.get("type") != "done":
-                    first = await it.__anext__()
+                await self._error_end(it, node)
                 raise NodeUnavailable(f"node {node.node_id[:10]} failed before the first token: {msg}")
         except (NodeUnavailable, StopAsyncIteration, httpx.HTTPError, ValueError) as e:
             await up.aclose()
             node.local.inflight -= 1
             errors.append(str(e) or f"node {node.node_id[:10]} closed the stream")
-            if not isinstance(e, NodeUnavailable):
+            if not isinstance(e, NodeUnavailable) or e.dead:
                 self.gw.directory.mark_failed(node.node_id)
             return False
         if self.target.adapter_id is not None:
@@ -168,31 +178,55 @@ class Relay:
         self.node, self.up, self._it, self._first = node, up, it, first
         return True
 
+    @staticmethod
+    async def _error_end(it: AsyncIterator[dict], node: NodeEntry) -> None:
+        """After an error event before the first token: read on to the done event, at most MAX_OTHER_EVENTS
+        events within ABORT_DRAIN_TIMEOUT_S (NodeUnavailable, the node marked failed, past either)."""
+        try:
+            async with asyncio.timeout(ABORT_DRAIN_TIMEOUT_S):
+                for _ in range(MAX_OTHER_EVENTS):
+                    if (await it.__anext__()).get("type") == "done":
+                        return
+        except TimeoutError:
+            pass
+        raise NodeUnavailable(f"node {node.node_id[:10]} failed before the first token and did not end its "
+                              f"stream (at most {MAX_OTHER_EVENTS} events in {ABORT_DRAIN_TIMEOUT_S:.0f} s)",
+                              dead=True)  # fmt: skip
+
     # ------------------------------------------------------------------ relaying
 
-    async def _read(self) -> dict:
+    async def _read(self, *, deadline: bool = True) -> dict:
         """The node's next event. The read runs on a future of its own, so a reader cancelled mid-read (the
-        client went away) leaves it to `finish`, which reads on to the done event."""
+        client went away), or one past the request's deadline (DeadlinePassed), leaves it to `finish`, which
+        reads on to the done event."""
         if self._next is None:
             self._next = asyncio.ensure_future(self._it.__anext__())
+        left = self.deadline - time.monotonic() if deadline else None
         try:
-            ev = await asyncio.shield(self._next)
+            if left is not None and left < self.gw.settings.node_timeout_s:
+                # (further off, the node client's read timeout ends a read first: no timer per token)
+                async with asyncio.timeout(max(0.0, left)):
+                    await asyncio.shield(self._next)
+            else:
+                await asyncio.shield(self._next)
         except asyncio.CancelledError:
             raise  # the read stays in _next, also when it completed at this very moment: its event is not lost
+        except TimeoutError:
+            if not self._next.done():
+                raise DeadlinePassed() from None  # the read stays in _next
+            # it completed as the deadline passed: its outcome is taken as usual
         except BaseException:
             self._next = None
             raise
-        self._next = None
-        return ev
+        done, self._next = self._next, None
+        return done.result()
 
-    def _count(self, ev: dict, *, relay: bool) -> str | None:
-        """Count one token event; its text when it is to be relayed (None past the limit)."""
+    def _count(self, ev: dict) -> str | None:
+        """Count one token event as relayed; its text (None past the limit: not relayed, not counted)."""
         if self.n_tokens >= self.limit:
             self.overrun += 1
             return None
         self.n_tokens += 1
-        if not relay:
-            return None
         text = ev.get("text")
         text = text if isinstance(text, str) else ""
         self.text.append(text)
@@ -207,21 +241,32 @@ class Relay:
             if kind == "token":
                 if self.ttft is None:
                     self.ttft = time.monotonic() - self.started
-                text = self._count(ev, relay=True)
+                text = self._count(ev)
                 if text is None:  # more tokens than the request allows: stop relaying, finish() aborts
                     log.warning("node %s streamed past the %d tokens request %s allows", self.node.node_id[:10],
                                 self.limit, self.rid[:10])  # fmt: skip
                     return
                 yield text
-            elif kind == "error":
-                self.engine_error = str(ev.get("message") or "engine error")[:500]
             elif kind == "done":
                 self.done = ev
                 if self.engine_error:
                     self.failure = f"the node's engine failed after {self.n_tokens} tokens: {self.engine_error}"
                 return
+            else:
+                if kind == "error":
+                    self.engine_error = str(ev.get("message") or "engine error")[:500]
+                self.other_events += 1
+                if self.other_events > MAX_OTHER_EVENTS:  # a node that never ends its stream: cut it off
+                    self.failure = (f"node {self.node.node_id[:10]} sent more than {MAX_OTHER_EVENTS} events "
+                                    f"that are not tokens after {self.n_tokens} tokens")  # fmt: skip
+                    self.gw.directory.mark_failed(self.node.node_id)
+                    return
             try:
                 ev = await self._read()
+            except DeadlinePassed:
+                self.failure = (f"node {self.node.node_id[:10]} did not finish within "
+                                f"{self.gw.settings.request_deadline_s:.0f} s ({self.n_tokens} tokens)")  # fmt: skip
+                return
             except StopAsyncIteration:
                 self.stream_ok = False
                 self.failure = f"node {self.node.node_id[:10]} closed the stream after {self.n_tokens} tokens"
@@ -233,7 +278,8 @@ class Relay:
 
     @property
     def usage(self) -> tuple[int, int]:
-        """(prompt, completion) tokens as the gateway counted them: what the client is shown and billed."""
+        """(prompt, completion) tokens as the gateway counted them, sent and relayed: what the client is
+        shown and billed."""
         return self.prompt_tokens, self.n_tokens
 
     @property
@@ -245,16 +291,19 @@ class Relay:
     # ------------------------------------------------------------------ the end
 
     async def _drain(self) -> None:
-        """After an abort: read the node's stream on to its done event, counting the tokens it produced until
-        the abort landed (they were produced for this request; the client just did not read them)."""
+        """After an abort: read the node's stream on to its done event, for the receipt it carries (and so
+        that the connection can be reused). The tokens read meanwhile reached nobody: they are counted in
+        `drained`, not billed. Bounded in time and in events."""
         try:
             async with asyncio.timeout(ABORT_DRAIN_TIMEOUT_S):
-                while self.done is None:
-                    ev = await self._read()
+                for _ in range(self.limit + MAX_OTHER_EVENTS + 1):
+                    ev = await self._read(deadline=False)
                     if ev.get("type") == "token":
-                        self._count(ev, relay=False)
+                        self.drained += 1
                     elif ev.get("type") == "done":
                         self.done = ev
+                        return
+            self.stream_ok = False  # more events than the request can have: it is not read further
         except (TimeoutError, *_READ_ERRORS):
             self.stream_ok = False
 
@@ -287,7 +336,7 @@ class Relay:
             else:
                 status = RequestStatus.CLIENT_CLOSED if client_gone else RequestStatus.NODE_FAILED
             if self.done is None and got is None:
-                self.node_lost = True  # no receipt will come: the tokens it streamed are billed at our count
+                self.node_lost = True  # no receipt will come: the tokens relayed are billed at our count
                 if not client_gone:
                     gw.directory.mark_failed(node.node_id)
         if self.done is not None:
@@ -297,6 +346,9 @@ class Relay:
         except (httpx.HTTPError, RuntimeError):
             pass
         node.local.inflight = max(0, node.local.inflight - 1)
+        if self.drained:
+            log.info("request %s: %d token(s) read from node %s after the abort reached nobody (not billed)",
+                     self.rid[:10], self.drained, node.node_id[:10])  # fmt: skip
         latency = time.monotonic() - self.started
         reason = "abort" if client_gone else self.finish_reason
         end = self._end(status, finish_reason=reason if isinstance(reason, str) else None, receipt=receipt,

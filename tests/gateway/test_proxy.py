@@ -219,7 +219,7 @@ def test_node_cut_after_first_token_ends_stream_with_error(w):
             texts.append(c.choices[0].text)
     assert texts == [" t0", " t1"]
     row = poll(lambda: next((u for u in w.records()[1] if u.request_id == rid), None))
-    assert row.completion_tokens == 2  # the tokens produced are still attributed (receipt from abort)
+    assert row.completion_tokens == 2  # the tokens the client got are paid (the abort's receipt beside them)
     assert next(d for d in w.records()[0] if d.request_id == rid).status == "node_failed"
 
 

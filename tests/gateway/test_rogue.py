@@ -1,5 +1,5 @@
 """A rogue node: registered on chain, heartbeating, it streams 2 tokens and signs a correct receipt claiming
-5,000,000 prompt + 5,000,000 completion tokens. The gateway bills what it relayed: the client sees the
+5,000,000 prompt + 5,000,000 completion tokens. The gateway bills what it delivered: the client sees the
 gateway's count, the outbox keeps the record DISPUTED with both counts, the node is dropped from routing
 and shown in /health and /metrics, and nothing of it settles, while an honest node's request does.
 
@@ -23,7 +23,7 @@ from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
 from node.basemodel import base_model_id
 from node.receipts import check_receipt
-from tests.utils.gateway import make_db, poll, start_script_node
+from tests.utils.gateway import add_node, make_db, poll, start_script_node
 from tests.utils.rogue_node import ROGUE_CLAIM
 from tests.utils.servers import ServerThread
 
@@ -87,9 +87,11 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         assert "5000000" in h["disputed_nodes"][0]["reason"]
         metrics = httpx.get(server.url + "/metrics").text
         assert f'loramesh_gateway_disputed_node{{node_id="{rogue_id.node_id}"}} 1.0' in metrics
-        # dropped from routing though it still heartbeats: its base model is served by nobody now
-        with pytest.raises(openai.NotFoundError):
+        # dropped from routing though it still heartbeats: its base model is served by nobody now (the base
+        # keeps its name: 503, not 404)
+        with pytest.raises(openai.InternalServerError) as ei:
             client.completions.create(model="tiny", prompt="again", max_tokens=2)
+        assert ei.value.status_code == 503 and ei.value.body["code"] == "no_node_available"
         assert health(server.url)["live_nodes"] == 0
 
         # an honest node takes over; its request settles, the disputed one never does
@@ -113,3 +115,40 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         stop(rogue)
         if honest is not None:
             stop(honest)
+
+
+def test_node_streaming_on_after_the_client_left_is_paid_what_the_client_got(tiny_base, tmp_path):
+    # the node ignores the abort: it streams every other token the request allows at once, then a receipt
+    # for all of them. The gateway reads them (for the receipt) but pays only the tokens its client got;
+    # the receipt is consistent (the node made more than was delivered), so the node stays in routing.
+    db = make_db(tmp_path / "gw.db")
+    key, _ = create_key(db, name="app")
+    base = base_model_id(tiny_base)
+    settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=60)
+    gw = ServerThread(create_app(settings)).start()
+    proc, identity, url = start_script_node(tmp_path, "greedy", gw.url, base, mode="honest", tokens=100, delay=0.3,
+                                            extra_args=("--ignore-abort",))  # fmt: skip
+    add_node(db, node_id=identity.node_id, base_model=base, api_url=url)
+    try:
+        poll(lambda: health(gw.url)["live_nodes"] == 1, timeout=60, interval=0.2)
+        with httpx.stream("POST", gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "tiny", "prompt": "hello", "max_tokens": 100, "stream": True},
+                          timeout=30) as r:  # fmt: skip
+            rid = r.headers["x-request-id"]
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"text":" w0"' in line:
+                    break  # one token read, then the client hangs up
+
+        def record():
+            with Session(db) as s:
+                u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
+                return u and (s.get(CompletionRecord, rid), u)
+
+        done, u = poll(record, timeout=30)
+        assert done.status == "client_closed" and (u.completion_tokens, done.completion_tokens) == (1, 1)
+        assert u.node_completion_tokens == 100 and u.status == RecordStatus.PENDING
+        assert health(gw.url)["disputed_nodes"] == []
+    finally:
+        stop(proc)
+        gw.stop()
+        db.dispose()

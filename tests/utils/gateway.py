@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session, SQLModel
 
 import gateway.models  # noqa: F401 - registers the gateway's tables
+from gateway.relay import ABORT_DRAIN_TIMEOUT_S
 from ledger.db import init_db, make_engine
 from ledger.models import AdapterMirror, NameMirror, NodeMirror
 from node.receipts import make_receipt, sign_receipt
@@ -54,7 +55,12 @@ def add_adapter(engine, *, adapter_id: str, name: str, base_model: str, block: i
 class StandInNode:
     """Behaviour of the stand-in node: `tokens` per request, `delay` between them. Prompts steer it:
     'FAIL_EARLY' -> 500 before streaming, 'ENGINE_ERROR' -> error event before any token,
-    'CUT_AFTER_2' -> the connection drops after two tokens, 'STOP_AT_3' -> finish_reason stop after 3."""
+    'CUT_AFTER_2' -> the connection drops after two tokens, 'STOP_AT_3' -> finish_reason stop after 3.
+    Misbehaviour, honest or not: 'CUT_KEEP_GOING' -> the connection drops after two tokens while the node
+    goes on to 10 (its abort receipt says 10); 'STALL_AFTER_ABORT' -> one token, then nothing for longer
+    than the gateway's drain (6 tokens made, 5 of them never sent); 'BURST_AFTER_ABORT' -> one token, then,
+    once aborted, every other token up to max_tokens and done (it ignores the abort); 'PINGS_AFTER_TOKEN' /
+    'PINGS_AFTER_ERROR' -> one token / an error event, then events of an unknown type without end."""
 
     identity: object
     base_model_id: str
@@ -148,6 +154,34 @@ class StandInNode:
                     self.running.discard(rid)
 
             async def produce():
+                if "PINGS_AFTER" in prompt:
+                    if "TOKEN" in prompt:
+                        self.seen[rid][0] += 1
+                        yield _ev({"type": "token", "text": " t0", "token_id": 10})
+                    else:
+                        yield _ev({"type": "error", "message": "engine broke"})
+                    for _ in range(10**6):  # until the gateway hangs up
+                        yield _ev({"type": "ping"})
+                        await asyncio.sleep(0.001)
+                    return
+                if "_AFTER_ABORT" in prompt:
+                    self.seen[rid][0] += 1
+                    yield _ev({"type": "token", "text": " t0", "token_id": 10})
+                    if "STALL" in prompt:
+                        self.seen[rid][0] = 6  # made, not sent yet: the abort's receipt counts them
+                        await asyncio.sleep(ABORT_DRAIN_TIMEOUT_S + 2)
+                        return
+                    for _ in range(400):
+                        if rid in self.aborted:
+                            break
+                        await asyncio.sleep(0.025)
+                    burst = []  # one write: the gateway reads them all well within its drain
+                    for i in range(1, body["max_tokens"]):
+                        self.seen[rid][0] += 1
+                        burst.append(_ev({"type": "token", "text": f" t{i}", "token_id": 10 + i}))
+                    yield b"".join(burst) + _ev({"type": "done", "finish_reason": "abort",
+                                                 **self.receipt(rid, "abort")})  # fmt: skip
+                    return
                 if "ENGINE_ERROR" in prompt:
                     yield _ev({"type": "error", "message": "engine broke"})
                     yield _ev({"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")})
@@ -159,6 +193,9 @@ class StandInNode:
                         s = self.receipt(rid, "abort")
                         yield _ev({"type": "done", "finish_reason": "abort", **s})
                         return
+                    if "CUT_KEEP_GOING" in prompt and i == 2:
+                        self.seen[rid][0] += 8  # the node made 8 more before it noticed the broken stream
+                        raise RuntimeError("connection dropped mid-stream")
                     if "CUT_AFTER_2" in prompt and i == 2:
                         raise RuntimeError("node crashed mid-stream")
                     self.seen[rid][0] += 1
@@ -178,7 +215,8 @@ def _ev(obj: dict) -> bytes:
 
 
 def start_script_node(root: Path, name: str, gw_url: str, base: str, *, mode: str, chain=None, tokens: int = 2,
-                      delay: float = 0.0, port: int | None = None, password: str = "script"):  # fmt: skip
+                      delay: float = 0.0, port: int | None = None, password: str = "script",
+                      extra_args: tuple[str, ...] = ()):  # fmt: skip
     """A tests/utils/rogue_node.py process with an identity of its own; (process, identity, url). With a
     chain (tests.utils.chain.ChainEnv) it is funded and registers itself there; without one, give the
     gateway a NodeMirror row for it (add_node) at the returned url."""
@@ -197,6 +235,7 @@ def start_script_node(root: Path, name: str, gw_url: str, base: str, *, mode: st
             gw_url, "--base-model", base, "--mode", mode, "--tokens", str(tokens), "--delay", str(delay)]
     if chain is not None:
         args += ["--deployment", str(chain.deployment_path)]
+    args += list(extra_args)
     with (root / f"{name}.log").open("ab") as log:
         env = {"LORAMESH_KEY_PASSWORD": password, "PATH": "/usr/bin:/bin"}
         proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,

@@ -6,8 +6,10 @@ gateway and, given a deployment, registers itself on chain like a real node. Its
 
 --mode rogue: every request streams `--tokens` tokens, then a correctly signed receipt claiming
 5,000,000 prompt and 5,000,000 completion tokens (the attack of a node that bills what it never served).
---mode honest: the receipt says what it streamed (for tests that kill it mid-stream). The key file is a
-node identity (node.keys; password from LORAMESH_KEY_PASSWORD).
+--mode honest: the receipt says what it streamed (for tests that kill it mid-stream). --ignore-abort: an
+aborted request streams on, without delay, to its last token and a receipt for all of them (the attack of a
+node that wants to be paid for tokens the client never got). The key file is a node identity (node.keys;
+password from LORAMESH_KEY_PASSWORD).
 """
 
 from __future__ import annotations
@@ -116,9 +118,9 @@ def make_app(identity, args) -> FastAPI:
         async def events():
             try:
                 for i in range(limit):
-                    if args.delay:
+                    if args.delay and not (st["aborted"] and args.ignore_abort):
                         await asyncio.sleep(args.delay)
-                    if st["aborted"]:
+                    if st["aborted"] and not args.ignore_abort:
                         yield _ev({"type": "done", "finish_reason": "abort", **receipts[rid]})
                         return
                     st["produced"] += 1
@@ -154,6 +156,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2)
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--heartbeat-s", type=float, default=0.5)
+    p.add_argument("--ignore-abort", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import os

@@ -1,0 +1,168 @@
+"""The gateway pays for what its client received: tokens it relayed before the client left or the node's
+stream broke. What the node made beyond that (tokens read after an abort, a count in the abort's receipt)
+is information: an honest node's receipt above the delivered count is recorded normally and paid at the
+delivered count; a rogue node cannot raise it by streaming on after the abort. A node that sends events
+without end is cut off with a clear error.
+
+The gateway in a real uvicorn, one stand-in node (tests/utils/gateway.py) steered by the prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from sqlmodel import Session, select
+
+from gateway.app import create_app
+from gateway.keys import create_key
+from gateway.models import CompletionRecord, RequestStatus
+from gateway.settings import GatewaySettings
+from ledger.models import RecordStatus, UsageRecord
+from node.basemodel import base_model_id
+from node.heartbeat import HeartbeatSender
+from node.keys import Identity
+from tests.utils.gateway import StandInNode, add_node, make_db, poll
+from tests.utils.servers import ServerThread
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 3.0  # the gateway's request_deadline_s here (every other request ends well within it)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_base):
+    tmp = tmp_path_factory.mktemp("delivered")
+    engine = make_db(tmp / "gw.db")
+    base = base_model_id(tiny_base)
+    from transformers import AutoTokenizer
+
+    node = StandInNode(Identity.generate(), base, tokens=5, tokenizer=AutoTokenizer.from_pretrained(str(tiny_base)))
+    node_srv = ServerThread(node.app()).start()
+    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
+    key, _ = create_key(engine, name="app")
+    app = create_app(GatewaySettings(db_url=f"sqlite:///{tmp / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=600,
+                                     request_deadline_s=DEADLINE_S))  # fmt: skip
+    gw = ServerThread(app).start()
+    sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
+    try:
+        yield gw, engine, key, node, sender, app.state.gateway
+    finally:
+        gw.stop()
+        node_srv.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def w(world):
+    gw, engine, key, node, sender, service = world
+    service.directory.disputed.clear()  # each test stands alone (a dispute is for good otherwise)
+    assert asyncio.run(sender.send_once()) == {gw.url: 200}  # live again (a failed node is routed around)
+    return gw, engine, key, node
+
+
+def record_of(engine, rid: str):
+    def get():
+        with Session(engine) as s:
+            u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
+            return u and (s.get(CompletionRecord, rid), u)
+
+    return poll(get, timeout=20)
+
+
+def read_then_leave(gw, key: str, prompt: str, max_tokens: int, n: int = 1) -> str:
+    """A streamed request whose client leaves after `n` token chunks; its request id."""
+    with httpx.stream("POST", gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=20,
+                      json={"model": "tiny-test", "prompt": prompt, "max_tokens": max_tokens, "stream": True}) as r:
+        rid, got = r.headers["x-request-id"], 0
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"text":" t' in line:
+                got += 1
+            if got == n:
+                break  # the connection is closed with the response half read
+    return rid
+
+
+def disputed(gw) -> list:
+    return httpx.get(gw.url + "/health", timeout=5).json()["disputed_nodes"]
+
+
+def test_tokens_streamed_after_the_client_left_are_not_paid(w):
+    # the node ignores the abort: it streams every other token the request allows, then a receipt for all
+    gw, engine, key, node = w
+    rid = read_then_leave(gw, key, "BURST_AFTER_ABORT", max_tokens=400)  # the tiny base's context holds 512
+    done, u = record_of(engine, rid)
+    assert done.status == RequestStatus.CLIENT_CLOSED
+    assert (u.completion_tokens, done.completion_tokens) == (1, 1)  # what the client received
+    assert u.node_completion_tokens == 400 and json.loads(u.receipt_json)["completion_tokens"] == 400
+    assert u.status == RecordStatus.PENDING  # the node made more than the client got: consistent, paid 1
+    assert disputed(gw) == []
+
+
+def test_honest_node_whose_stream_broke_is_paid_what_the_client_got(w):
+    # the stream breaks after 2 tokens; the node had made 10 when the abort reached it
+    gw, engine, key, node = w
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
+    raw = client.completions.with_raw_response.create(model="tiny-test", prompt="CUT_KEEP_GOING", max_tokens=20,
+                                                      stream=True)  # fmt: skip
+    texts = []
+    with pytest.raises(openai.APIError, match="incomplete"):
+        for c in raw.parse():
+            texts.append(c.choices[0].text)
+    assert texts == [" t0", " t1"]
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert done.status == RequestStatus.NODE_FAILED and u.status == RecordStatus.PENDING, u.error
+    assert (u.completion_tokens, u.node_completion_tokens) == (2, 10)
+    assert disputed(gw) == []
+
+
+def test_honest_node_whose_drain_timed_out_is_paid_what_the_client_got(w):
+    # the client leaves after 1 token; the node's abort receipt says 6 (made, not yet sent) and its stream
+    # sends nothing more until the gateway stops reading it
+    gw, engine, key, node = w
+    rid = read_then_leave(gw, key, "STALL_AFTER_ABORT", max_tokens=20)
+    done, u = record_of(engine, rid)
+    assert done.status == RequestStatus.CLIENT_CLOSED and u.status == RecordStatus.PENDING, u.error
+    assert (u.completion_tokens, u.node_completion_tokens) == (1, 6)
+    assert disputed(gw) == []
+
+
+def test_events_without_end_after_a_token_end_the_request(w):
+    gw, engine, key, node = w
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=15)
+    raw = client.completions.with_raw_response.create(model="tiny-test", prompt="PINGS_AFTER_TOKEN", max_tokens=20,
+                                                      stream=True)  # fmt: skip
+    texts = []
+    with pytest.raises(openai.APIError, match="events"):
+        for c in raw.parse():
+            texts.append(c.choices[0].text)
+    assert texts == [" t0"]
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert done.status == RequestStatus.NODE_FAILED and "events" in done.error
+    assert u.completion_tokens == 1 and u.status == RecordStatus.PENDING
+
+
+def test_events_without_end_after_an_error_fail_the_node_before_the_first_token(w):
+    gw, engine, key, node = w
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=15)
+    with pytest.raises(openai.InternalServerError) as ei:
+        client.completions.create(model="tiny-test", prompt="PINGS_AFTER_ERROR", max_tokens=5)
+    assert ei.value.status_code == 503 and "before the first token" in ei.value.message
+
+
+def test_a_node_that_does_not_finish_by_the_deadline_is_cut_off(w):
+    # one token, then nothing for longer than the deadline (the node's abort receipt says 6 were made)
+    gw, engine, key, node = w
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=15)
+    raw = client.completions.with_raw_response.create(model="tiny-test", prompt="STALL_AFTER_ABORT", max_tokens=20,
+                                                      stream=True)  # fmt: skip
+    texts = []
+    with pytest.raises(openai.APIError, match=f"did not finish within {DEADLINE_S:.0f} s"):
+        for c in raw.parse():
+            texts.append(c.choices[0].text)
+    assert texts == [" t0"]
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert done.status == RequestStatus.NODE_FAILED and u.status == RecordStatus.PENDING, u.error
+    assert (u.completion_tokens, u.node_completion_tokens) == (1, 6)
