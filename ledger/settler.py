@@ -14,8 +14,9 @@ State machine (every step is committed before the next one acts, so a crash anyw
       same records (`created`, sent next, simulated), so that the records at fault are isolated and
       set aside while the rest settle.
     A record caught a second time (re-priced or split before) is set aside with the reason
-    (PRICE_MOVING, UNREGISTERED, REVERTED). A refused batch is abandoned only once no account that
-    ever sent it (SettlementBatch.senders) has a transaction still waiting to be mined.
+    (PRICE_MOVING, UNREGISTERED, REVERTED). A refused batch is abandoned, and an unfinished one
+    resent by another account, only once no account that ever sent it (SettlementBatch.senders) has
+    a transaction still waiting to be mined.
 The chain is the judge: before resending, and after any failure, `isSettled(batch_id)` decides. A
 resent batch that already landed reverts with BatchAlreadySettled, which means "settled". An old
 batch that keeps failing never keeps new batches from forming in the same step. Chain unavailability
