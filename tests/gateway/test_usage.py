@@ -346,3 +346,23 @@ def test_gateways_starting_together_on_postgres_all_migrate(postgres):
     assert {"max_tokens", "instance_id", "reconcile_attempted_at"} <= cols
     for e in engines:
         e.dispose()
+
+
+def test_a_claim_past_a_postgres_integer_is_disputed_and_the_request_closed(postgres):
+    # PostgreSQL's integer columns stop at 2**31: a receipt claiming more (a valid receipt) used to fail the
+    # write as a DataError, taken for the database being down (every request refused, the end retried
+    # for ever); it is a value this record cannot hold: kept disputed without the node's counts, closed
+    from ledger.db import init_db, make_engine
+
+    engine = make_engine(postgres.new_database("claims"))
+    init_db(engine)
+    ident = Identity.generate()
+    rec = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
+    end = end_for(ident, aborted=True, status=RequestStatus.CLIENT_CLOSED, claimed=(3, 5_000_000_000))
+    rec.open(request_id=end.request_id, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=7,
+             prompt_tokens=3, max_tokens=16)  # fmt: skip
+    assert rec.record(end) == "disputed"
+    (done,), (u,) = rows(engine)
+    assert done.status == RequestStatus.CLIENT_CLOSED and u.status == RecordStatus.DISPUTED
+    assert "5000000000" in u.error and u.node_completion_tokens is None
+    engine.dispose()
