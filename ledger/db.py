@@ -60,8 +60,9 @@ _INIT_LOCK = 0x6C6D5F696E6974  # pg_advisory_lock key of init_db ("lm_init")
 
 def init_db(engine: Engine) -> None:
     """Create every registered table that does not exist yet, and add nullable columns that a newer version
-    declares to migrated tables (the outbox's, the gateway's) an older one created. Several processes (gateways, settlers) may call it at
-    once on one PostgreSQL database: they take turns (an advisory lock), as CREATE TABLE races."""
+    declares to migrated tables (the outbox's, the gateway's) an older one created. Several processes
+    (gateways, settlers) may call it at once on one PostgreSQL database: they take turns (an advisory
+    lock), as CREATE TABLE and ALTER TABLE race."""
     with engine.connect() as conn:
         if is_postgres(engine):
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _INIT_LOCK})
