@@ -21,9 +21,13 @@ class RecordStatus:
     PENDING = "pending"  # in the outbox, not yet in a batch
     SUBMITTED = "submitted"  # in a written batch that is not known settled yet
     SETTLED = "settled"  # its batch is settled on chain
-    REJECTED = "rejected"  # names an adapter or node the registry does not know; see `error`
+    # written only by older settlers (an unregistered adapter or node); today's set such records aside and
+    # re-check them, and put these back in the outbox once registered
+    REJECTED = "rejected"
     DISPUTED = "disputed"  # the node's receipt disagrees with the gateway's count beyond tolerance; never settled
-    SET_ASIDE = "set_aside"  # cannot be paid as it stands (price out of bounds, deposit short); see `error`
+    # cannot be paid as it stands (price or tokens out of bounds, deposit short, not registered yet,
+    # reverted twice); see `error`. Deposit-short and unregistered ones return to pending by themselves
+    SET_ASIDE = "set_aside"
 
 
 class BatchStatus:
