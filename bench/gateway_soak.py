@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-from sqlmodel import Session, SQLModel, select  # noqa: E402
+from sqlmodel import Session, select  # noqa: E402
 
 from devnet.anvil import free_port  # noqa: E402
 from devnet.processes import ManagedProcess, ProcessGroup  # noqa: E402
@@ -175,7 +175,7 @@ def record_settled_logs(w3, ledger: str, from_block: int) -> dict[str, list[tupl
 def soak(args) -> int:
     import gateway.models  # noqa: F401 - registers the gateway's tables
     from gateway.keys import create_key
-    from gateway.models import CompletionRecord, add_missing_columns
+    from gateway.models import CompletionRecord
     from ledger.db import init_db, make_engine
     from ledger.models import SettlementBatch, UsageRecord
     from ledger.outbox import count_by_status
@@ -197,9 +197,7 @@ def soak(args) -> int:
         db_url = cluster.new_database("gwsoak")
         chain = start_chain(tmp / "chain", block_time=1.0)
         engine = make_engine(db_url)
-        init_db(engine)
-        SQLModel.metadata.create_all(engine)
-        add_missing_columns(engine)
+        init_db(engine)  # every registered table, the gateway's included
         api_key, _ = create_key(engine, name="soak")
 
         # two settler accounts, each granted with its own deposit: the fixture's, and a fresh one

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -31,23 +30,22 @@ from gateway.openai_api import (
 from gateway.registry import RegistryView
 from gateway.relay import Relay
 from gateway.service import Gateway
+from gateway.settlement import InProcessSettler
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
 
-def _settler_thread(settings: GatewaySettings, client, account) -> tuple[threading.Thread, threading.Event]:
+def _settler(settings: GatewaySettings, client, account) -> InProcessSettler:
     from ledger.db import make_engine
     from ledger.settler import Settler
     from ledger.settler_config import SettlerConfig
 
     engine = make_engine(settings.db_url, immediate=True)
-    settler = Settler(engine, client.with_account(account),
-                      SettlerConfig(batch_size=settings.settle_batch_size, interval=settings.settle_interval_s,
-                                    max_in_flight=settings.settle_max_in_flight))
-    stop = threading.Event()
-    thread = threading.Thread(target=settler.run, args=(stop,), name="settler", daemon=True)
-    return thread, stop
+    return InProcessSettler(Settler(engine, client.with_account(account),
+                                    SettlerConfig(batch_size=settings.settle_batch_size,
+                                                  interval=settings.settle_interval_s,
+                                                  max_in_flight=settings.settle_max_in_flight)))  # fmt: skip
 
 
 # prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
@@ -89,10 +87,9 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         sync = asyncio.get_running_loop().create_task(gw.sync_loop(), name="registry-sync")
         outbox = asyncio.get_running_loop().create_task(gw.outbox_loop(), name="outbox-check")
         reconciling = asyncio.get_running_loop().create_task(gw.reconcile_loop(), name="reconcile")
-        settler = None
         if settler_account is not None and chain_client is not None and settings.settle:
-            settler = _settler_thread(settings, chain_client, settler_account)
-            settler[0].start()
+            app.state.settler = _settler(settings, chain_client, settler_account)
+            app.state.settler.start()
         try:
             yield
         finally:
@@ -100,12 +97,12 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
             outbox.cancel()
             reconciling.cancel()
             await gw.aclose()
-            if settler is not None:
-                settler[1].set()
-                await asyncio.to_thread(settler[0].join, 30)
+            if app.state.settler is not None:
+                await app.state.settler.stop()
 
     app = FastAPI(title="loramesh gateway", lifespan=lifespan)
     app.state.gateway = gw
+    app.state.settler = None  # the in-process settler, when this gateway settles
 
     def _count_error(request: Request, status: int) -> None:
         model = getattr(request.state, "model", None) or "-"
@@ -145,6 +142,8 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     async def health() -> JSONResponse:
         # 503 while the outbox cannot be written: this gateway serves nothing then, and says why
         body = gw.health()
+        if app.state.settler is not None:  # a low deposit is a warning here, not a reason to refuse requests
+            body["settlement"] = await app.state.settler.status()
         return JSONResponse(body, status_code=200 if body["outbox"]["writable"] else 503)
 
     @app.get("/metrics")
@@ -152,6 +151,8 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         gw.metrics.live_nodes.set(len(gw.directory.live()))
         for node_id in list(gw.directory.disputed):
             gw.metrics.disputed_nodes.labels(node_id).set(1)
+        if app.state.settler is not None:
+            gw.metrics.set_settlement(await app.state.settler.status())
         return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
 
     @app.post("/internal/heartbeat")

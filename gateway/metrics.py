@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gateway.settlement import RECORD_STATES
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -42,6 +44,23 @@ class GatewayMetrics:
         self.outbox_unwritten = Gauge("loramesh_gateway_outbox_unwritten", "Request ends waiting for the outbox "
                                       "to take writes again.", registry=r)  # fmt: skip
         self.outbox_writable.set(1)
+        self.settlement_records = Gauge("loramesh_gateway_settlement_records", "Outbox records by settlement "
+                                        "state (pending, in_flight, set_aside, disputed, settled).", ["state"],
+                                        registry=r)  # fmt: skip
+        self.deposit_left = Gauge("loramesh_gateway_settler_deposit_left_wei", "The in-process settler's deposit "
+                                  "on the ledger minus the fees of its batches in flight.", registry=r)  # fmt: skip
+        self.deposit_low = Gauge("loramesh_gateway_settler_deposit_low", "1 while the settler's deposit left is "
+                                 "below its low-deposit mark or records wait for the deposit.", registry=r)  # fmt: skip
+
+    def set_settlement(self, status: dict) -> None:
+        """Export a ledger.settler.settler_status() dict (one that says "error" changes nothing)."""
+        if "error" in status:
+            return
+        for state in RECORD_STATES:
+            self.settlement_records.labels(state).set(status.get(state) or 0)
+        if status.get("deposit_left_wei") is not None:
+            self.deposit_left.set(status["deposit_left_wei"])
+        self.deposit_low.set(1 if status.get("deposit_low") else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -111,6 +111,13 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         events = anvil_chain.client().events("ledger", "RecordSettled")
         settled = {"0x" + bytes(e["args"]["requestId"]).hex() for e in events}
         assert ok_rid in settled and rid not in settled
+        # the in-process settler's view: on /health (at most STATUS_TTL_S old) and /metrics
+        poll(lambda: health(server.url)["settlement"]["settled"] >= 1, timeout=15, interval=0.5)
+        st = health(server.url)["settlement"]
+        assert st["disputed"] == 1 and st["deposit_low"] is False and st["settler"] == anvil_chain.settler.address
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'loramesh_gateway_settlement_records{state="disputed"} 1.0' in metrics
+        assert "loramesh_gateway_settler_deposit_low 0.0" in metrics
     finally:
         stop(rogue)
         if honest is not None:

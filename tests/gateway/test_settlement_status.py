@@ -1,0 +1,51 @@
+"""The in-process settler's status as /metrics exports it, and its cache (ledger.settler_status itself is
+tested in tests/ledger)."""
+
+import asyncio
+
+from sqlalchemy.exc import OperationalError
+
+from gateway.metrics import GatewayMetrics
+from gateway.settlement import InProcessSettler
+
+
+class FakeSettler:
+    """Stands in for ledger's Settler only in what InProcessSettler's cache reads (status(); run() is never
+    started here). The real settler behind /health and /metrics is exercised in test_rogue.py."""
+
+    def __init__(self, results):
+        self.results, self.calls = list(results), 0
+
+    def run(self, stop):  # pragma: no cover - not started
+        raise AssertionError("not started in this test")
+
+    def status(self):
+        self.calls += 1
+        r = self.results.pop(0)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+
+LOW = {"pending": 3, "in_flight": 2, "set_aside": 4, "disputed": 1, "settled": 9, "deposit_left_wei": 5,
+       "deposit_low": True, "settler": "0xabc"}
+
+
+def test_metrics_export_a_low_deposit_and_record_states():
+    m = GatewayMetrics()
+    m.set_settlement(LOW)
+    text = m.render().decode()
+    assert "loramesh_gateway_settler_deposit_low 1.0" in text
+    assert "loramesh_gateway_settler_deposit_left_wei 5.0" in text
+    assert 'loramesh_gateway_settlement_records{state="set_aside"} 4.0' in text
+    m.set_settlement({"error": "settlement status unavailable: OperationalError"})  # keeps the last values
+    assert "loramesh_gateway_settler_deposit_low 1.0" in m.render().decode()
+
+
+def test_status_is_cached_and_a_database_error_is_reported_not_raised(monkeypatch):
+    fake = FakeSettler([LOW, OperationalError("select", {}, Exception("database is locked"))])
+    view = InProcessSettler(fake)
+    assert asyncio.run(view.status()) == LOW
+    assert asyncio.run(view.status()) == LOW and fake.calls == 1  # within STATUS_TTL_S: not asked again
+    monkeypatch.setattr("gateway.settlement.STATUS_TTL_S", 0.0)
+    assert asyncio.run(view.status()) == {"error": "settlement status unavailable: OperationalError"}
