@@ -34,6 +34,15 @@ def add_records(engine, regs, n, *, tokens=(40, 9)) -> list[str]:
     return ids
 
 
+def outbox_rows(engine, status=None) -> list[UsageRecord]:
+    """The outbox's rows in order (those in `status` only, when given)."""
+    with Session(engine) as s:
+        stmt = select(UsageRecord).order_by(UsageRecord.id)
+        if status:
+            stmt = stmt.where(UsageRecord.status == status)
+        return list(s.exec(stmt))
+
+
 def settled_on_chain(client, request_ids) -> dict[str, int]:
     """How many RecordSettled events each request id has."""
     wanted = set(request_ids)

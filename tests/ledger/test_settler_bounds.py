@@ -12,12 +12,12 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from ledger.cli import settler_app
-from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord
+from ledger.models import BatchStatus, RecordStatus, SettlementBatch
 from ledger.outbox import add_usage_record, count_by_status
 from ledger.settler import DEPOSIT_SHORT, PRICE_MOVING, PRICE_TOO_HIGH, REPRICED, TOO_MANY_TOKENS, Settler
 from ledger.settler_config import SettlerConfig
 from tests.ledger.audit import ledger_transactions, record_settled_counts
-from tests.ledger.test_settler import add_records
+from tests.ledger.test_settler import add_records, outbox_rows
 from tests.utils.chain import ETHER, rand_id, register_sample
 
 pytestmark = pytest.mark.integration
@@ -36,14 +36,6 @@ def _funded_settler(env, deposit: int):
     if deposit:
         env.client(env.admin).deposit_for(acct.address, deposit)
     return acct
-
-
-def _rows(engine, status=None) -> list[UsageRecord]:
-    with Session(engine) as s:
-        stmt = select(UsageRecord).order_by(UsageRecord.id)
-        if status:
-            stmt = stmt.where(UsageRecord.status == status)
-        return list(s.exec(stmt))
 
 
 def test_out_of_bounds_records_are_set_aside_while_the_rest_settle(anvil_chain, engine):
@@ -66,7 +58,7 @@ def test_out_of_bounds_records_are_set_aside_while_the_rest_settle(anvil_chain, 
     assert settler.drain() == 10
     with Session(engine) as s:
         assert count_by_status(s) == {"settled": 10, "set_aside": 5}
-    aside = {r.request_id: r for r in _rows(engine, RecordStatus.SET_ASIDE)}
+    aside = {r.request_id: r for r in outbox_rows(engine, RecordStatus.SET_ASIDE)}
     assert aside[huge].error.startswith(TOO_MANY_TOKENS) and "1000000000003 tokens" in aside[huge].error
     for rid in dear:
         assert aside[rid].error.startswith(PRICE_TOO_HIGH) and aside[rid].batch_id is None
@@ -77,13 +69,13 @@ def test_out_of_bounds_records_are_set_aside_while_the_rest_settle(anvil_chain, 
     on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
     assert set(on_chain) == set(ids) and set(on_chain.values()) == {1}
     assert all(t.status == 1 for t in ledger_transactions(client.w3, env.deployment.ledger, start))
-    for r in _rows(engine, RecordStatus.SETTLED):
+    for r in outbox_rows(engine, RecordStatus.SETTLED):
         assert int(r.fee_wei) == 10**12 * (r.prompt_tokens + r.completion_tokens) // 1000
     # an operator who raises the bounds puts them back, and they are priced again
     r = runner.invoke(settler_app, ["requeue", "--db", str(engine.url), "--reason", TOO_MANY_TOKENS])
     assert r.exit_code == 0 and "1 set-aside records back" in r.output, r.output
     assert Settler(engine, client, SettlerConfig(max_record_tokens=2 * 10**12, max_price_per_1k=10**30)).drain() == 0
-    assert _rows(engine, RecordStatus.SET_ASIDE)[0].error.startswith(DEPOSIT_SHORT)  # 10^12 tokens: no deposit pays that
+    assert outbox_rows(engine, RecordStatus.SET_ASIDE)[0].error.startswith(DEPOSIT_SHORT)  # 10^12 tokens: no deposit pays that
 
 
 def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engine, caplog):
@@ -93,14 +85,14 @@ def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engi
     client = env.client(acct)
     start = client.block_number() + 1
     ids = add_records(engine, [reg], 30, tokens=(40, 10))
-    assert all(r.prompt_tokens + r.completion_tokens >= 50 for r in _rows(engine))
+    assert all(r.prompt_tokens + r.completion_tokens >= 50 for r in outbox_rows(engine))
     # add_records varies prompt tokens (40 + i % 13): price them as the contract will
     with caplog.at_level(logging.WARNING, logger="ledger.settler"):
         settled = Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain()
     assert 0 < settled < 10
     statuses = _status(engine)
     assert statuses == {"settled": settled, "set_aside": 30 - settled}
-    aside = _rows(engine, RecordStatus.SET_ASIDE)
+    aside = outbox_rows(engine, RecordStatus.SET_ASIDE)
     assert all(r.error.startswith(DEPOSIT_SHORT) and r.batch_id is None for r in aside)
     left = client.deposit_of(acct.address)
     assert all(int(r.fee_wei) > left for r in aside)  # set aside only what the deposit cannot pay
@@ -162,8 +154,8 @@ def test_price_raised_before_a_simulated_send_is_repriced(anvil_chain, engine, m
     assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.SETTLED]
     assert "FeesAboveQuote" in batches[0].last_error and batches[1].record_count == 1
     assert _status(engine) == {"settled": 1, "set_aside": 3}
-    assert all(r.error.startswith(DEPOSIT_SHORT) for r in _rows(engine, RecordStatus.SET_ASIDE))
-    settled = _rows(engine, RecordStatus.SETTLED)[0]
+    assert all(r.error.startswith(DEPOSIT_SHORT) for r in outbox_rows(engine, RecordStatus.SET_ASIDE))
+    settled = outbox_rows(engine, RecordStatus.SETTLED)[0]
     assert settled.error.startswith(REPRICED) and int(settled.fee_wei) == 10**19 * settled.prompt_tokens // 1000
     on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
     assert set(on_chain) == {settled.request_id} and set(on_chain.values()) == {1} and settled.request_id in ids
@@ -199,7 +191,7 @@ def test_price_raised_under_an_unsimulated_send_reverts_once_then_is_set_aside(a
     assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.ABANDONED]
     assert [b.record_count for b in batches] == [2, 1]
     assert all("FeesAboveQuote" in b.last_error for b in batches)
-    rows = {r.request_id: r for r in _rows(engine)}
+    rows = {r.request_id: r for r in outbox_rows(engine)}
     assert rows[first].status == RecordStatus.SET_ASIDE and rows[first].error.startswith(PRICE_MOVING)
     assert rows[second].status == RecordStatus.SET_ASIDE and rows[second].error.startswith(DEPOSIT_SHORT)
     txs = ledger_transactions(client.w3, env.deployment.ledger, start, [acct.address])

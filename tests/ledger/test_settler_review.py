@@ -23,18 +23,10 @@ from ledger.outbox import add_usage_record, count_by_status
 from ledger.settler import DEPOSIT_SHORT, REVERTED, UNREGISTERED, Settler
 from ledger.settler_config import SettlerConfig
 from tests.ledger.audit import record_settled_counts
-from tests.ledger.test_settler import add_records
+from tests.ledger.test_settler import add_records, outbox_rows
 from tests.utils.chain import ETHER, rand_id, register_sample
 
 pytestmark = pytest.mark.integration
-
-
-def _rows(engine, status=None) -> list[UsageRecord]:
-    with Session(engine) as s:
-        stmt = select(UsageRecord).order_by(UsageRecord.id)
-        if status:
-            stmt = stmt.where(UsageRecord.status == status)
-        return list(s.exec(stmt))
 
 
 def _batches(engine) -> list[SettlementBatch]:
@@ -84,7 +76,7 @@ def test_unexpected_revert_sets_aside_the_records_at_fault_and_the_rest_settle(a
             s.commit()
         ids.append(rid)
         ids += add_records(engine, [good], 1)
-    bad_ids = {r.request_id for r in _rows(engine) if r.adapter_id == bad}
+    bad_ids = {r.request_id for r in outbox_rows(engine) if r.adapter_id == bad}
     assert len(bad_ids) == 2 and len(ids) == 6
     get_adapter, send = client.get_adapter, client.send_settle_batch
 
@@ -102,7 +94,7 @@ def test_unexpected_revert_sets_aside_the_records_at_fault_and_the_rest_settle(a
     settler = Settler(engine, client, SettlerConfig(batch_size=6, interval=0))
     _steps(settler)
     assert _status(engine) == {"settled": 4, "set_aside": 2}
-    aside = _rows(engine, RecordStatus.SET_ASIDE)
+    aside = outbox_rows(engine, RecordStatus.SET_ASIDE)
     assert {r.request_id for r in aside} == bad_ids
     reason = (UNREGISTERED, "UnknownAdapter") if how == "unknown_adapter" else (REVERTED, "UnknownRevert")
     assert all(r.error.startswith(reason[0]) and reason[1] in r.error and r.batch_id is None for r in aside), \
@@ -131,7 +123,7 @@ def test_a_record_caught_twice_alone_is_set_aside(anvil_chain, engine, monkeypat
 
     monkeypatch.setattr(client, "send_settle_batch", send)
     _steps(Settler(engine, client, SettlerConfig(batch_size=1, interval=0)))
-    rows = {r.request_id: r for r in _rows(engine)}
+    rows = {r.request_id: r for r in outbox_rows(engine)}
     assert rows[culprit].status == RecordStatus.SET_ASIDE and rows[culprit].error.startswith(REVERTED)
     assert seen == [1, 1]
     assert all(rows[r].status == RecordStatus.SETTLED for r in rest)
@@ -230,7 +222,7 @@ def test_abandon_waits_for_every_account_that_sent_the_batch(anvil_chain, engine
     except E.LedgerError:
         pass
     assert _batches(engine)[0].status == BatchStatus.ABANDONED
-    assert all(r.status != RecordStatus.SUBMITTED or r.batch_id != batch.batch_id for r in _rows(engine))
+    assert all(r.status != RecordStatus.SUBMITTED or r.batch_id != batch.batch_id for r in outbox_rows(engine))
 
 
 # ---------------------------------------------------------------------- L2
@@ -282,10 +274,10 @@ def test_records_of_an_adapter_registered_late_settle_once_it_is(anvil_chain, en
         s.commit()
     settler = Settler(engine, client, SettlerConfig(batch_size=3, interval=0))
     assert settler.drain() == 2
-    (aside,) = _rows(engine, RecordStatus.SET_ASIDE)
+    (aside,) = outbox_rows(engine, RecordStatus.SET_ASIDE)
     assert aside.request_id == rid and aside.error.startswith(UNREGISTERED) and late in aside.error
     assert settler.step() == 0  # not looked at again before the re-check interval
-    assert _rows(engine, RecordStatus.SET_ASIDE)
+    assert outbox_rows(engine, RecordStatus.SET_ASIDE)
     env.client(reg.owner).register_adapter(late, name=f"late-{late[2:8]}", version="1.0.0", base_model=reg.base_model,
                                            price_per_1k_tokens=10**12)  # fmt: skip
     with Session(engine) as s:  # rejected by an older settler (it rejected only unregistered ones): looked at too
@@ -300,7 +292,7 @@ def test_records_of_an_adapter_registered_late_settle_once_it_is(anvil_chain, en
     settler._next_recheck = 0.0
     assert settler.drain() == 2
     assert _status(engine) == {"settled": 4}
-    row = {r.request_id: r for r in _rows(engine)}[rid]
+    row = {r.request_id: r for r in outbox_rows(engine)}[rid]
     assert row.error is None and int(row.fee_wei) == 10**12 * 12 // 1000
     assert set(record_settled_counts(client.w3, env.deployment.ledger, 0)[r] for r in good + [rid]) == {1}
 
@@ -329,6 +321,6 @@ def test_an_old_batch_failing_on_its_own_never_keeps_new_batches_from_forming(an
     for _ in range(4):
         with pytest.raises(settler_mod.SettlementError):
             settler.step()
-    rows = {r.request_id: r for r in _rows(engine)}
+    rows = {r.request_id: r for r in outbox_rows(engine)}
     assert all(rows[r].status == RecordStatus.SETTLED for r in new)
     assert _status(engine) == {"settled": 4, "submitted": 2}
