@@ -7,17 +7,19 @@ import logging
 import threading
 import weakref
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from ledger.chain import ChainClient
+from ledger.db import is_postgres
 from ledger.models import AdapterMirror, DatasetMirror, NameMirror, NodeMirror, SyncCursor
 
 log = logging.getLogger(__name__)
 
 CURSOR = "registry"
+_SYNC_LOCK = 0x6C6D5F6D6972  # pg_try_advisory_xact_lock key of sync_registry ("lm_mir")
 EVENTS = ("DatasetRegistered", "DatasetPayeeChanged", "NameRegistered", "NameTransferred", "AdapterRegistered",
           "AdapterPriceChanged", "AdapterOwnershipTransferred", "NodeRegistered", "NodeUpdated",
           "NodeActiveChanged")  # fmt: skip
@@ -61,10 +63,15 @@ def _h(b: bytes) -> str:
 
 
 def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None = None) -> int:
-    """Apply registry events after the stored cursor up to `to_block` (default latest); returns how many."""
+    """Apply registry events after the stored cursor up to `to_block` (default latest); returns how many.
+    Gateways sharing one PostgreSQL database sync one at a time: while another holds the sync lock this
+    returns 0 at once (that one is writing the same rows; two would collide on their keys)."""
     ensure_mirror_schema(engine)
     to_block = client.block_number() if to_block is None else to_block
     with Session(engine) as s:
+        if is_postgres(engine) and not s.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
+                                                 {"k": _SYNC_LOCK}).scalar():  # fmt: skip
+            return 0
         cursor = s.get(SyncCursor, CURSOR)
         start = client.deployment.deploy_block if cursor is None else cursor.block + 1
         if start > to_block:

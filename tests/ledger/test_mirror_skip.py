@@ -11,6 +11,7 @@ from ledger.db import init_db, make_engine
 from ledger.mirror import CURSOR, sync_registry
 from ledger.models import AdapterMirror, NameMirror, SyncCursor
 from tests.utils.chain import rand_id, register_sample
+from tests.utils.postgres import postgres  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 
@@ -37,4 +38,26 @@ def test_an_event_the_database_refuses_is_skipped_not_retried_forever(anvil_chai
         assert s.get(NameMirror, poison) is None
         assert s.get(AdapterMirror, after.adapter_id) is not None  # and everything after it was applied
     assert sync_registry(engine, env.client()) == 0
+    engine.dispose()
+
+
+def test_gateways_sharing_a_postgresql_database_sync_one_at_a_time(anvil_chain, postgres):
+    """Two gateways' syncs at once inserted the same rows and one collided on the key (seen in the gateway
+    soak); a sync that finds another holding the lock leaves it to that one."""
+    from ledger.mirror import _SYNC_LOCK
+
+    env = anvil_chain
+    reg = register_sample(env)
+    engine = make_engine(postgres.new_database("mirror_lock"))
+    init_db(engine)
+    with engine.connect() as other:  # another gateway, mid-sync
+        other.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _SYNC_LOCK})
+        assert sync_registry(engine, env.client()) == 0
+        with Session(engine) as s:
+            assert s.get(SyncCursor, CURSOR) is None and s.get(AdapterMirror, reg.adapter_id) is None
+        other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _SYNC_LOCK})
+        other.commit()
+    assert sync_registry(engine, env.client()) > 0
+    with Session(engine) as s:
+        assert s.get(AdapterMirror, reg.adapter_id) is not None
     engine.dispose()
