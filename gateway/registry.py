@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from ledger.models import AdapterMirror, NameMirror, NodeMirror
@@ -68,7 +69,7 @@ class RegistryView:
 
                 try:
                     sync_registry(self.engine, self.client)
-                except LedgerError as e:
+                except (LedgerError, SQLAlchemyError) as e:  # a chain or database hiccup: retried next time
                     log.warning("registry sync failed, keeping the last snapshot: %s", e)
                     return False
             self.reload()

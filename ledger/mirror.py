@@ -9,7 +9,7 @@ import weakref
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 from sqlmodel import Session
 
 from ledger.chain import ChainClient
@@ -88,13 +88,15 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
 
 def _apply_or_skip(s: Session, ev) -> None:
     """Apply one event in a savepoint of its own. An event the database refuses for what it holds (a value
-    too large for an index, say) or that names a row a skipped event never wrote is logged and skipped:
-    one bad event must not stop the cursor forever. A lost connection still fails the whole sync."""
+    too large for an index, a key that collides) or that names a row a skipped event never wrote is logged
+    and skipped: one bad event must not stop the cursor forever. Anything passing (a lost connection, a
+    lock or statement timeout, a deadlock: OperationalError, InternalError) fails the whole sync, which is
+    retried: skipping those would lose events for good."""
     try:
         with s.begin_nested():
             _apply(s, ev)
             s.flush()
-    except DBAPIError as e:
+    except (IntegrityError, DataError, ProgrammingError) as e:
         if e.connection_invalidated:
             raise
         _skipped(ev, e)

@@ -61,3 +61,34 @@ def test_gateways_sharing_a_postgresql_database_sync_one_at_a_time(anvil_chain, 
     with Session(engine) as s:
         assert s.get(AdapterMirror, reg.adapter_id) is not None
     engine.dispose()
+
+
+def test_a_passing_database_error_fails_the_sync_instead_of_losing_the_event(anvil_chain, tmp_path, monkeypatch):
+    """A lock timeout or deadlock is no reason to skip an event for good: the sync fails, the cursor
+    stays, and the next sync applies the event."""
+    from sqlalchemy.exc import OperationalError
+
+    import ledger.mirror as mirror
+
+    env = anvil_chain
+    engine = make_engine(f"sqlite:///{tmp_path}/passing.db")
+    init_db(engine)
+    sync_registry(engine, env.client())
+    with Session(engine) as s:
+        before = s.get(SyncCursor, CURSOR).block
+    reg = register_sample(env)
+    real = mirror._apply
+
+    def locked(s, ev):
+        raise OperationalError("UPDATE nodes", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(mirror, "_apply", locked)
+    with pytest.raises(OperationalError):
+        sync_registry(engine, env.client())
+    with Session(engine) as s:
+        assert s.get(SyncCursor, CURSOR).block == before
+    monkeypatch.setattr(mirror, "_apply", real)
+    assert sync_registry(engine, env.client()) > 0
+    with Session(engine) as s:
+        assert s.get(AdapterMirror, reg.adapter_id) is not None
+    engine.dispose()
