@@ -29,6 +29,7 @@ class InProcessSettler:
         self._thread = threading.Thread(target=settler.run, args=(self._stop,), name="settler", daemon=True)
         self._status: dict | None = None
         self._status_at = 0.0
+        self._lock = asyncio.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -38,16 +39,24 @@ class InProcessSettler:
         await asyncio.to_thread(self._thread.join, timeout)
 
     async def status(self) -> dict:
-        """The settler's status, at most STATUS_TTL_S old; {"error": ...} when the database cannot say."""
-        now = time.monotonic()
-        if self._status is None or now - self._status_at >= STATUS_TTL_S:
-            try:
-                self._status = await asyncio.to_thread(self.settler.status)
-            except (SQLAlchemyError, LedgerError) as e:
-                log.warning("settlement status unavailable: %s", e)
-                self._status = {"error": f"settlement status unavailable: {e.__class__.__name__}"}
-            self._status_at = now
-            if self._status.get("deposit_low"):
-                log.warning("settler %s: deposit low (%s wei left after pending fees)", self._status.get("settler"),
-                            self._status.get("deposit_left_wei"))  # fmt: skip
+        """The settler's status, at most STATUS_TTL_S old; {"error": ...} when the database cannot say.
+        One refresh at a time for all callers (/health and /metrics are unauthenticated: a crowd of them
+        during a slow chain must not each start a database scan and an eth_call on the shared worker
+        threads); while one runs, callers that have a value get it as it is."""
+        if self._status is not None and (time.monotonic() - self._status_at < STATUS_TTL_S or self._lock.locked()):
+            return self._status
+        async with self._lock:
+            if self._status is None or time.monotonic() - self._status_at >= STATUS_TTL_S:
+                await self._refresh()
         return self._status
+
+    async def _refresh(self) -> None:
+        try:
+            self._status = await asyncio.to_thread(self.settler.status)
+        except (SQLAlchemyError, LedgerError) as e:
+            log.warning("settlement status unavailable: %s", e)
+            self._status = {"error": f"settlement status unavailable: {e.__class__.__name__}"}
+        self._status_at = time.monotonic()
+        if self._status.get("deposit_low"):
+            log.warning("settler %s: deposit low (%s wei left after pending fees)", self._status.get("settler"),
+                        self._status.get("deposit_left_wei"))  # fmt: skip

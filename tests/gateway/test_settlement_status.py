@@ -49,3 +49,21 @@ def test_status_is_cached_and_a_database_error_is_reported_not_raised(monkeypatc
     assert asyncio.run(view.status()) == LOW and fake.calls == 1  # within STATUS_TTL_S: not asked again
     monkeypatch.setattr("gateway.settlement.STATUS_TTL_S", 0.0)
     assert asyncio.run(view.status()) == {"error": "settlement status unavailable: OperationalError"}
+
+
+def test_a_crowd_of_callers_shares_one_refresh():
+    import time as _time
+
+    class SlowSettler(FakeSettler):
+        def status(self):
+            _time.sleep(0.2)  # a slow chain answer
+            return super().status()
+
+    slow = SlowSettler([LOW, LOW])
+    view = InProcessSettler(slow)
+
+    async def crowd():
+        return await asyncio.gather(*(view.status() for _ in range(20)))
+
+    assert asyncio.run(crowd()) == [LOW] * 20
+    assert slow.calls == 1  # one database scan and one eth_call for the whole crowd
