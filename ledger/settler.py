@@ -7,14 +7,22 @@ State machine (every step is committed before the next one acts, so a crash anyw
   batch sent --receipt--> batch `settled` + records `settled` (one DB transaction)
   batch refused by the ledger (its send, simulated, or its receipt reverts: any contract error but
     BatchAlreadySettled and NotSettler) --> batch `abandoned` (one DB transaction), and
-    - refused for its price (InsufficientDeposit, FeesAboveQuote), or a batch of one record: its
-      records pending again (re-priced);
-    - refused for any other reason (a revert the settler does not expect: a registry that does not
-      know an adapter the settler's RPC node knew, a panic): split in two halves, new batches of the
-      same records (`created`, sent next, simulated), so that the records at fault are isolated and
-      set aside while the rest settle.
-    A record caught a second time (re-priced or split before) is set aside with the reason
-    (PRICE_MOVING, UNREGISTERED, REVERTED). A refused batch is abandoned, and an unfinished one
+    - refused for its price (InsufficientDeposit, FeesAboveQuote): its records pending again
+      (re-priced). Batches mix adapters, so the prices of its adapters (and the base price) are read
+      again, and only the records whose fee moved since they were priced are marked (REPRICED); the
+      others go back unmarked, so an adapter owner who raises its price under batches strikes only
+      its own records. InsufficientDeposit with no price moved is the deposit's fault (reclaimed
+      meanwhile): nobody is marked, and the records are batched against the deposit left (what it
+      cannot pay is set aside as DEPOSIT_SHORT);
+    - a batch of one record refused for any other reason: its record pending again, marked;
+    - a batch of several refused for any other reason (a revert the settler does not expect: a
+      registry that does not know an adapter the settler's RPC node knew, a panic): split in two
+      halves, new batches of the same records (`created`, sent next, simulated), so that the records
+      at fault are isolated and set aside while the rest settle. Their records are marked; the mark
+      is cleared on the records of a half that settles.
+    A marked record caught again (re-priced, or refused alone) is set aside with the reason
+    (PRICE_MOVING, UNREGISTERED, REVERTED); PRICE_MOVING ones go back to the outbox by themselves on
+    start and every PRICE_MOVING_RETRY_EVERY seconds. A refused batch is abandoned, and an unfinished one
     resent by another account, only once no account that ever sent it (SettlementBatch.senders) has
     a transaction still waiting to be mined.
 The chain is the judge: before resending, and after any failure, `isSettled(batch_id)` decides. A
@@ -60,7 +68,8 @@ rejected, all for that reason, are re-checked the same way). A batch that still 
 with InsufficientDeposit (a deposit reclaimed meanwhile) or FeesAboveQuote (the ledger charges at
 most the total the settler priced the batch at, so a price raised between pricing and mining, e.g. by
 an owner front-running the batch, never costs more than was priced) is abandoned and its records
-re-priced; a record caught in that twice is set aside.
+re-priced; a record whose own price moved under two batches is set aside (for a while: see above),
+the other records of those batches are never struck.
 
 Pipelining: a step sends up to `max_in_flight` batches (each written before it is sent, each with
 the next local nonce) and then waits for all their receipts, so one block carries many batches.
@@ -113,8 +122,9 @@ log = logging.getLogger(__name__)
 
 OPEN = (BatchStatus.CREATED, BatchStatus.SENT)  # batches some settler still has to finish
 # Reasons a record is set aside, as the start of its `error` (status set_aside). DEPOSIT_SHORT ones go
-# back to the outbox by themselves when the deposit can pay them; the others wait for an operator
-# (`loramesh settler requeue` after raising the bounds).
+# back to the outbox by themselves when the deposit can pay them, PRICE_MOVING ones every
+# PRICE_MOVING_RETRY_EVERY seconds; the others wait for an operator (`loramesh settler requeue` after
+# raising the bounds).
 DEPOSIT_SHORT = "deposit short"
 PRICE_TOO_HIGH = "price above bound"
 TOO_MANY_TOKENS = "tokens above bound"
@@ -126,8 +136,10 @@ UNREGISTERED = "unregistered"
 # the ledger refused the batch as priced: give it up and price its records again
 REPRICE = (InsufficientDeposit, FeesAboveQuote)
 REPRICED = "re-priced"  # `error` of a record whose batch was abandoned (or split): a second time sets it aside
+SPLIT_MARK = f"{REPRICED} (split)"  # REPRICED as set on the records of a split batch; cleared when their half settles
 REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the deposit can now pay
 UNREGISTERED_RECHECK_EVERY = 60.0  # seconds between looks at records set aside as unregistered
+PRICE_MOVING_RETRY_EVERY = 600.0  # seconds between putting records set aside as PRICE_MOVING back in the outbox
 LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
 
 
@@ -200,6 +212,7 @@ class Settler:
         self._next_requeue = 0.0
         self._next_recheck = 0.0  # records set aside as unregistered: looked at on start, then every minute
         self._next_low_warning = 0.0
+        self._next_price_retry = 0.0  # records set aside as PRICE_MOVING: back on start, then every 10 minutes
 
     # ------------------------------------------------------------------ loop
 
@@ -284,7 +297,7 @@ class Settler:
         sent: list[_Work] = []
         refused: list[tuple[_Work, ContractError]] = []  # abandoned (re-priced or split) below
         with self._heartbeat():
-            for look in (self._requeue_deposit_short, self._recheck_unregistered):
+            for look in (self._requeue_deposit_short, self._recheck_unregistered, self._retry_price_moving):
                 try:
                     look()
                 except LedgerError as e:
@@ -696,6 +709,24 @@ class Settler:
         log.info("%d records set aside as unregistered name a registered adapter and node now: back in the outbox", n)
         return n
 
+    def _retry_price_moving(self) -> int:
+        """Records set aside because their price kept moving while they were being settled go back to the
+        outbox (unmarked, priced again) on start and then every PRICE_MOVING_RETRY_EVERY seconds: a
+        price that moved twice is no reason to give a record up for good, and a price refusal only
+        ever strikes the records whose own price moved."""
+        now = time.monotonic()
+        if now < self._next_price_retry:
+            return 0
+        self._next_price_retry = now + PRICE_MOVING_RETRY_EVERY
+        cond = (UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{PRICE_MOVING}%"))
+        with Session(self.engine) as s:
+            n = s.execute(update(UsageRecord).where(*cond)
+                          .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
+            s.commit()
+        if n:
+            log.info("%d records set aside as their price kept moving: back in the outbox", n)
+        return n
+
     # ------------------------------------------------------------------ finishing
 
     def _senders_quiet(self, addresses) -> bool:
@@ -776,13 +807,17 @@ class Settler:
     def _abandon(self, w: _Work, error: ContractError) -> None:
         """The ledger refused the batch. Once no transaction of it can land any more (no account that
         ever sent it has one waiting to be mined), give it up:
-        - refused as priced (REPRICE: a price raised since, a deposit reclaimed), or a batch of one
-          record: its records go back to the outbox to be priced again;
+        - refused as priced (REPRICE: a price raised since, a deposit reclaimed): its records go back
+          to the outbox to be priced again; only those whose fee at today's price differs from the
+          fee they were batched at (_price_moved) are struck (marked REPRICED), the others go back
+          unmarked (an InsufficientDeposit with no price moved strikes nobody);
+        - a batch of one record refused for any other reason: it goes back, struck;
         - refused for any other reason with several records: it is split in two halves (written and
-          claimed here, sent next), so that the records at fault are isolated and the rest settle.
-        A record caught a second time (re-priced or split before) is set aside instead, with the
-        reason: PRICE_MOVING for a price refusal, UNREGISTERED when the ledger did not know its
-        adapter or node, else REVERTED."""
+          claimed here, sent next), so that the records at fault are isolated and the rest settle;
+          its records are marked (SPLIT_MARK, cleared when their half settles).
+        A struck record that was marked already is set aside instead, with the reason: PRICE_MOVING
+        for a price refusal, UNREGISTERED when the ledger did not know its adapter or node, else
+        REVERTED."""
         batch = w.batch
         if self.client.is_settled(batch.batch_id):
             self._mark_settled(batch)
@@ -793,6 +828,8 @@ class Settler:
         if not self._senders_quiet(senders):
             raise error  # one of its transactions may still be mined: look again next step
         priced = isinstance(error, REPRICE)
+        # refused for its price: whose price moved is read now, before the write lock (no chain call in it)
+        moved = self._price_moved(batch.batch_id) if priced else set()
         reason = f"batch {batch.batch_id} refused: {error}"
         aside_as = PRICE_MOVING if priced else UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) \
             else REVERTED  # fmt: skip
@@ -810,18 +847,26 @@ class Settler:
                           .where(UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
                           .order_by(UsageRecord.leaf_index, UsageRecord.id)).all()  # fmt: skip
             mark = f"{REPRICED}: {reason}"[:1000]
-            again, first = [], []
+            again, first, spared = [], [], []
             if not priced and len(rows) > 1:  # isolate: each half is sent (simulated) on its own
+                split_mark = f"{SPLIT_MARK}: {reason}"[:1000]  # cleared again when its half settles
                 for half in (rows[:len(rows) // 2], rows[len(rows) // 2:]):
                     child, _ = self._new_batch(s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half])
                     s.add(child)
                     split.append(child)
                     s.execute(update(UsageRecord), [{"id": r.id, "batch_id": child.batch_id, "leaf_index": i,
-                                                     "error": mark} for i, r in enumerate(half)])  # fmt: skip
+                                                     "error": split_mark} for i, r in enumerate(half)])  # fmt: skip
             else:
-                again = [r.id for r in rows if r.error and r.error.startswith(REPRICED)]
-                first = [r.id for r in rows if not (r.error and r.error.startswith(REPRICED))]
+                # a price refusal strikes only the records whose price moved (their adapter's owner, or the
+                # ledger's base price); the others were not at fault and go back unmarked
+                struck = [r for r in rows if r.id in moved] if priced else rows
+                spared = [r.id for r in rows if r.id not in moved] if priced else []
+                again = [r.id for r in struck if r.error and r.error.startswith(REPRICED)]
+                first = [r.id for r in struck if not (r.error and r.error.startswith(REPRICED))]
                 cleared = {"batch_id": None, "leaf_index": None}
+                if spared:
+                    s.execute(update(UsageRecord).where(UsageRecord.id.in_(spared)).values(
+                        status=RecordStatus.PENDING, fee_wei=None, **cleared))
                 if first:
                     s.execute(update(UsageRecord).where(UsageRecord.id.in_(first)).values(
                         status=RecordStatus.PENDING, fee_wei=None, error=mark, **cleared))
@@ -835,8 +880,33 @@ class Settler:
                         "records at fault", batch.batch_id, error, split[0].batch_id, split[0].record_count,
                         split[1].batch_id, split[1].record_count)  # fmt: skip
         else:
-            log.warning("abandoned batch %s (%s): %d records to be priced again, %d set aside", batch.batch_id, error,
-                        len(first), len(again))  # fmt: skip
+            log.warning("abandoned batch %s (%s): %d records to be priced again (%d of them not at fault), %d set "
+                        "aside", batch.batch_id, error, len(first) + len(spared), len(spared), len(again))  # fmt: skip
+
+    def _price_moved(self, batch_id: str) -> set[int]:
+        """Ids of the batch's records whose fee at today's on-chain price (their adapter's, or the base
+        price) differs from the fee they were batched at, or whose adapter is gone: the records a price
+        refusal is charged to. Chain reads: call it outside any write transaction. A price raised and
+        set back before this look strikes nobody (the batch is only formed again)."""
+        with Session(self.engine) as s:
+            rows = s.exec(select(UsageRecord.id, UsageRecord.adapter_id, UsageRecord.prompt_tokens,
+                                 UsageRecord.completion_tokens, UsageRecord.fee_wei)
+                          .where(UsageRecord.batch_id == batch_id,
+                                 UsageRecord.status == RecordStatus.SUBMITTED)).all()  # fmt: skip
+        prices: dict[str, int | None] = {}
+        for _, a, _, _, _ in rows:
+            if a in prices:
+                continue
+            if a == BASE_MODEL_ADAPTER_ID:
+                prices[a] = self.client.base_price()
+            else:
+                try:
+                    prices[a] = self.client.get_adapter(a).price_per_1k_tokens
+                except UnknownAdapter:
+                    prices[a] = None
+        # a record without a fee (batched before fees were recorded) is never charged with a move
+        return {rid for rid, a, p, c, fee in rows
+                if fee is not None and (prices[a] is None or record_fee(prices[a], p, c) != int(fee))}
 
     def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
         """Record the batch settled as the chain has it (`info`, else getBatch)."""
@@ -852,6 +922,10 @@ class Settler:
             row.status, row.block_number, row.total_fees = BatchStatus.SETTLED, info.settled_block, str(info.total_fees)
             row.settled_at, row.lease_expires = utcnow(), None
             s.add(row)
+            s.execute(update(UsageRecord).where(UsageRecord.batch_id == batch.batch_id,  # a split half settled:
+                                                UsageRecord.status == RecordStatus.SUBMITTED,  # none was at fault
+                                                UsageRecord.error.like(f"{SPLIT_MARK}%"))
+                      .values(error=None))  # fmt: skip
             n = s.execute(update(UsageRecord).where(UsageRecord.batch_id == batch.batch_id,
                                                     UsageRecord.status == RecordStatus.SUBMITTED)
                           .values(status=RecordStatus.SETTLED)).rowcount  # fmt: skip

@@ -197,3 +197,62 @@ def test_price_raised_under_an_unsimulated_send_reverts_once_then_is_set_aside(a
     txs = ledger_transactions(client.w3, env.deployment.ledger, start, [acct.address])
     assert [t.status for t in txs] == [0]  # the one revert the first raise caused, nothing after
     assert record_settled_counts(client.w3, env.deployment.ledger, start) == {}
+
+
+def test_owner_raising_its_price_twice_never_sets_aside_other_adapters_records(anvil_chain, engine, monkeypatch):
+    """Batches are mixed: an adapter owner who front-runs them (raising its price before each send)
+    gets only its own records struck. The other adapter's records in the same refused batches go back
+    to the outbox unmarked and settle; the owner's are set aside on the second raise."""
+    env = anvil_chain
+    attacker = register_sample(env, price=10**12)
+    innocent = register_sample(env, price=10**12)
+    acct = _funded_settler(env, ETHER)
+    client = env.client(acct)
+    start = client.block_number() + 1
+    ids = add_records(engine, [attacker, innocent], 6)  # interleaved: every batch holds both adapters
+    theirs, ours = ids[0::2], ids[1::2]
+    _raise_price_before_sends(monkeypatch, client, env.client(attacker.owner), attacker.adapter_id,
+                              [2 * 10**12, 3 * 10**12])  # fmt: skip
+    settler = Settler(engine, client, SettlerConfig(batch_size=6, interval=0))
+    assert settler.drain() == 3
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    for rid in ours:
+        assert rows[rid].status == RecordStatus.SETTLED and rows[rid].error is None, rows[rid].error
+        assert int(rows[rid].fee_wei) == 10**12 * (rows[rid].prompt_tokens + rows[rid].completion_tokens) // 1000
+    for rid in theirs:
+        assert rows[rid].status == RecordStatus.SET_ASIDE and rows[rid].error.startswith(PRICE_MOVING)
+    with Session(engine) as s:
+        batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
+    assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.ABANDONED, BatchStatus.SETTLED]
+    assert all("FeesAboveQuote" in b.last_error for b in batches[:2])
+    on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
+    assert set(on_chain) == set(ours) and set(on_chain.values()) == {1}
+
+
+def test_deposit_reclaimed_under_batches_strikes_no_record(anvil_chain, engine, monkeypatch):
+    """InsufficientDeposit with no price moved is the deposit's fault: twice in a row, no record is
+    struck; the records are batched again against the deposit left, and what it cannot pay is set aside
+    as deposit-short (back by itself once topped up), never as a moving price."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    acct = _funded_settler(env, 100 * FEE)
+    client = env.client(acct)
+    reclaimer = env.client(acct)  # the settler's own account, reclaiming under its batches
+    add_records(engine, [reg], 6, tokens=(50, 0))  # 50..55 tokens: FEE..1.1 FEE each
+    original, queue = client.send_settle_batch, [96 * FEE, FEE]  # 4 FEE left (3 records), then 3 FEE
+
+    def send(*args, **kwargs):
+        if queue:
+            reclaimer.reclaim_deposit(queue.pop(0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "send_settle_batch", send)
+    settler = Settler(engine, client, SettlerConfig(batch_size=6, interval=0))
+    assert settler.drain() == 2
+    with Session(engine) as s:
+        batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
+    assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.ABANDONED, BatchStatus.SETTLED]
+    assert all("InsufficientDeposit" in b.last_error for b in batches[:2])
+    assert all(r.error is None for r in outbox_rows(engine, RecordStatus.SETTLED))
+    aside = outbox_rows(engine, RecordStatus.SET_ASIDE)
+    assert len(aside) == 4 and all(r.error.startswith(DEPOSIT_SHORT) for r in aside), [r.error for r in aside]

@@ -129,6 +129,28 @@ def test_a_record_caught_twice_alone_is_set_aside(anvil_chain, engine, monkeypat
     assert all(rows[r].status == RecordStatus.SETTLED for r in rest)
 
 
+def test_split_halves_that_settle_lose_their_mark(anvil_chain, engine, monkeypatch):
+    """A batch split to isolate a record at fault marks all its records; the halves that settle were
+    not at fault, and their records settle unmarked. The culprit, alone, is set aside."""
+    env = anvil_chain
+    reg = register_sample(env)
+    client = env.client(env.settler)
+    culprit, *rest = add_records(engine, [reg], 4)
+    original = client.send_settle_batch
+
+    def send(batch_id, root, records, **kw):
+        if any(r.request_id == culprit for r in records):
+            raise E.UnknownRevert("UnknownRevert", {"data": b""})
+        return original(batch_id, root, records, **kw)
+
+    monkeypatch.setattr(client, "send_settle_batch", send)
+    _steps(Settler(engine, client, SettlerConfig(batch_size=4, interval=0)))
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    assert rows[culprit].status == RecordStatus.SET_ASIDE and rows[culprit].error.startswith(REVERTED)
+    assert all(rows[r].status == RecordStatus.SETTLED and rows[r].error is None for r in rest), \
+        [rows[r].error for r in rest]
+
+
 # ---------------------------------------------------------------------- M5
 
 
