@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, UpstreamError, error_body
+from gateway.errors import BadRequest, GatewayError, ModelNotFound, NoNodeAvailable, UpstreamError, error_body
 from gateway.openai_api import (
     DONE,
     ChatRequest,
@@ -180,10 +180,13 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         key, private = await _auth(request)
         request.state.model = model
         target = gw.resolve(model, key, private)
+        if target.adapter_id is None:  # by its name or id, live or not
+            return gw.base_model_object(target.base_model_id)
         for m in gw.list_models(key, private):
-            if m["id"] == model or m["adapter_id"] == target.adapter_id and target.adapter_id:
+            if m["adapter_id"] == target.adapter_id:
                 return m
-        raise AssertionError("a resolved model is listed")  # pragma: no cover
+        raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
+                            param="model")  # an older version of an adapter: not listed  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -238,6 +241,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
                                    include_usage=req.include_usage)  # fmt: skip
             return StreamingResponse(_stream(relay, builder), media_type="text/event-stream",
                                      headers=headers | {"Cache-Control": "no-cache"})  # fmt: skip
+        relay.buffered = True  # an error answer delivers none of the text: then nothing is billed
         try:
             async for _ in relay.tokens():
                 pass
@@ -246,7 +250,8 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
             raise
         await asyncio.shield(gw.spawn(relay.finish()))
         if relay.failure:
-            raise UpstreamError(f"{relay.failure}; the completion is incomplete", code="node_failed")
+            raise UpstreamError(f"{relay.failure}; the completion is incomplete", code="node_failed",
+                                headers=headers)  # fmt: skip
         usage = usage_dict(*relay.usage)
         build = chat_response if chat else completion_response
         body = build(rid, created, req.model, "".join(relay.text), finish_reason(relay.finish_reason), usage)

@@ -86,6 +86,8 @@ class Relay:
         self.node_lost = False
         self.finished = False
         self.result: str | None = None
+        # the client gets the text only once the request ended well (a non-streaming answer): set by the caller
+        self.buffered = False
 
     # ------------------------------------------------------------------ before the first token
 
@@ -354,7 +356,8 @@ class Relay:
         end = self._end(status, finish_reason=reason if isinstance(reason, str) else None, receipt=receipt,
                         signature=signature, ttft_ms=None if self.ttft is None else self.ttft * 1000,
                         latency_ms=latency * 1000, error=self.failure, aborted=self.aborted,
-                        node_lost=self.node_lost)  # fmt: skip
+                        node_lost=self.node_lost,
+                        withheld=self.buffered and bool(self.failure or client_gone))  # fmt: skip
         self.result = await gw.record(end)
         m = gw.metrics
         m.requests.labels(self.target.model, status).inc()

@@ -23,6 +23,7 @@ from gateway.relay import Target
 from gateway.router import Route, Router
 from gateway.settings import GatewaySettings
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
+from node.basemodel import base_model_name
 from node.canonical import is_id
 from node.receipts import ReceiptError, node_id_of
 
@@ -59,6 +60,9 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.limiter = RateLimiter()
         self.templates = ChatTemplates(settings.bases)
+        # base model id -> name, of the bases this gateway was configured with (--base): the only base names it
+        # resolves; a base a node announces is known by its id alone (a node's heartbeat names nothing here)
+        self.base_names: dict[str, str] = {bid: base_model_name(d) for bid, d in self.templates.dirs.items()}
         self._tasks: set[asyncio.Task] = set()
         self._key_tpm: dict[int, int | None] = {}
         self.keys = KeyCache(engine, settings.key_cache_ttl_s)
@@ -106,7 +110,10 @@ class Gateway:
     def resolve(self, model: str, key: KeyInfo, private: frozenset[str]) -> Target:
         """An adapter id, a base model's id or name, or an adapter name (its newest registration), in that
         order: a string shaped like an id ("0x...") resolves only as an id, and a base model's name or id
-        only to the base model, so no adapter name shadows either (the registry refuses such names too)."""
+        only to the base model, so no adapter name shadows either (the registry refuses such names too).
+        A base's name is the one in the gateway's configuration (--base), never one a node announced (a node
+        could name its base after any adapter and take its requests); a base no --base names is known by its
+        id alone."""
         not_found = ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
                                   param="model")  # fmt: skip
         if model.startswith("0x"):  # never an adapter name
@@ -115,14 +122,10 @@ class Gateway:
             adapter = self.registry.adapters.get(model.lower())
             if adapter is not None and self._visible(adapter.name, key, private):
                 return Target(model, adapter.adapter_id, adapter.base_model_id)
-            if model.lower() in self.directory.base_models():
+            if model.lower() in self.directory.base_models() or model.lower() in self.base_names:
                 return Target(model, None, model.lower())
             raise not_found
-        bases = self.directory.base_models()
-        # base names any node announced (live or not): a base whose nodes are down still owns its name
-        for entry in list(self.directory.entries.values()):
-            bases.setdefault(entry.base_model_id, entry.base_model_name or entry.base_model_id)
-        for base_id, name in bases.items():
+        for base_id, name in self.base_names.items():  # configured names: an adapter name never shadows them
             if model == name:
                 return Target(model, None, base_id)
         adapter = self.registry.adapter_by_name(model)
@@ -130,23 +133,29 @@ class Gateway:
             return Target(model, adapter.adapter_id, adapter.base_model_id)
         raise not_found
 
+    def base_model_object(self, base_id: str) -> dict:
+        """A base model as an OpenAI model object: its configured name, else its id."""
+        name = self.base_names.get(base_id, base_id)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "loramesh", "adapter_id": None,
+                "base_model": {"id": base_id, "name": name}, "private": False,
+                "price_per_1k_tokens_wei": wei(self.prices.base)}  # fmt: skip
+
     def list_models(self, key: KeyInfo, private: frozenset[str]) -> list[dict]:
-        """OpenAI model objects: visible adapters (newest of each name), then the live base models."""
-        bases = self.directory.base_models()
+        """OpenAI model objects: visible adapters (newest of each name), then the live base models (by their
+        configured names; a base no --base names by its id)."""
+        live = set(self.directory.base_models())
         out = []
         for a in self.registry.newest_adapters():
             if not self._visible(a.name, key, private):
                 continue
+            base_name = self.base_names.get(a.base_model_id) or (a.base_model_id if a.base_model_id in live else None)
             out.append({"id": a.name, "object": "model", "created": a.registered_block, "owned_by": a.owner,
                         "adapter_id": a.adapter_id, "version": a.version,
-                        "base_model": {"id": a.base_model_id, "name": bases.get(a.base_model_id)},
+                        "base_model": {"id": a.base_model_id, "name": base_name},
                         "private": a.name in private,
                         "price_per_1k_tokens_wei": wei(self.prices.of(a.adapter_id))})  # fmt: skip
-        for base_id, name in sorted(bases.items(), key=lambda kv: kv[1]):
-            out.append({"id": name, "object": "model", "created": 0, "owned_by": "loramesh", "adapter_id": None,
-                        "base_model": {"id": base_id, "name": name}, "private": False,
-                        "price_per_1k_tokens_wei": wei(self.prices.base)})  # fmt: skip
-        return out
+        bases = [self.base_model_object(b) for b in live]
+        return out + sorted(bases, key=lambda m: m["id"])
 
     # ------------------------------------------------------------------ routing helpers
 

@@ -29,7 +29,7 @@ from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlmodel import Session, select
 
 from gateway.models import CompletionRecord, GatewayInstance, RequestStatus
-from ledger.models import RecordStatus, utcnow
+from ledger.models import RecordStatus, UsageRecord, utcnow
 from ledger.outbox import OutboxError, add_usage_record
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.receipts import ReceiptError, check_receipt
@@ -53,7 +53,10 @@ class RequestEnd:
     it, or the node's stream broke first). `node_lost`: the node's stream broke and it did not answer the
     abort (no receipt is expected).
     `reconciled`: the gateway died mid-request, so it has no completion count of its own: the receipt's,
-    capped at max_tokens and the context, is billed."""
+    capped at max_tokens and the context, is billed.
+    `withheld`: the client was answered with an error instead of the text (a non-streaming request whose node
+    failed, or whose client left before its answer): nothing was delivered, so nothing is billed. The receipt
+    is still judged against the counts sent and relayed, then the request is recorded at 0 + 0 tokens."""
 
     request_id: str
     model: str
@@ -74,6 +77,7 @@ class RequestEnd:
     aborted: bool = False
     node_lost: bool = False
     reconciled: bool = False
+    withheld: bool = False
     max_tokens: int | None = None
     context_len: int | None = None
     disputed: str | None = None  # set by the recorder: why the receipt was not accepted
@@ -215,6 +219,8 @@ class UsageRecorder:
             if end.disputed:
                 result = "disputed"
                 self._disputed(end)
+            if end.withheld:  # judged above on what was sent and relayed; billed for what was delivered: none
+                end.prompt_tokens = end.completion_tokens = 0
             usage = dict(request_id=end.request_id,
                          adapter_id=BASE_MODEL_ADAPTER_ID if end.adapter_id is None else end.adapter_id,
                          node_id=end.node_id, prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens,
@@ -273,7 +279,10 @@ class UsageRecorder:
             stmt = (update(CompletionRecord).where(CompletionRecord.request_id == end.request_id)
                     .where(CompletionRecord.status == RequestStatus.OPEN).values(**fields))  # fmt: skip
             if s.connection().execute(stmt).rowcount == 0:
-                if s.get(CompletionRecord, end.request_id) is not None:
+                row = s.get(CompletionRecord, end.request_id)
+                if row is not None:
+                    if row.status == RequestStatus.RECONCILED and usage is not None and not end.reconciled:
+                        self._lower(s, row, usage)
                     return False
                 s.add(CompletionRecord(request_id=end.request_id, max_tokens=end.max_tokens,
                                        instance_id=self.instance_id, **fields))  # fmt: skip
@@ -281,6 +290,27 @@ class UsageRecorder:
                 add_usage_record(s, **usage)
             s.commit()
         return True
+
+    @staticmethod
+    def _lower(s: Session, row: CompletionRecord, usage: dict) -> None:
+        """A sibling reconciled this request while this gateway was alive after all, billing the node's claim
+        (capped at max_tokens): its usage record is lowered to what this gateway delivered, while it is still
+        pending (not yet in a batch), and never raised. The completion record follows it."""
+        p, c = usage["prompt_tokens"], usage["completion_tokens"]
+        rid = row.request_id
+        stmt = (update(UsageRecord).where(UsageRecord.request_id == rid)
+                .where(UsageRecord.status == RecordStatus.PENDING)
+                .where(UsageRecord.prompt_tokens >= p).where(UsageRecord.completion_tokens >= c)
+                .where((UsageRecord.prompt_tokens > p) | (UsageRecord.completion_tokens > c))
+                .values(prompt_tokens=p, completion_tokens=c))  # fmt: skip
+        if s.connection().execute(stmt).rowcount != 1:
+            return
+        s.connection().execute(update(CompletionRecord).where(CompletionRecord.request_id == rid)
+                               .where(CompletionRecord.status == RequestStatus.RECONCILED)
+                               .values(prompt_tokens=p, completion_tokens=c))  # fmt: skip
+        s.commit()
+        log.warning("request %s was reconciled by a sibling while this gateway served it: its pending usage "
+                    "record is lowered to the %d + %d tokens delivered", rid[:10], p, c)  # fmt: skip
 
     # ------------------------------------------------------------------ instances and reconciliation
 

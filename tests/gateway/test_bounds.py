@@ -17,6 +17,7 @@ from ledger.models import RecordStatus, UsageRecord
 from node.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
+from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_node, make_db, poll
 from tests.utils.servers import ServerThread
 
@@ -47,12 +48,12 @@ def world(tmp_path, tiny_base):
 def test_tokens_past_max_tokens_are_not_relayed_nor_billed(world, stream):
     client, engine, node = world
     if stream:
-        chunks = list(client.completions.create(model="tiny-test", prompt="x", max_tokens=3, stream=True,
+        chunks = list(client.completions.create(model=TINY, prompt="x", max_tokens=3, stream=True,
                                                 stream_options={"include_usage": True}))  # fmt: skip
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         usage, reason = chunks[-1].usage, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
     else:
-        r = client.completions.create(model="tiny-test", prompt="x", max_tokens=3)
+        r = client.completions.create(model=TINY, prompt="x", max_tokens=3)
         text, usage, reason = r.choices[0].text, r.usage, r.choices[0].finish_reason
     assert text == " t0 t1 t2" and usage.completion_tokens == 3 and reason == "length"
     (u,) = poll(lambda: Session(engine).exec(select(UsageRecord)).all())
@@ -62,6 +63,6 @@ def test_tokens_past_max_tokens_are_not_relayed_nor_billed(world, stream):
 def test_prompt_longer_than_the_context_is_refused_by_the_gateway(world):
     client, _, node = world
     with pytest.raises(openai.BadRequestError) as ei:
-        client.completions.create(model="tiny-test", prompt=[5] * 600, max_tokens=3)  # the tiny base holds 512
+        client.completions.create(model=TINY, prompt=[5] * 600, max_tokens=3)  # the tiny base holds 512
     assert ei.value.body["code"] == "context_length_exceeded" and "512" in ei.value.body["message"]
     assert node.requests == []

@@ -28,6 +28,7 @@ from node.basemodel import base_model_id, base_model_name
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
 from node.receipts import check_receipt
+from tests.gateway import TINY
 from tests.utils.gateway import add_node, make_db, poll, start_script_node
 from tests.utils.servers import ServerThread
 
@@ -160,7 +161,7 @@ def test_node_killed_mid_stream_is_recorded_at_the_gateways_count(tiny_base, tmp
     add_node(db, node_id=identity.node_id, base_model=base, api_url=url)
     try:
         poll(lambda: httpx.get(gw.url + "/health", timeout=2).json()["live_nodes"] == 1, timeout=60, interval=0.2)
-        body = {"model": "tiny", "prompt": "hello there", "max_tokens": 300, "stream": True}
+        body = {"model": TINY, "prompt": "hello there", "max_tokens": 300, "stream": True}
         states, threads = open_streams(gw.url, key, body, 3)
         proc.kill()  # SIGKILL mid-stream: no receipt will ever come
         proc.wait(10)

@@ -24,6 +24,7 @@ from ledger.models import RecordStatus, UsageRecord
 from node.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
+from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_node, make_db, poll
 from tests.utils.servers import ServerThread
 
@@ -75,7 +76,7 @@ def record_of(engine, rid: str):
 def read_then_leave(gw, key: str, prompt: str, max_tokens: int, n: int = 1) -> str:
     """A streamed request whose client leaves after `n` token chunks; its request id."""
     with httpx.stream("POST", gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=20,
-                      json={"model": "tiny-test", "prompt": prompt, "max_tokens": max_tokens, "stream": True}) as r:
+                      json={"model": TINY, "prompt": prompt, "max_tokens": max_tokens, "stream": True}) as r:
         rid, got = r.headers["x-request-id"], 0
         for line in r.iter_lines():
             if line.startswith("data: {") and '"text":" t' in line:
@@ -105,7 +106,7 @@ def test_honest_node_whose_stream_broke_is_paid_what_the_client_got(w):
     # the stream breaks after 2 tokens; the node had made 10 when the abort reached it
     gw, engine, key, node = w
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
-    raw = client.completions.with_raw_response.create(model="tiny-test", prompt="CUT_KEEP_GOING", max_tokens=20,
+    raw = client.completions.with_raw_response.create(model=TINY, prompt="CUT_KEEP_GOING", max_tokens=20,
                                                       stream=True)  # fmt: skip
     texts = []
     with pytest.raises(openai.APIError, match="incomplete"):
@@ -132,7 +133,7 @@ def test_honest_node_whose_drain_timed_out_is_paid_what_the_client_got(w):
 def test_events_without_end_after_a_token_end_the_request(w):
     gw, engine, key, node = w
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=15)
-    raw = client.completions.with_raw_response.create(model="tiny-test", prompt="PINGS_AFTER_TOKEN", max_tokens=20,
+    raw = client.completions.with_raw_response.create(model=TINY, prompt="PINGS_AFTER_TOKEN", max_tokens=20,
                                                       stream=True)  # fmt: skip
     texts = []
     with pytest.raises(openai.APIError, match="events"):
@@ -148,7 +149,7 @@ def test_events_without_end_after_an_error_fail_the_node_before_the_first_token(
     gw, engine, key, node = w
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=15)
     with pytest.raises(openai.InternalServerError) as ei:
-        client.completions.create(model="tiny-test", prompt="PINGS_AFTER_ERROR", max_tokens=5)
+        client.completions.create(model=TINY, prompt="PINGS_AFTER_ERROR", max_tokens=5)
     assert ei.value.status_code == 503 and "before the first token" in ei.value.message
 
 
@@ -156,7 +157,7 @@ def test_a_node_that_does_not_finish_by_the_deadline_is_cut_off(w):
     # one token, then nothing for longer than the deadline (the node's abort receipt says 6 were made)
     gw, engine, key, node = w
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=15)
-    raw = client.completions.with_raw_response.create(model="tiny-test", prompt="STALL_AFTER_ABORT", max_tokens=20,
+    raw = client.completions.with_raw_response.create(model=TINY, prompt="STALL_AFTER_ABORT", max_tokens=20,
                                                       stream=True)  # fmt: skip
     texts = []
     with pytest.raises(openai.APIError, match=f"did not finish within {DEADLINE_S:.0f} s"):
@@ -166,3 +167,19 @@ def test_a_node_that_does_not_finish_by_the_deadline_is_cut_off(w):
     done, u = record_of(engine, raw.headers["x-request-id"])
     assert done.status == RequestStatus.NODE_FAILED and u.status == RecordStatus.PENDING, u.error
     assert (u.completion_tokens, u.node_completion_tokens) == (1, 6)
+
+
+def test_nonstream_client_answered_with_an_error_pays_nothing(w):
+    # non-streaming: the stream breaks after 2 tokens, the node's abort receipt claims 10; the client gets a 502
+    # and no text, so nothing was delivered: the request is recorded at 0 + 0 tokens (a fee of 0), the node's
+    # claim kept beside it, and the error carries the request's id
+    gw, engine, key, node = w
+    r = httpx.post(gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=20,
+                   json={"model": TINY, "prompt": "CUT_KEEP_GOING", "max_tokens": 20})  # fmt: skip
+    assert r.status_code == 502 and "incomplete" in r.json()["error"]["message"]
+    done, u = record_of(engine, r.headers["x-request-id"])
+    assert done.status == RequestStatus.NODE_FAILED
+    assert (done.prompt_tokens, done.completion_tokens) == (0, 0)
+    assert (u.prompt_tokens, u.completion_tokens, u.node_completion_tokens) == (0, 0, 10)
+    assert u.status == RecordStatus.PENDING, u.error
+    assert disputed(gw) == []

@@ -22,6 +22,7 @@ from ledger.models import UsageRecord
 from node.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
+from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_node, make_db, poll
 from tests.utils.servers import ServerThread
 
@@ -61,7 +62,7 @@ def health(gw) -> httpx.Response:
 def test_locked_outbox_refuses_then_recovers(world):
     gw, engine, key, path = world
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
-    assert client.completions.create(model="tiny-test", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=TINY, prompt="hi", max_tokens=2).usage.completion_tokens == 2
     assert health(gw).status_code == 200 and health(gw).json()["outbox"] == {"writable": True, "error": None,
                                                                            "unwritten": 0}  # fmt: skip
 
@@ -70,7 +71,7 @@ def test_locked_outbox_refuses_then_recovers(world):
 
     def stream() -> None:
         with httpx.stream("POST", gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"model": "tiny-test", "prompt": "long one", "max_tokens": 10, "stream": True},
+                          json={"model": TINY, "prompt": "long one", "max_tokens": 10, "stream": True},
                           timeout=30) as r:  # fmt: skip
             got["rid"] = r.headers["x-request-id"]
             got["chunks"] = [line for line in r.iter_lines() if line.startswith("data:")]
@@ -86,7 +87,7 @@ def test_locked_outbox_refuses_then_recovers(world):
         assert body["status"] == "unavailable" and not body["outbox"]["writable"]
         assert "locked" in body["outbox"]["error"]
         with pytest.raises(openai.InternalServerError) as ei:
-            client.completions.create(model="tiny-test", prompt="hi", max_tokens=2)
+            client.completions.create(model=TINY, prompt="hi", max_tokens=2)
         assert ei.value.status_code == 503 and ei.value.body["code"] == "outbox_unavailable"
         assert "locked" in ei.value.body["message"] and ei.value.response.headers["retry-after"]
         t.join(30)
@@ -104,7 +105,7 @@ def test_locked_outbox_refuses_then_recovers(world):
         done = s.get(CompletionRecord, got["rid"])
         usage = s.exec(select(UsageRecord).where(UsageRecord.request_id == got["rid"])).one()
     assert done.status == "ok" and usage.completion_tokens == 10
-    assert client.completions.create(model="tiny-test", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=TINY, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_a_request_whose_open_record_cannot_be_written_is_refused(tmp_path, tiny_base):
@@ -114,7 +115,7 @@ def test_a_request_whose_open_record_cannot_be_written_is_refused(tmp_path, tiny
     try:
         lock.execute("BEGIN IMMEDIATE")
         r = httpx.post(gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
-                       json={"model": "tiny-test", "prompt": "hi", "max_tokens": 3})  # fmt: skip
+                       json={"model": TINY, "prompt": "hi", "max_tokens": 3})  # fmt: skip
         assert r.status_code == 503 and r.json()["error"]["code"] == "outbox_unavailable", r.text
         assert health(gw).status_code == 503 and "locked" in health(gw).json()["outbox"]["error"]
         poll(lambda: node.aborted, timeout=10)  # the node, which had started on it, was told to stop

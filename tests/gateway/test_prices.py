@@ -18,6 +18,7 @@ from gateway.settings import GatewaySettings
 from node.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
+from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db
 from tests.utils.servers import ServerThread
 
@@ -59,7 +60,7 @@ def test_models_show_prices(world):
     listed = {m.id: m.model_extra for m in client(gw, key).models.list()}
     assert listed["acme/cheap"]["price_per_1k_tokens_wei"] == str(10**12)
     assert listed["acme/dear"]["price_per_1k_tokens_wei"] == str(5 * 10**18)
-    assert listed["tiny-test"]["price_per_1k_tokens_wei"] is None  # no chain here: no base price to show
+    assert listed[TINY]["price_per_1k_tokens_wei"] is None  # no chain here: no base price to show
     assert client(gw, key).models.retrieve("acme/dear").model_extra["price_per_1k_tokens_wei"] == str(5 * 10**18)
 
 

@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 
 from gateway.app import create_app
 from gateway.keys import create_key, revoke_key
-from gateway.models import CompletionRecord
+from gateway.models import CompletionRecord, RequestStatus
 from gateway.router import rank_nodes
 from gateway.settings import GatewaySettings
 from ledger.models import UsageRecord
@@ -24,6 +24,7 @@ from node.heartbeat import HeartbeatSender, make_heartbeat
 from node.basemodel import base_model_id
 from node.keys import Identity
 from node.receipts import check_receipt
+from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db, poll
 from tests.utils.servers import ServerThread
 
@@ -111,7 +112,7 @@ def w(world):
 
 def test_models_listing_respects_private_adapters(w):
     ids = [m.id for m in w.client().models.list()]
-    assert ids == ["acme/alpha", "acme/beta", "acme/orphan", "tiny-test"]
+    assert ids == ["acme/alpha", "acme/beta", "acme/orphan", TINY]
     insider = [m.id for m in w.client(w.granted).models.list()]
     assert "acme/secret" in insider
     alpha = w.client().models.retrieve("acme/alpha")
@@ -164,7 +165,7 @@ def test_chat_stream_without_tokens_still_opens_with_the_role(w):
         n.tokens = 0
     try:
         r = httpx.post(w.gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {w.key}"}, timeout=10,
-                       json={"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+                       json={"model": TINY, "messages": [{"role": "user", "content": "hi"}], "stream": True})
     finally:
         for n in w.nodes:
             n.tokens = 5
@@ -227,6 +228,9 @@ def test_non_stream_cut_is_502(w):
     with pytest.raises(openai.APIStatusError) as ei:
         w.client().completions.create(model="acme/alpha", prompt="CUT_AFTER_2", max_tokens=5)
     assert ei.value.status_code == 502
+    rid = ei.value.response.headers["x-request-id"]  # the error names its request; nothing delivered, 0 billed
+    d = poll(lambda: next((d for d in w.records()[0] if d.request_id == rid and d.status != "open"), None))
+    assert (d.status, d.prompt_tokens, d.completion_tokens) == ("node_failed", 0, 0)
 
 
 def test_client_disconnect_aborts_and_records(w):
@@ -352,9 +356,12 @@ def test_every_served_request_is_in_the_outbox_once(world):
     # served = a node answered it with a signed receipt: tokens counted, prompt or completion. That
     # includes bare base-model requests (the chat stream that produced no token above paid for its
     # prompt), which go to the outbox under the zero adapter id like adapter requests under theirs.
+    # A non-streaming request answered with an error (its node failed) delivered nothing: recorded at 0 + 0.
     done, usage = world.records()
     served = {d.request_id for d in done if d.node_id is not None and d.prompt_tokens + d.completion_tokens > 0}
-    assert served and served == {u.request_id for u in usage}
+    withheld = {u.request_id for u in usage if u.prompt_tokens + u.completion_tokens == 0}
+    assert served and served == {u.request_id for u in usage} - withheld
+    assert all(d.status == RequestStatus.NODE_FAILED for d in done if d.request_id in withheld)
     adapter_of = {d.request_id: d.adapter_id for d in done}
     assert all(u.adapter_id == (adapter_of[u.request_id] or BASE_MODEL_ADAPTER_ID) for u in usage)
     assert any(u.adapter_id == BASE_MODEL_ADAPTER_ID and u.completion_tokens == 0 for u in usage)

@@ -14,8 +14,10 @@ from gateway.errors import ModelNotFound
 from gateway.keys import KeyInfo
 from gateway.registry import RegistryView
 from gateway.service import Gateway
+from node.basemodel import base_model_name
 from node.heartbeat import make_heartbeat
 from node.keys import Identity
+from tests.gateway import TINY
 from tests.utils.gateway import add_adapter, add_node, make_db
 
 BASE = "0x" + "11" * 32
@@ -46,7 +48,9 @@ def world(tmp_path):
     directory.accept_heartbeat(make_heartbeat(node, api_url="http://127.0.0.1:7001", base_model_id=BASE,
                                               status={"queue_depth": 0, "running": 0, "base_model": {"name": "tiny"}},
                                               ts_ms=int(time.time() * 1000)))  # fmt: skip
-    gw = SimpleNamespace(registry=reg, directory=directory, _visible=partial(Gateway._visible, None))
+    # the bases this gateway was configured with (--base): their names are the only base names it knows
+    gw = SimpleNamespace(registry=reg, directory=directory, base_names={BASE: "tiny"},
+                         _visible=partial(Gateway._visible, None))  # fmt: skip
     return engine, reg, gw, clock
 
 
@@ -95,3 +99,24 @@ def test_an_adapter_named_like_a_base_model_does_not_take_its_requests(world):
     clock.t += 60  # the base's nodes went quiet: its name still never reaches the adapter named after it
     t = resolve(gw, "tiny")
     assert (t.adapter_id, t.base_model_id) == (None, BASE)
+
+
+@pytest.mark.parametrize("base", [BASE, OTHER_BASE])
+def test_a_base_name_a_node_announces_does_not_take_an_adapters_requests(world, base):
+    # a node (on the adapter's base or any other) announces the base name "alice/capitals": base names come
+    # only from the gateway's own configuration, so the adapter keeps its name, live or offline
+    engine, reg, gw, clock = world
+    evil = Identity.generate()
+    add_node(engine, node_id=evil.node_id, base_model=base, api_url="http://127.0.0.1:7002")
+    reg.reload()
+    gw.directory.accept_heartbeat(make_heartbeat(evil, api_url="http://127.0.0.1:7002", base_model_id=base,
+                                                 status={"queue_depth": 0, "running": 0,
+                                                         "base_model": {"name": "alice/capitals"}},
+                                                 ts_ms=int(time.time() * 1000)))  # fmt: skip
+    assert resolve(gw, "alice/capitals").adapter_id == REAL
+    clock.t += 60
+    assert resolve(gw, "alice/capitals").adapter_id == REAL
+
+
+def test_the_tiny_bases_name_is_the_one_the_gateway_tests_ask_for(tiny_base):
+    assert base_model_name(tiny_base) == TINY

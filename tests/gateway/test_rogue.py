@@ -23,6 +23,7 @@ from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
 from node.basemodel import base_model_id
 from node.receipts import check_receipt
+from tests.gateway import TINY
 from tests.utils.gateway import add_node, make_db, poll, start_script_node
 from tests.utils.rogue_node import ROGUE_CLAIM
 from tests.utils.servers import ServerThread
@@ -64,9 +65,9 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
     try:
         poll(lambda: health(server.url)["live_nodes"] == 1, timeout=60, interval=0.2)
         models = {m.id: m.model_extra for m in client.models.list()}
-        assert models["tiny"]["price_per_1k_tokens_wei"] == str(anvil_chain.client().base_price())  # the base price
+        assert models[TINY]["price_per_1k_tokens_wei"] == str(anvil_chain.client().base_price())  # the base price
 
-        raw = client.completions.with_raw_response.create(model="tiny", prompt="hello world, how are you", max_tokens=8)
+        raw = client.completions.with_raw_response.create(model=TINY, prompt="hello world, how are you", max_tokens=8)
         r, rid = raw.parse(), raw.headers["x-request-id"]
         prompt_ids = AutoTokenizer.from_pretrained(str(tiny_base)).encode("hello world, how are you")
         # the client is shown what the gateway saw, not the receipt's claim
@@ -90,7 +91,7 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         # dropped from routing though it still heartbeats: its base model is served by nobody now (the base
         # keeps its name: 503, not 404)
         with pytest.raises(openai.InternalServerError) as ei:
-            client.completions.create(model="tiny", prompt="again", max_tokens=2)
+            client.completions.create(model=TINY, prompt="again", max_tokens=2)
         assert ei.value.status_code == 503 and ei.value.body["code"] == "no_node_available"
         assert health(server.url)["live_nodes"] == 0
 
@@ -98,7 +99,7 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         honest, honest_id, _ = start_script_node(tmp_path, "honest", server.url, base, mode="honest",
                                                  chain=anvil_chain, tokens=3)  # fmt: skip
         poll(lambda: health(server.url)["live_nodes"] == 1, timeout=60, interval=0.2)
-        raw = client.completions.with_raw_response.create(model="tiny", prompt="hello", max_tokens=3)
+        raw = client.completions.with_raw_response.create(model=TINY, prompt="hello", max_tokens=3)
         ok_rid = raw.headers["x-request-id"]
         assert raw.headers["x-loramesh-node"] == honest_id.node_id and raw.parse().usage.completion_tokens == 3
 
@@ -139,7 +140,7 @@ def test_node_streaming_on_after_the_client_left_is_paid_what_the_client_got(tin
     try:
         poll(lambda: health(gw.url)["live_nodes"] == 1, timeout=60, interval=0.2)
         with httpx.stream("POST", gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"model": "tiny", "prompt": "hello", "max_tokens": 100, "stream": True},
+                          json={"model": TINY, "prompt": "hello", "max_tokens": 100, "stream": True},
                           timeout=30) as r:  # fmt: skip
             rid = r.headers["x-request-id"]
             for line in r.iter_lines():

@@ -366,3 +366,35 @@ def test_a_claim_past_a_postgres_integer_is_disputed_and_the_request_closed(post
     assert done.status == RequestStatus.CLIENT_CLOSED and u.status == RecordStatus.DISPUTED
     assert "5000000000" in u.error and u.node_completion_tokens is None
     engine.dispose()
+
+
+def test_a_live_gateways_close_after_a_siblings_reconciliation_lowers_the_bill(setup):
+    # a sibling took this gateway for dead and reconciled its open request first, billing the node's receipt
+    # (12, capped at max_tokens 16); the live gateway delivered 4: its close finds the request closed and
+    # lowers the still pending usage record to what the client got. It never raises it, nor touches a
+    # record already in a batch.
+    engine, ident, rec = setup
+    sibling = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="sibling")
+    rids = []
+    for live_count in (4, 14, 4):
+        rid = "0x" + f"{time.time_ns():064x}"
+        rids.append(rid)
+        rec.open(request_id=rid, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=7,
+                 prompt_tokens=3, max_tokens=16)  # fmt: skip
+        reconciled = end_for(ident, rid=rid, completion=0, claimed=(3, 12), reconciled=True,
+                             status=RequestStatus.RECONCILED)  # fmt: skip
+        assert sibling.record(reconciled) == "recorded"
+        if len(rids) == 3:  # batched before the live gateway's close: left as it is
+            with Session(engine) as s:
+                u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).one()
+                u.status = RecordStatus.SUBMITTED
+                s.add(u)
+                s.commit()
+        live = end_for(ident, rid=rid, completion=live_count, claimed=(3, 12), aborted=True,
+                       status=RequestStatus.CLIENT_CLOSED)  # fmt: skip
+        assert rec.record(live) == "already_closed"
+    with Session(engine) as s:
+        got = [(s.get(CompletionRecord, rid).completion_tokens,
+                s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).one().completion_tokens)
+               for rid in rids]  # fmt: skip
+    assert got == [(4, 4), (12, 12), (12, 12)]
