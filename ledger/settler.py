@@ -662,9 +662,7 @@ class Settler:
                 ids.append(rid)
             if not ids:
                 return 0
-            n = s.execute(update(UsageRecord).where(UsageRecord.id.in_(ids), *cond)
-                          .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
-            s.commit()
+            n = _back_to_outbox(s, UsageRecord.id.in_(ids), *cond)
         log.info("the deposit can pay %d records set aside for it: back in the outbox", n)
         return n
 
@@ -685,27 +683,13 @@ class Settler:
                           .order_by(UsageRecord.id).limit(self.config.batch_size * 10)).all()  # fmt: skip
         if not rows:
             return 0
-        known: dict[str, bool] = {BASE_MODEL_ADAPTER_ID: True}
-        for _, a, n in rows:
-            if a not in known:
-                try:
-                    self.client.get_adapter(a)
-                    known[a] = True
-                except UnknownAdapter:
-                    known[a] = False
-            if n not in known:
-                try:
-                    known[n] = n in self._known_nodes or self.client.get_node(n) is not None
-                    self._known_nodes.add(n)
-                except UnknownNode:
-                    known[n] = False
-        ids = [rid for rid, a, n in rows if known[a] and known[n]]
+        prices: dict[str, int | str] = {}
+        self._look_up(rows, prices)  # a reason string for what is still not registered
+        ids = [r.id for r in rows if not isinstance(prices[r.adapter_id], str) and r.node_id not in prices]
         if not ids:
             return 0
         with Session(self.engine) as s:
-            n = s.execute(update(UsageRecord).where(UsageRecord.id.in_(ids), *cond)
-                          .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
-            s.commit()
+            n = _back_to_outbox(s, UsageRecord.id.in_(ids), *cond)
         log.info("%d records set aside as unregistered name a registered adapter and node now: back in the outbox", n)
         return n
 
@@ -720,9 +704,7 @@ class Settler:
         self._next_price_retry = now + PRICE_MOVING_RETRY_EVERY
         cond = (UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{PRICE_MOVING}%"))
         with Session(self.engine) as s:
-            n = s.execute(update(UsageRecord).where(*cond)
-                          .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
-            s.commit()
+            n = _back_to_outbox(s, *cond)
         if n:
             log.info("%d records set aside as their price kept moving: back in the outbox", n)
         return n
@@ -996,6 +978,14 @@ def settler_status(engine: Engine, client: ChainClient | None = None, settler: s
     return out
 
 
+def _back_to_outbox(s: Session, *where) -> int:
+    """Put the records matching `where` back in the outbox, unpriced and unmarked, and commit; how many."""
+    n = s.execute(update(UsageRecord).where(*where)
+                  .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
+    s.commit()
+    return n
+
+
 def requeue_set_aside(engine: Engine, reason_prefix: str = "") -> int:
     """Put set-aside records (those whose reason starts with `reason_prefix`) back in the outbox as
     pending; a settler prices and bounds them again. Returns how many."""
@@ -1003,7 +993,4 @@ def requeue_set_aside(engine: Engine, reason_prefix: str = "") -> int:
     if reason_prefix:
         cond.append(UsageRecord.error.like(reason_prefix.replace("%", r"\%").replace("_", r"\_") + "%", escape="\\"))
     with Session(engine) as s:
-        n = s.execute(update(UsageRecord).where(*cond).values(status=RecordStatus.PENDING, error=None,
-                                                              fee_wei=None)).rowcount  # fmt: skip
-        s.commit()
-    return n
+        return _back_to_outbox(s, *cond)
