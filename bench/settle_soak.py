@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -64,7 +63,7 @@ def writer(args) -> None:
 
 
 def soak(args) -> int:
-    from tests.ledger.audit import ledger_transactions, record_settled_counts
+    from tests.ledger.audit import ledger_transactions, record_settled_counts, stop_settlers
     from tests.utils.chain import start_chain, register_sample
     from tests.utils.postgres import start_postgres
 
@@ -123,13 +122,7 @@ def soak(args) -> int:
             time.sleep(0.5)
         settled_at = time.monotonic()
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_settlers(procs)
 
     try:
         ids = [line.strip() for i in range(args.writers) for line in (tmp / f"writer-{i}.ids").read_text().split()]

@@ -4,6 +4,8 @@ Shared by the multi-settler tests and bench/settle_soak.py."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections import Counter
 from dataclasses import dataclass
 
@@ -57,3 +59,14 @@ def ledger_transactions(w3, ledger: str, from_block: int, senders=None) -> list[
             rcpt = _rpc(w3, "eth_getTransactionReceipt", [tx["hash"]])
             out.append(LedgerTx(tx["hash"], tx["from"].lower(), n, int(rcpt["status"], 16), int(rcpt["gasUsed"], 16)))
     return out
+
+
+def stop_settlers(procs: list[subprocess.Popen], timeout: float = 30) -> None:
+    """SIGTERM every settler process (they hand their claims back), wait, and kill what is still running."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()

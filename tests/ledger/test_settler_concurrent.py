@@ -5,7 +5,6 @@ RecordSettled), none is lost, and no settlement transaction reverted (the receip
 transaction sent to the ledger)."""
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from ledger.db import init_db, make_engine
 from ledger.models import BatchStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, count_by_status
 from ledger.settler_config import CRASH_ENV
-from tests.ledger.audit import ledger_transactions, record_settled_counts
+from tests.ledger.audit import ledger_transactions, record_settled_counts, stop_settlers
 from tests.utils.chain import ETHER, rand_id, register_sample
 from tests.utils.postgres import postgres  # noqa: F401 - fixture
 
@@ -96,13 +95,7 @@ def test_two_settler_processes_settle_each_record_once(slow_chain, tmp_path, db_
             assert time.monotonic() < deadline, f"not all settled in time: {counts}"
             time.sleep(0.2)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_settlers(procs)
     logs = [(tmp_path / f"settler-{i}.log").read_text() for i in range(2)]
     assert [p.returncode for p in procs] == [0, 0], [t[-3000:] for t in logs]
 
