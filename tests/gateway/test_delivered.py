@@ -86,6 +86,18 @@ def read_then_leave(gw, key: str, prompt: str, max_tokens: int, n: int = 1) -> s
     return rid
 
 
+def stream_until_error(gw, key: str, prompt: str, *, match: str, timeout: float) -> tuple[list[str], str]:
+    """A streamed request (max_tokens 20) through the official client that must end in an APIError
+    matching `match`: the texts received before it, and the request id."""
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=timeout)
+    raw = client.completions.with_raw_response.create(model=TINY, prompt=prompt, max_tokens=20, stream=True)
+    texts = []
+    with pytest.raises(openai.APIError, match=match):
+        for c in raw.parse():
+            texts.append(c.choices[0].text)
+    return texts, raw.headers["x-request-id"]
+
+
 def disputed(gw) -> list:
     return httpx.get(gw.url + "/health", timeout=5).json()["disputed_nodes"]
 
@@ -105,15 +117,9 @@ def test_tokens_streamed_after_the_client_left_are_not_paid(w):
 def test_honest_node_whose_stream_broke_is_paid_what_the_client_got(w):
     # the stream breaks after 2 tokens; the node had made 10 when the abort reached it
     gw, engine, key, node = w
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
-    raw = client.completions.with_raw_response.create(model=TINY, prompt="CUT_KEEP_GOING", max_tokens=20,
-                                                      stream=True)  # fmt: skip
-    texts = []
-    with pytest.raises(openai.APIError, match="incomplete"):
-        for c in raw.parse():
-            texts.append(c.choices[0].text)
+    texts, rid = stream_until_error(gw, key, "CUT_KEEP_GOING", match="incomplete", timeout=20)
     assert texts == [" t0", " t1"]
-    done, u = record_of(engine, raw.headers["x-request-id"])
+    done, u = record_of(engine, rid)
     assert done.status == RequestStatus.NODE_FAILED and u.status == RecordStatus.PENDING, u.error
     assert (u.completion_tokens, u.node_completion_tokens) == (2, 10)
     assert disputed(gw) == []
@@ -132,15 +138,9 @@ def test_honest_node_whose_drain_timed_out_is_paid_what_the_client_got(w):
 
 def test_events_without_end_after_a_token_end_the_request(w):
     gw, engine, key, node = w
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=15)
-    raw = client.completions.with_raw_response.create(model=TINY, prompt="PINGS_AFTER_TOKEN", max_tokens=20,
-                                                      stream=True)  # fmt: skip
-    texts = []
-    with pytest.raises(openai.APIError, match="events"):
-        for c in raw.parse():
-            texts.append(c.choices[0].text)
+    texts, rid = stream_until_error(gw, key, "PINGS_AFTER_TOKEN", match="events", timeout=15)
     assert texts == [" t0"]
-    done, u = record_of(engine, raw.headers["x-request-id"])
+    done, u = record_of(engine, rid)
     assert done.status == RequestStatus.NODE_FAILED and "events" in done.error
     assert u.completion_tokens == 1 and u.status == RecordStatus.PENDING
 
@@ -156,15 +156,10 @@ def test_events_without_end_after_an_error_fail_the_node_before_the_first_token(
 def test_a_node_that_does_not_finish_by_the_deadline_is_cut_off(w):
     # one token, then nothing for longer than the deadline (the node's abort receipt says 6 were made)
     gw, engine, key, node = w
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=15)
-    raw = client.completions.with_raw_response.create(model=TINY, prompt="STALL_AFTER_ABORT", max_tokens=20,
-                                                      stream=True)  # fmt: skip
-    texts = []
-    with pytest.raises(openai.APIError, match=f"did not finish within {DEADLINE_S:.0f} s"):
-        for c in raw.parse():
-            texts.append(c.choices[0].text)
+    texts, rid = stream_until_error(gw, key, "STALL_AFTER_ABORT", match=f"did not finish within {DEADLINE_S:.0f} s",
+                                    timeout=15)
     assert texts == [" t0"]
-    done, u = record_of(engine, raw.headers["x-request-id"])
+    done, u = record_of(engine, rid)
     assert done.status == RequestStatus.NODE_FAILED and u.status == RecordStatus.PENDING, u.error
     assert (u.completion_tokens, u.node_completion_tokens) == (1, 6)
 
