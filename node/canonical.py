@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import sys
 import json
 from typing import Any
 
@@ -28,3 +30,107 @@ def is_id(value: object) -> bool:
     except ValueError:
         return False
     return value == value.lower()
+
+
+# ---- the one parser of untrusted JSON ---------------------------------------------------------------
+# Bytes from the network, from uploaded packages and from files a stranger may have written are parsed
+# here and nowhere else. Python's C decoder recurses once per nesting level and checks only the
+# interpreter's recursion limit, which py_ecc (imported by the Ethereum libraries) raises to 100,000:
+# 100 KB of "[" then overflows the C stack and the process dies with SIGSEGV before any exception.
+# So nesting depth is counted on the raw text first (strings blanked out), and the limit is restored.
+
+MAX_JSON_DEPTH = 64
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: linear, no backtracking
+_BRACKETS = re.compile(r"[\[\]{}]")
+SANE_RECURSION_LIMIT = 1000
+
+
+class UntrustedJSONError(ValueError):
+    """Untrusted bytes that are not acceptable JSON: too big, too deep, malformed, or not as required."""
+
+
+def _no_constant(name: str) -> Any:
+    raise UntrustedJSONError(f"{name} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise UntrustedJSONError(f"duplicate key {dup[:64]!r}")
+    return obj
+
+
+def json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> int:
+    """Deepest nesting of arrays and objects in `text` (stops counting once past `limit`)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_STRINGS.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        else:
+            depth -= 1
+    return deepest
+
+
+def parse_json(data: bytes | bytearray | memoryview | str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH,
+               what: str = "JSON") -> Any:
+    """Parse untrusted JSON within limits, or raise UntrustedJSONError with one clear line.
+
+    Refused: more than `max_bytes` bytes, nesting deeper than `max_depth`, invalid UTF-8 or JSON,
+    NaN/Infinity, duplicate object keys, and lone surrogates in strings (they cannot be encoded back).
+    """
+    size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
+    if size > max_bytes:
+        raise UntrustedJSONError(f"{what} is {size} bytes, more than the limit of {max_bytes}")
+    if isinstance(data, str):
+        text = data
+    else:
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UntrustedJSONError(f"{what} is not valid UTF-8 (byte {e.start})") from None
+    if json_depth(text, max_depth) > max_depth:
+        raise UntrustedJSONError(f"{what} is nested deeper than {max_depth} levels")
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except UntrustedJSONError as e:
+        raise UntrustedJSONError(f"{what}: {e}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UntrustedJSONError(f"{what} is not valid JSON: {getattr(e, 'msg', e)} "
+                                 f"at position {getattr(e, 'pos', '?')}") from None
+    _check_strings(obj, what)
+    return obj
+
+
+def _check_strings(obj: Any, what: str) -> None:
+    # A "\ud800" escape decodes to a lone surrogate, which no later encode("utf-8") accepts: refuse it here,
+    # where the error can say what it is, instead of as a 500 deep inside a handler.
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            _check_text(o, what)
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                _check_text(k, what)
+                stack.append(v)
+        elif isinstance(o, list):
+            stack.extend(o)
+
+
+def _check_text(s: str, what: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UntrustedJSONError(f"{what} holds a lone UTF-16 surrogate in a string") from None
+
+
+def restore_recursion_limit() -> None:
+    """Undo py_ecc's import-time sys.setrecursionlimit(100000), which lets deep recursion crash the process."""
+    if sys.getrecursionlimit() > SANE_RECURSION_LIMIT * 4:
+        sys.setrecursionlimit(SANE_RECURSION_LIMIT * 4)

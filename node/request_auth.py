@@ -1,0 +1,96 @@
+"""Who may call a node: gateways it trusts (signed requests) and its operator (a bearer token).
+
+A gateway signs each call with its Ed25519 gateway key. The signature covers a domain tag, the
+method, the path, a millisecond timestamp, the id of the node it is meant for and the sha256 of the
+body, so a captured request cannot be replayed at another node, on another path, with another body,
+or after MAX_SKEW_MS. Three headers carry it:
+
+    X-Loramesh-Gateway-Key: 64 hex (the raw Ed25519 public key)
+    X-Loramesh-Timestamp:   milliseconds since the epoch
+    X-Loramesh-Signature:   128 hex
+
+The node accepts a signed call only from a key on its allow-list (operator configuration, or the
+keys of the gateways it is configured to heartbeat to, learned from their heartbeat answers).
+Operator endpoints take `Authorization: Bearer <token>` with the token the node keeps in its data
+folder (created 0600 on first start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Collection, Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+DOMAIN = b"loramesh.node-request.v1"
+KEY_HEADER = "x-loramesh-gateway-key"
+TS_HEADER = "x-loramesh-timestamp"
+SIG_HEADER = "x-loramesh-signature"
+MAX_SKEW_MS = 60_000
+
+
+class RequestAuthError(Exception):
+    """A call that is not authenticated (401) or not allowed (403); `status` says which."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def gateway_public_key_hex(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def _message(method: str, path: str, ts_ms: int, node_id: str, body: bytes) -> bytes:
+    return b"\n".join([DOMAIN, method.upper().encode(), path.encode(), str(ts_ms).encode(), node_id.encode(),
+                       hashlib.sha256(body).hexdigest().encode()])
+
+
+def sign_request(key: Ed25519PrivateKey, *, method: str, path: str, node_id: str, body: bytes = b"",
+                 ts_ms: int | None = None) -> dict[str, str]:
+    """The headers that authenticate one call from a gateway to the node `node_id`."""
+    ts = int(time.time() * 1000) if ts_ms is None else int(ts_ms)
+    sig = key.sign(_message(method, path, ts, node_id, body))
+    return {KEY_HEADER: gateway_public_key_hex(key), TS_HEADER: str(ts), SIG_HEADER: sig.hex()}
+
+
+def verify_request(headers: Mapping[str, str], *, method: str, path: str, node_id: str, body: bytes,
+                   trusted: Collection[str], now_ms: int | None = None) -> str:
+    """Check a gateway's signed call; return the gateway's public key (hex). Raises RequestAuthError."""
+    key_hex, ts_raw, sig_hex = headers.get(KEY_HEADER), headers.get(TS_HEADER), headers.get(SIG_HEADER)
+    if not key_hex or not ts_raw or not sig_hex:
+        raise RequestAuthError(401, "this endpoint needs a request signed by a gateway the node trusts", "unauthenticated")
+    key_hex = key_hex.lower()
+    if len(key_hex) != 64 or len(sig_hex) != 128 or not ts_raw.isdigit() or len(ts_raw) > 16:
+        raise RequestAuthError(401, "malformed gateway signature headers", "unauthenticated")
+    try:
+        public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex))
+        signature = bytes.fromhex(sig_hex)
+    except ValueError:
+        raise RequestAuthError(401, "malformed gateway signature headers", "unauthenticated") from None
+    ts = int(ts_raw)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    if abs(now - ts) > MAX_SKEW_MS:
+        raise RequestAuthError(401, f"request timestamp is more than {MAX_SKEW_MS // 1000} s from the node's clock",
+                               "unauthenticated")
+    try:
+        public.verify(signature, _message(method, path, ts, node_id, body))
+    except InvalidSignature:
+        raise RequestAuthError(401, "gateway signature does not verify", "unauthenticated") from None
+    if key_hex not in trusted:
+        raise RequestAuthError(403, "this node does not trust that gateway key", "gateway_not_trusted")
+    return key_hex
+
+
+def check_bearer(authorization: str | None, token: str) -> None:
+    """Check `Authorization: Bearer <token>` in constant time. Raises RequestAuthError (401)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise RequestAuthError(401, "this endpoint needs the node operator's token (Authorization: Bearer ...)",
+                               "unauthenticated")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise RequestAuthError(401, "wrong operator token", "unauthenticated")
