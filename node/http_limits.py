@@ -1,0 +1,85 @@
+"""A body-size limit for every HTTP app we serve (node API, gateway, explorer), as pure ASGI middleware.
+
+Starlette reads a request body whole before a handler sees it, so without a limit one client can make
+a process buffer (and then parse) as much as it sends. The limit is checked against Content-Length
+before anything is read, and again while a chunked body streams in; either way the answer is 413 in
+the API's error shape and the connection's body is never buffered past the limit.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                 "code": "request_too_large"}}).encode()
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies above `max_bytes` (per path prefix in `overrides`, longest prefix wins)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 overrides: dict[str, int] | None = None) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.overrides = sorted((overrides or {}).items(), key=lambda kv: -len(kv[0]))
+
+    def limit_for(self, path: str) -> int:
+        return next((n for prefix, n in self.overrides if path.startswith(prefix)), self.max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope.get("path", ""))
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await self._refuse(send, 400, "Content-Length is not a number")
+                    return
+                if declared > limit:
+                    await self._refuse(send, 413, f"request body of {declared} bytes is over the limit of {limit}")
+                    return
+        seen = 0
+        over = started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # the app sees its client go away; whatever it answers is replaced by the 413 below
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if over:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._refuse(send, 413, f"request body is over the limit of {limit} bytes")
+
+    @staticmethod
+    async def _refuse(send: Send, status: int, message: str) -> None:
+        body = _error_body(message)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
