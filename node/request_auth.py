@@ -22,6 +22,7 @@ import hmac
 import time
 from collections.abc import Collection, Mapping
 
+import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -94,3 +95,28 @@ def check_bearer(authorization: str | None, token: str) -> None:
                                "unauthenticated")
     if not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise RequestAuthError(401, "wrong operator token", "unauthenticated")
+
+
+class SignedNodeAuth(httpx.Auth):
+    """httpx auth that signs every call to one node (`node_id`) with a gateway key."""
+
+    requires_request_body = True
+
+    def __init__(self, key: Ed25519PrivateKey, node_id: str) -> None:
+        self.key, self.node_id = key, node_id
+
+    def auth_flow(self, request: httpx.Request):
+        request.headers.update(sign_request(self.key, method=request.method, path=request.url.path,
+                                            node_id=self.node_id, body=request.content))
+        yield request
+
+
+class BearerAuth(httpx.Auth):
+    """httpx auth for the node operator's endpoints."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def auth_flow(self, request: httpx.Request):
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
