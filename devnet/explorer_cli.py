@@ -30,6 +30,9 @@ def explorer(
     import socket
 
     from devnet.explorer import ExplorerConfig, create_app
+    from node.canonical import restore_recursion_limit
+
+    restore_recursion_limit()  # web3's py_ecc raised it to 100,000 at import: deep recursion would crash, not raise
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -13,7 +13,8 @@ from typing import Annotated
 from eth_utils import is_hex_address, to_checksum_address
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from devnet.explorer import pages_accounts as acc
@@ -22,6 +23,14 @@ from devnet.explorer import pages_registry as reg
 from devnet.explorer.service import Explorer, ExplorerConfig
 from ledger.errors import LedgerError
 from ledger.types import to_id
+from node.http_limits import BodyLimitMiddleware
+
+# The explorer takes no request bodies (every route is a GET): anything sent is refused before it is read.
+MAX_BODY_BYTES = 64 * 1024
+# Routes that answer JSON: their errors are in the API's error shape, every other route's are an HTML page.
+JSON_ROUTES = ("/health", "/openapi.json")
+ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 500: "internal_error",
+               503: "unavailable"}
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,19 @@ def _id(value: str, what: str) -> str:
         raise BadId(f"{what} must be 0x followed by 64 hex digits, got {value[:80]!r}") from e
 
 
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+_ERROR_JSON = {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"}}}}}}}
+# Declared on every route, so the OpenAPI schema (/openapi.json) says what an error looks like: an HTML page,
+# or on JSON routes the API's error shape.
+ERROR_RESPONSES = {status: {"description": what, "content": {**_HTML, **_ERROR_JSON}}
+                   for status, what in ((400, "a bad id or query value"), (404, "nothing with this id"),
+                                        (413, "a request body (none is taken)"),
+                                        (503, "the chain or the ledger database cannot be read"))}
+
+
 def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | None = None) -> FastAPI:
     """The explorer app over `explorer`, or over one opened from `config` (checked now, not per request)."""
     if explorer is None:
@@ -54,34 +76,58 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
         yield
         ex.close()
 
-    app = FastAPI(title="loramesh explorer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="loramesh explorer", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  responses=ERROR_RESPONSES)
     app.state.explorer = ex
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
 
-    def html(text: str, status: int = 200) -> HTMLResponse:
-        return HTMLResponse(text, status_code=status)
+    def error(request: Request, status: int, message: str) -> Response:
+        """One error answer: the API's JSON error shape on JSON routes, an HTML page on the others."""
+        if request.url.path in JSON_ROUTES:
+            return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500
+                                           else "server_error", "code": ERROR_CODES.get(status, "error")}},
+                                status_code=status)
+        return HTMLResponse(acc.error_page(status, message), status_code=status)
 
     @app.exception_handler(NotFound)
-    async def _not_found(request: Request, exc: NotFound) -> HTMLResponse:
-        return html(acc.error_page(404, str(exc)), 404)
+    async def _not_found(request: Request, exc: NotFound) -> Response:
+        return error(request, 404, str(exc))
 
     @app.exception_handler(BadId)
-    async def _bad_id(request: Request, exc: BadId) -> HTMLResponse:
-        return html(acc.error_page(400, str(exc)), 400)
+    async def _bad_id(request: Request, exc: BadId) -> Response:
+        return error(request, 400, str(exc))
 
     @app.exception_handler(LedgerError)
-    async def _chain(request: Request, exc: LedgerError) -> HTMLResponse:
+    async def _chain(request: Request, exc: LedgerError) -> Response:
         log.warning("explorer: %s", exc)
-        return html(acc.error_page(503, str(exc).splitlines()[0]), 503)
+        return error(request, 503, str(exc).splitlines()[0])
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> Response:
+        # a corrupt, replaced or half-migrated database: the page says so in one line (no SQL, no path);
+        # the log keeps the driver's own message
+        cause = getattr(exc, "orig", None) or exc
+        log.warning("explorer: ledger database error on %s: %s: %s", request.url.path, type(cause).__name__,
+                    str(cause).splitlines()[0] if str(cause) else "")
+        return error(request, 503, f"the ledger database cannot be read ({type(cause).__name__}): "
+                                   "check the --db the explorer was started with")
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> HTMLResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "query")
-        return html(acc.error_page(400, f"{where}: {first.get('msg', 'invalid value')}"), 400)
+        return error(request, 400, f"{where}: {first.get('msg', 'invalid value')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
-        return html(acc.error_page(exc.status_code, str(exc.detail)), exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return error(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # the last resort (Starlette's ServerErrorMiddleware calls it): a page in our shape, never the
+        # plain-text 500; the traceback goes to the log and the explorer keeps serving
+        log.error("explorer: unexpected error on %s", request.url.path, exc_info=exc)
+        return error(request, 500, "the explorer failed on this page; the details are in its log")
 
     def fresh(fn):
         """Run a handler holding the explorer's lock on an index brought up to the chain's head first."""
@@ -208,6 +254,8 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
     @app.get("/health")
     @fresh
     def health() -> dict:
+        """Deliberately public: the chain head, settled records, and that the ledger database is readable."""
+        ex.store.counts()  # raises on a database that cannot be read: 503 in the JSON error shape
         return {"ok": True, "head": ex.index.last_block, "records": len(ex.index.records)}
 
     return app

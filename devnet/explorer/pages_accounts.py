@@ -135,4 +135,6 @@ def search_page(query: str, hits: list[tuple[str, str, str]]) -> str:
 
 def error_page(status: int, message: str) -> str:
     body = card(f'<p id="error-message" class="bad">{esc(message)}</p><p>{link("/", "back to the overview")}</p>')
-    return page({400: "Bad request", 404: "Not found"}.get(status, "Unavailable"), body)
+    title = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Request too large",
+             500: "Server error"}.get(status, "Unavailable")
+    return page(title, body)

@@ -13,17 +13,19 @@ when sha256(key) is the record's node id. Without such a key the signature is sh
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from node.canonical import sha256_hex
+from node.canonical import UntrustedJSONError, parse_json, sha256_hex
 from node.receipts import ReceiptError, check_receipt
 
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # identity multihash (0x00, 36 bytes) of the protobuf PublicKey {Type: Ed25519 (1), Data: 32 bytes}
 ED25519_PEER_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+# A receipt is a handful of ids and counts (a few hundred bytes); whatever a node sent is kept in the
+# database as it came, so it is parsed here as a stranger's bytes.
+MAX_RECEIPT_BYTES = 16 * 1024
 VERIFIED, NOT_VERIFIED, UNCHECKED, NO_RECEIPT = "verified", "not-verified", "unchecked", "no-receipt"
 
 
@@ -70,9 +72,9 @@ def check_record_signature(row: UsageRecord, peer_id: str | None) -> SignatureCh
         return SignatureCheck(NO_RECEIPT, "the node sent no receipt (it failed mid-stream); billed at the "
                               "gateway's own count", sig or "")  # fmt: skip
     try:
-        receipt = json.loads(row.receipt_json)
-    except ValueError:
-        return SignatureCheck(NOT_VERIFIED, "the stored receipt is not JSON", sig)
+        receipt = parse_json(row.receipt_json, max_bytes=MAX_RECEIPT_BYTES, max_depth=8, what="the stored receipt")
+    except UntrustedJSONError as e:
+        return SignatureCheck(NOT_VERIFIED, str(e), sig)  # "the stored receipt is not valid JSON: ..."
     if not isinstance(receipt, dict):
         return SignatureCheck(NOT_VERIFIED, "the stored receipt is not a JSON object", sig)
     for name in ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens"):

@@ -89,8 +89,10 @@ def test_receipt_disagreeing_with_record_is_not_verified():
 
 def test_receipt_that_is_not_json_is_not_verified():
     ident = Identity.generate()
-    assert check_record_signature(signed_row(ident, receipt_json="{oops"), peer_id_of(ident)).reason == \
-        "the stored receipt is not JSON"
+    assert check_record_signature(signed_row(ident, receipt_json="{oops"), peer_id_of(ident)).reason.startswith(
+        "the stored receipt is not valid JSON")
+    deep = check_record_signature(signed_row(ident, receipt_json="[" * 10_000), peer_id_of(ident))
+    assert deep.state == NOT_VERIFIED and deep.reason == "the stored receipt is nested deeper than 8 levels"
     assert check_record_signature(signed_row(ident, receipt_json="[1]"), peer_id_of(ident)).state == NOT_VERIFIED
 
 

@@ -1,0 +1,100 @@
+"""The explorer answers bad input and a broken database with one clear error page, and keeps serving.
+
+Real anvil, a real SQLite ledger (a copy of the module's world, so the corruption stays here) and the
+explorer under real uvicorn."""
+
+import sqlite3
+
+import httpx
+import pytest
+
+from devnet.explorer import ExplorerConfig, create_app
+from tests.devnet.explorer.htmlq import text_of
+from tests.utils.chain import rand_id
+from tests.utils.servers import ServerThread
+
+pytestmark = pytest.mark.integration
+
+# pages that read the ledger database (the others read only the chain index)
+DB_PAGES = ("/", "/records", "/disputes")
+
+
+def _copy_db(src: str, dst) -> str:
+    """A consistent copy of the world's ledger (sqlite backup: the WAL is folded in)."""
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+    return f"sqlite:///{dst}"
+
+
+@pytest.fixture
+def own_explorer(anvil_chain, world, tmp_path):
+    """An explorer over a copy of the world's ledger database; yields (url, path of the copy)."""
+    path = tmp_path / "ledger.db"
+    url = _copy_db(str(world.db_path), path)
+    with ServerThread(create_app(ExplorerConfig(deployment=anvil_chain.deployment_path, db_url=url))) as server:
+        yield server.url, path
+
+
+def _html_error(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, (r.request.url, r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("text/html"), r.headers["content-type"]
+    return text_of(r.text, "error-message")
+
+
+def test_corrupt_database_gives_an_error_page_and_the_explorer_keeps_running(own_explorer, world):
+    url, path = own_explorer
+    assert httpx.get(url + "/", timeout=30).status_code == 200
+    # the attack: the database file is overwritten while the explorer has it open
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.write(b"\xde\xad\xbe\xef" * (size // 4))
+    for wal in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if wal.exists():
+            wal.write_bytes(b"\xde\xad" * 4096)
+    for page in DB_PAGES + (f"/records/{world.settled[0]}", f"/search?q={world.settled[0]}"):
+        message = _html_error(httpx.get(url + page, timeout=30), 503)
+        assert "ledger database" in message and str(path) not in message, (page, message)
+    r = httpx.get(url + "/health", timeout=30)
+    assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "code"} and "ledger database" in err["message"]
+    # still serving: pages that need only the chain answer as before
+    assert httpx.get(url + "/adapters", timeout=30).status_code == 200
+
+
+def test_missing_table_gives_an_error_page(own_explorer):
+    url, path = own_explorer
+    with sqlite3.connect(path) as c:
+        c.execute("DROP TABLE usage_records")
+    message = _html_error(httpx.get(url + "/records", timeout=30), 503)
+    assert message.startswith("the ledger database cannot be read")
+    assert httpx.get(url + "/adapters", timeout=30).status_code == 200
+
+
+def test_hostile_receipt_in_the_database_is_refused_not_parsed(own_explorer, world):
+    """A receipt is what a node sent: a stranger's bytes. 200 KB of '[' must not end the explorer."""
+    url, path = own_explorer
+    rid = rand_id()
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE usage_records SET request_id = ?, receipt_json = ? WHERE request_id = ?",
+                  (rid, "[" * 200_000, world.pending))
+    r = httpx.get(f"{url}/records/{rid}", timeout=30)
+    assert r.status_code == 200 and "NOT verified" in r.text and "more than the limit of" in r.text
+    dup = '{"request_id": "a", "request_id": "b"}'
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE usage_records SET receipt_json = ? WHERE request_id = ?", (dup, rid))
+    assert "duplicate key" in httpx.get(f"{url}/records/{rid}", timeout=30).text
+    assert httpx.get(url + "/health", timeout=30).json()["ok"] is True
+
+
+def test_request_body_over_the_limit_is_413_before_it_is_read(explorer_url):
+    r = httpx.request("GET", explorer_url + "/", content=b"x" * (2 << 20), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(explorer_url + "/health", timeout=30).status_code == 200
+
+
+def test_bad_query_on_the_json_route_is_json(explorer_url):
+    r = httpx.get(explorer_url + "/health", params={"x": "y"}, timeout=30)
+    assert r.status_code == 200  # unknown query parameters are ignored
+    r = httpx.get(explorer_url + "/records?page=abc", timeout=30)
+    assert "page" in _html_error(r, 400)
