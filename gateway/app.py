@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import BadRequest, GatewayError, ModelNotFound, NoNodeAvailable, UpstreamError, error_body
+from gateway.storage import prepare_sqlite_file, redact_db_url
 from gateway.openai_api import (
     DONE,
     ChatRequest,
@@ -32,6 +33,8 @@ from gateway.relay import Relay
 from gateway.service import Gateway
 from gateway.settlement import InProcessSettler
 from gateway.settings import GatewaySettings
+from node.canonical import UntrustedJSONError, parse_json, restore_recursion_limit
+from node.http_limits import BodyLimitMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     from gateway.usage import set_busy_timeout
 
     settings = settings or GatewaySettings()
+    prepare_sqlite_file(settings.db_url)  # 0600 before SQLite creates it: it holds key hashes and usage
     engine = make_engine(settings.db_url)
     set_busy_timeout(engine, settings.db_busy_timeout_s)
     init_db(engine)  # creates every registered table and adds missing columns, the gateway's included
@@ -83,6 +87,12 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        restore_recursion_limit()  # after every import (py_ecc raises it at import time)
+        log.info("gateway key %s (nodes trust this gateway's calls by it); database %s", gw.gateway_key_hex,
+                 redact_db_url(settings.db_url))  # fmt: skip
+        # tokenizers and chat templates load before the first request: loading them on concurrent first
+        # requests raced in transformers' lazy imports (500s)
+        await asyncio.to_thread(gw.templates.warm)
         await gw.load_disputes()
         sync = asyncio.get_running_loop().create_task(gw.sync_loop(), name="registry-sync")
         outbox = asyncio.get_running_loop().create_task(gw.outbox_loop(), name="outbox-check")
@@ -101,6 +111,9 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
                 await app.state.settler.stop()
 
     app = FastAPI(title="loramesh gateway", lifespan=lifespan)
+    # no body is read past its limit; a heartbeat is small, a prompt may be large (a context's worth of text)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       overrides={"/internal/": settings.max_heartbeat_bytes})  # fmt: skip
     app.state.gateway = gw
     app.state.settler = None  # the in-process settler, when this gateway settles
 
@@ -155,20 +168,28 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
             gw.metrics.set_settlement(await app.state.settler.status())
         return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
 
+    @app.get("/internal/gateway-key")
+    async def gateway_key() -> dict:
+        """Public: the key this gateway signs its calls to nodes with (a node operator's allow-list takes it)."""
+        return {"gateway_key": gw.gateway_key_hex}
+
     @app.post("/internal/heartbeat")
     async def heartbeat(request: Request) -> dict:
+        """Public: a node's signed heartbeat (the signature and the chain's registry are the authentication).
+        The answer names this gateway's key, so a node learns whose signed calls to accept."""
         try:
-            doc = await request.json()
-        except ValueError as e:
+            doc = parse_json(await request.body(), max_bytes=settings.max_heartbeat_bytes, what="heartbeat")
+        except UntrustedJSONError as e:
             gw.metrics.heartbeats.labels("refused").inc()
-            raise BadRequest(f"heartbeat is not valid JSON: {e}") from e
+            raise BadRequest(str(e), param="heartbeat") from e
         try:
             entry = await asyncio.to_thread(gw.directory.accept_heartbeat, doc)
         except GatewayError:
             gw.metrics.heartbeats.labels("refused").inc()
             raise
         gw.metrics.heartbeats.labels("accepted").inc()
-        return {"accepted": True, "node_id": entry.node_id, "ttl_s": gw.directory.ttl}
+        return {"accepted": True, "node_id": entry.node_id, "ttl_s": gw.directory.ttl,
+                "gateway_key": gw.gateway_key_hex}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -199,7 +220,8 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     async def _serve(request: Request, *, chat: bool):
         key, private = await _auth(request)
         gw.check_outbox()  # nothing is served that could not be recorded
-        req = parse_body(ChatRequest if chat else CompletionRequest, await request.body())
+        req = parse_body(ChatRequest if chat else CompletionRequest, await request.body(),
+                         max_bytes=settings.max_body_bytes)  # fmt: skip
         request.state.model = req.model
         target = gw.resolve(req.model, key, private)
         gw.check_price(target, key)
@@ -212,15 +234,19 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         base = target.base_model_id
         if not gw.directory.live(base):
             raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
+        context = gw.templates.context_len(base)
         if chat:
             messages = req.chat_messages()
-            ids = await _blocking(sum(len(m["content"]) for m in messages), gw.templates.render, base, messages)
+            chars = sum(len(m["content"]) for m in messages)
+            gw.templates.check_length(base, chars)  # a prompt that cannot fit is refused before it is tokenized
+            ids = await _blocking(chars, gw.templates.render, base, messages)
         elif isinstance(req.prompt, list) and isinstance(req.prompt[0], int):
             ids = list(req.prompt)
+            gw.templates.check_ids(base, ids)
         else:
             text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            gw.templates.check_length(base, len(text))
             ids = await _blocking(len(text), gw.templates.encode, base, text)
-        context = gw.templates.context_len(base)
         if not ids:
             raise BadRequest("the prompt is empty; expected at least one token", param="prompt")
         if context is not None and len(ids) >= context:

@@ -23,6 +23,10 @@ class ChatTemplates:
         self.tokenizers: dict[str, object] = {}
         self.dirs: dict[str, Path] = {}
         self.context: dict[str, int | None] = {}
+        # base id -> the most characters one token can stand for (its longest vocabulary entry), and the
+        # vocabulary's size; known once the tokenizer is loaded
+        self.longest_token: dict[str, int] = {}
+        self.vocab_size: dict[str, int] = {}
         for d in base_dirs:
             bid = base_model_id(d)
             self.dirs[bid] = Path(d)
@@ -48,11 +52,49 @@ class ChatTemplates:
         with self._lock:
             tok = self.tokenizers.get(base_model_id)
             if tok is None:
-                tok = self.tokenizers[base_model_id] = _load_tokenizer(self.dirs[base_model_id])
+                tok = _load_tokenizer(self.dirs[base_model_id])
+                if tok is not False:
+                    vocab = tok.get_vocab()
+                    self.longest_token[base_model_id] = max(map(len, vocab), default=1) or 1
+                    self.vocab_size[base_model_id] = max(len(tok), max(vocab.values(), default=0) + 1)
+                self.tokenizers[base_model_id] = tok
         if tok is False:
             raise BadRequest(f"base model {base_model_id} has no tokenizer: send the prompt as token ids",
                              param="prompt")  # fmt: skip
         return tok
+
+    def warm(self) -> None:
+        """Load every base's tokenizer and use its chat template once (blocking; at start-up). Concurrent
+        first uses raced in transformers' lazy imports; a base that cannot be loaded is logged, and its
+        requests get the error."""
+        for bid in self.dirs:
+            try:
+                tok = self._tokenizer(bid)
+                tok.encode("warm up")
+                if getattr(tok, "chat_template", None):
+                    self.render(bid, [{"role": "user", "content": "warm up"}])
+            except Exception as e:  # noqa: BLE001 - the base's requests report it; the gateway still serves others
+                log.warning("base model %s: tokenizer not ready: %s", bid, e)
+
+    def check_length(self, base_model_id: str, chars: int) -> None:
+        """Refuse a prompt of `chars` characters that holds at least as many tokens as the context, before
+        tokenizing it: no token stands for more characters than the longest in the vocabulary, so the prompt
+        has at least chars / longest tokens (tokenizing 20 MB of text costs a process tens of seconds)."""
+        context, longest = self.context.get(base_model_id), self.longest_token.get(base_model_id)
+        if context is None or longest is None:
+            return
+        at_least = -(-chars // longest)
+        if at_least >= context:
+            raise BadRequest(f"the prompt has at least {at_least} tokens ({chars} characters); the model's "
+                             f"context holds {context} (prompt + at least one generated token)",
+                             code="context_length_exceeded", param="prompt")  # fmt: skip
+
+    def check_ids(self, base_model_id: str, ids: list[int]) -> None:
+        """Refuse token ids the base's vocabulary does not have (when the gateway knows it)."""
+        size = self.vocab_size.get(base_model_id)
+        if size is not None and ids and max(ids) >= size:
+            raise BadRequest(f"prompt token id {max(ids)} is not in the model's vocabulary of {size}",
+                             param="prompt")  # fmt: skip
 
     def encode(self, base_model_id: str, text: str) -> list[int]:
         """A completion prompt's token ids, exactly as the node would encode the text (blocking)."""

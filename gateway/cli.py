@@ -29,9 +29,12 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default $
 def _engine(db: str | None):
     import gateway.models  # noqa: F401 - registers the gateway's tables
     from gateway.settings import GatewaySettings
+    from gateway.storage import prepare_sqlite_file
     from ledger.db import init_db, make_engine
 
-    engine = make_engine(db or GatewaySettings().db_url)
+    url = db or GatewaySettings().db_url
+    prepare_sqlite_file(url)  # 0600: it holds the keys' hashes
+    engine = make_engine(url)
     init_db(engine)  # creates and migrates every registered table, the gateway's included
     return engine
 
@@ -51,15 +54,20 @@ def run(
     no_settle: Annotated[bool, typer.Option("--no-settle", help="Do not run the settler in this process.")] = False,
     max_price: Annotated[int | None, typer.Option("--default-max-price-per-1k-tokens", min=0, help="The dearest model "
                          "(wei per 1,000 tokens) a key without a limit of its own may use (default 10^16).")] = None,
+    gateway_key_file: Annotated[Path | None, typer.Option("--gateway-key-file", help="Ed25519 key that signs the "
+                                "gateway's calls to nodes (created 0600 when missing; default: a new key per "
+                                "start).")] = None,  # fmt: skip
 ) -> None:
     """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT."""
     from gateway.app import create_app
-    from node.serving import serve
     from gateway.settings import GatewaySettings
+    from gateway.storage import redact_db_url
+    from node.serving import serve
 
     overrides = {name: v for name, v in (("rpc_url", rpc), ("deployment", deployment), ("key_file", key),
                                           ("db_url", db), ("port", port), ("host", host), ("owners_k", k),
-                                          ("bases", base or None), ("default_max_price_per_1k_tokens", max_price))
+                                          ("bases", base or None), ("default_max_price_per_1k_tokens", max_price),
+                                          ("gateway_key_file", gateway_key_file))
                  if v is not None}  # fmt: skip
     if no_settle:
         overrides["settle"] = False
@@ -76,7 +84,7 @@ def run(
         raise typer.BadParameter("settling needs the chain: give --deployment too (or --no-settle)",
                                  param_hint="--key")  # fmt: skip
     app = create_app(settings, chain_client=chain_client)
-    log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, settings.db_url)
+    log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, redact_db_url(settings.db_url))
     serve(app, host=settings.host, port=settings.port, name="gateway")
 
 

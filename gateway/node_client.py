@@ -1,13 +1,20 @@
-"""HTTP client for the node API (node/api.py): streamed generate, abort, adapter prefetch."""
+"""HTTP client for the node API (node/api.py): streamed generate, abort, adapter prefetch, stored receipts.
+
+Every call that makes a node work or stop (generate, load, abort) is signed with the gateway key for the one
+node it is meant for (node.request_auth.SignedNodeAuth); what a node answers is parsed with the bounded
+parser (node.canonical.parse_json), as any bytes from the network."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from node.canonical import UntrustedJSONError, parse_json
+from node.request_auth import SignedNodeAuth
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +22,10 @@ log = logging.getLogger(__name__)
 CLIENT_ERROR_CODES = frozenset({"invalid_request", "context_length_exceeded"})
 KEEPALIVE_S = 2.0  # idle pooled connections to nodes live this long
 DRAIN_TIMEOUT_S = 0.5  # how long a finished stream's end may take to arrive before we drop the connection
+# the largest answers taken from a node: one SSE event (a token, or the done event with its receipt), an error
+# body, an abort's or a stored receipt
+MAX_EVENT_BYTES = 64 << 10
+MAX_ANSWER_BYTES = 64 << 10
 
 
 class NodeUnavailable(RuntimeError):
@@ -36,10 +47,24 @@ class NodeRejected(ValueError):
 
 def _error_of(r: httpx.Response, text: str) -> tuple[str, str | None]:
     try:
-        err = json.loads(text)["error"]
-        return str(err.get("message") or text), err.get("code")
-    except (ValueError, KeyError, TypeError):
+        err = parse_json(text, max_bytes=MAX_ANSWER_BYTES, what="node error")["error"]
+        code = err.get("code")
+        return str(err.get("message") or text)[:500], code if isinstance(code, str) else None
+    except (ValueError, KeyError, TypeError, AttributeError):
         return text[:300] or f"HTTP {r.status_code}", None
+
+
+def _object(body: bytes, what: str) -> dict | None:
+    """A node's JSON object answer, or None (too big, malformed, not an object)."""
+    try:
+        got = parse_json(body, max_bytes=MAX_ANSWER_BYTES, what=what)
+    except UntrustedJSONError:
+        return None
+    return got if isinstance(got, dict) else None
+
+
+def _snippet(body: bytes) -> str:
+    return body[:200].decode("utf-8", "replace")
 
 
 class UpstreamStream:
@@ -48,15 +73,19 @@ class UpstreamStream:
     def __init__(self, response: httpx.Response, ctx) -> None:
         self.response = response
         self._ctx = ctx
-        self._lines = response.aiter_lines()
+        self._lines = _bounded_lines(response)
 
     async def events(self) -> AsyncIterator[dict]:
         data: list[str] = []
+        size = 0
         async for line in self._lines:
             if line.startswith("data:"):
                 data.append(line[5:].lstrip(" "))
+                size += len(line)
+                if size > MAX_EVENT_BYTES:  # one event without end: refused before it is buffered further
+                    raise UntrustedJSONError(f"node event is more than {MAX_EVENT_BYTES} bytes")
             elif line == "" and data:
-                payload, data = "\n".join(data), []
+                payload, data, size = "\n".join(data), [], 0
                 yield _event(payload)
         if data:
             yield _event("\n".join(data))
@@ -76,9 +105,24 @@ class UpstreamStream:
         await self._ctx.__aexit__(None, None, None)
 
 
+async def _bounded_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines; a line longer than MAX_EVENT_BYTES is refused before it is buffered further
+    (httpx's own line reader keeps a line without end whole in memory)."""
+    pending = ""
+    async for chunk in response.aiter_text():
+        pending += chunk
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+        if len(pending) > MAX_EVENT_BYTES:
+            raise UntrustedJSONError(f"node sent a line of more than {MAX_EVENT_BYTES} bytes")
+    if pending:
+        yield pending.removesuffix("\r")
+
+
 def _event(payload: str) -> dict:
     """One SSE event from a node: a JSON object, or ValueError (the relay treats that as a failed node)."""
-    event = json.loads(payload)
+    event = parse_json(payload, max_bytes=MAX_EVENT_BYTES, what="node event")
     if not isinstance(event, dict):
         raise ValueError(f"node sent a {type(event).__name__} where an event object was expected")
     return event
@@ -87,23 +131,36 @@ def _event(payload: str) -> dict:
 class NodeClient:
     """A shared httpx client for every node; one instance per gateway app."""
 
-    def __init__(self, *, connect_timeout: float = 3.0, read_timeout: float = 60.0) -> None:
+    def __init__(self, key: Ed25519PrivateKey | None = None, *, connect_timeout: float = 3.0,
+                 read_timeout: float = 60.0, first_byte_timeout: float | None = None) -> None:  # fmt: skip
+        self.key = key or Ed25519PrivateKey.generate()
+        self.first_byte_timeout = first_byte_timeout
         # idle connections are dropped well before a node's server would close them (uvicorn: after 5 s), so
         # a request is never sent down a connection the node is closing at that moment (it would fail)
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=connect_timeout), limits=limits)
 
-    async def open_stream(self, api_url: str, body: dict) -> UpstreamStream:
-        """POST /v1/generate with stream=true; NodeUnavailable or NodeRejected when it is not a 200."""
-        ctx = self.http.stream("POST", api_url + "/v1/generate", json=body | {"stream": True})
+    def auth(self, node_id: str) -> SignedNodeAuth:
+        """Signs a call for the node `node_id` only (a node refuses a call signed for another)."""
+        return SignedNodeAuth(self.key, node_id)
+
+    async def open_stream(self, api_url: str, node_id: str, body: dict) -> UpstreamStream:
+        """POST /v1/generate with stream=true; NodeUnavailable or NodeRejected when it is not a 200. A node
+        that has not answered within first_byte_timeout is NodeUnavailable(dead=True): hung, not slow."""
+        ctx = self.http.stream("POST", api_url + "/v1/generate", json=body | {"stream": True},
+                               auth=self.auth(node_id))  # fmt: skip
         try:
-            r = await ctx.__aenter__()
+            async with asyncio.timeout(self.first_byte_timeout):
+                r = await ctx.__aenter__()
+        except TimeoutError as e:
+            raise NodeUnavailable(f"node at {api_url} sent nothing within {self.first_byte_timeout:g} s",
+                                  dead=True) from e  # fmt: skip
         except httpx.HTTPError as e:
             raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True) from e
         if r.status_code == 200:
             return UpstreamStream(r, ctx)
         try:
-            text = (await r.aread()).decode("utf-8", "replace")
+            text = (await _read_capped(r)).decode("utf-8", "replace")
         except httpx.HTTPError:
             text = ""
         finally:
@@ -113,56 +170,71 @@ class NodeClient:
             raise NodeRejected(message, status=r.status_code, code=code)
         raise NodeUnavailable(f"node at {api_url} answered {r.status_code}: {message}")
 
-    async def abort(self, api_url: str, request_id: str) -> dict | None:
+    async def _call(self, method: str, url: str, *, timeout: float, node_id: str | None = None,
+                    json: dict | None = None) -> tuple[int, bytes]:
+        """(status, body) of one call, the body read up to one byte past MAX_ANSWER_BYTES (a node cannot make
+        the gateway buffer more); signed for `node_id` when given. httpx.HTTPError when it fails."""
+        auth = self.auth(node_id) if node_id is not None else None
+        async with self.http.stream(method, url, json=json, timeout=timeout, auth=auth) as r:
+            body = bytearray()
+            async for chunk in r.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    break
+            return r.status_code, bytes(body)
+
+    async def abort(self, api_url: str, node_id: str, request_id: str) -> dict | None:
         """Abort a request; the node's {"receipt", "signature"} for what it produced, or None."""
         try:
-            r = await self.http.post(f"{api_url}/v1/requests/{request_id}/abort", timeout=5.0)
+            status, body = await self._call("POST", f"{api_url}/v1/requests/{request_id}/abort", timeout=5.0,
+                                            node_id=node_id)  # fmt: skip
         except httpx.HTTPError as e:
             log.warning("abort of %s at %s failed: %r", request_id[:10], api_url, e)
             return None
-        if r.status_code != 200:
-            log.warning("abort of %s at %s answered %d: %s", request_id[:10], api_url, r.status_code, r.text[:200])
-            return None
-        try:
-            got = r.json()
-        except ValueError:
-            got = None
-        if not isinstance(got, dict):
-            log.warning("abort of %s at %s answered something other than a JSON object", request_id[:10], api_url)
-            return None
+        got = _object(body, "abort receipt") if status == 200 else None
+        if got is None:
+            log.warning("abort of %s at %s answered %d: %s", request_id[:10], api_url, status, _snippet(body))
         return got
 
     async def receipt(self, api_url: str, request_id: str) -> tuple[str, dict | None]:
         """The node's stored receipt of a request: ("ok", {"receipt", "signature", "public_key"}), ("running",
         None) while it still runs there, ("unknown", None) when the node has none, ("unreachable", None)."""
         try:
-            r = await self.http.get(f"{api_url}/v1/requests/{request_id}/receipt", timeout=5.0)
+            status, body = await self._call("GET", f"{api_url}/v1/requests/{request_id}/receipt", timeout=5.0)
         except httpx.HTTPError as e:
             log.info("receipt of %s at %s: %r", request_id[:10], api_url, e)
             return "unreachable", None
-        if r.status_code == 404:
+        if status == 404:
             return "unknown", None
-        if r.status_code == 409:
+        if status == 409:
             return "running", None
-        try:
-            got = r.json() if r.status_code == 200 else None
-        except ValueError:
-            got = None
-        if not isinstance(got, dict):
-            log.warning("receipt of %s at %s answered %d: %s", request_id[:10], api_url, r.status_code, r.text[:200])
+        got = _object(body, "stored receipt") if status == 200 else None
+        if got is None:
+            log.warning("receipt of %s at %s answered %d: %s", request_id[:10], api_url, status, _snippet(body))
             return "unreachable", None
         return "ok", got
 
-    async def load(self, api_url: str, adapter_id: str) -> bool:
+    async def load(self, api_url: str, node_id: str, adapter_id: str) -> bool:
         """Ask a node to make an adapter resident (prefetch); False when it could not."""
         try:
-            r = await self.http.post(f"{api_url}/v1/adapters/{adapter_id}/load", json={}, timeout=30.0)
+            status, body = await self._call("POST", f"{api_url}/v1/adapters/{adapter_id}/load", json={},
+                                            timeout=30.0, node_id=node_id)  # fmt: skip
         except httpx.HTTPError as e:
             log.info("prefetch of %s at %s failed: %r", adapter_id[:10], api_url, e)
             return False
-        if r.status_code != 200:
-            log.info("prefetch of %s at %s answered %d: %s", adapter_id[:10], api_url, r.status_code, r.text[:200])
-        return r.status_code == 200
+        if status != 200:
+            log.info("prefetch of %s at %s answered %d: %s", adapter_id[:10], api_url, status, _snippet(body))
+        return status == 200
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+async def _read_capped(r: httpx.Response) -> bytes:
+    """An error answer's body, at most MAX_ANSWER_BYTES of it (the rest is not read)."""
+    out = bytearray()
+    async for chunk in r.aiter_bytes():
+        out += chunk
+        if len(out) > MAX_ANSWER_BYTES:
+            break
+    return bytes(out[:MAX_ANSWER_BYTES])

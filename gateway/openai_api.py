@@ -8,12 +8,22 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from gateway.errors import BadRequest
+from gateway.settings import DEFAULT_MAX_BODY_BYTES
+from node.canonical import UntrustedJSONError, parse_json
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 
 
+# Strict types, as OpenAI's API: "16" is not a max_tokens, 1 is not a stream flag (a number where a float
+# is expected is still one). Unknown fields are ignored, as OpenAI does.
+STRICT = ConfigDict(extra="ignore", strict=True)
+# a seed is a 64-bit unsigned number on the node; token ids are 32-bit
+Seed = Annotated[int, Field(ge=0, lt=2**64)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     include_usage: bool = False
 
 
@@ -21,7 +31,7 @@ class _Sampling(BaseModel):
     """Fields both endpoints share. Unknown fields are ignored, as OpenAI does; fields we cannot honour
     with a non-default value are refused rather than silently dropped."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: Annotated[str, Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -31,7 +41,7 @@ class _Sampling(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: Seed | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -69,7 +79,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -98,13 +108,13 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -145,12 +155,12 @@ class ChatRequest(_Sampling):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
-def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
+def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> BaseModel:
     """Validate a request body; BadRequest naming the offending field (OpenAI's `param`) otherwise."""
     try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
+        data = parse_json(raw, max_bytes=max_bytes, what="request body")
+    except UntrustedJSONError as e:
+        raise BadRequest(str(e)) from e
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     try:

@@ -120,7 +120,7 @@ class Relay:
         if node is None:
             return
         node.local.inflight = max(0, node.local.inflight - 1)
-        self.gw.spawn(self.gw.nodes.abort(node.api_url, self.rid))
+        self.gw.spawn(self.gw.nodes.abort(node.api_url, node.node_id, self.rid))
         if self._next is not None:
             self._next.cancel()
         try:
@@ -150,7 +150,7 @@ class Relay:
     async def _try(self, node: NodeEntry, errors: list[str]) -> bool:
         node.local.inflight += 1
         try:
-            up = await self.gw.nodes.open_stream(node.api_url, self.body | {"request_id": self.rid})
+            up = await self.gw.nodes.open_stream(node.api_url, node.node_id, self.body | {"request_id": self.rid})
         except NodeRejected as e:
             node.local.inflight -= 1
             param = "prompt" if e.code == "context_length_exceeded" else None
@@ -160,6 +160,8 @@ class Relay:
             errors.append(str(e))
             if e.dead:
                 self.gw.directory.mark_failed(node.node_id)
+                # a hung node may wake up and run it: tell it not to (the request has moved on)
+                self.gw.spawn(self.gw.nodes.abort(node.api_url, node.node_id, self.rid))
             return False
         it = up.events().__aiter__()
         try:
@@ -328,7 +330,7 @@ class Relay:
             status = RequestStatus.NODE_FAILED if self.failure else RequestStatus.OK
         else:
             self.aborted = True
-            got = await gw.nodes.abort(node.api_url, self.rid)
+            got = await gw.nodes.abort(node.api_url, node.node_id, self.rid)
             if self.stream_ok:
                 await self._drain()
             if self.done is None and got is not None:

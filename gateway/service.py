@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from gateway.chat import ChatTemplates
 from gateway.directory import NodeDirectory
 from gateway.errors import AuthError, ModelNotFound, OutboxUnavailable
+from gateway.identity import load_or_create_gateway_key
 from gateway.keys import KeyCache, KeyInfo
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient
@@ -26,6 +27,7 @@ from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from node.basemodel import base_model_name
 from node.canonical import is_id
 from node.receipts import ReceiptError, node_id_of
+from node.request_auth import gateway_public_key_hex
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,11 @@ class Gateway:
         self.registry = registry
         self.directory = NodeDirectory(registry, ttl=settings.heartbeat_ttl_s, max_skew_s=settings.heartbeat_max_skew_s)
         self.router = Router(k=settings.owners_k, saturation=settings.saturation_queue_depth)
-        self.nodes = NodeClient(connect_timeout=settings.connect_timeout_s, read_timeout=settings.node_timeout_s)
+        self.gateway_key = load_or_create_gateway_key(settings.gateway_key_file)
+        self.gateway_key_hex = gateway_public_key_hex(self.gateway_key)
+        self.nodes = NodeClient(self.gateway_key, connect_timeout=settings.connect_timeout_s,
+                                read_timeout=settings.node_timeout_s,
+                                first_byte_timeout=settings.first_byte_timeout_s)  # fmt: skip
         self.instance_id = secrets.token_hex(16)
         self.recorder = UsageRecorder(engine, self.node_key, instance_id=self.instance_id)
         self._learned_keys: dict[str, bytes] = {}  # node id -> key, from reconciliation (checked against the id)
@@ -172,7 +178,7 @@ class Gateway:
             self.spawn(self._prefetch_one(node, adapter_id))
 
     async def _prefetch_one(self, node, adapter_id: str) -> None:
-        if await self.nodes.load(node.api_url, adapter_id):
+        if await self.nodes.load(node.api_url, node.node_id, adapter_id):
             node.local.saw_loaded(adapter_id)
 
     # ------------------------------------------------------------------ usage

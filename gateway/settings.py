@@ -8,6 +8,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# the largest request body by default: a long context's worth of text, far below what could hurt the gateway
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+
 class GatewaySettings(BaseSettings):
     """Everything `loramesh gateway run` needs; each field can come from LORAMESH_GATEWAY_<NAME>."""
 
@@ -17,6 +21,9 @@ class GatewaySettings(BaseSettings):
     rpc_url: str | None = None  # default: the deployment file's
     deployment: Path | None = None  # without one, the node directory reads the mirror tables only
     key_file: Path | None = None  # the settler's identity (EVM account); without it nothing is settled
+    # the Ed25519 key that signs the gateway's calls to nodes (created 0600 when missing); None: an ephemeral key
+    # per start (nodes that trust this gateway by its heartbeat answers learn the new one at their next beat)
+    gateway_key_file: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     bases: list[Path] = Field(default_factory=list)  # base model folders whose tokenizers render chat
@@ -26,6 +33,14 @@ class GatewaySettings(BaseSettings):
     heartbeat_max_skew_s: float = Field(default=60.0, gt=0)
     registry_sync_s: float = Field(default=2.0, gt=0)  # how often the node/adapter mirror is refreshed
     node_timeout_s: float = Field(default=60.0, gt=0)  # read timeout on a node's stream
+    # a node that has not answered a generate call (its response headers) this long after it was sent is
+    # failed over before the first token: a hung node (SIGSTOP, a full accept queue) costs this, not
+    # node_timeout_s
+    first_byte_timeout_s: float = Field(default=5.0, gt=0)
+    # request bodies above this are refused with 413 before they are read; a prompt larger than the context
+    # could hold is refused without tokenizing it (see gateway.chat.ChatTemplates.check_length)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+    max_heartbeat_bytes: int = Field(default=256 << 10, ge=1024)
     connect_timeout_s: float = Field(default=3.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)  # nodes tried before the first token
     prefetch_ttl_s: float = Field(default=30.0, ge=0)  # do not re-ask an owner to load within this

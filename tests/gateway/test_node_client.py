@@ -41,7 +41,7 @@ def test_finished_stream_reuses_its_connection():
             streams = []
             try:
                 for i in range(3):
-                    up = await nc.open_stream(srv.url, _body(i))
+                    up = await nc.open_stream(srv.url, "0x" + "00" * 32, _body(i))
                     await _until_done(up)
                     streams.append(up.response.extensions["network_stream"])
                     await up.aclose(drain=True)
@@ -70,7 +70,7 @@ def test_stream_left_open_after_done_is_dropped_in_bounded_time(monkeypatch):
         async def go() -> float:
             nc = NodeClient()
             try:
-                up = await nc.open_stream(srv.url, _body(1))
+                up = await nc.open_stream(srv.url, "0x" + "00" * 32, _body(1))
                 await _until_done(up)
                 t0 = time.monotonic()
                 await up.aclose(drain=True)

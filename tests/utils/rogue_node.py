@@ -8,7 +8,9 @@ gateway and, given a deployment, registers itself on chain like a real node. Its
 5,000,000 prompt and 5,000,000 completion tokens (the attack of a node that bills what it never served).
 --mode honest: the receipt says what it streamed (for tests that kill it mid-stream). --ignore-abort: an
 aborted request streams on, without delay, to its last token and a receipt for all of them (the attack of a
-node that wants to be paid for tokens the client never got). The key file is a node identity (node.keys;
+node that wants to be paid for tokens the client never got). --trust <gateway key hex>: generate, load and
+abort calls must be signed by that gateway key for this node (node.request_auth), as a real node checks them;
+otherwise they get 401/403 (every call is recorded in <key file>.calls, one line each). The key file is a node identity (node.keys;
 password from LORAMESH_KEY_PASSWORD).
 """
 
@@ -29,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from node.heartbeat import HeartbeatSender
 from node.keys import load_identity
 from node.receipts import make_receipt, sign_receipt
+from node.request_auth import RequestAuthError, verify_request
 
 ROGUE_CLAIM = 5_000_000
 log = logging.getLogger("rogue_node")
@@ -81,6 +84,24 @@ def make_app(identity, args) -> FastAPI:
             await sender.stop()
 
     app = FastAPI(lifespan=lifespan)
+
+    @app.middleware("http")
+    async def signed_calls(request: Request, call_next):
+        if request.method != "POST" or not args.trust:
+            return await call_next(request)
+        body = await request.body()
+        try:
+            who = verify_request(request.headers, method="POST", path=request.url.path, node_id=identity.node_id,
+                                 body=body, trusted={args.trust})  # fmt: skip
+        except RequestAuthError as e:
+            who = f"refused {e.status}"
+            answer = JSONResponse({"error": {"message": e.message, "type": "authentication_error", "code": e.code}},
+                                  e.status)  # fmt: skip
+        else:
+            answer = None
+        with open(args.key + ".calls", "a") as f:
+            f.write(f"{request.url.path} {who}\n")
+        return answer or await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -157,6 +178,7 @@ def main() -> None:
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--heartbeat-s", type=float, default=0.5)
     p.add_argument("--ignore-abort", action="store_true")
+    p.add_argument("--trust", default="", help="gateway key (hex) whose signed calls are accepted")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import os
