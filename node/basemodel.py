@@ -6,14 +6,14 @@ tokenizer is trained on a short built-in text, so any UTF-8 text round-trips.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from node.canonical import canonical_json, sha256_hex
+from node.canonical import UntrustedJSONError, canonical_json, parse_json, sha256_hex
 
 # Keys of config.json that describe how a checkpoint was saved, not what the model is.
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"})
 NAME_KEY = "loramesh_base_name"
+MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few KB; a downloaded folder may hold anything
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -47,11 +47,16 @@ def read_config(base_dir: str | Path) -> dict:
     """Read a Hugging Face checkpoint folder's config.json."""
     path = Path(base_dir) / "config.json"
     try:
-        return json.loads(path.read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise BaseModelError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+        cfg = parse_json(path.read_bytes(), max_bytes=MAX_CONFIG_BYTES, what="config.json")
     except FileNotFoundError as e:
         raise BaseModelError(f"{base_dir} is not a model folder: config.json is missing") from e
-    except ValueError as e:
-        raise BaseModelError(f"{path} is not valid JSON: {e}") from e
+    except UntrustedJSONError as e:
+        raise BaseModelError(str(e)) from None
+    if not isinstance(cfg, dict):
+        raise BaseModelError(f"{path} is not a JSON object")
+    return cfg
 
 
 def base_model_id(base_dir: str | Path) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from node.adapters.limits import MAX_LORA_RANK
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _DTYPES = {
@@ -61,7 +62,8 @@ class ModelConfig:
     o_bias: bool = False
     qk_norm: bool = False
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that slide; None when none does
+    sliding_layers: tuple[int, ...] | None = None  # which layers slide; None: all (when there is a window)
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
 
@@ -74,6 +76,12 @@ class ModelConfig:
             raise ModelConfigError(
                 f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
             )
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer`, None for full causal attention."""
+        if self.sliding_window is None or (self.sliding_layers is not None and layer not in self.sliding_layers):
+            return None
+        return self.sliding_window
 
     @property
     def q_size(self) -> int:
@@ -110,14 +118,14 @@ class ModelConfig:
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        window = cfg.get("sliding_window")
-        use_window = model_type == "mistral" or bool(cfg.get("use_sliding_window"))
+        num_layers = int(cfg["num_hidden_layers"])
+        window, sliding_layers = sliding_window_layers(model_type, cfg, num_layers)
         return cls(
             model_type=model_type,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
@@ -128,7 +136,8 @@ class ModelConfig:
             o_bias=model_type in ("llama", "mistral") and bool(cfg.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=int(window) if (window and use_window) else None,
+            sliding_window=window,
+            sliding_layers=sliding_layers,
             eos_token_ids=eos_ids,
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         )
@@ -136,15 +145,45 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         """Read `model_dir/config.json`."""
+        from node.basemodel import read_config
+
         path = Path(model_dir) / "config.json"
         try:
-            cfg = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            cfg = read_config(model_dir)
+        except (OSError, ValueError) as e:
             raise ModelConfigError(f"cannot read base model config {path}: {e}; expected a Hugging Face config.json") from e
         try:
             return cls.from_dict(cfg)
         except KeyError as e:
             raise ModelConfigError(f"base model config {path} lacks {e.args[0]!r}") from e
+
+
+def sliding_window_layers(model_type: str, cfg: dict, num_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
+    """(window, sliding layers) as transformers runs the family: Mistral slides every layer by
+    `sliding_window`; Qwen2/Qwen3 slide only with `use_sliding_window`, and then only the layers
+    `layer_types` marks "sliding_attention", which by default are those from `max_window_layers` on
+    (configuration_qwen2.py); Llama never slides."""
+    window = cfg.get("sliding_window")
+    if model_type == "mistral":
+        return (_window(window), None) if window is not None else (None, None)
+    if model_type not in ("qwen2", "qwen3") or not cfg.get("use_sliding_window") or window is None:
+        return None, None
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", 28))  # transformers' default for both families
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if (not isinstance(types, list) or len(types) != num_layers
+            or any(t not in ("sliding_attention", "full_attention") for t in types)):
+        raise ModelConfigError(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the "
+                               f"{num_layers} layers")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return (_window(window), sliding) if sliding else (None, None)
+
+
+def _window(window: object) -> int:
+    if type(window) is not int or window < 1:
+        raise ModelConfigError(f"sliding_window {window!r} is not a positive integer")
+    return window
 
 
 @dataclass(slots=True)
@@ -155,7 +194,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # "auto": fp32 on CPU, the checkpoint's dtype on CUDA
     num_slots: int = 8  # adapter slots on the device
-    max_lora_rank: int = 16  # every slot is padded to this rank
+    max_lora_rank: int = MAX_LORA_RANK  # every slot is padded to this rank; packages above it are refused
     cpu_cache_size: int = 32  # decoded adapters kept in (pinned) host memory
     block_size: int = 16  # tokens per KV cache block
     num_kv_blocks: int | None = None  # None: size from kv_cache_memory

@@ -3,6 +3,7 @@ batches with a paged KV cache; q/k/v and gate/up are fused, each wrapped with Lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -144,6 +145,19 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, fused=True), residual
 
 
+def full_context(meta: AttentionMetadata) -> AttentionMetadata:
+    """The same step's metadata without its sliding window, for the layers that attend to everything.
+
+    Semantics: a windowed mask row keeps keys (p - window, p], so its last kept key is the query's
+    position p; the full causal row keeps [0, p]. The decode kernel takes the window as an argument."""
+    if meta.mask is None:
+        return dataclasses.replace(meta, window=None)
+    lk = meta.mask.shape[-1]
+    kpos = torch.arange(lk, device=meta.mask.device)  # [Lk]
+    last = torch.where(meta.mask, kpos, -1).amax(-1, keepdim=True)  # [B, 1, Lq, 1]: each query's position
+    return dataclasses.replace(meta, mask=kpos <= last, window=None)
+
+
 class CausalLM(nn.Module):
     """Flat-batch decoder: forward(token_ids [T], positions [T], meta, kv caches) -> hidden [T, D]."""
 
@@ -155,6 +169,9 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, mapping, self.rotary) for _ in range(cfg.num_layers))
+        # Qwen2/Qwen3 slide only some layers (transformers' layer_types): the runner's metadata carries
+        # the window, and the layers that attend over the whole context get it without (full_context).
+        self.full_layers = frozenset(i for i in range(cfg.num_layers) if cfg.layer_window(i) is None)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
@@ -172,15 +189,19 @@ class CausalLM(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(token_ids)  # [T, D]
+        metas = [meta] * len(self.layers)
+        if self.cfg.sliding_window is not None and self.full_layers:
+            full = full_context(meta)
+            metas = [full if i in self.full_layers else meta for i in range(len(self.layers))]
         if self.fused_ops:
             from node.engine.triton_ops import rms_norm
 
             residual = None
-            for layer, kv in zip(self.layers, kv_caches):
-                x, residual = layer.forward_fused(x, residual, positions, meta, kv)
+            for layer, m, kv in zip(self.layers, metas, kv_caches):
+                x, residual = layer.forward_fused(x, residual, positions, m, kv)
             return rms_norm(x, self.norm.weight, self.norm.eps, residual)
-        for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, meta, kv)
+        for layer, m, kv in zip(self.layers, metas, kv_caches):
+            x = layer(x, positions, m, kv)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

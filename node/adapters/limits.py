@@ -1,0 +1,16 @@
+"""Limits on adapter packages: how big each package file may be before it is parsed, and the largest
+LoRA rank nodes serve. One home: verify, pack and the engine's default slot rank all read them here."""
+
+# The rank every node's slots hold by default (EngineConfig.max_lora_rank): a package of a higher rank
+# would verify, publish and be listed, and then fail every request, so pack and verify refuse it.
+MAX_LORA_RANK = 16
+# lora_alpha beyond this makes B * alpha / r overflow half precision on the way into a slot.
+MAX_LORA_ALPHA = 65536.0
+
+# Bytes read before parsing, for files a stranger may have written (uploads, peers, downloads).
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 64 << 10  # the p2p signature frame's limit
+MAX_ADAPTER_CONFIG_BYTES = 256 << 10
+# A LoRA of every target on 128 layers has ~1,800 tensors at ~150 header bytes each: 4 MiB is ample,
+# and far below the safetensors format's own 100 MB.
+MAX_SAFETENSORS_HEADER_BYTES = 4 << 20
