@@ -27,6 +27,7 @@ from ledger.settler_config import (
     SettlerConfig,
 )
 from ledger.types import BASE_MODEL_ADAPTER_ID
+from node.canonical import restore_recursion_limit
 
 DEFAULT_DEPLOYMENT = Path(os.environ.get("LORAMESH_DEPLOYMENT", ".loramesh/devnet/deployment.json"))
 ETHER = 10**18
@@ -116,6 +117,7 @@ def settler_run(
     """Run the settler until SIGINT/SIGTERM (--drain: until the outbox is empty); any number may share a database."""
     logging.basicConfig(level=os.environ.get("LORAMESH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    restore_recursion_limit()  # web3's py_ecc raised it at import: a deep RPC answer would crash, not raise
     engine = make_engine(db, immediate=True)
     init_db(engine)
     client = ChainClient.from_deployment(deployment, load_account(key), rpc_url=rpc)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from sqlalchemy import event, inspect, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlmodel import Session, SQLModel, create_engine
 
 import ledger.models  # noqa: F401 - registers the tables on SQLModel.metadata
@@ -16,10 +18,43 @@ log = logging.getLogger(__name__)
 DEFAULT_DB_URL = "sqlite:///loramesh.db"
 
 
+def redact_url(url: str) -> str:
+    """A database URL as it may be logged, printed or put in an error: its password shown as ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<a database URL that does not parse>"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names, or None (in-memory, a `file:` URI, or not SQLite)."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:" or u.database.startswith("file:"):
+        return None
+    return Path(u.database).expanduser()
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does: SQLite would create it by the umask (often
+    world-readable), and it holds API key hashes and usage. Its -wal, -shm and journal files take the
+    database file's permissions. An existing file is left as it is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:  # created meanwhile by a sibling process (a gateway and its settler): theirs
+        pass
+
+
 def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: bool = False) -> Engine:
-    """An engine for `url`. SQLite gets WAL, a 30 s busy timeout and foreign keys; immediate=True
-    makes every SQLite transaction take the write lock at BEGIN, so a read-then-write transaction
-    never fails on a snapshot another process moved (the settler uses it)."""
+    """An engine for `url`. SQLite gets WAL, a 30 s busy timeout and foreign keys, and a file it creates is
+    0600; immediate=True makes every SQLite transaction take the write lock at BEGIN, so a read-then-write
+    transaction never fails on a snapshot another process moved (the settler uses it). A URL that does not
+    parse is a ValueError that shows it without its password."""
+    try:
+        path = _sqlite_file(url)
+    except (ArgumentError, ValueError) as e:
+        raise ValueError(f"database URL {redact_url(url)} is not valid: expected e.g. sqlite:///gateway.db or "
+                         "postgresql+psycopg://user:password@host/db") from e
     if not url.startswith("sqlite"):
         connect_args = {}
         if url.startswith(("postgresql", "postgres")):
@@ -27,8 +62,8 @@ def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: boo
             # datetimes are written as UTC and `now()` compares with them (settler leases)
             connect_args["options"] = "-c timezone=UTC"
         return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
-    if url.startswith("sqlite:///") and url not in ("sqlite://", "sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if path is not None and not path.exists():
+        _create_private(path)
     engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")

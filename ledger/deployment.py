@@ -9,6 +9,11 @@ from pathlib import Path
 from eth_utils import to_checksum_address
 
 from ledger.errors import DeploymentMismatch
+from node.canonical import UntrustedJSONError, parse_json
+
+# A deployment file is handed around (a network's operators publish theirs): it is parsed as a stranger's
+# bytes. Ours are well under 4 KiB.
+MAX_DEPLOYMENT_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -62,11 +67,15 @@ class Deployment:
         """Read a deployment file."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            with path.open("rb") as f:
+                raw = f.read(MAX_DEPLOYMENT_BYTES + 1)  # never more than the limit, whatever the file's size
+            data = parse_json(raw, max_bytes=MAX_DEPLOYMENT_BYTES, max_depth=8, what=f"deployment file {path.name}")
         except FileNotFoundError as e:
             raise DeploymentMismatch(f"deployment file {path} does not exist: run loramesh devnet up") from e
-        except ValueError as e:
-            raise DeploymentMismatch(f"deployment file {path} is not JSON: {e}") from e
+        except UntrustedJSONError as e:
+            raise DeploymentMismatch(str(e)) from e
+        if not isinstance(data, dict):
+            raise DeploymentMismatch(f"deployment file {path.name} is not a JSON object")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:

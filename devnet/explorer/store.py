@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
-from ledger.db import make_engine
+from ledger.db import make_engine, redact_url
 from ledger.models import RecordStatus, SettlementBatch, UsageRecord
 from ledger.outbox import batch_records, count_by_status
 
@@ -29,13 +29,12 @@ def open_ledger_db(url: str) -> Engine:
         tables = set(inspect(engine).get_table_names())
     except SQLAlchemyError as e:
         engine.dispose()
-        raise ExplorerDatabaseError(f"cannot open ledger database {url}: {e.__class__.__name__}") from e
+        raise ExplorerDatabaseError(f"cannot open ledger database {redact_url(url)}: {e.__class__.__name__}") from e
     missing = {UsageRecord.__tablename__, SettlementBatch.__tablename__} - tables
     if missing:
         engine.dispose()
-        raise ExplorerDatabaseError(
-            f"database {url} has no {', '.join(sorted(missing))} table: expected the gateway's ledger database"
-        )
+        raise ExplorerDatabaseError(f"database {redact_url(url)} has no {', '.join(sorted(missing))} table: "
+                                    "expected the gateway's ledger database")
     return engine
 
 

@@ -45,8 +45,21 @@ def test_malformed_and_missing_files(tmp_path):
     with pytest.raises(DeploymentMismatch, match="does not exist"):
         Deployment.load(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(DeploymentMismatch, match="not JSON"):
+    with pytest.raises(DeploymentMismatch, match="not valid JSON"):
         Deployment.load(tmp_path / "bad.json")
+    # a deployment file is handed around: a stranger's nested, oversized or duplicate-keyed JSON is one clear error
+    (tmp_path / "deep.json").write_text("[" * 200_000)
+    with pytest.raises(DeploymentMismatch, match="nested deeper than 8 levels"):
+        Deployment.load(tmp_path / "deep.json")
+    (tmp_path / "big.json").write_bytes(b" " * (2 << 20))
+    with pytest.raises(DeploymentMismatch, match="more than the limit"):
+        Deployment.load(tmp_path / "big.json")
+    (tmp_path / "dup.json").write_text('{"chain_id": 1, "chain_id": 2}')
+    with pytest.raises(DeploymentMismatch, match="duplicate key 'chain_id'"):
+        Deployment.load(tmp_path / "dup.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(DeploymentMismatch, match="not a JSON object"):
+        Deployment.load(tmp_path / "list.json")
     (tmp_path / "partial.json").write_text(json.dumps({"chain_id": 1}))
     with pytest.raises(DeploymentMismatch, match="malformed"):
         Deployment.load(tmp_path / "partial.json")
