@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -18,16 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from eth_utils import to_checksum_address
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from node.adapters import AdapterStore, PackageError, VerifiedPackage
-from node.adapters.manifest import read_manifest
+from node.adapters.signing import recover_signer
 from node.api import create_app
+from node.canonical import restore_recursion_limit
 from node.engine import Engine, EngineConfig
 from node.heartbeat import HeartbeatSender
+from node.http_limits import DEFAULT_MAX_BODY_BYTES
 from node.keys import Identity
-from node.upload import MAX_UPLOAD_BYTES, untar_package
+from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
+from node.request_auth import RequestAuthError, check_bearer
+from node.upload import MAX_PACKAGE_BYTES, max_upload_bytes, open_upload
+
+_HEX_KEY = re.compile(r"^[0-9a-f]{64}$")
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +56,18 @@ class DaemonConfig:
     gateways: tuple[str, ...] = ()
     pins: tuple[str, ...] = ()
     heartbeat_interval: float = 2.0
+    data_dir: Path = DEFAULT_DATA_DIR  # holds operator.token
+    trusted_gateway_keys: tuple[str, ...] = ()  # empty: trust the keys the --gateway URLs announce
+    max_package_bytes: int = MAX_PACKAGE_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # every body but an upload's
 
     def __post_init__(self) -> None:
+        self.trusted_gateway_keys = tuple(k.strip().lower() for k in self.trusted_gateway_keys)
+        for k in self.trusted_gateway_keys:
+            if not _HEX_KEY.match(k):
+                raise ValueError(f"trusted gateway key {k[:80]!r} is not 64 hex digits (a raw Ed25519 public key)")
+        if self.max_package_bytes <= 0 or self.max_body_bytes <= 0:
+            raise ValueError("size limits must be > 0 bytes")
         if self.bootstrap and self.listen is None:
             raise ValueError("--bootstrap needs --listen: a node without a p2p host cannot join the mesh")
         if self.heartbeat_interval <= 0:
@@ -90,15 +108,28 @@ class NodeDaemon:
                                config=P2PConfig(listen=config.listen, bootstrap=config.bootstrap),
                                base_dir=config.base)
         self.engine = Engine(engine_config, store=self.store, fetcher=self._fetch if self.p2p else None)
+        self.operator_token, self.operator_token_path = ensure_operator_token(config.data_dir)
         self.app: FastAPI = create_app(self.engine, identity.node_key, manage_engine=False,
-                                       extra_status=self._extra_status)
+                                       extra_status=self._extra_status, trusted_gateways=self.trusted_gateways,
+                                       operator_token=self.operator_token, max_body_bytes=config.max_body_bytes,
+                                       body_limits={"/v1/adapters": max_upload_bytes(config.max_package_bytes),
+                                                    "/v1/adapters/": config.max_body_bytes})
         self.app.router.lifespan_context = self._lifespan
         self.app.include_router(self._routes())
         self.heartbeat: HeartbeatSender | None = None
+        restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)
+
+    def trusted_gateways(self) -> frozenset[str]:
+        """Gateway keys whose signed calls the API accepts: the operator's list, else what the gateways
+        this node heartbeats to announce (read on every call: a gateway's new key counts at once)."""
+        if self.config.trusted_gateway_keys:
+            return frozenset(self.config.trusted_gateway_keys)
+        return self.heartbeat.trusted_keys() if self.heartbeat is not None else frozenset()
 
     # ---- lifecycle ----
     @asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        restore_recursion_limit()
         self.engine.start()
         try:
             if self.p2p is not None:
@@ -167,43 +198,66 @@ class NodeDaemon:
 
     # ---- package upload (publishers hand packages to a node) ----
     def _install_upload(self, data: BinaryIO) -> VerifiedPackage:
-        tmp = self.store.tmp_dir()
-        try:
-            untar_package(data, tmp)
-            adapter_id = read_manifest(tmp).adapter_id
+        """Check the upload's manifest, signature and on-chain owner before writing any weight byte, then
+        write each file capped at its declared size, and let the store verify and install the whole."""
+        with open_upload(data, max_package_bytes=self.config.max_package_bytes) as up:
+            adapter_id = up.manifest.adapter_id
+            domain = self.store.domain
+            signer = recover_signer(up.manifest, up.signature, domain=domain, any_domain=domain is None)
             owner = self.owner_of(adapter_id)
-            if self.chain is not None and owner is None:
-                raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.config.base)
+            if self.chain is not None:
+                if owner is None:
+                    raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
+                if to_checksum_address(owner) != signer:
+                    raise UploadRefused(f"package is signed by {signer}, but the adapter's registered owner is {owner}")
+            tmp = self.store.tmp_dir()
+            try:
+                up.extract(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        # every file was hashed against the signed manifest as it was written
+        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.config.base, hashes_checked=True)
+
+    def _without_paths(self, message: str) -> str:
+        """An error for a remote caller, with this machine's folders taken out."""
+        for root in {str(self.store.root.resolve()), str(self.store.root), str(self.config.base.resolve()),
+                     str(self.config.base)}:
+            if root and root != ".":
+                message = message.replace(root, "<node>")
+        return message
 
     def _routes(self) -> APIRouter:
         router = APIRouter()
+        limit = max_upload_bytes(self.config.max_package_bytes)
 
         @router.post("/v1/adapters")
         async def upload(request: Request):
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-                return _error(413, f"upload of {declared} bytes is over the {MAX_UPLOAD_BYTES}-byte limit",
-                              "upload_too_large")
+            """Operator only (Authorization: Bearer <token>): install a package and seed it to the mesh."""
+            try:  # before a byte of the body is read
+                check_bearer(request.headers.get("authorization"), self.operator_token)
+            except RequestAuthError as e:
+                return _error(e.status, e.message, e.code)
             # spooled to disk past 64 MiB and capped while it arrives: an upload never sits whole in memory
+            # (the body-size middleware refuses a larger Content-Length before this runs)
             data = tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=self.store.root / ".tmp")
             size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_UPLOAD_BYTES:
-                    data.close()
-                    return _error(413, f"upload is over the {MAX_UPLOAD_BYTES}-byte limit", "upload_too_large")
-                data.write(chunk)
-            data.seek(0)
             try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return _error(413, f"upload is over the {limit}-byte limit", "request_too_large")
+                    data.write(chunk)
+                data.seek(0)
                 pkg = await asyncio.to_thread(self._install_upload, data)
             except PackageError as e:
-                return _error(400, str(e), "package_refused")
+                return _error(400, self._without_paths(str(e)), "package_refused")
             except UploadRefused as e:
                 return _error(403, str(e), "adapter_unregistered")
+            except OSError as e:
+                log.error("cannot store an uploaded package: %s", e)
+                return _error(500, "the node could not store the package (see its log)", "store_failed",
+                              "server_error")
             finally:
                 data.close()
             if self.p2p is not None:
@@ -215,6 +269,5 @@ class NodeDaemon:
         return router
 
 
-def _error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}},
-                        status_code=status)
+def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)

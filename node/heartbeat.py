@@ -3,6 +3,10 @@
 A heartbeat is {"body": {...}, "signature": hex}; the signature is Ed25519 by the node key over
 canonical_json(body). The body carries the raw public key, so a gateway can check that
 sha256(public key) is the node id the chain registered, and then trust the rest.
+
+The other way round, the sender learns each gateway's signing key (GET {url}/internal/gateway-key
+before the first heartbeat, and the "gateway_key" of every 200 answer): unless the operator lists
+the keys to trust, these are the gateways whose signed calls the node API accepts.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from node.canonical import canonical_json, is_id, sha256_hex
+from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 
 log = logging.getLogger(__name__)
 
 FORMAT = "loramesh-heartbeat/1"
 HEARTBEAT_PATH = "/internal/heartbeat"
+GATEWAY_KEY_PATH = "/internal/gateway-key"
+MAX_KEY_ANSWER_BYTES = 4096
+MAX_HEARTBEAT_ANSWER_BYTES = 64 * 1024
 # Statuses larger than this are not a heartbeat but an attack on the gateway's memory.
 MAX_STATUS_BYTES = 64 * 1024
 
@@ -98,6 +105,30 @@ def verify_heartbeat(doc: object, *, now_ms: int | None = None, max_skew_ms: int
 StatusFn = Callable[[], dict | Awaitable[dict]]
 
 
+def gateway_key_of(answer: bytes, *, max_bytes: int) -> str | None:
+    """The "gateway_key" (64 hex, lowercased) in a gateway's JSON answer; None when it has none or it is malformed."""
+    try:
+        doc = parse_json(answer, max_bytes=max_bytes, what="gateway answer")
+    except UntrustedJSONError:
+        return None
+    key = doc.get("gateway_key") if isinstance(doc, dict) else None
+    if not isinstance(key, str) or len(key) != 64:
+        return None
+    key = key.lower()
+    return key if all(c in "0123456789abcdef" for c in key) else None
+
+
+async def _bounded(client: httpx.AsyncClient, method: str, url: str, limit: int, **kw) -> tuple[int, bytes]:
+    """(status, body) with at most `limit` + 1 bytes of the body read: a gateway cannot flood the node."""
+    async with client.stream(method, url, **kw) as r:
+        body = bytearray()
+        async for chunk in r.aiter_bytes():
+            body += chunk
+            if len(body) > limit:
+                break
+        return r.status_code, bytes(body)
+
+
 class HeartbeatSender:
     """Posts a signed heartbeat to every gateway every `interval` seconds; a down gateway is retried
     on the next beat and never stops the others. Start it from the node daemon's event loop."""
@@ -114,6 +145,7 @@ class HeartbeatSender:
         self.interval = interval
         self.timeout = timeout
         self.sent = 0  # heartbeats accepted by some gateway
+        self.gateway_keys: dict[str, str] = {}  # gateway url -> the signing key it announced (hex)
         self._task: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
 
@@ -135,17 +167,34 @@ class HeartbeatSender:
                 await client.aclose()
         return dict(zip(self.gateway_urls, results))
 
+    def trusted_keys(self) -> frozenset[str]:
+        """The signing keys of the gateways this node heartbeats to, as they last announced them."""
+        return frozenset(self.gateway_keys.values())
+
+    def _learn(self, url: str, key: str | None) -> None:
+        if key is not None and self.gateway_keys.get(url) != key:
+            log.info("gateway %s signs with key %s%s", url, key[:16], "" if url not in self.gateway_keys else
+                     " (a new key: the old one is no longer trusted)")
+            self.gateway_keys[url] = key
+
     async def _post(self, client: httpx.AsyncClient, url: str, doc: dict) -> int | str:
         try:
-            r = await client.post(url + HEARTBEAT_PATH, json=doc)
+            if url not in self.gateway_keys:
+                status, answer = await _bounded(client, "GET", url + GATEWAY_KEY_PATH, MAX_KEY_ANSWER_BYTES)
+                if status == 200:
+                    self._learn(url, gateway_key_of(answer, max_bytes=MAX_KEY_ANSWER_BYTES))
+            status, answer = await _bounded(client, "POST", url + HEARTBEAT_PATH, MAX_HEARTBEAT_ANSWER_BYTES,
+                                            json=doc)
         except httpx.HTTPError as e:
             log.debug("heartbeat to %s failed: %s", url, e)
             return f"unreachable: {e}"
-        if r.status_code == 200:
+        if status == 200:
             self.sent += 1
+            self._learn(url, gateway_key_of(answer, max_bytes=MAX_HEARTBEAT_ANSWER_BYTES))
         else:
-            log.warning("gateway %s refused our heartbeat (%d): %s", url, r.status_code, r.text[:200])
-        return r.status_code
+            log.warning("gateway %s refused our heartbeat (%d): %s", url, status,
+                        answer[:200].decode("utf-8", "replace"))
+        return status
 
     async def _loop(self) -> None:
         while True:

@@ -52,16 +52,31 @@ def run(
     api_url: Annotated[str | None, typer.Option(
         "--api-url", help="URL gateways use to reach this node (default http://HOST:PORT).")] = None,
     pin: Annotated[list[str] | None, typer.Option("--pin", help="Adapter id to hold in a slot; repeatable.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", envvar="LORAMESH_NODE_DATA_DIR",
+        help="Node data folder; holds operator.token (made on first start). Default .loramesh/node.")] = None,
+    trust_gateway_key: Annotated[list[str] | None, typer.Option(
+        "--trust-gateway-key", envvar="LORAMESH_NODE_TRUST_GATEWAY_KEYS",
+        help="Gateway public key (64 hex) whose signed calls are served; repeatable (env: space-separated). "
+             "Default: the keys the --gateway URLs announce.")] = None,
+    max_package_bytes: Annotated[int | None, typer.Option(
+        "--max-package-bytes", min=1, help="Largest adapter package accepted by upload (default 4 GiB).")] = None,
 ) -> None:
     """Serve the node API until SIGINT/SIGTERM (in-flight requests are aborted with receipts).
 
     With --deployment the node registers itself on chain (operator = the key's address) and only
     accepts adapters signed by their registered owner; with --listen it joins the p2p mesh and
     fetches adapters it lacks from peers; with --gateway it heartbeats to those gateways.
+    Generation is served only to gateways it trusts (--trust-gateway-key, else the --gateway URLs' keys);
+    upload, load/pin and abort also take the operator's token (`Authorization: Bearer`, from
+    <data dir>/operator.token).
     """
     from node.basemodel import quiet_transformers
+    from node.canonical import restore_recursion_limit
     from node.daemon import DaemonConfig, NodeDaemon
     from node.engine import EngineConfig
+    from node.operator_token import DEFAULT_DATA_DIR
+    from node.upload import MAX_PACKAGE_BYTES
 
     logging.getLogger("node").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
@@ -72,13 +87,26 @@ def run(
     if deployment is not None and key is None:
         raise typer.BadParameter("registering on chain needs the operator's identity file", param_hint="--key")
     identity = _identity(key)
-    config = DaemonConfig(base=base, store=store, host=host, port=port, api_url=api_url, deployment=deployment,
-                          rpc=rpc, listen=listen, bootstrap=tuple(bootstrap or ()), gateways=tuple(gateway or ()),
-                          pins=tuple(pin or ()))
+    try:
+        config = DaemonConfig(base=base, store=store, host=host, port=port, api_url=api_url, deployment=deployment,
+                              rpc=rpc, listen=listen, bootstrap=tuple(bootstrap or ()), gateways=tuple(gateway or ()),
+                              pins=tuple(pin or ()), data_dir=data_dir or DEFAULT_DATA_DIR,
+                              trusted_gateway_keys=tuple(trust_gateway_key or ()),
+                              max_package_bytes=max_package_bytes or MAX_PACKAGE_BYTES)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     engine_config = EngineConfig(model_dir=base, device=device, num_slots=slots, max_lora_rank=max_lora_rank,
                                  num_kv_blocks=kv_blocks, threads=threads)
     daemon = NodeDaemon(config, engine_config, identity)
+    restore_recursion_limit()  # py_ecc, imported with the chain libraries, raises it to 100,000
     log.info("node %s serving %s on %s", identity.node_id, daemon.engine.base_model_name, config.public_url)
+    log.info("operator token (for upload, load/pin, abort) is in %s", daemon.operator_token_path)
+    if config.trusted_gateway_keys:
+        log.info("serving gateways with keys %s", ", ".join(k[:16] for k in config.trusted_gateway_keys))
+    elif config.gateways:
+        log.info("serving the gateways it heartbeats to, by the keys they announce")
+    else:
+        log.warning("no --gateway and no --trust-gateway-key: no gateway can send this node requests")
     from node.serving import serve
 
     serve(daemon.app, host=host, port=port, name="node")  # shutdown stops heartbeats, the p2p host, the engine

@@ -11,8 +11,10 @@ for another deployment is signed again here for this one (same manifest, same ad
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -21,6 +23,8 @@ from ledger.errors import ContractError, UnknownAdapter, UnknownDataset
 from ledger.types import ZERO_ID
 from node.adapters import PackageError, VerifiedPackage, sign_package, verify_package
 from node.adapters.signing import read_signature
+from node.operator_token import DEFAULT_DATA_DIR, TOKEN_ENV, OperatorTokenError, read_operator_token, token_path
+from node.request_auth import BearerAuth
 from node.upload import tar_package
 
 log = logging.getLogger(__name__)
@@ -125,12 +129,35 @@ def register_package(pkg: VerifiedPackage, client: ChainClient, *, dataset_hashe
     return result
 
 
-def upload_to_node(pkg: VerifiedPackage, node_url: str, *, timeout: float = 120.0) -> dict:
-    """Send the package to a node, which verifies it against the chain, stores it and seeds it to peers."""
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def operator_token_for(node_url: str, token_file: str | Path | None = None) -> str:
+    """The operator token to upload to `node_url` with: from `token_file`, else $LORAMESH_NODE_OPERATOR_TOKEN,
+    else (for a node on this machine) the default node data folder's operator.token."""
+    try:
+        if token_file is not None:
+            return read_operator_token(token_file)
+        if token := os.environ.get(TOKEN_ENV, "").strip():
+            return token
+        local = token_path(DEFAULT_DATA_DIR)
+        if urlsplit(node_url).hostname in _LOCAL_HOSTS and local.is_file():
+            return read_operator_token(local)
+    except OperatorTokenError as e:
+        raise PublishError(str(e)) from None
+    raise PublishError(f"uploading to the node at {node_url} needs its operator token: give --operator-token-file "
+                       f"(the node's <data dir>/operator.token) or set {TOKEN_ENV}")
+
+
+def upload_to_node(pkg: VerifiedPackage, node_url: str, *, operator_token: str | None = None,
+                   timeout: float = 120.0) -> dict:
+    """Send the package to a node, which verifies it against the chain, stores it and seeds it to peers.
+    `operator_token`: the node operator's token (default: operator_token_for(node_url))."""
     url = node_url.rstrip("/") + "/v1/adapters"
+    token = operator_token or operator_token_for(node_url)
     try:
         r = httpx.post(url, content=tar_package(pkg.path), headers={"content-type": "application/x-tar"},
-                       timeout=timeout)
+                       auth=BearerAuth(token), timeout=timeout)
     except httpx.HTTPError as e:
         raise PublishError(f"node at {node_url} is unreachable: {e}") from e
     if r.status_code >= 400:
@@ -143,14 +170,17 @@ def upload_to_node(pkg: VerifiedPackage, node_url: str, *, timeout: float = 120.
 
 
 def publish(pkg_dir: str | Path, client: ChainClient, *, node_url: str | None = None,
-            dataset_hashes: dict[str, str] | None = None) -> PublishResult:
-    """Verify, sign for the client's deployment if needed, register and (optionally) upload a package."""
+            dataset_hashes: dict[str, str] | None = None, operator_token: str | None = None) -> PublishResult:
+    """Verify, sign for the client's deployment if needed, register and (optionally) upload a package
+    (with the node operator's token: `operator_token`, else operator_token_for(node_url))."""
     try:
         pkg = verify_package(pkg_dir, require_signature=False)
     except PackageError as e:
         raise PublishError(f"package refused before publishing: {e}") from e
+    if node_url:  # known before anything is registered: a missing token stops it all
+        operator_token = operator_token or operator_token_for(node_url)
     result = register_package(pkg, client, dataset_hashes=dataset_hashes)
     if node_url:
-        upload_to_node(pkg, node_url)
+        upload_to_node(pkg, node_url, operator_token=operator_token)
         result.node_url = node_url
     return result

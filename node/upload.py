@@ -1,22 +1,39 @@
 """Moving a package to a node over HTTP: a flat, uncompressed tar of the package's plain files.
 
-The receiving side trusts nothing in the archive: only regular files with safe flat names are
-written, sizes are capped, and the result still has to pass the full package check.
+The receiving side trusts nothing in the archive and writes nothing before it has read the manifest
+and its signature: `open_upload` walks the member headers (refusing anything but regular files with
+safe flat names: no links, devices, folders or sparse members, whose real size is not the bytes
+sent) and parses the manifest and signature with the bounded JSON parser; the caller then checks the
+signature and the on-chain owner; only then does `UploadedPackage.extract` write each weight file,
+at most the manifest's declared size of it, hashing as it goes. The store still runs the full
+package check before the package becomes visible.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import shutil
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from node.adapters.errors import PackageError
-from node.adapters.manifest import RESERVED_FILES, check_file_name
+from node.adapters.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, Manifest, check_file_name, parse_manifest
+from node.canonical import UntrustedJSONError, parse_json
 
-MAX_UPLOAD_BYTES = 4 << 30
+MAX_PACKAGE_BYTES = 4 << 30  # default cap on a package's files together (a node's --max-package-bytes)
 MAX_FILES = 64
+MAX_SIGNATURE_BYTES = 64 << 10
+# headers (512 bytes, plus PAX records), padding to 512 and the archive's closing blocks and record padding
+TAR_OVERHEAD = (MAX_FILES + 2) * 4096 + 10240
+_CHUNK = 1 << 20
+_PLAIN_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
+
+
+def max_upload_bytes(max_package_bytes: int = MAX_PACKAGE_BYTES) -> int:
+    """The largest tar body that can carry a package of `max_package_bytes`."""
+    return max_package_bytes + TAR_OVERHEAD
 
 
 def tar_package(pkg_dir: str | Path) -> bytes:
@@ -29,27 +46,127 @@ def tar_package(pkg_dir: str | Path) -> bytes:
     return buf.getvalue()
 
 
-def untar_package(data: bytes | BinaryIO, dest: Path) -> None:
-    """Write a flat tar archive's (bytes or a file) regular files into `dest`, refusing anything else."""
+@dataclass(slots=True)
+class UploadedPackage:
+    """An upload whose member headers, manifest and signature were read and checked; nothing written yet."""
+
+    tar: tarfile.TarFile
+    manifest: Manifest
+    signature: dict
+    manifest_bytes: bytes
+    signature_bytes: bytes
+    members: dict[str, tarfile.TarInfo] = field(default_factory=dict)  # weight files by name
+
+    def extract(self, dest: Path) -> None:
+        """Write the manifest's files into the empty folder `dest`, each no longer than declared and with
+        its declared sha256, then the manifest and signature as they were read."""
+        try:
+            self._extract(dest)
+        except tarfile.TarError as e:
+            raise PackageError(f"upload is not a valid tar archive: {e}") from None
+
+    def _extract(self, dest: Path) -> None:
+        for entry in self.manifest.files:
+            m = self.members[entry.path]
+            src = self.tar.extractfile(m)
+            if src is None:  # cannot happen for a regular member: refuse rather than assume
+                raise PackageError(f"upload entry {entry.path!r} has no contents")
+            h, left = hashlib.sha256(), entry.size
+            with (dest / entry.path).open("xb") as out:
+                while left:
+                    chunk = src.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise PackageError(f"upload ends inside {entry.path!r}")
+                    h.update(chunk)
+                    out.write(chunk)
+                    left -= len(chunk)
+            if h.hexdigest() != entry.sha256:
+                raise PackageError(f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)")
+        (dest / MANIFEST_FILE).write_bytes(self.manifest_bytes)
+        (dest / SIGNATURE_FILE).write_bytes(self.signature_bytes)
+
+    def close(self) -> None:
+        self.tar.close()
+
+    def __enter__(self) -> "UploadedPackage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_member(m: tarfile.TarInfo, max_package_bytes: int) -> None:
+    """Refuse every member that is not a plain file with a safe flat name and a size within the cap."""
+    if m.type not in _PLAIN_FILE_TYPES or m.issparse() or any(k.startswith("GNU.sparse") for k in m.pax_headers):
+        what = ("a sparse file" if m.issparse() or m.type == tarfile.GNUTYPE_SPARSE else
+                "a symlink" if m.issym() else "a hard link" if m.islnk() else "a folder" if m.isdir() else
+                "a device or fifo" if m.isdev() else "not a regular file")
+        raise PackageError(f"upload entry {m.name[:128]!r} is {what}; packages hold plain files only")
+    if m.name not in (MANIFEST_FILE, SIGNATURE_FILE):
+        check_file_name(m.name)
+    if m.size > max_package_bytes:
+        raise PackageError(f"upload entry {m.name!r} is {m.size} bytes, over the {max_package_bytes}-byte limit")
+
+
+def _read_json_member(tar: tarfile.TarFile, m: tarfile.TarInfo, limit: int) -> tuple[bytes, object]:
+    if m.size > limit:
+        raise PackageError(f"{m.name} is {m.size} bytes, more than {limit}")
+    src = tar.extractfile(m)
+    raw = src.read(m.size) if src is not None else b""
+    if len(raw) != m.size:
+        raise PackageError(f"upload ends inside {m.name!r}")
+    try:
+        return raw, parse_json(raw, max_bytes=limit, what=m.name)
+    except UntrustedJSONError as e:
+        raise PackageError(str(e)) from None
+
+
+def open_upload(data: bytes | BinaryIO, *, max_package_bytes: int = MAX_PACKAGE_BYTES) -> UploadedPackage:
+    """Read an upload's member headers, manifest and signature (bytes, or a seekable file); PackageError
+    for anything but a flat archive of plain files that are exactly the manifest's, within the size caps."""
     if isinstance(data, bytes):
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise PackageError(f"upload of {len(data)} bytes is over the {MAX_UPLOAD_BYTES}-byte limit")
+        if len(data) > max_upload_bytes(max_package_bytes):
+            raise PackageError(f"upload of {len(data)} bytes is over the {max_upload_bytes(max_package_bytes)}-byte limit")
         data = io.BytesIO(data)
     try:
-        with tarfile.open(fileobj=data, mode="r:") as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_FILES:
-                raise PackageError(f"upload holds {len(members)} entries, more than {MAX_FILES}")
-            for m in members:
-                if not m.isreg():
-                    raise PackageError(f"upload entry {m.name!r} is not a regular file")
-                if m.name not in RESERVED_FILES:  # manifest and signature travel with the files
-                    check_file_name(m.name)
-                src = tar.extractfile(m)
-                assert src is not None  # regular files always have a body
-                with (dest / m.name).open("xb") as out:
-                    shutil.copyfileobj(src, out)
+        tar = tarfile.open(fileobj=data, mode="r:")
     except tarfile.TarError as e:
-        raise PackageError(f"upload is not a valid tar archive: {e}") from e
-    except FileExistsError as e:
-        raise PackageError(f"upload names a file twice: {e.filename}") from e
+        raise PackageError(f"upload is not a valid tar archive: {e}") from None
+    try:
+        members: dict[str, tarfile.TarInfo] = {}
+        while (m := tar.next()) is not None:
+            if len(members) >= MAX_FILES + 2:
+                raise PackageError(f"upload holds more than {MAX_FILES} files")
+            _check_member(m, max_package_bytes)
+            if m.name in members:
+                raise PackageError(f"upload names the file {m.name!r} twice")
+            members[m.name] = m
+        for required in (MANIFEST_FILE, SIGNATURE_FILE):
+            if required not in members:
+                raise PackageError(f"upload holds no {required}: not a signed adapter package")
+        manifest_bytes, raw_manifest = _read_json_member(tar, members.pop(MANIFEST_FILE), MAX_MANIFEST_BYTES)
+        signature_bytes, signature = _read_json_member(tar, members.pop(SIGNATURE_FILE), MAX_SIGNATURE_BYTES)
+        manifest = parse_manifest(raw_manifest)
+        if not isinstance(signature, dict):
+            raise PackageError(f"{SIGNATURE_FILE} must be a JSON object")
+        _check_against_manifest(members, manifest, max_package_bytes)
+        return UploadedPackage(tar, manifest, signature, manifest_bytes, signature_bytes, members)
+    except tarfile.TarError as e:
+        tar.close()
+        raise PackageError(f"upload is not a valid tar archive: {e}") from None
+    except BaseException:
+        tar.close()
+        raise
+
+
+def _check_against_manifest(members: dict[str, tarfile.TarInfo], manifest: Manifest, max_package_bytes: int) -> None:
+    declared = {f.path: f.size for f in manifest.files}
+    if extra := sorted(set(members) - set(declared)):
+        raise PackageError(f"file {extra[0]!r} is not listed in the manifest")
+    if missing := sorted(set(declared) - set(members)):
+        raise PackageError(f"file {missing[0]!r} listed in the manifest is missing")
+    for name, size in declared.items():
+        if members[name].size != size:
+            raise PackageError(f"file {name!r} is {members[name].size} bytes, the manifest says {size}")
+    if (total := sum(declared.values())) > max_package_bytes:
+        raise PackageError(f"package files total {total} bytes, over the {max_package_bytes}-byte limit")

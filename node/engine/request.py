@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 HEX_ID = re.compile(r"^0x[0-9a-f]{64}$")
 MAX_STOP_STRINGS = 4
+SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit integers; every bit of them changes the draws
 
 
 class RequestError(ValueError):
@@ -42,6 +43,9 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < SEED_LIMIT):
+            raise RequestError(f"seed must be an integer in [0, 2^64) or null, got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {list(self.stop)!r}")
 

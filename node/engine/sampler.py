@@ -7,6 +7,20 @@ import torch
 from node.engine.request import SamplingParams
 
 
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator for a request's 64-bit seed in which every bit of the seed counts.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of manual_seed, so seeds that differed
+    only above bit 32 drew the same text. The high half is folded into the low half first with a
+    bijective 32-bit hash (a Feistel step: the fold is invertible, so distinct seeds stay distinct for
+    generators that do keep 64 bits, such as CUDA's Philox)."""
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    folded = (hi << 32) | (lo ^ _mix32_int(hi))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(folded)
+    return gen
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """logits [B, V] (any dtype) -> one token id per row.
 
@@ -51,6 +65,21 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
     x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
     return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    # _mix32 on a Python int (the same lowbias32 hash; a bijection on 32-bit values)
+    x &= _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _as_int64(seed: int) -> int:
+    # an unsigned 64-bit seed in an int64 tensor: the same 64 bits, read as two's complement (uniform_from
+    # takes both 32-bit halves back out); masking to 63 bits instead made seed and seed + 2^63 draw alike
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def uniform_from(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -98,6 +127,6 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: 
     pin = dev.type == "cuda"
     f = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]], dtype=torch.float64,
                      pin_memory=pin).to(dev, non_blocking=True)
-    i = torch.tensor([[p.top_k for p in params], [s & ((1 << 63) - 1) for s in seeds], steps], dtype=torch.int64,
+    i = torch.tensor([[p.top_k for p in params], [_as_int64(s) for s in seeds], steps], dtype=torch.int64,
                      pin_memory=pin).to(dev, non_blocking=True)
     return sample_batched(logits, f[0], i[0], f[1], i[1], i[2]).tolist()

@@ -1,4 +1,6 @@
-"""The node HTTP API on a real uvicorn (127.0.0.1, free port): generate, streaming, receipts, bad input."""
+"""The node HTTP API on a real uvicorn (127.0.0.1, free port): generate, streaming, receipts, bad input.
+
+Every call is made as a trusted gateway (signed); who may call what is tested in test_api_auth.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from node.engine import Engine
 from node.receipts import check_receipt
 from tests.utils.engine import ADAPTER_SPECS, PUBLISHER_KEY, make_world
 from tests.utils.factories import make_base, make_package
+from tests.utils.node_auth import Gateway, node_id_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +48,8 @@ def node(llama_world, tmp_path_factory):
     foreign = make_package(other, tmp / "foreign", account=Account.from_key(PUBLISHER_KEY), name="test/foreign")
     store.install(foreign.path)
     engine = Engine(llama_world.config(num_kv_blocks=128, block_size=8, max_model_len=512), store=store)
-    app = create_app(engine, Ed25519PrivateKey.generate())
+    gateway, node_key = Gateway(), Ed25519PrivateKey.generate()
+    app = create_app(engine, node_key, trusted_gateways={gateway.public_hex}, operator_token="op-token")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -54,7 +58,7 @@ def node(llama_world, tmp_path_factory):
     while not server.started:
         assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    client = gateway.client(f"http://127.0.0.1:{port}", node_id_for(node_key))
     try:
         pub = bytes.fromhex(client.get("/status").json()["public_key"])
         yield {"client": client, "adapters": [a.adapter_id for a in llama_world.adapters[:2]],
@@ -240,10 +244,12 @@ def test_node_run_command_serves_adapters_and_stops_on_sigterm(node, llama_world
     for a in llama_world.adapters[:2]:
         st.install(llama_world.store.path_for(a.adapter_id))
     port = free_port()
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    gateway = Gateway()
+    env = os.environ | {"OMP_NUM_THREADS": "1", "LORAMESH_NODE_TRUST_GATEWAY_KEYS": gateway.public_hex}
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.node_cli", "run", "--base", str(llama_world.base_dir), "--store", str(store),
-         "--port", str(port), "--slots", "2", "--kv-blocks", "64", "--threads", "1"],
+         "--port", str(port), "--slots", "2", "--kv-blocks", "64", "--threads", "1",
+         "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
@@ -257,6 +263,11 @@ def test_node_run_command_serves_adapters_and_stops_on_sigterm(node, llama_world
                 pass
             assert time.time() < deadline, "node did not come up"
             time.sleep(0.2)
+        token_file = tmp_path / "data" / "operator.token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 40
+        client = gateway.client(f"http://127.0.0.1:{port}", client.get("/status").json()["node_id"], timeout=30)
         answers = set()
         for a in llama_world.adapters[:2]:
             events = _sse(client, {"adapter_id": a.adapter_id, "prompt": "hello", "max_tokens": 8, "temperature": 0})
@@ -268,6 +279,8 @@ def test_node_run_command_serves_adapters_and_stops_on_sigterm(node, llama_world
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert "ephemeral node key" in out and "node stopped" in out
+        assert "operator token (for upload, load/pin, abort) is in " in out and str(token_file) in out
+        assert token not in out
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,48 +1,97 @@
+"""node.upload on its own: what open_upload refuses before anything is written (attacks on a running node are in
+test_upload_attacks.py)."""
+
 import io
 import tarfile
 
 import pytest
+from eth_account import Account
 
-from node.adapters import PackageError
-from node.upload import tar_package, untar_package
+from node.adapters import PackageError, verify_package
+from node.upload import open_upload, tar_package
+from tests.utils.factories import make_package
+
+
+@pytest.fixture(scope="module")
+def pkg(tiny_base, tmp_path_factory):
+    return make_package(tiny_base, tmp_path_factory.mktemp("upload") / "pkg", account=Account.create(), rank=2)
 
 
 def tar_of(entries):
+    """A tar of (name, data, kind) entries, kind one of file, sym, link, dir, fifo, chr."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    kinds = {"sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE, "dir": tarfile.DIRTYPE, "fifo": tarfile.FIFOTYPE,
+             "chr": tarfile.CHRTYPE}
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data, kind in entries:
             info = tarfile.TarInfo(name)
-            if kind == "sym":
-                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-                tar.addfile(info)
-            else:
+            if kind == "file":
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type, info.linkname = kinds[kind], "/etc/passwd"
+                tar.addfile(info)
     return buf.getvalue()
 
 
-def test_round_trip(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "loramesh.json").write_text("{}")
-    (src / "adapter_config.json").write_text('{"r": 1}')
-    dst = tmp_path / "dst"
-    dst.mkdir()
-    untar_package(tar_package(src), dst)
-    assert sorted(p.name for p in dst.iterdir()) == ["adapter_config.json", "loramesh.json"]
+def files_of(pkg):
+    return [(p.name, p.read_bytes(), "file") for p in sorted(pkg.path.iterdir())]
 
 
-@pytest.mark.parametrize("entries,message", [
-    ([("../escape.json", b"x", "file")], "escapes the package folder"),
-    ([("/abs.json", b"x", "file")], "escapes the package folder"),
-    ([("link.json", b"", "sym")], "is not a regular file"),
-    ([("a.json", b"1", "file"), ("a.json", b"2", "file")], "names a file twice"),
+def test_round_trip_writes_exactly_the_package(pkg, tmp_path):
+    with open_upload(tar_package(pkg.path)) as up:
+        assert up.manifest.adapter_id == pkg.adapter_id
+        up.extract(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in pkg.path.iterdir())
+    assert verify_package(tmp_path).adapter_id == pkg.adapter_id
+
+
+@pytest.mark.parametrize("entry,message", [
+    (("../escape.json", b"x", "file"), "escapes the package folder"),
+    (("/abs.json", b"x", "file"), "escapes the package folder"),
+    (("link.json", b"", "sym"), "is a symlink"),
+    (("hard.json", b"", "link"), "is a hard link"),
+    (("sub", b"", "dir"), "is a folder"),
+    (("pipe", b"", "fifo"), "is a device or fifo"),
+    (("tty", b"", "chr"), "is a device or fifo"),
+    (("extra.bin", b"1", "file"), "'extra.bin' is not listed in the manifest"),
 ])
-def test_unsafe_archives_are_refused(tmp_path, entries, message):
+def test_unsafe_members_are_refused(pkg, entry, message):
     with pytest.raises(PackageError, match=message):
-        untar_package(tar_of(entries), tmp_path)
+        open_upload(tar_of([entry] + files_of(pkg)))
 
 
-def test_garbage_is_refused(tmp_path):
+def test_a_file_twice_and_missing_parts_are_refused(pkg):
+    files = files_of(pkg)
+    with pytest.raises(PackageError, match="twice"):
+        open_upload(tar_of(files + files[:1]))
+    with pytest.raises(PackageError, match="no signature.json"):
+        open_upload(tar_of([f for f in files if f[0] != "signature.json"]))
+    with pytest.raises(PackageError, match="adapter_model.safetensors' listed in the manifest is missing"):
+        open_upload(tar_of([f for f in files if f[0] != "adapter_model.safetensors"]))
+
+
+def test_member_sizes_must_be_the_declared_ones_and_within_the_cap(pkg, tmp_path):
+    files = [(n, d + b"\0" * 1000 if n == "adapter_model.safetensors" else d, k) for n, d, k in files_of(pkg)]
+    with pytest.raises(PackageError, match=r"'adapter_model.safetensors' is \d+ bytes, the manifest says \d+"):
+        open_upload(tar_of(files))
+    with pytest.raises(PackageError, match="over the 100-byte limit"):
+        open_upload(tar_package(pkg.path), max_package_bytes=100)
+
+
+def test_a_changed_weight_is_refused_while_written_and_garbage_is_no_tar(pkg, tmp_path):
+    files = []
+    for n, d, k in files_of(pkg):
+        if n == "adapter_model.safetensors":
+            d = d[:-1] + bytes([d[-1] ^ 1])  # same size, other bytes
+        files.append((n, d, k))
+    with open_upload(tar_of(files)) as up, pytest.raises(PackageError, match="does not match its sha256"):
+        up.extract(tmp_path)
     with pytest.raises(PackageError, match="not a valid tar archive"):
-        untar_package(b"\x00garbage" * 100, tmp_path)
+        open_upload(b"\x00garbage" * 100)
+
+
+def test_nested_manifest_is_a_clear_error(pkg):
+    files = [(n, b"[" * 200_000 if n == "loramesh.json" else d, k) for n, d, k in files_of(pkg)]
+    with pytest.raises(PackageError, match="nested deeper than"):
+        open_upload(tar_of(files))

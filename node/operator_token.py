@@ -1,0 +1,56 @@
+"""The node operator's bearer token: one file in the node's data folder, made on first start.
+
+The node checks it on its operator endpoints (upload, load/pin, abort); the publishing CLI reads the
+same file when the node is on this machine. It is never logged: only the file's location is.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path(os.environ.get("LORAMESH_NODE_DATA_DIR", ".loramesh/node"))
+TOKEN_FILE = "operator.token"
+TOKEN_ENV = "LORAMESH_NODE_OPERATOR_TOKEN"
+
+
+class OperatorTokenError(ValueError):
+    """The token file is missing, empty or unreadable."""
+
+
+def token_path(data_dir: str | Path = DEFAULT_DATA_DIR) -> Path:
+    return Path(data_dir) / TOKEN_FILE
+
+
+def ensure_operator_token(data_dir: str | Path = DEFAULT_DATA_DIR) -> tuple[str, Path]:
+    """The node's operator token, created (0600, 256 random bits) when the data folder has none yet."""
+    path = token_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.is_file():
+        return read_operator_token(path), path
+    # written whole under a temporary name, then linked into place: two nodes sharing a data folder and
+    # starting at once end up with the same token, and nobody ever reads a half-written file
+    tmp = path.with_name(f".{TOKEN_FILE}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return read_operator_token(path), path
+
+
+def read_operator_token(path: str | Path) -> str:
+    """The token held in `path` (surrounding whitespace ignored)."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OperatorTokenError(f"cannot read the operator token file {Path(path).name}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
+    if not token:
+        raise OperatorTokenError(f"the operator token file {Path(path).name} is empty")
+    return token
