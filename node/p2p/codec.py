@@ -13,6 +13,7 @@ DATA frames (a frame never spans two files), then END.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,7 +43,7 @@ class Kind(enum.IntEnum):
 CAPS: dict[Kind, int] = {
     Kind.REQUEST: 1024,
     Kind.MANIFEST: MAX_PAYLOAD,
-    Kind.SIGNATURE: 64 * 1024,
+    Kind.SIGNATURE: 4096,  # signature.json is ~400 bytes: a bigger one is an attack, not a signature
     Kind.DATA: MAX_PAYLOAD,
     Kind.END: 0,
     Kind.ERROR: 1024,
@@ -100,21 +101,48 @@ async def write_frame(stream: ByteStream, kind: Kind, payload: bytes = b"", *, t
 
 
 class FrameReader:
-    """Reads frames from a stream, buffering partial reads; every read has a timeout."""
+    """Reads frames from a stream, buffering partial reads; every read has a timeout.
 
-    __slots__ = ("_stream", "_timeout", "_buf")
+    A per-read timeout alone lets a peer sending one byte a second hold a reader forever, so a
+    reader may also have a deadline (an absolute trio time, for the whole exchange or a phase of
+    it) and a minimum rate: once `grace` seconds have passed since `pace()`, the bytes received
+    since then must average `min_rate` bytes/s.
+    """
 
-    def __init__(self, stream: ByteStream, *, timeout: float) -> None:
+    __slots__ = ("_stream", "_timeout", "_buf", "deadline", "_min_rate", "_grace", "_paced_at", "_paced_bytes")
+
+    def __init__(self, stream: ByteStream, *, timeout: float, deadline: float = math.inf) -> None:
         self._stream = stream
         self._timeout = timeout
         self._buf = bytearray()
+        self.deadline = deadline
+        self._min_rate = 0.0
+        self._grace = 0.0
+        self._paced_at = 0.0
+        self._paced_bytes = 0
+
+    def pace(self, *, min_rate: float, grace: float, deadline: float = math.inf) -> None:
+        """From now on, require `min_rate` bytes/s on average after `grace` seconds, and end by `deadline`."""
+        self._min_rate, self._grace, self.deadline = min_rate, grace, deadline
+        self._paced_at, self._paced_bytes = trio.current_time(), 0
+
+    def _check_pace(self) -> None:
+        now = trio.current_time()
+        if now >= self.deadline:
+            raise ProviderTimeout("peer did not finish within the transfer deadline")
+        elapsed = now - self._paced_at
+        if self._min_rate and elapsed > self._grace and self._paced_bytes < self._min_rate * elapsed:
+            raise ProviderTimeout(f"peer sent {self._paced_bytes} bytes in {elapsed:.1f}s, below the minimum "
+                                  f"rate of {self._min_rate:g} bytes/s")
 
     async def _fill(self, n: int) -> None:
         # Ask for exactly what is missing: nothing is read past the current frame, so no leftover
         # bytes need shifting and a payload is copied once.
         while len(self._buf) < n:
+            self._check_pace()
             chunk = b""
-            with trio.move_on_after(self._timeout) as scope:
+            wait = min(self._timeout, self.deadline - trio.current_time())
+            with trio.move_on_after(wait) as scope:
                 try:
                     chunk = await self._stream.read(n - len(self._buf))
                 except EOFError:
@@ -122,10 +150,13 @@ class FrameReader:
                 except (IOException, MuxedStreamError) as e:
                     raise ProviderError(f"peer reset the stream after {len(self._buf)} of {n} bytes ({e!r})") from e
             if scope.cancelled_caught:
+                if wait < self._timeout:
+                    raise ProviderTimeout("peer did not finish within the transfer deadline")
                 raise ProviderTimeout(f"peer sent nothing for {self._timeout:g}s (stalled mid-frame)")
             if not chunk:
                 raise FrameError(f"stream ended after {len(self._buf)} of {n} bytes of a frame")
             self._buf += chunk
+            self._paced_bytes += len(chunk)
 
     async def read_frame(self) -> Frame:
         """The next frame; FrameError on a malformed or oversized one, ProviderTimeout on a stall."""

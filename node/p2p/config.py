@@ -9,17 +9,35 @@ from multiaddr import Multiaddr
 
 @dataclass(frozen=True, slots=True)
 class P2PConfig:
-    """Listen address, bootstrap peers, timeouts and limits of one node's libp2p host."""
+    """Listen address, bootstrap peers, timeouts and limits of one node's libp2p host.
+
+    Every limit here bounds what one peer (or a flood of made-up peer ids, which cost nothing) can
+    make this node hold or wait for.
+    """
 
     listen: str = "/ip4/0.0.0.0/tcp/4001"
     bootstrap: tuple[str, ...] = ()
     read_timeout: float = 10.0  # per read and per write on an adapter stream: a stalled provider
     dial_timeout: float = 5.0
     max_inbound_streams: int = 8  # concurrent adapter uploads served
+    max_streams_per_peer: int = 2  # of those, how many one peer may hold
+    request_timeout: float = 3.0  # an inbound stream must send its REQUEST frame within this
+    header_timeout: float = 10.0  # a provider must send MANIFEST and SIGNATURE within this
+    # A transfer must average min_rate bytes/s once transfer_grace seconds have passed, and end by
+    # transfer_grace + size / min_rate: a provider trickling bytes is dropped and the next one tried.
+    min_rate: float = 256 * 1024
+    transfer_grace: float = 5.0
+    backoff_base: float = 10.0  # a failed provider is tried last for base * 2**(failures-1) seconds...
+    backoff_max: float = 600.0  # ...at most this long
+    max_attempts: int = 8  # providers tried per fetch
+    max_unknown_attempts: int = 3  # of those, peers with no standing that only the DHT names
     max_connections: int = 64  # the default auto-connector tops up towards 100-300 (pitfall 8)
     max_package_bytes: int = 4 << 30
     announce_interval: float = 30.0  # re-announce held adapters on GossipSub
     announce_max_age: float = 600.0  # older announcements are dropped
+    announce_future_skew: float = 5.0  # announcements dated further ahead are refused (clock skew)
+    book_max_peers: int = 1024  # announcing peers remembered
+    book_max_ids: int = 65536  # adapter ids remembered over all peers (~120 bytes each)
     dht_provide_interval: float = 1.5  # a peer accepts 10 ADD_PROVIDER per 10 s (pitfall 2)
     discover_timeout: float = 10.0  # how long a fetch waits for a first provider
     dht_query_timeout: float = 3.0
@@ -32,9 +50,15 @@ class P2PConfig:
         except Exception as e:
             raise ValueError(f"bad multiaddr in p2p config: {e}") from e
         for name in ("read_timeout", "dial_timeout", "announce_interval", "announce_max_age",
-                     "dht_provide_interval", "discover_timeout", "dht_query_timeout"):
+                     "dht_provide_interval", "discover_timeout", "dht_query_timeout", "request_timeout",
+                     "header_timeout", "min_rate", "transfer_grace", "backoff_base", "backoff_max"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"p2p config {name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_inbound_streams", "max_connections", "max_package_bytes"):
+        if self.announce_future_skew < 0:
+            raise ValueError(f"p2p config announce_future_skew must be >= 0, got {self.announce_future_skew}")
+        for name in ("max_inbound_streams", "max_streams_per_peer", "max_connections", "max_package_bytes",
+                     "max_attempts", "book_max_peers", "book_max_ids"):
             if getattr(self, name) < 1:
                 raise ValueError(f"p2p config {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_unknown_attempts < 0:
+            raise ValueError(f"p2p config max_unknown_attempts must be >= 0, got {self.max_unknown_attempts}")

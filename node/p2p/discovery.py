@@ -10,10 +10,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
+from libp2p.kad_dht.kad_dht import _encode_key  # the key bytes KadDHT.provide stores under
 from libp2p.peer.id import ID
 
 from node.canonical import is_id
-from node.p2p.announce import TOPIC, Announcement, AnnouncementError, ProviderBook, sign_announcement, verify_announcement
+from node.p2p.announce import (
+    MAX_ADDRS,
+    TOPIC,
+    Announcement,
+    AnnouncementError,
+    ProviderBook,
+    sign_announcement,
+    verify_announcement,
+)
 from node.p2p.config import P2PConfig
 from node.p2p.errors import P2PError
 from node.p2p.host import _addr_str
@@ -25,6 +34,7 @@ if TYPE_CHECKING:
     from libp2p.pubsub.pubsub import Pubsub
 
     from node.adapters import AdapterStore
+    from node.p2p.standing import PeerStanding
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,7 @@ class Discovery:
     pubsub: Pubsub
     dht: KadDHT
     book: ProviderBook
+    standing: PeerStanding
     held: set[str]
     _provide_send: trio.MemorySendChannel[str]
     _provide_recv: trio.MemoryReceiveChannel[str]
@@ -103,16 +114,20 @@ class Discovery:
 
     def _validate_gossip(self, _forwarder: ID, msg) -> bool:
         try:
-            verify_announcement(msg.data, now=time.time(), max_age=self.config.announce_max_age)
+            self._verify(msg.data)
         except AnnouncementError as e:
             log.info("dropped announcement: %s", e)
             return False
         return True
 
+    def _verify(self, data: bytes) -> Announcement:
+        return verify_announcement(data, now=time.time(), max_age=self.config.announce_max_age,
+                                   future_skew=self.config.announce_future_skew)
+
     async def _receive_announcements(self, subscription) -> None:
         async for msg in subscription:
             try:
-                ann = verify_announcement(msg.data, now=time.time(), max_age=self.config.announce_max_age)
+                ann = self._verify(msg.data)
             except AnnouncementError as e:
                 log.info("dropped announcement: %s", e)
                 continue
@@ -142,6 +157,12 @@ class Discovery:
 
     async def _dht_providers(self, adapter_id: str) -> list[Provider]:
         # Hints only: answered from a local cache when it has any entry, may list offline peers.
+        # That cache holds 20 providers per key, first come: records of providers that failed and
+        # are backed off are dropped first, so real providers can take their slots (and an empty
+        # cache sends the query to the network).
+        for pid in list(self._local_dht_providers(adapter_id)):
+            if self.standing.backed_off(pid):
+                self._drop_dht_record(adapter_id, pid)
         infos = []
         try:
             with trio.move_on_after(self.config.dht_query_timeout):
@@ -151,5 +172,15 @@ class Discovery:
         out = []
         for info in infos:
             pid = info.peer_id.to_base58()
-            out.append(Provider(pid, tuple(_addr_str(a, pid) for a in info.addrs), "dht"))
+            out.append(Provider(pid, tuple(_addr_str(a, pid) for a in info.addrs[:MAX_ADDRS]), "dht"))
         return out
+
+    def _local_dht_providers(self, adapter_id: str) -> dict:
+        """The DHT's local provider records for `adapter_id` (peer id string -> record), as the library keeps them."""
+        return self.dht.provider_store.providers.get(_encode_key(dht_key(adapter_id)), {})
+
+    def _drop_dht_record(self, adapter_id: str, peer_id: str) -> None:
+        """Forget a provider record of `adapter_id` in the DHT's local store (it failed us)."""
+        records = self._local_dht_providers(adapter_id)
+        for key in [k for k in records if k == peer_id or str(k) == peer_id]:
+            del records[key]

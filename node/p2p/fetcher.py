@@ -20,6 +20,7 @@ from multiaddr import Multiaddr
 from node.adapters import AdapterStore, PackageError, VerifiedPackage
 from node.canonical import is_id
 from node.p2p.codec import PROTOCOL_ID
+from node.p2p.announce import UNKNOWN
 from node.p2p.config import P2PConfig
 from node.p2p.discovery import Provider
 from node.p2p.errors import (
@@ -32,7 +33,8 @@ from node.p2p.errors import (
     UnregisteredAdapter,
 )
 from node.p2p.host import _addr_str
-from node.p2p.transfer import request_package
+from node.p2p.standing import PeerStanding
+from node.p2p.transfer import Pace, request_package
 
 if TYPE_CHECKING:
     from libp2p.abc import IHost
@@ -69,8 +71,8 @@ def _provider_from_addr(multiaddr: str) -> Provider:
 
 
 class Fetcher:
-    """Mesh's fetch flow (a mixin: Mesh.__init__ builds the state below; find_providers, _hold and
-    _announce_now come from Discovery, _dial from Mesh)."""
+    """Mesh's fetch flow (a mixin: Mesh.__init__ builds the state below; find_providers, _hold,
+    _drop_dht_record and _announce_now come from Discovery, _dial from Mesh)."""
 
     config: P2PConfig
     store: AdapterStore
@@ -79,6 +81,7 @@ class Fetcher:
     host: IHost
     peer_id: str
     transfers: dict[str, TransferStatus]
+    standing: PeerStanding
     _fetch_locks: dict[str, trio.Lock]
 
     def _set(self, status: TransferStatus, on_progress: Progress | None) -> None:
@@ -117,19 +120,13 @@ class Fetcher:
         existing = await trio.to_thread.run_sync(lambda: self.store.get(adapter_id, verify_hashes=False))
         if existing is not None and existing.signer.lower() == owner.lower():
             return existing
-        candidates = [_provider_from_addr(a) for a in given]
-        if not candidates:
-            candidates = await self.find_providers(adapter_id, wait=self.config.discover_timeout)
-        else:
-            candidates += await self.find_providers(adapter_id)
-        order: dict[str, Provider] = {}
-        for prov in candidates:  # de-duplicate: gossip and DHT often name the same peer
-            if prov.peer_id != self.peer_id:
-                order.setdefault(prov.peer_id, prov)
+        given_order = [_provider_from_addr(a) for a in given]
+        found = await self.find_providers(adapter_id, wait=0.0 if given_order else self.config.discover_timeout)
+        order = self._order(given_order, found)
         if not order:
             raise NoProviders(f"no peer announced adapter {adapter_id} within {self.config.discover_timeout:g}s")
         failures: list[str] = []
-        for attempt, prov in enumerate(order.values(), start=1):
+        for attempt, prov in enumerate(order, start=1):
             status = replace(status, state="downloading", peer_id=prov.peer_id, attempts=attempt, done=0, total=0,
                              failures=tuple(failures))
             self._set(status, on_progress)
@@ -139,11 +136,40 @@ class Fetcher:
                 log.warning("provider %s failed for %s: %s", prov.peer_id, adapter_id, e)
                 failures.append(f"{prov.peer_id}: {e}")
                 self._set(replace(self.transfers[adapter_id], failures=tuple(failures)), on_progress)
+                self.standing.failed(prov.peer_id)
+                if prov.source == "dht":
+                    self._drop_dht_record(adapter_id, prov.peer_id)
                 continue
+            self.standing.succeeded(prov.peer_id)
             self._hold(adapter_id)
             self._announce_now.set()
             return pkg
         raise FetchError(f"no provider delivered a valid adapter {adapter_id} ({len(failures)} tried): " + "; ".join(failures))
+
+    def _order(self, given: list[Provider], found: list[Provider]) -> list[Provider]:
+        """Who to try, in order: `given` as given, then what discovery found, best standing first.
+
+        A failed provider goes after every other candidate until its back-off ends; at most
+        max_attempts discovered providers are tried, and of those at most max_unknown_attempts that
+        only the DHT names and that have no standing (anyone can fill a key's DHT slots with made-up ids).
+        """
+        order: dict[str, Provider] = {}
+        for prov in given:
+            if prov.peer_id != self.peer_id:
+                order.setdefault(prov.peer_id, prov)
+        ranked = sorted((p for p in found if p.peer_id not in order and p.peer_id != self.peer_id),
+                        key=lambda p: self.standing.rank(p.peer_id, p.source))
+        tried = unknown = 0
+        for prov in ranked:
+            if tried >= self.config.max_attempts or prov.peer_id in order:
+                continue
+            if prov.source == "dht" and self.standing.level(prov.peer_id) == UNKNOWN:
+                if unknown >= self.config.max_unknown_attempts:
+                    continue
+                unknown += 1
+            order[prov.peer_id] = prov
+            tried += 1
+        return list(order.values())
 
     async def _fetch_from(
         self, prov: Provider, adapter_id: str, owner: str, status: TransferStatus, on_progress: Progress | None
@@ -160,6 +186,7 @@ class Fetcher:
                 await request_package(
                     stream, adapter_id, tmp, timeout=self.config.read_timeout,
                     max_bytes=self.config.max_package_bytes, on_bytes=on_bytes,
+                    pace=Pace(self.config.header_timeout, self.config.min_rate, self.config.transfer_grace),
                 )
             except BaseException:
                 with trio.move_on_after(2):

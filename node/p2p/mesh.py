@@ -9,6 +9,7 @@ Mesh holds the host and its lifecycle and peers; its flows are mixed in from Dis
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
@@ -23,6 +24,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from node.adapters import AdapterStore
+from node.canonical import restore_recursion_limit
 from node.p2p.announce import TOPIC, ProviderBook
 from node.p2p.codec import PROTOCOL_ID
 from node.p2p.config import P2PConfig
@@ -31,6 +33,7 @@ from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, TransferStatus
 from node.p2p.host import _addr_str, _refuse_taken_port, build_host
 from node.p2p.server import AdapterServer
+from node.p2p.standing import PeerStanding
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +50,20 @@ class Mesh(Discovery, Fetcher):
         config: P2PConfig,
         base_dir: Path | None = None,
         server_factory: type[AdapterServer] = AdapterServer,
+        trusted_peer: Callable[[str], bool] | None = None,
     ) -> None:
         if len(seed) != 32:
             raise ValueError(f"node seed must be 32 bytes, got {len(seed)}")
+        # Defence in depth: every peer's bytes go through node.canonical.parse_json, and with py_ecc's
+        # limit of 100,000 any other deep recursion would overflow the C stack instead of raising.
+        restore_recursion_limit()
         self.config = config
         self.store = store
         self.owner_of = owner_of
         self.base_dir = base_dir
         self.key_pair, self.host = build_host(seed, config)
         self.peer_id = self.host.get_id().to_base58()
-        self.server = server_factory(store, max_streams=config.max_inbound_streams, timeout=config.read_timeout)
+        self.server = server_factory(store, config=config)
         self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.server.handle)
         self.dht = KadDHT(self.host, DHTMode.SERVER)
         self.gossipsub = GossipSub(
@@ -69,7 +76,15 @@ class Mesh(Discovery, Fetcher):
             eclipse_protection_enabled=False,  # all peers of a small or local mesh share one IP
         )
         self.pubsub = Pubsub(self.host, self.gossipsub)
-        self.book = ProviderBook(max_age=config.announce_max_age)
+        self.standing = PeerStanding(base_backoff=config.backoff_base, max_backoff=config.backoff_max,
+                                     trusted=trusted_peer or (lambda _p: False))
+        for addr in config.bootstrap:  # peers the operator named are trusted
+            try:
+                self.standing.trust(info_from_p2p_addr(Multiaddr(addr)).peer_id.to_base58())
+            except Exception:  # an address without /p2p/<id> names no peer; dialing it reports that
+                pass
+        self.book = ProviderBook(max_age=config.announce_max_age, max_peers=config.book_max_peers,
+                                 max_ids=config.book_max_ids, standing=self.standing.level)
         self.held: set[str] = set()
         self.transfers: dict[str, TransferStatus] = {}
         self._fetch_locks: dict[str, trio.Lock] = {}

@@ -8,7 +8,7 @@ them from plain threads or through the `a*` variants from asyncio code.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from node.adapters import AdapterStore, VerifiedPackage
@@ -36,7 +36,10 @@ class P2PNode:
         config: P2PConfig | None = None,
         base_dir: str | Path | None = None,
         server_factory: type[AdapterServer] = AdapterServer,
+        trusted_peer: Callable[[str], bool] | None = None,
     ) -> None:
+        """`trusted_peer(peer_id)`: True for peers with standing (e.g. nodes registered on chain); they
+        are tried first and never evicted for strangers. Called on the p2p thread: keep it quick."""
         if len(seed) != 32:
             raise ValueError(f"node seed must be 32 bytes (Identity.node_seed), got {len(seed)}")
         route_libp2p_logging()
@@ -44,6 +47,7 @@ class P2PNode:
         self._args = dict(
             seed=seed, store=store, owner_of=owner_of, config=self.config,
             base_dir=Path(base_dir) if base_dir is not None else None, server_factory=server_factory,
+            trusted_peer=trusted_peer,
         )
         self._mesh: Mesh | None = None
         self._thread = TrioThread("loramesh-p2p")
@@ -106,6 +110,11 @@ class P2PNode:
     def transfers(self) -> list[TransferStatus]:
         """Snapshot of recent fetches and their progress, for the node's status."""
         return list(self._m().transfers.values())
+
+    def book_size(self) -> tuple[int, int]:
+        """(announcing peers, adapter ids over all of them) this node remembers; both are bounded."""
+        book = self._m().book
+        return len(book), book.id_count
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._m().host.get_connected_peers()]

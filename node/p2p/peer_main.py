@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--read-timeout", type=float, default=10.0)
     ap.add_argument("--discover-timeout", type=float, default=10.0)
     ap.add_argument("--announce-interval", type=float, default=30.0)
+    ap.add_argument("--config", default="{}", help="more P2PConfig fields as a JSON object (tests: small limits)")
     ap.add_argument("--log-level", default="WARNING")
     return ap.parse_args(argv)
 
@@ -81,8 +82,9 @@ def _handle(node: P2PNode, cmd: dict) -> dict:
             "failures": list(status.failures) if status else [],
         }
     if op == "status":
+        book_peers, book_ids = node.book_size()
         return {"peer_id": node.peer_id, "held": node.held, "peers": node.connected_peers(),
-                "transfers": [asdict(t) for t in node.transfers()]}
+                "transfers": [asdict(t) for t in node.transfers()], "book_peers": book_peers, "book_ids": book_ids}
     raise ValueError(f"unknown command {op!r}")
 
 
@@ -95,6 +97,7 @@ def run(argv: list[str] | None = None, *, server_factory: type[AdapterServer] = 
     config = P2PConfig(
         listen=args.listen, bootstrap=tuple(args.bootstrap), read_timeout=args.read_timeout,
         discover_timeout=args.discover_timeout, announce_interval=args.announce_interval,
+        **json.loads(args.config),
     )
     node = P2PNode(seed=seed, store=AdapterStore(args.store), owner_of=owners_from_file(args.owners),
                    config=config, base_dir=args.base, server_factory=server_factory)

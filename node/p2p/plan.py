@@ -1,18 +1,18 @@
 """What a fetcher may write: the file list of a manifest that hashes to the requested adapter id.
 
 The file list decides which bytes land on disk before the full package check runs, so the
-manifest is checked first: it must parse (the package format refuses unsafe file names) and hash
-to the adapter id asked for.
+manifest is checked first: it must parse within limits (the package format refuses unsafe file
+names), be in canonical form and hash to the adapter id asked for.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 
 from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
-from node.adapters.manifest import parse_manifest
+from node.adapters.manifest import MAX_MANIFEST_BYTES, parse_manifest
+from node.canonical import parse_json
 from node.p2p.errors import BadBytes
 
 __all__ = ["MANIFEST_FILE", "SIGNATURE_FILE", "FileHasher", "PlannedFile", "TransferPlan", "plan_transfer"]
@@ -40,9 +40,13 @@ class TransferPlan:
 def plan_transfer(manifest_bytes: bytes, adapter_id: str, *, max_bytes: int) -> TransferPlan:
     """Check the manifest against `adapter_id` and return its file list; BadBytes otherwise."""
     try:
-        manifest = parse_manifest(json.loads(manifest_bytes.decode("utf-8")))
-    except ValueError as e:  # PackageError, JSONDecodeError and UnicodeDecodeError are ValueErrors
+        manifest = parse_manifest(parse_json(manifest_bytes, max_bytes=MAX_MANIFEST_BYTES, max_depth=8, what="manifest"))
+    except ValueError as e:  # PackageError and UntrustedJSONError are ValueErrors
         raise BadBytes(f"provider sent an invalid manifest: {e}") from e
+    if manifest.canonical_bytes() != bytes(manifest_bytes):
+        # the id is the hash of the canonical form: other bytes (duplicate keys, spaces, key order)
+        # would verify here and mean something else to another parser
+        raise BadBytes("provider sent a manifest that is not in canonical form")
     if manifest.adapter_id != adapter_id:
         raise BadBytes(f"manifest hashes to {manifest.adapter_id}, not the requested adapter id {adapter_id}")
     if len(manifest.files) > MAX_FILES:

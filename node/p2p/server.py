@@ -3,47 +3,69 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import trio
 
 from node.adapters import AdapterStore, PackageError
 from node.p2p.codec import ByteStream, FrameReader, Kind, write_frame
-from node.p2p.errors import FrameError, ProviderError
-from node.p2p.transfer import package_sections, parse_request, send_sections
+from node.p2p.config import P2PConfig
+from node.p2p.errors import FrameError, ProviderError, ProviderTimeout
+from node.p2p.transfer import first_error, package_sections, parse_request, send_sections
 
 log = logging.getLogger(__name__)
 
 
 class AdapterServer:
-    """Stream handler: one request per stream, a cap on concurrent streams, close on success, reset on error."""
+    """Stream handler: one request per stream, close on success, reset on error.
 
-    def __init__(self, store: AdapterStore, *, max_streams: int, timeout: float) -> None:
+    Upload slots are bounded overall (max_inbound_streams) and per peer (max_streams_per_peer), the
+    REQUEST frame must arrive within request_timeout, and the upload must keep the configured minimum
+    rate: streams that never ask, or never read, cannot hold the slots honest peers need.
+    """
+
+    def __init__(self, store: AdapterStore, *, config: P2PConfig) -> None:
         self.store = store
-        self.timeout = timeout
-        self._limiter = trio.CapacityLimiter(max_streams)
+        self.config = config
+        self.timeout = config.read_timeout
+        self._limiter = trio.CapacityLimiter(config.max_inbound_streams)
+        self._per_peer: Counter[str] = Counter()
         self.served = 0
 
     async def handle(self, stream) -> None:
         """Entry point given to host.set_stream_handler."""
+        peer = _peer_of(stream)
+        if self._per_peer[peer] >= self.config.max_streams_per_peer:
+            await self._refuse(stream, f"busy: peer already has {self._per_peer[peer]} streams")
+            return
         try:
             self._limiter.acquire_nowait()
         except trio.WouldBlock:
             await self._refuse(stream, f"busy: already serving {self._limiter.total_tokens} streams")
             return
+        self._per_peer[peer] += 1
         try:
             await self._serve_one(stream)
         except (FrameError, ProviderError, OSError, PackageError) as e:
-            log.warning("adapter stream from %s failed: %s", _peer_of(stream), e)
+            log.warning("adapter stream from %s failed: %s", peer, e)
+            await _reset(stream)
+        except Exception as e:  # a bug must not let a peer's stream end the node: log it, drop the stream
+            log.error("adapter stream from %s failed unexpectedly: %s: %s", peer, type(e).__name__, e)
             await _reset(stream)
         except BaseException:
             await _reset(stream)
             raise
         finally:
             self._limiter.release()
+            self._per_peer[peer] -= 1
+            if not self._per_peer[peer]:
+                del self._per_peer[peer]
 
     async def _serve_one(self, stream) -> None:
-        request = await FrameReader(stream, timeout=self.timeout).expect(Kind.REQUEST)
+        reader = FrameReader(stream, timeout=self.config.request_timeout,
+                             deadline=trio.current_time() + self.config.request_timeout)
+        request = await reader.expect(Kind.REQUEST)
         adapter_id = parse_request(request.payload)
         # Hashes were checked at install and the client checks every byte again; sizes are re-checked here.
         pkg = await trio.to_thread.run_sync(lambda: self.store.get(adapter_id, verify_hashes=False))
@@ -51,7 +73,23 @@ class AdapterServer:
             await self._refuse(stream, f"this node does not hold adapter {adapter_id}")
             return
         log.info("serving adapter %s to %s", adapter_id, _peer_of(stream))
-        await self.send_package(stream, Path(pkg.path), adapter_id)
+        size = sum(f.size for f in pkg.manifest.files)
+        # A reader taking less than min_rate would hold the slot: the whole upload has a deadline.
+        limit = self.config.transfer_grace + self.config.header_timeout + size / self.config.min_rate
+        gone, sent = trio.Event(), False
+        with trio.move_on_after(limit) as scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_watch_for_reset, stream, gone, nursery.cancel_scope)
+                    await self.send_package(stream, Path(pkg.path), adapter_id)
+                    sent = True
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
+        if gone.is_set() and not sent:
+            raise ProviderError("peer closed or reset the stream before the END frame")
+        if scope.cancelled_caught:
+            raise ProviderTimeout(f"peer did not take the {size}-byte package within {limit:.0f}s")
         self.served += 1
         await stream.close()
 
@@ -65,6 +103,18 @@ class AdapterServer:
             await stream.close()
         except Exception:
             await _reset(stream)
+
+
+async def _watch_for_reset(stream, gone: trio.Event, scope: trio.CancelScope) -> None:
+    # The fetcher sends nothing after its REQUEST and keeps its side open until END: anything else
+    # (a reset, which the muxer may report as EOF, a close, stray bytes) means it gave up, and ends
+    # the upload at once, so its slot is free now rather than when the upload's deadline passes.
+    try:
+        await stream.read(1)
+    except Exception:
+        pass
+    gone.set()
+    scope.cancel()
 
 
 def _peer_of(stream) -> str:

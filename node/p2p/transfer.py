@@ -5,15 +5,15 @@ The handler (host) owns the stream's lifetime: close on success, reset on error.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from node.canonical import canonical_json, is_id
-from node.p2p.codec import MAX_PAYLOAD, ByteStream, FrameReader, Kind, write_frame
+from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from node.p2p.codec import CAPS, MAX_PAYLOAD, ByteStream, FrameReader, Kind, write_frame
 from node.p2p.errors import BadBytes, FrameError, ProviderRefused
 from node.p2p.plan import MANIFEST_FILE, SIGNATURE_FILE, FileHasher, TransferPlan, plan_transfer
 
@@ -21,6 +21,15 @@ log = logging.getLogger(__name__)
 
 # (bytes done, bytes total) of the package files; called from the trio thread, must be quick.
 ByteProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """How long a provider may take: header frames within header_timeout, files at min_rate after grace."""
+
+    header_timeout: float
+    min_rate: float
+    grace: float
 
 
 async def request_package(
@@ -31,19 +40,36 @@ async def request_package(
     timeout: float,
     max_bytes: int,
     on_bytes: ByteProgress | None = None,
+    pace: Pace | None = None,
 ) -> TransferPlan:
-    """Ask for `adapter_id` and write the package into the empty folder `dest`, checking every byte."""
+    """Ask for `adapter_id` and write the package into the empty folder `dest`, checking every byte.
+
+    Nothing a provider sends is parsed before it is known to be what was asked for: the manifest's
+    bytes must hash to the adapter id (so they are the canonical manifest, byte for byte), and the
+    signature frame is small and parsed by the bounded parser. With `pace`, the header frames must
+    arrive within pace.header_timeout and the files at pace.min_rate (after pace.grace seconds).
+    """
     await write_frame(stream, Kind.REQUEST, canonical_json({"adapter_id": adapter_id}), timeout=timeout)
     reader = FrameReader(stream, timeout=timeout)
+    if pace is not None:
+        reader.deadline = trio.current_time() + pace.header_timeout
     first = await reader.read_frame()
     if first.kind == Kind.ERROR:
-        raise ProviderRefused(f"provider refused: {first.payload.decode('utf-8', 'replace')}")
+        reason = "".join(c if c.isprintable() else "?" for c in first.payload.decode("utf-8", "replace")[:200])
+        raise ProviderRefused(f"provider refused: {reason}")  # one line, whatever the provider sent
     if first.kind != Kind.MANIFEST:
         raise FrameError(f"expected a MANIFEST frame, got {first.kind.name}")
+    if sha256_hex(first.payload) != adapter_id:
+        raise BadBytes(f"manifest bytes do not hash to the requested adapter id {adapter_id} "
+                       "(altered, non-canonical or another adapter's)")
     plan = plan_transfer(first.payload, adapter_id, max_bytes=max_bytes)
-    (dest / MANIFEST_FILE).write_bytes(first.payload)
     signature = await reader.expect(Kind.SIGNATURE)
+    check_signature_frame(signature.payload)
+    (dest / MANIFEST_FILE).write_bytes(first.payload)
     (dest / SIGNATURE_FILE).write_bytes(signature.payload)
+    if pace is not None:
+        reader.pace(min_rate=pace.min_rate, grace=pace.grace,
+                    deadline=trio.current_time() + pace.grace + plan.total_bytes / pace.min_rate)
     total, done = plan.total_bytes, 0
     if on_bytes:
         on_bytes(0, total)
@@ -71,7 +97,7 @@ async def request_package(
                     await send.send((hasher, out, b""))  # b"": close the file and check its hash
             # leaving the nursery waits for the sink: every byte is on disk and every hash checked
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
     finally:
         for out in opened:
             out.close()
@@ -79,8 +105,8 @@ async def request_package(
     return plan
 
 
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error that stopped the pipeline (the other side then only saw a cancellation)."""
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error that stopped a nursery's tasks (the other tasks then only saw a cancellation)."""
     leaves = []
     stack = [group]
     while stack:
@@ -111,13 +137,27 @@ def _consume(hasher: FileHasher, out, payload: bytes) -> None:
 def parse_request(payload: bytes) -> str:
     """The adapter id of a REQUEST payload; FrameError when it is not {"adapter_id": "0x"+64 hex}."""
     try:
-        doc = json.loads(payload)
-    except ValueError as e:
-        raise FrameError("REQUEST payload is not JSON; expected {\"adapter_id\": \"0x...\"}") from e
+        doc = parse_json(payload, max_bytes=CAPS[Kind.REQUEST], max_depth=2, what="REQUEST payload")
+    except UntrustedJSONError as e:
+        raise FrameError(f"{e}; expected {{\"adapter_id\": \"0x...\"}}") from e
     adapter_id = doc.get("adapter_id") if isinstance(doc, dict) else None
     if not is_id(adapter_id):
         raise FrameError(f"REQUEST adapter_id {adapter_id!r} is not a 0x-prefixed 64-hex id")
     return adapter_id
+
+
+def check_signature_frame(payload: bytes) -> None:
+    """A SIGNATURE payload must be one small JSON object in canonical form (what `write_signed` writes).
+
+    Checked before it is written, so the package check never parses anything a provider made up;
+    whether the signature is valid is the package check's business.
+    """
+    try:
+        doc = parse_json(payload, max_bytes=CAPS[Kind.SIGNATURE], max_depth=2, what="signature frame")
+    except UntrustedJSONError as e:
+        raise BadBytes(f"provider sent an invalid signature: {e}") from e
+    if not isinstance(doc, dict) or canonical_json(doc) != payload:
+        raise BadBytes("provider sent a signature that is not a canonical JSON object")
 
 
 def package_sections(pkg_dir: Path, adapter_id: str) -> Iterator[tuple[Kind, bytes]]:
