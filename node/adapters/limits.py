@@ -9,7 +9,7 @@ MAX_LORA_ALPHA = 65536.0
 
 # Bytes read before parsing, for files a stranger may have written (uploads, peers, downloads).
 MAX_MANIFEST_BYTES = 1 << 20
-MAX_SIGNATURE_BYTES = 64 << 10  # the p2p signature frame's limit
+MAX_SIGNATURE_BYTES = 4096  # signature.json is ~400 bytes; the p2p SIGNATURE frame has the same limit
 MAX_ADAPTER_CONFIG_BYTES = 256 << 10
 # A LoRA of every target on 128 layers has ~1,800 tensors at ~150 header bytes each: 4 MiB is ample,
 # and far below the safetensors format's own 100 MB.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Annotated
@@ -20,13 +19,13 @@ from ledger.types import (
     dataset_id_for,
 )
 from node.adapters.errors import PackageError
-from node.canonical import canonical_json, is_id, sha256_hex
+from node.adapters.limits import MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_MANIFEST_BYTES
+from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 
 MANIFEST_FILE = "loramesh.json"
 SIGNATURE_FILE = "signature.json"
 RESERVED_FILES = frozenset({MANIFEST_FILE, SIGNATURE_FILE})
 FORMAT = "loramesh-adapter/1"
-MAX_MANIFEST_BYTES = 1 << 20
 # Flat, plain file names only: no folders, no "..", no hidden files, nothing a shell would expand.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -99,8 +98,8 @@ class BaseModelRef(_Strict):
 
 
 class LoraInfo(_Strict):
-    rank: Annotated[int, Field(ge=1, le=1024)]
-    alpha: float
+    rank: Annotated[int, Field(strict=True, ge=1, le=MAX_LORA_RANK)]
+    alpha: Annotated[float, Field(gt=0, le=MAX_LORA_ALPHA, allow_inf_nan=False)]
     targets: tuple[str, ...]
 
 
@@ -189,15 +188,28 @@ def check_file_name(name: str) -> None:
 def read_manifest(pkg_dir: Path) -> Manifest:
     """Parse and validate `loramesh.json`; every problem becomes a one-line PackageError."""
     path = pkg_dir / MANIFEST_FILE
+    if path.is_symlink():
+        raise PackageError(f"{MANIFEST_FILE} is a symbolic link; packages hold plain files only")
     if not path.is_file():
-        raise PackageError(f"{pkg_dir} is not an adapter package: {MANIFEST_FILE} is missing")
+        raise PackageError(f"{pkg_dir.name} is not an adapter package: {MANIFEST_FILE} is missing")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise PackageError(f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return parse_manifest_bytes(path.read_bytes())
+
+
+def parse_manifest_bytes(data: bytes) -> Manifest:
+    """Validate the bytes of a `loramesh.json` from anywhere (a file, an upload, a peer): bounded parse,
+    schema, and the bytes must be exactly the manifest's canonical form, so one adapter id has one
+    manifest (no duplicate keys, reordering or spacing that the id would not see)."""
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise PackageError(f"{MANIFEST_FILE} is not valid UTF-8 JSON: {e}") from e
-    return parse_manifest(raw)
+        raw = parse_json(data, max_bytes=MAX_MANIFEST_BYTES, max_depth=8, what=MANIFEST_FILE)
+    except UntrustedJSONError as e:
+        raise PackageError(str(e)) from None
+    manifest = parse_manifest(raw)
+    if bytes(data) != manifest.canonical_bytes():
+        raise PackageError(f"{MANIFEST_FILE} is not in canonical form (sorted keys, no spaces, every field "
+                           "written out): its bytes are not the ones its adapter id is computed over")
+    return manifest
 
 
 def parse_manifest(raw: object) -> Manifest:

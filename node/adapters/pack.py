@@ -24,7 +24,7 @@ from node.adapters.manifest import (
 )
 from node.adapters.signing import sign_manifest, write_signature
 from node.adapters.verify import VerifiedPackage, file_sha256, verify_package
-from node.adapters.weights import WEIGHTS_FILE, check_lora_tensors, is_pickle_file, read_lora_config
+from node.adapters.weights import WEIGHTS_FILE, check_lora_tensors, is_pickle_file, read_lora_config, read_peft_config
 from node.adapters.weights import read_safetensors_header
 from node.basemodel import base_model_id, base_model_name, read_config
 from node.canonical import canonical_json
@@ -82,10 +82,9 @@ def resolve_base_dir(peft_dir: Path, base_dir: str | Path | None) -> Path:
     """The base model folder: the one given, else the one the PEFT config names if it exists here."""
     if base_dir is not None:
         return Path(base_dir)
-    import json
-
-    named = json.loads((peft_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if named and (Path(named) / "config.json").is_file():
+    read_lora_config(peft_dir)  # bounded parse and the allow-list before any field is used
+    named = read_peft_config(peft_dir).get("base_model_name_or_path")
+    if isinstance(named, str) and named and (Path(named) / "config.json").is_file():
         return Path(named)
     raise PackageError(f"the base model {named!r} named by the adapter is not a local folder: pass --base DIR")
 

@@ -14,7 +14,6 @@ it proves who packed it but no registry accepts it; `adapter publish` signs agai
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from pathlib import Path
@@ -24,8 +23,9 @@ from eth_utils import to_checksum_address
 
 from ledger.types import EIP712_NAME, EIP712_VERSION, Domain
 from node.adapters.errors import ForeignSignature, PackageError
+from node.adapters.limits import MAX_SIGNATURE_BYTES
 from node.adapters.manifest import SIGNATURE_FILE, Manifest
-from node.canonical import canonical_json
+from node.canonical import UntrustedJSONError, canonical_json, parse_json
 
 SIGNATURE_KEYS = frozenset({"adapter_id", "signer", "signature", "chain_id", "registry"})
 
@@ -86,7 +86,7 @@ def recover_signer(manifest: Manifest, signature_doc: dict, *, domain: Domain | 
     if signature_doc["adapter_id"] != manifest.adapter_id:
         raise PackageError(
             f"manifest does not match its signature: it hashes to {manifest.adapter_id}, "
-            f"the signature is for {signature_doc['adapter_id']} (edited after signing?)"
+            f"the signature is for {str(signature_doc['adapter_id'])[:80]} (edited after signing?)"
         )
     signed_for = signature_domain(signature_doc)
     if not any_domain and signed_for != domain:
@@ -104,14 +104,26 @@ def recover_signer(manifest: Manifest, signature_doc: dict, *, domain: Domain | 
 
 
 def read_signature(pkg_dir: Path) -> dict:
-    """Load `signature.json` from a package folder."""
+    """Load `signature.json` from a package folder (a plain file, parsed within limits)."""
     path = pkg_dir / SIGNATURE_FILE
+    if path.is_symlink():
+        raise PackageError(f"{SIGNATURE_FILE} is a symbolic link; packages hold plain files only")
     if not path.is_file():
-        raise PackageError(f"{pkg_dir} is not signed: {SIGNATURE_FILE} is missing")
+        raise PackageError(f"{pkg_dir.name} is not signed: {SIGNATURE_FILE} is missing")
+    if path.stat().st_size > MAX_SIGNATURE_BYTES:
+        raise PackageError(f"{SIGNATURE_FILE} is larger than {MAX_SIGNATURE_BYTES} bytes")
+    return parse_signature(path.read_bytes())
+
+
+def parse_signature(data: bytes) -> dict:
+    """The signature document in `data` (from a file, an upload or a peer), parsed within limits."""
     try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise PackageError(f"{SIGNATURE_FILE} is not valid JSON: {e}") from e
+        doc = parse_json(data, max_bytes=MAX_SIGNATURE_BYTES, max_depth=2, what=SIGNATURE_FILE)
+    except UntrustedJSONError as e:
+        raise PackageError(str(e)) from None
+    if not isinstance(doc, dict):
+        raise PackageError(f"{SIGNATURE_FILE} is not a JSON object")
+    return doc
 
 
 def write_signature(pkg_dir: Path, signature_doc: dict) -> None:

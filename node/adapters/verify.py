@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +10,15 @@ from eth_utils import to_checksum_address
 
 from ledger.types import Domain
 from node.adapters.errors import ForeignSignature, PackageError
-from node.adapters.manifest import RESERVED_FILES, SIGNATURE_FILE, Manifest, check_file_name, read_manifest
-from node.adapters.signing import read_signature, recover_signer, signature_domain
+from node.adapters.manifest import (
+    RESERVED_FILES,
+    SIGNATURE_FILE,
+    Manifest,
+    check_file_name,
+    parse_manifest_bytes,
+    read_manifest,
+)
+from node.adapters.signing import parse_signature, read_signature, recover_signer, signature_domain
 from node.adapters.weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -20,6 +26,7 @@ from node.adapters.weights import (
     check_lora_tensors,
     is_pickle_file,
     read_lora_config,
+    read_lora_tensors,
     read_safetensors_header,
 )
 from node.basemodel import base_model_id_from_config, read_config
@@ -48,7 +55,11 @@ class VerifiedPackage:
 
     @property
     def peft_config(self) -> dict:
-        return json.loads((self.path / CONFIG_FILE).read_text())
+        from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES
+        from node.canonical import parse_json
+
+        return parse_json((self.path / CONFIG_FILE).read_bytes(), max_bytes=MAX_ADAPTER_CONFIG_BYTES, max_depth=8,
+                          what=CONFIG_FILE)
 
 
 def file_sha256(path: Path) -> str:
@@ -119,20 +130,17 @@ def verify_package(
     the other checks (signer None)."""
     pkg_dir = Path(pkg_dir)
     if not pkg_dir.is_dir():
-        raise PackageError(f"{pkg_dir} is not a folder")
+        raise PackageError(f"{pkg_dir} is not a folder")  # the path the caller gave
     manifest = read_manifest(pkg_dir)
     check_files(pkg_dir, manifest, hashes=hashes)
     signer, signed_for = None, None
-    if require_signature or (pkg_dir / SIGNATURE_FILE).exists():
-        doc = read_signature(pkg_dir)
+    if require_signature or (pkg_dir / SIGNATURE_FILE).exists() or (pkg_dir / SIGNATURE_FILE).is_symlink():
         try:
-            signer = recover_signer(manifest, doc, domain=domain, any_domain=domain is None)
-            signed_for = signature_domain(doc)
+            signer, signed_for = _check_signature(manifest, read_signature(pkg_dir), domain=domain)
         except ForeignSignature:
             if require_signature:
                 raise
-    if expected_owner is not None and signer != to_checksum_address(expected_owner):
-        raise PackageError(f"package is signed by {signer}, but the adapter's registered owner is {expected_owner}")
+    _check_owner(signer, expected_owner)
     base_config = None
     if base_dir is not None:
         base_config = read_config(base_dir)
@@ -147,8 +155,34 @@ def verify_package(
                            domain=signed_for)  # fmt: skip
 
 
-def load_lora_tensors(pkg: VerifiedPackage, device: str = "cpu") -> dict:
-    """The adapter's LoRA tensors by PEFT name, read with safetensors (never pickle)."""
-    from safetensors.torch import load_file
+def verify_manifest_and_signature(
+    manifest_bytes: bytes,
+    signature_bytes: bytes,
+    *,
+    domain: Domain | None = None,
+    expected_owner: str | None = None,
+) -> tuple[Manifest, str]:
+    """The checks that need no weights: a canonical manifest, a signature over it (for `domain`'s
+    registry; None accepts any), made by `expected_owner` (the adapter's on-chain publisher) when given.
+    Returns (manifest, signer) or raises PackageError. An upload or a fetch runs this on the first
+    bytes it receives, before it writes any weights; verify_package still runs everything afterwards."""
+    manifest = parse_manifest_bytes(manifest_bytes)
+    signer, _ = _check_signature(manifest, parse_signature(signature_bytes), domain=domain)
+    _check_owner(signer, expected_owner)
+    return manifest, signer
 
-    return load_file(str(pkg.weights_path), device=device)
+
+def _check_signature(manifest: Manifest, doc: dict, *, domain: Domain | None) -> tuple[str, Domain | None]:
+    return recover_signer(manifest, doc, domain=domain, any_domain=domain is None), signature_domain(doc)
+
+
+def _check_owner(signer: str | None, expected_owner: str | None) -> None:
+    if expected_owner is not None and signer != to_checksum_address(expected_owner):
+        raise PackageError(f"package is signed by {signer}, but the adapter's registered owner is {expected_owner}")
+
+
+def load_lora_tensors(pkg: VerifiedPackage, device: str = "cpu") -> dict:
+    """The adapter's LoRA tensors by PEFT name, read through the same header check verify runs (never
+    pickle, never a second parser), so what verified is what loads."""
+    path = pkg.weights_path
+    return read_lora_tensors(path, read_safetensors_header(path), device=device)

@@ -1,34 +1,45 @@
 """Checks on the adapter's weights: the safetensors header, the PEFT LoRA config, and tensor shapes.
 
 A safetensors file is read by its header only (no tensor data is parsed before the header is
-sane), and pickle-based formats are never opened.
+sane), and pickle-based formats are never opened. The same parsed header is what the loader reads
+tensors through (read_lora_tensors), so a package that verifies is a package that loads.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node.adapters.errors import PackageError
+from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES, MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_SAFETENSORS_HEADER_BYTES
 from node.adapters.manifest import LORA_TARGETS
+from node.canonical import UntrustedJSONError, parse_json
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
+MAX_HEADER_BYTES = MAX_SAFETENSORS_HEADER_BYTES
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_MAX_DIMS = 8
+_MAX_INT = (1 << 63) - 1  # every size and offset fits the int64 that torch and the format's readers use
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 # PEFT's names: base_model.model.model.layers.<i>.<self_attn|mlp>.<target>.lora_<A|B>.weight
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(0|[1-9]\d{0,5})\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$")
+_MODULE_GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # of its first byte in the file
+    nbytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +60,17 @@ def is_pickle_file(name: str) -> bool:
     return name.lower().endswith(PICKLE_SUFFIXES)
 
 
+def _is_size(v: object) -> bool:
+    return type(v) is int and 0 <= v <= _MAX_INT  # bool is an int subclass: refused by the exact type
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Validate a safetensors file's framing and return its tensors' dtypes and shapes."""
+    """Validate a safetensors file's framing and return its tensors' dtypes, shapes and byte ranges.
+
+    Bounded before anything is parsed: the 8-byte length prefix against MAX_HEADER_BYTES and the
+    file's size, the header through the one parser of untrusted JSON. Then every entry exactly
+    {dtype, shape, data_offsets}, `__metadata__` a str -> str map (as the format requires), and the
+    tensors' bytes contiguous from the body's start to the file's end."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -61,37 +81,30 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise PackageError(f"{path.name}: header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte limit")
         if 8 + n > size:
             raise PackageError(f"{path.name}: header length {n} runs past the end of the {size}-byte file")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise PackageError(f"{path.name}: header is not valid JSON: {e}") from e
+        raw = f.read(n)
+    if not raw.startswith(b"{"):
+        raise PackageError(f"{path.name}: header does not start with a JSON object")
+    try:
+        header = parse_json(raw, max_bytes=MAX_HEADER_BYTES, max_depth=4, what=f"{path.name} header")
+    except UntrustedJSONError as e:
+        raise PackageError(str(e)) from None
     if not isinstance(header, dict):
         raise PackageError(f"{path.name}: header is not a JSON object")
-    body = size - 8 - n
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PackageError(f"{path.name}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    body = size - data_start
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if dtype not in _DTYPE_SIZES or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError
-            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
-                raise ValueError
-        except (KeyError, TypeError, ValueError) as e:
-            raise PackageError(f"{path.name}: tensor {name!r} has a malformed header entry") from e
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * _DTYPE_SIZES[dtype]:
-            raise PackageError(f"{path.name}: tensor {name!r} spans {end - start} bytes, its shape needs "
-                               f"{numel * _DTYPE_SIZES[dtype]}")
-        if end > body:
-            raise PackageError(f"{path.name}: body is truncated: tensor {name!r} ends at byte {end} of a "
-                               f"{body}-byte body")
-        spans.append((start, end))
-        tensors[name] = TensorInfo(dtype, shape)
+        tensors[name] = info = _tensor_entry(path.name, name, entry, data_start)
+        if info.offset - data_start + info.nbytes > body:
+            raise PackageError(f"{path.name}: body is truncated: tensor {name[:128]!r} ends at byte "
+                               f"{info.offset - data_start + info.nbytes} of a {body}-byte body")
+        spans.append((info.offset - data_start, info.offset - data_start + info.nbytes))
     spans.sort()
     pos = 0
     for start, end in spans:
@@ -103,41 +116,181 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> TensorInfo:
+    shown = repr(name[:128])
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        raise PackageError(f"{file}: tensor {shown} must be an object of exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
+        raise PackageError(f"{file}: tensor {shown} has dtype {str(dtype)[:16]!r}; expected one of {sorted(_DTYPE_SIZES)}")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_size(d) for d in shape):
+        raise PackageError(f"{file}: tensor {shown} has a malformed shape (a list of at most {_MAX_DIMS} sizes)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise PackageError(f"{file}: tensor {shown} has malformed data_offsets (expected [start, end], start <= end)")
+    nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
+    start, end = offsets
+    if end - start != nbytes:
+        raise PackageError(f"{file}: tensor {shown} spans {end - start} bytes, its shape needs {nbytes}")
+    return TensorInfo(dtype, tuple(shape), data_start + start, nbytes)
+
+
+def read_lora_tensors(path: Path, tensors: dict[str, TensorInfo], device: str = "cpu") -> dict:
+    """The tensors a verified header describes, read at their byte ranges (the loader's only reader)."""
+    import torch
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    out = {}
+    with path.open("rb") as f:
+        for name, info in tensors.items():
+            f.seek(info.offset)
+            data = f.read(info.nbytes)
+            if len(data) != info.nbytes:
+                raise PackageError(f"{path.name}: tensor {name[:128]!r} was cut short after it was verified")
+            if info.nbytes == 0:
+                t = torch.empty(info.shape, dtype=dtypes[info.dtype])
+            else:
+                t = torch.frombuffer(bytearray(data), dtype=dtypes[info.dtype]).reshape(info.shape)
+            out[name] = t.to(device)
+    return out
+
+
+# ---- adapter_config.json: an allow-list of PEFT LoraConfig fields (peft 0.21) ----------------------------
+# A field is here only when its value is served exactly: either it does not change the math at
+# inference, or only the values listed do. Any other field, or value, is refused naming it, so a PEFT
+# feature added later (or a variant like DoRA or aLoRA) is never served silently as plain LoRA.
+
+def _any(v: object) -> bool:
+    return True
+
+
+def _str_or_null(v: object) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _bool(v: object) -> bool:
+    return isinstance(v, bool)
+
+
+def _false(v: object) -> bool:
+    return v is False
+
+
+def _empty(v: object) -> bool:
+    return v is None or v == {} or v == []
+
+
+def _dropout(v: object) -> bool:  # only used in training
+    return type(v) in (int, float) and 0 <= v <= 1
+
+
+def _init(v: object) -> bool:
+    # True/False/"gaussian"/"eva" only initialise A and B, which the saved weights replace; "pissa",
+    # "olora", "corda", "loftq", "orthogonal", "mica", "lora_ga" also rewrite the base weights.
+    return isinstance(v, bool) or (isinstance(v, str) and v.lower() in ("gaussian", "eva"))
+
+
+def _dict_or_null(v: object) -> bool:
+    return v is None or isinstance(v, dict)
+
+
+_PEFT_FIELDS: dict[str, tuple[Any, str]] = {
+    # field: (check, what is accepted)
+    "peft_type": (lambda v: v == "LORA", "'LORA'"),
+    "task_type": (lambda v: v in (None, "CAUSAL_LM"), "'CAUSAL_LM' or null"),
+    "r": (_any, ""),  # checked on its own below
+    "lora_alpha": (_any, ""),
+    "target_modules": (_any, ""),
+    "use_rslora": (_bool, "true or false"),
+    "lora_dropout": (_dropout, "a number in 0..1"),
+    "bias": (lambda v: v == "none", "'none'"),
+    "fan_in_fan_out": (_false, "false"),
+    "use_dora": (_false, "false"),
+    "lora_bias": (_false, "false"),
+    "use_qalora": (_false, "false"),
+    "modules_to_save": (_empty, "null"),
+    "layers_to_transform": (_empty, "null"),
+    "layers_pattern": (_empty, "null"),
+    "exclude_modules": (_empty, "null"),
+    "rank_pattern": (_empty, "empty"),
+    "alpha_pattern": (_empty, "empty"),
+    "alora_invocation_tokens": (_empty, "null (aLoRA is not served)"),
+    "trainable_token_indices": (_empty, "null"),
+    "layer_replication": (_empty, "null"),
+    "target_parameters": (_empty, "null"),
+    "megatron_config": (_empty, "null"),
+    "loftq_config": (_empty, "empty"),
+    "eva_config": (_dict_or_null, "an object or null"),  # EVA only initialises A
+    "corda_config": (_empty, "null"),
+    "lora_ga_config": (_empty, "null"),
+    "velora_config": (_empty, "null"),
+    "monteclora_config": (_empty, "null"),
+    "use_bdlora": (_empty, "null"),
+    "arrow_config": (_empty, "null"),
+    "kasa_config": (_empty, "null"),
+    "init_lora_weights": (_init, "true, false, 'gaussian' or 'eva'"),
+    "qalora_group_size": (_any, ""),  # used only with use_qalora
+    "megatron_core": (_any, ""),  # used only with megatron_config
+    "ensure_weight_tying": (_bool, "true or false"),  # only affects modules_to_save, which must be null
+    "runtime_config": (_dict_or_null, "an object or null"),
+    "inference_mode": (_bool, "true or false"),
+    "base_model_name_or_path": (_str_or_null, "a string or null"),
+    "revision": (_str_or_null, "a string or null"),
+    "peft_version": (_str_or_null, "a string or null"),
+    "auto_mapping": (_dict_or_null, "an object or null"),
+}
+
+
 def read_lora_config(pkg_dir: Path) -> LoraConfig:
-    """Parse adapter_config.json and refuse anything but a plain PEFT LoRA adapter we can serve."""
+    """Parse adapter_config.json and refuse anything but a plain PEFT LoRA adapter we serve exactly."""
+    return parse_lora_config(read_peft_config(pkg_dir))
+
+
+def read_peft_config(pkg_dir: Path) -> object:
+    """adapter_config.json as decoded JSON, read within limits (its fields unchecked)."""
     path = pkg_dir / CONFIG_FILE
-    if not path.is_file():
-        raise PackageError(f"{pkg_dir} is not a PEFT adapter: {CONFIG_FILE} is missing")
+    if path.is_symlink() or not path.is_file():
+        raise PackageError(f"{pkg_dir.name} is not a PEFT adapter: {CONFIG_FILE} is missing")
+    if path.stat().st_size > MAX_ADAPTER_CONFIG_BYTES:
+        raise PackageError(f"{CONFIG_FILE} is larger than {MAX_ADAPTER_CONFIG_BYTES} bytes")
     try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise PackageError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise PackageError(f"{CONFIG_FILE}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}, "
-                           "expected 'LORA'")
-    for flag in ("use_dora",):
-        if cfg.get(flag):
-            raise PackageError(f"{CONFIG_FILE}: {flag} adapters are not supported")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise PackageError(f"{CONFIG_FILE}: per-module {key} is not supported")
-    if cfg.get("modules_to_save"):
-        raise PackageError(f"{CONFIG_FILE}: modules_to_save (full copies of base layers) is not supported")
-    rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
-    if not isinstance(rank, int) or not 1 <= rank <= 1024:
-        raise PackageError(f"{CONFIG_FILE}: rank r={rank!r} must be an integer in 1..1024")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise PackageError(f"{CONFIG_FILE}: lora_alpha={alpha!r} must be a positive number")
+        return parse_json(path.read_bytes(), max_bytes=MAX_ADAPTER_CONFIG_BYTES, max_depth=8, what=CONFIG_FILE)
+    except UntrustedJSONError as e:
+        raise PackageError(str(e)) from None
+
+
+def parse_lora_config(cfg: object) -> LoraConfig:
+    """Check a decoded adapter_config.json against the allow-list; the first problem, naming its field."""
+    if not isinstance(cfg, dict):
+        raise PackageError(f"{CONFIG_FILE} is not a JSON object")
+    if cfg.get("peft_type") != "LORA":
+        raise PackageError(f"{CONFIG_FILE}: peft_type is {str(cfg.get('peft_type'))[:32]!r}, expected 'LORA'")
+    for key in sorted(cfg):
+        if key not in _PEFT_FIELDS:
+            raise PackageError(f"{CONFIG_FILE}: field {key[:64]!r} is not one loramesh serves exactly; remove it "
+                               "or leave it at its default")
+        check, accepted = _PEFT_FIELDS[key]
+        if not check(cfg[key]):
+            raise PackageError(f"{CONFIG_FILE}: {key} = {str(cfg[key])[:64]} is not served; expected {accepted}")
+    rank = cfg.get("r", 8)  # PEFT's defaults
+    alpha = cfg.get("lora_alpha", 8)
+    if type(rank) is not int or not 1 <= rank <= MAX_LORA_RANK:
+        raise PackageError(f"{CONFIG_FILE}: rank r={str(rank)[:32]} must be an integer in 1..{MAX_LORA_RANK}, the "
+                           "largest rank nodes serve")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha) or not 0 < alpha <= MAX_LORA_ALPHA:
+        raise PackageError(f"{CONFIG_FILE}: lora_alpha={str(alpha)[:32]} must be a finite number in "
+                           f"(0, {MAX_LORA_ALPHA:g}]")
     targets = cfg.get("target_modules")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not targets:
-        raise PackageError(f"{CONFIG_FILE}: target_modules must be a list of module names")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise PackageError(f"{CONFIG_FILE}: target_modules must be a list of module names from {list(LORA_TARGETS)}")
     bad = sorted(set(targets) - set(LORA_TARGETS))
     if bad:
-        raise PackageError(f"{CONFIG_FILE}: unsupported target modules {bad}; supported: {list(LORA_TARGETS)}")
+        raise PackageError(f"{CONFIG_FILE}: unsupported target modules {[b[:32] for b in bad[:4]]}; supported: "
+                           f"{list(LORA_TARGETS)}")
     return LoraConfig(rank=rank, alpha=float(alpha), targets=tuple(sorted(set(targets))),
-                      use_rslora=bool(cfg.get("use_rslora", False)))
+                      use_rslora=cfg.get("use_rslora", False))
 
 
 def module_dims(base_config: dict) -> dict[str, tuple[int, int]]:
@@ -159,33 +312,41 @@ def module_dims(base_config: dict) -> dict[str, tuple[int, int]]:
 
 
 def check_lora_tensors(tensors: dict[str, TensorInfo], lora: LoraConfig, base_config: dict | None) -> None:
-    """Every tensor must be a LoRA A or B of a configured target with the config's rank (and the base's dims)."""
+    """Every tensor is a LoRA A or B of a configured target with the config's rank (and the base's dims);
+    with the base known, every configured target of every layer is there, as PEFT saves it."""
     dims = module_dims(base_config) if base_config else None
     layers = base_config["num_hidden_layers"] if base_config else None
     seen: dict[tuple[int, str], set[str]] = {}
     for name, info in tensors.items():
+        shown = repr(name[:128])
         m = _KEY.match(name)
-        if not m:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {name!r} is not a LoRA weight of a supported module")
-        layer, _, module, ab = int(m[1]), m[2], m[3], m[4]
+        if not m or _MODULE_GROUP.get(m[3]) != m[2]:
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} is not a LoRA weight of a supported module")
+        layer, module, ab = int(m[1]), m[3], m[4]
         if module not in lora.targets:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {name!r} targets {module}, not in target_modules")
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} targets {module}, not in target_modules")
         if info.dtype not in _FLOAT_DTYPES or len(info.shape) != 2:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {name!r} must be a 2-D float matrix, got "
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} must be a 2-D float matrix, got "
                                f"{info.dtype}{list(info.shape)}")
         if layers is not None and layer >= layers:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {name!r} is for layer {layer}; the base has {layers}")
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} is for layer {layer}; the base has {layers}")
         if dims is not None:
             d_in, d_out = dims[module]
             want = (lora.rank, d_in) if ab == "A" else (d_out, lora.rank)
         else:
             want = (lora.rank, info.shape[1]) if ab == "A" else (info.shape[0], lora.rank)
-        if info.shape != want:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {name!r} has shape {list(info.shape)}, expected "
+        if info.shape != want or 0 in info.shape:
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} has shape {list(info.shape)}, expected "
                                f"{list(want)} for rank {lora.rank}" + (" on this base model" if dims else ""))
         seen.setdefault((layer, module), set()).add(ab)
     if not seen:
         raise PackageError(f"{WEIGHTS_FILE}: holds no LoRA weights")
-    for (layer, module), parts in seen.items():
+    for (layer, module), parts in sorted(seen.items()):
         if parts != {"A", "B"}:
             raise PackageError(f"{WEIGHTS_FILE}: layer {layer} {module} has lora_{''.join(parts)} without its pair")
+    if layers is not None:
+        for layer in range(layers):
+            for module in lora.targets:
+                if (layer, module) not in seen:
+                    raise PackageError(f"{WEIGHTS_FILE}: layer {layer} {module} has no LoRA weights, though "
+                                       "target_modules names it")

@@ -15,6 +15,7 @@ from node.adapters.manifest import MANIFEST_FILE, read_manifest
 from node.adapters.pack import build_manifest, write_signed
 from node.adapters.signing import sign_manifest, write_signature
 from node.basemodel import init_tiny
+from node.canonical import canonical_json
 from tests.utils.factories import make_peft_adapter
 
 WEIGHTS = "adapter_model.safetensors"
@@ -85,7 +86,7 @@ def test_extra_file(pkg):
 def test_manifest_edited_after_signing(pkg):
     doc = json.loads((pkg / MANIFEST_FILE).read_text())
     doc["price_per_1k_tokens"] = 1
-    (pkg / MANIFEST_FILE).write_text(json.dumps(doc))
+    (pkg / MANIFEST_FILE).write_bytes(canonical_json(doc))
     refused(pkg, "manifest does not match its signature")
 
 
@@ -167,7 +168,7 @@ def test_missing_manifest_and_signature(pkg):
 
 def test_malformed_manifest(pkg):
     (pkg / MANIFEST_FILE).write_text("[1,2")
-    refused(pkg, "not valid UTF-8 JSON")
+    refused(pkg, "loramesh.json is not valid JSON")
     (pkg / MANIFEST_FILE).write_text('{"format": "loramesh-adapter/1", "name": "x"}')
     refused(pkg, "loramesh.json is invalid at version")
 
