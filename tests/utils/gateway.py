@@ -257,3 +257,27 @@ def poll(fn, timeout: float = 10.0, interval: float = 0.05):
 
 def get_json(url: str, **kw) -> dict:
     return httpx.get(url, timeout=10, **kw).json()
+
+
+def start_gateway_process(root: Path, db_url: str, *, bases: tuple[Path, ...] = (), port: int | None = None,
+                          env: dict[str, str] | None = None, name: str = "gateway",
+                          extra_args: tuple[str, ...] = ()):  # fmt: skip
+    """`loramesh gateway run` as a process of its own (a crash ends it, not the test); (process, url). The
+    caller waits for it (process.wait_http(url + "/health")) and stops it."""
+    from devnet.anvil import free_port
+    from devnet.processes import ManagedProcess
+
+    port = port or free_port()
+    args = ["gateway", "run", "--db", db_url, "--port", str(port), "--no-settle", *extra_args]
+    for b in bases:
+        args += ["--base", str(b)]
+    proc = ManagedProcess(name, args, root / f"{name}.log", env=env).start()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def error_of(r: httpx.Response) -> dict:
+    """The OpenAI error object of a refused request (AssertionError when it is not one)."""
+    assert r.headers.get("content-type", "").startswith("application/json"), (r.status_code, r.text[:200])
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), err
+    return err

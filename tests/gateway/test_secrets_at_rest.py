@@ -1,0 +1,64 @@
+"""What the gateway keeps and logs of its secrets: its SQLite database (API key hashes, usage) and its
+gateway key file are created 0600 whatever the umask (found: gateway.db world-readable), the key persists
+across restarts, and a database URL's password never reaches the log (found: written there at start)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from gateway.storage import redact_db_url
+from tests.utils.gateway import start_gateway_process
+from tests.utils.postgres import postgres  # noqa: F401 - the module-scoped fixture
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def open_umask():
+    old = os.umask(0o022)  # the usual default: files world-readable unless created otherwise
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_database_and_gateway_key_are_0600_and_the_key_persists(tmp_path, open_umask):
+    settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gateway.db'}", gateway_key_file=tmp_path / "gw.key")
+    first = create_app(settings).state.gateway
+    assert mode(tmp_path / "gateway.db") == 0o600 and mode(tmp_path / "gw.key") == 0o600
+    again = create_app(settings).state.gateway
+    assert again.gateway_key_hex == first.gateway_key_hex and len(first.gateway_key_hex) == 64
+    ephemeral = create_app(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'other.db'}")).state.gateway
+    assert ephemeral.gateway_key_hex != first.gateway_key_hex
+
+
+def test_an_existing_world_readable_database_is_made_0600(tmp_path, open_umask):
+    db = tmp_path / "gateway.db"
+    db.touch(mode=0o644)
+    os.chmod(db, 0o644)
+    create_app(GatewaySettings(db_url=f"sqlite:///{db}"))
+    assert mode(db) == 0o600
+
+
+def test_redact_db_url():
+    assert redact_db_url("postgresql+psycopg://gw:s3cret@db:5432/x") == "postgresql+psycopg://gw:***@db:5432/x"
+    assert redact_db_url("sqlite:///gateway.db") == "sqlite:///gateway.db"
+
+
+@pytest.mark.integration
+def test_the_database_password_is_not_logged(tmp_path, postgres):  # noqa: F811
+    url = postgres.new_database("gw_secret").replace("postgres@", "postgres:Hunter2Secret@")  # trust auth ignores it
+    gw, gw_url = start_gateway_process(tmp_path, url)
+    try:
+        gw.wait_http(gw_url + "/health")
+    finally:
+        gw.stop()
+    text = gw.log_path.read_text()
+    assert "Hunter2Secret" not in text and "postgres:***@" in text, text[-2000:]
