@@ -1,0 +1,220 @@
+"""Schema-driven fuzzing (schemathesis) of every HTTP API we serve, each app under a real uvicorn on 127.0.0.1.
+
+For each operation of the node API, the gateway and the explorer, schemathesis generates valid and invalid
+requests from the app's own OpenAPI schema (a bounded number per operation) and checks every answer:
+- never a 5xx (a bad request is the client's fault: 4xx in one clear answer);
+- the response matches what the schema declares for its status;
+- a JSON API's 4xx is in the API's error shape {"error": {"message", "type", "code"}};
+- an endpoint that needs credentials never answers 2xx without them.
+Authenticated endpoints are fuzzed without credentials, and again with them: the node's with a request
+signed by a gateway key it trusts (node.request_auth) and with the operator's token, the gateway's with an
+API key. The node is the real node API over the real engine on the tiny base model.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
+
+from node.request_auth import gateway_public_key_hex, sign_request
+from tests.utils.stack import gateway_key, start_gateway, start_node
+
+pytestmark = pytest.mark.integration
+
+MAX_EXAMPLES = 25  # per operation and credential: the module stays well under 3 minutes on 2 cores
+FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck), database=None)
+CHECKS = [not_a_server_error, response_schema_conformance]
+
+# who may call what, per node.api's contract: the node's generate takes only gateway-signed calls; load and
+# abort, the operator or a gateway; everything else is public
+NODE_GATEWAY_ONLY = {("POST", "/v1/generate")}
+NODE_OPERATOR_OR_GATEWAY = {("POST", "/v1/adapters/{adapter_id}/load"), ("POST", "/v1/requests/{request_id}/abort")}
+NODE_PUBLIC = {("GET", "/health"), ("GET", "/status"), ("GET", "/v1/requests/{request_id}/receipt")}
+# the gateway's /v1/* need an API key; /internal/heartbeat is authenticated by the node signature in its body
+GATEWAY_PUBLIC = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/internal/gateway-key")}
+
+
+class GatewaySigned(requests.auth.AuthBase):
+    """requests' twin of node.request_auth.SignedNodeAuth: sign the prepared request (method, path, body)."""
+
+    def __init__(self, key, node_id: str) -> None:
+        self.key, self.node_id = key, node_id
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        body = r.body or b""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        # the node verifies over the path as its ASGI server decoded it
+        r.headers.update(sign_request(self.key, method=r.method, path=unquote(urlsplit(r.url).path),
+                                      node_id=self.node_id, body=body))  # fmt: skip
+        return r
+
+
+def content_type(response) -> str:
+    """schemathesis's Response keeps each header as a list of values."""
+    value = response.headers.get("content-type") or [""]
+    return value[0] if isinstance(value, list) else value
+
+
+def check_answer(case, response, *, protected: bool, json_api: bool = True) -> None:
+    """The checks every answer passes beyond schemathesis's own."""
+    status = response.status_code
+    if protected:
+        assert not 200 <= status < 300, f"{case.operation.label} answered {status} without credentials"
+    if json_api and 400 <= status < 500:
+        assert content_type(response).startswith("application/json"), (status, response.text[:200])
+        err = response.json().get("error")
+        assert isinstance(err, dict) and {"message", "type", "code"} <= set(err), response.text[:300]
+        assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"], err
+
+
+def fuzz(schema, call) -> None:
+    """Run `call(case)` on MAX_EXAMPLES valid and invalid cases of every operation in `schema`; fail once at
+    the end naming every operation that failed (one operation's failure does not hide another's)."""
+    failures, operations = [], 0
+    for result in schema.get_all_operations():
+        operation = result.ok()  # a schema schemathesis cannot read fails here, naming the operation
+        operations += 1
+        modes = [operation.as_strategy(generation_mode=GenerationMode.POSITIVE)]
+        try:
+            modes.append(operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+        except Exception:  # noqa: BLE001 - nothing to negate (no parameters, no body)
+            pass
+
+        @FUZZ
+        @given(case=st.one_of(modes))
+        def run(case) -> None:
+            call(case)
+
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 - collected, reported together below
+            failures.append(f"{operation.label}: {type(e).__name__}: {str(e).strip()[:1500]}")
+    assert operations, "the schema has no operations"
+    assert not failures, "\n\n".join(failures)
+
+
+def _op(case) -> tuple[str, str]:
+    return case.operation.method.upper(), case.operation.path
+
+
+# ---- the stack, once per module ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_base, tmp_path_factory):
+    """A gateway and one tiny-model node trusting it (learned from its heartbeats) and the test's own key."""
+    from node.adapters import AdapterStore
+
+    root = tmp_path_factory.mktemp("schemas")
+    gw = start_gateway(root / "gateway", tiny_base)
+    signer = gateway_key()
+    node = start_node(tiny_base, gateway=gw, trusted=[gateway_public_key_hex(signer)], store=AdapterStore(root / "store"),
+                      num_slots=2, num_kv_blocks=128)  # fmt: skip
+    try:
+        yield {"gateway": gw, "node": node, "signer": signer,
+               "node_schema": schemathesis.openapi.from_url(node.url + "/openapi.json"),
+               "gateway_schema": schemathesis.openapi.from_url(gw.url + "/openapi.json")}
+    finally:
+        node.stop()
+        gw.stop()
+
+
+# ---- the node API --------------------------------------------------------------------------------------
+
+
+def test_node_api_without_credentials(stack):
+    def call(case) -> None:
+        response = case.call_and_validate(checks=CHECKS)
+        check_answer(case, response, protected=_op(case) not in NODE_PUBLIC)
+        if _op(case) not in NODE_PUBLIC:
+            assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+
+    fuzz(stack["node_schema"], call)
+
+
+def test_node_api_signed_by_a_trusted_gateway(stack):
+    auth = GatewaySigned(stack["signer"], stack["node"].node_id)
+
+    def call(case) -> None:
+        response = case.call_and_validate(checks=CHECKS, auth=auth)
+        check_answer(case, response, protected=False)
+        assert response.status_code not in (401, 403), (case.operation.label, case.path_parameters, response.text[:300])
+
+    fuzz(stack["node_schema"], call)
+
+
+def test_node_api_as_its_operator(stack):
+    headers = {"Authorization": f"Bearer {stack['node'].operator_token}"}
+
+    def call(case) -> None:
+        response = case.call_and_validate(checks=CHECKS, headers=headers)
+        check_answer(case, response, protected=_op(case) in NODE_GATEWAY_ONLY)  # the operator does not generate
+        if _op(case) in NODE_OPERATOR_OR_GATEWAY:
+            assert response.status_code not in (401, 403), (case.operation.label, response.text[:300])
+
+    fuzz(stack["node_schema"], call)
+
+
+# ---- the gateway ---------------------------------------------------------------------------------------
+
+
+def test_gateway_without_credentials(stack):
+    def call(case) -> None:
+        response = case.call_and_validate(checks=CHECKS)
+        public = _op(case) in GATEWAY_PUBLIC or case.operation.path == "/internal/heartbeat"
+        check_answer(case, response, protected=not public, json_api=case.operation.path != "/metrics")
+        if case.operation.path.startswith("/v1/"):
+            assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+
+    fuzz(stack["gateway_schema"], call)
+
+
+def test_gateway_with_an_api_key(stack):
+    headers = {"Authorization": f"Bearer {stack['gateway'].api_key}"}
+
+    def call(case) -> None:
+        response = case.call_and_validate(checks=CHECKS, headers=headers)
+        check_answer(case, response, protected=False, json_api=case.operation.path != "/metrics")
+        if case.operation.path.startswith("/v1/"):
+            assert response.status_code not in (401, 403), (case.operation.label, response.text[:300])
+
+    fuzz(stack["gateway_schema"], call)
+
+
+# ---- the explorer --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explorer_schema(anvil_chain, tmp_path_factory):
+    from devnet.explorer import ExplorerConfig, create_app
+    from tests.devnet.explorer.scenario import build_world
+    from tests.utils.servers import ServerThread
+
+    world = build_world(anvil_chain, tmp_path_factory.mktemp("explorer"))
+    app = create_app(ExplorerConfig(deployment=anvil_chain.deployment_path, db_url=world.db_url))
+    with ServerThread(app) as server:
+        yield schemathesis.openapi.from_url(server.url + "/openapi.json")
+
+
+def test_explorer(explorer_schema):
+    def call(case) -> None:
+        # pages are HTML: their errors are HTML pages too (the JSON routes' in the error shape)
+        response = case.call_and_validate(checks=CHECKS, allow_redirects=False)
+        json_route = case.operation.path == "/health"
+        check_answer(case, response, protected=False, json_api=json_route)
+        if not json_route and response.status_code >= 400:
+            assert content_type(response).startswith("text/html"), (response.status_code, response.text[:200])
+            # an error page, or the search page saying nothing matched (404)
+            assert 'id="error-message"' in response.text or 'id="search-empty"' in response.text, response.text[-300:]
+
+    fuzz(explorer_schema, call)
