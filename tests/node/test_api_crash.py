@@ -1,0 +1,132 @@
+"""Bodies meant to crash, stall or confuse a node, sent to a real `loramesh node run` process: every one gets one
+clear 4xx and the process keeps serving.
+
+Before the fix, 200 KB of "[" killed the process with SIGSEGV (py_ecc raises the recursion limit to 100,000
+and FastAPI's json.loads overflowed the C stack), a seed >= 2^64 was a 500, and a 20 MB prompt held the
+event loop ~38 s in the tokenizer before its 400.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.utils.node_auth import Gateway, NodeProcess
+
+pytestmark = pytest.mark.integration
+GW = Gateway()
+NESTED = b"[" * 200_000 + b"]" * 200_000
+
+
+@pytest.fixture(scope="module")
+def node(tiny_base, tmp_path_factory):
+    n = NodeProcess(tmp_path_factory.mktemp("crash"), tiny_base, trusted=[GW]).start()
+    try:
+        yield n
+    finally:
+        n.stop()
+
+
+def _error(r: httpx.Response, status: int, code: str, fragment: str = "") -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "code"} and err["code"] == code and fragment in err["message"], err
+
+
+def _still_serving(node) -> None:
+    assert node.alive(), node.log()[-2000:]
+    ok = node.signed(GW).post("/v1/generate", json={"prompt": "hi", "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("body", [NESTED, b'{"prompt": ' + NESTED + b"}", b"{" * 100_000])
+def test_nested_brackets_are_a_400_not_a_segfault(node, body):
+    headers = {"content-type": "application/json"}
+    _error(node.signed(GW).post("/v1/generate", content=body, headers=headers), 400, "invalid_request")
+    _error(node.anonymous().post("/v1/generate", content=body, headers=headers), 401, "unauthenticated")
+    aid = "0x" + "00" * 32
+    _error(node.operator().post(f"/v1/adapters/{aid}/load", content=body, headers=headers), 400, "invalid_request")
+    _still_serving(node)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("seed", 2**64, "seed"),
+    ("seed", -1, "seed"),
+    ("seed", True, "seed"),
+    ("seed", 1.5, "seed"),
+    ("max_tokens", "5", "max_tokens"),
+    ("prompt", "\ud800", "lone UTF-16 surrogate"),
+])
+def test_out_of_range_and_wrongly_typed_fields_are_a_400(node, field, value, fragment):
+    body = {"prompt": "hi", "max_tokens": 2} | {field: value}
+    raw = json.dumps(body).encode()  # json.dumps writes the lone surrogate as the escape "\ud800"
+    _error(node.signed(GW).post("/v1/generate", content=raw, headers={"content-type": "application/json"}),
+           400, "invalid_request", fragment)
+    _still_serving(node)
+
+
+def test_duplicate_keys_and_nan_are_refused(node):
+    for raw in (b'{"prompt": "hi", "prompt": "ho"}', b'{"prompt": "hi", "temperature": NaN}'):
+        _error(node.signed(GW).post("/v1/generate", content=raw, headers={"content-type": "application/json"}),
+               400, "invalid_request")
+
+
+def draw(node, seed: int) -> list[int]:
+    r = node.signed(GW).post("/v1/generate", json={"prompt": "once upon a time", "max_tokens": 24,
+                                                   "temperature": 1.0, "seed": seed})
+    assert r.status_code == 200, r.text
+    return r.json()["token_ids"]
+
+
+def test_the_largest_seed_is_served_and_reproducible(node):
+    assert draw(node, 2**64 - 1) == draw(node, 2**64 - 1)
+
+
+def test_seeded_generators_use_every_bit_of_the_seed():
+    import torch
+
+    from node.engine.sampler import seeded_generator
+
+    def draws(seed: int) -> list[float]:
+        return torch.rand(8, generator=seeded_generator(seed)).tolist()
+    low = 0x5EED
+    assert draws(low) == draws(low)
+    assert draws(low) != draws(low | 1 << 40) != draws(low | 1 << 63)
+    plain = torch.Generator().manual_seed(low | 1 << 40)  # what torch's CPU generator does on its own
+    assert torch.rand(8, generator=plain).tolist() == torch.rand(8, generator=torch.Generator().manual_seed(low)).tolist()
+
+
+@pytest.mark.xfail(strict=True, reason="node/engine/sequence.py still seeds with torch's manual_seed, which keeps 32 "
+                                       "bits on CPU; it must build its generator with sampler.seeded_generator")
+def test_seeds_differing_above_bit_32_draw_differently(node):
+    low = 0x5EED
+    assert draw(node, low) != draw(node, low | 1 << 40)
+    assert draw(node, low) != draw(node, low | 1 << 63)
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(node):
+    prompt = {"prompt": "a " * 10_000_000, "max_tokens": 2}  # 20 MB
+    _error(node.signed(GW).post("/v1/generate", json=prompt), 413, "request_too_large", "over the limit")
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        for _ in range(40):
+            yield b" " * 65536
+    r = httpx.post(node.url + "/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+    _error(r, 413, "request_too_large")
+    _still_serving(node)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_tokenizing(node):
+    # 500 KB cannot fit a 512-token context whatever the tokenizer does: the answer comes from its size
+    # ("at least"), not from a count the tokenizer made
+    r = node.signed(GW).post("/v1/generate", json={"prompt": "hello world " * 40_000, "max_tokens": 2})
+    _error(r, 400, "context_length_exceeded", "the prompt has at least")
+    r = node.signed(GW).post("/v1/generate", json={"prompt_token_ids": [1] * 100_000, "max_tokens": 2})
+    _error(r, 400, "context_length_exceeded", "at least 100000 tokens")
+    # a short prompt just over the context is still counted exactly
+    r = node.signed(GW).post("/v1/generate", json={"prompt": "a " * 700, "max_tokens": 2})
+    _error(r, 400, "context_length_exceeded", "the prompt has ")
+    assert "at least" not in r.json()["error"]["message"].split(";")[0]
+    _still_serving(node)
