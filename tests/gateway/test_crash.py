@@ -20,6 +20,7 @@ from sqlmodel import Session, select
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
 from gateway.app import create_app
+from gateway.identity import load_or_create_gateway_key
 from gateway.keys import create_key
 from gateway.models import CompletionRecord, RequestStatus
 from gateway.settings import GatewaySettings
@@ -28,6 +29,7 @@ from node.basemodel import base_model_id, base_model_name
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
 from node.receipts import check_receipt
+from node.request_auth import gateway_public_key_hex
 from tests.gateway import TINY
 from tests.utils.gateway import add_node, make_db, poll, start_script_node
 from tests.utils.servers import ServerThread
@@ -94,14 +96,17 @@ def test_gateway_killed_mid_stream_is_reconciled_from_the_nodes_receipts(tiny_ba
     identity = Identity.generate()
     base = base_model_id(tiny_base)
     engine = Engine(EngineConfig(model_dir=tiny_base, num_kv_blocks=512, block_size=8, num_slots=2))
-    node = ServerThread(node_app(engine, identity.node_key)).start()
+    # the gateway keeps its key across the restart (--gateway-key-file); the node trusts its signed calls
+    gw_key = load_or_create_gateway_key(tmp_path / "gw.key")
+    node = ServerThread(node_app(engine, identity.node_key, trusted_gateways={gateway_public_key_hex(gw_key)},
+                                 operator_token="operator-token")).start()  # fmt: skip
     db = make_db(tmp_path / "gw.db")
     add_node(db, node_id=identity.node_id, base_model=base, api_url=node.url)
     key, _ = create_key(db, name="app")
     port = free_port()
     gw_url = f"http://127.0.0.1:{port}"
     args = ["gateway", "run", "--db", f"sqlite:///{tmp_path / 'gw.db'}", "--port", str(port), "--base", str(tiny_base),
-            "--no-settle"]  # fmt: skip
+            "--no-settle", "--gateway-key-file", str(tmp_path / "gw.key")]  # fmt: skip
 
     def status() -> dict:
         return {"node_id": identity.node_id, "base_model": {"name": base_model_name(tiny_base), "id": base},
