@@ -22,12 +22,14 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from node.canonical import sha256_hex
+from node.canonical import UntrustedJSONError, parse_json, sha256_hex
 
 PASSWORD_ENV = "LORAMESH_KEY_PASSWORD"
 FORMAT = "loramesh-identity/1"
 # scrypt cost: 2**15 keeps unlocking under ~0.2 s on a small CPU while staying memory-hard.
 SCRYPT_N = 2**15
+MAX_SCRYPT_N = 2**18  # a file asking for more would make unlocking take minutes and gigabytes
+MAX_IDENTITY_BYTES = 64 << 10  # an identity file is ~1.5 KB
 
 
 class IdentityError(ValueError):
@@ -132,17 +134,38 @@ def save_identity(identity: Identity, path: str | Path, password: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_kdf_costs(path: Path, doc: dict) -> None:
+    """Refuse scrypt costs above what `save_identity` writes, before any key derivation runs: a file
+    asking for n = 2**30 would otherwise take minutes and gigabytes to refuse."""
+    node_key = doc.get("node_key")
+    keystore = doc.get("evm_keystore")
+    crypto = keystore.get("crypto", keystore.get("Crypto")) if isinstance(keystore, dict) else None
+    if isinstance(crypto, dict) and crypto.get("kdf") != "scrypt":
+        raise IdentityError(f"{path}: evm_keystore uses kdf {str(crypto.get('kdf'))[:16]!r}; expected scrypt")
+    params = crypto.get("kdfparams") if isinstance(crypto, dict) else None
+    for where, kdf in (("node_key", node_key), ("evm_keystore", params)):
+        if not isinstance(kdf, dict):
+            continue  # missing parts are reported when the file is unlocked
+        n, r, p = kdf.get("n"), kdf.get("r", 8), kdf.get("p", 1)
+        if type(n) is not int or not 2 <= n <= MAX_SCRYPT_N or n & (n - 1) or r != 8 or p != 1:
+            raise IdentityError(f"{path}: {where} asks for scrypt cost n={str(n)[:24]}, r={str(r)[:8]}, "
+                                f"p={str(p)[:8]}; expected a power of two up to {MAX_SCRYPT_N} with r=8, p=1")
+
+
 def load_identity(path: str | Path, password: str | None = None) -> Identity:
     """Read and decrypt an identity file; a wrong password or a damaged file is an IdentityError."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
+        doc = parse_json(path.read_bytes(), max_bytes=MAX_IDENTITY_BYTES, max_depth=8, what=f"identity file {path}")
     except FileNotFoundError as e:
         raise IdentityError(f"identity file {path} not found (create one with `loramesh keys new`)") from e
-    except (OSError, ValueError) as e:
-        raise IdentityError(f"identity file {path} is not readable JSON: {e}") from e
+    except UntrustedJSONError as e:
+        raise IdentityError(str(e)) from None
+    except OSError as e:
+        raise IdentityError(f"identity file {path} is not readable: {e.strerror}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise IdentityError(f"{path} is not a loramesh identity file (expected format {FORMAT})")
+    _check_kdf_costs(path, doc)
     password = resolve_password(password)
     try:
         evm_key = Account.decrypt(doc["evm_keystore"], password)

@@ -214,8 +214,8 @@ def parse_manifest_bytes(data: bytes) -> Manifest:
 
 def parse_manifest(raw: object) -> Manifest:
     """Validate a decoded manifest document."""
-    if isinstance(raw, dict):
-        for entry in raw.get("files") or ():
+    if isinstance(raw, dict) and isinstance(raw.get("files"), list):
+        for entry in raw["files"]:
             if isinstance(entry, dict) and isinstance(entry.get("path"), str):
                 check_file_name(entry["path"])  # a path escape gets its own message, not a schema error
     try:

@@ -103,7 +103,7 @@ class AdapterStore:
         """
         try:
             pkg = verify_package(tmp, base_dir=base_dir or self.base_dir, expected_owner=expected_owner,
-                                 hashes=not hashes_checked, domain=self.domain)
+                                 hashes=not hashes_checked, domain=self.domain, values=True)
             final = self.path_for(pkg.adapter_id)
             if (final / MANIFEST_FILE).is_file():
                 existing = self.get(pkg.adapter_id, verify_hashes=False)

@@ -24,6 +24,7 @@ from node.adapters.weights import (
     WEIGHTS_FILE,
     LoraConfig,
     check_lora_tensors,
+    check_tensor_values,
     is_pickle_file,
     read_lora_config,
     read_lora_tensors,
@@ -100,8 +101,9 @@ def check_files(pkg_dir: Path, manifest: Manifest, *, hashes: bool = True) -> No
             raise PackageError(f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)")
 
 
-def check_weights(pkg_dir: Path, manifest: Manifest, base_config: dict | None) -> LoraConfig:
-    """PEFT config and safetensors header agree with each other, the manifest and (if given) the base."""
+def check_weights(pkg_dir: Path, manifest: Manifest, base_config: dict | None, *, values: bool = True) -> LoraConfig:
+    """PEFT config and safetensors header agree with each other, the manifest and (if given) the base;
+    with `values`, every weight is finite and fits a slot of any dtype (reads the tensors)."""
     names = {f.path for f in manifest.files}
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if required not in names:
@@ -109,7 +111,10 @@ def check_weights(pkg_dir: Path, manifest: Manifest, base_config: dict | None) -
     lora = read_lora_config(pkg_dir)
     if (lora.rank, lora.alpha, lora.targets) != (manifest.lora.rank, manifest.lora.alpha, manifest.lora.targets):
         raise PackageError("manifest's lora section does not match adapter_config.json")
-    check_lora_tensors(read_safetensors_header(pkg_dir / WEIGHTS_FILE), lora, base_config)
+    tensors = read_safetensors_header(pkg_dir / WEIGHTS_FILE)
+    check_lora_tensors(tensors, lora, base_config)
+    if values:
+        check_tensor_values(pkg_dir / WEIGHTS_FILE, tensors, lora)
     return lora
 
 
@@ -121,13 +126,16 @@ def verify_package(
     hashes: bool = True,
     domain: Domain | None = None,
     require_signature: bool = True,
+    values: bool | None = None,
 ) -> VerifiedPackage:
     """Run every check on a package folder and return what it proved, or raise PackageError.
 
     `domain`: the registry the signature must be for (a node's deployment); None accepts any.
     `expected_owner`: the adapter's on-chain publisher, who must be the signer.
     `require_signature=False` lets an unsigned package, or one signed in the old unbound format, pass
-    the other checks (signer None)."""
+    the other checks (signer None).
+    `values`: read every weight to check it is finite and in range; None: when `hashes` (the files are
+    read whole then anyway), so listing a store stays cheap."""
     pkg_dir = Path(pkg_dir)
     if not pkg_dir.is_dir():
         raise PackageError(f"{pkg_dir} is not a folder")  # the path the caller gave
@@ -150,7 +158,7 @@ def verify_package(
                 f"adapter is for base model {manifest.base_model.name} ({manifest.base_model.id}), "
                 f"not this base ({base_id})"
             )
-    lora = check_weights(pkg_dir, manifest, base_config)
+    lora = check_weights(pkg_dir, manifest, base_config, values=hashes if values is None else values)
     return VerifiedPackage(path=pkg_dir, manifest=manifest, adapter_id=manifest.adapter_id, signer=signer, lora=lora,
                            domain=signed_for)  # fmt: skip
 

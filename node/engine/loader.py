@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from node.canonical import UntrustedJSONError, parse_json
 from node.engine.config import ModelConfig
 from node.engine.lora import LoRAMapping
 from node.engine.model import CausalLM
@@ -23,6 +23,8 @@ _FUSED = {
     "q_proj": ("qkv_proj", "q_proj"), "k_proj": ("qkv_proj", "k_proj"), "v_proj": ("qkv_proj", "v_proj"),
     "gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
 }
+MAX_INDEX_BYTES = 16 << 20  # a 400B model's shard index is well under 1 MiB
+_SHARD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.safetensors$")  # a file beside the index, nothing else
 _PROJ = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
 
 
@@ -35,7 +37,7 @@ def checkpoint_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tenso
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _shard_files(index)
     elif (d / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -44,6 +46,21 @@ def checkpoint_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tenso
         with safe_open(str(d / f), framework="pt", device="cpu") as st:
             for name in st.keys():
                 yield name, st.get_tensor(name)
+
+
+def _shard_files(index: Path) -> list[str]:
+    """The shard files an index names, each a plain .safetensors name in the same folder."""
+    try:
+        doc = parse_json(index.read_bytes(), max_bytes=MAX_INDEX_BYTES, max_depth=8, what=index.name)
+    except UntrustedJSONError as e:
+        raise CheckpointError(str(e)) from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index.name} has no weight_map of tensor names to shard files")
+    files = sorted(set(map(str, weight_map.values())))
+    if bad := [f for f in files if not _SHARD.match(f)]:
+        raise CheckpointError(f"{index.name} names shard {bad[0][:64]!r}; expected a .safetensors file beside it")
+    return files
 
 
 def build_model(cfg: ModelConfig, mapping: LoRAMapping, tensors: Iterable[tuple[str, torch.Tensor]],

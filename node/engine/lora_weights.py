@@ -84,6 +84,9 @@ def decode_lora(adapter_id: str, name: str, tensors: dict[str, torch.Tensor], sc
         rank = max(rank, r)
         a = a.to(dtype).contiguous()
         b = (b.float() * scaling).to(dtype).contiguous()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # verify refuses these; a store may skip it
+            raise AdapterIncompatibleError(
+                f"adapter {adapter_id}: layer {layer} {target} has weights that are not finite in {dtype}")
         if pin_memory:
             a, b = a.pin_memory(), b.pin_memory()
         weights[(layer, target)] = (a, b)

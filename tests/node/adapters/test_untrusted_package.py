@@ -275,3 +275,15 @@ def test_manifest_and_signature_alone(good_pkg, publisher):
         verify_manifest_and_signature(m, NESTED[:100_000])
     with pytest.raises(PackageError, match="not in canonical form"):
         verify_manifest_and_signature(json.dumps(json.loads(m)).encode(), s)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])
+def test_weights_that_are_not_finite_or_overflow_half_precision_are_refused(pkg, tiny_base, publisher, value):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(pkg / WEIGHTS_FILE))
+    name = sorted(k for k in tensors if ".lora_B." in k)[0]
+    tensors[name][0, 0] = value
+    save_file(tensors, str(pkg / WEIGHTS_FILE), metadata={"format": "pt"})
+    resign(pkg, tiny_base, publisher)
+    refused(pkg, "holds values that are not finite or exceed 65504")

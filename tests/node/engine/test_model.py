@@ -101,3 +101,17 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
 def test_bad_engine_config_is_refused(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         EngineConfig(model_dir=tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("index, match", [
+    ('{"weight_map": {"lm_head.weight": "../outside.safetensors"}}', "names shard '../outside.safetensors'"),
+    ('{"weight_map": ' + "[" * 20_000, "nested deeper than 8 levels"),
+    ('{"weight_map": {}}', "has no weight_map"),
+])
+def test_shard_index_is_read_within_limits(tmp_path, llama_world, index, match):
+    """A downloaded checkpoint's index may name files outside its folder or be nested JSON: refused."""
+    from node.engine.loader import checkpoint_tensors
+
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=match):
+        next(checkpoint_tensors(tmp_path))
