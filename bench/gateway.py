@@ -25,9 +25,12 @@ import httpx  # noqa: E402
 
 from devnet.anvil import free_port  # noqa: E402
 from devnet.processes import ManagedProcess, ProcessGroup  # noqa: E402
+from gateway.identity import load_or_create_gateway_key  # noqa: E402
 from gateway.keys import create_key  # noqa: E402
 from node.keys import create_identity  # noqa: E402
+from node.operator_token import read_operator_token, token_path  # noqa: E402
 from node.publish import publish  # noqa: E402
+from node.request_auth import SignedNodeAuth  # noqa: E402
 from tests.utils.chain import start_chain  # noqa: E402
 from tests.utils.factories import make_base, make_package  # noqa: E402
 from tests.utils.gateway import make_db  # noqa: E402
@@ -37,11 +40,12 @@ ETHER = 10**18
 ENV = {"LORAMESH_KEY_PASSWORD": PASSWORD}
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> tuple[float, float, int]:
+async def one(client: httpx.AsyncClient, url: str, body: dict, headers: dict,
+              auth: httpx.Auth | None = None) -> tuple[float, float, int]:  # fmt: skip
     """(ttft, total) seconds and tokens of one streamed request."""
     t0 = time.perf_counter()
     ttft, tokens = None, 0
-    async with client.stream("POST", url, json=body, headers=headers) as r:
+    async with client.stream("POST", url, json=body, headers=headers, auth=auth) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: {r.status_code} {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
@@ -60,9 +64,12 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
 
 
-async def measure(args, node_url: str, gw_url: str, key: str, adapter_id: str) -> None:
+async def measure(args, node_url: str, gw_url: str, key: str, adapter_id: str, node_auth: httpx.Auth) -> None:
+    # the direct path signs its calls as the gateway does (same key, so the node trusts them); the signature
+    # is part of what a gateway adds
     direct = (node_url + "/v1/generate", {"adapter_id": adapter_id, "prompt": "The capital of France is",
-                                          "max_tokens": args.max_tokens, "temperature": 0, "stream": True}, {})
+                                          "max_tokens": args.max_tokens, "temperature": 0, "stream": True}, {},
+              node_auth)  # fmt: skip
     via = (gw_url + "/v1/completions", {"model": "bench/adapter", "prompt": "The capital of France is",
                                         "max_tokens": args.max_tokens, "temperature": 0, "stream": True},
            {"Authorization": f"Bearer {key}"})  # fmt: skip
@@ -122,18 +129,23 @@ def main() -> None:
             engine = make_db(root / "gw.db")
             key, _ = create_key(engine, name="bench")
             engine.dispose()
+            gw_key_file = root / "gw.key"
+            node_auth = SignedNodeAuth(load_or_create_gateway_key(gw_key_file), ident.node_id)
             node_port, gw_port = free_port(), free_port()
             node_url, gw_url = f"http://127.0.0.1:{node_port}", f"http://127.0.0.1:{gw_port}"
             gateway = group.start(ManagedProcess("gateway", [
                 "gateway", "run", "--deployment", str(chain.deployment_path), "--db", f"sqlite:///{root / 'gw.db'}",
-                "--port", str(gw_port), "--base", str(base), "--no-settle"], root / "gw.log", env=ENV))
+                "--port", str(gw_port), "--base", str(base), "--no-settle", "--gateway-key-file", str(gw_key_file)],
+                root / "gw.log", env=ENV))  # fmt: skip
             node = group.start(ManagedProcess("node", [
                 "node", "run", "--base", str(base), "--store", str(root / "store"), "--port", str(node_port),
+                "--data-dir", str(root / "node-data"),
                 "--key", str(root / "node.key"), "--deployment", str(chain.deployment_path), "--gateway", gw_url,
                 "--slots", "2", "--threads", "1", "--kv-blocks", "128"], root / "node.log", env=ENV))  # fmt: skip
             gateway.wait_http(gw_url + "/health")
             node.wait_http(node_url + "/health")
-            publish(pkg.path, chain.client(owner), node_url=node_url)  # on chain, then into the node's store
+            publish(pkg.path, chain.client(owner), node_url=node_url,  # on chain, then into the node's store
+                    operator_token=read_operator_token(token_path(root / "node-data")))
 
             def ready() -> bool:
                 models = httpx.get(gw_url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5)
@@ -141,7 +153,7 @@ def main() -> None:
                 return live == 1 and "bench/adapter" in {m["id"] for m in models.json().get("data", [])}
 
             gateway.wait_until(ready, timeout=60, what="the node live and its adapter listed")
-            asyncio.run(measure(args, node_url, gw_url, key, pkg.adapter_id))
+            asyncio.run(measure(args, node_url, gw_url, key, pkg.adapter_id, node_auth))
         finally:
             group.stop_all()
             chain.anvil.stop()

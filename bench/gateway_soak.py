@@ -181,6 +181,7 @@ def soak(args) -> int:
     from ledger.outbox import count_by_status
     from ledger.types import BASE_MODEL_ADAPTER_ID
     from node.keys import create_identity
+    from node.operator_token import read_operator_token, token_path
     from node.publish import publish
     from tests.ledger.audit import ledger_transactions, record_settled_counts
     from tests.utils.chain import start_chain
@@ -226,13 +227,15 @@ def soak(args) -> int:
             for i, port in enumerate(gw_ports)]  # fmt: skip
         node = group.start(ManagedProcess("node", [
             "node", "run", "--base", str(base), "--store", str(tmp / "store"), "--port", str(node_port),
+            "--data-dir", str(tmp / "node-data"),
             "--key", str(tmp / "node.key"), "--deployment", str(chain.deployment_path),
             *[a for u in urls for a in ("--gateway", u)], "--slots", "2", "--threads", str(args.node_threads),
             "--kv-blocks", "256"], tmp / "node.log", env=ENV))  # fmt: skip
         for g, u in zip(gateways, urls):
             g.wait_http(u + "/health")
         node.wait_http(node_url + "/health")
-        publish(pkg.path, chain.client(owner), node_url=node_url)  # on chain, then into the node's store
+        publish(pkg.path, chain.client(owner), node_url=node_url,  # on chain, then into the node's store
+                operator_token=read_operator_token(token_path(tmp / "node-data")))
 
         listed: dict[str, dict] = {}
 

@@ -62,6 +62,28 @@ async def _blocking(size: int, fn, *args):
     return await asyncio.to_thread(fn, *args)
 
 
+def _declare_bodies(app: FastAPI) -> None:
+    """Declare the OpenAI routes' JSON bodies in the OpenAPI schema: the handlers read their bodies themselves
+    (through the bounded parser), so FastAPI cannot see them, and clients and schema fuzzers would not either."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = generate()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatRequest)):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(body.pop("$defs", {}))
+            schemas[model.__name__] = body
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            doc["paths"][path]["post"]["requestBody"] = {"required": True,
+                                                         "content": {"application/json": {"schema": ref}}}
+        return doc
+
+    app.openapi = openapi
+
+
 def create_app(settings: GatewaySettings | None = None, *, chain_client=None, settler_account=None) -> FastAPI:
     """A gateway app. The chain client defaults to one built from settings.deployment (registry mirror
     sync); the settler runs in-process when a settler account (or settings.key_file) is given."""
@@ -114,6 +136,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     # no body is read past its limit; a heartbeat is small, a prompt may be large (a context's worth of text)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        overrides={"/internal/": settings.max_heartbeat_bytes})  # fmt: skip
+    _declare_bodies(app)
     app.state.gateway = gw
     app.state.settler = None  # the in-process settler, when this gateway settles
 

@@ -79,7 +79,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=1)]
+             | Annotated[list[TokenId], Field(min_length=1)])
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None

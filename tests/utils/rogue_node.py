@@ -10,8 +10,8 @@ gateway and, given a deployment, registers itself on chain like a real node. Its
 aborted request streams on, without delay, to its last token and a receipt for all of them (the attack of a
 node that wants to be paid for tokens the client never got). --trust <gateway key hex>: generate, load and
 abort calls must be signed by that gateway key for this node (node.request_auth), as a real node checks them;
-otherwise they get 401/403 (every call is recorded in <key file>.calls, one line each). The key file is a node identity (node.keys;
-password from LORAMESH_KEY_PASSWORD).
+otherwise they get 401/403 (every call is recorded in <key file>.calls, one line each). The key file is a
+node identity (node.keys; password from LORAMESH_KEY_PASSWORD).
 """
 
 from __future__ import annotations
