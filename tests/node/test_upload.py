@@ -1,15 +1,13 @@
 """node.upload on its own: what open_upload refuses before anything is written (attacks on a running node are in
 test_upload_attacks.py)."""
 
-import io
-import tarfile
-
 import pytest
 from eth_account import Account
 
 from node.adapters import PackageError, verify_package
 from node.upload import open_upload, tar_package
 from tests.utils.factories import make_package
+from tests.utils.node_auth import package_files, tar_of
 
 
 @pytest.fixture(scope="module")
@@ -17,25 +15,8 @@ def pkg(tiny_base, tmp_path_factory):
     return make_package(tiny_base, tmp_path_factory.mktemp("upload") / "pkg", account=Account.create(), rank=2)
 
 
-def tar_of(entries):
-    """A tar of (name, data, kind) entries, kind one of file, sym, link, dir, fifo, chr."""
-    buf = io.BytesIO()
-    kinds = {"sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE, "dir": tarfile.DIRTYPE, "fifo": tarfile.FIFOTYPE,
-             "chr": tarfile.CHRTYPE}
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data, kind in entries:
-            info = tarfile.TarInfo(name)
-            if kind == "file":
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            else:
-                info.type, info.linkname = kinds[kind], "/etc/passwd"
-                tar.addfile(info)
-    return buf.getvalue()
-
-
 def files_of(pkg):
-    return [(p.name, p.read_bytes(), "file") for p in sorted(pkg.path.iterdir())]
+    return package_files(pkg.path)
 
 
 def test_round_trip_writes_exactly_the_package(pkg, tmp_path):

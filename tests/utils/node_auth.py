@@ -1,8 +1,11 @@
-"""Calling a node as its gateways and its operator do, and a real `loramesh node run` process to call."""
+"""Calling a node as its gateways and its operator do, a real `loramesh node run` process to call, and the
+tar archives an attacker uploads to it."""
 
 from __future__ import annotations
 
+import io
 import socket
+import tarfile
 from pathlib import Path
 
 import httpx
@@ -83,3 +86,27 @@ class NodeProcess:
 
     def stop(self) -> int | None:
         return self.proc.stop()
+
+
+TAR_KINDS = {"sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE, "dir": tarfile.DIRTYPE, "fifo": tarfile.FIFOTYPE,
+             "chr": tarfile.CHRTYPE}
+
+
+def tar_of(entries) -> bytes:
+    """A PAX tar of (name, data, kind) entries; kind "file", or one of TAR_KINDS (pointing at /etc/passwd)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, kind in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type, info.linkname = TAR_KINDS[kind], "/etc/passwd"
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def package_files(pkg_dir: Path) -> list[tuple[str, bytes, str]]:
+    """A package folder's files as tar_of entries."""
+    return [(p.name, p.read_bytes(), "file") for p in sorted(pkg_dir.iterdir())]
