@@ -8,3 +8,10 @@ class PackageError(ValueError):
 class ForeignSignature(PackageError):
     """The package is signed for another chain or registry (or in the old, unbound format): it may be
     fine elsewhere, but this registry cannot vouch for it."""
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """A value from a package, for a message: repr'd (so no newline or control character can split the
+    one-line error) and cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -18,7 +18,7 @@ from ledger.types import (
     adapter_version_problem,
     dataset_id_for,
 )
-from node.adapters.errors import PackageError
+from node.adapters.errors import PackageError, shown
 from node.adapters.limits import MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_MANIFEST_BYTES
 from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 
@@ -180,9 +180,9 @@ def make_dataset_share(name: str, contributor: str, share_bps: int) -> DatasetSh
 def check_file_name(name: str) -> None:
     """Refuse a package file name that could escape the package folder or is otherwise unsafe."""
     if name.startswith("/") or "\\" in name or ".." in name.split("/") or "/" in name:
-        raise PackageError(f"file name {name!r} escapes the package folder")
+        raise PackageError(f"file name {shown(name, 128)} escapes the package folder")
     if not _SAFE_NAME.match(name) or name in RESERVED_FILES:
-        raise PackageError(f"file name {name!r} is not allowed in a package")
+        raise PackageError(f"file name {shown(name, 128)} is not allowed in a package")
 
 
 def read_manifest(pkg_dir: Path) -> Manifest:
@@ -223,7 +223,7 @@ def parse_manifest(raw: object) -> Manifest:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise PackageError(f"{MANIFEST_FILE} is invalid at {where}: {first['msg']}") from e
+        raise PackageError(f"{MANIFEST_FILE} is invalid at {shown(where, 128)[1:-1]}: {first['msg']}") from e
 
 
 def check_id(value: str, what: str = "adapter id") -> str:

@@ -22,7 +22,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
 from ledger.types import EIP712_NAME, EIP712_VERSION, Domain
-from node.adapters.errors import ForeignSignature, PackageError
+from node.adapters.errors import ForeignSignature, PackageError, shown
 from node.adapters.limits import MAX_SIGNATURE_BYTES
 from node.adapters.manifest import SIGNATURE_FILE, Manifest
 from node.canonical import UntrustedJSONError, canonical_json, parse_json
@@ -86,7 +86,7 @@ def recover_signer(manifest: Manifest, signature_doc: dict, *, domain: Domain | 
     if signature_doc["adapter_id"] != manifest.adapter_id:
         raise PackageError(
             f"manifest does not match its signature: it hashes to {manifest.adapter_id}, "
-            f"the signature is for {str(signature_doc['adapter_id'])[:80]} (edited after signing?)"
+            f"the signature is for {shown(signature_doc['adapter_id'], 80)} (edited after signing?)"
         )
     signed_for = signature_domain(signature_doc)
     if not any_domain and signed_for != domain:

@@ -83,8 +83,8 @@ class AdapterStore:
         tmp = self.tmp_dir()
         try:
             for p in src_dir.iterdir():
-                if p.is_dir():
-                    raise PackageError(f"{p.name!r} is not a plain file; packages hold plain files only")
+                if p.is_symlink() or not p.is_file():  # a link would be copied as whatever it points at
+                    raise PackageError(f"{p.name[:128]!r} is not a plain file; packages hold plain files only")
                 shutil.copyfile(p, tmp / p.name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.adapters.errors import PackageError
+from node.adapters.errors import PackageError, shown
 from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES, MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_SAFETENSORS_HEADER_BYTES
 from node.adapters.manifest import LORA_TARGETS
 from node.canonical import UntrustedJSONError, parse_json
@@ -102,7 +102,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             continue
         tensors[name] = info = _tensor_entry(path.name, name, entry, data_start)
         if info.offset - data_start + info.nbytes > body:
-            raise PackageError(f"{path.name}: body is truncated: tensor {name[:128]!r} ends at byte "
+            raise PackageError(f"{path.name}: body is truncated: tensor {shown(name, 128)} ends at byte "
                                f"{info.offset - data_start + info.nbytes} of a {body}-byte body")
         spans.append((info.offset - data_start, info.offset - data_start + info.nbytes))
     spans.sort()
@@ -117,21 +117,21 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> TensorInfo:
-    shown = repr(name[:128])
+    shown_name = shown(name, 128)
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
-        raise PackageError(f"{file}: tensor {shown} must be an object of exactly dtype, shape and data_offsets")
+        raise PackageError(f"{file}: tensor {shown_name} must be an object of exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
-        raise PackageError(f"{file}: tensor {shown} has dtype {str(dtype)[:16]!r}; expected one of {sorted(_DTYPE_SIZES)}")
+        raise PackageError(f"{file}: tensor {shown_name} has dtype {shown(dtype, 24)}; expected one of {sorted(_DTYPE_SIZES)}")
     if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_size(d) for d in shape):
-        raise PackageError(f"{file}: tensor {shown} has a malformed shape (a list of at most {_MAX_DIMS} sizes)")
+        raise PackageError(f"{file}: tensor {shown_name} has a malformed shape (a list of at most {_MAX_DIMS} sizes)")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
             and offsets[0] <= offsets[1]):
-        raise PackageError(f"{file}: tensor {shown} has malformed data_offsets (expected [start, end], start <= end)")
+        raise PackageError(f"{file}: tensor {shown_name} has malformed data_offsets (expected [start, end], start <= end)")
     nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
     start, end = offsets
     if end - start != nbytes:
-        raise PackageError(f"{file}: tensor {shown} spans {end - start} bytes, its shape needs {nbytes}")
+        raise PackageError(f"{file}: tensor {shown_name} spans {end - start} bytes, its shape needs {nbytes}")
     return TensorInfo(dtype, tuple(shape), data_start + start, nbytes)
 
 
@@ -148,7 +148,7 @@ def read_lora_tensors(path: Path, tensors: dict[str, TensorInfo], device: str = 
             f.seek(info.offset)
             data = f.read(info.nbytes)
             if len(data) != info.nbytes:
-                raise PackageError(f"{path.name}: tensor {name[:128]!r} was cut short after it was verified")
+                raise PackageError(f"{path.name}: tensor {shown(name, 128)} was cut short after it was verified")
             if info.nbytes == 0:
                 t = torch.empty(info.shape, dtype=dtypes[info.dtype])
             else:
@@ -168,7 +168,7 @@ def check_tensor_values(path: Path, tensors: dict[str, TensorInfo], lora: LoraCo
     for name, t in read_lora_tensors(path, tensors).items():
         t = t.double() * (lora.scaling if ".lora_B." in name else 1.0)
         if not bool(torch.isfinite(t).all()) or (t.numel() and float(t.abs().max()) > HALF_MAX):
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {name[:128]!r} holds values that are not finite or exceed "
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown(name, 128)} holds values that are not finite or exceed "
                                f"{HALF_MAX:g} (after lora_alpha / r scaling)")
 
 
@@ -281,28 +281,28 @@ def parse_lora_config(cfg: object) -> LoraConfig:
     if not isinstance(cfg, dict):
         raise PackageError(f"{CONFIG_FILE} is not a JSON object")
     if cfg.get("peft_type") != "LORA":
-        raise PackageError(f"{CONFIG_FILE}: peft_type is {str(cfg.get('peft_type'))[:32]!r}, expected 'LORA'")
+        raise PackageError(f"{CONFIG_FILE}: peft_type is {shown(cfg.get('peft_type'), 32)}, expected 'LORA'")
     for key in sorted(cfg):
         if key not in _PEFT_FIELDS:
-            raise PackageError(f"{CONFIG_FILE}: field {key[:64]!r} is not one loramesh serves exactly; remove it "
+            raise PackageError(f"{CONFIG_FILE}: field {shown(key)} is not one loramesh serves exactly; remove it "
                                "or leave it at its default")
         check, accepted = _PEFT_FIELDS[key]
         if not check(cfg[key]):
-            raise PackageError(f"{CONFIG_FILE}: {key} = {str(cfg[key])[:64]} is not served; expected {accepted}")
+            raise PackageError(f"{CONFIG_FILE}: {key} = {shown(cfg[key])} is not served; expected {accepted}")
     rank = cfg.get("r", 8)  # PEFT's defaults
     alpha = cfg.get("lora_alpha", 8)
     if type(rank) is not int or not 1 <= rank <= MAX_LORA_RANK:
-        raise PackageError(f"{CONFIG_FILE}: rank r={str(rank)[:32]} must be an integer in 1..{MAX_LORA_RANK}, the "
+        raise PackageError(f"{CONFIG_FILE}: rank r={shown(rank, 32)} must be an integer in 1..{MAX_LORA_RANK}, the "
                            "largest rank nodes serve")
     if type(alpha) not in (int, float) or not math.isfinite(alpha) or not 0 < alpha <= MAX_LORA_ALPHA:
-        raise PackageError(f"{CONFIG_FILE}: lora_alpha={str(alpha)[:32]} must be a finite number in "
+        raise PackageError(f"{CONFIG_FILE}: lora_alpha={shown(alpha, 32)} must be a finite number in "
                            f"(0, {MAX_LORA_ALPHA:g}]")
     targets = cfg.get("target_modules")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise PackageError(f"{CONFIG_FILE}: target_modules must be a list of module names from {list(LORA_TARGETS)}")
     bad = sorted(set(targets) - set(LORA_TARGETS))
     if bad:
-        raise PackageError(f"{CONFIG_FILE}: unsupported target modules {[b[:32] for b in bad[:4]]}; supported: "
+        raise PackageError(f"{CONFIG_FILE}: unsupported target modules {shown(bad[:4])}; supported: "
                            f"{list(LORA_TARGETS)}")
     return LoraConfig(rank=rank, alpha=float(alpha), targets=tuple(sorted(set(targets))),
                       use_rslora=cfg.get("use_rslora", False))
@@ -333,25 +333,25 @@ def check_lora_tensors(tensors: dict[str, TensorInfo], lora: LoraConfig, base_co
     layers = base_config["num_hidden_layers"] if base_config else None
     seen: dict[tuple[int, str], set[str]] = {}
     for name, info in tensors.items():
-        shown = repr(name[:128])
+        shown_name = shown(name, 128)
         m = _KEY.match(name)
         if not m or _MODULE_GROUP.get(m[3]) != m[2]:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} is not a LoRA weight of a supported module")
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} is not a LoRA weight of a supported module")
         layer, module, ab = int(m[1]), m[3], m[4]
         if module not in lora.targets:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} targets {module}, not in target_modules")
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} targets {module}, not in target_modules")
         if info.dtype not in _FLOAT_DTYPES or len(info.shape) != 2:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} must be a 2-D float matrix, got "
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} must be a 2-D float matrix, got "
                                f"{info.dtype}{list(info.shape)}")
         if layers is not None and layer >= layers:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} is for layer {layer}; the base has {layers}")
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} is for layer {layer}; the base has {layers}")
         if dims is not None:
             d_in, d_out = dims[module]
             want = (lora.rank, d_in) if ab == "A" else (d_out, lora.rank)
         else:
             want = (lora.rank, info.shape[1]) if ab == "A" else (info.shape[0], lora.rank)
         if info.shape != want or 0 in info.shape:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown} has shape {list(info.shape)}, expected "
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} has shape {list(info.shape)}, expected "
                                f"{list(want)} for rank {lora.rank}" + (" on this base model" if dims else ""))
         seen.setdefault((layer, module), set()).add(ab)
     if not seen:

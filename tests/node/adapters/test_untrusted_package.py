@@ -178,14 +178,14 @@ def test_config_values_that_gave_a_500_are_refused(pkg, tiny_base, publisher, ra
     ("alora_invocation_tokens", [5, 6], "alora_invocation_tokens = \\[5, 6\\] is not served"),
     ("use_dora", True, "use_dora = True is not served"),
     ("lora_bias", True, "lora_bias = True is not served"),
-    ("bias", "all", "bias = all is not served"),
+    ("bias", "all", "bias = 'all' is not served"),
     ("fan_in_fan_out", True, "fan_in_fan_out = True is not served"),
-    ("init_lora_weights", "pissa", "init_lora_weights = pissa is not served"),
+    ("init_lora_weights", "pissa", "init_lora_weights = 'pissa' is not served"),
     ("rank_pattern", {"q_proj": 2}, "rank_pattern = .* is not served"),
     ("layers_to_transform", [0], "layers_to_transform = \\[0\\] is not served"),
     ("trainable_token_indices", [3], "trainable_token_indices = \\[3\\] is not served"),
     ("use_qalora", True, "use_qalora = True is not served"),
-    ("task_type", "SEQ_CLS", "task_type = SEQ_CLS is not served"),
+    ("task_type", "SEQ_CLS", "task_type = 'SEQ_CLS' is not served"),
     ("some_future_field", 1, "field 'some_future_field' is not one loramesh serves exactly"),
     ("r", MAX_LORA_RANK + 1, f"rank r={MAX_LORA_RANK + 1} must be an integer in 1..{MAX_LORA_RANK}"),
     ("r", True, "rank r=True must be an integer"),
@@ -199,6 +199,13 @@ def test_config_fields_not_served_exactly_are_refused_naming_them(pkg, tiny_base
     with_config(pkg, **{field: value})
     with pytest.raises(PackageError, match=match):
         pack_adapter(pkg, pkg.parent / "out", name="x/y", account=publisher, base_dir=tiny_base)
+
+
+def test_refusals_stay_on_one_line(pkg, tiny_base, publisher):
+    with_config(pkg, task_type="X\nerror: forged second line")
+    with pytest.raises(PackageError) as e:
+        pack_adapter(pkg, pkg.parent / "out", name="x/y", account=publisher, base_dir=tiny_base)
+    assert "\n" not in str(e.value) and "task_type = 'X\\nerror" in str(e.value)
 
 
 def test_config_as_peft_saves_it_is_accepted(peft_dir):
@@ -287,3 +294,15 @@ def test_weights_that_are_not_finite_or_overflow_half_precision_are_refused(pkg,
     save_file(tensors, str(pkg / WEIGHTS_FILE), metadata={"format": "pt"})
     resign(pkg, tiny_base, publisher)
     refused(pkg, "holds values that are not finite or exceed 65504")
+
+
+def test_store_install_refuses_a_symlinked_file(pkg, tmp_path):
+    """Copying would follow the link and store whatever it points at, as if it were the package's."""
+    from node.adapters import AdapterStore
+
+    outside = tmp_path / "outside"
+    shutil.copyfile(pkg / CONFIG_FILE, outside)
+    (pkg / CONFIG_FILE).unlink()
+    os.symlink(outside, pkg / CONFIG_FILE)
+    with pytest.raises(PackageError, match="'adapter_config.json' is not a plain file"):
+        AdapterStore(tmp_path / "store").install(pkg)

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, load_file, save, save_file
 
@@ -94,8 +94,10 @@ def test_what_verifies_loads(peft, tiny_base, tmp_path, mutations):
         manifest = build_manifest(pkg_dir, name="fuzz/loadable", base_dir=tiny_base)
         (pkg_dir / MANIFEST_FILE).write_bytes(manifest.canonical_bytes())
         pkg = verify_package(pkg_dir, base_dir=tiny_base, require_signature=False)
-    except PackageError:
+    except PackageError as e:
+        event(f"refused: {str(e)[:40]}")
         return
+    event("verified")
     # verified: the engine's loader must take it, at the rank every node serves by default
     loaded_tensors = load_lora_tensors(pkg)
     model_cfg = ModelConfig.from_dir(tiny_base)
