@@ -202,12 +202,12 @@ class NodeDaemon:
         write each file capped at its declared size, and let the store verify and install the whole."""
         with open_upload(data, max_package_bytes=self.config.max_package_bytes) as up:
             adapter_id = up.manifest.adapter_id
+            owner = self.owner_of(adapter_id)
+            if self.chain is not None and owner is None:
+                raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
             domain = self.store.domain
             signer = recover_signer(up.manifest, up.signature, domain=domain, any_domain=domain is None)
-            owner = self.owner_of(adapter_id)
             if self.chain is not None:
-                if owner is None:
-                    raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
                 if to_checksum_address(owner) != signer:
                     raise UploadRefused(f"package is signed by {signer}, but the adapter's registered owner is {owner}")
             tmp = self.store.tmp_dir()

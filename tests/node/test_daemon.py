@@ -10,16 +10,20 @@ import socket
 
 import httpx
 import pytest
+from eth_account import Account
 
 from devnet.processes import ManagedProcess
-from node.adapters import AdapterStore, verify_package
+from node.adapters import AdapterStore, sign_package, verify_package
 from node.keys import create_identity
+from node.operator_token import read_operator_token, token_path
 from node.publish import PublishError, publish, upload_to_node
 from tests.utils.factories import make_package
+from tests.utils.node_auth import Gateway
 
 pytestmark = pytest.mark.integration
 PASSWORD = "pw"
 ETHER = 10**18
+GATEWAY = Gateway()  # the gateway every node here trusts
 
 
 def free_port() -> int:
@@ -35,9 +39,11 @@ class Node:
         self.identity = create_identity(self.key, PASSWORD)
         chain.client(chain.admin).fund([self.identity.address], ETHER)
         self.store = root / f"store-{name}"
+        self.data_dir = root / f"data-{name}"
         args = ["node", "run", "--base", str(base), "--store", str(self.store), "--port", str(self.port),
                 "--key", str(self.key), "--deployment", str(chain.deployment_path), "--slots", "2",
-                "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}", "--threads", "1"]
+                "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}", "--threads", "1",
+                "--data-dir", str(self.data_dir), "--trust-gateway-key", GATEWAY.public_hex]
         for b in bootstrap:
             args += ["--bootstrap", b]
         self.proc = ManagedProcess(name, args, root / f"{name}.log", env={"LORAMESH_KEY_PASSWORD": PASSWORD})
@@ -45,6 +51,10 @@ class Node:
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def token(self):
+        return read_operator_token(token_path(self.data_dir))
 
     def start(self):
         self.proc.start()
@@ -56,7 +66,8 @@ class Node:
 
     def generate(self, adapter_id, prompt="What is the capital of France?", **kw):
         body = {"adapter_id": adapter_id, "prompt": prompt, "max_tokens": 8, "temperature": 0} | kw
-        return httpx.post(self.url + "/v1/generate", json=body, timeout=180)
+        with GATEWAY.client(self.url, self.identity.node_id, timeout=180) as c:
+            return c.post("/v1/generate", json=body)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +91,7 @@ def published(mesh, anvil_chain, tiny_base):
     owner = anvil_chain.users[5]
     pkg = make_package(tiny_base, root / "pkg", account=owner, name="mesh/capitals", rank=4,
                        targets=("q_proj", "v_proj", "down_proj"))
-    publish(pkg.path, anvil_chain.client(owner), node_url=nodes["A"].url)
+    publish(pkg.path, anvil_chain.client(owner), node_url=nodes["A"].url, operator_token=nodes["A"].token)
     return pkg
 
 
@@ -118,8 +129,30 @@ def test_upload_of_an_unregistered_adapter_is_refused(mesh, anvil_chain, tiny_ba
     nodes, root = mesh
     pkg = make_package(tiny_base, root / "unregistered", account=anvil_chain.users[6], name="x/unreg", rank=2)
     with pytest.raises(PublishError, match=r"refused the package \(403\): adapter 0x[0-9a-f]+ is not registered"):
-        upload_to_node(pkg, nodes["A"].url)
+        upload_to_node(pkg, nodes["A"].url, operator_token=nodes["A"].token)
     assert not AdapterStore(nodes["A"].store).has(pkg.adapter_id)
+    assert list((nodes["A"].store / ".tmp").iterdir()) == []  # refused before a byte was written
+
+
+def test_upload_signed_by_someone_else_than_the_registered_owner_is_refused(mesh, anvil_chain, tiny_base):
+    nodes, root = mesh
+    owner, mallory = anvil_chain.users[7], Account.create()
+    pkg = make_package(tiny_base, root / "owned", account=owner, name="x/owned", rank=2)
+    publish(pkg.path, anvil_chain.client(owner))
+    forged = make_package(tiny_base, root / "forged", account=mallory, name="x/owned", rank=2,
+                          peft_dir=root / "owned-peft")  # the same manifest, so the same id, signed by mallory
+    assert forged.adapter_id == pkg.adapter_id
+    signed = sign_package(forged.path, mallory, anvil_chain.client().domain)  # for this registry, by mallory
+    with pytest.raises(PublishError, match=rf"refused the package \(403\): package is signed by {mallory.address}"):
+        upload_to_node(signed, nodes["A"].url, operator_token=nodes["A"].token)
+    assert not AdapterStore(nodes["A"].store).has(pkg.adapter_id)
+    assert list((nodes["A"].store / ".tmp").iterdir()) == []
+
+
+def test_upload_without_the_operator_token_is_refused(mesh, published):
+    nodes, _ = mesh
+    with pytest.raises(PublishError, match=r"refused the package \(401\): wrong operator token"):
+        upload_to_node(published, nodes["B"].url, operator_token="not-the-token")
 
 
 def test_upload_of_a_tampered_package_is_refused(mesh, anvil_chain, tiny_base):
@@ -132,7 +165,7 @@ def test_upload_of_a_tampered_package_is_refused(mesh, anvil_chain, tiny_base):
     blob[-3] ^= 0x10
     weights.write_bytes(bytes(blob))
     with pytest.raises(PublishError, match="refused the package \\(400\\): file 'adapter_model.safetensors' does not"):
-        upload_to_node(pkg, nodes["A"].url)
+        upload_to_node(pkg, nodes["A"].url, operator_token=nodes["A"].token)
     assert list((nodes["A"].store / ".tmp").iterdir()) == []
 
 
