@@ -117,6 +117,7 @@ class ProviderBook:
     standing: Standing = lambda _peer: UNKNOWN
     _latest: dict[str, _Entry] = field(default_factory=dict)
     _ids: int = 0
+    refused: int = 0  # announcements not kept because the book was full of peers with better standing
 
     def add(self, ann: Announcement, *, now: float | None = None) -> bool:
         """Keep `ann` unless an equal or newer one from the same peer is known or it would be evicted first."""
@@ -130,6 +131,7 @@ class ProviderBook:
             old = self._latest.get(ann.peer_id)
             full = self._over(ann, old)
         if full and old is None and self.standing(ann.peer_id) == UNKNOWN:
+            self.refused += 1
             return False  # a new unknown peer is the first to go: refuse it without sorting the book
         if old is not None:
             self._ids -= len(old.ann.adapters)
@@ -137,7 +139,10 @@ class ProviderBook:
         self._ids += len(ann.adapters)
         if full:
             self._evict()
-        return ann.peer_id in self._latest
+        if ann.peer_id not in self._latest:
+            self.refused += 1
+            return False
+        return True
 
     def _over(self, ann: Announcement, old: _Entry | None) -> bool:
         """Would keeping `ann` (replacing `old`) put the book over a bound?"""

@@ -70,6 +70,7 @@ class Discovery:
     _provide_send: trio.MemorySendChannel[str]
     _provide_recv: trio.MemoryReceiveChannel[str]
     _announce_now: trio.Event
+    _book_full_logged: float = float("-inf")
 
     async def announce(self, adapter_id: str) -> None:
         """Tell the mesh this node holds `adapter_id` (GossipSub now, DHT record paced)."""
@@ -131,8 +132,13 @@ class Discovery:
             except AnnouncementError as e:
                 log.info("dropped announcement: %s", e)
                 continue
+            refused = self.book.refused
             if ann.peer_id != self.peer_id and self.book.add(ann):
                 log.debug("peer %s holds %d adapters", ann.peer_id, len(ann.adapters))
+            elif self.book.refused != refused and time.monotonic() - self._book_full_logged > 10:
+                self._book_full_logged = time.monotonic()  # once per 10 s: a flood must not flood the log too
+                log.warning("announcement book is full (%d peers, %d adapter ids): %d announcements from "
+                            "new peers refused so far", len(self.book), self.book.id_count, self.book.refused)
 
     async def find_providers(self, adapter_id: str, *, wait: float = 0.0) -> list[Provider]:
         """Peers said to hold `adapter_id`, gossip first then DHT hints, de-duplicated; polls up to `wait` s."""

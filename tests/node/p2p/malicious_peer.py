@@ -1,0 +1,234 @@
+"""A malicious libp2p peer in its own process, driven by JSON lines on stdin (tests/node/p2p/test_attacks.py).
+
+    python -m tests.node.p2p.malicious_peer
+
+It uses the node's own host stack (TCP + Noise + Yamux, GossipSub on the announcement topic) but
+none of its checks. Prints {"ok", "peer_id", "addrs"} once listening, then answers each command:
+
+  {"cmd": "connect", "addr"}                              dial a peer (and join its GossipSub mesh)
+  {"cmd": "publish", "nested": N} / {"hex": ...}          publish raw bytes on the announcement topic
+  {"cmd": "announce", "adapters", "fakes": N, "future_s": S, "own": bool}
+        signed announcements: from N made-up peer ids (each with its own key), or from this peer
+        (own) for `adapters`, dated S seconds ahead
+  {"cmd": "serve", "adapter_id", "fault", "pkg"}          answer REQUESTs for adapter_id with a fault:
+        nested_manifest (1 MiB of "["), nested_signature (64 KiB of "[" after the real manifest),
+        dup_manifest (the manifest with a key repeated), trickle (real frames at 1 byte/s)
+  {"cmd": "idle_streams", "peer", "addr", "count"}        open adapter streams and never send a request
+  {"cmd": "stream_states"}                                how many of those the other side ended
+  {"cmd": "fake_providers", "addr", "adapter_id", "count"} that many made-up hosts each send the
+        target a DHT ADD_PROVIDER for the adapter (their addresses accept no adapter stream)
+  {"cmd": "quit"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import _encode_key
+from libp2p.kad_dht.provider_store import ProviderStore
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from node.p2p.announce import TOPIC, Announcement, sign_announcement
+from node.p2p.codec import PROTOCOL_ID, HEADER, Kind, encode, encode_header
+from node.p2p.config import P2PConfig
+from node.p2p.discovery import dht_key
+from node.p2p.host import _addr_str, build_host
+from node.p2p.logs import route_libp2p_logging
+from node.p2p.plan import MANIFEST_FILE, SIGNATURE_FILE
+
+LISTEN = "/ip4/127.0.0.1/tcp/0"
+
+
+class Malice:
+    def __init__(self, host, pubsub, nursery: trio.Nursery) -> None:
+        self.host, self.pubsub, self.nursery = host, pubsub, nursery
+        self.peer_id = host.get_id().to_base58()
+        self.faults: dict[str, tuple[str, Path]] = {}
+        self.idle: list = []
+        self.idle_ended = 0
+        self.requests = 0
+        self.fakes: list = []
+        host.set_stream_handler(TProtocol(PROTOCOL_ID), self.handle)
+
+    @property
+    def addrs(self) -> list[str]:
+        return [_addr_str(a, self.peer_id) for a in self.host.get_addrs()]
+
+    # -- as a provider --------------------------------------------------------------------
+
+    async def handle(self, stream) -> None:
+        self.requests += 1
+        try:
+            head = await stream.read(HEADER.size)
+            _, n = HEADER.unpack(head)
+            adapter_id = json.loads(await stream.read(n))["adapter_id"]
+            fault, pkg = self.faults.get(adapter_id, ("none", None))
+            manifest = (pkg / MANIFEST_FILE).read_bytes() if pkg else b""
+            signature = (pkg / SIGNATURE_FILE).read_bytes() if pkg else b""
+            if fault == "nested_manifest":
+                await stream.write(encode_header(Kind.MANIFEST, 1 << 20) + b"[" * (1 << 20))
+            elif fault == "nested_signature":
+                await stream.write(encode(Kind.MANIFEST, manifest) + encode_header(Kind.SIGNATURE, 64 << 10)
+                                   + b"[" * (64 << 10))
+            elif fault == "dup_manifest":
+                doc = manifest.decode()
+                dup = doc[:-1] + ',"name":"evil"}'  # the same key twice: parsers disagree on which wins
+                await stream.write(encode(Kind.MANIFEST, dup.encode()))
+            elif fault == "trickle":
+                data = encode(Kind.MANIFEST, manifest) + encode(Kind.SIGNATURE, signature) + encode_header(Kind.DATA, 1024)
+                await stream.write(data)
+                while True:  # one byte a second, forever: never a read timeout, never done
+                    await stream.write(b"\0")
+                    await trio.sleep(1)
+            else:
+                await stream.write(encode(Kind.ERROR, b"no"))
+            await trio.sleep(60)
+        except Exception:
+            pass
+        finally:
+            with trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+
+    # -- as a client that never asks ------------------------------------------------------
+
+    async def idle_stream(self, peer: ID) -> None:
+        stream = await self.host.new_stream(peer, [TProtocol(PROTOCOL_ID)])
+        self.idle.append(stream)
+        self.nursery.start_soon(self._wait_end, stream)
+
+    async def _wait_end(self, stream) -> None:
+        try:
+            while await stream.read(65536):
+                pass
+        except Exception:
+            pass
+        self.idle_ended += 1
+
+    # -- made-up DHT providers ------------------------------------------------------------
+
+    async def fake_provider(self, target, adapter_id: str, task_status=trio.TASK_STATUS_IGNORED):
+        key_pair, host = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
+        async with host.run(listen_addrs=[Multiaddr(LISTEN)]):
+            await host.connect(target)
+            # the library's own ADD_PROVIDER message, sent by a host whose id is the provider's
+            await ProviderStore(host)._send_add_provider(target.peer_id, _encode_key(dht_key(adapter_id)))
+            task_status.started(host.get_id().to_base58())
+            await trio.sleep_forever()
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def command(self, cmd: dict) -> dict:
+        op = cmd["cmd"]
+        if op == "connect":
+            info = info_from_p2p_addr(Multiaddr(cmd["addr"]))
+            await self.host.connect(info)
+            for _ in range(50):  # until the target's subscription to the topic reached us
+                if info.peer_id in self.pubsub.peer_topics.get(TOPIC, set()):
+                    break
+                await trio.sleep(0.1)
+            return {"peer_id": info.peer_id.to_base58()}
+        if op == "publish":
+            data = b"[" * cmd["nested"] if "nested" in cmd else bytes.fromhex(cmd["hex"])
+            await self.pubsub.publish(TOPIC, data)
+            return {"bytes": len(data)}
+        if op == "announce":
+            ts = int((time.time() + cmd.get("future_s", 0)) * 1000)
+            adapters = tuple(cmd["adapters"])
+            if cmd.get("own"):
+                keys = [self.host.get_private_key()]
+                ids = [self.peer_id]
+            else:
+                pairs = [create_new_key_pair(os.urandom(32)) for _ in range(cmd["fakes"])]
+                keys = [kp.private_key for kp in pairs]
+                ids = [ID.from_pubkey(kp.public_key).to_base58() for kp in pairs]
+            for i, (key, pid) in enumerate(zip(keys, ids)):
+                addrs = tuple(self.addrs) if pid == self.peer_id else (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",)
+                await self.pubsub.publish(TOPIC, sign_announcement(Announcement(pid, addrs, adapters, ts), key))
+                # GossipSub takes 10 messages a second per peer and topic: the flood is the count, not the burst
+                await trio.sleep(0.11)
+            return {"published": len(ids)}
+        if op == "serve":
+            self.faults[cmd["adapter_id"]] = (cmd["fault"], Path(cmd["pkg"]))
+            return {}
+        if op == "idle_streams":
+            info = info_from_p2p_addr(Multiaddr(cmd["addr"]))
+            await self.host.connect(info)
+            opened = 0
+            for _ in range(cmd["count"]):
+                try:
+                    with trio.fail_after(5):
+                        await self.idle_stream(info.peer_id)
+                    opened += 1
+                except Exception:
+                    pass
+            return {"opened": opened}
+        if op == "stream_states":
+            return {"opened": len(self.idle), "ended": self.idle_ended, "requests": self.requests}
+        if op == "fake_providers":
+            target = info_from_p2p_addr(Multiaddr(cmd["addr"]))
+            ids = []
+            for _ in range(cmd["count"]):
+                ids.append(await self.nursery.start(self.fake_provider, target, cmd["adapter_id"]))
+            return {"fakes": ids}
+        raise ValueError(f"unknown command {op!r}")
+
+
+async def _lines(stream: trio.lowlevel.FdStream):
+    buf = b""
+    while True:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield json.loads(line)
+
+
+def _reply(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def main() -> None:
+    route_libp2p_logging()
+    _, host = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
+    gossipsub = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12,
+                          heartbeat_initial_delay=0.1, heartbeat_interval=1, eclipse_protection_enabled=False)
+    pubsub = Pubsub(host, gossipsub)
+    async with host.run(listen_addrs=[Multiaddr(LISTEN)]):
+        async with background_trio_service(pubsub), background_trio_service(gossipsub):
+            await pubsub.wait_until_ready()
+            await pubsub.subscribe(TOPIC)
+            async with trio.open_nursery() as nursery:
+                m = Malice(host, pubsub, nursery)
+                _reply({"ok": True, "peer_id": m.peer_id, "addrs": m.addrs})
+                async for cmd in _lines(trio.lowlevel.FdStream(os.dup(0))):
+                    if cmd.get("cmd") == "quit":
+                        _reply({"ok": True})
+                        break
+                    try:
+                        _reply({"ok": True, **await m.command(cmd)})
+                    except Exception as e:
+                        _reply({"ok": False, "type": type(e).__name__, "error": str(e)})
+                nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    trio.run(main)
