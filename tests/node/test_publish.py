@@ -133,3 +133,39 @@ def test_publish_signs_an_old_format_package_again(anvil_chain, tiny_base, peft,
     result = publish(pkg.path, anvil_chain.client(owner))
     assert result.registered and result.signed
     assert verify_package(pkg.path, domain=anvil_chain.client().domain).signer == owner.address
+
+
+def test_the_operator_token_comes_from_the_file_the_env_or_the_local_nodes_data_folder(tmp_path, monkeypatch):
+    from node.operator_token import TOKEN_ENV, ensure_operator_token, token_path
+    from node.publish import operator_token_for
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # the default data folder (.loramesh/node) is relative
+    with pytest.raises(PublishError, match="needs its operator token: give --operator-token-file"):
+        operator_token_for("http://127.0.0.1:8101")
+    token, path = ensure_operator_token()  # what `loramesh node run` makes on first start
+    assert path == token_path() and path.stat().st_mode & 0o777 == 0o600
+    assert ensure_operator_token() == (token, path)  # made once, then read
+    assert operator_token_for("http://127.0.0.1:8101") == operator_token_for("http://localhost:1") == token
+    with pytest.raises(PublishError, match="needs its operator token"):
+        operator_token_for("http://node.example.org:8101")  # a local file is never sent to another machine
+    other = tmp_path / "other.token"
+    other.write_text("  from-file\n")
+    assert operator_token_for("http://node.example.org:8101", other) == "from-file"
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert operator_token_for("http://node.example.org:8101") == "from-env"
+    other.write_text("")
+    with pytest.raises(PublishError, match="operator token file other.token is empty"):
+        operator_token_for("http://127.0.0.1:8101", other)
+
+
+def test_publish_to_a_node_without_a_token_registers_nothing(anvil_chain, tiny_base, peft, tmp_path, monkeypatch):
+    from node.operator_token import TOKEN_ENV
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    owner = anvil_chain.users[4]
+    pkg = pack_adapter(peft, tmp_path / "p", name="pub/tokenless", account=owner, base_dir=tiny_base)
+    with pytest.raises(PublishError, match="needs its operator token"):
+        publish(pkg.path, anvil_chain.client(owner), node_url="http://127.0.0.1:9")
+    assert anvil_chain.client().name_owner("pub/tokenless") is None
