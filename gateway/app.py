@@ -176,6 +176,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """Public: liveness, live nodes, outbox and settlement state."""
         # 503 while the outbox cannot be written: this gateway serves nothing then, and says why
         body = gw.health()
         if app.state.settler is not None:  # a low deposit is a warning here, not a reason to refuse requests
@@ -184,6 +185,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        """Public: Prometheus metrics."""
         gw.metrics.live_nodes.set(len(gw.directory.live()))
         for node_id in list(gw.directory.disputed):
             gw.metrics.disputed_nodes.labels(node_id).set(1)
@@ -216,11 +218,13 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
+        """API key: the models this key may use."""
         key, private = await _auth(request)
         return {"object": "list", "data": gw.list_models(key, private)}
 
     @app.get("/v1/models/{model:path}")
     async def model(request: Request, model: str) -> dict:
+        """API key: one model this key may use."""
         key, private = await _auth(request)
         request.state.model = model
         target = gw.resolve(model, key, private)
@@ -234,10 +238,12 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        """API key: an OpenAI completion (body: CompletionRequest)."""
         return await _serve(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        """API key: an OpenAI chat completion (body: ChatRequest)."""
         return await _serve(request, chat=True)
 
     async def _serve(request: Request, *, chat: bool):

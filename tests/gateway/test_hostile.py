@@ -92,6 +92,13 @@ def test_a_valid_request_is_served_and_its_node_call_signed(w):
     assert f"/v1/generate {w.gateway_key}" in calls and not any("refused" in c for c in calls)
 
 
+def test_the_heartbeat_answer_names_the_gateway_key(w):
+    assert len(w.gateway_key) == 64 and bytes.fromhex(w.gateway_key)
+    doc = make_heartbeat(w.identity, api_url=w.node_url, base_model_id=w.base, status={"queue_depth": 0})
+    r = w.post("/internal/heartbeat", doc)
+    assert r.status_code == 200 and r.json()["gateway_key"] == w.gateway_key, r.text
+
+
 def test_a_lone_surrogate_is_a_400(w):
     body = ('{"model": "%s", "prompt": "a\\ud800b", "max_tokens": 2}' % w.model).encode()
     r = w.post("/v1/completions", body)
