@@ -7,9 +7,12 @@ import asyncio
 import json
 import time
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import node_client
 from gateway.node_client import NodeClient
@@ -79,3 +82,71 @@ def test_stream_left_open_after_done_is_dropped_in_bounded_time(monkeypatch):
                 await nc.aclose()
 
         assert asyncio.run(go()) < 2.0
+
+
+# ---- what a hostile node answers ----------------------------------------------------------------------------
+# A node's answers are untrusted bytes: nested brackets (which crashed the C JSON decoder), lines without end,
+# oversize error bodies. Each ends in ValueError or NodeUnavailable for the relay (a failed node), never a crash.
+
+NODE_ID = "0x" + "00" * 32
+
+
+def _hostile_node(chunks: list[bytes], status: int = 200) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/generate")
+    async def generate():
+        async def body():
+            for c in chunks:
+                yield c
+
+        return StreamingResponse(body(), status_code=status, media_type="text/event-stream")
+
+    return app
+
+
+async def _events(url: str) -> list[dict]:
+    nc = NodeClient()
+    try:
+        up = await nc.open_stream(url, NODE_ID, _body(1))
+        try:
+            return [ev async for ev in up.events()]
+        finally:
+            await up.aclose()
+    finally:
+        await nc.aclose()
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"data: " + b"[" * 200_000 + b"\n\n"],  # nested: refused before the decoder recurses
+    [b"data: " + b"x" * 65536] * 32,  # one line of 2 MiB without end: refused at the cap, not buffered whole
+    [b"data: 1\ndata: " + b"1" * 40000 + b"\n" + b"data: " + b"1" * 40000 + b"\n\n"],  # one event over the cap
+    [b'data: {"type": "token", "type": "done"}\n\n'],  # duplicate keys
+    [b"data: [1, 2]\n\n"],  # not an event object
+])  # fmt: skip
+def test_hostile_events_are_refused_as_value_errors(chunks):
+    with ServerThread(_hostile_node(chunks)) as srv:
+        with pytest.raises(ValueError):
+            asyncio.run(_events(srv.url))
+
+
+def test_a_hostile_error_body_is_a_failed_node():
+    with ServerThread(_hostile_node([b'{"error": ' + b"[" * 200_000], status=500)) as srv:
+        with pytest.raises(node_client.NodeUnavailable, match="answered 500"):
+            asyncio.run(_events(srv.url))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2048) | st.lists(st.sampled_from([b"data: ", b"\n", b"\r\n", b"{", b"}", b"[", b"]",
+                                                                   b'"type"', b":", b'"token"', b",", b"1e999",
+                                                                   b"\\ud800", b'"', b"\xff"]), max_size=200).map(b"".join))
+def test_fuzzed_streams_give_events_or_a_value_error(data):
+    async def go() -> None:
+        up = node_client.UpstreamStream(httpx.Response(200, stream=httpx.ByteStream(data)), None)
+        try:
+            async for ev in up.events():
+                assert isinstance(ev, dict)
+        except ValueError:  # UntrustedJSONError included: the relay fails the node over
+            pass
+
+    asyncio.run(go())
