@@ -18,6 +18,9 @@ from devnet.processes import ManagedProcess, ProcessGroup
 ETHER = 10**18
 GATEWAY_DEPOSIT = 10 * ETHER  # prepaid fees the gateway settles from
 ENV = {"LORAMESH_KEY_PASSWORD": DEMO_PASSWORD, "LORAMESH_GATEWAY_SETTLE_INTERVAL_S": "1"}
+# each node's operator token (node url -> token), read from the data folder the node made it in: the demo
+# plays both operators when it hands packages over and asks nodes to fetch
+_operator_tokens: dict[str, str] = {}
 
 
 @dataclass(slots=True)
@@ -66,14 +69,19 @@ def publish_all(packages, identities: dict[str, Path], deployment_path: Path, co
 
 def start_nodes(group: ProcessGroup, workdir: Path, base: Path, identities: dict[str, Path], deployment: Path,
                 gateway_url: str, console: Console) -> list[str]:
-    """Two nodes: the second joins the mesh through the first."""
+    """Two nodes: the second joins the mesh through the first. Each serves the gateway it heartbeats to (it
+    learns the gateway's key from it) and keeps its operator token in its own data folder."""
+    from node.operator_token import read_operator_token, token_path
+
     urls: list[str] = []
     bootstrap: list[str] = []
     for i, operator in enumerate(["operator1", "operator2"], 1):
         port, p2p_port = free_port(), free_port()
+        data_dir = workdir / f"data-node{i}"
         args = ["node", "run", "--base", str(base), "--store", str(workdir / f"store-node{i}"), "--port", str(port),
                 "--key", str(identities[operator]), "--deployment", str(deployment), "--slots", "4",
-                "--listen", f"/ip4/127.0.0.1/tcp/{p2p_port}", "--gateway", gateway_url, "--threads", "1"]
+                "--listen", f"/ip4/127.0.0.1/tcp/{p2p_port}", "--gateway", gateway_url, "--threads", "1",
+                "--data-dir", str(data_dir)]
         for b in bootstrap:
             args += ["--bootstrap", b]
         proc = group.start(ManagedProcess(f"node{i}", args, workdir / "logs" / f"node{i}.log", env=ENV))
@@ -81,6 +89,7 @@ def start_nodes(group: ProcessGroup, workdir: Path, base: Path, identities: dict
         proc.wait_http(url + "/health", timeout=180)
         status = httpx.get(url + "/status", timeout=10).json()
         bootstrap = status["p2p"]["listen_addrs"][:1]
+        _operator_tokens[url] = read_operator_token(token_path(data_dir))
         console.print(f"• node{i} up at {url} (operator {operator}, peer {status['p2p']['peer_id'][:16]}…)")
         urls.append(url)
     return urls
@@ -91,7 +100,7 @@ def hand_packages_to_nodes(packages, node_urls: list[str], console: Console) -> 
     from node.publish import upload_to_node
 
     for pkg, url in zip(packages, node_urls):
-        upload_to_node(pkg, url)
+        upload_to_node(pkg, url, operator_token=_operator_tokens[url])
         console.print(f"• {pkg.name} handed to {url}; it seeds it to the mesh")
 
 
@@ -134,7 +143,8 @@ def cross_fetch(packages, node_urls: list[str], console: Console) -> None:
         for j, pkg in enumerate(packages):
             if i == j:
                 continue
-            r = httpx.post(f"{url}/v1/adapters/{pkg.adapter_id}/load", json={}, timeout=180)
+            r = httpx.post(f"{url}/v1/adapters/{pkg.adapter_id}/load", json={}, timeout=180,
+                           headers={"authorization": f"Bearer {_operator_tokens[url]}"})
             if r.status_code != 200:
                 raise RuntimeError(f"node{i + 1} could not fetch {pkg.name} through the mesh: {r.text[:200]}")
             transfers = httpx.get(url + "/status", timeout=10).json()["p2p"]["transfers"]
