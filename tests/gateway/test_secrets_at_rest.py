@@ -65,3 +65,13 @@ def test_the_database_password_is_not_logged(tmp_path, postgres):  # noqa: F811
     text = gw.log_path.read_text()
     assert "Hunter2Secret" not in text and "postgres:***@" in text, text[-2000:]
     assert f"gateway key {key}" in text  # node operators take it from the log for their allow-list
+
+
+def test_keys_create_makes_the_database_0600(tmp_path, open_umask):
+    from typer.testing import CliRunner
+
+    from gateway.cli import gateway_app
+
+    result = CliRunner().invoke(gateway_app, ["keys", "create", "--db", f"sqlite:///{tmp_path / 'keys.db'}"])
+    assert result.exit_code == 0, result.output
+    assert mode(tmp_path / "keys.db") == 0o600
