@@ -156,11 +156,11 @@ def load_identity(path: str | Path, password: str | None = None) -> Identity:
     """Read and decrypt an identity file; a wrong password or a damaged file is an IdentityError."""
     path = Path(path)
     try:
-        doc = parse_json(path.read_bytes(), max_bytes=MAX_IDENTITY_BYTES, max_depth=8, what=f"identity file {path}")
+        doc = parse_json(path.read_bytes(), max_bytes=MAX_IDENTITY_BYTES, max_depth=8, what="its content")
     except FileNotFoundError as e:
         raise IdentityError(f"identity file {path} not found (create one with `loramesh keys new`)") from e
     except UntrustedJSONError as e:
-        raise IdentityError(str(e)) from None
+        raise IdentityError(f"identity file {path} is not readable JSON ({e})") from None
     except OSError as e:
         raise IdentityError(f"identity file {path} is not readable: {e.strerror}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
