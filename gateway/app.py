@@ -62,6 +62,37 @@ async def _blocking(size: int, fn, *args):
     return await asyncio.to_thread(fn, *args)
 
 
+class _AnswerUnhandled:
+    """An exception no handler took becomes the 500 error answer here, inside the app, and the connection stays
+    usable: Starlette's outermost handler answers too, but then re-raises, and uvicorn closes the client's
+    keep-alive connection (a client's next request on it failed)."""
+
+    def __init__(self, app, on_error=None) -> None:
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if started:  # too late for an answer: the stream is cut, as it would be anyway
+                raise
+            log.exception("unhandled error on %s", scope.get("path"))
+            if self.on_error is not None:
+                self.on_error(scope.get("path", ""))
+            body = error_body("internal gateway error", type="server_error", code="internal_error")
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
 def _declare_bodies(app: FastAPI) -> None:
     """Declare the OpenAI routes' JSON bodies in the OpenAPI schema: the handlers read their bodies themselves
     (through the bounded parser), so FastAPI cannot see them, and clients and schema fuzzers would not either."""
@@ -133,6 +164,12 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
                 await app.state.settler.stop()
 
     app = FastAPI(title="loramesh gateway", lifespan=lifespan)
+
+    def _unhandled(path: str) -> None:
+        if path.startswith("/v1/"):
+            gw.metrics.requests.labels("-", "500").inc()
+
+    app.add_middleware(_AnswerUnhandled, on_error=_unhandled)
     # no body is read past its limit; a heartbeat is small, a prompt may be large (a context's worth of text)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        overrides={"/internal/": settings.max_heartbeat_bytes})  # fmt: skip

@@ -215,3 +215,32 @@ def test_fuzzed_heartbeats_never_get_a_server_error(w, data):
     else:
         assert r.json()["gateway_key"] == w.gateway_key
     w.alive()
+
+
+def test_an_unhandled_error_is_a_500_answer_and_the_connection_stays(tmp_path, monkeypatch):
+    """A bug behind a route (here: listing models raises) answers 500 in the error shape, and the client's
+    keep-alive connection serves its next request (found: dropped after the 500)."""
+    from gateway.app import create_app
+    from gateway.service import Gateway
+    from gateway.settings import GatewaySettings
+    from tests.utils.servers import ServerThread
+
+    engine = make_db(tmp_path / "gw.db")
+    key, _ = create_key(engine, name="app")
+    calls = []
+
+    def broken(self, key, private):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return []
+
+    monkeypatch.setattr(Gateway, "list_models", broken)
+    with ServerThread(create_app(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}"))) as srv:
+        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
+            first = c.get("/v1/models")
+            conn = first.extensions["network_stream"]
+            second = c.get("/v1/models")
+            assert first.status_code == 500 and error_of(first)["code"] == "internal_error"
+            assert second.status_code == 200 and second.extensions["network_stream"] is conn
+    engine.dispose()
