@@ -85,7 +85,11 @@ def verify_announcement(data: bytes, *, now: float, max_age: float, future_skew:
         raise AnnouncementError(f"announcement peer id {peer_id!r} is not a valid peer id") from e
     if pub is None or not isinstance(sig_hex, str):
         raise AnnouncementError(f"peer id {peer_id} does not embed its public key (expected an Ed25519 peer id)")
-    if not pub.verify(DOMAIN + canonical_json(payload), sig):
+    try:  # nacl raises (rather than answering False) for a signature of the wrong length
+        genuine = len(sig) == 64 and pub.verify(DOMAIN + canonical_json(payload), sig)
+    except Exception:
+        genuine = False
+    if not genuine:
         raise AnnouncementError(f"announcement signature does not match peer {peer_id} (forged or altered)")
     return Announcement(peer_id, tuple(addrs), tuple(adapters), ts)
 
