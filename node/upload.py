@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from node.adapters.errors import PackageError
-from node.adapters.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, Manifest, check_file_name, parse_manifest
+from node.adapters.manifest import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    SIGNATURE_FILE,
+    Manifest,
+    check_file_name,
+    parse_manifest,
+)
 from node.canonical import UntrustedJSONError, parse_json
 
 MAX_PACKAGE_BYTES = 4 << 30  # default cap on a package's files together (a node's --max-package-bytes)
@@ -81,7 +88,8 @@ class UploadedPackage:
                     out.write(chunk)
                     left -= len(chunk)
             if h.hexdigest() != entry.sha256:
-                raise PackageError(f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)")
+                raise PackageError(f"file {entry.path!r} does not match its sha256 in the manifest "
+                                   "(modified after signing)")
         (dest / MANIFEST_FILE).write_bytes(self.manifest_bytes)
         (dest / SIGNATURE_FILE).write_bytes(self.signature_bytes)
 
@@ -125,8 +133,8 @@ def open_upload(data: bytes | BinaryIO, *, max_package_bytes: int = MAX_PACKAGE_
     """Read an upload's member headers, manifest and signature (bytes, or a seekable file); PackageError
     for anything but a flat archive of plain files that are exactly the manifest's, within the size caps."""
     if isinstance(data, bytes):
-        if len(data) > max_upload_bytes(max_package_bytes):
-            raise PackageError(f"upload of {len(data)} bytes is over the {max_upload_bytes(max_package_bytes)}-byte limit")
+        if len(data) > (limit := max_upload_bytes(max_package_bytes)):
+            raise PackageError(f"upload of {len(data)} bytes is over the {limit}-byte limit")
         data = io.BytesIO(data)
     try:
         tar = tarfile.open(fileobj=data, mode="r:")

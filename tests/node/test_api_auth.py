@@ -119,8 +119,8 @@ def test_only_the_gateway_that_started_a_stream_may_abort_it(node):
     events, started = [], threading.Event()
 
     def consume():
-        with node.signed(A).stream("POST", "/v1/generate", json={"request_id": rid, "prompt": "hello", "max_tokens": 400,
-                                                                 "temperature": 0, "stream": True}) as r:
+        body = {"request_id": rid, "prompt": "hello", "max_tokens": 400, "temperature": 0, "stream": True}
+        with node.signed(A).stream("POST", "/v1/generate", json=body) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(json.loads(line[6:]))
