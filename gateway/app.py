@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import BadRequest, GatewayError, ModelNotFound, NoNodeAvailable, UpstreamError, error_body
-from gateway.storage import prepare_sqlite_file, redact_db_url
 from gateway.openai_api import (
     DONE,
     ChatRequest,
@@ -33,6 +32,7 @@ from gateway.relay import Relay
 from gateway.service import Gateway
 from gateway.settlement import InProcessSettler
 from gateway.settings import GatewaySettings
+from gateway.storage import prepare_sqlite_file, redact_db_url
 from node.canonical import UntrustedJSONError, parse_json, restore_recursion_limit
 from node.http_limits import BodyLimitMiddleware
 
@@ -62,6 +62,9 @@ async def _blocking(size: int, fn, *args):
     return await asyncio.to_thread(fn, *args)
 
 
+INTERNAL_ERROR = error_body("internal gateway error", type="server_error", code="internal_error")
+
+
 class _AnswerUnhandled:
     """An exception no handler took becomes the 500 error answer here, inside the app, and the connection stays
     usable: Starlette's outermost handler answers too, but then re-raises, and uvicorn closes the client's
@@ -89,8 +92,7 @@ class _AnswerUnhandled:
             log.exception("unhandled error on %s", scope.get("path"))
             if self.on_error is not None:
                 self.on_error(scope.get("path", ""))
-            body = error_body("internal gateway error", type="server_error", code="internal_error")
-            await JSONResponse(body, status_code=500)(scope, receive, send)
+            await JSONResponse(INTERNAL_ERROR, status_code=500)(scope, receive, send)
 
 
 def _declare_bodies(app: FastAPI) -> None:
@@ -199,10 +201,10 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        # the last resort, for errors outside _AnswerUnhandled (in the middleware above it): still JSON
         log.exception("unhandled error on %s", request.url.path)
         _count_error(request, 500)
-        return JSONResponse(error_body("internal gateway error", type="server_error", code="internal_error"),
-                            status_code=500)  # fmt: skip
+        return JSONResponse(INTERNAL_ERROR, status_code=500)
 
     async def _auth(request: Request):
         header = request.headers.get("authorization")

@@ -30,11 +30,12 @@ MAX_ANSWER_BYTES = 64 << 10
 
 class NodeUnavailable(RuntimeError):
     """The node could not serve this request (down, failing, busy, lacks the adapter): try another.
-    `dead` is True when the node did not answer at all (route around it until it heartbeats again)."""
+    `dead` is True when the node did not answer at all (route around it until it heartbeats again);
+    `maybe_running` when the request may have reached it all the same (worth an abort)."""
 
-    def __init__(self, message: str, *, dead: bool = False) -> None:
+    def __init__(self, message: str, *, dead: bool = False, maybe_running: bool = False) -> None:
         super().__init__(message)
-        self.dead = dead
+        self.dead, self.maybe_running = dead, maybe_running
 
 
 class NodeRejected(ValueError):
@@ -154,9 +155,10 @@ class NodeClient:
                 r = await ctx.__aenter__()
         except TimeoutError as e:
             raise NodeUnavailable(f"node at {api_url} sent nothing within {self.first_byte_timeout:g} s",
-                                  dead=True) from e  # fmt: skip
+                                  dead=True, maybe_running=True) from e  # fmt: skip
         except httpx.HTTPError as e:
-            raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True) from e
+            raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True,
+                                  maybe_running=not isinstance(e, httpx.ConnectError)) from e  # fmt: skip
         if r.status_code == 200:
             return UpstreamStream(r, ctx)
         try:

@@ -160,7 +160,7 @@ class Relay:
             errors.append(str(e))
             if e.dead:
                 self.gw.directory.mark_failed(node.node_id)
-                # a hung node may wake up and run it: tell it not to (the request has moved on)
+            if e.maybe_running:  # a hung node may wake up and run it: tell it not to (the request moved on)
                 self.gw.spawn(self.gw.nodes.abort(node.api_url, node.node_id, self.rid))
             return False
         it = up.events().__aiter__()
