@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import response_schema_conformance
+from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
 from node.request_auth import gateway_public_key_hex, sign_request
 from tests.utils.stack import gateway_key, start_gateway, start_node
@@ -34,6 +34,9 @@ MAX_EXAMPLES = 30  # per operation and credential: the module stays well under 3
 FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=list(HealthCheck), database=None)
 CHECKS = [not_a_server_error, response_schema_conformance]
+# the explorer declares every status and media type it answers with; the node API and the gateway not yet
+# (their undeclared 4xx are listed in the report of issue 14), so for them these two are not asserted
+DECLARED_CHECKS = [*CHECKS, status_code_conformance, content_type_conformance]
 
 # who may call what, per node.api's contract: the node's generate takes only gateway-signed calls; load and
 # abort, the operator or a gateway; everything else is public
@@ -98,10 +101,16 @@ def fuzz(schema, call) -> None:
 
         try:
             run()
-        except Exception as e:  # noqa: BLE001 - collected, reported together below
-            failures.append(f"{operation.label}: {type(e).__name__}: {str(e).strip()[:1500]}")
+        except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001 - schemathesis's FailureGroup is a BaseExceptionGroup
+            failures.append(f"{operation.label}: {type(e).__name__}: {_describe(e)[:1500]}")
     assert operations, "the schema has no operations"
     assert not failures, "\n\n".join(failures)
+
+
+def _describe(e: BaseException) -> str:
+    """One failure's message, with its sub-failures' (schemathesis groups the distinct failures it found)."""
+    parts = [str(e).strip()] + [str(sub).strip() for sub in getattr(e, "exceptions", ())]
+    return " | ".join(p for p in parts if p)
 
 
 def _op(case) -> tuple[str, str]:
@@ -269,7 +278,7 @@ def explorer_schema(anvil_chain, tmp_path_factory):
 def test_explorer(explorer_schema):
     def call(case) -> None:
         # pages are HTML: their errors are HTML pages too (the JSON routes' in the error shape)
-        response = case.call_and_validate(checks=CHECKS, allow_redirects=False)
+        response = case.call_and_validate(checks=DECLARED_CHECKS, allow_redirects=False)
         json_route = case.operation.path == "/health"
         check_answer(case, response, protected=False, json_api=json_route)
         if not json_route and response.status_code >= 400:

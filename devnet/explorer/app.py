@@ -55,6 +55,7 @@ _ERROR_JSON = {"application/json": {"schema": {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"}}}}}}}
+_SVG = {200: {"description": "an SVG plot", "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}
 # Declared on every route, so the OpenAPI schema (/openapi.json) says what an error looks like: an HTML page,
 # or on JSON routes the API's error shape.
 ERROR_RESPONSES = {status: {"description": what, "content": {**_HTML, **_ERROR_JSON}}
@@ -233,7 +234,9 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
             raise NotFound(f"no transaction {h} on this chain")
         return acc.tx_page(ex, h, *found)
 
-    @app.get("/search")
+    @app.get("/search", response_class=HTMLResponse,
+             responses={303: {"description": "exactly one match: its page"},
+                        404: {"description": "nothing matches (the search page)", "content": _HTML}})
     @fresh
     def search(q: str = ""):
         url, hits = ex.search(q)
@@ -241,12 +244,12 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
             return RedirectResponse(url, status_code=303)
         return HTMLResponse(acc.search_page(q, hits), status_code=200 if hits or not q.strip() else 404)
 
-    @app.get("/plots/tokens.svg")
+    @app.get("/plots/tokens.svg", response_class=Response, responses=_SVG)
     @fresh
     def tokens_svg():
         return Response(led.tokens_plot(ex), media_type="image/svg+xml")
 
-    @app.get("/plots/rewards.svg")
+    @app.get("/plots/rewards.svg", response_class=Response, responses=_SVG)
     @fresh
     def rewards_svg():
         return Response(led.rewards_plot(ex), media_type="image/svg+xml")
