@@ -12,6 +12,8 @@ import json
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.utils.node_auth import Gateway, NodeProcess
 
@@ -131,3 +133,27 @@ def test_a_prompt_longer_than_the_context_is_refused_before_tokenizing(node):
     _error(r, 400, "context_length_exceeded", "the prompt has ")
     assert "at least" not in r.json()["error"]["message"].split(";")[0]
     _still_serving(node)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                    max_leaves=12)
+FIELDS = st.fixed_dictionaries({}, optional={k: JSON for k in (
+    "request_id", "adapter_id", "prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
+    "stop", "stream")})
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=300) | JSON.map(lambda v: json.dumps(v).encode())
+       | FIELDS.map(lambda v: json.dumps(v).encode()))
+def test_any_generate_body_is_a_request_or_one_clear_400(raw):
+    """The node's body parser on arbitrary bytes and JSON: a valid GenerateBody, or ApiError 400 in one line."""
+    from node.api import ApiError, GenerateBody, _parse_body
+
+    try:
+        body = _parse_body(raw, GenerateBody, max_bytes=1 << 20)
+    except ApiError as e:
+        assert e.status == 400 and e.message and "\n" not in e.message, e.message
+        return
+    assert (body.prompt is None) != (body.prompt_token_ids is None)
+    assert body.seed is None or 0 <= body.seed < 2**64

@@ -1,8 +1,13 @@
 """node.upload on its own: what open_upload refuses before anything is written (attacks on a running node are in
 test_upload_attacks.py)."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 from eth_account import Account
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from node.adapters import PackageError, verify_package
 from node.upload import open_upload, tar_package
@@ -76,3 +81,25 @@ def test_nested_manifest_is_a_clear_error(pkg):
     files = [(n, b"[" * 200_000 if n == "loramesh.json" else d, k) for n, d, k in files_of(pkg)]
     with pytest.raises(PackageError, match="nested deeper than"):
         open_upload(tar_of(files))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)), min_size=1,
+                      max_size=8),
+       cut=st.none() | st.integers(min_value=0))
+def test_a_damaged_archive_is_refused_with_a_package_error_only(pkg, edits, cut):
+    """Bytes flipped anywhere (headers, sizes, names, the manifest, weights) or the archive cut short: either
+    the upload is refused in one PackageError, or what it writes is exactly a package that verifies."""
+    body = bytearray(tar_package(pkg.path))
+    for pos, value in edits:
+        body[pos % len(body)] = value
+    if cut is not None:
+        body = body[:cut % len(body)]
+    with tempfile.TemporaryDirectory() as dest:
+        try:
+            with open_upload(bytes(body)) as up:
+                up.extract(Path(dest))
+        except PackageError as e:
+            assert str(e) and "\n" not in str(e)
+            return
+        assert verify_package(dest, require_signature=False).adapter_id == pkg.adapter_id
