@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from node.adapters.limits import MAX_LORA_RANK
 from node.train import DEFAULT_TARGETS
 
 console = Console(soft_wrap=True)
@@ -94,7 +95,8 @@ def adapter_train(
     base: Annotated[Path, typer.Option(help="Base model folder.")],
     data: Annotated[Path, typer.Option(help='JSONL of {"prompt": ..., "completion": ...}.')],
     out: Annotated[Path, typer.Option(help="Folder for the PEFT adapter.")],
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    rank: Annotated[int, typer.Option(min=1, max=MAX_LORA_RANK,
+                                      help="LoRA rank (at most what nodes serve, so the adapter can be packed).")] = 8,
     targets: Annotated[str, typer.Option(help="Comma-separated target modules.")] = ",".join(DEFAULT_TARGETS),
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 80,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
