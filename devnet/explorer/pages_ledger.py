@@ -227,12 +227,17 @@ def _proof_section(rec: RecordDetail) -> str:
     return f"<h2>Merkle proof</h2>{card(badge + details)}"
 
 
+SHOWN_RECEIPT_CHARS = 2000
+
+
 def _signature_section(rec: RecordDetail) -> str:
     s = rec.signature
     if s is None:
         return ""
     badge = status_badge(s.state, s.label, element_id="signature-status")
     receipt = json.dumps(s.receipt, indent=2, sort_keys=True) if s.receipt is not None else rec.row.receipt_json
+    if receipt and len(receipt) > SHOWN_RECEIPT_CHARS:  # a refused receipt may be any size: show its start only
+        receipt = f"{receipt[:SHOWN_RECEIPT_CHARS]}… ({len(receipt):,} characters in all)"
     details = kv([("result", f'<span id="signature-reason">{esc(s.reason)}</span>'),
                   ("signature (Ed25519)", mono(s.signature)), ("node public key", mono(s.public_key or "—")),
                   ("receipt", f"<pre class=mono>{esc(receipt)}</pre>")])  # fmt: skip

@@ -80,6 +80,7 @@ def test_hostile_receipt_in_the_database_is_refused_not_parsed(own_explorer, wor
                   (rid, "[" * 200_000, world.pending))
     r = httpx.get(f"{url}/records/{rid}", timeout=30)
     assert r.status_code == 200 and "NOT verified" in r.text and "more than the limit of" in r.text
+    assert len(r.content) < 50_000 and "200,000 characters in all" in r.text  # the stranger's bytes are not echoed whole
     dup = '{"request_id": "a", "request_id": "b"}'
     with sqlite3.connect(path) as c:
         c.execute("UPDATE usage_records SET receipt_json = ? WHERE request_id = ?", (dup, rid))
