@@ -68,8 +68,8 @@ def run(
     accepts adapters signed by their registered owner; with --listen it joins the p2p mesh and
     fetches adapters it lacks from peers; with --gateway it heartbeats to those gateways.
     Generation is served only to gateways it trusts (--trust-gateway-key, else the --gateway URLs' keys);
-    upload, load/pin and abort also take the operator's token (`Authorization: Bearer`, from
-    <data dir>/operator.token).
+    upload needs the operator's token (`Authorization: Bearer`, from <data dir>/operator.token), which
+    load/pin and abort take too.
     """
     from node.basemodel import quiet_transformers
     from node.canonical import restore_recursion_limit
