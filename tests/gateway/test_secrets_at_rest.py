@@ -11,8 +11,10 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from gateway.identity import load_or_create_gateway_key
 from gateway.settings import GatewaySettings
 from gateway.storage import redact_db_url
+from node.request_auth import gateway_public_key_hex
 from tests.utils.gateway import start_gateway_process
 from tests.utils.postgres import postgres  # noqa: F401 - the module-scoped fixture
 
@@ -56,7 +58,8 @@ def test_redact_db_url():
 @pytest.mark.integration
 def test_the_database_password_is_not_logged(tmp_path, postgres):  # noqa: F811
     url = postgres.new_database("gw_secret").replace("postgres@", "postgres:Hunter2Secret@")  # trust auth ignores it
-    gw, gw_url = start_gateway_process(tmp_path, url)
+    key_file = tmp_path / "gateway.key"
+    gw, gw_url = start_gateway_process(tmp_path, url, extra_args=("--gateway-key-file", str(key_file)))
     try:
         gw.wait_http(gw_url + "/health")
         key = httpx.get(gw_url + "/internal/gateway-key", timeout=5).json()["gateway_key"]
@@ -65,6 +68,7 @@ def test_the_database_password_is_not_logged(tmp_path, postgres):  # noqa: F811
     text = gw.log_path.read_text()
     assert "Hunter2Secret" not in text and "postgres:***@" in text, text[-2000:]
     assert f"gateway key {key}" in text  # node operators take it from the log for their allow-list
+    assert mode(key_file) == 0o600 and gateway_public_key_hex(load_or_create_gateway_key(key_file)) == key
 
 
 def test_keys_create_makes_the_database_0600(tmp_path, open_umask):
