@@ -21,7 +21,7 @@ import pytest
 from sqlmodel import Session, select
 
 from gateway.models import CompletionRecord, RequestStatus
-from ledger.models import UsageRecord
+from ledger.models import RecordStatus, UsageRecord
 from node.adapters import AdapterStore
 from tests.gateway import TINY
 from tests.utils.factories import make_package
@@ -175,8 +175,10 @@ def test_a_few_hundred_mixed_requests_no_5xx_each_recorded_once(stack):
             assert row.status == RequestStatus.CLIENT_CLOSED or row.status == RequestStatus.OK, row
             continue
         assert row.status == RequestStatus.OK, row
-        u = usage[o.rid]  # billed at what the client was told
+        u = usage[o.rid]  # billed at what the client was told, and the node's signed receipt agrees
         assert (u.prompt_tokens, u.completion_tokens) == (o.usage["prompt_tokens"], o.usage["completion_tokens"]), o
+        assert u.status == RecordStatus.PENDING and u.receipt_json and u.node_signature, (u.status, u.error)
+        assert (u.node_prompt_tokens, u.node_completion_tokens) in ((None, None), (u.prompt_tokens, u.completion_tokens))
     served = Counter(u.node_id for u in usage_rows)
     assert set(served) == {n.node_id for n in nodes}, served  # both nodes took part
     print(f"\n{REQUESTS} requests in {elapsed:.1f} s: {dict(kinds)}; per node {dict(served)}")
