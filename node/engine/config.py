@@ -170,7 +170,9 @@ def sliding_window_layers(model_type: str, cfg: dict, num_layers: int) -> tuple[
         return None, None
     types = cfg.get("layer_types")
     if types is None:
-        first = int(cfg.get("max_window_layers", 28))  # transformers' default for both families
+        first = cfg.get("max_window_layers", 28)  # transformers' default for both families
+        if type(first) is not int:
+            raise ModelConfigError(f"max_window_layers {first!r} is not an integer")
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     if (not isinstance(types, list) or len(types) != num_layers
             or any(t not in ("sliding_attention", "full_attention") for t in types)):
