@@ -163,3 +163,33 @@ def test_record_without_receipt_says_so():
     ident = Identity.generate()
     check = check_record_signature(signed_row(ident, receipt_json=None, node_signature=None), peer_id_of(ident))
     assert check.state == NO_RECEIPT and check.label == "no receipt" and "gateway's own count" in check.reason
+
+
+# ---- property-based: a stored receipt and signature are a node's bytes, whatever they hold ------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                     max_leaves=12)  # fmt: skip
+_RECEIPT_KEYS = ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens", "finish_reason")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(receipt_json=st.one_of(
+    st.text(max_size=300),
+    _JSON.map(json.dumps),
+    st.dictionaries(st.sampled_from(_RECEIPT_KEYS), _JSON, max_size=6).map(json.dumps),
+    st.integers(1, 40).map(lambda n: "[" * n + "]" * n),
+    st.integers(1, 20_000).map(lambda n: "[" * n)),
+    signature=st.text(max_size=140), peer_id=st.none() | st.text(max_size=60))  # fmt: skip
+def test_any_stored_receipt_is_checked_never_raises(receipt_json, signature, peer_id):
+    ident = _FUZZ_IDENTITY
+    check = check_record_signature(signed_row(ident, receipt_json=receipt_json, node_signature=signature), peer_id)
+    assert check.state in (NOT_VERIFIED, UNCHECKED, VERIFIED, NO_RECEIPT) and check.reason
+    assert check.state != VERIFIED  # nothing here was signed by the node key
+    assert "\n" not in check.reason
+
+
+_FUZZ_IDENTITY = Identity.generate()
