@@ -51,7 +51,10 @@ mutation = st.one_of(
 
 def _apply(kind, a, b, cfg: dict, tensors: dict) -> tuple[dict, bytes]:
     """(config, weights file bytes) after one mutation."""
-    cfg, tensors = (dict(cfg) if isinstance(cfg, dict) else {"config": cfg}), dict(tensors)
+    # a config an earlier mutation made a non-object stays so (it is refused whatever else happens)
+    cfg, tensors = (dict(cfg) if isinstance(cfg, dict) else cfg), dict(tensors)
+    if not isinstance(cfg, dict) and kind in ("rank", "alpha", "config"):
+        kind = "none"
     if kind == "rank":
         g = torch.Generator().manual_seed(a * 100 + b)
         tensors = {k: (torch.randn(a, t.shape[1], generator=g) if ".lora_A." in k else
