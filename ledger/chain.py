@@ -12,7 +12,7 @@ from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
 from ledger.errors import DeploymentMismatch, TransactionFailed
-from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, make_web3, rpc_guard
+from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, make_web3, rpc_guard, shown_url
 from ledger.types import (
     ZERO_ID,
     AdapterInfo,
@@ -114,12 +114,12 @@ class ChainClient:
             chain_id = self.w3.eth.chain_id
             if chain_id != d.chain_id:
                 raise DeploymentMismatch(
-                    f"chain at {self.rpc_url} has chain id {chain_id}, the deployment file says {d.chain_id}"
+                    f"chain at {shown_url(self.rpc_url)} has chain id {chain_id}, the deployment file says {d.chain_id}"
                 )
             for name, addr in (("AdapterRegistry", d.registry), ("AttributionLedger", d.ledger)):
                 if len(self.w3.eth.get_code(addr)) == 0:
                     raise DeploymentMismatch(
-                        f"no {name} code at {addr} on {self.rpc_url}: the chain was reset or the file is "
+                        f"no {name} code at {addr} on {shown_url(self.rpc_url)}: the chain was reset or the file is "
                         "stale (remove the devnet folder and run loramesh devnet up again)"
                     )
             wired = self.ledger.functions.registry().call()

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import requests
 from eth_abi import decode as abi_decode
@@ -44,13 +45,28 @@ def make_web3(rpc_url: str, timeout: float = 10.0) -> Web3:
     return Web3(provider)
 
 
+def shown_url(url: str) -> str:
+    """An RPC URL as it may be logged or put in an error: scheme, host and port only. Hosted endpoints carry
+    their API key in the path or query (https://mainnet.example/v3/<key>) or a password before the host."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<an RPC URL that does not parse>"
+    if ":" in host:
+        host = f"[{host}]"
+    rest = "/…" if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{host}{port}{rest}" if parts.scheme else "<an RPC URL without a scheme>"
+
+
 @contextlib.contextmanager
 def rpc_guard(url: str) -> Iterator[None]:
-    """Turn transport failures into ChainUnavailable (one line naming the URL)."""
+    """Turn transport failures into ChainUnavailable (one line naming the URL, without its secrets)."""
     try:
         yield
     except (requests.exceptions.RequestException, ConnectionError, TimeoutError) as e:
-        raise ChainUnavailable(f"chain at {url} is unreachable: {type(e).__name__}") from e
+        raise ChainUnavailable(f"chain at {shown_url(url)} is unreachable: {type(e).__name__}") from e
 
 
 class RevertDecoder:
@@ -237,7 +253,8 @@ class Transactor:
         with rpc_guard(self.url):
             resp = self.w3.provider.make_request("eth_getTransactionReceipt", [tx_hash])
         if resp.get("error"):
-            raise ChainUnavailable(f"chain at {self.url} answered eth_getTransactionReceipt with {resp['error']}")
+            raise ChainUnavailable(f"chain at {shown_url(self.url)} answered eth_getTransactionReceipt with "
+                                   f"{str(resp['error'])[:200]}")
         r = resp.get("result")
         if r is None:
             return None

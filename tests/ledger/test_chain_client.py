@@ -1,6 +1,7 @@
 """ChainClient refuses deployments that do not match the chain, and reports an unreachable chain."""
 
 import json
+import re
 
 import pytest
 from eth_account import Account
@@ -65,6 +66,17 @@ def test_malformed_and_missing_files(tmp_path):
         Deployment.load(tmp_path / "partial.json")
     with pytest.raises(DeploymentMismatch, match="not an address"):
         Deployment(chain_id=1, rpc_url="x", registry="0x12", ledger="0x12", deploy_block=0)
+
+
+def test_rpc_url_secrets_are_not_in_errors(anvil_chain):
+    """Hosted RPC endpoints carry an API key in the path or query, or a password before the host."""
+    port = free_port()
+    for url in (f"http://alice:s3cretpw@127.0.0.1:{port}/v3/APIKEY1234?token=T0KEN", f"http://127.0.0.1:{port}/APIKEY1234"):
+        d = anvil_chain.deployment.to_dict() | {"rpc_url": url}
+        with pytest.raises(ChainUnavailable, match="unreachable") as e:
+            ChainClient.from_deployment(d)
+        assert f"chain at http://127.0.0.1:{port}/… is unreachable" in str(e.value)
+        assert not {"s3cretpw", "APIKEY1234", "T0KEN", "alice"} & set(re.split(r"[^A-Za-z0-9]", str(e.value)))
 
 
 def test_unreachable_chain(anvil_chain):
