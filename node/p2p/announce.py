@@ -52,7 +52,8 @@ def sign_announcement(ann: Announcement, key: PrivateKey) -> bytes:
     return canonical_json({"payload": ann.payload(), "sig": sig.hex()})
 
 
-def verify_announcement(data: bytes, *, now: float, max_age: float, future_skew: float = FUTURE_SKEW_S) -> Announcement:
+def verify_announcement(data: bytes, *, now: float, max_age: float,
+                        future_skew: float = FUTURE_SKEW_S) -> Announcement:
     """Parse and check wire bytes; AnnouncementError names what was wrong."""
     try:
         doc = parse_json(data, max_bytes=MAX_ANNOUNCEMENT_BYTES, max_depth=3, what="announcement")

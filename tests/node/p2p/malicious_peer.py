@@ -47,6 +47,7 @@ from node.p2p.discovery import dht_key
 from node.p2p.host import _addr_str, build_host
 from node.p2p.logs import route_libp2p_logging
 from node.p2p.plan import MANIFEST_FILE, SIGNATURE_FILE
+from node.p2p.transfer import package_sections
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 
@@ -79,13 +80,21 @@ class Malice:
             signature = (pkg / SIGNATURE_FILE).read_bytes() if pkg else b""
             if fault == "nested_manifest":
                 await stream.write(encode_header(Kind.MANIFEST, 1 << 20) + b"[" * (1 << 20))
-            elif fault == "nested_signature":
+            elif fault == "nested_signature":  # then the real files, so a fetcher goes on to install it
                 await stream.write(encode(Kind.MANIFEST, manifest) + encode_header(Kind.SIGNATURE, 64 << 10)
                                    + b"[" * (64 << 10))
+                for kind, payload in package_sections(pkg, adapter_id):
+                    if kind not in (Kind.MANIFEST, Kind.SIGNATURE):
+                        await stream.write(encode(kind, payload))
             elif fault == "dup_manifest":
-                doc = manifest.decode()
-                dup = doc[:-1] + ',"name":"evil"}'  # the same key twice: parsers disagree on which wins
-                await stream.write(encode(Kind.MANIFEST, dup.encode()))
+                # "name" once more with the same value: the same manifest to a lenient parser (same id),
+                # other bytes on disk, and a second copy a stricter parser refuses
+                name = json.loads(manifest)["name"]
+                dup = manifest[:-1] + b',"name":' + json.dumps(name).encode() + b"}"
+                await stream.write(encode(Kind.MANIFEST, dup) + encode(Kind.SIGNATURE, signature))
+                for kind, payload in package_sections(pkg, adapter_id):
+                    if kind not in (Kind.MANIFEST, Kind.SIGNATURE):
+                        await stream.write(encode(kind, payload))
             elif fault == "trickle":
                 data = encode(Kind.MANIFEST, manifest) + encode(Kind.SIGNATURE, signature) + encode_header(Kind.DATA, 1024)
                 await stream.write(data)

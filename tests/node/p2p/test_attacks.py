@@ -88,7 +88,12 @@ def arena(tmp_path_factory, packages):
         m = Process(["-m", "tests.node.p2p.malicious_peer"], log_path=work / "m.log")
         started.append(m)
         assert m.call("connect", addr=t.addrs[0])["ok"]
-        yield Arena(h=h, t=t, m=m, work=work, owners=owners, extra_id=extra.adapter_id)
+        a = Arena(h=h, t=t, m=m, work=work, owners=owners, extra_id=extra.adapter_id)
+        # once before any attack: the first install imports the weight checks (seconds on a busy machine),
+        # which is no part of the bound the attacks are held to
+        for who, store, adapter_id, src in ((t, "t", p.main.adapter_id, h), (h, "h", extra.adapter_id, t)):
+            assert who.call("fetch", adapter_id=adapter_id, providers=[src.addrs[0]], timeout=120)["ok"]
+        yield a
     finally:
         for proc in reversed(started):
             proc.stop()

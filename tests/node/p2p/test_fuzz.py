@@ -187,10 +187,6 @@ def test_book_keeps_ids_count_right_over_replacements():
         assert len(book) <= 4 and book.id_count <= 50
 
 
-async def _noop():
-    pass
-
-
 def test_frame_reader_deadline_drops_a_trickle():
     async def main():
         left, right = trio.testing.memory_stream_pair()
