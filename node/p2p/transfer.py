@@ -64,9 +64,9 @@ async def request_package(
                        "(altered, non-canonical or another adapter's)")
     plan = plan_transfer(first.payload, adapter_id, max_bytes=max_bytes)
     signature = await reader.expect(Kind.SIGNATURE)
-    check_signature_frame(signature.payload)
+    signature_bytes = check_signature_frame(signature.payload)
     (dest / MANIFEST_FILE).write_bytes(first.payload)
-    (dest / SIGNATURE_FILE).write_bytes(signature.payload)
+    (dest / SIGNATURE_FILE).write_bytes(signature_bytes)
     if pace is not None:
         reader.pace(min_rate=pace.min_rate, grace=pace.grace,
                     deadline=trio.current_time() + pace.grace + plan.total_bytes / pace.min_rate)
@@ -146,18 +146,20 @@ def parse_request(payload: bytes) -> str:
     return adapter_id
 
 
-def check_signature_frame(payload: bytes) -> None:
-    """A SIGNATURE payload must be one small JSON object in canonical form (what `write_signed` writes).
+def check_signature_frame(payload: bytes) -> bytes:
+    """The canonical bytes of a SIGNATURE payload, which must be one small JSON object without duplicate keys.
 
-    Checked before it is written, so the package check never parses anything a provider made up;
-    whether the signature is valid is the package check's business.
+    Checked before anything is written, so the package check never parses bytes a provider made up;
+    whether the signature is valid is the package check's business. Written canonical (what
+    `write_signed` writes), since a store may hold a signature.json written by hand.
     """
     try:
         doc = parse_json(payload, max_bytes=CAPS[Kind.SIGNATURE], max_depth=2, what="signature frame")
     except UntrustedJSONError as e:
         raise BadBytes(f"provider sent an invalid signature: {e}") from e
-    if not isinstance(doc, dict) or canonical_json(doc) != payload:
-        raise BadBytes("provider sent a signature that is not a canonical JSON object")
+    if not isinstance(doc, dict):
+        raise BadBytes("provider sent a signature that is not a JSON object")
+    return canonical_json(doc)
 
 
 def package_sections(pkg_dir: Path, adapter_id: str) -> Iterator[tuple[Kind, bytes]]:

@@ -248,3 +248,13 @@ def test_order_tries_standing_first_failed_last_and_caps_unknown_dht_providers()
              + [Provider("stranger", (), "gossip"), Provider("registered", (), "dht"), Provider("me", (), "gossip")])
     order = [p.peer_id for p in Fetcher._order(f, [Provider("given", (), "given")], found)]
     assert order == ["given", "registered", "stranger", "fake0", "fake1", "attacker"][: 1 + 5]
+
+
+def test_signature_frame_is_written_canonical_and_duplicates_refused():
+    assert check_signature_frame(b'{ "signer": "0x1", "adapter_id": "0x2" }') == b'{"adapter_id":"0x2","signer":"0x1"}'
+    for bad in (b'{"a":1,"a":1}', b"[" * 4096, b"[]", b'"x"'):
+        try:
+            check_signature_frame(bad)
+        except BadBytes:
+            continue
+        raise AssertionError(bad[:40])
