@@ -13,6 +13,8 @@ API key. The node is the real node API over the real engine on the tiny base mod
 
 from __future__ import annotations
 
+import io
+import tarfile
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -26,7 +28,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
 from node.request_auth import gateway_public_key_hex, sign_request
-from tests.utils.stack import gateway_key, start_gateway, start_node
+from tests.utils.stack import gateway_key, start_daemon, start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +44,7 @@ DECLARED_CHECKS = [*CHECKS, status_code_conformance, content_type_conformance]
 # abort, the operator or a gateway; everything else is public
 NODE_GATEWAY_ONLY = {("POST", "/v1/generate")}
 NODE_OPERATOR_OR_GATEWAY = {("POST", "/v1/adapters/{adapter_id}/load"), ("POST", "/v1/requests/{request_id}/abort")}
+NODE_OPERATOR_ONLY = {("POST", "/v1/adapters")}  # package upload (the daemon's route)
 NODE_PUBLIC = {("GET", "/health"), ("GET", "/status"), ("GET", "/v1/requests/{request_id}/receipt")}
 # the gateway's /v1/* need an API key; /internal/heartbeat is authenticated by the node signature in its body
 GATEWAY_PUBLIC = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/internal/gateway-key")}
@@ -153,14 +156,12 @@ def node_schema_generating(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def stack(tiny_base, tmp_path_factory):
-    """A gateway and one tiny-model node trusting it (learned from its heartbeats) and the test's own key."""
-    from node.adapters import AdapterStore
-
+    """A gateway, and one tiny-model node daemon (its whole app: node API and package upload) trusting the
+    gateway's key and the test's own; the gateway routes to it."""
     root = tmp_path_factory.mktemp("schemas")
     gw = start_gateway(root / "gateway", tiny_base)
     signer = gateway_key()
-    node = start_node(tiny_base, gateway=gw, trusted=[gateway_public_key_hex(signer)], store=AdapterStore(root / "store"),
-                      num_slots=2, num_kv_blocks=128)  # fmt: skip
+    node = start_daemon(root / "node", tiny_base, gateway=gw, trusted=[gateway_public_key_hex(signer)])
     served = [m["id"] for m in httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"},
                                          timeout=10).json()["data"]]  # fmt: skip
     gateway_schema = schemathesis.openapi.from_dict(gateway_schema_serving(gw.url, served))
@@ -195,8 +196,11 @@ def test_node_api_signed_by_a_trusted_gateway(stack):
 
     def call(case) -> None:
         response = case.call_and_validate(checks=CHECKS, auth=auth)
-        check_answer(case, response, protected=False)
-        assert response.status_code not in (401, 403), (case.operation.label, case.path_parameters, response.text[:300])
+        operator_only = _op(case) in NODE_OPERATOR_ONLY  # a gateway may not upload packages
+        check_answer(case, response, protected=operator_only)
+        if not operator_only:
+            assert response.status_code not in (401, 403), (case.operation.label, case.path_parameters,
+                                                            response.text[:300])  # fmt: skip
 
     fuzz(stack["node_schema_generating"], call)
 
@@ -207,10 +211,55 @@ def test_node_api_as_its_operator(stack):
     def call(case) -> None:
         response = case.call_and_validate(checks=CHECKS, headers=headers)
         check_answer(case, response, protected=_op(case) in NODE_GATEWAY_ONLY)  # the operator does not generate
-        if _op(case) in NODE_OPERATOR_OR_GATEWAY:
+        if _op(case) in NODE_OPERATOR_OR_GATEWAY | NODE_OPERATOR_ONLY:
             assert response.status_code not in (401, 403), (case.operation.label, response.text[:300])
 
     fuzz(stack["node_schema"], call)
+
+
+# ---- the daemon's package upload: a body schemathesis cannot make (a tar), fuzzed by Hypothesis ----------
+
+_MEMBER_NAMES = st.sampled_from(["manifest.json", "signature.json", "adapter_config.json", "adapter_model.safetensors",
+                                 "README.md", "../escape.json", "/etc/abs.json", "sub/dir/x", "a" * 200])
+_MEMBER_DATA = st.one_of(st.binary(max_size=200), st.integers(1, 3000).map(lambda n: b"[" * n),
+                         st.just(b'{"format": "loramesh-adapter/1", "format": "x"}'), st.just(b"{}"))
+_MEMBER_TYPES = st.sampled_from([tarfile.REGTYPE, tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                                 tarfile.FIFOTYPE, tarfile.CHRTYPE])
+
+
+@st.composite
+def _tars(draw) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for _ in range(draw(st.integers(0, 5))):
+            info = tarfile.TarInfo(draw(_MEMBER_NAMES))
+            info.type = draw(_MEMBER_TYPES)
+            data = draw(_MEMBER_DATA) if info.type == tarfile.REGTYPE else b""
+            info.size = len(data)
+            if info.type in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = draw(st.sampled_from(["/etc/passwd", "../../x", "manifest.json"]))
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    return raw[: draw(st.integers(0, len(raw)))] if draw(st.booleans()) else raw  # sometimes cut short
+
+
+def test_package_uploads_of_any_shape_are_refused_in_one_clear_answer(stack):
+    node = stack["node"]
+    headers = {"Authorization": f"Bearer {node.operator_token}"}
+    store = str(node.daemon.store.root.resolve())
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(body=st.one_of(_tars(), st.binary(max_size=300)))
+    def upload(body: bytes) -> None:
+        r = requests.post(node.url + "/v1/adapters", data=body, headers=headers, timeout=60)
+        assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert err["message"] and "\n" not in err["message"] and store not in err["message"], err
+
+    upload()
+    assert requests.get(node.url + "/health", timeout=10).status_code == 200
+    assert node.daemon.store.list() == []  # nothing was installed
 
 
 # Values at the edges of what the schemas accept, tried on purpose (random generation rarely lands on them):

@@ -139,3 +139,51 @@ def register_adapter(gateway: GatewayServer, *, adapter_id: str, name: str, tiny
 def gateway_key() -> Ed25519PrivateKey:
     """A fresh gateway signing key (for tests that sign node calls themselves)."""
     return Ed25519PrivateKey.generate()
+
+
+@dataclass
+class DaemonServer:
+    """The node daemon's app (node API + package upload), without chain or p2p, under uvicorn."""
+
+    daemon: object  # node.daemon.NodeDaemon
+    server: ServerThread
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def node_id(self) -> str:
+        return self.daemon.identity.node_id
+
+    @property
+    def operator_token(self) -> str:
+        return self.daemon.operator_token
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_daemon(root: Path, tiny_base: Path, *, gateway: GatewayServer | None = None, trusted: Collection[str] = (),
+                 num_slots: int = 2, num_kv_blocks: int = 128) -> DaemonServer:
+    """`loramesh node run` in this process, without chain or p2p: the daemon's own app (its upload route and
+    body limits included). It trusts `trusted` and, with `gateway`, that gateway's key; it heartbeats to it
+    and is live there on return."""
+    from devnet.anvil import free_port
+    from node.daemon import DaemonConfig, NodeDaemon
+    from node.engine import EngineConfig
+
+    port = free_port()
+    keys = tuple(trusted) + ((gateway.gateway_key,) if gateway is not None else ())
+    config = DaemonConfig(base=tiny_base, store=root / "store", port=port, data_dir=root / "data",
+                          gateways=(gateway.url,) if gateway is not None else (), trusted_gateway_keys=keys,
+                          heartbeat_interval=0.5)  # fmt: skip
+    identity = Identity.generate()
+    daemon = NodeDaemon(config, EngineConfig(model_dir=tiny_base, num_kv_blocks=num_kv_blocks, block_size=8,
+                                             num_slots=num_slots), identity)  # fmt: skip
+    if gateway is not None:
+        add_node(gateway.db, node_id=identity.node_id, base_model=base_model_id(tiny_base), api_url=config.public_url)
+    node = DaemonServer(daemon, ServerThread(daemon.app, port=port).start())
+    if gateway is not None:
+        poll(lambda: httpx.get(gateway.url + "/health", timeout=5).json().get("live_nodes", 0) >= 1, timeout=30)
+    return node
