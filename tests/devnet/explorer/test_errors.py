@@ -4,6 +4,7 @@ Real anvil, a real SQLite ledger (a copy of the module's world, so the corruptio
 explorer under real uvicorn."""
 
 import sqlite3
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -28,11 +29,12 @@ def _copy_db(src: str, dst) -> str:
 
 @pytest.fixture
 def own_explorer(anvil_chain, world, tmp_path):
-    """An explorer over a copy of the world's ledger database; yields (url, path of the copy)."""
+    """An explorer over a copy of the world's ledger database: its url, the copy's path, its Explorer."""
     path = tmp_path / "ledger.db"
     url = _copy_db(str(world.db_path), path)
-    with ServerThread(create_app(ExplorerConfig(deployment=anvil_chain.deployment_path, db_url=url))) as server:
-        yield server.url, path
+    app = create_app(ExplorerConfig(deployment=anvil_chain.deployment_path, db_url=url))
+    with ServerThread(app) as server:
+        yield SimpleNamespace(url=server.url, path=path, explorer=app.state.explorer)
 
 
 def _html_error(r: httpx.Response, status: int) -> str:
@@ -42,7 +44,7 @@ def _html_error(r: httpx.Response, status: int) -> str:
 
 
 def test_corrupt_database_gives_an_error_page_and_the_explorer_keeps_running(own_explorer, world):
-    url, path = own_explorer
+    url, path = own_explorer.url, own_explorer.path
     assert httpx.get(url + "/", timeout=30).status_code == 200
     # the attack: the database file is overwritten while the explorer has it open
     size = path.stat().st_size
@@ -63,7 +65,7 @@ def test_corrupt_database_gives_an_error_page_and_the_explorer_keeps_running(own
 
 
 def test_missing_table_gives_an_error_page(own_explorer):
-    url, path = own_explorer
+    url, path = own_explorer.url, own_explorer.path
     with sqlite3.connect(path) as c:
         c.execute("DROP TABLE usage_records")
     message = _html_error(httpx.get(url + "/records", timeout=30), 503)
@@ -73,7 +75,7 @@ def test_missing_table_gives_an_error_page(own_explorer):
 
 def test_hostile_receipt_in_the_database_is_refused_not_parsed(own_explorer, world):
     """A receipt is what a node sent: a stranger's bytes. 200 KB of '[' must not end the explorer."""
-    url, path = own_explorer
+    url, path = own_explorer.url, own_explorer.path
     rid = rand_id()
     with sqlite3.connect(path) as c:
         c.execute("UPDATE usage_records SET request_id = ?, receipt_json = ? WHERE request_id = ?",
@@ -99,3 +101,24 @@ def test_bad_query_on_the_json_route_is_json(explorer_url):
     assert r.status_code == 200  # unknown query parameters are ignored
     r = httpx.get(explorer_url + "/records?page=abc", timeout=30)
     assert "page" in _html_error(r, 400)
+
+
+def test_an_unexpected_failure_is_a_500_page_and_the_explorer_keeps_serving(own_explorer):
+    """A bug in a page (here: the ledger store's reads replaced by one that raises) is our error page, not
+    Starlette's plain-text 500, and the next request is served."""
+    url, app_explorer = own_explorer.url, own_explorer.explorer
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a bug with /secret/path in its message")
+
+    real, app_explorer.store.counts = app_explorer.store.counts, broken
+    try:
+        r = httpx.get(url + "/", timeout=30)
+        message = _html_error(r, 500)
+        assert "failed on this page" in message and "/secret/path" not in r.text
+        r = httpx.get(url + "/health", timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    finally:
+        app_explorer.store.counts = real
+    assert httpx.get(url + "/", timeout=30).status_code == 200
+
