@@ -96,7 +96,7 @@ def test_request_body_over_the_limit_is_413_before_it_is_read(explorer_url):
     assert httpx.get(explorer_url + "/health", timeout=30).status_code == 200
 
 
-def test_bad_query_on_the_json_route_is_json(explorer_url):
+def test_unknown_query_ignored_bad_query_a_400_page(explorer_url):
     r = httpx.get(explorer_url + "/health", params={"x": "y"}, timeout=30)
     assert r.status_code == 200  # unknown query parameters are ignored
     r = httpx.get(explorer_url + "/records?page=abc", timeout=30)
