@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import sys
 import json
@@ -53,6 +54,14 @@ def _no_constant(name: str) -> Any:
     raise UntrustedJSONError(f"{name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    # Python turns a number too big for a double (1e400) into inf, which no canonical form can hold.
+    value = float(text)
+    if math.isinf(value):
+        raise UntrustedJSONError(f"number {text[:32]} is out of range")
+    return value
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -82,7 +91,7 @@ def parse_json(data: bytes | bytearray | memoryview | str, *, max_bytes: int, ma
     """Parse untrusted JSON within limits, or raise UntrustedJSONError with one clear line.
 
     Refused: more than `max_bytes` bytes, nesting deeper than `max_depth`, invalid UTF-8 or JSON,
-    NaN/Infinity, duplicate object keys, and lone surrogates in strings (they cannot be encoded back).
+    NaN/Infinity (also 1e400), duplicate object keys, and lone surrogates in strings (they cannot be encoded back).
     """
     size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
     if size > max_bytes:
@@ -97,12 +106,15 @@ def parse_json(data: bytes | bytearray | memoryview | str, *, max_bytes: int, ma
     if json_depth(text, max_depth) > max_depth:
         raise UntrustedJSONError(f"{what} is nested deeper than {max_depth} levels")
     try:
-        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys)
     except UntrustedJSONError as e:
         raise UntrustedJSONError(f"{what}: {e}") from None
     except (json.JSONDecodeError, RecursionError) as e:
         raise UntrustedJSONError(f"{what} is not valid JSON: {getattr(e, 'msg', e)} "
                                  f"at position {getattr(e, 'pos', '?')}") from None
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise UntrustedJSONError(f"{what}: {str(e).split(';')[0]}") from None
     _check_strings(obj, what)
     return obj
 

@@ -185,6 +185,9 @@ def adapter_publish(
     deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses.")] = Path(
         ".loramesh/devnet/deployment.json"),
     node: Annotated[str | None, typer.Option(help="Node API URL to hand the package to; it seeds it to peers.")] = None,
+    operator_token_file: Annotated[Path | None, typer.Option(
+        help="The node operator's token file, needed to upload to --node (default: $LORAMESH_NODE_OPERATOR_TOKEN, "
+             "or .loramesh/node/operator.token for a node on this machine).")] = None,
     dataset_file: Annotated[list[str] | None, typer.Option(
         help="NAME=FILE: record sha256 of FILE as the dataset's content hash when registering it.")] = None,
 ) -> None:
@@ -198,7 +201,7 @@ def adapter_publish(
     from ledger.chain import ChainClient
     from node.adapters.verify import file_sha256
     from node.keys import load_identity
-    from node.publish import publish
+    from node.publish import operator_token_for, publish
 
     hashes = {}
     for spec in dataset_file or []:
@@ -206,9 +209,10 @@ def adapter_publish(
         if not path:
             raise ValueError(f"--dataset-file {spec!r}: expected NAME=FILE")
         hashes[name] = "0x" + file_sha256(Path(path))
+    token = operator_token_for(node, operator_token_file) if node else None
     identity = load_identity(key)
     client = ChainClient.from_deployment(deployment, identity.account, rpc_url=rpc)
-    result = publish(pkg_dir, client, node_url=node, dataset_hashes=hashes)
+    result = publish(pkg_dir, client, node_url=node, dataset_hashes=hashes, operator_token=token)
     state = "registered" if result.registered else "already registered (no-op)"
     console.print(f"[green]{state}[/] {result.name}\n  adapter id  {result.adapter_id}")
     if result.signed:

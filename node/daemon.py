@@ -88,7 +88,7 @@ class NodeDaemon:
     def __init__(self, config: DaemonConfig, engine_config: EngineConfig, identity: Identity) -> None:
         self.config = config
         self.identity = identity
-        self.store = AdapterStore(config.store)
+        self.store = AdapterStore(config.store, base_dir=config.base)
         if n := self.store.clean_tmp():
             log.info("removed %d unfinished package writes from the store", n)
         self.chain = None

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from node.adapters.limits import MAX_LORA_RANK
+
 log = logging.getLogger("node.node_cli")  # a stable name also under `python -m`
 
 node_app = typer.Typer(help="Run a node: the shared-base multi-LoRA engine behind the node HTTP API.",
@@ -37,7 +39,8 @@ def run(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     slots: Annotated[int, typer.Option("--slots", min=1, help="Adapter slots on the device.")] = 8,
     key: Annotated[Path | None, typer.Option("--key", help="Identity file (password from LORAMESH_KEY_PASSWORD).")] = None,
-    max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", min=1, help="Largest adapter rank served.")] = 16,
+    max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", min=1, max=MAX_LORA_RANK, help=(
+        "Largest adapter rank served (packages above the network's limit never verify)."))] = MAX_LORA_RANK,
     kv_blocks: Annotated[int | None, typer.Option("--kv-blocks", min=1, help="KV cache blocks (default: from memory).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
     deployment: Annotated[Path | None, typer.Option(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -12,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
+from node.canonical import parse_json
 from node.engine.adapter_manager import AdapterManager, Fetcher
 from node.engine.block_manager import BlockManager
 from node.engine.config import EngineConfig, ModelConfig
@@ -104,7 +104,10 @@ class LLMEngine:
             ids.add(int(self.tokenizer.eos_token_id))
         gen = self.config.model_dir / "generation_config.json"
         if gen.exists():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
+            from node.basemodel import MAX_CONFIG_BYTES
+
+            doc = parse_json(gen.read_bytes(), max_bytes=MAX_CONFIG_BYTES, what="generation_config.json")
+            eos = doc.get("eos_token_id") if isinstance(doc, dict) else None
             ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         return frozenset(ids)
 

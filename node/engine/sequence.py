@@ -9,6 +9,7 @@ import torch
 
 from node.engine.detokenizer import TextStream
 from node.engine.request import SamplingParams
+from node.engine.sampler import seeded_generator
 
 
 class SeqStatus(enum.Enum):
@@ -39,8 +40,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.status = SeqStatus.WAITING
         self.slot = -1  # adapter slot while running; -1 = base model
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.generator = seeded_generator(seed, device)
         self.seed = seed  # the on-device sampler draws from (seed, token index) instead
         self.stream = TextStream(tokenizer, params.stop)
         self.finish_reason: str | None = None

@@ -101,8 +101,6 @@ def test_seeded_generators_use_every_bit_of_the_seed():
     assert torch.rand(8, generator=plain_high).tolist() == torch.rand(8, generator=plain_low).tolist()
 
 
-@pytest.mark.xfail(strict=True, reason="node/engine/sequence.py still seeds with torch's manual_seed, which keeps 32 "
-                                       "bits on CPU; it must build its generator with sampler.seeded_generator")
 def test_seeds_differing_above_bit_32_draw_differently(node):
     low = 0x5EED
     assert draw(node, low) != draw(node, low | 1 << 40)
