@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import tempfile
 import time
@@ -43,6 +44,8 @@ ENV = {"LORAMESH_KEY_PASSWORD": PASSWORD}
 async def one(client: httpx.AsyncClient, url: str, body: dict, headers: dict,
               auth: httpx.Auth | None = None) -> tuple[float, float, int]:  # fmt: skip
     """(ttft, total) seconds and tokens of one streamed request."""
+    if auth is not None:  # a node call: its own request id, so no two signed calls are the same (a replay)
+        body = body | {"request_id": "0x" + secrets.token_hex(32)}
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", url, json=body, headers=headers, auth=auth) as r:
