@@ -62,6 +62,12 @@ def stack(tiny_base, tmp_path_factory, publisher):
         for name, p in zip(ADAPTERS, packages):
             register_adapter(gw, adapter_id=p.adapter_id, name=name, tiny_base=tiny_base)
         poll(lambda: httpx.get(gw.url + "/health", timeout=5).json().get("live_nodes") == 2, timeout=30)
+
+        def listed() -> bool:  # the gateway reads its registry mirror every registry_sync_s
+            r = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=5)
+            return set(ADAPTERS) <= {m["id"] for m in r.json()["data"]}
+
+        poll(listed, timeout=30)
         yield gw, nodes
     finally:
         for n in nodes:
