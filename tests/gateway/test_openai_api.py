@@ -97,3 +97,13 @@ def test_completion_chunks_without_usage():
     b = ChunkBuilder(chat=False, rid=RID, created=5, model="m", include_usage=False)
     tok = _data(b.token("x"))
     assert tok["object"] == "text_completion" and tok["choices"][0]["text"] == "x" and "usage" not in tok
+
+
+def test_strict_types_still_take_what_openai_takes():
+    # a whole number is a number (temperature 1), null is "not given"; the bounds are the node's (seed < 2^64)
+    r = parse_body(CompletionRequest, body(temperature=1, top_p=1, seed=2**64 - 1, stream=None, stop=None, n=None))
+    assert (r.temperature, r.top_p, r.seed, r.stream) == (1.0, 1.0, 2**64 - 1, None)
+    for wrong in ({"max_tokens": "16"}, {"seed": 2**64}, {"seed": -1}, {"stream": "true"}, {"prompt": [2**31]}):
+        with pytest.raises(BadRequest) as ei:
+            parse_body(CompletionRequest, body(**wrong))
+        assert ei.value.param == next(iter(wrong))
