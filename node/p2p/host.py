@@ -1,10 +1,13 @@
 """A node's libp2p host: built from the node seed (TCP + Noise + Yamux only), the check that its
-port is free, and the full multiaddr strings (…/p2p/<peer id>) peers dial."""
+port is free, the guard that keeps one stream's error from stopping the host, and the full
+multiaddr strings (…/p2p/<peer id>) peers dial."""
 
 from __future__ import annotations
 
+import logging
 import socket
 
+import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -18,6 +21,8 @@ from multiaddr import Multiaddr
 
 from node.p2p.config import P2PConfig
 from node.p2p.errors import P2PError
+
+log = logging.getLogger(__name__)
 
 
 def build_host(seed: bytes, config: P2PConfig):
@@ -65,3 +70,37 @@ def _refuse_taken_port(listen: str) -> None:
 def _addr_str(addr: Multiaddr, peer_id: str) -> str:
     s = str(addr)
     return s if "/p2p/" in s else f"{s}/p2p/{peer_id}"
+
+
+def guard_stream_handlers(host) -> None:
+    """Wrap every registered protocol handler so that an error from one stream ends only that stream.
+
+    py-libp2p runs handlers inside the swarm's own task group: an exception a handler lets through
+    (pubsub lets protobuf's DecodeError through for an RPC that is not protobuf) stops the whole
+    swarm, and the node is off the mesh for good while its process lives on. Call once every
+    handler is registered (GossipSub, Kademlia, ours).
+    """
+    handlers = host.get_mux().handlers
+    for protocol, handler in list(handlers.items()):
+        if handler is not None and not getattr(handler, "_loramesh_guarded", False):
+            handlers[protocol] = _guarded(protocol, handler)
+
+
+def _guarded(protocol, handler):
+    async def run(stream) -> None:
+        try:
+            await handler(stream)
+        except Exception as e:
+            try:
+                peer = str(stream.muxed_conn.peer_id)
+            except AttributeError:
+                peer = "?"
+            log.info("%s stream from %s dropped: %s: %s", protocol, peer, type(e).__name__, str(e)[:200])
+            with trio.move_on_after(2):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+
+    run._loramesh_guarded = True  # type: ignore[attr-defined]
+    return run

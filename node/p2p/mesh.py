@@ -31,7 +31,7 @@ from node.p2p.config import P2PConfig
 from node.p2p.discovery import Discovery
 from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, TransferStatus
-from node.p2p.host import _addr_str, _refuse_taken_port, build_host
+from node.p2p.host import _addr_str, _refuse_taken_port, build_host, guard_stream_handlers
 from node.p2p.server import AdapterServer
 from node.p2p.standing import PeerStanding
 
@@ -76,6 +76,7 @@ class Mesh(Discovery, Fetcher):
             eclipse_protection_enabled=False,  # all peers of a small or local mesh share one IP
         )
         self.pubsub = Pubsub(self.host, self.gossipsub)
+        guard_stream_handlers(self.host)  # adapter, Kademlia, GossipSub, identify: all registered by now
         self.standing = PeerStanding(base_backoff=config.backoff_base, max_backoff=config.backoff_max,
                                      trusted=trusted_peer or (lambda _p: False))
         for addr in config.bootstrap:  # peers the operator named are trusted

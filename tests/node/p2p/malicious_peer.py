@@ -7,6 +7,7 @@ none of its checks. Prints {"ok", "peer_id", "addrs"} once listening, then answe
 
   {"cmd": "connect", "addr"}                              dial a peer (and join its GossipSub mesh)
   {"cmd": "publish", "nested": N} / {"hex": ...}          publish raw bytes on the announcement topic
+  {"cmd": "pubsub_garbage", "addr"}                       send a peer a GossipSub RPC that is not protobuf
   {"cmd": "announce", "adapters", "fakes": N, "future_s": S, "own": bool}
         signed announcements: from N made-up peer ids (each with its own key), or from this peer
         (own) for `adapters`, dated S seconds ahead
@@ -38,6 +39,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import encode_varint_prefixed
 from multiaddr import Multiaddr
 
 from node.p2p.announce import TOPIC, Announcement, sign_announcement
@@ -171,6 +173,12 @@ class Malice:
                 # GossipSub takes 10 messages a second per peer and topic: the flood is the count, not the burst
                 await trio.sleep(0.11)
             return {"published": len(ids)}
+        if op == "pubsub_garbage":  # a GossipSub RPC that is not protobuf, on the pubsub protocol itself
+            info = info_from_p2p_addr(Multiaddr(cmd["addr"]))
+            stream = await self.host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID_V11)])
+            await stream.write(encode_varint_prefixed(b"\xff" * 64))
+            await trio.sleep(0.5)
+            return {}
         if op == "serve":
             self.faults[cmd["adapter_id"]] = (cmd["fault"], Path(cmd["pkg"]))
             return {}

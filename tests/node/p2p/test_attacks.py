@@ -145,6 +145,14 @@ def test_nested_announcement_is_refused_without_ending_the_node(arena, packages)
     assert_still_serving(arena, packages)
 
 
+def test_garbage_gossipsub_rpc_does_not_take_the_host_down(arena, packages):
+    # py-libp2p's pubsub handler lets protobuf's DecodeError escape, which stopped the whole swarm:
+    # the process lived on with its p2p host dead
+    assert arena.m.call("pubsub_garbage", addr=arena.t.addrs[0])["ok"]
+    time.sleep(0.5)
+    assert_still_serving(arena, packages)
+
+
 def test_future_dated_announcement_refused(arena, packages):
     adapter_id = packages.stalled.adapter_id  # H holds it
     assert arena.m.call("announce", adapters=[adapter_id], own=True, future_s=30)["ok"]
