@@ -20,7 +20,10 @@ POST /v1/generate                            gateway-signed
     stream (text/event-stream): `data: {"type":"token","text":str,"token_id":int}` per token (text holds
       only complete characters, possibly ""), then `data: {"type":"done","finish_reason","usage","receipt",
       "signature"}`; an engine failure sends `data: {"type":"error","message"}` before the done event.
-      A client that disconnects aborts its request.
+      A client that disconnects aborts its request. A streaming request whose adapter is not ready within
+      HEADERS_AFTER_S (fetched from peers) is answered 200 at once; an adapter or engine refusal then comes as
+      `{"type":"error","message","code"}` and a done event with a signed 0-token receipt (so a slow fetch is
+      not mistaken for a hung node by a gateway's first-byte timeout).
 POST /v1/requests/{request_id}/abort         operator, or signed by the gateway key that started the request
       (another trusted gateway: 403 "not_request_owner")
       -> {"receipt", "signature"} for what was produced (404 if unknown).
@@ -89,6 +92,10 @@ log = logging.getLogger(__name__)
 HEX_ID = r"^0x[0-9a-f]{64}$"
 RECENT_RECEIPTS = 16384  # signed receipts kept for GET /v1/requests/{id}/receipt (about 600 bytes each)
 MAX_LOAD_BODY_BYTES = 4096
+# A streaming request whose adapter is not ready within this long (fetched from peers, decoded) gets its
+# response headers at once and its adapter's outcome as the stream's first event: the gateway fails a
+# node over when it sends nothing for a few seconds, and a node fetching an adapter is slow, not hung.
+HEADERS_AFTER_S = 1.0
 SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit: the device sampler hashes both 32-bit halves
 IdPath = Annotated[str, Path(pattern=HEX_ID)]
 TrustedKeys = Collection[str] | Callable[[], Collection[str]]
@@ -280,6 +287,7 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
     receipts: OrderedDict[str, dict] = OrderedDict()  # request id -> {"receipt", "signature"}, newest last
     running: set[str] = set()  # request ids submitted here whose receipt is not stored yet
     started_by: dict[str, str] = {}  # request id -> gateway key, while running or its receipt is kept
+    cold: dict[str, str] = {}  # request id -> adapter id: streams answered while their adapter is prepared
 
     def signed(ev: FinishEvent) -> dict:
         """The signed receipt of a finished request, kept for GET /v1/requests/{id}/receipt."""
@@ -377,6 +385,8 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
         if caller is not None and started_by.get(request_id, caller) != caller:
             raise ApiError(403, f"request {request_id} was started by another gateway: only it may abort it",
                            "not_request_owner")
+        if request_id in cold:  # still waiting for its adapter: it will not start
+            return unserved(request_id, cold.pop(request_id), int(time.time() * 1000))
         if caller is not None and request_id not in started_by:
             ev = None  # never started by a gateway here (or long forgotten): nothing this caller may touch
         else:
@@ -410,24 +420,20 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
             raise ApiError(409, f"request {rid} was already received by this node", "duplicate_request")
         check_prompt_size(body)
         if body.adapter_id is not None:
+            prep = asyncio.ensure_future(engine.prepare_adapter(body.adapter_id))
+            await asyncio.wait({prep}, timeout=HEADERS_AFTER_S if body.stream else None)
+            if not prep.done():
+                running.add(rid)
+                started_by[rid] = gateway
+                cold[rid] = body.adapter_id
+                return StreamingResponse(_cold_sse(rid, body, prep), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
             try:
-                await engine.prepare_adapter(body.adapter_id)
+                prep.result()
             except AdapterError as e:
                 raise _adapter_error(e) from e
-        try:
-            params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    top_k=body.top_k, seed=body.seed, stop=tuple(body.stop))
-            req = GenerationRequest(rid, body.adapter_id, prompt=body.prompt,
-                                    prompt_token_ids=body.prompt_token_ids, params=params)
-            stream = engine.submit(req)
-            running.add(rid)
-            started_by[rid] = gateway
-        except PromptTooLongError as e:
-            raise ApiError(400, str(e), "context_length_exceeded") from e
-        except DuplicateRequestError as e:
-            raise ApiError(409, str(e), "duplicate_request") from e
-        except RequestError as e:
-            raise ApiError(400, str(e), "invalid_request") from e
+        stream = submit(rid, body)
+        started_by[rid] = gateway
         if body.stream:
             return StreamingResponse(_sse(stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
@@ -445,6 +451,60 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
         if final.error is not None:
             return JSONResponse(_error_body(final.error, "engine_error", "server_error") | out, status_code=500)
         return out
+
+    def submit(rid: str, body: GenerateBody):
+        """Queue the request in the engine (ApiError 400/409 for one it refuses)."""
+        try:
+            params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                    top_k=body.top_k, seed=body.seed, stop=tuple(body.stop))
+            req = GenerationRequest(rid, body.adapter_id, prompt=body.prompt,
+                                    prompt_token_ids=body.prompt_token_ids, params=params)
+            stream = engine.submit(req)
+        except PromptTooLongError as e:
+            raise ApiError(400, str(e), "context_length_exceeded") from e
+        except DuplicateRequestError as e:
+            raise ApiError(409, str(e), "duplicate_request") from e
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request") from e
+        running.add(rid)
+        return stream
+
+    def unserved(rid: str, adapter_id: str | None, started_at: int) -> dict:
+        """The signed receipt of a request that ended before the engine saw it: nothing was produced."""
+        return signed(FinishEvent(rid, adapter_id, "abort", 0, 0, started_at, max(started_at, int(time.time() * 1000))))
+
+    async def _cold_sse(rid: str, body: GenerateBody, prep: asyncio.Future):
+        """A streaming request whose adapter was not ready at once: the adapter's outcome (and the engine's
+        refusal, if any) comes as an error event and a done event with a 0-token receipt, as for an engine
+        failure before the first token; then the stream as usual."""
+        started_at = int(time.time() * 1000)
+        err = stream = None
+        try:
+            try:
+                await asyncio.shield(prep)  # shielded: a client that leaves does not stop a fetch others may await
+            except AdapterError as e:
+                err = _adapter_error(e)
+            if rid not in cold:  # aborted while its adapter was prepared
+                err = ApiError(409, f"request {rid} was aborted before it started", "request_aborted")
+            if err is None:
+                stream = submit(rid, body)
+        except ApiError as e:
+            err = e
+        except asyncio.CancelledError:  # the client left while the adapter was prepared
+            if rid not in receipts:
+                unserved(rid, body.adapter_id, started_at)
+            raise
+        finally:
+            cold.pop(rid, None)
+        if err is not None:
+            log.info("request %s ended before it started: %s", rid, err.message)
+            kept = receipts.get(rid) or unserved(rid, body.adapter_id, started_at)
+            yield _event({"type": "error", "message": err.message, "code": err.code})
+            yield _event({"type": "done", "finish_reason": "abort",
+                          "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}} | kept)
+            return
+        async for chunk in _sse(stream):
+            yield chunk
 
     async def _sse(stream):
         try:
