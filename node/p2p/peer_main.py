@@ -1,10 +1,11 @@
 """A standalone p2p peer process driven by JSON lines on stdin (used by integration tests and bench/p2p.py).
 
-    python -m node.p2p.peer_main --store DIR --owners FILE [--listen MA] [--bootstrap MA ...]
+    python -m node.p2p.peer_main --store DIR --owners FILE [--listen MA] [--bootstrap MA ...] [--config JSON]
 
 Prints {"peer_id", "addrs"} once ready, then answers one JSON line per command line:
 {"cmd": "connect", "addr"}, {"cmd": "announce", "adapter_id"}, {"cmd": "providers", "adapter_id", "wait"},
-{"cmd": "fetch", "adapter_id", "providers"}, {"cmd": "status"}, {"cmd": "quit"}. Errors come back as
+{"cmd": "fetch", "adapter_id", "providers"}, {"cmd": "status"} (also the announcement book's size),
+{"cmd": "quit"}. `--config` sets more P2PConfig fields (tests use small limits). Errors come back as
 {"ok": false, "type": <exception class>, "error": <one line>}.
 
 `--owners FILE` is a JSON object {adapter_id: owner address}, re-read on every lookup: the stand-in
