@@ -101,12 +101,14 @@ class NodeDaemon:
             self.owner_of = owner_lookup(self.chain)
             self.store.domain = self.chain.domain  # only packages signed for this chain's registry
         self.p2p = None
+        # peer ids of the nodes registered on chain: the mesh tries them first and never evicts them for strangers
+        self.registered_peers: set[str] = set()
         if config.listen is not None:
             from node.p2p import P2PConfig, P2PNode
 
             self.p2p = P2PNode(seed=identity.node_seed, store=self.store, owner_of=self.owner_of,
                                config=P2PConfig(listen=config.listen, bootstrap=config.bootstrap),
-                               base_dir=config.base)
+                               base_dir=config.base, trusted_peer=self.registered_peers.__contains__)
         self.engine = Engine(engine_config, store=self.store, fetcher=self._fetch if self.p2p else None)
         self.operator_token, self.operator_token_path = ensure_operator_token(config.data_dir)
         self.app: FastAPI = create_app(self.engine, identity.node_key, manage_engine=False,
@@ -161,7 +163,9 @@ class NodeDaemon:
         ensure_registered(self.chain, self.identity.node_key, peer_id=peer_id, multiaddrs=addrs,
                           api_url=self.config.public_url, base_model=self.engine.base_model_id)
         if self.p2p is not None:
-            peers = registry_peers(self.chain, base_model=self.engine.base_model_id, exclude_node=self.identity.node_id)
+            peer_ids, peers = registry_peers(self.chain, base_model=self.engine.base_model_id,
+                                             exclude_node=self.identity.node_id)
+            self.registered_peers.update(peer_ids)
             if peers:
                 self.p2p.add_peers(peers)
                 log.info("added %d peer addresses from the node registry", len(peers))

@@ -54,15 +54,17 @@ def ensure_registered(client: ChainClient, node_key, *, peer_id: str, multiaddrs
     return action
 
 
-def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -> list[str]:
-    """Multiaddrs of the other active nodes in the registry that serve the same base model."""
+def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -> tuple[set[str], list[str]]:
+    """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model."""
     node_ids = {"0x" + ev["args"]["nodeId"].hex() for ev in client.events("registry", "NodeRegistered")}
+    peer_ids: set[str] = set()
     addrs: list[str] = []
     for node_id in sorted(node_ids - {exclude_node}):
         info = client.get_node(node_id)
         if info.active and info.base_model == base_model:
+            peer_ids.add(info.peer_id)
             addrs.extend(info.multiaddrs)
-    return addrs
+    return peer_ids, addrs
 
 
 def owner_lookup(client: ChainClient):
