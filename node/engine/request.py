@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -22,6 +23,11 @@ class DuplicateRequestError(RequestError):
     """A request with this id is already running."""
 
 
+# Temperatures below this sample as greedy (as vLLM's sampling epsilon does): dividing logits by them
+# overflows float32.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     """Per-request sampling: temperature 0 is greedy; top_k 0 is off; seed None draws one."""
@@ -37,8 +43,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 <= self.temperature < math.inf:
+            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.temperature < MIN_TEMPERATURE:
+            # logits / 1e-308 overflow to inf and the draw fails; a temperature this small is greedy anyway
+            object.__setattr__(self, "temperature", 0.0)
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -162,7 +162,7 @@ def test_every_target_of_every_layer_must_be_there(pkg, tiny_base, publisher):
 @pytest.mark.parametrize("raw, match", [
     (b'{"peft_type": "LORA", "r": 4, "lora_alpha": Infinity, "target_modules": ["q_proj"]}', "Infinity is not a JSON value"),
     (b'{"peft_type": "LORA", "r": 4, "lora_alpha": NaN, "target_modules": ["q_proj"]}', "NaN is not a JSON value"),
-    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": 1e400, "target_modules": ["q_proj"]}', "must be a finite number"),
+    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": 1e400, "target_modules": ["q_proj"]}', "number 1e400 is out of range"),
     (b'{"peft_type": "LORA", "r": 4, "r": 8, "target_modules": ["q_proj"]}', "duplicate key 'r'"),
 ])
 def test_config_values_that_gave_a_500_are_refused(pkg, tiny_base, publisher, raw, match):
