@@ -5,17 +5,16 @@ Every call is made as a trusted gateway (signed); who may call what is tested in
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from eth_account import Account
 from transformers import AutoTokenizer
 
+from devnet.anvil import free_port
 from node.adapters import AdapterStore
 from node.api import create_app
 from node.engine import Engine
@@ -23,14 +22,9 @@ from node.receipts import check_receipt
 from tests.utils.engine import ADAPTER_SPECS, PUBLISHER_KEY, make_world
 from tests.utils.factories import make_base, make_package
 from tests.utils.node_auth import Gateway, node_id_for
+from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +44,15 @@ def node(llama_world, tmp_path_factory):
     engine = Engine(llama_world.config(num_kv_blocks=128, block_size=8, max_model_len=512), store=store)
     gateway, node_key = Gateway(), Ed25519PrivateKey.generate()
     app = create_app(engine, node_key, trusted_gateways={gateway.public_hex}, operator_token="op-token")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    client = gateway.client(f"http://127.0.0.1:{port}", node_id_for(node_key))
+    server = ServerThread(app).start(timeout=30)
+    client = gateway.client(server.url, node_id_for(node_key))
     try:
         pub = bytes.fromhex(client.get("/status").json()["public_key"])
         yield {"client": client, "adapters": [a.adapter_id for a in llama_world.adapters[:2]],
                "foreign": foreign.adapter_id, "pub": pub, "world": llama_world}
     finally:
         client.close()
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.stop()
 
 
 def _sse(client, body):

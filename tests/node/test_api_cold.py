@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.adapters import AdapterStore
@@ -18,7 +16,8 @@ from node.api import HEADERS_AFTER_S, create_app
 from node.engine import Engine
 from node.receipts import check_receipt
 from tests.utils.engine import ADAPTER_SPECS, make_world
-from tests.utils.node_auth import Gateway, free_port, node_id_for
+from tests.utils.node_auth import Gateway, node_id_for
+from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
 FETCH_S = 3.0  # how long the "peers" take: longer than HEADERS_AFTER_S
@@ -39,23 +38,15 @@ def node(tmp_path_factory):
     engine = Engine(world.config(num_kv_blocks=64, block_size=8, max_model_len=256), store=store, fetcher=slow_peers)
     gateway, node_key = Gateway(), Ed25519PrivateKey.generate()
     app = create_app(engine, node_key, trusted_gateways={gateway.public_hex}, operator_token="op-token")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    client = gateway.client(f"http://127.0.0.1:{port}", node_id_for(node_key))
+    server = ServerThread(app).start(timeout=30)
+    client = gateway.client(server.url, node_id_for(node_key))
     pub = bytes.fromhex(client.get("/status").json()["public_key"])
     assert client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 1}).status_code == 200  # warm the engine
     try:
         yield {"client": client, "held": held, "pub": pub}
     finally:
         client.close()
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.stop()
 
 
 def _open(client, body):
