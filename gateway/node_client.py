@@ -14,6 +14,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.canonical import UntrustedJSONError, parse_json
+from node.http_limits import bounded_call, read_capped
 from node.request_auth import SignedNodeAuth
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class NodeClient:
         if r.status_code == 200:
             return UpstreamStream(r, ctx)
         try:
-            text = (await _read_capped(r)).decode("utf-8", "replace")
+            text = (await read_capped(r, MAX_ANSWER_BYTES))[:MAX_ANSWER_BYTES].decode("utf-8", "replace")
         except httpx.HTTPError:
             text = ""
         finally:
@@ -177,13 +178,7 @@ class NodeClient:
         """(status, body) of one call, the body read up to one byte past MAX_ANSWER_BYTES (a node cannot make
         the gateway buffer more); signed for `node_id` when given. httpx.HTTPError when it fails."""
         auth = self.auth(node_id) if node_id is not None else None
-        async with self.http.stream(method, url, json=json, timeout=timeout, auth=auth) as r:
-            body = bytearray()
-            async for chunk in r.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    break
-            return r.status_code, bytes(body)
+        return await bounded_call(self.http, method, url, MAX_ANSWER_BYTES, json=json, timeout=timeout, auth=auth)
 
     async def abort(self, api_url: str, node_id: str, request_id: str) -> dict | None:
         """Abort a request; the node's {"receipt", "signature"} for what it produced, or None."""
@@ -230,13 +225,3 @@ class NodeClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
-
-
-async def _read_capped(r: httpx.Response) -> bytes:
-    """An error answer's body, at most MAX_ANSWER_BYTES of it (the rest is not read)."""
-    out = bytearray()
-    async for chunk in r.aiter_bytes():
-        out += chunk
-        if len(out) > MAX_ANSWER_BYTES:
-            break
-    return bytes(out[:MAX_ANSWER_BYTES])

@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from node.http_limits import bounded_call
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +119,6 @@ def gateway_key_of(answer: bytes, *, max_bytes: int) -> str | None:
     return key if all(c in "0123456789abcdef" for c in key) else None
 
 
-async def _bounded(client: httpx.AsyncClient, method: str, url: str, limit: int, **kw) -> tuple[int, bytes]:
-    """(status, body) with at most `limit` + 1 bytes of the body read: a gateway cannot flood the node."""
-    async with client.stream(method, url, **kw) as r:
-        body = bytearray()
-        async for chunk in r.aiter_bytes():
-            body += chunk
-            if len(body) > limit:
-                break
-        return r.status_code, bytes(body)
-
-
 class HeartbeatSender:
     """Posts a signed heartbeat to every gateway every `interval` seconds; a down gateway is retried
     on the next beat and never stops the others. Start it from the node daemon's event loop."""
@@ -180,10 +170,10 @@ class HeartbeatSender:
     async def _post(self, client: httpx.AsyncClient, url: str, doc: dict) -> int | str:
         try:
             if url not in self.gateway_keys:
-                status, answer = await _bounded(client, "GET", url + GATEWAY_KEY_PATH, MAX_KEY_ANSWER_BYTES)
+                status, answer = await bounded_call(client, "GET", url + GATEWAY_KEY_PATH, MAX_KEY_ANSWER_BYTES)
                 if status == 200:
                     self._learn(url, gateway_key_of(answer, max_bytes=MAX_KEY_ANSWER_BYTES))
-            status, answer = await _bounded(client, "POST", url + HEARTBEAT_PATH, MAX_HEARTBEAT_ANSWER_BYTES,
+            status, answer = await bounded_call(client, "POST", url + HEARTBEAT_PATH, MAX_HEARTBEAT_ANSWER_BYTES,
                                             json=doc)
         except httpx.HTTPError as e:
             log.debug("heartbeat to %s failed: %s", url, e)

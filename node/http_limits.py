@@ -83,3 +83,22 @@ class BodyLimitMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+# ---- the client side: answers read within a limit ----------------------------------------------------
+
+async def read_capped(response, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of an httpx response's body (one past the limit says it was longer): the
+    other side cannot make us buffer more, whatever it sends."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            break
+    return bytes(body[: limit + 1])
+
+
+async def bounded_call(client, method: str, url: str, limit: int, **kw) -> tuple[int, bytes]:
+    """(status, body) of one httpx call, the body read with read_capped."""
+    async with client.stream(method, url, **kw) as r:
+        return r.status_code, await read_capped(r, limit)
