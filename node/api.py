@@ -256,6 +256,13 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
         message = _error_message(exc.errors(), located_in=("body", "path"))
         return JSONResponse(_error_body(message, "invalid_request"), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        # the last resort: a bug must still answer in the API's shape, without its details
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(_error_body("internal error on this node", "internal_error", "server_error"),
+                            status_code=500)
+
     # ---- who is calling ----
     async def signed_by_gateway(request: Request) -> str:
         """The trusted gateway key that signed this call (over its raw body); ApiError 401/403/409 otherwise."""

@@ -22,15 +22,13 @@ def sha256_hex(data: bytes) -> str:
     return "0x" + hashlib.sha256(data).hexdigest()
 
 
+_ID_RE = re.compile(r"0x[0-9a-f]{64}")
+
+
 def is_id(value: object) -> bool:
-    """True when `value` is a 0x-prefixed 64-hex-digit id string."""
-    if not isinstance(value, str) or len(value) != 66 or not value.startswith("0x"):
-        return False
-    try:
-        int(value[2:], 16)
-    except ValueError:
-        return False
-    return value == value.lower()
+    """True when `value` is a 0x-prefixed 64-hex-digit lowercase id string (one spelling per id: int(x, 16)
+    would also take "_", signs, whitespace and non-ASCII digits)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 # ---- the one parser of untrusted JSON ---------------------------------------------------------------

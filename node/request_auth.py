@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Collection, Mapping
 
@@ -32,6 +33,9 @@ KEY_HEADER = "x-loramesh-gateway-key"
 TS_HEADER = "x-loramesh-timestamp"
 SIG_HEADER = "x-loramesh-signature"
 MAX_SKEW_MS = 60_000
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+_SIG_RE = re.compile(r"[0-9a-f]{128}")
+_TS_RE = re.compile(r"[0-9]{1,16}")
 
 
 class RequestAuthError(Exception):
@@ -65,8 +69,9 @@ def verify_request(headers: Mapping[str, str], *, method: str, path: str, node_i
     key_hex, ts_raw, sig_hex = headers.get(KEY_HEADER), headers.get(TS_HEADER), headers.get(SIG_HEADER)
     if not key_hex or not ts_raw or not sig_hex:
         raise RequestAuthError(401, "this endpoint needs a request signed by a gateway the node trusts", "unauthenticated")
-    key_hex = key_hex.lower()
-    if len(key_hex) != 64 or len(sig_hex) != 128 or not ts_raw.isdigit() or len(ts_raw) > 16:
+    key_hex, sig_hex = key_hex.lower(), sig_hex.lower()
+    # exact ASCII forms: str.isdigit() and bytes.fromhex() also take "²", spaces and other spellings
+    if not (_KEY_RE.fullmatch(key_hex) and _SIG_RE.fullmatch(sig_hex) and _TS_RE.fullmatch(ts_raw)):
         raise RequestAuthError(401, "malformed gateway signature headers", "unauthenticated")
     try:
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex))

@@ -86,6 +86,20 @@ def test_a_valid_signature_over_other_bytes_another_path_node_or_time_is_401(nod
     _error(_post_signed(node, "/v1/generate", body, body, ts_ms=stale), 401, "unauthenticated", "from the node's clock")
 
 
+@pytest.mark.parametrize("key, ts, sig", [
+    (A.public_hex, b"\xb2", "ab" * 64),  # "\xb2" reads as "²", which str.isdigit() takes and int() does not
+    (A.public_hex, b"\xb9\xb3", "ab" * 64),
+    (A.public_hex, b"1 2", "ab" * 64),
+    (A.public_hex[:32] + " " + A.public_hex[33:], b"1", "ab" * 64),  # bytes.fromhex() skips spaces
+    (A.public_hex, b"1", "ab " * 42 + "ab"),
+])  # fmt: skip
+def test_malformed_signature_headers_are_401_not_500(node, key, ts, sig):
+    headers = [(b"x-loramesh-gateway-key", key.encode()), (b"x-loramesh-timestamp", ts),
+               (b"x-loramesh-signature", sig.encode()), (b"content-type", b"application/json")]
+    r = httpx.post(node.url + "/v1/generate", content=json.dumps(GEN).encode(), headers=headers, timeout=30)
+    _error(r, 401, "unauthenticated", "malformed gateway signature headers")
+
+
 def test_a_replayed_request_is_refused(node):
     rid = "0x" + "a1" * 32
     body = json.dumps(GEN | {"request_id": rid}).encode()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from node.canonical import UntrustedJSONError, json_depth, parse_json
+from node.canonical import UntrustedJSONError, is_id, json_depth, parse_json
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -56,3 +56,12 @@ def test_nested_brackets_after_the_ethereum_libraries_raised_the_recursion_limit
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused JSON is nested deeper than 64 levels" in out.stdout
     assert "limit 4000" in out.stdout
+
+
+@pytest.mark.parametrize("value", [
+    "0x" + "0_" * 31 + "00", "0x +" + "0" * 62, "0x\n" + "0" * 63, "0x" + "\u0661" * 64, "0x" + "A" * 64,
+    "0x" + "0" * 64 + "\n", "0x" + "0" * 63, 12, None,
+])  # fmt: skip
+def test_an_id_has_one_spelling(value):
+    assert not is_id(value)
+    assert is_id("0x" + "0a" * 32)
