@@ -292,7 +292,13 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
         return None if is_operator(request) else await signed_by_gateway(request)
 
     receipts: OrderedDict[str, dict] = OrderedDict()  # request id -> {"receipt", "signature"}, newest last
-    running: set[str] = set()  # request ids submitted here whose receipt is not stored yet
+    running: set[str] = set()  # request ids taken here whose receipt is not stored yet
+    tasks: set[asyncio.Task] = set()  # clean-ups spawned from responses that never started
+
+    def spawn(coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
     started_by: dict[str, str] = {}  # request id -> gateway key, while running or its receipt is kept
     cold: dict[str, str] = {}  # request id -> adapter id: streams answered while their adapter is prepared
 
@@ -426,24 +432,33 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
         if rid in running or rid in receipts:
             raise ApiError(409, f"request {rid} was already received by this node", "duplicate_request")
         check_prompt_size(body)
-        if body.adapter_id is not None:
-            prep = asyncio.ensure_future(engine.prepare_adapter(body.adapter_id))
-            await asyncio.wait({prep}, timeout=HEADERS_AFTER_S if body.stream else None)
-            if not prep.done():
-                running.add(rid)
-                started_by[rid] = gateway
-                cold[rid] = body.adapter_id
-                return StreamingResponse(_cold_sse(rid, body, prep), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
-            try:
-                prep.result()
-            except AdapterError as e:
-                raise _adapter_error(e) from e
-        stream = submit(rid, body)
+        # the id is taken before the first await: a second request with it is a duplicate from here on
+        running.add(rid)
         started_by[rid] = gateway
+        try:
+            if body.adapter_id is not None:
+                prep = asyncio.ensure_future(engine.prepare_adapter(body.adapter_id))
+                prep.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, whoever waits on it
+                await asyncio.wait({prep}, timeout=HEADERS_AFTER_S if body.stream else None)
+                if not prep.done():
+                    cold[rid] = body.adapter_id
+                    started_at = int(time.time() * 1000)
+
+                    def never_started() -> None:
+                        if cold.pop(rid, None) is not None and rid not in receipts:
+                            unserved(rid, body.adapter_id, started_at)
+                    return _GuardedStream(_cold_sse(rid, body, prep, started_at), never_started, rid)
+                try:
+                    prep.result()
+                except AdapterError as e:
+                    raise _adapter_error(e) from e
+            stream = submit(rid, body)
+        except BaseException:  # refused, or the client left while the adapter was prepared
+            running.discard(rid)
+            started_by.pop(rid, None)
+            raise
         if body.stream:
-            return StreamingResponse(_sse(stream), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+            return _GuardedStream(_sse(stream), lambda: spawn(abort_and_keep(stream)), rid)
         try:
             async for ev in stream:
                 pass
@@ -473,18 +488,16 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
             raise ApiError(409, str(e), "duplicate_request") from e
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request") from e
-        running.add(rid)
         return stream
 
     def unserved(rid: str, adapter_id: str | None, started_at: int) -> dict:
         """The signed receipt of a request that ended before the engine saw it: nothing was produced."""
         return signed(FinishEvent(rid, adapter_id, "abort", 0, 0, started_at, max(started_at, int(time.time() * 1000))))
 
-    async def _cold_sse(rid: str, body: GenerateBody, prep: asyncio.Future):
+    async def _cold_sse(rid: str, body: GenerateBody, prep: asyncio.Future, started_at: int):
         """A streaming request whose adapter was not ready at once: the adapter's outcome (and the engine's
         refusal, if any) comes as an error event and a done event with a 0-token receipt, as for an engine
         failure before the first token; then the stream as usual."""
-        started_at = int(time.time() * 1000)
         err = stream = None
         try:
             try:
@@ -532,6 +545,30 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
                 await abort_and_keep(stream)
 
     return app
+
+
+class _GuardedStream(StreamingResponse):
+    """An SSE response that calls `never_started()` when it ends before its body took a step: Starlette
+    cancels a response whose client left before it began, and then no finally of the body's generator
+    runs, so a request would stay running (and generating) for nobody."""
+
+    def __init__(self, body, never_started: Callable[[], None], request_id: str) -> None:
+        self._started = False
+        self._never_started = never_started
+
+        async def tracked():
+            self._started = True
+            async for chunk in body:
+                yield chunk
+        super().__init__(tracked(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._started:
+                self._never_started()
 
 
 def _event(obj: dict) -> bytes:

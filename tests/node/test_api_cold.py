@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 
 import pytest
@@ -15,6 +17,7 @@ from node.adapters import AdapterStore
 from node.api import HEADERS_AFTER_S, create_app
 from node.engine import Engine
 from node.receipts import check_receipt
+from node.request_auth import sign_request
 from tests.utils.engine import ADAPTER_SPECS, make_world
 from tests.utils.node_auth import Gateway, node_id_for
 from tests.utils.servers import ServerThread
@@ -43,7 +46,8 @@ def node(tmp_path_factory):
     pub = bytes.fromhex(client.get("/status").json()["public_key"])
     assert client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 1}).status_code == 200  # warm the engine
     try:
-        yield {"client": client, "held": held, "pub": pub}
+        yield {"client": client, "held": held, "pub": pub, "gateway": gateway, "node_id": node_id_for(node_key),
+               "host": "127.0.0.1", "port": server.port}
     finally:
         client.close()
         server.stop()
@@ -101,3 +105,41 @@ def test_a_request_aborted_while_its_adapter_is_fetched_never_starts(node):
     events = _events(r)
     assert [e["type"] for e in events] == ["error", "done"] and events[0]["code"] == "request_aborted"
     assert events[1]["receipt"] == aborted.json()["receipt"]
+
+
+def test_a_client_gone_before_the_stream_began_leaves_no_request_running(node):
+    """A client that leaves while its adapter is fetched: the request must still end (a receipt, no longer
+    running) instead of staying taken for good, whether Starlette cancels the response before its body
+    took a step (no generator's finally runs; the response's guard ends it) or after (the body's own)."""
+    rid = "0x" + "c3" * 32
+    body = json.dumps({"request_id": rid, "adapter_id": "0x" + "5c" * 32, "prompt": "hi", "stream": True}).encode()
+    headers = sign_request(node["gateway"].key, method="POST", path="/v1/generate", node_id=node["node_id"],
+                           body=body)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection((node["host"], node["port"])) as sock:
+        sock.sendall(f"POST /v1/generate HTTP/1.1\r\nhost: {node['host']}\r\ncontent-type: application/json\r\n"
+                     f"content-length: {len(body)}\r\n{head}\r\n".encode() + body)
+        time.sleep(0.2)  # the node is waiting for the adapter (up to HEADERS_AFTER_S) when the client leaves
+    deadline = time.monotonic() + FETCH_S + 10
+    while True:
+        r = node["client"].get(f"/v1/requests/{rid}/receipt")
+        if r.status_code == 200:
+            break
+        assert r.status_code == 409 and time.monotonic() < deadline, r.text  # running, for now
+        time.sleep(0.2)
+    assert r.json()["receipt"]["completion_tokens"] == 0
+
+
+def test_a_second_request_with_the_same_id_while_the_adapter_loads_is_a_duplicate(node):
+    """The id is taken before the node waits for the adapter: a second request with it within that wait was
+    let through and later overwrote who may abort it, and its refusal stored a false 0-token receipt."""
+    rid = "0x" + "c4" * 32
+    body = {"request_id": rid, "adapter_id": "0x" + "5d" * 32, "prompt": "hi"}
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(_events(_open(node["client"], body)[1])))
+    t.start()
+    time.sleep(0.3)  # the first is waiting for its adapter (HEADERS_AFTER_S, then the fetch)
+    again = node["client"].post("/v1/generate", json=body | {"stream": True})
+    t.join(FETCH_S + 10)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "duplicate_request", again.text
+    assert [e["type"] for e in first[0]] == ["error", "done"] and first[0][0]["code"] == "adapter_not_found"
