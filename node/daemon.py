@@ -23,8 +23,7 @@ from eth_utils import to_checksum_address
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from node.adapters import AdapterStore, PackageError, VerifiedPackage
-from node.adapters.signing import recover_signer
+from node.adapters import AdapterStore, PackageError, VerifiedPackage, verify_manifest_and_signature
 from node.api import create_app
 from node.canonical import restore_recursion_limit
 from node.engine import Engine, EngineConfig
@@ -209,11 +208,9 @@ class NodeDaemon:
             owner = self.owner_of(adapter_id)
             if self.chain is not None and owner is None:
                 raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
-            domain = self.store.domain
-            signer = recover_signer(up.manifest, up.signature, domain=domain, any_domain=domain is None)
-            if self.chain is not None:
-                if to_checksum_address(owner) != signer:
-                    raise UploadRefused(f"package is signed by {signer}, but the adapter's registered owner is {owner}")
+            _, signer = verify_manifest_and_signature(up.manifest_bytes, up.signature_bytes, domain=self.store.domain)
+            if self.chain is not None and to_checksum_address(owner) != signer:
+                raise UploadRefused(f"package is signed by {signer}, but the adapter's registered owner is {owner}")
             tmp = self.store.tmp_dir()
             try:
                 up.extract(tmp)

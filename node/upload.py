@@ -19,19 +19,19 @@ from pathlib import Path
 from typing import BinaryIO
 
 from node.adapters.errors import PackageError
+from node.adapters.limits import MAX_SIGNATURE_BYTES
 from node.adapters.manifest import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     SIGNATURE_FILE,
     Manifest,
     check_file_name,
-    parse_manifest,
+    parse_manifest_bytes,
 )
 from node.canonical import UntrustedJSONError, parse_json
 
 MAX_PACKAGE_BYTES = 4 << 30  # default cap on a package's files together (a node's --max-package-bytes)
 MAX_FILES = 64
-MAX_SIGNATURE_BYTES = 64 << 10
 # headers (512 bytes, plus PAX records), padding to 512 and the archive's closing blocks and record padding
 TAR_OVERHEAD = (MAX_FILES + 2) * 4096 + 10240
 _CHUNK = 1 << 20
@@ -154,7 +154,7 @@ def open_upload(data: bytes | BinaryIO, *, max_package_bytes: int = MAX_PACKAGE_
                 raise PackageError(f"upload holds no {required}: not a signed adapter package")
         manifest_bytes, raw_manifest = _read_json_member(tar, members.pop(MANIFEST_FILE), MAX_MANIFEST_BYTES)
         signature_bytes, signature = _read_json_member(tar, members.pop(SIGNATURE_FILE), MAX_SIGNATURE_BYTES)
-        manifest = parse_manifest(raw_manifest)
+        manifest = parse_manifest_bytes(manifest_bytes)  # canonical bytes only: what the adapter id hashes
         if not isinstance(signature, dict):
             raise PackageError(f"{SIGNATURE_FILE} must be a JSON object")
         _check_against_manifest(members, manifest, max_package_bytes)

@@ -1,6 +1,7 @@
 """node.upload on its own: what open_upload refuses before anything is written (attacks on a running node are in
 test_upload_attacks.py)."""
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -81,6 +82,21 @@ def test_nested_manifest_is_a_clear_error(pkg):
     files = [(n, b"[" * 200_000 if n == "loramesh.json" else d, k) for n, d, k in files_of(pkg)]
     with pytest.raises(PackageError, match="nested deeper than"):
         open_upload(tar_of(files))
+
+
+def test_a_manifest_not_in_canonical_form_is_refused_before_any_weight_is_written(pkg):
+    """Its signature still verifies (it covers the adapter id of the canonical form), so only the bytes tell."""
+    spaced = [(n, json.dumps(json.loads(d), indent=1).encode() if n == "loramesh.json" else d, k)
+              for n, d, k in files_of(pkg)]
+    with pytest.raises(PackageError, match="canonical"):
+        open_upload(tar_of(spaced))
+
+
+def test_a_signature_file_over_its_limit_is_refused_when_opened(pkg):
+    padded = [(n, d.rstrip(b"}") + b',"pad":"' + b"x" * 5000 + b'"}' if n == "signature.json" else d, k)
+              for n, d, k in files_of(pkg)]
+    with pytest.raises(PackageError, match="4096"):
+        open_upload(tar_of(padded))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
