@@ -84,6 +84,7 @@ class Mesh(Discovery, Fetcher):
                 self.standing.trust(info_from_p2p_addr(Multiaddr(addr)).peer_id.to_base58())
             except Exception:  # an address without /p2p/<id> names no peer; dialing it reports that
                 pass
+        self.server.standing = self.standing.level
         self.book = ProviderBook(max_age=config.announce_max_age, max_peers=config.book_max_peers,
                                  max_ids=config.book_max_ids, standing=self.standing.level)
         self.held: set[str] = set()

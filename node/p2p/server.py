@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from node.adapters import AdapterStore, PackageError
+from node.p2p.announce import UNKNOWN
 from node.p2p.codec import ByteStream, FrameReader, Kind, write_frame
 from node.p2p.config import P2PConfig
 from node.p2p.errors import FrameError, ProviderError, ProviderTimeout
@@ -31,6 +33,10 @@ class AdapterServer:
         self.timeout = config.read_timeout
         self._limiter = trio.CapacityLimiter(config.max_inbound_streams)
         self._per_peer: Counter[str] = Counter()
+        # Peer ids cost nothing, so the per-peer cap alone does not stop four made-up peers holding all eight
+        # slots: peers without standing (mesh.standing.level; UNKNOWN until set) share half of them.
+        self.standing: Callable[[str], int] = lambda _p: UNKNOWN
+        self._strangers = 0
         self.served = 0
 
     async def handle(self, stream) -> None:
@@ -39,12 +45,17 @@ class AdapterServer:
         if self._per_peer[peer] >= self.config.max_streams_per_peer:
             await self._refuse(stream, f"busy: peer already has {self._per_peer[peer]} streams")
             return
+        stranger = self.standing(peer) == UNKNOWN
+        if stranger and self._strangers >= max(1, self.config.max_inbound_streams // 2):
+            await self._refuse(stream, f"busy: already serving {self._strangers} streams to peers without standing")
+            return
         try:
             self._limiter.acquire_nowait()
         except trio.WouldBlock:
             await self._refuse(stream, f"busy: already serving {self._limiter.total_tokens} streams")
             return
         self._per_peer[peer] += 1
+        self._strangers += stranger
         try:
             await self._serve_one(stream)
         except (FrameError, ProviderError, OSError, PackageError) as e:
@@ -58,6 +69,7 @@ class AdapterServer:
             raise
         finally:
             self._limiter.release()
+            self._strangers -= stranger
             self._per_peer[peer] -= 1
             if not self._per_peer[peer]:
                 del self._per_peer[peer]
