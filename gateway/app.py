@@ -32,7 +32,7 @@ from gateway.relay import Relay
 from gateway.service import Gateway
 from gateway.settlement import InProcessSettler
 from gateway.settings import GatewaySettings
-from gateway.storage import prepare_sqlite_file, redact_db_url
+from gateway.storage import tighten_sqlite_file
 from node.canonical import UntrustedJSONError, parse_json, restore_recursion_limit
 from node.http_limits import BodyLimitMiddleware
 
@@ -121,12 +121,12 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     """A gateway app. The chain client defaults to one built from settings.deployment (registry mirror
     sync); the settler runs in-process when a settler account (or settings.key_file) is given."""
     import gateway.models  # noqa: F401 - registers the gateway's tables
-    from ledger.db import init_db, make_engine
+    from ledger.db import init_db, make_engine, redact_url
 
     from gateway.usage import set_busy_timeout
 
     settings = settings or GatewaySettings()
-    prepare_sqlite_file(settings.db_url)  # 0600 before SQLite creates it: it holds key hashes and usage
+    tighten_sqlite_file(settings.db_url)  # 0600: it holds key hashes and usage
     engine = make_engine(settings.db_url)
     set_busy_timeout(engine, settings.db_busy_timeout_s)
     init_db(engine)  # creates every registered table and adds missing columns, the gateway's included
@@ -144,7 +144,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     async def lifespan(app: FastAPI):
         restore_recursion_limit()  # after every import (py_ecc raises it at import time)
         log.info("gateway key %s (nodes trust this gateway's calls by it); database %s", gw.gateway_key_hex,
-                 redact_db_url(settings.db_url))  # fmt: skip
+                 redact_url(settings.db_url))  # fmt: skip
         # tokenizers and chat templates load before the first request: loading them on concurrent first
         # requests raced in transformers' lazy imports (500s)
         await asyncio.to_thread(gw.templates.warm)

@@ -29,11 +29,11 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default $
 def _engine(db: str | None):
     import gateway.models  # noqa: F401 - registers the gateway's tables
     from gateway.settings import GatewaySettings
-    from gateway.storage import prepare_sqlite_file
+    from gateway.storage import tighten_sqlite_file
     from ledger.db import init_db, make_engine
 
     url = db or GatewaySettings().db_url
-    prepare_sqlite_file(url)  # 0600: it holds the keys' hashes
+    tighten_sqlite_file(url)  # 0600: it holds the keys' hashes
     engine = make_engine(url)
     init_db(engine)  # creates and migrates every registered table, the gateway's included
     return engine
@@ -61,7 +61,7 @@ def run(
     """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT."""
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
-    from gateway.storage import redact_db_url
+    from ledger.db import redact_url
     from node.serving import serve
 
     overrides = {name: v for name, v in (("rpc_url", rpc), ("deployment", deployment), ("key_file", key),
@@ -84,7 +84,7 @@ def run(
         raise typer.BadParameter("settling needs the chain: give --deployment too (or --no-settle)",
                                  param_hint="--key")  # fmt: skip
     app = create_app(settings, chain_client=chain_client)
-    log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, redact_db_url(settings.db_url))
+    log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, redact_url(settings.db_url))
     serve(app, host=settings.host, port=settings.port, name="gateway")
 
 

@@ -1,5 +1,5 @@
 """Files the gateway keeps secrets in: its SQLite database (API key hashes, usage) and its key file are
-created 0600, and a database URL is logged only with its password hidden."""
+created 0600 (the database by ledger.db.make_engine; an existing one is tightened here)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import logging
 import os
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from ledger.db import sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -22,32 +23,16 @@ def create_private_file(path: Path, data: bytes = b"") -> None:
         os.close(fd)
 
 
-def redact_db_url(url: str) -> str:
-    """The database URL as it may be logged or shown: the password replaced by ***."""
+def tighten_sqlite_file(url: str) -> None:
+    """For a file-backed SQLite database that exists already: take read access from others (a new file is
+    created 0600 by ledger.db.make_engine). SQLite gives its -wal, -shm and journal files the database
+    file's permissions."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return "<unparseable database URL>"
-
-
-def prepare_sqlite_file(url: str) -> None:
-    """For a file-backed SQLite URL: create the file 0600 before SQLite does (it would use the umask, often
-    world-readable), and take read access from others on an existing one. SQLite gives its -wal, -shm and
-    journal files the database file's permissions."""
-    try:
-        u = make_url(url)
+        path = sqlite_file(url)
     except (ArgumentError, ValueError):
         return
-    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:" or u.database.startswith("file:"):
+    if path is None or not path.exists():
         return
-    path = Path(u.database)
-    if not path.exists():
-        try:
-            create_private_file(path)
-        except FileExistsError:  # created meanwhile (a sibling process): tightened below
-            pass
-        except FileNotFoundError:  # no such folder: SQLite says so itself
-            return
     mode = path.stat().st_mode
     if mode & 0o077:
         try:

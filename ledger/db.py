@@ -26,7 +26,7 @@ def redact_url(url: str) -> str:
         return "<a database URL that does not parse>"
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     """The file a SQLite URL names, or None (in-memory, a `file:` URI, or not SQLite)."""
     u = make_url(url)
     if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:" or u.database.startswith("file:"):
@@ -51,7 +51,7 @@ def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: boo
     transaction never fails on a snapshot another process moved (the settler uses it). A URL that does not
     parse is a ValueError that shows it without its password."""
     try:
-        path = _sqlite_file(url)
+        path = sqlite_file(url)
     except (ArgumentError, ValueError) as e:
         raise ValueError(f"database URL {redact_url(url)} is not valid: expected e.g. sqlite:///gateway.db or "
                          "postgresql+psycopg://user:password@host/db") from e

@@ -13,7 +13,7 @@ import pytest
 from gateway.app import create_app
 from gateway.identity import load_or_create_gateway_key
 from gateway.settings import GatewaySettings
-from gateway.storage import redact_db_url
+from ledger.db import redact_url
 from node.request_auth import gateway_public_key_hex
 from tests.utils.gateway import start_gateway_process
 from tests.utils.postgres import postgres  # noqa: F401 - the module-scoped fixture
@@ -50,9 +50,9 @@ def test_an_existing_world_readable_database_is_made_0600(tmp_path, open_umask):
     assert mode(db) == 0o600
 
 
-def test_redact_db_url():
-    assert redact_db_url("postgresql+psycopg://gw:s3cret@db:5432/x") == "postgresql+psycopg://gw:***@db:5432/x"
-    assert redact_db_url("sqlite:///gateway.db") == "sqlite:///gateway.db"
+def test_redact_url():
+    assert redact_url("postgresql+psycopg://gw:s3cret@db:5432/x") == "postgresql+psycopg://gw:***@db:5432/x"
+    assert redact_url("sqlite:///gateway.db") == "sqlite:///gateway.db"
 
 
 @pytest.mark.integration
