@@ -268,8 +268,9 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
         """The trusted gateway key that signed this call (over its raw body); ApiError 401/403/409 otherwise."""
         body = await request.body()
         try:
-            key = verify_request(request.headers, method=request.method, path=request.url.path, node_id=node_id,
-                                 body=body, trusted=trusted())
+            # the decoded path as sent (request.url.path re-parses it and drops \t, \r, \n a signer kept)
+            key = verify_request(request.headers, method=request.method, path=request.scope["path"],
+                                 node_id=node_id, body=body, trusted=trusted())
         except RequestAuthError as e:
             raise ApiError(e.status, e.message, e.code) from None
         if not replays.first_use(request.headers[SIG_HEADER].lower()):
