@@ -110,16 +110,19 @@ class UpstreamStream:
 async def _bounded_lines(response: httpx.Response) -> AsyncIterator[str]:
     """The stream's lines; a line longer than MAX_EVENT_BYTES is refused before it is buffered further
     (httpx's own line reader keeps a line without end whole in memory)."""
-    pending = ""
+    pending: list[str] = []  # the pieces of the line not ended yet: only new chunks are searched for its end
+    size = 0
     async for chunk in response.aiter_text():
-        pending += chunk
-        *lines, pending = pending.split("\n")
-        for line in lines:
-            yield line.removesuffix("\r")
-        if len(pending) > MAX_EVENT_BYTES:
+        *ends, rest = chunk.split("\n")
+        for end in ends:
+            yield ("".join(pending) + end).removesuffix("\r")
+            pending, size = [], 0
+        pending.append(rest)
+        size += len(rest)
+        if size > MAX_EVENT_BYTES:
             raise UntrustedJSONError(f"node sent a line of more than {MAX_EVENT_BYTES} bytes")
-    if pending:
-        yield pending.removesuffix("\r")
+    if tail := "".join(pending):
+        yield tail.removesuffix("\r")
 
 
 def _event(payload: str) -> dict:
