@@ -14,7 +14,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import BadRequest, GatewayError, ModelNotFound, NoNodeAvailable, UpstreamError, error_body
+from gateway.errors import (
+    ERROR_STATUSES,
+    OPENAI_ERROR_JSON,
+    BadRequest,
+    GatewayError,
+    ModelNotFound,
+    NoNodeAvailable,
+    UpstreamError,
+    error_body,
+)
 from gateway.openai_api import (
     DONE,
     ChatRequest,
@@ -34,7 +43,7 @@ from gateway.settlement import InProcessSettler
 from gateway.settings import GatewaySettings
 from gateway.storage import tighten_sqlite_file
 from node.canonical import UntrustedJSONError, parse_json, restore_recursion_limit
-from node.http_limits import BodyLimitMiddleware
+from node.http_limits import ANSWER_OR_EVENTS, BodyLimitMiddleware, error_responses
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +174,8 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
             if app.state.settler is not None:
                 await app.state.settler.stop()
 
-    app = FastAPI(title="loramesh gateway", lifespan=lifespan)
+    app = FastAPI(title="loramesh gateway", lifespan=lifespan,
+                  responses=error_responses(ERROR_STATUSES, OPENAI_ERROR_JSON))
 
     def _unhandled(path: str) -> None:
         if path.startswith("/v1/"):
@@ -222,7 +232,8 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
             body["settlement"] = await app.state.settler.status()
         return JSONResponse(body, status_code=200 if body["outbox"]["writable"] else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         """Public: Prometheus metrics."""
         gw.metrics.live_nodes.set(len(gw.directory.live()))
@@ -275,12 +286,12 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
                             param="model")  # an older version of an adapter: not listed  # fmt: skip
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ANSWER_OR_EVENTS)
     async def completions(request: Request):
         """API key: an OpenAI completion (body: CompletionRequest)."""
         return await _serve(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ANSWER_OR_EVENTS)
     async def chat_completions(request: Request):
         """API key: an OpenAI chat completion (body: ChatRequest)."""
         return await _serve(request, chat=True)

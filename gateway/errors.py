@@ -33,6 +33,18 @@ def error_body(message: str, *, type: str, param: str | None = None, code: str |
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# The OpenAI error object as an OpenAPI media type, declared on every status the gateway answers with
+OPENAI_ERROR_JSON = {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}}}}}
+ERROR_STATUSES = {400: "a malformed request", 401: "no or a wrong API key", 403: "a model the key may not use",
+                  404: "an unknown model or route", 405: "a method the route does not take",
+                  413: "a body over the limit", 429: "over the key's rate limit", 500: "a bug (no details)",
+                  502: "the node failed", 503: "no node, no outbox, or a base this gateway cannot tokenize"}
+
+
 class BadRequest(GatewayError, ValueError):
     status, type, code = 400, "invalid_request_error", None
 

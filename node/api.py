@@ -83,7 +83,7 @@ from node.engine import (
     RequestError,
     SamplingParams,
 )
-from node.http_limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from node.http_limits import ANSWER_OR_EVENTS, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, error_responses
 from node.receipts import make_receipt, node_id_of, public_key_bytes, sign_receipt
 from node.request_auth import MAX_SKEW_MS, SIG_HEADER, RequestAuthError, check_bearer, verify_request
 
@@ -243,7 +243,13 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
             if manage_engine:
                 engine.close()
 
-    app = FastAPI(title="loramesh node", lifespan=lifespan)
+    app = FastAPI(title="loramesh node", lifespan=lifespan, responses=error_responses({
+        400: "a malformed body, a bad field, or a prompt longer than the context",
+        401: "no, a malformed or a wrong signature or operator token", 403: "a gateway key this node does not trust",
+        404: "an adapter this node neither holds nor can fetch, or an unknown request",
+        409: "a duplicate or replayed request, an adapter of another base, or a request still running",
+        413: "a body over the limit", 422: "an adapter whose weights do not fit", 500: "an engine failure",
+        503: "no free adapter slot"}))
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, overrides=body_limits)
 
     @app.exception_handler(ApiError)
@@ -425,7 +431,7 @@ def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways:
         raise ApiError(404, f"this node has no receipt for request {request_id} (unknown, or long finished)",
                        "receipt_not_found")
 
-    @app.post("/v1/generate", openapi_extra=_json_schema_body(GenerateBody))
+    @app.post("/v1/generate", openapi_extra=_json_schema_body(GenerateBody), responses=ANSWER_OR_EVENTS)
     async def generate(request: Request, gateway: str = Depends(signed_by_gateway)):
         """Trusted gateways only (signed)."""
         body = _parse_body(await request.body(), GenerateBody, max_bytes=max_body_bytes)

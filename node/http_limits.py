@@ -102,3 +102,20 @@ async def bounded_call(client, method: str, url: str, limit: int, **kw) -> tuple
     """(status, body) of one httpx call, the body read with read_capped."""
     async with client.stream(method, url, **kw) as r:
         return r.status_code, await read_capped(r, limit)
+
+
+# ---- what an error looks like, for the OpenAPI schemas ----------------------------------------------
+
+ERROR_JSON = {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": ["string", "null"]}}}}}}}
+EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+# a route that answers JSON, or server-sent events when asked to stream
+ANSWER_OR_EVENTS = {200: {"description": "the answer, or its events with stream=true", "content": EVENT_STREAM}}
+
+
+def error_responses(statuses: dict[int, str], content: dict = ERROR_JSON) -> dict:
+    """FastAPI `responses=` declaring each error status (with what it means) in the API's error shape, so a
+    schema checker holds the app to the statuses and bodies it really answers."""
+    return {status: {"description": what, "content": content} for status, what in statuses.items()}

@@ -35,10 +35,8 @@ pytestmark = pytest.mark.integration
 MAX_EXAMPLES = 30  # per operation and credential: the module stays well under 3 minutes on 2 cores
 FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=list(HealthCheck), database=None)
-CHECKS = [not_a_server_error, response_schema_conformance]
-# the explorer declares every status and media type it answers with; the node API and the gateway not yet
-# (their undeclared 4xx are listed in the report of issue 14), so for them these two are not asserted
-DECLARED_CHECKS = [*CHECKS, status_code_conformance, content_type_conformance]
+# each app declares every status and media type it answers with, so an undeclared one fails too
+CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
 
 # who may call what, per node.api's contract: the node's generate takes only gateway-signed calls; load and
 # abort, the operator or a gateway; everything else is public
@@ -327,7 +325,7 @@ def explorer_schema(anvil_chain, tmp_path_factory):
 def test_explorer(explorer_schema):
     def call(case) -> None:
         # pages are HTML: their errors are HTML pages too (the JSON routes' in the error shape)
-        response = case.call_and_validate(checks=DECLARED_CHECKS, allow_redirects=False)
+        response = case.call_and_validate(checks=CHECKS, allow_redirects=False)
         json_route = case.operation.path == "/health"
         check_answer(case, response, protected=False, json_api=json_route)
         if not json_route and response.status_code >= 400:

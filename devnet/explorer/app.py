@@ -23,7 +23,7 @@ from devnet.explorer import pages_registry as reg
 from devnet.explorer.service import Explorer, ExplorerConfig
 from ledger.errors import LedgerError
 from ledger.types import to_id
-from node.http_limits import BodyLimitMiddleware
+from node.http_limits import ERROR_JSON, BodyLimitMiddleware
 
 # The explorer takes no request bodies (every route is a GET): anything sent is refused before it is read.
 MAX_BODY_BYTES = 64 * 1024
@@ -51,14 +51,10 @@ def _id(value: str, what: str) -> str:
 
 
 _HTML = {"text/html": {"schema": {"type": "string"}}}
-_ERROR_JSON = {"application/json": {"schema": {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"}}}}}}}
 _SVG = {200: {"description": "an SVG plot", "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}
 # Declared on every route, so the OpenAPI schema (/openapi.json) says what an error looks like: an HTML page,
 # or on JSON routes the API's error shape.
-ERROR_RESPONSES = {status: {"description": what, "content": {**_HTML, **_ERROR_JSON}}
+ERROR_RESPONSES = {status: {"description": what, "content": {**_HTML, **ERROR_JSON}}
                    for status, what in ((400, "a bad id or query value"), (404, "nothing with this id"),
                                         (413, "a request body (none is taken)"),
                                         (503, "the chain or the ledger database cannot be read"))}
