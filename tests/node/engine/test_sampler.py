@@ -47,7 +47,9 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"temperature": -0.1}, "temperature must be >= 0"),
+    ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
     ({"top_p": 0.0}, "top_p must be in"),
     ({"top_p": 1.5}, "top_p must be in"),
     ({"top_k": -1}, "top_k must be an integer >= 0"),
@@ -57,3 +59,9 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours():
 def test_bad_sampling_params_are_refused(kwargs, message):
     with pytest.raises(RequestError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily():
+    # logits / 1e-308 overflow float32 to inf and the draw fails (an engine error before)
+    assert SamplingParams(temperature=1e-308).temperature == 0.0
+    assert SamplingParams(temperature=0.5).temperature == 0.5
