@@ -110,7 +110,10 @@ ERROR_JSON = {"application/json": {"schema": {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": ["string", "null"]}}}}}}}
-EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+# OpenAPI 3.1 reads an event stream's schema as each event's: a `data:` line holding one JSON event (the
+# gateway's last is the OpenAI stream's literal [DONE])
+EVENT_STREAM = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                                 "properties": {"data": {"type": "string"}}}}}
 # a route that answers JSON, or server-sent events when asked to stream
 ANSWER_OR_EVENTS = {200: {"description": "the answer, or its events with stream=true", "content": EVENT_STREAM}}
 

@@ -281,6 +281,21 @@ def test_edge_sampling_values_are_served_not_5xx(stack, edge):
     assert httpx.get(gw.url + "/health", timeout=10).json()["live_nodes"] == 1
 
 
+def test_streamed_answers_match_their_declared_event_schema(stack):
+    """Fuzzing reaches a streamed 200 only by chance: one of each, node and gateway, checked every run."""
+    gw = stack["gateway"]
+    node_case = stack["node_schema"]["/v1/generate"]["POST"].Case(
+        body={"prompt": "hello", "max_tokens": 3, "stream": True}, media_type="application/json")
+    r = node_case.call_and_validate(checks=CHECKS, auth=GatewaySigned(stack["signer"], stack["node"].node_id))
+    assert r.status_code == 200 and r.headers["content-type"][0].startswith("text/event-stream"), r.text[:300]
+    model = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=10).json()
+    gw_case = stack["gateway_schema"]["/v1/completions"]["POST"].Case(
+        body={"model": model["data"][0]["id"], "prompt": "hello", "max_tokens": 3, "stream": True},
+        media_type="application/json")
+    r = gw_case.call_and_validate(checks=CHECKS, headers={"Authorization": f"Bearer {gw.api_key}"})
+    assert r.status_code == 200 and r.headers["content-type"][0].startswith("text/event-stream"), r.text[:300]
+
+
 # ---- the gateway ---------------------------------------------------------------------------------------
 
 
