@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from eth_account import Account
 
 from node.adapters import pack_adapter
+from node.adapters.manifest import MANIFEST_FILE, SIGNATURE_FILE, read_manifest
+from node.adapters.pack import build_manifest, write_signed
 from node.basemodel import init_tiny, quiet_transformers
 
 
@@ -44,3 +47,19 @@ def make_package(base_dir: Path, out_dir: Path, *, account=None, name: str = "te
     account = account or Account.create()
     peft_dir = peft_dir or make_peft_adapter(base_dir, out_dir.parent / f"{out_dir.name}-peft", **adapter_kwargs)
     return pack_adapter(peft_dir, out_dir, name=name, account=account, base_dir=base_dir)
+
+
+def writable_copy(pkg_dir: Path, dst: Path) -> Path:
+    """A private, writable copy of a package folder (store and pack leave files read-only)."""
+    shutil.copytree(pkg_dir, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst
+
+
+def resign(pkg_dir: Path, base: Path, account) -> None:
+    """Sign a package folder as it now is, so the checks behind the hash and signature checks are reached."""
+    old = read_manifest(pkg_dir)
+    (pkg_dir / MANIFEST_FILE).unlink()
+    (pkg_dir / SIGNATURE_FILE).unlink()
+    write_signed(pkg_dir, build_manifest(pkg_dir, name=old.name, base_dir=base), account)

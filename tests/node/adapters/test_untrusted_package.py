@@ -16,11 +16,10 @@ import pytest
 from eth_account import Account
 
 from node.adapters import MAX_LORA_RANK, PackageError, pack_adapter, verify_manifest_and_signature, verify_package
-from node.adapters.manifest import MANIFEST_FILE, SIGNATURE_FILE, read_manifest
-from node.adapters.pack import build_manifest, write_signed
+from node.adapters.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE, parse_lora_config
 from node.canonical import canonical_json
-from tests.utils.factories import make_peft_adapter
+from tests.utils.factories import make_peft_adapter, resign, writable_copy
 
 NESTED = b"[" * 200_000
 
@@ -38,19 +37,7 @@ def good_pkg(tiny_base, peft_dir, publisher, tmp_path_factory):
 
 @pytest.fixture
 def pkg(good_pkg, tmp_path):
-    dst = tmp_path / "pkg"
-    shutil.copytree(good_pkg.path, dst)
-    for p in dst.iterdir():
-        p.chmod(0o644)
-    return dst
-
-
-def resign(pkg_dir, base, account):
-    """Sign the folder as it now is, so the check behind the hash and signature checks is reached."""
-    old = read_manifest(pkg_dir)
-    (pkg_dir / MANIFEST_FILE).unlink()
-    (pkg_dir / SIGNATURE_FILE).unlink()
-    write_signed(pkg_dir, build_manifest(pkg_dir, name=old.name, base_dir=base), account)
+    return writable_copy(good_pkg.path, tmp_path / "pkg")
 
 
 def with_header(pkg_dir, header: bytes) -> None:

@@ -16,7 +16,7 @@ from node.adapters.pack import build_manifest, write_signed
 from node.adapters.signing import sign_manifest, write_signature
 from node.basemodel import init_tiny
 from node.canonical import canonical_json
-from tests.utils.factories import make_peft_adapter
+from tests.utils.factories import make_peft_adapter, resign, writable_copy
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -35,20 +35,7 @@ def good_pkg(tiny_base, peft_dir, publisher, tmp_path_factory):
 
 @pytest.fixture
 def pkg(good_pkg, tmp_path):
-    """A private, writable copy of the good package."""
-    dst = tmp_path / "pkg"
-    shutil.copytree(good_pkg.path, dst)
-    for p in dst.iterdir():
-        p.chmod(0o644)
-    return dst
-
-
-def resign(pkg_dir, base, account):
-    """Re-sign a package folder as it now is (to reach the checks behind the hash and signature checks)."""
-    old = read_manifest(pkg_dir)
-    (pkg_dir / MANIFEST_FILE).unlink()
-    (pkg_dir / "signature.json").unlink()
-    write_signed(pkg_dir, build_manifest(pkg_dir, name=old.name, base_dir=base), account)
+    return writable_copy(good_pkg.path, tmp_path / "pkg")
 
 
 def refused(pkg_dir, match, **kw):
