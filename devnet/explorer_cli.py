@@ -30,7 +30,7 @@ def explorer(
     import socket
 
     from devnet.explorer import ExplorerConfig, create_app
-    from node.canonical import restore_recursion_limit
+    from common.wire import restore_recursion_limit
 
     restore_recursion_limit()  # web3's py_ecc raised it to 100,000 at import: deep recursion would crash, not raise
 

@@ -42,8 +42,8 @@ from gateway.service import Gateway
 from gateway.settlement import InProcessSettler
 from gateway.settings import GatewaySettings
 from gateway.storage import tighten_sqlite_file
-from node.canonical import UntrustedJSONError, parse_json, restore_recursion_limit
-from node.http_limits import ANSWER_OR_EVENTS, BodyLimitMiddleware, error_responses
+from common.wire import UntrustedJSONError, parse_json, restore_recursion_limit
+from common.http import ANSWER_OR_EVENTS, BodyLimitMiddleware, error_responses
 
 log = logging.getLogger(__name__)
 

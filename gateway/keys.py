@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from gateway.models import AdapterGrant, KeyPolicy
 from ledger.models import ApiKey, utcnow
-from node.canonical import sha256_hex
+from common.wire import sha256_hex
 
 KEY_PREFIX = "lm-"
 SHOWN_PREFIX_LEN = 10

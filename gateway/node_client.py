@@ -2,7 +2,7 @@
 
 Every call that makes a node work or stop (generate, load, abort) is signed with the gateway key for the one
 node it is meant for (node.request_auth.SignedNodeAuth); what a node answers is parsed with the bounded
-parser (node.canonical.parse_json), as any bytes from the network."""
+parser (common.wire.parse_json), as any bytes from the network."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.canonical import UntrustedJSONError, parse_json
-from node.http_limits import bounded_call, read_capped
+from common.wire import UntrustedJSONError, parse_json
+from common.http import bounded_call, read_capped
 from node.request_auth import SignedNodeAuth
 
 log = logging.getLogger(__name__)

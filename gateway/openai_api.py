@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
-from node.canonical import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, parse_json
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 

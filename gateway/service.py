@@ -25,7 +25,7 @@ from gateway.router import Route, Router
 from gateway.settings import GatewaySettings
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from node.basemodel import base_model_name
-from node.canonical import is_id
+from common.wire import is_id
 from node.receipts import ReceiptError, node_id_of
 from node.request_auth import gateway_public_key_hex
 

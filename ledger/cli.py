@@ -27,7 +27,7 @@ from ledger.settler_config import (
     SettlerConfig,
 )
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from node.canonical import restore_recursion_limit
+from common.wire import restore_recursion_limit
 
 DEFAULT_DEPLOYMENT = Path(os.environ.get("LORAMESH_DEPLOYMENT", ".loramesh/devnet/deployment.json"))
 ETHER = 10**18

@@ -9,7 +9,7 @@ from pathlib import Path
 from eth_utils import to_checksum_address
 
 from ledger.errors import DeploymentMismatch
-from node.canonical import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, parse_json
 
 # A deployment file is handed around (a network's operators publish theirs): it is parsed as a stranger's
 # bytes. Ours are well under 4 KiB.

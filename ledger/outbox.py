@@ -6,7 +6,7 @@ from sqlmodel import Session, func, select
 
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import to_id
-from node.canonical import canonical_json  # the receipt's canonical form is the node's
+from common.wire import canonical_json  # the receipt's canonical form is the node's
 
 MAX_TOKENS = 2**64 - 1
 

@@ -41,7 +41,7 @@ GET  /status -> {"node_id", "public_key", "base_model": {"name", "id"}, "residen
       "queue_depth", "running", "tokens_per_s", "device", "usage": {"requests", "prompt_tokens",
       "completion_tokens"}}                  public
 Bodies are read whole only up to a limit (413 "request_too_large"; generate 1 MiB by default) and parsed by
-node.canonical.parse_json (size, nesting depth, duplicate keys), never by FastAPI's own JSON decoding.
+common.wire.parse_json (size, nesting depth, duplicate keys), never by FastAPI's own JSON decoding.
 Errors: {"error": {"message", "type", "code"}}: 400 bad body / malformed JSON / unknown field / prompt longer
 than the context (code "context_length_exceeded"); 401/403 as above; 404 adapter the node neither holds nor
 can fetch ("adapter_not_found"); 409 adapter for another base model ("adapter_base_mismatch"), duplicate
@@ -68,7 +68,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from node.canonical import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, parse_json
 from node.engine import (
     AdapterBaseMismatchError,
     AdapterError,
@@ -83,7 +83,7 @@ from node.engine import (
     RequestError,
     SamplingParams,
 )
-from node.http_limits import ANSWER_OR_EVENTS, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, error_responses
+from common.http import ANSWER_OR_EVENTS, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, error_responses
 from node.receipts import make_receipt, node_id_of, public_key_bytes, sign_receipt
 from node.request_auth import MAX_SKEW_MS, SIG_HEADER, RequestAuthError, check_bearer, verify_request
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.canonical import UntrustedJSONError, canonical_json, parse_json, sha256_hex
+from common.wire import UntrustedJSONError, canonical_json, parse_json, sha256_hex
 
 # Keys of config.json that describe how a checkpoint was saved, not what the model is.
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"})

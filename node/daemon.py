@@ -25,10 +25,10 @@ from fastapi.responses import JSONResponse
 
 from node.adapters import AdapterStore, PackageError, VerifiedPackage, verify_manifest_and_signature
 from node.api import create_app
-from node.canonical import restore_recursion_limit
+from common.wire import restore_recursion_limit
 from node.engine import Engine, EngineConfig
 from node.heartbeat import HeartbeatSender
-from node.http_limits import DEFAULT_MAX_BODY_BYTES
+from common.http import DEFAULT_MAX_BODY_BYTES
 from node.keys import Identity
 from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
 from node.request_auth import RequestAuthError, check_bearer

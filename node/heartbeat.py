@@ -21,8 +21,8 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
-from node.http_limits import bounded_call
+from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from common.http import bounded_call
 
 log = logging.getLogger(__name__)
 

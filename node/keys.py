@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from node.canonical import UntrustedJSONError, parse_json, sha256_hex
+from common.wire import UntrustedJSONError, parse_json, sha256_hex
 
 PASSWORD_ENV = "LORAMESH_KEY_PASSWORD"
 FORMAT = "loramesh-identity/1"

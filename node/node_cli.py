@@ -75,7 +75,7 @@ def run(
     load/pin and abort take too.
     """
     from node.basemodel import quiet_transformers
-    from node.canonical import restore_recursion_limit
+    from common.wire import restore_recursion_limit
     from node.daemon import DaemonConfig, NodeDaemon
     from node.engine import EngineConfig
     from node.operator_token import DEFAULT_DATA_DIR

@@ -12,7 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from node.canonical import canonical_json, is_id, sha256_hex
+from common.wire import canonical_json, is_id, sha256_hex
 
 RECEIPT_FIELDS = ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens", "finish_reason",
                   "started_at", "finished_at")

@@ -28,7 +28,7 @@ from node.adapters.manifest import (
     check_file_name,
     parse_manifest_bytes,
 )
-from node.canonical import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, parse_json
 
 MAX_PACKAGE_BYTES = 4 << 30  # default cap on a package's files together (a node's --max-package-bytes)
 MAX_FILES = 64

@@ -23,7 +23,7 @@ from devnet.explorer import pages_registry as reg
 from devnet.explorer.service import Explorer, ExplorerConfig
 from ledger.errors import LedgerError
 from ledger.types import to_id
-from node.http_limits import ERROR_JSON, BodyLimitMiddleware
+from common.http import ERROR_JSON, BodyLimitMiddleware
 
 # The explorer takes no request bodies (every route is a GET): anything sent is refused before it is read.
 MAX_BODY_BYTES = 64 * 1024

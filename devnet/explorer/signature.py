@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from node.canonical import UntrustedJSONError, parse_json, sha256_hex
+from common.wire import UntrustedJSONError, parse_json, sha256_hex
 from node.receipts import ReceiptError, check_receipt
 
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"

@@ -20,7 +20,7 @@ from ledger.types import (
 )
 from node.adapters.errors import PackageError, shown
 from node.adapters.limits import MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_MANIFEST_BYTES
-from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 
 MANIFEST_FILE = "loramesh.json"
 SIGNATURE_FILE = "signature.json"

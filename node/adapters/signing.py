@@ -25,7 +25,7 @@ from ledger.types import EIP712_NAME, EIP712_VERSION, Domain
 from node.adapters.errors import ForeignSignature, PackageError, shown
 from node.adapters.limits import MAX_SIGNATURE_BYTES
 from node.adapters.manifest import SIGNATURE_FILE, Manifest
-from node.canonical import UntrustedJSONError, canonical_json, parse_json
+from common.wire import UntrustedJSONError, canonical_json, parse_json
 
 SIGNATURE_KEYS = frozenset({"adapter_id", "signer", "signature", "chain_id", "registry"})
 

@@ -57,7 +57,7 @@ class VerifiedPackage:
     @property
     def peft_config(self) -> dict:
         from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES
-        from node.canonical import parse_json
+        from common.wire import parse_json
 
         return parse_json((self.path / CONFIG_FILE).read_bytes(), max_bytes=MAX_ADAPTER_CONFIG_BYTES, max_depth=8,
                           what=CONFIG_FILE)

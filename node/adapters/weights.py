@@ -17,7 +17,7 @@ from typing import Any
 from node.adapters.errors import PackageError, shown
 from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES, MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_SAFETENSORS_HEADER_BYTES
 from node.adapters.manifest import LORA_TARGETS
-from node.canonical import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, parse_json
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from node.canonical import parse_json
+from common.wire import parse_json
 from node.engine.adapter_manager import AdapterManager, Fetcher
 from node.engine.block_manager import BlockManager
 from node.engine.config import EngineConfig, ModelConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from node.canonical import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, parse_json
 from node.engine.config import ModelConfig
 from node.engine.lora import LoRAMapping
 from node.engine.model import CausalLM

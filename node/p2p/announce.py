@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
-from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json
+from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json
 
 TOPIC = "/loramesh/adapters/1"
 DOMAIN = b"loramesh-announce/1\n"

@@ -13,7 +13,7 @@ import trio
 from libp2p.kad_dht.kad_dht import _encode_key  # the key bytes KadDHT.provide stores under
 from libp2p.peer.id import ID
 
-from node.canonical import is_id
+from common.wire import is_id
 from node.p2p.announce import (
     MAX_ADDRS,
     TOPIC,

@@ -18,7 +18,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from node.adapters import AdapterStore, PackageError, VerifiedPackage
-from node.canonical import is_id
+from common.wire import is_id
 from node.p2p.codec import PROTOCOL_ID
 from node.p2p.announce import UNKNOWN
 from node.p2p.config import P2PConfig

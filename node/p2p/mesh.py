@@ -24,7 +24,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from node.adapters import AdapterStore
-from node.canonical import restore_recursion_limit
+from common.wire import restore_recursion_limit
 from node.p2p.announce import TOPIC, ProviderBook
 from node.p2p.codec import PROTOCOL_ID
 from node.p2p.config import P2PConfig
@@ -54,7 +54,7 @@ class Mesh(Discovery, Fetcher):
     ) -> None:
         if len(seed) != 32:
             raise ValueError(f"node seed must be 32 bytes, got {len(seed)}")
-        # Defence in depth: every peer's bytes go through node.canonical.parse_json, and with py_ecc's
+        # Defence in depth: every peer's bytes go through common.wire.parse_json, and with py_ecc's
         # limit of 100,000 any other deep recursion would overflow the C stack instead of raising.
         restore_recursion_limit()
         self.config = config

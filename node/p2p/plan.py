@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
 from node.adapters.manifest import MAX_MANIFEST_BYTES, parse_manifest
-from node.canonical import parse_json
+from common.wire import parse_json
 from node.p2p.errors import BadBytes
 
 __all__ = ["MANIFEST_FILE", "SIGNATURE_FILE", "FileHasher", "PlannedFile", "TransferPlan", "plan_transfer"]

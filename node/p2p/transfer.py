@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from node.canonical import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 from node.p2p.codec import CAPS, MAX_PAYLOAD, ByteStream, FrameReader, Kind, write_frame
 from node.p2p.errors import BadBytes, FrameError, ProviderRefused
 from node.p2p.plan import MANIFEST_FILE, SIGNATURE_FILE, FileHasher, TransferPlan, plan_transfer

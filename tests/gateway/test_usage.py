@@ -94,7 +94,7 @@ def test_tolerance(setup, claimed, aborted, result):
 
 def signed_raw(ident, end: RequestEnd, **counts) -> None:
     """Give `end` a receipt with counts make_receipt refuses, correctly signed all the same."""
-    from node.canonical import canonical_json
+    from common.wire import canonical_json
 
     end.receipt = end.receipt | counts
     end.signature = ident.node_key.sign(canonical_json(end.receipt)).hex()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.canonical import canonical_json
+from common.wire import canonical_json
 from node.receipts import (
     ReceiptError,
     check_receipt,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from node.adapters import PackageError, pack_adapter
 from node.adapters.manifest import MANIFEST_FILE, parse_manifest_bytes
 from node.adapters.weights import WEIGHTS_FILE, parse_lora_config, read_safetensors_header
-from node.canonical import UntrustedJSONError, canonical_json, parse_json
+from common.wire import UntrustedJSONError, canonical_json, parse_json
 from tests.utils.factories import make_peft_adapter
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -18,7 +18,7 @@ from eth_account import Account
 from node.adapters import MAX_LORA_RANK, PackageError, pack_adapter, verify_manifest_and_signature, verify_package
 from node.adapters.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE, parse_lora_config
-from node.canonical import canonical_json
+from common.wire import canonical_json
 from tests.utils.factories import make_peft_adapter, resign, writable_copy
 
 NESTED = b"[" * 200_000

@@ -15,7 +15,7 @@ from node.adapters.manifest import MANIFEST_FILE, read_manifest
 from node.adapters.pack import build_manifest, write_signed
 from node.adapters.signing import sign_manifest, write_signature
 from node.basemodel import init_tiny
-from node.canonical import canonical_json
+from common.wire import canonical_json
 from tests.utils.factories import make_peft_adapter, resign, writable_copy
 
 WEIGHTS = "adapter_model.safetensors"

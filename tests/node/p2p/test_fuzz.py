@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from node.canonical import canonical_json
+from common.wire import canonical_json
 from node.p2p.announce import (
     UNKNOWN,
     TRUSTED,

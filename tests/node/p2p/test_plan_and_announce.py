@@ -12,7 +12,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from node.adapters.manifest import BaseModelRef, FileEntry, LoraInfo, Manifest
-from node.canonical import canonical_json
+from common.wire import canonical_json
 from node.p2p.announce import Announcement, AnnouncementError, ProviderBook, sign_announcement, verify_announcement
 from node.p2p.config import P2PConfig
 from node.p2p.errors import BadBytes

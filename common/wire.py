@@ -1,13 +1,61 @@
-"""Canonical JSON and hashing: the byte forms that ids and signatures are computed over."""
+"""The formats every part of loramesh speaks: ids, hex, canonical JSON, SSE frames, error bodies, and the
+one parser of untrusted JSON.
+
+This module is the leaf of the project: it imports nothing from node, ledger, gateway or devnet, and
+each of them takes these formats from here rather than writing its own. A format that two packages
+share is defined here once; a format one package owns stays in that package.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import sys
-import json
 from typing import Any
+
+# ---- ids and hex -------------------------------------------------------------------------------------
+# An id (adapter, dataset, base model, node, request, batch) is a bytes32 written "0x" + 64 lowercase hex
+# digits: one spelling per id, so ids compare as strings and hash the same everywhere.
+
+HEX_ID_PATTERN = r"0x[0-9a-f]{64}"
+_ID_RE = re.compile(HEX_ID_PATTERN)
+ZERO_ID = "0x" + "00" * 32
+
+
+def is_id(value: object) -> bool:
+    """True when `value` is a 0x-prefixed 64-hex-digit lowercase id string (one spelling per id: int(x, 16)
+    would also take "_", signs, whitespace and non-ASCII digits)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def to_id(value: str | bytes) -> str:
+    """Normalise a bytes32 id to "0x"+64 lowercase hex; ValueError when it is not 32 bytes."""
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) != 32:
+            raise ValueError(f"id must be 32 bytes, got {len(value)}")
+        return hex0x(value)
+    if not isinstance(value, str):
+        raise ValueError(f"id must be a hex string or bytes, got {type(value).__name__}")
+    text = value.lower()
+    body = text[2:] if text.startswith("0x") else text
+    if len(body) != 64 or any(c not in "0123456789abcdef" for c in body):
+        raise ValueError(f"id must be 0x followed by 64 hex digits, got {value!r}")
+    return "0x" + body
+
+
+def id_bytes(value: str | bytes) -> bytes:
+    """A bytes32 id as 32 raw bytes."""
+    return bytes.fromhex(to_id(value)[2:])
+
+
+def hex0x(data: bytes | bytearray | memoryview) -> str:
+    """Bytes as "0x" + lowercase hex, the way ids, hashes and signatures are written."""
+    return "0x" + bytes(data).hex()
+
+
+# ---- canonical JSON and hashing: the byte forms ids and signatures are computed over ----------------
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -19,16 +67,24 @@ def canonical_json(obj: Any) -> bytes:
 
 def sha256_hex(data: bytes) -> str:
     """Return sha256 of `data` as a 0x-prefixed lowercase hex string (a bytes32 id)."""
-    return "0x" + hashlib.sha256(data).hexdigest()
+    return hex0x(hashlib.sha256(data).digest())
 
 
-_ID_RE = re.compile(r"0x[0-9a-f]{64}")
+# ---- HTTP bodies: server-sent events and the error object -------------------------------------------
 
 
-def is_id(value: object) -> bool:
-    """True when `value` is a 0x-prefixed 64-hex-digit lowercase id string (one spelling per id: int(x, 16)
-    would also take "_", signs, whitespace and non-ASCII digits)."""
-    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+def sse_frame(obj: Any) -> bytes:
+    """One server-sent event carrying `obj` as compact JSON."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"  # the OpenAI stream's last event
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    """The error object every loramesh HTTP API answers with (OpenAI's shape, also on the node API)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # ---- the one parser of untrusted JSON ---------------------------------------------------------------

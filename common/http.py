@@ -1,4 +1,6 @@
-"""A body-size limit for every HTTP app we serve (node API, gateway, explorer), as pure ASGI middleware.
+"""HTTP limits every app we serve shares (node API, gateway, explorer): a request-body limit as pure ASGI
+middleware, bounded reads of the answers we fetch, and the error and event schemas the OpenAPI documents
+declare.
 
 Starlette reads a request body whole before a handler sees it, so without a limit one client can make
 a process buffer (and then parse) as much as it sends. The limit is checked against Content-Length
@@ -12,12 +14,13 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.wire import error_body
+
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 
 def _error_body(message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                 "code": "request_too_large"}}).encode()
+    return json.dumps(error_body(message, code="request_too_large")).encode()
 
 
 class BodyLimitMiddleware:
@@ -104,12 +107,13 @@ async def bounded_call(client, method: str, url: str, limit: int, **kw) -> tuple
         return r.status_code, await read_capped(r, limit)
 
 
-# ---- what an error looks like, for the OpenAPI schemas ----------------------------------------------
+# ---- what an error looks like (common.wire.error_body), for the OpenAPI schemas ----------------------------------------------
 
 ERROR_JSON = {"application/json": {"schema": {
     "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": ["string", "null"]}}}}}}}
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}}}}}
 # OpenAPI 3.1 reads an event stream's schema as each event's: a `data:` line holding one JSON event (the
 # gateway's last is the OpenAI stream's literal [DONE])
 EVENT_STREAM = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],

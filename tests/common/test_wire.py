@@ -1,4 +1,4 @@
-"""node.canonical.parse_json: the one parser of untrusted JSON refuses, in one line, what used to crash
+"""common.wire.parse_json: the one parser of untrusted JSON refuses, in one line, what used to crash
 a process or pass through as a value no canonical form can hold."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from node.canonical import UntrustedJSONError, is_id, json_depth, parse_json
+from common.wire import UntrustedJSONError, is_id, json_depth, parse_json
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -48,7 +48,7 @@ def test_nested_brackets_after_the_ethereum_libraries_raised_the_recursion_limit
     code = (
         "import sys, web3\n"
         "assert sys.getrecursionlimit() >= 100000, sys.getrecursionlimit()\n"
-        "from node.canonical import parse_json, UntrustedJSONError, restore_recursion_limit\n"
+        "from common.wire import parse_json, UntrustedJSONError, restore_recursion_limit\n"
         "try:\n    parse_json('[' * 300000, max_bytes=1 << 20)\nexcept UntrustedJSONError as e:\n    print('refused', e)\n"
         "restore_recursion_limit()\nprint('limit', sys.getrecursionlimit())\n"
     )

@@ -1,0 +1,45 @@
+"""The one logging set-up, called once by the root `loramesh` command (and by processes started on their
+own, such as `python -m node.cli`): every command logs through the same format, level and handler.
+
+LORAMESH_LOG_LEVEL sets the level of loramesh's own loggers (default INFO: what a service did; a one-shot
+command's progress goes to the console, not the log); LORAMESH_LOG_FORMAT=json writes one JSON object
+per line for log collectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+# the loggers of our packages; third-party ones stay at WARNING so a service's log says what it did
+PACKAGES = ("common", "node", "gateway", "ledger", "devnet")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message and any exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str | int | None = None, fmt: str | None = None) -> None:
+    """Set up the root handler once (a second call only adjusts the level) and our packages' level."""
+    level = level or os.environ.get("LORAMESH_LOG_LEVEL", "INFO")
+    fmt = fmt or os.environ.get("LORAMESH_LOG_FORMAT", "text")
+    if fmt not in ("text", "json"):
+        raise ValueError(f"LORAMESH_LOG_FORMAT must be text or json, got {fmt!r}")
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    for name in PACKAGES:
+        logging.getLogger(name).setLevel(level.upper() if isinstance(level, str) else level)
