@@ -76,7 +76,7 @@ from node.engine import (
     AdapterNotFoundError,
     AdapterSlotsBusyError,
     DuplicateRequestError,
-    Engine,
+    AsyncEngine,
     FinishEvent,
     GenerationRequest,
     PromptTooLongError,
@@ -213,7 +213,7 @@ def max_token_bytes(tokenizer) -> int:
     return max((len(p.encode("utf-8", "surrogatepass")) for p in pieces), default=1) or 1
 
 
-def create_app(engine: Engine, node_key: Ed25519PrivateKey, *, trusted_gateways: TrustedKeys, operator_token: str,
+def create_app(engine: AsyncEngine, node_key: Ed25519PrivateKey, *, trusted_gateways: TrustedKeys, operator_token: str,
                manage_engine: bool = True, extra_status: Callable[[], dict] | None = None,
                recent_receipts: int = RECENT_RECEIPTS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                body_limits: dict[str, int] | None = None) -> FastAPI:

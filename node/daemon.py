@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from node.adapters import AdapterStore, PackageError, VerifiedPackage, verify_manifest_and_signature
 from node.api import create_app
 from common.wire import restore_recursion_limit
-from node.engine import Engine, EngineConfig
+from node.engine import AsyncEngine, EngineConfig
 from node.heartbeat import HeartbeatSender
 from common.http import DEFAULT_MAX_BODY_BYTES
 from node.keys import Identity
@@ -108,7 +108,7 @@ class NodeDaemon:
             self.p2p = P2PNode(seed=identity.node_seed, store=self.store, owner_of=self.owner_of,
                                config=P2PConfig(listen=config.listen, bootstrap=config.bootstrap),
                                base_dir=config.base, trusted_peer=self.registered_peers.__contains__)
-        self.engine = Engine(engine_config, store=self.store, fetcher=self._fetch if self.p2p else None)
+        self.engine = AsyncEngine(engine_config, store=self.store, fetcher=self._fetch if self.p2p else None)
         self.operator_token, self.operator_token_path = ensure_operator_token(config.data_dir)
         self.app: FastAPI = create_app(self.engine, identity.node_key, manage_engine=False,
                                        extra_status=self._extra_status, trusted_gateways=self.trusted_gateways,

@@ -2,7 +2,7 @@
 
 from node.engine.adapter_manager import AdapterManager, AdapterSlotsBusyError
 from node.engine.config import EngineConfig, ModelConfig, ModelConfigError
-from node.engine.engine import Engine, RequestStream
+from node.engine.async_engine import AsyncEngine, RequestStream
 from node.engine.llm_engine import LLMEngine
 from node.engine.lora import LoRAMapping
 from node.engine.lora_kernels import LoRAKernel, TorchLoRAKernel
@@ -30,7 +30,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterSlotsBusyError",
     "DuplicateRequestError",
-    "Engine",
+    "AsyncEngine",
     "EngineConfig",
     "FinishEvent",
     "GenerationRequest",

@@ -1,5 +1,5 @@
 """The synchronous engine core: requests in, one scheduled step at a time, token events out.
-`Engine` (engine.py) drives it from a background thread for asyncio callers."""
+`AsyncEngine` (async_engine.py) drives it from a background thread for asyncio callers."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from node.engine.request import (
     RequestError,
     TokenEvent,
 )
-from node.engine.runner import ModelRunner
+from node.engine.model_runner import ModelRunner
 from node.engine.sampler import sample, sample_on_device
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import Sequence, now_ms

@@ -91,11 +91,11 @@ def open_streams(url: str, key: str, body: dict, n: int) -> tuple[list[dict], li
 
 def test_gateway_killed_mid_stream_is_reconciled_from_the_nodes_receipts(tiny_base, tmp_path):
     from node.api import create_app as node_app
-    from node.engine import Engine, EngineConfig
+    from node.engine import AsyncEngine, EngineConfig
 
     identity = Identity.generate()
     base = base_model_id(tiny_base)
-    engine = Engine(EngineConfig(model_dir=tiny_base, num_kv_blocks=512, block_size=8, num_slots=2))
+    engine = AsyncEngine(EngineConfig(model_dir=tiny_base, num_kv_blocks=512, block_size=8, num_slots=2))
     # the gateway keeps its key across the restart (--gateway-key-file); the node trusts its signed calls
     gw_key = load_or_create_gateway_key(tmp_path / "gw.key")
     node = ServerThread(node_app(engine, identity.node_key, trusted_gateways={gateway_public_key_hex(gw_key)},

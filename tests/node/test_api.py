@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from devnet.anvil import free_port
 from node.adapters import AdapterStore
 from node.api import create_app
-from node.engine import Engine
+from node.engine import AsyncEngine
 from node.receipts import check_receipt
 from tests.utils.engine import ADAPTER_SPECS, PUBLISHER_KEY, make_world
 from tests.utils.factories import make_base, make_package
@@ -41,7 +41,7 @@ def node(llama_world, tmp_path_factory):
     other = make_base(tmp / "other-base", seed=1)
     foreign = make_package(other, tmp / "foreign", account=Account.from_key(PUBLISHER_KEY), name="test/foreign")
     store.install(foreign.path)
-    engine = Engine(llama_world.config(num_kv_blocks=128, block_size=8, max_model_len=512), store=store)
+    engine = AsyncEngine(llama_world.config(num_kv_blocks=128, block_size=8, max_model_len=512), store=store)
     gateway, node_key = Gateway(), Ed25519PrivateKey.generate()
     app = create_app(engine, node_key, trusted_gateways={gateway.public_hex}, operator_token="op-token")
     server = ServerThread(app).start(timeout=30)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.adapters import AdapterStore
 from node.api import HEADERS_AFTER_S, create_app
-from node.engine import Engine
+from node.engine import AsyncEngine
 from node.receipts import check_receipt
 from node.request_auth import sign_request
 from tests.utils.engine import ADAPTER_SPECS, make_world
@@ -38,7 +38,7 @@ def node(tmp_path_factory):
             return None
         return store.install(world.store.path_for(adapter_id)).path
 
-    engine = Engine(world.config(num_kv_blocks=64, block_size=8, max_model_len=256), store=store, fetcher=slow_peers)
+    engine = AsyncEngine(world.config(num_kv_blocks=64, block_size=8, max_model_len=256), store=store, fetcher=slow_peers)
     gateway, node_key = Gateway(), Ed25519PrivateKey.generate()
     app = create_app(engine, node_key, trusted_gateways={gateway.public_hex}, operator_token="op-token")
     server = ServerThread(app).start(timeout=30)

@@ -112,10 +112,10 @@ def start_node(tiny_base: Path, *, gateway: GatewayServer | None = None, trusted
     """A node API over the real engine on `tiny_base`. With `gateway`: registered in its directory and
     heartbeating to it (it learns the gateway's key from there, as the daemon does), and live there on return."""
     from node.api import create_app
-    from node.engine import Engine, EngineConfig
+    from node.engine import AsyncEngine, EngineConfig
 
     identity = Identity.generate()
-    engine = Engine(EngineConfig(model_dir=tiny_base, num_kv_blocks=num_kv_blocks, block_size=8,
+    engine = AsyncEngine(EngineConfig(model_dir=tiny_base, num_kv_blocks=num_kv_blocks, block_size=8,
                                  num_slots=num_slots), store=store)  # fmt: skip
     token = secrets.token_urlsafe(24)
     node = NodeServer(identity, engine, None, token, set(trusted))  # type: ignore[arg-type]

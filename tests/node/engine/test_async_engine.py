@@ -1,4 +1,4 @@
-"""The asyncio-facing Engine: streaming, aborting, validation, and a loop that stays responsive."""
+"""The asyncio-facing AsyncEngine: streaming, aborting, validation, and a loop that stays responsive."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 
-from node.engine import DuplicateRequestError, Engine, FinishEvent, PromptTooLongError, TokenEvent
+from node.engine import AsyncEngine, DuplicateRequestError, FinishEvent, PromptTooLongError, TokenEvent
 from tests.utils.engine import greedy
 
 
 @pytest.fixture(scope="module")
 def engine(llama_world):
-    eng = Engine(llama_world.config(num_kv_blocks=64, block_size=8), store=llama_world.store).start()
+    eng = AsyncEngine(llama_world.config(num_kv_blocks=64, block_size=8), store=llama_world.store).start()
     yield eng
     eng.close()
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class RequestStream:
     """Events of one request: TokenEvent..., then one FinishEvent. Closing it early aborts the request."""
 
-    def __init__(self, engine: "Engine", request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.request_id = request_id
         self.loop = loop
@@ -47,7 +47,7 @@ class RequestStream:
             self.engine.abort_nowait(self.request_id)
 
 
-class Engine:
+class AsyncEngine:
     """Thread-driven wrapper of LLMEngine for asyncio code (the node API)."""
 
     def __init__(self, config: EngineConfig, *, store=None, fetcher=None, weights=None, kernel=None) -> None:
@@ -73,7 +73,7 @@ class Engine:
     def tokenizer(self):
         return self.core.tokenizer
 
-    def start(self) -> "Engine":
+    def start(self) -> "AsyncEngine":
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
             self._thread.start()
