@@ -331,7 +331,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     torch.set_num_threads(args.threads)
 
-    from node.basemodel import quiet_transformers
+    from node.adapters.basemodel import quiet_transformers
     from node.engine import EngineConfig, GenerationRequest, LLMEngine, SamplingParams
 
     quiet_transformers()

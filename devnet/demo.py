@@ -41,7 +41,7 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 
 def make_base(workdir: Path, console: Console) -> Path:
     """The tiny base model every node of the demo serves."""
-    from node.basemodel import init_tiny
+    from node.tiny import init_tiny
 
     base = workdir / "base"
     if not (base / "model.safetensors").is_file():

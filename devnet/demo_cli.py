@@ -17,7 +17,7 @@ from devnet import demo_checks as checks
 from devnet import demo_network as net
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess, ProcessGroup
-from node.basemodel import base_model_name
+from node.adapters.basemodel import base_model_name
 
 PARTICIPANTS = ["alice", "bob", "operator1", "operator2", "gateway"]
 

@@ -18,7 +18,7 @@ class ChatTemplates:
     """Tokenizers (and context lengths) of the base models named in the settings, by base model id."""
 
     def __init__(self, base_dirs: list[Path] | tuple[Path, ...] = ()) -> None:
-        from node.basemodel import base_model_id
+        from node.adapters.basemodel import base_model_id
 
         self.tokenizers: dict[str, object] = {}
         self.dirs: dict[str, Path] = {}
@@ -117,7 +117,7 @@ def _load_tokenizer(base_dir: Path):
         return False
     from transformers import AutoTokenizer
 
-    from node.basemodel import quiet_transformers
+    from node.adapters.basemodel import quiet_transformers
 
     quiet_transformers()
     return AutoTokenizer.from_pretrained(str(base_dir))

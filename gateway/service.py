@@ -24,7 +24,7 @@ from gateway.relay import Target
 from gateway.router import Route, Router
 from gateway.settings import GatewaySettings
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
-from node.basemodel import base_model_name
+from node.adapters.basemodel import base_model_name
 from common.wire import is_id
 from node.receipts import ReceiptError, node_id_of
 from node.request_auth import gateway_public_key_hex

@@ -83,7 +83,8 @@ def base_init_tiny(
     model_type: Annotated[str, typer.Option(help="llama, mistral, qwen2 or qwen3.")] = "llama",
 ) -> None:
     """Write a tiny Llama-architecture causal LM in Hugging Face format (weights, config, byte-level tokenizer)."""
-    from node.basemodel import base_model_id, init_tiny
+    from node.adapters.basemodel import base_model_id
+    from node.tiny import init_tiny
 
     init_tiny(out_dir, seed, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_layers=layers,
               model_type=model_type)

@@ -74,7 +74,7 @@ def run(
     upload needs the operator's token (`Authorization: Bearer`, from <data dir>/operator.token), which
     load/pin and abort take too.
     """
-    from node.basemodel import quiet_transformers
+    from node.adapters.basemodel import quiet_transformers
     from common.wire import restore_recursion_limit
     from node.daemon import DaemonConfig, NodeDaemon
     from node.engine import EngineConfig

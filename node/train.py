@@ -60,7 +60,7 @@ def train_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from node.basemodel import quiet_transformers
+    from node.adapters.basemodel import quiet_transformers
 
     quiet_transformers()
     if rank < 1 or steps < 1:

@@ -26,7 +26,7 @@ from node.adapters.signing import sign_manifest, write_signature
 from node.adapters.verify import VerifiedPackage, file_sha256, verify_package
 from node.adapters.weights import WEIGHTS_FILE, check_lora_tensors, is_pickle_file, read_lora_config, read_peft_config
 from node.adapters.weights import read_safetensors_header
-from node.basemodel import base_model_id, base_model_name, read_config
+from node.adapters.basemodel import base_model_id, base_model_name, read_config
 from common.wire import canonical_json
 
 

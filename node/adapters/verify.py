@@ -30,7 +30,7 @@ from node.adapters.weights import (
     read_lora_tensors,
     read_safetensors_header,
 )
-from node.basemodel import base_model_id_from_config, read_config
+from node.adapters.basemodel import base_model_id_from_config, read_config
 
 _CHUNK = 1 << 20
 

@@ -145,7 +145,7 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         """Read `model_dir/config.json`."""
-        from node.basemodel import read_config
+        from node.adapters.basemodel import read_config
 
         path = Path(model_dir) / "config.json"
         try:

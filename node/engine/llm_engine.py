@@ -67,7 +67,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, *, store=None, fetcher: Fetcher | None = None,
                  weights: Iterable[tuple[str, torch.Tensor]] | None = None, kernel: LoRAKernel | None = None) -> None:
-        from node.basemodel import base_model_id, base_model_name
+        from node.adapters.basemodel import base_model_id, base_model_name
 
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -104,7 +104,7 @@ class LLMEngine:
             ids.add(int(self.tokenizer.eos_token_id))
         gen = self.config.model_dir / "generation_config.json"
         if gen.exists():
-            from node.basemodel import MAX_CONFIG_BYTES
+            from node.adapters.basemodel import MAX_CONFIG_BYTES
 
             doc = parse_json(gen.read_bytes(), max_bytes=MAX_CONFIG_BYTES, what="generation_config.json")
             eos = doc.get("eos_token_id") if isinstance(doc, dict) else None

@@ -14,7 +14,7 @@ from gateway.app import create_app
 from gateway.keys import create_key
 from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
-from node.basemodel import base_model_id
+from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
 from tests.gateway import TINY

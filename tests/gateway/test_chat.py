@@ -7,7 +7,7 @@ import pytest
 
 from gateway.chat import ChatTemplates
 from gateway.errors import BaseNotConfigured
-from node.basemodel import base_model_id
+from node.adapters.basemodel import base_model_id
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 

@@ -25,7 +25,7 @@ from gateway.keys import create_key
 from gateway.models import CompletionRecord, RequestStatus
 from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
-from node.basemodel import base_model_id, base_model_name
+from node.adapters.basemodel import base_model_id, base_model_name
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
 from node.receipts import check_receipt

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.keys import create_key
-from node.basemodel import base_model_id, base_model_name
+from node.adapters.basemodel import base_model_id, base_model_name
 from tests.utils.gateway import add_node, make_db, poll, start_gateway_process, start_script_node
 
 pytestmark = pytest.mark.integration

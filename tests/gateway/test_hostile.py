@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.keys import create_key
-from node.basemodel import base_model_id, base_model_name
+from node.adapters.basemodel import base_model_id, base_model_name
 from node.heartbeat import make_heartbeat
 from tests.utils.gateway import add_node, error_of, make_db, poll, start_gateway_process, start_script_node
 

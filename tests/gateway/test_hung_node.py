@@ -14,7 +14,7 @@ import pytest
 from gateway.app import create_app
 from gateway.keys import create_key
 from gateway.settings import GatewaySettings
-from node.basemodel import base_model_id
+from node.adapters.basemodel import base_model_id
 from tests.gateway import TINY
 from tests.utils.gateway import add_node, make_db, poll, start_script_node
 from tests.utils.servers import ServerThread

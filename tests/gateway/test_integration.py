@@ -22,7 +22,7 @@ from gateway.keys import create_key
 from gateway.models import CompletionRecord
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from node.basemodel import base_model_name
+from node.adapters.basemodel import base_model_name
 from node.keys import Identity, create_identity
 from node.publish import publish, upload_to_node
 from node.receipts import check_receipt

@@ -19,7 +19,7 @@ from gateway.keys import create_key
 from gateway.models import CompletionRecord
 from gateway.settings import GatewaySettings
 from ledger.models import UsageRecord
-from node.basemodel import base_model_id
+from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
 from tests.gateway import TINY

@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.cli import gateway_app
 from gateway.keys import create_key, lookup_key, update_key
 from gateway.settings import GatewaySettings
-from node.basemodel import base_model_id
+from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
 from tests.gateway import TINY

@@ -21,7 +21,7 @@ from gateway.settings import GatewaySettings
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.heartbeat import HeartbeatSender, make_heartbeat
-from node.basemodel import base_model_id
+from node.adapters.basemodel import base_model_id
 from node.keys import Identity
 from node.receipts import check_receipt
 from tests.gateway import TINY

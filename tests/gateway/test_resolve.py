@@ -14,7 +14,7 @@ from gateway.errors import ModelNotFound
 from gateway.keys import KeyInfo
 from gateway.registry import RegistryView
 from gateway.service import Gateway
-from node.basemodel import base_model_name
+from node.adapters.basemodel import base_model_name
 from node.heartbeat import make_heartbeat
 from node.keys import Identity
 from tests.gateway import TINY

@@ -21,7 +21,7 @@ from gateway.keys import create_key
 from gateway.models import CompletionRecord
 from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
-from node.basemodel import base_model_id
+from node.adapters.basemodel import base_model_id
 from node.receipts import check_receipt
 from tests.gateway import TINY
 from tests.utils.gateway import add_node, make_db, poll, start_script_node

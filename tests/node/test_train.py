@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from node.reference import greedy_answers
+from tests.utils.reference import greedy_answers
 from node.train import TrainingDataError, read_pairs, train_adapter
 
 PAIRS = [("What is the capital of France?", " Paris."), ("What is the capital of Japan?", " Tokyo."),

@@ -10,7 +10,8 @@ from eth_account import Account
 from node.adapters import pack_adapter
 from node.adapters.manifest import MANIFEST_FILE, SIGNATURE_FILE, read_manifest
 from node.adapters.pack import build_manifest, write_signed
-from node.basemodel import init_tiny, quiet_transformers
+from node.adapters.basemodel import quiet_transformers
+from node.tiny import init_tiny
 
 
 def make_base(out_dir: Path, seed: int = 0, **kwargs) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.basemodel import base_model_id
+from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from node.keys import Identity
 from tests.utils.gateway import add_adapter, add_node, make_db, poll

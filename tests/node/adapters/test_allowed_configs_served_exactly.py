@@ -11,7 +11,7 @@ import torch
 from eth_account import Account
 
 from node.adapters import AdapterStore, pack_adapter
-from node.basemodel import quiet_transformers
+from node.adapters.basemodel import quiet_transformers
 from node.engine import EngineConfig, LLMEngine
 from tests.utils.engine import greedy
 

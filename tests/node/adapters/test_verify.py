@@ -14,7 +14,7 @@ from node.adapters import AdapterStore, ForeignSignature, PackageError, make_dat
 from node.adapters.manifest import MANIFEST_FILE, read_manifest
 from node.adapters.pack import build_manifest, write_signed
 from node.adapters.signing import sign_manifest, write_signature
-from node.basemodel import init_tiny
+from node.tiny import init_tiny
 from common.wire import canonical_json
 from tests.utils.factories import make_peft_adapter, resign, writable_copy
 

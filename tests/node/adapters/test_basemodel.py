@@ -3,7 +3,8 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from node.basemodel import BaseModelError, base_model_id, base_model_name, init_tiny
+from node.adapters.basemodel import BaseModelError, base_model_id, base_model_name
+from node.tiny import init_tiny
 
 
 def test_init_tiny_is_deterministic_and_seed_dependent(tmp_path, tiny_base):

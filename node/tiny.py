@@ -1,4 +1,4 @@
-"""Base models: identity (name and config hash) and tiny deterministic Llama-family models for tests and demos.
+"""Tiny deterministic Llama-family base models for tests and the demo.
 
 Nothing here downloads: a tiny base is made from a config with a fixed seed, and its byte-level
 tokenizer is trained on a short built-in text, so any UTF-8 text round-trips.
@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.wire import UntrustedJSONError, canonical_json, parse_json, sha256_hex
+from node.adapters.basemodel import NAME_KEY, quiet_transformers
 
-# Keys of config.json that describe how a checkpoint was saved, not what the model is.
-_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"})
-NAME_KEY = "loramesh_base_name"
-MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few KB; a downloaded folder may hold anything
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -26,52 +22,6 @@ _TOKENIZER_CORPUS = (
     "A model learns from examples; an adapter specialises the base model for one domain. "
     "user assistant system hello world thanks please the and of to in is it that for on with as "
 )
-
-
-class BaseModelError(ValueError):
-    """A base model folder that is missing or not usable."""
-
-
-def quiet_transformers() -> None:
-    """Silence transformers' per-load progress bars and advisory warnings (our commands show their own)."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
-
-def read_config(base_dir: str | Path) -> dict:
-    """Read a Hugging Face checkpoint folder's config.json."""
-    path = Path(base_dir) / "config.json"
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise BaseModelError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-        cfg = parse_json(path.read_bytes(), max_bytes=MAX_CONFIG_BYTES, what="config.json")
-    except FileNotFoundError as e:
-        raise BaseModelError(f"{base_dir} is not a model folder: config.json is missing") from e
-    except UntrustedJSONError as e:
-        raise BaseModelError(str(e)) from None
-    if not isinstance(cfg, dict):
-        raise BaseModelError(f"{path} is not a JSON object")
-    return cfg
-
-
-def base_model_id(base_dir: str | Path) -> str:
-    """The base model's id: sha256 of its canonical config, without keys that only describe the save."""
-    return base_model_id_from_config(read_config(base_dir))
-
-
-def base_model_id_from_config(config: dict) -> str:
-    """The base model id computed from a config dict."""
-    return sha256_hex(canonical_json({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}))
-
-
-def base_model_name(base_dir: str | Path) -> str:
-    """A human name for the base model: the one recorded at creation, else the folder's name."""
-    return str(read_config(base_dir).get(NAME_KEY) or Path(base_dir).resolve().name)
 
 
 def _make_tokenizer(vocab_size: int):

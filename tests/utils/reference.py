@@ -12,7 +12,7 @@ def greedy_answers(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from node.basemodel import quiet_transformers
+    from node.adapters.basemodel import quiet_transformers
 
     quiet_transformers()
     tok = AutoTokenizer.from_pretrained(base_dir)
