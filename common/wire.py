@@ -55,6 +55,13 @@ def hex0x(data: bytes | bytearray | memoryview) -> str:
     return "0x" + bytes(data).hex()
 
 
+def node_id_of(public_key: bytes) -> str:
+    """A node's id: sha256 of its raw 32-byte Ed25519 public key."""
+    if len(public_key) != 32:
+        raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
+    return sha256_hex(public_key)
+
+
 # ---- canonical JSON and hashing: the byte forms ids and signatures are computed over ----------------
 
 

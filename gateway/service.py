@@ -26,7 +26,8 @@ from gateway.settings import GatewaySettings
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from node.adapters.basemodel import base_model_name
 from common.wire import is_id
-from node.receipts import ReceiptError, node_id_of
+from common.wire import node_id_of
+from node.receipts import ReceiptError
 from node.request_auth import gateway_public_key_hex
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
 from ledger.errors import DeploymentMismatch, TransactionFailed
 from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, make_web3, rpc_guard, shown_url
+from common.wire import node_id_of
 from ledger.types import (
     ZERO_ID,
     AdapterInfo,
@@ -25,7 +26,6 @@ from ledger.types import (
     SettleRecord,
     dataset_id_for,
     id_bytes,
-    node_id_of,
     node_proof_message,
     to_id,
 )

@@ -218,15 +218,6 @@ def node_proof_message(chain_id: int, registry: str, operator: str, nonce: int) 
             + bytes.fromhex(to_checksum_address(operator)[2:]) + nonce.to_bytes(32, "big"))  # fmt: skip
 
 
-def node_id_of(public_key: bytes) -> str:
-    """A node's id: sha256 of its raw 32-byte Ed25519 public key."""
-    import hashlib
-
-    if len(public_key) != 32:
-        raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
-    return "0x" + hashlib.sha256(public_key).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class DatasetInfo:
     dataset_id: str

@@ -84,7 +84,8 @@ from node.engine import (
     SamplingParams,
 )
 from common.http import ANSWER_OR_EVENTS, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, error_responses
-from node.receipts import make_receipt, node_id_of, public_key_bytes, sign_receipt
+from common.wire import node_id_of
+from node.receipts import make_receipt, public_key_bytes, sign_receipt
 from node.request_auth import MAX_SKEW_MS, SIG_HEADER, RequestAuthError, check_bearer, verify_request
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from common.wire import UntrustedJSONError, parse_json, sha256_hex
+from common.wire import UntrustedJSONError, node_id_of, parse_json
 
 PASSWORD_ENV = "LORAMESH_KEY_PASSWORD"
 FORMAT = "loramesh-identity/1"
@@ -59,19 +59,12 @@ class Identity:
 
     @property
     def node_id(self) -> str:
-        return node_id_from_public_key(self.node_public_key)
+        return node_id_of(self.node_public_key)
 
     @classmethod
     def generate(cls) -> "Identity":
         """A fresh identity held only in memory."""
         return cls(account=Account.create(), node_key=Ed25519PrivateKey.generate())
-
-
-def node_id_from_public_key(public_key: bytes) -> str:
-    """A node's id: sha256 of its raw 32-byte Ed25519 public key."""
-    if len(public_key) != 32:
-        raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
-    return sha256_hex(public_key)
 
 
 def _scrypt(password: str, salt: bytes, n: int) -> bytes:

@@ -12,7 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.wire import canonical_json, is_id, sha256_hex
+from common.wire import canonical_json, is_id, node_id_of
 
 RECEIPT_FIELDS = ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens", "finish_reason",
                   "started_at", "finished_at")
@@ -28,13 +28,6 @@ class ReceiptError(ValueError):
 def public_key_bytes(node_key: Ed25519PrivateKey) -> bytes:
     """The raw 32-byte public key of a node key."""
     return node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def node_id_of(public_key: bytes) -> str:
-    """sha256 of the raw public key, the node's id."""
-    if len(public_key) != 32:
-        raise ReceiptError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
-    return sha256_hex(public_key)
 
 
 def check_receipt_fields(receipt: dict) -> None:
@@ -78,8 +71,12 @@ def sign_receipt(receipt: dict, node_key: Ed25519PrivateKey) -> str:
 def check_receipt(receipt: dict, signature_hex: str, public_key: bytes) -> None:
     """Raise ReceiptError unless the receipt is well formed, names this key's node, and the signature verifies."""
     check_receipt_fields(receipt)
-    if receipt["node_id"] != node_id_of(public_key):
-        raise ReceiptError(f"receipt node_id {receipt['node_id']} does not match the public key ({node_id_of(public_key)})")
+    try:
+        key_node_id = node_id_of(public_key)
+    except ValueError as e:
+        raise ReceiptError(str(e)) from None
+    if receipt["node_id"] != key_node_id:
+        raise ReceiptError(f"receipt node_id {receipt['node_id']} does not match the public key ({key_node_id})")
     try:
         sig = bytes.fromhex(signature_hex)
     except (TypeError, ValueError) as e:

@@ -22,7 +22,7 @@ def ensure_registered(client: ChainClient, node_key, *, peer_id: str, multiaddrs
     holds is moved to this one (only the key holder can), so nobody can keep the node off the registry."""
     from cryptography.hazmat.primitives import serialization
 
-    from ledger.types import node_id_of
+    from common.wire import node_id_of
 
     public_key = node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     node_id = node_id_of(public_key)

@@ -10,7 +10,8 @@ from web3.logs import DISCARD
 from ledger import errors as E
 from devnet.deploy import _deploy_contract
 from ledger.chain import ChainClient
-from ledger.types import ZERO_ID, AdapterRegistration, Domain, dataset_id_for, node_id_of, node_proof_message
+from common.wire import node_id_of
+from ledger.types import ZERO_ID, AdapterRegistration, Domain, dataset_id_for, node_proof_message
 from tests.utils.chain import rand_id, register_sample
 
 pytestmark = pytest.mark.integration

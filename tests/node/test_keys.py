@@ -4,7 +4,8 @@ import stat
 
 import pytest
 
-from node.keys import IdentityError, create_identity, load_identity, node_id_from_public_key
+from common.wire import node_id_of
+from node.keys import IdentityError, create_identity, load_identity
 
 
 def test_identity_round_trip_and_file_mode(tmp_path):
@@ -14,7 +15,7 @@ def test_identity_round_trip_and_file_mode(tmp_path):
     loaded = load_identity(path, "pw")
     assert loaded.address == made.address
     assert loaded.node_seed == made.node_seed
-    assert loaded.node_id == node_id_from_public_key(made.node_public_key)
+    assert loaded.node_id == node_id_of(made.node_public_key)
     doc = json.loads(path.read_text())
     assert made.node_seed.hex() not in path.read_text()  # the node key is encrypted too
     assert doc["evm_keystore"]["crypto"]["kdf"] == "scrypt"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.wire import canonical_json
+from common.wire import canonical_json, node_id_of
 from node.receipts import (
     ReceiptError,
     check_receipt,
     make_receipt,
-    node_id_of,
     public_key_bytes,
     sign_receipt,
     verify_receipt,

@@ -21,7 +21,7 @@ from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, free_port
 from devnet.deploy import deploy
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
-from ledger.types import node_id_of
+from common.wire import node_id_of
 
 ETHER = 10**18
 SETTLER_DEPOSIT = 100 * ETHER

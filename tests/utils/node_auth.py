@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from devnet.processes import ManagedProcess
 from node.operator_token import read_operator_token, token_path
-from node.receipts import node_id_of, public_key_bytes
+from common.wire import node_id_of
+from node.receipts import public_key_bytes
 from node.request_auth import BearerAuth, SignedNodeAuth, gateway_public_key_hex
 
 
