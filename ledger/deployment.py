@@ -14,6 +14,9 @@ from common.wire import UntrustedJSONError, parse_json
 # A deployment file is handed around (a network's operators publish theirs): it is parsed as a stranger's
 # bytes. Ours are well under 4 KiB.
 MAX_DEPLOYMENT_BYTES = 1 << 20
+# where `loramesh devnet up` writes the local chain's deployment, and where every command looks by default
+DEFAULT_DEVNET_DIR = Path(".loramesh/devnet")
+DEFAULT_DEPLOYMENT_PATH = DEFAULT_DEVNET_DIR / "deployment.json"
 
 
 @dataclass(slots=True)
