@@ -28,7 +28,7 @@ from devnet.anvil import free_port  # noqa: E402
 from devnet.processes import ManagedProcess, ProcessGroup  # noqa: E402
 from gateway.identity import load_or_create_gateway_key  # noqa: E402
 from gateway.keys import create_key  # noqa: E402
-from node.keys import create_identity  # noqa: E402
+from common.identity import create_identity  # noqa: E402
 from node.operator_token import read_operator_token, token_path  # noqa: E402
 from node.publish import publish  # noqa: E402
 from node.request_auth import SignedNodeAuth  # noqa: E402

@@ -180,7 +180,7 @@ def soak(args) -> int:
     from ledger.models import SettlementBatch, UsageRecord
     from ledger.outbox import count_by_status
     from ledger.types import BASE_MODEL_ADAPTER_ID
-    from node.keys import create_identity
+    from common.identity import create_identity
     from node.operator_token import read_operator_token, token_path
     from node.publish import publish
     from tests.ledger.audit import ledger_transactions, record_settled_counts

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from devnet.demo_cli import demo
 from devnet.devnet_cli import devnet_app
-from devnet.explorer_cli import explorer
+from devnet.explorer.cli import explorer
 from gateway.cli import gateway_app
 from ledger.cli import rewards_app, settler_app
 from node.cli import adapter_app, base_app, keys_app

@@ -52,7 +52,7 @@ def make_base(workdir: Path, console: Console) -> Path:
 
 def make_identities(workdir: Path, names: list[str], console: Console) -> dict[str, Path]:
     """Identity files (EVM + node keys) for each named participant."""
-    from node.keys import create_identity
+    from common.identity import create_identity
 
     out = {}
     for name in names:
@@ -69,7 +69,7 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
     from rich.progress import BarColumn, Progress, TextColumn
 
     from node.adapters import PackageError, make_dataset_share, pack_adapter, verify_package
-    from node.keys import load_identity
+    from common.identity import load_identity
     from node.train import train_adapter
 
     packages = []

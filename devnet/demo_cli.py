@@ -119,7 +119,7 @@ def _printable(text: str) -> str:
 
 def show_attribution(client, ids: dict[str, Path], console: Console) -> None:
     from ledger.rewards import rewards_summary
-    from node.keys import load_identity
+    from common.identity import load_identity
 
     table = Table(title="attribution on chain: who earned what (ETH)")
     for col in ("participant", "address", "as node operator", "as adapter owner", "as dataset contributor", "total"):

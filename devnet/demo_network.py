@@ -37,7 +37,7 @@ class Network:
 
 def start_chain(workdir: Path, identities: dict[str, Path], console: Console) -> tuple[Anvil, Path]:
     """A fresh anvil with our contracts; every identity funded, the gateway a prepaid settler."""
-    from node.keys import load_identity
+    from common.identity import load_identity
 
     folder = workdir / "devnet"
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def publish_all(packages, identities: dict[str, Path], deployment_path: Path, co
     """Each contributor signs their package for this devnet's registry (chain id and address) and
     registers it, with its dataset, on chain; the first registration of a name makes it theirs."""
     from ledger.chain import ChainClient
-    from node.keys import load_identity
+    from common.identity import load_identity
     from node.publish import register_package
 
     for pkg in packages:

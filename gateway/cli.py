@@ -62,7 +62,7 @@ def run(
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
     from ledger.db import redact_url
-    from node.serving import serve
+    from common.serving import serve
 
     overrides = {name: v for name, v in (("rpc_url", rpc), ("deployment", deployment), ("key_file", key),
                                           ("db_url", db), ("port", port), ("host", host), ("owners_k", k),

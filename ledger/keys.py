@@ -14,7 +14,7 @@ _HEX_KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
 
 def load_account(path: str | Path, password: str | None = None):
     """An eth_account LocalAccount from a file holding a raw hex private key, or from a loramesh
-    identity file (node.keys; password None -> $LORAMESH_KEY_PASSWORD, else prompt)."""
+    identity file (common.identity; password None -> $LORAMESH_KEY_PASSWORD, else prompt)."""
     path = Path(path)
     try:
         text = path.read_text().strip()
@@ -24,8 +24,6 @@ def load_account(path: str | Path, password: str | None = None):
         raise LedgerError(f"key file {path} is not text: expected a hex key or a loramesh identity file") from e
     if _HEX_KEY.match(text):
         return Account.from_key(text if text.startswith("0x") else "0x" + text)
-    try:
-        from node.keys import load_identity  # the identity format is node's
-    except ImportError as e:
-        raise LedgerError(f"key file {path} is not a hex private key and node.keys is unavailable") from e
+    from common.identity import load_identity  # lazily: scrypt and Ed25519 only when a file needs them
+
     return load_identity(path, password).account

@@ -58,7 +58,7 @@ def keys_new(
 
     The password comes from $LORAMESH_KEY_PASSWORD, else it is asked for.
     """
-    from node.keys import create_identity
+    from common.identity import create_identity
 
     identity = create_identity(out, overwrite=force)
     console.print(f"wrote [bold]{out}[/] (mode 0600)")
@@ -68,7 +68,7 @@ def keys_new(
 @keys_app.command("show")
 def keys_show(path: Annotated[Path, typer.Argument(help="An identity file.")]) -> None:
     """Print the address and node id held in an identity file."""
-    from node.keys import load_identity
+    from common.identity import load_identity
 
     identity = load_identity(path)
     console.print(f"address  {identity.address}\nnode id  {identity.node_id}")
@@ -139,7 +139,7 @@ def adapter_pack(
     from ledger.deployment import Deployment
     from ledger.types import Domain
     from node.adapters import pack_adapter
-    from node.keys import load_identity
+    from common.identity import load_identity
 
     shares = [parse_dataset(s) for s in dataset or []]
     if deployment is None and DEFAULT_DEPLOYMENT.is_file():
@@ -201,7 +201,7 @@ def adapter_publish(
     """
     from ledger.chain import ChainClient
     from node.adapters.verify import file_sha256
-    from node.keys import load_identity
+    from common.identity import load_identity
     from node.publish import operator_token_for, publish
 
     hashes = {}
@@ -239,7 +239,7 @@ def adapter_register_dataset(
     from ledger.errors import UnknownDataset
     from ledger.types import ZERO_ID
     from node.adapters.verify import file_sha256
-    from node.keys import load_identity
+    from common.identity import load_identity
 
     identity = load_identity(key)
     client = ChainClient.from_deployment(deployment, identity.account, rpc_url=rpc)
@@ -270,7 +270,7 @@ def adapter_fetch(
     from ledger.chain import ChainClient
     from node.adapters import AdapterStore
     from node.adapters.manifest import check_id
-    from node.keys import Identity
+    from common.identity import Identity
     from node.p2p import P2PConfig, P2PNode
     from node.registration import owner_lookup
 

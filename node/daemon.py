@@ -29,7 +29,7 @@ from common.wire import restore_recursion_limit
 from node.engine import AsyncEngine, EngineConfig
 from node.heartbeat import HeartbeatSender
 from common.http import DEFAULT_MAX_BODY_BYTES
-from node.keys import Identity
+from common.identity import Identity
 from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
 from node.request_auth import RequestAuthError, check_bearer
 from node.upload import MAX_PACKAGE_BYTES, max_upload_bytes, open_upload

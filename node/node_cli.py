@@ -22,7 +22,7 @@ def _group() -> None:
 
 
 def _identity(key: Path | None):
-    from node.keys import Identity, load_identity
+    from common.identity import Identity, load_identity
 
     if key is None:
         log.warning("no --key given: using an ephemeral node key; receipts will not verify after a restart")
@@ -110,7 +110,7 @@ def run(
         log.info("serving the gateways it heartbeats to, by the keys they announce")
     else:
         log.warning("no --gateway and no --trust-gateway-key: no gateway can send this node requests")
-    from node.serving import serve
+    from common.serving import serve
 
     serve(daemon.app, host=host, port=port, name="node")  # shutdown stops heartbeats, the p2p host, the engine
 

@@ -27,7 +27,7 @@ from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id, base_model_name
 from node.heartbeat import HeartbeatSender
-from node.keys import Identity
+from common.identity import Identity
 from node.receipts import check_receipt
 from node.request_auth import gateway_public_key_hex
 from tests.gateway import TINY

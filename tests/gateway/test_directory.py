@@ -8,7 +8,7 @@ from gateway.directory import NodeDirectory
 from gateway.errors import BadRequest, Forbidden
 from gateway.registry import RegistryView
 from node.heartbeat import make_heartbeat
-from node.keys import Identity
+from common.identity import Identity
 from tests.utils.gateway import add_adapter, add_node, make_db
 
 BASE = "0x" + "11" * 32

@@ -9,7 +9,7 @@ import pytest
 
 from devnet.anvil import free_port
 from node.heartbeat import HeartbeatError, HeartbeatSender, UnsignedHeartbeatError, make_heartbeat, verify_heartbeat
-from node.keys import Identity
+from common.identity import Identity
 
 BASE = "0x" + "11" * 32
 

@@ -23,7 +23,7 @@ from gateway.models import CompletionRecord
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.adapters.basemodel import base_model_name
-from node.keys import Identity, create_identity
+from common.identity import Identity, create_identity
 from node.publish import publish, upload_to_node
 from node.receipts import check_receipt
 from tests.utils.factories import make_package

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gateway import node_client
 from gateway.node_client import NodeClient
-from node.keys import Identity
+from common.identity import Identity
 from tests.utils.gateway import StandInNode
 from tests.utils.servers import ServerThread
 

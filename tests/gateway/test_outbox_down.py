@@ -21,7 +21,7 @@ from gateway.settings import GatewaySettings
 from ledger.models import UsageRecord
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
-from node.keys import Identity
+from common.identity import Identity
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_node, make_db, poll
 from tests.utils.servers import ServerThread

@@ -17,7 +17,7 @@ from gateway.keys import create_key, lookup_key, update_key
 from gateway.settings import GatewaySettings
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
-from node.keys import Identity
+from common.identity import Identity
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db
 from tests.utils.servers import ServerThread

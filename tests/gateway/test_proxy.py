@@ -22,7 +22,7 @@ from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.heartbeat import HeartbeatSender, make_heartbeat
 from node.adapters.basemodel import base_model_id
-from node.keys import Identity
+from common.identity import Identity
 from node.receipts import check_receipt
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db, poll

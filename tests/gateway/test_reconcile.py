@@ -16,7 +16,7 @@ from sqlmodel import Session
 from gateway.models import CompletionRecord, RequestStatus
 from gateway.reconcile import reconcile
 from gateway.usage import UsageRecorder
-from node.keys import Identity
+from common.identity import Identity
 from node.receipts import make_receipt, sign_receipt
 from tests.utils.gateway import make_db
 

@@ -16,7 +16,7 @@ from gateway.registry import RegistryView
 from gateway.service import Gateway
 from node.adapters.basemodel import base_model_name
 from node.heartbeat import make_heartbeat
-from node.keys import Identity
+from common.identity import Identity
 from tests.gateway import TINY
 from tests.utils.gateway import add_adapter, add_node, make_db
 

@@ -14,7 +14,7 @@ from gateway.models import CompletionRecord, GatewayInstance, RequestStatus
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from node.keys import Identity
+from common.identity import Identity
 from node.receipts import check_receipt, make_receipt, sign_receipt
 from tests.utils.gateway import make_db
 from tests.utils.postgres import postgres  # noqa: F401 - the fixture

@@ -14,7 +14,7 @@ from eth_account import Account
 
 from devnet.processes import ManagedProcess
 from node.adapters import AdapterStore, sign_package, verify_package
-from node.keys import create_identity
+from common.identity import create_identity
 from node.operator_token import read_operator_token, token_path
 from node.publish import PublishError, publish, upload_to_node
 from tests.utils.factories import make_package

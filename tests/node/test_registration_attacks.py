@@ -19,7 +19,7 @@ from ledger import errors as E
 from ledger.db import init_db, make_engine
 from ledger.types import AdapterRegistration
 from node.adapters import make_dataset_share, pack_adapter
-from node.keys import create_identity
+from common.identity import create_identity
 from node.publish import PublishError, publish
 from tests.utils.chain import rand_id
 from tests.utils.factories import make_peft_adapter

@@ -224,7 +224,7 @@ def start_script_node(root: Path, name: str, gw_url: str, base: str, *, mode: st
     import sys
 
     from devnet.anvil import free_port
-    from node.keys import create_identity
+    from common.identity import create_identity
 
     key = root / f"{name}.key"
     identity = create_identity(key, password)

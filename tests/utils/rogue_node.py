@@ -11,7 +11,7 @@ aborted request streams on, without delay, to its last token and a receipt for a
 node that wants to be paid for tokens the client never got). --trust <gateway key hex>: generate, load and
 abort calls must be signed by that gateway key for this node (node.request_auth), as a real node checks them;
 otherwise they get 401/403 (every call is recorded in <key file>.calls, one line each). The key file is a
-node identity (node.keys; password from LORAMESH_KEY_PASSWORD).
+node identity (common.identity; password from LORAMESH_KEY_PASSWORD).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from node.heartbeat import HeartbeatSender
-from node.keys import load_identity
+from common.identity import load_identity
 from node.receipts import make_receipt, sign_receipt
 from node.request_auth import RequestAuthError, verify_request
 

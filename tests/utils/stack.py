@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
-from node.keys import Identity
+from common.identity import Identity
 from tests.utils.gateway import add_adapter, add_node, make_db, poll
 from tests.utils.servers import ServerThread
 

@@ -24,7 +24,7 @@ from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
 from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
 from node.adapters.manifest import dataset_id
-from node.keys import Identity
+from common.identity import Identity
 from node.receipts import make_receipt, sign_receipt
 from tests.utils.chain import ChainEnv, rand_id
 

@@ -20,7 +20,7 @@ from devnet.explorer.signature import (
     public_key_from_peer_id,
 )
 from ledger.models import UsageRecord
-from node.keys import Identity
+from common.identity import Identity
 from node.receipts import make_receipt, sign_receipt
 from tests.devnet.explorer.scenario import peer_id_of
 from tests.utils.chain import rand_id

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine
 from devnet.anvil import free_port
 from devnet.explorer import Explorer, ExplorerDatabaseError, create_app
 from devnet.explorer.store import LedgerStore, open_ledger_db
-from devnet.explorer_cli import ExplorerPortInUse, explorer
+from devnet.explorer.cli import ExplorerPortInUse, explorer
 from ledger.chain import ChainClient
 from ledger.errors import ChainUnavailable, DeploymentMismatch
 from tests.devnet.explorer.htmlq import text_of
@@ -22,7 +22,7 @@ from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
 
-RUN = "import typer; from devnet.explorer_cli import explorer; typer.run(explorer)"
+RUN = "import typer; from devnet.explorer.cli import explorer; typer.run(explorer)"
 
 
 def test_serves_until_ctrl_c(anvil_chain, world):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from node.keys import IdentityError, create_identity, load_identity
+from common.identity import IdentityError, create_identity, load_identity
 
 
 @pytest.fixture(scope="module")

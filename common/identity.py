@@ -1,4 +1,5 @@
-"""Identity files: an EVM account key (eth-account keystore) and an Ed25519 node key, one file, mode 0600.
+"""Identity files: who a participant is (contributor, operator, settler). An EVM account key (eth-account
+keystore) and an Ed25519 node key, one file, mode 0600.
 
 The EVM key signs adapter manifests, registrations and settlements; the Ed25519 key is the node's
 libp2p identity and signs usage receipts and heartbeats. Both are encrypted with one password.

@@ -5,7 +5,7 @@ import stat
 import pytest
 
 from common.wire import node_id_of
-from node.keys import IdentityError, create_identity, load_identity
+from common.identity import IdentityError, create_identity, load_identity
 
 
 def test_identity_round_trip_and_file_mode(tmp_path):

@@ -43,7 +43,7 @@ def explorer(
     app = create_app(ExplorerConfig(deployment=deployment, db_url=db, rpc_url=rpc))  # checks chain and database
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     typer.echo(f"loramesh explorer on http://{shown}:{port}/ (Ctrl-C to stop)")
-    from node.serving import serve
+    from common.serving import serve
 
     serve(app, host=host, port=port, name="explorer", graceful_timeout=5)
     typer.echo("explorer stopped")
