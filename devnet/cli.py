@@ -1,19 +1,31 @@
-"""The `loramesh` command: every part's sub-commands under one root, errors as one clear line."""
+"""The `loramesh` command: every part's sub-commands under one root, errors as one clear line.
+
+The root lives in devnet/, the top of the import graph, because it is the one package allowed to import
+every other one. Each package keeps its own commands in its cli.py (node, gateway, ledger, the explorer);
+this module adds devnet's own two: `loramesh devnet up|down|status` (devnet/lifecycle.py does the work) and
+`loramesh demo` (devnet/demo/run.py).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from devnet.demo_cli import demo
-from devnet.devnet_cli import devnet_app
+from common.logs import configure_logging
+from devnet.deploy import ETHER
+from devnet.demo.run import run_demo
 from devnet.explorer.cli import explorer
+from devnet.lifecycle import DEFAULT_PORT, devnet_down, devnet_paths, devnet_status, devnet_up
 from gateway.cli import gateway_app
 from ledger.cli import rewards_app, settler_app
+from ledger.deployment import DEFAULT_DEVNET_DIR
 from node.cli import adapter_app, base_app, keys_app
 from node.node_cli import node_app
 
@@ -23,6 +35,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+devnet_app = typer.Typer(help="Local anvil devnet with the loramesh contracts.", no_args_is_help=True)
+
 app.add_typer(keys_app, name="keys")
 app.add_typer(base_app, name="base")
 app.add_typer(adapter_app, name="adapter")
@@ -32,17 +46,80 @@ app.add_typer(devnet_app, name="devnet")
 app.add_typer(rewards_app, name="rewards")
 app.add_typer(settler_app, name="settler")
 app.command("explorer")(explorer)
-app.command("demo")(demo)
+
+
+# ---- loramesh devnet up|down|status ------------------------------------------------------------------------
+
+DirOpt = Annotated[Path, typer.Option("--dir", envvar="LORAMESH_DEVNET_DIR",
+                                      help="devnet folder: state, pid, log, deployment.json")]
+
+
+@devnet_app.command("up")
+def devnet_up_cmd(
+    folder: DirOpt = DEFAULT_DEVNET_DIR,
+    port: Annotated[int, typer.Option("--port", help="JSON-RPC port on 127.0.0.1")] = DEFAULT_PORT,
+    fund: Annotated[list[str] | None, typer.Option("--fund", help="address to fund (repeatable)")] = None,
+    settler: Annotated[list[str] | None, typer.Option("--settler", help="address to grant the settler role")] = None,
+    deposit: Annotated[float, typer.Option(help="ETH to prepay as each settler's fee deposit")] = 10.0,
+    block_time: Annotated[float, typer.Option(help="seconds per block")] = 1.0,
+    node_share: Annotated[int | None, typer.Option(
+        "--node-share-bps", min=0, max=10_000,
+        help="node operator's cut of every adapter fee, in basis points (deployed default 2000); "
+             "also changes a running devnet's ledger")] = None,
+    base_price: Annotated[int | None, typer.Option(
+        "--base-price-wei", min=0,
+        help="fee per 1,000 tokens of a bare base-model request, in wei, all to the serving node "
+             "(deployed default 10^14); also changes a running devnet's ledger")] = None,
+) -> None:
+    """Start anvil in the background, deploy the contracts (once), fund accounts, set fees."""
+    d = devnet_up(folder, port, fund=fund, settlers=settler, settler_deposit=int(deposit * ETHER),
+                  block_time=block_time, node_share_bps=node_share, base_price=base_price)
+    typer.echo(f"devnet up on {d.rpc_url} (chain {d.chain_id}); registry {d.registry}, ledger {d.ledger}; "
+               f"deployment file {devnet_paths(folder)['deployment']}")
+
+
+@devnet_app.command("down")
+def devnet_down_cmd(folder: DirOpt = DEFAULT_DEVNET_DIR) -> None:
+    """Stop the devnet; its state stays in the folder for the next `up`."""
+    typer.echo("devnet stopped" if devnet_down(folder) else f"no devnet running for {folder}")
+
+
+@devnet_app.command("status")
+def devnet_status_cmd(folder: DirOpt = DEFAULT_DEVNET_DIR) -> None:
+    """Print the devnet's state as JSON."""
+    typer.echo(json.dumps(devnet_status(folder), indent=2, sort_keys=True))
+
+
+# ---- loramesh demo -----------------------------------------------------------------------------------------
+
+DEMO_DIR = Path("work/demo")
+
+
+@app.command("demo")
+def demo(
+    workdir: Annotated[Path, typer.Option("--dir", help="Working folder for models, keys, logs and state.")] = DEMO_DIR,
+    fresh: Annotated[bool, typer.Option(help="Delete the working folder first and redo every stage.")] = False,
+    once: Annotated[bool, typer.Option(help="Exit after the checks instead of staying up until Ctrl-C.")] = False,
+) -> None:
+    """Run the whole network here: devnet, two contributors' adapters, two p2p nodes, the gateway, the explorer.
+
+    Sends real requests through the openai client, waits until every one is settled on chain,
+    checks that each is there exactly once and that the rewards add up, and prints who earned what.
+    """
+    run_demo(workdir, fresh=fresh, once=once)
+
+
+# ---- entry point -------------------------------------------------------------------------------------------
 
 _err = Console(stderr=True, soft_wrap=True)
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turning any failure into one line and exit code 1."""
+    """Console-script entry point: set up logging once, run the app, turn any failure into one line and exit
+    code 1. LORAMESH_DEBUG=1 logs at DEBUG and lets the traceback through."""
     debug = os.environ.get("LORAMESH_DEBUG") == "1"
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        configure_logging(logging.DEBUG if debug else None)
         app()
     except KeyboardInterrupt:
         _err.print("interrupted")

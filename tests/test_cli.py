@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import click
 import pytest
 import typer.main
 from typer.testing import CliRunner
@@ -20,7 +19,8 @@ def all_command_paths():
 
     def walk(cmd, path):
         out.append(path)
-        if isinstance(cmd, click.Group):
+        # a group has sub-commands (typer 0.29 vendors its own click: its groups are not click.Group)
+        if isinstance(getattr(cmd, "commands", None), dict):
             for name, sub in cmd.commands.items():
                 walk(sub, path + [name])
 

@@ -8,7 +8,8 @@ from eth_account import Account
 from typer.testing import CliRunner
 
 from devnet.anvil import AnvilError, PortInUseError, free_port, pid_alive
-from devnet.devnet_cli import devnet_app, devnet_down, devnet_up
+from devnet.cli import devnet_app
+from devnet.lifecycle import devnet_down, devnet_up
 from ledger.chain import ChainClient
 from ledger.errors import DeploymentMismatch
 from tests.utils.chain import rand_id

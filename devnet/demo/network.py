@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from rich.console import Console
 
 from devnet.anvil import Anvil, AnvilConfig, free_port
-from devnet.demo import DEMO_PASSWORD
-from devnet.deploy import deploy
+from devnet.demo.stages import DEMO_PASSWORD
+from devnet.deploy import ETHER, deploy
 from devnet.processes import ManagedProcess, ProcessGroup
 
-ETHER = 10**18
 GATEWAY_DEPOSIT = 10 * ETHER  # prepaid fees the gateway settles from
 ENV = {"LORAMESH_KEY_PASSWORD": DEMO_PASSWORD, "LORAMESH_GATEWAY_SETTLE_INTERVAL_S": "1"}
 # each node's operator token (node url -> token), read from the data folder the node made it in: the demo
 # plays both operators when it hands packages over and asks nodes to fetch
 _operator_tokens: dict[str, str] = {}
-
-
-@dataclass(slots=True)
-class Network:
-    """Where everything the demo started can be reached."""
-
-    anvil: Anvil
-    deployment_path: Path
-    node_urls: list[str]
-    gateway_url: str
-    db_url: str
-    api_key: str = ""
 
 
 def start_chain(workdir: Path, identities: dict[str, Path], console: Console) -> tuple[Anvil, Path]:

@@ -1,4 +1,4 @@
-"""The demo: the whole loramesh flow on one machine, from a tiny base model to attributed answers.
+"""The demo's stages before any process starts: a tiny base model, identities, trained and signed adapters.
 
 Each stage is a function taking the demo's working folder, so the demo reads top to bottom and
 stages that already ran (a trained adapter, a packed package) are reused on the next run.
@@ -29,8 +29,8 @@ class DemoAdapter:
 
 
 def data_file(name: str) -> Path:
-    """A dataset shipped with loramesh for the demo."""
-    return Path(__file__).parent / "data" / name
+    """A dataset shipped with loramesh for the demo (devnet/data/)."""
+    return Path(__file__).parent.parent / "data" / name
 
 
 def read_prompts(path: Path) -> tuple[str, ...]:
@@ -75,8 +75,8 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
     packages = []
     for a in adapters:
         if not (a.peft_dir / "adapter_model.safetensors").is_file():
-            with Progress(TextColumn(f"• training {a.name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          console=console, transient=True) as progress:
+            with Progress(TextColumn(f"• training {a.name}"), BarColumn(),
+                          TextColumn("{task.completed}/{task.total}"), console=console, transient=True) as progress:
                 task = progress.add_task("train", total=80)
                 train_adapter(base, a.data_file, a.peft_dir, steps=80,
                               on_step=lambda s, _loss: progress.update(task, completed=s))

@@ -1,4 +1,4 @@
-"""`loramesh demo`: the whole network on this machine, from a tiny base model to attributed, settled answers."""
+"""The demo's flow, top to bottom: build, start, send, check, show; then stay up or stop everything."""
 
 from __future__ import annotations
 
@@ -6,33 +6,21 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
-from devnet import demo as models
-from devnet import demo_checks as checks
-from devnet import demo_network as net
 from devnet.anvil import free_port
+from devnet.demo import checks, network, stages
 from devnet.processes import ManagedProcess, ProcessGroup
 from node.adapters.basemodel import base_model_name
 
 PARTICIPANTS = ["alice", "bob", "operator1", "operator2", "gateway"]
 
 
-def demo(
-    workdir: Annotated[Path, typer.Option("--dir", help="Working folder for models, keys, logs and state.")] = Path(
-        "work/demo"),
-    fresh: Annotated[bool, typer.Option(help="Delete the working folder first and redo every stage.")] = False,
-    once: Annotated[bool, typer.Option(help="Exit after the checks instead of staying up until Ctrl-C.")] = False,
-) -> None:
-    """Run the whole network here: devnet, two contributors' adapters, two p2p nodes, the gateway, the explorer.
-
-    Sends real requests through the openai client, waits until every one is settled on chain,
-    checks that each is there exactly once and that the rewards add up, and prints who earned what.
-    """
+def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
+    """Run the whole network here, send real requests, check every one is settled on chain exactly once
+    and that the rewards add up, print who earned what; stay up until Ctrl-C unless `once`."""
     console = Console(soft_wrap=True)
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
@@ -43,23 +31,23 @@ def demo(
     for name in ("gateway.db", "gateway.db-wal", "gateway.db-shm"):
         (workdir / name).unlink(missing_ok=True)
     console.rule("[bold]loramesh demo")
-    base = models.make_base(workdir, console)
-    ids = models.make_identities(workdir, PARTICIPANTS, console)
-    adapters = models.demo_adapters(workdir, ids)
-    packages = models.train_and_pack(workdir, base, adapters, console)
-    anvil, deployment = net.start_chain(workdir, ids, console)
+    base = stages.make_base(workdir, console)
+    ids = stages.make_identities(workdir, PARTICIPANTS, console)
+    adapters = stages.demo_adapters(workdir, ids)
+    packages = stages.train_and_pack(workdir, base, adapters, console)
+    anvil, deployment = network.start_chain(workdir, ids, console)
     db_url = f"sqlite:///{(workdir / 'gateway.db').resolve()}"
     with ProcessGroup() as group:
         try:
-            net.publish_all(packages, ids, deployment, console)
+            network.publish_all(packages, ids, deployment, console)
             gateway_port = free_port()
-            nodes = net.start_nodes(group, workdir, base, ids, deployment, f"http://127.0.0.1:{gateway_port}",
-                                    console)
-            net.hand_packages_to_nodes(packages, nodes, console)
-            net.cross_fetch(packages, nodes, console)
-            api_key = net.create_api_key(db_url)
-            gateway_url = net.start_gateway(group, workdir, gateway_port, base, ids, deployment, db_url, console)
-            net.wait_for_models(gateway_url, api_key, [a.name for a in adapters], group, len(nodes))
+            nodes = network.start_nodes(group, workdir, base, ids, deployment,
+                                        f"http://127.0.0.1:{gateway_port}", console)
+            network.hand_packages_to_nodes(packages, nodes, console)
+            network.cross_fetch(packages, nodes, console)
+            api_key = network.create_api_key(db_url)
+            gateway_url = network.start_gateway(group, workdir, gateway_port, base, ids, deployment, db_url, console)
+            network.wait_for_models(gateway_url, api_key, [a.name for a in adapters], group, len(nodes))
             console.print("• sending requests through the openai client")
             answers = checks.send_requests(gateway_url, api_key, adapters, base_model_name(base))
             sent = checks.sent_requests(answers)  # the base-model comparisons are settled too
@@ -80,7 +68,8 @@ def demo(
                 "explorer", "--rpc", anvil.rpc_url, "--db", db_url, "--deployment", str(deployment),
                 "--port", str(explorer_port)], workdir / "logs" / "explorer.log"))
             explorer.wait_http(f"http://127.0.0.1:{explorer_port}/", timeout=60)
-            console.print(f"[bold]explorer[/]: http://127.0.0.1:{explorer_port}/   [bold]gateway[/]: {gateway_url}/v1   "
+            console.print(f"[bold]explorer[/]: http://127.0.0.1:{explorer_port}/   "
+                          f"[bold]gateway[/]: {gateway_url}/v1   "
                           f"[bold]API key[/]: {api_key}   [bold]chain[/]: {anvil.rpc_url}   logs: {workdir / 'logs'}")
             if not once:
                 console.print("running; press Ctrl-C to stop everything")
@@ -95,6 +84,7 @@ def demo(
 
 
 def wait_for_interrupt() -> None:
+    """Block until SIGINT or SIGTERM; the caller's `finally` then stops every process in order."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -125,7 +115,7 @@ def show_attribution(client, ids: dict[str, Path], console: Console) -> None:
     for col in ("participant", "address", "as node operator", "as adapter owner", "as dataset contributor", "total"):
         table.add_column(col)
     for name, path in ids.items():
-        address = load_identity(path, models.DEMO_PASSWORD).address
+        address = load_identity(path, stages.DEMO_PASSWORD).address
         s = rewards_summary(client, address)
         table.add_row(name, address, *(f"{s.by_role.get(r, 0) / 1e18:.6f}" for r in ("node", "adapter_owner",
                                                                                    "dataset")),

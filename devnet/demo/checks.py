@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
+from common.wire import ZERO_ID, hex0x
+
 
 class DemoCheckFailed(RuntimeError):
     """The demo's end-to-end check found something wrong."""
@@ -48,7 +50,7 @@ def sent_requests(answers: list[Answer]) -> list[Sent]:
         out.append(Sent(a.request_id, a.adapter, a.prompt_tokens, a.completion_tokens))
         if a.base_request_id:
             out.append(Sent(a.base_request_id, f"base model (vs {a.adapter})", a.base_prompt_tokens,
-                            a.base_completion_tokens, base=True))  # fmt: skip
+                            a.base_completion_tokens, base=True))
     return out
 
 
@@ -68,7 +70,7 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
             base = client.completions.create(model=base_name, prompt=prompt, max_tokens=16, temperature=0)
             out.append(Answer(a.name, "completion", prompt, r.choices[0].text, _rid(r.id), r.usage.prompt_tokens,
                               r.usage.completion_tokens, base.choices[0].text, _rid(base.id),
-                              base.usage.prompt_tokens, base.usage.completion_tokens))  # fmt: skip
+                              base.usage.prompt_tokens, base.usage.completion_tokens))
         chat = client.chat.completions.create(model=a.name, messages=[{"role": "user", "content": a.prompts[0]}],
                                               max_tokens=8, temperature=0)
         out.append(Answer(a.name, "chat", a.prompts[0], chat.choices[0].message.content or "", _rid(chat.id),
@@ -114,7 +116,7 @@ def check_on_chain(client, answers: list[Answer]) -> dict:
     client saw, base-model ones under the zero adapter id at the base price; accruals equal fees."""
     sent = {s.request_id: s for s in sent_requests(answers)}
     events = client.events("ledger", "RecordSettled")
-    counts = Counter("0x" + bytes(e["args"]["requestId"]).hex() for e in events)
+    counts = Counter(hex0x(e["args"]["requestId"]) for e in events)
     for rid, a in sent.items():
         if counts[rid] != 1:
             raise DemoCheckFailed(f"request {rid} ({a.label}) is on chain {counts[rid]} times, expected once")
@@ -122,7 +124,7 @@ def check_on_chain(client, answers: list[Answer]) -> dict:
     fees, base_fees, batches = 0, 0, set()
     for e in events:
         args = e["args"]
-        rid = "0x" + bytes(args["requestId"]).hex()
+        rid = hex0x(args["requestId"])
         if rid in sent:
             a = sent[rid]
             if (args["promptTokens"], args["completionTokens"]) != (a.prompt_tokens, a.completion_tokens):
@@ -130,8 +132,8 @@ def check_on_chain(client, answers: list[Answer]) -> dict:
                                       f"tokens, the client was told {a.prompt_tokens}+{a.completion_tokens}")
             if a.base:
                 want = base_price * (a.prompt_tokens + a.completion_tokens) // 1000
-                adapter = "0x" + bytes(args["adapterId"]).hex()
-                if adapter != "0x" + "00" * 32 or args["fee"] != want:
+                adapter = hex0x(args["adapterId"])
+                if adapter != ZERO_ID or args["fee"] != want:
                     raise DemoCheckFailed(f"base-model request {rid}: chain has adapter {adapter} and fee "
                                           f"{args['fee']} wei, expected the zero id and {want} wei")
                 base_fees += args["fee"]
