@@ -173,9 +173,9 @@ def record_settled_logs(w3, ledger: str, from_block: int) -> dict[str, list[tupl
 
 
 def soak(args) -> int:
-    import gateway.models  # noqa: F401 - registers the gateway's tables
+    import gateway.tables  # noqa: F401 - registers the gateway's tables
     from gateway.keys import create_key
-    from gateway.models import CompletionRecord
+    from gateway.tables import CompletionRecord
     from ledger.db import init_db, make_engine
     from ledger.models import SettlementBatch, UsageRecord
     from ledger.outbox import count_by_status

@@ -1,9 +1,5 @@
-"""OpenAI-compatible gateway: node directory, router, usage capture."""
+"""OpenAI-compatible gateway: node directory, router, usage capture.
 
-from gateway.app import create_app
-from gateway.errors import GatewayError
-from gateway.keys import create_key, hash_secret, list_keys, lookup_key, revoke_key
-from gateway.settings import GatewaySettings
-
-__all__ = ["GatewayError", "GatewaySettings", "create_app", "create_key", "hash_secret", "list_keys", "lookup_key",
-           "revoke_key"]  # fmt: skip
+The package exports nothing: import the module you need (gateway.main.create_app, gateway.settings,
+gateway.keys, ...). Importing a light module such as gateway.router must not load the web app, the
+database or the chain client (tests/test_layering.py checks it)."""

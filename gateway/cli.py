@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ledger.db import DEFAULT_DB_URL
+
 log = logging.getLogger("gateway.cli")  # not __name__: it is __main__ under python -m
 console = Console(soft_wrap=True)
 
@@ -23,11 +25,11 @@ MaxPriceOpt = Annotated[int | None, typer.Option(
     "1,000 tokens; a dearer one is refused with 403 price_exceeds_key_limit (default: the gateway's "
     "LORAMESH_GATEWAY_DEFAULT_MAX_PRICE_PER_1K_TOKENS).")]  # fmt: skip
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default $LORAMESH_GATEWAY_DB_URL or "
-                                           "sqlite:///loramesh.db).")]  # fmt: skip
+                                           f"{DEFAULT_DB_URL}).")]  # fmt: skip
 
 
 def _engine(db: str | None):
-    import gateway.models  # noqa: F401 - registers the gateway's tables
+    import gateway.tables  # noqa: F401 - registers the gateway's tables
     from gateway.settings import GatewaySettings
     from gateway.storage import tighten_sqlite_file
     from ledger.db import init_db, make_engine
@@ -41,6 +43,9 @@ def _engine(db: str | None):
 
 @gateway_app.command("run")
 def run(
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file of gateway settings (the names of "
+                                                "LORAMESH_GATEWAY_*, lower case); flags and the environment win "
+                                                "over it.")] = None,
     rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
     deployment: Annotated[Path | None, typer.Option("--deployment", help="Deployment file (addresses).")] = None,
     key: Annotated[Path | None, typer.Option("--key", help="Identity or hex key file of the settler account "
@@ -58,23 +63,16 @@ def run(
                                 "gateway's calls to nodes (created 0600 when missing; default: a new key per "
                                 "start).")] = None,  # fmt: skip
 ) -> None:
-    """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT."""
-    from gateway.app import create_app
-    from gateway.settings import GatewaySettings
+    """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT.
+
+    Each setting comes from its flag, else LORAMESH_GATEWAY_<NAME>, else the --config file, else its default."""
+    from gateway.main import create_app
     from ledger.db import redact_url
     from common.serving import serve
 
-    overrides = {name: v for name, v in (("rpc_url", rpc), ("deployment", deployment), ("key_file", key),
-                                          ("db_url", db), ("port", port), ("host", host), ("owners_k", k),
-                                          ("bases", base or None), ("default_max_price_per_1k_tokens", max_price),
-                                          ("gateway_key_file", gateway_key_file))
-                 if v is not None}  # fmt: skip
-    if no_settle:
-        overrides["settle"] = False
-    settings = GatewaySettings(**overrides)
-    logging.getLogger("gateway").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = gateway_settings(config, rpc_url=rpc, deployment=deployment, key_file=key, db_url=db, port=port,
+                                host=host, owners_k=k, bases=base or None, default_max_price_per_1k_tokens=max_price,
+                                gateway_key_file=gateway_key_file, settle=False if no_settle else None)  # fmt: skip
     chain_client = None
     if settings.deployment is not None:
         from ledger.chain import ChainClient
@@ -86,6 +84,22 @@ def run(
     app = create_app(settings, chain_client=chain_client)
     log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, redact_url(settings.db_url))
     serve(app, host=settings.host, port=settings.port, name="gateway")
+
+
+def gateway_settings(config: Path | None = None, **flags):
+    """The gateway's settings (flags that are None are not given), or a one-line command-line error naming
+    what is wrong: an unknown name in the config file, a value out of range, a config file that is not there."""
+    from pydantic import ValidationError
+
+    from gateway.settings import GatewaySettings
+
+    try:
+        return GatewaySettings.load(config, **flags)
+    except ValidationError as e:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()),
+                                 param_hint="gateway settings") from None  # fmt: skip
+    except ValueError as e:  # a config file that is not there
+        raise typer.BadParameter(str(e), param_hint="--config") from None
 
 
 @keys_app.command("create")
@@ -159,4 +173,7 @@ def keys_revoke(ident: Annotated[str, typer.Argument(help="Key id or shown prefi
 
 
 if __name__ == "__main__":
+    from common.logs import configure_logging
+
+    configure_logging()
     gateway_app()

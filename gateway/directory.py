@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from gateway.errors import BadRequest, Forbidden
-from gateway.registry import RegistryView
+from gateway.chain_registry import RegistryView
 from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartbeat
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,15 @@ class NodeLocal:
     # adapter id -> wall-clock ms when we saw it loaded there (served a token, or a prefetch succeeded);
     # it counts as resident until a heartbeat newer than that says otherwise
     loaded: dict[str, int] = field(default_factory=dict)
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """One request of this gateway on the node while the context holds (its load, to the router)."""
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight = max(0, self.inflight - 1)
 
     def saw_loaded(self, adapter_id: str) -> None:
         self.loaded[adapter_id] = int(time.time() * 1000)

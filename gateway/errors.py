@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse
+from common.wire import error_body
 
 
 class GatewayError(RuntimeError):
@@ -24,21 +24,16 @@ class GatewayError(RuntimeError):
     def body(self) -> dict:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
-    def response(self) -> JSONResponse:
+    def response(self):
+        """The error as a JSON answer (starlette is imported here: the errors are raised by modules that stay
+        free of the web stack, gateway.router's import included)."""
+        from starlette.responses import JSONResponse
+
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
-    """The OpenAI error object."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-# The OpenAI error object as an OpenAPI media type, declared on every status the gateway answers with
-OPENAI_ERROR_JSON = {"application/json": {"schema": {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
-        "code": {"type": ["string", "null"]}}}}}}}
+# the statuses the gateway answers with, each declared in the OpenAPI schema in the error shape
+# (common.http.ERROR_JSON)
 ERROR_STATUSES = {400: "a malformed request", 401: "no or a wrong API key", 403: "a model the key may not use",
                   404: "an unknown model or route", 405: "a method the route does not take",
                   413: "a body over the limit", 429: "over the key's rate limit", 500: "a bug (no details)",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from gateway.models import AdapterGrant, KeyPolicy
+from gateway.tables import AdapterGrant, KeyPolicy
 from ledger.models import ApiKey, utcnow
 from common.wire import sha256_hex
 

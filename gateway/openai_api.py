@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
-from common.wire import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, parse_json, sse_frame
+
+if TYPE_CHECKING:
+    from gateway.router import Target
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 
@@ -180,6 +182,16 @@ def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_M
         raise BadRequest(f"{path or 'body'}: {msg}", param=param) from e
 
 
+def to_node_request(req: CompletionRequest | ChatRequest, target: Target, prompt_token_ids: list[int], *,
+                    max_tokens: int, request_id: str) -> dict:
+    """The node API's generate body for an OpenAI request: the prompt as the token ids the gateway made (their
+    number is the prompt count billed), OpenAI's sampling defaults made explicit."""
+    return {"adapter_id": target.adapter_id, "prompt_token_ids": prompt_token_ids, "max_tokens": max_tokens,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "stop": req.stop_list(),
+            "request_id": request_id}  # fmt: skip
+
+
 def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -212,7 +224,7 @@ class ChunkBuilder:
         obj = {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices}
         if self.include_usage:
             obj["usage"] = usage
-        return sse(obj)
+        return sse_frame(obj)
 
     def role(self) -> bytes:
         """Chat streams open with the assistant role."""
@@ -232,9 +244,3 @@ class ChunkBuilder:
     def usage(self, usage: dict) -> bytes:
         return self._chunk([], usage)
 
-
-def sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-DONE = b"data: [DONE]\n\n"

@@ -20,10 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC
+from typing import TYPE_CHECKING
 
-from gateway.models import CompletionRecord, RequestStatus
+from gateway.tables import CompletionRecord, RequestStatus
 from gateway.usage import RequestEnd
 from ledger.models import utcnow
+
+if TYPE_CHECKING:  # it is called by Gateway.reconcile_loop
+    from gateway.service import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +35,9 @@ RECONCILE_BATCH = 100  # open requests taken per pass
 RECONCILE_CONCURRENCY = 16  # nodes asked at once
 
 
-async def reconcile(gw) -> int:
+async def reconcile(gw: Gateway) -> int:
     """One pass over the orphaned open requests, within reconcile_pass_s; returns how many were closed."""
-    rows = await asyncio.to_thread(gw.recorder.orphaned, gw.settings.instance_lease_s, RECONCILE_BATCH)
+    rows = await asyncio.to_thread(gw.book.recorder.orphaned, gw.settings.instance_lease_s, RECONCILE_BATCH)
     if not rows:
         return 0
     gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
@@ -44,7 +48,7 @@ async def reconcile(gw) -> int:
             end = await _end_of(gw, row)
         if end is None:
             return  # still running on its node, or the node cannot be asked yet: a later pass tries again
-        result = await gw.record(end)
+        result = await gw.book.record(end)
         if result != "already_closed":
             log.warning("request %s of a gateway that died: closed as %s (%s)", row.request_id[:10], end.status,
                         result)  # fmt: skip
@@ -61,11 +65,11 @@ async def reconcile(gw) -> int:
     if pending:
         log.warning("reconciliation pass stopped after %.0f s with %d request(s) unanswered",
                     gw.settings.reconcile_pass_s, len(pending))  # fmt: skip
-    await asyncio.to_thread(gw.recorder.tried, [r.request_id for r in rows if r.request_id not in closed])
+    await asyncio.to_thread(gw.book.recorder.tried, [r.request_id for r in rows if r.request_id not in closed])
     return len(closed)
 
 
-def _base_of(gw, row: CompletionRecord) -> str | None:
+def _base_of(gw: Gateway, row: CompletionRecord) -> str | None:
     if row.adapter_id is not None:
         a = gw.registry.adapters.get(row.adapter_id)
         return a.base_model_id if a else None
@@ -73,7 +77,7 @@ def _base_of(gw, row: CompletionRecord) -> str | None:
     return n.base_model_id if n else None
 
 
-async def _end_of(gw, row: CompletionRecord) -> RequestEnd | None:
+async def _end_of(gw: Gateway, row: CompletionRecord) -> RequestEnd | None:
     base = _base_of(gw, row)
     end = RequestEnd(request_id=row.request_id, model=row.model, adapter_id=row.adapter_id, node_id=row.node_id,
                      status=RequestStatus.RECONCILED, key_id=row.key_id, prompt_tokens=row.prompt_tokens,

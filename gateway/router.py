@@ -1,12 +1,25 @@
-"""The router: rendezvous-hash owners per adapter, resident-first, least-loaded, spill when saturated."""
+"""The router: rendezvous-hash owners per adapter, resident-first, least-loaded, spill when saturated.
+
+Pure logic over node entries: importing it loads no web, database or chain library (tests/test_layering.py)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from gateway.directory import NodeEntry
+if TYPE_CHECKING:  # only a type here: gateway.directory imports the chain registry (sqlalchemy)
+    from gateway.directory import NodeEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request's `model` resolved to (gateway.catalog.ModelCatalog.resolve): what the router routes."""
+
+    model: str
+    adapter_id: str | None  # None: the bare base model
+    base_model_id: str
 
 
 def rendezvous_score(adapter_id: str, node_id: str) -> int:

@@ -1,23 +1,28 @@
-"""Gateway configuration (pydantic-settings, env prefix LORAMESH_GATEWAY_)."""
+"""Gateway configuration: flags, then LORAMESH_GATEWAY_* environment variables, then a TOML config file
+(`loramesh gateway run --config FILE`), then the defaults here (common.settings.ServiceSettings)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import ServiceSettings
+from ledger.db import DEFAULT_DB_URL
 
 
 # the largest request body by default: a long context's worth of text, far below what could hurt the gateway
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
-class GatewaySettings(BaseSettings):
-    """Everything `loramesh gateway run` needs; each field can come from LORAMESH_GATEWAY_<NAME>."""
+class GatewaySettings(ServiceSettings):
+    """Everything `loramesh gateway run` needs; each field can come from LORAMESH_GATEWAY_<NAME> or the
+    config file (the same names, lower case)."""
 
     model_config = SettingsConfigDict(env_prefix="LORAMESH_GATEWAY_", extra="forbid")
 
-    db_url: str = "sqlite:///loramesh.db"
+    db_url: str = DEFAULT_DB_URL
     rpc_url: str | None = None  # default: the deployment file's
     deployment: Path | None = None  # without one, the node directory reads the mirror tables only
     key_file: Path | None = None  # the settler's identity (EVM account); without it nothing is settled

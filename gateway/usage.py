@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlmodel import Session, select
 
-from gateway.models import CompletionRecord, GatewayInstance, RequestStatus
+from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from ledger.models import RecordStatus, UsageRecord, utcnow
 from ledger.outbox import OutboxError, add_usage_record
 from ledger.types import BASE_MODEL_ADAPTER_ID

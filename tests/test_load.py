@@ -20,7 +20,7 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from gateway.models import CompletionRecord, RequestStatus
+from gateway.tables import CompletionRecord, RequestStatus
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters import AdapterStore
 from tests.gateway import TINY

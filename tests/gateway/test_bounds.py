@@ -10,7 +10,7 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from gateway.app import create_app
+from gateway.main import create_app
 from gateway.keys import create_key
 from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord

@@ -51,6 +51,35 @@ def test_settings_from_env(monkeypatch):
         GatewaySettings()
 
 
+def test_settings_from_a_config_file_flags_and_env_win(tmp_path, monkeypatch):
+    from gateway.cli import gateway_settings
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('port = 9100\nowners_k = 5\nhost = "0.0.0.0"\ndb_url = "sqlite:///from-file.db"\n')
+    s = gateway_settings(config)
+    assert (s.port, s.owners_k, s.host, s.db_url) == (9100, 5, "0.0.0.0", "sqlite:///from-file.db")
+    monkeypatch.setenv("LORAMESH_GATEWAY_OWNERS_K", "3")
+    s = gateway_settings(config, port=9200, host=None)  # a flag not given (None) leaves the file's value
+    assert (s.port, s.owners_k, s.host) == (9200, 3, "0.0.0.0")  # flag over file, env over file
+
+
+def test_an_unknown_name_in_the_config_file_is_refused_in_one_line(tmp_path):
+    import typer
+
+    from gateway.cli import gateway_settings
+
+    config = tmp_path / "gateway.toml"
+    config.write_text("port = 9100\nowner_k = 5\n")  # a typo of owners_k
+    with pytest.raises(typer.BadParameter) as refused:
+        gateway_settings(config)
+    message = refused.value.format_message()
+    assert len(message.splitlines()) == 1 and "owner_k" in message, message
+    r = runner.invoke(gateway_app, ["run", "--config", str(config), "--db", f"sqlite:///{tmp_path / 'g.db'}"])
+    assert r.exit_code != 0  # nothing served on settings it could not read
+    with pytest.raises(typer.BadParameter, match="does not exist"):
+        gateway_settings(tmp_path / "missing.toml")
+
+
 def test_keys_update_and_run_options(tmp_path):
     db = f"sqlite:///{tmp_path / 'k.db'}"
     r = runner.invoke(gateway_app, ["keys", "update", "lm-nothing", "--rpm", "3", "--db", db])

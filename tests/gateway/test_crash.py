@@ -19,10 +19,10 @@ from sqlmodel import Session, select
 
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
-from gateway.app import create_app
+from gateway.main import create_app
 from gateway.identity import load_or_create_gateway_key
 from gateway.keys import create_key
-from gateway.models import CompletionRecord, RequestStatus
+from gateway.tables import CompletionRecord, RequestStatus
 from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id, base_model_name

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.directory import NodeDirectory
 from gateway.errors import BadRequest, Forbidden
-from gateway.registry import RegistryView
+from gateway.chain_registry import RegistryView
 from node.heartbeat import make_heartbeat
 from common.identity import Identity
 from tests.utils.gateway import add_adapter, add_node, make_db

@@ -220,8 +220,8 @@ def test_fuzzed_heartbeats_never_get_a_server_error(w, data):
 def test_an_unhandled_error_is_a_500_answer_and_the_connection_stays(tmp_path, monkeypatch):
     """A bug behind a route (here: listing models raises) answers 500 in the error shape, and the client's
     keep-alive connection serves its next request (found: dropped after the 500)."""
-    from gateway.app import create_app
-    from gateway.service import Gateway
+    from gateway.main import create_app
+    from gateway.catalog import ModelCatalog
     from gateway.settings import GatewaySettings
     from tests.utils.servers import ServerThread
 
@@ -235,7 +235,7 @@ def test_an_unhandled_error_is_a_500_answer_and_the_connection_stays(tmp_path, m
             raise RuntimeError("a bug")
         return []
 
-    monkeypatch.setattr(Gateway, "list_models", broken)
+    monkeypatch.setattr(ModelCatalog, "list_models", broken)
     with ServerThread(create_app(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}"))) as srv:
         with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
             first = c.get("/v1/models")

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from gateway.app import create_app
+from gateway.main import create_app
 from gateway.keys import create_key
 from gateway.settings import GatewaySettings
 from node.adapters.basemodel import base_model_id

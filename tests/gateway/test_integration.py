@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess, ProcessGroup
 from gateway.keys import create_key
-from gateway.models import CompletionRecord
+from gateway.tables import CompletionRecord
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.adapters.basemodel import base_model_name

@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 
 from gateway.keys import (ApiKeyError, KeyCache, create_key, hash_secret, list_keys, lookup_key,
                           private_adapter_names, revoke_key)
-from gateway.models import AdapterGrant
+from gateway.tables import AdapterGrant
 from ledger.models import ApiKey
 from tests.utils.gateway import make_db
 

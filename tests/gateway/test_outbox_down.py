@@ -14,9 +14,9 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from gateway.app import create_app
+from gateway.main import create_app
 from gateway.keys import create_key
-from gateway.models import CompletionRecord
+from gateway.tables import CompletionRecord
 from gateway.settings import GatewaySettings
 from ledger.models import UsageRecord
 from node.adapters.basemodel import base_model_id

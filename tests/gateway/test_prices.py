@@ -11,7 +11,7 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
-from gateway.app import create_app
+from gateway.main import create_app
 from gateway.cli import gateway_app
 from gateway.keys import create_key, lookup_key, update_key
 from gateway.settings import GatewaySettings

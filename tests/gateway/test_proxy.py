@@ -13,9 +13,9 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from gateway.app import create_app
+from gateway.main import create_app
 from gateway.keys import create_key, revoke_key
-from gateway.models import CompletionRecord, RequestStatus
+from gateway.tables import CompletionRecord, RequestStatus
 from gateway.router import rank_nodes
 from gateway.settings import GatewaySettings
 from ledger.models import UsageRecord

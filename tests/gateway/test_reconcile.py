@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from sqlmodel import Session
 
-from gateway.models import CompletionRecord, RequestStatus
+from gateway.tables import CompletionRecord, RequestStatus
 from gateway.reconcile import reconcile
 from gateway.usage import UsageRecorder
 from common.identity import Identity
@@ -144,7 +144,7 @@ def test_nodes_are_asked_in_parallel_within_a_time_limit(world):
 
 def test_the_instance_heartbeat_does_not_wait_for_reconciliation(tmp_path, monkeypatch):
     import gateway.reconcile
-    from gateway.registry import RegistryView
+    from gateway.chain_registry import RegistryView
     from gateway.service import Gateway
     from gateway.settings import GatewaySettings
 
@@ -158,11 +158,11 @@ def test_the_instance_heartbeat_does_not_wait_for_reconciliation(tmp_path, monke
         await asyncio.sleep(3600)  # three unreachable nodes, say
 
     monkeypatch.setattr(gateway.reconcile, "reconcile", slow_pass)
-    beat = gw.recorder.beat
-    monkeypatch.setattr(gw.recorder, "beat", lambda: (beats.append(time.monotonic()), beat()))
+    beat = gw.book.recorder.beat
+    monkeypatch.setattr(gw.book.recorder, "beat", lambda: (beats.append(time.monotonic()), beat()))
 
     async def main():
-        tasks = [asyncio.create_task(gw.outbox_loop()), asyncio.create_task(gw.reconcile_loop())]
+        tasks = [asyncio.create_task(gw.book.outbox_loop()), asyncio.create_task(gw.reconcile_loop())]
         await asyncio.sleep(1.0)
         for t in tasks:
             t.cancel()

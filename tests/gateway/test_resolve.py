@@ -1,4 +1,4 @@
-"""Gateway.resolve: a model string shaped like an id resolves only as an id, and a base model's name or
+"""ModelCatalog.resolve: a model string shaped like an id resolves only as an id, and a base model's name or
 id always to the base model; an adapter name can shadow neither (H3)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from gateway.directory import NodeDirectory
 from gateway.errors import ModelNotFound
 from gateway.keys import KeyInfo
-from gateway.registry import RegistryView
-from gateway.service import Gateway
+from gateway.chain_registry import RegistryView
+from gateway.catalog import ModelCatalog
 from node.adapters.basemodel import base_model_name
 from node.heartbeat import make_heartbeat
 from common.identity import Identity
@@ -50,12 +50,12 @@ def world(tmp_path):
                                               ts_ms=int(time.time() * 1000)))  # fmt: skip
     # the bases this gateway was configured with (--base): their names are the only base names it knows
     gw = SimpleNamespace(registry=reg, directory=directory, base_names={BASE: "tiny"},
-                         _visible=partial(Gateway._visible, None))  # fmt: skip
+                         _visible=partial(ModelCatalog._visible, None))  # fmt: skip
     return engine, reg, gw, clock
 
 
 def resolve(gw, model):
-    return Gateway.resolve(gw, model, KEY, frozenset())
+    return ModelCatalog.resolve(gw, model, KEY, frozenset())
 
 
 def test_names_ids_and_bases_resolve(world):

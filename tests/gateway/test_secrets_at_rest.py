@@ -10,7 +10,7 @@ import stat
 import httpx
 import pytest
 
-from gateway.app import create_app
+from gateway.main import create_app
 from gateway.identity import load_or_create_gateway_key
 from gateway.settings import GatewaySettings
 from ledger.db import redact_url

@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlmodel import Session, select
 
-from gateway.models import CompletionRecord, GatewayInstance, RequestStatus
+from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
@@ -303,10 +303,10 @@ def test_older_gateway_tables_get_the_new_columns(tmp_path):
     # one migration for every table (ledger.db.init_db, under its lock); the gateway has no copy of its own
     from sqlalchemy import inspect, text
 
-    import gateway.models
+    import gateway.tables
     from ledger.db import init_db, make_engine
 
-    assert not hasattr(gateway.models, "add_missing_columns")
+    assert not hasattr(gateway.tables, "add_missing_columns")
     engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     with engine.begin() as c:  # the tables as an older gateway made them
         c.execute(text(OLD_KEY_POLICIES))
@@ -332,7 +332,7 @@ def test_gateways_starting_together_on_postgres_all_migrate(postgres):
 
     from sqlalchemy import inspect, text
 
-    import gateway.models  # noqa: F401 - registers the gateway's tables
+    import gateway.tables  # noqa: F401 - registers the gateway's tables
     from ledger.db import init_db, make_engine
 
     url = postgres.new_database("migrate")

@@ -14,8 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session, SQLModel
 
-import gateway.models  # noqa: F401 - registers the gateway's tables
-from gateway.relay import ABORT_DRAIN_TIMEOUT_S
+import gateway.tables  # noqa: F401 - registers the gateway's tables
+from gateway.request import ABORT_DRAIN_TIMEOUT_S
 from ledger.db import init_db, make_engine
 from ledger.models import AdapterMirror, NameMirror, NodeMirror
 from node.receipts import make_receipt, sign_receipt

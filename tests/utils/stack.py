@@ -91,7 +91,7 @@ class Heartbeats:
 
 def start_gateway(root: Path, tiny_base: Path, *, rpm: int | None = None, **settings) -> GatewayServer:
     """The gateway app (SQLite database in `root`, no settling) under uvicorn, with one API key."""
-    from gateway.app import create_app
+    from gateway.main import create_app
     from gateway.keys import create_key
     from gateway.settings import GatewaySettings
 

@@ -1,0 +1,32 @@
+"""FastAPI dependencies of the gateway's routes: the gateway instance, and the authenticated (and admitted)
+API key of a request."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.admission import AuthContext
+from gateway.service import Gateway
+
+
+def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+async def authenticate(request: Request, gw: GatewayDep) -> AuthContext:
+    """The request's API key (AuthError, 401) within its rate limits (RateLimited, 429)."""
+    header = request.headers.get("authorization")
+    admission = gw.admission
+    # a cached key answers on the event loop; only a miss pays the worker thread and the database
+    auth = admission.cached_auth(header) or await asyncio.to_thread(admission.authenticate, header)
+    admission.admit(auth.key)
+    return auth
+
+
+AuthDep = Annotated[AuthContext, Depends(authenticate)]

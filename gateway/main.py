@@ -1,0 +1,192 @@
+"""The gateway's FastAPI app: create_app builds the gateway (gateway.service.Gateway), its lifespan
+(registry sync, outbox check, reconciliation, the in-process settler), the error handlers and middleware,
+and includes the routes (gateway/routes/). A request's own life is gateway.request.ServedRequest's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.chain_registry import RegistryView
+from gateway.errors import ERROR_STATUSES, BadRequest, GatewayError
+from gateway.openai_api import ChatRequest, CompletionRequest
+from gateway.routes import internal, openai
+from gateway.service import Gateway
+from gateway.settings import GatewaySettings
+from gateway.settlement import InProcessSettler
+from gateway.storage import tighten_sqlite_file
+from common.http import BodyLimitMiddleware, error_responses
+from common.wire import error_body, restore_recursion_limit
+
+log = logging.getLogger(__name__)
+
+
+def _settler(settings: GatewaySettings, client, account) -> InProcessSettler:
+    from ledger.db import make_engine
+    from ledger.settler import Settler
+    from ledger.settler_config import SettlerConfig
+
+    engine = make_engine(settings.db_url, immediate=True)
+    return InProcessSettler(Settler(engine, client.with_account(account),
+                                    SettlerConfig(batch_size=settings.settle_batch_size,
+                                                  interval=settings.settle_interval_s,
+                                                  max_in_flight=settings.settle_max_in_flight)))  # fmt: skip
+
+
+INTERNAL_ERROR = error_body("internal gateway error", type="server_error", code="internal_error")
+
+
+class _AnswerUnhandled:
+    """An exception no handler took becomes the 500 error answer here, inside the app, and the connection stays
+    usable: Starlette's outermost handler answers too, but then re-raises, and uvicorn closes the client's
+    keep-alive connection (a client's next request on it failed)."""
+
+    def __init__(self, app, on_error=None) -> None:
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if started:  # too late for an answer: the stream is cut, as it would be anyway
+                raise
+            log.exception("unhandled error on %s", scope.get("path"))
+            if self.on_error is not None:
+                self.on_error(scope.get("path", ""))
+            await JSONResponse(INTERNAL_ERROR, status_code=500)(scope, receive, send)
+
+
+def _declare_bodies(app: FastAPI) -> None:
+    """Declare the OpenAI routes' JSON bodies in the OpenAPI schema: the handlers read their bodies themselves
+    (through the bounded parser), so FastAPI cannot see them, and clients and schema fuzzers would not either."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = generate()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatRequest)):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(body.pop("$defs", {}))
+            schemas[model.__name__] = body
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            doc["paths"][path]["post"]["requestBody"] = {"required": True,
+                                                         "content": {"application/json": {"schema": ref}}}
+        return doc
+
+    app.openapi = openapi
+
+
+def create_app(settings: GatewaySettings | None = None, *, chain_client=None, settler_account=None) -> FastAPI:
+    """A gateway app. The chain client defaults to one built from settings.deployment (registry mirror
+    sync); the settler runs in-process when a settler account (or settings.key_file) is given."""
+    import gateway.tables  # noqa: F401 - registers the gateway's tables
+    from ledger.db import init_db, make_engine, redact_url
+
+    from gateway.usage import set_busy_timeout
+
+    settings = settings or GatewaySettings()
+    tighten_sqlite_file(settings.db_url)  # 0600: it holds key hashes and usage
+    engine = make_engine(settings.db_url)
+    set_busy_timeout(engine, settings.db_busy_timeout_s)
+    init_db(engine)  # creates every registered table and adds missing columns, the gateway's included
+    if chain_client is None and settings.deployment is not None:
+        from ledger.chain import ChainClient
+
+        chain_client = ChainClient.from_deployment(settings.deployment, rpc_url=settings.rpc_url, check=False)
+    if settler_account is None and settings.key_file is not None and settings.settle:
+        from ledger.keys import load_account
+
+        settler_account = load_account(settings.key_file)
+    gw = Gateway(settings, engine, RegistryView(engine, chain_client))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        restore_recursion_limit()  # after every import (py_ecc raises it at import time)
+        log.info("gateway key %s (nodes trust this gateway's calls by it); database %s", gw.gateway_key_hex,
+                 redact_url(settings.db_url))  # fmt: skip
+        # tokenizers and chat templates load before the first request: loading them on concurrent first
+        # requests raced in transformers' lazy imports (500s)
+        await asyncio.to_thread(gw.templates.warm)
+        await gw.book.load_disputes()
+        loop = asyncio.get_running_loop()
+        loops = [loop.create_task(gw.sync_loop(), name="registry-sync"),
+                 loop.create_task(gw.book.outbox_loop(), name="outbox-check"),
+                 loop.create_task(gw.reconcile_loop(), name="reconcile")]  # fmt: skip
+        if settler_account is not None and chain_client is not None and settings.settle:
+            app.state.settler = _settler(settings, chain_client, settler_account)
+            app.state.settler.start()
+        try:
+            yield
+        finally:
+            for task in loops:
+                task.cancel()
+            await gw.aclose()
+            if app.state.settler is not None:
+                await app.state.settler.stop()
+
+    app = FastAPI(title="loramesh gateway", lifespan=lifespan, responses=error_responses(ERROR_STATUSES))
+
+    def _unhandled(path: str) -> None:
+        if path.startswith("/v1/"):
+            gw.metrics.requests.labels("-", "500").inc()
+
+    app.add_middleware(_AnswerUnhandled, on_error=_unhandled)
+    # no body is read past its limit; a heartbeat is small, a prompt may be large (a context's worth of text)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       overrides={"/internal/": settings.max_heartbeat_bytes})  # fmt: skip
+    _add_error_handlers(app, gw)
+    app.include_router(internal.router)
+    app.include_router(openai.router)
+    _declare_bodies(app)
+    app.state.gateway = gw
+    app.state.settler = None  # the in-process settler, when this gateway settles
+    return app
+
+
+def _add_error_handlers(app: FastAPI, gw: Gateway) -> None:
+    """Every error answers in the OpenAI error shape; errors on /v1/ count in the request metrics."""
+
+    def _count_error(request: Request, status: int) -> None:
+        model = getattr(request.state, "model", None) or "-"
+        if request.url.path.startswith("/v1/"):
+            gw.metrics.requests.labels(model, str(status)).inc()
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        _count_error(request, exc.status)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {}
+        return BadRequest(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), type=kind, code=None), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        # the last resort, for errors outside _AnswerUnhandled (in the middleware above it): still JSON
+        log.exception("unhandled error on %s", request.url.path)
+        _count_error(request, 500)
+        return JSONResponse(INTERNAL_ERROR, status_code=500)

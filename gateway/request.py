@@ -1,0 +1,544 @@
+"""One OpenAI request's life, owned by one object (ServedRequest): parse the body, resolve its model, tokenize
+the prompt, route it, fail over before the first token, relay the tokens (and count them: the gateway bills
+what it delivered, the tokens it relayed before the client left or the node's stream broke), then abort if
+needed, record the end with the node's receipt and charge the key's tokens.
+
+The route hands it the authenticated key and the HTTP request and gets the answer back (a JSON body, or an
+event stream that ends the request when it ends); the parts it uses come typed in RequestDeps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.admission import Admission, AuthContext
+from gateway.catalog import ModelCatalog
+from gateway.chat import ChatTemplates
+from gateway.directory import NodeDirectory, NodeEntry
+from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
+from gateway.metrics import GatewayMetrics
+from gateway.node_client import NodeClient, NodeRejected, NodeUnavailable, UpstreamStream
+from gateway.openai_api import (
+    ChatRequest,
+    ChunkBuilder,
+    CompletionRequest,
+    chat_response,
+    completion_response,
+    finish_reason,
+    parse_body,
+    to_node_request,
+    usage_dict,
+)
+from gateway.router import Route, Router, Target
+from gateway.settings import GatewaySettings
+from gateway.tables import RequestStatus
+from gateway.tasks import Background
+from gateway.usage import RequestEnd
+from gateway.usage_book import UsageBook
+from common.wire import SSE_DONE, error_body, hex0x, sse_frame
+
+log = logging.getLogger(__name__)
+
+# after aborting a request, how long the gateway reads the node's stream on to its done event (for the
+# receipt it carries; the tokens read meanwhile reach nobody and are not paid) before it settles for the
+# abort's own receipt
+ABORT_DRAIN_TIMEOUT_S = 5.0
+# events other than tokens a node may send in one request (a real node sends an error and a done event at
+# most): a node that sends more is cut off, so it cannot hold a request open with events that never end
+MAX_OTHER_EVENTS = 64
+_READ_ERRORS = (StopAsyncIteration, httpx.HTTPError, ValueError, RuntimeError)
+# prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
+# worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
+INLINE_TOKENIZE_CHARS = 4096
+
+
+class DeadlinePassed(Exception):
+    """The request ran past its deadline (settings.request_deadline_s after dispatch)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDeps:
+    """The parts of one gateway a request uses (gateway.service.Gateway builds them once)."""
+
+    settings: GatewaySettings
+    catalog: ModelCatalog  # model -> Target, prices
+    templates: ChatTemplates  # tokenizers and chat templates
+    router: Router
+    directory: NodeDirectory  # live nodes
+    nodes: NodeClient  # the node API
+    book: UsageBook  # open, move and close records; the outbox's health
+    admission: Admission  # the key's token charge
+    metrics: GatewayMetrics
+    background: Background  # tasks a client's cancellation does not end
+
+
+async def _written(opening: asyncio.Future) -> bool:
+    """Whether the open record was written (waits for the write; the waiter's cancellation leaves it be)."""
+    try:
+        await asyncio.shield(opening)
+    except GatewayError:
+        return False
+    return True
+
+
+async def _blocking(templates: ChatTemplates, size: int, fn, base: str, *args):
+    """fn(base, *args) on the event loop when the prompt is short and the base's tokenizer is loaded, else in
+    a worker thread."""
+    if size <= INLINE_TOKENIZE_CHARS and templates.loaded(base):
+        return fn(base, *args)
+    return await asyncio.to_thread(fn, base, *args)
+
+
+class ServedRequest:
+    """Lifecycle: `await respond(http)`, once. Before anything reaches the client the request is recorded as
+    open (and an error raised instead, with the open record closed as not served); a non-streaming answer
+    is the text once the node finished; a streamed one ends the request when its last event is sent or the
+    client leaves. `usage` is the gateway's own count: the prompt ids it sent, the token events it relayed."""
+
+    def __init__(self, deps: RequestDeps, auth: AuthContext, *, chat: bool) -> None:
+        self.d, self.auth, self.chat = deps, auth, chat
+        self.endpoint = "chat" if chat else "completions"
+        self.key_id: int | None = auth.key.id
+        self.req: ChatRequest | CompletionRequest | None = None
+        self.target: Target | None = None
+        self.rid = ""
+        self.node_body: dict = {}
+        self.prompt_tokens = self.max_tokens = self.limit = 0
+        self.context_len: int | None = None
+        self.node: NodeEntry | None = None
+        self.up: UpstreamStream | None = None
+        self._hold = ExitStack()  # the chosen node's in-flight count (NodeLocal.busy) until the request ends
+        self._it: AsyncIterator[dict] | None = None
+        self._first: dict | None = None
+        self._next: asyncio.Future | None = None  # the read in progress (it survives a cancelled reader)
+        self.stream_ok = True  # the node's stream can still be read
+        self.attempts = 0
+        self.started = self.deadline = 0.0
+        self.ttft: float | None = None
+        self.n_tokens = 0  # token events relayed to the client, up to `limit`: what is billed
+        self.overrun = 0  # token events past `limit` (not relayed, not counted)
+        self.drained = 0  # token events read after the abort: they reached nobody (logged, not billed)
+        self.other_events = 0  # events that are not tokens (at most MAX_OTHER_EVENTS)
+        self.text: list[str] = []
+        self.done: dict | None = None  # the node's done event
+        self.engine_error: str | None = None
+        self.failure: str | None = None  # the node broke off after the first token
+        self.aborted = False
+        self.node_lost = False
+        self.finished = False
+        self.result: str | None = None
+        # the client gets the text only once the request ended well (a non-streaming answer)
+        self.buffered = False
+
+    # ------------------------------------------------------------------ the answer
+
+    async def respond(self, http: Request) -> Response:
+        """Serve one request: the JSON answer, or the event stream (which ends the request itself)."""
+        d = self.d
+        d.book.check_outbox()  # nothing is served that could not be recorded
+        req = self.req = parse_body(ChatRequest if self.chat else CompletionRequest, await http.body(),
+                                    max_bytes=d.settings.max_body_bytes)  # fmt: skip
+        http.state.model = req.model  # for the error handlers' metrics
+        await self._prepare(req)
+        await self.start()
+        created = int(time.time())
+        headers = {"X-Request-Id": self.rid, "X-Loramesh-Node": self.node.node_id}
+        if req.stream:
+            builder = ChunkBuilder(chat=self.chat, rid=self.rid, created=created, model=req.model,
+                                   include_usage=req.include_usage)  # fmt: skip
+            return StreamingResponse(self._events(builder), media_type="text/event-stream",
+                                     headers=headers | {"Cache-Control": "no-cache"})  # fmt: skip
+        self.buffered = True  # an error answer delivers none of the text: then nothing is billed
+        try:
+            async for _ in self.tokens():
+                pass
+        except BaseException:
+            self.finish_detached(client_gone=True)
+            raise
+        await asyncio.shield(d.background.spawn(self.finish()))
+        if self.failure:
+            raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed",
+                                headers=headers)  # fmt: skip
+        build = chat_response if self.chat else completion_response
+        body = build(self.rid, created, req.model, "".join(self.text), finish_reason(self.finish_reason),
+                     usage_dict(*self.usage))  # fmt: skip
+        return JSONResponse(body, headers=headers)
+
+    async def _events(self, b: ChunkBuilder):
+        # chunks that are ready together go out in one write: each write is a send through the whole
+        # ASGI stack and a wake-up of the client, and the bytes on the wire are the same
+        opening = b.role() if b.chat else b""
+        try:
+            async for text in self.tokens():
+                yield opening + b.token(text)
+                opening = b""
+            await asyncio.shield(self.d.background.spawn(self.finish()))
+            if self.failure:
+                yield opening + sse_frame(error_body(f"{self.failure}; the response is incomplete",
+                                                     type="upstream_error", code="node_failed"))  # fmt: skip
+                return
+            usage = b.usage(usage_dict(*self.usage)) if b.include_usage else b""
+            yield opening + b.finish(finish_reason(self.finish_reason)) + usage + SSE_DONE
+        finally:
+            self.finish_detached(client_gone=True)
+
+    # ------------------------------------------------------------------ before routing
+
+    async def _prepare(self, req: ChatRequest | CompletionRequest) -> None:
+        """Resolve the model, check the key's price and the token limits, tokenize the prompt (the node gets
+        token ids the gateway made itself: their number is the prompt count), build the node's request."""
+        d, key = self.d, self.auth.key
+        target = self.target = d.catalog.resolve(req.model, key, self.auth.private)
+        d.catalog.check_price(target, key)
+        wanted = req.wanted_tokens() if self.chat else req.max_tokens
+        max_tokens = wanted or d.settings.default_max_tokens
+        if max_tokens > d.settings.max_max_tokens:
+            raise BadRequest(f"max_tokens {max_tokens} is more than this gateway allows "
+                             f"({d.settings.max_max_tokens})", param="max_tokens")  # fmt: skip
+        base, t = target.base_model_id, d.templates
+        if not d.directory.live(base):
+            raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
+        context = t.context_len(base)
+        if self.chat:
+            messages = req.chat_messages()
+            chars = sum(len(m["content"]) for m in messages)
+            t.check_length(base, chars)  # a prompt that cannot fit is refused before it is tokenized
+            ids = await _blocking(t, chars, t.render, base, messages)
+        elif isinstance(req.prompt, list) and isinstance(req.prompt[0], int):
+            ids = list(req.prompt)
+            t.check_ids(base, ids)
+        else:
+            text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            t.check_length(base, len(text))
+            ids = await _blocking(t, len(text), t.encode, base, text)
+        if not ids:
+            raise BadRequest("the prompt is empty; expected at least one token", param="prompt")
+        if context is not None and len(ids) >= context:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; the model's context holds {context} (prompt + at "
+                             "least one generated token)", code="context_length_exceeded", param="prompt")  # fmt: skip
+        self.rid = hex0x(secrets.token_bytes(32))
+        self.node_body = to_node_request(req, target, ids, max_tokens=max_tokens, request_id=self.rid)
+        self.prompt_tokens, self.max_tokens, self.context_len = len(ids), max_tokens, context
+        # the most tokens this request can produce: max_tokens, and what the context leaves after the prompt
+        self.limit = max_tokens if context is None else max(0, min(max_tokens, context - len(ids)))
+
+    # ------------------------------------------------------------------ before the first token
+
+    async def start(self) -> None:
+        """Route and dispatch: a node has streamed its first event and the request is recorded as open, or an
+        error is raised before anything was sent to the client."""
+        d, t = self.d, self.target
+        self.started = time.monotonic()
+        self.deadline = self.started + d.settings.request_deadline_s
+        route = d.router.route(t.adapter_id, d.directory.live(t.base_model_id))
+        if route is None:
+            raise NoNodeAvailable(f"no live node serves the base model of {t.model!r} right now; retry later")
+        d.book.check_outbox()
+        # the open record is written while the first node starts on the request (its write is off the
+        # time to first token), and nothing reaches the client before it is written: whatever the client
+        # is served, a record of it exists
+        opening = asyncio.ensure_future(d.book.open_request(
+            self.rid, t, route.nodes[0].node_id, key_id=self.key_id, prompt_tokens=self.prompt_tokens,
+            max_tokens=self.max_tokens))  # fmt: skip
+        try:
+            await self._dispatch(route, opening)
+        except BaseException as e:  # no node took it: close the open record (cancelled too: the client left)
+            if await _written(opening):
+                error = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
+                d.background.spawn(d.book.record(self._end(RequestStatus.NOT_SERVED, served=False,
+                                                            error=error[:500])))  # fmt: skip
+            raise
+        if not await _written(opening):  # the outbox refused the record: the node's work goes unserved
+            await self._release()
+            d.book.check_outbox()
+            raise OutboxUnavailable("this gateway cannot record usage right now, so it serves nothing")
+
+    async def _release(self) -> None:
+        """Give up a request a node has started on (before anything reached the client)."""
+        node, up = self.node, self.up
+        self.node = None
+        if node is None:
+            return
+        self._hold.close()
+        self.d.background.spawn(self.d.nodes.abort(node.api_url, node.node_id, self.rid))
+        if self._next is not None:
+            self._next.cancel()
+        try:
+            await up.aclose()
+        except (httpx.HTTPError, RuntimeError):
+            pass
+
+    async def _dispatch(self, route: Route, opening: asyncio.Future) -> None:
+        d, t = self.d, self.target
+        d.metrics.routing.labels(route.decision).inc()
+        if t.adapter_id is not None:
+            self._prefetch(t.adapter_id, route)
+        errors = []
+        for i, node in enumerate(route.nodes[: d.settings.max_attempts]):
+            if i:
+                await opening  # the record is written before it is moved (OutboxUnavailable if it was not)
+                await d.book.move_request(self.rid, node.node_id)
+            self.attempts += 1
+            hit = t.adapter_id is not None and t.adapter_id in node.resident  # before this request loads it
+            if await self._try(node, errors):
+                if t.adapter_id is not None:
+                    d.metrics.residency.labels(t.model, "hit" if hit else "miss").inc()
+                return
+            d.metrics.failovers.inc()
+        raise NoNodeAvailable(f"{len(errors)} node(s) failed before the first token: {'; '.join(errors)}")
+
+    def _prefetch(self, adapter_id: str, route: Route) -> None:
+        """Ask the adapter's owners that do not hold it resident to load it (at most once per prefetch_ttl_s)."""
+        now = time.monotonic()
+        for node in route.nodes:
+            if node.node_id not in route.owners or adapter_id in node.resident:
+                continue
+            asked = node.local.prefetched.get(adapter_id)
+            if asked is not None and now - asked < self.d.settings.prefetch_ttl_s:
+                continue
+            node.local.prefetched[adapter_id] = now
+            self.d.background.spawn(_prefetch_one(self.d.nodes, node, adapter_id))
+
+    async def _try(self, node: NodeEntry, errors: list[str]) -> bool:
+        d = self.d
+        with ExitStack() as hold:  # the node's in-flight count: given back unless the node takes the request
+            hold.enter_context(node.local.busy())
+            try:
+                up = await d.nodes.open_stream(node.api_url, node.node_id, self.node_body)
+            except NodeRejected as e:
+                param = "prompt" if e.code == "context_length_exceeded" else None
+                raise BadRequest(str(e), code=e.code, param=param) from e
+            except NodeUnavailable as e:
+                errors.append(str(e))
+                if e.dead:
+                    d.directory.mark_failed(node.node_id)
+                if e.maybe_running:  # a hung node may wake up and run it: tell it not to (the request moved on)
+                    d.background.spawn(d.nodes.abort(node.api_url, node.node_id, self.rid))
+                return False
+            it = up.events().__aiter__()
+            try:
+                first = await it.__anext__()
+                if first.get("type") == "error":  # the engine failed before any token: read on to done, bounded
+                    msg = first.get("message")
+                    await self._error_end(it, node)
+                    raise NodeUnavailable(f"node {node.node_id[:10]} failed before the first token: {msg}")
+            except (NodeUnavailable, StopAsyncIteration, httpx.HTTPError, ValueError) as e:
+                await up.aclose()
+                errors.append(str(e) or f"node {node.node_id[:10]} closed the stream")
+                if not isinstance(e, NodeUnavailable) or e.dead:
+                    d.directory.mark_failed(node.node_id)
+                return False
+            if self.target.adapter_id is not None:
+                node.local.saw_loaded(self.target.adapter_id)
+            self.node, self.up, self._it, self._first = node, up, it, first
+            self._hold = hold.pop_all()
+            return True
+
+    @staticmethod
+    async def _error_end(it: AsyncIterator[dict], node: NodeEntry) -> None:
+        """After an error event before the first token: read on to the done event, at most MAX_OTHER_EVENTS
+        events within ABORT_DRAIN_TIMEOUT_S (NodeUnavailable, the node marked failed, past either)."""
+        try:
+            async with asyncio.timeout(ABORT_DRAIN_TIMEOUT_S):
+                for _ in range(MAX_OTHER_EVENTS):
+                    if (await it.__anext__()).get("type") == "done":
+                        return
+        except TimeoutError:
+            pass
+        raise NodeUnavailable(f"node {node.node_id[:10]} failed before the first token and did not end its "
+                              f"stream (at most {MAX_OTHER_EVENTS} events in {ABORT_DRAIN_TIMEOUT_S:.0f} s)",
+                              dead=True)  # fmt: skip
+
+    # ------------------------------------------------------------------ relaying
+
+    async def _read(self, *, deadline: bool = True) -> dict:
+        """The node's next event. The read runs on a future of its own, so a reader cancelled mid-read (the
+        client went away), or one past the request's deadline (DeadlinePassed), leaves it to `finish`, which
+        reads on to the done event."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._it.__anext__())
+        left = self.deadline - time.monotonic() if deadline else None
+        try:
+            if left is not None and left < self.d.settings.node_timeout_s:
+                # (further off, the node client's read timeout ends a read first: no timer per token)
+                async with asyncio.timeout(max(0.0, left)):
+                    await asyncio.shield(self._next)
+            else:
+                await asyncio.shield(self._next)
+        except asyncio.CancelledError:
+            raise  # the read stays in _next, also when it completed at this very moment: its event is not lost
+        except TimeoutError:
+            if not self._next.done():
+                raise DeadlinePassed() from None  # the read stays in _next
+            # it completed as the deadline passed: its outcome is taken as usual
+        except BaseException:
+            self._next = None
+            raise
+        done, self._next = self._next, None
+        return done.result()
+
+    def _count(self, ev: dict) -> str | None:
+        """Count one token event as relayed; its text (None past the limit: not relayed, not counted)."""
+        if self.n_tokens >= self.limit:
+            self.overrun += 1
+            return None
+        self.n_tokens += 1
+        text = ev.get("text")
+        text = text if isinstance(text, str) else ""
+        self.text.append(text)
+        return text
+
+    async def tokens(self) -> AsyncIterator[str]:
+        """Token texts as the node streams them, at most `limit`; afterwards `done` or `failure` says how it
+        ended (neither: the node went past the limit, and `finish` aborts it)."""
+        ev, self._first = self._first, None
+        while True:
+            kind = ev.get("type")
+            if kind == "token":
+                if self.ttft is None:
+                    self.ttft = time.monotonic() - self.started
+                text = self._count(ev)
+                if text is None:  # more tokens than the request allows: stop relaying, finish() aborts
+                    log.warning("node %s streamed past the %d tokens request %s allows", self.node.node_id[:10],
+                                self.limit, self.rid[:10])  # fmt: skip
+                    return
+                yield text
+            elif kind == "done":
+                self.done = ev
+                if self.engine_error:
+                    self.failure = f"the node's engine failed after {self.n_tokens} tokens: {self.engine_error}"
+                return
+            else:
+                if kind == "error":
+                    self.engine_error = str(ev.get("message") or "engine error")[:500]
+                self.other_events += 1
+                if self.other_events > MAX_OTHER_EVENTS:  # a node that never ends its stream: cut it off
+                    self.failure = (f"node {self.node.node_id[:10]} sent more than {MAX_OTHER_EVENTS} events "
+                                    f"that are not tokens after {self.n_tokens} tokens")  # fmt: skip
+                    self.d.directory.mark_failed(self.node.node_id)
+                    return
+            try:
+                ev = await self._read()
+            except DeadlinePassed:
+                self.failure = (f"node {self.node.node_id[:10]} did not finish within "
+                                f"{self.d.settings.request_deadline_s:.0f} s ({self.n_tokens} tokens)")  # fmt: skip
+                return
+            except StopAsyncIteration:
+                self.stream_ok = False
+                self.failure = f"node {self.node.node_id[:10]} closed the stream after {self.n_tokens} tokens"
+                return
+            except (httpx.HTTPError, ValueError, RuntimeError) as e:
+                self.stream_ok = False
+                self.failure = f"node {self.node.node_id[:10]} failed after {self.n_tokens} tokens: {e!r}"
+                return
+
+    @property
+    def usage(self) -> tuple[int, int]:
+        """(prompt, completion) tokens as the gateway counted them, sent and relayed: what the client is
+        shown and billed."""
+        return self.prompt_tokens, self.n_tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.done:
+            return self.done.get("finish_reason")
+        return "length" if self.overrun else None
+
+    # ------------------------------------------------------------------ the end
+
+    async def _drain(self) -> None:
+        """After an abort: read the node's stream on to its done event, for the receipt it carries (and so
+        that the connection can be reused). The tokens read meanwhile reached nobody: they are counted in
+        `drained`, not billed. Bounded in time and in events."""
+        try:
+            async with asyncio.timeout(ABORT_DRAIN_TIMEOUT_S):
+                for _ in range(self.limit + MAX_OTHER_EVENTS + 1):
+                    ev = await self._read(deadline=False)
+                    if ev.get("type") == "token":
+                        self.drained += 1
+                    elif ev.get("type") == "done":
+                        self.done = ev
+                        return
+            self.stream_ok = False  # more events than the request can have: it is not read further
+        except (TimeoutError, *_READ_ERRORS):
+            self.stream_ok = False
+
+    def _end(self, status: str, *, served: bool = True, error: str | None = None, **kw) -> RequestEnd:
+        prompt, completion = self.usage
+        return RequestEnd(request_id=self.rid, model=self.target.model, adapter_id=self.target.adapter_id,
+                          node_id=self.node.node_id if self.node else None, status=status, key_id=self.key_id,
+                          prompt_tokens=prompt, completion_tokens=completion, attempts=max(1, self.attempts),
+                          max_tokens=self.max_tokens, context_len=self.context_len, served=served, error=error,
+                          **kw)  # fmt: skip
+
+    async def finish(self, *, client_gone: bool = False) -> str:
+        """Get the receipt (aborting the request when it did not end on its own), record, release."""
+        if self.finished or self.node is None:
+            return self.result or "none"
+        self.finished = True
+        d, node = self.d, self.node
+        receipt = signature = None
+        if self.done is not None:
+            status = RequestStatus.NODE_FAILED if self.failure else RequestStatus.OK
+        else:
+            self.aborted = True
+            got = await d.nodes.abort(node.api_url, node.node_id, self.rid)
+            if self.stream_ok:
+                await self._drain()
+            if self.done is None and got is not None:
+                receipt, signature = got.get("receipt"), got.get("signature")
+            if self.overrun and not client_gone:
+                status = RequestStatus.OK
+            else:
+                status = RequestStatus.CLIENT_CLOSED if client_gone else RequestStatus.NODE_FAILED
+            if self.done is None and got is None:
+                self.node_lost = True  # no receipt will come: the tokens relayed are billed at our count
+                if not client_gone:
+                    d.directory.mark_failed(node.node_id)
+        if self.done is not None:
+            receipt, signature = self.done.get("receipt"), self.done.get("signature")
+        try:
+            await self.up.aclose(drain=self.done is not None)  # a finished stream keeps its connection
+        except (httpx.HTTPError, RuntimeError):
+            pass
+        self._hold.close()  # the node's in-flight count
+        if self.drained:
+            log.info("request %s: %d token(s) read from node %s after the abort reached nobody (not billed)",
+                     self.rid[:10], self.drained, node.node_id[:10])  # fmt: skip
+        latency = time.monotonic() - self.started
+        reason = "abort" if client_gone else self.finish_reason
+        end = self._end(status, finish_reason=reason if isinstance(reason, str) else None, receipt=receipt,
+                        signature=signature, ttft_ms=None if self.ttft is None else self.ttft * 1000,
+                        latency_ms=latency * 1000, error=self.failure, aborted=self.aborted,
+                        node_lost=self.node_lost,
+                        withheld=self.buffered and bool(self.failure or client_gone))  # fmt: skip
+        self.result = await d.book.record(end)
+        m = d.metrics
+        m.requests.labels(self.target.model, status).inc()
+        m.latency.labels(self.endpoint).observe(latency)
+        if self.ttft is not None:
+            m.ttft.labels(self.endpoint).observe(self.ttft)
+        m.tokens.labels(self.target.model, "prompt").inc(end.prompt_tokens)
+        m.tokens.labels(self.target.model, "completion").inc(end.completion_tokens)
+        if self.key_id is not None:
+            d.admission.charge_tokens(self.key_id, end.prompt_tokens + end.completion_tokens)
+        return self.result
+
+    def finish_detached(self, *, client_gone: bool) -> None:
+        """Finish on a task of its own: the caller is being cancelled (the client went away)."""
+        if not self.finished and self.node is not None:
+            self.d.background.spawn(self.finish(client_gone=client_gone))
+
+
+async def _prefetch_one(nodes: NodeClient, node: NodeEntry, adapter_id: str) -> None:
+    if await nodes.load(node.api_url, node.node_id, adapter_id):
+        node.local.saw_loaded(adapter_id)

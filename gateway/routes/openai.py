@@ -1,0 +1,36 @@
+"""The OpenAI-compatible routes: models, completions, chat completions (API key required)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from gateway.deps import AuthDep, GatewayDep
+from gateway.request import ServedRequest
+from common.http import ANSWER_OR_EVENTS
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(auth: AuthDep, gw: GatewayDep) -> dict:
+    """API key: the models this key may use."""
+    return {"object": "list", "data": gw.catalog.list_models(auth.key, auth.private)}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(request: Request, model: str, auth: AuthDep, gw: GatewayDep) -> dict:
+    """API key: one model this key may use."""
+    request.state.model = model
+    return gw.catalog.model_object(model, auth.key, auth.private)
+
+
+@router.post("/v1/completions", responses=ANSWER_OR_EVENTS)
+async def completions(request: Request, auth: AuthDep, gw: GatewayDep):
+    """API key: an OpenAI completion (body: CompletionRequest)."""
+    return await ServedRequest(gw.deps, auth, chat=False).respond(request)
+
+
+@router.post("/v1/chat/completions", responses=ANSWER_OR_EVENTS)
+async def chat_completions(request: Request, auth: AuthDep, gw: GatewayDep):
+    """API key: an OpenAI chat completion (body: ChatRequest)."""
+    return await ServedRequest(gw.deps, auth, chat=True).respond(request)

@@ -1,0 +1,137 @@
+"""The gateway's books on the event loop: requests written open, moved and closed through the
+UsageRecorder (gateway.usage) in worker threads, and the outbox's health. While the outbox cannot be
+written the gateway serves nothing (OutboxUnavailable, 503); the ends it refused are kept and written
+once it takes writes again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.directory import NodeDirectory
+from gateway.errors import OutboxUnavailable
+from gateway.metrics import GatewayMetrics
+from gateway.router import Target
+from gateway.usage import VALUE_ERRORS, RequestEnd, UsageError, UsageRecorder
+
+log = logging.getLogger(__name__)
+
+
+def _integrity(e: UsageError) -> bool:
+    """A write refused for what it holds (a duplicate request id, a value the outbox or a column refuses),
+    not for the database's state: it is never taken for the database being down."""
+    from sqlalchemy.exc import IntegrityError
+
+    return isinstance(e.__cause__, (IntegrityError, *VALUE_ERRORS))
+
+
+class UsageBook:
+    """Open, move and close requests; watch the outbox (this instance's heartbeat row)."""
+
+    def __init__(self, recorder: UsageRecorder, directory: NodeDirectory, metrics: GatewayMetrics, *,
+                 probe_s: float) -> None:  # fmt: skip
+        self.recorder, self.directory, self.metrics, self.probe_s = recorder, directory, metrics, probe_s
+        # None while the outbox takes writes; otherwise why not (new requests get 503 until a write succeeds)
+        self.outbox_error: str | None = None
+        self.unwritten: list[RequestEnd] = []  # request ends the outbox refused, written when it takes writes
+
+    def _outbox_failed(self, e: Exception) -> None:
+        if self.outbox_error is None:
+            log.error("the outbox cannot be written; refusing new requests until it can: %s", e)
+        self.outbox_error = str(e)[:500]
+        self.metrics.outbox_writable.set(0)
+
+    def _outbox_ok(self) -> None:
+        if self.outbox_error is not None:
+            log.warning("the outbox takes writes again; serving")
+        self.outbox_error = None
+        self.metrics.outbox_writable.set(1)
+
+    def check_outbox(self) -> None:
+        if self.outbox_error is not None:
+            raise OutboxUnavailable(f"this gateway cannot record usage right now, so it serves nothing: "
+                                    f"{self.outbox_error}", headers={"Retry-After": "5"})  # fmt: skip
+
+    async def open_request(self, request_id: str, target: Target, node_id: str, *, key_id: int | None,
+                           prompt_tokens: int, max_tokens: int) -> None:  # fmt: skip
+        """Record a request as open before it is dispatched; OutboxUnavailable (503) when that fails."""
+        self.check_outbox()
+        try:
+            await asyncio.to_thread(self.recorder.open, request_id=request_id, model=target.model,
+                                    adapter_id=target.adapter_id, node_id=node_id, key_id=key_id,
+                                    prompt_tokens=prompt_tokens, max_tokens=max_tokens)  # fmt: skip
+        except UsageError as e:
+            self._outbox_failed(e)
+            self.check_outbox()
+
+    async def move_request(self, request_id: str, node_id: str) -> None:
+        try:
+            await asyncio.to_thread(self.recorder.move, request_id, node_id)
+        except UsageError as e:
+            self._outbox_failed(e)
+            self.check_outbox()
+
+    async def record(self, end: RequestEnd) -> str:
+        """Close a request (see UsageRecorder.record). When the outbox refuses, the end is kept and written
+        once it takes writes again (its open row is in the database, so a crash meanwhile loses nothing)."""
+        try:
+            result = await asyncio.to_thread(self.recorder.record, end)
+        except UsageError as e:
+            if _integrity(e):
+                log.error("%s", e)
+                result = "db_error"
+            else:
+                self._outbox_failed(e)
+                self.unwritten.append(end)
+                self.metrics.outbox_unwritten.set(len(self.unwritten))
+                result = "unwritten"
+        self._after_record(end, result)
+        return result
+
+    def _after_record(self, end: RequestEnd, result: str) -> None:
+        self.metrics.usage_records.labels(result).inc()
+        if result == "disputed" and end.node_id is not None:
+            self.directory.mark_disputed(end.node_id, end.disputed or "disputed")
+            self.metrics.disputed_nodes.labels(end.node_id).set(1)
+
+    async def outbox_tick(self) -> None:
+        """Write this instance's heartbeat row (the outbox write check), then the ends it refused before."""
+        try:
+            await asyncio.to_thread(self.recorder.beat)
+        except UsageError as e:
+            self._outbox_failed(e)
+            return
+        self._outbox_ok()
+        while self.unwritten:
+            end = self.unwritten[0]
+            try:
+                result = await asyncio.to_thread(self.recorder.record, end)
+            except UsageError as e:
+                if not _integrity(e):
+                    self._outbox_failed(e)
+                    break
+                log.error("%s", e)
+                result = "db_error"
+            self.unwritten.pop(0)
+            self.metrics.outbox_unwritten.set(len(self.unwritten))
+            self._after_record(end, result)
+
+    async def outbox_loop(self) -> None:
+        """The outbox check (this instance's heartbeat row) every probe_s. Nothing else runs in this loop: a
+        late heartbeat lets sibling gateways take this one for dead and close its live requests."""
+        while True:
+            try:
+                await self.outbox_tick()
+            except Exception:  # nothing may end the checks
+                log.exception("outbox check failed")
+            await asyncio.sleep(self.probe_s)
+
+    async def load_disputes(self) -> None:
+        try:
+            disputed = await asyncio.to_thread(self.recorder.disputed_nodes)
+        except Exception as e:
+            log.error("could not read disputed nodes: %s", e)
+            return
+        for node_id, reason in disputed.items():
+            self.directory.mark_disputed(node_id, reason)
+            self.metrics.disputed_nodes.labels(node_id).set(1)
