@@ -89,7 +89,6 @@ def soak(args) -> int:
         client = env.client()
         start_block = client.block_number() + 1
         child_env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAMESH_LOG_LEVEL": "INFO"}
-        child_env.pop("LORAMESH_SETTLER_CRASH_AT", None)
         for i, a in enumerate(accounts):
             key = tmp / f"settler-{i}.key"
             key.write_text(a.key.hex())

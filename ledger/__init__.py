@@ -1,20 +1,6 @@
-"""Attribution records, the outbox, the chain client, settlement and rewards."""
+"""Attribution records, the outbox, the chain client, settlement and rewards.
 
-from ledger.chain import ChainClient
-from ledger.db import init_db, make_engine
-from ledger.deployment import Deployment
-from ledger.errors import ChainUnavailable, ContractError, DeploymentMismatch, LedgerError
-from ledger.merkle import MerkleTree, leaf_hash, verify_proof
-from ledger.models import ApiKey, SettlementBatch, UsageRecord
-from ledger.outbox import OutboxError, add_usage_record
-from ledger.rewards import RewardsSummary, rewards_summary
-from ledger.settler import Settler
-from ledger.settler_config import SettlerConfig
-from ledger.types import SettleRecord
-
-__all__ = [
-    "ApiKey", "ChainClient", "ChainUnavailable", "ContractError", "Deployment", "DeploymentMismatch",
-    "LedgerError", "MerkleTree", "OutboxError", "RewardsSummary", "SettleRecord", "SettlementBatch",
-    "Settler", "SettlerConfig", "UsageRecord", "add_usage_record", "init_db", "leaf_hash", "make_engine",
-    "rewards_summary", "verify_proof",
-]  # fmt: skip
+Import the module you need (ledger.types, ledger.chain, ledger.settler, ...): this package re-exports
+nothing, so that `import ledger.types` (plain values) does not load web3 and SQLAlchemy with the chain
+client and the settler.
+"""

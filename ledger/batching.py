@@ -6,8 +6,9 @@ from __future__ import annotations
 from eth_utils import keccak, to_canonical_address
 from sqlmodel import Session, select
 
+from common.wire import hex0x, id_bytes
 from ledger.models import RecordStatus, UsageRecord
-from ledger.types import SettleRecord, id_bytes
+from ledger.types import SettleRecord
 
 BATCH_DOMAIN = b"loramesh.batch.v2"
 
@@ -18,8 +19,8 @@ def batch_id_for(request_ids: list[str], settler: str, salt: int = 0) -> str:
     The settler's address is in it so that no other settler (another gateway on the same ledger) can
     settle, or front-run, a batch under an id we use; the salt tells apart a batch re-formed from the
     very records of an abandoned one (ledger.settler: re-pricing after InsufficientDeposit)."""
-    return "0x" + keccak(BATCH_DOMAIN + to_canonical_address(settler) + salt.to_bytes(4, "big")
-                         + b"".join(id_bytes(r) for r in request_ids)).hex()  # fmt: skip
+    return hex0x(keccak(BATCH_DOMAIN + to_canonical_address(settler) + salt.to_bytes(4, "big")
+                        + b"".join(id_bytes(r) for r in request_ids)))  # fmt: skip
 
 
 def to_settle_record(r: UsageRecord) -> SettleRecord:

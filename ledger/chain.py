@@ -7,15 +7,15 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
+from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
+from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
 from ledger.errors import DeploymentMismatch, TransactionFailed
+from ledger.merkle import encode_record
 from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, make_web3, rpc_guard, shown_url
-from common.wire import node_id_of
 from ledger.types import (
-    ZERO_ID,
     AdapterInfo,
     AdapterRegistration,
     BatchInfo,
@@ -25,9 +25,7 @@ from ledger.types import (
     RewardBalance,
     SettleRecord,
     dataset_id_for,
-    id_bytes,
     node_proof_message,
-    to_id,
 )
 
 log = logging.getLogger(__name__)
@@ -39,23 +37,6 @@ SETTLE_SELECTOR = function_signature_to_4byte_selector(
 GET_BATCH_SELECTOR = function_signature_to_4byte_selector("getBatch(bytes32)")
 _WORD = 32
 NO_FEE_LIMIT = 2**256 - 1  # settleBatch's maxFees when the caller priced nothing (tests, tools)
-
-
-def _hex(b: bytes) -> str:
-    return "0x" + bytes(b).hex()
-
-
-def encode_record(r: SettleRecord) -> bytes:
-    """abi.encode(Record): five 32-byte words. It is both the record's calldata and its leaf preimage.
-    Written out by hand because web3's generic encoder costs about 0.5 ms a record."""
-    # SettleRecord holds its ids normalised ("0x" + 64 lowercase hex), so no to_id per field here
-    return (bytes.fromhex(r.request_id[2:]) + bytes.fromhex(r.adapter_id[2:]) + bytes.fromhex(r.node_id[2:])
-            + r.prompt_tokens.to_bytes(_WORD, "big") + r.completion_tokens.to_bytes(_WORD, "big"))  # fmt: skip
-
-
-def record_leaves(encoded: Sequence[bytes]) -> list[bytes]:
-    """Merkle leaves (keccak256 of each encoded record), as AttributionLedger.leafOf computes them."""
-    return [keccak(e) for e in encoded]
 
 
 def settle_calldata(batch_id: str, merkle_root: str, encoded: Sequence[bytes], max_fees: int = NO_FEE_LIMIT) -> bytes:
@@ -164,7 +145,7 @@ class ChainClient:
 
     def get_dataset(self, dataset_id: str) -> DatasetInfo:
         content, payee, contributor, name = self.tx.call(self.registry.functions.getDataset(id_bytes(dataset_id)))
-        return DatasetInfo(to_id(dataset_id), _hex(content), payee, contributor, name)
+        return DatasetInfo(to_id(dataset_id), hex0x(content), payee, contributor, name)
 
     # ------------------------------------------------------------------ registry: names and adapters
 
@@ -198,7 +179,7 @@ class ChainClient:
     def adapter_digest(self, registration: AdapterRegistration) -> str:
         """The EIP-712 digest as the contract computes it (for cross-checks)."""
         fn = self.registry.functions.adapterDigest(id_bytes(registration.adapter_id), registration.spec())
-        return _hex(self.tx.call(fn))
+        return hex0x(self.tx.call(fn))
 
     def set_adapter_price(self, adapter_id: str, price_per_1k_tokens: int):
         return self.tx.transact(self.registry.functions.setAdapterPrice(id_bytes(adapter_id), price_per_1k_tokens))
@@ -210,8 +191,8 @@ class ChainClient:
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         a = self.tx.call(self.registry.functions.getAdapter(id_bytes(adapter_id)))
         owner, publisher, pred, base, price, name, version, ds, shares = a
-        return AdapterInfo(to_id(adapter_id), owner, name, version, _hex(pred), _hex(base), price,
-                           tuple(_hex(d) for d in ds), tuple(shares), publisher)  # fmt: skip
+        return AdapterInfo(to_id(adapter_id), owner, name, version, hex0x(pred), hex0x(base), price,
+                           tuple(hex0x(d) for d in ds), tuple(shares), publisher)  # fmt: skip
 
     # ------------------------------------------------------------------ registry: nodes
 
@@ -264,7 +245,7 @@ class ChainClient:
     def get_node(self, node_id: str) -> NodeInfo:
         operator, active, key, base, peer_id, api_url, addrs = self.tx.call(
             self.registry.functions.getNode(id_bytes(node_id)))
-        return NodeInfo(to_id(node_id), operator, active, _hex(base), peer_id, api_url, tuple(addrs), _hex(key))
+        return NodeInfo(to_id(node_id), operator, active, hex0x(base), peer_id, api_url, tuple(addrs), hex0x(key))
 
     # ------------------------------------------------------------------ ledger: admin and deposits
 
@@ -365,7 +346,7 @@ class ChainClient:
         root, settler, block, count, fees = (out[i:i + _WORD] for i in range(0, 5 * _WORD, _WORD))
         if not any(block):
             return None
-        return BatchInfo(to_id(batch_id), _hex(root), to_checksum_address(settler[12:]), int.from_bytes(block, "big"),
+        return BatchInfo(to_id(batch_id), hex0x(root), to_checksum_address(settler[12:]), int.from_bytes(block, "big"),
                          int.from_bytes(count, "big"), int.from_bytes(fees, "big"))  # fmt: skip
 
     def await_settled_batch(self, tx_hash: str, batch_id: str, merkle_root: str, records: Sequence[SettleRecord],
@@ -391,7 +372,7 @@ class ChainClient:
 
     def leaf_of(self, record: SettleRecord) -> str:
         """The leaf as the contract computes it (for cross-checks)."""
-        return _hex(self.tx.call(self.ledger.functions.leafOf(record.as_tuple())))
+        return hex0x(self.tx.call(self.ledger.functions.leafOf(record.as_tuple())))
 
     def verify_record(self, batch_id: str, leaf: str, proof: Sequence[str]) -> bool:
         fn = self.ledger.functions.verifyRecord(id_bytes(batch_id), id_bytes(leaf), [id_bytes(p) for p in proof])

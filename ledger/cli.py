@@ -1,10 +1,8 @@
-"""`loramesh rewards ...` and `loramesh settler ...` (typer sub-apps mounted by devnet/cli.py)."""
+"""`loramesh rewards ...` and `loramesh settler ...` (typer sub-apps mounted by the root command, devnet/cli.py)."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -14,28 +12,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pydantic import ValidationError
+
+from common.logs import configure_logging
+from common.wire import hex0x, restore_recursion_limit
 from ledger.chain import ChainClient
 from ledger.db import init_db, make_engine
+from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 from ledger.keys import load_account
 from ledger.rewards import rewards_summary
 from ledger.settler import Settler, requeue_set_aside, settler_status
-from ledger.settler_config import (
-    DEFAULT_LEASE,
-    DEFAULT_LOW_DEPOSIT,
-    DEFAULT_MAX_PRICE_PER_1K,
-    DEFAULT_MAX_RECORD_TOKENS,
-    SettlerConfig,
-)
+from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerSettings
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from common.wire import restore_recursion_limit
 
-DEFAULT_DEPLOYMENT = Path(os.environ.get("LORAMESH_DEPLOYMENT", ".loramesh/devnet/deployment.json"))
 ETHER = 10**18
 
 rewards_app = typer.Typer(help="Rewards accrued from settled inferences.", no_args_is_help=True)
 settler_app = typer.Typer(help="Settle the usage-record outbox on chain.", no_args_is_help=True)
 
-DeploymentOpt = Annotated[Path, typer.Option("--deployment", help="deployment file ($LORAMESH_DEPLOYMENT)")]
+DeploymentOpt = Annotated[Path, typer.Option("--deployment", envvar="LORAMESH_DEPLOYMENT",
+                                             help="deployment file")]
 RpcOpt = Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL (default: the deployment's)")]
 
 
@@ -46,7 +42,7 @@ def _eth(wei: int) -> str:
 @rewards_app.command("show")
 def rewards_show(
     address: Annotated[str, typer.Argument(help="account to report on")],
-    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT,
+    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT_PATH,
     rpc: RpcOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -73,7 +69,7 @@ def rewards_show(
 @rewards_app.command("withdraw")
 def rewards_withdraw(
     key: Annotated[Path, typer.Option("--key", help="key file: identity file or hex private key")],
-    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT,
+    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT_PATH,
     rpc: RpcOpt = None,
     amount: Annotated[int | None, typer.Option(help="wei to withdraw (default: everything)")] = None,
 ) -> None:
@@ -82,7 +78,7 @@ def rewards_withdraw(
     before = client.rewards_of(client.address).available
     rcpt = client.withdraw() if amount is None else client.withdraw_amount(amount)
     taken = before - client.rewards_of(client.address).available
-    typer.echo(f"withdrew {taken} wei ({_eth(taken)}) to {client.address} in tx 0x{bytes(rcpt['transactionHash']).hex()}")
+    typer.echo(f"withdrew {taken} wei ({_eth(taken)}) to {client.address} in tx {hex0x(rcpt['transactionHash'])}")
 
 
 @settler_app.callback()
@@ -90,46 +86,68 @@ def _settler() -> None:
     """Settle the usage-record outbox on chain."""
 
 
-MaxPriceOpt = Annotated[int, typer.Option("--max-price-per-1k", min=0,
-                                            help="wei per 1k tokens above which a record is set aside")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-record-tokens", min=0,
-                                           help="prompt + completion tokens above which a record is set aside")]
 LowDepositOpt = Annotated[int, typer.Option("--low-deposit", min=0,
                                             help="wei of deposit left (after in-flight batches) below which to warn")]
 
 
 @settler_app.command("run")
 def settler_run(
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL of the outbox database")],
-    key: Annotated[Path, typer.Option("--key", help="settler key file: identity file or hex private key")],
-    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT,
-    rpc: RpcOpt = None,
-    batch_size: Annotated[int, typer.Option(help="N: records per batch")] = 100,
-    interval: Annotated[float, typer.Option(help="T: seconds a partial batch may wait")] = 5.0,
-    max_in_flight: Annotated[int, typer.Option(min=1, help="batches sent before awaiting their receipts")] = 32,
-    max_price_per_1k: MaxPriceOpt = DEFAULT_MAX_PRICE_PER_1K,
-    max_record_tokens: MaxTokensOpt = DEFAULT_MAX_RECORD_TOKENS,
-    low_deposit: LowDepositOpt = DEFAULT_LOW_DEPOSIT,
-    lease: Annotated[float, typer.Option(min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed")]
-    = DEFAULT_LEASE,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file of settings (the names below, "
+                                                "with db_url, key_file, rpc_url)")] = None,
+    db_url: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the outbox database")] = None,
+    key_file: Annotated[Path | None, typer.Option("--key", help="settler key file: identity file or hex private key")]
+    = None,
+    deployment: Annotated[Path | None, typer.Option("--deployment", help="deployment file")] = None,
+    rpc_url: Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL (default: the deployment's)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="N: records per batch")] = None,
+    interval: Annotated[float | None, typer.Option(help="T: seconds a partial batch may wait")] = None,
+    max_in_flight: Annotated[int | None, typer.Option(min=1, help="batches sent before awaiting their receipts")]
+    = None,
+    max_price_per_1k: Annotated[int | None, typer.Option(
+        "--max-price-per-1k", min=0, help="wei per 1k tokens above which a record is set aside")] = None,
+    max_record_tokens: Annotated[int | None, typer.Option(
+        "--max-record-tokens", min=0, help="prompt + completion tokens above which a record is set aside")] = None,
+    low_deposit: Annotated[int | None, typer.Option(
+        "--low-deposit", min=0, help="wei of deposit left (after in-flight batches) below which to warn")] = None,
+    lease: Annotated[float | None, typer.Option(min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed")]
+    = None,
     drain: Annotated[bool, typer.Option(help="exit once nothing is left to settle")] = False,
 ) -> None:
-    """Run the settler until SIGINT/SIGTERM (--drain: until the outbox is empty); any number may share a database."""
-    logging.basicConfig(level=os.environ.get("LORAMESH_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    """Run the settler until SIGINT/SIGTERM (--drain: until the outbox is empty); any number may share a database.
+
+    Each setting comes from its flag, else LORAMESH_SETTLER_<NAME>, else the --config file, else its default."""
+    settings = settler_settings(config, db_url=db_url, key_file=key_file, deployment=deployment, rpc_url=rpc_url,
+                                batch_size=batch_size, interval=interval, max_in_flight=max_in_flight,
+                                max_price_per_1k=max_price_per_1k, max_record_tokens=max_record_tokens,
+                                low_deposit=low_deposit, lease=lease)  # fmt: skip
+    n = run_settler(settings, drain=drain)
+    typer.echo(f"settled {n} records")
+
+
+def settler_settings(config: Path | None = None, **flags) -> SettlerSettings:
+    """The settler's settings, or a clear command-line error naming what is missing or wrong."""
+    try:
+        return SettlerSettings.load(config, **flags)
+    except ValidationError as e:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()),
+                                 param_hint="settler settings") from None  # fmt: skip
+    except ValueError as e:  # a config file that is not there
+        raise typer.BadParameter(str(e), param_hint="--config") from None
+
+
+def run_settler(settings: SettlerSettings, *, drain: bool = False, on_point=None) -> int:
+    """Build the settler `settings` describe and run it until SIGINT/SIGTERM (drain: until nothing is left);
+    returns the records settled. on_point: Settler's (the crash tests pass one)."""
     restore_recursion_limit()  # web3's py_ecc raised it at import: a deep RPC answer would crash, not raise
-    engine = make_engine(db, immediate=True)
+    config = settings.config()
+    engine = make_engine(settings.db_url, immediate=True)
     init_db(engine)
-    client = ChainClient.from_deployment(deployment, load_account(key), rpc_url=rpc)
-    config = SettlerConfig(batch_size=batch_size, interval=interval, max_in_flight=max_in_flight,
-                           max_price_per_1k=max_price_per_1k, max_record_tokens=max_record_tokens,
-                           low_deposit=low_deposit, lease=lease)  # fmt: skip
-    settler = Settler(engine, client, config)
+    client = ChainClient.from_deployment(settings.deployment, load_account(settings.key_file), rpc_url=settings.rpc_url)
+    settler = Settler(engine, client, config, on_point=on_point)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    n = settler.run(stop, drain=drain)
-    typer.echo(f"settled {n} records")
+    return settler.run(stop, drain=drain)
 
 
 @settler_app.command("status")
@@ -137,7 +155,7 @@ def settler_status_cmd(
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL of the outbox database")],
     key: Annotated[Path | None, typer.Option("--key", help="settler key file, for its deposit")] = None,
     address: Annotated[str | None, typer.Option("--address", help="settler address, for its deposit")] = None,
-    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT,
+    deployment: DeploymentOpt = DEFAULT_DEPLOYMENT_PATH,
     rpc: RpcOpt = None,
     low_deposit: LowDepositOpt = DEFAULT_LOW_DEPOSIT,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -190,7 +208,8 @@ def settler_requeue(
 
 
 def main() -> None:
-    """Standalone entry: `python -m ledger.cli settler run ...` (the lead mounts the sub-apps)."""
+    """Standalone entry, `python -m ledger.cli settler run ...`: these commands without the root `loramesh`
+    command (which mounts the same sub-apps)."""
     app = typer.Typer(no_args_is_help=True)
     app.add_typer(rewards_app, name="rewards")
     app.add_typer(settler_app, name="settler")
@@ -198,4 +217,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    configure_logging()
     main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.wire import hex0x
+
 
 class LedgerError(RuntimeError):
     """Base of every error the ledger raises at a trust boundary."""
@@ -33,7 +35,7 @@ class ContractError(LedgerError):
 
 def _show(v: object) -> str:
     if isinstance(v, (bytes, bytearray)):
-        return "0x" + bytes(v).hex()
+        return hex0x(v)
     return str(v)
 
 

@@ -12,17 +12,17 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 from sqlmodel import Session
 
+from common.wire import hex0x
+from ledger import registry_events as RE
 from ledger.chain import ChainClient
 from ledger.db import is_postgres
 from ledger.models import AdapterMirror, DatasetMirror, NameMirror, NodeMirror, SyncCursor
+from ledger.registry_events import REGISTRY_EVENTS, registry_update
 
 log = logging.getLogger(__name__)
 
 CURSOR = "registry"
 _SYNC_LOCK = 0x6C6D5F6D6972  # pg_try_advisory_xact_lock key of sync_registry ("lm_mir")
-EVENTS = ("DatasetRegistered", "DatasetPayeeChanged", "NameRegistered", "NameTransferred", "AdapterRegistered",
-          "AdapterPriceChanged", "AdapterOwnershipTransferred", "NodeRegistered", "NodeUpdated",
-          "NodeActiveChanged")  # fmt: skip
 MIRRORS = (DatasetMirror, NameMirror, AdapterMirror, NodeMirror)
 _checked: weakref.WeakSet = weakref.WeakSet()
 _checked_lock = threading.Lock()
@@ -58,10 +58,6 @@ def ensure_mirror_schema(engine: Engine) -> bool:
         return bool(stale)
 
 
-def _h(b: bytes) -> str:
-    return "0x" + bytes(b).hex()
-
-
 def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None = None) -> int:
     """Apply registry events after the stored cursor up to `to_block` (default latest); returns how many.
     Gateways sharing one PostgreSQL database sync one at a time: while another holds the sync lock this
@@ -76,7 +72,8 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
         start = client.deployment.deploy_block if cursor is None else cursor.block + 1
         if start > to_block:
             return 0
-        logs = [ev for name in EVENTS for ev in client.events("registry", name, from_block=start, to_block=to_block)]
+        logs = [ev for name in REGISTRY_EVENTS
+                for ev in client.events("registry", name, from_block=start, to_block=to_block)]
         logs.sort(key=lambda ev: (ev["blockNumber"], ev["logIndex"]))
         for ev in logs:
             _apply_or_skip(s, ev)
@@ -108,48 +105,50 @@ def _skipped(ev, e: Exception) -> None:
     tx = ev.get("transactionHash")
     why = (str(e).splitlines() or [type(e).__name__])[0][:300]
     log.error("registry mirror: %s at block %s (tx %s) cannot be mirrored and is skipped: %s", ev["event"],
-              ev["blockNumber"], "0x" + bytes(tx).hex() if tx is not None else "?", why)  # fmt: skip
+              ev["blockNumber"], hex0x(tx) if tx is not None else "?", why)  # fmt: skip
 
 
 def _apply(s: Session, ev) -> None:
-    a, block, name = ev["args"], ev["blockNumber"], ev["event"]
-    if name == "DatasetRegistered":  # the registering address is the contributor and first payee
-        s.merge(DatasetMirror(dataset_id=_h(a["datasetId"]), content_hash=_h(a["contentHash"]), payee=a["payee"],
-                              contributor=a["payee"], name=a["name"], registered_block=block,
+    """Write one registry event's update into the mirror rows (a row an update names that is not there raises
+    AttributeError: the event that made it was skipped)."""
+    u, block = registry_update(ev), ev["blockNumber"]
+    if isinstance(u, RE.DatasetRegistered):
+        d = u.dataset
+        s.merge(DatasetMirror(dataset_id=d.dataset_id, content_hash=d.content_hash, payee=d.payee,
+                              contributor=d.contributor, name=d.name, registered_block=block,
                               updated_block=block))  # fmt: skip
-    elif name == "DatasetPayeeChanged":
-        row = s.get(DatasetMirror, _h(a["datasetId"]))
-        row.payee, row.updated_block = a["payee"], block
-    elif name == "NameRegistered":
-        s.merge(NameMirror(name=a["name"], owner=a["owner"], registered_block=block, updated_block=block))
-    elif name == "NameTransferred":
-        row = s.get(NameMirror, a["name"])
-        row.owner, row.updated_block = a["newOwner"], block
-    elif name == "AdapterRegistered":
-        spec = a["spec"]
-        datasets = [[_h(d), int(b)] for d, b in zip(spec["datasetIds"], spec["sharesBps"])]
+    elif isinstance(u, RE.DatasetPayeeChanged):
+        row = s.get(DatasetMirror, u.dataset_id)
+        row.payee, row.updated_block = u.payee, block
+    elif isinstance(u, RE.NameRegistered):
+        s.merge(NameMirror(name=u.name, owner=u.owner, registered_block=block, updated_block=block))
+    elif isinstance(u, RE.NameTransferred):
+        row = s.get(NameMirror, u.name)
+        row.owner, row.updated_block = u.new_owner, block
+    elif isinstance(u, RE.AdapterRegistered):
+        ad = u.adapter
+        datasets = [[d, b] for d, b in zip(ad.dataset_ids, ad.shares_bps)]
         s.merge(AdapterMirror(
-            adapter_id=_h(a["adapterId"]), owner=a["owner"], publisher=a["owner"], name=spec["name"],
-            version=spec["version"],
-            predecessor=_h(spec["predecessor"]), base_model=_h(spec["baseModel"]),
-            price_per_1k_tokens=str(spec["pricePer1kTokens"]), datasets_json=json.dumps(datasets),
-            registered_block=block, updated_block=block))  # fmt: skip
-    elif name == "AdapterPriceChanged":
-        row = s.get(AdapterMirror, _h(a["adapterId"]))
-        row.price_per_1k_tokens, row.updated_block = str(a["pricePer1kTokens"]), block
-    elif name == "AdapterOwnershipTransferred":
-        row = s.get(AdapterMirror, _h(a["adapterId"]))
-        row.owner, row.updated_block = a["newOwner"], block
-    elif name == "NodeRegistered":
+            adapter_id=ad.adapter_id, owner=ad.owner, publisher=ad.publisher, name=ad.name, version=ad.version,
+            predecessor=ad.predecessor, base_model=ad.base_model, price_per_1k_tokens=str(ad.price_per_1k_tokens),
+            datasets_json=json.dumps(datasets), registered_block=block, updated_block=block))  # fmt: skip
+    elif isinstance(u, RE.AdapterPriceChanged):
+        row = s.get(AdapterMirror, u.adapter_id)
+        row.price_per_1k_tokens, row.updated_block = str(u.price_per_1k_tokens), block
+    elif isinstance(u, RE.AdapterOwnershipTransferred):
+        row = s.get(AdapterMirror, u.adapter_id)
+        row.owner, row.updated_block = u.new_owner, block
+    elif isinstance(u, RE.NodeRegistered):
+        n = u.node
+        # public_key is stored as bare hex (no "0x"): gateway.chain_registry reads it with bytes.fromhex
         s.merge(NodeMirror(
-            node_id=_h(a["nodeId"]), operator=a["operator"], public_key=bytes(a.get("publicKey", b"")).hex(),
-            active=True, base_model=_h(a["baseModel"]),
-            peer_id=a["peerId"], api_url=a["apiUrl"], multiaddrs_json=json.dumps(list(a["multiaddrs"])),
-            registered_block=block, updated_block=block))  # fmt: skip
-    elif name == "NodeUpdated":
-        row = s.get(NodeMirror, _h(a["nodeId"]))
-        row.base_model, row.peer_id, row.api_url = _h(a["baseModel"]), a["peerId"], a["apiUrl"]
-        row.multiaddrs_json, row.updated_block = json.dumps(list(a["multiaddrs"])), block
-    elif name == "NodeActiveChanged":
-        row = s.get(NodeMirror, _h(a["nodeId"]))
-        row.active, row.updated_block = bool(a["active"]), block
+            node_id=n.node_id, operator=n.operator, public_key=n.public_key[2:], active=n.active,
+            base_model=n.base_model, peer_id=n.peer_id, api_url=n.api_url,
+            multiaddrs_json=json.dumps(list(n.multiaddrs)), registered_block=block, updated_block=block))  # fmt: skip
+    elif isinstance(u, RE.NodeUpdated):
+        row = s.get(NodeMirror, u.node_id)
+        row.base_model, row.peer_id, row.api_url = u.base_model, u.peer_id, u.api_url
+        row.multiaddrs_json, row.updated_block = json.dumps(list(u.multiaddrs)), block
+    elif isinstance(u, RE.NodeActiveChanged):
+        row = s.get(NodeMirror, u.node_id)
+        row.active, row.updated_block = u.active, block

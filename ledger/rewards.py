@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from eth_utils import to_checksum_address
 
+from common.wire import hex0x
 from ledger.chain import ChainClient
 from ledger.types import BASE_MODEL_ADAPTER_ID, Role
 
@@ -58,7 +59,7 @@ def rewards_summary(client: ChainClient, address: str) -> RewardsSummary:
         a = ev["args"]
         role = role_name(a["role"])
         by_role[role] += a["amount"]
-        by_adapter["0x" + bytes(a["adapterId"]).hex()][role] += a["amount"]
+        by_adapter[hex0x(a["adapterId"])][role] += a["amount"]
         batches.add(bytes(a["batchId"]))
     return RewardsSummary(address, bal.available, bal.accrued, bal.withdrawn, dict(by_role),
                           {k: dict(v) for k, v in by_adapter.items()}, len(batches))  # fmt: skip

@@ -86,7 +86,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -95,9 +95,11 @@ from sqlalchemy import and_, false, func, or_, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
+from web3.exceptions import TransactionNotFound
 
+from common.wire import hex0x
 from ledger.batching import batch_id_for, pending_rows, record_fee, to_settle_record
-from ledger.chain import NO_FEE_LIMIT, ChainClient, encode_record, record_leaves
+from ledger.chain import NO_FEE_LIMIT, ChainClient
 from ledger.db import is_postgres
 from ledger.errors import (
     BatchAlreadySettled,
@@ -114,7 +116,7 @@ from ledger.errors import (
 from ledger.merkle import MerkleTree
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records, count_by_status
-from ledger.settler_config import DEFAULT_LOW_DEPOSIT, CrashHook, SettlerConfig
+from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig
 from ledger.transport import rpc_guard
 from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, SettleRecord
 
@@ -184,6 +186,10 @@ def _pid_space() -> str:
     return f"{_boot_id()}/{_pid_namespace()}"
 
 
+def _nowhere(point: str) -> None:
+    """The default on_point: nothing happens at the points."""
+
+
 def _split_senders(senders: str | None) -> list[str]:
     return [a for a in (senders or "").split(",") if a]
 
@@ -192,7 +198,11 @@ class Settler:
     """Moves outbox records onto the chain. Any number of instances (processes, gateways) may share
     one database and one ledger: see the module docstring for how they divide the work."""
 
-    def __init__(self, engine: Engine, client: ChainClient, config: SettlerConfig | None = None) -> None:
+    def __init__(self, engine: Engine, client: ChainClient, config: SettlerConfig | None = None, *,
+                 on_point: Callable[[str], None] | None = None) -> None:
+        """on_point, when given, is called with the name of each point of the state machine a crash must be
+        survivable at ("before_send", "after_send", "in_flight": every batch of a step sent and none awaited,
+        "after_receipt"); the crash tests pass one that kills the process there."""
         self.engine = engine
         self.client = client
         self.config = config or SettlerConfig()
@@ -208,7 +218,7 @@ class Settler:
         self.set_aside_total = 0  # records this instance set aside
         self._known_nodes: set[str] = set()  # node ids seen registered (registries never delete)
         self._probe = True  # one simulated batch per step until one of our transactions settles
-        self._crash_point = CrashHook(self.config.crash_at)  # test-only: LORAMESH_SETTLER_CRASH_AT
+        self._point = on_point or _nowhere
         self._next_requeue = 0.0
         self._next_recheck = 0.0  # records set aside as unregistered: looked at on start, then every minute
         self._next_low_warning = 0.0
@@ -331,7 +341,7 @@ class Settler:
                         break  # later batches would only queue behind the failure
                     # an old batch failing for a reason of its own never keeps new ones from forming
             if sent:
-                self._crash_point("in_flight")
+                self._point("in_flight")
             deadline = time.monotonic() + self.config.receipt_timeout  # one wait for the whole step
             for w in sent:
                 try:
@@ -604,7 +614,7 @@ class Settler:
         """A batch row (not added yet) of `rows` in this order, claimed by this instance; fees_priced is
         the sum of `fees` (None when one is unknown: a record of a batch written before prices were)."""
         settle = [to_settle_record(r) for r in rows]
-        tree = MerkleTree(record_leaves([encode_record(r) for r in settle]))
+        tree = MerkleTree.from_records(settle)
         request_ids = [r.request_id for r in rows]
         salt = 0
         while s.exec(select(SettlementBatch.id).where(
@@ -612,7 +622,7 @@ class Settler:
             salt += 1  # the very records of an abandoned batch: a new id
         priced = None if any(f is None for f in fees) else str(sum(fees))
         batch = SettlementBatch(batch_id=batch_id_for(request_ids, self.address, salt),
-                                merkle_root="0x" + tree.root.hex(), record_count=len(rows), settler=self.address,
+                                merkle_root=hex0x(tree.root), record_count=len(rows), settler=self.address,
                                 fees_priced=priced, claimed_by=self.instance,
                                 lease_expires=self._now(s) + timedelta(seconds=self.config.lease))  # fmt: skip
         return batch, settle
@@ -738,14 +748,14 @@ class Settler:
         if self._renew([batch.id]) != 1:  # never send a batch whose lease another settler has taken
             log.warning("lost the lease on batch %s to another settler", batch.batch_id)
             return False
-        self._crash_point("before_send")
+        self._point("before_send")
         try:
             tx_hash = self.client.send_settle_batch(batch.batch_id, batch.merkle_root, w.records,
                                                     simulate=self._probe, max_fees=_quote(batch))  # fmt: skip
         except BatchAlreadySettled:
             self._mark_settled(batch)
             return False
-        self._crash_point("after_send")
+        self._point("after_send")
         with Session(self.engine, expire_on_commit=False) as s:
             row = s.get(SettlementBatch, batch.id)
             row.tx_hash, row.status, row.sent_at, row.attempts = tx_hash, BatchStatus.SENT, utcnow(), row.attempts + 1
@@ -766,9 +776,10 @@ class Settler:
         if rcpt is not None:
             return rcpt["status"] == 1
         try:
-            self.client.w3.eth.get_transaction(tx_hash)
+            with rpc_guard(self.client.rpc_url):
+                self.client.w3.eth.get_transaction(tx_hash)
             return True
-        except Exception:  # noqa: BLE001 - TransactionNotFound: dropped (e.g. chain restarted)
+        except TransactionNotFound:  # dropped (e.g. the chain restarted)
             return False
 
     def _await(self, w: _Work, timeout: float) -> None:
@@ -783,7 +794,7 @@ class Settler:
         except (TransactionFailed, ContractError):
             if not self.client.is_settled(batch.batch_id):
                 raise
-        self._crash_point("after_receipt")
+        self._point("after_receipt")
         self._mark_settled(batch, info)
 
     def _abandon(self, w: _Work, error: ContractError) -> None:

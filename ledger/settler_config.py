@@ -1,25 +1,16 @@
-"""How a settler runs: SettlerConfig, and the test-only crash injection it configures."""
+"""How a settler runs: SettlerConfig, what the Settler itself takes, and SettlerSettings, the settler
+service's settings (`loramesh settler run`: flags, LORAMESH_SETTLER_* variables, a TOML file)."""
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+from pathlib import Path
 
-log = logging.getLogger(__name__)
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
 
-CRASH_ENV = "LORAMESH_SETTLER_CRASH_AT"
-# in_flight: every batch of a step sent, no receipt awaited yet. "point@k" dies the k-th time there.
-CRASH_POINTS = ("before_send", "after_send", "in_flight", "after_receipt")
-CRASH_EXIT_CODE = 97
-
-
-def _parse_crash(spec: str) -> tuple[str, int]:
-    name, at, count = spec.partition("@")
-    if name not in CRASH_POINTS or (at and not (count.isdigit() and int(count) >= 1)):
-        raise ValueError(f"{CRASH_ENV} must be one of {', '.join(CRASH_POINTS)} (optionally @N), got {spec!r}")
-    return name, int(count or 1)
-
+from common.settings import ServiceSettings
+from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 
 # Bounds on what one record may cost (settler side). A price above the bound is a mistake (an adapter
 # priced in whole coins rather than wei) or an attack on the gateway's deposit; a record above the token
@@ -52,7 +43,6 @@ class SettlerConfig:
     max_record_tokens: int = DEFAULT_MAX_RECORD_TOKENS
     low_deposit: int = DEFAULT_LOW_DEPOSIT
     lease: float = DEFAULT_LEASE
-    crash_at: str | None = field(default_factory=lambda: os.environ.get(CRASH_ENV) or None)
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 5_000:
@@ -66,24 +56,33 @@ class SettlerConfig:
                              f"{self.max_price_per_1k}, {self.max_record_tokens}, {self.low_deposit}")
         if self.lease < 1.0:
             raise ValueError(f"lease must be at least 1 second, got {self.lease}")
-        if self.crash_at is not None:
-            _parse_crash(self.crash_at)
 
 
-class CrashHook:
-    """Test-only: called at each crash point, dies there, abruptly, when LORAMESH_SETTLER_CRASH_AT
-    names this point (@k: the k-th time it is reached)."""
+_DEFAULTS = {f.name: f.default for f in fields(SettlerConfig)}
 
-    def __init__(self, crash_at: str | None) -> None:
-        self.crash_at = crash_at
-        self._crash = _parse_crash(crash_at) if crash_at else None
-        self._crash_seen = 0
 
-    def __call__(self, name: str) -> None:
-        if self._crash is None or self._crash[0] != name:
-            return
-        self._crash_seen += 1
-        if self._crash_seen >= self._crash[1]:
-            log.warning("crash injection at %s", self.crash_at)
-            logging.shutdown()
-            os._exit(CRASH_EXIT_CODE)
+class SettlerSettings(ServiceSettings):
+    """Everything `loramesh settler run` needs; each field can come from LORAMESH_SETTLER_<NAME> or a TOML file
+    (`--config`). The bounds are SettlerConfig's, checked when `config()` builds it."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMESH_SETTLER_", extra="forbid")
+
+    db_url: str  # the outbox database (the gateway's); required, as --db always was
+    key_file: Path  # the settler's identity file or hex private key: its account signs and pays for batches
+    # the deployment file; LORAMESH_DEPLOYMENT, read by the other ledger commands too, also sets it
+    deployment: Path = Field(DEFAULT_DEPLOYMENT_PATH, validation_alias=AliasChoices(
+        "deployment", "LORAMESH_SETTLER_DEPLOYMENT", "LORAMESH_DEPLOYMENT"))  # fmt: skip
+    rpc_url: str | None = None  # default: the deployment file's
+    batch_size: int = _DEFAULTS["batch_size"]
+    interval: float = _DEFAULTS["interval"]
+    max_in_flight: int = _DEFAULTS["max_in_flight"]
+    max_price_per_1k: int = _DEFAULTS["max_price_per_1k"]
+    max_record_tokens: int = _DEFAULTS["max_record_tokens"]
+    low_deposit: int = _DEFAULTS["low_deposit"]
+    lease: float = _DEFAULTS["lease"]
+
+    def config(self) -> SettlerConfig:
+        """The SettlerConfig these settings describe (ValueError when a value is out of its bounds)."""
+        return SettlerConfig(batch_size=self.batch_size, interval=self.interval, max_in_flight=self.max_in_flight,
+                             max_price_per_1k=self.max_price_per_1k, max_record_tokens=self.max_record_tokens,
+                             low_deposit=self.low_deposit, lease=self.lease)  # fmt: skip

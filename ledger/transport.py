@@ -14,6 +14,7 @@ from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 
+from common.wire import hex0x
 from ledger.errors import (
     ERROR_CLASSES,
     ChainUnavailable,
@@ -25,7 +26,7 @@ from ledger.errors import (
 
 log = logging.getLogger(__name__)
 
-PRIORITY_FEE = 1_000_000_000  # 1 gwei; anvil runs with a zero base fee (notes/evm.md)
+PRIORITY_FEE = 1_000_000_000  # 1 gwei; the devnet's anvil runs with a zero base fee (--block-base-fee-per-gas 0)
 GAS_MARGIN = 1.25
 FEE_TTL = 30.0  # seconds a fee read is reused by send_data (the devnet's base fee stays zero)
 NONCE_RETRIES = 3
@@ -160,7 +161,7 @@ class Transactor:
         """eth_call with calldata we encoded ourselves, skipping web3's formatting; a revert raises
         its typed error."""
         with rpc_guard(self.url):
-            resp = self.w3.provider.make_request("eth_call", [{"to": to, "data": "0x" + data.hex()}, block])
+            resp = self.w3.provider.make_request("eth_call", [{"to": to, "data": hex0x(data)}, block])
         if err := resp.get("error"):
             raise self.decoder.decode(err.get("data") if isinstance(err, dict) else None)
         return bytes.fromhex(resp["result"][2:])
@@ -194,7 +195,7 @@ class Transactor:
             }  # fmt: skip
             self._nonce = None  # send_data's counter did not see this one
             signed = self.account.sign_transaction(tx)
-            return "0x" + bytes(self.w3.eth.send_raw_transaction(signed.raw_transaction)).hex()
+            return hex0x(self.w3.eth.send_raw_transaction(signed.raw_transaction))
 
     def reset(self) -> None:
         """Forget the managed nonce and fees: the next send_data reads both from the chain."""
@@ -220,11 +221,11 @@ class Transactor:
                       "nonce": self._nonce, "maxPriorityFeePerGas": tip, "maxFeePerGas": max_fee}  # fmt: skip
                 raw = self.account.sign_transaction(tx).raw_transaction
                 try:
-                    tx_hash = "0x" + bytes(self.w3.eth.send_raw_transaction(raw)).hex()
+                    tx_hash = hex0x(self.w3.eth.send_raw_transaction(raw))
                 except Web3RPCError as e:
                     text = str(e).lower()
                     if any(m in text for m in _ALREADY_KNOWN):  # this very transaction is in the pool
-                        tx_hash = "0x" + keccak(raw).hex()
+                        tx_hash = hex0x(keccak(raw))
                     elif any(m in text for m in _NONCE_TAKEN) and attempt + 1 < NONCE_RETRIES:
                         log.info("nonce %d refused (%s): reading nonce and fees from the chain again", self._nonce, e)
                         self.reset()
@@ -304,4 +305,4 @@ class Transactor:
                 "maxPriorityFeePerGas": PRIORITY_FEE, "maxFeePerGas": 2 * base + PRIORITY_FEE,
             }  # fmt: skip
             signed = self.account.sign_transaction(tx)
-            return "0x" + bytes(self.w3.eth.send_raw_transaction(signed.raw_transaction)).hex()
+            return hex0x(self.w3.eth.send_raw_transaction(signed.raw_transaction))

@@ -7,9 +7,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from eth_utils import keccak, to_checksum_address
+# ids are common.wire's (one format for every package); eth_utils (about 250 ms to import) is imported where
+# it is used, so this module of plain values stays cheap for everyone who only needs the values
+from common.wire import ZERO_ID, hex0x, id_bytes, to_id
 
-ZERO_ID = "0x" + "00" * 32
 # The adapter id of a request to the bare base model (no adapter): stored as such in the outbox and
 # sent as such on chain, where AttributionLedger prices it at basePricePer1kTokens, all to the node.
 BASE_MODEL_ADAPTER_ID = ZERO_ID
@@ -23,26 +24,6 @@ def is_base_model(adapter_id: str | bytes | None) -> bool:
         return to_id(adapter_id) == ZERO_ID
     except ValueError:
         return False
-
-
-def to_id(value: str | bytes) -> str:
-    """Normalise a bytes32 id to "0x"+64 lowercase hex; ValueError when it is not 32 bytes."""
-    if isinstance(value, (bytes, bytearray)):
-        if len(value) != 32:
-            raise ValueError(f"id must be 32 bytes, got {len(value)}")
-        return "0x" + bytes(value).hex()
-    if not isinstance(value, str):
-        raise ValueError(f"id must be a hex string or bytes, got {type(value).__name__}")
-    text = value.lower()
-    body = text[2:] if text.startswith("0x") else text
-    if len(body) != 64 or any(c not in "0123456789abcdef" for c in body):
-        raise ValueError(f"id must be 0x followed by 64 hex digits, got {value!r}")
-    return "0x" + body
-
-
-def id_bytes(value: str | bytes) -> bytes:
-    """A bytes32 id as 32 raw bytes."""
-    return bytes.fromhex(to_id(value)[2:])
 
 
 class Role(enum.IntEnum):
@@ -79,11 +60,13 @@ class SettleRecord:
 def dataset_id_for(contributor: str, name: str) -> str:
     """A dataset's id as AdapterRegistry.datasetIdOf computes it: keccak256(abi.encode(contributor,
     keccak256(name))). Bound to the contributor, so nobody else can register it."""
+    from eth_utils import keccak, to_checksum_address
+
     try:
         address = bytes.fromhex(to_checksum_address(contributor)[2:])
     except ValueError as e:
         raise ValueError(f"contributor {contributor!r} is not an EVM address") from e
-    return "0x" + keccak(b"\0" * 12 + address + keccak(text=name)).hex()
+    return hex0x(keccak(b"\0" * 12 + address + keccak(text=name)))
 
 
 # ------------------------------------------------------------------ what AdapterRegistry accepts
@@ -144,6 +127,8 @@ class Domain:
     def __post_init__(self) -> None:
         if not isinstance(self.chain_id, int) or self.chain_id <= 0:
             raise ValueError(f"chain id must be a positive integer, got {self.chain_id!r}")
+        from eth_utils import to_checksum_address
+
         object.__setattr__(self, "registry", to_checksum_address(self.registry))
 
     def as_eip712(self) -> dict:
@@ -193,7 +178,7 @@ class AdapterRegistration:
 
     def sign(self, account, domain: Domain) -> str:
         """The publisher's signature, "0x" + 65 bytes hex (r || s || v)."""
-        return "0x" + account.sign_message(self.typed_data(domain)).signature.hex()
+        return hex0x(account.sign_message(self.typed_data(domain)).signature)
 
     def recover(self, signature: str | bytes, domain: Domain) -> str:
         """The checksummed address that made `signature` over this registration in `domain`."""
@@ -214,6 +199,8 @@ def node_proof_message(chain_id: int, registry: str, operator: str, nonce: int) 
     address registry, address operator, uint256 nonce), 120 bytes. A proof is good for one registration."""
     if not isinstance(nonce, int) or not 0 <= nonce < 2**256:
         raise ValueError(f"a node nonce is an integer in [0, 2**256), got {nonce!r}")
+    from eth_utils import to_checksum_address
+
     return (NODE_PROOF_TAG + int(chain_id).to_bytes(32, "big") + bytes.fromhex(to_checksum_address(registry)[2:])
             + bytes.fromhex(to_checksum_address(operator)[2:]) + nonce.to_bytes(32, "big"))  # fmt: skip
 

@@ -1,9 +1,10 @@
 """ChainIndex: every event of our two contracts, decoded, kept in memory and extended block by block.
 
-The explorer needs only eth_blockNumber, eth_getLogs and a few eth_call/eth_getBlockByNumber (see
-notes/evm.md): each page asks for the head, and logs of blocks not seen yet are fetched in one
-range query over both contract addresses and decoded by topic. A head below the last indexed block
-means the chain was reset, so the index starts over.
+The explorer needs only eth_blockNumber, eth_getLogs and a few eth_call/eth_getBlockByNumber, which every
+JSON-RPC node answers (anvil included, with no trace or debug API): each page asks for the head, and logs of
+blocks not seen yet are fetched in one range query over both contract addresses and decoded by topic.
+Registry events are read as ledger.registry_events reads them for the gateway's mirror. A head below the
+last indexed block means the chain was reset, so the index starts over.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 
 from eth_utils import event_abi_to_log_topic
 
+from common.wire import hex0x
+from ledger import registry_events as RE
 from ledger.chain import ChainClient
+from ledger.registry_events import registry_update
 from ledger.transport import rpc_guard
 from ledger.types import Role
 
@@ -24,12 +28,8 @@ log = logging.getLogger(__name__)
 LOG_CHUNK = 50_000  # blocks per eth_getLogs call
 
 
-def _h(b: bytes) -> str:
-    return "0x" + bytes(b).hex()
-
-
 def _tx(ev) -> str:
-    return _h(ev["transactionHash"])
+    return hex0x(ev["transactionHash"])
 
 
 @dataclass(slots=True)
@@ -213,65 +213,63 @@ class ChainIndex:
     def _apply(self, ev) -> None:
         name, a, block, tx = ev["event"], ev["args"], ev["blockNumber"], _tx(ev)
         self.tx_events[tx].append(name)
+        update = registry_update(ev)
+        if update is not None:
+            self._on_registry(update, block, tx)
+            return
         handler = getattr(self, f"_on_{name}", None)
         if handler is not None:
             handler(a, block, tx)
 
-    def _on_DatasetRegistered(self, a, block, tx) -> None:
-        ds = _h(a["datasetId"])
-        self.datasets[ds] = DatasetView(ds, _h(a["contentHash"]), a["payee"], block, tx,
-                                        [(block, tx, f"registered by its contributor {a['payee']} as {a['name']!r}")],
-                                        a["name"], a["payee"])  # fmt: skip
-
-    def _on_DatasetPayeeChanged(self, a, block, tx) -> None:
-        d = self.datasets[_h(a["datasetId"])]
-        d.payee = a["payee"]
-        d.history.append((block, tx, f"payee changed to {a['payee']}"))
-
-    def _on_AdapterRegistered(self, a, block, tx) -> None:
-        spec, ad = a["spec"], _h(a["adapterId"])
-        datasets = [(_h(d), int(s)) for d, s in zip(spec["datasetIds"], spec["sharesBps"])]
-        self.adapters[ad] = AdapterView(ad, a["owner"], spec["name"], spec["version"], _h(spec["predecessor"]),
-                                        _h(spec["baseModel"]), int(spec["pricePer1kTokens"]), datasets, block, tx,
-                                        [(block, tx, f"registered by {a['owner']}")], a["owner"])  # fmt: skip
-
-    def _on_NameRegistered(self, a, block, tx) -> None:
-        self.names[a["name"]] = NameView(a["name"], a["owner"], block, tx,
-                                         [(block, tx, f"name registered by {a['owner']}")])  # fmt: skip
-
-    def _on_NameTransferred(self, a, block, tx) -> None:
-        n = self.names[a["name"]]
-        n.owner = a["newOwner"]
-        n.history.append((block, tx, f"name transferred from {a['previousOwner']} to {a['newOwner']}"))
-
-    def _on_AdapterPriceChanged(self, a, block, tx) -> None:
-        ad = self.adapters[_h(a["adapterId"])]
-        ad.price = int(a["pricePer1kTokens"])
-        ad.history.append((block, tx, f"price changed to {ad.price} wei per 1k tokens"))
-
-    def _on_AdapterOwnershipTransferred(self, a, block, tx) -> None:
-        ad = self.adapters[_h(a["adapterId"])]
-        ad.owner = a["newOwner"]
-        ad.history.append((block, tx, f"ownership moved from {a['previousOwner']} to {a['newOwner']}"))
-
-    def _on_NodeRegistered(self, a, block, tx) -> None:
-        nid = _h(a["nodeId"])
-        old = self.nodes.get(nid)  # registered again: the key holder moved it to another operator
-        history = (old.history if old else []) + [(block, tx, f"registered by {a['operator']} with its key's proof")]
-        self.nodes[nid] = NodeView(nid, a["operator"], True, _h(a["baseModel"]), a["peerId"], a["apiUrl"],
-                                   list(a["multiaddrs"]), old.block if old else block, old.tx_hash if old else tx,
-                                   history, _h(a["publicKey"]))  # fmt: skip
-
-    def _on_NodeUpdated(self, a, block, tx) -> None:
-        n = self.nodes[_h(a["nodeId"])]
-        n.base_model, n.peer_id, n.api_url = _h(a["baseModel"]), a["peerId"], a["apiUrl"]
-        n.multiaddrs = list(a["multiaddrs"])
-        n.history.append((block, tx, f"updated: peer {a['peerId']}, API {a['apiUrl']}"))
-
-    def _on_NodeActiveChanged(self, a, block, tx) -> None:
-        n = self.nodes[_h(a["nodeId"])]
-        n.active = bool(a["active"])
-        n.history.append((block, tx, "activated" if n.active else "deactivated"))
+    def _on_registry(self, u: RE.RegistryUpdate, block: int, tx: str) -> None:
+        """A registry event's update (ledger.registry_events, as the gateway's mirror applies it), with a
+        line of history for the entity's page."""
+        if isinstance(u, RE.DatasetRegistered):
+            d = u.dataset
+            self.datasets[d.dataset_id] = DatasetView(
+                d.dataset_id, d.content_hash, d.payee, block, tx,
+                [(block, tx, f"registered by its contributor {d.contributor} as {d.name!r}")], d.name,
+                d.contributor)  # fmt: skip
+        elif isinstance(u, RE.DatasetPayeeChanged):
+            d = self.datasets[u.dataset_id]
+            d.payee = u.payee
+            d.history.append((block, tx, f"payee changed to {u.payee}"))
+        elif isinstance(u, RE.AdapterRegistered):
+            ad = u.adapter
+            self.adapters[ad.adapter_id] = AdapterView(
+                ad.adapter_id, ad.owner, ad.name, ad.version, ad.predecessor, ad.base_model, ad.price_per_1k_tokens,
+                list(zip(ad.dataset_ids, ad.shares_bps)), block, tx, [(block, tx, f"registered by {ad.publisher}")],
+                ad.publisher)  # fmt: skip
+        elif isinstance(u, RE.NameRegistered):
+            self.names[u.name] = NameView(u.name, u.owner, block, tx, [(block, tx, f"name registered by {u.owner}")])
+        elif isinstance(u, RE.NameTransferred):
+            n = self.names[u.name]
+            n.owner = u.new_owner
+            n.history.append((block, tx, f"name transferred from {u.previous_owner} to {u.new_owner}"))
+        elif isinstance(u, RE.AdapterPriceChanged):
+            ad = self.adapters[u.adapter_id]
+            ad.price = u.price_per_1k_tokens
+            ad.history.append((block, tx, f"price changed to {ad.price} wei per 1k tokens"))
+        elif isinstance(u, RE.AdapterOwnershipTransferred):
+            ad = self.adapters[u.adapter_id]
+            ad.owner = u.new_owner
+            ad.history.append((block, tx, f"ownership moved from {u.previous_owner} to {u.new_owner}"))
+        elif isinstance(u, RE.NodeRegistered):
+            n = u.node
+            old = self.nodes.get(n.node_id)  # registered again: the key holder moved it to another operator
+            history = (old.history if old else []) + [(block, tx, f"registered by {n.operator} with its key's proof")]
+            self.nodes[n.node_id] = NodeView(n.node_id, n.operator, n.active, n.base_model, n.peer_id, n.api_url,
+                                             list(n.multiaddrs), old.block if old else block,
+                                             old.tx_hash if old else tx, history, n.public_key)  # fmt: skip
+        elif isinstance(u, RE.NodeUpdated):
+            n = self.nodes[u.node_id]
+            n.base_model, n.peer_id, n.api_url = u.base_model, u.peer_id, u.api_url
+            n.multiaddrs = list(u.multiaddrs)
+            n.history.append((block, tx, f"updated: peer {u.peer_id}, API {u.api_url}"))
+        elif isinstance(u, RE.NodeActiveChanged):
+            n = self.nodes[u.node_id]
+            n.active = u.active
+            n.history.append((block, tx, "activated" if n.active else "deactivated"))
 
     def _on_SettlerGranted(self, a, block, tx) -> None:
         self.settlers[a["settler"]] = True
@@ -289,17 +287,18 @@ class ChainIndex:
         self.money.append(MoneyEvent("withdrawal", a["account"], int(a["amount"]), block, tx))
 
     def _on_RecordSettled(self, a, block, tx) -> None:
-        r = RecordView(_h(a["requestId"]), _h(a["batchId"]), _h(a["adapterId"]), _h(a["nodeId"]),
+        r = RecordView(hex0x(a["requestId"]), hex0x(a["batchId"]), hex0x(a["adapterId"]), hex0x(a["nodeId"]),
                        int(a["promptTokens"]), int(a["completionTokens"]), int(a["fee"]), block, tx)  # fmt: skip
         self.records.append(r)
         self.records_by_request[r.request_id].append(r)
         self.records_by_batch[r.batch_id].append(r)
 
     def _on_RewardAccrued(self, a, block, tx) -> None:
-        self.rewards.append(RewardView(_h(a["batchId"]), a["account"], _h(a["adapterId"]), Role(a["role"]).name.lower(),
-                                       _h(a["subjectId"]), int(a["amount"]), block, tx))  # fmt: skip
+        self.rewards.append(RewardView(hex0x(a["batchId"]), a["account"], hex0x(a["adapterId"]),
+                                       Role(a["role"]).name.lower(), hex0x(a["subjectId"]), int(a["amount"]), block,
+                                       tx))  # fmt: skip
 
     def _on_BatchSettled(self, a, block, tx) -> None:
-        b = _h(a["batchId"])
-        self.batches[b] = BatchView(b, a["settler"], _h(a["merkleRoot"]), int(a["recordCount"]),
+        b = hex0x(a["batchId"])
+        self.batches[b] = BatchView(b, a["settler"], hex0x(a["merkleRoot"]), int(a["recordCount"]),
                                     int(a["totalFees"]), block, tx)  # fmt: skip

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from common.wire import ZERO_ID, hex0x
 from devnet.explorer.layout import (
-    ZERO_ID,
     adapter_link,
     address_link,
     card,
@@ -74,7 +74,7 @@ def address_page(ex: Explorer, address: str) -> str:
 def _arg(ex: Explorer, name: str, value) -> str:
     """One event argument, linked where it names something the explorer has a page for."""
     if isinstance(value, (bytes, bytearray)):
-        h = "0x" + bytes(value).hex()
+        h = hex0x(value)
         if h == ZERO_ID:
             return adapter_link(h) if name == "adapterId" else mono(h)  # adapterId zero: the base model
         kinds = {"adapterId": "adapters", "predecessor": "adapters", "datasetId": "datasets", "nodeId": "nodes",

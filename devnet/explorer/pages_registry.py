@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from common.wire import ZERO_ID
 from devnet.explorer.layout import (
-    ZERO_ID,
     adapter_link,
     address_link,
     card,

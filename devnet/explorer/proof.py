@@ -11,15 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from common.wire import hex0x
 from ledger.batching import to_settle_record
 from ledger.chain import ChainClient
 from ledger.merkle import MerkleTree, leaf_hash, verify_proof
 from ledger.models import UsageRecord
 from ledger.types import SettleRecord
-
-
-def _hex(b: bytes) -> str:
-    return "0x" + b.hex()
 
 
 @dataclass(slots=True)
@@ -57,12 +54,12 @@ def check_record_proof(client: ChainClient, row: UsageRecord, batch_rows: Sequen
     leaf = leaf_hash(record)
     tree = MerkleTree([leaf_hash(to_settle_record(r)) for r in batch_rows])
     proof = tree.proof(row.leaf_index)
-    proof_hex = [_hex(p) for p in proof]
+    proof_hex = [hex0x(p) for p in proof]
     offchain = verify_proof(leaf, proof, chain_root)
-    onchain = client.verify_record(row.batch_id, _hex(leaf), proof_hex)
+    onchain = client.verify_record(row.batch_id, hex0x(leaf), proof_hex)
     contract_leaf = client.leaf_of(record)
-    check = ProofCheck(False, "", _hex(leaf), contract_leaf, row.leaf_index, proof_hex, chain_root,
-                       _hex(tree.root), offchain, onchain)  # fmt: skip
+    check = ProofCheck(False, "", hex0x(leaf), contract_leaf, row.leaf_index, proof_hex, chain_root,
+                       hex0x(tree.root), offchain, onchain)  # fmt: skip
     if contract_leaf != check.leaf:
         check.reason = "the contract's leafOf disagrees with the leaf computed here"
     elif offchain and onchain:

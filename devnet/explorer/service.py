@@ -6,15 +6,17 @@ import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from eth_utils import is_hex_address, to_checksum_address
+from web3.exceptions import TransactionNotFound
 
+from common.wire import is_id
 from devnet.explorer.index import ChainIndex, RecordView
 from devnet.explorer.layout import when
 from devnet.explorer.plots import MAX_SERIES, Point
 from devnet.explorer.proof import ProofCheck, check_record_proof
 from devnet.explorer.signature import SignatureCheck, check_record_signature
+from devnet.explorer.settings import ExplorerConfig
 from devnet.explorer.store import LedgerStore, open_ledger_db
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
@@ -23,20 +25,6 @@ from ledger.transport import rpc_guard
 from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ExplorerConfig:
-    """Where the explorer reads from: a deployment file, an optional RPC URL override, a database URL."""
-
-    deployment: Path
-    db_url: str
-    rpc_url: str | None = None
-
-    def __post_init__(self) -> None:
-        self.deployment = Path(self.deployment)
-        if "://" not in self.db_url:
-            raise ValueError(f"db_url {self.db_url!r} is not a database URL (expected e.g. sqlite:///loramesh.db)")
 
 
 @dataclass(slots=True)
@@ -80,13 +68,14 @@ class RecordDetail:
 
 
 class Explorer:
-    """One deployment and one ledger database; every read refreshes the index first (see `head`)."""
+    """One deployment and one ledger database. Each request refreshes the index first and reads it holding
+    `lock` (devnet.explorer.routes.fresh)."""
 
     def __init__(self, client: ChainClient, store: LedgerStore) -> None:
         self.client = client
         self.store = store
         self.index = ChainIndex(client)
-        self.lock = threading.RLock()  # one request at a time reads the index (see app.locked)
+        self.lock = threading.RLock()  # one request at a time refreshes and reads the index
 
     @classmethod
     def open(cls, config: ExplorerConfig) -> "Explorer":
@@ -216,7 +205,7 @@ class Explorer:
         if is_hex_address(q):  # any case; a wrong checksum is most likely a hand-typed address
             addr = to_checksum_address(q.lower())
             hits.append(("address", addr, f"/address/{addr}"))
-        elif len(low) == 66 and low.startswith("0x") and all(c in "0123456789abcdef" for c in low[2:]):
+        elif is_id(low):
             idx = self.index
             if low in idx.records_by_request or self.store.record(low) is not None:
                 hits.append(("record", low, f"/records/{low}"))
@@ -236,8 +225,6 @@ class Explorer:
 
     def transaction(self, tx_hash: str):
         """(transaction, receipt or None while pending, our decoded events), or None when unknown."""
-        from web3.exceptions import TransactionNotFound
-
         w3 = self.client.w3
         with rpc_guard(self.client.rpc_url):
             try:
@@ -252,7 +239,9 @@ class Explorer:
         return tx, receipt, events
 
     def _is_tx(self, tx_hash: str) -> bool:
+        """Whether the chain knows `tx_hash` (an id: search checks its form first)."""
         try:
-            return self.client.w3.eth.get_transaction(tx_hash) is not None
-        except Exception:  # noqa: BLE001 - TransactionNotFound or a malformed hash: not a transaction
+            with rpc_guard(self.client.rpc_url):
+                return self.client.w3.eth.get_transaction(tx_hash) is not None
+        except TransactionNotFound:
             return False

@@ -16,6 +16,7 @@ from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from tests.utils.chain import ETHER, rand_id, register_sample
+from tests.utils.crashing_settler import CrashHook
 
 pytestmark = pytest.mark.integration
 
@@ -250,6 +251,6 @@ def test_settler_config_is_checked():
     with pytest.raises(ValueError):
         SettlerConfig(batch_size=0)
     with pytest.raises(ValueError):
-        SettlerConfig(crash_at="sometimes")
+        CrashHook("sometimes")
     with pytest.raises(ValueError):
         SettlerConfig(poll=0)

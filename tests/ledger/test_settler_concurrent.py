@@ -17,7 +17,6 @@ from sqlmodel import Session, select
 from ledger.db import init_db, make_engine
 from ledger.models import BatchStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, count_by_status
-from ledger.settler_config import CRASH_ENV
 from tests.ledger.audit import ledger_transactions, record_settled_counts, stop_settlers
 from tests.utils.chain import ETHER, rand_id, register_sample
 from tests.utils.postgres import postgres  # noqa: F401 - fixture
@@ -32,8 +31,7 @@ def start_settler(env, db_url: str, key_file: Path, log_file: Path, **opts) -> s
            str(env.deployment_path), "--key", str(key_file)]  # fmt: skip
     for k, v in {"batch-size": 20, "interval": 0.3, "max-in-flight": 4, **opts}.items():
         cmd += [f"--{k}", str(v)]
-    child_env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
-    child_env.update(PYTHONPATH=str(ROOT), LORAMESH_LOG_LEVEL="INFO")
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAMESH_LOG_LEVEL": "INFO"}
     return subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.DEVNULL, stderr=log_file.open("w"))
 
 

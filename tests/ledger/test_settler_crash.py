@@ -1,7 +1,9 @@
 """Kill the settler process at each crash point, restart it: every record settles exactly once.
 
-Runs `python -m ledger.cli settler run` as its own process against anvil with 1-second blocks (so a
-transaction sent just before the crash may still be in the mempool when the settler restarts)."""
+Runs the settler as its own process against anvil with 1-second blocks (so a transaction sent just before
+the crash may still be in the mempool when the settler restarts): the crashing run through
+tests.utils.crashing_settler (the settler of `loramesh settler run` with a crash hook), the restart as
+`python -m ledger.cli settler run`."""
 
 import os
 import subprocess
@@ -15,9 +17,9 @@ from sqlmodel import Session, select
 from ledger.db import init_db, make_engine
 from ledger.models import BatchStatus, SettlementBatch
 from ledger.outbox import count_by_status
-from ledger.settler_config import CRASH_EXIT_CODE, CRASH_ENV
 from tests.ledger.test_settler import add_records, settled_on_chain
 from tests.utils.chain import register_sample
+from tests.utils.crashing_settler import CRASH_EXIT_CODE
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,13 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_settler(env, db_url: str, key_file: Path, crash_at: str | None,
                 batch_size: int = 20) -> subprocess.CompletedProcess:  # fmt: skip
-    cmd = [sys.executable, "-m", "ledger.cli", "settler", "run", "--db", db_url, "--deployment",
-           str(env.deployment_path), "--key", str(key_file), "--batch-size", str(batch_size), "--interval", "0",
-           "--drain"]  # fmt: skip
-    child_env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
-    if crash_at:
-        child_env[CRASH_ENV] = crash_at
-    child_env["PYTHONPATH"] = str(ROOT)
+    entry = ["tests.utils.crashing_settler", crash_at] if crash_at else ["ledger.cli", "settler", "run"]
+    cmd = [sys.executable, "-m", *entry, "--db", db_url, "--deployment", str(env.deployment_path), "--key",
+           str(key_file), "--batch-size", str(batch_size), "--interval", "0", "--drain"]  # fmt: skip
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=120)
 
 

@@ -59,7 +59,7 @@ def test_corrupt_database_gives_an_error_page_and_the_explorer_keeps_running(own
     r = httpx.get(url + "/health", timeout=30)
     assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "code"} and "ledger database" in err["message"]
+    assert set(err) == {"message", "type", "param", "code"} and "ledger database" in err["message"]
     # still serving: pages that need only the chain answer as before
     assert httpx.get(url + "/adapters", timeout=30).status_code == 200
 
