@@ -42,8 +42,8 @@ async def _raw_serve(path: Path) -> None:
     from libp2p.custom_types import TProtocol
     from multiaddr import Multiaddr
 
-    from node.p2p.codec import MAX_PAYLOAD
     from node.p2p.host import build_host
+    from node.p2p.protocol import MAX_PAYLOAD
 
     _, host = build_host(os.urandom(32), _raw_config("/ip4/127.0.0.1/tcp/0"))
 
@@ -67,8 +67,8 @@ async def _raw_fetch(addr: str, runs: int) -> None:
     from libp2p.peer.peerinfo import info_from_p2p_addr
     from multiaddr import Multiaddr
 
-    from node.p2p.codec import READ_CHUNK
     from node.p2p.host import build_host
+    from node.p2p.protocol import READ_CHUNK
 
     _, host = build_host(os.urandom(32), _raw_config("/ip4/127.0.0.1/tcp/0"))
     async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
@@ -136,7 +136,7 @@ def main() -> None:
     if args.raw_serve or args.raw_fetch:
         import trio
 
-        from node.p2p.logs import route_libp2p_logging
+        from node.p2p.host import route_libp2p_logging
 
         route_libp2p_logging()
         trio.run(_raw_serve, args.raw_serve) if args.raw_serve else trio.run(_raw_fetch, args.raw_fetch, args.runs)

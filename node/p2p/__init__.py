@@ -1,10 +1,15 @@
-"""Peer-to-peer adapter exchange: libp2p host, /loramesh/adapter/1.0.0, GossipSub and DHT discovery."""
+"""Peer-to-peer adapter exchange: libp2p host, /loramesh/adapter/1.0.0, GossipSub and DHT discovery.
 
-from node.p2p.announce import Announcement, AnnouncementError
-from node.p2p.codec import MAX_PAYLOAD, PROTOCOL_ID
+Modules, in reading order: protocol (the exchange on the wire), server (its inbound side), fetcher
+(its outbound side), discovery (announcements and provider lookup), standing (how far each peer is
+trusted), host (the libp2p host and its logs), node (P2PNode, the facade, over Mesh on the trio
+thread), config and errors.
+"""
+
 from node.p2p.config import P2PConfig
-from node.p2p.discovery import Provider
+from node.p2p.discovery import Announcement, Provider
 from node.p2p.errors import (
+    AnnouncementError,
     BadBytes,
     FetchError,
     FrameError,
@@ -17,6 +22,7 @@ from node.p2p.errors import (
 )
 from node.p2p.fetcher import TransferStatus
 from node.p2p.node import P2PNode
+from node.p2p.protocol import MAX_PAYLOAD, PROTOCOL_ID
 from node.p2p.server import AdapterServer
 
 __all__ = [

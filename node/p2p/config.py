@@ -31,14 +31,14 @@ class P2PConfig:
     backoff_max: float = 600.0  # ...at most this long
     max_attempts: int = 8  # providers tried per fetch
     max_unknown_attempts: int = 3  # of those, peers with no standing that only the DHT names
-    max_connections: int = 64  # the default auto-connector tops up towards 100-300 (pitfall 8)
+    max_connections: int = 64  # py-libp2p's default auto-connector tops up towards 100-300
     max_package_bytes: int = 4 << 30
     announce_interval: float = 30.0  # re-announce held adapters on GossipSub
     announce_max_age: float = 600.0  # older announcements are dropped
     announce_future_skew: float = 5.0  # announcements dated further ahead are refused (clock skew)
     book_max_peers: int = 1024  # announcing peers remembered
     book_max_ids: int = 65536  # adapter ids remembered over all peers (~120 bytes each)
-    dht_provide_interval: float = 1.5  # a peer accepts 10 ADD_PROVIDER per 10 s (pitfall 2)
+    dht_provide_interval: float = 1.5  # a peer accepts 10 ADD_PROVIDER per 10 s, drops the rest
     discover_timeout: float = 10.0  # how long a fetch waits for a first provider
     dht_query_timeout: float = 3.0
 

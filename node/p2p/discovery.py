@@ -1,31 +1,38 @@
-"""Discovery: announcing the adapters a node holds and finding peers that hold one, from signed
-GossipSub announcements first and paced Kademlia provider records as hints. Runs on the p2p
-thread's trio loop as part of Mesh (mesh.py), which builds the host, GossipSub and DHT it uses."""
+"""Discovery: who holds an adapter. Signed GossipSub announcements of the adapters a node holds, the
+bounded book of providers they fill, and Kademlia provider records as hints.
+
+An announcement is canonical JSON {"payload": {...}, "sig": hex}; the signature is the node's
+Ed25519 key over a domain tag plus the canonical payload, and the key is recovered from the peer id
+in the payload, so a relay cannot forge or alter one. Stale or future-dated ones are dropped.
+The bytes are size-checked and parsed by the bounded parser (depth 3 is all the format needs)
+before anything else, and must be the canonical form that was signed.
+
+A peer id costs nothing, so the book of providers is bounded (peers and ids over all peers) and
+evicts by standing: peers this node has reason to trust (registered, bootstrap, a transfer that
+succeeded) last, then the longest known; a flood of new ids only ever pushes out its own kind.
+
+DHT provider records are hints only (they may name offline peers, and anyone can fill a key's slots
+with made-up ids). Discovery runs on the p2p thread's trio loop; Mesh (node.py) builds the host,
+GossipSub and DHT it uses.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
+from libp2p.crypto.keys import PrivateKey
 from libp2p.kad_dht.kad_dht import _encode_key  # the key bytes KadDHT.provide stores under
 from libp2p.peer.id import ID
 
-from common.wire import is_id
-from node.p2p.announce import (
-    MAX_ADDRS,
-    TOPIC,
-    Announcement,
-    AnnouncementError,
-    ProviderBook,
-    sign_announcement,
-    verify_announcement,
-)
+from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json
 from node.p2p.config import P2PConfig
-from node.p2p.errors import P2PError
-from node.p2p.host import _addr_str
+from node.p2p.errors import AnnouncementError, P2PError
+from node.p2p.host import addr_str, full_addrs
+from node.p2p.standing import UNKNOWN, PeerStanding, Standing
 
 if TYPE_CHECKING:
     from libp2p.abc import IHost
@@ -34,9 +41,170 @@ if TYPE_CHECKING:
     from libp2p.pubsub.pubsub import Pubsub
 
     from node.adapters import AdapterStore
-    from node.p2p.standing import PeerStanding
 
 log = logging.getLogger(__name__)
+
+
+# -- signed announcements and the book they fill ---------------------------------------------------
+
+
+TOPIC = "/loramesh/adapters/1"
+DOMAIN = b"loramesh-announce/1\n"
+MAX_ADAPTERS = 1024
+MAX_ADDRS = 16
+FUTURE_SKEW_S = 5.0
+# 1,024 ids of 66 characters plus quotes and commas, 16 addresses and the signature fit in ~76 KB.
+MAX_ANNOUNCEMENT_BYTES = 96 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    peer_id: str
+    addrs: tuple[str, ...]
+    adapters: tuple[str, ...]
+    ts_ms: int  # unix time in milliseconds (an int keeps the canonical bytes unambiguous)
+
+    def payload(self) -> dict:
+        return {"v": 1, "peer_id": self.peer_id, "addrs": list(self.addrs), "adapters": list(self.adapters),
+                "ts": self.ts_ms}
+
+
+def sign_announcement(ann: Announcement, key: PrivateKey) -> bytes:
+    """The wire bytes of `ann`, signed with the node key."""
+    sig = key.sign(DOMAIN + canonical_json(ann.payload()))
+    return canonical_json({"payload": ann.payload(), "sig": sig.hex()})
+
+
+def verify_announcement(data: bytes, *, now: float, max_age: float,
+                        future_skew: float = FUTURE_SKEW_S) -> Announcement:
+    """Parse and check wire bytes; AnnouncementError names what was wrong."""
+    try:
+        doc = parse_json(data, max_bytes=MAX_ANNOUNCEMENT_BYTES, max_depth=3, what="announcement")
+    except UntrustedJSONError as e:
+        raise AnnouncementError(str(e)) from e
+    try:
+        payload, sig_hex = doc["payload"], doc["sig"]
+        sig = bytes.fromhex(sig_hex)
+        peer_id, addrs, adapters, ts = payload["peer_id"], payload["addrs"], payload["adapters"], payload["ts"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnnouncementError(f"announcement is not {{payload: {{peer_id, addrs, adapters, ts}}, sig}} "
+                                f"({type(e).__name__})") from e
+    if not isinstance(payload, dict) or payload.get("v") != 1:
+        raise AnnouncementError(f"announcement version {payload.get('v')!r}; expected 1")
+    if not (isinstance(addrs, list) and len(addrs) <= MAX_ADDRS and all(isinstance(a, str) for a in addrs)):
+        raise AnnouncementError(f"announcement addrs must be a list of at most {MAX_ADDRS} multiaddr strings")
+    if not (isinstance(adapters, list) and len(adapters) <= MAX_ADAPTERS and all(is_id(a) for a in adapters)):
+        raise AnnouncementError(f"announcement adapters must be a list of at most {MAX_ADAPTERS} 0x ids")
+    if not isinstance(ts, int) or isinstance(ts, bool):
+        raise AnnouncementError(f"announcement ts {ts!r} is not an integer of milliseconds")
+    if not isinstance(peer_id, str) or len(peer_id) > 128:
+        raise AnnouncementError("announcement peer_id must be a base58 peer id string")
+    if ts < (now - max_age) * 1000 or ts > (now + future_skew) * 1000:
+        raise AnnouncementError(f"announcement from {peer_id} is stale or future-dated "
+                                f"(ts {ts} ms, now {now * 1000:.0f})")
+    if canonical_json(doc) != bytes(data):
+        raise AnnouncementError("announcement is not in canonical form (what was signed)")
+    try:
+        pub = ID.from_base58(peer_id).extract_public_key()
+    except Exception as e:
+        raise AnnouncementError(f"announcement peer id {peer_id!r} is not a valid peer id") from e
+    if pub is None or not isinstance(sig_hex, str):
+        raise AnnouncementError(f"peer id {peer_id} does not embed its public key (expected an Ed25519 peer id)")
+    try:  # nacl raises (rather than answering False) for a signature of the wrong length
+        genuine = len(sig) == 64 and pub.verify(DOMAIN + canonical_json(payload), sig)
+    except Exception:
+        genuine = False
+    if not genuine:
+        raise AnnouncementError(f"announcement signature does not match peer {peer_id} (forged or altered)")
+    return Announcement(peer_id, tuple(addrs), tuple(adapters), ts)
+
+
+@dataclass(slots=True)
+class _Entry:
+    ann: Announcement
+    first_seen: float
+
+
+@dataclass(slots=True)
+class ProviderBook:
+    """Latest verified announcement per peer, bounded; answers who holds an adapter.
+
+    `standing(peer_id)` says how far a peer is trusted (UNKNOWN, SERVED: a transfer from it
+    succeeded, TRUSTED: registered or configured). When the book is over `max_peers` or `max_ids`,
+    peers are evicted lowest standing first and, among equals, most recently first seen first:
+    peers already known keep their place against any number of new ids.
+    """
+
+    max_age: float
+    max_peers: int = 1024
+    max_ids: int = 65536
+    standing: Standing = lambda _peer: UNKNOWN
+    _latest: dict[str, _Entry] = field(default_factory=dict)
+    _ids: int = 0
+    refused: int = 0  # announcements not kept because the book was full of peers with better standing
+
+    def add(self, ann: Announcement, *, now: float | None = None) -> bool:
+        """Keep `ann` unless an equal or newer one from the same peer is known or it would be evicted first."""
+        now = time.time() if now is None else now
+        old = self._latest.get(ann.peer_id)
+        if old is not None and old.ann.ts_ms >= ann.ts_ms:
+            return False
+        full = self._over(ann, old)
+        if full:
+            self._expire(now)
+            old = self._latest.get(ann.peer_id)
+            full = self._over(ann, old)
+        if full and old is None and self.standing(ann.peer_id) == UNKNOWN:
+            self.refused += 1
+            return False  # a new unknown peer is the first to go: refuse it without sorting the book
+        if old is not None:
+            self._ids -= len(old.ann.adapters)
+        self._latest[ann.peer_id] = _Entry(ann, old.first_seen if old is not None else now)
+        self._ids += len(ann.adapters)
+        if full:
+            self._evict()
+        if ann.peer_id not in self._latest:
+            self.refused += 1
+            return False
+        return True
+
+    def _over(self, ann: Announcement, old: _Entry | None) -> bool:
+        """Would keeping `ann` (replacing `old`) put the book over a bound?"""
+        grows = len(ann.adapters) - (len(old.ann.adapters) if old is not None else 0)
+        return len(self._latest) + (old is None) > self.max_peers or self._ids + grows > self.max_ids
+
+    def _evict(self) -> None:
+        if len(self._latest) <= self.max_peers and self._ids <= self.max_ids:
+            return
+        victims = sorted(self._latest.items(), key=lambda kv: (self.standing(kv[0]), -kv[1].first_seen))
+        for peer, entry in victims:
+            if len(self._latest) <= self.max_peers and self._ids <= self.max_ids:
+                return
+            del self._latest[peer]
+            self._ids -= len(entry.ann.adapters)
+
+    def _expire(self, now: float) -> None:
+        for peer, entry in list(self._latest.items()):
+            if entry.ann.ts_ms < (now - self.max_age) * 1000:
+                del self._latest[peer]
+                self._ids -= len(entry.ann.adapters)
+
+    def providers(self, adapter_id: str, *, now: float | None = None) -> list[Announcement]:
+        """Fresh announcements naming `adapter_id`, longest known peer first (a timestamp buys no place)."""
+        self._expire(time.time() if now is None else now)
+        hits = [e for e in self._latest.values() if adapter_id in e.ann.adapters]
+        return [e.ann for e in sorted(hits, key=lambda e: e.first_seen)]
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    @property
+    def id_count(self) -> int:
+        """Adapter ids held over all peers (what the memory bound counts)."""
+        return self._ids
+
+
+# -- the mesh's side: announcing and finding providers ---------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,23 +222,44 @@ def dht_key(adapter_id: str) -> str:
 
 
 class Discovery:
-    """Mesh's announce and provider-lookup flows (a mixin: Mesh.__init__ builds the state below)."""
+    """Announces the adapters this node holds and finds peers that hold one (trio only).
 
-    config: P2PConfig
-    store: AdapterStore
-    host: IHost
-    key_pair: KeyPair
-    peer_id: str
-    listen_addrs: list[str]
-    pubsub: Pubsub
-    dht: KadDHT
-    book: ProviderBook
-    standing: PeerStanding
-    held: set[str]
-    _provide_send: trio.MemorySendChannel[str]
-    _provide_recv: trio.MemoryReceiveChannel[str]
-    _announce_now: trio.Event
-    _book_full_logged: float = float("-inf")
+    Built by Mesh with the host's GossipSub and DHT; `subscribe` then `start` once they run.
+    """
+
+    def __init__(self, *, config: P2PConfig, store: AdapterStore, host: IHost, key_pair: KeyPair, pubsub: Pubsub,
+                 dht: KadDHT, standing: PeerStanding) -> None:
+        self.config = config
+        self.store = store
+        self.host = host
+        self.peer_id = host.get_id().to_base58()
+        self.pubsub = pubsub
+        self.dht = dht
+        self.standing = standing
+        self._key = key_pair.private_key
+        self.book = ProviderBook(max_age=config.announce_max_age, max_peers=config.book_max_peers,
+                                 max_ids=config.book_max_ids, standing=standing.level)
+        self.held: set[str] = set()  # adapter ids this node announces
+        self._provide_send, self._provide_recv = trio.open_memory_channel[str](1024)
+        self._announce_now = trio.Event()
+        self._book_full_logged = float("-inf")
+
+    async def subscribe(self):
+        """Check every announcement GossipSub relays and join the topic (GossipSub must be ready)."""
+        self.pubsub.set_topic_validator(TOPIC, self._validate_gossip, False)
+        return await self.pubsub.subscribe(TOPIC)
+
+    async def start(self, nursery: trio.Nursery, subscription) -> None:
+        """Hold what the store holds and run the announce, DHT-provide and receive loops in `nursery`."""
+        held = await trio.to_thread.run_sync(self.store.list)
+        self.held.update(p.adapter_id for p in held)
+        for adapter_id in self.held:
+            self._provide_send.send_nowait(adapter_id)
+        nursery.start_soon(self._receive_announcements, subscription)
+        nursery.start_soon(self._announce_loop)
+        nursery.start_soon(self._provide_loop)
+
+    # -- announcing ------------------------------------------------------------------------
 
     async def announce(self, adapter_id: str) -> None:
         """Tell the mesh this node holds `adapter_id` (GossipSub now, DHT record paced)."""
@@ -79,6 +268,11 @@ class Discovery:
             raise P2PError(f"cannot announce adapter {adapter_id}: this node's store does not hold it")
         self._hold(adapter_id)
         await self._publish_announcement()
+
+    def announce_soon(self, adapter_id: str) -> None:
+        """Hold `adapter_id` (a fetch just installed it) and wake the announce loop to say so."""
+        self._hold(adapter_id)
+        self._announce_now.set()
 
     def _hold(self, adapter_id: str) -> None:
         if adapter_id not in self.held:
@@ -89,8 +283,9 @@ class Discovery:
             log.warning("DHT provide queue full; %s will be provided on the next round", adapter_id)
 
     async def _publish_announcement(self) -> None:
-        ann = Announcement(self.peer_id, tuple(self.listen_addrs), tuple(sorted(self.held)), int(time.time() * 1000))
-        await self.pubsub.publish(TOPIC, sign_announcement(ann, self.key_pair.private_key))
+        ann = Announcement(self.peer_id, tuple(full_addrs(self.host)), tuple(sorted(self.held)),
+                           int(time.time() * 1000))
+        await self.pubsub.publish(TOPIC, sign_announcement(ann, self._key))
 
     async def _announce_loop(self) -> None:
         while True:
@@ -112,6 +307,8 @@ class Discovery:
             except Exception as e:
                 log.info("DHT provide for %s failed (GossipSub still announces it): %s", adapter_id, e)
             await trio.sleep(self.config.dht_provide_interval)
+
+    # -- receiving announcements -----------------------------------------------------------
 
     def _validate_gossip(self, _forwarder: ID, msg) -> bool:
         try:
@@ -139,6 +336,8 @@ class Discovery:
                 self._book_full_logged = time.monotonic()  # once per 10 s: a flood must not flood the log too
                 log.warning("announcement book is full (%d peers, %d adapter ids): %d announcements from "
                             "new peers refused so far", len(self.book), self.book.id_count, self.book.refused)
+
+    # -- finding providers -----------------------------------------------------------------
 
     async def find_providers(self, adapter_id: str, *, wait: float = 0.0) -> list[Provider]:
         """Peers said to hold `adapter_id`, gossip first then DHT hints, de-duplicated; polls up to `wait` s."""
@@ -168,7 +367,7 @@ class Discovery:
         # cache sends the query to the network).
         for pid in list(self._local_dht_providers(adapter_id)):
             if self.standing.backed_off(pid):
-                self._drop_dht_record(adapter_id, pid)
+                self.drop_dht_record(adapter_id, pid)
         infos = []
         try:
             with trio.move_on_after(self.config.dht_query_timeout):
@@ -178,14 +377,14 @@ class Discovery:
         out = []
         for info in infos:
             pid = info.peer_id.to_base58()
-            out.append(Provider(pid, tuple(_addr_str(a, pid) for a in info.addrs[:MAX_ADDRS]), "dht"))
+            out.append(Provider(pid, tuple(addr_str(a, pid) for a in info.addrs[:MAX_ADDRS]), "dht"))
         return out
 
     def _local_dht_providers(self, adapter_id: str) -> dict:
         """The DHT's local provider records for `adapter_id` (peer id string -> record), as the library keeps them."""
         return self.dht.provider_store.providers.get(_encode_key(dht_key(adapter_id)), {})
 
-    def _drop_dht_record(self, adapter_id: str, peer_id: str) -> None:
+    def drop_dht_record(self, adapter_id: str, peer_id: str) -> None:
         """Forget a provider record of `adapter_id` in the DHT's local store (it failed us)."""
         records = self._local_dht_providers(adapter_id)
         for key in [k for k in records if k == peer_id or str(k) == peer_id]:

@@ -37,3 +37,7 @@ class UnregisteredAdapter(FetchError):
 
 class NoProviders(FetchError):
     """Discovery found no peer that holds the adapter."""
+
+
+class AnnouncementError(ValueError):
+    """An announcement that is malformed, unsigned, forged or stale."""

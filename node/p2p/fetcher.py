@@ -1,12 +1,12 @@
 """The fetch flow: find providers, stream an adapter package from one, verify it against the
 registered owner and install it; the next provider on any failure. Runs on the p2p thread's trio
-loop as part of Mesh (mesh.py), with its dialing and Discovery's provider lookup."""
+loop; Mesh (node.py) builds it with the host, Discovery (who holds the adapter) and its dialer."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,12 +17,10 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from node.adapters import AdapterStore, PackageError, VerifiedPackage
 from common.wire import is_id
-from node.p2p.codec import PROTOCOL_ID
-from node.p2p.announce import UNKNOWN
+from node.adapters import AdapterStore, PackageError, VerifiedPackage
 from node.p2p.config import P2PConfig
-from node.p2p.discovery import Provider
+from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import (
     FetchError,
     FrameError,
@@ -32,16 +30,17 @@ from node.p2p.errors import (
     ProviderTimeout,
     UnregisteredAdapter,
 )
-from node.p2p.host import _addr_str
-from node.p2p.standing import PeerStanding
-from node.p2p.transfer import Pace, request_package
+from node.p2p.host import addr_str
+from node.p2p.protocol import PROTOCOL_ID, Pace, request_package
+from node.p2p.standing import UNKNOWN, PeerStanding
 
 if TYPE_CHECKING:
     from libp2p.abc import IHost
 
 log = logging.getLogger(__name__)
 
-OwnerOf = Callable[[str], str | None]
+OwnerOf = Callable[[str], str | None]  # adapter id -> its registered owner's address, None if unregistered
+Dial = Callable[[PeerInfo], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,22 +66,25 @@ def _provider_from_addr(multiaddr: str) -> Provider:
     except Exception as e:
         raise P2PError(f"bad provider multiaddr {multiaddr!r}: expected /ip4/…/tcp/…/p2p/<peer id> ({e})") from e
     pid = info.peer_id.to_base58()
-    return Provider(pid, tuple(_addr_str(a, pid) for a in info.addrs), "given")
+    return Provider(pid, tuple(addr_str(a, pid) for a in info.addrs), "given")
 
 
 class Fetcher:
-    """Mesh's fetch flow (a mixin: Mesh.__init__ builds the state below; find_providers, _hold,
-    _drop_dht_record and _announce_now come from Discovery, _dial from Mesh)."""
+    """Fetches adapters for this node and keeps the progress of recent fetches (trio only)."""
 
-    config: P2PConfig
-    store: AdapterStore
-    owner_of: OwnerOf
-    base_dir: Path | None
-    host: IHost
-    peer_id: str
-    transfers: dict[str, TransferStatus]
-    standing: PeerStanding
-    _fetch_locks: dict[str, trio.Lock]
+    def __init__(self, *, config: P2PConfig, store: AdapterStore, owner_of: OwnerOf, base_dir: Path | None,
+                 host: IHost, standing: PeerStanding, discovery: Discovery, dial: Dial) -> None:
+        self.config = config
+        self.store = store
+        self.owner_of = owner_of
+        self.base_dir = base_dir
+        self.host = host
+        self.peer_id = host.get_id().to_base58()
+        self.standing = standing
+        self.discovery = discovery
+        self._dial = dial  # connect and add to the DHT routing table (Mesh.dial)
+        self.transfers: dict[str, TransferStatus] = {}
+        self._locks: dict[str, trio.Lock] = {}  # one fetch per adapter id at a time
 
     def _set(self, status: TransferStatus, on_progress: Progress | None) -> None:
         self.transfers[status.adapter_id] = status
@@ -99,14 +101,15 @@ class Fetcher:
         """
         if not is_id(adapter_id):
             raise ValueError(f"adapter id {adapter_id!r} is not a 0x-prefixed 64-hex id")
-        lock = self._fetch_locks.setdefault(adapter_id, trio.Lock())
+        lock = self._locks.setdefault(adapter_id, trio.Lock())
         async with lock:
             status = TransferStatus(adapter_id, "discovering")
             self._set(status, on_progress)
             try:
                 pkg = await self._fetch_locked(adapter_id, list(providers), status, on_progress)
             except BaseException as e:
-                self._set(replace(self.transfers[adapter_id], state="failed", error=str(e) or type(e).__name__), on_progress)
+                failed = replace(self.transfers[adapter_id], state="failed", error=str(e) or type(e).__name__)
+                self._set(failed, on_progress)
                 raise
             self._set(replace(self.transfers[adapter_id], state="done"), on_progress)
             return pkg
@@ -116,12 +119,14 @@ class Fetcher:
     ) -> VerifiedPackage:
         owner = await trio.to_thread.run_sync(self.owner_of, adapter_id)
         if owner is None:
-            raise UnregisteredAdapter(f"adapter {adapter_id} has no registered owner; refusing to fetch unsigned-for bytes")
+            raise UnregisteredAdapter(
+                f"adapter {adapter_id} has no registered owner; refusing to fetch unsigned-for bytes")
         existing = await trio.to_thread.run_sync(lambda: self.store.get(adapter_id, verify_hashes=False))
         if existing is not None and existing.signer.lower() == owner.lower():
             return existing
         given_order = [_provider_from_addr(a) for a in given]
-        found = await self.find_providers(adapter_id, wait=0.0 if given_order else self.config.discover_timeout)
+        wait = 0.0 if given_order else self.config.discover_timeout
+        found = await self.discovery.find_providers(adapter_id, wait=wait)
         order = self._order(given_order, found)
         if not order:
             raise NoProviders(f"no peer announced adapter {adapter_id} within {self.config.discover_timeout:g}s")
@@ -138,13 +143,13 @@ class Fetcher:
                 self._set(replace(self.transfers[adapter_id], failures=tuple(failures)), on_progress)
                 self.standing.failed(prov.peer_id)
                 if prov.source == "dht":
-                    self._drop_dht_record(adapter_id, prov.peer_id)
+                    self.discovery.drop_dht_record(adapter_id, prov.peer_id)
                 continue
             self.standing.succeeded(prov.peer_id)
-            self._hold(adapter_id)
-            self._announce_now.set()
+            self.discovery.announce_soon(adapter_id)
             return pkg
-        raise FetchError(f"no provider delivered a valid adapter {adapter_id} ({len(failures)} tried): " + "; ".join(failures))
+        raise FetchError(f"no provider delivered a valid adapter {adapter_id} ({len(failures)} tried): "
+                         + "; ".join(failures))
 
     def _order(self, given: list[Provider], found: list[Provider]) -> list[Provider]:
         """Who to try, in order: `given` as given, then what discovery found, best standing first.

@@ -1,10 +1,11 @@
 """A node's libp2p host: built from the node seed (TCP + Noise + Yamux only), the check that its
-port is free, the guard that keeps one stream's error from stopping the host, and the full
-multiaddr strings (…/p2p/<peer id>) peers dial."""
+port is free, the guard that keeps one stream's error from stopping the host, the full multiaddr
+strings (…/p2p/<peer id>) peers dial, and py-libp2p's log records routed into ours."""
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 import trio
@@ -31,10 +32,10 @@ def build_host(seed: bytes, config: P2PConfig):
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},  # Mplex is ~6x slower for bulk (pitfall 6)
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},  # Mplex is ~6x slower for bulk transfers
         listen_addrs=[Multiaddr(config.listen)],
         connection_config=ConnectionConfig(
-            max_connections_per_peer=1,  # pitfall 4: brings a dial from ~250 ms to ~15 ms
+            max_connections_per_peer=1,  # brings a dial from ~250 ms to ~15 ms in py-libp2p
             max_connections=config.max_connections,
             high_watermark=config.max_connections,
             low_watermark=min(8, config.max_connections),
@@ -45,7 +46,7 @@ def build_host(seed: bytes, config: P2PConfig):
     return key_pair, host
 
 
-def _refuse_taken_port(listen: str) -> None:
+def refuse_taken_port(listen: str) -> None:
     """Fail when another process already listens on the port.
 
     py-libp2p sets SO_REUSEPORT on its listeners, so a second node on the same port would start
@@ -67,9 +68,16 @@ def _refuse_taken_port(listen: str) -> None:
             raise P2PError(f"cannot listen on {listen}: {e.strerror or e}") from e
 
 
-def _addr_str(addr: Multiaddr, peer_id: str) -> str:
+def addr_str(addr: Multiaddr, peer_id: str) -> str:
+    """The full multiaddr string a peer dials: `addr` with /p2p/<peer id> appended unless it has one."""
     s = str(addr)
     return s if "/p2p/" in s else f"{s}/p2p/{peer_id}"
+
+
+def full_addrs(host) -> list[str]:
+    """The host's listen addresses as full multiaddr strings (…/p2p/<peer id>)."""
+    peer_id = host.get_id().to_base58()
+    return [addr_str(a, peer_id) for a in host.get_addrs()]
 
 
 def guard_stream_handlers(host) -> None:
@@ -104,3 +112,53 @@ def _guarded(protocol, handler):
 
     run._loramesh_guarded = True  # type: ignore[attr-defined]
     return run
+
+
+# -- py-libp2p's logs ------------------------------------------------------------------------------
+# `import libp2p` sets its logger to propagate=False with no handler, so its warnings reach stderr
+# through logging.lastResort, bypassing the node's logging config. We forward its records into
+# `node.p2p.libp2p` instead, demoting known-benign noise to DEBUG (LIBP2P_DEBUG=1 shows all of it).
+
+LIBP2P_TARGET = "node.p2p.libp2p"
+# Messages py-libp2p logs as warnings during normal operation (peers closing DHT or pubsub streams).
+LIBP2P_BENIGN = (
+    "Failed to read DHT message",
+    "Stream closed",
+    "stream reset",
+    "Error reading from stream",
+    "Connection closed",
+    "add_conn failed",  # two peers dialling each other at once: one connection loses, harmlessly
+)
+
+
+class _Forward(logging.Handler):
+    """Hands py-libp2p's records to LIBP2P_TARGET at or above `min_level`, benign ones demoted to DEBUG."""
+
+    def __init__(self, min_level: int) -> None:
+        super().__init__()
+        self.min_level = min_level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < self.min_level:  # some libp2p modules set their own INFO level
+            return
+        msg = record.getMessage()
+        if record.levelno < logging.ERROR and any(b.lower() in msg.lower() for b in LIBP2P_BENIGN):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        if record.levelno < logging.ERROR and self.min_level > logging.DEBUG:
+            record.exc_info = record.exc_text = None  # a library warning is one line; LIBP2P_DEBUG shows the rest
+        target = logging.getLogger(LIBP2P_TARGET)
+        if target.isEnabledFor(record.levelno):
+            target.handle(record)
+
+
+def route_libp2p_logging() -> None:
+    """Forward the `libp2p` logger's records to `node.p2p.libp2p` (idempotent)."""
+    lib = logging.getLogger("libp2p")
+    if any(isinstance(h, _Forward) for h in lib.handlers):
+        return
+    debug = bool(os.environ.get("LIBP2P_DEBUG"))
+    if not debug:
+        lib.handlers.clear()
+        lib.setLevel(logging.WARNING)
+    lib.propagate = False
+    lib.addHandler(_Forward(logging.DEBUG if debug else logging.WARNING))

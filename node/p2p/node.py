@@ -1,27 +1,50 @@
-"""P2PNode: the p2p layer as the daemon and CLI see it, sync-callable and asyncio-callable.
+"""The p2p node: P2PNode, the facade the daemon and CLI call from any thread; Mesh, the same node on
+the p2p thread's trio loop; and TrioThread, the bridge between them.
 
-The libp2p host runs on its own trio loop in a thread (see bridge.py); each method here sends one
-whole flow to that loop and returns a small result. Sync methods block the calling thread, so call
-them from plain threads or through the `a*` variants from asyncio code.
+py-libp2p is trio-only (a host under asyncio.run fails), while the node's HTTP API and engine are
+asyncio: the libp2p host runs on its own trio loop in a thread, each P2PNode method sends one whole
+flow to that loop and returns a small result. Sync methods block the calling thread, so call them
+from plain threads, or the `a*` variants from asyncio code.
+
+Mesh holds the libp2p host with the adapter server, GossipSub and Kademlia, and the peer standing
+they share; its flows are two objects it builds: Discovery (announce, find providers) and Fetcher
+(fetch, verify, install). A whole fetch (discover -> dial -> stream -> verify -> rename) is one
+coroutine on the trio loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from common.wire import restore_recursion_limit
 from node.adapters import AdapterStore, VerifiedPackage
-from node.p2p.bridge import TrioThread
 from node.p2p.config import P2PConfig
-from node.p2p.discovery import Provider
+from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import P2PError
-from node.p2p.fetcher import OwnerOf, Progress, TransferStatus
-from node.p2p.logs import route_libp2p_logging
-from node.p2p.mesh import Mesh
+from node.p2p.fetcher import Fetcher, OwnerOf, Progress, TransferStatus
+from node.p2p.host import build_host, full_addrs, guard_stream_handlers, refuse_taken_port, route_libp2p_logging
+from node.p2p.protocol import PROTOCOL_ID
 from node.p2p.server import AdapterServer
+from node.p2p.standing import PeerStanding
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class P2PNode:
@@ -105,15 +128,15 @@ class P2PNode:
     @property
     def held(self) -> list[str]:
         """Adapter ids this node announces."""
-        return sorted(self._m().held)
+        return sorted(self._m().discovery.held)
 
     def transfers(self) -> list[TransferStatus]:
         """Snapshot of recent fetches and their progress, for the node's status."""
-        return list(self._m().transfers.values())
+        return list(self._m().fetcher.transfers.values())
 
     def book_size(self) -> tuple[int, int]:
         """(announcing peers, adapter ids over all of them) this node remembers; both are bounded."""
-        book = self._m().book
+        book = self._m().discovery.book
         return len(book), book.id_count
 
     def connected_peers(self) -> list[str]:
@@ -131,7 +154,7 @@ class P2PNode:
 
     def announce(self, adapter_id: str) -> None:
         """Announce that this node holds `adapter_id` (it must be in the store)."""
-        self._thread.call(self._m().announce, adapter_id)
+        self._thread.call(self._m().discovery.announce, adapter_id)
 
     def find_providers(self, adapter_id: str, *, wait: float = 0.0) -> list[Provider]:
         """Peers said to hold `adapter_id` (gossip, then DHT hints), polling up to `wait` seconds."""
@@ -149,17 +172,9 @@ class P2PNode:
 
     # -- flows, asyncio -------------------------------------------------------------------
 
-    async def aconnect(self, multiaddr: str) -> str:
-        return await self._thread.acall(self._m().connect, multiaddr)
-
-    async def aadd_peers(self, multiaddrs: list[str]) -> None:
-        await self._thread.acall(self._m().add_peers, list(multiaddrs))
-
     async def aannounce(self, adapter_id: str) -> None:
-        await self._thread.acall(self._m().announce, adapter_id)
-
-    async def afind_providers(self, adapter_id: str, *, wait: float = 0.0) -> list[Provider]:
-        return await self._thread.acall(self._find, adapter_id, wait)
+        """asyncio variant of announce()."""
+        await self._thread.acall(self._m().discovery.announce, adapter_id)
 
     async def afetch(
         self, adapter_id: str, *, providers: Sequence[str] = (), on_progress: Progress | None = None
@@ -167,8 +182,265 @@ class P2PNode:
         """asyncio variant of fetch(); cancelling it cancels the transfer and discards its temp folder."""
         return await self._thread.acall(self._fetch, adapter_id, tuple(providers), on_progress)
 
-    async def _find(self, adapter_id: str, wait: float) -> list[Provider]:
-        return await self._m().find_providers(adapter_id, wait=wait)
+    # the flows as the trio loop runs them: TrioThread passes positional arguments only
 
-    async def _fetch(self, adapter_id: str, providers: tuple[str, ...], on_progress: Progress | None) -> VerifiedPackage:
-        return await self._m().fetch(adapter_id, providers=providers, on_progress=on_progress)
+    async def _find(self, adapter_id: str, wait: float) -> list[Provider]:
+        return await self._m().discovery.find_providers(adapter_id, wait=wait)
+
+    async def _fetch(self, adapter_id: str, providers: tuple[str, ...],
+                     on_progress: Progress | None) -> VerifiedPackage:
+        return await self._m().fetcher.fetch(adapter_id, providers=providers, on_progress=on_progress)
+
+
+# -- the trio side ---------------------------------------------------------------------------------
+
+
+class Mesh:
+    """One node's libp2p host and the flows that run on it (trio only; P2PNode builds it on the p2p thread)."""
+
+    def __init__(
+        self,
+        *,
+        seed: bytes,
+        store: AdapterStore,
+        owner_of: OwnerOf,
+        config: P2PConfig,
+        base_dir: Path | None = None,
+        server_factory: type[AdapterServer] = AdapterServer,
+        trusted_peer: Callable[[str], bool] | None = None,
+    ) -> None:
+        # Defence in depth: every peer's bytes go through common.wire.parse_json, and with py_ecc's
+        # limit of 100,000 any other deep recursion would overflow the C stack instead of raising.
+        restore_recursion_limit()
+        self.config = config
+        key_pair, self.host = build_host(seed, config)
+        self.peer_id = self.host.get_id().to_base58()
+        self.server = server_factory(store, config=config)
+        self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.server.handle)
+        self.dht = KadDHT(self.host, DHTMode.SERVER)
+        self.gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=1,
+            eclipse_protection_enabled=False,  # all peers of a small or local mesh share one IP
+        )
+        self.pubsub = Pubsub(self.host, self.gossipsub)
+        guard_stream_handlers(self.host)  # adapter, Kademlia, GossipSub, identify: all registered by now
+        self.standing = PeerStanding(base_backoff=config.backoff_base, max_backoff=config.backoff_max,
+                                     trusted=trusted_peer or (lambda _p: False))
+        for addr in config.bootstrap:  # peers the operator named are trusted
+            try:
+                self.standing.trust(info_from_p2p_addr(Multiaddr(addr)).peer_id.to_base58())
+            except Exception:  # an address without /p2p/<id> names no peer; dialing it reports that
+                pass
+        self.server.standing = self.standing.level
+        self.discovery = Discovery(config=config, store=store, host=self.host, key_pair=key_pair, pubsub=self.pubsub,
+                                   dht=self.dht, standing=self.standing)
+        self.fetcher = Fetcher(config=config, store=store, owner_of=owner_of, base_dir=base_dir, host=self.host,
+                               standing=self.standing, discovery=self.discovery, dial=self.dial)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Mesh]:
+        """Listen, join GossipSub and the DHT, dial bootstrap peers; stop everything on exit."""
+        refuse_taken_port(self.config.listen)
+        async with self.host.run(listen_addrs=[Multiaddr(self.config.listen)]):
+            async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
+                await self.pubsub.wait_until_ready()
+                subscription = await self.discovery.subscribe()
+                async with background_trio_service(self.dht), trio.open_nursery() as nursery:
+                    await self.discovery.start(nursery, subscription)
+                    nursery.start_soon(self._routing_table_loop)
+                    if self.config.bootstrap:
+                        nursery.start_soon(self.add_peers, list(self.config.bootstrap))
+                    try:
+                        yield self
+                    finally:
+                        nursery.cancel_scope.cancel()
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        return full_addrs(self.host)
+
+    # -- peers -----------------------------------------------------------------------------
+
+    async def connect(self, multiaddr: str) -> str:
+        """Dial a peer by full multiaddr (…/p2p/<peer id>); returns its peer id."""
+        try:
+            info = info_from_p2p_addr(Multiaddr(multiaddr))
+        except Exception as e:
+            raise P2PError(f"bad peer multiaddr {multiaddr!r}: expected /ip4/…/tcp/…/p2p/<peer id> ({e})") from e
+        await self.dial(info)
+        return info.peer_id.to_base58()
+
+    async def add_peers(self, multiaddrs: list[str]) -> None:
+        """Dial each address (bootstrap or chain registry); failures are logged, not raised."""
+        for addr in multiaddrs:
+            try:
+                await self.connect(addr)
+            except P2PError as e:
+                log.warning("could not reach peer %s: %s", addr, e)
+
+    async def dial(self, info: PeerInfo) -> None:
+        """Connect to a peer (within dial_timeout) and add it to the DHT routing table."""
+        if info.peer_id == self.host.get_id():
+            return
+        try:
+            with trio.fail_after(self.config.dial_timeout):
+                await self.host.connect(info)
+        except trio.TooSlowError as e:
+            raise P2PError(f"dialing {info.peer_id} timed out after {self.config.dial_timeout:g}s") from e
+        except Exception as e:
+            raise P2PError(f"cannot dial {info.peer_id}: {e}") from e
+        await self.dht.add_peer(info.peer_id, skip_server_mode_check=True)
+
+    async def _routing_table_loop(self) -> None:
+        # Peers that dialed us (or that the mesh found) join the DHT routing table too.
+        while True:
+            for pid in self.host.get_connected_peers():
+                try:
+                    await self.dht.add_peer(pid, skip_server_mode_check=True)
+                except Exception as e:  # a peer that vanished mid-update
+                    log.debug("routing table add %s: %s", pid, e)
+            await trio.sleep(2.0)
+
+
+# -- the bridge: a trio loop on its own thread, callable from plain threads and from asyncio -------
+
+
+class TrioThread:
+    """Runs `main(ready)` on a fresh trio loop in a daemon thread until stop()."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, main: Callable[[Callable[[], None]], Awaitable[None]], *, timeout: float) -> None:
+        """Start the thread and block until `main` calls ready() (or fails, which is re-raised)."""
+        if self._thread is not None:
+            raise P2PError("the p2p thread is already running")
+
+        async def _root() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await main(self._ready.set)
+                nursery.cancel_scope.cancel()
+
+        async def _guarded() -> None:
+            try:
+                await _root()
+            except BaseException as e:  # reported to start(); the thread ends quietly
+                self._error = e
+            finally:
+                self._nursery = None
+                self._ready.set()
+
+        self._thread = threading.Thread(target=trio.run, args=(_guarded,), name=self._name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise P2PError(f"the p2p host did not start within {timeout:g}s")
+        if self._error is not None:
+            cause = _leaf(self._error)
+            raise P2PError(f"the p2p host failed to start: {cause}") from cause
+        if self._nursery is None:
+            raise P2PError("the p2p host stopped right after starting")
+
+    async def wait_stopped(self) -> None:
+        """Inside `main`: returns when stop() was called."""
+        assert self._stop is not None
+        await self._stop.wait()
+
+    def stop(self, *, timeout: float) -> None:
+        """Ask `main` to return and join the thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.is_alive() and self._token is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        thread.join(timeout)
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._nursery is not None
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run `fn(*args)` on the trio loop and block this (non-trio) thread for its result."""
+        if not self.running:
+            raise P2PError("the p2p node is not started")
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
+        except trio.RunFinishedError as e:
+            raise P2PError("the p2p host stopped") from e
+
+    async def acall(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run `fn(*args)` on the trio loop from asyncio; cancelling the await cancels the trio task."""
+        if not self.running:
+            raise P2PError("the p2p node is not started")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        scope = trio.CancelScope()
+
+        def _deliver(ok: bool, value: Any) -> None:
+            if fut.done():
+                return
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+        def _send(ok: bool, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(_deliver, ok, value)
+            except RuntimeError:  # the asyncio loop is already closed
+                pass
+
+        async def _job() -> None:
+            sent = False
+            try:
+                with scope:
+                    try:
+                        result = await fn(*args)
+                    except Exception as e:
+                        sent = True
+                        _send(False, e)
+                        return
+                    sent = True
+                    _send(True, result)
+            finally:
+                if not sent:
+                    _send(False, asyncio.CancelledError() if scope.cancel_called else P2PError("the p2p host stopped"))
+
+        try:
+            trio.from_thread.run_sync(self._nursery.start_soon, _job, trio_token=self._token)
+        except trio.RunFinishedError as e:
+            raise P2PError("the p2p host stopped") from e
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            try:
+                trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+            raise
+
+
+def _leaf(e: BaseException) -> BaseException:
+    """The single exception inside nested one-member exception groups (trio nurseries wrap errors)."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from node.adapters import AdapterStore, PackageError
-from node.p2p.announce import UNKNOWN
-from node.p2p.codec import ByteStream, FrameReader, Kind, write_frame
 from node.p2p.config import P2PConfig
 from node.p2p.errors import FrameError, ProviderError, ProviderTimeout
-from node.p2p.transfer import first_error, package_sections, parse_request, send_sections
+from node.p2p.protocol import (
+    ByteStream,
+    FrameReader,
+    Kind,
+    first_error,
+    package_sections,
+    parse_request,
+    send_sections,
+    write_frame,
+)
+from node.p2p.standing import UNKNOWN, Standing
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +41,8 @@ class AdapterServer:
         self._limiter = trio.CapacityLimiter(config.max_inbound_streams)
         self._per_peer: Counter[str] = Counter()
         # Peer ids cost nothing, so the per-peer cap alone does not stop four made-up peers holding all eight
-        # slots: peers without standing (mesh.standing.level; UNKNOWN until set) share half of them.
-        self.standing: Callable[[str], int] = lambda _p: UNKNOWN
+        # slots: peers without standing (Mesh sets PeerStanding.level; UNKNOWN until then) share half of them.
+        self.standing: Standing = lambda _p: UNKNOWN
         self._strangers = 0
         self.served = 0
 

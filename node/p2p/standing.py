@@ -15,7 +15,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.p2p.announce import SERVED, TRUSTED, UNKNOWN
+# How far a peer is trusted, lowest first: the announcement book evicts the lowest first, the server gives
+# peers without standing half its upload slots, and a fetch tries the highest first.
+UNKNOWN, SERVED, TRUSTED = 0, 1, 2
+Standing = Callable[[str], int]  # peer id -> UNKNOWN, SERVED or TRUSTED
 
 MAX_TRACKED = 4096
 

@@ -1,7 +1,7 @@
 """p2p test helpers: misbehaving servers and peer processes (packages come from tests/utils/factories.py).
 
-Run as a module to start a peer whose server misbehaves on purpose for some adapters:
-    python -m tests.utils.p2p --faults FILE <peer_main args>     (FILE: {adapter_id: tamper|stall|drop|oversize})
+A peer process is tests/utils/p2p_peer.py; with `--faults FILE` ({adapter_id: tamper|stall|drop|oversize})
+its server is a FaultyServer that misbehaves on purpose for those adapters.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import trio
 
-from node.p2p.codec import Kind, encode_header, write_frame
+from node.p2p.protocol import Kind, encode_header, package_sections, write_frame
 from node.p2p.server import AdapterServer
-from node.p2p.transfer import package_sections
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +84,7 @@ class FaultyServer(AdapterServer):
 
 
 class PeerProcess:
-    """A peer in its own process (node.p2p.peer_main), driven over stdin/stdout JSON lines."""
+    """A peer in its own process (tests.utils.p2p_peer), driven over stdin/stdout JSON lines."""
 
     def __init__(self, *, store: Path, owners: Path, base: Path | None = None, bootstrap: list[str] = (),
                  faults: Path | None = None, read_timeout: float = 3.0, discover_timeout: float = 8.0,
@@ -97,11 +96,12 @@ class PeerProcess:
             args += ["--base", str(base)]
         if bootstrap:
             args += ["--bootstrap", *bootstrap]
-        module = ["-m", "tests.utils.p2p", "--faults", str(faults)] if faults else ["-m", "node.p2p.peer_main"]
+        if faults is not None:
+            args += ["--faults", str(faults)]
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, *module, *args], cwd=REPO, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.utils.p2p_peer", *args], cwd=REPO, env=env,
+                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
         hello = self._read(start_timeout)
         self.peer_id: str = hello["peer_id"]
         self.addrs: list[str] = hello["addrs"]
@@ -137,14 +137,3 @@ class PeerProcess:
                 self.proc.wait(10)
         if self._log is not subprocess.DEVNULL:
             self._log.close()
-
-
-if __name__ == "__main__":
-    from node.p2p.peer_main import run
-
-    argv = sys.argv[1:]
-    factory = AdapterServer
-    if argv[:1] == ["--faults"]:
-        FaultyServer.faults = json.loads(Path(argv[1]).read_text())
-        factory, argv = FaultyServer, argv[2:]
-    run(argv, server_factory=factory)

@@ -42,14 +42,11 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_varint_prefixed
 from multiaddr import Multiaddr
 
-from node.p2p.announce import TOPIC, Announcement, sign_announcement
-from node.p2p.codec import PROTOCOL_ID, HEADER, Kind, encode, encode_header
+from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
 from node.p2p.config import P2PConfig
-from node.p2p.discovery import dht_key
-from node.p2p.host import _addr_str, build_host
-from node.p2p.logs import route_libp2p_logging
-from node.p2p.plan import MANIFEST_FILE, SIGNATURE_FILE
-from node.p2p.transfer import package_sections
+from node.p2p.discovery import TOPIC, Announcement, dht_key, sign_announcement
+from node.p2p.host import build_host, full_addrs, route_libp2p_logging
+from node.p2p.protocol import HEADER, PROTOCOL_ID, Kind, encode, encode_header, package_sections
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 
@@ -67,7 +64,7 @@ class Malice:
 
     @property
     def addrs(self) -> list[str]:
-        return [_addr_str(a, self.peer_id) for a in self.host.get_addrs()]
+        return full_addrs(self.host)
 
     # -- as a provider --------------------------------------------------------------------
 

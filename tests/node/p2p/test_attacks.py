@@ -49,7 +49,7 @@ class Process(PeerProcess):
 
 
 def _peer(work: Path, name: str, owners: Path, base: Path, *, bootstrap=(), config: dict | None = None) -> Process:
-    argv = ["-m", "node.p2p.peer_main", "--store", str(work / name), "--owners", str(owners), "--base", str(base),
+    argv = ["-m", "tests.utils.p2p_peer", "--store", str(work / name), "--owners", str(owners), "--base", str(base),
             "--listen", "/ip4/127.0.0.1/tcp/0", "--read-timeout", "2", "--discover-timeout", "3",
             "--announce-interval", "1", "--log-level", "INFO", "--config", json.dumps(config or {})]
     if bootstrap:

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from node.p2p.codec import MAX_PAYLOAD, FrameReader, Kind, encode, encode_header, write_frame
 from node.p2p.errors import FrameError, ProviderError, ProviderTimeout
+from node.p2p.protocol import MAX_PAYLOAD, FrameReader, Kind, encode, encode_header, write_frame
 
 
 class Pipe:

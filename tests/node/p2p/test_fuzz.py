@@ -15,19 +15,10 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from common.wire import canonical_json
-from node.p2p.announce import (
-    UNKNOWN,
-    TRUSTED,
-    Announcement,
-    AnnouncementError,
-    ProviderBook,
-    sign_announcement,
-    verify_announcement,
-)
-from node.p2p.codec import HEADER, FrameReader, Kind, encode
-from node.p2p.errors import BadBytes, FrameError, ProviderError
-from node.p2p.plan import plan_transfer
-from node.p2p.transfer import check_signature_frame, parse_request
+from node.p2p.discovery import Announcement, ProviderBook, sign_announcement, verify_announcement
+from node.p2p.errors import AnnouncementError, BadBytes, FrameError, ProviderError
+from node.p2p.protocol import HEADER, FrameReader, Kind, check_signature_frame, encode, parse_request, plan_transfer
+from node.p2p.standing import TRUSTED, UNKNOWN
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ADAPTER = "0x" + "ab" * 32

@@ -11,12 +11,12 @@ import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from node.adapters.manifest import BaseModelRef, FileEntry, LoraInfo, Manifest
 from common.wire import canonical_json
-from node.p2p.announce import Announcement, AnnouncementError, ProviderBook, sign_announcement, verify_announcement
+from node.adapters.manifest import BaseModelRef, FileEntry, LoraInfo, Manifest
 from node.p2p.config import P2PConfig
-from node.p2p.errors import BadBytes
-from node.p2p.plan import FileHasher, PlannedFile, plan_transfer
+from node.p2p.discovery import Announcement, ProviderBook, sign_announcement, verify_announcement
+from node.p2p.errors import AnnouncementError, BadBytes
+from node.p2p.protocol import FileHasher, PlannedFile, plan_transfer
 
 
 def _manifest(**files: bytes) -> Manifest:

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import trio
 
 from node.adapters import AdapterStore
-from node.p2p.announce import TRUSTED, UNKNOWN
 from node.p2p.config import P2PConfig
 from node.p2p.server import AdapterServer
+from node.p2p.standing import TRUSTED, UNKNOWN
 
 
 class IdleStream:

@@ -1,6 +1,7 @@
 """A standalone p2p peer process driven by JSON lines on stdin (used by integration tests and bench/p2p.py).
 
-    python -m node.p2p.peer_main --store DIR --owners FILE [--listen MA] [--bootstrap MA ...] [--config JSON]
+    python -m tests.utils.p2p_peer --store DIR --owners FILE [--listen MA] [--bootstrap MA ...] [--config JSON]
+        [--faults FILE]
 
 Prints {"peer_id", "addrs"} once ready, then answers one JSON line per command line:
 {"cmd": "connect", "addr"}, {"cmd": "announce", "adapter_id"}, {"cmd": "providers", "adapter_id", "wait"},
@@ -9,24 +10,25 @@ Prints {"peer_id", "addrs"} once ready, then answers one JSON line per command l
 {"ok": false, "type": <exception class>, "error": <one line>}.
 
 `--owners FILE` is a JSON object {adapter_id: owner address}, re-read on every lookup: the stand-in
-for the chain registry until the daemon injects the real one.
+for the chain registry (the node daemon passes the registry's lookup). `--faults FILE` is a JSON
+object {adapter_id: tamper|stall|drop|oversize}: the peer's server misbehaves on purpose for those
+adapters (tests.utils.p2p.FaultyServer).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from common.logs import configure_logging
 from node.adapters import AdapterStore
-from node.p2p.config import P2PConfig
-from node.p2p.node import P2PNode
-from node.p2p.server import AdapterServer
+from node.p2p import AdapterServer, P2PConfig, P2PNode
+from tests.utils.p2p import FaultyServer
 
 
 def owners_from_file(path: Path):
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--announce-interval", type=float, default=30.0)
     ap.add_argument("--config", default="{}", help="more P2PConfig fields as a JSON object (tests: small limits)")
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--faults", type=Path, default=None, help="JSON {adapter_id: fault}: serve those adapters badly")
     return ap.parse_args(argv)
 
 
@@ -89,11 +92,14 @@ def _handle(node: P2PNode, cmd: dict) -> dict:
     raise ValueError(f"unknown command {op!r}")
 
 
-def run(argv: list[str] | None = None, *, server_factory: type[AdapterServer] = AdapterServer) -> None:
+def run(argv: list[str] | None = None) -> None:
     """Start a peer and serve stdin commands until "quit" or EOF."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level)
+    server_factory: type[AdapterServer] = AdapterServer
+    if args.faults is not None:
+        FaultyServer.faults = json.loads(args.faults.read_text())
+        server_factory = FaultyServer
     seed = bytes.fromhex(args.seed_hex) if args.seed_hex else os.urandom(32)
     config = P2PConfig(
         listen=args.listen, bootstrap=tuple(args.bootstrap), read_timeout=args.read_timeout,

@@ -1,0 +1,435 @@
+"""/loramesh/adapter/1.0.0, the adapter exchange on the wire: frames, the transfer plan, and both ends.
+
+Exchange: the client sends REQUEST {"adapter_id": id}; the server answers ERROR "reason", or MANIFEST
+(loramesh.json bytes), SIGNATURE (signature.json bytes), the manifest's files in manifest order as
+DATA frames (a frame never spans two files), then END. The handler that owns the stream closes it on
+success and resets it on error.
+
+Frames: a 5-byte header, kind (u8) and payload length (u32, big-endian), then the payload. The header
+is checked (known kind, length within that kind's cap) before a single payload byte is read, so a
+peer cannot make us buffer more than one capped frame. Every read has a timeout: Yamux can leave a
+reader hanging when the sender gives up.
+
+The plan: the manifest's file list decides which bytes land on disk before the full package check
+runs, so the manifest is checked first: it must hash to the adapter id asked for (so it is the
+canonical manifest, byte for byte), parse within limits (the package format refuses unsafe file
+names), and every file is counted and hashed as it arrives.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+from libp2p.io.exceptions import IOException
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+
+from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
+from node.adapters.manifest import MAX_MANIFEST_BYTES, parse_manifest
+from node.p2p.errors import BadBytes, FrameError, ProviderError, ProviderRefused, ProviderTimeout
+
+# -- frames ----------------------------------------------------------------------------------------
+
+PROTOCOL_ID = "/loramesh/adapter/1.0.0"
+HEADER = struct.Struct(">BI")
+MAX_PAYLOAD = 1 << 20  # 1 MiB: one DATA frame; also the cap for manifest and signature
+READ_CHUNK = MAX_PAYLOAD + HEADER.size  # the most a reader asks the muxer for at once
+
+
+class Kind(enum.IntEnum):
+    REQUEST = 1
+    MANIFEST = 2
+    SIGNATURE = 3
+    DATA = 4
+    END = 5
+    ERROR = 127
+
+
+# Per-kind payload caps: a request or an error message is small; nothing exceeds MAX_PAYLOAD.
+CAPS: dict[Kind, int] = {
+    Kind.REQUEST: 1024,
+    Kind.MANIFEST: MAX_PAYLOAD,
+    Kind.SIGNATURE: 4096,  # signature.json is ~400 bytes: a bigger one is an attack, not a signature
+    Kind.DATA: MAX_PAYLOAD,
+    Kind.END: 0,
+    Kind.ERROR: 1024,
+}
+
+
+class ByteStream(Protocol):
+    """What the exchange needs from a libp2p stream (INetStream satisfies it)."""
+
+    async def read(self, n: int | None = None) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: Kind
+    payload: bytes
+
+
+def encode_header(kind: Kind, length: int) -> bytes:
+    """The 5-byte header of a frame."""
+    return HEADER.pack(int(kind), length)
+
+
+def encode(kind: Kind, payload: bytes = b"") -> bytes:
+    """One whole frame; raises FrameError when the payload exceeds the kind's cap."""
+    if len(payload) > CAPS[kind]:
+        raise FrameError(f"{kind.name} payload is {len(payload)} bytes; the cap is {CAPS[kind]}")
+    return encode_header(kind, len(payload)) + payload
+
+
+def check_header(header: bytes) -> tuple[Kind, int]:
+    """Parse and check a header; raises FrameError before any payload is read."""
+    raw_kind, length = HEADER.unpack(header)
+    try:
+        kind = Kind(raw_kind)
+    except ValueError as e:
+        raise FrameError(f"unknown frame kind {raw_kind}; expected one of {[k.value for k in Kind]}") from e
+    if length > CAPS[kind]:
+        raise FrameError(f"{kind.name} frame announces {length} bytes; the cap is {CAPS[kind]}")
+    return kind, length
+
+
+async def write_frame(stream: ByteStream, kind: Kind, payload: bytes = b"", *, timeout: float) -> None:
+    """Write one frame; a peer that stops reading for `timeout` seconds is a ProviderTimeout."""
+    data = encode(kind, payload)
+    with trio.move_on_after(timeout) as scope:
+        try:
+            await stream.write(data)
+        except (IOException, MuxedStreamError) as e:
+            raise ProviderError(f"peer closed the stream while we wrote a {kind.name} frame ({e!r})") from e
+    if scope.cancelled_caught:
+        raise ProviderTimeout(f"peer did not accept a {kind.name} frame within {timeout:g}s")
+
+
+class FrameReader:
+    """Reads frames from a stream, buffering partial reads; every read has a timeout.
+
+    A per-read timeout alone lets a peer sending one byte a second hold a reader forever, so a
+    reader may also have a deadline (an absolute trio time, for the whole exchange or a phase of
+    it) and a minimum rate: once `grace` seconds have passed since `pace()`, the bytes received
+    since then must average `min_rate` bytes/s.
+    """
+
+    __slots__ = ("_stream", "_timeout", "_buf", "deadline", "_min_rate", "_grace", "_paced_at", "_paced_bytes")
+
+    def __init__(self, stream: ByteStream, *, timeout: float, deadline: float = math.inf) -> None:
+        self._stream = stream
+        self._timeout = timeout
+        self._buf = bytearray()
+        self.deadline = deadline
+        self._min_rate = 0.0
+        self._grace = 0.0
+        self._paced_at = 0.0
+        self._paced_bytes = 0
+
+    def pace(self, *, min_rate: float, grace: float, deadline: float = math.inf) -> None:
+        """From now on, require `min_rate` bytes/s on average after `grace` seconds, and end by `deadline`."""
+        self._min_rate, self._grace, self.deadline = min_rate, grace, deadline
+        self._paced_at, self._paced_bytes = trio.current_time(), 0
+
+    def _check_pace(self) -> None:
+        now = trio.current_time()
+        if now >= self.deadline:
+            raise ProviderTimeout("peer did not finish within the transfer deadline")
+        elapsed = now - self._paced_at
+        if self._min_rate and elapsed > self._grace and self._paced_bytes < self._min_rate * elapsed:
+            raise ProviderTimeout(f"peer sent {self._paced_bytes} bytes in {elapsed:.1f}s, below the minimum "
+                                  f"rate of {self._min_rate:g} bytes/s")
+
+    async def _fill(self, n: int) -> None:
+        # Ask for exactly what is missing: nothing is read past the current frame, so no leftover
+        # bytes need shifting and a payload is copied once.
+        while len(self._buf) < n:
+            self._check_pace()
+            chunk = b""
+            wait = min(self._timeout, self.deadline - trio.current_time())
+            with trio.move_on_after(wait) as scope:
+                try:
+                    chunk = await self._stream.read(n - len(self._buf))
+                except EOFError:
+                    chunk = b""
+                except (IOException, MuxedStreamError) as e:
+                    raise ProviderError(f"peer reset the stream after {len(self._buf)} of {n} bytes ({e!r})") from e
+            if scope.cancelled_caught:
+                if wait < self._timeout:
+                    raise ProviderTimeout("peer did not finish within the transfer deadline")
+                raise ProviderTimeout(f"peer sent nothing for {self._timeout:g}s (stalled mid-frame)")
+            if not chunk:
+                raise FrameError(f"stream ended after {len(self._buf)} of {n} bytes of a frame")
+            self._buf += chunk
+            self._paced_bytes += len(chunk)
+
+    async def read_frame(self) -> Frame:
+        """The next frame; FrameError on a malformed or oversized one, ProviderTimeout on a stall."""
+        await self._fill(HEADER.size)
+        kind, length = check_header(bytes(self._buf))
+        self._buf.clear()
+        if length:
+            await self._fill(length)
+        payload = bytes(self._buf)
+        self._buf.clear()
+        return Frame(kind, payload)
+
+    async def expect(self, kind: Kind) -> Frame:
+        """The next frame, which must be of `kind` (an ERROR frame is raised as FrameError here)."""
+        frame = await self.read_frame()
+        if frame.kind != kind:
+            raise FrameError(f"expected a {kind.name} frame, got {frame.kind.name}")
+        return frame
+
+
+# -- the transfer plan -----------------------------------------------------------------------------
+
+MAX_FILES = 64  # files a manifest may list
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedFile:
+    path: str  # a flat file name inside the package folder
+    size: int
+    sha256: str  # 64 lowercase hex digits
+
+
+@dataclass(frozen=True, slots=True)
+class TransferPlan:
+    adapter_id: str
+    files: tuple[PlannedFile, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def plan_transfer(manifest_bytes: bytes, adapter_id: str, *, max_bytes: int) -> TransferPlan:
+    """Check the manifest against `adapter_id` and return its file list; BadBytes otherwise."""
+    try:
+        doc = parse_json(manifest_bytes, max_bytes=MAX_MANIFEST_BYTES, max_depth=8, what="manifest")
+        manifest = parse_manifest(doc)
+    except ValueError as e:  # PackageError and UntrustedJSONError are ValueErrors
+        raise BadBytes(f"provider sent an invalid manifest: {e}") from e
+    if manifest.canonical_bytes() != bytes(manifest_bytes):
+        # the id is the hash of the canonical form: other bytes (duplicate keys, spaces, key order)
+        # would verify here and mean something else to another parser
+        raise BadBytes("provider sent a manifest that is not in canonical form")
+    if manifest.adapter_id != adapter_id:
+        raise BadBytes(f"manifest hashes to {manifest.adapter_id}, not the requested adapter id {adapter_id}")
+    if len(manifest.files) > MAX_FILES:
+        raise BadBytes(f"manifest lists {len(manifest.files)} files; at most {MAX_FILES} are accepted")
+    plan = TransferPlan(adapter_id, tuple(PlannedFile(f.path, f.size, f.sha256) for f in manifest.files))
+    if plan.total_bytes > max_bytes:
+        raise BadBytes(f"package is {plan.total_bytes} bytes; this node accepts at most {max_bytes}")
+    return plan
+
+
+class FileHasher:
+    """Checks one planned file while it arrives: never more bytes than its size, hash at the end.
+
+    `reserve(n)` counts bytes as they arrive (refusing any beyond the size at once); `update`
+    hashes them, possibly later on a worker thread.
+    """
+
+    __slots__ = ("file", "remaining", "_hashed", "_h")
+
+    def __init__(self, file: PlannedFile) -> None:
+        self.file = file
+        self.remaining = file.size
+        self._hashed = 0
+        self._h = hashlib.sha256()
+
+    def reserve(self, n: int) -> None:
+        if n > self.remaining:
+            raise BadBytes(f"{self.file.path}: peer sent more than the manifest's {self.file.size} bytes")
+        self.remaining -= n
+
+    def update(self, chunk: bytes) -> None:
+        if self._hashed + len(chunk) > self.file.size:
+            raise BadBytes(f"{self.file.path}: peer sent more than the manifest's {self.file.size} bytes")
+        self._h.update(chunk)
+        self._hashed += len(chunk)
+
+    def finish(self) -> None:
+        if self.remaining or self._hashed != self.file.size:
+            raise BadBytes(f"{self.file.path}: {self.file.size - self._hashed} bytes missing before the next section")
+        if self._h.hexdigest() != self.file.sha256:
+            raise BadBytes(f"{self.file.path}: sha256 differs from the manifest (tampered or corrupt bytes)")
+
+
+# -- both ends of one exchange ---------------------------------------------------------------------
+
+# (bytes done, bytes total) of the package files; called from the trio thread, must be quick.
+ByteProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """How long a provider may take: header frames within header_timeout, files at min_rate after grace."""
+
+    header_timeout: float
+    min_rate: float
+    grace: float
+
+
+async def request_package(
+    stream: ByteStream,
+    adapter_id: str,
+    dest: Path,
+    *,
+    timeout: float,
+    max_bytes: int,
+    on_bytes: ByteProgress | None = None,
+    pace: Pace | None = None,
+) -> TransferPlan:
+    """Ask for `adapter_id` and write the package into the empty folder `dest`, checking every byte.
+
+    Nothing a provider sends is parsed before it is known to be what was asked for: the manifest's
+    bytes must hash to the adapter id (so they are the canonical manifest, byte for byte), and the
+    signature frame is small and parsed by the bounded parser. With `pace`, the header frames must
+    arrive within pace.header_timeout and the files at pace.min_rate (after pace.grace seconds).
+    """
+    await write_frame(stream, Kind.REQUEST, canonical_json({"adapter_id": adapter_id}), timeout=timeout)
+    reader = FrameReader(stream, timeout=timeout)
+    if pace is not None:
+        reader.deadline = trio.current_time() + pace.header_timeout
+    first = await reader.read_frame()
+    if first.kind == Kind.ERROR:
+        reason = "".join(c if c.isprintable() else "?" for c in first.payload.decode("utf-8", "replace")[:200])
+        raise ProviderRefused(f"provider refused: {reason}")  # one line, whatever the provider sent
+    if first.kind != Kind.MANIFEST:
+        raise FrameError(f"expected a MANIFEST frame, got {first.kind.name}")
+    if sha256_hex(first.payload) != adapter_id:
+        raise BadBytes(f"manifest bytes do not hash to the requested adapter id {adapter_id} "
+                       "(altered, non-canonical or another adapter's)")
+    plan = plan_transfer(first.payload, adapter_id, max_bytes=max_bytes)
+    signature = await reader.expect(Kind.SIGNATURE)
+    signature_bytes = check_signature_frame(signature.payload)
+    (dest / MANIFEST_FILE).write_bytes(first.payload)
+    (dest / SIGNATURE_FILE).write_bytes(signature_bytes)
+    if pace is not None:
+        reader.pace(min_rate=pace.min_rate, grace=pace.grace,
+                    deadline=trio.current_time() + pace.grace + plan.total_bytes / pace.min_rate)
+    total, done = plan.total_bytes, 0
+    if on_bytes:
+        on_bytes(0, total)
+    # Hashing and disk writes run in a worker thread (hashlib and file writes release the GIL), fed
+    # through a small queue, so they overlap with receiving and decrypting the next frames.
+    send, recv = trio.open_memory_channel[tuple[FileHasher, object, bytes] | None](8)
+    opened = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_sink, recv)
+            async with send:
+                for planned in plan.files:
+                    hasher = FileHasher(planned)
+                    out = open(dest / planned.path, "xb")
+                    opened.append(out)
+                    while hasher.remaining:
+                        frame = await reader.read_frame()
+                        if frame.kind != Kind.DATA:
+                            raise BadBytes(f"{planned.path}: got {frame.kind.name} "
+                                           f"with {hasher.remaining} bytes missing")
+                        hasher.reserve(len(frame.payload))
+                        await send.send((hasher, out, frame.payload))
+                        done += len(frame.payload)
+                        if on_bytes:
+                            on_bytes(done, total)
+                    await send.send((hasher, out, b""))  # b"": close the file and check its hash
+            # leaving the nursery waits for the sink: every byte is on disk and every hash checked
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    finally:
+        for out in opened:
+            out.close()
+    await reader.expect(Kind.END)
+    return plan
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error that stopped a nursery's tasks (the other tasks then only saw a cancellation)."""
+    leaves = []
+    stack = [group]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return (real or leaves)[0]
+
+
+async def _sink(recv) -> None:
+    async with recv:
+        async for hasher, out, payload in recv:
+            if payload:
+                await trio.to_thread.run_sync(_consume, hasher, out, payload)
+            else:
+                out.close()
+                hasher.finish()
+
+
+def _consume(hasher: FileHasher, out, payload: bytes) -> None:
+    hasher.update(payload)
+    out.write(payload)
+
+
+def parse_request(payload: bytes) -> str:
+    """The adapter id of a REQUEST payload; FrameError when it is not {"adapter_id": "0x"+64 hex}."""
+    try:
+        doc = parse_json(payload, max_bytes=CAPS[Kind.REQUEST], max_depth=2, what="REQUEST payload")
+    except UntrustedJSONError as e:
+        raise FrameError(f"{e}; expected {{\"adapter_id\": \"0x...\"}}") from e
+    adapter_id = doc.get("adapter_id") if isinstance(doc, dict) else None
+    if not is_id(adapter_id):
+        raise FrameError(f"REQUEST adapter_id {adapter_id!r} is not a 0x-prefixed 64-hex id")
+    return adapter_id
+
+
+def check_signature_frame(payload: bytes) -> bytes:
+    """The canonical bytes of a SIGNATURE payload, which must be one small JSON object without duplicate keys.
+
+    Checked before anything is written, so the package check never parses bytes a provider made up;
+    whether the signature is valid is the package check's business. Written canonical (what
+    `write_signed` writes), since a store may hold a signature.json written by hand.
+    """
+    try:
+        doc = parse_json(payload, max_bytes=CAPS[Kind.SIGNATURE], max_depth=2, what="signature frame")
+    except UntrustedJSONError as e:
+        raise BadBytes(f"provider sent an invalid signature: {e}") from e
+    if not isinstance(doc, dict):
+        raise BadBytes("provider sent a signature that is not a JSON object")
+    return canonical_json(doc)
+
+
+def package_sections(pkg_dir: Path, adapter_id: str) -> Iterator[tuple[Kind, bytes]]:
+    """The frames that carry a verified package folder, in wire order (files read lazily, 1 MiB at a time)."""
+    manifest = (pkg_dir / MANIFEST_FILE).read_bytes()
+    plan = plan_transfer(manifest, adapter_id, max_bytes=1 << 62)
+    yield Kind.MANIFEST, manifest
+    yield Kind.SIGNATURE, (pkg_dir / SIGNATURE_FILE).read_bytes()
+    for planned in plan.files:
+        with open(pkg_dir / planned.path, "rb") as f:
+            while chunk := f.read(MAX_PAYLOAD):
+                yield Kind.DATA, chunk
+    yield Kind.END, b""
+
+
+async def send_sections(stream: ByteStream, sections: Iterator[tuple[Kind, bytes]], *, timeout: float) -> None:
+    """Write each (kind, payload) as a frame; disk reads run in a worker thread so the loop keeps serving."""
+    while True:
+        item = await trio.to_thread.run_sync(next, sections, None)
+        if item is None:
+            return
+        await write_frame(stream, item[0], item[1], timeout=timeout)
