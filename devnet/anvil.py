@@ -134,7 +134,7 @@ class Anvil:
     def rpc_url(self) -> str:
         return self.config.rpc_url
 
-    def start(self, *, detached: bool = False, timeout: float = 20.0) -> "Anvil":
+    def start(self, *, detached: bool = False, timeout: float = 20.0) -> Anvil:
         """Launch anvil; detached = survives this Python process (own session, output to log file)."""
         if port_in_use(self.config.port):
             raise PortInUseError(
@@ -165,7 +165,7 @@ class Anvil:
         stop_pid(self.proc.pid, timeout=timeout, proc=self.proc)
         self.proc = None
 
-    def __enter__(self) -> "Anvil":
+    def __enter__(self) -> Anvil:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -19,8 +19,8 @@ import typer
 from rich.console import Console
 
 from common.logs import configure_logging
-from devnet.deploy import ETHER
 from devnet.demo.run import run_demo
+from devnet.deploy import ETHER
 from devnet.explorer.cli import explorer
 from devnet.lifecycle import DEFAULT_PORT, devnet_down, devnet_paths, devnet_status, devnet_up
 from gateway.cli import gateway_app

@@ -28,7 +28,7 @@ class ManagedProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             # own session: a Ctrl-C in the terminal reaches only the parent, which stops children in order
@@ -101,7 +101,7 @@ class ProcessGroup:
         self.procs.clear()
         return codes
 
-    def __enter__(self) -> "ProcessGroup":
+    def __enter__(self) -> ProcessGroup:
         return self
 
     def __exit__(self, *exc) -> None:

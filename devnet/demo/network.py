@@ -9,13 +9,16 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
+from common.identity import PASSWORD_ENV, load_identity
 from devnet.anvil import Anvil, AnvilConfig, free_port
 from devnet.demo.stages import DEMO_PASSWORD
 from devnet.deploy import ETHER, deploy
 from devnet.processes import ManagedProcess, ProcessGroup
+from ledger.chain import ChainClient
 
 GATEWAY_DEPOSIT = 10 * ETHER  # prepaid fees the gateway settles from
-ENV = {"LORAMESH_KEY_PASSWORD": DEMO_PASSWORD, "LORAMESH_GATEWAY_SETTLE_INTERVAL_S": "1"}
+# the children read their identity's password from the environment; the gateway settles every second
+ENV = {PASSWORD_ENV: DEMO_PASSWORD, "LORAMESH_GATEWAY_SETTLE_INTERVAL_S": "1"}
 # each node's operator token (node url -> token), read from the data folder the node made it in: the demo
 # plays both operators when it hands packages over and asks nodes to fetch
 _operator_tokens: dict[str, str] = {}
@@ -23,8 +26,6 @@ _operator_tokens: dict[str, str] = {}
 
 def start_chain(workdir: Path, identities: dict[str, Path], console: Console) -> tuple[Anvil, Path]:
     """A fresh anvil with our contracts; every identity funded, the gateway a prepaid settler."""
-    from common.identity import load_identity
-
     folder = workdir / "devnet"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "anvil.log").unlink(missing_ok=True)
@@ -41,8 +42,6 @@ def start_chain(workdir: Path, identities: dict[str, Path], console: Console) ->
 def publish_all(packages, identities: dict[str, Path], deployment_path: Path, console: Console) -> None:
     """Each contributor signs their package for this devnet's registry (chain id and address) and
     registers it, with its dataset, on chain; the first registration of a name makes it theirs."""
-    from ledger.chain import ChainClient
-    from common.identity import load_identity
     from node.publish import register_package
 
     for pkg in packages:

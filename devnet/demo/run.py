@@ -10,9 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from common.identity import load_identity
 from devnet.anvil import free_port
 from devnet.demo import checks, network, stages
 from devnet.processes import ManagedProcess, ProcessGroup
+from ledger.chain import ChainClient
 from node.adapters.basemodel import base_model_name
 
 PARTICIPANTS = ["alice", "bob", "operator1", "operator2", "gateway"]
@@ -53,8 +55,6 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             sent = checks.sent_requests(answers)  # the base-model comparisons are settled too
             console.print(f"• {len(sent)} requests answered; waiting for settlement on chain")
             checks.wait_settled(db_url, [s.request_id for s in sent])
-            from ledger.chain import ChainClient
-
             client = ChainClient.from_deployment(deployment)
             summary = checks.check_on_chain(client, answers)
             show_answers(answers, console)
@@ -109,7 +109,6 @@ def _printable(text: str) -> str:
 
 def show_attribution(client, ids: dict[str, Path], console: Console) -> None:
     from ledger.rewards import rewards_summary
-    from common.identity import load_identity
 
     table = Table(title="attribution on chain: who earned what (ETH)")
     for col in ("participant", "address", "as node operator", "as adapter owner", "as dataset contributor", "total"):

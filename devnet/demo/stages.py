@@ -68,8 +68,8 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
     """Train each adapter on its contributor's data, pack and sign it, and verify the package."""
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from node.adapters import PackageError, make_dataset_share, pack_adapter, verify_package
     from common.identity import load_identity
+    from node.adapters import PackageError, make_dataset_share, pack_adapter, verify_package
     from node.train import train_adapter
 
     packages = []
@@ -79,7 +79,7 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
                           TextColumn("{task.completed}/{task.total}"), console=console, transient=True) as progress:
                 task = progress.add_task("train", total=80)
                 train_adapter(base, a.data_file, a.peft_dir, steps=80,
-                              on_step=lambda s, _loss: progress.update(task, completed=s))
+                              on_step=lambda s, _loss, task=task: progress.update(task, completed=s))
             console.print(f"• trained {a.name}")
         if (a.package_dir / "signature.json").is_file():
             try:

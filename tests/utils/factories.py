@@ -8,9 +8,9 @@ from pathlib import Path
 from eth_account import Account
 
 from node.adapters import pack_adapter
+from node.adapters.basemodel import quiet_transformers
 from node.adapters.manifest import MANIFEST_FILE, SIGNATURE_FILE, read_manifest
 from node.adapters.pack import build_manifest, write_signed
-from node.adapters.basemodel import quiet_transformers
 from node.tiny import init_tiny
 
 
@@ -42,8 +42,8 @@ def make_peft_adapter(
     return out_dir
 
 
-def make_package(base_dir: Path, out_dir: Path, *, account=None, name: str = "test/adapter", peft_dir: Path | None = None,
-                 **adapter_kwargs):
+def make_package(base_dir: Path, out_dir: Path, *, account=None, name: str = "test/adapter",
+                 peft_dir: Path | None = None, **adapter_kwargs):
     """A signed package (VerifiedPackage) made from a fresh PEFT adapter."""
     account = account or Account.create()
     peft_dir = peft_dir or make_peft_adapter(base_dir, out_dir.parent / f"{out_dir.name}-peft", **adapter_kwargs)

@@ -24,7 +24,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> "ServerThread":
+    def start(self, timeout: float = 20.0) -> ServerThread:
         """Start serving; returns once uvicorn accepts connections (RuntimeError if it cannot)."""
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -39,7 +39,7 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:
