@@ -40,6 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from node.adapters.weights import LORA_TARGETS, lora_key, module_dims  # noqa: E402
+
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
@@ -51,7 +53,7 @@ SHAPES = {
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192}),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(LORA_TARGETS)  # every projection an adapter may target
 SECTIONS = ("throughput", "distinct", "modes", "cold", "ttft", "hf-static")
 
 
@@ -91,10 +93,7 @@ def bandwidth_floor(args, cfg, engine, head_dim: int, with_distinct: bool) -> di
     if model.lm_head is not None:  # untied: the embedding table is not the output layer's weight
         emb = model.embed_tokens.weight
         weight_bytes -= emb.numel() * emb.element_size()
-    dims = {"q": (cfg.hidden_size, cfg.hidden_size), "k": (cfg.hidden_size, cfg.num_key_value_heads * head_dim),
-            "v": (cfg.hidden_size, cfg.num_key_value_heads * head_dim), "o": (cfg.hidden_size, cfg.hidden_size),
-            "g": (cfg.hidden_size, cfg.intermediate_size), "u": (cfg.hidden_size, cfg.intermediate_size),
-            "d": (cfg.intermediate_size, cfg.hidden_size)}
+    dims = module_dims(cfg.hidden_size, cfg.hidden_size, cfg.num_key_value_heads * head_dim, cfg.intermediate_size)
     adapter_bytes = cfg.num_hidden_layers * sum(args.rank * (i + o) for i, o in dims.values()) * 2  # bf16
     ctx = args.prompt_len + args.new_tokens / 2
     kv_bytes = args.batch * ctx * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
@@ -212,8 +211,7 @@ def extra_adapters(args, cfg, base_dir: Path, store, account, work: Path, names:
 
     h, inter, nl = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, inter),
-            "up_proj": (h, inter), "down_proj": (inter, h)}
+    dims = module_dims(h, h, kv, inter)
     g = torch.Generator().manual_seed(5)
     shared = {t: (torch.randn(args.rank, d_in, generator=g) * 0.02, torch.randn(d_out, args.rank, generator=g) * 0.02)
               for t, (d_in, d_out) in dims.items()}
@@ -227,11 +225,9 @@ def extra_adapters(args, cfg, base_dir: Path, store, account, work: Path, names:
         tensors = {}
         for layer in range(nl):
             for t, (a, b) in shared.items():
-                part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                key = f"base_model.model.model.layers.{layer}.{part}.{t}"
                 f = 1.0 + 0.01 * (i + 1) + 0.001 * layer  # distinct contents, hence distinct ids
-                tensors[f"{key}.lora_A.weight"] = (a * f).to(dtype).contiguous()
-                tensors[f"{key}.lora_B.weight"] = (b * f).to(dtype).contiguous()
+                tensors[lora_key(layer, t, "A")] = (a * f).to(dtype).contiguous()
+                tensors[lora_key(layer, t, "B")] = (b * f).to(dtype).contiguous()
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         (folder / "adapter_config.json").write_text(json.dumps(conf))
         pkg = pack_adapter(folder, work / f"pkg-{name}", name=f"bench/{name}", account=account, base_dir=base_dir)
@@ -248,7 +244,7 @@ def make_kernel(name: str):
         from node.engine import TorchLoRAKernel
         return TorchLoRAKernel()
     if name == "triton":  # on CPU this needs TRITON_INTERPRET=1 (a smoke test of the GPU path)
-        from node.engine.triton_lora import TritonLoRAKernel
+        from node.engine.lora.kernels.triton import TritonLoRAKernel
         return TritonLoRAKernel()
     return None  # the engine's default for the device
 

@@ -10,7 +10,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from node.adapters.weights import LORA_TARGETS
+
+DEFAULT_TARGETS = LORA_TARGETS  # train every projection a served adapter may target
 
 
 class TrainingDataError(ValueError):

@@ -28,7 +28,6 @@ RESERVED_FILES = frozenset({MANIFEST_FILE, SIGNATURE_FILE})
 FORMAT = "loramesh-adapter/1"
 # Flat, plain file names only: no folders, no "..", no hidden files, nothing a shell would expand.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 Id = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from node.adapters.errors import PackageError, shown
 from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES, MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_SAFETENSORS_HEADER_BYTES
-from node.adapters.manifest import LORA_TARGETS
 from common.wire import UntrustedJSONError, parse_json
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -28,10 +27,56 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _MAX_DIMS = 8
 _MAX_INT = (1 << 63) - 1  # every size and offset fits the int64 that torch and the format's readers use
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
-# PEFT's names: base_model.model.model.layers.<i>.<self_attn|mlp>.<target>.lora_<A|B>.weight
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(0|[1-9]\d{0,5})\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$")
+
+# ---- the LoRA facts every part of loramesh reads here: what may be adapted, what PEFT calls its
+# tensors, and their shapes. Training (node/train.py) targets these, verification checks a package
+# against them, and the engine (node/engine/lora/weights.py) decodes a package through them.
+
+# the projections of a Llama-family decoder that an adapter may target (PEFT module names), each
+# with the block it sits in
 _MODULE_GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+LORA_TARGETS = tuple(_MODULE_GROUP)
+# PEFT's names: base_model.model.model.layers.<i>.<self_attn|mlp>.<target>.lora_<A|B>.weight
+LORA_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(0|[1-9]\d{0,5})\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$")
+
+
+def lora_key(layer: int, target: str, ab: str) -> str:
+    """PEFT's name of the lora_A or lora_B ("A", "B") tensor of `target` in decoder layer `layer`."""
+    return f"base_model.model.model.layers.{layer}.{_MODULE_GROUP[target]}.{target}.lora_{ab}.weight"
+
+
+def parse_lora_key(name: str) -> tuple[int, str, str] | None:
+    """(layer, target, "A" or "B") of a PEFT LoRA tensor name (lora_key's inverse); None for any other name, a target
+    that is not in LORA_TARGETS, or one under the wrong block (an mlp.q_proj)."""
+    m = LORA_KEY.match(name)
+    if not m or _MODULE_GROUP.get(m[3]) != m[2]:
+        return None
+    return int(m[1]), m[3], m[4]
+
+
+def module_dims(hidden: int, q_size: int, kv_size: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every LORA_TARGETS projection of a Llama-family decoder, from its
+    hidden size, query and key/value widths (heads * head_dim) and MLP width."""
+    return {
+        "q_proj": (hidden, q_size),
+        "k_proj": (hidden, kv_size),
+        "v_proj": (hidden, kv_size),
+        "o_proj": (q_size, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+    }
+
+
+def config_module_dims(base_config: dict) -> dict[str, tuple[int, int]]:
+    """module_dims of the base a Hugging Face config.json dict describes."""
+    hidden = base_config["hidden_size"]
+    heads = base_config["num_attention_heads"]
+    kv = base_config.get("num_key_value_heads") or heads
+    head_dim = base_config.get("head_dim") or hidden // heads
+    return module_dims(hidden, heads * head_dim, kv * head_dim, base_config["intermediate_size"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,36 +353,18 @@ def parse_lora_config(cfg: object) -> LoraConfig:
                       use_rslora=cfg.get("use_rslora", False))
 
 
-def module_dims(base_config: dict) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of every LoRA-targetable projection of a Llama-family base."""
-    hidden = base_config["hidden_size"]
-    heads = base_config["num_attention_heads"]
-    kv = base_config.get("num_key_value_heads") or heads
-    head_dim = base_config.get("head_dim") or hidden // heads
-    inter = base_config["intermediate_size"]
-    return {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv * head_dim),
-        "v_proj": (hidden, kv * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
-
-
 def check_lora_tensors(tensors: dict[str, TensorInfo], lora: LoraConfig, base_config: dict | None) -> None:
     """Every tensor is a LoRA A or B of a configured target with the config's rank (and the base's dims);
     with the base known, every configured target of every layer is there, as PEFT saves it."""
-    dims = module_dims(base_config) if base_config else None
+    dims = config_module_dims(base_config) if base_config else None
     layers = base_config["num_hidden_layers"] if base_config else None
     seen: dict[tuple[int, str], set[str]] = {}
     for name, info in tensors.items():
         shown_name = shown(name, 128)
-        m = _KEY.match(name)
-        if not m or _MODULE_GROUP.get(m[3]) != m[2]:
+        key = parse_lora_key(name)
+        if key is None:
             raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} is not a LoRA weight of a supported module")
-        layer, module, ab = int(m[1]), m[3], m[4]
+        layer, module, ab = key
         if module not in lora.targets:
             raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} targets {module}, not in target_modules")
         if info.dtype not in _FLOAT_DTYPES or len(info.shape) != 2:
