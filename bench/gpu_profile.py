@@ -98,7 +98,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def sweep(args, report: dict) -> None:
-    from node.engine.triton_lora import TritonLoRAKernel
+    from node.engine.lora.kernels.triton import TritonLoRAKernel
 
     dev, dt, t, s, r = args.device, torch.bfloat16, args.batch, args.slots, args.rank
     copies = 8 if dev.startswith("cuda") else 2
@@ -193,7 +193,7 @@ def check(kern, meta, x, y, w, slices, ref_h, ref_y) -> float:
 
 
 def attention(args, report: dict) -> None:
-    from node.engine.triton_attention import paged_decode_attention
+    from node.engine.layers.triton_attention import paged_decode_attention
 
     shape = bench.SHAPES[args.shape]
     heads, kvh = shape["num_attention_heads"], shape["num_key_value_heads"]
@@ -234,7 +234,7 @@ def attention(args, report: dict) -> None:
 
 def build_engine(args, work: Path):
     from node.engine import EngineConfig, LLMEngine
-    from node.engine.triton_lora import TritonLoRAKernel
+    from node.engine.lora.kernels.triton import TritonLoRAKernel
 
     ns = SimpleNamespace(device=args.device, shape=args.shape, rank=args.rank)
     base_dir, model, store, account, dtype, cfg = bench.build(ns, work)

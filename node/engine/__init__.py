@@ -1,17 +1,30 @@
-"""The shared-base multi-LoRA engine."""
+"""The shared-base multi-LoRA engine. A request's path through it, file by file:
 
-from node.engine.adapter_manager import AdapterManager, AdapterSlotsBusyError
-from node.engine.config import EngineConfig, ModelConfig, ModelConfigError
+    async_engine.py   AsyncEngine: the asyncio front; runs the core on its own thread
+    llm_engine.py     LLMEngine: the synchronous core, one scheduled step at a time
+    scheduler.py      which sequences run next (continuous batching, round-robin over adapters)
+    block_manager.py  the paged KV cache's blocks
+    lora/manager.py   adapter residency: device slots <- host cache <- store <- peers
+    model_runner.py   a batch -> input tensors -> one forward pass; owns the KV cache and slot buffer
+    model.py          the Llama-family decoder; layers/ (attention, fused ops, sampler) and lora/
+                      (LoRA layers, mapping, weights, kernels) hold its parts
+    detokenizer.py    token ids -> text, stop strings
+"""
+
 from node.engine.async_engine import AsyncEngine, RequestStream
+from node.engine.config import EngineConfig, ModelConfig, ModelConfigError
 from node.engine.llm_engine import LLMEngine
-from node.engine.lora import LoRAMapping
-from node.engine.lora_kernels import LoRAKernel, TorchLoRAKernel
-from node.engine.lora_weights import (
+from node.engine.lora.errors import (
     AdapterBaseMismatchError,
     AdapterError,
     AdapterIncompatibleError,
     AdapterNotFoundError,
+    AdapterSlotsBusyError,
 )
+from node.engine.lora.kernels.base import LoRAKernel
+from node.engine.lora.kernels.torch_ref import TorchLoRAKernel
+from node.engine.lora.manager import AdapterManager
+from node.engine.lora.mapping import LoRAMapping
 from node.engine.request import (
     DuplicateRequestError,
     FinishEvent,

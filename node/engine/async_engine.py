@@ -1,5 +1,6 @@
 """The asyncio-facing engine: `submit` returns an async iterator of token events; steps run on a
-background thread so the event loop stays responsive, and commands reach that thread between steps."""
+background thread so the event loop stays responsive, and commands reach that thread between steps.
+The event loop stops here: the core (LLMEngine and below) is synchronous and knows none."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
+from pathlib import Path
 
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
 from node.engine.request import DuplicateRequestError, FinishEvent, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
+
+# the node's fetcher of an adapter its store lacks: adapter id -> the path a peer's package was
+# installed at, or None when no peer had it
+AsyncFetcher = Callable[[str], Awaitable[Path | None]]
 
 
 class RequestStream:
@@ -48,18 +54,23 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Thread-driven wrapper of LLMEngine for asyncio code (the node API)."""
+    """Thread-driven wrapper of LLMEngine for asyncio code (the node API). Its fetcher runs on the event
+    loop of the engine's callers."""
 
-    def __init__(self, config: EngineConfig, *, store=None, fetcher=None, weights=None, kernel=None) -> None:
-        self.core = LLMEngine(config, store=store, fetcher=fetcher, weights=weights, kernel=kernel)
+    def __init__(self, config: EngineConfig, *, store=None, fetcher: AsyncFetcher | None = None, weights=None,
+                 kernel=None) -> None:
+        self._fetch = fetcher
+        # the loop the asyncio callers run on, where fetches run: known once one has called
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = threading.Event()
+        self.core = LLMEngine(config, store=store, fetcher=self._fetch_on_loop if fetcher is not None else None,
+                              on_ready=self._wake.set, weights=weights, kernel=kernel)
         self.config = config
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
         self._commands: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
-        self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.core.adapters.on_ready = self._wake.set
 
     @property
     def base_model_id(self) -> str:
@@ -92,13 +103,12 @@ class AsyncEngine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate and queue a request; raises RequestError subclasses for bad ones."""
         seq = self.core.make_sequence(request)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         stream = RequestStream(self, request.request_id, loop)
         with self._lock:
             if request.request_id in self._streams:
                 raise DuplicateRequestError(f"request {request.request_id} is already running")
             self._streams[request.request_id] = stream
-        self.core.scheduler.loop = loop  # adapter fetchers are coroutines on this loop
 
         def add() -> None:
             try:
@@ -119,19 +129,17 @@ class AsyncEngine:
 
     async def prepare_adapter(self, adapter_id: str):
         """Make sure the adapter can be served (host cache); raises AdapterError subclasses."""
-        return await self.core.adapters.prefetch(adapter_id)
+        self._loop = asyncio.get_running_loop()
+        return await asyncio.wrap_future(self.core.prefetch(adapter_id))
 
     async def load_adapter(self, adapter_id: str, pin: bool | None = None) -> int:
         """Load an adapter into a slot now (optionally pinning it); returns the slot."""
         await self.prepare_adapter(adapter_id)
-        return await asyncio.wrap_future(self.call(lambda: self.core.adapters.make_resident(adapter_id, pin)))
+        return await asyncio.wrap_future(self.call(lambda: self.core.make_resident(adapter_id, pin)))
 
     def status(self) -> dict:
         """Slots, queue and throughput (for /status)."""
-        s = self.core.adapters.snapshot()
-        s.update(queue_depth=self.core.scheduler.num_waiting, running=len(self.core.scheduler.running),
-                 tokens_per_s=self.core.tokens_per_s(), device=self.config.device, usage=dict(self.core.usage))
-        return s
+        return self.core.status()
 
     def call(self, fn: Callable) -> Future:
         """Run `fn` on the engine thread between steps."""
@@ -139,6 +147,15 @@ class AsyncEngine:
         self._commands.put((fn, fut))
         self._wake.set()
         return fut
+
+    def _fetch_on_loop(self, adapter_id: str, timeout: float) -> Future:
+        """The core's fetcher (lora/manager.py's Fetcher, called on the loader thread): the node's
+        async fetcher as a task on the callers' loop, given up after `timeout` seconds."""
+        if self._loop is None:  # no asyncio caller yet, so no loop to fetch on: as if no peer had it
+            nobody: Future = Future()
+            nobody.set_result(None)
+            return nobody
+        return asyncio.run_coroutine_threadsafe(asyncio.wait_for(self._fetch(adapter_id), timeout), self._loop)
 
     # ---- engine thread ----
     def _abort(self, request_id: str) -> FinishEvent | None:

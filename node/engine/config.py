@@ -208,7 +208,9 @@ class EngineConfig:
     # decode on static buffers for bucketed batch sizes: "auto" captures CUDA graphs on CUDA when
     # the Triton kernels run; "static" runs the same buffers without capture (tests, debugging)
     cuda_graphs: str = "auto"  # "auto" | "off" | "static"
-    slot_images: bool | None = None  # one copy of a prepared host image per slot load; None: on CUDA
+    # build each adapter's slot image on the loader thread, so a slot load is one copy of it; else the
+    # slot is laid out at the write (in place on CPU). None: on CUDA, where the copy is then asynchronous
+    slot_images: bool | None = None
     verify_adapter_hashes: bool = True  # re-hash package files on every load from the store
     fused_ops: bool | None = None  # fused Triton norm / rotary+cache / SiLU ops; None: with static decode
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from node.engine.attention import AttentionMetadata
+from node.engine.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 

@@ -7,18 +7,22 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 
 import torch
 
 from common.wire import parse_json
-from node.engine.adapter_manager import AdapterManager, Fetcher
 from node.engine.block_manager import BlockManager
 from node.engine.config import EngineConfig, ModelConfig
+from node.engine.layers.sampler import sample, sample_on_device
 from node.engine.loader import build_model, checkpoint_tensors
-from node.engine.lora import LoRAMapping
-from node.engine.lora_kernels import LoRAKernel, TorchLoRAKernel
-from node.engine.lora_weights import LoadedAdapter, decode_lora
+from node.engine.lora.kernels.base import LoRAKernel
+from node.engine.lora.kernels.torch_ref import TorchLoRAKernel
+from node.engine.lora.manager import AdapterManager, Fetcher
+from node.engine.lora.mapping import LoRAMapping
+from node.engine.lora.weights import LoadedAdapter, decode_lora
+from node.engine.model_runner import ModelRunner
 from node.engine.request import (
     DuplicateRequestError,
     FinishEvent,
@@ -27,8 +31,6 @@ from node.engine.request import (
     RequestError,
     TokenEvent,
 )
-from node.engine.model_runner import ModelRunner
-from node.engine.sampler import sample, sample_on_device
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import Sequence, now_ms
 
@@ -54,7 +56,7 @@ def default_kernel(device: torch.device) -> LoRAKernel:
     """The Triton kernels on CUDA (when Triton is installed), the torch reference elsewhere."""
     if device.type == "cuda":
         try:
-            from node.engine.triton_lora import TritonLoRAKernel
+            from node.engine.lora.kernels.triton import TritonLoRAKernel
         except ImportError:
             log.warning("triton is not installed: LoRA runs on the torch reference kernel, without CUDA graphs")
         else:
@@ -66,7 +68,10 @@ class LLMEngine:
     """Owns the model runner, scheduler, KV blocks, adapter manager and per-request state."""
 
     def __init__(self, config: EngineConfig, *, store=None, fetcher: Fetcher | None = None,
-                 weights: Iterable[tuple[str, torch.Tensor]] | None = None, kernel: LoRAKernel | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+                 kernel: LoRAKernel | None = None) -> None:
+        """`fetcher` brings an adapter the store lacks (lora/manager.py's Fetcher); `on_ready` is called,
+        from another thread, whenever an adapter load or slot write ends (a waiting step can run)."""
         from node.adapters.basemodel import base_model_id, base_model_name
 
         if config.threads:
@@ -88,7 +93,7 @@ class LLMEngine:
         self.adapters = AdapterManager(
             num_slots=config.num_slots, cpu_cache_size=config.cpu_cache_size, store=store,
             base_model_id=self.base_model_id, decode=self._decode, write_slot=self.runner.write_slot,
-            fetcher=fetcher, verify_hashes=config.verify_adapter_hashes)
+            fetcher=fetcher, verify_hashes=config.verify_adapter_hashes, on_ready=on_ready)
         self.scheduler = Scheduler(self.blocks, self.adapters, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -112,15 +117,15 @@ class LLMEngine:
         return frozenset(ids)
 
     def _decode(self, pkg) -> LoadedAdapter:
+        """Loader thread: a verified package -> the adapter in host memory, with its slot image when the
+        runner prebuilds them (so the engine thread's slot write is one copy)."""
         from node.adapters import load_lora_tensors
 
-        cuda = self.device.type == "cuda"
-        images = self.runner.slot_buf is not None
         loaded = decode_lora(pkg.adapter_id, pkg.name, load_lora_tensors(pkg), pkg.lora.scaling, self.model_cfg,
-                             self.config.max_lora_rank, self.dtype, pin_memory=cuda and not images)
-        if images:
+                             self.config.max_lora_rank, self.dtype)
+        if self.runner.prebuilt_images:
             loaded.image = self.runner.slot_image(loaded)  # pinned on CUDA: a slot load is one async copy
-            if cuda:
+            if self.device.type == "cuda":
                 loaded.weights = {}  # the image holds everything the slot needs
         return loaded
 
@@ -168,6 +173,23 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    # ---- adapters ----
+    def prefetch(self, adapter_id: str) -> Future:
+        """Start (or join) bringing the adapter into the host cache (any thread); the future yields it,
+        or raises the AdapterError that stopped it."""
+        return self.adapters.load(adapter_id)
+
+    def make_resident(self, adapter_id: str, pin: bool | None = None) -> int:
+        """Put a host-cached adapter into a slot now, pinning or unpinning it (engine thread); its slot."""
+        return self.adapters.make_resident(adapter_id, pin)
+
+    def status(self) -> dict:
+        """Slot table, host cache, queue and throughput (the node's /status)."""
+        s = self.adapters.snapshot()
+        s.update(queue_depth=self.scheduler.num_waiting, running=len(self.scheduler.running),
+                 tokens_per_s=self.tokens_per_s(), device=self.config.device, usage=dict(self.usage))
+        return s
 
     # ---- one step ----
     def step(self) -> tuple[list[TokenEvent | FinishEvent], bool]:

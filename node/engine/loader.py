@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from common.wire import UntrustedJSONError, parse_json
 from node.engine.config import ModelConfig
-from node.engine.lora import LoRAMapping
+from node.engine.lora.mapping import LoRAMapping
 from node.engine.model import CausalLM
 
 log = logging.getLogger(__name__)

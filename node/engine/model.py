@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node.engine.attention import AttentionMetadata, paged_attention, write_kv
 from node.engine.config import ModelConfig, RopeConfig
-from node.engine.lora import LinearWithLoRA, LoRAMapping
+from node.engine.layers.attention import AttentionMetadata, paged_attention, write_kv
+from node.engine.lora.layers import LinearWithLoRA
+from node.engine.lora.mapping import LoRAMapping
 
 
 class RMSNorm(nn.Module):
@@ -82,13 +84,11 @@ class Attention(nn.Module):
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: tuple[torch.Tensor, torch.Tensor], fused: bool = False) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor], fused: ModuleType | None = None) -> torch.Tensor:
         c = self.cfg
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
-        if fused and self.q_norm is None:  # one kernel: rotate q and k, write k and v into the cache
-            from node.engine.triton_ops import rope_and_cache
-
-            q = rope_and_cache(qkv, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, kv[0], kv[1],
+        if fused is not None and self.q_norm is None:  # one kernel: rotate q and k, write k and v into the cache
+            q = fused.rope_and_cache(qkv, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, kv[0], kv[1],
                                c.num_heads)  # [T, H, d]
             return self.o_proj(paged_attention(q, kv[0], kv[1], meta).reshape(-1, c.q_size))
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -111,11 +111,9 @@ class MLP(nn.Module):
                                            False, mapping)
         self.down_proj = LinearWithLoRA(self.inter, (cfg.hidden_size,), ("down_proj",), False, mapping)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        if fused:
-            from node.engine.triton_ops import silu_mul
-
-            return self.down_proj(silu_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, D]
+    def forward(self, x: torch.Tensor, fused: ModuleType | None = None) -> torch.Tensor:
+        if fused is not None:
+            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, D]
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)  # [T, I] each
         return self.down_proj(F.silu(gate) * up)
 
@@ -132,17 +130,16 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_fused(self, x, residual, positions, meta, kv):
-        """(x, residual) -> (x, residual): the residual adds happen inside the fused norms (vLLM's
-        fused_add_rms_norm); residual None on the first layer, whose input is the residual stream."""
-        from node.engine.triton_ops import rms_norm
-
+    def forward_fused(self, x, residual, positions, meta, kv, fused: ModuleType):
+        """(x, residual) -> (x, residual) with the fused ops: the residual adds happen inside the fused
+        norms (vLLM's fused_add_rms_norm); residual None on the first layer, whose input is the residual
+        stream."""
         ln, post = self.input_layernorm, self.post_attention_layernorm
-        h = rms_norm(x, ln.weight, ln.eps, residual)  # [T, D]
+        h = fused.rms_norm(x, ln.weight, ln.eps, residual)  # [T, D]
         residual = x if residual is None else residual
-        x = self.self_attn(h, positions, meta, kv, fused=True)
-        h = rms_norm(x, post.weight, post.eps, residual)  # residual += attention output
-        return self.mlp(h, fused=True), residual
+        x = self.self_attn(h, positions, meta, kv, fused=fused)
+        h = fused.rms_norm(x, post.weight, post.eps, residual)  # residual += attention output
+        return self.mlp(h, fused=fused), residual
 
 
 def full_context(meta: AttentionMetadata) -> AttentionMetadata:
@@ -176,7 +173,18 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)
-        self.fused_ops = False  # the CUDA path's fused Triton norms, rotary + cache writes, SiLU gate
+        self.fused: ModuleType | None = None  # layers/fused.py when the fused ops run (use_fused_ops)
+
+    def use_fused_ops(self, on: bool) -> None:
+        """Run the CUDA path's fused Triton norms, rotary + cache writes and SiLU gate, or the torch ops.
+        Their module is imported here, once, not with this one: importing it defines Triton kernels,
+        which needs Triton installed and TRITON_INTERPRET already set when it is to apply."""
+        if on:
+            from node.engine.layers import fused
+
+            self.fused = fused
+        else:
+            self.fused = None
 
     def lora_layers(self) -> list[tuple[int, LinearWithLoRA]]:
         """(layer index, wrapped linear) for every LoRA-capable module."""
@@ -193,13 +201,11 @@ class CausalLM(nn.Module):
         if self.cfg.sliding_window is not None and self.full_layers:
             full = full_context(meta)
             metas = [full if i in self.full_layers else meta for i in range(len(self.layers))]
-        if self.fused_ops:
-            from node.engine.triton_ops import rms_norm
-
+        if self.fused is not None:
             residual = None
             for layer, m, kv in zip(self.layers, metas, kv_caches):
-                x, residual = layer.forward_fused(x, residual, positions, m, kv)
-            return rms_norm(x, self.norm.weight, self.norm.eps, residual)
+                x, residual = layer.forward_fused(x, residual, positions, m, kv, self.fused)
+            return self.fused.rms_norm(x, self.norm.weight, self.norm.eps, residual)
         for layer, m, kv in zip(self.layers, metas, kv_caches):
             x = layer(x, positions, m, kv)
         return self.norm(x)

@@ -7,10 +7,10 @@ import logging
 
 import torch
 
-from node.engine.attention import build_metadata, to_device
 from node.engine.config import EngineConfig, ModelConfig
-from node.engine.lora import LoRAMapping
-from node.engine.lora_weights import LoadedAdapter
+from node.engine.layers.attention import build_metadata, to_device
+from node.engine.lora.mapping import LoRAMapping
+from node.engine.lora.weights import LoadedAdapter
 from node.engine.model import CausalLM
 from node.engine.sequence import Sequence
 
@@ -46,17 +46,15 @@ class ModelRunner:
         self.dtype = dtype
         self.device = torch.device(config.device)
         cuda = self.device.type == "cuda"
-        use_images = config.slot_images if config.slot_images is not None else cuda
-        self.slot_buf: torch.Tensor | None = None  # [S+1, P]: every layer's stacks of one slot, contiguous
-        self.slot_layout: list[tuple[int, object, int, int]] = []  # (layer, module, A offset, B offset)
-        if use_images:
-            self._allocate_slot_buffer()
-        else:
-            for _, layer in model.lora_layers():
-                layer.allocate_lora(config.num_slots, config.max_lora_rank)
-        self.copy_stream = torch.cuda.Stream(self.device) if cuda and use_images else None
+        # build each adapter's slot image on the loader thread, so a slot load is one copy
+        self.prebuilt_images = config.slot_images if config.slot_images is not None else cuda
+        # slot_buf [S+1, P]: every layer's stacks of one slot, contiguous; slot_layout: (layer, module,
+        # A offset, B offset) of each LoRA module in a row
+        self.slot_buf, self.slot_layout = self._allocate_slot_buffer()
+        # CUDA: slot writes are asynchronous copies on this side stream (see write_slot)
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.static_decode = self._static_decode_mode()
-        model.fused_ops = config.fused_ops if config.fused_ops is not None else self.static_decode
+        model.use_fused_ops(config.fused_ops if config.fused_ops is not None else self.static_decode)
         self.num_blocks = self._num_blocks()
         # static decode pads batches up to a bucket: the padded rows write their K/V into one extra block
         self.scratch_block = self.num_blocks if self.static_decode else None
@@ -79,9 +77,9 @@ class ModelRunner:
             raise ValueError("cuda_graphs='static' needs the Triton LoRA kernel (TritonLoRAKernel)")
         return mode == "static" or (mode == "auto" and self.device.type == "cuda" and triton_kernel)
 
-    def _allocate_slot_buffer(self) -> None:
+    def _allocate_slot_buffer(self) -> tuple[torch.Tensor, list[tuple[int, object, int, int]]]:
         # one [S+1, P] buffer; each layer's A/B stacks are views [S+1, n*R, in] / [S+1, n*R, out]
-        # into it, so a slot is one contiguous row that a single copy fills
+        # into it, so a slot is one contiguous row that a single copy fills (row S stays zero: base only)
         r = self.config.max_lora_rank
         layout, p = [], 0
         for idx, layer in self.model.lora_layers():
@@ -91,25 +89,27 @@ class ModelRunner:
             b_off = p
             p += -(-rb * cb // ALIGN) * ALIGN
             layout.append((idx, layer, a_off, b_off))
-        self.slot_buf = torch.zeros(self.config.num_slots + 1, p, dtype=self.dtype, device=self.device)
         s1 = self.config.num_slots + 1
+        buf = torch.zeros(s1, p, dtype=self.dtype, device=self.device)
         for _, layer, a_off, b_off in layout:
             (ra, ca), (rb, cb) = layer.lora_shapes(r)
-            a = self.slot_buf[:, a_off: a_off + ra * ca].view(s1, ra, ca)
-            b = self.slot_buf[:, b_off: b_off + rb * cb].view(s1, rb, cb)
-            layer.attach_lora(a, b, r)
-        self.slot_layout = layout
+            layer.attach_lora(buf[:, a_off: a_off + ra * ca].view(s1, ra, ca),
+                              buf[:, b_off: b_off + rb * cb].view(s1, rb, cb), r)
+        return buf, layout
 
     def slot_image(self, adapter: LoadedAdapter) -> torch.Tensor:
-        """The adapter laid out as one slot row [P] (pinned on CUDA): built on the loader thread."""
-        assert self.slot_buf is not None
+        """The adapter laid out as one slot row [P] (pinned on CUDA, so its copy is asynchronous)."""
         image = torch.zeros(self.slot_buf.shape[1], dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        self._lay_out(image, adapter)
+        return image
+
+    def _lay_out(self, row: torch.Tensor, adapter: LoadedAdapter) -> None:
+        """Write the adapter's weights into a zeroed slot row [P]: a host image or a row of slot_buf."""
         r = self.config.max_lora_rank
         for idx, layer, a_off, b_off in self.slot_layout:
             (ra, ca), (rb, cb) = layer.lora_shapes(r)
-            layer.slot_image(image[a_off: a_off + ra * ca].view(ra, ca), image[b_off: b_off + rb * cb].view(rb, cb),
+            layer.slot_image(row[a_off: a_off + ra * ca].view(ra, ca), row[b_off: b_off + rb * cb].view(rb, cb),
                              idx, adapter)
-        return image
 
     def _block_bytes(self) -> int:
         c = self.cfg
@@ -133,32 +133,22 @@ class ModelRunner:
         return int(n)
 
     def write_slot(self, slot: int, adapter: LoadedAdapter | None) -> SlotCopy | None:
-        """Copy an adapter's weights into `slot` of every LoRA layer (None clears it). On CUDA with
-        slot images this is one asynchronous copy on the copy stream, and the returned SlotCopy
-        says when it is done; otherwise the slot is written when this returns (None)."""
-        if self.slot_buf is not None:
-            return self._write_image(slot, adapter)
-        with torch.no_grad():
-            for layer_idx, layer in self.model.lora_layers():
-                layer.clear_slot(slot)
-                if adapter is None:
-                    continue
-                for name in layer.names:
-                    w = adapter.weights.get((layer_idx, name))
-                    if w is not None:
-                        layer.set_slot(slot, name, w[0].to(self.device, non_blocking=True),
-                                       w[1].to(self.device, non_blocking=True))
-        return None
-
-    def _write_image(self, slot: int, adapter: LoadedAdapter | None) -> SlotCopy | None:
-        image = None
-        if adapter is not None:
-            image = adapter.image if adapter.image is not None else self.slot_image(adapter)
+        """Write an adapter's slot row (every LoRA layer's stacks at once; None clears it). On CUDA this
+        is one asynchronous copy of its host image on the copy stream, and the returned SlotCopy says
+        when it is done; on CPU the row is written in place before this returns (None)."""
         row = self.slot_buf[slot]
         if self.copy_stream is None:
             with torch.no_grad():
-                row.zero_() if image is None else row.copy_(image)
+                if adapter is not None and adapter.image is not None:
+                    row.copy_(adapter.image)
+                else:
+                    row.zero_()
+                    if adapter is not None:
+                        self._lay_out(row, adapter)
             return None
+        image = None
+        if adapter is not None:
+            image = adapter.image if adapter.image is not None else self.slot_image(adapter)
         # the slot is free (no running sequence holds it); ordering after the compute stream costs no host sync
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.no_grad(), torch.cuda.stream(self.copy_stream):

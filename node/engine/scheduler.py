@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 
-from node.engine.adapter_manager import AdapterManager
 from node.engine.block_manager import BlockManager
-from node.engine.lora_weights import AdapterError
+from node.engine.lora.errors import AdapterError
+from node.engine.lora.manager import AdapterManager
 from node.engine.sequence import Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ class Scheduler:
         self.queues: OrderedDict[str, deque[Sequence]] = OrderedDict()  # round-robin order = key order
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
-        self.loop = None  # asyncio loop for adapter fetchers, set by the engine
 
     @property
     def num_waiting(self) -> int:
@@ -74,7 +73,7 @@ class Scheduler:
                 break  # keep order: later arrivals must not overtake a sequence waiting for memory
             if seq.adapter_id is not None:
                 try:
-                    slot = self.adapters.acquire(seq.adapter_id, self.loop)
+                    slot = self.adapters.acquire(seq.adapter_id)
                 except AdapterError as e:
                     for s in q:
                         s.error = str(e)

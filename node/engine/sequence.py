@@ -9,7 +9,7 @@ import torch
 
 from node.engine.detokenizer import TextStream
 from node.engine.request import SamplingParams
-from node.engine.sampler import seeded_generator
+from node.engine.layers.sampler import seeded_generator
 
 
 class SeqStatus(enum.Enum):

@@ -19,7 +19,7 @@ from node.adapters.manifest import MANIFEST_FILE
 from node.adapters.pack import build_manifest
 from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
 from node.engine.config import EngineConfig, ModelConfig
-from node.engine.lora_weights import decode_lora
+from node.engine.lora.weights import decode_lora
 from tests.node.adapters.test_fuzz_parsers import _mutate, json_values
 from tests.utils.factories import make_peft_adapter
 

@@ -10,7 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors under its interpreter, which is chosen when a kernel is
-    # defined: set it before anything imports node.engine.triton_*
+    # defined: set it before anything imports the engine's Triton modules
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.utils.engine import make_world, reference_model  # noqa: E402

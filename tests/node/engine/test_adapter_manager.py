@@ -10,6 +10,7 @@ from eth_account import Account
 from node.adapters import AdapterStore
 from node.engine import (
     AdapterBaseMismatchError,
+    AsyncEngine,
     AdapterError,
     AdapterIncompatibleError,
     AdapterNotFoundError,
@@ -19,6 +20,11 @@ from tests.utils.engine import PUBLISHER_KEY, greedy
 from tests.utils.factories import make_base, make_package
 
 PROMPT = [1, 40, 41, 42, 43]
+
+
+def fetching_engine(world, fetcher) -> AsyncEngine:
+    """The node's engine with an async fetcher (AsyncEngine runs it on the loop of its callers)."""
+    return AsyncEngine(world.config(), store=world.store, fetcher=fetcher)
 
 
 def _run(engine, aid, rid):
@@ -138,11 +144,11 @@ def test_fetcher_supplies_an_adapter_the_store_lacks(llama_world, tmp_path):
         # stands in for a peer: install from another node's store into ours
         return local.install(llama_world.store.path_for(adapter_id)).path
 
-    engine = llama_world.engine(fetcher=fetcher)
-    engine.adapters.store = local
+    engine = fetching_engine(llama_world, fetcher)
+    engine.core.adapters.store = local
     try:
         async def go():
-            return await engine.adapters.prefetch(wanted.adapter_id)
+            return await engine.prepare_adapter(wanted.adapter_id)
         loaded = asyncio.run(go())
         assert loaded.adapter_id == wanted.adapter_id and loaded.rank == 2 and calls == [wanted.adapter_id]
     finally:
@@ -161,17 +167,17 @@ def test_a_stalled_peer_fetch_does_not_hold_up_loads_from_the_store(llama_world,
             await release.wait()  # a peer that has not sent a byte yet
             return local.install(llama_world.store.path_for(adapter_id)).path
 
-        engine = llama_world.engine(fetcher=slow_fetcher)
-        engine.adapters.store = local
+        engine = fetching_engine(llama_world, slow_fetcher)
+        engine.core.adapters.store = local
         try:
-            stalled = asyncio.ensure_future(engine.adapters.prefetch(missing.adapter_id))
+            stalled = asyncio.ensure_future(engine.prepare_adapter(missing.adapter_id))
             await asyncio.sleep(0.2)  # the fetch has started and holds nothing the store load needs
-            loaded = await asyncio.wait_for(engine.adapters.prefetch(present.adapter_id), 10)
+            loaded = await asyncio.wait_for(engine.prepare_adapter(present.adapter_id), 10)
             assert loaded.adapter_id == present.adapter_id and not stalled.done()
-            assert engine.adapters.cached() == [present.adapter_id]
+            assert engine.core.adapters.cached() == [present.adapter_id]
             release.set()
             assert (await asyncio.wait_for(stalled, 10)).adapter_id == missing.adapter_id
-            assert engine.adapters.cached() == [present.adapter_id, missing.adapter_id]
+            assert engine.core.adapters.cached() == [present.adapter_id, missing.adapter_id]
         finally:
             engine.close()
 
@@ -183,14 +189,14 @@ def test_a_fetch_past_its_timeout_is_a_clear_not_found(llama_world, tmp_path):
         async def silent_fetcher(adapter_id):
             await asyncio.sleep(60)
 
-        engine = llama_world.engine(fetcher=silent_fetcher)
-        engine.adapters.store = AdapterStore(tmp_path / "empty")
-        engine.adapters.fetch_timeout = 0.3
+        engine = fetching_engine(llama_world, silent_fetcher)
+        engine.core.adapters.store = AdapterStore(tmp_path / "empty")
+        engine.core.adapters.fetch_timeout = 0.3
         try:
             aid = llama_world.adapters[1].adapter_id
             with pytest.raises(AdapterNotFoundError, match=r"no peer delivered it within 0\.3 s"):
-                await engine.adapters.prefetch(aid)
-            assert aid not in engine.adapters.cached() and engine.adapters.loading() == []
+                await engine.prepare_adapter(aid)
+            assert aid not in engine.core.adapters.cached() and engine.core.adapters.loading() == []
         finally:
             engine.close()
 
@@ -209,13 +215,13 @@ def test_a_failed_fetch_is_reported_and_the_next_load_tries_again(llama_world, t
         return local.install(llama_world.store.path_for(adapter_id)).path
 
     async def go():
-        engine = llama_world.engine(fetcher=flaky_fetcher)
-        engine.adapters.store = local
+        engine = fetching_engine(llama_world, flaky_fetcher)
+        engine.core.adapters.store = local
         try:
             with pytest.raises(AdapterError, match="every provider dropped the stream"):
-                await engine.adapters.prefetch(wanted.adapter_id)
-            assert engine.adapters.cached() == []
-            loaded = await engine.adapters.prefetch(wanted.adapter_id)  # a failure is not remembered as final
+                await engine.prepare_adapter(wanted.adapter_id)
+            assert engine.core.adapters.cached() == []
+            loaded = await engine.prepare_adapter(wanted.adapter_id)  # a failure is not remembered as final
             assert loaded.adapter_id == wanted.adapter_id and len(attempts) == 2
         finally:
             engine.close()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from node.engine import LoRAMapping, TorchLoRAKernel
-from node.engine.lora_kernels import LAYOUTS
+from node.engine.lora.kernels.torch_ref import LAYOUTS
 from tests.utils.engine import greedy, prefill_rows, preload, reference_greedy
 
 S, R, D_IN, OUTS = 4, 4, 24, (16, 8, 8)  # a fused q/k/v-like projection, slices of unequal width

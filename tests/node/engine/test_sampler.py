@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from node.engine import RequestError, SamplingParams
-from node.engine.sampler import sample
+from node.engine.layers.sampler import sample
 
 
 def _gens(n, seed=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from node.engine import SamplingParams
-from node.engine.sampler import sample_batched, sample_on_device, uniform_from
+from node.engine.layers.sampler import sample_batched, sample_on_device, uniform_from
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]

@@ -44,7 +44,7 @@ def reference_tokens(llama_world):
 
 @pytest.mark.parametrize("mode, images", [("bgmv", True), ("sgmv", False)])
 def test_static_decode_gives_the_regular_greedy_tokens(llama_world, reference_tokens, triton_device, mode, images):
-    from node.engine.triton_lora import TritonLoRAKernel
+    from node.engine.lora.kernels.triton import TritonLoRAKernel
 
     if triton_device.type == "cuda":
         pytest.skip("covered on CUDA by the captured-graph tests")
@@ -61,7 +61,7 @@ def test_static_decode_gives_the_regular_greedy_tokens(llama_world, reference_to
         engine.close()
 
 
-def test_slot_images_give_the_same_logits_as_per_tensor_slots(llama_world):
+def test_prebuilt_slot_images_give_the_same_logits_as_slots_written_in_place(llama_world):
     def logits(images: bool) -> torch.Tensor:
         engine = llama_world.engine(kernel=TorchLoRAKernel("gather"), slot_images=images)
         try:
@@ -69,7 +69,8 @@ def test_slot_images_give_the_same_logits_as_per_tensor_slots(llama_world):
             for r in rows_and_requests(llama_world):
                 engine.add_request(r)
             seqs, prefill, _ = engine.scheduler.schedule()
-            assert (engine.runner.slot_buf is not None) == images
+            assert all((engine.adapters.load(a.adapter_id).result(30).image is not None) == images
+                       for a in llama_world.adapters)
             return engine.runner.forward(seqs, prefill, all_logits=True)
         finally:
             engine.close()

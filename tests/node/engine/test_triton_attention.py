@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from node.engine.attention import build_metadata, paged_attention  # noqa: E402
-from node.engine.triton_attention import paged_decode_attention  # noqa: E402
+from node.engine.layers.attention import build_metadata, paged_attention  # noqa: E402
+from node.engine.layers.triton_attention import paged_decode_attention  # noqa: E402
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -19,9 +19,10 @@ SCRIPT = textwrap.dedent('''
     import itertools, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from node.engine import triton_attention as A, triton_lora as L, triton_ops as O
+    from node.engine.layers import fused as O, triton_attention as A, triton_util as U
+    from node.engine.lora.kernels import triton as L, triton_jit as J
 
-    assert not L.INTERPRET
+    assert not U.INTERPRET
     target = GPUTarget("cuda", 90, 32)
     FLOAT_PTRS = {"x_ptr", "a_ptr", "b_ptr", "y_ptr", "q_ptr", "k_ptr", "v_ptr", "out_ptr"}
     INT_PTRS = {"slot_ptr": "*i32", "tok_ptr": "*i32", "tiles_ptr": "*i32", "cols_ptr": "*i32",
@@ -41,10 +42,10 @@ SCRIPT = textwrap.dedent('''
 
     for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for r, rank in ((48, 16), (32, 16), (16, 16), (6, 2)):  # fused qkv / gate_up, single, tiny
-            build(L._bgmv_shrink_kernel, L.shrink_config("bgmv", r, tdt), dt)
-            build(L._sgmv_shrink_kernel, dict(L.shrink_config("sgmv", r, tdt), BLOCK_M=16), dt)
-            build(L._bgmv_expand_kernel, L.expand_config("bgmv", rank, tdt), dt)
-            build(L._sgmv_expand_kernel, dict(L.expand_config("sgmv", rank, tdt), BLOCK_M=16), dt)
+            build(J._bgmv_shrink_kernel, J.shrink_config("bgmv", r, tdt), dt)
+            build(J._sgmv_shrink_kernel, dict(J.shrink_config("sgmv", r, tdt), BLOCK_M=16), dt)
+            build(J._bgmv_expand_kernel, J.expand_config("bgmv", rank, tdt), dt)
+            build(J._sgmv_expand_kernel, dict(J.expand_config("sgmv", rank, tdt), BLOCK_M=16), dt)
         for (group, d, bs), bn in itertools.product(((4, 128, 16), (2, 32, 8), (3, 24, 5)), (A.BLOCK_N, 16)):
             build(A._paged_decode_kernel, dict(GROUP=group, GROUP_P=16, HEAD_DIM=d, HEAD_P=max(16, triton.next_power_of_2(d)),
                   CACHE_BLOCK=bs, BLOCK_N=bn, DOT_F32=False, PRECISION="ieee" if dt == "fp32" else "tf32",
@@ -55,7 +56,7 @@ SCRIPT = textwrap.dedent('''
         build(O._silu_mul_kernel, dict(BLOCK=1024), dt)
     try:
         L.TritonLoRAKernel().prepare(torch.tensor([0]), 1, [0])
-    except L.TritonUnavailableError as e:
+    except U.TritonUnavailableError as e:
         print("refused:", e)
     else:
         raise SystemExit("CPU tensors without the interpreter were not refused")

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from node.engine.triton_lora import SGMV_MIN_TOKENS, TritonLoRAKernel, max_tiles, plan_tables  # noqa: E402
+from node.engine.lora.kernels.triton import SGMV_MIN_TOKENS, TritonLoRAKernel, max_tiles, plan_tables  # noqa: E402
 
 
 def bound(dtype: torch.dtype, device: torch.device) -> float:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from node.engine.triton_lora import _check_device
+from node.engine.layers.triton_util import check_device
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     residual (or x), out[t] = weight * (r[t] * rsqrt(mean(r[t]^2) + eps)), the normalised row
     rounded to x's dtype before the weight multiplies it. x, residual [T, N]; weight [N]."""
     t, n = x.shape
-    _check_device(x.device)
+    check_device(x.device)
     assert x.stride(1) == 1 and (residual is None or residual.stride(1) == 1)
     out = torch.empty_like(x)
     if t:
@@ -124,7 +124,7 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
     _, _, kvh, d = k_cache.shape
     assert qkv.shape[1] == (heads + 2 * kvh) * d and qkv.stride(1) == 1 and d % 2 == 0, (qkv.shape, heads, kvh, d)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
-    _check_device(qkv.device)
+    check_device(qkv.device)
     q = torch.empty(t, heads, d, dtype=qkv.dtype, device=qkv.device)
     if t:
         half = d // 2
@@ -141,7 +141,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """Semantics: gate_up [T, 2I] -> out [T, I] = silu(gate) * up (silu rounded to the dtype first)."""
     t, n2 = gate_up.shape
     n = n2 // 2
-    _check_device(gate_up.device)
+    check_device(gate_up.device)
     assert gate_up.stride(1) == 1
     out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
     if t:

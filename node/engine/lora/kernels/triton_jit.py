@@ -1,22 +1,20 @@
 """The Triton LoRA kernels and their launch configurations: BGMV (one token per program, per-token
 slot index) and SGMV (tokens sorted into per-slot tiles) shrink and expand. TritonLoRAKernel
-(triton_lora.py) plans each step's tables and launches them.
+(triton.py) plans each step's tables and launches them.
 
 Runs compiled on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (set before this module is
 imported), which is how the tests check it without a GPU.
 
-Layouts (as in lora_kernels.py): a [S+1, R, in], b [S+1, R, out] with R = n_slices * rank and
+Layouts (as in base.py): a [S+1, R, in], b [S+1, R, out] with R = n_slices * rank and
 slice i's rows i*rank..(i+1)*rank feeding only its columns; x [T, in]; y [T, >= offset + out]."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from node.engine.layers.triton_util import INTERPRET
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -160,10 +158,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Launch settings below were chosen by bench/gpu_profile.py's sweep on an H200 (Llama-3-8B shapes,
-# batch 64, rank 16; bench/NOTES.md, attempt 3): against the first settings, the BGMV shrink took
-# 37% less time with 8 waves of split-K programs instead of 2, the SGMV shrink 38% less with K tiles
-# of 128, and the BGMV expand 11% less with 512-column tiles.
+# Launch settings below were chosen by bench/gpu_profile.py's sweep (Llama-3-8B shapes, batch 64,
+# rank 16): what each change bought is in bench/NOTES.md, "The LoRA launch-setting sweep".
 
 def shrink_config(mode: str, r: int, dtype: torch.dtype) -> dict:
     """Constexprs and warps of a shrink launch (registers per thread read off the sm_90 build:

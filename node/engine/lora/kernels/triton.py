@@ -3,12 +3,12 @@ slot index, for decode batches where adapters are mostly distinct) and SGMV (tok
 per-slot tiles, each adapter's weights read once per tile, for prefill and decode batches that
 share adapters). Ranks are heterogeneous: every slot is padded to the layer's rank R with zero
 rows, and fused projections (q/k/v, gate/up) skip the zero off-diagonal blocks of B. This module
-plans each step and launches; the jit kernels and their launch configs are in triton_lora_kernels.py.
+plans each step and launches; the jit kernels and their launch configs are in triton_jit.py.
 
 Runs compiled on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (set before this module is
 imported), which is how the tests check it without a GPU.
 
-Layouts (as in lora_kernels.py): a [S+1, R, in], b [S+1, R, out] with R = n_slices * rank and
+Layouts (as in kernels/base.py): a [S+1, R, in], b [S+1, R, out] with R = n_slices * rank and
 slice i's rows i*rank..(i+1)*rank feeding only its columns; x [T, in]; y [T, >= offset + out]."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from node.engine.triton_lora_kernels import (
-    INTERPRET,
+from node.engine.layers.triton_util import check_device
+from node.engine.lora.kernels.triton_jit import (
     _bgmv_expand_kernel,
     _bgmv_shrink_kernel,
     _sgmv_expand_kernel,
@@ -29,15 +29,11 @@ from node.engine.triton_lora_kernels import (
 )
 
 
-# Measured on an H200 (bench/NOTES.md, attempt 3): at 4 tokens per adapter, one decode step's LoRA
-# kernels take 1.7 ms as BGMV and 2.1 ms as SGMV (kernel sweep, 8B shape, batch 64, 16 adapters); a
-# prefill of 128 tokens per adapter took 0.22 s as SGMV, 0.34 s as BGMV. The crossover is not measured.
+# below this many tokens per active adapter BGMV is faster: SGMV's static decode grid is sized for
+# the worst case and its tiles are mostly padding (measured: bench/NOTES.md, "The LoRA launch-setting
+# sweep"); a long prefill runs faster as SGMV. The crossover is not measured.
 SGMV_MIN_TOKENS = 8
 MAX_SPLIT = 16  # split-K partials per shrink, unless split_k asks for more
-
-
-class TritonUnavailableError(RuntimeError):
-    """Triton kernels were asked to run where they cannot (CPU tensors without the interpreter)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +110,7 @@ class TritonLoRAKernel:
         self.mode = mode
         self.block_m = block_m
         self.split_k = split_k
-        # launch settings laid over the defaults of triton_lora_kernels, e.g. {"BLOCK_K": 64, "num_warps": 4}
+        # launch settings laid over the defaults of triton_jit, e.g. {"BLOCK_K": 64, "num_warps": 4}
         # (tests use small tiles; bench/gpu_profile.py sweeps them)
         self.shrink_cfg = dict(shrink_cfg or {})
         self.expand_cfg = dict(expand_cfg or {})
@@ -147,7 +143,7 @@ class TritonLoRAKernel:
         mode = self.choose_mode(host_slots)
         vals = plan_tables(mode, host_slots, self.block_m)
         dev = token_slots.device
-        _check_device(dev)
+        check_device(dev)
         t = len(host_slots)
         buf = _host_int32(vals, dev).to(dev, non_blocking=True)
         return TritonLoRAMeta(mode, t, num_slots, buf, (len(vals) - t) // 3 if mode == "sgmv" else 0)
@@ -162,9 +158,8 @@ class TritonLoRAKernel:
 
     def _split(self, programs: int, k_in: int, block_k: int, dev: torch.device) -> tuple[int, int]:
         """(splits, k per split): about 8 programs per multiprocessor, so enough weight loads are in
-        flight to cover memory latency (2 per SM left the H200 at half the speed); no empty split.
-        At most MAX_SPLIT: every expand program re-reads all the partials of its tokens, and the
-        sweep's best splits were 8-16."""
+        flight to cover memory latency; no empty split. At most MAX_SPLIT: every expand program
+        re-reads all the partials of its tokens (the sweep behind both: bench/NOTES.md)."""
         chunks = triton.cdiv(k_in, block_k)
         want = self.split_k or min(MAX_SPLIT, triton.cdiv(8 * self._num_sms(dev), max(1, programs)))
         split = max(1, min(want, chunks))
@@ -235,12 +230,6 @@ class TritonLoRAKernel:
             _sgmv_expand_kernel[(meta.max_tiles, len(slices), n_tiles)](
                 h, b, yv, meta.tok, meta.tiles, cols, meta.max_tiles, rank, split, h.stride(0), h.stride(1),
                 b.stride(0), b.stride(1), yv.stride(0), BLOCK_M=self.block_m, **cfg)
-
-
-def _check_device(dev: torch.device) -> None:
-    if dev.type != "cuda" and not INTERPRET:
-        raise TritonUnavailableError(
-            f"Triton kernels need CUDA tensors (got {dev.type}), or TRITON_INTERPRET=1 set before import")
 
 
 def _host_int32(vals: list[int], dev: torch.device) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Paged attention over a block-table KV cache: the torch reference (CUDA kernels slot in here).
+"""Paged attention over a block-table KV cache: the torch path (SDPA over gathered blocks), and
+the step's metadata every layer shares. Decode steps on static buffers (the CUDA-graph path) carry
+`context_lens` and run the Triton kernel of triton_attention.py instead.
 
 Semantics: for query token i of sequence b at position p_i, out_i = softmax(q_i K_b^T / sqrt(d)
 + mask) V_b, where K_b/V_b are the sequence's cached keys/values at positions 0..ctx_b-1 and the
@@ -82,7 +84,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata) -> torch.Tensor:
     """q [T, heads, d] -> out [T, heads, d], keys/values read from the cache via block tables."""
     if meta.context_lens is not None:
-        from node.engine.triton_attention import paged_decode_attention
+        from node.engine.layers.triton_attention import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.window)
     _, bs, kvh, d = k_cache.shape

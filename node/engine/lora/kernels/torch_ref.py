@@ -1,21 +1,14 @@
-"""The batched multi-adapter LoRA kernel interface and its torch reference implementation.
-
-Layout shared by every implementation (the Triton kernels of the GPU issue slot in here):
-- `a`: [S + 1, R, in]   stacked lora_A of S slots; row S is all zeros ("no adapter").
-- `b`: [S + 1, R, out]  stacked lora_B transposed, the adapter's scaling folded in; row S zeros.
-- token slot indices: [T] int64, -1 = base only; `prepare` turns them into kernel metadata once
-  per step, and every layer of that step reuses it.
-"""
+"""The torch reference of the LoRAKernel interface (kernels/base.py): the CPU path's kernel, and
+the yardstick the Triton kernels are tested against."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from node.engine.attention import to_device
+from node.engine.layers.attention import to_device
 
 # grouped mode runs one matmul per segment (a run of one slot's tokens) once segments average
 # this many rows: a few microseconds per op are then small next to the multiply, and there is no
@@ -47,25 +40,6 @@ class LoRAMeta:
     pad: torch.Tensor | None = None  # padded: [G, M, 1] bool, True on padding rows; None if there are none
     # dense mode: rows as [T, 1, 1], expanded per rank for gather/scatter along the slot dim
     dense_idx: torch.Tensor | None = None
-
-
-class LoRAKernel(Protocol):
-    """Semantics, for each token t with slot s_t >= 0:
-    shrink: h[t] = A[s_t] @ x[t]                  (x [T, in] -> h [T, R])
-    expand: y[t, off:off+out] += B[s_t] @ h[t]    (h [T, R] -> y slice [T, out], in place)
-    tokens with s_t = -1 get h[t] = 0 and y unchanged. `host_slots` is the same list on the host,
-    so a kernel can plan the step without reading device memory. `slices` (fused outputs) says
-    that slice i's columns take only rank rows i*R/n..(i+1)*R/n (B is block-diagonal), so a kernel
-    may skip the zero blocks. What shrink returns is only ever handed to the same kernel's expand
-    (the Triton kernel returns float32 split-K partials [K, T, R] whose sum is h; the torch
-    kernel's grouped mode returns h in its packed row order)."""
-
-    def prepare(self, token_slots: torch.Tensor, num_slots: int, host_slots: list[int]) -> object: ...
-
-    def shrink(self, x: torch.Tensor, a: torch.Tensor, meta: object) -> torch.Tensor: ...
-
-    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: object, offset: int,
-               slices: tuple[int, ...] | None = None) -> None: ...
 
 
 class TorchLoRAKernel:

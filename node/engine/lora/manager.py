@@ -6,29 +6,28 @@ loading, and its adapter becomes resident, and schedulable, once the copy has co
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
-from node.engine.lora_weights import (
+from node.engine.lora.errors import (
     AdapterBaseMismatchError,
     AdapterError,
     AdapterIncompatibleError,
     AdapterNotFoundError,
-    LoadedAdapter,
+    AdapterSlotsBusyError,
 )
+from node.engine.lora.weights import LoadedAdapter
 
 log = logging.getLogger(__name__)
 
-Fetcher = Callable[[str], Awaitable[Path | None]]
-
-
-class AdapterSlotsBusyError(AdapterError):
-    """Every slot holds a pinned or in-use adapter."""
+# fetcher(adapter_id, timeout): start fetching an adapter the store lacks (from peers) and return at
+# once; the future yields the path it was installed at (None: nobody had it), or raises TimeoutError
+# once `timeout` seconds have passed. Called on the loader thread, so the fetch must run elsewhere
+# (AsyncEngine runs the node's async fetcher on its event loop): a slow peer then holds up no other load.
+Fetcher = Callable[[str, float], Future]
 
 
 class AdapterManager:
@@ -36,7 +35,8 @@ class AdapterManager:
 
     def __init__(self, *, num_slots: int, cpu_cache_size: int, store, base_model_id: str,
                  decode: Callable[[object], LoadedAdapter], write_slot: Callable[[int, LoadedAdapter | None], object],
-                 fetcher: Fetcher | None = None, fetch_timeout: float = 300.0, verify_hashes: bool = True) -> None:
+                 fetcher: Fetcher | None = None, fetch_timeout: float = 300.0, verify_hashes: bool = True,
+                 on_ready: Callable[[], None] | None = None) -> None:
         if cpu_cache_size < 1:
             raise ValueError(f"cpu_cache_size must be >= 1, got {cpu_cache_size}")
         self.num_slots = num_slots
@@ -48,7 +48,8 @@ class AdapterManager:
         self.fetcher = fetcher
         self.fetch_timeout = fetch_timeout
         self.verify_hashes = verify_hashes
-        self.on_ready: Callable[[], None] = lambda: None  # the engine's wake-up
+        # called (on a loader or copy thread) when a load or slot write ends: the engine's wake-up
+        self.on_ready: Callable[[], None] = on_ready or (lambda: None)
         self.slots: list[str | None] = [None] * num_slots
         self._resident: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pinned: set[str] = set()
@@ -65,7 +66,7 @@ class AdapterManager:
         self.counters = {"disk_loads": 0, "slot_loads": 0, "slot_hits": 0, "evictions": 0, "cpu_evictions": 0}
 
     # ---- host tier (any thread) ----
-    def load(self, adapter_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Future:
+    def load(self, adapter_id: str) -> Future:
         """Start (or join) decoding the adapter into the host cache; the future yields it."""
         with self._lock:
             if adapter_id in self._cpu:
@@ -77,24 +78,19 @@ class AdapterManager:
                 self._failed.pop(adapter_id, None)
                 done: Future = Future()
                 self._inflight[adapter_id] = done
-                self._pool.submit(self._guarded, adapter_id, done, self._from_local, adapter_id, loop, done)
+                self._pool.submit(self._guarded, adapter_id, done, self._from_local, adapter_id, done)
             return self._inflight[adapter_id]
 
-    async def prefetch(self, adapter_id: str) -> LoadedAdapter:
-        """Bring the adapter into the host cache; raises the AdapterError that stopped it."""
-        return await asyncio.wrap_future(self.load(adapter_id, asyncio.get_running_loop()))
-
-    def _from_local(self, adapter_id: str, loop, done: Future) -> None:
+    def _from_local(self, adapter_id: str, done: Future) -> None:
         """Loader thread: decode from the store, or hand a missing adapter to the fetcher. The fetch
-        runs on the event loop, not here, so a slow peer never holds up other adapters' loads."""
+        runs elsewhere, not here, so a slow peer never holds up other adapters' loads."""
         pkg = self._from_store(adapter_id)
         if pkg is not None:
             self._finish(adapter_id, done, self._decode_checked(adapter_id, pkg))
             return
-        if self.fetcher is None or loop is None:
+        if self.fetcher is None:
             raise self._not_found(adapter_id)
-        fetch = asyncio.run_coroutine_threadsafe(
-            asyncio.wait_for(self.fetcher(adapter_id), self.fetch_timeout), loop)
+        fetch = self.fetcher(adapter_id, self.fetch_timeout)
         fetch.add_done_callback(
             lambda f: self._submit(adapter_id, done, self._from_fetched, adapter_id, f, done))
 
@@ -174,7 +170,7 @@ class AdapterManager:
             raise AdapterIncompatibleError(f"adapter {adapter_id} failed verification: {e}") from e
 
     # ---- device slots (engine thread) ----
-    def acquire(self, adapter_id: str, loop=None) -> int | None:
+    def acquire(self, adapter_id: str) -> int | None:
         """The adapter's slot, taking a use reference; None while it loads or no slot can be freed.
         Raises the AdapterError of a failed load."""
         with self._lock:
@@ -194,7 +190,7 @@ class AdapterManager:
                 raise err
             loaded = self._cpu.get(adapter_id)
             if loaded is None:
-                self.load(adapter_id, loop)
+                self.load(adapter_id)
                 return None
             self._cpu.move_to_end(adapter_id)
             slot = self._take_slot()

@@ -12,14 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from node.engine.triton_lora import _check_device
-from node.engine.triton_lora_kernels import INTERPRET
+from node.engine.layers.triton_util import INTERPRET, check_device
 
 NO_WINDOW = 2**31 - 1
 BLOCK_N = 32  # positions per inner step (any cache block size: each position looks its block up)
 # sm_90 build (registers a thread, read with the cuobjdump Triton ships; 8B shape): BLOCK_N 32 at 8
-# warps 157 (one program per SM: the H200 ran this kernel at 1.6 TB/s), at 4 warps 255; BLOCK_N 16
-# at 8 warps 112 (two per SM), not yet measured on a GPU; BLOCK_N 64 at 4 warps spills
+# warps 157 (one program per SM), at 4 warps 255; BLOCK_N 16 at 8 warps 112 (two per SM); BLOCK_N 64
+# at 4 warps spills. What a GPU measured of them: bench/NOTES.md, "attention launch settings".
 NUM_WARPS = 8
 
 
@@ -91,7 +90,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, block_size, kvh, d_k = k_cache.shape
     assert d == d_k and heads % kvh == 0, (q.shape, k_cache.shape)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    _check_device(q.device)
+    check_device(q.device)
     group = heads // kvh
     o = out if out is not None else torch.empty_like(q)
     if bsz == 0:

@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
+from node.adapters.weights import module_dims, parse_lora_key
 from node.engine.config import ModelConfig
-
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
-
-
-class AdapterError(RuntimeError):
-    """An adapter the node cannot serve (base class of the adapter errors)."""
-
-
-class AdapterNotFoundError(AdapterError):
-    """The node neither holds the adapter nor could fetch it."""
-
-
-class AdapterBaseMismatchError(AdapterError):
-    """The adapter was trained for a different base model."""
-
-
-class AdapterIncompatibleError(AdapterError):
-    """The adapter's tensors do not fit this model or the engine's slot rank."""
+from node.engine.lora.errors import AdapterIncompatibleError
 
 
 @dataclass(slots=True)
@@ -37,7 +20,8 @@ class LoadedAdapter:
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     # the whole slot as laid out on the device (padded ranks, block-diagonal fused B), pinned on
-    # CUDA, so a slot load is one asynchronous copy; the runner builds it when it uses slot images
+    # CUDA, so a slot load is one asynchronous copy; built on the loader thread when the runner
+    # prebuilds images (EngineConfig.slot_images), else at the slot write
     image: torch.Tensor | None = None
 
     @property
@@ -46,26 +30,21 @@ class LoadedAdapter:
         return n + (0 if self.image is None else self.image.numel() * self.image.element_size())
 
 
-def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each LoRA target."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return {"q_proj": (h, cfg.q_size), "k_proj": (h, cfg.kv_size), "v_proj": (h, cfg.kv_size),
-            "o_proj": (cfg.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
 def decode_lora(adapter_id: str, name: str, tensors: dict[str, torch.Tensor], scaling: float, cfg: ModelConfig,
-                max_rank: int, dtype: torch.dtype, pin_memory: bool = False) -> LoadedAdapter:
+                max_rank: int, dtype: torch.dtype) -> LoadedAdapter:
     """PEFT tensors -> LoadedAdapter, checked against the model's shapes and the slot rank."""
-    dims = module_dims(cfg)
+    dims = module_dims(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _KEY.search(key)
-        if not m or m.group(2) not in dims:
-            raise AdapterIncompatibleError(f"adapter {adapter_id}: tensor {key!r} is not a LoRA weight of q/k/v/o/gate/up/down")
-        layer = int(m.group(1))
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            raise AdapterIncompatibleError(
+                f"adapter {adapter_id}: tensor {key!r} is not a LoRA weight of q/k/v/o/gate/up/down")
+        layer, target, ab = parsed
         if layer >= cfg.num_layers:
-            raise AdapterIncompatibleError(f"adapter {adapter_id}: tensor {key!r} is for layer {layer}; the base has {cfg.num_layers}")
-        parts.setdefault((layer, m.group(2)), {})[m.group(3)] = t
+            raise AdapterIncompatibleError(
+                f"adapter {adapter_id}: tensor {key!r} is for layer {layer}; the base has {cfg.num_layers}")
+        parts.setdefault((layer, target), {})[ab] = t
     weights = {}
     rank = 0
     for (layer, target), ab in parts.items():
@@ -87,8 +66,6 @@ def decode_lora(adapter_id: str, name: str, tensors: dict[str, torch.Tensor], sc
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # verify refuses these; a store may skip it
             raise AdapterIncompatibleError(
                 f"adapter {adapter_id}: layer {layer} {target} has weights that are not finite in {dtype}")
-        if pin_memory:
-            a, b = a.pin_memory(), b.pin_memory()
         weights[(layer, target)] = (a, b)
     if not weights:
         raise AdapterIncompatibleError(f"adapter {adapter_id} holds no LoRA weights")
