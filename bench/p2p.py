@@ -42,7 +42,7 @@ async def _raw_serve(path: Path) -> None:
     from libp2p.custom_types import TProtocol
     from multiaddr import Multiaddr
 
-    from node.p2p.host import build_host
+    from node.p2p.host import build_host, full_addrs
     from node.p2p.protocol import MAX_PAYLOAD
 
     _, host = build_host(os.urandom(32), _raw_config("/ip4/127.0.0.1/tcp/0"))
@@ -56,8 +56,7 @@ async def _raw_serve(path: Path) -> None:
 
     host.set_stream_handler(TProtocol(RAW_PROTOCOL), handler)
     async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        pid = host.get_id().to_base58()
-        print(json.dumps({"addr": f"{host.get_addrs()[0]}".split("/p2p/")[0] + f"/p2p/{pid}"}), flush=True)
+        print(json.dumps({"addr": full_addrs(host)[0]}), flush=True)
         await trio.to_thread.run_sync(sys.stdin.read)  # until the parent closes stdin
 
 
