@@ -26,8 +26,7 @@ from devnet.lifecycle import DEFAULT_PORT, devnet_down, devnet_paths, devnet_sta
 from gateway.cli import gateway_app
 from ledger.cli import rewards_app, settler_app
 from ledger.deployment import DEFAULT_DEVNET_DIR
-from node.cli import adapter_app, base_app, keys_app
-from node.node_cli import node_app
+from node.cli import adapter_app, base_app, keys_app, node_app
 
 app = typer.Typer(
     help="loramesh: serve many LoRA adapters on shared base models, with on-chain attribution.",
