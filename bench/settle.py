@@ -37,13 +37,13 @@ from ledger.db import init_db, make_engine  # noqa: E402
 from ledger.models import SettlementBatch, UsageRecord  # noqa: E402
 from ledger.settler import Settler  # noqa: E402
 from ledger.settler_config import SettlerConfig  # noqa: E402
-from common.wire import node_id_of  # noqa: E402
+from common.wire import hex0x, node_id_of  # noqa: E402
 
 SIZES = (1, 100, 500)
 
 
 def rid() -> str:
-    return "0x" + os.urandom(32).hex()
+    return hex0x(os.urandom(32))
 
 
 def setup(rpc_url: str):

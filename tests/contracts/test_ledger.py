@@ -4,6 +4,7 @@ import pytest
 from web3.logs import DISCARD
 
 from devnet.deploy import _deploy_contract
+from common.wire import hex0x
 from ledger import errors as E
 from ledger.merkle import MerkleTree, leaf_hash, verify_proof
 from ledger.transport import revert_data
@@ -18,7 +19,7 @@ def _records(reg, n, *, prompt=100, completion=23):
 
 
 def _root(records) -> str:
-    return "0x" + MerkleTree.from_records(records).root.hex()
+    return hex0x(MerkleTree.from_records(records).root)
 
 
 def _settle(env, records, batch_id=None):
@@ -29,10 +30,6 @@ def _settle(env, records, batch_id=None):
 
 def _events(env, name, rcpt):
     return [e["args"] for e in env.client().ledger.events[name]().process_receipt(rcpt, errors=DISCARD)]
-
-
-def _h(b) -> str:
-    return "0x" + bytes(b).hex()
 
 
 def _deploy_rejecting_payee(env):
@@ -151,10 +148,11 @@ def test_settlement_splits_fees_exactly(anvil_chain):
     owner_cut = rest - sum(ds_cuts)
 
     settled = _events(env, "RecordSettled", rcpt)
-    assert [_h(e["requestId"]) for e in settled] == [r.request_id for r in records]
+    assert [hex0x(e["requestId"]) for e in settled] == [r.request_id for r in records]
     assert [e["fee"] for e in settled] == fees
-    assert all(_h(e["batchId"]) == batch_id and _h(e["nodeId"]) == reg.node_id for e in settled)
-    accrued = {(e["account"], Role(e["role"]), _h(e["subjectId"])): e["amount"] for e in _events(env, "RewardAccrued", rcpt)}
+    assert all(hex0x(e["batchId"]) == batch_id and hex0x(e["nodeId"]) == reg.node_id for e in settled)
+    accrued = {(e["account"], Role(e["role"]), hex0x(e["subjectId"])): e["amount"]
+               for e in _events(env, "RewardAccrued", rcpt)}
     assert accrued == {
         (reg.operator.address, Role.NODE, reg.node_id): node_cut,
         (reg.payees[0].address, Role.DATASET, reg.dataset_ids[0]): ds_cuts[0],
@@ -163,7 +161,8 @@ def test_settlement_splits_fees_exactly(anvil_chain):
     }
     assert sum(accrued.values()) == sum(fees)
     batch_ev = _events(env, "BatchSettled", rcpt)[0]
-    assert (batch_ev["recordCount"], batch_ev["totalFees"], _h(batch_ev["merkleRoot"])) == (9, sum(fees), _root(records))
+    assert (batch_ev["recordCount"], batch_ev["totalFees"], hex0x(batch_ev["merkleRoot"])) == (9, sum(fees),
+                                                                                                _root(records))
     assert c.deposit_of(env.settler.address) == deposit_before - sum(fees)
     assert c.rewards_of(reg.owner.address).accrued - before[reg.owner.address] == owner_cut
     assert c.rewards_of(reg.operator.address).accrued - before[reg.operator.address] == node_cut
@@ -185,7 +184,7 @@ def test_mixed_adapters_and_nodes_in_one_batch(anvil_chain):
     accrued = _events(env, "RewardAccrued", rcpt)
     fees = _events(env, "RecordSettled", rcpt)
     assert sum(e["amount"] for e in accrued) == sum(e["fee"] for e in fees)
-    node_groups = {(_h(e["adapterId"]), _h(e["subjectId"])) for e in accrued if e["role"] == Role.NODE}
+    node_groups = {(hex0x(e["adapterId"]), hex0x(e["subjectId"])) for e in accrued if e["role"] == Role.NODE}
     assert len(node_groups) == 4  # each (adapter, node) pair accrues once per batch
 
 
@@ -200,7 +199,7 @@ def test_settle_reverts(anvil_chain):
         s.settle_batch(rand_id(), rand_id(), [])
     with pytest.raises(E.MerkleRootMismatch) as err:
         s.settle_batch(rand_id(), rand_id(), records)
-    assert _h(err.value.args_by_name["computed"]) == _root(records)
+    assert hex0x(err.value.args_by_name["computed"]) == _root(records)
     bad_adapter = [SettleRecord(rand_id(), rand_id(), reg.node_id, 1, 1)]
     with pytest.raises(E.UnknownAdapter):
         s.settle_batch(rand_id(), _root(bad_adapter), bad_adapter)
@@ -235,7 +234,7 @@ def test_duplicate_batch_is_refused(anvil_chain):
     deposit = env.client().deposit_of(env.settler.address)
     with pytest.raises(E.BatchAlreadySettled) as err:
         _settle(env, records, batch_id)
-    assert _h(err.value.args_by_name["batchId"]) == batch_id
+    assert hex0x(err.value.args_by_name["batchId"]) == batch_id
     assert env.client().deposit_of(env.settler.address) == deposit
 
 
@@ -308,13 +307,14 @@ def test_base_records_accrue_entirely_to_the_node_operator(anvil_chain):
         admin.set_base_price(before_price)
     fees = [price * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records]
     settled = _events(env, "RecordSettled", rcpt)
-    assert [(_h(e["requestId"]), _h(e["adapterId"]), _h(e["nodeId"]), e["promptTokens"], e["completionTokens"])
+    assert [(hex0x(e["requestId"]), hex0x(e["adapterId"]), hex0x(e["nodeId"]), e["promptTokens"], e["completionTokens"])
             for e in settled] == [(r.request_id, ZERO_ID, r.node_id, r.prompt_tokens, r.completion_tokens)
                                   for r in records]  # fmt: skip
     assert [e["fee"] for e in settled] == fees
-    assert all(_h(e["batchId"]) == batch_id for e in settled)
+    assert all(hex0x(e["batchId"]) == batch_id for e in settled)
     accrued = _events(env, "RewardAccrued", rcpt)
-    assert [(e["account"], _h(e["adapterId"]), Role(e["role"]), _h(e["subjectId"]), e["amount"]) for e in accrued] == [
+    assert [(e["account"], hex0x(e["adapterId"]), Role(e["role"]), hex0x(e["subjectId"]), e["amount"])
+            for e in accrued] == [
         (reg.operator.address, ZERO_ID, Role.NODE, reg.node_id, sum(fees))]  # one per (base, node) per batch
     batch_ev = _events(env, "BatchSettled", rcpt)[0]
     assert (batch_ev["recordCount"], batch_ev["totalFees"]) == (5, sum(fees))
@@ -340,7 +340,7 @@ def test_base_and_adapter_records_in_one_batch(anvil_chain):
     assert [e["fee"] for e in _events(env, "RecordSettled", rcpt)] == fees
     accrued = _events(env, "RewardAccrued", rcpt)
     assert sum(e["amount"] for e in accrued) == sum(fees) == _events(env, "BatchSettled", rcpt)[0]["totalFees"]
-    node_rows = {(_h(e["adapterId"]), _h(e["subjectId"])): e for e in accrued if e["role"] == Role.NODE}
+    node_rows = {(hex0x(e["adapterId"]), hex0x(e["subjectId"])): e for e in accrued if e["role"] == Role.NODE}
     assert len(node_rows) == 6  # (a, base, b) x (node a, node b), once each
     operator = {a.node_id: a.operator.address, b.node_id: b.operator.address}
     for node_id in (a.node_id, b.node_id):
@@ -351,12 +351,12 @@ def test_base_and_adapter_records_in_one_batch(anvil_chain):
             want = sum(f * share // 10_000 for r, f in zip(records, fees)
                        if r.adapter_id == reg.adapter_id and r.node_id == node_id)  # fmt: skip
             assert node_rows[(reg.adapter_id, node_id)]["amount"] == want
-    assert not any(e["role"] != Role.NODE and _h(e["adapterId"]) == ZERO_ID for e in accrued)
+    assert not any(e["role"] != Role.NODE and hex0x(e["adapterId"]) == ZERO_ID for e in accrued)
     tree = MerkleTree.from_records(records)
     c = env.client()
     for i, r in enumerate(records):  # base records prove like any other, same leaf format
-        assert c.leaf_of(r) == "0x" + leaf_hash(r).hex()
-        assert c.verify_record(batch_id, "0x" + leaf_hash(r).hex(), ["0x" + p.hex() for p in tree.proof(i)])
+        assert c.leaf_of(r) == hex0x(leaf_hash(r))
+        assert c.verify_record(batch_id, hex0x(leaf_hash(r)), [hex0x(p) for p in tree.proof(i)])
 
 
 def test_base_records_at_zero_price_settle_for_nothing(anvil_chain):
@@ -399,15 +399,15 @@ def test_proofs_verify_on_chain_and_off(anvil_chain, n):
     root = c.get_batch(batch_id).merkle_root
     for i, r in enumerate(records):
         leaf = leaf_hash(r)
-        assert c.leaf_of(r) == "0x" + leaf.hex()
-        proof = ["0x" + p.hex() for p in tree.proof(i)]
+        assert c.leaf_of(r) == hex0x(leaf)
+        proof = [hex0x(p) for p in tree.proof(i)]
         assert verify_proof(leaf, proof, root)
-        assert c.verify_record(batch_id, "0x" + leaf.hex(), proof)
-    wrong = "0x" + leaf_hash(_records(reg, 1)[0]).hex()
-    proof0 = ["0x" + p.hex() for p in tree.proof(0)]
+        assert c.verify_record(batch_id, hex0x(leaf), proof)
+    wrong = hex0x(leaf_hash(_records(reg, 1)[0]))
+    proof0 = [hex0x(p) for p in tree.proof(0)]
     assert not c.verify_record(batch_id, wrong, proof0)
     assert not verify_proof(wrong, proof0, root)
-    assert not c.verify_record(rand_id(), "0x" + leaf_hash(records[0]).hex(), proof0)
+    assert not c.verify_record(rand_id(), hex0x(leaf_hash(records[0])), proof0)
 
 
 # ------------------------------------------------------------------ withdrawals and money

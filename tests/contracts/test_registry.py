@@ -10,15 +10,11 @@ from web3.logs import DISCARD
 from ledger import errors as E
 from devnet.deploy import _deploy_contract
 from ledger.chain import ChainClient
-from common.wire import node_id_of
+from common.wire import hex0x, node_id_of
 from ledger.types import ZERO_ID, AdapterRegistration, Domain, dataset_id_for, node_proof_message
 from tests.utils.chain import rand_id, register_sample
 
 pytestmark = pytest.mark.integration
-
-
-def _h(b) -> str:
-    return "0x" + bytes(b).hex()
 
 
 def _last(env, event, rcpt):
@@ -36,9 +32,9 @@ def test_register_dataset_emits_and_reads_back(anvil_chain):
     rcpt = env.client(contributor).register_dataset("reads-back", content)
     ev = _last(env, "DatasetRegistered", rcpt)
     ds = dataset_id_for(contributor.address, "reads-back")
-    assert (_h(ev["datasetId"]), ev["payee"], _h(ev["contentHash"]), ev["name"]) == (ds, contributor.address,
-                                                                                   content, "reads-back")  # fmt: skip
-    assert _h(env.client().registry.functions.datasetIdOf(contributor.address, "reads-back").call()) == ds
+    assert (hex0x(ev["datasetId"]), ev["payee"], hex0x(ev["contentHash"]), ev["name"]) == (
+        ds, contributor.address, content, "reads-back")
+    assert hex0x(env.client().registry.functions.datasetIdOf(contributor.address, "reads-back").call()) == ds
     info = env.client().get_dataset(ds)
     assert (info.content_hash, info.payee, info.contributor, info.name) == (content, contributor.address,
                                                                            contributor.address, "reads-back")  # fmt: skip
@@ -52,7 +48,7 @@ def test_dataset_reverts(anvil_chain):
     c.register_dataset("twice", rand_id())
     with pytest.raises(E.DatasetAlreadyRegistered) as err:
         c.register_dataset("twice", rand_id())
-    assert _h(err.value.args_by_name["datasetId"]) == c.dataset_id("twice")
+    assert hex0x(err.value.args_by_name["datasetId"]) == c.dataset_id("twice")
     with pytest.raises(E.UnknownDataset):
         env.client().get_dataset(rand_id())
 
@@ -312,7 +308,7 @@ def test_register_node_emits_and_reads_back(anvil_chain):
                                         api_url="http://n:1", base_model=base)  # fmt: skip
     ev = _last(env, "NodeRegistered", rcpt)
     assert ev["operator"] == op.address and list(ev["multiaddrs"]) == ["/ip4/1.2.3.4/tcp/1", "/dns/x/tcp/2"]
-    assert bytes(ev["publicKey"]) == public and _h(ev["nodeId"]) == nid
+    assert bytes(ev["publicKey"]) == public and hex0x(ev["nodeId"]) == nid
     n = env.client().get_node(nid)
     assert (n.operator, n.active, n.peer_id, n.api_url, n.base_model, n.public_key) == (
         op.address, True, "12D3KooWabc", "http://n:1", base, "0x" + public.hex())  # fmt: skip
@@ -351,7 +347,7 @@ def test_node_reverts_and_operator_only(anvil_chain):
     new_base = rand_id()
     ev = _last(env, "NodeUpdated", c.update_node(nid, peer_id="q", multiaddrs=["/ip4/9.9.9.9/tcp/9"],
                                                  api_url="http://v", base_model=new_base))  # fmt: skip
-    assert ev["peerId"] == "q" and _h(ev["baseModel"]) == new_base
+    assert ev["peerId"] == "q" and hex0x(ev["baseModel"]) == new_base
     ev = _last(env, "NodeActiveChanged", c.set_node_active(nid, False))
     assert ev["active"] is False
     n = env.client().get_node(nid)
@@ -400,7 +396,7 @@ def test_the_key_holder_moves_a_node_to_another_operator(anvil_chain):
     env.client(first).set_node_active(nid, False)
     rcpt = env.client(second).register_node(key, **{**kw, "api_url": "http://b"})
     ev = _last(env, "NodeOperatorChanged", rcpt)
-    assert (_h(ev["nodeId"]), ev["previousOperator"], ev["newOperator"]) == (nid, first.address, second.address)
+    assert (hex0x(ev["nodeId"]), ev["previousOperator"], ev["newOperator"]) == (nid, first.address, second.address)
     n = env.client().get_node(nid)
     assert (n.operator, n.active, n.api_url) == (second.address, True, "http://b")
     with pytest.raises(E.NotNodeOperator):
@@ -408,7 +404,7 @@ def test_the_key_holder_moves_a_node_to_another_operator(anvil_chain):
 
 
 def test_a_former_operator_cannot_take_a_node_back_with_its_old_proof(anvil_chain):
-    """H1: the proof A sent in its registration is public (it is in A's transaction). Once the key holder
+    """The proof A sent in its registration is public (it is in A's transaction). Once the key holder
     moved the node to B, A re-sending it must not make A the operator again: every proof names the node's
     registration nonce, which each registration increments."""
     env = anvil_chain
@@ -438,7 +434,7 @@ def test_a_former_operator_cannot_take_a_node_back_with_its_old_proof(anvil_chai
 
 
 def test_a_price_that_would_overflow_settlement_is_refused(anvil_chain):
-    """H2: price * tokens must not overflow in AttributionLedger: prices are capped at 2**128 - 1."""
+    """Price * tokens must not overflow in AttributionLedger: prices are capped at 2**128 - 1."""
     env = anvil_chain
     c = env.client(env.users[0])
     cap = c.registry.functions.MAX_PRICE_PER_1K_TOKENS().call()
@@ -457,7 +453,7 @@ def test_a_price_that_would_overflow_settlement_is_refused(anvil_chain):
 
 
 def test_an_adapter_names_at_most_sixteen_datasets(anvil_chain):
-    """H2: a batch settles every dataset of every adapter in it; hundreds of payees per adapter would push
+    """A batch settles every dataset of every adapter in it; hundreds of payees per adapter would push
     a batch past the block gas limit."""
     env = anvil_chain
     c = env.client(env.users[1])
@@ -493,7 +489,7 @@ BAD_NAMES = [
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_adapter_names_are_narrow(anvil_chain, name):
-    """H3/H4: names are 1..64 bytes of [a-z0-9._/-], starting with [a-z0-9], never with "0x"."""
+    """Names are 1..64 bytes of [a-z0-9._/-], starting with [a-z0-9], never with "0x"."""
     env = anvil_chain
     c = env.client(env.users[2])
     with pytest.raises(E.InvalidName):

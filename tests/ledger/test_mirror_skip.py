@@ -1,4 +1,4 @@
-"""H4: an event the database cannot hold is logged and skipped; it must not wedge the registry sync
+"""An event the database cannot hold is logged and skipped; it must not wedge the registry sync
 (PostgreSQL refuses a btree entry over 2704 bytes, and every event of a sync is one transaction)."""
 
 import logging

@@ -7,6 +7,7 @@ import time
 import pytest
 from sqlmodel import Session, select
 
+from common.wire import hex0x
 from ledger import errors as E
 from ledger.batching import batch_id_for, to_settle_record
 from ledger.merkle import MerkleTree
@@ -49,7 +50,7 @@ def settled_on_chain(client, request_ids) -> dict[str, int]:
     wanted = set(request_ids)
     counts = {r: 0 for r in wanted}
     for ev in client.events("ledger", "RecordSettled"):
-        rid = "0x" + bytes(ev["args"]["requestId"]).hex()
+        rid = hex0x(ev["args"]["requestId"])
         if rid in wanted:
             counts[rid] += 1
     return counts
@@ -72,7 +73,7 @@ def test_thousand_records_settle_once_in_batches(anvil_chain, engine):
         first = batch_records(s, batches[0].batch_id)
         assert [r.request_id for r in first] == ids[:100]
         assert batches[0].batch_id == batch_id_for(ids[:100], client.address)
-        assert batches[0].merkle_root == "0x" + MerkleTree.from_records([to_settle_record(r) for r in first]).root.hex()
+        assert batches[0].merkle_root == hex0x(MerkleTree.from_records([to_settle_record(r) for r in first]).root)
     assert set(settled_on_chain(client, ids).values()) == {1}
     fees = 0
     with Session(engine) as s:
@@ -159,10 +160,10 @@ def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):
         records = [to_settle_record(r) for r in s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(ids))
                                                        .order_by(UsageRecord.id))]  # fmt: skip
     batch_id = batch_id_for(ids, client.address)
-    client.settle_batch(batch_id, "0x" + MerkleTree.from_records(records).root.hex(), records)
+    client.settle_batch(batch_id, hex0x(MerkleTree.from_records(records).root), records)
     settler = Settler(engine, client, SettlerConfig(batch_size=4))
     with pytest.raises(E.BatchAlreadySettled):
-        client.send_settle_batch(batch_id, "0x" + MerkleTree.from_records(records).root.hex(), records)
+        client.send_settle_batch(batch_id, hex0x(MerkleTree.from_records(records).root), records)
     assert settler.drain() == 4
     assert set(settled_on_chain(client, ids).values()) == {1}
 

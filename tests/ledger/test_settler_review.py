@@ -1,13 +1,13 @@
-"""Attacks from the security review, against a real anvil:
-- H2: a revert the settler does not expect (an owner pricing its adapter at 2**255 so that the ledger's
+"""Attacks on the settler, against a real anvil:
+- a revert the settler does not expect (an owner pricing its adapter at 2**255 so that the ledger's
   `price * tokens` overflows) never stops settlement: the batch is split until the records at fault are
   found and set aside, the rest settle.
-- M5: no chain call is made while the settler holds the SQLite write lock (the gateway would give up
+- no chain call is made while the settler holds the SQLite write lock (the gateway would give up
   on it and answer 503 while the chain is slow).
-- L1: a batch is abandoned only once every account that ever sent it is quiet.
-- L2: a claim of a process on another machine (same host name, same initial pid namespace) is never
+- a batch is abandoned only once every account that ever sent it is quiet.
+- a claim of a process on another machine (same host name, same initial pid namespace) is never
   taken for a dead local one.
-- L3: records naming an adapter (or node) not registered yet are set aside, re-checked, and settle once
+- records naming an adapter (or node) not registered yet are set aside, re-checked, and settle once
   it is registered (an RPC node lagging behind the chain is no permanent rejection)."""
 
 import sqlite3
@@ -51,7 +51,7 @@ def _status(engine) -> dict:
         return count_by_status(s)
 
 
-# ---------------------------------------------------------------------- H2
+# ---------------------------------------------------------------------- an unexpected revert
 
 
 @pytest.mark.parametrize("how", ["unknown_adapter", "panic"])
@@ -151,7 +151,7 @@ def test_split_halves_that_settle_lose_their_mark(anvil_chain, engine, monkeypat
         [rows[r].error for r in rest]
 
 
-# ---------------------------------------------------------------------- M5
+# ---------------------------------------------------------------------- no chain call under the write lock
 
 
 def test_chain_calls_never_hold_the_sqlite_write_lock(anvil_chain, engine, monkeypatch):
@@ -198,7 +198,7 @@ def test_chain_calls_never_hold_the_sqlite_write_lock(anvil_chain, engine, monke
     assert not blocked, blocked
 
 
-# ---------------------------------------------------------------------- L1
+# ---------------------------------------------------------------------- abandoning a batch
 
 
 def test_abandon_waits_for_every_account_that_sent_the_batch(anvil_chain, engine, monkeypatch):
@@ -247,7 +247,7 @@ def test_abandon_waits_for_every_account_that_sent_the_batch(anvil_chain, engine
     assert all(r.status != RecordStatus.SUBMITTED or r.batch_id != batch.batch_id for r in outbox_rows(engine))
 
 
-# ---------------------------------------------------------------------- L2
+# ---------------------------------------------------------------------- claims of other machines
 
 
 def test_a_claim_from_another_boot_is_not_taken_for_dead(anvil_chain, engine, monkeypatch):
@@ -281,7 +281,7 @@ def test_a_claim_from_another_boot_is_not_taken_for_dead(anvil_chain, engine, mo
             assert (here._dead_claims(s) == [other.instance]) is dead, other.instance
 
 
-# ---------------------------------------------------------------------- L3
+# ---------------------------------------------------------------------- unregistered ids
 
 
 def test_records_of_an_adapter_registered_late_settle_once_it_is(anvil_chain, engine, monkeypatch):

@@ -21,7 +21,7 @@ from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, free_port
 from devnet.deploy import deploy
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
-from common.wire import node_id_of
+from common.wire import hex0x, node_id_of
 
 ETHER = 10**18
 SETTLER_DEPOSIT = 100 * ETHER
@@ -99,7 +99,7 @@ def fresh_chain(tmp_path):
 
 def rand_id() -> str:
     """A random bytes32 id as "0x"+64 hex."""
-    return "0x" + os.urandom(32).hex()
+    return hex0x(os.urandom(32))
 
 
 @dataclass(frozen=True)
