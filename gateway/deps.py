@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from gateway.admission import AuthContext
+from gateway.keys import AuthContext
 from gateway.service import Gateway
 
 

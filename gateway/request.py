@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -20,11 +20,11 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.admission import Admission, AuthContext
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
 from gateway.directory import NodeDirectory, NodeEntry
 from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
+from gateway.keys import Admission, AuthContext
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient, NodeRejected, NodeUnavailable, UpstreamStream
 from gateway.openai_api import (
@@ -41,7 +41,6 @@ from gateway.openai_api import (
 from gateway.router import Route, Router, Target
 from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus
-from gateway.tasks import Background
 from gateway.usage import RequestEnd
 from gateway.usage_book import UsageBook
 from common.wire import SSE_DONE, error_body, hex0x, sse_frame
@@ -63,6 +62,26 @@ INLINE_TOKENIZE_CHARS = 4096
 
 class DeadlinePassed(Exception):
     """The request ran past its deadline (settings.request_deadline_s after dispatch)."""
+
+
+class Background:
+    """Tasks that no client's cancellation may end (a request's close and usage record above all); the app
+    waits for them on shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Coroutine) -> asyncio.Task:
+        """Run `coro` on a task of its own that nobody cancels; the app waits for it on shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait for background tasks (usage records of aborted requests above all)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,20 +12,18 @@ import secrets
 
 from sqlalchemy.engine import Engine
 
-from gateway.admission import Admission
 from gateway.catalog import ModelCatalog
 from gateway.chain_registry import RegistryView
 from gateway.chat import ChatTemplates
 from gateway.directory import NodeDirectory
 from gateway.identity import load_or_create_gateway_key
-from gateway.keys import KeyCache
+from gateway.keys import Admission, KeyCache
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient
 from gateway.pricing import Prices
-from gateway.request import RequestDeps
+from gateway.request import Background, RequestDeps
 from gateway.router import Router
 from gateway.settings import GatewaySettings
-from gateway.tasks import Background
 from gateway.usage import UsageRecorder
 from gateway.usage_book import UsageBook
 from node.adapters.basemodel import base_model_name
