@@ -119,6 +119,8 @@ def main() -> None:
     debug = os.environ.get("LORAMESH_DEBUG") == "1"
     try:
         configure_logging(logging.DEBUG if debug else None)
+        if debug:  # every logger at DEBUG, the libraries' too (sqlalchemy, httpx, web3): all there is to see
+            logging.getLogger().setLevel(logging.DEBUG)
         app()
     except KeyboardInterrupt:
         _err.print("interrupted")
