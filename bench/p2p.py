@@ -67,7 +67,7 @@ async def _raw_fetch(addr: str, runs: int) -> None:
     from multiaddr import Multiaddr
 
     from node.p2p.host import build_host
-    from node.p2p.protocol import READ_CHUNK
+    from node.p2p.protocol import HEADER, MAX_PAYLOAD
 
     _, host = build_host(os.urandom(32), _raw_config("/ip4/127.0.0.1/tcp/0"))
     async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
@@ -82,7 +82,7 @@ async def _raw_fetch(addr: str, runs: int) -> None:
             while True:
                 try:
                     with trio.fail_after(10):
-                        chunk = await stream.read(READ_CHUNK)
+                        chunk = await stream.read(MAX_PAYLOAD + HEADER.size)  # a whole frame's worth
                 except EOFError:
                     break
                 except Exception:  # a reset after the last byte ends the run too

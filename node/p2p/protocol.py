@@ -41,7 +41,6 @@ from node.p2p.errors import BadBytes, FrameError, ProviderError, ProviderRefused
 PROTOCOL_ID = "/loramesh/adapter/1.0.0"
 HEADER = struct.Struct(">BI")
 MAX_PAYLOAD = 1 << 20  # 1 MiB: one DATA frame; also the cap for manifest and signature
-READ_CHUNK = MAX_PAYLOAD + HEADER.size  # the most a reader asks the muxer for at once
 
 
 class Kind(enum.IntEnum):
