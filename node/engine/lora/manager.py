@@ -1,8 +1,8 @@
 """Adapter residency in two LRU tiers: device slots (with pinning and in-use counts) <- decoded
-adapters in host memory (pinned on CUDA) <- the verified package store on disk <- an optional
-fetcher (peers). Disk reads and decoding run on a loader thread, never inside an engine step.
-A slot write may be asynchronous (CUDA: one copy on a side stream): the slot then counts as
-loading, and its adapter becomes resident, and schedulable, once the copy has completed."""
+adapters in host memory (with their slot images, pinned, on CUDA) <- the verified package store on
+disk <- an optional fetcher (peers). Disk reads and decoding run on a loader thread, never inside
+an engine step. A slot write may be asynchronous (CUDA: one copy on a side stream): the slot then
+counts as loading, and its adapter becomes resident, and schedulable, once the copy has completed."""
 
 from __future__ import annotations
 
