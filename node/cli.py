@@ -1,7 +1,10 @@
-"""Contributor commands: `loramesh keys`, `loramesh base`, `loramesh adapter` (train, pack, verify)."""
+"""The node package's commands: `loramesh keys`, `loramesh base`, `loramesh adapter` (train, pack, verify,
+publish, fetch) for contributors, and `loramesh node run` for operators. `python -m node.cli` runs them on
+their own (`python -m node.cli node run ...`)."""
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated
@@ -10,17 +13,20 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 from node.adapters.limits import MAX_LORA_RANK
 from node.train import DEFAULT_TARGETS
 
+log = logging.getLogger("node.cli")  # not __name__: it is __main__ under python -m
 console = Console(soft_wrap=True)
 keys_app = typer.Typer(help="Create and inspect identity files (EVM account key + Ed25519 node key).",
                        no_args_is_help=True)
 base_app = typer.Typer(help="Base models: make a tiny deterministic one for tests and demos.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Adapters: train a LoRA, pack and sign it, verify a package.", no_args_is_help=True)
+node_app = typer.Typer(help="Run a node: the shared-base multi-LoRA engine behind the node HTTP API.",
+                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 TOKEN_DECIMALS = 18
-DEFAULT_DEPLOYMENT = Path(".loramesh/devnet/deployment.json")
 
 
 def parse_price(text: str) -> int:
@@ -129,7 +135,7 @@ def adapter_pack(
     license: Annotated[str, typer.Option(help="License of the weights.")] = "apache-2.0",
     deployment: Annotated[Path | None, typer.Option(
         help="Deployment the signature is for (its chain id and registry); default "
-             ".loramesh/devnet/deployment.json when it exists, else an offline signature.")] = None,
+             f"{DEFAULT_DEPLOYMENT_PATH} when it exists, else an offline signature.")] = None,
 ) -> None:
     """Wrap a PEFT adapter into a signed loramesh package (manifest + EIP-712 signature).
 
@@ -142,8 +148,8 @@ def adapter_pack(
     from common.identity import load_identity
 
     shares = [parse_dataset(s) for s in dataset or []]
-    if deployment is None and DEFAULT_DEPLOYMENT.is_file():
-        deployment = DEFAULT_DEPLOYMENT
+    if deployment is None and DEFAULT_DEPLOYMENT_PATH.is_file():
+        deployment = DEFAULT_DEPLOYMENT_PATH
     domain = None
     if deployment is not None:
         d = Deployment.load(deployment)
@@ -183,8 +189,8 @@ def adapter_publish(
     pkg_dir: Annotated[Path, typer.Argument(help="A signed loramesh package folder.")],
     key: Annotated[Path, typer.Option(help="Identity file of the signer (pays gas, becomes the owner).")],
     rpc: Annotated[str | None, typer.Option(help="JSON-RPC URL of the chain (default: the deployment's).")] = None,
-    deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses.")] = Path(
-        ".loramesh/devnet/deployment.json"),
+    deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses."
+                                             )] = DEFAULT_DEPLOYMENT_PATH,
     node: Annotated[str | None, typer.Option(help="Node API URL to hand the package to; it seeds it to peers.")] = None,
     operator_token_file: Annotated[Path | None, typer.Option(
         help="The node operator's token file, needed to upload to --node (default: $LORAMESH_NODE_OPERATOR_TOKEN, "
@@ -228,7 +234,8 @@ def adapter_publish(
 def adapter_register_dataset(
     name: Annotated[str, typer.Argument(help="The dataset's name, as adapters list it (--dataset NAME=...).")],
     key: Annotated[Path, typer.Option(help="Identity file of the contributor (pays gas, is paid the shares).")],
-    deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses.")] = DEFAULT_DEPLOYMENT,
+    deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses."
+                                             )] = DEFAULT_DEPLOYMENT_PATH,
     rpc: Annotated[str | None, typer.Option(help="JSON-RPC URL of the chain (default: the deployment's).")] = None,
     file: Annotated[Path | None, typer.Option(help="Record sha256 of this file as the dataset's content hash.")] = None,
 ) -> None:
@@ -260,8 +267,8 @@ def adapter_fetch(
     adapter_id: Annotated[str, typer.Argument(help="Id (0x + 64 hex) of a registered adapter.")],
     store: Annotated[Path, typer.Option(help="Adapter store folder to install it into.")],
     bootstrap: Annotated[list[str], typer.Option(help="Peer multiaddr (…/p2p/<peer id>) to join through; repeatable.")],
-    deployment: Annotated[Path, typer.Option(help="Deployment file: the adapter's owner is read from the chain.")] = Path(
-        ".loramesh/devnet/deployment.json"),
+    deployment: Annotated[Path, typer.Option(help="Deployment file: the adapter's owner is read from the chain."
+                                             )] = DEFAULT_DEPLOYMENT_PATH,
     rpc: Annotated[str | None, typer.Option(help="Chain JSON-RPC URL (default: the deployment's).")] = None,
     base: Annotated[Path | None, typer.Option(help="Also check the package fits this base model folder.")] = None,
     listen: Annotated[str, typer.Option(help="libp2p listen multiaddr of this short-lived peer.")] = "/ip4/127.0.0.1/tcp/0",
@@ -290,3 +297,129 @@ def adapter_fetch(
         with p2p:
             pkg = p2p.fetch(adapter_id, on_progress=show)
     console.print(f"[green]fetched[/] {pkg.name} -> {pkg.path}\n  signer      {pkg.signer} (the registered owner)")
+
+
+# ---- loramesh node run ----------------------------------------------------------------------------------
+
+
+@node_app.callback()
+def _node_group() -> None:
+    """Run a node: the shared-base multi-LoRA engine behind the node HTTP API."""
+
+
+def _identity(key: Path | None):
+    from common.identity import Identity, load_identity
+
+    if key is None:
+        log.warning("no --key given: using an ephemeral node key; receipts will not verify after a restart")
+        return Identity.generate()
+    return load_identity(key)
+
+
+@node_app.command("run")
+def node_run(
+    base: Annotated[Path | None, typer.Option("--base", help="Base model folder (Hugging Face safetensors). "
+                                              "\\[required]")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="Adapter store folder. \\[required]")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="HTTP port. \\[required]")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind. \\[default: 127.0.0.1]")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda. \\[default: cpu]")] = None,
+    slots: Annotated[int | None, typer.Option("--slots", min=1, help="Adapter slots on the device. "
+                                              "\\[default: 8]")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Identity file (password from LORAMESH_KEY_PASSWORD)."
+                                             )] = None,
+    max_lora_rank: Annotated[int | None, typer.Option("--max-lora-rank", min=1, max=MAX_LORA_RANK, help=(
+        "Largest adapter rank served (packages above the network's limit never verify). "
+        f"\\[default: {MAX_LORA_RANK}]"))] = None,
+    kv_blocks: Annotated[int | None, typer.Option("--kv-blocks", min=1, help="KV cache blocks (default: from memory)."
+                                                  )] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    deployment: Annotated[Path | None, typer.Option(
+        "--deployment", help="Deployment file: register this node on chain and check adapter owners there.")] = None,
+    rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
+    listen: Annotated[str | None, typer.Option(
+        "--listen", help="libp2p listen multiaddr, e.g. /ip4/127.0.0.1/tcp/4001 (omit: no p2p).")] = None,
+    bootstrap: Annotated[list[str] | None, typer.Option(
+        "--bootstrap", help="Peer multiaddr (…/p2p/<peer id>) to join the mesh through; repeatable.")] = None,
+    gateway: Annotated[list[str] | None, typer.Option(
+        "--gateway", help="Gateway URL to send signed heartbeats to; repeatable.")] = None,
+    api_url: Annotated[str | None, typer.Option(
+        "--api-url", help="URL gateways use to reach this node (default http://HOST:PORT).")] = None,
+    pin: Annotated[list[str] | None, typer.Option("--pin", help="Adapter id to hold in a slot; repeatable.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Node data folder; holds operator.token (made on first start). Default .loramesh/node. "
+                           "\\[env var: LORAMESH_NODE_DATA_DIR]")] = None,
+    trust_gateway_key: Annotated[list[str] | None, typer.Option(
+        "--trust-gateway-key",
+        help="Gateway public key (64 hex) whose signed calls are served; repeatable (env: space-separated). "
+             "Default: the keys the --gateway URLs announce. "
+             "\\[env var: LORAMESH_NODE_TRUST_GATEWAY_KEYS]")] = None,
+    max_package_bytes: Annotated[int | None, typer.Option(
+        "--max-package-bytes", min=1, help="Largest adapter package accepted by upload (default 4 GiB).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TOML file of settings (the option names with _ for -, lists for repeatable ones: "
+                         "gateways, pins, bootstrap, trust_gateway_keys); flags and LORAMESH_NODE_<NAME> win over "
+                         "it.")] = None,
+) -> None:
+    """Serve the node API until SIGINT/SIGTERM (in-flight requests are aborted with receipts).
+
+    With --deployment the node registers itself on chain (operator = the key's address) and only
+    accepts adapters signed by their registered owner; with --listen it joins the p2p mesh and
+    fetches adapters it lacks from peers; with --gateway it heartbeats to those gateways.
+    Generation is served only to gateways it trusts (--trust-gateway-key, else the --gateway URLs' keys);
+    upload needs the operator's token (`Authorization: Bearer`, from <data dir>/operator.token), which
+    load/pin and abort take too.
+    """
+    from common.serving import serve
+    from common.wire import restore_recursion_limit
+    from node.adapters.basemodel import quiet_transformers
+    from node.daemon import NodeDaemon
+    from node.settings import NodeSettings
+
+    quiet_transformers()
+    try:
+        settings = NodeSettings.load(
+            config, base=base, store=store, port=port, host=host, device=device, slots=slots, key=key,
+            max_lora_rank=max_lora_rank, kv_blocks=kv_blocks, threads=threads, deployment=deployment, rpc=rpc,
+            listen=listen, bootstrap=bootstrap, gateways=gateway, api_url=api_url, pins=pin, data_dir=data_dir,
+            trust_gateway_keys=trust_gateway_key, max_package_bytes=max_package_bytes)
+    except ValueError as e:  # SettingsError, or a config file that does not exist
+        raise typer.BadParameter(str(e)) from None
+    if not (settings.base / "config.json").is_file():
+        raise typer.BadParameter(f"{settings.base} is not a base model folder (config.json missing)",
+                                 param_hint="--base")
+    if settings.deployment is not None and settings.key is None:
+        raise typer.BadParameter("registering on chain needs the operator's identity file", param_hint="--key")
+    identity = _identity(settings.key)
+    try:
+        daemon_config = settings.daemon_config()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    daemon = NodeDaemon(daemon_config, settings.engine_config(), identity)
+    restore_recursion_limit()  # py_ecc, imported with the chain libraries, raises it to 100,000
+    log.info("node %s serving %s on %s", identity.node_id, daemon.engine.base_model_name, daemon_config.public_url)
+    log.info("operator token (for upload, load/pin, abort) is in %s", daemon.operator_token_path)
+    if daemon_config.trusted_gateway_keys:
+        log.info("serving gateways with keys %s", ", ".join(k[:16] for k in daemon_config.trusted_gateway_keys))
+    elif daemon_config.gateways:
+        log.info("serving the gateways it heartbeats to, by the keys they announce")
+    else:
+        log.warning("no --gateway and no --trust-gateway-key: no gateway can send this node requests")
+    # shutdown stops the heartbeats, the p2p host, the engine
+    serve(daemon.app, host=daemon_config.host, port=daemon_config.port, name="node")
+
+
+# `python -m node.cli`: this package's commands on their own (the `loramesh` root adds the other packages')
+app = typer.Typer(help="loramesh node package: identities, base models, adapters, and the node.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(keys_app, name="keys")
+app.add_typer(base_app, name="base")
+app.add_typer(adapter_app, name="adapter")
+app.add_typer(node_app, name="node")
+
+
+if __name__ == "__main__":
+    from common.logs import configure_logging
+
+    configure_logging()
+    app()

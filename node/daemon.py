@@ -10,31 +10,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from eth_utils import to_checksum_address
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
-from node.adapters import AdapterStore, PackageError, VerifiedPackage, verify_manifest_and_signature
-from node.api import create_app
-from common.wire import restore_recursion_limit
-from node.engine import AsyncEngine, EngineConfig
-from node.heartbeat import HeartbeatSender
 from common.http import DEFAULT_MAX_BODY_BYTES
 from common.identity import Identity
+from common.wire import restore_recursion_limit
+from node.adapters import AdapterStore
+from node.api import create_app
+from node.engine import AsyncEngine, EngineConfig
+from node.heartbeat import HeartbeatSender
 from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
-from node.request_auth import RequestAuthError, check_bearer
-from node.upload import MAX_PACKAGE_BYTES, max_upload_bytes, open_upload
-
-_HEX_KEY = re.compile(r"^[0-9a-f]{64}$")
+from node.request_auth import is_gateway_key
+from node.upload import MAX_PACKAGE_BYTES, PackageInstaller
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +55,7 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         self.trusted_gateway_keys = tuple(k.strip().lower() for k in self.trusted_gateway_keys)
         for k in self.trusted_gateway_keys:
-            if not _HEX_KEY.match(k):
+            if not is_gateway_key(k):
                 raise ValueError(f"trusted gateway key {k[:80]!r} is not 64 hex digits (a raw Ed25519 public key)")
         if self.max_package_bytes <= 0 or self.max_body_bytes <= 0:
             raise ValueError("size limits must be > 0 bytes")
@@ -75,10 +67,6 @@ class DaemonConfig:
     @property
     def public_url(self) -> str:
         return self.api_url or f"http://{self.host}:{self.port}"
-
-
-class UploadRefused(RuntimeError):
-    """An uploaded package that the chain does not vouch for."""
 
 
 class NodeDaemon:
@@ -110,13 +98,13 @@ class NodeDaemon:
                                base_dir=config.base, trusted_peer=self.registered_peers.__contains__)
         self.engine = AsyncEngine(engine_config, store=self.store, fetcher=self._fetch if self.p2p else None)
         self.operator_token, self.operator_token_path = ensure_operator_token(config.data_dir)
-        self.app: FastAPI = create_app(self.engine, identity.node_key, manage_engine=False,
+        self.uploads = PackageInstaller(self.store, base_dir=config.base, owner_of=self.owner_of,
+                                        on_chain=self.chain is not None, max_package_bytes=config.max_package_bytes,
+                                        announce=self.p2p.aannounce if self.p2p is not None else None)
+        self.app: FastAPI = create_app(self.engine, identity.node_key, services=self._services,
                                        extra_status=self._extra_status, trusted_gateways=self.trusted_gateways,
                                        operator_token=self.operator_token, max_body_bytes=config.max_body_bytes,
-                                       body_limits={"/v1/adapters": max_upload_bytes(config.max_package_bytes),
-                                                    "/v1/adapters/": config.max_body_bytes})
-        self.app.router.lifespan_context = self._lifespan
-        self.app.include_router(self._routes())
+                                       uploads=self.uploads)
         self.heartbeat: HeartbeatSender | None = None
         restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)
 
@@ -129,9 +117,10 @@ class NodeDaemon:
 
     # ---- lifecycle ----
     @asynccontextmanager
-    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+    async def _services(self, app: FastAPI) -> AsyncIterator[None]:
+        """What runs beside the API while it serves; the app's lifespan enters it once the engine started
+        and leaves it before the engine closes."""
         restore_recursion_limit()
-        self.engine.start()
         try:
             if self.p2p is not None:
                 await asyncio.to_thread(self.p2p.start)
@@ -152,7 +141,6 @@ class NodeDaemon:
                 await self.heartbeat.stop()
             if self.p2p is not None:
                 await asyncio.to_thread(self.p2p.stop)
-            self.engine.close()
 
     def _join_chain(self) -> None:
         from node.registration import ensure_registered, registry_peers
@@ -198,77 +186,3 @@ class NodeDaemon:
                             "held": self.p2p.held, "transfers": transfers}}
         except Exception:  # the host is starting or stopping: status must still answer
             return {"p2p": {"state": "not running"}}
-
-    # ---- package upload (publishers hand packages to a node) ----
-    def _install_upload(self, data: BinaryIO) -> VerifiedPackage:
-        """Check the upload's manifest, signature and on-chain owner before writing any weight byte, then
-        write each file capped at its declared size, and let the store verify and install the whole."""
-        with open_upload(data, max_package_bytes=self.config.max_package_bytes) as up:
-            adapter_id = up.manifest.adapter_id
-            owner = self.owner_of(adapter_id)
-            if self.chain is not None and owner is None:
-                raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
-            _, signer = verify_manifest_and_signature(up.manifest_bytes, up.signature_bytes, domain=self.store.domain)
-            if self.chain is not None and to_checksum_address(owner) != signer:
-                raise UploadRefused(f"package is signed by {signer}, but the adapter's registered owner is {owner}")
-            tmp = self.store.tmp_dir()
-            try:
-                up.extract(tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        # every file was hashed against the signed manifest as it was written
-        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.config.base, hashes_checked=True)
-
-    def _without_paths(self, message: str) -> str:
-        """An error for a remote caller, with this machine's folders taken out."""
-        for root in {str(self.store.root.resolve()), str(self.store.root), str(self.config.base.resolve()),
-                     str(self.config.base)}:
-            if root and root != ".":
-                message = message.replace(root, "<node>")
-        return message
-
-    def _routes(self) -> APIRouter:
-        router = APIRouter()
-        limit = max_upload_bytes(self.config.max_package_bytes)
-
-        @router.post("/v1/adapters")
-        async def upload(request: Request):
-            """Operator only (Authorization: Bearer <token>): install a package and seed it to the mesh."""
-            try:  # before a byte of the body is read
-                check_bearer(request.headers.get("authorization"), self.operator_token)
-            except RequestAuthError as e:
-                return _error(e.status, e.message, e.code)
-            # spooled to disk past 64 MiB and capped while it arrives: an upload never sits whole in memory
-            # (the body-size middleware refuses a larger Content-Length before this runs)
-            data = tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=self.store.root / ".tmp")
-            size = 0
-            try:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        return _error(413, f"upload is over the {limit}-byte limit", "request_too_large")
-                    data.write(chunk)
-                data.seek(0)
-                pkg = await asyncio.to_thread(self._install_upload, data)
-            except PackageError as e:
-                return _error(400, self._without_paths(str(e)), "package_refused")
-            except UploadRefused as e:
-                return _error(403, str(e), "adapter_unregistered")
-            except OSError as e:
-                log.error("cannot store an uploaded package: %s", e)
-                return _error(500, "the node could not store the package (see its log)", "store_failed",
-                              "server_error")
-            finally:
-                data.close()
-            if self.p2p is not None:
-                await self.p2p.aannounce(pkg.adapter_id)
-            log.info("accepted package %s (%s) from a publisher", pkg.adapter_id, pkg.name)
-            return {"adapter_id": pkg.adapter_id, "name": pkg.name, "signer": pkg.signer,
-                    "announced": self.p2p is not None}
-
-        return router
-
-
-def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)

@@ -10,9 +10,16 @@ import os
 import secrets
 from pathlib import Path
 
-DEFAULT_DATA_DIR = Path(os.environ.get("LORAMESH_NODE_DATA_DIR", ".loramesh/node"))
+DEFAULT_DATA_DIR = Path(".loramesh/node")
 TOKEN_FILE = "operator.token"
 TOKEN_ENV = "LORAMESH_NODE_OPERATOR_TOKEN"
+DATA_DIR_ENV = "LORAMESH_NODE_DATA_DIR"  # node.settings.NodeSettings.data_dir, as the environment names it
+
+
+def local_data_dir() -> Path:
+    """The data folder of a node run on this machine with its default settings and this environment (read
+    when called, so that setting the variable after import counts)."""
+    return Path(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR))
 
 
 class OperatorTokenError(ValueError):

@@ -23,7 +23,7 @@ from ledger.errors import ContractError, UnknownAdapter, UnknownDataset
 from ledger.types import ZERO_ID
 from node.adapters import PackageError, VerifiedPackage, sign_package, verify_package
 from node.adapters.signing import read_signature
-from node.operator_token import DEFAULT_DATA_DIR, TOKEN_ENV, OperatorTokenError, read_operator_token, token_path
+from node.operator_token import TOKEN_ENV, OperatorTokenError, local_data_dir, read_operator_token, token_path
 from node.request_auth import BearerAuth
 from node.upload import tar_package
 
@@ -140,7 +140,7 @@ def operator_token_for(node_url: str, token_file: str | Path | None = None) -> s
             return read_operator_token(token_file)
         if token := os.environ.get(TOKEN_ENV, "").strip():
             return token
-        local = token_path(DEFAULT_DATA_DIR)
+        local = token_path(local_data_dir())
         if urlsplit(node_url).hostname in _LOCAL_HOSTS and local.is_file():
             return read_operator_token(local)
     except OperatorTokenError as e:

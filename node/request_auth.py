@@ -46,6 +46,11 @@ class RequestAuthError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
+def is_gateway_key(text: str) -> bool:
+    """Whether `text` is a gateway key as the headers and the operator's trust list write it: 64 lowercase hex."""
+    return _KEY_RE.fullmatch(text) is not None
+
+
 def gateway_public_key_hex(key: Ed25519PrivateKey) -> str:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
@@ -71,7 +76,7 @@ def verify_request(headers: Mapping[str, str], *, method: str, path: str, node_i
         raise RequestAuthError(401, "this endpoint needs a request signed by a gateway the node trusts", "unauthenticated")
     key_hex, sig_hex = key_hex.lower(), sig_hex.lower()
     # exact ASCII forms: str.isdigit() and bytes.fromhex() also take "²", spaces and other spellings
-    if not (_KEY_RE.fullmatch(key_hex) and _SIG_RE.fullmatch(sig_hex) and _TS_RE.fullmatch(ts_raw)):
+    if not (is_gateway_key(key_hex) and _SIG_RE.fullmatch(sig_hex) and _TS_RE.fullmatch(ts_raw)):
         raise RequestAuthError(401, "malformed gateway signature headers", "unauthenticated")
     try:
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex))

@@ -6,17 +6,20 @@ safe flat names: no links, devices, folders or sparse members, whose real size i
 sent) and parses the manifest and signature with the bounded JSON parser; the caller then checks the
 signature and the on-chain owner; only then does `UploadedPackage.extract` write each weight file,
 at most the manifest's declared size of it, hashing as it goes. The store still runs the full
-package check before the package becomes visible.
+package check before the package becomes visible. `PackageInstaller` is that receiving side for a
+node's store, which the node API's upload route (POST /v1/adapters) hands each upload to.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import tarfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from node.adapters.errors import PackageError
 from node.adapters.limits import MAX_SIGNATURE_BYTES
@@ -29,6 +32,9 @@ from node.adapters.manifest import (
     parse_manifest_bytes,
 )
 from common.wire import UntrustedJSONError, parse_json
+
+if TYPE_CHECKING:
+    from node.adapters import AdapterStore, VerifiedPackage
 
 MAX_PACKAGE_BYTES = 4 << 30  # default cap on a package's files together (a node's --max-package-bytes)
 MAX_FILES = 64
@@ -178,3 +184,66 @@ def _check_against_manifest(members: dict[str, tarfile.TarInfo], manifest: Manif
             raise PackageError(f"file {name!r} is {members[name].size} bytes, the manifest says {size}")
     if (total := sum(declared.values())) > max_package_bytes:
         raise PackageError(f"package files total {total} bytes, over the {max_package_bytes}-byte limit")
+
+
+# ---- the node's side: an upload into its store ------------------------------------------------------
+
+
+class UploadRefused(RuntimeError):
+    """An uploaded package that the chain does not vouch for."""
+
+
+class PackageInstaller:
+    """Installs uploaded packages into a node's store (the daemon builds it; the API's upload route uses it).
+
+    `owner_of(adapter_id)`: the adapter's registered owner, None when unregistered; `on_chain`: whether this
+    node checks owners on a chain at all. `announce(adapter_id)`: offers an installed package to the p2p mesh
+    (None: the node has no p2p host)."""
+
+    def __init__(self, store: AdapterStore, *, base_dir: Path, owner_of: Callable[[str], str | None],
+                 on_chain: bool, max_package_bytes: int = MAX_PACKAGE_BYTES,
+                 announce: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.store, self.base_dir, self.owner_of, self.on_chain = store, base_dir, owner_of, on_chain
+        self.max_package_bytes, self.announce = max_package_bytes, announce
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest upload body accepted."""
+        return max_upload_bytes(self.max_package_bytes)
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where an upload too big for memory is spooled while it arrives (on the store's file system)."""
+        return self.store.root / ".tmp"
+
+    def install(self, data: BinaryIO) -> VerifiedPackage:
+        """Check the upload's manifest, signature and on-chain owner before writing any weight byte, then
+        write each file capped at its declared size, and let the store verify and install the whole."""
+        from eth_utils import to_checksum_address
+
+        from node.adapters import verify_manifest_and_signature
+
+        with open_upload(data, max_package_bytes=self.max_package_bytes) as up:
+            adapter_id = up.manifest.adapter_id
+            owner = self.owner_of(adapter_id)
+            if self.on_chain and owner is None:
+                raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
+            _, signer = verify_manifest_and_signature(up.manifest_bytes, up.signature_bytes, domain=self.store.domain)
+            if self.on_chain and to_checksum_address(owner) != signer:
+                raise UploadRefused(f"package is signed by {signer}, but the adapter's registered owner is {owner}")
+            tmp = self.store.tmp_dir()
+            try:
+                up.extract(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        # every file was hashed against the signed manifest as it was written
+        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True)
+
+    def without_paths(self, message: str) -> str:
+        """An error for a remote caller, with this machine's folders taken out."""
+        for root in {str(self.store.root.resolve()), str(self.store.root), str(self.base_dir.resolve()),
+                     str(self.base_dir)}:
+            if root and root != ".":
+                message = message.replace(root, "<node>")
+        return message

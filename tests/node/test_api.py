@@ -69,7 +69,7 @@ def _error(r, status: int, code: str, fragment: str) -> None:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and fragment in err["message"], err
-    assert set(err) == {"message", "type", "code"}
+    assert set(err) == {"message", "type", "param", "code"}
 
 
 def test_health_and_status(node):
@@ -233,7 +233,7 @@ def test_node_run_command_serves_adapters_and_stops_on_sigterm(node, llama_world
     gateway = Gateway()
     env = os.environ | {"OMP_NUM_THREADS": "1", "LORAMESH_NODE_TRUST_GATEWAY_KEYS": gateway.public_hex}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.node_cli", "run", "--base", str(llama_world.base_dir), "--store", str(store),
+        [sys.executable, "-m", "node.cli", "node", "run", "--base", str(llama_world.base_dir), "--store", str(store),
          "--port", str(port), "--slots", "2", "--kv-blocks", "64", "--threads", "1",
          "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)

@@ -43,7 +43,7 @@ def node(tiny_base, tmp_path_factory):
 def _error(r: httpx.Response, status: int, code: str, fragment: str = "") -> None:
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "code"} and err["code"] == code and fragment in err["message"], err
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and fragment in err["message"], err
 
 
 GEN = {"prompt": "hello", "max_tokens": 2, "temperature": 0}

@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.adapters import AdapterStore
-from node.api import HEADERS_AFTER_S, create_app
+from node.api import create_app
+from node.api.routes.generate import HEADERS_AFTER_S
 from node.engine import AsyncEngine
 from node.receipts import check_receipt
 from node.request_auth import sign_request

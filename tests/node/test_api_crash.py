@@ -34,7 +34,7 @@ def node(tiny_base, tmp_path_factory):
 def _error(r: httpx.Response, status: int, code: str, fragment: str = "") -> None:
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "code"} and err["code"] == code and fragment in err["message"], err
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and fragment in err["message"], err
 
 
 def _still_serving(node) -> None:
@@ -146,10 +146,11 @@ FIELDS = st.fixed_dictionaries({}, optional={k: JSON for k in (
        | FIELDS.map(lambda v: json.dumps(v).encode()))
 def test_any_generate_body_is_a_request_or_one_clear_400(raw):
     """The node's body parser on arbitrary bytes and JSON: a valid GenerateBody, or ApiError 400 in one line."""
-    from node.api import ApiError, GenerateBody, _parse_body
+    from node.api.errors import ApiError
+    from node.api.models import GenerateBody, parse_body
 
     try:
-        body = _parse_body(raw, GenerateBody, max_bytes=1 << 20)
+        body = parse_body(raw, GenerateBody, max_bytes=1 << 20)
     except ApiError as e:
         assert e.status == 400 and e.message and "\n" not in e.message, e.message
         return

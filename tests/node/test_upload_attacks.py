@@ -50,7 +50,7 @@ def refused(world, body: bytes, status: int, code: str, fragment: str) -> str:
     r = upload(world, body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "code"} and err["code"] == code and fragment in err["message"], err
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and fragment in err["message"], err
     # the node's folders (its store is under root) never reach the caller; names the caller sent may
     assert str(world["root"]) not in r.text and str(world["root"].resolve()) not in r.text, err
     assert list((node.store / ".tmp").iterdir()) == []

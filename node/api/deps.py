@@ -1,0 +1,121 @@
+"""What the routes share (`NodeApi`, on app.state.node) and who is calling: the auth dependencies.
+
+    GatewayKey        a call signed by a gateway key this node trusts (its key; 401/403/409 otherwise)
+    Operator          a call with the operator's bearer token (401 otherwise)
+    OperatorOrGateway None for the operator, else the trusted gateway key that signed the call
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import Depends, Request
+
+from node.api.book import RequestBook
+from node.api.errors import ApiError
+from node.engine import AsyncEngine
+from node.request_auth import MAX_SKEW_MS, SIG_HEADER, RequestAuthError, check_bearer, verify_request
+from node.upload import PackageInstaller
+
+TrustedKeys = Collection[str] | Callable[[], Collection[str]]
+
+
+class ReplayGuard:
+    """Signatures already used within the timestamp window: a captured signed call works only once."""
+
+    def __init__(self, window_ms: int = 2 * MAX_SKEW_MS) -> None:
+        self.window_ms = window_ms
+        self._seen: OrderedDict[str, int] = OrderedDict()  # signature -> when first seen (ms), oldest first
+
+    def first_use(self, signature: str, now_ms: int | None = None) -> bool:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        while self._seen and next(iter(self._seen.values())) < now - self.window_ms:
+            self._seen.popitem(last=False)  # older than any timestamp verify_request still accepts
+        if signature in self._seen:
+            return False
+        self._seen[signature] = now
+        return True
+
+
+@dataclass(eq=False)
+class NodeApi:
+    """Everything the routes of one node API use: its engine and key, whom it trusts, its requests."""
+
+    engine: AsyncEngine
+    node_key: Ed25519PrivateKey
+    public_key: bytes
+    node_id: str
+    trusted: Callable[[], Collection[str]]  # read on every call: a gateway's new key counts at once
+    operator_token: str
+    book: RequestBook
+    max_body_bytes: int
+    extra_status: Callable[[], dict] | None = None
+    uploads: PackageInstaller | None = None
+    replays: ReplayGuard = field(default_factory=ReplayGuard)
+    # the prompt size (UTF-8 bytes) past which a prompt's length alone proves it too long for the context;
+    # computed on first use (routes/generate.py): the tokenizer's vocabulary is not needed before
+    prompt_bytes: int | None = None
+
+    def status_doc(self) -> dict:
+        """GET /status's document (also what the heartbeat sender reports)."""
+        doc = {"node_id": self.node_id, "public_key": self.public_key.hex(),
+               "base_model": {"name": self.engine.base_model_name, "id": self.engine.base_model_id}}
+        doc |= self.engine.status()
+        return doc | (self.extra_status() if self.extra_status is not None else {})
+
+
+def node_api(request: Request) -> NodeApi:
+    return request.app.state.node
+
+
+Node = Annotated[NodeApi, Depends(node_api)]
+
+
+async def signed_by_gateway(request: Request) -> str:
+    """The trusted gateway key that signed this call (over its raw body); ApiError 401/403/409 otherwise."""
+    node = node_api(request)
+    body = await request.body()
+    try:
+        # the decoded path as sent (request.url.path re-parses it and drops \t, \r, \n a signer kept)
+        key = verify_request(request.headers, method=request.method, path=request.scope["path"],
+                             node_id=node.node_id, body=body, trusted=node.trusted())
+    except RequestAuthError as e:
+        raise ApiError(e.status, e.message, e.code) from None
+    if not node.replays.first_use(request.headers[SIG_HEADER].lower()):
+        raise ApiError(409, "this signed request was already received (replayed)", "replayed_request")
+    return key
+
+
+def _is_operator(request: Request) -> bool:
+    """True for a call with the operator's token; False without an Authorization header; 401 for a wrong one."""
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        return False
+    try:
+        check_bearer(authorization, node_api(request).operator_token)
+    except RequestAuthError as e:
+        raise ApiError(e.status, e.message, e.code) from None
+    return True
+
+
+async def operator(request: Request) -> None:
+    """The operator's token, and nothing else (checked before a byte of the body is read)."""
+    try:
+        check_bearer(request.headers.get("authorization"), node_api(request).operator_token)
+    except RequestAuthError as e:
+        raise ApiError(e.status, e.message, e.code) from None
+
+
+async def operator_or_gateway(request: Request) -> str | None:
+    """None for the operator, else the trusted gateway key that signed the call."""
+    return None if _is_operator(request) else await signed_by_gateway(request)
+
+
+GatewayKey = Annotated[str, Depends(signed_by_gateway)]
+Operator = Annotated[None, Depends(operator)]
+OperatorOrGateway = Annotated[str | None, Depends(operator_or_gateway)]

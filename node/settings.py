@@ -1,0 +1,112 @@
+"""The node's settings: what `loramesh node run` takes, from its flags, LORAMESH_NODE_<NAME>, a TOML config file
+(`--config FILE`), then defaults, in that order of precedence. They feed the daemon's DaemonConfig and the
+engine's EngineConfig, which hold the defaults (a setting left None here takes theirs) and check the values.
+
+A config file uses the names below, e.g.
+
+    base = "models/tiny"
+    store = ".loramesh/node/store"
+    port = 8101
+    slots = 4
+    gateways = ["http://127.0.0.1:8000"]
+
+In the environment a list is written space-separated: LORAMESH_NODE_TRUST_GATEWAY_KEYS="<hex> <hex>".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from common.settings import ServiceSettings
+from node.adapters.limits import MAX_LORA_RANK
+
+if TYPE_CHECKING:
+    from node.daemon import DaemonConfig
+    from node.engine import EngineConfig
+
+ENV_PREFIX = "LORAMESH_NODE_"
+WordList = Annotated[tuple[str, ...], NoDecode]  # a list; space-separated in the environment
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used, said in one line."""
+
+
+class NodeSettings(ServiceSettings):
+    """Everything `loramesh node run` needs; each field can come from LORAMESH_NODE_<NAME> or the config file."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    base: Path  # base model folder (Hugging Face safetensors)
+    store: Path  # adapter store folder
+    port: int = Field(ge=0, le=65535)
+    host: str | None = None  # address to bind (the daemon's default: 127.0.0.1)
+    api_url: str | None = None  # what gateways call (default http://HOST:PORT)
+    key: Path | None = None  # identity file; None: an ephemeral node key
+    # the engine
+    device: str | None = None  # cpu or cuda
+    slots: int | None = Field(default=None, ge=1)  # adapter slots on the device
+    max_lora_rank: int | None = Field(default=None, ge=1, le=MAX_LORA_RANK)
+    kv_blocks: int | None = Field(default=None, ge=1)  # None: from memory
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads
+    # the chain, the mesh and the gateways
+    deployment: Path | None = None
+    rpc: str | None = None
+    listen: str | None = None  # libp2p listen multiaddr; None: no p2p
+    bootstrap: WordList = ()
+    gateways: WordList = ()
+    pins: WordList = ()
+    trust_gateway_keys: WordList = ()  # empty: trust the keys the gateways announce
+    heartbeat_interval: float | None = Field(default=None, gt=0)  # seconds
+    # the node's folder and limits
+    data_dir: Path | None = None  # holds operator.token (the daemon's default: .loramesh/node)
+    max_package_bytes: int | None = Field(default=None, ge=1)
+    max_body_bytes: int | None = Field(default=None, ge=1)  # every request body but an upload's
+
+    @field_validator("bootstrap", "gateways", "pins", "trust_gateway_keys", mode="before")
+    @classmethod
+    def _words(cls, v: Any) -> Any:
+        return tuple(v.split()) if isinstance(v, str) else v
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> "NodeSettings":
+        """Settings from flags (those not None), the environment, `config_file`, then defaults; SettingsError
+        (one line) for a missing, unknown or bad one."""
+        try:
+            return super().load(config_file, **flags)
+        except ValidationError as e:
+            raise SettingsError(_one_line(e, config_file)) from None
+
+    def daemon_config(self) -> DaemonConfig:
+        """The daemon's config (ValueError for values it refuses)."""
+        from node.daemon import DaemonConfig
+
+        given = {"host": self.host, "api_url": self.api_url, "deployment": self.deployment, "rpc": self.rpc,
+                 "listen": self.listen, "heartbeat_interval": self.heartbeat_interval, "data_dir": self.data_dir,
+                 "max_package_bytes": self.max_package_bytes, "max_body_bytes": self.max_body_bytes}
+        return DaemonConfig(base=self.base, store=self.store, port=self.port, bootstrap=self.bootstrap,
+                            gateways=self.gateways, pins=self.pins, trusted_gateway_keys=self.trust_gateway_keys,
+                            **{k: v for k, v in given.items() if v is not None})
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's config (ValueError for values it refuses)."""
+        from node.engine import EngineConfig
+
+        given = {"device": self.device, "num_slots": self.slots, "max_lora_rank": self.max_lora_rank,
+                 "num_kv_blocks": self.kv_blocks, "threads": self.threads}
+        return EngineConfig(model_dir=self.base, **{k: v for k, v in given.items() if v is not None})
+
+
+def _one_line(e: ValidationError, config_file: Path | None) -> str:
+    err = e.errors()[0]
+    name = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown setting {name!r} in {config_file}" if config_file else f"unknown setting {name!r}"
+    if err["type"] == "missing":
+        return (f"missing setting {name}: give --{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()} or "
+                f"{name} in a --config file")
+    return f"setting {name}: {err['msg'].removeprefix('Value error, ')}"

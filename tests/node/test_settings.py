@@ -1,0 +1,94 @@
+"""node.settings: `loramesh node run`'s settings from flags, LORAMESH_NODE_*, a TOML config file, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from node.settings import NodeSettings, SettingsError
+
+KEY_A, KEY_B = "a" * 64, "b" * 64
+
+
+@pytest.fixture(autouse=True)
+def _no_node_env(monkeypatch):
+    """The tests set the variables they read; none leaks in from the environment that runs them."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("LORAMESH_NODE_"):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_config_file_is_read_and_feeds_the_daemon_and_the_engine(tmp_path):
+    config = write(tmp_path, 'base = "models/tiny"\nstore = "st"\nport = 8123\nslots = 3\nkv_blocks = 64\n'
+                             'gateways = ["http://127.0.0.1:8000"]\ntrust_gateway_keys = ["' + KEY_A + '"]\n'
+                             'heartbeat_interval = 0.5\n')
+    s = NodeSettings.load(config)
+    assert (s.base, s.store, s.port, s.slots) == (Path("models/tiny"), Path("st"), 8123, 3)
+    daemon = s.daemon_config()
+    assert daemon.port == 8123 and daemon.gateways == ("http://127.0.0.1:8000",)
+    assert daemon.trusted_gateway_keys == (KEY_A,) and daemon.heartbeat_interval == 0.5
+    engine = s.engine_config()
+    assert engine.model_dir == Path("models/tiny") and engine.num_slots == 3 and engine.num_kv_blocks == 64
+
+
+def test_what_is_not_set_takes_the_daemons_and_the_engines_defaults():
+    from node.daemon import DaemonConfig
+    from node.engine import EngineConfig
+
+    s = NodeSettings.load(None, base=Path("b"), store=Path("s"), port=1)
+    assert s.daemon_config() == DaemonConfig(base=Path("b"), store=Path("s"), port=1)
+    assert s.engine_config() == EngineConfig(model_dir=Path("b"))
+
+
+def test_flags_win_over_the_environment_which_wins_over_the_file(tmp_path, monkeypatch):
+    config = write(tmp_path, 'base = "b"\nstore = "s"\nport = 1\nhost = "file"\n')
+    assert NodeSettings.load(config).host == "file"
+    monkeypatch.setenv("LORAMESH_NODE_HOST", "env")
+    assert NodeSettings.load(config).host == "env"
+    assert NodeSettings.load(config, host="flag", port=None).host == "flag"  # a flag not given (None) is no flag
+    assert NodeSettings.load(config, port=None).port == 1
+
+
+def test_the_environment_alone_works_lists_space_separated(monkeypatch):
+    monkeypatch.setenv("LORAMESH_NODE_BASE", "b")
+    monkeypatch.setenv("LORAMESH_NODE_STORE", "s")
+    monkeypatch.setenv("LORAMESH_NODE_PORT", "8101")
+    monkeypatch.setenv("LORAMESH_NODE_TRUST_GATEWAY_KEYS", f"{KEY_A} {KEY_B}")
+    monkeypatch.setenv("LORAMESH_NODE_DATA_DIR", "/tmp/node-data")
+    monkeypatch.setenv("LORAMESH_NODE_OPERATOR_TOKEN", "x")  # the publisher's variable: not a node setting
+    s = NodeSettings.load()
+    assert s.trust_gateway_keys == (KEY_A, KEY_B) and s.port == 8101
+    assert s.daemon_config().data_dir == Path("/tmp/node-data")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('base = "b"\nstore = "s"\nport = 1\nprot = 2\n', "unknown setting 'prot' in "),
+    ('store = "s"\nport = 1\n', "missing setting base: give --base, LORAMESH_NODE_BASE or base in a --config file"),
+    ('base = "b"\nstore = "s"\nport = 70000\n', "setting port: "),
+    ('base = "b"\nstore = "s"\nport = 1\nslots = 0\n', "setting slots: "),
+])
+def test_a_bad_setting_is_refused_in_one_line(tmp_path, text, message):
+    with pytest.raises(SettingsError) as e:
+        NodeSettings.load(write(tmp_path, text))
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_node_run_refuses_an_unknown_setting_in_its_config_file_in_one_line(tmp_path):
+    from node.cli import app
+
+    config = write(tmp_path, f'base = "{tmp_path}"\nstore = "s"\nport = 1\nslots = 2\nprot = 2\n')
+    result = CliRunner().invoke(app, ["node", "run", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "unknown setting 'prot'" in result.output
+    result = CliRunner().invoke(app, ["node", "run", "--config", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and "does not exist" in result.output, result.output
