@@ -84,6 +84,11 @@ class AsyncEngine:
     def tokenizer(self):
         return self.core.tokenizer
 
+    @property
+    def max_len(self) -> int:
+        """The longest sequence (prompt + completion) a request may reach on this engine."""
+        return self.core.max_len
+
     def start(self) -> "AsyncEngine":
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -126,6 +131,11 @@ class AsyncEngine:
 
     def abort_nowait(self, request_id: str) -> None:
         self.call(lambda: self._abort(request_id))
+
+    async def finished(self, request_id: str) -> FinishEvent | None:
+        """The final event of a request that finished recently; None while it runs, or when unknown
+        or long finished."""
+        return await asyncio.wrap_future(self.call(lambda: self.core.recent.get(request_id)))
 
     async def prepare_adapter(self, adapter_id: str):
         """Make sure the adapter can be served (host cache); raises AdapterError subclasses."""

@@ -54,10 +54,10 @@ def test_closing_a_stream_aborts_the_request(engine):
         await stream.__anext__()
         await stream.aclose()
         for _ in range(100):
-            if engine.core.recent.get("s3"):
+            if await engine.finished("s3"):
                 break
             await asyncio.sleep(0.02)
-        return engine.core.recent.get("s3")
+        return await engine.finished("s3")
     assert asyncio.run(go()).finish_reason == "abort"
 
 
