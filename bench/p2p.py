@@ -25,7 +25,7 @@ RAW_PROTOCOL = "/loramesh-bench/raw/1.0.0"
 # 5 layers x 7 targets of a hidden-512 base at rank 960 in fp32: ~167 MB of LoRA weights.
 BASE = dict(hidden_size=512, intermediate_size=1024, num_layers=5, num_heads=8, num_kv_heads=8)
 RANK = 960
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from node.adapters.weights import LORA_TARGETS as TARGETS  # noqa: E402
 
 
 # -- raw baseline: one host serves a file's bytes, the other reads them to EOF ---------------------

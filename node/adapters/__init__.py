@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     "ForeignSignature": "node.adapters.errors",
     "PackageError": "node.adapters.errors",
-    "LORA_TARGETS": "node.adapters.manifest",
+    "LORA_TARGETS": "node.adapters.weights",
     "MANIFEST_FILE": "node.adapters.manifest",
     "SIGNATURE_FILE": "node.adapters.manifest",
     "DatasetShare": "node.adapters.manifest",
