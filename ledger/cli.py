@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-
-from pydantic import ValidationError
 
 from common.logs import configure_logging
 from common.wire import hex0x, restore_recursion_limit
@@ -135,7 +135,8 @@ def settler_settings(config: Path | None = None, **flags) -> SettlerSettings:
         raise typer.BadParameter(str(e), param_hint="--config") from None
 
 
-def run_settler(settings: SettlerSettings, *, drain: bool = False, on_point=None) -> int:
+def run_settler(settings: SettlerSettings, *, drain: bool = False,
+                on_point: Callable[[str], None] | None = None) -> int:
     """Build the settler `settings` describe and run it until SIGINT/SIGTERM (drain: until nothing is left);
     returns the records settled. on_point: Settler's (the crash tests pass one)."""
     restore_recursion_limit()  # web3's py_ecc raised it at import: a deep RPC answer would crash, not raise
