@@ -4,7 +4,6 @@ the node API contract (for unit tests of the proxy only; integration tests use t
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from gateway.request import ABORT_DRAIN_TIMEOUT_S
 from ledger.db import init_db, make_engine
 from ledger.models import AdapterMirror, NameMirror, NodeMirror
 from node.receipts import make_receipt, sign_receipt
+from common.wire import error_body, sse_frame
 
 
 def make_db(path: Path):
@@ -112,7 +112,7 @@ class StandInNode:
         @app.post("/v1/requests/{rid}/abort")
         async def abort(rid: str):
             if rid not in self.seen:
-                return JSONResponse({"error": {"message": "unknown", "type": "x", "code": "request_not_found"}}, 404)
+                return JSONResponse(error_body("unknown", type="x", code="request_not_found"), 404)
             if rid not in self.running and rid in self.receipts:  # finished: its final receipt
                 return self.receipts[rid]
             self.aborted.append(rid)
@@ -123,7 +123,7 @@ class StandInNode:
             if rid in self.receipts:
                 return self.receipts[rid] | {"public_key": self.identity.node_public_key.hex()}
             code = (409, "request_running") if rid in self.running else (404, "receipt_not_found")
-            return JSONResponse({"error": {"message": "no receipt", "type": "x", "code": code[1]}}, code[0])
+            return JSONResponse(error_body("no receipt", type="x", code=code[1]), code[0])
 
         @app.post("/v1/generate")
         async def generate(request: Request):
@@ -133,11 +133,10 @@ class StandInNode:
             ids = body.get("prompt_token_ids") or []
             prompt = body.get("prompt") or (self.tokenizer.decode(ids) if self.tokenizer is not None else "")
             if self.fail_early or "FAIL_EARLY" in prompt:
-                return JSONResponse({"error": {"message": "boom", "type": "server_error", "code": "x"}}, 500)
+                return JSONResponse(error_body("boom", type="server_error", code="x"), 500)
             if "TOO_LONG" in prompt:
-                return JSONResponse({"error": {"message": "prompt is 900 tokens, the context holds 512",
-                                               "type": "invalid_request_error", "code": "context_length_exceeded"}},
-                                    400)  # fmt: skip
+                return JSONResponse(error_body("prompt is 900 tokens, the context holds 512",
+                                               code="context_length_exceeded"), 400)
             rid = body["request_id"]
             n_prompt = len(body.get("prompt_token_ids") or prompt.split()) or 1
             self.seen[rid] = [0, n_prompt, int(time.time() * 1000), body.get("adapter_id")]
@@ -157,16 +156,16 @@ class StandInNode:
                 if "PINGS_AFTER" in prompt:
                     if "TOKEN" in prompt:
                         self.seen[rid][0] += 1
-                        yield _ev({"type": "token", "text": " t0", "token_id": 10})
+                        yield sse_frame({"type": "token", "text": " t0", "token_id": 10})
                     else:
-                        yield _ev({"type": "error", "message": "engine broke"})
+                        yield sse_frame({"type": "error", "message": "engine broke"})
                     for _ in range(10**6):  # until the gateway hangs up
-                        yield _ev({"type": "ping"})
+                        yield sse_frame({"type": "ping"})
                         await asyncio.sleep(0.001)
                     return
                 if "_AFTER_ABORT" in prompt:
                     self.seen[rid][0] += 1
-                    yield _ev({"type": "token", "text": " t0", "token_id": 10})
+                    yield sse_frame({"type": "token", "text": " t0", "token_id": 10})
                     if "STALL" in prompt:
                         self.seen[rid][0] = 6  # made, not sent yet: the abort's receipt counts them
                         await asyncio.sleep(ABORT_DRAIN_TIMEOUT_S + 2)
@@ -178,20 +177,20 @@ class StandInNode:
                     burst = []  # one write: the gateway reads them all well within its drain
                     for i in range(1, body["max_tokens"]):
                         self.seen[rid][0] += 1
-                        burst.append(_ev({"type": "token", "text": f" t{i}", "token_id": 10 + i}))
-                    yield b"".join(burst) + _ev({"type": "done", "finish_reason": "abort",
+                        burst.append(sse_frame({"type": "token", "text": f" t{i}", "token_id": 10 + i}))
+                    yield b"".join(burst) + sse_frame({"type": "done", "finish_reason": "abort",
                                                  **self.receipt(rid, "abort")})  # fmt: skip
                     return
                 if "ENGINE_ERROR" in prompt:
-                    yield _ev({"type": "error", "message": "engine broke"})
-                    yield _ev({"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")})
+                    yield sse_frame({"type": "error", "message": "engine broke"})
+                    yield sse_frame({"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")})
                     return
                 for i in range(limit):
                     if self.delay:
                         await asyncio.sleep(self.delay)
                     if rid in self.aborted:  # as the real node: an aborted request ends with its receipt
                         s = self.receipt(rid, "abort")
-                        yield _ev({"type": "done", "finish_reason": "abort", **s})
+                        yield sse_frame({"type": "done", "finish_reason": "abort", **s})
                         return
                     if "CUT_KEEP_GOING" in prompt and i == 2:
                         self.seen[rid][0] += 8  # the node made 8 more before it noticed the broken stream
@@ -199,19 +198,16 @@ class StandInNode:
                     if "CUT_AFTER_2" in prompt and i == 2:
                         raise RuntimeError("node crashed mid-stream")
                     self.seen[rid][0] += 1
-                    yield _ev({"type": "token", "text": f" t{i}", "token_id": 10 + i})
+                    yield sse_frame({"type": "token", "text": f" t{i}", "token_id": 10 + i})
                 reason = "stop" if limit < min(body["max_tokens"], self.tokens) or limit == 3 else "length"
                 s = self.receipt(rid, reason)
                 usage = {"prompt_tokens": n_prompt, "completion_tokens": limit, "total_tokens": n_prompt + limit}
-                yield _ev({"type": "done", "finish_reason": reason, "usage": usage, **s})
+                yield sse_frame({"type": "done", "finish_reason": reason, "usage": usage, **s})
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
         return app
 
-
-def _ev(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 def start_script_node(root: Path, name: str, gw_url: str, base: str, *, mode: str, chain=None, tokens: int = 2,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -31,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from node.heartbeat import HeartbeatSender
 from common.identity import load_identity
 from node.receipts import make_receipt, sign_receipt
+from common.wire import error_body, sse_frame
 from node.request_auth import RequestAuthError, verify_request
 
 ROGUE_CLAIM = 5_000_000
@@ -95,8 +95,7 @@ def make_app(identity, args) -> FastAPI:
                                  body=body, trusted={args.trust})  # fmt: skip
         except RequestAuthError as e:
             who = f"refused {e.status}"
-            answer = JSONResponse({"error": {"message": e.message, "type": "authentication_error", "code": e.code}},
-                                  e.status)  # fmt: skip
+            answer = JSONResponse(error_body(e.message, type="authentication_error", code=e.code), e.status)
         else:
             answer = None
         with open(args.key + ".calls", "a") as f:
@@ -118,14 +117,14 @@ def make_app(identity, args) -> FastAPI:
             return signed(rid, "abort")
         if rid in receipts:
             return receipts[rid]
-        return JSONResponse({"error": {"message": "unknown", "type": "x", "code": "request_not_found"}}, 404)
+        return JSONResponse(error_body("unknown", type="x", code="request_not_found"), 404)
 
     @app.get("/v1/requests/{rid}/receipt")
     async def receipt(rid: str):
         if rid in receipts:
             return receipts[rid] | {"public_key": identity.node_public_key.hex()}
         code = (409, "request_running") if rid in running else (404, "receipt_not_found")
-        return JSONResponse({"error": {"message": "no receipt", "type": "x", "code": code[1]}}, code[0])
+        return JSONResponse(error_body("no receipt", type="x", code=code[1]), code[0])
 
     @app.post("/v1/generate")
     async def generate(request: Request):
@@ -142,16 +141,16 @@ def make_app(identity, args) -> FastAPI:
                     if args.delay and not (st["aborted"] and args.ignore_abort):
                         await asyncio.sleep(args.delay)
                     if st["aborted"] and not args.ignore_abort:
-                        yield _ev({"type": "done", "finish_reason": "abort", **receipts[rid]})
+                        yield sse_frame({"type": "done", "finish_reason": "abort", **receipts[rid]})
                         return
                     st["produced"] += 1
-                    yield _ev({"type": "token", "text": f" w{i}", "token_id": 100 + i})
+                    yield sse_frame({"type": "token", "text": f" w{i}", "token_id": 100 + i})
                 reason = "length" if limit == int(body.get("max_tokens", 16)) else "stop"
                 s = signed(rid, reason)
                 r = s["receipt"]
                 usage = {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
                          "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}  # the claim, as the node API
-                yield _ev({"type": "done", "finish_reason": reason, "usage": usage, **s})
+                yield sse_frame({"type": "done", "finish_reason": reason, "usage": usage, **s})
             finally:
                 if rid not in receipts:  # the gateway went away mid-stream: keep a receipt of what was sent
                     signed(rid, "abort")
@@ -161,9 +160,6 @@ def make_app(identity, args) -> FastAPI:
 
     return app
 
-
-def _ev(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 def main() -> None:
