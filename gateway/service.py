@@ -12,7 +12,7 @@ import secrets
 
 from sqlalchemy.engine import Engine
 
-from gateway.catalog import ModelCatalog
+from gateway.catalog import ModelCatalog, Prices
 from gateway.chain_registry import RegistryView
 from gateway.chat import ChatTemplates
 from gateway.directory import NodeDirectory
@@ -20,7 +20,6 @@ from gateway.identity import load_or_create_gateway_key
 from gateway.keys import Admission, KeyCache
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient
-from gateway.pricing import Prices
 from gateway.request import Background, RequestDeps
 from gateway.router import Router
 from gateway.settings import GatewaySettings
