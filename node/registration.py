@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from common.wire import hex0x
 from ledger.chain import ChainClient
 from ledger.errors import ContractError, UnknownAdapter, UnknownNode
 
@@ -56,7 +57,7 @@ def ensure_registered(client: ChainClient, node_key, *, peer_id: str, multiaddrs
 
 def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -> tuple[set[str], list[str]]:
     """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model."""
-    node_ids = {"0x" + ev["args"]["nodeId"].hex() for ev in client.events("registry", "NodeRegistered")}
+    node_ids = {hex0x(ev["args"]["nodeId"]) for ev in client.events("registry", "NodeRegistered")}
     peer_ids: set[str] = set()
     addrs: list[str] = []
     for node_id in sorted(node_ids - {exclude_node}):

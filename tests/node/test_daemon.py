@@ -6,12 +6,11 @@ exists, so C's only way to A is through B (GossipSub / DHT), never a registry ad
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 from eth_account import Account
 
+from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
 from node.adapters import AdapterStore, sign_package, verify_package
 from common.identity import create_identity
@@ -24,12 +23,6 @@ pytestmark = pytest.mark.integration
 PASSWORD = "pw"
 ETHER = 10**18
 GATEWAY = Gateway()  # the gateway every node here trusts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Node:

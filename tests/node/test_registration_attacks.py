@@ -5,7 +5,6 @@ dataset, a node's id."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,8 +12,9 @@ import httpx
 import pytest
 from sqlmodel import SQLModel
 
+from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
-from gateway.registry import RegistryView
+from gateway.chain_registry import RegistryView
 from ledger import errors as E
 from ledger.db import init_db, make_engine
 from ledger.types import AdapterRegistration
@@ -123,12 +123,6 @@ def test_a_stranger_cannot_take_a_datasets_share(anvil_chain, tiny_base, peft, t
     assert split[3] == [heir.address]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_stranger_cannot_block_a_node(anvil_chain, tiny_base, tmp_path):
     """A stranger registers the real node's id first: without the node key's proof (none, forged, or
     the real node's replayed from her address) the registry refuses; the real node then starts and
@@ -154,7 +148,7 @@ def test_a_stranger_cannot_block_a_node(anvil_chain, tiny_base, tmp_path):
     with pytest.raises(E.UnknownNode):
         env.client().get_node(real.node_id)
 
-    port = _free_port()
+    port = free_port()
     proc = ManagedProcess("node", ["node", "run", "--base", str(tiny_base), "--store", str(tmp_path / "store"),
                                    "--port", str(port), "--key", str(key_file), "--deployment", str(env.deployment_path),
                                    "--slots", "1", "--threads", "1"], tmp_path / "node.log",

@@ -4,24 +4,18 @@ tar archives an attacker uploads to it."""
 from __future__ import annotations
 
 import io
-import socket
 import tarfile
 from pathlib import Path
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
 from node.operator_token import read_operator_token, token_path
 from common.wire import node_id_of
 from node.receipts import public_key_bytes
 from node.request_auth import BearerAuth, SignedNodeAuth, gateway_public_key_hex
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gateway:

@@ -65,8 +65,7 @@ async def receipt(request_id: IdPath, node: Node) -> dict:
         return kept | {"public_key": public_key}
     if request_id in book.running:
         # finished in the engine, but nobody read its end (its client left before the stream began)?
-        engine = node.engine
-        ev = await asyncio.wrap_future(engine.call(lambda: engine.core.recent.get(request_id)))
+        ev = await node.engine.finished(request_id)
         if ev is not None:
             return book.signed(ev) | {"public_key": public_key}
         raise ApiError(409, f"request {request_id} is still running on this node", "request_running")
@@ -135,7 +134,7 @@ def check_prompt_size(node: NodeApi, body: GenerateBody) -> None:
     """Refuse a prompt that cannot fit the context before the engine tokenizes it (~1.5 us a byte on
     one core, on the event loop: 20 MB held the node 38 s), when its length alone proves it."""
     engine = node.engine
-    max_len = engine.core.max_len
+    max_len = engine.max_len
     if body.prompt_token_ids is not None:
         n = len(body.prompt_token_ids)
     else:
