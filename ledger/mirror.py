@@ -17,7 +17,6 @@ from ledger import registry_events as RE
 from ledger.chain import ChainClient
 from ledger.db import is_postgres
 from ledger.models import AdapterMirror, DatasetMirror, NameMirror, NodeMirror, SyncCursor
-from ledger.registry_events import REGISTRY_EVENTS, registry_update
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
         start = client.deployment.deploy_block if cursor is None else cursor.block + 1
         if start > to_block:
             return 0
-        logs = [ev for name in REGISTRY_EVENTS
+        logs = [ev for name in RE.REGISTRY_EVENTS
                 for ev in client.events("registry", name, from_block=start, to_block=to_block)]
         logs.sort(key=lambda ev: (ev["blockNumber"], ev["logIndex"]))
         for ev in logs:
@@ -111,7 +110,7 @@ def _skipped(ev, e: Exception) -> None:
 def _apply(s: Session, ev) -> None:
     """Write one registry event's update into the mirror rows (a row an update names that is not there raises
     AttributeError: the event that made it was skipped)."""
-    u, block = registry_update(ev), ev["blockNumber"]
+    u, block = RE.registry_update(ev), ev["blockNumber"]
     if isinstance(u, RE.DatasetRegistered):
         d = u.dataset
         s.merge(DatasetMirror(dataset_id=d.dataset_id, content_hash=d.content_hash, payee=d.payee,

@@ -19,7 +19,6 @@ from eth_utils import event_abi_to_log_topic
 from common.wire import hex0x
 from ledger import registry_events as RE
 from ledger.chain import ChainClient
-from ledger.registry_events import registry_update
 from ledger.transport import rpc_guard
 from ledger.types import Role
 
@@ -213,7 +212,7 @@ class ChainIndex:
     def _apply(self, ev) -> None:
         name, a, block, tx = ev["event"], ev["args"], ev["blockNumber"], _tx(ev)
         self.tx_events[tx].append(name)
-        update = registry_update(ev)
+        update = RE.registry_update(ev)
         if update is not None:
             self._on_registry(update, block, tx)
             return
