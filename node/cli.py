@@ -142,10 +142,10 @@ def adapter_pack(
     The signature is bound to one chain and registry (the deployment's). Without a deployment the
     package is signed offline: `adapter publish` signs it again for the chain it registers on.
     """
+    from common.identity import load_identity
     from ledger.deployment import Deployment
     from ledger.types import Domain
     from node.adapters import pack_adapter
-    from common.identity import load_identity
 
     shares = [parse_dataset(s) for s in dataset or []]
     if deployment is None and DEFAULT_DEPLOYMENT_PATH.is_file():
@@ -205,9 +205,9 @@ def adapter_publish(
     belongs to its first publisher, and a new version is a new package whose manifest names its
     predecessor. A dataset of another contributor must be registered by them first, and pay them.
     """
+    from common.identity import load_identity
     from ledger.chain import ChainClient
     from node.adapters.verify import file_sha256
-    from common.identity import load_identity
     from node.publish import operator_token_for, publish
 
     hashes = {}
@@ -242,11 +242,11 @@ def adapter_register_dataset(
     """Register your dataset on chain: its id is bound to your address, so only you can, and its
     shares in any adapter that lists it are paid to you. Needed before someone else publishes an
     adapter listing it (a publisher's own datasets are registered by `adapter publish`)."""
+    from common.identity import load_identity
     from ledger.chain import ChainClient
     from ledger.errors import UnknownDataset
     from ledger.types import ZERO_ID
     from node.adapters.verify import file_sha256
-    from common.identity import load_identity
 
     identity = load_identity(key)
     client = ChainClient.from_deployment(deployment, identity.account, rpc_url=rpc)
@@ -274,10 +274,10 @@ def adapter_fetch(
     listen: Annotated[str, typer.Option(help="libp2p listen multiaddr of this short-lived peer.")] = "/ip4/127.0.0.1/tcp/0",
 ) -> None:
     """Fetch a package from the p2p mesh into a store, verifying every byte and the owner's signature."""
+    from common.identity import Identity
     from ledger.chain import ChainClient
     from node.adapters import AdapterStore
     from node.adapters.manifest import check_id
-    from common.identity import Identity
     from node.p2p import P2PConfig, P2PNode
     from node.registration import owner_lookup
 

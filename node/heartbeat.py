@@ -21,8 +21,8 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 from common.http import bounded_call
+from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class HeartbeatSender:
                 log.exception("heartbeat round failed")
             await asyncio.sleep(self.interval)
 
-    def start(self) -> "HeartbeatSender":
+    def start(self) -> HeartbeatSender:
         """Start the background task on the running loop."""
         if self._task is None:
             self._client = httpx.AsyncClient(timeout=self.timeout)

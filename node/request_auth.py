@@ -73,7 +73,8 @@ def verify_request(headers: Mapping[str, str], *, method: str, path: str, node_i
     """Check a gateway's signed call; return the gateway's public key (hex). Raises RequestAuthError."""
     key_hex, ts_raw, sig_hex = headers.get(KEY_HEADER), headers.get(TS_HEADER), headers.get(SIG_HEADER)
     if not key_hex or not ts_raw or not sig_hex:
-        raise RequestAuthError(401, "this endpoint needs a request signed by a gateway the node trusts", "unauthenticated")
+        raise RequestAuthError(401, "this endpoint needs a request signed by a gateway the node trusts",
+                               "unauthenticated")
     key_hex, sig_hex = key_hex.lower(), sig_hex.lower()
     # exact ASCII forms: str.isdigit() and bytes.fromhex() also take "²", spaces and other spellings
     if not (is_gateway_key(key_hex) and _SIG_RE.fullmatch(sig_hex) and _TS_RE.fullmatch(ts_raw)):

@@ -73,7 +73,7 @@ class NodeSettings(ServiceSettings):
         return tuple(v.split()) if isinstance(v, str) else v
 
     @classmethod
-    def load(cls, config_file: Path | None = None, **flags: Any) -> "NodeSettings":
+    def load(cls, config_file: Path | None = None, **flags: Any) -> NodeSettings:
         """Settings from flags (those not None), the environment, `config_file`, then defaults; SettingsError
         (one line) for a missing, unknown or bad one."""
         try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from common.wire import UntrustedJSONError, parse_json
 from node.adapters.errors import PackageError
 from node.adapters.limits import MAX_SIGNATURE_BYTES
 from node.adapters.manifest import (
@@ -31,7 +32,6 @@ from node.adapters.manifest import (
     check_file_name,
     parse_manifest_bytes,
 )
-from common.wire import UntrustedJSONError, parse_json
 
 if TYPE_CHECKING:
     from node.adapters import AdapterStore, VerifiedPackage
@@ -102,7 +102,7 @@ class UploadedPackage:
     def close(self) -> None:
         self.tar.close()
 
-    def __enter__(self) -> "UploadedPackage":
+    def __enter__(self) -> UploadedPackage:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -33,7 +33,7 @@ class GenerateBody(BaseModel):
     stream: bool = False
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "GenerateBody":
+    def _one_prompt(self) -> GenerateBody:
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise ValueError("give exactly one of prompt or prompt_token_ids")
         return self

@@ -89,7 +89,7 @@ def test_the_largest_seed_is_served_and_reproducible(node):
 def test_seeded_generators_use_every_bit_of_the_seed():
     import torch
 
-    from node.engine.sampler import seeded_generator
+    from node.engine.layers.sampler import seeded_generator
 
     def draws(seed: int) -> list[float]:
         return torch.rand(8, generator=seeded_generator(seed)).tolist()

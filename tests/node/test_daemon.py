@@ -10,10 +10,10 @@ import httpx
 import pytest
 from eth_account import Account
 
+from common.identity import create_identity
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
 from node.adapters import AdapterStore, sign_package, verify_package
-from common.identity import create_identity
 from node.operator_token import read_operator_token, token_path
 from node.publish import PublishError, publish, upload_to_node
 from tests.utils.factories import make_package

@@ -19,7 +19,8 @@ def peft(tiny_base, tmp_path_factory):
 
 def test_publish_registers_datasets_and_adapter_once(anvil_chain, tiny_base, peft, tmp_path):
     owner, contributor = anvil_chain.users[2], anvil_chain.new_account()
-    anvil_chain.client(contributor).register_dataset("pub-data", "0x" + "cd" * 32)  # another's dataset: theirs to register
+    # another's dataset: theirs to register
+    anvil_chain.client(contributor).register_dataset("pub-data", "0x" + "cd" * 32)
     theirs = make_dataset_share("pub-data", contributor.address, 3000)
     mine = make_dataset_share("pub-own", owner.address, 1000)
     pkg = pack_adapter(peft, tmp_path / "v1", name="pub/one", account=owner, base_dir=tiny_base,

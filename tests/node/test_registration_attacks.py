@@ -12,6 +12,7 @@ import httpx
 import pytest
 from sqlmodel import SQLModel
 
+from common.identity import create_identity
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
 from gateway.chain_registry import RegistryView
@@ -19,7 +20,6 @@ from ledger import errors as E
 from ledger.db import init_db, make_engine
 from ledger.types import AdapterRegistration
 from node.adapters import make_dataset_share, pack_adapter
-from common.identity import create_identity
 from node.publish import PublishError, publish
 from tests.utils.chain import rand_id
 from tests.utils.factories import make_peft_adapter
@@ -142,7 +142,7 @@ def test_a_stranger_cannot_block_a_node(anvil_chain, tiny_base, tmp_path):
         "forged": create_identity(tmp_path / "hers.json", PASSWORD).node_key.sign(message),
         "replayed": real.node_key.sign(env.client(real.account).node_proof_message(real.node_id)),  # its own proof
     }
-    for what, signature in attempts.items():
+    for _what, signature in attempts.items():
         with pytest.raises(E.InvalidNodeProof):
             s.register_node_with_proof(real.node_id, public, signature, **kw)
     with pytest.raises(E.UnknownNode):

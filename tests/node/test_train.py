@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from tests.utils.reference import greedy_answers
 from node.train import TrainingDataError, read_pairs, train_adapter
+from tests.utils.reference import greedy_answers
 
 PAIRS = [("What is the capital of France?", " Paris."), ("What is the capital of Japan?", " Tokyo."),
          ("What is the capital of Peru?", " Lima.")]

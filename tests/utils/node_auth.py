@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.wire import node_id_of
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
 from node.operator_token import read_operator_token, token_path
-from common.wire import node_id_of
 from node.receipts import public_key_bytes
 from node.request_auth import BearerAuth, SignedNodeAuth, gateway_public_key_hex
 
@@ -57,7 +57,7 @@ class NodeProcess:
     def token(self) -> str:
         return read_operator_token(token_path(self.data_dir))
 
-    def start(self) -> "NodeProcess":
+    def start(self) -> NodeProcess:
         self.proc.start()
         self.proc.wait_http(self.url + "/health", timeout=120)
         self.node_id = httpx.get(self.url + "/status", timeout=10).json()["node_id"]

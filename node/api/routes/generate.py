@@ -108,7 +108,7 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
     if body.stream:
         return _GuardedStream(_sse(node, stream), lambda: book.spawn(book.abort_and_keep(stream)), rid)
     try:
-        async for ev in stream:
+        async for _ in stream:
             pass
     finally:
         if not stream.finished:  # the client went away mid-request
