@@ -22,10 +22,11 @@ from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 from ledger.keys import load_account
 from ledger.rewards import rewards_summary
 from ledger.settler import Settler, requeue_set_aside, settler_status
-from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerSettings
+from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig, SettlerSettings
 from ledger.types import BASE_MODEL_ADAPTER_ID
 
 ETHER = 10**18
+_D = SettlerConfig()  # the defaults `settler run --help` shows (SettlerSettings takes them from SettlerConfig too)
 
 rewards_app = typer.Typer(help="Rewards accrued from settled inferences.", no_args_is_help=True)
 settler_app = typer.Typer(help="Settle the usage-record outbox on chain.", no_args_is_help=True)
@@ -92,25 +93,31 @@ LowDepositOpt = Annotated[int, typer.Option("--low-deposit", min=0,
 
 @settler_app.command("run")
 def settler_run(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file of settings (the names below, "
-                                                "with db_url, key_file, rpc_url)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file of settings, named as the options "
+                                                "with _ (db_url, key_file and rpc_url for --db, --key, --rpc)")] = None,
     db_url: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the outbox database")] = None,
     key_file: Annotated[Path | None, typer.Option("--key", help="settler key file: identity file or hex private key")]
     = None,
-    deployment: Annotated[Path | None, typer.Option("--deployment", help="deployment file")] = None,
+    deployment: Annotated[Path | None, typer.Option("--deployment", help="deployment file",
+                                                    show_default=str(DEFAULT_DEPLOYMENT_PATH))] = None,
     rpc_url: Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL (default: the deployment's)")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="N: records per batch")] = None,
-    interval: Annotated[float | None, typer.Option(help="T: seconds a partial batch may wait")] = None,
-    max_in_flight: Annotated[int | None, typer.Option(min=1, help="batches sent before awaiting their receipts")]
+    batch_size: Annotated[int | None, typer.Option(help="N: records per batch", show_default=str(_D.batch_size))]
     = None,
+    interval: Annotated[float | None, typer.Option(help="T: seconds a partial batch may wait",
+                                                   show_default=str(_D.interval))] = None,
+    max_in_flight: Annotated[int | None, typer.Option(min=1, help="batches sent before awaiting their receipts",
+                                                      show_default=str(_D.max_in_flight))] = None,
     max_price_per_1k: Annotated[int | None, typer.Option(
-        "--max-price-per-1k", min=0, help="wei per 1k tokens above which a record is set aside")] = None,
+        "--max-price-per-1k", min=0, help="wei per 1k tokens above which a record is set aside",
+        show_default=str(_D.max_price_per_1k))] = None,
     max_record_tokens: Annotated[int | None, typer.Option(
-        "--max-record-tokens", min=0, help="prompt + completion tokens above which a record is set aside")] = None,
+        "--max-record-tokens", min=0, help="prompt + completion tokens above which a record is set aside",
+        show_default=str(_D.max_record_tokens))] = None,
     low_deposit: Annotated[int | None, typer.Option(
-        "--low-deposit", min=0, help="wei of deposit left (after in-flight batches) below which to warn")] = None,
-    lease: Annotated[float | None, typer.Option(min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed")]
-    = None,
+        "--low-deposit", min=0, help="wei of deposit left (after in-flight batches) below which to warn",
+        show_default=str(_D.low_deposit))] = None,
+    lease: Annotated[float | None, typer.Option(min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed",
+                                                show_default=str(_D.lease))] = None,
     drain: Annotated[bool, typer.Option(help="exit once nothing is left to settle")] = False,
 ) -> None:
     """Run the settler until SIGINT/SIGTERM (--drain: until the outbox is empty); any number may share a database.
