@@ -33,9 +33,17 @@ class StubNodes:
         return await self.answer(request_id)
 
 
+class StubBook:
+    def __init__(self, recorder: UsageRecorder) -> None:
+        self.recorder = recorder
+
+    async def record(self, end):
+        return await asyncio.to_thread(self.recorder.record, end)
+
+
 class StubGateway:
     def __init__(self, engine, ident, answer, **settings) -> None:
-        self.recorder = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
+        self.book = StubBook(UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me"))
         self.settings = SimpleNamespace(**({"instance_lease_s": 10.0, "reconcile_give_up_s": 600.0,
                                             "reconcile_pass_s": 30.0} | settings))  # fmt: skip
         self.nodes = StubNodes(answer)
@@ -43,9 +51,6 @@ class StubGateway:
         self.registry = SimpleNamespace(node=lambda node_id: node, adapters={})
         self.directory = SimpleNamespace(get=lambda node_id: None)
         self.templates = SimpleNamespace(context_len=lambda base: None)
-
-    async def record(self, end):
-        return await asyncio.to_thread(self.recorder.record, end)
 
     def learn_key(self, node_id, key) -> None:
         pass
