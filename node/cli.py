@@ -245,7 +245,7 @@ def adapter_register_dataset(
     from common.identity import load_identity
     from ledger.chain import ChainClient
     from ledger.errors import UnknownDataset
-    from ledger.types import ZERO_ID
+    from common.wire import ZERO_ID
     from node.adapters.verify import file_sha256
 
     identity = load_identity(key)

@@ -20,7 +20,7 @@ import httpx
 
 from ledger.chain import ChainClient
 from ledger.errors import ContractError, UnknownAdapter, UnknownDataset
-from ledger.types import ZERO_ID
+from common.wire import ZERO_ID
 from node.adapters import PackageError, VerifiedPackage, sign_package, verify_package
 from node.adapters.signing import read_signature
 from node.operator_token import TOKEN_ENV, OperatorTokenError, local_data_dir, read_operator_token, token_path

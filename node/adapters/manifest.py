@@ -9,10 +9,10 @@ from typing import Annotated
 from eth_utils import is_checksum_address, to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from common.wire import ZERO_ID
 from ledger.types import (
     MAX_DATASETS,
     MAX_PRICE_PER_1K_TOKENS,
-    ZERO_ID,
     AdapterRegistration,
     adapter_name_problem,
     adapter_version_problem,

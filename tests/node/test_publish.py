@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ledger.types import ZERO_ID
+from common.wire import ZERO_ID
 from node.adapters import make_dataset_share, pack_adapter, verify_package
 from node.adapters.signing import read_signature
 from node.publish import PublishError, publish
