@@ -15,7 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used, in one line naming the setting: unknown, missing, out of range, or a
+    config file that is not there."""
 
 
 class ServiceSettings(BaseSettings):
@@ -38,12 +44,28 @@ class ServiceSettings(BaseSettings):
 
     @classmethod
     def load(cls, config_file: Path | None = None, **flags: Any):
-        """Settings from flags (those not None), the environment, `config_file` (TOML), then defaults."""
+        """Settings from flags (those not None), the environment, `config_file` (TOML), then defaults;
+        SettingsError (one line) for a missing, unknown or bad setting."""
         if config_file is not None and not Path(config_file).is_file():
-            raise ValueError(f"config file {config_file} does not exist")
+            raise SettingsError(f"config file {config_file} does not exist")
         given = {k: v for k, v in flags.items() if v is not None}
         previous, cls._config_file = cls._config_file, Path(config_file) if config_file else None
         try:
             return cls(**given)
+        except ValidationError as e:
+            raise SettingsError(cls._one_line(e, config_file)) from None
         finally:
             cls._config_file = previous
+
+    @classmethod
+    def _one_line(cls, e: ValidationError, config_file: Path | None) -> str:
+        # the first problem, named as the user wrote it: a flag, an environment variable or a file's key
+        err = e.errors()[0]
+        name = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            return f"unknown setting {name!r} in {config_file}" if config_file else f"unknown setting {name!r}"
+        if err["type"] == "missing":
+            prefix = cls.model_config.get("env_prefix", "")
+            return (f"missing setting {name}: give --{name.replace('_', '-')}, {prefix}{name.upper()} or "
+                    f"{name} in a --config file")
+        return f"setting {name}: {err['msg'].removeprefix('Value error, ')}"

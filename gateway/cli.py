@@ -89,17 +89,14 @@ def run(
 def gateway_settings(config: Path | None = None, **flags):
     """The gateway's settings (flags that are None are not given), or a one-line command-line error naming
     what is wrong: an unknown name in the config file, a value out of range, a config file that is not there."""
-    from pydantic import ValidationError
+    from common.settings import SettingsError
 
     from gateway.settings import GatewaySettings
 
     try:
         return GatewaySettings.load(config, **flags)
-    except ValidationError as e:
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()),
-                                 param_hint="gateway settings") from None  # fmt: skip
-    except ValueError as e:  # a config file that is not there
-        raise typer.BadParameter(str(e), param_hint="--config") from None
+    except SettingsError as e:
+        raise typer.BadParameter(str(e), param_hint="gateway settings") from None
 
 
 @keys_app.command("create")

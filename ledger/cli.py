@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
+from common.settings import SettingsError
 from rich.console import Console
 from rich.table import Table
 
@@ -135,11 +135,8 @@ def settler_settings(config: Path | None = None, **flags) -> SettlerSettings:
     """The settler's settings, or a clear command-line error naming what is missing or wrong."""
     try:
         return SettlerSettings.load(config, **flags)
-    except ValidationError as e:
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()),
-                                 param_hint="settler settings") from None  # fmt: skip
-    except ValueError as e:  # a config file that is not there
-        raise typer.BadParameter(str(e), param_hint="--config") from None
+    except SettingsError as e:
+        raise typer.BadParameter(str(e), param_hint="settler settings") from None
 
 
 def run_settler(settings: SettlerSettings, *, drain: bool = False,

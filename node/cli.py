@@ -374,6 +374,7 @@ def node_run(
     from common.wire import restore_recursion_limit
     from node.adapters.basemodel import quiet_transformers
     from node.daemon import NodeDaemon
+    from common.settings import SettingsError
     from node.settings import NodeSettings
 
     quiet_transformers()
@@ -383,7 +384,7 @@ def node_run(
             max_lora_rank=max_lora_rank, kv_blocks=kv_blocks, threads=threads, deployment=deployment, rpc=rpc,
             listen=listen, bootstrap=bootstrap, gateways=gateway, api_url=api_url, pins=pin, data_dir=data_dir,
             trust_gateway_keys=trust_gateway_key, max_package_bytes=max_package_bytes)
-    except ValueError as e:  # SettingsError, or a config file that does not exist
+    except SettingsError as e:
         raise typer.BadParameter(str(e)) from None
     if not (settings.base / "config.json").is_file():
         raise typer.BadParameter(f"{settings.base} is not a base model folder (config.json missing)",

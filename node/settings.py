@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from common.settings import ServiceSettings
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "LORAMESH_NODE_"
 WordList = Annotated[tuple[str, ...], NoDecode]  # a list; space-separated in the environment
-
-
-class SettingsError(ValueError):
-    """Settings that cannot be used, said in one line."""
 
 
 class NodeSettings(ServiceSettings):
@@ -72,15 +68,6 @@ class NodeSettings(ServiceSettings):
     def _words(cls, v: Any) -> Any:
         return tuple(v.split()) if isinstance(v, str) else v
 
-    @classmethod
-    def load(cls, config_file: Path | None = None, **flags: Any) -> NodeSettings:
-        """Settings from flags (those not None), the environment, `config_file`, then defaults; SettingsError
-        (one line) for a missing, unknown or bad one."""
-        try:
-            return super().load(config_file, **flags)
-        except ValidationError as e:
-            raise SettingsError(_one_line(e, config_file)) from None
-
     def daemon_config(self) -> DaemonConfig:
         """The daemon's config (ValueError for values it refuses)."""
         from node.daemon import DaemonConfig
@@ -99,14 +86,3 @@ class NodeSettings(ServiceSettings):
         given = {"device": self.device, "num_slots": self.slots, "max_lora_rank": self.max_lora_rank,
                  "num_kv_blocks": self.kv_blocks, "threads": self.threads}
         return EngineConfig(model_dir=self.base, **{k: v for k, v in given.items() if v is not None})
-
-
-def _one_line(e: ValidationError, config_file: Path | None) -> str:
-    err = e.errors()[0]
-    name = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"unknown setting {name!r} in {config_file}" if config_file else f"unknown setting {name!r}"
-    if err["type"] == "missing":
-        return (f"missing setting {name}: give --{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()} or "
-                f"{name} in a --config file")
-    return f"setting {name}: {err['msg'].removeprefix('Value error, ')}"

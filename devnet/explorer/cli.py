@@ -34,7 +34,7 @@ def explorer(
     Each setting comes from its flag, else LORAMESH_EXPLORER_<NAME>, else the --config file, else its default."""
     import socket
 
-    from pydantic import ValidationError
+    from common.settings import SettingsError
 
     from common.serving import serve
     from common.wire import restore_recursion_limit
@@ -42,11 +42,8 @@ def explorer(
 
     try:
         settings = ExplorerSettings.load(config, rpc_url=rpc, db_url=db, deployment=deployment, port=port, host=host)
-    except ValidationError as e:
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()),
-                                 param_hint="explorer settings") from None  # fmt: skip
-    except ValueError as e:  # a config file that is not there
-        raise typer.BadParameter(str(e), param_hint="--config") from None
+    except SettingsError as e:
+        raise typer.BadParameter(str(e), param_hint="explorer settings") from None
 
     restore_recursion_limit()  # web3's py_ecc raised it to 100,000 at import: deep recursion would crash, not raise
 

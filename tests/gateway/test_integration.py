@@ -24,6 +24,7 @@ from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.adapters.basemodel import base_model_name
 from common.identity import Identity, create_identity
+from common.wire import hex0x
 from node.publish import publish, upload_to_node
 from node.receipts import check_receipt
 from tests.utils.factories import make_package
@@ -221,7 +222,7 @@ def test_every_served_request_is_in_the_outbox_once_with_valid_signature(net, an
          timeout=30, interval=0.5)
     chain = anvil_chain.client()
     price = chain.base_price()
-    settled = {"0x" + bytes(e["args"]["requestId"]).hex(): e["args"] for e in chain.events("ledger", "RecordSettled")}
+    settled = {hex0x(e["args"]["requestId"]): e["args"] for e in chain.events("ledger", "RecordSettled")}
     for u in usage:
         if u.adapter_id == BASE_MODEL_ADAPTER_ID:  # on chain under the zero adapter id, at the base price
             ev = settled[u.request_id]

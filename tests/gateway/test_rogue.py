@@ -20,6 +20,7 @@ from gateway.main import create_app
 from gateway.keys import create_key
 from gateway.tables import CompletionRecord
 from gateway.settings import GatewaySettings
+from common.wire import hex0x
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id
 from node.receipts import check_receipt
@@ -110,7 +111,7 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         poll(lambda: status_of(ok_rid) == RecordStatus.SETTLED, timeout=60, interval=0.3)
         assert status_of(rid) == RecordStatus.DISPUTED
         events = anvil_chain.client().events("ledger", "RecordSettled")
-        settled = {"0x" + bytes(e["args"]["requestId"]).hex() for e in events}
+        settled = {hex0x(e["args"]["requestId"]) for e in events}
         assert ok_rid in settled and rid not in settled
         # the in-process settler's view: on /health (at most STATUS_TTL_S old) and /metrics
         poll(lambda: health(server.url)["settlement"]["settled"] >= 1, timeout=15, interval=0.5)

@@ -4,7 +4,7 @@ over the defaults (SettlerConfig's); unknown names in the file are refused."""
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from common.settings import SettingsError
 from typer.testing import CliRunner
 
 from ledger.cli import settler_app
@@ -48,7 +48,7 @@ def test_flag_wins_over_env_over_file(tmp_path, monkeypatch):
 
 def test_unknown_name_refused(tmp_path):
     f = _file(tmp_path, 'db_url = "sqlite:///x.db"\nkey_file = "k"\nbatch_sise = 7\n')
-    with pytest.raises(ValidationError, match="batch_sise"):
+    with pytest.raises(SettingsError, match="batch_sise"):
         SettlerSettings.load(f)
     r = CliRunner().invoke(settler_app, ["run", "--config", str(f)])
     assert r.exit_code == 2 and "batch_sise" in r.output

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from node.settings import NodeSettings, SettingsError
+from common.settings import SettingsError
+from node.settings import NodeSettings
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from pydantic import ValidationError
+from common.settings import SettingsError
 
 from devnet.explorer import ExplorerConfig, ExplorerSettings
 from devnet.explorer.cli import explorer
@@ -46,7 +46,7 @@ def test_flag_wins_over_env_over_file(tmp_path, monkeypatch):
 def test_unknown_name_refused(tmp_path):
     f = tmp_path / "explorer.toml"
     f.write_text('db = "sqlite:///x.db"\n')
-    with pytest.raises(ValidationError, match="db"):
+    with pytest.raises(SettingsError, match="db"):
         ExplorerSettings.load(f)
     with pytest.raises(typer.BadParameter, match="db"):
         explorer(config=f)
