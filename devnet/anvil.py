@@ -155,7 +155,8 @@ class Anvil:
             if out is not subprocess.DEVNULL:
                 out.close()
         wait_ready(self.rpc_url, timeout=timeout, proc=self.proc)
-        log.info("anvil pid %d on %s", self.proc.pid, self.rpc_url)
+        # DEBUG: the commands that start anvil (devnet up, the demo) print their own line; INFO is for services
+        log.debug("anvil pid %d on %s", self.proc.pid, self.rpc_url)
         return self
 
     def stop(self, timeout: float = 15.0) -> None:

@@ -72,8 +72,9 @@ def deploy(rpc_url: str, *, deployer_key: str = DEV_KEYS[0], node_share_bps: int
         client.set_base_price(base_price_per_1k_tokens)
     setup_accounts(client, fund=fund, fund_amount=fund_amount, settlers=settlers, settler_deposit=settler_deposit)
     deployment.funded = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
-    log.info("deployed registry %s, ledger %s at block %d", deployment.registry, deployment.ledger,
-             deployment.deploy_block)  # fmt: skip
+    # DEBUG: `devnet up` and the demo say so themselves; INFO is for what a service did
+    log.debug("deployed registry %s, ledger %s at block %d", deployment.registry, deployment.ledger,
+              deployment.deploy_block)
     return deployment
 
 
