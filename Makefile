@@ -1,5 +1,5 @@
 # The two front-door commands. Each sets up everything it needs first (scripts/setup.sh).
-.PHONY: setup demo test
+.PHONY: setup demo test lint
 
 setup:
 	./scripts/setup.sh
@@ -10,3 +10,7 @@ demo: setup
 test:
 	./scripts/setup.sh --browser
 	.venv/bin/python -m pytest $(ARGS)
+
+lint: setup
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
