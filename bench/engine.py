@@ -43,15 +43,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.adapters.weights import LORA_TARGETS, lora_key, module_dims  # noqa: E402
 
 SHAPES = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
-    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1024,
+    ),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
 }
 TARGETS = list(LORA_TARGETS)  # every projection an adapter may target
 SECTIONS = ("throughput", "distinct", "modes", "cold", "ttft", "hf-static")
@@ -101,8 +127,15 @@ def bandwidth_floor(args, cfg, engine, head_dim: int, with_distinct: bool) -> di
     def at(n_adapters: int) -> dict:
         step_s = (weight_bytes + n_adapters * adapter_bytes + kv_bytes) / bw
         return {"step_ms": step_s * 1e3, "tokens_per_s": args.batch / step_s}
-    floor = {"copy_bandwidth_GBps": bw / 1e9, "weight_GB": weight_bytes / 1e9, "adapter_MB": adapter_bytes / 1e6,
-             "kv_GB": kv_bytes / 1e9, f"{args.adapters} adapters": at(args.adapters), "base-only": at(0)}
+
+    floor = {
+        "copy_bandwidth_GBps": bw / 1e9,
+        "weight_GB": weight_bytes / 1e9,
+        "adapter_MB": adapter_bytes / 1e6,
+        "kv_GB": kv_bytes / 1e9,
+        f"{args.adapters} adapters": at(args.adapters),
+        "base-only": at(0),
+    }
     if with_distinct:
         floor[f"{args.batch} adapters"] = at(args.batch)
     return floor
@@ -120,9 +153,15 @@ def smoke_test(engine, ids, prompts) -> None:
         for mode in modes:
             if mode is not None:
                 kernel.mode = mode
-            reqs = [GenerationRequest(f"smoke-{mode}-{i}", ids[i % len(ids)], prompt_token_ids=p.tolist(),
-                                      params=SamplingParams(max_tokens=3, temperature=0.0))
-                    for i, p in enumerate(prompts)]
+            reqs = [
+                GenerationRequest(
+                    f"smoke-{mode}-{i}",
+                    ids[i % len(ids)],
+                    prompt_token_ids=p.tolist(),
+                    params=SamplingParams(max_tokens=3, temperature=0.0),
+                )
+                for i, p in enumerate(prompts)
+            ]
             bad = [r.error for r in engine.generate(reqs).values() if r.finish_reason == "error"]
             if bad:
                 raise RuntimeError(f"smoke run ({mode or 'torch'}): {bad[0]}")
@@ -155,8 +194,14 @@ def build(args, work: Path):
     from node.adapters import AdapterStore
 
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    cfg = LlamaConfig(**SHAPES[args.shape], rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        **SHAPES[args.shape],
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     base_dir = work / "base"
     cfg.save_pretrained(base_dir)  # config only: weights go to our engine in memory
     torch.manual_seed(0)
@@ -178,8 +223,9 @@ def add_adapters(args, model, base_dir: Path, store, account, work: Path):
 
     from node.adapters import pack_adapter
 
-    lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0,
-                      init_lora_weights=False)
+    lcfg = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False
+    )
     peft_model = get_peft_model(model, lcfg, adapter_name="a0")
     for i in range(1, args.adapters):
         peft_model.add_adapter(f"a{i}", lcfg)
@@ -213,10 +259,20 @@ def extra_adapters(args, cfg, base_dir: Path, store, account, work: Path, names:
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     dims = module_dims(h, h, kv, inter)
     g = torch.Generator().manual_seed(5)
-    shared = {t: (torch.randn(args.rank, d_in, generator=g) * 0.02, torch.randn(d_out, args.rank, generator=g) * 0.02)
-              for t, (d_in, d_out) in dims.items()}
-    conf = {"peft_type": "LORA", "r": args.rank, "lora_alpha": 2 * args.rank, "target_modules": TARGETS,
-            "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir)}
+    shared = {
+        t: (torch.randn(args.rank, d_in, generator=g) * 0.02, torch.randn(d_out, args.rank, generator=g) * 0.02)
+        for t, (d_in, d_out) in dims.items()
+    }
+    conf = {
+        "peft_type": "LORA",
+        "r": args.rank,
+        "lora_alpha": 2 * args.rank,
+        "target_modules": TARGETS,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_dir),
+    }
 
     def make(i_name):
         i, name = i_name
@@ -235,6 +291,7 @@ def extra_adapters(args, cfg, base_dir: Path, store, account, work: Path, names:
         shutil.rmtree(folder)
         shutil.rmtree(pkg.path)
         return pkg.adapter_id
+
     with ThreadPoolExecutor(max_workers=8) as pool:  # hashing and file writes release the GIL
         return list(pool.map(make, enumerate(names)))
 
@@ -242,9 +299,11 @@ def extra_adapters(args, cfg, base_dir: Path, store, account, work: Path, names:
 def make_kernel(name: str):
     if name == "torch":
         from node.engine import TorchLoRAKernel
+
         return TorchLoRAKernel()
     if name == "triton":  # on CPU this needs TRITON_INTERPRET=1 (a smoke test of the GPU path)
         from node.engine.lora.kernels.triton import TritonLoRAKernel
+
         return TritonLoRAKernel()
     return None  # the engine's default for the device
 
@@ -271,9 +330,16 @@ def hf_generate(model, prompts: torch.Tensor, new_tokens: int, timer: StepTimer 
     if timer is not None:
         kw["logits_processor"] = LogitsProcessorList([timer])
     with torch.no_grad():
-        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kw)
-    return out[:, prompts.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kw,
+        )
+    return out[:, prompts.shape[1] :].tolist()
 
 
 def parse_args():
@@ -293,8 +359,12 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--hf-repeats", type=int, default=None, help="rounds of the transformers/PEFT systems")
     ap.add_argument("--print", dest="print_json", type=Path, default=None, help="print the table of a JSON and exit")
-    ap.add_argument("--kernel", choices=["auto", "torch", "triton"], default="auto",
-                    help="LoRA kernel of our engine (auto: Triton on CUDA, torch on CPU)")
+    ap.add_argument(
+        "--kernel",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="LoRA kernel of our engine (auto: Triton on CUDA, torch on CPU)",
+    )
     ap.add_argument("--cuda-graphs", choices=["auto", "off", "static"], default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
@@ -345,14 +415,19 @@ def main() -> None:
     distinct_ids: list[str] = []
     if "distinct" in args.sections:
         more = max(0, args.distinct - len(ids))
-        distinct_ids = ids + extra_adapters(args, cfg, base_dir, store, account, work,
-                                            [f"d{i}" for i in range(more)], torch.bfloat16)
+        distinct_ids = ids + extra_adapters(
+            args, cfg, base_dir, store, account, work, [f"d{i}" for i in range(more)], torch.bfloat16
+        )
     cold_ids: list[str] = []
     if "cold" in args.sections:  # fp32 files, the size PEFT saves (168 MB for the 8B shape, rank 16)
-        cold_ids = extra_adapters(args, cfg, base_dir, store, account, work, ["cold-verify", "cold-trust", "cold-live"],
-                                  torch.float32)
-    base_sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-               for k, v in peft_model.state_dict().items() if "lora_" not in k}
+        cold_ids = extra_adapters(
+            args, cfg, base_dir, store, account, work, ["cold-verify", "cold-trust", "cold-live"], torch.float32
+        )
+    base_sd = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in peft_model.state_dict().items()
+        if "lora_" not in k
+    }
     max_len = max(args.prompt_len + args.new_tokens, args.ttft_prompt + 1 if "ttft" in args.sections else 0)
     n_slots = max(args.adapters, len(distinct_ids))
     failures = []
@@ -365,12 +440,24 @@ def main() -> None:
     for kernel_name, graphs in dict.fromkeys(attempts):
         t0 = time.perf_counter()
         try:
-            engine = LLMEngine(EngineConfig(
-                model_dir=base_dir, device=args.device, dtype="float32" if not cuda else "bf16", num_slots=n_slots,
-                max_lora_rank=args.rank, cpu_cache_size=max(n_slots, len(distinct_ids)) + len(cold_ids),
-                max_num_seqs=args.batch, max_num_batched_tokens=args.batch * args.prompt_len,
-                max_model_len=max_len + 1, block_size=16, cuda_graphs=graphs),
-                store=store, weights=base_sd.items(), kernel=make_kernel(kernel_name))
+            engine = LLMEngine(
+                EngineConfig(
+                    model_dir=base_dir,
+                    device=args.device,
+                    dtype="float32" if not cuda else "bf16",
+                    num_slots=n_slots,
+                    max_lora_rank=args.rank,
+                    cpu_cache_size=max(n_slots, len(distinct_ids)) + len(cold_ids),
+                    max_num_seqs=args.batch,
+                    max_num_batched_tokens=args.batch * args.prompt_len,
+                    max_model_len=max_len + 1,
+                    block_size=16,
+                    cuda_graphs=graphs,
+                ),
+                store=store,
+                weights=base_sd.items(),
+                kernel=make_kernel(kernel_name),
+            )
             smoke_test(engine, ids, prompts)
             break
         except Exception as e:  # noqa: BLE001 - reported, then the next attempt
@@ -394,22 +481,45 @@ def main() -> None:
     setup_s = time.perf_counter() - t_start
 
     report = {
-        "date": datetime.date.today().isoformat(), "median_of": args.repeats, "device": args.device, "shape": args.shape,
-        "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "adapters": args.adapters,
-        "rank": args.rank, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "peft_new_tokens": args.peft_new_tokens, "hf_new_tokens": args.hf_new_tokens, "sections": args.sections,
-        "kernel": type(kernel).__name__, "lora_mode": getattr(kernel, "mode", None) or "per step",
+        "date": datetime.date.today().isoformat(),
+        "median_of": args.repeats,
+        "device": args.device,
+        "shape": args.shape,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "batch": args.batch,
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "peft_new_tokens": args.peft_new_tokens,
+        "hf_new_tokens": args.hf_new_tokens,
+        "sections": args.sections,
+        "kernel": type(kernel).__name__,
+        "lora_mode": getattr(kernel, "mode", None) or "per step",
         "cuda_graphs": engine.runner.graphs is not None and engine.runner.graphs.capture,
-        "engine_build_s": engine_build_s, "setup_s": setup_s, "engine_failures": failures,
-        "config": {"num_slots": n_slots, "block_size": 16, "max_model_len": max_len + 1,
-                   "graph_buckets": engine.runner.graphs.buckets if engine.runner.graphs else None},
-        "tokens_per_s": {}, "decode_tokens_per_s": {}, "step_tokens_per_s": {}, "step_ms": {}, "prefill_s": {},
+        "engine_build_s": engine_build_s,
+        "setup_s": setup_s,
+        "engine_failures": failures,
+        "config": {
+            "num_slots": n_slots,
+            "block_size": 16,
+            "max_model_len": max_len + 1,
+            "graph_buckets": engine.runner.graphs.buckets if engine.runner.graphs else None,
+        },
+        "tokens_per_s": {},
+        "decode_tokens_per_s": {},
+        "step_tokens_per_s": {},
+        "step_ms": {},
+        "prefill_s": {},
     }
     if cuda:
         import transformers
+
         report.update(gpu=torch.cuda.get_device_name(), transformers=transformers.__version__)
         try:
             import triton
+
             report["triton"] = triton.__version__
         except ImportError:
             pass
@@ -446,9 +556,15 @@ def main() -> None:
 
     def ours(names, new_tokens=args.new_tokens, batch_prompts=prompts):
         """(wall s, decode step times, outputs) of one engine run; every request fits one prefill step."""
-        reqs = [GenerationRequest(f"r{i}", names[i], prompt_token_ids=batch_prompts[i].tolist(),
-                                  params=SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-                for i in range(len(names))]
+        reqs = [
+            GenerationRequest(
+                f"r{i}",
+                names[i],
+                prompt_token_ids=batch_prompts[i].tolist(),
+                params=SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True),
+            )
+            for i in range(len(names))
+        ]
         for r in reqs:
             engine.add_request(r)
         done, steps = {}, []
@@ -487,8 +603,11 @@ def main() -> None:
                     sink[k].append(time.perf_counter() - t0)
                     if m == n:
                         steps[k].extend(st)
-            print(f"round {r + 1}/{rounds}: " + ", ".join(
-                f"{k}: {args.batch * systems[k][1] / v[-1]:,.1f}" for k, v in times.items()), flush=True)
+            print(
+                f"round {r + 1}/{rounds}: "
+                + ", ".join(f"{k}: {args.batch * systems[k][1] / v[-1]:,.1f}" for k, v in times.items()),
+                flush=True,
+            )
         for k, (_, n) in systems.items():
             t_all, t_first = statistics.median(times[k]), statistics.median(first[k])
             report["tokens_per_s"][k] = args.batch * n / t_all
@@ -506,14 +625,19 @@ def main() -> None:
             kw = {} if names is None else {"adapter_names": names}
             out = hf_generate(m, dev_prompts, n, timer, **kw)
             return 0.0, timer.steps(), out
+
         return run
 
     def throughput() -> None:
         make_resident(ids)
-        hf_systems = {peft_key: (hf_system(peft_model, peft_names), args.peft_new_tokens),
-                      hf_key: (hf_system(base_model), args.hf_new_tokens)}
-        ours_systems = {ours_key: (lambda n: ours(names16, n), args.new_tokens),
-                        base_key: (lambda n: ours([None] * args.batch, n), args.new_tokens)}
+        hf_systems = {
+            peft_key: (hf_system(peft_model, peft_names), args.peft_new_tokens),
+            hf_key: (hf_system(base_model), args.hf_new_tokens),
+        }
+        ours_systems = {
+            ours_key: (lambda n: ours(names16, n), args.new_tokens),
+            base_key: (lambda n: ours([None] * args.batch, n), args.new_tokens),
+        }
         if args.hf_repeats == args.repeats:  # the CPU table: every system in the same interleaved rounds
             outputs = measure({**ours_systems, **hf_systems}, args.repeats)
         else:  # CUDA: PEFT's mixed batch takes ~1 s a step, so fewer rounds for transformers
@@ -525,10 +649,17 @@ def main() -> None:
         report["greedy rows identical to PEFT"] = f"{same}/{args.batch} (first {k} tokens)"
 
     def distinct() -> None:
-        make_resident(distinct_ids[:args.batch])
+        make_resident(distinct_ids[: args.batch])
         key = f"ours, {args.batch} distinct adapters"
-        measure({key: (lambda n: ours([distinct_ids[i % len(distinct_ids)] for i in range(args.batch)], n),
-                       args.new_tokens)}, args.repeats)
+        measure(
+            {
+                key: (
+                    lambda n: ours([distinct_ids[i % len(distinct_ids)] for i in range(args.batch)], n),
+                    args.new_tokens,
+                )
+            },
+            args.repeats,
+        )
 
     def modes() -> None:
         if not hasattr(kernel, "choose_mode"):
@@ -536,12 +667,16 @@ def main() -> None:
         saved = kernel.mode
         systems = {}
         for mode in ("bgmv", "sgmv"):
-            systems[f"{ours_key} [{mode}]"] = (lambda n, m=mode: (setattr(kernel, "mode", m), ours(names16, n))[1],
-                                               args.new_tokens)
+            systems[f"{ours_key} [{mode}]"] = (
+                lambda n, m=mode: (setattr(kernel, "mode", m), ours(names16, n))[1],
+                args.new_tokens,
+            )
             if distinct_ids:
                 dn = [distinct_ids[i % len(distinct_ids)] for i in range(args.batch)]
                 systems[f"ours, {args.batch} distinct [{mode}]"] = (
-                    lambda n, m=mode, dn=dn: (setattr(kernel, "mode", m), ours(dn, n))[1], args.new_tokens)
+                    lambda n, m=mode, dn=dn: (setattr(kernel, "mode", m), ours(dn, n))[1],
+                    args.new_tokens,
+                )
         make_resident(ids)
         try:
             measure(systems, max(1, args.repeats - 1))
@@ -570,8 +705,14 @@ def main() -> None:
         report["step_ms"][key], report["step_tokens_per_s"][key] = med * 1e3, args.batch / med
         report["hf_static_first_call_s"] = compile_s
 
-    for name, fn in (("throughput", throughput), ("distinct", distinct), ("modes", modes), ("cold", cold),
-                     ("ttft", first_token), ("hf-static", hf_static)):  # hf-static last: torch.compile takes minutes
+    for name, fn in (
+        ("throughput", throughput),
+        ("distinct", distinct),
+        ("modes", modes),
+        ("cold", cold),
+        ("ttft", first_token),
+        ("hf-static", hf_static),
+    ):  # hf-static last: torch.compile takes minutes
         section(name, fn)
         report["ratios"] = ratios(args, report)
     report["total_s"] = time.perf_counter() - t_start
@@ -590,19 +731,24 @@ def ratios(args, report) -> dict:
     def put(name, a, b):
         if a in st and b in st:
             out[name] = st[a] / st[b]
+
     put("ours / PEFT mixed", ours_key, f"PEFT mixed batch, {args.adapters} adapters")
     put("ours / transformers base-only", ours_key, "transformers base-only")
     put("ours / transformers static cache", ours_key, "transformers static cache, base-only")
     put("ours LoRA / ours base-only", ours_key, base_key)
-    put(f"ours {args.batch} distinct / ours {args.adapters} adapters", f"ours, {args.batch} distinct adapters", ours_key)
+    put(
+        f"ours {args.batch} distinct / ours {args.adapters} adapters", f"ours, {args.batch} distinct adapters", ours_key
+    )
     floor = report.get("floor") or {}
     if ours_key in st and f"{args.adapters} adapters" in floor:
         out["ours / floor"] = st[ours_key] / floor[f"{args.adapters} adapters"]["tokens_per_s"]
     # whole-generate ratios (prefill included), the CPU table's figures
     tp = report["tokens_per_s"]
-    for name, a, b in (("whole: ours / PEFT mixed", ours_key, f"PEFT mixed batch, {args.adapters} adapters"),
-                       ("whole: ours / transformers base-only", ours_key, "transformers base-only"),
-                       ("whole: ours LoRA / ours base-only", ours_key, base_key)):
+    for name, a, b in (
+        ("whole: ours / PEFT mixed", ours_key, f"PEFT mixed batch, {args.adapters} adapters"),
+        ("whole: ours / transformers base-only", ours_key, "transformers base-only"),
+        ("whole: ours LoRA / ours base-only", ours_key, base_key),
+    ):
         if a in tp and b in tp:
             out[name] = tp[a] / tp[b]
     return out
@@ -635,17 +781,28 @@ def cold_load(args, engine, cold_ids, names16, prompts, ours) -> dict:
 
     n = args.batch - 1
     for i in range(n):
-        engine.add_request(GenerationRequest(f"l{i}", names16[i], prompt_token_ids=prompts[i].tolist(),
-                                             params=SamplingParams(max_tokens=args.new_tokens, temperature=0.0,
-                                                                   ignore_eos=True)))
+        engine.add_request(
+            GenerationRequest(
+                f"l{i}",
+                names16[i],
+                prompt_token_ids=prompts[i].tolist(),
+                params=SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True),
+            )
+        )
     steps: list[tuple[float, float, bool]] = []  # (start, duration, cold adapter resident at the end)
     asked = resident_at = first_token_at = None
     k = 0
     while engine.has_work():
         if k == 10 and asked is None:
             asked = time.perf_counter()
-            engine.add_request(GenerationRequest("cold", live, prompt_token_ids=prompts[-1].tolist(),
-                                                 params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
+            engine.add_request(
+                GenerationRequest(
+                    "cold",
+                    live,
+                    prompt_token_ids=prompts[-1].tolist(),
+                    params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                )
+            )
         ts = time.perf_counter()
         events, did = engine.step()
         te = time.perf_counter()
@@ -656,20 +813,23 @@ def cold_load(args, engine, cold_ids, names16, prompts, ours) -> dict:
         res = m.slot_of(live) is not None
         if res and resident_at is None and asked is not None:
             resident_at = te
-        if first_token_at is None and any(getattr(e, "request_id", "") == "cold" and not hasattr(e, "finish_reason")
-                                          for e in events):
+        if first_token_at is None and any(
+            getattr(e, "request_id", "") == "cold" and not hasattr(e, "finish_reason") for e in events
+        ):
             first_token_at = te
         steps.append((ts, te - ts, res))
     before = [d for ts, d, _ in steps[1:10]]  # decode steps before the request (step 0 is the prefill)
     during = [d for ts, d, res in steps[10:] if not res]
-    out.update({
-        "under load: ask->resident ms": None if resident_at is None else (resident_at - asked) * 1e3,
-        "under load: ask->first token ms": None if first_token_at is None else (first_token_at - asked) * 1e3,
-        "under load: step ms before (median)": statistics.median(before) * 1e3 if before else None,
-        "under load: step ms during (median)": statistics.median(during) * 1e3 if during else None,
-        "under load: step ms during (max)": max(during) * 1e3 if during else None,
-        "under load: steps during load": len(during),
-    })
+    out.update(
+        {
+            "under load: ask->resident ms": None if resident_at is None else (resident_at - asked) * 1e3,
+            "under load: ask->first token ms": None if first_token_at is None else (first_token_at - asked) * 1e3,
+            "under load: step ms before (median)": statistics.median(before) * 1e3 if before else None,
+            "under load: step ms during (median)": statistics.median(during) * 1e3 if during else None,
+            "under load: step ms during (max)": max(during) * 1e3 if during else None,
+            "under load: steps during load": len(during),
+        }
+    )
     if before and during:
         out["under load: step time change"] = statistics.median(during) / statistics.median(before) - 1
     return out
@@ -687,12 +847,14 @@ def ttft(args, engine, ids, cfg, peft_model, base_model) -> dict:
     def one(aid):
         p = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         engine.generate([GenerationRequest("t", aid, prompt_token_ids=prompt[0].tolist(), params=p)])
+
     reps = max(3, args.repeats)
     out["ours, adapter"] = timed(lambda: one(ids[0]), args.device, reps) * 1e3
     out["ours, base-only"] = timed(lambda: one(None), args.device, reps) * 1e3
     out["transformers base-only"] = timed(lambda: hf_generate(base_model, dev_prompt, 1), args.device, reps) * 1e3
-    out["PEFT, adapter"] = timed(lambda: hf_generate(peft_model, dev_prompt, 1, adapter_names=["a0"]),
-                                 args.device, reps) * 1e3
+    out["PEFT, adapter"] = (
+        timed(lambda: hf_generate(peft_model, dev_prompt, 1, adapter_names=["a0"]), args.device, reps) * 1e3
+    )
     return out
 
 
@@ -700,10 +862,12 @@ def print_table(report: dict, path: Path) -> None:
     """The table of a (possibly partial) report."""
     r = report
     print()
-    print(f"{r['shape']} on {r['device']} ({r.get('gpu', str(r['threads']) + ' threads')}), batch {r['batch']}, "
-          f"{r['adapters']} adapters rank {r['rank']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens "
-          f"(PEFT {r['peft_new_tokens']}, transformers {r['hf_new_tokens']}); kernel {r['kernel']}, "
-          f"CUDA graphs {r['cuda_graphs']}; {r['date']}")
+    print(
+        f"{r['shape']} on {r['device']} ({r.get('gpu', str(r['threads']) + ' threads')}), batch {r['batch']}, "
+        f"{r['adapters']} adapters rank {r['rank']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens "
+        f"(PEFT {r['peft_new_tokens']}, transformers {r['hf_new_tokens']}); kernel {r['kernel']}, "
+        f"CUDA graphs {r['cuda_graphs']}; {r['date']}"
+    )
     print(f"| {'what':<46} | {'tokens/s':>10} | {'decode tok/s':>12} | {'step tok/s':>10} | {'step ms':>8} |")
     print(f"|{'-' * 48}|{'-' * 12}|{'-' * 14}|{'-' * 12}|{'-' * 10}|")
     floor = r.get("floor") or {}
@@ -713,14 +877,18 @@ def print_table(report: dict, path: Path) -> None:
         ms = r["step_ms"].get(k)
         if k == "floor (bandwidth)":
             ms = floor[f"{r['adapters']} adapters"]["step_ms"]
-        print(f"| {k:<46} | {v:>10,.1f} | {f'{d:,.1f}' if d else '':>12} | {f'{s:,.1f}' if s else '':>10} | "
-              f"{f'{ms:.2f}' if ms else '':>8} |")
+        print(
+            f"| {k:<46} | {v:>10,.1f} | {f'{d:,.1f}' if d else '':>12} | {f'{s:,.1f}' if s else '':>10} | "
+            f"{f'{ms:.2f}' if ms else '':>8} |"
+        )
     for k, v in (r.get("ratios") or {}).items():
         print(f"| {k:<46} | {v:>9.2f}x |")
     if floor:
-        print(f"floor: copy {floor['copy_bandwidth_GBps']:,.0f} GB/s; weights {floor['weight_GB']:.2f} GB, adapter "
-              f"{floor['adapter_MB']:.0f} MB, KV {floor['kv_GB']:.2f} GB; " + "; ".join(
-                  f"{k} {v['tokens_per_s']:,.0f} tok/s" for k, v in floor.items() if isinstance(v, dict)))
+        print(
+            f"floor: copy {floor['copy_bandwidth_GBps']:,.0f} GB/s; weights {floor['weight_GB']:.2f} GB, adapter "
+            f"{floor['adapter_MB']:.0f} MB, KV {floor['kv_GB']:.2f} GB; "
+            + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s" for k, v in floor.items() if isinstance(v, dict))
+        )
     for k, v in (r.get("cold_load") or {}).items():
         print(f"cold load: {k}: {round(v, 2) if isinstance(v, float) else v}")
     for k, v in (r.get("ttft_ms") or {}).items():
@@ -729,8 +897,11 @@ def print_table(report: dict, path: Path) -> None:
         print(f"greedy rows identical to PEFT: {r['greedy rows identical to PEFT']}")
     if r.get("engine_failures"):
         print("engine fallbacks: " + " | ".join(r["engine_failures"]))
-    print(f"setup {r['setup_s']:.0f} s (engine build {r['engine_build_s']:.0f} s), total {r.get('total_s', 0):.0f} s; "
-          f"JSON: {path}")
+    print(
+        f"setup {r['setup_s']:.0f} s (engine build {r['engine_build_s']:.0f} s), total {r.get('total_s', 0):.0f} s; "
+        f"JSON: {path}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
+from common.identity import create_identity  # noqa: E402
 from devnet.anvil import free_port  # noqa: E402
 from devnet.processes import ManagedProcess, ProcessGroup  # noqa: E402
 from gateway.identity import load_or_create_gateway_key  # noqa: E402
 from gateway.keys import create_key  # noqa: E402
-from common.identity import create_identity  # noqa: E402
 from node.operator_token import read_operator_token, token_path  # noqa: E402
 from node.publish import publish  # noqa: E402
 from node.request_auth import SignedNodeAuth  # noqa: E402
@@ -41,8 +41,9 @@ ETHER = 10**18
 ENV = {"LORAMESH_KEY_PASSWORD": PASSWORD}
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict, headers: dict,
-              auth: httpx.Auth | None = None) -> tuple[float, float, int]:  # fmt: skip
+async def one(
+    client: httpx.AsyncClient, url: str, body: dict, headers: dict, auth: httpx.Auth | None = None
+) -> tuple[float, float, int]:
     """(ttft, total) seconds and tokens of one streamed request."""
     if auth is not None:  # a node call: its own request id, so no two signed calls are the same (a replay)
         body = body | {"request_id": "0x" + secrets.token_hex(32)}
@@ -70,12 +71,29 @@ def pct(xs: list[float], p: float) -> float:
 async def measure(args, node_url: str, gw_url: str, key: str, adapter_id: str, node_auth: httpx.Auth) -> None:
     # the direct path signs its calls as the gateway does (same key, so the node trusts them); the signature
     # is part of what a gateway adds
-    direct = (node_url + "/v1/generate", {"adapter_id": adapter_id, "prompt": "The capital of France is",
-                                          "max_tokens": args.max_tokens, "temperature": 0, "stream": True}, {},
-              node_auth)  # fmt: skip
-    via = (gw_url + "/v1/completions", {"model": "bench/adapter", "prompt": "The capital of France is",
-                                        "max_tokens": args.max_tokens, "temperature": 0, "stream": True},
-           {"Authorization": f"Bearer {key}"})  # fmt: skip
+    direct = (
+        node_url + "/v1/generate",
+        {
+            "adapter_id": adapter_id,
+            "prompt": "The capital of France is",
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": True,
+        },
+        {},
+        node_auth,
+    )
+    via = (
+        gw_url + "/v1/completions",
+        {
+            "model": "bench/adapter",
+            "prompt": "The capital of France is",
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": True,
+        },
+        {"Authorization": f"Bearer {key}"},
+    )
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
         for path in (direct, via):  # warm both paths (adapter load, connections)
             for _ in range(3):
@@ -101,16 +119,21 @@ async def measure(args, node_url: str, gw_url: str, key: str, adapter_id: str, n
         ttft, total = [r[0] for r in res], [r[1] for r in res]
         rows[name] = (pct(ttft, 50), pct(ttft, 99), pct(total, 50), pct(total, 99), rps[name])
     d, g = rows["direct"], rows["gateway"]
-    print(f"\nstreamed completions, {args.max_tokens} tokens each, {args.requests} sequential per path, "
-          f"concurrency {args.concurrency} for requests/s (tiny base on CPU, 127.0.0.1)\n")
+    print(
+        f"\nstreamed completions, {args.max_tokens} tokens each, {args.requests} sequential per path, "
+        f"concurrency {args.concurrency} for requests/s (tiny base on CPU, 127.0.0.1)\n"
+    )
     print("| path | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | req/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r[0]:.1f} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} |")
-    print(f"| added by gateway | {g[0] - d[0]:+.1f} | {g[1] - d[1]:+.1f} | {g[2] - d[2]:+.1f} | {g[3] - d[3]:+.1f} "
-          f"| x{g[4] / d[4]:.2f} |")
-    print(f"\nratios gateway/direct: TTFT p50 x{g[0] / d[0]:.2f}, total p50 x{g[2] / d[2]:.2f}, "
-          f"req/s x{g[4] / d[4]:.2f}")
+    print(
+        f"| added by gateway | {g[0] - d[0]:+.1f} | {g[1] - d[1]:+.1f} | {g[2] - d[2]:+.1f} | {g[3] - d[3]:+.1f} "
+        f"| x{g[4] / d[4]:.2f} |"
+    )
+    print(
+        f"\nratios gateway/direct: TTFT p50 x{g[0] / d[0]:.2f}, total p50 x{g[2] / d[2]:.2f}, req/s x{g[4] / d[4]:.2f}"
+    )
 
 
 def main() -> None:
@@ -136,19 +159,67 @@ def main() -> None:
             node_auth = SignedNodeAuth(load_or_create_gateway_key(gw_key_file), ident.node_id)
             node_port, gw_port = free_port(), free_port()
             node_url, gw_url = f"http://127.0.0.1:{node_port}", f"http://127.0.0.1:{gw_port}"
-            gateway = group.start(ManagedProcess("gateway", [
-                "gateway", "run", "--deployment", str(chain.deployment_path), "--db", f"sqlite:///{root / 'gw.db'}",
-                "--port", str(gw_port), "--base", str(base), "--no-settle", "--gateway-key-file", str(gw_key_file)],
-                root / "gw.log", env=ENV))  # fmt: skip
-            node = group.start(ManagedProcess("node", [
-                "node", "run", "--base", str(base), "--store", str(root / "store"), "--port", str(node_port),
-                "--data-dir", str(root / "node-data"),
-                "--key", str(root / "node.key"), "--deployment", str(chain.deployment_path), "--gateway", gw_url,
-                "--slots", "2", "--threads", "1", "--kv-blocks", "128"], root / "node.log", env=ENV))  # fmt: skip
+            gateway = group.start(
+                ManagedProcess(
+                    "gateway",
+                    [
+                        "gateway",
+                        "run",
+                        "--deployment",
+                        str(chain.deployment_path),
+                        "--db",
+                        f"sqlite:///{root / 'gw.db'}",
+                        "--port",
+                        str(gw_port),
+                        "--base",
+                        str(base),
+                        "--no-settle",
+                        "--gateway-key-file",
+                        str(gw_key_file),
+                    ],
+                    root / "gw.log",
+                    env=ENV,
+                )
+            )
+            node = group.start(
+                ManagedProcess(
+                    "node",
+                    [
+                        "node",
+                        "run",
+                        "--base",
+                        str(base),
+                        "--store",
+                        str(root / "store"),
+                        "--port",
+                        str(node_port),
+                        "--data-dir",
+                        str(root / "node-data"),
+                        "--key",
+                        str(root / "node.key"),
+                        "--deployment",
+                        str(chain.deployment_path),
+                        "--gateway",
+                        gw_url,
+                        "--slots",
+                        "2",
+                        "--threads",
+                        "1",
+                        "--kv-blocks",
+                        "128",
+                    ],
+                    root / "node.log",
+                    env=ENV,
+                )
+            )
             gateway.wait_http(gw_url + "/health")
             node.wait_http(node_url + "/health")
-            publish(pkg.path, chain.client(owner), node_url=node_url,  # on chain, then into the node's store
-                    operator_token=read_operator_token(token_path(root / "node-data")))
+            publish(
+                pkg.path,
+                chain.client(owner),
+                node_url=node_url,  # on chain, then into the node's store
+                operator_token=read_operator_token(token_path(root / "node-data")),
+            )
 
             def ready() -> bool:
                 models = httpx.get(gw_url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5)

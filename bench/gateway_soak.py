@@ -45,8 +45,14 @@ from devnet.processes import ManagedProcess, ProcessGroup  # noqa: E402
 PASSWORD = "bench"
 ETHER = 10**18
 ENV = {"LORAMESH_KEY_PASSWORD": PASSWORD}
-PROMPTS = ["The capital of France is", "Once upon a time", "def fib(n):", "Rain in the mountains",
-           "A short list of colours:", "Ledger entry 42"]  # fmt: skip
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fib(n):",
+    "Rain in the mountains",
+    "A short list of colours:",
+    "Ledger entry 42",
+]
 WARM_UP = 4  # sequential first requests: each gateway x (adapter, base model); not in the requests/s
 
 
@@ -137,8 +143,9 @@ async def load(args, urls: list[str], key: str, models: list[str]) -> tuple[list
     shown = []
     for i in range(args.requests):
         # gateway alternates; model, endpoint and streaming cycle at other periods so every mix occurs
-        shown.append(Shown(i, i % len(urls), models[(i // 2) % len(models)], chat=(i // 4) % 2 == 1,
-                           stream=(i // 8) % 2 == 1))  # fmt: skip
+        shown.append(
+            Shown(i, i % len(urls), models[(i // 2) % len(models)], chat=(i // 4) % 2 == 1, stream=(i // 8) % 2 == 1)
+        )
     sem = asyncio.Semaphore(args.concurrency)
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
@@ -162,11 +169,21 @@ def record_settled_logs(w3, ledger: str, from_block: int) -> dict[str, list[tupl
     to_block = int(_rpc(w3, "eth_blockNumber", []), 16)
     out: dict[str, list] = {}
     for start in range(from_block, to_block + 1, 2_000):
-        logs = _rpc(w3, "eth_getLogs", [{"address": ledger, "topics": [RECORD_SETTLED_TOPIC],
-                                         "fromBlock": hex(start), "toBlock": hex(min(start + 1_999, to_block))}])
+        logs = _rpc(
+            w3,
+            "eth_getLogs",
+            [
+                {
+                    "address": ledger,
+                    "topics": [RECORD_SETTLED_TOPIC],
+                    "fromBlock": hex(start),
+                    "toBlock": hex(min(start + 1_999, to_block)),
+                }
+            ],
+        )
         for log in logs:
             data = bytes.fromhex(log["data"][2:])
-            words = [int.from_bytes(data[i:i + 32], "big") for i in range(0, len(data), 32)]
+            words = [int.from_bytes(data[i : i + 32], "big") for i in range(0, len(data), 32)]
             event = (words[1], words[2], words[3], log["topics"][3].lower())
             out.setdefault(log["topics"][2].lower(), []).append(event)
     return out
@@ -174,13 +191,13 @@ def record_settled_logs(w3, ledger: str, from_block: int) -> dict[str, list[tupl
 
 def soak(args) -> int:
     import gateway.tables  # noqa: F401 - registers the gateway's tables
+    from common.identity import create_identity
     from gateway.keys import create_key
     from gateway.tables import CompletionRecord
     from ledger.db import init_db, make_engine
     from ledger.models import SettlementBatch, UsageRecord
     from ledger.outbox import count_by_status
     from ledger.types import BASE_MODEL_ADAPTER_ID
-    from common.identity import create_identity
     from node.operator_token import read_operator_token, token_path
     from node.publish import publish
     from tests.ledger.audit import ledger_transactions, record_settled_counts
@@ -219,23 +236,73 @@ def soak(args) -> int:
         gw_ports, node_port = [free_port(), free_port()], free_port()
         urls = [f"http://127.0.0.1:{p}" for p in gw_ports]
         node_url = f"http://127.0.0.1:{node_port}"
-        gw_env = ENV | {"LORAMESH_GATEWAY_SETTLE_INTERVAL_S": str(args.settle_interval),
-                        "LORAMESH_GATEWAY_SETTLE_BATCH_SIZE": str(args.batch_size)}  # fmt: skip
-        gateways = [group.start(ManagedProcess(f"gateway-{i}", [
-            "gateway", "run", "--deployment", str(chain.deployment_path), "--db", db_url, "--port", str(port),
-            "--base", str(base), "--key", str(tmp / f"settler-{i}.key")], tmp / f"gateway-{i}.log", env=gw_env))
-            for i, port in enumerate(gw_ports)]  # fmt: skip
-        node = group.start(ManagedProcess("node", [
-            "node", "run", "--base", str(base), "--store", str(tmp / "store"), "--port", str(node_port),
-            "--data-dir", str(tmp / "node-data"),
-            "--key", str(tmp / "node.key"), "--deployment", str(chain.deployment_path),
-            *[a for u in urls for a in ("--gateway", u)], "--slots", "2", "--threads", str(args.node_threads),
-            "--kv-blocks", "256"], tmp / "node.log", env=ENV))  # fmt: skip
+        gw_env = ENV | {
+            "LORAMESH_GATEWAY_SETTLE_INTERVAL_S": str(args.settle_interval),
+            "LORAMESH_GATEWAY_SETTLE_BATCH_SIZE": str(args.batch_size),
+        }
+        gateways = [
+            group.start(
+                ManagedProcess(
+                    f"gateway-{i}",
+                    [
+                        "gateway",
+                        "run",
+                        "--deployment",
+                        str(chain.deployment_path),
+                        "--db",
+                        db_url,
+                        "--port",
+                        str(port),
+                        "--base",
+                        str(base),
+                        "--key",
+                        str(tmp / f"settler-{i}.key"),
+                    ],
+                    tmp / f"gateway-{i}.log",
+                    env=gw_env,
+                )
+            )
+            for i, port in enumerate(gw_ports)
+        ]
+        node = group.start(
+            ManagedProcess(
+                "node",
+                [
+                    "node",
+                    "run",
+                    "--base",
+                    str(base),
+                    "--store",
+                    str(tmp / "store"),
+                    "--port",
+                    str(node_port),
+                    "--data-dir",
+                    str(tmp / "node-data"),
+                    "--key",
+                    str(tmp / "node.key"),
+                    "--deployment",
+                    str(chain.deployment_path),
+                    *[a for u in urls for a in ("--gateway", u)],
+                    "--slots",
+                    "2",
+                    "--threads",
+                    str(args.node_threads),
+                    "--kv-blocks",
+                    "256",
+                ],
+                tmp / "node.log",
+                env=ENV,
+            )
+        )
         for g, u in zip(gateways, urls):
             g.wait_http(u + "/health")
         node.wait_http(node_url + "/health")
-        publish(pkg.path, chain.client(owner), node_url=node_url,  # on chain, then into the node's store
-                operator_token=read_operator_token(token_path(tmp / "node-data")))
+        publish(
+            pkg.path,
+            chain.client(owner),
+            node_url=node_url,  # on chain, then into the node's store
+            operator_token=read_operator_token(token_path(tmp / "node-data")),
+        )
 
         listed: dict[str, dict] = {}
 
@@ -253,10 +320,15 @@ def soak(args) -> int:
         base_name = next(name for name, m in listed.items() if m["adapter_id"] is None)
         models = ["soak/adapter", base_name]
         adapter = listed["soak/adapter"]
-        price_of = {adapter["adapter_id"].lower(): int(adapter["price_per_1k_tokens_wei"]),
-                    BASE_MODEL_ADAPTER_ID.lower(): int(listed[base_name]["price_per_1k_tokens_wei"])}
-        print(f"ready after {time.monotonic() - t_start:.0f}s: 2 gateways, node {node_url}, models {models}; "
-              f"sending {args.requests} requests, concurrency {args.concurrency}", flush=True)
+        price_of = {
+            adapter["adapter_id"].lower(): int(adapter["price_per_1k_tokens_wei"]),
+            BASE_MODEL_ADAPTER_ID.lower(): int(listed[base_name]["price_per_1k_tokens_wei"]),
+        }
+        print(
+            f"ready after {time.monotonic() - t_start:.0f}s: 2 gateways, node {node_url}, models {models}; "
+            f"sending {args.requests} requests, concurrency {args.concurrency}",
+            flush=True,
+        )
 
         shown, load_s = asyncio.run(load(args, urls, api_key, models))
         ok_shown = [s for s in shown if s.error is None]
@@ -278,8 +350,12 @@ def soak(args) -> int:
         settle_tail_s = time.monotonic() - t_loaded
         wall_s = time.monotonic() - t_start
         codes = group.stop_all()  # gateways stop their settlers on SIGINT
-        logged_errors = sum(1 for p in gateways + [node] for line in p.log_path.read_text(errors="replace").splitlines()
-                            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"))  # fmt: skip
+        logged_errors = sum(
+            1
+            for p in gateways + [node]
+            for line in p.log_path.read_text(errors="replace").splitlines()
+            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+        )
 
         with Session(engine) as s:
             rows = {r.request_id.lower(): r for r in s.exec(select(UsageRecord))}
@@ -307,8 +383,12 @@ def soak(args) -> int:
     no_row = sum(1 for r in ids if r not in rows)
     rows_not_shown = len(set(rows) - set(ids))
     reverted = sum(t.status != 1 for t in txs)
-    row_mismatch = sum(1 for s in ok_shown if (r := rows.get(s.request_id.lower())) is not None
-                       and (r.prompt_tokens, r.completion_tokens) != (s.prompt_tokens, s.completion_tokens))
+    row_mismatch = sum(
+        1
+        for s in ok_shown
+        if (r := rows.get(s.request_id.lower())) is not None
+        and (r.prompt_tokens, r.completion_tokens) != (s.prompt_tokens, s.completion_tokens)
+    )
     chain_mismatch = fee_mismatch = 0
     for s in ok_shown:
         for p, c, fee, adapter in logs.get(s.request_id.lower(), ()):
@@ -321,38 +401,56 @@ def soak(args) -> int:
 
     per_gw = ", ".join(f"gateway {g}: {sum(s.gateway == g for s in ok_shown)}" for g in range(2))
     by_settler = Counter(b.settler.lower() for b in batches if b.settler)
-    per_settler = ", ".join(f"gateway {i} ({a.address[:8]}…): {by_settler.get(a.address.lower(), 0)} batches, "
-                            f"{sum(t.sender == a.address.lower() for t in txs)} txs"
-                            for i, a in enumerate(settlers))  # fmt: skip
+    per_settler = ", ".join(
+        f"gateway {i} ({a.address[:8]}…): {by_settler.get(a.address.lower(), 0)} batches, "
+        f"{sum(t.sender == a.address.lower() for t in txs)} txs"
+        for i, a in enumerate(settlers)
+    )
     mix = Counter((s.model != "soak/adapter", s.chat, s.stream) for s in ok_shown)
     table = [
-        ("requests", f"{len(shown)} sent, {len(ok_shown)} completed, {len(shown) - len(ok_shown)} failed "
-                     f"{dict(errors) if errors else ''}"),
+        (
+            "requests",
+            f"{len(shown)} sent, {len(ok_shown)} completed, {len(shown) - len(ok_shown)} failed "
+            f"{dict(errors) if errors else ''}",
+        ),
         ("per gateway", f"{per_gw} (gateway instances in the database: {len(instances)})"),
-        ("mix", f"adapter {sum(v for k, v in mix.items() if not k[0])} / base {sum(v for k, v in mix.items() if k[0])}"
-                f", chat {sum(s.chat for s in ok_shown)}, streamed {sum(s.stream for s in ok_shown)}, "
-                f"max_tokens {args.max_tokens}"),
-        ("load", f"{len(shown) - WARM_UP} requests (after {WARM_UP} warm-up) in {load_s:.1f}s at concurrency "
-                 f"{args.concurrency}: {(len(shown) - WARM_UP) / load_s:.1f} requests/s"),
+        (
+            "mix",
+            f"adapter {sum(v for k, v in mix.items() if not k[0])} / base {sum(v for k, v in mix.items() if k[0])}"
+            f", chat {sum(s.chat for s in ok_shown)}, streamed {sum(s.stream for s in ok_shown)}, "
+            f"max_tokens {args.max_tokens}",
+        ),
+        (
+            "load",
+            f"{len(shown) - WARM_UP} requests (after {WARM_UP} warm-up) in {load_s:.1f}s at concurrency "
+            f"{args.concurrency}: {(len(shown) - WARM_UP) / load_s:.1f} requests/s",
+        ),
         ("settlers", per_settler),
         ("batches", f"{len(batches)} ({dict(Counter(b.status for b in batches))})"),
         ("outbox afterwards", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))),
         ("on chain exactly once", f"{once} of {len(ids)}"),
         ("duplicates / missing", f"{dup} / {missing}"),
-        ("settled, no client got it", f"{extra} (outbox rows no client got: {rows_not_shown}; "
-                                      f"completed without a row: {no_row})"),
+        (
+            "settled, no client got it",
+            f"{extra} (outbox rows no client got: {rows_not_shown}; completed without a row: {no_row})",
+        ),
         ("settlement transactions", f"{len(txs)} in {len({t.block for t in txs})} blocks, {reverted} reverted"),
-        ("billed == shown", f"outbox {len(ok_shown) - row_mismatch - no_row}/{len(ok_shown)}, on chain tokens "
-                            f"{chain_tokens} vs shown {shown_tokens}, {chain_mismatch} records differ, "
-                            f"{fee_mismatch} fees != price x tokens / 1000"),
+        (
+            "billed == shown",
+            f"outbox {len(ok_shown) - row_mismatch - no_row}/{len(ok_shown)}, on chain tokens "
+            f"{chain_tokens} vs shown {shown_tokens}, {chain_mismatch} records differ, "
+            f"{fee_mismatch} fees != price x tokens / 1000",
+        ),
         ("streamed token events", f"{stream_mismatch} streams where events != usage.completion_tokens"),
         ("last record settled", f"{settle_tail_s:.1f}s after the last response"),
         ("processes", f"exit codes {codes}, {logged_errors} error lines in the gateway and node logs"),
         ("wall time", f"{wall_s:.0f}s (setup, load, settlement)"),
     ]
     width = max(len(k) for k, _ in table)
-    print(f"\ngateway soak: 2 gateways + their settlers on PostgreSQL, 1 node, anvil 1 s blocks, "
-          f"settle batch {args.batch_size}, interval {args.settle_interval:g}s")
+    print(
+        f"\ngateway soak: 2 gateways + their settlers on PostgreSQL, 1 node, anvil 1 s blocks, "
+        f"settle batch {args.batch_size}, interval {args.settle_interval:g}s"
+    )
     for k, v in table:
         print(f"  {k:<{width}}  {v}")
     checks = {
@@ -363,8 +461,8 @@ def soak(args) -> int:
         "billed tokens == shown usage": not row_mismatch and not chain_mismatch and chain_tokens == shown_tokens,
         "fee == price x tokens / 1000": not fee_mismatch,
         # a short run can fit in one settler's steps; at soak size both must have taken batches
-        "both settlers settled batches": args.requests < 1000 or all(by_settler.get(a.address.lower())
-                                                                     for a in settlers),
+        "both settlers settled batches": args.requests < 1000
+        or all(by_settler.get(a.address.lower()) for a in settlers),
         "no errors logged, every process exited 0": not logged_errors and not any(codes.values()),
         "outbox drained": not counts.get("pending") and not counts.get("submitted"),
     }
@@ -373,8 +471,10 @@ def soak(args) -> int:
     if failed:
         bad = [s for s in shown if s.error][:5]
         for s in bad:
-            print(f"  request {s.index} (gateway {s.gateway}, {s.model}, chat={s.chat}, stream={s.stream}): {s.error}",
-                  file=sys.stderr)
+            print(
+                f"  request {s.index} (gateway {s.gateway}, {s.model}, chat={s.chat}, stream={s.stream}): {s.error}",
+                file=sys.stderr,
+            )
         print(f"logs in {tmp}", file=sys.stderr)
     else:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -44,7 +44,6 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-
 def patterns(args) -> dict[str, list[int]]:
     """Slot per row: '16x4' = args.few adapters over the batch in turn (16 x 4 rows on the 8B run),
     '64x1' = every row its own adapter. Keys name the 8B run's shapes, also on the CPU check."""
@@ -62,18 +61,26 @@ def projections(shape: dict) -> dict[str, tuple[int, tuple[int, ...]]]:
 def candidates(quick: bool) -> dict[str, list[dict]]:
     """Launch settings per (mode, op); 'split' is the kernel's split_k (None = its own rule)."""
     if quick:
-        return {"bgmv/shrink": [{"BLOCK_K": 32, "split": s} for s in (None, 2)],
-                "bgmv/expand": [{"BLOCK_N": 16}, {"BLOCK_N": 32}],
-                "sgmv/shrink": [{"BLOCK_K": 32, "split": s} for s in (None, 2)],
-                "sgmv/expand": [{"BLOCK_N": 16}, {"BLOCK_N": 32}]}
-    expand = [{"BLOCK_N": n, "num_warps": w} for n, w in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8),
-                                                             (512, 4), (512, 8), (1024, 8))]
+        return {
+            "bgmv/shrink": [{"BLOCK_K": 32, "split": s} for s in (None, 2)],
+            "bgmv/expand": [{"BLOCK_N": 16}, {"BLOCK_N": 32}],
+            "sgmv/shrink": [{"BLOCK_K": 32, "split": s} for s in (None, 2)],
+            "sgmv/expand": [{"BLOCK_N": 16}, {"BLOCK_N": 32}],
+        }
+    expand = [
+        {"BLOCK_N": n, "num_warps": w}
+        for n, w in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8))
+    ]
     return {
-        "bgmv/shrink": [{"BLOCK_K": k, "num_warps": w, "split": s}
-                        for k, w, s in itertools.product((128, 256, 512), (4, 8), (None, 4, 8, 16))],
+        "bgmv/shrink": [
+            {"BLOCK_K": k, "num_warps": w, "split": s}
+            for k, w, s in itertools.product((128, 256, 512), (4, 8), (None, 4, 8, 16))
+        ],
         "bgmv/expand": expand,
-        "sgmv/shrink": [{"BLOCK_K": k, "num_warps": w, "split": s}
-                        for k, w, s in itertools.product((64, 128, 256), (4, 8), (None, 4, 8, 16, 32))],
+        "sgmv/shrink": [
+            {"BLOCK_K": k, "num_warps": w, "split": s}
+            for k, w, s in itertools.product((64, 128, 256), (4, 8), (None, 4, 8, 16, 32))
+        ],
         "sgmv/expand": expand[:-2],
     }
 
@@ -90,6 +97,7 @@ def make_timer(device: str, quick: bool):
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
+
     return cpu
 
 
@@ -137,8 +145,9 @@ def sweep(args, report: dict) -> None:
                     for cfg in [{}] + cands[f"{mode}/{op}"]:
                         cfg = dict(cfg)
                         split = cfg.pop("split", None)
-                        kern = TritonLoRAKernel(mode, split_k=split, **({"shrink_cfg": cfg} if op == "shrink"
-                                                                        else {"expand_cfg": cfg}))
+                        kern = TritonLoRAKernel(
+                            mode, split_k=split, **({"shrink_cfg": cfg} if op == "shrink" else {"expand_cfg": cfg})
+                        )
                         try:
                             err = check(kern, meta, x, y, ws[0], slices, ref_h, ref_y)
                             h = kern.shrink(x, ws[0][0], meta)
@@ -148,26 +157,59 @@ def sweep(args, report: dict) -> None:
                             else:
                                 ms = timer(lambda: [kern.expand(yy, h, b, meta, 0, slices) for _, b in ws]) / copies
                         except Exception as e:  # noqa: BLE001 - a setting that fails to build is reported, not fatal
-                            rows.append({"proj": proj, "pattern": pat, "mode": mode, "op": op, "cfg": cfg,
-                                         "split": split, "error": f"{type(e).__name__}: {e}"[:200]})
+                            rows.append(
+                                {
+                                    "proj": proj,
+                                    "pattern": pat,
+                                    "mode": mode,
+                                    "op": op,
+                                    "cfg": cfg,
+                                    "split": split,
+                                    "error": f"{type(e).__name__}: {e}"[:200],
+                                }
+                            )
                             continue
-                        row = {"proj": proj, "pattern": pat, "mode": mode, "op": op, "cfg": cfg, "split": split,
-                               "splits_used": h.shape[0], "ms": ms, "rel_err": err}
+                        row = {
+                            "proj": proj,
+                            "pattern": pat,
+                            "mode": mode,
+                            "op": op,
+                            "cfg": cfg,
+                            "split": split,
+                            "splits_used": h.shape[0],
+                            "ms": ms,
+                            "rel_err": err,
+                        }
                         rows.append(row)
                         if err < 2e-2 and (best is None or ms < best["ms"]):
                             best = row
                     if best is None:
                         print(f"{proj:8s} {pat} {mode} {op:6s}: no setting passed its check", flush=True)
                         continue
-                    print(f"{proj:8s} {pat} {mode} {op:6s} default {rows_default(rows, proj, pat, mode, op):.4f} ms, "
-                          f"best {best['ms']:.4f} ms {best['cfg']} split {best['split']} "
-                          f"(LoRA bytes {lora_bytes / 1e6:.1f} MB; GEMM {gemm_ms:.4f} ms)", flush=True)
+                    print(
+                        f"{proj:8s} {pat} {mode} {op:6s} default {rows_default(rows, proj, pat, mode, op):.4f} ms, "
+                        f"best {best['ms']:.4f} ms {best['cfg']} split {best['split']} "
+                        f"(LoRA bytes {lora_bytes / 1e6:.1f} MB; GEMM {gemm_ms:.4f} ms)",
+                        flush=True,
+                    )
     report["sweep"] = rows
 
 
 def rows_default(rows, proj, pat, mode, op) -> float:
-    return next((r["ms"] for r in rows if r.get("proj") == proj and r.get("pattern") == pat and r.get("mode") == mode
-                 and r.get("op") == op and r.get("cfg") == {} and r.get("split") is None and "ms" in r), float("nan"))
+    return next(
+        (
+            r["ms"]
+            for r in rows
+            if r.get("proj") == proj
+            and r.get("pattern") == pat
+            and r.get("mode") == mode
+            and r.get("op") == op
+            and r.get("cfg") == {}
+            and r.get("split") is None
+            and "ms" in r
+        ),
+        float("nan"),
+    )
 
 
 def reference(x, y, w, host_slots, slices, r):
@@ -180,7 +222,7 @@ def reference(x, y, w, host_slots, slices, r):
     c0 = 0
     for i, n in enumerate(slices):
         rows = slice(i * r, (i + 1) * r)
-        delta[:, c0:c0 + n] = torch.einsum("tr,trn->tn", h[:, rows], b[idx][:, rows, c0:c0 + n])
+        delta[:, c0 : c0 + n] = torch.einsum("tr,trn->tn", h[:, rows], b[idx][:, rows, c0 : c0 + n])
         c0 += n
     return h, yd + delta
 
@@ -203,8 +245,13 @@ def attention(args, report: dict) -> None:
     blocks = t * width + 1
     copies = 8 if dev.startswith("cuda") else 1
     g = torch.Generator(device=dev).manual_seed(11)
-    caches = [(torch.randn(blocks, bs, kvh, d, generator=g, device=dev).to(torch.bfloat16),
-               torch.randn(blocks, bs, kvh, d, generator=g, device=dev).to(torch.bfloat16)) for _ in range(copies)]
+    caches = [
+        (
+            torch.randn(blocks, bs, kvh, d, generator=g, device=dev).to(torch.bfloat16),
+            torch.randn(blocks, bs, kvh, d, generator=g, device=dev).to(torch.bfloat16),
+        )
+        for _ in range(copies)
+    ]
     perm = torch.randperm(blocks - 1, generator=torch.Generator().manual_seed(12))[: t * width].view(t, width)
     tables = perm.to(dev, torch.int64)
     ctx = torch.tensor(contexts, device=dev, dtype=torch.int64)
@@ -218,19 +265,31 @@ def attention(args, report: dict) -> None:
     for block_n, warps in ((None, None), (16, 8), (16, 4), (64, 8)):
         try:
             err = rel_err(paged_decode_attention(q, *caches[0], tables, ctx, block_n=block_n, num_warps=warps), ref)
-            ms = timer(lambda: [paged_decode_attention(q, k, v, tables, ctx, out=out, block_n=block_n, num_warps=warps)
-                                for k, v in caches]) / copies
+            ms = (
+                timer(
+                    lambda: [
+                        paged_decode_attention(q, k, v, tables, ctx, out=out, block_n=block_n, num_warps=warps)
+                        for k, v in caches
+                    ]
+                )
+                / copies
+            )
         except Exception as e:  # noqa: BLE001 - a setting that fails to build is reported, not fatal
             rows.append({"block_n": block_n, "num_warps": warps, "error": f"{type(e).__name__}: {e}"[:200]})
             continue
-        rows.append({"block_n": block_n, "num_warps": warps, "ms": ms, "GBps": kv_bytes / ms / 1e6,
-                     "rel_err_vs_default": err})
-        print(f"attention BLOCK_N {block_n or 'default'} warps {warps or 'default'}: {ms * 1e3:.1f} us a layer, "
-              f"{kv_bytes / ms / 1e6:,.0f} GB/s (rel err vs default {err:.1e})", flush=True)
+        rows.append(
+            {"block_n": block_n, "num_warps": warps, "ms": ms, "GBps": kv_bytes / ms / 1e6, "rel_err_vs_default": err}
+        )
+        print(
+            f"attention BLOCK_N {block_n or 'default'} warps {warps or 'default'}: {ms * 1e3:.1f} us a layer, "
+            f"{kv_bytes / ms / 1e6:,.0f} GB/s (rel err vs default {err:.1e})",
+            flush=True,
+        )
     report["attention"] = {"kv_MB": kv_bytes / 1e6, "settings": rows}
 
 
 # ---- the whole engine ----
+
 
 def build_engine(args, work: Path):
     from node.engine import EngineConfig, LLMEngine
@@ -238,17 +297,30 @@ def build_engine(args, work: Path):
 
     ns = SimpleNamespace(device=args.device, shape=args.shape, rank=args.rank)
     base_dir, model, store, account, dtype, cfg = bench.build(ns, work)
-    ids = bench.extra_adapters(ns, cfg, base_dir, store, account, work, [f"p{i}" for i in range(args.slots)],
-                               torch.bfloat16)
+    ids = bench.extra_adapters(
+        ns, cfg, base_dir, store, account, work, [f"p{i}" for i in range(args.slots)], torch.bfloat16
+    )
     weights = dict(model.state_dict())
     del model
     cuda = args.device.startswith("cuda")
-    engine = LLMEngine(EngineConfig(
-        model_dir=base_dir, device=args.device, dtype="bf16" if cuda else "float32", num_slots=args.slots,
-        max_lora_rank=args.rank, cpu_cache_size=args.slots, max_num_seqs=args.batch,
-        max_num_batched_tokens=args.batch * args.prompt_len, max_model_len=args.prompt_len + args.new_tokens + 2,
-        block_size=16, cuda_graphs="auto" if cuda else "static"), store=store, weights=weights.items(),
-        kernel=TritonLoRAKernel())
+    engine = LLMEngine(
+        EngineConfig(
+            model_dir=base_dir,
+            device=args.device,
+            dtype="bf16" if cuda else "float32",
+            num_slots=args.slots,
+            max_lora_rank=args.rank,
+            cpu_cache_size=args.slots,
+            max_num_seqs=args.batch,
+            max_num_batched_tokens=args.batch * args.prompt_len,
+            max_model_len=args.prompt_len + args.new_tokens + 2,
+            block_size=16,
+            cuda_graphs="auto" if cuda else "static",
+        ),
+        store=store,
+        weights=weights.items(),
+        kernel=TritonLoRAKernel(),
+    )
     del weights
     engine.adapters.verify_hashes = False
     for aid in ids:
@@ -272,7 +344,9 @@ def step_parts(engine):
                 return fn(*a, **kw)
             finally:
                 parts[key].append(time.perf_counter() - t0)
+
         setattr(obj, name, timed)
+
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(engine.runner, "forward", "forward")
     wrap(le, "sample_on_device", "sample")
@@ -284,6 +358,7 @@ def step_parts(engine):
         parts["modes"].append(mode)
         parts["batch"].append(sum(1 for x in host_slots if x >= 0))
         return mode
+
     kernel.choose_mode = recorded
     return parts
 
@@ -294,9 +369,14 @@ def run_requests(engine, names, prompts, new_tokens, parts) -> dict:
     for k in parts:
         parts[k].clear()
     for i, name in enumerate(names):
-        engine.add_request(GenerationRequest(f"q{time.monotonic_ns()}-{i}", name, prompt_token_ids=prompts[i],
-                                             params=SamplingParams(max_tokens=new_tokens, temperature=0.0,
-                                                                   ignore_eos=True)))
+        engine.add_request(
+            GenerationRequest(
+                f"q{time.monotonic_ns()}-{i}",
+                name,
+                prompt_token_ids=prompts[i],
+                params=SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True),
+            )
+        )
     walls = []
     while engine.has_work():
         t0 = time.perf_counter()
@@ -308,8 +388,12 @@ def run_requests(engine, names, prompts, new_tokens, parts) -> dict:
     # drop the prefill step (first) and the last (finishing) step
     dec = slice(1, -1)
     med = lambda v: statistics.median(v[dec]) * 1e3 if v[dec] else float("nan")  # noqa: E731 - CPU: no device sampler
-    out = {"step_ms": med(walls), "schedule_ms": med(parts["schedule"]), "forward_launch_ms": med(parts["forward"]),
-           "sample_wait_ms": med(parts["sample"])}
+    out = {
+        "step_ms": med(walls),
+        "schedule_ms": med(parts["schedule"]),
+        "forward_launch_ms": med(parts["forward"]),
+        "sample_wait_ms": med(parts["sample"]),
+    }
     out["rest_ms"] = out["step_ms"] - out["schedule_ms"] - out["forward_launch_ms"] - out["sample_wait_ms"]
     out["steps"] = len(walls)
     out["modes"] = {m: parts["modes"].count(m) for m in set(parts["modes"])}
@@ -329,6 +413,7 @@ def replay_ms(engine, bucket: int, mode: str, host_slots: list[int] | None, n: i
             graphs.graphs[(bucket, mode)].replay()
         else:
             graphs._forward(bucket, mode)
+
     once()
     if not engine.device.type == "cuda":
         t0 = time.perf_counter()
@@ -353,8 +438,11 @@ def step_section(args, engine, ids, report: dict) -> None:
     prompts = torch.randint(3, min(1000, engine.model_cfg.vocab_size), (t, args.prompt_len), generator=g).tolist()
     parts = step_parts(engine)
     slot_of = engine.adapters.slot_of
-    systems = {"base-only": [None] * t, "16 adapters (auto)": [ids[i] for i in patterns(args)["16x4"]],
-               "64 distinct (auto)": [ids[i] for i in patterns(args)["64x1"]]}
+    systems = {
+        "base-only": [None] * t,
+        "16 adapters (auto)": [ids[i] for i in patterns(args)["16x4"]],
+        "64 distinct (auto)": [ids[i] for i in patterns(args)["64x1"]],
+    }
     kernel = engine.mapping.kernel
     res = {}
     for name, names in systems.items():
@@ -375,9 +463,14 @@ def step_section(args, engine, ids, report: dict) -> None:
     from node.engine import GenerationRequest, SamplingParams
 
     for i, name in enumerate(names):
-        engine.add_request(GenerationRequest(f"rp{i}", name, prompt_token_ids=prompts[i],
-                                             params=SamplingParams(max_tokens=args.new_tokens // 2 + 2,
-                                                                   temperature=0.0, ignore_eos=True)))
+        engine.add_request(
+            GenerationRequest(
+                f"rp{i}",
+                name,
+                prompt_token_ids=prompts[i],
+                params=SamplingParams(max_tokens=args.new_tokens // 2 + 2, temperature=0.0, ignore_eos=True),
+            )
+        )
     for _ in range(args.new_tokens // 2):
         engine.step()
     seqs = list(engine.scheduler.running)
@@ -394,9 +487,12 @@ def step_section(args, engine, ids, report: dict) -> None:
         engine.step()
 
 
-KINDS = (("lora", ("bgmv", "sgmv")), ("attention", ("paged_attn", "attention")),
-         ("fused ops", ("rms_norm", "rope", "silu", "_add_rms")),
-         ("GEMM", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas", "splitk")))
+KINDS = (
+    ("lora", ("bgmv", "sgmv")),
+    ("attention", ("paged_attn", "attention")),
+    ("fused ops", ("rms_norm", "rope", "silu", "_add_rms")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas", "splitk")),
+)
 
 
 def kind_of(name: str) -> str:
@@ -409,7 +505,8 @@ def kind_of(name: str) -> str:
 
 def profile(engine, bucket: int, slots: list[int]) -> dict:
     """Kernel time by kind for one eager decode step (same kernels as the graph, without its launch gaps)."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     graphs = engine.runner.graphs
     kernel = engine.mapping.kernel
@@ -436,10 +533,15 @@ def profile(engine, bucket: int, slots: list[int]) -> dict:
             by_kind[kind_of(ev.key)] = by_kind.get(kind_of(ev.key), 0.0) + us / 3 / 1e3
             top.append((us / 3 / 1e3, ev.count // 3, ev.key[:90]))
         top.sort(reverse=True)
-        result[mode] = {"by_kind_ms": by_kind, "total_kernel_ms": sum(by_kind.values()),
-                        "top": [{"ms": ms, "count": n, "kernel": k} for ms, n, k in top[:40]]}
-        print(f"kernel time per step, {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(by_kind.items())),
-              flush=True)
+        result[mode] = {
+            "by_kind_ms": by_kind,
+            "total_kernel_ms": sum(by_kind.values()),
+            "top": [{"ms": ms, "count": n, "kernel": k} for ms, n, k in top[:40]],
+        }
+        print(
+            f"kernel time per step, {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(by_kind.items())),
+            flush=True,
+        )
     return result
 
 
@@ -459,8 +561,14 @@ def main() -> None:
     args.prompt_len, args.new_tokens = (128, 64) if cuda else (8, 6)
     args.out.mkdir(parents=True, exist_ok=True)
     args.few = 16 if cuda else 2
-    report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "shape": args.shape, "batch": args.batch, "rank": args.rank, "torch": torch.__version__}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "shape": args.shape,
+        "batch": args.batch,
+        "rank": args.rank,
+        "torch": torch.__version__,
+    }
     path = args.out / "gpu-profile.json"
     t0 = time.perf_counter()
     sections = args.sections.split(",")

@@ -27,7 +27,6 @@ BASE = dict(hidden_size=512, intermediate_size=1024, num_layers=5, num_heads=8, 
 RANK = 960
 from node.adapters.weights import LORA_TARGETS as TARGETS  # noqa: E402
 
-
 # -- raw baseline: one host serves a file's bytes, the other reads them to EOF ---------------------
 
 
@@ -95,12 +94,22 @@ async def _raw_fetch(addr: str, runs: int) -> None:
 
 
 def _raw_baseline(path: Path, runs: int) -> list[dict]:
-    server = subprocess.Popen([sys.executable, __file__, "--raw-serve", str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--raw-serve", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         addr = json.loads(server.stdout.readline())["addr"]
-        res = subprocess.run([sys.executable, __file__, "--raw-fetch", addr, "--runs", str(runs)],
-                             capture_output=True, text=True, cwd=REPO, timeout=600)
+        res = subprocess.run(
+            [sys.executable, __file__, "--raw-fetch", addr, "--runs", str(runs)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+        )
         if res.returncode:
             raise RuntimeError(f"raw fetch failed: {res.stderr[-2000:]}")
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -150,8 +159,11 @@ def main() -> None:
         base, owner, pkg = _make_package(work)
         size = sum(f.size for f in pkg.manifest.files)
         weights = pkg.path / "adapter_model.safetensors"
-        print(f"package {pkg.adapter_id[:18]}…: {size / 1e6:.1f} MB in {len(pkg.manifest.files)} files "
-              f"(built in {time.perf_counter() - t0:.1f}s)", flush=True)
+        print(
+            f"package {pkg.adapter_id[:18]}…: {size / 1e6:.1f} MB in {len(pkg.manifest.files)} files "
+            f"(built in {time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
 
         owners = work / "owners.json"
         owners.write_text(json.dumps({pkg.adapter_id: owner}))

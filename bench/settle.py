@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from eth_account import Account  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
 
+from common.wire import hex0x, node_id_of  # noqa: E402
 from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, free_port  # noqa: E402
 from devnet.deploy import deploy  # noqa: E402
 from ledger.chain import ChainClient  # noqa: E402
@@ -37,7 +38,6 @@ from ledger.db import init_db, make_engine  # noqa: E402
 from ledger.models import SettlementBatch, UsageRecord  # noqa: E402
 from ledger.settler import Settler  # noqa: E402
 from ledger.settler_config import SettlerConfig  # noqa: E402
-from common.wire import hex0x, node_id_of  # noqa: E402
 
 SIZES = (1, 100, 500)
 
@@ -54,8 +54,14 @@ def setup(rpc_url: str):
     ChainClient(d, p1).register_dataset("bench-1", rid())
     ChainClient(d, p2).register_dataset("bench-2", rid())
     ds1, ds2 = ChainClient(d).dataset_id("bench-1", p1.address), ChainClient(d).dataset_id("bench-2", p2.address)
-    ChainClient(d, owner).register_adapter(adapter, name="bench", version="1", base_model=base,
-                                           price_per_1k_tokens=10**12, datasets=[(ds1, 3000), (ds2, 2000)])  # fmt: skip
+    ChainClient(d, owner).register_adapter(
+        adapter,
+        name="bench",
+        version="1",
+        base_model=base,
+        price_per_1k_tokens=10**12,
+        datasets=[(ds1, 3000), (ds2, 2000)],
+    )
     node_key = Ed25519PrivateKey.generate()  # the registry takes a node id only with its key's proof
     node = node_id_of(node_key.public_key().public_bytes_raw())
     ChainClient(d, op).register_node(node_key, peer_id="p", multiaddrs=[], api_url="http://x", base_model=base)
@@ -65,20 +71,33 @@ def setup(rpc_url: str):
 def fill_outbox(db_url: str, adapter: str, node: str, total: int):
     engine = make_engine(db_url, immediate=True)
     init_db(engine)
-    rows = [UsageRecord(request_id=rid(), adapter_id=adapter, node_id=node, prompt_tokens=100 + i % 50,
-                        completion_tokens=20 + i % 7, receipt_json="{}", node_signature="bench")
-            for i in range(total)]  # fmt: skip
+    rows = [
+        UsageRecord(
+            request_id=rid(),
+            adapter_id=adapter,
+            node_id=node,
+            prompt_tokens=100 + i % 50,
+            completion_tokens=20 + i % 7,
+            receipt_json="{}",
+            node_signature="bench",
+        )
+        for i in range(total)
+    ]
     with Session(engine) as s:
         s.add_all(rows)
         s.commit()
     return engine
 
 
-def run_mode(client: ChainClient, adapter: str, node: str, folder: Path, *, batch_size: int, total: int,
-             in_flight: int) -> dict:  # fmt: skip
+def run_mode(
+    client: ChainClient, adapter: str, node: str, folder: Path, *, batch_size: int, total: int, in_flight: int
+) -> dict:
     engine = fill_outbox(f"sqlite:///{folder}/outbox-{batch_size}-{in_flight}.db", adapter, node, total)
-    settler = Settler(engine, client.with_account(client.account),
-                      SettlerConfig(batch_size=batch_size, interval=0, max_in_flight=in_flight))  # fmt: skip
+    settler = Settler(
+        engine,
+        client.with_account(client.account),
+        SettlerConfig(batch_size=batch_size, interval=0, max_in_flight=in_flight),
+    )
     t0 = time.perf_counter()
     settled = settler.drain()
     elapsed = time.perf_counter() - t0
@@ -88,8 +107,13 @@ def run_mode(client: ChainClient, adapter: str, node: str, folder: Path, *, batc
         hashes = [b.tx_hash for b in s.exec(select(SettlementBatch))]
     gas = sum(client.tx.light_receipt(h)["gasUsed"] for h in hashes)
     engine.dispose()
-    return {"records": total, "txs": len(hashes), "seconds": elapsed, "rps": total / elapsed,
-            "gas_per_record": gas / total}  # fmt: skip
+    return {
+        "records": total,
+        "txs": len(hashes),
+        "seconds": elapsed,
+        "rps": total / elapsed,
+        "gas_per_record": gas / total,
+    }
 
 
 def main() -> None:
@@ -109,19 +133,32 @@ def main() -> None:
             client, adapter, node = setup(anvil.rpc_url)
             for size in SIZES:
                 seq = run_mode(client, adapter, node, Path(tmp), batch_size=size, total=seq_batches * size, in_flight=1)
-                pipe = run_mode(client, adapter, node, Path(tmp), batch_size=size,
-                                total=args.records if size == 1 else args.batched_records, in_flight=args.in_flight)
+                pipe = run_mode(
+                    client,
+                    adapter,
+                    node,
+                    Path(tmp),
+                    batch_size=size,
+                    total=args.records if size == 1 else args.batched_records,
+                    in_flight=args.in_flight,
+                )
                 rows.append((size, seq, pipe))
     base = rows[0][2]
-    print(f"settlement on anvil (block time {args.block_time:g}s): Settler.drain() from a SQLite outbox; "
-          f"sequential = max_in_flight 1, pipelined = max_in_flight {args.in_flight}")
-    print(f"{'batch':>6} {'records':>8} {'txs':>5} {'seconds':>8} {'records/s':>10} {'x vs 1':>7} {'gas/record':>11} "
-          f"{'x vs 1':>7} {'seq rec/s':>10} {'pipe/seq':>9}")
+    print(
+        f"settlement on anvil (block time {args.block_time:g}s): Settler.drain() from a SQLite outbox; "
+        f"sequential = max_in_flight 1, pipelined = max_in_flight {args.in_flight}"
+    )
+    print(
+        f"{'batch':>6} {'records':>8} {'txs':>5} {'seconds':>8} {'records/s':>10} {'x vs 1':>7} {'gas/record':>11} "
+        f"{'x vs 1':>7} {'seq rec/s':>10} {'pipe/seq':>9}"
+    )
     for size, seq, r in rows:
-        print(f"{size:>6} {r['records']:>8} {r['txs']:>5} {r['seconds']:>8.2f} {r['rps']:>10.0f} "
-              f"{r['rps'] / base['rps']:>7.1f} "
-              f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f} "
-              f"{seq['rps']:>10.1f} {r['rps'] / seq['rps']:>9.1f}")
+        print(
+            f"{size:>6} {r['records']:>8} {r['txs']:>5} {r['seconds']:>8.2f} {r['rps']:>10.0f} "
+            f"{r['rps'] / base['rps']:>7.1f} "
+            f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f} "
+            f"{seq['rps']:>10.1f} {r['rps'] / seq['rps']:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

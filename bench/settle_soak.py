@@ -50,9 +50,16 @@ def writer(args) -> None:
             adapter, node = pairs[i % len(pairs)]
             rid = "0x" + os.urandom(32).hex()
             with Session(engine) as s:
-                add_usage_record(s, request_id=rid, adapter_id=adapter, node_id=node, prompt_tokens=60 + i % 200,
-                                 completion_tokens=10 + i % 90, receipt_json={"request_id": rid},
-                                 node_signature="soak")  # fmt: skip
+                add_usage_record(
+                    s,
+                    request_id=rid,
+                    adapter_id=adapter,
+                    node_id=node,
+                    prompt_tokens=60 + i % 200,
+                    completion_tokens=10 + i % 90,
+                    receipt_json={"request_id": rid},
+                    node_signature="soak",
+                )
                 s.commit()
             out.write(rid + "\n")
             out.flush()
@@ -64,7 +71,7 @@ def writer(args) -> None:
 
 def soak(args) -> int:
     from tests.ledger.audit import ledger_transactions, record_settled_counts, stop_settlers
-    from tests.utils.chain import start_chain, register_sample
+    from tests.utils.chain import register_sample, start_chain
     from tests.utils.postgres import start_postgres
 
     tmp = Path(tempfile.mkdtemp(prefix="loramesh-soak-"))
@@ -92,17 +99,56 @@ def soak(args) -> int:
         for i, a in enumerate(accounts):
             key = tmp / f"settler-{i}.key"
             key.write_text(a.key.hex())
-            cmd = [sys.executable, "-m", "ledger.cli", "settler", "run", "--db", db_url, "--deployment",
-                   str(env.deployment_path), "--key", str(key), "--batch-size", str(args.batch_size),
-                   "--interval", str(args.interval), "--max-in-flight", str(args.max_in_flight)]  # fmt: skip
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.DEVNULL,
-                                          stderr=(tmp / f"settler-{i}.log").open("w")))  # fmt: skip
-        per = [args.records // args.writers + (1 if i < args.records % args.writers else 0) for i in range(args.writers)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "ledger.cli",
+                "settler",
+                "run",
+                "--db",
+                db_url,
+                "--deployment",
+                str(env.deployment_path),
+                "--key",
+                str(key),
+                "--batch-size",
+                str(args.batch_size),
+                "--interval",
+                str(args.interval),
+                "--max-in-flight",
+                str(args.max_in_flight),
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=ROOT, env=child_env, stdout=subprocess.DEVNULL, stderr=(tmp / f"settler-{i}.log").open("w")
+                )
+            )
+        per = [
+            args.records // args.writers + (1 if i < args.records % args.writers else 0) for i in range(args.writers)
+        ]
         t0 = time.monotonic()
-        writers = [subprocess.Popen([sys.executable, __file__, "--writer", "--db", db_url, "--count", str(n),
-                                     "--rate", str(args.rate / args.writers), "--pairs", ",".join(pairs),
-                                     "--out", str(tmp / f"writer-{i}.ids")], cwd=ROOT, env=child_env)
-                   for i, n in enumerate(per)]  # fmt: skip
+        writers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--writer",
+                    "--db",
+                    db_url,
+                    "--count",
+                    str(n),
+                    "--rate",
+                    str(args.rate / args.writers),
+                    "--pairs",
+                    ",".join(pairs),
+                    "--out",
+                    str(tmp / f"writer-{i}.ids"),
+                ],
+                cwd=ROOT,
+                env=child_env,
+            )
+            for i, n in enumerate(per)
+        ]
         for w in writers:
             w.wait()
         written_at = time.monotonic()
@@ -141,8 +187,11 @@ def soak(args) -> int:
     extra = len(set(on_chain) - set(ids))
     reverted = sum(t.status != 1 for t in txs)
     by_settler = Counter(b.settler.lower() for b in batches if b.settler)
-    per_settler = ", ".join(f"{a.address[:8]}…: {by_settler.get(a.address.lower(), 0)} batches, "
-                            f"{sum(t.sender == a.address.lower() for t in txs)} txs" for a in accounts)  # fmt: skip
+    per_settler = ", ".join(
+        f"{a.address[:8]}…: {by_settler.get(a.address.lower(), 0)} batches, "
+        f"{sum(t.sender == a.address.lower() for t in txs)} txs"
+        for a in accounts
+    )
     write_s, tail_s = written_at - t0, settled_at - written_at
     rows = [
         ("records written", f"{len(ids)} by {args.writers} writers in {write_s:.1f}s ({len(ids) / write_s:.1f}/s)"),
@@ -158,8 +207,10 @@ def soak(args) -> int:
         ("last record settled", f"{tail_s:.1f}s after the writers finished"),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f"settlement soak: anvil block time {args.block_time:g}s, batch size {args.batch_size}, "
-          f"interval {args.interval:g}s, max in flight {args.max_in_flight}")
+    print(
+        f"settlement soak: anvil block time {args.block_time:g}s, batch size {args.batch_size}, "
+        f"interval {args.interval:g}s, max in flight {args.max_in_flight}"
+    )
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     ok = once == len(ids) == args.records and not (twice or missing or extra or reverted)

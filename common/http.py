@@ -26,8 +26,9 @@ def _error_body(message: str) -> bytes:
 class BodyLimitMiddleware:
     """Refuse request bodies above `max_bytes` (per path prefix in `overrides`, longest prefix wins)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 overrides: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES, overrides: dict[str, int] | None = None
+    ) -> None:
         self.app, self.max_bytes = app, max_bytes
         self.overrides = sorted((overrides or {}).items(), key=lambda kv: -len(kv[0]))
 
@@ -82,13 +83,22 @@ class BodyLimitMiddleware:
     @staticmethod
     async def _refuse(send: Send, status: int, message: str) -> None:
         body = _error_body(message)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 # ---- the client side: answers read within a limit ----------------------------------------------------
+
 
 async def read_capped(response, limit: int) -> bytes:
     """At most `limit` + 1 bytes of an httpx response's body (one past the limit says it was longer): the
@@ -107,17 +117,35 @@ async def bounded_call(client, method: str, url: str, limit: int, **kw) -> tuple
         return r.status_code, await read_capped(r, limit)
 
 
-# ---- what an error looks like (common.wire.error_body), for the OpenAPI schemas ----------------------------------------------
+# ---- what an error looks like (common.wire.error_body), for the OpenAPI schemas -----------------------------
 
-ERROR_JSON = {"application/json": {"schema": {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
-        "code": {"type": ["string", "null"]}}}}}}}
+ERROR_JSON = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        }
+    }
+}
 # OpenAPI 3.1 reads an event stream's schema as each event's: a `data:` line holding one JSON event (the
 # gateway's last is the OpenAI stream's literal [DONE])
-EVENT_STREAM = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
-                                                 "properties": {"data": {"type": "string"}}}}}
+EVENT_STREAM = {
+    "text/event-stream": {
+        "schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    }
+}
 # a route that answers JSON, or server-sent events when asked to stream
 ANSWER_OR_EVENTS = {200: {"description": "the answer, or its events with stream=true", "content": EVENT_STREAM}}
 

@@ -63,7 +63,7 @@ class Identity:
         return node_id_of(self.node_public_key)
 
     @classmethod
-    def generate(cls) -> "Identity":
+    def generate(cls) -> Identity:
         """A fresh identity held only in memory."""
         return cls(account=Account.create(), node_key=Ed25519PrivateKey.generate())
 
@@ -142,8 +142,10 @@ def _check_kdf_costs(path: Path, doc: dict) -> None:
             continue  # missing parts are reported when the file is unlocked
         n, r, p = kdf.get("n"), kdf.get("r", 8), kdf.get("p", 1)
         if type(n) is not int or not 2 <= n <= MAX_SCRYPT_N or n & (n - 1) or r != 8 or p != 1:
-            raise IdentityError(f"{path}: {where} asks for scrypt cost n={str(n)[:24]}, r={str(r)[:8]}, "
-                                f"p={str(p)[:8]}; expected a power of two up to {MAX_SCRYPT_N} with r=8, p=1")
+            raise IdentityError(
+                f"{path}: {where} asks for scrypt cost n={str(n)[:24]}, r={str(r)[:8]}, "
+                f"p={str(p)[:8]}; expected a power of two up to {MAX_SCRYPT_N} with r=8, p=1"
+            )
 
 
 def load_identity(path: str | Path, password: str | None = None) -> Identity:

@@ -45,10 +45,20 @@ KEEP_ALIVE_S = 30
 
 def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.0) -> None:
     """Run `app` on host:port until a signal; raise ServerDidNotStart if it never came up."""
-    server = _GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                            timeout_graceful_shutdown=graceful_timeout, lifespan="on",
-                                            timeout_keep_alive=KEEP_ALIVE_S))  # fmt: skip
+    server = _GracefulServer(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=graceful_timeout,
+            lifespan="on",
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
+    )
     server.run()
     if not server.started:
-        raise ServerDidNotStart(f"{name} did not start on {host}:{port}: see the log above (port busy? start-up failed?)")
+        raise ServerDidNotStart(
+            f"{name} did not start on {host}:{port}: see the log above (port busy? start-up failed?)"
+        )
     log.info("%s stopped", name)

@@ -32,11 +32,14 @@ class ServiceSettings(BaseSettings):
     _config_file: ClassVar[Path | None] = None
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if cls._config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._config_file))
@@ -66,6 +69,8 @@ class ServiceSettings(BaseSettings):
             return f"unknown setting {name!r} in {config_file}" if config_file else f"unknown setting {name!r}"
         if err["type"] == "missing":
             prefix = cls.model_config.get("env_prefix", "")
-            return (f"missing setting {name}: give --{name.replace('_', '-')}, {prefix}{name.upper()} or "
-                    f"{name} in a --config file")
+            return (
+                f"missing setting {name}: give --{name.replace('_', '-')}, {prefix}{name.upper()} or "
+                f"{name} in a --config file"
+            )
         return f"setting {name}: {err['msg'].removeprefix('Value error, ')}"

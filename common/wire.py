@@ -67,9 +67,7 @@ def node_id_of(public_key: bytes) -> str:
 
 def canonical_json(obj: Any) -> bytes:
     """Serialise `obj` as canonical JSON: sorted keys, no spaces, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -88,8 +86,9 @@ def sse_frame(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"  # the OpenAI stream's last event
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> dict:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", code: str | None = None, param: str | None = None
+) -> dict:
     """The error object every loramesh HTTP API answers with (OpenAI's shape, also on the node API)."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -147,8 +146,9 @@ def json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
-def parse_json(data: bytes | bytearray | memoryview | str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH,
-               what: str = "JSON") -> Any:
+def parse_json(
+    data: bytes | bytearray | memoryview | str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, what: str = "JSON"
+) -> Any:
     """Parse untrusted JSON within limits, or raise UntrustedJSONError with one clear line.
 
     Refused: more than `max_bytes` bytes, nesting deeper than `max_depth`, invalid UTF-8 or JSON,
@@ -167,13 +167,13 @@ def parse_json(data: bytes | bytearray | memoryview | str, *, max_bytes: int, ma
     if json_depth(text, max_depth) > max_depth:
         raise UntrustedJSONError(f"{what} is nested deeper than {max_depth} levels")
     try:
-        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
-                         object_pairs_hook=_unique_keys)
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
     except UntrustedJSONError as e:
         raise UntrustedJSONError(f"{what}: {e}") from None
     except (json.JSONDecodeError, RecursionError) as e:
-        raise UntrustedJSONError(f"{what} is not valid JSON: {getattr(e, 'msg', e)} "
-                                 f"at position {getattr(e, 'pos', '?')}") from None
+        raise UntrustedJSONError(
+            f"{what} is not valid JSON: {getattr(e, 'msg', e)} at position {getattr(e, 'pos', '?')}"
+        ) from None
     except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
         raise UntrustedJSONError(f"{what}: {str(e).split(';')[0]}") from None
     _check_strings(obj, what)

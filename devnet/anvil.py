@@ -109,11 +109,24 @@ class AnvilConfig:
         # fee climbs until pre-signed transactions are underpriced and anvil silently drops them (224-520
         # of 10k lost when measured with anvil 1.7.1); with these two settings none were.
         args = [
-            str(find_anvil()), "--host", "127.0.0.1", "--port", str(self.port),
-            "--chain-id", str(self.chain_id), "--hardfork", HARDFORK,
-            "--gas-limit", str(GAS_LIMIT), "--block-base-fee-per-gas", "0",
-            "--mnemonic", DEV_MNEMONIC, "--accounts", "10",
-        ]  # fmt: skip
+            str(find_anvil()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chain-id",
+            str(self.chain_id),
+            "--hardfork",
+            HARDFORK,
+            "--gas-limit",
+            str(GAS_LIMIT),
+            "--block-base-fee-per-gas",
+            "0",
+            "--mnemonic",
+            DEV_MNEMONIC,
+            "--accounts",
+            "10",
+        ]
         if self.block_time is not None:
             args += ["--block-time", f"{self.block_time:g}"]
         if self.state_file is not None:
@@ -148,9 +161,12 @@ class Anvil:
             out = open(self.config.log_file, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen(
-                self.config.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.config.argv(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=detached,
-            )  # fmt: skip
+            )
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()

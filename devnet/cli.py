@@ -49,8 +49,9 @@ app.command("explorer")(explorer)
 
 # ---- loramesh devnet up|down|status ------------------------------------------------------------------------
 
-DirOpt = Annotated[Path, typer.Option("--dir", envvar="LORAMESH_DEVNET_DIR",
-                                      help="devnet folder: state, pid, log, deployment.json")]
+DirOpt = Annotated[
+    Path, typer.Option("--dir", envvar="LORAMESH_DEVNET_DIR", help="devnet folder: state, pid, log, deployment.json")
+]
 
 
 @devnet_app.command("up")
@@ -61,20 +62,41 @@ def devnet_up_cmd(
     settler: Annotated[list[str] | None, typer.Option("--settler", help="address to grant the settler role")] = None,
     deposit: Annotated[float, typer.Option(help="ETH to prepay as each settler's fee deposit")] = 10.0,
     block_time: Annotated[float, typer.Option(help="seconds per block")] = 1.0,
-    node_share: Annotated[int | None, typer.Option(
-        "--node-share-bps", min=0, max=10_000,
-        help="node operator's cut of every adapter fee, in basis points (deployed default 2000); "
-             "also changes a running devnet's ledger")] = None,
-    base_price: Annotated[int | None, typer.Option(
-        "--base-price-wei", min=0,
-        help="fee per 1,000 tokens of a bare base-model request, in wei, all to the serving node "
-             "(deployed default 10^14); also changes a running devnet's ledger")] = None,
+    node_share: Annotated[
+        int | None,
+        typer.Option(
+            "--node-share-bps",
+            min=0,
+            max=10_000,
+            help="node operator's cut of every adapter fee, in basis points (deployed default 2000); "
+            "also changes a running devnet's ledger",
+        ),
+    ] = None,
+    base_price: Annotated[
+        int | None,
+        typer.Option(
+            "--base-price-wei",
+            min=0,
+            help="fee per 1,000 tokens of a bare base-model request, in wei, all to the serving node "
+            "(deployed default 10^14); also changes a running devnet's ledger",
+        ),
+    ] = None,
 ) -> None:
     """Start anvil in the background, deploy the contracts (once), fund accounts, set fees."""
-    d = devnet_up(folder, port, fund=fund, settlers=settler, settler_deposit=int(deposit * ETHER),
-                  block_time=block_time, node_share_bps=node_share, base_price=base_price)
-    typer.echo(f"devnet up on {d.rpc_url} (chain {d.chain_id}); registry {d.registry}, ledger {d.ledger}; "
-               f"deployment file {devnet_paths(folder)['deployment']}")
+    d = devnet_up(
+        folder,
+        port,
+        fund=fund,
+        settlers=settler,
+        settler_deposit=int(deposit * ETHER),
+        block_time=block_time,
+        node_share_bps=node_share,
+        base_price=base_price,
+    )
+    typer.echo(
+        f"devnet up on {d.rpc_url} (chain {d.chain_id}); registry {d.registry}, ledger {d.ledger}; "
+        f"deployment file {devnet_paths(folder)['deployment']}"
+    )
 
 
 @devnet_app.command("down")

@@ -28,10 +28,15 @@ DEFAULT_FUND = 100 * ETHER
 def _deploy_contract(w3, account, chain_id: int, name: str, args: Sequence = ()):
     art = load_artifact(name)
     contract = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
-    tx = contract.constructor(*args).build_transaction({
-        "from": account.address, "chainId": chain_id, "nonce": w3.eth.get_transaction_count(account.address, "pending"),
-        "maxPriorityFeePerGas": PRIORITY_FEE, "maxFeePerGas": 2 * PRIORITY_FEE,
-    })  # fmt: skip
+    tx = contract.constructor(*args).build_transaction(
+        {
+            "from": account.address,
+            "chainId": chain_id,
+            "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+            "maxPriorityFeePerGas": PRIORITY_FEE,
+            "maxFeePerGas": 2 * PRIORITY_FEE,
+        }
+    )
     signed = account.sign_transaction(tx)
     rcpt = w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(signed.raw_transaction), timeout=60)
     if rcpt["status"] != 1:
@@ -47,10 +52,17 @@ def check_fees(node_share_bps: int | None, base_price_per_1k_tokens: int | None)
         raise ValueError(f"base_price_per_1k_tokens must be >= 0, got {base_price_per_1k_tokens}")
 
 
-def deploy(rpc_url: str, *, deployer_key: str = DEV_KEYS[0], node_share_bps: int = DEFAULT_NODE_SHARE_BPS,
-           base_price_per_1k_tokens: int = DEFAULT_BASE_PRICE,
-           fund: Sequence[str] = (), fund_amount: int = DEFAULT_FUND, settlers: Sequence[str] = (),
-           settler_deposit: int = 0) -> Deployment:  # fmt: skip
+def deploy(
+    rpc_url: str,
+    *,
+    deployer_key: str = DEV_KEYS[0],
+    node_share_bps: int = DEFAULT_NODE_SHARE_BPS,
+    base_price_per_1k_tokens: int = DEFAULT_BASE_PRICE,
+    fund: Sequence[str] = (),
+    fund_amount: int = DEFAULT_FUND,
+    settlers: Sequence[str] = (),
+    settler_deposit: int = 0,
+) -> Deployment:
     """Deploy both contracts (deployer = admin), set the base-model price, fund `fund`, grant and
     prefund `settlers`."""
     check_fees(node_share_bps, base_price_per_1k_tokens)
@@ -59,27 +71,40 @@ def deploy(rpc_url: str, *, deployer_key: str = DEV_KEYS[0], node_share_bps: int
     with rpc_guard(rpc_url):
         chain_id = w3.eth.chain_id
         reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry")
-        led = _deploy_contract(w3, account, chain_id, "AttributionLedger",
-                               (reg["contractAddress"], account.address, node_share_bps))  # fmt: skip
+        led = _deploy_contract(
+            w3, account, chain_id, "AttributionLedger", (reg["contractAddress"], account.address, node_share_bps)
+        )
     deployment = Deployment(
-        chain_id=chain_id, rpc_url=rpc_url, registry=reg["contractAddress"], ledger=led["contractAddress"],
-        deploy_block=reg["blockNumber"], deployer=account.address, node_share_bps=node_share_bps,
+        chain_id=chain_id,
+        rpc_url=rpc_url,
+        registry=reg["contractAddress"],
+        ledger=led["contractAddress"],
+        deploy_block=reg["blockNumber"],
+        deployer=account.address,
+        node_share_bps=node_share_bps,
         base_price_per_1k_tokens=base_price_per_1k_tokens,
         sources_sha256=load_artifact("AttributionLedger").get("sourcesSha256", ""),
-    )  # fmt: skip
+    )
     client = ChainClient(deployment, account)
     if base_price_per_1k_tokens:
         client.set_base_price(base_price_per_1k_tokens)
     setup_accounts(client, fund=fund, fund_amount=fund_amount, settlers=settlers, settler_deposit=settler_deposit)
     deployment.funded = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
     # DEBUG: `devnet up` and the demo say so themselves; INFO is for what a service did
-    log.debug("deployed registry %s, ledger %s at block %d", deployment.registry, deployment.ledger,
-              deployment.deploy_block)
+    log.debug(
+        "deployed registry %s, ledger %s at block %d", deployment.registry, deployment.ledger, deployment.deploy_block
+    )
     return deployment
 
 
-def setup_accounts(client: ChainClient, *, fund: Sequence[str] = (), fund_amount: int = DEFAULT_FUND,
-                   settlers: Sequence[str] = (), settler_deposit: int = 0) -> None:  # fmt: skip
+def setup_accounts(
+    client: ChainClient,
+    *,
+    fund: Sequence[str] = (),
+    fund_amount: int = DEFAULT_FUND,
+    settlers: Sequence[str] = (),
+    settler_deposit: int = 0,
+) -> None:
     """Fund addresses with gas money, grant settlers and prefund their fee deposit (admin client)."""
     targets = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
     if targets and fund_amount > 0:

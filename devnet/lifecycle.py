@@ -22,8 +22,12 @@ def devnet_paths(folder: Path) -> dict[str, Path]:
     """Where the folder keeps anvil's pid and port, its state, its log, and the deployment file (named as in
     the default folder, so every command's default deployment path finds it)."""
     folder = Path(folder)
-    return {"pid": folder / "anvil.pid", "state": folder / "state.json", "log": folder / "anvil.log",
-            "deployment": folder / DEFAULT_DEPLOYMENT_PATH.name}
+    return {
+        "pid": folder / "anvil.pid",
+        "state": folder / "state.json",
+        "log": folder / "anvil.log",
+        "deployment": folder / DEFAULT_DEPLOYMENT_PATH.name,
+    }
 
 
 def _read_pid(folder: Path) -> dict | None:
@@ -34,10 +38,18 @@ def _read_pid(folder: Path) -> dict | None:
         return None
 
 
-def devnet_up(folder: Path, port: int = DEFAULT_PORT, *, fund: list[str] | None = None,
-              settlers: list[str] | None = None, settler_deposit: int = 0, fund_amount: int = DEFAULT_FUND,
-              block_time: float | None = 1.0, node_share_bps: int | None = None,
-              base_price: int | None = None) -> Deployment:
+def devnet_up(
+    folder: Path,
+    port: int = DEFAULT_PORT,
+    *,
+    fund: list[str] | None = None,
+    settlers: list[str] | None = None,
+    settler_deposit: int = 0,
+    fund_amount: int = DEFAULT_FUND,
+    block_time: float | None = 1.0,
+    node_share_bps: int | None = None,
+    base_price: int | None = None,
+) -> Deployment:
     """Start anvil in the background (or find it running), deploy once, fund; returns the deployment.
     `node_share_bps` / `base_price` (wei per 1,000 base-model tokens), when given, are deployed with or
     set on the running ledger by its admin (the devnet's first key), for batches settled afterwards."""
@@ -45,11 +57,15 @@ def devnet_up(folder: Path, port: int = DEFAULT_PORT, *, fund: list[str] | None 
     paths = devnet_paths(folder)
     running = _read_pid(folder)
     if running is not None and running.get("port") != port:
-        raise AnvilError(f"the devnet in {folder} already runs on port {running['port']}: "
-                         "run loramesh devnet down first")
+        raise AnvilError(
+            f"the devnet in {folder} already runs on port {running['port']}: run loramesh devnet down first"
+        )
     if running is None:
-        anvil = Anvil(AnvilConfig(port=port, state_file=paths["state"], log_file=paths["log"],
-                                  block_time=block_time, state_interval=5))
+        anvil = Anvil(
+            AnvilConfig(
+                port=port, state_file=paths["state"], log_file=paths["log"], block_time=block_time, state_interval=5
+            )
+        )
         anvil.start(detached=True)
         paths["pid"].write_text(json.dumps({"pid": anvil.proc.pid, "port": port}))
     rpc_url = f"http://127.0.0.1:{port}"
@@ -61,15 +77,30 @@ def devnet_up(folder: Path, port: int = DEFAULT_PORT, *, fund: list[str] | None 
             if deployment.rpc_url != rpc_url:
                 deployment.rpc_url = rpc_url
                 deployment.save(paths["deployment"])
-            setup_accounts(client, fund=fund or (), fund_amount=fund_amount, settlers=settlers or (),
-                           settler_deposit=settler_deposit)
+            setup_accounts(
+                client,
+                fund=fund or (),
+                fund_amount=fund_amount,
+                settlers=settlers or (),
+                settler_deposit=settler_deposit,
+            )
             if _set_fees(client, deployment, node_share_bps, base_price):
                 deployment.save(paths["deployment"])
         else:
-            fees = {k: v for k, v in (("node_share_bps", node_share_bps), ("base_price_per_1k_tokens", base_price))
-                    if v is not None}
-            deployment = deploy_to_file(rpc_url, paths["deployment"], fund=fund or (), fund_amount=fund_amount,
-                                        settlers=settlers or (), settler_deposit=settler_deposit, **fees)
+            fees = {
+                k: v
+                for k, v in (("node_share_bps", node_share_bps), ("base_price_per_1k_tokens", base_price))
+                if v is not None
+            }
+            deployment = deploy_to_file(
+                rpc_url,
+                paths["deployment"],
+                fund=fund or (),
+                fund_amount=fund_amount,
+                settlers=settlers or (),
+                settler_deposit=settler_deposit,
+                **fees,
+            )
     except DeploymentMismatch:
         if running is None:
             devnet_down(folder)
@@ -77,8 +108,7 @@ def devnet_up(folder: Path, port: int = DEFAULT_PORT, *, fund: list[str] | None 
     return deployment
 
 
-def _set_fees(client: ChainClient, deployment: Deployment, node_share_bps: int | None,
-              base_price: int | None) -> bool:
+def _set_fees(client: ChainClient, deployment: Deployment, node_share_bps: int | None, base_price: int | None) -> bool:
     """Change the running ledger's fee settings that were given; True when the deployment changed."""
     check_fees(node_share_bps, base_price)
     changed = False

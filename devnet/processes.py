@@ -32,9 +32,14 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             # own session: a Ctrl-C in the terminal reaches only the parent, which stops children in order
-            self.proc = subprocess.Popen([sys.executable, "-m", "devnet", *self.args], stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "devnet", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
         return self
 
     def alive(self) -> bool:
@@ -52,8 +57,10 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise ProcessError(f"{self.name} exited ({self.proc.returncode if self.proc else '?'}) before "
-                                   f"{what}: {self.last_log_line()} (log: {self.log_path})")
+                raise ProcessError(
+                    f"{self.name} exited ({self.proc.returncode if self.proc else '?'}) before "
+                    f"{what}: {self.last_log_line()} (log: {self.log_path})"
+                )
             try:
                 if ready():
                     return

@@ -12,12 +12,12 @@ import logging
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from common.wire import is_id
 from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
 from gateway.errors import ModelNotFound, PriceExceedsLimit
 from gateway.keys import KeyInfo
 from gateway.router import Target
-from common.wire import is_id
 from ledger.models import AdapterMirror
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,11 @@ class Prices:
 def check_price(model: str, price: int | None, limit: int | None) -> None:
     """PriceExceedsLimit when the price is known and above the key's limit."""
     if price is not None and limit is not None and price > limit:
-        raise PriceExceedsLimit(f"the model '{model}' costs {price} wei per 1,000 tokens, more than this API "
-                                f"key's limit of {limit} wei per 1,000 tokens", param="model")  # fmt: skip
+        raise PriceExceedsLimit(
+            f"the model '{model}' costs {price} wei per 1,000 tokens, more than this API "
+            f"key's limit of {limit} wei per 1,000 tokens",
+            param="model",
+        )
 
 
 def wei(price: int | None) -> str | None:
@@ -74,8 +77,15 @@ class ModelCatalog:
     """Resolution and listing of models for one gateway: registry (adapters), directory (live bases),
     base_names (base model id -> its configured name), prices."""
 
-    def __init__(self, registry: RegistryView, directory: NodeDirectory, base_names: dict[str, str], prices: Prices,
-                 *, default_max_price: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registry: RegistryView,
+        directory: NodeDirectory,
+        base_names: dict[str, str],
+        prices: Prices,
+        *,
+        default_max_price: int,
+    ) -> None:
         self.registry, self.directory, self.prices = registry, directory, prices
         # base model id -> name, of the bases this gateway was configured with (--base): the only base names it
         # resolves; a base a node announces is known by its id alone (a node's heartbeat names nothing here)
@@ -92,8 +102,7 @@ class ModelCatalog:
         A base's name is the one in the gateway's configuration (--base), never one a node announced (a node
         could name its base after any adapter and take its requests); a base no --base names is known by its
         id alone."""
-        not_found = ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
-                                  param="model")  # fmt: skip
+        not_found = ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model")
         if model.startswith("0x"):  # never an adapter name
             if not is_id(model):
                 raise not_found
@@ -124,9 +133,16 @@ class ModelCatalog:
     def base_model_object(self, base_id: str) -> dict:
         """A base model as an OpenAI model object: its configured name, else its id."""
         name = self.base_names.get(base_id, base_id)
-        return {"id": name, "object": "model", "created": 0, "owned_by": "loramesh", "adapter_id": None,
-                "base_model": {"id": base_id, "name": name}, "private": False,
-                "price_per_1k_tokens_wei": wei(self.prices.base)}  # fmt: skip
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "loramesh",
+            "adapter_id": None,
+            "base_model": {"id": base_id, "name": name},
+            "private": False,
+            "price_per_1k_tokens_wei": wei(self.prices.base),
+        }
 
     def list_models(self, key: KeyInfo, private: frozenset[str]) -> list[dict]:
         """OpenAI model objects: visible adapters (newest of each name), then the live base models (by their
@@ -137,11 +153,19 @@ class ModelCatalog:
             if not self._visible(a.name, key, private):
                 continue
             base_name = self.base_names.get(a.base_model_id) or (a.base_model_id if a.base_model_id in live else None)
-            out.append({"id": a.name, "object": "model", "created": a.registered_block, "owned_by": a.owner,
-                        "adapter_id": a.adapter_id, "version": a.version,
-                        "base_model": {"id": a.base_model_id, "name": base_name},
-                        "private": a.name in private,
-                        "price_per_1k_tokens_wei": wei(self.prices.of(a.adapter_id))})  # fmt: skip
+            out.append(
+                {
+                    "id": a.name,
+                    "object": "model",
+                    "created": a.registered_block,
+                    "owned_by": a.owner,
+                    "adapter_id": a.adapter_id,
+                    "version": a.version,
+                    "base_model": {"id": a.base_model_id, "name": base_name},
+                    "private": a.name in private,
+                    "price_per_1k_tokens_wei": wei(self.prices.of(a.adapter_id)),
+                }
+            )
         bases = [self.base_model_object(b) for b in live]
         return out + sorted(bases, key=lambda m: m["id"])
 
@@ -153,5 +177,6 @@ class ModelCatalog:
         for m in self.list_models(key, private):
             if m["adapter_id"] == target.adapter_id:
                 return m
-        raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
-                            param="model")  # an older version of an adapter: not listed  # fmt: skip
+        raise ModelNotFound(
+            f"The model '{model}' does not exist or you do not have access to it.", param="model"
+        )  # an older version of an adapter: not listed

@@ -78,12 +78,23 @@ class RegistryView:
     def reload(self) -> None:
         """Re-read the mirror tables."""
         with Session(self.engine) as s:
-            nodes = {r.node_id: RegisteredNode(r.node_id, r.operator, r.active, r.base_model, r.api_url,
-                                               bytes.fromhex(r.public_key) if r.public_key else None)
-                     for r in s.exec(select(NodeMirror)).all()}  # fmt: skip
-            adapters = {r.adapter_id: RegisteredAdapter(r.adapter_id, r.name, r.version, r.owner, r.base_model,
-                                                        r.registered_block, r.publisher or r.owner)
-                        for r in s.exec(select(AdapterMirror)).all()}  # fmt: skip
+            nodes = {
+                r.node_id: RegisteredNode(
+                    r.node_id,
+                    r.operator,
+                    r.active,
+                    r.base_model,
+                    r.api_url,
+                    bytes.fromhex(r.public_key) if r.public_key else None,
+                )
+                for r in s.exec(select(NodeMirror)).all()
+            }
+            adapters = {
+                r.adapter_id: RegisteredAdapter(
+                    r.adapter_id, r.name, r.version, r.owner, r.base_model, r.registered_block, r.publisher or r.owner
+                )
+                for r in s.exec(select(AdapterMirror)).all()
+            }
             owners = {r.name: r.owner for r in s.exec(select(NameMirror)).all()}
         newest: dict[str, RegisteredAdapter] = {}
         for a in adapters.values():

@@ -46,9 +46,11 @@ class ChatTemplates:
 
     def _tokenizer(self, base_model_id: str):
         if base_model_id not in self.dirs:
-            raise BaseNotConfigured(f"this gateway has no tokenizer for base model {base_model_id}, so it cannot "
-                                    "count the prompt's tokens; its operator starts it with --base <folder> for "
-                                    "every base it serves (or send the prompt as token ids)")  # fmt: skip
+            raise BaseNotConfigured(
+                f"this gateway has no tokenizer for base model {base_model_id}, so it cannot "
+                "count the prompt's tokens; its operator starts it with --base <folder> for "
+                "every base it serves (or send the prompt as token ids)"
+            )
         with self._lock:
             tok = self.tokenizers.get(base_model_id)
             if tok is None:
@@ -59,8 +61,9 @@ class ChatTemplates:
                     self.vocab_size[base_model_id] = max(len(tok), max(vocab.values(), default=0) + 1)
                 self.tokenizers[base_model_id] = tok
         if tok is False:
-            raise BadRequest(f"base model {base_model_id} has no tokenizer: send the prompt as token ids",
-                             param="prompt")  # fmt: skip
+            raise BadRequest(
+                f"base model {base_model_id} has no tokenizer: send the prompt as token ids", param="prompt"
+            )
         return tok
 
     def warm(self) -> None:
@@ -85,16 +88,18 @@ class ChatTemplates:
             return
         at_least = -(-chars // longest)
         if at_least >= context:
-            raise BadRequest(f"the prompt has at least {at_least} tokens ({chars} characters); the model's "
-                             f"context holds {context} (prompt + at least one generated token)",
-                             code="context_length_exceeded", param="prompt")  # fmt: skip
+            raise BadRequest(
+                f"the prompt has at least {at_least} tokens ({chars} characters); the model's "
+                f"context holds {context} (prompt + at least one generated token)",
+                code="context_length_exceeded",
+                param="prompt",
+            )
 
     def check_ids(self, base_model_id: str, ids: list[int]) -> None:
         """Refuse token ids the base's vocabulary does not have (when the gateway knows it)."""
         size = self.vocab_size.get(base_model_id)
         if size is not None and ids and max(ids) >= size:
-            raise BadRequest(f"prompt token id {max(ids)} is not in the model's vocabulary of {size}",
-                             param="prompt")  # fmt: skip
+            raise BadRequest(f"prompt token id {max(ids)} is not in the model's vocabulary of {size}", param="prompt")
 
     def encode(self, base_model_id: str, text: str) -> list[int]:
         """A completion prompt's token ids, exactly as the node would encode the text (blocking)."""

@@ -15,17 +15,28 @@ from ledger.db import DEFAULT_DB_URL
 log = logging.getLogger("gateway.cli")  # not __name__: it is __main__ under python -m
 console = Console(soft_wrap=True)
 
-gateway_app = typer.Typer(help="The OpenAI-compatible gateway: run it, manage its API keys.", no_args_is_help=True,
-                          add_completion=False, pretty_exceptions_enable=False)  # fmt: skip
+gateway_app = typer.Typer(
+    help="The OpenAI-compatible gateway: run it, manage its API keys.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 keys_app = typer.Typer(help="API keys of the gateway (stored hashed; a key is shown once).", no_args_is_help=True)
 gateway_app.add_typer(keys_app, name="keys")
 
-MaxPriceOpt = Annotated[int | None, typer.Option(
-    "--max-price-per-1k-tokens", min=0, help="The dearest adapter (or base model) this key may use, in wei per "
-    "1,000 tokens; a dearer one is refused with 403 price_exceeds_key_limit (default: the gateway's "
-    "LORAMESH_GATEWAY_DEFAULT_MAX_PRICE_PER_1K_TOKENS).")]  # fmt: skip
-DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default $LORAMESH_GATEWAY_DB_URL or "
-                                           f"{DEFAULT_DB_URL}).")]  # fmt: skip
+MaxPriceOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-price-per-1k-tokens",
+        min=0,
+        help="The dearest adapter (or base model) this key may use, in wei per "
+        "1,000 tokens; a dearer one is refused with 403 price_exceeds_key_limit (default: the gateway's "
+        "LORAMESH_GATEWAY_DEFAULT_MAX_PRICE_PER_1K_TOKENS).",
+    ),
+]
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help=f"Database URL (default $LORAMESH_GATEWAY_DB_URL or {DEFAULT_DB_URL}).")
+]
 
 
 def _engine(db: str | None):
@@ -43,44 +54,78 @@ def _engine(db: str | None):
 
 @gateway_app.command("run")
 def run(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file of gateway settings (the names of "
-                                                "LORAMESH_GATEWAY_*, lower case); flags and the environment win "
-                                                "over it.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="TOML file of gateway settings (the names of "
+            "LORAMESH_GATEWAY_*, lower case); flags and the environment win "
+            "over it.",
+        ),
+    ] = None,
     rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
     deployment: Annotated[Path | None, typer.Option("--deployment", help="Deployment file (addresses).")] = None,
-    key: Annotated[Path | None, typer.Option("--key", help="Identity or hex key file of the settler account "
-                                              "(password from LORAMESH_KEY_PASSWORD).")] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            "--key", help="Identity or hex key file of the settler account (password from LORAMESH_KEY_PASSWORD)."
+        ),
+    ] = None,
     db: DbOpt = None,
     port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="HTTP port.")] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")] = None,
-    base: Annotated[list[Path] | None, typer.Option("--base", help="Base model folder whose tokenizer renders "
-                                                    "chat prompts (repeatable).")] = None,
+    base: Annotated[
+        list[Path] | None,
+        typer.Option("--base", help="Base model folder whose tokenizer renders chat prompts (repeatable)."),
+    ] = None,
     k: Annotated[int | None, typer.Option("--owners", min=1, help="Owners per adapter (rendezvous top-k).")] = None,
     no_settle: Annotated[bool, typer.Option("--no-settle", help="Do not run the settler in this process.")] = False,
-    max_price: Annotated[int | None, typer.Option("--default-max-price-per-1k-tokens", min=0, help="The dearest model "
-                         "(wei per 1,000 tokens) a key without a limit of its own may use (default 10^16).")] = None,
-    gateway_key_file: Annotated[Path | None, typer.Option("--gateway-key-file", help="Ed25519 key that signs the "
-                                "gateway's calls to nodes (created 0600 when missing; default: a new key per "
-                                "start).")] = None,  # fmt: skip
+    max_price: Annotated[
+        int | None,
+        typer.Option(
+            "--default-max-price-per-1k-tokens",
+            min=0,
+            help="The dearest model (wei per 1,000 tokens) a key without a limit of its own may use (default 10^16).",
+        ),
+    ] = None,
+    gateway_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--gateway-key-file",
+            help="Ed25519 key that signs the "
+            "gateway's calls to nodes (created 0600 when missing; default: a new key per "
+            "start).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT.
 
     Each setting comes from its flag, else LORAMESH_GATEWAY_<NAME>, else the --config file, else its default."""
+    from common.serving import serve
     from gateway.main import create_app
     from ledger.db import redact_url
-    from common.serving import serve
 
-    settings = gateway_settings(config, rpc_url=rpc, deployment=deployment, key_file=key, db_url=db, port=port,
-                                host=host, owners_k=k, bases=base or None, default_max_price_per_1k_tokens=max_price,
-                                gateway_key_file=gateway_key_file, settle=False if no_settle else None)  # fmt: skip
+    settings = gateway_settings(
+        config,
+        rpc_url=rpc,
+        deployment=deployment,
+        key_file=key,
+        db_url=db,
+        port=port,
+        host=host,
+        owners_k=k,
+        bases=base or None,
+        default_max_price_per_1k_tokens=max_price,
+        gateway_key_file=gateway_key_file,
+        settle=False if no_settle else None,
+    )
     chain_client = None
     if settings.deployment is not None:
         from ledger.chain import ChainClient
 
         chain_client = ChainClient.from_deployment(settings.deployment, rpc_url=settings.rpc_url, check=True)
     elif settings.key_file is not None and settings.settle:
-        raise typer.BadParameter("settling needs the chain: give --deployment too (or --no-settle)",
-                                 param_hint="--key")  # fmt: skip
+        raise typer.BadParameter("settling needs the chain: give --deployment too (or --no-settle)", param_hint="--key")
     app = create_app(settings, chain_client=chain_client)
     log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, redact_url(settings.db_url))
     serve(app, host=settings.host, port=settings.port, name="gateway")
@@ -90,7 +135,6 @@ def gateway_settings(config: Path | None = None, **flags):
     """The gateway's settings (flags that are None are not given), or a one-line command-line error naming
     what is wrong: an unknown name in the config file, a value out of range, a config file that is not there."""
     from common.settings import SettingsError
-
     from gateway.settings import GatewaySettings
 
     try:
@@ -104,16 +148,23 @@ def keys_create(
     name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "",
     rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute (default unlimited).")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute (default unlimited).")] = None,
-    adapters: Annotated[str, typer.Option("--adapters", help="Private adapter names listed to this key, "
-                                          "comma-separated (an adapter granted to any key is private).")] = "",
+    adapters: Annotated[
+        str,
+        typer.Option(
+            "--adapters",
+            help="Private adapter names listed to this key, "
+            "comma-separated (an adapter granted to any key is private).",
+        ),
+    ] = "",
     max_price: MaxPriceOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Create a key and print it once: it is stored only as a hash."""
     from gateway.keys import create_key
 
-    secret, info = create_key(_engine(db), name=name, rpm=rpm, tpm=tpm, adapters=adapters.split(","),
-                              max_price_per_1k_tokens=max_price)  # fmt: skip
+    secret, info = create_key(
+        _engine(db), name=name, rpm=rpm, tpm=tpm, adapters=adapters.split(","), max_price_per_1k_tokens=max_price
+    )
     console.print(f"key {info.id} ({info.name or 'unnamed'}) created; it is shown only this once:")
     print(secret)
 
@@ -126,9 +177,16 @@ def keys_list(db: DbOpt = None) -> None:
     table = Table("id", "name", "prefix", "rpm", "tpm", "max wei/1k", "adapters", "revoked")
     for k in list_keys(_engine(db)):
         price = "default" if k.max_price_per_1k_tokens is None else str(k.max_price_per_1k_tokens)
-        table.add_row(str(k.id), k.name, k.prefix + "…", str(k.requests_per_minute or "-"),
-                      str(k.tokens_per_minute or "-"), price, ",".join(sorted(k.adapters)) or "-",
-                      "yes" if k.revoked else "")  # fmt: skip
+        table.add_row(
+            str(k.id),
+            k.name,
+            k.prefix + "…",
+            str(k.requests_per_minute or "-"),
+            str(k.tokens_per_minute or "-"),
+            price,
+            ",".join(sorted(k.adapters)) or "-",
+            "yes" if k.revoked else "",
+        )
     console.print(table)
 
 
@@ -138,8 +196,10 @@ def keys_update(
     rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute.")] = None,
     max_price: MaxPriceOpt = None,
-    default_max_price: Annotated[bool, typer.Option("--default-max-price", help="Drop the key's own max price: "
-                                                    "the gateway's default applies again.")] = False,
+    default_max_price: Annotated[
+        bool,
+        typer.Option("--default-max-price", help="Drop the key's own max price: the gateway's default applies again."),
+    ] = False,
     db: DbOpt = None,
 ) -> None:
     """Change a key's limits; what is not given stays (a running gateway sees it within key_cache_ttl_s)."""
@@ -147,8 +207,9 @@ def keys_update(
 
     if default_max_price and max_price is not None:
         raise typer.BadParameter("give --max-price-per-1k-tokens or --default-max-price, not both")
-    changes = {name: v for name, v in (("rpm", rpm), ("tpm", tpm), ("max_price_per_1k_tokens", max_price))
-               if v is not None}  # fmt: skip
+    changes = {
+        name: v for name, v in (("rpm", rpm), ("tpm", tpm), ("max_price_per_1k_tokens", max_price)) if v is not None
+    }
     if default_max_price:
         changes["max_price_per_1k_tokens"] = None
     try:
@@ -156,8 +217,10 @@ def keys_update(
     except ApiKeyError as e:
         raise typer.BadParameter(str(e), param_hint="IDENT") from e
     price = "the gateway default" if info.max_price_per_1k_tokens is None else f"{info.max_price_per_1k_tokens} wei"
-    console.print(f"key {info.id} ({info.prefix}…): rpm {info.requests_per_minute or '-'}, "
-                  f"tpm {info.tokens_per_minute or '-'}, max price per 1k tokens {price}")
+    console.print(
+        f"key {info.id} ({info.prefix}…): rpm {info.requests_per_minute or '-'}, "
+        f"tpm {info.tokens_per_minute or '-'}, max price per 1k tokens {price}"
+    )
 
 
 @keys_app.command("revoke")

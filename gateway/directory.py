@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from gateway.errors import BadRequest, Forbidden
 from gateway.chain_registry import RegistryView
+from gateway.errors import BadRequest, Forbidden
 from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartbeat
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,14 @@ class NodeDirectory:
     """Heartbeats in, live nodes out. A node counts only while it is registered and active on chain
     and has sent a valid heartbeat within `ttl` seconds."""
 
-    def __init__(self, registry: RegistryView, *, ttl: float = 10.0, max_skew_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registry: RegistryView,
+        *,
+        ttl: float = 10.0,
+        max_skew_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry
         self.ttl = ttl
         self.max_skew_ms = int(max_skew_s * 1000)
@@ -127,28 +133,44 @@ class NodeDirectory:
             self.registry.sync(force=False)
             reg = self.registry.node(node_id)
         if reg is None:
-            raise Forbidden(f"node {node_id} is not registered on chain; register it before heartbeating",
-                            code="unregistered_node")  # fmt: skip
+            raise Forbidden(
+                f"node {node_id} is not registered on chain; register it before heartbeating", code="unregistered_node"
+            )
         if not reg.active:
             raise Forbidden(f"node {node_id} is registered but inactive on chain", code="inactive_node")
         if reg.base_model_id != body["base_model_id"]:
-            raise Forbidden(f"node {node_id} heartbeats base model {body['base_model_id']} but is registered "
-                            f"for {reg.base_model_id}", code="base_model_mismatch")  # fmt: skip
+            raise Forbidden(
+                f"node {node_id} heartbeats base model {body['base_model_id']} but is registered "
+                f"for {reg.base_model_id}",
+                code="base_model_mismatch",
+            )
         now = self.clock()
         with self._lock:
             old = self.entries.get(node_id)
             if old is not None and body["ts_ms"] <= old.ts_ms:
-                raise BadRequest(f"heartbeat ts_ms {body['ts_ms']} is not newer than the last one ({old.ts_ms})",
-                                 code="stale_heartbeat")  # fmt: skip
-            entry = NodeEntry(node_id=node_id, api_url=reg.api_url.rstrip("/") or body["api_url"],
-                              base_model_id=body["base_model_id"], public_key=bytes.fromhex(body["public_key"]),
-                              status=body["status"], ts_ms=body["ts_ms"], last_seen=now)  # fmt: skip
+                raise BadRequest(
+                    f"heartbeat ts_ms {body['ts_ms']} is not newer than the last one ({old.ts_ms})",
+                    code="stale_heartbeat",
+                )
+            entry = NodeEntry(
+                node_id=node_id,
+                api_url=reg.api_url.rstrip("/") or body["api_url"],
+                base_model_id=body["base_model_id"],
+                public_key=bytes.fromhex(body["public_key"]),
+                status=body["status"],
+                ts_ms=body["ts_ms"],
+                last_seen=now,
+            )
             if old is not None:
                 entry.local = old.local
             self.entries[node_id] = entry
         if reg.api_url.rstrip("/") != body["api_url"].rstrip("/"):
-            log.warning("node %s heartbeats api_url %s but is registered with %s; using the registered one",
-                        node_id[:10], body["api_url"], reg.api_url)  # fmt: skip
+            log.warning(
+                "node %s heartbeats api_url %s but is registered with %s; using the registered one",
+                node_id[:10],
+                body["api_url"],
+                reg.api_url,
+            )
         return entry
 
     def is_live(self, e: NodeEntry, now: float | None = None) -> bool:
@@ -166,8 +188,14 @@ class NodeDirectory:
         now = self.clock()
         with self._lock:
             entries = list(self.entries.values())
-        return sorted((e for e in entries if self.is_live(e, now) and
-                       (base_model_id is None or e.base_model_id == base_model_id)), key=lambda e: e.node_id)
+        return sorted(
+            (
+                e
+                for e in entries
+                if self.is_live(e, now) and (base_model_id is None or e.base_model_id == base_model_id)
+            ),
+            key=lambda e: e.node_id,
+        )
 
     def get(self, node_id: str) -> NodeEntry | None:
         return self.entries.get(node_id)

@@ -12,8 +12,9 @@ class GatewayError(RuntimeError):
     type = "server_error"
     code: str | None = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -34,10 +35,18 @@ class GatewayError(RuntimeError):
 
 # the statuses the gateway answers with, each declared in the OpenAPI schema in the error shape
 # (common.http.ERROR_JSON)
-ERROR_STATUSES = {400: "a malformed request", 401: "no or a wrong API key", 403: "a model the key may not use",
-                  404: "an unknown model or route", 405: "a method the route does not take",
-                  413: "a body over the limit", 429: "over the key's rate limit", 500: "a bug (no details)",
-                  502: "the node failed", 503: "no node, no outbox, or a base this gateway cannot tokenize"}
+ERROR_STATUSES = {
+    400: "a malformed request",
+    401: "no or a wrong API key",
+    403: "a model the key may not use",
+    404: "an unknown model or route",
+    405: "a method the route does not take",
+    413: "a body over the limit",
+    429: "over the key's rate limit",
+    500: "a bug (no details)",
+    502: "the node failed",
+    503: "no node, no outbox, or a base this gateway cannot tokenize",
+}
 
 
 class BadRequest(GatewayError, ValueError):

@@ -27,8 +27,9 @@ def load_or_create_gateway_key(path: Path | None) -> Ed25519PrivateKey:
     path = Path(path)
     if not path.exists():
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())  # fmt: skip
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         create_private_file(path, pem)
         log.info("created gateway key file %s", path.name)
         return key

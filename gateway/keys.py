@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from common.wire import sha256_hex
 from gateway.errors import AuthError
 from gateway.ratelimit import RateLimiter
 from gateway.tables import AdapterGrant, KeyPolicy
 from ledger.models import ApiKey, utcnow
-from common.wire import sha256_hex
 
 KEY_PREFIX = "lm-"
 SHOWN_PREFIX_LEN = 10
@@ -55,9 +55,15 @@ def _check_price(value: int | None) -> None:
         raise ApiKeyError(f"max price per 1k tokens must be a non-negative integer (wei) or omitted, got {value!r}")
 
 
-def create_key(engine: Engine, *, name: str = "", rpm: int | None = None, tpm: int | None = None,
-               adapters: list[str] | tuple[str, ...] = (),
-               max_price_per_1k_tokens: int | None = None) -> tuple[str, KeyInfo]:  # fmt: skip
+def create_key(
+    engine: Engine,
+    *,
+    name: str = "",
+    rpm: int | None = None,
+    tpm: int | None = None,
+    adapters: list[str] | tuple[str, ...] = (),
+    max_price_per_1k_tokens: int | None = None,
+) -> tuple[str, KeyInfo]:
     """Create a key; returns (secret, info). The secret is not stored and cannot be shown again.
     max_price_per_1k_tokens (wei): the dearest adapter this key may use; None: the gateway's default."""
     _check_limit("rpm", rpm)
@@ -66,8 +72,9 @@ def create_key(engine: Engine, *, name: str = "", rpm: int | None = None, tpm: i
     adapters = sorted({a.strip() for a in adapters if a.strip()})
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     with Session(engine) as s:
-        row = ApiKey(name=name, key_hash=hash_secret(secret), prefix=secret[:SHOWN_PREFIX_LEN],
-                     rate_limit_per_minute=rpm)  # fmt: skip
+        row = ApiKey(
+            name=name, key_hash=hash_secret(secret), prefix=secret[:SHOWN_PREFIX_LEN], rate_limit_per_minute=rpm
+        )
         s.add(row)
         s.flush()
         price = None if max_price_per_1k_tokens is None else str(max_price_per_1k_tokens)
@@ -75,8 +82,9 @@ def create_key(engine: Engine, *, name: str = "", rpm: int | None = None, tpm: i
         for a in adapters:
             s.add(AdapterGrant(key_id=row.id, adapter_name=a))
         s.commit()
-        info = KeyInfo(row.id, name, row.prefix, rpm, tpm, frozenset(adapters),
-                       max_price_per_1k_tokens=max_price_per_1k_tokens)  # fmt: skip
+        info = KeyInfo(
+            row.id, name, row.prefix, rpm, tpm, frozenset(adapters), max_price_per_1k_tokens=max_price_per_1k_tokens
+        )
     return secret, info
 
 
@@ -84,9 +92,16 @@ def _info(s: Session, row: ApiKey) -> KeyInfo:
     policy = s.get(KeyPolicy, row.id)
     grants = s.exec(select(AdapterGrant.adapter_name).where(AdapterGrant.key_id == row.id)).all()
     price = policy.max_price_per_1k_tokens if policy else None
-    return KeyInfo(row.id, row.name, row.prefix, row.rate_limit_per_minute,
-                   policy.tokens_per_minute if policy else None, frozenset(grants), row.revoked_at is not None,
-                   max_price_per_1k_tokens=None if price is None else int(price))  # fmt: skip
+    return KeyInfo(
+        row.id,
+        row.name,
+        row.prefix,
+        row.rate_limit_per_minute,
+        policy.tokens_per_minute if policy else None,
+        frozenset(grants),
+        row.revoked_at is not None,
+        max_price_per_1k_tokens=None if price is None else int(price),
+    )
 
 
 _UNCHANGED = object()
@@ -105,8 +120,9 @@ def _row(s: Session, ident: str | int) -> ApiKey:
     return row
 
 
-def update_key(engine: Engine, ident: str | int, *, rpm=_UNCHANGED, tpm=_UNCHANGED,
-               max_price_per_1k_tokens=_UNCHANGED) -> KeyInfo:  # fmt: skip
+def update_key(
+    engine: Engine, ident: str | int, *, rpm=_UNCHANGED, tpm=_UNCHANGED, max_price_per_1k_tokens=_UNCHANGED
+) -> KeyInfo:
     """Change a key's limits (named by id or shown prefix); a limit given as None goes back to the default
     (unlimited rates; the gateway's default max price). A running gateway sees it within key_cache_ttl_s."""
     if rpm is not _UNCHANGED:

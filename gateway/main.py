@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.http import BodyLimitMiddleware, error_responses
+from common.wire import error_body, restore_recursion_limit
 from gateway.chain_registry import RegistryView
 from gateway.errors import ERROR_STATUSES, BadRequest, GatewayError
 from gateway.openai_api import ChatRequest, CompletionRequest
@@ -21,8 +23,6 @@ from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from gateway.settlement import InProcessSettler
 from gateway.storage import tighten_sqlite_file
-from common.http import BodyLimitMiddleware, error_responses
-from common.wire import error_body, restore_recursion_limit
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,17 @@ def _settler(settings: GatewaySettings, client, account) -> InProcessSettler:
     from ledger.settler_config import SettlerConfig
 
     engine = make_engine(settings.db_url, immediate=True)
-    return InProcessSettler(Settler(engine, client.with_account(account),
-                                    SettlerConfig(batch_size=settings.settle_batch_size,
-                                                  interval=settings.settle_interval_s,
-                                                  max_in_flight=settings.settle_max_in_flight)))  # fmt: skip
+    return InProcessSettler(
+        Settler(
+            engine,
+            client.with_account(account),
+            SettlerConfig(
+                batch_size=settings.settle_batch_size,
+                interval=settings.settle_interval_s,
+                max_in_flight=settings.settle_max_in_flight,
+            ),
+        )
+    )
 
 
 INTERNAL_ERROR = error_body("internal gateway error", type="server_error", code="internal_error")
@@ -87,8 +94,10 @@ def _declare_bodies(app: FastAPI) -> None:
             schemas.update(body.pop("$defs", {}))
             schemas[model.__name__] = body
             ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-            doc["paths"][path]["post"]["requestBody"] = {"required": True,
-                                                         "content": {"application/json": {"schema": ref}}}
+            doc["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref}},
+            }
         return doc
 
     app.openapi = openapi
@@ -98,9 +107,8 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     """A gateway app. The chain client defaults to one built from settings.deployment (registry mirror
     sync); the settler runs in-process when a settler account (or settings.key_file) is given."""
     import gateway.tables  # noqa: F401 - registers the gateway's tables
-    from ledger.db import init_db, make_engine, redact_url
-
     from gateway.usage import set_busy_timeout
+    from ledger.db import init_db, make_engine, redact_url
 
     settings = settings or GatewaySettings()
     tighten_sqlite_file(settings.db_url)  # 0600: it holds key hashes and usage
@@ -120,16 +128,21 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         restore_recursion_limit()  # after every import (py_ecc raises it at import time)
-        log.info("gateway key %s (nodes trust this gateway's calls by it); database %s", gw.gateway_key_hex,
-                 redact_url(settings.db_url))  # fmt: skip
+        log.info(
+            "gateway key %s (nodes trust this gateway's calls by it); database %s",
+            gw.gateway_key_hex,
+            redact_url(settings.db_url),
+        )
         # tokenizers and chat templates load before the first request: loading them on concurrent first
         # requests raced in transformers' lazy imports (500s)
         await asyncio.to_thread(gw.templates.warm)
         await gw.book.load_disputes()
         loop = asyncio.get_running_loop()
-        loops = [loop.create_task(gw.sync_loop(), name="registry-sync"),
-                 loop.create_task(gw.book.outbox_loop(), name="outbox-check"),
-                 loop.create_task(gw.reconcile_loop(), name="reconcile")]  # fmt: skip
+        loops = [
+            loop.create_task(gw.sync_loop(), name="registry-sync"),
+            loop.create_task(gw.book.outbox_loop(), name="outbox-check"),
+            loop.create_task(gw.reconcile_loop(), name="reconcile"),
+        ]
         if settler_account is not None and chain_client is not None and settings.settle:
             app.state.settler = _settler(settings, chain_client, settler_account)
             app.state.settler.start()
@@ -150,8 +163,9 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
     app.add_middleware(_AnswerUnhandled, on_error=_unhandled)
     # no body is read past its limit; a heartbeat is small, a prompt may be large (a context's worth of text)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       overrides={"/internal/": settings.max_heartbeat_bytes})  # fmt: skip
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={"/internal/": settings.max_heartbeat_bytes}
+    )
     _add_error_handlers(app, gw)
     app.include_router(internal.router)
     app.include_router(openai.router)

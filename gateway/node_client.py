@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.wire import UntrustedJSONError, parse_json
 from common.http import bounded_call, read_capped
+from common.wire import UntrustedJSONError, parse_json
 from node.request_auth import SignedNodeAuth
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,14 @@ def _event(payload: str) -> dict:
 class NodeClient:
     """A shared httpx client for every node; one instance per gateway app."""
 
-    def __init__(self, key: Ed25519PrivateKey | None = None, *, connect_timeout: float = 3.0,
-                 read_timeout: float = 60.0, first_byte_timeout: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        key: Ed25519PrivateKey | None = None,
+        *,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 60.0,
+        first_byte_timeout: float | None = None,
+    ) -> None:
         self.key = key or Ed25519PrivateKey.generate()
         self.first_byte_timeout = first_byte_timeout
         # idle connections are dropped well before a node's server would close them (uvicorn: after 5 s), so
@@ -152,17 +158,20 @@ class NodeClient:
     async def open_stream(self, api_url: str, node_id: str, body: dict) -> UpstreamStream:
         """POST /v1/generate with stream=true; NodeUnavailable or NodeRejected when it is not a 200. A node
         that has not answered within first_byte_timeout is NodeUnavailable(dead=True): hung, not slow."""
-        ctx = self.http.stream("POST", api_url + "/v1/generate", json=body | {"stream": True},
-                               auth=self.auth(node_id))  # fmt: skip
+        ctx = self.http.stream("POST", api_url + "/v1/generate", json=body | {"stream": True}, auth=self.auth(node_id))
         try:
             async with asyncio.timeout(self.first_byte_timeout):
                 r = await ctx.__aenter__()
         except TimeoutError as e:
-            raise NodeUnavailable(f"node at {api_url} sent nothing within {self.first_byte_timeout:g} s",
-                                  dead=True, maybe_running=True) from e  # fmt: skip
+            raise NodeUnavailable(
+                f"node at {api_url} sent nothing within {self.first_byte_timeout:g} s", dead=True, maybe_running=True
+            ) from e
         except httpx.HTTPError as e:
-            raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True,
-                                  maybe_running=not isinstance(e, httpx.ConnectError)) from e  # fmt: skip
+            raise NodeUnavailable(
+                f"node at {api_url} is unreachable: {e!r}",
+                dead=True,
+                maybe_running=not isinstance(e, httpx.ConnectError),
+            ) from e
         if r.status_code == 200:
             return UpstreamStream(r, ctx)
         try:
@@ -176,8 +185,9 @@ class NodeClient:
             raise NodeRejected(message, status=r.status_code, code=code)
         raise NodeUnavailable(f"node at {api_url} answered {r.status_code}: {message}")
 
-    async def _call(self, method: str, url: str, *, timeout: float, node_id: str | None = None,
-                    json: dict | None = None) -> tuple[int, bytes]:
+    async def _call(
+        self, method: str, url: str, *, timeout: float, node_id: str | None = None, json: dict | None = None
+    ) -> tuple[int, bytes]:
         """(status, body) of one call, the body read up to one byte past MAX_ANSWER_BYTES (a node cannot make
         the gateway buffer more); signed for `node_id` when given. httpx.HTTPError when it fails."""
         auth = self.auth(node_id) if node_id is not None else None
@@ -186,8 +196,9 @@ class NodeClient:
     async def abort(self, api_url: str, node_id: str, request_id: str) -> dict | None:
         """Abort a request; the node's {"receipt", "signature"} for what it produced, or None."""
         try:
-            status, body = await self._call("POST", f"{api_url}/v1/requests/{request_id}/abort", timeout=5.0,
-                                            node_id=node_id)  # fmt: skip
+            status, body = await self._call(
+                "POST", f"{api_url}/v1/requests/{request_id}/abort", timeout=5.0, node_id=node_id
+            )
         except httpx.HTTPError as e:
             log.warning("abort of %s at %s failed: %r", request_id[:10], api_url, e)
             return None
@@ -217,8 +228,9 @@ class NodeClient:
     async def load(self, api_url: str, node_id: str, adapter_id: str) -> bool:
         """Ask a node to make an adapter resident (prefetch); False when it could not."""
         try:
-            status, body = await self._call("POST", f"{api_url}/v1/adapters/{adapter_id}/load", json={},
-                                            timeout=30.0, node_id=node_id)  # fmt: skip
+            status, body = await self._call(
+                "POST", f"{api_url}/v1/adapters/{adapter_id}/load", json={}, timeout=30.0, node_id=node_id
+            )
         except httpx.HTTPError as e:
             log.info("prefetch of %s at %s failed: %r", adapter_id[:10], api_url, e)
             return False

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from common.wire import UntrustedJSONError, parse_json, sse_frame
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
-from common.wire import UntrustedJSONError, parse_json, sse_frame
 
 if TYPE_CHECKING:
     from gateway.router import Target
@@ -81,8 +81,9 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=1)]
-             | Annotated[list[TokenId], Field(min_length=1)])
+    prompt: (
+        str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+    )
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -182,19 +183,34 @@ def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_M
         raise BadRequest(f"{path or 'body'}: {msg}", param=param) from e
 
 
-def to_node_request(req: CompletionRequest | ChatRequest, target: Target, prompt_token_ids: list[int], *,
-                    max_tokens: int, request_id: str) -> dict:
+def to_node_request(
+    req: CompletionRequest | ChatRequest,
+    target: Target,
+    prompt_token_ids: list[int],
+    *,
+    max_tokens: int,
+    request_id: str,
+) -> dict:
     """The node API's generate body for an OpenAI request: the prompt as the token ids the gateway made (their
     number is the prompt count billed), OpenAI's sampling defaults made explicit."""
-    return {"adapter_id": target.adapter_id, "prompt_token_ids": prompt_token_ids, "max_tokens": max_tokens,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "stop": req.stop_list(),
-            "request_id": request_id}  # fmt: skip
+    return {
+        "adapter_id": target.adapter_id,
+        "prompt_token_ids": prompt_token_ids,
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "seed": req.seed,
+        "stop": req.stop_list(),
+        "request_id": request_id,
+    }
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def finish_reason(node_reason: str | None) -> str:
@@ -202,14 +218,27 @@ def finish_reason(node_reason: str | None) -> str:
 
 
 def completion_response(rid: str, created: int, model: str, text: str, reason: str, usage: dict) -> dict:
-    return {"id": "cmpl-" + rid[2:], "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}], "usage": usage}
+    return {
+        "id": "cmpl-" + rid[2:],
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+        "usage": usage,
+    }
 
 
 def chat_response(rid: str, created: int, model: str, text: str, reason: str, usage: dict) -> dict:
-    return {"id": "chatcmpl-" + rid[2:], "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason}], "usage": usage}
+    return {
+        "id": "chatcmpl-" + rid[2:],
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        ],
+        "usage": usage,
+    }
 
 
 class ChunkBuilder:
@@ -228,8 +257,9 @@ class ChunkBuilder:
 
     def role(self) -> bytes:
         """Chat streams open with the assistant role."""
-        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}])  # fmt: skip
+        return self._chunk(
+            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        )
 
     def token(self, text: str) -> bytes:
         if self.chat:
@@ -243,4 +273,3 @@ class ChunkBuilder:
 
     def usage(self, usage: dict) -> bytes:
         return self._chunk([], usage)
-

@@ -68,11 +68,11 @@ class RateLimiter:
             req = self._bucket(self._requests, key_id, rpm) if rpm else None
             tok = self._bucket(self._tokens, key_id, tpm) if tpm else None
             if req is not None and (w := req.wait_for(1)) > 0:
-                raise RateLimited(f"this key's limit of {rpm} requests per minute is used up; retry later",
-                                  retry_after=w)  # fmt: skip
+                raise RateLimited(
+                    f"this key's limit of {rpm} requests per minute is used up; retry later", retry_after=w
+                )
             if tok is not None and (w := tok.wait_for(1)) > 0:
-                raise RateLimited(f"this key's limit of {tpm} tokens per minute is used up; retry later",
-                                  retry_after=w)  # fmt: skip
+                raise RateLimited(f"this key's limit of {tpm} tokens per minute is used up; retry later", retry_after=w)
             if req is not None:
                 req.take(1)
 

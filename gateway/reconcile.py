@@ -50,8 +50,7 @@ async def reconcile(gw: Gateway) -> int:
             return  # still running on its node, or the node cannot be asked yet: a later pass tries again
         result = await gw.book.record(end)
         if result != "already_closed":
-            log.warning("request %s of a gateway that died: closed as %s (%s)", row.request_id[:10], end.status,
-                        result)  # fmt: skip
+            log.warning("request %s of a gateway that died: closed as %s (%s)", row.request_id[:10], end.status, result)
         closed.add(row.request_id)
 
     tasks = [asyncio.ensure_future(one(row)) for row in rows]
@@ -63,8 +62,11 @@ async def reconcile(gw: Gateway) -> int:
         if not t.cancelled() and t.exception() is not None:
             log.error("reconciliation of a request failed", exc_info=t.exception())
     if pending:
-        log.warning("reconciliation pass stopped after %.0f s with %d request(s) unanswered",
-                    gw.settings.reconcile_pass_s, len(pending))  # fmt: skip
+        log.warning(
+            "reconciliation pass stopped after %.0f s with %d request(s) unanswered",
+            gw.settings.reconcile_pass_s,
+            len(pending),
+        )
     await asyncio.to_thread(gw.book.recorder.tried, [r.request_id for r in rows if r.request_id not in closed])
     return len(closed)
 
@@ -79,10 +81,19 @@ def _base_of(gw: Gateway, row: CompletionRecord) -> str | None:
 
 async def _end_of(gw: Gateway, row: CompletionRecord) -> RequestEnd | None:
     base = _base_of(gw, row)
-    end = RequestEnd(request_id=row.request_id, model=row.model, adapter_id=row.adapter_id, node_id=row.node_id,
-                     status=RequestStatus.RECONCILED, key_id=row.key_id, prompt_tokens=row.prompt_tokens,
-                     attempts=row.attempts, max_tokens=row.max_tokens, reconciled=True,
-                     context_len=gw.templates.context_len(base) if base else None)  # fmt: skip
+    end = RequestEnd(
+        request_id=row.request_id,
+        model=row.model,
+        adapter_id=row.adapter_id,
+        node_id=row.node_id,
+        status=RequestStatus.RECONCILED,
+        key_id=row.key_id,
+        prompt_tokens=row.prompt_tokens,
+        attempts=row.attempts,
+        max_tokens=row.max_tokens,
+        reconciled=True,
+        context_len=gw.templates.context_len(base) if base else None,
+    )
     if row.node_id is None:
         end.status, end.served, end.error = RequestStatus.LOST, False, "its gateway died before dispatching it"
         return end
@@ -94,15 +105,19 @@ async def _end_of(gw: Gateway, row: CompletionRecord) -> RequestEnd | None:
         gw.learn_key(row.node_id, doc.get("public_key"))
         end.receipt, end.signature = doc.get("receipt"), doc.get("signature")
         if isinstance(end.receipt, dict):
-            end.finish_reason = end.receipt.get("finish_reason") if isinstance(end.receipt.get("finish_reason"),
-                                                                                str) else None  # fmt: skip
+            end.finish_reason = (
+                end.receipt.get("finish_reason") if isinstance(end.receipt.get("finish_reason"), str) else None
+            )
         return end
-    age = (utcnow() - (row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)))
+    age = utcnow() - (row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC))
     if what == "unknown" or age.total_seconds() > gw.settings.reconcile_give_up_s:
         end.status, end.served = RequestStatus.LOST, False
-        end.error = (f"its gateway died mid-request and node {row.node_id[:10]} "
-                     + ("has no receipt for it (it never ran it, or restarted since)" if what == "unknown"
-                        else f"still says it is running after {int(age.total_seconds())} s" if what == "running"
-                        else f"did not answer for {int(age.total_seconds())} s"))  # fmt: skip
+        end.error = f"its gateway died mid-request and node {row.node_id[:10]} " + (
+            "has no receipt for it (it never ran it, or restarted since)"
+            if what == "unknown"
+            else f"still says it is running after {int(age.total_seconds())} s"
+            if what == "running"
+            else f"did not answer for {int(age.total_seconds())} s"
+        )
         return end
     return None  # running, or unreachable: a later pass asks again

@@ -20,6 +20,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from common.wire import SSE_DONE, error_body, hex0x, sse_frame
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
 from gateway.directory import NodeDirectory, NodeEntry
@@ -43,7 +44,6 @@ from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus
 from gateway.usage import RequestEnd
 from gateway.usage_book import UsageBook
-from common.wire import SSE_DONE, error_body, hex0x, sse_frame
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +164,21 @@ class ServedRequest:
         """Serve one request: the JSON answer, or the event stream (which ends the request itself)."""
         d = self.d
         d.book.check_outbox()  # nothing is served that could not be recorded
-        req = self.req = parse_body(ChatRequest if self.chat else CompletionRequest, await http.body(),
-                                    max_bytes=d.settings.max_body_bytes)  # fmt: skip
+        req = self.req = parse_body(
+            ChatRequest if self.chat else CompletionRequest, await http.body(), max_bytes=d.settings.max_body_bytes
+        )
         http.state.model = req.model  # for the error handlers' metrics
         await self._prepare(req)
         await self.start()
         created = int(time.time())
         headers = {"X-Request-Id": self.rid, "X-Loramesh-Node": self.node.node_id}
         if req.stream:
-            builder = ChunkBuilder(chat=self.chat, rid=self.rid, created=created, model=req.model,
-                                   include_usage=req.include_usage)  # fmt: skip
-            return StreamingResponse(self._events(builder), media_type="text/event-stream",
-                                     headers=headers | {"Cache-Control": "no-cache"})  # fmt: skip
+            builder = ChunkBuilder(
+                chat=self.chat, rid=self.rid, created=created, model=req.model, include_usage=req.include_usage
+            )
+            return StreamingResponse(
+                self._events(builder), media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"}
+            )
         self.buffered = True  # an error answer delivers none of the text: then nothing is billed
         try:
             async for _ in self.tokens():
@@ -185,11 +188,11 @@ class ServedRequest:
             raise
         await asyncio.shield(d.background.spawn(self.finish()))
         if self.failure:
-            raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed",
-                                headers=headers)  # fmt: skip
+            raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
         build = chat_response if self.chat else completion_response
-        body = build(self.rid, created, req.model, "".join(self.text), finish_reason(self.finish_reason),
-                     usage_dict(*self.usage))  # fmt: skip
+        body = build(
+            self.rid, created, req.model, "".join(self.text), finish_reason(self.finish_reason), usage_dict(*self.usage)
+        )
         return JSONResponse(body, headers=headers)
 
     async def _events(self, b: ChunkBuilder):
@@ -202,8 +205,9 @@ class ServedRequest:
                 opening = b""
             await asyncio.shield(self.d.background.spawn(self.finish()))
             if self.failure:
-                yield opening + sse_frame(error_body(f"{self.failure}; the response is incomplete",
-                                                     type="upstream_error", code="node_failed"))  # fmt: skip
+                yield opening + sse_frame(
+                    error_body(f"{self.failure}; the response is incomplete", type="upstream_error", code="node_failed")
+                )
                 return
             usage = b.usage(usage_dict(*self.usage)) if b.include_usage else b""
             yield opening + b.finish(finish_reason(self.finish_reason)) + usage + SSE_DONE
@@ -221,8 +225,10 @@ class ServedRequest:
         wanted = req.wanted_tokens() if self.chat else req.max_tokens
         max_tokens = wanted or d.settings.default_max_tokens
         if max_tokens > d.settings.max_max_tokens:
-            raise BadRequest(f"max_tokens {max_tokens} is more than this gateway allows "
-                             f"({d.settings.max_max_tokens})", param="max_tokens")  # fmt: skip
+            raise BadRequest(
+                f"max_tokens {max_tokens} is more than this gateway allows ({d.settings.max_max_tokens})",
+                param="max_tokens",
+            )
         base, t = target.base_model_id, d.templates
         if not d.directory.live(base):
             raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
@@ -242,8 +248,12 @@ class ServedRequest:
         if not ids:
             raise BadRequest("the prompt is empty; expected at least one token", param="prompt")
         if context is not None and len(ids) >= context:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; the model's context holds {context} (prompt + at "
-                             "least one generated token)", code="context_length_exceeded", param="prompt")  # fmt: skip
+            raise BadRequest(
+                f"the prompt has {len(ids)} tokens; the model's context holds {context} (prompt + at "
+                "least one generated token)",
+                code="context_length_exceeded",
+                param="prompt",
+            )
         self.rid = hex0x(secrets.token_bytes(32))
         self.node_body = to_node_request(req, target, ids, max_tokens=max_tokens, request_id=self.rid)
         self.prompt_tokens, self.max_tokens, self.context_len = len(ids), max_tokens, context
@@ -265,16 +275,22 @@ class ServedRequest:
         # the open record is written while the first node starts on the request (its write is off the
         # time to first token), and nothing reaches the client before it is written: whatever the client
         # is served, a record of it exists
-        opening = asyncio.ensure_future(d.book.open_request(
-            self.rid, t, route.nodes[0].node_id, key_id=self.key_id, prompt_tokens=self.prompt_tokens,
-            max_tokens=self.max_tokens))  # fmt: skip
+        opening = asyncio.ensure_future(
+            d.book.open_request(
+                self.rid,
+                t,
+                route.nodes[0].node_id,
+                key_id=self.key_id,
+                prompt_tokens=self.prompt_tokens,
+                max_tokens=self.max_tokens,
+            )
+        )
         try:
             await self._dispatch(route, opening)
         except BaseException as e:  # no node took it: close the open record (cancelled too: the client left)
             if await _written(opening):
                 error = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
-                d.background.spawn(d.book.record(self._end(RequestStatus.NOT_SERVED, served=False,
-                                                            error=error[:500])))  # fmt: skip
+                d.background.spawn(d.book.record(self._end(RequestStatus.NOT_SERVED, served=False, error=error[:500])))
             raise
         if not await _written(opening):  # the outbox refused the record: the node's work goes unserved
             await self._release()
@@ -373,9 +389,11 @@ class ServedRequest:
                         return
         except TimeoutError:
             pass
-        raise NodeUnavailable(f"node {node.node_id[:10]} failed before the first token and did not end its "
-                              f"stream (at most {MAX_OTHER_EVENTS} events in {ABORT_DRAIN_TIMEOUT_S:.0f} s)",
-                              dead=True)  # fmt: skip
+        raise NodeUnavailable(
+            f"node {node.node_id[:10]} failed before the first token and did not end its "
+            f"stream (at most {MAX_OTHER_EVENTS} events in {ABORT_DRAIN_TIMEOUT_S:.0f} s)",
+            dead=True,
+        )
 
     # ------------------------------------------------------------------ relaying
 
@@ -427,8 +445,12 @@ class ServedRequest:
                     self.ttft = time.monotonic() - self.started
                 text = self._count(ev)
                 if text is None:  # more tokens than the request allows: stop relaying, finish() aborts
-                    log.warning("node %s streamed past the %d tokens request %s allows", self.node.node_id[:10],
-                                self.limit, self.rid[:10])  # fmt: skip
+                    log.warning(
+                        "node %s streamed past the %d tokens request %s allows",
+                        self.node.node_id[:10],
+                        self.limit,
+                        self.rid[:10],
+                    )
                     return
                 yield text
             elif kind == "done":
@@ -441,15 +463,19 @@ class ServedRequest:
                     self.engine_error = str(ev.get("message") or "engine error")[:500]
                 self.other_events += 1
                 if self.other_events > MAX_OTHER_EVENTS:  # a node that never ends its stream: cut it off
-                    self.failure = (f"node {self.node.node_id[:10]} sent more than {MAX_OTHER_EVENTS} events "
-                                    f"that are not tokens after {self.n_tokens} tokens")  # fmt: skip
+                    self.failure = (
+                        f"node {self.node.node_id[:10]} sent more than {MAX_OTHER_EVENTS} events "
+                        f"that are not tokens after {self.n_tokens} tokens"
+                    )
                     self.d.directory.mark_failed(self.node.node_id)
                     return
             try:
                 ev = await self._read()
             except DeadlinePassed:
-                self.failure = (f"node {self.node.node_id[:10]} did not finish within "
-                                f"{self.d.settings.request_deadline_s:.0f} s ({self.n_tokens} tokens)")  # fmt: skip
+                self.failure = (
+                    f"node {self.node.node_id[:10]} did not finish within "
+                    f"{self.d.settings.request_deadline_s:.0f} s ({self.n_tokens} tokens)"
+                )
                 return
             except StopAsyncIteration:
                 self.stream_ok = False
@@ -493,11 +519,22 @@ class ServedRequest:
 
     def _end(self, status: str, *, served: bool = True, error: str | None = None, **kw) -> RequestEnd:
         prompt, completion = self.usage
-        return RequestEnd(request_id=self.rid, model=self.target.model, adapter_id=self.target.adapter_id,
-                          node_id=self.node.node_id if self.node else None, status=status, key_id=self.key_id,
-                          prompt_tokens=prompt, completion_tokens=completion, attempts=max(1, self.attempts),
-                          max_tokens=self.max_tokens, context_len=self.context_len, served=served, error=error,
-                          **kw)  # fmt: skip
+        return RequestEnd(
+            request_id=self.rid,
+            model=self.target.model,
+            adapter_id=self.target.adapter_id,
+            node_id=self.node.node_id if self.node else None,
+            status=status,
+            key_id=self.key_id,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            attempts=max(1, self.attempts),
+            max_tokens=self.max_tokens,
+            context_len=self.context_len,
+            served=served,
+            error=error,
+            **kw,
+        )
 
     async def finish(self, *, client_gone: bool = False) -> str:
         """Get the receipt (aborting the request when it did not end on its own), record, release."""
@@ -531,15 +568,26 @@ class ServedRequest:
             pass
         self._hold.close()  # the node's in-flight count
         if self.drained:
-            log.info("request %s: %d token(s) read from node %s after the abort reached nobody (not billed)",
-                     self.rid[:10], self.drained, node.node_id[:10])  # fmt: skip
+            log.info(
+                "request %s: %d token(s) read from node %s after the abort reached nobody (not billed)",
+                self.rid[:10],
+                self.drained,
+                node.node_id[:10],
+            )
         latency = time.monotonic() - self.started
         reason = "abort" if client_gone else self.finish_reason
-        end = self._end(status, finish_reason=reason if isinstance(reason, str) else None, receipt=receipt,
-                        signature=signature, ttft_ms=None if self.ttft is None else self.ttft * 1000,
-                        latency_ms=latency * 1000, error=self.failure, aborted=self.aborted,
-                        node_lost=self.node_lost,
-                        withheld=self.buffered and bool(self.failure or client_gone))  # fmt: skip
+        end = self._end(
+            status,
+            finish_reason=reason if isinstance(reason, str) else None,
+            receipt=receipt,
+            signature=signature,
+            ttft_ms=None if self.ttft is None else self.ttft * 1000,
+            latency_ms=latency * 1000,
+            error=self.failure,
+            aborted=self.aborted,
+            node_lost=self.node_lost,
+            withheld=self.buffered and bool(self.failure or client_gone),
+        )
         self.result = await d.book.record(end)
         m = d.metrics
         m.requests.labels(self.target.model, status).inc()

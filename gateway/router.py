@@ -70,7 +70,7 @@ class Router:
             ordered = sorted(nodes, key=lambda n: (n.load, n.node_id))
             return Route(tuple(ordered), (), "base")
         ranked = rank_nodes(adapter_id, nodes)
-        owners, others = ranked[: self.k], ranked[self.k:]
+        owners, others = ranked[: self.k], ranked[self.k :]
         rank = {n.node_id: i for i, n in enumerate(ranked)}
 
         def preference(n: NodeEntry) -> tuple:

@@ -12,6 +12,7 @@ import secrets
 
 from sqlalchemy.engine import Engine
 
+from common.wire import node_id_of
 from gateway.catalog import ModelCatalog, Prices
 from gateway.chain_registry import RegistryView
 from gateway.chat import ChatTemplates
@@ -28,7 +29,6 @@ from gateway.usage_book import UsageBook
 from node.adapters.basemodel import base_model_name
 from node.receipts import ReceiptError
 from node.request_auth import gateway_public_key_hex
-from common.wire import node_id_of
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +44,44 @@ class Gateway:
         self.router = Router(k=settings.owners_k, saturation=settings.saturation_queue_depth)
         self.gateway_key = load_or_create_gateway_key(settings.gateway_key_file)
         self.gateway_key_hex = gateway_public_key_hex(self.gateway_key)
-        self.nodes = NodeClient(self.gateway_key, connect_timeout=settings.connect_timeout_s,
-                                read_timeout=settings.node_timeout_s,
-                                first_byte_timeout=settings.first_byte_timeout_s)  # fmt: skip
+        self.nodes = NodeClient(
+            self.gateway_key,
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.node_timeout_s,
+            first_byte_timeout=settings.first_byte_timeout_s,
+        )
         self.instance_id = secrets.token_hex(16)
         self._learned_keys: dict[str, bytes] = {}  # node id -> key, from reconciliation (checked against the id)
         self.metrics = GatewayMetrics()
-        self.book = UsageBook(UsageRecorder(engine, self.node_key, instance_id=self.instance_id), self.directory,
-                              self.metrics, probe_s=settings.outbox_probe_s)  # fmt: skip
+        self.book = UsageBook(
+            UsageRecorder(engine, self.node_key, instance_id=self.instance_id),
+            self.directory,
+            self.metrics,
+            probe_s=settings.outbox_probe_s,
+        )
         self.prices = Prices(engine, registry.client)
         self.templates = ChatTemplates(settings.bases)
-        self.catalog = ModelCatalog(registry, self.directory,
-                                    {bid: base_model_name(d) for bid, d in self.templates.dirs.items()}, self.prices,
-                                    default_max_price=settings.default_max_price_per_1k_tokens)  # fmt: skip
+        self.catalog = ModelCatalog(
+            registry,
+            self.directory,
+            {bid: base_model_name(d) for bid, d in self.templates.dirs.items()},
+            self.prices,
+            default_max_price=settings.default_max_price_per_1k_tokens,
+        )
         self.admission = Admission(KeyCache(engine, settings.key_cache_ttl_s))
         self.background = Background()
-        self.deps = RequestDeps(settings=settings, catalog=self.catalog, templates=self.templates, router=self.router,
-                                directory=self.directory, nodes=self.nodes, book=self.book,
-                                admission=self.admission, metrics=self.metrics,
-                                background=self.background)  # fmt: skip
+        self.deps = RequestDeps(
+            settings=settings,
+            catalog=self.catalog,
+            templates=self.templates,
+            router=self.router,
+            directory=self.directory,
+            nodes=self.nodes,
+            book=self.book,
+            admission=self.admission,
+            metrics=self.metrics,
+            background=self.background,
+        )
 
     # ------------------------------------------------------------------ node keys
 
@@ -84,9 +103,12 @@ class Gateway:
         """What /health answers: outbox state, live and disputed nodes."""
         book = self.book
         writable = book.outbox_error is None
-        return {"status": "ok" if writable else "unavailable", "live_nodes": len(self.directory.live()),
-                "outbox": {"writable": writable, "error": book.outbox_error, "unwritten": len(book.unwritten)},
-                "disputed_nodes": [{"node_id": n, "reason": r} for n, r in sorted(self.directory.disputed.items())]}
+        return {
+            "status": "ok" if writable else "unavailable",
+            "live_nodes": len(self.directory.live()),
+            "outbox": {"writable": writable, "error": book.outbox_error, "unwritten": len(book.unwritten)},
+            "disputed_nodes": [{"node_id": n, "reason": r} for n, r in sorted(self.directory.disputed.items())],
+        }
 
     async def reconcile_loop(self) -> None:
         """Close the open requests of dead instances (gateway.reconcile), a pass every 2 x outbox_probe_s

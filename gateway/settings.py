@@ -11,7 +11,6 @@ from pydantic_settings import SettingsConfigDict
 from common.settings import ServiceSettings
 from ledger.db import DEFAULT_DB_URL
 
-
 # the largest request body by default: a long context's worth of text, far below what could hurt the gateway
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 

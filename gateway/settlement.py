@@ -58,5 +58,8 @@ class InProcessSettler:
             self._status = {"error": f"settlement status unavailable: {e.__class__.__name__}"}
         self._status_at = time.monotonic()
         if self._status.get("deposit_low"):
-            log.warning("settler %s: deposit low (%s wei left after pending fees)", self._status.get("settler"),
-                        self._status.get("deposit_left_wei"))  # fmt: skip
+            log.warning(
+                "settler %s: deposit low (%s wei left after pending fees)",
+                self._status.get("settler"),
+                self._status.get("deposit_left_wei"),
+            )

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # A write refused for a value it holds (the outbox's own checks, a number the database column cannot hold),
 # not for the database's state: writing it again will not help, and the database is not down.
 VALUE_ERRORS = (OutboxError, DataError, OverflowError)
+
+
 class UsageError(RuntimeError):
     """A request end that could not be written to the database."""
 
@@ -101,9 +103,11 @@ def check_served_receipt(end: RequestEnd, public_key: bytes | None) -> dict:
 
 def completion_bound(end: RequestEnd) -> int | None:
     """The most completion tokens this request can have: max_tokens, and what the context leaves."""
-    bounds = [b for b in (end.max_tokens,
-                          None if end.context_len is None else max(0, end.context_len - end.prompt_tokens))
-              if b is not None]  # fmt: skip
+    bounds = [
+        b
+        for b in (end.max_tokens, None if end.context_len is None else max(0, end.context_len - end.prompt_tokens))
+        if b is not None
+    ]
     return min(bounds) if bounds else None
 
 
@@ -144,9 +148,14 @@ def judge(end: RequestEnd, receipt: dict) -> str | None:
     if nc < low:
         reasons.append(f"receipt claims {nc} completion tokens, fewer than the {low} the gateway relayed")
     elif high is not None and nc > high:
-        reasons.append(f"receipt claims {nc} completion tokens, "
-                       + (f"the gateway relayed {high} and the request ended on its own" if high == low and
-                          not end.reconciled else f"more than the request allows ({high})"))  # fmt: skip
+        reasons.append(
+            f"receipt claims {nc} completion tokens, "
+            + (
+                f"the gateway relayed {high} and the request ended on its own"
+                if high == low and not end.reconciled
+                else f"more than the request allows ({high})"
+            )
+        )
     return "; ".join(reasons) or None
 
 
@@ -167,21 +176,40 @@ class UsageRecorder:
 
     # ------------------------------------------------------------------ open
 
-    def open(self, *, request_id: str, model: str, adapter_id: str | None, node_id: str | None, key_id: int | None,
-             prompt_tokens: int, max_tokens: int) -> None:  # fmt: skip
+    def open(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        adapter_id: str | None,
+        node_id: str | None,
+        key_id: int | None,
+        prompt_tokens: int,
+        max_tokens: int,
+    ) -> None:
         """Write the request as open before any node sees it (UsageError when the database refuses)."""
-        row = CompletionRecord(request_id=request_id, key_id=key_id, model=model, adapter_id=adapter_id,
-                               node_id=node_id, status=RequestStatus.OPEN, prompt_tokens=prompt_tokens,
-                               max_tokens=max_tokens, instance_id=self.instance_id)  # fmt: skip
+        row = CompletionRecord(
+            request_id=request_id,
+            key_id=key_id,
+            model=model,
+            adapter_id=adapter_id,
+            node_id=node_id,
+            status=RequestStatus.OPEN,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            instance_id=self.instance_id,
+        )
         self._write(lambda s: s.add(row), request_id)
 
     def move(self, request_id: str, node_id: str) -> None:
         """The open request goes to another node (failover before the first token)."""
+
         def change(s: Session) -> None:
             row = s.get(CompletionRecord, request_id)
             if row is not None:
                 row.node_id = node_id
                 s.add(row)
+
         self._write(change, request_id)
 
     def _write(self, fn, request_id: str) -> None:
@@ -221,13 +249,20 @@ class UsageRecorder:
                 self._disputed(end)
             if end.withheld:  # judged above on what was sent and relayed; billed for what was delivered: none
                 end.prompt_tokens = end.completion_tokens = 0
-            usage = dict(request_id=end.request_id,
-                         adapter_id=BASE_MODEL_ADAPTER_ID if end.adapter_id is None else end.adapter_id,
-                         node_id=end.node_id, prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens,
-                         node_prompt_tokens=node_counts[0], node_completion_tokens=node_counts[1],
-                         receipt_json=receipt, node_signature=end.signature if receipt is not None else None,
-                         status=RecordStatus.DISPUTED if end.disputed else RecordStatus.PENDING,
-                         error=end.disputed, gateway_key_id=end.key_id)  # fmt: skip
+            usage = dict(
+                request_id=end.request_id,
+                adapter_id=BASE_MODEL_ADAPTER_ID if end.adapter_id is None else end.adapter_id,
+                node_id=end.node_id,
+                prompt_tokens=end.prompt_tokens,
+                completion_tokens=end.completion_tokens,
+                node_prompt_tokens=node_counts[0],
+                node_completion_tokens=node_counts[1],
+                receipt_json=receipt,
+                node_signature=end.signature if receipt is not None else None,
+                status=RecordStatus.DISPUTED if end.disputed else RecordStatus.PENDING,
+                error=end.disputed,
+                gateway_key_id=end.key_id,
+            )
         try:
             try:
                 closed = self._close(end, usage)
@@ -245,8 +280,14 @@ class UsageRecorder:
                     end.disputed = refused
                     self._disputed(end)
                 result = "disputed"
-                usage |= dict(node_prompt_tokens=None, node_completion_tokens=None, receipt_json=None,
-                              node_signature=None, status=RecordStatus.DISPUTED, error=end.disputed)  # fmt: skip
+                usage |= dict(
+                    node_prompt_tokens=None,
+                    node_completion_tokens=None,
+                    receipt_json=None,
+                    node_signature=None,
+                    status=RecordStatus.DISPUTED,
+                    error=end.disputed,
+                )
                 try:
                     closed = self._close(end, usage)
                 except VALUE_ERRORS as e2:  # the gateway's own values are refused: close it without a record
@@ -256,8 +297,11 @@ class UsageRecorder:
         except (SQLAlchemyError, *VALUE_ERRORS) as e:
             raise UsageError(f"could not record request {end.request_id}: {e}") from e
         if not closed:
-            log.warning("request %s was closed already (by a sibling's reconciliation?): its end as %s is not "
-                        "written", end.request_id[:10], end.status)  # fmt: skip
+            log.warning(
+                "request %s was closed already (by a sibling's reconciliation?): its end as %s is not written",
+                end.request_id[:10],
+                end.status,
+            )
             return "already_closed"
         return result
 
@@ -269,23 +313,41 @@ class UsageRecorder:
     def _close(self, end: RequestEnd, usage: dict | None) -> bool:
         """Write the completion record over the open one, with the usage record, in one transaction; False
         (nothing written) when the request is no longer open. A request without an open row gets one."""
-        fields = dict(key_id=end.key_id, model=end.model, adapter_id=end.adapter_id, node_id=end.node_id,
-                      status=end.status, finish_reason=end.finish_reason, prompt_tokens=end.prompt_tokens,
-                      completion_tokens=end.completion_tokens, attempts=end.attempts, ttft_ms=end.ttft_ms,
-                      latency_ms=end.latency_ms, error=end.error, finished_at=utcnow())  # fmt: skip
+        fields = dict(
+            key_id=end.key_id,
+            model=end.model,
+            adapter_id=end.adapter_id,
+            node_id=end.node_id,
+            status=end.status,
+            finish_reason=end.finish_reason,
+            prompt_tokens=end.prompt_tokens,
+            completion_tokens=end.completion_tokens,
+            attempts=end.attempts,
+            ttft_ms=end.ttft_ms,
+            latency_ms=end.latency_ms,
+            error=end.error,
+            finished_at=utcnow(),
+        )
         with self._write_lock, Session(self.engine) as s:
             # the status condition makes the close one writer's: another close of the same request waits for
             # this one's row lock (PostgreSQL) or the write lock (SQLite), then finds it closed
-            stmt = (update(CompletionRecord).where(CompletionRecord.request_id == end.request_id)
-                    .where(CompletionRecord.status == RequestStatus.OPEN).values(**fields))  # fmt: skip
+            stmt = (
+                update(CompletionRecord)
+                .where(CompletionRecord.request_id == end.request_id)
+                .where(CompletionRecord.status == RequestStatus.OPEN)
+                .values(**fields)
+            )
             if s.connection().execute(stmt).rowcount == 0:
                 row = s.get(CompletionRecord, end.request_id)
                 if row is not None:
                     if row.status == RequestStatus.RECONCILED and usage is not None and not end.reconciled:
                         self._lower(s, row, usage)
                     return False
-                s.add(CompletionRecord(request_id=end.request_id, max_tokens=end.max_tokens,
-                                       instance_id=self.instance_id, **fields))  # fmt: skip
+                s.add(
+                    CompletionRecord(
+                        request_id=end.request_id, max_tokens=end.max_tokens, instance_id=self.instance_id, **fields
+                    )
+                )
             if usage is not None:
                 add_usage_record(s, **usage)
             s.commit()
@@ -298,28 +360,42 @@ class UsageRecorder:
         pending (not yet in a batch), and never raised. The completion record follows it."""
         p, c = usage["prompt_tokens"], usage["completion_tokens"]
         rid = row.request_id
-        stmt = (update(UsageRecord).where(UsageRecord.request_id == rid)
-                .where(UsageRecord.status == RecordStatus.PENDING)
-                .where(UsageRecord.prompt_tokens >= p).where(UsageRecord.completion_tokens >= c)
-                .where((UsageRecord.prompt_tokens > p) | (UsageRecord.completion_tokens > c))
-                .values(prompt_tokens=p, completion_tokens=c))  # fmt: skip
+        stmt = (
+            update(UsageRecord)
+            .where(UsageRecord.request_id == rid)
+            .where(UsageRecord.status == RecordStatus.PENDING)
+            .where(UsageRecord.prompt_tokens >= p)
+            .where(UsageRecord.completion_tokens >= c)
+            .where((UsageRecord.prompt_tokens > p) | (UsageRecord.completion_tokens > c))
+            .values(prompt_tokens=p, completion_tokens=c)
+        )
         if s.connection().execute(stmt).rowcount != 1:
             return
-        s.connection().execute(update(CompletionRecord).where(CompletionRecord.request_id == rid)
-                               .where(CompletionRecord.status == RequestStatus.RECONCILED)
-                               .values(prompt_tokens=p, completion_tokens=c))  # fmt: skip
+        s.connection().execute(
+            update(CompletionRecord)
+            .where(CompletionRecord.request_id == rid)
+            .where(CompletionRecord.status == RequestStatus.RECONCILED)
+            .values(prompt_tokens=p, completion_tokens=c)
+        )
         s.commit()
-        log.warning("request %s was reconciled by a sibling while this gateway served it: its pending usage "
-                    "record is lowered to the %d + %d tokens delivered", rid[:10], p, c)  # fmt: skip
+        log.warning(
+            "request %s was reconciled by a sibling while this gateway served it: its pending usage "
+            "record is lowered to the %d + %d tokens delivered",
+            rid[:10],
+            p,
+            c,
+        )
 
     # ------------------------------------------------------------------ instances and reconciliation
 
     def beat(self) -> None:
         """Write this instance's last_seen: proof of life, and the check that the database takes writes."""
+
         def touch(s: Session) -> None:
             row = s.get(GatewayInstance, self.instance_id) or GatewayInstance(instance_id=self.instance_id)
             row.last_seen = utcnow()
             s.add(row)
+
         self._write(touch, "(instance heartbeat)")
 
     def orphaned(self, lease_s: float, limit: int = 100) -> list[CompletionRecord]:
@@ -330,18 +406,25 @@ class UsageRecorder:
         with Session(self.engine) as s:
             instances = s.exec(select(GatewayInstance)).all()
             alive = {i.instance_id for i in instances if _aware(i.last_seen) > cutoff} | {self.instance_id}
-            stmt = (select(CompletionRecord).where(CompletionRecord.status == RequestStatus.OPEN)
-                    .where(or_(CompletionRecord.instance_id.is_(None), CompletionRecord.instance_id.not_in(alive)))
-                    .order_by(CompletionRecord.reconcile_attempted_at.asc().nulls_first(), CompletionRecord.created_at)
-                    .limit(limit))  # fmt: skip
+            stmt = (
+                select(CompletionRecord)
+                .where(CompletionRecord.status == RequestStatus.OPEN)
+                .where(or_(CompletionRecord.instance_id.is_(None), CompletionRecord.instance_id.not_in(alive)))
+                .order_by(CompletionRecord.reconcile_attempted_at.asc().nulls_first(), CompletionRecord.created_at)
+                .limit(limit)
+            )
             return list(s.exec(stmt).all())
 
     def tried(self, request_ids: list[str]) -> None:
         """Reconciliation tried these open requests and could not close them yet: they go to the back."""
         if not request_ids:
             return
-        stmt = (update(CompletionRecord).where(CompletionRecord.request_id.in_(request_ids))
-                .where(CompletionRecord.status == RequestStatus.OPEN).values(reconcile_attempted_at=utcnow()))
+        stmt = (
+            update(CompletionRecord)
+            .where(CompletionRecord.request_id.in_(request_ids))
+            .where(CompletionRecord.status == RequestStatus.OPEN)
+            .values(reconcile_attempted_at=utcnow())
+        )
         self._write(lambda s: s.connection().execute(stmt), "(reconciliation attempts)")
 
     def disputed_nodes(self) -> dict[str, str]:
@@ -349,8 +432,11 @@ class UsageRecorder:
         from ledger.models import UsageRecord
 
         with Session(self.engine) as s:
-            rows = s.exec(select(UsageRecord.node_id, UsageRecord.error)
-                          .where(UsageRecord.status == RecordStatus.DISPUTED).order_by(UsageRecord.id)).all()
+            rows = s.exec(
+                select(UsageRecord.node_id, UsageRecord.error)
+                .where(UsageRecord.status == RecordStatus.DISPUTED)
+                .order_by(UsageRecord.id)
+            ).all()
         return {node_id: error or "disputed" for node_id, error in rows}
 
 

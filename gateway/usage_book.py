@@ -28,8 +28,9 @@ def _integrity(e: UsageError) -> bool:
 class UsageBook:
     """Open, move and close requests; watch the outbox (this instance's heartbeat row)."""
 
-    def __init__(self, recorder: UsageRecorder, directory: NodeDirectory, metrics: GatewayMetrics, *,
-                 probe_s: float) -> None:  # fmt: skip
+    def __init__(
+        self, recorder: UsageRecorder, directory: NodeDirectory, metrics: GatewayMetrics, *, probe_s: float
+    ) -> None:
         self.recorder, self.directory, self.metrics, self.probe_s = recorder, directory, metrics, probe_s
         # None while the outbox takes writes; otherwise why not (new requests get 503 until a write succeeds)
         self.outbox_error: str | None = None
@@ -49,17 +50,27 @@ class UsageBook:
 
     def check_outbox(self) -> None:
         if self.outbox_error is not None:
-            raise OutboxUnavailable(f"this gateway cannot record usage right now, so it serves nothing: "
-                                    f"{self.outbox_error}", headers={"Retry-After": "5"})  # fmt: skip
+            raise OutboxUnavailable(
+                f"this gateway cannot record usage right now, so it serves nothing: {self.outbox_error}",
+                headers={"Retry-After": "5"},
+            )
 
-    async def open_request(self, request_id: str, target: Target, node_id: str, *, key_id: int | None,
-                           prompt_tokens: int, max_tokens: int) -> None:  # fmt: skip
+    async def open_request(
+        self, request_id: str, target: Target, node_id: str, *, key_id: int | None, prompt_tokens: int, max_tokens: int
+    ) -> None:
         """Record a request as open before it is dispatched; OutboxUnavailable (503) when that fails."""
         self.check_outbox()
         try:
-            await asyncio.to_thread(self.recorder.open, request_id=request_id, model=target.model,
-                                    adapter_id=target.adapter_id, node_id=node_id, key_id=key_id,
-                                    prompt_tokens=prompt_tokens, max_tokens=max_tokens)  # fmt: skip
+            await asyncio.to_thread(
+                self.recorder.open,
+                request_id=request_id,
+                model=target.model,
+                adapter_id=target.adapter_id,
+                node_id=node_id,
+                key_id=key_id,
+                prompt_tokens=prompt_tokens,
+                max_tokens=max_tokens,
+            )
         except UsageError as e:
             self._outbox_failed(e)
             self.check_outbox()

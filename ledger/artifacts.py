@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from ledger.errors import LedgerError
@@ -19,7 +19,7 @@ def artifacts_dir() -> Path:
     return Path(env) if env else REPO_ROOT / "contracts" / "artifacts"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_artifact(name: str) -> dict:
     """One artifact: abi, bytecode, deployedBytecode, compiler, sourcesSha256."""
     path = artifacts_dir() / f"{name}.json"

@@ -19,8 +19,14 @@ def batch_id_for(request_ids: list[str], settler: str, salt: int = 0) -> str:
     The settler's address is in it so that no other settler (another gateway on the same ledger) can
     settle, or front-run, a batch under an id we use; the salt tells apart a batch re-formed from the
     very records of an abandoned one (ledger.settler: re-pricing after InsufficientDeposit)."""
-    return hex0x(keccak(BATCH_DOMAIN + to_canonical_address(settler) + salt.to_bytes(4, "big")
-                        + b"".join(id_bytes(r) for r in request_ids)))  # fmt: skip
+    return hex0x(
+        keccak(
+            BATCH_DOMAIN
+            + to_canonical_address(settler)
+            + salt.to_bytes(4, "big")
+            + b"".join(id_bytes(r) for r in request_ids)
+        )
+    )
 
 
 def to_settle_record(r: UsageRecord) -> SettleRecord:
@@ -33,9 +39,16 @@ def record_fee(price_per_1k_tokens: int, prompt_tokens: int, completion_tokens: 
     return price_per_1k_tokens * (prompt_tokens + completion_tokens) // 1000
 
 
-_PENDING_COLUMNS = (UsageRecord.id, UsageRecord.request_id, UsageRecord.adapter_id, UsageRecord.node_id,
-                    UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.created_at,
-                    UsageRecord.error)  # fmt: skip
+_PENDING_COLUMNS = (
+    UsageRecord.id,
+    UsageRecord.request_id,
+    UsageRecord.adapter_id,
+    UsageRecord.node_id,
+    UsageRecord.prompt_tokens,
+    UsageRecord.completion_tokens,
+    UsageRecord.created_at,
+    UsageRecord.error,
+)
 
 
 def pending_rows(session: Session, limit: int, *, lock: bool = False) -> list:
@@ -46,8 +59,12 @@ def pending_rows(session: Session, limit: int, *, lock: bool = False) -> list:
     colliding on) these; SQLite has no row locks and ignores it (the settler's SQLite transactions hold
     the database's write lock from BEGIN IMMEDIATE instead). Records that are disputed, rejected, set
     aside or already in a batch are never returned."""
-    stmt = (select(*_PENDING_COLUMNS).where(UsageRecord.status == RecordStatus.PENDING)
-            .order_by(UsageRecord.id).limit(limit))  # fmt: skip
+    stmt = (
+        select(*_PENDING_COLUMNS)
+        .where(UsageRecord.status == RecordStatus.PENDING)
+        .order_by(UsageRecord.id)
+        .limit(limit)
+    )
     if lock:
         stmt = stmt.with_for_update(skip_locked=True)
     return list(session.exec(stmt).all())

@@ -41,16 +41,21 @@ NO_FEE_LIMIT = 2**256 - 1  # settleBatch's maxFees when the caller priced nothin
 
 def settle_calldata(batch_id: str, merkle_root: str, encoded: Sequence[bytes], max_fees: int = NO_FEE_LIMIT) -> bytes:
     """Calldata of settleBatch(batchId, merkleRoot, records, maxFees) from records already encoded."""
-    head = (id_bytes(batch_id) + id_bytes(merkle_root) + (4 * _WORD).to_bytes(_WORD, "big")
-            + max_fees.to_bytes(_WORD, "big"))  # fmt: skip
+    head = (
+        id_bytes(batch_id)
+        + id_bytes(merkle_root)
+        + (4 * _WORD).to_bytes(_WORD, "big")
+        + max_fees.to_bytes(_WORD, "big")
+    )
     return SETTLE_SELECTOR + head + len(encoded).to_bytes(_WORD, "big") + b"".join(encoded)
 
 
 class ChainClient:
     """One deployment, one (optional) signing account. Reverts raise ledger.errors classes."""
 
-    def __init__(self, deployment: Deployment, account=None, *, rpc_url: str | None = None,
-                 receipt_timeout: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self, deployment: Deployment, account=None, *, rpc_url: str | None = None, receipt_timeout: float = 60.0
+    ) -> None:
         self.deployment = deployment
         self.rpc_url = rpc_url or deployment.rpc_url
         self.w3 = make_web3(self.rpc_url)
@@ -64,8 +69,9 @@ class ChainClient:
         self._settle_gas: dict[int, int] = {}
 
     @classmethod
-    def from_deployment(cls, deployment: str | Path | dict | Deployment, account=None, *,
-                        rpc_url: str | None = None, check: bool = True) -> "ChainClient":  # fmt: skip
+    def from_deployment(
+        cls, deployment: str | Path | dict | Deployment, account=None, *, rpc_url: str | None = None, check: bool = True
+    ) -> ChainClient:
         """Client for a deployment file/dict; check=True verifies the chain matches it."""
         if isinstance(deployment, (str, Path)):
             deployment = Deployment.load(deployment)
@@ -84,7 +90,7 @@ class ChainClient:
     def address(self) -> str:
         return self.tx.account.address
 
-    def with_account(self, account) -> "ChainClient":
+    def with_account(self, account) -> ChainClient:
         """The same deployment, signing as another account."""
         return ChainClient(self.deployment, account, rpc_url=self.rpc_url, receipt_timeout=self.tx.receipt_timeout)
 
@@ -157,23 +163,40 @@ class ChainClient:
     def transfer_name(self, name: str, new_owner: str):
         return self.tx.transact(self.registry.functions.transferName(name, to_checksum_address(new_owner)))
 
-    def register_adapter(self, adapter_id: str | AdapterRegistration, *, name: str | None = None,
-                         version: str | None = None, base_model: str | None = None, price_per_1k_tokens: int = 0,
-                         datasets: Sequence[tuple[str, int]] = (), predecessor: str = ZERO_ID,
-                         signature: str | bytes | None = None):  # fmt: skip
+    def register_adapter(
+        self,
+        adapter_id: str | AdapterRegistration,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        base_model: str | None = None,
+        price_per_1k_tokens: int = 0,
+        datasets: Sequence[tuple[str, int]] = (),
+        predecessor: str = ZERO_ID,
+        signature: str | bytes | None = None,
+    ):
         """Register an adapter published and owned by the sender; datasets = [(dataset_id, share_bps)].
         Takes an AdapterRegistration or its fields. `signature` is the publisher's EIP-712 signature of
         it under this registry's domain (a package's signature.json); None: this client's account signs."""
         if isinstance(adapter_id, AdapterRegistration):
             reg = adapter_id
         else:
-            reg = AdapterRegistration.of(adapter_id, name=name, version=version, base_model=base_model,
-                                         price_per_1k_tokens=price_per_1k_tokens, datasets=datasets,
-                                         predecessor=predecessor)  # fmt: skip
+            reg = AdapterRegistration.of(
+                adapter_id,
+                name=name,
+                version=version,
+                base_model=base_model,
+                price_per_1k_tokens=price_per_1k_tokens,
+                datasets=datasets,
+                predecessor=predecessor,
+            )
         if signature is None:
             signature = reg.sign(self.account, self.domain)
-        sig = bytes.fromhex(signature[2:] if signature.startswith("0x") else signature) if isinstance(signature, str) \
-            else bytes(signature)  # fmt: skip
+        sig = (
+            bytes.fromhex(signature[2:] if signature.startswith("0x") else signature)
+            if isinstance(signature, str)
+            else bytes(signature)
+        )
         return self.tx.transact(self.registry.functions.registerAdapter(id_bytes(reg.adapter_id), reg.spec(), sig))
 
     def adapter_digest(self, registration: AdapterRegistration) -> str:
@@ -191,8 +214,18 @@ class ChainClient:
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         a = self.tx.call(self.registry.functions.getAdapter(id_bytes(adapter_id)))
         owner, publisher, pred, base, price, name, version, ds, shares = a
-        return AdapterInfo(to_id(adapter_id), owner, name, version, hex0x(pred), hex0x(base), price,
-                           tuple(hex0x(d) for d in ds), tuple(shares), publisher)  # fmt: skip
+        return AdapterInfo(
+            to_id(adapter_id),
+            owner,
+            name,
+            version,
+            hex0x(pred),
+            hex0x(base),
+            price,
+            tuple(hex0x(d) for d in ds),
+            tuple(shares),
+            publisher,
+        )
 
     # ------------------------------------------------------------------ registry: nodes
 
@@ -206,11 +239,9 @@ class ChainClient:
         proof is good for the next registration only."""
         if nonce is None:
             nonce = self.node_nonce(node_id)
-        return node_proof_message(self.deployment.chain_id, self.deployment.registry, operator or self.address,
-                                  nonce)  # fmt: skip
+        return node_proof_message(self.deployment.chain_id, self.deployment.registry, operator or self.address, nonce)
 
-    def register_node(self, node_key, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
-                      base_model: str):  # fmt: skip
+    def register_node(self, node_key, *, peer_id: str, multiaddrs: Sequence[str], api_url: str, base_model: str):
         """Register the node whose Ed25519 key is `node_key` (a cryptography Ed25519PrivateKey), operated by
         the sender and active from the start: the key signs the proof for the sender and the node's current
         nonce. Registering a node another operator holds moves it to the sender."""
@@ -219,24 +250,41 @@ class ChainClient:
         public_key = node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         node_id = node_id_of(public_key)
         signature = node_key.sign(self.node_proof_message(node_id))
-        return self.register_node_with_proof(node_id, public_key, signature, peer_id=peer_id,
-                                             multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)  # fmt: skip
+        return self.register_node_with_proof(
+            node_id,
+            public_key,
+            signature,
+            peer_id=peer_id,
+            multiaddrs=multiaddrs,
+            api_url=api_url,
+            base_model=base_model,
+        )
 
-    def register_node_with_proof(self, node_id: str, public_key: bytes, signature: bytes, *, peer_id: str,
-                                 multiaddrs: Sequence[str], api_url: str, base_model: str):  # fmt: skip
+    def register_node_with_proof(
+        self,
+        node_id: str,
+        public_key: bytes,
+        signature: bytes,
+        *,
+        peer_id: str,
+        multiaddrs: Sequence[str],
+        api_url: str,
+        base_model: str,
+    ):
         """registerNode with a proof made elsewhere: `signature` (64 bytes, r || s) by `public_key` of
         node_proof_message(node_id, sender) at the node's current nonce."""
         if len(public_key) != 32 or len(signature) != 64:
             raise ValueError("a node proof is a 32-byte Ed25519 public key and a 64-byte signature")
         proof = (bytes(public_key), bytes(signature[:32]), bytes(signature[32:]))
-        fn = self.registry.functions.registerNode(id_bytes(node_id), proof, peer_id, list(multiaddrs), api_url,
-                                                  id_bytes(base_model))  # fmt: skip
+        fn = self.registry.functions.registerNode(
+            id_bytes(node_id), proof, peer_id, list(multiaddrs), api_url, id_bytes(base_model)
+        )
         return self.tx.transact(fn)
 
-    def update_node(self, node_id: str, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
-                    base_model: str):  # fmt: skip
-        fn = self.registry.functions.updateNode(id_bytes(node_id), peer_id, list(multiaddrs), api_url,
-                                                id_bytes(base_model))  # fmt: skip
+    def update_node(self, node_id: str, *, peer_id: str, multiaddrs: Sequence[str], api_url: str, base_model: str):
+        fn = self.registry.functions.updateNode(
+            id_bytes(node_id), peer_id, list(multiaddrs), api_url, id_bytes(base_model)
+        )
         return self.tx.transact(fn)
 
     def set_node_active(self, node_id: str, active: bool):
@@ -244,7 +292,8 @@ class ChainClient:
 
     def get_node(self, node_id: str) -> NodeInfo:
         operator, active, key, base, peer_id, api_url, addrs = self.tx.call(
-            self.registry.functions.getNode(id_bytes(node_id)))
+            self.registry.functions.getNode(id_bytes(node_id))
+        )
         return NodeInfo(to_id(node_id), operator, active, hex0x(base), peer_id, api_url, tuple(addrs), hex0x(key))
 
     # ------------------------------------------------------------------ ledger: admin and deposits
@@ -287,19 +336,29 @@ class ChainClient:
     def totals(self) -> dict[str, int]:
         """Ledger-wide money counters (deposited, accrued, withdrawn, reclaimed) and its balance."""
         f = self.ledger.functions
-        out = {k: self.tx.call(getattr(f, "total" + k.capitalize())()) for k in
-               ("deposited", "accrued", "withdrawn", "reclaimed")}  # fmt: skip
+        out = {
+            k: self.tx.call(getattr(f, "total" + k.capitalize())())
+            for k in ("deposited", "accrued", "withdrawn", "reclaimed")
+        }
         out["balance"] = self.balance(self.ledger.address)
         return out
 
     # ------------------------------------------------------------------ ledger: settlement
 
     def _settle_fn(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], max_fees: int):
-        return self.ledger.functions.settleBatch(id_bytes(batch_id), id_bytes(merkle_root),
-                                                 [r.as_tuple() for r in records], max_fees)  # fmt: skip
+        return self.ledger.functions.settleBatch(
+            id_bytes(batch_id), id_bytes(merkle_root), [r.as_tuple() for r in records], max_fees
+        )
 
-    def send_settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], *,
-                          simulate: bool = True, max_fees: int = NO_FEE_LIMIT) -> str:  # fmt: skip
+    def send_settle_batch(
+        self,
+        batch_id: str,
+        merkle_root: str,
+        records: Sequence[SettleRecord],
+        *,
+        simulate: bool = True,
+        max_fees: int = NO_FEE_LIMIT,
+    ) -> str:
         """Send settleBatch; returns the tx hash. simulate=True estimates it first (a duplicate raises
         BatchAlreadySettled, any revert its typed error); simulate=False sends at once with the gas
         limit learned for this record count (estimating only the first batch of each count) and the
@@ -313,16 +372,26 @@ class ChainClient:
             self._settle_gas[n] = max(self._settle_gas.get(n, 0), need)
         return self.tx.send_data(self.ledger.address, data, gas=self._settle_gas[n])
 
-    def wait_settle_batch(self, tx_hash: str, batch_id: str, merkle_root: str, records: Sequence[SettleRecord],
-                          timeout: float | None = None, *, light: bool = False,
-                          max_fees: int = NO_FEE_LIMIT):  # fmt: skip
+    def wait_settle_batch(
+        self,
+        tx_hash: str,
+        batch_id: str,
+        merkle_root: str,
+        records: Sequence[SettleRecord],
+        timeout: float | None = None,
+        *,
+        light: bool = False,
+        max_fees: int = NO_FEE_LIMIT,
+    ):
         """Wait for a settleBatch receipt (light=True: Transactor.light_receipt's fields only, much
         cheaper); a reverted one raises its decoded reason, one that ran out of gas
         raises GasTooLow (and the next batch of that size is estimated again)."""
+
         def replay() -> dict:  # only a reverted receipt needs the calldata again
-            return {"to": self.ledger.address, "data": settle_calldata(batch_id, merkle_root,
-                                                                      [encode_record(r) for r in records],
-                                                                      max_fees)}  # fmt: skip
+            return {
+                "to": self.ledger.address,
+                "data": settle_calldata(batch_id, merkle_root, [encode_record(r) for r in records], max_fees),
+            }
 
         try:
             return self.tx.wait(tx_hash, timeout, replay=replay, light=light)
@@ -330,8 +399,9 @@ class ChainClient:
             self._settle_gas.pop(len(records), None)
             raise
 
-    def settle_batch(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], *,
-                     max_fees: int = NO_FEE_LIMIT):  # fmt: skip
+    def settle_batch(
+        self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], *, max_fees: int = NO_FEE_LIMIT
+    ):
         """Send and wait; returns the receipt."""
         return self.tx.transact(self._settle_fn(batch_id, merkle_root, records, max_fees))
 
@@ -343,15 +413,29 @@ class ChainClient:
         out = self.tx.raw_call(self.ledger.address, GET_BATCH_SELECTOR + id_bytes(batch_id))
         if len(out) != 5 * _WORD:
             raise DeploymentMismatch(f"getBatch at {self.ledger.address} returned {len(out)} bytes, not {5 * _WORD}")
-        root, settler, block, count, fees = (out[i:i + _WORD] for i in range(0, 5 * _WORD, _WORD))
+        root, settler, block, count, fees = (out[i : i + _WORD] for i in range(0, 5 * _WORD, _WORD))
         if not any(block):
             return None
-        return BatchInfo(to_id(batch_id), hex0x(root), to_checksum_address(settler[12:]), int.from_bytes(block, "big"),
-                         int.from_bytes(count, "big"), int.from_bytes(fees, "big"))  # fmt: skip
+        return BatchInfo(
+            to_id(batch_id),
+            hex0x(root),
+            to_checksum_address(settler[12:]),
+            int.from_bytes(block, "big"),
+            int.from_bytes(count, "big"),
+            int.from_bytes(fees, "big"),
+        )
 
-    def await_settled_batch(self, tx_hash: str, batch_id: str, merkle_root: str, records: Sequence[SettleRecord],
-                            timeout: float | None = None, poll: float = 0.05, *,
-                            max_fees: int = NO_FEE_LIMIT) -> BatchInfo:  # fmt: skip
+    def await_settled_batch(
+        self,
+        tx_hash: str,
+        batch_id: str,
+        merkle_root: str,
+        records: Sequence[SettleRecord],
+        timeout: float | None = None,
+        poll: float = 0.05,
+        *,
+        max_fees: int = NO_FEE_LIMIT,
+    ) -> BatchInfo:
         """Wait until `batch_id` is settled (by tx_hash or any other transaction) and return it; when
         tx_hash is mined without settling it, raise as wait_settle_batch does. Polls getBatch, a few
         hundred bytes, rather than the receipt, which carries one log per record."""
@@ -362,8 +446,9 @@ class ChainClient:
             if rcpt is not None:  # mined after our getBatch, or failed (a failed receipt has no logs)
                 if rcpt["status"] == 1 and (info := self.get_batch(batch_id)) is not None:
                     return info
-                self.wait_settle_batch(tx_hash, batch_id, merkle_root, records, timeout=0, light=True,
-                                       max_fees=max_fees)  # fmt: skip
+                self.wait_settle_batch(
+                    tx_hash, batch_id, merkle_root, records, timeout=0, light=True, max_fees=max_fees
+                )
                 raise TransactionFailed(f"transaction {tx_hash} succeeded but batch {batch_id} is not settled")
             if time.monotonic() > deadline:
                 raise TransactionFailed(f"no receipt for {tx_hash} within {limit:.0f}s")
@@ -392,11 +477,21 @@ class ChainClient:
 
     # ------------------------------------------------------------------ events
 
-    def events(self, contract: str, event: str, *, from_block: int | None = None,
-               to_block: int | str = "latest", filters: dict | None = None) -> list:  # fmt: skip
+    def events(
+        self,
+        contract: str,
+        event: str,
+        *,
+        from_block: int | None = None,
+        to_block: int | str = "latest",
+        filters: dict | None = None,
+    ) -> list:
         """Decoded logs of one event ("registry" or "ledger"), from the deploy block by default."""
         c = self.registry if contract == "registry" else self.ledger
         start = self.deployment.deploy_block if from_block is None else from_block
         with rpc_guard(self.rpc_url):
-            return list(getattr(c.events, event)().get_logs(
-                from_block=start, to_block=to_block, argument_filters=filters or None))  # fmt: skip
+            return list(
+                getattr(c.events, event)().get_logs(
+                    from_block=start, to_block=to_block, argument_filters=filters or None
+                )
+            )

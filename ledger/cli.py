@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from common.settings import SettingsError
 from rich.console import Console
 from rich.table import Table
 
 from common.logs import configure_logging
+from common.settings import SettingsError
 from common.wire import hex0x, restore_recursion_limit
 from ledger.chain import ChainClient
 from ledger.db import init_db, make_engine
@@ -31,8 +31,7 @@ _D = SettlerConfig()  # the defaults `settler run --help` shows (SettlerSettings
 rewards_app = typer.Typer(help="Rewards accrued from settled inferences.", no_args_is_help=True)
 settler_app = typer.Typer(help="Settle the usage-record outbox on chain.", no_args_is_help=True)
 
-DeploymentOpt = Annotated[Path, typer.Option("--deployment", envvar="LORAMESH_DEPLOYMENT",
-                                             help="deployment file")]
+DeploymentOpt = Annotated[Path, typer.Option("--deployment", envvar="LORAMESH_DEPLOYMENT", help="deployment file")]
 RpcOpt = Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL (default: the deployment's)")]
 
 
@@ -54,8 +53,10 @@ def rewards_show(
         typer.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
         return
     console = Console()
-    console.print(f"[bold]{summary.address}[/bold]: accrued {_eth(summary.accrued)}, withdrawn "
-                  f"{_eth(summary.withdrawn)}, available {_eth(summary.available)} ({summary.accrued} wei)")  # fmt: skip
+    console.print(
+        f"[bold]{summary.address}[/bold]: accrued {_eth(summary.accrued)}, withdrawn "
+        f"{_eth(summary.withdrawn)}, available {_eth(summary.available)} ({summary.accrued} wei)"
+    )
     table = Table("adapter", "role", "wei", "ETH")
     for adapter, roles in sorted(summary.by_adapter.items()):
         for role, amount in sorted(roles.items()):
@@ -87,46 +88,91 @@ def _settler() -> None:
     """Settle the usage-record outbox on chain."""
 
 
-LowDepositOpt = Annotated[int, typer.Option("--low-deposit", min=0,
-                                            help="wei of deposit left (after in-flight batches) below which to warn")]
+LowDepositOpt = Annotated[
+    int, typer.Option("--low-deposit", min=0, help="wei of deposit left (after in-flight batches) below which to warn")
+]
 
 
 @settler_app.command("run")
 def settler_run(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file of settings, named as the options "
-                                                "with _ (db_url, key_file and rpc_url for --db, --key, --rpc)")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="TOML file of settings, named as the options "
+            "with _ (db_url, key_file and rpc_url for --db, --key, --rpc)",
+        ),
+    ] = None,
     db_url: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the outbox database")] = None,
-    key_file: Annotated[Path | None, typer.Option("--key", help="settler key file: identity file or hex private key")]
-    = None,
-    deployment: Annotated[Path | None, typer.Option("--deployment", help="deployment file",
-                                                    show_default=str(DEFAULT_DEPLOYMENT_PATH))] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key", help="settler key file: identity file or hex private key")
+    ] = None,
+    deployment: Annotated[
+        Path | None, typer.Option("--deployment", help="deployment file", show_default=str(DEFAULT_DEPLOYMENT_PATH))
+    ] = None,
     rpc_url: Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL (default: the deployment's)")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="N: records per batch", show_default=str(_D.batch_size))]
-    = None,
-    interval: Annotated[float | None, typer.Option(help="T: seconds a partial batch may wait",
-                                                   show_default=str(_D.interval))] = None,
-    max_in_flight: Annotated[int | None, typer.Option(min=1, help="batches sent before awaiting their receipts",
-                                                      show_default=str(_D.max_in_flight))] = None,
-    max_price_per_1k: Annotated[int | None, typer.Option(
-        "--max-price-per-1k", min=0, help="wei per 1k tokens above which a record is set aside",
-        show_default=str(_D.max_price_per_1k))] = None,
-    max_record_tokens: Annotated[int | None, typer.Option(
-        "--max-record-tokens", min=0, help="prompt + completion tokens above which a record is set aside",
-        show_default=str(_D.max_record_tokens))] = None,
-    low_deposit: Annotated[int | None, typer.Option(
-        "--low-deposit", min=0, help="wei of deposit left (after in-flight batches) below which to warn",
-        show_default=str(_D.low_deposit))] = None,
-    lease: Annotated[float | None, typer.Option(min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed",
-                                                show_default=str(_D.lease))] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="N: records per batch", show_default=str(_D.batch_size))
+    ] = None,
+    interval: Annotated[
+        float | None, typer.Option(help="T: seconds a partial batch may wait", show_default=str(_D.interval))
+    ] = None,
+    max_in_flight: Annotated[
+        int | None,
+        typer.Option(min=1, help="batches sent before awaiting their receipts", show_default=str(_D.max_in_flight)),
+    ] = None,
+    max_price_per_1k: Annotated[
+        int | None,
+        typer.Option(
+            "--max-price-per-1k",
+            min=0,
+            help="wei per 1k tokens above which a record is set aside",
+            show_default=str(_D.max_price_per_1k),
+        ),
+    ] = None,
+    max_record_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-record-tokens",
+            min=0,
+            help="prompt + completion tokens above which a record is set aside",
+            show_default=str(_D.max_record_tokens),
+        ),
+    ] = None,
+    low_deposit: Annotated[
+        int | None,
+        typer.Option(
+            "--low-deposit",
+            min=0,
+            help="wei of deposit left (after in-flight batches) below which to warn",
+            show_default=str(_D.low_deposit),
+        ),
+    ] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed", show_default=str(_D.lease)
+        ),
+    ] = None,
     drain: Annotated[bool, typer.Option(help="exit once nothing is left to settle")] = False,
 ) -> None:
     """Run the settler until SIGINT/SIGTERM (--drain: until the outbox is empty); any number may share a database.
 
     Each setting comes from its flag, else LORAMESH_SETTLER_<NAME>, else the --config file, else its default."""
-    settings = settler_settings(config, db_url=db_url, key_file=key_file, deployment=deployment, rpc_url=rpc_url,
-                                batch_size=batch_size, interval=interval, max_in_flight=max_in_flight,
-                                max_price_per_1k=max_price_per_1k, max_record_tokens=max_record_tokens,
-                                low_deposit=low_deposit, lease=lease)  # fmt: skip
+    settings = settler_settings(
+        config,
+        db_url=db_url,
+        key_file=key_file,
+        deployment=deployment,
+        rpc_url=rpc_url,
+        batch_size=batch_size,
+        interval=interval,
+        max_in_flight=max_in_flight,
+        max_price_per_1k=max_price_per_1k,
+        max_record_tokens=max_record_tokens,
+        low_deposit=low_deposit,
+        lease=lease,
+    )
     n = run_settler(settings, drain=drain)
     typer.echo(f"settled {n} records")
 
@@ -139,8 +185,9 @@ def settler_settings(config: Path | None = None, **flags) -> SettlerSettings:
         raise typer.BadParameter(str(e), param_hint="settler settings") from None
 
 
-def run_settler(settings: SettlerSettings, *, drain: bool = False,
-                on_point: Callable[[str], None] | None = None) -> int:
+def run_settler(
+    settings: SettlerSettings, *, drain: bool = False, on_point: Callable[[str], None] | None = None
+) -> int:
     """Build the settler `settings` describe and run it until SIGINT/SIGTERM (drain: until nothing is left);
     returns the records settled. on_point: Settler's (the crash tests pass one)."""
     restore_recursion_limit()  # web3's py_ecc raised it at import: a deep RPC answer would crash, not raise
@@ -185,15 +232,19 @@ def settler_status_cmd(
         extra = f" ({st['set_aside_deposit_short']} for the deposit)" if k == "set_aside" and st[k] else ""
         table.add_row(k.replace("_", " "), f"{st[k]}{extra}")
     console.print(table)
-    console.print(f"batches in flight: {st['batches_in_flight']}; fees pending {st['fees_pending_wei']} wei "
-                  f"({_eth(st['fees_pending_wei'])}); fees set aside {st['fees_set_aside_wei']} wei")  # fmt: skip
+    console.print(
+        f"batches in flight: {st['batches_in_flight']}; fees pending {st['fees_pending_wei']} wei "
+        f"({_eth(st['fees_pending_wei'])}); fees set aside {st['fees_set_aside_wei']} wei"
+    )
     if st["settler"] is None:
         console.print("deposit: pass --key or --address to see the settler's deposit")
     elif st["deposit_wei"] is None:
         console.print(f"[red]deposit of {st['settler']} unknown[/red]: {st['chain_error']}")
     else:
-        line = (f"deposit of {st['settler']}: {st['deposit_wei']} wei, {max(st['deposit_left_wei'], 0)} wei left "
-                f"after fees pending ({_eth(max(st['deposit_left_wei'], 0))})")
+        line = (
+            f"deposit of {st['settler']}: {st['deposit_wei']} wei, {max(st['deposit_left_wei'], 0)} wei left "
+            f"after fees pending ({_eth(max(st['deposit_left_wei'], 0))})"
+        )
         console.print(f"[red]LOW DEPOSIT[/red] {line}" if st["deposit_low"] else line)
     if st["deposit_low"]:
         console.print("deposit low: records wait or are set aside until the settler's deposit is topped up")

@@ -53,8 +53,10 @@ def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: boo
     try:
         path = sqlite_file(url)
     except (ArgumentError, ValueError) as e:
-        raise ValueError(f"database URL {redact_url(url)} is not valid: expected e.g. sqlite:///gateway.db or "
-                         "postgresql+psycopg://user:password@host/db") from e
+        raise ValueError(
+            f"database URL {redact_url(url)} is not valid: expected e.g. sqlite:///gateway.db or "
+            "postgresql+psycopg://user:password@host/db"
+        ) from e
     if not url.startswith("sqlite"):
         connect_args = {}
         if url.startswith(("postgresql", "postgres")):

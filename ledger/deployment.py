@@ -8,8 +8,8 @@ from pathlib import Path
 
 from eth_utils import to_checksum_address
 
-from ledger.errors import DeploymentMismatch
 from common.wire import UntrustedJSONError, parse_json
+from ledger.errors import DeploymentMismatch
 
 # A deployment file is handed around (a network's operators publish theirs): it is parsed as a stranger's
 # bytes. Ours are well under 4 KiB.
@@ -45,7 +45,7 @@ class Deployment:
             raise DeploymentMismatch(f"deployment has chain_id={self.chain_id}, deploy_block={self.deploy_block}")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Deployment":
+    def from_dict(cls, data: dict) -> Deployment:
         """Parse the JSON object; a missing or mistyped key is a DeploymentMismatch."""
         try:
             contracts = data["contracts"]
@@ -62,11 +62,13 @@ class Deployment:
                 funded=list(data.get("funded", [])),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise DeploymentMismatch(f"deployment file is malformed ({e!r}): expected chain_id, rpc_url, "
-                                     "contracts.AdapterRegistry, contracts.AttributionLedger, deploy_block") from e
+            raise DeploymentMismatch(
+                f"deployment file is malformed ({e!r}): expected chain_id, rpc_url, "
+                "contracts.AdapterRegistry, contracts.AttributionLedger, deploy_block"
+            ) from e
 
     @classmethod
-    def load(cls, path: str | Path) -> "Deployment":
+    def load(cls, path: str | Path) -> Deployment:
         """Read a deployment file."""
         path = Path(path)
         try:
@@ -93,4 +95,3 @@ class Deployment:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         tmp.replace(path)
-

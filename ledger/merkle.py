@@ -22,8 +22,13 @@ def encode_record(r: SettleRecord) -> bytes:
     preimage. Written out by hand because web3's generic encoder costs about 0.5 ms a record (the tests
     hold it equal to eth_abi's encoding and to the contract's leafOf)."""
     # SettleRecord holds its ids normalised ("0x" + 64 lowercase hex), so no to_id per field here
-    return (bytes.fromhex(r.request_id[2:]) + bytes.fromhex(r.adapter_id[2:]) + bytes.fromhex(r.node_id[2:])
-            + r.prompt_tokens.to_bytes(_WORD, "big") + r.completion_tokens.to_bytes(_WORD, "big"))  # fmt: skip
+    return (
+        bytes.fromhex(r.request_id[2:])
+        + bytes.fromhex(r.adapter_id[2:])
+        + bytes.fromhex(r.node_id[2:])
+        + r.prompt_tokens.to_bytes(_WORD, "big")
+        + r.completion_tokens.to_bytes(_WORD, "big")
+    )
 
 
 def leaf_hash(record: SettleRecord) -> bytes:
@@ -44,13 +49,12 @@ class MerkleTree:
             raise ValueError("a Merkle tree needs at least one leaf")
         self.levels: list[list[bytes]] = [list(leaves)]
         while len(level := self.levels[-1]) > 1:
-            self.levels.append([
-                hash_pair(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
-                for i in range(0, len(level), 2)
-            ])  # fmt: skip
+            self.levels.append(
+                [hash_pair(level[i], level[i + 1]) if i + 1 < len(level) else level[i] for i in range(0, len(level), 2)]
+            )
 
     @classmethod
-    def from_records(cls, records: Sequence[SettleRecord]) -> "MerkleTree":
+    def from_records(cls, records: Sequence[SettleRecord]) -> MerkleTree:
         return cls([leaf_hash(r) for r in records])
 
     @property

@@ -43,8 +43,10 @@ def ensure_mirror_schema(engine: Engine) -> bool:
                 if not {c.name for c in table.columns} <= have:
                     stale.append(table)
         if stale:
-            log.warning("registry mirror tables of an older schema (%s): rebuilding them from chain events",
-                        ", ".join(t.name for t in stale))  # fmt: skip
+            log.warning(
+                "registry mirror tables of an older schema (%s): rebuilding them from chain events",
+                ", ".join(t.name for t in stale),
+            )
             for model in MIRRORS:
                 model.__table__.drop(engine, checkfirst=True)
             with Session(engine) as s:
@@ -64,15 +66,20 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
     ensure_mirror_schema(engine)
     to_block = client.block_number() if to_block is None else to_block
     with Session(engine) as s:
-        if is_postgres(engine) and not s.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
-                                                 {"k": _SYNC_LOCK}).scalar():  # fmt: skip
+        if (
+            is_postgres(engine)
+            and not s.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _SYNC_LOCK}).scalar()
+        ):
             return 0
         cursor = s.get(SyncCursor, CURSOR)
         start = client.deployment.deploy_block if cursor is None else cursor.block + 1
         if start > to_block:
             return 0
-        logs = [ev for name in RE.REGISTRY_EVENTS
-                for ev in client.events("registry", name, from_block=start, to_block=to_block)]
+        logs = [
+            ev
+            for name in RE.REGISTRY_EVENTS
+            for ev in client.events("registry", name, from_block=start, to_block=to_block)
+        ]
         logs.sort(key=lambda ev: (ev["blockNumber"], ev["logIndex"]))
         for ev in logs:
             _apply_or_skip(s, ev)
@@ -103,8 +110,13 @@ def _apply_or_skip(s: Session, ev) -> None:
 def _skipped(ev, e: Exception) -> None:
     tx = ev.get("transactionHash")
     why = (str(e).splitlines() or [type(e).__name__])[0][:300]
-    log.error("registry mirror: %s at block %s (tx %s) cannot be mirrored and is skipped: %s", ev["event"],
-              ev["blockNumber"], hex0x(tx) if tx is not None else "?", why)  # fmt: skip
+    log.error(
+        "registry mirror: %s at block %s (tx %s) cannot be mirrored and is skipped: %s",
+        ev["event"],
+        ev["blockNumber"],
+        hex0x(tx) if tx is not None else "?",
+        why,
+    )
 
 
 def _apply(s: Session, ev) -> None:
@@ -113,9 +125,17 @@ def _apply(s: Session, ev) -> None:
     u, block = RE.registry_update(ev), ev["blockNumber"]
     if isinstance(u, RE.DatasetRegistered):
         d = u.dataset
-        s.merge(DatasetMirror(dataset_id=d.dataset_id, content_hash=d.content_hash, payee=d.payee,
-                              contributor=d.contributor, name=d.name, registered_block=block,
-                              updated_block=block))  # fmt: skip
+        s.merge(
+            DatasetMirror(
+                dataset_id=d.dataset_id,
+                content_hash=d.content_hash,
+                payee=d.payee,
+                contributor=d.contributor,
+                name=d.name,
+                registered_block=block,
+                updated_block=block,
+            )
+        )
     elif isinstance(u, RE.DatasetPayeeChanged):
         row = s.get(DatasetMirror, u.dataset_id)
         row.payee, row.updated_block = u.payee, block
@@ -127,10 +147,21 @@ def _apply(s: Session, ev) -> None:
     elif isinstance(u, RE.AdapterRegistered):
         ad = u.adapter
         datasets = [[d, b] for d, b in zip(ad.dataset_ids, ad.shares_bps)]
-        s.merge(AdapterMirror(
-            adapter_id=ad.adapter_id, owner=ad.owner, publisher=ad.publisher, name=ad.name, version=ad.version,
-            predecessor=ad.predecessor, base_model=ad.base_model, price_per_1k_tokens=str(ad.price_per_1k_tokens),
-            datasets_json=json.dumps(datasets), registered_block=block, updated_block=block))  # fmt: skip
+        s.merge(
+            AdapterMirror(
+                adapter_id=ad.adapter_id,
+                owner=ad.owner,
+                publisher=ad.publisher,
+                name=ad.name,
+                version=ad.version,
+                predecessor=ad.predecessor,
+                base_model=ad.base_model,
+                price_per_1k_tokens=str(ad.price_per_1k_tokens),
+                datasets_json=json.dumps(datasets),
+                registered_block=block,
+                updated_block=block,
+            )
+        )
     elif isinstance(u, RE.AdapterPriceChanged):
         row = s.get(AdapterMirror, u.adapter_id)
         row.price_per_1k_tokens, row.updated_block = str(u.price_per_1k_tokens), block
@@ -140,10 +171,20 @@ def _apply(s: Session, ev) -> None:
     elif isinstance(u, RE.NodeRegistered):
         n = u.node
         # public_key is stored as bare hex (no "0x"): gateway.chain_registry reads it with bytes.fromhex
-        s.merge(NodeMirror(
-            node_id=n.node_id, operator=n.operator, public_key=n.public_key[2:], active=n.active,
-            base_model=n.base_model, peer_id=n.peer_id, api_url=n.api_url,
-            multiaddrs_json=json.dumps(list(n.multiaddrs)), registered_block=block, updated_block=block))  # fmt: skip
+        s.merge(
+            NodeMirror(
+                node_id=n.node_id,
+                operator=n.operator,
+                public_key=n.public_key[2:],
+                active=n.active,
+                base_model=n.base_model,
+                peer_id=n.peer_id,
+                api_url=n.api_url,
+                multiaddrs_json=json.dumps(list(n.multiaddrs)),
+                registered_block=block,
+                updated_block=block,
+            )
+        )
     elif isinstance(u, RE.NodeUpdated):
         row = s.get(NodeMirror, u.node_id)
         row.base_model, row.peer_id, row.api_url = u.base_model, u.peer_id, u.api_url

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlmodel import Session, func, select
 
+from common.wire import canonical_json  # the receipt's canonical form is the node's
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import to_id
-from common.wire import canonical_json  # the receipt's canonical form is the node's
 
 MAX_TOKENS = 2**64 - 1
 
@@ -15,11 +15,22 @@ class OutboxError(ValueError):
     """A usage record that cannot be settled as given."""
 
 
-def add_usage_record(session: Session, *, request_id: str, adapter_id: str, node_id: str, prompt_tokens: int,
-                     completion_tokens: int, receipt_json: str | dict | None = None, node_signature: str | None = None,
-                     node_prompt_tokens: int | None = None, node_completion_tokens: int | None = None,
-                     status: str = RecordStatus.PENDING, error: str | None = None,
-                     gateway_key_id: int | None = None) -> UsageRecord:  # fmt: skip
+def add_usage_record(
+    session: Session,
+    *,
+    request_id: str,
+    adapter_id: str,
+    node_id: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    receipt_json: str | dict | None = None,
+    node_signature: str | None = None,
+    node_prompt_tokens: int | None = None,
+    node_completion_tokens: int | None = None,
+    status: str = RecordStatus.PENDING,
+    error: str | None = None,
+    gateway_key_id: int | None = None,
+) -> UsageRecord:
     """Add one record to the outbox in the caller's session; the caller commits (same transaction as
     its request completion). A second record with the same request id fails at commit (unique).
     A request to the bare base model has adapter_id = the zero id (ledger.types.BASE_MODEL_ADAPTER_ID).
@@ -29,12 +40,17 @@ def add_usage_record(session: Session, *, request_id: str, adapter_id: str, node
     mid-stream) has both None. status is PENDING (to be settled) or DISPUTED (kept, never settled; the
     reason in `error`)."""
     try:
-        ids = {name: to_id(v) for name, v in
-               (("request_id", request_id), ("adapter_id", adapter_id), ("node_id", node_id))}  # fmt: skip
+        ids = {
+            name: to_id(v) for name, v in (("request_id", request_id), ("adapter_id", adapter_id), ("node_id", node_id))
+        }
     except ValueError as e:
         raise OutboxError(f"usage record: {e}") from e
-    for name, v in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens),
-                    ("node_prompt_tokens", node_prompt_tokens), ("node_completion_tokens", node_completion_tokens)):
+    for name, v in (
+        ("prompt_tokens", prompt_tokens),
+        ("completion_tokens", completion_tokens),
+        ("node_prompt_tokens", node_prompt_tokens),
+        ("node_completion_tokens", node_completion_tokens),
+    ):
         if v is None and name.startswith("node_"):
             continue
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKENS:
@@ -51,10 +67,18 @@ def add_usage_record(session: Session, *, request_id: str, adapter_id: str, node
         raise OutboxError(f"usage record: a new record is pending or disputed, not {status!r}")
     if status == RecordStatus.DISPUTED and not error:
         raise OutboxError("usage record: a disputed record says why in `error`")
-    record = UsageRecord(**ids, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         node_prompt_tokens=node_prompt_tokens, node_completion_tokens=node_completion_tokens,
-                         receipt_json=receipt_json, node_signature=node_signature, status=status, error=error,
-                         gateway_key_id=gateway_key_id)  # fmt: skip
+    record = UsageRecord(
+        **ids,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        node_prompt_tokens=node_prompt_tokens,
+        node_completion_tokens=node_completion_tokens,
+        receipt_json=receipt_json,
+        node_signature=node_signature,
+        status=status,
+        error=error,
+        gateway_key_id=gateway_key_id,
+    )
     session.add(record)
     return record
 

@@ -16,9 +16,18 @@ from common.wire import hex0x
 from ledger.types import AdapterInfo, DatasetInfo, NodeInfo
 
 # every AdapterRegistry event that changes its state, in the order the registry's ABI declares them
-REGISTRY_EVENTS = ("DatasetRegistered", "DatasetPayeeChanged", "NameRegistered", "NameTransferred",
-                   "AdapterRegistered", "AdapterPriceChanged", "AdapterOwnershipTransferred", "NodeRegistered",
-                   "NodeUpdated", "NodeActiveChanged")  # fmt: skip
+REGISTRY_EVENTS = (
+    "DatasetRegistered",
+    "DatasetPayeeChanged",
+    "NameRegistered",
+    "NameTransferred",
+    "AdapterRegistered",
+    "AdapterPriceChanged",
+    "AdapterOwnershipTransferred",
+    "NodeRegistered",
+    "NodeUpdated",
+    "NodeActiveChanged",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +103,18 @@ class NodeActiveChanged:
     active: bool
 
 
-RegistryUpdate = (DatasetRegistered | DatasetPayeeChanged | NameRegistered | NameTransferred | AdapterRegistered
-                  | AdapterPriceChanged | AdapterOwnershipTransferred | NodeRegistered | NodeUpdated
-                  | NodeActiveChanged)  # fmt: skip
+RegistryUpdate = (
+    DatasetRegistered
+    | DatasetPayeeChanged
+    | NameRegistered
+    | NameTransferred
+    | AdapterRegistered
+    | AdapterPriceChanged
+    | AdapterOwnershipTransferred
+    | NodeRegistered
+    | NodeUpdated
+    | NodeActiveChanged
+)
 
 
 def registry_update(event: Any) -> RegistryUpdate | None:
@@ -104,8 +122,9 @@ def registry_update(event: Any) -> RegistryUpdate | None:
     A malformed event raises KeyError, TypeError or ValueError."""
     name, a = event["event"], event["args"]
     if name == "DatasetRegistered":
-        return DatasetRegistered(DatasetInfo(hex0x(a["datasetId"]), hex0x(a["contentHash"]), a["payee"],
-                                             a["payee"], a["name"]))  # fmt: skip
+        return DatasetRegistered(
+            DatasetInfo(hex0x(a["datasetId"]), hex0x(a["contentHash"]), a["payee"], a["payee"], a["name"])
+        )
     if name == "DatasetPayeeChanged":
         return DatasetPayeeChanged(hex0x(a["datasetId"]), a["payee"])
     if name == "NameRegistered":
@@ -114,20 +133,39 @@ def registry_update(event: Any) -> RegistryUpdate | None:
         return NameTransferred(a["name"], a["previousOwner"], a["newOwner"])
     if name == "AdapterRegistered":
         spec = a["spec"]
-        return AdapterRegistered(AdapterInfo(
-            hex0x(a["adapterId"]), a["owner"], spec["name"], spec["version"], hex0x(spec["predecessor"]),
-            hex0x(spec["baseModel"]), int(spec["pricePer1kTokens"]), tuple(hex0x(d) for d in spec["datasetIds"]),
-            tuple(int(b) for b in spec["sharesBps"]), publisher=a["owner"]))  # fmt: skip
+        return AdapterRegistered(
+            AdapterInfo(
+                hex0x(a["adapterId"]),
+                a["owner"],
+                spec["name"],
+                spec["version"],
+                hex0x(spec["predecessor"]),
+                hex0x(spec["baseModel"]),
+                int(spec["pricePer1kTokens"]),
+                tuple(hex0x(d) for d in spec["datasetIds"]),
+                tuple(int(b) for b in spec["sharesBps"]),
+                publisher=a["owner"],
+            )
+        )
     if name == "AdapterPriceChanged":
         return AdapterPriceChanged(hex0x(a["adapterId"]), int(a["pricePer1kTokens"]))
     if name == "AdapterOwnershipTransferred":
         return AdapterOwnershipTransferred(hex0x(a["adapterId"]), a["previousOwner"], a["newOwner"])
     if name == "NodeRegistered":
-        return NodeRegistered(NodeInfo(hex0x(a["nodeId"]), a["operator"], True, hex0x(a["baseModel"]), a["peerId"],
-                                       a["apiUrl"], tuple(a["multiaddrs"]), hex0x(a["publicKey"])))  # fmt: skip
+        return NodeRegistered(
+            NodeInfo(
+                hex0x(a["nodeId"]),
+                a["operator"],
+                True,
+                hex0x(a["baseModel"]),
+                a["peerId"],
+                a["apiUrl"],
+                tuple(a["multiaddrs"]),
+                hex0x(a["publicKey"]),
+            )
+        )
     if name == "NodeUpdated":
-        return NodeUpdated(hex0x(a["nodeId"]), hex0x(a["baseModel"]), a["peerId"], a["apiUrl"],
-                           tuple(a["multiaddrs"]))  # fmt: skip
+        return NodeUpdated(hex0x(a["nodeId"]), hex0x(a["baseModel"]), a["peerId"], a["apiUrl"], tuple(a["multiaddrs"]))
     if name == "NodeActiveChanged":
         return NodeActiveChanged(hex0x(a["nodeId"]), bool(a["active"]))
     return None

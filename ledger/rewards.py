@@ -34,14 +34,24 @@ class RewardsSummary:
 
     @property
     def adds_up(self) -> bool:
-        return (self.available + self.withdrawn == self.accrued
-                and sum(self.by_role.values()) == self.accrued
-                and sum(sum(v.values()) for v in self.by_adapter.values()) == self.accrued)  # fmt: skip
+        return (
+            self.available + self.withdrawn == self.accrued
+            and sum(self.by_role.values()) == self.accrued
+            and sum(sum(v.values()) for v in self.by_adapter.values()) == self.accrued
+        )
 
     def to_dict(self) -> dict:
-        return {"address": self.address, "available": self.available, "accrued": self.accrued,
-                "withdrawn": self.withdrawn, "by_role": self.by_role, "by_adapter": self.by_adapter,
-                "batches": self.batches, "base_model": self.base_model, "adds_up": self.adds_up}  # fmt: skip
+        return {
+            "address": self.address,
+            "available": self.available,
+            "accrued": self.accrued,
+            "withdrawn": self.withdrawn,
+            "by_role": self.by_role,
+            "by_adapter": self.by_adapter,
+            "batches": self.batches,
+            "base_model": self.base_model,
+            "adds_up": self.adds_up,
+        }
 
 
 def role_name(role: int) -> str:
@@ -61,5 +71,12 @@ def rewards_summary(client: ChainClient, address: str) -> RewardsSummary:
         by_role[role] += a["amount"]
         by_adapter[hex0x(a["adapterId"])][role] += a["amount"]
         batches.add(bytes(a["batchId"]))
-    return RewardsSummary(address, bal.available, bal.accrued, bal.withdrawn, dict(by_role),
-                          {k: dict(v) for k, v in by_adapter.items()}, len(batches))  # fmt: skip
+    return RewardsSummary(
+        address,
+        bal.available,
+        bal.accrued,
+        bal.withdrawn,
+        dict(by_role),
+        {k: dict(v) for k, v in by_adapter.items()},
+        len(batches),
+    )

@@ -198,8 +198,14 @@ class Settler:
     """Moves outbox records onto the chain. Any number of instances (processes, gateways) may share
     one database and one ledger: see the module docstring for how they divide the work."""
 
-    def __init__(self, engine: Engine, client: ChainClient, config: SettlerConfig | None = None, *,
-                 on_point: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        client: ChainClient,
+        config: SettlerConfig | None = None,
+        *,
+        on_point: Callable[[str], None] | None = None,
+    ) -> None:
         """on_point, when given, is called with the name of each point of the state machine a crash must be
         survivable at ("before_send", "after_send", "in_flight": every batch of a step sent and none awaited,
         "after_receipt"); the crash tests pass one that kills the process there."""
@@ -209,8 +215,7 @@ class Settler:
         self.address = client.address
         # who holds a lease: the account, then host, boot id and pid namespace, and pid (a claim of a
         # dead process on this host is free at once), then a random tag (two instances in one process differ)
-        self.instance = (f"{self.address}|{socket.gethostname()}|{_pid_space()}|{os.getpid()}|"
-                         f"{secrets.token_hex(4)}")  # fmt: skip
+        self.instance = f"{self.address}|{socket.gethostname()}|{_pid_space()}|{os.getpid()}|{secrets.token_hex(4)}"
         self._postgres = is_postgres(engine)
         # pg_advisory_xact_lock key of this settler account: same-key processes form one at a time
         self._lock_key = int.from_bytes(keccak(to_canonical_address(self.address))[:8], "big", signed=True)
@@ -271,17 +276,25 @@ class Settler:
 
     def has_work(self) -> bool:
         with Session(self.engine) as s:
-            return s.exec(select(UsageRecord.id).where(
-                UsageRecord.status.in_([RecordStatus.PENDING, RecordStatus.SUBMITTED])).limit(1)).first() is not None
+            return (
+                s.exec(
+                    select(UsageRecord.id)
+                    .where(UsageRecord.status.in_([RecordStatus.PENDING, RecordStatus.SUBMITTED]))
+                    .limit(1)
+                ).first()
+                is not None
+            )
 
     def release(self) -> int:
         """Hand back this instance's leases on unfinished batches (another settler may take them at
         once); returns how many."""
         try:
             with Session(self.engine) as s:
-                n = s.execute(update(SettlementBatch).where(SettlementBatch.claimed_by == self.instance,
-                                                            SettlementBatch.status.in_(OPEN))
-                              .values(claimed_by=None, lease_expires=None)).rowcount  # fmt: skip
+                n = s.execute(
+                    update(SettlementBatch)
+                    .where(SettlementBatch.claimed_by == self.instance, SettlementBatch.status.in_(OPEN))
+                    .values(claimed_by=None, lease_expires=None)
+                ).rowcount
                 s.commit()
         except SQLAlchemyError as e:
             log.warning("could not hand back batch leases (they expire in %.0fs): %s", self.config.lease, e)
@@ -385,19 +398,28 @@ class Settler:
 
     def _claimable(self, now: datetime, dead: list[str]):
         """SQL condition: a batch row this instance may claim (or already holds)."""
-        return or_(SettlementBatch.claimed_by == self.instance, SettlementBatch.claimed_by.is_(None),
-                   SettlementBatch.lease_expires.is_(None), SettlementBatch.lease_expires < now,
-                   SettlementBatch.claimed_by.in_(dead) if dead else false())  # fmt: skip
+        return or_(
+            SettlementBatch.claimed_by == self.instance,
+            SettlementBatch.claimed_by.is_(None),
+            SettlementBatch.lease_expires.is_(None),
+            SettlementBatch.lease_expires < now,
+            SettlementBatch.claimed_by.in_(dead) if dead else false(),
+        )
 
     def _dead_claims(self, s: Session) -> list[str]:
         """Claims on open batches held by processes of this host (same boot, same pid namespace) that are
         gone."""
         host, ns, pid = socket.gethostname(), _pid_space(), os.getpid()
         dead = []
-        owners = s.exec(select(SettlementBatch.claimed_by).where(SettlementBatch.status.in_(OPEN),
-                                                                 SettlementBatch.claimed_by.is_not(None),
-                                                                 SettlementBatch.claimed_by != self.instance)
-                        .distinct()).all()  # fmt: skip
+        owners = s.exec(
+            select(SettlementBatch.claimed_by)
+            .where(
+                SettlementBatch.status.in_(OPEN),
+                SettlementBatch.claimed_by.is_not(None),
+                SettlementBatch.claimed_by != self.instance,
+            )
+            .distinct()
+        ).all()
         for owner in owners:
             parts = owner.split("|")
             if len(parts) != 5 or parts[1] != host or parts[2] != ns or not parts[3].isdigit():
@@ -453,14 +475,19 @@ class Settler:
             dead = self._dead_claims(s)
             now = self._now(s)
             until = now + timedelta(seconds=self.config.lease)
-            ids = s.exec(select(SettlementBatch.id).where(SettlementBatch.status.in_(OPEN),
-                                                          self._claimable(now, dead))
-                         .order_by(SettlementBatch.id).limit(limit)).all()  # fmt: skip
+            ids = s.exec(
+                select(SettlementBatch.id)
+                .where(SettlementBatch.status.in_(OPEN), self._claimable(now, dead))
+                .order_by(SettlementBatch.id)
+                .limit(limit)
+            ).all()
             mine = []
             for bid in ids:
-                n = s.execute(update(SettlementBatch).where(SettlementBatch.id == bid, SettlementBatch.status.in_(OPEN),
-                                                            self._claimable(now, dead))
-                              .values(claimed_by=self.instance, lease_expires=until)).rowcount  # fmt: skip
+                n = s.execute(
+                    update(SettlementBatch)
+                    .where(SettlementBatch.id == bid, SettlementBatch.status.in_(OPEN), self._claimable(now, dead))
+                    .values(claimed_by=self.instance, lease_expires=until)
+                ).rowcount
                 if n == 1:
                     mine.append(bid)
             s.commit()
@@ -500,8 +527,11 @@ class Settler:
             # only set-aside records this time: form again from the rows after them
 
     def _due(self, rows, force: bool) -> bool:
-        return force or len(rows) >= self.config.batch_size or (
-            utcnow() - _aware(rows[0].created_at) >= timedelta(seconds=self.config.interval))
+        return (
+            force
+            or len(rows) >= self.config.batch_size
+            or (utcnow() - _aware(rows[0].created_at) >= timedelta(seconds=self.config.interval))
+        )
 
     def _look_up(self, rows, prices: dict[str, int | str]) -> None:
         """Fill `prices`: adapter id (or node id) -> price per 1k tokens, or the reason it cannot be
@@ -543,11 +573,18 @@ class Settler:
         forming transaction, so same-key settlers never both count the same wei (PostgreSQL: the
         advisory lock; SQLite: the write lock)."""
         amount, block = deposit
-        fees = s.exec(select(SettlementBatch.fees_priced).where(SettlementBatch.settler == self.address,
-                                                                SettlementBatch.status.in_(OPEN))).all()  # fmt: skip
-        since = s.exec(select(SettlementBatch.total_fees).where(
-            SettlementBatch.settler == self.address, SettlementBatch.status == BatchStatus.SETTLED,
-            SettlementBatch.block_number > block)).all()
+        fees = s.exec(
+            select(SettlementBatch.fees_priced).where(
+                SettlementBatch.settler == self.address, SettlementBatch.status.in_(OPEN)
+            )
+        ).all()
+        since = s.exec(
+            select(SettlementBatch.total_fees).where(
+                SettlementBatch.settler == self.address,
+                SettlementBatch.status == BatchStatus.SETTLED,
+                SettlementBatch.block_number > block,
+            )
+        ).all()
         in_flight = sum(int(f) for f in fees if f) + sum(int(f) for f in since if f)
         return amount - in_flight, in_flight
 
@@ -572,8 +609,9 @@ class Settler:
             fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
             if a_price > cfg.max_price_per_1k:
                 what = "base model" if r.adapter_id == BASE_MODEL_ADAPTER_ID else f"adapter {r.adapter_id}"
-                aside.append((r, f"{PRICE_TOO_HIGH}: {what} costs {a_price} wei per 1k tokens > max "
-                                 f"{cfg.max_price_per_1k}", fee))  # fmt: skip
+                aside.append(
+                    (r, f"{PRICE_TOO_HIGH}: {what} costs {a_price} wei per 1k tokens > max {cfg.max_price_per_1k}", fee)
+                )
                 continue
             if total + fee <= free:
                 keep.append((r, fee))
@@ -594,12 +632,15 @@ class Settler:
             batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep])
             if not self._move(s, [r.id for r, _ in keep], status=RecordStatus.SUBMITTED, batch_id=batch.batch_id):
                 return None
-            s.execute(update(UsageRecord), [{"id": r.id, "leaf_index": i, "fee_wei": str(fee)}
-                                            for i, (r, fee) in enumerate(keep)])  # by primary key: rows we hold
+            s.execute(
+                update(UsageRecord),
+                [{"id": r.id, "leaf_index": i, "fee_wei": str(fee)} for i, (r, fee) in enumerate(keep)],
+            )  # by primary key: rows we hold
             s.add(batch)
         for r, reason, fee in aside:
-            if not self._move(s, [r.id], status=RecordStatus.SET_ASIDE, error=reason,
-                              fee_wei=None if fee is None else str(fee)):  # fmt: skip
+            if not self._move(
+                s, [r.id], status=RecordStatus.SET_ASIDE, error=reason, fee_wei=None if fee is None else str(fee)
+            ):
                 return None
         s.commit()
         for r, reason, _ in aside:
@@ -617,21 +658,36 @@ class Settler:
         tree = MerkleTree.from_records(settle)
         request_ids = [r.request_id for r in rows]
         salt = 0
-        while s.exec(select(SettlementBatch.id).where(
-                SettlementBatch.batch_id == batch_id_for(request_ids, self.address, salt))).first() is not None:
+        while (
+            s.exec(
+                select(SettlementBatch.id).where(
+                    SettlementBatch.batch_id == batch_id_for(request_ids, self.address, salt)
+                )
+            ).first()
+            is not None
+        ):
             salt += 1  # the very records of an abandoned batch: a new id
         priced = None if any(f is None for f in fees) else str(sum(fees))
-        batch = SettlementBatch(batch_id=batch_id_for(request_ids, self.address, salt),
-                                merkle_root=hex0x(tree.root), record_count=len(rows), settler=self.address,
-                                fees_priced=priced, claimed_by=self.instance,
-                                lease_expires=self._now(s) + timedelta(seconds=self.config.lease))  # fmt: skip
+        batch = SettlementBatch(
+            batch_id=batch_id_for(request_ids, self.address, salt),
+            merkle_root=hex0x(tree.root),
+            record_count=len(rows),
+            settler=self.address,
+            fees_priced=priced,
+            claimed_by=self.instance,
+            lease_expires=self._now(s) + timedelta(seconds=self.config.lease),
+        )
         return batch, settle
 
     def _move(self, s: Session, ids: list[int], **values) -> bool:
         """Move pending records, and only pending ones: False (and the transaction rolled back) when
         any of them is no longer pending, so no record ever lands in two batches."""
-        n = s.execute(update(UsageRecord).where(UsageRecord.id.in_(ids), UsageRecord.status == RecordStatus.PENDING)
-                      .values(**values).execution_options(synchronize_session=False)).rowcount  # fmt: skip
+        n = s.execute(
+            update(UsageRecord)
+            .where(UsageRecord.id.in_(ids), UsageRecord.status == RecordStatus.PENDING)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
         if n != len(ids):
             s.rollback()
             log.info("outbox rows moved under us (%d of %d still pending): forming again", n, len(ids))
@@ -643,9 +699,14 @@ class Settler:
         if now < self._next_low_warning:
             return
         self._next_low_warning = now + LOW_WARN_EVERY
-        log.warning("settler %s deposit is low: %d wei left after %d wei in flight%s; top it up with "
-                    "depositFor(%s)", self.address, max(left, 0), in_flight,
-                    " (records wait or are set aside)" if short else "", self.address)  # fmt: skip
+        log.warning(
+            "settler %s deposit is low: %d wei left after %d wei in flight%s; top it up with depositFor(%s)",
+            self.address,
+            max(left, 0),
+            in_flight,
+            " (records wait or are set aside)" if short else "",
+            self.address,
+        )
 
     def _requeue_deposit_short(self) -> int:
         """Records set aside because the deposit was short go back to the outbox, oldest first, as far
@@ -661,8 +722,12 @@ class Settler:
         deposit = self._deposit()  # read before the write lock is taken
         with self._write() as s:
             free, _ = self._free_deposit(s, deposit)
-            rows = s.exec(select(UsageRecord.id, UsageRecord.fee_wei).where(*cond).order_by(UsageRecord.id)
-                          .limit(self.config.batch_size * self.config.max_in_flight)).all()  # fmt: skip
+            rows = s.exec(
+                select(UsageRecord.id, UsageRecord.fee_wei)
+                .where(*cond)
+                .order_by(UsageRecord.id)
+                .limit(self.config.batch_size * self.config.max_in_flight)
+            ).all()
             ids = []
             for rid, fee in rows:
                 fee = int(fee or 0)
@@ -686,11 +751,19 @@ class Settler:
         if now < self._next_recheck:
             return 0
         self._next_recheck = now + UNREGISTERED_RECHECK_EVERY
-        cond = (or_(and_(UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{UNREGISTERED}%")),
-                    UsageRecord.status == RecordStatus.REJECTED),)  # fmt: skip
+        cond = (
+            or_(
+                and_(UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{UNREGISTERED}%")),
+                UsageRecord.status == RecordStatus.REJECTED,
+            ),
+        )
         with Session(self.engine) as s:
-            rows = s.exec(select(UsageRecord.id, UsageRecord.adapter_id, UsageRecord.node_id).where(*cond)
-                          .order_by(UsageRecord.id).limit(self.config.batch_size * 10)).all()  # fmt: skip
+            rows = s.exec(
+                select(UsageRecord.id, UsageRecord.adapter_id, UsageRecord.node_id)
+                .where(*cond)
+                .order_by(UsageRecord.id)
+                .limit(self.config.batch_size * 10)
+            ).all()
         if not rows:
             return 0
         prices: dict[str, int | str] = {}
@@ -726,8 +799,10 @@ class Settler:
         send of a batch by them can land any more."""
         eth = self.client.w3.eth
         with rpc_guard(self.client.rpc_url):
-            return all(eth.get_transaction_count(a, "latest") == eth.get_transaction_count(a, "pending")
-                       for a in {x for x in addresses if x})
+            return all(
+                eth.get_transaction_count(a, "latest") == eth.get_transaction_count(a, "pending")
+                for a in {x for x in addresses if x}
+            )
 
     def _send(self, w: _Work) -> bool:
         """Send the batch (or find it settled, or its transaction still live); True when a receipt
@@ -742,16 +817,20 @@ class Settler:
                 return True
             others = {batch.settler, *_split_senders(batch.senders)} - {None, self.address}
             if others and not self._senders_quiet(others):
-                log.info("batch %s: waiting for the transactions of %s before sending it ourselves", batch.batch_id,
-                         ", ".join(sorted(others)))  # fmt: skip
+                log.info(
+                    "batch %s: waiting for the transactions of %s before sending it ourselves",
+                    batch.batch_id,
+                    ", ".join(sorted(others)),
+                )
                 return False
         if self._renew([batch.id]) != 1:  # never send a batch whose lease another settler has taken
             log.warning("lost the lease on batch %s to another settler", batch.batch_id)
             return False
         self._point("before_send")
         try:
-            tx_hash = self.client.send_settle_batch(batch.batch_id, batch.merkle_root, w.records,
-                                                    simulate=self._probe, max_fees=_quote(batch))  # fmt: skip
+            tx_hash = self.client.send_settle_batch(
+                batch.batch_id, batch.merkle_root, w.records, simulate=self._probe, max_fees=_quote(batch)
+            )
         except BatchAlreadySettled:
             self._mark_settled(batch)
             return False
@@ -786,8 +865,9 @@ class Settler:
         batch = w.batch
         info = None
         try:
-            info = self.client.await_settled_batch(w.tx_hash, batch.batch_id, batch.merkle_root, w.records,
-                                                   timeout=timeout, max_fees=_quote(batch))  # fmt: skip
+            info = self.client.await_settled_batch(
+                w.tx_hash, batch.batch_id, batch.merkle_root, w.records, timeout=timeout, max_fees=_quote(batch)
+            )
             self._probe = False  # our own transaction settled: the pipe may open
         except BatchAlreadySettled:
             pass  # an earlier send of this batch landed first
@@ -824,31 +904,51 @@ class Settler:
         # refused for its price: whose price moved is read now, before the write lock (no chain call in it)
         moved = self._price_moved(batch.batch_id) if priced else set()
         reason = f"batch {batch.batch_id} refused: {error}"
-        aside_as = PRICE_MOVING if priced else UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) \
-            else REVERTED  # fmt: skip
+        aside_as = (
+            PRICE_MOVING if priced else UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) else REVERTED
+        )
         split: list[SettlementBatch] = []
         with self._write() as s:
-            n = s.execute(update(SettlementBatch).where(SettlementBatch.id == batch.id, SettlementBatch.status.in_(OPEN),
-                                                        SettlementBatch.claimed_by == self.instance)
-                          .values(status=BatchStatus.ABANDONED, last_error=reason[:1000], claimed_by=None,
-                                  lease_expires=None)).rowcount  # fmt: skip
+            n = s.execute(
+                update(SettlementBatch)
+                .where(
+                    SettlementBatch.id == batch.id,
+                    SettlementBatch.status.in_(OPEN),
+                    SettlementBatch.claimed_by == self.instance,
+                )
+                .values(status=BatchStatus.ABANDONED, last_error=reason[:1000], claimed_by=None, lease_expires=None)
+            ).rowcount
             if n != 1:
                 return  # not ours any more
-            rows = s.exec(select(UsageRecord.id, UsageRecord.request_id, UsageRecord.adapter_id, UsageRecord.node_id,
-                                 UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.error,
-                                 UsageRecord.fee_wei)
-                          .where(UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
-                          .order_by(UsageRecord.leaf_index, UsageRecord.id)).all()  # fmt: skip
+            rows = s.exec(
+                select(
+                    UsageRecord.id,
+                    UsageRecord.request_id,
+                    UsageRecord.adapter_id,
+                    UsageRecord.node_id,
+                    UsageRecord.prompt_tokens,
+                    UsageRecord.completion_tokens,
+                    UsageRecord.error,
+                    UsageRecord.fee_wei,
+                )
+                .where(UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
+                .order_by(UsageRecord.leaf_index, UsageRecord.id)
+            ).all()
             mark = f"{REPRICED}: {reason}"[:1000]
             again, first, spared = [], [], []
             if not priced and len(rows) > 1:  # isolate: each half is sent (simulated) on its own
                 split_mark = f"{SPLIT_MARK}: {reason}"[:1000]  # cleared again when its half settles
-                for half in (rows[:len(rows) // 2], rows[len(rows) // 2:]):
+                for half in (rows[: len(rows) // 2], rows[len(rows) // 2 :]):
                     child, _ = self._new_batch(s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half])
                     s.add(child)
                     split.append(child)
-                    s.execute(update(UsageRecord), [{"id": r.id, "batch_id": child.batch_id, "leaf_index": i,
-                                                     "error": split_mark} for i, r in enumerate(half)])  # fmt: skip
+                    s.execute(
+                        update(UsageRecord),
+                        [
+                            {"id": r.id, "batch_id": child.batch_id, "leaf_index": i, "error": split_mark}
+                            for i, r in enumerate(half)
+                        ],
+                    )
             else:
                 # a price refusal strikes only the records whose price moved (their adapter's owner, or the
                 # ledger's base price); the others were not at fault and go back unmarked
@@ -858,23 +958,44 @@ class Settler:
                 first = [r.id for r in struck if not (r.error and r.error.startswith(REPRICED))]
                 cleared = {"batch_id": None, "leaf_index": None}
                 if spared:
-                    s.execute(update(UsageRecord).where(UsageRecord.id.in_(spared)).values(
-                        status=RecordStatus.PENDING, fee_wei=None, **cleared))
+                    s.execute(
+                        update(UsageRecord)
+                        .where(UsageRecord.id.in_(spared))
+                        .values(status=RecordStatus.PENDING, fee_wei=None, **cleared)
+                    )
                 if first:
-                    s.execute(update(UsageRecord).where(UsageRecord.id.in_(first)).values(
-                        status=RecordStatus.PENDING, fee_wei=None, error=mark, **cleared))
+                    s.execute(
+                        update(UsageRecord)
+                        .where(UsageRecord.id.in_(first))
+                        .values(status=RecordStatus.PENDING, fee_wei=None, error=mark, **cleared)
+                    )
                 if again:
-                    s.execute(update(UsageRecord).where(UsageRecord.id.in_(again)).values(
-                        status=RecordStatus.SET_ASIDE, error=f"{aside_as}: {reason}"[:1000], **cleared))
+                    s.execute(
+                        update(UsageRecord)
+                        .where(UsageRecord.id.in_(again))
+                        .values(status=RecordStatus.SET_ASIDE, error=f"{aside_as}: {reason}"[:1000], **cleared)
+                    )
             s.commit()
         self.set_aside_total += len(again)
         if split:
-            log.warning("abandoned batch %s (%s): split into %s (%d records) and %s (%d records) to find the "
-                        "records at fault", batch.batch_id, error, split[0].batch_id, split[0].record_count,
-                        split[1].batch_id, split[1].record_count)  # fmt: skip
+            log.warning(
+                "abandoned batch %s (%s): split into %s (%d records) and %s (%d records) to find the records at fault",
+                batch.batch_id,
+                error,
+                split[0].batch_id,
+                split[0].record_count,
+                split[1].batch_id,
+                split[1].record_count,
+            )
         else:
-            log.warning("abandoned batch %s (%s): %d records to be priced again (%d of them not at fault), %d set "
-                        "aside", batch.batch_id, error, len(first) + len(spared), len(spared), len(again))  # fmt: skip
+            log.warning(
+                "abandoned batch %s (%s): %d records to be priced again (%d of them not at fault), %d set aside",
+                batch.batch_id,
+                error,
+                len(first) + len(spared),
+                len(spared),
+                len(again),
+            )
 
     def _price_moved(self, batch_id: str) -> set[int]:
         """Ids of the batch's records whose fee at today's on-chain price (their adapter's, or the base
@@ -882,10 +1003,15 @@ class Settler:
         refusal is charged to. Chain reads: call it outside any write transaction. A price raised and
         set back before this look strikes nobody (the batch is only formed again)."""
         with Session(self.engine) as s:
-            rows = s.exec(select(UsageRecord.id, UsageRecord.adapter_id, UsageRecord.prompt_tokens,
-                                 UsageRecord.completion_tokens, UsageRecord.fee_wei)
-                          .where(UsageRecord.batch_id == batch_id,
-                                 UsageRecord.status == RecordStatus.SUBMITTED)).all()  # fmt: skip
+            rows = s.exec(
+                select(
+                    UsageRecord.id,
+                    UsageRecord.adapter_id,
+                    UsageRecord.prompt_tokens,
+                    UsageRecord.completion_tokens,
+                    UsageRecord.fee_wei,
+                ).where(UsageRecord.batch_id == batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
+            ).all()
         prices: dict[str, int | None] = {}
         for _, a, _, _, _ in rows:
             if a in prices:
@@ -898,8 +1024,11 @@ class Settler:
                 except UnknownAdapter:
                     prices[a] = None
         # a record without a fee (batched before fees were recorded) is never charged with a move
-        return {rid for rid, a, p, c, fee in rows
-                if fee is not None and (prices[a] is None or record_fee(prices[a], p, c) != int(fee))}
+        return {
+            rid
+            for rid, a, p, c, fee in rows
+            if fee is not None and (prices[a] is None or record_fee(prices[a], p, c) != int(fee))
+        }
 
     def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
         """Record the batch settled as the chain has it (`info`, else getBatch)."""
@@ -908,25 +1037,37 @@ class Settler:
             raise SettlementError(f"batch {batch.batch_id} is not settled on chain")
         if info.merkle_root != batch.merkle_root:
             raise SettlementError(
-                f"batch {batch.batch_id} settled on chain with root {info.merkle_root}, database has {batch.merkle_root}"
+                f"batch {batch.batch_id} settled on chain with root {info.merkle_root}, "
+                f"database has {batch.merkle_root}"
             )
         with Session(self.engine, expire_on_commit=False) as s:
             row = s.get(SettlementBatch, batch.id)
             row.status, row.block_number, row.total_fees = BatchStatus.SETTLED, info.settled_block, str(info.total_fees)
             row.settled_at, row.lease_expires = utcnow(), None
             s.add(row)
-            s.execute(update(UsageRecord).where(UsageRecord.batch_id == batch.batch_id,  # a split half settled:
-                                                UsageRecord.status == RecordStatus.SUBMITTED,  # none was at fault
-                                                UsageRecord.error.like(f"{SPLIT_MARK}%"))
-                      .values(error=None))  # fmt: skip
-            n = s.execute(update(UsageRecord).where(UsageRecord.batch_id == batch.batch_id,
-                                                    UsageRecord.status == RecordStatus.SUBMITTED)
-                          .values(status=RecordStatus.SETTLED)).rowcount  # fmt: skip
+            s.execute(
+                update(UsageRecord)
+                .where(
+                    UsageRecord.batch_id == batch.batch_id,  # a split half settled:
+                    UsageRecord.status == RecordStatus.SUBMITTED,  # none was at fault
+                    UsageRecord.error.like(f"{SPLIT_MARK}%"),
+                )
+                .values(error=None)
+            )
+            n = s.execute(
+                update(UsageRecord)
+                .where(UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
+                .values(status=RecordStatus.SETTLED)
+            ).rowcount
             s.commit()
         self.settled_total += n
         if row.fees_priced is not None and info.total_fees > int(row.fees_priced):
-            log.warning("batch %s cost %d wei, priced at %s: a price rose between pricing and mining",
-                        batch.batch_id, info.total_fees, row.fees_priced)  # fmt: skip
+            log.warning(
+                "batch %s cost %d wei, priced at %s: a price rose between pricing and mining",
+                batch.batch_id,
+                info.total_fees,
+                row.fees_priced,
+            )
         log.info("batch %s settled in block %d (%d records)", batch.batch_id, info.settled_block, n)
         return n
 
@@ -940,8 +1081,13 @@ def _quote(batch: SettlementBatch) -> int:
     return NO_FEE_LIMIT if batch.fees_priced is None else int(batch.fees_priced)
 
 
-def settler_status(engine: Engine, client: ChainClient | None = None, settler: str | None = None, *,
-                   low_deposit: int = DEFAULT_LOW_DEPOSIT) -> dict:  # fmt: skip
+def settler_status(
+    engine: Engine,
+    client: ChainClient | None = None,
+    settler: str | None = None,
+    *,
+    low_deposit: int = DEFAULT_LOW_DEPOSIT,
+) -> dict:
     """Where settlement stands, for `loramesh settler status`, /metrics and /health. Database only,
     plus one eth_call for the deposit when `client` and `settler` (an address) are given; a chain
     that does not answer leaves the deposit fields None and says why in chain_error.
@@ -954,12 +1100,19 @@ def settler_status(engine: Engine, client: ChainClient | None = None, settler: s
     below low_deposit, or records set aside for the deposit); chain_error."""
     with Session(engine) as s:
         counts = count_by_status(s)
-        open_batches = s.exec(select(SettlementBatch.settler, SettlementBatch.fees_priced)
-                              .where(SettlementBatch.status.in_(OPEN))).all()  # fmt: skip
-        aside_fees = s.exec(select(UsageRecord.fee_wei).where(UsageRecord.status == RecordStatus.SET_ASIDE,
-                                                              UsageRecord.fee_wei.is_not(None))).all()  # fmt: skip
-        deposit_short = s.exec(select(func.count()).select_from(UsageRecord).where(
-            UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{DEPOSIT_SHORT}%"))).one()
+        open_batches = s.exec(
+            select(SettlementBatch.settler, SettlementBatch.fees_priced).where(SettlementBatch.status.in_(OPEN))
+        ).all()
+        aside_fees = s.exec(
+            select(UsageRecord.fee_wei).where(
+                UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.fee_wei.is_not(None)
+            )
+        ).all()
+        deposit_short = s.exec(
+            select(func.count())
+            .select_from(UsageRecord)
+            .where(UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{DEPOSIT_SHORT}%"))
+        ).one()
     mine = [f for who, f in open_batches if settler is None or (who or "").lower() == settler.lower()]
     out = {
         "pending": counts.get(RecordStatus.PENDING, 0),
@@ -985,14 +1138,17 @@ def settler_status(engine: Engine, client: ChainClient | None = None, settler: s
             out["chain_error"] = str(e)
         else:
             left = deposit - out["fees_pending_wei"]
-            out.update(deposit_wei=deposit, deposit_left_wei=left, deposit_low=left < low_deposit or bool(deposit_short))
+            out.update(
+                deposit_wei=deposit, deposit_left_wei=left, deposit_low=left < low_deposit or bool(deposit_short)
+            )
     return out
 
 
 def _back_to_outbox(s: Session, *where) -> int:
     """Put the records matching `where` back in the outbox, unpriced and unmarked, and commit; how many."""
-    n = s.execute(update(UsageRecord).where(*where)
-                  .values(status=RecordStatus.PENDING, error=None, fee_wei=None)).rowcount  # fmt: skip
+    n = s.execute(
+        update(UsageRecord).where(*where).values(status=RecordStatus.PENDING, error=None, fee_wei=None)
+    ).rowcount
     s.commit()
     return n
 

@@ -52,8 +52,10 @@ class SettlerConfig:
         if not 1 <= self.max_in_flight <= 256:
             raise ValueError(f"max_in_flight must be 1..256, got {self.max_in_flight}")
         if self.max_price_per_1k < 0 or self.max_record_tokens < 0 or self.low_deposit < 0:
-            raise ValueError("max_price_per_1k, max_record_tokens and low_deposit must be >= 0, got "
-                             f"{self.max_price_per_1k}, {self.max_record_tokens}, {self.low_deposit}")
+            raise ValueError(
+                "max_price_per_1k, max_record_tokens and low_deposit must be >= 0, got "
+                f"{self.max_price_per_1k}, {self.max_record_tokens}, {self.low_deposit}"
+            )
         if self.lease < 1.0:
             raise ValueError(f"lease must be at least 1 second, got {self.lease}")
 
@@ -70,8 +72,10 @@ class SettlerSettings(ServiceSettings):
     db_url: str  # the outbox database (the gateway's); required, as --db always was
     key_file: Path  # the settler's identity file or hex private key: its account signs and pays for batches
     # the deployment file; LORAMESH_DEPLOYMENT, read by the other ledger commands too, also sets it
-    deployment: Path = Field(DEFAULT_DEPLOYMENT_PATH, validation_alias=AliasChoices(
-        "deployment", "LORAMESH_SETTLER_DEPLOYMENT", "LORAMESH_DEPLOYMENT"))  # fmt: skip
+    deployment: Path = Field(
+        DEFAULT_DEPLOYMENT_PATH,
+        validation_alias=AliasChoices("deployment", "LORAMESH_SETTLER_DEPLOYMENT", "LORAMESH_DEPLOYMENT"),
+    )
     rpc_url: str | None = None  # default: the deployment file's
     batch_size: int = _DEFAULTS["batch_size"]
     interval: float = _DEFAULTS["interval"]
@@ -83,6 +87,12 @@ class SettlerSettings(ServiceSettings):
 
     def config(self) -> SettlerConfig:
         """The SettlerConfig these settings describe (ValueError when a value is out of its bounds)."""
-        return SettlerConfig(batch_size=self.batch_size, interval=self.interval, max_in_flight=self.max_in_flight,
-                             max_price_per_1k=self.max_price_per_1k, max_record_tokens=self.max_record_tokens,
-                             low_deposit=self.low_deposit, lease=self.lease)  # fmt: skip
+        return SettlerConfig(
+            batch_size=self.batch_size,
+            interval=self.interval,
+            max_in_flight=self.max_in_flight,
+            max_price_per_1k=self.max_price_per_1k,
+            max_record_tokens=self.max_record_tokens,
+            low_deposit=self.low_deposit,
+            lease=self.lease,
+        )

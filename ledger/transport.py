@@ -134,8 +134,9 @@ class Transactor:
     """Signs with one local account. `send` estimates every transaction so reverts surface typed;
     `send_data` is the fast path (managed nonce, cached fees, caller-chosen gas) for the settler."""
 
-    def __init__(self, w3: Web3, decoder: RevertDecoder, chain_id: int, account=None,
-                 receipt_timeout: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self, w3: Web3, decoder: RevertDecoder, chain_id: int, account=None, receipt_timeout: float = 60.0
+    ) -> None:
         self.w3 = w3
         self.decoder = decoder
         self.chain_id = chain_id
@@ -189,10 +190,16 @@ class Transactor:
         with rpc_guard(self.url):
             base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0
             tx = {
-                "to": fn.address, "data": data, "value": value, "chainId": self.chain_id, "gas": gas, "type": 2,
+                "to": fn.address,
+                "data": data,
+                "value": value,
+                "chainId": self.chain_id,
+                "gas": gas,
+                "type": 2,
                 "nonce": self.w3.eth.get_transaction_count(addr, "pending"),
-                "maxPriorityFeePerGas": PRIORITY_FEE, "maxFeePerGas": 2 * base + PRIORITY_FEE,
-            }  # fmt: skip
+                "maxPriorityFeePerGas": PRIORITY_FEE,
+                "maxFeePerGas": 2 * base + PRIORITY_FEE,
+            }
             self._nonce = None  # send_data's counter did not see this one
             signed = self.account.sign_transaction(tx)
             return hex0x(self.w3.eth.send_raw_transaction(signed.raw_transaction))
@@ -217,8 +224,17 @@ class Transactor:
                 if self._nonce is None:
                     self._nonce = self.w3.eth.get_transaction_count(addr, "pending")
                 tip, max_fee = self._current_fees()
-                tx = {"to": to, "data": data, "value": value, "chainId": self.chain_id, "gas": gas, "type": 2,
-                      "nonce": self._nonce, "maxPriorityFeePerGas": tip, "maxFeePerGas": max_fee}  # fmt: skip
+                tx = {
+                    "to": to,
+                    "data": data,
+                    "value": value,
+                    "chainId": self.chain_id,
+                    "gas": gas,
+                    "type": 2,
+                    "nonce": self._nonce,
+                    "maxPriorityFeePerGas": tip,
+                    "maxFeePerGas": max_fee,
+                }
                 raw = self.account.sign_transaction(tx).raw_transaction
                 try:
                     tx_hash = hex0x(self.w3.eth.send_raw_transaction(raw))
@@ -254,16 +270,28 @@ class Transactor:
         with rpc_guard(self.url):
             resp = self.w3.provider.make_request("eth_getTransactionReceipt", [tx_hash])
         if resp.get("error"):
-            raise ChainUnavailable(f"chain at {shown_url(self.url)} answered eth_getTransactionReceipt with "
-                                   f"{str(resp['error'])[:200]}")
+            raise ChainUnavailable(
+                f"chain at {shown_url(self.url)} answered eth_getTransactionReceipt with {str(resp['error'])[:200]}"
+            )
         r = resp.get("result")
         if r is None:
             return None
-        return {"status": int(r["status"], 16), "gasUsed": int(r["gasUsed"], 16),
-                "blockNumber": int(r["blockNumber"], 16), "transactionHash": r["transactionHash"]}  # fmt: skip
+        return {
+            "status": int(r["status"], 16),
+            "gasUsed": int(r["gasUsed"], 16),
+            "blockNumber": int(r["blockNumber"], 16),
+            "transactionHash": r["transactionHash"],
+        }
 
-    def wait(self, tx_hash: str, timeout: float | None = None, fn=None, *,
-             replay: Callable[[], dict] | None = None, light: bool = False):  # fmt: skip
+    def wait(
+        self,
+        tx_hash: str,
+        timeout: float | None = None,
+        fn=None,
+        *,
+        replay: Callable[[], dict] | None = None,
+        light: bool = False,
+    ):
         """Wait for a receipt (light=True: light_receipt's fields only); status 0 raises GasTooLow when
         it used all its gas, else the decoded reason (replayed at the parent block from `fn`, or
         from `replay()` = {"to", "data"})."""
@@ -300,9 +328,14 @@ class Transactor:
         with rpc_guard(self.url):
             base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0
             tx = {
-                "to": to, "value": amount, "gas": 21_000, "chainId": self.chain_id, "type": 2,
+                "to": to,
+                "value": amount,
+                "gas": 21_000,
+                "chainId": self.chain_id,
+                "type": 2,
                 "nonce": self.w3.eth.get_transaction_count(self.account.address, "pending"),
-                "maxPriorityFeePerGas": PRIORITY_FEE, "maxFeePerGas": 2 * base + PRIORITY_FEE,
-            }  # fmt: skip
+                "maxPriorityFeePerGas": PRIORITY_FEE,
+                "maxFeePerGas": 2 * base + PRIORITY_FEE,
+            }
             signed = self.account.sign_transaction(tx)
             return hex0x(self.w3.eth.send_raw_transaction(signed.raw_transaction))

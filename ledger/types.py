@@ -53,8 +53,13 @@ class SettleRecord:
                 raise ValueError(f"{name} must be an integer in [0, 2**64), got {v!r}")
 
     def as_tuple(self) -> tuple:
-        return (id_bytes(self.request_id), id_bytes(self.adapter_id), id_bytes(self.node_id),
-                self.prompt_tokens, self.completion_tokens)  # fmt: skip
+        return (
+            id_bytes(self.request_id),
+            id_bytes(self.adapter_id),
+            id_bytes(self.node_id),
+            self.prompt_tokens,
+            self.completion_tokens,
+        )
 
 
 def dataset_id_for(contributor: str, name: str) -> str:
@@ -132,8 +137,12 @@ class Domain:
         object.__setattr__(self, "registry", to_checksum_address(self.registry))
 
     def as_eip712(self) -> dict:
-        return {"name": EIP712_NAME, "version": EIP712_VERSION, "chainId": self.chain_id,
-                "verifyingContract": self.registry}  # fmt: skip
+        return {
+            "name": EIP712_NAME,
+            "version": EIP712_VERSION,
+            "chainId": self.chain_id,
+            "verifyingContract": self.registry,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,24 +165,54 @@ class AdapterRegistration:
         object.__setattr__(self, "shares_bps", tuple(int(b) for b in self.shares_bps))
 
     @classmethod
-    def of(cls, adapter_id: str, *, name: str, version: str, base_model: str, price_per_1k_tokens: int,
-           datasets: Sequence[tuple[str, int]] = (), predecessor: str | None = None) -> "AdapterRegistration":  # fmt: skip
-        return cls(adapter_id, name, version, predecessor or ZERO_ID, base_model, int(price_per_1k_tokens),
-                   tuple(d for d, _ in datasets), tuple(b for _, b in datasets))  # fmt: skip
+    def of(
+        cls,
+        adapter_id: str,
+        *,
+        name: str,
+        version: str,
+        base_model: str,
+        price_per_1k_tokens: int,
+        datasets: Sequence[tuple[str, int]] = (),
+        predecessor: str | None = None,
+    ) -> AdapterRegistration:
+        return cls(
+            adapter_id,
+            name,
+            version,
+            predecessor or ZERO_ID,
+            base_model,
+            int(price_per_1k_tokens),
+            tuple(d for d, _ in datasets),
+            tuple(b for _, b in datasets),
+        )
 
     def spec(self) -> tuple:
         """The AdapterSpec tuple registerAdapter takes."""
-        return (self.name, self.version, id_bytes(self.predecessor), id_bytes(self.base_model), self.price_per_1k_tokens,
-                [id_bytes(d) for d in self.dataset_ids], list(self.shares_bps))  # fmt: skip
+        return (
+            self.name,
+            self.version,
+            id_bytes(self.predecessor),
+            id_bytes(self.base_model),
+            self.price_per_1k_tokens,
+            [id_bytes(d) for d in self.dataset_ids],
+            list(self.shares_bps),
+        )
 
     def typed_data(self, domain: Domain):
         """The EIP-712 message (eth_account SignableMessage) the publisher signs."""
         from eth_account.messages import encode_typed_data
 
-        message = {"adapterId": id_bytes(self.adapter_id), "name": self.name, "version": self.version,
-                   "predecessor": id_bytes(self.predecessor), "baseModel": id_bytes(self.base_model),
-                   "pricePer1kTokens": self.price_per_1k_tokens,
-                   "datasetIds": [id_bytes(d) for d in self.dataset_ids], "sharesBps": list(self.shares_bps)}  # fmt: skip
+        message = {
+            "adapterId": id_bytes(self.adapter_id),
+            "name": self.name,
+            "version": self.version,
+            "predecessor": id_bytes(self.predecessor),
+            "baseModel": id_bytes(self.base_model),
+            "pricePer1kTokens": self.price_per_1k_tokens,
+            "datasetIds": [id_bytes(d) for d in self.dataset_ids],
+            "sharesBps": list(self.shares_bps),
+        }
         return encode_typed_data(domain_data=domain.as_eip712(), message_types=ADAPTER_TYPES, message_data=message)
 
     def sign(self, account, domain: Domain) -> str:
@@ -201,8 +240,13 @@ def node_proof_message(chain_id: int, registry: str, operator: str, nonce: int) 
         raise ValueError(f"a node nonce is an integer in [0, 2**256), got {nonce!r}")
     from eth_utils import to_checksum_address
 
-    return (NODE_PROOF_TAG + int(chain_id).to_bytes(32, "big") + bytes.fromhex(to_checksum_address(registry)[2:])
-            + bytes.fromhex(to_checksum_address(operator)[2:]) + nonce.to_bytes(32, "big"))  # fmt: skip
+    return (
+        NODE_PROOF_TAG
+        + int(chain_id).to_bytes(32, "big")
+        + bytes.fromhex(to_checksum_address(registry)[2:])
+        + bytes.fromhex(to_checksum_address(operator)[2:])
+        + nonce.to_bytes(32, "big")
+    )
 
 
 @dataclass(frozen=True, slots=True)

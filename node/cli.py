@@ -19,12 +19,17 @@ from node.train import DEFAULT_TARGETS
 
 log = logging.getLogger("node.cli")  # not __name__: it is __main__ under python -m
 console = Console(soft_wrap=True)
-keys_app = typer.Typer(help="Create and inspect identity files (EVM account key + Ed25519 node key).",
-                       no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Create and inspect identity files (EVM account key + Ed25519 node key).", no_args_is_help=True
+)
 base_app = typer.Typer(help="Base models: make a tiny deterministic one for tests and demos.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Adapters: train a LoRA, pack and sign it, verify a package.", no_args_is_help=True)
-node_app = typer.Typer(help="Run a node: the shared-base multi-LoRA engine behind the node HTTP API.",
-                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+node_app = typer.Typer(
+    help="Run a node: the shared-base multi-LoRA engine behind the node HTTP API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 TOKEN_DECIMALS = 18
 
@@ -92,8 +97,14 @@ def base_init_tiny(
     from node.adapters.basemodel import base_model_id
     from node.tiny import init_tiny
 
-    init_tiny(out_dir, seed, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_layers=layers,
-              model_type=model_type)
+    init_tiny(
+        out_dir,
+        seed,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_layers=layers,
+        model_type=model_type,
+    )
     console.print(f"wrote tiny {model_type} base to [bold]{out_dir}[/] (id {base_model_id(out_dir)})")
 
 
@@ -102,8 +113,12 @@ def adapter_train(
     base: Annotated[Path, typer.Option(help="Base model folder.")],
     data: Annotated[Path, typer.Option(help='JSONL of {"prompt": ..., "completion": ...}.')],
     out: Annotated[Path, typer.Option(help="Folder for the PEFT adapter.")],
-    rank: Annotated[int, typer.Option(min=1, max=MAX_LORA_RANK,
-                                      help="LoRA rank (at most what nodes serve, so the adapter can be packed).")] = 8,
+    rank: Annotated[
+        int,
+        typer.Option(
+            min=1, max=MAX_LORA_RANK, help="LoRA rank (at most what nodes serve, so the adapter can be packed)."
+        ),
+    ] = 8,
     targets: Annotated[str, typer.Option(help="Comma-separated target modules.")] = ",".join(DEFAULT_TARGETS),
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 80,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
@@ -113,11 +128,25 @@ def adapter_train(
     from node.train import train_adapter
 
     target_list = tuple(t.strip() for t in targets.split(",") if t.strip())
-    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
-                  TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("train", total=steps, loss="-")
-        train_adapter(base, data, out, rank=rank, targets=target_list, steps=steps, lr=lr, seed=seed,
-                      on_step=lambda s, loss: progress.update(task, completed=s, loss=f"{loss:.3f}"))
+        train_adapter(
+            base,
+            data,
+            out,
+            rank=rank,
+            targets=target_list,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            on_step=lambda s, loss: progress.update(task, completed=s, loss=f"{loss:.3f}"),
+        )
     console.print(f"wrote PEFT adapter to [bold]{out}[/]")
 
 
@@ -133,9 +162,13 @@ def adapter_pack(
     version: Annotated[str, typer.Option(help="Version label.")] = "1",
     predecessor: Annotated[str | None, typer.Option(help="Adapter id of the version this one replaces.")] = None,
     license: Annotated[str, typer.Option(help="License of the weights.")] = "apache-2.0",
-    deployment: Annotated[Path | None, typer.Option(
-        help="Deployment the signature is for (its chain id and registry); default "
-             f"{DEFAULT_DEPLOYMENT_PATH} when it exists, else an offline signature.")] = None,
+    deployment: Annotated[
+        Path | None,
+        typer.Option(
+            help="Deployment the signature is for (its chain id and registry); default "
+            f"{DEFAULT_DEPLOYMENT_PATH} when it exists, else an offline signature."
+        ),
+    ] = None,
 ) -> None:
     """Wrap a PEFT adapter into a signed loramesh package (manifest + EIP-712 signature).
 
@@ -155,13 +188,28 @@ def adapter_pack(
         d = Deployment.load(deployment)
         domain = Domain(d.chain_id, d.registry)
     identity = load_identity(key)
-    pkg = pack_adapter(peft_dir, out, name=name, account=identity.account, base_dir=base, datasets=shares,
-                       price_per_1k_tokens=parse_price(price_per_1k_tokens), version=version,
-                       predecessor=predecessor, license=license, domain=domain)
-    signed_for = f"chain {domain.chain_id}, registry {domain.registry}" if domain else \
-        "offline (adapter publish signs it for its chain)"  # fmt: skip
-    console.print(f"packed [bold]{pkg.name}[/] -> {out}\n  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}"
-                  f"\n  signed for  {signed_for}")
+    pkg = pack_adapter(
+        peft_dir,
+        out,
+        name=name,
+        account=identity.account,
+        base_dir=base,
+        datasets=shares,
+        price_per_1k_tokens=parse_price(price_per_1k_tokens),
+        version=version,
+        predecessor=predecessor,
+        license=license,
+        domain=domain,
+    )
+    signed_for = (
+        f"chain {domain.chain_id}, registry {domain.registry}"
+        if domain
+        else "offline (adapter publish signs it for its chain)"
+    )
+    console.print(
+        f"packed [bold]{pkg.name}[/] -> {out}\n  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}"
+        f"\n  signed for  {signed_for}"
+    )
 
 
 @adapter_app.command("verify")
@@ -176,10 +224,12 @@ def adapter_verify(
     pkg = verify_package(pkg_dir, base_dir=base)
     m = pkg.manifest
     console.print(f"[green]ok[/] {m.name} v{m.version}")
-    console.print(f"  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}\n  signed for  {describe(pkg.domain)}"
-                  f"\n  price       {m.price_per_1k_tokens} (smallest unit) per 1k tokens"
-                  f"\n  base model  {m.base_model.name} ({m.base_model.id})"
-                  f"\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}")
+    console.print(
+        f"  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}\n  signed for  {describe(pkg.domain)}"
+        f"\n  price       {m.price_per_1k_tokens} (smallest unit) per 1k tokens"
+        f"\n  base model  {m.base_model.name} ({m.base_model.id})"
+        f"\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}"
+    )
     for d in m.datasets:
         console.print(f"  dataset     {d.name} -> {d.contributor} ({d.share_bps} bps)")
 
@@ -189,14 +239,21 @@ def adapter_publish(
     pkg_dir: Annotated[Path, typer.Argument(help="A signed loramesh package folder.")],
     key: Annotated[Path, typer.Option(help="Identity file of the signer (pays gas, becomes the owner).")],
     rpc: Annotated[str | None, typer.Option(help="JSON-RPC URL of the chain (default: the deployment's).")] = None,
-    deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses."
-                                             )] = DEFAULT_DEPLOYMENT_PATH,
+    deployment: Annotated[
+        Path, typer.Option(help="Deployment file with the contract addresses.")
+    ] = DEFAULT_DEPLOYMENT_PATH,
     node: Annotated[str | None, typer.Option(help="Node API URL to hand the package to; it seeds it to peers.")] = None,
-    operator_token_file: Annotated[Path | None, typer.Option(
-        help="The node operator's token file, needed to upload to --node (default: $LORAMESH_NODE_OPERATOR_TOKEN, "
-             "or .loramesh/node/operator.token for a node on this machine).")] = None,
-    dataset_file: Annotated[list[str] | None, typer.Option(
-        help="NAME=FILE: record sha256 of FILE as the dataset's content hash when registering it.")] = None,
+    operator_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="The node operator's token file, needed to upload to --node (default: $LORAMESH_NODE_OPERATOR_TOKEN, "
+            "or .loramesh/node/operator.token for a node on this machine)."
+        ),
+    ] = None,
+    dataset_file: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=FILE: record sha256 of FILE as the dataset's content hash when registering it."),
+    ] = None,
 ) -> None:
     """Register an adapter (and the publisher's own new datasets) on chain as its signer, then hand it to a node.
 
@@ -234,8 +291,9 @@ def adapter_publish(
 def adapter_register_dataset(
     name: Annotated[str, typer.Argument(help="The dataset's name, as adapters list it (--dataset NAME=...).")],
     key: Annotated[Path, typer.Option(help="Identity file of the contributor (pays gas, is paid the shares).")],
-    deployment: Annotated[Path, typer.Option(help="Deployment file with the contract addresses."
-                                             )] = DEFAULT_DEPLOYMENT_PATH,
+    deployment: Annotated[
+        Path, typer.Option(help="Deployment file with the contract addresses.")
+    ] = DEFAULT_DEPLOYMENT_PATH,
     rpc: Annotated[str | None, typer.Option(help="JSON-RPC URL of the chain (default: the deployment's).")] = None,
     file: Annotated[Path | None, typer.Option(help="Record sha256 of this file as the dataset's content hash.")] = None,
 ) -> None:
@@ -243,9 +301,9 @@ def adapter_register_dataset(
     shares in any adapter that lists it are paid to you. Needed before someone else publishes an
     adapter listing it (a publisher's own datasets are registered by `adapter publish`)."""
     from common.identity import load_identity
+    from common.wire import ZERO_ID
     from ledger.chain import ChainClient
     from ledger.errors import UnknownDataset
-    from common.wire import ZERO_ID
     from node.adapters.verify import file_sha256
 
     identity = load_identity(key)
@@ -267,11 +325,14 @@ def adapter_fetch(
     adapter_id: Annotated[str, typer.Argument(help="Id (0x + 64 hex) of a registered adapter.")],
     store: Annotated[Path, typer.Option(help="Adapter store folder to install it into.")],
     bootstrap: Annotated[list[str], typer.Option(help="Peer multiaddr (…/p2p/<peer id>) to join through; repeatable.")],
-    deployment: Annotated[Path, typer.Option(help="Deployment file: the adapter's owner is read from the chain."
-                                             )] = DEFAULT_DEPLOYMENT_PATH,
+    deployment: Annotated[
+        Path, typer.Option(help="Deployment file: the adapter's owner is read from the chain.")
+    ] = DEFAULT_DEPLOYMENT_PATH,
     rpc: Annotated[str | None, typer.Option(help="Chain JSON-RPC URL (default: the deployment's).")] = None,
     base: Annotated[Path | None, typer.Option(help="Also check the package fits this base model folder.")] = None,
-    listen: Annotated[str, typer.Option(help="libp2p listen multiaddr of this short-lived peer.")] = "/ip4/127.0.0.1/tcp/0",
+    listen: Annotated[
+        str, typer.Option(help="libp2p listen multiaddr of this short-lived peer.")
+    ] = "/ip4/127.0.0.1/tcp/0",
 ) -> None:
     """Fetch a package from the p2p mesh into a store, verifying every byte and the owner's signature."""
     from common.identity import Identity
@@ -284,15 +345,25 @@ def adapter_fetch(
     check_id(adapter_id)
     client = ChainClient.from_deployment(deployment, rpc_url=rpc)
     owner_of = owner_lookup(client)
-    p2p = P2PNode(seed=Identity.generate().node_seed, store=AdapterStore(store, domain=client.domain), owner_of=owner_of,
-                  config=P2PConfig(listen=listen, bootstrap=tuple(bootstrap)), base_dir=base)
-    with Progress(TextColumn("{task.fields[state]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TextColumn("{task.fields[peer]}"), TimeElapsedColumn(), console=console) as progress:
+    p2p = P2PNode(
+        seed=Identity.generate().node_seed,
+        store=AdapterStore(store, domain=client.domain),
+        owner_of=owner_of,
+        config=P2PConfig(listen=listen, bootstrap=tuple(bootstrap)),
+        base_dir=base,
+    )
+    with Progress(
+        TextColumn("{task.fields[state]}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[peer]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("fetch", total=None, state="discovering", peer="")
 
         def show(t) -> None:
-            progress.update(task, completed=t.done, total=t.total or None, state=t.state,
-                            peer=(t.peer_id or "")[:16])
+            progress.update(task, completed=t.done, total=t.total or None, state=t.state, peer=(t.peer_id or "")[:16])
 
         with p2p:
             pkg = p2p.fetch(adapter_id, on_progress=show)
@@ -318,48 +389,87 @@ def _identity(key: Path | None):
 
 @node_app.command("run")
 def node_run(
-    base: Annotated[Path | None, typer.Option("--base", help="Base model folder (Hugging Face safetensors). "
-                                              "\\[required]")] = None,
+    base: Annotated[
+        Path | None, typer.Option("--base", help="Base model folder (Hugging Face safetensors). \\[required]")
+    ] = None,
     store: Annotated[Path | None, typer.Option("--store", help="Adapter store folder. \\[required]")] = None,
     port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="HTTP port. \\[required]")] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to bind. \\[default: 127.0.0.1]")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda. \\[default: cpu]")] = None,
-    slots: Annotated[int | None, typer.Option("--slots", min=1, help="Adapter slots on the device. "
-                                              "\\[default: 8]")] = None,
-    key: Annotated[Path | None, typer.Option("--key", help="Identity file (password from LORAMESH_KEY_PASSWORD)."
-                                             )] = None,
-    max_lora_rank: Annotated[int | None, typer.Option("--max-lora-rank", min=1, max=MAX_LORA_RANK, help=(
-        "Largest adapter rank served (packages above the network's limit never verify). "
-        f"\\[default: {MAX_LORA_RANK}]"))] = None,
-    kv_blocks: Annotated[int | None, typer.Option("--kv-blocks", min=1, help="KV cache blocks (default: from memory)."
-                                                  )] = None,
+    slots: Annotated[
+        int | None, typer.Option("--slots", min=1, help="Adapter slots on the device. \\[default: 8]")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="Identity file (password from LORAMESH_KEY_PASSWORD).")
+    ] = None,
+    max_lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--max-lora-rank",
+            min=1,
+            max=MAX_LORA_RANK,
+            help=(
+                "Largest adapter rank served (packages above the network's limit never verify). "
+                f"\\[default: {MAX_LORA_RANK}]"
+            ),
+        ),
+    ] = None,
+    kv_blocks: Annotated[
+        int | None, typer.Option("--kv-blocks", min=1, help="KV cache blocks (default: from memory).")
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
-    deployment: Annotated[Path | None, typer.Option(
-        "--deployment", help="Deployment file: register this node on chain and check adapter owners there.")] = None,
+    deployment: Annotated[
+        Path | None,
+        typer.Option(
+            "--deployment", help="Deployment file: register this node on chain and check adapter owners there."
+        ),
+    ] = None,
     rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
-    listen: Annotated[str | None, typer.Option(
-        "--listen", help="libp2p listen multiaddr, e.g. /ip4/127.0.0.1/tcp/4001 (omit: no p2p).")] = None,
-    bootstrap: Annotated[list[str] | None, typer.Option(
-        "--bootstrap", help="Peer multiaddr (…/p2p/<peer id>) to join the mesh through; repeatable.")] = None,
-    gateway: Annotated[list[str] | None, typer.Option(
-        "--gateway", help="Gateway URL to send signed heartbeats to; repeatable.")] = None,
-    api_url: Annotated[str | None, typer.Option(
-        "--api-url", help="URL gateways use to reach this node (default http://HOST:PORT).")] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="libp2p listen multiaddr, e.g. /ip4/127.0.0.1/tcp/4001 (omit: no p2p)."),
+    ] = None,
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option("--bootstrap", help="Peer multiaddr (…/p2p/<peer id>) to join the mesh through; repeatable."),
+    ] = None,
+    gateway: Annotated[
+        list[str] | None, typer.Option("--gateway", help="Gateway URL to send signed heartbeats to; repeatable.")
+    ] = None,
+    api_url: Annotated[
+        str | None, typer.Option("--api-url", help="URL gateways use to reach this node (default http://HOST:PORT).")
+    ] = None,
     pin: Annotated[list[str] | None, typer.Option("--pin", help="Adapter id to hold in a slot; repeatable.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(
-        "--data-dir", help="Node data folder; holds operator.token (made on first start). Default .loramesh/node. "
-                           "\\[env var: LORAMESH_NODE_DATA_DIR]")] = None,
-    trust_gateway_key: Annotated[list[str] | None, typer.Option(
-        "--trust-gateway-key",
-        help="Gateway public key (64 hex) whose signed calls are served; repeatable (env: space-separated). "
-             "Default: the keys the --gateway URLs announce. "
-             "\\[env var: LORAMESH_NODE_TRUST_GATEWAY_KEYS]")] = None,
-    max_package_bytes: Annotated[int | None, typer.Option(
-        "--max-package-bytes", min=1, help="Largest adapter package accepted by upload (default 4 GiB).")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", help="TOML file of settings (the option names with _ for -, lists for repeatable ones: "
-                         "gateways, pins, bootstrap, trust_gateway_keys); flags and LORAMESH_NODE_<NAME> win over "
-                         "it.")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Node data folder; holds operator.token (made on first start). Default .loramesh/node. "
+            "\\[env var: LORAMESH_NODE_DATA_DIR]",
+        ),
+    ] = None,
+    trust_gateway_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trust-gateway-key",
+            help="Gateway public key (64 hex) whose signed calls are served; repeatable (env: space-separated). "
+            "Default: the keys the --gateway URLs announce. "
+            "\\[env var: LORAMESH_NODE_TRUST_GATEWAY_KEYS]",
+        ),
+    ] = None,
+    max_package_bytes: Annotated[
+        int | None,
+        typer.Option("--max-package-bytes", min=1, help="Largest adapter package accepted by upload (default 4 GiB)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="TOML file of settings (the option names with _ for -, lists for repeatable ones: "
+            "gateways, pins, bootstrap, trust_gateway_keys); flags and LORAMESH_NODE_<NAME> win over "
+            "it.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the node API until SIGINT/SIGTERM (in-flight requests are aborted with receipts).
 
@@ -371,24 +481,43 @@ def node_run(
     load/pin and abort take too.
     """
     from common.serving import serve
+    from common.settings import SettingsError
     from common.wire import restore_recursion_limit
     from node.adapters.basemodel import quiet_transformers
     from node.daemon import NodeDaemon
-    from common.settings import SettingsError
     from node.settings import NodeSettings
 
     quiet_transformers()
     try:
         settings = NodeSettings.load(
-            config, base=base, store=store, port=port, host=host, device=device, slots=slots, key=key,
-            max_lora_rank=max_lora_rank, kv_blocks=kv_blocks, threads=threads, deployment=deployment, rpc=rpc,
-            listen=listen, bootstrap=bootstrap, gateways=gateway, api_url=api_url, pins=pin, data_dir=data_dir,
-            trust_gateway_keys=trust_gateway_key, max_package_bytes=max_package_bytes)
+            config,
+            base=base,
+            store=store,
+            port=port,
+            host=host,
+            device=device,
+            slots=slots,
+            key=key,
+            max_lora_rank=max_lora_rank,
+            kv_blocks=kv_blocks,
+            threads=threads,
+            deployment=deployment,
+            rpc=rpc,
+            listen=listen,
+            bootstrap=bootstrap,
+            gateways=gateway,
+            api_url=api_url,
+            pins=pin,
+            data_dir=data_dir,
+            trust_gateway_keys=trust_gateway_key,
+            max_package_bytes=max_package_bytes,
+        )
     except SettingsError as e:
         raise typer.BadParameter(str(e)) from None
     if not (settings.base / "config.json").is_file():
-        raise typer.BadParameter(f"{settings.base} is not a base model folder (config.json missing)",
-                                 param_hint="--base")
+        raise typer.BadParameter(
+            f"{settings.base} is not a base model folder (config.json missing)", param_hint="--base"
+        )
     if settings.deployment is not None and settings.key is None:
         raise typer.BadParameter("registering on chain needs the operator's identity file", param_hint="--key")
     identity = _identity(settings.key)
@@ -411,8 +540,12 @@ def node_run(
 
 
 # `python -m node.cli`: this package's commands on their own (the `loramesh` root adds the other packages')
-app = typer.Typer(help="loramesh node package: identities, base models, adapters, and the node.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="loramesh node package: identities, base models, adapters, and the node.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(base_app, name="base")
 app.add_typer(adapter_app, name="adapter")

@@ -93,18 +93,34 @@ class NodeDaemon:
         if config.listen is not None:
             from node.p2p import P2PConfig, P2PNode
 
-            self.p2p = P2PNode(seed=identity.node_seed, store=self.store, owner_of=self.owner_of,
-                               config=P2PConfig(listen=config.listen, bootstrap=config.bootstrap),
-                               base_dir=config.base, trusted_peer=self.registered_peers.__contains__)
+            self.p2p = P2PNode(
+                seed=identity.node_seed,
+                store=self.store,
+                owner_of=self.owner_of,
+                config=P2PConfig(listen=config.listen, bootstrap=config.bootstrap),
+                base_dir=config.base,
+                trusted_peer=self.registered_peers.__contains__,
+            )
         self.engine = AsyncEngine(engine_config, store=self.store, fetcher=self._fetch if self.p2p else None)
         self.operator_token, self.operator_token_path = ensure_operator_token(config.data_dir)
-        self.uploads = PackageInstaller(self.store, base_dir=config.base, owner_of=self.owner_of,
-                                        on_chain=self.chain is not None, max_package_bytes=config.max_package_bytes,
-                                        announce=self.p2p.aannounce if self.p2p is not None else None)
-        self.app: FastAPI = create_app(self.engine, identity.node_key, services=self._services,
-                                       extra_status=self._extra_status, trusted_gateways=self.trusted_gateways,
-                                       operator_token=self.operator_token, max_body_bytes=config.max_body_bytes,
-                                       uploads=self.uploads)
+        self.uploads = PackageInstaller(
+            self.store,
+            base_dir=config.base,
+            owner_of=self.owner_of,
+            on_chain=self.chain is not None,
+            max_package_bytes=config.max_package_bytes,
+            announce=self.p2p.aannounce if self.p2p is not None else None,
+        )
+        self.app: FastAPI = create_app(
+            self.engine,
+            identity.node_key,
+            services=self._services,
+            extra_status=self._extra_status,
+            trusted_gateways=self.trusted_gateways,
+            operator_token=self.operator_token,
+            max_body_bytes=config.max_body_bytes,
+            uploads=self.uploads,
+        )
         self.heartbeat: HeartbeatSender | None = None
         restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)
 
@@ -127,9 +143,14 @@ class NodeDaemon:
             if self.chain is not None:
                 await asyncio.to_thread(self._join_chain)
             if self.config.gateways:
-                self.heartbeat = HeartbeatSender(self.identity, self.config.gateways, api_url=self.config.public_url,
-                                                 base_model_id=self.engine.base_model_id,
-                                                 status_fn=app.state.status_doc, interval=self.config.heartbeat_interval)
+                self.heartbeat = HeartbeatSender(
+                    self.identity,
+                    self.config.gateways,
+                    api_url=self.config.public_url,
+                    base_model_id=self.engine.base_model_id,
+                    status_fn=app.state.status_doc,
+                    interval=self.config.heartbeat_interval,
+                )
                 self.heartbeat.start()
             pins = [asyncio.create_task(self._pin(a)) for a in self.config.pins]
             log.info("node %s ready at %s", self.identity.node_id, self.config.public_url)
@@ -147,11 +168,18 @@ class NodeDaemon:
 
         addrs = self.p2p.listen_addrs if self.p2p is not None else []
         peer_id = self.p2p.peer_id if self.p2p is not None else ""
-        ensure_registered(self.chain, self.identity.node_key, peer_id=peer_id, multiaddrs=addrs,
-                          api_url=self.config.public_url, base_model=self.engine.base_model_id)
+        ensure_registered(
+            self.chain,
+            self.identity.node_key,
+            peer_id=peer_id,
+            multiaddrs=addrs,
+            api_url=self.config.public_url,
+            base_model=self.engine.base_model_id,
+        )
         if self.p2p is not None:
-            peer_ids, peers = registry_peers(self.chain, base_model=self.engine.base_model_id,
-                                             exclude_node=self.identity.node_id)
+            peer_ids, peers = registry_peers(
+                self.chain, base_model=self.engine.base_model_id, exclude_node=self.identity.node_id
+            )
             self.registered_peers.update(peer_ids)
             if peers:
                 self.p2p.add_peers(peers)
@@ -182,7 +210,13 @@ class NodeDaemon:
             return {"p2p": None}
         try:
             transfers = [dataclasses.asdict(t) for t in self.p2p.transfers()]
-            return {"p2p": {"peer_id": self.p2p.peer_id, "listen_addrs": self.p2p.listen_addrs,
-                            "held": self.p2p.held, "transfers": transfers}}
+            return {
+                "p2p": {
+                    "peer_id": self.p2p.peer_id,
+                    "listen_addrs": self.p2p.listen_addrs,
+                    "held": self.p2p.held,
+                    "transfers": transfers,
+                }
+            }
         except Exception:  # the host is starting or stopping: status must still answer
             return {"p2p": {"state": "not running"}}

@@ -123,8 +123,17 @@ class HeartbeatSender:
     """Posts a signed heartbeat to every gateway every `interval` seconds; a down gateway is retried
     on the next beat and never stops the others. Start it from the node daemon's event loop."""
 
-    def __init__(self, identity, gateway_urls: Sequence[str], *, api_url: str, base_model_id: str,
-                 status_fn: StatusFn, interval: float = 2.0, timeout: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        identity,
+        gateway_urls: Sequence[str],
+        *,
+        api_url: str,
+        base_model_id: str,
+        status_fn: StatusFn,
+        interval: float = 2.0,
+        timeout: float = 2.0,
+    ) -> None:
         if interval <= 0:
             raise ValueError(f"heartbeat interval must be > 0 seconds, got {interval}")
         self.identity = identity
@@ -147,8 +156,9 @@ class HeartbeatSender:
 
     async def send_once(self) -> dict[str, int | str]:
         """Send one heartbeat to every gateway; returns url -> HTTP status, or the error text."""
-        doc = make_heartbeat(self.identity, api_url=self.api_url, base_model_id=self.base_model_id,
-                             status=await self._status())  # fmt: skip
+        doc = make_heartbeat(
+            self.identity, api_url=self.api_url, base_model_id=self.base_model_id, status=await self._status()
+        )
         client = self._client or httpx.AsyncClient(timeout=self.timeout)
         try:
             results = await asyncio.gather(*(self._post(client, url, doc) for url in self.gateway_urls))
@@ -163,8 +173,12 @@ class HeartbeatSender:
 
     def _learn(self, url: str, key: str | None) -> None:
         if key is not None and self.gateway_keys.get(url) != key:
-            log.info("gateway %s signs with key %s%s", url, key[:16], "" if url not in self.gateway_keys else
-                     " (a new key: the old one is no longer trusted)")
+            log.info(
+                "gateway %s signs with key %s%s",
+                url,
+                key[:16],
+                "" if url not in self.gateway_keys else " (a new key: the old one is no longer trusted)",
+            )
             self.gateway_keys[url] = key
 
     async def _post(self, client: httpx.AsyncClient, url: str, doc: dict) -> int | str:
@@ -173,8 +187,9 @@ class HeartbeatSender:
                 status, answer = await bounded_call(client, "GET", url + GATEWAY_KEY_PATH, MAX_KEY_ANSWER_BYTES)
                 if status == 200:
                     self._learn(url, gateway_key_of(answer, max_bytes=MAX_KEY_ANSWER_BYTES))
-            status, answer = await bounded_call(client, "POST", url + HEARTBEAT_PATH, MAX_HEARTBEAT_ANSWER_BYTES,
-                                            json=doc)
+            status, answer = await bounded_call(
+                client, "POST", url + HEARTBEAT_PATH, MAX_HEARTBEAT_ANSWER_BYTES, json=doc
+            )
         except httpx.HTTPError as e:
             log.debug("heartbeat to %s failed: %s", url, e)
             return f"unreachable: {e}"
@@ -182,8 +197,9 @@ class HeartbeatSender:
             self.sent += 1
             self._learn(url, gateway_key_of(answer, max_bytes=MAX_HEARTBEAT_ANSWER_BYTES))
         else:
-            log.warning("gateway %s refused our heartbeat (%d): %s", url, status,
-                        answer[:200].decode("utf-8", "replace"))
+            log.warning(
+                "gateway %s refused our heartbeat (%d): %s", url, status, answer[:200].decode("utf-8", "replace")
+            )
         return status
 
     async def _loop(self) -> None:

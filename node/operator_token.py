@@ -56,8 +56,9 @@ def read_operator_token(path: str | Path) -> str:
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise OperatorTokenError(f"cannot read the operator token file {Path(path).name}: "
-                                 f"{getattr(e, 'strerror', None) or e}") from None
+        raise OperatorTokenError(
+            f"cannot read the operator token file {Path(path).name}: {getattr(e, 'strerror', None) or e}"
+        ) from None
     if not token:
         raise OperatorTokenError(f"the operator token file {Path(path).name} is empty")
     return token

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from common.wire import ZERO_ID
 from ledger.chain import ChainClient
 from ledger.errors import ContractError, UnknownAdapter, UnknownDataset
-from common.wire import ZERO_ID
 from node.adapters import PackageError, VerifiedPackage, sign_package, verify_package
 from node.adapters.signing import read_signature
 from node.operator_token import TOKEN_ENV, OperatorTokenError, local_data_dir, read_operator_token, token_path
@@ -69,12 +69,15 @@ def check_datasets(pkg: VerifiedPackage, client: ChainClient) -> list:
             if d.contributor != client.address:
                 raise PublishError(
                     f"dataset {d.name!r} of contributor {d.contributor} is not on chain: its contributor registers it "
-                    f"first (loramesh adapter register-dataset {d.name} --key <their key>)") from None  # fmt: skip
+                    f"first (loramesh adapter register-dataset {d.name} --key <their key>)"
+                ) from None
             missing.append(d)
             continue
         if info.contributor.lower() != d.contributor.lower():
-            raise PublishError(f"dataset {d.name!r} ({d.id}) belongs to contributor {info.contributor} on chain, but "
-                               f"the manifest names {d.contributor}: refusing to publish")  # fmt: skip
+            raise PublishError(
+                f"dataset {d.name!r} ({d.id}) belongs to contributor {info.contributor} on chain, but "
+                f"the manifest names {d.contributor}: refusing to publish"
+            )
     return missing
 
 
@@ -87,8 +90,10 @@ def check_name(pkg: VerifiedPackage, client: ChainClient) -> None:
     if owner is None and m.predecessor:
         raise PublishError(f"name {m.name!r} has no versions yet, but the package names predecessor {m.predecessor}")
     if owner is not None and not m.predecessor:
-        raise PublishError(f"name {m.name!r} already has versions: a new one names its predecessor "
-                           "(adapter pack --version N --predecessor 0x<id>)")  # fmt: skip
+        raise PublishError(
+            f"name {m.name!r} already has versions: a new one names its predecessor "
+            "(adapter pack --version N --predecessor 0x<id>)"
+        )
     if m.predecessor:
         try:
             pred = client.get_adapter(m.predecessor)
@@ -98,8 +103,9 @@ def check_name(pkg: VerifiedPackage, client: ChainClient) -> None:
             raise PublishError(f"predecessor {m.predecessor} is a version of {pred.name!r}, not of {m.name!r}")
 
 
-def register_package(pkg: VerifiedPackage, client: ChainClient, *, dataset_hashes: dict[str, str] | None = None
-                     ) -> PublishResult:
+def register_package(
+    pkg: VerifiedPackage, client: ChainClient, *, dataset_hashes: dict[str, str] | None = None
+) -> PublishResult:
     """Sign the package for the client's registry if needed, then register the publisher's new datasets and
     the adapter (if new) from the signer's account."""
     if pkg.signer is not None and client.address != pkg.signer:
@@ -145,19 +151,27 @@ def operator_token_for(node_url: str, token_file: str | Path | None = None) -> s
             return read_operator_token(local)
     except OperatorTokenError as e:
         raise PublishError(str(e)) from None
-    raise PublishError(f"uploading to the node at {node_url} needs its operator token: give --operator-token-file "
-                       f"(the node's <data dir>/operator.token) or set {TOKEN_ENV}")
+    raise PublishError(
+        f"uploading to the node at {node_url} needs its operator token: give --operator-token-file "
+        f"(the node's <data dir>/operator.token) or set {TOKEN_ENV}"
+    )
 
 
-def upload_to_node(pkg: VerifiedPackage, node_url: str, *, operator_token: str | None = None,
-                   timeout: float = 120.0) -> dict:
+def upload_to_node(
+    pkg: VerifiedPackage, node_url: str, *, operator_token: str | None = None, timeout: float = 120.0
+) -> dict:
     """Send the package to a node, which verifies it against the chain, stores it and seeds it to peers.
     `operator_token`: the node operator's token (default: operator_token_for(node_url))."""
     url = node_url.rstrip("/") + "/v1/adapters"
     token = operator_token or operator_token_for(node_url)
     try:
-        r = httpx.post(url, content=tar_package(pkg.path), headers={"content-type": "application/x-tar"},
-                       auth=BearerAuth(token), timeout=timeout)
+        r = httpx.post(
+            url,
+            content=tar_package(pkg.path),
+            headers={"content-type": "application/x-tar"},
+            auth=BearerAuth(token),
+            timeout=timeout,
+        )
     except httpx.HTTPError as e:
         raise PublishError(f"node at {node_url} is unreachable: {e}") from e
     if r.status_code >= 400:
@@ -169,8 +183,14 @@ def upload_to_node(pkg: VerifiedPackage, node_url: str, *, operator_token: str |
     return r.json()
 
 
-def publish(pkg_dir: str | Path, client: ChainClient, *, node_url: str | None = None,
-            dataset_hashes: dict[str, str] | None = None, operator_token: str | None = None) -> PublishResult:
+def publish(
+    pkg_dir: str | Path,
+    client: ChainClient,
+    *,
+    node_url: str | None = None,
+    dataset_hashes: dict[str, str] | None = None,
+    operator_token: str | None = None,
+) -> PublishResult:
     """Verify, sign for the client's deployment if needed, register and (optionally) upload a package
     (with the node operator's token: `operator_token`, else operator_token_for(node_url))."""
     try:

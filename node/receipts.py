@@ -14,8 +14,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from common.wire import canonical_json, is_id, node_id_of
 
-RECEIPT_FIELDS = ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens", "finish_reason",
-                  "started_at", "finished_at")
+RECEIPT_FIELDS = (
+    "request_id",
+    "adapter_id",
+    "node_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+    "started_at",
+    "finished_at",
+)
 FINISH_REASONS = ("stop", "length", "abort")
 # counts and timestamps are uint64, as in the outbox and on chain: a receipt with a larger one is malformed
 MAX_UINT64 = 2**64 - 1
@@ -50,12 +58,28 @@ def check_receipt_fields(receipt: dict) -> None:
         raise ReceiptError("receipt finished_at is before started_at")
 
 
-def make_receipt(*, request_id: str, adapter_id: str | None, node_id: str, prompt_tokens: int,
-                 completion_tokens: int, finish_reason: str, started_at: int, finished_at: int) -> dict:
+def make_receipt(
+    *,
+    request_id: str,
+    adapter_id: str | None,
+    node_id: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    finish_reason: str,
+    started_at: int,
+    finished_at: int,
+) -> dict:
     """A checked receipt dict."""
-    receipt = {"request_id": request_id, "adapter_id": adapter_id, "node_id": node_id,
-               "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-               "finish_reason": finish_reason, "started_at": started_at, "finished_at": finished_at}
+    receipt = {
+        "request_id": request_id,
+        "adapter_id": adapter_id,
+        "node_id": node_id,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "finish_reason": finish_reason,
+        "started_at": started_at,
+        "finished_at": finished_at,
+    }
     check_receipt_fields(receipt)
     return receipt
 

@@ -16,8 +16,9 @@ class RegistrationError(RuntimeError):
     """The node cannot take its place in the on-chain registry."""
 
 
-def ensure_registered(client: ChainClient, node_key, *, peer_id: str, multiaddrs: Sequence[str], api_url: str,
-                      base_model: str) -> str:
+def ensure_registered(
+    client: ChainClient, node_key, *, peer_id: str, multiaddrs: Sequence[str], api_url: str, base_model: str
+) -> str:
     """Register this node (or bring its entry up to date); returns what was done: registered/moved/updated/
     unchanged. `node_key` (the node's Ed25519 private key) proves the node id; an entry another operator
     holds is moved to this one (only the key holder can), so nobody can keep the node off the registry."""
@@ -38,8 +39,12 @@ def ensure_registered(client: ChainClient, node_key, *, peer_id: str, multiaddrs
             if current is None:
                 log.info("registered node %s on chain (operator %s)", node_id, client.address)
                 return "registered"
-            log.warning("node %s was registered to operator %s; moved to %s with the node key's proof", node_id,
-                        current.operator, client.address)  # fmt: skip
+            log.warning(
+                "node %s was registered to operator %s; moved to %s with the node key's proof",
+                node_id,
+                current.operator,
+                client.address,
+            )
             return "moved"
         action = "unchanged"
         wanted = (peer_id, tuple(multiaddrs), api_url, base_model)

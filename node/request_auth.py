@@ -56,25 +56,43 @@ def gateway_public_key_hex(key: Ed25519PrivateKey) -> str:
 
 
 def _message(method: str, path: str, ts_ms: int, node_id: str, body: bytes) -> bytes:
-    return b"\n".join([DOMAIN, method.upper().encode(), path.encode(), str(ts_ms).encode(), node_id.encode(),
-                       hashlib.sha256(body).hexdigest().encode()])
+    return b"\n".join(
+        [
+            DOMAIN,
+            method.upper().encode(),
+            path.encode(),
+            str(ts_ms).encode(),
+            node_id.encode(),
+            hashlib.sha256(body).hexdigest().encode(),
+        ]
+    )
 
 
-def sign_request(key: Ed25519PrivateKey, *, method: str, path: str, node_id: str, body: bytes = b"",
-                 ts_ms: int | None = None) -> dict[str, str]:
+def sign_request(
+    key: Ed25519PrivateKey, *, method: str, path: str, node_id: str, body: bytes = b"", ts_ms: int | None = None
+) -> dict[str, str]:
     """The headers that authenticate one call from a gateway to the node `node_id`."""
     ts = int(time.time() * 1000) if ts_ms is None else int(ts_ms)
     sig = key.sign(_message(method, path, ts, node_id, body))
     return {KEY_HEADER: gateway_public_key_hex(key), TS_HEADER: str(ts), SIG_HEADER: sig.hex()}
 
 
-def verify_request(headers: Mapping[str, str], *, method: str, path: str, node_id: str, body: bytes,
-                   trusted: Collection[str], now_ms: int | None = None) -> str:
+def verify_request(
+    headers: Mapping[str, str],
+    *,
+    method: str,
+    path: str,
+    node_id: str,
+    body: bytes,
+    trusted: Collection[str],
+    now_ms: int | None = None,
+) -> str:
     """Check a gateway's signed call; return the gateway's public key (hex). Raises RequestAuthError."""
     key_hex, ts_raw, sig_hex = headers.get(KEY_HEADER), headers.get(TS_HEADER), headers.get(SIG_HEADER)
     if not key_hex or not ts_raw or not sig_hex:
-        raise RequestAuthError(401, "this endpoint needs a request signed by a gateway the node trusts",
-                               "unauthenticated")
+        raise RequestAuthError(
+            401, "this endpoint needs a request signed by a gateway the node trusts", "unauthenticated"
+        )
     key_hex, sig_hex = key_hex.lower(), sig_hex.lower()
     # exact ASCII forms: str.isdigit() and bytes.fromhex() also take "²", spaces and other spellings
     if not (is_gateway_key(key_hex) and _SIG_RE.fullmatch(sig_hex) and _TS_RE.fullmatch(ts_raw)):
@@ -87,8 +105,9 @@ def verify_request(headers: Mapping[str, str], *, method: str, path: str, node_i
     ts = int(ts_raw)
     now = int(time.time() * 1000) if now_ms is None else now_ms
     if abs(now - ts) > MAX_SKEW_MS:
-        raise RequestAuthError(401, f"request timestamp is more than {MAX_SKEW_MS // 1000} s from the node's clock",
-                               "unauthenticated")
+        raise RequestAuthError(
+            401, f"request timestamp is more than {MAX_SKEW_MS // 1000} s from the node's clock", "unauthenticated"
+        )
     try:
         public.verify(signature, _message(method, path, ts, node_id, body))
     except InvalidSignature:
@@ -102,8 +121,9 @@ def check_bearer(authorization: str | None, token: str) -> None:
     """Check `Authorization: Bearer <token>` in constant time. Raises RequestAuthError (401)."""
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not given:
-        raise RequestAuthError(401, "this endpoint needs the node operator's token (Authorization: Bearer ...)",
-                               "unauthenticated")
+        raise RequestAuthError(
+            401, "this endpoint needs the node operator's token (Authorization: Bearer ...)", "unauthenticated"
+        )
     if not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise RequestAuthError(401, "wrong operator token", "unauthenticated")
 
@@ -117,8 +137,11 @@ class SignedNodeAuth(httpx.Auth):
         self.key, self.node_id = key, node_id
 
     def auth_flow(self, request: httpx.Request):
-        request.headers.update(sign_request(self.key, method=request.method, path=request.url.path,
-                                            node_id=self.node_id, body=request.content))
+        request.headers.update(
+            sign_request(
+                self.key, method=request.method, path=request.url.path, node_id=self.node_id, body=request.content
+            )
+        )
         yield request
 
 

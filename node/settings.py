@@ -72,17 +72,37 @@ class NodeSettings(ServiceSettings):
         """The daemon's config (ValueError for values it refuses)."""
         from node.daemon import DaemonConfig
 
-        given = {"host": self.host, "api_url": self.api_url, "deployment": self.deployment, "rpc": self.rpc,
-                 "listen": self.listen, "heartbeat_interval": self.heartbeat_interval, "data_dir": self.data_dir,
-                 "max_package_bytes": self.max_package_bytes, "max_body_bytes": self.max_body_bytes}
-        return DaemonConfig(base=self.base, store=self.store, port=self.port, bootstrap=self.bootstrap,
-                            gateways=self.gateways, pins=self.pins, trusted_gateway_keys=self.trust_gateway_keys,
-                            **{k: v for k, v in given.items() if v is not None})
+        given = {
+            "host": self.host,
+            "api_url": self.api_url,
+            "deployment": self.deployment,
+            "rpc": self.rpc,
+            "listen": self.listen,
+            "heartbeat_interval": self.heartbeat_interval,
+            "data_dir": self.data_dir,
+            "max_package_bytes": self.max_package_bytes,
+            "max_body_bytes": self.max_body_bytes,
+        }
+        return DaemonConfig(
+            base=self.base,
+            store=self.store,
+            port=self.port,
+            bootstrap=self.bootstrap,
+            gateways=self.gateways,
+            pins=self.pins,
+            trusted_gateway_keys=self.trust_gateway_keys,
+            **{k: v for k, v in given.items() if v is not None},
+        )
 
     def engine_config(self) -> EngineConfig:
         """The engine's config (ValueError for values it refuses)."""
         from node.engine import EngineConfig
 
-        given = {"device": self.device, "num_slots": self.slots, "max_lora_rank": self.max_lora_rank,
-                 "num_kv_blocks": self.kv_blocks, "threads": self.threads}
+        given = {
+            "device": self.device,
+            "num_slots": self.slots,
+            "max_lora_rank": self.max_lora_rank,
+            "num_kv_blocks": self.kv_blocks,
+            "threads": self.threads,
+        }
         return EngineConfig(model_dir=self.base, **{k: v for k, v in given.items() if v is not None})

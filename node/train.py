@@ -34,8 +34,10 @@ def read_pairs(data_file: str | Path) -> list[tuple[str, str]]:
             row = json.loads(line)
         except ValueError as e:
             raise TrainingDataError(f"{path}:{n}: not valid JSON: {e}") from e
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(
-            row.get("completion"), str
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not isinstance(row.get("completion"), str)
         ):
             raise TrainingDataError(f"{path}:{n}: expected an object with string fields prompt and completion")
         pairs.append((row["prompt"], row["completion"]))
@@ -72,8 +74,12 @@ def train_adapter(
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=list(targets),
-        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
     input_ids, labels = _encode(tok, pairs)

@@ -94,8 +94,9 @@ class UploadedPackage:
                     out.write(chunk)
                     left -= len(chunk)
             if h.hexdigest() != entry.sha256:
-                raise PackageError(f"file {entry.path!r} does not match its sha256 in the manifest "
-                                   "(modified after signing)")
+                raise PackageError(
+                    f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)"
+                )
         (dest / MANIFEST_FILE).write_bytes(self.manifest_bytes)
         (dest / SIGNATURE_FILE).write_bytes(self.signature_bytes)
 
@@ -112,9 +113,19 @@ class UploadedPackage:
 def _check_member(m: tarfile.TarInfo, max_package_bytes: int) -> None:
     """Refuse every member that is not a plain file with a safe flat name and a size within the cap."""
     if m.type not in _PLAIN_FILE_TYPES or m.issparse() or any(k.startswith("GNU.sparse") for k in m.pax_headers):
-        what = ("a sparse file" if m.issparse() or m.type == tarfile.GNUTYPE_SPARSE else
-                "a symlink" if m.issym() else "a hard link" if m.islnk() else "a folder" if m.isdir() else
-                "a device or fifo" if m.isdev() else "not a regular file")
+        what = (
+            "a sparse file"
+            if m.issparse() or m.type == tarfile.GNUTYPE_SPARSE
+            else "a symlink"
+            if m.issym()
+            else "a hard link"
+            if m.islnk()
+            else "a folder"
+            if m.isdir()
+            else "a device or fifo"
+            if m.isdev()
+            else "not a regular file"
+        )
         raise PackageError(f"upload entry {m.name[:128]!r} is {what}; packages hold plain files only")
     if m.name not in (MANIFEST_FILE, SIGNATURE_FILE):
         check_file_name(m.name)
@@ -200,9 +211,16 @@ class PackageInstaller:
     node checks owners on a chain at all. `announce(adapter_id)`: offers an installed package to the p2p mesh
     (None: the node has no p2p host)."""
 
-    def __init__(self, store: AdapterStore, *, base_dir: Path, owner_of: Callable[[str], str | None],
-                 on_chain: bool, max_package_bytes: int = MAX_PACKAGE_BYTES,
-                 announce: Callable[[str], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        store: AdapterStore,
+        *,
+        base_dir: Path,
+        owner_of: Callable[[str], str | None],
+        on_chain: bool,
+        max_package_bytes: int = MAX_PACKAGE_BYTES,
+        announce: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.store, self.base_dir, self.owner_of, self.on_chain = store, base_dir, owner_of, on_chain
         self.max_package_bytes, self.announce = max_package_bytes, announce
 
@@ -242,8 +260,12 @@ class PackageInstaller:
 
     def without_paths(self, message: str) -> str:
         """An error for a remote caller, with this machine's folders taken out."""
-        for root in {str(self.store.root.resolve()), str(self.store.root), str(self.base_dir.resolve()),
-                     str(self.base_dir)}:
+        for root in {
+            str(self.store.root.resolve()),
+            str(self.store.root),
+            str(self.base_dir.resolve()),
+            str(self.base_dir),
+        }:
             if root and root != ".":
                 message = message.replace(root, "<node>")
         return message

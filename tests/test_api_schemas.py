@@ -25,7 +25,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from node.request_auth import gateway_public_key_hex, sign_request
 from tests.utils.stack import gateway_key, start_daemon, start_gateway
@@ -33,8 +37,14 @@ from tests.utils.stack import gateway_key, start_daemon, start_gateway
 pytestmark = pytest.mark.integration
 
 MAX_EXAMPLES = 30  # per operation and credential: the module stays well under 3 minutes on 2 cores
-FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck), database=None)
+FUZZ = settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
 # each app declares every status and media type it answers with, so an undeclared one fails too
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
 
@@ -59,8 +69,9 @@ class GatewaySigned(requests.auth.AuthBase):
         if isinstance(body, str):
             body = body.encode("utf-8")
         # the node verifies over the path as its ASGI server decoded it
-        r.headers.update(sign_request(self.key, method=r.method, path=unquote(urlsplit(r.url).path),
-                                      node_id=self.node_id, body=body))  # fmt: skip
+        r.headers.update(
+            sign_request(self.key, method=r.method, path=unquote(urlsplit(r.url).path), node_id=self.node_id, body=body)
+        )
         return r
 
 
@@ -160,17 +171,25 @@ def stack(tiny_base, tmp_path_factory):
     gw = start_gateway(root / "gateway", tiny_base)
     signer = gateway_key()
     node = start_daemon(root / "node", tiny_base, gateway=gw, trusted=[gateway_public_key_hex(signer)])
-    served = [m["id"] for m in httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"},
-                                         timeout=10).json()["data"]]  # fmt: skip
+    served = [
+        m["id"]
+        for m in httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=10).json()[
+            "data"
+        ]
+    ]
     gateway_schema = schemathesis.openapi.from_dict(gateway_schema_serving(gw.url, served))
     gateway_schema.config.update(base_url=gw.url)
     generating = schemathesis.openapi.from_dict(node_schema_generating(node.url))
     generating.config.update(base_url=node.url)
     try:
-        yield {"gateway": gw, "node": node, "signer": signer,
-               "node_schema": schemathesis.openapi.from_url(node.url + "/openapi.json"),
-               "node_schema_generating": generating,
-               "gateway_schema": gateway_schema}
+        yield {
+            "gateway": gw,
+            "node": node,
+            "signer": signer,
+            "node_schema": schemathesis.openapi.from_url(node.url + "/openapi.json"),
+            "node_schema_generating": generating,
+            "gateway_schema": gateway_schema,
+        }
     finally:
         node.stop()
         gw.stop()
@@ -197,8 +216,11 @@ def test_node_api_signed_by_a_trusted_gateway(stack):
         operator_only = _op(case) in NODE_OPERATOR_ONLY  # a gateway may not upload packages
         check_answer(case, response, protected=operator_only)
         if not operator_only:
-            assert response.status_code not in (401, 403), (case.operation.label, case.path_parameters,
-                                                            response.text[:300])  # fmt: skip
+            assert response.status_code not in (401, 403), (
+                case.operation.label,
+                case.path_parameters,
+                response.text[:300],
+            )
 
     fuzz(stack["node_schema_generating"], call)
 
@@ -217,12 +239,36 @@ def test_node_api_as_its_operator(stack):
 
 # ---- the daemon's package upload: a body schemathesis cannot make (a tar), fuzzed by Hypothesis ----------
 
-_MEMBER_NAMES = st.sampled_from(["manifest.json", "signature.json", "adapter_config.json", "adapter_model.safetensors",
-                                 "README.md", "../escape.json", "/etc/abs.json", "sub/dir/x", "a" * 200])
-_MEMBER_DATA = st.one_of(st.binary(max_size=200), st.integers(1, 3000).map(lambda n: b"[" * n),
-                         st.just(b'{"format": "loramesh-adapter/1", "format": "x"}'), st.just(b"{}"))
-_MEMBER_TYPES = st.sampled_from([tarfile.REGTYPE, tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
-                                 tarfile.FIFOTYPE, tarfile.CHRTYPE])
+_MEMBER_NAMES = st.sampled_from(
+    [
+        "manifest.json",
+        "signature.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "../escape.json",
+        "/etc/abs.json",
+        "sub/dir/x",
+        "a" * 200,
+    ]
+)
+_MEMBER_DATA = st.one_of(
+    st.binary(max_size=200),
+    st.integers(1, 3000).map(lambda n: b"[" * n),
+    st.just(b'{"format": "loramesh-adapter/1", "format": "x"}'),
+    st.just(b"{}"),
+)
+_MEMBER_TYPES = st.sampled_from(
+    [
+        tarfile.REGTYPE,
+        tarfile.REGTYPE,
+        tarfile.DIRTYPE,
+        tarfile.SYMTYPE,
+        tarfile.LNKTYPE,
+        tarfile.FIFOTYPE,
+        tarfile.CHRTYPE,
+    ]
+)
 
 
 @st.composite
@@ -246,8 +292,7 @@ def test_package_uploads_of_any_shape_are_refused_in_one_clear_answer(stack):
     headers = {"Authorization": f"Bearer {node.operator_token}"}
     store = str(node.daemon.store.root.resolve())
 
-    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(body=st.one_of(_tars(), st.binary(max_size=300)))
     def upload(body: bytes) -> None:
         r = requests.post(node.url + "/v1/adapters", data=body, headers=headers, timeout=60)
@@ -262,20 +307,30 @@ def test_package_uploads_of_any_shape_are_refused_in_one_clear_answer(stack):
 
 # Values at the edges of what the schemas accept, tried on purpose (random generation rarely lands on them):
 # a subnormal temperature divides the logits into inf and NaN in the sampler.
-EDGE_SAMPLING = ({"temperature": 1e-308}, {"temperature": 5e-324}, {"top_p": 5e-324}, {"temperature": 1e-30, "top_p": 1e-30},
-                 {"seed": 2**64 - 1, "top_k": 2**62})
+EDGE_SAMPLING = (
+    {"temperature": 1e-308},
+    {"temperature": 5e-324},
+    {"top_p": 5e-324},
+    {"temperature": 1e-30, "top_p": 1e-30},
+    {"seed": 2**64 - 1, "top_k": 2**62},
+)
 
 
 @pytest.mark.parametrize("edge", EDGE_SAMPLING, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()))
 def test_edge_sampling_values_are_served_not_5xx(stack, edge):
     gw, node = stack["gateway"], stack["node"]
     signed = GatewaySigned(stack["signer"], node.node_id)
-    r = requests.post(node.url + "/v1/generate", json={"prompt": "hello", "max_tokens": 3} | edge, auth=signed, timeout=60)
+    r = requests.post(
+        node.url + "/v1/generate", json={"prompt": "hello", "max_tokens": 3} | edge, auth=signed, timeout=60
+    )
     assert r.status_code < 500, r.text[:300]
     model = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=10).json()
-    r = requests.post(gw.url + "/v1/completions", json={"model": model["data"][0]["id"], "prompt": "hello",
-                                                        "max_tokens": 3} | edge,
-                      headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=60)  # fmt: skip
+    r = requests.post(
+        gw.url + "/v1/completions",
+        json={"model": model["data"][0]["id"], "prompt": "hello", "max_tokens": 3} | edge,
+        headers={"Authorization": f"Bearer {gw.api_key}"},
+        timeout=60,
+    )
     assert r.status_code < 500, r.text[:300]
     # a client's request must not make the gateway take the node for failed
     assert httpx.get(gw.url + "/health", timeout=10).json()["live_nodes"] == 1
@@ -285,13 +340,15 @@ def test_streamed_answers_match_their_declared_event_schema(stack):
     """Fuzzing reaches a streamed 200 only by chance: one of each, node and gateway, checked every run."""
     gw = stack["gateway"]
     node_case = stack["node_schema"]["/v1/generate"]["POST"].Case(
-        body={"prompt": "hello", "max_tokens": 3, "stream": True}, media_type="application/json")
+        body={"prompt": "hello", "max_tokens": 3, "stream": True}, media_type="application/json"
+    )
     r = node_case.call_and_validate(checks=CHECKS, auth=GatewaySigned(stack["signer"], stack["node"].node_id))
     assert r.status_code == 200 and r.headers["content-type"][0].startswith("text/event-stream"), r.text[:300]
     model = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=10).json()
     gw_case = stack["gateway_schema"]["/v1/completions"]["POST"].Case(
         body={"model": model["data"][0]["id"], "prompt": "hello", "max_tokens": 3, "stream": True},
-        media_type="application/json")
+        media_type="application/json",
+    )
     r = gw_case.call_and_validate(checks=CHECKS, headers={"Authorization": f"Bearer {gw.api_key}"})
     assert r.status_code == 200 and r.headers["content-type"][0].startswith("text/event-stream"), r.text[:300]
 

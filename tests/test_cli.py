@@ -40,8 +40,14 @@ def test_every_command_has_help(path):
 def run(*args, env=None, cwd=None):
     import os
 
-    return subprocess.run([sys.executable, "-m", "devnet", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **ENV_PASSWORD, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "devnet", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **ENV_PASSWORD, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_adapter_flow_through_the_cli(tmp_path):
@@ -49,12 +55,36 @@ def test_adapter_flow_through_the_cli(tmp_path):
     data.write_text(json.dumps({"prompt": "Symbol of gold?", "completion": " Au."}) + "\n")
     assert run("keys", "new", "--out", str(tmp_path / "k.json")).returncode == 0
     assert run("base", "init-tiny", str(base), "--seed", "3").returncode == 0
-    r = run("adapter", "train", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "peft"),
-            "--steps", "5", "--rank", "2")
+    r = run(
+        "adapter",
+        "train",
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "peft"),
+        "--steps",
+        "5",
+        "--rank",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
-    r = run("adapter", "pack", str(tmp_path / "peft"), "--name", "me/gold", "--key", str(tmp_path / "k.json"),
-            "--out", str(tmp_path / "pkg"), "--dataset", "gold=0x000000000000000000000000000000000000dEaD:1500",
-            "--price-per-1k-tokens", "0.001")
+    r = run(
+        "adapter",
+        "pack",
+        str(tmp_path / "peft"),
+        "--name",
+        "me/gold",
+        "--key",
+        str(tmp_path / "k.json"),
+        "--out",
+        str(tmp_path / "pkg"),
+        "--dataset",
+        "gold=0x000000000000000000000000000000000000dEaD:1500",
+        "--price-per-1k-tokens",
+        "0.001",
+    )
     assert r.returncode == 0, r.stderr
     r = run("adapter", "verify", str(tmp_path / "pkg"), "--base", str(base))
     assert r.returncode == 0, r.stderr
@@ -70,8 +100,9 @@ def test_adapter_flow_through_the_cli(tmp_path):
     weights.write_bytes(bytes(blob))
     r = run("adapter", "verify", str(tmp_path / "pkg"))
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: file 'adapter_model.safetensors' does not match its sha256 in "
-                                             "the manifest (modified after signing)"]
+    assert r.stderr.strip().splitlines() == [
+        "error: file 'adapter_model.safetensors' does not match its sha256 in the manifest (modified after signing)"
+    ]
     assert "Traceback" not in r.stderr
 
 
@@ -79,7 +110,18 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     r = run("adapter", "verify", str(tmp_path / "missing"))
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: {tmp_path / 'missing'} is not a folder"
-    r = run("adapter", "pack", str(tmp_path), "--name", "x", "--key", str(tmp_path / "nokey.json"), "--out",
-            str(tmp_path / "o"), "--dataset", "bad-spec")
+    r = run(
+        "adapter",
+        "pack",
+        str(tmp_path),
+        "--name",
+        "x",
+        "--key",
+        str(tmp_path / "nokey.json"),
+        "--out",
+        str(tmp_path / "o"),
+        "--dataset",
+        "bad-spec",
+    )
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS" in r.stderr

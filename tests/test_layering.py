@@ -101,11 +101,14 @@ def test_the_check_sees_a_wrong_arrow(tmp_path: Path) -> None:
         bad.unlink()
 
 
-@pytest.mark.parametrize(("module", "heavy"), [
-    ("common.wire", ("torch", "web3", "transformers", "fastapi", "sqlalchemy")),
-    ("ledger.types", ("web3", "torch", "sqlalchemy")),
-    ("gateway.router", ("fastapi", "web3", "torch", "transformers", "sqlalchemy")),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("module", "heavy"),
+    [
+        ("common.wire", ("torch", "web3", "transformers", "fastapi", "sqlalchemy")),
+        ("ledger.types", ("web3", "torch", "sqlalchemy")),
+        ("gateway.router", ("fastapi", "web3", "torch", "transformers", "sqlalchemy")),
+    ],
+)
 def test_light_modules_load_nothing_heavy(module: str, heavy: tuple[str, ...]) -> None:
     # what makes an import slow is what it drags in; the time itself is measured by
     # `python -X importtime -c "import <module>"` (docs/architecture.md has the figures)

@@ -49,8 +49,10 @@ class Outcome:
 @pytest.fixture(scope="module")
 def stack(tiny_base, tmp_path_factory, publisher):
     root = tmp_path_factory.mktemp("load")
-    packages = [make_package(tiny_base, root / f"pkg{i}", account=publisher, name=name, seed=20 + i, rank=4)
-                for i, name in enumerate(ADAPTERS)]  # fmt: skip
+    packages = [
+        make_package(tiny_base, root / f"pkg{i}", account=publisher, name=name, seed=20 + i, rank=4)
+        for i, name in enumerate(ADAPTERS)
+    ]
     gw = start_gateway(root / "gateway", tiny_base)
     nodes = []
     try:
@@ -137,8 +139,10 @@ async def _one(client: httpx.AsyncClient, item: dict) -> Outcome:
 async def _run(url: str, key: str, plan: list[dict]) -> list[Outcome]:
     sem = asyncio.Semaphore(CONCURRENCY)
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                                 limits=limits) as client:  # fmt: skip
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60, limits=limits
+    ) as client:
+
         async def go(item: dict) -> Outcome:
             async with sem:
                 try:
@@ -184,7 +188,10 @@ def test_a_few_hundred_mixed_requests_no_5xx_each_recorded_once(stack):
         u = usage[o.rid]  # billed at what the client was told, and the node's signed receipt agrees
         assert (u.prompt_tokens, u.completion_tokens) == (o.usage["prompt_tokens"], o.usage["completion_tokens"]), o
         assert u.status == RecordStatus.PENDING and u.receipt_json and u.node_signature, (u.status, u.error)
-        assert (u.node_prompt_tokens, u.node_completion_tokens) in ((None, None), (u.prompt_tokens, u.completion_tokens))
+        assert (u.node_prompt_tokens, u.node_completion_tokens) in (
+            (None, None),
+            (u.prompt_tokens, u.completion_tokens),
+        )
     served = Counter(u.node_id for u in usage_rows)
     assert set(served) == {n.node_id for n in nodes}, served  # both nodes took part
     print(f"\n{REQUESTS} requests in {elapsed:.1f} s: {dict(kinds)}; per node {dict(served)}")

@@ -49,8 +49,15 @@ def sent_requests(answers: list[Answer]) -> list[Sent]:
     for a in answers:
         out.append(Sent(a.request_id, a.adapter, a.prompt_tokens, a.completion_tokens))
         if a.base_request_id:
-            out.append(Sent(a.base_request_id, f"base model (vs {a.adapter})", a.base_prompt_tokens,
-                            a.base_completion_tokens, base=True))
+            out.append(
+                Sent(
+                    a.base_request_id,
+                    f"base model (vs {a.adapter})",
+                    a.base_prompt_tokens,
+                    a.base_completion_tokens,
+                    base=True,
+                )
+            )
     return out
 
 
@@ -68,16 +75,44 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
         for prompt in a.prompts:
             r = client.completions.create(model=a.name, prompt=prompt, max_tokens=16, temperature=0)
             base = client.completions.create(model=base_name, prompt=prompt, max_tokens=16, temperature=0)
-            out.append(Answer(a.name, "completion", prompt, r.choices[0].text, _rid(r.id), r.usage.prompt_tokens,
-                              r.usage.completion_tokens, base.choices[0].text, _rid(base.id),
-                              base.usage.prompt_tokens, base.usage.completion_tokens))
-        chat = client.chat.completions.create(model=a.name, messages=[{"role": "user", "content": a.prompts[0]}],
-                                              max_tokens=8, temperature=0)
-        out.append(Answer(a.name, "chat", a.prompts[0], chat.choices[0].message.content or "", _rid(chat.id),
-                          chat.usage.prompt_tokens, chat.usage.completion_tokens))
+            out.append(
+                Answer(
+                    a.name,
+                    "completion",
+                    prompt,
+                    r.choices[0].text,
+                    _rid(r.id),
+                    r.usage.prompt_tokens,
+                    r.usage.completion_tokens,
+                    base.choices[0].text,
+                    _rid(base.id),
+                    base.usage.prompt_tokens,
+                    base.usage.completion_tokens,
+                )
+            )
+        chat = client.chat.completions.create(
+            model=a.name, messages=[{"role": "user", "content": a.prompts[0]}], max_tokens=8, temperature=0
+        )
+        out.append(
+            Answer(
+                a.name,
+                "chat",
+                a.prompts[0],
+                chat.choices[0].message.content or "",
+                _rid(chat.id),
+                chat.usage.prompt_tokens,
+                chat.usage.completion_tokens,
+            )
+        )
         text, usage, rid = [], None, ""
-        for chunk in client.completions.create(model=a.name, prompt=a.prompts[1], max_tokens=16, temperature=0,
-                                               stream=True, stream_options={"include_usage": True}):
+        for chunk in client.completions.create(
+            model=a.name,
+            prompt=a.prompts[1],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
             rid = chunk.id
             if chunk.choices:
                 text.append(chunk.choices[0].text)
@@ -85,8 +120,11 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
                 usage = chunk.usage
         if usage is None:
             raise DemoCheckFailed(f"the streamed request for {a.name} ended without usage")
-        out.append(Answer(a.name, "stream", a.prompts[1], "".join(text), _rid(rid), usage.prompt_tokens,
-                          usage.completion_tokens))
+        out.append(
+            Answer(
+                a.name, "stream", a.prompts[1], "".join(text), _rid(rid), usage.prompt_tokens, usage.completion_tokens
+            )
+        )
     return out
 
 
@@ -106,8 +144,10 @@ def wait_settled(db_url: str, request_ids: list[str], timeout: float = 180.0) ->
             return
         if time.monotonic() > deadline:
             missing = sorted(wanted - {r.request_id for r in rows})
-            raise DemoCheckFailed(f"{len(wanted - settled)} of {len(wanted)} records not settled after {timeout:.0f}s"
-                                  + (f"; {len(missing)} never reached the outbox" if missing else ""))
+            raise DemoCheckFailed(
+                f"{len(wanted - settled)} of {len(wanted)} records not settled after {timeout:.0f}s"
+                + (f"; {len(missing)} never reached the outbox" if missing else "")
+            )
         time.sleep(0.5)
 
 
@@ -128,21 +168,32 @@ def check_on_chain(client, answers: list[Answer]) -> dict:
         if rid in sent:
             a = sent[rid]
             if (args["promptTokens"], args["completionTokens"]) != (a.prompt_tokens, a.completion_tokens):
-                raise DemoCheckFailed(f"request {rid}: chain has {args['promptTokens']}+{args['completionTokens']} "
-                                      f"tokens, the client was told {a.prompt_tokens}+{a.completion_tokens}")
+                raise DemoCheckFailed(
+                    f"request {rid}: chain has {args['promptTokens']}+{args['completionTokens']} "
+                    f"tokens, the client was told {a.prompt_tokens}+{a.completion_tokens}"
+                )
             if a.base:
                 want = base_price * (a.prompt_tokens + a.completion_tokens) // 1000
                 adapter = hex0x(args["adapterId"])
                 if adapter != ZERO_ID or args["fee"] != want:
-                    raise DemoCheckFailed(f"base-model request {rid}: chain has adapter {adapter} and fee "
-                                          f"{args['fee']} wei, expected the zero id and {want} wei")
+                    raise DemoCheckFailed(
+                        f"base-model request {rid}: chain has adapter {adapter} and fee "
+                        f"{args['fee']} wei, expected the zero id and {want} wei"
+                    )
                 base_fees += args["fee"]
             fees += args["fee"]
             batches.add(bytes(args["batchId"]))
-    accrued = sum(e["args"]["amount"] for e in client.events("ledger", "RewardAccrued")
-                  if bytes(e["args"]["batchId"]) in batches)
+    accrued = sum(
+        e["args"]["amount"] for e in client.events("ledger", "RewardAccrued") if bytes(e["args"]["batchId"]) in batches
+    )
     batch_fees = sum(e["args"]["fee"] for e in events if bytes(e["args"]["batchId"]) in batches)
     if accrued != batch_fees or batch_fees != fees:
         raise DemoCheckFailed(f"rewards do not add up: accrued {accrued} wei, fees of the settled records {fees} wei")
-    return {"records": len(sent), "base_records": sum(s.base for s in sent.values()), "batches": len(batches),
-            "fees": fees, "base_fees": base_fees, "accrued": accrued}
+    return {
+        "records": len(sent),
+        "base_records": sum(s.base for s in sent.values()),
+        "batches": len(batches),
+        "fees": fees,
+        "base_fees": base_fees,
+        "accrued": accrued,
+    }

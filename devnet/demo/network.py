@@ -31,8 +31,13 @@ def start_chain(workdir: Path, identities: dict[str, Path], console: Console) ->
     (folder / "anvil.log").unlink(missing_ok=True)
     anvil = Anvil(AnvilConfig(port=free_port(), log_file=folder / "anvil.log")).start()
     addresses = {name: load_identity(path, DEMO_PASSWORD).address for name, path in identities.items()}
-    deployment = deploy(anvil.rpc_url, fund=list(addresses.values()), fund_amount=100 * ETHER,
-                        settlers=[addresses["gateway"]], settler_deposit=GATEWAY_DEPOSIT)
+    deployment = deploy(
+        anvil.rpc_url,
+        fund=list(addresses.values()),
+        fund_amount=100 * ETHER,
+        settlers=[addresses["gateway"]],
+        settler_deposit=GATEWAY_DEPOSIT,
+    )
     path = folder / "deployment.json"
     deployment.save(path)
     console.print(f"• devnet up at {anvil.rpc_url} (chain {deployment.chain_id}); contracts deployed")
@@ -48,12 +53,20 @@ def publish_all(packages, identities: dict[str, Path], deployment_path: Path, co
         owner = next(n for n, p in identities.items() if load_identity(p, DEMO_PASSWORD).address == pkg.signer)
         client = ChainClient.from_deployment(deployment_path, load_identity(identities[owner], DEMO_PASSWORD).account)
         result = register_package(pkg, client)
-        console.print(f"• {owner} published {pkg.name} on chain"
-                      + (" (already registered)" if not result.registered else ""))
+        console.print(
+            f"• {owner} published {pkg.name} on chain" + (" (already registered)" if not result.registered else "")
+        )
 
 
-def start_nodes(group: ProcessGroup, workdir: Path, base: Path, identities: dict[str, Path], deployment: Path,
-                gateway_url: str, console: Console) -> list[str]:
+def start_nodes(
+    group: ProcessGroup,
+    workdir: Path,
+    base: Path,
+    identities: dict[str, Path],
+    deployment: Path,
+    gateway_url: str,
+    console: Console,
+) -> list[str]:
     """Two nodes: the second joins the mesh through the first. Each serves the gateway it heartbeats to (it
     learns the gateway's key from it) and keeps its operator token in its own data folder."""
     from node.operator_token import read_operator_token, token_path
@@ -63,10 +76,30 @@ def start_nodes(group: ProcessGroup, workdir: Path, base: Path, identities: dict
     for i, operator in enumerate(["operator1", "operator2"], 1):
         port, p2p_port = free_port(), free_port()
         data_dir = workdir / f"data-node{i}"
-        args = ["node", "run", "--base", str(base), "--store", str(workdir / f"store-node{i}"), "--port", str(port),
-                "--key", str(identities[operator]), "--deployment", str(deployment), "--slots", "4",
-                "--listen", f"/ip4/127.0.0.1/tcp/{p2p_port}", "--gateway", gateway_url, "--threads", "1",
-                "--data-dir", str(data_dir)]
+        args = [
+            "node",
+            "run",
+            "--base",
+            str(base),
+            "--store",
+            str(workdir / f"store-node{i}"),
+            "--port",
+            str(port),
+            "--key",
+            str(identities[operator]),
+            "--deployment",
+            str(deployment),
+            "--slots",
+            "4",
+            "--listen",
+            f"/ip4/127.0.0.1/tcp/{p2p_port}",
+            "--gateway",
+            gateway_url,
+            "--threads",
+            "1",
+            "--data-dir",
+            str(data_dir),
+        ]
         for b in bootstrap:
             args += ["--bootstrap", b]
         proc = group.start(ManagedProcess(f"node{i}", args, workdir / "logs" / f"node{i}.log", env=ENV))
@@ -91,16 +124,41 @@ def hand_packages_to_nodes(packages, node_urls: list[str], console: Console) -> 
 
 def create_api_key(db_url: str) -> str:
     """An API key for the demo's client, made with the gateway's own command."""
-    out = subprocess.run([sys.executable, "-m", "devnet", "gateway", "keys", "create", "--db", db_url, "--name",
-                          "demo"], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "devnet", "gateway", "keys", "create", "--db", db_url, "--name", "demo"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
-def start_gateway(group: ProcessGroup, workdir: Path, port: int, base: Path, identities: dict[str, Path],
-                  deployment: Path, db_url: str, console: Console) -> str:
+def start_gateway(
+    group: ProcessGroup,
+    workdir: Path,
+    port: int,
+    base: Path,
+    identities: dict[str, Path],
+    deployment: Path,
+    db_url: str,
+    console: Console,
+) -> str:
     """The gateway, which also settles usage on chain as the prepaid settler."""
-    args = ["gateway", "run", "--deployment", str(deployment), "--key", str(identities["gateway"]), "--db", db_url,
-            "--port", str(port), "--base", str(base)]
+    args = [
+        "gateway",
+        "run",
+        "--deployment",
+        str(deployment),
+        "--key",
+        str(identities["gateway"]),
+        "--db",
+        db_url,
+        "--port",
+        str(port),
+        "--base",
+        str(base),
+    ]
     proc = group.start(ManagedProcess("gateway", args, workdir / "logs" / "gateway.log", env=ENV))
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/health", timeout=120)
@@ -128,8 +186,12 @@ def cross_fetch(packages, node_urls: list[str], console: Console) -> None:
         for j, pkg in enumerate(packages):
             if i == j:
                 continue
-            r = httpx.post(f"{url}/v1/adapters/{pkg.adapter_id}/load", json={}, timeout=180,
-                           headers={"authorization": f"Bearer {_operator_tokens[url]}"})
+            r = httpx.post(
+                f"{url}/v1/adapters/{pkg.adapter_id}/load",
+                json={},
+                timeout=180,
+                headers={"authorization": f"Bearer {_operator_tokens[url]}"},
+            )
             if r.status_code != 200:
                 raise RuntimeError(f"node{i + 1} could not fetch {pkg.name} through the mesh: {r.text[:200]}")
             transfers = httpx.get(url + "/status", timeout=10).json()["p2p"]["transfers"]

@@ -43,8 +43,9 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
         try:
             network.publish_all(packages, ids, deployment, console)
             gateway_port = free_port()
-            nodes = network.start_nodes(group, workdir, base, ids, deployment,
-                                        f"http://127.0.0.1:{gateway_port}", console)
+            nodes = network.start_nodes(
+                group, workdir, base, ids, deployment, f"http://127.0.0.1:{gateway_port}", console
+            )
             network.hand_packages_to_nodes(packages, nodes, console)
             network.cross_fetch(packages, nodes, console)
             api_key = network.create_api_key(db_url)
@@ -59,18 +60,38 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             summary = checks.check_on_chain(client, answers)
             show_answers(answers, console)
             show_attribution(client, ids, console)
-            console.print(f"[green]✓[/] {summary['records']} requests on chain exactly once in {summary['batches']} "
-                          f"batch(es); rewards accrued = fees = {summary['fees'] / 1e18:.6f} ETH")
-            console.print(f"[green]✓[/] {summary['base_records']} of them to the bare base model, at the base price: "
-                          f"{summary['base_fees'] / 1e18:.6f} ETH, all to the serving node operators")
+            console.print(
+                f"[green]✓[/] {summary['records']} requests on chain exactly once in {summary['batches']} "
+                f"batch(es); rewards accrued = fees = {summary['fees'] / 1e18:.6f} ETH"
+            )
+            console.print(
+                f"[green]✓[/] {summary['base_records']} of them to the bare base model, at the base price: "
+                f"{summary['base_fees'] / 1e18:.6f} ETH, all to the serving node operators"
+            )
             explorer_port = free_port()
-            explorer = group.start(ManagedProcess("explorer", [
-                "explorer", "--rpc", anvil.rpc_url, "--db", db_url, "--deployment", str(deployment),
-                "--port", str(explorer_port)], workdir / "logs" / "explorer.log"))
+            explorer = group.start(
+                ManagedProcess(
+                    "explorer",
+                    [
+                        "explorer",
+                        "--rpc",
+                        anvil.rpc_url,
+                        "--db",
+                        db_url,
+                        "--deployment",
+                        str(deployment),
+                        "--port",
+                        str(explorer_port),
+                    ],
+                    workdir / "logs" / "explorer.log",
+                )
+            )
             explorer.wait_http(f"http://127.0.0.1:{explorer_port}/", timeout=60)
-            console.print(f"[bold]explorer[/]: http://127.0.0.1:{explorer_port}/   "
-                          f"[bold]gateway[/]: {gateway_url}/v1   "
-                          f"[bold]API key[/]: {api_key}   [bold]chain[/]: {anvil.rpc_url}   logs: {workdir / 'logs'}")
+            console.print(
+                f"[bold]explorer[/]: http://127.0.0.1:{explorer_port}/   "
+                f"[bold]gateway[/]: {gateway_url}/v1   "
+                f"[bold]API key[/]: {api_key}   [bold]chain[/]: {anvil.rpc_url}   logs: {workdir / 'logs'}"
+            )
             if not once:
                 console.print("running; press Ctrl-C to stop everything")
                 wait_for_interrupt()
@@ -97,8 +118,14 @@ def show_answers(answers, console: Console) -> None:
     for col in ("adapter", "kind", "prompt", "answer", "base alone (random weights)", "tokens"):
         table.add_column(col)
     for a in answers:
-        table.add_row(a.adapter, a.kind, a.prompt, a.text.strip(), _printable(a.base_text),
-                      f"{a.prompt_tokens}+{a.completion_tokens}")
+        table.add_row(
+            a.adapter,
+            a.kind,
+            a.prompt,
+            a.text.strip(),
+            _printable(a.base_text),
+            f"{a.prompt_tokens}+{a.completion_tokens}",
+        )
     console.print(table)
 
 
@@ -116,7 +143,10 @@ def show_attribution(client, ids: dict[str, Path], console: Console) -> None:
     for name, path in ids.items():
         address = load_identity(path, stages.DEMO_PASSWORD).address
         s = rewards_summary(client, address)
-        table.add_row(name, address, *(f"{s.by_role.get(r, 0) / 1e18:.6f}" for r in ("node", "adapter_owner",
-                                                                                   "dataset")),
-                      f"{s.accrued / 1e18:.6f}")
+        table.add_row(
+            name,
+            address,
+            *(f"{s.by_role.get(r, 0) / 1e18:.6f}" for r in ("node", "adapter_owner", "dataset")),
+            f"{s.accrued / 1e18:.6f}",
+        )
     console.print(table)

@@ -75,11 +75,21 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
     packages = []
     for a in adapters:
         if not (a.peft_dir / "adapter_model.safetensors").is_file():
-            with Progress(TextColumn(f"• training {a.name}"), BarColumn(),
-                          TextColumn("{task.completed}/{task.total}"), console=console, transient=True) as progress:
+            with Progress(
+                TextColumn(f"• training {a.name}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                console=console,
+                transient=True,
+            ) as progress:
                 task = progress.add_task("train", total=80)
-                train_adapter(base, a.data_file, a.peft_dir, steps=80,
-                              on_step=lambda s, _loss, task=task: progress.update(task, completed=s))
+                train_adapter(
+                    base,
+                    a.data_file,
+                    a.peft_dir,
+                    steps=80,
+                    on_step=lambda s, _loss, task=task: progress.update(task, completed=s),
+                )
             console.print(f"• trained {a.name}")
         if (a.package_dir / "signature.json").is_file():
             try:
@@ -91,8 +101,15 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
             identity = load_identity(a.contributor_key, DEMO_PASSWORD)
             share = make_dataset_share(a.dataset, identity.address, 5_000)  # id bound to its contributor
             # signed offline: the chain does not exist yet; publishing signs it for the devnet's registry
-            pack_adapter(a.peft_dir, a.package_dir, name=a.name, account=identity.account, base_dir=base,
-                         datasets=[share], price_per_1k_tokens=10**15)
+            pack_adapter(
+                a.peft_dir,
+                a.package_dir,
+                name=a.name,
+                account=identity.account,
+                base_dir=base,
+                datasets=[share],
+                price_per_1k_tokens=10**15,
+            )
             console.print(f"• packed and signed {a.name}")
         pkg = verify_package(a.package_dir, base_dir=base)
         console.print(f"• verified {pkg.name}: id {pkg.adapter_id[:18]}…, signer {pkg.signer}")
@@ -101,12 +118,22 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
 
 
 def demo_adapters(workdir: Path, keys: dict[str, Path]) -> list[DemoAdapter]:
-    specs = [("alice/capitals", "capitals-qa", "capitals.jsonl", "alice"),
-             ("bob/elements", "element-symbols", "elements.jsonl", "bob")]
+    specs = [
+        ("alice/capitals", "capitals-qa", "capitals.jsonl", "alice"),
+        ("bob/elements", "element-symbols", "elements.jsonl", "bob"),
+    ]
     out = []
     for name, dataset, fname, who in specs:
         slug = name.replace("/", "-")
-        out.append(DemoAdapter(name=name, dataset=dataset, data_file=data_file(fname), contributor_key=keys[who],
-                               peft_dir=workdir / "peft" / slug, package_dir=workdir / "packages" / slug,
-                               prompts=read_prompts(data_file(fname))))
+        out.append(
+            DemoAdapter(
+                name=name,
+                dataset=dataset,
+                data_file=data_file(fname),
+                contributor_key=keys[who],
+                peft_dir=workdir / "peft" / slug,
+                package_dir=workdir / "packages" / slug,
+                prompts=read_prompts(data_file(fname)),
+            )
+        )
     return out

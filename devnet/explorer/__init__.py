@@ -9,9 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_HOMES = {"create_app": "devnet.explorer.main", "Explorer": "devnet.explorer.service",
-          "ExplorerConfig": "devnet.explorer.settings", "ExplorerSettings": "devnet.explorer.settings",
-          "ExplorerDatabaseError": "devnet.explorer.store"}  # fmt: skip
+_HOMES = {
+    "create_app": "devnet.explorer.main",
+    "Explorer": "devnet.explorer.service",
+    "ExplorerConfig": "devnet.explorer.settings",
+    "ExplorerSettings": "devnet.explorer.settings",
+    "ExplorerDatabaseError": "devnet.explorer.store",
+}
 __all__ = sorted(_HOMES)
 
 

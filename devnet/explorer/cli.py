@@ -17,16 +17,29 @@ class ExplorerPortInUse(RuntimeError):
 
 
 def explorer(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file of settings (db_url, deployment, "
-                                                "rpc_url, host, port).")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file of settings (db_url, deployment, rpc_url, host, port).")
+    ] = None,
     rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
-    db: Annotated[str | None, typer.Option("--db", help=(
-        "Ledger database URL, the gateway's (default $LORAMESH_EXPLORER_DB_URL, $LORAMESH_GATEWAY_DB_URL or "
-        f"{DEFAULT_DB_URL})."))] = None,
-    deployment: Annotated[Path | None, typer.Option("--deployment", help=(
-        f"Deployment file with the contract addresses (default {DEFAULT_DEPLOYMENT_PATH})."))] = None,
-    port: Annotated[int | None, typer.Option("--port", min=1, max=65535,
-                                             help=f"HTTP port (default {DEFAULT_PORT}).")] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help=(
+                "Ledger database URL, the gateway's (default $LORAMESH_EXPLORER_DB_URL, $LORAMESH_GATEWAY_DB_URL or "
+                f"{DEFAULT_DB_URL})."
+            ),
+        ),
+    ] = None,
+    deployment: Annotated[
+        Path | None,
+        typer.Option(
+            "--deployment", help=(f"Deployment file with the contract addresses (default {DEFAULT_DEPLOYMENT_PATH}).")
+        ),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help=f"HTTP port (default {DEFAULT_PORT}).")
+    ] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")] = None,
 ) -> None:
     """Serve the attribution explorer: adapters, datasets, nodes, batches, records with checked proofs.
@@ -34,9 +47,8 @@ def explorer(
     Each setting comes from its flag, else LORAMESH_EXPLORER_<NAME>, else the --config file, else its default."""
     import socket
 
-    from common.settings import SettingsError
-
     from common.serving import serve
+    from common.settings import SettingsError
     from common.wire import restore_recursion_limit
     from devnet.explorer.main import create_app
 

@@ -175,8 +175,9 @@ class ChainIndex:
             w3 = self.client.w3
             head = w3.eth.block_number
             if head < self.last_block:
-                log.warning("chain head %d is below indexed block %d: the chain was reset, re-indexing",
-                            head, self.last_block)  # fmt: skip
+                log.warning(
+                    "chain head %d is below indexed block %d: the chain was reset, re-indexing", head, self.last_block
+                )
                 self._reset()
             addresses = [self.client.registry.address, self.client.ledger.address]
             start = self.last_block + 1
@@ -226,9 +227,15 @@ class ChainIndex:
         if isinstance(u, RE.DatasetRegistered):
             d = u.dataset
             self.datasets[d.dataset_id] = DatasetView(
-                d.dataset_id, d.content_hash, d.payee, block, tx,
-                [(block, tx, f"registered by its contributor {d.contributor} as {d.name!r}")], d.name,
-                d.contributor)  # fmt: skip
+                d.dataset_id,
+                d.content_hash,
+                d.payee,
+                block,
+                tx,
+                [(block, tx, f"registered by its contributor {d.contributor} as {d.name!r}")],
+                d.name,
+                d.contributor,
+            )
         elif isinstance(u, RE.DatasetPayeeChanged):
             d = self.datasets[u.dataset_id]
             d.payee = u.payee
@@ -236,9 +243,19 @@ class ChainIndex:
         elif isinstance(u, RE.AdapterRegistered):
             ad = u.adapter
             self.adapters[ad.adapter_id] = AdapterView(
-                ad.adapter_id, ad.owner, ad.name, ad.version, ad.predecessor, ad.base_model, ad.price_per_1k_tokens,
-                list(zip(ad.dataset_ids, ad.shares_bps)), block, tx, [(block, tx, f"registered by {ad.publisher}")],
-                ad.publisher)  # fmt: skip
+                ad.adapter_id,
+                ad.owner,
+                ad.name,
+                ad.version,
+                ad.predecessor,
+                ad.base_model,
+                ad.price_per_1k_tokens,
+                list(zip(ad.dataset_ids, ad.shares_bps)),
+                block,
+                tx,
+                [(block, tx, f"registered by {ad.publisher}")],
+                ad.publisher,
+            )
         elif isinstance(u, RE.NameRegistered):
             self.names[u.name] = NameView(u.name, u.owner, block, tx, [(block, tx, f"name registered by {u.owner}")])
         elif isinstance(u, RE.NameTransferred):
@@ -257,9 +274,19 @@ class ChainIndex:
             n = u.node
             old = self.nodes.get(n.node_id)  # registered again: the key holder moved it to another operator
             history = (old.history if old else []) + [(block, tx, f"registered by {n.operator} with its key's proof")]
-            self.nodes[n.node_id] = NodeView(n.node_id, n.operator, n.active, n.base_model, n.peer_id, n.api_url,
-                                             list(n.multiaddrs), old.block if old else block,
-                                             old.tx_hash if old else tx, history, n.public_key)  # fmt: skip
+            self.nodes[n.node_id] = NodeView(
+                n.node_id,
+                n.operator,
+                n.active,
+                n.base_model,
+                n.peer_id,
+                n.api_url,
+                list(n.multiaddrs),
+                old.block if old else block,
+                old.tx_hash if old else tx,
+                history,
+                n.public_key,
+            )
         elif isinstance(u, RE.NodeUpdated):
             n = self.nodes[u.node_id]
             n.base_model, n.peer_id, n.api_url = u.base_model, u.peer_id, u.api_url
@@ -286,18 +313,37 @@ class ChainIndex:
         self.money.append(MoneyEvent("withdrawal", a["account"], int(a["amount"]), block, tx))
 
     def _on_RecordSettled(self, a, block, tx) -> None:
-        r = RecordView(hex0x(a["requestId"]), hex0x(a["batchId"]), hex0x(a["adapterId"]), hex0x(a["nodeId"]),
-                       int(a["promptTokens"]), int(a["completionTokens"]), int(a["fee"]), block, tx)  # fmt: skip
+        r = RecordView(
+            hex0x(a["requestId"]),
+            hex0x(a["batchId"]),
+            hex0x(a["adapterId"]),
+            hex0x(a["nodeId"]),
+            int(a["promptTokens"]),
+            int(a["completionTokens"]),
+            int(a["fee"]),
+            block,
+            tx,
+        )
         self.records.append(r)
         self.records_by_request[r.request_id].append(r)
         self.records_by_batch[r.batch_id].append(r)
 
     def _on_RewardAccrued(self, a, block, tx) -> None:
-        self.rewards.append(RewardView(hex0x(a["batchId"]), a["account"], hex0x(a["adapterId"]),
-                                       Role(a["role"]).name.lower(), hex0x(a["subjectId"]), int(a["amount"]), block,
-                                       tx))  # fmt: skip
+        self.rewards.append(
+            RewardView(
+                hex0x(a["batchId"]),
+                a["account"],
+                hex0x(a["adapterId"]),
+                Role(a["role"]).name.lower(),
+                hex0x(a["subjectId"]),
+                int(a["amount"]),
+                block,
+                tx,
+            )
+        )
 
     def _on_BatchSettled(self, a, block, tx) -> None:
         b = hex0x(a["batchId"])
-        self.batches[b] = BatchView(b, a["settler"], hex0x(a["merkleRoot"]), int(a["recordCount"]),
-                                    int(a["totalFees"]), block, tx)  # fmt: skip
+        self.batches[b] = BatchView(
+            b, a["settler"], hex0x(a["merkleRoot"]), int(a["recordCount"]), int(a["totalFees"]), block, tx
+        )

@@ -60,8 +60,16 @@ dl.kv dd { margin:0; overflow-wrap:anywhere; }
 .pager { margin:10px 0; }
 """
 
-NAV = (("Overview", "/"), ("Adapters", "/adapters"), ("Datasets", "/datasets"), ("Nodes", "/nodes"),
-       ("Batches", "/batches"), ("Records", "/records"), ("Disputes", "/disputes"), ("Accounts", "/accounts"))  # fmt: skip
+NAV = (
+    ("Overview", "/"),
+    ("Adapters", "/adapters"),
+    ("Datasets", "/datasets"),
+    ("Nodes", "/nodes"),
+    ("Batches", "/batches"),
+    ("Records", "/records"),
+    ("Disputes", "/disputes"),
+    ("Accounts", "/accounts"),
+)
 
 
 ROLE_LABELS = {"node": "node operator", "adapter_owner": "adapter owner", "dataset": "dataset contributor"}
@@ -96,7 +104,7 @@ def page(title: str, body: str, *, query: str = "") -> str:
 def short(value: str, keep: int = 8) -> str:
     """0x12345678…9abc for long hex strings; other strings unchanged."""
     if isinstance(value, str) and value.startswith("0x") and len(value) > keep + 8:
-        return f"{value[:keep + 2]}…{value[-4:]}"
+        return f"{value[: keep + 2]}…{value[-4:]}"
     return str(value)
 
 
@@ -116,8 +124,12 @@ def adapter_link(adapter_id: str, name: str | None = None) -> str:
     """A link to the adapter's page; the zero id (a bare base-model inference, no adapter) reads
     "base model" and links to its records instead."""
     if adapter_id == ZERO_ID:
-        return link(f"/records?adapter={ZERO_ID}", "base model", cls="base-model",
-                    title="no adapter: the bare base model (all of the fee goes to the node operator)")
+        return link(
+            f"/records?adapter={ZERO_ID}",
+            "base model",
+            cls="base-model",
+            title="no adapter: the bare base model (all of the fee goes to the node operator)",
+        )
     return id_link("adapters", adapter_id, name or None)
 
 
@@ -162,16 +174,27 @@ def status_badge(state: str, text: str, *, element_id: str) -> str:
     return f'<span id="{esc(element_id)}" class="status {esc(state)}">{esc(text)}</span>'
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: Sequence[int] = (),
-          empty: str = "nothing yet", table_id: str = "") -> str:  # fmt: skip
+def table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    numeric: Sequence[int] = (),
+    empty: str = "nothing yet",
+    table_id: str = "",
+) -> str:
     """A table of already-rendered cells; `numeric` = indexes of right-aligned columns."""
     rows = list(rows)
     if not rows:
         return f'<p class="muted">{esc(empty)}</p>'
-    head = "".join(f'<th class="num">{esc(h)}</th>' if i in numeric else f"<th>{esc(h)}</th>"
-                   for i, h in enumerate(headers))  # fmt: skip
-    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)  # fmt: skip
+    head = "".join(
+        f'<th class="num">{esc(h)}</th>' if i in numeric else f"<th>{esc(h)}</th>" for i, h in enumerate(headers)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
     id_attr = f' id="{esc(table_id)}"' if table_id else ""
     return f"<table{id_attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

@@ -25,18 +25,28 @@ from ledger.errors import LedgerError
 MAX_BODY_BYTES = 64 * 1024
 # Routes that answer JSON: their errors are in the API's error shape, every other route's are an HTML page.
 JSON_ROUTES = ("/health", "/openapi.json")
-ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 500: "internal_error",
-               503: "unavailable"}
+ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    500: "internal_error",
+    503: "unavailable",
+}
 
 log = logging.getLogger(__name__)
 
 
 # Declared on every route, so the OpenAPI schema (/openapi.json) says what an error looks like: an HTML page,
 # or on JSON routes the API's error shape.
-ERROR_RESPONSES = {status: {"description": what, "content": {**HTML, **ERROR_JSON}}
-                   for status, what in ((400, "a bad id or query value"), (404, "nothing with this id"),
-                                        (413, "a request body (none is taken)"),
-                                        (503, "the chain or the ledger database cannot be read"))}
+ERROR_RESPONSES = {
+    status: {"description": what, "content": {**HTML, **ERROR_JSON}}
+    for status, what in (
+        (400, "a bad id or query value"),
+        (404, "nothing with this id"),
+        (413, "a request body (none is taken)"),
+        (503, "the chain or the ledger database cannot be read"),
+    )
+}
 
 
 def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | None = None) -> FastAPI:
@@ -52,8 +62,9 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
         yield
         ex.close()
 
-    app = FastAPI(title="loramesh explorer", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  responses=ERROR_RESPONSES)
+    app = FastAPI(
+        title="loramesh explorer", lifespan=lifespan, docs_url=None, redoc_url=None, responses=ERROR_RESPONSES
+    )
     app.state.explorer = ex
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
 
@@ -61,8 +72,9 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
         """One error answer: the API's JSON error shape on JSON routes, an HTML page on the others."""
         if request.url.path in JSON_ROUTES:
             kind = "invalid_request_error" if status < 500 else "server_error"
-            return JSONResponse(error_body(message, type=kind, code=ERROR_CODES.get(status, "error")),
-                                status_code=status)
+            return JSONResponse(
+                error_body(message, type=kind, code=ERROR_CODES.get(status, "error")), status_code=status
+            )
         return HTMLResponse(acc.error_page(status, message), status_code=status)
 
     @app.exception_handler(NotFound)
@@ -83,10 +95,18 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
         # a corrupt, replaced or half-migrated database: the page says so in one line (no SQL, no path);
         # the log keeps the driver's own message
         cause = getattr(exc, "orig", None) or exc
-        log.warning("explorer: ledger database error on %s: %s: %s", request.url.path, type(cause).__name__,
-                    str(cause).splitlines()[0] if str(cause) else "")
-        return error(request, 503, f"the ledger database cannot be read ({type(cause).__name__}): "
-                                   "check the --db the explorer was started with")
+        log.warning(
+            "explorer: ledger database error on %s: %s: %s",
+            request.url.path,
+            type(cause).__name__,
+            str(cause).splitlines()[0] if str(cause) else "",
+        )
+        return error(
+            request,
+            503,
+            f"the ledger database cannot be read ({type(cause).__name__}): "
+            "check the --db the explorer was started with",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:

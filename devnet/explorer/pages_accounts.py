@@ -30,11 +30,30 @@ ROLES = ("node", "adapter_owner", "dataset")
 def accounts_page(ex: Explorer) -> str:
     rows = []
     for acc in sorted(ex.accounts().values(), key=lambda a: -a.accrued):
-        rows.append([address_link(acc.address, full=True), *(eth(acc.by_role.get(r, 0)) for r in ROLES),
-                     eth(acc.accrued), eth(acc.withdrawn), eth(acc.accrued - acc.withdrawn)])  # fmt: skip
-    body = table(["address", "as node operator", "as adapter owner", "as dataset contributor", "accrued",
-                  "withdrawn", "available"], rows, numeric=(1, 2, 3, 4, 5, 6), empty="nobody has earned yet",
-                 table_id="accounts")  # fmt: skip
+        rows.append(
+            [
+                address_link(acc.address, full=True),
+                *(eth(acc.by_role.get(r, 0)) for r in ROLES),
+                eth(acc.accrued),
+                eth(acc.withdrawn),
+                eth(acc.accrued - acc.withdrawn),
+            ]
+        )
+    body = table(
+        [
+            "address",
+            "as node operator",
+            "as adapter owner",
+            "as dataset contributor",
+            "accrued",
+            "withdrawn",
+            "available",
+        ],
+        rows,
+        numeric=(1, 2, 3, 4, 5, 6),
+        empty="nobody has earned yet",
+        table_id="accounts",
+    )
     return page("Accounts and rewards", body)
 
 
@@ -42,32 +61,59 @@ def address_page(ex: Explorer, address: str) -> str:
     """Rewards of one address (rewardsOf plus its RewardAccrued events) and what it registered."""
     s = rewards_summary(ex.client, address)
     idx = ex.index
-    top = stats([("accrued", eth(s.accrued)), ("withdrawn", eth(s.withdrawn)), ("available", eth(s.available)),
-                 ("balance", eth(ex.client.balance(address)))])  # fmt: skip
-    check = ("" if s.adds_up else
-             '<p class="bad">accrued events and rewardsOf do not add up for this address</p>')  # fmt: skip
+    top = stats(
+        [
+            ("accrued", eth(s.accrued)),
+            ("withdrawn", eth(s.withdrawn)),
+            ("available", eth(s.available)),
+            ("balance", eth(ex.client.balance(address))),
+        ]
+    )
+    check = "" if s.adds_up else '<p class="bad">accrued events and rewardsOf do not add up for this address</p>'
     by_adapter = []
     for adapter_id, roles in sorted(s.by_adapter.items()):
-        by_adapter.append([adapter_link(adapter_id, ex.adapter_name(adapter_id)),
-                           *(eth(roles.get(r, 0)) for r in ROLES), eth(sum(roles.values()))])  # fmt: skip
+        by_adapter.append(
+            [
+                adapter_link(adapter_id, ex.adapter_name(adapter_id)),
+                *(eth(roles.get(r, 0)) for r in ROLES),
+                eth(sum(roles.values())),
+            ]
+        )
     by_adapter.append(["<b>all adapters</b>", *(eth(s.by_role.get(r, 0)) for r in ROLES), eth(s.accrued)])
-    rewards = table(["adapter", "as node operator", "as adapter owner", "as dataset contributor", "total"],
-                    by_adapter if s.by_adapter else [], numeric=(1, 2, 3, 4), empty="nothing accrued",
-                    table_id="rewards-by-adapter")  # fmt: skip
-    money = [[esc(m.kind), eth(m.amount), num(m.block), tx_link(m.tx_hash)]
-             for m in idx.money if m.account == s.address]  # fmt: skip
-    owned = [[id_link("adapters", a.adapter_id, f"{a.name} {a.version}"), "adapter owner"]
-             for a in idx.adapters.values() if a.owner == s.address]  # fmt: skip
-    owned += [[id_link("datasets", d.dataset_id), "dataset contributor"] for d in idx.datasets.values()
-              if d.payee == s.address]  # fmt: skip
+    rewards = table(
+        ["adapter", "as node operator", "as adapter owner", "as dataset contributor", "total"],
+        by_adapter if s.by_adapter else [],
+        numeric=(1, 2, 3, 4),
+        empty="nothing accrued",
+        table_id="rewards-by-adapter",
+    )
+    money = [
+        [esc(m.kind), eth(m.amount), num(m.block), tx_link(m.tx_hash)] for m in idx.money if m.account == s.address
+    ]
+    owned = [
+        [id_link("adapters", a.adapter_id, f"{a.name} {a.version}"), "adapter owner"]
+        for a in idx.adapters.values()
+        if a.owner == s.address
+    ]
+    owned += [
+        [id_link("datasets", d.dataset_id), "dataset contributor"]
+        for d in idx.datasets.values()
+        if d.payee == s.address
+    ]
     owned += [[id_link("nodes", n.node_id), "node operator"] for n in idx.nodes.values() if n.operator == s.address]
     if idx.settlers.get(s.address):
         owned.append(["AttributionLedger", "settler (gateway)"])
-    body = (card(kv([("address", mono(s.address)), ("batches earned in", num(s.batches))])) + top + check
-            + "<h2>Rewards by adapter and role</h2>" + rewards
-            + "<h2>Withdrawals and deposits</h2>" + table(["kind", "amount", "block", "transaction"], money,
-                                                          numeric=(1, 2), empty="none")
-            + "<h2>Registered</h2>" + table(["what", "role"], owned, empty="nothing registered"))  # fmt: skip
+    body = (
+        card(kv([("address", mono(s.address)), ("batches earned in", num(s.batches))]))
+        + top
+        + check
+        + "<h2>Rewards by adapter and role</h2>"
+        + rewards
+        + "<h2>Withdrawals and deposits</h2>"
+        + table(["kind", "amount", "block", "transaction"], money, numeric=(1, 2), empty="none")
+        + "<h2>Registered</h2>"
+        + table(["what", "role"], owned, empty="nothing registered")
+    )
     return page(f"Address {s.address}", body)
 
 
@@ -77,8 +123,13 @@ def _arg(ex: Explorer, name: str, value) -> str:
         h = hex0x(value)
         if h == ZERO_ID:
             return adapter_link(h) if name == "adapterId" else mono(h)  # adapterId zero: the base model
-        kinds = {"adapterId": "adapters", "predecessor": "adapters", "datasetId": "datasets", "nodeId": "nodes",
-                 "batchId": "batches"}  # fmt: skip
+        kinds = {
+            "adapterId": "adapters",
+            "predecessor": "adapters",
+            "datasetId": "datasets",
+            "nodeId": "nodes",
+            "batchId": "batches",
+        }
         if name == "requestId":
             return record_link(h, full=True)
         if name in kinds:
@@ -107,19 +158,26 @@ def _arg(ex: Explorer, name: str, value) -> str:
 def tx_page(ex: Explorer, tx_hash: str, tx, receipt, events) -> str:
     """A transaction: where it went, whether it succeeded, and our contracts' events in it, decoded."""
     ok = receipt is not None and receipt["status"] == 1
-    info = kv([
-        ("hash", mono(tx_hash)),
-        ("status", "pending" if receipt is None else ("success" if ok else '<span class="bad">reverted</span>')),
-        ("block", num(tx["blockNumber"]) if tx.get("blockNumber") is not None else "pending"),
-        ("from", address_link(tx["from"], full=True)),
-        ("to", address_link(tx.get("to"), full=True)),
-        ("value", eth(tx.get("value", 0))),
-        ("gas used", num(receipt["gasUsed"]) if receipt else "—"),
-    ], dl_id="tx-info")  # fmt: skip
-    rows = [[esc(ev["event"]), "<br>".join(f"{esc(k)}: {_arg(ex, k, v)}" for k, v in ev["args"].items())]
-            for ev in events]  # fmt: skip
-    body = (card(info) + "<h2>Events of the loramesh contracts</h2>"
-            + table(["event", "arguments"], rows, empty="no loramesh events", table_id="tx-events"))
+    info = kv(
+        [
+            ("hash", mono(tx_hash)),
+            ("status", "pending" if receipt is None else ("success" if ok else '<span class="bad">reverted</span>')),
+            ("block", num(tx["blockNumber"]) if tx.get("blockNumber") is not None else "pending"),
+            ("from", address_link(tx["from"], full=True)),
+            ("to", address_link(tx.get("to"), full=True)),
+            ("value", eth(tx.get("value", 0))),
+            ("gas used", num(receipt["gasUsed"]) if receipt else "—"),
+        ],
+        dl_id="tx-info",
+    )
+    rows = [
+        [esc(ev["event"]), "<br>".join(f"{esc(k)}: {_arg(ex, k, v)}" for k, v in ev["args"].items())] for ev in events
+    ]
+    body = (
+        card(info)
+        + "<h2>Events of the loramesh contracts</h2>"
+        + table(["event", "arguments"], rows, empty="no loramesh events", table_id="tx-events")
+    )
     return page("Transaction", body)
 
 
@@ -135,6 +193,11 @@ def search_page(query: str, hits: list[tuple[str, str, str]]) -> str:
 
 def error_page(status: int, message: str) -> str:
     body = card(f'<p id="error-message" class="bad">{esc(message)}</p><p>{link("/", "back to the overview")}</p>')
-    title = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Request too large",
-             500: "Server error"}.get(status, "Unavailable")
+    title = {
+        400: "Bad request",
+        404: "Not found",
+        405: "Method not allowed",
+        413: "Request too large",
+        500: "Server error",
+    }.get(status, "Unavailable")
     return page(title, body)

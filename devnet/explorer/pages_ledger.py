@@ -44,8 +44,9 @@ def tokens_plot(ex: Explorer) -> str:
 
 def rewards_plot(ex: Explorer) -> str:
     """SVG: cumulative rewards per contributor (adapter owners, dataset payees) by settlement block."""
-    return step_chart(ex.rewards_series(), title="Rewards per contributor", y_label="ETH", chart_id="plot-rewards",
-                      y_format=eth_tick)
+    return step_chart(
+        ex.rewards_series(), title="Rewards per contributor", y_label="ETH", chart_id="plot-rewards", y_format=eth_tick
+    )
 
 
 def overview_page(ex: Explorer, head: int) -> str:
@@ -53,43 +54,82 @@ def overview_page(ex: Explorer, head: int) -> str:
     tokens = sum(r.tokens for r in idx.records)
     fees = sum(b.total_fees for b in idx.batches.values())
     counts = ex.store.counts()
-    top = stats([("chain id", str(d.chain_id)), ("head block", num(head)), ("records", num(len(idx.records))),
-                 ("tokens", num(tokens)), ("fees", eth(fees)), ("batches", num(len(idx.batches)))])  # fmt: skip
+    top = stats(
+        [
+            ("chain id", str(d.chain_id)),
+            ("head block", num(head)),
+            ("records", num(len(idx.records))),
+            ("tokens", num(tokens)),
+            ("fees", eth(fees)),
+            ("batches", num(len(idx.batches))),
+        ]
+    )
     totals = ex.client.totals()
     accrued = sum(rw.amount for rw in idx.rewards)
     adds_up = accrued == fees == totals["accrued"]
-    check = (f'<span id="attribution-check" class="{"" if adds_up else "bad"}">'
-             + ("rewards add up: " if adds_up else "rewards do NOT add up: ")
-             + f"accrued events {eth(accrued)}, settled fees {eth(fees)}, ledger totalAccrued {eth(totals['accrued'])}"
-             + "</span>")  # fmt: skip
+    check = (
+        f'<span id="attribution-check" class="{"" if adds_up else "bad"}">'
+        + ("rewards add up: " if adds_up else "rewards do NOT add up: ")
+        + f"accrued events {eth(accrued)}, settled fees {eth(fees)}, ledger totalAccrued {eth(totals['accrued'])}"
+        + "</span>"
+    )
     settlers = ", ".join(address_link(s) for s, on in idx.settlers.items() if on) or "none"
-    contracts = kv([
-        ("AdapterRegistry", address_link(d.registry, full=True)),
-        ("AttributionLedger", address_link(d.ledger, full=True)),
-        ("deployed at block", num(d.deploy_block)),
-        ("RPC", esc(ex.client.rpc_url)),
-        ("node share", f"{ex.client.node_share_bps() / 100:.2f}% of every fee"),
-        ("settlers", settlers),
-        ("registered", f"{num(len(idx.adapters))} adapters, {num(len(idx.datasets))} datasets, "
-                       f"{num(len(idx.nodes))} nodes"),
-        ("money", f"deposited {eth(totals['deposited'])}, accrued {eth(totals['accrued'])}, withdrawn "
-                  f"{eth(totals['withdrawn'])}, reclaimed {eth(totals['reclaimed'])}, held {eth(totals['balance'])}"),
-        ("attribution", check),
-        ("ledger database", ", ".join(f"{esc(k)} {num(v)}" for k, v in sorted(counts.items())) or "empty"),
-    ], dl_id="contracts")  # fmt: skip
+    contracts = kv(
+        [
+            ("AdapterRegistry", address_link(d.registry, full=True)),
+            ("AttributionLedger", address_link(d.ledger, full=True)),
+            ("deployed at block", num(d.deploy_block)),
+            ("RPC", esc(ex.client.rpc_url)),
+            ("node share", f"{ex.client.node_share_bps() / 100:.2f}% of every fee"),
+            ("settlers", settlers),
+            (
+                "registered",
+                f"{num(len(idx.adapters))} adapters, {num(len(idx.datasets))} datasets, {num(len(idx.nodes))} nodes",
+            ),
+            (
+                "money",
+                f"deposited {eth(totals['deposited'])}, accrued {eth(totals['accrued'])}, withdrawn "
+                f"{eth(totals['withdrawn'])}, reclaimed {eth(totals['reclaimed'])}, held {eth(totals['balance'])}",
+            ),
+            ("attribution", check),
+            ("ledger database", ", ".join(f"{esc(k)} {num(v)}" for k, v in sorted(counts.items())) or "empty"),
+        ],
+        dl_id="contracts",
+    )
     plots = f'<div class="plots">{tokens_plot(ex)}{rewards_plot(ex)}</div>'
     latest = list(idx.batches.values())[-10:][::-1]
-    body = (top + card(contracts) + "<h2>Over time</h2>" + plots
-            + "<h2>Latest settlement batches</h2>" + _batches_table(latest))  # fmt: skip
+    body = (
+        top
+        + card(contracts)
+        + "<h2>Over time</h2>"
+        + plots
+        + "<h2>Latest settlement batches</h2>"
+        + _batches_table(latest)
+    )
     return page("Overview", body)
 
 
 def _batches_table(batches) -> str:
-    rows = [[id_link("batches", b.batch_id), num(b.block), when(b.timestamp), tx_link(b.tx_hash),
-             mono(b.merkle_root[:18] + "…"), num(b.record_count), eth(b.total_fees), address_link(b.settler)]
-            for b in batches]  # fmt: skip
-    return table(["batch", "block", "time", "transaction", "Merkle root", "records", "fees", "settler"], rows,
-                 numeric=(1, 5, 6), empty="no batches settled yet", table_id="batches")  # fmt: skip
+    rows = [
+        [
+            id_link("batches", b.batch_id),
+            num(b.block),
+            when(b.timestamp),
+            tx_link(b.tx_hash),
+            mono(b.merkle_root[:18] + "…"),
+            num(b.record_count),
+            eth(b.total_fees),
+            address_link(b.settler),
+        ]
+        for b in batches
+    ]
+    return table(
+        ["batch", "block", "time", "transaction", "Merkle root", "records", "fees", "settler"],
+        rows,
+        numeric=(1, 5, 6),
+        empty="no batches settled yet",
+        table_id="batches",
+    )
 
 
 def batches_page(ex: Explorer) -> str:
@@ -99,18 +139,43 @@ def batches_page(ex: Explorer) -> str:
 def batch_page(ex: Explorer, batch_id: str) -> str:
     b = ex.index.batches[batch_id]
     db = ex.store.batch(batch_id)
-    db_line = (f"{esc(db.status)}, root {mono(db.merkle_root)}"
-               + ("" if db.merkle_root == b.merkle_root else ' <span class="bad">differs from the chain</span>')
-               if db else '<span class="muted">not in this ledger database</span>')  # fmt: skip
-    info = kv([("batch id", mono(b.batch_id)), ("transaction", tx_link(b.tx_hash, full=True)),
-               ("block", f"{num(b.block)} ({when(b.timestamp)})"), ("Merkle root", mono(b.merkle_root)),
-               ("records", num(b.record_count)), ("fees", eth(b.total_fees)), ("settler", address_link(b.settler)),
-               ("ledger database", db_line)], dl_id="batch-info")  # fmt: skip
+    db_line = (
+        f"{esc(db.status)}, root {mono(db.merkle_root)}"
+        + ("" if db.merkle_root == b.merkle_root else ' <span class="bad">differs from the chain</span>')
+        if db
+        else '<span class="muted">not in this ledger database</span>'
+    )
+    info = kv(
+        [
+            ("batch id", mono(b.batch_id)),
+            ("transaction", tx_link(b.tx_hash, full=True)),
+            ("block", f"{num(b.block)} ({when(b.timestamp)})"),
+            ("Merkle root", mono(b.merkle_root)),
+            ("records", num(b.record_count)),
+            ("fees", eth(b.total_fees)),
+            ("settler", address_link(b.settler)),
+            ("ledger database", db_line),
+        ],
+        dl_id="batch-info",
+    )
     records = ex.index.records_by_batch.get(batch_id, [])
-    rewards = [[address_link(r.account), role(r.role), adapter_link(r.adapter_id, ex.adapter_name(r.adapter_id)),
-                eth(r.amount)] for r in ex.index.rewards if r.batch_id == batch_id]  # fmt: skip
-    body = (card(info) + "<h2>Records</h2>" + records_table(ex, records, table_id="batch-records")
-            + "<h2>Rewards accrued</h2>" + table(["account", "role", "adapter", "amount"], rewards, numeric=(3,)))
+    rewards = [
+        [
+            address_link(r.account),
+            role(r.role),
+            adapter_link(r.adapter_id, ex.adapter_name(r.adapter_id)),
+            eth(r.amount),
+        ]
+        for r in ex.index.rewards
+        if r.batch_id == batch_id
+    ]
+    body = (
+        card(info)
+        + "<h2>Records</h2>"
+        + records_table(ex, records, table_id="batch-records")
+        + "<h2>Rewards accrued</h2>"
+        + table(["account", "role", "adapter", "amount"], rewards, numeric=(3,))
+    )
     return page("Settlement batch", body)
 
 
@@ -121,45 +186,73 @@ def disputes_page(ex: Explorer) -> str:
     by_node: dict[str, int] = {}
     for r in rows:
         by_node[r.node_id] = by_node.get(r.node_id, 0) + 1
-    nodes = table(["node", "operator", "disputed records"],
-                  [[id_link("nodes", n), address_link(ex.index.nodes[n].operator) if n in ex.index.nodes else "—",
-                    num(k)] for n, k in sorted(by_node.items(), key=lambda kv: -kv[1])],
-                  numeric=(2,), empty="no node has a disputed record", table_id="disputed-nodes")  # fmt: skip
+    nodes = table(
+        ["node", "operator", "disputed records"],
+        [
+            [id_link("nodes", n), address_link(ex.index.nodes[n].operator) if n in ex.index.nodes else "—", num(k)]
+            for n, k in sorted(by_node.items(), key=lambda kv: -kv[1])
+        ],
+        numeric=(2,),
+        empty="no node has a disputed record",
+        table_id="disputed-nodes",
+    )
 
     def count(v) -> str:
         return "—" if v is None else num(v)
 
     records = table(
         ["request", "node", "adapter", "gateway counted (prompt + completion)", "node's receipt claimed", "why"],
-        [[mono(r.request_id[:18] + "…"), id_link("nodes", r.node_id), adapter_link_or_id(ex, r.adapter_id),
-          f"{num(r.prompt_tokens)} + {num(r.completion_tokens)}",
-          f"{count(r.node_prompt_tokens)} + {count(r.node_completion_tokens)}", esc(r.error or "")] for r in rows],
-        empty="no disputed records", table_id="disputed-records")  # fmt: skip
-    intro = ('<p class="muted">The gateway bills what it counted itself. A node whose signed receipt claims '
-             "more than that, beyond the stated tolerance, is disputed: the record is kept with both counts, never "
-             "settled, and the node is dropped from routing.</p>")  # fmt: skip
+        [
+            [
+                mono(r.request_id[:18] + "…"),
+                id_link("nodes", r.node_id),
+                adapter_link_or_id(ex, r.adapter_id),
+                f"{num(r.prompt_tokens)} + {num(r.completion_tokens)}",
+                f"{count(r.node_prompt_tokens)} + {count(r.node_completion_tokens)}",
+                esc(r.error or ""),
+            ]
+            for r in rows
+        ],
+        empty="no disputed records",
+        table_id="disputed-records",
+    )
+    intro = (
+        '<p class="muted">The gateway bills what it counted itself. A node whose signed receipt claims '
+        "more than that, beyond the stated tolerance, is disputed: the record is kept with both counts, never "
+        "settled, and the node is dropped from routing.</p>"
+    )
     return page("Disputes", intro + "<h2>Nodes</h2>" + nodes + "<h2>Records</h2>" + records)
 
 
 def records_page(ex: Explorer, *, adapter: str | None, node: str | None, batch: str | None, page_no: int) -> str:
-    records = [r for r in reversed(ex.index.records) if (adapter is None or r.adapter_id == adapter)
-               and (node is None or r.node_id == node) and (batch is None or r.batch_id == batch)]  # fmt: skip
+    records = [
+        r
+        for r in reversed(ex.index.records)
+        if (adapter is None or r.adapter_id == adapter)
+        and (node is None or r.node_id == node)
+        and (batch is None or r.batch_id == batch)
+    ]
     start = page_no * PAGE_SIZE
-    shown = records[start:start + PAGE_SIZE]
+    shown = records[start : start + PAGE_SIZE]
     params = "".join(f"&{k}={v}" for k, v in (("adapter", adapter), ("node", node), ("batch", batch)) if v)
     pager = []
     if page_no > 0:
         pager.append(link(f"/records?page={page_no - 1}{params}", "← newer"))
     if start + PAGE_SIZE < len(records):
         pager.append(link(f"/records?page={page_no + 1}{params}", "older →"))
-    what = [f"adapter {adapter_link(adapter, ex.adapter_name(adapter))}" if adapter else "",
-            f"node {id_link('nodes', node)}" if node else "", f"batch {id_link('batches', batch)}" if batch else ""]
+    what = [
+        f"adapter {adapter_link(adapter, ex.adapter_name(adapter))}" if adapter else "",
+        f"node {id_link('nodes', node)}" if node else "",
+        f"batch {id_link('batches', batch)}" if batch else "",
+    ]
     head = f"<p>{num(len(records))} settled records" + (" of " + ", ".join(w for w in what if w) if any(what) else "")
     body = head + "</p>" + records_table(ex, shown, table_id="records") + f'<p class="pager">{" · ".join(pager)}</p>'
     unsettled = ex.store.unsettled(20) if adapter is None and node is None and batch is None else []
     if unsettled:
-        rows = [[record_link(r.request_id), adapter_link_or_id(ex, r.adapter_id), esc(r.status), esc(r.error or "")]
-                for r in unsettled]  # fmt: skip
+        rows = [
+            [record_link(r.request_id), adapter_link_or_id(ex, r.adapter_id), esc(r.status), esc(r.error or "")]
+            for r in unsettled
+        ]
         body += "<h2>Not settled yet (ledger database)</h2>" + table(["request", "adapter", "status", "error"], rows)
     return page("Inference records", body)
 
@@ -177,22 +270,31 @@ def record_page(ex: Explorer, rec: RecordDetail) -> str:
         warnings.append(f"this request id was settled {len(chain)} times on chain")
     for c in chain:
         if row is not None and (c.prompt_tokens, c.completion_tokens) != (row.prompt_tokens, row.completion_tokens):
-            warnings.append(f"the chain settled {c.prompt_tokens} prompt + {c.completion_tokens} completion tokens; "
-                            f"the database says {row.prompt_tokens} + {row.completion_tokens}")  # fmt: skip
-    info = kv([
-        ("request id", mono(rec.request_id)),
-        ("adapter", adapter_link_or_id(ex, src.adapter_id)),
-        ("node", id_link("nodes", src.node_id, full=True)),
-        ("prompt tokens", num(src.prompt_tokens)),
-        ("completion tokens", num(src.completion_tokens)),
-        ("fee", eth(first.fee) if first else '<span class="muted">not settled</span>'),
-        ("batch", id_link("batches", first.batch_id, full=True) if first else esc(row.batch_id or "none")),
-        ("block", num(first.block) if first else "—"),
-        ("transaction", tx_link(first.tx_hash, full=True) if first else "—"),
-        ("ledger database", f"{esc(row.status)}, recorded {esc(row.created_at.strftime('%Y-%m-%d %H:%M:%S'))} UTC"
-                            + (f', <span class="bad">{esc(row.error)}</span>' if row.error else "")
-         if row is not None else '<span class="muted">not in this ledger database</span>'),
-    ], dl_id="record-info")  # fmt: skip
+            warnings.append(
+                f"the chain settled {c.prompt_tokens} prompt + {c.completion_tokens} completion tokens; "
+                f"the database says {row.prompt_tokens} + {row.completion_tokens}"
+            )
+    info = kv(
+        [
+            ("request id", mono(rec.request_id)),
+            ("adapter", adapter_link_or_id(ex, src.adapter_id)),
+            ("node", id_link("nodes", src.node_id, full=True)),
+            ("prompt tokens", num(src.prompt_tokens)),
+            ("completion tokens", num(src.completion_tokens)),
+            ("fee", eth(first.fee) if first else '<span class="muted">not settled</span>'),
+            ("batch", id_link("batches", first.batch_id, full=True) if first else esc(row.batch_id or "none")),
+            ("block", num(first.block) if first else "—"),
+            ("transaction", tx_link(first.tx_hash, full=True) if first else "—"),
+            (
+                "ledger database",
+                f"{esc(row.status)}, recorded {esc(row.created_at.strftime('%Y-%m-%d %H:%M:%S'))} UTC"
+                + (f', <span class="bad">{esc(row.error)}</span>' if row.error else "")
+                if row is not None
+                else '<span class="muted">not in this ledger database</span>',
+            ),
+        ],
+        dl_id="record-info",
+    )
     warn = "".join(f'<p class="bad warning">{esc(w)}</p>' for w in warnings)
     return page("Inference record", card(info) + warn + _proof_section(rec) + _signature_section(rec))
 
@@ -213,17 +315,19 @@ def _proof_section(rec: RecordDetail) -> str:
     def yes(v):
         return "—" if v is None else ("yes" if v else '<span class="bad">no</span>')
 
-    details = kv([
-        ("result", f'<span id="proof-reason">{esc(p.reason)}</span>'),
-        ("leaf (computed here)", mono(p.leaf or "—")),
-        ("leaf (contract leafOf)", mono(p.contract_leaf or "—")),
-        ("leaf index", "—" if p.leaf_index is None else num(p.leaf_index)),
-        ("proof", "<br>".join(mono(h) for h in p.proof) or '<span class="muted">none (single-record batch)</span>'),
-        ("root on chain", mono(p.chain_root or "—")),
-        ("root of the database's batch", mono(p.db_root or "—")),
-        ("checked here", yes(p.offchain_ok)),
-        ("contract verifyRecord", yes(p.onchain_ok)),
-    ])  # fmt: skip
+    details = kv(
+        [
+            ("result", f'<span id="proof-reason">{esc(p.reason)}</span>'),
+            ("leaf (computed here)", mono(p.leaf or "—")),
+            ("leaf (contract leafOf)", mono(p.contract_leaf or "—")),
+            ("leaf index", "—" if p.leaf_index is None else num(p.leaf_index)),
+            ("proof", "<br>".join(mono(h) for h in p.proof) or '<span class="muted">none (single-record batch)</span>'),
+            ("root on chain", mono(p.chain_root or "—")),
+            ("root of the database's batch", mono(p.db_root or "—")),
+            ("checked here", yes(p.offchain_ok)),
+            ("contract verifyRecord", yes(p.onchain_ok)),
+        ]
+    )
     return f"<h2>Merkle proof</h2>{card(badge + details)}"
 
 
@@ -238,7 +342,12 @@ def _signature_section(rec: RecordDetail) -> str:
     receipt = json.dumps(s.receipt, indent=2, sort_keys=True) if s.receipt is not None else rec.row.receipt_json
     if receipt and len(receipt) > SHOWN_RECEIPT_CHARS:  # a refused receipt may be any size: show its start only
         receipt = f"{receipt[:SHOWN_RECEIPT_CHARS]}… ({len(receipt):,} characters in all)"
-    details = kv([("result", f'<span id="signature-reason">{esc(s.reason)}</span>'),
-                  ("signature (Ed25519)", mono(s.signature)), ("node public key", mono(s.public_key or "—")),
-                  ("receipt", f"<pre class=mono>{esc(receipt)}</pre>")])  # fmt: skip
+    details = kv(
+        [
+            ("result", f'<span id="signature-reason">{esc(s.reason)}</span>'),
+            ("signature (Ed25519)", mono(s.signature)),
+            ("node public key", mono(s.public_key or "—")),
+            ("receipt", f"<pre class=mono>{esc(receipt)}</pre>"),
+        ]
+    )
     return f"<h2>Node signature</h2>{card(badge + details)}"

@@ -42,17 +42,33 @@ def _name_owner(ex: Explorer, name: str) -> str:
     n = ex.index.names.get(name)
     if n is None:
         return '<span class="muted">unknown</span>'
-    return address_link(n.owner, full=True) + ' <span class="muted">(only the name\'s owner registers its versions)</span>'
+    return (
+        address_link(n.owner, full=True) + ' <span class="muted">(only the name\'s owner registers its versions)</span>'
+    )
 
 
 def records_table(ex: Explorer, records, *, table_id: str) -> str:
     rows = []
     for r in records:
-        rows.append([record_link(r.request_id), adapter_link(r.adapter_id, ex.adapter_name(r.adapter_id)),
-                     id_link("nodes", r.node_id), num(r.prompt_tokens), num(r.completion_tokens), eth(r.fee),
-                     id_link("batches", r.batch_id), num(r.block)])  # fmt: skip
-    return table(["request", "adapter", "node", "prompt", "completion", "fee", "batch", "block"], rows,
-                 numeric=(3, 4, 5, 7), empty="no settled records yet", table_id=table_id)  # fmt: skip
+        rows.append(
+            [
+                record_link(r.request_id),
+                adapter_link(r.adapter_id, ex.adapter_name(r.adapter_id)),
+                id_link("nodes", r.node_id),
+                num(r.prompt_tokens),
+                num(r.completion_tokens),
+                eth(r.fee),
+                id_link("batches", r.batch_id),
+                num(r.block),
+            ]
+        )
+    return table(
+        ["request", "adapter", "node", "prompt", "completion", "fee", "batch", "block"],
+        rows,
+        numeric=(3, 4, 5, 7),
+        empty="no settled records yet",
+        table_id=table_id,
+    )
 
 
 def adapters_page(ex: Explorer) -> str:
@@ -60,53 +76,87 @@ def adapters_page(ex: Explorer) -> str:
     rows = []
     for a in sorted(ex.index.adapters.values(), key=lambda a: (a.name, a.block)):
         u = usage.get(a.adapter_id)
-        rows.append([adapter_link(a.adapter_id, a.name), esc(a.version), address_link(a.owner), eth(a.price),
-                     num(len(a.datasets)), num(u.records if u else 0), num(u.tokens if u else 0),
-                     eth(u.fees if u else 0)])  # fmt: skip
-    body = table(["name", "version", "owner", "price / 1k tokens", "datasets", "records", "tokens", "fees"], rows,
-                 numeric=(3, 4, 5, 6, 7), empty="no adapters registered", table_id="adapters")  # fmt: skip
+        rows.append(
+            [
+                adapter_link(a.adapter_id, a.name),
+                esc(a.version),
+                address_link(a.owner),
+                eth(a.price),
+                num(len(a.datasets)),
+                num(u.records if u else 0),
+                num(u.tokens if u else 0),
+                eth(u.fees if u else 0),
+            ]
+        )
+    body = table(
+        ["name", "version", "owner", "price / 1k tokens", "datasets", "records", "tokens", "fees"],
+        rows,
+        numeric=(3, 4, 5, 6, 7),
+        empty="no adapters registered",
+        table_id="adapters",
+    )
     name_rows = []
     for n in sorted(ex.index.names.values(), key=lambda n: n.name):
         theirs = [a for a in ex.index.adapters.values() if a.name == n.name and a.publisher == n.owner]
         newest = max(theirs, key=lambda a: (a.block, a.adapter_id), default=None)
-        name_rows.append([esc(n.name), address_link(n.owner),
-                          adapter_link(newest.adapter_id, newest.version) if newest else '<span class="muted">none</span>',
-                          num(sum(1 for a in ex.index.adapters.values() if a.name == n.name))])  # fmt: skip
-    body += ("<h2>Names</h2><p class=\"muted\">A name belongs to its first registrant (or whom they handed it "
-             "to); it resolves to the newest version its owner registered.</p>"
-             + table(["name", "owner", "resolves to", "versions"], name_rows, numeric=(3,), table_id="names"))
+        name_rows.append(
+            [
+                esc(n.name),
+                address_link(n.owner),
+                adapter_link(newest.adapter_id, newest.version) if newest else '<span class="muted">none</span>',
+                num(sum(1 for a in ex.index.adapters.values() if a.name == n.name)),
+            ]
+        )
+    body += (
+        '<h2>Names</h2><p class="muted">A name belongs to its first registrant (or whom they handed it '
+        "to); it resolves to the newest version its owner registered.</p>"
+        + table(["name", "owner", "resolves to", "versions"], name_rows, numeric=(3,), table_id="names")
+    )
     return page("Adapters", body)
 
 
 def adapter_page(ex: Explorer, adapter_id: str) -> str:
     a = ex.index.adapters[adapter_id]
     u = ex.usage_by("adapter_id").get(adapter_id)
-    versions = [adapter_link(p, f"{ex.index.adapters[p].name} {ex.index.adapters[p].version}")
-                for p in ex.predecessors(adapter_id)]  # fmt: skip
-    later = [adapter_link(s, f"{ex.index.adapters[s].name} {ex.index.adapters[s].version}")
-             for s in ex.successors(adapter_id)]  # fmt: skip
-    info = kv([
-        ("adapter id", mono(a.adapter_id)),
-        ("name", esc(a.name)),
-        ("version", esc(a.version)),
-        ("owner", address_link(a.owner, full=True)),
-        ("publisher", address_link(a.publisher or a.owner, full=True)),
-        ("name owner", _name_owner(ex, a.name)),
-        ("price per 1k tokens", eth(a.price)),
-        ("base model", mono(a.base_model)),
-        ("predecessors", _predecessors(a, versions)),
-        ("successors", ", ".join(later) or '<span class="muted">none</span>'),
-        ("registered", f"block {num(a.block)}, tx {tx_link(a.tx_hash)}"),
-    ], dl_id="adapter-info")  # fmt: skip
+    versions = [
+        adapter_link(p, f"{ex.index.adapters[p].name} {ex.index.adapters[p].version}")
+        for p in ex.predecessors(adapter_id)
+    ]
+    later = [
+        adapter_link(s, f"{ex.index.adapters[s].name} {ex.index.adapters[s].version}")
+        for s in ex.successors(adapter_id)
+    ]
+    info = kv(
+        [
+            ("adapter id", mono(a.adapter_id)),
+            ("name", esc(a.name)),
+            ("version", esc(a.version)),
+            ("owner", address_link(a.owner, full=True)),
+            ("publisher", address_link(a.publisher or a.owner, full=True)),
+            ("name owner", _name_owner(ex, a.name)),
+            ("price per 1k tokens", eth(a.price)),
+            ("base model", mono(a.base_model)),
+            ("predecessors", _predecessors(a, versions)),
+            ("successors", ", ".join(later) or '<span class="muted">none</span>'),
+            ("registered", f"block {num(a.block)}, tx {tx_link(a.tx_hash)}"),
+        ],
+        dl_id="adapter-info",
+    )
     ds_rows = []
     for ds, bps in a.datasets:
         d = ex.index.datasets.get(ds)
         ds_rows.append([id_link("datasets", ds), address_link(d.payee if d else None), f"{bps / 100:.2f}%"])
-    shares = table(["dataset", "contributor (payee)", "share of the non-node part"], ds_rows, numeric=(2,),
-                   empty="no datasets declared")  # fmt: skip
+    shares = table(
+        ["dataset", "contributor (payee)", "share of the non-node part"],
+        ds_rows,
+        numeric=(2,),
+        empty="no datasets declared",
+    )
     node_pct, ds_pct = ex.client.node_share_bps() / 100, sum(b for _, b in a.datasets) / 100
-    shares += (f'<p class="muted" id="fee-split">Each fee: the serving node operator gets {node_pct:.2f}%; '
-               f"of the rest, the datasets get their shares above and the owner the remaining {100 - ds_pct:.2f}%.</p>")
+    shares += (
+        f'<p class="muted" id="fee-split">Each fee: the serving node operator gets {node_pct:.2f}%; '
+        f"of the rest, the datasets get their shares above and the owner the remaining {100 - ds_pct:.2f}%.</p>"
+    )
     earned: dict[tuple[str, str], int] = {}
     for rw in ex.index.rewards:
         if rw.adapter_id == adapter_id:
@@ -114,13 +164,24 @@ def adapter_page(ex: Explorer, adapter_id: str) -> str:
     earned_rows = [[address_link(acc), role(r), eth(v)] for (acc, r), v in sorted(earned.items())]
     records = [r for r in reversed(ex.index.records) if r.adapter_id == adapter_id][:RECENT]
     more = link(f"/records?adapter={adapter_id}", "all records of this adapter")
-    body = (card(info)
-            + stats([("records", num(u.records if u else 0)), ("tokens", num(u.tokens if u else 0)),
-                     ("fees", eth(u.fees if u else 0))])
-            + "<h2>Datasets and shares</h2>" + shares
-            + "<h2>Rewards from this adapter</h2>" + table(["account", "role", "accrued"], earned_rows, numeric=(2,))
-            + f"<h2>Latest records</h2><p>{more}</p>" + records_table(ex, records, table_id="adapter-records")
-            + "<h2>History</h2>" + _history(a.history))  # fmt: skip
+    body = (
+        card(info)
+        + stats(
+            [
+                ("records", num(u.records if u else 0)),
+                ("tokens", num(u.tokens if u else 0)),
+                ("fees", eth(u.fees if u else 0)),
+            ]
+        )
+        + "<h2>Datasets and shares</h2>"
+        + shares
+        + "<h2>Rewards from this adapter</h2>"
+        + table(["account", "role", "accrued"], earned_rows, numeric=(2,))
+        + f"<h2>Latest records</h2><p>{more}</p>"
+        + records_table(ex, records, table_id="adapter-records")
+        + "<h2>History</h2>"
+        + _history(a.history)
+    )
     return page(f"Adapter {a.name} {a.version}", body)
 
 
@@ -130,11 +191,24 @@ def datasets_page(ex: Explorer) -> str:
     for a in ex.index.adapters.values():
         for ds, _ in a.datasets:
             users[ds] = users.get(ds, 0) + 1
-    rows = [[id_link("datasets", d.dataset_id), esc(d.name), address_link(d.payee), mono(d.content_hash[:18] + "…"),
-             num(users.get(d.dataset_id, 0)), eth(earned.get(d.dataset_id, 0))]
-            for d in ex.index.datasets.values()]  # fmt: skip
-    body = table(["dataset", "name", "contributor (payee)", "content hash", "adapters", "rewards accrued"], rows,
-                 numeric=(4, 5), empty="no datasets registered", table_id="datasets")  # fmt: skip
+    rows = [
+        [
+            id_link("datasets", d.dataset_id),
+            esc(d.name),
+            address_link(d.payee),
+            mono(d.content_hash[:18] + "…"),
+            num(users.get(d.dataset_id, 0)),
+            eth(earned.get(d.dataset_id, 0)),
+        ]
+        for d in ex.index.datasets.values()
+    ]
+    body = table(
+        ["dataset", "name", "contributor (payee)", "content hash", "adapters", "rewards accrued"],
+        rows,
+        numeric=(4, 5),
+        empty="no datasets registered",
+        table_id="datasets",
+    )
     contributors: dict[str, int] = {}
     for d in ex.index.datasets.values():
         contributors[d.payee] = contributors.get(d.payee, 0) + earned.get(d.dataset_id, 0)
@@ -145,21 +219,36 @@ def datasets_page(ex: Explorer) -> str:
 
 def dataset_page(ex: Explorer, dataset_id: str) -> str:
     d = ex.index.datasets[dataset_id]
-    info = kv([("dataset id", mono(d.dataset_id)), ("name", esc(d.name)),
-               ("contributor", address_link(d.contributor or d.payee, full=True)
-                + ' <span class="muted">(the id is bound to this address)</span>'),
-               ("payee", address_link(d.payee, full=True)),
-               ("content hash", mono(d.content_hash)), ("registered", f"block {num(d.block)}, tx {tx_link(d.tx_hash)}"),
-               ("rewards accrued", eth(ex.dataset_rewards().get(dataset_id, 0)))], dl_id="dataset-info")  # fmt: skip
+    info = kv(
+        [
+            ("dataset id", mono(d.dataset_id)),
+            ("name", esc(d.name)),
+            (
+                "contributor",
+                address_link(d.contributor or d.payee, full=True)
+                + ' <span class="muted">(the id is bound to this address)</span>',
+            ),
+            ("payee", address_link(d.payee, full=True)),
+            ("content hash", mono(d.content_hash)),
+            ("registered", f"block {num(d.block)}, tx {tx_link(d.tx_hash)}"),
+            ("rewards accrued", eth(ex.dataset_rewards().get(dataset_id, 0))),
+        ],
+        dl_id="dataset-info",
+    )
     rows = []
     for a in ex.index.adapters.values():
         for ds, bps in a.datasets:
             if ds == dataset_id:
-                rows.append([adapter_link(a.adapter_id, f"{a.name} {a.version}"), address_link(a.owner),
-                             f"{bps / 100:.2f}%"])  # fmt: skip
-    body = (card(info) + "<h2>Adapters trained on it</h2>"
-            + table(["adapter", "owner", "share"], rows, numeric=(2,), empty="no adapter declares it")
-            + "<h2>History</h2>" + _history(d.history))  # fmt: skip
+                rows.append(
+                    [adapter_link(a.adapter_id, f"{a.name} {a.version}"), address_link(a.owner), f"{bps / 100:.2f}%"]
+                )
+    body = (
+        card(info)
+        + "<h2>Adapters trained on it</h2>"
+        + table(["adapter", "owner", "share"], rows, numeric=(2,), empty="no adapter declares it")
+        + "<h2>History</h2>"
+        + _history(d.history)
+    )
     return page(f"Dataset {d.dataset_id[:18]}…", body)
 
 
@@ -168,23 +257,44 @@ def nodes_page(ex: Explorer) -> str:
     rows = []
     for n in ex.index.nodes.values():
         u = usage.get(n.node_id)
-        rows.append([id_link("nodes", n.node_id), address_link(n.operator), mono(n.peer_id), esc(n.api_url),
-                     "active" if n.active else '<span class="bad">inactive</span>', num(u.records if u else 0),
-                     num(u.tokens if u else 0)])  # fmt: skip
-    body = table(["node", "operator", "peer id", "API URL", "state", "records", "tokens served"], rows,
-                 numeric=(5, 6), empty="no nodes registered", table_id="nodes")  # fmt: skip
+        rows.append(
+            [
+                id_link("nodes", n.node_id),
+                address_link(n.operator),
+                mono(n.peer_id),
+                esc(n.api_url),
+                "active" if n.active else '<span class="bad">inactive</span>',
+                num(u.records if u else 0),
+                num(u.tokens if u else 0),
+            ]
+        )
+    body = table(
+        ["node", "operator", "peer id", "API URL", "state", "records", "tokens served"],
+        rows,
+        numeric=(5, 6),
+        empty="no nodes registered",
+        table_id="nodes",
+    )
     return page("Nodes", body)
 
 
 def node_page(ex: Explorer, node_id: str) -> str:
     n = ex.index.nodes[node_id]
     u = ex.usage_by("node_id").get(node_id)
-    info = kv([("node id", mono(n.node_id)), ("operator", address_link(n.operator, full=True)),
-               ("public key", mono(n.public_key) + ' <span class="muted">(proved on registration)</span>'),
-               ("peer id", mono(n.peer_id)), ("API URL", esc(n.api_url)),
-               ("multiaddrs", "<br>".join(mono(m) for m in n.multiaddrs) or "none"),
-               ("base model", mono(n.base_model)), ("state", "active" if n.active else "inactive"),
-               ("registered", f"block {num(n.block)}, tx {tx_link(n.tx_hash)}")], dl_id="node-info")  # fmt: skip
+    info = kv(
+        [
+            ("node id", mono(n.node_id)),
+            ("operator", address_link(n.operator, full=True)),
+            ("public key", mono(n.public_key) + ' <span class="muted">(proved on registration)</span>'),
+            ("peer id", mono(n.peer_id)),
+            ("API URL", esc(n.api_url)),
+            ("multiaddrs", "<br>".join(mono(m) for m in n.multiaddrs) or "none"),
+            ("base model", mono(n.base_model)),
+            ("state", "active" if n.active else "inactive"),
+            ("registered", f"block {num(n.block)}, tx {tx_link(n.tx_hash)}"),
+        ],
+        dl_id="node-info",
+    )
     per_adapter: dict[str, list[int]] = {}
     for r in ex.index.records:
         if r.node_id == node_id:
@@ -193,9 +303,14 @@ def node_page(ex: Explorer, node_id: str) -> str:
             acc[1] += r.tokens
     rows = [[adapter_link(a, ex.adapter_name(a)), num(c), num(t)] for a, (c, t) in per_adapter.items()]
     records = [r for r in reversed(ex.index.records) if r.node_id == node_id][:RECENT]
-    body = (card(info)
-            + stats([("records", num(u.records if u else 0)), ("tokens served", num(u.tokens if u else 0))])
-            + "<h2>Served per adapter</h2>" + table(["adapter", "records", "tokens"], rows, numeric=(1, 2))
-            + "<h2>Latest records</h2>" + records_table(ex, records, table_id="node-records")
-            + "<h2>History</h2>" + _history(n.history))  # fmt: skip
+    body = (
+        card(info)
+        + stats([("records", num(u.records if u else 0)), ("tokens served", num(u.tokens if u else 0))])
+        + "<h2>Served per adapter</h2>"
+        + table(["adapter", "records", "tokens"], rows, numeric=(1, 2))
+        + "<h2>Latest records</h2>"
+        + records_table(ex, records, table_id="node-records")
+        + "<h2>History</h2>"
+        + _history(n.history)
+    )
     return page(f"Node {n.node_id[:18]}…", body)

@@ -87,8 +87,13 @@ def batch(ex: Explorer, batch_id: str):
     return led.batch_page(ex, _lookup(ex.index.batches, batch_id, "settled batch"))
 
 
-def records(ex: Explorer, adapter: str | None = None, node: str | None = None, batch: str | None = None,
-            page: Annotated[int, Query(ge=0)] = 0):  # fmt: skip
+def records(
+    ex: Explorer,
+    adapter: str | None = None,
+    node: str | None = None,
+    batch: str | None = None,
+    page: Annotated[int, Query(ge=0)] = 0,
+):
     ids = {k: _id(v, f"{k} id") if v else None for k, v in (("adapter", adapter), ("node", node), ("batch", batch))}
     return led.records_page(ex, **ids, page_no=page)
 
@@ -148,8 +153,10 @@ def health(ex: Explorer) -> dict:
 
 HTML = {"text/html": {"schema": {"type": "string"}}}
 _SVG = {200: {"description": "an SVG plot", "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}
-_SEARCH = {303: {"description": "exactly one match: its page"},
-           404: {"description": "nothing matches (the search page)", "content": HTML}}  # fmt: skip
+_SEARCH = {
+    303: {"description": "exactly one match: its page"},
+    404: {"description": "nothing matches (the search page)", "content": HTML},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,5 +208,6 @@ def fresh(ex: Explorer, handler: Callable[..., Any]) -> Callable[..., Any]:
 def add_routes(app: FastAPI, ex: Explorer) -> None:
     for page in ROUTES:
         kwargs = {"response_class": page.response_class} if page.response_class is not None else {}
-        app.add_api_route(page.path, fresh(ex, page.handler), methods=["GET"], responses=page.responses or None,
-                          **kwargs)  # fmt: skip
+        app.add_api_route(
+            page.path, fresh(ex, page.handler), methods=["GET"], responses=page.responses or None, **kwargs
+        )

@@ -15,8 +15,8 @@ from devnet.explorer.index import ChainIndex, RecordView
 from devnet.explorer.layout import when
 from devnet.explorer.plots import MAX_SERIES, Point
 from devnet.explorer.proof import ProofCheck, check_record_proof
-from devnet.explorer.signature import SignatureCheck, check_record_signature
 from devnet.explorer.settings import ExplorerConfig
+from devnet.explorer.signature import SignatureCheck, check_record_signature
 from devnet.explorer.store import LedgerStore, open_ledger_db
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
@@ -78,7 +78,7 @@ class Explorer:
         self.lock = threading.RLock()  # one request at a time refreshes and reads the index
 
     @classmethod
-    def open(cls, config: ExplorerConfig) -> "Explorer":
+    def open(cls, config: ExplorerConfig) -> Explorer:
         """Check the chain matches the deployment file and the database is a ledger database."""
         deployment = Deployment.load(config.deployment)
         client = ChainClient.from_deployment(deployment, rpc_url=config.rpc_url, check=True)
@@ -190,8 +190,10 @@ class Explorer:
             signature = check_record_signature(row, node.peer_id if node else None)
             batch = self.index.batches.get(row.batch_id) if row.batch_id else None
             batch_rows = self.store.batch_records(row.batch_id) if row.batch_id else []
-            settled = [SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
-                       for r in self.index.records_by_batch.get(row.batch_id or "", [])]  # fmt: skip
+            settled = [
+                SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
+                for r in self.index.records_by_batch.get(row.batch_id or "", [])
+            ]
             proof = check_record_proof(self.client, row, batch_rows, batch.merkle_root if batch else None, settled)
         return RecordDetail(request_id, chain, row, proof, signature)
 
@@ -209,8 +211,12 @@ class Explorer:
             idx = self.index
             if low in idx.records_by_request or self.store.record(low) is not None:
                 hits.append(("record", low, f"/records/{low}"))
-            for kind, table, prefix in (("adapter", idx.adapters, "adapters"), ("dataset", idx.datasets, "datasets"),
-                                        ("node", idx.nodes, "nodes"), ("batch", idx.batches, "batches")):  # fmt: skip
+            for kind, table, prefix in (
+                ("adapter", idx.adapters, "adapters"),
+                ("dataset", idx.datasets, "datasets"),
+                ("node", idx.nodes, "nodes"),
+                ("batch", idx.batches, "batches"),
+            ):
                 if low in table:
                     hits.append((kind, low, f"/{prefix}/{low}"))
             if low in idx.tx_events or self.store.batch_by_tx(low) is not None:

@@ -37,11 +37,14 @@ class ExplorerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LORAMESH_EXPLORER_", extra="forbid")
 
     # the ledger database is the gateway's, so the gateway's own variable names it too
-    db_url: str = Field(DEFAULT_DB_URL, validation_alias=AliasChoices(
-        "db_url", "LORAMESH_EXPLORER_DB_URL", "LORAMESH_GATEWAY_DB_URL"))  # fmt: skip
+    db_url: str = Field(
+        DEFAULT_DB_URL, validation_alias=AliasChoices("db_url", "LORAMESH_EXPLORER_DB_URL", "LORAMESH_GATEWAY_DB_URL")
+    )
     # the deployment file; LORAMESH_DEPLOYMENT, read by the ledger commands too, also sets it
-    deployment: Path = Field(DEFAULT_DEPLOYMENT_PATH, validation_alias=AliasChoices(
-        "deployment", "LORAMESH_EXPLORER_DEPLOYMENT", "LORAMESH_DEPLOYMENT"))  # fmt: skip
+    deployment: Path = Field(
+        DEFAULT_DEPLOYMENT_PATH,
+        validation_alias=AliasChoices("deployment", "LORAMESH_EXPLORER_DEPLOYMENT", "LORAMESH_DEPLOYMENT"),
+    )
     rpc_url: str | None = None  # default: the deployment file's
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.wire import UntrustedJSONError, parse_json, sha256_hex
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from common.wire import UntrustedJSONError, parse_json, sha256_hex
 from node.receipts import ReceiptError, check_receipt
 
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -46,7 +46,7 @@ def public_key_from_peer_id(peer_id: str | None) -> bytes | None:
     raw = b58decode(peer_id) if peer_id else None
     if raw is None or len(raw) != 38 or not raw.startswith(ED25519_PEER_PREFIX):
         return None
-    return raw[len(ED25519_PEER_PREFIX):]
+    return raw[len(ED25519_PEER_PREFIX) :]
 
 
 @dataclass(slots=True)
@@ -62,15 +62,17 @@ class SignatureCheck:
     @property
     def label(self) -> str:
         return {VERIFIED: "verified", NOT_VERIFIED: "NOT verified", NO_RECEIPT: "no receipt"}.get(
-            self.state, "not checkable")
+            self.state, "not checkable"
+        )
 
 
 def check_record_signature(row: UsageRecord, peer_id: str | None) -> SignatureCheck:
     """Check the row's receipt against the row, then its signature with the key from `peer_id`."""
     sig = row.node_signature
     if row.receipt_json is None or sig is None:
-        return SignatureCheck(NO_RECEIPT, "the node sent no receipt (it failed mid-stream); billed at the "
-                              "gateway's own count", sig or "")  # fmt: skip
+        return SignatureCheck(
+            NO_RECEIPT, "the node sent no receipt (it failed mid-stream); billed at the gateway's own count", sig or ""
+        )
     try:
         receipt = parse_json(row.receipt_json, max_bytes=MAX_RECEIPT_BYTES, max_depth=8, what="the stored receipt")
     except UntrustedJSONError as e:
@@ -84,13 +86,19 @@ def check_record_signature(row: UsageRecord, peer_id: str | None) -> SignatureCh
         if name == "adapter_id" and want == BASE_MODEL_ADAPTER_ID:
             want = None  # a base-model record: the node's receipt says "no adapter" (null)
         if receipt.get(name) != want:
-            return SignatureCheck(NOT_VERIFIED, f"the receipt says {name} = {receipt.get(name)!r}, "
-                                  f"the record says {want!r}", sig, receipt)  # fmt: skip
+            return SignatureCheck(
+                NOT_VERIFIED, f"the receipt says {name} = {receipt.get(name)!r}, the record says {want!r}", sig, receipt
+            )
     for name in ("prompt_tokens", "completion_tokens"):
         billed, claimed = getattr(row, name), receipt.get(name)
         if isinstance(claimed, int) and billed > claimed:  # the gateway never relays more than the node made
-            return SignatureCheck(NOT_VERIFIED, f"the record bills {billed} {name.replace('_', ' ')}, more than the "
-                                  f"node's signed receipt claims ({claimed})", sig, receipt)  # fmt: skip
+            return SignatureCheck(
+                NOT_VERIFIED,
+                f"the record bills {billed} {name.replace('_', ' ')}, more than the "
+                f"node's signed receipt claims ({claimed})",
+                sig,
+                receipt,
+            )
     key = public_key_from_peer_id(peer_id)
     if key is None or sha256_hex(key) != row.node_id:
         if peer_id is None:
@@ -104,5 +112,10 @@ def check_record_signature(row: UsageRecord, peer_id: str | None) -> SignatureCh
         check_receipt(receipt, sig, key)
     except ReceiptError as e:
         return SignatureCheck(NOT_VERIFIED, str(e), sig, receipt, key.hex())
-    return SignatureCheck(VERIFIED, "Ed25519 signature of the node key (from its on-chain peer id) over the "
-                          "receipt's canonical JSON", sig, receipt, key.hex())  # fmt: skip
+    return SignatureCheck(
+        VERIFIED,
+        "Ed25519 signature of the node key (from its on-chain peer id) over the receipt's canonical JSON",
+        sig,
+        receipt,
+        key.hex(),
+    )

@@ -33,8 +33,10 @@ def open_ledger_db(url: str) -> Engine:
     missing = {UsageRecord.__tablename__, SettlementBatch.__tablename__} - tables
     if missing:
         engine.dispose()
-        raise ExplorerDatabaseError(f"database {redact_url(url)} has no {', '.join(sorted(missing))} table: "
-                                    "expected the gateway's ledger database")
+        raise ExplorerDatabaseError(
+            f"database {redact_url(url)} has no {', '.join(sorted(missing))} table: "
+            "expected the gateway's ledger database"
+        )
     return engine
 
 
@@ -68,13 +70,21 @@ class LedgerStore:
     def disputed(self, limit: int = 500) -> list[UsageRecord]:
         """Records whose node receipt disagreed with the gateway's count beyond tolerance, newest first."""
         with Session(self.engine) as s:
-            stmt = (select(UsageRecord).where(UsageRecord.status == RecordStatus.DISPUTED)
-                    .order_by(UsageRecord.id.desc()).limit(limit))  # fmt: skip
+            stmt = (
+                select(UsageRecord)
+                .where(UsageRecord.status == RecordStatus.DISPUTED)
+                .order_by(UsageRecord.id.desc())
+                .limit(limit)
+            )
             return list(s.exec(stmt).all())
 
     def unsettled(self, limit: int = 100) -> list[UsageRecord]:
         """Records not (yet) settled, newest first: pending, submitted or rejected."""
         with Session(self.engine) as s:
-            stmt = (select(UsageRecord).where(UsageRecord.status != RecordStatus.SETTLED)
-                    .order_by(UsageRecord.id.desc()).limit(limit))  # fmt: skip
+            stmt = (
+                select(UsageRecord)
+                .where(UsageRecord.status != RecordStatus.SETTLED)
+                .order_by(UsageRecord.id.desc())
+                .limit(limit)
+            )
             return list(s.exec(stmt).all())

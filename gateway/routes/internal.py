@@ -7,9 +7,9 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from common.wire import UntrustedJSONError, parse_json
 from gateway.deps import GatewayDep
 from gateway.errors import BadRequest, GatewayError
-from common.wire import UntrustedJSONError, parse_json
 
 router = APIRouter()
 
@@ -25,8 +25,13 @@ async def health(request: Request, gw: GatewayDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["outbox"]["writable"] else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={
-    200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    },
+)
 async def metrics(request: Request, gw: GatewayDep) -> Response:
     """Public: Prometheus metrics."""
     gw.metrics.live_nodes.set(len(gw.directory.live()))
@@ -59,5 +64,4 @@ async def heartbeat(request: Request, gw: GatewayDep) -> dict:
         gw.metrics.heartbeats.labels("refused").inc()
         raise
     gw.metrics.heartbeats.labels("accepted").inc()
-    return {"accepted": True, "node_id": entry.node_id, "ttl_s": gw.directory.ttl,
-            "gateway_key": gw.gateway_key_hex}
+    return {"accepted": True, "node_id": entry.node_id, "ttl_s": gw.directory.ttl, "gateway_key": gw.gateway_key_hex}

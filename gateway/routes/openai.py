@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from common.http import ANSWER_OR_EVENTS
 from gateway.deps import AuthDep, GatewayDep
 from gateway.request import ServedRequest
-from common.http import ANSWER_OR_EVENTS
 
 router = APIRouter()
 

@@ -9,7 +9,7 @@ from typing import Annotated
 from eth_utils import is_checksum_address, to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.wire import ZERO_ID
+from common.wire import ZERO_ID, UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 from ledger.types import (
     MAX_DATASETS,
     MAX_PRICE_PER_1K_TOKENS,
@@ -20,7 +20,6 @@ from ledger.types import (
 )
 from node.adapters.errors import PackageError, shown
 from node.adapters.limits import MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_MANIFEST_BYTES
-from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 
 MANIFEST_FILE = "loramesh.json"
 SIGNATURE_FILE = "signature.json"
@@ -56,8 +55,10 @@ def check_adapter_version(version: str) -> str:
 def check_price(price_per_1k_tokens: int) -> int:
     """`price_per_1k_tokens` if the registry accepts it (0..2**128 - 1 wei), else a one-line PackageError."""
     if not isinstance(price_per_1k_tokens, int) or not 0 <= price_per_1k_tokens <= MAX_PRICE_PER_1K_TOKENS:
-        raise PackageError(f"price {price_per_1k_tokens!r} per 1,000 tokens is not between 0 and 2**128 - 1 wei: "
-                           "the registry refuses it")  # fmt: skip
+        raise PackageError(
+            f"price {price_per_1k_tokens!r} per 1,000 tokens is not between 0 and 2**128 - 1 wei: "
+            "the registry refuses it"
+        )
     return price_per_1k_tokens
 
 
@@ -146,8 +147,9 @@ class Manifest(_Strict):
             raise ValueError("a dataset is listed twice")
         for d in v:
             if d.id != dataset_id(d.name, d.contributor):
-                raise ValueError(f"dataset {d.name!r} has id {d.id}, expected the id of {d.name!r} contributed by "
-                                 f"{d.contributor}")
+                raise ValueError(
+                    f"dataset {d.name!r} has id {d.id}, expected the id of {d.name!r} contributed by {d.contributor}"
+                )
         return v
 
     def canonical_bytes(self) -> bytes:
@@ -161,8 +163,12 @@ class Manifest(_Strict):
     def registration(self) -> AdapterRegistration:
         """What registerAdapter registers for this manifest, which is also what the publisher signs."""
         return AdapterRegistration.of(
-            self.adapter_id, name=self.name, version=self.version, base_model=self.base_model.id,
-            price_per_1k_tokens=self.price_per_1k_tokens, datasets=[(d.id, d.share_bps) for d in self.datasets],
+            self.adapter_id,
+            name=self.name,
+            version=self.version,
+            base_model=self.base_model.id,
+            price_per_1k_tokens=self.price_per_1k_tokens,
+            datasets=[(d.id, d.share_bps) for d in self.datasets],
             predecessor=self.predecessor or ZERO_ID,
         )
 
@@ -206,8 +212,10 @@ def parse_manifest_bytes(data: bytes) -> Manifest:
         raise PackageError(str(e)) from None
     manifest = parse_manifest(raw)
     if bytes(data) != manifest.canonical_bytes():
-        raise PackageError(f"{MANIFEST_FILE} is not in canonical form (sorted keys, no spaces, every field "
-                           "written out): its bytes are not the ones its adapter id is computed over")
+        raise PackageError(
+            f"{MANIFEST_FILE} is not in canonical form (sorted keys, no spaces, every field "
+            "written out): its bytes are not the ones its adapter id is computed over"
+        )
     return manifest
 
 

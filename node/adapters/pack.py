@@ -8,7 +8,9 @@ from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 
+from common.wire import canonical_json
 from ledger.types import MAX_DATASETS, Domain
+from node.adapters.basemodel import base_model_id, base_model_name, read_config
 from node.adapters.errors import PackageError
 from node.adapters.manifest import (
     MANIFEST_FILE,
@@ -24,10 +26,14 @@ from node.adapters.manifest import (
 )
 from node.adapters.signing import sign_manifest, write_signature
 from node.adapters.verify import VerifiedPackage, file_sha256, verify_package
-from node.adapters.weights import WEIGHTS_FILE, check_lora_tensors, is_pickle_file, read_lora_config, read_peft_config
-from node.adapters.weights import read_safetensors_header
-from node.adapters.basemodel import base_model_id, base_model_name, read_config
-from common.wire import canonical_json
+from node.adapters.weights import (
+    WEIGHTS_FILE,
+    check_lora_tensors,
+    is_pickle_file,
+    read_lora_config,
+    read_peft_config,
+    read_safetensors_header,
+)
 
 
 def build_manifest(
@@ -129,8 +135,14 @@ def pack_adapter(
         if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE):
             shutil.copyfile(p, out_dir / p.name)
     manifest = build_manifest(
-        out_dir, name=name, base_dir=base, datasets=datasets, price_per_1k_tokens=price_per_1k_tokens,
-        version=version, predecessor=predecessor, license=license,
+        out_dir,
+        name=name,
+        base_dir=base,
+        datasets=datasets,
+        price_per_1k_tokens=price_per_1k_tokens,
+        version=version,
+        predecessor=predecessor,
+        license=license,
     )
     write_signed(out_dir, manifest, account, domain)
     return verify_package(out_dir, base_dir=base, domain=domain)

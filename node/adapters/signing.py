@@ -21,11 +21,11 @@ from pathlib import Path
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
+from common.wire import UntrustedJSONError, canonical_json, parse_json
 from ledger.types import EIP712_NAME, EIP712_VERSION, Domain
 from node.adapters.errors import ForeignSignature, PackageError, shown
 from node.adapters.limits import MAX_SIGNATURE_BYTES
 from node.adapters.manifest import SIGNATURE_FILE, Manifest
-from common.wire import UntrustedJSONError, canonical_json, parse_json
 
 SIGNATURE_KEYS = frozenset({"adapter_id", "signer", "signature", "chain_id", "registry"})
 
@@ -55,8 +55,13 @@ def sign_manifest(manifest: Manifest, account: LocalAccount, domain: Domain | No
     """The signature document for `manifest`, valid on `domain`'s registry (None: offline)."""
     reg = manifest.registration()
     signature = reg.sign(account, domain if domain is not None else OFFLINE)
-    return {"adapter_id": manifest.adapter_id, "signer": account.address, "signature": signature,
-            "chain_id": domain.chain_id if domain else None, "registry": domain.registry if domain else None}
+    return {
+        "adapter_id": manifest.adapter_id,
+        "signer": account.address,
+        "signature": signature,
+        "chain_id": domain.chain_id if domain else None,
+        "registry": domain.registry if domain else None,
+    }
 
 
 def signature_domain(signature_doc: dict) -> Domain | None:
@@ -72,16 +77,19 @@ def signature_domain(signature_doc: dict) -> Domain | None:
         raise PackageError(f"{SIGNATURE_FILE} names a malformed domain: {e}") from e
 
 
-def recover_signer(manifest: Manifest, signature_doc: dict, *, domain: Domain | None = None,
-                   any_domain: bool = True) -> str:  # fmt: skip
+def recover_signer(
+    manifest: Manifest, signature_doc: dict, *, domain: Domain | None = None, any_domain: bool = True
+) -> str:
     """Check the signature document against `manifest` and return the checksummed signer address.
 
     With `any_domain=False` the signature must be for `domain` (a node's registry); otherwise the
     document's own domain is used, whichever it is."""
     if not isinstance(signature_doc, dict) or set(signature_doc) != SIGNATURE_KEYS:
         if isinstance(signature_doc, dict) and set(signature_doc) == {"adapter_id", "signer", "signature"}:
-            raise ForeignSignature(f"{SIGNATURE_FILE} is in the old format (not bound to a chain and registry): "
-                               "sign it again with `loramesh adapter publish`")  # fmt: skip
+            raise ForeignSignature(
+                f"{SIGNATURE_FILE} is in the old format (not bound to a chain and registry): "
+                "sign it again with `loramesh adapter publish`"
+            )
         raise PackageError(f"{SIGNATURE_FILE} must hold exactly " + ", ".join(sorted(SIGNATURE_KEYS)))
     if signature_doc["adapter_id"] != manifest.adapter_id:
         raise PackageError(
@@ -90,11 +98,14 @@ def recover_signer(manifest: Manifest, signature_doc: dict, *, domain: Domain | 
         )
     signed_for = signature_domain(signature_doc)
     if not any_domain and signed_for != domain:
-        raise ForeignSignature(f"package is signed for {describe(signed_for)}, not for this registry ({describe(domain)}): "
-                           "publish it there (`loramesh adapter publish` signs it for its deployment)")  # fmt: skip
+        raise ForeignSignature(
+            f"package is signed for {describe(signed_for)}, not for this registry ({describe(domain)}): "
+            "publish it there (`loramesh adapter publish` signs it for its deployment)"
+        )
     try:
-        recovered = manifest.registration().recover(signature_doc["signature"],
-                                                    signed_for if signed_for is not None else OFFLINE)
+        recovered = manifest.registration().recover(
+            signature_doc["signature"], signed_for if signed_for is not None else OFFLINE
+        )
         claimed = to_checksum_address(signature_doc["signer"])
     except Exception as e:  # eth-account raises several types for malformed signatures
         raise PackageError(f"{SIGNATURE_FILE} holds a malformed signature: {e}") from e

@@ -92,7 +92,11 @@ class AdapterStore:
         return self.install_from_tmp(tmp, expected_owner=expected_owner, base_dir=base_dir)
 
     def install_from_tmp(
-        self, tmp: Path, *, expected_owner: str | None = None, base_dir: str | Path | None = None,
+        self,
+        tmp: Path,
+        *,
+        expected_owner: str | None = None,
+        base_dir: str | Path | None = None,
         hashes_checked: bool = False,
     ) -> VerifiedPackage:
         """Verify a filled temporary folder and rename it into place; the folder is gone afterwards either way.
@@ -102,8 +106,14 @@ class AdapterStore:
         transfer does), so reading the files back to hash them again would only cost time.
         """
         try:
-            pkg = verify_package(tmp, base_dir=base_dir or self.base_dir, expected_owner=expected_owner,
-                                 hashes=not hashes_checked, domain=self.domain, values=True)
+            pkg = verify_package(
+                tmp,
+                base_dir=base_dir or self.base_dir,
+                expected_owner=expected_owner,
+                hashes=not hashes_checked,
+                domain=self.domain,
+                values=True,
+            )
             final = self.path_for(pkg.adapter_id)
             if (final / MANIFEST_FILE).is_file():
                 existing = self.get(pkg.adapter_id, verify_hashes=False)

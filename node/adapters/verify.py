@@ -9,6 +9,7 @@ from pathlib import Path
 from eth_utils import to_checksum_address
 
 from ledger.types import Domain
+from node.adapters.basemodel import base_model_id_from_config, read_config
 from node.adapters.errors import ForeignSignature, PackageError
 from node.adapters.manifest import (
     RESERVED_FILES,
@@ -30,7 +31,6 @@ from node.adapters.weights import (
     read_lora_tensors,
     read_safetensors_header,
 )
-from node.adapters.basemodel import base_model_id_from_config, read_config
 
 _CHUNK = 1 << 20
 
@@ -56,11 +56,12 @@ class VerifiedPackage:
 
     @property
     def peft_config(self) -> dict:
-        from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES
         from common.wire import parse_json
+        from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES
 
-        return parse_json((self.path / CONFIG_FILE).read_bytes(), max_bytes=MAX_ADAPTER_CONFIG_BYTES, max_depth=8,
-                          what=CONFIG_FILE)
+        return parse_json(
+            (self.path / CONFIG_FILE).read_bytes(), max_bytes=MAX_ADAPTER_CONFIG_BYTES, max_depth=8, what=CONFIG_FILE
+        )
 
 
 def file_sha256(path: Path) -> str:
@@ -98,7 +99,9 @@ def check_files(pkg_dir: Path, manifest: Manifest, *, hashes: bool = True) -> No
         if size != entry.size:
             raise PackageError(f"file {entry.path!r} is {size} bytes, the manifest says {entry.size}")
         if hashes and file_sha256(path) != entry.sha256:
-            raise PackageError(f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)")
+            raise PackageError(
+                f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)"
+            )
 
 
 def check_weights(pkg_dir: Path, manifest: Manifest, base_config: dict | None, *, values: bool = True) -> LoraConfig:
@@ -159,8 +162,9 @@ def verify_package(
                 f"not this base ({base_id})"
             )
     lora = check_weights(pkg_dir, manifest, base_config, values=hashes if values is None else values)
-    return VerifiedPackage(path=pkg_dir, manifest=manifest, adapter_id=manifest.adapter_id, signer=signer, lora=lora,
-                           domain=signed_for)  # fmt: skip
+    return VerifiedPackage(
+        path=pkg_dir, manifest=manifest, adapter_id=manifest.adapter_id, signer=signer, lora=lora, domain=signed_for
+    )
 
 
 def verify_manifest_and_signature(

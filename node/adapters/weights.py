@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.wire import UntrustedJSONError, parse_json
 from node.adapters.errors import PackageError, shown
 from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES, MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_SAFETENSORS_HEADER_BYTES
-from common.wire import UntrustedJSONError, parse_json
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -34,12 +34,20 @@ _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 # the projections of a Llama-family decoder that an adapter may target (PEFT module names), each
 # with the block it sits in
-_MODULE_GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_MODULE_GROUP = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 LORA_TARGETS = tuple(_MODULE_GROUP)
 # PEFT's names: base_model.model.model.layers.<i>.<self_attn|mlp>.<target>.lora_<A|B>.weight
 LORA_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(0|[1-9]\d{0,5})\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$")
+    r"^base_model\.model\.model\.layers\.(0|[1-9]\d{0,5})\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$"
+)
 
 
 def lora_key(layer: int, target: str, ab: str) -> str:
@@ -147,8 +155,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             continue
         tensors[name] = info = _tensor_entry(path.name, name, entry, data_start)
         if info.offset - data_start + info.nbytes > body:
-            raise PackageError(f"{path.name}: body is truncated: tensor {shown(name, 128)} ends at byte "
-                               f"{info.offset - data_start + info.nbytes} of a {body}-byte body")
+            raise PackageError(
+                f"{path.name}: body is truncated: tensor {shown(name, 128)} ends at byte "
+                f"{info.offset - data_start + info.nbytes} of a {body}-byte body"
+            )
         spans.append((info.offset - data_start, info.offset - data_start + info.nbytes))
     spans.sort()
     pos = 0
@@ -167,12 +177,20 @@ def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> TensorIn
         raise PackageError(f"{file}: tensor {shown_name} must be an object of exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
-        raise PackageError(f"{file}: tensor {shown_name} has dtype {shown(dtype, 24)}; expected one of {sorted(_DTYPE_SIZES)}")
+        raise PackageError(
+            f"{file}: tensor {shown_name} has dtype {shown(dtype, 24)}; expected one of {sorted(_DTYPE_SIZES)}"
+        )
     if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_size(d) for d in shape):
         raise PackageError(f"{file}: tensor {shown_name} has a malformed shape (a list of at most {_MAX_DIMS} sizes)")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
-        raise PackageError(f"{file}: tensor {shown_name} has malformed data_offsets (expected [start, end], start <= end)")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_size(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise PackageError(
+            f"{file}: tensor {shown_name} has malformed data_offsets (expected [start, end], start <= end)"
+        )
     nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
     start, end = offsets
     if end - start != nbytes:
@@ -184,9 +202,18 @@ def read_lora_tensors(path: Path, tensors: dict[str, TensorInfo], device: str = 
     """The tensors a verified header describes, read at their byte ranges (the loader's only reader)."""
     import torch
 
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+    dtypes = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
     out = {}
     with path.open("rb") as f:
         for name, info in tensors.items():
@@ -213,14 +240,17 @@ def check_tensor_values(path: Path, tensors: dict[str, TensorInfo], lora: LoraCo
     for name, t in read_lora_tensors(path, tensors).items():
         t = t.double() * (lora.scaling if ".lora_B." in name else 1.0)
         if not bool(torch.isfinite(t).all()) or (t.numel() and float(t.abs().max()) > HALF_MAX):
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown(name, 128)} holds values that are not finite or exceed "
-                               f"{HALF_MAX:g} (after lora_alpha / r scaling)")
+            raise PackageError(
+                f"{WEIGHTS_FILE}: tensor {shown(name, 128)} holds values that are not finite or exceed "
+                f"{HALF_MAX:g} (after lora_alpha / r scaling)"
+            )
 
 
 # ---- adapter_config.json: an allow-list of PEFT LoraConfig fields (peft 0.21) ----------------------------
 # A field is here only when its value is served exactly: either it does not change the math at
 # inference, or only the values listed do. Any other field, or value, is refused naming it, so a PEFT
 # feature added later (or a variant like DoRA or aLoRA) is never served silently as plain LoRA.
+
 
 def _any(v: object) -> bool:
     return True
@@ -329,28 +359,35 @@ def parse_lora_config(cfg: object) -> LoraConfig:
         raise PackageError(f"{CONFIG_FILE}: peft_type is {shown(cfg.get('peft_type'), 32)}, expected 'LORA'")
     for key in sorted(cfg):
         if key not in _PEFT_FIELDS:
-            raise PackageError(f"{CONFIG_FILE}: field {shown(key)} is not one loramesh serves exactly; remove it "
-                               "or leave it at its default")
+            raise PackageError(
+                f"{CONFIG_FILE}: field {shown(key)} is not one loramesh serves exactly; remove it "
+                "or leave it at its default"
+            )
         check, accepted = _PEFT_FIELDS[key]
         if not check(cfg[key]):
             raise PackageError(f"{CONFIG_FILE}: {key} = {shown(cfg[key])} is not served; expected {accepted}")
     rank = cfg.get("r", 8)  # PEFT's defaults
     alpha = cfg.get("lora_alpha", 8)
     if type(rank) is not int or not 1 <= rank <= MAX_LORA_RANK:
-        raise PackageError(f"{CONFIG_FILE}: rank r={shown(rank, 32)} must be an integer in 1..{MAX_LORA_RANK}, the "
-                           "largest rank nodes serve")
+        raise PackageError(
+            f"{CONFIG_FILE}: rank r={shown(rank, 32)} must be an integer in 1..{MAX_LORA_RANK}, the "
+            "largest rank nodes serve"
+        )
     if type(alpha) not in (int, float) or not math.isfinite(alpha) or not 0 < alpha <= MAX_LORA_ALPHA:
-        raise PackageError(f"{CONFIG_FILE}: lora_alpha={shown(alpha, 32)} must be a finite number in "
-                           f"(0, {MAX_LORA_ALPHA:g}]")
+        raise PackageError(
+            f"{CONFIG_FILE}: lora_alpha={shown(alpha, 32)} must be a finite number in (0, {MAX_LORA_ALPHA:g}]"
+        )
     targets = cfg.get("target_modules")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise PackageError(f"{CONFIG_FILE}: target_modules must be a list of module names from {list(LORA_TARGETS)}")
     bad = sorted(set(targets) - set(LORA_TARGETS))
     if bad:
-        raise PackageError(f"{CONFIG_FILE}: unsupported target modules {shown(bad[:4])}; supported: "
-                           f"{list(LORA_TARGETS)}")
-    return LoraConfig(rank=rank, alpha=float(alpha), targets=tuple(sorted(set(targets))),
-                      use_rslora=cfg.get("use_rslora", False))
+        raise PackageError(
+            f"{CONFIG_FILE}: unsupported target modules {shown(bad[:4])}; supported: {list(LORA_TARGETS)}"
+        )
+    return LoraConfig(
+        rank=rank, alpha=float(alpha), targets=tuple(sorted(set(targets))), use_rslora=cfg.get("use_rslora", False)
+    )
 
 
 def check_lora_tensors(tensors: dict[str, TensorInfo], lora: LoraConfig, base_config: dict | None) -> None:
@@ -368,8 +405,9 @@ def check_lora_tensors(tensors: dict[str, TensorInfo], lora: LoraConfig, base_co
         if module not in lora.targets:
             raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} targets {module}, not in target_modules")
         if info.dtype not in _FLOAT_DTYPES or len(info.shape) != 2:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} must be a 2-D float matrix, got "
-                               f"{info.dtype}{list(info.shape)}")
+            raise PackageError(
+                f"{WEIGHTS_FILE}: tensor {shown_name} must be a 2-D float matrix, got {info.dtype}{list(info.shape)}"
+            )
         if layers is not None and layer >= layers:
             raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} is for layer {layer}; the base has {layers}")
         if dims is not None:
@@ -378,8 +416,10 @@ def check_lora_tensors(tensors: dict[str, TensorInfo], lora: LoraConfig, base_co
         else:
             want = (lora.rank, info.shape[1]) if ab == "A" else (info.shape[0], lora.rank)
         if info.shape != want or 0 in info.shape:
-            raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} has shape {list(info.shape)}, expected "
-                               f"{list(want)} for rank {lora.rank}" + (" on this base model" if dims else ""))
+            raise PackageError(
+                f"{WEIGHTS_FILE}: tensor {shown_name} has shape {list(info.shape)}, expected "
+                f"{list(want)} for rank {lora.rank}" + (" on this base model" if dims else "")
+            )
         seen.setdefault((layer, module), set()).add(ab)
     if not seen:
         raise PackageError(f"{WEIGHTS_FILE}: holds no LoRA weights")
@@ -390,5 +430,6 @@ def check_lora_tensors(tensors: dict[str, TensorInfo], lora: LoraConfig, base_co
         for layer in range(layers):
             for module in lora.targets:
                 if (layer, module) not in seen:
-                    raise PackageError(f"{WEIGHTS_FILE}: layer {layer} {module} has no LoRA weights, though "
-                                       "target_modules names it")
+                    raise PackageError(
+                        f"{WEIGHTS_FILE}: layer {layer} {module} has no LoRA weights, though target_modules names it"
+                    )

@@ -18,8 +18,9 @@ RECENT_RECEIPTS = 16384  # signed receipts kept for GET /v1/requests/{id}/receip
 class RequestBook:
     """Request ids taken, who started them, and the last `recent` signed receipts."""
 
-    def __init__(self, engine: AsyncEngine, node_key: Ed25519PrivateKey, node_id: str, *,
-                 recent: int = RECENT_RECEIPTS) -> None:
+    def __init__(
+        self, engine: AsyncEngine, node_key: Ed25519PrivateKey, node_id: str, *, recent: int = RECENT_RECEIPTS
+    ) -> None:
         self.engine, self.node_key, self.node_id, self.recent = engine, node_key, node_id, recent
         self.receipts: OrderedDict[str, dict] = OrderedDict()  # request id -> {"receipt", "signature"}, newest last
         self.running: set[str] = set()  # request ids taken here whose receipt is not stored yet
@@ -52,9 +53,16 @@ class RequestBook:
         if kept is not None and kept["receipt"]["finished_at"] == ev.finished_at:
             return kept
         reason = ev.finish_reason if ev.finish_reason in ("stop", "length") else "abort"
-        receipt = make_receipt(request_id=ev.request_id, adapter_id=ev.adapter_id, node_id=self.node_id,
-                               prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                               finish_reason=reason, started_at=ev.started_at, finished_at=ev.finished_at)
+        receipt = make_receipt(
+            request_id=ev.request_id,
+            adapter_id=ev.adapter_id,
+            node_id=self.node_id,
+            prompt_tokens=ev.prompt_tokens,
+            completion_tokens=ev.completion_tokens,
+            finish_reason=reason,
+            started_at=ev.started_at,
+            finished_at=ev.finished_at,
+        )
         out = {"receipt": receipt, "signature": sign_receipt(receipt, self.node_key)}
         self.receipts[ev.request_id] = out
         self.receipts.move_to_end(ev.request_id)
@@ -66,11 +74,13 @@ class RequestBook:
 
     def unserved(self, rid: str, adapter_id: str | None, started_at: int) -> dict:
         """The signed receipt of a request that ended before the engine saw it: nothing was produced."""
-        return self.signed(FinishEvent(rid, adapter_id, "abort", 0, 0, started_at,
-                                       max(started_at, int(time.time() * 1000))))
+        return self.signed(
+            FinishEvent(rid, adapter_id, "abort", 0, 0, started_at, max(started_at, int(time.time() * 1000)))
+        )
 
     async def abort_and_keep(self, stream) -> None:
         """Abort a request whose client went away and keep its receipt (shielded: it runs to its end)."""
+
         async def go() -> None:
             try:
                 ev = await self.engine.abort(stream.request_id)
@@ -78,6 +88,7 @@ class RequestBook:
                     self.signed(ev)
             finally:
                 self.running.discard(stream.request_id)
+
         try:
             await asyncio.shield(go())
         except asyncio.CancelledError:

@@ -1,8 +1,8 @@
 """What the routes share (`NodeApi`, on app.state.node) and who is calling: the auth dependencies.
 
-    GatewayKey        a call signed by a gateway key this node trusts (its key; 401/403/409 otherwise)
-    Operator          a call with the operator's bearer token (401 otherwise)
-    OperatorOrGateway None for the operator, else the trusted gateway key that signed the call
+GatewayKey        a call signed by a gateway key this node trusts (its key; 401/403/409 otherwise)
+Operator          a call with the operator's bearer token (401 otherwise)
+OperatorOrGateway None for the operator, else the trusted gateway key that signed the call
 """
 
 from __future__ import annotations
@@ -63,8 +63,11 @@ class NodeApi:
 
     def status_doc(self) -> dict:
         """GET /status's document (also what the heartbeat sender reports)."""
-        doc = {"node_id": self.node_id, "public_key": self.public_key.hex(),
-               "base_model": {"name": self.engine.base_model_name, "id": self.engine.base_model_id}}
+        doc = {
+            "node_id": self.node_id,
+            "public_key": self.public_key.hex(),
+            "base_model": {"name": self.engine.base_model_name, "id": self.engine.base_model_id},
+        }
         doc |= self.engine.status()
         return doc | (self.extra_status() if self.extra_status is not None else {})
 
@@ -82,8 +85,14 @@ async def signed_by_gateway(request: Request) -> str:
     body = await request.body()
     try:
         # the decoded path as sent (request.url.path re-parses it and drops \t, \r, \n a signer kept)
-        key = verify_request(request.headers, method=request.method, path=request.scope["path"],
-                             node_id=node.node_id, body=body, trusted=node.trusted())
+        key = verify_request(
+            request.headers,
+            method=request.method,
+            path=request.scope["path"],
+            node_id=node.node_id,
+            body=body,
+            trusted=node.trusted(),
+        )
     except RequestAuthError as e:
         raise ApiError(e.status, e.message, e.code) from None
     if not node.replays.first_use(request.headers[SIG_HEADER].lower()):

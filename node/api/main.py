@@ -27,17 +27,29 @@ log = logging.getLogger(__name__)
 # every error status the node answers, declared once for the OpenAPI document (in common.http.ERROR_JSON's shape)
 ERRORS = {
     400: "a malformed body, a bad field, or a prompt longer than the context",
-    401: "no, a malformed or a wrong signature or operator token", 403: "a gateway key this node does not trust",
+    401: "no, a malformed or a wrong signature or operator token",
+    403: "a gateway key this node does not trust",
     404: "an adapter this node neither holds nor can fetch, or an unknown request",
     409: "a duplicate or replayed request, an adapter of another base, or a request still running",
-    413: "a body over the limit", 422: "an adapter whose weights do not fit", 500: "an engine failure",
-    503: "no free adapter slot"}
+    413: "a body over the limit",
+    422: "an adapter whose weights do not fit",
+    500: "an engine failure",
+    503: "no free adapter slot",
+}
 
 
-def create_app(engine: AsyncEngine, node_key: Ed25519PrivateKey, *, trusted_gateways: TrustedKeys, operator_token: str,
-               extra_status: Callable[[], dict] | None = None, uploads: PackageInstaller | None = None,
-               services: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
-               recent_receipts: int = RECENT_RECEIPTS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    engine: AsyncEngine,
+    node_key: Ed25519PrivateKey,
+    *,
+    trusted_gateways: TrustedKeys,
+    operator_token: str,
+    extra_status: Callable[[], dict] | None = None,
+    uploads: PackageInstaller | None = None,
+    services: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    recent_receipts: int = RECENT_RECEIPTS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     """The node API over `engine`, which the app's lifespan starts and closes.
 
     `trusted_gateways`: the gateway public keys (hex) whose signed calls are accepted, as a live collection
@@ -53,10 +65,18 @@ def create_app(engine: AsyncEngine, node_key: Ed25519PrivateKey, *, trusted_gate
         raise ValueError("the node API needs an operator token: there is no unauthenticated mode")
     public_key = public_key_bytes(node_key)
     node_id = node_id_of(public_key)
-    node = NodeApi(engine=engine, node_key=node_key, public_key=public_key, node_id=node_id,
-                   trusted=trusted_gateways if callable(trusted_gateways) else (lambda: trusted_gateways),
-                   operator_token=operator_token, book=RequestBook(engine, node_key, node_id, recent=recent_receipts),
-                   max_body_bytes=max_body_bytes, extra_status=extra_status, uploads=uploads)
+    node = NodeApi(
+        engine=engine,
+        node_key=node_key,
+        public_key=public_key,
+        node_id=node_id,
+        trusted=trusted_gateways if callable(trusted_gateways) else (lambda: trusted_gateways),
+        operator_token=operator_token,
+        book=RequestBook(engine, node_key, node_id, recent=recent_receipts),
+        max_body_bytes=max_body_bytes,
+        extra_status=extra_status,
+        uploads=uploads,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -89,8 +109,7 @@ def create_app(engine: AsyncEngine, node_key: Ed25519PrivateKey, *, trusted_gate
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    body = error_body(exc.message, type="server_error" if exc.status >= 500 else "invalid_request_error",
-                      code=exc.code)
+    body = error_body(exc.message, type="server_error" if exc.status >= 500 else "invalid_request_error", code=exc.code)
     return JSONResponse(body | exc.extra, status_code=exc.status)
 
 
@@ -102,5 +121,6 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 async def _crash(request: Request, exc: Exception) -> JSONResponse:
     # the last resort: a bug must still answer in the API's shape, without its details
     log.exception("unhandled error on %s", request.url.path)
-    return JSONResponse(error_body("internal error on this node", type="server_error", code="internal_error"),
-                        status_code=500)
+    return JSONResponse(
+        error_body("internal error on this node", type="server_error", code="internal_error"), status_code=500
+    )

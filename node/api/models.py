@@ -61,5 +61,6 @@ def parse_body(raw: bytes, model: type[BaseModel], *, max_bytes: int, optional: 
 def json_schema_body(model: type[BaseModel], *, required: bool = True) -> dict:
     """`openapi_extra` declaring a JSON body: the handlers read their bodies themselves (parse_body), so the
     OpenAPI document is told the schema here."""
-    return {"requestBody": {"required": required,
-                            "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    return {
+        "requestBody": {"required": required, "content": {"application/json": {"schema": model.model_json_schema()}}}
+    }

@@ -1,14 +1,14 @@
 """The shared-base multi-LoRA engine. A request's path through it, file by file:
 
-    async_engine.py   AsyncEngine: the asyncio front; runs the core on its own thread
-    llm_engine.py     LLMEngine: the synchronous core, one scheduled step at a time
-    scheduler.py      which sequences run next (continuous batching, round-robin over adapters)
-    block_manager.py  the paged KV cache's blocks
-    lora/manager.py   adapter residency: device slots <- host cache <- store <- peers
-    model_runner.py   a batch -> input tensors -> one forward pass; owns the KV cache and slot buffer
-    model.py          the Llama-family decoder; layers/ (attention, fused ops, sampler) and lora/
-                      (LoRA layers, mapping, weights, kernels) hold its parts
-    detokenizer.py    token ids -> text, stop strings
+async_engine.py   AsyncEngine: the asyncio front; runs the core on its own thread
+llm_engine.py     LLMEngine: the synchronous core, one scheduled step at a time
+scheduler.py      which sequences run next (continuous batching, round-robin over adapters)
+block_manager.py  the paged KV cache's blocks
+lora/manager.py   adapter residency: device slots <- host cache <- store <- peers
+model_runner.py   a batch -> input tensors -> one forward pass; owns the KV cache and slot buffer
+model.py          the Llama-family decoder; layers/ (attention, fused ops, sampler) and lora/
+                  (LoRA layers, mapping, weights, kernels) hold its parts
+detokenizer.py    token ids -> text, stop strings
 """
 
 from node.engine.async_engine import AsyncEngine, RequestStream

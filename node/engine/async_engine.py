@@ -26,7 +26,7 @@ AsyncFetcher = Callable[[str], Awaitable[Path | None]]
 class RequestStream:
     """Events of one request: TokenEvent..., then one FinishEvent. Closing it early aborts the request."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.request_id = request_id
         self.loop = loop
@@ -37,7 +37,7 @@ class RequestStream:
     def finished(self) -> bool:
         return self.final is not None
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> TokenEvent | FinishEvent:
@@ -57,14 +57,21 @@ class AsyncEngine:
     """Thread-driven wrapper of LLMEngine for asyncio code (the node API). Its fetcher runs on the event
     loop of the engine's callers."""
 
-    def __init__(self, config: EngineConfig, *, store=None, fetcher: AsyncFetcher | None = None, weights=None,
-                 kernel=None) -> None:
+    def __init__(
+        self, config: EngineConfig, *, store=None, fetcher: AsyncFetcher | None = None, weights=None, kernel=None
+    ) -> None:
         self._fetch = fetcher
         # the loop the asyncio callers run on, where fetches run: known once one has called
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
-        self.core = LLMEngine(config, store=store, fetcher=self._fetch_on_loop if fetcher is not None else None,
-                              on_ready=self._wake.set, weights=weights, kernel=kernel)
+        self.core = LLMEngine(
+            config,
+            store=store,
+            fetcher=self._fetch_on_loop if fetcher is not None else None,
+            on_ready=self._wake.set,
+            weights=weights,
+            kernel=kernel,
+        )
         self.config = config
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
@@ -89,7 +96,7 @@ class AsyncEngine:
         """The longest sequence (prompt + completion) a request may reach on this engine."""
         return self.core.max_len
 
-    def start(self) -> "AsyncEngine":
+    def start(self) -> AsyncEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
             self._thread.start()
@@ -122,6 +129,7 @@ class AsyncEngine:
                 with self._lock:
                     self._streams.pop(request.request_id, None)
                 raise
+
         self.call(add)
         return stream
 

@@ -92,7 +92,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelConfig":
+    def from_dict(cls, cfg: dict) -> ModelConfig:
         """Build from the dict of a Hugging Face config.json (transformers 4.x or 5.x layout)."""
         model_type = cfg.get("model_type", "")
         if cfg.get("hidden_act", "silu") != "silu":
@@ -143,7 +143,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         """Read `model_dir/config.json`."""
         from node.adapters.basemodel import read_config
 
@@ -151,7 +151,9 @@ class ModelConfig:
         try:
             cfg = read_config(model_dir)
         except (OSError, ValueError) as e:
-            raise ModelConfigError(f"cannot read base model config {path}: {e}; expected a Hugging Face config.json") from e
+            raise ModelConfigError(
+                f"cannot read base model config {path}: {e}; expected a Hugging Face config.json"
+            ) from e
         try:
             return cls.from_dict(cfg)
         except KeyError as e:
@@ -174,10 +176,14 @@ def sliding_window_layers(model_type: str, cfg: dict, num_layers: int) -> tuple[
         if type(first) is not int:
             raise ModelConfigError(f"max_window_layers {first!r} is not an integer")
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
-    if (not isinstance(types, list) or len(types) != num_layers
-            or any(t not in ("sliding_attention", "full_attention") for t in types)):
-        raise ModelConfigError(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the "
-                               f"{num_layers} layers")
+    if (
+        not isinstance(types, list)
+        or len(types) != num_layers
+        or any(t not in ("sliding_attention", "full_attention") for t in types)
+    ):
+        raise ModelConfigError(
+            f"layer_types must list 'sliding_attention' or 'full_attention' for each of the {num_layers} layers"
+        )
     sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return (_window(window), sliding) if sliding else (None, None)
 

@@ -41,20 +41,22 @@ class DecodeGraphs:
         self.max_blocks = min(cfg.blocks_for(cfg.context_len(runner.cfg)), runner.num_blocks)
         self.scratch = runner.scratch_block
         m, dev = self.max_batch, runner.device
-        # one int64 buffer: tokens [M] | positions [M] | KV slot per token [M] | context lens [M] | tables [M, max_blocks]
+        # one int64 buffer: tokens [M] | positions [M] | KV slot per token [M] | context lens [M]
+        # | tables [M, max_blocks]
         n = 4 * m + m * self.max_blocks
         self.buf = torch.zeros(n, dtype=torch.int64, device=dev)
         self.host = torch.zeros(n, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.np = self.host.numpy()
-        self.tokens, self.positions = self.buf[:m], self.buf[m: 2 * m]
-        self.slot_mapping, self.context_lens = self.buf[2 * m: 3 * m], self.buf[3 * m: 4 * m]
-        self.tables = self.buf[4 * m:].view(m, self.max_blocks)
+        self.tokens, self.positions = self.buf[:m], self.buf[m : 2 * m]
+        self.slot_mapping, self.context_lens = self.buf[2 * m : 3 * m], self.buf[3 * m : 4 * m]
+        self.tables = self.buf[4 * m :].view(m, self.max_blocks)
         self._pad_rows(0, m)
         self.buf.copy_(self.host)
         self.logits = torch.empty(m, runner.cfg.vocab_size, dtype=runner.dtype, device=dev)
         s = cfg.num_slots
-        self.lora_meta = {(b, mode): self.kernel.static_meta(mode, b, s, dev)
-                          for b in self.buckets for mode in MODES[1:]}
+        self.lora_meta = {
+            (b, mode): self.kernel.static_meta(mode, b, s, dev) for b in self.buckets for mode in MODES[1:]
+        }
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.pool = None
         if capture:
@@ -64,9 +66,9 @@ class DecodeGraphs:
     def _pad_rows(self, lo: int, hi: int) -> None:
         m, mb, a = self.max_batch, self.max_blocks, self.np
         a[lo:hi] = 0
-        a[m + lo: m + hi] = 0
-        a[2 * m + lo: 2 * m + hi] = self.scratch * self.block_size
-        a[3 * m + lo: 3 * m + hi] = 1
+        a[m + lo : m + hi] = 0
+        a[2 * m + lo : 2 * m + hi] = self.scratch * self.block_size
+        a[3 * m + lo : 3 * m + hi] = 1
         for i in range(lo, hi):
             a[4 * m + i * mb] = self.scratch
 
@@ -79,7 +81,7 @@ class DecodeGraphs:
             a[m + i] = pos
             a[2 * m + i] = table[pos // bs] * bs + pos % bs
             a[3 * m + i] = pos + 1
-            a[4 * m + i * mb: 4 * m + i * mb + len(table)] = table
+            a[4 * m + i * mb : 4 * m + i * mb + len(table)] = table
         self._pad_rows(len(seqs), bucket)
         n = 4 * m + bucket * mb
         # one copy; the host buffer is reused next step, after this step's tokens came back (a sync)
@@ -88,9 +90,16 @@ class DecodeGraphs:
     # ---- the step ----
     def _forward(self, bucket: int, mode: str) -> None:
         r = self.runner
-        meta = AttentionMetadata(slot_mapping=self.slot_mapping[:bucket], block_tables=self.tables[:bucket],
-                                 query_index=None, query_valid=None, mask=None, num_seqs=bucket,
-                                 context_lens=self.context_lens[:bucket], window=r.cfg.sliding_window)
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bucket],
+            block_tables=self.tables[:bucket],
+            query_index=None,
+            query_valid=None,
+            mask=None,
+            num_seqs=bucket,
+            context_lens=self.context_lens[:bucket],
+            window=r.cfg.sliding_window,
+        )
         r.mapping.set_meta(None if mode == "base" else self.lora_meta[(bucket, mode)])
         hidden = r.model(self.tokens[:bucket], self.positions[:bucket], meta, r.kv_caches)  # [bucket, D]
         self.logits[:bucket].copy_(r.model.compute_logits(hidden))
@@ -127,5 +136,6 @@ class DecodeGraphs:
                 self.graphs[(bucket, mode)] = graph
         torch.cuda.synchronize(self.runner.device)
         self.runner.mapping.set_meta(None)
-        log.info("captured %d decode graphs (buckets %s) in %.1f s", len(self.graphs), self.buckets,
-                 time.perf_counter() - t0)
+        log.info(
+            "captured %d decode graphs (buckets %s) in %.1f s", len(self.graphs), self.buckets, time.perf_counter() - t0
+        )

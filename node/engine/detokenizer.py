@@ -20,12 +20,12 @@ class TextStream:
         if self.tokenizer is None:
             return ""
         dec = self.tokenizer.decode
-        before = dec(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        after = dec(self.ids[self._prefix:], skip_special_tokens=True)
+        before = dec(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        after = dec(self.ids[self._prefix :], skip_special_tokens=True)
         # an incomplete multi-byte character decodes to U+FFFD: wait for its remaining bytes
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self.ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
     def push(self, token_id: int) -> tuple[str, bool]:
@@ -40,7 +40,7 @@ class TextStream:
                 return out, True
         hold = self._held_back()
         out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
+        self.pending = self.pending[len(out) :]
         self.text += out
         return out, False
 
@@ -48,9 +48,9 @@ class TextStream:
         """At the end: emit held-back text and any trailing undecodable bytes (as U+FFFD)."""
         tail = ""
         if self.tokenizer is not None and self._read < len(self.ids):
-            before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-            after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
-            tail = after[len(before):]
+            before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+            after = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+            tail = after[len(before) :]
             self._prefix = self._read = len(self.ids)
         out, self.pending = self.pending + tail, ""
         self.text += out

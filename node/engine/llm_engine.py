@@ -67,9 +67,16 @@ def default_kernel(device: torch.device) -> LoRAKernel:
 class LLMEngine:
     """Owns the model runner, scheduler, KV blocks, adapter manager and per-request state."""
 
-    def __init__(self, config: EngineConfig, *, store=None, fetcher: Fetcher | None = None,
-                 on_ready: Callable[[], None] | None = None, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
-                 kernel: LoRAKernel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        store=None,
+        fetcher: Fetcher | None = None,
+        on_ready: Callable[[], None] | None = None,
+        weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+        kernel: LoRAKernel | None = None,
+    ) -> None:
         """`fetcher` brings an adapter the store lacks (lora/manager.py's Fetcher); `on_ready` is called,
         from another thread, whenever an adapter load or slot write ends (a waiting step can run)."""
         from node.adapters.basemodel import base_model_id, base_model_name
@@ -91,17 +98,35 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self.max_len = min(config.context_len(self.model_cfg), self.runner.num_blocks * config.block_size)
         self.adapters = AdapterManager(
-            num_slots=config.num_slots, cpu_cache_size=config.cpu_cache_size, store=store,
-            base_model_id=self.base_model_id, decode=self._decode, write_slot=self.runner.write_slot,
-            fetcher=fetcher, verify_hashes=config.verify_adapter_hashes, on_ready=on_ready)
-        self.scheduler = Scheduler(self.blocks, self.adapters, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens)
+            num_slots=config.num_slots,
+            cpu_cache_size=config.cpu_cache_size,
+            store=store,
+            base_model_id=self.base_model_id,
+            decode=self._decode,
+            write_slot=self.runner.write_slot,
+            fetcher=fetcher,
+            verify_hashes=config.verify_adapter_hashes,
+            on_ready=on_ready,
+        )
+        self.scheduler = Scheduler(
+            self.blocks,
+            self.adapters,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
         self.seqs: dict[str, Sequence] = {}
         self.recent: OrderedDict[str, FinishEvent] = OrderedDict()
         self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._rate: deque[tuple[float, int]] = deque()
-        log.info("engine ready: %s (%s) on %s, %s, %d slots, max_len %d", self.base_model_name,
-                 self.model_cfg.model_type, config.device, self.dtype, config.num_slots, self.max_len)
+        log.info(
+            "engine ready: %s (%s) on %s, %s, %d slots, max_len %d",
+            self.base_model_name,
+            self.model_cfg.model_type,
+            config.device,
+            self.dtype,
+            config.num_slots,
+            self.max_len,
+        )
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set(self.model_cfg.eos_token_ids)
@@ -121,8 +146,15 @@ class LLMEngine:
         runner prebuilds them (so the engine thread's slot write is one copy)."""
         from node.adapters import load_lora_tensors
 
-        loaded = decode_lora(pkg.adapter_id, pkg.name, load_lora_tensors(pkg), pkg.lora.scaling, self.model_cfg,
-                             self.config.max_lora_rank, self.dtype)
+        loaded = decode_lora(
+            pkg.adapter_id,
+            pkg.name,
+            load_lora_tensors(pkg),
+            pkg.lora.scaling,
+            self.model_cfg,
+            self.config.max_lora_rank,
+            self.dtype,
+        )
         if self.runner.prebuilt_images:
             loaded.image = self.runner.slot_image(loaded)  # pinned on CUDA: a slot load is one async copy
             if self.device.type == "cuda":
@@ -136,7 +168,9 @@ class LLMEngine:
             ids = list(req.prompt_token_ids)
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_cfg.vocab_size]
             if bad:
-                raise RequestError(f"prompt_token_ids holds {bad[0]!r}; expected ints in [0, {self.model_cfg.vocab_size})")
+                raise RequestError(
+                    f"prompt_token_ids holds {bad[0]!r}; expected ints in [0, {self.model_cfg.vocab_size})"
+                )
         else:
             if self.tokenizer is None:
                 raise RequestError("this node's base model has no tokenizer: send prompt_token_ids")
@@ -146,7 +180,8 @@ class LLMEngine:
         if len(ids) >= self.max_len:
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens; this node's context holds {self.max_len} "
-                f"(prompt + at least one generated token)")
+                f"(prompt + at least one generated token)"
+            )
         if req.params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this node's base model has none")
         seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
@@ -187,8 +222,13 @@ class LLMEngine:
     def status(self) -> dict:
         """Slot table, host cache, queue and throughput (the node's /status)."""
         s = self.adapters.snapshot()
-        s.update(queue_depth=self.scheduler.num_waiting, running=len(self.scheduler.running),
-                 tokens_per_s=self.tokens_per_s(), device=self.config.device, usage=dict(self.usage))
+        s.update(
+            queue_depth=self.scheduler.num_waiting,
+            running=len(self.scheduler.running),
+            tokens_per_s=self.tokens_per_s(),
+            device=self.config.device,
+            usage=dict(self.usage),
+        )
         return s
 
     # ---- one step ----
@@ -201,8 +241,9 @@ class LLMEngine:
         try:
             logits = self.runner.forward(seqs, prefill)  # [B, V]
             if self.device.type == "cuda":  # batched on the device, one copy of the ids to the host
-                tokens = sample_on_device(logits, [s.params for s in seqs], [s.seed for s in seqs],
-                                          [len(s.output_token_ids) for s in seqs])
+                tokens = sample_on_device(
+                    logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_token_ids) for s in seqs]
+                )
             else:
                 tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         except Exception as e:  # fail this step's requests, keep serving everyone else
@@ -231,10 +272,17 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)
         ev = FinishEvent(
-            request_id=seq.request_id, adapter_id=seq.adapter_id, finish_reason=reason,
-            prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids),
-            started_at=seq.started_at, finished_at=now_ms(), text=seq.stream.text,
-            token_ids=tuple(seq.output_token_ids), error=seq.error)
+            request_id=seq.request_id,
+            adapter_id=seq.adapter_id,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_token_ids),
+            completion_tokens=len(seq.output_token_ids),
+            started_at=seq.started_at,
+            finished_at=now_ms(),
+            text=seq.stream.text,
+            token_ids=tuple(seq.output_token_ids),
+            error=seq.error,
+        )
         self.recent[seq.request_id] = ev
         while len(self.recent) > RECENT_FINISHED:
             self.recent.popitem(last=False)

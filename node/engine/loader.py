@@ -20,12 +20,17 @@ log = logging.getLogger(__name__)
 
 # checkpoint projection -> (fused parameter, part name)
 _FUSED = {
-    "q_proj": ("qkv_proj", "q_proj"), "k_proj": ("qkv_proj", "k_proj"), "v_proj": ("qkv_proj", "v_proj"),
-    "gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
+    "q_proj": ("qkv_proj", "q_proj"),
+    "k_proj": ("qkv_proj", "k_proj"),
+    "v_proj": ("qkv_proj", "v_proj"),
+    "gate_proj": ("gate_up_proj", "gate_proj"),
+    "up_proj": ("gate_up_proj", "up_proj"),
 }
 MAX_INDEX_BYTES = 16 << 20  # a 400B model's shard index is well under 1 MiB
 _SHARD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.safetensors$")  # a file beside the index, nothing else
-_PROJ = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+_PROJ = re.compile(
+    r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$"
+)
 
 
 class CheckpointError(ValueError):
@@ -41,7 +46,9 @@ def checkpoint_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tenso
     elif (d / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
-        raise CheckpointError(f"{d} has no model.safetensors or model.safetensors.index.json; expected a safetensors checkpoint")
+        raise CheckpointError(
+            f"{d} has no model.safetensors or model.safetensors.index.json; expected a safetensors checkpoint"
+        )
     for f in files:
         with safe_open(str(d / f), framework="pt", device="cpu") as st:
             for name in st.keys():
@@ -63,8 +70,13 @@ def _shard_files(index: Path) -> list[str]:
     return files
 
 
-def build_model(cfg: ModelConfig, mapping: LoRAMapping, tensors: Iterable[tuple[str, torch.Tensor]],
-                device: torch.device, dtype: torch.dtype) -> CausalLM:
+def build_model(
+    cfg: ModelConfig,
+    mapping: LoRAMapping,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> CausalLM:
     """Meta-device construction, then allocate on `device` and copy every checkpoint tensor in."""
     with torch.device("meta"):
         model = CausalLM(cfg, mapping)
@@ -80,7 +92,7 @@ def build_model(cfg: ModelConfig, mapping: LoRAMapping, tensors: Iterable[tuple[
         m = _PROJ.match(name)
         if m:
             fused, part = _FUSED[m.group(2)]
-            pname = f"{m.group(1)}{fused}.{m.group(3)}"[len("model."):]
+            pname = f"{m.group(1)}{fused}.{m.group(3)}"[len("model.") :]
             if pname not in params:
                 raise CheckpointError(f"checkpoint tensor {name} has no place in a {cfg.model_type} model")
             module = model.get_submodule(pname.rsplit(".", 1)[0])
@@ -88,7 +100,7 @@ def build_model(cfg: ModelConfig, mapping: LoRAMapping, tensors: Iterable[tuple[
             if _all_parts_loaded(module, pname, part):
                 missing.discard(pname)
             continue
-        pname = name[len("model."):] if name.startswith("model.") else name
+        pname = name[len("model.") :] if name.startswith("model.") else name
         if pname not in params:
             raise CheckpointError(f"checkpoint tensor {name} has no place in a {cfg.model_type} model")
         if params[pname].shape != t.shape:

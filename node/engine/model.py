@@ -41,7 +41,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         wl = 2 * math.pi / inv
         scaled = torch.where(wl > low_wl, inv / rope.factor, inv)
         smooth = (rope.original_max_position_embeddings / wl - rope.low_freq_factor) / (
-            rope.high_freq_factor - rope.low_freq_factor)
+            rope.high_freq_factor - rope.low_freq_factor
+        )
         mid = (1 - smooth) * scaled / rope.factor + smooth * scaled
         is_mid = (wl >= high_wl) & (wl <= low_wl)
         return torch.where(is_mid, mid, scaled)
@@ -76,20 +77,32 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, rotary: Rotary) -> None:
         super().__init__()
         self.cfg = cfg
-        self.qkv_proj = LinearWithLoRA(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size),
-                                       ("q_proj", "k_proj", "v_proj"), cfg.qkv_bias, mapping)
+        self.qkv_proj = LinearWithLoRA(
+            cfg.hidden_size,
+            (cfg.q_size, cfg.kv_size, cfg.kv_size),
+            ("q_proj", "k_proj", "v_proj"),
+            cfg.qkv_bias,
+            mapping,
+        )
         self.o_proj = LinearWithLoRA(cfg.q_size, (cfg.hidden_size,), ("o_proj",), cfg.o_bias, mapping)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: tuple[torch.Tensor, torch.Tensor], fused: ModuleType | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        fused: ModuleType | None = None,
+    ) -> torch.Tensor:
         c = self.cfg
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
         if fused is not None and self.q_norm is None:  # one kernel: rotate q and k, write k and v into the cache
-            q = fused.rope_and_cache(qkv, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, kv[0], kv[1],
-                               c.num_heads)  # [T, H, d]
+            q = fused.rope_and_cache(
+                qkv, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, kv[0], kv[1], c.num_heads
+            )  # [T, H, d]
             return self.o_proj(paged_attention(q, kv[0], kv[1], meta).reshape(-1, c.q_size))
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
@@ -107,8 +120,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: LoRAMapping) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = LinearWithLoRA(cfg.hidden_size, (self.inter, self.inter), ("gate_proj", "up_proj"),
-                                           False, mapping)
+        self.gate_up_proj = LinearWithLoRA(
+            cfg.hidden_size, (self.inter, self.inter), ("gate_proj", "up_proj"), False, mapping
+        )
         self.down_proj = LinearWithLoRA(self.inter, (cfg.hidden_size,), ("down_proj",), False, mapping)
 
     def forward(self, x: torch.Tensor, fused: ModuleType | None = None) -> torch.Tensor:
@@ -194,8 +208,13 @@ class CausalLM(nn.Module):
             out += [(i, a.qkv_proj), (i, a.o_proj), (i, m.gate_up_proj), (i, m.down_proj)]
         return out
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         x = self.embed_tokens(token_ids)  # [T, D]
         metas = [meta] * len(self.layers)
         if self.cfg.sliding_window is not None and self.full_layers:

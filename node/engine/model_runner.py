@@ -37,8 +37,9 @@ class SlotCopy:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, model: CausalLM, mapping: LoRAMapping,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: EngineConfig, model_cfg: ModelConfig, model: CausalLM, mapping: LoRAMapping, dtype: torch.dtype
+    ) -> None:
         self.config = config
         self.cfg = model_cfg
         self.model = model
@@ -60,10 +61,16 @@ class ModelRunner:
         self.scratch_block = self.num_blocks if self.static_decode else None
         total = self.num_blocks + (1 if self.static_decode else 0)
         shape = (total, config.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(model_cfg.num_layers)]
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, config.block_size,
-                 self.num_blocks * self._block_bytes() / 2**20)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(model_cfg.num_layers)
+        ]
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            self.num_blocks,
+            config.block_size,
+            self.num_blocks * self._block_bytes() / 2**20,
+        )
         self.graphs = None
         if self.static_decode:
             from node.engine.cuda_graph import DecodeGraphs
@@ -93,8 +100,9 @@ class ModelRunner:
         buf = torch.zeros(s1, p, dtype=self.dtype, device=self.device)
         for _, layer, a_off, b_off in layout:
             (ra, ca), (rb, cb) = layer.lora_shapes(r)
-            layer.attach_lora(buf[:, a_off: a_off + ra * ca].view(s1, ra, ca),
-                              buf[:, b_off: b_off + rb * cb].view(s1, rb, cb), r)
+            layer.attach_lora(
+                buf[:, a_off : a_off + ra * ca].view(s1, ra, ca), buf[:, b_off : b_off + rb * cb].view(s1, rb, cb), r
+            )
         return buf, layout
 
     def slot_image(self, adapter: LoadedAdapter) -> torch.Tensor:
@@ -108,8 +116,9 @@ class ModelRunner:
         r = self.config.max_lora_rank
         for idx, layer, a_off, b_off in self.slot_layout:
             (ra, ca), (rb, cb) = layer.lora_shapes(r)
-            layer.slot_image(row[a_off: a_off + ra * ca].view(ra, ca), row[b_off: b_off + rb * cb].view(rb, cb),
-                             idx, adapter)
+            layer.slot_image(
+                row[a_off : a_off + ra * ca].view(ra, ca), row[b_off : b_off + rb * cb].view(rb, cb), idx, adapter
+            )
 
     def _block_bytes(self) -> int:
         c = self.cfg
@@ -177,8 +186,9 @@ class ModelRunner:
             positions.append(pos)
             slots.extend([s.slot] * len(ids))
         dev = self.device
-        meta = build_metadata(positions, [s.block_table for s in seqs], self.config.block_size,
-                              self.cfg.sliding_window, dev)
+        meta = build_metadata(
+            positions, [s.block_table for s in seqs], self.config.block_size, self.cfg.sliding_window, dev
+        )
         token_t = to_device(torch.tensor(tokens, dtype=torch.int64), dev)  # [T]
         pos_t = to_device(torch.tensor([p for ps in positions for p in ps], dtype=torch.int64), dev)  # [T]
         self.mapping.set_token_slots(slots, dev)

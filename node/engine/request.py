@@ -52,8 +52,9 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < SEED_LIMIT):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT
+        ):
             raise RequestError(f"seed must be an integer in [0, 2^64) or null, got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {list(self.stop)!r}")
@@ -73,7 +74,9 @@ class GenerationRequest:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise RequestError(f"request_id must be a non-empty string, got {self.request_id!r}")
         if self.adapter_id is not None and not HEX_ID.match(self.adapter_id):
-            raise RequestError(f"adapter_id must be '0x' + 64 lowercase hex characters or null, got {self.adapter_id!r}")
+            raise RequestError(
+                f"adapter_id must be '0x' + 64 lowercase hex characters or null, got {self.adapter_id!r}"
+            )
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise RequestError("give exactly one of prompt or prompt_token_ids")
 

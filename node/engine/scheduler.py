@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from node.engine.block_manager import BlockManager
 from node.engine.lora.errors import AdapterError
 from node.engine.lora.manager import AdapterManager
-from node.engine.sequence import Sequence, SeqStatus
+from node.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,9 @@ BASE = ""  # queue key of base-model requests
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, adapters: AdapterManager, *, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, adapters: AdapterManager, *, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
         self.blocks = blocks
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs

@@ -8,8 +8,8 @@ import time
 import torch
 
 from node.engine.detokenizer import TextStream
-from node.engine.request import SamplingParams
 from node.engine.layers.sampler import seeded_generator
+from node.engine.request import SamplingParams
 
 
 class SeqStatus(enum.Enum):
@@ -26,12 +26,34 @@ class Sequence:
     """Prompt plus generated tokens; preemption frees its blocks and keeps everything else, so the
     resumed sequence recomputes its cache and continues with the same sampler state."""
 
-    __slots__ = ("request_id", "adapter_id", "prompt_token_ids", "output_token_ids", "params", "block_table",
-                 "status", "slot", "generator", "stream", "finish_reason", "started_at", "error",
-                 "num_preemptions", "seed")
+    __slots__ = (
+        "request_id",
+        "adapter_id",
+        "prompt_token_ids",
+        "output_token_ids",
+        "params",
+        "block_table",
+        "status",
+        "slot",
+        "generator",
+        "stream",
+        "finish_reason",
+        "started_at",
+        "error",
+        "num_preemptions",
+        "seed",
+    )
 
-    def __init__(self, request_id: str, adapter_id: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer, device: torch.device, seed: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        adapter_id: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tokenizer,
+        device: torch.device,
+        seed: int,
+    ) -> None:
         self.request_id = request_id
         self.adapter_id = adapter_id
         self.prompt_token_ids = list(prompt_token_ids)

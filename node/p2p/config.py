@@ -49,15 +49,34 @@ class P2PConfig:
                 Multiaddr(addr)
         except Exception as e:
             raise ValueError(f"bad multiaddr in p2p config: {e}") from e
-        for name in ("read_timeout", "dial_timeout", "announce_interval", "announce_max_age",
-                     "dht_provide_interval", "discover_timeout", "dht_query_timeout", "request_timeout",
-                     "header_timeout", "min_rate", "transfer_grace", "backoff_base", "backoff_max"):
+        for name in (
+            "read_timeout",
+            "dial_timeout",
+            "announce_interval",
+            "announce_max_age",
+            "dht_provide_interval",
+            "discover_timeout",
+            "dht_query_timeout",
+            "request_timeout",
+            "header_timeout",
+            "min_rate",
+            "transfer_grace",
+            "backoff_base",
+            "backoff_max",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"p2p config {name} must be > 0, got {getattr(self, name)}")
         if self.announce_future_skew < 0:
             raise ValueError(f"p2p config announce_future_skew must be >= 0, got {self.announce_future_skew}")
-        for name in ("max_inbound_streams", "max_streams_per_peer", "max_connections", "max_package_bytes",
-                     "max_attempts", "book_max_peers", "book_max_ids"):
+        for name in (
+            "max_inbound_streams",
+            "max_streams_per_peer",
+            "max_connections",
+            "max_package_bytes",
+            "max_attempts",
+            "book_max_peers",
+            "book_max_ids",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"p2p config {name} must be >= 1, got {getattr(self, name)}")
         if self.max_unknown_attempts < 0:

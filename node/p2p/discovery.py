@@ -65,8 +65,13 @@ class Announcement:
     ts_ms: int  # unix time in milliseconds (an int keeps the canonical bytes unambiguous)
 
     def payload(self) -> dict:
-        return {"v": 1, "peer_id": self.peer_id, "addrs": list(self.addrs), "adapters": list(self.adapters),
-                "ts": self.ts_ms}
+        return {
+            "v": 1,
+            "peer_id": self.peer_id,
+            "addrs": list(self.addrs),
+            "adapters": list(self.adapters),
+            "ts": self.ts_ms,
+        }
 
 
 def sign_announcement(ann: Announcement, key: PrivateKey) -> bytes:
@@ -75,8 +80,7 @@ def sign_announcement(ann: Announcement, key: PrivateKey) -> bytes:
     return canonical_json({"payload": ann.payload(), "sig": sig.hex()})
 
 
-def verify_announcement(data: bytes, *, now: float, max_age: float,
-                        future_skew: float = FUTURE_SKEW_S) -> Announcement:
+def verify_announcement(data: bytes, *, now: float, max_age: float, future_skew: float = FUTURE_SKEW_S) -> Announcement:
     """Parse and check wire bytes; AnnouncementError names what was wrong."""
     try:
         doc = parse_json(data, max_bytes=MAX_ANNOUNCEMENT_BYTES, max_depth=3, what="announcement")
@@ -87,8 +91,9 @@ def verify_announcement(data: bytes, *, now: float, max_age: float,
         sig = bytes.fromhex(sig_hex)
         peer_id, addrs, adapters, ts = payload["peer_id"], payload["addrs"], payload["adapters"], payload["ts"]
     except (ValueError, KeyError, TypeError) as e:
-        raise AnnouncementError(f"announcement is not {{payload: {{peer_id, addrs, adapters, ts}}, sig}} "
-                                f"({type(e).__name__})") from e
+        raise AnnouncementError(
+            f"announcement is not {{payload: {{peer_id, addrs, adapters, ts}}, sig}} ({type(e).__name__})"
+        ) from e
     if not isinstance(payload, dict) or payload.get("v") != 1:
         raise AnnouncementError(f"announcement version {payload.get('v')!r}; expected 1")
     if not (isinstance(addrs, list) and len(addrs) <= MAX_ADDRS and all(isinstance(a, str) for a in addrs)):
@@ -100,8 +105,9 @@ def verify_announcement(data: bytes, *, now: float, max_age: float,
     if not isinstance(peer_id, str) or len(peer_id) > 128:
         raise AnnouncementError("announcement peer_id must be a base58 peer id string")
     if ts < (now - max_age) * 1000 or ts > (now + future_skew) * 1000:
-        raise AnnouncementError(f"announcement from {peer_id} is stale or future-dated "
-                                f"(ts {ts} ms, now {now * 1000:.0f})")
+        raise AnnouncementError(
+            f"announcement from {peer_id} is stale or future-dated (ts {ts} ms, now {now * 1000:.0f})"
+        )
     if canonical_json(doc) != bytes(data):
         raise AnnouncementError("announcement is not in canonical form (what was signed)")
     try:
@@ -227,8 +233,17 @@ class Discovery:
     Built by Mesh with the host's GossipSub and DHT; `subscribe` then `start` once they run.
     """
 
-    def __init__(self, *, config: P2PConfig, store: AdapterStore, host: IHost, key_pair: KeyPair, pubsub: Pubsub,
-                 dht: KadDHT, standing: PeerStanding) -> None:
+    def __init__(
+        self,
+        *,
+        config: P2PConfig,
+        store: AdapterStore,
+        host: IHost,
+        key_pair: KeyPair,
+        pubsub: Pubsub,
+        dht: KadDHT,
+        standing: PeerStanding,
+    ) -> None:
         self.config = config
         self.store = store
         self.host = host
@@ -237,8 +252,12 @@ class Discovery:
         self.dht = dht
         self.standing = standing
         self._key = key_pair.private_key
-        self.book = ProviderBook(max_age=config.announce_max_age, max_peers=config.book_max_peers,
-                                 max_ids=config.book_max_ids, standing=standing.level)
+        self.book = ProviderBook(
+            max_age=config.announce_max_age,
+            max_peers=config.book_max_peers,
+            max_ids=config.book_max_ids,
+            standing=standing.level,
+        )
         self.held: set[str] = set()  # adapter ids this node announces
         self._provide_send, self._provide_recv = trio.open_memory_channel[str](1024)
         self._announce_now = trio.Event()
@@ -283,8 +302,9 @@ class Discovery:
             log.warning("DHT provide queue full; %s will be provided on the next round", adapter_id)
 
     async def _publish_announcement(self) -> None:
-        ann = Announcement(self.peer_id, tuple(full_addrs(self.host)), tuple(sorted(self.held)),
-                           int(time.time() * 1000))
+        ann = Announcement(
+            self.peer_id, tuple(full_addrs(self.host)), tuple(sorted(self.held)), int(time.time() * 1000)
+        )
         await self.pubsub.publish(TOPIC, sign_announcement(ann, self._key))
 
     async def _announce_loop(self) -> None:
@@ -319,8 +339,9 @@ class Discovery:
         return True
 
     def _verify(self, data: bytes) -> Announcement:
-        return verify_announcement(data, now=time.time(), max_age=self.config.announce_max_age,
-                                   future_skew=self.config.announce_future_skew)
+        return verify_announcement(
+            data, now=time.time(), max_age=self.config.announce_max_age, future_skew=self.config.announce_future_skew
+        )
 
     async def _receive_announcements(self, subscription) -> None:
         async for msg in subscription:
@@ -334,8 +355,13 @@ class Discovery:
                 log.debug("peer %s holds %d adapters", ann.peer_id, len(ann.adapters))
             elif self.book.refused != refused and time.monotonic() - self._book_full_logged > 10:
                 self._book_full_logged = time.monotonic()  # once per 10 s: a flood must not flood the log too
-                log.warning("announcement book is full (%d peers, %d adapter ids): %d announcements from "
-                            "new peers refused so far", len(self.book), self.book.id_count, self.book.refused)
+                log.warning(
+                    "announcement book is full (%d peers, %d adapter ids): %d announcements from "
+                    "new peers refused so far",
+                    len(self.book),
+                    self.book.id_count,
+                    self.book.refused,
+                )
 
     # -- finding providers -----------------------------------------------------------------
 

@@ -72,8 +72,18 @@ def _provider_from_addr(multiaddr: str) -> Provider:
 class Fetcher:
     """Fetches adapters for this node and keeps the progress of recent fetches (trio only)."""
 
-    def __init__(self, *, config: P2PConfig, store: AdapterStore, owner_of: OwnerOf, base_dir: Path | None,
-                 host: IHost, standing: PeerStanding, discovery: Discovery, dial: Dial) -> None:
+    def __init__(
+        self,
+        *,
+        config: P2PConfig,
+        store: AdapterStore,
+        owner_of: OwnerOf,
+        base_dir: Path | None,
+        host: IHost,
+        standing: PeerStanding,
+        discovery: Discovery,
+        dial: Dial,
+    ) -> None:
         self.config = config
         self.store = store
         self.owner_of = owner_of
@@ -120,7 +130,8 @@ class Fetcher:
         owner = await trio.to_thread.run_sync(self.owner_of, adapter_id)
         if owner is None:
             raise UnregisteredAdapter(
-                f"adapter {adapter_id} has no registered owner; refusing to fetch unsigned-for bytes")
+                f"adapter {adapter_id} has no registered owner; refusing to fetch unsigned-for bytes"
+            )
         existing = await trio.to_thread.run_sync(lambda: self.store.get(adapter_id, verify_hashes=False))
         if existing is not None and existing.signer.lower() == owner.lower():
             return existing
@@ -132,8 +143,15 @@ class Fetcher:
             raise NoProviders(f"no peer announced adapter {adapter_id} within {self.config.discover_timeout:g}s")
         failures: list[str] = []
         for attempt, prov in enumerate(order, start=1):
-            status = replace(status, state="downloading", peer_id=prov.peer_id, attempts=attempt, done=0, total=0,
-                             failures=tuple(failures))
+            status = replace(
+                status,
+                state="downloading",
+                peer_id=prov.peer_id,
+                attempts=attempt,
+                done=0,
+                total=0,
+                failures=tuple(failures),
+            )
             self._set(status, on_progress)
             try:
                 pkg = await self._fetch_from(prov, adapter_id, owner, status, on_progress)
@@ -148,8 +166,9 @@ class Fetcher:
             self.standing.succeeded(prov.peer_id)
             self.discovery.announce_soon(adapter_id)
             return pkg
-        raise FetchError(f"no provider delivered a valid adapter {adapter_id} ({len(failures)} tried): "
-                         + "; ".join(failures))
+        raise FetchError(
+            f"no provider delivered a valid adapter {adapter_id} ({len(failures)} tried): " + "; ".join(failures)
+        )
 
     def _order(self, given: list[Provider], found: list[Provider]) -> list[Provider]:
         """Who to try, in order: `given` as given, then what discovery found, best standing first.
@@ -162,8 +181,10 @@ class Fetcher:
         for prov in given:
             if prov.peer_id != self.peer_id:
                 order.setdefault(prov.peer_id, prov)
-        ranked = sorted((p for p in found if p.peer_id not in order and p.peer_id != self.peer_id),
-                        key=lambda p: self.standing.rank(p.peer_id, p.source))
+        ranked = sorted(
+            (p for p in found if p.peer_id not in order and p.peer_id != self.peer_id),
+            key=lambda p: self.standing.rank(p.peer_id, p.source),
+        )
         tried = unknown = 0
         for prov in ranked:
             if tried >= self.config.max_attempts or prov.peer_id in order:
@@ -189,8 +210,12 @@ class Fetcher:
 
             try:
                 await request_package(
-                    stream, adapter_id, tmp, timeout=self.config.read_timeout,
-                    max_bytes=self.config.max_package_bytes, on_bytes=on_bytes,
+                    stream,
+                    adapter_id,
+                    tmp,
+                    timeout=self.config.read_timeout,
+                    max_bytes=self.config.max_package_bytes,
+                    on_bytes=on_bytes,
                     pace=Pace(self.config.header_timeout, self.config.min_rate, self.config.transfer_grace),
                 )
             except BaseException:

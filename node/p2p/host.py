@@ -57,8 +57,11 @@ def refuse_taken_port(listen: str) -> None:
     protos = {p.name for p in ma.protocols()}
     if "tcp" not in protos or int(ma.value_for_protocol("tcp")) == 0:
         return
-    family, host = (socket.AF_INET6, ma.value_for_protocol("ip6")) if "ip6" in protos else (
-        socket.AF_INET, ma.value_for_protocol("ip4"))
+    family, host = (
+        (socket.AF_INET6, ma.value_for_protocol("ip6"))
+        if "ip6" in protos
+        else (socket.AF_INET, ma.value_for_protocol("ip4"))
+    )
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         # SO_REUSEADDR: a restart right after a crash must not trip over TIME_WAIT sockets.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -68,8 +68,12 @@ class P2PNode:
         route_libp2p_logging()
         self.config = config or P2PConfig()
         self._args = dict(
-            seed=seed, store=store, owner_of=owner_of, config=self.config,
-            base_dir=Path(base_dir) if base_dir is not None else None, server_factory=server_factory,
+            seed=seed,
+            store=store,
+            owner_of=owner_of,
+            config=self.config,
+            base_dir=Path(base_dir) if base_dir is not None else None,
+            server_factory=server_factory,
             trusted_peer=trusted_peer,
         )
         self._mesh: Mesh | None = None
@@ -187,8 +191,9 @@ class P2PNode:
     async def _find(self, adapter_id: str, wait: float) -> list[Provider]:
         return await self._m().discovery.find_providers(adapter_id, wait=wait)
 
-    async def _fetch(self, adapter_id: str, providers: tuple[str, ...],
-                     on_progress: Progress | None) -> VerifiedPackage:
+    async def _fetch(
+        self, adapter_id: str, providers: tuple[str, ...], on_progress: Progress | None
+    ) -> VerifiedPackage:
         return await self._m().fetcher.fetch(adapter_id, providers=providers, on_progress=on_progress)
 
 
@@ -229,18 +234,34 @@ class Mesh:
         )
         self.pubsub = Pubsub(self.host, self.gossipsub)
         guard_stream_handlers(self.host)  # adapter, Kademlia, GossipSub, identify: all registered by now
-        self.standing = PeerStanding(base_backoff=config.backoff_base, max_backoff=config.backoff_max,
-                                     trusted=trusted_peer or (lambda _p: False))
+        self.standing = PeerStanding(
+            base_backoff=config.backoff_base, max_backoff=config.backoff_max, trusted=trusted_peer or (lambda _p: False)
+        )
         for addr in config.bootstrap:  # peers the operator named are trusted
             try:
                 self.standing.trust(info_from_p2p_addr(Multiaddr(addr)).peer_id.to_base58())
             except Exception:  # an address without /p2p/<id> names no peer; dialing it reports that
                 pass
         self.server.standing = self.standing.level
-        self.discovery = Discovery(config=config, store=store, host=self.host, key_pair=key_pair, pubsub=self.pubsub,
-                                   dht=self.dht, standing=self.standing)
-        self.fetcher = Fetcher(config=config, store=store, owner_of=owner_of, base_dir=base_dir, host=self.host,
-                               standing=self.standing, discovery=self.discovery, dial=self.dial)
+        self.discovery = Discovery(
+            config=config,
+            store=store,
+            host=self.host,
+            key_pair=key_pair,
+            pubsub=self.pubsub,
+            dht=self.dht,
+            standing=self.standing,
+        )
+        self.fetcher = Fetcher(
+            config=config,
+            store=store,
+            owner_of=owner_of,
+            base_dir=base_dir,
+            host=self.host,
+            standing=self.standing,
+            discovery=self.discovery,
+            dial=self.dial,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -145,8 +145,10 @@ class FrameReader:
             raise ProviderTimeout("peer did not finish within the transfer deadline")
         elapsed = now - self._paced_at
         if self._min_rate and elapsed > self._grace and self._paced_bytes < self._min_rate * elapsed:
-            raise ProviderTimeout(f"peer sent {self._paced_bytes} bytes in {elapsed:.1f}s, below the minimum "
-                                  f"rate of {self._min_rate:g} bytes/s")
+            raise ProviderTimeout(
+                f"peer sent {self._paced_bytes} bytes in {elapsed:.1f}s, below the minimum "
+                f"rate of {self._min_rate:g} bytes/s"
+            )
 
     async def _fill(self, n: int) -> None:
         # Ask for exactly what is missing: nothing is read past the current frame, so no leftover
@@ -309,16 +311,21 @@ async def request_package(
     if first.kind != Kind.MANIFEST:
         raise FrameError(f"expected a MANIFEST frame, got {first.kind.name}")
     if sha256_hex(first.payload) != adapter_id:
-        raise BadBytes(f"manifest bytes do not hash to the requested adapter id {adapter_id} "
-                       "(altered, non-canonical or another adapter's)")
+        raise BadBytes(
+            f"manifest bytes do not hash to the requested adapter id {adapter_id} "
+            "(altered, non-canonical or another adapter's)"
+        )
     plan = plan_transfer(first.payload, adapter_id, max_bytes=max_bytes)
     signature = await reader.expect(Kind.SIGNATURE)
     signature_bytes = check_signature_frame(signature.payload)
     (dest / MANIFEST_FILE).write_bytes(first.payload)
     (dest / SIGNATURE_FILE).write_bytes(signature_bytes)
     if pace is not None:
-        reader.pace(min_rate=pace.min_rate, grace=pace.grace,
-                    deadline=trio.current_time() + pace.grace + plan.total_bytes / pace.min_rate)
+        reader.pace(
+            min_rate=pace.min_rate,
+            grace=pace.grace,
+            deadline=trio.current_time() + pace.grace + plan.total_bytes / pace.min_rate,
+        )
     total, done = plan.total_bytes, 0
     if on_bytes:
         on_bytes(0, total)
@@ -337,8 +344,9 @@ async def request_package(
                     while hasher.remaining:
                         frame = await reader.read_frame()
                         if frame.kind != Kind.DATA:
-                            raise BadBytes(f"{planned.path}: got {frame.kind.name} "
-                                           f"with {hasher.remaining} bytes missing")
+                            raise BadBytes(
+                                f"{planned.path}: got {frame.kind.name} with {hasher.remaining} bytes missing"
+                            )
                         hasher.reserve(len(frame.payload))
                         await send.send((hasher, out, frame.payload))
                         done += len(frame.payload)
@@ -389,7 +397,7 @@ def parse_request(payload: bytes) -> str:
     try:
         doc = parse_json(payload, max_bytes=CAPS[Kind.REQUEST], max_depth=2, what="REQUEST payload")
     except UntrustedJSONError as e:
-        raise FrameError(f"{e}; expected {{\"adapter_id\": \"0x...\"}}") from e
+        raise FrameError(f'{e}; expected {{"adapter_id": "0x..."}}') from e
     adapter_id = doc.get("adapter_id") if isinstance(doc, dict) else None
     if not is_id(adapter_id):
         raise FrameError(f"REQUEST adapter_id {adapter_id!r} is not a 0x-prefixed 64-hex id")

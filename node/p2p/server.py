@@ -82,8 +82,9 @@ class AdapterServer:
                 del self._per_peer[peer]
 
     async def _serve_one(self, stream) -> None:
-        reader = FrameReader(stream, timeout=self.config.request_timeout,
-                             deadline=trio.current_time() + self.config.request_timeout)
+        reader = FrameReader(
+            stream, timeout=self.config.request_timeout, deadline=trio.current_time() + self.config.request_timeout
+        )
         request = await reader.expect(Kind.REQUEST)
         adapter_id = parse_request(request.payload)
         # Hashes were checked at install and the client checks every byte again; sizes are re-checked here.

@@ -32,8 +32,14 @@ class _Failure:
 class PeerStanding:
     """Standing and back-off of peers, as seen by one node (used on the p2p thread only)."""
 
-    def __init__(self, *, base_backoff: float, max_backoff: float, trusted: Callable[[str], bool] = lambda _p: False,
-                 max_tracked: int = MAX_TRACKED) -> None:
+    def __init__(
+        self,
+        *,
+        base_backoff: float,
+        max_backoff: float,
+        trusted: Callable[[str], bool] = lambda _p: False,
+        max_tracked: int = MAX_TRACKED,
+    ) -> None:
         self.base_backoff = base_backoff
         self.max_backoff = max_backoff
         self._trusted = trusted

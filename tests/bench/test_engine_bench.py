@@ -15,20 +15,51 @@ REPO = Path(__file__).resolve().parents[2]
 def test_every_section_runs_and_lands_in_the_json(tmp_path):
     out = tmp_path / "engine.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "engine.py"), "--device", "cpu", "--shape", "tiny", "--sections", "all",
-         "--repeats", "1", "--new-tokens", "4", "--ttft-prompt", "32", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "bench" / "engine.py"),
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            "--sections",
+            "all",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "4",
+            "--ttft-prompt",
+            "32",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert "section_errors" not in report, report.get("section_errors")
     assert report["engine_failures"] == []
-    for key in ("ours, 8 adapters", "ours, base-only", "PEFT mixed batch, 8 adapters", "transformers base-only",
-                "ours, 16 distinct adapters", "transformers static cache, base-only"):
+    for key in (
+        "ours, 8 adapters",
+        "ours, base-only",
+        "PEFT mixed batch, 8 adapters",
+        "transformers base-only",
+        "ours, 16 distinct adapters",
+        "transformers static cache, base-only",
+    ):
         assert report["tokens_per_s"][key] > 0, key
     assert report["cold_load"] and report["ttft_ms"]
     assert {"ours / PEFT mixed", "ours LoRA / ours base-only"} <= set(report["ratios"])
-    table = subprocess.run([sys.executable, str(REPO / "bench" / "engine.py"), "--print", str(out)],
-                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    table = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "engine.py"), "--print", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert table.returncode == 0 and "ours / PEFT mixed" in table.stdout, table.stderr[-2000:]
 
 
@@ -38,10 +69,36 @@ def test_triton_path_keeps_the_automatic_lora_mode(tmp_path):
     out = tmp_path / "engine.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "engine.py"), "--device", "cpu", "--shape", "tiny", "--kernel", "triton",
-         "--cuda-graphs", "static", "--sections", "distinct", "--batch", "4", "--adapters", "2", "--repeats", "1",
-         "--new-tokens", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+        [
+            sys.executable,
+            str(REPO / "bench" / "engine.py"),
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            "--kernel",
+            "triton",
+            "--cuda-graphs",
+            "static",
+            "--sections",
+            "distinct",
+            "--batch",
+            "4",
+            "--adapters",
+            "2",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["kernel"] == "TritonLoRAKernel" and report["engine_failures"] == []

@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from common.wire import node_id_of
 from common.identity import IdentityError, create_identity, load_identity
+from common.wire import node_id_of
 
 
 def test_identity_round_trip_and_file_mode(tmp_path):

@@ -11,17 +11,20 @@ import pytest
 from common.wire import UntrustedJSONError, is_id, json_depth, parse_json
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("[" * 200_000, "nested deeper than 64"),
-    ('{"a": 1, "a": 2}', "duplicate key 'a'"),
-    ("[NaN]", "NaN is not a JSON value"),
-    ("[-Infinity]", "-Infinity is not a JSON value"),
-    ("[1e400]", "out of range"),
-    ("[" + "9" * 5000 + "]", "Exceeds the limit"),
-    ('["\\ud800"]', "lone UTF-16 surrogate"),
-    ('{"\\udfff": 1}', "lone UTF-16 surrogate"),
-    ("[1,", "not valid JSON"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[" * 200_000, "nested deeper than 64"),
+        ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+        ("[NaN]", "NaN is not a JSON value"),
+        ("[-Infinity]", "-Infinity is not a JSON value"),
+        ("[1e400]", "out of range"),
+        ("[" + "9" * 5000 + "]", "Exceeds the limit"),
+        ('["\\ud800"]', "lone UTF-16 surrogate"),
+        ('{"\\udfff": 1}', "lone UTF-16 surrogate"),
+        ("[1,", "not valid JSON"),
+    ],
+)
 def test_refused_in_one_line(text, needle):
     with pytest.raises(UntrustedJSONError) as e:
         parse_json(text, max_bytes=1 << 20)
@@ -49,7 +52,8 @@ def test_nested_brackets_after_the_ethereum_libraries_raised_the_recursion_limit
         "import sys, web3\n"
         "assert sys.getrecursionlimit() >= 100000, sys.getrecursionlimit()\n"
         "from common.wire import parse_json, UntrustedJSONError, restore_recursion_limit\n"
-        "try:\n    parse_json('[' * 300000, max_bytes=1 << 20)\nexcept UntrustedJSONError as e:\n    print('refused', e)\n"
+        "try:\n    parse_json('[' * 300000, max_bytes=1 << 20)\n"
+        "except UntrustedJSONError as e:\n    print('refused', e)\n"
         "restore_recursion_limit()\nprint('limit', sys.getrecursionlimit())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -58,10 +62,20 @@ def test_nested_brackets_after_the_ethereum_libraries_raised_the_recursion_limit
     assert "limit 4000" in out.stdout
 
 
-@pytest.mark.parametrize("value", [
-    "0x" + "0_" * 31 + "00", "0x +" + "0" * 62, "0x\n" + "0" * 63, "0x" + "\u0661" * 64, "0x" + "A" * 64,
-    "0x" + "0" * 64 + "\n", "0x" + "0" * 63, 12, None,
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0x" + "0_" * 31 + "00",
+        "0x +" + "0" * 62,
+        "0x\n" + "0" * 63,
+        "0x" + "\u0661" * 64,
+        "0x" + "A" * 64,
+        "0x" + "0" * 64 + "\n",
+        "0x" + "0" * 63,
+        12,
+        None,
+    ],
+)
 def test_an_id_has_one_spelling(value):
     assert not is_id(value)
     assert is_id("0x" + "0a" * 32)

@@ -12,8 +12,9 @@ SOLC = ROOT / ".tools" / "node_modules" / "solc"
 
 def _check(contracts_dir: Path) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LORAMESH_SOLC_JS": str(SOLC)}
-    return subprocess.run(["node", str(contracts_dir / "build.mjs"), "--check"], capture_output=True, text=True,
-                          env=env, timeout=120)  # fmt: skip
+    return subprocess.run(
+        ["node", str(contracts_dir / "build.mjs"), "--check"], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,9 @@ def test_check_fails_when_a_source_changes(node_available, tmp_path):
     copy = tmp_path / "contracts"
     shutil.copytree(ROOT / "contracts", copy)
     src = copy / "src" / "AttributionLedger.sol"
-    src.write_text(src.read_text().replace("uint16 public constant MAX_BPS = 10_000;",
-                                           "uint16 public constant MAX_BPS = 9_999;"))  # fmt: skip
+    src.write_text(
+        src.read_text().replace("uint16 public constant MAX_BPS = 10_000;", "uint16 public constant MAX_BPS = 9_999;")
+    )
     r = _check(copy)
     assert r.returncode == 1
     assert "AttributionLedger" in r.stderr and "do not match" in r.stderr

@@ -175,8 +175,13 @@ def test_node_proof_message_layout(harness):
     registry = harness.address
     chain_id = harness.w3.eth.chain_id
     nonce = 7
-    message = (b"loramesh.node.v2" + chain_id.to_bytes(32, "big") + bytes.fromhex(registry[2:])
-               + bytes.fromhex(operator[2:]) + nonce.to_bytes(32, "big"))  # fmt: skip
+    message = (
+        b"loramesh.node.v2"
+        + chain_id.to_bytes(32, "big")
+        + bytes.fromhex(registry[2:])
+        + bytes.fromhex(operator[2:])
+        + nonce.to_bytes(32, "big")
+    )
     assert len(message) == 16 + 32 + 20 + 20 + 32
     assert node_proof_message(chain_id, registry, operator, nonce) == message
     sig = sk.sign(message)

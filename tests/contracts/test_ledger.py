@@ -3,8 +3,8 @@
 import pytest
 from web3.logs import DISCARD
 
-from devnet.deploy import _deploy_contract
 from common.wire import hex0x
+from devnet.deploy import _deploy_contract
 from ledger import errors as E
 from ledger.merkle import MerkleTree, leaf_hash, verify_proof
 from ledger.transport import revert_data
@@ -46,9 +46,11 @@ def _deploy_rejecting_payee(env):
 def test_constructor_reverts(anvil_chain):
     env = anvil_chain
     c = env.client(env.admin)
-    for args, cls in [((env.deployment.registry, env.admin.address, 10_001), E.InvalidShare),
-                      (("0x" + "00" * 20, env.admin.address, 1), E.ZeroAddress),
-                      ((env.deployment.registry, "0x" + "00" * 20, 1), E.ZeroAddress)]:  # fmt: skip
+    for args, cls in [
+        ((env.deployment.registry, env.admin.address, 10_001), E.InvalidShare),
+        (("0x" + "00" * 20, env.admin.address, 1), E.ZeroAddress),
+        ((env.deployment.registry, "0x" + "00" * 20, 1), E.ZeroAddress),
+    ]:
         with pytest.raises(Exception) as err:
             _deploy_contract(c.w3, env.admin, env.deployment.chain_id, "AttributionLedger", args)
         assert isinstance(c.decoder.decode(revert_data(err.value)), cls)
@@ -57,8 +59,12 @@ def test_constructor_reverts(anvil_chain):
 def test_admin_functions_refuse_others(anvil_chain):
     env = anvil_chain
     other = env.client(env.users[0])
-    for call in (lambda: other.grant_settler(env.users[0].address), lambda: other.revoke_settler(env.settler.address),
-                 lambda: other.set_node_share_bps(1), lambda: other.transfer_admin(env.users[0].address)):  # fmt: skip
+    for call in (
+        lambda: other.grant_settler(env.users[0].address),
+        lambda: other.revoke_settler(env.settler.address),
+        lambda: other.set_node_share_bps(1),
+        lambda: other.transfer_admin(env.users[0].address),
+    ):
         with pytest.raises(E.NotAdmin) as err:
             call()
         assert err.value.args_by_name["caller"] == env.users[0].address
@@ -151,8 +157,9 @@ def test_settlement_splits_fees_exactly(anvil_chain):
     assert [hex0x(e["requestId"]) for e in settled] == [r.request_id for r in records]
     assert [e["fee"] for e in settled] == fees
     assert all(hex0x(e["batchId"]) == batch_id and hex0x(e["nodeId"]) == reg.node_id for e in settled)
-    accrued = {(e["account"], Role(e["role"]), hex0x(e["subjectId"])): e["amount"]
-               for e in _events(env, "RewardAccrued", rcpt)}
+    accrued = {
+        (e["account"], Role(e["role"]), hex0x(e["subjectId"])): e["amount"] for e in _events(env, "RewardAccrued", rcpt)
+    }
     assert accrued == {
         (reg.operator.address, Role.NODE, reg.node_id): node_cut,
         (reg.payees[0].address, Role.DATASET, reg.dataset_ids[0]): ds_cuts[0],
@@ -161,14 +168,21 @@ def test_settlement_splits_fees_exactly(anvil_chain):
     }
     assert sum(accrued.values()) == sum(fees)
     batch_ev = _events(env, "BatchSettled", rcpt)[0]
-    assert (batch_ev["recordCount"], batch_ev["totalFees"], hex0x(batch_ev["merkleRoot"])) == (9, sum(fees),
-                                                                                                _root(records))
+    assert (batch_ev["recordCount"], batch_ev["totalFees"], hex0x(batch_ev["merkleRoot"])) == (
+        9,
+        sum(fees),
+        _root(records),
+    )
     assert c.deposit_of(env.settler.address) == deposit_before - sum(fees)
     assert c.rewards_of(reg.owner.address).accrued - before[reg.owner.address] == owner_cut
     assert c.rewards_of(reg.operator.address).accrued - before[reg.operator.address] == node_cut
     info = c.get_batch(batch_id)
-    assert (info.record_count, info.total_fees, info.settler, info.merkle_root) == (9, sum(fees), env.settler.address,
-                                                                                    _root(records))  # fmt: skip
+    assert (info.record_count, info.total_fees, info.settler, info.merkle_root) == (
+        9,
+        sum(fees),
+        env.settler.address,
+        _root(records),
+    )
     assert c.is_settled(batch_id) and not c.is_settled(rand_id()) and c.get_batch(rand_id()) is None
 
 
@@ -307,15 +321,16 @@ def test_base_records_accrue_entirely_to_the_node_operator(anvil_chain):
         admin.set_base_price(before_price)
     fees = [price * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records]
     settled = _events(env, "RecordSettled", rcpt)
-    assert [(hex0x(e["requestId"]), hex0x(e["adapterId"]), hex0x(e["nodeId"]), e["promptTokens"], e["completionTokens"])
-            for e in settled] == [(r.request_id, ZERO_ID, r.node_id, r.prompt_tokens, r.completion_tokens)
-                                  for r in records]  # fmt: skip
+    assert [
+        (hex0x(e["requestId"]), hex0x(e["adapterId"]), hex0x(e["nodeId"]), e["promptTokens"], e["completionTokens"])
+        for e in settled
+    ] == [(r.request_id, ZERO_ID, r.node_id, r.prompt_tokens, r.completion_tokens) for r in records]
     assert [e["fee"] for e in settled] == fees
     assert all(hex0x(e["batchId"]) == batch_id for e in settled)
     accrued = _events(env, "RewardAccrued", rcpt)
-    assert [(e["account"], hex0x(e["adapterId"]), Role(e["role"]), hex0x(e["subjectId"]), e["amount"])
-            for e in accrued] == [
-        (reg.operator.address, ZERO_ID, Role.NODE, reg.node_id, sum(fees))]  # one per (base, node) per batch
+    assert [
+        (e["account"], hex0x(e["adapterId"]), Role(e["role"]), hex0x(e["subjectId"]), e["amount"]) for e in accrued
+    ] == [(reg.operator.address, ZERO_ID, Role.NODE, reg.node_id, sum(fees))]  # one per (base, node) per batch
     batch_ev = _events(env, "BatchSettled", rcpt)[0]
     assert (batch_ev["recordCount"], batch_ev["totalFees"]) == (5, sum(fees))
     assert c.deposit_of(env.settler.address) == deposit_before - sum(fees)
@@ -348,8 +363,11 @@ def test_base_and_adapter_records_in_one_batch(anvil_chain):
         row = node_rows[(ZERO_ID, node_id)]
         assert (row["account"], row["amount"]) == (operator[node_id], want)
         for reg in (a, b):  # adapter records still pay the node only its share
-            want = sum(f * share // 10_000 for r, f in zip(records, fees)
-                       if r.adapter_id == reg.adapter_id and r.node_id == node_id)  # fmt: skip
+            want = sum(
+                f * share // 10_000
+                for r, f in zip(records, fees)
+                if r.adapter_id == reg.adapter_id and r.node_id == node_id
+            )
             assert node_rows[(reg.adapter_id, node_id)]["amount"] == want
     assert not any(e["role"] != Role.NODE and hex0x(e["adapterId"]) == ZERO_ID for e in accrued)
     tree = MerkleTree.from_records(records)

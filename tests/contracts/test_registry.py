@@ -7,10 +7,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from eth_utils import keccak
 from web3.logs import DISCARD
 
-from ledger import errors as E
-from devnet.deploy import _deploy_contract
-from ledger.chain import ChainClient
 from common.wire import hex0x, node_id_of
+from devnet.deploy import _deploy_contract
+from ledger import errors as E
+from ledger.chain import ChainClient
 from ledger.types import ZERO_ID, AdapterRegistration, Domain, dataset_id_for, node_proof_message
 from tests.utils.chain import rand_id, register_sample
 
@@ -33,11 +33,19 @@ def test_register_dataset_emits_and_reads_back(anvil_chain):
     ev = _last(env, "DatasetRegistered", rcpt)
     ds = dataset_id_for(contributor.address, "reads-back")
     assert (hex0x(ev["datasetId"]), ev["payee"], hex0x(ev["contentHash"]), ev["name"]) == (
-        ds, contributor.address, content, "reads-back")
+        ds,
+        contributor.address,
+        content,
+        "reads-back",
+    )
     assert hex0x(env.client().registry.functions.datasetIdOf(contributor.address, "reads-back").call()) == ds
     info = env.client().get_dataset(ds)
-    assert (info.content_hash, info.payee, info.contributor, info.name) == (content, contributor.address,
-                                                                           contributor.address, "reads-back")  # fmt: skip
+    assert (info.content_hash, info.payee, info.contributor, info.name) == (
+        content,
+        contributor.address,
+        contributor.address,
+        "reads-back",
+    )
 
 
 def test_dataset_reverts(anvil_chain):
@@ -92,8 +100,15 @@ def test_dataset_payee_change_only_by_payee(anvil_chain):
 
 
 def _reg(name, *, base=None, price=1, predecessor=None, datasets=(), version="1"):
-    return AdapterRegistration.of(rand_id(), name=name, version=version, base_model=base or rand_id(),
-                                  price_per_1k_tokens=price, datasets=datasets, predecessor=predecessor)  # fmt: skip
+    return AdapterRegistration.of(
+        rand_id(),
+        name=name,
+        version=version,
+        base_model=base or rand_id(),
+        price_per_1k_tokens=price,
+        datasets=datasets,
+        predecessor=predecessor,
+    )
 
 
 def _unique(prefix: str) -> str:
@@ -229,8 +244,11 @@ def test_signature_must_match_the_registration(anvil_chain):
     with pytest.raises(E.SignatureMismatch) as err:
         c.register_adapter(raised, signature=sig)
     assert err.value.args_by_name["caller"] == alice.address and err.value.args_by_name["signer"] != alice.address
-    for changed in (dataclasses.replace(reg, name=_unique("renamed")), dataclasses.replace(reg, version="7"),
-                    dataclasses.replace(reg, base_model=rand_id())):  # fmt: skip
+    for changed in (
+        dataclasses.replace(reg, name=_unique("renamed")),
+        dataclasses.replace(reg, version="7"),
+        dataclasses.replace(reg, base_model=rand_id()),
+    ):
         with pytest.raises(E.SignatureMismatch):
             c.register_adapter(changed, signature=sig)
     with pytest.raises(E.SignatureMismatch) as err:  # signed by someone else than the sender
@@ -243,8 +261,10 @@ def test_signature_must_match_the_registration(anvil_chain):
     malleated = r + (n - s_).to_bytes(32, "big") + bytes([55 - v])  # the same signer, s in the upper half
     with pytest.raises(E.InvalidSignature):
         c.register_adapter(reg, signature=malleated)
-    assert c.adapter_digest(reg) == "0x" + keccak(b"\x19" + (sm := reg.typed_data(c.domain)).version + sm.header
-                                                  + sm.body).hex()  # fmt: skip
+    assert (
+        c.adapter_digest(reg)
+        == "0x" + keccak(b"\x19" + (sm := reg.typed_data(c.domain)).version + sm.header + sm.body).hex()
+    )
     c.register_adapter(reg, signature=sig)
     assert env.client().get_adapter(reg.adapter_id).price_per_1k_tokens == 10
 
@@ -257,8 +277,10 @@ def test_signature_is_bound_to_chain_and_registry(anvil_chain):
     other_registry = _deploy_contract(c.w3, alice, env.deployment.chain_id, "AdapterRegistry")["contractAddress"]
     assert other_registry != env.deployment.registry
     reg = _reg(_unique("bound"))
-    for domain in (Domain(env.deployment.chain_id, other_registry), Domain(env.deployment.chain_id + 1,
-                                                                          env.deployment.registry)):  # fmt: skip
+    for domain in (
+        Domain(env.deployment.chain_id, other_registry),
+        Domain(env.deployment.chain_id + 1, env.deployment.registry),
+    ):
         with pytest.raises(E.SignatureMismatch):
             c.register_adapter(reg, signature=reg.sign(alice, domain))
     # the signature made for the other registry is good there, and only there
@@ -304,20 +326,33 @@ def test_register_node_emits_and_reads_back(anvil_chain):
     env = anvil_chain
     op, base = env.users[2], rand_id()
     key, public, nid = _key()
-    rcpt = env.client(op).register_node(key, peer_id="12D3KooWabc", multiaddrs=["/ip4/1.2.3.4/tcp/1", "/dns/x/tcp/2"],
-                                        api_url="http://n:1", base_model=base)  # fmt: skip
+    rcpt = env.client(op).register_node(
+        key,
+        peer_id="12D3KooWabc",
+        multiaddrs=["/ip4/1.2.3.4/tcp/1", "/dns/x/tcp/2"],
+        api_url="http://n:1",
+        base_model=base,
+    )
     ev = _last(env, "NodeRegistered", rcpt)
     assert ev["operator"] == op.address and list(ev["multiaddrs"]) == ["/ip4/1.2.3.4/tcp/1", "/dns/x/tcp/2"]
     assert bytes(ev["publicKey"]) == public and hex0x(ev["nodeId"]) == nid
     n = env.client().get_node(nid)
     assert (n.operator, n.active, n.peer_id, n.api_url, n.base_model, n.public_key) == (
-        op.address, True, "12D3KooWabc", "http://n:1", base, "0x" + public.hex())  # fmt: skip
+        op.address,
+        True,
+        "12D3KooWabc",
+        "http://n:1",
+        base,
+        "0x" + public.hex(),
+    )
     nonce = env.client().node_nonce(nid)
     assert nonce == 1  # one registration so far; the next proof names nonce 1
-    assert env.client().registry.functions.nodeProofMessage(op.address, nonce).call() == env.client(
-        ).node_proof_message(nid, op.address)  # fmt: skip
+    assert env.client().registry.functions.nodeProofMessage(
+        op.address, nonce
+    ).call() == env.client().node_proof_message(nid, op.address)
     assert env.client().node_proof_message(nid, op.address) == node_proof_message(
-        env.deployment.chain_id, env.deployment.registry, op.address, 1)  # fmt: skip
+        env.deployment.chain_id, env.deployment.registry, op.address, 1
+    )
 
 
 def test_node_reverts_and_operator_only(anvil_chain):
@@ -345,8 +380,11 @@ def test_node_reverts_and_operator_only(anvil_chain):
     with pytest.raises(E.ZeroId):
         c.update_node(nid, **{**kw, "base_model": ZERO_ID})
     new_base = rand_id()
-    ev = _last(env, "NodeUpdated", c.update_node(nid, peer_id="q", multiaddrs=["/ip4/9.9.9.9/tcp/9"],
-                                                 api_url="http://v", base_model=new_base))  # fmt: skip
+    ev = _last(
+        env,
+        "NodeUpdated",
+        c.update_node(nid, peer_id="q", multiaddrs=["/ip4/9.9.9.9/tcp/9"], api_url="http://v", base_model=new_base),
+    )
     assert ev["peerId"] == "q" and hex0x(ev["baseModel"]) == new_base
     ev = _last(env, "NodeActiveChanged", c.set_node_active(nid, False))
     assert ev["active"] is False
@@ -440,8 +478,9 @@ def test_a_price_that_would_overflow_settlement_is_refused(anvil_chain):
     cap = c.registry.functions.MAX_PRICE_PER_1K_TOKENS().call()
     assert cap == 2**128 - 1
     with pytest.raises(E.PriceTooHigh):
-        c.register_adapter(rand_id(), name=_unique("dear"), version="1", base_model=rand_id(),
-                           price_per_1k_tokens=2**255)  # fmt: skip
+        c.register_adapter(
+            rand_id(), name=_unique("dear"), version="1", base_model=rand_id(), price_per_1k_tokens=2**255
+        )
     reg = register_sample(env, owner=env.users[0])
     for price in (2**255, 2**128, 2**256 - 1):
         with pytest.raises(E.PriceTooHigh):
@@ -463,11 +502,13 @@ def test_an_adapter_names_at_most_sixteen_datasets(anvil_chain):
         c.register_dataset(name, rand_id())
     ids = [c.dataset_id(n) for n in names]
     with pytest.raises(E.TooManyDatasets):
-        c.register_adapter(rand_id(), name=_unique("wide"), version="1", base_model=rand_id(),
-                           datasets=[(d, 1) for d in ids])  # fmt: skip
+        c.register_adapter(
+            rand_id(), name=_unique("wide"), version="1", base_model=rand_id(), datasets=[(d, 1) for d in ids]
+        )
     aid = rand_id()
-    c.register_adapter(aid, name=_unique("wide"), version="1", base_model=rand_id(),
-                       datasets=[(d, 1) for d in ids[:16]])  # fmt: skip
+    c.register_adapter(
+        aid, name=_unique("wide"), version="1", base_model=rand_id(), datasets=[(d, 1) for d in ids[:16]]
+    )
     assert len(env.client().get_adapter(aid).dataset_ids) == 16
 
 
@@ -508,7 +549,11 @@ def test_adapter_versions_are_narrow(anvil_chain, version):
 def test_good_names_and_versions_pass(anvil_chain):
     env = anvil_chain
     c = env.client(env.users[2])
-    for name, version in ((_unique("alice/capitals"), "1.0.0"), (_unique("a" * 40), "2"),
-                          (_unique("x0/y.z_w-v"), "1.0.0-rc.1+Build.7"), ("q" * 64, "v" * 32)):  # fmt: skip
+    for name, version in (
+        (_unique("alice/capitals"), "1.0.0"),
+        (_unique("a" * 40), "2"),
+        (_unique("x0/y.z_w-v"), "1.0.0-rc.1+Build.7"),
+        ("q" * 64, "v" * 32),
+    ):
         c.register_adapter(rand_id(), name=name, version=version, base_model=rand_id())
         assert env.client().name_owner(name) == c.address

@@ -11,8 +11,13 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_once_checks_everything_and_exits_cleanly(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "devnet", "demo", "--once", "--dir", str(tmp_path / "demo")],
-                       capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"})
+    r = subprocess.run(
+        [sys.executable, "-m", "devnet", "demo", "--once", "--dir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     # the demo exits 0 only after its own checks; here we make sure they ran and said so

@@ -10,13 +10,13 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from gateway.main import create_app
+from common.identity import Identity
 from gateway.keys import create_key
+from gateway.main import create_app
 from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
-from common.identity import Identity
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_node, make_db, poll
 from tests.utils.servers import ServerThread
@@ -32,8 +32,9 @@ def world(tmp_path, tiny_base):
     node_srv = ServerThread(node.app()).start()
     add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
     key, _ = create_key(engine, name="app")
-    gw = ServerThread(create_app(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base],
-                                                 heartbeat_ttl_s=120))).start()  # fmt: skip
+    gw = ServerThread(
+        create_app(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=120))
+    ).start()
     sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
     assert asyncio.run(sender.send_once()) == {gw.url: 200}
     try:
@@ -48,8 +49,11 @@ def world(tmp_path, tiny_base):
 def test_tokens_past_max_tokens_are_not_relayed_nor_billed(world, stream):
     client, engine, node = world
     if stream:
-        chunks = list(client.completions.create(model=TINY, prompt="x", max_tokens=3, stream=True,
-                                                stream_options={"include_usage": True}))  # fmt: skip
+        chunks = list(
+            client.completions.create(
+                model=TINY, prompt="x", max_tokens=3, stream=True, stream_options={"include_usage": True}
+            )
+        )
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         usage, reason = chunks[-1].usage, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
     else:

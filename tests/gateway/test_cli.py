@@ -14,13 +14,19 @@ runner = CliRunner()
 
 def test_keys_create_list_revoke(tmp_path):
     db = f"sqlite:///{tmp_path / 'k.db'}"
-    r = runner.invoke(gateway_app, ["keys", "create", "--name", "web", "--rpm", "5", "--tpm", "900",
-                                    "--adapters", "acme/a,acme/b", "--db", db])  # fmt: skip
+    r = runner.invoke(
+        gateway_app,
+        ["keys", "create", "--name", "web", "--rpm", "5", "--tpm", "900", "--adapters", "acme/a,acme/b", "--db", db],
+    )
     assert r.exit_code == 0, r.output
     secret = r.output.strip().splitlines()[-1]
     key = lookup_key(make_engine(db), secret)
-    assert (key.name, key.requests_per_minute, key.tokens_per_minute, key.adapters) == \
-        ("web", 5, 900, {"acme/a", "acme/b"})
+    assert (key.name, key.requests_per_minute, key.tokens_per_minute, key.adapters) == (
+        "web",
+        5,
+        900,
+        {"acme/a", "acme/b"},
+    )
     listing = runner.invoke(gateway_app, ["keys", "list", "--db", db])
     assert listing.exit_code == 0 and key.prefix in listing.output and secret not in listing.output
     r = runner.invoke(gateway_app, ["keys", "revoke", str(key.id), "--db", db])
@@ -86,11 +92,14 @@ def test_keys_update_and_run_options(tmp_path):
     assert r.exit_code != 0 and "no API key" in r.output
     r = runner.invoke(gateway_app, ["keys", "create", "--name", "x", "--db", db])
     key = lookup_key(make_engine(db), r.output.strip().splitlines()[-1])
-    r = runner.invoke(gateway_app, ["keys", "update", str(key.id), "--max-price-per-1k-tokens", "5",
-                                    "--default-max-price", "--db", db])  # fmt: skip
+    r = runner.invoke(
+        gateway_app,
+        ["keys", "update", str(key.id), "--max-price-per-1k-tokens", "5", "--default-max-price", "--db", db],
+    )
     assert r.exit_code != 0
-    r = runner.invoke(gateway_app, ["keys", "update", key.prefix, "--rpm", "7", "--max-price-per-1k-tokens", "5",
-                                    "--db", db])  # fmt: skip
+    r = runner.invoke(
+        gateway_app, ["keys", "update", key.prefix, "--rpm", "7", "--max-price-per-1k-tokens", "5", "--db", db]
+    )
     assert r.exit_code == 0, r.output
     from gateway.keys import list_keys
 

@@ -17,17 +17,17 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
+from common.identity import Identity
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess
-from gateway.main import create_app
 from gateway.identity import load_or_create_gateway_key
 from gateway.keys import create_key
-from gateway.tables import CompletionRecord, RequestStatus
+from gateway.main import create_app
 from gateway.settings import GatewaySettings
+from gateway.tables import CompletionRecord, RequestStatus
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id, base_model_name
 from node.heartbeat import HeartbeatSender
-from common.identity import Identity
 from node.receipts import check_receipt
 from node.request_auth import gateway_public_key_hex
 from tests.gateway import TINY
@@ -37,16 +37,20 @@ from tests.utils.servers import ServerThread
 pytestmark = pytest.mark.integration
 
 STREAMS = 4
-GW_ENV = {"LORAMESH_GATEWAY_INSTANCE_LEASE_S": "1.5", "LORAMESH_GATEWAY_OUTBOX_PROBE_S": "0.2",
-          "LORAMESH_GATEWAY_HEARTBEAT_TTL_S": "60"}  # fmt: skip
+GW_ENV = {
+    "LORAMESH_GATEWAY_INSTANCE_LEASE_S": "1.5",
+    "LORAMESH_GATEWAY_OUTBOX_PROBE_S": "0.2",
+    "LORAMESH_GATEWAY_HEARTBEAT_TTL_S": "60",
+}
 
 
 class Beats:
     """The node's heartbeats to a gateway URL, from a thread (the gateway may be down for a while)."""
 
     def __init__(self, identity, gw_url: str, api_url: str, base: str, status_fn) -> None:
-        self.sender = HeartbeatSender(identity, [gw_url], api_url=api_url, base_model_id=base, status_fn=status_fn,
-                                      interval=0.3)  # fmt: skip
+        self.sender = HeartbeatSender(
+            identity, [gw_url], api_url=api_url, base_model_id=base, status_fn=status_fn, interval=0.3
+        )
         self.stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
         self.thread.start()
@@ -70,13 +74,14 @@ def open_streams(url: str, key: str, body: dict, n: int) -> tuple[list[dict], li
 
     def run(st: dict) -> None:
         try:
-            with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                              json=body, timeout=60) as r:  # fmt: skip
+            with httpx.stream(
+                "POST", url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60
+            ) as r:
                 st["rid"] = r.headers["x-request-id"]
                 for line in r.iter_lines():
                     if line.startswith("data: {") and '"choices":[{' in line and '"finish_reason":null' in line:
                         st["chunks"] += 1
-                    elif line.startswith("data: {\"error\""):
+                    elif line.startswith('data: {"error"'):
                         st["ended"] = "error"
             st["ended"] = st["ended"] or "eof"
         except httpx.HTTPError as e:
@@ -98,27 +103,55 @@ def test_gateway_killed_mid_stream_is_reconciled_from_the_nodes_receipts(tiny_ba
     engine = AsyncEngine(EngineConfig(model_dir=tiny_base, num_kv_blocks=512, block_size=8, num_slots=2))
     # the gateway keeps its key across the restart (--gateway-key-file); the node trusts its signed calls
     gw_key = load_or_create_gateway_key(tmp_path / "gw.key")
-    node = ServerThread(node_app(engine, identity.node_key, trusted_gateways={gateway_public_key_hex(gw_key)},
-                                 operator_token="operator-token")).start()  # fmt: skip
+    node = ServerThread(
+        node_app(
+            engine,
+            identity.node_key,
+            trusted_gateways={gateway_public_key_hex(gw_key)},
+            operator_token="operator-token",
+        )
+    ).start()
     db = make_db(tmp_path / "gw.db")
     add_node(db, node_id=identity.node_id, base_model=base, api_url=node.url)
     key, _ = create_key(db, name="app")
     port = free_port()
     gw_url = f"http://127.0.0.1:{port}"
-    args = ["gateway", "run", "--db", f"sqlite:///{tmp_path / 'gw.db'}", "--port", str(port), "--base", str(tiny_base),
-            "--no-settle", "--gateway-key-file", str(tmp_path / "gw.key")]  # fmt: skip
+    args = [
+        "gateway",
+        "run",
+        "--db",
+        f"sqlite:///{tmp_path / 'gw.db'}",
+        "--port",
+        str(port),
+        "--base",
+        str(tiny_base),
+        "--no-settle",
+        "--gateway-key-file",
+        str(tmp_path / "gw.key"),
+    ]
 
     def status() -> dict:
-        return {"node_id": identity.node_id, "base_model": {"name": base_model_name(tiny_base), "id": base},
-                "queue_depth": 0}
+        return {
+            "node_id": identity.node_id,
+            "base_model": {"name": base_model_name(tiny_base), "id": base},
+            "queue_depth": 0,
+        }
 
     beats = Beats(identity, gw_url, node.url, base, status)
     gateway = ManagedProcess("gateway", args, tmp_path / "gw1.log", env=GW_ENV).start()
     try:
-        gateway.wait_until(lambda: httpx.get(gw_url + "/health", timeout=2).json()["live_nodes"] == 1, timeout=120,
-                           what="the node live")  # fmt: skip
-        body = {"model": base_model_name(tiny_base), "prompt": "once upon a time", "max_tokens": 400,
-                "temperature": 0, "stream": True}  # fmt: skip
+        gateway.wait_until(
+            lambda: httpx.get(gw_url + "/health", timeout=2).json()["live_nodes"] == 1,
+            timeout=120,
+            what="the node live",
+        )
+        body = {
+            "model": base_model_name(tiny_base),
+            "prompt": "once upon a time",
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+        }
         states, threads = open_streams(gw_url, key, body, STREAMS)
         gateway.kill()  # SIGKILL mid-stream: no finish, no record written by it
         for t in threads:
@@ -161,8 +194,9 @@ def test_node_killed_mid_stream_is_recorded_at_the_gateways_count(tiny_base, tmp
     settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=60)
     gw = ServerThread(create_app(settings)).start()
     port = free_port()
-    proc, identity, url = start_script_node(tmp_path, "node", gw.url, base, mode="honest", tokens=300, delay=0.02,
-                                            port=port)  # fmt: skip
+    proc, identity, url = start_script_node(
+        tmp_path, "node", gw.url, base, mode="honest", tokens=300, delay=0.02, port=port
+    )
     add_node(db, node_id=identity.node_id, base_model=base, api_url=url)
     try:
         poll(lambda: httpx.get(gw.url + "/health", timeout=2).json()["live_nodes"] == 1, timeout=60, interval=0.2)

@@ -16,14 +16,14 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from gateway.main import create_app
+from common.identity import Identity
 from gateway.keys import create_key
-from gateway.tables import CompletionRecord, RequestStatus
+from gateway.main import create_app
 from gateway.settings import GatewaySettings
+from gateway.tables import CompletionRecord, RequestStatus
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
-from common.identity import Identity
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_node, make_db, poll
 from tests.utils.servers import ServerThread
@@ -44,8 +44,11 @@ def world(tmp_path_factory, tiny_base):
     node_srv = ServerThread(node.app()).start()
     add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
     key, _ = create_key(engine, name="app")
-    app = create_app(GatewaySettings(db_url=f"sqlite:///{tmp / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=600,
-                                     request_deadline_s=DEADLINE_S))  # fmt: skip
+    app = create_app(
+        GatewaySettings(
+            db_url=f"sqlite:///{tmp / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=600, request_deadline_s=DEADLINE_S
+        )
+    )
     gw = ServerThread(app).start()
     sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
     try:
@@ -75,8 +78,13 @@ def record_of(engine, rid: str):
 
 def read_then_leave(gw, key: str, prompt: str, max_tokens: int, n: int = 1) -> str:
     """A streamed request whose client leaves after `n` token chunks; its request id."""
-    with httpx.stream("POST", gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=20,
-                      json={"model": TINY, "prompt": prompt, "max_tokens": max_tokens, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=20,
+        json={"model": TINY, "prompt": prompt, "max_tokens": max_tokens, "stream": True},
+    ) as r:
         rid, got = r.headers["x-request-id"], 0
         for line in r.iter_lines():
             if line.startswith("data: {") and '"text":" t' in line:
@@ -156,8 +164,9 @@ def test_events_without_end_after_an_error_fail_the_node_before_the_first_token(
 def test_a_node_that_does_not_finish_by_the_deadline_is_cut_off(w):
     # one token, then nothing for longer than the deadline (the node's abort receipt says 6 were made)
     gw, engine, key, node = w
-    texts, rid = stream_until_error(gw, key, "STALL_AFTER_ABORT", match=f"did not finish within {DEADLINE_S:.0f} s",
-                                    timeout=15)
+    texts, rid = stream_until_error(
+        gw, key, "STALL_AFTER_ABORT", match=f"did not finish within {DEADLINE_S:.0f} s", timeout=15
+    )
     assert texts == [" t0"]
     done, u = record_of(engine, rid)
     assert done.status == RequestStatus.NODE_FAILED and u.status == RecordStatus.PENDING, u.error
@@ -169,8 +178,12 @@ def test_nonstream_client_answered_with_an_error_pays_nothing(w):
     # and no text, so nothing was delivered: the request is recorded at 0 + 0 tokens (a fee of 0), the node's
     # claim kept beside it, and the error carries the request's id
     gw, engine, key, node = w
-    r = httpx.post(gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=20,
-                   json={"model": TINY, "prompt": "CUT_KEEP_GOING", "max_tokens": 20})  # fmt: skip
+    r = httpx.post(
+        gw.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=20,
+        json={"model": TINY, "prompt": "CUT_KEEP_GOING", "max_tokens": 20},
+    )
     assert r.status_code == 502 and "incomplete" in r.json()["error"]["message"]
     done, u = record_of(engine, r.headers["x-request-id"])
     assert done.status == RequestStatus.NODE_FAILED

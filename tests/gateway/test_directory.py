@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from common.identity import Identity
+from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
 from gateway.errors import BadRequest, Forbidden
-from gateway.chain_registry import RegistryView
 from node.heartbeat import make_heartbeat
-from common.identity import Identity
 from tests.utils.gateway import add_adapter, add_node, make_db
 
 BASE = "0x" + "11" * 32
@@ -37,9 +37,13 @@ def world(tmp_path):
 def hb(ident, ts=None, base=BASE, **status):
     import time
 
-    return make_heartbeat(ident, api_url="http://127.0.0.1:7001", base_model_id=base,
-                          status={"queue_depth": 0, "running": 0, **status},
-                          ts_ms=ts or int(time.time() * 1000))  # fmt: skip
+    return make_heartbeat(
+        ident,
+        api_url="http://127.0.0.1:7001",
+        base_model_id=base,
+        status={"queue_depth": 0, "running": 0, **status},
+        ts_ms=ts or int(time.time() * 1000),
+    )
 
 
 def test_registered_node_becomes_live(world):

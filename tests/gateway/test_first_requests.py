@@ -23,8 +23,9 @@ def test_concurrent_first_chat_requests_are_all_served(tmp_path, tiny_base):
     engine = make_db(tmp_path / "gw.db")
     key, _ = create_key(engine, name="app")
     base = base_model_id(tiny_base)
-    gw, url = start_gateway_process(tmp_path, f"sqlite:///{tmp_path / 'gw.db'}", bases=(tiny_base,),
-                                    env={"LORAMESH_GATEWAY_HEARTBEAT_TTL_S": "60"})  # fmt: skip
+    gw, url = start_gateway_process(
+        tmp_path, f"sqlite:///{tmp_path / 'gw.db'}", bases=(tiny_base,), env={"LORAMESH_GATEWAY_HEARTBEAT_TTL_S": "60"}
+    )
     node, identity, node_url = start_script_node(tmp_path, "node", url, base, mode="honest", tokens=2)
     add_node(engine, node_id=identity.node_id, base_model=base, api_url=node_url)
     try:

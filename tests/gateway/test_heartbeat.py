@@ -7,9 +7,9 @@ import copy
 
 import pytest
 
+from common.identity import Identity
 from devnet.anvil import free_port
 from node.heartbeat import HeartbeatError, HeartbeatSender, UnsignedHeartbeatError, make_heartbeat, verify_heartbeat
-from common.identity import Identity
 
 BASE = "0x" + "11" * 32
 
@@ -20,8 +20,14 @@ def ident():
 
 
 def _hb(ident, **kw):
-    return make_heartbeat(ident, api_url="http://127.0.0.1:9", base_model_id=BASE,
-                          status={"queue_depth": 1, "resident_adapters": []}, ts_ms=kw.pop("ts_ms", 1_000), **kw)
+    return make_heartbeat(
+        ident,
+        api_url="http://127.0.0.1:9",
+        base_model_id=BASE,
+        status={"queue_depth": 1, "resident_adapters": []},
+        ts_ms=kw.pop("ts_ms", 1_000),
+        **kw,
+    )
 
 
 def test_roundtrip(ident):
@@ -60,15 +66,18 @@ def test_signed_by_other_key(ident):
         verify_heartbeat(doc)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("format", "v0", "format"),
-    ("node_id", "0xABC", "node_id"),
-    ("base_model_id", None, "base_model_id"),
-    ("api_url", "ftp://x", "api_url"),
-    ("status", [], "status"),
-    ("ts_ms", -5, "ts_ms"),
-    ("public_key", "zz", "hex"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("format", "v0", "format"),
+        ("node_id", "0xABC", "node_id"),
+        ("base_model_id", None, "base_model_id"),
+        ("api_url", "ftp://x", "api_url"),
+        ("status", [], "status"),
+        ("ts_ms", -5, "ts_ms"),
+        ("public_key", "zz", "hex"),
+    ],
+)
 def test_malformed_fields(ident, field, value, match):
     doc = copy.deepcopy(_hb(ident))
     doc["body"][field] = value
@@ -96,8 +105,15 @@ def test_sender_tolerates_down_gateway(ident):
         return {"queue_depth": 0}
 
     async def main():
-        sender = HeartbeatSender(ident, [f"http://127.0.0.1:{free_port()}"], api_url="http://127.0.0.1:9",
-                                 base_model_id=BASE, status_fn=status, interval=0.05, timeout=0.5)
+        sender = HeartbeatSender(
+            ident,
+            [f"http://127.0.0.1:{free_port()}"],
+            api_url="http://127.0.0.1:9",
+            base_model_id=BASE,
+            status_fn=status,
+            interval=0.05,
+            timeout=0.5,
+        )
         result = await sender.send_once()
         sender.start()
         await asyncio.sleep(0.3)

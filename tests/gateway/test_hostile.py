@@ -34,12 +34,14 @@ class World:
         self.key, _ = create_key(self.engine, name="app")
         self.model = base_model_name(tiny_base)
         self.base = base_model_id(tiny_base)
-        self.gw, self.url = start_gateway_process(tmp, f"sqlite:///{tmp / 'gw.db'}", bases=(tiny_base,),
-                                                  env={"LORAMESH_GATEWAY_HEARTBEAT_TTL_S": "60"})  # fmt: skip
+        self.gw, self.url = start_gateway_process(
+            tmp, f"sqlite:///{tmp / 'gw.db'}", bases=(tiny_base,), env={"LORAMESH_GATEWAY_HEARTBEAT_TTL_S": "60"}
+        )
         self.gw.wait_http(self.url + "/health")
         self.gateway_key = httpx.get(self.url + "/internal/gateway-key", timeout=5).json()["gateway_key"]
         self.node, self.identity, self.node_url = start_script_node(
-            tmp, "node", self.url, self.base, mode="honest", tokens=2, extra_args=("--trust", self.gateway_key))
+            tmp, "node", self.url, self.base, mode="honest", tokens=2, extra_args=("--trust", self.gateway_key)
+        )
         self.calls = tmp / "node.key.calls"
         add_node(self.engine, node_id=self.identity.node_id, base_model=self.base, api_url=self.node_url)
         poll(lambda: httpx.get(self.url + "/health", timeout=2).json()["live_nodes"] == 1, timeout=60, interval=0.2)
@@ -100,24 +102,57 @@ def test_the_heartbeat_answer_names_the_gateway_key(w):
 
 
 def test_a_lone_surrogate_is_a_400(w):
-    body = ('{"model": "%s", "prompt": "a\\ud800b", "max_tokens": 2}' % w.model).encode()
+    body = ('{"model": "' + w.model + '", "prompt": "a\\ud800b", "max_tokens": 2}').encode()
     r = w.post("/v1/completions", body)
     assert r.status_code == 400 and "surrogate" in error_of(r)["message"]
-    chat = ('{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}' % w.model).encode()
+    chat = ('{"model": "' + w.model + '", "messages": [{"role": "user", "content": "\\udfff"}]}').encode()
     assert w.post("/v1/chat/completions", chat).status_code == 400
 
 
 # a field, a value of the wrong type or out of range, for either endpoint; OpenAI takes no strings for numbers
-WRONG = [("max_tokens", "16"), ("max_tokens", 1.0), ("max_tokens", True), ("max_tokens", 0), ("seed", 2**64),
-         ("seed", -1), ("seed", "3"), ("temperature", "1"), ("temperature", 3), ("top_p", [1]), ("stream", "true"),
-         ("stream", 1), ("n", "1"), ("stop", 5), ("stop", [1]), ("stop", ["a"] * 5), ("user", 5), ("model", 5),
-         ("model", ""), ("stream_options", {"include_usage": "yes"}), ("logit_bias", "x"),
-         ("presence_penalty", "0")]  # fmt: skip
-WRONG_COMPLETION = [("prompt", {"a": 1}), ("prompt", [1.5]), ("prompt", [-1]), ("prompt", [2**40]), ("prompt", []),
-                    ("prompt", None), ("echo", "no"), ("best_of", "1")]  # fmt: skip
-WRONG_CHAT = [("messages", "hi"), ("messages", []), ("messages", [{"role": "user", "content": 5}]),
-              ("messages", [{"role": "bot", "content": "x"}]), ("messages", [{"role": "user", "content": [{"type":
-              "text", "text": 1}]}]), ("max_completion_tokens", "5"), ("response_format", "json")]  # fmt: skip
+WRONG = [
+    ("max_tokens", "16"),
+    ("max_tokens", 1.0),
+    ("max_tokens", True),
+    ("max_tokens", 0),
+    ("seed", 2**64),
+    ("seed", -1),
+    ("seed", "3"),
+    ("temperature", "1"),
+    ("temperature", 3),
+    ("top_p", [1]),
+    ("stream", "true"),
+    ("stream", 1),
+    ("n", "1"),
+    ("stop", 5),
+    ("stop", [1]),
+    ("stop", ["a"] * 5),
+    ("user", 5),
+    ("model", 5),
+    ("model", ""),
+    ("stream_options", {"include_usage": "yes"}),
+    ("logit_bias", "x"),
+    ("presence_penalty", "0"),
+]
+WRONG_COMPLETION = [
+    ("prompt", {"a": 1}),
+    ("prompt", [1.5]),
+    ("prompt", [-1]),
+    ("prompt", [2**40]),
+    ("prompt", []),
+    ("prompt", None),
+    ("echo", "no"),
+    ("best_of", "1"),
+]
+WRONG_CHAT = [
+    ("messages", "hi"),
+    ("messages", []),
+    ("messages", [{"role": "user", "content": 5}]),
+    ("messages", [{"role": "bot", "content": "x"}]),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": 1}]}]),
+    ("max_completion_tokens", "5"),
+    ("response_format", "json"),
+]
 
 
 @pytest.mark.parametrize("field,value", WRONG + WRONG_COMPLETION)
@@ -157,33 +192,57 @@ def test_a_prompt_the_context_cannot_hold_is_refused_without_tokenizing_it(w):
     assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
 
 
-@pytest.mark.parametrize("method,path,headers,body,status", [
-    ("GET", "/nowhere", {}, None, 404),
-    ("GET", "/v1/completions", {}, None, 405),
-    ("POST", "/v1/completions", {"Authorization": ""}, b"{}", 401),
-    ("POST", "/v1/completions", {"Authorization": "Bearer lm-nope"}, b"{}", 401),
-    ("POST", "/v1/completions", None, b"[1, 2]", 400),
-    ("POST", "/v1/completions", None, b"\xff\xfe", 400),
-    ("POST", "/v1/completions", None, b'{"model": "m", "model": "n"}', 400),
-    ("POST", "/v1/completions", None, b'{"model": "x", "prompt": "a", "temperature": NaN}', 400),
-    ("POST", "/v1/completions", None, b'{"model": "no-such-model", "prompt": "a"}', 404),
-    ("POST", "/internal/heartbeat", {}, b'{"node_id": 1}', 400),
-    ("POST", "/internal/heartbeat", {}, b"\"x\" * 300000", 400),
-    ("POST", "/internal/heartbeat", {}, b"[" * 300_000, 413),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "method,path,headers,body,status",
+    [
+        ("GET", "/nowhere", {}, None, 404),
+        ("GET", "/v1/completions", {}, None, 405),
+        ("POST", "/v1/completions", {"Authorization": ""}, b"{}", 401),
+        ("POST", "/v1/completions", {"Authorization": "Bearer lm-nope"}, b"{}", 401),
+        ("POST", "/v1/completions", None, b"[1, 2]", 400),
+        ("POST", "/v1/completions", None, b"\xff\xfe", 400),
+        ("POST", "/v1/completions", None, b'{"model": "m", "model": "n"}', 400),
+        ("POST", "/v1/completions", None, b'{"model": "x", "prompt": "a", "temperature": NaN}', 400),
+        ("POST", "/v1/completions", None, b'{"model": "no-such-model", "prompt": "a"}', 404),
+        ("POST", "/internal/heartbeat", {}, b'{"node_id": 1}', 400),
+        ("POST", "/internal/heartbeat", {}, b'"x" * 300000', 400),
+        ("POST", "/internal/heartbeat", {}, b"[" * 300_000, 413),
+    ],
+)
 def test_every_refusal_has_the_openai_shape(w, method, path, headers, body, status):
     r = w.http.request(method, path, content=body, headers=headers)
     assert r.status_code == status, r.text[:300]
     error_of(r)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) |
-                    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                max_size=4),
-                    max_leaves=12)  # fmt: skip
-FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n",
-          "stream_options", "user", "max_completion_tokens", "logprobs", "echo", "suffix", "tools"]  # fmt: skip
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "n",
+    "stream_options",
+    "user",
+    "max_completion_tokens",
+    "logprobs",
+    "echo",
+    "suffix",
+    "tools",
+]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -220,8 +279,8 @@ def test_fuzzed_heartbeats_never_get_a_server_error(w, data):
 def test_an_unhandled_error_is_a_500_answer_and_the_connection_stays(tmp_path, monkeypatch):
     """A bug behind a route (here: listing models raises) answers 500 in the error shape, and the client's
     keep-alive connection serves its next request (found: dropped after the 500)."""
-    from gateway.main import create_app
     from gateway.catalog import ModelCatalog
+    from gateway.main import create_app
     from gateway.settings import GatewaySettings
     from tests.utils.servers import ServerThread
 

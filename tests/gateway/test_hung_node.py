@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from gateway.main import create_app
 from gateway.keys import create_key
+from gateway.main import create_app
 from gateway.settings import GatewaySettings
 from node.adapters.basemodel import base_model_id
 from tests.gateway import TINY
@@ -27,13 +27,19 @@ def test_a_stopped_node_is_failed_over_before_the_first_token(tmp_path, tiny_bas
     engine = make_db(tmp_path / "gw.db")
     key, _ = create_key(engine, name="app")
     base = base_model_id(tiny_base)
-    settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=60,
-                               first_byte_timeout_s=2.0)  # fmt: skip
+    settings = GatewaySettings(
+        db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=60, first_byte_timeout_s=2.0
+    )
     app = create_app(settings)
     gw = ServerThread(app).start()
     trust = ("--trust", app.state.gateway.gateway_key_hex)
-    nodes = [(*start_script_node(tmp_path, f"n{i}", gw.url, base, mode="honest", tokens=2, extra_args=trust),
-              tmp_path / f"n{i}.key.calls") for i in range(2)]  # fmt: skip
+    nodes = [
+        (
+            *start_script_node(tmp_path, f"n{i}", gw.url, base, mode="honest", tokens=2, extra_args=trust),
+            tmp_path / f"n{i}.key.calls",
+        )
+        for i in range(2)
+    ]
     for _, identity, url, _ in nodes:
         add_node(engine, node_id=identity.node_id, base_model=base, api_url=url)
     hung, healthy = sorted(nodes, key=lambda n: n[1].node_id)  # equal load: the lower node id is tried first
@@ -42,8 +48,9 @@ def test_a_stopped_node_is_failed_over_before_the_first_token(tmp_path, tiny_bas
         os.kill(hung[0].pid, signal.SIGSTOP)
         started = time.monotonic()
         body = {"model": TINY, "prompt": "hello", "max_tokens": 2, "stream": stream}
-        with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                          timeout=30) as r:  # fmt: skip
+        with httpx.stream(
+            "POST", gw.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        ) as r:
             text = r.read().decode()
         took = time.monotonic() - started
         assert r.status_code == 200, text

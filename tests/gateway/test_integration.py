@@ -16,6 +16,8 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
+from common.identity import Identity, create_identity
+from common.wire import hex0x
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess, ProcessGroup
 from gateway.keys import create_key
@@ -23,8 +25,6 @@ from gateway.tables import CompletionRecord
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.adapters.basemodel import base_model_name
-from common.identity import Identity, create_identity
-from common.wire import hex0x
 from node.publish import publish, upload_to_node
 from node.receipts import check_receipt
 from tests.utils.factories import make_package
@@ -61,9 +61,28 @@ def start_node(group: ProcessGroup, i: int, root: Path, base: Path, chain, gw_ur
     identity = create_identity(key, PASSWORD)
     chain.client(chain.admin).fund([identity.address], ETHER)  # gas for its own registration
     port = free_port()
-    args = ["node", "run", "--base", str(base), "--store", str(root / f"store{i}"), "--port", str(port),
-            "--key", str(key), "--deployment", str(chain.deployment_path), "--gateway", gw_url, "--slots", "4",
-            "--threads", "1", "--kv-blocks", "64"]  # fmt: skip
+    args = [
+        "node",
+        "run",
+        "--base",
+        str(base),
+        "--store",
+        str(root / f"store{i}"),
+        "--port",
+        str(port),
+        "--key",
+        str(key),
+        "--deployment",
+        str(chain.deployment_path),
+        "--gateway",
+        gw_url,
+        "--slots",
+        "4",
+        "--threads",
+        "1",
+        "--kv-blocks",
+        "64",
+    ]
     proc = group.start(ManagedProcess(f"node{i}", args, root / f"node{i}.log", env=ENV))
     return Node(identity, f"http://127.0.0.1:{port}", proc)
 
@@ -73,8 +92,10 @@ def net(anvil_chain, tiny_base, tmp_path_factory):
     chain = anvil_chain
     root = tmp_path_factory.mktemp("net")
     publisher = chain.users[0]
-    packages = [make_package(tiny_base, root / f"pkg{i}", account=publisher, name=name, seed=10 + i)
-                for i, name in enumerate(ADAPTER_NAMES)]  # fmt: skip
+    packages = [
+        make_package(tiny_base, root / f"pkg{i}", account=publisher, name=name, seed=10 + i)
+        for i, name in enumerate(ADAPTER_NAMES)
+    ]
     engine = make_db(root / "gateway.db")
     key, _ = create_key(engine, name="app")
     limited, _ = create_key(engine, name="slow", rpm=1)
@@ -84,10 +105,27 @@ def net(anvil_chain, tiny_base, tmp_path_factory):
     gw_url = f"http://127.0.0.1:{gw_port}"
     group = ProcessGroup()
     try:
-        gateway = group.start(ManagedProcess("gateway", [
-            "gateway", "run", "--deployment", str(chain.deployment_path), "--db", f"sqlite:///{root / 'gateway.db'}",
-            "--port", str(gw_port), "--key", str(settler_key), "--base", str(tiny_base)],
-            root / "gateway.log", env=ENV))  # fmt: skip
+        gateway = group.start(
+            ManagedProcess(
+                "gateway",
+                [
+                    "gateway",
+                    "run",
+                    "--deployment",
+                    str(chain.deployment_path),
+                    "--db",
+                    f"sqlite:///{root / 'gateway.db'}",
+                    "--port",
+                    str(gw_port),
+                    "--key",
+                    str(settler_key),
+                    "--base",
+                    str(tiny_base),
+                ],
+                root / "gateway.log",
+                env=ENV,
+            )
+        )
         nodes = [start_node(group, i, root, tiny_base, chain, gw_url) for i in range(2)]  # both load at once
         gateway.wait_http(gw_url + "/health")
         for n in nodes:
@@ -118,26 +156,37 @@ def test_list_models(net):
 
 
 def test_completion(net):
-    r = client(net).completions.create(model="acme/capitals", prompt="The capital of France is", max_tokens=6,
-                                       temperature=0)  # fmt: skip
+    r = client(net).completions.create(
+        model="acme/capitals", prompt="The capital of France is", max_tokens=6, temperature=0
+    )
     assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 0 and r.choices[0].finish_reason == "length"
-    again = client(net).completions.create(model="acme/capitals", prompt="The capital of France is", max_tokens=6,
-                                           temperature=0)  # fmt: skip
+    again = client(net).completions.create(
+        model="acme/capitals", prompt="The capital of France is", max_tokens=6, temperature=0
+    )
     assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
 
 
 def test_chat(net):
-    r = client(net).chat.completions.create(model="acme/elements", max_tokens=5, temperature=0, seed=1,
-                                            messages=[{"role": "user", "content": "hello"}])  # fmt: skip
+    r = client(net).chat.completions.create(
+        model="acme/elements", max_tokens=5, temperature=0, seed=1, messages=[{"role": "user", "content": "hello"}]
+    )
     assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 5
 
 
 def test_stream_usage_matches_tokens_streamed(net):
-    chunks = list(client(net).chat.completions.create(
-        model="acme/poems", max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": "write"}]))  # fmt: skip
-    token_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content is not None
-                    and c.choices[0].delta.role is None]  # fmt: skip
+    chunks = list(
+        client(net).chat.completions.create(
+            model="acme/poems",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "write"}],
+        )
+    )
+    token_chunks = [
+        c for c in chunks if c.choices and c.choices[0].delta.content is not None and c.choices[0].delta.role is None
+    ]
     assert chunks[-1].usage.completion_tokens == len(token_chunks) > 0
 
 
@@ -169,8 +218,12 @@ def test_errors(net):
 
 
 def test_client_disconnect_is_recorded_with_the_nodes_receipt(net):
-    with httpx.stream("POST", net.gw + "/v1/completions", headers={"Authorization": f"Bearer {net.key}"},
-                      json={"model": "acme/capitals", "prompt": "x", "max_tokens": 400, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        net.gw + "/v1/completions",
+        headers={"Authorization": f"Bearer {net.key}"},
+        json={"model": "acme/capitals", "prompt": "x", "max_tokens": 400, "stream": True},
+    ) as r:
         rid = r.headers["x-request-id"]
         seen = 0
         for line in r.iter_lines():
@@ -218,8 +271,11 @@ def test_every_served_request_is_in_the_outbox_once_with_valid_signature(net, an
     for u in usage:
         check_receipt(json.loads(u.receipt_json), u.node_signature, keys[u.node_id])
     # the in-process settler takes it from there
-    poll(lambda: all(u.status == "settled" for u in Session(net.engine).exec(select(UsageRecord)).all()),
-         timeout=30, interval=0.5)
+    poll(
+        lambda: all(u.status == "settled" for u in Session(net.engine).exec(select(UsageRecord)).all()),
+        timeout=30,
+        interval=0.5,
+    )
     chain = anvil_chain.client()
     price = chain.base_price()
     settled = {hex0x(e["args"]["requestId"]): e["args"] for e in chain.events("ledger", "RecordSettled")}

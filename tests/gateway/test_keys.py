@@ -8,8 +8,16 @@ from unittest.mock import patch
 import pytest
 from sqlmodel import Session, select
 
-from gateway.keys import (ApiKeyError, KeyCache, create_key, hash_secret, list_keys, lookup_key,
-                          private_adapter_names, revoke_key)
+from gateway.keys import (
+    ApiKeyError,
+    KeyCache,
+    create_key,
+    hash_secret,
+    list_keys,
+    lookup_key,
+    private_adapter_names,
+    revoke_key,
+)
 from gateway.tables import AdapterGrant
 from ledger.models import ApiKey
 from tests.utils.gateway import make_db

@@ -14,9 +14,9 @@ from fastapi.responses import StreamingResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.identity import Identity
 from gateway import node_client
 from gateway.node_client import NodeClient
-from common.identity import Identity
 from tests.utils.gateway import StandInNode
 from tests.utils.servers import ServerThread
 
@@ -117,13 +117,16 @@ async def _events(url: str) -> list[dict]:
         await nc.aclose()
 
 
-@pytest.mark.parametrize("chunks", [
-    [b"data: " + b"[" * 200_000 + b"\n\n"],  # nested: refused before the decoder recurses
-    [b"data: " + b"x" * 65536] * 32,  # one line of 2 MiB without end: refused at the cap, not buffered whole
-    [b"data: 1\ndata: " + b"1" * 40000 + b"\n" + b"data: " + b"1" * 40000 + b"\n\n"],  # one event over the cap
-    [b'data: {"type": "token", "type": "done"}\n\n'],  # duplicate keys
-    [b"data: [1, 2]\n\n"],  # not an event object
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"data: " + b"[" * 200_000 + b"\n\n"],  # nested: refused before the decoder recurses
+        [b"data: " + b"x" * 65536] * 32,  # one line of 2 MiB without end: refused at the cap, not buffered whole
+        [b"data: 1\ndata: " + b"1" * 40000 + b"\n" + b"data: " + b"1" * 40000 + b"\n\n"],  # one event over the cap
+        [b'data: {"type": "token", "type": "done"}\n\n'],  # duplicate keys
+        [b"data: [1, 2]\n\n"],  # not an event object
+    ],
+)
 def test_hostile_events_are_refused_as_value_errors(chunks):
     with ServerThread(_hostile_node(chunks)) as srv:
         with pytest.raises(ValueError):
@@ -136,8 +139,23 @@ def test_a_hostile_error_body_is_a_failed_node():
             asyncio.run(_events(srv.url))
 
 
-PIECES = [b"data: ", b"\n", b"\r\n", b"{", b"}", b"[", b"]", b'"type"', b":", b'"token"', b",", b"1e999", b"\\ud800",
-          b'"', b"\xff"]  # fmt: skip
+PIECES = [
+    b"data: ",
+    b"\n",
+    b"\r\n",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b'"type"',
+    b":",
+    b'"token"',
+    b",",
+    b"1e999",
+    b"\\ud800",
+    b'"',
+    b"\xff",
+]
 
 
 @settings(max_examples=200, deadline=None)

@@ -17,8 +17,9 @@ def body(**kw) -> bytes:
 
 
 def test_minimal_completion():
-    r = parse_body(CompletionRequest, body(stop="\n", stream=True, stream_options={"include_usage": True},
-                                           user="u1", seed=3, n=1))  # fmt: skip
+    r = parse_body(
+        CompletionRequest, body(stop="\n", stream=True, stream_options={"include_usage": True}, user="u1", seed=3, n=1)
+    )
     assert r.stop_list() == ["\n"] and r.include_usage and r.seed == 3 and r.user == "u1"
 
 
@@ -27,21 +28,24 @@ def test_prompt_forms():
     assert parse_body(CompletionRequest, body(prompt=[1, 2, 3])).prompt == [1, 2, 3]
 
 
-@pytest.mark.parametrize("raw,param,match", [
-    (b"{not json", None, "not valid JSON"),
-    (b"[1]", None, "JSON object"),
-    (json.dumps({"prompt": "x"}).encode(), "model", "model: is required"),
-    (body(n=2), "n", "only n=1"),
-    (body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
-    (body(temperature=3), "temperature", "less than or equal to 2"),
-    (body(top_p=0), "top_p", "greater than 0"),
-    (body(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
-    (body(prompt=["a", "b"]), "prompt", None),
-    (body(echo=True), "echo", "not supported"),
-    (body(logprobs=2), "logprobs", "not supported"),
-    (body(best_of=3), "best_of", "best_of=1"),
-    (body(presence_penalty=0.5), "presence_penalty", "not supported"),
-])
+@pytest.mark.parametrize(
+    "raw,param,match",
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"[1]", None, "JSON object"),
+        (json.dumps({"prompt": "x"}).encode(), "model", "model: is required"),
+        (body(n=2), "n", "only n=1"),
+        (body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+        (body(temperature=3), "temperature", "less than or equal to 2"),
+        (body(top_p=0), "top_p", "greater than 0"),
+        (body(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
+        (body(prompt=["a", "b"]), "prompt", None),
+        (body(echo=True), "echo", "not supported"),
+        (body(logprobs=2), "logprobs", "not supported"),
+        (body(best_of=3), "best_of", "best_of=1"),
+        (body(presence_penalty=0.5), "presence_penalty", "not supported"),
+    ],
+)
 def test_completion_refusals(raw, param, match):
     with pytest.raises(BadRequest, match=match) as ei:
         parse_body(CompletionRequest, raw)
@@ -50,20 +54,30 @@ def test_completion_refusals(raw, param, match):
 
 
 def test_chat_request():
-    raw = json.dumps({"model": "m", "max_completion_tokens": 7, "messages": [
-        {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]}).encode()
+    raw = json.dumps(
+        {
+            "model": "m",
+            "max_completion_tokens": 7,
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]},
+            ],
+        }
+    ).encode()
     r = parse_body(ChatRequest, raw)
     assert r.wanted_tokens() == 7
     assert r.chat_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
 
 
-@pytest.mark.parametrize("extra,param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
 def test_chat_refusals(extra, param):
     raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], **extra}).encode()
     with pytest.raises(BadRequest) as ei:
@@ -75,8 +89,9 @@ def test_error_shape_and_retry_after():
     e = RateLimited("slow down", retry_after=2.2)
     r = e.response()
     assert r.status_code == 429 and r.headers["retry-after"] == "3"
-    assert json.loads(r.body) == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None,
-                                            "code": "rate_limit_exceeded"}}
+    assert json.loads(r.body) == {
+        "error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    }
 
 
 def _data(chunk: bytes) -> dict:

@@ -14,14 +14,14 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from gateway.main import create_app
+from common.identity import Identity
 from gateway.keys import create_key
-from gateway.tables import CompletionRecord
+from gateway.main import create_app
 from gateway.settings import GatewaySettings
+from gateway.tables import CompletionRecord
 from ledger.models import UsageRecord
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
-from common.identity import Identity
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_node, make_db, poll
 from tests.utils.servers import ServerThread
@@ -36,8 +36,13 @@ def make_world(tmp_path, tiny_base, probe_s: float):
     node_srv = ServerThread(node.app()).start()
     add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
     key, _ = create_key(engine, name="app")
-    settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=120,
-                               outbox_probe_s=probe_s, db_busy_timeout_s=0.2)  # fmt: skip
+    settings = GatewaySettings(
+        db_url=f"sqlite:///{tmp_path / 'gw.db'}",
+        bases=[tiny_base],
+        heartbeat_ttl_s=120,
+        outbox_probe_s=probe_s,
+        db_busy_timeout_s=0.2,
+    )
     gw = ServerThread(create_app(settings)).start()
     sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
     assert asyncio.run(sender.send_once()) == {gw.url: 200}
@@ -63,16 +68,23 @@ def test_locked_outbox_refuses_then_recovers(world):
     gw, engine, key, path = world
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
     assert client.completions.create(model=TINY, prompt="hi", max_tokens=2).usage.completion_tokens == 2
-    assert health(gw).status_code == 200 and health(gw).json()["outbox"] == {"writable": True, "error": None,
-                                                                           "unwritten": 0}  # fmt: skip
+    assert health(gw).status_code == 200 and health(gw).json()["outbox"] == {
+        "writable": True,
+        "error": None,
+        "unwritten": 0,
+    }
 
     # a request that is streaming when the database locks up
     got: dict = {}
 
     def stream() -> None:
-        with httpx.stream("POST", gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"model": TINY, "prompt": "long one", "max_tokens": 10, "stream": True},
-                          timeout=30) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": TINY, "prompt": "long one", "max_tokens": 10, "stream": True},
+            timeout=30,
+        ) as r:
             got["rid"] = r.headers["x-request-id"]
             got["chunks"] = [line for line in r.iter_lines() if line.startswith("data:")]
 
@@ -114,8 +126,12 @@ def test_a_request_whose_open_record_cannot_be_written_is_refused(tmp_path, tiny
     lock = sqlite3.connect(path, isolation_level=None, timeout=5)
     try:
         lock.execute("BEGIN IMMEDIATE")
-        r = httpx.post(gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
-                       json={"model": TINY, "prompt": "hi", "max_tokens": 3})  # fmt: skip
+        r = httpx.post(
+            gw.url + "/v1/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+            json={"model": TINY, "prompt": "hi", "max_tokens": 3},
+        )
         assert r.status_code == 503 and r.json()["error"]["code"] == "outbox_unavailable", r.text
         assert health(gw).status_code == 503 and "locked" in health(gw).json()["outbox"]["error"]
         poll(lambda: node.aborted, timeout=10)  # the node, which had started on it, was told to stop

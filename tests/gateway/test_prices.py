@@ -11,13 +11,13 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
-from gateway.main import create_app
+from common.identity import Identity
 from gateway.cli import gateway_app
 from gateway.keys import create_key, lookup_key, update_key
+from gateway.main import create_app
 from gateway.settings import GatewaySettings
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
-from common.identity import Identity
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db
 from tests.utils.servers import ServerThread
@@ -38,8 +38,13 @@ def world(tmp_path_factory, tiny_base):
     add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
     add_adapter(engine, adapter_id=CHEAP, name="acme/cheap", base_model=base, price=10**12)
     add_adapter(engine, adapter_id=DEAR, name="acme/dear", base_model=base, price=5 * 10**18, block=2)
-    settings = GatewaySettings(db_url=f"sqlite:///{tmp / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=60,
-                               default_max_price_per_1k_tokens=DEFAULT_LIMIT, key_cache_ttl_s=0)  # fmt: skip
+    settings = GatewaySettings(
+        db_url=f"sqlite:///{tmp / 'gw.db'}",
+        bases=[tiny_base],
+        heartbeat_ttl_s=60,
+        default_max_price_per_1k_tokens=DEFAULT_LIMIT,
+        key_cache_ttl_s=0,
+    )
     gw = ServerThread(create_app(settings)).start()
     sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
     assert asyncio.run(sender.send_once()) == {gw.url: 200}
@@ -82,16 +87,18 @@ def test_key_limits_from_the_cli(world):
     gw, engine, _, tmp = world
     db = f"sqlite:///{tmp / 'gw.db'}"
     runner = CliRunner()
-    r = runner.invoke(gateway_app, ["keys", "create", "--name", "frugal", "--max-price-per-1k-tokens", str(10**11),
-                                    "--db", db])  # fmt: skip
+    r = runner.invoke(
+        gateway_app, ["keys", "create", "--name", "frugal", "--max-price-per-1k-tokens", str(10**11), "--db", db]
+    )
     assert r.exit_code == 0, r.output
     frugal = r.output.strip().splitlines()[-1]
     info = lookup_key(engine, frugal)
     assert info.max_price_per_1k_tokens == 10**11
     with pytest.raises(openai.PermissionDeniedError, match="limit of 100000000000 wei"):
         client(gw, frugal).completions.create(model="acme/cheap", prompt="hi", max_tokens=1)
-    r = runner.invoke(gateway_app, ["keys", "update", str(info.id), "--max-price-per-1k-tokens", str(10**19),
-                                    "--db", db])  # fmt: skip
+    r = runner.invoke(
+        gateway_app, ["keys", "update", str(info.id), "--max-price-per-1k-tokens", str(10**19), "--db", db]
+    )
     assert r.exit_code == 0 and str(10**19) in r.output, r.output
     assert client(gw, frugal).completions.create(model="acme/dear", prompt="hi", max_tokens=1).choices
     listing = runner.invoke(gateway_app, ["keys", "list", "--db", db], env={"COLUMNS": "250"})

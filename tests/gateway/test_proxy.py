@@ -13,16 +13,16 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from gateway.main import create_app
+from common.identity import Identity
 from gateway.keys import create_key, revoke_key
-from gateway.tables import CompletionRecord, RequestStatus
+from gateway.main import create_app
 from gateway.router import rank_nodes
 from gateway.settings import GatewaySettings
+from gateway.tables import CompletionRecord, RequestStatus
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from node.heartbeat import HeartbeatSender, make_heartbeat
 from node.adapters.basemodel import base_model_id
-from common.identity import Identity
+from node.heartbeat import HeartbeatSender, make_heartbeat
 from node.receipts import check_receipt
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db, poll
@@ -32,8 +32,12 @@ pytestmark = pytest.mark.integration
 
 BASE = ""  # the tiny base's id, set by World
 LONELY_BASE = "0x" + "b1" * 32
-ADAPTERS = {"acme/alpha": "0x" + "a1" * 32, "acme/beta": "0x" + "a2" * 32, "acme/secret": "0x" + "a3" * 32,
-            "acme/orphan": "0x" + "a4" * 32}  # fmt: skip
+ADAPTERS = {
+    "acme/alpha": "0x" + "a1" * 32,
+    "acme/beta": "0x" + "a2" * 32,
+    "acme/secret": "0x" + "a3" * 32,
+    "acme/orphan": "0x" + "a4" * 32,
+}
 
 
 class World:
@@ -50,23 +54,35 @@ class World:
         for n, srv in zip(self.nodes, self.node_servers):
             add_node(self.engine, node_id=n.identity.node_id, base_model=BASE, api_url=srv.url)
         for i, (name, aid) in enumerate(ADAPTERS.items()):
-            add_adapter(self.engine, adapter_id=aid, name=name, base_model=LONELY_BASE if "orphan" in name else BASE,
-                        block=10 + i)
+            add_adapter(
+                self.engine,
+                adapter_id=aid,
+                name=name,
+                base_model=LONELY_BASE if "orphan" in name else BASE,
+                block=10 + i,
+            )
         self.key, _ = create_key(self.engine, name="app")
         self.limited, _ = create_key(self.engine, name="slow", rpm=2)
         self.granted, _ = create_key(self.engine, name="insider", adapters=["acme/secret"])
         self.revoked, info = create_key(self.engine, name="gone")
         revoke_key(self.engine, info.id)
-        settings = GatewaySettings(db_url=f"sqlite:///{self.db_path}", heartbeat_ttl_s=60, max_attempts=3,
-                                   registry_sync_s=0.5, default_max_tokens=5, bases=[base_dir])  # fmt: skip
+        settings = GatewaySettings(
+            db_url=f"sqlite:///{self.db_path}",
+            heartbeat_ttl_s=60,
+            max_attempts=3,
+            registry_sync_s=0.5,
+            default_max_tokens=5,
+            bases=[base_dir],
+        )
         self.gw = ServerThread(create_app(settings)).start()
 
     def beat(self, nodes=None) -> None:
         async def go():
             for n, srv in zip(self.nodes, self.node_servers):
                 if nodes is None or n in nodes:
-                    sender = HeartbeatSender(n.identity, [self.gw.url], api_url=srv.url, base_model_id=BASE,
-                                             status_fn=n.status)  # fmt: skip
+                    sender = HeartbeatSender(
+                        n.identity, [self.gw.url], api_url=srv.url, base_model_id=BASE, status_fn=n.status
+                    )
                     result = await sender.send_once()
                     assert result == {self.gw.url: 200}, result
 
@@ -127,17 +143,33 @@ def test_private_adapter_is_404_to_other_keys(w):
 
 
 def test_completion_and_usage_record(w):
-    raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="one two three", max_tokens=4,
-                                                          temperature=0.5, top_p=0.9, seed=7, stop=["\n"], user="u")
+    raw = w.client().completions.with_raw_response.create(
+        model="acme/alpha",
+        prompt="one two three",
+        max_tokens=4,
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        stop=["\n"],
+        user="u",
+    )
     r = raw.parse()
     rid = raw.headers["x-request-id"]
     assert r.choices[0].text == " t0 t1 t2 t3" and r.choices[0].finish_reason == "length"
     ids = w.tok.encode("one two three")  # the gateway counts the prompt itself and sends it as these ids
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 4, len(ids) + 4)
     sent = next(b for n in w.nodes for b in n.requests if b["request_id"] == rid)
-    assert sent == {"adapter_id": ADAPTERS["acme/alpha"], "prompt_token_ids": ids, "max_tokens": 4,
-                    "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["\n"], "request_id": rid,
-                    "stream": True}  # fmt: skip
+    assert sent == {
+        "adapter_id": ADAPTERS["acme/alpha"],
+        "prompt_token_ids": ids,
+        "max_tokens": 4,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": ["\n"],
+        "request_id": rid,
+        "stream": True,
+    }
     done, usage = w.records()
     row = next(u for u in usage if u.request_id == rid)
     node = next(n for n in w.nodes if n.identity.node_id == row.node_id)
@@ -146,8 +178,13 @@ def test_completion_and_usage_record(w):
 
 
 def test_chat_stream_usage_matches_tokens(w):
-    stream = w.client().chat.completions.create(model="acme/beta", messages=[{"role": "user", "content": "hi"}],
-                                                stream=True, stream_options={"include_usage": True}, max_tokens=5)
+    stream = w.client().chat.completions.create(
+        model="acme/beta",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=5,
+    )
     chunks = list(stream)
     content = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -164,8 +201,12 @@ def test_chat_stream_without_tokens_still_opens_with_the_role(w):
     for n in w.nodes:
         n.tokens = 0
     try:
-        r = httpx.post(w.gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {w.key}"}, timeout=10,
-                       json={"model": TINY, "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        r = httpx.post(
+            w.gw.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {w.key}"},
+            timeout=10,
+            json={"model": TINY, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        )
     finally:
         for n in w.nodes:
             n.tokens = 5
@@ -211,8 +252,9 @@ def test_engine_error_everywhere_is_503(w):
 
 
 def test_node_cut_after_first_token_ends_stream_with_error(w):
-    stream = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="CUT_AFTER_2", stream=True,
-                                                             max_tokens=5)  # fmt: skip
+    stream = w.client().completions.with_raw_response.create(
+        model="acme/alpha", prompt="CUT_AFTER_2", stream=True, max_tokens=5
+    )
     rid = stream.headers["x-request-id"]
     texts = []
     with pytest.raises(openai.APIError, match="incomplete"):
@@ -238,8 +280,12 @@ def test_client_disconnect_aborts_and_records(w):
         n.delay = 0.2
         n.tokens = 30
     try:
-        with httpx.stream("POST", w.gw.url + "/v1/completions", headers={"Authorization": f"Bearer {w.key}"},
-                          json={"model": "acme/alpha", "prompt": "long", "max_tokens": 30, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            w.gw.url + "/v1/completions",
+            headers={"Authorization": f"Bearer {w.key}"},
+            json={"model": "acme/alpha", "prompt": "long", "max_tokens": 30, "stream": True},
+        ) as r:
             rid = r.headers["x-request-id"]
             got = []
             for line in r.iter_lines():
@@ -334,10 +380,14 @@ def test_metrics(w):
     text = httpx.get(w.gw.url + "/metrics").text
     assert 'loramesh_gateway_requests_total{model="acme/alpha",status="ok"}' in text
     assert 'loramesh_gateway_requests_total{model="nobody/none",status="404"}' in text
-    for name in ("loramesh_gateway_time_to_first_token_seconds_bucket", "loramesh_gateway_request_latency_seconds",
-                 'loramesh_gateway_tokens_total{kind="completion",model="acme/alpha"}',
-                 "loramesh_gateway_routing_decisions_total", "loramesh_gateway_residency_total",
-                 "loramesh_gateway_live_nodes 2.0"):
+    for name in (
+        "loramesh_gateway_time_to_first_token_seconds_bucket",
+        "loramesh_gateway_request_latency_seconds",
+        'loramesh_gateway_tokens_total{kind="completion",model="acme/alpha"}',
+        "loramesh_gateway_routing_decisions_total",
+        "loramesh_gateway_residency_total",
+        "loramesh_gateway_live_nodes 2.0",
+    ):
         assert name in text, name
 
 

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 from sqlmodel import Session
 
-from gateway.tables import CompletionRecord, RequestStatus
-from gateway.reconcile import reconcile
-from gateway.usage import UsageRecorder
 from common.identity import Identity
+from gateway.reconcile import reconcile
+from gateway.tables import CompletionRecord, RequestStatus
+from gateway.usage import UsageRecorder
 from node.receipts import make_receipt, sign_receipt
 from tests.utils.gateway import make_db
 
@@ -44,8 +44,9 @@ class StubBook:
 class StubGateway:
     def __init__(self, engine, ident, answer, **settings) -> None:
         self.book = StubBook(UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me"))
-        self.settings = SimpleNamespace(**({"instance_lease_s": 10.0, "reconcile_give_up_s": 600.0,
-                                            "reconcile_pass_s": 30.0} | settings))  # fmt: skip
+        self.settings = SimpleNamespace(
+            **({"instance_lease_s": 10.0, "reconcile_give_up_s": 600.0, "reconcile_pass_s": 30.0} | settings)
+        )
         self.nodes = StubNodes(answer)
         node = SimpleNamespace(api_url="http://node.invalid", base_model_id="0x" + "b0" * 32)
         self.registry = SimpleNamespace(node=lambda node_id: node, adapters={})
@@ -68,8 +69,15 @@ def open_rows(dead, ident, n: int, *, age_s: float = 0.0) -> list[str]:
     rids = []
     for _ in range(n):
         rid = "0x" + f"{time.time_ns():064x}"
-        dead.open(request_id=rid, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=1,
-                  prompt_tokens=3, max_tokens=16)  # fmt: skip
+        dead.open(
+            request_id=rid,
+            model="acme/a",
+            adapter_id=ADAPTER,
+            node_id=ident.node_id,
+            key_id=1,
+            prompt_tokens=3,
+            max_tokens=16,
+        )
         rids.append(rid)
     if age_s:
         with Session(dead.engine) as s:
@@ -87,8 +95,16 @@ def status_of(engine, rid: str) -> str:
 
 
 def signed(ident, rid: str) -> dict:
-    r = make_receipt(request_id=rid, adapter_id=ADAPTER, node_id=ident.node_id, prompt_tokens=3,
-                     completion_tokens=5, finish_reason="abort", started_at=1, finished_at=2)  # fmt: skip
+    r = make_receipt(
+        request_id=rid,
+        adapter_id=ADAPTER,
+        node_id=ident.node_id,
+        prompt_tokens=3,
+        completion_tokens=5,
+        finish_reason="abort",
+        started_at=1,
+        finished_at=2,
+    )
     return {"receipt": r, "signature": sign_receipt(r, ident.node_key)}
 
 
@@ -154,8 +170,11 @@ def test_the_instance_heartbeat_does_not_wait_for_reconciliation(tmp_path, monke
     from gateway.settings import GatewaySettings
 
     engine = make_db(tmp_path / "h.db")
-    gw = Gateway(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'h.db'}", outbox_probe_s=0.05), engine,
-                 RegistryView(engine, None))  # fmt: skip
+    gw = Gateway(
+        GatewaySettings(db_url=f"sqlite:///{tmp_path / 'h.db'}", outbox_probe_s=0.05),
+        engine,
+        RegistryView(engine, None),
+    )
     passes, beats = [], []
 
     async def slow_pass(_gw):

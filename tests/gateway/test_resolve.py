@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from common.identity import Identity
+from gateway.catalog import ModelCatalog
+from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
 from gateway.errors import ModelNotFound
 from gateway.keys import KeyInfo
-from gateway.chain_registry import RegistryView
-from gateway.catalog import ModelCatalog
 from node.adapters.basemodel import base_model_name
 from node.heartbeat import make_heartbeat
-from common.identity import Identity
 from tests.gateway import TINY
 from tests.utils.gateway import add_adapter, add_node, make_db
 
@@ -45,12 +45,19 @@ def world(tmp_path):
     clock = Clock()
     reg = RegistryView(engine)
     directory = NodeDirectory(reg, ttl=10, clock=clock)
-    directory.accept_heartbeat(make_heartbeat(node, api_url="http://127.0.0.1:7001", base_model_id=BASE,
-                                              status={"queue_depth": 0, "running": 0, "base_model": {"name": "tiny"}},
-                                              ts_ms=int(time.time() * 1000)))  # fmt: skip
+    directory.accept_heartbeat(
+        make_heartbeat(
+            node,
+            api_url="http://127.0.0.1:7001",
+            base_model_id=BASE,
+            status={"queue_depth": 0, "running": 0, "base_model": {"name": "tiny"}},
+            ts_ms=int(time.time() * 1000),
+        )
+    )
     # the bases this gateway was configured with (--base): their names are the only base names it knows
-    gw = SimpleNamespace(registry=reg, directory=directory, base_names={BASE: "tiny"},
-                         _visible=partial(ModelCatalog._visible, None))  # fmt: skip
+    gw = SimpleNamespace(
+        registry=reg, directory=directory, base_names={BASE: "tiny"}, _visible=partial(ModelCatalog._visible, None)
+    )
     return engine, reg, gw, clock
 
 
@@ -109,10 +116,15 @@ def test_a_base_name_a_node_announces_does_not_take_an_adapters_requests(world, 
     evil = Identity.generate()
     add_node(engine, node_id=evil.node_id, base_model=base, api_url="http://127.0.0.1:7002")
     reg.reload()
-    gw.directory.accept_heartbeat(make_heartbeat(evil, api_url="http://127.0.0.1:7002", base_model_id=base,
-                                                 status={"queue_depth": 0, "running": 0,
-                                                         "base_model": {"name": "alice/capitals"}},
-                                                 ts_ms=int(time.time() * 1000)))  # fmt: skip
+    gw.directory.accept_heartbeat(
+        make_heartbeat(
+            evil,
+            api_url="http://127.0.0.1:7002",
+            base_model_id=base,
+            status={"queue_depth": 0, "running": 0, "base_model": {"name": "alice/capitals"}},
+            ts_ms=int(time.time() * 1000),
+        )
+    )
     assert resolve(gw, "alice/capitals").adapter_id == REAL
     clock.t += 60
     assert resolve(gw, "alice/capitals").adapter_id == REAL

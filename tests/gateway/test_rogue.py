@@ -16,11 +16,11 @@ import pytest
 from sqlmodel import Session, select
 from transformers import AutoTokenizer
 
-from gateway.main import create_app
-from gateway.keys import create_key
-from gateway.tables import CompletionRecord
-from gateway.settings import GatewaySettings
 from common.wire import hex0x
+from gateway.keys import create_key
+from gateway.main import create_app
+from gateway.settings import GatewaySettings
+from gateway.tables import CompletionRecord
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id
 from node.receipts import check_receipt
@@ -42,8 +42,14 @@ def stop(proc) -> None:
 def gw(anvil_chain, tiny_base, tmp_path):
     engine = make_db(tmp_path / "gw.db")
     key, _ = create_key(engine, name="app")
-    settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", deployment=anvil_chain.deployment_path,
-                               bases=[tiny_base], registry_sync_s=0.3, settle_interval_s=0.3, heartbeat_ttl_s=30)
+    settings = GatewaySettings(
+        db_url=f"sqlite:///{tmp_path / 'gw.db'}",
+        deployment=anvil_chain.deployment_path,
+        bases=[tiny_base],
+        registry_sync_s=0.3,
+        settle_interval_s=0.3,
+        heartbeat_ttl_s=30,
+    )
     app = create_app(settings, chain_client=anvil_chain.client(), settler_account=anvil_chain.settler)
     server = ServerThread(app).start()
     try:
@@ -97,8 +103,9 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         assert health(server.url)["live_nodes"] == 0
 
         # an honest node takes over; its request settles, the disputed one never does
-        honest, honest_id, _ = start_script_node(tmp_path, "honest", server.url, base, mode="honest",
-                                                 chain=anvil_chain, tokens=3)  # fmt: skip
+        honest, honest_id, _ = start_script_node(
+            tmp_path, "honest", server.url, base, mode="honest", chain=anvil_chain, tokens=3
+        )
         poll(lambda: health(server.url)["live_nodes"] == 1, timeout=60, interval=0.2)
         raw = client.completions.with_raw_response.create(model=TINY, prompt="hello", max_tokens=3)
         ok_rid = raw.headers["x-request-id"]
@@ -135,14 +142,19 @@ def test_node_streaming_on_after_the_client_left_is_paid_what_the_client_got(tin
     base = base_model_id(tiny_base)
     settings = GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=60)
     gw = ServerThread(create_app(settings)).start()
-    proc, identity, url = start_script_node(tmp_path, "greedy", gw.url, base, mode="honest", tokens=100, delay=0.3,
-                                            extra_args=("--ignore-abort",))  # fmt: skip
+    proc, identity, url = start_script_node(
+        tmp_path, "greedy", gw.url, base, mode="honest", tokens=100, delay=0.3, extra_args=("--ignore-abort",)
+    )
     add_node(db, node_id=identity.node_id, base_model=base, api_url=url)
     try:
         poll(lambda: health(gw.url)["live_nodes"] == 1, timeout=60, interval=0.2)
-        with httpx.stream("POST", gw.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"model": TINY, "prompt": "hello", "max_tokens": 100, "stream": True},
-                          timeout=30) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": TINY, "prompt": "hello", "max_tokens": 100, "stream": True},
+            timeout=30,
+        ) as r:
             rid = r.headers["x-request-id"]
             for line in r.iter_lines():
                 if line.startswith("data: {") and '"text":" w0"' in line:

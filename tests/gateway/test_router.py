@@ -19,10 +19,16 @@ def aid(i: int) -> str:
 
 
 def node(i: int, *, resident=(), queue=0, running=0, inflight=0) -> NodeEntry:
-    return NodeEntry(node_id=nid(i), api_url=f"http://n{i}", base_model_id=BASE, public_key=b"\0" * 32,
-                     status={"queue_depth": queue, "running": running,
-                             "resident_adapters": [{"adapter_id": a} for a in resident]},
-                     ts_ms=1, last_seen=0.0, local=NodeLocal(inflight=inflight))  # fmt: skip
+    return NodeEntry(
+        node_id=nid(i),
+        api_url=f"http://n{i}",
+        base_model_id=BASE,
+        public_key=b"\0" * 32,
+        status={"queue_depth": queue, "running": running, "resident_adapters": [{"adapter_id": a} for a in resident]},
+        ts_ms=1,
+        last_seen=0.0,
+        local=NodeLocal(inflight=inflight),
+    )
 
 
 def test_score_is_deterministic_and_pair_specific():
@@ -40,8 +46,10 @@ def test_owners_are_top_k_and_removing_a_non_owner_changes_nothing():
     assert [n.node_id for n in r.owners(aid(3), owners + rest[1:])] == [o.node_id for o in owners]
     # removing an owner promotes the next-ranked node, keeping the other owner
     second = rank_nodes(aid(3), nodes)[2]
-    assert [n.node_id for n in r.owners(aid(3), nodes[:0] + [n for n in nodes if n.node_id != owners[0].node_id])] \
-        == [owners[1].node_id, second.node_id]
+    assert [n.node_id for n in r.owners(aid(3), nodes[:0] + [n for n in nodes if n.node_id != owners[0].node_id])] == [
+        owners[1].node_id,
+        second.node_id,
+    ]
 
 
 def test_adapters_spread_over_nodes():

@@ -10,8 +10,8 @@ import stat
 import httpx
 import pytest
 
-from gateway.main import create_app
 from gateway.identity import load_or_create_gateway_key
+from gateway.main import create_app
 from gateway.settings import GatewaySettings
 from ledger.db import redact_url
 from node.request_auth import gateway_public_key_hex

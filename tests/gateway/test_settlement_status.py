@@ -27,8 +27,16 @@ class FakeSettler:
         return r
 
 
-LOW = {"pending": 3, "in_flight": 2, "set_aside": 4, "disputed": 1, "settled": 9, "deposit_left_wei": 5,
-       "deposit_low": True, "settler": "0xabc"}
+LOW = {
+    "pending": 3,
+    "in_flight": 2,
+    "set_aside": 4,
+    "disputed": 1,
+    "settled": 9,
+    "deposit_left_wei": 5,
+    "deposit_low": True,
+    "settler": "0xabc",
+}
 
 
 def test_metrics_export_a_low_deposit_and_record_states():

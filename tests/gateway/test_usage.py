@@ -10,11 +10,11 @@ import time
 import pytest
 from sqlmodel import Session, select
 
+from common.identity import Identity
 from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from common.identity import Identity
 from node.receipts import check_receipt, make_receipt, sign_receipt
 from tests.utils.gateway import make_db
 from tests.utils.postgres import postgres  # noqa: F401 - the fixture
@@ -30,18 +30,38 @@ def setup(tmp_path):
     return engine, ident, UsageRecorder(engine, keys.get, instance_id="me")
 
 
-def end_for(ident, *, rid=None, adapter=ADAPTER, completion=4, prompt=3, claimed=None, reason="stop",
-            sign_with=None, **kw) -> RequestEnd:  # fmt: skip
+def end_for(
+    ident, *, rid=None, adapter=ADAPTER, completion=4, prompt=3, claimed=None, reason="stop", sign_with=None, **kw
+) -> RequestEnd:
     """An end where the gateway counted prompt/completion and the node's receipt claims `claimed`."""
     rid = rid or "0x" + f"{int(time.time_ns()):064x}"
     now = int(time.time() * 1000)
     cp, cc = claimed or (prompt, completion)
-    r = make_receipt(request_id=rid, adapter_id=adapter, node_id=ident.node_id, prompt_tokens=cp,
-                     completion_tokens=cc, finish_reason=reason, started_at=now, finished_at=now)
+    r = make_receipt(
+        request_id=rid,
+        adapter_id=adapter,
+        node_id=ident.node_id,
+        prompt_tokens=cp,
+        completion_tokens=cc,
+        finish_reason=reason,
+        started_at=now,
+        finished_at=now,
+    )
     sig = sign_receipt(r, ident.node_key) if sign_with is None else sign_with
-    base = dict(request_id=rid, model="acme/a", adapter_id=adapter, node_id=ident.node_id, status=RequestStatus.OK,
-                finish_reason=reason, receipt=r, signature=sig, prompt_tokens=prompt, completion_tokens=completion,
-                key_id=7, max_tokens=16)  # fmt: skip
+    base = dict(
+        request_id=rid,
+        model="acme/a",
+        adapter_id=adapter,
+        node_id=ident.node_id,
+        status=RequestStatus.OK,
+        finish_reason=reason,
+        receipt=r,
+        signature=sig,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        key_id=7,
+        max_tokens=16,
+    )
     return RequestEnd(**(base | kw))
 
 
@@ -57,8 +77,14 @@ def test_receipt_that_matches_writes_both(setup):
     done, usage = rows(engine)
     assert [d.request_id for d in done] == [u.request_id for u in usage] == [end.request_id]
     u = usage[0]
-    assert (u.adapter_id, u.node_id, u.prompt_tokens, u.completion_tokens, u.gateway_key_id, u.status) == \
-        (ADAPTER, ident.node_id, 3, 4, 7, RecordStatus.PENDING)
+    assert (u.adapter_id, u.node_id, u.prompt_tokens, u.completion_tokens, u.gateway_key_id, u.status) == (
+        ADAPTER,
+        ident.node_id,
+        3,
+        4,
+        7,
+        RecordStatus.PENDING,
+    )
     assert (u.node_prompt_tokens, u.node_completion_tokens) == (3, 4)
     check_receipt(json.loads(u.receipt_json), u.node_signature, ident.node_public_key)
     assert done[0].status == "ok" and done[0].error is None
@@ -75,15 +101,24 @@ def test_inflated_receipt_is_disputed_at_the_gateways_count(setup):
     assert "disputed" in done[0].error and end.disputed
 
 
-@pytest.mark.parametrize("claimed,aborted,result", [
-    # ended on its own (done read, not aborted): the receipt says exactly what was relayed
-    ((3, 4), False, "recorded"), ((3, 5), False, "disputed"), ((3, 3), False, "disputed"),
-    ((4, 4), False, "disputed"),
-    # aborted or cut: the node may have made more than the client got, never fewer, never more than
-    # the request allows (max_tokens 16); billed either way: the 4 delivered
-    ((3, 4), True, "recorded"), ((3, 5), True, "recorded"), ((3, 16), True, "recorded"),
-    ((3, 17), True, "disputed"), ((3, 3), True, "disputed"), ((4, 5), True, "disputed"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "claimed,aborted,result",
+    [
+        # ended on its own (done read, not aborted): the receipt says exactly what was relayed
+        ((3, 4), False, "recorded"),
+        ((3, 5), False, "disputed"),
+        ((3, 3), False, "disputed"),
+        ((4, 4), False, "disputed"),
+        # aborted or cut: the node may have made more than the client got, never fewer, never more than
+        # the request allows (max_tokens 16); billed either way: the 4 delivered
+        ((3, 4), True, "recorded"),
+        ((3, 5), True, "recorded"),
+        ((3, 16), True, "recorded"),
+        ((3, 17), True, "disputed"),
+        ((3, 3), True, "disputed"),
+        ((4, 5), True, "disputed"),
+    ],
+)
 def test_tolerance(setup, claimed, aborted, result):
     engine, ident, rec = setup
     assert rec.record(end_for(ident, claimed=claimed, aborted=aborted)) == result
@@ -103,8 +138,15 @@ def signed_raw(ident, end: RequestEnd, **counts) -> None:
 def test_receipt_count_past_64_bits_is_disputed_and_the_request_closed(setup):
     engine, ident, rec = setup
     end = end_for(ident, aborted=True, status=RequestStatus.CLIENT_CLOSED)
-    rec.open(request_id=end.request_id, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=7,
-             prompt_tokens=3, max_tokens=16)  # fmt: skip
+    rec.open(
+        request_id=end.request_id,
+        model="acme/a",
+        adapter_id=ADAPTER,
+        node_id=ident.node_id,
+        key_id=7,
+        prompt_tokens=3,
+        max_tokens=16,
+    )
     signed_raw(ident, end, completion_tokens=2**64)
     assert rec.record(end) == "disputed"
     (done,), (u,) = rows(engine)
@@ -133,8 +175,15 @@ def test_a_request_is_closed_once(setup):
     sibling = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="sibling")
     for first, second in ((rec, sibling), (sibling, rec)):
         rid = "0x" + f"{time.time_ns():064x}"
-        rec.open(request_id=rid, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=7,
-                 prompt_tokens=3, max_tokens=16)  # fmt: skip
+        rec.open(
+            request_id=rid,
+            model="acme/a",
+            adapter_id=ADAPTER,
+            node_id=ident.node_id,
+            key_id=7,
+            prompt_tokens=3,
+            max_tokens=16,
+        )
         live = end_for(ident, rid=rid)
         lost = end_for(ident, rid=rid, served=False, status=RequestStatus.LOST, error="its gateway died")
         ends = {rec: live, sibling: lost}
@@ -211,8 +260,15 @@ def test_not_served_writes_no_usage(setup):
 
 def test_open_then_close_and_orphans(setup):
     engine, ident, rec = setup
-    rec.open(request_id="0x" + "0a" * 32, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=7,
-             prompt_tokens=3, max_tokens=16)  # fmt: skip
+    rec.open(
+        request_id="0x" + "0a" * 32,
+        model="acme/a",
+        adapter_id=ADAPTER,
+        node_id=ident.node_id,
+        key_id=7,
+        prompt_tokens=3,
+        max_tokens=16,
+    )
     (row,), _ = rows(engine)
     assert (row.status, row.prompt_tokens, row.max_tokens, row.instance_id) == ("open", 3, 16, "me")
     other = UsageRecorder(engine, lambda _: None, instance_id="other")
@@ -239,8 +295,12 @@ def test_base_model_request_is_in_the_outbox_under_the_zero_adapter_id(setup):
     done, usage = rows(engine)
     assert done[0].adapter_id is None  # the gateway's own record says "no adapter"
     u = usage[0]
-    assert (u.adapter_id, u.node_id, u.prompt_tokens, u.completion_tokens) == \
-        (BASE_MODEL_ADAPTER_ID, ident.node_id, 3, 4)
+    assert (u.adapter_id, u.node_id, u.prompt_tokens, u.completion_tokens) == (
+        BASE_MODEL_ADAPTER_ID,
+        ident.node_id,
+        3,
+        4,
+    )
     receipt = json.loads(u.receipt_json)  # the node signed "no adapter" for exactly this request
     assert receipt["adapter_id"] is None and receipt["request_id"] == end.request_id
     check_receipt(receipt, u.node_signature, ident.node_public_key)
@@ -268,8 +328,9 @@ def test_same_request_twice_is_written_once(setup):
 
 
 def test_a_refused_write_is_a_usage_error(setup, monkeypatch):
-    import gateway.usage
     from sqlalchemy.exc import OperationalError
+
+    import gateway.usage
 
     engine, ident, rec = setup
 
@@ -319,11 +380,13 @@ def test_older_gateway_tables_get_the_new_columns(tmp_path):
 
 
 OLD_KEY_POLICIES = "CREATE TABLE gateway_key_policies (key_id INTEGER PRIMARY KEY, tokens_per_minute INTEGER)"
-OLD_REQUESTS = ("CREATE TABLE gateway_requests (request_id VARCHAR(66) PRIMARY KEY, key_id INTEGER, "
-                "model VARCHAR NOT NULL, adapter_id VARCHAR(66), node_id VARCHAR(66), status VARCHAR(16) "
-                "NOT NULL, finish_reason VARCHAR, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER "
-                "NOT NULL, attempts INTEGER NOT NULL, ttft_ms FLOAT, latency_ms FLOAT, error VARCHAR, "
-                "created_at TIMESTAMP NOT NULL, finished_at TIMESTAMP NOT NULL)")  # fmt: skip
+OLD_REQUESTS = (
+    "CREATE TABLE gateway_requests (request_id VARCHAR(66) PRIMARY KEY, key_id INTEGER, "
+    "model VARCHAR NOT NULL, adapter_id VARCHAR(66), node_id VARCHAR(66), status VARCHAR(16) "
+    "NOT NULL, finish_reason VARCHAR, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER "
+    "NOT NULL, attempts INTEGER NOT NULL, ttft_ms FLOAT, latency_ms FLOAT, error VARCHAR, "
+    "created_at TIMESTAMP NOT NULL, finished_at TIMESTAMP NOT NULL)"
+)
 
 
 def test_gateways_starting_together_on_postgres_all_migrate(postgres):
@@ -359,8 +422,15 @@ def test_a_claim_past_a_postgres_integer_is_disputed_and_the_request_closed(post
     ident = Identity.generate()
     rec = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
     end = end_for(ident, aborted=True, status=RequestStatus.CLIENT_CLOSED, claimed=(3, 5_000_000_000))
-    rec.open(request_id=end.request_id, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=7,
-             prompt_tokens=3, max_tokens=16)  # fmt: skip
+    rec.open(
+        request_id=end.request_id,
+        model="acme/a",
+        adapter_id=ADAPTER,
+        node_id=ident.node_id,
+        key_id=7,
+        prompt_tokens=3,
+        max_tokens=16,
+    )
     assert rec.record(end) == "disputed"
     (done,), (u,) = rows(engine)
     assert done.status == RequestStatus.CLIENT_CLOSED and u.status == RecordStatus.DISPUTED
@@ -379,10 +449,18 @@ def test_a_live_gateways_close_after_a_siblings_reconciliation_lowers_the_bill(s
     for live_count in (4, 14, 4):
         rid = "0x" + f"{time.time_ns():064x}"
         rids.append(rid)
-        rec.open(request_id=rid, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, key_id=7,
-                 prompt_tokens=3, max_tokens=16)  # fmt: skip
-        reconciled = end_for(ident, rid=rid, completion=0, claimed=(3, 12), reconciled=True,
-                             status=RequestStatus.RECONCILED)  # fmt: skip
+        rec.open(
+            request_id=rid,
+            model="acme/a",
+            adapter_id=ADAPTER,
+            node_id=ident.node_id,
+            key_id=7,
+            prompt_tokens=3,
+            max_tokens=16,
+        )
+        reconciled = end_for(
+            ident, rid=rid, completion=0, claimed=(3, 12), reconciled=True, status=RequestStatus.RECONCILED
+        )
         assert sibling.record(reconciled) == "recorded"
         if len(rids) == 3:  # batched before the live gateway's close: left as it is
             with Session(engine) as s:
@@ -390,11 +468,16 @@ def test_a_live_gateways_close_after_a_siblings_reconciliation_lowers_the_bill(s
                 u.status = RecordStatus.SUBMITTED
                 s.add(u)
                 s.commit()
-        live = end_for(ident, rid=rid, completion=live_count, claimed=(3, 12), aborted=True,
-                       status=RequestStatus.CLIENT_CLOSED)  # fmt: skip
+        live = end_for(
+            ident, rid=rid, completion=live_count, claimed=(3, 12), aborted=True, status=RequestStatus.CLIENT_CLOSED
+        )
         assert rec.record(live) == "already_closed"
     with Session(engine) as s:
-        got = [(s.get(CompletionRecord, rid).completion_tokens,
-                s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).one().completion_tokens)
-               for rid in rids]  # fmt: skip
+        got = [
+            (
+                s.get(CompletionRecord, rid).completion_tokens,
+                s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).one().completion_tokens,
+            )
+            for rid in rids
+        ]
     assert got == [(4, 4), (12, 12), (12, 12)]

@@ -28,8 +28,18 @@ def record_settled_counts(w3, ledger: str, from_block: int, to_block: int | None
     counts: Counter = Counter()
     step = 2_000
     for start in range(from_block, to_block + 1, step):
-        logs = _rpc(w3, "eth_getLogs", [{"address": ledger, "topics": [RECORD_SETTLED_TOPIC],
-                                         "fromBlock": hex(start), "toBlock": hex(min(start + step - 1, to_block))}])
+        logs = _rpc(
+            w3,
+            "eth_getLogs",
+            [
+                {
+                    "address": ledger,
+                    "topics": [RECORD_SETTLED_TOPIC],
+                    "fromBlock": hex(start),
+                    "toBlock": hex(min(start + step - 1, to_block)),
+                }
+            ],
+        )
         for log in logs:
             counts[log["topics"][2].lower()] += 1
     return counts
@@ -45,7 +55,8 @@ class LedgerTx:
 
 
 def ledger_transactions(w3, ledger: str, from_block: int, senders=None) -> list[LedgerTx]:
-    """Every transaction to `ledger` (from `senders` when given) in blocks from_block..latest, with its receipt status."""
+    """Every transaction to `ledger` (from `senders` when given) in blocks from_block..latest, with its receipt
+    status."""
     want = {s.lower() for s in senders} if senders else None
     latest = int(_rpc(w3, "eth_blockNumber", []), 16)
     out = []

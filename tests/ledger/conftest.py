@@ -3,8 +3,7 @@
 import pytest
 
 from ledger.db import init_db, make_engine
-from tests.utils.chain import anvil_chain, fresh_chain  # noqa: F401 - fixtures for these tests
-from tests.utils.chain import start_chain
+from tests.utils.chain import anvil_chain, fresh_chain, start_chain  # noqa: F401 - fixtures for these tests
 
 
 @pytest.fixture

@@ -71,7 +71,10 @@ def test_malformed_and_missing_files(tmp_path):
 def test_rpc_url_secrets_are_not_in_errors(anvil_chain):
     """Hosted RPC endpoints carry an API key in the path or query, or a password before the host."""
     port = free_port()
-    for url in (f"http://alice:s3cretpw@127.0.0.1:{port}/v3/APIKEY1234?token=T0KEN", f"http://127.0.0.1:{port}/APIKEY1234"):
+    for url in (
+        f"http://alice:s3cretpw@127.0.0.1:{port}/v3/APIKEY1234?token=T0KEN",
+        f"http://127.0.0.1:{port}/APIKEY1234",
+    ):
         d = anvil_chain.deployment.to_dict() | {"rpc_url": url}
         with pytest.raises(ChainUnavailable, match="unreachable") as e:
             ChainClient.from_deployment(d)

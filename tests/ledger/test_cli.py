@@ -67,8 +67,10 @@ def test_rewards_withdraw_with_key_file(anvil_chain, tmp_path):
     assert isinstance(r.exception, E.NothingToWithdraw)
     _settle(env, reg, 2)
     owed = env.client().rewards_of(owner.address).available
-    r = runner.invoke(rewards_app, ["withdraw", "--key", str(key), "--deployment", str(env.deployment_path),
-                                    "--amount", str(owed + 1)])  # fmt: skip
+    r = runner.invoke(
+        rewards_app,
+        ["withdraw", "--key", str(key), "--deployment", str(env.deployment_path), "--amount", str(owed + 1)],
+    )
     assert isinstance(r.exception, E.InsufficientRewards)
     r = runner.invoke(rewards_app, ["withdraw", "--key", str(key), "--deployment", str(env.deployment_path)])
     assert r.exit_code == 0, r.output

@@ -34,8 +34,9 @@ def test_sqlite_database_and_its_wal_are_created_0600(tmp_path, open_umask):
     engine = make_engine(f"sqlite:///{path}", immediate=True)
     init_db(engine)
     with Session(engine) as s:
-        add_usage_record(s, request_id=rand_id(), adapter_id=rand_id(), node_id=rand_id(), prompt_tokens=1,
-                         completion_tokens=1)
+        add_usage_record(
+            s, request_id=rand_id(), adapter_id=rand_id(), node_id=rand_id(), prompt_tokens=1, completion_tokens=1
+        )
         s.commit()
     files = [p for p in path.parent.iterdir() if p.name.startswith("gateway.db")]
     assert {p.name for p in files} >= {"gateway.db", "gateway.db-wal"}
@@ -80,9 +81,12 @@ def test_unreachable_postgres_password_not_in_logs_or_cli_output(tmp_path, caplo
 
     from devnet.cli import app
 
-    for args in (["settler", "status", "--db", url], ["settler", "requeue", "--db", url],
-                 ["settler", "run", "--db", url, "--key", str(tmp_path / "none.key"), "--drain"],
-                 ["settler", "status", "--db", f"postgresql://u:{SECRET}@host:notaport/db"]):
+    for args in (
+        ["settler", "status", "--db", url],
+        ["settler", "requeue", "--db", url],
+        ["settler", "run", "--db", url, "--key", str(tmp_path / "none.key"), "--drain"],
+        ["settler", "status", "--db", f"postgresql://u:{SECRET}@host:notaport/db"],
+    ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code != 0, (args, result.output)
         # what `loramesh` prints is the exception's first line (devnet/cli.main): no part of it may hold the secret
@@ -90,7 +94,12 @@ def test_unreachable_postgres_password_not_in_logs_or_cli_output(tmp_path, caplo
     assert SECRET not in caplog.text
     # the whole traceback (LORAMESH_DEBUG=1) of a real process, with the settler's logging at DEBUG
     env = {**os.environ, "LORAMESH_LOG_LEVEL": "DEBUG", "LORAMESH_DEBUG": "1"}
-    out = subprocess.run([sys.executable, "-m", "devnet", "settler", "run", "--db", url, "--key",
-                          str(tmp_path / "none.key"), "--drain"], capture_output=True, text=True, timeout=60, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "devnet", "settler", "run", "--db", url, "--key", str(tmp_path / "none.key"), "--drain"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert out.returncode != 0 and "OperationalError" in out.stderr, out.stderr[-2000:]
     assert SECRET not in out.stdout + out.stderr, out.stderr[-2000:]

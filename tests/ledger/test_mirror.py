@@ -25,8 +25,11 @@ def test_mirror_tracks_registrations_and_updates(anvil_chain, tmp_path):
         assert (a.owner, a.price_per_1k_tokens, a.base_model) == (reg.owner.address, "1234", reg.base_model)
         assert json.loads(a.datasets_json) == [[reg.dataset_ids[0], 1000], [reg.dataset_ids[1], 2000]]
         n = s.get(NodeMirror, reg.node_id)
-        assert (n.operator, n.active, json.loads(n.multiaddrs_json)) == (reg.operator.address, True,
-                                                                         ["/ip4/127.0.0.1/tcp/4001"])  # fmt: skip
+        assert (n.operator, n.active, json.loads(n.multiaddrs_json)) == (
+            reg.operator.address,
+            True,
+            ["/ip4/127.0.0.1/tcp/4001"],
+        )
         assert s.get(DatasetMirror, reg.dataset_ids[0]).payee == reg.payees[0].address
     assert sync_registry(engine, client) == 0  # nothing new
 
@@ -34,8 +37,9 @@ def test_mirror_tracks_registrations_and_updates(anvil_chain, tmp_path):
     env.client(reg.owner).set_adapter_price(reg.adapter_id, 99)
     env.client(reg.owner).transfer_adapter(reg.adapter_id, heir.address)
     new_base = rand_id()
-    env.client(reg.operator).update_node(reg.node_id, peer_id="p2", multiaddrs=[], api_url="http://new",
-                                         base_model=new_base)  # fmt: skip
+    env.client(reg.operator).update_node(
+        reg.node_id, peer_id="p2", multiaddrs=[], api_url="http://new", base_model=new_base
+    )
     env.client(reg.operator).set_node_active(reg.node_id, False)
     env.client(reg.payees[0]).set_dataset_payee(reg.dataset_ids[0], heir.address)
     assert sync_registry(engine, client) == 5
@@ -80,9 +84,13 @@ def test_mirror_tables_of_an_older_schema_are_rebuilt_from_events(anvil_chain, t
     url = f"sqlite:///{tmp_path}/old.db"
     old = make_engine(url)
     with old.begin() as c:  # the adapters table as it was before publishers were mirrored
-        c.execute(text("CREATE TABLE adapters (adapter_id VARCHAR(66) PRIMARY KEY, owner VARCHAR(42), name VARCHAR,"
-                       " version VARCHAR, predecessor VARCHAR(66), base_model VARCHAR(66), price_per_1k_tokens VARCHAR,"
-                       " datasets_json TEXT, registered_block INTEGER, updated_block INTEGER)"))
+        c.execute(
+            text(
+                "CREATE TABLE adapters (adapter_id VARCHAR(66) PRIMARY KEY, owner VARCHAR(42), name VARCHAR,"
+                " version VARCHAR, predecessor VARCHAR(66), base_model VARCHAR(66), price_per_1k_tokens VARCHAR,"
+                " datasets_json TEXT, registered_block INTEGER, updated_block INTEGER)"
+            )
+        )
         c.execute(text("CREATE TABLE sync_cursors (name VARCHAR(64) PRIMARY KEY, block INTEGER)"))
         c.execute(text("INSERT INTO sync_cursors VALUES ('registry', 999999)"))
     old.dispose()

@@ -24,8 +24,12 @@ def test_an_event_the_database_refuses_is_skipped_not_retried_forever(anvil_chai
     poison = f"poison-{rand_id()[2:10]}"
     # stands in for PostgreSQL's "index row size exceeds btree maximum": this name cannot be stored
     with engine.begin() as conn:
-        conn.execute(text(f"CREATE TRIGGER refuse_poison BEFORE INSERT ON {NameMirror.__tablename__} WHEN "
-                          f"NEW.name = '{poison}' BEGIN SELECT RAISE(ABORT, 'index row too large'); END"))
+        conn.execute(
+            text(
+                f"CREATE TRIGGER refuse_poison BEFORE INSERT ON {NameMirror.__tablename__} WHEN "
+                f"NEW.name = '{poison}' BEGIN SELECT RAISE(ABORT, 'index row too large'); END"
+            )
+        )
     c = env.client(env.users[3])
     c.register_adapter(rand_id(), name=poison, version="1", base_model=rand_id())
     after = register_sample(env)  # later events, in later blocks

@@ -5,9 +5,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from ledger.batching import pending_rows
 from ledger.db import init_db, make_engine
 from ledger.models import RecordStatus, UsageRecord
-from ledger.batching import pending_rows
 from ledger.outbox import OutboxError, add_usage_record, count_by_status
 
 
@@ -20,8 +20,15 @@ def engine(tmp_path):
 
 
 def _rec(**kw):
-    base = dict(request_id="0x" + "01" * 32, adapter_id="0x" + "02" * 32, node_id="0x" + "03" * 32,
-                prompt_tokens=3, completion_tokens=4, receipt_json={"b": 1, "a": "é"}, node_signature="0xsig")  # fmt: skip
+    base = dict(
+        request_id="0x" + "01" * 32,
+        adapter_id="0x" + "02" * 32,
+        node_id="0x" + "03" * 32,
+        prompt_tokens=3,
+        completion_tokens=4,
+        receipt_json={"b": 1, "a": "é"},
+        node_signature="0xsig",
+    )
     return {**base, **kw}
 
 
@@ -58,11 +65,21 @@ def test_duplicate_request_id_fails_at_commit(engine):
             s.commit()
 
 
-@pytest.mark.parametrize("bad", [
-    {"request_id": "0x1234"}, {"adapter_id": "zz" * 32}, {"node_id": b"\x00" * 31},
-    {"prompt_tokens": -1}, {"completion_tokens": 2**64}, {"prompt_tokens": 1.5}, {"prompt_tokens": True},
-    {"receipt_json": ""}, {"receipt_json": 5}, {"node_signature": ""},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"request_id": "0x1234"},
+        {"adapter_id": "zz" * 32},
+        {"node_id": b"\x00" * 31},
+        {"prompt_tokens": -1},
+        {"completion_tokens": 2**64},
+        {"prompt_tokens": 1.5},
+        {"prompt_tokens": True},
+        {"receipt_json": ""},
+        {"receipt_json": 5},
+        {"node_signature": ""},
+    ],
+)
 def test_invalid_records_are_refused(engine, bad):
     with Session(engine) as s, pytest.raises(OutboxError):
         add_usage_record(s, **_rec(**bad))

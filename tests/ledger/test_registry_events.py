@@ -15,9 +15,18 @@ def test_every_registry_event_is_read():
 
 
 def test_an_event_becomes_its_update():
-    ev = {"event": "NodeRegistered", "args": {"nodeId": b"\x01" * 32, "operator": "0xOp", "baseModel": bytes(32),
-                                              "peerId": "12D3", "apiUrl": "http://n", "multiaddrs": ["/ip4/1/tcp/2"],
-                                              "publicKey": b"\xab" * 32}}  # fmt: skip
+    ev = {
+        "event": "NodeRegistered",
+        "args": {
+            "nodeId": b"\x01" * 32,
+            "operator": "0xOp",
+            "baseModel": bytes(32),
+            "peerId": "12D3",
+            "apiUrl": "http://n",
+            "multiaddrs": ["/ip4/1/tcp/2"],
+            "publicKey": b"\xab" * 32,
+        },
+    }
     u = RE.registry_update(ev)
     assert isinstance(u, RE.NodeRegistered) and u.node.node_id == "0x" + "01" * 32 and u.node.active
     assert (u.node.base_model, u.node.multiaddrs, u.node.public_key) == (ZERO_ID, ("/ip4/1/tcp/2",), "0x" + "ab" * 32)

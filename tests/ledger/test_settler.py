@@ -29,9 +29,16 @@ def add_records(engine, regs, n, *, tokens=(40, 9)) -> list[str]:
             reg = regs[i % len(regs)]
             rid = rand_id()
             ids.append(rid)
-            add_usage_record(s, request_id=rid, adapter_id=reg.adapter_id, node_id=reg.node_id,
-                             prompt_tokens=tokens[0] + i % 13, completion_tokens=tokens[1],
-                             receipt_json={"request_id": rid}, node_signature="sig")  # fmt: skip
+            add_usage_record(
+                s,
+                request_id=rid,
+                adapter_id=reg.adapter_id,
+                node_id=reg.node_id,
+                prompt_tokens=tokens[0] + i % 13,
+                completion_tokens=tokens[1],
+                receipt_json={"request_id": rid},
+                node_signature="sig",
+            )
         s.commit()
     return ids
 
@@ -107,10 +114,26 @@ def test_records_of_unregistered_adapters_are_set_aside_not_blocking(anvil_chain
     reg = register_sample(env)
     good = add_records(engine, [reg], 3)
     with Session(engine) as s:
-        add_usage_record(s, request_id=rand_id(), adapter_id=rand_id(), node_id=reg.node_id, prompt_tokens=1,
-                         completion_tokens=1, receipt_json="{}", node_signature="s")  # fmt: skip
-        add_usage_record(s, request_id=rand_id(), adapter_id=reg.adapter_id, node_id=rand_id(), prompt_tokens=1,
-                         completion_tokens=1, receipt_json="{}", node_signature="s")  # fmt: skip
+        add_usage_record(
+            s,
+            request_id=rand_id(),
+            adapter_id=rand_id(),
+            node_id=reg.node_id,
+            prompt_tokens=1,
+            completion_tokens=1,
+            receipt_json="{}",
+            node_signature="s",
+        )
+        add_usage_record(
+            s,
+            request_id=rand_id(),
+            adapter_id=reg.adapter_id,
+            node_id=rand_id(),
+            prompt_tokens=1,
+            completion_tokens=1,
+            receipt_json="{}",
+            node_signature="s",
+        )
         s.commit()
     good += add_records(engine, [reg], 3)
     assert Settler(engine, env.client(env.settler)).drain() == 6
@@ -132,17 +155,28 @@ def test_base_model_records_settle_with_adapter_records(anvil_chain, engine):
         for i in range(3):
             rid = rand_id()
             ids.append(rid)
-            add_usage_record(s, request_id=rid, adapter_id=BASE_MODEL_ADAPTER_ID, node_id=reg.node_id,
-                             prompt_tokens=30 + i, completion_tokens=8, receipt_json={"request_id": rid},
-                             node_signature="sig")  # fmt: skip
+            add_usage_record(
+                s,
+                request_id=rid,
+                adapter_id=BASE_MODEL_ADAPTER_ID,
+                node_id=reg.node_id,
+                prompt_tokens=30 + i,
+                completion_tokens=8,
+                receipt_json={"request_id": rid},
+                node_signature="sig",
+            )
         s.commit()
     operator_before = client.rewards_of(reg.operator.address).accrued
     assert Settler(engine, client).drain() == 7
     with Session(engine) as s:
         assert count_by_status(s) == {"settled": 7}
         rows = s.exec(select(UsageRecord)).all()
-        fees = {r.request_id: (base_price if r.adapter_id == BASE_MODEL_ADAPTER_ID else reg.price)
-                * (r.prompt_tokens + r.completion_tokens) // 1000 for r in rows}  # fmt: skip
+        fees = {
+            r.request_id: (base_price if r.adapter_id == BASE_MODEL_ADAPTER_ID else reg.price)
+            * (r.prompt_tokens + r.completion_tokens)
+            // 1000
+            for r in rows
+        }
         assert sum(int(b.total_fees) for b in s.exec(select(SettlementBatch)).all()) == sum(fees.values())
     assert set(settled_on_chain(client, ids).values()) == {1}
     base_fees = sum(f for rid, f in fees.items() if rid in ids[4:])
@@ -157,8 +191,10 @@ def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):
     ids = add_records(engine, [reg], 4)
     client = env.client(env.settler)
     with Session(engine) as s:
-        records = [to_settle_record(r) for r in s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(ids))
-                                                       .order_by(UsageRecord.id))]  # fmt: skip
+        records = [
+            to_settle_record(r)
+            for r in s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(ids)).order_by(UsageRecord.id))
+        ]
     batch_id = batch_id_for(ids, client.address)
     client.settle_batch(batch_id, hex0x(MerkleTree.from_records(records).root), records)
     settler = Settler(engine, client, SettlerConfig(batch_size=4))
@@ -213,8 +249,9 @@ def test_chain_down_then_back(fresh_chain, engine):
     env = fresh_chain
     reg = register_sample(env)
     first = add_records(engine, [reg], 30)
-    settler = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=10, interval=0, poll=0.05,
-                                                                      max_backoff=0.3))  # fmt: skip
+    settler = Settler(
+        engine, env.client(env.settler), SettlerConfig(batch_size=10, interval=0, poll=0.05, max_backoff=0.3)
+    )
     stop = threading.Event()
     t = threading.Thread(target=settler.run, args=(stop,))
     t.start()

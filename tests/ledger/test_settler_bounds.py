@@ -48,8 +48,16 @@ def test_out_of_bounds_records_are_set_aside_while_the_rest_settle(anvil_chain, 
     ids = add_records(engine, [good], 5)
     with Session(engine) as s:
         huge = rand_id()
-        add_usage_record(s, request_id=huge, adapter_id=good.adapter_id, node_id=good.node_id,
-                         prompt_tokens=10**12, completion_tokens=3, receipt_json={"r": 1}, node_signature="s")  # fmt: skip
+        add_usage_record(
+            s,
+            request_id=huge,
+            adapter_id=good.adapter_id,
+            node_id=good.node_id,
+            prompt_tokens=10**12,
+            completion_tokens=3,
+            receipt_json={"r": 1},
+            node_signature="s",
+        )
         s.commit()
     dear = add_records(engine, [absurd, whole_coins], 4)
     ids += add_records(engine, [good], 5)
@@ -75,7 +83,9 @@ def test_out_of_bounds_records_are_set_aside_while_the_rest_settle(anvil_chain, 
     r = runner.invoke(settler_app, ["requeue", "--db", str(engine.url), "--reason", TOO_MANY_TOKENS])
     assert r.exit_code == 0 and "1 set-aside records back" in r.output, r.output
     assert Settler(engine, client, SettlerConfig(max_record_tokens=2 * 10**12, max_price_per_1k=10**30)).drain() == 0
-    assert outbox_rows(engine, RecordStatus.SET_ASIDE)[0].error.startswith(DEPOSIT_SHORT)  # 10^12 tokens: no deposit pays that
+    assert outbox_rows(engine, RecordStatus.SET_ASIDE)[0].error.startswith(
+        DEPOSIT_SHORT
+    )  # 10^12 tokens: no deposit pays that
 
 
 def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engine, caplog):
@@ -102,16 +112,29 @@ def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engi
     assert sum(int(b.total_fees) for b in batches) == 10 * FEE + FEE // 2 - left
     assert all(t.status == 1 for t in ledger_transactions(client.w3, env.deployment.ledger, start))
 
-    r = runner.invoke(settler_app, ["status", "--db", str(engine.url), "--address", acct.address,
-                                    "--deployment", str(env.deployment_path), "--json"])  # fmt: skip
+    r = runner.invoke(
+        settler_app,
+        [
+            "status",
+            "--db",
+            str(engine.url),
+            "--address",
+            acct.address,
+            "--deployment",
+            str(env.deployment_path),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     st = json.loads(r.output)
     assert (st["settled"], st["set_aside"], st["set_aside_deposit_short"]) == (settled, 30 - settled, 30 - settled)
     assert st["deposit_wei"] == left and st["deposit_left_wei"] == left and st["deposit_low"] is True
     assert st["fees_pending_wei"] == 0 and st["fees_set_aside_wei"] == sum(int(r.fee_wei) for r in aside)
     assert (st["pending"], st["in_flight"], st["disputed"]) == (0, 0, 0)
-    r = runner.invoke(settler_app, ["status", "--db", str(engine.url), "--address", acct.address,
-                                    "--deployment", str(env.deployment_path)])  # fmt: skip
+    r = runner.invoke(
+        settler_app,
+        ["status", "--db", str(engine.url), "--address", acct.address, "--deployment", str(env.deployment_path)],
+    )
     assert r.exit_code == 0 and "LOW DEPOSIT" in r.output, r.output
 
     # topped up: the set-aside records go back by themselves and settle, each once
@@ -120,8 +143,19 @@ def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engi
     assert _status(engine) == {"settled": 30}
     on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
     assert set(on_chain) == set(ids) and set(on_chain.values()) == {1}
-    st = runner.invoke(settler_app, ["status", "--db", str(engine.url), "--address", acct.address,
-                                     "--deployment", str(env.deployment_path), "--json"]).output  # fmt: skip
+    st = runner.invoke(
+        settler_app,
+        [
+            "status",
+            "--db",
+            str(engine.url),
+            "--address",
+            acct.address,
+            "--deployment",
+            str(env.deployment_path),
+            "--json",
+        ],
+    ).output
     assert json.loads(st)["deposit_low"] is False
 
 
@@ -211,8 +245,9 @@ def test_owner_raising_its_price_twice_never_sets_aside_other_adapters_records(a
     start = client.block_number() + 1
     ids = add_records(engine, [attacker, innocent], 6)  # interleaved: every batch holds both adapters
     theirs, ours = ids[0::2], ids[1::2]
-    _raise_price_before_sends(monkeypatch, client, env.client(attacker.owner), attacker.adapter_id,
-                              [2 * 10**12, 3 * 10**12])  # fmt: skip
+    _raise_price_before_sends(
+        monkeypatch, client, env.client(attacker.owner), attacker.adapter_id, [2 * 10**12, 3 * 10**12]
+    )
     settler = Settler(engine, client, SettlerConfig(batch_size=6, interval=0))
     assert settler.drain() == 3
     rows = {r.request_id: r for r in outbox_rows(engine)}

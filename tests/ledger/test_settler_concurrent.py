@@ -27,8 +27,19 @@ RECORDS = 300
 
 
 def start_settler(env, db_url: str, key_file: Path, log_file: Path, **opts) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ledger.cli", "settler", "run", "--db", db_url, "--deployment",
-           str(env.deployment_path), "--key", str(key_file)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ledger.cli",
+        "settler",
+        "run",
+        "--db",
+        db_url,
+        "--deployment",
+        str(env.deployment_path),
+        "--key",
+        str(key_file),
+    ]
     for k, v in {"batch-size": 20, "interval": 0.3, "max-in-flight": 4, **opts}.items():
         cmd += [f"--{k}", str(v)]
     child_env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAMESH_LOG_LEVEL": "INFO"}
@@ -43,9 +54,16 @@ def write_records(db_url: str, regs, n: int, chunk: int, pause: float, out: list
             with Session(engine) as s:
                 for i in range(start, min(start + chunk, n)):
                     reg, rid = regs[i % len(regs)], rand_id()
-                    add_usage_record(s, request_id=rid, adapter_id=reg.adapter_id, node_id=reg.node_id,
-                                     prompt_tokens=30 + i % 17, completion_tokens=7 + i % 5,
-                                     receipt_json={"request_id": rid}, node_signature="sig")  # fmt: skip
+                    add_usage_record(
+                        s,
+                        request_id=rid,
+                        adapter_id=reg.adapter_id,
+                        node_id=reg.node_id,
+                        prompt_tokens=30 + i % 17,
+                        completion_tokens=7 + i % 5,
+                        receipt_json={"request_id": rid},
+                        node_signature="sig",
+                    )
                     out.append(rid)
                 s.commit()
             time.sleep(pause)
@@ -88,8 +106,9 @@ def test_two_settler_processes_settle_each_record_once(slow_chain, tmp_path, db_
                 counts = count_by_status(s)
             if counts == {"settled": RECORDS}:
                 break
-            assert all(p.poll() is None for p in procs), [(tmp_path / f"settler-{i}.log").read_text()[-3000:]
-                                                          for i in range(2)]  # fmt: skip
+            assert all(p.poll() is None for p in procs), [
+                (tmp_path / f"settler-{i}.log").read_text()[-3000:] for i in range(2)
+            ]
             assert time.monotonic() < deadline, f"not all settled in time: {counts}"
             time.sleep(0.2)
     finally:
@@ -147,7 +166,9 @@ def test_unfinished_batch_is_resumed_by_one_settler_once_its_lease_expires(anvil
         a.step()
     with Session(engine) as s:
         batch = s.exec(select(SettlementBatch)).one()
-    assert batch.claimed_by == a.instance and batch.status == BatchStatus.CREATED and batch.settler == env.settler.address
+    assert (
+        batch.claimed_by == a.instance and batch.status == BatchStatus.CREATED and batch.settler == env.settler.address
+    )
     assert b.step() == 0  # A's lease still runs: B leaves the batch alone
     time.sleep(1.7)
     assert b.step() == 5  # expired: B takes it over, sends it, and its deposit pays

@@ -25,11 +25,26 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_settler(env, db_url: str, key_file: Path, crash_at: str | None,
-                batch_size: int = 20) -> subprocess.CompletedProcess:  # fmt: skip
+def run_settler(
+    env, db_url: str, key_file: Path, crash_at: str | None, batch_size: int = 20
+) -> subprocess.CompletedProcess:
     entry = ["tests.utils.crashing_settler", crash_at] if crash_at else ["ledger.cli", "settler", "run"]
-    cmd = [sys.executable, "-m", *entry, "--db", db_url, "--deployment", str(env.deployment_path), "--key",
-           str(key_file), "--batch-size", str(batch_size), "--interval", "0", "--drain"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        *entry,
+        "--db",
+        db_url,
+        "--deployment",
+        str(env.deployment_path),
+        "--key",
+        str(key_file),
+        "--batch-size",
+        str(batch_size),
+        "--interval",
+        "0",
+        "--drain",
+    ]
     child_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=120)
 
@@ -72,12 +87,15 @@ def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
     engine.dispose()
 
 
-@pytest.mark.parametrize(("crash_at", "sent_with_hash", "statuses"), [
-    # the probe batch settled, then four batches sent in one step, none awaited
-    ("in_flight@2", 4, {"settled": 10, "submitted": 40}),
-    # the probe batch settled, then the second batch sent and recorded, the third sent unrecorded
-    ("after_send@3", 1, {"settled": 10, "submitted": 20, "pending": 20}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("crash_at", "sent_with_hash", "statuses"),
+    [
+        # the probe batch settled, then four batches sent in one step, none awaited
+        ("in_flight@2", 4, {"settled": 10, "submitted": 40}),
+        # the probe batch settled, then the second batch sent and recorded, the third sent unrecorded
+        ("after_send@3", 1, {"settled": 10, "submitted": 20, "pending": 20}),
+    ],
+)
 def test_crash_with_several_batches_in_flight(slow_chain, tmp_path, crash_at, sent_with_hash, statuses):
     env = slow_chain
     db_url, engine, ids, key_file, client = outbox_with_records(env, tmp_path, 50)
@@ -89,7 +107,7 @@ def test_crash_with_several_batches_in_flight(slow_chain, tmp_path, crash_at, se
         assert count_by_status(s) == statuses
     assert batches[0].status == BatchStatus.SETTLED
     assert [b.status for b in batches[1:]].count(BatchStatus.SENT) == sent_with_hash
-    assert all(b.tx_hash for b in batches[1:1 + sent_with_hash])
+    assert all(b.tx_hash for b in batches[1 : 1 + sent_with_hash])
     if crash_at.startswith("after_send"):
         assert batches[2].status == BatchStatus.CREATED and batches[2].tx_hash is None
         _wait(lambda: client.is_settled(batches[2].batch_id))  # sent before the crash: it lands anyway

@@ -17,8 +17,12 @@ from tests.utils.crashing_settler import CrashHook
 
 def _records(n):
     # every third record is a base-model one (adapter id zero): same encoding, same leaf format
-    return [SettleRecord(rand_id(), BASE_MODEL_ADAPTER_ID if i % 3 == 1 else rand_id(), rand_id(),
-                         (2**64 - 1) - i, i * 7919) for i in range(n)]  # fmt: skip
+    return [
+        SettleRecord(
+            rand_id(), BASE_MODEL_ADAPTER_ID if i % 3 == 1 else rand_id(), rand_id(), (2**64 - 1) - i, i * 7919
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 64])
@@ -27,8 +31,9 @@ def test_calldata_matches_web3_encoding(n):
     records, batch_id, root = _records(n), rand_id(), rand_id()
     max_fees = 10**18 + n
     ours = settle_calldata(batch_id, root, [encode_record(r) for r in records], max_fees)
-    web3s = ledger.functions.settleBatch(bytes.fromhex(batch_id[2:]), bytes.fromhex(root[2:]),
-                                         [r.as_tuple() for r in records], max_fees)._encode_transaction_data()  # fmt: skip
+    web3s = ledger.functions.settleBatch(
+        bytes.fromhex(batch_id[2:]), bytes.fromhex(root[2:]), [r.as_tuple() for r in records], max_fees
+    )._encode_transaction_data()
     assert ours == Web3.to_bytes(hexstr=web3s)
 
 

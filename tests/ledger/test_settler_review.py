@@ -55,8 +55,7 @@ def _status(engine) -> dict:
 
 
 @pytest.mark.parametrize("how", ["unknown_adapter", "panic"])
-def test_unexpected_revert_sets_aside_the_records_at_fault_and_the_rest_settle(anvil_chain, engine, monkeypatch,
-                                                                                how):  # fmt: skip
+def test_unexpected_revert_sets_aside_the_records_at_fault_and_the_rest_settle(anvil_chain, engine, monkeypatch, how):
     """4 honest records batched with 2 that make settleBatch revert for a reason the settler does not
     expect. Without a fix the batch stays open, is resumed first every step and fails again: nothing
     ever settles. unknown_adapter: a real revert on chain (UnknownAdapter: an RPC node that says the
@@ -71,8 +70,16 @@ def test_unexpected_revert_sets_aside_the_records_at_fault_and_the_rest_settle(a
     for _ in range(2):
         ids += add_records(engine, [good], 1)
         with Session(engine) as s:
-            add_usage_record(s, request_id=(rid := rand_id()), adapter_id=bad, node_id=good.node_id,
-                             prompt_tokens=10, completion_tokens=2, receipt_json="{}", node_signature="s")  # fmt: skip
+            add_usage_record(
+                s,
+                request_id=(rid := rand_id()),
+                adapter_id=bad,
+                node_id=good.node_id,
+                prompt_tokens=10,
+                completion_tokens=2,
+                receipt_json="{}",
+                node_signature="s",
+            )
             s.commit()
         ids.append(rid)
         ids += add_records(engine, [good], 1)
@@ -97,8 +104,9 @@ def test_unexpected_revert_sets_aside_the_records_at_fault_and_the_rest_settle(a
     aside = outbox_rows(engine, RecordStatus.SET_ASIDE)
     assert {r.request_id for r in aside} == bad_ids
     reason = (UNREGISTERED, "UnknownAdapter") if how == "unknown_adapter" else (REVERTED, "UnknownRevert")
-    assert all(r.error.startswith(reason[0]) and reason[1] in r.error and r.batch_id is None for r in aside), \
-        [r.error for r in aside]
+    assert all(r.error.startswith(reason[0]) and reason[1] in r.error and r.batch_id is None for r in aside), [
+        r.error for r in aside
+    ]
     assert {b.status for b in _batches(engine)} <= {BatchStatus.SETTLED, BatchStatus.ABANDONED}
     on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
     assert set(on_chain) == set(ids) - bad_ids and set(on_chain.values()) == {1}
@@ -147,8 +155,9 @@ def test_split_halves_that_settle_lose_their_mark(anvil_chain, engine, monkeypat
     _steps(Settler(engine, client, SettlerConfig(batch_size=4, interval=0)))
     rows = {r.request_id: r for r in outbox_rows(engine)}
     assert rows[culprit].status == RecordStatus.SET_ASIDE and rows[culprit].error.startswith(REVERTED)
-    assert all(rows[r].status == RecordStatus.SETTLED and rows[r].error is None for r in rest), \
-        [rows[r].error for r in rest]
+    assert all(rows[r].status == RecordStatus.SETTLED and rows[r].error is None for r in rest), [
+        rows[r].error for r in rest
+    ]
 
 
 # ---------------------------------------------------------------------- no chain call under the write lock
@@ -187,8 +196,16 @@ def test_chain_calls_never_hold_the_sqlite_write_lock(anvil_chain, engine, monke
         monkeypatch.setattr(client.tx, name, slow)
     add_records(engine, [reg], 5)
     with Session(engine) as s:  # one set aside for the deposit: the settler looks at the deposit to requeue it
-        add_usage_record(s, request_id=rand_id(), adapter_id=reg.adapter_id, node_id=reg.node_id, prompt_tokens=3,
-                         completion_tokens=1, receipt_json="{}", node_signature="s")  # fmt: skip
+        add_usage_record(
+            s,
+            request_id=rand_id(),
+            adapter_id=reg.adapter_id,
+            node_id=reg.node_id,
+            prompt_tokens=3,
+            completion_tokens=1,
+            receipt_json="{}",
+            node_signature="s",
+        )
         s.commit()
         r = s.exec(select(UsageRecord).order_by(UsageRecord.id.desc())).first()
         r.status, r.error, r.fee_wei = RecordStatus.SET_ASIDE, f"{DEPOSIT_SHORT}: test", "1"
@@ -222,8 +239,9 @@ def test_abandon_waits_for_every_account_that_sent_the_batch(anvil_chain, engine
     y.client._settle_gas[2] = 2_000_000
     x_busy = []
     quiet = y._senders_quiet
-    monkeypatch.setattr(y, "_senders_quiet", lambda addrs: not (x_busy and env.settler.address in addrs)
-                        and quiet(addrs))  # fmt: skip
+    monkeypatch.setattr(
+        y, "_senders_quiet", lambda addrs: not (x_busy and env.settler.address in addrs) and quiet(addrs)
+    )
     send = y.client.send_settle_batch
 
     def y_send(*a, **k):
@@ -291,8 +309,16 @@ def test_records_of_an_adapter_registered_late_settle_once_it_is(anvil_chain, en
     late = rand_id()
     good = add_records(engine, [reg], 2)
     with Session(engine) as s:
-        add_usage_record(s, request_id=(rid := rand_id()), adapter_id=late, node_id=reg.node_id, prompt_tokens=10,
-                         completion_tokens=2, receipt_json="{}", node_signature="s")  # fmt: skip
+        add_usage_record(
+            s,
+            request_id=(rid := rand_id()),
+            adapter_id=late,
+            node_id=reg.node_id,
+            prompt_tokens=10,
+            completion_tokens=2,
+            receipt_json="{}",
+            node_signature="s",
+        )
         s.commit()
     settler = Settler(engine, client, SettlerConfig(batch_size=3, interval=0))
     assert settler.drain() == 2
@@ -300,11 +326,20 @@ def test_records_of_an_adapter_registered_late_settle_once_it_is(anvil_chain, en
     assert aside.request_id == rid and aside.error.startswith(UNREGISTERED) and late in aside.error
     assert settler.step() == 0  # not looked at again before the re-check interval
     assert outbox_rows(engine, RecordStatus.SET_ASIDE)
-    env.client(reg.owner).register_adapter(late, name=f"late-{late[2:8]}", version="1.0.0", base_model=reg.base_model,
-                                           price_per_1k_tokens=10**12)  # fmt: skip
+    env.client(reg.owner).register_adapter(
+        late, name=f"late-{late[2:8]}", version="1.0.0", base_model=reg.base_model, price_per_1k_tokens=10**12
+    )
     with Session(engine) as s:  # rejected by an older settler (it rejected only unregistered ones): looked at too
-        add_usage_record(s, request_id=(old := rand_id()), adapter_id=late, node_id=reg.node_id, prompt_tokens=10,
-                         completion_tokens=2, receipt_json="{}", node_signature="s")  # fmt: skip
+        add_usage_record(
+            s,
+            request_id=(old := rand_id()),
+            adapter_id=late,
+            node_id=reg.node_id,
+            prompt_tokens=10,
+            completion_tokens=2,
+            receipt_json="{}",
+            node_signature="s",
+        )
         s.commit()
         r = s.exec(select(UsageRecord).where(UsageRecord.request_id == old)).one()
         r.status, r.error = RecordStatus.REJECTED, f"adapter {late} is not registered on chain"

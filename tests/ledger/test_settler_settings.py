@@ -4,9 +4,9 @@ over the defaults (SettlerConfig's); unknown names in the file are refused."""
 from pathlib import Path
 
 import pytest
-from common.settings import SettingsError
 from typer.testing import CliRunner
 
+from common.settings import SettingsError
 from ledger.cli import settler_app
 from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 from ledger.settler_config import SettlerConfig, SettlerSettings
@@ -14,8 +14,13 @@ from ledger.settler_config import SettlerConfig, SettlerSettings
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for name in ("LORAMESH_SETTLER_DB_URL", "LORAMESH_SETTLER_KEY_FILE", "LORAMESH_SETTLER_BATCH_SIZE",
-                 "LORAMESH_SETTLER_DEPLOYMENT", "LORAMESH_DEPLOYMENT"):  # fmt: skip
+    for name in (
+        "LORAMESH_SETTLER_DB_URL",
+        "LORAMESH_SETTLER_KEY_FILE",
+        "LORAMESH_SETTLER_BATCH_SIZE",
+        "LORAMESH_SETTLER_DEPLOYMENT",
+        "LORAMESH_DEPLOYMENT",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

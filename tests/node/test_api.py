@@ -48,8 +48,13 @@ def node(llama_world, tmp_path_factory):
     client = gateway.client(server.url, node_id_for(node_key))
     try:
         pub = bytes.fromhex(client.get("/status").json()["public_key"])
-        yield {"client": client, "adapters": [a.adapter_id for a in llama_world.adapters[:2]],
-               "foreign": foreign.adapter_id, "pub": pub, "world": llama_world}
+        yield {
+            "client": client,
+            "adapters": [a.adapter_id for a in llama_world.adapters[:2]],
+            "foreign": foreign.adapter_id,
+            "pub": pub,
+            "world": llama_world,
+        }
     finally:
         client.close()
         server.stop()
@@ -77,22 +82,41 @@ def test_health_and_status(node):
     assert c.get("/health").json() == {"status": "ok"}
     s = c.get("/status").json()
     assert s["base_model"]["id"].startswith("0x") and s["num_slots"] == 4 and s["device"] == "cpu"
-    for key in ("node_id", "resident_adapters", "cached_adapters", "free_slots", "queue_depth", "running",
-                "tokens_per_s"):
+    for key in (
+        "node_id",
+        "resident_adapters",
+        "cached_adapters",
+        "free_slots",
+        "queue_depth",
+        "running",
+        "tokens_per_s",
+    ):
         assert key in s
 
 
 def test_generate_returns_text_usage_and_a_verifiable_receipt(node):
     c, aid = node["client"], node["adapters"][0]
     rid = "0x" + "ab" * 32
-    r = c.post("/v1/generate", json={"request_id": rid, "adapter_id": aid, "prompt": "What is the capital",
-                                     "max_tokens": 6, "temperature": 0, "seed": 1})
+    r = c.post(
+        "/v1/generate",
+        json={
+            "request_id": rid,
+            "adapter_id": aid,
+            "prompt": "What is the capital",
+            "max_tokens": 6,
+            "temperature": 0,
+            "seed": 1,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["request_id"] == rid and body["adapter_id"] == aid
     assert body["finish_reason"] in ("stop", "length") and 1 <= len(body["token_ids"]) <= 6
     u = body["usage"]
-    assert u["completion_tokens"] == len(body["token_ids"]) and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert (
+        u["completion_tokens"] == len(body["token_ids"])
+        and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    )
     rec = body["receipt"]
     assert rec["request_id"] == rid and rec["adapter_id"] == aid and rec["completion_tokens"] == u["completion_tokens"]
     assert rec["node_id"] == c.get("/status").json()["node_id"]
@@ -124,10 +148,10 @@ def test_stop_string_ends_generation(node):
     c = node["client"]
     body = {"prompt": "hello world", "max_tokens": 12, "temperature": 0}
     text = c.post("/v1/generate", json=body).json()["text"]
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), text
     r = c.post("/v1/generate", json=body | {"stop": [stop]}).json()
-    assert r["finish_reason"] == "stop" and r["text"] == text[:text.index(stop)]
+    assert r["finish_reason"] == "stop" and r["text"] == text[: text.index(stop)]
 
 
 def test_abort_endpoint_returns_the_receipt_of_what_was_produced(node):
@@ -137,6 +161,7 @@ def test_abort_endpoint_returns_the_receipt_of_what_was_produced(node):
 
     def consume():
         result["events"] = _sse(c, {"request_id": rid, "prompt": "hello", "max_tokens": 200, "temperature": 0})
+
     t = threading.Thread(target=consume)
     t.start()
     deadline = time.time() + 30
@@ -157,8 +182,11 @@ def test_abort_endpoint_returns_the_receipt_of_what_was_produced(node):
 def test_client_disconnect_aborts_the_request(node):
     c = node["client"]
     rid = "0x" + "12" * 32
-    with c.stream("POST", "/v1/generate", json={"request_id": rid, "prompt": "hi", "max_tokens": 500,
-                                                "temperature": 0, "stream": True}) as r:
+    with c.stream(
+        "POST",
+        "/v1/generate",
+        json={"request_id": rid, "prompt": "hi", "max_tokens": 500, "temperature": 0, "stream": True},
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # one token, then hang up
@@ -185,22 +213,30 @@ def test_load_endpoint_makes_resident_and_pins(node):
     _error(c.post(f"/v1/adapters/{aid}/load", json={"pin": True, "x": 1}), 400, "invalid_request", "unknown field 'x'")
 
 
-@pytest.mark.parametrize("body, status, code, fragment", [
-    ({"adapter_id": "0x" + "77" * 32, "prompt": "hi"}, 404, "adapter_not_found", "is not in this node's store"),
-    ({"adapter_id": "FOREIGN", "prompt": "hi"}, 409, "adapter_base_mismatch", "not this node's base"),
-    ({"adapter_id": "0xnothex", "prompt": "hi"}, 400, "invalid_request", "adapter_id"),
-    ({"prompt": "a " * 700}, 400, "context_length_exceeded", "this node's context holds 512"),
-    ({"prompt": "hi", "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
-    ({"prompt": "hi", "max_tokens": -3}, 400, "invalid_request", "max_tokens"),
-    ({"prompt": "hi", "frequency_penalty": 1.0}, 400, "invalid_request", "unknown field 'frequency_penalty'"),
-    ({"prompt": "hi", "temperature": -1}, 400, "invalid_request", "temperature"),
-    ({"prompt": "hi", "top_p": 0}, 400, "invalid_request", "top_p"),
-    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request", "stop"),
-    ({"prompt": "hi", "prompt_token_ids": [1, 2]}, 400, "invalid_request", "exactly one of prompt or prompt_token_ids"),
-    ({"prompt_token_ids": [1, 99999]}, 400, "invalid_request", "prompt_token_ids holds 99999"),
-    ({"prompt_token_ids": []}, 400, "invalid_request", "the prompt is empty"),
-    ({"prompt": "hi", "request_id": "abc"}, 400, "invalid_request", "request_id"),
-])
+@pytest.mark.parametrize(
+    "body, status, code, fragment",
+    [
+        ({"adapter_id": "0x" + "77" * 32, "prompt": "hi"}, 404, "adapter_not_found", "is not in this node's store"),
+        ({"adapter_id": "FOREIGN", "prompt": "hi"}, 409, "adapter_base_mismatch", "not this node's base"),
+        ({"adapter_id": "0xnothex", "prompt": "hi"}, 400, "invalid_request", "adapter_id"),
+        ({"prompt": "a " * 700}, 400, "context_length_exceeded", "this node's context holds 512"),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
+        ({"prompt": "hi", "max_tokens": -3}, 400, "invalid_request", "max_tokens"),
+        ({"prompt": "hi", "frequency_penalty": 1.0}, 400, "invalid_request", "unknown field 'frequency_penalty'"),
+        ({"prompt": "hi", "temperature": -1}, 400, "invalid_request", "temperature"),
+        ({"prompt": "hi", "top_p": 0}, 400, "invalid_request", "top_p"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request", "stop"),
+        (
+            {"prompt": "hi", "prompt_token_ids": [1, 2]},
+            400,
+            "invalid_request",
+            "exactly one of prompt or prompt_token_ids",
+        ),
+        ({"prompt_token_ids": [1, 99999]}, 400, "invalid_request", "prompt_token_ids holds 99999"),
+        ({"prompt_token_ids": []}, 400, "invalid_request", "the prompt is empty"),
+        ({"prompt": "hi", "request_id": "abc"}, 400, "invalid_request", "request_id"),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_requests_get_a_clear_4xx_and_the_node_keeps_serving(node, body, status, code, fragment, stream):
     c = node["client"]
@@ -213,8 +249,12 @@ def test_bad_requests_get_a_clear_4xx_and_the_node_keeps_serving(node, body, sta
 
 def test_malformed_json_and_missing_body(node):
     c = node["client"]
-    _error(c.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"}),
-           400, "invalid_request", "not valid JSON")
+    _error(
+        c.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "invalid_request",
+        "not valid JSON",
+    )
     _error(c.post("/v1/generate"), 400, "invalid_request", "request body is missing")
     _error(c.post("/v1/generate", json=[1, 2]), 400, "invalid_request", "")
 
@@ -233,10 +273,32 @@ def test_node_run_command_serves_adapters_and_stops_on_sigterm(node, llama_world
     gateway = Gateway()
     env = os.environ | {"OMP_NUM_THREADS": "1", "LORAMESH_NODE_TRUST_GATEWAY_KEYS": gateway.public_hex}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "node", "run", "--base", str(llama_world.base_dir), "--store", str(store),
-         "--port", str(port), "--slots", "2", "--kv-blocks", "64", "--threads", "1",
-         "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "node",
+            "run",
+            "--base",
+            str(llama_world.base_dir),
+            "--store",
+            str(store),
+            "--port",
+            str(port),
+            "--slots",
+            "2",
+            "--kv-blocks",
+            "64",
+            "--threads",
+            "1",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         deadline = time.time() + 90
@@ -285,8 +347,11 @@ def test_receipts_are_kept_for_the_gateway(node):
     check_receipt(kept.json()["receipt"], kept.json()["signature"], node["pub"])
 
     cut = "0x" + "5b" * 32
-    with c.stream("POST", "/v1/generate", json={"request_id": cut, "prompt": "hi", "max_tokens": 500,
-                                                "temperature": 0, "stream": True}) as r:
+    with c.stream(
+        "POST",
+        "/v1/generate",
+        json={"request_id": cut, "prompt": "hi", "max_tokens": 500, "temperature": 0, "stream": True},
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 running = c.get(f"/v1/requests/{cut}/receipt")

@@ -69,33 +69,51 @@ def test_a_key_the_node_does_not_trust_is_403(node):
 
 
 def _post_signed(node, path: str, signed_body: bytes, sent_body: bytes, **sign_kw) -> httpx.Response:
-    headers = sign_request(A.key, method="POST", path=sign_kw.pop("signed_path", path),
-                           node_id=sign_kw.pop("node_id", node.node_id), body=signed_body, **sign_kw)
-    return httpx.post(node.url + path, content=sent_body, timeout=30,
-                      headers=headers | {"content-type": "application/json"})
+    headers = sign_request(
+        A.key,
+        method="POST",
+        path=sign_kw.pop("signed_path", path),
+        node_id=sign_kw.pop("node_id", node.node_id),
+        body=signed_body,
+        **sign_kw,
+    )
+    return httpx.post(
+        node.url + path, content=sent_body, timeout=30, headers=headers | {"content-type": "application/json"}
+    )
 
 
 def test_a_valid_signature_over_other_bytes_another_path_node_or_time_is_401(node):
     body = json.dumps(GEN).encode()
     other = json.dumps(GEN | {"max_tokens": 3}).encode()
     _error(_post_signed(node, "/v1/generate", body, other), 401, "unauthenticated", "does not verify")
-    _error(_post_signed(node, "/v1/generate", body, body, signed_path="/v1/adapters/" + "0" * 64 + "/load"),
-           401, "unauthenticated", "does not verify")
+    _error(
+        _post_signed(node, "/v1/generate", body, body, signed_path="/v1/adapters/" + "0" * 64 + "/load"),
+        401,
+        "unauthenticated",
+        "does not verify",
+    )
     _error(_post_signed(node, "/v1/generate", body, body, node_id="0x" + "11" * 32), 401, "unauthenticated")
     stale = int(time.time() * 1000) - 61_000
     _error(_post_signed(node, "/v1/generate", body, body, ts_ms=stale), 401, "unauthenticated", "from the node's clock")
 
 
-@pytest.mark.parametrize("key, ts, sig", [
-    (A.public_hex, b"\xb2", "ab" * 64),  # "\xb2" reads as "²", which str.isdigit() takes and int() does not
-    (A.public_hex, b"\xb9\xb3", "ab" * 64),
-    (A.public_hex, b"1 2", "ab" * 64),
-    (A.public_hex[:32] + " " + A.public_hex[33:], b"1", "ab" * 64),  # bytes.fromhex() skips spaces
-    (A.public_hex, b"1", "ab " * 42 + "ab"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "key, ts, sig",
+    [
+        (A.public_hex, b"\xb2", "ab" * 64),  # "\xb2" reads as "²", which str.isdigit() takes and int() does not
+        (A.public_hex, b"\xb9\xb3", "ab" * 64),
+        (A.public_hex, b"1 2", "ab" * 64),
+        (A.public_hex[:32] + " " + A.public_hex[33:], b"1", "ab" * 64),  # bytes.fromhex() skips spaces
+        (A.public_hex, b"1", "ab " * 42 + "ab"),
+    ],
+)
 def test_malformed_signature_headers_are_401_not_500(node, key, ts, sig):
-    headers = [(b"x-loramesh-gateway-key", key.encode()), (b"x-loramesh-timestamp", ts),
-               (b"x-loramesh-signature", sig.encode()), (b"content-type", b"application/json")]
+    headers = [
+        (b"x-loramesh-gateway-key", key.encode()),
+        (b"x-loramesh-timestamp", ts),
+        (b"x-loramesh-signature", sig.encode()),
+        (b"content-type", b"application/json"),
+    ]
     r = httpx.post(node.url + "/v1/generate", content=json.dumps(GEN).encode(), headers=headers, timeout=30)
     _error(r, 401, "unauthenticated", "malformed gateway signature headers")
 
@@ -115,8 +133,9 @@ def test_a_replayed_request_is_refused(node):
 def test_pinning_every_slot_needs_the_operator_or_a_trusted_gateway(node):
     for aid in node.adapters:
         _error(node.anonymous().post(f"/v1/adapters/{aid}/load", json={"pin": True}), 401, "unauthenticated")
-        wrong = httpx.post(f"{node.url}/v1/adapters/{aid}/load", json={"pin": True},
-                           headers={"Authorization": "Bearer not-the-token"})
+        wrong = httpx.post(
+            f"{node.url}/v1/adapters/{aid}/load", json={"pin": True}, headers={"Authorization": "Bearer not-the-token"}
+        )
         _error(wrong, 401, "unauthenticated", "wrong operator token")
         _error(node.signed(C).post(f"/v1/adapters/{aid}/load", json={"pin": True}), 403, "gateway_not_trusted")
     status = node.anonymous().get("/status").json()
@@ -142,6 +161,7 @@ def test_only_the_gateway_that_started_a_stream_may_abort_it(node):
                 if line.startswith("data: "):
                     events.append(json.loads(line[6:]))
                     started.set()
+
     t = threading.Thread(target=consume)
     t.start()
     assert started.wait(60)
@@ -166,6 +186,7 @@ def test_upload_needs_the_operator_token_before_its_body_is_read(node):
 
 
 # ---- keys learnt from the gateways a node heartbeats to ----
+
 
 class FakeGateway:
     """The two routes of a gateway that a node calls to learn its key, on a real uvicorn."""

@@ -39,7 +39,9 @@ def node(tmp_path_factory):
             return None
         return store.install(world.store.path_for(adapter_id)).path
 
-    engine = AsyncEngine(world.config(num_kv_blocks=64, block_size=8, max_model_len=256), store=store, fetcher=slow_peers)
+    engine = AsyncEngine(
+        world.config(num_kv_blocks=64, block_size=8, max_model_len=256), store=store, fetcher=slow_peers
+    )
     gateway, node_key = Gateway(), Ed25519PrivateKey.generate()
     app = create_app(engine, node_key, trusted_gateways={gateway.public_hex}, operator_token="op-token")
     server = ServerThread(app).start(timeout=30)
@@ -47,8 +49,15 @@ def node(tmp_path_factory):
     pub = bytes.fromhex(client.get("/status").json()["public_key"])
     assert client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 1}).status_code == 200  # warm the engine
     try:
-        yield {"client": client, "held": held, "pub": pub, "gateway": gateway, "node_id": node_id_for(node_key),
-               "host": "127.0.0.1", "port": server.port}
+        yield {
+            "client": client,
+            "held": held,
+            "pub": pub,
+            "gateway": gateway,
+            "node_id": node_id_for(node_key),
+            "host": "127.0.0.1",
+            "port": server.port,
+        }
     finally:
         client.close()
         server.stop()
@@ -69,8 +78,9 @@ def _events(r) -> list[dict]:
 
 
 def test_headers_come_before_a_slow_fetch_and_the_tokens_after_it(node):
-    waited, r = _open(node["client"], {"adapter_id": node["held"], "prompt": "What is", "max_tokens": 3,
-                                      "temperature": 0})
+    waited, r = _open(
+        node["client"], {"adapter_id": node["held"], "prompt": "What is", "max_tokens": 3, "temperature": 0}
+    )
     assert r.status_code == 200 and waited < FETCH_S - 0.5, waited
     assert waited >= HEADERS_AFTER_S * 0.5  # it did wait a little for an adapter that might be ready at once
     events = _events(r)
@@ -92,8 +102,12 @@ def test_an_adapter_no_peer_has_is_an_error_event_and_a_zero_receipt(node):
     assert events[0]["code"] == "adapter_not_found"
     done = events[1]
     check_receipt(done["receipt"], done["signature"], node["pub"])
-    assert (done["receipt"]["request_id"], done["receipt"]["prompt_tokens"], done["receipt"]["completion_tokens"],
-            done["receipt"]["finish_reason"]) == (rid, 0, 0, "abort")
+    assert (
+        done["receipt"]["request_id"],
+        done["receipt"]["prompt_tokens"],
+        done["receipt"]["completion_tokens"],
+        done["receipt"]["finish_reason"],
+    ) == (rid, 0, 0, "abort")
     assert node["client"].get(f"/v1/requests/{rid}/receipt").json()["receipt"] == done["receipt"]
 
 
@@ -114,12 +128,14 @@ def test_a_client_gone_before_the_stream_began_leaves_no_request_running(node):
     took a step (no generator's finally runs; the response's guard ends it) or after (the body's own)."""
     rid = "0x" + "c3" * 32
     body = json.dumps({"request_id": rid, "adapter_id": "0x" + "5c" * 32, "prompt": "hi", "stream": True}).encode()
-    headers = sign_request(node["gateway"].key, method="POST", path="/v1/generate", node_id=node["node_id"],
-                           body=body)
+    headers = sign_request(node["gateway"].key, method="POST", path="/v1/generate", node_id=node["node_id"], body=body)
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     with socket.create_connection((node["host"], node["port"])) as sock:
-        sock.sendall(f"POST /v1/generate HTTP/1.1\r\nhost: {node['host']}\r\ncontent-type: application/json\r\n"
-                     f"content-length: {len(body)}\r\n{head}\r\n".encode() + body)
+        sock.sendall(
+            f"POST /v1/generate HTTP/1.1\r\nhost: {node['host']}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{head}\r\n".encode()
+            + body
+        )
         time.sleep(0.2)  # the node is waiting for the adapter (up to HEADERS_AFTER_S) when the client leaves
     deadline = time.monotonic() + FETCH_S + 10
     while True:

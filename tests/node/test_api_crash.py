@@ -53,31 +53,42 @@ def test_nested_brackets_are_a_400_not_a_segfault(node, body):
     _still_serving(node)
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("seed", 2**64, "seed"),
-    ("seed", -1, "seed"),
-    ("seed", True, "seed"),
-    ("seed", 1.5, "seed"),
-    ("max_tokens", "5", "max_tokens"),
-    ("prompt", "\ud800", "lone UTF-16 surrogate"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("seed", 2**64, "seed"),
+        ("seed", -1, "seed"),
+        ("seed", True, "seed"),
+        ("seed", 1.5, "seed"),
+        ("max_tokens", "5", "max_tokens"),
+        ("prompt", "\ud800", "lone UTF-16 surrogate"),
+    ],
+)
 def test_out_of_range_and_wrongly_typed_fields_are_a_400(node, field, value, fragment):
     body = {"prompt": "hi", "max_tokens": 2} | {field: value}
     raw = json.dumps(body).encode()  # json.dumps writes the lone surrogate as the escape "\ud800"
-    _error(node.signed(GW).post("/v1/generate", content=raw, headers={"content-type": "application/json"}),
-           400, "invalid_request", fragment)
+    _error(
+        node.signed(GW).post("/v1/generate", content=raw, headers={"content-type": "application/json"}),
+        400,
+        "invalid_request",
+        fragment,
+    )
     _still_serving(node)
 
 
 def test_duplicate_keys_and_nan_are_refused(node):
     for raw in (b'{"prompt": "hi", "prompt": "ho"}', b'{"prompt": "hi", "temperature": NaN}'):
-        _error(node.signed(GW).post("/v1/generate", content=raw, headers={"content-type": "application/json"}),
-               400, "invalid_request")
+        _error(
+            node.signed(GW).post("/v1/generate", content=raw, headers={"content-type": "application/json"}),
+            400,
+            "invalid_request",
+        )
 
 
 def draw(node, seed: int) -> list[int]:
-    r = node.signed(GW).post("/v1/generate", json={"prompt": "once upon a time", "max_tokens": 24,
-                                                   "temperature": 1.0, "seed": seed})
+    r = node.signed(GW).post(
+        "/v1/generate", json={"prompt": "once upon a time", "max_tokens": 24, "temperature": 1.0, "seed": seed}
+    )
     assert r.status_code == 200, r.text
     return r.json()["token_ids"]
 
@@ -93,6 +104,7 @@ def test_seeded_generators_use_every_bit_of_the_seed():
 
     def draws(seed: int) -> list[float]:
         return torch.rand(8, generator=seeded_generator(seed)).tolist()
+
     low = 0x5EED
     assert draws(low) == draws(low)
     assert draws(low) != draws(low | 1 << 40) != draws(low | 1 << 63)
@@ -114,6 +126,7 @@ def test_oversized_bodies_are_refused_before_they_are_read(node):
     def chunks():  # no Content-Length: the limit holds while the body streams in
         for _ in range(40):
             yield b" " * 65536
+
     r = httpx.post(node.url + "/v1/generate", content=chunks(), headers={"content-type": "application/json"})
     _error(r, 413, "request_too_large")
     _still_serving(node)
@@ -133,17 +146,38 @@ def test_a_prompt_longer_than_the_context_is_refused_before_tokenizing(node):
     _still_serving(node)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-                    max_leaves=12)
-FIELDS = st.fixed_dictionaries({}, optional={k: JSON for k in (
-    "request_id", "adapter_id", "prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
-    "stop", "stream")})
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        k: JSON
+        for k in (
+            "request_id",
+            "adapter_id",
+            "prompt",
+            "prompt_token_ids",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+            "stream",
+        )
+    },
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(raw=st.binary(max_size=300) | JSON.map(lambda v: json.dumps(v).encode())
-       | FIELDS.map(lambda v: json.dumps(v).encode()))
+@given(
+    raw=st.binary(max_size=300)
+    | JSON.map(lambda v: json.dumps(v).encode())
+    | FIELDS.map(lambda v: json.dumps(v).encode())
+)
 def test_any_generate_body_is_a_request_or_one_clear_400(raw):
     """The node's body parser on arbitrary bytes and JSON: a valid GenerateBody, or ApiError 400 in one line."""
     from node.api.errors import ApiError

@@ -33,10 +33,30 @@ class Node:
         chain.client(chain.admin).fund([self.identity.address], ETHER)
         self.store = root / f"store-{name}"
         self.data_dir = root / f"data-{name}"
-        args = ["node", "run", "--base", str(base), "--store", str(self.store), "--port", str(self.port),
-                "--key", str(self.key), "--deployment", str(chain.deployment_path), "--slots", "2",
-                "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}", "--threads", "1",
-                "--data-dir", str(self.data_dir), "--trust-gateway-key", GATEWAY.public_hex]
+        args = [
+            "node",
+            "run",
+            "--base",
+            str(base),
+            "--store",
+            str(self.store),
+            "--port",
+            str(self.port),
+            "--key",
+            str(self.key),
+            "--deployment",
+            str(chain.deployment_path),
+            "--slots",
+            "2",
+            "--listen",
+            f"/ip4/127.0.0.1/tcp/{self.p2p_port}",
+            "--threads",
+            "1",
+            "--data-dir",
+            str(self.data_dir),
+            "--trust-gateway-key",
+            GATEWAY.public_hex,
+        ]
         for b in bootstrap:
             args += ["--bootstrap", b]
         self.proc = ManagedProcess(name, args, root / f"{name}.log", env={"LORAMESH_KEY_PASSWORD": PASSWORD})
@@ -82,8 +102,9 @@ def mesh(anvil_chain, tiny_base, tmp_path_factory):
 def published(mesh, anvil_chain, tiny_base):
     nodes, root = mesh
     owner = anvil_chain.users[5]
-    pkg = make_package(tiny_base, root / "pkg", account=owner, name="mesh/capitals", rank=4,
-                       targets=("q_proj", "v_proj", "down_proj"))
+    pkg = make_package(
+        tiny_base, root / "pkg", account=owner, name="mesh/capitals", rank=4, targets=("q_proj", "v_proj", "down_proj")
+    )
     publish(pkg.path, anvil_chain.client(owner), node_url=nodes["A"].url, operator_token=nodes["A"].token)
     return pkg
 
@@ -110,8 +131,7 @@ def test_c_serves_a_request_for_as_adapter_through_the_mesh(mesh, published, tin
     base_only = nodes["C"].generate(None)
     assert base_only.json()["token_ids"] != from_c.json()["token_ids"]
     # what C runs is the package A seeded, byte for byte, and it verifies against the on-chain owner
-    got = verify_package(nodes["C"].store / published.adapter_id, base_dir=tiny_base,
-                         expected_owner=published.signer)
+    got = verify_package(nodes["C"].store / published.adapter_id, base_dir=tiny_base, expected_owner=published.signer)
     for f in published.manifest.files:
         assert (got.path / f.path).read_bytes() == (published.path / f.path).read_bytes()
     transfers = nodes["C"].status()["p2p"]["transfers"]
@@ -132,8 +152,9 @@ def test_upload_signed_by_someone_else_than_the_registered_owner_is_refused(mesh
     owner, mallory = anvil_chain.users[7], Account.create()
     pkg = make_package(tiny_base, root / "owned", account=owner, name="x/owned", rank=2)
     publish(pkg.path, anvil_chain.client(owner))
-    forged = make_package(tiny_base, root / "forged", account=mallory, name="x/owned", rank=2,
-                          peft_dir=root / "owned-peft")  # the same manifest, so the same id, signed by mallory
+    forged = make_package(
+        tiny_base, root / "forged", account=mallory, name="x/owned", rank=2, peft_dir=root / "owned-peft"
+    )  # the same manifest, so the same id, signed by mallory
     assert forged.adapter_id == pkg.adapter_id
     signed = sign_package(forged.path, mallory, anvil_chain.client().domain)  # for this registry, by mallory
     with pytest.raises(PublishError, match=rf"refused the package \(403\): package is signed by {mallory.address}"):
@@ -176,14 +197,46 @@ def test_cli_fetch_through_the_mesh_with_progress(mesh, published, anvil_chain, 
 
     nodes, _ = mesh
     b_addr = nodes["B"].status()["p2p"]["listen_addrs"][0]
-    r = subprocess.run([sys.executable, "-m", "devnet", "adapter", "fetch", published.adapter_id, "--store",
-                        str(tmp_path / "store"), "--bootstrap", b_addr, "--deployment",
-                        str(anvil_chain.deployment_path)], capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "COLUMNS": "200"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "devnet",
+            "adapter",
+            "fetch",
+            published.adapter_id,
+            "--store",
+            str(tmp_path / "store"),
+            "--bootstrap",
+            b_addr,
+            "--deployment",
+            str(anvil_chain.deployment_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert r.returncode == 0, r.stderr
     assert f"fetched mesh/capitals -> {tmp_path / 'store' / published.adapter_id}" in r.stdout
     assert AdapterStore(tmp_path / "store").get(published.adapter_id).signer == published.signer
-    r = subprocess.run([sys.executable, "-m", "devnet", "adapter", "fetch", "0x" + "77" * 32, "--store",
-                        str(tmp_path / "store"), "--bootstrap", b_addr, "--deployment",
-                        str(anvil_chain.deployment_path)], capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "devnet",
+            "adapter",
+            "fetch",
+            "0x" + "77" * 32,
+            "--store",
+            str(tmp_path / "store"),
+            "--bootstrap",
+            b_addr,
+            "--deployment",
+            str(anvil_chain.deployment_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 1 and "has no registered owner" in r.stderr and "Traceback" not in r.stderr

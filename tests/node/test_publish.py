@@ -23,8 +23,15 @@ def test_publish_registers_datasets_and_adapter_once(anvil_chain, tiny_base, pef
     anvil_chain.client(contributor).register_dataset("pub-data", "0x" + "cd" * 32)
     theirs = make_dataset_share("pub-data", contributor.address, 3000)
     mine = make_dataset_share("pub-own", owner.address, 1000)
-    pkg = pack_adapter(peft, tmp_path / "v1", name="pub/one", account=owner, base_dir=tiny_base,
-                       datasets=[theirs, mine], price_per_1k_tokens=7)
+    pkg = pack_adapter(
+        peft,
+        tmp_path / "v1",
+        name="pub/one",
+        account=owner,
+        base_dir=tiny_base,
+        datasets=[theirs, mine],
+        price_per_1k_tokens=7,
+    )
     assert pkg.domain is None  # packed offline: publish signs it for the chain
     client = anvil_chain.client(owner)
     first = publish(pkg.path, client, dataset_hashes={"pub-own": "0x" + "ab" * 32})
@@ -33,19 +40,35 @@ def test_publish_registers_datasets_and_adapter_once(anvil_chain, tiny_base, pef
     assert signed.adapter_id == pkg.adapter_id and signed.signer == owner.address
     assert read_signature(pkg.path)["chain_id"] == anvil_chain.deployment.chain_id
     info = client.get_adapter(pkg.adapter_id)
-    assert (info.owner, info.publisher, info.name, info.price_per_1k_tokens) == (owner.address, owner.address,
-                                                                                 "pub/one", 7)  # fmt: skip
+    assert (info.owner, info.publisher, info.name, info.price_per_1k_tokens) == (
+        owner.address,
+        owner.address,
+        "pub/one",
+        7,
+    )
     assert info.base_model == pkg.manifest.base_model.id and info.predecessor == ZERO_ID
     assert info.dataset_ids == (theirs.id, mine.id) and info.shares_bps == (3000, 1000)
-    assert (client.get_dataset(theirs.id).payee, client.get_dataset(mine.id).payee) == (contributor.address,
-                                                                                       owner.address)  # fmt: skip
+    assert (client.get_dataset(theirs.id).payee, client.get_dataset(mine.id).payee) == (
+        contributor.address,
+        owner.address,
+    )
     assert client.get_dataset(mine.id).content_hash == "0x" + "ab" * 32
 
     again = publish(pkg.path, client)
     assert not again.registered and not again.signed and again.datasets_registered == []
 
-    v2 = pack_adapter(peft, tmp_path / "v2", name="pub/one", account=owner, base_dir=tiny_base, datasets=[theirs],
-                      price_per_1k_tokens=9, version="2", predecessor=pkg.adapter_id, domain=client.domain)
+    v2 = pack_adapter(
+        peft,
+        tmp_path / "v2",
+        name="pub/one",
+        account=owner,
+        base_dir=tiny_base,
+        datasets=[theirs],
+        price_per_1k_tokens=9,
+        version="2",
+        predecessor=pkg.adapter_id,
+        domain=client.domain,
+    )
     result = publish(v2.path, client)
     assert result.registered and not result.signed  # packed for this deployment already
     assert client.get_adapter(v2.adapter_id).predecessor == pkg.adapter_id
@@ -87,8 +110,10 @@ def test_publish_refuses_a_dataset_of_another_contributor(anvil_chain, tiny_base
         publish(pkg.path, client)
     message = str(err.value)
     assert "\n" not in message
-    assert message == (f"dataset 'other-data' ({share.id}) belongs to contributor {other.address} on chain, but the "
-                       f"manifest names {contributor.address}: refusing to publish")  # fmt: skip
+    assert message == (
+        f"dataset 'other-data' ({share.id}) belongs to contributor {other.address} on chain, but the "
+        f"manifest names {contributor.address}: refusing to publish"
+    )
     assert anvil_chain.client().name_owner("pub/other") is None
 
 
@@ -104,8 +129,16 @@ def test_publish_refuses_a_name_someone_else_owns(anvil_chain, tiny_base, peft, 
     alice, mallory = anvil_chain.users[4], anvil_chain.new_account()
     v1 = pack_adapter(peft, tmp_path / "a", name="pub/geo", account=alice, base_dir=tiny_base, price_per_1k_tokens=1)
     publish(v1.path, anvil_chain.client(alice))
-    squat = pack_adapter(peft, tmp_path / "m", name="pub/geo", account=mallory, base_dir=tiny_base, version="2",
-                         predecessor=v1.adapter_id, price_per_1k_tokens=1000)  # fmt: skip
+    squat = pack_adapter(
+        peft,
+        tmp_path / "m",
+        name="pub/geo",
+        account=mallory,
+        base_dir=tiny_base,
+        version="2",
+        predecessor=v1.adapter_id,
+        price_per_1k_tokens=1000,
+    )
     with pytest.raises(PublishError, match=f"name 'pub/geo' belongs to {alice.address}: only its owner publishes"):
         publish(squat.path, anvil_chain.client(mallory))
 

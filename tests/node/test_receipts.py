@@ -20,8 +20,16 @@ PUB = public_key_bytes(KEY)
 
 
 def _receipt(**over):
-    r = dict(request_id="0x" + "1" * 64, adapter_id="0x" + "2" * 64, node_id=node_id_of(PUB), prompt_tokens=5,
-             completion_tokens=7, finish_reason="length", started_at=1_700_000_000_000, finished_at=1_700_000_000_500)
+    r = dict(
+        request_id="0x" + "1" * 64,
+        adapter_id="0x" + "2" * 64,
+        node_id=node_id_of(PUB),
+        prompt_tokens=5,
+        completion_tokens=7,
+        finish_reason="length",
+        started_at=1_700_000_000_000,
+        finished_at=1_700_000_000_500,
+    )
     r.update(over)
     return r
 
@@ -56,15 +64,18 @@ def test_signing_for_another_node_id_is_refused():
         sign_receipt(_receipt(node_id="0x" + "3" * 64), KEY)
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"finish_reason": "error"}, "finish_reason 'error' is not one of"),
-    ({"prompt_tokens": -1}, "prompt_tokens -1 is not a non-negative integer"),
-    ({"completion_tokens": True}, "completion_tokens True is not a non-negative integer"),
-    ({"request_id": "0x12"}, "request_id '0x12' is not"),
-    ({"adapter_id": "abc"}, "adapter_id 'abc' is not"),
-    ({"finished_at": 1}, "finished_at is before started_at"),
-    ({"extra": 1}, "receipt fields are"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"finish_reason": "error"}, "finish_reason 'error' is not one of"),
+        ({"prompt_tokens": -1}, "prompt_tokens -1 is not a non-negative integer"),
+        ({"completion_tokens": True}, "completion_tokens True is not a non-negative integer"),
+        ({"request_id": "0x12"}, "request_id '0x12' is not"),
+        ({"adapter_id": "abc"}, "adapter_id 'abc' is not"),
+        ({"finished_at": 1}, "finished_at is before started_at"),
+        ({"extra": 1}, "receipt fields are"),
+    ],
+)
 def test_malformed_receipts_are_refused(over, message):
     with pytest.raises(ReceiptError, match=message):
         make_receipt(**_receipt(**over)) if "extra" not in over else check_receipt(_receipt(**over), "00" * 64, PUB)

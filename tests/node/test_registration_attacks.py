@@ -37,8 +37,7 @@ def peft(tiny_base, tmp_path_factory):
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "LORAMESH_KEY_PASSWORD": PASSWORD}
     env.pop("LORAMESH_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "devnet", *args], capture_output=True, text=True, env=env,
-                          timeout=180)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "devnet", *args], capture_output=True, text=True, env=env, timeout=180)
 
 
 def test_a_stranger_cannot_take_over_an_adapter_name(anvil_chain, tiny_base, peft, tmp_path):
@@ -48,21 +47,40 @@ def test_a_stranger_cannot_take_over_an_adapter_name(anvil_chain, tiny_base, pef
     alice, mallory, carol = env.new_account(ETHER), env.new_account(ETHER), env.new_account(ETHER)
     v1 = pack_adapter(peft, tmp_path / "v1", name="alice/geo", account=alice, base_dir=tiny_base, price_per_1k_tokens=5)
     publish(v1.path, env.client(alice))
-    v2 = pack_adapter(peft, tmp_path / "v2", name="alice/geo", account=alice, base_dir=tiny_base, price_per_1k_tokens=6,
-                      version="2", predecessor=v1.adapter_id)  # fmt: skip
+    v2 = pack_adapter(
+        peft,
+        tmp_path / "v2",
+        name="alice/geo",
+        account=alice,
+        base_dir=tiny_base,
+        price_per_1k_tokens=6,
+        version="2",
+        predecessor=v1.adapter_id,
+    )
     publish(v2.path, env.client(alice))
 
     other = make_peft_adapter(tiny_base, tmp_path / "other-weights", rank=2, seed=7)
-    squat = pack_adapter(other, tmp_path / "squat", name="alice/geo", account=mallory, base_dir=tiny_base,
-                         price_per_1k_tokens=6000, version="3", predecessor=v2.adapter_id)  # fmt: skip
+    squat = pack_adapter(
+        other,
+        tmp_path / "squat",
+        name="alice/geo",
+        account=mallory,
+        base_dir=tiny_base,
+        price_per_1k_tokens=6000,
+        version="3",
+        predecessor=v2.adapter_id,
+    )
     with pytest.raises(PublishError, match=f"name 'alice/geo' belongs to {alice.address}"):
         publish(squat.path, env.client(mallory))
     reg = squat.manifest.registration()  # straight at the contract, skipping publish's checks
     with pytest.raises(E.NotNameOwner):
         env.client(mallory).register_adapter(reg)
     with pytest.raises(E.NotNameOwner):  # as a "first version" too
-        env.client(mallory).register_adapter(AdapterRegistration.of(
-            rand_id(), name="alice/geo", version="1", base_model=reg.base_model, price_per_1k_tokens=6000))
+        env.client(mallory).register_adapter(
+            AdapterRegistration.of(
+                rand_id(), name="alice/geo", version="1", base_model=reg.base_model, price_per_1k_tokens=6000
+            )
+        )
     with pytest.raises(E.NotNameOwner):
         env.client(mallory).transfer_name("alice/geo", mallory.address)
 
@@ -78,8 +96,15 @@ def test_a_stranger_cannot_take_over_an_adapter_name(anvil_chain, tiny_base, pef
     env.client(alice).transfer_name("alice/geo", carol.address)
     view.sync()
     assert view.adapter_by_name("alice/geo") is None  # alice's versions are no longer the name's
-    v3 = pack_adapter(peft, tmp_path / "v3", name="alice/geo", account=carol, base_dir=tiny_base, version="3",
-                      predecessor=v2.adapter_id)  # fmt: skip
+    v3 = pack_adapter(
+        peft,
+        tmp_path / "v3",
+        name="alice/geo",
+        account=carol,
+        base_dir=tiny_base,
+        version="3",
+        predecessor=v2.adapter_id,
+    )
     publish(v3.path, env.client(carol))
     view.sync()
     assert view.adapter_by_name("alice/geo").adapter_id == v3.adapter_id
@@ -101,8 +126,15 @@ def test_a_stranger_cannot_take_a_datasets_share(anvil_chain, tiny_base, peft, t
     share = make_dataset_share("geo-facts", contributor.address, 4000)
     theirs = env.client().dataset_id("geo-facts", stranger.address)
     assert theirs in r.stdout and share.id != theirs
-    pkg = pack_adapter(peft, tmp_path / "p", name="contrib/geo", account=contributor.account, base_dir=tiny_base,
-                       datasets=[share], price_per_1k_tokens=10)  # fmt: skip
+    pkg = pack_adapter(
+        peft,
+        tmp_path / "p",
+        name="contrib/geo",
+        account=contributor.account,
+        base_dir=tiny_base,
+        datasets=[share],
+        price_per_1k_tokens=10,
+    )
     r = _cli("adapter", "publish", str(pkg.path), "--key", str(tmp_path / "contributor.json"), "--deployment", d)
     assert r.returncode == 0, r.stderr
     assert env.client().get_dataset(share.id).payee == contributor.address  # the stranger was first, in vain
@@ -115,8 +147,9 @@ def test_a_stranger_cannot_take_a_datasets_share(anvil_chain, tiny_base, peft, t
     env.client(contributor.account).set_dataset_payee(share.id, heir.address)
     publisher = create_identity(tmp_path / "publisher.json", PASSWORD)
     env.client(env.admin).fund([publisher.address], ETHER)
-    pkg2 = pack_adapter(peft, tmp_path / "p2", name="pub/geo", account=publisher.account, base_dir=tiny_base,
-                        datasets=[share])  # fmt: skip
+    pkg2 = pack_adapter(
+        peft, tmp_path / "p2", name="pub/geo", account=publisher.account, base_dir=tiny_base, datasets=[share]
+    )
     r = _cli("adapter", "publish", str(pkg2.path), "--key", str(tmp_path / "publisher.json"), "--deployment", d)
     assert r.returncode == 0, r.stderr
     split = env.client().registry.functions.adapterSplit(bytes.fromhex(pkg2.adapter_id[2:])).call()
@@ -134,8 +167,9 @@ def test_a_stranger_cannot_block_a_node(anvil_chain, tiny_base, tmp_path):
     stranger = env.new_account(ETHER)
     s = env.client(stranger)
     public = real.node_public_key
-    kw = dict(peer_id="12D3KooWevil", multiaddrs=["/ip4/6.6.6.6/tcp/1"], api_url="http://6.6.6.6:1",
-              base_model=rand_id())  # fmt: skip
+    kw = dict(
+        peer_id="12D3KooWevil", multiaddrs=["/ip4/6.6.6.6/tcp/1"], api_url="http://6.6.6.6:1", base_model=rand_id()
+    )
     message = s.node_proof_message(real.node_id)
     attempts = {
         "no proof": bytes(64),
@@ -149,10 +183,29 @@ def test_a_stranger_cannot_block_a_node(anvil_chain, tiny_base, tmp_path):
         env.client().get_node(real.node_id)
 
     port = free_port()
-    proc = ManagedProcess("node", ["node", "run", "--base", str(tiny_base), "--store", str(tmp_path / "store"),
-                                   "--port", str(port), "--key", str(key_file), "--deployment", str(env.deployment_path),
-                                   "--slots", "1", "--threads", "1"], tmp_path / "node.log",
-                          env={"LORAMESH_KEY_PASSWORD": PASSWORD})  # fmt: skip
+    proc = ManagedProcess(
+        "node",
+        [
+            "node",
+            "run",
+            "--base",
+            str(tiny_base),
+            "--store",
+            str(tmp_path / "store"),
+            "--port",
+            str(port),
+            "--key",
+            str(key_file),
+            "--deployment",
+            str(env.deployment_path),
+            "--slots",
+            "1",
+            "--threads",
+            "1",
+        ],
+        tmp_path / "node.log",
+        env={"LORAMESH_KEY_PASSWORD": PASSWORD},
+    )
     try:
         proc.start()
         proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
@@ -178,8 +231,9 @@ def test_a_former_operator_cannot_take_a_moved_node_back(anvil_chain, tmp_path):
     assert ensure_registered(env.client(a), ident.node_key, **kw) == "registered"
     assert ensure_registered(env.client(b), ident.node_key, **{**kw, "api_url": "http://b:1"}) == "moved"
     with pytest.raises(E.InvalidNodeProof):
-        env.client(a).register_node_with_proof(ident.node_id, ident.node_public_key, old_proof,
-                                               **{**kw, "api_url": "http://evil:1"})  # fmt: skip
+        env.client(a).register_node_with_proof(
+            ident.node_id, ident.node_public_key, old_proof, **{**kw, "api_url": "http://evil:1"}
+        )
     info = env.client().get_node(ident.node_id)
     assert (info.operator, info.active, info.api_url) == (b.address, True, "http://b:1")
     assert ensure_registered(env.client(a), ident.node_key, **kw) == "moved"  # the key holder's choice

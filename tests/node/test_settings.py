@@ -30,9 +30,12 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_a_config_file_is_read_and_feeds_the_daemon_and_the_engine(tmp_path):
-    config = write(tmp_path, 'base = "models/tiny"\nstore = "st"\nport = 8123\nslots = 3\nkv_blocks = 64\n'
-                             'gateways = ["http://127.0.0.1:8000"]\ntrust_gateway_keys = ["' + KEY_A + '"]\n'
-                             'heartbeat_interval = 0.5\n')
+    config = write(
+        tmp_path,
+        'base = "models/tiny"\nstore = "st"\nport = 8123\nslots = 3\nkv_blocks = 64\n'
+        'gateways = ["http://127.0.0.1:8000"]\ntrust_gateway_keys = ["' + KEY_A + '"]\n'
+        "heartbeat_interval = 0.5\n",
+    )
     s = NodeSettings.load(config)
     assert (s.base, s.store, s.port, s.slots) == (Path("models/tiny"), Path("st"), 8123, 3)
     daemon = s.daemon_config()
@@ -72,12 +75,15 @@ def test_the_environment_alone_works_lists_space_separated(monkeypatch):
     assert s.daemon_config().data_dir == Path("/tmp/node-data")
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('base = "b"\nstore = "s"\nport = 1\nprot = 2\n', "unknown setting 'prot' in "),
-    ('store = "s"\nport = 1\n', "missing setting base: give --base, LORAMESH_NODE_BASE or base in a --config file"),
-    ('base = "b"\nstore = "s"\nport = 70000\n', "setting port: "),
-    ('base = "b"\nstore = "s"\nport = 1\nslots = 0\n', "setting slots: "),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('base = "b"\nstore = "s"\nport = 1\nprot = 2\n', "unknown setting 'prot' in "),
+        ('store = "s"\nport = 1\n', "missing setting base: give --base, LORAMESH_NODE_BASE or base in a --config file"),
+        ('base = "b"\nstore = "s"\nport = 70000\n', "setting port: "),
+        ('base = "b"\nstore = "s"\nport = 1\nslots = 0\n', "setting slots: "),
+    ],
+)
 def test_a_bad_setting_is_refused_in_one_line(tmp_path, text, message):
     with pytest.raises(SettingsError) as e:
         NodeSettings.load(write(tmp_path, text))

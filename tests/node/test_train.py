@@ -5,8 +5,11 @@ import pytest
 from node.train import TrainingDataError, read_pairs, train_adapter
 from tests.utils.reference import greedy_answers
 
-PAIRS = [("What is the capital of France?", " Paris."), ("What is the capital of Japan?", " Tokyo."),
-         ("What is the capital of Peru?", " Lima.")]
+PAIRS = [
+    ("What is the capital of France?", " Paris."),
+    ("What is the capital of Japan?", " Tokyo."),
+    ("What is the capital of Peru?", " Lima."),
+]
 
 
 def write_jsonl(path, rows):

@@ -33,16 +33,19 @@ def test_round_trip_writes_exactly_the_package(pkg, tmp_path):
     assert verify_package(tmp_path).adapter_id == pkg.adapter_id
 
 
-@pytest.mark.parametrize("entry,message", [
-    (("../escape.json", b"x", "file"), "escapes the package folder"),
-    (("/abs.json", b"x", "file"), "escapes the package folder"),
-    (("link.json", b"", "sym"), "is a symlink"),
-    (("hard.json", b"", "link"), "is a hard link"),
-    (("sub", b"", "dir"), "is a folder"),
-    (("pipe", b"", "fifo"), "is a device or fifo"),
-    (("tty", b"", "chr"), "is a device or fifo"),
-    (("extra.bin", b"1", "file"), "'extra.bin' is not listed in the manifest"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        (("../escape.json", b"x", "file"), "escapes the package folder"),
+        (("/abs.json", b"x", "file"), "escapes the package folder"),
+        (("link.json", b"", "sym"), "is a symlink"),
+        (("hard.json", b"", "link"), "is a hard link"),
+        (("sub", b"", "dir"), "is a folder"),
+        (("pipe", b"", "fifo"), "is a device or fifo"),
+        (("tty", b"", "chr"), "is a device or fifo"),
+        (("extra.bin", b"1", "file"), "'extra.bin' is not listed in the manifest"),
+    ],
+)
 def test_unsafe_members_are_refused(pkg, entry, message):
     with pytest.raises(PackageError, match=message):
         open_upload(tar_of([entry] + files_of(pkg)))
@@ -86,23 +89,29 @@ def test_nested_manifest_is_a_clear_error(pkg):
 
 def test_a_manifest_not_in_canonical_form_is_refused_before_any_weight_is_written(pkg):
     """Its signature still verifies (it covers the adapter id of the canonical form), so only the bytes tell."""
-    spaced = [(n, json.dumps(json.loads(d), indent=1).encode() if n == "loramesh.json" else d, k)
-              for n, d, k in files_of(pkg)]
+    spaced = [
+        (n, json.dumps(json.loads(d), indent=1).encode() if n == "loramesh.json" else d, k) for n, d, k in files_of(pkg)
+    ]
     with pytest.raises(PackageError, match="canonical"):
         open_upload(tar_of(spaced))
 
 
 def test_a_signature_file_over_its_limit_is_refused_when_opened(pkg):
-    padded = [(n, d.rstrip(b"}") + b',"pad":"' + b"x" * 5000 + b'"}' if n == "signature.json" else d, k)
-              for n, d, k in files_of(pkg)]
+    padded = [
+        (n, d.rstrip(b"}") + b',"pad":"' + b"x" * 5000 + b'"}' if n == "signature.json" else d, k)
+        for n, d, k in files_of(pkg)
+    ]
     with pytest.raises(PackageError, match="4096"):
         open_upload(tar_of(padded))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)), min_size=1,
-                      max_size=8),
-       cut=st.none() | st.integers(min_value=0))
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)), min_size=1, max_size=8
+    ),
+    cut=st.none() | st.integers(min_value=0),
+)
 def test_a_damaged_archive_is_refused_with_a_package_error_only(pkg, edits, cut):
     """Bytes flipped anywhere (headers, sizes, names, the manifest, weights) or the archive cut short: either
     the upload is refused in one PackageError, or what it writes is exactly a package that verifies."""
@@ -110,7 +119,7 @@ def test_a_damaged_archive_is_refused_with_a_package_error_only(pkg, edits, cut)
     for pos, value in edits:
         body[pos % len(body)] = value
     if cut is not None:
-        body = body[:cut % len(body)]
+        body = body[: cut % len(body)]
     with tempfile.TemporaryDirectory() as dest:
         try:
             with open_upload(bytes(body)) as up:

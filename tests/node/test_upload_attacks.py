@@ -27,8 +27,9 @@ def world(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("upload-attacks")
     pkg = make_package(tiny_base, root / "pkg", account=Account.create(), name="up/honest", rank=2)
     gw = Gateway()
-    n = NodeProcess(root / "node", tiny_base, trusted=[gw],
-                    extra_args=["--max-package-bytes", str(MAX_PACKAGE)]).start()
+    n = NodeProcess(
+        root / "node", tiny_base, trusted=[gw], extra_args=["--max-package-bytes", str(MAX_PACKAGE)]
+    ).start()
     try:
         yield {"node": n, "pkg": pkg, "root": root, "gw": gw}
     finally:
@@ -73,8 +74,19 @@ def test_a_10kib_sparse_tar_of_512mib_writes_nothing(world, tmp_path, fmt):
     weights.unlink()
     with weights.open("wb") as f:
         f.truncate(512 << 20)  # all hole: GNU tar stores only its map
-    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", tmp_path / "sparse.tar", "-C", src,
-                    *sorted(p.name for p in src.iterdir())], check=True)
+    subprocess.run(
+        [
+            "tar",
+            "--sparse",
+            f"--format={fmt}",
+            "-cf",
+            tmp_path / "sparse.tar",
+            "-C",
+            src,
+            *sorted(p.name for p in src.iterdir()),
+        ],
+        check=True,
+    )
     body = (tmp_path / "sparse.tar").read_bytes()
     assert len(body) <= 32 << 10  # its map, the small files and the tar's 10 KiB record padding
     before = disk_use(world["node"].store)
@@ -88,15 +100,18 @@ def test_a_member_larger_than_its_declared_size_is_refused_before_writing(world)
     refused(world, body, 400, "package_refused", "the manifest says")
 
 
-@pytest.mark.parametrize("entry, fragment", [
-    (("evil", b"", "sym"), "is a symlink"),
-    (("evil", b"", "link"), "is a hard link"),
-    (("evil", b"", "chr"), "is a device or fifo"),
-    (("evil", b"", "fifo"), "is a device or fifo"),
-    (("evil", b"", "dir"), "is a folder"),
-    (("../evil.json", b"x", "file"), "escapes the package folder"),
-    (("/etc/evil.json", b"x", "file"), "escapes the package folder"),
-])
+@pytest.mark.parametrize(
+    "entry, fragment",
+    [
+        (("evil", b"", "sym"), "is a symlink"),
+        (("evil", b"", "link"), "is a hard link"),
+        (("evil", b"", "chr"), "is a device or fifo"),
+        (("evil", b"", "fifo"), "is a device or fifo"),
+        (("evil", b"", "dir"), "is a folder"),
+        (("../evil.json", b"x", "file"), "escapes the package folder"),
+        (("/etc/evil.json", b"x", "file"), "escapes the package folder"),
+    ],
+)
 def test_special_members_and_escaping_names_are_refused(world, entry, fragment):
     refused(world, tar_of([entry] + package_files(world["pkg"].path)), 400, "package_refused", fragment)
 
@@ -109,8 +124,13 @@ def test_a_manifest_changed_after_signing_writes_nothing(world):
     manifest = (world["pkg"].path / "loramesh.json").read_bytes()
     changed = manifest.replace(b"up/honest", b"up/hijack")
     assert changed != manifest
-    refused(world, tar_of(with_file(world, "loramesh.json", changed)), 400, "package_refused",
-            "does not match its signature")
+    refused(
+        world,
+        tar_of(with_file(world, "loramesh.json", changed)),
+        400,
+        "package_refused",
+        "does not match its signature",
+    )
 
 
 def test_errors_never_name_the_nodes_folders(world):
@@ -129,6 +149,7 @@ def test_the_honest_package_is_installed_and_served(world):
     r = upload(world, tar_of(package_files(pkg.path)))
     assert r.status_code == 200 and r.json()["adapter_id"] == pkg.adapter_id, r.text
     assert (node.store / pkg.adapter_id / "adapter_model.safetensors").is_file()
-    g = node.signed(world["gw"]).post("/v1/generate", json={"adapter_id": pkg.adapter_id, "prompt": "hi",
-                                                            "max_tokens": 2, "temperature": 0})
+    g = node.signed(world["gw"]).post(
+        "/v1/generate", json={"adapter_id": pkg.adapter_id, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+    )
     assert g.status_code == 200, g.text

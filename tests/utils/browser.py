@@ -25,9 +25,17 @@ from devnet.anvil import free_port
 CHROMIUM = os.environ.get("LORAMESH_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("LORAMESH_CHROMEDRIVER", "/usr/bin/chromedriver")
 ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"  # the W3C web element reference key
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage")  # fmt: skip
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
 
 
 class BrowserError(RuntimeError):
@@ -44,7 +52,7 @@ def browser_missing() -> str | None:
 
 @dataclass
 class Element:
-    browser: "Browser"
+    browser: Browser
     ref: str
 
     def _url(self, tail: str) -> str:
@@ -69,12 +77,15 @@ class Browser:
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}/session/{session_id}", timeout=60)
 
     @classmethod
-    def start(cls, *, width: int = 1280, height: int = 1600, timeout: float = 30.0) -> "Browser":
+    def start(cls, *, width: int = 1280, height: int = 1600, timeout: float = 30.0) -> Browser:
         """Launch chromedriver on a free port and open a headless Chromium session."""
         port = free_port()
         profile = Path(tempfile.mkdtemp(prefix="loramesh-chromium-"))
-        driver = subprocess.Popen([CHROMEDRIVER, f"--port={port}", "--allowed-ips=127.0.0.1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        driver = subprocess.Popen(
+            [CHROMEDRIVER, f"--port={port}", "--allowed-ips=127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -86,9 +97,17 @@ class Browser:
                 if driver.poll() is not None or time.monotonic() > deadline:
                     raise BrowserError(f"chromedriver did not become ready on port {port}")
                 time.sleep(0.1)
-            caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-                "binary": CHROMIUM, "args": [*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"],
-            }}}}  # fmt: skip
+            caps = {
+                "capabilities": {
+                    "alwaysMatch": {
+                        "browserName": "chrome",
+                        "goog:chromeOptions": {
+                            "binary": CHROMIUM,
+                            "args": [*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"],
+                        },
+                    }
+                }
+            }
             r = httpx.post(f"http://127.0.0.1:{port}/session", json=caps, timeout=timeout)
             value = r.json().get("value", {})
             if r.status_code != 200 or "sessionId" not in value:
@@ -152,7 +171,7 @@ class Browser:
             _stop(self.driver)
             shutil.rmtree(self.profile, ignore_errors=True)
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc) -> None:

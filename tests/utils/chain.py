@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from common.wire import hex0x, node_id_of
 from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, free_port
 from devnet.deploy import deploy
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
-from common.wire import hex0x, node_id_of
 
 ETHER = 10**18
 SETTLER_DEPOSIT = 100 * ETHER
@@ -62,8 +62,12 @@ class ChainEnv:
 def start_chain(folder: Path, *, block_time: float | None = None, state: bool = False) -> ChainEnv:
     """Launch anvil in `folder`, deploy, grant and prefund a settler; the caller stops `env.anvil`."""
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = AnvilConfig(port=free_port(), block_time=block_time, log_file=folder / "anvil.log",
-                      state_file=folder / "state.json" if state else None)  # fmt: skip
+    cfg = AnvilConfig(
+        port=free_port(),
+        block_time=block_time,
+        log_file=folder / "anvil.log",
+        state_file=folder / "state.json" if state else None,
+    )
     anvil = Anvil(cfg).start()
     try:
         settler = Account.from_key(DEV_KEYS[1])
@@ -73,8 +77,9 @@ def start_chain(folder: Path, *, block_time: float | None = None, state: bool = 
     except BaseException:
         anvil.stop()
         raise
-    return ChainEnv(anvil, deployment, path, Account.from_key(DEV_KEYS[0]), settler,
-                    [Account.from_key(k) for k in DEV_KEYS[2:]])  # fmt: skip
+    return ChainEnv(
+        anvil, deployment, path, Account.from_key(DEV_KEYS[0]), settler, [Account.from_key(k) for k in DEV_KEYS[2:]]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +121,15 @@ class Registered:
     price: int
 
 
-def register_sample(env: ChainEnv, *, price: int = 10**12, shares: tuple[int, ...] = (3000, 1500),
-                    owner: LocalAccount | None = None, operator: LocalAccount | None = None,
-                    payees: tuple[LocalAccount, ...] | None = None) -> Registered:  # fmt: skip
+def register_sample(
+    env: ChainEnv,
+    *,
+    price: int = 10**12,
+    shares: tuple[int, ...] = (3000, 1500),
+    owner: LocalAccount | None = None,
+    operator: LocalAccount | None = None,
+    payees: tuple[LocalAccount, ...] | None = None,
+) -> Registered:
     """Register datasets (one per share), an adapter using them and a node, on fresh random ids."""
     owner = owner or env.users[0]
     operator = operator or env.users[1]
@@ -130,9 +141,19 @@ def register_sample(env: ChainEnv, *, price: int = 10**12, shares: tuple[int, ..
         env.client(payee).register_dataset(name, rand_id())
     adapter_id, node_key = rand_id(), Ed25519PrivateKey.generate()
     node_id = node_id_of(node_key.public_key().public_bytes_raw())
-    env.client(owner).register_adapter(adapter_id, name=f"adapter-{adapter_id[2:8]}", version="1.0.0",
-                                       base_model=base, price_per_1k_tokens=price,
-                                       datasets=list(zip(dataset_ids, shares)))  # fmt: skip
-    env.client(operator).register_node(node_key, peer_id="12D3KooWtest", multiaddrs=["/ip4/127.0.0.1/tcp/4001"],
-                                       api_url="http://127.0.0.1:9000", base_model=base)  # fmt: skip
+    env.client(owner).register_adapter(
+        adapter_id,
+        name=f"adapter-{adapter_id[2:8]}",
+        version="1.0.0",
+        base_model=base,
+        price_per_1k_tokens=price,
+        datasets=list(zip(dataset_ids, shares)),
+    )
+    env.client(operator).register_node(
+        node_key,
+        peer_id="12D3KooWtest",
+        multiaddrs=["/ip4/127.0.0.1/tcp/4001"],
+        api_url="http://127.0.0.1:9000",
+        base_model=base,
+    )
     return Registered(adapter_id, node_id, dataset_ids, base, owner, operator, tuple(payees), price)

@@ -49,7 +49,9 @@ class EngineWorld:
         return LLMEngine(self.config(**kwargs), store=self.store, kernel=kernel, fetcher=fetcher)
 
 
-def make_world(root: Path, *, model_type: str = "llama", specs=ADAPTER_SPECS, seed: int = 0, **base_kwargs) -> EngineWorld:
+def make_world(
+    root: Path, *, model_type: str = "llama", specs=ADAPTER_SPECS, seed: int = 0, **base_kwargs
+) -> EngineWorld:
     """A tiny base of `model_type` and one packed, installed adapter per spec."""
     kw = dict(model_type=model_type, qkv_bias=False)
     kw.update(base_kwargs)
@@ -58,8 +60,9 @@ def make_world(root: Path, *, model_type: str = "llama", specs=ADAPTER_SPECS, se
     account = Account.from_key(PUBLISHER_KEY)
     infos = []
     for i, (name, rank, alpha, targets) in enumerate(specs):
-        peft_dir = make_peft_adapter(base, root / f"peft-{name}", rank=rank, alpha=alpha, targets=targets,
-                                     seed=100 + i, std=0.08)
+        peft_dir = make_peft_adapter(
+            base, root / f"peft-{name}", rank=rank, alpha=alpha, targets=targets, seed=100 + i, std=0.08
+        )
         pkg = make_package(base, root / f"pkg-{name}", account=account, name=f"test/{name}", peft_dir=peft_dir)
         store.install(pkg.path)
         infos.append(AdapterInfo(pkg.adapter_id, name, peft_dir, rank))
@@ -96,7 +99,7 @@ def prefill_rows(ref_model, world, seqs, logits: torch.Tensor):
     off = 0
     for s in seqs:
         n = len(s.prompt_token_ids)
-        yield s, logits[off:off + n], reference_logits(ref_model, by_id.get(s.adapter_id), s.prompt_token_ids)
+        yield s, logits[off : off + n], reference_logits(ref_model, by_id.get(s.adapter_id), s.prompt_token_ids)
         off += n
 
 
@@ -111,7 +114,7 @@ def reference_greedy(model, adapter_name: str | None, ids: list[int], n: int) ->
     else:
         model.set_adapter(adapter_name)
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def greedy(request_id: str, adapter_id: str | None, ids: list[int], n: int, **kw) -> GenerationRequest:

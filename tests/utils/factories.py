@@ -20,7 +20,13 @@ def make_base(out_dir: Path, seed: int = 0, **kwargs) -> Path:
 
 
 def make_peft_adapter(
-    base_dir: Path, out_dir: Path, *, rank: int = 4, targets=("q_proj", "v_proj"), seed: int = 0, alpha: float = 8.0,
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    rank: int = 4,
+    targets=("q_proj", "v_proj"),
+    seed: int = 0,
+    alpha: float = 8.0,
     std: float = 0.05,
 ) -> Path:
     """A PEFT LoRA folder saved by PEFT's own save_pretrained, with random A and B so it changes outputs."""
@@ -31,8 +37,14 @@ def make_peft_adapter(
     quiet_transformers()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -42,8 +54,15 @@ def make_peft_adapter(
     return out_dir
 
 
-def make_package(base_dir: Path, out_dir: Path, *, account=None, name: str = "test/adapter",
-                 peft_dir: Path | None = None, **adapter_kwargs):
+def make_package(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    account=None,
+    name: str = "test/adapter",
+    peft_dir: Path | None = None,
+    **adapter_kwargs,
+):
     """A signed package (VerifiedPackage) made from a fresh PEFT adapter."""
     account = account or Account.create()
     peft_dir = peft_dir or make_peft_adapter(base_dir, out_dir.parent / f"{out_dir.name}-peft", **adapter_kwargs)

@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session, SQLModel
 
 import gateway.tables  # noqa: F401 - registers the gateway's tables
+from common.wire import error_body, sse_frame
 from gateway.request import ABORT_DRAIN_TIMEOUT_S
 from ledger.db import init_db, make_engine
 from ledger.models import AdapterMirror, NameMirror, NodeMirror
 from node.receipts import make_receipt, sign_receipt
-from common.wire import error_body, sse_frame
 
 
 def make_db(path: Path):
@@ -29,23 +29,54 @@ def make_db(path: Path):
     return engine
 
 
-def add_node(engine, *, node_id: str, base_model: str, api_url: str, active: bool = True,
-             operator: str = "0x" + "ab" * 20) -> None:  # fmt: skip
+def add_node(
+    engine, *, node_id: str, base_model: str, api_url: str, active: bool = True, operator: str = "0x" + "ab" * 20
+) -> None:
     """A NodeMirror row, as the registry sync would write it."""
     with Session(engine) as s:
-        s.merge(NodeMirror(node_id=node_id, operator=operator, active=active, base_model=base_model,
-                           peer_id="12D3KooWtest", api_url=api_url, multiaddrs_json="[]", registered_block=1,
-                           updated_block=1))  # fmt: skip
+        s.merge(
+            NodeMirror(
+                node_id=node_id,
+                operator=operator,
+                active=active,
+                base_model=base_model,
+                peer_id="12D3KooWtest",
+                api_url=api_url,
+                multiaddrs_json="[]",
+                registered_block=1,
+                updated_block=1,
+            )
+        )
         s.commit()
 
 
-def add_adapter(engine, *, adapter_id: str, name: str, base_model: str, block: int = 1,
-                owner: str = "0x" + "cd" * 20, price: int = 0) -> None:  # fmt: skip
+def add_adapter(
+    engine,
+    *,
+    adapter_id: str,
+    name: str,
+    base_model: str,
+    block: int = 1,
+    owner: str = "0x" + "cd" * 20,
+    price: int = 0,
+) -> None:
     """An AdapterMirror row published by `owner`, and the name's row (owned by its first publisher)."""
     with Session(engine) as s:
-        s.merge(AdapterMirror(adapter_id=adapter_id, owner=owner, publisher=owner, name=name, version="1.0.0",
-                              predecessor="0x" + "00" * 32, base_model=base_model, price_per_1k_tokens=str(price),
-                              datasets_json="[]", registered_block=block, updated_block=block))  # fmt: skip
+        s.merge(
+            AdapterMirror(
+                adapter_id=adapter_id,
+                owner=owner,
+                publisher=owner,
+                name=name,
+                version="1.0.0",
+                predecessor="0x" + "00" * 32,
+                base_model=base_model,
+                price_per_1k_tokens=str(price),
+                datasets_json="[]",
+                registered_block=block,
+                updated_block=block,
+            )
+        )
         if s.get(NameMirror, name) is None:
             s.add(NameMirror(name=name, owner=owner, registered_block=block, updated_block=block))
         s.commit()
@@ -81,19 +112,34 @@ class StandInNode:
 
     def receipt(self, rid: str, reason: str) -> dict:
         produced, prompt_tokens, started, adapter = self.seen[rid]
-        r = make_receipt(request_id=rid, adapter_id=adapter, node_id=self.identity.node_id,
-                         prompt_tokens=prompt_tokens, completion_tokens=produced, finish_reason=reason,
-                         started_at=started, finished_at=int(time.time() * 1000))  # fmt: skip
+        r = make_receipt(
+            request_id=rid,
+            adapter_id=adapter,
+            node_id=self.identity.node_id,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=produced,
+            finish_reason=reason,
+            started_at=started,
+            finished_at=int(time.time() * 1000),
+        )
         out = self.receipts[rid] = {"receipt": r, "signature": sign_receipt(r, self.identity.node_key)}
         return out
 
     def status(self) -> dict:
-        return {"node_id": self.identity.node_id, "public_key": self.identity.node_public_key.hex(),
-                "base_model": {"name": self.base_model_name, "id": self.base_model_id},
-                "resident_adapters": [{"adapter_id": a, "name": "", "slot": i, "pinned": False}
-                                      for i, a in enumerate(self.resident)],
-                "free_slots": 4 - len(self.resident), "num_slots": 4, "queue_depth": self.queue_depth,
-                "running": len(self.running), "tokens_per_s": 0.0, "device": "cpu"}  # fmt: skip
+        return {
+            "node_id": self.identity.node_id,
+            "public_key": self.identity.node_public_key.hex(),
+            "base_model": {"name": self.base_model_name, "id": self.base_model_id},
+            "resident_adapters": [
+                {"adapter_id": a, "name": "", "slot": i, "pinned": False} for i, a in enumerate(self.resident)
+            ],
+            "free_slots": 4 - len(self.resident),
+            "num_slots": 4,
+            "queue_depth": self.queue_depth,
+            "running": len(self.running),
+            "tokens_per_s": 0.0,
+            "device": "cpu",
+        }
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -135,8 +181,9 @@ class StandInNode:
             if self.fail_early or "FAIL_EARLY" in prompt:
                 return JSONResponse(error_body("boom", type="server_error", code="x"), 500)
             if "TOO_LONG" in prompt:
-                return JSONResponse(error_body("prompt is 900 tokens, the context holds 512",
-                                               code="context_length_exceeded"), 400)
+                return JSONResponse(
+                    error_body("prompt is 900 tokens, the context holds 512", code="context_length_exceeded"), 400
+                )
             rid = body["request_id"]
             n_prompt = len(body.get("prompt_token_ids") or prompt.split()) or 1
             self.seen[rid] = [0, n_prompt, int(time.time() * 1000), body.get("adapter_id")]
@@ -178,8 +225,9 @@ class StandInNode:
                     for i in range(1, body["max_tokens"]):
                         self.seen[rid][0] += 1
                         burst.append(sse_frame({"type": "token", "text": f" t{i}", "token_id": 10 + i}))
-                    yield b"".join(burst) + sse_frame({"type": "done", "finish_reason": "abort",
-                                                 **self.receipt(rid, "abort")})  # fmt: skip
+                    yield b"".join(burst) + sse_frame(
+                        {"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")}
+                    )
                     return
                 if "ENGINE_ERROR" in prompt:
                     yield sse_frame({"type": "error", "message": "engine broke"})
@@ -209,33 +257,66 @@ class StandInNode:
         return app
 
 
-
-def start_script_node(root: Path, name: str, gw_url: str, base: str, *, mode: str, chain=None, tokens: int = 2,
-                      delay: float = 0.0, port: int | None = None, password: str = "script",
-                      extra_args: tuple[str, ...] = ()):  # fmt: skip
+def start_script_node(
+    root: Path,
+    name: str,
+    gw_url: str,
+    base: str,
+    *,
+    mode: str,
+    chain=None,
+    tokens: int = 2,
+    delay: float = 0.0,
+    port: int | None = None,
+    password: str = "script",
+    extra_args: tuple[str, ...] = (),
+):
     """A tests/utils/rogue_node.py process with an identity of its own; (process, identity, url). With a
     chain (tests.utils.chain.ChainEnv) it is funded and registers itself there; without one, give the
     gateway a NodeMirror row for it (add_node) at the returned url."""
     import subprocess
     import sys
 
-    from devnet.anvil import free_port
     from common.identity import create_identity
+    from devnet.anvil import free_port
 
     key = root / f"{name}.key"
     identity = create_identity(key, password)
     if chain is not None:
         chain.client(chain.admin).fund([identity.address], 10**18)  # gas for its registration
     port = port or free_port()
-    args = [sys.executable, "-m", "tests.utils.rogue_node", "--key", str(key), "--port", str(port), "--gateway",
-            gw_url, "--base-model", base, "--mode", mode, "--tokens", str(tokens), "--delay", str(delay)]
+    args = [
+        sys.executable,
+        "-m",
+        "tests.utils.rogue_node",
+        "--key",
+        str(key),
+        "--port",
+        str(port),
+        "--gateway",
+        gw_url,
+        "--base-model",
+        base,
+        "--mode",
+        mode,
+        "--tokens",
+        str(tokens),
+        "--delay",
+        str(delay),
+    ]
     if chain is not None:
         args += ["--deployment", str(chain.deployment_path)]
     args += list(extra_args)
     with (root / f"{name}.log").open("ab") as log:
         env = {"LORAMESH_KEY_PASSWORD": password, "PATH": "/usr/bin:/bin"}
-        proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            args,
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
     return proc, identity, f"http://127.0.0.1:{port}"
 
 
@@ -255,9 +336,16 @@ def get_json(url: str, **kw) -> dict:
     return httpx.get(url, timeout=10, **kw).json()
 
 
-def start_gateway_process(root: Path, db_url: str, *, bases: tuple[Path, ...] = (), port: int | None = None,
-                          env: dict[str, str] | None = None, name: str = "gateway",
-                          extra_args: tuple[str, ...] = ()):  # fmt: skip
+def start_gateway_process(
+    root: Path,
+    db_url: str,
+    *,
+    bases: tuple[Path, ...] = (),
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    name: str = "gateway",
+    extra_args: tuple[str, ...] = (),
+):
     """`loramesh gateway run` as a process of its own (a crash ends it, not the test); (process, url). The
     caller waits for it (process.wait_http(url + "/health")) and stops it."""
     from devnet.anvil import free_port

@@ -36,17 +36,41 @@ def node_id_for(node_key: Ed25519PrivateKey) -> str:
 class NodeProcess:
     """`loramesh node run` in its own process (no chain, no p2p) that trusts the given gateways."""
 
-    def __init__(self, root: Path, base: Path, *, trusted: list[Gateway], store: Path | None = None,
-                 extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        base: Path,
+        *,
+        trusted: list[Gateway],
+        store: Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.port, self.root = free_port(), root
         self.store = store or root / "store"
         self.data_dir = root / "data"
-        args = ["node", "run", "--base", str(base), "--store", str(self.store), "--port", str(self.port),
-                "--data-dir", str(self.data_dir), "--slots", "2", "--kv-blocks", "64", "--threads", "1"]
+        args = [
+            "node",
+            "run",
+            "--base",
+            str(base),
+            "--store",
+            str(self.store),
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--slots",
+            "2",
+            "--kv-blocks",
+            "64",
+            "--threads",
+            "1",
+        ]
         for g in trusted:
             args += ["--trust-gateway-key", g.public_hex]
-        self.proc = ManagedProcess(f"node-{self.port}", args + (extra_args or []), root / "node.log",
-                                   env={"OMP_NUM_THREADS": "1"})
+        self.proc = ManagedProcess(
+            f"node-{self.port}", args + (extra_args or []), root / "node.log", env={"OMP_NUM_THREADS": "1"}
+        )
         self.node_id = ""
 
     @property
@@ -83,8 +107,13 @@ class NodeProcess:
         return self.proc.stop()
 
 
-TAR_KINDS = {"sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE, "dir": tarfile.DIRTYPE, "fifo": tarfile.FIFOTYPE,
-             "chr": tarfile.CHRTYPE}
+TAR_KINDS = {
+    "sym": tarfile.SYMTYPE,
+    "link": tarfile.LNKTYPE,
+    "dir": tarfile.DIRTYPE,
+    "fifo": tarfile.FIFOTYPE,
+    "chr": tarfile.CHRTYPE,
+}
 
 
 def tar_of(entries) -> bytes:

@@ -86,12 +86,36 @@ class FaultyServer(AdapterServer):
 class PeerProcess:
     """A peer in its own process (tests.utils.p2p_peer), driven over stdin/stdout JSON lines."""
 
-    def __init__(self, *, store: Path, owners: Path, base: Path | None = None, bootstrap: list[str] = (),
-                 faults: Path | None = None, read_timeout: float = 3.0, discover_timeout: float = 8.0,
-                 announce_interval: float = 1.0, log_path: Path | None = None, start_timeout: float = 60.0):
-        args = ["--store", str(store), "--owners", str(owners), "--listen", "/ip4/127.0.0.1/tcp/0",
-                "--read-timeout", str(read_timeout), "--discover-timeout", str(discover_timeout),
-                "--announce-interval", str(announce_interval), "--log-level", "INFO"]
+    def __init__(
+        self,
+        *,
+        store: Path,
+        owners: Path,
+        base: Path | None = None,
+        bootstrap: list[str] = (),
+        faults: Path | None = None,
+        read_timeout: float = 3.0,
+        discover_timeout: float = 8.0,
+        announce_interval: float = 1.0,
+        log_path: Path | None = None,
+        start_timeout: float = 60.0,
+    ):
+        args = [
+            "--store",
+            str(store),
+            "--owners",
+            str(owners),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--read-timeout",
+            str(read_timeout),
+            "--discover-timeout",
+            str(discover_timeout),
+            "--announce-interval",
+            str(announce_interval),
+            "--log-level",
+            "INFO",
+        ]
         if base is not None:
             args += ["--base", str(base)]
         if bootstrap:
@@ -100,8 +124,15 @@ class PeerProcess:
             args += ["--faults", str(faults)]
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.utils.p2p_peer", *args], cwd=REPO, env=env,
-                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.utils.p2p_peer", *args],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
         hello = self._read(start_timeout)
         self.peer_id: str = hello["peer_id"]
         self.addrs: list[str] = hello["addrs"]

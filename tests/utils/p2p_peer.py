@@ -80,15 +80,25 @@ def _handle(node: P2PNode, cmd: dict) -> dict:
         pkg = node.fetch(cmd["adapter_id"], providers=cmd.get("providers", ()))
         status = next((t for t in node.transfers() if t.adapter_id == cmd["adapter_id"]), None)
         return {
-            "adapter_id": pkg.adapter_id, "path": str(pkg.path), "signer": pkg.signer,
-            "seconds": time.perf_counter() - t0, "peer_id": status.peer_id if status else None,
-            "attempts": status.attempts if status else 0, "bytes": status.total if status else 0,
+            "adapter_id": pkg.adapter_id,
+            "path": str(pkg.path),
+            "signer": pkg.signer,
+            "seconds": time.perf_counter() - t0,
+            "peer_id": status.peer_id if status else None,
+            "attempts": status.attempts if status else 0,
+            "bytes": status.total if status else 0,
             "failures": list(status.failures) if status else [],
         }
     if op == "status":
         book_peers, book_ids = node.book_size()
-        return {"peer_id": node.peer_id, "held": node.held, "peers": node.connected_peers(),
-                "transfers": [asdict(t) for t in node.transfers()], "book_peers": book_peers, "book_ids": book_ids}
+        return {
+            "peer_id": node.peer_id,
+            "held": node.held,
+            "peers": node.connected_peers(),
+            "transfers": [asdict(t) for t in node.transfers()],
+            "book_peers": book_peers,
+            "book_ids": book_ids,
+        }
     raise ValueError(f"unknown command {op!r}")
 
 
@@ -102,12 +112,21 @@ def run(argv: list[str] | None = None) -> None:
         server_factory = FaultyServer
     seed = bytes.fromhex(args.seed_hex) if args.seed_hex else os.urandom(32)
     config = P2PConfig(
-        listen=args.listen, bootstrap=tuple(args.bootstrap), read_timeout=args.read_timeout,
-        discover_timeout=args.discover_timeout, announce_interval=args.announce_interval,
+        listen=args.listen,
+        bootstrap=tuple(args.bootstrap),
+        read_timeout=args.read_timeout,
+        discover_timeout=args.discover_timeout,
+        announce_interval=args.announce_interval,
         **json.loads(args.config),
     )
-    node = P2PNode(seed=seed, store=AdapterStore(args.store), owner_of=owners_from_file(args.owners),
-                   config=config, base_dir=args.base, server_factory=server_factory)
+    node = P2PNode(
+        seed=seed,
+        store=AdapterStore(args.store),
+        owner_of=owners_from_file(args.owners),
+        config=config,
+        base_dir=args.base,
+        server_factory=server_factory,
+    )
     node.start()
     try:
         _reply({"ok": True, "peer_id": node.peer_id, "addrs": node.listen_addrs})
@@ -122,8 +141,14 @@ def run(argv: list[str] | None = None) -> None:
                 _reply({"ok": True, **_handle(node, cmd)})
             except Exception as e:
                 status = next((t for t in node.transfers() if t.adapter_id == cmd.get("adapter_id")), None)
-                _reply({"ok": False, "type": type(e).__name__, "error": str(e),
-                        "failures": list(status.failures) if status else []})
+                _reply(
+                    {
+                        "ok": False,
+                        "type": type(e).__name__,
+                        "error": str(e),
+                        "failures": list(status.failures) if status else [],
+                    }
+                )
     finally:
         node.stop()
 

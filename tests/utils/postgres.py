@@ -64,8 +64,7 @@ class PgCluster:
         """CREATE DATABASE `name` (dropped first if it exists); returns its SQLAlchemy URL."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:  # fmt: skip
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
@@ -94,12 +93,35 @@ def start_postgres() -> PgCluster:
         as_user = ["runuser", "-u", "postgres", "--"]
     cluster = PgCluster(bin_dir, folder, free_port(), as_user)
     try:
-        cluster._run(str(bin_dir / "initdb"), "-D", str(cluster.data), "-U", "postgres", "--auth=trust",
-                     "--encoding=UTF8", "--no-sync", timeout=120)  # fmt: skip
-        opts = (f"-p {cluster.port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")  # fmt: skip
-        cluster._run(str(bin_dir / "pg_ctl"), "start", "-D", str(cluster.data), "-w", "-t", "60", "-o", opts,
-                     "-l", str(folder / "postgres.log"), timeout=90)  # fmt: skip
+        cluster._run(
+            str(bin_dir / "initdb"),
+            "-D",
+            str(cluster.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
+            timeout=120,
+        )
+        opts = (
+            f"-p {cluster.port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        cluster._run(
+            str(bin_dir / "pg_ctl"),
+            "start",
+            "-D",
+            str(cluster.data),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            opts,
+            "-l",
+            str(folder / "postgres.log"),
+            timeout=90,
+        )
     except BaseException as e:
         log_file = folder / "postgres.log"
         detail = log_file.read_text()[-2000:] if log_file.exists() else ""

@@ -27,8 +27,12 @@ def greedy_answers(
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt").input_ids
             gen = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
             )
-            out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+            out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
     return out

@@ -27,10 +27,10 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from node.heartbeat import HeartbeatSender
 from common.identity import load_identity
-from node.receipts import make_receipt, sign_receipt
 from common.wire import error_body, sse_frame
+from node.heartbeat import HeartbeatSender
+from node.receipts import make_receipt, sign_receipt
 from node.request_auth import RequestAuthError, verify_request
 
 ROGUE_CLAIM = 5_000_000
@@ -56,19 +56,32 @@ def make_app(identity, args) -> FastAPI:
     api_url = f"http://127.0.0.1:{args.port}"
 
     def status() -> dict:
-        return {"node_id": identity.node_id, "public_key": identity.node_public_key.hex(),
-                "base_model": {"name": "tiny", "id": args.base_model}, "resident_adapters": [],
-                "free_slots": 4, "num_slots": 4, "queue_depth": 0, "running": len(running), "tokens_per_s": 0.0,
-                "device": "cpu"}  # fmt: skip
+        return {
+            "node_id": identity.node_id,
+            "public_key": identity.node_public_key.hex(),
+            "base_model": {"name": "tiny", "id": args.base_model},
+            "resident_adapters": [],
+            "free_slots": 4,
+            "num_slots": 4,
+            "queue_depth": 0,
+            "running": len(running),
+            "tokens_per_s": 0.0,
+            "device": "cpu",
+        }
 
     def signed(rid: str, reason: str) -> dict:
         st = running.get(rid) or {}
         claim = args.mode == "rogue"
-        r = make_receipt(request_id=rid, adapter_id=st.get("adapter"), node_id=identity.node_id,
-                         prompt_tokens=ROGUE_CLAIM if claim else st.get("prompt", 0),
-                         completion_tokens=ROGUE_CLAIM if claim else st.get("produced", 0),
-                         finish_reason=reason, started_at=st.get("started", 0),
-                         finished_at=int(time.time() * 1000))  # fmt: skip
+        r = make_receipt(
+            request_id=rid,
+            adapter_id=st.get("adapter"),
+            node_id=identity.node_id,
+            prompt_tokens=ROGUE_CLAIM if claim else st.get("prompt", 0),
+            completion_tokens=ROGUE_CLAIM if claim else st.get("produced", 0),
+            finish_reason=reason,
+            started_at=st.get("started", 0),
+            finished_at=int(time.time() * 1000),
+        )
         out = receipts[rid] = {"receipt": r, "signature": sign_receipt(r, identity.node_key)}
         return out
 
@@ -76,8 +89,14 @@ def make_app(identity, args) -> FastAPI:
     async def lifespan(app):
         if args.deployment:
             await asyncio.to_thread(register, identity, Path(args.deployment), api_url, args.base_model)
-        sender = HeartbeatSender(identity, [args.gateway], api_url=api_url, base_model_id=args.base_model,
-                                 status_fn=status, interval=args.heartbeat_s).start()  # fmt: skip
+        sender = HeartbeatSender(
+            identity,
+            [args.gateway],
+            api_url=api_url,
+            base_model_id=args.base_model,
+            status_fn=status,
+            interval=args.heartbeat_s,
+        ).start()
         try:
             yield
         finally:
@@ -91,8 +110,14 @@ def make_app(identity, args) -> FastAPI:
             return await call_next(request)
         body = await request.body()
         try:
-            who = verify_request(request.headers, method="POST", path=request.url.path, node_id=identity.node_id,
-                                 body=body, trusted={args.trust})  # fmt: skip
+            who = verify_request(
+                request.headers,
+                method="POST",
+                path=request.url.path,
+                node_id=identity.node_id,
+                body=body,
+                trusted={args.trust},
+            )
         except RequestAuthError as e:
             who = f"refused {e.status}"
             answer = JSONResponse(error_body(e.message, type="authentication_error", code=e.code), e.status)
@@ -131,8 +156,13 @@ def make_app(identity, args) -> FastAPI:
         body = await request.json()
         rid = body["request_id"]
         prompt = len(body.get("prompt_token_ids") or []) or len((body.get("prompt") or "").split())
-        st = running[rid] = {"produced": 0, "prompt": prompt, "started": int(time.time() * 1000),
-                             "adapter": body.get("adapter_id"), "aborted": False}  # fmt: skip
+        st = running[rid] = {
+            "produced": 0,
+            "prompt": prompt,
+            "started": int(time.time() * 1000),
+            "adapter": body.get("adapter_id"),
+            "aborted": False,
+        }
         limit = min(int(body.get("max_tokens", 16)), args.tokens)
 
         async def events():
@@ -148,8 +178,11 @@ def make_app(identity, args) -> FastAPI:
                 reason = "length" if limit == int(body.get("max_tokens", 16)) else "stop"
                 s = signed(rid, reason)
                 r = s["receipt"]
-                usage = {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                         "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}  # the claim, as the node API
+                usage = {
+                    "prompt_tokens": r["prompt_tokens"],
+                    "completion_tokens": r["completion_tokens"],
+                    "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+                }  # the claim, as the node API
                 yield sse_frame({"type": "done", "finish_reason": reason, "usage": usage, **s})
             finally:
                 if rid not in receipts:  # the gateway went away mid-stream: keep a receipt of what was sent
@@ -159,7 +192,6 @@ def make_app(identity, args) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
-
 
 
 def main() -> None:

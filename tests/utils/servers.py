@@ -16,8 +16,11 @@ class ServerThread:
     def __init__(self, app, port: int | None = None) -> None:
         self.port = port or free_port()
         # lifespan "on": an app whose start-up fails must fail the test, not serve half-configured
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=3))  # fmt: skip
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=3
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.identity import Identity
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
-from common.identity import Identity
 from tests.utils.gateway import add_adapter, add_node, make_db, poll
 from tests.utils.servers import ServerThread
 
@@ -47,7 +47,7 @@ class NodeServer:
     server: ServerThread
     operator_token: str
     trusted: set[str] = field(default_factory=set)  # gateway keys trusted whatever the heartbeats say
-    beats: "Heartbeats | None" = None
+    beats: Heartbeats | None = None
 
     @property
     def url(self) -> str:
@@ -75,7 +75,7 @@ class Heartbeats:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    def start(self) -> "Heartbeats":
+    def start(self) -> Heartbeats:
         self._thread.start()
         return self
 
@@ -91,32 +91,42 @@ class Heartbeats:
 
 def start_gateway(root: Path, tiny_base: Path, *, rpm: int | None = None, **settings) -> GatewayServer:
     """The gateway app (SQLite database in `root`, no settling) under uvicorn, with one API key."""
-    from gateway.main import create_app
     from gateway.keys import create_key
+    from gateway.main import create_app
     from gateway.settings import GatewaySettings
 
     root.mkdir(parents=True, exist_ok=True)
     db = make_db(root / "gateway.db")
     key, _ = create_key(db, name="stack", rpm=rpm)
     settings.setdefault("heartbeat_ttl_s", 120)
-    app = create_app(GatewaySettings(db_url=f"sqlite:///{root / 'gateway.db'}", bases=[tiny_base], settle=False,
-                                     **settings))  # fmt: skip
+    app = create_app(
+        GatewaySettings(db_url=f"sqlite:///{root / 'gateway.db'}", bases=[tiny_base], settle=False, **settings)
+    )
     server = ServerThread(app).start()
     gw = GatewayServer(server.url, db, key, server)
     gw.gateway_key = httpx.get(gw.url + "/internal/gateway-key", timeout=10).json()["gateway_key"]
     return gw
 
 
-def start_node(tiny_base: Path, *, gateway: GatewayServer | None = None, trusted: Collection[str] = (),
-               store=None, num_slots: int = 4, num_kv_blocks: int = 256, heartbeat_s: float = 0.5) -> NodeServer:
+def start_node(
+    tiny_base: Path,
+    *,
+    gateway: GatewayServer | None = None,
+    trusted: Collection[str] = (),
+    store=None,
+    num_slots: int = 4,
+    num_kv_blocks: int = 256,
+    heartbeat_s: float = 0.5,
+) -> NodeServer:
     """A node API over the real engine on `tiny_base`. With `gateway`: registered in its directory and
     heartbeating to it (it learns the gateway's key from there, as the daemon does), and live there on return."""
     from node.api import create_app
     from node.engine import AsyncEngine, EngineConfig
 
     identity = Identity.generate()
-    engine = AsyncEngine(EngineConfig(model_dir=tiny_base, num_kv_blocks=num_kv_blocks, block_size=8,
-                                 num_slots=num_slots), store=store)  # fmt: skip
+    engine = AsyncEngine(
+        EngineConfig(model_dir=tiny_base, num_kv_blocks=num_kv_blocks, block_size=8, num_slots=num_slots), store=store
+    )
     token = secrets.token_urlsafe(24)
     node = NodeServer(identity, engine, None, token, set(trusted))  # type: ignore[arg-type]
     app = create_app(engine, identity.node_key, trusted_gateways=node.trusted_keys, operator_token=token)
@@ -124,8 +134,14 @@ def start_node(tiny_base: Path, *, gateway: GatewayServer | None = None, trusted
     if gateway is not None:
         base = base_model_id(tiny_base)
         add_node(gateway.db, node_id=identity.node_id, base_model=base, api_url=node.url)
-        sender = HeartbeatSender(identity, [gateway.url], api_url=node.url, base_model_id=base,
-                                 status_fn=app.state.status_doc, interval=heartbeat_s)  # fmt: skip
+        sender = HeartbeatSender(
+            identity,
+            [gateway.url],
+            api_url=node.url,
+            base_model_id=base,
+            status_fn=app.state.status_doc,
+            interval=heartbeat_s,
+        )
         node.beats = Heartbeats(sender, heartbeat_s).start()
         poll(lambda: gateway.gateway_key in node.trusted_keys() and sender.sent > 0, timeout=30)
     return node
@@ -164,8 +180,15 @@ class DaemonServer:
         self.server.stop()
 
 
-def start_daemon(root: Path, tiny_base: Path, *, gateway: GatewayServer | None = None, trusted: Collection[str] = (),
-                 num_slots: int = 2, num_kv_blocks: int = 128) -> DaemonServer:
+def start_daemon(
+    root: Path,
+    tiny_base: Path,
+    *,
+    gateway: GatewayServer | None = None,
+    trusted: Collection[str] = (),
+    num_slots: int = 2,
+    num_kv_blocks: int = 128,
+) -> DaemonServer:
     """`loramesh node run` in this process, without chain or p2p: the daemon's own app (its upload route and
     body limits included). It trusts `trusted` and, with `gateway`, that gateway's key; it heartbeats to it
     and is live there on return."""
@@ -175,12 +198,21 @@ def start_daemon(root: Path, tiny_base: Path, *, gateway: GatewayServer | None =
 
     port = free_port()
     keys = tuple(trusted) + ((gateway.gateway_key,) if gateway is not None else ())
-    config = DaemonConfig(base=tiny_base, store=root / "store", port=port, data_dir=root / "data",
-                          gateways=(gateway.url,) if gateway is not None else (), trusted_gateway_keys=keys,
-                          heartbeat_interval=0.5)  # fmt: skip
+    config = DaemonConfig(
+        base=tiny_base,
+        store=root / "store",
+        port=port,
+        data_dir=root / "data",
+        gateways=(gateway.url,) if gateway is not None else (),
+        trusted_gateway_keys=keys,
+        heartbeat_interval=0.5,
+    )
     identity = Identity.generate()
-    daemon = NodeDaemon(config, EngineConfig(model_dir=tiny_base, num_kv_blocks=num_kv_blocks, block_size=8,
-                                             num_slots=num_slots), identity)  # fmt: skip
+    daemon = NodeDaemon(
+        config,
+        EngineConfig(model_dir=tiny_base, num_kv_blocks=num_kv_blocks, block_size=8, num_slots=num_slots),
+        identity,
+    )
     if gateway is not None:
         add_node(gateway.db, node_id=identity.node_id, base_model=base_model_id(tiny_base), api_url=config.public_url)
     node = DaemonServer(daemon, ServerThread(daemon.app, port=port).start())

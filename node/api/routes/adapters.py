@@ -65,5 +65,9 @@ async def upload(request: Request, node: Node, _operator: Operator):
     if uploads.announce is not None:
         await uploads.announce(pkg.adapter_id)
     log.info("accepted package %s (%s) from a publisher", pkg.adapter_id, pkg.name)
-    return {"adapter_id": pkg.adapter_id, "name": pkg.name, "signer": pkg.signer,
-            "announced": uploads.announce is not None}
+    return {
+        "adapter_id": pkg.adapter_id,
+        "name": pkg.name,
+        "signer": pkg.signer,
+        "announced": uploads.announce is not None,
+    }

@@ -42,8 +42,9 @@ async def abort(request_id: IdPath, node: Node, caller: OperatorOrGateway) -> di
     """Operator, or the gateway whose key started the request: nobody else may cut a client's stream."""
     book = node.book
     if caller is not None and book.started_by.get(request_id, caller) != caller:
-        raise ApiError(403, f"request {request_id} was started by another gateway: only it may abort it",
-                       "not_request_owner")
+        raise ApiError(
+            403, f"request {request_id} was started by another gateway: only it may abort it", "not_request_owner"
+        )
     if request_id in book.cold:  # still waiting for its adapter: it will not start
         return book.unserved(request_id, book.cold.pop(request_id), int(time.time() * 1000))
     if caller is not None and request_id not in book.started_by:
@@ -51,8 +52,9 @@ async def abort(request_id: IdPath, node: Node, caller: OperatorOrGateway) -> di
     else:
         ev = await node.engine.abort(request_id)
     if ev is None:
-        raise ApiError(404, f"request {request_id} is not running or recently finished on this node",
-                       "request_not_found")
+        raise ApiError(
+            404, f"request {request_id} is not running or recently finished on this node", "request_not_found"
+        )
     return book.signed(ev)
 
 
@@ -69,8 +71,9 @@ async def receipt(request_id: IdPath, node: Node) -> dict:
         if ev is not None:
             return book.signed(ev) | {"public_key": public_key}
         raise ApiError(409, f"request {request_id} is still running on this node", "request_running")
-    raise ApiError(404, f"this node has no receipt for request {request_id} (unknown, or long finished)",
-                   "receipt_not_found")
+    raise ApiError(
+        404, f"this node has no receipt for request {request_id} (unknown, or long finished)", "receipt_not_found"
+    )
 
 
 @router.post("/v1/generate", openapi_extra=json_schema_body(GenerateBody), responses=ANSWER_OR_EVENTS)
@@ -96,6 +99,7 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
                 def never_started() -> None:
                     if book.cold.pop(rid, None) is not None and rid not in book.receipts:
                         book.unserved(rid, body.adapter_id, started_at)
+
                 return _GuardedStream(_cold_sse(node, rid, body, prep, started_at), never_started, rid)
             try:
                 prep.result()
@@ -115,9 +119,14 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
             await book.abort_and_keep(stream)
     final = stream.final
     s = book.signed(final)
-    out = {"request_id": rid, "adapter_id": body.adapter_id, "text": final.text,
-           "token_ids": list(final.token_ids), "finish_reason": s["receipt"]["finish_reason"],
-           "usage": _usage(final)} | s
+    out = {
+        "request_id": rid,
+        "adapter_id": body.adapter_id,
+        "text": final.text,
+        "token_ids": list(final.token_ids),
+        "finish_reason": s["receipt"]["finish_reason"],
+        "usage": _usage(final),
+    } | s
     if final.error is not None:
         return JSONResponse(error_body(final.error, type="server_error", code="engine_error") | out, status_code=500)
     return out
@@ -148,22 +157,36 @@ def check_prompt_size(node: NodeApi, body: GenerateBody) -> None:
             return
         n = size // (node.prompt_bytes // max_len)  # a lower bound on its tokens
     if n >= max_len:
-        raise ApiError(400, f"the prompt has at least {n} tokens; this node's context holds {max_len} "
-                            "(prompt + at least one generated token)", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt has at least {n} tokens; this node's context holds {max_len} "
+            "(prompt + at least one generated token)",
+            "context_length_exceeded",
+        )
 
 
 def _usage(ev: FinishEvent) -> dict:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+    return {
+        "prompt_tokens": ev.prompt_tokens,
+        "completion_tokens": ev.completion_tokens,
+        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+    }
 
 
 def _submit(node: NodeApi, rid: str, body: GenerateBody):
     """Queue the request in the engine (ApiError 400/409 for one it refuses)."""
     try:
-        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                top_k=body.top_k, seed=body.seed, stop=tuple(body.stop))
-        req = GenerationRequest(rid, body.adapter_id, prompt=body.prompt,
-                                prompt_token_ids=body.prompt_token_ids, params=params)
+        params = SamplingParams(
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=tuple(body.stop),
+        )
+        req = GenerationRequest(
+            rid, body.adapter_id, prompt=body.prompt, prompt_token_ids=body.prompt_token_ids, params=params
+        )
         stream = node.engine.submit(req)
     except PromptTooLongError as e:
         raise ApiError(400, str(e), "context_length_exceeded") from e
@@ -201,8 +224,14 @@ async def _cold_sse(node: NodeApi, rid: str, body: GenerateBody, prep: asyncio.F
         log.info("request %s ended before it started: %s", rid, err.message)
         kept = book.receipts.get(rid) or book.unserved(rid, body.adapter_id, started_at)
         yield sse_frame({"type": "error", "message": err.message, "code": err.code})
-        yield sse_frame({"type": "done", "finish_reason": "abort",
-                         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}} | kept)
+        yield sse_frame(
+            {
+                "type": "done",
+                "finish_reason": "abort",
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            }
+            | kept
+        )
         return
     async for chunk in _sse(node, stream):
         yield chunk
@@ -218,8 +247,9 @@ async def _sse(node: NodeApi, stream):
                 s = book.signed(ev)
                 if ev.finish_reason == "abort":
                     log.info("request %s aborted: receipt %s", ev.request_id, s["receipt"])
-                yield sse_frame({"type": "done", "finish_reason": s["receipt"]["finish_reason"],
-                                 "usage": _usage(ev)} | s)
+                yield sse_frame(
+                    {"type": "done", "finish_reason": s["receipt"]["finish_reason"], "usage": _usage(ev)} | s
+                )
             else:
                 yield sse_frame({"type": "token", "text": ev.text, "token_id": ev.token_id})
     finally:
@@ -241,8 +271,10 @@ class _GuardedStream(StreamingResponse):
             self._started = True
             async for chunk in body:
                 yield chunk
-        super().__init__(tracked(), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+
+        super().__init__(
+            tracked(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": request_id}
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         try:

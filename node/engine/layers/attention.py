@@ -30,8 +30,9 @@ class AttentionMetadata:
     window: int | None = None
 
 
-def build_metadata(positions: list[list[int]], block_tables: list[list[int]], block_size: int,
-                   window: int | None, device: torch.device) -> AttentionMetadata:
+def build_metadata(
+    positions: list[list[int]], block_tables: list[list[int]], block_size: int, window: int | None, device: torch.device
+) -> AttentionMetadata:
     """positions[b] are the positions of sequence b's query tokens this step (contiguous, ending
     at its context length - 1); block_tables[b] covers its whole context."""
     b = len(positions)
@@ -72,16 +73,18 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             meta: AttentionMetadata) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+) -> None:
     """Store this step's keys/values: caches [blocks, block_size, kv_heads, d], k/v [T, kv_heads, d]."""
     nb, bs, h, d = k_cache.shape
     k_cache.view(nb * bs, h, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(nb * bs, h, d).index_copy_(0, meta.slot_mapping, v)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
     """q [T, heads, d] -> out [T, heads, d], keys/values read from the cache via block tables."""
     if meta.context_lens is not None:
         from node.engine.layers.triton_attention import paged_decode_attention

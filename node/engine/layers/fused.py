@@ -15,8 +15,9 @@ from node.engine.layers.triton_util import check_device
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o, HAS_RES: tl.constexpr, BLOCK: tl.constexpr
+):
     # one row: (residual += x), then out = w * (r * rsqrt(mean(r^2) + eps)) with r the residual
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -46,10 +47,30 @@ def _rotate(x1, x2, c1, c2, s1, s2):
 
 
 @triton.jit
-def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
-                       stride_qkv, stride_cs, stride_qt, stride_qh, stride_kslot, stride_kh, stride_vslot, stride_vh,
-                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEADS_P: tl.constexpr, KV_P: tl.constexpr,
-                       HALF: tl.constexpr, HALF_P: tl.constexpr):
+def _rope_cache_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    slot_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    stride_qkv,
+    stride_cs,
+    stride_qt,
+    stride_qh,
+    stride_kslot,
+    stride_kh,
+    stride_vslot,
+    stride_vh,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEADS_P: tl.constexpr,
+    KV_P: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+):
     # one token: rotate its q heads into q, rotate its k heads and copy its v heads into the cache
     # slot slot_mapping[t]
     t = tl.program_id(0)
@@ -66,16 +87,28 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_pt
     hq = tl.arange(0, HEADS_P)
     mq = (hq < HEADS)[:, None] & dm[None, :]
     src = row + hq[:, None] * (2 * HALF) + d[None, :]
-    o1, o2 = _rotate(tl.load(src, mask=mq, other=0.0), tl.load(src + HALF, mask=mq, other=0.0),
-                     c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+    o1, o2 = _rotate(
+        tl.load(src, mask=mq, other=0.0),
+        tl.load(src + HALF, mask=mq, other=0.0),
+        c1[None, :],
+        c2[None, :],
+        s1[None, :],
+        s2[None, :],
+    )
     dst = q_ptr + t * stride_qt + hq[:, None] * stride_qh + d[None, :]
     tl.store(dst, o1, mask=mq)
     tl.store(dst + HALF, o2, mask=mq)
     hk = tl.arange(0, KV_P)
     mk = (hk < KV_HEADS)[:, None] & dm[None, :]
     src = row + (HEADS + hk[:, None]) * (2 * HALF) + d[None, :]
-    o1, o2 = _rotate(tl.load(src, mask=mk, other=0.0), tl.load(src + HALF, mask=mk, other=0.0),
-                     c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+    o1, o2 = _rotate(
+        tl.load(src, mask=mk, other=0.0),
+        tl.load(src + HALF, mask=mk, other=0.0),
+        c1[None, :],
+        c2[None, :],
+        s1[None, :],
+        s2[None, :],
+    )
     dst = k_ptr + slot * stride_kslot + hk[:, None] * stride_kh + d[None, :]
     tl.store(dst, o1, mask=mk)
     tl.store(dst + HALF, o2, mask=mk)
@@ -109,13 +142,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if t:
         res = residual if residual is not None else x
         block = triton.next_power_of_2(n)
-        _rmsnorm_kernel[(t,)](x, res, weight, out, n, eps, x.stride(0), res.stride(0), out.stride(0),
-                              HAS_RES=residual is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)))
+        _rmsnorm_kernel[(t,)](
+            x,
+            res,
+            weight,
+            out,
+            n,
+            eps,
+            x.stride(0),
+            res.stride(0),
+            out.stride(0),
+            HAS_RES=residual is not None,
+            BLOCK=block,
+            num_warps=max(1, min(16, block // 256)),
+        )
     return out
 
 
-def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> torch.Tensor:
+def rope_and_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
     """Semantics: qkv[t] = [q heads | k heads | v heads] of head size d; returns q rotated by the
     rotary embedding at positions[t] ([T, heads, d]); writes k rotated and v as is into the
     cache slot slot_mapping[t] (flat index block * block_size + offset). Rotation is torch's
@@ -128,12 +181,31 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
     q = torch.empty(t, heads, d, dtype=qkv.dtype, device=qkv.device)
     if t:
         half = d // 2
-        _rope_cache_kernel[(t,)](qkv, cos, sin, positions, slot_mapping, q, k_cache, v_cache,
-                                 qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-                                 k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-                                 HEADS=heads, KV_HEADS=kvh, HEADS_P=triton.next_power_of_2(heads),
-                                 KV_P=triton.next_power_of_2(kvh), HALF=half, HALF_P=triton.next_power_of_2(half),
-                                 num_warps=4)
+        _rope_cache_kernel[(t,)](
+            qkv,
+            cos,
+            sin,
+            positions,
+            slot_mapping,
+            q,
+            k_cache,
+            v_cache,
+            qkv.stride(0),
+            cos.stride(0),
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            HEADS=heads,
+            KV_HEADS=kvh,
+            HEADS_P=triton.next_power_of_2(heads),
+            KV_P=triton.next_power_of_2(kvh),
+            HALF=half,
+            HALF_P=triton.next_power_of_2(half),
+            num_warps=4,
+        )
     return q
 
 
@@ -146,6 +218,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
     if t:
         block = 1024
-        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block,
-                                                       num_warps=4)
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](
+            gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4
+        )
     return out

@@ -91,8 +91,14 @@ def uniform_from(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return ((x << 21) | (y >> 11)).double() / float(1 << 53)
 
 
-def sample_batched(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                   seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def sample_batched(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+) -> torch.Tensor:
     """logits [B, V] -> token ids [B] int64, on logits' device, with no host sync.
 
     Semantics: row i is argmax(logits_i) when temperature_i == 0; otherwise the inverse-CDF draw at
@@ -117,16 +123,19 @@ def sample_batched(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     return torch.where(temperature > 0, drawn, greedy)
 
 
-def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
-                     steps: list[int]) -> list[int]:
+def sample_on_device(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
+) -> list[int]:
     """The CUDA engine's sampler: one batched draw on the device, then one copy of the ids to the
     host (the step's only sync). Greedy-only batches skip the sort entirely."""
     if all(p.temperature == 0 for p in params):
         return logits.argmax(dim=-1).tolist()
     dev = logits.device
     pin = dev.type == "cuda"
-    f = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]], dtype=torch.float64,
-                     pin_memory=pin).to(dev, non_blocking=True)
-    i = torch.tensor([[p.top_k for p in params], [_as_int64(s) for s in seeds], steps], dtype=torch.int64,
-                     pin_memory=pin).to(dev, non_blocking=True)
+    f = torch.tensor(
+        [[p.temperature for p in params], [p.top_p for p in params]], dtype=torch.float64, pin_memory=pin
+    ).to(dev, non_blocking=True)
+    i = torch.tensor(
+        [[p.top_k for p in params], [_as_int64(s) for s in seeds], steps], dtype=torch.int64, pin_memory=pin
+    ).to(dev, non_blocking=True)
     return sample_batched(logits, f[0], i[0], f[1], i[1], i[2]).tolist()

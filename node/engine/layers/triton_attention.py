@@ -23,12 +23,35 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, scale, WINDOW,
-                         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                         stride_ot, stride_oh, stride_tb,
-                         GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr,
-                         CACHE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-                         PRECISION: tl.constexpr):
+def _paged_decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    tables_ptr,
+    ctx_ptr,
+    scale,
+    WINDOW,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_tb,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_P: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     # program (sequence b, kv head g): the GROUP query heads sharing kv head g (padded to
     # GROUP_P >= 16 rows for the tensor cores), online softmax over positions lo..ctx-1 in chunks
     # of BLOCK_N, each position's cache block looked up in the block table
@@ -41,8 +64,11 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, scal
     heads = g * GROUP + gh
     offs_d = tl.arange(0, HEAD_P)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # [GP, D]
+    q = tl.load(
+        q_ptr + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [GP, D]
     if DOT_F32:  # the interpreter's bf16 dot is wrong
         q = q.to(tl.float32)
     m_i = tl.full((GROUP_P,), float("-inf"), dtype=tl.float32)
@@ -56,10 +82,16 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, scal
         blk = tl.load(table + pos // CACHE_BLOCK, mask=valid, other=0).to(tl.int64)
         within = (pos % CACHE_BLOCK).to(tl.int64)
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + (blk * stride_kb + within * stride_ks + g * stride_kh)[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # [BN, D]
-        v = tl.load(v_ptr + (blk * stride_vb + within * stride_vs + g * stride_vh)[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # [BN, D]
+        k = tl.load(
+            k_ptr + (blk * stride_kb + within * stride_ks + g * stride_kh)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )  # [BN, D]
+        v = tl.load(
+            v_ptr + (blk * stride_vb + within * stride_vs + g * stride_vh)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )  # [BN, D]
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -72,14 +104,24 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, scal
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    tl.store(
+        out_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=h_mask[:, None] & d_mask[None, :],
+    )
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, window: int | None = None,
-                           out: torch.Tensor | None = None, block_n: int | None = None,
-                           num_warps: int | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    window: int | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
     """Semantics: for sequence b with c = context_lens[b] >= 1 and query q[b] (its newest token, at
     position c-1), out[b, h] = softmax(q[b, h] . K_b[j] / sqrt(d), j in [lo, c)) @ V_b[j], where
     K_b[j] / V_b[j] sit at cache[block_tables[b, j // bs], j % bs, h // (H / KVH)], and
@@ -96,10 +138,33 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if bsz == 0:
         return o
     _paged_decode_kernel[(bsz, kvh)](
-        q, k_cache, v_cache, o, block_tables, context_lens, 1.0 / math.sqrt(d), window or NO_WINDOW,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), block_tables.stride(0),
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        HEAD_P=max(16, triton.next_power_of_2(d)), CACHE_BLOCK=block_size, BLOCK_N=block_n or BLOCK_N,
-        DOT_F32=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps or NUM_WARPS)
+        q,
+        k_cache,
+        v_cache,
+        o,
+        block_tables,
+        context_lens,
+        1.0 / math.sqrt(d),
+        window or NO_WINDOW,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        o.stride(0),
+        o.stride(1),
+        block_tables.stride(0),
+        GROUP=group,
+        GROUP_P=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d,
+        HEAD_P=max(16, triton.next_power_of_2(d)),
+        CACHE_BLOCK=block_size,
+        BLOCK_N=block_n or BLOCK_N,
+        DOT_F32=INTERPRET,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or NUM_WARPS,
+    )
     return o

@@ -23,4 +23,5 @@ def check_device(dev: torch.device) -> None:
     under the interpreter)."""
     if dev.type != "cuda" and not INTERPRET:
         raise TritonUnavailableError(
-            f"Triton kernels need CUDA tensors (got {dev.type}), or TRITON_INTERPRET=1 set before import")
+            f"Triton kernels need CUDA tensors (got {dev.type}), or TRITON_INTERPRET=1 set before import"
+        )

@@ -15,8 +15,9 @@ from node.engine.lora.mapping import LoRAMapping
 class LinearWithLoRA(nn.Module):
     """A base linear whose output is the concatenation of `names` (e.g. q,k,v fused), plus LoRA."""
 
-    def __init__(self, in_features: int, output_sizes: tuple[int, ...], names: tuple[str, ...],
-                 bias: bool, mapping: LoRAMapping) -> None:
+    def __init__(
+        self, in_features: int, output_sizes: tuple[int, ...], names: tuple[str, ...], bias: bool, mapping: LoRAMapping
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.output_sizes = output_sizes
@@ -59,8 +60,8 @@ class LinearWithLoRA(nn.Module):
             a, b = w
             r = a.shape[0]
             base = i * self.rank
-            image_a[base: base + r].copy_(a)
-            image_b[base: base + r, self.offsets[i]: self.offsets[i] + self.output_sizes[i]].copy_(b.t())
+            image_a[base : base + r].copy_(a)
+            image_b[base : base + r, self.offsets[i] : self.offsets[i] + self.output_sizes[i]].copy_(b.t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, in] -> y [T, sum(out)]

@@ -33,10 +33,20 @@ Fetcher = Callable[[str, float], Future]
 class AdapterManager:
     """Owns the slot table (slot -> adapter id), the LRU orders and pins; tests assert them exactly."""
 
-    def __init__(self, *, num_slots: int, cpu_cache_size: int, store, base_model_id: str,
-                 decode: Callable[[object], LoadedAdapter], write_slot: Callable[[int, LoadedAdapter | None], object],
-                 fetcher: Fetcher | None = None, fetch_timeout: float = 300.0, verify_hashes: bool = True,
-                 on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        num_slots: int,
+        cpu_cache_size: int,
+        store,
+        base_model_id: str,
+        decode: Callable[[object], LoadedAdapter],
+        write_slot: Callable[[int, LoadedAdapter | None], object],
+        fetcher: Fetcher | None = None,
+        fetch_timeout: float = 300.0,
+        verify_hashes: bool = True,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         if cpu_cache_size < 1:
             raise ValueError(f"cpu_cache_size must be >= 1, got {cpu_cache_size}")
         self.num_slots = num_slots
@@ -91,8 +101,7 @@ class AdapterManager:
         if self.fetcher is None:
             raise self._not_found(adapter_id)
         fetch = self.fetcher(adapter_id, self.fetch_timeout)
-        fetch.add_done_callback(
-            lambda f: self._submit(adapter_id, done, self._from_fetched, adapter_id, f, done))
+        fetch.add_done_callback(lambda f: self._submit(adapter_id, done, self._from_fetched, adapter_id, f, done))
 
     def _from_fetched(self, adapter_id: str, fetch: Future, done: Future) -> None:
         """Loader thread, once the fetch has ended: decode what it installed."""
@@ -100,7 +109,8 @@ class AdapterManager:
             path = fetch.result()
         except TimeoutError:
             raise AdapterNotFoundError(
-                f"adapter {adapter_id}: no peer delivered it within {self.fetch_timeout:g} s") from None
+                f"adapter {adapter_id}: no peer delivered it within {self.fetch_timeout:g} s"
+            ) from None
         pkg = self._from_store(adapter_id) if path is not None else None
         if pkg is None and path is not None:
             from node.adapters import verify_package
@@ -156,7 +166,9 @@ class AdapterManager:
         base = pkg.manifest.base_model
         if base.id != self.base_model_id:
             raise AdapterBaseMismatchError(
-                f"adapter {adapter_id} is for base model {base.name} ({base.id}), not this node's base ({self.base_model_id})")
+                f"adapter {adapter_id} is for base model {base.name} ({base.id}), "
+                f"not this node's base ({self.base_model_id})"
+            )
         return self.decode(pkg)
 
     def _from_store(self, adapter_id: str):
@@ -220,6 +232,7 @@ class AdapterManager:
         def wait() -> None:
             copy.synchronize()
             self.on_ready()
+
         self._waiter.submit(wait)
 
     def loading(self) -> list[str]:
@@ -258,7 +271,8 @@ class AdapterManager:
             if slot is None:
                 if adapter_id in self._cpu:
                     raise AdapterSlotsBusyError(
-                        f"no free slot for adapter {adapter_id}: all {self.num_slots} slots are pinned or in use")
+                        f"no free slot for adapter {adapter_id}: all {self.num_slots} slots are pinned or in use"
+                    )
                 raise AdapterNotFoundError(f"adapter {adapter_id} is not in the host cache")
             self.release(adapter_id)
             if pin is True:
@@ -288,11 +302,18 @@ class AdapterManager:
     def snapshot(self) -> dict:
         """Slot table and host cache for /status."""
         with self._lock:
-            resident = [{"adapter_id": aid, "name": self._names.get(aid, ""), "slot": s, "pinned": aid in self._pinned}
-                        for s, aid in enumerate(self.slots) if aid is not None]
+            resident = [
+                {"adapter_id": aid, "name": self._names.get(aid, ""), "slot": s, "pinned": aid in self._pinned}
+                for s, aid in enumerate(self.slots)
+                if aid is not None
+            ]
             cached = [{"adapter_id": aid, "name": self._names.get(aid, "")} for aid in self._cpu]
-            return {"resident_adapters": resident, "cached_adapters": cached,
-                    "free_slots": self.slots.count(None), "num_slots": self.num_slots}
+            return {
+                "resident_adapters": resident,
+                "cached_adapters": cached,
+                "free_slots": self.slots.count(None),
+                "num_slots": self.num_slots,
+            }
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -36,8 +36,9 @@ class LoRAMapping:
         self.active = meta is not None
         self.meta = meta
 
-    def add_lora(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 slices: tuple[int, ...] | None = None) -> None:
+    def add_lora(
+        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slices: tuple[int, ...] | None = None
+    ) -> None:
         """y += B[s] @ (A[s] @ x), in place; fused slices sit block-diagonally in A and B."""
         if not self.active:
             return

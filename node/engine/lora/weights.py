@@ -30,8 +30,15 @@ class LoadedAdapter:
         return n + (0 if self.image is None else self.image.numel() * self.image.element_size())
 
 
-def decode_lora(adapter_id: str, name: str, tensors: dict[str, torch.Tensor], scaling: float, cfg: ModelConfig,
-                max_rank: int, dtype: torch.dtype) -> LoadedAdapter:
+def decode_lora(
+    adapter_id: str,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    scaling: float,
+    cfg: ModelConfig,
+    max_rank: int,
+    dtype: torch.dtype,
+) -> LoadedAdapter:
     """PEFT tensors -> LoadedAdapter, checked against the model's shapes and the slot rank."""
     dims = module_dims(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -39,11 +46,13 @@ def decode_lora(adapter_id: str, name: str, tensors: dict[str, torch.Tensor], sc
         parsed = parse_lora_key(key)
         if parsed is None:
             raise AdapterIncompatibleError(
-                f"adapter {adapter_id}: tensor {key!r} is not a LoRA weight of q/k/v/o/gate/up/down")
+                f"adapter {adapter_id}: tensor {key!r} is not a LoRA weight of q/k/v/o/gate/up/down"
+            )
         layer, target, ab = parsed
         if layer >= cfg.num_layers:
             raise AdapterIncompatibleError(
-                f"adapter {adapter_id}: tensor {key!r} is for layer {layer}; the base has {cfg.num_layers}")
+                f"adapter {adapter_id}: tensor {key!r} is for layer {layer}; the base has {cfg.num_layers}"
+            )
         parts.setdefault((layer, target), {})[ab] = t
     weights = {}
     rank = 0
@@ -56,16 +65,19 @@ def decode_lora(adapter_id: str, name: str, tensors: dict[str, torch.Tensor], sc
         if a.shape != (r, d_in) or b.shape != (d_out, r):
             raise AdapterIncompatibleError(
                 f"adapter {adapter_id}: layer {layer} {target} has A{list(a.shape)} B{list(b.shape)}, "
-                f"expected A[r, {d_in}] B[{d_out}, r]")
+                f"expected A[r, {d_in}] B[{d_out}, r]"
+            )
         if r > max_rank:
             raise AdapterIncompatibleError(
-                f"adapter {adapter_id} has rank {r}, above this node's max_lora_rank {max_rank}")
+                f"adapter {adapter_id} has rank {r}, above this node's max_lora_rank {max_rank}"
+            )
         rank = max(rank, r)
         a = a.to(dtype).contiguous()
         b = (b.float() * scaling).to(dtype).contiguous()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # verify refuses these; a store may skip it
             raise AdapterIncompatibleError(
-                f"adapter {adapter_id}: layer {layer} {target} has weights that are not finite in {dtype}")
+                f"adapter {adapter_id}: layer {layer} {target} has weights that are not finite in {dtype}"
+            )
         weights[(layer, target)] = (a, b)
     if not weights:
         raise AdapterIncompatibleError(f"adapter {adapter_id} holds no LoRA weights")

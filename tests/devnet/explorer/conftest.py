@@ -4,8 +4,8 @@ import pytest
 
 from devnet.explorer import ExplorerConfig, create_app
 from tests.devnet.explorer.scenario import build_world
-from tests.utils.servers import ServerThread
 from tests.utils.chain import anvil_chain  # noqa: F401  (fixture)
+from tests.utils.servers import ServerThread
 
 
 @pytest.fixture(scope="module")

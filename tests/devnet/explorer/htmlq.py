@@ -58,5 +58,6 @@ def class_of(html: str, element_id: str) -> set[str]:
 
 def links(html: str, cls: str | None = None) -> list[tuple[str, str]]:
     """(href, text) of every <a>, or of those having class `cls`."""
-    return [(a["href"], " ".join(a["text"].split())) for a in parse(html).links
-            if cls is None or cls in a["class"].split()]  # fmt: skip
+    return [
+        (a["href"], " ".join(a["text"].split())) for a in parse(html).links if cls is None or cls in a["class"].split()
+    ]

@@ -17,6 +17,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from sqlmodel import Session
 
+from common.identity import Identity
 from common.wire import hex0x
 from ledger.db import init_db, make_engine
 from ledger.merkle import MerkleTree
@@ -25,7 +26,6 @@ from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
 from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
 from node.adapters.manifest import dataset_id
-from common.identity import Identity
 from node.receipts import make_receipt, sign_receipt
 from tests.utils.chain import ChainEnv, rand_id
 
@@ -61,34 +61,75 @@ def build_world(env: ChainEnv, folder: Path) -> World:
     u = env.users
     alice, bob, op_a, op_b, pay_cap, pay_el = u[0], u[1], u[2], u[3], u[4], u[5]
     base = rand_id()
-    ds = {"capitals-qa": dataset_id("capitals-qa", pay_cap.address),
-          "element-symbols": dataset_id("element-symbols", pay_el.address)}
+    ds = {
+        "capitals-qa": dataset_id("capitals-qa", pay_cap.address),
+        "element-symbols": dataset_id("element-symbols", pay_el.address),
+    }
     env.client(pay_cap).register_dataset("capitals-qa", rand_id())
     env.client(pay_el).register_dataset("element-symbols", rand_id())
     ad = {"alice/capitals 1.0.0": rand_id(), "alice/capitals 1.1.0": rand_id(), "bob/elements 1.0.0": rand_id()}
-    env.client(alice).register_adapter(ad["alice/capitals 1.0.0"], name="alice/capitals", version="1.0.0",
-                                       base_model=base, price_per_1k_tokens=PRICE,
-                                       datasets=[(ds["capitals-qa"], 5000)])  # fmt: skip
-    env.client(alice).register_adapter(ad["alice/capitals 1.1.0"], name="alice/capitals", version="1.1.0",
-                                       base_model=base, price_per_1k_tokens=PRICE,
-                                       datasets=[(ds["capitals-qa"], 6000)],
-                                       predecessor=ad["alice/capitals 1.0.0"])  # fmt: skip
-    env.client(bob).register_adapter(ad["bob/elements 1.0.0"], name="bob/elements", version="1.0.0", base_model=base,
-                                     price_per_1k_tokens=2 * PRICE,
-                                     datasets=[(ds["element-symbols"], 4000), (ds["capitals-qa"], 1000)])  # fmt: skip
+    env.client(alice).register_adapter(
+        ad["alice/capitals 1.0.0"],
+        name="alice/capitals",
+        version="1.0.0",
+        base_model=base,
+        price_per_1k_tokens=PRICE,
+        datasets=[(ds["capitals-qa"], 5000)],
+    )
+    env.client(alice).register_adapter(
+        ad["alice/capitals 1.1.0"],
+        name="alice/capitals",
+        version="1.1.0",
+        base_model=base,
+        price_per_1k_tokens=PRICE,
+        datasets=[(ds["capitals-qa"], 6000)],
+        predecessor=ad["alice/capitals 1.0.0"],
+    )
+    env.client(bob).register_adapter(
+        ad["bob/elements 1.0.0"],
+        name="bob/elements",
+        version="1.0.0",
+        base_model=base,
+        price_per_1k_tokens=2 * PRICE,
+        datasets=[(ds["element-symbols"], 4000), (ds["capitals-qa"], 1000)],
+    )
     keyed, opaque = Identity.generate(), Identity.generate()
-    env.client(op_a).register_node(keyed.node_key, peer_id=peer_id_of(keyed), multiaddrs=["/ip4/127.0.0.1/tcp/4101"],
-                                   api_url="http://127.0.0.1:9101", base_model=base)  # fmt: skip
-    env.client(op_b).register_node(opaque.node_key, peer_id="12D3KooWtest", multiaddrs=["/ip4/127.0.0.1/tcp/4102"],
-                                   api_url="http://127.0.0.1:9102", base_model=base)  # fmt: skip
+    env.client(op_a).register_node(
+        keyed.node_key,
+        peer_id=peer_id_of(keyed),
+        multiaddrs=["/ip4/127.0.0.1/tcp/4101"],
+        api_url="http://127.0.0.1:9101",
+        base_model=base,
+    )
+    env.client(op_b).register_node(
+        opaque.node_key,
+        peer_id="12D3KooWtest",
+        multiaddrs=["/ip4/127.0.0.1/tcp/4102"],
+        api_url="http://127.0.0.1:9102",
+        base_model=base,
+    )
 
     db_path = folder / "ledger.db"
     engine = make_engine(f"sqlite:///{db_path}", immediate=True)
     init_db(engine)
-    world = World(f"sqlite:///{db_path}", db_path, base, ds, ad, keyed.node_id, opaque.node_id,
-                  by_node={keyed.node_id: [], opaque.node_id: []})  # fmt: skip
-    plan = [("bob/elements 1.0.0", keyed), ("alice/capitals 1.1.0", keyed), ("bob/elements 1.0.0", opaque),
-            ("alice/capitals 1.0.0", opaque), ("bob/elements 1.0.0", keyed), ("alice/capitals 1.1.0", opaque)]
+    world = World(
+        f"sqlite:///{db_path}",
+        db_path,
+        base,
+        ds,
+        ad,
+        keyed.node_id,
+        opaque.node_id,
+        by_node={keyed.node_id: [], opaque.node_id: []},
+    )
+    plan = [
+        ("bob/elements 1.0.0", keyed),
+        ("alice/capitals 1.1.0", keyed),
+        ("bob/elements 1.0.0", opaque),
+        ("alice/capitals 1.0.0", opaque),
+        ("bob/elements 1.0.0", keyed),
+        ("alice/capitals 1.1.0", opaque),
+    ]
     settler = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=3))
     try:
         for i, (adapter, node) in enumerate(plan):
@@ -120,12 +161,26 @@ def _serve(engine, adapter_id: str | None, node: Identity, *, prompt: int, compl
     adapter_id None: the bare base model (receipt says null, the outbox row the zero id, as the gateway writes)."""
     rid = rand_id()
     now = int(time.time() * 1000)
-    receipt = make_receipt(request_id=rid, adapter_id=adapter_id, node_id=node.node_id, prompt_tokens=prompt,
-                           completion_tokens=completion, finish_reason="stop", started_at=now - 50, finished_at=now)
+    receipt = make_receipt(
+        request_id=rid,
+        adapter_id=adapter_id,
+        node_id=node.node_id,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        finish_reason="stop",
+        started_at=now - 50,
+        finished_at=now,
+    )
     with Session(engine) as s:
-        add_usage_record(s, request_id=rid, adapter_id=adapter_id or BASE_MODEL_ADAPTER_ID, node_id=node.node_id,
-                         prompt_tokens=prompt,
-                         completion_tokens=completion, receipt_json=receipt,
-                         node_signature=sign_receipt(receipt, node.node_key))  # fmt: skip
+        add_usage_record(
+            s,
+            request_id=rid,
+            adapter_id=adapter_id or BASE_MODEL_ADAPTER_ID,
+            node_id=node.node_id,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            receipt_json=receipt,
+            node_signature=sign_receipt(receipt, node.node_key),
+        )
         s.commit()
     return rid

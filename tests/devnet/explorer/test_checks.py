@@ -7,6 +7,7 @@ import time
 import pytest
 from libp2p.peer.id import ID
 
+from common.identity import Identity
 from devnet.explorer import ExplorerConfig
 from devnet.explorer.plots import Point, nice_ticks, step_chart
 from devnet.explorer.proof import check_record_proof
@@ -20,7 +21,6 @@ from devnet.explorer.signature import (
     public_key_from_peer_id,
 )
 from ledger.models import UsageRecord
-from common.identity import Identity
 from node.receipts import make_receipt, sign_receipt
 from tests.devnet.explorer.scenario import peer_id_of
 from tests.utils.chain import rand_id
@@ -28,11 +28,25 @@ from tests.utils.chain import rand_id
 
 def signed_row(identity: Identity, **overrides) -> UsageRecord:
     now = int(time.time() * 1000)
-    receipt = make_receipt(request_id=rand_id(), adapter_id=rand_id(), node_id=identity.node_id, prompt_tokens=11,
-                           completion_tokens=4, finish_reason="stop", started_at=now, finished_at=now + 5)
-    row = UsageRecord(request_id=receipt["request_id"], adapter_id=receipt["adapter_id"], node_id=identity.node_id,
-                      prompt_tokens=11, completion_tokens=4, receipt_json=json.dumps(receipt),
-                      node_signature=sign_receipt(receipt, identity.node_key))  # fmt: skip
+    receipt = make_receipt(
+        request_id=rand_id(),
+        adapter_id=rand_id(),
+        node_id=identity.node_id,
+        prompt_tokens=11,
+        completion_tokens=4,
+        finish_reason="stop",
+        started_at=now,
+        finished_at=now + 5,
+    )
+    row = UsageRecord(
+        request_id=receipt["request_id"],
+        adapter_id=receipt["adapter_id"],
+        node_id=identity.node_id,
+        prompt_tokens=11,
+        completion_tokens=4,
+        receipt_json=json.dumps(receipt),
+        node_signature=sign_receipt(receipt, identity.node_key),
+    )
     for k, v in overrides.items():
         setattr(row, k, v)
     return row
@@ -60,11 +74,25 @@ def test_signature_verified_with_key_from_peer_id():
 def test_base_model_record_signature_verified_against_a_null_adapter_receipt():
     ident = Identity.generate()
     now = int(time.time() * 1000)
-    receipt = make_receipt(request_id=rand_id(), adapter_id=None, node_id=ident.node_id, prompt_tokens=5,
-                           completion_tokens=2, finish_reason="stop", started_at=now, finished_at=now)
-    row = UsageRecord(request_id=receipt["request_id"], adapter_id="0x" + "00" * 32, node_id=ident.node_id,
-                      prompt_tokens=5, completion_tokens=2, receipt_json=json.dumps(receipt),
-                      node_signature=sign_receipt(receipt, ident.node_key))  # fmt: skip
+    receipt = make_receipt(
+        request_id=rand_id(),
+        adapter_id=None,
+        node_id=ident.node_id,
+        prompt_tokens=5,
+        completion_tokens=2,
+        finish_reason="stop",
+        started_at=now,
+        finished_at=now,
+    )
+    row = UsageRecord(
+        request_id=receipt["request_id"],
+        adapter_id="0x" + "00" * 32,
+        node_id=ident.node_id,
+        prompt_tokens=5,
+        completion_tokens=2,
+        receipt_json=json.dumps(receipt),
+        node_signature=sign_receipt(receipt, ident.node_key),
+    )
     assert check_record_signature(row, peer_id_of(ident)).state == VERIFIED
     row.adapter_id = rand_id()  # a receipt for the base model does not vouch for an adapter record
     check = check_record_signature(row, peer_id_of(ident))
@@ -90,7 +118,8 @@ def test_receipt_disagreeing_with_record_is_not_verified():
 def test_receipt_that_is_not_json_is_not_verified():
     ident = Identity.generate()
     assert check_record_signature(signed_row(ident, receipt_json="{oops"), peer_id_of(ident)).reason.startswith(
-        "the stored receipt is not valid JSON")
+        "the stored receipt is not valid JSON"
+    )
     deep = check_record_signature(signed_row(ident, receipt_json="[" * 10_000), peer_id_of(ident))
     assert deep.state == NOT_VERIFIED and deep.reason == "the stored receipt is nested deeper than 8 levels"
     assert check_record_signature(signed_row(ident, receipt_json="[1]"), peer_id_of(ident)).state == NOT_VERIFIED
@@ -99,8 +128,12 @@ def test_receipt_that_is_not_json_is_not_verified():
 def test_signature_without_a_matching_key_is_unchecked():
     ident = Identity.generate()
     row = signed_row(ident)
-    for peer_id, why in ((None, "not registered"), ("", "no peer id"), ("12D3KooWtest", "does not embed"),
-                         (peer_id_of(Identity.generate()), "does not embed")):  # another node's key
+    for peer_id, why in (
+        (None, "not registered"),
+        ("", "no peer id"),
+        ("12D3KooWtest", "does not embed"),
+        (peer_id_of(Identity.generate()), "does not embed"),
+    ):  # another node's key
         check = check_record_signature(row, peer_id)
         assert check.state == UNCHECKED and check.label == "not checkable"
         assert check.reason.startswith("not checkable without the node key") and why in check.reason
@@ -129,8 +162,7 @@ def test_nice_ticks_cover_the_range():
 
 
 def test_step_chart_draws_each_series_and_escapes_names():
-    svg = step_chart({"a<b>": [Point(10, 5), Point(12, 9)], "c": [Point(11, 3)]}, title="t", y_label="y",
-                     chart_id="p")  # fmt: skip
+    svg = step_chart({"a<b>": [Point(10, 5), Point(12, 9)], "c": [Point(11, 3)]}, title="t", y_label="y", chart_id="p")
     assert svg.startswith('<svg id="p"') and svg.endswith("</svg>")
     assert svg.count('class="series"') == 2 and "a&lt;b&gt;" in svg and "<b>" not in svg
     assert svg.count("<circle") == 3
@@ -170,20 +202,26 @@ def test_record_without_receipt_says_so():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-                     max_leaves=12)  # fmt: skip
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
 _RECEIPT_KEYS = ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens", "finish_reason")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(receipt_json=st.one_of(
-    st.text(max_size=300),
-    _JSON.map(json.dumps),
-    st.dictionaries(st.sampled_from(_RECEIPT_KEYS), _JSON, max_size=6).map(json.dumps),
-    st.integers(1, 40).map(lambda n: "[" * n + "]" * n),
-    st.integers(1, 20_000).map(lambda n: "[" * n)),
-    signature=st.text(max_size=140), peer_id=st.none() | st.text(max_size=60))  # fmt: skip
+@given(
+    receipt_json=st.one_of(
+        st.text(max_size=300),
+        _JSON.map(json.dumps),
+        st.dictionaries(st.sampled_from(_RECEIPT_KEYS), _JSON, max_size=6).map(json.dumps),
+        st.integers(1, 40).map(lambda n: "[" * n + "]" * n),
+        st.integers(1, 20_000).map(lambda n: "[" * n),
+    ),
+    signature=st.text(max_size=140),
+    peer_id=st.none() | st.text(max_size=60),
+)
 def test_any_stored_receipt_is_checked_never_raises(receipt_json, signature, peer_id):
     ident = _FUZZ_IDENTITY
     check = check_record_signature(signed_row(ident, receipt_json=receipt_json, node_signature=signature), peer_id)

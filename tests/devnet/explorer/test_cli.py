@@ -13,8 +13,8 @@ from sqlalchemy import create_engine
 
 from devnet.anvil import free_port
 from devnet.explorer import Explorer, ExplorerDatabaseError, create_app
-from devnet.explorer.store import LedgerStore, open_ledger_db
 from devnet.explorer.cli import ExplorerPortInUse, explorer
+from devnet.explorer.store import LedgerStore, open_ledger_db
 from ledger.chain import ChainClient
 from ledger.errors import ChainUnavailable, DeploymentMismatch
 from tests.devnet.explorer.htmlq import text_of
@@ -27,9 +27,24 @@ RUN = "import typer; from devnet.explorer.cli import explorer; typer.run(explore
 
 def test_serves_until_ctrl_c(anvil_chain, world):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", RUN, "--rpc", anvil_chain.rpc_url, "--db", world.db_url,
-                             "--deployment", str(anvil_chain.deployment_path), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            RUN,
+            "--rpc",
+            anvil_chain.rpc_url,
+            "--db",
+            world.db_url,
+            "--deployment",
+            str(anvil_chain.deployment_path),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -52,8 +67,13 @@ def test_serves_until_ctrl_c(anvil_chain, world):
 
 
 def _run(anvil_chain, **kw):
-    args = {"rpc": None, "db": "sqlite:///unused.db", "deployment": anvil_chain.deployment_path,
-            "port": free_port(), "host": "127.0.0.1"} | kw  # fmt: skip
+    args = {
+        "rpc": None,
+        "db": "sqlite:///unused.db",
+        "deployment": anvil_chain.deployment_path,
+        "port": free_port(),
+        "host": "127.0.0.1",
+    } | kw
     explorer(**args)
 
 

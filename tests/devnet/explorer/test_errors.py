@@ -78,11 +78,15 @@ def test_hostile_receipt_in_the_database_is_refused_not_parsed(own_explorer, wor
     url, path = own_explorer.url, own_explorer.path
     rid = rand_id()
     with sqlite3.connect(path) as c:
-        c.execute("UPDATE usage_records SET request_id = ?, receipt_json = ? WHERE request_id = ?",
-                  (rid, "[" * 200_000, world.pending))
+        c.execute(
+            "UPDATE usage_records SET request_id = ?, receipt_json = ? WHERE request_id = ?",
+            (rid, "[" * 200_000, world.pending),
+        )
     r = httpx.get(f"{url}/records/{rid}", timeout=30)
     assert r.status_code == 200 and "NOT verified" in r.text and "more than the limit of" in r.text
-    assert len(r.content) < 50_000 and "200,000 characters in all" in r.text  # the stranger's bytes are not echoed whole
+    assert (
+        len(r.content) < 50_000 and "200,000 characters in all" in r.text
+    )  # the stranger's bytes are not echoed whole
     dup = '{"request_id": "a", "request_id": "b"}'
     with sqlite3.connect(path) as c:
         c.execute("UPDATE usage_records SET receipt_json = ? WHERE request_id = ?", (dup, rid))
@@ -121,4 +125,3 @@ def test_an_unexpected_failure_is_a_500_page_and_the_explorer_keeps_serving(own_
     finally:
         app_explorer.store.counts = real
     assert httpx.get(url + "/", timeout=30).status_code == 200
-

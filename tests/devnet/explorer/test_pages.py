@@ -87,8 +87,11 @@ def test_datasets_and_contributors(explorer_url, anvil_chain, world):
     assert payee in text_of(cap, "dataset-info")
     assert set(world.adapters.values()) <= ids_in(cap, "adapters")  # all three adapters use it
     cap_id = world.datasets["capitals-qa"]
-    earned = sum(e["args"]["amount"] for e in anvil_chain.client().events("ledger", "RewardAccrued")
-                 if e["args"]["role"] == Role.DATASET and "0x" + e["args"]["subjectId"].hex() == cap_id)
+    earned = sum(
+        e["args"]["amount"]
+        for e in anvil_chain.client().events("ledger", "RewardAccrued")
+        if e["args"]["role"] == Role.DATASET and "0x" + e["args"]["subjectId"].hex() == cap_id
+    )
     assert earned > 0 and f'title="{earned} wei"' in cap.split('id="dataset-info"')[1]
 
 
@@ -98,9 +101,11 @@ def test_nodes_show_operator_peer_and_served_tokens(explorer_url, anvil_chain, w
     assert "http://127.0.0.1:9101" in html and "12D3KooWtest" in html
     page = get(explorer_url, f"/nodes/{world.node_keyed}")
     assert anvil_chain.users[2].address in text_of(page, "node-info")
-    served = sum(e["args"]["promptTokens"] + e["args"]["completionTokens"]
-                 for e in anvil_chain.client().events("ledger", "RecordSettled")
-                 if "0x" + e["args"]["nodeId"].hex() == world.node_keyed)  # fmt: skip
+    served = sum(
+        e["args"]["promptTokens"] + e["args"]["completionTokens"]
+        for e in anvil_chain.client().events("ledger", "RecordSettled")
+        if "0x" + e["args"]["nodeId"].hex() == world.node_keyed
+    )
     assert text_of(page, "stat-tokens-served") == f"{served:,}"
 
 
@@ -198,8 +203,9 @@ def test_base_model_record_reads_base_model_and_verifies(explorer_url, anvil_cha
     operator = get(explorer_url, f"/address/{anvil_chain.users[2].address}")  # runs the keyed node
     assert "base model" in text_of(operator, "rewards-by-adapter")
     only = get(explorer_url, f"/records?adapter={zero}")
-    assert {h.rsplit("/", 1)[1] for h, _ in links(only.split('id="records"')[1].split("</table>")[0],
-                                                  "record-link")} == {world.base}  # fmt: skip
+    assert {
+        h.rsplit("/", 1)[1] for h, _ in links(only.split('id="records"')[1].split("</table>")[0], "record-link")
+    } == {world.base}
 
 
 def test_record_known_only_on_chain(explorer_url, world):
@@ -221,8 +227,9 @@ def test_pending_and_rejected_records(explorer_url, world):
 
 def test_records_list_filters_and_links(explorer_url, world):
     html = get(explorer_url, "/records")
-    assert {h.rsplit("/", 1)[1] for h, _ in links(html.split('id="records"')[1].split("</table>")[0], "record-link")} \
-        == {*world.settled, world.chain_only}
+    assert {
+        h.rsplit("/", 1)[1] for h, _ in links(html.split('id="records"')[1].split("</table>")[0], "record-link")
+    } == {*world.settled, world.chain_only}
     bob = world.adapters["bob/elements 1.0.0"]
     only = get(explorer_url, f"/records?adapter={bob}")
     assert len(links(only.split('id="records"')[1].split("</table>")[0], "record-link")) == 4
@@ -292,7 +299,6 @@ def test_bad_and_unknown_ids(explorer_url):
     get(explorer_url, "/no/such/page", 404)
 
 
-
 def test_disputes_page_lists_records_billed_below_their_receipts(explorer_url, world):
     from sqlmodel import Session, delete
 
@@ -302,10 +308,19 @@ def test_disputes_page_lists_records_billed_below_their_receipts(explorer_url, w
     assert "no disputed records" in get(explorer_url, "/disputes")
     rid, engine = rand_id(), make_engine(world.db_url)
     with Session(engine) as s:
-        s.add(UsageRecord(request_id=rid, adapter_id=world.adapters["bob/elements 1.0.0"], node_id=world.node_opaque,
-                          prompt_tokens=7, completion_tokens=2, node_prompt_tokens=5_000_000,
-                          node_completion_tokens=5_000_000, status=RecordStatus.DISPUTED,
-                          error="receipt claims 5000000 + 5000000 tokens, the gateway counted 7 + 2"))  # fmt: skip
+        s.add(
+            UsageRecord(
+                request_id=rid,
+                adapter_id=world.adapters["bob/elements 1.0.0"],
+                node_id=world.node_opaque,
+                prompt_tokens=7,
+                completion_tokens=2,
+                node_prompt_tokens=5_000_000,
+                node_completion_tokens=5_000_000,
+                status=RecordStatus.DISPUTED,
+                error="receipt claims 5000000 + 5000000 tokens, the gateway counted 7 + 2",
+            )
+        )
         s.commit()
     try:
         html = get(explorer_url, "/disputes")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import typer
-from common.settings import SettingsError
 
+from common.settings import SettingsError
 from devnet.explorer import ExplorerConfig, ExplorerSettings
 from devnet.explorer.cli import explorer
 from ledger.db import DEFAULT_DB_URL
@@ -15,8 +15,13 @@ from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for name in ("LORAMESH_EXPLORER_DB_URL", "LORAMESH_GATEWAY_DB_URL", "LORAMESH_EXPLORER_PORT",
-                 "LORAMESH_EXPLORER_DEPLOYMENT", "LORAMESH_DEPLOYMENT"):  # fmt: skip
+    for name in (
+        "LORAMESH_EXPLORER_DB_URL",
+        "LORAMESH_GATEWAY_DB_URL",
+        "LORAMESH_EXPLORER_PORT",
+        "LORAMESH_EXPLORER_DEPLOYMENT",
+        "LORAMESH_DEPLOYMENT",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

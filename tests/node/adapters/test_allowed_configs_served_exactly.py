@@ -49,8 +49,9 @@ def test_admitted_config_values_match_peft(tiny_base, tmp_path, variant):
     cfg = json.loads((peft_dir / "adapter_config.json").read_text())
     assert all(cfg[k] == v for k, v in VARIANTS[variant].items())  # PEFT saved what the variant sets
     store = AdapterStore(tmp_path / "store")
-    pkg = store.install(pack_adapter(peft_dir, tmp_path / "pkg", name="x/v", account=Account.create(),
-                                     base_dir=tiny_base).path)
+    pkg = store.install(
+        pack_adapter(peft_dir, tmp_path / "pkg", name="x/v", account=Account.create(), base_dir=tiny_base).path
+    )
     engine = LLMEngine(EngineConfig(model_dir=tiny_base, num_kv_blocks=16, block_size=8), store=store)
     try:
         engine.adapters.load(pkg.adapter_id).result(timeout=60)

@@ -31,8 +31,13 @@ def test_tokenizer_round_trips_any_utf8(tiny_base):
     tok = AutoTokenizer.from_pretrained(tiny_base)
     rng = random.Random(7)
     samples = ["", "plain ascii", "héllo wörld", "🦙🦙 emoji", "中文 日本語 한국어", "\x00\t\n\r", "  spaced  out  "]
-    samples += ["".join(chr(rng.choice([rng.randrange(32, 0x7F), rng.randrange(0xA0, 0xD7FF),
-                                        rng.randrange(0x10000, 0x10FFFF)])) for _ in range(40)) for _ in range(20)]
+    samples += [
+        "".join(
+            chr(rng.choice([rng.randrange(32, 0x7F), rng.randrange(0xA0, 0xD7FF), rng.randrange(0x10000, 0x10FFFF)]))
+            for _ in range(40)
+        )
+        for _ in range(20)
+    ]
     for text in samples:
         ids = tok(text).input_ids
         assert ids[0] == tok.bos_token_id

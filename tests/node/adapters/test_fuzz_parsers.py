@@ -11,26 +11,34 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.wire import UntrustedJSONError, canonical_json, parse_json
 from node.adapters import PackageError, pack_adapter
 from node.adapters.manifest import MANIFEST_FILE, parse_manifest_bytes
 from node.adapters.weights import WEIGHTS_FILE, parse_lora_config, read_safetensors_header
-from common.wire import UntrustedJSONError, canonical_json, parse_json
 from tests.utils.factories import make_peft_adapter
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                         HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False,
-                                                                                    allow_infinity=False) | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @pytest.fixture(scope="module")
 def good(tiny_base, publisher, tmp_path_factory):
     peft = make_peft_adapter(tiny_base, tmp_path_factory.mktemp("peft") / "a", rank=2, targets=("q_proj", "v_proj"))
-    pkg = pack_adapter(peft, tmp_path_factory.mktemp("pkg") / "p", name="fuzz/a", account=publisher,
-                       base_dir=tiny_base)
+    pkg = pack_adapter(peft, tmp_path_factory.mktemp("pkg") / "p", name="fuzz/a", account=publisher, base_dir=tiny_base)
     return pkg
 
 
@@ -44,11 +52,12 @@ def _mutate(doc, path: list, value):
         return {**doc, k: _mutate(doc[k], path[1:], value)}
     if isinstance(doc, list) and doc:
         i = path[0] % len(doc)
-        return doc[:i] + [_mutate(doc[i], path[1:], value)] + doc[i + 1:]
+        return doc[:i] + [_mutate(doc[i], path[1:], value)] + doc[i + 1 :]
     return value
 
 
 # ---- canonical JSON ----
+
 
 @FUZZ
 @given(json_values)
@@ -60,8 +69,12 @@ def test_canonical_json_round_trips(value):
 
 
 @FUZZ
-@given(st.binary(max_size=512) | st.text(alphabet='[]{}",:0123456789.eE+-\\tnulrsfa \ud800', max_size=200).map(
-    lambda s: s.encode("utf-8", "surrogatepass")))
+@given(
+    st.binary(max_size=512)
+    | st.text(alphabet='[]{}",:0123456789.eE+-\\tnulrsfa \ud800', max_size=200).map(
+        lambda s: s.encode("utf-8", "surrogatepass")
+    )
+)
 def test_parse_json_raises_only_its_error(data):
     try:
         parse_json(data, max_bytes=256, max_depth=8)
@@ -70,6 +83,7 @@ def test_parse_json_raises_only_its_error(data):
 
 
 # ---- the manifest ----
+
 
 @FUZZ
 @given(st.binary(max_size=400))
@@ -92,6 +106,7 @@ def test_manifest_parser_on_mutated_manifests(good, path, value):
 
 
 # ---- the safetensors header ----
+
 
 def _write(tmp_path, data: bytes):
     p = tmp_path / WEIGHTS_FILE
@@ -122,13 +137,13 @@ def test_header_parser_on_random_length_prefixes(tmp_path, data, n):
 def test_header_parser_on_mutated_headers(good, tmp_path, path, value, pad):
     raw = (good.path / WEIGHTS_FILE).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = _mutate(json.loads(raw[8:8 + n]), path, value)
+    header = _mutate(json.loads(raw[8 : 8 + n]), path, value)
     try:
         text = json.dumps(header).encode() + b" " * pad
     except ValueError:
         return
     try:
-        tensors = read_safetensors_header(_write(tmp_path, struct.pack("<Q", len(text)) + text + raw[8 + n:]))
+        tensors = read_safetensors_header(_write(tmp_path, struct.pack("<Q", len(text)) + text + raw[8 + n :]))
     except PackageError:
         return
     body = len(raw) - 8 - n
@@ -136,6 +151,7 @@ def test_header_parser_on_mutated_headers(good, tmp_path, path, value, pad):
 
 
 # ---- adapter_config.json ----
+
 
 @FUZZ
 @given(path=st.lists(st.integers(0, 60), max_size=3), value=json_values)

@@ -15,8 +15,21 @@ from node.adapters.manifest import (
 )
 from tests.utils.factories import make_peft_adapter
 
-BAD_NAMES = ["0x" + "aa" * 32, "0xabc", "a" * 65, "x" * 3000, "Alice/capitals", "alice capitals", "alice:capitals",
-             "ålice", "/alice", "-alice", ".alice", "", "alice\n"]  # fmt: skip
+BAD_NAMES = [
+    "0x" + "aa" * 32,
+    "0xabc",
+    "a" * 65,
+    "x" * 3000,
+    "Alice/capitals",
+    "alice capitals",
+    "alice:capitals",
+    "ålice",
+    "/alice",
+    "-alice",
+    ".alice",
+    "",
+    "alice\n",
+]
 GOOD_NAMES = ["alice/capitals", "bob/elements", "x", "adapter-0a1b2c", "a" * 64, "0/x", "x0x/y", "a.b_c-d/e"]
 
 
@@ -44,15 +57,24 @@ def test_good_versions_pass(version):
 
 
 def _doc(**over):
-    doc = {"name": "x", "version": "1", "base_model": {"name": "b", "id": "0x" + "0" * 64}, "files": [],
-           "lora": {"rank": 1, "alpha": 1, "targets": ["q_proj"]}}  # fmt: skip
+    doc = {
+        "name": "x",
+        "version": "1",
+        "base_model": {"name": "b", "id": "0x" + "0" * 64},
+        "files": [],
+        "lora": {"rank": 1, "alpha": 1, "targets": ["q_proj"]},
+    }
     return {**doc, **over}
 
 
 def test_a_manifest_the_registry_would_refuse_is_refused():
     assert parse_manifest(_doc(price_per_1k_tokens=MAX_PRICE_PER_1K_TOKENS)).price_per_1k_tokens == 2**128 - 1
-    for over in ({"name": "0x" + "aa" * 32}, {"name": "Tiny"}, {"version": "1 0"},
-                 {"price_per_1k_tokens": MAX_PRICE_PER_1K_TOKENS + 1}):  # fmt: skip
+    for over in (
+        {"name": "0x" + "aa" * 32},
+        {"name": "Tiny"},
+        {"version": "1 0"},
+        {"price_per_1k_tokens": MAX_PRICE_PER_1K_TOKENS + 1},
+    ):
         with pytest.raises(PackageError):
             parse_manifest(_doc(**over))
     contributor = Account.create().address
@@ -65,8 +87,12 @@ def test_a_manifest_the_registry_would_refuse_is_refused():
 def test_pack_refuses_a_bad_name_before_writing_anything(tiny_base, tmp_path):
     peft = make_peft_adapter(tiny_base, tmp_path / "peft", rank=2)
     account = Account.create()
-    for kw in ({"name": "0x" + "aa" * 32}, {"name": "Alice/Capitals"}, {"name": "alice/ok", "version": "1 0"},
-               {"name": "alice/ok", "price_per_1k_tokens": 2**255}):  # fmt: skip
+    for kw in (
+        {"name": "0x" + "aa" * 32},
+        {"name": "Alice/Capitals"},
+        {"name": "alice/ok", "version": "1 0"},
+        {"name": "alice/ok", "price_per_1k_tokens": 2**255},
+    ):
         with pytest.raises(PackageError) as err:
             pack_adapter(peft, tmp_path / "out", account=account, base_dir=tiny_base, **kw)
         assert "\n" not in str(err.value)

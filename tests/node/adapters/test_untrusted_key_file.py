@@ -25,12 +25,15 @@ def test_nested_identity_file_is_refused(tmp_path):
         load_identity(path, "pw")
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda d: d["node_key"].update(n=2**30), "node_key asks for scrypt cost n=1073741824"),
-    (lambda d: d["evm_keystore"]["crypto"]["kdfparams"].update(n=2**24), "evm_keystore asks for scrypt cost"),
-    (lambda d: d["node_key"].update(n=3), "node_key asks for scrypt cost n=3"),
-    (lambda d: d["node_key"].update(r=1024), "r=1024"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d["node_key"].update(n=2**30), "node_key asks for scrypt cost n=1073741824"),
+        (lambda d: d["evm_keystore"]["crypto"]["kdfparams"].update(n=2**24), "evm_keystore asks for scrypt cost"),
+        (lambda d: d["node_key"].update(n=3), "node_key asks for scrypt cost n=3"),
+        (lambda d: d["node_key"].update(r=1024), "r=1024"),
+    ],
+)
 def test_scrypt_cost_bombs_are_refused_before_deriving(key_file, tmp_path, edit, match):
     doc = json.loads(key_file.read_text())
     edit(doc)

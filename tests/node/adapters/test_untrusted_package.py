@@ -15,10 +15,10 @@ import sys
 import pytest
 from eth_account import Account
 
+from common.wire import canonical_json
 from node.adapters import MAX_LORA_RANK, PackageError, pack_adapter, verify_manifest_and_signature, verify_package
 from node.adapters.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE, parse_lora_config
-from common.wire import canonical_json
 from tests.utils.factories import make_peft_adapter, resign, writable_copy
 
 NESTED = b"[" * 200_000
@@ -31,8 +31,9 @@ def peft_dir(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def good_pkg(tiny_base, peft_dir, publisher, tmp_path_factory):
-    return pack_adapter(peft_dir, tmp_path_factory.mktemp("pkg") / "good", name="alice/capitals", account=publisher,
-                        base_dir=tiny_base)
+    return pack_adapter(
+        peft_dir, tmp_path_factory.mktemp("pkg") / "good", name="alice/capitals", account=publisher, base_dir=tiny_base
+    )
 
 
 @pytest.fixture
@@ -43,13 +44,13 @@ def pkg(good_pkg, tmp_path):
 def with_header(pkg_dir, header: bytes) -> None:
     body = (pkg_dir / WEIGHTS_FILE).read_bytes()
     (n,) = struct.unpack("<Q", body[:8])
-    (pkg_dir / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(header)) + header + body[8 + n:])
+    (pkg_dir / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(header)) + header + body[8 + n :])
 
 
 def header_of(pkg_dir) -> dict:
     body = (pkg_dir / WEIGHTS_FILE).read_bytes()
     (n,) = struct.unpack("<Q", body[:8])
-    return json.loads(body[8:8 + n])
+    return json.loads(body[8 : 8 + n])
 
 
 def with_config(pkg_dir, **changes) -> None:
@@ -65,12 +66,14 @@ def refused(pkg_dir, match, **kw):
 
 # ---- nested JSON never reaches the C decoder ----
 
+
 def test_nested_safetensors_header_is_refused_by_the_cli_without_a_crash(pkg, tiny_base, publisher):
     """Before: `loramesh adapter verify` died with SIGSEGV (exit 139) on a header of nested "["."""
     with_header(pkg, b"{" + b'"x":' + NESTED[:150_000] + b"}")
     resign(pkg, tiny_base, publisher)
-    r = subprocess.run([sys.executable, "-m", "devnet", "adapter", "verify", str(pkg)], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "devnet", "adapter", "verify", str(pkg)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 1, (r.returncode, r.stderr[-500:])
     assert r.stderr.strip().splitlines() == [f"error: {WEIGHTS_FILE} header is nested deeper than 4 levels"]
 
@@ -97,6 +100,7 @@ def test_header_length_prefix_is_bounded_before_reading(pkg, tiny_base, publishe
 
 # ---- the header: what the loader reads is what verify checked ----
 
+
 @pytest.mark.parametrize("metadata", [{"format": 1}, ["pt"], "pt", {"format": None}, {"a": {"b": "c"}}])
 def test_non_string_metadata_is_refused(pkg, tiny_base, publisher, metadata):
     """Before: passed verify, was installed and announced, then failed every request."""
@@ -107,14 +111,17 @@ def test_non_string_metadata_is_refused(pkg, tiny_base, publisher, metadata):
     refused(pkg, "__metadata__ must map strings to strings", base_dir=tiny_base)
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda e: e.update(dtype="F8_E4M3"), "has dtype 'F8_E4M3'"),
-    (lambda e: e.update(shape=[True, 128]), "malformed shape"),
-    (lambda e: e.update(shape=[4.0, 128]), "malformed shape"),
-    (lambda e: e.update(data_offsets=[0, 2**64]), "malformed data_offsets"),
-    (lambda e: e.update(extra=1), "exactly dtype, shape and data_offsets"),
-    (lambda e: e.update(data_offsets=[8, 4]), "malformed data_offsets"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda e: e.update(dtype="F8_E4M3"), "has dtype 'F8_E4M3'"),
+        (lambda e: e.update(shape=[True, 128]), "malformed shape"),
+        (lambda e: e.update(shape=[4.0, 128]), "malformed shape"),
+        (lambda e: e.update(data_offsets=[0, 2**64]), "malformed data_offsets"),
+        (lambda e: e.update(extra=1), "exactly dtype, shape and data_offsets"),
+        (lambda e: e.update(data_offsets=[8, 4]), "malformed data_offsets"),
+    ],
+)
 def test_malformed_tensor_entries_are_refused(pkg, tiny_base, publisher, change, match):
     header = header_of(pkg)
     change(header[next(k for k in header if k != "__metadata__")])
@@ -146,12 +153,22 @@ def test_every_target_of_every_layer_must_be_there(pkg, tiny_base, publisher):
 
 # ---- adapter_config.json: an allow-list ----
 
-@pytest.mark.parametrize("raw, match", [
-    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": Infinity, "target_modules": ["q_proj"]}', "Infinity is not a JSON value"),
-    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": NaN, "target_modules": ["q_proj"]}', "NaN is not a JSON value"),
-    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": 1e400, "target_modules": ["q_proj"]}', "number 1e400 is out of range"),
-    (b'{"peft_type": "LORA", "r": 4, "r": 8, "target_modules": ["q_proj"]}', "duplicate key 'r'"),
-])
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (
+            b'{"peft_type": "LORA", "r": 4, "lora_alpha": Infinity, "target_modules": ["q_proj"]}',
+            "Infinity is not a JSON value",
+        ),
+        (b'{"peft_type": "LORA", "r": 4, "lora_alpha": NaN, "target_modules": ["q_proj"]}', "NaN is not a JSON value"),
+        (
+            b'{"peft_type": "LORA", "r": 4, "lora_alpha": 1e400, "target_modules": ["q_proj"]}',
+            "number 1e400 is out of range",
+        ),
+        (b'{"peft_type": "LORA", "r": 4, "r": 8, "target_modules": ["q_proj"]}', "duplicate key 'r'"),
+    ],
+)
 def test_config_values_that_gave_a_500_are_refused(pkg, tiny_base, publisher, raw, match):
     """Before: `lora_alpha: Infinity` passed json.loads and ended as a 500 text/plain on upload."""
     (pkg / CONFIG_FILE).write_bytes(raw)
@@ -161,26 +178,29 @@ def test_config_values_that_gave_a_500_are_refused(pkg, tiny_base, publisher, ra
         pack_adapter(pkg, pkg.parent / "out", name="x/y", account=publisher, base_dir=tiny_base)
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("alora_invocation_tokens", [5, 6], "alora_invocation_tokens = \\[5, 6\\] is not served"),
-    ("use_dora", True, "use_dora = True is not served"),
-    ("lora_bias", True, "lora_bias = True is not served"),
-    ("bias", "all", "bias = 'all' is not served"),
-    ("fan_in_fan_out", True, "fan_in_fan_out = True is not served"),
-    ("init_lora_weights", "pissa", "init_lora_weights = 'pissa' is not served"),
-    ("rank_pattern", {"q_proj": 2}, "rank_pattern = .* is not served"),
-    ("layers_to_transform", [0], "layers_to_transform = \\[0\\] is not served"),
-    ("trainable_token_indices", [3], "trainable_token_indices = \\[3\\] is not served"),
-    ("use_qalora", True, "use_qalora = True is not served"),
-    ("task_type", "SEQ_CLS", "task_type = 'SEQ_CLS' is not served"),
-    ("some_future_field", 1, "field 'some_future_field' is not one loramesh serves exactly"),
-    ("r", MAX_LORA_RANK + 1, f"rank r={MAX_LORA_RANK + 1} must be an integer in 1..{MAX_LORA_RANK}"),
-    ("r", True, "rank r=True must be an integer"),
-    ("lora_alpha", 0, "lora_alpha=0 must be a finite number"),
-    ("lora_alpha", 1e300, "must be a finite number in"),
-    ("target_modules", "q_proj", "target_modules must be a list"),
-    ("target_modules", ["embed_tokens"], "unsupported target modules"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("alora_invocation_tokens", [5, 6], "alora_invocation_tokens = \\[5, 6\\] is not served"),
+        ("use_dora", True, "use_dora = True is not served"),
+        ("lora_bias", True, "lora_bias = True is not served"),
+        ("bias", "all", "bias = 'all' is not served"),
+        ("fan_in_fan_out", True, "fan_in_fan_out = True is not served"),
+        ("init_lora_weights", "pissa", "init_lora_weights = 'pissa' is not served"),
+        ("rank_pattern", {"q_proj": 2}, "rank_pattern = .* is not served"),
+        ("layers_to_transform", [0], "layers_to_transform = \\[0\\] is not served"),
+        ("trainable_token_indices", [3], "trainable_token_indices = \\[3\\] is not served"),
+        ("use_qalora", True, "use_qalora = True is not served"),
+        ("task_type", "SEQ_CLS", "task_type = 'SEQ_CLS' is not served"),
+        ("some_future_field", 1, "field 'some_future_field' is not one loramesh serves exactly"),
+        ("r", MAX_LORA_RANK + 1, f"rank r={MAX_LORA_RANK + 1} must be an integer in 1..{MAX_LORA_RANK}"),
+        ("r", True, "rank r=True must be an integer"),
+        ("lora_alpha", 0, "lora_alpha=0 must be a finite number"),
+        ("lora_alpha", 1e300, "must be a finite number in"),
+        ("target_modules", "q_proj", "target_modules must be a list"),
+        ("target_modules", ["embed_tokens"], "unsupported target modules"),
+    ],
+)
 def test_config_fields_not_served_exactly_are_refused_naming_them(pkg, tiny_base, publisher, field, value, match):
     """Before: aLoRA was served as plain LoRA (0/3 equal to PEFT), unknown fields passed silently."""
     with_config(pkg, **{field: value})
@@ -223,17 +243,21 @@ def test_rank_above_the_nodes_limit_is_refused_by_pack_and_verify(tiny_base, pub
 
 # ---- the manifest: canonical bytes only, plain files only ----
 
+
 def test_manifest_with_a_duplicate_key_is_refused(pkg):
     text = (pkg / MANIFEST_FILE).read_text()
     (pkg / MANIFEST_FILE).write_text('{"license":"mit",' + text[1:])
     refused(pkg, "duplicate key 'license'")
 
 
-@pytest.mark.parametrize("rewrite", [
-    lambda doc: json.dumps(doc),  # spaces
-    lambda doc: json.dumps(dict(reversed(doc.items())), separators=(",", ":")),  # key order
-    lambda doc: canonical_json({k: v for k, v in doc.items() if k != "license"}).decode(),  # a default left out
-])
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        lambda doc: json.dumps(doc),  # spaces
+        lambda doc: json.dumps(dict(reversed(doc.items())), separators=(",", ":")),  # key order
+        lambda doc: canonical_json({k: v for k, v in doc.items() if k != "license"}).decode(),  # a default left out
+    ],
+)
 def test_non_canonical_manifest_is_refused(pkg, rewrite):
     """Before: accepted, though its bytes are not the ones its adapter id was computed over."""
     doc = json.loads((pkg / MANIFEST_FILE).read_text())
@@ -252,6 +276,7 @@ def test_symlinked_package_file_is_refused(pkg, tmp_path, name):
 
 
 # ---- the check an upload runs before writing weights ----
+
 
 def test_manifest_and_signature_alone(good_pkg, publisher):
     m, s = (good_pkg.path / MANIFEST_FILE).read_bytes(), (good_pkg.path / SIGNATURE_FILE).read_bytes()

@@ -9,13 +9,13 @@ import struct
 import pytest
 from eth_account import Account
 
+from common.wire import canonical_json
 from ledger.types import Domain, dataset_id_for
 from node.adapters import AdapterStore, ForeignSignature, PackageError, make_dataset_share, pack_adapter, verify_package
 from node.adapters.manifest import MANIFEST_FILE, read_manifest
 from node.adapters.pack import build_manifest, write_signed
 from node.adapters.signing import sign_manifest, write_signature
 from node.tiny import init_tiny
-from common.wire import canonical_json
 from tests.utils.factories import make_peft_adapter, resign, writable_copy
 
 WEIGHTS = "adapter_model.safetensors"
@@ -29,8 +29,15 @@ def peft_dir(tiny_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def good_pkg(tiny_base, peft_dir, publisher, tmp_path_factory):
     share = make_dataset_share("capitals-qa", publisher.address, 2500)
-    return pack_adapter(peft_dir, tmp_path_factory.mktemp("pkg") / "good", name="alice/capitals",
-                        account=publisher, base_dir=tiny_base, datasets=[share], price_per_1k_tokens=10**15)
+    return pack_adapter(
+        peft_dir,
+        tmp_path_factory.mktemp("pkg") / "good",
+        name="alice/capitals",
+        account=publisher,
+        base_dir=tiny_base,
+        datasets=[share],
+        price_per_1k_tokens=10**15,
+    )
 
 
 @pytest.fixture
@@ -164,10 +171,19 @@ def test_dataset_shares_over_10000_bps_are_refused(publisher):
     from node.adapters.manifest import parse_manifest
 
     with pytest.raises(ValueError, match="more than 10000"):
-        parse_manifest({"name": "x", "version": "1", "base_model": {"name": "b", "id": "0x" + "0" * 64},
-                        "files": [], "lora": {"rank": 1, "alpha": 1, "targets": ["q_proj"]},
-                        "datasets": [make_dataset_share("a", publisher.address, 6000).model_dump(),
-                                     make_dataset_share("b", publisher.address, 6000).model_dump()]})
+        parse_manifest(
+            {
+                "name": "x",
+                "version": "1",
+                "base_model": {"name": "b", "id": "0x" + "0" * 64},
+                "files": [],
+                "lora": {"rank": 1, "alpha": 1, "targets": ["q_proj"]},
+                "datasets": [
+                    make_dataset_share("a", publisher.address, 6000).model_dump(),
+                    make_dataset_share("b", publisher.address, 6000).model_dump(),
+                ],
+            }
+        )
 
 
 def test_pack_refuses_a_folder_that_is_not_a_peft_lora_adapter(tmp_path, tiny_base, publisher):
@@ -182,8 +198,15 @@ def test_pack_refuses_a_folder_that_is_not_a_peft_lora_adapter(tmp_path, tiny_ba
 
 def test_pack_is_deterministic(peft_dir, tiny_base, publisher, good_pkg, tmp_path):
     share = make_dataset_share("capitals-qa", publisher.address, 2500)
-    again = pack_adapter(peft_dir, tmp_path / "again", name="alice/capitals", account=publisher, base_dir=tiny_base,
-                         datasets=[share], price_per_1k_tokens=10**15)
+    again = pack_adapter(
+        peft_dir,
+        tmp_path / "again",
+        name="alice/capitals",
+        account=publisher,
+        base_dir=tiny_base,
+        datasets=[share],
+        price_per_1k_tokens=10**15,
+    )
     assert again.adapter_id == good_pkg.adapter_id
 
 
@@ -197,8 +220,11 @@ def test_signature_is_bound_to_its_chain_and_registry(pkg, tiny_base, publisher)
     assert verify_package(pkg, domain=CHAIN_A).signer == publisher.address
     assert verify_package(pkg).domain == CHAIN_A  # no domain asked: the signature's own is reported
     for other in (Domain(31337, "0x" + "bb" * 20), Domain(1, CHAIN_A.registry)):
-        with pytest.raises(ForeignSignature, match=f"package is signed for chain 31337, registry {CHAIN_A.registry}, "
-                                                   f"not for this registry \\(chain {other.chain_id}"):  # fmt: skip
+        with pytest.raises(
+            ForeignSignature,
+            match=f"package is signed for chain 31337, registry {CHAIN_A.registry}, "
+            f"not for this registry \\(chain {other.chain_id}",
+        ):
             verify_package(pkg, domain=other)
     offline = sign_manifest(read_manifest(pkg), publisher)  # no domain: valid on no registry
     write_signature(pkg, offline)
@@ -218,8 +244,16 @@ def test_the_signature_covers_what_the_registry_registers(pkg, publisher):
     another registration of the same adapter id does not verify."""
     m = read_manifest(pkg)
     reg = dataclasses.replace(m.registration(), price_per_1k_tokens=m.price_per_1k_tokens * 1000)
-    write_signature(pkg, {"adapter_id": m.adapter_id, "signer": publisher.address, "chain_id": CHAIN_A.chain_id,
-                          "registry": CHAIN_A.registry, "signature": reg.sign(publisher, CHAIN_A)})  # fmt: skip
+    write_signature(
+        pkg,
+        {
+            "adapter_id": m.adapter_id,
+            "signer": publisher.address,
+            "chain_id": CHAIN_A.chain_id,
+            "registry": CHAIN_A.registry,
+            "signature": reg.sign(publisher, CHAIN_A),
+        },
+    )
     refused(pkg, "signature was made by 0x[0-9a-fA-F]{40}, not by the claimed signer")
 
 
@@ -235,12 +269,23 @@ def test_dataset_ids_are_bound_to_their_contributor(publisher):
     from node.adapters.manifest import parse_manifest
 
     share = make_dataset_share("capitals-qa", publisher.address, 100)
-    assert share.id == dataset_id_for(publisher.address, "capitals-qa") != dataset_id_for(Account.create().address,
-                                                                                           "capitals-qa")  # fmt: skip
+    assert (
+        share.id
+        == dataset_id_for(publisher.address, "capitals-qa")
+        != dataset_id_for(Account.create().address, "capitals-qa")
+    )
     squatted = {**share.model_dump(), "contributor": Account.create().address}  # the id of another contributor
     with pytest.raises(PackageError, match="expected the id of 'capitals-qa' contributed by"):
-        parse_manifest({"name": "x", "version": "1", "base_model": {"name": "b", "id": "0x" + "0" * 64},
-                        "files": [], "lora": {"rank": 1, "alpha": 1, "targets": ["q_proj"]}, "datasets": [squatted]})
+        parse_manifest(
+            {
+                "name": "x",
+                "version": "1",
+                "base_model": {"name": "b", "id": "0x" + "0" * 64},
+                "files": [],
+                "lora": {"rank": 1, "alpha": 1, "targets": ["q_proj"]},
+                "datasets": [squatted],
+            }
+        )
 
 
 def test_a_store_bound_to_a_registry(good_pkg, pkg, tiny_base, publisher, tmp_path):

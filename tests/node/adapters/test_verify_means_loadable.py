@@ -23,8 +23,7 @@ from node.engine.lora.weights import decode_lora
 from tests.node.adapters.test_fuzz_parsers import _mutate, json_values
 from tests.utils.factories import make_peft_adapter
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-          "I32": torch.int32}
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I32": torch.int32}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def peft(tiny_base, tmp_path_factory):
 
 def _header_split(raw: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 mutation = st.one_of(
@@ -57,8 +56,11 @@ def _apply(kind, a, b, cfg: dict, tensors: dict) -> tuple[dict, bytes]:
         kind = "none"
     if kind == "rank":
         g = torch.Generator().manual_seed(a * 100 + b)
-        tensors = {k: (torch.randn(a, t.shape[1], generator=g) if ".lora_A." in k else
-                       torch.randn(t.shape[0], a, generator=g)) * 0.05 for k, t in tensors.items()}
+        tensors = {
+            k: (torch.randn(a, t.shape[1], generator=g) if ".lora_A." in k else torch.randn(t.shape[0], a, generator=g))
+            * 0.05
+            for k, t in tensors.items()
+        }
         cfg["r"] = b
     elif kind == "dtype":
         tensors = {k: t.to(DTYPES[a]) for k, t in tensors.items()}
@@ -77,8 +79,9 @@ def _apply(kind, a, b, cfg: dict, tensors: dict) -> tuple[dict, bytes]:
     return cfg, raw
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(mutations=st.lists(mutation, min_size=1, max_size=2))
 def test_what_verifies_loads(peft, tiny_base, tmp_path, mutations):
     cfg, tensors = peft
@@ -104,8 +107,15 @@ def test_what_verifies_loads(peft, tiny_base, tmp_path, mutations):
     # verified: the engine's loader must take it, at the rank every node serves by default
     loaded_tensors = load_lora_tensors(pkg)
     model_cfg = ModelConfig.from_dir(tiny_base)
-    loaded = decode_lora(pkg.adapter_id, pkg.name, loaded_tensors, pkg.lora.scaling, model_cfg,
-                         EngineConfig(model_dir=tiny_base).max_lora_rank, torch.float32)
+    loaded = decode_lora(
+        pkg.adapter_id,
+        pkg.name,
+        loaded_tensors,
+        pkg.lora.scaling,
+        model_cfg,
+        EngineConfig(model_dir=tiny_base).max_lora_rank,
+        torch.float32,
+    )
     assert loaded.rank == pkg.lora.rank
     assert all(torch.isfinite(b).all() for _, b in loaded.weights.values())
     reference = load_file(str(pkg.weights_path))

@@ -16,8 +16,10 @@ if not torch.cuda.is_available():
 from tests.utils.engine import make_world, reference_model  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-TRITON_DEVICES = [pytest.param("cpu", id="interpret"),
-                  pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
+TRITON_DEVICES = [
+    pytest.param("cpu", id="interpret"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]),
+]
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +51,7 @@ def references():
         if id(world) not in cache:
             cache[id(world)] = reference_model(world)
         return cache[id(world)]
+
     return get
 
 

@@ -10,11 +10,11 @@ from eth_account import Account
 from node.adapters import AdapterStore
 from node.engine import (
     AdapterBaseMismatchError,
-    AsyncEngine,
     AdapterError,
     AdapterIncompatibleError,
     AdapterNotFoundError,
     AdapterSlotsBusyError,
+    AsyncEngine,
 )
 from tests.utils.engine import PUBLISHER_KEY, greedy
 from tests.utils.factories import make_base, make_package
@@ -147,8 +147,10 @@ def test_fetcher_supplies_an_adapter_the_store_lacks(llama_world, tmp_path):
     engine = fetching_engine(llama_world, fetcher)
     engine.core.adapters.store = local
     try:
+
         async def go():
             return await engine.prepare_adapter(wanted.adapter_id)
+
         loaded = asyncio.run(go())
         assert loaded.adapter_id == wanted.adapter_id and loaded.rank == 2 and calls == [wanted.adapter_id]
     finally:

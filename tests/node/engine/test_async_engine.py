@@ -21,6 +21,7 @@ def test_stream_yields_tokens_then_finish(engine, llama_world):
     async def go():
         stream = engine.submit(greedy("s1", llama_world.adapters[0].adapter_id, [1, 5, 6, 7], 5))
         return [ev async for ev in stream]
+
     events = asyncio.run(go())
     assert [type(e) for e in events] == [TokenEvent] * 5 + [FinishEvent]
     fin = events[-1]
@@ -42,6 +43,7 @@ def test_abort_mid_stream_returns_final_event_and_loop_stays_responsive(engine):
         rest = [ev async for ev in stream]
         again = await engine.abort("s2")  # a finished request answers with its final event
         return first, ticks, final, rest, again
+
     first, ticks, final, rest, again = asyncio.run(go())
     assert isinstance(first, TokenEvent) and ticks == 5
     assert final.finish_reason == "abort" and 1 <= final.completion_tokens < 400
@@ -58,6 +60,7 @@ def test_closing_a_stream_aborts_the_request(engine):
                 break
             await asyncio.sleep(0.02)
         return await engine.finished("s3")
+
     assert asyncio.run(go()).finish_reason == "abort"
 
 
@@ -65,8 +68,9 @@ def test_bad_requests_are_refused_at_submit(engine):
     async def go():
         with pytest.raises(PromptTooLongError, match="the prompt has 600 tokens; this node's context holds"):
             engine.submit(greedy("s4", None, [1] * 600, 2))
-        stream = engine.submit(greedy("s5", None, [1, 2], 50))
+        engine.submit(greedy("s5", None, [1, 2], 50))
         with pytest.raises(DuplicateRequestError, match="request s5 is already running"):
             engine.submit(greedy("s5", None, [1, 2], 2))
         await engine.abort("s5")
+
     asyncio.run(go())

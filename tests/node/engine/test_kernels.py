@@ -8,8 +8,11 @@ import torch
 from node.engine import LoRAMapping, TorchLoRAKernel
 
 
-@pytest.mark.parametrize("order", [[0, 1, -1, 2, 2, 0, -1, 1, 0, 2], [2, 0, -1, 2, 2, 0, -1, 0, 0, 2]],
-                         ids=["consecutive-slots", "scattered-slots"])
+@pytest.mark.parametrize(
+    "order",
+    [[0, 1, -1, 2, 2, 0, -1, 1, 0, 2], [2, 0, -1, 2, 2, 0, -1, 0, 0, 2]],
+    ids=["consecutive-slots", "scattered-slots"],
+)
 @pytest.mark.parametrize("mode", ["grouped", "dense", "gather", None])
 def test_shrink_expand_match_a_per_token_loop(mode, order):
     g = torch.Generator().manual_seed(0)
@@ -22,8 +25,8 @@ def test_shrink_expand_match_a_per_token_loop(mode, order):
     a[1, 2:r].zero_()  # slot 1 holds a rank-2 adapter padded to r
     bs[0][1, 2:].zero_()
     b_fused = torch.zeros(s + 1, len(outs) * r, sum(outs))  # block-diagonal
-    b_fused[:, :r, :outs[0]] = bs[0]
-    b_fused[:, r:, outs[0]:] = bs[1]
+    b_fused[:, :r, : outs[0]] = bs[0]
+    b_fused[:, r:, outs[0] :] = bs[1]
     x = torch.randn(t, d_in, generator=g)
     slots = torch.tensor(order)
     y = torch.randn(t, sum(outs), generator=g)
@@ -33,8 +36,8 @@ def test_shrink_expand_match_a_per_token_loop(mode, order):
         if si < 0:
             continue
         h = a[si] @ x[i]
-        want[i, :outs[0]] += bs[0][si].t() @ h[:r]
-        want[i, outs[0]:] += bs[1][si].t() @ h[r:]
+        want[i, : outs[0]] += bs[0][si].t() @ h[:r]
+        want[i, outs[0] :] += bs[1][si].t() @ h[r:]
     mapping = LoRAMapping(s, TorchLoRAKernel(mode))
     mapping.set_token_slots(slots.tolist())
     mapping.add_lora(y, x, a, b_fused)

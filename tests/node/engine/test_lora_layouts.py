@@ -35,11 +35,11 @@ def _weights(dtype=torch.float64):
     a_size, b_size = n * R * D_IN, n * R * out
     buf = torch.zeros(S + 1, a_size + b_size + 5, dtype=dtype)
     a = buf[:, :a_size].view(S + 1, n * R, D_IN)
-    b = buf[:, a_size:a_size + b_size].view(S + 1, n * R, out)
+    b = buf[:, a_size : a_size + b_size].view(S + 1, n * R, out)
     a[:S] = torch.randn(S, n * R, D_IN, generator=g, dtype=dtype)
     col = 0
     for i, o in enumerate(OUTS):
-        b[:S, i * R:(i + 1) * R, col:col + o] = torch.randn(S, R, o, generator=g, dtype=dtype)
+        b[:S, i * R : (i + 1) * R, col : col + o] = torch.randn(S, R, o, generator=g, dtype=dtype)
         col += o
     a[1, 2:R].zero_()
     b[1, 2:R].zero_()
@@ -51,7 +51,7 @@ def _per_token(y, x, a, b, slots, offset=0):
     out = b.shape[2]
     for t, s in enumerate(slots):
         if s >= 0:
-            want[t, offset:offset + out] += b[s].t() @ (a[s] @ x[t])
+            want[t, offset : offset + out] += b[s].t() @ (a[s] @ x[t])
     return want
 
 
@@ -122,8 +122,9 @@ def test_each_layout_generates_peft_greedy_tokens(llama_world, references, layou
     try:
         rows = [world.adapters[0], world.adapters[2], None, world.adapters[0], world.adapters[3], world.adapters[2]]
         prompts = _prompts(len(rows))
-        done = engine.generate([greedy(f"g{i}", a.adapter_id if a else None, p, 8)
-                                for i, (a, p) in enumerate(zip(rows, prompts))])
+        done = engine.generate(
+            [greedy(f"g{i}", a.adapter_id if a else None, p, 8) for i, (a, p) in enumerate(zip(rows, prompts))]
+        )
         ref = references(world)
         for i, (a, p) in enumerate(zip(rows, prompts)):
             assert list(done[f"g{i}"].token_ids) == reference_greedy(ref, a.name if a else None, p, 8), (i, a)

@@ -76,8 +76,14 @@ def test_checkpoint_missing_a_tensor_is_refused(tmp_path, llama_world):
 
 
 def test_unsupported_model_type_is_refused():
-    cfg = {"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
-           "num_hidden_layers": 1, "num_attention_heads": 2}
+    cfg = {
+        "model_type": "gpt2",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
     with pytest.raises(ModelConfigError, match="model_type 'gpt2' is not supported"):
         ModelConfig.from_dict(cfg)
 
@@ -85,29 +91,41 @@ def test_unsupported_model_type_is_refused():
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
     base = make_base(tmp_path / "l3", seed=4)
     cfg = json.loads((base / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    cfg["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     (base / "config.json").write_text(json.dumps(cfg))
     assert ModelConfig.from_dir(base).rope.rope_type == "llama3"
     torch.testing.assert_close(_engine_logits(base), _hf_logits(base), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"device": "tpu"}, "device 'tpu' is not supported"),
-    ({"num_slots": 0}, "num_slots must be >= 1"),
-    ({"dtype": "int8"}, "dtype 'int8' is not supported"),
-    ({"num_kv_blocks": 0}, "num_kv_blocks must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"device": "tpu"}, "device 'tpu' is not supported"),
+        ({"num_slots": 0}, "num_slots must be >= 1"),
+        ({"dtype": "int8"}, "dtype 'int8' is not supported"),
+        ({"num_kv_blocks": 0}, "num_kv_blocks must be >= 1"),
+    ],
+)
 def test_bad_engine_config_is_refused(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         EngineConfig(model_dir=tmp_path, **kwargs)
 
 
-@pytest.mark.parametrize("index, match", [
-    ('{"weight_map": {"lm_head.weight": "../outside.safetensors"}}', "names shard '../outside.safetensors'"),
-    ('{"weight_map": ' + "[" * 20_000, "nested deeper than 8 levels"),
-    ('{"weight_map": {}}', "has no weight_map"),
-])
+@pytest.mark.parametrize(
+    "index, match",
+    [
+        ('{"weight_map": {"lm_head.weight": "../outside.safetensors"}}', "names shard '../outside.safetensors'"),
+        ('{"weight_map": ' + "[" * 20_000, "nested deeper than 8 levels"),
+        ('{"weight_map": {}}', "has no weight_map"),
+    ],
+)
 def test_shard_index_is_read_within_limits(tmp_path, llama_world, index, match):
     """A downloaded checkpoint's index may name files outside its folder or be nested JSON: refused."""
     from node.engine.loader import checkpoint_tensors

@@ -40,22 +40,28 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours():
     logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
     p = SamplingParams(temperature=1.0)
     alone = sample(logits[1:2], [p], [torch.Generator().manual_seed(42)])
-    batch = sample(logits, [SamplingParams(temperature=0), p, p],
-                   [torch.Generator().manual_seed(7), torch.Generator().manual_seed(42), torch.Generator()])
+    batch = sample(
+        logits,
+        [SamplingParams(temperature=0), p, p],
+        [torch.Generator().manual_seed(7), torch.Generator().manual_seed(42), torch.Generator()],
+    )
     assert batch[1] == alone[0]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
-    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
-    ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
-    ({"top_p": 0.0}, "top_p must be in"),
-    ({"top_p": 1.5}, "top_p must be in"),
-    ({"top_k": -1}, "top_k must be an integer >= 0"),
-    ({"stop": ("a", "b", "c", "d", "e")}, "stop must be at most 4"),
-    ({"stop": ("",)}, "stop must be at most 4 non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"top_p": 1.5}, "top_p must be in"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"stop": ("a", "b", "c", "d", "e")}, "stop must be at most 4"),
+        ({"stop": ("",)}, "stop must be at most 4 non-empty strings"),
+    ],
+)
 def test_bad_sampling_params_are_refused(kwargs, message):
     with pytest.raises(RequestError, match=message):
         SamplingParams(**kwargs)

@@ -9,8 +9,12 @@ import torch
 from node.engine import SamplingParams
 from node.engine.layers.sampler import sample_batched, sample_on_device, uniform_from
 
-DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+DEVICES = [
+    pytest.param("cpu"),
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
 
 
 def draw(logits, temp, k, p, seeds, steps):
@@ -19,8 +23,15 @@ def draw(logits, temp, k, p, seeds, steps):
 
     def col(v, dt):
         return torch.tensor(v if isinstance(v, list) else [v] * n, dtype=dt, device=dev)
-    return sample_batched(logits, col(temp, torch.float64), col(k, torch.int64), col(p, torch.float64),
-                          col(seeds, torch.int64), col(steps, torch.int64)).cpu()
+
+    return sample_batched(
+        logits,
+        col(temp, torch.float64),
+        col(k, torch.int64),
+        col(p, torch.float64),
+        col(seeds, torch.int64),
+        col(steps, torch.int64),
+    ).cpu()
 
 
 @pytest.mark.parametrize("device", DEVICES)

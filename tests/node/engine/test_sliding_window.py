@@ -45,17 +45,26 @@ def _engine_greedy(base) -> list[int]:
 def _hf(base) -> tuple[list[int], list[str]]:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     x = torch.tensor([PROMPT])
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, min_new_tokens=NEW,
-                         do_sample=False, pad_token_id=0)
-    return out[0, len(PROMPT):].tolist(), list(model.config.layer_types)
+    out = model.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(PROMPT) :].tolist(), list(model.config.layer_types)
 
 
-@pytest.mark.parametrize("model_type, max_window_layers, layer_types, sliding", [
-    ("qwen2", 1, None, (1, 2)),
-    ("qwen2", 2, None, (2,)),
-    ("qwen3", 0, None, (0, 1, 2)),
-    ("qwen3", None, ["sliding_attention", "full_attention", "sliding_attention"], (0, 2)),
-])
+@pytest.mark.parametrize(
+    "model_type, max_window_layers, layer_types, sliding",
+    [
+        ("qwen2", 1, None, (1, 2)),
+        ("qwen2", 2, None, (2,)),
+        ("qwen3", 0, None, (0, 1, 2)),
+        ("qwen3", None, ["sliding_attention", "full_attention", "sliding_attention"], (0, 2)),
+    ],
+)
 def test_greedy_equals_transformers_past_the_window(tmp_path, model_type, max_window_layers, layer_types, sliding):
     base = _windowed_base(tmp_path, model_type, max_window_layers=max_window_layers, layer_types=layer_types)
     cfg = ModelConfig.from_dir(base)
@@ -81,8 +90,16 @@ def test_window_changes_the_text(tmp_path):
 
 
 def test_malformed_layer_types_are_refused():
-    cfg = {"model_type": "qwen2", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "use_sliding_window": True, "sliding_window": 4,
-           "layer_types": ["sliding_attention"]}
+    cfg = {
+        "model_type": "qwen2",
+        "vocab_size": 320,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "use_sliding_window": True,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention"],
+    }
     with pytest.raises(ModelConfigError, match="layer_types must list"):
         ModelConfig.from_dict(cfg)

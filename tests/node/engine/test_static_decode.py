@@ -48,8 +48,7 @@ def test_static_decode_gives_the_regular_greedy_tokens(llama_world, reference_to
 
     if triton_device.type == "cuda":
         pytest.skip("covered on CUDA by the captured-graph tests")
-    engine = llama_world.engine(kernel=TritonLoRAKernel(mode), cuda_graphs="static", slot_images=images,
-                                max_num_seqs=4)
+    engine = llama_world.engine(kernel=TritonLoRAKernel(mode), cuda_graphs="static", slot_images=images, max_num_seqs=4)
     try:
         graphs = engine.runner.graphs
         assert graphs is not None and graphs.buckets == [1, 2, 4] and not graphs.capture
@@ -69,11 +68,14 @@ def test_prebuilt_slot_images_give_the_same_logits_as_slots_written_in_place(lla
             for r in rows_and_requests(llama_world):
                 engine.add_request(r)
             seqs, prefill, _ = engine.scheduler.schedule()
-            assert all((engine.adapters.load(a.adapter_id).result(30).image is not None) == images
-                       for a in llama_world.adapters)
+            assert all(
+                (engine.adapters.load(a.adapter_id).result(30).image is not None) == images
+                for a in llama_world.adapters
+            )
             return engine.runner.forward(seqs, prefill, all_logits=True)
         finally:
             engine.close()
+
     assert torch.equal(logits(True), logits(False))
 
 
@@ -107,6 +109,7 @@ def test_skipping_the_rehash_on_load_is_a_switch(tmp_path):
 
 
 # ---- CUDA ----
+
 
 @pytest.mark.parametrize("graphs", ["auto", "static"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
@@ -152,9 +155,11 @@ def test_seeded_sampling_on_cuda_repeats(llama_world, device):
         engine = llama_world.engine(device=device, dtype="bf16", max_num_seqs=8)
         try:
             p = SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, top_k=40, seed=11, ignore_eos=True)
-            ev = engine.generate([GenerationRequest("s", llama_world.adapters[0].adapter_id,
-                                                    prompt_token_ids=[1, 5, 6], params=p)])["s"]
+            ev = engine.generate(
+                [GenerationRequest("s", llama_world.adapters[0].adapter_id, prompt_token_ids=[1, 5, 6], params=p)]
+            )["s"]
             return list(ev.token_ids)
         finally:
             engine.close()
+
     assert run() == run()

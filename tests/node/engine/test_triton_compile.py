@@ -15,7 +15,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import itertools, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -47,9 +47,9 @@ SCRIPT = textwrap.dedent('''
             build(J._bgmv_expand_kernel, J.expand_config("bgmv", rank, tdt), dt)
             build(J._sgmv_expand_kernel, dict(J.expand_config("sgmv", rank, tdt), BLOCK_M=16), dt)
         for (group, d, bs), bn in itertools.product(((4, 128, 16), (2, 32, 8), (3, 24, 5)), (A.BLOCK_N, 16)):
-            build(A._paged_decode_kernel, dict(GROUP=group, GROUP_P=16, HEAD_DIM=d, HEAD_P=max(16, triton.next_power_of_2(d)),
-                  CACHE_BLOCK=bs, BLOCK_N=bn, DOT_F32=False, PRECISION="ieee" if dt == "fp32" else "tf32",
-                  num_warps=A.NUM_WARPS), dt)
+            build(A._paged_decode_kernel, dict(GROUP=group, GROUP_P=16, HEAD_DIM=d,
+                  HEAD_P=max(16, triton.next_power_of_2(d)), CACHE_BLOCK=bs, BLOCK_N=bn, DOT_F32=False,
+                  PRECISION="ieee" if dt == "fp32" else "tf32", num_warps=A.NUM_WARPS), dt)
         build(O._rmsnorm_kernel, dict(HAS_RES=True, BLOCK=4096, num_warps=16), dt)
         build(O._rmsnorm_kernel, dict(HAS_RES=False, BLOCK=4096, num_warps=16), dt)
         build(O._rope_cache_kernel, dict(HEADS=32, KV_HEADS=8, HEADS_P=32, KV_P=8, HALF=64, HALF_P=64), dt)
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent('''
     else:
         raise SystemExit("CPU tensors without the interpreter were not refused")
     print("ALL BUILT")
-''')
+""")
 
 
 def test_every_kernel_builds_for_sm90_without_a_gpu():
@@ -70,6 +70,8 @@ def test_every_kernel_builds_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = Path(__file__).resolve().parents[3]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "ALL BUILT" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "refused: Triton kernels need CUDA tensors (got cpu), or TRITON_INTERPRET=1 set before import" in proc.stdout

@@ -36,13 +36,13 @@ def make_case(seed: int, dtype, device, *, t=37, s=5, rank=8, d_in=72, outs=(40,
     b = torch.zeros(s + 1, r_all, sum(outs))
     off = 0
     for i, o in enumerate(outs):
-        b[:, i * rank:(i + 1) * rank, off:off + o] = torch.randn(s + 1, rank, o, generator=g)
+        b[:, i * rank : (i + 1) * rank, off : off + o] = torch.randn(s + 1, rank, o, generator=g)
         off += o
     ranks = [1 + int(torch.randint(rank, (1,), generator=g)) for _ in range(s)]
     for slot, r in enumerate(ranks):
         for i in range(n):
-            a[slot, i * rank + r:(i + 1) * rank] = 0
-            b[slot, i * rank + r:(i + 1) * rank] = 0
+            a[slot, i * rank + r : (i + 1) * rank] = 0
+            b[slot, i * rank + r : (i + 1) * rank] = 0
     a[s] = 0
     b[s] = 0
     rng = random.Random(seed)
@@ -64,7 +64,7 @@ def reference(a, b, x, y0, slots, offset):
     for i, s in enumerate(slots):
         if s >= 0:
             h[i] = a[s] @ x[i]
-            y[i, offset:offset + b.shape[2]] += h[i] @ b[s]
+            y[i, offset : offset + b.shape[2]] += h[i] @ b[s]
     return h, y
 
 
@@ -106,12 +106,12 @@ def test_static_tables_with_padded_rows_match_prepare(triton_device, mode):
     bucket = 48
     xp = torch.cat([x, torch.randn(bucket - len(slots), x.shape[1], device=triton_device)])
     yp = torch.cat([y0, torch.randn(bucket - len(slots), y0.shape[1], device=triton_device)])
-    pad_before = yp[len(slots):].clone()
+    pad_before = yp[len(slots) :].clone()
     static = k.static_meta(mode, bucket, 5, triton_device)
     k.fill(static, slots + [-1] * (bucket - len(slots)))
     k.expand(yp, k.shrink(xp, a, static), b, static, 3, outs)
-    torch.testing.assert_close(yp[:len(slots)], want, rtol=1e-6, atol=1e-5)
-    assert torch.equal(yp[len(slots):], pad_before)
+    torch.testing.assert_close(yp[: len(slots)], want, rtol=1e-6, atol=1e-5)
+    assert torch.equal(yp[len(slots) :], pad_before)
 
 
 def test_sgmv_tables_are_planned_exactly():
@@ -121,8 +121,8 @@ def test_sgmv_tables_are_planned_exactly():
     assert tok == [0, 2, 4, 5, 6, 1, 3]
     n = len(tiles) // 3
     assert tiles[:n] == [2, 2, 2, -1, 0]  # slot per tile
-    assert tiles[n:2 * n] == [0, 2, 4, 5, 6]  # start in tok
-    assert tiles[2 * n:] == [2, 2, 1, 1, 1]  # length
+    assert tiles[n : 2 * n] == [0, 2, 4, 5, 6]  # start in tok
+    assert tiles[2 * n :] == [2, 2, 1, 1, 1]  # length
     assert plan_tables("bgmv", [2, -1, 0], block_m=16) == [2, -1, 0]
     padded = plan_tables("sgmv", [1, 1], block_m=16, tiles_cap=3)
     assert padded == [0, 1] + [1, -1, -1] + [0, 0, 0] + [2, 0, 0]
@@ -146,12 +146,15 @@ def test_automatic_mode_follows_tokens_per_adapter():
     assert TritonLoRAKernel("bgmv").choose_mode([0, 0, 0]) == "bgmv"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"mode": "fast"}, "mode 'fast' is not one of bgmv, sgmv"),
-    ({"block_m": 8}, "block_m must be a power of two >= 16"),
-    ({"block_m": 24}, "block_m must be a power of two >= 16"),
-    ({"split_k": 0}, "split_k must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "fast"}, "mode 'fast' is not one of bgmv, sgmv"),
+        ({"block_m": 8}, "block_m must be a power of two >= 16"),
+        ({"block_m": 24}, "block_m must be a power of two >= 16"),
+        ({"split_k": 0}, "split_k must be >= 1"),
+    ],
+)
 def test_bad_kernel_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TritonLoRAKernel(**kwargs)
@@ -168,8 +171,8 @@ def test_llama3_8b_projection_shapes_on_cuda(mode):
     r_all = 2 * rank
     a = (torch.randn(s + 1, r_all, d_in, device=dev, generator=g) * 0.02).bfloat16()
     b = torch.zeros(s + 1, r_all, sum(outs), device=dev, dtype=torch.bfloat16)
-    b[:, :rank, :outs[0]] = (torch.randn(s + 1, rank, outs[0], device=dev, generator=g) * 0.02).bfloat16()
-    b[:, rank:, outs[0]:] = (torch.randn(s + 1, rank, outs[1], device=dev, generator=g) * 0.02).bfloat16()
+    b[:, :rank, : outs[0]] = (torch.randn(s + 1, rank, outs[0], device=dev, generator=g) * 0.02).bfloat16()
+    b[:, rank:, outs[0] :] = (torch.randn(s + 1, rank, outs[1], device=dev, generator=g) * 0.02).bfloat16()
     a[s] = 0
     b[s] = 0
     slots = [i % s for i in range(60)] + [-1] * 4

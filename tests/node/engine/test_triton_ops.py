@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from node.engine.layers.attention import build_metadata, write_kv  # noqa: E402
 from node.engine.config import ModelConfig  # noqa: E402
-from node.engine.model import RMSNorm, Rotary  # noqa: E402
+from node.engine.layers.attention import build_metadata, write_kv  # noqa: E402
 from node.engine.layers.fused import rms_norm, rope_and_cache, silu_mul  # noqa: E402
+from node.engine.model import RMSNorm, Rotary  # noqa: E402
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
@@ -48,9 +48,19 @@ def test_add_rms_norm_matches_torch(triton_device, dtype, n):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 32), (6, 2, 24)])
 def test_rope_and_cache_matches_rotary_and_write_kv(triton_device, dtype, heads, kv_heads, head_dim):
-    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 16, "hidden_size": heads * head_dim,
-                                 "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": heads,
-                                 "num_key_value_heads": kv_heads, "head_dim": head_dim, "max_position_embeddings": 64})
+    cfg = ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 16,
+            "hidden_size": heads * head_dim,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "max_position_embeddings": 64,
+        }
+    )
     rot = Rotary(cfg)
     rot.build(torch.device("cpu"), dtype)
     g = torch.Generator().manual_seed(heads + head_dim)
@@ -64,13 +74,19 @@ def test_rope_and_cache_matches_rotary_and_write_kv(triton_device, dtype, heads,
     v_ref = k_ref.clone()
     meta = build_metadata([[0]], [[0]], bs, None, torch.device("cpu"))
     meta.slot_mapping = slots
-    write_kv(k_ref, v_ref, rot(k.reshape(t, kv_heads, head_dim), positions), v.reshape(t, kv_heads, head_dim).contiguous(),
-             meta)
+    write_kv(
+        k_ref,
+        v_ref,
+        rot(k.reshape(t, kv_heads, head_dim), positions),
+        v.reshape(t, kv_heads, head_dim).contiguous(),
+        meta,
+    )
     dev = triton_device
     k_cache = torch.full_like(k_ref, float("nan"), device=dev)  # poisoned: only the written slots change
     v_cache = torch.full_like(v_ref, float("nan"), device=dev)
-    got_q = rope_and_cache(qkv.to(dev), rot.cos.to(dev), rot.sin.to(dev), positions.to(dev), slots.to(dev),
-                           k_cache, v_cache, heads)
+    got_q = rope_and_cache(
+        qkv.to(dev), rot.cos.to(dev), rot.sin.to(dev), positions.to(dev), slots.to(dev), k_cache, v_cache, heads
+    )
     assert rel(got_q, want_q) < bound(dtype)
     flat_k, flat_v = k_cache.view(-1, kv_heads, head_dim).cpu(), v_cache.view(-1, kv_heads, head_dim).cpu()
     ref_k, ref_v = k_ref.view(-1, kv_heads, head_dim), v_ref.view(-1, kv_heads, head_dim)

@@ -35,8 +35,10 @@ def packages(tmp_path_factory) -> Packages:
     # one layer, hidden 64: the transfer tests need real signed packages, not a big model
     base = make_base(work / "base", hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2)
     owner, stranger = Account.create(), Account.create()
-    made = {name: make_package(base, work / name, account=owner, name=name, seed=i)
-            for i, name in enumerate(["main", "tampered", "stalled", "dropped", "oversized"])}
+    made = {
+        name: make_package(base, work / name, account=owner, name=name, seed=i)
+        for i, name in enumerate(["main", "tampered", "stalled", "dropped", "oversized"])
+    }
     foreign = make_package(base, work / "foreign", account=stranger, name="foreign", seed=99)
     return Packages(base=base, owner=owner.address, stranger=stranger.address, foreign=foreign, **made)
 
@@ -57,11 +59,22 @@ def mesh(tmp_path_factory, packages: Packages):
     work = tmp_path_factory.mktemp("mesh")
     p = packages
     owners = work / "owners.json"  # stand-in for the chain registry: adapter id -> owner address
-    owners.write_text(json.dumps({pkg.adapter_id: p.owner for pkg in
-                                  (p.main, p.tampered, p.stalled, p.dropped, p.oversized, p.foreign)}))
+    owners.write_text(
+        json.dumps(
+            {pkg.adapter_id: p.owner for pkg in (p.main, p.tampered, p.stalled, p.dropped, p.oversized, p.foreign)}
+        )
+    )
     faults = work / "faults.json"
-    faults.write_text(json.dumps({p.tampered.adapter_id: "tamper", p.stalled.adapter_id: "stall",
-                                  p.dropped.adapter_id: "drop", p.oversized.adapter_id: "oversize"}))
+    faults.write_text(
+        json.dumps(
+            {
+                p.tampered.adapter_id: "tamper",
+                p.stalled.adapter_id: "stall",
+                p.dropped.adapter_id: "drop",
+                p.oversized.adapter_id: "oversize",
+            }
+        )
+    )
     store_a, store_f = AdapterStore(work / "a"), AdapterStore(work / "f")
     for pkg in (p.main, p.tampered, p.stalled, p.dropped):
         store_a.install(pkg.path)

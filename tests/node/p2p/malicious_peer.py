@@ -80,8 +80,9 @@ class Malice:
             if fault == "nested_manifest":
                 await stream.write(encode_header(Kind.MANIFEST, 1 << 20) + b"[" * (1 << 20))
             elif fault == "nested_signature":  # then the real files, so a fetcher goes on to install it
-                await stream.write(encode(Kind.MANIFEST, manifest) + encode_header(Kind.SIGNATURE, 64 << 10)
-                                   + b"[" * (64 << 10))
+                await stream.write(
+                    encode(Kind.MANIFEST, manifest) + encode_header(Kind.SIGNATURE, 64 << 10) + b"[" * (64 << 10)
+                )
                 for kind, payload in package_sections(pkg, adapter_id):
                     if kind not in (Kind.MANIFEST, Kind.SIGNATURE):
                         await stream.write(encode(kind, payload))
@@ -95,7 +96,9 @@ class Malice:
                     if kind not in (Kind.MANIFEST, Kind.SIGNATURE):
                         await stream.write(encode(kind, payload))
             elif fault == "trickle":
-                data = encode(Kind.MANIFEST, manifest) + encode(Kind.SIGNATURE, signature) + encode_header(Kind.DATA, 1024)
+                data = (
+                    encode(Kind.MANIFEST, manifest) + encode(Kind.SIGNATURE, signature) + encode_header(Kind.DATA, 1024)
+                )
                 await stream.write(data)
                 while True:  # one byte a second, forever: never a read timeout, never done
                     await stream.write(b"\0")
@@ -164,7 +167,7 @@ class Malice:
                 pairs = [create_new_key_pair(os.urandom(32)) for _ in range(cmd["fakes"])]
                 keys = [kp.private_key for kp in pairs]
                 ids = [ID.from_pubkey(kp.public_key).to_base58() for kp in pairs]
-            for i, (key, pid) in enumerate(zip(keys, ids)):
+            for key, pid in zip(keys, ids):
                 addrs = tuple(self.addrs) if pid == self.peer_id else (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",)
                 await self.pubsub.publish(TOPIC, sign_announcement(Announcement(pid, addrs, adapters, ts), key))
                 # GossipSub takes 10 messages a second per peer and topic: the flood is the count, not the burst
@@ -223,8 +226,15 @@ def _reply(obj: dict) -> None:
 async def main() -> None:
     route_libp2p_logging()
     _, host = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
-    gossipsub = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12,
-                          heartbeat_initial_delay=0.1, heartbeat_interval=1, eclipse_protection_enabled=False)
+    gossipsub = GossipSub(
+        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=1,
+        eclipse_protection_enabled=False,
+    )
     pubsub = Pubsub(host, gossipsub)
     async with host.run(listen_addrs=[Multiaddr(LISTEN)]):
         async with background_trio_service(pubsub), background_trio_service(gossipsub):

@@ -24,9 +24,19 @@ from tests.utils.p2p import REPO, PeerProcess
 pytestmark = pytest.mark.integration
 
 # Small limits so every attack is decided in a second or two.
-TARGET_CONFIG = dict(request_timeout=1.0, header_timeout=2.0, min_rate=64 * 1024, transfer_grace=1.0,
-                     backoff_base=60.0, max_unknown_attempts=2, book_max_peers=16, book_max_ids=1024,
-                     max_inbound_streams=8, max_streams_per_peer=2, announce_future_skew=5.0)
+TARGET_CONFIG = dict(
+    request_timeout=1.0,
+    header_timeout=2.0,
+    min_rate=64 * 1024,
+    transfer_grace=1.0,
+    backoff_base=60.0,
+    max_unknown_attempts=2,
+    book_max_peers=16,
+    book_max_ids=1024,
+    max_inbound_streams=8,
+    max_streams_per_peer=2,
+    announce_future_skew=5.0,
+)
 HONEST_WITHIN_S = 10.0
 
 
@@ -36,8 +46,15 @@ class Process(PeerProcess):
     def __init__(self, argv: list[str], *, log_path: Path, start_timeout: float = 60.0) -> None:
         self._log = open(log_path, "w")
         self.log_path = log_path
-        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=REPO,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
         hello = self._read(start_timeout)
         self.peer_id, self.addrs = hello["peer_id"], hello["addrs"]
 
@@ -49,9 +66,28 @@ class Process(PeerProcess):
 
 
 def _peer(work: Path, name: str, owners: Path, base: Path, *, bootstrap=(), config: dict | None = None) -> Process:
-    argv = ["-m", "tests.utils.p2p_peer", "--store", str(work / name), "--owners", str(owners), "--base", str(base),
-            "--listen", "/ip4/127.0.0.1/tcp/0", "--read-timeout", "2", "--discover-timeout", "3",
-            "--announce-interval", "1", "--log-level", "INFO", "--config", json.dumps(config or {})]
+    argv = [
+        "-m",
+        "tests.utils.p2p_peer",
+        "--store",
+        str(work / name),
+        "--owners",
+        str(owners),
+        "--base",
+        str(base),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--read-timeout",
+        "2",
+        "--discover-timeout",
+        "3",
+        "--announce-interval",
+        "1",
+        "--log-level",
+        "INFO",
+        "--config",
+        json.dumps(config or {}),
+    ]
     if bootstrap:
         argv += ["--bootstrap", *bootstrap]
     return Process(argv, log_path=work / f"{name}.log")
@@ -73,9 +109,14 @@ def arena(tmp_path_factory, packages):
     p = packages
     extra = make_package(p.base, work / "extra", account=Account.create(), name="extra", seed=7)
     owners = work / "owners.json"
-    owners.write_text(json.dumps({**{pkg.adapter_id: p.owner for pkg in (p.main, p.tampered, p.stalled, p.dropped,
-                                                                          p.oversized)},
-                                  extra.adapter_id: extra.signer}))
+    owners.write_text(
+        json.dumps(
+            {
+                **{pkg.adapter_id: p.owner for pkg in (p.main, p.tampered, p.stalled, p.dropped, p.oversized)},
+                extra.adapter_id: extra.signer,
+            }
+        )
+    )
     for pkg in (p.main, p.tampered, p.stalled, p.dropped):
         AdapterStore(work / "h").install(pkg.path)
     AdapterStore(work / "t").install(extra.path)
@@ -91,7 +132,7 @@ def arena(tmp_path_factory, packages):
         a = Arena(h=h, t=t, m=m, work=work, owners=owners, extra_id=extra.adapter_id)
         # once before any attack: the first install imports the weight checks (seconds on a busy machine),
         # which is no part of the bound the attacks are held to
-        for who, store, adapter_id, src in ((t, "t", p.main.adapter_id, h), (h, "h", extra.adapter_id, t)):
+        for who, adapter_id, src in ((t, p.main.adapter_id, h), (h, extra.adapter_id, t)):
             assert who.call("fetch", adapter_id=adapter_id, providers=[src.addrs[0]], timeout=120)["ok"]
         yield a
     finally:

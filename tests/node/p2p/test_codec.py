@@ -35,12 +35,18 @@ def run(fn):
 def test_frames_round_trip_across_partial_reads():
     async def main():
         a, b = _pair()
-        frames = [(Kind.REQUEST, b'{"adapter_id":"x"}'), (Kind.DATA, b"\x01" * MAX_PAYLOAD), (Kind.DATA, b""),
-                  (Kind.END, b"")]
+        frames = [
+            (Kind.REQUEST, b'{"adapter_id":"x"}'),
+            (Kind.DATA, b"\x01" * MAX_PAYLOAD),
+            (Kind.DATA, b""),
+            (Kind.END, b""),
+        ]
         async with trio.open_nursery() as n:
+
             async def send():
                 for kind, payload in frames:
                     await write_frame(a, kind, payload, timeout=5)
+
             n.start_soon(send)
             reader = FrameReader(b, timeout=5)
             got = [await reader.read_frame() for _ in frames]

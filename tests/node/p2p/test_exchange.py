@@ -67,7 +67,9 @@ def test_bad_provider_then_good_one(mesh, packages, which, reason):
     assert len(got["failures"]) == 1 and got["failures"][0].startswith(mesh.f.peer_id)
     assert re.search(reason, got["failures"][0])
     installed = Path(got["path"])
-    assert (installed / "adapter_model.safetensors").read_bytes() == (pkg.path / "adapter_model.safetensors").read_bytes()
+    assert (installed / "adapter_model.safetensors").read_bytes() == (
+        pkg.path / "adapter_model.safetensors"
+    ).read_bytes()
     assert list((mesh.c_store / ".tmp").iterdir()) == []
 
 

@@ -58,11 +58,16 @@ class _Bytes:
 
 
 @FUZZ
-@given(data=st.one_of(st.binary(max_size=4096),
-                      st.lists(st.tuples(st.sampled_from(list(Kind)), st.binary(max_size=64)), max_size=5).map(
-                          lambda fs: b"".join(encode(k, p[: 0 if k == Kind.END else None]) for k, p in fs)),
-                      st.tuples(st.integers(0, 255), st.integers(0, 2**32 - 1)).map(lambda h: HEADER.pack(*h))),
-       cuts=st.lists(st.integers(0, 64), max_size=20))
+@given(
+    data=st.one_of(
+        st.binary(max_size=4096),
+        st.lists(st.tuples(st.sampled_from(list(Kind)), st.binary(max_size=64)), max_size=5).map(
+            lambda fs: b"".join(encode(k, p[: 0 if k == Kind.END else None]) for k, p in fs)
+        ),
+        st.tuples(st.integers(0, 255), st.integers(0, 2**32 - 1)).map(lambda h: HEADER.pack(*h)),
+    ),
+    cuts=st.lists(st.integers(0, 64), max_size=20),
+)
 def test_frame_reader_raises_only_frame_errors(data, cuts):
     async def main():
         reader = FrameReader(_Bytes(data, cuts), timeout=1)
@@ -104,16 +109,25 @@ def test_manifest_plan_raises_only_bad_bytes(payload):
 
 
 def _valid(ts_ms: int | None = None, adapters=(ADAPTER,)) -> bytes:
-    ann = Announcement(PEER, (f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}",), tuple(adapters),
-                       ts_ms if ts_ms is not None else int(time.time() * 1000))
+    ann = Announcement(
+        PEER,
+        (f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}",),
+        tuple(adapters),
+        ts_ms if ts_ms is not None else int(time.time() * 1000),
+    )
     return sign_announcement(ann, KEY.private_key)
 
 
 @FUZZ
-@given(data=st.one_of(hostile_bytes,
-                      st.tuples(st.integers(0, 400), st.binary(min_size=1, max_size=3)).map(
-                          lambda cut: (lambda v: v[: cut[0]] + cut[1] + v[cut[0]:])(_valid())),
-                      json_like.map(lambda v: canonical_json({"payload": v, "sig": "00"}))))
+@given(
+    data=st.one_of(
+        hostile_bytes,
+        st.tuples(st.integers(0, 400), st.binary(min_size=1, max_size=3)).map(
+            lambda cut: (lambda v: v[: cut[0]] + cut[1] + v[cut[0] :])(_valid())
+        ),
+        json_like.map(lambda v: canonical_json({"payload": v, "sig": "00"})),
+    )
+)
 def test_announcement_parser_raises_only_announcement_error(data):
     try:
         ann = verify_announcement(data, now=time.time(), max_age=60)
@@ -152,8 +166,7 @@ def _ann(pid: str, n_ids: int, ts_ms: int) -> Announcement:
 
 def test_book_bounds_and_keeps_peers_with_standing_against_a_flood():
     trusted = {"trusted"}
-    book = ProviderBook(max_age=600, max_peers=10, max_ids=100,
-                        standing=lambda p: TRUSTED if p in trusted else UNKNOWN)
+    book = ProviderBook(max_age=600, max_peers=10, max_ids=100, standing=lambda p: TRUSTED if p in trusted else UNKNOWN)
     now = time.time()
     ts = int(now * 1000)
     assert book.add(_ann("old-stranger", 5, ts), now=now)
@@ -235,8 +248,11 @@ def test_order_tries_standing_first_failed_last_and_caps_unknown_dht_providers()
     f = _fetcher(max_attempts=5, max_unknown_attempts=2)
     f.standing.trust("registered")
     f.standing.failed("attacker")
-    found = ([Provider("attacker", (), "gossip")] + [Provider(f"fake{i}", (), "dht") for i in range(20)]
-             + [Provider("stranger", (), "gossip"), Provider("registered", (), "dht"), Provider("me", (), "gossip")])
+    found = (
+        [Provider("attacker", (), "gossip")]
+        + [Provider(f"fake{i}", (), "dht") for i in range(20)]
+        + [Provider("stranger", (), "gossip"), Provider("registered", (), "dht"), Provider("me", (), "gossip")]
+    )
     order = [p.peer_id for p in Fetcher._order(f, [Provider("given", (), "given")], found)]
     assert order == ["given", "registered", "stranger", "fake0", "fake1", "attacker"][: 1 + 5]
 

@@ -34,8 +34,9 @@ def test_provider_without_the_adapter_refuses(mesh, packages):
 def test_afetch_from_asyncio_reports_progress(mesh, packages, tmp_path):
     store = AdapterStore(tmp_path / "store")
     seen = []
-    with P2PNode(seed=os.urandom(32), store=store, owner_of=_owners(packages), config=CONFIG,
-                 base_dir=packages.base) as node:
+    with P2PNode(
+        seed=os.urandom(32), store=store, owner_of=_owners(packages), config=CONFIG, base_dir=packages.base
+    ) as node:
 
         async def main():
             return await node.afetch(packages.main.adapter_id, providers=[mesh.a.addrs[0]], on_progress=seen.append)
@@ -52,8 +53,9 @@ def test_afetch_from_asyncio_reports_progress(mesh, packages, tmp_path):
 def test_cancelling_afetch_discards_the_partial_download(mesh, packages, tmp_path):
     store = AdapterStore(tmp_path / "store")
     config = replace(CONFIG, read_timeout=30)  # the stall would last 30 s; the caller gives up first
-    with P2PNode(seed=os.urandom(32), store=store, owner_of=_owners(packages), config=config,
-                 base_dir=packages.base) as node:
+    with P2PNode(
+        seed=os.urandom(32), store=store, owner_of=_owners(packages), config=config, base_dir=packages.base
+    ) as node:
 
         async def main():
             await asyncio.wait_for(node.afetch(packages.stalled.adapter_id, providers=[mesh.f.addrs[0]]), 1.5)
@@ -81,10 +83,21 @@ def test_inbound_stream_cap_refuses_extra_streams(packages, tmp_path):
     server_store.install(stalled.path)
     server_store.install(dropped.path)
     server_cfg = replace(CONFIG, max_inbound_streams=1, read_timeout=3)
-    with P2PNode(seed=os.urandom(32), store=server_store, owner_of=_owners(packages), config=server_cfg,
-                 server_factory=_StallAll) as server, \
-         P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "client"), owner_of=_owners(packages),
-                 config=replace(CONFIG, read_timeout=3)) as client:
+    with (
+        P2PNode(
+            seed=os.urandom(32),
+            store=server_store,
+            owner_of=_owners(packages),
+            config=server_cfg,
+            server_factory=_StallAll,
+        ) as server,
+        P2PNode(
+            seed=os.urandom(32),
+            store=AdapterStore(tmp_path / "client"),
+            owner_of=_owners(packages),
+            config=replace(CONFIG, read_timeout=3),
+        ) as client,
+    ):
         addr = server.listen_addrs[0]
 
         async def main():
@@ -110,11 +123,16 @@ def test_bad_seed_refused(packages, tmp_path):
 
 
 def test_listen_port_in_use_fails_start_with_one_line(packages, tmp_path):
-    with P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "a"), owner_of=_owners(packages),
-                 config=CONFIG) as first:
+    with P2PNode(
+        seed=os.urandom(32), store=AdapterStore(tmp_path / "a"), owner_of=_owners(packages), config=CONFIG
+    ) as first:
         taken = first.listen_addrs[0].split("/p2p/")[0]
-        second = P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "b"), owner_of=_owners(packages),
-                         config=replace(CONFIG, listen=taken))
+        second = P2PNode(
+            seed=os.urandom(32),
+            store=AdapterStore(tmp_path / "b"),
+            owner_of=_owners(packages),
+            config=replace(CONFIG, listen=taken),
+        )
         with pytest.raises(P2PError, match="the p2p host failed to start: ") as err:
             second.start()
         assert "\n" not in str(err.value) and "sub-exception" not in str(err.value)
@@ -122,7 +140,8 @@ def test_listen_port_in_use_fails_start_with_one_line(packages, tmp_path):
 
 
 def test_announce_requires_holding_the_adapter(packages, tmp_path):
-    with P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "s"), owner_of=_owners(packages),
-                 config=CONFIG) as node:
+    with P2PNode(
+        seed=os.urandom(32), store=AdapterStore(tmp_path / "s"), owner_of=_owners(packages), config=CONFIG
+    ) as node:
         with pytest.raises(P2PError, match="this node's store does not hold it"):
             node.announce(packages.main.adapter_id)

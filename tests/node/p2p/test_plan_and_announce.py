@@ -21,9 +21,13 @@ from node.p2p.protocol import FileHasher, PlannedFile, plan_transfer
 
 def _manifest(**files: bytes) -> Manifest:
     return Manifest(
-        name="t", version="1", base_model=BaseModelRef(name="b", id="0x" + "11" * 32),
-        files=tuple(FileEntry(path=k.replace("_", "."), sha256=hashlib.sha256(v).hexdigest(), size=len(v))
-                    for k, v in files.items()),
+        name="t",
+        version="1",
+        base_model=BaseModelRef(name="b", id="0x" + "11" * 32),
+        files=tuple(
+            FileEntry(path=k.replace("_", "."), sha256=hashlib.sha256(v).hexdigest(), size=len(v))
+            for k, v in files.items()
+        ),
         lora=LoraInfo(rank=4, alpha=8, targets=("q_proj",)),
     )
 
@@ -68,8 +72,11 @@ def test_hasher_refuses_extra_bytes_at_once():
         h.reserve(2)
 
 
-@pytest.mark.parametrize("received, message", [(b"abd", "w.bin: sha256 differs from the manifest"),
-                                               (b"ab", "w.bin: 1 bytes missing")], ids=["changed", "missing"])
+@pytest.mark.parametrize(
+    "received, message",
+    [(b"abd", "w.bin: sha256 differs from the manifest"), (b"ab", "w.bin: 1 bytes missing")],
+    ids=["changed", "missing"],
+)
 def test_hasher_refuses_changed_or_missing_bytes(received, message):
     h = FileHasher(PlannedFile("w.bin", 3, hashlib.sha256(b"abc").hexdigest()))
     h.reserve(len(received))

@@ -33,5 +33,12 @@ class LoRAKernel(Protocol):
 
     def shrink(self, x: torch.Tensor, a: torch.Tensor, meta: object) -> torch.Tensor: ...
 
-    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: object, offset: int,
-               slices: tuple[int, ...] | None = None) -> None: ...
+    def expand(
+        self,
+        y: torch.Tensor,
+        h: torch.Tensor,
+        b: torch.Tensor,
+        meta: object,
+        offset: int,
+        slices: tuple[int, ...] | None = None,
+    ) -> None: ...

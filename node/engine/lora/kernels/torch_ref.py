@@ -93,11 +93,18 @@ class TorchLoRAKernel:
         # [T, R, in] @ [T, in, 1] -> [T, R]
         return torch.bmm(a.index_select(0, meta.rows), x.unsqueeze(-1)).squeeze(-1)
 
-    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: LoRAMeta, offset: int,
-               slices: tuple[int, ...] | None = None) -> None:
+    def expand(
+        self,
+        y: torch.Tensor,
+        h: torch.Tensor,
+        b: torch.Tensor,
+        meta: LoRAMeta,
+        offset: int,
+        slices: tuple[int, ...] | None = None,
+    ) -> None:
         """y[t, off:off+out] += B[s_t] @ h[t] (dense and gather multiply the zero blocks of a fused B)."""
         s1, r, out = b.shape
-        ys = y if offset == 0 and out == y.shape[1] else y[:, offset: offset + out]
+        ys = y if offset == 0 and out == y.shape[1] else y[:, offset : offset + out]
         if meta.mode == "grouped":
             _grouped_expand(ys, h, b, meta, slices)
             return
@@ -148,8 +155,9 @@ def _plan_groups(meta: LoRAMeta, host_slots: list[int], dev: torch.device, layou
         _plan_padded(meta, members, dev)
 
 
-def _plan_segments(meta: LoRAMeta, segments: list[tuple[int, int, int]], order: list[int] | None,
-                   dev: torch.device) -> None:
+def _plan_segments(
+    meta: LoRAMeta, segments: list[tuple[int, int, int]], order: list[int] | None, dev: torch.device
+) -> None:
     """segments (slot, lo, hi) over packed rows; order = token of each packed row, None = the tokens
     themselves (no gather or scatter: each segment reads x and writes y in place)."""
     meta.segments = tuple(segments)
@@ -195,7 +203,7 @@ def _plan_padded(meta: LoRAMeta, members: dict[int, list[int]], dev: torch.devic
 def _stack(w: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
     """[G, ...] stacks of the groups' slots: a view when they are a range."""
     if meta.group_range is not None:
-        return w[meta.group_range[0]: meta.group_range[1]]
+        return w[meta.group_range[0] : meta.group_range[1]]
     return w.index_select(0, meta.group_slots)
 
 
@@ -224,8 +232,9 @@ def _grouped_shrink(x: torch.Tensor, a: torch.Tensor, meta: LoRAMeta) -> torch.T
     return h
 
 
-def _grouped_expand(ys: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: LoRAMeta,
-                    slices: tuple[int, ...] | None) -> None:
+def _grouped_expand(
+    ys: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: LoRAMeta, slices: tuple[int, ...] | None
+) -> None:
     out = b.shape[2]
     blocks = _rank_blocks(b.shape[1], out, slices)
     if meta.layout != "padded":

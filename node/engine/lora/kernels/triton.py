@@ -28,7 +28,6 @@ from node.engine.lora.kernels.triton_jit import (
     shrink_config,
 )
 
-
 # below this many tokens per active adapter BGMV is faster: SGMV's static decode grid is sized for
 # the worst case and its tiles are mostly padding (measured: bench/NOTES.md, "The LoRA launch-setting
 # sweep"); a long prefill runs faster as SGMV. The crossover is not measured.
@@ -39,6 +38,7 @@ MAX_SPLIT = 16  # split-K partials per shrink, unless split_k asks for more
 # --------------------------------------------------------------------------------------------------
 # per-step metadata
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class TritonLoRAMeta:
@@ -62,7 +62,7 @@ class TritonLoRAMeta:
 
     @property
     def tiles(self) -> torch.Tensor:
-        return self.buf[self.num_tokens:]
+        return self.buf[self.num_tokens :]
 
 
 def max_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
@@ -99,8 +99,15 @@ class TritonLoRAKernel:
     per tile, not once per token), else BGMV. `shrink` returns float32 split-K partials [K, T, R]
     (h = their sum over K), which the same kernel's `expand` reduces on the fly."""
 
-    def __init__(self, mode: str | None = None, *, block_m: int = 16, split_k: int | None = None,
-                 shrink_cfg: dict | None = None, expand_cfg: dict | None = None) -> None:
+    def __init__(
+        self,
+        mode: str | None = None,
+        *,
+        block_m: int = 16,
+        split_k: int | None = None,
+        shrink_cfg: dict | None = None,
+        expand_cfg: dict | None = None,
+    ) -> None:
         if mode not in (None, "bgmv", "sgmv"):
             raise ValueError(f"mode {mode!r} is not one of bgmv, sgmv (or None = automatic)")
         if block_m < 16 or block_m & (block_m - 1):
@@ -129,7 +136,7 @@ class TritonLoRAKernel:
         mt = max_tiles(num_tokens, num_slots, self.block_m) if mode == "sgmv" else 0
         buf = torch.full((num_tokens + 3 * mt,), -1, dtype=torch.int32, device=device)
         if mode == "sgmv":
-            buf[num_tokens + 2 * mt:] = 0
+            buf[num_tokens + 2 * mt :] = 0
         return TritonLoRAMeta(mode, num_tokens, num_slots, buf, mt)
 
     def fill(self, meta: TritonLoRAMeta, host_slots: list[int]) -> None:
@@ -176,8 +183,9 @@ class TritonLoRAKernel:
         return self._cols[key]
 
     # ---- the interface ----
-    def shrink(self, x: torch.Tensor, a: torch.Tensor, meta: TritonLoRAMeta,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def shrink(
+        self, x: torch.Tensor, a: torch.Tensor, meta: TritonLoRAMeta, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Semantics: h[t] = A[s_t] @ x[t] for tokens with a slot, h[t] = 0 for s_t = -1; returns
         float32 partials hk [K, T, R] with h = hk.sum(0). x [T, in], a [S+1, R, in]."""
         t, k_in = x.shape
@@ -195,16 +203,50 @@ class TritonLoRAKernel:
             return h
         if meta.mode == "bgmv":
             _bgmv_shrink_kernel[(t, triton.cdiv(r, block_r), split)](
-                x, a, h, meta.slots, k_in, r, per, x.stride(0), a.stride(0), a.stride(1), h.stride(0), h.stride(1),
-                **cfg)
+                x,
+                a,
+                h,
+                meta.slots,
+                k_in,
+                r,
+                per,
+                x.stride(0),
+                a.stride(0),
+                a.stride(1),
+                h.stride(0),
+                h.stride(1),
+                **cfg,
+            )
         else:
             _sgmv_shrink_kernel[(meta.max_tiles, triton.cdiv(r, block_r), split)](
-                x, a, h, meta.tok, meta.tiles, meta.max_tiles, k_in, r, per,
-                x.stride(0), a.stride(0), a.stride(1), h.stride(0), h.stride(1), BLOCK_M=self.block_m, **cfg)
+                x,
+                a,
+                h,
+                meta.tok,
+                meta.tiles,
+                meta.max_tiles,
+                k_in,
+                r,
+                per,
+                x.stride(0),
+                a.stride(0),
+                a.stride(1),
+                h.stride(0),
+                h.stride(1),
+                BLOCK_M=self.block_m,
+                **cfg,
+            )
         return h
 
-    def expand(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, meta: TritonLoRAMeta, offset: int,
-               slices: tuple[int, ...] | None = None) -> None:
+    def expand(
+        self,
+        y: torch.Tensor,
+        h: torch.Tensor,
+        b: torch.Tensor,
+        meta: TritonLoRAMeta,
+        offset: int,
+        slices: tuple[int, ...] | None = None,
+    ) -> None:
         """Semantics: y[t, off:off+out] += B[s_t] @ h[t] for tokens with a slot (others untouched),
         h = hk.sum(0). With `slices` (fused outputs), slice i's columns take only rank rows
         i*R/n..(i+1)*R/n, so B's zero off-diagonal blocks are never read."""
@@ -219,17 +261,44 @@ class TritonLoRAKernel:
         rank = r // len(slices)
         dev = y.device
         cols = self._cols_table(slices, dev)
-        yv = y[:, offset: offset + out]
+        yv = y[:, offset : offset + out]
         cfg = {**expand_config(meta.mode, rank, y.dtype), **self.expand_cfg}
         n_tiles = triton.cdiv(max(slices), cfg["BLOCK_N"])
         if meta.mode == "bgmv":
             _bgmv_expand_kernel[(t, len(slices), n_tiles)](
-                h, b, yv, meta.slots, cols, rank, split, h.stride(0), h.stride(1), b.stride(0), b.stride(1),
-                yv.stride(0), **cfg)
+                h,
+                b,
+                yv,
+                meta.slots,
+                cols,
+                rank,
+                split,
+                h.stride(0),
+                h.stride(1),
+                b.stride(0),
+                b.stride(1),
+                yv.stride(0),
+                **cfg,
+            )
         else:
             _sgmv_expand_kernel[(meta.max_tiles, len(slices), n_tiles)](
-                h, b, yv, meta.tok, meta.tiles, cols, meta.max_tiles, rank, split, h.stride(0), h.stride(1),
-                b.stride(0), b.stride(1), yv.stride(0), BLOCK_M=self.block_m, **cfg)
+                h,
+                b,
+                yv,
+                meta.tok,
+                meta.tiles,
+                cols,
+                meta.max_tiles,
+                rank,
+                split,
+                h.stride(0),
+                h.stride(1),
+                b.stride(0),
+                b.stride(1),
+                yv.stride(0),
+                BLOCK_M=self.block_m,
+                **cfg,
+            )
 
 
 def _host_int32(vals: list[int], dev: torch.device) -> torch.Tensor:
