@@ -9,7 +9,7 @@ from typing import Annotated
 from eth_utils import is_checksum_address, to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.wire import ZERO_ID, UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from common.wire import HEX_ID_PATTERN, ZERO_ID, UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 from ledger.types import (
     MAX_DATASETS,
     MAX_PRICE_PER_1K_TOKENS,
@@ -28,7 +28,7 @@ FORMAT = "loramesh-adapter/1"
 # Flat, plain file names only: no folders, no "..", no hidden files, nothing a shell would expand.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-Id = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
+Id = Annotated[str, Field(pattern=f"^{HEX_ID_PATTERN}$")]
 
 
 def dataset_id(name: str, contributor: str) -> str:

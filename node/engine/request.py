@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
-HEX_ID = re.compile(r"^0x[0-9a-f]{64}$")
+from common.wire import is_id
+
 MAX_STOP_STRINGS = 4
 SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit integers; every bit of them changes the draws
 
@@ -73,7 +73,7 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise RequestError(f"request_id must be a non-empty string, got {self.request_id!r}")
-        if self.adapter_id is not None and not HEX_ID.match(self.adapter_id):
+        if self.adapter_id is not None and not is_id(self.adapter_id):
             raise RequestError(
                 f"adapter_id must be '0x' + 64 lowercase hex characters or null, got {self.adapter_id!r}"
             )
