@@ -15,10 +15,10 @@ from ledger.chain import ChainClient
 from ledger.deployment import Deployment
 from ledger.errors import LedgerError
 from ledger.transport import PRIORITY_FEE, make_web3, rpc_guard
+from ledger.types import ETHER
 
 log = logging.getLogger(__name__)
 
-ETHER = 10**18
 DEFAULT_NODE_SHARE_BPS = 2_000  # node operator's cut of every fee; the rest goes to datasets and owner
 # Fee per 1,000 tokens of a bare base-model request (no adapter); all of it goes to the serving node.
 DEFAULT_BASE_PRICE = 10**14

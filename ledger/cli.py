@@ -23,9 +23,8 @@ from ledger.keys import load_account
 from ledger.rewards import rewards_summary
 from ledger.settler import Settler, requeue_set_aside, settler_status
 from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig, SettlerSettings
-from ledger.types import BASE_MODEL_ADAPTER_ID
+from ledger.types import BASE_MODEL_ADAPTER_ID, ETHER
 
-ETHER = 10**18
 _D = SettlerConfig()  # the defaults `settler run --help` shows (SettlerSettings takes them from SettlerConfig too)
 
 rewards_app = typer.Typer(help="Rewards accrued from settled inferences.", no_args_is_help=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 # it is used, so this module of plain values stays cheap for everyone who only needs the values
 from common.wire import ZERO_ID, hex0x, id_bytes, to_id
 
+ETHER = 10**18  # wei per ether: amounts on chain are wei, people read ether
+
 # The adapter id of a request to the bare base model (no adapter): stored as such in the outbox and
 # sent as such on chain, where AttributionLedger prices it at basePricePer1kTokens, all to the node.
 BASE_MODEL_ADAPTER_ID = ZERO_ID

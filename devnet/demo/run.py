@@ -15,6 +15,7 @@ from devnet.anvil import free_port
 from devnet.demo import checks, network, stages
 from devnet.processes import ManagedProcess, ProcessGroup
 from ledger.chain import ChainClient
+from ledger.types import ETHER
 from node.adapters.basemodel import base_model_name
 
 PARTICIPANTS = ["alice", "bob", "operator1", "operator2", "gateway"]
@@ -62,11 +63,11 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             show_attribution(client, ids, console)
             console.print(
                 f"[green]✓[/] {summary['records']} requests on chain exactly once in {summary['batches']} "
-                f"batch(es); rewards accrued = fees = {summary['fees'] / 1e18:.6f} ETH"
+                f"batch(es); rewards accrued = fees = {summary['fees'] / ETHER:.6f} ETH"
             )
             console.print(
                 f"[green]✓[/] {summary['base_records']} of them to the bare base model, at the base price: "
-                f"{summary['base_fees'] / 1e18:.6f} ETH, all to the serving node operators"
+                f"{summary['base_fees'] / ETHER:.6f} ETH, all to the serving node operators"
             )
             explorer_port = free_port()
             explorer = group.start(
@@ -146,7 +147,7 @@ def show_attribution(client, ids: dict[str, Path], console: Console) -> None:
         table.add_row(
             name,
             address,
-            *(f"{s.by_role.get(r, 0) / 1e18:.6f}" for r in ("node", "adapter_owner", "dataset")),
-            f"{s.accrued / 1e18:.6f}",
+            *(f"{s.by_role.get(r, 0) / ETHER:.6f}" for r in ("node", "adapter_owner", "dataset")),
+            f"{s.accrued / ETHER:.6f}",
         )
     console.print(table)

@@ -11,8 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from common.wire import ZERO_ID
-
-ETHER = 10**18
+from ledger.types import ETHER
 
 CSS = """
 :root { --fg:#1d2430; --muted:#5d6778; --line:#dde2ea; --bg:#f6f8fb; --accent:#2457c5; --ok:#17803d;
