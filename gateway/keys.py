@@ -15,8 +15,8 @@ from sqlmodel import Session, select
 from common.wire import sha256_hex
 from gateway.errors import AuthError
 from gateway.ratelimit import RateLimiter
-from gateway.tables import AdapterGrant, KeyPolicy
-from ledger.models import ApiKey, utcnow
+from gateway.tables import AdapterGrant, ApiKey, KeyPolicy
+from ledger.models import utcnow
 
 KEY_PREFIX = "lm-"
 SHOWN_PREFIX_LEN = 10

@@ -1,5 +1,5 @@
-"""The gateway's own tables: per-key limits and adapter grants (beside ledger's ApiKey), and the
-completion record of every request, written in the same transaction as its usage record."""
+"""The gateway's own tables: API keys with their limits and adapter grants, and the completion record of
+every request, written in the same transaction as its usage record (ledger's outbox row)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,22 @@ from sqlmodel import Field, SQLModel
 from ledger.models import utcnow
 
 
+class ApiKey(SQLModel, table=True):
+    """A gateway API key, stored hashed (sha256 hex of the secret)."""
+
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    key_hash: str = Field(max_length=66, unique=True, index=True)
+    prefix: str = Field(default="", max_length=16)  # first characters, to recognise a key in listings
+    rate_limit_per_minute: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
 class KeyPolicy(SQLModel, table=True):
-    """Limits of one API key that ledger's ApiKey has no column for."""
+    """Limits of one API key beyond its request rate: tokens per minute and the highest price it may pay."""
 
     __tablename__ = "gateway_key_policies"
     __table_args__ = {"info": {"migrate_columns": True}}  # ledger.db.init_db adds the columns it lacks

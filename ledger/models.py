@@ -97,20 +97,6 @@ class SettlementBatch(SQLModel, table=True):
     senders: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
-class ApiKey(SQLModel, table=True):
-    """A gateway API key, stored hashed (sha256 hex of the secret)."""
-
-    __tablename__ = "api_keys"
-
-    id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(max_length=200)
-    key_hash: str = Field(max_length=66, unique=True, index=True)
-    prefix: str = Field(default="", max_length=16)  # first characters, to recognise a key in listings
-    rate_limit_per_minute: int | None = None
-    created_at: datetime = Field(default_factory=utcnow)
-    revoked_at: datetime | None = None
-
-
 class DatasetMirror(SQLModel, table=True):
     """AdapterRegistry dataset, as of `updated_block`; its id is bound to `contributor` and `name`."""
 

@@ -18,8 +18,7 @@ from gateway.keys import (
     private_adapter_names,
     revoke_key,
 )
-from gateway.tables import AdapterGrant
-from ledger.models import ApiKey
+from gateway.tables import AdapterGrant, ApiKey
 from tests.utils.gateway import make_db
 
 
