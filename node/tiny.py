@@ -11,8 +11,20 @@ from pathlib import Path
 from node.adapters.basemodel import NAME_KEY, quiet_transformers
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
+# A chat template in the shape of Llama's and Qwen's: BOS first (written by the template, so a chat prompt starts
+# as a completion prompt does), one block per message, OpenAI tools listed in a system block, a model's tool
+# calls written as <tool_call>{json}</tool_call> (the Hermes/Qwen format gateway/tools.py parses) and tool
+# results as their own role. (transformers renders templates with trim_blocks: a newline right after a block tag
+# is dropped, so those are written as {{ '\\n' }}.)
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{{ bos_token }}"
+    '{% if tools %}<|system|>\nTools you may call, one <tool_call>{"name": ..., "arguments": {...}}</tool_call> each:\n'
+    "{% for t in tools %}{{ t | tojson }}{{ '\\n' }}{% endfor %}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}<tool_call>"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Text the tokenizer's merges are learnt from: enough for common English pieces, nothing more.
