@@ -1,0 +1,257 @@
+"""OpenAI tools on chat completions: the request's `tools` and `tool_choice` checked, the tools handed to the
+base's chat template, and the model's answer read back as `tool_calls`.
+
+How each `tool_choice` is served (as vLLM serves them):
+- "none": the template is not shown the tools; the answer is text.
+- "auto": the template lists the tools; the model may answer with `<tool_call>{"name": ..., "arguments": {...}}
+  </tool_call>` blocks (the Hermes/Qwen format, which the tiny bases' template writes too), which are parsed
+  into `tool_calls`; text outside them is the content. Nothing constrains it: a block that does not parse
+  stays text.
+- "required": the answer is constrained by the node's grammar to a JSON array of at least one
+  `{"name": <one of the tools>, "arguments": <that tool's parameters>}`, so it always parses and matches the
+  schemas (unless cut short by max_tokens).
+- a named function: constrained to that function's `parameters` schema; the answer is its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+
+from gateway.errors import BadRequest
+
+MAX_TOOLS = 128
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+# A function without parameters takes none: an empty object.
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def tool_plan(tools: list | None, tool_choice: object | None) -> ToolPlan | None:
+    """The request's tools and choice, checked (BadRequest naming the field); None when it names no tools."""
+    if not tools:
+        if tool_choice is not None:
+            raise BadRequest("tool_choice is only allowed when tools are given", param="tool_choice")
+        if tools is not None and not isinstance(tools, list):
+            raise BadRequest("tools must be a list of function tools", param="tools")
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise BadRequest(f"tools must be a list of at most {MAX_TOOLS} function tools", param="tools")
+    functions: dict[str, dict] = {}
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict):
+            raise BadRequest(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}', param="tools")
+        name = fn.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise BadRequest(f"tools[{i}].function.name must match {NAME.pattern}", param="tools")
+        if name in functions:
+            raise BadRequest(f"tools[{i}]: two tools are named {name!r}", param="tools")
+        params = fn.get("parameters", NO_PARAMETERS)
+        if not isinstance(params, dict):
+            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+        desc = fn.get("description")
+        if desc is not None and not isinstance(desc, str):
+            raise BadRequest(f"tools[{i}].function.description must be a string", param="tools")
+        functions[name] = {"name": name, "parameters": params} | ({"description": desc} if desc else {})
+    return ToolPlan(functions, *_choice(tool_choice, functions))
+
+
+def _choice(tool_choice: object, functions: dict[str, dict]) -> tuple[str, str | None]:
+    if tool_choice is None:
+        return "auto", None
+    if tool_choice in ("none", "auto", "required"):
+        return tool_choice, None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if not (isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(fn, dict)):
+        raise BadRequest(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    name = fn.get("name")
+    if name not in functions:
+        raise BadRequest(f"tool_choice names {name!r}, which is not one of the tools", param="tool_choice")
+    return "function", name
+
+
+class ToolPlan:
+    """How one request's tools are served: what the template sees, the node's grammar, how answers parse."""
+
+    def __init__(self, functions: dict[str, dict], choice: str, name: str | None) -> None:
+        self.functions, self.choice, self.name = functions, choice, name
+
+    @property
+    def template_tools(self) -> list[dict] | None:
+        if self.choice == "none":
+            return None
+        if self.choice == "function":
+            return [{"type": "function", "function": self.functions[self.name]}]
+        return [{"type": "function", "function": f} for f in self.functions.values()]
+
+    def guided(self) -> dict | None:
+        """The node's `guided` value: the answer's shape for "required" and a named function."""
+        if self.choice == "function":
+            return {"type": "json_schema", "schema": self.functions[self.name]["parameters"]}
+        if self.choice == "required":
+            calls = [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for f in self.functions.values()
+            ]
+            return {"type": "json_schema", "schema": {"type": "array", "minItems": 1, "items": {"anyOf": calls}}}
+        return None
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        """A whole answer -> (content, tool_calls). An answer that does not parse (cut short by max_tokens, or
+        a free-form block that is not JSON) is returned as content, with no calls."""
+        if self.choice == "none":
+            return text, []
+        if self.choice in ("required", "function"):
+            calls = self._constrained(text)
+            return (None, calls) if calls else (text, [])
+        calls, content, last = [], [], 0
+        for m in _BLOCK.finditer(text):
+            call = self._call(m.group(1))
+            if call is None:
+                continue  # not a call this request knows: left in the content
+            content.append(text[last : m.start()])
+            last = m.end()
+            calls.append(call)
+        content.append(text[last:])
+        rest = "".join(content).strip() if calls else text
+        return (rest or None) if calls else text, calls
+
+    def _constrained(self, text: str) -> list[dict]:
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return []
+        if self.choice == "function":
+            return [_tool_call(self.name, doc)] if isinstance(doc, dict) else []
+        if not isinstance(doc, list):
+            return []
+        calls = [self._call_from(item) for item in doc]
+        return [] if not calls or None in calls else calls
+
+    def _call(self, block: str) -> dict | None:
+        try:
+            return self._call_from(json.loads(block))
+        except ValueError:
+            return None
+
+    def _call_from(self, doc: object) -> dict | None:
+        if not isinstance(doc, dict) or doc.get("name") not in self.functions:
+            return None
+        args = doc.get("arguments", {})
+        if isinstance(args, str):  # some models write the arguments as a JSON string, as OpenAI sends them
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None
+        return _tool_call(doc["name"], args) if isinstance(args, dict) else None
+
+    def stream(self) -> ToolStream:
+        return ToolStream(self)
+
+
+def _tool_call(name: str, arguments: dict) -> dict:
+    return {
+        "id": "call_" + secrets.token_hex(12),
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
+
+
+class ToolStream:
+    """A streamed chat answer: text in, OpenAI chat deltas out. Free text passes through as it comes, except
+    what could be the start of a `<tool_call>` block, which is held until it is decided; a constrained answer
+    (required, named function) is held whole and sent as tool-call deltas at the end."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.held = ""
+        self.called = False
+        self._index = 0
+
+    def push(self, text: str) -> list[dict]:
+        if self.plan.choice == "none":
+            return [{"content": text}] if text else []
+        self.held += text
+        if self.plan.choice in ("required", "function"):
+            return []
+        out: list[dict] = []
+        while True:
+            start = self.held.find(OPEN)
+            if start < 0:
+                keep = _partial_open(self.held)
+                ready, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+                if ready:
+                    out.append({"content": ready})
+                return out
+            end = self.held.find(CLOSE, start)
+            if end < 0:
+                if start:
+                    out.append({"content": self.held[:start]})
+                    self.held = self.held[start:]
+                return out
+            before, block = self.held[:start], self.held[start : end + len(CLOSE)]
+            self.held = self.held[end + len(CLOSE) :]
+            call = self.plan._call(block[len(OPEN) : -len(CLOSE)])
+            if before:
+                out.append({"content": before})
+            out.append(self._delta([call]) if call is not None else {"content": block})
+
+    def close(self) -> list[dict]:
+        held, self.held = self.held, ""
+        if self.plan.choice in ("required", "function"):
+            calls = self.plan._constrained(held)
+            if calls:
+                return [self._delta(calls)]
+        return [{"content": held}] if held else []
+
+    def _delta(self, calls: list[dict]) -> dict:
+        self.called = True
+        out = []
+        for c in calls:
+            out.append({"index": self._index} | c)
+            self._index += 1
+        return {"tool_calls": out}
+
+
+def _partial_open(text: str) -> int:
+    """How many characters at the end of `text` could begin a `<tool_call>` tag."""
+    for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
+        if OPEN.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI chat messages -> what chat templates expect: "developer" is "system" (base templates know only
+    the older role), and assistant tool calls carry their arguments as objects (OpenAI sends JSON strings)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("role") == "developer":
+            m["role"] = "system"
+        if m.get("tool_calls"):
+            m["tool_calls"] = [_template_call(c) for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def _template_call(call: dict) -> dict:
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args)
+        except ValueError:
+            pass  # not JSON: the template writes it as the string it is
+    return {**call, "function": fn}

@@ -1,0 +1,155 @@
+"""gateway/tools.py: checking tools and tool_choice, the grammar for constrained choices, parsing answers whole
+and streamed."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from gateway.errors import BadRequest
+from gateway.tools import ToolPlan, template_messages, tool_plan
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "param"),
+    [
+        (None, "auto", "tool_choice"),
+        ([], "none", "tool_choice"),
+        ([{"type": "code_interpreter"}], None, "tools"),
+        ([{"type": "function", "function": {"name": "bad name"}}], None, "tools"),
+        ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], None, "tools"),
+        ([TIME, TIME], None, "tools"),
+        ([TIME] * 129, None, "tools"),
+        ([TIME], "sometimes", "tool_choice"),
+        ([TIME], {"type": "function", "function": {"name": "get_weather"}}, "tool_choice"),
+    ],
+)
+def test_bad_tools_are_refused_by_name(tools, choice, param):
+    with pytest.raises(BadRequest) as e:
+        tool_plan(tools, choice)
+    assert e.value.param == param
+
+
+def test_no_tools_no_plan():
+    assert tool_plan(None, None) is None
+    assert tool_plan([], None) is None
+
+
+def test_choices_and_what_the_template_sees():
+    assert tool_plan([WEATHER], None).choice == "auto"
+    assert tool_plan([WEATHER], "none").template_tools is None
+    named = tool_plan([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}})
+    assert named.choice == "function"
+    assert [t["function"]["name"] for t in named.template_tools] == ["get_time"]
+    assert len(tool_plan([WEATHER, TIME], "required").template_tools) == 2
+
+
+def _plan(choice="auto") -> ToolPlan:
+    return tool_plan([WEATHER, TIME], choice)
+
+
+def test_required_grammar_accepts_exactly_valid_calls():
+    schema = _plan("required").guided()["schema"]
+    jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Paris"}}], schema)
+    jsonschema.validate([{"name": "get_time", "arguments": {}}], schema)
+    for bad in ([], [{"name": "nope", "arguments": {}}], [{"name": "get_weather", "arguments": {}}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_named_grammar_is_the_functions_parameters():
+    plan = _plan({"type": "function", "function": {"name": "get_weather"}})
+    assert plan.guided() == {"type": "json_schema", "schema": WEATHER["function"]["parameters"]}
+    assert _plan("auto").guided() is None and _plan("none").guided() is None
+
+
+def test_parse_constrained_answers():
+    content, calls = _plan("required").parse('[{"name": "get_weather", "arguments": {"city": "Oslo"}}]')
+    assert content is None
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    named = _plan({"type": "function", "function": {"name": "get_weather"}})
+    _, calls = named.parse('{"city": "Rome"}')
+    assert calls[0]["function"]["name"] == "get_weather"
+    # cut short by max_tokens: the text comes back as content, with no calls
+    assert named.parse('{"city": "Ro') == ('{"city": "Ro', [])
+
+
+def test_parse_auto_answers():
+    plan = _plan("auto")
+    assert plan.parse("Just text.") == ("Just text.", [])
+    text = 'Let me check.<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    content, calls = plan.parse(text)
+    assert content == "Let me check." and [c["function"]["name"] for c in calls] == ["get_time"]
+    # arguments as a JSON string, as OpenAI writes them, are read too
+    _, calls = plan.parse('<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"X\\"}"}</tool_call>')
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "X"}
+    # an unknown tool or broken JSON stays text
+    for text in ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', "<tool_call>{not json</tool_call>"):
+        assert plan.parse(text) == (text, [])
+
+
+def _stream(plan: ToolPlan, pieces: list[str]) -> tuple[str, list[dict], bool]:
+    s = plan.stream()
+    deltas = [d for p in pieces for d in s.push(p)] + s.close()
+    text = "".join(d.get("content", "") for d in deltas)
+    calls = [c for d in deltas for c in d.get("tool_calls", ())]
+    return text, calls, s.called
+
+
+def test_stream_auto_holds_back_only_what_may_be_a_call():
+    text = 'Sure. <tool_call>{"name": "get_time", "arguments": {}}</tool_call> done'
+    pieces = [text[i : i + 3] for i in range(0, len(text), 3)]  # split inside the tags
+    content, calls, called = _stream(_plan("auto"), pieces)
+    assert content == "Sure.  done" and called
+    assert [c["index"] for c in calls] == [0] and calls[0]["function"]["name"] == "get_time"
+    # plain text streams through at once, except a possible tag start at the end
+    s = _plan("auto").stream()
+    assert s.push("hello <tool") == [{"content": "hello "}]
+    assert s.push("box>") == [{"content": "<toolbox>"}]
+    assert s.close() == []
+
+
+def test_stream_unterminated_call_is_flushed_as_text():
+    content, calls, called = _stream(_plan("auto"), ["a <tool_call>{", '"name"'])
+    assert content == 'a <tool_call>{"name"' and calls == [] and not called
+
+
+def test_stream_required_sends_calls_at_the_end():
+    pieces = ['[{"name": "get_time", ', '"arguments": {}}, {"name": "get_weather", "arguments": {"city": "A"}}]']
+    content, calls, called = _stream(_plan("required"), pieces)
+    assert content == "" and called and [c["index"] for c in calls] == [0, 1]
+
+
+def test_template_messages():
+    msgs = [
+        {"role": "developer", "content": "be brief"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+        },
+        {"role": "tool", "tool_call_id": "c", "content": "2"},
+    ]
+    out = template_messages(msgs)
+    assert out[0]["role"] == "system"
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert msgs[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # the request is not changed
+    assert out[2] == msgs[2]
