@@ -25,7 +25,8 @@ async def authenticate(request: Request, gw: GatewayDep) -> AuthContext:
     admission = gw.admission
     # a cached key answers on the event loop; only a miss pays the worker thread and the database
     auth = admission.cached_auth(header) or await asyncio.to_thread(admission.authenticate, header)
-    admission.admit(auth.key)
+    if admission.limited(auth.key):  # the key's buckets are in the database the gateways share
+        await asyncio.to_thread(admission.admit, auth.key)
     return auth
 
 

@@ -90,6 +90,12 @@ class PriceExceedsLimit(GatewayError):
     status, type, code = 403, "permission_error", "price_exceeds_key_limit"
 
 
+class RateLimitsUnavailable(GatewayError):
+    """The shared rate-limit buckets cannot be read or written: a limited key is not let through unchecked."""
+
+    status, type, code = 503, "service_unavailable", "rate_limits_unavailable"
+
+
 class OutboxUnavailable(GatewayError):
     """The usage outbox cannot be written: nothing is served that could not be recorded."""
 

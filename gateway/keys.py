@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -17,6 +19,8 @@ from gateway.errors import AuthError
 from gateway.ratelimit import RateLimiter
 from gateway.tables import AdapterGrant, ApiKey, KeyPolicy
 from ledger.models import utcnow
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "lm-"
 SHOWN_PREFIX_LEN = 10
@@ -238,10 +242,12 @@ def _secret(authorization: str | None) -> str:
 class Admission:
     """API keys (through the key cache) and their rate limits."""
 
-    def __init__(self, keys: KeyCache, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, keys: KeyCache, limiter: RateLimiter) -> None:
         self.keys = keys
-        self.limiter = limiter or RateLimiter()
+        self.limiter = limiter
         self._key_tpm: dict[int, int | None] = {}  # key id -> tokens per minute, as last authenticated
+        # token charges are written after the answer, one at a time, off the caller's thread (the event loop)
+        self._charges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rate-charges")
 
     def authenticate(self, authorization: str | None) -> AuthContext:
         """The key named by an `Authorization: Bearer` header and the private adapter names (blocking: DB
@@ -261,9 +267,28 @@ class Admission:
         self._key_tpm[hit[0].id] = hit[0].tokens_per_minute
         return AuthContext(*hit)
 
+    @staticmethod
+    def limited(key: KeyInfo) -> bool:
+        """Whether admitting the key asks the database (it has a limit)."""
+        return bool(key.requests_per_minute or key.tokens_per_minute)
+
     def admit(self, key: KeyInfo) -> None:
-        """RateLimited (429) when the key is over its requests or tokens per minute."""
+        """RateLimited (429) when the key is over its requests or tokens per minute (blocking when `limited`:
+        the buckets are shared with the other gateways through the database)."""
         self.limiter.admit(key.id, rpm=key.requests_per_minute, tpm=key.tokens_per_minute)
 
     def charge_tokens(self, key_id: int, tokens: int) -> None:
-        self.limiter.charge_tokens(key_id, tokens, tpm=self._key_tpm.get(key_id))
+        """Charge a finished request's tokens to its key (not blocking: written by a worker thread)."""
+        tpm = self._key_tpm.get(key_id)
+        if tpm and tokens > 0:
+            self._charges.submit(self._charge, key_id, tokens, tpm)
+
+    def _charge(self, key_id: int, tokens: int, tpm: int) -> None:
+        try:
+            self.limiter.charge_tokens(key_id, tokens, tpm=tpm)
+        except Exception as e:  # noqa: BLE001 - a charge lost to a database outage lets the key run a little over
+            log.warning("tokens of key %d not charged to its limit: %s", key_id, e)
+
+    def close(self) -> None:
+        """Write the charges still queued."""
+        self._charges.shutdown(wait=True)

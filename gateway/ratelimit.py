@@ -1,84 +1,134 @@
-"""Per-key rate limits: token buckets for requests and for tokens, in memory (one gateway process)."""
+"""Per-key rate limits: token buckets for requests and for tokens, kept in the gateways' shared database, so a
+key's limit holds across every gateway on that database (each bucket is read and written in one transaction,
+under the row's lock: SQLite's write lock taken at BEGIN, PostgreSQL's SELECT ... FOR UPDATE).
+
+Written here rather than with a rate-limit library: the well-kept ones (`limits`, `slowapi`) share state
+through Redis, Memcached or MongoDB, and the gateways already share one SQL database for their usage records;
+a second service to run for one counter per key was the worse trade. Buckets run on the wall clock (the
+processes may be on different machines); a clock skew between gateways shifts a refill by the skew at most."""
 
 from __future__ import annotations
 
-import threading
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gateway.errors import RateLimited
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlmodel import Session, select
+
+from gateway.errors import RateLimited, RateLimitsUnavailable
+from gateway.tables import RateBucket
+from ledger.db import is_postgres
+
+log = logging.getLogger(__name__)
+
+REQUESTS, TOKENS = "requests", "tokens"
 
 
 @dataclass(slots=True)
 class TokenBucket:
-    """`capacity` units, refilled at capacity per `period` seconds; the level may go negative when a
-    cost is charged after the fact (tokens), which then delays the next request."""
+    """`capacity` units, refilled at capacity per `period` seconds from `level` at time `stamp`; the level
+    may go negative when a cost is charged after the fact (tokens), which then delays the next request."""
 
     capacity: float
+    level: float
+    stamp: float
     period: float = 60.0
-    clock: Callable[[], float] = time.monotonic
-    level: float = field(init=False)
-    stamp: float = field(init=False)
 
     def __post_init__(self) -> None:
         if self.capacity <= 0 or self.period <= 0:
             raise ValueError(f"bucket capacity and period must be > 0, got {self.capacity}, {self.period}")
-        self.level = self.capacity
-        self.stamp = self.clock()
+
+    @classmethod
+    def full(cls, capacity: float, now: float) -> TokenBucket:
+        return cls(capacity, capacity, now)
 
     @property
     def rate(self) -> float:
         return self.capacity / self.period
 
-    def _refill(self) -> None:
-        now = self.clock()
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
+    def refill(self, now: float) -> None:
+        # max(): a gateway whose clock is behind the one that wrote the stamp does not drain the bucket
+        self.level = min(self.capacity, self.level + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = max(self.stamp, now)
 
     def wait_for(self, amount: float) -> float:
-        """Seconds until `amount` units are available (0 when they are now)."""
-        self._refill()
+        """Seconds until `amount` units are available (0 when they are now); refill first."""
         need = min(amount, self.capacity) - self.level
         return 0.0 if need <= 0 else need / self.rate
 
-    def take(self, amount: float) -> None:
-        self._refill()
-        self.level -= amount
-
 
 class RateLimiter:
-    """Buckets per key id: requests per minute and tokens per minute (None = unlimited)."""
+    """Buckets per key id in the database: requests per minute and tokens per minute (None = unlimited).
+    Blocking (a transaction per limited request): call it from a worker thread. Keys without limits cost
+    nothing."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self._requests: dict[int, TokenBucket] = {}
-        self._tokens: dict[int, TokenBucket] = {}
-        self._lock = threading.Lock()
-
-    def _bucket(self, table: dict[int, TokenBucket], key_id: int, per_minute: int) -> TokenBucket:
-        b = table.get(key_id)
-        if b is None or b.capacity != per_minute:  # a changed limit starts a fresh bucket
-            b = table[key_id] = TokenBucket(per_minute, 60.0, self.clock)
-        return b
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+        self.engine, self.clock = engine, clock
 
     def admit(self, key_id: int, *, rpm: int | None, tpm: int | None) -> None:
         """Count one request, or raise RateLimited (with Retry-After) when either bucket is empty."""
-        with self._lock:
-            req = self._bucket(self._requests, key_id, rpm) if rpm else None
-            tok = self._bucket(self._tokens, key_id, tpm) if tpm else None
-            if req is not None and (w := req.wait_for(1)) > 0:
-                raise RateLimited(
-                    f"this key's limit of {rpm} requests per minute is used up; retry later", retry_after=w
-                )
-            if tok is not None and (w := tok.wait_for(1)) > 0:
-                raise RateLimited(f"this key's limit of {tpm} tokens per minute is used up; retry later", retry_after=w)
-            if req is not None:
-                req.take(1)
+        limits = {k: v for k, v in ((REQUESTS, rpm), (TOKENS, tpm)) if v}
+        if limits:
+            self._update(key_id, limits, lambda buckets: _take_request(buckets, rpm, tpm))
 
     def charge_tokens(self, key_id: int, tokens: int, *, tpm: int | None) -> None:
         """Charge the tokens a finished request used."""
-        if not tpm or tokens <= 0:
-            return
-        with self._lock:
-            self._bucket(self._tokens, key_id, tpm).take(tokens)
+        if tpm and tokens > 0:
+            self._update(
+                key_id, {TOKENS: tpm}, lambda buckets: setattr(buckets[TOKENS], "level", buckets[TOKENS].level - tokens)
+            )
+
+    def _update(self, key_id: int, limits: dict[str, int], change: Callable[[dict[str, TokenBucket]], None]) -> None:
+        """Lock the key's buckets, refill them to now, apply `change`, write them back; RateLimited from
+        `change` leaves them as they were. Two gateways creating a key's first bucket at once: one insert
+        loses on the primary key (PostgreSQL locks no row that does not exist yet) and is tried again."""
+        for attempt in (1, 2):
+            try:
+                with Session(self.engine, expire_on_commit=False) as session:
+                    q = select(RateBucket).where(
+                        RateBucket.key_id == key_id,
+                        RateBucket.kind.in_(list(limits)),  # type: ignore[attr-defined]
+                    )
+                    if is_postgres(self.engine):
+                        q = q.with_for_update()
+                    rows = {r.kind: r for r in session.exec(q)}
+                    now = self.clock()
+                    buckets = {}
+                    for kind, capacity in limits.items():
+                        row = rows.get(kind)
+                        if row is None or row.capacity != capacity:  # a changed limit starts a fresh bucket
+                            buckets[kind] = TokenBucket.full(capacity, now)
+                        else:
+                            buckets[kind] = TokenBucket(capacity, row.level, row.stamp)
+                            buckets[kind].refill(now)
+                    change(buckets)
+                    for kind, b in buckets.items():
+                        row = rows.get(kind) or RateBucket(key_id=key_id, kind=kind)
+                        row.capacity, row.level, row.stamp = int(b.capacity), b.level, b.stamp
+                        session.add(row)
+                    session.commit()
+                    return
+            except IntegrityError:
+                if attempt == 2:
+                    raise _unavailable("a bucket row could not be created") from None
+            except SQLAlchemyError as e:
+                raise _unavailable(type(e).__name__) from e
+
+
+def _take_request(buckets: dict[str, TokenBucket], rpm: int | None, tpm: int | None) -> None:
+    if rpm and (w := buckets[REQUESTS].wait_for(1)) > 0:
+        raise RateLimited(f"this key's limit of {rpm} requests per minute is used up; retry later", retry_after=w)
+    if tpm and (w := buckets[TOKENS].wait_for(1)) > 0:
+        raise RateLimited(f"this key's limit of {tpm} tokens per minute is used up; retry later", retry_after=w)
+    if rpm:
+        buckets[REQUESTS].level -= 1
+
+
+def _unavailable(why: str) -> RateLimitsUnavailable:
+    log.warning("rate limits cannot be read or written: %s", why)
+    return RateLimitsUnavailable(
+        "this gateway cannot check rate limits right now (its database is unavailable); retry later"
+    )

@@ -21,6 +21,7 @@ from gateway.identity import load_or_create_gateway_key
 from gateway.keys import Admission, KeyCache
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient
+from gateway.ratelimit import RateLimiter
 from gateway.request import Background, RequestDeps
 from gateway.router import Router
 from gateway.settings import GatewaySettings
@@ -68,7 +69,7 @@ class Gateway:
             self.prices,
             default_max_price=settings.default_max_price_per_1k_tokens,
         )
-        self.admission = Admission(KeyCache(engine, settings.key_cache_ttl_s))
+        self.admission = Admission(KeyCache(engine, settings.key_cache_ttl_s), RateLimiter(engine))
         self.background = Background()
         self.deps = RequestDeps(
             settings=settings,
@@ -142,3 +143,4 @@ class Gateway:
     async def aclose(self) -> None:
         await self.background.drain()
         await self.nodes.aclose()
+        await asyncio.to_thread(self.admission.close)

@@ -45,6 +45,18 @@ class AdapterGrant(SQLModel, table=True):
     adapter_name: str = Field(primary_key=True, index=True)
 
 
+class RateBucket(SQLModel, table=True):
+    """A key's token bucket (gateway/ratelimit.py), shared by every gateway on the database."""
+
+    __tablename__ = "gateway_rate_buckets"
+
+    key_id: int = Field(primary_key=True)  # ApiKey.id
+    kind: str = Field(primary_key=True, max_length=16)  # "requests" | "tokens"
+    capacity: int  # units per minute the bucket was filled for (a changed limit starts a fresh bucket)
+    level: float  # units left at `stamp`; negative after tokens charged past it
+    stamp: float  # unix time of `level`
+
+
 class RequestStatus:
     OPEN = "open"  # dispatched to a node, not ended yet (or the gateway died: closed by reconciliation)
     OK = "ok"  # finished: stop or length

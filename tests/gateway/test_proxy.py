@@ -191,7 +191,7 @@ def test_chat_stream_usage_matches_tokens(w):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(content) == 5
     # the base's own chat template, sent as token ids
-    want = w.tok("<|user|>\nhi\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    want = w.tok("<s><|user|>\nhi\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
     assert any(b.get("prompt_token_ids") == want for n in w.nodes for b in n.requests)
 
 
