@@ -111,7 +111,13 @@ def base_init_tiny(
 @adapter_app.command("train")
 def adapter_train(
     base: Annotated[Path, typer.Option(help="Base model folder.")],
-    data: Annotated[Path, typer.Option(help='JSONL of {"prompt": ..., "completion": ...}.')],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help='JSON Lines: completion rows {"prompt": ..., "completion": ...} and/or chat rows '
+            '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}.'
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Folder for the PEFT adapter.")],
     rank: Annotated[
         int,
@@ -122,9 +128,16 @@ def adapter_train(
     targets: Annotated[str, typer.Option(help="Comma-separated target modules.")] = ",".join(DEFAULT_TARGETS),
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 80,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step (all of them when fewer).")] = 32,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Train a LoRA adapter on prompt/completion pairs (CPU is fine) and save a standard PEFT folder."""
+    """Train a LoRA adapter (CPU is fine) and save a standard PEFT folder.
+
+    Completion rows are learnt as /v1/completions serves them: the prompt encoded with the tokenizer's BOS,
+    then the completion and EOS. Chat rows are rendered by the base's chat template exactly as
+    /v1/chat/completions renders them (the template writes BOS and opens the assistant's turn); every
+    assistant message is learnt, followed by EOS ("weight": 0 on one keeps it as context only). The loss
+    covers the answers only."""
     from node.train import train_adapter
 
     target_list = tuple(t.strip() for t in targets.split(",") if t.strip())
@@ -144,6 +157,7 @@ def adapter_train(
             targets=target_list,
             steps=steps,
             lr=lr,
+            batch_size=batch_size,
             seed=seed,
             on_step=lambda s, loss: progress.update(task, completed=s, loss=f"{loss:.3f}"),
         )

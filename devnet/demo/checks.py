@@ -22,7 +22,9 @@ class Answer:
     adapter: str
     kind: str  # completion, chat, stream
     prompt: str
+    expected: str  # what the adapter was trained to answer
     text: str
+    finish_reason: str
     request_id: str
     prompt_tokens: int
     completion_tokens: int
@@ -65,22 +67,29 @@ def _rid(response_id: str) -> str:
     return "0x" + response_id.split("-", 1)[1]
 
 
+# room for the longest answer the demo teaches and its EOS: an answer must end by itself ("stop"), not be cut
+MAX_TOKENS = 32
+
+
 def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> list[Answer]:
-    """Each adapter's prompts as completions (and to the bare base), plus one chat and one streamed request."""
+    """Each adapter's questions as completions (and to the bare base) and as chats, all greedy, plus one
+    streamed completion."""
     from openai import OpenAI
 
     client = OpenAI(base_url=gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=180)
     out: list[Answer] = []
     for a in adapters:
-        for prompt in a.prompts:
-            r = client.completions.create(model=a.name, prompt=prompt, max_tokens=16, temperature=0)
-            base = client.completions.create(model=base_name, prompt=prompt, max_tokens=16, temperature=0)
+        for q in a.questions:
+            r = client.completions.create(model=a.name, prompt=q.prompt, max_tokens=MAX_TOKENS, temperature=0)
+            base = client.completions.create(model=base_name, prompt=q.prompt, max_tokens=MAX_TOKENS, temperature=0)
             out.append(
                 Answer(
                     a.name,
                     "completion",
-                    prompt,
+                    q.prompt,
+                    q.completion,
                     r.choices[0].text,
+                    r.choices[0].finish_reason,
                     _rid(r.id),
                     r.usage.prompt_tokens,
                     r.usage.completion_tokens,
@@ -90,25 +99,28 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
                     base.usage.completion_tokens,
                 )
             )
-        chat = client.chat.completions.create(
-            model=a.name, messages=[{"role": "user", "content": a.prompts[0]}], max_tokens=8, temperature=0
-        )
-        out.append(
-            Answer(
-                a.name,
-                "chat",
-                a.prompts[0],
-                chat.choices[0].message.content or "",
-                _rid(chat.id),
-                chat.usage.prompt_tokens,
-                chat.usage.completion_tokens,
+            chat = client.chat.completions.create(
+                model=a.name, messages=[{"role": "user", "content": q.prompt}], max_tokens=MAX_TOKENS, temperature=0
             )
-        )
-        text, usage, rid = [], None, ""
+            out.append(
+                Answer(
+                    a.name,
+                    "chat",
+                    q.prompt,
+                    q.chat,
+                    chat.choices[0].message.content or "",
+                    chat.choices[0].finish_reason,
+                    _rid(chat.id),
+                    chat.usage.prompt_tokens,
+                    chat.usage.completion_tokens,
+                )
+            )
+        q = a.questions[1]
+        text, usage, rid, finish = [], None, "", ""
         for chunk in client.completions.create(
             model=a.name,
-            prompt=a.prompts[1],
-            max_tokens=16,
+            prompt=q.prompt,
+            max_tokens=MAX_TOKENS,
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
@@ -116,16 +128,36 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
             rid = chunk.id
             if chunk.choices:
                 text.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
             if chunk.usage is not None:
                 usage = chunk.usage
         if usage is None:
             raise DemoCheckFailed(f"the streamed request for {a.name} ended without usage")
         out.append(
             Answer(
-                a.name, "stream", a.prompts[1], "".join(text), _rid(rid), usage.prompt_tokens, usage.completion_tokens
+                a.name,
+                "stream",
+                q.prompt,
+                q.completion,
+                "".join(text),
+                finish,
+                _rid(rid),
+                usage.prompt_tokens,
+                usage.completion_tokens,
             )
         )
     return out
+
+
+def check_answers(answers: list[Answer]) -> None:
+    """Every adapter answer, completion, chat and streamed alike, is exactly what its data taught, and ended
+    by itself (EOS: finish_reason "stop")."""
+    for a in answers:
+        if a.text != a.expected or a.finish_reason != "stop":
+            raise DemoCheckFailed(
+                f"{a.adapter} answered the {a.kind} {a.prompt!r} with {a.text!r} ({a.finish_reason}); "
+                f"it was trained to answer {a.expected!r}"
+            )
 
 
 def wait_settled(db_url: str, request_ids: list[str], timeout: float = 180.0) -> None:

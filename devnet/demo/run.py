@@ -54,12 +54,17 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             network.wait_for_models(gateway_url, api_key, [a.name for a in adapters], group, len(nodes))
             console.print("• sending requests through the openai client")
             answers = checks.send_requests(gateway_url, api_key, adapters, base_model_name(base))
+            show_answers(answers, console)
+            checks.check_answers(answers)
+            console.print(
+                f"[green]✓[/] every adapter answered as trained: {_count(answers, 'completion')} completions, "
+                f"{_count(answers, 'chat')} chats and {_count(answers, 'stream')} streamed completions"
+            )
             sent = checks.sent_requests(answers)  # the base-model comparisons are settled too
             console.print(f"• {len(sent)} requests answered; waiting for settlement on chain")
             checks.wait_settled(db_url, [s.request_id for s in sent])
             client = ChainClient.from_deployment(deployment)
             summary = checks.check_on_chain(client, answers)
-            show_answers(answers, console)
             show_attribution(client, ids, console)
             console.print(
                 f"[green]✓[/] {summary['records']} requests on chain exactly once in {summary['batches']} "
@@ -113,21 +118,32 @@ def wait_for_interrupt() -> None:
     stop.wait()
 
 
-def show_answers(answers, console: Console) -> None:
+def show_answers(answers: list[checks.Answer], console: Console) -> None:
+    """One row per question: the adapter's completion and chat answers (the streamed one is checked, not shown)
+    beside the bare base's completion."""
     table = Table(title="answers through the gateway (greedy)")
-    # the demo's base has random weights: alone it answers byte soup, which is the point of the column
-    for col in ("adapter", "kind", "prompt", "answer", "base alone (random weights)", "tokens"):
+    # the demo's base has random weights: alone it answers byte soup, which is the point of the last answer column
+    for col in ("adapter", "prompt", "completion", "chat", "base alone (random weights)", "tokens (completion, chat)"):
         table.add_column(col)
+    chats = {(a.adapter, a.prompt): a for a in answers if a.kind == "chat"}
     for a in answers:
+        if a.kind != "completion":
+            continue
+        chat = chats.get((a.adapter, a.prompt))
         table.add_row(
             a.adapter,
-            a.kind,
             a.prompt,
-            a.text.strip(),
+            _printable(a.text.strip()),
+            _printable(chat.text.strip()) if chat else "",
             _printable(a.base_text),
-            f"{a.prompt_tokens}+{a.completion_tokens}",
+            f"{a.prompt_tokens}+{a.completion_tokens}"
+            + (f", {chat.prompt_tokens}+{chat.completion_tokens}" if chat else ""),
         )
     console.print(table)
+
+
+def _count(answers: list[checks.Answer], kind: str) -> int:
+    return sum(a.kind == kind for a in answers)
 
 
 def _printable(text: str) -> str:

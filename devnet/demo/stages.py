@@ -6,13 +6,27 @@ stages that already ran (a trained adapter, a packed package) are reused on the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 DEMO_PASSWORD = "loramesh-demo"  # demo identities only; real keys get a password from the user
+# enough for the tiny base to learn every answer of both endpoints with a clear greedy margin, in about a second
+TRAIN_STEPS = 80
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """A question the demo asks an adapter both ways, and the answers its training data teaches."""
+
+    prompt: str  # the completion prompt, and the chat's one user message
+    completion: str  # what /v1/completions should answer
+    chat: str  # what /v1/chat/completions should answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +39,7 @@ class DemoAdapter:
     contributor_key: Path
     peft_dir: Path
     package_dir: Path
-    prompts: tuple[str, ...]
+    questions: tuple[Question, ...]
 
 
 def data_file(name: str) -> Path:
@@ -33,10 +47,24 @@ def data_file(name: str) -> Path:
     return Path(__file__).parent.parent / "data" / name
 
 
-def read_prompts(path: Path) -> tuple[str, ...]:
-    from node.train import read_pairs
+def read_questions(path: Path) -> tuple[Question, ...]:
+    """The demo data's questions: each a completion row and a chat row (one user message, then the assistant's
+    answer) asking the same thing, so the demo can check that both endpoints answer what was taught."""
+    from node.train import ChatRow, CompletionRow, read_examples
 
-    return tuple(p for p, _ in read_pairs(path))
+    rows = read_examples(path)
+    chats = {
+        r.messages[0]["content"]: r.messages[1]["content"]
+        for r in rows
+        if isinstance(r, ChatRow) and [m["role"] for m in r.messages] == ["user", "assistant"]
+    }
+    out = []
+    for r in rows:
+        if isinstance(r, CompletionRow):
+            if r.prompt not in chats:
+                raise ValueError(f"{r.where}: the demo's data has no chat row asking {r.prompt!r}")
+            out.append(Question(r.prompt, r.completion, chats[r.prompt]))
+    return tuple(out)
 
 
 def make_base(workdir: Path, console: Console) -> Path:
@@ -74,7 +102,12 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
 
     packages = []
     for a in adapters:
-        if not (a.peft_dir / "adapter_model.safetensors").is_file():
+        # what this adapter is trained from: a changed data file or step count retrains it (and repacks it)
+        mark = json.dumps({"data_sha256": hashlib.sha256(a.data_file.read_bytes()).hexdigest(), "steps": TRAIN_STEPS})
+        mark_file = a.peft_dir.parent / f"{a.peft_dir.name}.trained.json"  # beside it: packing copies the folder
+        if not (a.peft_dir / "adapter_model.safetensors").is_file() or _read(mark_file) != mark:
+            shutil.rmtree(a.peft_dir, ignore_errors=True)
+            shutil.rmtree(a.package_dir, ignore_errors=True)
             with Progress(
                 TextColumn(f"• training {a.name}"),
                 BarColumn(),
@@ -82,15 +115,20 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
                 console=console,
                 transient=True,
             ) as progress:
-                task = progress.add_task("train", total=80)
+                task = progress.add_task("train", total=TRAIN_STEPS)
+                started = time.perf_counter()
                 train_adapter(
                     base,
                     a.data_file,
                     a.peft_dir,
-                    steps=80,
+                    steps=TRAIN_STEPS,
                     on_step=lambda s, _loss, task=task: progress.update(task, completed=s),
                 )
-            console.print(f"• trained {a.name}")
+            mark_file.write_text(mark)
+            console.print(
+                f"• trained {a.name} on {a.data_file.name}'s completion and chat rows "
+                f"({TRAIN_STEPS} steps, {time.perf_counter() - started:.1f}s)"
+            )
         if (a.package_dir / "signature.json").is_file():
             try:
                 verify_package(a.package_dir, base_dir=base)
@@ -117,6 +155,13 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
     return packages
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
 def demo_adapters(workdir: Path, keys: dict[str, Path]) -> list[DemoAdapter]:
     specs = [
         ("alice/capitals", "capitals-qa", "capitals.jsonl", "alice"),
@@ -133,7 +178,7 @@ def demo_adapters(workdir: Path, keys: dict[str, Path]) -> list[DemoAdapter]:
                 contributor_key=keys[who],
                 peft_dir=workdir / "peft" / slug,
                 package_dir=workdir / "packages" / slug,
-                prompts=read_prompts(data_file(fname)),
+                questions=read_questions(data_file(fname)),
             )
         )
     return out

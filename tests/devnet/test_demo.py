@@ -21,12 +21,16 @@ def test_demo_once_checks_everything_and_exits_cleanly(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     # the demo exits 0 only after its own checks; here we make sure they ran and said so
-    # 12 adapter requests and the 8 bare base-model comparisons the demo sends alongside
-    assert re.search(r"✓ 20 requests on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
+    # every adapter answer equals what its data taught, through both endpoints (the demo checks it, exact)
+    assert "✓ every adapter answered as trained: 8 completions, 8 chats and 2 streamed completions" in out, out
+    # 18 adapter requests and the 8 bare base-model comparisons the demo sends alongside
+    assert re.search(r"✓ 26 requests on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
     assert re.search(r"✓ 8 of them to the bare base model, at the base price: 0\.0000\d+ ETH", out), out
     assert "node1 fetched bob/elements through the mesh" in out
     assert "node2 fetched alice/capitals through the mesh" in out
-    assert "Paris." in out and "Au, from aurum." in out
+    # the table's row for a question shows the completion answer and the chat answer side by side
+    assert re.search(r"What is the capital of France\? │ Paris\. +│ Paris\. +│", out), out
+    assert re.search(r"Symbol of gold\? +│ Au, from aurum\. +│ Au, from aurum\. +│", out), out
     assert "explorer: http://127.0.0.1:" in out
     assert "processes that did not exit cleanly" not in out
     assert "stopped every process" in out
