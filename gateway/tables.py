@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
 from ledger.models import utcnow
@@ -19,7 +20,7 @@ class ApiKey(SQLModel, table=True):
     name: str = Field(max_length=200)
     key_hash: str = Field(max_length=66, unique=True, index=True)
     prefix: str = Field(default="", max_length=16)  # first characters, to recognise a key in listings
-    rate_limit_per_minute: int | None = None
+    rate_limit_per_minute: int | None = Field(default=None, sa_type=BigInteger)
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
 
@@ -31,7 +32,7 @@ class KeyPolicy(SQLModel, table=True):
     __table_args__ = {"info": {"migrate_columns": True}}  # ledger.db.init_db adds the columns it lacks
 
     key_id: int = Field(primary_key=True)  # ApiKey.id
-    tokens_per_minute: int | None = None
+    tokens_per_minute: int | None = Field(default=None, sa_type=BigInteger)
     # wei per 1,000 tokens, decimal string (prices pass 2**63); None: the gateway's default limit
     max_price_per_1k_tokens: str | None = None
 
@@ -52,7 +53,9 @@ class RateBucket(SQLModel, table=True):
 
     key_id: int = Field(primary_key=True)  # ApiKey.id
     kind: str = Field(primary_key=True, max_length=16)  # "requests" | "tokens"
-    capacity: int  # units per minute the bucket was filled for (a changed limit starts a fresh bucket)
+    capacity: int = Field(
+        sa_type=BigInteger
+    )  # units per minute the bucket was filled for (a changed limit starts a fresh bucket)
     level: float  # units left at `stamp`; negative after tokens charged past it
     stamp: float  # unix time of `level`
 
@@ -82,13 +85,13 @@ class CompletionRecord(SQLModel, table=True):
     node_id: str | None = Field(default=None, max_length=66, index=True)
     status: str = Field(max_length=16, index=True)
     finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int = Field(default=0, sa_type=BigInteger)
+    completion_tokens: int = Field(default=0, sa_type=BigInteger)
     attempts: int = 1
     ttft_ms: float | None = None
     latency_ms: float | None = None
     error: str | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, sa_type=BigInteger)
     instance_id: str | None = Field(default=None, max_length=64, index=True)  # the gateway process that opened it
     created_at: datetime = Field(default_factory=utcnow, index=True)
     finished_at: datetime = Field(default_factory=utcnow)  # when it was opened, until it is closed

@@ -96,21 +96,59 @@ _INIT_LOCK = 0x6C6D5F696E6974  # pg_advisory_lock key of init_db ("lm_init")
 
 
 def init_db(engine: Engine) -> None:
-    """Create every registered table that does not exist yet, and add nullable columns that a newer version
-    declares to migrated tables (the outbox's, the gateway's) an older one created. Several processes
-    (gateways, settlers) may call it at once on one PostgreSQL database: they take turns (an advisory
-    lock), as CREATE TABLE and ALTER TABLE race."""
+    """Bring the database to the newest schema (ledger/migrations says how: create what is missing, then
+    Alembic's revisions). Several processes (gateways, settlers) may call it at once on one PostgreSQL
+    database: they take turns (an advisory lock), as CREATE TABLE and ALTER TABLE race."""
     with engine.connect() as conn:
         if is_postgres(engine):
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _INIT_LOCK})
         try:
+            insp = inspect(conn)
+            versioned = insp.has_table("alembic_version")
+            legacy = not versioned and any(insp.has_table(t.name) for t in SQLModel.metadata.sorted_tables)
             SQLModel.metadata.create_all(conn)
             _add_missing_columns(conn)
+            _migrate(conn, stamp_first=BASELINE if legacy else None, fresh=not versioned and not legacy)
             conn.commit()
         finally:
             if is_postgres(engine):
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _INIT_LOCK})
                 conn.commit()
+
+
+BASELINE = "0001"  # the schema create_all made before migrations existed
+
+
+def _alembic(conn):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def _migrate(conn, *, stamp_first: str | None, fresh: bool) -> None:
+    """A fresh database is stamped at the newest revision (its tables were just made so); a legacy one is
+    stamped at `stamp_first` and upgraded; a versioned one is upgraded."""
+    from alembic import command
+
+    cfg = _alembic(conn)
+    if fresh:
+        command.stamp(cfg, "head")
+        return
+    if stamp_first is not None:
+        log.info("database made before migrations: stamped at %s, upgrading", stamp_first)
+        command.stamp(cfg, stamp_first)
+    command.upgrade(cfg, "head")
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision (None: not versioned yet)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
 
 
 # Tables whose rows exist nowhere else (the outbox and its batches): an older schema gets the new

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, Text
+from sqlalchemy import BigInteger, Column, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -51,10 +51,10 @@ class UsageRecord(SQLModel, table=True):
     request_id: str = Field(max_length=66, unique=True, index=True)
     adapter_id: str = Field(max_length=66, index=True)
     node_id: str = Field(max_length=66, index=True)
-    prompt_tokens: int
-    completion_tokens: int
-    node_prompt_tokens: int | None = None
-    node_completion_tokens: int | None = None
+    prompt_tokens: int = Field(sa_type=BigInteger)
+    completion_tokens: int = Field(sa_type=BigInteger)
+    node_prompt_tokens: int | None = Field(default=None, sa_type=BigInteger)
+    node_completion_tokens: int | None = Field(default=None, sa_type=BigInteger)
     receipt_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # the node's signed receipt
     node_signature: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     fee_wei: str | None = None  # decimal string; the settler's price of this record when it was batched
@@ -62,7 +62,7 @@ class UsageRecord(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, index=True)
     status: str = Field(default=RecordStatus.PENDING, max_length=16, index=True)
     batch_id: str | None = Field(default=None, max_length=66, index=True)
-    leaf_index: int | None = None  # position in its batch's Merkle tree
+    leaf_index: int | None = Field(default=None, sa_type=BigInteger)  # position in its batch's Merkle tree
     error: str | None = None
 
 
@@ -74,10 +74,10 @@ class SettlementBatch(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     batch_id: str = Field(max_length=66, unique=True, index=True)
     merkle_root: str = Field(max_length=66)
-    record_count: int
+    record_count: int = Field(sa_type=BigInteger)
     status: str = Field(default=BatchStatus.CREATED, max_length=16, index=True)
     tx_hash: str | None = Field(default=None, max_length=66)
-    block_number: int | None = None
+    block_number: int | None = Field(default=None, sa_type=BigInteger)
     total_fees: str | None = None  # wei, decimal string, as settled on chain
     attempts: int = 0
     last_error: str | None = None
@@ -107,8 +107,8 @@ class DatasetMirror(SQLModel, table=True):
     payee: str = Field(max_length=42, index=True)
     contributor: str = Field(default="", max_length=42, index=True)
     name: str = ""
-    registered_block: int
-    updated_block: int
+    registered_block: int = Field(sa_type=BigInteger)
+    updated_block: int = Field(sa_type=BigInteger)
 
 
 class NameMirror(SQLModel, table=True):
@@ -118,8 +118,8 @@ class NameMirror(SQLModel, table=True):
 
     name: str = Field(primary_key=True)
     owner: str = Field(max_length=42, index=True)
-    registered_block: int
-    updated_block: int
+    registered_block: int = Field(sa_type=BigInteger)
+    updated_block: int = Field(sa_type=BigInteger)
 
 
 class AdapterMirror(SQLModel, table=True):
@@ -136,8 +136,8 @@ class AdapterMirror(SQLModel, table=True):
     base_model: str = Field(max_length=66, index=True)
     price_per_1k_tokens: str  # wei, decimal string
     datasets_json: str = Field(sa_column=Column(Text, nullable=False))
-    registered_block: int
-    updated_block: int
+    registered_block: int = Field(sa_type=BigInteger)
+    updated_block: int = Field(sa_type=BigInteger)
 
 
 class NodeMirror(SQLModel, table=True):
@@ -153,8 +153,8 @@ class NodeMirror(SQLModel, table=True):
     peer_id: str
     api_url: str
     multiaddrs_json: str = Field(sa_column=Column(Text, nullable=False))
-    registered_block: int
-    updated_block: int
+    registered_block: int = Field(sa_type=BigInteger)
+    updated_block: int = Field(sa_type=BigInteger)
 
 
 class SyncCursor(SQLModel, table=True):
@@ -163,4 +163,4 @@ class SyncCursor(SQLModel, table=True):
     __tablename__ = "sync_cursors"
 
     name: str = Field(primary_key=True, max_length=64)
-    block: int
+    block: int = Field(sa_type=BigInteger)

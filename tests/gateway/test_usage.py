@@ -412,16 +412,17 @@ def test_gateways_starting_together_on_postgres_all_migrate(postgres):
 
 
 def test_a_claim_past_a_postgres_integer_is_disputed_and_the_request_closed(postgres):
-    # PostgreSQL's integer columns stop at 2**31: a receipt claiming more (a valid receipt) used to fail the
-    # write as a DataError, taken for the database being down (every request refused, the end retried
-    # for ever); it is a value this record cannot hold: kept disputed without the node's counts, closed
+    # PostgreSQL's bigint columns stop at 2**63: a receipt claiming more (a valid receipt: counts are below
+    # 2**64) used to fail the write as a DataError, taken for the database being down (every request
+    # refused, the end retried for ever); it is a value this record cannot hold: kept disputed without the
+    # node's counts, closed
     from ledger.db import init_db, make_engine
 
     engine = make_engine(postgres.new_database("claims"))
     init_db(engine)
     ident = Identity.generate()
     rec = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
-    end = end_for(ident, aborted=True, status=RequestStatus.CLIENT_CLOSED, claimed=(3, 5_000_000_000))
+    end = end_for(ident, aborted=True, status=RequestStatus.CLIENT_CLOSED, claimed=(3, 2**63))
     rec.open(
         request_id=end.request_id,
         model="acme/a",
@@ -434,7 +435,7 @@ def test_a_claim_past_a_postgres_integer_is_disputed_and_the_request_closed(post
     assert rec.record(end) == "disputed"
     (done,), (u,) = rows(engine)
     assert done.status == RequestStatus.CLIENT_CLOSED and u.status == RecordStatus.DISPUTED
-    assert "5000000000" in u.error and u.node_completion_tokens is None
+    assert str(2**63) in u.error and u.node_completion_tokens is None
     engine.dispose()
 
 

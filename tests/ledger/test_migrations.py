@@ -1,0 +1,111 @@
+"""The database schema moves forward with Alembic: a new database is made at the newest revision, one made by
+the release before migrations (create_all, 32-bit counts on PostgreSQL) is upgraded with its rows kept, and
+processes starting together on one database do not race."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session, SQLModel, select
+
+import gateway.tables  # noqa: F401 - registers the gateway's tables
+from gateway.tables import CompletionRecord
+from ledger.db import init_db, make_engine, schema_revision
+from ledger.models import UsageRecord
+from tests.utils.postgres import postgres  # noqa: F401 - the module-scoped fixture
+
+BIG = 2**40  # more tokens than a 32-bit column holds
+
+
+def _previous_release(engine) -> None:
+    """The schema as the release before migrations made it: create_all, with INTEGER where counts are
+    BIGINT now, and no alembic_version table."""
+    SQLModel.metadata.create_all(engine)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("ALTER TABLE usage_records ALTER COLUMN prompt_tokens TYPE INTEGER"))
+            conn.execute(sa.text("ALTER TABLE usage_records ALTER COLUMN completion_tokens TYPE INTEGER"))
+            conn.execute(sa.text("ALTER TABLE gateway_requests ALTER COLUMN completion_tokens TYPE INTEGER"))
+            conn.execute(sa.text("ALTER TABLE sync_cursors ALTER COLUMN block TYPE INTEGER"))
+    with Session(engine) as s:
+        s.add(
+            UsageRecord(
+                request_id="0x" + "11" * 32,
+                adapter_id="0x" + "22" * 32,
+                node_id="0x" + "33" * 32,
+                prompt_tokens=7,
+                completion_tokens=9,
+            )
+        )
+        s.add(CompletionRecord(request_id="0x" + "11" * 32, model="m", status="ok", completion_tokens=9))
+        s.commit()
+
+
+def _column_type(engine, table: str, column: str) -> str:
+    return next(str(c["type"]) for c in sa.inspect(engine).get_columns(table) if c["name"] == column)
+
+
+def test_a_new_database_is_made_at_the_newest_revision(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    init_db(engine)
+    assert schema_revision(engine) == "0002"
+    init_db(engine)  # again: nothing to do
+    assert schema_revision(engine) == "0002"
+
+
+def test_the_previous_releases_sqlite_database_is_upgraded(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    _previous_release(engine)
+    assert schema_revision(engine) is None
+    init_db(engine)
+    assert schema_revision(engine) == "0002"
+    with Session(engine) as s:
+        row = s.exec(select(UsageRecord)).one()
+        assert (row.prompt_tokens, row.completion_tokens) == (7, 9)
+        row.completion_tokens = BIG
+        s.add(row)
+        s.commit()
+        assert s.exec(select(UsageRecord)).one().completion_tokens == BIG
+
+
+@pytest.mark.integration
+def test_the_previous_releases_postgres_database_is_upgraded_to_64_bit_counts(postgres):  # noqa: F811
+    engine = make_engine(postgres.new_database("old_release"))
+    _previous_release(engine)
+    assert _column_type(engine, "usage_records", "completion_tokens") == "INTEGER"
+    with Session(engine) as s, pytest.raises(sa.exc.DBAPIError, match="out of range"):
+        row = s.exec(select(UsageRecord)).one()
+        row.completion_tokens = BIG
+        s.add(row)
+        s.commit()
+    # two processes starting together on the old database: one migrates, the other waits its turn
+    errors = []
+
+    def start() -> None:
+        try:
+            init_db(make_engine(engine.url.render_as_string(hide_password=False)))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and schema_revision(engine) == "0002"
+    for table, column in [
+        ("usage_records", "completion_tokens"),
+        ("gateway_requests", "completion_tokens"),
+        ("sync_cursors", "block"),
+        ("adapters", "registered_block"),
+    ]:
+        assert _column_type(engine, table, column) == "BIGINT", (table, column)
+    with Session(engine) as s:
+        row = s.exec(select(UsageRecord)).one()
+        assert (row.prompt_tokens, row.completion_tokens) == (7, 9)  # the rows are kept
+        row.completion_tokens = BIG
+        s.add(row)
+        s.commit()
+        assert s.exec(select(UsageRecord)).one().completion_tokens == BIG
