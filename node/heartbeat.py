@@ -33,6 +33,9 @@ MAX_KEY_ANSWER_BYTES = 4096
 MAX_HEARTBEAT_ANSWER_BYTES = 64 * 1024
 # Statuses larger than this are not a heartbeat but an attack on the gateway's memory.
 MAX_STATUS_BYTES = 64 * 1024
+# A gateway that keeps failing is warned about when it starts failing and then once a minute, with the count:
+# the operator sees it without a line every beat.
+WARN_EVERY_S = 60.0
 
 
 class HeartbeatError(ValueError):
@@ -144,6 +147,9 @@ class HeartbeatSender:
         self.interval = interval
         self.timeout = timeout
         self.sent = 0  # heartbeats accepted by some gateway
+        self.failed = 0  # heartbeats that did not reach a gateway or that it refused
+        self.failing: dict[str, int] = {}  # gateway url -> heartbeats failed in a row (absent: the last one went)
+        self._warned_at: dict[str, float] = {}  # gateway url -> when its failures were last warned about
         self.gateway_keys: dict[str, str] = {}  # gateway url -> the signing key it announced (hex)
         self._task: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
@@ -191,16 +197,31 @@ class HeartbeatSender:
                 client, "POST", url + HEARTBEAT_PATH, MAX_HEARTBEAT_ANSWER_BYTES, json=doc
             )
         except httpx.HTTPError as e:
-            log.debug("heartbeat to %s failed: %s", url, e)
+            self._failed(url, f"unreachable: {type(e).__name__}: {e}")
             return f"unreachable: {e}"
         if status == 200:
             self.sent += 1
             self._learn(url, gateway_key_of(answer, max_bytes=MAX_HEARTBEAT_ANSWER_BYTES))
+            if self.failing.pop(url, None) is not None:
+                self._warned_at.pop(url, None)
+                log.info("heartbeats reach gateway %s again", url)
         else:
-            log.warning(
-                "gateway %s refused our heartbeat (%d): %s", url, status, answer[:200].decode("utf-8", "replace")
-            )
+            self._failed(url, f"refused ({status}): {answer[:200].decode('utf-8', 'replace')}")
         return status
+
+    def _failed(self, url: str, why: str) -> None:
+        """Count a failed heartbeat; warn when a gateway starts failing, then at most once a minute."""
+        self.failed += 1
+        n = self.failing[url] = self.failing.get(url, 0) + 1
+        now = time.monotonic()
+        if now - self._warned_at.get(url, -WARN_EVERY_S) >= WARN_EVERY_S:
+            self._warned_at[url] = now
+            log.warning(
+                "heartbeat to gateway %s failed (%d in a row): %s; it does not route requests to this node",
+                url,
+                n,
+                why,
+            )
 
     async def _loop(self) -> None:
         while True:

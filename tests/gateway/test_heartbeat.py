@@ -125,6 +125,37 @@ def test_sender_tolerates_down_gateway(ident):
     assert len(calls) >= 3 and sender.sent == 0  # kept beating although nobody listened
 
 
+def test_failing_heartbeats_are_warned_about_once_a_minute_and_counted(ident, caplog):
+    """A gateway that cannot be reached is a warning when it starts failing (not a DEBUG line), then at most
+    one a minute with the count; its recovery is logged too."""
+    from fastapi import FastAPI
+
+    from tests.utils.servers import ServerThread
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gateway = FastAPI()
+    gateway.post("/internal/heartbeat")(lambda: {"accepted": True, "gateway_key": "ab" * 32})
+    gateway.get("/internal/gateway-key")(lambda: {"gateway_key": "ab" * 32})
+    sender = HeartbeatSender(ident, [url], api_url="http://127.0.0.1:9", base_model_id=BASE, status_fn=dict)
+
+    async def beats(n: int) -> None:
+        for _ in range(n):
+            await sender.send_once()
+
+    with caplog.at_level("INFO", logger="node.heartbeat"):
+        asyncio.run(beats(5))  # nobody listens yet
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and url in warnings[0] and "1 in a row" in warnings[0]
+        assert sender.failed == 5 and sender.failing == {url: 5} and sender.sent == 0
+        with ServerThread(gateway, port=port):
+            asyncio.run(beats(1))
+        assert sender.sent == 1 and sender.failing == {}
+        assert any("again" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
+        asyncio.run(beats(1))  # down again: a new warning at once
+        assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
+
+
 def test_sender_rejects_bad_interval(ident):
     with pytest.raises(ValueError, match="interval"):
         HeartbeatSender(ident, [], api_url="http://x", base_model_id=BASE, status_fn=dict, interval=0)
