@@ -182,6 +182,12 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; this node's context holds {self.max_len} "
                 f"(prompt + at least one generated token)"
             )
+        vocab = self.model_cfg.vocab_size
+        bad = [t for t in req.params.token_ids() if t >= vocab]
+        if bad:
+            raise RequestError(
+                f"token id {bad[0]} in logit_bias or stop_token_ids is not in the vocabulary [0, {vocab})"
+            )
         if req.params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this node's base model has none")
         seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
@@ -240,12 +246,16 @@ class LLMEngine:
             return events, bool(failed)
         try:
             logits = self.runner.forward(seqs, prefill)  # [B, V]
+            params = [s.params for s in seqs]
+            # the token histories only when a penalty needs them (process_logits reads them per row that asks)
+            hist = {}
+            if any(p.processed for p in params):
+                hist = dict(prompts=[s.prompt_token_ids for s in seqs], outputs=[s.output_token_ids for s in seqs])
             if self.device.type == "cuda":  # batched on the device, one copy of the ids to the host
-                tokens = sample_on_device(
-                    logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_token_ids) for s in seqs]
-                )
+                steps = [len(s.output_token_ids) for s in seqs]
+                tokens = sample_on_device(logits, params, [s.seed for s in seqs], steps, eos_ids=self.eos_ids, **hist)
             else:
-                tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+                tokens = sample(logits, params, [s.generator for s in seqs], eos_ids=self.eos_ids, **hist)
         except Exception as e:  # fail this step's requests, keep serving everyone else
             log.exception("engine step failed")
             for s in seqs:
@@ -254,8 +264,11 @@ class LLMEngine:
             return events, True
         for s, t in zip(seqs, tokens):
             s.output_token_ids.append(t)
-            text, hit_stop = s.stream.push(t)
-            reason = "stop" if hit_stop else None
+            if t in s.params.stop_token_ids:  # counted, its text not shown (as vLLM's stop_token_ids)
+                text, hit_stop, reason = "", False, "stop"
+            else:
+                text, hit_stop = s.stream.push(t)
+                reason = "stop" if hit_stop else None
             if reason is None and t in self.eos_ids and not s.params.ignore_eos:
                 reason = "stop"
             elif reason is None and (len(s.output_token_ids) >= s.params.max_tokens or s.num_tokens >= self.max_len):

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from common.wire import is_id
 
+if TYPE_CHECKING:
+    from node.engine.grammar import GuidedSpec
+
 MAX_STOP_STRINGS = 4
 SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit integers; every bit of them changes the draws
+MAX_STOP_TOKEN_IDS = 16
+MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
+MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs bound)
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 16  # prompts in one request
+MAX_SEQUENCES = 64  # prompts x n
 
 
 class RequestError(ValueError):
@@ -28,9 +39,26 @@ class DuplicateRequestError(RequestError):
 MIN_TEMPERATURE = 1e-5
 
 
+def _number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > hi or value < lo or (lo_open and value == lo):
+        raise RequestError(f"{name} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value!r}")
+
+
+def _count(name: str, value, lo: int, hi: int | None = None, *, nullable: bool = False) -> None:
+    if nullable and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise RequestError(f"{name} must be an integer {bound}{' or null' if nullable else ''}, got {value!r}")
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
-    """Per-request sampling: temperature 0 is greedy; top_k 0 is off; seed None draws one."""
+    """Per-request sampling. temperature 0 is greedy; top_k 0, min_p 0, penalties 0 (repetition 1) are off;
+    seed None draws one. Token ids (logit_bias, stop_token_ids) are checked against the vocabulary by the
+    engine, which knows it. `logit_bias` may be given as a mapping; it is kept as sorted (id, bias) pairs."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -39,6 +67,17 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # top log-probabilities per generated token (0: only the chosen one's)
+    prompt_logprobs: int | None = None  # the same for every prompt position
+    n: int = 1  # sequences per prompt
+    guided: GuidedSpec | None = None  # the grammar the text must follow (node.engine.grammar)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -58,16 +97,62 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer in [0, 2^64) or null, got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {list(self.stop)!r}")
+        _number("min_p", self.min_p, 0, 1)
+        _count("min_tokens", self.min_tokens, 0, self.max_tokens)
+        _number("presence_penalty", self.presence_penalty, -2, 2)
+        _number("frequency_penalty", self.frequency_penalty, -2, 2)
+        _number("repetition_penalty", self.repetition_penalty, 0, 2, lo_open=True)
+        self._check_logit_bias()
+        ids = tuple(self.stop_token_ids)
+        if len(ids) > MAX_STOP_TOKEN_IDS or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            raise RequestError(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} token ids, got {list(ids)!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+        _count("logprobs", self.logprobs, 0, MAX_LOGPROBS, nullable=True)
+        _count("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, nullable=True)
+        _count("n", self.n, 1, MAX_N)
+        # a GuidedSpec (checked by its shape: importing node.engine.grammar would load the grammar library)
+        if self.guided is not None and getattr(self.guided, "type", None) not in ("json_object", "json_schema"):
+            raise RequestError(f"guided must be a GuidedSpec or None, got {type(self.guided).__name__}")
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        pairs = list(bias.items()) if isinstance(bias, Mapping) else list(bias)
+        if len(pairs) > MAX_LOGIT_BIAS:
+            raise RequestError(f"logit_bias holds {len(pairs)} entries; at most {MAX_LOGIT_BIAS}")
+        out = {}
+        for pair in pairs:
+            t, b = pair if isinstance(pair, tuple) and len(pair) == 2 else (pair, None)
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise RequestError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            _number(f"logit_bias[{t}]", b, -100, 100)
+            out[t] = float(b)
+        object.__setattr__(self, "logit_bias", tuple(sorted(out.items())))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty needs this row's token counts."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def processed(self) -> bool:
+        """Whether the row's logits change before the draw (bias, min_tokens, penalties): plain rows skip it."""
+        return bool(self.logit_bias) or self.min_tokens > 0 or self.penalized
+
+    def token_ids(self) -> list[int]:
+        """Every token id these params name (checked against the vocabulary by the engine)."""
+        return [t for t, _ in self.logit_bias] + list(self.stop_token_ids)
 
 
 @dataclass(slots=True)
 class GenerationRequest:
-    """One generation: a prompt (text or token ids) for the base model or one adapter."""
+    """One generation: a prompt (text or token ids; or several prompts as lists of token ids) for the base model
+    or one adapter. Each prompt gets `params.n` sequences; sequence k (choice index p * n + j) samples with
+    seed (seed + k) mod 2^64."""
 
     request_id: str
     adapter_id: str | None = None
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | list[list[int]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
 
     def __post_init__(self) -> None:
@@ -79,21 +164,88 @@ class GenerationRequest:
             )
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise RequestError("give exactly one of prompt or prompt_token_ids")
+        ids = self.prompt_token_ids
+        if ids is not None and ids and isinstance(ids[0], list):
+            if len(ids) > MAX_PROMPTS or not all(isinstance(p, list) for p in ids):
+                raise RequestError(f"prompt_token_ids must be one list of token ids or at most {MAX_PROMPTS} lists")
+        if self.num_prompts * self.params.n > MAX_SEQUENCES:
+            raise RequestError(
+                f"{self.num_prompts} prompts x n={self.params.n} make more than {MAX_SEQUENCES} sequences"
+            )
+
+    @property
+    def num_prompts(self) -> int:
+        ids = self.prompt_token_ids
+        return len(ids) if ids and isinstance(ids[0], list) else 1
+
+    def token_prompts(self) -> list[list[int]] | None:
+        """The prompts as lists of token ids (None for a text prompt)."""
+        ids = self.prompt_token_ids
+        if ids is None:
+            return None
+        return [list(p) for p in ids] if ids and isinstance(ids[0], list) else [list(ids)]
+
+
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """One position's score: the token's log-probability under the model's raw distribution, and the top ones."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: TopLogprobs = ()
 
 
 @dataclass(slots=True, frozen=True)
 class TokenEvent:
-    """One generated token; `text` is the newly complete text (may be empty while UTF-8 bytes or
-    a possible stop string are pending)."""
+    """One generated token of sequence `index`; `text` is the newly complete text (may be empty while UTF-8
+    bytes or a possible stop string are pending). logprob/top_logprobs when the request asked."""
 
     request_id: str
     token_id: int
     text: str
+    index: int = 0
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class SequenceFinishEvent:
+    """Sequence `index` of a request ended ("stop" | "length"); the request's FinishEvent comes after all."""
+
+    request_id: str
+    index: int
+    finish_reason: str
+
+
+@dataclass(slots=True, frozen=True)
+class PromptLogprobsEvent:
+    """Prompt `prompt_index`'s scores: one per prompt token, the first None (nothing precedes it)."""
+
+    request_id: str
+    prompt_index: int
+    entries: tuple[TokenLogprob | None, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class Choice:
+    """One sequence's result: its text, tokens, why it ended, and its tokens' scores when asked."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(slots=True, frozen=True)
 class FinishEvent:
-    """The end of a request: why, usage, timestamps (unix ms); `error` set when the engine failed it."""
+    """The end of a request: why, usage, timestamps (unix ms); `error` set when the engine failed it.
+    prompt_tokens counts each prompt once (however many sequences it has), completion_tokens every sequence's
+    tokens; text/token_ids are choice 0's. finish_reason: "abort"/"error" when so, else "length" when any
+    sequence hit its length, else "stop"."""
 
     request_id: str
     adapter_id: str | None
@@ -105,3 +257,5 @@ class FinishEvent:
     text: str = ""
     token_ids: tuple[int, ...] = ()
     error: str | None = None
+    choices: tuple[Choice, ...] = ()
+    prompt_logprobs: tuple[tuple[TokenLogprob | None, ...], ...] | None = None

@@ -1,9 +1,13 @@
-"""Per-request sampling of the next token: greedy, temperature, top-k, top-p, seeded generators."""
+"""Per-request sampling of the next token: processed logits (logits_processor), then greedy, temperature,
+top-k, top-p, min-p; per-row seeded generators (CPU) or a batched draw from (seed, step) (the device path)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 
+from node.engine.layers.logits_processor import process_logits
 from node.engine.request import SamplingParams
 
 
@@ -21,38 +25,56 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
     return gen
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    *,
+    prompts: Sequence[list[int]] | None = None,
+    outputs: Sequence[list[int]] | None = None,
+    eos_ids: Iterable[int] = (),
+) -> list[int]:
     """logits [B, V] (any dtype) -> one token id per row.
 
-    Semantics: row i is argmax(logits_i) when temperature_i == 0; otherwise a draw, with row i's own
-    generator, from softmax(logits_i / temperature_i) restricted to its top_k tokens and then to the
-    smallest set whose probability reaches top_p. Rows never share randomness, so a request's
-    tokens do not depend on what else is in the batch."""
-    logits = logits.float()
+    Semantics: each row's logits are first processed (logits_processor.process_logits: logit_bias, min_tokens,
+    penalties over prompts/outputs); then row i is their argmax when temperature_i == 0; otherwise a draw, with
+    row i's own generator, from softmax(logits_i / temperature_i) restricted to its top_k tokens, then to the
+    smallest set whose probability reaches top_p, then to the tokens whose probability is at least min_p times
+    the largest. Rows never share randomness, so a request's tokens do not depend on what else is in the batch."""
+    logits = process_logits(logits.float(), params, prompts, outputs, eos_ids)
     greedy = logits.argmax(dim=-1).tolist()
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled_rows:
         return greedy
     rows = torch.tensor(sampled_rows, device=logits.device)
-    lg = logits[rows]  # [N, V]
-    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=lg.device).unsqueeze(1)
-    lg = lg / temps
-    sorted_lg, order = lg.sort(dim=-1, descending=True)  # [N, V]
-    v = lg.shape[-1]
-    rank = torch.arange(v, device=lg.device).unsqueeze(0)
-    ks = torch.tensor([params[i].top_k or v for i in sampled_rows], device=lg.device).unsqueeze(1)
-    sorted_lg = sorted_lg.masked_fill(rank >= ks, float("-inf"))
-    probs = sorted_lg.softmax(dim=-1)
-    ps = torch.tensor([params[i].top_p for i in sampled_rows], device=lg.device).unsqueeze(1)
-    # drop a token when the mass before it already reaches top_p; the first token always stays
-    before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill((before >= ps) & (rank > 0), 0.0)
+    col = lambda name: torch.tensor(  # noqa: E731
+        [getattr(params[i], name) for i in sampled_rows], dtype=torch.float32, device=logits.device
+    )
+    probs, order = _truncated_probs(logits[rows], col("temperature"), col("top_k").long(), col("top_p"), col("min_p"))
     probs = probs / probs.sum(dim=-1, keepdim=True)
     out = list(greedy)
     for j, i in enumerate(sampled_rows):
         pick = torch.multinomial(probs[j], 1, generator=generators[i]).item()
         out[i] = int(order[j, pick])
     return out
+
+
+def _truncated_probs(
+    lg: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logits [N, V] and per-row parameters [N] -> (probabilities in descending order [N, V], not
+    renormalised, with truncated tokens at 0; the token id of each column [N, V])."""
+    v = lg.shape[-1]
+    sorted_lg, order = (lg / temperature[:, None]).sort(dim=-1, descending=True)  # [N, V]
+    rank = torch.arange(v, device=lg.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, v))
+    # min_p: p < min_p * p_max  <=>  logit < max logit + log(min_p) (log 0 = -inf keeps everything)
+    floor = sorted_lg[:, :1] + torch.log(min_p.float())[:, None]
+    probs = sorted_lg.masked_fill((rank >= k[:, None]) | (sorted_lg < floor), float("-inf")).softmax(dim=-1)
+    # drop a token when the mass before it already reaches top_p; the first token always stays
+    before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill((before >= top_p[:, None].float()) & (rank > 0), 0.0)
+    return probs, order
 
 
 # ---- batched on-device sampling (the CUDA path): no per-row host syncs ----
@@ -98,24 +120,22 @@ def sample_batched(
     top_p: torch.Tensor,
     seeds: torch.Tensor,
     steps: torch.Tensor,
+    min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [B, V] -> token ids [B] int64, on logits' device, with no host sync.
 
     Semantics: row i is argmax(logits_i) when temperature_i == 0; otherwise the inverse-CDF draw at
     u_i = uniform_from(seed_i, step_i) from softmax(logits_i / temperature_i) restricted to its
-    top_k_i tokens (0 = all) and then to the smallest set whose probability reaches top_p_i.
-    temperature/top_p float [B], top_k/seeds/steps int64 [B]."""
+    top_k_i tokens (0 = all), then to the smallest set whose probability reaches top_p_i, then to the tokens
+    whose probability is at least min_p_i times the largest (None = 0 for every row).
+    temperature/top_p/min_p float [B], top_k/seeds/steps int64 [B]."""
     lg = logits.float()
     greedy = lg.argmax(dim=-1)
     v = lg.shape[-1]
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
-    sorted_lg, order = (lg / t[:, None]).sort(dim=-1, descending=True)  # [B, V]
-    rank = torch.arange(v, device=lg.device)[None, :]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, v))
-    probs = sorted_lg.masked_fill(rank >= k[:, None], float("-inf")).softmax(dim=-1)
-    # drop a token when the mass before it already reaches top_p; the first token always stays
-    before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill((before >= top_p[:, None].float()) & (rank > 0), 0.0)
+    if min_p is None:
+        min_p = torch.zeros_like(t)
+    probs, order = _truncated_probs(lg, t, top_k, top_p, min_p)
     cdf = probs.double().cumsum(dim=-1)  # [B, V]
     target = uniform_from(seeds, steps) * cdf[:, -1]
     pick = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=v - 1)  # first cdf > target
@@ -124,18 +144,42 @@ def sample_batched(
 
 
 def sample_on_device(
-    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    steps: list[int],
+    *,
+    prompts: Sequence[list[int]] | None = None,
+    outputs: Sequence[list[int]] | None = None,
+    eos_ids: Iterable[int] = (),
 ) -> list[int]:
-    """The CUDA engine's sampler: one batched draw on the device, then one copy of the ids to the
-    host (the step's only sync). Greedy-only batches skip the sort entirely."""
+    """The CUDA engine's sampler: `draw_on_device`, then one copy of the ids to the host (the step's only sync)."""
+    return draw_on_device(logits, params, seeds, steps, prompts=prompts, outputs=outputs, eos_ids=eos_ids).tolist()
+
+
+def draw_on_device(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    steps: list[int],
+    *,
+    prompts: Sequence[list[int]] | None = None,
+    outputs: Sequence[list[int]] | None = None,
+    eos_ids: Iterable[int] = (),
+) -> torch.Tensor:
+    """Token ids [B] int64 on logits' device, with no host sync: the rows' logits processed (process_logits),
+    then one batched draw (sample_batched). Greedy-only batches skip the sort entirely."""
+    logits = process_logits(logits.float(), params, prompts, outputs, eos_ids)
     if all(p.temperature == 0 for p in params):
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     dev = logits.device
     pin = dev.type == "cuda"
     f = torch.tensor(
-        [[p.temperature for p in params], [p.top_p for p in params]], dtype=torch.float64, pin_memory=pin
+        [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]],
+        dtype=torch.float64,
+        pin_memory=pin,
     ).to(dev, non_blocking=True)
     i = torch.tensor(
         [[p.top_k for p in params], [_as_int64(s) for s in seeds], steps], dtype=torch.int64, pin_memory=pin
     ).to(dev, non_blocking=True)
-    return sample_batched(logits, f[0], i[0], f[1], i[1], i[2]).tolist()
+    return sample_batched(logits, f[0], i[0], f[1], i[1], i[2], f[2])

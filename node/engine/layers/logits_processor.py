@@ -1,0 +1,95 @@
+"""What is done to a row's logits before its draw, beyond temperature and truncation: logit_bias, min_tokens and
+the presence, frequency and repetition penalties, batched over the rows that ask (vLLM's order: bias and
+min_tokens first, then the penalties; the grammar's mask is applied by the engine before, and -inf stays
+-inf under all of them, so its place among them does not matter)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from node.engine.layers.attention import to_device
+from node.engine.request import SamplingParams
+
+
+def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
+    """Token lists -> int64 [N, longest] padded with `pad` (an index past the vocabulary, dropped after)."""
+    width = max((len(x) for x in lists), default=0) or 1
+    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.int64)
+
+
+def _counts(ids: torch.Tensor, v: int) -> torch.Tensor:
+    """[N, L] token ids (padding = v) -> float32 [N, V] occurrences of each token."""
+    counts = torch.zeros(ids.shape[0], v + 1, dtype=torch.float32, device=ids.device)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device))
+    return counts[:, :v]
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompts: Sequence[list[int]] | None = None,
+    outputs: Sequence[list[int]] | None = None,
+    eos_ids: Iterable[int] = (),
+) -> torch.Tensor:
+    """logits [B, V] float32 -> the logits each row's draw is made from (a new tensor when any row changes;
+    the same tensor, untouched, when none asks: a batch of plain rows costs nothing here).
+
+    Semantics, for each row i that asks (outputs_i: the tokens it generated, prompts_i its prompt):
+      l[t] += logit_bias_i[t]
+      l[t] = -inf for t in stop_token_ids_i (and the EOS ids unless ignore_eos) while len(outputs_i) < min_tokens_i
+      l[t] = l[t] / r if l[t] > 0 else l[t] * r, for t in prompts_i + outputs_i, r = repetition_penalty_i
+      l[t] -= frequency_penalty_i * count(t in outputs_i) + presence_penalty_i * (t in outputs_i)
+    Host work is one pass over the asking rows' token lists; each table reaches the device in one copy."""
+    rows = [i for i, p in enumerate(params) if p.processed]
+    if not rows:
+        return logits
+    n = len(params)
+    prompts = prompts if prompts is not None else [[]] * n
+    outputs = outputs if outputs is not None else [[]] * n
+    dev, v = logits.device, logits.shape[-1]
+    logits = logits.clone()
+    eos = sorted(set(eos_ids))
+
+    # logit_bias and min_tokens: (row, token) pairs, added or set to -inf
+    bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
+    for i in rows:
+        p = params[i]
+        for t, b in p.logit_bias:
+            bias_rows.append(i)
+            bias_ids.append(t)
+            bias_vals.append(b)
+        if len(outputs[i]) < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
+            ban_rows += [i] * len(banned)
+            ban_ids += sorted(banned)
+    if bias_rows:
+        idx = to_device(torch.tensor([bias_rows, bias_ids], dtype=torch.int64), dev)
+        vals = to_device(torch.tensor(bias_vals, dtype=torch.float32), dev)
+        logits.index_put_((idx[0], idx[1]), vals, accumulate=True)
+    if ban_rows:
+        idx = to_device(torch.tensor([ban_rows, ban_ids], dtype=torch.int64), dev)
+        logits[idx[0], idx[1]] = float("-inf")
+
+    pen = [i for i in rows if params[i].penalized]
+    if pen:
+        f = to_device(
+            torch.tensor(
+                [[params[i].repetition_penalty for i in pen], [params[i].frequency_penalty for i in pen]]
+                + [[params[i].presence_penalty for i in pen]],
+                dtype=torch.float32,
+            ),
+            dev,
+        )
+        rep, freq, pres = f[0][:, None], f[1][:, None], f[2][:, None]  # [N, 1] each
+        pen_t = to_device(torch.tensor(pen, dtype=torch.int64), dev)
+        lg = logits[pen_t]  # [N, V]
+        counts = _counts(to_device(_padded([outputs[i] for i in pen], v), dev), v)  # [N, V]
+        if any(params[i].repetition_penalty != 1 for i in pen):
+            seen = (_counts(to_device(_padded([prompts[i] for i in pen], v), dev), v) + counts) > 0
+            r = torch.where(seen, rep, torch.ones_like(rep))
+            lg = torch.where(lg > 0, lg / r, lg * r)
+        lg = lg - freq * counts - pres * (counts > 0).float()
+        logits[pen_t] = lg
+    return logits

@@ -1,0 +1,222 @@
+"""The OpenAI/vLLM sampling parameters: logit_bias, min_tokens, presence/frequency/repetition penalties, min_p,
+stop_token_ids; each checked against a plain per-row reference on the logits, on both samplers (the per-row CPU
+one and the batched device one, run here on CPU tensors), in batches that mix them with plain rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from node.engine import RequestError, SamplingParams
+from node.engine.layers.logits_processor import process_logits
+from node.engine.layers.sampler import draw_on_device, sample, sample_batched, sample_on_device
+from tests.utils.engine import greedy
+
+EOS = (2,)
+V = 40
+
+
+def reference(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """One row, token by token, as the OpenAI/HF/vLLM documents state it."""
+    out = logits.clone().double()
+    for t, b in p.logit_bias:
+        out[t] += b
+    if len(output) < p.min_tokens:
+        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(EOS)):
+            out[t] = -math.inf
+    for t in set(prompt) | set(output):
+        if out[t] > 0:
+            out[t] /= p.repetition_penalty
+        else:
+            out[t] *= p.repetition_penalty
+    for t in set(output):
+        out[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return out.float()
+
+
+ROWS = [
+    (SamplingParams(temperature=0), [1, 2], [3]),  # plain
+    (SamplingParams(logit_bias={5: 7.5, 9: -100}), [1], []),
+    (SamplingParams(min_tokens=2, stop_token_ids=(11, 12)), [4], [5]),
+    (SamplingParams(min_tokens=2, stop_token_ids=(11,), ignore_eos=True), [4], [5]),
+    (SamplingParams(min_tokens=1), [4], [5]),  # already past min_tokens: nothing banned
+    (SamplingParams(presence_penalty=1.5, frequency_penalty=-0.5), [7, 8], [3, 3, 3, 6, 7]),
+    (SamplingParams(repetition_penalty=1.7), [7, 8, 8], [3, 9]),
+    (
+        SamplingParams(repetition_penalty=0.6, presence_penalty=-2, frequency_penalty=2, logit_bias={3: 1.0}),
+        [1, 2, 3],
+        [3, 3, 20, 21],
+    ),
+    (SamplingParams(temperature=0.5), [1], [2, 2]),  # plain
+]
+
+
+def batch(seed=0):
+    logits = torch.randn(len(ROWS), V, generator=torch.Generator().manual_seed(seed)) * 3
+    params = [r[0] for r in ROWS]
+    return logits, params, [r[1] for r in ROWS], [r[2] for r in ROWS]
+
+
+def test_each_processor_matches_the_reference_in_a_mixed_batch():
+    logits, params, prompts, outputs = batch()
+    before = logits.clone()
+    got = process_logits(logits, params, prompts, outputs, EOS)
+    assert torch.equal(logits, before)  # the caller's logits are left alone
+    for i, (p, prompt, output) in enumerate(ROWS):
+        assert torch.allclose(got[i], reference(logits[i], p, prompt, output), atol=1e-5), i
+    # the rows that ask nothing are untouched, exactly
+    assert torch.equal(got[0], logits[0]) and torch.equal(got[-1], logits[-1])
+    assert got[2, 11] == got[2, 12] == got[2, 2] == -math.inf and got[3, 2] != -math.inf
+
+
+def test_plain_rows_cost_nothing():
+    logits = torch.randn(4, V)
+    plain = [SamplingParams(), SamplingParams(temperature=0, top_k=3, min_p=0.2)] * 2
+    assert process_logits(logits, plain, None, None, EOS) is logits
+
+
+def test_both_samplers_pick_the_processed_argmax_and_greedy_rows_ignore_their_neighbours():
+    logits, params, prompts, outputs = batch(1)
+    greedy_params = [SamplingParams(**{**_kwargs(p), "temperature": 0}) for p in params]
+    want = [int(reference(logits[i], p, prompts[i], outputs[i]).argmax()) for i, p in enumerate(greedy_params)]
+    gens = [torch.Generator() for _ in params]
+    assert sample(logits, greedy_params, gens, prompts=prompts, outputs=outputs, eos_ids=EOS) == want
+    steps = list(range(len(params)))
+    assert sample_on_device(logits, greedy_params, steps, steps, prompts=prompts, outputs=outputs, eos_ids=EOS) == want
+    # a greedy row's token is the same alone and beside sampled, penalized, biased rows
+    mixed = [greedy_params[5]] + params
+    alone = sample(logits[5:6], [greedy_params[5]], gens[:1], prompts=prompts[5:6], outputs=outputs[5:6], eos_ids=EOS)
+    lg = torch.cat([logits[5:6], logits])
+    both = sample(
+        lg,
+        mixed,
+        [torch.Generator() for _ in mixed],
+        prompts=prompts[5:6] + prompts,
+        outputs=outputs[5:6] + outputs,
+        eos_ids=EOS,
+    )
+    assert both[0] == alone[0] == want[5]
+    dev = draw_on_device(
+        lg,
+        mixed,
+        list(range(10)),
+        [0] * 10,
+        prompts=prompts[5:6] + prompts,
+        outputs=outputs[5:6] + outputs,
+        eos_ids=EOS,
+    )
+    assert int(dev[0]) == want[5]
+
+
+def _kwargs(p: SamplingParams) -> dict:
+    return {name: getattr(p, name) for name in SamplingParams.__slots__}
+
+
+def test_a_biased_token_is_drawn_and_a_banned_one_never():
+    logits = torch.zeros(300, V)
+    sure = SamplingParams(temperature=1.0, logit_bias={17: 100})
+    never = SamplingParams(temperature=1.0, logit_bias={t: -100 for t in range(V) if t != 4})
+    params = [sure, never] * 150
+    gens = [torch.Generator().manual_seed(i) for i in range(300)]
+    got = sample(logits, params, gens)
+    assert set(got[0::2]) == {17} and set(got[1::2]) == {4}
+    got = sample_on_device(logits, params, list(range(300)), [0] * 300)
+    assert set(got[0::2]) == {17} and set(got[1::2]) == {4}
+
+
+@pytest.mark.parametrize("sampler", ["per-row", "batched"])
+def test_min_p_keeps_the_tokens_at_least_min_p_times_the_best(sampler):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.log(probs).expand(2000, -1).contiguous()
+    n = logits.shape[0]
+    if sampler == "per-row":
+        p = SamplingParams(temperature=1.0, min_p=0.35)  # 0.35 * 0.5 = 0.175: keeps 0.5 and 0.3
+        got = sample(logits, [p] * n, [torch.Generator().manual_seed(i) for i in range(n)])
+    else:
+        f = lambda x: torch.full((n,), x, dtype=torch.float64)  # noqa: E731
+        got = sample_batched(
+            logits,
+            f(1.0),
+            torch.zeros(n, dtype=torch.int64),
+            f(1.0),
+            torch.arange(n),
+            torch.zeros(n, dtype=torch.int64),
+            f(0.35),
+        ).tolist()
+    assert set(got) == {0, 1}
+    share = got.count(0) / n
+    assert abs(share - 0.5 / 0.8) < 0.05, share  # renormalised over what is kept
+
+
+def test_seeded_draws_with_every_processor_repeat():
+    logits, params, prompts, outputs = batch(2)
+    hot = [SamplingParams(**{**_kwargs(p), "temperature": 0.9, "top_k": 20, "min_p": 0.01}) for p in params]
+    kw = dict(prompts=prompts, outputs=outputs, eos_ids=EOS)
+
+    def cpu():
+        return sample(logits, hot, [torch.Generator().manual_seed(i) for i in range(len(hot))], **kw)
+
+    assert cpu() == cpu()
+    seeds = [(1 << 64) - 1 - i for i in range(len(hot))]
+    assert sample_on_device(logits, hot, seeds, [3] * len(hot), **kw) == sample_on_device(
+        logits, hot, seeds, [3] * len(hot), **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty must be a number in \\[-2, 2\\]"),
+        ({"frequency_penalty": -3}, "frequency_penalty must be"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty must be"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be a number in \\(0, 2\\]"),
+        ({"repetition_penalty": 2.01}, "repetition_penalty must be"),
+        ({"min_p": 1.5}, "min_p must be"),
+        ({"min_p": -0.1}, "min_p must be"),
+        ({"min_tokens": 17}, "min_tokens must be an integer in \\[0, 16\\]"),
+        ({"min_tokens": -1}, "min_tokens must be"),
+        ({"logit_bias": {5: 101}}, "logit_bias\\[5\\] must be a number in \\[-100, 100\\]"),
+        ({"logit_bias": {-1: 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {i: 1 for i in range(301)}}, "logit_bias holds 301 entries; at most 300"),
+        ({"stop_token_ids": tuple(range(17))}, "stop_token_ids must be at most 16"),
+        ({"stop_token_ids": (-3,)}, "stop_token_ids must be"),
+        ({"logprobs": 21}, "logprobs must be an integer in \\[0, 20\\]"),
+        ({"logprobs": -1}, "logprobs must be"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs must be"),
+        ({"n": 0}, "n must be an integer in \\[1, 16\\]"),
+        ({"n": 17}, "n must be"),
+        ({"guided": {"type": "json_object"}}, "guided must be a GuidedSpec"),
+    ],
+)
+def test_bad_new_params_are_refused(kwargs, message):
+    with pytest.raises(RequestError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_good_params_are_kept():
+    p = SamplingParams(logit_bias={9: 1, 3: -2.5}, stop_token_ids=[4, 5], logprobs=0, prompt_logprobs=20, n=16)
+    assert p.logit_bias == ((3, -2.5), (9, 1.0)) and p.stop_token_ids == (4, 5)
+    assert p.processed and not p.penalized and not SamplingParams().processed
+
+
+# ---- through the engine ----
+
+
+def test_stop_token_ids_end_a_sequence_with_stop_and_min_tokens_hold_it_back(llama_world):
+    engine = llama_world.engine()
+    try:
+        ids = [1, 5, 6, 7]
+        free = engine.generate([greedy("free", None, ids, 8)])["free"]
+        stop_at = free.token_ids[3]
+        first = free.token_ids.index(stop_at)
+        got = engine.generate([greedy("stop", None, ids, 8, stop_token_ids=(stop_at,))])["stop"]
+        assert got.finish_reason == "stop" and got.token_ids == free.token_ids[: first + 1]
+        # min_tokens: the stop token cannot come before it (so the greedy path changes at `first`)
+        held = engine.generate([greedy("held", None, ids, 8, stop_token_ids=(stop_at,), min_tokens=first + 2)])["held"]
+        assert stop_at not in held.token_ids[: first + 2] and len(held.token_ids) >= first + 2
+        with pytest.raises(RequestError, match="not in the vocabulary"):
+            engine.add_request(greedy("bad", None, ids, 4, logit_bias={10**6: 1.0}))
+    finally:
+        engine.close()
