@@ -8,6 +8,7 @@ bare base-model requests (read from the chain), and each key's maximum."""
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -91,6 +92,14 @@ class ModelCatalog:
         # resolves; a base a node announces is known by its id alone (a node's heartbeat names nothing here)
         self.base_names = base_names
         self.default_max_price = default_max_price
+        # model (adapter or base) id -> when this gateway first listed it, as a Unix time: OpenAI's `created`.
+        # The registry mirror keeps registration blocks, not their times; asking the chain for each block's
+        # time would cost a call per adapter
+        self.first_seen: dict[str, int] = {}
+
+    def created(self, model_id: str) -> int:
+        """OpenAI's `created` of a model: the Unix time this gateway first saw it."""
+        return self.first_seen.setdefault(model_id, int(time.time()))
 
     def _visible(self, name: str, key: KeyInfo, private: frozenset[str]) -> bool:
         return name not in private or name in key.adapters
@@ -136,7 +145,7 @@ class ModelCatalog:
         return {
             "id": name,
             "object": "model",
-            "created": 0,
+            "created": self.created(base_id),
             "owned_by": "loramesh",
             "adapter_id": None,
             "base_model": {"id": base_id, "name": name},
@@ -157,7 +166,7 @@ class ModelCatalog:
                 {
                     "id": a.name,
                     "object": "model",
-                    "created": a.registered_block,
+                    "created": self.created(a.adapter_id),
                     "owned_by": a.owner,
                     "adapter_id": a.adapter_id,
                     "version": a.version,

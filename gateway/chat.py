@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from gateway.errors import BadRequest, BaseNotConfigured
+from gateway.logprobs import TokenTexts
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class ChatTemplates:
         # vocabulary's size; known once the tokenizer is loaded
         self.longest_token: dict[str, int] = {}
         self.vocab_size: dict[str, int] = {}
+        self.token_texts: dict[str, TokenTexts] = {}  # base id -> its tokens' strings for logprobs
         for d in base_dirs:
             bid = base_model_id(d)
             self.dirs[bid] = Path(d)
@@ -59,6 +61,7 @@ class ChatTemplates:
                     vocab = tok.get_vocab()
                     self.longest_token[base_model_id] = max(map(len, vocab), default=1) or 1
                     self.vocab_size[base_model_id] = max(len(tok), max(vocab.values(), default=0) + 1)
+                    self.token_texts[base_model_id] = TokenTexts(tok)
                 self.tokenizers[base_model_id] = tok
         if tok is False:
             raise BadRequest(
@@ -95,24 +98,49 @@ class ChatTemplates:
                 param="prompt",
             )
 
-    def check_ids(self, base_model_id: str, ids: list[int]) -> None:
+    def check_ids(self, base_model_id: str, ids: list[int], *, param: str = "prompt", what: str = "prompt") -> None:
         """Refuse token ids the base's vocabulary does not have (when the gateway knows it)."""
         size = self.vocab_size.get(base_model_id)
         if size is not None and ids and max(ids) >= size:
-            raise BadRequest(f"prompt token id {max(ids)} is not in the model's vocabulary of {size}", param="prompt")
+            raise BadRequest(f"{what} token id {max(ids)} is not in the model's vocabulary of {size}", param=param)
 
     def encode(self, base_model_id: str, text: str) -> list[int]:
         """A completion prompt's token ids, exactly as the node would encode the text (blocking)."""
-        return list(self._tokenizer(base_model_id).encode(text))
+        from node.adapters.prompts import completion_ids
 
-    def render(self, base_model_id: str, messages: list[dict]) -> list[int]:
-        """Chat messages rendered by the base's template, as token ids (blocking)."""
+        return completion_ids(self._tokenizer(base_model_id), text)
+
+    def decode(self, base_model_id: str, ids: list[int]) -> str:
+        """Token ids as text, without the special tokens (a prompt given as ids, echoed back; blocking)."""
+        return self._tokenizer(base_model_id).decode(ids, skip_special_tokens=True)
+
+    def vocab(self, base_model_id: str) -> int | None:
+        """The base's vocabulary size, its tokenizer loaded (None: it has none; blocking)."""
+        try:
+            self._tokenizer(base_model_id)
+        except BadRequest:
+            return None
+        return self.vocab_size.get(base_model_id)
+
+    def texts(self, base_model_id: str) -> TokenTexts:
+        """The base's tokens as strings and bytes, for logprobs (its tokenizer loaded)."""
+        self._tokenizer(base_model_id)
+        return self.token_texts[base_model_id]
+
+    def render(self, base_model_id: str, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and the request's tools) rendered by the base's template, as token ids, exactly as
+        `adapter train` renders its chat data (node.adapters.prompts; blocking)."""
+        from jinja2 import TemplateError
+
+        from node.adapters.prompts import NoChatTemplate, chat_ids
+
         tok = self._tokenizer(base_model_id)
-        if not getattr(tok, "chat_template", None):
-            raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # the template writes any special tokens itself, so the tokenizer must not add them again
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        try:
+            return chat_ids(tok, messages, tools=tools)
+        except NoChatTemplate:
+            raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions") from None
+        except TemplateError as e:  # a template that refuses these messages (e.g. roles that must alternate)
+            raise BadRequest(f"the model's chat template refused the messages: {e}", param="messages") from None
 
 
 def _load_tokenizer(base_dir: Path):

@@ -1,37 +1,92 @@
-"""OpenAI wire models (requests we accept) and response/chunk builders (what we send back)."""
+"""OpenAI wire models (requests we accept) and response/chunk builders (what we send back).
+
+Every field OpenAI's or vLLM's completions and chat endpoints define is either honoured or refused by name
+(400, `param` = the field); a field neither defines is refused the same way, never silently ignored. Fields
+accepted without effect, because the gateway already behaves as they ask: `user`, `safety_identifier`,
+`prompt_cache_key` (identifiers the gateway keeps no use for), `metadata`, `store` (false only: nothing is kept
+for later), `service_tier` ("auto" / "default"), `parallel_tool_calls` (true only), `modalities` (["text"]),
+`stream_options.include_obfuscation` (nothing is padded)."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from common.wire import UntrustedJSONError, parse_json, sse_frame
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
+from gateway.tools import ToolPlan, template_messages, tool_plan
 
 if TYPE_CHECKING:
     from gateway.router import Target
 
+# The node's bounds (node/api/models.py GenerateBody): choices per prompt, prompts per request, sequences in all
+MAX_N = 16
+MAX_PROMPTS = 16
+MAX_SEQUENCES = 64
+MAX_LOGIT_BIAS = 300
+MAX_STOP_TOKEN_IDS = 16
+MAX_SCHEMA_BYTES = 64 << 10
+COMPLETION_LOGPROBS = 5  # OpenAI's most for completions' `logprobs`
+CHAT_TOP_LOGPROBS = 20
+
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 
-
 # Strict types, as OpenAI's API: "16" is not a max_tokens, 1 is not a stream flag (a number where a float
-# is expected is still one). Unknown fields are ignored, as OpenAI does.
-STRICT = ConfigDict(extra="ignore", strict=True)
-# a seed is a 64-bit unsigned number on the node; token ids are 32-bit
-Seed = Annotated[int, Field(ge=0, lt=2**64)]
+# is expected is still one). A field this gateway does not know is refused by name.
+STRICT = ConfigDict(extra="forbid", strict=True)
+# a seed is 64 bits: OpenAI's are signed, the node's unsigned (a negative seed is taken modulo 2^64)
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+Identifier = Annotated[str, Field(max_length=256)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 
 
 class StreamOptions(BaseModel):
     model_config = STRICT
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # OpenAI pads chunks against length side channels; nothing to pad here
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = STRICT | ConfigDict(populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None  # every schema is enforced exactly (the node's grammar), strict or not
+
+    @field_validator("schema_")
+    @classmethod
+    def _size(cls, v: dict) -> dict:
+        if len(json.dumps(v)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the schema is more than {MAX_SCHEMA_BYTES} bytes of JSON")
+        return v
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only with it')
+        return self
+
+    def guided(self) -> dict | None:
+        """The node's `guided` value."""
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        if self.type == "json_schema":
+            return {"type": "json_schema", "schema": self.json_schema.schema_}
+        return None
 
 
 class _Sampling(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored, as OpenAI does; fields we cannot honour
-    with a non-default value are refused rather than silently dropped."""
+    """Fields both endpoints share."""
 
     model_config = STRICT
 
@@ -39,36 +94,46 @@ class _Sampling(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: Seed | None = None
-    user: Annotated[str, Field(max_length=256)] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("penalties are not supported (leave them out or 0)")
-        return v
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]], Field()] | None = (
+        None
+    )
+    response_format: ResponseFormat | None = None
+    # vLLM's sampling extras
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 and 0: all tokens
+    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    # accepted, no effect (see the module's docstring)
+    user: Identifier | None = None
+    safety_identifier: Identifier | None = None
+    prompt_cache_key: Identifier | None = None
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v: dict | None) -> dict | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for k in v:
+            if not (k.isascii() and k.isdigit() and len(k) <= 10):
+                raise ValueError(f"keys are token ids as decimal strings; {k[:20]!r} is not one")
         return v
+
+    def check(self) -> None:
+        """What one field's type cannot say: fields that are only meaningful together (BadRequest naming the
+        field)."""
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -79,36 +144,74 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def choices(self) -> int:
+        """Choices per prompt."""
+        return self.n or 1
+
+    def wanted_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def guided(self) -> dict | None:
+        return self.response_format.guided() if self.response_format is not None else None
+
+    def bias_ids(self) -> list[int]:
+        return [int(k) for k in self.logit_bias or ()]
+
+
+# a completion's prompt: text, texts, token ids, or lists of token ids (OpenAI's four forms)
+Prompt = (
+    str
+    | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+)
+
 
 class CompletionRequest(_Sampling):
-    prompt: (
-        str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
-    )
+    prompt: Prompt
     echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=COMPLETION_LOGPROBS)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
 
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _unsupported(cls, v):
-        if v:
-            raise ValueError("is not supported")
-        return v
+    def check(self) -> None:
+        super().check()
+        if self.suffix:
+            raise BadRequest("suffix is not supported (no insertion model is served here)", param="suffix")
+        if self.best_of is not None:
+            if self.stream:
+                raise BadRequest("best_of cannot be used with stream", param="best_of")
+            if self.best_of < self.choices:
+                raise BadRequest(f"best_of ({self.best_of}) must be at least n ({self.choices})", param="best_of")
+        seqs = self.prompt_count() * self.sequences_per_prompt()
+        if seqs > MAX_SEQUENCES:
+            raise BadRequest(
+                f"{self.prompt_count()} prompts x {self.sequences_per_prompt()} choices is more than the "
+                f"{MAX_SEQUENCES} sequences one request may ask for",
+                param="best_of" if self.best_of else "n",
+            )
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v is not None:
-            raise ValueError("logprobs are not supported")
-        return v
+    def prompt_count(self) -> int:
+        return len(self.prompt_list())
 
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        if v not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return v
+    def prompt_list(self) -> list[str] | list[list[int]]:
+        """The prompts as a list of texts or a list of token id lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    def sequences_per_prompt(self) -> int:
+        """What the node generates per prompt: best_of sequences (the best n are returned), else n."""
+        return self.best_of or self.choices
+
+    def node_logprobs(self) -> int | None:
+        # best_of ranks the sequences by their summed log-probabilities: it needs each token's
+        if self.best_of is not None and self.best_of > self.choices:
+            return self.logprobs or 0
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -117,46 +220,118 @@ class TextPart(BaseModel):
     text: str
 
 
+class ToolCallFunction(BaseModel):
+    model_config = STRICT
+    name: Annotated[str, Field(max_length=64)]
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+    id: Identifier
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: Identifier | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (history)
+    tool_call_id: Identifier | None = None  # a tool's result answers this call
+    refusal: str | None = None  # an assistant's refusal (history; the template is not shown it)
+    function_call: None = None  # OpenAI's legacy field, null in assistant messages the client sends back
+
+    @model_validator(mode="after")
+    def _roles(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError('a "tool" message needs the tool_call_id it answers')
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError('only "tool" messages carry a tool_call_id')
+        return self
 
     def text(self) -> str:
         if self.content is None:
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def as_dict(self) -> dict:
+        out: dict = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=CHAT_TOP_LOGPROBS)] | None = None
     tools: list | None = None
     tool_choice: object | None = None
-    response_format: dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: object | None = None
+    function_call: object | None = None
+    # accepted, no effect (see the module's docstring)
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    store: bool | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    modalities: list[Literal["text"]] | None = None
 
-    @field_validator("logprobs", "tools")
-    @classmethod
-    def _unsupported(cls, v, info: ValidationInfo):
-        if v:
-            raise ValueError(f"{info.field_name} are not supported")
-        return v
+    _plan: ToolPlan | None = PrivateAttr(default=None)
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v):
-        if v and v.get("type") not in (None, "text"):
-            raise ValueError("only response_format type 'text' is supported")
-        return v
+    def check(self) -> None:
+        super().check()
+        for field in ("functions", "function_call"):
+            if getattr(self, field) is not None:
+                raise BadRequest(f"{field} is OpenAI's deprecated form: use tools and tool_choice", param=field)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs is only allowed when logprobs is true", param="top_logprobs")
+        if self.parallel_tool_calls is False:
+            raise BadRequest(
+                "parallel_tool_calls false is not supported: a model may answer with several calls",
+                param="parallel_tool_calls",
+            )
+        if self.store:
+            raise BadRequest("store is not supported: this gateway keeps no completions", param="store")
+        self._plan = tool_plan(self.tools, self.tool_choice)
+        formatted = self.response_format is not None and self.response_format.guided() is not None
+        if formatted and self._plan is not None and self._plan.guided() is not None:
+            raise BadRequest(
+                "response_format cannot be combined with tool_choice required or a named function (both "
+                "constrain the answer)",
+                param="response_format",
+            )
+
+    @property
+    def plan(self) -> ToolPlan | None:
+        """How the request's tools are served (None: no tools)."""
+        return self._plan
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def guided(self) -> dict | None:
+        if self._plan is not None and self._plan.guided() is not None:
+            return self._plan.guided()
+        return super().guided()
+
     def chat_messages(self) -> list[dict]:
-        # "developer" is the newer name of "system"; base model templates know only the older roles
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """The messages as the chat template takes them (gateway.tools.template_messages)."""
+        return template_messages([m.as_dict() for m in self.messages])
+
+    def template_tools(self) -> list[dict] | None:
+        return self._plan.template_tools if self._plan is not None else None
+
+    def node_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> BaseModel:
@@ -168,7 +343,7 @@ def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_M
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     try:
-        return model.model_validate(data)
+        req = model.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
         # a union field reports one error per branch; the one that is not a plain type mismatch says most
@@ -180,29 +355,55 @@ def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_M
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         if err.get("type") == "missing":
             msg = "is required"
+        elif err.get("type") == "extra_forbidden":
+            msg = "is not a field this API supports"
         raise BadRequest(f"{path or 'body'}: {msg}", param=param) from e
+    check = getattr(req, "check", None)
+    if check is not None:
+        check()
+    return req
 
 
 def to_node_request(
     req: CompletionRequest | ChatRequest,
     target: Target,
-    prompt_token_ids: list[int],
+    prompts: list[list[int]],
     *,
     max_tokens: int,
     request_id: str,
+    prompt_logprobs: int | None = None,
 ) -> dict:
-    """The node API's generate body for an OpenAI request: the prompt as the token ids the gateway made (their
-    number is the prompt count billed), OpenAI's sampling defaults made explicit."""
-    return {
+    """The node API's generate body for an OpenAI request: the prompts as the token ids the gateway made (their
+    number is the prompt count billed), OpenAI's sampling defaults made explicit. Fields at the node's defaults
+    are left out."""
+    body = {
         "adapter_id": target.adapter_id,
-        "prompt_token_ids": prompt_token_ids,
+        "prompt_token_ids": prompts[0] if len(prompts) == 1 else prompts,
         "max_tokens": max_tokens,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
-        "seed": req.seed,
+        "seed": None if req.seed is None else req.seed % 2**64,
         "stop": req.stop_list(),
         "request_id": request_id,
     }
+    per_prompt = req.sequences_per_prompt() if isinstance(req, CompletionRequest) else req.choices
+    optional = {
+        "n": (per_prompt, 1),
+        "top_k": (max(0, req.top_k or 0), 0),
+        "presence_penalty": (req.presence_penalty or 0.0, 0.0),
+        "frequency_penalty": (req.frequency_penalty or 0.0, 0.0),
+        "repetition_penalty": (1.0 if req.repetition_penalty is None else req.repetition_penalty, 1.0),
+        "logit_bias": (req.logit_bias or None, None),
+        "min_p": (req.min_p or 0.0, 0.0),
+        "min_tokens": (req.min_tokens or 0, 0),
+        "stop_token_ids": (req.stop_token_ids or None, None),
+        "ignore_eos": (bool(req.ignore_eos), False),
+        "logprobs": (req.node_logprobs(), None),
+        "prompt_logprobs": (prompt_logprobs, None),
+        "guided": (req.guided(), None),
+    }
+    body.update({k: v for k, (v, default) in optional.items() if v != default})
+    return body
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -217,32 +418,39 @@ def finish_reason(node_reason: str | None) -> str:
     return "length" if node_reason == "length" else "stop"
 
 
-def completion_response(rid: str, created: int, model: str, text: str, reason: str, usage: dict) -> dict:
+def completion_response(rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
+    """choices: {"index", "text", "logprobs", "finish_reason"} each."""
     return {
         "id": "cmpl-" + rid[2:],
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+        "choices": choices,
         "usage": usage,
     }
 
 
-def chat_response(rid: str, created: int, model: str, text: str, reason: str, usage: dict) -> dict:
+def chat_response(rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
+    """choices: {"index", "message", "logprobs", "finish_reason"} each."""
     return {
         "id": "chatcmpl-" + rid[2:],
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-        ],
+        "choices": choices,
         "usage": usage,
     }
 
 
+def chat_message(content: str | None, tool_calls: list[dict]) -> dict:
+    msg = {"role": "assistant", "content": content}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
+
+
 class ChunkBuilder:
-    """SSE chunks of one streamed response, in OpenAI's shapes for completions or chat."""
+    """SSE chunks of one streamed response, in OpenAI's shapes for completions or chat; each names its choice."""
 
     def __init__(self, *, chat: bool, rid: str, created: int, model: str, include_usage: bool) -> None:
         self.chat, self.created, self.model, self.include_usage = chat, created, model, include_usage
@@ -255,21 +463,26 @@ class ChunkBuilder:
             obj["usage"] = usage
         return sse_frame(obj)
 
-    def role(self) -> bytes:
-        """Chat streams open with the assistant role."""
+    def role(self, index: int = 0) -> bytes:
+        """A chat choice opens with the assistant role."""
         return self._chunk(
-            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
         )
 
-    def token(self, text: str) -> bytes:
+    def token(self, text: str, index: int = 0, logprobs: dict | None = None) -> bytes:
+        """Text of one choice (chat: a content delta), with its positions' logprobs object when asked."""
         if self.chat:
-            return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
-        return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
+            return self.delta({"content": text}, index, logprobs)
+        return self._chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}])
 
-    def finish(self, reason: str) -> bytes:
+    def delta(self, delta: dict, index: int = 0, logprobs: dict | None = None) -> bytes:
+        """A chat delta ({"content"} or {"tool_calls"}, or {} carrying logprobs alone)."""
+        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+
+    def finish(self, reason: str, index: int = 0) -> bytes:
         if self.chat:
-            return self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
-        return self._chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])
+            return self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        return self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": reason}])
 
     def usage(self, usage: dict) -> bytes:
         return self._chunk([], usage)

@@ -9,6 +9,7 @@ event stream that ends the request when it ends); the parts it uses come typed i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from common.wire import SSE_DONE, error_body, hex0x, sse_frame
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
+from gateway.choices import Choices
 from gateway.directory import NodeDirectory, NodeEntry
 from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
 from gateway.keys import Admission, AuthContext
@@ -34,7 +36,6 @@ from gateway.openai_api import (
     CompletionRequest,
     chat_response,
     completion_response,
-    finish_reason,
     parse_body,
     to_node_request,
     usage_dict,
@@ -133,6 +134,7 @@ class ServedRequest:
         self.node_body: dict = {}
         self.prompt_tokens = self.max_tokens = self.limit = 0
         self.context_len: int | None = None
+        self.choices: Choices | None = None  # the sequences the node streams, gathered
         self.node: NodeEntry | None = None
         self.up: UpstreamStream | None = None
         self._hold = ExitStack()  # the chosen node's in-flight count (NodeLocal.busy) until the request ends
@@ -143,11 +145,10 @@ class ServedRequest:
         self.attempts = 0
         self.started = self.deadline = 0.0
         self.ttft: float | None = None
-        self.n_tokens = 0  # token events relayed to the client, up to `limit`: what is billed
-        self.overrun = 0  # token events past `limit` (not relayed, not counted)
+        self.n_tokens = 0  # token events relayed to the client, each sequence's up to max_tokens: what is billed
+        self.overrun = 0  # token events past a sequence's max_tokens (not relayed, not counted)
         self.drained = 0  # token events read after the abort: they reached nobody (logged, not billed)
-        self.other_events = 0  # events that are not tokens (at most MAX_OTHER_EVENTS)
-        self.text: list[str] = []
+        self.other_events = 0  # events that are neither tokens nor a sequence's end (at most MAX_OTHER_EVENTS)
         self.done: dict | None = None  # the node's done event
         self.engine_error: str | None = None
         self.failure: str | None = None  # the node broke off after the first token
@@ -190,19 +191,20 @@ class ServedRequest:
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
         build = chat_response if self.chat else completion_response
-        body = build(
-            self.rid, created, req.model, "".join(self.text), finish_reason(self.finish_reason), usage_dict(*self.usage)
-        )
-        return JSONResponse(body, headers=headers)
+        choices = self.choices.answer(self.finish_reason, bool(self.overrun))
+        return JSONResponse(build(self.rid, created, req.model, choices, usage_dict(*self.usage)), headers=headers)
 
     async def _events(self, b: ChunkBuilder):
         # chunks that are ready together go out in one write: each write is a send through the whole
         # ASGI stack and a wake-up of the client, and the bytes on the wire are the same
-        opening = b.role() if b.chat else b""
+        c = self.choices
+        opening = c.open_all(b)
         try:
-            async for text in self.tokens():
-                yield opening + b.token(text)
-                opening = b""
+            async for k, text, scored in self.tokens():
+                chunk = c.close(b, k, None, False) if text is None else c.chunk(b, k, text, scored)
+                if chunk:
+                    yield opening + chunk
+                    opening = b""
             await asyncio.shield(self.d.background.spawn(self.finish()))
             if self.failure:
                 yield opening + sse_frame(
@@ -210,55 +212,109 @@ class ServedRequest:
                 )
                 return
             usage = b.usage(usage_dict(*self.usage)) if b.include_usage else b""
-            yield opening + b.finish(finish_reason(self.finish_reason)) + usage + SSE_DONE
+            yield opening + c.close_all(b, self.finish_reason, bool(self.overrun)) + usage + SSE_DONE
         finally:
             self.finish_detached(client_gone=True)
 
     # ------------------------------------------------------------------ before routing
 
     async def _prepare(self, req: ChatRequest | CompletionRequest) -> None:
-        """Resolve the model, check the key's price and the token limits, tokenize the prompt (the node gets
+        """Resolve the model, check the key's price and the token limits, tokenize the prompts (the node gets
         token ids the gateway made itself: their number is the prompt count), build the node's request."""
         d, key = self.d, self.auth.key
         target = self.target = d.catalog.resolve(req.model, key, self.auth.private)
         d.catalog.check_price(target, key)
-        wanted = req.wanted_tokens() if self.chat else req.max_tokens
-        max_tokens = wanted or d.settings.default_max_tokens
-        if max_tokens > d.settings.max_max_tokens:
-            raise BadRequest(
-                f"max_tokens {max_tokens} is more than this gateway allows ({d.settings.max_max_tokens})",
-                param="max_tokens",
-            )
         base, t = target.base_model_id, d.templates
         if not d.directory.live(base):
             raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
         context = t.context_len(base)
-        if self.chat:
-            messages = req.chat_messages()
-            chars = sum(len(m["content"]) for m in messages)
-            t.check_length(base, chars)  # a prompt that cannot fit is refused before it is tokenized
-            ids = await _blocking(t, chars, t.render, base, messages)
-        elif isinstance(req.prompt, list) and isinstance(req.prompt[0], int):
-            ids = list(req.prompt)
-            t.check_ids(base, ids)
-        else:
-            text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-            t.check_length(base, len(text))
-            ids = await _blocking(t, len(text), t.encode, base, text)
-        if not ids:
-            raise BadRequest("the prompt is empty; expected at least one token", param="prompt")
-        if context is not None and len(ids) >= context:
+        prompts, texts = await self._prompts(req, base)
+        for ids in prompts:
+            if not ids:
+                raise BadRequest("the prompt is empty; expected at least one token", param="prompt")
+        longest = max(map(len, prompts))
+        max_tokens = self._max_tokens(req, longest, context)
+        if req.min_tokens is not None and req.min_tokens > max_tokens:
             raise BadRequest(
-                f"the prompt has {len(ids)} tokens; the model's context holds {context} (prompt + at "
-                "least one generated token)",
-                code="context_length_exceeded",
-                param="prompt",
+                f"min_tokens ({req.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens"
             )
+        show_logprobs = bool(req.logprobs) if self.chat else req.logprobs is not None
+        echo = not self.chat and bool(req.echo)
+        if req.bias_ids() or req.stop_token_ids:  # ids outside the vocabulary (when known) are the client's mistake
+            if t.knows(base):
+                await _blocking(t, 0, t.vocab, base)
+            t.check_ids(base, req.bias_ids(), param="logit_bias", what="logit_bias")
+            t.check_ids(base, req.stop_token_ids or [], param="stop_token_ids", what="stop_token_ids")
+        token_texts = await _blocking(t, 0, t.texts, base) if (req.node_logprobs() is not None or echo) else None
+        if echo and texts is None:  # prompts given as token ids are echoed as their text
+            texts = [await _blocking(t, len(ids), t.decode, base, ids) for ids in prompts]
         self.rid = hex0x(secrets.token_bytes(32))
-        self.node_body = to_node_request(req, target, ids, max_tokens=max_tokens, request_id=self.rid)
-        self.prompt_tokens, self.max_tokens, self.context_len = len(ids), max_tokens, context
-        # the most tokens this request can produce: max_tokens, and what the context leaves after the prompt
-        self.limit = max_tokens if context is None else max(0, min(max_tokens, context - len(ids)))
+        prompt_logprobs = req.logprobs if echo and req.logprobs is not None else None
+        self.node_body = to_node_request(
+            req, target, prompts, max_tokens=max_tokens, request_id=self.rid, prompt_logprobs=prompt_logprobs
+        )
+        per_prompt = req.sequences_per_prompt() if not self.chat else req.choices
+        self.choices = Choices(
+            chat=self.chat,
+            prompts=prompts,
+            per_prompt=per_prompt,
+            n=req.choices,
+            max_tokens=max_tokens,
+            logprobs=show_logprobs,
+            echo=echo,
+            prompt_texts=texts,
+            texts=token_texts,
+            plan=req.plan if self.chat else None,
+        )
+        seqs = len(self.choices.seqs)
+        self.prompt_tokens = sum(map(len, prompts))
+        # the most completion tokens the request may bill: max_tokens per sequence (the context holds them all:
+        # a prompt that leaves less room was refused above); the record's bound on a receipt's count is that sum,
+        # which the context (counted for one sequence) would wrongly cut when there are several
+        self.max_tokens = self.limit = max_tokens * seqs
+        self.context_len = context if seqs == 1 else None
+
+    async def _prompts(self, req: ChatRequest | CompletionRequest, base: str) -> tuple[list[list[int]], list | None]:
+        """The request's prompts as token ids, and their texts where the client sent text (completions)."""
+        t = self.d.templates
+        if self.chat:
+            messages, tools = req.chat_messages(), req.template_tools()
+            chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(tools)) if tools else 0)
+            t.check_length(base, chars)  # a prompt that cannot fit is refused before it is tokenized
+            return [await _blocking(t, chars, t.render, base, messages, tools)], None
+        given = req.prompt_list()
+        if isinstance(given[0], list):
+            for ids in given:
+                t.check_ids(base, ids)
+            return given, None
+        for text in given:
+            t.check_length(base, len(text))
+        return [await _blocking(t, len(text), t.encode, base, text) for text in given], given
+
+    def _max_tokens(self, req: ChatRequest | CompletionRequest, prompt: int, context: int | None) -> int:
+        """The tokens each sequence may generate: the request's max_tokens (completions: 16 by default, as
+        OpenAI's), or for a chat that names none what the context leaves after the prompt; a prompt plus
+        max_tokens beyond the context is refused with the numbers, as OpenAI refuses it."""
+        s, wanted = self.d.settings, req.wanted_tokens()
+        if wanted is not None and wanted > s.max_max_tokens:
+            field = "max_completion_tokens" if self.chat and req.max_completion_tokens else "max_tokens"
+            raise BadRequest(f"{field} {wanted} is more than this gateway allows ({s.max_max_tokens})", param=field)
+        if wanted is None and self.chat:
+            room = s.max_max_tokens if context is None else context - prompt
+            if room >= 1:
+                return min(s.max_max_tokens, room)
+            wanted = 1  # not even one token fits: refused below
+        max_tokens = wanted if wanted is not None else s.default_max_tokens
+        if context is not None and prompt + max_tokens > context:
+            where = "in the messages" if self.chat else "in your prompt"
+            raise BadRequest(
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt + max_tokens} tokens ({prompt} {where}, {max_tokens} in the completion). Please reduce "
+                f"the length of the {'messages' if self.chat else 'prompt'} or completion.",
+                code="context_length_exceeded",
+                param="messages" if self.chat else "prompt",
+            )
+        return max_tokens
 
     # ------------------------------------------------------------------ before the first token
 
@@ -423,41 +479,56 @@ class ServedRequest:
         done, self._next = self._next, None
         return done.result()
 
-    def _count(self, ev: dict) -> str | None:
-        """Count one token event as relayed; its text (None past the limit: not relayed, not counted)."""
-        if self.n_tokens >= self.limit:
+    def _token(self, ev: dict) -> tuple[int, str, object] | None:
+        """Count one token event as relayed: (sequence, text, its scored position or None). None when it is not
+        relayed: its sequence has all its tokens already (overrun), or the request has no such sequence
+        (failure)."""
+        c = self.choices
+        k = c.index_of(ev)
+        if k is None:
+            self.failure = (
+                f"node {self.node.node_id[:10]} sent a token of choice {ev.get('index')!r}, which this request "
+                "does not have"
+            )
+            return None
+        if c.full(k):
             self.overrun += 1
+            log.warning(
+                "node %s streamed past the %d tokens choice %d of request %s allows",
+                self.node.node_id[:10],
+                c.max_tokens,
+                k,
+                self.rid[:10],
+            )
             return None
         self.n_tokens += 1
-        text = ev.get("text")
-        text = text if isinstance(text, str) else ""
-        self.text.append(text)
-        return text
+        text, scored = c.take_token(k, ev)
+        return k, text, scored
 
-    async def tokens(self) -> AsyncIterator[str]:
-        """Token texts as the node streams them, at most `limit`; afterwards `done` or `failure` says how it
-        ended (neither: the node went past the limit, and `finish` aborts it)."""
+    async def tokens(self) -> AsyncIterator[tuple[int, str | None, object]]:
+        """The node's stream as (sequence, token text, scored position or None) for each token relayed, and
+        (sequence, None, None) when a sequence ended; each sequence's tokens at most max_tokens. Afterwards
+        `done` or `failure` says how it ended (neither: the node went past a limit, and `finish` aborts it)."""
         ev, self._first = self._first, None
+        c = self.choices
         while True:
             kind = ev.get("type")
             if kind == "token":
                 if self.ttft is None:
                     self.ttft = time.monotonic() - self.started
-                text = self._count(ev)
-                if text is None:  # more tokens than the request allows: stop relaying, finish() aborts
-                    log.warning(
-                        "node %s streamed past the %d tokens request %s allows",
-                        self.node.node_id[:10],
-                        self.limit,
-                        self.rid[:10],
-                    )
+                got = self._token(ev)
+                if got is None:  # stop relaying; finish() aborts
                     return
-                yield text
+                yield got
             elif kind == "done":
                 self.done = ev
                 if self.engine_error:
                     self.failure = f"the node's engine failed after {self.n_tokens} tokens: {self.engine_error}"
                 return
+            elif kind == "finish" and (k := c.index_of(ev)) is not None and c.take_finish(k, ev):
+                yield k, None, None
+            elif kind == "prompt_logprobs" and c.take_prompt(ev):
+                pass
             else:
                 if kind == "error":
                     self.engine_error = str(ev.get("message") or "engine error")[:500]
@@ -506,7 +577,8 @@ class ServedRequest:
         `drained`, not billed. Bounded in time and in events."""
         try:
             async with asyncio.timeout(ABORT_DRAIN_TIMEOUT_S):
-                for _ in range(self.limit + MAX_OTHER_EVENTS + 1):
+                c = self.choices
+                for _ in range(self.limit + len(c.seqs) + len(c.prompts) + MAX_OTHER_EVENTS + 1):
                     ev = await self._read(deadline=False)
                     if ev.get("type") == "token":
                         self.drained += 1

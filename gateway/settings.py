@@ -68,7 +68,9 @@ class GatewaySettings(ServiceSettings):
     # a request whose node has not finished streaming it this long after dispatch is cut off (the client
     # gets what was relayed, and an error)
     request_deadline_s: float = Field(default=1800.0, gt=0)
-    default_max_tokens: int = Field(default=64, ge=1)
+    # a completion's max_tokens when it names none (OpenAI's 16); a chat's is what the context leaves after
+    # its prompt, at most max_max_tokens
+    default_max_tokens: int = Field(default=16, ge=1)
     max_max_tokens: int = Field(default=4096, ge=1)
     settle: bool = True  # run the ledger settler in-process when a key file is given
     settle_batch_size: int = Field(default=100, ge=1)

@@ -17,7 +17,9 @@ def test_base_template_gives_token_ids(tiny_base):
 
     ids = ChatTemplates([tiny_base]).render(base_model_id(tiny_base), MESSAGES)
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    assert tok.decode(ids) == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+    # the template writes BOS itself (as Llama's does), and it is not added twice
+    assert tok.decode(ids) == "<s><|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+    assert ids.count(tok.bos_token_id) == 1
 
 
 def test_completion_text_is_encoded_as_the_node_does(tiny_base):

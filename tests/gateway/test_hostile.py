@@ -116,7 +116,7 @@ WRONG = [
     ("max_tokens", True),
     ("max_tokens", 0),
     ("seed", 2**64),
-    ("seed", -1),
+    ("seed", -(2**63) - 1),  # OpenAI's seeds are signed 64-bit numbers
     ("seed", "3"),
     ("temperature", "1"),
     ("temperature", 3),

@@ -344,7 +344,7 @@ def test_404_unknown_model(w):
 
 def test_400_bad_body(w):
     with pytest.raises(openai.BadRequestError) as ei:
-        w.client().completions.create(model="acme/alpha", prompt="x", n=2)
+        w.client().completions.create(model="acme/alpha", prompt="x", n=17)
     assert ei.value.body["param"] == "n"
     r = httpx.post(w.gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {w.key}"}, content=b"{")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

@@ -1,0 +1,229 @@
+"""The choices of one OpenAI request, gathered from the node's stream: one sequence per (prompt, sample), index
+`p * per_prompt + j` (OpenAI's and vLLM's order), each with its text, its tokens' log-probabilities when asked,
+and its finish reason; then the answer in OpenAI's shapes, whole or as chunks.
+
+- `n` choices per prompt; with `best_of`, the node makes best_of sequences per prompt and the n with the highest
+  sum of log-probabilities are returned (renumbered p * n + j), as OpenAI and vLLM choose them.
+- `echo` (completions): the prompt's text before each choice's text, and with logprobs the prompt's positions
+  first (the first one unscored), from the node's prompt_logprobs.
+- chat tools: each choice's text is read back into content and `tool_calls` (gateway.tools), its finish reason
+  "tool_calls" when it called one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.logprobs import CompletionLogprobs, Scored, TokenTexts, chat_entry, read_prompt, read_token
+from gateway.openai_api import ChunkBuilder, chat_message, finish_reason
+from gateway.tools import ToolPlan, ToolStream
+
+
+@dataclass(slots=True)
+class Sequence:
+    prompt: int  # which prompt it continues
+    texts: list[str] = field(default_factory=list)  # one per token event relayed
+    scored: list[Scored] = field(default_factory=list)  # one per token, when logprobs are asked
+    reason: str | None = None  # the node's finish reason for it ("stop" | "length")
+    # streaming state
+    opened: bool = False  # its first chunk (the chat role, the echoed prompt) was sent
+    closed: bool = False  # its finish chunk was sent
+    tools: ToolStream | None = None
+    logprobs: CompletionLogprobs | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.texts)
+
+    def score(self) -> float:
+        return sum(s.logprob for s in self.scored if s.logprob is not None)
+
+
+class Choices:
+    """Sequences as the node streams them. `take_*` read node events (False/None: the event is not one this
+    request can have); the rest builds the answer."""
+
+    def __init__(
+        self,
+        *,
+        chat: bool,
+        prompts: list[list[int]],
+        per_prompt: int,
+        n: int,
+        max_tokens: int,
+        logprobs: bool = False,
+        echo: bool = False,
+        prompt_texts: list[str] | None = None,
+        texts: TokenTexts | None = None,
+        plan: ToolPlan | None = None,
+    ) -> None:
+        self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
+        self.max_tokens, self.logprobs, self.echo = max_tokens, logprobs, echo
+        self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
+        # best_of ranks its sequences by their log-probabilities, shown or not
+        self.scores = logprobs or per_prompt != n
+        self.seqs = [Sequence(k // per_prompt) for k in range(len(prompts) * per_prompt)]
+        self.prompt_scored: list[list[Scored] | None] = [None] * len(prompts)
+
+    # ------------------------------------------------------------------ the node's events
+
+    def index_of(self, ev: dict) -> int | None:
+        """The sequence a token or finish event names (an event without index is sequence 0, as a node of one
+        sequence sends it); None when the request has no such sequence."""
+        k = ev.get("index", 0)
+        ok = isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(self.seqs)
+        return k if ok else None
+
+    def full(self, k: int) -> bool:
+        """Sequence k has all the tokens it may have (or has finished): another is past the request's limit."""
+        s = self.seqs[k]
+        return s.count >= self.max_tokens or s.reason is not None
+
+    def take_token(self, k: int, ev: dict) -> tuple[str, Scored | None]:
+        """Relay one token of sequence k (not full): its text and, when asked, its position."""
+        text = ev.get("text")
+        text = text if isinstance(text, str) else ""
+        s = self.seqs[k]
+        s.texts.append(text)
+        scored = read_token(ev) if self.scores else None
+        if scored is not None:
+            s.scored.append(scored)
+        return text, scored if self.logprobs else None
+
+    def take_finish(self, k: int, ev: dict) -> bool:
+        """Sequence k ended; False when it had ended already."""
+        s = self.seqs[k]
+        if s.reason is not None:
+            return False
+        reason = ev.get("finish_reason")
+        s.reason = reason if reason in ("stop", "length") else "stop"
+        return True
+
+    def take_prompt(self, ev: dict) -> bool:
+        """A prompt_logprobs event; False when it names no prompt of this request or came twice."""
+        p = ev.get("prompt_index", 0)
+        if not (isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(self.prompts)):
+            return False
+        if self.prompt_scored[p] is not None:
+            return False
+        self.prompt_scored[p] = read_prompt(self.prompts[p], ev.get("entries")) or []
+        return True
+
+    @property
+    def relayed(self) -> int:
+        """Tokens relayed in all sequences: the completion tokens billed."""
+        return sum(s.count for s in self.seqs)
+
+    def reason(self, k: int, overall: str | None, cut: bool) -> str:
+        """Sequence k's OpenAI finish reason: its own, else (a node that sends no finish events) the request's;
+        "length" where the gateway stopped relaying (`cut`)."""
+        s = self.seqs[k]
+        r = s.reason or ("length" if cut or s.count >= self.max_tokens else overall)
+        return finish_reason(r)
+
+    # ------------------------------------------------------------------ the whole answer
+
+    def _picked(self) -> list[int]:
+        """The sequences returned, in choice order: all of them, or best_of's n best per prompt."""
+        if self.per_prompt == self.n:
+            return list(range(len(self.seqs)))
+        out = []
+        for p in range(len(self.prompts)):
+            mine = range(p * self.per_prompt, (p + 1) * self.per_prompt)
+            out += sorted(sorted(mine, key=lambda k: -self.seqs[k].score())[: self.n])
+        return out
+
+    def _echo_text(self, p: int) -> str:
+        return self.prompt_texts[p] if self.echo and self.prompt_texts else ""
+
+    def _completion_logprobs(self, k: int) -> CompletionLogprobs:
+        s = self.seqs[k]
+        lp = CompletionLogprobs(self.texts)
+        if self.echo:
+            for pos in self.prompt_scored[s.prompt] or ():
+                lp.add(pos, 0 if pos.token_id in self.texts.special else None)
+            lp.offset = len(self._echo_text(s.prompt))
+        for pos, text in zip(s.scored, s.texts, strict=False):
+            lp.add(pos, len(text))
+        return lp
+
+    def _chat_logprobs(self, k: int) -> dict:
+        return {"content": [chat_entry(self.texts, pos) for pos in self.seqs[k].scored], "refusal": None}
+
+    def answer(self, overall: str | None, cut: bool) -> list[dict]:
+        """The choices of a whole (non-streamed) answer."""
+        out = []
+        for i, k in enumerate(self._picked()):
+            s = self.seqs[k]
+            text, reason = "".join(s.texts), self.reason(k, overall, cut)
+            if self.chat:
+                content, calls = self.plan.parse(text) if self.plan is not None else (text, [])
+                if calls:
+                    reason = "tool_calls"
+                choice = {"index": i, "message": chat_message(content, calls)}
+                choice["logprobs"] = self._chat_logprobs(k) if self.logprobs else None
+            else:
+                choice = {"index": i, "text": self._echo_text(s.prompt) + text}
+                choice["logprobs"] = self._completion_logprobs(k).obj() if self.logprobs else None
+            out.append(choice | {"finish_reason": reason})
+        return out
+
+    # ------------------------------------------------------------------ streamed (no best_of: all are returned)
+
+    def _open(self, b: ChunkBuilder, k: int) -> bytes:
+        """Sequence k's first chunk: the chat role, or the echoed prompt (with its positions' logprobs)."""
+        s = self.seqs[k]
+        if s.opened:
+            return b""
+        s.opened = True
+        if self.chat:
+            s.tools = self.plan.stream() if self.plan is not None else None
+            return b.role(k)
+        if self.logprobs:
+            s.logprobs = CompletionLogprobs(self.texts)
+        if not self.echo:
+            return b""
+        lp = None
+        if self.logprobs:
+            for pos in self.prompt_scored[s.prompt] or ():
+                s.logprobs.add(pos, 0 if pos.token_id in self.texts.special else None)
+            lp = s.logprobs.obj()
+            s.logprobs = CompletionLogprobs(self.texts, len(self._echo_text(s.prompt)))
+        return b.token(self._echo_text(s.prompt), k, lp)
+
+    def open_all(self, b: ChunkBuilder) -> bytes:
+        """Every sequence's first chunk (sent before any token, as vLLM sends the roles)."""
+        return b"".join(self._open(b, k) for k in range(len(self.seqs)))
+
+    def chunk(self, b: ChunkBuilder, k: int, text: str, scored: Scored | None) -> bytes:
+        """The chunks for one relayed token of sequence k: none for a token without text (EOS, a stop token)
+        unless its logprobs were asked."""
+        s, out = self.seqs[k], self._open(b, k)
+        lp = None
+        if scored is not None:
+            lp = {"content": [chat_entry(self.texts, scored)]} if self.chat else s.logprobs.add(scored, len(text))
+        if self.chat and s.tools is not None:
+            deltas = s.tools.push(text)
+            if not deltas:
+                return out + (b.delta({}, k, lp) if lp is not None else b"")
+            chunks = [b.delta(d, k, lp if i == len(deltas) - 1 else None) for i, d in enumerate(deltas)]
+            return out + b"".join(chunks)
+        if not text and lp is None:
+            return out
+        return out + b.token(text, k, lp)
+
+    def close(self, b: ChunkBuilder, k: int, overall: str | None, cut: bool) -> bytes:
+        """Sequence k's last chunks: what its tool stream held back, and its finish reason (once)."""
+        s = self.seqs[k]
+        if s.closed:
+            return b""
+        out = self._open(b, k)
+        s.closed = True
+        reason = self.reason(k, overall, cut)
+        if s.tools is not None:
+            out += b"".join(b.delta(d, k) for d in s.tools.close())
+            if s.tools.called:
+                reason = "tool_calls"
+        return out + b.finish(reason, k)
+
+    def close_all(self, b: ChunkBuilder, overall: str | None, cut: bool) -> bytes:
+        return b"".join(self.close(b, k, overall, cut) for k in range(len(self.seqs)))
