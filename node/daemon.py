@@ -23,6 +23,7 @@ from common.wire import restore_recursion_limit
 from node.adapters import AdapterStore
 from node.api import create_app
 from node.engine import AsyncEngine, EngineConfig
+from node.health import NodeHealth
 from node.heartbeat import HeartbeatSender
 from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
 from node.request_auth import is_gateway_key
@@ -120,6 +121,11 @@ class NodeDaemon:
             operator_token=self.operator_token,
             max_body_bytes=config.max_body_bytes,
             uploads=self.uploads,
+            health=NodeHealth(
+                self.engine,
+                store_dir=self.store.root,
+                block_number=self.chain.block_number if self.chain is not None else None,
+            ),
         )
         self.heartbeat: HeartbeatSender | None = None
         restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)

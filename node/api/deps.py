@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from node.api.book import RequestBook
 from node.api.errors import ApiError
 from node.engine import AsyncEngine
+from node.health import NodeHealth
 from node.request_auth import MAX_SKEW_MS, SIG_HEADER, RequestAuthError, check_bearer, verify_request
 from node.upload import PackageInstaller
 
@@ -55,6 +56,7 @@ class NodeApi:
     book: RequestBook
     max_body_bytes: int
     extra_status: Callable[[], dict] | None = None
+    health: NodeHealth | None = None  # GET /health's checks (None: the engine's only)
     uploads: PackageInstaller | None = None
     replays: ReplayGuard = field(default_factory=ReplayGuard)
     # the prompt size (UTF-8 bytes) past which a prompt's length alone proves it too long for the context;

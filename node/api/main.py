@@ -19,6 +19,7 @@ from node.api.deps import NodeApi, TrustedKeys
 from node.api.errors import ApiError, validation_message
 from node.api.routes import adapters, generate, status
 from node.engine import AsyncEngine
+from node.health import NodeHealth
 from node.receipts import public_key_bytes
 from node.upload import PackageInstaller
 
@@ -49,6 +50,7 @@ def create_app(
     services: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     recent_receipts: int = RECENT_RECEIPTS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    health: NodeHealth | None = None,
 ) -> FastAPI:
     """The node API over `engine`, which the app's lifespan starts and closes.
 
@@ -59,7 +61,7 @@ def create_app(
     `services`: what else runs while the app serves (the daemon's p2p host, chain registration, heartbeats),
     entered after the engine started and left before it closes. `extra_status` adds sections (e.g. p2p
     transfers) to GET /status; `app.state.status_doc()` returns the same document for other users such as
-    the heartbeat sender.
+    the heartbeat sender. `health`: GET /health's checks (default: the engine's loop only).
     """
     if not operator_token:
         raise ValueError("the node API needs an operator token: there is no unauthenticated mode")
@@ -76,6 +78,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         extra_status=extra_status,
         uploads=uploads,
+        health=health or NodeHealth(engine),
     )
 
     @asynccontextmanager

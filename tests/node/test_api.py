@@ -79,7 +79,7 @@ def _error(r, status: int, code: str, fragment: str) -> None:
 
 def test_health_and_status(node):
     c = node["client"]
-    assert c.get("/health").json() == {"status": "ok"}
+    assert c.get("/health").json() == {"status": "ok", "checks": {"engine": "ok"}}
     s = c.get("/status").json()
     assert s["base_model"]["id"].startswith("0x") and s["num_slots"] == 4 and s["device"] == "cpu"
     for key in (

@@ -51,7 +51,7 @@ GEN = {"prompt": "hello", "max_tokens": 2, "temperature": 0}
 
 def test_public_endpoints_need_no_credentials(node):
     c = node.anonymous()
-    assert c.get("/health").json() == {"status": "ok"}
+    assert c.get("/health").json() == {"status": "ok", "checks": {"engine": "ok", "store": "ok"}}
     assert c.get("/status").json()["node_id"] == node.node_id
     assert c.get("/openapi.json").status_code == 200 and c.get("/docs").status_code == 200
     _error(c.get("/v1/requests/0x" + "01" * 32 + "/receipt"), 404, "receipt_not_found")
