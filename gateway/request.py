@@ -406,8 +406,7 @@ class ServedRequest:
             try:
                 up = await d.nodes.open_stream(node.api_url, node.node_id, self.node_body)
             except NodeRejected as e:
-                param = "prompt" if e.code == "context_length_exceeded" else None
-                raise BadRequest(str(e), code=e.code, param=param) from e
+                raise BadRequest(str(e), code=e.code, param=self._rejected_param(e)) from e
             except NodeUnavailable as e:
                 errors.append(str(e))
                 if e.dead:
@@ -433,6 +432,16 @@ class ServedRequest:
             self.node, self.up, self._it, self._first = node, up, it, first
             self._hold = hold.pop_all()
             return True
+
+    def _rejected_param(self, e: NodeRejected) -> str | None:
+        """The request field a node's refusal is about, where it says: the prompt, or the grammar it could not
+        compile (a response_format's schema, or the tools' for tool_choice required / a named function)."""
+        if e.code == "context_length_exceeded":
+            return "messages" if self.chat else "prompt"
+        if "guided" in str(e):
+            plan = self.req.plan if self.chat else None
+            return "tools" if plan is not None and plan.guided() is not None else "response_format"
+        return None
 
     @staticmethod
     async def _error_end(it: AsyncIterator[dict], node: NodeEntry) -> None:
