@@ -16,27 +16,77 @@ SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit: the device sampler hashes bot
 IdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
+MAX_PROMPTS = 16  # prompts in one request (OpenAI's list of prompts)
+MAX_N = 16  # sequences per prompt
+MAX_SEQUENCES = 64  # prompts x n
+MAX_LOGPROBS = 20
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+TokenId = Annotated[int, Field(ge=0)]
+Logprobs = Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)]
+
+
 class GenerateBody(BaseModel):
+    """POST /v1/generate (the gateway -> node wire protocol): one prompt (text or token ids) or several (lists of
+    token ids), n sequences each, and the sampling, scoring and grammar fields of the OpenAI API as vLLM serves
+    them. Token ids are checked against the vocabulary by the engine; a grammar's schema by the grammar library."""
+
     # strict: a string max_tokens or a bool seed is a client's mistake to hear about, not to guess at
     model_config = ConfigDict(extra="forbid", strict=True)
 
     request_id: Annotated[str | None, Field(pattern=ID_PATTERN)] = None
     adapter_id: Annotated[str | None, Field(pattern=ID_PATTERN)] = None
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | list[list[int]] | None = None
     max_tokens: Annotated[int, Field(ge=1)] = 16
     temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
     stop: Annotated[list[str], Field(max_length=4)] = []
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=16)] = []
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] = 1.0
+    # OpenAI's shape: decimal token ids as keys
+    logit_bias: (
+        Annotated[
+            dict[
+                Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)],
+            ],
+            Field(max_length=300),
+        ]
+        | None
+    ) = None
+    logprobs: Logprobs = None
+    prompt_logprobs: Logprobs = None
+    # {"type": "json_object"} | {"type": "json_schema", "schema": {...}}: checked by node.engine.grammar
+    guided: dict | None = None
     stream: bool = False
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> GenerateBody:
+    def _consistent(self) -> GenerateBody:
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise ValueError("give exactly one of prompt or prompt_token_ids")
+        if self.prompts is not None and len(self.prompts) > MAX_PROMPTS:
+            raise ValueError(f"prompt_token_ids holds {len(self.prompts)} prompts; at most {MAX_PROMPTS}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if len(self.prompts or [None]) * self.n > MAX_SEQUENCES:
+            raise ValueError(f"n: {len(self.prompts)} prompts x n={self.n} make more than {MAX_SEQUENCES} sequences")
         return self
+
+    @property
+    def prompts(self) -> list[list[int]] | None:
+        """The token-id prompts as a list of prompts (None for a text prompt)."""
+        ids = self.prompt_token_ids
+        if ids is None:
+            return None
+        return ids if ids and isinstance(ids[0], list) else [ids]
 
 
 class LoadBody(BaseModel):

@@ -9,6 +9,7 @@ model_runner.py   a batch -> input tensors -> one forward pass; owns the KV cach
 model.py          the Llama-family decoder; layers/ (attention, fused ops, sampler) and lora/
                   (LoRA layers, mapping, weights, kernels) hold its parts
 detokenizer.py    token ids -> text, stop strings
+grammar.py        guided decoding: JSON grammars compiled per schema, token masks per row
 """
 
 from node.engine.async_engine import AsyncEngine, RequestStream
@@ -26,13 +27,17 @@ from node.engine.lora.kernels.torch_ref import TorchLoRAKernel
 from node.engine.lora.manager import AdapterManager
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.request import (
+    Choice,
     DuplicateRequestError,
     FinishEvent,
     GenerationRequest,
+    PromptLogprobsEvent,
     PromptTooLongError,
     RequestError,
     SamplingParams,
+    SequenceFinishEvent,
     TokenEvent,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "AdapterSlotsBusyError",
     "DuplicateRequestError",
     "AsyncEngine",
+    "Choice",
     "EngineConfig",
     "FinishEvent",
     "GenerationRequest",
@@ -52,10 +58,13 @@ __all__ = [
     "LoRAMapping",
     "ModelConfig",
     "ModelConfigError",
+    "PromptLogprobsEvent",
     "PromptTooLongError",
     "RequestError",
     "RequestStream",
     "SamplingParams",
+    "SequenceFinishEvent",
     "TokenEvent",
+    "TokenLogprob",
     "TorchLoRAKernel",
 ]

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
-from node.engine.request import DuplicateRequestError, FinishEvent, GenerationRequest, TokenEvent
+from node.engine.request import (
+    DuplicateRequestError,
+    FinishEvent,
+    GenerationRequest,
+    PromptLogprobsEvent,
+    SequenceFinishEvent,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +31,8 @@ AsyncFetcher = Callable[[str], Awaitable[Path | None]]
 
 
 class RequestStream:
-    """Events of one request: TokenEvent..., then one FinishEvent. Closing it early aborts the request."""
+    """Events of one request: PromptLogprobsEvent (when asked), TokenEvent and SequenceFinishEvent as its
+    sequences run, then one FinishEvent. Closing it early aborts the request."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
@@ -40,7 +48,7 @@ class RequestStream:
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> TokenEvent | FinishEvent:
+    async def __anext__(self) -> TokenEvent | PromptLogprobsEvent | SequenceFinishEvent | FinishEvent:
         if self.final is not None:
             raise StopAsyncIteration
         ev = await self.queue.get()
@@ -114,7 +122,7 @@ class AsyncEngine:
     # ---- API for asyncio callers ----
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate and queue a request; raises RequestError subclasses for bad ones."""
-        seq = self.core.make_sequence(request)
+        group = self.core.make_group(request)
         loop = self._loop = asyncio.get_running_loop()
         stream = RequestStream(self, request.request_id, loop)
         with self._lock:
@@ -124,7 +132,7 @@ class AsyncEngine:
 
         def add() -> None:
             try:
-                self.core.add_sequence(seq)
+                self.core.add_group(group)
             except Exception:
                 with self._lock:
                     self._streams.pop(request.request_id, None)
@@ -194,7 +202,7 @@ class AsyncEngine:
                 self._dispatch(events)
             if not did:
                 self._wake.wait(0.5)
-        for rid in list(self.core.seqs):
+        for rid in list(self.core.requests):
             self._abort(rid)
         self._run_commands()
 

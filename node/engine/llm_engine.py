@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -15,7 +16,8 @@ import torch
 from common.wire import parse_json
 from node.engine.block_manager import BlockManager
 from node.engine.config import EngineConfig, ModelConfig
-from node.engine.layers.sampler import sample, sample_on_device
+from node.engine.layers.logprobs import RawLogprobs, score
+from node.engine.layers.sampler import draw_on_device, sample
 from node.engine.loader import build_model, checkpoint_tensors
 from node.engine.lora.kernels.base import LoRAKernel
 from node.engine.lora.kernels.torch_ref import TorchLoRAKernel
@@ -24,15 +26,19 @@ from node.engine.lora.mapping import LoRAMapping
 from node.engine.lora.weights import LoadedAdapter, decode_lora
 from node.engine.model_runner import ModelRunner
 from node.engine.request import (
+    SEED_LIMIT,
+    Choice,
     DuplicateRequestError,
     FinishEvent,
     GenerationRequest,
+    PromptLogprobsEvent,
     PromptTooLongError,
     RequestError,
+    SequenceFinishEvent,
     TokenEvent,
 )
 from node.engine.scheduler import Scheduler
-from node.engine.sequence import Sequence, now_ms
+from node.engine.sequence import SeqStatus, Sequence, SequenceGroup, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +120,9 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
-        self.seqs: dict[str, Sequence] = {}
+        self.requests: dict[str, SequenceGroup] = {}  # running or waiting, by request id
+        self._grammars = None  # node.engine.grammar.Grammars, built on the first guided request
+        self._grammars_lock = threading.Lock()
         self.recent: OrderedDict[str, FinishEvent] = OrderedDict()
         self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._rate: deque[tuple[float, int]] = deque()
@@ -162,55 +170,88 @@ class LLMEngine:
         return loaded
 
     # ---- requests ----
-    def make_sequence(self, req: GenerationRequest) -> Sequence:
-        """Validate a request and build its sequence (no engine state changes; any thread)."""
-        if req.prompt_token_ids is not None:
-            ids = list(req.prompt_token_ids)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_cfg.vocab_size]
-            if bad:
-                raise RequestError(
-                    f"prompt_token_ids holds {bad[0]!r}; expected ints in [0, {self.model_cfg.vocab_size})"
-                )
+    def make_group(self, req: GenerationRequest) -> SequenceGroup:
+        """Validate a request and build its sequences, prompts x n in choice order (no engine state changes; any
+        thread: a grammar is compiled here, off the engine thread)."""
+        prompts = req.token_prompts()
+        vocab = self.model_cfg.vocab_size
+        if prompts is not None:
+            for p in prompts:
+                bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+                if bad:
+                    raise RequestError(f"prompt_token_ids holds {bad[0]!r}; expected ints in [0, {vocab})")
         else:
             if self.tokenizer is None:
                 raise RequestError("this node's base model has no tokenizer: send prompt_token_ids")
-            ids = self.tokenizer.encode(req.prompt)
-        if not ids:
-            raise RequestError("the prompt is empty; expected at least one token")
-        if len(ids) >= self.max_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(ids)} tokens; this node's context holds {self.max_len} "
-                f"(prompt + at least one generated token)"
-            )
-        vocab = self.model_cfg.vocab_size
-        bad = [t for t in req.params.token_ids() if t >= vocab]
+            prompts = [self.tokenizer.encode(req.prompt)]
+        for ids in prompts:
+            if not ids:
+                raise RequestError("the prompt is empty; expected at least one token")
+            if len(ids) >= self.max_len:
+                raise PromptTooLongError(
+                    f"the prompt has {len(ids)} tokens; this node's context holds {self.max_len} "
+                    f"(prompt + at least one generated token)"
+                )
+        params = req.params
+        bad = [t for t in params.token_ids() if t >= vocab]
         if bad:
             raise RequestError(
                 f"token id {bad[0]} in logit_bias or stop_token_ids is not in the vocabulary [0, {vocab})"
             )
-        if req.params.stop and self.tokenizer is None:
+        if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this node's base model has none")
-        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
-        return Sequence(req.request_id, req.adapter_id, ids, req.params, self.tokenizer, self.device, seed)
+        grammars = self.grammars() if params.guided is not None else None
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seqs = []
+        for p, ids in enumerate(prompts):
+            for j in range(params.n):
+                k = p * params.n + j
+                seqs.append(
+                    Sequence(
+                        req.request_id,
+                        req.adapter_id,
+                        ids,
+                        params,
+                        self.tokenizer,
+                        self.device,
+                        (seed + k) % SEED_LIMIT,
+                        index=k,
+                        prompt_index=p,
+                        matcher=grammars.matcher(params.guided) if grammars is not None else None,
+                    )
+                )
+        return SequenceGroup(seqs, sum(len(ids) for ids in prompts))
 
-    def add_sequence(self, seq: Sequence) -> None:
-        """Queue a validated sequence (engine thread)."""
-        if seq.request_id in self.seqs:
-            raise DuplicateRequestError(f"request {seq.request_id} is already running")
-        self.seqs[seq.request_id] = seq
-        self.scheduler.add(seq)
+    def grammars(self):
+        """The engine's grammar compiler (node.engine.grammar.Grammars), built on first use (any thread)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise RequestError("guided decoding needs a tokenizer, and this node's base model has none")
+                from node.engine.grammar import Grammars
 
-    def add_request(self, req: GenerationRequest) -> Sequence:
-        seq = self.make_sequence(req)
-        self.add_sequence(seq)
-        return seq
+                self._grammars = Grammars(self.tokenizer, self.model_cfg.vocab_size)
+            return self._grammars
+
+    def add_group(self, group: SequenceGroup) -> None:
+        """Queue a validated request's sequences (engine thread)."""
+        if group.request_id in self.requests:
+            raise DuplicateRequestError(f"request {group.request_id} is already running")
+        self.requests[group.request_id] = group
+        for s in group.seqs:
+            self.scheduler.add(s)
+
+    def add_request(self, req: GenerationRequest) -> SequenceGroup:
+        group = self.make_group(req)
+        self.add_group(group)
+        return group
 
     def abort(self, request_id: str) -> FinishEvent | None:
-        """Stop a request; returns its final event (also for one that just finished), or None."""
-        seq = self.seqs.get(request_id)
-        if seq is None:
+        """Stop a request (all its sequences); returns its final event (also for one that just finished), or None."""
+        group = self.requests.get(request_id)
+        if group is None:
             return self.recent.get(request_id)
-        return self._finish(seq, "abort")
+        return self._end_group(group, "abort")
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -238,65 +279,150 @@ class LLMEngine:
         return s
 
     # ---- one step ----
-    def step(self) -> tuple[list[TokenEvent | FinishEvent], bool]:
-        """Run one scheduled step; returns its events and whether anything happened."""
+    def step(self) -> tuple[list, bool]:
+        """Run one scheduled step; returns its events (TokenEvent, PromptLogprobsEvent, SequenceFinishEvent,
+        FinishEvent) and whether anything happened."""
         seqs, prefill, failed = self.scheduler.schedule()
-        events: list[TokenEvent | FinishEvent] = [self._finish(s, "error") for s in failed]
+        events: list = []
+        for s in failed:
+            if s.status != SeqStatus.FINISHED:  # a request's sequences fail together
+                events.append(self._end_group(s.group, "error", s.error))
         if not seqs:
             return events, bool(failed)
         try:
-            logits = self.runner.forward(seqs, prefill)  # [B, V]
-            params = [s.params for s in seqs]
-            # the token histories only when a penalty needs them (process_logits reads them per row that asks)
-            hist = {}
-            if any(p.processed for p in params):
-                hist = dict(prompts=[s.prompt_token_ids for s in seqs], outputs=[s.output_token_ids for s in seqs])
-            if self.device.type == "cuda":  # batched on the device, one copy of the ids to the host
-                steps = [len(s.output_token_ids) for s in seqs]
-                tokens = sample_on_device(logits, params, [s.seed for s in seqs], steps, eos_ids=self.eos_ids, **hist)
-            else:
-                tokens = sample(logits, params, [s.generator for s in seqs], eos_ids=self.eos_ids, **hist)
+            prompt_rows = [i for i, s in enumerate(seqs) if s.wants_prompt_logprobs] if prefill else []
+            logits = self.runner.forward(seqs, prefill, prompt_rows=prompt_rows)  # [B (+ prompt positions), V]
+            if prompt_rows:
+                events += self._prompt_logprobs(seqs, prompt_rows, logits[len(seqs) :])
+                logits = logits[: len(seqs)]
+            tokens, scored = self._sample(seqs, logits)
         except Exception as e:  # fail this step's requests, keep serving everyone else
             log.exception("engine step failed")
             for s in seqs:
-                s.error = f"engine step failed: {type(e).__name__}: {e}"
-                events.append(self._finish(s, "error"))
+                if s.status != SeqStatus.FINISHED:
+                    events.append(self._end_group(s.group, "error", f"engine step failed: {type(e).__name__}: {e}"))
             return events, True
-        for s, t in zip(seqs, tokens):
+        for s, t, lp in zip(seqs, tokens, scored, strict=True):
             s.output_token_ids.append(t)
+            if lp is not None:
+                s.logprobs.append(lp)
             if t in s.params.stop_token_ids:  # counted, its text not shown (as vLLM's stop_token_ids)
                 text, hit_stop, reason = "", False, "stop"
             else:
                 text, hit_stop = s.stream.push(t)
                 reason = "stop" if hit_stop else None
+            if s.matcher is not None and reason is None:
+                if not s.matcher.accept(t):  # the mask allowed it, so this is a bug, not the client's doing
+                    log.error("request %s: the grammar refused token %d it had allowed", s.request_id, t)
+                    reason = "stop"
+                elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow
+                    reason = "stop"
             if reason is None and t in self.eos_ids and not s.params.ignore_eos:
                 reason = "stop"
             elif reason is None and (len(s.output_token_ids) >= s.params.max_tokens or s.num_tokens >= self.max_len):
                 reason = "length"
             if reason is not None and not hit_stop:
                 text += s.stream.flush()
-            events.append(TokenEvent(s.request_id, t, text))
+            if lp is None:
+                events.append(TokenEvent(s.request_id, t, text, s.index))
+            else:
+                events.append(TokenEvent(s.request_id, t, text, s.index, lp.logprob, lp.top_logprobs))
             if reason is not None:
-                events.append(self._finish(s, reason))
+                events += self._end_sequence(s, reason)
         self._count(len(seqs))
         return events, True
 
-    def _finish(self, seq: Sequence, reason: str) -> FinishEvent:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list]:
+        """One token per row, and its raw log-probabilities for the rows that ask (else None)."""
+        params = [s.params for s in seqs]
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw = RawLogprobs(logits, lp_rows, [params[i].logprobs for i in lp_rows]) if lp_rows else None
+        guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if guided:  # in place, after the raw scores were taken
+            from node.engine.grammar import apply_bitmask
+
+            mask = self._grammars.new_bitmask(len(guided))
+            for j, i in enumerate(guided):
+                seqs[i].matcher.fill(mask, j)
+            apply_bitmask(logits, mask, torch.tensor(guided, dtype=torch.int64))
+        # the token histories only when a penalty needs them (process_logits reads them per row that asks)
+        hist = {}
+        if any(p.processed for p in params):
+            hist = dict(prompts=[s.prompt_token_ids for s in seqs], outputs=[s.output_token_ids for s in seqs])
+        if self.device.type == "cuda":  # batched on the device, one copy of the ids to the host
+            steps = [len(s.output_token_ids) for s in seqs]
+            drawn = draw_on_device(logits, params, [s.seed for s in seqs], steps, eos_ids=self.eos_ids, **hist)
+            entries = raw.entries(drawn) if raw is not None else []
+            tokens = drawn.tolist()
+        else:
+            tokens = sample(logits, params, [s.generator for s in seqs], eos_ids=self.eos_ids, **hist)
+            entries = raw.entries(torch.tensor(tokens, dtype=torch.int64)) if raw is not None else []
+        scored: list = [None] * len(seqs)
+        for i, e in zip(lp_rows, entries, strict=True):
+            scored[i] = e
+        return tokens, scored
+
+    def _prompt_logprobs(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor) -> list:
+        """Score the prompts of `rows` (their prompt positions' logits, in order) and emit one event per prompt."""
+        events, off = [], 0
+        for i in rows:
+            s = seqs[i]
+            ids = s.prompt_token_ids
+            entries = score(logits[off : off + len(ids) - 1], ids[1:], s.params.prompt_logprobs) if len(ids) > 1 else []
+            off += len(ids) - 1
+            s.wants_prompt_logprobs = False
+            whole = (None, *entries)
+            s.group.prompt_logprobs[s.prompt_index] = whole
+            events.append(PromptLogprobsEvent(s.request_id, s.prompt_index, whole))
+        return events
+
+    def _end_sequence(self, seq: Sequence, reason: str) -> list:
+        """One sequence ended ("stop" | "length"); its request ends with its last sequence."""
         self.scheduler.finish(seq)
-        self.seqs.pop(seq.request_id, None)
-        ev = FinishEvent(
-            request_id=seq.request_id,
-            adapter_id=seq.adapter_id,
-            finish_reason=reason,
-            prompt_tokens=len(seq.prompt_token_ids),
-            completion_tokens=len(seq.output_token_ids),
-            started_at=seq.started_at,
-            finished_at=now_ms(),
-            text=seq.stream.text,
-            token_ids=tuple(seq.output_token_ids),
-            error=seq.error,
+        seq.finish_reason = reason
+        group = seq.group
+        group.unfinished -= 1
+        events: list = [SequenceFinishEvent(seq.request_id, seq.index, reason)]
+        if group.unfinished == 0:
+            events.append(self._end_group(group, None))
+        return events
+
+    def _end_group(self, group: SequenceGroup, reason: str | None, error: str | None = None) -> FinishEvent:
+        """End a request: `reason` "abort" or "error" ends its unfinished sequences so; None when all ended."""
+        for s in group.seqs:
+            if s.status != SeqStatus.FINISHED:
+                self.scheduler.finish(s)
+                s.finish_reason = reason
+        group.unfinished = 0
+        self.requests.pop(group.request_id, None)
+        if reason is None:
+            reason = "length" if any(s.finish_reason == "length" for s in group.seqs) else "stop"
+        first = group.seqs[0]
+        choices = tuple(
+            Choice(
+                s.index,
+                s.stream.text,
+                tuple(s.output_token_ids),
+                s.finish_reason,
+                tuple(s.logprobs) if s.logprobs is not None else None,
+            )
+            for s in group.seqs
         )
-        self.recent[seq.request_id] = ev
+        ev = FinishEvent(
+            request_id=group.request_id,
+            adapter_id=group.adapter_id,
+            finish_reason=reason,
+            prompt_tokens=group.prompt_tokens,
+            completion_tokens=sum(len(s.output_token_ids) for s in group.seqs),
+            started_at=group.started_at,
+            finished_at=now_ms(),
+            text=first.stream.text,
+            token_ids=tuple(first.output_token_ids),
+            error=error,
+            choices=choices,
+            prompt_logprobs=tuple(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
+        )
+        self.recent[group.request_id] = ev
         while len(self.recent) > RECENT_FINISHED:
             self.recent.popitem(last=False)
         self.usage["requests"] += 1

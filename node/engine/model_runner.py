@@ -167,9 +167,13 @@ class ModelRunner:
         return SlotCopy(event, image)
 
     @torch.inference_mode()
-    def forward(self, seqs: list[Sequence], prefill: bool, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, seqs: list[Sequence], prefill: bool, all_logits: bool = False, prompt_rows: list[int] = ()
+    ) -> torch.Tensor:
         """Run one step: prefill computes every token of each sequence, decode only the newest.
-        Returns logits [B, vocab] of each sequence's last token ([T, vocab] when all_logits)."""
+        Returns logits [B, vocab] of each sequence's last token ([T, vocab] when all_logits); a prefill with
+        `prompt_rows` appends, for each of those rows in order, the logits of its prompt positions 0..P-2 (what
+        predicted prompt tokens 1..P-1: prompt_logprobs), so only the rows that ask pay for them."""
         if not prefill and not all_logits and self.graphs is not None and len(seqs) <= self.graphs.max_batch:
             return self.graphs.run(seqs)
         tokens: list[int] = []
@@ -194,6 +198,10 @@ class ModelRunner:
         self.mapping.set_token_slots(slots, dev)
         hidden = self.model(token_t, pos_t, meta, self.kv_caches)  # [T, D]
         if not all_logits:
-            last = torch.tensor([0] + [len(p) for p in positions]).cumsum(0)[1:] - 1
-            hidden = hidden[to_device(last, dev)]  # [B, D]
+            starts = torch.tensor([0] + [len(p) for p in positions]).cumsum(0)
+            last = starts[1:] - 1
+            if prompt_rows:
+                extra = [torch.arange(starts[i], starts[i] + len(seqs[i].prompt_token_ids) - 1) for i in prompt_rows]
+                last = torch.cat([last, *extra])
+            hidden = hidden[to_device(last, dev)]  # [B (+ prompt positions), D]
         return self.model.compute_logits(hidden)

@@ -1,4 +1,5 @@
-"""A request's state inside the engine: tokens so far, KV blocks, adapter slot, sampler state."""
+"""A request's state inside the engine: its sequences (prompts x n), each with tokens so far, KV blocks, adapter
+slot, sampler state and grammar matcher; the group ends the request when its last sequence ends."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from node.engine.detokenizer import TextStream
 from node.engine.layers.sampler import seeded_generator
-from node.engine.request import SamplingParams
+from node.engine.request import SamplingParams, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -24,7 +25,7 @@ def now_ms() -> int:
 
 class Sequence:
     """Prompt plus generated tokens; preemption frees its blocks and keeps everything else, so the
-    resumed sequence recomputes its cache and continues with the same sampler state."""
+    resumed sequence recomputes its cache and continues with the same sampler and grammar state."""
 
     __slots__ = (
         "request_id",
@@ -42,6 +43,12 @@ class Sequence:
         "error",
         "num_preemptions",
         "seed",
+        "index",
+        "prompt_index",
+        "group",
+        "matcher",
+        "logprobs",
+        "wants_prompt_logprobs",
     )
 
     def __init__(
@@ -53,6 +60,10 @@ class Sequence:
         tokenizer,
         device: torch.device,
         seed: int,
+        *,
+        index: int = 0,
+        prompt_index: int = 0,
+        matcher=None,
     ) -> None:
         self.request_id = request_id
         self.adapter_id = adapter_id
@@ -69,6 +80,13 @@ class Sequence:
         self.started_at = now_ms()
         self.error: str | None = None
         self.num_preemptions = 0
+        self.index = index  # the choice index: prompt_index * n + j
+        self.prompt_index = prompt_index
+        self.group: SequenceGroup | None = None
+        self.matcher = matcher  # node.engine.grammar.Matcher when params.guided is set
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # the first sequence of each prompt scores the prompt, once (not again after a preemption)
+        self.wants_prompt_logprobs = params.prompt_logprobs is not None and index % params.n == 0
 
     @property
     def num_tokens(self) -> int:
@@ -76,3 +94,22 @@ class Sequence:
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+
+class SequenceGroup:
+    """One request's sequences, in choice order; `unfinished` counts those still running or waiting."""
+
+    __slots__ = ("request_id", "adapter_id", "seqs", "prompt_tokens", "started_at", "unfinished", "prompt_logprobs")
+
+    def __init__(self, seqs: list[Sequence], prompt_tokens: int) -> None:
+        first = seqs[0]
+        self.request_id = first.request_id
+        self.adapter_id = first.adapter_id
+        self.seqs = seqs
+        self.prompt_tokens = prompt_tokens  # each prompt once, however many sequences continue it
+        self.started_at = first.started_at
+        self.unfinished = len(seqs)
+        n_prompts = seqs[-1].prompt_index + 1
+        self.prompt_logprobs: list | None = [None] * n_prompts if first.params.prompt_logprobs is not None else None
+        for s in seqs:
+            s.group = self

@@ -131,8 +131,9 @@ def test_stream_matches_non_stream_and_adapters_differ(node):
         body = {"adapter_id": aid, "prompt": "The quick brown fox", "max_tokens": 10, "temperature": 0}
         plain = c.post("/v1/generate", json=body).json()
         events = _sse(c, body)
-        tokens, done = events[:-1], events[-1]
-        assert all(e["type"] == "token" for e in tokens)
+        tokens, finish, done = events[:-2], events[-2], events[-1]
+        assert all(e["type"] == "token" and e["index"] == 0 for e in tokens)
+        assert finish == {"type": "finish", "index": 0, "finish_reason": plain["finish_reason"]}
         # a random model emits arbitrary bytes, so U+FFFD may appear; the pieces still add up exactly
         assert plain["text"] == tok.decode(plain["token_ids"], skip_special_tokens=True)
         assert [e["token_id"] for e in tokens] == plain["token_ids"]
@@ -222,7 +223,7 @@ def test_load_endpoint_makes_resident_and_pins(node):
         ({"prompt": "a " * 700}, 400, "context_length_exceeded", "this node's context holds 512"),
         ({"prompt": "hi", "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
         ({"prompt": "hi", "max_tokens": -3}, 400, "invalid_request", "max_tokens"),
-        ({"prompt": "hi", "frequency_penalty": 1.0}, 400, "invalid_request", "unknown field 'frequency_penalty'"),
+        ({"prompt": "hi", "best_of": 2}, 400, "invalid_request", "unknown field 'best_of'"),
         ({"prompt": "hi", "temperature": -1}, 400, "invalid_request", "temperature"),
         ({"prompt": "hi", "top_p": 0}, 400, "invalid_request", "top_p"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request", "stop"),
@@ -320,7 +321,7 @@ def test_node_run_command_serves_adapters_and_stops_on_sigterm(node, llama_world
         for a in llama_world.adapters[:2]:
             events = _sse(client, {"adapter_id": a.adapter_id, "prompt": "hello", "max_tokens": 8, "temperature": 0})
             assert events[-1]["type"] == "done"
-            answers.add(tuple(e["token_id"] for e in events[:-1]))
+            answers.add(tuple(e["token_id"] for e in events if e["type"] == "token"))
         assert len(answers) == 2
         client.close()
         proc.send_signal(signal.SIGTERM)

@@ -84,7 +84,7 @@ def test_headers_come_before_a_slow_fetch_and_the_tokens_after_it(node):
     assert r.status_code == 200 and waited < FETCH_S - 0.5, waited
     assert waited >= HEADERS_AFTER_S * 0.5  # it did wait a little for an adapter that might be ready at once
     events = _events(r)
-    assert [e["type"] for e in events] == ["token"] * 3 + ["done"]
+    assert [e["type"] for e in events] == ["token"] * 3 + ["finish", "done"]
     check_receipt(events[-1]["receipt"], events[-1]["signature"], node["pub"])
     assert events[-1]["receipt"]["completion_tokens"] == 3
     # now resident: the next request gets no cold treatment and no wait

@@ -22,9 +22,13 @@ from node.engine import (
     DuplicateRequestError,
     FinishEvent,
     GenerationRequest,
+    PromptLogprobsEvent,
     PromptTooLongError,
     RequestError,
     SamplingParams,
+    SequenceFinishEvent,
+    TokenEvent,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -126,6 +130,19 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
         "token_ids": list(final.token_ids),
         "finish_reason": s["receipt"]["finish_reason"],
         "usage": _usage(final),
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "token_ids": list(c.token_ids),
+                "finish_reason": c.finish_reason,
+                "logprobs": None if c.logprobs is None else [_entry(e) for e in c.logprobs],
+            }
+            for c in final.choices
+        ],
+        "prompt_logprobs": None
+        if final.prompt_logprobs is None
+        else [[_entry(e) for e in entries] if entries is not None else None for entries in final.prompt_logprobs],
     } | s
     if final.error is not None:
         return JSONResponse(error_body(final.error, type="server_error", code="engine_error") | out, status_code=500)
@@ -144,8 +161,8 @@ def check_prompt_size(node: NodeApi, body: GenerateBody) -> None:
     one core, on the event loop: 20 MB held the node 38 s), when its length alone proves it."""
     engine = node.engine
     max_len = engine.max_len
-    if body.prompt_token_ids is not None:
-        n = len(body.prompt_token_ids)
+    if body.prompts is not None:
+        n = max(len(p) for p in body.prompts)
     else:
         if engine.tokenizer is None:
             return
@@ -173,16 +190,53 @@ def _usage(ev: FinishEvent) -> dict:
     }
 
 
+def _lp(x: float) -> float:
+    # JSON has no -inf: a probability that underflowed is reported as vLLM reports it
+    return x if x > -9999.0 else -9999.0
+
+
+def _entry(e: TokenLogprob | None) -> dict | None:
+    """A scored position on the wire: {"token_id", "logprob", "top_logprobs": [[id, logprob], ...]}."""
+    if e is None:
+        return None
+    return {"token_id": e.token_id, "logprob": _lp(e.logprob), "top_logprobs": [[t, _lp(v)] for t, v in e.top_logprobs]}
+
+
+def _guided(body: GenerateBody):
+    """The body's `guided` as the engine's GuidedSpec (None when absent); its grammar is compiled at submit."""
+    if body.guided is None:
+        return None
+    from node.engine.grammar import GuidedSpec  # the grammar library loads with the first guided request
+
+    return GuidedSpec.from_wire(body.guided)
+
+
 def _submit(node: NodeApi, rid: str, body: GenerateBody):
     """Queue the request in the engine (ApiError 400/409 for one it refuses)."""
+    try:
+        guided = _guided(body)
+    except RequestError as e:  # the grammar's own refusals (GrammarError) name the field here
+        raise ApiError(400, _named("guided", e), "invalid_request") from e
     try:
         params = SamplingParams(
             max_tokens=body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
+            min_p=body.min_p,
             seed=body.seed,
             stop=tuple(body.stop),
+            stop_token_ids=tuple(body.stop_token_ids),
+            ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()},
+            logprobs=body.logprobs,
+            prompt_logprobs=body.prompt_logprobs,
+            n=body.n,
+            guided=guided,
         )
         req = GenerationRequest(
             rid, body.adapter_id, prompt=body.prompt, prompt_token_ids=body.prompt_token_ids, params=params
@@ -193,8 +247,20 @@ def _submit(node: NodeApi, rid: str, body: GenerateBody):
     except DuplicateRequestError as e:
         raise ApiError(409, str(e), "duplicate_request") from e
     except RequestError as e:
-        raise ApiError(400, str(e), "invalid_request") from e
+        message = _named("guided", e) if guided is not None and _is_grammar_error(e) else str(e)
+        raise ApiError(400, message, "invalid_request") from e
     return stream
+
+
+def _is_grammar_error(e: Exception) -> bool:
+    from node.engine.grammar import GrammarError
+
+    return isinstance(e, GrammarError)
+
+
+def _named(field: str, e: Exception) -> str:
+    msg = str(e)
+    return msg if msg.startswith(field) else f"{field}: {msg}"
 
 
 async def _cold_sse(node: NodeApi, rid: str, body: GenerateBody, prep: asyncio.Future, started_at: int):
@@ -250,8 +316,16 @@ async def _sse(node: NodeApi, stream):
                 yield sse_frame(
                     {"type": "done", "finish_reason": s["receipt"]["finish_reason"], "usage": _usage(ev)} | s
                 )
-            else:
-                yield sse_frame({"type": "token", "text": ev.text, "token_id": ev.token_id})
+            elif isinstance(ev, TokenEvent):
+                frame = {"type": "token", "index": ev.index, "text": ev.text, "token_id": ev.token_id}
+                if ev.logprob is not None:
+                    frame |= {"logprob": _lp(ev.logprob), "top_logprobs": [[t, _lp(v)] for t, v in ev.top_logprobs]}
+                yield sse_frame(frame)
+            elif isinstance(ev, SequenceFinishEvent):
+                yield sse_frame({"type": "finish", "index": ev.index, "finish_reason": ev.finish_reason})
+            elif isinstance(ev, PromptLogprobsEvent):
+                entries = [_entry(e) for e in ev.entries]
+                yield sse_frame({"type": "prompt_logprobs", "prompt_index": ev.prompt_index, "entries": entries})
     finally:
         if not stream.finished:  # client disconnected: stop generating for it, keep the receipt
             log.info("client of %s disconnected; aborting", stream.request_id)

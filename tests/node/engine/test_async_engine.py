@@ -6,7 +6,14 @@ import asyncio
 
 import pytest
 
-from node.engine import AsyncEngine, DuplicateRequestError, FinishEvent, PromptTooLongError, TokenEvent
+from node.engine import (
+    AsyncEngine,
+    DuplicateRequestError,
+    FinishEvent,
+    PromptTooLongError,
+    SequenceFinishEvent,
+    TokenEvent,
+)
 from tests.utils.engine import greedy
 
 
@@ -23,11 +30,12 @@ def test_stream_yields_tokens_then_finish(engine, llama_world):
         return [ev async for ev in stream]
 
     events = asyncio.run(go())
-    assert [type(e) for e in events] == [TokenEvent] * 5 + [FinishEvent]
+    assert [type(e) for e in events] == [TokenEvent] * 5 + [SequenceFinishEvent, FinishEvent]
+    assert events[-2] == SequenceFinishEvent("s1", 0, "length")
     fin = events[-1]
     assert fin.finish_reason == "length" and fin.completion_tokens == 5 and fin.prompt_tokens == 4
-    assert list(fin.token_ids) == [e.token_id for e in events[:-1]]
-    assert fin.text == "".join(e.text for e in events[:-1])
+    assert list(fin.token_ids) == [e.token_id for e in events[:-2]]
+    assert fin.text == "".join(e.text for e in events[:-2])
     assert fin.finished_at >= fin.started_at
 
 

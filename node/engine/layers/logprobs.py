@@ -1,0 +1,52 @@
+"""Log-probabilities of the model's raw distribution (log_softmax of the logits before penalties, bias,
+temperature or grammar masks, as vLLM reports them): the chosen token's and the top k, batched over the rows
+that ask, with one copy to the host."""
+
+from __future__ import annotations
+
+import torch
+
+from node.engine.layers.attention import to_device
+from node.engine.request import TokenLogprob
+
+
+class RawLogprobs:
+    """Rows `rows` of a step's logits [B, V], scored before anything changes the logits (the grammar mask is
+    applied in place afterwards). `ks[j]`: how many top entries row rows[j] wants."""
+
+    __slots__ = ("rows", "ks", "lp", "top_vals", "top_ids", "_rows_t")
+
+    def __init__(self, logits: torch.Tensor, rows: list[int], ks: list[int]) -> None:
+        self.rows, self.ks = rows, ks
+        self._rows_t = to_device(torch.tensor(rows, dtype=torch.int64), logits.device)
+        self.lp = logits[self._rows_t].float().log_softmax(dim=-1)  # [N, V]
+        k = max(ks)
+        self.top_vals = self.top_ids = None
+        if k > 0:
+            self.top_vals, self.top_ids = self.lp.topk(k, dim=-1)  # [N, k], descending
+
+    def entries(self, tokens: torch.Tensor) -> list[TokenLogprob]:
+        """tokens [B] int64 (the step's draws, on the logits' device) -> one entry per row asked, in `rows` order."""
+        chosen = self.lp.gather(1, tokens[self._rows_t][:, None]).squeeze(1)
+        return _entries(tokens[self._rows_t].tolist(), chosen.tolist(), self.top_vals, self.top_ids, self.ks)
+
+
+def score(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """logits [N, V] of N positions and the token that followed each -> each target's log-probability and the
+    top k at that position (prompt_logprobs)."""
+    lp = logits.float().log_softmax(dim=-1)  # [N, V]
+    t = to_device(torch.tensor(targets, dtype=torch.int64), lp.device)
+    chosen = lp.gather(1, t[:, None]).squeeze(1)
+    vals = ids = None
+    if k > 0:
+        vals, ids = lp.topk(k, dim=-1)
+    return _entries(targets, chosen.tolist(), vals, ids, [k] * len(targets))
+
+
+def _entries(tokens: list[int], chosen: list[float], vals, ids, ks: list[int]) -> list[TokenLogprob]:
+    vals = vals.tolist() if vals is not None else [[]] * len(tokens)
+    ids = ids.tolist() if ids is not None else [[]] * len(tokens)
+    return [
+        TokenLogprob(t, lp, tuple(zip(i[:k], v[:k], strict=True)))
+        for t, lp, v, i, k in zip(tokens, chosen, vals, ids, ks, strict=True)
+    ]
