@@ -1,4 +1,5 @@
-"""The attribution explorer: a local web page over the chain and the ledger database.
+"""The attribution explorer: a local web page over the chain (indexed into its own database) and the ledger
+database.
 
 The names below load on first use (PEP 562), so that importing one module of the package (the root command
 imports devnet.explorer.cli) does not load the web app, web3 and SQLAlchemy with it.

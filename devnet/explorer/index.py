@@ -1,349 +1,438 @@
-"""ChainIndex: every event of our two contracts, decoded, kept in memory and extended block by block.
+"""ChainIndex: our two contracts' events, decoded into the explorer's index database, block range by block range.
 
-The explorer needs only eth_blockNumber, eth_getLogs and a few eth_call/eth_getBlockByNumber, which every
-JSON-RPC node answers (anvil included, with no trace or debug API): each page asks for the head, and logs of
-blocks not seen yet are fetched in one range query over both contract addresses and decoded by topic.
-Registry events are read as ledger.registry_events reads them for the gateway's mirror. A head below the
-last indexed block means the chain was reset, so the index starts over.
+`refresh()` reads the chain's head, then the logs of every block after the cursor up to head minus
+`confirmations` (devnet.explorer.logs: bounded queries), and applies each query's logs in one write
+transaction that also moves the cursor, so the index always stands at the end of a whole block and a
+restart resumes right after it. Before reading on, it checks that the chain still is the one indexed:
+another deployment, a head below the cursor (the chain was reset) or a cursor block whose hash changed
+(a reorg deeper than the confirmations) empties the index, which is then rebuilt from the deploy block.
+
+Sums the pages show (usage per adapter and node, accruals per account, tokens per block) are added up here,
+exactly (Python ints, stored as decimal text), so that no page reads more rows than it shows.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from eth_utils import event_abi_to_log_topic
+from sqlmodel import Session, select
 
-from common.wire import hex0x
+from devnet.explorer import decode as D
+from devnet.explorer.index_db import IndexDatabase
+from devnet.explorer.logs import MAX_LOGS, MAX_SPAN, LogChunk, LogReader
+from devnet.explorer.settings import DEFAULT_CONFIRMATIONS
+from devnet.explorer.tables import (
+    Accrual,
+    AdapterDataset,
+    AdapterRow,
+    DatasetRow,
+    IndexCursor,
+    IndexedBatch,
+    IndexedMoney,
+    IndexedReward,
+    IndexedTx,
+    NameRow,
+    NodeRow,
+    SettlerState,
+    Usage,
+    UsageBlock,
+    to_i64,
+)
 from ledger import registry_events as RE
 from ledger.chain import ChainClient
-from ledger.transport import rpc_guard
-from ledger.types import Role
+from ledger.errors import ChainUnavailable
+from ledger.transport import rpc_guard, shown_url
 
 log = logging.getLogger(__name__)
 
-LOG_CHUNK = 50_000  # blocks per eth_getLogs call
+
+_INSERT_RECORDS = (
+    "INSERT INTO explorer_records (request_id, batch_id, adapter_id, node_id, prompt_tokens, completion_tokens, "
+    "fee, block, log_index, tx_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
-def _tx(ev) -> str:
-    return hex0x(ev["transactionHash"])
-
-
-@dataclass(slots=True)
-class AdapterView:
-    adapter_id: str
-    owner: str
-    name: str
-    version: str
-    predecessor: str
-    base_model: str
-    price: int
-    datasets: list[tuple[str, int]]  # (dataset id, share in basis points)
-    block: int
-    tx_hash: str
-    history: list[tuple[int, str, str]] = field(default_factory=list)  # (block, tx, what changed)
-    publisher: str = ""  # who registered and signed it (the name's owner then); `owner` is paid its share
-
-
-@dataclass(slots=True)
-class DatasetView:
-    dataset_id: str
-    content_hash: str
-    payee: str
-    block: int
-    tx_hash: str
-    history: list[tuple[int, str, str]] = field(default_factory=list)
-    name: str = ""
-    contributor: str = ""  # the registering address, which the id is bound to
-
-
-@dataclass(slots=True)
-class NodeView:
-    node_id: str
-    operator: str
-    active: bool
-    base_model: str
-    peer_id: str
-    api_url: str
-    multiaddrs: list[str]
-    block: int
-    tx_hash: str
-    history: list[tuple[int, str, str]] = field(default_factory=list)
-    public_key: str = ""  # the Ed25519 key the registration proved (node id = its sha256)
-
-
-@dataclass(slots=True)
-class NameView:
-    """An adapter name: its owner (the only one who registers its versions) and how it got there."""
-
-    name: str
-    owner: str
-    block: int
-    tx_hash: str
-    history: list[tuple[int, str, str]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class BatchView:
-    batch_id: str
-    settler: str
-    merkle_root: str
-    record_count: int
-    total_fees: int
-    block: int
-    tx_hash: str
-    timestamp: int | None = None
-
-
-@dataclass(slots=True)
-class RecordView:
-    """One RecordSettled event."""
-
-    request_id: str
-    batch_id: str
-    adapter_id: str
-    node_id: str
-    prompt_tokens: int
-    completion_tokens: int
-    fee: int
-    block: int
-    tx_hash: str
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(slots=True)
-class RewardView:
-    """One RewardAccrued event; role is "node", "adapter_owner" or "dataset"."""
-
-    batch_id: str
-    account: str
-    adapter_id: str
-    role: str
-    subject_id: str
-    amount: int
-    block: int
-    tx_hash: str
-
-
-@dataclass(slots=True)
-class MoneyEvent:
-    """A deposit, reclaim or withdrawal."""
-
-    kind: str
-    account: str
-    amount: int
-    block: int
-    tx_hash: str
+class IndexMoved(Exception):
+    """Another explorer on the same data dir moved the cursor meanwhile: this refresh step is dropped."""
 
 
 class ChainIndex:
-    """Registry state and ledger history rebuilt from events; `refresh()` before reading."""
+    """Keeps the index database up to the chain's finalized head; the refresher is its only caller."""
 
-    def __init__(self, client: ChainClient) -> None:
+    def __init__(
+        self,
+        client: ChainClient,
+        db: IndexDatabase,
+        *,
+        confirmations: int = DEFAULT_CONFIRMATIONS,
+        max_logs: int = MAX_LOGS,
+        max_span: int = MAX_SPAN,
+    ) -> None:
+        if confirmations < 0:
+            raise ValueError(f"confirmations must be 0 or more, got {confirmations}")
         self.client = client
-        self._lock = threading.Lock()
-        self._decoders = {}
-        for contract in (client.registry, client.ledger):
-            for item in contract.abi:
-                if item.get("type") == "event":
-                    self._decoders[event_abi_to_log_topic(item)] = getattr(contract.events, item["name"])()
-        self._reset()
+        self.db = db
+        self.confirmations = confirmations
+        self.topics = D.topic_map([client.registry, client.ledger])
+        self.web3_events = D.Web3Events([client.registry, client.ledger])
+        self.reader = LogReader(
+            client.w3,
+            client.rpc_url,
+            [client.registry.address, client.ledger.address],
+            max_logs=max_logs,
+            max_span=max_span,
+        )
+        self.head = 0  # the chain's head at the last refresh
 
-    def _reset(self) -> None:
-        self.last_block = self.client.deployment.deploy_block - 1
-        self.adapters: dict[str, AdapterView] = {}
-        self.datasets: dict[str, DatasetView] = {}
-        self.nodes: dict[str, NodeView] = {}
-        self.names: dict[str, NameView] = {}
-        self.batches: dict[str, BatchView] = {}  # in settlement order
-        self.records: list[RecordView] = []  # in settlement order
-        self.records_by_request: dict[str, list[RecordView]] = defaultdict(list)
-        self.records_by_batch: dict[str, list[RecordView]] = defaultdict(list)
-        self.rewards: list[RewardView] = []
-        self.money: list[MoneyEvent] = []
+    # ------------------------------------------------------------------ the cursor
+
+    def cursor(self) -> IndexCursor | None:
+        with Session(self.db.reader) as s:
+            return s.get(IndexCursor, 1)
+
+    def _fresh_cursor(self) -> IndexCursor:
+        d = self.client.deployment
+        return IndexCursor(
+            chain_id=d.chain_id,
+            registry_address=d.registry,
+            ledger_address=d.ledger,
+            deploy_block=d.deploy_block,
+            block=d.deploy_block - 1,
+        )
+
+    def _matches(self, c: IndexCursor) -> bool:
+        d = self.client.deployment
+        return (c.chain_id, c.registry_address, c.ledger_address, c.deploy_block) == (
+            d.chain_id,
+            d.registry,
+            d.ledger,
+            d.deploy_block,
+        )
+
+    def reset(self, why: str) -> IndexCursor:
+        """Empty the index: it is rebuilt from the deploy block."""
+        log.warning("explorer index: %s; rebuilding it from block %d", why, self.client.deployment.deploy_block)
+        fresh = self._fresh_cursor()
+        with Session(self.db.writer) as s, s.begin():
+            self.db.clear(s.connection())
+            s.add(fresh)
+        return self.cursor()
+
+    # ------------------------------------------------------------------ refresh
+
+    def refresh(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """Index every block up to head - confirmations; returns the last block indexed."""
+        with rpc_guard(self.client.rpc_url):
+            self.head = self.client.w3.eth.block_number
+        cursor = self.cursor()
+        if cursor is None or not self._matches(cursor):
+            cursor = self.reset("it was built from another deployment" if cursor else "no index yet")
+        elif cursor.block > self.head:
+            cursor = self.reset(f"the chain's head {self.head} is below indexed block {cursor.block} (chain reset)")
+        elif cursor.block_hash and self._block(cursor.block)[0] != cursor.block_hash:
+            cursor = self.reset(f"block {cursor.block} is not the one indexed (a reorg)")
+        if cursor.span:
+            self.reader.span = min(cursor.span, self.reader.max_span)
+        target = self.head - self.confirmations
+        last = cursor.block
+        try:
+            for chunk in self.reader.chunks(cursor.block + 1, target, stop):
+                last = self._apply(chunk, expected=last)
+        except IndexMoved:
+            log.info("explorer index: moved by another explorer on the same data dir; reading on from there")
+            return self.cursor().block
+        if last == cursor.block and cursor.head != self.head:
+            with Session(self.db.writer) as s, s.begin():
+                row = s.get(IndexCursor, 1)
+                row.head = self.head
+        return last
+
+    def _block(self, number: int) -> tuple[str, int]:
+        """(hash, timestamp) of a block."""
+        with rpc_guard(self.client.rpc_url):
+            answer = self.client.w3.provider.make_request("eth_getBlockByNumber", [hex(number), False])
+        block = answer.get("result")
+        if not block:
+            raise ChainUnavailable(f"chain at {shown_url(self.client.rpc_url)} has no block {number}")
+        return block["hash"], int(block["timestamp"], 16)
+
+    # ------------------------------------------------------------------ applying one chunk
+
+    def _apply(self, chunk: LogChunk, *, expected: int) -> int:
+        """Apply the logs of one query and move the cursor to its last block, in one write transaction."""
+        last_hash, _ = self._block(chunk.last)
+        step = _Step(self)
+        for lg in chunk.logs:
+            step.add(lg)
+        with Session(self.db.writer) as s, s.begin():
+            cursor = s.get(IndexCursor, 1)
+            if cursor is None or cursor.block != expected:
+                raise IndexMoved
+            step.write(s)
+            cursor.block, cursor.block_hash, cursor.head = chunk.last, last_hash, self.head
+            if step.last_log is not None and step.last_log[0] == chunk.last:
+                cursor.log_index = step.last_log[1]
+            else:
+                cursor.log_index = -1
+            cursor.span = self.reader.span
+            cursor.records += len(step.records)
+            cursor.batches += len(step.batches)
+        return chunk.last
+
+
+class _Step:
+    """The rows and sums of one chunk of logs, gathered before the write transaction opens."""
+
+    def __init__(self, index: ChainIndex) -> None:
+        self.index = index
+        self.records: list[tuple] = []
+        # (adapter, node, block) -> [records, prompt, completion, fees]: every usage sum derives from these
+        self.usage: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self.batches: list[dict] = []
+        self.rewards: list[dict] = []
+        self.money: list[IndexedMoney] = []
         self.settlers: dict[str, bool] = {}
-        self.tx_events: dict[str, list[str]] = defaultdict(list)  # tx hash -> event names, for search
+        self.registry: list[tuple[RE.RegistryUpdate, int, str]] = []
+        self.txs: dict[str, tuple[int, dict[str, int]]] = {}
+        self.timestamps: dict[int, int] = {}
+        self.last_log: tuple[int, int] | None = None
+        self._prev = (-1, -1)
 
-    def refresh(self) -> int:
-        """Index blocks up to the head; returns the head block number."""
-        with self._lock, rpc_guard(self.client.rpc_url):
-            w3 = self.client.w3
-            head = w3.eth.block_number
-            if head < self.last_block:
-                log.warning(
-                    "chain head %d is below indexed block %d: the chain was reset, re-indexing", head, self.last_block
-                )
-                self._reset()
-            addresses = [self.client.registry.address, self.client.ledger.address]
-            start = self.last_block + 1
-            while start <= head:
-                end = min(head, start + LOG_CHUNK - 1)
-                logs = w3.eth.get_logs({"address": addresses, "fromBlock": start, "toBlock": end})
-                for raw in sorted(logs, key=lambda x: (x["blockNumber"], x["logIndex"])):
-                    ev = self.decode(raw)
-                    if ev is not None:
-                        self._apply(ev)
-                self.last_block = end
-                start = end + 1
-            self._fill_timestamps()
-            return head
-
-    def decode(self, raw_log):
-        """The decoded event of a log from one of our contracts, else None."""
-        if raw_log["address"] not in (self.client.registry.address, self.client.ledger.address):
-            return None
-        decoder = self._decoders.get(bytes(raw_log["topics"][0])) if raw_log["topics"] else None
-        return decoder.process_log(raw_log) if decoder is not None else None
-
-    def _fill_timestamps(self) -> None:
-        cache: dict[int, int] = {}
-        for b in self.batches.values():
-            if b.timestamp is None:
-                if b.block not in cache:
-                    cache[b.block] = int(self.client.w3.eth.get_block(b.block)["timestamp"])
-                b.timestamp = cache[b.block]
-
-    # ------------------------------------------------------------------ applying events
-
-    def _apply(self, ev) -> None:
-        name, a, block, tx = ev["event"], ev["args"], ev["blockNumber"], _tx(ev)
-        self.tx_events[tx].append(name)
-        update = RE.registry_update(ev)
-        if update is not None:
-            self._on_registry(update, block, tx)
+    def add(self, lg: dict) -> None:
+        topics = lg.get("topics")
+        name = self.index.topics.get(topics[0].lower()) if topics else None
+        if name is None:
             return
-        handler = getattr(self, f"_on_{name}", None)
-        if handler is not None:
-            handler(a, block, tx)
-
-    def _on_registry(self, u: RE.RegistryUpdate, block: int, tx: str) -> None:
-        """A registry event's update (ledger.registry_events, as the gateway's mirror applies it), with a
-        line of history for the entity's page."""
-        if isinstance(u, RE.DatasetRegistered):
-            d = u.dataset
-            self.datasets[d.dataset_id] = DatasetView(
-                d.dataset_id,
-                d.content_hash,
-                d.payee,
-                block,
-                tx,
-                [(block, tx, f"registered by its contributor {d.contributor} as {d.name!r}")],
-                d.name,
-                d.contributor,
+        block, log_index, tx = int(lg["blockNumber"], 16), int(lg["logIndex"], 16), lg["transactionHash"].lower()
+        if (block, log_index) <= self._prev:
+            raise D.IndexDecodeError(f"the node returned logs out of order at block {block}, log {log_index}")
+        self._prev = self.last_log = (block, log_index)
+        seen = self.txs.get(tx)
+        if seen is None:
+            seen = self.txs[tx] = (block, {})
+        seen[1][name] = seen[1].get(name, 0) + 1
+        if name == "RecordSettled":
+            r = D.record_settled(lg)
+            self.records.append(
+                (
+                    r.request_id,
+                    r.batch_id,
+                    bytes.fromhex(r.adapter_hex[2:]),
+                    bytes.fromhex(r.node_hex[2:]),
+                    to_i64(r.prompt_tokens),
+                    to_i64(r.completion_tokens),
+                    str(r.fee),
+                    block,
+                    log_index,
+                    bytes.fromhex(tx[2:]),
+                )
             )
-        elif isinstance(u, RE.DatasetPayeeChanged):
-            d = self.datasets[u.dataset_id]
-            d.payee = u.payee
-            d.history.append((block, tx, f"payee changed to {u.payee}"))
-        elif isinstance(u, RE.AdapterRegistered):
-            ad = u.adapter
-            self.adapters[ad.adapter_id] = AdapterView(
-                ad.adapter_id,
-                ad.owner,
-                ad.name,
-                ad.version,
-                ad.predecessor,
-                ad.base_model,
-                ad.price_per_1k_tokens,
-                list(zip(ad.dataset_ids, ad.shares_bps)),
-                block,
-                tx,
-                [(block, tx, f"registered by {ad.publisher}")],
-                ad.publisher,
+            u = self.usage[(r.adapter_hex, r.node_hex, block)]
+            u[0] += 1
+            u[1] += r.prompt_tokens
+            u[2] += r.completion_tokens
+            u[3] += r.fee
+        elif name == "RewardAccrued":
+            self.rewards.append(D.reward_accrued(lg) | {"block": block, "tx_hash": tx})
+        elif name == "BatchSettled":
+            ts = lg.get("blockTimestamp")
+            if ts is not None:
+                self.timestamps[block] = int(ts, 16)
+            self.batches.append(D.batch_settled(lg) | {"block": block, "tx_hash": tx})
+        elif name in ("Deposited", "DepositReclaimed", "RewardWithdrawn"):
+            kind, account, amount = D.money(lg, name)
+            self.money.append(IndexedMoney(kind=kind, account=account, amount=str(amount), block=block, tx_hash=tx))
+        elif name in ("SettlerGranted", "SettlerRevoked"):
+            self.settlers[D.settler_of(lg, name)] = name == "SettlerGranted"
+        elif name in RE.REGISTRY_EVENTS:
+            update = RE.registry_update(self.index.web3_events.decode_raw(lg))
+            if update is not None:
+                self.registry.append((update, block, tx))
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, s: Session) -> None:
+        conn = s.connection()
+        if self.records:
+            conn.exec_driver_sql(_INSERT_RECORDS, self.records)
+        for b in self.batches:
+            if b["block"] not in self.timestamps:
+                self.timestamps[b["block"]] = self.index._block(b["block"])[1]
+            s.add(
+                IndexedBatch(
+                    **{**b, "total_fees": str(b["total_fees"])},
+                    timestamp=self.timestamps[b["block"]],
+                )
             )
-        elif isinstance(u, RE.NameRegistered):
-            self.names[u.name] = NameView(u.name, u.owner, block, tx, [(block, tx, f"name registered by {u.owner}")])
-        elif isinstance(u, RE.NameTransferred):
-            n = self.names[u.name]
-            n.owner = u.new_owner
-            n.history.append((block, tx, f"name transferred from {u.previous_owner} to {u.new_owner}"))
-        elif isinstance(u, RE.AdapterPriceChanged):
-            ad = self.adapters[u.adapter_id]
-            ad.price = u.price_per_1k_tokens
-            ad.history.append((block, tx, f"price changed to {ad.price} wei per 1k tokens"))
-        elif isinstance(u, RE.AdapterOwnershipTransferred):
-            ad = self.adapters[u.adapter_id]
-            ad.owner = u.new_owner
-            ad.history.append((block, tx, f"ownership moved from {u.previous_owner} to {u.new_owner}"))
-        elif isinstance(u, RE.NodeRegistered):
-            n = u.node
-            old = self.nodes.get(n.node_id)  # registered again: the key holder moved it to another operator
-            history = (old.history if old else []) + [(block, tx, f"registered by {n.operator} with its key's proof")]
-            self.nodes[n.node_id] = NodeView(
-                n.node_id,
-                n.operator,
-                n.active,
-                n.base_model,
-                n.peer_id,
-                n.api_url,
-                list(n.multiaddrs),
-                old.block if old else block,
-                old.tx_hash if old else tx,
-                history,
-                n.public_key,
+        self._write_rewards(s)
+        self._write_usage(s)
+        s.add_all(self.money)
+        for address, active in self.settlers.items():
+            s.merge(SettlerState(address=address, active=active))
+        for tx, (block, names) in self.txs.items():
+            shown = ",".join(n if k == 1 else f"{n}×{k}" for n, k in names.items())
+            row = s.get(IndexedTx, tx)
+            if row is None:
+                s.add(IndexedTx(tx_hash=tx, block=block, events=shown))
+            else:  # a transaction split over two chunks cannot happen (blocks are whole); kept for safety
+                row.events = f"{row.events},{shown}"
+        for update, block, tx in self.registry:
+            _apply_registry(s, update, block, tx)
+            s.flush()
+
+    def _write_rewards(self, s: Session) -> None:
+        sums: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for rw in self.rewards:
+            s.add(IndexedReward(**{**rw, "amount": str(rw["amount"])}))
+            acc = sums[(rw["account"], rw["adapter_id"], rw["role"], rw["subject_id"])]
+            acc[0] += rw["amount"]
+            acc[1] += 1
+        for (account, adapter, role, subject), (amount, count) in sums.items():
+            row = s.get(Accrual, (account, adapter, role, subject))
+            if row is None:
+                s.add(
+                    Accrual(
+                        account=account,
+                        adapter_id=adapter,
+                        role=role,
+                        subject_id=subject,
+                        amount=str(amount),
+                        batches=count,
+                    )
+                )
+            else:
+                row.amount, row.batches = str(int(row.amount) + amount), row.batches + count
+
+    def _write_usage(self, s: Session) -> None:
+        sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        blocks: dict[tuple[str, int], int] = defaultdict(int)
+        for (adapter, node, block), u in self.usage.items():
+            for key in (("all", ""), ("adapter", adapter), ("node", node), ("node_adapter", node + adapter)):
+                acc = sums[key]
+                for i in range(4):
+                    acc[i] += u[i]
+            blocks[(adapter, block)] += u[1] + u[2]
+        if self.batches:
+            sums[("batches", "")][0] += len(self.batches)
+            sums[("batches", "")][3] += sum(b["total_fees"] for b in self.batches)
+        for (kind, key), (n, p, c, f) in sums.items():
+            row = s.get(Usage, (kind, key))
+            if row is None:
+                s.add(Usage(kind=kind, key=key, records=n, prompt_tokens=str(p), completion_tokens=str(c), fees=str(f)))
+            else:
+                row.records += n
+                row.prompt_tokens = str(int(row.prompt_tokens) + p)
+                row.completion_tokens = str(int(row.completion_tokens) + c)
+                row.fees = str(int(row.fees) + f)
+        for (adapter, block), tokens in blocks.items():
+            row = s.get(UsageBlock, (adapter, block))
+            if row is None:
+                s.add(UsageBlock(adapter_id=adapter, block=block, tokens=str(tokens)))
+            else:
+                row.tokens = str(int(row.tokens) + tokens)
+
+
+def _history(row, block: int, tx: str, what: str) -> None:
+    row.history = [*row.history, [block, tx, what]]  # a new list: SQLAlchemy sees a JSON column change by identity
+
+
+def _apply_registry(s: Session, u: RE.RegistryUpdate, block: int, tx: str) -> None:
+    """A registry event's update (ledger.registry_events, as the gateway's mirror applies it) on the index's
+    registry rows, with a line of history for the entity's page."""
+    if isinstance(u, RE.DatasetRegistered):
+        d = u.dataset
+        s.add(
+            DatasetRow(
+                dataset_id=d.dataset_id,
+                content_hash=d.content_hash,
+                payee=d.payee,
+                block=block,
+                tx_hash=tx,
+                history=[[block, tx, f"registered by its contributor {d.contributor} as {d.name!r}"]],
+                name=d.name,
+                contributor=d.contributor,
             )
-        elif isinstance(u, RE.NodeUpdated):
-            n = self.nodes[u.node_id]
-            n.base_model, n.peer_id, n.api_url = u.base_model, u.peer_id, u.api_url
-            n.multiaddrs = list(u.multiaddrs)
-            n.history.append((block, tx, f"updated: peer {u.peer_id}, API {u.api_url}"))
-        elif isinstance(u, RE.NodeActiveChanged):
-            n = self.nodes[u.node_id]
-            n.active = u.active
-            n.history.append((block, tx, "activated" if n.active else "deactivated"))
-
-    def _on_SettlerGranted(self, a, block, tx) -> None:
-        self.settlers[a["settler"]] = True
-
-    def _on_SettlerRevoked(self, a, block, tx) -> None:
-        self.settlers[a["settler"]] = False
-
-    def _on_Deposited(self, a, block, tx) -> None:
-        self.money.append(MoneyEvent("deposit", a["settler"], int(a["amount"]), block, tx))
-
-    def _on_DepositReclaimed(self, a, block, tx) -> None:
-        self.money.append(MoneyEvent("reclaim", a["settler"], int(a["amount"]), block, tx))
-
-    def _on_RewardWithdrawn(self, a, block, tx) -> None:
-        self.money.append(MoneyEvent("withdrawal", a["account"], int(a["amount"]), block, tx))
-
-    def _on_RecordSettled(self, a, block, tx) -> None:
-        r = RecordView(
-            hex0x(a["requestId"]),
-            hex0x(a["batchId"]),
-            hex0x(a["adapterId"]),
-            hex0x(a["nodeId"]),
-            int(a["promptTokens"]),
-            int(a["completionTokens"]),
-            int(a["fee"]),
-            block,
-            tx,
         )
-        self.records.append(r)
-        self.records_by_request[r.request_id].append(r)
-        self.records_by_batch[r.batch_id].append(r)
-
-    def _on_RewardAccrued(self, a, block, tx) -> None:
-        self.rewards.append(
-            RewardView(
-                hex0x(a["batchId"]),
-                a["account"],
-                hex0x(a["adapterId"]),
-                Role(a["role"]).name.lower(),
-                hex0x(a["subjectId"]),
-                int(a["amount"]),
-                block,
-                tx,
+    elif isinstance(u, RE.DatasetPayeeChanged):
+        d = s.exec(select(DatasetRow).where(DatasetRow.dataset_id == u.dataset_id)).one()
+        d.payee = u.payee
+        _history(d, block, tx, f"payee changed to {u.payee}")
+    elif isinstance(u, RE.AdapterRegistered):
+        ad = u.adapter
+        s.add(
+            AdapterRow(
+                adapter_id=ad.adapter_id,
+                owner=ad.owner,
+                name=ad.name,
+                version=ad.version,
+                predecessor=ad.predecessor,
+                base_model=ad.base_model,
+                price=str(ad.price_per_1k_tokens),
+                datasets=[[ds, bps] for ds, bps in zip(ad.dataset_ids, ad.shares_bps)],
+                block=block,
+                tx_hash=tx,
+                history=[[block, tx, f"registered by {ad.publisher}"]],
+                publisher=ad.publisher,
             )
         )
-
-    def _on_BatchSettled(self, a, block, tx) -> None:
-        b = hex0x(a["batchId"])
-        self.batches[b] = BatchView(
-            b, a["settler"], hex0x(a["merkleRoot"]), int(a["recordCount"]), int(a["totalFees"]), block, tx
+        for ds, bps in zip(ad.dataset_ids, ad.shares_bps):
+            s.merge(AdapterDataset(dataset_id=ds, adapter_id=ad.adapter_id, share_bps=bps))
+    elif isinstance(u, RE.NameRegistered):
+        s.add(
+            NameRow(
+                name=u.name,
+                owner=u.owner,
+                block=block,
+                tx_hash=tx,
+                history=[[block, tx, f"name registered by {u.owner}"]],
+            )
         )
+    elif isinstance(u, RE.NameTransferred):
+        n = s.get(NameRow, u.name)
+        n.owner = u.new_owner
+        _history(n, block, tx, f"name transferred from {u.previous_owner} to {u.new_owner}")
+    elif isinstance(u, RE.AdapterPriceChanged):
+        ad = s.get(AdapterRow, u.adapter_id)
+        ad.price = str(u.price_per_1k_tokens)
+        _history(ad, block, tx, f"price changed to {u.price_per_1k_tokens} wei per 1k tokens")
+    elif isinstance(u, RE.AdapterOwnershipTransferred):
+        ad = s.get(AdapterRow, u.adapter_id)
+        ad.owner = u.new_owner
+        _history(ad, block, tx, f"ownership moved from {u.previous_owner} to {u.new_owner}")
+    elif isinstance(u, RE.NodeRegistered):
+        n = u.node
+        old = s.exec(select(NodeRow).where(NodeRow.node_id == n.node_id)).first()
+        line = [block, tx, f"registered by {n.operator} with its key's proof"]
+        if old is None:  # registered again: the key holder moved it to another operator; its history stays
+            old = NodeRow(
+                node_id=n.node_id,
+                block=block,
+                tx_hash=tx,
+                history=[],
+                active=True,
+                operator="",
+                base_model="",
+                peer_id="",
+                api_url="",
+            )
+            s.add(old)
+        old.operator, old.active, old.base_model, old.peer_id, old.api_url = (
+            n.operator,
+            n.active,
+            n.base_model,
+            n.peer_id,
+            n.api_url,
+        )
+        old.multiaddrs, old.public_key = list(n.multiaddrs), n.public_key
+        old.history = [*old.history, line]
+    elif isinstance(u, RE.NodeUpdated):
+        n = s.exec(select(NodeRow).where(NodeRow.node_id == u.node_id)).one()
+        n.base_model, n.peer_id, n.api_url = u.base_model, u.peer_id, u.api_url
+        n.multiaddrs = list(u.multiaddrs)
+        _history(n, block, tx, f"updated: peer {u.peer_id}, API {u.api_url}")
+    elif isinstance(u, RE.NodeActiveChanged):
+        n = s.exec(select(NodeRow).where(NodeRow.node_id == u.node_id)).one()
+        n.active = u.active
+        _history(n, block, tx, "activated" if u.active else "deactivated")

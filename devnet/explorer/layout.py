@@ -215,3 +215,20 @@ def stats(pairs: Iterable[tuple[str, str]]) -> str:
 
 def card(body: str) -> str:
     return f'<div class="card">{body}</div>'
+
+
+def pager(path: str, page, *, param: str = "page", keep: Iterable[tuple[str, str | None]] = (), total: int = -1) -> str:
+    """Links to the newer and older pages of a list (`page` a devnet.explorer.queries.Page): `param` is the
+    page number's query name, `keep` the other query values the links carry; `total`, when known, is shown."""
+    rest = "".join(f"&{k}={v}" for k, v in keep if v)
+    links = []
+    if page.number > 0:
+        links.append(link(f"{path}?{param}={page.number - 1}{rest}", "← newer"))
+    if page.more:
+        links.append(link(f"{path}?{param}={page.number + 1}{rest}", "older →"))
+    first = page.number * page.size
+    shown = f"{num(first + 1)}–{num(first + len(page.rows))}" if page.rows else "none"
+    of = f" of {num(total)}" if total >= 0 else ""
+    if not links and page.number == 0:
+        return ""
+    return f'<p class="pager" data-param="{esc(param)}">{shown}{of} · {" · ".join(links)}</p>'

@@ -1,5 +1,6 @@
 """The explorer's FastAPI app: create_app, its lifespan and its error handlers. The routes are the table in
-devnet/explorer/routes.py: thin handlers that refresh the chain index, look up, and render HTML.
+devnet/explorer/routes.py: thin handlers that look up in one snapshot of the index and render HTML, while the
+index's refresher follows the chain in the background.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        ex.close()
+        ex.start()  # the index refresher: pages are served from the index meanwhile, never wait for it
+        try:
+            yield
+        finally:
+            ex.close()
 
     app = FastAPI(
         title="loramesh explorer", lifespan=lifespan, docs_url=None, redoc_url=None, responses=ERROR_RESPONSES

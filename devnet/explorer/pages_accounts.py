@@ -15,21 +15,30 @@ from devnet.explorer.layout import (
     mono,
     num,
     page,
+    pager,
     record_link,
     role,
     stats,
     table,
     tx_link,
 )
-from devnet.explorer.service import Explorer
-from ledger.rewards import rewards_summary
+from devnet.explorer.queries import Page
+from devnet.explorer.service import View
 
 ROLES = ("node", "adapter_owner", "dataset")
+PAGE_SIZE = 100
 
 
-def accounts_page(ex: Explorer) -> str:
+def accounts_page(ex: View, *, page_no: int = 0) -> str:
+    ranked = sorted(ex.q.accounts().values(), key=lambda a: (-a.accrued, a.address))
+    listed = Page(
+        ranked[page_no * PAGE_SIZE : (page_no + 1) * PAGE_SIZE],
+        page_no,
+        PAGE_SIZE,
+        len(ranked) > (page_no + 1) * PAGE_SIZE,
+    )
     rows = []
-    for acc in sorted(ex.accounts().values(), key=lambda a: -a.accrued):
+    for acc in listed.rows:
         rows.append(
             [
                 address_link(acc.address, full=True),
@@ -53,23 +62,24 @@ def accounts_page(ex: Explorer) -> str:
         numeric=(1, 2, 3, 4, 5, 6),
         empty="nobody has earned yet",
         table_id="accounts",
-    )
+    ) + pager("/accounts", listed, total=len(ranked))
     return page("Accounts and rewards", body)
 
 
-def address_page(ex: Explorer, address: str) -> str:
-    """Rewards of one address (rewardsOf plus its RewardAccrued events) and what it registered."""
-    s = rewards_summary(ex.client, address)
-    idx = ex.index
+def address_page(ex: View, address: str, *, page_no: int = 0, money_page: int = 0) -> str:
+    """Rewards of one address (rewardsOf at the indexed block, split by its accruals), each accrual by batch
+    (paginated), its deposits and withdrawals (paginated) and what it registered."""
+    s = ex.rewards_summary(address)
     top = stats(
         [
             ("accrued", eth(s.accrued)),
             ("withdrawn", eth(s.withdrawn)),
             ("available", eth(s.available)),
-            ("balance", eth(ex.client.balance(address))),
+            ("balance", eth(ex.balance(address))),
         ]
     )
     check = "" if s.adds_up else '<p class="bad">accrued events and rewardsOf do not add up for this address</p>'
+    ex.learn_names(s.by_adapter)
     by_adapter = []
     for adapter_id, roles in sorted(s.by_adapter.items()):
         by_adapter.append(
@@ -87,37 +97,60 @@ def address_page(ex: Explorer, address: str) -> str:
         empty="nothing accrued",
         table_id="rewards-by-adapter",
     )
-    money = [
-        [esc(m.kind), eth(m.amount), num(m.block), tx_link(m.tx_hash)] for m in idx.money if m.account == s.address
+    keep_money = (("money_page", str(money_page) if money_page else None),)
+    keep_page = (("page", str(page_no) if page_no else None),)
+    accruals = ex.q.account_rewards(s.address, page_no, PAGE_SIZE)
+    accrual_rows = [
+        [
+            id_link("batches", r.batch_id),
+            adapter_link(r.adapter_id, ex.adapter_name(r.adapter_id)),
+            role(r.role),
+            eth(r.amount),
+            num(r.block),
+            tx_link(r.tx_hash),
+        ]
+        for r in accruals.rows
     ]
-    owned = [
-        [id_link("adapters", a.adapter_id, f"{a.name} {a.version}"), "adapter owner"]
-        for a in idx.adapters.values()
-        if a.owner == s.address
-    ]
-    owned += [
-        [id_link("datasets", d.dataset_id), "dataset contributor"]
-        for d in idx.datasets.values()
-        if d.payee == s.address
-    ]
-    owned += [[id_link("nodes", n.node_id), "node operator"] for n in idx.nodes.values() if n.operator == s.address]
-    if idx.settlers.get(s.address):
+    money = ex.q.money(s.address, money_page, PAGE_SIZE)
+    money_rows = [[esc(m.kind), eth(m.amount), num(m.block), tx_link(m.tx_hash)] for m in money.rows]
+    adapters, datasets, nodes = ex.q.owned_by(s.address)
+    owned = [[id_link("adapters", a.adapter_id, f"{a.name} {a.version}"), "adapter owner"] for a in adapters]
+    owned += [[id_link("datasets", d.dataset_id), "dataset contributor"] for d in datasets]
+    owned += [[id_link("nodes", n.node_id), "node operator"] for n in nodes]
+    if ex.q.is_settler(s.address):
         owned.append(["AttributionLedger", "settler (gateway)"])
+    path = f"/address/{s.address}"
     body = (
         card(kv([("address", mono(s.address)), ("batches earned in", num(s.batches))]))
         + top
         + check
         + "<h2>Rewards by adapter and role</h2>"
         + rewards
+        + "<h2>Rewards accrued, by batch</h2>"
+        + table(
+            ["batch", "adapter", "role", "amount", "block", "transaction"],
+            accrual_rows,
+            numeric=(3, 4),
+            empty="nothing accrued",
+            table_id="address-accruals",
+        )
+        + pager(path, accruals, keep=keep_money)
         + "<h2>Withdrawals and deposits</h2>"
-        + table(["kind", "amount", "block", "transaction"], money, numeric=(1, 2), empty="none")
+        + table(
+            ["kind", "amount", "block", "transaction"],
+            money_rows,
+            numeric=(1, 2),
+            empty="none",
+            table_id="address-money",
+        )
+        + pager(path, money, param="money_page", keep=keep_page)
         + "<h2>Registered</h2>"
         + table(["what", "role"], owned, empty="nothing registered")
     )
     return page(f"Address {s.address}", body)
 
 
-def _arg(ex: Explorer, name: str, value) -> str:
+def _arg(ex: View, name: str, value) -> str:
     """One event argument, linked where it names something the explorer has a page for."""
     if isinstance(value, (bytes, bytearray)):
         h = hex0x(value)
@@ -135,9 +168,8 @@ def _arg(ex: Explorer, name: str, value) -> str:
         if name in kinds:
             return adapter_link(h, ex.adapter_name(h)) if kinds[name] == "adapters" else id_link(kinds[name], h, h)
         if name == "subjectId":
-            idx = ex.index
-            for kind, known in (("adapters", idx.adapters), ("datasets", idx.datasets), ("nodes", idx.nodes)):
-                if h in known:
+            for kind, known in (("adapters", ex.q.adapter), ("datasets", ex.q.dataset), ("nodes", ex.q.node)):
+                if known(h) is not None:
                     return id_link(kind, h, full=True)
         return mono(h)
     if isinstance(value, str) and value.startswith("0x") and len(value) == 42:
@@ -155,7 +187,7 @@ def _arg(ex: Explorer, name: str, value) -> str:
     return esc(value)
 
 
-def tx_page(ex: Explorer, tx_hash: str, tx, receipt, events) -> str:
+def tx_page(ex: View, tx_hash: str, tx, receipt, events) -> str:
     """A transaction: where it went, whether it succeeded, and our contracts' events in it, decoded."""
     ok = receipt is not None and receipt["status"] == 1
     info = kv(

@@ -16,6 +16,7 @@ from devnet.explorer.layout import (
     mono,
     num,
     page,
+    pager,
     record_link,
     role,
     stats,
@@ -26,10 +27,12 @@ from devnet.explorer.layout import (
 )
 from devnet.explorer.pages_registry import records_table
 from devnet.explorer.plots import step_chart
-from devnet.explorer.service import Explorer, RecordDetail
+from devnet.explorer.queries import Page
+from devnet.explorer.service import RecordDetail, View
 from devnet.explorer.signature import NOT_VERIFIED, UNCHECKED, VERIFIED
 
-PAGE_SIZE = 100
+PAGE_SIZE = 100  # rows of a list page
+BATCHES_PAGE = 50
 
 
 def eth_tick(v: float) -> str:
@@ -37,35 +40,36 @@ def eth_tick(v: float) -> str:
     return "0" if v == 0 else f"{v:.8f}".rstrip("0").rstrip(".")
 
 
-def tokens_plot(ex: Explorer) -> str:
+def tokens_plot(ex: View) -> str:
     """SVG: cumulative tokens served per adapter by settlement block."""
     return step_chart(ex.tokens_series(), title="Tokens served per adapter", y_label="tokens", chart_id="plot-tokens")
 
 
-def rewards_plot(ex: Explorer) -> str:
+def rewards_plot(ex: View) -> str:
     """SVG: cumulative rewards per contributor (adapter owners, dataset payees) by settlement block."""
     return step_chart(
         ex.rewards_series(), title="Rewards per contributor", y_label="ETH", chart_id="plot-rewards", y_format=eth_tick
     )
 
 
-def overview_page(ex: Explorer, head: int) -> str:
-    idx, d = ex.index, ex.client.deployment
-    tokens = sum(r.tokens for r in idx.records)
-    fees = sum(b.total_fees for b in idx.batches.values())
+def overview_page(ex: View) -> str:
+    q, d = ex.q, ex.client.deployment
+    cursor = q.cursor()
+    usage = q.usage("all")
+    batch_count, fees = q.batch_totals()
     counts = ex.store.counts()
     top = stats(
         [
             ("chain id", str(d.chain_id)),
-            ("head block", num(head)),
-            ("records", num(len(idx.records))),
-            ("tokens", num(tokens)),
+            ("head block", num(cursor.head if cursor else 0)),
+            ("records", num(usage.records)),
+            ("tokens", num(usage.tokens)),
             ("fees", eth(fees)),
-            ("batches", num(len(idx.batches))),
+            ("batches", num(batch_count)),
         ]
     )
-    totals = ex.client.totals()
-    accrued = sum(rw.amount for rw in idx.rewards)
+    totals = ex.totals()
+    accrued = q.total_accrued()
     adds_up = accrued == fees == totals["accrued"]
     check = (
         f'<span id="attribution-check" class="{"" if adds_up else "bad"}">'
@@ -73,18 +77,28 @@ def overview_page(ex: Explorer, head: int) -> str:
         + f"accrued events {eth(accrued)}, settled fees {eth(fees)}, ledger totalAccrued {eth(totals['accrued'])}"
         + "</span>"
     )
-    settlers = ", ".join(address_link(s) for s, on in idx.settlers.items() if on) or "none"
+    settlers = ", ".join(address_link(s) for s in q.settlers()) or "none"
+    registered = q.counts()
+    indexed = ex.indexed_block
+    behind = (cursor.head if cursor else 0) - ex.confirmations - indexed
+    index_line = f"to block {num(indexed)}" + (f" ({ex.confirmations} confirmations)" if ex.confirmations else "")
+    if behind > 0:
+        index_line += f', <span class="bad" id="index-behind">{num(behind)} blocks behind, indexing</span>'
+    if ex.refresh_error:
+        index_line += f' <span class="bad" id="index-error">last refresh failed: {esc(ex.refresh_error)}</span>'
     contracts = kv(
         [
             ("AdapterRegistry", address_link(d.registry, full=True)),
             ("AttributionLedger", address_link(d.ledger, full=True)),
             ("deployed at block", num(d.deploy_block)),
             ("RPC", esc(ex.client.rpc_url)),
+            ("indexed", f'<span id="index-state">{index_line}</span>'),
             ("node share", f"{ex.client.node_share_bps() / 100:.2f}% of every fee"),
             ("settlers", settlers),
             (
                 "registered",
-                f"{num(len(idx.adapters))} adapters, {num(len(idx.datasets))} datasets, {num(len(idx.nodes))} nodes",
+                f"{num(registered['adapters'])} adapters, {num(registered['datasets'])} datasets, "
+                f"{num(registered['nodes'])} nodes",
             ),
             (
                 "money",
@@ -97,13 +111,13 @@ def overview_page(ex: Explorer, head: int) -> str:
         dl_id="contracts",
     )
     plots = f'<div class="plots">{tokens_plot(ex)}{rewards_plot(ex)}</div>'
-    latest = list(idx.batches.values())[-10:][::-1]
+    latest = q.batches(0, 10).rows
     body = (
         top
         + card(contracts)
         + "<h2>Over time</h2>"
         + plots
-        + "<h2>Latest settlement batches</h2>"
+        + f"<h2>Latest settlement batches</h2><p>{link('/batches', 'all batches')}</p>"
         + _batches_table(latest)
     )
     return page("Overview", body)
@@ -132,12 +146,14 @@ def _batches_table(batches) -> str:
     )
 
 
-def batches_page(ex: Explorer) -> str:
-    return page("Settlement batches", _batches_table(list(ex.index.batches.values())[::-1]))
+def batches_page(ex: View, *, page_no: int = 0) -> str:
+    batches = ex.q.batches(page_no, BATCHES_PAGE)
+    total, _ = ex.q.batch_totals()
+    return page("Settlement batches", _batches_table(batches.rows) + pager("/batches", batches, total=total))
 
 
-def batch_page(ex: Explorer, batch_id: str) -> str:
-    b = ex.index.batches[batch_id]
+def batch_page(ex: View, batch_id: str, *, page_no: int = 0) -> str:
+    b = ex.q.batch(batch_id)
     db = ex.store.batch(batch_id)
     db_line = (
         f"{esc(db.status)}, root {mono(db.merkle_root)}"
@@ -158,38 +174,44 @@ def batch_page(ex: Explorer, batch_id: str) -> str:
         ],
         dl_id="batch-info",
     )
-    records = ex.index.records_by_batch.get(batch_id, [])
-    rewards = [
+    records = ex.q.records(batch=batch_id, page=page_no, size=PAGE_SIZE, newest_first=False)
+    rewards = ex.q.batch_rewards(batch_id)
+    ex.learn_names(r.adapter_id for r in rewards)
+    reward_rows = [
         [
             address_link(r.account),
             role(r.role),
             adapter_link(r.adapter_id, ex.adapter_name(r.adapter_id)),
             eth(r.amount),
         ]
-        for r in ex.index.rewards
-        if r.batch_id == batch_id
+        for r in rewards
     ]
     body = (
         card(info)
         + "<h2>Records</h2>"
-        + records_table(ex, records, table_id="batch-records")
+        + records_table(ex, records.rows, table_id="batch-records")
+        + pager(f"/batches/{batch_id}", records, total=b.record_count)
         + "<h2>Rewards accrued</h2>"
-        + table(["account", "role", "adapter", "amount"], rewards, numeric=(3,))
+        + table(["account", "role", "adapter", "amount"], reward_rows, numeric=(3,))
     )
     return page("Settlement batch", body)
 
 
-def disputes_page(ex: Explorer) -> str:
+def disputes_page(ex: View, *, page_no: int = 0) -> str:
     """Records the gateway refused to bill at the node's word: the node's signed receipt claimed more
     (or other) tokens than the gateway counted. They are never settled; their nodes get no traffic."""
-    rows = ex.store.disputed()
+    fetched = ex.store.disputed(limit=PAGE_SIZE + 1, offset=page_no * PAGE_SIZE)
+    listed = Page(fetched[:PAGE_SIZE], page_no, PAGE_SIZE, len(fetched) > PAGE_SIZE)
+    rows = listed.rows
     by_node: dict[str, int] = {}
     for r in rows:
         by_node[r.node_id] = by_node.get(r.node_id, 0) + 1
+    known = ex.q.nodes_by_id(set(by_node))
+    ex.learn_names(r.adapter_id for r in rows)
     nodes = table(
         ["node", "operator", "disputed records"],
         [
-            [id_link("nodes", n), address_link(ex.index.nodes[n].operator) if n in ex.index.nodes else "—", num(k)]
+            [id_link("nodes", n), address_link(known[n].operator) if n in known else "—", num(k)]
             for n, k in sorted(by_node.items(), key=lambda kv: -kv[1])
         ],
         numeric=(2,),
@@ -221,34 +243,29 @@ def disputes_page(ex: Explorer) -> str:
         "more than that, beyond the stated tolerance, is disputed: the record is kept with both counts, never "
         "settled, and the node is dropped from routing.</p>"
     )
-    return page("Disputes", intro + "<h2>Nodes</h2>" + nodes + "<h2>Records</h2>" + records)
+    shown = "<h2>Nodes</h2>" + nodes + "<h2>Records</h2>" + records + pager("/disputes", listed)
+    return page("Disputes", intro + shown)
 
 
-def records_page(ex: Explorer, *, adapter: str | None, node: str | None, batch: str | None, page_no: int) -> str:
-    records = [
-        r
-        for r in reversed(ex.index.records)
-        if (adapter is None or r.adapter_id == adapter)
-        and (node is None or r.node_id == node)
-        and (batch is None or r.batch_id == batch)
-    ]
-    start = page_no * PAGE_SIZE
-    shown = records[start : start + PAGE_SIZE]
-    params = "".join(f"&{k}={v}" for k, v in (("adapter", adapter), ("node", node), ("batch", batch)) if v)
-    pager = []
-    if page_no > 0:
-        pager.append(link(f"/records?page={page_no - 1}{params}", "← newer"))
-    if start + PAGE_SIZE < len(records):
-        pager.append(link(f"/records?page={page_no + 1}{params}", "older →"))
+def records_page(ex: View, *, adapter: str | None, node: str | None, batch: str | None, page_no: int) -> str:
+    listed = ex.q.records(adapter=adapter, node=node, batch=batch, page=page_no, size=PAGE_SIZE)
+    total = ex.q.record_count(adapter=adapter, node=node, batch=batch)
+    keep = (("adapter", adapter), ("node", node), ("batch", batch))
     what = [
         f"adapter {adapter_link(adapter, ex.adapter_name(adapter))}" if adapter else "",
         f"node {id_link('nodes', node)}" if node else "",
         f"batch {id_link('batches', batch)}" if batch else "",
     ]
-    head = f"<p>{num(len(records))} settled records" + (" of " + ", ".join(w for w in what if w) if any(what) else "")
-    body = head + "</p>" + records_table(ex, shown, table_id="records") + f'<p class="pager">{" · ".join(pager)}</p>'
+    head = f"<p>{num(total)} settled records" + (" of " + ", ".join(w for w in what if w) if any(what) else "")
+    body = (
+        head
+        + "</p>"
+        + records_table(ex, listed.rows, table_id="records")
+        + (pager("/records", listed, keep=keep, total=total) or '<p class="pager"></p>')
+    )
     unsettled = ex.store.unsettled(20) if adapter is None and node is None and batch is None else []
     if unsettled:
+        ex.learn_names(r.adapter_id for r in unsettled)
         rows = [
             [record_link(r.request_id), adapter_link_or_id(ex, r.adapter_id), esc(r.status), esc(r.error or "")]
             for r in unsettled
@@ -257,11 +274,11 @@ def records_page(ex: Explorer, *, adapter: str | None, node: str | None, batch: 
     return page("Inference records", body)
 
 
-def adapter_link_or_id(ex: Explorer, adapter_id: str) -> str:
+def adapter_link_or_id(ex: View, adapter_id: str) -> str:
     return adapter_link(adapter_id, ex.adapter_name(adapter_id))
 
 
-def record_page(ex: Explorer, rec: RecordDetail) -> str:
+def record_page(ex: View, rec: RecordDetail) -> str:
     row, chain = rec.row, rec.chain
     first = chain[0] if chain else None
     src = row if row is not None else first

@@ -15,15 +15,17 @@ from devnet.explorer.layout import (
     mono,
     num,
     page,
+    pager,
     record_link,
     role,
     stats,
     table,
     tx_link,
 )
-from devnet.explorer.service import Explorer
+from devnet.explorer.service import View
 
-RECENT = 50
+RECENT = 50  # latest records on an adapter's or a node's page (all of them: /records, paginated)
+PAGE_SIZE = 100
 
 
 def _history(rows) -> str:
@@ -38,8 +40,8 @@ def _predecessors(a, versions: list[str]) -> str:
     return mono(a.predecessor) + ' <span class="muted">(not registered here)</span>'
 
 
-def _name_owner(ex: Explorer, name: str) -> str:
-    n = ex.index.names.get(name)
+def _name_owner(ex: View, name: str) -> str:
+    n = ex.q.name(name)
     if n is None:
         return '<span class="muted">unknown</span>'
     return (
@@ -47,7 +49,8 @@ def _name_owner(ex: Explorer, name: str) -> str:
     )
 
 
-def records_table(ex: Explorer, records, *, table_id: str) -> str:
+def records_table(ex: View, records, *, table_id: str) -> str:
+    ex.learn_names(r.adapter_id for r in records)
     rows = []
     for r in records:
         rows.append(
@@ -71,17 +74,18 @@ def records_table(ex: Explorer, records, *, table_id: str) -> str:
     )
 
 
-def adapters_page(ex: Explorer) -> str:
-    usage = ex.usage_by("adapter_id")
+def adapters_page(ex: View, *, page_no: int = 0, names_page: int = 0) -> str:
+    listed = ex.q.adapters(page_no, PAGE_SIZE)
+    usage = ex.q.usages("adapter", [a.adapter_id for a in listed.rows])
     rows = []
-    for a in sorted(ex.index.adapters.values(), key=lambda a: (a.name, a.block)):
+    for a in listed.rows:
         u = usage.get(a.adapter_id)
         rows.append(
             [
                 adapter_link(a.adapter_id, a.name),
                 esc(a.version),
                 address_link(a.owner),
-                eth(a.price),
+                eth(int(a.price)),
                 num(len(a.datasets)),
                 num(u.records if u else 0),
                 num(u.tokens if u else 0),
@@ -94,38 +98,37 @@ def adapters_page(ex: Explorer) -> str:
         numeric=(3, 4, 5, 6, 7),
         empty="no adapters registered",
         table_id="adapters",
-    )
+    ) + pager("/adapters", listed, keep=(("names_page", str(names_page) if names_page else None),))
+    names = ex.q.names(names_page, PAGE_SIZE)
     name_rows = []
-    for n in sorted(ex.index.names.values(), key=lambda n: n.name):
-        theirs = [a for a in ex.index.adapters.values() if a.name == n.name and a.publisher == n.owner]
+    for n in names.rows:
+        versions = ex.q.adapters_named(n.name)
+        theirs = [a for a in versions if a.publisher == n.owner]
         newest = max(theirs, key=lambda a: (a.block, a.adapter_id), default=None)
         name_rows.append(
             [
                 esc(n.name),
                 address_link(n.owner),
                 adapter_link(newest.adapter_id, newest.version) if newest else '<span class="muted">none</span>',
-                num(sum(1 for a in ex.index.adapters.values() if a.name == n.name)),
+                num(len(versions)),
             ]
         )
     body += (
         '<h2>Names</h2><p class="muted">A name belongs to its first registrant (or whom they handed it '
         "to); it resolves to the newest version its owner registered.</p>"
         + table(["name", "owner", "resolves to", "versions"], name_rows, numeric=(3,), table_id="names")
+        + pager("/adapters", names, param="names_page", keep=(("page", str(page_no) if page_no else None),))
     )
     return page("Adapters", body)
 
 
-def adapter_page(ex: Explorer, adapter_id: str) -> str:
-    a = ex.index.adapters[adapter_id]
-    u = ex.usage_by("adapter_id").get(adapter_id)
-    versions = [
-        adapter_link(p, f"{ex.index.adapters[p].name} {ex.index.adapters[p].version}")
-        for p in ex.predecessors(adapter_id)
-    ]
-    later = [
-        adapter_link(s, f"{ex.index.adapters[s].name} {ex.index.adapters[s].version}")
-        for s in ex.successors(adapter_id)
-    ]
+def adapter_page(ex: View, adapter_id: str) -> str:
+    a = ex.q.adapter(adapter_id)
+    u = ex.q.usage("adapter", adapter_id)
+    before, after = ex.predecessors(adapter_id), ex.successors(adapter_id)
+    ex.learn_names(before + after)
+    versions = [adapter_link(p, ex.adapter_name(p)) for p in before]
+    later = [adapter_link(s, ex.adapter_name(s)) for s in after]
     info = kv(
         [
             ("adapter id", mono(a.adapter_id)),
@@ -134,7 +137,7 @@ def adapter_page(ex: Explorer, adapter_id: str) -> str:
             ("owner", address_link(a.owner, full=True)),
             ("publisher", address_link(a.publisher or a.owner, full=True)),
             ("name owner", _name_owner(ex, a.name)),
-            ("price per 1k tokens", eth(a.price)),
+            ("price per 1k tokens", eth(int(a.price))),
             ("base model", mono(a.base_model)),
             ("predecessors", _predecessors(a, versions)),
             ("successors", ", ".join(later) or '<span class="muted">none</span>'),
@@ -144,7 +147,7 @@ def adapter_page(ex: Explorer, adapter_id: str) -> str:
     )
     ds_rows = []
     for ds, bps in a.datasets:
-        d = ex.index.datasets.get(ds)
+        d = ex.q.dataset(ds)
         ds_rows.append([id_link("datasets", ds), address_link(d.payee if d else None), f"{bps / 100:.2f}%"])
     shares = table(
         ["dataset", "contributor (payee)", "share of the non-node part"],
@@ -158,19 +161,18 @@ def adapter_page(ex: Explorer, adapter_id: str) -> str:
         f"of the rest, the datasets get their shares above and the owner the remaining {100 - ds_pct:.2f}%.</p>"
     )
     earned: dict[tuple[str, str], int] = {}
-    for rw in ex.index.rewards:
-        if rw.adapter_id == adapter_id:
-            earned[(rw.account, rw.role)] = earned.get((rw.account, rw.role), 0) + rw.amount
+    for rw in ex.q.accruals(adapter=adapter_id):
+        earned[(rw.account, rw.role)] = earned.get((rw.account, rw.role), 0) + int(rw.amount)
     earned_rows = [[address_link(acc), role(r), eth(v)] for (acc, r), v in sorted(earned.items())]
-    records = [r for r in reversed(ex.index.records) if r.adapter_id == adapter_id][:RECENT]
+    records = ex.q.records(adapter=adapter_id, size=RECENT).rows
     more = link(f"/records?adapter={adapter_id}", "all records of this adapter")
     body = (
         card(info)
         + stats(
             [
-                ("records", num(u.records if u else 0)),
-                ("tokens", num(u.tokens if u else 0)),
-                ("fees", eth(u.fees if u else 0)),
+                ("records", num(u.records)),
+                ("tokens", num(u.tokens)),
+                ("fees", eth(u.fees)),
             ]
         )
         + "<h2>Datasets and shares</h2>"
@@ -185,12 +187,11 @@ def adapter_page(ex: Explorer, adapter_id: str) -> str:
     return page(f"Adapter {a.name} {a.version}", body)
 
 
-def datasets_page(ex: Explorer) -> str:
-    earned = ex.dataset_rewards()
-    users: dict[str, int] = {}
-    for a in ex.index.adapters.values():
-        for ds, _ in a.datasets:
-            users[ds] = users.get(ds, 0) + 1
+def datasets_page(ex: View, *, page_no: int = 0) -> str:
+    listed = ex.q.datasets(page_no, PAGE_SIZE)
+    ids = [d.dataset_id for d in listed.rows]
+    earned = ex.q.dataset_rewards(ids)
+    users = ex.q.dataset_users(ids)
     rows = [
         [
             id_link("datasets", d.dataset_id),
@@ -200,7 +201,7 @@ def datasets_page(ex: Explorer) -> str:
             num(users.get(d.dataset_id, 0)),
             eth(earned.get(d.dataset_id, 0)),
         ]
-        for d in ex.index.datasets.values()
+        for d in listed.rows
     ]
     body = table(
         ["dataset", "name", "contributor (payee)", "content hash", "adapters", "rewards accrued"],
@@ -208,17 +209,21 @@ def datasets_page(ex: Explorer) -> str:
         numeric=(4, 5),
         empty="no datasets registered",
         table_id="datasets",
-    )
+    ) + pager("/datasets", listed)
+    # contributors: every dataset's payee with what its datasets earned (rows: one per registered dataset)
+    all_earned = ex.q.dataset_rewards()
     contributors: dict[str, int] = {}
-    for d in ex.index.datasets.values():
-        contributors[d.payee] = contributors.get(d.payee, 0) + earned.get(d.dataset_id, 0)
-    crow = [[address_link(p, full=True), eth(v)] for p, v in sorted(contributors.items(), key=lambda kv: -kv[1])]
+    for d in ex.q.all_datasets():
+        contributors[d.payee] = contributors.get(d.payee, 0) + all_earned.get(d.dataset_id, 0)
+    ranked = sorted(contributors.items(), key=lambda kv: -kv[1])
+    shown = ranked[page_no * PAGE_SIZE : (page_no + 1) * PAGE_SIZE]
+    crow = [[address_link(p, full=True), eth(v)] for p, v in shown]
     body += "<h2>Contributors</h2>" + table(["address", "dataset rewards accrued"], crow, numeric=(1,))
     return page("Datasets and contributors", body)
 
 
-def dataset_page(ex: Explorer, dataset_id: str) -> str:
-    d = ex.index.datasets[dataset_id]
+def dataset_page(ex: View, dataset_id: str) -> str:
+    d = ex.q.dataset(dataset_id)
     info = kv(
         [
             ("dataset id", mono(d.dataset_id)),
@@ -231,17 +236,14 @@ def dataset_page(ex: Explorer, dataset_id: str) -> str:
             ("payee", address_link(d.payee, full=True)),
             ("content hash", mono(d.content_hash)),
             ("registered", f"block {num(d.block)}, tx {tx_link(d.tx_hash)}"),
-            ("rewards accrued", eth(ex.dataset_rewards().get(dataset_id, 0))),
+            ("rewards accrued", eth(ex.q.dataset_rewards([dataset_id]).get(dataset_id, 0))),
         ],
         dl_id="dataset-info",
     )
-    rows = []
-    for a in ex.index.adapters.values():
-        for ds, bps in a.datasets:
-            if ds == dataset_id:
-                rows.append(
-                    [adapter_link(a.adapter_id, f"{a.name} {a.version}"), address_link(a.owner), f"{bps / 100:.2f}%"]
-                )
+    rows = [
+        [adapter_link(a.adapter_id, f"{a.name} {a.version}"), address_link(a.owner), f"{bps / 100:.2f}%"]
+        for a, bps in ex.q.dataset_adapters(dataset_id)
+    ]
     body = (
         card(info)
         + "<h2>Adapters trained on it</h2>"
@@ -252,10 +254,11 @@ def dataset_page(ex: Explorer, dataset_id: str) -> str:
     return page(f"Dataset {d.dataset_id[:18]}…", body)
 
 
-def nodes_page(ex: Explorer) -> str:
-    usage = ex.usage_by("node_id")
+def nodes_page(ex: View, *, page_no: int = 0) -> str:
+    listed = ex.q.nodes(page_no, PAGE_SIZE)
+    usage = ex.q.usages("node", [n.node_id for n in listed.rows])
     rows = []
-    for n in ex.index.nodes.values():
+    for n in listed.rows:
         u = usage.get(n.node_id)
         rows.append(
             [
@@ -274,13 +277,13 @@ def nodes_page(ex: Explorer) -> str:
         numeric=(5, 6),
         empty="no nodes registered",
         table_id="nodes",
-    )
+    ) + pager("/nodes", listed)
     return page("Nodes", body)
 
 
-def node_page(ex: Explorer, node_id: str) -> str:
-    n = ex.index.nodes[node_id]
-    u = ex.usage_by("node_id").get(node_id)
+def node_page(ex: View, node_id: str) -> str:
+    n = ex.q.node(node_id)
+    u = ex.q.usage("node", node_id)
     info = kv(
         [
             ("node id", mono(n.node_id)),
@@ -295,20 +298,17 @@ def node_page(ex: Explorer, node_id: str) -> str:
         ],
         dl_id="node-info",
     )
-    per_adapter: dict[str, list[int]] = {}
-    for r in ex.index.records:
-        if r.node_id == node_id:
-            acc = per_adapter.setdefault(r.adapter_id, [0, 0])
-            acc[0] += 1
-            acc[1] += r.tokens
-    rows = [[adapter_link(a, ex.adapter_name(a)), num(c), num(t)] for a, (c, t) in per_adapter.items()]
-    records = [r for r in reversed(ex.index.records) if r.node_id == node_id][:RECENT]
+    per_adapter = ex.q.node_adapters(node_id)
+    ex.learn_names(per_adapter)
+    rows = [[adapter_link(a, ex.adapter_name(a)), num(s.records), num(s.tokens)] for a, s in per_adapter.items()]
+    records = ex.q.records(node=node_id, size=RECENT).rows
+    more = link(f"/records?node={node_id}", "all records of this node")
     body = (
         card(info)
-        + stats([("records", num(u.records if u else 0)), ("tokens served", num(u.tokens if u else 0))])
+        + stats([("records", num(u.records)), ("tokens served", num(u.tokens))])
         + "<h2>Served per adapter</h2>"
         + table(["adapter", "records", "tokens"], rows, numeric=(1, 2))
-        + "<h2>Latest records</h2>"
+        + f"<h2>Latest records</h2><p>{more}</p>"
         + records_table(ex, records, table_id="node-records")
         + "<h2>History</h2>"
         + _history(n.history)

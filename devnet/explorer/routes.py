@@ -1,9 +1,9 @@
 """The explorer's routes: one table of (path, handler), every one a GET that answers a page.
 
-A handler takes the Explorer first, then its path and query values, and returns the page (HTML, an SVG, or
-on /health a dict). `add_routes` mounts each one so that it runs holding the explorer's lock on an index
-brought up to the chain's head first. Handlers are plain `def`s: web3 and SQLAlchemy block, so Starlette
-runs them in its thread pool.
+A handler takes a View first (one snapshot of the index), then its path and query values, and returns the
+page (HTML, an SVG, or on /health a dict). Every list is paginated (`page`, and a second page number where a
+page holds two lists). Handlers are plain `def`s: web3 and SQLAlchemy block, so Starlette runs them in its
+thread pool.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from common.wire import to_id
 from devnet.explorer import pages_accounts as acc
 from devnet.explorer import pages_ledger as led
 from devnet.explorer import pages_registry as reg
-from devnet.explorer.service import Explorer
+from devnet.explorer.service import Explorer, View
 
 
 class NotFound(LookupError):
@@ -41,64 +41,70 @@ def _id(value: str, what: str) -> str:
         raise BadId(f"{what} must be 0x followed by 64 hex digits, got {value[:80]!r}") from e
 
 
-def _lookup(table: dict, ident: str, what: str) -> str:
-    key = _id(ident, f"{what} id")
-    if key not in table:
+def _found(value, what: str, key: str):
+    if value is None:
         raise NotFound(f"no {what} {key} on this chain")
     return key
+
+
+PageNo = Annotated[int, Query(ge=0, le=10**9)]
 
 
 # ---- handlers --------------------------------------------------------------------------------------------
 
 
-def overview(ex: Explorer):
-    return led.overview_page(ex, ex.index.last_block)
+def overview(ex: View):
+    return led.overview_page(ex)
 
 
-def adapters(ex: Explorer):
-    return reg.adapters_page(ex)
+def adapters(ex: View, page: PageNo = 0, names_page: PageNo = 0):
+    return reg.adapters_page(ex, page_no=page, names_page=names_page)
 
 
-def adapter(ex: Explorer, adapter_id: str):
-    return reg.adapter_page(ex, _lookup(ex.index.adapters, adapter_id, "adapter"))
+def adapter(ex: View, adapter_id: str):
+    key = _id(adapter_id, "adapter id")
+    return reg.adapter_page(ex, _found(ex.q.adapter(key), "adapter", key))
 
 
-def datasets(ex: Explorer):
-    return reg.datasets_page(ex)
+def datasets(ex: View, page: PageNo = 0):
+    return reg.datasets_page(ex, page_no=page)
 
 
-def dataset(ex: Explorer, dataset_id: str):
-    return reg.dataset_page(ex, _lookup(ex.index.datasets, dataset_id, "dataset"))
+def dataset(ex: View, dataset_id: str):
+    key = _id(dataset_id, "dataset id")
+    return reg.dataset_page(ex, _found(ex.q.dataset(key), "dataset", key))
 
 
-def nodes(ex: Explorer):
-    return reg.nodes_page(ex)
+def nodes(ex: View, page: PageNo = 0):
+    return reg.nodes_page(ex, page_no=page)
 
 
-def node(ex: Explorer, node_id: str):
-    return reg.node_page(ex, _lookup(ex.index.nodes, node_id, "node"))
+def node(ex: View, node_id: str):
+    key = _id(node_id, "node id")
+    return reg.node_page(ex, _found(ex.q.node(key), "node", key))
 
 
-def batches(ex: Explorer):
-    return led.batches_page(ex)
+def batches(ex: View, page: PageNo = 0):
+    return led.batches_page(ex, page_no=page)
 
 
-def batch(ex: Explorer, batch_id: str):
-    return led.batch_page(ex, _lookup(ex.index.batches, batch_id, "settled batch"))
+def batch(ex: View, batch_id: str, page: PageNo = 0):
+    key = _id(batch_id, "settled batch id")
+    return led.batch_page(ex, _found(ex.q.batch(key), "settled batch", key), page_no=page)
 
 
 def records(
-    ex: Explorer,
+    ex: View,
     adapter: str | None = None,
     node: str | None = None,
     batch: str | None = None,
-    page: Annotated[int, Query(ge=0)] = 0,
+    page: PageNo = 0,
 ):
     ids = {k: _id(v, f"{k} id") if v else None for k, v in (("adapter", adapter), ("node", node), ("batch", batch))}
     return led.records_page(ex, **ids, page_no=page)
 
 
-def record(ex: Explorer, request_id: str):
+def record(ex: View, request_id: str):
     rid = _id(request_id, "request id")
     detail = ex.record_detail(rid)
     if detail is None:
@@ -106,21 +112,21 @@ def record(ex: Explorer, request_id: str):
     return led.record_page(ex, detail)
 
 
-def disputes(ex: Explorer):
-    return led.disputes_page(ex)
+def disputes(ex: View, page: PageNo = 0):
+    return led.disputes_page(ex, page_no=page)
 
 
-def accounts(ex: Explorer):
-    return acc.accounts_page(ex)
+def accounts(ex: View, page: PageNo = 0):
+    return acc.accounts_page(ex, page_no=page)
 
 
-def address(ex: Explorer, address: str):
+def address(ex: View, address: str, page: PageNo = 0, money_page: PageNo = 0):
     if not is_hex_address(address):
         raise BadId(f"address must be 0x followed by 40 hex digits, got {address[:80]!r}")
-    return acc.address_page(ex, to_checksum_address(address.lower()))
+    return acc.address_page(ex, to_checksum_address(address.lower()), page_no=page, money_page=money_page)
 
 
-def tx(ex: Explorer, tx_hash: str):
+def tx(ex: View, tx_hash: str):
     h = _id(tx_hash, "transaction hash")
     found = ex.transaction(h)
     if found is None:
@@ -128,25 +134,36 @@ def tx(ex: Explorer, tx_hash: str):
     return acc.tx_page(ex, h, *found)
 
 
-def search(ex: Explorer, q: str = ""):
+def search(ex: View, q: str = ""):
     url, hits = ex.search(q)
     if url is not None:
         return RedirectResponse(url, status_code=303)
     return HTMLResponse(acc.search_page(q, hits), status_code=200 if hits or not q.strip() else 404)
 
 
-def tokens_svg(ex: Explorer):
+def tokens_svg(ex: View):
     return Response(led.tokens_plot(ex), media_type="image/svg+xml")
 
 
-def rewards_svg(ex: Explorer):
+def rewards_svg(ex: View):
     return Response(led.rewards_plot(ex), media_type="image/svg+xml")
 
 
-def health(ex: Explorer) -> dict:
-    """Deliberately public: the chain head, settled records, and that the ledger database is readable."""
+def health(ex: View) -> dict:
+    """Deliberately public: the chain head, how far the index got, settled records, and that the ledger database
+    is readable."""
     ex.store.counts()  # raises on a database that cannot be read: 503 in the JSON error shape
-    return {"ok": True, "head": ex.index.last_block, "records": len(ex.index.records)}
+    cursor = ex.q.cursor()
+    indexed = cursor.block if cursor else None
+    head = cursor.head if cursor else None
+    return {
+        "ok": True,
+        "head": head,
+        "indexed_block": indexed,
+        "synced": cursor is not None and indexed >= head - ex.confirmations,
+        "records": ex.q.usage("all").records,
+        "index_error": ex.refresh_error,
+    }
 
 
 # ---- the table -------------------------------------------------------------------------------------------
@@ -190,15 +207,14 @@ ROUTES = (
 )
 
 
-def fresh(ex: Explorer, handler: Callable[..., Any]) -> Callable[..., Any]:
-    """The endpoint of `handler`: takes the request's values (the handler's parameters after the Explorer)
-    and runs it holding the explorer's lock, on an index brought up to the chain's head first."""
+def on_snapshot(ex: Explorer, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """The endpoint of `handler`: takes the request's values (the handler's parameters after the View) and
+    runs it on one snapshot of the index (Explorer.view); the index is never refreshed while a page waits."""
 
     @functools.wraps(handler)
     def endpoint(*args, **kwargs):
-        with ex.lock:
-            ex.refresh()
-            return handler(ex, *args, **kwargs)
+        with ex.view() as view:
+            return handler(view, *args, **kwargs)
 
     signature = inspect.signature(handler)
     endpoint.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
@@ -209,5 +225,5 @@ def add_routes(app: FastAPI, ex: Explorer) -> None:
     for page in ROUTES:
         kwargs = {"response_class": page.response_class} if page.response_class is not None else {}
         app.add_api_route(
-            page.path, fresh(ex, page.handler), methods=["GET"], responses=page.responses or None, **kwargs
+            page.path, on_snapshot(ex, page.handler), methods=["GET"], responses=page.responses or None, **kwargs
         )

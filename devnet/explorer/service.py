@@ -1,59 +1,46 @@
-"""Explorer: the chain index, the ledger database and the checks, behind the questions pages ask."""
+"""Explorer: the chain client, the ledger database, the index (kept up by its refresher) and the checks;
+View: one page's questions, answered from one snapshot of the index.
+
+Pages never refresh the index: the refresher does, in the background, and each page reads what the index
+holds when it is asked. Chain values shown beside the index's (ledger totals, rewardsOf, balances) are read
+at the indexed block, so that they add up with the events shown.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
+import tempfile
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from eth_utils import is_hex_address, to_checksum_address
+from sqlmodel import Session
 from web3.exceptions import TransactionNotFound
 
 from common.wire import is_id
-from devnet.explorer.index import ChainIndex, RecordView
+from devnet.explorer.decode import Web3Events
+from devnet.explorer.index import ChainIndex
+from devnet.explorer.index_db import IndexDatabase
 from devnet.explorer.layout import when
+from devnet.explorer.logs import MAX_LOGS, MAX_SPAN
 from devnet.explorer.plots import MAX_SERIES, Point
 from devnet.explorer.proof import ProofCheck, check_record_proof
-from devnet.explorer.settings import ExplorerConfig
+from devnet.explorer.queries import IndexReads, RecordView
+from devnet.explorer.refresher import Refresher
+from devnet.explorer.settings import DEFAULT_CONFIRMATIONS, ExplorerConfig
 from devnet.explorer.signature import SignatureCheck, check_record_signature
 from devnet.explorer.store import LedgerStore, open_ledger_db
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
 from ledger.models import UsageRecord
+from ledger.rewards import RewardsSummary
 from ledger.transport import rpc_guard
-from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID, RewardBalance, SettleRecord
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Usage:
-    records: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    fees: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def add(self, r: RecordView) -> None:
-        self.records += 1
-        self.prompt_tokens += r.prompt_tokens
-        self.completion_tokens += r.completion_tokens
-        self.fees += r.fee
-
-
-@dataclass(slots=True)
-class AccountRewards:
-    """Accrued (from RewardAccrued events) and withdrawn (RewardWithdrawn) per address."""
-
-    address: str
-    accrued: int = 0
-    withdrawn: int = 0
-    by_role: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    by_adapter: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
 
 
 @dataclass(slots=True)
@@ -68,95 +55,191 @@ class RecordDetail:
 
 
 class Explorer:
-    """One deployment and one ledger database. Each request refreshes the index first and reads it holding
-    `lock` (devnet.explorer.routes.fresh)."""
+    """One deployment, one ledger database, one index. `start()` runs the refresher; `view()` opens a page's
+    snapshot. Without a data dir the index lives in a temporary folder, rebuilt at each start."""
 
-    def __init__(self, client: ChainClient, store: LedgerStore) -> None:
+    def __init__(
+        self,
+        client: ChainClient,
+        store: LedgerStore,
+        *,
+        data_dir: Path | None = None,
+        confirmations: int = DEFAULT_CONFIRMATIONS,
+        refresh_interval: float = 1.0,
+        max_logs: int = MAX_LOGS,
+        max_span: int = MAX_SPAN,
+    ) -> None:
         self.client = client
         self.store = store
-        self.index = ChainIndex(client)
-        self.lock = threading.RLock()  # one request at a time refreshes and reads the index
+        self._tmp = tempfile.TemporaryDirectory(prefix="loramesh-explorer-") if data_dir is None else None
+        self.db = IndexDatabase(Path(self._tmp.name) if self._tmp else Path(data_dir))
+        self.index = ChainIndex(client, self.db, confirmations=confirmations, max_logs=max_logs, max_span=max_span)
+        self.refresher = Refresher(self.index, refresh_interval)
+        self.events = Web3Events([client.registry, client.ledger])
 
     @classmethod
     def open(cls, config: ExplorerConfig) -> Explorer:
         """Check the chain matches the deployment file and the database is a ledger database."""
         deployment = Deployment.load(config.deployment)
         client = ChainClient.from_deployment(deployment, rpc_url=config.rpc_url, check=True)
-        return cls(client, LedgerStore(open_ledger_db(config.db_url)))
+        return cls(
+            client,
+            LedgerStore(open_ledger_db(config.db_url)),
+            data_dir=config.index_dir,
+            confirmations=config.confirmations,
+            refresh_interval=config.refresh_interval,
+        )
+
+    def start(self) -> None:
+        self.refresher.start()
 
     def close(self) -> None:
+        self.refresher.stop()
+        self.db.dispose()
         self.store.engine.dispose()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def refresh(self) -> int:
-        """Index new blocks; returns the head block."""
+        """Index new blocks now, in this thread (tools and tests; pages never call it)."""
         return self.index.refresh()
 
-    # ------------------------------------------------------------------ aggregates
+    def wait_synced(self, timeout: float = 60.0) -> None:
+        self.refresher.wait_synced(timeout)
 
-    def usage_by(self, key: str) -> dict[str, Usage]:
-        """Usage summed by a RecordView attribute ("adapter_id" or "node_id")."""
-        out: dict[str, Usage] = defaultdict(Usage)
-        for r in self.index.records:
-            out[getattr(r, key)].add(r)
+    @contextmanager
+    def view(self) -> Iterator[View]:
+        """One page's snapshot of the index (one read transaction), closed after the page is rendered."""
+        self.refresher.wake()
+        with Session(self.db.reader) as s:
+            yield View(self, IndexReads(s))
+
+
+class View:
+    """What one page asks: the index's snapshot `q`, the chain client and the ledger database."""
+
+    def __init__(self, explorer: Explorer, q: IndexReads) -> None:
+        self.explorer = explorer
+        self.client = explorer.client
+        self.store = explorer.store
+        self.q = q
+        self._names: dict[str, str | None] = {}
+
+    # ------------------------------------------------------------------ the index's position
+
+    @property
+    def indexed_block(self) -> int:
+        c = self.q.cursor()
+        return c.block if c else self.client.deployment.deploy_block - 1
+
+    @property
+    def head(self) -> int:
+        c = self.q.cursor()
+        return c.head if c else 0
+
+    @property
+    def confirmations(self) -> int:
+        return self.explorer.index.confirmations
+
+    @property
+    def refresh_error(self) -> str | None:
+        return self.explorer.refresher.last_error
+
+    # ------------------------------------------------------------------ chain values at the indexed block
+
+    def _at(self, fn):
+        """A contract call at the indexed block (the latest one before the first pass)."""
+        block = self.indexed_block
+        with rpc_guard(self.client.rpc_url):
+            return fn.call(block_identifier=block if block >= self.client.deployment.deploy_block else "latest")
+
+    def totals(self) -> dict[str, int]:
+        """The ledger's money counters and balance, at the indexed block."""
+        f = self.client.ledger.functions
+        out = {
+            k: self._at(getattr(f, "total" + k.capitalize())())
+            for k in ("deposited", "accrued", "withdrawn", "reclaimed")
+        }
+        out["balance"] = self.balance(self.client.ledger.address)
         return out
 
-    def accounts(self) -> dict[str, AccountRewards]:
-        """Every address that earned or withdrew, with its totals."""
-        out: dict[str, AccountRewards] = {}
-        for rw in self.index.rewards:
-            acc = out.setdefault(rw.account, AccountRewards(rw.account))
-            acc.accrued += rw.amount
-            acc.by_role[rw.role] += rw.amount
-            acc.by_adapter[rw.adapter_id][rw.role] += rw.amount
-        for m in self.index.money:
-            if m.kind == "withdrawal":
-                out.setdefault(m.account, AccountRewards(m.account)).withdrawn += m.amount
-        return out
+    def balance(self, address: str) -> int:
+        block = self.indexed_block
+        with rpc_guard(self.client.rpc_url):
+            return self.client.w3.eth.get_balance(
+                to_checksum_address(address), block if block >= self.client.deployment.deploy_block else "latest"
+            )
 
-    def dataset_rewards(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for rw in self.index.rewards:
-            if rw.role == "dataset":
-                out[rw.subject_id] += rw.amount
-        return out
+    def rewards_summary(self, address: str) -> RewardsSummary:
+        """rewardsOf at the indexed block, split by the index's accruals (as ledger.rewards.rewards_summary
+        does from every event)."""
+        address = to_checksum_address(address)
+        bal = RewardBalance(*self._at(self.client.ledger.functions.rewardsOf(address)))
+        by_role: dict[str, int] = defaultdict(int)
+        by_adapter: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for a in self.q.accruals(account=address):
+            by_role[a.role] += int(a.amount)
+            by_adapter[a.adapter_id][a.role] += int(a.amount)
+        return RewardsSummary(
+            address,
+            bal.available,
+            bal.accrued,
+            bal.withdrawn,
+            dict(by_role),
+            {k: dict(v) for k, v in by_adapter.items()},
+            self.q.batches_earned_in(address),
+        )
 
-    def predecessors(self, adapter_id: str) -> list[str]:
-        """Adapter ids this one descends from, nearest first (stops at unknown ids and cycles)."""
-        chain, seen = [], {adapter_id}
-        cur = self.index.adapters.get(adapter_id)
-        while cur is not None and cur.predecessor in self.index.adapters and cur.predecessor not in seen:
-            chain.append(cur.predecessor)
-            seen.add(cur.predecessor)
-            cur = self.index.adapters[cur.predecessor]
-        return chain
-
-    def successors(self, adapter_id: str) -> list[str]:
-        return [a.adapter_id for a in self.index.adapters.values() if a.predecessor == adapter_id]
+    # ------------------------------------------------------------------ names
 
     def adapter_name(self, adapter_id: str) -> str | None:
         """The adapter's "name version" if registered ("base model" for the zero id), else None."""
         if adapter_id == BASE_MODEL_ADAPTER_ID:
             return "base model"
-        a = self.index.adapters.get(adapter_id)
-        return f"{a.name} {a.version}" if a else None
+        if adapter_id not in self._names:
+            self._names.update(dict.fromkeys([adapter_id]) | self.q.adapter_names({adapter_id}))
+        return self._names[adapter_id]
+
+    def learn_names(self, adapter_ids) -> None:
+        """Look up the names of many adapters in one query (a page of records names each adapter it shows)."""
+        missing = {a for a in adapter_ids if a not in self._names and a != BASE_MODEL_ADAPTER_ID}
+        if missing:
+            self._names.update(dict.fromkeys(missing) | self.q.adapter_names(missing))
+
+    def predecessors(self, adapter_id: str) -> list[str]:
+        """Adapter ids this one descends from, nearest first (stops at unknown ids and cycles)."""
+        chain, seen = [], {adapter_id}
+        cur = self.q.adapter(adapter_id)
+        while cur is not None and cur.predecessor not in seen:
+            nxt = self.q.adapter(cur.predecessor)
+            if nxt is None:
+                break
+            chain.append(cur.predecessor)
+            seen.add(cur.predecessor)
+            cur = nxt
+        return chain
+
+    def successors(self, adapter_id: str) -> list[str]:
+        return [a.adapter_id for a in self.q.successors(adapter_id)]
 
     # ------------------------------------------------------------------ plot series
 
     def tokens_series(self) -> dict[str, list[Point]]:
         """Cumulative tokens served per adapter, one point per settlement block (top adapters)."""
-        per_block: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-        for r in self.index.records:
-            per_block[r.adapter_id][r.block] += r.tokens
+        top = [a for a, _ in self.q.top_adapters(MAX_SERIES)]
+        per_block: dict[str, dict[int, int]] = {a: defaultdict(int) for a in top}
+        for adapter, block, tokens in self.q.tokens_by_block(top):
+            per_block[adapter][block] += tokens
+        self.learn_names(top)
         return self._cumulative(per_block, lambda a: self.adapter_name(a) or a[:10])
 
     def rewards_series(self) -> dict[str, list[Point]]:
         """Cumulative rewards in ETH per contributor (adapter owners and dataset payees)."""
         per_block: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         roles: dict[str, set[str]] = defaultdict(set)
-        for rw in self.index.rewards:
-            if rw.role != "node":
-                per_block[rw.account][rw.block] += rw.amount
-                roles[rw.account].add("owner" if rw.role == "adapter_owner" else "dataset")
+        for account, role, block, amount in self.q.contributor_rewards_by_block():
+            per_block[account][block] += amount
+            roles[account].add("owner" if role == "adapter_owner" else "dataset")
 
         def label(a: str) -> str:
             return f"{a[:6]}…{a[-4:]} ({', '.join(sorted(roles[a]))})"
@@ -164,8 +247,8 @@ class Explorer:
         return self._cumulative(per_block, label, scale=1e-18)
 
     def _cumulative(self, per_block, label, scale: float = 1.0) -> dict[str, list[Point]]:
-        times = {b.block: b.timestamp for b in self.index.batches.values()}
         top = sorted(per_block, key=lambda k: -sum(per_block[k].values()))[:MAX_SERIES]
+        times = self.q.block_times({b for k in top for b in per_block[k]})
         out = {}
         for key in top:
             total, pts = 0, []
@@ -180,19 +263,19 @@ class Explorer:
 
     def record_detail(self, request_id: str) -> RecordDetail | None:
         """A request's on-chain events, database row, proof check and signature check; None if unknown."""
-        chain = list(self.index.records_by_request.get(request_id, []))
+        chain = self.q.records_of_request(request_id)
         row = self.store.record(request_id)
         if not chain and row is None:
             return None
         proof = signature = None
         if row is not None:
-            node = self.index.nodes.get(row.node_id)
+            node = self.q.node(row.node_id)
             signature = check_record_signature(row, node.peer_id if node else None)
-            batch = self.index.batches.get(row.batch_id) if row.batch_id else None
+            batch = self.q.batch(row.batch_id) if row.batch_id else None
             batch_rows = self.store.batch_records(row.batch_id) if row.batch_id else []
             settled = [
                 SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
-                for r in self.index.records_by_batch.get(row.batch_id or "", [])
+                for r in (self.q.batch_records(row.batch_id) if batch is not None else [])
             ]
             proof = check_record_proof(self.client, row, batch_rows, batch.merkle_root if batch else None, settled)
         return RecordDetail(request_id, chain, row, proof, signature)
@@ -208,25 +291,23 @@ class Explorer:
             addr = to_checksum_address(q.lower())
             hits.append(("address", addr, f"/address/{addr}"))
         elif is_id(low):
-            idx = self.index
-            if low in idx.records_by_request or self.store.record(low) is not None:
+            if self.q.has_record(low) or self.store.record(low) is not None:
                 hits.append(("record", low, f"/records/{low}"))
-            for kind, table, prefix in (
-                ("adapter", idx.adapters, "adapters"),
-                ("dataset", idx.datasets, "datasets"),
-                ("node", idx.nodes, "nodes"),
-                ("batch", idx.batches, "batches"),
+            for kind, found, prefix in (
+                ("adapter", self.q.adapter(low), "adapters"),
+                ("dataset", self.q.dataset(low), "datasets"),
+                ("node", self.q.node(low), "nodes"),
+                ("batch", self.q.batch(low), "batches"),
             ):
-                if low in table:
+                if found is not None:
                     hits.append((kind, low, f"/{prefix}/{low}"))
-            if low in idx.tx_events or self.store.batch_by_tx(low) is not None:
+            if self.q.has_tx(low) or self.store.batch_by_tx(low) is not None:
                 hits.append(("transaction", low, f"/tx/{low}"))
             elif not hits and self._is_tx(low):
                 hits.append(("transaction", low, f"/tx/{low}"))
         if q and not hits:
-            for a in self.index.adapters.values():
-                if low in a.name.lower():
-                    hits.append(("adapter", f"{a.name} {a.version}", f"/adapters/{a.adapter_id}"))
+            for a in self.q.search_adapters(low):
+                hits.append(("adapter", f"{a.name} {a.version}", f"/adapters/{a.adapter_id}"))
         return (hits[0][2] if len(hits) == 1 else None), hits
 
     def transaction(self, tx_hash: str):
@@ -241,7 +322,7 @@ class Explorer:
                 receipt = w3.eth.get_transaction_receipt(tx_hash)
             except TransactionNotFound:
                 receipt = None
-        events = [ev for ev in map(self.index.decode, receipt["logs"] if receipt else []) if ev is not None]
+        events = [ev for ev in map(self.explorer.events.decode, receipt["logs"] if receipt else []) if ev is not None]
         return tx, receipt, events
 
     def _is_tx(self, tx_hash: str) -> bool:

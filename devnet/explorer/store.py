@@ -67,13 +67,14 @@ class LedgerStore:
         with Session(self.engine) as s:
             return count_by_status(s)
 
-    def disputed(self, limit: int = 500) -> list[UsageRecord]:
+    def disputed(self, limit: int = 500, offset: int = 0) -> list[UsageRecord]:
         """Records whose node receipt disagreed with the gateway's count beyond tolerance, newest first."""
         with Session(self.engine) as s:
             stmt = (
                 select(UsageRecord)
                 .where(UsageRecord.status == RecordStatus.DISPUTED)
                 .order_by(UsageRecord.id.desc())
+                .offset(offset)
                 .limit(limit)
             )
             return list(s.exec(stmt).all())

@@ -17,4 +17,5 @@ def world(anvil_chain, tmp_path_factory):  # noqa: F811
 def explorer_url(anvil_chain, world):  # noqa: F811
     app = create_app(ExplorerConfig(deployment=anvil_chain.deployment_path, db_url=world.db_url))
     with ServerThread(app) as server:
+        app.state.explorer.wait_synced()  # pages never wait for the index: the tests wait for it once
         yield server.url

@@ -1,0 +1,179 @@
+"""Our contracts' events from raw JSON-RPC logs, decoded by slicing their fixed-width hex fields.
+
+Every ledger event the index stores per batch or per record (RecordSettled, RewardAccrued, BatchSettled) and
+the money and settler events have only static fields: 32-byte words at fixed offsets of `data`, indexed
+fields in `topics`. Slicing the hex and `int(word, 16)` / `bytes.fromhex` reads one RecordSettled in ~2 us;
+web3's `process_log` after its log formatter takes ~100x that, and eth_abi's decode of the same words
+(one call per log, or one call over a whole chunk as an array of tuples) 5-10x (bench/explorer.py prints
+both on this machine). Registry events carry strings, arrays and structs, are few, and go through web3's own
+decoding (`Web3Events`), as the gateway's registry mirror reads them (ledger.registry_events).
+
+A log that does not have the shape of its event (wrong number of topics, data of the wrong length) raises
+IndexDecodeError: the explorer reads only the two deployed contracts' addresses, so that means the
+deployment file names contracts of another build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eth_utils import event_abi_to_log_topic, to_checksum_address
+from hexbytes import HexBytes
+
+from ledger.errors import LedgerError
+from ledger.types import Role
+
+WORD = 64  # hex digits in a 32-byte word
+ROLES = {int(r): r.name.lower() for r in Role}
+
+
+class IndexDecodeError(LedgerError):
+    """A log of our contracts that does not have its event's shape."""
+
+
+def topic_map(contracts) -> dict[str, str]:
+    """topic0 ("0x" + lowercase hex) -> event name, for every event of the given web3 contracts."""
+    out = {}
+    for contract in contracts:
+        for item in contract.abi:
+            if item.get("type") == "event":
+                out["0x" + event_abi_to_log_topic(item).hex()] = item["name"]
+    return out
+
+
+def _shape(log: dict, name: str, topics: int, words: int) -> tuple[list[str], str]:
+    t, d = log.get("topics") or [], log.get("data") or ""
+    if len(t) != topics or len(d) != 2 + words * WORD:
+        raise IndexDecodeError(
+            f"{name} log in tx {log.get('transactionHash')} has {len(t)} topics and {(len(d) - 2) // 2} data bytes, "
+            f"expected {topics} and {words * 32}: is the deployment file of this build of the contracts?"
+        )
+    return t, d
+
+
+def address_of(topic: str) -> str:
+    """The address in an indexed address topic (its last 20 bytes), checksummed."""
+    return to_checksum_address("0x" + topic[-40:])
+
+
+def word(data: str, i: int) -> str:
+    """The i-th 32-byte word of `data` ("0x" + hex) as "0x" + 64 hex digits."""
+    return "0x" + data[2 + i * WORD : 2 + (i + 1) * WORD]
+
+
+def uint(data: str, i: int) -> int:
+    return int(data[2 + i * WORD : 2 + (i + 1) * WORD], 16)
+
+
+@dataclass(slots=True)
+class SettledRecord:
+    """RecordSettled, as the index stores it: ids as bytes, hex kept for the sums' keys."""
+
+    request_id: bytes
+    batch_id: bytes
+    adapter_hex: str
+    node_hex: str
+    prompt_tokens: int
+    completion_tokens: int
+    fee: int
+
+
+def record_settled(log: dict) -> SettledRecord:
+    """RecordSettled(bytes32 indexed batchId, bytes32 indexed requestId, bytes32 indexed adapterId,
+    bytes32 nodeId, uint64 promptTokens, uint64 completionTokens, uint256 fee)."""
+    t, d = _shape(log, "RecordSettled", 4, 4)
+    adapter = t[3].lower()
+    return SettledRecord(
+        bytes.fromhex(t[2][2:]),
+        bytes.fromhex(t[1][2:]),
+        adapter,
+        "0x" + d[2:66].lower(),
+        int(d[66:130], 16),
+        int(d[130:194], 16),
+        int(d[194:258], 16),
+    )
+
+
+def batch_settled(log: dict) -> dict:
+    """BatchSettled(bytes32 indexed batchId, address indexed settler, bytes32 merkleRoot, uint32 recordCount,
+    uint256 totalFees)."""
+    t, d = _shape(log, "BatchSettled", 3, 3)
+    return {
+        "batch_id": t[1].lower(),
+        "settler": address_of(t[2]),
+        "merkle_root": word(d, 0).lower(),
+        "record_count": uint(d, 1),
+        "total_fees": uint(d, 2),
+    }
+
+
+def reward_accrued(log: dict) -> dict:
+    """RewardAccrued(bytes32 indexed batchId, address indexed account, bytes32 indexed adapterId, Role role,
+    bytes32 subjectId, uint256 amount)."""
+    t, d = _shape(log, "RewardAccrued", 4, 3)
+    role = uint(d, 0)
+    if role not in ROLES:
+        raise IndexDecodeError(f"RewardAccrued in tx {log.get('transactionHash')} has role {role}, not a Role")
+    return {
+        "batch_id": t[1].lower(),
+        "account": address_of(t[2]),
+        "adapter_id": t[3].lower(),
+        "role": ROLES[role],
+        "subject_id": word(d, 1).lower(),
+        "amount": uint(d, 2),
+    }
+
+
+def money(log: dict, name: str) -> tuple[str, str, int]:
+    """(kind, account, amount) of Deposited (settler indexed, from indexed, amount), DepositReclaimed (settler
+    indexed, amount) or RewardWithdrawn (account indexed, amount)."""
+    if name == "Deposited":
+        t, d = _shape(log, name, 3, 1)
+        return "deposit", address_of(t[1]), uint(d, 0)
+    t, d = _shape(log, name, 2, 1)
+    return ("reclaim" if name == "DepositReclaimed" else "withdrawal"), address_of(t[1]), uint(d, 0)
+
+
+def settler_of(log: dict, name: str) -> str:
+    """The settler of SettlerGranted / SettlerRevoked (address indexed settler)."""
+    t, _ = _shape(log, name, 2, 0)
+    return address_of(t[1])
+
+
+class Web3Events:
+    """web3's decoding of our contracts' events, for the few logs that need it: registry events (strings,
+    arrays, structs) and a transaction page's receipt."""
+
+    def __init__(self, contracts) -> None:
+        self._events = {}
+        for contract in contracts:
+            for item in contract.abi:
+                if item.get("type") == "event":
+                    self._events[bytes(event_abi_to_log_topic(item))] = getattr(contract.events, item["name"])()
+        self._addresses = {c.address for c in contracts}
+
+    def decode(self, log):
+        """The decoded event of a web3-formatted log from one of our contracts, else None."""
+        if log["address"] not in self._addresses or not log["topics"]:
+            return None
+        event = self._events.get(bytes(log["topics"][0]))
+        return event.process_log(log) if event is not None else None
+
+    def decode_raw(self, log: dict):
+        """The decoded event of a raw JSON-RPC log (hex strings), as web3 would have returned it."""
+        formatted = {
+            "address": to_checksum_address(log["address"]),
+            "topics": [HexBytes(t) for t in log["topics"]],
+            "data": HexBytes(log["data"]),
+            "blockNumber": int(log["blockNumber"], 16),
+            "blockHash": HexBytes(log["blockHash"]),
+            "transactionHash": HexBytes(log["transactionHash"]),
+            "transactionIndex": int(log["transactionIndex"], 16),
+            "logIndex": int(log["logIndex"], 16),
+        }
+        try:
+            return self.decode(formatted)
+        except Exception as e:  # noqa: BLE001 - web3 raises several kinds for data that does not decode
+            raise IndexDecodeError(
+                f"log {formatted['logIndex']} of tx {log['transactionHash']} does not decode: {type(e).__name__}"
+            ) from e

@@ -1,0 +1,81 @@
+"""The index database's file and engines: SQLite in WAL mode, one writer (the refresher) and many readers.
+
+Pages read while the refresher writes: WAL lets them, and each page's session is one read transaction
+(an explicit BEGIN on the first statement), so a page sees one committed state of the index: the cursor,
+the rows and the sums of the same refresh step. The writer takes the write lock at BEGIN (BEGIN IMMEDIATE),
+so two explorers sharing a data dir never interleave their steps (the second re-reads the cursor first).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import create_engine
+
+from devnet.explorer.tables import SCHEMA_VERSION, IndexModel
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "explorer-index.sqlite"
+
+
+def _engine(path: Path, begin: str) -> Engine:
+    engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None  # pysqlite's own BEGIN handling off: the "begin" hook below says when
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a power cut may lose the last steps, never corrupt the file; the index is a cache of the chain
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        conn.exec_driver_sql(begin)
+
+    return engine
+
+
+class IndexDatabase:
+    """The index file under `folder`: `reader` for pages, `writer` for the refresher (the only writer)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / INDEX_FILE
+        self.writer = _engine(self.path, "BEGIN IMMEDIATE")
+        self.reader = _engine(self.path, "BEGIN")
+        self._ensure_schema()
+
+    def _ensure_schema(self) -> None:
+        """Create the tables; an index written by another schema version (or unreadable) is dropped first."""
+        with self.writer.begin() as conn:
+            names = set(inspect(conn).get_table_names())
+            if "explorer_cursor" in names:
+                try:
+                    version = conn.execute(text("SELECT schema_version FROM explorer_cursor WHERE id = 1")).scalar()
+                except SQLAlchemyError:
+                    version = None
+                if version not in (None, SCHEMA_VERSION):
+                    log.warning(
+                        "explorer index %s is of schema %s, not %d: rebuilding", self.path, version, SCHEMA_VERSION
+                    )
+                    for name in names:
+                        if name.startswith("explorer_"):
+                            conn.exec_driver_sql(f'DROP TABLE "{name}"')
+            IndexModel.metadata.create_all(conn)
+
+    def clear(self, conn) -> None:
+        """Empty every index table (inside the caller's write transaction)."""
+        for table in reversed(IndexModel.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+    def dispose(self) -> None:
+        self.writer.dispose()
+        self.reader.dispose()

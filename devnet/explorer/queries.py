@@ -1,0 +1,465 @@
+"""IndexReads: the questions pages ask of the index database, each one indexed query that reads at most what
+it returns (a page of rows, a sum kept by the indexer, one entity by its key).
+
+One IndexReads is one read transaction (devnet.explorer.index_db): a page sees one committed state of the
+index, whatever the refresher writes meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from common.wire import hex0x, id_bytes
+from devnet.explorer.tables import (
+    Accrual,
+    AdapterDataset,
+    AdapterRow,
+    DatasetRow,
+    IndexCursor,
+    IndexedBatch,
+    IndexedMoney,
+    IndexedRecord,
+    IndexedReward,
+    IndexedTx,
+    NameRow,
+    NodeRow,
+    SettlerState,
+    Usage,
+    UsageBlock,
+    from_i64,
+)
+
+
+@dataclass(slots=True)
+class RecordView:
+    """One RecordSettled event."""
+
+    request_id: str
+    batch_id: str
+    adapter_id: str
+    node_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    fee: int
+    block: int
+    tx_hash: str
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class BatchView:
+    batch_id: str
+    settler: str
+    merkle_root: str
+    record_count: int
+    total_fees: int
+    block: int
+    tx_hash: str
+    timestamp: int | None = None
+
+
+@dataclass(slots=True)
+class RewardView:
+    """One RewardAccrued event; role is "node", "adapter_owner" or "dataset"."""
+
+    batch_id: str
+    account: str
+    adapter_id: str
+    role: str
+    subject_id: str
+    amount: int
+    block: int
+    tx_hash: str
+
+
+@dataclass(slots=True)
+class MoneyEvent:
+    """A deposit, reclaim or withdrawal."""
+
+    kind: str
+    account: str
+    amount: int
+    block: int
+    tx_hash: str
+
+
+@dataclass(slots=True)
+class UsageSum:
+    records: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    fees: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class AccountRewards:
+    """Accrued (RewardAccrued events) and withdrawn (RewardWithdrawn) per address."""
+
+    address: str
+    accrued: int = 0
+    withdrawn: int = 0
+    by_role: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    by_adapter: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of a list: its rows, and whether there are more after them."""
+
+    rows: list
+    number: int
+    size: int
+    more: bool
+
+
+def _record(r: IndexedRecord) -> RecordView:
+    return RecordView(
+        hex0x(r.request_id),
+        hex0x(r.batch_id),
+        hex0x(r.adapter_id),
+        hex0x(r.node_id),
+        from_i64(r.prompt_tokens),
+        from_i64(r.completion_tokens),
+        int(r.fee),
+        r.block,
+        hex0x(r.tx_hash),
+    )
+
+
+def _batch(b: IndexedBatch) -> BatchView:
+    return BatchView(
+        b.batch_id, b.settler, b.merkle_root, b.record_count, int(b.total_fees), b.block, b.tx_hash, b.timestamp
+    )
+
+
+def _reward(r: IndexedReward) -> RewardView:
+    return RewardView(r.batch_id, r.account, r.adapter_id, r.role, r.subject_id, int(r.amount), r.block, r.tx_hash)
+
+
+def _usage(u: Usage | None) -> UsageSum:
+    if u is None:
+        return UsageSum()
+    return UsageSum(u.records, int(u.prompt_tokens), int(u.completion_tokens), int(u.fees))
+
+
+def _page(rows: list, number: int, size: int) -> Page:
+    """`rows` as fetched with LIMIT size + 1: the extra row only says there is a next page."""
+    return Page(rows[:size], number, size, len(rows) > size)
+
+
+class IndexReads:
+    """Reads of one snapshot of the index; a context manager that closes its session."""
+
+    def __init__(self, session: Session) -> None:
+        self.s = session
+
+    def close(self) -> None:
+        self.s.close()
+
+    # ------------------------------------------------------------------ the cursor and totals
+
+    def cursor(self) -> IndexCursor | None:
+        return self.s.get(IndexCursor, 1)
+
+    def usage(self, kind: str, key: str = "") -> UsageSum:
+        """Settled records summed: kind "all", "adapter", "node", "node_adapter" (key node id + adapter id)."""
+        return _usage(self.s.get(Usage, (kind, key)))
+
+    def usages(self, kind: str, keys: list[str]) -> dict[str, UsageSum]:
+        if not keys:
+            return {}
+        rows = self.s.exec(select(Usage).where(Usage.kind == kind, col(Usage.key).in_(keys))).all()
+        return {u.key: _usage(u) for u in rows}
+
+    def node_adapters(self, node_id: str) -> dict[str, UsageSum]:
+        """Usage of one node per adapter it served (node_adapter keys start with the node id)."""
+        rows = self.s.exec(
+            select(Usage).where(Usage.kind == "node_adapter", Usage.key > node_id, Usage.key < node_id + "~")
+        ).all()
+        return {u.key[len(node_id) :]: _usage(u) for u in rows}
+
+    def batch_totals(self) -> tuple[int, int]:
+        """(batches settled, the sum of their totalFees), as the indexer added them up."""
+        u = self.usage("batches")
+        return u.records, u.fees
+
+    def settlers(self) -> list[str]:
+        return list(self.s.exec(select(SettlerState.address).where(SettlerState.active)).all())
+
+    def is_settler(self, address: str) -> bool:
+        row = self.s.get(SettlerState, address)
+        return bool(row and row.active)
+
+    def counts(self) -> dict[str, int]:
+        """Registered adapters, datasets and nodes."""
+        return {
+            name: self.s.exec(select(func.count()).select_from(table)).one()
+            for name, table in (("adapters", AdapterRow), ("datasets", DatasetRow), ("nodes", NodeRow))
+        }
+
+    # ------------------------------------------------------------------ registry
+
+    def adapter(self, adapter_id: str) -> AdapterRow | None:
+        return self.s.get(AdapterRow, adapter_id)
+
+    def adapter_names(self, ids: set[str]) -> dict[str, str]:
+        """'name version' of each registered adapter among `ids`."""
+        if not ids:
+            return {}
+        rows = self.s.exec(
+            select(AdapterRow.adapter_id, AdapterRow.name, AdapterRow.version).where(
+                col(AdapterRow.adapter_id).in_(list(ids))
+            )
+        ).all()
+        return {a: f"{n} {v}" for a, n, v in rows}
+
+    def adapters(self, page: int, size: int) -> Page:
+        stmt = select(AdapterRow).order_by(AdapterRow.name, AdapterRow.block, AdapterRow.adapter_id)
+        return _page(list(self.s.exec(stmt.offset(page * size).limit(size + 1)).all()), page, size)
+
+    def adapters_named(self, name: str) -> list[AdapterRow]:
+        return list(self.s.exec(select(AdapterRow).where(AdapterRow.name == name)).all())
+
+    def successors(self, adapter_id: str) -> list[AdapterRow]:
+        return list(self.s.exec(select(AdapterRow).where(AdapterRow.predecessor == adapter_id)).all())
+
+    def search_adapters(self, text: str, limit: int = 50) -> list[AdapterRow]:
+        """Adapters whose name contains `text` (any case)."""
+        pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        stmt = select(AdapterRow).where(func.lower(AdapterRow.name).like(pattern, escape="\\"))
+        return list(self.s.exec(stmt.order_by(AdapterRow.name, AdapterRow.block).limit(limit)).all())
+
+    def names(self, page: int, size: int) -> Page:
+        stmt = select(NameRow).order_by(NameRow.name).offset(page * size).limit(size + 1)
+        return _page(list(self.s.exec(stmt).all()), page, size)
+
+    def name(self, name: str) -> NameRow | None:
+        return self.s.get(NameRow, name)
+
+    def dataset(self, dataset_id: str) -> DatasetRow | None:
+        return self.s.exec(select(DatasetRow).where(DatasetRow.dataset_id == dataset_id)).first()
+
+    def datasets(self, page: int, size: int) -> Page:
+        stmt = select(DatasetRow).order_by(DatasetRow.seq).offset(page * size).limit(size + 1)
+        return _page(list(self.s.exec(stmt).all()), page, size)
+
+    def all_datasets(self) -> list[DatasetRow]:
+        """Every dataset (the contributors' table sums over them: one row per registration)."""
+        return list(self.s.exec(select(DatasetRow)).all())
+
+    def dataset_users(self, ids: list[str]) -> dict[str, int]:
+        """How many adapters declare each dataset."""
+        if not ids:
+            return {}
+        stmt = (
+            select(AdapterDataset.dataset_id, func.count())
+            .where(col(AdapterDataset.dataset_id).in_(ids))
+            .group_by(AdapterDataset.dataset_id)
+        )
+        return dict(self.s.exec(stmt).all())
+
+    def dataset_adapters(self, dataset_id: str) -> list[tuple[AdapterRow, int]]:
+        stmt = (
+            select(AdapterRow, AdapterDataset.share_bps)
+            .join(AdapterDataset, col(AdapterDataset.adapter_id) == col(AdapterRow.adapter_id))
+            .where(AdapterDataset.dataset_id == dataset_id)
+            .order_by(AdapterRow.block)
+        )
+        return [(a, bps) for a, bps in self.s.exec(stmt).all()]
+
+    def node(self, node_id: str) -> NodeRow | None:
+        return self.s.exec(select(NodeRow).where(NodeRow.node_id == node_id)).first()
+
+    def nodes_by_id(self, ids: set[str]) -> dict[str, NodeRow]:
+        if not ids:
+            return {}
+        return {n.node_id: n for n in self.s.exec(select(NodeRow).where(col(NodeRow.node_id).in_(list(ids)))).all()}
+
+    def nodes(self, page: int, size: int) -> Page:
+        stmt = select(NodeRow).order_by(NodeRow.seq).offset(page * size).limit(size + 1)
+        return _page(list(self.s.exec(stmt).all()), page, size)
+
+    def owned_by(self, address: str) -> tuple[list[AdapterRow], list[DatasetRow], list[NodeRow]]:
+        """What an address owns, is paid for, or operates."""
+        return (
+            list(self.s.exec(select(AdapterRow).where(AdapterRow.owner == address)).all()),
+            list(self.s.exec(select(DatasetRow).where(DatasetRow.payee == address)).all()),
+            list(self.s.exec(select(NodeRow).where(NodeRow.operator == address)).all()),
+        )
+
+    # ------------------------------------------------------------------ records and batches
+
+    def records(
+        self,
+        *,
+        adapter: str | None = None,
+        node: str | None = None,
+        batch: str | None = None,
+        request: str | None = None,
+        page: int = 0,
+        size: int = 100,
+        newest_first: bool = True,
+    ) -> Page:
+        """Records matching every filter given, newest first (or in settlement order), a page of them."""
+        stmt = select(IndexedRecord)
+        for column, value in (
+            (IndexedRecord.adapter_id, adapter),
+            (IndexedRecord.node_id, node),
+            (IndexedRecord.batch_id, batch),
+            (IndexedRecord.request_id, request),
+        ):
+            if value is not None:
+                stmt = stmt.where(column == id_bytes(value))
+        stmt = stmt.order_by(col(IndexedRecord.seq).desc() if newest_first else col(IndexedRecord.seq))
+        rows = self.s.exec(stmt.offset(page * size).limit(size + 1)).all()
+        return _page([_record(r) for r in rows], page, size)
+
+    def record_count(self, *, adapter: str | None, node: str | None, batch: str | None) -> int:
+        """How many records match: from the indexer's sums where one answers it, else counted on an index."""
+        if batch is None:
+            if adapter and node:
+                return self.usage("node_adapter", node + adapter).records
+            if adapter or node:
+                return self.usage("adapter" if adapter else "node", adapter or node).records
+            return self.usage("all").records
+        stmt = select(func.count()).select_from(IndexedRecord).where(IndexedRecord.batch_id == id_bytes(batch))
+        for column, value in ((IndexedRecord.adapter_id, adapter), (IndexedRecord.node_id, node)):
+            if value is not None:
+                stmt = stmt.where(column == id_bytes(value))
+        return self.s.exec(stmt).one()
+
+    def records_of_request(self, request_id: str) -> list[RecordView]:
+        return self.records(request=request_id, size=1000, newest_first=False).rows
+
+    def batch_records(self, batch_id: str) -> list[RecordView]:
+        """Every record of a batch in leaf order (a batch is bounded by the settler's batch size)."""
+        stmt = select(IndexedRecord).where(IndexedRecord.batch_id == id_bytes(batch_id)).order_by(IndexedRecord.seq)
+        return [_record(r) for r in self.s.exec(stmt).all()]
+
+    def has_record(self, request_id: str) -> bool:
+        stmt = select(IndexedRecord.seq).where(IndexedRecord.request_id == id_bytes(request_id)).limit(1)
+        return self.s.exec(stmt).first() is not None
+
+    def batch(self, batch_id: str) -> BatchView | None:
+        b = self.s.exec(select(IndexedBatch).where(IndexedBatch.batch_id == batch_id)).first()
+        return _batch(b) if b else None
+
+    def batches(self, page: int, size: int) -> Page:
+        stmt = select(IndexedBatch).order_by(col(IndexedBatch.seq).desc()).offset(page * size).limit(size + 1)
+        return _page([_batch(b) for b in self.s.exec(stmt).all()], page, size)
+
+    def batch_rewards(self, batch_id: str) -> list[RewardView]:
+        stmt = select(IndexedReward).where(IndexedReward.batch_id == batch_id).order_by(IndexedReward.id)
+        return [_reward(r) for r in self.s.exec(stmt).all()]
+
+    def has_tx(self, tx_hash: str) -> bool:
+        return self.s.get(IndexedTx, tx_hash) is not None
+
+    # ------------------------------------------------------------------ rewards and money
+
+    def accruals(self, *, account: str | None = None, adapter: str | None = None, role: str | None = None) -> list:
+        stmt = select(Accrual)
+        if account is not None:
+            stmt = stmt.where(Accrual.account == account)
+        if adapter is not None:
+            stmt = stmt.where(Accrual.adapter_id == adapter)
+        if role is not None:
+            stmt = stmt.where(Accrual.role == role)
+        return list(self.s.exec(stmt).all())
+
+    def dataset_rewards(self, ids: list[str] | None = None) -> dict[str, int]:
+        """Rewards accrued to each dataset (all of them, or those in `ids`)."""
+        stmt = select(Accrual.subject_id, Accrual.amount).where(Accrual.role == "dataset")
+        if ids is not None:
+            stmt = stmt.where(col(Accrual.subject_id).in_(ids))
+        out: dict[str, int] = defaultdict(int)
+        for subject, amount in self.s.exec(stmt).all():
+            out[subject] += int(amount)
+        return out
+
+    def accounts(self) -> dict[str, AccountRewards]:
+        """Every address that earned or withdrew, with its totals (rows: accounts x adapters x roles, never
+        records or batches)."""
+        out: dict[str, AccountRewards] = {}
+        for a in self.s.exec(select(Accrual)).all():
+            acc = out.setdefault(a.account, AccountRewards(a.account))
+            amount = int(a.amount)
+            acc.accrued += amount
+            acc.by_role[a.role] += amount
+            acc.by_adapter[a.adapter_id][a.role] += amount
+        for account, amount in self.s.exec(
+            select(IndexedMoney.account, IndexedMoney.amount).where(IndexedMoney.kind == "withdrawal")
+        ).all():
+            out.setdefault(account, AccountRewards(account)).withdrawn += int(amount)
+        return out
+
+    def total_accrued(self) -> int:
+        return sum(int(a) for a in self.s.exec(select(Accrual.amount)).all())
+
+    def account_rewards(self, account: str, page: int, size: int) -> Page:
+        stmt = (
+            select(IndexedReward)
+            .where(IndexedReward.account == account)
+            .order_by(col(IndexedReward.id).desc())
+            .offset(page * size)
+            .limit(size + 1)
+        )
+        return _page([_reward(r) for r in self.s.exec(stmt).all()], page, size)
+
+    def batches_earned_in(self, account: str) -> int:
+        stmt = select(func.count(func.distinct(IndexedReward.batch_id))).where(IndexedReward.account == account)
+        return self.s.exec(stmt).one()
+
+    def money(self, account: str, page: int, size: int) -> Page:
+        stmt = (
+            select(IndexedMoney)
+            .where(IndexedMoney.account == account)
+            .order_by(col(IndexedMoney.id).desc())
+            .offset(page * size)
+            .limit(size + 1)
+        )
+        rows = self.s.exec(stmt).all()
+        return _page([MoneyEvent(m.kind, m.account, int(m.amount), m.block, m.tx_hash) for m in rows], page, size)
+
+    # ------------------------------------------------------------------ plots
+
+    def top_adapters(self, n: int) -> list[tuple[str, int]]:
+        """The n adapters (ids) that served the most tokens, with their tokens."""
+        rows = self.s.exec(select(Usage).where(Usage.kind == "adapter")).all()
+        ranked = sorted(((u.key, int(u.prompt_tokens) + int(u.completion_tokens)) for u in rows), key=lambda kv: -kv[1])
+        return ranked[:n]
+
+    def tokens_by_block(self, adapter_ids: list[str]) -> list[tuple[str, int, int]]:
+        """(adapter, block, tokens) for the given adapters, in block order."""
+        if not adapter_ids:
+            return []
+        stmt = (
+            select(UsageBlock.adapter_id, UsageBlock.block, UsageBlock.tokens)
+            .where(col(UsageBlock.adapter_id).in_(adapter_ids))
+            .order_by(UsageBlock.block)
+        )
+        return [(a, b, int(t)) for a, b, t in self.s.exec(stmt).all()]
+
+    def contributor_rewards_by_block(self) -> list[tuple[str, str, int, int]]:
+        """(account, role, block, amount) of every reward not to a node operator (one per batch and payee)."""
+        stmt = select(IndexedReward.account, IndexedReward.role, IndexedReward.block, IndexedReward.amount).where(
+            IndexedReward.role != "node"
+        )
+        return [(a, r, b, int(x)) for a, r, b, x in self.s.exec(stmt).all()]
+
+    def block_times(self, blocks: set[int]) -> dict[int, int]:
+        if not blocks:
+            return {}
+        stmt = select(IndexedBatch.block, IndexedBatch.timestamp).where(col(IndexedBatch.block).in_(list(blocks)))
+        return {b: t for b, t in self.s.exec(stmt).all() if t is not None}

@@ -1,0 +1,255 @@
+"""The explorer's own index database: one table per kind of thing its pages show, and the cursor.
+
+The index is a cache of the chain: it lives in its own SQLite file (devnet.explorer.index_db), never in the
+gateway's ledger database, and is rebuilt from the chain whenever it does not match (another deployment, a
+reset chain, a reorg below the cursor, an older schema). Its tables are on their own SQLModel registry, so
+that ledger.db's `init_db` never creates them and this module never creates the ledger's.
+
+How values are stored:
+- records (the one table that grows by one row per inference): ids and hashes as 32-byte BLOBs, token
+  counts as INTEGER (a uint64 above 2**63 - 1 is stored as its two's complement, see `to_i64`), the fee as
+  decimal TEXT; everything else (registry rows, batches, rewards, sums) holds ids as "0x" + hex TEXT.
+- wei amounts and sums are decimal TEXT (uint256 does not fit SQLite's 64-bit INTEGER); sums are kept
+  exact in Python by the indexer (`usage`, `accruals`, `usage_blocks`), so no page sums over records.
+- a registry row's history (and lists such as an adapter's datasets) is a JSON column: a handful of
+  entries, read whole with the row.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, Index, LargeBinary
+from sqlalchemy.orm import registry
+from sqlmodel import Field, SQLModel
+
+# Bump when a table changes: an index of another version is dropped and rebuilt from the chain.
+SCHEMA_VERSION = 1
+
+U64 = 2**64
+I64_MAX = 2**63 - 1
+
+
+def to_i64(value: int) -> int:
+    """A uint64 as SQLite's signed 64-bit INTEGER (two's complement above 2**63 - 1)."""
+    return value - U64 if value > I64_MAX else value
+
+
+def from_i64(value: int) -> int:
+    return value + U64 if value < 0 else value
+
+
+class IndexModel(SQLModel, registry=registry()):
+    """Base of the index tables: their own metadata, apart from the ledger's."""
+
+
+class IndexCursor(IndexModel, table=True):
+    """One row: what the index was built from and how far it got. Blocks are indexed whole, so (block,
+    log_index) is the last block applied and the index of its last log of ours (-1 when it had none)."""
+
+    __tablename__ = "explorer_cursor"
+
+    id: int = Field(default=1, primary_key=True)
+    schema_version: int = SCHEMA_VERSION
+    chain_id: int
+    registry_address: str  # ("registry" is the declarative base's own attribute)
+    ledger_address: str
+    deploy_block: int
+    block: int  # last block indexed (deploy_block - 1 before the first)
+    block_hash: str = ""  # its hash, to notice a reorg below the cursor
+    log_index: int = -1
+    head: int = 0  # the chain head when the cursor last moved
+    span: int = 0  # blocks per eth_getLogs that last stayed under the log bound (0: not learned yet)
+    records: int = 0
+    batches: int = 0
+
+
+class IndexedRecord(IndexModel, table=True):
+    """One RecordSettled event; `seq` is settlement order (block, log index)."""
+
+    __tablename__ = "explorer_records"
+    __table_args__ = (
+        Index("ix_explorer_records_request", "request_id"),
+        Index("ix_explorer_records_batch", "batch_id", "seq"),
+        Index("ix_explorer_records_adapter", "adapter_id", "seq"),
+        Index("ix_explorer_records_node", "node_id", "seq"),
+    )
+
+    seq: int | None = Field(default=None, primary_key=True)
+    request_id: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    batch_id: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    adapter_id: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    node_id: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    prompt_tokens: int
+    completion_tokens: int
+    fee: str
+    block: int
+    log_index: int
+    tx_hash: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class IndexedBatch(IndexModel, table=True):
+    """One BatchSettled event."""
+
+    __tablename__ = "explorer_batches"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    batch_id: str = Field(unique=True)
+    settler: str = Field(index=True)
+    merkle_root: str
+    record_count: int
+    total_fees: str
+    block: int = Field(index=True)
+    tx_hash: str = Field(index=True)
+    timestamp: int | None = None
+
+
+class IndexedReward(IndexModel, table=True):
+    """One RewardAccrued event (one per payee and role in a batch, never one per record)."""
+
+    __tablename__ = "explorer_rewards"
+    __table_args__ = (Index("ix_explorer_rewards_account", "account", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    batch_id: str = Field(index=True)
+    account: str
+    adapter_id: str
+    role: str  # "node", "adapter_owner" or "dataset"
+    subject_id: str
+    amount: str
+    block: int
+    tx_hash: str
+
+
+class Accrual(IndexModel, table=True):
+    """What accrued to an account, summed by adapter, role and subject (node, adapter or dataset id)."""
+
+    __tablename__ = "explorer_accruals"
+
+    account: str = Field(primary_key=True)
+    adapter_id: str = Field(primary_key=True, index=True)
+    role: str = Field(primary_key=True)
+    subject_id: str = Field(primary_key=True, index=True)
+    amount: str = "0"
+    batches: int = 0  # RewardAccrued events summed here (one per batch)
+
+
+class Usage(IndexModel, table=True):
+    """Settled records summed by `kind`: "all" (key ""), "adapter", "node", "node_adapter" (node id + adapter id);
+    kind "batches" (key "") counts batches in `records` and sums their totalFees in `fees`."""
+
+    __tablename__ = "explorer_usage"
+
+    kind: str = Field(primary_key=True)
+    key: str = Field(primary_key=True)
+    records: int = 0
+    prompt_tokens: str = "0"
+    completion_tokens: str = "0"
+    fees: str = "0"
+
+
+class UsageBlock(IndexModel, table=True):
+    """Tokens settled per adapter in one block: the points of the tokens plot."""
+
+    __tablename__ = "explorer_usage_blocks"
+
+    adapter_id: str = Field(primary_key=True)
+    block: int = Field(primary_key=True)
+    tokens: str = "0"
+
+
+class IndexedMoney(IndexModel, table=True):
+    """A deposit, reclaim or withdrawal."""
+
+    __tablename__ = "explorer_money"
+    __table_args__ = (Index("ix_explorer_money_account", "account", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str
+    account: str
+    amount: str
+    block: int
+    tx_hash: str
+
+
+class IndexedTx(IndexModel, table=True):
+    """A transaction that emitted events of ours (search finds it)."""
+
+    __tablename__ = "explorer_txs"
+
+    tx_hash: str = Field(primary_key=True)
+    block: int
+    events: str = ""  # event names, comma-separated, in log order
+
+
+class SettlerState(IndexModel, table=True):
+    __tablename__ = "explorer_settlers"
+
+    address: str = Field(primary_key=True)
+    active: bool
+
+
+class AdapterRow(IndexModel, table=True):
+    __tablename__ = "explorer_adapters"
+
+    adapter_id: str = Field(primary_key=True)
+    owner: str = Field(index=True)
+    name: str = Field(index=True)
+    version: str
+    predecessor: str = Field(index=True)
+    base_model: str
+    price: str
+    datasets: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # [[dataset id, bps]]
+    block: int
+    tx_hash: str
+    history: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # [[block, tx, what]]
+    publisher: str = ""
+
+
+class AdapterDataset(IndexModel, table=True):
+    """Which adapters declare a dataset (the dataset page lists them)."""
+
+    __tablename__ = "explorer_adapter_datasets"
+
+    dataset_id: str = Field(primary_key=True)
+    adapter_id: str = Field(primary_key=True)
+    share_bps: int
+
+
+class DatasetRow(IndexModel, table=True):
+    __tablename__ = "explorer_datasets"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    dataset_id: str = Field(unique=True)
+    content_hash: str
+    payee: str = Field(index=True)
+    block: int
+    tx_hash: str
+    history: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    name: str = ""
+    contributor: str = ""
+
+
+class NodeRow(IndexModel, table=True):
+    __tablename__ = "explorer_nodes"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    node_id: str = Field(unique=True)
+    operator: str = Field(index=True)
+    active: bool
+    base_model: str
+    peer_id: str
+    api_url: str
+    multiaddrs: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    block: int
+    tx_hash: str
+    history: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    public_key: str = ""
+
+
+class NameRow(IndexModel, table=True):
+    __tablename__ = "explorer_names"
+
+    name: str = Field(primary_key=True)
+    owner: str
+    block: int
+    tx_hash: str
+    history: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
