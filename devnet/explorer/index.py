@@ -113,7 +113,8 @@ class ChainIndex:
 
     def reset(self, why: str) -> IndexCursor:
         """Empty the index: it is rebuilt from the deploy block."""
-        log.warning("explorer index: %s; rebuilding it from block %d", why, self.client.deployment.deploy_block)
+        level = logging.INFO if why == "no index yet" else logging.WARNING
+        log.log(level, "explorer index: %s; building it from block %d", why, self.client.deployment.deploy_block)
         fresh = self._fresh_cursor()
         with Session(self.db.writer) as s, s.begin():
             self.db.clear(s.connection())
