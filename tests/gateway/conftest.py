@@ -1,0 +1,49 @@
+"""A real gateway and one real tiny-model node, once per module that asks for them (`oai`: the official openai
+client on it), and the small helpers those modules share."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway import TINY
+from tests.utils.gateway import poll
+from tests.utils.stack import start_gateway, start_node
+
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    gw = start_gateway(root / "gateway", tiny_base)
+    node = start_node(tiny_base, gateway=gw, num_slots=4, num_kv_blocks=512)
+    poll(lambda: httpx.get(gw.url + "/health", timeout=5).json().get("live_nodes") == 1, timeout=30)
+    try:
+        yield gw
+    finally:
+        node.stop()
+        gw.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(served):
+    return openai.OpenAI(base_url=served.url + "/v1", api_key=served.api_key, max_retries=0, timeout=120)
+
+
+def complete(oai, **kw):
+    return oai.completions.create(model=TINY, **({"prompt": PROMPT, "max_tokens": 8} | kw))
+
+
+def chat(oai, **kw):
+    return oai.chat.completions.create(model=TINY, **({"messages": MESSAGES, "max_tokens": 8} | kw))
+
+
+def refused(call, param: str) -> str:
+    """The message of a 400 naming `param`."""
+    with pytest.raises(openai.BadRequestError) as ei:
+        call()
+    assert ei.value.body["param"] == param, ei.value.body
+    return ei.value.body["message"]

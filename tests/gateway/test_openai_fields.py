@@ -1,0 +1,196 @@
+"""Every OpenAI / vLLM field the gateway takes, through the official openai client against a real gateway and a
+real tiny-model node (random weights): each is honoured (and shown to change the answer as it should) or refused
+by name. Also: n with seeds, a list of prompts, best_of, logprobs whole and streamed, echo, structured output,
+the context's limits, and that the oai's usage, the node's receipt and the usage row agree."""
+
+from __future__ import annotations
+
+import pytest
+from sqlmodel import Session, select
+
+from ledger.models import RecordStatus, UsageRecord
+from tests.gateway import TINY
+from tests.gateway.conftest import MESSAGES, PROMPT, chat, complete, refused
+from tests.utils.gateway import poll
+
+pytestmark = pytest.mark.integration
+
+EOS = 2  # the tiny bases' </s>
+
+
+def usage_row(gw, rid: str) -> UsageRecord:
+    def get():
+        with Session(gw.db) as s:
+            return s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
+
+    return poll(get, timeout=20)
+
+
+def agree(gw, raw) -> object:
+    """The parsed answer, once its usage, the node's receipt and the usage row say the same counts."""
+    body = raw.parse()
+    row = usage_row(gw, raw.headers["x-request-id"])
+    u = body.usage
+    assert row.status != RecordStatus.DISPUTED, row.error
+    assert (u.prompt_tokens, u.completion_tokens) == (row.prompt_tokens, row.completion_tokens)
+    assert (row.node_prompt_tokens, row.node_completion_tokens) == (row.prompt_tokens, row.completion_tokens)
+    return body
+
+
+# ---- fields that were silently ignored: each honoured, or refused by name ----------------------------------
+
+
+def test_top_k_one_is_greedy(oai):
+    greedy = complete(oai, temperature=0).choices[0].text
+    assert complete(oai, temperature=1, seed=5, extra_body={"top_k": 1}).choices[0].text == greedy
+    assert complete(oai, temperature=1, seed=5, extra_body={"min_p": 1.0}).choices[0].text == greedy
+    # without either, the same seed samples something else (the check above is not greedy by chance)
+    assert (
+        complete(oai, temperature=1.5, seed=5, max_tokens=16).choices[0].text
+        != complete(oai, temperature=0, max_tokens=16).choices[0].text
+    )
+
+
+def test_eos_min_tokens_ignore_eos_and_stop_token_ids(oai):
+    eos = {"logit_bias": {str(EOS): 100}, "temperature": 0}
+    first = complete(oai, **eos)
+    assert first.usage.completion_tokens == 1 and first.choices[0].text == ""  # EOS counted, not shown
+    assert first.choices[0].finish_reason == "stop"
+    held = complete(oai, **eos, extra_body={"min_tokens": 5})
+    assert held.usage.completion_tokens >= 5 and held.choices[0].finish_reason == "stop"
+    on = complete(oai, **eos, extra_body={"ignore_eos": True})
+    assert on.usage.completion_tokens == 8 and on.choices[0].finish_reason == "length"
+    # a stop token ends the answer (counted, its text not shown)
+    x = complete(oai, temperature=0, logit_bias={"300": 100}, extra_body={"stop_token_ids": [300]})
+    assert (x.usage.completion_tokens, x.choices[0].text, x.choices[0].finish_reason) == (1, "", "stop")
+    refused(lambda: complete(oai, extra_body={"min_tokens": 9}), "min_tokens")
+    refused(lambda: complete(oai, logit_bias={"100000": 1}), "logit_bias")
+    refused(lambda: complete(oai, extra_body={"stop_token_ids": [100000]}), "stop_token_ids")
+
+
+def test_penalties_change_a_greedy_answer(oai):
+    greedy = complete(oai, temperature=0, max_tokens=24).choices[0].text
+    for field in ({"presence_penalty": 2}, {"frequency_penalty": 2}, {"extra_body": {"repetition_penalty": 2.0}}):
+        assert complete(oai, temperature=0, max_tokens=24, **field).choices[0].text != greedy, field
+
+
+def test_refused_by_name(oai):
+    tool = [{"type": "function", "function": {"name": "f"}}]
+    refused(lambda: chat(oai, functions=[{"name": "f"}]), "functions")
+    refused(lambda: chat(oai, tool_choice="auto"), "tool_choice")
+    refused(lambda: chat(oai, stream_options={"include_usage": True}), "stream_options")
+    refused(lambda: complete(oai, stream_options={"include_usage": True}), "stream_options")
+    refused(lambda: chat(oai, top_logprobs=2), "top_logprobs")
+    refused(lambda: chat(oai, tools=tool, parallel_tool_calls=False), "parallel_tool_calls")
+    refused(lambda: complete(oai, suffix="!"), "suffix")
+    refused(lambda: complete(oai, best_of=2, stream=True), "best_of")
+    refused(lambda: complete(oai, extra_body={"use_beam_search": True}), "use_beam_search")
+    refused(lambda: chat(oai, extra_body={"reasoning_effort": "low"}), "reasoning_effort")
+
+
+# ---- n, lists of prompts, best_of, and their billing ----------------------------------------------------
+
+
+def test_n_with_a_seed_is_reproducible_and_billed_as_relayed(served, oai):
+    ask = dict(n=3, seed=11, temperature=1.0, max_tokens=10)
+    one = agree(served, oai.completions.with_raw_response.create(model=TINY, prompt=PROMPT, **ask))
+    again = complete(oai, **ask)
+    texts = [c.text for c in one.choices]
+    assert [c.index for c in one.choices] == [0, 1, 2] and texts == [c.text for c in again.choices]
+    assert len(set(texts)) > 1
+    assert one.usage.prompt_tokens == complete(oai, max_tokens=1).usage.prompt_tokens  # the prompt once
+    c = agree(served, oai.chat.completions.with_raw_response.create(model=TINY, messages=MESSAGES, **ask))
+    assert len({x.message.content for x in c.choices}) > 1 and len(c.choices) == 3
+
+
+def test_a_list_of_prompts(served, oai):
+    prompts = [PROMPT, "Hello world"]
+    got = agree(
+        served,
+        oai.completions.with_raw_response.create(model=TINY, prompt=prompts, n=2, temperature=0, max_tokens=6),
+    )
+    alone = [complete(oai, prompt=p, temperature=0, max_tokens=6) for p in prompts]
+    assert [c.text for c in got.choices] == [alone[0].choices[0].text] * 2 + [alone[1].choices[0].text] * 2
+    assert got.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    ids = [[1, 70, 71], [1, 72]]
+    assert len(complete(oai, prompt=ids, max_tokens=2).choices) == 2
+
+
+def test_best_of_returns_the_likeliest_and_bills_all(served, oai):
+    ask = dict(seed=3, temperature=1.0, max_tokens=6)
+    all3 = complete(oai, n=3, logprobs=0, **ask)
+    best = max(all3.choices, key=lambda c: sum(c.logprobs.token_logprobs))
+    got = agree(served, oai.completions.with_raw_response.create(model=TINY, prompt=PROMPT, best_of=3, **ask))
+    assert [c.text for c in got.choices] == [best.text] and got.choices[0].logprobs is None
+    assert got.usage.completion_tokens == all3.usage.completion_tokens  # every sequence made is billed
+
+
+# ---- logprobs and echo ----------------------------------------------------------------------------------
+
+
+def test_completion_logprobs_whole_and_streamed(oai):
+    whole = complete(oai, temperature=0, logprobs=2).choices[0]
+    lp = whole.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    for token, p, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert p <= 0 and len(top) <= 3 and top[token] == p == max(top.values())  # greedy: the likeliest
+    chunks = list(complete(oai, temperature=0, logprobs=2, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+
+
+def test_chat_logprobs_whole_and_streamed(oai):
+    whole = chat(oai, temperature=0, logprobs=True, top_logprobs=3).choices[0]
+    content = whole.logprobs.content
+    assert len(content) == 8 and all(len(e.top_logprobs) == 3 for e in content)
+    assert all(e.logprob == e.top_logprobs[0].logprob and e.token == e.top_logprobs[0].token for e in content)
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace").startswith(whole.message.content)
+    chunks = list(chat(oai, temperature=0, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in content]
+
+
+def test_echo_with_logprobs(oai):
+    got = complete(oai, echo=True, logprobs=1, temperature=0, max_tokens=3).choices[0]
+    plain = complete(oai, temperature=0, max_tokens=3).choices[0]
+    assert got.text == PROMPT + plain.text
+    lp = got.logprobs
+    assert lp.token_logprobs[0] is None and all(p <= 0 for p in lp.token_logprobs[1:])
+    assert len(lp.tokens) == complete(oai, max_tokens=1).usage.prompt_tokens + 3
+    streamed = list(complete(oai, echo=True, temperature=0, max_tokens=3, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == got.text
+
+
+def test_streams_name_their_choices_and_send_no_empty_token(oai):
+    chunks = list(complete(oai, n=2, seed=4, temperature=1.0, stream=True, stream_options={"include_usage": True}))
+    whole = complete(oai, n=2, seed=4, temperature=1.0)
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == whole.choices[i].text
+        assert all(c.text for c in mine if c.finish_reason is None)  # no empty text chunk
+        assert [c.finish_reason for c in mine if c.finish_reason] == [whole.choices[i].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    eos = list(complete(oai, logit_bias={str(EOS): 100}, temperature=0, stream=True))
+    assert [c.choices[0].text for c in eos] == [""] and eos[0].choices[0].finish_reason == "stop"
+
+
+# ---- the context, and max_tokens' defaults --------------------------------------------------------------
+
+
+def test_context_limits_and_defaults(oai):
+    msg = refused(lambda: complete(oai, max_tokens=510), "prompt")
+    assert "maximum context length is 512 tokens" in msg and "510 in the completion" in msg
+    msg = refused(lambda: chat(oai, max_tokens=510), "messages")
+    assert "in the messages" in msg
+    assert complete(oai, max_tokens=None, extra_body={"ignore_eos": True}).usage.completion_tokens == 16
+    to_context = chat(oai, max_tokens=None, extra_body={"ignore_eos": True})
+    assert to_context.usage.prompt_tokens + to_context.usage.completion_tokens == 512
+    assert to_context.choices[0].finish_reason == "length"
+
+
+def test_models_created_is_a_unix_time(served, oai):
+    import time
+
+    created = {m.id: m.created for m in oai.models.list()}
+    assert abs(created[TINY] - time.time()) < 3600

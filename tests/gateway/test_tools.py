@@ -1,0 +1,87 @@
+"""OpenAI tools and structured output through the official openai client against a real gateway and a real
+tiny-model node (random weights): every json_schema answer parses and validates, tool_choice required and a named
+function always give valid calls (whole and streamed), auto takes a tool's result back."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from tests.gateway.conftest import MESSAGES, chat, complete
+
+pytestmark = pytest.mark.integration
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "sunny": {"type": "boolean"},
+        "unit": {"enum": ["c", "f"]},
+    },
+    "required": ["city", "sunny", "unit"],
+    "additionalProperties": False,
+}
+# the tools are written into the prompt (the tiny tokenizer spends a token on nearly every character): a small one
+ARGS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 6}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": ARGS}}
+
+
+def test_json_schema_answers_all_parse_and_validate(oai):
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}}
+    got = chat(oai, response_format=fmt, n=8, seed=1, temperature=1.0, max_tokens=200)
+    for c in got.choices:
+        assert c.finish_reason == "stop", c.message.content
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)
+    obj = complete(
+        oai, extra_body={"response_format": {"type": "json_object"}}, n=4, seed=2, temperature=1.0, max_tokens=200
+    )
+    done = [c for c in obj.choices if c.finish_reason == "stop"]
+    assert done and all(isinstance(json.loads(c.text), dict) for c in done)
+
+
+def valid_calls(choice) -> list:
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice.message
+    for call in choice.message.tool_calls:
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), ARGS)
+    return choice.message.tool_calls
+
+
+def test_a_named_function_is_called_validly_every_time(oai):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    got = chat(oai, tools=[WEATHER], tool_choice=named, n=6, seed=9, temperature=1.0, max_tokens=None)
+    assert all(len(valid_calls(c)) == 1 for c in got.choices)
+
+
+def test_tool_choice_required_calls_validly(oai):
+    """Every answer is a list of valid calls. (With random weights the list's length is a coin flip at each
+    item, so an answer may run to the context: the grammar bounds no number of calls, as vLLM's does not.)"""
+    got = chat(oai, tools=[WEATHER], tool_choice="required", n=6, seed=9, temperature=1.0, max_tokens=None)
+    done = [c for c in got.choices if c.finish_reason != "length"]
+    assert done and all(valid_calls(c) for c in done)
+    streamed = list(chat(oai, tools=[WEATHER], tool_choice="required", seed=9, max_tokens=None, stream=True))
+    reasons = [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason]
+    calls = [t for c in streamed if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+    if reasons != ["length"]:
+        assert reasons == ["tool_calls"] and calls
+        assert all(jsonschema.validate(json.loads(t.function.arguments), ARGS) is None for t in calls)
+
+
+def test_auto_round_trips_a_tool_result(oai):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sunny": true}'},
+    ]
+    got = chat(oai, messages=messages, tools=[WEATHER], tool_choice="auto", max_tokens=8)
+    assert got.choices[0].finish_reason in ("stop", "length", "tool_calls") and got.usage.prompt_tokens > 0
+    # the tool result reached the prompt: it is longer than the same chat without it
+    assert got.usage.prompt_tokens > chat(oai, messages=messages[:2], tools=[WEATHER]).usage.prompt_tokens
