@@ -230,7 +230,7 @@ class LLMEngine:
                     raise RequestError("guided decoding needs a tokenizer, and this node's base model has none")
                 from node.engine.grammar import Grammars
 
-                self._grammars = Grammars(self.tokenizer, self.model_cfg.vocab_size)
+                self._grammars = Grammars(self.tokenizer, self.model_cfg.vocab_size, eos_ids=sorted(self.eos_ids))
             return self._grammars
 
     def add_group(self, group: SequenceGroup) -> None:
@@ -332,6 +332,7 @@ class LLMEngine:
         self._count(len(seqs))
         return events, True
 
+    @torch.inference_mode()  # the logits are an inference tensor: the grammar's mask writes into them
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list]:
         """One token per row, and its raw log-probabilities for the rows that ask (else None)."""
         params = [s.params for s in seqs]

@@ -150,3 +150,44 @@ def test_each_bound_is_a_400_naming_its_field(node, extra, fragment):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "invalid_request" and fragment in err["message"], err
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 5}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["name", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_guided_answers_parse_and_validate_streamed_and_whole(node):
+    import jsonschema
+
+    c = node["client"]
+    body = {"prompt_token_ids": [P1, P2], "n": 2, "max_tokens": 200, "temperature": 1.0, "seed": 3}
+    body |= {"guided": {"type": "json_schema", "schema": SCHEMA}}
+    whole = c.post("/v1/generate", json=body).json()
+    for ch in whole["choices"]:
+        assert ch["finish_reason"] == "stop", ch
+        jsonschema.validate(json.loads(ch["text"]), SCHEMA)
+    events = _sse(c, body)
+    for k in range(4):
+        text = "".join(e["text"] for e in events if e["type"] == "token" and e["index"] == k)
+        assert text == whole["choices"][k]["text"]
+
+
+@pytest.mark.parametrize(
+    "guided, fragment",
+    [
+        ({"type": "xml"}, "guided.type"),
+        ({"type": "json_schema"}, "guided.schema"),
+        ({"type": "json_schema", "schema": {"type": "object", "properties": {"x": {"type": "nope"}}}}, "guided"),
+        ({"type": "json_schema", "schema": {"description": "x" * 70_000}}, "guided.schema is"),
+        ({"type": "json_object", "extra": 1}, "guided"),
+    ],
+)
+def test_a_guided_value_the_grammar_refuses_is_a_400_naming_guided(node, guided, fragment):
+    r = node["client"].post("/v1/generate", json={"prompt_token_ids": P1, "max_tokens": 4, "guided": guided})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_request" and err["message"].startswith("guided") and fragment in err["message"]
