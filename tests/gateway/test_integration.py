@@ -174,20 +174,17 @@ def test_chat(net):
 
 
 def test_stream_usage_matches_tokens_streamed(net):
-    chunks = list(
-        client(net).chat.completions.create(
-            model="acme/poems",
-            max_tokens=8,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": "write"}],
-        )
-    )
+    ask = dict(model="acme/poems", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "write"}])
+    chunks = list(client(net).chat.completions.create(stream=True, stream_options={"include_usage": True}, **ask))
     token_chunks = [
         c for c in chunks if c.choices and c.choices[0].delta.content is not None and c.choices[0].delta.role is None
     ]
-    assert chunks[-1].usage.completion_tokens == len(token_chunks) > 0
+    whole = client(net).chat.completions.create(**ask)
+    used = chunks[-1].usage.completion_tokens
+    assert used == whole.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content for c in token_chunks) == whole.choices[0].message.content
+    # one chunk per token, except a token that adds no text (EOS, half a character): no empty chunk for it
+    assert 0 < len(token_chunks) <= used and all(c.choices[0].delta.content for c in token_chunks)
 
 
 def test_base_model(net):
@@ -213,8 +210,9 @@ def test_errors(net):
     assert int(ei.value.response.headers["retry-after"]) >= 1
     with pytest.raises(openai.NotFoundError):
         client(net).completions.create(model="acme/nothing", prompt="x")
-    with pytest.raises(openai.BadRequestError):
-        client(net).completions.create(model="acme/capitals", prompt="x", n=3)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client(net).completions.create(model="acme/capitals", prompt="x", n=17)
+    assert ei.value.body["param"] == "n"
 
 
 def test_client_disconnect_is_recorded_with_the_nodes_receipt(net):
