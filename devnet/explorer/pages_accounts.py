@@ -187,8 +187,9 @@ def _arg(ex: View, name: str, value) -> str:
     return esc(value)
 
 
-def tx_page(ex: View, tx_hash: str, tx, receipt, events) -> str:
-    """A transaction: where it went, whether it succeeded, and our contracts' events in it, decoded."""
+def tx_page(ex: View, tx_hash: str, tx, receipt, events: Page, total: int) -> str:
+    """A transaction: where it went, whether it succeeded, and our contracts' events in it, decoded (a page of
+    them: a batch's transaction holds one per record)."""
     ok = receipt is not None and receipt["status"] == 1
     info = kv(
         [
@@ -199,16 +200,21 @@ def tx_page(ex: View, tx_hash: str, tx, receipt, events) -> str:
             ("to", address_link(tx.get("to"), full=True)),
             ("value", eth(tx.get("value", 0))),
             ("gas used", num(receipt["gasUsed"]) if receipt else "—"),
+            ("events of ours", num(total)),
         ],
         dl_id="tx-info",
     )
+    ids = {hex0x(v) for ev in events.rows for k, v in ev["args"].items() if k in ("adapterId", "predecessor")}
+    ex.learn_names(ids)
     rows = [
-        [esc(ev["event"]), "<br>".join(f"{esc(k)}: {_arg(ex, k, v)}" for k, v in ev["args"].items())] for ev in events
+        [esc(ev["event"]), "<br>".join(f"{esc(k)}: {_arg(ex, k, v)}" for k, v in ev["args"].items())]
+        for ev in events.rows
     ]
     body = (
         card(info)
         + "<h2>Events of the loramesh contracts</h2>"
         + table(["event", "arguments"], rows, empty="no loramesh events", table_id="tx-events")
+        + pager(f"/tx/{tx_hash}", events, total=total)
     )
     return page("Transaction", body)
 

@@ -311,18 +311,31 @@ class IndexReads:
         size: int = 100,
         newest_first: bool = True,
     ) -> Page:
-        """Records matching every filter given, newest first (or in settlement order), a page of them."""
-        stmt = select(IndexedRecord)
-        for column, value in (
-            (IndexedRecord.adapter_id, adapter),
-            (IndexedRecord.node_id, node),
-            (IndexedRecord.batch_id, batch),
-            (IndexedRecord.request_id, request),
-        ):
-            if value is not None:
-                stmt = stmt.where(column == id_bytes(value))
-        stmt = stmt.order_by(col(IndexedRecord.seq).desc() if newest_first else col(IndexedRecord.seq))
-        rows = self.s.exec(stmt.offset(page * size).limit(size + 1)).all()
+        """Records matching every filter given, newest first (or in settlement order), a page of them.
+
+        A deep page costs no more than the first: without a filter, `seq` (settlement order, 1..n without gaps:
+        rows are only ever appended, or all deleted) says where the page starts; with filters, the page's
+        `seq`s are found on the filter's (id, seq) index alone, then only those rows are read."""
+        order = col(IndexedRecord.seq).desc() if newest_first else col(IndexedRecord.seq)
+        filters = [
+            column == id_bytes(value)
+            for column, value in (
+                (IndexedRecord.adapter_id, adapter),
+                (IndexedRecord.node_id, node),
+                (IndexedRecord.batch_id, batch),
+                (IndexedRecord.request_id, request),
+            )
+            if value is not None
+        ]
+        stmt = select(IndexedRecord).order_by(order).limit(size + 1)
+        if not filters:
+            total = self.s.exec(select(func.max(IndexedRecord.seq))).one() or 0
+            start = total - page * size if newest_first else page * size + 1
+            bound = col(IndexedRecord.seq) <= start if newest_first else col(IndexedRecord.seq) >= start
+            rows = self.s.exec(stmt.where(bound)).all()
+        else:
+            seqs = select(IndexedRecord.seq).where(*filters).order_by(order).offset(page * size).limit(size + 1)
+            rows = self.s.exec(stmt.where(col(IndexedRecord.seq).in_(seqs))).all()
         return _page([_record(r) for r in rows], page, size)
 
     def record_count(self, *, adapter: str | None, node: str | None, batch: str | None) -> int:

@@ -126,9 +126,9 @@ def address(ex: View, address: str, page: PageNo = 0, money_page: PageNo = 0):
     return acc.address_page(ex, to_checksum_address(address.lower()), page_no=page, money_page=money_page)
 
 
-def tx(ex: View, tx_hash: str):
+def tx(ex: View, tx_hash: str, page: PageNo = 0):
     h = _id(tx_hash, "transaction hash")
-    found = ex.transaction(h)
+    found = ex.transaction(h, page=page)
     if found is None:
         raise NotFound(f"no transaction {h} on this chain")
     return acc.tx_page(ex, h, *found)

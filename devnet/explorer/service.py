@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from devnet.explorer.layout import when
 from devnet.explorer.logs import MAX_LOGS, MAX_SPAN
 from devnet.explorer.plots import MAX_SERIES, Point
 from devnet.explorer.proof import ProofCheck, check_record_proof
-from devnet.explorer.queries import IndexReads, RecordView
+from devnet.explorer.queries import IndexReads, Page, RecordView
 from devnet.explorer.refresher import Refresher
 from devnet.explorer.settings import DEFAULT_CONFIRMATIONS, ExplorerConfig
 from devnet.explorer.signature import SignatureCheck, check_record_signature
@@ -52,6 +52,25 @@ class RecordDetail:
     row: UsageRecord | None
     proof: ProofCheck | None
     signature: SignatureCheck | None
+
+
+class _Lazy(Sequence):
+    """A list built on first use: the settled records of a batch explain a failed proof only, and building
+    them (a SettleRecord per record) is most of a verified record page's time otherwise."""
+
+    def __init__(self, load: Callable[[], list]) -> None:
+        self._load, self._items = load, None
+
+    def _all(self) -> list:
+        if self._items is None:
+            self._items = self._load()
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, i):
+        return self._all()[i]
 
 
 class Explorer:
@@ -273,10 +292,13 @@ class View:
             signature = check_record_signature(row, node.peer_id if node else None)
             batch = self.q.batch(row.batch_id) if row.batch_id else None
             batch_rows = self.store.batch_records(row.batch_id) if row.batch_id else []
-            settled = [
-                SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
-                for r in (self.q.batch_records(row.batch_id) if batch is not None else [])
-            ]
+            batch_id = row.batch_id
+            settled = _Lazy(
+                lambda: [
+                    SettleRecord(r.request_id, r.adapter_id, r.node_id, r.prompt_tokens, r.completion_tokens)
+                    for r in (self.q.batch_records(batch_id) if batch is not None else [])
+                ]
+            )
             proof = check_record_proof(self.client, row, batch_rows, batch.merkle_root if batch else None, settled)
         return RecordDetail(request_id, chain, row, proof, signature)
 
@@ -310,20 +332,27 @@ class View:
                 hits.append(("adapter", f"{a.name} {a.version}", f"/adapters/{a.adapter_id}"))
         return (hits[0][2] if len(hits) == 1 else None), hits
 
-    def transaction(self, tx_hash: str):
-        """(transaction, receipt or None while pending, our decoded events), or None when unknown."""
+    def transaction(self, tx_hash: str, *, page: int = 0, size: int = 100):
+        """(transaction, receipt or None while pending, a Page of our decoded events), or None when unknown.
+        The receipt is read raw and only the page's events are decoded: a batch's transaction holds one
+        event per record."""
         w3 = self.client.w3
         with rpc_guard(self.client.rpc_url):
             try:
                 tx = w3.eth.get_transaction(tx_hash)
             except TransactionNotFound:
                 return None
-            try:
-                receipt = w3.eth.get_transaction_receipt(tx_hash)
-            except TransactionNotFound:
-                receipt = None
-        events = [ev for ev in map(self.explorer.events.decode, receipt["logs"] if receipt else []) if ev is not None]
-        return tx, receipt, events
+            answer = w3.provider.make_request("eth_getTransactionReceipt", [tx_hash])
+        raw = answer.get("result")
+        receipt = None
+        ours: list[dict] = []
+        if raw:
+            receipt = {"status": int(raw["status"], 16), "gasUsed": int(raw["gasUsed"], 16)}
+            addresses = {self.client.registry.address.lower(), self.client.ledger.address.lower()}
+            ours = [lg for lg in raw.get("logs") or [] if lg["address"].lower() in addresses]
+        shown = ours[page * size : (page + 1) * size]
+        events = [ev for ev in map(self.explorer.events.decode_raw, shown) if ev is not None]
+        return tx, receipt, Page(events, page, size, len(ours) > (page + 1) * size), len(ours)
 
     def _is_tx(self, tx_hash: str) -> bool:
         """Whether the chain knows `tx_hash` (an id: search checks its form first)."""

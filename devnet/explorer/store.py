@@ -7,11 +7,14 @@ from pathlib import Path
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from ledger.db import make_engine, redact_url
 from ledger.models import RecordStatus, SettlementBatch, UsageRecord
 from ledger.outbox import batch_records, count_by_status
+
+# every status but settled (RecordStatus's values), so that listing them reads the few unsettled rows only
+UNSETTLED = tuple(v for k, v in vars(RecordStatus).items() if k.isupper() and v != RecordStatus.SETTLED)
 
 
 class ExplorerDatabaseError(RuntimeError):
@@ -84,7 +87,7 @@ class LedgerStore:
         with Session(self.engine) as s:
             stmt = (
                 select(UsageRecord)
-                .where(UsageRecord.status != RecordStatus.SETTLED)
+                .where(col(UsageRecord.status).in_(UNSETTLED))  # IN, not !=: answered from the status index
                 .order_by(UsageRecord.id.desc())
                 .limit(limit)
             )
