@@ -116,6 +116,7 @@ class ChainIndex:
         level = logging.INFO if why == "no index yet" else logging.WARNING
         log.log(level, "explorer index: %s; building it from block %d", why, self.client.deployment.deploy_block)
         fresh = self._fresh_cursor()
+        fresh.head = self.head  # the chain's head now: an empty index is not "synced" with it
         with Session(self.db.writer) as s, s.begin():
             self.db.clear(s.connection())
             s.add(fresh)

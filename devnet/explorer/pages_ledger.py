@@ -42,13 +42,25 @@ def eth_tick(v: float) -> str:
 
 def tokens_plot(ex: View) -> str:
     """SVG: cumulative tokens served per adapter by settlement block."""
-    return step_chart(ex.tokens_series(), title="Tokens served per adapter", y_label="tokens", chart_id="plot-tokens")
+    return ex.cached(
+        "tokens",
+        lambda: step_chart(
+            ex.tokens_series(), title="Tokens served per adapter", y_label="tokens", chart_id="plot-tokens"
+        ),
+    )
 
 
 def rewards_plot(ex: View) -> str:
     """SVG: cumulative rewards per contributor (adapter owners, dataset payees) by settlement block."""
-    return step_chart(
-        ex.rewards_series(), title="Rewards per contributor", y_label="ETH", chart_id="plot-rewards", y_format=eth_tick
+    return ex.cached(
+        "rewards",
+        lambda: step_chart(
+            ex.rewards_series(),
+            title="Rewards per contributor",
+            y_label="ETH",
+            chart_id="plot-rewards",
+            y_format=eth_tick,
+        ),
     )
 
 

@@ -160,7 +160,7 @@ def health(ex: View) -> dict:
         "ok": True,
         "head": head,
         "indexed_block": indexed,
-        "synced": cursor is not None and indexed >= head - ex.confirmations,
+        "synced": cursor is not None and head > 0 and indexed >= head - ex.confirmations,
         "records": ex.q.usage("all").records,
         "index_error": ex.refresh_error,
     }

@@ -95,6 +95,8 @@ class Explorer:
         self.index = ChainIndex(client, self.db, confirmations=confirmations, max_logs=max_logs, max_span=max_span)
         self.refresher = Refresher(self.index, refresh_interval)
         self.events = Web3Events([client.registry, client.ledger])
+        # what depends on the index alone (the plots), by the index's position: one entry per name
+        self.by_position: dict[str, tuple[tuple, str]] = {}
 
     @classmethod
     def open(cls, config: ExplorerConfig) -> Explorer:
@@ -145,6 +147,18 @@ class View:
         self._names: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ the index's position
+
+    def cached(self, name: str, render: Callable[[], str]) -> str:
+        """`render()`, or what it gave at the same position of the index (the plots: the index only grows, so
+        its position says whether they changed)."""
+        c = self.q.cursor()
+        position = (c.block, c.block_hash, c.records, c.batches) if c else None
+        hit = self.explorer.by_position.get(name)
+        if hit is not None and hit[0] == position:
+            return hit[1]
+        out = render()
+        self.explorer.by_position[name] = (position, out)
+        return out
 
     @property
     def indexed_block(self) -> int:
