@@ -345,7 +345,8 @@ class LLMEngine:
             mask = self._grammars.new_bitmask(len(guided))
             for j, i in enumerate(guided):
                 seqs[i].matcher.fill(mask, j)
-            apply_bitmask(logits, mask, torch.tensor(guided, dtype=torch.int64))
+            rows = None if len(guided) == len(seqs) else torch.tensor(guided, dtype=torch.int64)  # all: no gather
+            apply_bitmask(logits, mask, rows)
         # the token histories only when a penalty needs them (process_logits reads them per row that asks)
         hist = {}
         if any(p.processed for p in params):

@@ -19,13 +19,6 @@ def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
     return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.int64)
 
 
-def _counts(ids: torch.Tensor, v: int) -> torch.Tensor:
-    """[N, L] token ids (padding = v) -> float32 [N, V] occurrences of each token."""
-    counts = torch.zeros(ids.shape[0], v + 1, dtype=torch.float32, device=ids.device)
-    counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device))
-    return counts[:, :v]
-
-
 def process_logits(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -74,22 +67,23 @@ def process_logits(
 
     pen = [i for i in rows if params[i].penalized]
     if pen:
-        f = to_device(
-            torch.tensor(
-                [[params[i].repetition_penalty for i in pen], [params[i].frequency_penalty for i in pen]]
-                + [[params[i].presence_penalty for i in pen]],
-                dtype=torch.float32,
-            ),
-            dev,
+        # O(tokens seen), not O(vocab): gather the seen tokens' logits, change them, scatter them back. A row's
+        # lists are padded with id V, a scratch column past the vocabulary (duplicates write equal values)
+        f = torch.tensor(
+            [[params[i].repetition_penalty, params[i].frequency_penalty, params[i].presence_penalty] for i in pen],
+            dtype=torch.float32,
         )
-        rep, freq, pres = f[0][:, None], f[1][:, None], f[2][:, None]  # [N, 1] each
+        f = to_device(f, dev)
+        rep, freq, pres = f[:, 0:1], f[:, 1:2], f[:, 2:3]  # [N, 1] each
         pen_t = to_device(torch.tensor(pen, dtype=torch.int64), dev)
-        lg = logits[pen_t]  # [N, V]
-        counts = _counts(to_device(_padded([outputs[i] for i in pen], v), dev), v)  # [N, V]
+        lg = torch.empty(len(pen), v + 1, dtype=logits.dtype, device=dev)  # [N, V + 1]
+        lg[:, :v] = logits[pen_t]
+        out = to_device(_padded([outputs[i] for i in pen], v), dev)  # [N, Lo]
         if any(params[i].repetition_penalty != 1 for i in pen):
-            seen = (_counts(to_device(_padded([prompts[i] for i in pen], v), dev), v) + counts) > 0
-            r = torch.where(seen, rep, torch.ones_like(rep))
-            lg = torch.where(lg > 0, lg / r, lg * r)
-        lg = lg - freq * counts - pres * (counts > 0).float()
-        logits[pen_t] = lg
+            seen = to_device(_padded([prompts[i] + outputs[i] for i in pen], v), dev)  # [N, Lp + Lo]
+            x = lg.gather(1, seen)
+            lg.scatter_(1, seen, torch.where(x > 0, x / rep, x * rep))
+        lg.scatter_add_(1, out, (-freq).expand(out.shape).contiguous())  # -frequency per occurrence
+        lg.scatter_(1, out, lg.gather(1, out) - pres)  # -presence once per distinct token
+        logits[pen_t] = lg[:, :v]
     return logits

@@ -46,17 +46,35 @@ def sample(
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled_rows:
         return greedy
-    rows = torch.tensor(sampled_rows, device=logits.device)
-    col = lambda name: torch.tensor(  # noqa: E731
-        [getattr(params[i], name) for i in sampled_rows], dtype=torch.float32, device=logits.device
-    )
-    probs, order = _truncated_probs(logits[rows], col("temperature"), col("top_k").long(), col("top_p"), col("min_p"))
-    probs = probs / probs.sum(dim=-1, keepdim=True)
+    v = logits.shape[-1]
     out = list(greedy)
-    for j, i in enumerate(sampled_rows):
-        pick = torch.multinomial(probs[j], 1, generator=generators[i]).item()
-        out[i] = int(order[j, pick])
+    # rows that truncate their distribution sort it; the others draw from it in vocabulary order (a sort of the
+    # whole vocabulary is most of a CPU step's sampling time); either way a row's draw depends on it alone
+    cut = [i for i in sampled_rows if _truncates(params[i], v)]
+    whole = [i for i in sampled_rows if not _truncates(params[i], v)]
+    if whole:
+        temps = torch.tensor([params[i].temperature for i in whole], dtype=torch.float32, device=logits.device)
+        probs = (logits[torch.tensor(whole, device=logits.device)] / temps[:, None]).softmax(dim=-1)
+        for j, i in enumerate(whole):
+            out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]).item())
+    if cut:
+        rows = torch.tensor(cut, device=logits.device)
+        col = lambda name: torch.tensor(  # noqa: E731
+            [getattr(params[i], name) for i in cut], dtype=torch.float32, device=logits.device
+        )
+        probs, order = _truncated_probs(
+            logits[rows], col("temperature"), col("top_k").long(), col("top_p"), col("min_p")
+        )
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        for j, i in enumerate(cut):
+            pick = torch.multinomial(probs[j], 1, generator=generators[i]).item()
+            out[i] = int(order[j, pick])
     return out
+
+
+def _truncates(p: SamplingParams, vocab: int) -> bool:
+    """Whether a row's draw is restricted (top_k, top_p, min_p) and so needs its distribution sorted."""
+    return 0 < p.top_k < vocab or p.top_p < 1 or p.min_p > 0
 
 
 def _truncated_probs(
@@ -121,26 +139,40 @@ def sample_batched(
     seeds: torch.Tensor,
     steps: torch.Tensor,
     min_p: torch.Tensor | None = None,
+    sort_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [B, V] -> token ids [B] int64, on logits' device, with no host sync.
 
     Semantics: row i is argmax(logits_i) when temperature_i == 0; otherwise the inverse-CDF draw at
     u_i = uniform_from(seed_i, step_i) from softmax(logits_i / temperature_i) restricted to its
     top_k_i tokens (0 = all), then to the smallest set whose probability reaches top_p_i, then to the tokens
-    whose probability is at least min_p_i times the largest (None = 0 for every row).
-    temperature/top_p/min_p float [B], top_k/seeds/steps int64 [B]."""
+    whose probability is at least min_p_i times the largest (None = 0 for every row). The draw walks the
+    distribution in descending order for the rows in `sort_rows` (None: all), in vocabulary order for the others
+    (which must not truncate: sorting is most of the cost, and a row's draw depends only on its own parameters).
+    temperature/top_p/min_p float [B], top_k/seeds/steps int64 [B], sort_rows int64 [S]."""
     lg = logits.float()
     greedy = lg.argmax(dim=-1)
-    v = lg.shape[-1]
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
     if min_p is None:
         min_p = torch.zeros_like(t)
-    probs, order = _truncated_probs(lg, t, top_k, top_p, min_p)
-    cdf = probs.double().cumsum(dim=-1)  # [B, V]
-    target = uniform_from(seeds, steps) * cdf[:, -1]
-    pick = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=v - 1)  # first cdf > target
-    drawn = order.gather(1, pick).squeeze(1)
+    u = uniform_from(seeds, steps)
+    if sort_rows is None:
+        probs, order = _truncated_probs(lg, t, top_k, top_p, min_p)
+        drawn = order.gather(1, _inverse_cdf(probs, u)).squeeze(1)
+    else:
+        drawn = _inverse_cdf((lg / t[:, None]).softmax(dim=-1), u).squeeze(1)  # vocabulary order
+        if sort_rows.numel():
+            r = sort_rows
+            probs, order = _truncated_probs(lg[r], t[r], top_k[r], top_p[r], min_p[r])
+            drawn = drawn.index_copy(0, r, order.gather(1, _inverse_cdf(probs, u[r])).squeeze(1))
     return torch.where(temperature > 0, drawn, greedy)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[N, V] weights, [N] uniforms in [0, 1) -> [N, 1] the column where each row's CDF first exceeds u * total."""
+    cdf = probs.double().cumsum(dim=-1)  # [N, V]
+    target = u * cdf[:, -1]
+    return torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
 
 
 def sample_on_device(
@@ -182,4 +214,6 @@ def draw_on_device(
     i = torch.tensor(
         [[p.top_k for p in params], [_as_int64(s) for s in seeds], steps], dtype=torch.int64, pin_memory=pin
     ).to(dev, non_blocking=True)
-    return sample_batched(logits, f[0], i[0], f[1], i[1], i[2], f[2])
+    v = logits.shape[-1]
+    sort_rows = torch.tensor([k for k, p in enumerate(params) if _truncates(p, v)], dtype=torch.int64, pin_memory=pin)
+    return sample_batched(logits, f[0], i[0], f[1], i[1], i[2], f[2], sort_rows.to(dev, non_blocking=True))

@@ -220,3 +220,25 @@ def test_stop_token_ids_end_a_sequence_with_stop_and_min_tokens_hold_it_back(lla
             engine.add_request(greedy("bad", None, ids, 4, logit_bias={10**6: 1.0}))
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("sampler", ["per-row", "batched"])
+def test_untruncated_rows_draw_unsorted_with_the_right_frequencies_whatever_their_neighbours(sampler):
+    probs = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.05])
+    n = 6000
+    logits = torch.log(probs).expand(n, -1).contiguous()
+    plain = SamplingParams(temperature=1.0)
+    cut = SamplingParams(temperature=1.0, top_k=2)
+    mixed = [plain if i % 2 else cut for i in range(n)]
+
+    def draw(params):
+        if sampler == "per-row":
+            return sample(logits, params, [torch.Generator().manual_seed(i) for i in range(n)])
+        return sample_on_device(logits, params, list(range(n)), [0] * n)
+
+    got = draw([plain] * n)
+    freq = torch.bincount(torch.tensor(got), minlength=5).double() / n
+    assert (freq - probs.double()).abs().max() < 0.02, freq
+    both = draw(mixed)
+    assert both[1::2] == got[1::2]  # a plain row draws the same beside rows that sort
+    assert set(both[0::2]) == {1, 3}
