@@ -2,11 +2,12 @@
 
 Every ledger event the index stores per batch or per record (RecordSettled, RewardAccrued, BatchSettled) and
 the money and settler events have only static fields: 32-byte words at fixed offsets of `data`, indexed
-fields in `topics`. Slicing the hex and `int(word, 16)` / `bytes.fromhex` reads one RecordSettled in ~2 us;
-web3's `process_log` after its log formatter takes ~100x that, and eth_abi's decode of the same words
-(one call per log, or one call over a whole chunk as an array of tuples) 5-10x (bench/explorer.py prints
-both on this machine). Registry events carry strings, arrays and structs, are few, and go through web3's own
-decoding (`Web3Events`), as the gateway's registry mirror reads them (ledger.registry_events).
+fields in `topics`. Slicing the hex, with `int(word, 16)` and `bytes.fromhex`, reads one RecordSettled in
+1.7 us on this machine (bench/explorer.py, 2 shared cores, 2026-12-03); eth_abi's decode of the same words
+takes 11 us called per log and 20 us called once per chunk on an array of tuples (its array decoding is
+slower, not faster), web3's process_log after formatting the log 220 us. Registry events carry strings,
+arrays and structs, are few, and go through web3's own decoding (`Web3Events`), as the gateway's registry
+mirror reads them (ledger.registry_events).
 
 A log that does not have the shape of its event (wrong number of topics, data of the wrong length) raises
 IndexDecodeError: the explorer reads only the two deployed contracts' addresses, so that means the
