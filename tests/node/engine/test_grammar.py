@@ -1,0 +1,382 @@
+"""Guided decoding (node/engine/grammar.py) with the tiny base's byte-level tokenizer: random logits driven through
+fill -> apply_bitmask -> pick -> accept always give text that parses and validates; the wire value is checked;
+the cache, the mask's rows and its bounds (padding ids, EOS) hold exactly."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import jsonschema
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from node.engine import grammar
+from node.engine.grammar import (
+    MAX_SCHEMA_BYTES,
+    WHITESPACE_MAX,
+    GrammarError,
+    Grammars,
+    GuidedSpec,
+    apply_bitmask,
+    schema_json,
+)
+from node.engine.request import RequestError
+
+WIDTH = 352  # the model's logits width: past the tokenizer's 320 tokens, as padded embeddings are
+EOS = 2
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "tags"],
+    "additionalProperties": False,
+}
+NESTED = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "owner": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 8},
+                "score": {"type": "number", "minimum": -10, "maximum": 10},
+                "active": {"type": "boolean"},
+                "note": {"type": ["string", "null"], "maxLength": 4},
+            },
+            "required": ["name", "active"],
+            "additionalProperties": False,
+        },
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string", "pattern": "^[a-z]{2}-[0-9]{2,3}$"},
+                    "qty": {"type": "integer"},
+                },
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+            "minItems": 1,
+            "maxItems": 2,
+        },
+    },
+    "required": ["id", "owner", "items"],
+    "additionalProperties": False,
+}
+# the shape gateway/tools.py asks for with tool_choice "required": one of the tools' calls
+TOOL_CALL = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": "get_weather"},
+                "arguments": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+                    "required": ["city", "unit"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": "now"},
+                "arguments": {"type": "object", "properties": {}, "additionalProperties": False},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        },
+    ]
+}
+SCHEMAS = {"person": PERSON, "nested": NESTED, "tool_call": TOOL_CALL}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_base):
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def grammars(tok):
+    return Grammars(tok, WIDTH)
+
+
+def spec(schema: dict | None) -> GuidedSpec:
+    return GuidedSpec.from_wire(
+        {"type": "json_object"} if schema is None else {"type": "json_schema", "schema": schema}
+    )
+
+
+def allowed(mask_row: torch.Tensor) -> torch.Tensor:
+    """bool [WIDTH]: bit t of the row, read the plain way (not apply_bitmask's)."""
+    words = mask_row.tolist()
+    return torch.tensor([(words[t // 32] >> (t % 32)) & 1 == 1 for t in range(WIDTH)])
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the rest for chr(256 + k)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(rest)}
+
+
+BYTE_OF_CHAR = _byte_of_char()
+
+
+def text_of(tok, ids: list[int]) -> str:
+    """The exact bytes of a byte-level BPE's tokens, decoded strictly (invalid UTF-8 raises)."""
+    return b"".join(bytes(BYTE_OF_CHAR[c] for c in tok.convert_ids_to_tokens(i)) for i in ids).decode("utf-8")
+
+
+def generate(tok, grammars, guided: GuidedSpec, seed: int, *, sample: bool, bias=None, cap: int = 600) -> list[int]:
+    """Random logits through the grammar until it is complete; every step's mask checked against the matcher."""
+    m = grammars.matcher(guided)
+    gen = torch.Generator().manual_seed(seed)
+    mask = grammars.new_bitmask(1)
+    ids = []
+    while not m.terminated:
+        assert len(ids) < cap, f"no end after {cap} tokens: {text_of(tok, ids)!r}"
+        m.fill(mask, 0)
+        ok = allowed(mask[0])
+        assert not ok[len(tok) :].any(), "an id past the tokenizer's vocabulary was allowed"
+        assert ok[EOS].item() is False, "EOS allowed before the object is complete"
+        logits = torch.randn(1, WIDTH, generator=gen) * 3
+        if bias is not None:
+            logits += bias
+        apply_bitmask(logits, mask)
+        t = int(torch.multinomial(logits.softmax(-1), 1, generator=gen)) if sample else int(logits.argmax())
+        assert ok[t]
+        assert m.accept(t)
+        ids.append(t)
+    m.fill(mask, 0)  # complete: EOS and nothing else
+    assert allowed(mask[0]).nonzero().flatten().tolist() == [EOS]
+    return ids
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_random_logits_always_give_valid_json(tok, grammars, name):
+    schema = SCHEMAS[name]
+    validator = jsonschema.Draft202012Validator(schema)
+    texts = set()
+    for seed in range(12):
+        text = text_of(tok, generate(tok, grammars, spec(schema), seed, sample=seed % 2 == 1))
+        validator.validate(json.loads(text))
+        texts.add(text)
+    assert len(texts) >= 10  # the draws differ: the grammar constrains, it does not dictate
+
+
+def test_json_object_gives_an_object(tok, grammars):
+    # any JSON allows unbounded strings, which random logits over ~300 string tokens rarely close: favour the
+    # closing characters so documents end within the cap (the grammar, not the bias, makes them valid)
+    bias = torch.zeros(WIDTH)
+    bias[tok.convert_tokens_to_ids(['"', "}", "]", "0", "1"])] = 4.0
+    for seed in range(10):
+        value = json.loads(text_of(tok, generate(tok, grammars, spec(None), seed, sample=True, bias=bias)))
+        assert isinstance(value, dict)
+
+
+def test_a_matcher_is_done_at_the_closing_brace_and_refuses_what_the_grammar_does_not_allow(tok, grammars):
+    m = grammars.matcher(spec(PERSON))
+    ids = tok.encode('{"name": "Ann", "age": 7, "role": "user", "tags": []}', add_special_tokens=False)
+    for t in ids[:-1]:
+        assert m.accept(t) and not m.terminated and not m.accepting
+    assert m.accept(ids[-1]) and m.terminated and m.accepting
+
+    m = grammars.matcher(spec(PERSON))
+    assert m.accept(tok.convert_tokens_to_ids("{"))
+    assert not m.accept(WIDTH) and not m.accept(-1)  # outside the logits: refused without touching the matcher
+    assert not m.accept(tok.convert_tokens_to_ids("}"))  # "name" is required
+    assert m.terminated  # a matcher that refused a token stops: EOS only
+    mask = grammars.new_bitmask(1)
+    m.fill(mask, 0)
+    assert allowed(mask[0]).nonzero().flatten().tolist() == [EOS]
+
+
+def test_properties_come_in_the_order_the_schema_lists_them(tok, grammars):
+    # keys are not sorted on the way in: the order is the client's ("reasoning" before "answer")
+    for order in (["b", "a"], ["a", "b"]):
+        schema = {
+            "type": "object",
+            "properties": {k: {"enum": [1]} for k in order},
+            "required": order,
+            "additionalProperties": False,
+        }
+        text = text_of(tok, generate(tok, grammars, spec(schema), 0, sample=True))
+        assert list(json.loads(text)) == order
+
+
+def test_whitespace_between_tokens_is_bounded(tok, grammars):
+    space = tok.convert_tokens_to_ids("Ġ")
+    m = grammars.matcher(spec(None))
+    assert m.accept(tok.convert_tokens_to_ids("{"))
+    for _ in range(WHITESPACE_MAX):
+        assert m.accept(space)
+    assert not m.accept(space)
+    m = grammars.matcher(spec(None))
+    assert not m.accept(space)  # nothing before the value, so EOS comes exactly at the end of an object
+
+
+def test_from_wire_accepts_the_two_shapes():
+    assert GuidedSpec.from_wire(None) is None
+    assert GuidedSpec.from_wire({"type": "json_object"}) == GuidedSpec("json_object")
+    got = GuidedSpec.from_wire({"type": "json_schema", "schema": {"type": "object", "required": ["b", "é"]}})
+    assert got == GuidedSpec("json_schema", '{"type":"object","required":["b","é"]}')
+    pad = MAX_SCHEMA_BYTES - len(schema_json({"description": ""}))
+    assert GuidedSpec.from_wire({"type": "json_schema", "schema": {"description": "x" * pad}}) is not None
+
+
+@pytest.mark.parametrize(
+    "wire, words",
+    [
+        ("json_object", "must be an object"),
+        ([{"type": "json_object"}], "must be an object"),
+        ({}, "guided.type"),
+        ({"type": "regex", "schema": {}}, "guided.type"),
+        ({"type": "json_object", "schema": {}}, "unknown field"),
+        ({"type": "json_schema", "schema": {}, "strict": True}, "unknown field"),
+        ({"type": "json_schema"}, "guided.schema must be a JSON object"),
+        ({"type": "json_schema", "schema": None}, "guided.schema must be a JSON object"),
+        ({"type": "json_schema", "schema": [{"type": "object"}]}, "guided.schema must be a JSON object"),
+        ({"type": "json_schema", "schema": True}, "guided.schema must be a JSON object"),
+        ({"type": "json_schema", "schema": {"maximum": float("nan")}}, "not JSON"),
+        ({"type": "json_schema", "schema": {"description": "x" * MAX_SCHEMA_BYTES}}, f"at most {MAX_SCHEMA_BYTES}"),
+    ],
+)
+def test_from_wire_refuses_bad_shapes(wire, words):
+    with pytest.raises(GrammarError, match=words) as e:
+        GuidedSpec.from_wire(wire)
+    assert isinstance(e.value, RequestError) and "\n" not in str(e.value)
+
+
+def test_a_spec_is_checked_when_made():
+    for bad in (("json_schema", None), ("json_object", "{}"), ("regex", None), ("json_schema", " " * 70000)):
+        with pytest.raises(GrammarError):
+            GuidedSpec(*bad)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "nonsense"},
+        {"type": "string", "pattern": "(unclosed"},
+        {"$ref": "#/definitions/missing"},
+        {"not": {"type": "string"}},  # a keyword llguidance cannot enforce: refused, not ignored
+        json.loads('{"type":"object","properties":{"a":' * 300 + "{}" + "}}" * 300),
+        {"type": "integer", "minimum": 5, "maximum": 1},
+    ],
+    ids=["type", "regex", "ref", "not", "deep", "empty-range"],
+)
+def test_a_schema_the_library_refuses_is_a_one_line_grammar_error(grammars, schema):
+    with pytest.raises(GrammarError) as e:
+        grammars.matcher(spec(schema))
+    msg = str(e.value)
+    assert msg.startswith("guided.schema") and "\n" not in msg and len(msg) < 300
+
+
+def test_the_cache_returns_one_compiled_grammar_per_spec_and_forgets_the_oldest(tok):
+    g = Grammars(tok, WIDTH, cache_size=2)
+    a = spec({"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]})
+    a_again = spec({"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]})
+    b, c = spec(None), spec({"type": "array"})
+    assert a == a_again and hash(a) == hash(a_again) and a is not a_again
+    first = g.compiled(a)
+    assert g.compiled(a_again) is first
+    g.compiled(b)
+    assert g.compiled(a) is first  # a hit: now the newest
+    g.compiled(c)  # evicts b, the least recently used
+    assert g.compiled(a) is first
+    assert list(g._cache) == [c, a]
+    # matchers from one compiled grammar are independent
+    m1, m2 = g.matcher(a), g.matcher(a)
+    assert m1.accept(tok.convert_tokens_to_ids("{"))
+    assert not m2.accept(tok.convert_tokens_to_ids('"'))
+
+
+def test_matchers_are_made_on_one_thread_and_used_on_another(tok, grammars):
+    made = [grammars.matcher(spec(PERSON)) for _ in range(4)]
+    errors = []
+
+    def engine_thread():
+        try:
+            mask = grammars.new_bitmask(len(made))
+            for i, m in enumerate(made):
+                m.fill(mask, i)
+                assert m.accept(tok.convert_tokens_to_ids("{"))
+        except Exception as e:  # noqa: BLE001  (re-raised on the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=engine_thread)] + [
+        threading.Thread(target=lambda: [grammars.matcher(spec(NESTED)) for _ in range(20)]) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_fill_checks_the_bitmask_it_writes_through(grammars):
+    m = grammars.matcher(spec(None))
+    with pytest.raises(ValueError):
+        m.fill(torch.zeros(2, (WIDTH + 31) // 32, dtype=torch.int64), 0)
+    with pytest.raises(ValueError):
+        m.fill(grammars.new_bitmask(2), 2)
+    with pytest.raises(ValueError):
+        m.fill(torch.zeros(1, 4, dtype=torch.int32), 0)
+    mask = grammars.new_bitmask(3)
+    m.fill(mask, 1)
+    assert (mask[0] == -1).all() and (mask[2] == -1).all() and not (mask[1] == -1).all()
+
+
+def test_apply_bitmask_touches_only_the_named_rows():
+    gen = torch.Generator().manual_seed(0)
+    words = (WIDTH + 31) // 32
+    mask = torch.randint(-(2**31), 2**31, (2, words), dtype=torch.int32, generator=gen)
+    logits = torch.randn(5, WIDTH, generator=gen)
+    before = logits.clone()
+    apply_bitmask(logits, mask, torch.tensor([3, 1]))
+    for row in (0, 2, 4):
+        assert torch.equal(logits[row], before[row])
+    for j, row in enumerate((3, 1)):
+        ok = allowed(mask[j])
+        assert torch.equal(logits[row][ok], before[row][ok])
+        assert torch.isneginf(logits[row][~ok]).all()
+
+    whole = before[[3, 1]].clone()
+    apply_bitmask(whole, mask)
+    assert torch.equal(whole, logits[[3, 1]])
+
+    wide = torch.zeros(1, 32 * words + 7)  # logits wider than the mask: the extra ids are disallowed
+    apply_bitmask(wide, torch.full((1, words), -1, dtype=torch.int32))
+    assert (wide[0, : 32 * words] == 0).all() and torch.isneginf(wide[0, 32 * words :]).all()
+    with pytest.raises(ValueError):
+        apply_bitmask(logits, mask, torch.tensor([0, 1, 2]))
+    # the unpacking a GPU runs (on its own device) reads the bits as the host's does
+    assert torch.equal(grammar._unpack_device(mask, torch.device("cpu")), grammar._unpack_host(mask))
+
+
+def test_grammars_refuse_a_logits_width_below_the_tokenizer(tok):
+    with pytest.raises(ValueError, match="vocab_size"):
+        Grammars(tok, len(tok) - 1)
+
+
+def test_every_end_of_sequence_id_ends_a_complete_text(tok):
+    # a model with several EOS ids (Llama 3's <|eot_id|> and <|end_of_text|>): each may close the text
+    g = Grammars(tok, WIDTH, eos_ids=[EOS, 1])
+    m = g.matcher(spec({"enum": [{"a": 1}]}))
+    for t in tok.encode('{"a":1}', add_special_tokens=False):
+        assert m.accept(t)
+    mask = g.new_bitmask(1)
+    m.fill(mask, 0)
+    assert m.terminated and allowed(mask[0]).nonzero().flatten().tolist() == [1, EOS]
