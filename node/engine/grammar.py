@@ -213,42 +213,38 @@ class Grammars:
         return torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
-def _unpack_host(bitmask: torch.Tensor) -> torch.Tensor:
-    """bool [R, 32 W]: True where bit t of the row is clear. numpy's unpackbits is one C pass (the int32 words read
-    as bytes, low byte first: little-endian hosts); torch's shift-and-compare took 5-100x longer on 2 cores."""
-    bits = np.unpackbits(np.invert(bitmask.numpy()).view(np.uint8), axis=1, bitorder="little")
-    return torch.from_numpy(bits).view(torch.bool)  # zero-copy
+def _allowed_host(bitmask: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, 32 W]: 1 where bit t of the row is set. numpy's unpackbits is one C pass (the int32 words read as
+    bytes, low byte first: little-endian hosts); torch's shift-and-compare takes ~10x longer on CPU."""
+    return torch.from_numpy(np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little"))
 
 
-def _unpack_device(bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The same on `device`: the [R, W] words travel, not [R, V] flags."""
+def _allowed_device(bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The same (int32) on `device`: the [R, W] words travel, not [R, V] flags."""
     words = bitmask.to(device, non_blocking=True)
     shifts = torch.arange(32, dtype=torch.int32, device=device)
-    return ((words.unsqueeze(-1) >> shifts) & 1).eq(0).flatten(1)
+    return ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
     """Disallowed tokens' logits -> -inf, in place.
 
     logits [B, V] (any device, float); bitmask [R, W] int32 on the CPU (bit t % 32 of word t // 32 set: token t
-    allowed); rows [R] int64: the logits row each bitmask row belongs to (None: R == B, in order). Tokens at or
-    past 32 * W are disallowed. Rows not named are untouched."""
+    allowed); rows [R] int64, distinct: the logits row each bitmask row belongs to (None: R == B, in order). Tokens
+    at or past 32 * W are disallowed. Rows not named are untouched."""
     if logits.dim() != 2 or bitmask.dim() != 2 or bitmask.dtype != torch.int32 or bitmask.device.type != "cpu":
         raise ValueError(f"logits [B, V] and an int32 CPU bitmask [R, W], got {tuple(logits.shape)} {bitmask.dtype}")
     n = rows.numel() if rows is not None else logits.shape[0]
     if bitmask.shape[0] != n:
         raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {n} logits rows")
-    bitmask, vocab = bitmask.contiguous(), logits.shape[1]
-    cpu = logits.device.type == "cpu"
-    blocked = _unpack_host(bitmask) if cpu else _unpack_device(bitmask, logits.device)  # [R, 32 W]
-    if blocked.shape[1] < vocab:
-        blocked = torch.nn.functional.pad(blocked, (0, vocab - blocked.shape[1]), value=True)
-    blocked = blocked[:, :vocab]  # [R, V]
+    bitmask, vocab, device = bitmask.contiguous(), logits.shape[1], logits.device
+    allowed = _allowed_host(bitmask) if device.type == "cpu" else _allowed_device(bitmask, device)  # [R, 32 W]
+    # added, not masked_fill_'ed: 1 - 1/1 = 0 and 1 - 1/0 = -inf (IEEE), four cheap passes where a boolean
+    # masked_fill_ takes ~9x longer on CPU (16 x 32,000: 0.1 ms against 0.9 ms)
+    penalty = allowed[:, :vocab].to(logits.dtype).reciprocal_().neg_().add_(1)  # [R, <= V]
+    if penalty.shape[1] < vocab:
+        penalty = torch.nn.functional.pad(penalty, (0, vocab - penalty.shape[1]), value=float("-inf"))
     if rows is None:
-        logits.masked_fill_(blocked, float("-inf"))
-    elif cpu:  # row views filled in place: no gather, no scatter
-        for j, r in enumerate(rows.tolist()):
-            logits[r].masked_fill_(blocked[j], float("-inf"))
+        logits.add_(penalty)
     else:
-        rows = rows.to(logits.device, non_blocking=True)
-        logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(blocked, float("-inf")))
+        logits.index_add_(0, rows.to(device, non_blocking=True), penalty)

@@ -357,13 +357,19 @@ def test_apply_bitmask_touches_only_the_named_rows():
     apply_bitmask(whole, mask)
     assert torch.equal(whole, logits[[3, 1]])
 
+    low = torch.full((2, WIDTH), float("-inf"), dtype=torch.bfloat16)  # masks already applied stay, never NaN
+    low[:, 0] = 1.5
+    apply_bitmask(low, torch.full((2, words), -1, dtype=torch.int32))
+    assert low.dtype == torch.bfloat16 and low[:, 0].eq(1.5).all() and torch.isneginf(low[:, 1:]).all()
+
     wide = torch.zeros(1, 32 * words + 7)  # logits wider than the mask: the extra ids are disallowed
     apply_bitmask(wide, torch.full((1, words), -1, dtype=torch.int32))
     assert (wide[0, : 32 * words] == 0).all() and torch.isneginf(wide[0, 32 * words :]).all()
     with pytest.raises(ValueError):
         apply_bitmask(logits, mask, torch.tensor([0, 1, 2]))
     # the unpacking a GPU runs (on its own device) reads the bits as the host's does
-    assert torch.equal(grammar._unpack_device(mask, torch.device("cpu")), grammar._unpack_host(mask))
+    host, device = grammar._allowed_host(mask), grammar._allowed_device(mask, torch.device("cpu"))
+    assert torch.equal(host.bool(), device.bool())
 
 
 def test_grammars_refuse_a_logits_width_below_the_tokenizer(tok):
