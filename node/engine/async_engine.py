@@ -212,6 +212,10 @@ class AsyncEngine:
                 fn, fut = self._commands.get_nowait()
             except queue.Empty:
                 return
+            # a caller that gave up (its task cancelled) cancelled the future: setting its result would raise
+            # InvalidStateError here and end the engine's loop for every request
+            if not fut.set_running_or_notify_cancel():
+                continue
             try:
                 fut.set_result(fn())
             except Exception as e:

@@ -82,3 +82,29 @@ def test_bad_requests_are_refused_at_submit(engine):
         await engine.abort("s5")
 
     asyncio.run(go())
+
+
+def test_a_caller_that_gives_up_does_not_stop_the_engine_loop(engine, llama_world):
+    """A command whose awaiting task is cancelled (a client that hung up on /v1/adapters/{id}/load) cancels
+    its future; the loop skips it instead of failing on the result it can no longer set."""
+    import threading
+
+    release = threading.Event()
+    engine.call(release.wait)  # hold the loop between steps
+
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(engine.call(lambda: 42)), 0.05)
+
+    asyncio.run(give_up())
+    release.set()
+
+    async def still_serves():
+        stream = engine.submit(greedy("after-cancel", None, [1, 5, 6, 7], 3))
+
+        async def drain():
+            return [ev async for ev in stream]
+
+        return await asyncio.wait_for(drain(), 30)  # a dead loop never answers
+
+    assert isinstance(asyncio.run(still_serves())[-1], FinishEvent)
