@@ -26,6 +26,23 @@ DRAIN_TIMEOUT_S = 0.5  # how long a finished stream's end may take to arrive bef
 # the largest answers taken from a node: one SSE event (a token, or the done event with its receipt), an error
 # body, an abort's or a stored receipt
 MAX_EVENT_BYTES = 64 << 10
+# A prompt_logprobs event holds one entry per prompt token: token id, log-probability and `k` top pairs; this
+# bounds an entry's JSON (ids < 2^32, floats written in full), so the event's bound follows the request.
+PROMPT_ENTRY_BYTES, TOP_PAIR_BYTES = 96, 48
+
+
+def event_limit(body: dict) -> int:
+    """The largest event a node may send for this generate body: MAX_EVENT_BYTES, or more when the body asks
+    for prompt log-probabilities (an event for the longest prompt)."""
+    k = body.get("prompt_logprobs")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        return MAX_EVENT_BYTES
+    ids = body.get("prompt_token_ids") or []
+    prompts = ids if ids and isinstance(ids[0], list) else [ids]
+    longest = max((len(p) for p in prompts), default=0)
+    return MAX_EVENT_BYTES + longest * (PROMPT_ENTRY_BYTES + TOP_PAIR_BYTES * (k + 1))
+
+
 MAX_ANSWER_BYTES = 64 << 10
 
 
@@ -72,10 +89,11 @@ def _snippet(body: bytes) -> str:
 class UpstreamStream:
     """One node's SSE generate stream; `events()` yields its JSON events."""
 
-    def __init__(self, response: httpx.Response, ctx) -> None:
+    def __init__(self, response: httpx.Response, ctx, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.response = response
         self._ctx = ctx
-        self._lines = _bounded_lines(response)
+        self.max_event_bytes = max_event_bytes
+        self._lines = _bounded_lines(response, max_event_bytes)
 
     async def events(self) -> AsyncIterator[dict]:
         data: list[str] = []
@@ -84,13 +102,13 @@ class UpstreamStream:
             if line.startswith("data:"):
                 data.append(line[5:].lstrip(" "))
                 size += len(line)
-                if size > MAX_EVENT_BYTES:  # one event without end: refused before it is buffered further
-                    raise UntrustedJSONError(f"node event is more than {MAX_EVENT_BYTES} bytes")
+                if size > self.max_event_bytes:  # one event without end: refused before it is buffered further
+                    raise UntrustedJSONError(f"node event is more than {self.max_event_bytes} bytes")
             elif line == "" and data:
                 payload, data, size = "\n".join(data), [], 0
-                yield _event(payload)
+                yield _event(payload, self.max_event_bytes)
         if data:
-            yield _event("\n".join(data))
+            yield _event("\n".join(data), self.max_event_bytes)
 
     async def aclose(self, *, drain: bool = False) -> None:
         """Close the stream. drain=True (the node sent its done event) first reads the rest, the end of
@@ -107,8 +125,8 @@ class UpstreamStream:
         await self._ctx.__aexit__(None, None, None)
 
 
-async def _bounded_lines(response: httpx.Response) -> AsyncIterator[str]:
-    """The stream's lines; a line longer than MAX_EVENT_BYTES is refused before it is buffered further
+async def _bounded_lines(response: httpx.Response, max_bytes: int) -> AsyncIterator[str]:
+    """The stream's lines; a line longer than `max_bytes` is refused before it is buffered further
     (httpx's own line reader keeps a line without end whole in memory)."""
     pending: list[str] = []  # the pieces of the line not ended yet: only new chunks are searched for its end
     size = 0
@@ -119,15 +137,15 @@ async def _bounded_lines(response: httpx.Response) -> AsyncIterator[str]:
             pending, size = [], 0
         pending.append(rest)
         size += len(rest)
-        if size > MAX_EVENT_BYTES:
-            raise UntrustedJSONError(f"node sent a line of more than {MAX_EVENT_BYTES} bytes")
+        if size > max_bytes:
+            raise UntrustedJSONError(f"node sent a line of more than {max_bytes} bytes")
     if tail := "".join(pending):
         yield tail.removesuffix("\r")
 
 
-def _event(payload: str) -> dict:
+def _event(payload: str, max_bytes: int) -> dict:
     """One SSE event from a node: a JSON object, or ValueError (the relay treats that as a failed node)."""
-    event = parse_json(payload, max_bytes=MAX_EVENT_BYTES, what="node event")
+    event = parse_json(payload, max_bytes=max_bytes, what="node event")
     if not isinstance(event, dict):
         raise ValueError(f"node sent a {type(event).__name__} where an event object was expected")
     return event
@@ -173,7 +191,7 @@ class NodeClient:
                 maybe_running=not isinstance(e, httpx.ConnectError),
             ) from e
         if r.status_code == 200:
-            return UpstreamStream(r, ctx)
+            return UpstreamStream(r, ctx, event_limit(body))
         try:
             text = (await read_capped(r, MAX_ANSWER_BYTES))[:MAX_ANSWER_BYTES].decode("utf-8", "replace")
         except httpx.HTTPError:

@@ -162,6 +162,15 @@ def test_echo_with_logprobs(oai):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == got.text
 
 
+def test_echo_with_top_logprobs_of_a_long_prompt(oai):
+    # the node's prompt_logprobs event for a prompt of ~480 tokens and 5 top pairs each is ~200 KB: more than
+    # a token event may be, and still within what this request can have (gateway.node_client.event_limit)
+    prompt = [5 + (i % 200) for i in range(480)]
+    got = complete(oai, prompt=prompt, echo=True, logprobs=5, temperature=0, max_tokens=2)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == 482 and lp.token_logprobs[0] is None and len(lp.top_logprobs[1]) >= 5
+
+
 def test_streams_name_their_choices_and_send_no_empty_token(oai):
     chunks = list(complete(oai, n=2, seed=4, temperature=1.0, stream=True, stream_options={"include_usage": True}))
     whole = complete(oai, n=2, seed=4, temperature=1.0)
