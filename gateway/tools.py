@@ -22,6 +22,9 @@ import secrets
 from gateway.errors import BadRequest
 
 MAX_TOOLS = 128
+# The most calls one "required" answer may make: the array's grammar ends there, so a model that keeps
+# listing calls (random weights do) is closed off instead of running to max_tokens.
+MAX_CALLS = 8
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
@@ -104,7 +107,8 @@ class ToolPlan:
                 }
                 for f in self.functions.values()
             ]
-            return {"type": "json_schema", "schema": {"type": "array", "minItems": 1, "items": {"anyOf": calls}}}
+            schema = {"type": "array", "minItems": 1, "maxItems": MAX_CALLS, "items": {"anyOf": calls}}
+            return {"type": "json_schema", "schema": schema}
         return None
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:

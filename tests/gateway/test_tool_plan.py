@@ -68,7 +68,8 @@ def test_required_grammar_accepts_exactly_valid_calls():
     schema = _plan("required").guided()["schema"]
     jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Paris"}}], schema)
     jsonschema.validate([{"name": "get_time", "arguments": {}}], schema)
-    for bad in ([], [{"name": "nope", "arguments": {}}], [{"name": "get_weather", "arguments": {}}]):
+    too_many = [{"name": "get_time", "arguments": {}}] * 9
+    for bad in ([], [{"name": "nope", "arguments": {}}], [{"name": "get_weather", "arguments": {}}], too_many):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
 
