@@ -121,6 +121,7 @@ class NodeDaemon:
             operator_token=self.operator_token,
             max_body_bytes=config.max_body_bytes,
             uploads=self.uploads,
+            metrics_extra=self._counters,
             health=NodeHealth(
                 self.engine,
                 store_dir=self.store.root,
@@ -210,6 +211,11 @@ class NodeDaemon:
             return None
         log.info("fetched adapter %s (%s) from the mesh", adapter_id, pkg.name)
         return pkg.path
+
+    def _counters(self) -> dict[str, float]:
+        """The daemon's own counters for GET /metrics."""
+        hb = self.heartbeat
+        return {} if hb is None else {"heartbeats_sent": hb.sent, "heartbeats_failed": hb.failed}
 
     def _extra_status(self) -> dict:
         if self.p2p is None:

@@ -27,6 +27,7 @@ class RequestBook:
         self.started_by: dict[str, str] = {}  # request id -> gateway key, while running or its receipt is kept
         self.cold: dict[str, str] = {}  # request id -> adapter id: streams answered while their adapter is prepared
         self._tasks: set[asyncio.Task] = set()  # clean-ups spawned from responses that never started
+        self.signed_count = 0  # receipts signed since start (the node's metrics)
 
     def known(self, rid: str) -> bool:
         """Whether this node runs the request or holds its receipt (a second request with its id is a duplicate)."""
@@ -64,6 +65,7 @@ class RequestBook:
             finished_at=ev.finished_at,
         )
         out = {"receipt": receipt, "signature": sign_receipt(receipt, self.node_key)}
+        self.signed_count += 1
         self.receipts[ev.request_id] = out
         self.receipts.move_to_end(ev.request_id)
         while len(self.receipts) > self.recent:

@@ -20,6 +20,7 @@ from node.api.book import RequestBook
 from node.api.errors import ApiError
 from node.engine import AsyncEngine
 from node.health import NodeHealth
+from node.metrics import NodeMetrics
 from node.request_auth import MAX_SKEW_MS, SIG_HEADER, RequestAuthError, check_bearer, verify_request
 from node.upload import PackageInstaller
 
@@ -57,6 +58,7 @@ class NodeApi:
     max_body_bytes: int
     extra_status: Callable[[], dict] | None = None
     health: NodeHealth | None = None  # GET /health's checks (None: the engine's only)
+    metrics: NodeMetrics | None = None  # GET /metrics
     uploads: PackageInstaller | None = None
     replays: ReplayGuard = field(default_factory=ReplayGuard)
     # the prompt size (UTF-8 bytes) past which a prompt's length alone proves it too long for the context;

@@ -20,6 +20,7 @@ from node.api.errors import ApiError, validation_message
 from node.api.routes import adapters, generate, status
 from node.engine import AsyncEngine
 from node.health import NodeHealth
+from node.metrics import NodeMetrics
 from node.receipts import public_key_bytes
 from node.upload import PackageInstaller
 
@@ -51,22 +52,29 @@ def create_app(
     recent_receipts: int = RECENT_RECEIPTS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     health: NodeHealth | None = None,
+    metrics_extra: Callable[[], dict[str, float]] | None = None,
 ) -> FastAPI:
     """The node API over `engine`, which the app's lifespan starts and closes.
 
-    `trusted_gateways`: the gateway public keys (hex) whose signed calls are accepted, as a live collection
-    or a callable read on every call (the daemon's heartbeat sender learns keys while the node runs).
-    `operator_token`: the bearer token of the operator endpoints. `max_body_bytes` caps every request body but
-    an upload's. `uploads`: serve POST /v1/adapters (package upload), its bodies capped at `uploads.max_bytes`.
-    `services`: what else runs while the app serves (the daemon's p2p host, chain registration, heartbeats),
-    entered after the engine started and left before it closes. `extra_status` adds sections (e.g. p2p
-    transfers) to GET /status; `app.state.status_doc()` returns the same document for other users such as
-    the heartbeat sender. `health`: GET /health's checks (default: the engine's loop only).
+        `trusted_gateways`: the gateway public keys (hex) whose signed calls are accepted, as a live collection
+        or a callable read on every call (the daemon's heartbeat sender learns keys while the node runs).
+        `operator_token`: the bearer token of the operator endpoints. `max_body_bytes` caps every request body but
+        an upload's. `uploads`: serve POST /v1/adapters (package upload), its bodies capped at `uploads.max_bytes`.
+        `services`: what else runs while the app serves (the daemon's p2p host, chain registration, heartbeats),
+        entered after the engine started and left before it closes. `extra_status` adds sections (e.g. p2p
+        transfers) to GET /status; `app.state.status_doc()` returns the same document for other users such as
+        the heartbeat sender. `health`: GET /health's checks (default: the engine's loop only). `metrics_extra`:
+    more counters for GET /metrics (the daemon's heartbeats).
     """
     if not operator_token:
         raise ValueError("the node API needs an operator token: there is no unauthenticated mode")
     public_key = public_key_bytes(node_key)
     node_id = node_id_of(public_key)
+    book = RequestBook(engine, node_key, node_id, recent=recent_receipts)
+
+    def counters() -> dict[str, float]:
+        return {"receipts_signed": book.signed_count} | (metrics_extra() if metrics_extra is not None else {})
+
     node = NodeApi(
         engine=engine,
         node_key=node_key,
@@ -74,11 +82,12 @@ def create_app(
         node_id=node_id,
         trusted=trusted_gateways if callable(trusted_gateways) else (lambda: trusted_gateways),
         operator_token=operator_token,
-        book=RequestBook(engine, node_key, node_id, recent=recent_receipts),
+        book=book,
         max_body_bytes=max_body_bytes,
         extra_status=extra_status,
         uploads=uploads,
         health=health or NodeHealth(engine),
+        metrics=NodeMetrics(extra=counters),
     )
 
     @asynccontextmanager

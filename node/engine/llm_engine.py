@@ -37,7 +37,7 @@ from node.engine.request import (
     SequenceFinishEvent,
     TokenEvent,
 )
-from node.engine.scheduler import Scheduler
+from node.engine.scheduler import BASE, Scheduler
 from node.engine.sequence import SeqStatus, Sequence, SequenceGroup, now_ms
 
 log = logging.getLogger(__name__)
@@ -277,6 +277,22 @@ class LLMEngine:
             usage=dict(self.usage),
         )
         return s
+
+    def metrics_snapshot(self) -> dict:
+        """The scheduler's and the caches' state for GET /metrics (engine thread, between steps)."""
+        sched, slots = self.scheduler, self.adapters.snapshot()
+        return {
+            "running": len(sched.running),
+            "waiting": sched.num_waiting,
+            "kv_cache_usage": round(1 - self.blocks.num_free / self.blocks.num_blocks, 6),
+            "running_adapters": sorted({s.adapter_id for s in sched.running if s.adapter_id}),
+            "waiting_adapters": sorted(k for k, q in sched.queues.items() if q and k != BASE),
+            "num_slots": slots["num_slots"],
+            "resident": len(slots["resident_adapters"]),
+            "cached": len(slots["cached_adapters"]),
+            "prompt_tokens": self.usage["prompt_tokens"],
+            "completion_tokens": self.usage["completion_tokens"],
+        }
 
     # ---- one step ----
     def step(self) -> tuple[list, bool]:

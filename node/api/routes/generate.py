@@ -116,10 +116,11 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
     if body.stream:
         return _GuardedStream(_sse(node, stream), lambda: book.spawn(book.abort_and_keep(stream)), rid)
     try:
-        async for _ in stream:
-            pass
+        async for ev in stream:
+            node.metrics.saw(ev)
     finally:
         if not stream.finished:  # the client went away mid-request
+            node.metrics.forget(rid)
             await book.abort_and_keep(stream)
     final = stream.final
     s = book.signed(final)
@@ -242,6 +243,7 @@ def _submit(node: NodeApi, rid: str, body: GenerateBody):
             rid, body.adapter_id, prompt=body.prompt, prompt_token_ids=body.prompt_token_ids, params=params
         )
         stream = node.engine.submit(req)
+        node.metrics.started(rid)
     except PromptTooLongError as e:
         raise ApiError(400, str(e), "context_length_exceeded") from e
     except DuplicateRequestError as e:
@@ -307,6 +309,7 @@ async def _sse(node: NodeApi, stream):
     book = node.book
     try:
         async for ev in stream:
+            node.metrics.saw(ev)
             if isinstance(ev, FinishEvent):
                 if ev.error is not None:
                     yield sse_frame({"type": "error", "message": ev.error})
@@ -328,6 +331,7 @@ async def _sse(node: NodeApi, stream):
                 yield sse_frame({"type": "prompt_logprobs", "prompt_index": ev.prompt_index, "entries": entries})
     finally:
         if not stream.finished:  # client disconnected: stop generating for it, keep the receipt
+            node.metrics.forget(stream.request_id)
             log.info("client of %s disconnected; aborting", stream.request_id)
             await book.abort_and_keep(stream)
 
