@@ -4,7 +4,7 @@ Every field OpenAI's or vLLM's completions and chat endpoints define is either h
 (400, `param` = the field); a field neither defines is refused the same way, never silently ignored. Fields
 accepted without effect, because the gateway already behaves as they ask: `user`, `safety_identifier`,
 `prompt_cache_key` (identifiers the gateway keeps no use for), `metadata`, `store` (false only: nothing is kept
-for later), `service_tier` ("auto" / "default"), `parallel_tool_calls` (true only), `modalities` (["text"]),
+for later), `service_tier` ("auto" / "default"), `modalities` (["text"]),
 `stream_options.include_obfuscation` (nothing is padded)."""
 
 from __future__ import annotations
@@ -294,14 +294,9 @@ class ChatRequest(_Sampling):
                 raise BadRequest(f"{field} is OpenAI's deprecated form: use tools and tool_choice", param=field)
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequest("top_logprobs is only allowed when logprobs is true", param="top_logprobs")
-        if self.parallel_tool_calls is False:
-            raise BadRequest(
-                "parallel_tool_calls false is not supported: a model may answer with several calls",
-                param="parallel_tool_calls",
-            )
         if self.store:
             raise BadRequest("store is not supported: this gateway keeps no completions", param="store")
-        self._plan = tool_plan(self.tools, self.tool_choice)
+        self._plan = tool_plan(self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)
         formatted = self.response_format is not None and self.response_format.guided() is not None
         if formatted and self._plan is not None and self._plan.guided() is not None:
             raise BadRequest(

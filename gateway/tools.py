@@ -28,12 +28,17 @@ MAX_CALLS = 8
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+# Tool calls are written compactly: the node's grammar allows no whitespace between JSON tokens in them
+# (llguidance's per-schema options; a free answer may pretty-print), so a model cannot spend its tokens on
+# whitespace before the call closes.
+COMPACT = {"x-guidance": {"whitespace_flexible": False, "whitespace_pattern": None}}
 # A function without parameters takes none: an empty object.
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def tool_plan(tools: list | None, tool_choice: object | None) -> ToolPlan | None:
-    """The request's tools and choice, checked (BadRequest naming the field); None when it names no tools."""
+def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool = True) -> ToolPlan | None:
+    """The request's tools and choice, checked (BadRequest naming the field); None when it names no tools.
+    parallel=False (OpenAI's `parallel_tool_calls: false`): an answer makes one call at most."""
     if not tools:
         if tool_choice is not None:
             raise BadRequest("tool_choice is only allowed when tools are given", param="tool_choice")
@@ -59,7 +64,7 @@ def tool_plan(tools: list | None, tool_choice: object | None) -> ToolPlan | None
         if desc is not None and not isinstance(desc, str):
             raise BadRequest(f"tools[{i}].function.description must be a string", param="tools")
         functions[name] = {"name": name, "parameters": params} | ({"description": desc} if desc else {})
-    return ToolPlan(functions, *_choice(tool_choice, functions))
+    return ToolPlan(functions, *_choice(tool_choice, functions), max_calls=MAX_CALLS if parallel else 1)
 
 
 def _choice(tool_choice: object, functions: dict[str, dict]) -> tuple[str, str | None]:
@@ -82,8 +87,8 @@ def _choice(tool_choice: object, functions: dict[str, dict]) -> tuple[str, str |
 class ToolPlan:
     """How one request's tools are served: what the template sees, the node's grammar, how answers parse."""
 
-    def __init__(self, functions: dict[str, dict], choice: str, name: str | None) -> None:
-        self.functions, self.choice, self.name = functions, choice, name
+    def __init__(self, functions: dict[str, dict], choice: str, name: str | None, *, max_calls: int = MAX_CALLS):
+        self.functions, self.choice, self.name, self.max_calls = functions, choice, name, max_calls
 
     @property
     def template_tools(self) -> list[dict] | None:
@@ -96,7 +101,7 @@ class ToolPlan:
     def guided(self) -> dict | None:
         """The node's `guided` value: the answer's shape for "required" and a named function."""
         if self.choice == "function":
-            return {"type": "json_schema", "schema": self.functions[self.name]["parameters"]}
+            return {"type": "json_schema", "schema": self.functions[self.name]["parameters"] | COMPACT}
         if self.choice == "required":
             calls = [
                 {
@@ -107,7 +112,7 @@ class ToolPlan:
                 }
                 for f in self.functions.values()
             ]
-            schema = {"type": "array", "minItems": 1, "maxItems": MAX_CALLS, "items": {"anyOf": calls}}
+            schema = {"type": "array", "minItems": 1, "maxItems": self.max_calls, "items": {"anyOf": calls}} | COMPACT
             return {"type": "json_schema", "schema": schema}
         return None
 
@@ -121,6 +126,8 @@ class ToolPlan:
             return (None, calls) if calls else (text, [])
         calls, content, last = [], [], 0
         for m in _BLOCK.finditer(text):
+            if len(calls) == self.max_calls:
+                break  # one call only (parallel_tool_calls false): the rest stays text
             call = self._call(m.group(1))
             if call is None:
                 continue  # not a call this request knows: left in the content
@@ -209,7 +216,8 @@ class ToolStream:
             call = self.plan._call(block[len(OPEN) : -len(CLOSE)])
             if before:
                 out.append({"content": before})
-            out.append(self._delta([call]) if call is not None else {"content": block})
+            taken = call is not None and self._index < self.plan.max_calls
+            out.append(self._delta([call]) if taken else {"content": block})
 
     def close(self) -> list[dict]:
         held, self.held = self.held, ""

@@ -152,10 +152,6 @@ def test_chat_tool_history_and_harmless_fields():
         ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        (
-            {"parallel_tool_calls": False, "tools": [{"type": "function", "function": {"name": "f"}}]},
-            "parallel_tool_calls",
-        ),
         ({"store": True}, "store"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"service_tier": "flex"}, "service_tier"),

@@ -75,13 +75,11 @@ def test_penalties_change_a_greedy_answer(oai):
 
 
 def test_refused_by_name(oai):
-    tool = [{"type": "function", "function": {"name": "f"}}]
     refused(lambda: chat(oai, functions=[{"name": "f"}]), "functions")
     refused(lambda: chat(oai, tool_choice="auto"), "tool_choice")
     refused(lambda: chat(oai, stream_options={"include_usage": True}), "stream_options")
     refused(lambda: complete(oai, stream_options={"include_usage": True}), "stream_options")
     refused(lambda: chat(oai, top_logprobs=2), "top_logprobs")
-    refused(lambda: chat(oai, tools=tool, parallel_tool_calls=False), "parallel_tool_calls")
     refused(lambda: complete(oai, suffix="!"), "suffix")
     refused(lambda: complete(oai, best_of=2, stream=True), "best_of")
     refused(lambda: complete(oai, extra_body={"use_beam_search": True}), "use_beam_search")

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from gateway.errors import BadRequest
-from gateway.tools import ToolPlan, template_messages, tool_plan
+from gateway.tools import COMPACT, ToolPlan, template_messages, tool_plan
 
 WEATHER = {
     "type": "function",
@@ -76,7 +76,7 @@ def test_required_grammar_accepts_exactly_valid_calls():
 
 def test_named_grammar_is_the_functions_parameters():
     plan = _plan({"type": "function", "function": {"name": "get_weather"}})
-    assert plan.guided() == {"type": "json_schema", "schema": WEATHER["function"]["parameters"]}
+    assert plan.guided() == {"type": "json_schema", "schema": WEATHER["function"]["parameters"] | COMPACT}
     assert _plan("auto").guided() is None and _plan("none").guided() is None
 
 
@@ -154,3 +154,14 @@ def test_template_messages():
     assert out[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # the request is not changed
     assert out[2] == msgs[2]
+
+
+def test_one_call_only_when_parallel_calls_are_off():
+    plan = tool_plan([WEATHER, TIME], "required", parallel=False)
+    assert plan.guided()["schema"]["maxItems"] == 1
+    text = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_time"}</tool_call>'
+    auto = tool_plan([WEATHER, TIME], "auto", parallel=False)
+    content, calls = auto.parse(text)
+    assert len(calls) == 1 and content == '<tool_call>{"name": "get_time"}</tool_call>'
+    _, streamed, _ = _stream(auto, [text])
+    assert len(streamed) == 1
