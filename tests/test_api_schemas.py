@@ -53,7 +53,12 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 NODE_GATEWAY_ONLY = {("POST", "/v1/generate")}
 NODE_OPERATOR_OR_GATEWAY = {("POST", "/v1/adapters/{adapter_id}/load"), ("POST", "/v1/requests/{request_id}/abort")}
 NODE_OPERATOR_ONLY = {("POST", "/v1/adapters")}  # package upload (the daemon's route)
-NODE_PUBLIC = {("GET", "/health"), ("GET", "/status"), ("GET", "/v1/requests/{request_id}/receipt")}
+NODE_PUBLIC = {
+    ("GET", "/health"),
+    ("GET", "/status"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/requests/{request_id}/receipt"),
+}
 # the gateway's /v1/* need an API key; /internal/heartbeat is authenticated by the node signature in its body
 GATEWAY_PUBLIC = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/internal/gateway-key")}
 
