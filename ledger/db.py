@@ -63,7 +63,13 @@ def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: boo
             # timestamps are stored as UTC without a zone: make the session's zone UTC so that aware
             # datetimes are written as UTC and `now()` compares with them (settler leases)
             connect_args["options"] = "-c timezone=UTC"
-        return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+        try:
+            return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+        except ModuleNotFoundError as e:  # the URL's driver is an optional dependency
+            extra = " (pip install 'loramesh[postgres]')" if "psycopg" in str(e.name) else ""
+            raise ValueError(f"database URL {redact_url(url)} needs the {e.name} driver{extra}") from None
+        except ArgumentError as e:  # a dialect or driver SQLAlchemy does not know
+            raise ValueError(f"database URL {redact_url(url)}: {e}") from None
     if path is not None and not path.exists():
         _create_private(path)
     engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})

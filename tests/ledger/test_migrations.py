@@ -109,3 +109,16 @@ def test_the_previous_releases_postgres_database_is_upgraded_to_64_bit_counts(po
         s.add(row)
         s.commit()
         assert s.exec(select(UsageRecord)).one().completion_tokens == BIG
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("postgresql+pg8000://gw:s3cret@db/x", "needs the pg8000 driver"),
+        ("postgresql+nosuchdriver://gw:s3cret@db/x", "nosuchdriver"),
+    ],
+)
+def test_a_database_url_without_its_driver_is_one_clear_line(url, says):
+    with pytest.raises(ValueError, match=says) as ei:
+        make_engine(url)
+    assert "s3cret" not in str(ei.value)
