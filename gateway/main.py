@@ -119,11 +119,11 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         from ledger.chain import ChainClient
 
         chain_client = ChainClient.from_deployment(settings.deployment, rpc_url=settings.rpc_url, check=False)
-    if settler_account is None and settings.key_file is not None and settings.settle:
+    if settler_account is None and settings.key_file is not None:
         from ledger.keys import load_account
 
-        settler_account = load_account(settings.key_file)
-    gw = Gateway(settings, engine, RegistryView(engine, chain_client))
+        settler_account = load_account(settings.key_file)  # settles (unless --no-settle) and signs hellos
+    gw = Gateway(settings, engine, RegistryView(engine, chain_client), account=settler_account)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -138,11 +138,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         await asyncio.to_thread(gw.templates.warm)
         await gw.book.load_disputes()
         loop = asyncio.get_running_loop()
-        loops = [
-            loop.create_task(gw.sync_loop(), name="registry-sync"),
-            loop.create_task(gw.book.outbox_loop(), name="outbox-check"),
-            loop.create_task(gw.reconcile_loop(), name="reconcile"),
-        ]
+        loops = [loop.create_task(coro, name=name) for name, coro in gw.loops()]
         if settler_account is not None and chain_client is not None and settings.settle:
             app.state.settler = _settler(settings, chain_client, settler_account)
             app.state.settler.start()
