@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Coroutine
 
 from sqlalchemy.engine import Engine
 
@@ -17,6 +18,7 @@ from gateway.catalog import ModelCatalog, Prices
 from gateway.chain_registry import RegistryView
 from gateway.chat import ChatTemplates
 from gateway.directory import NodeDirectory
+from gateway.greeter import NodeGreeter
 from gateway.identity import load_or_create_gateway_key
 from gateway.keys import Admission, KeyCache
 from gateway.metrics import GatewayMetrics
@@ -37,7 +39,8 @@ log = logging.getLogger(__name__)
 class Gateway:
     """One gateway instance: settings, database engine, chain registry view and every part built from them."""
 
-    def __init__(self, settings: GatewaySettings, engine: Engine, registry: RegistryView) -> None:
+    def __init__(self, settings: GatewaySettings, engine: Engine, registry: RegistryView, *, account=None) -> None:
+        """`account`: the settler's EVM account, which signs this gateway's hellos to nodes (gateway.greeter)."""
         self.settings = settings
         self.engine = engine
         self.registry = registry
@@ -83,6 +86,39 @@ class Gateway:
             metrics=self.metrics,
             background=self.background,
         )
+        self.greeter = self._greeter(account)
+
+    def _greeter(self, account) -> NodeGreeter | None:
+        """Hellos to the registered nodes that do not heartbeat here, when this gateway can sign them and the
+        nodes can call it back."""
+        s = self.settings
+        if not s.greet_nodes or account is None or self.registry.client is None:
+            log.info("not greeting nodes (needs --key and --deployment): only nodes started with --gateway find it")
+            return None
+        url = s.public_url or f"http://{s.host}:{s.port}"
+        if s.public_url is None and (s.host in ("0.0.0.0", "::", "") or s.port == 0):
+            log.warning("not greeting nodes: set public_url, the URL nodes can reach this gateway at")
+            return None
+        return NodeGreeter(
+            account,
+            registry=self.registry,
+            directory=self.directory,
+            gateway_url=url,
+            gateway_key=self.gateway_key_hex,
+            interval=s.registry_sync_s,
+            max_answer_bytes=s.max_heartbeat_bytes,
+        )
+
+    def loops(self) -> list[tuple[str, Coroutine]]:
+        """The background loops the app's lifespan runs (name, coroutine)."""
+        out = [
+            ("registry-sync", self.sync_loop()),
+            ("outbox-check", self.book.outbox_loop()),
+            ("reconcile", self.reconcile_loop()),
+        ]
+        if self.greeter is not None:
+            out.append(("greet-nodes", self.greeter.run()))
+        return out
 
     # ------------------------------------------------------------------ node keys
 

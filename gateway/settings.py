@@ -30,6 +30,11 @@ class GatewaySettings(ServiceSettings):
     gateway_key_file: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # the URL nodes reach this gateway at (their heartbeats); default http://HOST:PORT
+    public_url: str | None = None
+    # say hello to the nodes the chain registered (gateway.greeter), so they heartbeat here with no restart;
+    # needs key_file (a settler's account signs the hellos) and a deployment
+    greet_nodes: bool = True
     bases: list[Path] = Field(default_factory=list)  # base model folders whose tokenizers render chat
     owners_k: int = Field(default=2, ge=1, le=64)  # top-k rendezvous owners of an adapter
     saturation_queue_depth: int = Field(default=4, ge=1)  # an owner with this many queued is saturated

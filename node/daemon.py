@@ -23,8 +23,9 @@ from common.wire import restore_recursion_limit
 from node.adapters import AdapterStore
 from node.api import create_app
 from node.engine import AsyncEngine, EngineConfig
+from node.gateway_hello import HelloError, SettlerCheck, SettlerUnknown, verify_hello
 from node.health import NodeHealth
-from node.heartbeat import HeartbeatSender
+from node.heartbeat import HeartbeatSender, TooManyGateways
 from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
 from node.request_auth import is_gateway_key
 from node.upload import MAX_PACKAGE_BYTES, PackageInstaller
@@ -122,6 +123,7 @@ class NodeDaemon:
             max_body_bytes=config.max_body_bytes,
             uploads=self.uploads,
             metrics_extra=self._counters,
+            on_gateway_hello=self._gateway_hello if self.chain is not None else None,
             health=NodeHealth(
                 self.engine,
                 store_dir=self.store.root,
@@ -129,6 +131,7 @@ class NodeDaemon:
             ),
         )
         self.heartbeat: HeartbeatSender | None = None
+        self.settlers = SettlerCheck(self.chain.is_settler) if self.chain is not None else None
         restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)
 
     def trusted_gateways(self) -> frozenset[str]:
@@ -149,7 +152,7 @@ class NodeDaemon:
                 await asyncio.to_thread(self.p2p.start)
             if self.chain is not None:
                 await asyncio.to_thread(self._join_chain)
-            if self.config.gateways:
+            if self.config.gateways or self.chain is not None:  # on chain, gateways may say hello
                 self.heartbeat = HeartbeatSender(
                     self.identity,
                     self.config.gateways,
@@ -191,6 +194,35 @@ class NodeDaemon:
             if peers:
                 self.p2p.add_peers(peers)
                 log.info("added %d peer addresses from the node registry", len(peers))
+
+    async def _gateway_hello(self, doc: object) -> dict:
+        """A gateway that found this node on chain introduces itself (node/gateway_hello.py): heartbeat to it
+        and trust its key when a settler signed the hello; the answer is this node's signed heartbeat."""
+        from node.api.errors import ApiError
+
+        if self.config.trusted_gateway_keys:
+            raise ApiError(
+                403,
+                "this node trusts only the gateway keys its operator lists (--trust-gateway-key)",
+                "gateways_pinned",
+            )
+        if self.heartbeat is None:
+            raise ApiError(503, "this node is starting; say hello again shortly", "starting")
+        try:
+            body = verify_hello(doc, node_id=self.identity.node_id)
+        except HelloError as e:
+            raise ApiError(400, str(e), "invalid_hello") from None
+        try:
+            settler = await self.settlers.check(body["settler"])
+        except SettlerUnknown as e:
+            raise ApiError(503, str(e), "chain_unavailable") from None
+        if not settler:
+            raise ApiError(403, f"{body['settler']} is not a settler on the ledger: no node serves it", "not_settler")
+        try:
+            self.heartbeat.add_gateway(body["gateway_url"], body["gateway_key"])
+        except TooManyGateways as e:
+            raise ApiError(503, str(e), "too_many_gateways") from None
+        return await self.heartbeat.heartbeat_doc()
 
     async def _pin(self, adapter_id: str) -> None:
         try:

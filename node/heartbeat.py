@@ -36,6 +36,11 @@ MAX_STATUS_BYTES = 64 * 1024
 # A gateway that keeps failing is warned about when it starts failing and then once a minute, with the count:
 # the operator sees it without a line every beat.
 WARN_EVERY_S = 60.0
+# Gateways that said hello (node.gateway_hello) are forgotten after failing this long in a row (they say
+# hello again when they come back); those the operator named are never forgotten.
+FORGET_AFTER_S = 600.0
+# At most this many gateways that said hello at once: each costs a request per beat.
+MAX_HELLO_GATEWAYS = 64
 
 
 class HeartbeatError(ValueError):
@@ -122,9 +127,16 @@ def gateway_key_of(answer: bytes, *, max_bytes: int) -> str | None:
     return key if all(c in "0123456789abcdef" for c in key) else None
 
 
+class TooManyGateways(RuntimeError):
+    """A hello from one gateway more than MAX_HELLO_GATEWAYS."""
+
+
 class HeartbeatSender:
     """Posts a signed heartbeat to every gateway every `interval` seconds; a down gateway is retried
-    on the next beat and never stops the others. Start it from the node daemon's event loop."""
+    on the next beat and never stops the others. Start it from the node daemon's event loop.
+
+    Its gateways are the operator's (`gateway_urls`, kept for good) and those added by `add_gateway` when
+    they said hello (forgotten after failing FORGET_AFTER_S in a row)."""
 
     def __init__(
         self,
@@ -151,6 +163,8 @@ class HeartbeatSender:
         self.failing: dict[str, int] = {}  # gateway url -> heartbeats failed in a row (absent: the last one went)
         self._warned_at: dict[str, float] = {}  # gateway url -> when its failures were last warned about
         self.gateway_keys: dict[str, str] = {}  # gateway url -> the signing key it announced (hex)
+        self.greeted: set[str] = set()  # urls added by a hello (not the operator's)
+        self.max_greeted = MAX_HELLO_GATEWAYS
         self._task: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
 
@@ -160,18 +174,38 @@ class HeartbeatSender:
             status = await status
         return status
 
-    async def send_once(self) -> dict[str, int | str]:
-        """Send one heartbeat to every gateway; returns url -> HTTP status, or the error text."""
-        doc = make_heartbeat(
+    async def heartbeat_doc(self) -> dict:
+        """A heartbeat signed now (what a beat sends, and what a hello is answered with)."""
+        return make_heartbeat(
             self.identity, api_url=self.api_url, base_model_id=self.base_model_id, status=await self._status()
         )
+
+    async def send_once(self) -> dict[str, int | str]:
+        """Send one heartbeat to every gateway; returns url -> HTTP status, or the error text."""
+        doc = await self.heartbeat_doc()
         client = self._client or httpx.AsyncClient(timeout=self.timeout)
         try:
-            results = await asyncio.gather(*(self._post(client, url, doc) for url in self.gateway_urls))
+            urls = list(self.gateway_urls)  # a hello may add one while the posts run
+            results = await asyncio.gather(*(self._post(client, url, doc) for url in urls))
         finally:
             if client is not self._client:
                 await client.aclose()
-        return dict(zip(self.gateway_urls, results))
+        return dict(zip(urls, results))
+
+    def add_gateway(self, url: str, key: str) -> bool:
+        """Heartbeat to `url` from now on and trust `key` for it (a hello whose settler the chain vouched for);
+        True when the gateway is new. TooManyGateways past `max_greeted`."""
+        url = url.rstrip("/")
+        new = url not in self.gateway_urls
+        if new:
+            if len(self.greeted) >= self.max_greeted:
+                raise TooManyGateways(f"this node already heartbeats to {len(self.greeted)} gateways that said hello")
+            self.gateway_urls.append(url)
+            self.greeted.add(url)
+            log.info("gateway %s said hello: heartbeating to it", url)
+        if url not in self.gateway_keys:  # a known URL's key is what the URL itself answers, as for the operator's
+            self._learn(url, key)
+        return new
 
     def trusted_keys(self) -> frozenset[str]:
         """The signing keys of the gateways this node heartbeats to, as they last announced them."""
@@ -213,6 +247,9 @@ class HeartbeatSender:
         """Count a failed heartbeat; warn when a gateway starts failing, then at most once a minute."""
         self.failed += 1
         n = self.failing[url] = self.failing.get(url, 0) + 1
+        if url in self.greeted and n * self.interval >= FORGET_AFTER_S:
+            self._forget(url, n)
+            return
         now = time.monotonic()
         if now - self._warned_at.get(url, -WARN_EVERY_S) >= WARN_EVERY_S:
             self._warned_at[url] = now
@@ -222,6 +259,17 @@ class HeartbeatSender:
                 n,
                 why,
             )
+
+    def _forget(self, url: str, failures: int) -> None:
+        """Stop heartbeating to a gateway that said hello and has been failing ever since; it says hello again
+        when it comes back (its key is no longer trusted until then)."""
+        self.greeted.discard(url)
+        if url in self.gateway_urls:
+            self.gateway_urls.remove(url)
+        self.gateway_keys.pop(url, None)
+        self.failing.pop(url, None)
+        self._warned_at.pop(url, None)
+        log.warning("forgot gateway %s after %d failed heartbeats in a row", url, failures)
 
     async def _loop(self) -> None:
         while True:

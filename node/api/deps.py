@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -60,6 +60,8 @@ class NodeApi:
     health: NodeHealth | None = None  # GET /health's checks (None: the engine's only)
     metrics: NodeMetrics | None = None  # GET /metrics
     uploads: PackageInstaller | None = None
+    # POST /internal/gateway-hello: checks a gateway's hello and answers the node's heartbeat (None: refused)
+    on_hello: Callable[[object], Awaitable[dict]] | None = None
     replays: ReplayGuard = field(default_factory=ReplayGuard)
     # the prompt size (UTF-8 bytes) past which a prompt's length alone proves it too long for the context;
     # computed on first use (routes/generate.py): the tokenizer's vocabulary is not needed before

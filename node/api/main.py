@@ -4,7 +4,7 @@ The contract is node/api/__init__.py's docstring."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -17,7 +17,7 @@ from common.wire import error_body, node_id_of
 from node.api.book import RECENT_RECEIPTS, RequestBook
 from node.api.deps import NodeApi, TrustedKeys
 from node.api.errors import ApiError, validation_message
-from node.api.routes import adapters, generate, status
+from node.api.routes import adapters, generate, hello, status
 from node.engine import AsyncEngine
 from node.health import NodeHealth
 from node.metrics import NodeMetrics
@@ -53,6 +53,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     health: NodeHealth | None = None,
     metrics_extra: Callable[[], dict[str, float]] | None = None,
+    on_gateway_hello: Callable[[object], Awaitable[dict]] | None = None,
 ) -> FastAPI:
     """The node API over `engine`, which the app's lifespan starts and closes.
 
@@ -64,7 +65,8 @@ def create_app(
         entered after the engine started and left before it closes. `extra_status` adds sections (e.g. p2p
         transfers) to GET /status; `app.state.status_doc()` returns the same document for other users such as
         the heartbeat sender. `health`: GET /health's checks (default: the engine's loop only). `metrics_extra`:
-    more counters for GET /metrics (the daemon's heartbeats).
+    more counters for GET /metrics (the daemon's heartbeats). `on_gateway_hello`: takes a gateway's hello
+    (node/gateway_hello.py) and answers the node's heartbeat; without it hellos are refused (404).
     """
     if not operator_token:
         raise ValueError("the node API needs an operator token: there is no unauthenticated mode")
@@ -88,6 +90,7 @@ def create_app(
         uploads=uploads,
         health=health or NodeHealth(engine),
         metrics=NodeMetrics(extra=counters),
+        on_hello=on_gateway_hello,
     )
 
     @asynccontextmanager
@@ -115,6 +118,7 @@ def create_app(
     app.include_router(status.router)
     app.include_router(adapters.router)
     app.include_router(generate.router)
+    app.include_router(hello.router)
     if uploads is not None:
         app.include_router(adapters.upload_router)
     return app

@@ -1,0 +1,154 @@
+"""The gateway saying hello to the nodes the chain registered (node/gateway_hello.py): a gateway started after
+the nodes sees every live one within one round, with no node restarted, and from then on they heartbeat to it.
+
+Each round (every `interval` seconds) greets the registered, active nodes that have not heartbeated here
+within the directory's ttl: a node that already heartbeats to this gateway is never asked. The node answers
+with its signed heartbeat, taken exactly as a pushed one (gateway.directory). A node that does not answer
+as a node is asked again after a back-off that doubles up to `max_backoff_s`, so a dead node, or a
+registered URL that is no node at all, costs one small POST every few minutes.
+
+The URLs are strangers' (anyone may register a node): each call is a fixed POST of a small JSON body to
+`<registered api_url>/internal/gateway-hello`, with a short timeout and a bounded answer, and at most
+`concurrency` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from common.http import bounded_call
+from common.wire import UntrustedJSONError, parse_json
+from gateway.chain_registry import RegistryView
+from gateway.directory import NodeDirectory
+from gateway.errors import GatewayError
+from node.gateway_hello import HELLO_PATH, make_hello
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Backoff:
+    next_at: float = 0.0
+    delay: float = 0.0
+    failures: int = 0
+
+
+class NodeGreeter:
+    """Says hello, as `account` (the gateway's settler), to the registered nodes that do not heartbeat here."""
+
+    def __init__(
+        self,
+        account,
+        *,
+        registry: RegistryView,
+        directory: NodeDirectory,
+        gateway_url: str,
+        gateway_key: str,
+        interval: float = 2.0,
+        timeout: float = 2.0,
+        max_backoff_s: float = 300.0,
+        max_answer_bytes: int = 256 << 10,
+        concurrency: int = 8,
+        clock=time.monotonic,
+    ) -> None:
+        self.account = account
+        self.registry = registry
+        self.directory = directory
+        self.gateway_url = gateway_url.rstrip("/")
+        self.gateway_key = gateway_key
+        self.interval = interval
+        self.timeout = timeout
+        self.max_backoff_s = max_backoff_s
+        self.max_answer_bytes = max_answer_bytes
+        self.clock = clock
+        self.greeted = 0  # hellos a node answered with a heartbeat we took
+        self.refused = 0  # hellos that failed: unreachable, refused, or not answered as a node
+        self._backoff: dict[str, _Backoff] = {}
+        self._limit = asyncio.Semaphore(concurrency)
+        self._warned_not_settler = False
+
+    def due(self) -> list[tuple[str, str]]:
+        """(node id, hello URL) of the registered, active nodes that are silent here and not backing off."""
+        now = self.clock()
+        out = []
+        for reg in list(self.registry.nodes.values()):
+            if not reg.active or not reg.api_url.startswith(("http://", "https://")):
+                continue
+            entry = self.directory.get(reg.node_id)
+            if entry is not None and now - entry.last_seen <= self.directory.ttl:
+                continue  # it heartbeats here
+            b = self._backoff.get(reg.node_id)
+            if b is not None and now < b.next_at:
+                continue
+            out.append((reg.node_id, reg.api_url.rstrip("/") + HELLO_PATH))
+        return out
+
+    async def greet_once(self, client: httpx.AsyncClient) -> dict[str, str]:
+        """One round; node id -> "ok" or why it failed."""
+        due = self.due()
+        results = await asyncio.gather(*(self._greet(client, node_id, url) for node_id, url in due))
+        return dict(zip((n for n, _ in due), results))
+
+    async def _greet(self, client: httpx.AsyncClient, node_id: str, url: str) -> str:
+        async with self._limit:
+            doc = make_hello(self.account, gateway_url=self.gateway_url, gateway_key=self.gateway_key, node_id=node_id)
+            try:
+                status, answer = await bounded_call(client, "POST", url, self.max_answer_bytes, json=doc)
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:  # a registered URL may be anything
+                return self._failed(node_id, url, f"unreachable: {type(e).__name__}")
+        if status != 200:
+            text = answer[:300].decode("utf-8", "replace")
+            if status == 403 and "not_settler" in text and not self._warned_not_settler:
+                self._warned_not_settler = True
+                log.warning(
+                    "nodes refuse this gateway's hello: %s is not a settler on the ledger, so nodes that do not "
+                    "list this gateway (--gateway) never heartbeat to it",
+                    self.account.address,
+                )
+            return self._failed(node_id, url, f"refused ({status}): {text}")
+        try:
+            heartbeat = parse_json(answer, max_bytes=self.max_answer_bytes, what="hello answer")
+            await asyncio.to_thread(self.directory.accept_heartbeat, heartbeat)
+        except GatewayError as e:
+            if e.code != "stale_heartbeat":  # stale: it heartbeated here meanwhile, which is what we wanted
+                return self._failed(node_id, url, f"its heartbeat was refused: {e.message}")
+        except UntrustedJSONError as e:
+            return self._failed(node_id, url, f"answered no heartbeat: {e}")
+        if self._backoff.pop(node_id, None) is not None:
+            log.info("node %s took this gateway's hello", node_id[:10])
+        self.greeted += 1
+        return "ok"
+
+    def _failed(self, node_id: str, url: str, why: str) -> str:
+        self.refused += 1
+        b = self._backoff.setdefault(node_id, _Backoff())
+        b.failures += 1
+        b.delay = min(self.max_backoff_s, max(self.interval, b.delay * 2))
+        b.next_at = self.clock() + b.delay
+        # the first failure is news; the rest, until it answers, are only the back-off at work
+        (log.info if b.failures == 1 else log.debug)(
+            "hello to node %s at %s failed (%d in a row, next in %.0f s): %s",
+            node_id[:10],
+            url,
+            b.failures,
+            b.delay,
+            why,
+        )
+        return why
+
+    async def run(self) -> None:
+        """Greet every `interval` seconds until cancelled."""
+        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
+            while True:
+                try:
+                    await self.greet_once(client)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # nothing a node answers may end the greetings
+                    log.exception("greeting round failed")
+                await asyncio.sleep(self.interval)
