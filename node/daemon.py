@@ -131,6 +131,7 @@ class NodeDaemon:
             ),
         )
         self.heartbeat: HeartbeatSender | None = None
+        self.fetched = self.fetched_bytes = 0  # adapters fetched through the mesh, and their package bytes
         self.settlers = SettlerCheck(self.chain.is_settler) if self.chain is not None else None
         restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)
 
@@ -241,13 +242,19 @@ class NodeDaemon:
         except (FetchError, P2PError) as e:
             log.warning("cannot fetch adapter %s from peers: %s", adapter_id, e)
             return None
+        self.fetched += 1
+        try:
+            self.fetched_bytes += pkg.path.stat().st_size
+        except OSError:  # evicted already: the count still holds
+            pass
         log.info("fetched adapter %s (%s) from the mesh", adapter_id, pkg.name)
         return pkg.path
 
     def _counters(self) -> dict[str, float]:
-        """The daemon's own counters for GET /metrics."""
+        """The daemon's own counters for GET /metrics: heartbeats, and adapters fetched from peers (the p2p tier)."""
+        out = {"p2p_fetches": self.fetched, "p2p_fetched_bytes": self.fetched_bytes}
         hb = self.heartbeat
-        return {} if hb is None else {"heartbeats_sent": hb.sent, "heartbeats_failed": hb.failed}
+        return out if hb is None else out | {"heartbeats_sent": hb.sent, "heartbeats_failed": hb.failed}
 
     def _extra_status(self) -> dict:
         if self.p2p is None:

@@ -115,5 +115,23 @@ class _Gauges:
         yield CounterMetricFamily("vllm:generation_tokens", "Tokens generated", value=s["completion_tokens"])
         yield g("loramesh_node_adapters_resident", "Adapters in GPU/CPU slots", value=s["resident"])
         yield g("loramesh_node_adapters_cached", "Adapters in the host cache", value=s["cached"])
+        c = s.get("adapter_counters", {})
+        loads = CounterMetricFamily(
+            "loramesh_node_adapter_loads",
+            "Adapter loads by tier: disk (package decoded into the host cache), slot (host cache to a device slot)",
+            labels=["tier"],
+        )
+        loads.add_metric(["disk"], c.get("disk_loads", 0))
+        loads.add_metric(["slot"], c.get("slot_loads", 0))
+        yield loads
+        yield CounterMetricFamily(
+            "loramesh_node_adapter_slot_hits",
+            "Requests whose adapter was already in a slot",
+            value=c.get("slot_hits", 0),
+        )
+        evictions = CounterMetricFamily("loramesh_node_adapter_evictions", "Adapters evicted by tier", labels=["tier"])
+        evictions.add_metric(["slot"], c.get("evictions", 0))
+        evictions.add_metric(["host"], c.get("cpu_evictions", 0))
+        yield evictions
         for name, value in (self.m.extra() if self.m.extra is not None else {}).items():
             yield CounterMetricFamily(f"loramesh_node_{name}", name.replace("_", " "), value=value)

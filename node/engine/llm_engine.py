@@ -292,6 +292,7 @@ class LLMEngine:
             "cached": len(slots["cached_adapters"]),
             "prompt_tokens": self.usage["prompt_tokens"],
             "completion_tokens": self.usage["completion_tokens"],
+            "adapter_counters": dict(self.adapters.counters),
         }
 
     # ---- one step ----

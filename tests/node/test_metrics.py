@@ -67,4 +67,12 @@ def test_metrics_follow_the_requests_served(served):
     assert one(m, "vllm:request_success_total", finished_reason="length") == 2
     assert one(m, "loramesh_node_receipts_signed_total") == 2
     assert one(m, "loramesh_node_adapters_resident") == 1  # the adapter went into a slot
+    # its one trip: package decoded into the host cache, then into a slot; nothing evicted
+    for tier in ("disk", "slot"):
+        assert (
+            one(m, "loramesh_node_adapter_loads_total", tier=tier)
+            - one(before, "loramesh_node_adapter_loads_total", tier=tier)
+            == 1
+        )
+    assert one(m, "loramesh_node_adapter_evictions_total", tier="slot") == 0
     assert one(m, "vllm:num_requests_running") == 0
