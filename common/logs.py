@@ -34,16 +34,22 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure_logging(level: str | int | None = None, fmt: str | None = None) -> None:
-    """Set up the root handler once (a second call only adjusts the level) and our packages' level."""
+    """Set up the root handler once and our packages' level; a second call adjusts the level, and the format
+    when it names one (the root command's --log-level and --log-format come after the first call)."""
     level = level or os.environ.get("LORAMESH_LOG_LEVEL", "INFO")
+    explicit_fmt = fmt is not None
     fmt = fmt or os.environ.get("LORAMESH_LOG_FORMAT", "text")
     if fmt not in ("text", "json"):
         raise ValueError(f"LORAMESH_LOG_FORMAT must be text or json, got {fmt!r}")
+    formatter = JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(formatter)
         root.addHandler(handler)
         root.setLevel(logging.WARNING)
+    elif explicit_fmt:
+        for handler in root.handlers:
+            handler.setFormatter(formatter)
     for name in PACKAGES:
         logging.getLogger(name).setLevel(level.upper() if isinstance(level, str) else level)

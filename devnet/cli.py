@@ -34,7 +34,40 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 devnet_app = typer.Typer(help="Local anvil devnet with the loramesh contracts.", no_args_is_help=True)
+
+
+@app.callback()
+def _root(
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            help="Level of loramesh's own logs: DEBUG, INFO, WARNING or ERROR (default $LORAMESH_LOG_LEVEL, else "
+            "INFO). Processes this command starts follow it.",
+        ),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format", help="text, or json for one JSON object per line (default $LORAMESH_LOG_FORMAT, else text)."
+        ),
+    ] = None,
+) -> None:
+    """loramesh: serve many LoRA adapters on shared base models, with on-chain attribution."""
+    if log_level is not None:
+        log_level = log_level.upper()
+        if log_level not in LOG_LEVELS:
+            raise typer.BadParameter(f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+        os.environ["LORAMESH_LOG_LEVEL"] = log_level  # the processes a command starts log the same way
+    if log_format is not None:
+        if log_format not in ("text", "json"):
+            raise typer.BadParameter(f"{log_format!r} is not text or json", param_hint="--log-format")
+        os.environ["LORAMESH_LOG_FORMAT"] = log_format
+    if log_level is not None or log_format is not None:
+        configure_logging(log_level, log_format)
+
 
 app.add_typer(keys_app, name="keys")
 app.add_typer(base_app, name="base")

@@ -125,3 +125,25 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     )
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS" in r.stderr
+
+
+def test_log_level_and_format_flags_reach_the_command_and_its_children(tmp_path):
+    """`loramesh --log-level debug --log-format json ...` logs as asked, and the processes it starts inherit it
+    through the environment; a level that does not exist is a usage error."""
+    script = """
+import logging, os, sys
+from devnet.cli import main
+sys.argv = ["loramesh", "--log-level", "debug", "--log-format", "json", "devnet", "status", "--dir", sys.argv[1]]
+try:
+    main()
+except SystemExit:
+    pass
+logging.getLogger("node.x").debug("hello from the child")
+print(os.environ["LORAMESH_LOG_LEVEL"], os.environ["LORAMESH_LOG_FORMAT"])
+"""
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "DEBUG json", r.stdout + r.stderr
+    line = json.loads(r.stderr.strip().splitlines()[-1])
+    assert line["level"] == "DEBUG" and line["logger"] == "node.x" and line["message"] == "hello from the child"
+    bad = CliRunner().invoke(app, ["--log-level", "loud", "devnet", "status"])
+    assert bad.exit_code == 2 and "--log-level" in bad.output
