@@ -450,6 +450,14 @@ def node_run(
     gateway: Annotated[
         list[str] | None, typer.Option("--gateway", help="Gateway URL to send signed heartbeats to; repeatable.")
     ] = None,
+    adapter_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter-source",
+            help="HTTP registry of adapter packages (URL/<adapter id>.tar, as `adapter export` writes them), tried "
+            "after the peers; every byte is checked as an upload is; repeatable.",
+        ),
+    ] = None,
     api_url: Annotated[
         str | None, typer.Option("--api-url", help="URL gateways use to reach this node (default http://HOST:PORT).")
     ] = None,
@@ -520,6 +528,7 @@ def node_run(
             listen=listen,
             bootstrap=bootstrap,
             gateways=gateway,
+            adapter_sources=adapter_source,
             api_url=api_url,
             pins=pin,
             data_dir=data_dir,

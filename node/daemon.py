@@ -28,6 +28,7 @@ from node.health import NodeHealth
 from node.heartbeat import HeartbeatSender, TooManyGateways
 from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
 from node.request_auth import is_gateway_key
+from node.sources import HttpRegistry, SourceError
 from node.upload import MAX_PACKAGE_BYTES, PackageInstaller
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class DaemonConfig:
     bootstrap: tuple[str, ...] = ()
     gateways: tuple[str, ...] = ()
     pins: tuple[str, ...] = ()
+    adapter_sources: tuple[str, ...] = ()  # HTTP registries (node/sources.py), tried in order after the peers
     heartbeat_interval: float = 2.0
     data_dir: Path = DEFAULT_DATA_DIR  # holds operator.token
     trusted_gateway_keys: tuple[str, ...] = ()  # empty: trust the keys the --gateway URLs announce
@@ -103,7 +105,9 @@ class NodeDaemon:
                 base_dir=config.base,
                 trusted_peer=self.registered_peers.__contains__,
             )
-        self.engine = AsyncEngine(engine_config, store=self.store, fetcher=self._fetch if self.p2p else None)
+        self.sources = [HttpRegistry(u) for u in config.adapter_sources]
+        fetches = self.p2p is not None or bool(self.sources)
+        self.engine = AsyncEngine(engine_config, store=self.store, fetcher=self._fetch if fetches else None)
         self.operator_token, self.operator_token_path = ensure_operator_token(config.data_dir)
         self.uploads = PackageInstaller(
             self.store,
@@ -132,6 +136,7 @@ class NodeDaemon:
         )
         self.heartbeat: HeartbeatSender | None = None
         self.fetched = self.fetched_bytes = 0  # adapters fetched through the mesh, and their package bytes
+        self.source_fetches = 0  # adapters fetched from the operator's sources
         self.settlers = SettlerCheck(self.chain.is_settler) if self.chain is not None else None
         restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)
 
@@ -234,25 +239,40 @@ class NodeDaemon:
 
     # ---- p2p ----
     async def _fetch(self, adapter_id: str) -> Path | None:
-        """The engine's last resort for an adapter the store lacks: fetch it through the mesh."""
-        from node.p2p import FetchError, P2PError
+        """The engine's last resort for an adapter the store lacks: fetch it through the mesh, then from the
+        operator's adapter sources in order."""
+        if self.p2p is not None:
+            from node.p2p import FetchError, P2PError
 
-        try:
-            pkg = await self.p2p.afetch(adapter_id)
-        except (FetchError, P2PError) as e:
-            log.warning("cannot fetch adapter %s from peers: %s", adapter_id, e)
-            return None
-        self.fetched += 1
-        try:
-            self.fetched_bytes += pkg.path.stat().st_size
-        except OSError:  # evicted already: the count still holds
-            pass
-        log.info("fetched adapter %s (%s) from the mesh", adapter_id, pkg.name)
-        return pkg.path
+            try:
+                pkg = await self.p2p.afetch(adapter_id)
+            except (FetchError, P2PError) as e:
+                log.warning("cannot fetch adapter %s from peers: %s", adapter_id, e)
+            else:
+                self.fetched += 1
+                self.fetched_bytes += _package_bytes(pkg.path)
+                log.info("fetched adapter %s (%s) from the mesh", adapter_id, pkg.name)
+                return pkg.path
+        for source in self.sources:
+            try:
+                pkg = await source.fetch(adapter_id, self.uploads)
+            except SourceError as e:
+                log.warning("cannot fetch adapter %s: %s", adapter_id, e)
+                continue
+            self.source_fetches += 1
+            log.info("fetched adapter %s (%s) from %s", adapter_id, pkg.name, source)
+            if self.p2p is not None:  # offered to the mesh as an upload is
+                await self.p2p.aannounce(adapter_id)
+            return pkg.path
+        return None
 
     def _counters(self) -> dict[str, float]:
         """The daemon's own counters for GET /metrics: heartbeats, and adapters fetched from peers (the p2p tier)."""
-        out = {"p2p_fetches": self.fetched, "p2p_fetched_bytes": self.fetched_bytes}
+        out = {
+            "p2p_fetches": self.fetched,
+            "p2p_fetched_bytes": self.fetched_bytes,
+            "source_fetches": self.source_fetches,
+        }
         hb = self.heartbeat
         return out if hb is None else out | {"heartbeats_sent": hb.sent, "heartbeats_failed": hb.failed}
 
@@ -271,3 +291,11 @@ class NodeDaemon:
             }
         except Exception:  # the host is starting or stopping: status must still answer
             return {"p2p": {"state": "not running"}}
+
+
+def _package_bytes(path: Path) -> int:
+    """A package folder's size on disk (0 when it is gone already: evicted)."""
+    try:
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    except OSError:
+        return 0

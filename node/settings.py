@@ -55,6 +55,7 @@ class NodeSettings(ServiceSettings):
     listen: str | None = None  # libp2p listen multiaddr; None: no p2p
     bootstrap: WordList = ()
     gateways: WordList = ()
+    adapter_sources: WordList = ()  # HTTP registries of packages (<url>/<adapter id>.tar), tried after the peers
     pins: WordList = ()
     trust_gateway_keys: WordList = ()  # empty: trust the keys the gateways announce
     heartbeat_interval: float | None = Field(default=None, gt=0)  # seconds
@@ -63,7 +64,7 @@ class NodeSettings(ServiceSettings):
     max_package_bytes: int | None = Field(default=None, ge=1)
     max_body_bytes: int | None = Field(default=None, ge=1)  # every request body but an upload's
 
-    @field_validator("bootstrap", "gateways", "pins", "trust_gateway_keys", mode="before")
+    @field_validator("bootstrap", "gateways", "adapter_sources", "pins", "trust_gateway_keys", mode="before")
     @classmethod
     def _words(cls, v: Any) -> Any:
         return tuple(v.split()) if isinstance(v, str) else v
@@ -89,6 +90,7 @@ class NodeSettings(ServiceSettings):
             port=self.port,
             bootstrap=self.bootstrap,
             gateways=self.gateways,
+            adapter_sources=self.adapter_sources,
             pins=self.pins,
             trusted_gateway_keys=self.trust_gateway_keys,
             **{k: v for k, v in given.items() if v is not None},

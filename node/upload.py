@@ -234,15 +234,18 @@ class PackageInstaller:
         """Where an upload too big for memory is spooled while it arrives (on the store's file system)."""
         return self.store.root / ".tmp"
 
-    def install(self, data: BinaryIO) -> VerifiedPackage:
+    def install(self, data: BinaryIO, *, expected_adapter_id: str | None = None) -> VerifiedPackage:
         """Check the upload's manifest, signature and on-chain owner before writing any weight byte, then
-        write each file capped at its declared size, and let the store verify and install the whole."""
+        write each file capped at its declared size, and let the store verify and install the whole.
+        `expected_adapter_id`: the package must be that adapter (a source asked for it by id)."""
         from eth_utils import to_checksum_address
 
         from node.adapters import verify_manifest_and_signature
 
         with open_upload(data, max_package_bytes=self.max_package_bytes) as up:
             adapter_id = up.manifest.adapter_id
+            if expected_adapter_id is not None and adapter_id != expected_adapter_id:
+                raise UploadRefused(f"package is adapter {adapter_id}, not {expected_adapter_id} as asked")
             owner = self.owner_of(adapter_id)
             if self.on_chain and owner is None:
                 raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")
