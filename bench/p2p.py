@@ -1,4 +1,4 @@
-"""Fetch-and-verify of a ~168 MB adapter package between two node processes on loopback, beside a raw
+"""Fetch-and-verify of a 160 MB adapter package between two node processes on loopback, beside a raw
 py-libp2p stream of the same bytes (same host stack: TCP + Noise + Yamux) measured in the same run.
 
     .venv/bin/python bench/p2p.py [--runs 3] [--work DIR]
@@ -22,9 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RAW_PROTOCOL = "/loramesh-bench/raw/1.0.0"
-# 5 layers x 7 targets of a hidden-512 base at rank 960 in fp32: ~167 MB of LoRA weights.
-BASE = dict(hidden_size=512, intermediate_size=1024, num_layers=5, num_heads=8, num_kv_heads=8)
-RANK = 960
+# A rank-16 LoRA (the largest rank nodes serve) of every target of a Llama-2-7B-shaped base in fp32:
+# 32 layers x 7 targets, 160 MB. The base is its config.json only: verification reads the base's
+# shapes and id from it, and 27 GB of base weights would add nothing to a transfer measurement.
+BASE_CONFIG = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+)
+RANK = 16
 from node.adapters.weights import LORA_TARGETS as TARGETS  # noqa: E402
 
 # -- raw baseline: one host serves a file's bytes, the other reads them to EOF ---------------------
@@ -122,15 +131,37 @@ def _raw_baseline(path: Path, runs: int) -> list[dict]:
 
 
 def _make_package(work: Path):
-    import torch
+    """A signed package of the size above, written directly with safetensors (PEFT's key names and
+    adapter_config.json come from a real PEFT adapter of a tiny base, made first)."""
+    import numpy as np
     from eth_account import Account
+    from safetensors.numpy import save_file
 
-    from tests.utils.factories import make_base, make_package
+    from node.adapters import pack_adapter
+    from node.adapters.basemodel import NAME_KEY
+    from node.adapters.weights import config_module_dims, lora_key
+    from tests.utils.factories import make_base, make_peft_adapter
 
-    torch.set_num_threads(2)
-    base = make_base(work / "base", **BASE)
+    tiny = make_base(work / "tiny-base", hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4)
+    peft = make_peft_adapter(tiny, work / "bench-peft", rank=RANK, targets=TARGETS)
+    config = json.loads((tiny / "config.json").read_text())
+    config.update(BASE_CONFIG, **{NAME_KEY: "bench-llama2-7b-shape"})
+    base = work / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(config))
+    peft_config = json.loads((peft / "adapter_config.json").read_text())
+    peft_config["base_model_name_or_path"] = str(base)
+    (peft / "adapter_config.json").write_text(json.dumps(peft_config))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for layer in range(BASE_CONFIG["num_hidden_layers"]):
+        for target, (fan_in, fan_out) in config_module_dims(config).items():
+            if target in TARGETS:
+                for ab, shape in (("A", (RANK, fan_in)), ("B", (fan_out, RANK))):
+                    tensors[lora_key(layer, target, ab)] = rng.standard_normal(shape, dtype=np.float32) * 0.02
+    save_file(tensors, str(peft / "adapter_model.safetensors"))
     owner = Account.create()
-    pkg = make_package(base, work / "bench-pkg", account=owner, name="bench", rank=RANK, targets=TARGETS)
+    pkg = pack_adapter(peft, work / "bench-pkg", name="bench", account=owner, base_dir=base)
     return base, owner.address, pkg
 
 
