@@ -1,6 +1,6 @@
-"""The node package's commands: `loramesh keys`, `loramesh base`, `loramesh adapter` (train, pack, verify,
-publish, fetch) for contributors, and `loramesh node run` for operators. `python -m node.cli` runs them on
-their own (`python -m node.cli node run ...`)."""
+"""The node package's commands: `loramesh keys`, `loramesh base`, `loramesh adapter` (train, pack, import,
+export, verify, publish, fetch) for contributors, and `loramesh node run` for operators. `python -m node.cli`
+runs them on their own (`python -m node.cli node run ...`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ keys_app = typer.Typer(
     help="Create and inspect identity files (EVM account key + Ed25519 node key).", no_args_is_help=True
 )
 base_app = typer.Typer(help="Base models: make a tiny deterministic one for tests and demos.", no_args_is_help=True)
-adapter_app = typer.Typer(help="Adapters: train a LoRA, pack and sign it, verify a package.", no_args_is_help=True)
+adapter_app = typer.Typer(
+    help="Adapters: train a LoRA or import one, pack and sign it, verify, publish, export, fetch a package.",
+    no_args_is_help=True,
+)
 node_app = typer.Typer(
     help="Run a node: the shared-base multi-LoRA engine behind the node HTTP API.",
     no_args_is_help=True,
@@ -164,31 +167,84 @@ def adapter_train(
     console.print(f"wrote PEFT adapter to [bold]{out}[/]")
 
 
+# the options `adapter pack` and `adapter import` share: what the signed manifest says
+NameOpt = Annotated[str, typer.Option(help="Adapter name, e.g. 'alice/capitals'.")]
+SignerOpt = Annotated[Path, typer.Option("--key", help="Identity file of the publisher (signs the manifest).")]
+OutOpt = Annotated[Path, typer.Option(help="Folder to write the package into.")]
+PackBaseOpt = Annotated[Path | None, typer.Option(help="Base model folder (default: the one the adapter names).")]
+DatasetOpt = Annotated[list[str] | None, typer.Option(help="NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS, repeatable.")]
+PriceOpt = Annotated[str, typer.Option(help="Price per 1,000 tokens, in whole tokens.")]
+VersionOpt = Annotated[str, typer.Option(help="Version label.")]
+PredecessorOpt = Annotated[str | None, typer.Option(help="Adapter id of the version this one replaces.")]
+LicenseOpt = Annotated[str, typer.Option(help="License of the weights.")]
+SignForOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Deployment the signature is for (its chain id and registry); default "
+        f"{DEFAULT_DEPLOYMENT_PATH} when it exists, else an offline signature."
+    ),
+]
+
+
 @adapter_app.command("pack")
 def adapter_pack(
     peft_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder (save_pretrained output).")],
-    name: Annotated[str, typer.Option(help="Adapter name, e.g. 'alice/capitals'.")],
-    key: Annotated[Path, typer.Option(help="Identity file of the publisher (signs the manifest).")],
-    out: Annotated[Path, typer.Option(help="Folder to write the package into.")],
-    base: Annotated[Path | None, typer.Option(help="Base model folder (default: the one the adapter names).")] = None,
-    dataset: Annotated[list[str] | None, typer.Option(help="NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS, repeatable.")] = None,
-    price_per_1k_tokens: Annotated[str, typer.Option(help="Price per 1,000 tokens, in whole tokens.")] = "0",
-    version: Annotated[str, typer.Option(help="Version label.")] = "1",
-    predecessor: Annotated[str | None, typer.Option(help="Adapter id of the version this one replaces.")] = None,
-    license: Annotated[str, typer.Option(help="License of the weights.")] = "apache-2.0",
-    deployment: Annotated[
-        Path | None,
-        typer.Option(
-            help="Deployment the signature is for (its chain id and registry); default "
-            f"{DEFAULT_DEPLOYMENT_PATH} when it exists, else an offline signature."
-        ),
-    ] = None,
+    name: NameOpt,
+    key: SignerOpt,
+    out: OutOpt,
+    base: PackBaseOpt = None,
+    dataset: DatasetOpt = None,
+    price_per_1k_tokens: PriceOpt = "0",
+    version: VersionOpt = "1",
+    predecessor: PredecessorOpt = None,
+    license: LicenseOpt = "apache-2.0",
+    deployment: SignForOpt = None,
 ) -> None:
     """Wrap a PEFT adapter into a signed loramesh package (manifest + EIP-712 signature).
 
     The signature is bound to one chain and registry (the deployment's). Without a deployment the
     package is signed offline: `adapter publish` signs it again for the chain it registers on.
     """
+    _pack(peft_dir, name, key, out, base, dataset, price_per_1k_tokens, version, predecessor, license, deployment)
+
+
+@adapter_app.command("import")
+def adapter_import(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="hf://ORG/NAME[@REVISION] (the Hugging Face Hub, through its cache; HF_HUB_OFFLINE=1 reads only "
+            "the cache), an http(s):// URL of a folder holding adapter_config.json and adapter_model.safetensors, "
+            "or a local folder (file://PATH)."
+        ),
+    ],
+    name: NameOpt,
+    key: SignerOpt,
+    out: OutOpt,
+    base: PackBaseOpt = None,
+    dataset: DatasetOpt = None,
+    price_per_1k_tokens: PriceOpt = "0",
+    version: VersionOpt = "1",
+    predecessor: PredecessorOpt = None,
+    license: LicenseOpt = "apache-2.0",
+    deployment: SignForOpt = None,
+) -> None:
+    """Import a PEFT LoRA adapter made elsewhere as a package signed by you (then `adapter publish` it).
+
+    Only adapter_config.json and adapter_model.safetensors are fetched (a pickle checkpoint never is), and
+    they are checked against the base as any adapter folder is. Give --base when the adapter names a base
+    that is not a local folder (a Hub id, say).
+    """
+    import tempfile
+
+    from node.adapters.importer import fetch_peft
+
+    with tempfile.TemporaryDirectory(prefix="loramesh-import-") as tmp:
+        peft_dir = fetch_peft(source, Path(tmp))
+        _pack(peft_dir, name, key, out, base, dataset, price_per_1k_tokens, version, predecessor, license, deployment)
+
+
+def _pack(peft_dir, name, key, out, base, dataset, price, version, predecessor, license, deployment) -> None:
     from common.identity import load_identity
     from ledger.deployment import Deployment
     from ledger.types import Domain
@@ -209,7 +265,7 @@ def adapter_pack(
         account=identity.account,
         base_dir=base,
         datasets=shares,
-        price_per_1k_tokens=parse_price(price_per_1k_tokens),
+        price_per_1k_tokens=parse_price(price),
         version=version,
         predecessor=predecessor,
         license=license,
@@ -224,6 +280,28 @@ def adapter_pack(
         f"packed [bold]{pkg.name}[/] -> {out}\n  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}"
         f"\n  signed for  {signed_for}"
     )
+
+
+@adapter_app.command("export")
+def adapter_export(
+    pkg_dir: Annotated[Path, typer.Argument(help="A signed loramesh package folder.")],
+    out: Annotated[Path, typer.Option(help="Registry folder (served by any static file server).")],
+) -> None:
+    """Write a package as <out>/<adapter id>.tar, the layout nodes read with --adapter-source URL.
+
+    The tar is what an upload sends; a node checks every byte of it as it checks an upload's."""
+    import os
+
+    from node.adapters import verify_package
+    from node.upload import tar_package
+
+    pkg = verify_package(pkg_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{pkg.adapter_id}.tar"
+    tmp = target.with_suffix(".tar.tmp")
+    tmp.write_bytes(tar_package(pkg_dir))
+    os.replace(tmp, target)  # a server never serves half an archive
+    console.print(f"exported [bold]{pkg.name}[/] -> {target}")
 
 
 @adapter_app.command("verify")

@@ -1,0 +1,101 @@
+"""Where `loramesh adapter import` finds a PEFT LoRA adapter made elsewhere, before it is packed and signed by
+its new owner like any adapter trained here (node.adapters.pack):
+
+    hf://ORG/NAME[@REVISION]   the Hugging Face Hub, through huggingface_hub and its cache (HF_HOME,
+                               HF_HUB_OFFLINE=1 reads the cache only; HF_ENDPOINT for a mirror)
+    https://HOST/PATH          a folder served over HTTP(S): PATH/adapter_config.json and
+                               PATH/adapter_model.safetensors (http:// too)
+    file:///PATH or PATH       a local folder
+
+Only the two files a PEFT adapter saved with safetensors needs are fetched: a pickle checkpoint
+(adapter_model.bin) is never downloaded, let alone loaded. Every size is bounded before it is written, and
+nothing fetched is trusted: packing checks the config and the tensors against the base as for any folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from node.adapters.errors import PackageError
+from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES
+from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
+
+# a LoRA of rank 64 on every projection of a 70B base is ~1.7 GB; past this an "adapter" is something else
+MAX_IMPORT_BYTES = 4 << 30
+_HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+_CHUNK = 1 << 20
+
+
+def fetch_peft(source: str, workdir: Path, *, max_bytes: int = MAX_IMPORT_BYTES, timeout: float = 60.0) -> Path:
+    """The local folder holding `source`'s adapter_config.json and adapter_model.safetensors (fetched into
+    `workdir` or the Hugging Face cache when remote); PackageError in one line when it cannot be had."""
+    if source.startswith("hf://"):
+        repo, _, revision = source.removeprefix("hf://").partition("@")
+        return _from_hub(repo, revision or None)
+    if source.startswith(("https://", "http://")):
+        return _from_http(source.rstrip("/"), workdir, max_bytes=max_bytes, timeout=timeout)
+    path = Path(unquote(urlparse(source).path)) if source.startswith("file://") else Path(source)
+    if not path.is_dir():
+        raise PackageError(f"{source} is not a folder (nor hf://ORG/NAME, nor an http(s):// URL)")
+    return path
+
+
+def _from_hub(repo: str, revision: str | None) -> Path:
+    if not _HF_REPO.fullmatch(repo):
+        raise PackageError(f"{repo!r} is not a Hugging Face repository id (ORG/NAME)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = f"hf://{repo}" + (f"@{revision}" if revision else "")
+    paths = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            paths.append(Path(hf_hub_download(repo, name, revision=revision)))
+        except LocalEntryNotFoundError:  # first: it is an EntryNotFoundError too
+            raise PackageError(
+                f"{where}: {name} is not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE?)"
+            ) from None
+        except EntryNotFoundError:
+            raise PackageError(
+                f"{where} has no {name}: only PEFT LoRA adapters saved with safetensors can be imported"
+            ) from None
+        except RepositoryNotFoundError:
+            raise PackageError(f"{where}: no such repository (or it is private: set HF_TOKEN)") from None
+        except Exception as e:  # the Hub's HTTP errors, a revision that does not exist, a full disk
+            raise PackageError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if paths[0].parent != paths[1].parent:  # one snapshot folder holds both; defensive against a mixed cache
+        raise PackageError(f"{where}: the cached files come from two different revisions")
+    return paths[0].parent
+
+
+def _from_http(url: str, workdir: Path, *, max_bytes: int, timeout: float) -> Path:
+    import httpx
+
+    out = workdir / "peft"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    limits = {CONFIG_FILE: MAX_ADAPTER_CONFIG_BYTES, WEIGHTS_FILE: max_bytes}
+    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+        for name, limit in limits.items():
+            target = out / name
+            try:
+                with client.stream("GET", f"{url}/{name}") as r:
+                    if r.status_code != 200:
+                        raise PackageError(f"{url}/{name}: HTTP {r.status_code}")
+                    declared = r.headers.get("content-length")
+                    if declared is not None and declared.isdigit() and int(declared) > limit:
+                        raise PackageError(f"{url}/{name} is {int(declared)} bytes, more than the {limit} allowed")
+                    written = 0
+                    with open(target, "wb") as f:
+                        for chunk in r.iter_bytes(_CHUNK):
+                            written += len(chunk)
+                            if written > limit:
+                                raise PackageError(f"{url}/{name} is more than the {limit} bytes allowed")
+                            f.write(chunk)
+            except httpx.HTTPError as e:
+                raise PackageError(f"{url}/{name}: {type(e).__name__}: {e}") from None
+    return out
