@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +17,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ANVIL_RELPATH = Path(".tools/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
+ANVIL_ENV = "LORAMESH_ANVIL"
+# A checkout's root, when this package runs from one (the editable install): scripts/setup.sh puts the pinned
+# anvil under it. Installed from the wheel this is site-packages, which has no .tools.
+CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
+CHECKOUT_ANVIL = Path(".tools/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
+# the npm manifest that pins anvil (shipped in the wheel); its version goes into the install hint
+TOOLCHAIN_MANIFEST = Path(__file__).resolve().parent / "toolchain" / "package.json"
+ANVIL_PACKAGE = "@foundry-rs/anvil-linux-amd64"
 CHAIN_ID = 424242  # fixed, distinct from anvil's default 31337 so a stray anvil is noticed
 # contracts/build.mjs compiles for the same hardfork.
 HARDFORK = "cancun"
@@ -47,12 +54,41 @@ class PortInUseError(AnvilError):
 
 
 def find_anvil() -> Path:
-    """The anvil binary: $LORAMESH_ANVIL, else the project-local tools folder."""
-    env = os.environ.get("LORAMESH_ANVIL")
-    path = Path(env) if env else REPO_ROOT / ANVIL_RELPATH
-    if not path.is_file() or not os.access(path, os.X_OK):
-        raise AnvilError(f"anvil not found at {path}: run make setup (or set LORAMESH_ANVIL)")
-    return path
+    """The anvil binary: $LORAMESH_ANVIL, else a checkout's .tools (the version scripts/setup.sh pins), else
+    `anvil` on PATH. The checkout's comes before PATH so that the tests run the pinned anvil even where another
+    one is installed; outside a checkout (installed from the wheel) PATH is where anvil is found."""
+    env = os.environ.get(ANVIL_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if _executable(path):
+            return path
+        raise AnvilError(
+            f"anvil not found at {path} ({ANVIL_ENV}): point {ANVIL_ENV} at the anvil binary, or unset it to use "
+            "a checkout's .tools (run make setup) or anvil on PATH"
+        )
+    local = CHECKOUT_ROOT / CHECKOUT_ANVIL
+    if _executable(local):
+        return local
+    on_path = shutil.which("anvil")
+    if on_path:
+        return Path(on_path)
+    raise AnvilError(
+        f"anvil not found: set {ANVIL_ENV} to its path, put it on PATH (npm install -g {_anvil_spec()}), "
+        "or in a checkout run make setup (installs it into .tools/)"
+    )
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _anvil_spec() -> str:
+    """The npm package of the pinned anvil, with its version when the toolchain manifest says it."""
+    try:
+        version = json.loads(TOOLCHAIN_MANIFEST.read_text())["dependencies"][ANVIL_PACKAGE]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ANVIL_PACKAGE
+    return f"{ANVIL_PACKAGE}@{version}"
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

@@ -1,4 +1,9 @@
-"""Compiled contract artifacts (contracts/artifacts/<Name>.json, written by contracts/build.mjs)."""
+"""Compiled contract artifacts (<Name>.json, written by contracts/build.mjs into contracts/artifacts).
+
+ledger/contracts is a symlink to contracts/artifacts, so the same files are found beside this module in a
+checkout (editable install) and in the wheel, where setuptools copies them in as package data: a symlink
+rather than a copy or a build hook keeps one set of files and one place to look.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,14 @@ from pathlib import Path
 
 from ledger.errors import LedgerError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGED_DIR = Path(__file__).resolve().parent / "contracts"
 CONTRACT_NAMES = ("AdapterRegistry", "AttributionLedger")
 
 
 def artifacts_dir() -> Path:
-    """Where artifacts are read from: $LORAMESH_ARTIFACTS_DIR, else contracts/artifacts in the repo."""
+    """Where artifacts are read from: $LORAMESH_ARTIFACTS_DIR, else the package's own (ledger/contracts)."""
     env = os.environ.get("LORAMESH_ARTIFACTS_DIR")
-    return Path(env) if env else REPO_ROOT / "contracts" / "artifacts"
+    return Path(env) if env else PACKAGED_DIR
 
 
 @cache
@@ -26,7 +31,9 @@ def load_artifact(name: str) -> dict:
     try:
         art = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise LedgerError(f"contract artifact {path} is missing: run node contracts/build.mjs") from e
+        raise LedgerError(
+            f"contract artifact {path} is missing: in a checkout run node contracts/build.mjs, else reinstall loramesh"
+        ) from e
     except ValueError as e:
         raise LedgerError(f"contract artifact {path} is not valid JSON: {e}") from e
     for key in ("abi", "bytecode", "deployedBytecode"):
