@@ -34,7 +34,7 @@ def fetch_peft(source: str, workdir: Path, *, max_bytes: int = MAX_IMPORT_BYTES,
     `workdir` or the Hugging Face cache when remote); PackageError in one line when it cannot be had."""
     if source.startswith("hf://"):
         repo, _, revision = source.removeprefix("hf://").partition("@")
-        return _from_hub(repo, revision or None)
+        return _from_hub(repo, revision or None, workdir)
     if source.startswith(("https://", "http://")):
         return _from_http(source.rstrip("/"), workdir, max_bytes=max_bytes, timeout=timeout)
     path = Path(unquote(urlparse(source).path)) if source.startswith("file://") else Path(source)
@@ -43,7 +43,7 @@ def fetch_peft(source: str, workdir: Path, *, max_bytes: int = MAX_IMPORT_BYTES,
     return path
 
 
-def _from_hub(repo: str, revision: str | None) -> Path:
+def _from_hub(repo: str, revision: str | None, workdir: Path) -> Path:
     if not _HF_REPO.fullmatch(repo):
         raise PackageError(f"{repo!r} is not a Hugging Face repository id (ORG/NAME)")
     from huggingface_hub import hf_hub_download
@@ -68,16 +68,24 @@ def _from_hub(repo: str, revision: str | None) -> Path:
             raise PackageError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if paths[0].parent != paths[1].parent:  # one snapshot folder holds both; defensive against a mixed cache
         raise PackageError(f"{where}: the cached files come from two different revisions")
-    return paths[0].parent
+    # the cache's snapshot files are links to its blobs, and a package folder holds plain files only
+    out = _fresh(workdir / "peft")
+    for p in paths:
+        shutil.copyfile(p.resolve(), out / p.name)
+    return out
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def _from_http(url: str, workdir: Path, *, max_bytes: int, timeout: float) -> Path:
     import httpx
 
-    out = workdir / "peft"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = _fresh(workdir / "peft")
     limits = {CONFIG_FILE: MAX_ADAPTER_CONFIG_BYTES, WEIGHTS_FILE: max_bytes}
     with httpx.Client(timeout=timeout, follow_redirects=True) as client:
         for name, limit in limits.items():

@@ -188,10 +188,11 @@ def start_daemon(
     trusted: Collection[str] = (),
     num_slots: int = 2,
     num_kv_blocks: int = 128,
+    **config: object,
 ) -> DaemonServer:
     """`loramesh node run` in this process, without chain or p2p: the daemon's own app (its upload route and
     body limits included). It trusts `trusted` and, with `gateway`, that gateway's key; it heartbeats to it
-    and is live there on return."""
+    and is live there on return. `config`: more DaemonConfig fields (adapter_sources, ...)."""
     from devnet.anvil import free_port
     from node.daemon import DaemonConfig, NodeDaemon
     from node.engine import EngineConfig
@@ -206,6 +207,7 @@ def start_daemon(
         gateways=(gateway.url,) if gateway is not None else (),
         trusted_gateway_keys=keys,
         heartbeat_interval=0.5,
+        **config,
     )
     identity = Identity.generate()
     daemon = NodeDaemon(

@@ -1,0 +1,203 @@
+"""Adapters from outside the mesh: `loramesh adapter import` from the Hugging Face Hub (huggingface_hub itself
+downloading into its own cache, then reading it offline), from an HTTP folder, and a node fetching from an
+operator's HTTP registry (node/sources.py). Every server is a real `http.server` process
+(tests/utils/static_server.py); the CLI runs as a process of its own, since huggingface_hub reads HF_ENDPOINT
+and HF_HOME when it is imported."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from common.identity import create_identity
+from node.adapters import verify_package
+from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
+from node.sources import HttpRegistry, SourceError
+from node.upload import PackageInstaller, tar_package
+from tests.utils.factories import make_package, make_peft_adapter
+from tests.utils.node_auth import Gateway
+from tests.utils.stack import start_daemon
+from tests.utils.static_server import COMMIT, start
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "import"
+HUGE = "0x" + "ab" * 32  # an adapter id whose archive is 2 MB of noise
+
+
+@pytest.fixture(scope="module")
+def peft(tiny_base, tmp_path_factory) -> Path:
+    return make_peft_adapter(tiny_base, tmp_path_factory.mktemp("peft") / "capitals", seed=3)
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "alice.json"
+    create_identity(path, PASSWORD)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hub(peft, tmp_path_factory):
+    """A Hub with acme/capitals (the adapter, plus a pickle checkpoint beside it that must never be fetched) and
+    acme/pickled (a pickle checkpoint only)."""
+    root = tmp_path_factory.mktemp("hub")
+    repo = root / "acme" / "capitals"
+    repo.mkdir(parents=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copyfile(peft / name, repo / name)
+    (repo / "adapter_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    pickled = root / "acme" / "pickled"
+    pickled.mkdir()
+    shutil.copyfile(peft / CONFIG_FILE, pickled / CONFIG_FILE)
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04")
+    proc, url = start("hub", root)
+    yield proc, url
+    proc.kill()
+    proc.wait()
+
+
+def loramesh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full = os.environ | {"LORAMESH_KEY_PASSWORD": PASSWORD, "LORAMESH_DEBUG": ""} | env
+    return subprocess.run(
+        [sys.executable, "-m", "devnet", *args], capture_output=True, text=True, env=full, timeout=300, cwd=Path.cwd()
+    )
+
+
+def test_import_from_the_hub_fills_its_cache_then_works_offline(hub, peft, signer, tiny_base, tmp_path):
+    _, url = hub
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1"}
+    common = ["--name", "acme/capitals", "--key", str(signer), "--base", str(tiny_base)]
+    r = loramesh("adapter", "import", "hf://acme/capitals", "--out", str(tmp_path / "pkg"), *common, env=env)
+    assert r.returncode == 0, r.stderr
+    pkg = verify_package(tmp_path / "pkg", base_dir=tiny_base)
+    assert pkg.name == "acme/capitals"
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (tmp_path / "pkg" / name).read_bytes() == (peft / name).read_bytes()
+    # laid out by huggingface_hub itself: models--ORG--NAME/snapshots/<commit>/..., and no pickle fetched
+    snapshot = tmp_path / "hf" / "hub" / "models--acme--capitals" / "snapshots" / COMMIT
+    assert sorted(p.name for p in snapshot.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert not list((tmp_path / "hf").rglob("*.bin"))
+
+    offline = env | {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
+    r = loramesh("adapter", "import", "hf://acme/capitals", "--out", str(tmp_path / "again"), *common, env=offline)
+    assert r.returncode == 0, r.stderr
+    assert verify_package(tmp_path / "again").adapter_id == pkg.adapter_id
+
+    r = loramesh("adapter", "import", "hf://acme/other", "--out", str(tmp_path / "x"), *common, env=offline)
+    assert r.returncode == 1 and "not in the Hugging Face cache" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_a_pickle_only_hub_adapter_is_refused_before_anything_is_loaded(hub, signer, tiny_base, tmp_path):
+    _, url = hub
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1"}
+    args = ["--name", "acme/pickled", "--key", str(signer), "--base", str(tiny_base), "--out", str(tmp_path / "p")]
+    r = loramesh("adapter", "import", "hf://acme/pickled", *args, env=env)
+    assert r.returncode == 1 and "has no adapter_model.safetensors" in r.stderr, r.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_import_from_an_http_folder(peft, signer, tiny_base, tmp_path):
+    proc, url = start("static", peft.parent)
+    try:
+        args = ["--name", "acme/capitals", "--key", str(signer), "--base", str(tiny_base), "--out", str(tmp_path / "p")]
+        r = loramesh("adapter", "import", f"{url}/{peft.name}/", *args, env={})
+        assert r.returncode == 0, r.stderr
+        assert verify_package(tmp_path / "p").name == "acme/capitals"
+        r = loramesh("adapter", "import", f"{url}/missing", *args[:-1], str(tmp_path / "q"), env={})
+        assert r.returncode == 1 and "HTTP 404" in r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---- a node's HTTP registry ----
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_base, tmp_path_factory):
+    """A registry folder served by a real http.server: one good package (exported by the CLI), one archive named
+    for the good id that holds another adapter, and one that is cut short."""
+    root = tmp_path_factory.mktemp("registry")
+    good = make_package(tiny_base, root.parent / "good", name="acme/good", seed=5)
+    other = make_package(tiny_base, root.parent / "other", name="acme/other", seed=6)
+    bad = make_package(tiny_base, root.parent / "cut", name="acme/cut", seed=7)
+    r = loramesh("adapter", "export", str(good.path), "--out", str(root), env={})
+    assert r.returncode == 0, r.stderr
+    assert (root / f"{good.adapter_id}.tar").read_bytes() == tar_package(good.path)
+    swapped = make_package(tiny_base, root.parent / "swapped", name="acme/swapped", seed=8)
+    (root / f"{swapped.adapter_id}.tar").write_bytes(tar_package(other.path))  # served under the wrong id
+    (root / f"{bad.adapter_id}.tar").write_bytes(tar_package(bad.path)[:20_000])  # truncated
+    (root / f"{HUGE}.tar").write_bytes(os.urandom(2 << 20))  # past any small package limit
+    proc, url = start("static", root)
+    yield url, good, swapped, bad
+    proc.kill()
+    proc.wait()
+
+
+def installer(tmp_path: Path, tiny_base: Path, **kw) -> PackageInstaller:
+    from node.adapters import AdapterStore
+
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    return PackageInstaller(store, base_dir=tiny_base, owner_of=lambda _id: None, on_chain=False, **kw)
+
+
+def fetch(url: str, adapter_id: str, inst: PackageInstaller):
+    import asyncio
+
+    return asyncio.run(HttpRegistry(url).fetch(adapter_id, inst))
+
+
+def test_a_registry_package_is_installed_after_the_upload_checks(registry, tiny_base, tmp_path):
+    url, good, _, _ = registry
+    inst = installer(tmp_path, tiny_base)
+    pkg = fetch(url, good.adapter_id, inst)
+    assert pkg.adapter_id == good.adapter_id and inst.store.has(good.adapter_id)
+
+
+@pytest.mark.parametrize("which, why", [("swapped", "not .* as asked"), ("bad", "refused"), ("missing", "404")])
+def test_what_a_registry_gets_wrong_is_refused_and_installs_nothing(registry, tiny_base, tmp_path, which, why):
+    url, _, swapped, bad = registry
+    adapter_id = {"swapped": swapped.adapter_id, "bad": bad.adapter_id, "missing": "0x" + "ee" * 32}[which]
+    inst = installer(tmp_path, tiny_base)
+    with pytest.raises(SourceError, match=why):
+        fetch(url, adapter_id, inst)
+    assert inst.store.list() == [] and not list(inst.store.tmp_dir().parent.glob("*/manifest.json"))
+
+
+def test_a_registry_archive_past_the_nodes_package_limit_is_cut_off(registry, tiny_base, tmp_path):
+    url = registry[0]
+    inst = installer(tmp_path, tiny_base, max_package_bytes=4096)  # an archive of at most ~285 KB
+    with pytest.raises(SourceError, match="more than"):
+        fetch(url, HUGE, inst)
+    assert inst.store.list() == []
+
+
+def test_a_node_serves_an_adapter_it_fetched_from_its_registry(registry, tiny_base, tmp_path):
+    url, good, _, _ = registry
+    gw = Gateway()
+    node = start_daemon(tmp_path, tiny_base, trusted=(gw.public_hex,), adapter_sources=("http://127.0.0.1:9", url))
+    try:
+        with gw.client(node.url, node.node_id) as client:
+            body = {"adapter_id": good.adapter_id, "prompt_token_ids": [1, 5, 6], "max_tokens": 2, "temperature": 0}
+            r = client.post("/v1/generate", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 2
+            metrics = client.get("/metrics").text
+        assert "loramesh_node_source_fetches_total 1.0" in metrics
+    finally:
+        node.stop()
+
+
+def test_tar_of_a_package_is_flat(registry):
+    """The registry's archive is what an upload sends: plain files at the top, nothing else."""
+    _, good, _, _ = registry
+    with tarfile.open(fileobj=io.BytesIO(tar_package(good.path))) as tar:
+        assert all(m.isfile() and "/" not in m.name for m in tar.getmembers())
