@@ -168,10 +168,12 @@ class NodeDaemon:
                     interval=self.config.heartbeat_interval,
                 )
                 self.heartbeat.start()
-            pins = [asyncio.create_task(self._pin(a)) for a in self.config.pins]
+            tasks = [asyncio.create_task(self._pin(a)) for a in self.config.pins]
+            if self.settlers is not None:
+                tasks.append(asyncio.create_task(self._recheck_settlers(), name="recheck-settlers"))
             log.info("node %s ready at %s", self.identity.node_id, self.config.public_url)
             yield
-            for t in pins:
+            for t in tasks:
                 t.cancel()
         finally:
             if self.heartbeat is not None:
@@ -225,10 +227,23 @@ class NodeDaemon:
         if not settler:
             raise ApiError(403, f"{body['settler']} is not a settler on the ledger: no node serves it", "not_settler")
         try:
-            self.heartbeat.add_gateway(body["gateway_url"], body["gateway_key"])
+            self.heartbeat.add_gateway(body["gateway_url"], body["gateway_key"], body["settler"])
         except TooManyGateways as e:
             raise ApiError(503, str(e), "too_many_gateways") from None
         return await self.heartbeat.heartbeat_doc()
+
+    async def _recheck_settlers(self, every_s: float = 60.0) -> None:
+        """Drop a gateway that said hello once its settler has lost the role on the ledger (asked of the chain
+        every minute; a chain that does not answer keeps the gateway until it does)."""
+        while True:
+            await asyncio.sleep(every_s)
+            for url, settler in list(self.heartbeat.greeted.items()):
+                try:
+                    still = await self.settlers.check(settler)
+                except SettlerUnknown:
+                    continue
+                if not still:
+                    self.heartbeat.forget(url, f"its settler {settler} is no longer a settler on the ledger")
 
     async def _pin(self, adapter_id: str) -> None:
         try:

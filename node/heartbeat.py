@@ -163,7 +163,7 @@ class HeartbeatSender:
         self.failing: dict[str, int] = {}  # gateway url -> heartbeats failed in a row (absent: the last one went)
         self._warned_at: dict[str, float] = {}  # gateway url -> when its failures were last warned about
         self.gateway_keys: dict[str, str] = {}  # gateway url -> the signing key it announced (hex)
-        self.greeted: set[str] = set()  # urls added by a hello (not the operator's)
+        self.greeted: dict[str, str] = {}  # url added by a hello (not the operator's) -> the settler who signed it
         self.max_greeted = MAX_HELLO_GATEWAYS
         self._task: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
@@ -192,17 +192,19 @@ class HeartbeatSender:
                 await client.aclose()
         return dict(zip(urls, results))
 
-    def add_gateway(self, url: str, key: str) -> bool:
-        """Heartbeat to `url` from now on and trust `key` for it (a hello whose settler the chain vouched for);
-        True when the gateway is new. TooManyGateways past `max_greeted`."""
+    def add_gateway(self, url: str, key: str, settler: str = "") -> bool:
+        """Heartbeat to `url` from now on and trust `key` for it (a hello `settler` signed, which the chain
+        vouched for); True when the gateway is new. TooManyGateways past `max_greeted`."""
         url = url.rstrip("/")
         new = url not in self.gateway_urls
         if new:
             if len(self.greeted) >= self.max_greeted:
                 raise TooManyGateways(f"this node already heartbeats to {len(self.greeted)} gateways that said hello")
             self.gateway_urls.append(url)
-            self.greeted.add(url)
-            log.info("gateway %s said hello: heartbeating to it", url)
+            self.greeted[url] = settler
+            log.info("gateway %s said hello (settler %s): heartbeating to it", url, settler or "?")
+        elif url in self.greeted and settler:
+            self.greeted[url] = settler  # the latest settler to vouch for it is the one re-checked
         if url not in self.gateway_keys:  # a known URL's key is what the URL itself answers, as for the operator's
             self._learn(url, key)
         return new
@@ -248,7 +250,7 @@ class HeartbeatSender:
         self.failed += 1
         n = self.failing[url] = self.failing.get(url, 0) + 1
         if url in self.greeted and n * self.interval >= FORGET_AFTER_S:
-            self._forget(url, n)
+            self.forget(url, f"{n} failed heartbeats in a row")
             return
         now = time.monotonic()
         if now - self._warned_at.get(url, -WARN_EVERY_S) >= WARN_EVERY_S:
@@ -260,16 +262,16 @@ class HeartbeatSender:
                 why,
             )
 
-    def _forget(self, url: str, failures: int) -> None:
-        """Stop heartbeating to a gateway that said hello and has been failing ever since; it says hello again
-        when it comes back (its key is no longer trusted until then)."""
-        self.greeted.discard(url)
+    def forget(self, url: str, why: str) -> None:
+        """Stop heartbeating to a gateway that said hello, and stop trusting its key: it has failed for long, or
+        its settler lost the role. It may say hello again (with a settler's signature)."""
+        self.greeted.pop(url, None)
         if url in self.gateway_urls:
             self.gateway_urls.remove(url)
         self.gateway_keys.pop(url, None)
         self.failing.pop(url, None)
         self._warned_at.pop(url, None)
-        log.warning("forgot gateway %s after %d failed heartbeats in a row", url, failures)
+        log.warning("forgot gateway %s: %s", url, why)
 
     async def _loop(self) -> None:
         while True:

@@ -222,3 +222,33 @@ def test_a_gateway_that_said_hello_is_forgotten_after_failing_long_but_the_opera
         s._failed("http://operator:1", "unreachable")
     assert s.gateway_urls == ["http://operator:1"] and KEY not in s.trusted_keys()
     assert s.failing["http://operator:1"] == 5
+
+
+def test_a_gateway_whose_settler_lost_the_role_is_forgotten():
+    """The daemon asks the chain again about every hello gateway's settler; a revoked one's gateway is dropped,
+    a chain that does not answer keeps it."""
+    from types import SimpleNamespace
+
+    from node.daemon import NodeDaemon
+
+    revoked, kept, unknown = "0x" + "aa" * 20, "0x" + "bb" * 20, "0x" + "cc" * 20
+    s = sender()
+    s.add_gateway("http://revoked:1", KEY, revoked)
+    s.add_gateway("http://kept:1", "34" * 32, kept)
+    s.add_gateway("http://unknown:1", "56" * 32, unknown)
+
+    def is_settler(address: str) -> bool:
+        if address == unknown:
+            raise ConnectionError("chain down")
+        return address == kept
+
+    daemon = SimpleNamespace(heartbeat=s, settlers=SettlerCheck(is_settler))
+
+    async def run():
+        task = asyncio.create_task(NodeDaemon._recheck_settlers(daemon, every_s=0.01))
+        await asyncio.sleep(0.2)
+        task.cancel()
+
+    asyncio.run(run())
+    assert sorted(s.gateway_urls) == ["http://kept:1", "http://unknown:1"]
+    assert KEY not in s.trusted_keys() and "34" * 32 in s.trusted_keys()
