@@ -1,5 +1,6 @@
 """The wheel works outside the repository: built from this tree, installed into a new venv in a temporary folder,
-and run from there (`loramesh devnet up`, a node, a gateway, one completion, SIGTERM, `loramesh devnet down`).
+and run from there (`loramesh devnet up`, a node, a gateway, one completion, the explorer, SIGTERM, `loramesh
+devnet down`).
 
 The new venv gets loramesh from the wheel alone (--no-deps). Its dependencies come from the venv running the
 tests through a .pth file naming that venv's site-packages: a plain path entry, so the editable install's
@@ -120,13 +121,53 @@ def test_installed_package_uses_its_own_files(venv, tmp_path):
         assert hint in out["missing"]
 
 
-def test_devnet_node_and_gateway_from_the_wheel(venv, tmp_path):
+class Services:
+    """The long-running commands of one test, each with its log; all killed at the end if still running."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.cwd, self.env = cwd, env
+        self.running: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def start(self, name: str, argv: list) -> None:
+        log = self.cwd / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.running.append((name, proc, log))
+
+    def wait_until(self, ready, what: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, proc, log in self.running:
+                assert proc.poll() is None, f"{name} exited {proc.returncode}: {log.read_text()[-2000:]}"
+            try:
+                if ready():
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"not {what} within {timeout:.0f} s"
+            time.sleep(0.2)
+
+    def terminate(self) -> None:
+        """SIGTERM, as systemd stops them (deploy/*.service): each must stop cleanly, with exit code 0."""
+        for _, proc, _ in self.running:
+            proc.send_signal(signal.SIGTERM)
+        for name, proc, log in self.running:
+            assert proc.wait(timeout=30) == 0, f"{name} exited {proc.returncode} on SIGTERM: {log.read_text()[-2000:]}"
+
+    def kill(self) -> None:
+        for _, proc, _ in self.running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def test_devnet_node_gateway_and_explorer_from_the_wheel(venv, tmp_path):
     work = tmp_path / "work"  # the commands' cwd: nothing of the repository around
     work.mkdir()
     env = _clean_env(venv, [find_anvil().parent])  # anvil on PATH, the way an installed package finds it
     loramesh = str(venv / "bin" / "loramesh")
-    gw_port, node_port, chain_port = free_port(), free_port(), free_port()
-    gw_url, node_url = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{node_port}"
+    gw_port, node_port, explorer_port, chain_port = free_port(), free_port(), free_port(), free_port()
+    gw, node, explorer = (f"http://127.0.0.1:{p}" for p in (gw_port, node_port, explorer_port))
     db = f"sqlite:///{work / 'gateway.db'}"
 
     # independent set-up commands at once: the test runs on 2 shared cores, and each start imports a lot
@@ -143,96 +184,44 @@ def test_devnet_node_and_gateway_from_the_wheel(venv, tmp_path):
     for argv, p, out in zip(setup, procs, outs):
         assert p.returncode == 0, f"{' '.join(argv)}: {out}"
     node_address = next(line.split()[1] for line in outs[0].splitlines() if line.strip().startswith("address"))
-    api_key = outs[2].strip().splitlines()[-1]
+    auth = {"authorization": f"Bearer {outs[2].strip().splitlines()[-1]}"}
 
-    up = _run(
-        [
-            loramesh,
-            "devnet",
-            "up",
-            "--dir",
-            "devnet",
-            "--port",
-            str(chain_port),
-            "--block-time",
-            "0.2",
-            "--fund",
-            node_address,
-        ],
-        cwd=work,
-        env=env,
-    )
     deployment = work / "devnet" / "deployment.json"
-    assert deployment.is_file(), up
-    running: list[tuple[str, subprocess.Popen, Path]] = []
+    (work / "node.toml").write_text(
+        f'base = "{work / "base"}"\nstore = "{work / "store"}"\nport = {node_port}\nkey = "{work / "node.key"}"\n'
+        f'deployment = "{deployment}"\ngateways = ["{gw}"]\ndata_dir = "{work / "node"}"\n'
+        "slots = 2\nthreads = 1\nkv_blocks = 64\nheartbeat_interval = 0.5\n"
+    )
+    services = Services(work, env)
     try:
-        (work / "node.toml").write_text(
-            f'base = "{work / "base"}"\nstore = "{work / "store"}"\nport = {node_port}\nkey = "{work / "node.key"}"\n'
-            f'deployment = "{deployment}"\ngateways = ["{gw_url}"]\ndata_dir = "{work / "node"}"\n'
-            "slots = 2\nthreads = 1\nkv_blocks = 64\nheartbeat_interval = 0.5\n"
-        )
-        commands = {
-            "gateway": [
-                loramesh,
-                "gateway",
-                "run",
-                "--deployment",
-                deployment,
-                "--db",
-                db,
-                "--port",
-                str(gw_port),
-                "--base",
-                "base",
-            ],
-            "node": [loramesh, "node", "run", "--config", "node.toml"],
-        }
-        for name, argv in commands.items():
-            log = work / f"{name}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    argv, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            running.append((name, proc, log))
+        devnet = [loramesh, "devnet", "up", "--dir", "devnet", "--port", str(chain_port), "--block-time", "0.2"]
+        _run([*devnet, "--fund", node_address], cwd=work, env=env)  # deploys from the wheel's artifacts
+        gateway = [loramesh, "gateway", "run", "--deployment", deployment, "--db", db, "--base", "base"]
+        services.start("gateway", [*gateway, "--port", str(gw_port)])
+        services.start("node", [loramesh, "node", "run", "--config", "node.toml"])  # registers itself on chain
 
-        def ready() -> bool:
-            for name, proc, log in running:
-                assert proc.poll() is None, f"{name} exited {proc.returncode}: {log.read_text()[-2000:]}"
-            try:
-                health = httpx.get(node_url + "/health", timeout=2)
-                models = httpx.get(gw_url + "/v1/models", headers={"authorization": f"Bearer {api_key}"}, timeout=2)
-            except httpx.HTTPError:
-                return False
-            return health.status_code == 200 and models.status_code == 200 and bool(models.json()["data"])
+        # the explorer reads the gateway's database: started once the gateway has made its schema
+        services.wait_until(lambda: httpx.get(gw + "/health", timeout=2).status_code == 200, "gateway serving")
+        explorer_argv = [loramesh, "explorer", "--deployment", deployment, "--db", db, "--port", str(explorer_port)]
+        services.start("explorer", explorer_argv)
 
-        deadline = time.monotonic() + 60
-        while not ready():
-            assert time.monotonic() < deadline, "the node and the gateway were not ready within 60 s"
-            time.sleep(0.2)
+        def listed() -> list[str]:
+            models = httpx.get(gw + "/v1/models", headers=auth, timeout=2)
+            return [m["id"] for m in models.json()["data"]] if models.status_code == 200 else []
+
+        services.wait_until(lambda: httpx.get(node + "/health", timeout=2).status_code == 200 and listed(), "ready")
         base = base_model_name(work / "base")
-        assert [
-            m["id"]
-            for m in httpx.get(gw_url + "/v1/models", headers={"authorization": f"Bearer {api_key}"}).json()["data"]
-        ] == [base]
-        r = httpx.post(
-            gw_url + "/v1/completions",
-            headers={"authorization": f"Bearer {api_key}"},
-            json={"model": base, "prompt": "hello", "max_tokens": 2, "temperature": 0},
-            timeout=30,
-        )
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] == 2
+        assert listed() == [base]
+        ask = {"model": base, "prompt": "hello", "max_tokens": 2, "temperature": 0}
+        r = httpx.post(gw + "/v1/completions", headers=auth, json=ask, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
 
-        # SIGTERM, as systemd stops them (deploy/*.service): both stop cleanly
-        for _, proc, _ in running:
-            proc.send_signal(signal.SIGTERM)
-        for name, proc, log in running:
-            assert proc.wait(timeout=30) == 0, f"{name} exited {proc.returncode} on SIGTERM: {log.read_text()[-2000:]}"
+        # the explorer's pages, their styles included, come from the package
+        services.wait_until(lambda: httpx.get(explorer + "/", timeout=5).status_code == 200, "explorer serving")
+        assert "loramesh explorer" in httpx.get(explorer + "/", timeout=5).text
+        services.terminate()
     finally:
-        for _, proc, _ in running:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        services.kill()
         down = subprocess.run(
             [loramesh, "devnet", "down", "--dir", "devnet"],
             cwd=work,
