@@ -81,11 +81,12 @@ def venv(tmp_path_factory) -> Path:
     _copy_tree(root / "src")
     dist, venv = root / "dist", root / "venv"
     py = [sys.executable, "-m"]
-    _run([*py, "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, root / "src"], cwd=root, env=None)
+    pip = [*py, "pip", "--disable-pip-version-check"]  # and no look-up on the network
+    _run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, root / "src"], cwd=root, env=None)
     (wheel,) = dist.glob("loramesh-*.whl")
     _run([*py, "venv", "--without-pip", venv], cwd=root, env=None)
     python = venv / "bin" / "python"
-    _run([*py, "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel], cwd=root, env=None)
+    _run([*pip, "--python", python, "install", "-q", "--no-deps", "--no-index", wheel], cwd=root, env=None)
     site = Path(
         _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root, env={}).strip()
     )
