@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from node.adapters.limits import MAX_LORA_RANK
+from node.engine.quant import check_quantization
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _DTYPES = {
@@ -97,6 +98,12 @@ class ModelConfig:
         model_type = cfg.get("model_type", "")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act {cfg.get('hidden_act')!r} is not supported; expected 'silu'")
+        if (qc := cfg.get("quantization_config")) is not None:
+            method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+            raise ModelConfigError(
+                f"the base checkpoint is saved quantized (quant_method {str(method)[:32]!r}), which this engine "
+                "does not load; give it the bf16/fp16/fp32 checkpoint and --quantization int8|int4|fp8"
+            )
         if cfg.get("mlp_bias"):
             raise ModelConfigError("mlp_bias=true is not supported; expected false")
         rp = dict(cfg.get("rope_parameters") or {})
@@ -219,6 +226,9 @@ class EngineConfig:
     slot_images: bool | None = None
     verify_adapter_hashes: bool = True  # re-hash package files on every load from the store
     fused_ops: bool | None = None  # fused Triton norm / rotary+cache / SiLU ops; None: with static decode
+    # base weights quantized on load (quant.py): "none" | "int8" | "int4" | "fp8" (CUDA, compute capability
+    # >= 8.9); LoRA and activations stay in `dtype`
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -237,6 +247,7 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs {self.cuda_graphs!r} is not one of auto, off, static")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        check_quantization(self.quantization, self.device)
 
     def torch_dtype(self, model: ModelConfig) -> torch.dtype:
         """The dtype weights and activations run in."""

@@ -99,7 +99,7 @@ class LLMEngine:
         self.eos_ids = self._eos_ids()
         self.mapping = LoRAMapping(config.num_slots, kernel or default_kernel(self.device))
         tensors = weights if weights is not None else checkpoint_tensors(config.model_dir)
-        model = build_model(self.model_cfg, self.mapping, tensors, self.device, self.dtype)
+        model = build_model(self.model_cfg, self.mapping, tensors, self.device, self.dtype, config.quantization)
         self.runner = ModelRunner(config, self.model_cfg, model, self.mapping, self.dtype)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self.max_len = min(config.context_len(self.model_cfg), self.runner.num_blocks * config.block_size)
@@ -274,6 +274,7 @@ class LLMEngine:
             running=len(self.scheduler.running),
             tokens_per_s=self.tokens_per_s(),
             device=self.config.device,
+            quantization=self.config.quantization,  # the base's serving precision (the adapters' is `dtype`)
             usage=dict(self.usage),
         )
         return s

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from common.wire import UntrustedJSONError, parse_json
 from node.engine.config import ModelConfig
+from node.engine.lora.layers import LinearWithLoRA
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.model import CausalLM
+from node.engine.quant import Int8Weight, vocab_scheme
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +79,32 @@ def build_model(
     tensors: Iterable[tuple[str, torch.Tensor]],
     device: torch.device,
     dtype: torch.dtype,
+    quantization: str = "none",
 ) -> CausalLM:
-    """Meta-device construction, then allocate on `device` and copy every checkpoint tensor in."""
+    """Meta-device construction, then allocate on `device` and copy every checkpoint tensor in.
+
+    Quantized (`quantization` int8 | int4 | fp8, quant.py): the base linears, and under int8/int4 the
+    embedding and lm_head, are never allocated in full precision on the device. Each one's checkpoint
+    tensors (its q/k/v or gate/up parts) gather in a host buffer, which is quantized on the device once
+    complete and dropped, so loading needs the quantized model plus one fused layer."""
     with torch.device("meta"):
         model = CausalLM(cfg, mapping)
     model.to(dtype)  # still on meta: allocating afterwards never holds an fp32 copy (32 GB for an 8B model)
-    model.to_empty(device=device)
+    quantized = _quantized_weights(model, quantization)  # parameter name -> its module
+    if not quantized:
+        model.to_empty(device=device)
+    else:  # as to_empty, but the weights to quantize stay on meta (shape only) until they are
+        for prefix, module in model.named_modules():
+            for n, p in module._parameters.items():
+                if p is not None and f"{prefix}.{n}".lstrip(".") not in quantized:
+                    module._parameters[n] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+            for n, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[n] = torch.empty_like(b, device=device)
     params = dict(model.named_parameters())
     missing = set(params)
+    staged: dict[str, torch.Tensor] = {}  # fused quantized weights waiting for their other parts (host)
+    vocab: dict[str, torch.Tensor] = {}  # embedding / lm_head, quantized once the loop ends
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue
@@ -96,6 +117,14 @@ def build_model(
             if pname not in params:
                 raise CheckpointError(f"checkpoint tensor {name} has no place in a {cfg.model_type} model")
             module = model.get_submodule(pname.rsplit(".", 1)[0])
+            if pname in quantized:
+                rows = (sum(module.output_sizes), module.in_features)
+                buf = staged.setdefault(pname, torch.empty(rows, dtype=torch.float32))
+                module.weight_loader(buf, t.float(), part)
+                if _all_parts_loaded(module, pname, part):
+                    module.quantize(staged.pop(pname).to(device), quantization, pname)
+                    missing.discard(pname)
+                continue
             module.weight_loader(params[pname], t.to(dtype), part)
             if _all_parts_loaded(module, pname, part):
                 missing.discard(pname)
@@ -105,12 +134,37 @@ def build_model(
             raise CheckpointError(f"checkpoint tensor {name} has no place in a {cfg.model_type} model")
         if params[pname].shape != t.shape:
             raise CheckpointError(f"{name}: checkpoint shape {tuple(t.shape)} != expected {tuple(params[pname].shape)}")
-        params[pname].data.copy_(t.to(dtype))
+        if pname in quantized:
+            if isinstance(quantized[pname], LinearWithLoRA):
+                quantized[pname].quantize(t.to(device), quantization, pname)
+            else:
+                vocab[pname] = t
+        else:
+            params[pname].data.copy_(t.to(dtype))
         missing.discard(pname)
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+    if vocab:
+        embed = Int8Weight(vocab.pop("embed_tokens.weight").to(device))
+        head = Int8Weight(vocab.pop("lm_head.weight").to(device)) if "lm_head.weight" in vocab else None
+        model.quantize_vocab(embed, head)
     model.rotary.build(device, dtype)
     return model.eval()
+
+
+def _quantized_weights(model: CausalLM, scheme: str) -> dict[str, nn.Module]:
+    """{parameter name: owning module} of the weights `scheme` quantizes (empty for "none")."""
+    if scheme == "none":
+        return {}
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LinearWithLoRA):
+            out[f"{name}.weight"] = module
+    if vocab_scheme(scheme) != "none":
+        out["embed_tokens.weight"] = model.embed_tokens
+        if model.lm_head is not None:
+            out["lm_head.weight"] = model.lm_head
+    return out
 
 
 def _all_parts_loaded(module, pname: str, part: str) -> bool:

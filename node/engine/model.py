@@ -15,6 +15,7 @@ from node.engine.config import ModelConfig, RopeConfig
 from node.engine.layers.attention import AttentionMetadata, paged_attention, write_kv
 from node.engine.lora.layers import LinearWithLoRA
 from node.engine.lora.mapping import LoRAMapping
+from node.engine.quant import Int8Weight
 
 
 class RMSNorm(nn.Module):
@@ -188,6 +189,16 @@ class CausalLM(nn.Module):
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)
         self.fused: ModuleType | None = None  # layers/fused.py when the fused ops run (use_fused_ops)
+        # quantized bases (quant.py): the embedding table and the output layer as int8 rows; they replace
+        # embed_tokens / lm_head, and a tied model's one table serves both
+        self.qembed: Int8Weight | None = None
+        self.qhead: Int8Weight | None = None
+
+    def quantize_vocab(self, embed: Int8Weight, head: Int8Weight | None) -> None:
+        """Serve the embedding (and the untied lm_head, else the same table) from int8 rows."""
+        self.qembed, self.qhead = embed, head if head is not None else embed
+        self.embed_tokens = None
+        self.lm_head = None
 
     def use_fused_ops(self, on: bool) -> None:
         """Run the CUDA path's fused Triton norms, rotary + cache writes and SiLU gate, or the torch ops.
@@ -215,7 +226,10 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        x = self.embed_tokens(token_ids)  # [T, D]
+        if self.qembed is None:
+            x = self.embed_tokens(token_ids)  # [T, D]
+        else:
+            x = self.qembed.embedding(token_ids, self.norm.weight.dtype)
         metas = [meta] * len(self.layers)
         if self.cfg.sliding_window is not None and self.full_layers:
             full = full_context(meta)
@@ -231,5 +245,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden [N, D] -> [N, vocab]
+        if self.qhead is not None:
+            return self.qhead.linear(hidden)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w)

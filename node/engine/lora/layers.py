@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.engine.lora.mapping import LoRAMapping
+from node.engine.quant import QuantWeight, quantize_weight
 
 
 class LinearWithLoRA(nn.Module):
@@ -26,6 +27,7 @@ class LinearWithLoRA(nn.Module):
         self.mapping = mapping
         self.weight = nn.Parameter(torch.empty(sum(output_sizes), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(output_sizes)), requires_grad=False) if bias else None
+        self.qweight: QuantWeight | None = None  # the base weight when the node serves it quantized
         self.lora_a: torch.Tensor | None = None  # [S+1, n*R, in]
         # [S+1, n*R, sum(out)], block-diagonal: slice i's rank rows feed only its output columns,
         # so a fused projection takes one shrink and one expand
@@ -39,6 +41,15 @@ class LinearWithLoRA(nn.Module):
         if rows.shape != loaded.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(loaded.shape)} != expected {tuple(rows.shape)}")
         rows.copy_(loaded)
+
+    def quantize(self, w: torch.Tensor, scheme: str, name: str) -> None:
+        """Serve the base from `w` [sum(out), in] quantized under `scheme`; the full-precision parameter goes."""
+        if tuple(w.shape) != (sum(self.output_sizes), self.in_features):
+            raise ValueError(
+                f"{name}: weight shape {tuple(w.shape)} != expected {(sum(self.output_sizes), self.in_features)}"
+            )
+        self.qweight = quantize_weight(w, scheme, name)
+        self.weight = None
 
     def lora_shapes(self, max_rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """Per-slot shapes of (A, B): ([n*R, in], [n*R, sum(out)])."""
@@ -65,7 +76,12 @@ class LinearWithLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, in] -> y [T, sum(out)]
-        y = F.linear(x, self.weight, self.bias)
+        if self.qweight is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:  # only the base matmul changes: the LoRA delta below adds in x's dtype as ever
+            y = self.qweight.linear(x)
+            if self.bias is not None:
+                y = y + self.bias
         if self.mapping.active:
             self.mapping.add_lora(y, x, self.lora_a, self.lora_b, self.output_sizes)
         return y

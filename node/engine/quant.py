@@ -1,0 +1,209 @@
+"""Weight-only quantized base weights (`--quantization`): the base matmuls of a node read int8, int4 or
+fp8 weights, while activations, the residual stream and every LoRA slot stay in the engine's dtype
+(QLoRA-style serving: y = base_q(x) + B(A x), with only base_q changed).
+
+The kernels are torch's own, chosen by measuring on torch 2.13 (bench/engine.py --sections precision):
+  int8  aten._weight_int8pack_mm: int8 [N, K] weight, one scale per output row (symmetric, absmax/127)
+  int4  aten._weight_int4pack_mm_for_cpu (CPU) / aten._weight_int4pack_mm (CUDA, tinygemm): 4-bit
+        asymmetric groups of INT4_GROUP along K, a bf16 (scale, zero) per group
+  fp8   torch._scaled_mm (CUDA, compute capability >= 8.9): e4m3 weights with a scale per output row, the
+        activations cast to e4m3 per token on the fly (vLLM's dynamic per-token fp8)
+torchao 0.18 was measured and not taken: on this torch its int8 weight-only linear dequantizes and ran
+slower than the fp32 base, and its int4 config needs another package (mslk) with no CPU path.
+
+The CPU int8/int4 kernels are fast only for 16-bit activations (fp32 inputs take a path ~100x slower on
+torch 2.13), so the quantized matmul runs in bf16 and casts its output back to the engine's dtype.
+The embedding table and the output layer (lm_head) are int8 under int8 and int4: on small-hidden bases
+they hold most of the bytes, and the output layer stays at 8 bits under int4 because its error goes
+straight into the logits (llama.cpp's 4-bit types keep it above 4 bits for the same reason)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZATIONS = ("none", "int8", "int4", "fp8")
+INT4_GROUP = 128  # K elements per int4 (scale, zero); smaller groups are used when K is not a multiple
+INT4_GROUPS = (128, 64, 32)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have fp8 tensor cores; _scaled_mm needs them
+COMPUTE_DTYPE = torch.bfloat16
+
+
+class QuantizationError(ValueError):
+    """This node cannot serve its base at the precision asked for."""
+
+
+def check_quantization(scheme: str, device: str) -> None:
+    """Refuse, in one line, a scheme this build or device cannot run (called when the engine is configured)."""
+    if scheme not in QUANTIZATIONS:
+        raise QuantizationError(f"quantization {scheme!r} is not supported; expected one of {', '.join(QUANTIZATIONS)}")
+    if scheme != "fp8":
+        return
+    if not device.startswith("cuda"):
+        raise QuantizationError(
+            f"quantization fp8 needs an NVIDIA GPU with fp8 tensor cores (Hopper H100/H200, Ada); "
+            f"this node runs on {device}: pick int8 (or int4) there"
+        )
+    if not torch.cuda.is_available():
+        raise QuantizationError("quantization fp8 needs CUDA, and this torch build has no usable CUDA device")
+    cap = torch.cuda.get_device_capability(torch.device(device))
+    if cap < FP8_MIN_CAPABILITY:
+        raise QuantizationError(
+            f"quantization fp8 needs compute capability >= 8.9 (Hopper H100/H200, Ada); "
+            f"{torch.cuda.get_device_name(torch.device(device))} is {cap[0]}.{cap[1]}: pick int8"
+        )
+
+
+class QuantWeight(nn.Module):
+    """A base weight W [N, K] stored quantized; linear(x) = x W^T in x's dtype. Buffers, not parameters:
+    nothing trains them, and .to() or state_dict() still see them."""
+
+    scheme = "none"
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def dequantize(self) -> torch.Tensor:
+        """W as fp32 [N, K] (tests and error reports)."""
+        raise NotImplementedError
+
+
+class Int8Weight(QuantWeight):
+    """Symmetric int8 per output row: W ~= q * scale[:, None], |q| <= 127. Also an embedding table, whose
+    rows are the output rows of a tied lm_head."""
+
+    scheme = "int8"
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__(*w.shape)
+        wf = w.float()
+        scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
+        self.register_buffer("q", torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(COMPUTE_DTYPE))  # the kernel wants its input's dtype
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), self.q, self.scale)  # [T, N]
+        return y.to(x.dtype)
+
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # ids [T] -> [T, K]: only the batch's rows are dequantized
+        return self.q[ids].to(dtype) * self.scale[ids].to(dtype)[:, None]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float()[:, None]
+
+
+def int4_group(in_features: int) -> int | None:
+    return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+
+
+class Int4Weight(QuantWeight):
+    """Asymmetric 4-bit groups along K: W ~= (q - 8) * scale + zero per (row, group), q in 0..15, packed
+    by torch for its tinygemm-style kernels (a layout of the device's own)."""
+
+    scheme = "int4"
+
+    def __init__(self, w: torch.Tensor, name: str = "weight") -> None:
+        n, k = w.shape
+        super().__init__(n, k)
+        g = int4_group(k)
+        if g is None or n % 16:
+            raise QuantizationError(
+                f"quantization int4 cannot pack {name} of shape {n}x{k}: torch's int4 kernels need the output "
+                f"size a multiple of 16 and the input size a multiple of 32; pick int8 for this base"
+            )
+        self.group = g
+        wg = w.float().reshape(n, k // g, g)
+        lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/g]
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+        q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8.0 * scale  # the kernels compute (q - 8) * scale + zero
+        self.register_buffer(
+            "scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(COMPUTE_DTYPE)
+        )
+        if w.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:  # the CUDA kernel takes two nibbles per byte, then its own tiled layout
+            u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)  # the kernel's K tiling (k % 32 == 0 here)
+            packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
+        self.register_buffer("packed", packed)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(COMPUTE_DTYPE)
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, self.group, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(xc, self.packed, self.group, self.scales_zeros)
+        return y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        # recovered through the kernel itself (the packed layout is torch's): W^T = I W^T
+        eye = torch.eye(self.in_features, device=self.packed.device)
+        return self.linear(eye).float().t().contiguous()
+
+
+class Fp8Weight(QuantWeight):
+    """e4m3 weights with a scale per output row; activations quantized per token at each call (W8A8
+    dynamic, as vLLM's fp8): y = (x_q sx) (w_q sw)^T on the fp8 tensor cores, accumulated in fp32."""
+
+    scheme = "fp8"
+
+    def __init__(self, w: torch.Tensor, name: str = "weight") -> None:
+        n, k = w.shape
+        super().__init__(n, k)
+        if n % 16 or k % 16:
+            raise QuantizationError(
+                f"quantization fp8 cannot run {name} of shape {n}x{k}: _scaled_mm needs multiples of 16"
+            )
+        wf = w.float()
+        scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)  # [N]
+        q = (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        self.register_buffer("q_t", q.t())  # [K, N] column-major: the layout _scaled_mm wants for mat2
+        self.register_buffer("scale", scale[None, :].contiguous())  # [1, N] fp32
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        sx = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # [T, 1]
+        xq = (x.float() / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.q_t, scale_a=sx, scale_b=self.scale, out_dtype=COMPUTE_DTYPE)
+        return y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q_t.t().float() * self.scale.t()
+
+
+def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> QuantWeight:
+    """W [N, K] (on the serving device, any float dtype) -> its quantized form under `scheme`."""
+    if scheme == "int8":
+        return Int8Weight(w)
+    if scheme == "int4":
+        return Int4Weight(w, name)
+    if scheme == "fp8":
+        return Fp8Weight(w, name)
+    raise QuantizationError(f"quantization {scheme!r} has no weight format")
+
+
+def vocab_scheme(scheme: str) -> str:
+    """The format of the embedding table and lm_head under `scheme`: int8 for int8 and int4 (see the
+    module docstring), full precision under fp8 (as vLLM's fp8 leaves them), none under none."""
+    return "int8" if scheme in ("int8", "int4") else "none"
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Resident bytes of a module's weights: parameters and buffers, each counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "meta" or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
