@@ -226,6 +226,8 @@ class EngineConfig:
     slot_images: bool | None = None
     verify_adapter_hashes: bool = True  # re-hash package files on every load from the store
     fused_ops: bool | None = None  # fused Triton norm / rotary+cache / SiLU ops; None: with static decode
+    # share the KV of full prompt blocks across requests under the same (base, adapter) key (block_manager.py)
+    enable_prefix_caching: bool = True
     # base weights quantized on load (quant.py): "none" | "int8" | "int4" | "fp8" (CUDA, compute capability
     # >= 8.9); LoRA and activations stay in `dtype`
     quantization: str = "none"
