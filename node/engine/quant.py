@@ -37,20 +37,22 @@ class QuantizationError(ValueError):
 def check_quantization(scheme: str, device: str) -> None:
     """Refuse, in one line, a scheme this build or device cannot run (called when the engine is configured)."""
     if scheme not in QUANTIZATIONS:
-        raise QuantizationError(f"quantization {scheme!r} is not supported; expected one of {', '.join(QUANTIZATIONS)}")
+        raise QuantizationError(
+            f"--quantization {scheme!r} is not supported; expected one of {', '.join(QUANTIZATIONS)}"
+        )
     if scheme != "fp8":
         return
     if not device.startswith("cuda"):
         raise QuantizationError(
-            f"quantization fp8 needs an NVIDIA GPU with fp8 tensor cores (Hopper H100/H200, Ada); "
+            f"--quantization fp8 needs an NVIDIA GPU with fp8 tensor cores (Hopper H100/H200, Ada); "
             f"this node runs on {device}: pick int8 (or int4) there"
         )
     if not torch.cuda.is_available():
-        raise QuantizationError("quantization fp8 needs CUDA, and this torch build has no usable CUDA device")
+        raise QuantizationError("--quantization fp8 needs CUDA, and this torch build has no usable CUDA device")
     cap = torch.cuda.get_device_capability(torch.device(device))
     if cap < FP8_MIN_CAPABILITY:
         raise QuantizationError(
-            f"quantization fp8 needs compute capability >= 8.9 (Hopper H100/H200, Ada); "
+            f"--quantization fp8 needs compute capability >= 8.9 (Hopper H100/H200, Ada); "
             f"{torch.cuda.get_device_name(torch.device(device))} is {cap[0]}.{cap[1]}: pick int8"
         )
 
