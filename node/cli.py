@@ -509,6 +509,19 @@ def node_run(
     kv_blocks: Annotated[
         int | None, typer.Option("--kv-blocks", min=1, help="KV cache blocks (default: from memory).")
     ] = None,
+    quantization: Annotated[
+        str | None,
+        typer.Option(
+            "--quantization",
+            help=(
+                "Base weights' serving precision, quantized on load from the bf16/fp16/fp32 checkpoint; adapters "
+                "stay in full precision and serve unchanged. none: full precision. int8: CPU or any GPU, about "
+                "1/4 of fp32's (1/2 of bf16's) weight memory and faster decode: the pick on CPU. int4: CPU (and "
+                "CUDA), about half of int8's layer bytes, larger logit error. fp8: Hopper (H100/H200) or Ada GPUs "
+                "only, refused elsewhere: the pick on those. \\[default: none]"
+            ),
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
     deployment: Annotated[
         Path | None,
@@ -601,6 +614,7 @@ def node_run(
             max_lora_rank=max_lora_rank,
             kv_blocks=kv_blocks,
             threads=threads,
+            quantization=quantization,
             deployment=deployment,
             rpc=rpc,
             listen=listen,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from common.settings import ServiceSettings
@@ -49,6 +49,7 @@ class NodeSettings(ServiceSettings):
     max_lora_rank: int | None = Field(default=None, ge=1, le=MAX_LORA_RANK)
     kv_blocks: int | None = Field(default=None, ge=1)  # None: from memory
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads
+    quantization: str | None = None  # none | int8 | int4 | fp8: the base weights' serving precision
     # the chain, the mesh and the gateways
     deployment: Path | None = None
     rpc: str | None = None
@@ -68,6 +69,16 @@ class NodeSettings(ServiceSettings):
     @classmethod
     def _words(cls, v: Any) -> Any:
         return tuple(v.split()) if isinstance(v, str) else v
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # checked here too, so `node run --quantization fp8` on a CPU node is one line before anything loads
+        if v is not None:
+            from node.engine.quant import check_quantization  # torch: imported only when the setting is given
+
+            check_quantization(v, info.data.get("device") or "cpu")
+        return v
 
     def daemon_config(self) -> DaemonConfig:
         """The daemon's config (ValueError for values it refuses)."""
@@ -106,5 +117,6 @@ class NodeSettings(ServiceSettings):
             "max_lora_rank": self.max_lora_rank,
             "num_kv_blocks": self.kv_blocks,
             "threads": self.threads,
+            "quantization": self.quantization,
         }
         return EngineConfig(model_dir=self.base, **{k: v for k, v in given.items() if v is not None})
