@@ -6,9 +6,10 @@ DATA frames (a frame never spans two files), then END. The handler that owns the
 success and resets it on error.
 
 Frames: a 5-byte header, kind (u8) and payload length (u32, big-endian), then the payload. The header
-is checked (known kind, length within that kind's cap) before a single payload byte is read, so a
-peer cannot make us buffer more than one capped frame. Every read has a timeout: Yamux can leave a
-reader hanging when the sender gives up.
+is checked (known kind, length within that kind's cap) before its payload is read or used, and a
+reader holds at most READ_SIZE bytes it has not handed out, so a peer cannot make us buffer more
+than one capped frame. Every read has a timeout: Yamux can leave a reader hanging when the sender
+gives up.
 
 The plan: the manifest's file list decides which bytes land on disk before the full package check
 runs, so the manifest is checked first: it must hash to the adapter id asked for (so it is the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -113,8 +115,18 @@ async def write_frame(stream: ByteStream, kind: Kind, payload: bytes = b"", *, t
         raise ProviderTimeout(f"peer did not accept a {kind.name} frame within {timeout:g}s")
 
 
+READ_SIZE = MAX_PAYLOAD + HEADER.size  # a greedy reader's one read: at most a whole frame's worth
+
+
 class FrameReader:
-    """Reads frames from a stream, buffering partial reads; every read has a timeout.
+    """Reads frames from a stream; every read has a timeout.
+
+    By default it asks the stream for exactly what the current frame still lacks, so nothing past
+    the frame is taken from the stream (the server reads a REQUEST this way, then watches the
+    stream itself). A `greedy` reader asks for up to READ_SIZE bytes per read, as many as the
+    stream holds, and keeps what it got as one memoryview: frames are cut out of it without
+    copying, and a DATA payload can be taken piece by piece (read_header, then read_piece) and
+    hashed and written from the very bytes the stream returned.
 
     A per-read timeout alone lets a peer sending one byte a second hold a reader forever, so a
     reader may also have a deadline (an absolute trio time, for the whole exchange or a phase of
@@ -122,12 +134,23 @@ class FrameReader:
     since then must average `min_rate` bytes/s.
     """
 
-    __slots__ = ("_stream", "_timeout", "_buf", "deadline", "_min_rate", "_grace", "_paced_at", "_paced_bytes")
+    __slots__ = (
+        "_stream",
+        "_timeout",
+        "_pending",
+        "_read_size",
+        "deadline",
+        "_min_rate",
+        "_grace",
+        "_paced_at",
+        "_paced_bytes",
+    )
 
-    def __init__(self, stream: ByteStream, *, timeout: float, deadline: float = math.inf) -> None:
+    def __init__(self, stream: ByteStream, *, timeout: float, deadline: float = math.inf, greedy: bool = False) -> None:
         self._stream = stream
         self._timeout = timeout
-        self._buf = bytearray()
+        self._pending = memoryview(b"")  # bytes read and not yet handed out (at most READ_SIZE)
+        self._read_size = READ_SIZE if greedy else 0
         self.deadline = deadline
         self._min_rate = 0.0
         self._grace = 0.0
@@ -150,39 +173,58 @@ class FrameReader:
                 f"rate of {self._min_rate:g} bytes/s"
             )
 
-    async def _fill(self, n: int) -> None:
-        # Ask for exactly what is missing: nothing is read past the current frame, so no leftover
-        # bytes need shifting and a payload is copied once.
-        while len(self._buf) < n:
-            self._check_pace()
-            chunk = b""
-            wait = min(self._timeout, self.deadline - trio.current_time())
-            with trio.move_on_after(wait) as scope:
-                try:
-                    chunk = await self._stream.read(n - len(self._buf))
-                except EOFError:
-                    chunk = b""
-                except (IOException, MuxedStreamError) as e:
-                    raise ProviderError(f"peer reset the stream after {len(self._buf)} of {n} bytes ({e!r})") from e
-            if scope.cancelled_caught:
-                if wait < self._timeout:
-                    raise ProviderTimeout("peer did not finish within the transfer deadline")
-                raise ProviderTimeout(f"peer sent nothing for {self._timeout:g}s (stalled mid-frame)")
-            if not chunk:
-                raise FrameError(f"stream ended after {len(self._buf)} of {n} bytes of a frame")
-            self._buf += chunk
-            self._paced_bytes += len(chunk)
+    async def _read(self, missing: int, got: int, n: int) -> None:
+        # One read from the stream into the (empty) pending view; `got` of the `n` bytes of the
+        # current header or payload have arrived, `missing` more are needed.
+        self._check_pace()
+        chunk = b""
+        wait = min(self._timeout, self.deadline - trio.current_time())
+        with trio.move_on_after(wait) as scope:
+            try:
+                chunk = await self._stream.read(max(missing, self._read_size))
+            except EOFError:
+                chunk = b""
+            except (IOException, MuxedStreamError) as e:
+                raise ProviderError(f"peer reset the stream after {got} of {n} bytes ({e!r})") from e
+        if scope.cancelled_caught:
+            if wait < self._timeout:
+                raise ProviderTimeout("peer did not finish within the transfer deadline")
+            raise ProviderTimeout(f"peer sent nothing for {self._timeout:g}s (stalled mid-frame)")
+        if not chunk:
+            raise FrameError(f"stream ended after {got} of {n} bytes of a frame")
+        self._paced_bytes += len(chunk)
+        self._pending = memoryview(chunk)
+
+    async def read_piece(self, missing: int, got: int = 0, n: int = 0) -> memoryview:
+        """Up to `missing` (> 0) bytes of the current payload, as they arrived (no copy); reads the
+        stream only when nothing is pending. `got` and `n` (bytes of the payload so far, its length)
+        name the place in an error."""
+        if not self._pending:
+            await self._read(missing, got, n or missing)
+        piece = self._pending[:missing]
+        self._pending = self._pending[len(piece) :]
+        return piece
+
+    async def _read_exact(self, n: int) -> bytes:
+        pending = self._pending
+        if len(pending) >= n:
+            self._pending = pending[n:]
+            return pending[:n].tobytes()
+        parts, got = [], 0
+        while got < n:
+            piece = await self.read_piece(n - got, got, n)
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
+    async def read_header(self) -> tuple[Kind, int]:
+        """The next frame's kind and length, checked; its payload is still to be read."""
+        return check_header(await self._read_exact(HEADER.size))
 
     async def read_frame(self) -> Frame:
         """The next frame; FrameError on a malformed or oversized one, ProviderTimeout on a stall."""
-        await self._fill(HEADER.size)
-        kind, length = check_header(bytes(self._buf))
-        self._buf.clear()
-        if length:
-            await self._fill(length)
-        payload = bytes(self._buf)
-        self._buf.clear()
-        return Frame(kind, payload)
+        kind, length = await self.read_header()
+        return Frame(kind, await self._read_exact(length) if length else b"")
 
     async def expect(self, kind: Kind) -> Frame:
         """The next frame, which must be of `kind` (an ERROR frame is raised as FrameError here)."""
@@ -301,7 +343,7 @@ async def request_package(
     arrive within pace.header_timeout and the files at pace.min_rate (after pace.grace seconds).
     """
     await write_frame(stream, Kind.REQUEST, canonical_json({"adapter_id": adapter_id}), timeout=timeout)
-    reader = FrameReader(stream, timeout=timeout)
+    reader = FrameReader(stream, timeout=timeout, greedy=True)
     if pace is not None:
         reader.deadline = trio.current_time() + pace.header_timeout
     first = await reader.read_frame()
@@ -329,9 +371,11 @@ async def request_package(
     total, done = plan.total_bytes, 0
     if on_bytes:
         on_bytes(0, total)
-    # Hashing and disk writes run in a worker thread (hashlib and file writes release the GIL), fed
-    # through a small queue, so they overlap with receiving and decrypting the next frames.
-    send, recv = trio.open_memory_channel[tuple[FileHasher, object, bytes] | None](8)
+    # Hashing and disk writes run in a worker thread (hashlib and os.writev release the GIL), fed
+    # through a small queue, so they overlap with receiving and decrypting the next frames. Each
+    # DATA payload travels as the pieces the stream returned (no copy): the hash is computed over
+    # exactly the bytes written, and checked against the manifest when the file's last frame is in.
+    send, recv = trio.open_memory_channel[tuple[FileHasher, object, list | None]](SINK_FRAMES)
     opened = []
     try:
         async with trio.open_nursery() as nursery:
@@ -339,20 +383,18 @@ async def request_package(
             async with send:
                 for planned in plan.files:
                     hasher = FileHasher(planned)
-                    out = open(dest / planned.path, "xb")
+                    out = open(dest / planned.path, "xb", buffering=0)
                     opened.append(out)
                     while hasher.remaining:
-                        frame = await reader.read_frame()
-                        if frame.kind != Kind.DATA:
-                            raise BadBytes(
-                                f"{planned.path}: got {frame.kind.name} with {hasher.remaining} bytes missing"
-                            )
-                        hasher.reserve(len(frame.payload))
-                        await send.send((hasher, out, frame.payload))
-                        done += len(frame.payload)
+                        kind, length = await reader.read_header()
+                        if kind != Kind.DATA:
+                            raise BadBytes(f"{planned.path}: got {kind.name} with {hasher.remaining} bytes missing")
+                        hasher.reserve(length)  # refused before a byte of the payload is read
+                        await send.send((hasher, out, await _payload(reader, length)))
+                        done += length
                         if on_bytes:
                             on_bytes(done, total)
-                    await send.send((hasher, out, b""))  # b"": close the file and check its hash
+                    await send.send((hasher, out, None))  # None: close the file and check its hash
             # leaving the nursery waits for the sink: every byte is on disk and every hash checked
     except BaseExceptionGroup as group:
         raise first_error(group) from None
@@ -361,6 +403,33 @@ async def request_package(
             out.close()
     await reader.expect(Kind.END)
     return plan
+
+
+SINK_FRAMES = 8  # DATA frames queued for the worker thread, and taken by it per call: ~16-18 MiB at most
+_SMALL_PIECE = 16 << 10  # smaller pieces are copied together, so a frame is never thousands of objects
+
+
+async def _payload(reader: FrameReader, length: int) -> list:
+    """A DATA payload as a list of buffers: the stream's own pieces, small ones joined.
+
+    A peer that sends a frame a few bytes at a time would otherwise make a megabyte of payload
+    into a million objects (and more iovecs than writev takes)."""
+    pieces: list = []
+    small = bytearray()
+    got = 0
+    while got < length:
+        piece = await reader.read_piece(length - got, got, length)
+        got += len(piece)
+        if len(piece) >= _SMALL_PIECE:
+            if small:
+                pieces.append(small)
+                small = bytearray()
+            pieces.append(piece)
+        else:
+            small += piece
+    if small:
+        pieces.append(small)
+    return pieces
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:
@@ -378,18 +447,41 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
 
 
 async def _sink(recv) -> None:
+    # Whatever is queued goes to the worker thread in one call: one thread hop per batch of frames,
+    # not per frame, once the thread falls behind the stream.
     async with recv:
-        async for hasher, out, payload in recv:
-            if payload:
-                await trio.to_thread.run_sync(_consume, hasher, out, payload)
-            else:
-                out.close()
-                hasher.finish()
+        async for item in recv:
+            batch = [item]
+            while len(batch) < SINK_FRAMES:
+                try:
+                    batch.append(recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await trio.to_thread.run_sync(_consume, batch)
 
 
-def _consume(hasher: FileHasher, out, payload: bytes) -> None:
-    hasher.update(payload)
-    out.write(payload)
+def _consume(batch: list[tuple[FileHasher, object, list | None]]) -> None:
+    for hasher, out, pieces in batch:
+        if pieces is None:  # the file's last frame is in
+            out.close()
+            hasher.finish()
+            continue
+        for piece in pieces:
+            hasher.update(piece)
+        _write_all(out.fileno(), pieces)
+
+
+def _write_all(fd: int, pieces: list) -> None:
+    """Write every byte of `pieces` to `fd` (one writev, then the rest after a short write)."""
+    written = os.writev(fd, pieces) if pieces else 0
+    for piece in pieces:
+        if written >= len(piece):
+            written -= len(piece)
+            continue
+        view = memoryview(piece)[written:]
+        written = 0
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def parse_request(payload: bytes) -> str:
@@ -433,10 +525,45 @@ def package_sections(pkg_dir: Path, adapter_id: str) -> Iterator[tuple[Kind, byt
     yield Kind.END, b""
 
 
-async def send_sections(stream: ByteStream, sections: Iterator[tuple[Kind, bytes]], *, timeout: float) -> None:
-    """Write each (kind, payload) as a frame; disk reads run in a worker thread so the loop keeps serving."""
-    while True:
-        item = await trio.to_thread.run_sync(next, sections, None)
-        if item is None:
-            return
-        await write_frame(stream, item[0], item[1], timeout=timeout)
+SEND_BATCH = 4  # DATA frames read from disk per worker-thread call when serving: 4 MiB per upload
+
+
+def package_frames(pkg_dir: Path, adapter_id: str) -> Iterator[bytearray]:
+    """package_sections' frames, encoded: each DATA frame is read from disk straight into its place
+    behind the header (no payload copy)."""
+    manifest = (pkg_dir / MANIFEST_FILE).read_bytes()
+    plan = plan_transfer(manifest, adapter_id, max_bytes=1 << 62)
+    yield bytearray(encode(Kind.MANIFEST, manifest))
+    yield bytearray(encode(Kind.SIGNATURE, (pkg_dir / SIGNATURE_FILE).read_bytes()))
+    for planned in plan.files:
+        left = planned.size  # never more than the manifest says, even if the file has grown since
+        with open(pkg_dir / planned.path, "rb", buffering=0) as f:
+            while left:
+                frame = bytearray(HEADER.size + min(left, MAX_PAYLOAD))
+                n = f.readinto(memoryview(frame)[HEADER.size :])
+                if not n:
+                    break  # shorter than the manifest says: the peer refuses it
+                del frame[HEADER.size + n :]
+                HEADER.pack_into(frame, 0, int(Kind.DATA), n)
+                left -= n
+                yield frame
+    yield bytearray(encode(Kind.END))
+
+
+def _next_frames(frames: Iterator[bytearray], n: int) -> list[bytearray]:
+    return [frame for _, frame in zip(range(n), frames, strict=False)]
+
+
+async def send_frames(stream: ByteStream, frames: Iterator[bytearray], *, timeout: float) -> None:
+    """Write encoded frames; disk reads run in a worker thread, SEND_BATCH frames at a time."""
+    while batch := await trio.to_thread.run_sync(_next_frames, frames, SEND_BATCH):
+        for frame in batch:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await stream.write(frame)
+                except (IOException, MuxedStreamError) as e:
+                    raise ProviderError(
+                        f"peer closed the stream while we wrote a {Kind(frame[0]).name} frame ({e!r})"
+                    ) from e
+            if scope.cancelled_caught:
+                raise ProviderTimeout(f"peer did not accept a {Kind(frame[0]).name} frame within {timeout:g}s")

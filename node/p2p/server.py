@@ -16,9 +16,9 @@ from node.p2p.protocol import (
     FrameReader,
     Kind,
     first_error,
-    package_sections,
+    package_frames,
     parse_request,
-    send_sections,
+    send_frames,
     write_frame,
 )
 from node.p2p.standing import UNKNOWN, Standing
@@ -115,7 +115,7 @@ class AdapterServer:
 
     async def send_package(self, stream: ByteStream, pkg_dir: Path, adapter_id: str) -> None:
         """Write the package's frames; a test peer overrides this to misbehave."""
-        await send_sections(stream, package_sections(pkg_dir, adapter_id), timeout=self.timeout)
+        await send_frames(stream, package_frames(pkg_dir, adapter_id), timeout=self.timeout)
 
     async def _refuse(self, stream, reason: str) -> None:
         try:
