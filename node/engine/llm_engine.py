@@ -101,7 +101,12 @@ class LLMEngine:
         tensors = weights if weights is not None else checkpoint_tensors(config.model_dir)
         model = build_model(self.model_cfg, self.mapping, tensors, self.device, self.dtype, config.quantization)
         self.runner = ModelRunner(config, self.model_cfg, model, self.mapping, self.dtype)
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(
+            self.runner.num_blocks,
+            config.block_size,
+            namespace=self.base_model_id,
+            enable_caching=config.enable_prefix_caching,
+        )
         self.max_len = min(config.context_len(self.model_cfg), self.runner.num_blocks * config.block_size)
         self.adapters = AdapterManager(
             num_slots=config.num_slots,
@@ -294,6 +299,10 @@ class LLMEngine:
             "prompt_tokens": self.usage["prompt_tokens"],
             "completion_tokens": self.usage["completion_tokens"],
             "adapter_counters": dict(self.adapters.counters),
+            # tokens, as vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits: prompt tokens looked up in
+            # the prefix cache at admission (a resumed sequence's too), and how many of them were found there
+            "prefix_cache_queries": self.blocks.queries,
+            "prefix_cache_hits": self.blocks.hits,
         }
 
     # ---- one step ----
@@ -310,6 +319,8 @@ class LLMEngine:
         try:
             prompt_rows = [i for i, s in enumerate(seqs) if s.wants_prompt_logprobs] if prefill else []
             logits = self.runner.forward(seqs, prefill, prompt_rows=prompt_rows)  # [B (+ prompt positions), V]
+            for s in seqs:  # their KV is written up to their newest token: full blocks become shareable
+                self.blocks.commit(s, s.num_tokens)
             if prompt_rows:
                 events += self._prompt_logprobs(seqs, prompt_rows, logits[len(seqs) :])
                 logits = logits[: len(seqs)]

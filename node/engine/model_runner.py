@@ -170,19 +170,22 @@ class ModelRunner:
     def forward(
         self, seqs: list[Sequence], prefill: bool, all_logits: bool = False, prompt_rows: list[int] = ()
     ) -> torch.Tensor:
-        """Run one step: prefill computes every token of each sequence, decode only the newest.
-        Returns logits [B, vocab] of each sequence's last token ([T, vocab] when all_logits); a prefill with
-        `prompt_rows` appends, for each of those rows in order, the logits of its prompt positions 0..P-2 (what
-        predicted prompt tokens 1..P-1: prompt_logprobs), so only the rows that ask pay for them."""
+        """Run one step: prefill computes every token of each sequence past its cached prefix
+        (num_cached_tokens, whose KV the cache already holds and attention reads), decode only the newest.
+        Returns logits [B, vocab] of each sequence's last token ([T, vocab] of the T computed tokens when
+        all_logits); a prefill with `prompt_rows` appends, for each of those rows in order, the logits of its
+        prompt positions 0..P-2 (what predicted prompt tokens 1..P-1: prompt_logprobs), so only the rows that
+        ask pay for them (those rows skip the prefix cache: their whole prompt is computed)."""
         if not prefill and not all_logits and self.graphs is not None and len(seqs) <= self.graphs.max_batch:
             return self.graphs.run(seqs)
         tokens: list[int] = []
         positions: list[list[int]] = []
         slots: list[int] = []
         for s in seqs:
-            if prefill:
-                ids = s.all_token_ids()
-                pos = list(range(len(ids)))
+            if prefill:  # from the first position the prefix cache did not hold (its KV is read, not computed)
+                start = s.num_cached_tokens
+                ids = s.all_token_ids()[start:]
+                pos = list(range(start, start + len(ids)))
             else:
                 ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]]
                 pos = [s.num_tokens - 1]
@@ -201,6 +204,7 @@ class ModelRunner:
             starts = torch.tensor([0] + [len(p) for p in positions]).cumsum(0)
             last = starts[1:] - 1
             if prompt_rows:
+                assert all(seqs[i].num_cached_tokens == 0 for i in prompt_rows), "prompt logprobs skip the cache"
                 extra = [torch.arange(starts[i], starts[i] + len(seqs[i].prompt_token_ids) - 1) for i in prompt_rows]
                 last = torch.cat([last, *extra])
             hidden = hidden[to_device(last, dev)]  # [B (+ prompt positions), D]

@@ -3,7 +3,11 @@
 Waiting sequences queue per adapter and are admitted round-robin across adapters, so one hot
 adapter cannot starve the rest; a sequence waits (without blocking others) while its adapter
 loads. Decode preempts the most recently admitted sequence when the KV cache is full; it
-resumes later by recomputing its cache."""
+resumes later by recomputing its cache.
+
+Prefix caching: a waiting sequence whose first full blocks are cached under its key borrows them
+(block_manager.py) and its prefill computes only the rest; the prefill token budget counts only
+those uncached tokens."""
 
 from __future__ import annotations
 
@@ -67,10 +71,13 @@ class Scheduler:
                 break
             q = self.queues[key]
             seq = q[0]
-            n = seq.num_tokens
+            # a prompt-logprobs prefill needs every prompt position's logits, so it computes them all
+            look_up = self.blocks.enable_caching and not seq.wants_prompt_logprobs
+            cached = self.blocks.match(seq) if look_up else []
+            n = seq.num_tokens - len(cached) * self.blocks.block_size  # only uncached tokens count
             if batch and tokens + n > self.max_num_batched_tokens:
                 break
-            if not self.blocks.can_allocate(seq.block_table, n):
+            if not self.blocks.can_allocate(seq.block_table, seq.num_tokens, cached):
                 break  # keep order: later arrivals must not overtake a sequence waiting for memory
             if seq.adapter_id is not None:
                 try:
@@ -90,7 +97,7 @@ class Scheduler:
                 self.queues.move_to_end(key)  # next adapter's turn
             else:
                 del self.queues[key]
-            self.blocks.grow(seq.block_table, n)
+            self.blocks.allocate(seq, cached, looked_up=look_up)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.append(seq)

@@ -25,7 +25,8 @@ def now_ms() -> int:
 
 class Sequence:
     """Prompt plus generated tokens; preemption frees its blocks and keeps everything else, so the
-    resumed sequence recomputes its cache and continues with the same sampler and grammar state."""
+    resumed sequence recomputes its cache (but what the prefix cache still holds of it) and continues
+    with the same sampler and grammar state."""
 
     __slots__ = (
         "request_id",
@@ -49,6 +50,9 @@ class Sequence:
         "matcher",
         "logprobs",
         "wants_prompt_logprobs",
+        "block_hashes",
+        "num_cached_tokens",
+        "num_committed_blocks",
     )
 
     def __init__(
@@ -71,6 +75,11 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.params = params
         self.block_table: list[int] = []
+        # prefix caching (block_manager.py): the keys of its full blocks so far; the tokens its last
+        # admission found cached (its prefill starts there); its blocks registered or borrowed so far
+        self.block_hashes: list[bytes] = []
+        self.num_cached_tokens = 0
+        self.num_committed_blocks = 0
         self.status = SeqStatus.WAITING
         self.slot = -1  # adapter slot while running; -1 = base model
         self.generator = seeded_generator(seed, device)
