@@ -11,6 +11,9 @@ Sections (--sections, comma-separated or "all"; CPU default: throughput, CUDA de
   modes       ours with the LoRA kernel forced to BGMV and to SGMV (Triton kernels only)
   cold        cold load of a 168 MB adapter (store -> host -> slot), alone and under a running batch
   ttft        time to first token, 512-token prompt at batch 1, ours and transformers
+  precision   ours with N adapters on the base quantized on load (int8, int4 on CPU; int8, fp8 on CUDA)
+              against the full-precision base, every engine in the same interleaved rounds: decode tok/s,
+              resident weight bytes, greedy rows identical; run first, its engines closed before the rest
   hf-static   transformers with a static cache (auto torch.compile on CUDA), base-only; last, as
               its compile is slow
 
@@ -80,7 +83,7 @@ SHAPES = {
     ),
 }
 TARGETS = list(LORA_TARGETS)  # every projection an adapter may target
-SECTIONS = ("throughput", "distinct", "modes", "cold", "ttft", "hf-static")
+SECTIONS = ("precision", "throughput", "distinct", "modes", "cold", "ttft", "hf-static")
 
 
 def sync(device: str) -> None:
@@ -429,6 +432,10 @@ def main() -> None:
         if "lora_" not in k
     }
     max_len = max(args.prompt_len + args.new_tokens, args.ttft_prompt + 1 if "ttft" in args.sections else 0)
+    precision_report = None
+    if "precision" in args.sections:
+        precision_report = precision(args, base_dir, store, ids, base_sd, prompts)
+        release_memory(args.device)
     n_slots = max(args.adapters, len(distinct_ids))
     failures = []
     # on a GPU session a failure here must not cost the whole run: fall back to the eager static
@@ -523,6 +530,9 @@ def main() -> None:
             report["triton"] = triton.__version__
         except ImportError:
             pass
+
+    if precision_report is not None:
+        report["precision"] = precision_report
 
     def save() -> None:  # write-then-rename: a run killed mid-write keeps the previous JSON whole
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -722,6 +732,97 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def precision(args, base_dir: Path, store, ids: list[str], base_sd: dict, prompts: torch.Tensor) -> dict:
+    """The base quantized on load (node/engine/quant.py) against the full-precision base (fp32 on CPU, bf16 on
+    CUDA): one engine per precision on the same weights and adapters, N adapters over the batch, measured in
+    the same interleaved rounds. Decode tok/s = batch * (n - 1) / (t(n tokens) - t(1 token)); weight bytes =
+    the model's resident parameters and buffers (quant.weight_bytes)."""
+    from node.engine import EngineConfig, GenerationRequest, LLMEngine, SamplingParams
+    from node.engine.quant import weight_bytes
+
+    cuda = args.device.startswith("cuda")
+    schemes = ["none", "int8", "fp8"] if cuda else ["none", "int8", "int4"]
+    out: dict = {"baseline": "bf16" if cuda else "fp32", "errors": {}, "rows": {}}
+    max_len = args.prompt_len + args.new_tokens + 1
+    blocks = args.batch * -(-max_len // 16) + 8  # every row's blocks, fixed: the engines share the device
+    engines = {}
+    for q in schemes:
+        try:
+            engines[q] = LLMEngine(
+                EngineConfig(
+                    model_dir=base_dir,
+                    device=args.device,
+                    dtype="bf16" if cuda else "float32",
+                    num_slots=args.adapters,
+                    max_lora_rank=args.rank,
+                    cpu_cache_size=args.adapters,
+                    max_num_seqs=args.batch,
+                    max_num_batched_tokens=args.batch * args.prompt_len,
+                    max_model_len=max_len,
+                    block_size=16,
+                    num_kv_blocks=blocks,
+                    cuda_graphs=args.cuda_graphs,
+                    quantization=q,
+                ),
+                store=store,
+                weights=base_sd.items(),
+                kernel=make_kernel(args.kernel),
+            )
+            for aid in ids:
+                engines[q].adapters.load(aid).result()
+                engines[q].adapters.make_resident(aid)
+        except Exception as e:  # noqa: BLE001 - reported; the other precisions still run
+            out["errors"][q] = f"{type(e).__name__}: {e}"
+            print(f"precision {q}: engine build failed: {out['errors'][q]}", flush=True)
+    names = [ids[i % len(ids)] for i in range(args.batch)]
+
+    def run(engine, n: int):
+        reqs = [
+            GenerationRequest(
+                f"p{i}",
+                names[i],
+                prompt_token_ids=prompts[i].tolist(),
+                params=SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+            )
+            for i in range(args.batch)
+        ]
+        done = engine.generate(reqs)
+        return [list(done[f"p{i}"].token_ids) for i in range(args.batch)]
+
+    tokens = {q: run(e, args.new_tokens) for q, e in engines.items()}  # warm-up and the outputs
+    t_n: dict = {q: [] for q in engines}
+    t_1: dict = {q: [] for q in engines}
+    for r in range(args.repeats):
+        for q, e in engines.items():
+            for n, sink in ((args.new_tokens, t_n), (1, t_1)):
+                sync(args.device)
+                t0 = time.perf_counter()
+                run(e, n)
+                sync(args.device)
+                sink[q].append(time.perf_counter() - t0)
+        print(
+            f"precision round {r + 1}/{args.repeats}: "
+            + ", ".join(f"{q}: {args.batch * args.new_tokens / t_n[q][-1]:,.1f} tok/s" for q in engines),
+            flush=True,
+        )
+    for q, e in engines.items():
+        dt = max(statistics.median(t_n[q]) - statistics.median(t_1[q]), 1e-9)
+        same = sum(a == b for a, b in zip(tokens[q], tokens.get("none", tokens[q])))
+        out["rows"][q] = {
+            "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / dt,
+            "tokens_per_s": args.batch * args.new_tokens / statistics.median(t_n[q]),
+            "weight_MB": weight_bytes(e.runner.model) / 1e6,
+            "greedy rows identical to the baseline": f"{same}/{args.batch}",
+        }
+        e.close()
+    base = out["rows"].get("none")
+    if base:
+        for row in out["rows"].values():
+            row["decode vs baseline"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            row["weight bytes vs baseline"] = row["weight_MB"] / base["weight_MB"]
+    return out
+
+
 def ratios(args, report) -> dict:
     """The issue's ratios, on step tokens/s (decode) where present."""
     st = report["step_tokens_per_s"]
@@ -889,6 +990,23 @@ def print_table(report: dict, path: Path) -> None:
             f"{floor['adapter_MB']:.0f} MB, KV {floor['kv_GB']:.2f} GB; "
             + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s" for k, v in floor.items() if isinstance(v, dict))
         )
+    prec = r.get("precision")
+    if prec:
+        vs = "vs " + prec["baseline"]
+        title = f"precision ({r['adapters']} adapters)"
+        print(
+            f"| {title:<24} | {'decode tok/s':>12} | {vs:>8} | {'weights MB':>10} | {vs:>8} | {'greedy = base':>13} |"
+        )
+        for q, row in prec["rows"].items():
+            name = q if q != "none" else f"{prec['baseline']} (none)"
+            dec, wb = row.get("decode vs baseline", 0), row.get("weight bytes vs baseline", 0)
+            same = row["greedy rows identical to the baseline"]
+            print(
+                f"| {name:<24} | {row['decode_tokens_per_s']:>12,.1f} | {dec:>7.2f}x | {row['weight_MB']:>10,.1f} | "
+                f"{wb:>7.3f}x | {same:>13} |"
+            )
+        for q, err in prec["errors"].items():
+            print(f"precision {q} failed: {err}")
     for k, v in (r.get("cold_load") or {}).items():
         print(f"cold load: {k}: {round(v, 2) if isinstance(v, float) else v}")
     for k, v in (r.get("ttft_ms") or {}).items():
