@@ -4,7 +4,11 @@ the step's metadata every layer shares. Decode steps on static buffers (the CUDA
 
 Semantics: for query token i of sequence b at position p_i, out_i = softmax(q_i K_b^T / sqrt(d)
 + mask) V_b, where K_b/V_b are the sequence's cached keys/values at positions 0..ctx_b-1 and the
-mask keeps positions j <= p_i (and j > p_i - window with a sliding window)."""
+mask keeps positions j <= p_i (and j > p_i - window with a sliding window).
+
+Prefix caching needs nothing more here: a prefill whose first k blocks were found cached has query
+positions k * block_size .. ctx-1 and reads positions below them from the shared blocks through the
+same block table (on CUDA too: prefill runs this SDPA path, not the Triton decode kernel)."""
 
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ def build_metadata(
     positions: list[list[int]], block_tables: list[list[int]], block_size: int, window: int | None, device: torch.device
 ) -> AttentionMetadata:
     """positions[b] are the positions of sequence b's query tokens this step (contiguous, ending
-    at its context length - 1); block_tables[b] covers its whole context."""
+    at its context length - 1; starting past its cached prefix on a prefix-cache hit); block_tables[b]
+    covers its whole context, cached prefix included."""
     b = len(positions)
     lq = max(len(p) for p in positions)
     max_blocks = max(len(t) for t in block_tables)

@@ -2,6 +2,10 @@
 through the sequence's block table up to its context length, so a step reads only the cache it
 needs and its launch shape depends on the batch size alone (what a CUDA graph requires).
 
+Prefill, a prefix-cache hit's included, does not come here: it runs attention.py's SDPA over the
+gathered blocks, which reads a cached prefix through the block table like any other context. A decode
+step reads shared (prefix-cached) blocks through its table like its own; it never writes them.
+
 Runs compiled on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (set before import)."""
 
 from __future__ import annotations

@@ -389,20 +389,21 @@ def test_static_decode_reads_shared_blocks(llama_world, triton_device):
         pytest.skip("the CUDA run of this is test_static_decode's captured-graph tests with the cache on")
     w = llama_world
     qv = w.adapters[0].adapter_id
-    prompts = [SYSTEM[:24] + _tokens(110 + i, 2 + i) for i in range(3)]
+    prompts = [SYSTEM[:16] + _tokens(110 + i, 2 + i) for i in range(3)]  # 2 shared blocks
     keys = [qv, None, qv]
 
-    def reqs(tag):
-        return [_req(f"{tag}{i}", k, p, 3) for i, (k, p) in enumerate(zip(keys, prompts))]
+    def reqs():
+        warm = [_req("w0", qv, SYSTEM[:16] + [5], 1), _req("w1", None, SYSTEM[:16] + [6], 1)]
+        return warm, [_req(f"r{i}", k, p, 3) for i, (k, p) in enumerate(zip(keys, prompts, strict=True))]
 
     off = w.engine(enable_prefix_caching=False)
     on = w.engine(kernel=TritonLoRAKernel("bgmv"), cuda_graphs="static", max_num_seqs=4)
     try:
         preload(off, [qv])
         preload(on, [qv])
-        want = {**run(off, reqs("w")), **run(off, reqs("r"))}
-        got = {**run(on, reqs("w")), **run(on, reqs("r"))}
-        assert on.blocks.hits == 3 * 24 and on.runner.graphs is not None
+        want = {rid: ev for batch in reqs() for rid, ev in run(off, batch).items()}
+        got = {rid: ev for batch in reqs() for rid, ev in run(on, batch).items()}
+        assert on.blocks.hits == 3 * 16 and on.runner.graphs is not None
         assert_same(got, want)
     finally:
         on.close()
