@@ -41,7 +41,7 @@ def sample(
     row i's own generator, from softmax(logits_i / temperature_i) restricted to its top_k tokens, then to the
     smallest set whose probability reaches top_p, then to the tokens whose probability is at least min_p times
     the largest. Rows never share randomness, so a request's tokens do not depend on what else is in the batch."""
-    logits = process_logits(logits.float(), params, prompts, outputs, eos_ids)
+    logits = only_eos_when_dead(process_logits(logits.float(), params, prompts, outputs, eos_ids), eos_ids)
     greedy = logits.argmax(dim=-1).tolist()
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled_rows:
@@ -70,6 +70,20 @@ def sample(
             pick = torch.multinomial(probs[j], 1, generator=generators[i]).item()
             out[i] = int(order[j, pick])
     return out
+
+
+def only_eos_when_dead(logits: torch.Tensor, eos_ids: Iterable[int]) -> torch.Tensor:
+    """Rows with no distribution to draw from (a NaN or +inf logit, or every token at -inf: a grammar that
+    allows only EOS while min_tokens bans it, a penalty that overflows, a model that blew up) become "EOS
+    only", so that row's sequence stops and every other row of the batch draws as it would have; a raising
+    draw (torch.multinomial on NaN) used to fail the whole step, every request on the node with it.
+    One pass over the logits, no host sync."""
+    eos = next(iter(eos_ids), 0)
+    alive = torch.isfinite(logits)
+    dead = ~(alive | (logits == float("-inf"))).all(dim=-1) | ~alive.any(dim=-1)  # [B]
+    only_eos = torch.full_like(logits[:1], float("-inf"))
+    only_eos[0, eos] = 0.0
+    return torch.where(dead[:, None], only_eos, logits)
 
 
 def _truncates(p: SamplingParams, vocab: int) -> bool:
@@ -201,7 +215,7 @@ def draw_on_device(
 ) -> torch.Tensor:
     """Token ids [B] int64 on logits' device, with no host sync: the rows' logits processed (process_logits),
     then one batched draw (sample_batched). Greedy-only batches skip the sort entirely."""
-    logits = process_logits(logits.float(), params, prompts, outputs, eos_ids)
+    logits = only_eos_when_dead(process_logits(logits.float(), params, prompts, outputs, eos_ids), eos_ids)
     if all(p.temperature == 0 for p in params):
         return logits.argmax(dim=-1)
     dev = logits.device
