@@ -1,5 +1,6 @@
 """Fetch-and-verify of a 160 MB adapter package between two node processes on loopback, beside a raw
-py-libp2p stream of the same bytes (same host stack: TCP + Noise + Yamux) measured in the same run.
+py-libp2p stream of the same bytes (same host stack: TCP + Noise + Yamux) measured in the same run,
+the two taking turns so that both see the same load.
 
     .venv/bin/python bench/p2p.py [--runs 3] [--work DIR]
 
@@ -18,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+SELF = str(Path(__file__).resolve())
+REPO = Path(SELF).parents[1]
 sys.path.insert(0, str(REPO))
 
 RAW_PROTOCOL = "/loramesh-bench/raw/1.0.0"
@@ -68,7 +70,8 @@ async def _raw_serve(path: Path) -> None:
         await trio.to_thread.run_sync(sys.stdin.read)  # until the parent closes stdin
 
 
-async def _raw_fetch(addr: str, runs: int) -> None:
+async def _raw_fetch(addr: str) -> None:
+    """One raw run per line on stdin (the parent interleaves them with fetches), a JSON line each."""
     import trio
     from libp2p.custom_types import TProtocol
     from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -81,8 +84,8 @@ async def _raw_fetch(addr: str, runs: int) -> None:
     async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
         info = info_from_p2p_addr(Multiaddr(addr))
         await host.connect(info)
-        out = []
-        for _ in range(runs):
+        print(json.dumps({"ready": True}), flush=True)
+        while await trio.to_thread.run_sync(sys.stdin.readline):
             t0 = time.perf_counter()
             stream = await host.new_stream(info.peer_id, [TProtocol(RAW_PROTOCOL)])
             await stream.write(b"g")
@@ -98,33 +101,35 @@ async def _raw_fetch(addr: str, runs: int) -> None:
                 if not chunk:
                     break
                 n += len(chunk)
-            out.append({"bytes": n, "seconds": time.perf_counter() - t0})
-        print(json.dumps(out), flush=True)
+            print(json.dumps({"bytes": n, "seconds": time.perf_counter() - t0}), flush=True)
 
 
-def _raw_baseline(path: Path, runs: int) -> list[dict]:
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--raw-serve", str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        addr = json.loads(server.stdout.readline())["addr"]
-        res = subprocess.run(
-            [sys.executable, __file__, "--raw-fetch", addr, "--runs", str(runs)],
-            capture_output=True,
+class RawPair:
+    """A raw server and a raw client process; run() moves the file once and returns (bytes, seconds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.server = subprocess.Popen(
+            [sys.executable, SELF, "--raw-serve", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             text=True,
-            cwd=REPO,
-            timeout=600,
         )
-        if res.returncode:
-            raise RuntimeError(f"raw fetch failed: {res.stderr[-2000:]}")
-        return json.loads(res.stdout.strip().splitlines()[-1])
-    finally:
-        server.stdin.close()
-        server.wait(30)
+        addr = json.loads(self.server.stdout.readline())["addr"]
+        self.client = subprocess.Popen(
+            [sys.executable, SELF, "--raw-fetch", addr], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        json.loads(self.client.stdout.readline())
+
+    def run(self) -> tuple[int, float]:
+        self.client.stdin.write("go\n")
+        self.client.stdin.flush()
+        got = json.loads(self.client.stdout.readline())
+        return got["bytes"], got["seconds"]
+
+    def close(self) -> None:
+        for proc in (self.client, self.server):
+            proc.stdin.close()
+            proc.wait(30)
 
 
 # -- the real thing ----------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def main() -> None:
         from node.p2p.host import route_libp2p_logging
 
         route_libp2p_logging()
-        trio.run(_raw_serve, args.raw_serve) if args.raw_serve else trio.run(_raw_fetch, args.raw_fetch, args.runs)
+        trio.run(_raw_serve, args.raw_serve) if args.raw_serve else trio.run(_raw_fetch, args.raw_fetch)
         return
 
     from node.adapters import AdapterStore, verify_package
@@ -201,17 +206,32 @@ def main() -> None:
         AdapterStore(work / "a").install(pkg.path)
         store_b = AdapterStore(work / "b")
         a = PeerProcess(store=work / "a", owners=owners, base=base, read_timeout=10, log_path=work / "a.log")
-        b = None
+        b = raw = None
+        fetch, raw_runs = [], []
         try:
             b = PeerProcess(store=work / "b", owners=owners, base=base, read_timeout=10, log_path=work / "b.log")
-            fetch = []
-            for _ in range(args.runs):
+            raw = RawPair(weights)
+
+            def fetch_once() -> float:
                 store_b.remove(pkg.adapter_id)
                 got = b.call("fetch", timeout=600, adapter_id=pkg.adapter_id, providers=[a.addrs[0]])
                 if not got["ok"]:
                     raise RuntimeError(f"fetch failed: {got}")
-                fetch.append(got["seconds"])
+                return got["seconds"]
+
+            # One of each first, not counted: imports and first dials. Then raw and fetch runs take
+            # turns (in alternating order), so both see the same load on a shared machine.
+            raw.run(), fetch_once()
+            for i in range(args.runs):
+                if i % 2:
+                    fetch.append(fetch_once())
+                    raw_runs.append(raw.run())
+                else:
+                    raw_runs.append(raw.run())
+                    fetch.append(fetch_once())
         finally:
+            if raw is not None:
+                raw.close()
             if b is not None:
                 b.stop()
             a.stop()
@@ -222,11 +242,10 @@ def main() -> None:
             verify_package(store_b.path_for(pkg.adapter_id), base_dir=base, expected_owner=owner)
             verify.append(time.perf_counter() - t)
 
-        raw = _raw_baseline(weights, args.runs)
-        raw_bytes = raw[0]["bytes"]
-        if raw_bytes != weights.stat().st_size:
+        raw_bytes = raw_runs[0][0]
+        if any(n != weights.stat().st_size for n, _ in raw_runs):
             raise RuntimeError(f"raw stream moved {raw_bytes} bytes, expected {weights.stat().st_size}")
-        raw_s = statistics.median(r["seconds"] for r in raw)
+        raw_s = statistics.median(s for _, s in raw_runs)
 
     mb = size / 1e6
     fetch_s, verify_s = statistics.median(fetch), statistics.median(verify)
@@ -236,10 +255,12 @@ def main() -> None:
         ("fetch + verify + install (loramesh)", mb, fetch_s, mb / fetch_s),
         ("  of which: verify_package alone", mb, verify_s, mb / verify_s),
     ]
-    print(f"\nloopback, two processes, TCP + Noise + Yamux, median of {args.runs} runs")
+    print(f"\nloopback, two processes, TCP + Noise + Yamux, median of {args.runs} runs (raw and fetch interleaved)")
     print(f"{'path':<38} {'MB':>8} {'s':>7} {'MB/s':>8} {'x raw':>7}")
     for name, m, s, r in rows:
         print(f"{name:<38} {m:>8.1f} {s:>7.2f} {r:>8.1f} {r / raw_mbs:>7.2f}")
+    pairs = " ".join(f"{r / f:.2f}" for (_, r), f in zip(raw_runs, fetch, strict=True))
+    print(f"x raw of each fetch against the raw run beside it: {pairs}")
 
 
 if __name__ == "__main__":
