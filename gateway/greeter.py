@@ -8,8 +8,10 @@ as a node is asked again after a back-off that doubles up to `max_backoff_s`, so
 registered URL that is no node at all, costs one small POST every few minutes.
 
 The URLs are strangers' (anyone may register a node): each call is a fixed POST of a small JSON body to
-`<registered api_url>/internal/gateway-hello`, with a short timeout and a bounded answer, and at most
-`concurrency` at once.
+`<registered api_url>/internal/gateway-hello` (an api_url holding "?", "#" or "@" is skipped: it could
+choose another path or carry credentials), under one deadline for the whole call (a server that drips its
+answer cannot hold it), with a bounded answer, at most `concurrency` at once, and each node on its own: a
+round starts the greetings that are due and does not wait for them, so a slow node delays nobody else.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ class NodeGreeter:
         gateway_key: str,
         interval: float = 2.0,
         timeout: float = 2.0,
+        deadline: float = 5.0,
         max_backoff_s: float = 300.0,
         max_answer_bytes: int = 256 << 10,
-        concurrency: int = 8,
+        concurrency: int = 16,
         clock=time.monotonic,
     ) -> None:
         self.account = account
@@ -63,6 +66,7 @@ class NodeGreeter:
         self.gateway_key = gateway_key
         self.interval = interval
         self.timeout = timeout
+        self.deadline = deadline
         self.max_backoff_s = max_backoff_s
         self.max_answer_bytes = max_answer_bytes
         self.clock = clock
@@ -70,6 +74,7 @@ class NodeGreeter:
         self.refused = 0  # hellos that failed: unreachable, refused, or not answered as a node
         self._backoff: dict[str, _Backoff] = {}
         self._limit = asyncio.Semaphore(concurrency)
+        self._inflight: dict[str, asyncio.Task] = {}  # node id -> its greeting, while it runs
         self._warned_not_settler = False
 
     def due(self) -> list[tuple[str, str]]:
@@ -77,7 +82,7 @@ class NodeGreeter:
         now = self.clock()
         out = []
         for reg in list(self.registry.nodes.values()):
-            if not reg.active or not reg.api_url.startswith(("http://", "https://")):
+            if not reg.active or not _callable_url(reg.api_url) or reg.node_id in self._inflight:
                 continue
             entry = self.directory.get(reg.node_id)
             if entry is not None and now - entry.last_seen <= self.directory.ttl:
@@ -88,17 +93,31 @@ class NodeGreeter:
             out.append((reg.node_id, reg.api_url.rstrip("/") + HELLO_PATH))
         return out
 
+    def start_due(self, client: httpx.AsyncClient) -> list[asyncio.Task]:
+        """Start the greetings that are due, each its own task (returned; `run` does not wait for them)."""
+        tasks = []
+        for node_id, url in self.due():
+            task = asyncio.create_task(self._greet(client, node_id, url), name=f"greet-{node_id[:10]}")
+            self._inflight[node_id] = task
+            task.add_done_callback(lambda _t, n=node_id: self._inflight.pop(n, None))
+            tasks.append(task)
+        return tasks
+
     async def greet_once(self, client: httpx.AsyncClient) -> dict[str, str]:
-        """One round; node id -> "ok" or why it failed."""
+        """One round, waited for; node id -> "ok" or why it failed."""
         due = self.due()
-        results = await asyncio.gather(*(self._greet(client, node_id, url) for node_id, url in due))
+        tasks = self.start_due(client)
+        results = await asyncio.gather(*tasks)
         return dict(zip((n for n, _ in due), results))
 
     async def _greet(self, client: httpx.AsyncClient, node_id: str, url: str) -> str:
         async with self._limit:
             doc = make_hello(self.account, gateway_url=self.gateway_url, gateway_key=self.gateway_key, node_id=node_id)
             try:
-                status, answer = await bounded_call(client, "POST", url, self.max_answer_bytes, json=doc)
+                async with asyncio.timeout(self.deadline):
+                    status, answer = await bounded_call(client, "POST", url, self.max_answer_bytes, json=doc)
+            except TimeoutError:
+                return self._failed(node_id, url, f"no whole answer within {self.deadline:g} s")
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:  # a registered URL may be anything
                 return self._failed(node_id, url, f"unreachable: {type(e).__name__}")
         if status != 200:
@@ -113,6 +132,9 @@ class NodeGreeter:
             return self._failed(node_id, url, f"refused ({status}): {text}")
         try:
             heartbeat = parse_json(answer, max_bytes=self.max_answer_bytes, what="hello answer")
+            body = heartbeat.get("body") if isinstance(heartbeat, dict) else None
+            if not isinstance(body, dict) or body.get("node_id") != node_id:  # another node's heartbeat
+                return self._failed(node_id, url, "answered with a heartbeat that is not its own")
             await asyncio.to_thread(self.directory.accept_heartbeat, heartbeat)
         except GatewayError as e:
             if e.code != "stale_heartbeat":  # stale: it heartbeated here meanwhile, which is what we wanted
@@ -142,13 +164,20 @@ class NodeGreeter:
         return why
 
     async def run(self) -> None:
-        """Greet every `interval` seconds until cancelled."""
+        """Start the due greetings every `interval` seconds until cancelled."""
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
-            while True:
-                try:
-                    await self.greet_once(client)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # nothing a node answers may end the greetings
-                    log.exception("greeting round failed")
-                await asyncio.sleep(self.interval)
+            try:
+                while True:
+                    try:
+                        self.start_due(client)
+                    except Exception:  # nothing a node answers may end the greetings
+                        log.exception("greeting round failed")
+                    await asyncio.sleep(self.interval)
+            finally:
+                for task in list(self._inflight.values()):
+                    task.cancel()
+
+
+def _callable_url(url: str) -> bool:
+    """Whether a registered api_url is one the greeter calls: http(s), no query, fragment or credentials."""
+    return url.startswith(("http://", "https://")) and not any(c in url for c in "?#@") and len(url) <= 512

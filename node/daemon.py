@@ -239,7 +239,7 @@ class NodeDaemon:
             await asyncio.sleep(every_s)
             for url, settler in list(self.heartbeat.greeted.items()):
                 try:
-                    still = await self.settlers.check(settler)
+                    still = await self.settlers.check(settler, fresh=True)
                 except SettlerUnknown:
                     continue
                 if not still:

@@ -66,8 +66,8 @@ def verify_hello(doc: object, *, node_id: str, now_ms: int | None = None, max_sk
     url = body["gateway_url"]
     if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > MAX_URL_CHARS:
         raise HelloError(f"hello gateway_url must be an http(s) URL of at most {MAX_URL_CHARS} characters")
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise HelloError("hello gateway_url holds whitespace or control characters")
+    if any(c.isspace() or not c.isprintable() or c in "?#@" for c in url):
+        raise HelloError("hello gateway_url holds whitespace, control characters, a query, a fragment or credentials")
     key = body["gateway_key"]
     if not isinstance(key, str) or len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
         raise HelloError("hello gateway_key must be 64 lowercase hex digits (a raw Ed25519 public key)")
@@ -110,33 +110,73 @@ class SettlerUnknown(RuntimeError):
 
 
 class SettlerCheck:
-    """Asks the chain whether an account is a settler, remembering the answer for `ttl_s` (a revoked settler's
-    gateway is dropped within it). One question at a time: hellos signed by fresh accounts cannot turn into
-    a flood of chain calls, they get SettlerUnknown (503, retried later) while another check runs."""
+    """Asks the chain whether an account is a settler, and remembers.
 
-    MAX_REMEMBERED = 1024
+    Built so that strangers cannot keep a real settler's gateway out, nor flood the node's RPC provider:
+    - an account known to be a settler is answered from memory at once, even once its answer is older than
+      `ttl_s` (the chain is asked again in the background); `check(..., fresh=True)`, the daemon's revocation
+      sweep, waits for the chain's answer instead;
+    - settlers are remembered apart from the accounts that are not, so hellos signed by throwaway accounts
+      never evict them;
+    - one chain question at a time, and for accounts not known as settlers at most one every
+      `min_gap_s`: beyond that a hello gets SettlerUnknown (503, the gateway retries later)."""
 
-    def __init__(self, is_settler, *, ttl_s: float = 60.0, clock=time.monotonic) -> None:
+    MAX_REMEMBERED = 1024  # accounts known not to be settlers (settlers are few: at most as many again)
+
+    def __init__(self, is_settler, *, ttl_s: float = 60.0, min_gap_s: float = 0.2, clock=time.monotonic) -> None:
         self.is_settler = is_settler  # blocking: address -> bool (the chain client's view call)
         self.ttl_s = ttl_s
+        self.min_gap_s = min_gap_s
         self.clock = clock
-        self._answers: OrderedDict[str, tuple[bool, float]] = OrderedDict()
+        self._settlers: OrderedDict[str, float] = OrderedDict()  # address -> when the chain said yes
+        self._others: OrderedDict[str, float] = OrderedDict()  # address -> when the chain said no
         self._lock = asyncio.Lock()
+        self._last_stranger = -float("inf")  # when the chain was last asked about an account not known as a settler
+        self._refreshing: asyncio.Task | None = None
 
-    async def check(self, address: str) -> bool:
+    async def check(self, address: str, *, fresh: bool = False) -> bool:
         address = address.lower()
-        known = self._answers.get(address)
-        if known is not None and self.clock() - known[1] < self.ttl_s:
-            return known[0]
-        if self._lock.locked():
-            raise SettlerUnknown("another gateway's hello is being checked on chain; try again shortly")
+        now = self.clock()
+        if address in self._settlers and not fresh:
+            if now - self._settlers[address] >= self.ttl_s and self._refreshing is None and not self._lock.locked():
+                self._refreshing = asyncio.create_task(self._refresh(address))
+            return True
+        said_no = self._others.get(address)
+        if said_no is not None and now - said_no < self.ttl_s and not fresh:
+            self._others.move_to_end(address)
+            return False
+        if not fresh:
+            if self._lock.locked():
+                raise SettlerUnknown("another gateway's hello is being checked on chain; try again shortly")
+            if now - self._last_stranger < self.min_gap_s:
+                raise SettlerUnknown("too many hellos from unknown accounts; try again shortly")
+            self._last_stranger = now
         async with self._lock:
-            try:
-                answer = bool(await asyncio.to_thread(self.is_settler, address))
-            except Exception as e:  # the chain client's errors: down, timeout, a bad answer
-                raise SettlerUnknown(f"the chain did not answer whether {address} is a settler: {e}") from None
-            self._answers[address] = (answer, self.clock())
-            self._answers.move_to_end(address)
-            while len(self._answers) > self.MAX_REMEMBERED:
-                self._answers.popitem(last=False)
-            return answer
+            return await self._ask(address)
+
+    async def _ask(self, address: str) -> bool:
+        try:
+            answer = bool(await asyncio.to_thread(self.is_settler, address))
+        except Exception as e:  # the chain client's errors: down, timeout, a bad answer
+            raise SettlerUnknown(f"the chain did not answer whether {address} is a settler: {e}") from None
+        if answer:
+            self._others.pop(address, None)
+            self._settlers[address] = self.clock()
+            while len(self._settlers) > self.MAX_REMEMBERED:
+                self._settlers.popitem(last=False)
+        else:
+            self._settlers.pop(address, None)
+            self._others[address] = self.clock()
+            self._others.move_to_end(address)
+            while len(self._others) > self.MAX_REMEMBERED:
+                self._others.popitem(last=False)
+        return answer
+
+    async def _refresh(self, address: str) -> None:
+        try:
+            async with self._lock:
+                await self._ask(address)
+        except SettlerUnknown:
+            pass  # the chain is down: the old yes stands until it answers (the sweep keeps asking)
+        finally:
+            self._refreshing = None

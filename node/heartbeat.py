@@ -39,8 +39,9 @@ WARN_EVERY_S = 60.0
 # Gateways that said hello (node.gateway_hello) are forgotten after failing this long in a row (they say
 # hello again when they come back); those the operator named are never forgotten.
 FORGET_AFTER_S = 600.0
-# At most this many gateways that said hello at once: each costs a request per beat.
+# At most this many gateways that said hello at once (each costs a request per beat), and per settler.
 MAX_HELLO_GATEWAYS = 64
+MAX_GATEWAYS_PER_SETTLER = 8
 
 
 class HeartbeatError(ValueError):
@@ -200,6 +201,8 @@ class HeartbeatSender:
         if new:
             if len(self.greeted) >= self.max_greeted:
                 raise TooManyGateways(f"this node already heartbeats to {len(self.greeted)} gateways that said hello")
+            if settler and sum(1 for s in self.greeted.values() if s == settler) >= MAX_GATEWAYS_PER_SETTLER:
+                raise TooManyGateways(f"settler {settler} already vouches for {MAX_GATEWAYS_PER_SETTLER} gateways here")
             self.gateway_urls.append(url)
             self.greeted[url] = settler
             log.info("gateway %s said hello (settler %s): heartbeating to it", url, settler or "?")
@@ -224,6 +227,16 @@ class HeartbeatSender:
             self.gateway_keys[url] = key
 
     async def _post(self, client: httpx.AsyncClient, url: str, doc: dict) -> int | str:
+        try:
+            # one deadline over both calls: a gateway that drips its answer cannot hold up the round (and so every
+            # other gateway's heartbeat)
+            async with asyncio.timeout(2 * self.timeout):
+                return await self._post_within(client, url, doc)
+        except TimeoutError:
+            self._failed(url, f"no whole answer within {2 * self.timeout:g} s")
+            return "timed out"
+
+    async def _post_within(self, client: httpx.AsyncClient, url: str, doc: dict) -> int | str:
         try:
             if url not in self.gateway_keys:
                 status, answer = await bounded_call(client, "GET", url + GATEWAY_KEY_PATH, MAX_KEY_ANSWER_BYTES)

@@ -128,25 +128,64 @@ def test_a_hello_past_its_size_is_refused_before_parsing():
 # ---- SettlerCheck ----
 
 
-def test_settler_answers_are_remembered_for_their_ttl():
-    asked: list[str] = []
-    now = [0.0]
+class Chain:
+    """is_settler as the chain answers it, with a log of the questions; `clock` is advanced by the tests."""
 
-    def is_settler(address: str) -> bool:
-        asked.append(address)
-        return address == "0xaa"
+    def __init__(self, settlers: set[str]) -> None:
+        self.settlers, self.asked, self.now = set(settlers), [], [0.0]
 
-    check = SettlerCheck(is_settler, ttl_s=60, clock=lambda: now[0])
+    def __call__(self, address: str) -> bool:
+        self.asked.append(address)
+        return address in self.settlers
+
+    def check(self, **kw) -> SettlerCheck:
+        return SettlerCheck(self, clock=lambda: self.now[0], **kw)
+
+
+def test_a_settler_is_answered_from_memory_and_refreshed_in_the_background():
+    chain = Chain({"0xaa"})
+    check = chain.check(ttl_s=60)
 
     async def run():
         assert await check.check("0xAA") is True
+        assert await check.check("0xaa") is True  # remembered
+        chain.now[0] = 61.0
+        chain.settlers.clear()  # revoked: the stale yes still answers at once, and the chain is asked behind it
         assert await check.check("0xaa") is True
-        assert await check.check("0xbb") is False
-        now[0] = 61.0
-        assert await check.check("0xaa") is True
+        await asyncio.sleep(0.05)
+        assert await check.check("0xaa") is False
 
     asyncio.run(run())
-    assert asked == ["0xaa", "0xbb", "0xaa"]
+    assert chain.asked == ["0xaa", "0xaa"]
+
+
+def test_throwaway_accounts_neither_evict_a_settler_nor_flood_the_chain():
+    chain = Chain({"0xaa"})
+    check = chain.check(min_gap_s=0.2, ttl_s=1e9)  # no answer expires here: only eviction could lose one
+
+    async def run():
+        assert await check.check("0xaa") is True
+        for i in range(1500):  # more than MAX_REMEMBERED strangers, each asked once
+            chain.now[0] += 1.0
+            assert await check.check(f"0x{i:040x}") is False
+        with pytest.raises(SettlerUnknown, match="too many"):  # two strangers within min_gap_s
+            await check.check("0x" + "ee" * 20)
+        assert await check.check("0xaa") is True  # no chain question for the settler
+
+    asyncio.run(run())
+    assert chain.asked.count("0xaa") == 1 and len(chain.asked) == 1501
+
+
+def test_the_revocation_sweep_asks_the_chain_even_while_the_answer_is_fresh():
+    chain = Chain({"0xaa"})
+    check = chain.check()
+
+    async def run():
+        assert await check.check("0xaa") is True
+        chain.settlers.clear()
+        assert await check.check("0xaa", fresh=True) is False
+
+    asyncio.run(run())
 
 
 def test_a_chain_that_is_down_is_settler_unknown_not_a_no():

@@ -1,0 +1,160 @@
+"""gateway.greeter and the node's heartbeat sender against servers that answer slowly or wrongly: one such
+server never holds up the greetings or heartbeats of anyone else (found by an attack review: a dripping
+answer used to stall a whole round)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from eth_account import Account
+
+from common.identity import Identity
+from gateway.greeter import NodeGreeter
+from node.heartbeat import HeartbeatSender
+
+NODE = "0x" + "ab" * 32
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 answering every connection with `answer(conn)` in a thread of its own."""
+
+    def __init__(self, answer) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.answer, self.hits, self.stopped = answer, 0, False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.hits += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn) -> None:
+        try:
+            conn.recv(65536)
+            self.answer(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.sock.close()
+
+
+def drip(conn) -> None:
+    """200, chunked, one byte every 0.3 s for ever: each read is quick, the answer never ends."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\ncontent-type: application/json\r\n\r\n")
+    for _ in range(200):
+        conn.sendall(b"1\r\n \r\n")
+        time.sleep(0.3)
+
+
+def json_answer(doc: dict):
+    def answer(conn) -> None:
+        body = json.dumps(doc).encode()
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        conn.sendall(head.encode() + body)
+
+    return answer
+
+
+@pytest.fixture
+def dripping():
+    server = RawServer(drip)
+    yield server
+    server.close()
+
+
+def greeter(nodes: dict[str, str], **kw) -> NodeGreeter:
+    registry = SimpleNamespace(
+        nodes={n: SimpleNamespace(node_id=n, active=True, api_url=url) for n, url in nodes.items()}
+    )
+    directory = SimpleNamespace(get=lambda _n: None, ttl=10.0, accept_heartbeat=lambda doc: None)
+    return NodeGreeter(
+        Account.create(),
+        registry=registry,
+        directory=directory,
+        gateway_url="http://127.0.0.1:9",
+        gateway_key="12" * 32,
+        timeout=1.0,
+        **kw,
+    )
+
+
+def test_a_dripping_node_costs_one_deadline_and_holds_up_no_other_greeting(dripping):
+    other = RawServer(json_answer({"body": {"node_id": "0x" + "cd" * 32}, "signature": "00"}))
+    g = greeter({NODE: dripping.url, "0x" + "cd" * 32: other.url}, deadline=1.0)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            started = time.monotonic()
+            tasks = g.start_due(client)
+            assert time.monotonic() - started < 0.2  # a round starts greetings, it does not wait for them
+            assert len(tasks) == 2 and not g.due()  # a greeting in flight is not started again
+            results = await asyncio.gather(*tasks)
+            return results, time.monotonic() - started
+
+    (slow, fast), took = asyncio.run(run())
+    other.close()
+    assert "no whole answer within 1 s" in slow and took < 2.5
+    assert fast == "ok"
+
+
+def test_a_hello_answered_with_another_nodes_heartbeat_is_refused():
+    liar = RawServer(json_answer({"body": {"node_id": "0x" + "ee" * 32}, "signature": "00"}))
+    g = greeter({NODE: liar.url})
+
+    async def run():
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            return await g.greet_once(client)
+
+    assert "not its own" in asyncio.run(run())[NODE]
+    liar.close()
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1/x?y=", "http://a@10.0.0.1", "http://h/#frag", "ftp://h"])
+def test_registered_urls_that_could_pick_another_path_or_carry_credentials_are_not_called(url):
+    assert greeter({NODE: url}).due() == []
+
+
+def test_a_dripping_gateway_does_not_stop_the_heartbeats_to_the_others(dripping):
+    """A gateway that said hello and drips its answer: the operator's gateway still gets a beat every interval
+    plus at most the deadline."""
+    beats: list[float] = []
+
+    def ok(conn) -> None:
+        beats.append(time.monotonic())
+        json_answer({"accepted": True})(conn)
+
+    good = RawServer(ok)
+    sender = HeartbeatSender(
+        Identity.generate(), [good.url], api_url="http://n", base_model_id=NODE, status_fn=dict, timeout=0.5
+    )
+    sender.gateway_keys[good.url] = "12" * 32
+    sender.add_gateway(dripping.url, "34" * 32, "0x" + "aa" * 20)
+
+    async def run():
+        sender.interval = 0.2
+        sender.start()
+        await asyncio.sleep(4.0)
+        await sender.stop()
+
+    asyncio.run(run())
+    good.close()
+    # each round lasts at most the 1 s deadline plus the 0.2 s interval: at least 3 beats in 4 s
+    assert len(beats) >= 3 and sender.failing.get(dripping.url, 0) >= 2
