@@ -19,6 +19,7 @@ import json
 import re
 import secrets
 
+from common.wire import UntrustedJSONError, parse_json
 from gateway.errors import BadRequest
 
 MAX_TOOLS = 128
@@ -27,7 +28,10 @@ MAX_TOOLS = 128
 MAX_CALLS = 8
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+# what a model writes is untrusted JSON like any other: its size and nesting are bounded before it is parsed
+# (a deeply nested "call" used to raise RecursionError, a 500 for a request already billed)
+MAX_CALL_TEXT_BYTES = 16 << 20
+MAX_CALL_DEPTH = 64
 # Tool calls are written compactly: the node's grammar allows no whitespace between JSON tokens in them
 # (llguidance's per-schema options; a free answer may pretty-print), so a model cannot spend its tokens on
 # whitespace before the call closes.
@@ -125,23 +129,22 @@ class ToolPlan:
             calls = self._constrained(text)
             return (None, calls) if calls else (text, [])
         calls, content, last = [], [], 0
-        for m in _BLOCK.finditer(text):
+        for start, end in _blocks(text):
             if len(calls) == self.max_calls:
                 break  # one call only (parallel_tool_calls false): the rest stays text
-            call = self._call(m.group(1))
+            call = self._call(text[start + len(OPEN) : end - len(CLOSE)])
             if call is None:
                 continue  # not a call this request knows: left in the content
-            content.append(text[last : m.start()])
-            last = m.end()
+            content.append(text[last:start])
+            last = end
             calls.append(call)
         content.append(text[last:])
         rest = "".join(content).strip() if calls else text
         return (rest or None) if calls else text, calls
 
     def _constrained(self, text: str) -> list[dict]:
-        try:
-            doc = json.loads(text)
-        except ValueError:
+        doc = _parsed(text)
+        if doc is None:
             return []
         if self.choice == "function":
             return [_tool_call(self.name, doc)] if isinstance(doc, dict) else []
@@ -151,24 +154,40 @@ class ToolPlan:
         return [] if not calls or None in calls else calls
 
     def _call(self, block: str) -> dict | None:
-        try:
-            return self._call_from(json.loads(block))
-        except ValueError:
-            return None
+        doc = _parsed(block)
+        return None if doc is None else self._call_from(doc)
 
     def _call_from(self, doc: object) -> dict | None:
         if not isinstance(doc, dict) or doc.get("name") not in self.functions:
             return None
         args = doc.get("arguments", {})
         if isinstance(args, str):  # some models write the arguments as a JSON string, as OpenAI sends them
-            try:
-                args = json.loads(args)
-            except ValueError:
-                return None
+            args = _parsed(args)
         return _tool_call(doc["name"], args) if isinstance(args, dict) else None
 
     def stream(self) -> ToolStream:
         return ToolStream(self)
+
+
+def _parsed(text: str) -> object | None:
+    """The JSON a model wrote, within bounds; None when it is not JSON (or too large, or too deep)."""
+    try:
+        return parse_json(text, max_bytes=MAX_CALL_TEXT_BYTES, max_depth=MAX_CALL_DEPTH, what="tool call")
+    except UntrustedJSONError:
+        return None
+
+
+def _blocks(text: str):
+    """(start, end) of each `<tool_call>...</tool_call>` block, the first CLOSE after each OPEN, in one pass:
+    an OPEN with no CLOSE after it ends the search (no later OPEN has one either). A lazy regex did the same in
+    time quadratic in the number of unclosed OPENs."""
+    pos = 0
+    while (start := text.find(OPEN, pos)) >= 0:
+        close = text.find(CLOSE, start + len(OPEN))
+        if close < 0:
+            return
+        pos = close + len(CLOSE)
+        yield start, pos
 
 
 def _tool_call(name: str, arguments: dict) -> dict:
@@ -189,6 +208,7 @@ class ToolStream:
         self.held = ""
         self.called = False
         self._index = 0
+        self._searched = 0  # held[:_searched] holds no CLOSE: a long unclosed block is not rescanned every token
 
     def push(self, text: str) -> list[dict]:
         if self.plan.choice == "none":
@@ -205,14 +225,16 @@ class ToolStream:
                 if ready:
                     out.append({"content": ready})
                 return out
-            end = self.held.find(CLOSE, start)
+            end = self.held.find(CLOSE, max(start, self._searched - len(CLOSE) + 1))
             if end < 0:
                 if start:
                     out.append({"content": self.held[:start]})
                     self.held = self.held[start:]
+                self._searched = len(self.held)
                 return out
             before, block = self.held[:start], self.held[start : end + len(CLOSE)]
             self.held = self.held[end + len(CLOSE) :]
+            self._searched = 0
             call = self.plan._call(block[len(OPEN) : -len(CLOSE)])
             if before:
                 out.append({"content": before})
@@ -261,9 +283,6 @@ def template_messages(messages: list[dict]) -> list[dict]:
 def _template_call(call: dict) -> dict:
     fn = dict(call.get("function") or {})
     args = fn.get("arguments")
-    if isinstance(args, str):
-        try:
-            fn["arguments"] = json.loads(args)
-        except ValueError:
-            pass  # not JSON: the template writes it as the string it is
+    if isinstance(args, str) and (parsed := _parsed(args)) is not None:
+        fn["arguments"] = parsed  # not JSON (or too deep): the template writes it as the string it is
     return {**call, "function": fn}

@@ -24,6 +24,7 @@ WEATHER = {
     },
 }
 TIME = {"type": "function", "function": {"name": "get_time"}}
+TOOLS = [WEATHER, TIME]
 
 
 @pytest.mark.parametrize(
@@ -165,3 +166,28 @@ def test_one_call_only_when_parallel_calls_are_off():
     assert len(calls) == 1 and content == '<tool_call>{"name": "get_time"}</tool_call>'
     _, streamed, _ = _stream(auto, [text])
     assert len(streamed) == 1
+
+
+def test_a_deeply_nested_call_is_text_not_a_crash():
+    """A model (or a client's own assistant message) can write JSON nested past Python's recursion limit; it is
+    refused by the bounded parser and kept as text, never a RecursionError (a 500 for a billed request)."""
+    plan = tool_plan(TOOLS, "auto")
+    deep = '{"name": "get_weather", "arguments": ' + "[" * 6000 + "]" * 6000 + "}"
+    text = f"<tool_call>{deep}</tool_call>"
+    assert plan.parse(text) == (text, [])
+    assert plan.stream().push(text) == [{"content": text}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        assert tool_plan(TOOLS, choice).parse("[" * 6000 + "]" * 6000) == ("[" * 6000 + "]" * 6000, [])
+    message = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": deep}}]}
+    assert template_messages([message])[0]["tool_calls"][0]["function"]["arguments"] == deep
+
+
+def test_many_unclosed_blocks_stay_text_whole_and_streamed():
+    """4,096 `<tool_call>` with no close (the shape that made the old lazy regex quadratic): all of it comes back
+    as content, whole and streamed token by token."""
+    plan = tool_plan(TOOLS, "auto")
+    text = "<tool_call>x" * 4096
+    assert plan.parse(text) == (text, [])
+    stream = plan.stream()
+    out = [d for i in range(0, len(text), 5) for d in stream.push(text[i : i + 5])] + stream.close()
+    assert "".join(d["content"] for d in out) == text
