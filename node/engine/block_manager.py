@@ -1,11 +1,11 @@
 """Paged KV cache bookkeeping: fixed-size blocks, per-sequence block tables, and prefix caching.
 
 Prefix caching: once a full block's KV is written, the block is registered under a chained hash of
-(base model, adapter, the block's tokens and every token before it), and a later sequence whose
-first full blocks hash the same borrows them (reference-counted) instead of computing them again.
-The adapter is in the key because an adapter changes K and V (on q/k/v directly, on any other
-module through the hidden states of the layers above it): the same tokens under two adapters never
-share KV; base-only sequences share among themselves.
+(base model, adapter, the request's cache salt if any, the block's tokens and every token before
+it), and a later sequence whose first full blocks hash the same borrows them (reference-counted)
+instead of computing them again. The adapter is in the key because an adapter changes K and V (on
+q/k/v directly, on any other module through the hidden states every later layer reads): the same
+tokens under two adapters never share KV; base-only sequences share among themselves.
 
 The free pool holds every block no sequence references. Blocks never registered are handed out
 first; then registered ones, least recently released first, each dropped from the hash table as it
@@ -14,6 +14,7 @@ goes (LRU eviction), so a prefix seen recently stays findable until memory press
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from array import array
 from collections import OrderedDict, deque
@@ -60,9 +61,10 @@ class BlockManager:
         return math.ceil(num_tokens / self.block_size)
 
     # ---- keys ----
-    def _root(self, adapter_id: str | None) -> bytes:
+    def _root(self, adapter_id: str | None, salt: str | None) -> bytes:
+        # JSON: no two (namespace, adapter, salt) triples encode alike, whatever characters a salt holds
         h = hashlib.blake2b(digest_size=DIGEST, person=b"loramesh-kv")
-        h.update(f"{self.namespace}\0{adapter_id or ''}".encode())
+        h.update(json.dumps([self.namespace, adapter_id, salt]).encode())
         return h.digest()
 
     def block_hashes(self, seq: Sequence, n: int) -> list[bytes]:
@@ -72,7 +74,7 @@ class BlockManager:
         if len(hashes) < n:
             bs = self.block_size
             tokens = seq.all_token_ids()
-            parent = hashes[-1] if hashes else self._root(seq.adapter_id)
+            parent = hashes[-1] if hashes else self._root(seq.adapter_id, seq.cache_salt)
             for i in range(len(hashes), n):
                 h = hashlib.blake2b(parent, digest_size=DIGEST)
                 h.update(array("q", tokens[i * bs : (i + 1) * bs]).tobytes())

@@ -223,6 +223,7 @@ class LLMEngine:
                         index=k,
                         prompt_index=p,
                         matcher=grammars.matcher(params.guided) if grammars is not None else None,
+                        cache_salt=req.cache_salt,
                     )
                 )
         return SequenceGroup(seqs, sum(len(ids) for ids in prompts))
@@ -452,6 +453,7 @@ class LLMEngine:
             error=error,
             choices=choices,
             prompt_logprobs=tuple(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
+            cached_tokens=sum(s.prompt_cached_tokens for s in group.seqs if s.index % s.params.n == 0),
         )
         self.recent[group.request_id] = ev
         while len(self.recent) > RECENT_FINISHED:

@@ -20,6 +20,7 @@ MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs b
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 16  # prompts in one request
 MAX_SEQUENCES = 64  # prompts x n
+MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
 
 
 class RequestError(ValueError):
@@ -154,6 +155,9 @@ class GenerationRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | list[list[int]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # requests share cached prompt KV only under the same salt (vLLM's cache_salt): a caller that gives each
+    # tenant its own salt keeps one tenant from timing whether another sent a prompt; None: the shared cache
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -162,6 +166,10 @@ class GenerationRequest:
             raise RequestError(
                 f"adapter_id must be '0x' + 64 lowercase hex characters or null, got {self.adapter_id!r}"
             )
+        if self.cache_salt is not None and (
+            not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= MAX_CACHE_SALT
+        ):
+            raise RequestError(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} characters or null")
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise RequestError("give exactly one of prompt or prompt_token_ids")
         ids = self.prompt_token_ids
@@ -259,3 +267,6 @@ class FinishEvent:
     error: str | None = None
     choices: tuple[Choice, ...] = ()
     prompt_logprobs: tuple[tuple[TokenLogprob | None, ...], ...] | None = None
+    # of prompt_tokens, those whose KV the prefix cache held when each prompt was first computed (OpenAI's
+    # usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = 0

@@ -98,6 +98,8 @@ class Scheduler:
             else:
                 del self.queues[key]
             self.blocks.allocate(seq, cached, looked_up=look_up)
+            if not seq.output_token_ids:  # its first prefill (a resumed sequence has output)
+                seq.prompt_cached_tokens = seq.num_cached_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.append(seq)

@@ -53,6 +53,8 @@ class Sequence:
         "block_hashes",
         "num_cached_tokens",
         "num_committed_blocks",
+        "cache_salt",
+        "prompt_cached_tokens",
     )
 
     def __init__(
@@ -68,6 +70,7 @@ class Sequence:
         index: int = 0,
         prompt_index: int = 0,
         matcher=None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.adapter_id = adapter_id
@@ -80,6 +83,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_cached_tokens = 0
         self.num_committed_blocks = 0
+        self.cache_salt = cache_salt  # part of its blocks' keys (GenerationRequest.cache_salt)
+        self.prompt_cached_tokens = 0  # num_cached_tokens of its first prefill (usage: cached prompt tokens)
         self.status = SeqStatus.WAITING
         self.slot = -1  # adapter slot while running; -1 = base model
         self.generator = seeded_generator(seed, device)

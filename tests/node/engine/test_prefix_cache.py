@@ -5,10 +5,12 @@ is accounted for after every step and back in the free pool when all requests en
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from node.engine import GenerationRequest, SamplingParams
+from node.engine import GenerationRequest, RequestError, SamplingParams
 from node.engine.block_manager import BlockManager
 from node.engine.sequence import Sequence
 from tests.utils.engine import greedy, preload
@@ -149,6 +151,8 @@ def test_mixed_batch_sharing_a_system_prompt_gives_what_no_cache_gives(llama_wor
         assert all(s.num_cached_tokens == len(SYSTEM) for s in running)
         got.update(run(on))
         assert_same(got, want)
+        assert all(got[r.request_id].cached_tokens == len(SYSTEM) for r in mixed)
+        assert all(got[r.request_id].cached_tokens == 0 for r in warm)
         m = on.metrics_snapshot()
         assert m["prefix_cache_hits"] == len(SYSTEM) * len(mixed)
         assert m["prefix_cache_queries"] == sum(len(r.prompt_token_ids) for r in warm + mixed)
@@ -211,6 +215,28 @@ def test_an_adapter_never_reads_kv_another_adapter_wrote(llama_world):
     finally:
         on.close()
         off.close()
+
+
+def test_a_cache_salt_is_its_own_namespace(llama_world):
+    prompt = SYSTEM + [3, 4]
+
+    def salted(rid, salt):
+        return dataclasses.replace(_req(rid, None, prompt), cache_salt=salt)
+
+    on = llama_world.engine()
+    try:
+        run(on, [salted("a", "tenant-a")])
+        other = run(on, [salted("b", "tenant-b"), salted("b2", "tenant-a\0")])
+        plain = run(on, [_req("c", None, prompt)])  # unsalted: the shared cache, which holds none of them
+        assert on.blocks.hits == 0 and on.blocks.num_cached_blocks == 4 * 5
+        again = run(on, [salted("d", "tenant-a")])
+        assert on.blocks.hits == 40 and again["d"].cached_tokens == 40
+        assert again["d"].token_ids == other["b"].token_ids == plain["c"].token_ids
+    finally:
+        on.close()
+    for bad in ("", "x" * 257, 7):
+        with pytest.raises(RequestError, match="cache_salt"):
+            salted("e", bad)
 
 
 # ---- the last token, prompt logprobs, the budget ----
