@@ -17,7 +17,7 @@ from node.engine.config import ModelConfig
 from node.engine.lora.layers import LinearWithLoRA
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.model import CausalLM
-from node.engine.quant import Int8Weight, vocab_scheme
+from node.engine.quant import Int8Weight, probe, vocab_scheme
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ _FUSED = {
     "gate_proj": ("gate_up_proj", "gate_proj"),
     "up_proj": ("gate_up_proj", "up_proj"),
 }
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_INDEX_BYTES = 16 << 20  # a 400B model's shard index is well under 1 MiB
 _SHARD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.safetensors$")  # a file beside the index, nothing else
 _PROJ = re.compile(
@@ -108,6 +109,11 @@ def build_model(
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue
+        if t.dtype not in _FLOAT_DTYPES:  # int8/fp8 tensors come with scales this engine does not read
+            raise CheckpointError(
+                f"checkpoint tensor {name} is {str(t.dtype).removeprefix('torch.')}: this engine loads bf16/fp16/fp32 "
+                "checkpoints and quantizes them itself (--quantization int8|int4|fp8)"
+            )
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         m = _PROJ.match(name)
@@ -123,6 +129,7 @@ def build_model(
                 module.weight_loader(buf, t.float(), part)
                 if _all_parts_loaded(module, pname, part):
                     module.quantize(staged.pop(pname).to(device), quantization, pname)
+                    probe(module.qweight, quantization, dtype)
                     missing.discard(pname)
                 continue
             module.weight_loader(params[pname], t.to(dtype), part)
@@ -137,6 +144,7 @@ def build_model(
         if pname in quantized:
             if isinstance(quantized[pname], LinearWithLoRA):
                 quantized[pname].quantize(t.to(device), quantization, pname)
+                probe(quantized[pname].qweight, quantization, dtype)
             else:
                 vocab[pname] = t
         else:
@@ -146,6 +154,7 @@ def build_model(
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     if vocab:
         embed = Int8Weight(vocab.pop("embed_tokens.weight").to(device))
+        probe(embed, "int8", dtype)
         head = Int8Weight(vocab.pop("lm_head.weight").to(device)) if "lm_head.weight" in vocab else None
         model.quantize_vocab(embed, head)
     model.rotary.build(device, dtype)

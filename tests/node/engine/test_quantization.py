@@ -150,6 +150,18 @@ def test_fp8_on_cpu_and_unknown_schemes_are_one_line_errors(tmp_path):
         EngineConfig(model_dir=tmp_path, quantization="fp8")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_a_checkpoint_tensor_already_quantized_is_refused_naming_its_dtype(qworld, dtype):
+    from node.engine import TorchLoRAKernel
+    from node.engine.loader import CheckpointError, build_model, checkpoint_tensors
+    from node.engine.lora.mapping import LoRAMapping
+
+    cfg = ModelConfig.from_dir(qworld.base_dir)
+    tensors = [(n, t.to(dtype) if n.endswith("o_proj.weight") else t) for n, t in checkpoint_tensors(qworld.base_dir)]
+    with pytest.raises(CheckpointError, match=r"checkpoint tensor model\.layers\.\d+\.self_attn\.o_proj\.weight is "):
+        build_model(cfg, LoRAMapping(2, TorchLoRAKernel()), tensors, torch.device("cpu"), torch.float32, "int8")
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8", "compressed-tensors"])
 def test_a_checkpoint_saved_quantized_is_refused_naming_its_format(method):
     cfg = dict(
