@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from node.engine.config import EngineConfig
@@ -86,6 +86,9 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # one thread validates the requests that cost (grammar compiles, text prompts): a flood of hostile
+        # schemas takes one core at most, and never the event loop
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-compiler")
 
     @property
     def base_model_id(self) -> str:
@@ -117,12 +120,24 @@ class AsyncEngine:
             self._wake.set()
             self._thread.join(timeout=30)
             self._thread = None
+        self._compiler.shutdown(wait=False, cancel_futures=True)
         self.core.close()
 
     # ---- API for asyncio callers ----
+    async def asubmit(self, request: GenerationRequest) -> RequestStream:
+        """`submit`, with the request's costly validation off the event loop when it has any: a grammar to compile
+        (a hostile schema takes up to a second; one at a time, on the compile thread) or a text prompt to
+        tokenize. A plain request of token ids is validated on the loop (a thread hop costs its TTFT more)."""
+        if request.params.guided is None and request.prompt is None:
+            return self.submit(request)
+        group = await asyncio.get_running_loop().run_in_executor(self._compiler, self.core.make_group, request)
+        return self._queue(request, group)
+
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate and queue a request; raises RequestError subclasses for bad ones."""
-        group = self.core.make_group(request)
+        return self._queue(request, self.core.make_group(request))
+
+    def _queue(self, request: GenerationRequest, group) -> RequestStream:
         loop = self._loop = asyncio.get_running_loop()
         stream = RequestStream(self, request.request_id, loop)
         with self._lock:

@@ -109,7 +109,7 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
                 prep.result()
             except AdapterError as e:
                 raise adapter_error(e) from e
-        stream = _submit(node, rid, body)
+        stream = await _submit(node, rid, body)
     except BaseException:  # refused, or the client left while the adapter was prepared
         book.release(rid)
         raise
@@ -212,7 +212,7 @@ def _guided(body: GenerateBody):
     return GuidedSpec.from_wire(body.guided)
 
 
-def _submit(node: NodeApi, rid: str, body: GenerateBody):
+async def _submit(node: NodeApi, rid: str, body: GenerateBody):
     """Queue the request in the engine (ApiError 400/409 for one it refuses)."""
     try:
         guided = _guided(body)
@@ -242,7 +242,7 @@ def _submit(node: NodeApi, rid: str, body: GenerateBody):
         req = GenerationRequest(
             rid, body.adapter_id, prompt=body.prompt, prompt_token_ids=body.prompt_token_ids, params=params
         )
-        stream = node.engine.submit(req)
+        stream = await node.engine.asubmit(req)
         node.metrics.started(rid)
     except PromptTooLongError as e:
         raise ApiError(400, str(e), "context_length_exceeded") from e
@@ -279,7 +279,7 @@ async def _cold_sse(node: NodeApi, rid: str, body: GenerateBody, prep: asyncio.F
         if rid not in book.cold:  # aborted while its adapter was prepared
             err = ApiError(409, f"request {rid} was aborted before it started", "request_aborted")
         if err is None:
-            stream = _submit(node, rid, body)
+            stream = await _submit(node, rid, body)
     except ApiError as e:
         err = e
     except asyncio.CancelledError:  # the client left while the adapter was prepared

@@ -108,3 +108,37 @@ def test_a_caller_that_gives_up_does_not_stop_the_engine_loop(engine, llama_worl
         return await asyncio.wait_for(drain(), 30)  # a dead loop never answers
 
     assert isinstance(asyncio.run(still_serves())[-1], FinishEvent)
+
+
+def test_requests_that_cost_are_validated_off_the_event_loop(engine, llama_world):
+    """A guided request's grammar is compiled (and a text prompt tokenized) on the engine's compile thread, never
+    on the event loop, where a hostile schema froze every other request (attack review); plain token-id
+    requests are validated on the loop."""
+    import threading
+
+    from node.engine import GenerationRequest, SamplingParams
+    from node.engine.grammar import GuidedSpec
+
+    seen: list[str] = []
+    make_group = engine.core.make_group
+
+    def recording(req):
+        seen.append(threading.current_thread().name)
+        return make_group(req)
+
+    engine.core.make_group = recording
+    spec = GuidedSpec.from_wire({"type": "json_schema", "schema": {"enum": ["ab"]}})
+    try:
+
+        async def go():
+            for rid, params in (("guided", SamplingParams(max_tokens=4, guided=spec)), ("plain", None)):
+                req = GenerationRequest(rid, None, prompt_token_ids=[1, 5, 6], params=params or SamplingParams())
+                [ev async for ev in await engine.asubmit(req)]
+            text = GenerationRequest("text", None, prompt="hello", params=SamplingParams(max_tokens=2))
+            [ev async for ev in await engine.asubmit(text)]
+
+        asyncio.run(go())
+    finally:
+        del engine.core.make_group
+    assert seen[0].startswith("request-compiler") and seen[2].startswith("request-compiler")
+    assert seen[1] == threading.main_thread().name

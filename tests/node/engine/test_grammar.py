@@ -251,6 +251,9 @@ def test_from_wire_accepts_the_two_shapes():
         ({"type": "json_schema", "schema": True}, "guided.schema must be a JSON object"),
         ({"type": "json_schema", "schema": {"maximum": float("nan")}}, "not JSON"),
         ({"type": "json_schema", "schema": {"description": "x" * MAX_SCHEMA_BYTES}}, f"at most {MAX_SCHEMA_BYTES}"),
+        # llguidance's options may not loosen what the node enforces (attack review)
+        ({"type": "json_schema", "schema": {"x-guidance": {"lenient": True}}}, "x-guidance may only be"),
+        ({"type": "json_schema", "schema": {"x-guidance": {"whitespace_pattern": " *"}}}, "x-guidance may only be"),
     ],
 )
 def test_from_wire_refuses_bad_shapes(wire, words):
@@ -386,3 +389,12 @@ def test_every_end_of_sequence_id_ends_a_complete_text(tok):
     mask = g.new_bitmask(1)
     m.fill(mask, 0)
     assert m.terminated and allowed(mask[0]).nonzero().flatten().tolist() == [1, EOS]
+
+
+def test_the_one_x_guidance_taken_is_the_gateways_compact_tool_calls():
+    from gateway.tools import COMPACT
+    from node.engine.grammar import COMPACT_OPTIONS
+
+    assert COMPACT == {"x-guidance": COMPACT_OPTIONS}
+    spec = GuidedSpec.from_wire({"type": "json_schema", "schema": {"type": "object"} | COMPACT})
+    assert spec is not None and "x-guidance" in spec.schema
