@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -455,7 +456,9 @@ class LLMEngine:
             prompt_logprobs=tuple(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
             cached_tokens=sum(s.prompt_cached_tokens for s in group.seqs if s.index % s.params.n == 0),
         )
-        self.recent[group.request_id] = ev
+        # kept for receipts only (counts and times): the text, tokens and logprobs of n choices and a long prompt's
+        # scores could be tens of MB a request, and a thousand are kept
+        self.recent[group.request_id] = dataclasses.replace(ev, text="", token_ids=(), choices=(), prompt_logprobs=None)
         while len(self.recent) > RECENT_FINISHED:
             self.recent.popitem(last=False)
         self.usage["requests"] += 1

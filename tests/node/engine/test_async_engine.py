@@ -55,7 +55,13 @@ def test_abort_mid_stream_returns_final_event_and_loop_stays_responsive(engine):
     first, ticks, final, rest, again = asyncio.run(go())
     assert isinstance(first, TokenEvent) and ticks == 5
     assert final.finish_reason == "abort" and 1 <= final.completion_tokens < 400
-    assert rest[-1] == final and again == final
+    assert rest[-1] == final
+    # a finished request answers with its final event as kept for its receipt: the counts and times
+    assert (again.finish_reason, again.completion_tokens, again.finished_at) == (
+        final.finish_reason,
+        final.completion_tokens,
+        final.finished_at,
+    )
 
 
 def test_closing_a_stream_aborts_the_request(engine):
@@ -142,3 +148,20 @@ def test_requests_that_cost_are_validated_off_the_event_loop(engine, llama_world
         del engine.core.make_group
     assert seen[0].startswith("request-compiler") and seen[2].startswith("request-compiler")
     assert seen[1] == threading.main_thread().name
+
+
+def test_a_finished_request_is_remembered_by_its_counts_only(engine, llama_world):
+    """What the engine keeps of a finished request (for its receipt) holds no text, tokens or logprobs: a
+    thousand kept requests with n=16 and logprobs were gigabytes (attack review)."""
+    from node.engine import GenerationRequest, SamplingParams
+
+    async def go():
+        params = SamplingParams(max_tokens=6, n=3, logprobs=2, prompt_logprobs=2)
+        req = GenerationRequest("kept", None, prompt_token_ids=[1, 5, 6, 7], params=params)
+        events = [ev async for ev in engine.submit(req)]
+        return events[-1], await engine.finished("kept")
+
+    streamed, kept = asyncio.run(go())
+    assert streamed.choices and streamed.prompt_logprobs  # the stream's last event is whole
+    assert (kept.prompt_tokens, kept.completion_tokens, kept.finished_at) == (4, 18, streamed.finished_at)
+    assert kept.text == "" and kept.token_ids == () and kept.choices == () and kept.prompt_logprobs is None
