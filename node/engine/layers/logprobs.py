@@ -31,16 +31,24 @@ class RawLogprobs:
         return _entries(tokens[self._rows_t].tolist(), chosen.tolist(), self.top_vals, self.top_ids, self.ks)
 
 
+SCORE_CHUNK = 256  # prompt positions scored at once: a long prompt's float32 log-softmax is never whole
+
+
 def score(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
     """logits [N, V] of N positions and the token that followed each -> each target's log-probability and the
-    top k at that position (prompt_logprobs)."""
-    lp = logits.float().log_softmax(dim=-1)  # [N, V]
-    t = to_device(torch.tensor(targets, dtype=torch.int64), lp.device)
-    chosen = lp.gather(1, t[:, None]).squeeze(1)
-    vals = ids = None
-    if k > 0:
-        vals, ids = lp.topk(k, dim=-1)
-    return _entries(targets, chosen.tolist(), vals, ids, [k] * len(targets))
+    top k at that position (prompt_logprobs). Scored SCORE_CHUNK positions at a time: a 4,000-token prompt over a
+    32,000-token vocabulary took another 500 MB for its log-softmax at once."""
+    out: list[TokenLogprob] = []
+    for lo in range(0, len(targets), SCORE_CHUNK):
+        part = targets[lo : lo + SCORE_CHUNK]
+        lp = logits[lo : lo + len(part)].float().log_softmax(dim=-1)  # [<= SCORE_CHUNK, V]
+        t = to_device(torch.tensor(part, dtype=torch.int64), lp.device)
+        chosen = lp.gather(1, t[:, None]).squeeze(1)
+        vals = ids = None
+        if k > 0:
+            vals, ids = lp.topk(k, dim=-1)
+        out += _entries(part, chosen.tolist(), vals, ids, [k] * len(part))
+    return out
 
 
 def _entries(tokens: list[int], chosen: list[float], vals, ids, ks: list[int]) -> list[TokenLogprob]:

@@ -169,3 +169,17 @@ def test_an_empty_prompt_among_several_is_refused(llama_world):
             engine.add_request(GenerationRequest("e", None, prompt_token_ids=[[1, 2], [True]]))
     finally:
         engine.close()
+
+
+def test_prompt_scores_are_the_same_scored_in_chunks(monkeypatch):
+    """score() works through a long prompt a chunk of positions at a time; the entries equal one whole pass."""
+    import torch
+
+    from node.engine.layers import logprobs
+
+    logits = torch.randn(700, 97, generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, 97, (700,), generator=torch.Generator().manual_seed(4)).tolist()
+    chunked = logprobs.score(logits, targets, 3)
+    monkeypatch.setattr(logprobs, "SCORE_CHUNK", 10_000)
+    whole = logprobs.score(logits, targets, 3)
+    assert len(chunked) == 700 and chunked == whole
