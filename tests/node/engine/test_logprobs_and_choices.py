@@ -138,7 +138,12 @@ def test_a_request_of_several_sequences_aborts_together(llama_world):
         fin = engine.abort("ab")
         assert fin.finish_reason == "abort" and not engine.has_work() and "ab" not in engine.requests
         assert fin.completion_tokens == 4 * 2 and [c.finish_reason for c in fin.choices] == ["abort"] * 4
-        assert engine.abort("ab") is fin
+        again = engine.abort("ab")  # what is kept for its receipt: the counts and times
+        assert (again.finish_reason, again.completion_tokens, again.finished_at) == (
+            "abort",
+            fin.completion_tokens,
+            fin.finished_at,
+        )
         # greedy sequences of one prompt agree
         two = SamplingParams(max_tokens=3, temperature=0, n=2, ignore_eos=True)
         done = engine.generate([GenerationRequest("g", None, prompt_token_ids=_prompt(3, 4), params=two)])["g"]
