@@ -14,6 +14,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.http import bounded_call, read_capped
+from common.serving import KEEP_ALIVE_S as SERVER_KEEP_ALIVE_S
 from common.wire import UntrustedJSONError, parse_json
 from node.request_auth import SignedNodeAuth
 
@@ -21,7 +22,11 @@ log = logging.getLogger(__name__)
 
 # Node error codes that are the client's fault: another node would refuse the same request.
 CLIENT_ERROR_CODES = frozenset({"invalid_request", "context_length_exceeded"})
-KEEPALIVE_S = 2.0  # idle pooled connections to nodes live this long
+# idle pooled connections to nodes live this long: half what a node's server keeps them (common.serving), so
+# the gateway always drops one first (a request sent down a connection the node is closing that instant
+# fails, and the node is taken for dead); a request after a pause of a few seconds reuses its connection
+# instead of paying a TCP handshake (a round trip to another machine) before its first token
+KEEPALIVE_S = SERVER_KEEP_ALIVE_S / 2
 DRAIN_TIMEOUT_S = 0.5  # how long a finished stream's end may take to arrive before we drop the connection
 # the largest answers taken from a node: one SSE event (a token, or the done event with its receipt), an error
 # body, an abort's or a stored receipt
@@ -164,8 +169,7 @@ class NodeClient:
     ) -> None:
         self.key = key or Ed25519PrivateKey.generate()
         self.first_byte_timeout = first_byte_timeout
-        # idle connections are dropped well before a node's server would close them (uvicorn: after 5 s), so
-        # a request is never sent down a connection the node is closing at that moment (it would fail)
+        # idle connections are dropped well before a node's server would close them (KEEPALIVE_S)
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=connect_timeout), limits=limits)
 
