@@ -458,6 +458,8 @@ def main() -> None:
                     max_num_seqs=args.batch,
                     max_num_batched_tokens=args.batch * args.prompt_len,
                     max_model_len=max_len + 1,
+                    # the rounds repeat their prompts: cold, so the rows compare with transformers+PEFT
+                    enable_prefix_caching=False,
                     block_size=16,
                     cuda_graphs=graphs,
                 ),
@@ -760,6 +762,7 @@ def precision(args, base_dir: Path, store, ids: list[str], base_sd: dict, prompt
                     max_num_seqs=args.batch,
                     max_num_batched_tokens=args.batch * args.prompt_len,
                     max_model_len=max_len,
+                    enable_prefix_caching=False,  # every precision computes every prompt
                     block_size=16,
                     num_kv_blocks=blocks,
                     cuda_graphs=args.cuda_graphs,

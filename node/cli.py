@@ -523,6 +523,13 @@ def node_run(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    prefix_caching: Annotated[
+        bool | None,
+        typer.Option(
+            "--prefix-caching/--no-prefix-caching",
+            help="Share the KV of prompt prefixes across requests of the same adapter (or base-only) [default: on].",
+        ),
+    ] = None,
     deployment: Annotated[
         Path | None,
         typer.Option(
@@ -614,6 +621,7 @@ def node_run(
             max_lora_rank=max_lora_rank,
             kv_blocks=kv_blocks,
             threads=threads,
+            prefix_caching=prefix_caching,
             quantization=quantization,
             deployment=deployment,
             rpc=rpc,

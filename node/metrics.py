@@ -112,6 +112,14 @@ class _Gauges:
         )
         yield lora
         yield CounterMetricFamily("vllm:prompt_tokens", "Prompt tokens processed", value=s["prompt_tokens"])
+        yield CounterMetricFamily(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            value=s.get("prefix_cache_queries", 0),
+        )
+        yield CounterMetricFamily(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", value=s.get("prefix_cache_hits", 0)
+        )
         yield CounterMetricFamily("vllm:generation_tokens", "Tokens generated", value=s["completion_tokens"])
         yield g("loramesh_node_adapters_resident", "Adapters in GPU/CPU slots", value=s["resident"])
         yield g("loramesh_node_adapters_cached", "Adapters in the host cache", value=s["cached"])

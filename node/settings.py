@@ -49,6 +49,7 @@ class NodeSettings(ServiceSettings):
     max_lora_rank: int | None = Field(default=None, ge=1, le=MAX_LORA_RANK)
     kv_blocks: int | None = Field(default=None, ge=1)  # None: from memory
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads
+    prefix_caching: bool | None = None  # share prompt prefixes' KV (the engine's default: on)
     quantization: str | None = None  # none | int8 | int4 | fp8: the base weights' serving precision
     # the chain, the mesh and the gateways
     deployment: Path | None = None
@@ -118,5 +119,6 @@ class NodeSettings(ServiceSettings):
             "num_kv_blocks": self.kv_blocks,
             "threads": self.threads,
             "quantization": self.quantization,
+            "enable_prefix_caching": self.prefix_caching,
         }
         return EngineConfig(model_dir=self.base, **{k: v for k, v in given.items() if v is not None})

@@ -75,4 +75,7 @@ def test_metrics_follow_the_requests_served(served):
             == 1
         )
     assert one(m, "loramesh_node_adapter_evictions_total", tier="slot") == 0
+    # the prompts were looked up in the prefix cache; 4 tokens fill no block of 8, so none was found there
+    assert one(m, "vllm:prefix_cache_queries_total") > one(before, "vllm:prefix_cache_queries_total")
+    assert one(m, "vllm:prefix_cache_hits_total") == 0
     assert one(m, "vllm:num_requests_running") == 0

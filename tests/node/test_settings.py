@@ -99,3 +99,11 @@ def test_node_run_refuses_an_unknown_setting_in_its_config_file_in_one_line(tmp_
     assert "unknown setting 'prot'" in result.output
     result = CliRunner().invoke(app, ["node", "run", "--config", str(tmp_path / "missing.toml")])
     assert result.exit_code == 2 and "does not exist" in result.output, result.output
+
+
+def test_prefix_caching_is_on_unless_turned_off(tmp_path, monkeypatch):
+    assert NodeSettings.load(None, base=Path("b"), store=Path("s"), port=1).engine_config().enable_prefix_caching
+    off = write(tmp_path, 'base = "b"\nstore = "s"\nport = 1\nprefix_caching = false\n')
+    assert not NodeSettings.load(off).engine_config().enable_prefix_caching
+    monkeypatch.setenv("LORAMESH_NODE_PREFIX_CACHING", "true")
+    assert NodeSettings.load(off).engine_config().enable_prefix_caching
