@@ -75,6 +75,10 @@ for _cls in (
 SETTLE_SIGNATURE = "settleBatch(bytes32,bytes32,uint64,bytes32[],bytes32[],bytes,uint256)"
 SETTLE_SELECTOR = function_signature_to_4byte_selector(SETTLE_SIGNATURE)
 GET_BATCH_SELECTOR = function_signature_to_4byte_selector("getBatch(bytes32)")
+NEXT_SEQUENCE_SELECTOR = function_signature_to_4byte_selector("nextSequence(address)")
+DEPOSIT_OF_SELECTOR = function_signature_to_4byte_selector("depositOf(address)")
+BASE_PRICE_SELECTOR = function_signature_to_4byte_selector("basePricePer1kTokens()")
+ADAPTER_SPLIT_SELECTOR = function_signature_to_4byte_selector("adapterSplit(bytes32)")
 RECORDS_SETTLED_SIGNATURE = "RecordsSettled(bytes32,address,uint64,bytes32[],bytes32[],uint256[],bytes)"
 RECORDS_SETTLED_TOPIC = hex0x(keccak(text=RECORDS_SETTLED_SIGNATURE))
 RECORDS_SETTLED_DATA = ("uint64", "bytes32[]", "bytes32[]", "uint256[]", "bytes")
@@ -100,6 +104,10 @@ def settle_calldata(
             max_fees,
         ],
     )
+
+
+def _address_word(address: str) -> bytes:
+    return bytes(12) + bytes.fromhex(to_checksum_address(address)[2:])
 
 
 def _gas_key(records: Sequence[SettleRecord]) -> tuple[int, int, int]:
@@ -290,6 +298,14 @@ class ChainClient:
         )
         return self.tx.transact(self.registry.functions.registerAdapter(id_bytes(reg.adapter_id), reg.spec(), sig))
 
+    def adapter_price(self, adapter_id: str) -> int:
+        """The adapter's price per 1,000 tokens as settlement reads it (the registry's adapterSplit);
+        UnknownAdapter when it is not registered. One raw eth_call: the settler prices every batch."""
+        out = self.tx.raw_call(self.registry.address, ADAPTER_SPLIT_SELECTOR + id_bytes(adapter_id))
+        if len(out) < 2 * _WORD:
+            raise DeploymentMismatch(f"adapterSplit at {self.registry.address} returned {len(out)} bytes")
+        return int.from_bytes(out[_WORD : 2 * _WORD], "big")
+
     def adapter_digest(self, registration: AdapterRegistration) -> str:
         """The EIP-712 digest as the contract computes it (for cross-checks)."""
         fn = self.registry.functions.adapterDigest(id_bytes(registration.adapter_id), registration.spec())
@@ -403,7 +419,7 @@ class ChainClient:
         return self.tx.transact(self.ledger.functions.setBasePricePer1kTokens(price_per_1k_tokens))
 
     def base_price(self) -> int:
-        return self.tx.call(self.ledger.functions.basePricePer1kTokens())
+        return self._uint_call(BASE_PRICE_SELECTOR)
 
     def transfer_admin(self, new_admin: str):
         return self.tx.transact(self.ledger.functions.transferAdmin(to_checksum_address(new_admin)))
@@ -421,8 +437,17 @@ class ChainClient:
     def reclaim_deposit(self, amount: int):
         return self.tx.transact(self.ledger.functions.reclaimDeposit(amount))
 
-    def deposit_of(self, settler: str) -> int:
-        return self.tx.call(self.ledger.functions.depositOf(to_checksum_address(settler)))
+    def deposit_of(self, settler: str, *, block: int | str = "latest") -> int:
+        return self._uint_call(DEPOSIT_OF_SELECTOR + _address_word(settler), block)
+
+    def _uint_call(self, data: bytes, block: int | str = "latest") -> int:
+        """A view of the ledger returning one uint, called with our own encoding: the settler reads the
+        deposit, the base price and its next sequence number before every batch, and web3's contract
+        call costs tens of milliseconds (it asks the node for the chain id each time)."""
+        out = self.tx.raw_call(self.ledger.address, data, hex(block) if isinstance(block, int) else block)
+        if len(out) != _WORD:
+            raise DeploymentMismatch(f"ledger at {self.ledger.address} returned {len(out)} bytes, not one word")
+        return int.from_bytes(out, "big")
 
     def totals(self) -> dict[str, int]:
         """Ledger-wide money counters (deposited, accrued, withdrawn, reclaimed) and its balance."""
@@ -438,7 +463,7 @@ class ChainClient:
 
     def next_sequence(self, settler: str | None = None) -> int:
         """The sequence number the settler's (default: this account's) next batch must start at."""
-        return self.tx.call(self.ledger.functions.nextSequence(to_checksum_address(settler or self.address)))
+        return self._uint_call(NEXT_SEQUENCE_SELECTOR + _address_word(settler or self.address))
 
     def send_settle_batch(
         self,

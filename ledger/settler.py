@@ -31,6 +31,21 @@ batch that keeps failing never keeps new batches from forming in the same step. 
 (ChainUnavailable, TransactionFailed) and NotSettler (this account may not settle: no record is at
 fault) leave batches as they are, to be resumed.
 
+Sequence numbers (AttributionLedger settles each settler account's records in one gapless sequence and
+accepts a batch only at that account's nextSequence):
+- A batch's first number (SettlementBatch.first_seq) is written with the batch, before anything is sent,
+  and never changes while the account sending it stays the same: a resend after a crash, after a lost
+  transaction or by another process of the account carries the same numbers, and the chain pays a
+  number once, so at most one send of a record is paid, whatever batch carries it. A split keeps each
+  record's number (the halves cover the parent's range).
+- A new batch is numbered past the chain's nextSequence, past this account's batches settled, and past
+  its batches in flight that continue the range (pipelining). A batch the chain refuses as out of
+  sequence (SequenceMismatch: one before it was abandoned) is abandoned like a price refusal with
+  nobody at fault: its records are batched and numbered again, once no transaction of it can land.
+- A batch numbered in another account's sequence (taken over after its lease expired) is numbered
+  again in ours before we send it, with the same batch id: should the other account's transaction
+  land after all, the batch id settles once.
+
 Many settlers, one database:
 - Forming claims records atomically. The candidate rows are read in the forming transaction itself:
   on PostgreSQL with `SELECT ... FOR UPDATE SKIP LOCKED` (a second settler forming at the same moment
@@ -546,7 +561,7 @@ class Settler:
                 prices[a] = self.client.base_price()
             else:
                 try:
-                    prices[a] = self.client.get_adapter(a).price_per_1k_tokens
+                    prices[a] = self.client.adapter_price(a)
                 except UnknownAdapter:
                     prices[a] = f"{UNREGISTERED}: adapter {a} is not registered on chain"
             n = r.node_id
@@ -565,7 +580,7 @@ class Settler:
         """(this account's deposit on chain, the block it was read at), read before a write
         transaction (never inside: see _form_batch)."""
         block = self.client.block_number()
-        return self.client.tx.call(self.client.ledger.functions.depositOf(self.address), block=block), block
+        return self.client.deposit_of(self.address, block=block), block
 
     def _free_deposit(self, s: Session, deposit: tuple[int, int]) -> tuple[int, int]:
         """(deposit left: `deposit` as read at its block, minus what this account's batches that it
@@ -1125,7 +1140,7 @@ class Settler:
                 prices[a] = self.client.base_price()
             else:
                 try:
-                    prices[a] = self.client.get_adapter(a).price_per_1k_tokens
+                    prices[a] = self.client.adapter_price(a)
                 except UnknownAdapter:
                     prices[a] = None
         # a record without a fee (batched before fees were recorded) is never charged with a move

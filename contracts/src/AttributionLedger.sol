@@ -19,12 +19,12 @@ import {AdapterRegistry} from "./AdapterRegistry.sol";
 ///  - every record's Merkle leaf binds its request id to its sequence number (leafOf), and the batch
 ///    stores its settler and first number, so `verifyRecord` proves which (settler, sequence) paid it;
 ///  - a batch id is accepted once (BatchAlreadySettled).
-/// A settler that assigns sequence numbers to its records durably before sending them (ledger/settler.py)
-/// can never have a record paid twice, whatever it resends after a crash: two transactions carrying a
-/// record at its number are mutually exclusive on chain. What the chain does NOT refuse is a dishonest
-/// settler giving one request id two sequence numbers (in its own batches, or under two settler
-/// addresses): refusing that would need a storage slot per request id (22,100 gas, more than a whole
-/// record costs here). It costs that settler its own deposit and is visible to anyone from the chain
+/// A settler that writes a batch's numbers durably before sending it (ledger/settler.py) resends it after a
+/// crash with the same numbers: a record sent twice at its number is refused the second time, whatever
+/// batch carries it (SequenceMismatch), so at most one of the sends is paid. What the chain does NOT refuse
+/// is a dishonest settler giving one request id two sequence numbers (in its own batches, or under two
+/// settler addresses): refusing that would need a storage slot per request id (22,100 gas, more than a
+/// whole record costs here). It costs that settler its own deposit and is visible to anyone from the chain
 /// alone: every record is in the RecordsSettled log of its batch (settler, first sequence number,
 /// id tables, prices, packed records), and the logs of one settler, ordered by firstSequence, must cover
 /// 0 .. nextSequence(settler) - 1 without gap or overlap (they do, by the rule above) and name no request
@@ -38,7 +38,7 @@ import {AdapterRegistry} from "./AdapterRegistry.sol";
 /// MAX_ADAPTERS_PER_BATCH / MAX_NODES_PER_BATCH ids. The records are re-emitted in one RecordsSettled log
 /// per batch rather than left in calldata only: a log is readable with eth_getLogs by anyone, whoever
 /// called settleBatch (a multisig or a contract settler leaves no top-level calldata to read), in bulk,
-/// and costs about 340 gas a record; one log per record cost ten times that.
+/// and costs about 340 gas a record (8 gas a byte); one log per record cost ten times that.
 /// @dev Money invariant: totalDeposited == totalAccrued + sum(deposits left) + totalReclaimed and
 /// totalAccrued == sum(rewards available) + totalWithdrawn; the balance equals deposits left plus
 /// rewards available.
