@@ -277,6 +277,11 @@ def test_malformed_batches_are_refused(anvil_chain):
 
 
 def test_base_price_is_bounded(anvil_chain):
+    from devnet.deploy import MAX_BASE_PRICE, check_fees
+
+    with pytest.raises(ValueError, match="base_price"):  # the deploy refuses it before the chain would
+        check_fees(None, MAX_BASE_PRICE + 1)
+    check_fees(None, MAX_BASE_PRICE)
     admin = anvil_chain.client(anvil_chain.admin)
     before = admin.base_price()
     with pytest.raises(InvalidPrice):
