@@ -7,8 +7,11 @@ timed), then times `Settler.drain()` until every record is settled (receipts awa
 committed). Modes: sequential = SettlerConfig(max_in_flight=1), one batch per receipt, as the
 settler worked before pipelining; pipelined = --in-flight batches sent before awaiting receipts.
 Prints records/s and gas per record, with ratios against batch size 1 and against sequential.
+A mixed set-up follows (pipelined, batch sizes 100 and 500): records spread over 8 adapters and 4 nodes
+(each adapter paying one or two datasets), every tenth a base-model record (adapter id zero).
 
-    python bench/settle.py [--records 600] [--batched-records 20000] [--seq-seconds 8] [--in-flight 64]
+    python bench/settle.py [--records 600] [--batched-records 20000] [--mixed-records 10000] [--seq-seconds 8]
+                           [--in-flight 64]
 
 Pipelined settles --records at batch size 1 and --batched-records at 100 and 500; sequential settles
 about --seq-seconds worth of blocks at each size (it does one batch per block, so more only waits).
@@ -38,8 +41,11 @@ from ledger.db import init_db, make_engine  # noqa: E402
 from ledger.models import SettlementBatch, UsageRecord  # noqa: E402
 from ledger.settler import Settler  # noqa: E402
 from ledger.settler_config import SettlerConfig  # noqa: E402
+from ledger.types import BASE_MODEL_ADAPTER_ID  # noqa: E402
 
 SIZES = (1, 100, 500)
+MIXED_SIZES = (100, 500)
+MIXED_ADAPTERS, MIXED_NODES, MIXED_BASE_EVERY = 8, 4, 10
 
 
 def rid() -> str:
@@ -68,14 +74,52 @@ def setup(rpc_url: str):
     return ChainClient(d, settler), adapter, node
 
 
-def fill_outbox(db_url: str, adapter: str, node: str, total: int):
+def setup_mixed(client: ChainClient):
+    """8 more adapters (one or two datasets each, different prices) and 4 more nodes (two operators)."""
+    d = client.deployment
+    owners = [Account.from_key(k) for k in DEV_KEYS[2:4]]
+    p1, p2 = (Account.from_key(k) for k in DEV_KEYS[4:6])
+    ds1, ds2 = ChainClient(d).dataset_id("bench-1", p1.address), ChainClient(d).dataset_id("bench-2", p2.address)
+    base, adapters, nodes = rid(), [], []
+    for i in range(MIXED_ADAPTERS):
+        a = rid()
+        ChainClient(d, owners[i % 2]).register_adapter(
+            a,
+            name=f"mixed-{i}",
+            version="1",
+            base_model=base,
+            price_per_1k_tokens=10**12 + 7_919 * i,
+            datasets=[(ds1, 2500)] if i % 2 else [(ds1, 3000), (ds2, 1500)],
+        )
+        adapters.append(a)
+    for i in range(MIXED_NODES):
+        key = Ed25519PrivateKey.generate()
+        op = Account.from_key(DEV_KEYS[6 + i % 2])
+        ChainClient(d, op).register_node(key, peer_id="p", multiaddrs=[], api_url="http://x", base_model=base)
+        nodes.append(node_id_of(key.public_key().public_bytes_raw()))
+    return adapters, nodes
+
+
+def single(adapter: str, node: str):
+    return lambda i: (adapter, node)
+
+
+def mixed(adapters: list[str], nodes: list[str]):
+    def pick(i: int) -> tuple[str, str]:
+        a = BASE_MODEL_ADAPTER_ID if i % MIXED_BASE_EVERY == 0 else adapters[(i * 7) % len(adapters)]
+        return a, nodes[(i * 3 + i // 5) % len(nodes)]
+
+    return pick
+
+
+def fill_outbox(db_url: str, pick, total: int):
     engine = make_engine(db_url, immediate=True)
     init_db(engine)
     rows = [
         UsageRecord(
             request_id=rid(),
-            adapter_id=adapter,
-            node_id=node,
+            adapter_id=pick(i)[0],
+            node_id=pick(i)[1],
             prompt_tokens=100 + i % 50,
             completion_tokens=20 + i % 7,
             receipt_json="{}",
@@ -89,10 +133,8 @@ def fill_outbox(db_url: str, adapter: str, node: str, total: int):
     return engine
 
 
-def run_mode(
-    client: ChainClient, adapter: str, node: str, folder: Path, *, batch_size: int, total: int, in_flight: int
-) -> dict:
-    engine = fill_outbox(f"sqlite:///{folder}/outbox-{batch_size}-{in_flight}.db", adapter, node, total)
+def run_mode(client: ChainClient, pick, folder: Path, *, batch_size: int, total: int, in_flight: int, tag="") -> dict:
+    engine = fill_outbox(f"sqlite:///{folder}/outbox-{tag}{batch_size}-{in_flight}.db", pick, total)
     settler = Settler(
         engine,
         client.with_account(client.account),
@@ -120,6 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=600, help="records settled one per transaction (pipelined)")
     ap.add_argument("--batched-records", type=int, default=20_000, help="records at sizes 100 and 500 (pipelined)")
+    ap.add_argument("--mixed-records", type=int, default=10_000, help="records of the mixed set-up at 100 and 500")
     ap.add_argument("--seq-seconds", type=float, default=8.0, help="about how long each sequential run lasts")
     ap.add_argument("--in-flight", type=int, default=64, help="max_in_flight of the pipelined mode")
     ap.add_argument("--block-time", type=float, default=1.0)
@@ -131,18 +174,34 @@ def main() -> None:
         cfg = AnvilConfig(port=free_port(), block_time=args.block_time, log_file=Path(tmp) / "anvil.log")
         with Anvil(cfg) as anvil:
             client, adapter, node = setup(anvil.rpc_url)
+            one = single(adapter, node)
             for size in SIZES:
-                seq = run_mode(client, adapter, node, Path(tmp), batch_size=size, total=seq_batches * size, in_flight=1)
+                seq = run_mode(client, one, Path(tmp), batch_size=size, total=seq_batches * size, in_flight=1)
                 pipe = run_mode(
                     client,
-                    adapter,
-                    node,
+                    one,
                     Path(tmp),
                     batch_size=size,
                     total=args.records if size == 1 else args.batched_records,
                     in_flight=args.in_flight,
                 )
                 rows.append((size, seq, pipe))
+            pick = mixed(*setup_mixed(client))
+            mixed_rows = [
+                (
+                    size,
+                    run_mode(
+                        client,
+                        pick,
+                        Path(tmp),
+                        batch_size=size,
+                        total=args.mixed_records,
+                        in_flight=args.in_flight,
+                        tag="mixed-",
+                    ),
+                )
+                for size in MIXED_SIZES
+            ]
     base = rows[0][2]
     print(
         f"settlement on anvil (block time {args.block_time:g}s): Settler.drain() from a SQLite outbox; "
@@ -158,6 +217,17 @@ def main() -> None:
             f"{r['rps'] / base['rps']:>7.1f} "
             f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f} "
             f"{seq['rps']:>10.1f} {r['rps'] / seq['rps']:>9.1f}"
+        )
+
+    print(
+        f"\nmixed set-up: {MIXED_ADAPTERS} adapters x {MIXED_NODES} nodes, every {MIXED_BASE_EVERY}th record a "
+        "base-model one; pipelined"
+    )
+    print(f"{'batch':>6} {'records':>8} {'txs':>5} {'seconds':>8} {'records/s':>10} {'gas/record':>11} {'x vs 1':>7}")
+    for size, r in mixed_rows:
+        print(
+            f"{size:>6} {r['records']:>8} {r['txs']:>5} {r['seconds']:>8.2f} {r['rps']:>10.0f} "
+            f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f}"
         )
 
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NODE_SHARE_BPS = 2_000  # node operator's cut of every fee; the rest goes to datasets and owner
 # Fee per 1,000 tokens of a bare base-model request (no adapter); all of it goes to the serving node.
 DEFAULT_BASE_PRICE = 10**14
+MAX_BASE_PRICE = 2**128 - 1  # AttributionLedger.MAX_BASE_PRICE: with uint32 token counts no fee overflows
 DEFAULT_FUND = 100 * ETHER
 
 
@@ -48,8 +49,8 @@ def check_fees(node_share_bps: int | None, base_price_per_1k_tokens: int | None)
     """ValueError for a fee setting the ledger would refuse or misread (None: not being set)."""
     if node_share_bps is not None and not 0 <= node_share_bps <= 10_000:
         raise ValueError(f"node_share_bps must be 0..10000, got {node_share_bps}")
-    if base_price_per_1k_tokens is not None and base_price_per_1k_tokens < 0:
-        raise ValueError(f"base_price_per_1k_tokens must be >= 0, got {base_price_per_1k_tokens}")
+    if base_price_per_1k_tokens is not None and not 0 <= base_price_per_1k_tokens <= MAX_BASE_PRICE:
+        raise ValueError(f"base_price_per_1k_tokens must be 0..2**128 - 1, got {base_price_per_1k_tokens}")
 
 
 def deploy(

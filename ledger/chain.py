@@ -7,13 +7,15 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from eth_utils import function_signature_to_4byte_selector, to_checksum_address
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 
 from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
-from ledger.errors import DeploymentMismatch, TransactionFailed
-from ledger.merkle import encode_record
+from ledger.errors import ERROR_CLASSES, ContractError, DeploymentMismatch, TransactionFailed
+from ledger.merkle import MerkleTree, pack_records, unpack_records
 from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, make_web3, rpc_guard, shown_url
 from ledger.types import (
     AdapterInfo,
@@ -23,6 +25,7 @@ from ledger.types import (
     Domain,
     NodeInfo,
     RewardBalance,
+    SettledRecord,
     SettleRecord,
     dataset_id_for,
     node_proof_message,
@@ -31,23 +34,118 @@ from ledger.types import (
 log = logging.getLogger(__name__)
 
 
-SETTLE_SELECTOR = function_signature_to_4byte_selector(
-    "settleBatch(bytes32,bytes32,(bytes32,bytes32,bytes32,uint64,uint64)[],uint256)"
-)
+# AttributionLedger's errors of the sequenced, packed settlement. They belong beside the others in
+# ledger/errors.py (one class per custom error); until they move there they are registered from here, so
+# the revert decoder (ledger.transport) raises them typed.
+class SequenceMismatch(ContractError):
+    """settleBatch's firstSequence is not the settler's nextSequence: a batch before it is not settled
+    yet, or this range was settled by another batch."""
+
+
+class MalformedRecords(ContractError): ...
+
+
+class TooManyAdapters(ContractError): ...
+
+
+class TooManyNodes(ContractError): ...
+
+
+class TableNotIncreasing(ContractError): ...
+
+
+class RecordIndexOutOfRange(ContractError): ...
+
+
+class InvalidPrice(ContractError): ...
+
+
+for _cls in (
+    SequenceMismatch,
+    MalformedRecords,
+    TooManyAdapters,
+    TooManyNodes,
+    TableNotIncreasing,
+    RecordIndexOutOfRange,
+    InvalidPrice,
+):
+    ERROR_CLASSES.setdefault(_cls.__name__, _cls)
+
+
+SETTLE_SIGNATURE = "settleBatch(bytes32,bytes32,uint64,bytes32[],bytes32[],bytes,uint256)"
+SETTLE_SELECTOR = function_signature_to_4byte_selector(SETTLE_SIGNATURE)
 GET_BATCH_SELECTOR = function_signature_to_4byte_selector("getBatch(bytes32)")
+NEXT_SEQUENCE_SELECTOR = function_signature_to_4byte_selector("nextSequence(address)")
+DEPOSIT_OF_SELECTOR = function_signature_to_4byte_selector("depositOf(address)")
+BASE_PRICE_SELECTOR = function_signature_to_4byte_selector("basePricePer1kTokens()")
+ADAPTER_SPLIT_SELECTOR = function_signature_to_4byte_selector("adapterSplit(bytes32)")
+RECORDS_SETTLED_SIGNATURE = "RecordsSettled(bytes32,address,uint64,bytes32[],bytes32[],uint256[],bytes)"
+RECORDS_SETTLED_TOPIC = hex0x(keccak(text=RECORDS_SETTLED_SIGNATURE))
+RECORDS_SETTLED_DATA = ("uint64", "bytes32[]", "bytes32[]", "uint256[]", "bytes")
 _WORD = 32
+_BATCH_WORDS = 6  # getBatch: merkleRoot, settler, settledBlock, recordCount, totalFees, firstSequence
 NO_FEE_LIMIT = 2**256 - 1  # settleBatch's maxFees when the caller priced nothing (tests, tools)
 
 
-def settle_calldata(batch_id: str, merkle_root: str, encoded: Sequence[bytes], max_fees: int = NO_FEE_LIMIT) -> bytes:
-    """Calldata of settleBatch(batchId, merkleRoot, records, maxFees) from records already encoded."""
-    head = (
-        id_bytes(batch_id)
-        + id_bytes(merkle_root)
-        + (4 * _WORD).to_bytes(_WORD, "big")
-        + max_fees.to_bytes(_WORD, "big")
+def settle_calldata(
+    batch_id: str, merkle_root: str, first_sequence: int, records: Sequence[SettleRecord], max_fees: int = NO_FEE_LIMIT
+) -> bytes:
+    """Calldata of settleBatch(batchId, merkleRoot, firstSequence, adapterIds, nodeIds, records, maxFees)."""
+    packed = pack_records(records)
+    return SETTLE_SELECTOR + abi_encode(
+        ["bytes32", "bytes32", "uint64", "bytes32[]", "bytes32[]", "bytes", "uint256"],
+        [
+            id_bytes(batch_id),
+            id_bytes(merkle_root),
+            first_sequence,
+            [id_bytes(a) for a in packed.adapter_ids],
+            [id_bytes(n) for n in packed.node_ids],
+            packed.records,
+            max_fees,
+        ],
     )
-    return SETTLE_SELECTOR + head + len(encoded).to_bytes(_WORD, "big") + b"".join(encoded)
+
+
+def _address_word(address: str) -> bytes:
+    return bytes(12) + bytes.fromhex(to_checksum_address(address)[2:])
+
+
+def _gas_key(records: Sequence[SettleRecord]) -> tuple[int, int, int]:
+    return len(records), len({r.adapter_id for r in records}), len({r.node_id for r in records})
+
+
+def decode_records_settled(log: dict) -> list[SettledRecord]:
+    """The records of one RecordsSettled log (a raw eth_getLogs entry or web3's), in leaf order, each
+    with its sequence number and fee. Raises ValueError on a log of another shape."""
+    topics = [t if isinstance(t, str) else hex0x(bytes(t)) for t in log["topics"]]
+    if len(topics) != 3 or topics[0].lower() != RECORDS_SETTLED_TOPIC:
+        raise ValueError("not a RecordsSettled log")
+    data = log["data"]
+    data = bytes.fromhex(data[2:]) if isinstance(data, str) else bytes(data)
+    first, adapters, nodes, prices, packed = abi_decode(RECORDS_SETTLED_DATA, data)
+    if len(prices) != len(adapters):
+        raise ValueError("RecordsSettled: prices and adapters differ in length")
+    batch_id = topics[1].lower()
+    settler = to_checksum_address("0x" + topics[2][-40:])
+    block = log["blockNumber"]
+    block = int(block, 16) if isinstance(block, str) else int(block)
+    price_of = {a: p for a, p in zip(adapters, prices, strict=True)}
+    return [
+        SettledRecord(
+            batch_id,
+            settler,
+            first + i,
+            hex0x(rid),
+            hex0x(a),
+            hex0x(n),
+            p,
+            c,
+            price_of[a] * (p + c) // 1000,
+            block,
+            i,
+        )
+        for i, (rid, a, n, p, c) in enumerate(unpack_records(adapters, nodes, packed))
+    ]
 
 
 class ChainClient:
@@ -65,7 +163,8 @@ class ChainClient:
         self.ledger = self.w3.eth.contract(address=deployment.ledger, abi=led_abi)
         self.decoder = RevertDecoder([reg_abi, led_abi])
         self.tx = Transactor(self.w3, self.decoder, deployment.chain_id, account, receipt_timeout)
-        # settleBatch gas limit by record count: one estimate per count, raised when a batch needs more
+        # settleBatch gas limit by (records, adapters, nodes): one estimate per shape, raised when a batch
+        # needs more (a batch's gas grows with each of the three, most with its adapters' datasets)
         self._settle_gas: dict[int, int] = {}
 
     @classmethod
@@ -199,6 +298,14 @@ class ChainClient:
         )
         return self.tx.transact(self.registry.functions.registerAdapter(id_bytes(reg.adapter_id), reg.spec(), sig))
 
+    def adapter_price(self, adapter_id: str) -> int:
+        """The adapter's price per 1,000 tokens as settlement reads it (the registry's adapterSplit);
+        UnknownAdapter when it is not registered. One raw eth_call: the settler prices every batch."""
+        out = self.tx.raw_call(self.registry.address, ADAPTER_SPLIT_SELECTOR + id_bytes(adapter_id))
+        if len(out) < 2 * _WORD:
+            raise DeploymentMismatch(f"adapterSplit at {self.registry.address} returned {len(out)} bytes")
+        return int.from_bytes(out[_WORD : 2 * _WORD], "big")
+
     def adapter_digest(self, registration: AdapterRegistration) -> str:
         """The EIP-712 digest as the contract computes it (for cross-checks)."""
         fn = self.registry.functions.adapterDigest(id_bytes(registration.adapter_id), registration.spec())
@@ -312,7 +419,7 @@ class ChainClient:
         return self.tx.transact(self.ledger.functions.setBasePricePer1kTokens(price_per_1k_tokens))
 
     def base_price(self) -> int:
-        return self.tx.call(self.ledger.functions.basePricePer1kTokens())
+        return self._uint_call(BASE_PRICE_SELECTOR)
 
     def transfer_admin(self, new_admin: str):
         return self.tx.transact(self.ledger.functions.transferAdmin(to_checksum_address(new_admin)))
@@ -330,8 +437,17 @@ class ChainClient:
     def reclaim_deposit(self, amount: int):
         return self.tx.transact(self.ledger.functions.reclaimDeposit(amount))
 
-    def deposit_of(self, settler: str) -> int:
-        return self.tx.call(self.ledger.functions.depositOf(to_checksum_address(settler)))
+    def deposit_of(self, settler: str, *, block: int | str = "latest") -> int:
+        return self._uint_call(DEPOSIT_OF_SELECTOR + _address_word(settler), block)
+
+    def _uint_call(self, data: bytes, block: int | str = "latest") -> int:
+        """A view of the ledger returning one uint, called with our own encoding: the settler reads the
+        deposit, the base price and its next sequence number before every batch, and web3's contract
+        call costs tens of milliseconds (it asks the node for the chain id each time)."""
+        out = self.tx.raw_call(self.ledger.address, data, hex(block) if isinstance(block, int) else block)
+        if len(out) != _WORD:
+            raise DeploymentMismatch(f"ledger at {self.ledger.address} returned {len(out)} bytes, not one word")
+        return int.from_bytes(out, "big")
 
     def totals(self) -> dict[str, int]:
         """Ledger-wide money counters (deposited, accrued, withdrawn, reclaimed) and its balance."""
@@ -345,10 +461,9 @@ class ChainClient:
 
     # ------------------------------------------------------------------ ledger: settlement
 
-    def _settle_fn(self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], max_fees: int):
-        return self.ledger.functions.settleBatch(
-            id_bytes(batch_id), id_bytes(merkle_root), [r.as_tuple() for r in records], max_fees
-        )
+    def next_sequence(self, settler: str | None = None) -> int:
+        """The sequence number the settler's (default: this account's) next batch must start at."""
+        return self._uint_call(NEXT_SEQUENCE_SELECTOR + _address_word(settler or self.address))
 
     def send_settle_batch(
         self,
@@ -356,21 +471,36 @@ class ChainClient:
         merkle_root: str,
         records: Sequence[SettleRecord],
         *,
+        first_sequence: int,
         simulate: bool = True,
         max_fees: int = NO_FEE_LIMIT,
     ) -> str:
         """Send settleBatch; returns the tx hash. simulate=True estimates it first (a duplicate raises
-        BatchAlreadySettled, any revert its typed error); simulate=False sends at once with the gas
-        limit learned for this record count (estimating only the first batch of each count) and the
-        managed nonce: a revert then shows in wait_settle_batch, a too-low limit as GasTooLow.
-        max_fees: what the caller priced the records at; the ledger refuses to charge more
+        BatchAlreadySettled, a batch not starting at this account's next sequence number
+        SequenceMismatch, any revert its typed error); simulate=False sends at once with the gas limit
+        learned for this shape of batch (records, adapters, nodes: estimating only the first batch of
+        each; one pipelined behind batches still in flight is estimated as if numbered from the chain's
+        nextSequence) and the managed nonce: a revert then shows in wait_settle_batch, a too-low limit as
+        GasTooLow. max_fees: what the caller priced the records at; the ledger refuses to charge more
         (FeesAboveQuote)."""
-        data = settle_calldata(batch_id, merkle_root, [encode_record(r) for r in records], max_fees)
-        n = len(records)
-        if simulate or n not in self._settle_gas:
-            need = int(self.tx.estimate(self.ledger.address, data) * GAS_MARGIN) + 10_000
-            self._settle_gas[n] = max(self._settle_gas.get(n, 0), need)
-        return self.tx.send_data(self.ledger.address, data, gas=self._settle_gas[n])
+        data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_fees)
+        key = _gas_key(records)
+        if simulate or key not in self._settle_gas:
+            try:
+                estimate = self.tx.estimate(self.ledger.address, data)
+            except SequenceMismatch as e:
+                expected = e.args_by_name.get("expected")
+                if simulate or not isinstance(expected, int) or expected > first_sequence:
+                    raise
+                # pipelined behind our batches still in flight, it cannot run on the chain as it is now; the
+                # same batch numbered from where the chain is costs the same gas (storage, loop, tables)
+                root = MerkleTree.from_records(records, expected).root_hex
+                estimate = self.tx.estimate(
+                    self.ledger.address, settle_calldata(batch_id, root, expected, records, max_fees)
+                )
+            need = int(estimate * GAS_MARGIN) + 10_000
+            self._settle_gas[key] = max(self._settle_gas.get(key, 0), need)
+        return self.tx.send_data(self.ledger.address, data, gas=self._settle_gas[key])
 
     def wait_settle_batch(
         self,
@@ -380,6 +510,7 @@ class ChainClient:
         records: Sequence[SettleRecord],
         timeout: float | None = None,
         *,
+        first_sequence: int,
         light: bool = False,
         max_fees: int = NO_FEE_LIMIT,
     ):
@@ -390,20 +521,33 @@ class ChainClient:
         def replay() -> dict:  # only a reverted receipt needs the calldata again
             return {
                 "to": self.ledger.address,
-                "data": settle_calldata(batch_id, merkle_root, [encode_record(r) for r in records], max_fees),
+                "data": settle_calldata(batch_id, merkle_root, first_sequence, records, max_fees),
             }
 
         try:
             return self.tx.wait(tx_hash, timeout, replay=replay, light=light)
         except GasTooLow:
-            self._settle_gas.pop(len(records), None)
+            self._settle_gas.pop(_gas_key(records), None)
             raise
 
     def settle_batch(
-        self, batch_id: str, merkle_root: str, records: Sequence[SettleRecord], *, max_fees: int = NO_FEE_LIMIT
+        self,
+        batch_id: str,
+        merkle_root: str | None,
+        records: Sequence[SettleRecord],
+        *,
+        first_sequence: int | None = None,
+        max_fees: int = NO_FEE_LIMIT,
     ):
-        """Send and wait; returns the receipt."""
-        return self.tx.transact(self._settle_fn(batch_id, merkle_root, records, max_fees))
+        """Send and wait; returns the receipt. first_sequence None: this account's next sequence number
+        (read from the chain); merkle_root None: the root of `records` from there."""
+        if first_sequence is None:
+            first_sequence = self.next_sequence()
+        if merkle_root is None:
+            merkle_root = MerkleTree.from_records(records, first_sequence).root_hex
+        data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_fees)
+        gas = int(self.tx.estimate(self.ledger.address, data) * GAS_MARGIN) + 10_000
+        return self.tx.wait(self.tx.send_data(self.ledger.address, data, gas=gas))
 
     def is_settled(self, batch_id: str) -> bool:
         return self.tx.call(self.ledger.functions.isSettled(id_bytes(batch_id)))
@@ -411,9 +555,11 @@ class ChainClient:
     def get_batch(self, batch_id: str) -> BatchInfo | None:
         """The settled batch, or None when this id was never settled."""
         out = self.tx.raw_call(self.ledger.address, GET_BATCH_SELECTOR + id_bytes(batch_id))
-        if len(out) != 5 * _WORD:
-            raise DeploymentMismatch(f"getBatch at {self.ledger.address} returned {len(out)} bytes, not {5 * _WORD}")
-        root, settler, block, count, fees = (out[i : i + _WORD] for i in range(0, 5 * _WORD, _WORD))
+        if len(out) != _BATCH_WORDS * _WORD:
+            raise DeploymentMismatch(
+                f"getBatch at {self.ledger.address} returned {len(out)} bytes, not {_BATCH_WORDS * _WORD}"
+            )
+        root, settler, block, count, fees, first = (out[i : i + _WORD] for i in range(0, _BATCH_WORDS * _WORD, _WORD))
         if not any(block):
             return None
         return BatchInfo(
@@ -423,6 +569,7 @@ class ChainClient:
             int.from_bytes(block, "big"),
             int.from_bytes(count, "big"),
             int.from_bytes(fees, "big"),
+            int.from_bytes(first, "big"),
         )
 
     def await_settled_batch(
@@ -434,11 +581,12 @@ class ChainClient:
         timeout: float | None = None,
         poll: float = 0.05,
         *,
+        first_sequence: int,
         max_fees: int = NO_FEE_LIMIT,
     ) -> BatchInfo:
         """Wait until `batch_id` is settled (by tx_hash or any other transaction) and return it; when
         tx_hash is mined without settling it, raise as wait_settle_batch does. Polls getBatch, a few
-        hundred bytes, rather than the receipt, which carries one log per record."""
+        hundred bytes, rather than the receipt."""
         limit = timeout if timeout is not None else self.tx.receipt_timeout
         deadline = time.monotonic() + limit
         while (info := self.get_batch(batch_id)) is None:
@@ -447,7 +595,14 @@ class ChainClient:
                 if rcpt["status"] == 1 and (info := self.get_batch(batch_id)) is not None:
                     return info
                 self.wait_settle_batch(
-                    tx_hash, batch_id, merkle_root, records, timeout=0, light=True, max_fees=max_fees
+                    tx_hash,
+                    batch_id,
+                    merkle_root,
+                    records,
+                    timeout=0,
+                    light=True,
+                    first_sequence=first_sequence,
+                    max_fees=max_fees,
                 )
                 raise TransactionFailed(f"transaction {tx_hash} succeeded but batch {batch_id} is not settled")
             if time.monotonic() > deadline:
@@ -455,13 +610,36 @@ class ChainClient:
             time.sleep(poll)
         return info
 
-    def leaf_of(self, record: SettleRecord) -> str:
+    def leaf_of(self, record: SettleRecord, sequence: int) -> str:
         """The leaf as the contract computes it (for cross-checks)."""
-        return hex0x(self.tx.call(self.ledger.functions.leafOf(record.as_tuple())))
+        return hex0x(self.tx.call(self.ledger.functions.leafOf(sequence, *record.as_tuple())))
 
     def verify_record(self, batch_id: str, leaf: str, proof: Sequence[str]) -> bool:
         fn = self.ledger.functions.verifyRecord(id_bytes(batch_id), id_bytes(leaf), [id_bytes(p) for p in proof])
         return self.tx.call(fn)
+
+    def settled_records(
+        self,
+        *,
+        from_block: int | None = None,
+        to_block: int | str = "latest",
+        batch_id: str | None = None,
+        settler: str | None = None,
+    ) -> list[SettledRecord]:
+        """Every record settled in the block range (from the deploy block by default), decoded in bulk
+        from the RecordsSettled logs (one per batch), in settlement order."""
+        topics: list = [RECORDS_SETTLED_TOPIC, to_id(batch_id) if batch_id else None]
+        if settler:
+            topics.append("0x" + "00" * 12 + to_checksum_address(settler)[2:].lower())
+        start = self.deployment.deploy_block if from_block is None else from_block
+        with rpc_guard(self.rpc_url):
+            logs = self.w3.eth.get_logs(
+                {"address": self.ledger.address, "fromBlock": start, "toBlock": to_block, "topics": topics}
+            )
+        out: list[SettledRecord] = []
+        for lg in sorted(logs, key=lambda x: (x["blockNumber"], x["logIndex"])):
+            out.extend(decode_records_settled(lg))
+        return out
 
     # ------------------------------------------------------------------ ledger: rewards
 

@@ -1,29 +1,43 @@
-"""Merkle trees of settled records, exactly as AttributionLedger builds and verifies them.
+"""Settled records on the wire and in Merkle trees, exactly as AttributionLedger reads, hashes and verifies them.
 
-leaf = keccak256(abi.encode(requestId, adapterId, nodeId, promptTokens, completionTokens)) (leafOf);
-inner = keccak256(min(a, b) ++ max(a, b)) (sorted pairs, so a proof needs no left/right flags);
-an odd node at the end of a level moves up unchanged.
+This module is the one place the record formats are defined in Python (tests/contracts holds each equal
+to the contract's):
+- leaf = keccak256(abi.encode(sequence, requestId, adapterId, nodeId, promptTokens, completionTokens))
+  (AttributionLedger.leafOf): six 32-byte words; `sequence` is the record's number in its settler's
+  gapless sequence (the batch's firstSequence + its position), so a proof of a leaf proves which
+  sequence number paid the request;
+- inner = keccak256(min(a, b) ++ max(a, b)) (sorted pairs, so a proof needs no left/right flags); an odd
+  node at the end of a level moves up unchanged;
+- a packed record (settleBatch's `records`, RecordsSettled's `records`) is RECORD_BYTES = 42 bytes:
+  requestId (32), adapter index (1), node index (1) into the batch's strictly increasing adapter and node
+  id tables, promptTokens (uint32), completionTokens (uint32), big-endian.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from eth_utils import keccak
 
-from common.wire import id_bytes
+from common.wire import hex0x, id_bytes
 from ledger.types import SettleRecord
 
 _WORD = 32
+RECORD_BYTES = 42
+MAX_ADAPTERS_PER_BATCH = 32  # AttributionLedger.MAX_ADAPTERS_PER_BATCH (the base model counts as one)
+MAX_NODES_PER_BATCH = 64  # AttributionLedger.MAX_NODES_PER_BATCH
+MAX_TOKEN_COUNT = 2**32 - 1  # a packed record's promptTokens and completionTokens are uint32
 
 
-def encode_record(r: SettleRecord) -> bytes:
-    """abi.encode(Record): five 32-byte words. It is both the record's settleBatch calldata and its leaf
-    preimage. Written out by hand because web3's generic encoder costs about 0.5 ms a record (the tests
-    hold it equal to eth_abi's encoding and to the contract's leafOf)."""
+def encode_leaf(r: SettleRecord, sequence: int) -> bytes:
+    """abi.encode(sequence, requestId, adapterId, nodeId, promptTokens, completionTokens): the leaf's
+    preimage, written out by hand (web3's generic encoder costs about 0.5 ms a record; the tests hold it
+    equal to eth_abi's and to the contract's leafOf)."""
     # SettleRecord holds its ids normalised ("0x" + 64 lowercase hex), so no to_id per field here
     return (
-        bytes.fromhex(r.request_id[2:])
+        sequence.to_bytes(_WORD, "big")
+        + bytes.fromhex(r.request_id[2:])
         + bytes.fromhex(r.adapter_id[2:])
         + bytes.fromhex(r.node_id[2:])
         + r.prompt_tokens.to_bytes(_WORD, "big")
@@ -31,14 +45,76 @@ def encode_record(r: SettleRecord) -> bytes:
     )
 
 
-def leaf_hash(record: SettleRecord) -> bytes:
-    """The record's leaf (32 bytes), as AttributionLedger.leafOf computes it."""
-    return keccak(encode_record(record))
+def leaf_hash(record: SettleRecord, sequence: int) -> bytes:
+    """The leaf (32 bytes) of `record` settled with this sequence number, as AttributionLedger.leafOf
+    computes it."""
+    return keccak(encode_leaf(record, sequence))
 
 
 def hash_pair(a: bytes, b: bytes) -> bytes:
     """Sorted-pair inner node."""
     return keccak(a + b) if a < b else keccak(b + a)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedBatch:
+    """A batch's records as settleBatch takes them: the id tables (strictly increasing) and the packed
+    records, in the records' order."""
+
+    adapter_ids: tuple[str, ...]
+    node_ids: tuple[str, ...]
+    records: bytes
+
+
+class BatchTooWide(ValueError):
+    """More distinct adapters or nodes than one batch may hold."""
+
+
+def pack_records(records: Sequence[SettleRecord]) -> PackedBatch:
+    """Pack records for settleBatch (see the module docstring). Raises BatchTooWide past the ledger's
+    limits and ValueError for token counts a packed record cannot hold."""
+    adapters = sorted({r.adapter_id for r in records})
+    nodes = sorted({r.node_id for r in records})
+    if len(adapters) > MAX_ADAPTERS_PER_BATCH:
+        raise BatchTooWide(f"{len(adapters)} adapters in one batch, at most {MAX_ADAPTERS_PER_BATCH}")
+    if len(nodes) > MAX_NODES_PER_BATCH:
+        raise BatchTooWide(f"{len(nodes)} nodes in one batch, at most {MAX_NODES_PER_BATCH}")
+    a_index = {a: i for i, a in enumerate(adapters)}
+    n_index = {n: i for i, n in enumerate(nodes)}
+    out = bytearray()
+    for r in records:
+        if r.prompt_tokens > MAX_TOKEN_COUNT or r.completion_tokens > MAX_TOKEN_COUNT:
+            raise ValueError(f"record {r.request_id}: token counts above {MAX_TOKEN_COUNT} cannot be settled")
+        out += bytes.fromhex(r.request_id[2:])
+        out += bytes((a_index[r.adapter_id], n_index[r.node_id]))
+        out += r.prompt_tokens.to_bytes(4, "big") + r.completion_tokens.to_bytes(4, "big")
+    return PackedBatch(tuple(adapters), tuple(nodes), bytes(out))
+
+
+def unpack_records(
+    adapter_ids: Sequence[bytes | str], node_ids: Sequence[bytes | str], packed: bytes
+) -> list[tuple[bytes, bytes, bytes, int, int]]:
+    """The records of a RecordsSettled log (or settleBatch calldata): (request id, adapter id, node id,
+    prompt tokens, completion tokens), ids as 32 bytes. Raises ValueError on a malformed payload."""
+    if len(packed) % RECORD_BYTES:
+        raise ValueError(f"packed records are {len(packed)} bytes, not a multiple of {RECORD_BYTES}")
+    adapters = [_b(a) for a in adapter_ids]
+    nodes = [_b(n) for n in node_ids]
+    out = []
+    for off in range(0, len(packed), RECORD_BYTES):
+        a, n = packed[off + 32], packed[off + 33]
+        if a >= len(adapters) or n >= len(nodes):
+            raise ValueError(f"packed record {off // RECORD_BYTES} indexes past its batch's id tables")
+        out.append(
+            (
+                packed[off : off + 32],
+                adapters[a],
+                nodes[n],
+                int.from_bytes(packed[off + 34 : off + 38], "big"),
+                int.from_bytes(packed[off + 38 : off + 42], "big"),
+            )
+        )
+    return out
 
 
 class MerkleTree:
@@ -54,12 +130,17 @@ class MerkleTree:
             )
 
     @classmethod
-    def from_records(cls, records: Sequence[SettleRecord]) -> MerkleTree:
-        return cls([leaf_hash(r) for r in records])
+    def from_records(cls, records: Sequence[SettleRecord], first_sequence: int) -> MerkleTree:
+        """The tree of a batch whose first record has sequence number `first_sequence`."""
+        return cls([leaf_hash(r, first_sequence + i) for i, r in enumerate(records)])
 
     @property
     def root(self) -> bytes:
         return self.levels[-1][0]
+
+    @property
+    def root_hex(self) -> str:
+        return hex0x(self.root)
 
     def proof(self, index: int) -> list[bytes]:
         """Sibling hashes from the leaf up (a promoted odd node contributes none)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, Text
+from sqlalchemy import BigInteger, Column, Index, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -70,6 +70,7 @@ class SettlementBatch(SQLModel, table=True):
     """A batch of records with a deterministic id; written before any transaction is sent."""
 
     __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_settler_first_seq", "settler", "first_seq"),)
 
     id: int | None = Field(default=None, primary_key=True)
     batch_id: str = Field(max_length=66, unique=True, index=True)
@@ -95,6 +96,11 @@ class SettlementBatch(SQLModel, table=True):
     claimed_by: str | None = Field(default=None, max_length=200)
     lease_expires: datetime | None = None
     senders: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # The sequence number of the batch's first record in its settler's sequence (AttributionLedger accepts
+    # the batch only when it is that settler's nextSequence): record i of the batch is first_seq + i, and
+    # its Merkle leaf binds that number. Set when the batch is written, before any send, and never changed:
+    # every resend after a crash carries the same numbers, so no two sends of a record can both settle.
+    first_seq: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class DatasetMirror(SQLModel, table=True):

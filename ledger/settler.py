@@ -31,6 +31,21 @@ batch that keeps failing never keeps new batches from forming in the same step. 
 (ChainUnavailable, TransactionFailed) and NotSettler (this account may not settle: no record is at
 fault) leave batches as they are, to be resumed.
 
+Sequence numbers (AttributionLedger settles each settler account's records in one gapless sequence and
+accepts a batch only at that account's nextSequence):
+- A batch's first number (SettlementBatch.first_seq) is written with the batch, before anything is sent,
+  and never changes while the account sending it stays the same: a resend after a crash, after a lost
+  transaction or by another process of the account carries the same numbers, and the chain pays a
+  number once, so at most one send of a record is paid, whatever batch carries it. A split keeps each
+  record's number (the halves cover the parent's range).
+- A new batch is numbered past the chain's nextSequence, past this account's batches settled, and past
+  its batches in flight that continue the range (pipelining). A batch the chain refuses as out of
+  sequence (SequenceMismatch: one before it was abandoned) is abandoned like a price refusal with
+  nobody at fault: its records are batched and numbered again, once no transaction of it can land.
+- A batch numbered in another account's sequence (taken over after its lease expired) is numbered
+  again in ours before we send it, with the same batch id: should the other account's transaction
+  land after all, the batch id settles once.
+
 Many settlers, one database:
 - Forming claims records atomically. The candidate rows are read in the forming transaction itself:
   on PostgreSQL with `SELECT ... FOR UPDATE SKIP LOCKED` (a second settler forming at the same moment
@@ -99,7 +114,7 @@ from web3.exceptions import TransactionNotFound
 
 from common.wire import hex0x
 from ledger.batching import batch_id_for, pending_rows, record_fee, to_settle_record
-from ledger.chain import NO_FEE_LIMIT, ChainClient
+from ledger.chain import NO_FEE_LIMIT, ChainClient, SequenceMismatch
 from ledger.db import is_postgres
 from ledger.errors import (
     BatchAlreadySettled,
@@ -113,7 +128,7 @@ from ledger.errors import (
     UnknownAdapter,
     UnknownNode,
 )
-from ledger.merkle import MerkleTree
+from ledger.merkle import MAX_ADAPTERS_PER_BATCH, MAX_NODES_PER_BATCH, MerkleTree
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records, count_by_status
 from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig
@@ -478,7 +493,7 @@ class Settler:
             ids = s.exec(
                 select(SettlementBatch.id)
                 .where(SettlementBatch.status.in_(OPEN), self._claimable(now, dead))
-                .order_by(SettlementBatch.id)
+                .order_by(SettlementBatch.first_seq, SettlementBatch.id)
                 .limit(limit)
             ).all()
             mine = []
@@ -515,13 +530,14 @@ class Settler:
                 return None
             self._look_up(rows, prices)
             deposit = self._deposit()
+            chain_next = self.client.next_sequence(self.address)
             with self._write() as s:
                 rows = pending_rows(s, cfg.batch_size, lock=True)  # what is still there, claimed for us
                 if not rows or not self._due(rows, force):
                     return None
                 if any(not self._looked_up(r, prices) for r in rows):
                     continue  # rows another settler left since the read: look them up outside the lock
-                done = self._form_in(s, rows, prices, deposit)
+                done = self._form_in(s, rows, prices, deposit, chain_next)
             if done is not False:
                 return done
             # only set-aside records this time: form again from the rows after them
@@ -545,7 +561,7 @@ class Settler:
                 prices[a] = self.client.base_price()
             else:
                 try:
-                    prices[a] = self.client.get_adapter(a).price_per_1k_tokens
+                    prices[a] = self.client.adapter_price(a)
                 except UnknownAdapter:
                     prices[a] = f"{UNREGISTERED}: adapter {a} is not registered on chain"
             n = r.node_id
@@ -564,7 +580,7 @@ class Settler:
         """(this account's deposit on chain, the block it was read at), read before a write
         transaction (never inside: see _form_batch)."""
         block = self.client.block_number()
-        return self.client.tx.call(self.client.ledger.functions.depositOf(self.address), block=block), block
+        return self.client.deposit_of(self.address, block=block), block
 
     def _free_deposit(self, s: Session, deposit: tuple[int, int]) -> tuple[int, int]:
         """(deposit left: `deposit` as read at its block, minus what this account's batches that it
@@ -588,7 +604,9 @@ class Settler:
         in_flight = sum(int(f) for f in fees if f) + sum(int(f) for f in since if f)
         return amount - in_flight, in_flight
 
-    def _form_in(self, s: Session, rows, prices: dict[str, int | str], deposit: tuple[int, int]) -> _Work | bool | None:
+    def _form_in(
+        self, s: Session, rows, prices: dict[str, int | str], deposit: tuple[int, int], chain_next: int
+    ) -> _Work | bool | None:
         """Price `rows` (claimed in `s`), set aside what cannot be settled, write the batch of the
         rest, commit. Returns the batch, False when only records were set aside, None when nothing
         changed."""
@@ -597,6 +615,8 @@ class Settler:
         keep: list[tuple[object, int]] = []
         aside: list[tuple[object, str, int | None]] = []
         total, short = 0, False
+        adapters: set[str] = set()
+        nodes: set[str] = set()
         for r in rows:
             a_price, n_reason = prices[r.adapter_id], prices.get(r.node_id)
             if isinstance(a_price, str) or isinstance(n_reason, str):
@@ -613,8 +633,14 @@ class Settler:
                     (r, f"{PRICE_TOO_HIGH}: {what} costs {a_price} wei per 1k tokens > max {cfg.max_price_per_1k}", fee)
                 )
                 continue
+            if (r.adapter_id not in adapters and len(adapters) == MAX_ADAPTERS_PER_BATCH) or (
+                r.node_id not in nodes and len(nodes) == MAX_NODES_PER_BATCH
+            ):
+                break  # the ledger's id tables are full: the rest goes in the next batch
             if total + fee <= free:
                 keep.append((r, fee))
+                adapters.add(r.adapter_id)
+                nodes.add(r.node_id)
                 total += fee
                 continue
             short = True
@@ -629,7 +655,8 @@ class Settler:
 
         batch = None
         if keep:
-            batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep])
+            first_seq = self._next_first_seq(s, chain_next)
+            batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq)
             if not self._move(s, [r.id for r, _ in keep], status=RecordStatus.SUBMITTED, batch_id=batch.batch_id):
                 return None
             s.execute(
@@ -651,11 +678,51 @@ class Settler:
         log.info("formed batch %s with %d records (%d wei)", batch.batch_id, batch.record_count, total)
         return _Work(batch, settle, resumed=False)
 
-    def _new_batch(self, s: Session, rows, fees: list[int | None]) -> tuple[SettlementBatch, list[SettleRecord]]:
-        """A batch row (not added yet) of `rows` in this order, claimed by this instance; fees_priced is
-        the sum of `fees` (None when one is unknown: a record of a batch written before prices were)."""
+    def _next_first_seq(self, s: Session, chain_next: int) -> int:
+        """The sequence number a new batch of this account starts at: past the chain's nextSequence (read
+        before this transaction), past every batch of ours the database knows settled, and past the batches
+        in flight that continue that range without a gap: sent ones, and written ones another process of
+        this account holds a live lease on (it is about to send them), so that pipelined batches follow
+        each other. Other open batches (one that keeps failing, one nobody works on) are not waited for: a
+        new batch may take the same numbers, which is safe, since the chain settles a number once: of two
+        batches starting at one number at most one lands, the other fails with SequenceMismatch and its
+        records, none at fault, are batched again. An open batch beyond a gap fails the same way."""
+        settled_end = s.exec(
+            select(func.max(SettlementBatch.first_seq + SettlementBatch.record_count)).where(
+                SettlementBatch.settler == self.address,
+                SettlementBatch.status == BatchStatus.SETTLED,
+                SettlementBatch.first_seq.is_not(None),
+            )
+        ).one()
+        nxt = max(chain_next, settled_end or 0)
+        now = self._now(s)
+        in_flight = or_(
+            SettlementBatch.status == BatchStatus.SENT,
+            and_(
+                SettlementBatch.status == BatchStatus.CREATED,
+                SettlementBatch.claimed_by != self.instance,
+                SettlementBatch.lease_expires > now,
+            ),
+        )
+        ranges = s.exec(
+            select(SettlementBatch.first_seq, SettlementBatch.record_count)
+            .where(SettlementBatch.settler == self.address, in_flight, SettlementBatch.first_seq >= nxt)
+            .order_by(SettlementBatch.first_seq)
+        ).all()
+        for first, count in ranges:
+            if first != nxt:
+                break
+            nxt += count
+        return nxt
+
+    def _new_batch(
+        self, s: Session, rows, fees: list[int | None], first_seq: int
+    ) -> tuple[SettlementBatch, list[SettleRecord]]:
+        """A batch row (not added yet) of `rows` in this order, numbered from `first_seq` in this account's
+        sequence, claimed by this instance; fees_priced is the sum of `fees` (None when one is unknown: a
+        record of a batch written before prices were)."""
         settle = [to_settle_record(r) for r in rows]
-        tree = MerkleTree.from_records(settle)
+        tree = MerkleTree.from_records(settle, first_seq)
         request_ids = [r.request_id for r in rows]
         salt = 0
         while (
@@ -673,6 +740,7 @@ class Settler:
             merkle_root=hex0x(tree.root),
             record_count=len(rows),
             settler=self.address,
+            first_seq=first_seq,
             fees_priced=priced,
             claimed_by=self.instance,
             lease_expires=self._now(s) + timedelta(seconds=self.config.lease),
@@ -823,13 +891,22 @@ class Settler:
                     ", ".join(sorted(others)),
                 )
                 return False
+            if batch.first_seq is None or batch.settler not in (None, self.address):
+                if not self._renumber(w):
+                    return False
+                batch = w.batch
         if self._renew([batch.id]) != 1:  # never send a batch whose lease another settler has taken
             log.warning("lost the lease on batch %s to another settler", batch.batch_id)
             return False
         self._point("before_send")
         try:
             tx_hash = self.client.send_settle_batch(
-                batch.batch_id, batch.merkle_root, w.records, simulate=self._probe, max_fees=_quote(batch)
+                batch.batch_id,
+                batch.merkle_root,
+                w.records,
+                first_sequence=batch.first_seq,
+                simulate=self._probe,
+                max_fees=_quote(batch),
             )
         except BatchAlreadySettled:
             self._mark_settled(batch)
@@ -845,6 +922,36 @@ class Settler:
             s.commit()
             w.batch = row
         w.tx_hash = tx_hash
+        return True
+
+    def _renumber(self, w: _Work) -> bool:
+        """Take over a batch numbered in another account's sequence (its lease expired, or it was handed
+        back; or it was written before sequences): number its records in ours, from our next free number,
+        same records, same order, same batch id. Called once no account that sent it has a transaction
+        waiting; should an old transaction of it land after all, the batch id is settled once and the
+        other send reverts with BatchAlreadySettled. False when the claim was lost meanwhile."""
+        chain_next = self.client.next_sequence(self.address)  # outside the write transaction
+        with self._write() as s:
+            row = s.get(SettlementBatch, w.batch.id)
+            if row is None or row.claimed_by != self.instance or row.status not in OPEN:
+                return False
+            first = self._next_first_seq(s, chain_next)
+            settle = [to_settle_record(r) for r in batch_records(s, row.batch_id)]
+            old = (row.settler, row.first_seq)
+            row.settler, row.first_seq = self.address, first
+            row.merkle_root = MerkleTree.from_records(settle, first).root_hex
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+        log.info(
+            "batch %s: numbered again from %d in the sequence of %s (was %s from %s)",
+            row.batch_id,
+            first,
+            self.address,
+            old[0],
+            old[1],
+        )
+        w.batch, w.records = row, settle
         return True
 
     def _tx_still_pending(self, tx_hash: str) -> bool:
@@ -866,7 +973,13 @@ class Settler:
         info = None
         try:
             info = self.client.await_settled_batch(
-                w.tx_hash, batch.batch_id, batch.merkle_root, w.records, timeout=timeout, max_fees=_quote(batch)
+                w.tx_hash,
+                batch.batch_id,
+                batch.merkle_root,
+                w.records,
+                timeout=timeout,
+                first_sequence=batch.first_seq,
+                max_fees=_quote(batch),
             )
             self._probe = False  # our own transaction settled: the pipe may open
         except BatchAlreadySettled:
@@ -900,9 +1013,12 @@ class Settler:
             senders = {self.address, batch.settler, row.settler, *_split_senders(row.senders)} - {None}
         if not self._senders_quiet(senders):
             raise error  # one of its transactions may still be mined: look again next step
-        priced = isinstance(error, REPRICE)
+        # out of sequence (a batch before it was abandoned, or it is another account's): no record is at
+        # fault; they all go back unmarked and are numbered again in this account's sequence
+        unnumbered = isinstance(error, SequenceMismatch)
+        priced = unnumbered or isinstance(error, REPRICE)
         # refused for its price: whose price moved is read now, before the write lock (no chain call in it)
-        moved = self._price_moved(batch.batch_id) if priced else set()
+        moved = self._price_moved(batch.batch_id) if priced and not unnumbered else set()
         reason = f"batch {batch.batch_id} refused: {error}"
         aside_as = (
             PRICE_MOVING if priced else UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) else REVERTED
@@ -938,8 +1054,12 @@ class Settler:
             again, first, spared = [], [], []
             if not priced and len(rows) > 1:  # isolate: each half is sent (simulated) on its own
                 split_mark = f"{SPLIT_MARK}: {reason}"[:1000]  # cleared again when its half settles
-                for half in (rows[: len(rows) // 2], rows[len(rows) // 2 :]):
-                    child, _ = self._new_batch(s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half])
+                k = len(rows) // 2
+                for half, first in ((rows[:k], batch.first_seq), (rows[k:], batch.first_seq + k)):
+                    # each half keeps its records' sequence numbers: the two cover the parent's range
+                    child, _ = self._new_batch(
+                        s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half], first
+                    )
                     s.add(child)
                     split.append(child)
                     s.execute(
@@ -1020,7 +1140,7 @@ class Settler:
                 prices[a] = self.client.base_price()
             else:
                 try:
-                    prices[a] = self.client.get_adapter(a).price_per_1k_tokens
+                    prices[a] = self.client.adapter_price(a)
                 except UnknownAdapter:
                     prices[a] = None
         # a record without a fee (batched before fees were recorded) is never charged with a move
@@ -1035,13 +1155,28 @@ class Settler:
         info = info or self.client.get_batch(batch.batch_id)
         if info is None:
             raise SettlementError(f"batch {batch.batch_id} is not settled on chain")
+        renumbered = None
         if info.merkle_root != batch.merkle_root:
-            raise SettlementError(
-                f"batch {batch.batch_id} settled on chain with root {info.merkle_root}, "
-                f"database has {batch.merkle_root}"
-            )
+            # the same batch id (the same records, in order) settled under other sequence numbers, e.g. by a
+            # tool or an older process of this account: the chain's numbering is the one that counts
+            with Session(self.engine) as s:
+                settle = [to_settle_record(r) for r in batch_records(s, batch.batch_id)]
+            if not settle or MerkleTree.from_records(settle, info.first_sequence).root_hex != info.merkle_root:
+                raise SettlementError(
+                    f"batch {batch.batch_id} settled on chain with root {info.merkle_root}, "
+                    f"database has {batch.merkle_root}"
+                )
+            renumbered = info.first_sequence
         with Session(self.engine, expire_on_commit=False) as s:
             row = s.get(SettlementBatch, batch.id)
+            if renumbered is not None:
+                log.warning(
+                    "batch %s settled from sequence number %d, not %s as written: recorded as the chain has it",
+                    batch.batch_id,
+                    renumbered,
+                    row.first_seq,
+                )
+                row.first_seq, row.merkle_root = renumbered, info.merkle_root
             row.status, row.block_number, row.total_fees = BatchStatus.SETTLED, info.settled_block, str(info.total_fees)
             row.settled_at, row.lease_expires = utcnow(), None
             s.add(row)

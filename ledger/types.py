@@ -38,7 +38,8 @@ class Role(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class SettleRecord:
-    """One inference as AttributionLedger.Record (and as the Merkle leaf is computed)."""
+    """One inference as settleBatch packs it (ledger.merkle: with its sequence number, its Merkle leaf).
+    Token counts up to 2**64 - 1 are held here; a packed record takes at most 2**32 - 1 each."""
 
     request_id: str
     adapter_id: str
@@ -55,6 +56,8 @@ class SettleRecord:
                 raise ValueError(f"{name} must be an integer in [0, 2**64), got {v!r}")
 
     def as_tuple(self) -> tuple:
+        """(requestId, adapterId, nodeId, promptTokens, completionTokens), ids as bytes: leafOf's arguments
+        after the sequence number."""
         return (
             id_bytes(self.request_id),
             id_bytes(self.adapter_id),
@@ -294,6 +297,24 @@ class BatchInfo:
     settled_block: int
     record_count: int
     total_fees: int
+    first_sequence: int = 0  # sequence number of its first record in its settler's sequence
+
+
+@dataclass(frozen=True, slots=True)
+class SettledRecord:
+    """One record as the chain has it (a RecordsSettled log): its batch, settler, sequence number, fee."""
+
+    batch_id: str
+    settler: str
+    sequence: int
+    request_id: str
+    adapter_id: str
+    node_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    fee: int
+    block_number: int
+    leaf_index: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,30 +7,60 @@ import {AdapterRegistry} from "./AdapterRegistry.sol";
 /// @notice Settles batches of inference records in the native coin. A settler (a gateway, granted by
 /// the admin) prepays a deposit; each batch pulls its records' fees from that deposit and accrues
 /// them to node operators, adapter owners and dataset payees, who withdraw what accrued.
-/// A record whose adapterId is zero is an inference of the bare base model: its fee is
+/// A record whose adapter is the zero id is an inference of the bare base model: its fee is
 /// basePricePer1kTokens per 1,000 tokens and all of it accrues to the serving node's operator.
+///
+/// Exactly once. Every settler numbers its records in one gapless sequence 0, 1, 2, ...: a batch names
+/// the sequence number of its first record (firstSequence) and is accepted only when that is exactly
+/// where the settler's last settled batch ended (nextSequence(settler); SequenceMismatch otherwise), so
+/// the chain holds, at O(1) storage per settler and per batch:
+///  - each (settler, sequence number) is settled at most once, and the settled numbers of a settler are
+///    exactly 0 .. nextSequence(settler) - 1, every one in exactly one batch;
+///  - every record's Merkle leaf binds its request id to its sequence number (leafOf), and the batch
+///    stores its settler and first number, so `verifyRecord` proves which (settler, sequence) paid it;
+///  - a batch id is accepted once (BatchAlreadySettled).
+/// A settler that writes a batch's numbers durably before sending it (ledger/settler.py) resends it after a
+/// crash with the same numbers: a record sent twice at its number is refused the second time, whatever
+/// batch carries it (SequenceMismatch), so at most one of the sends is paid. What the chain does NOT refuse
+/// is a dishonest settler giving one request id two sequence numbers (in its own batches, or under two
+/// settler addresses): refusing that would need a storage slot per request id (22,100 gas, more than a
+/// whole record costs here). It costs that settler its own deposit and is visible to anyone from the chain
+/// alone: every record is in the RecordsSettled log of its batch (settler, first sequence number,
+/// id tables, prices, packed records), and the logs of one settler, ordered by firstSequence, must cover
+/// 0 .. nextSequence(settler) - 1 without gap or overlap (they do, by the rule above) and name no request
+/// id twice across all settlers. Two leaves with one request id, each proven with verifyRecord, are the
+/// evidence against the settler (the admin revokes it).
+///
+/// Records are packed calldata, RECORD_BYTES (42) each: requestId (32 bytes), adapter index (1), node
+/// index (1) into the batch's adapterIds / nodeIds tables, promptTokens (uint32, 4), completionTokens
+/// (uint32, 4), big-endian. The tables are strictly increasing (so an id appears once, and an adapter's
+/// accruals are split once per batch exactly as if the records came one by one) and hold at most
+/// MAX_ADAPTERS_PER_BATCH / MAX_NODES_PER_BATCH ids. The records are re-emitted in one RecordsSettled log
+/// per batch rather than left in calldata only: a log is readable with eth_getLogs by anyone, whoever
+/// called settleBatch (a multisig or a contract settler leaves no top-level calldata to read), in bulk,
+/// and costs about 340 gas a record (8 gas a byte); one log per record cost ten times that.
 /// @dev Money invariant: totalDeposited == totalAccrued + sum(deposits left) + totalReclaimed and
 /// totalAccrued == sum(rewards available) + totalWithdrawn; the balance equals deposits left plus
-/// rewards available. A batch id is accepted once (BatchAlreadySettled), so retries are idempotent.
+/// rewards available.
 contract AttributionLedger {
     uint16 public constant MAX_BPS = 10_000;
-
-    /// @notice One inference. leaf = keccak256(abi.encode(requestId, adapterId, nodeId, promptTokens, completionTokens)).
-    /// adapterId == bytes32(0): the bare base model (no adapter, no owner, no datasets).
-    struct Record {
-        bytes32 requestId;
-        bytes32 adapterId;
-        bytes32 nodeId;
-        uint64 promptTokens;
-        uint64 completionTokens;
-    }
+    /// @notice Bytes of one packed record in settleBatch's `records`.
+    uint256 public constant RECORD_BYTES = 42;
+    /// @notice Most distinct adapters (the base model counts as one) in one batch.
+    uint256 public constant MAX_ADAPTERS_PER_BATCH = 32;
+    /// @notice Most distinct nodes in one batch.
+    uint256 public constant MAX_NODES_PER_BATCH = 64;
+    /// @notice Highest base price, as AdapterRegistry.MAX_PRICE_PER_1K_TOKENS bounds adapter prices: with
+    /// uint32 token counts no fee, and no sum of fees of a batch, can overflow.
+    uint256 public constant MAX_BASE_PRICE = type(uint128).max;
 
     struct Batch {
         bytes32 merkleRoot;
         address settler;
         uint64 settledBlock;
         uint32 recordCount;
-        uint256 totalFees;
+        uint192 totalFees;
+        uint64 firstSequence;
     }
 
     enum Role {
@@ -39,35 +69,30 @@ contract AttributionLedger {
         Dataset
     }
 
-    /// @dev Fees of one adapter within a batch, split once at the end of the batch.
-    struct AdapterGroup {
-        bytes32 adapterId;
+    /// @dev How one adapter of a batch is paid (adapterId zero: the base model, no owner, no datasets).
+    struct AdapterSplit {
         address owner;
-        uint256 price;
         bytes32[] datasetIds;
         address[] payees;
         uint16[] sharesBps;
-        uint256 rest;
     }
 
-    /// @dev A node's cut of one adapter's records within a batch (adapterId zero: its base-model fees).
-    struct NodeGroup {
-        bytes32 adapterId;
-        bytes32 nodeId;
-        address operator;
-        uint256 amount;
-    }
-
-    /// @dev Working state of one settleBatch call (kept in memory to stay within the stack limit).
+    /// @dev Working state of one settleBatch call, flat arrays the record loop indexes directly.
     struct BatchWork {
-        bytes32 batchId;
-        uint16 nodeShareBps;
-        uint256 basePrice;
-        AdapterGroup[] groups;
-        uint256 nGroups;
-        NodeGroup[] nodeGroups;
-        uint256 nNodeGroups;
-        uint256 total;
+        uint256[] prices; // per adapter entry: fee per 1,000 tokens
+        uint256[] nodeBps; // per adapter entry: the node's share (MAX_BPS for the base model)
+        uint256[] rests; // per adapter entry: sum over its records of fee - node cut
+        uint256[] nodeSums; // per (adapter, node) entry, index a * nodes + n: sum of node cuts
+        address[] operators; // per node entry
+        AdapterSplit[] splits; // per adapter entry
+        // where the id tables are in calldata and how long (read by the record loop in assembly, which has
+        // no stack slots left for them): word 6 adapterIds.offset, 7 its length, 8 nodes' length, 9 offset
+        uint256 adapterIdsOffset;
+        uint256 adapterCount;
+        uint256 nodeCount;
+        uint256 nodeIdsOffset;
+        uint256 total; // word 10: sum of the fees
+        bytes32[] leaves; // word 11
     }
 
     AdapterRegistry public immutable registry;
@@ -87,6 +112,7 @@ contract AttributionLedger {
     mapping(address => uint256) private _accrued;
     mapping(address => uint256) private _withdrawn;
     mapping(bytes32 => Batch) private _batches;
+    mapping(address => uint64) private _nextSequence;
 
     error ZeroId();
     error ZeroAddress();
@@ -102,6 +128,13 @@ contract AttributionLedger {
     error InsufficientRewards(address account, uint256 requested, uint256 available);
     error NothingToWithdraw(address account);
     error TransferFailed(address to, uint256 amount);
+    error SequenceMismatch(address settler, uint64 expected, uint64 given);
+    error MalformedRecords(uint256 length);
+    error TooManyAdapters(uint256 count, uint256 max);
+    error TooManyNodes(uint256 count, uint256 max);
+    error TableNotIncreasing(uint256 index);
+    error RecordIndexOutOfRange(uint256 record);
+    error InvalidPrice(uint256 price);
 
     event AdminTransferred(address indexed previousAdmin, address indexed newAdmin);
     event SettlerGranted(address indexed settler);
@@ -110,14 +143,17 @@ contract AttributionLedger {
     event BasePriceChanged(uint256 basePricePer1kTokens);
     event Deposited(address indexed settler, address indexed from, uint256 amount);
     event DepositReclaimed(address indexed settler, uint256 amount);
-    event RecordSettled(
+    /// @notice Every record of a batch, in leaf order: record i has sequence number firstSequence + i and
+    /// is the i-th RECORD_BYTES of `records` (see the contract's notice); its fee is
+    /// prices[adapter index] * (promptTokens + completionTokens) / 1000, rounded down.
+    event RecordsSettled(
         bytes32 indexed batchId,
-        bytes32 indexed requestId,
-        bytes32 indexed adapterId,
-        bytes32 nodeId,
-        uint64 promptTokens,
-        uint64 completionTokens,
-        uint256 fee
+        address indexed settler,
+        uint64 firstSequence,
+        bytes32[] adapterIds,
+        bytes32[] nodeIds,
+        uint256[] prices,
+        bytes records
     );
     event RewardAccrued(
         bytes32 indexed batchId,
@@ -178,6 +214,7 @@ contract AttributionLedger {
 
     /// @notice Set the fee per 1,000 tokens of base-model records (adapterId zero), for future batches.
     function setBasePricePer1kTokens(uint256 price) external onlyAdmin {
+        if (price > MAX_BASE_PRICE) revert InvalidPrice(price);
         basePricePer1kTokens = price;
         emit BasePriceChanged(price);
     }
@@ -216,58 +253,67 @@ contract AttributionLedger {
 
     // ------------------------------------------------------------------ settlement
 
-    /// @notice Settle a batch: check its Merkle root, pull its fees from the caller's deposit and
-    /// accrue them. Reverts with BatchAlreadySettled when this batch id was settled before, and with
-    /// FeesAboveQuote when the records cost more than `maxFees`, the total the settler priced them at:
-    /// an adapter owner who raises the price after the batch was priced (e.g. front-running it) gets
-    /// the batch refused and re-priced, never charged at a price the settler did not see.
-    function settleBatch(bytes32 batchId, bytes32 merkleRoot, Record[] calldata records, uint256 maxFees) external {
+    /// @notice Settle a batch: check that it starts at the caller's next sequence number, recompute its
+    /// Merkle root from the records, pull its fees from the caller's deposit and accrue them.
+    /// `records` is packed (RECORD_BYTES each, see the contract's notice), indexing the strictly
+    /// increasing `adapterIds` and `nodeIds`. Reverts with SequenceMismatch unless firstSequence ==
+    /// nextSequence(caller), BatchAlreadySettled when this batch id was settled before, and FeesAboveQuote
+    /// when the records cost more than `maxFees`, the total the settler priced them at: an adapter owner
+    /// who raises the price after the batch was priced (e.g. front-running it) gets the batch refused and
+    /// re-priced, never charged at a price the settler did not see.
+    function settleBatch(
+        bytes32 batchId,
+        bytes32 merkleRoot,
+        uint64 firstSequence,
+        bytes32[] calldata adapterIds,
+        bytes32[] calldata nodeIds,
+        bytes calldata records,
+        uint256 maxFees
+    ) external {
         if (!_settlers[msg.sender]) revert NotSettler(msg.sender);
         if (batchId == bytes32(0)) revert ZeroId();
         if (records.length == 0) revert EmptyBatch();
         if (_batches[batchId].settledBlock != 0) revert BatchAlreadySettled(batchId);
-
-        uint256 n = records.length;
-        bytes32[] memory leaves = new bytes32[](n);
-        BatchWork memory w = BatchWork({
-            batchId: batchId,
-            nodeShareBps: nodeShareBps,
-            basePrice: basePricePer1kTokens,
-            groups: new AdapterGroup[](n),
-            nGroups: 0,
-            nodeGroups: new NodeGroup[](n),
-            nNodeGroups: 0,
-            total: 0
-        });
-        for (uint256 i; i < n; ++i) {
-            leaves[i] = leafOf(records[i]);
-            _addRecord(w, records[i]);
+        uint256 n = records.length / RECORD_BYTES;
+        if (n * RECORD_BYTES != records.length || n > type(uint32).max) revert MalformedRecords(records.length);
+        if (firstSequence != _nextSequence[msg.sender]) {
+            revert SequenceMismatch(msg.sender, _nextSequence[msg.sender], firstSequence);
         }
-        uint256 total = w.total;
 
-        bytes32 computed = _merkleRoot(leaves);
+        BatchWork memory w = _prepare(adapterIds, nodeIds);
+        _scan(w, firstSequence, records);
+        bytes32 computed = _merkleRoot(w.leaves);
         if (computed != merkleRoot) revert MerkleRootMismatch(merkleRoot, computed);
+        _charge(batchId, merkleRoot, firstSequence, n, w.total, maxFees);
+        _payOutBatch(batchId, w, adapterIds, nodeIds);
+        emit RecordsSettled(batchId, msg.sender, firstSequence, adapterIds, nodeIds, w.prices, records);
+        emit BatchSettled(batchId, msg.sender, merkleRoot, uint32(n), w.total);
+    }
+
+    /// @dev Take the batch's fees from the caller's deposit (at most its quote), advance its sequence and
+    /// store the batch.
+    function _charge(bytes32 batchId, bytes32 merkleRoot, uint64 firstSequence, uint256 n, uint256 total, uint256 maxFees)
+        private
+    {
         if (total > maxFees) revert FeesAboveQuote(total, maxFees);
         uint256 available = _deposits[msg.sender];
         if (total > available) revert InsufficientDeposit(msg.sender, total, available);
         _deposits[msg.sender] = available - total;
         totalAccrued += total;
+        _nextSequence[msg.sender] = firstSequence + uint64(n);
         _batches[batchId] = Batch({
             merkleRoot: merkleRoot,
             settler: msg.sender,
             settledBlock: uint64(block.number),
             recordCount: uint32(n),
-            totalFees: total
+            totalFees: uint192(total), // total <= the deposit, itself a sum of msg.values
+            firstSequence: firstSequence
         });
+    }
 
-        for (uint256 k; k < w.nNodeGroups; ++k) {
-            NodeGroup memory ng = w.nodeGroups[k];
-            _accrue(batchId, ng.operator, ng.adapterId, Role.Node, ng.nodeId, ng.amount);
-        }
-        for (uint256 g; g < w.nGroups; ++g) {
-            _splitAdapter(batchId, w.groups[g]);
-        }
-        emit BatchSettled(batchId, msg.sender, merkleRoot, uint32(n), total);
+    /// @notice The sequence number the settler's next batch must start at: how many records it settled.
+    function nextSequence(address settler) external view returns (uint64) {
+        return _nextSequence[settler];
     }
 
     /// @notice Whether a batch id has been settled.
@@ -280,9 +326,17 @@ contract AttributionLedger {
         return _batches[batchId];
     }
 
-    /// @notice The Merkle leaf of a record, as settlement computes it.
-    function leafOf(Record calldata r) public pure returns (bytes32) {
-        return keccak256(abi.encode(r.requestId, r.adapterId, r.nodeId, r.promptTokens, r.completionTokens));
+    /// @notice The Merkle leaf of the record with this sequence number, as settlement computes it:
+    /// keccak256(abi.encode(sequence, requestId, adapterId, nodeId, promptTokens, completionTokens)).
+    function leafOf(
+        uint64 sequence,
+        bytes32 requestId,
+        bytes32 adapterId,
+        bytes32 nodeId,
+        uint32 promptTokens,
+        uint32 completionTokens
+    ) public pure returns (bytes32) {
+        return keccak256(abi.encode(sequence, requestId, adapterId, nodeId, promptTokens, completionTokens));
     }
 
     /// @notice Whether `leaf` is in the settled batch's tree (sorted-pair hashing). Compute the leaf
@@ -343,86 +397,175 @@ contract AttributionLedger {
         emit RewardAccrued(batchId, account, adapterId, role, subject, amount);
     }
 
-    /// @dev Dataset payees get their shares of the non-node part; the owner gets the rest, dust included.
-    function _splitAdapter(bytes32 batchId, AdapterGroup memory ag) private {
-        uint256 paid;
-        for (uint256 j; j < ag.payees.length; ++j) {
-            uint256 cut = ag.rest * ag.sharesBps[j] / MAX_BPS;
-            paid += cut;
-            _accrue(batchId, ag.payees[j], ag.adapterId, Role.Dataset, ag.datasetIds[j], cut);
-        }
-        _accrue(batchId, ag.owner, ag.adapterId, Role.AdapterOwner, ag.adapterId, ag.rest - paid);
-    }
-
-    /// @dev Price one record, add its node cut and the rest to their groups, emit its event.
-    /// A base-model record (adapterId zero) has no adapter group: its whole fee is the node's.
-    function _addRecord(BatchWork memory w, Record calldata r) private {
-        if (r.adapterId == bytes32(0)) {
-            NodeGroup memory bg = w.nodeGroups[_nodeGroup(w, bytes32(0), r.nodeId)];
-            uint256 baseFee = w.basePrice * (uint256(r.promptTokens) + r.completionTokens) / 1000;
-            bg.amount += baseFee;
-            w.total += baseFee;
-            emit RecordSettled(w.batchId, r.requestId, r.adapterId, r.nodeId, r.promptTokens, r.completionTokens, baseFee);
-            return;
-        }
-        AdapterGroup memory ag = w.groups[_adapterGroup(w, r.adapterId)];
-        NodeGroup memory ng = w.nodeGroups[_nodeGroup(w, r.adapterId, r.nodeId)];
-        uint256 fee = ag.price * (uint256(r.promptTokens) + r.completionTokens) / 1000;
-        uint256 nodeCut = fee * w.nodeShareBps / MAX_BPS;
-        ng.amount += nodeCut;
-        ag.rest += fee - nodeCut;
-        w.total += fee;
-        emit RecordSettled(w.batchId, r.requestId, r.adapterId, r.nodeId, r.promptTokens, r.completionTokens, fee);
-    }
-
-    /// @dev Index of the adapter's group in this batch, created (one registry call) on first use.
-    /// Transient storage maps key -> index+1 so lookups stay O(1) in large batches.
-    function _adapterGroup(BatchWork memory w, bytes32 adapterId) private returns (uint256) {
-        bytes32 key = keccak256(abi.encode(w.batchId, uint256(1), adapterId));
-        uint256 found = _tload(key);
-        if (found != 0) return found - 1;
-        (address owner, uint256 price, bytes32[] memory datasetIds, address[] memory payees, uint16[] memory shares) =
-            registry.adapterSplit(adapterId);
-        uint256 index = w.nGroups++;
-        w.groups[index] = AdapterGroup(adapterId, owner, price, datasetIds, payees, shares, 0);
-        _tstore(key, index + 1);
-        return index;
-    }
-
-    /// @dev Index of the (adapter, node) group in this batch, created on first use.
-    function _nodeGroup(BatchWork memory w, bytes32 adapterId, bytes32 nodeId) private returns (uint256) {
-        bytes32 key = keccak256(abi.encode(w.batchId, uint256(2), adapterId, nodeId));
-        uint256 found = _tload(key);
-        if (found != 0) return found - 1;
-        uint256 index = w.nNodeGroups++;
-        w.nodeGroups[index] = NodeGroup(adapterId, nodeId, registry.nodeOperator(nodeId), 0);
-        _tstore(key, index + 1);
-        return index;
-    }
-
-    function _tload(bytes32 key) private view returns (uint256 v) {
+    /// @dev Check the id tables and read, once per entry, what the record loop and the payout need:
+    /// each adapter's price and split (the base model: the base price, all to the node) and each
+    /// node's operator (an unknown adapter or node reverts in the registry).
+    function _prepare(bytes32[] calldata adapterIds, bytes32[] calldata nodeIds)
+        private
+        view
+        returns (BatchWork memory w)
+    {
+        uint256 nA = adapterIds.length;
+        uint256 nN = nodeIds.length;
+        if (nA > MAX_ADAPTERS_PER_BATCH) revert TooManyAdapters(nA, MAX_ADAPTERS_PER_BATCH);
+        if (nN > MAX_NODES_PER_BATCH) revert TooManyNodes(nN, MAX_NODES_PER_BATCH);
+        w.prices = new uint256[](nA);
+        w.nodeBps = new uint256[](nA);
+        w.rests = new uint256[](nA);
+        w.nodeSums = new uint256[](nA * nN);
+        w.operators = new address[](nN);
+        w.splits = new AdapterSplit[](nA);
+        w.adapterCount = nA;
+        w.nodeCount = nN;
+        uint256 aOff;
+        uint256 nOff;
         assembly {
-            v := tload(key)
+            aOff := adapterIds.offset
+            nOff := nodeIds.offset
         }
-    }
-
-    function _tstore(bytes32 key, uint256 v) private {
-        assembly {
-            tstore(key, v)
-        }
-    }
-
-    /// @dev Sorted-pair Merkle root; an odd node at the end of a level moves up unchanged.
-    function _merkleRoot(bytes32[] memory level) private pure returns (bytes32) {
-        uint256 n = level.length;
-        while (n > 1) {
-            uint256 m;
-            for (uint256 i; i < n; i += 2) {
-                level[m++] = i + 1 < n ? _hashPair(level[i], level[i + 1]) : level[i];
+        w.adapterIdsOffset = aOff;
+        w.nodeIdsOffset = nOff;
+        uint16 share = nodeShareBps;
+        for (uint256 a; a < nA; ++a) {
+            bytes32 id = adapterIds[a];
+            if (a > 0 && id <= adapterIds[a - 1]) revert TableNotIncreasing(a);
+            if (id == bytes32(0)) {
+                w.prices[a] = basePricePer1kTokens;
+                w.nodeBps[a] = MAX_BPS;
+                continue;
             }
-            n = m;
+            AdapterSplit memory sp = w.splits[a];
+            (sp.owner, w.prices[a], sp.datasetIds, sp.payees, sp.sharesBps) = registry.adapterSplit(id);
+            w.nodeBps[a] = share;
         }
-        return level[0];
+        for (uint256 k; k < nN; ++k) {
+            bytes32 id = nodeIds[k];
+            if (k > 0 && id <= nodeIds[k - 1]) revert TableNotIncreasing(MAX_ADAPTERS_PER_BATCH + k);
+            w.operators[k] = registry.nodeOperator(id);
+        }
+    }
+
+    /// @dev The record loop: decode each packed record, hash its leaf into `leaves` and add its fee to
+    /// its (adapter, node) sums; then the root over the leaves. Per record: fee = price * tokens / 1000
+    /// and node cut = fee * bps / MAX_BPS, both rounded down, exactly as when records were settled one
+    /// by one. Written in assembly because it runs once per record: the leaf preimage is six words of
+    /// scratch memory reused by every record (abi.encode would allocate 192 fresh bytes each time, and
+    /// memory costs grow quadratically), and no bounds checks run but the index checks below.
+    /// Unchecked arithmetic is safe by bounds: price <= 2**128 - 1 (registry and MAX_BASE_PRICE),
+    /// tokens < 2**33, bps <= 10,000, fewer than 2**32 records, so every product and sum stays below
+    /// 2**210.
+    function _scan(BatchWork memory w, uint256 seq, bytes calldata records) private pure {
+        w.leaves = new bytes32[](records.length / RECORD_BYTES);
+        assembly ("memory-safe") {
+            let pre := mload(0x40) // scratch past the free pointer: nothing is allocated while the loop runs
+            let dst := add(mload(add(w, 0x160)), 0x20) // w.leaves, written from its first entry
+            let end := add(records.offset, records.length)
+            for { let src := records.offset } lt(src, end) { src := add(src, 42) } {
+                // word 2 of a record: adapter index, node index, prompt and completion tokens, then the next
+                // record's bytes (or zeros past the end of calldata), masked off
+                let w1 := calldataload(add(src, 32))
+                let a := byte(0, w1)
+                let k := byte(1, w1)
+                if iszero(and(lt(a, mload(add(w, 0xe0))), lt(k, mload(add(w, 0x100))))) {
+                    mstore(0x00, shl(224, 0x9419b0f7)) // RecordIndexOutOfRange(uint256 record)
+                    mstore(0x04, shr(5, sub(dst, add(mload(add(w, 0x160)), 0x20))))
+                    revert(0x00, 0x24)
+                }
+                mstore(pre, seq)
+                mstore(add(pre, 0x20), calldataload(src))
+                mstore(add(pre, 0x40), calldataload(add(mload(add(w, 0xc0)), shl(5, a)))) // adapterIds[a]
+                mstore(add(pre, 0x60), calldataload(add(mload(add(w, 0x120)), shl(5, k)))) // nodeIds[k]
+                let t := and(shr(208, w1), 0xffffffff) // promptTokens
+                mstore(add(pre, 0x80), t)
+                w1 := and(shr(176, w1), 0xffffffff) // completionTokens
+                mstore(add(pre, 0xa0), w1)
+                mstore(dst, keccak256(pre, 0xc0))
+                dst := add(dst, 0x20)
+                seq := add(seq, 1)
+                // k: the (adapter, node) sum's slot in nodeSums; a: entry a's offset in a memory uint256[]
+                k := add(mload(add(w, 0x60)), shl(5, add(add(mul(a, mload(add(w, 0x100))), k), 1)))
+                a := shl(5, add(a, 1))
+                t := div(mul(mload(add(mload(w), a)), add(t, w1)), 1000) // fee
+                w1 := div(mul(t, mload(add(mload(add(w, 0x20)), a))), 10000) // node cut
+                mstore(k, add(mload(k), w1))
+                k := add(mload(add(w, 0x40)), a) // rests[a]
+                mstore(k, add(mload(k), sub(t, w1)))
+                mstore(add(w, 0x140), add(mload(add(w, 0x140)), t)) // w.total
+            }
+        }
+    }
+
+    /// @dev Accrue a batch: each node's operator its cuts (one balance update per node, one
+    /// RewardAccrued per (adapter, node)), then each adapter's datasets and owner the rest.
+    function _payOutBatch(bytes32 batchId, BatchWork memory w, bytes32[] calldata adapterIds, bytes32[] calldata nodeIds)
+        private
+    {
+        uint256 nA = adapterIds.length;
+        uint256 nN = nodeIds.length;
+        for (uint256 k; k < nN; ++k) {
+            uint256 sum;
+            for (uint256 a; a < nA; ++a) {
+                uint256 cut = w.nodeSums[a * nN + k];
+                if (cut == 0) continue;
+                sum += cut;
+                emit RewardAccrued(batchId, w.operators[k], adapterIds[a], Role.Node, nodeIds[k], cut);
+            }
+            _credit(w.operators[k], sum);
+        }
+        for (uint256 a; a < nA; ++a) {
+            if (adapterIds[a] != bytes32(0)) _splitAdapter(batchId, adapterIds[a], w.splits[a], w.rests[a]);
+        }
+    }
+
+    /// @dev Dataset payees get their shares of the non-node part; the owner gets the rest, dust included.
+    function _splitAdapter(bytes32 batchId, bytes32 adapterId, AdapterSplit memory sp, uint256 rest) private {
+        uint256 paid;
+        for (uint256 j; j < sp.payees.length; ++j) {
+            uint256 cut = rest * sp.sharesBps[j] / MAX_BPS;
+            paid += cut;
+            _accrue(batchId, sp.payees[j], adapterId, Role.Dataset, sp.datasetIds[j], cut);
+        }
+        _accrue(batchId, sp.owner, adapterId, Role.AdapterOwner, adapterId, rest - paid);
+    }
+
+    function _credit(address account, uint256 amount) private {
+        if (amount == 0) return;
+        _available[account] += amount;
+        _accrued[account] += amount;
+    }
+
+    /// @dev Sorted-pair Merkle root over `level`, hashed in place; an odd node at the end of a level
+    /// moves up unchanged. Assembly: one keccak per pair in scratch space, no bounds checks.
+    function _merkleRoot(bytes32[] memory level) private pure returns (bytes32 root) {
+        assembly ("memory-safe") {
+            let base := add(level, 0x20)
+            let n := mload(level)
+            for {} gt(n, 1) {} {
+                let m := 0
+                let i := 0
+                for {} lt(add(i, 1), n) { i := add(i, 2) } {
+                    let x := mload(add(base, shl(5, i)))
+                    let y := mload(add(base, shl(5, add(i, 1))))
+                    switch lt(x, y)
+                    case 1 {
+                        mstore(0x00, x)
+                        mstore(0x20, y)
+                    }
+                    default {
+                        mstore(0x00, y)
+                        mstore(0x20, x)
+                    }
+                    mstore(add(base, shl(5, m)), keccak256(0x00, 0x40))
+                    m := add(m, 1)
+                }
+                if lt(i, n) {
+                    mstore(add(base, shl(5, m)), mload(add(base, shl(5, i))))
+                    m := add(m, 1)
+                }
+                n := m
+            }
+            root := mload(base)
+        }
     }
 
     function _hashPair(bytes32 a, bytes32 b) private pure returns (bytes32 h) {

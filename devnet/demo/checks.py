@@ -187,38 +187,38 @@ def check_on_chain(client, answers: list[Answer]) -> dict:
     """Every request (base-model comparisons included) settled exactly once with the token counts the
     client saw, base-model ones under the zero adapter id at the base price; accruals equal fees."""
     sent = {s.request_id: s for s in sent_requests(answers)}
-    events = client.events("ledger", "RecordSettled")
-    counts = Counter(hex0x(e["args"]["requestId"]) for e in events)
+    events = client.settled_records()  # every record, from the one RecordsSettled log of each batch
+    counts = Counter(e.request_id for e in events)
     for rid, a in sent.items():
         if counts[rid] != 1:
             raise DemoCheckFailed(f"request {rid} ({a.label}) is on chain {counts[rid]} times, expected once")
     base_price = client.base_price()
     fees, base_fees, batches = 0, 0, set()
     for e in events:
-        args = e["args"]
-        rid = hex0x(args["requestId"])
+        rid = e.request_id
         if rid in sent:
             a = sent[rid]
-            if (args["promptTokens"], args["completionTokens"]) != (a.prompt_tokens, a.completion_tokens):
+            if (e.prompt_tokens, e.completion_tokens) != (a.prompt_tokens, a.completion_tokens):
                 raise DemoCheckFailed(
-                    f"request {rid}: chain has {args['promptTokens']}+{args['completionTokens']} "
+                    f"request {rid}: chain has {e.prompt_tokens}+{e.completion_tokens} "
                     f"tokens, the client was told {a.prompt_tokens}+{a.completion_tokens}"
                 )
             if a.base:
                 want = base_price * (a.prompt_tokens + a.completion_tokens) // 1000
-                adapter = hex0x(args["adapterId"])
-                if adapter != ZERO_ID or args["fee"] != want:
+                if e.adapter_id != ZERO_ID or e.fee != want:
                     raise DemoCheckFailed(
-                        f"base-model request {rid}: chain has adapter {adapter} and fee "
-                        f"{args['fee']} wei, expected the zero id and {want} wei"
+                        f"base-model request {rid}: chain has adapter {e.adapter_id} and fee "
+                        f"{e.fee} wei, expected the zero id and {want} wei"
                     )
-                base_fees += args["fee"]
-            fees += args["fee"]
-            batches.add(bytes(args["batchId"]))
+                base_fees += e.fee
+            fees += e.fee
+            batches.add(e.batch_id)
     accrued = sum(
-        e["args"]["amount"] for e in client.events("ledger", "RewardAccrued") if bytes(e["args"]["batchId"]) in batches
+        e["args"]["amount"]
+        for e in client.events("ledger", "RewardAccrued")
+        if hex0x(bytes(e["args"]["batchId"])) in batches
     )
-    batch_fees = sum(e["args"]["fee"] for e in events if bytes(e["args"]["batchId"]) in batches)
+    batch_fees = sum(e.fee for e in events if e.batch_id in batches)
     if accrued != batch_fees or batch_fees != fees:
         raise DemoCheckFailed(f"rewards do not add up: accrued {accrued} wei, fees of the settled records {fees} wei")
     return {

@@ -1,11 +1,12 @@
 """Our contracts' events from raw JSON-RPC logs, decoded by slicing their fixed-width hex fields.
 
-Every ledger event the index stores per batch or per record (RecordSettled, RewardAccrued, BatchSettled) and
-the money and settler events have only static fields: 32-byte words at fixed offsets of `data`, indexed
-fields in `topics`. Slicing the hex, with `int(word, 16)` and `bytes.fromhex`, reads one RecordSettled in
-1.7 us on this machine (bench/explorer.py, 2 shared cores, 2026-12-03); eth_abi's decode of the same words
-takes 11 us called per log and 20 us called once per chunk on an array of tuples (its array decoding is
-slower, not faster), web3's process_log after formatting the log 220 us. Registry events carry strings,
+The ledger's per-batch events (RewardAccrued, BatchSettled) and the money and settler events have only
+static fields: 32-byte words at fixed offsets of `data`, indexed fields in `topics`. Slicing the hex, with
+`int(word, 16)` and `bytes.fromhex`, reads one in about 2 us (bench/explorer.py, 2 shared cores,
+2026-12-03); eth_abi's decode of the same words takes 11 us called per log, web3's process_log after
+formatting the log 220 us. The records come in bulk: one RecordsSettled log per batch carries every record
+of the batch packed (ledger.merkle: 42 bytes each, adapter and node as indexes into the log's id tables),
+so the log's data is turned into bytes once and each record is a few slices of it. Registry events carry strings,
 arrays and structs, are few, and go through web3's own decoding (`Web3Events`), as the gateway's registry
 mirror reads them (ledger.registry_events).
 
@@ -22,6 +23,7 @@ from eth_utils import event_abi_to_log_topic, to_checksum_address
 from hexbytes import HexBytes
 
 from ledger.errors import LedgerError
+from ledger.merkle import RECORD_BYTES
 from ledger.types import Role
 
 WORD = 64  # hex digits in a 32-byte word
@@ -68,7 +70,8 @@ def uint(data: str, i: int) -> int:
 
 @dataclass(slots=True)
 class SettledRecord:
-    """RecordSettled, as the index stores it: ids as bytes, hex kept for the sums' keys."""
+    """One record of a RecordsSettled log, as the index stores it: ids as bytes, hex kept for the sums' keys;
+    sequence is its number in its settler's sequence."""
 
     request_id: bytes
     batch_id: bytes
@@ -77,22 +80,54 @@ class SettledRecord:
     prompt_tokens: int
     completion_tokens: int
     fee: int
+    sequence: int
 
 
-def record_settled(log: dict) -> SettledRecord:
-    """RecordSettled(bytes32 indexed batchId, bytes32 indexed requestId, bytes32 indexed adapterId,
-    bytes32 nodeId, uint64 promptTokens, uint64 completionTokens, uint256 fee)."""
-    t, d = _shape(log, "RecordSettled", 4, 4)
-    adapter = t[3].lower()
-    return SettledRecord(
-        bytes.fromhex(t[2][2:]),
-        bytes.fromhex(t[1][2:]),
-        adapter,
-        "0x" + d[2:66].lower(),
-        int(d[66:130], 16),
-        int(d[130:194], 16),
-        int(d[194:258], 16),
-    )
+def _array_at(raw: bytes, head_word: int, what: str, log: dict) -> tuple[int, int]:
+    """(start of the items, item count) of the dynamic field whose offset is head word `head_word`."""
+    at = int.from_bytes(raw[head_word * 32 : head_word * 32 + 32], "big")
+    if at + 32 > len(raw):
+        raise IndexDecodeError(f"RecordsSettled in tx {log.get('transactionHash')}: {what} lies past its data")
+    return at + 32, int.from_bytes(raw[at : at + 32], "big")
+
+
+def records_settled(log: dict) -> list[SettledRecord]:
+    """RecordsSettled(bytes32 indexed batchId, address indexed settler, uint64 firstSequence,
+    bytes32[] adapterIds, bytes32[] nodeIds, uint256[] prices, bytes records): every record of the
+    batch in leaf order, each fee = prices[adapter] * tokens / 1000 rounded down, as the ledger charged."""
+    t, d = log.get("topics") or [], log.get("data") or ""
+    if len(t) != 3 or len(d) < 2 + 5 * WORD:
+        raise IndexDecodeError(
+            f"RecordsSettled log in tx {log.get('transactionHash')} has {len(t)} topics and {(len(d) - 2) // 2} "
+            "data bytes: is the deployment file of this build of the contracts?"
+        )
+    raw = bytes.fromhex(d[2:])
+    first = int.from_bytes(raw[:32], "big")
+    a_at, n_adapters = _array_at(raw, 1, "adapterIds", log)
+    n_at, n_nodes = _array_at(raw, 2, "nodeIds", log)
+    p_at, n_prices = _array_at(raw, 3, "prices", log)
+    r_at, size = _array_at(raw, 4, "records", log)
+    if n_prices != n_adapters or max(a_at + 32 * n_adapters, n_at + 32 * n_nodes, r_at + size) > len(raw):
+        raise IndexDecodeError(f"RecordsSettled in tx {log.get('transactionHash')} does not decode")
+    if size % RECORD_BYTES:
+        raise IndexDecodeError(f"RecordsSettled in tx {log.get('transactionHash')}: records of {size} bytes")
+    adapters = ["0x" + raw[a_at + 32 * i : a_at + 32 * i + 32].hex() for i in range(n_adapters)]
+    nodes = ["0x" + raw[n_at + 32 * i : n_at + 32 * i + 32].hex() for i in range(n_nodes)]
+    prices = [int.from_bytes(raw[p_at + 32 * i : p_at + 32 * i + 32], "big") for i in range(n_prices)]
+    batch = bytes.fromhex(t[1][2:])
+    out = []
+    for i, off in enumerate(range(r_at, r_at + size, RECORD_BYTES)):
+        a, n = raw[off + 32], raw[off + 33]
+        if a >= n_adapters or n >= n_nodes:
+            raise IndexDecodeError(f"RecordsSettled in tx {log.get('transactionHash')}: record {i} indexes past")
+        p = int.from_bytes(raw[off + 34 : off + 38], "big")
+        c = int.from_bytes(raw[off + 38 : off + 42], "big")
+        out.append(
+            SettledRecord(
+                raw[off : off + 32], batch, adapters[a], nodes[n], p, c, prices[a] * (p + c) // 1000, first + i
+            )
+        )
+    return out
 
 
 def batch_settled(log: dict) -> dict:

@@ -215,27 +215,28 @@ class _Step:
         if seen is None:
             seen = self.txs[tx] = (block, {})
         seen[1][name] = seen[1].get(name, 0) + 1
-        if name == "RecordSettled":
-            r = D.record_settled(lg)
-            self.records.append(
-                (
-                    r.request_id,
-                    r.batch_id,
-                    bytes.fromhex(r.adapter_hex[2:]),
-                    bytes.fromhex(r.node_hex[2:]),
-                    to_i64(r.prompt_tokens),
-                    to_i64(r.completion_tokens),
-                    str(r.fee),
-                    block,
-                    log_index,
-                    bytes.fromhex(tx[2:]),
+        if name == "RecordsSettled":  # every record of a batch, in leaf order (rows keep it: seq ascends)
+            tx_bytes = bytes.fromhex(tx[2:])
+            for r in D.records_settled(lg):
+                self.records.append(
+                    (
+                        r.request_id,
+                        r.batch_id,
+                        bytes.fromhex(r.adapter_hex[2:]),
+                        bytes.fromhex(r.node_hex[2:]),
+                        to_i64(r.prompt_tokens),
+                        to_i64(r.completion_tokens),
+                        str(r.fee),
+                        block,
+                        log_index,
+                        tx_bytes,
+                    )
                 )
-            )
-            u = self.usage[(r.adapter_hex, r.node_hex, block)]
-            u[0] += 1
-            u[1] += r.prompt_tokens
-            u[2] += r.completion_tokens
-            u[3] += r.fee
+                u = self.usage[(r.adapter_hex, r.node_hex, block)]
+                u[0] += 1
+                u[1] += r.prompt_tokens
+                u[2] += r.completion_tokens
+                u[3] += r.fee
         elif name == "RewardAccrued":
             self.rewards.append(D.reward_accrued(lg) | {"block": block, "tx_hash": tx})
         elif name == "BatchSettled":

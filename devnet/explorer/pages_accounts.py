@@ -24,6 +24,7 @@ from devnet.explorer.layout import (
 )
 from devnet.explorer.queries import Page
 from devnet.explorer.service import View
+from ledger.merkle import unpack_records
 
 ROLES = ("node", "adapter_owner", "dataset")
 PAGE_SIZE = 100
@@ -187,6 +188,22 @@ def _arg(ex: View, name: str, value) -> str:
     return esc(value)
 
 
+def _records_arg(args) -> str:
+    """RecordsSettled's packed records, one line each: sequence number, request (linked), tokens, fee."""
+    try:
+        recs = unpack_records(args["adapterIds"], args["nodeIds"], bytes(args["records"]))
+    except ValueError as e:
+        return f'<span class="bad">{esc(e)}</span>'
+    price = list(args["prices"])
+    first = args["firstSequence"]
+    lines = []
+    for i, (rid, a, _n, p, c) in enumerate(recs):
+        a_index = list(map(bytes, args["adapterIds"])).index(a)
+        fee = price[a_index] * (p + c) // 1000
+        lines.append(f"#{num(first + i)} {record_link(hex0x(rid))} {num(p)} + {num(c)} tokens, {eth(fee)}")
+    return f"{num(len(recs))} records<br>" + "<br>".join(lines)
+
+
 def tx_page(ex: View, tx_hash: str, tx, receipt, events: Page, total: int) -> str:
     """A transaction: where it went, whether it succeeded, and our contracts' events in it, decoded (a page of
     them: a batch's transaction holds one per record)."""
@@ -206,10 +223,14 @@ def tx_page(ex: View, tx_hash: str, tx, receipt, events: Page, total: int) -> st
     )
     ids = {hex0x(v) for ev in events.rows for k, v in ev["args"].items() if k in ("adapterId", "predecessor")}
     ex.learn_names(ids)
-    rows = [
-        [esc(ev["event"]), "<br>".join(f"{esc(k)}: {_arg(ex, k, v)}" for k, v in ev["args"].items())]
-        for ev in events.rows
-    ]
+
+    def shown(event: str, args) -> str:
+        return "<br>".join(
+            f"{esc(k)}: {_records_arg(args) if (event, k) == ('RecordsSettled', 'records') else _arg(ex, k, v)}"
+            for k, v in args.items()
+        )
+
+    rows = [[esc(ev["event"]), shown(ev["event"], ev["args"])] for ev in events.rows]
     body = (
         card(info)
         + "<h2>Events of the loramesh contracts</h2>"

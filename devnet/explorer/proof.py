@@ -1,8 +1,9 @@
 """Check one ledger record against its batch's Merkle root on chain, off-chain and by the contract.
 
-The leaf is computed from the database record exactly as AttributionLedger.leafOf does (and the
-contract's own leafOf is asked too); the proof comes from the batch's records in the database, in
-leaf order; the root comes from the chain. A record whose tokens (or ids) were changed after
+The leaf is computed from the database record and its sequence number (its batch's firstSequence, read
+from the chain, plus its position) exactly as AttributionLedger.leafOf does (and the contract's own leafOf
+is asked too); the proof comes from the batch's records in the database, in leaf order; the root comes
+from the chain. A record whose tokens (or ids) were changed after
 settlement yields a different leaf, and no proof takes it to the settled root.
 """
 
@@ -45,7 +46,8 @@ def check_record_proof(
     settled: Sequence[SettleRecord] = (),
 ) -> ProofCheck:
     """Prove `row` (a database record) against `chain_root`, the settled root of its batch. `settled`
-    (the batch's RecordSettled events in order) only explains a failure: which leaves differ."""
+    (the batch's records as its RecordsSettled log has them, in order) only explains a failure: which
+    leaves differ."""
     if row.batch_id is None or row.leaf_index is None:
         return ProofCheck(False, f"not in a batch yet (status {row.status})", pending=True)
     if chain_root is None:
@@ -59,14 +61,18 @@ def check_record_proof(
             f"the database holds leaves {indexes} of batch {row.batch_id}, expected 0..n-1",
             chain_root=chain_root,
         )
+    info = client.get_batch(row.batch_id)
+    if info is None:
+        return ProofCheck(False, f"batch {row.batch_id} is not settled on chain", chain_root=chain_root)
+    first = info.first_sequence
     record = to_settle_record(row)
-    leaf = leaf_hash(record)
-    tree = MerkleTree([leaf_hash(to_settle_record(r)) for r in batch_rows])
+    leaf = leaf_hash(record, first + row.leaf_index)
+    tree = MerkleTree.from_records([to_settle_record(r) for r in batch_rows], first)
     proof = tree.proof(row.leaf_index)
     proof_hex = [hex0x(p) for p in proof]
     offchain = verify_proof(leaf, proof, chain_root)
     onchain = client.verify_record(row.batch_id, hex0x(leaf), proof_hex)
-    contract_leaf = client.leaf_of(record)
+    contract_leaf = client.leaf_of(record, first + row.leaf_index)
     check = ProofCheck(
         False,
         "",

@@ -36,7 +36,7 @@ from devnet.explorer.tables import (
 
 @dataclass(slots=True)
 class RecordView:
-    """One RecordSettled event."""
+    """One settled record (from its batch's RecordsSettled log)."""
 
     request_id: str
     batch_id: str

@@ -63,7 +63,8 @@ class IndexCursor(IndexModel, table=True):
 
 
 class IndexedRecord(IndexModel, table=True):
-    """One RecordSettled event; `seq` is settlement order (block, log index)."""
+    """One settled record (of its batch's RecordsSettled log); `seq` is settlement order (block, log index,
+    position in the batch); log_index is its batch's log."""
 
     __tablename__ = "explorer_records"
     __table_args__ = (

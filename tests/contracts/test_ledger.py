@@ -6,6 +6,7 @@ from web3.logs import DISCARD
 from common.wire import hex0x
 from devnet.deploy import _deploy_contract
 from ledger import errors as E
+from ledger.chain import RECORDS_SETTLED_TOPIC, decode_records_settled
 from ledger.merkle import MerkleTree, leaf_hash, verify_proof
 from ledger.transport import revert_data
 from ledger.types import ZERO_ID, Role, SettleRecord
@@ -18,14 +19,22 @@ def _records(reg, n, *, prompt=100, completion=23):
     return [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, prompt + i, completion) for i in range(n)]
 
 
-def _root(records) -> str:
-    return hex0x(MerkleTree.from_records(records).root)
+def _root(records, first: int) -> str:
+    return MerkleTree.from_records(records, first).root_hex
 
 
-def _settle(env, records, batch_id=None):
+def _settle(env, records, batch_id=None, *, first=None):
+    """Settle as env.settler at its next sequence number (or `first`); returns (batch id, receipt)."""
     batch_id = batch_id or rand_id()
-    rcpt = env.client(env.settler).settle_batch(batch_id, _root(records), records)
+    rcpt = env.client(env.settler).settle_batch(batch_id, None, records, first_sequence=first)
     return batch_id, rcpt
+
+
+def _settled(rcpt) -> list:
+    """The records of the receipt's RecordsSettled log (SettledRecord), decoded as any reader does."""
+    logs = [lg for lg in rcpt["logs"] if hex0x(bytes(lg["topics"][0])) == RECORDS_SETTLED_TOPIC]
+    assert len(logs) == 1  # one log per batch
+    return decode_records_settled(logs[0])
 
 
 def _events(env, name, rcpt):
@@ -153,10 +162,12 @@ def test_settlement_splits_fees_exactly(anvil_chain):
     ds_cuts = [rest * s // 10_000 for s in (3333, 1111)]
     owner_cut = rest - sum(ds_cuts)
 
-    settled = _events(env, "RecordSettled", rcpt)
-    assert [hex0x(e["requestId"]) for e in settled] == [r.request_id for r in records]
-    assert [e["fee"] for e in settled] == fees
-    assert all(hex0x(e["batchId"]) == batch_id and hex0x(e["nodeId"]) == reg.node_id for e in settled)
+    settled = _settled(rcpt)
+    assert [e.request_id for e in settled] == [r.request_id for r in records]
+    assert [e.fee for e in settled] == fees
+    assert all(e.batch_id == batch_id and e.node_id == reg.node_id for e in settled)
+    first = settled[0].sequence
+    assert [e.sequence for e in settled] == list(range(first, first + 9))
     accrued = {
         (e["account"], Role(e["role"]), hex0x(e["subjectId"])): e["amount"] for e in _events(env, "RewardAccrued", rcpt)
     }
@@ -171,18 +182,20 @@ def test_settlement_splits_fees_exactly(anvil_chain):
     assert (batch_ev["recordCount"], batch_ev["totalFees"], hex0x(batch_ev["merkleRoot"])) == (
         9,
         sum(fees),
-        _root(records),
+        _root(records, first),
     )
     assert c.deposit_of(env.settler.address) == deposit_before - sum(fees)
     assert c.rewards_of(reg.owner.address).accrued - before[reg.owner.address] == owner_cut
     assert c.rewards_of(reg.operator.address).accrued - before[reg.operator.address] == node_cut
     info = c.get_batch(batch_id)
-    assert (info.record_count, info.total_fees, info.settler, info.merkle_root) == (
+    assert (info.record_count, info.total_fees, info.settler, info.merkle_root, info.first_sequence) == (
         9,
         sum(fees),
         env.settler.address,
-        _root(records),
+        _root(records, first),
+        first,
     )
+    assert c.next_sequence(env.settler.address) == first + 9
     assert c.is_settled(batch_id) and not c.is_settled(rand_id()) and c.get_batch(rand_id()) is None
 
 
@@ -196,8 +209,8 @@ def test_mixed_adapters_and_nodes_in_one_batch(anvil_chain):
         records.append(SettleRecord(rand_id(), reg.adapter_id, node, 50 + i, 5))
     _, rcpt = _settle(env, records)
     accrued = _events(env, "RewardAccrued", rcpt)
-    fees = _events(env, "RecordSettled", rcpt)
-    assert sum(e["amount"] for e in accrued) == sum(e["fee"] for e in fees)
+    fees = _settled(rcpt)
+    assert sum(e["amount"] for e in accrued) == sum(e.fee for e in fees)
     node_groups = {(hex0x(e["adapterId"]), hex0x(e["subjectId"])) for e in accrued if e["role"] == Role.NODE}
     assert len(node_groups) == 4  # each (adapter, node) pair accrues once per batch
 
@@ -208,18 +221,18 @@ def test_settle_reverts(anvil_chain):
     records = _records(reg, 3)
     s = env.client(env.settler)
     with pytest.raises(E.ZeroId):
-        s.settle_batch(ZERO_ID, _root(records), records)
+        s.settle_batch(ZERO_ID, None, records)
     with pytest.raises(E.EmptyBatch):
-        s.settle_batch(rand_id(), rand_id(), [])
+        s.settle_batch(rand_id(), rand_id(), [], first_sequence=s.next_sequence())
     with pytest.raises(E.MerkleRootMismatch) as err:
         s.settle_batch(rand_id(), rand_id(), records)
-    assert hex0x(err.value.args_by_name["computed"]) == _root(records)
+    assert hex0x(err.value.args_by_name["computed"]) == _root(records, s.next_sequence())
     bad_adapter = [SettleRecord(rand_id(), rand_id(), reg.node_id, 1, 1)]
     with pytest.raises(E.UnknownAdapter):
-        s.settle_batch(rand_id(), _root(bad_adapter), bad_adapter)
+        s.settle_batch(rand_id(), None, bad_adapter)
     bad_node = [SettleRecord(rand_id(), reg.adapter_id, rand_id(), 1, 1)]
     with pytest.raises(E.UnknownNode):
-        s.settle_batch(rand_id(), _root(bad_node), bad_node)
+        s.settle_batch(rand_id(), None, bad_node)
 
 
 def test_unauthorised_and_revoked_settler(anvil_chain):
@@ -229,15 +242,15 @@ def test_unauthorised_and_revoked_settler(anvil_chain):
     stranger = env.users[6]
     env.client(env.admin).deposit_for(stranger.address, ETHER)  # money alone is not authority
     with pytest.raises(E.NotSettler) as err:
-        env.client(stranger).settle_batch(rand_id(), _root(records), records)
+        env.client(stranger).settle_batch(rand_id(), None, records)
     assert err.value.args_by_name["caller"] == stranger.address
     admin = env.client(env.admin)
     admin.grant_settler(stranger.address)
-    env.client(stranger).settle_batch(rand_id(), _root(records), records)
+    env.client(stranger).settle_batch(rand_id(), None, records)
     admin.revoke_settler(stranger.address)
     again = _records(reg, 2)
     with pytest.raises(E.NotSettler):
-        env.client(stranger).settle_batch(rand_id(), _root(again), again)
+        env.client(stranger).settle_batch(rand_id(), None, again)
 
 
 def test_duplicate_batch_is_refused(anvil_chain):
@@ -247,7 +260,7 @@ def test_duplicate_batch_is_refused(anvil_chain):
     batch_id, _ = _settle(env, records)
     deposit = env.client().deposit_of(env.settler.address)
     with pytest.raises(E.BatchAlreadySettled) as err:
-        _settle(env, records, batch_id)
+        _settle(env, _records(reg, 4), batch_id)
     assert hex0x(err.value.args_by_name["batchId"]) == batch_id
     assert env.client().deposit_of(env.settler.address) == deposit
 
@@ -260,7 +273,7 @@ def test_insufficient_deposit(anvil_chain):
     records = _records(reg, 1, prompt=1000, completion=0)
     env.client(env.admin).deposit_for(poor.address, ETHER // 2)
     with pytest.raises(E.InsufficientDeposit) as err:
-        env.client(poor).settle_batch(rand_id(), _root(records), records)
+        env.client(poor).settle_batch(rand_id(), None, records)
     assert err.value.args_by_name["needed"] == ETHER
     assert err.value.args_by_name["available"] == ETHER // 2
 
@@ -276,11 +289,11 @@ def test_batch_costing_more_than_its_quote_is_refused(anvil_chain):
     s = env.client(env.settler)
     deposit = s.deposit_of(env.settler.address)
     with pytest.raises(E.FeesAboveQuote) as err:
-        s.settle_batch(rand_id(), _root(records), records, max_fees=quote)
+        s.settle_batch(rand_id(), None, records, max_fees=quote)
     assert err.value.args_by_name == {"fees": quote * 1000, "maxFees": quote}
     assert s.deposit_of(env.settler.address) == deposit  # nothing charged
     env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**15)
-    rcpt = s.settle_batch(rand_id(), _root(records), records, max_fees=quote)  # exactly the quote settles
+    rcpt = s.settle_batch(rand_id(), None, records, max_fees=quote)  # exactly the quote settles
     assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == quote
 
 
@@ -320,13 +333,12 @@ def test_base_records_accrue_entirely_to_the_node_operator(anvil_chain):
     finally:
         admin.set_base_price(before_price)
     fees = [price * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records]
-    settled = _events(env, "RecordSettled", rcpt)
-    assert [
-        (hex0x(e["requestId"]), hex0x(e["adapterId"]), hex0x(e["nodeId"]), e["promptTokens"], e["completionTokens"])
-        for e in settled
-    ] == [(r.request_id, ZERO_ID, r.node_id, r.prompt_tokens, r.completion_tokens) for r in records]
-    assert [e["fee"] for e in settled] == fees
-    assert all(hex0x(e["batchId"]) == batch_id for e in settled)
+    settled = _settled(rcpt)
+    assert [(e.request_id, e.adapter_id, e.node_id, e.prompt_tokens, e.completion_tokens) for e in settled] == [
+        (r.request_id, ZERO_ID, r.node_id, r.prompt_tokens, r.completion_tokens) for r in records
+    ]
+    assert [e.fee for e in settled] == fees
+    assert all(e.batch_id == batch_id for e in settled)
     accrued = _events(env, "RewardAccrued", rcpt)
     assert [
         (e["account"], hex0x(e["adapterId"]), Role(e["role"]), hex0x(e["subjectId"]), e["amount"]) for e in accrued
@@ -352,7 +364,7 @@ def test_base_and_adapter_records_in_one_batch(anvil_chain):
     batch_id, rcpt = _settle(env, records)
     price = {a.adapter_id: a.price, b.adapter_id: b.price, ZERO_ID: base_price}
     fees = [price[r.adapter_id] * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records]
-    assert [e["fee"] for e in _events(env, "RecordSettled", rcpt)] == fees
+    assert [e.fee for e in _settled(rcpt)] == fees
     accrued = _events(env, "RewardAccrued", rcpt)
     assert sum(e["amount"] for e in accrued) == sum(fees) == _events(env, "BatchSettled", rcpt)[0]["totalFees"]
     node_rows = {(hex0x(e["adapterId"]), hex0x(e["subjectId"])): e for e in accrued if e["role"] == Role.NODE}
@@ -370,11 +382,12 @@ def test_base_and_adapter_records_in_one_batch(anvil_chain):
             )
             assert node_rows[(reg.adapter_id, node_id)]["amount"] == want
     assert not any(e["role"] != Role.NODE and hex0x(e["adapterId"]) == ZERO_ID for e in accrued)
-    tree = MerkleTree.from_records(records)
     c = env.client()
+    first = c.get_batch(batch_id).first_sequence
+    tree = MerkleTree.from_records(records, first)
     for i, r in enumerate(records):  # base records prove like any other, same leaf format
-        assert c.leaf_of(r) == hex0x(leaf_hash(r))
-        assert c.verify_record(batch_id, hex0x(leaf_hash(r)), [hex0x(p) for p in tree.proof(i)])
+        assert c.leaf_of(r, first + i) == hex0x(leaf_hash(r, first + i))
+        assert c.verify_record(batch_id, hex0x(leaf_hash(r, first + i)), [hex0x(p) for p in tree.proof(i)])
 
 
 def test_base_records_at_zero_price_settle_for_nothing(anvil_chain):
@@ -388,7 +401,7 @@ def test_base_records_at_zero_price_settle_for_nothing(anvil_chain):
         batch_id, rcpt = _settle(env, _base_records(reg.node_id, 3))
     finally:
         admin.set_base_price(before_price)
-    assert [e["fee"] for e in _events(env, "RecordSettled", rcpt)] == [0, 0, 0]
+    assert [e.fee for e in _settled(rcpt)] == [0, 0, 0]
     assert _events(env, "RewardAccrued", rcpt) == []
     assert admin.is_settled(batch_id) and admin.get_batch(batch_id).total_fees == 0
     assert admin.deposit_of(env.settler.address) == deposit_before
@@ -400,7 +413,7 @@ def test_base_record_needs_a_registered_node(anvil_chain):
     s = env.client(env.settler)
     bad = [*_base_records(reg.node_id, 2), SettleRecord(rand_id(), ZERO_ID, rand_id(), 1, 1)]
     with pytest.raises(E.UnknownNode):
-        s.settle_batch(rand_id(), _root(bad), bad)
+        s.settle_batch(rand_id(), None, bad)
 
 
 # ------------------------------------------------------------------ proofs
@@ -412,20 +425,24 @@ def test_proofs_verify_on_chain_and_off(anvil_chain, n):
     reg = register_sample(env)
     records = _records(reg, n)
     batch_id, _ = _settle(env, records)
-    tree = MerkleTree.from_records(records)
     c = env.client()
-    root = c.get_batch(batch_id).merkle_root
+    info = c.get_batch(batch_id)
+    first, root = info.first_sequence, info.merkle_root
+    tree = MerkleTree.from_records(records, first)
     for i, r in enumerate(records):
-        leaf = leaf_hash(r)
-        assert c.leaf_of(r) == hex0x(leaf)
+        leaf = leaf_hash(r, first + i)
+        assert c.leaf_of(r, first + i) == hex0x(leaf)
         proof = [hex0x(p) for p in tree.proof(i)]
         assert verify_proof(leaf, proof, root)
         assert c.verify_record(batch_id, hex0x(leaf), proof)
-    wrong = hex0x(leaf_hash(_records(reg, 1)[0]))
+    wrong = hex0x(leaf_hash(_records(reg, 1)[0], first))
     proof0 = [hex0x(p) for p in tree.proof(0)]
     assert not c.verify_record(batch_id, wrong, proof0)
     assert not verify_proof(wrong, proof0, root)
-    assert not c.verify_record(rand_id(), hex0x(leaf_hash(records[0])), proof0)
+    assert not c.verify_record(rand_id(), hex0x(leaf_hash(records[0], first)), proof0)
+    # the leaf binds the sequence number: the same record at another number does not verify
+    other = hex0x(leaf_hash(records[0], first + n))
+    assert not c.verify_record(batch_id, other, proof0)
 
 
 # ------------------------------------------------------------------ withdrawals and money

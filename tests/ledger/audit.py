@@ -1,5 +1,6 @@
-"""Exactly-once checks read straight from the chain (raw JSON-RPC, no ABI decoding of ours): how many
-RecordSettled events each request id has, and the receipt of every transaction sent to the ledger.
+"""Exactly-once checks read straight from the chain (raw JSON-RPC, no decoding of ours: the RecordsSettled
+payload is sliced here by hand): how many times each request id was settled, and the receipt of every
+transaction sent to the ledger.
 Shared by the multi-settler tests and bench/settle_soak.py."""
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 from eth_utils import keccak
 
-RECORD_SETTLED_TOPIC = "0x" + keccak(text="RecordSettled(bytes32,bytes32,bytes32,bytes32,uint64,uint64,uint256)").hex()
+RECORDS_SETTLED_TOPIC = (
+    "0x" + keccak(text="RecordsSettled(bytes32,address,uint64,bytes32[],bytes32[],uint256[],bytes)").hex()
+)
+RECORD_BYTES = 42
 
 
 def _rpc(w3, method: str, params: list):
@@ -22,8 +26,9 @@ def _rpc(w3, method: str, params: list):
 
 
 def record_settled_counts(w3, ledger: str, from_block: int, to_block: int | None = None) -> Counter:
-    """request id ("0x"+64 hex) -> number of RecordSettled events, from eth_getLogs (topic 2 is the
-    request id: batchId, requestId and adapterId are the indexed ones)."""
+    """request id ("0x"+64 hex) -> number of times it was settled, from eth_getLogs of RecordsSettled (one
+    log per batch; its data's fifth head word points at the packed records, 42 bytes each, request id
+    first)."""
     to_block = int(_rpc(w3, "eth_blockNumber", []), 16) if to_block is None else to_block
     counts: Counter = Counter()
     step = 2_000
@@ -34,14 +39,19 @@ def record_settled_counts(w3, ledger: str, from_block: int, to_block: int | None
             [
                 {
                     "address": ledger,
-                    "topics": [RECORD_SETTLED_TOPIC],
+                    "topics": [RECORDS_SETTLED_TOPIC],
                     "fromBlock": hex(start),
                     "toBlock": hex(min(start + step - 1, to_block)),
                 }
             ],
         )
         for log in logs:
-            counts[log["topics"][2].lower()] += 1
+            data = bytes.fromhex(log["data"][2:])
+            at = int.from_bytes(data[4 * 32 : 5 * 32], "big")
+            size = int.from_bytes(data[at : at + 32], "big")
+            packed = data[at + 32 : at + 32 + size]
+            for off in range(0, size, RECORD_BYTES):
+                counts["0x" + packed[off : off + 32].hex()] += 1
     return counts
 
 

@@ -5,11 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from common.wire import hex0x
 from ledger import errors as E
 from ledger.cli import rewards_app, settler_app
 from ledger.keys import load_account
-from ledger.merkle import MerkleTree
 from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
 from tests.utils.chain import ETHER, rand_id, register_sample
 
@@ -19,7 +17,7 @@ runner = CliRunner()
 
 def _settle(env, reg, n):
     records = [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 500, 100) for _ in range(n)]
-    env.client(env.settler).settle_batch(rand_id(), hex0x(MerkleTree.from_records(records).root), records)
+    env.client(env.settler).settle_batch(rand_id(), None, records)
 
 
 def test_rewards_show_adds_up(anvil_chain):
@@ -45,7 +43,7 @@ def test_rewards_show_includes_base_model_earnings(anvil_chain):
     reg = register_sample(env, price=10**12, operator=operator)
     _settle(env, reg, 2)
     base = [SettleRecord(rand_id(), BASE_MODEL_ADAPTER_ID, reg.node_id, 500, 100) for _ in range(3)]
-    env.client(env.settler).settle_batch(rand_id(), hex0x(MerkleTree.from_records(base).root), base)
+    env.client(env.settler).settle_batch(rand_id(), None, base)
     want_base = 3 * env.client().base_price() * 600 // 1000
     r = runner.invoke(rewards_app, ["show", operator.address, "--deployment", str(env.deployment_path), "--json"])
     assert r.exit_code == 0, r.output

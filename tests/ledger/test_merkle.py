@@ -42,10 +42,15 @@ def test_hash_pair_is_order_free():
     assert hash_pair(a, b) == hash_pair(b, a) == keccak(min(a, b) + max(a, b))
 
 
-def test_leaf_is_abi_encoded_record():
+def test_leaf_is_abi_encoded_sequence_and_record():
     r = SettleRecord("0x" + "01" * 32, "0x" + "02" * 32, "0x" + "03" * 32, 5, 7)
-    encoded = bytes.fromhex("01" * 32 + "02" * 32 + "03" * 32) + (5).to_bytes(32, "big") + (7).to_bytes(32, "big")
-    assert leaf_hash(r) == keccak(encoded)
+    encoded = (
+        (9).to_bytes(32, "big")
+        + bytes.fromhex("01" * 32 + "02" * 32 + "03" * 32)
+        + (5).to_bytes(32, "big")
+        + (7).to_bytes(32, "big")
+    )
+    assert leaf_hash(r, 9) == keccak(encoded)
 
 
 def test_errors():

@@ -13,7 +13,7 @@ from sqlmodel import Session, SQLModel, select
 import gateway.tables  # noqa: F401 - registers the gateway's tables
 from gateway.tables import CompletionRecord
 from ledger.db import init_db, make_engine, schema_revision
-from ledger.models import UsageRecord
+from ledger.models import SettlementBatch, UsageRecord
 from tests.utils.postgres import postgres  # noqa: F401 - the module-scoped fixture
 
 BIG = 2**40  # more tokens than a 32-bit column holds
@@ -50,9 +50,9 @@ def _column_type(engine, table: str, column: str) -> str:
 def test_a_new_database_is_made_at_the_newest_revision(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
     init_db(engine)
-    assert schema_revision(engine) == "0002"
+    assert schema_revision(engine) == "0003"
     init_db(engine)  # again: nothing to do
-    assert schema_revision(engine) == "0002"
+    assert schema_revision(engine) == "0003"
 
 
 def test_the_previous_releases_sqlite_database_is_upgraded(tmp_path):
@@ -60,7 +60,7 @@ def test_the_previous_releases_sqlite_database_is_upgraded(tmp_path):
     _previous_release(engine)
     assert schema_revision(engine) is None
     init_db(engine)
-    assert schema_revision(engine) == "0002"
+    assert schema_revision(engine) == "0003"
     with Session(engine) as s:
         row = s.exec(select(UsageRecord)).one()
         assert (row.prompt_tokens, row.completion_tokens) == (7, 9)
@@ -94,7 +94,7 @@ def test_the_previous_releases_postgres_database_is_upgraded_to_64_bit_counts(po
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and schema_revision(engine) == "0002"
+    assert errors == [] and schema_revision(engine) == "0003"
     for table, column in [
         ("usage_records", "completion_tokens"),
         ("gateway_requests", "completion_tokens"),
@@ -122,3 +122,47 @@ def test_a_database_url_without_its_driver_is_one_clear_line(url, says):
     with pytest.raises(ValueError, match=says) as ei:
         make_engine(url)
     assert "s3cret" not in str(ei.value)
+
+
+def _at_0002(engine) -> None:
+    """A database as revision 0002 left it: batches without first_seq (nor its index), one batch row."""
+    from ledger.db import _alembic
+
+    SQLModel.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX ix_batches_settler_first_seq"))
+        conn.execute(sa.text("ALTER TABLE batches DROP COLUMN first_seq"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO batches (batch_id, merkle_root, record_count, status, attempts, created_at) "
+                "VALUES ('0x' || :b, '0x' || :r, 3, 'settled', 1, CURRENT_TIMESTAMP)"
+            ),
+            {"b": "ab" * 32, "r": "cd" * 32},
+        )
+        from alembic import command
+
+        command.stamp(_alembic(conn), "0002")
+
+
+def _check_0003(engine) -> None:
+    assert schema_revision(engine) == "0003"
+    assert _column_type(engine, "batches", "first_seq") == "BIGINT"
+    assert "ix_batches_settler_first_seq" in {i["name"] for i in sa.inspect(engine).get_indexes("batches")}
+    with Session(engine) as s:
+        (row,) = s.exec(select(SettlementBatch)).all()
+        assert (row.record_count, row.first_seq) == (3, None)  # kept; a batch of the ledger without sequences
+
+
+def test_a_0002_sqlite_database_gets_batch_sequence_numbers(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'v2.db'}")
+    _at_0002(engine)
+    init_db(engine)
+    _check_0003(engine)
+
+
+@pytest.mark.integration
+def test_a_0002_postgres_database_gets_batch_sequence_numbers(postgres):  # noqa: F811
+    engine = make_engine(postgres.new_database("at_0002"))
+    _at_0002(engine)
+    init_db(engine)
+    _check_0003(engine)

@@ -7,7 +7,6 @@ import time
 import pytest
 from sqlmodel import Session, select
 
-from common.wire import hex0x
 from ledger import errors as E
 from ledger.batching import batch_id_for, to_settle_record
 from ledger.merkle import MerkleTree
@@ -53,13 +52,12 @@ def outbox_rows(engine, status=None) -> list[UsageRecord]:
 
 
 def settled_on_chain(client, request_ids) -> dict[str, int]:
-    """How many RecordSettled events each request id has."""
+    """How many times each request id was settled (the RecordsSettled logs, decoded in bulk)."""
     wanted = set(request_ids)
     counts = {r: 0 for r in wanted}
-    for ev in client.events("ledger", "RecordSettled"):
-        rid = hex0x(ev["args"]["requestId"])
-        if rid in wanted:
-            counts[rid] += 1
+    for rec in client.settled_records():
+        if rec.request_id in wanted:
+            counts[rec.request_id] += 1
     return counts
 
 
@@ -80,7 +78,11 @@ def test_thousand_records_settle_once_in_batches(anvil_chain, engine):
         first = batch_records(s, batches[0].batch_id)
         assert [r.request_id for r in first] == ids[:100]
         assert batches[0].batch_id == batch_id_for(ids[:100], client.address)
-        assert batches[0].merkle_root == hex0x(MerkleTree.from_records([to_settle_record(r) for r in first]).root)
+        settle = [to_settle_record(r) for r in first]
+        assert batches[0].merkle_root == MerkleTree.from_records(settle, batches[0].first_seq).root_hex
+        # one gapless sequence: each batch starts where the one before ended
+        assert [b.first_seq for b in batches] == [batches[0].first_seq + 100 * i for i in range(10)]
+        assert client.next_sequence() == batches[-1].first_seq + 100
     assert set(settled_on_chain(client, ids).values()) == {1}
     fees = 0
     with Session(engine) as s:
@@ -196,10 +198,13 @@ def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):
             for r in s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(ids)).order_by(UsageRecord.id))
         ]
     batch_id = batch_id_for(ids, client.address)
-    client.settle_batch(batch_id, hex0x(MerkleTree.from_records(records).root), records)
+    first = client.next_sequence()
+    client.settle_batch(batch_id, None, records, first_sequence=first)
     settler = Settler(engine, client, SettlerConfig(batch_size=4))
     with pytest.raises(E.BatchAlreadySettled):
-        client.send_settle_batch(batch_id, hex0x(MerkleTree.from_records(records).root), records)
+        client.send_settle_batch(
+            batch_id, MerkleTree.from_records(records, first).root_hex, records, first_sequence=first
+        )
     assert settler.drain() == 4
     assert set(settled_on_chain(client, ids).values()) == {1}
 

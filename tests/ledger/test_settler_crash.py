@@ -64,6 +64,7 @@ def outbox_with_records(env, tmp_path, n: int):
 def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
     env = slow_chain
     db_url, engine, ids, key_file, client = outbox_with_records(env, tmp_path, 50)
+    start = client.next_sequence(env.settler.address)
 
     crashed = run_settler(env, db_url, key_file, crash_at)
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
@@ -84,6 +85,7 @@ def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
         assert count_by_status(s) == {"settled": 50}
         assert [b.status for b in s.exec(select(SettlementBatch))] == [BatchStatus.SETTLED] * 3
     assert set(settled_on_chain(client, ids).values()) == {1}
+    _assert_sequence_intact(engine, client, env.settler.address, start, ids)
     engine.dispose()
 
 
@@ -99,6 +101,7 @@ def test_crash_and_restart_settles_exactly_once(slow_chain, tmp_path, crash_at):
 def test_crash_with_several_batches_in_flight(slow_chain, tmp_path, crash_at, sent_with_hash, statuses):
     env = slow_chain
     db_url, engine, ids, key_file, client = outbox_with_records(env, tmp_path, 50)
+    start = client.next_sequence(env.settler.address)
 
     crashed = run_settler(env, db_url, key_file, crash_at, batch_size=10)
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
@@ -118,7 +121,24 @@ def test_crash_with_several_batches_in_flight(slow_chain, tmp_path, crash_at, se
         assert count_by_status(s) == {"settled": 50}
         assert [b.status for b in s.exec(select(SettlementBatch))] == [BatchStatus.SETTLED] * 5
     assert set(settled_on_chain(client, ids).values()) == {1}
+    _assert_sequence_intact(engine, client, env.settler.address, start, ids)
     engine.dispose()
+
+
+def _assert_sequence_intact(engine, client, settler: str, start: int, ids: list[str]) -> None:
+    """The settler's sequence after the crash and restart: its batches cover start .. start + len(ids) - 1
+    without gap or overlap, in the database and on chain, and every request id has exactly one number."""
+    with Session(engine) as s:
+        batches = sorted(s.exec(select(SettlementBatch)), key=lambda b: b.first_seq)
+    expected, at = [], start
+    for b in batches:
+        expected.append(at)
+        at += b.record_count
+    assert [b.first_seq for b in batches] == expected and at == start + len(ids)
+    assert client.next_sequence(settler) == start + len(ids)
+    on_chain = [r for r in client.settled_records(settler=settler) if r.sequence >= start]
+    assert [r.sequence for r in on_chain] == list(range(start, start + len(ids)))
+    assert sorted(r.request_id for r in on_chain) == sorted(ids)
 
 
 def _wait(cond, timeout=10.0):

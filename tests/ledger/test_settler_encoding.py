@@ -1,5 +1,5 @@
-"""The hand-written ABI encoding of records (ledger.merkle.encode_record: settleBatch calldata and the Merkle
-leaf) agrees with web3's and eth_abi's encoders; crash-injection specs are checked."""
+"""The hand-written record formats of ledger.merkle (the packed settleBatch records, the leaf preimage) agree with
+web3's and eth_abi's encoders and round-trip; crash-injection specs are checked."""
 
 import pytest
 from eth_abi import encode as abi_encode
@@ -8,18 +8,33 @@ from web3 import Web3
 
 from ledger.artifacts import load_artifact
 from ledger.chain import settle_calldata
-from ledger.merkle import MerkleTree, encode_record, leaf_hash
+from ledger.merkle import (
+    MAX_ADAPTERS_PER_BATCH,
+    MAX_NODES_PER_BATCH,
+    RECORD_BYTES,
+    BatchTooWide,
+    MerkleTree,
+    encode_leaf,
+    leaf_hash,
+    pack_records,
+    unpack_records,
+)
 from ledger.settler_config import SettlerConfig
 from ledger.types import BASE_MODEL_ADAPTER_ID, ZERO_ID, SettleRecord, is_base_model
 from tests.utils.chain import rand_id
 from tests.utils.crashing_settler import CrashHook
 
 
-def _records(n):
+def _records(n, *, adapters=5, nodes=3):
     # every third record is a base-model one (adapter id zero): same encoding, same leaf format
+    a_ids, n_ids = [rand_id() for _ in range(adapters)], [rand_id() for _ in range(nodes)]
     return [
         SettleRecord(
-            rand_id(), BASE_MODEL_ADAPTER_ID if i % 3 == 1 else rand_id(), rand_id(), (2**64 - 1) - i, i * 7919
+            rand_id(),
+            BASE_MODEL_ADAPTER_ID if i % 3 == 1 else a_ids[i % adapters],
+            n_ids[i % nodes],
+            (2**32 - 1) - i,
+            i * 7919,
         )
         for i in range(n)
     ]
@@ -29,38 +44,72 @@ def _records(n):
 def test_calldata_matches_web3_encoding(n):
     ledger = Web3().eth.contract(address="0x" + "11" * 20, abi=load_artifact("AttributionLedger")["abi"])
     records, batch_id, root = _records(n), rand_id(), rand_id()
-    max_fees = 10**18 + n
-    ours = settle_calldata(batch_id, root, [encode_record(r) for r in records], max_fees)
+    max_fees, first = 10**18 + n, 12_345 + n
+    ours = settle_calldata(batch_id, root, first, records, max_fees)
+    packed = pack_records(records)
     web3s = ledger.functions.settleBatch(
-        bytes.fromhex(batch_id[2:]), bytes.fromhex(root[2:]), [r.as_tuple() for r in records], max_fees
+        bytes.fromhex(batch_id[2:]),
+        bytes.fromhex(root[2:]),
+        first,
+        [bytes.fromhex(a[2:]) for a in packed.adapter_ids],
+        [bytes.fromhex(x[2:]) for x in packed.node_ids],
+        packed.records,
+        max_fees,
     )._encode_transaction_data()
     assert ours == Web3.to_bytes(hexstr=web3s)
 
 
-def _abi_leaf(r):
+def test_packed_records_round_trip():
+    records = _records(40)
+    packed = pack_records(records)
+    assert len(packed.records) == RECORD_BYTES * 40
+    assert list(packed.adapter_ids) == sorted(set(packed.adapter_ids)) and ZERO_ID == packed.adapter_ids[0]
+    assert list(packed.node_ids) == sorted(set(packed.node_ids))
+    back = unpack_records(packed.adapter_ids, packed.node_ids, packed.records)
+    assert [SettleRecord("0x" + r.hex(), "0x" + a.hex(), "0x" + x.hex(), p, c) for r, a, x, p, c in back] == records
+    with pytest.raises(ValueError, match="multiple"):
+        unpack_records(packed.adapter_ids, packed.node_ids, packed.records[:-1])
+    with pytest.raises(ValueError, match="id tables"):
+        unpack_records(packed.adapter_ids[:1], packed.node_ids, packed.records)
+
+
+def test_pack_limits():
+    pack_records(_records(MAX_ADAPTERS_PER_BATCH * 3, adapters=MAX_ADAPTERS_PER_BATCH - 1))  # + the base model
+    with pytest.raises(BatchTooWide, match="adapters"):
+        pack_records(_records(MAX_ADAPTERS_PER_BATCH * 3, adapters=MAX_ADAPTERS_PER_BATCH))
+    pack_records(_records(MAX_NODES_PER_BATCH, nodes=MAX_NODES_PER_BATCH))
+    with pytest.raises(BatchTooWide, match="nodes"):
+        pack_records(_records(MAX_NODES_PER_BATCH + 1, nodes=MAX_NODES_PER_BATCH + 1))
+    with pytest.raises(ValueError, match="token counts"):
+        pack_records([SettleRecord(rand_id(), rand_id(), rand_id(), 2**32, 0)])
+
+
+def _abi_leaf(r, seq):
     # the yardstick: eth_abi's generic encoder (the contract's leafOf is held equal in tests/contracts)
-    return keccak(abi_encode(["bytes32", "bytes32", "bytes32", "uint64", "uint64"], list(r.as_tuple())))
+    return keccak(abi_encode(["uint64", "bytes32", "bytes32", "bytes32", "uint32", "uint32"], [seq, *r.as_tuple()]))
 
 
 def test_leaves_and_root_match_eth_abi_encoding():
     records = _records(9)
-    leaves = [_abi_leaf(r) for r in records]
-    assert [keccak(encode_record(r)) for r in records] == leaves == [leaf_hash(r) for r in records]
-    assert MerkleTree(leaves).root == MerkleTree.from_records(records).root
+    leaves = [_abi_leaf(r, 70 + i) for i, r in enumerate(records)]
+    assert [keccak(encode_leaf(r, 70 + i)) for i, r in enumerate(records)] == leaves
+    assert leaves == [leaf_hash(r, 70 + i) for i, r in enumerate(records)]
+    assert MerkleTree(leaves).root == MerkleTree.from_records(records, 70).root
+    assert MerkleTree.from_records(records, 71).root != MerkleTree.from_records(records, 70).root
 
 
 def test_base_model_record_encodes_the_zero_adapter_id():
     r = SettleRecord(rand_id(), BASE_MODEL_ADAPTER_ID, rand_id(), 3, 4)
-    assert BASE_MODEL_ADAPTER_ID == ZERO_ID and encode_record(r)[32:64] == bytes(32)
-    assert leaf_hash(r) == keccak(encode_record(r)) == _abi_leaf(r)
+    assert BASE_MODEL_ADAPTER_ID == ZERO_ID and encode_leaf(r, 0)[64:96] == bytes(32)
+    assert leaf_hash(r, 5) == keccak(encode_leaf(r, 5)) == _abi_leaf(r, 5)
     assert is_base_model(ZERO_ID) and is_base_model(bytes(32)) and not is_base_model(rand_id())
     assert not is_base_model(None) and not is_base_model("0x00")
 
 
-def test_encode_record_uses_normalised_ids():
+def test_encode_leaf_uses_normalised_ids():
     upper = "0x" + "AB" * 32
     r = SettleRecord(upper, upper, upper, 1, 2)
-    assert encode_record(r)[:32] == bytes.fromhex("ab" * 32)
+    assert encode_leaf(r, 0)[32:64] == bytes.fromhex("ab" * 32)
 
 
 @pytest.mark.parametrize("spec", ["in_flight", "after_send@3", "before_send@1", "after_receipt"])

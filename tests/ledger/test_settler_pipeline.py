@@ -51,11 +51,13 @@ def test_max_in_flight_one_is_sequential(anvil_chain, engine):
 
 
 def test_gas_limit_too_low_is_detected_and_resent(anvil_chain, engine):
-    """The limit learned from a cheap batch (one adapter) is too low for a batch of the same size
-    that writes many fresh reward slots: it runs out of gas, and the next step re-estimates."""
+    """The limit learned from a cheap batch (one adapter, no datasets) is too low for a batch of the same
+    shape (records, adapters, nodes) whose adapter pays five datasets to fresh payees, each a fresh reward
+    slot: it runs out of gas, and the next step re-estimates."""
     env = anvil_chain
-    cheap = register_sample(env)
-    dear = [register_sample(env, shares=(1000, 1000, 1000, 1000, 1000)) for _ in range(4)]
+    cheap = register_sample(env, shares=())
+    payees = tuple(env.new_account() for _ in range(5))
+    dear = [register_sample(env, shares=(1000,) * 5, payees=payees, operator=env.new_account())]
     first = add_records(engine, [cheap], 4)
     client = env.client(env.settler)
     settler = Settler(engine, client, SettlerConfig(batch_size=4, interval=0, max_in_flight=4))

@@ -85,17 +85,17 @@ def test_unexpected_revert_sets_aside_the_records_at_fault_and_the_rest_settle(a
         ids += add_records(engine, [good], 1)
     bad_ids = {r.request_id for r in outbox_rows(engine) if r.adapter_id == bad}
     assert len(bad_ids) == 2 and len(ids) == 6
-    get_adapter, send = client.get_adapter, client.send_settle_batch
+    adapter_price, send = client.adapter_price, client.send_settle_batch
 
-    def lying_get_adapter(adapter_id):  # the bad adapter looks registered, priced like the good one
-        return get_adapter(good.adapter_id if adapter_id == bad else adapter_id)
+    def lying_adapter_price(adapter_id):  # the bad adapter looks registered, priced like the good one
+        return adapter_price(good.adapter_id if adapter_id == bad else adapter_id)
 
     def panicking_send(batch_id, root, records, **kw):
         if any(r.adapter_id == bad for r in records):
             raise E.UnknownRevert("UnknownRevert", {"data": bytes.fromhex("4e487b71") + (0x11).to_bytes(32, "big")})
         return send(batch_id, root, records, **kw)
 
-    monkeypatch.setattr(client, "get_adapter", lying_get_adapter)
+    monkeypatch.setattr(client, "adapter_price", lying_adapter_price)
     if how == "panic":
         monkeypatch.setattr(client, "send_settle_batch", panicking_send)
     settler = Settler(engine, client, SettlerConfig(batch_size=6, interval=0))
@@ -236,7 +236,7 @@ def test_abandon_waits_for_every_account_that_sent_the_batch(anvil_chain, engine
 
     y = Settler(engine, env.client(y_acct), cfg)
     y._probe = False  # the pipe is open: Y sends without simulating
-    y.client._settle_gas[2] = 2_000_000
+    y.client._settle_gas[(2, 1, 1)] = 2_000_000  # (records, adapters, nodes)
     x_busy = []
     quiet = y._senders_quiet
     monkeypatch.setattr(

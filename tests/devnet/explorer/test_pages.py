@@ -32,9 +32,9 @@ def test_overview_shows_chain_contracts_totals_and_plots(explorer_url, anvil_cha
     assert text_of(html, "stat-chain-id") == str(d.chain_id)
     assert abs(int(text_of(html, "stat-head-block").replace(",", "")) - client.block_number()) <= 1
     assert d.registry in html and d.ledger in html
-    records = client.events("ledger", "RecordSettled")
+    records = client.settled_records()
     assert text_of(html, "stat-records") == str(len(records)) == str(len(world.settled) + 1)
-    tokens = sum(e["args"]["promptTokens"] + e["args"]["completionTokens"] for e in records)
+    tokens = sum(e.prompt_tokens + e.completion_tokens for e in records)
     assert text_of(html, "stat-tokens") == f"{tokens:,}"
     assert text_of(html, "stat-batches") == "4"
     fees = client.totals()["accrued"]
@@ -102,9 +102,9 @@ def test_nodes_show_operator_peer_and_served_tokens(explorer_url, anvil_chain, w
     page = get(explorer_url, f"/nodes/{world.node_keyed}")
     assert anvil_chain.users[2].address in text_of(page, "node-info")
     served = sum(
-        e["args"]["promptTokens"] + e["args"]["completionTokens"]
-        for e in anvil_chain.client().events("ledger", "RecordSettled")
-        if "0x" + e["args"]["nodeId"].hex() == world.node_keyed
+        e.prompt_tokens + e.completion_tokens
+        for e in anvil_chain.client().settled_records()
+        if e.node_id == world.node_keyed
     )
     assert text_of(page, "stat-tokens-served") == f"{served:,}"
 
@@ -258,7 +258,7 @@ def test_tx_page_decodes_our_events(explorer_url, anvil_chain):
     page = get(explorer_url, f"/tx/{tx}")
     assert "success" in text_of(page, "tx-info")
     events = text_of(page, "tx-events")
-    assert "BatchSettled" in events and "RecordSettled" in events and "RewardAccrued" in events
+    assert "BatchSettled" in events and "RecordsSettled" in events and "RewardAccrued" in events
     assert links(page, "record-link")
 
 
