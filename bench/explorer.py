@@ -8,8 +8,8 @@ one: a fresh process on the same data dir, after 1,000 more records were settled
 app (Starlette's TestClient, no refresher running), each 5 times; the table shows the median and the worst.
 Memory is the child's peak resident set (VmHWM), beside its resident set after imports.
 
-It also times the decoding of RecordSettled logs four ways (slicing the hex as devnet.explorer.decode does,
-eth_abi per log, eth_abi over a whole chunk as one array of tuples, web3's process_log after formatting).
+It also times the decoding of RecordsSettled logs, one per batch (slicing the hex as devnet.explorer.decode
+does, against web3's process_log after formatting), per record.
 
     python bench/explorer.py [--records 1000 100000] [--batch 500] [--in-flight 64]
 """
@@ -117,14 +117,13 @@ def time_page(client, path: str, runs: int = 5) -> tuple[float, float, int]:
     return statistics.median(times) * 1000, max(times) * 1000, status
 
 
-def decode_bench(ex, limit: int = 20_000) -> dict:
-    """µs per RecordSettled log, four ways, over the first `limit` RecordSettled logs of the chain."""
-    from eth_abi import decode as abi_decode
-
+def decode_bench(ex, limit: int = 200) -> dict:
+    """µs per settled record, decoding the first `limit` RecordsSettled logs (one per batch) two ways: slicing
+    the hex as devnet.explorer.decode does, and web3's formatted log (the explorer's path before)."""
     from devnet.explorer import decode as D
 
     idx = ex.index
-    topic = next(t for t, name in idx.topics.items() if name == "RecordSettled")
+    topic = next(t for t, name in idx.topics.items() if name == "RecordsSettled")
     logs: list[dict] = []
     reader = type(idx.reader)(idx.client.w3, idx.client.rpc_url, idx.reader.addresses, max_logs=limit)
     for chunk in reader.chunks(idx.client.deployment.deploy_block, idx.head):
@@ -132,33 +131,17 @@ def decode_bench(ex, limit: int = 20_000) -> dict:
         if len(logs) >= limit:
             break
     logs = logs[:limit]
-    out = {"logs": len(logs)}
+    out: dict = {"logs": len(logs)}
     if not logs:
         return out
-
+    t0 = time.perf_counter()
+    records = sum(len(D.records_settled(lg)) for lg in logs)
+    out["slice"] = (time.perf_counter() - t0) / records * 1e6
+    out["records"] = records
     t0 = time.perf_counter()
     for lg in logs:
-        D.record_settled(lg)
-    out["slice"] = (time.perf_counter() - t0) / len(logs) * 1e6
-
-    types = ["bytes32", "uint64", "uint64", "uint256"]
-    t0 = time.perf_counter()
-    for lg in logs:
-        abi_decode(types, bytes.fromhex(lg["data"][2:]))
-        [bytes.fromhex(t[2:]) for t in lg["topics"][1:]]
-    out["eth_abi_each"] = (time.perf_counter() - t0) / len(logs) * 1e6
-
-    t0 = time.perf_counter()
-    blob = bytes.fromhex("".join(lg["data"][2:] for lg in logs))
-    abi_decode([f"(bytes32,uint64,uint64,uint256)[{len(logs)}]"], blob)
-    [[bytes.fromhex(t[2:]) for t in lg["topics"][1:]] for lg in logs]
-    out["eth_abi_bulk"] = (time.perf_counter() - t0) / len(logs) * 1e6
-
-    some = logs[:2000]
-    t0 = time.perf_counter()
-    for lg in some:
         idx.web3_events.decode_raw(lg)
-    out["web3"] = (time.perf_counter() - t0) / len(some) * 1e6
+    out["web3"] = (time.perf_counter() - t0) / records * 1e6
     return out
 
 
@@ -272,11 +255,9 @@ def report(results: list[dict]) -> None:
             med, worst, status = r["first"]["pages"][path]
             cells.append(f"{med:.1f}/{worst:.1f}" + ("" if status in (200, 303) else f"!{status}"))
         print(f"  {short_path(key):<42}" + "".join(f"{c:>{w}}" for c in cells))
-    print("\ndecoding RecordSettled, µs per log")
+    print("\ndecoding RecordsSettled (one log per batch), µs per record")
     for key, label in (
         ("slice", "hex slicing (devnet.explorer.decode)"),
-        ("eth_abi_each", "eth_abi.decode per log"),
-        ("eth_abi_bulk", "eth_abi.decode, one array per chunk"),
         ("web3", "web3 process_log (formatted log)"),
     ):
         cells = [f"{r['first']['decode'].get(key, float('nan')):.2f}" for r in results]

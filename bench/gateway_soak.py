@@ -161,31 +161,12 @@ async def load(args, urls: list[str], key: str, models: list[str]) -> tuple[list
         return shown, time.monotonic() - t0
 
 
-def record_settled_logs(w3, ledger: str, from_block: int) -> dict[str, list[tuple[int, int, int, str]]]:
-    """request id -> [(prompt tokens, completion tokens, fee, adapter id)] of its RecordSettled events,
-    decoded from the raw log data (nodeId, promptTokens, completionTokens, fee)."""
-    from tests.ledger.audit import RECORD_SETTLED_TOPIC, _rpc
-
-    to_block = int(_rpc(w3, "eth_blockNumber", []), 16)
+def record_settled_logs(client, from_block: int) -> dict[str, list[tuple[int, int, int, str]]]:
+    """request id -> [(prompt tokens, completion tokens, fee, adapter id)] of every time the chain settled it,
+    decoded in bulk from the RecordsSettled logs (ChainClient.settled_records)."""
     out: dict[str, list] = {}
-    for start in range(from_block, to_block + 1, 2_000):
-        logs = _rpc(
-            w3,
-            "eth_getLogs",
-            [
-                {
-                    "address": ledger,
-                    "topics": [RECORD_SETTLED_TOPIC],
-                    "fromBlock": hex(start),
-                    "toBlock": hex(min(start + 1_999, to_block)),
-                }
-            ],
-        )
-        for log in logs:
-            data = bytes.fromhex(log["data"][2:])
-            words = [int.from_bytes(data[i : i + 32], "big") for i in range(0, len(data), 32)]
-            event = (words[1], words[2], words[3], log["topics"][3].lower())
-            out.setdefault(log["topics"][2].lower(), []).append(event)
+    for r in client.settled_records(from_block=from_block):
+        out.setdefault(r.request_id, []).append((r.prompt_tokens, r.completion_tokens, r.fee, r.adapter_id))
     return out
 
 
@@ -364,7 +345,7 @@ def soak(args) -> int:
             counts = count_by_status(s)
         client = chain.client()
         on_chain = record_settled_counts(client.w3, chain.deployment.ledger, start_block)
-        logs = record_settled_logs(client.w3, chain.deployment.ledger, start_block)
+        logs = record_settled_logs(client, start_block)
         txs = ledger_transactions(client.w3, chain.deployment.ledger, start_block, [a.address for a in settlers])
     finally:
         group.stop_all()

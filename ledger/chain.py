@@ -14,7 +14,7 @@ from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_
 from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
-from ledger.errors import ERROR_CLASSES, ContractError, DeploymentMismatch, TransactionFailed
+from ledger.errors import DeploymentMismatch, SequenceMismatch, TransactionFailed
 from ledger.merkle import MerkleTree, pack_records, unpack_records
 from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, make_web3, rpc_guard, shown_url
 from ledger.types import (
@@ -32,44 +32,6 @@ from ledger.types import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# AttributionLedger's errors of the sequenced, packed settlement. They belong beside the others in
-# ledger/errors.py (one class per custom error); until they move there they are registered from here, so
-# the revert decoder (ledger.transport) raises them typed.
-class SequenceMismatch(ContractError):
-    """settleBatch's firstSequence is not the settler's nextSequence: a batch before it is not settled
-    yet, or this range was settled by another batch."""
-
-
-class MalformedRecords(ContractError): ...
-
-
-class TooManyAdapters(ContractError): ...
-
-
-class TooManyNodes(ContractError): ...
-
-
-class TableNotIncreasing(ContractError): ...
-
-
-class RecordIndexOutOfRange(ContractError): ...
-
-
-class InvalidPrice(ContractError): ...
-
-
-for _cls in (
-    SequenceMismatch,
-    MalformedRecords,
-    TooManyAdapters,
-    TooManyNodes,
-    TableNotIncreasing,
-    RecordIndexOutOfRange,
-    InvalidPrice,
-):
-    ERROR_CLASSES.setdefault(_cls.__name__, _cls)
 
 
 SETTLE_SIGNATURE = "settleBatch(bytes32,bytes32,uint64,bytes32[],bytes32[],bytes,uint256)"

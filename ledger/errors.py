@@ -161,6 +161,29 @@ class NothingToWithdraw(ContractError): ...
 class TransferFailed(ContractError): ...
 
 
+class SequenceMismatch(ContractError):
+    """settleBatch's firstSequence is not the settler's nextSequence: a batch before it is not settled
+    yet, or this range was settled by another batch."""
+
+
+class MalformedRecords(ContractError): ...
+
+
+class TooManyAdapters(ContractError): ...
+
+
+class TooManyNodes(ContractError): ...
+
+
+class TableNotIncreasing(ContractError): ...
+
+
+class RecordIndexOutOfRange(ContractError): ...
+
+
+class InvalidPrice(ContractError): ...
+
+
 ERROR_CLASSES: dict[str, type[ContractError]] = {
     cls.__name__: cls for cls in ContractError.__subclasses__() if cls is not UnknownRevert
 }

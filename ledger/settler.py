@@ -114,7 +114,7 @@ from web3.exceptions import TransactionNotFound
 
 from common.wire import hex0x
 from ledger.batching import batch_id_for, pending_rows, record_fee, to_settle_record
-from ledger.chain import NO_FEE_LIMIT, ChainClient, SequenceMismatch
+from ledger.chain import NO_FEE_LIMIT, ChainClient
 from ledger.db import is_postgres
 from ledger.errors import (
     BatchAlreadySettled,
@@ -124,6 +124,7 @@ from ledger.errors import (
     InsufficientDeposit,
     LedgerError,
     NotSettler,
+    SequenceMismatch,
     TransactionFailed,
     UnknownAdapter,
     UnknownNode,

@@ -15,8 +15,8 @@ from web3.logs import DISCARD
 
 from common.wire import hex0x, id_bytes, node_id_of
 from ledger import errors as E
-from ledger.chain import (
-    SETTLE_SELECTOR,
+from ledger.chain import SETTLE_SELECTOR
+from ledger.errors import (
     InvalidPrice,
     MalformedRecords,
     RecordIndexOutOfRange,

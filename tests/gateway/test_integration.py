@@ -17,7 +17,6 @@ import pytest
 from sqlmodel import Session, select
 
 from common.identity import Identity, create_identity
-from common.wire import hex0x
 from devnet.anvil import free_port
 from devnet.processes import ManagedProcess, ProcessGroup
 from gateway.keys import create_key
@@ -276,9 +275,9 @@ def test_every_served_request_is_in_the_outbox_once_with_valid_signature(net, an
     )
     chain = anvil_chain.client()
     price = chain.base_price()
-    settled = {hex0x(e["args"]["requestId"]): e["args"] for e in chain.events("ledger", "RecordSettled")}
+    settled = {r.request_id: r for r in chain.settled_records()}
     for u in usage:
         if u.adapter_id == BASE_MODEL_ADAPTER_ID:  # on chain under the zero adapter id, at the base price
-            ev = settled[u.request_id]
-            assert bytes(ev["adapterId"]) == bytes(32)
-            assert ev["fee"] == price * (u.prompt_tokens + u.completion_tokens) // 1000 > 0
+            rec = settled[u.request_id]
+            assert rec.adapter_id == BASE_MODEL_ADAPTER_ID
+            assert rec.fee == price * (u.prompt_tokens + u.completion_tokens) // 1000 > 0

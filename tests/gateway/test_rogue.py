@@ -16,7 +16,6 @@ import pytest
 from sqlmodel import Session, select
 from transformers import AutoTokenizer
 
-from common.wire import hex0x
 from gateway.keys import create_key
 from gateway.main import create_app
 from gateway.settings import GatewaySettings
@@ -117,8 +116,7 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
 
         poll(lambda: status_of(ok_rid) == RecordStatus.SETTLED, timeout=60, interval=0.3)
         assert status_of(rid) == RecordStatus.DISPUTED
-        events = anvil_chain.client().events("ledger", "RecordSettled")
-        settled = {hex0x(e["args"]["requestId"]) for e in events}
+        settled = {r.request_id for r in anvil_chain.client().settled_records()}
         assert ok_rid in settled and rid not in settled
         # the in-process settler's view: on /health (at most STATUS_TTL_S old) and /metrics
         poll(lambda: health(server.url)["settlement"]["settled"] >= 1, timeout=15, interval=0.5)
