@@ -225,5 +225,14 @@ class Choices:
                 reason = "tool_calls"
         return out + b.finish(reason, k)
 
+    def release_held(self, b: ChunkBuilder) -> bytes:
+        """Every sequence's held-back tool text as content chunks: the stream failed before its end, and what
+        was relayed (and is billed) must reach the client."""
+        out = b""
+        for k, s in enumerate(self.seqs):
+            if s.tools is not None and not s.closed:
+                out += b"".join(b.delta(d, k) for d in s.tools.release())
+        return out
+
     def close_all(self, b: ChunkBuilder, overall: str | None, cut: bool) -> bytes:
         return b"".join(self.close(b, k, overall, cut) for k in range(len(self.seqs)))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import httpx
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from common.wire import SSE_DONE, error_body, hex0x, sse_frame
 from gateway.catalog import ModelCatalog
@@ -55,6 +55,8 @@ ABORT_DRAIN_TIMEOUT_S = 5.0
 # events other than tokens a node may send in one request (a real node sends an error and a done event at
 # most): a node that sends more is cut off, so it cannot hold a request open with events that never end
 MAX_OTHER_EVENTS = 64
+# a whole (not streamed) answer of this many completion tokens or more is built and encoded on a worker thread
+LARGE_ANSWER_TOKENS = 512
 _READ_ERRORS = (StopAsyncIteration, httpx.HTTPError, ValueError, RuntimeError)
 # prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
 # worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
@@ -191,8 +193,19 @@ class ServedRequest:
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
         build = chat_response if self.chat else completion_response
-        choices = self.choices.answer(self.finish_reason, bool(self.overrun))
-        return JSONResponse(build(self.rid, created, req.model, choices, usage_dict(*self.usage)), headers=headers)
+        usage = usage_dict(*self.usage)
+
+        def render() -> bytes:  # as JSONResponse renders
+            body = build(
+                self.rid, created, req.model, self.choices.answer(self.finish_reason, bool(self.overrun)), usage
+            )
+            return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+        # a long answer (n choices with logprobs: up to tens of MB) is built off the event loop, which it held
+        # for seconds (attack review); a short one is not worth the thread hop
+        big = self.usage[1] >= LARGE_ANSWER_TOKENS
+        content = await asyncio.to_thread(render) if big else render()
+        return Response(content, media_type="application/json", headers=headers)
 
     async def _events(self, b: ChunkBuilder):
         # chunks that are ready together go out in one write: each write is a send through the whole
@@ -207,8 +220,14 @@ class ServedRequest:
                     opening = b""
             await asyncio.shield(self.d.background.spawn(self.finish()))
             if self.failure:
-                yield opening + sse_frame(
-                    error_body(f"{self.failure}; the response is incomplete", type="upstream_error", code="node_failed")
+                yield (
+                    opening
+                    + c.release_held(b)  # the tool text held back is billed: it reaches the client before the error
+                    + sse_frame(
+                        error_body(
+                            f"{self.failure}; the response is incomplete", type="upstream_error", code="node_failed"
+                        )
+                    )
                 )
                 return
             usage = b.usage(usage_dict(*self.usage)) if b.include_usage else b""

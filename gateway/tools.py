@@ -241,6 +241,12 @@ class ToolStream:
             taken = call is not None and self._index < self.plan.max_calls
             out.append(self._delta([call]) if taken else {"content": block})
 
+    def release(self) -> list[dict]:
+        """What is held back, as plain content, now: the stream failed, and text the client is billed for must
+        reach it (a held call that never closes is text)."""
+        held, self.held, self._searched = self.held, "", 0
+        return [{"content": held}] if held else []
+
     def close(self) -> list[dict]:
         held, self.held = self.held, ""
         if self.plan.choice in ("required", "function"):

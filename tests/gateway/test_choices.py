@@ -235,3 +235,22 @@ def test_node_body_leaves_defaults_out():
     }
     body = to_node_request(parse_body(ChatRequest, json.dumps(chat).encode()), t, [[1]], max_tokens=4, request_id=RID)
     assert body["logprobs"] == 0 and body["guided"]["type"] == "json_schema"
+
+
+def test_held_tool_text_reaches_the_client_when_the_stream_fails(texts):
+    """A constrained tool answer is held until its end; when the node fails first, what was held (and is
+    billed) goes out as content before the error, once (attack review: it was billed and never delivered)."""
+    plan = tool_plan([{"type": "function", "function": {"name": "f"}}], "required")
+    b = ChunkBuilder(chat=True, rid=RID, created=1, model="m", include_usage=False)
+    c = Choices(chat=True, prompts=[[1]], per_prompt=2, n=2, max_tokens=40, logprobs=False, texts=texts, plan=plan)
+    out = c.open_all(b)
+    for k, piece in ((0, '[{"name": "f", '), (1, '[{"na')):
+        c.take_token(k, token(k, 70, piece))
+        out += c.chunk(b, k, piece, None)
+    assert not [f for f in frames(out) if f["choices"][0]["delta"].get("content")]  # all held so far
+    released = frames(c.release_held(b))
+    assert [(f["choices"][0]["index"], f["choices"][0]["delta"]["content"]) for f in released] == [
+        (0, '[{"name": "f", '),
+        (1, '[{"na'),
+    ]
+    assert c.release_held(b) == b""

@@ -201,3 +201,16 @@ def test_models_created_is_a_unix_time(served, oai):
 
     created = {m.id: m.created for m in oai.models.list()}
     assert abs(created[TINY] - time.time()) < 3600
+
+
+def test_a_long_whole_answer_is_the_same_built_off_the_event_loop(oai, served):
+    """A whole answer of 512 completion tokens or more is built and encoded on a worker thread (n choices with
+    logprobs held the event loop for seconds); it is the same answer, its usage agreeing with the node's."""
+    raw = oai.completions.with_raw_response.create(
+        model=TINY, prompt=PROMPT, max_tokens=300, n=2, logprobs=2, seed=3, extra_body={"ignore_eos": True}
+    )
+    body = agree(served, raw)
+    assert body.usage.completion_tokens == 600 and [c.index for c in body.choices] == [0, 1]
+    assert all(len(c.logprobs.tokens) == 300 and c.finish_reason == "length" for c in body.choices)
+    again = complete(oai, max_tokens=300, n=2, logprobs=2, seed=3, extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in body.choices]
