@@ -129,12 +129,16 @@ class AnvilConfig:
     block_time: float | None = 1.0
     log_file: Path | None = None
     state_interval: int | None = None  # also dump state every N seconds (survives a hard kill)
+    # The genesis base fee in wei; zero for the devnet (see argv). Tests set a public chain's (30 gwei).
+    base_fee: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.block_time is not None and self.block_time <= 0:
             raise ValueError(f"block_time must be positive or None, got {self.block_time}")
+        if self.base_fee < 0:
+            raise ValueError(f"base_fee must not be negative, got {self.base_fee}")
 
     @property
     def rpc_url(self) -> str:
@@ -157,7 +161,7 @@ class AnvilConfig:
             "--gas-limit",
             str(GAS_LIMIT),
             "--block-base-fee-per-gas",
-            "0",
+            str(self.base_fee),
             "--mnemonic",
             DEV_MNEMONIC,
             "--accounts",

@@ -14,7 +14,7 @@ from ledger.artifacts import load_artifact
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
 from ledger.errors import LedgerError
-from ledger.transport import PRIORITY_FEE, make_web3, rpc_guard
+from ledger.transport import FeePolicy, make_web3, rpc_guard
 from ledger.types import ETHER
 
 log = logging.getLogger(__name__)
@@ -26,16 +26,17 @@ MAX_BASE_PRICE = 2**128 - 1  # AttributionLedger.MAX_BASE_PRICE: with uint32 tok
 DEFAULT_FUND = 100 * ETHER
 
 
-def _deploy_contract(w3, account, chain_id: int, name: str, args: Sequence = ()):
+def _deploy_contract(w3, account, chain_id: int, name: str, fee_policy: FeePolicy, args: Sequence = ()):
     art = load_artifact(name)
     contract = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+    tip, max_fee = fee_policy.fees(w3)  # FeeAboveCap before anything is sent
     tx = contract.constructor(*args).build_transaction(
         {
             "from": account.address,
             "chainId": chain_id,
             "nonce": w3.eth.get_transaction_count(account.address, "pending"),
-            "maxPriorityFeePerGas": PRIORITY_FEE,
-            "maxFeePerGas": 2 * PRIORITY_FEE,
+            "maxPriorityFeePerGas": tip,
+            "maxFeePerGas": max_fee,
         }
     )
     signed = account.sign_transaction(tx)
@@ -63,17 +64,24 @@ def deploy(
     fund_amount: int = DEFAULT_FUND,
     settlers: Sequence[str] = (),
     settler_deposit: int = 0,
+    fee_policy: FeePolicy | None = None,
 ) -> Deployment:
     """Deploy both contracts (deployer = admin), set the base-model price, fund `fund`, grant and
-    prefund `settlers`."""
+    prefund `settlers`. Every transaction's fees follow `fee_policy` (default: FeePolicy.from_env())."""
     check_fees(node_share_bps, base_price_per_1k_tokens)
+    policy = fee_policy if fee_policy is not None else FeePolicy.from_env()
     account = Account.from_key(deployer_key)
     w3 = make_web3(rpc_url)
     with rpc_guard(rpc_url):
         chain_id = w3.eth.chain_id
-        reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry")
+        reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry", policy)
         led = _deploy_contract(
-            w3, account, chain_id, "AttributionLedger", (reg["contractAddress"], account.address, node_share_bps)
+            w3,
+            account,
+            chain_id,
+            "AttributionLedger",
+            policy,
+            (reg["contractAddress"], account.address, node_share_bps),
         )
     deployment = Deployment(
         chain_id=chain_id,
@@ -87,6 +95,7 @@ def deploy(
         sources_sha256=load_artifact("AttributionLedger").get("sourcesSha256", ""),
     )
     client = ChainClient(deployment, account)
+    client.tx.fee_policy = policy
     if base_price_per_1k_tokens:
         client.set_base_price(base_price_per_1k_tokens)
     setup_accounts(client, fund=fund, fund_amount=fund_amount, settlers=settlers, settler_deposit=settler_deposit)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import requests
@@ -26,9 +29,13 @@ from ledger.errors import (
 
 log = logging.getLogger(__name__)
 
-PRIORITY_FEE = 1_000_000_000  # 1 gwei; the devnet's anvil runs with a zero base fee (--block-base-fee-per-gas 0)
+GWEI = 10**9
+PRIORITY_FEE = GWEI  # the tip when the node says nothing about tips (no eth_feeHistory, no eth_maxPriorityFeePerGas)
 GAS_MARGIN = 1.25
 FEE_TTL = 30.0  # seconds a fee read is reused by send_data (the devnet's base fee stays zero)
+# Where a settler or CLI started by someone else (the gateway) takes its fee bounds from: gwei, decimals allowed.
+MAX_FEE_ENV = "LORAMESH_MAX_FEE_GWEI"
+MAX_TIP_ENV = "LORAMESH_MAX_TIP_GWEI"
 NONCE_RETRIES = 3
 # Node answers that mean "read nonce and fees from the chain again, then sign again": the nonce is
 # taken (another client of the account), or the fee fell below a base fee that rose.
@@ -38,6 +45,112 @@ _ALREADY_KNOWN = ("already imported", "already known")
 
 class GasTooLow(TransactionFailed):
     """A transaction ran out of gas: its gas limit was below what it needed."""
+
+
+class FeeAboveCap(ChainUnavailable):
+    """The chain's next base fee is above our configured max fee. A ChainUnavailable, because it passes: the
+    settler waits and retries instead of setting its records aside, and nothing was sent."""
+
+
+def gwei(wei: int) -> str:
+    """wei shown in gwei for one-line messages (9 decimals at most, trailing zeros dropped)."""
+    return f"{wei / GWEI:.9f}".rstrip("0").rstrip(".") + " gwei"
+
+
+def _gwei_setting(name: str, text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of gwei, got {text[:40]!r}") from None
+    if not 0 <= value <= 1e9:  # 1e9 gwei = 1 ether per gas: anything above is a typo
+        raise ValueError(f"{name} must be 0..1e9 gwei, got {text[:40]}")
+    return round(value * GWEI)
+
+
+@dataclass(frozen=True, slots=True)
+class FeePolicy:
+    """EIP-1559 fees for every transaction we send, read from the chain and bounded by configured maxima.
+
+    tip: the median over the last `history_blocks` non-empty blocks of each block's `percentile`-th reward
+    (eth_feeHistory), else eth_maxPriorityFeePerGas, else `default_tip` where the node has neither; never above
+    `max_tip`. maxFeePerGas = min(max_fee, 2 * next base fee + tip): two base fees absorb six full blocks of
+    +12.5% rises before the transaction becomes unminable. A next base fee above `max_fee` raises FeeAboveCap
+    and sends nothing, so a fee spike costs waiting, never an unbounded bill."""
+
+    max_fee: int = 500 * GWEI
+    max_tip: int = 10 * GWEI
+    default_tip: int = PRIORITY_FEE
+    history_blocks: int = 10
+    percentile: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.max_fee < 0 or self.max_tip < 0 or self.default_tip < 0:
+            raise ValueError("fee bounds must not be negative")
+        if not 1 <= self.history_blocks <= 1024:  # nodes cap eth_feeHistory's block count (geth: 1024)
+            raise ValueError(f"history_blocks must be 1..1024, got {self.history_blocks}")
+        if not 0 <= self.percentile <= 100:
+            raise ValueError(f"percentile must be 0..100, got {self.percentile}")
+
+    @classmethod
+    def from_env(cls, environ=None) -> FeePolicy:
+        """The defaults, with LORAMESH_MAX_FEE_GWEI / LORAMESH_MAX_TIP_GWEI applied when set."""
+        env = os.environ if environ is None else environ
+        kwargs = {}
+        if text := env.get(MAX_FEE_ENV, "").strip():
+            kwargs["max_fee"] = _gwei_setting(MAX_FEE_ENV, text)
+        if text := env.get(MAX_TIP_ENV, "").strip():
+            kwargs["max_tip"] = _gwei_setting(MAX_TIP_ENV, text)
+        return cls(**kwargs)
+
+    def fees(self, w3: Web3) -> tuple[int, int]:
+        """(maxPriorityFeePerGas, maxFeePerGas) for a transaction sent now; FeeAboveCap when the next base fee
+        is above max_fee. Raw requests: web3's formatting of eth_feeHistory costs more than the call."""
+        url = getattr(w3.provider, "endpoint_uri", "?")
+        with rpc_guard(url):
+            hist = _result(
+                w3.provider.make_request("eth_feeHistory", [hex(self.history_blocks), "latest", [self.percentile]])
+            )
+            next_base, tip = None, None
+            if isinstance(hist, dict):
+                bases = hist.get("baseFeePerGas") or []
+                if bases:
+                    next_base = _int(bases[-1])  # the entry after the last block is the next block's base fee
+                rewards = hist.get("reward") or []
+                ratios = hist.get("gasUsedRatio") or []
+                # empty blocks report a zero reward that says nothing about what miners take
+                seen = [_int(r[0]) for r, u in zip(rewards, ratios) if r and u]
+                seen = [t for t in seen if t is not None]
+                if seen:
+                    tip = int(statistics.median(seen))
+            if next_base is None:
+                block = w3.eth.get_block("latest")
+                next_base = block.get("baseFeePerGas", 0) or 0
+            if tip is None:
+                tip = _int(_result(w3.provider.make_request("eth_maxPriorityFeePerGas", [])))
+            if tip is None:
+                tip = self.default_tip
+        if next_base > self.max_fee:
+            raise FeeAboveCap(
+                f"the chain's next base fee {gwei(next_base)} is above the max fee {gwei(self.max_fee)}: "
+                "nothing sent; waiting for it to fall (or raise the max fee)"
+            )
+        tip = min(tip, self.max_tip)
+        max_fee = min(self.max_fee, 2 * next_base + tip)
+        return min(tip, max_fee), max_fee
+
+
+def _result(resp: dict):
+    """A raw JSON-RPC answer's result, None when the node answered an error (e.g. method not supported)."""
+    return None if resp.get("error") else resp.get("result")
+
+
+def _int(value) -> int | None:
+    """A quantity from a node ("0x..." or a number), None when it is neither or negative."""
+    try:
+        n = int(value, 16) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        return None
+    return n if n >= 0 else None
 
 
 def make_web3(rpc_url: str, timeout: float = 10.0) -> Web3:
@@ -135,9 +248,16 @@ class Transactor:
     `send_data` is the fast path (managed nonce, cached fees, caller-chosen gas) for the settler."""
 
     def __init__(
-        self, w3: Web3, decoder: RevertDecoder, chain_id: int, account=None, receipt_timeout: float = 60.0
+        self,
+        w3: Web3,
+        decoder: RevertDecoder,
+        chain_id: int,
+        account=None,
+        receipt_timeout: float = 60.0,
+        fee_policy: FeePolicy | None = None,
     ) -> None:
         self.w3 = w3
+        self.fee_policy = fee_policy if fee_policy is not None else FeePolicy.from_env()
         self.decoder = decoder
         self.chain_id = chain_id
         self.account = account
@@ -187,8 +307,8 @@ class Transactor:
         data = fn._encode_transaction_data()
         if gas is None:
             gas = int(self.estimate(fn.address, data, value=value) * GAS_MARGIN) + 10_000
+        tip, max_fee = self.fee_policy.fees(self.w3)
         with rpc_guard(self.url):
-            base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0
             tx = {
                 "to": fn.address,
                 "data": data,
@@ -197,8 +317,8 @@ class Transactor:
                 "gas": gas,
                 "type": 2,
                 "nonce": self.w3.eth.get_transaction_count(addr, "pending"),
-                "maxPriorityFeePerGas": PRIORITY_FEE,
-                "maxFeePerGas": 2 * base + PRIORITY_FEE,
+                "maxPriorityFeePerGas": tip,
+                "maxFeePerGas": max_fee,
             }
             self._nonce = None  # send_data's counter did not see this one
             signed = self.account.sign_transaction(tx)
@@ -210,8 +330,7 @@ class Transactor:
 
     def _current_fees(self) -> tuple[int, int]:
         if self._fees is None or time.monotonic() - self._fees_at > FEE_TTL:
-            base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0
-            self._fees, self._fees_at = (PRIORITY_FEE, 2 * base + PRIORITY_FEE), time.monotonic()
+            self._fees, self._fees_at = self.fee_policy.fees(self.w3), time.monotonic()
         return self._fees
 
     def send_data(self, to: str, data: bytes, *, gas: int, value: int = 0) -> str:
@@ -325,8 +444,8 @@ class Transactor:
 
     def send_value(self, to: str, amount: int) -> str:
         """A plain coin transfer (funding); returns the tx hash without waiting."""
+        tip, max_fee = self.fee_policy.fees(self.w3)
         with rpc_guard(self.url):
-            base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0
             tx = {
                 "to": to,
                 "value": amount,
@@ -334,8 +453,8 @@ class Transactor:
                 "chainId": self.chain_id,
                 "type": 2,
                 "nonce": self.w3.eth.get_transaction_count(self.account.address, "pending"),
-                "maxPriorityFeePerGas": PRIORITY_FEE,
-                "maxFeePerGas": 2 * base + PRIORITY_FEE,
+                "maxPriorityFeePerGas": tip,
+                "maxFeePerGas": max_fee,
             }
             signed = self.account.sign_transaction(tx)
             return hex0x(self.w3.eth.send_raw_transaction(signed.raw_transaction))
