@@ -2,12 +2,14 @@
 
 The root lives in devnet/, the top of the import graph, because it is the one package allowed to import
 every other one. Each package keeps its own commands in its cli.py (node, gateway, ledger, the explorer);
-this module adds devnet's own two: `loramesh devnet up|down|status` (devnet/lifecycle.py does the work) and
-`loramesh demo` (devnet/demo/run.py).
+this module adds devnet's own: `loramesh devnet up|down|status` (devnet/lifecycle.py does the work),
+`loramesh chain deploy` (devnet/deploy.py, which `devnet up` uses too; here because deploying needs the committed
+contract artifacts and devnet/, which ledger/ may not import) and `loramesh demo` (devnet/demo/run.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,12 +22,14 @@ from rich.console import Console
 
 from common.logs import configure_logging
 from devnet.demo.run import run_demo
-from devnet.deploy import ETHER
+from devnet.deploy import DEFAULT_BASE_PRICE, DEFAULT_NODE_SHARE_BPS, ETHER, deploy_to_file
 from devnet.explorer.cli import explorer
 from devnet.lifecycle import DEFAULT_PORT, devnet_down, devnet_paths, devnet_status, devnet_up
 from gateway.cli import gateway_app
 from ledger.cli import rewards_app, settler_app
 from ledger.deployment import DEFAULT_DEVNET_DIR
+from ledger.keys import load_account
+from ledger.transport import GWEI, FeePolicy, gwei, shown_url
 from node.cli import adapter_app, base_app, keys_app, node_app
 
 app = typer.Typer(
@@ -36,6 +40,9 @@ app = typer.Typer(
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 devnet_app = typer.Typer(help="Local anvil devnet with the loramesh contracts.", no_args_is_help=True)
+chain_app = typer.Typer(
+    help="The loramesh contracts on any EVM chain (an RPC URL and a funded key).", no_args_is_help=True
+)
 
 
 @app.callback()
@@ -75,6 +82,7 @@ app.add_typer(adapter_app, name="adapter")
 app.add_typer(node_app, name="node")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(devnet_app, name="devnet")
+app.add_typer(chain_app, name="chain")
 app.add_typer(rewards_app, name="rewards")
 app.add_typer(settler_app, name="settler")
 app.command("explorer")(explorer)
@@ -142,6 +150,66 @@ def devnet_down_cmd(folder: DirOpt = DEFAULT_DEVNET_DIR) -> None:
 def devnet_status_cmd(folder: DirOpt = DEFAULT_DEVNET_DIR) -> None:
     """Print the devnet's state as JSON."""
     typer.echo(json.dumps(devnet_status(folder), indent=2, sort_keys=True))
+
+
+# ---- loramesh chain deploy --------------------------------------------------------------------------------
+
+
+@chain_app.command("deploy")
+def chain_deploy_cmd(
+    rpc: Annotated[str, typer.Option("--rpc", help="JSON-RPC URL of the chain")],
+    key: Annotated[Path, typer.Option("--key", help="deployer's key file (hex key or identity); becomes the admin")],
+    out: Annotated[Path, typer.Option("--out", help="deployment file to write (what --deployment takes)")] = Path(
+        "deployment.json"
+    ),
+    settler: Annotated[
+        list[str] | None, typer.Option("--settler", help="address to grant the settler role (repeatable)")
+    ] = None,
+    deposit: Annotated[float, typer.Option(min=0, help="ETH to prepay as each settler's fee deposit")] = 0.0,
+    max_fee_gwei: Annotated[
+        float | None,
+        typer.Option(
+            "--max-fee-gwei",
+            min=0,
+            max=1e9,
+            help="never pay more than this per gas (default $LORAMESH_MAX_FEE_GWEI, else 500); "
+            "a base fee above it stops the deploy before it sends",
+        ),
+    ] = None,
+    node_share: Annotated[
+        int, typer.Option("--node-share-bps", min=0, max=10_000, help="node operator's cut of every adapter fee")
+    ] = DEFAULT_NODE_SHARE_BPS,
+    base_price: Annotated[
+        int, typer.Option("--base-price-wei", min=0, help="fee per 1,000 tokens of a bare base-model request")
+    ] = DEFAULT_BASE_PRICE,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
+) -> None:
+    """Deploy the registry and ledger to the chain at --rpc, grant settlers, write the deployment file.
+
+    Nothing is funded with gas money here: on a chain that is not ours every account brings its own."""
+    if out.exists() and not force:  # the file is the only record of the addresses it names
+        raise typer.BadParameter(
+            f"{out} exists: pass --force to replace it, or choose another --out", param_hint="--out"
+        )
+    policy = FeePolicy.from_env()
+    if max_fee_gwei is not None:
+        policy = dataclasses.replace(policy, max_fee=round(max_fee_gwei * GWEI))
+    account = load_account(key)
+    d = deploy_to_file(
+        rpc,
+        out,
+        deployer_key=account.key,
+        node_share_bps=node_share,
+        base_price_per_1k_tokens=base_price,
+        fund_amount=0,
+        settlers=settler or (),
+        settler_deposit=int(deposit * ETHER),
+        fee_policy=policy,
+    )
+    typer.echo(
+        f"deployed to {shown_url(rpc)} (chain {d.chain_id}, fees capped at {gwei(policy.max_fee)}): "
+        f"registry {d.registry}, ledger {d.ledger}, admin {d.deployer}; deployment file {out}"
+    )
 
 
 # ---- loramesh demo -----------------------------------------------------------------------------------------

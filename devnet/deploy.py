@@ -57,7 +57,7 @@ def check_fees(node_share_bps: int | None, base_price_per_1k_tokens: int | None)
 def deploy(
     rpc_url: str,
     *,
-    deployer_key: str = DEV_KEYS[0],
+    deployer_key: str | bytes = DEV_KEYS[0],
     node_share_bps: int = DEFAULT_NODE_SHARE_BPS,
     base_price_per_1k_tokens: int = DEFAULT_BASE_PRICE,
     fund: Sequence[str] = (),
@@ -99,7 +99,8 @@ def deploy(
     if base_price_per_1k_tokens:
         client.set_base_price(base_price_per_1k_tokens)
     setup_accounts(client, fund=fund, fund_amount=fund_amount, settlers=settlers, settler_deposit=settler_deposit)
-    deployment.funded = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
+    if fund_amount > 0:  # on a chain that is not ours nothing is funded (chain deploy passes 0)
+        deployment.funded = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
     # DEBUG: `devnet up` and the demo say so themselves; INFO is for what a service did
     log.debug(
         "deployed registry %s, ledger %s at block %d", deployment.registry, deployment.ledger, deployment.deploy_block

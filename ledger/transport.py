@@ -132,7 +132,7 @@ class FeePolicy:
         if next_base > self.max_fee:
             raise FeeAboveCap(
                 f"the chain's next base fee {gwei(next_base)} is above the max fee {gwei(self.max_fee)}: "
-                "nothing sent; waiting for it to fall (or raise the max fee)"
+                "nothing sent (wait for it to fall, or raise the max fee)"
             )
         tip = min(tip, self.max_tip)
         max_fee = min(self.max_fee, 2 * next_base + tip)

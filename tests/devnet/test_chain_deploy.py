@@ -1,0 +1,111 @@
+"""`loramesh chain deploy` to a chain that is not ours: another chain id, a public chain's 30 gwei base fee."""
+
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+from sqlmodel import Session
+from typer.testing import CliRunner
+
+from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, free_port
+from devnet.cli import app
+from ledger.chain import ChainClient
+from ledger.db import init_db, make_engine
+from ledger.deployment import Deployment
+from ledger.errors import ChainUnavailable
+from ledger.outbox import add_usage_record, count_by_status
+from ledger.settler import Settler
+from ledger.settler_config import SettlerConfig
+from ledger.transport import GWEI, FeeAboveCap, make_web3
+from tests.utils.chain import ChainEnv, rand_id, register_sample
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+BASE_FEE = 30 * GWEI
+CHAIN_ID = 555_555
+
+
+@pytest.fixture
+def chain(tmp_path):
+    cfg = AnvilConfig(
+        port=free_port(), chain_id=CHAIN_ID, block_time=None, base_fee=BASE_FEE, log_file=tmp_path / "a.log"
+    )
+    anvil = Anvil(cfg).start()
+    try:
+        yield anvil
+    finally:
+        anvil.stop()
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "deployer.key"
+    path.write_text(DEV_KEYS[0][2:] + "\n")  # a bare hex key, as an operator would keep it
+    return path
+
+
+def _deploy(rpc_url, key_file, out, *extra):
+    return runner.invoke(app, ["chain", "deploy", "--rpc", rpc_url, "--key", str(key_file), "--out", str(out), *extra])
+
+
+def test_deploy_then_settle_a_batch_at_a_30_gwei_base_fee(chain, key_file, tmp_path):
+    out = tmp_path / "deployment.json"
+    settler = Account.from_key(DEV_KEYS[1])  # rich from genesis: chain deploy funds nobody
+    r = _deploy(chain.rpc_url, key_file, out, "--settler", settler.address, "--deposit", "1", "--max-fee-gwei", "100")
+    assert r.exit_code == 0, r.output
+    assert f"chain {CHAIN_ID}" in r.output and "100 gwei" in r.output
+    deployment = Deployment.load(out)
+    assert deployment.chain_id == CHAIN_ID and deployment.funded == []
+    client = ChainClient.from_deployment(out, settler)  # checks code and wiring at the addresses
+    assert client.is_settler(settler.address) and client.deposit_of(settler.address) == 10**18
+    # deployed at a base fee above the 2 gwei max fee deployment used to fix
+    assert client.w3.eth.get_block(deployment.deploy_block)["baseFeePerGas"] > 20 * GWEI
+
+    env = ChainEnv(
+        chain, deployment, out, Account.from_key(DEV_KEYS[0]), settler, [Account.from_key(k) for k in DEV_KEYS[2:]]
+    )
+    reg = register_sample(env)
+    engine = make_engine(f"sqlite:///{tmp_path}/outbox.db", immediate=True)
+    init_db(engine)
+    try:
+        ids = [rand_id() for _ in range(3)]
+        with Session(engine) as s:
+            for rid in ids:
+                add_usage_record(
+                    s,
+                    request_id=rid,
+                    adapter_id=reg.adapter_id,
+                    node_id=reg.node_id,
+                    prompt_tokens=40,
+                    completion_tokens=9,
+                    receipt_json={"request_id": rid},
+                    node_signature="sig",
+                )
+            s.commit()
+        assert Settler(engine, client, SettlerConfig(batch_size=3)).drain() == 3
+        with Session(engine) as s:
+            assert count_by_status(s) == {"settled": 3}
+    finally:
+        engine.dispose()
+    assert sorted(r.request_id for r in client.settled_records()) == sorted(ids)
+
+
+def test_cap_below_the_base_fee_is_one_line_and_sends_nothing(chain, key_file, tmp_path):
+    out = tmp_path / "deployment.json"
+    r = _deploy(chain.rpc_url, key_file, out, "--max-fee-gwei", "10")
+    assert r.exit_code != 0
+    assert isinstance(r.exception, FeeAboveCap) and isinstance(r.exception, ChainUnavailable)
+    msg = str(r.exception)
+    assert "\n" not in msg and "30 gwei" in msg and "10 gwei" in msg, msg
+    assert not out.exists()
+    w3 = make_web3(chain.rpc_url)
+    assert w3.eth.get_transaction_count(Account.from_key(DEV_KEYS[0]).address, "pending") == 0
+    assert w3.eth.block_number == 0
+
+
+def test_an_existing_deployment_file_is_kept(chain, key_file, tmp_path):
+    out = tmp_path / "deployment.json"
+    out.write_text("{}")
+    r = _deploy(chain.rpc_url, key_file, out)
+    assert r.exit_code != 0 and "--force" in r.output
+    assert out.read_text() == "{}"
