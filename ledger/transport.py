@@ -37,6 +37,9 @@ FEE_TTL = 30.0  # seconds a fee read is reused by send_data (the devnet's base f
 MAX_FEE_ENV = "LORAMESH_MAX_FEE_GWEI"
 MAX_TIP_ENV = "LORAMESH_MAX_TIP_GWEI"
 NONCE_RETRIES = 3
+# transact() sends a transaction again with the same nonce and bumped fees when it has waited this long
+# unmined (the fees it was sent with fell below what the chain takes now)
+REPLACE_AFTER = 20.0
 # Node answers that mean "read nonce and fees from the chain again, then sign again": the nonce is
 # taken (another client of the account), or the fee fell below a base fee that rose.
 _NONCE_TAKEN = ("nonce too low", "underpriced", "nonce has already been used")
@@ -137,6 +140,11 @@ class FeePolicy:
         tip = min(tip, self.max_tip)
         max_fee = min(self.max_fee, 2 * next_base + tip)
         return min(tip, max_fee), max_fee
+
+
+def _bumped(fee: int) -> int:
+    """More than 12.5% above `fee` (also above zero)."""
+    return fee + fee // 8 + 1
 
 
 def _result(resp: dict):
@@ -402,6 +410,53 @@ class Transactor:
             "transactionHash": r["transactionHash"],
         }
 
+    def replace(self, tx_hash: str) -> str | None:
+        """Send the pending transaction `tx_hash` again (same nonce, to, data, value and gas) with both fees
+        raised by more than 12.5%, the least nodes take as a replacement (geth's default price bump), and at
+        least what the fee policy asks now; returns the new hash. None, sending nothing, when the bump would
+        pass the max fee or the nonce is already used (the original, or an earlier replacement, was mined).
+        FeeAboveCap when the base fee alone is above the max fee."""
+        self._require_account()
+        with rpc_guard(self.url):
+            old = self.w3.eth.get_transaction(tx_hash)
+        tip_now, fee_now = self.fee_policy.fees(self.w3)
+        tip = max(tip_now, _bumped(old["maxPriorityFeePerGas"]))
+        max_fee = max(fee_now, _bumped(old["maxFeePerGas"]), tip)
+        if max_fee > self.fee_policy.max_fee:
+            log.warning(
+                "transaction %s is stuck but a replacement would pay %s, above the max fee %s: still waiting",
+                tx_hash,
+                gwei(max_fee),
+                gwei(self.fee_policy.max_fee),
+            )
+            return None
+        tx = {
+            "to": old["to"],
+            "data": old["input"],
+            "value": old["value"],
+            "chainId": self.chain_id,
+            "gas": old["gas"],
+            "type": 2,
+            "nonce": old["nonce"],
+            "maxPriorityFeePerGas": tip,
+            "maxFeePerGas": max_fee,
+        }
+        raw = self.account.sign_transaction(tx).raw_transaction
+        with rpc_guard(self.url):
+            try:
+                new_hash = hex0x(self.w3.eth.send_raw_transaction(raw))
+            except Web3RPCError as e:
+                text = str(e).lower()
+                if any(m in text for m in _ALREADY_KNOWN):
+                    return hex0x(keccak(raw))
+                if "nonce too low" in text or "nonce has already been used" in text:
+                    return None  # mined meanwhile: the caller finds the receipt
+                raise TransactionFailed(f"node refused the replacement of {tx_hash}: {e}") from e
+        log.info(
+            "replaced stuck transaction %s (nonce %d) with %s at %s", tx_hash, old["nonce"], new_hash, gwei(max_fee)
+        )
+        return new_hash
+
     def wait(
         self,
         tx_hash: str,
@@ -410,15 +465,33 @@ class Transactor:
         *,
         replay: Callable[[], dict] | None = None,
         light: bool = False,
+        replace_after: float | None = None,
     ):
         """Wait for a receipt (light=True: light_receipt's fields only); status 0 raises GasTooLow when
         it used all its gas, else the decoded reason (replayed at the parent block from `fn`, or
-        from `replay()` = {"to", "data"})."""
+        from `replay()` = {"to", "data"}). replace_after: every so many seconds unmined, replace() it; the
+        receipt returned is then of whichever of the versions was mined. Off by default: the settler keeps
+        its batches' hashes and has its own recovery."""
         fetch = self.light_receipt if light else self.receipt
-        deadline = time.monotonic() + (timeout if timeout is not None else self.receipt_timeout)
-        while (rcpt := fetch(tx_hash)) is None:
-            if time.monotonic() > deadline:
+        now = time.monotonic()
+        deadline = now + (timeout if timeout is not None else self.receipt_timeout)
+        next_replace = now + replace_after if replace_after else float("inf")
+        hashes = [tx_hash]  # every version sent with this nonce; at most one is mined
+        while True:
+            rcpt = next((r for h in hashes if (r := fetch(h)) is not None), None)
+            if rcpt is not None:
+                tx_hash = hex0x(bytes(rcpt["transactionHash"])) if not light else rcpt["transactionHash"]
+                break
+            now = time.monotonic()
+            if now > deadline:
                 raise TransactionFailed(f"no receipt for {tx_hash} within {timeout or self.receipt_timeout:.0f}s")
+            if now >= next_replace:
+                next_replace = now + replace_after
+                try:
+                    if (new := self.replace(hashes[-1])) is not None and new not in hashes:
+                        hashes.append(new)
+                except FeeAboveCap as e:
+                    log.warning("transaction %s is stuck and not replaced: %s", hashes[-1], e)
             time.sleep(0.05)
         if rcpt["status"] != 1:
             with rpc_guard(self.url):
@@ -439,8 +512,8 @@ class Transactor:
         return rcpt
 
     def transact(self, fn, *, value: int = 0):
-        """Send and wait; returns the successful receipt."""
-        return self.wait(self.send(fn, value=value), fn=fn)
+        """Send and wait, replacing the transaction while it is stuck; returns the successful receipt."""
+        return self.wait(self.send(fn, value=value), fn=fn, replace_after=REPLACE_AFTER)
 
     def send_value(self, to: str, amount: int) -> str:
         """A plain coin transfer (funding); returns the tx hash without waiting."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from eth_account import Account
 
@@ -98,3 +100,36 @@ def test_from_env_reads_gwei_and_refuses_garbage():
         FeePolicy.from_env({"LORAMESH_MAX_FEE_GWEI": "lots"})
     with pytest.raises(ValueError, match="0..1e9"):
         FeePolicy.from_env({"LORAMESH_MAX_TIP_GWEI": "-1"})
+
+
+def test_stuck_transaction_is_replaced_with_bumped_fees(chain):
+    w3 = make_web3(chain.rpc_url)
+    admin, to = Account.from_key(DEV_KEYS[0]), Account.create().address
+    tx = Transactor(w3, RevertDecoder([]), CHAIN_ID, admin)
+    _raw(w3, "evm_setAutomine", [False])  # nothing is mined until the test says so: the transfer is stuck
+    first = tx.send_value(to, 1)
+    old = w3.eth.get_transaction(first)
+    miner = threading.Timer(1.5, lambda: _raw(w3, "evm_mine"))
+    miner.start()
+    try:
+        rcpt = tx.wait(first, timeout=20, replace_after=0.1)
+    finally:
+        miner.join()
+    mined = w3.eth.get_transaction(rcpt["transactionHash"])
+    assert rcpt["status"] == 1 and mined["hash"] != old["hash"] and mined["nonce"] == old["nonce"]
+    assert mined["maxFeePerGas"] * 8 > old["maxFeePerGas"] * 9  # more than 12.5% up, both fees
+    assert mined["maxPriorityFeePerGas"] * 8 > old["maxPriorityFeePerGas"] * 9
+    assert w3.eth.get_balance(to) == 1  # one of the versions was mined, once
+    assert tx.receipt(first) is None
+
+
+def test_replacement_stops_at_the_cap(chain):
+    w3 = make_web3(chain.rpc_url)
+    admin = Account.from_key(DEV_KEYS[0])
+    cap = FeePolicy().fees(w3)[1]  # the first send already pays the cap: no room to bump
+    tx = Transactor(w3, RevertDecoder([]), CHAIN_ID, admin, fee_policy=FeePolicy(max_fee=cap))
+    _raw(w3, "evm_setAutomine", [False])
+    first = tx.send_value(Account.create().address, 1)
+    assert w3.eth.get_transaction(first)["maxFeePerGas"] == cap
+    assert tx.replace(first) is None
+    assert int(_raw(w3, "txpool_status")["pending"], 16) == 1  # nothing else was sent
