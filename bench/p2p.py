@@ -248,17 +248,21 @@ def main() -> None:
         raw_s = statistics.median(s for _, s in raw_runs)
 
     mb = size / 1e6
-    fetch_s, verify_s = statistics.median(fetch), statistics.median(verify)
-    raw_mbs = raw_bytes / 1e6 / raw_s
+    raw_best = min(s for _, s in raw_runs)
     rows = [
-        ("raw py-libp2p stream (baseline)", raw_bytes / 1e6, raw_s, raw_mbs),
-        ("fetch + verify + install (loramesh)", mb, fetch_s, mb / fetch_s),
-        ("  of which: verify_package alone", mb, verify_s, mb / verify_s),
+        ("raw py-libp2p stream (baseline)", raw_bytes / 1e6, raw_s, raw_best),
+        ("fetch + verify + install (loramesh)", mb, statistics.median(fetch), min(fetch)),
+        ("  of which: verify_package alone", mb, statistics.median(verify), min(verify)),
     ]
-    print(f"\nloopback, two processes, TCP + Noise + Yamux, median of {args.runs} runs (raw and fetch interleaved)")
-    print(f"{'path':<38} {'MB':>8} {'s':>7} {'MB/s':>8} {'x raw':>7}")
-    for name, m, s, r in rows:
-        print(f"{name:<38} {m:>8.1f} {s:>7.2f} {r:>8.1f} {r / raw_mbs:>7.2f}")
+    # The best run is what the code costs when nothing else wants the cores; the median, what it
+    # costs on this machine today. Both ratios are against the raw stream measured the same way.
+    print(f"\nloopback, two processes, TCP + Noise + Yamux, {args.runs} runs each (raw and fetch interleaved)")
+    print(f"{'path':<38} {'MB':>6} {'median s':>9} {'MB/s':>7} {'x raw':>6} {'best s':>7} {'MB/s':>7} {'x raw':>6}")
+    for name, m, med, best in rows:
+        print(
+            f"{name:<38} {m:>6.1f} {med:>9.2f} {m / med:>7.1f} {raw_s / med * m / (raw_bytes / 1e6):>6.2f} "
+            f"{best:>7.2f} {m / best:>7.1f} {raw_best / best * m / (raw_bytes / 1e6):>6.2f}"
+        )
     pairs = " ".join(f"{r / f:.2f}" for (_, r), f in zip(raw_runs, fetch, strict=True))
     print(f"x raw of each fetch against the raw run beside it: {pairs}")
 
