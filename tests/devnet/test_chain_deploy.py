@@ -16,7 +16,7 @@ from ledger.errors import ChainUnavailable
 from ledger.outbox import add_usage_record, count_by_status
 from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
-from ledger.transport import GWEI, FeeAboveCap, make_web3
+from ledger.transport import GWEI, FeeAboveCap, FeePolicy, make_web3
 from tests.utils.chain import ChainEnv, rand_id, register_sample
 
 pytestmark = pytest.mark.integration
@@ -82,7 +82,15 @@ def test_deploy_then_settle_a_batch_at_a_30_gwei_base_fee(chain, key_file, tmp_p
                     node_signature="sig",
                 )
             s.commit()
-        assert Settler(engine, client, SettlerConfig(batch_size=3)).drain() == 3
+        # a max fee below the base fee: the settler sends nothing and waits, none of its records set aside
+        client.tx.fee_policy = FeePolicy(max_fee=GWEI // 10)
+        settler_ = Settler(engine, client, SettlerConfig(batch_size=3))
+        with pytest.raises(FeeAboveCap, match="above the max fee 0.1 gwei"):
+            settler_.step(force=True)
+        with Session(engine) as s:
+            assert set(count_by_status(s)) <= {"pending", "submitted"}  # waiting, none set aside
+        client.tx.fee_policy = FeePolicy()
+        assert settler_.drain() == 3
         with Session(engine) as s:
             assert count_by_status(s) == {"settled": 3}
     finally:
