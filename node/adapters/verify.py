@@ -153,11 +153,11 @@ def check_values(path: Path, tensors: dict[str, TensorInfo], lora: LoraConfig) -
     """Every A value, and every B value times the scaling, is finite and fits float16, so the adapter
     loads into a slot of any dtype without turning into inf or NaN.
 
-    The same rule as weights.check_tensor_values, which widens every tensor to float64, scales it
-    and scans it three times with torch (0.1-0.3 s of CPU for a 160 MB adapter, the largest part of
-    a p2p install, and seconds on a busy machine, where torch's worker threads wait on each other
-    for every small tensor). Here one single-threaded numpy pass per tensor over its bits finds the
-    largest magnitude, NaN and inf included; scaling in float64 by a positive factor is monotonic,
+    Checked plainly (tests/node/adapters/test_check_values.py keeps that version as the reference), the rule
+    widens every tensor to float64, scales it and scans it three times with torch: 0.1-0.3 s of CPU for a
+    160 MB adapter, the largest part of a p2p install, and seconds on a busy machine, where torch's worker
+    threads wait on each other for every small tensor. Here one single-threaded numpy pass per tensor over
+    its bits finds the largest magnitude, NaN and inf included; scaling in float64 by a positive factor is monotonic,
     so that magnitude times the scaling is the largest |x * s|. The tensors are read into one
     reused buffer (an mmap would turn a file cut short while we read it into SIGBUS)."""
     buf = bytearray(max((t.nbytes for t in tensors.values()), default=0))

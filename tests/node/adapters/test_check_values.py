@@ -1,5 +1,5 @@
-"""verify.check_values (one aminmax pass per tensor) refuses exactly what weights.check_tensor_values
-(every value widened to float64, scaled, scanned) refuses, in every float dtype, at the edges of the
+"""verify.check_values (one bit-level pass per tensor) refuses exactly what the plain rule below (every value
+widened to float64, scaled, scanned: what the node checked before) refuses, in every float dtype, at the edges of the
 float16 range and for NaN and infinities, in A (unscaled) and B (scaled by lora_alpha / r)."""
 
 import pytest
@@ -8,10 +8,27 @@ from safetensors.torch import save_file
 
 from node.adapters.errors import PackageError
 from node.adapters.verify import check_values
-from node.adapters.weights import HALF_MAX, LoraConfig, check_tensor_values, lora_key, read_safetensors_header
+from node.adapters.weights import (
+    HALF_MAX,
+    WEIGHTS_FILE,
+    LoraConfig,
+    lora_key,
+    read_lora_tensors,
+    read_safetensors_header,
+)
 
 VALUES = [0.0, -1.0, HALF_MAX, -HALF_MAX, 65505.0, -65520.0, 70000.0, 1e300, 8188.0, 8188.5, 8189.0, -8189.0, 16377.0]
 VALUES += [float("inf"), float("-inf"), float("nan")]
+
+
+def check_tensor_values(path, tensors, lora) -> None:
+    """The rule as written: every A value, and every B value times the scaling, is finite and fits float16."""
+    for name, t in read_lora_tensors(path, tensors).items():
+        t = t.double() * (lora.scaling if ".lora_B." in name else 1.0)
+        if not bool(torch.isfinite(t).all()) or (t.numel() and float(t.abs().max()) > HALF_MAX):
+            raise PackageError(f"{WEIGHTS_FILE}: tensor {name} holds values that are not finite or exceed {HALF_MAX:g}")
+
+
 SCALINGS = [(16.0, False), (128.0, False), (1.0, False), (7.0, False), (3.0, True)]  # (lora_alpha, use_rslora), r=4
 
 
