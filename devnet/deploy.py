@@ -26,10 +26,14 @@ MAX_BASE_PRICE = 2**128 - 1  # AttributionLedger.MAX_BASE_PRICE: with uint32 tok
 DEFAULT_FUND = 100 * ETHER
 
 
-def _deploy_contract(w3, account, chain_id: int, name: str, fee_policy: FeePolicy, args: Sequence = ()):
+def _deploy_contract(
+    w3, account, chain_id: int, name: str, args: Sequence = (), *, fee_policy: FeePolicy | None = None
+):
+    """Deploy one compiled contract; its fees follow `fee_policy` (default: FeePolicy.from_env())."""
     art = load_artifact(name)
     contract = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
-    tip, max_fee = fee_policy.fees(w3)  # FeeAboveCap before anything is sent
+    policy = fee_policy if fee_policy is not None else FeePolicy.from_env()
+    tip, max_fee = policy.fees(w3)  # FeeAboveCap before anything is sent
     tx = contract.constructor(*args).build_transaction(
         {
             "from": account.address,
@@ -74,14 +78,14 @@ def deploy(
     w3 = make_web3(rpc_url)
     with rpc_guard(rpc_url):
         chain_id = w3.eth.chain_id
-        reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry", policy)
+        reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry", fee_policy=policy)
         led = _deploy_contract(
             w3,
             account,
             chain_id,
             "AttributionLedger",
-            policy,
             (reg["contractAddress"], account.address, node_share_bps),
+            fee_policy=policy,
         )
     deployment = Deployment(
         chain_id=chain_id,
