@@ -30,42 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.engine import SHAPES as ENGINE_SHAPES  # noqa: E402
 from node.adapters.weights import LORA_TARGETS  # noqa: E402
 
-# the shapes of bench/engine.py (its "small" is the CPU bench shape); the context is sized per run
+# bench/engine.py's shapes (its "small" is the CPU bench shape), with the context sized per run here
 SHAPES = {
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-    ),
-    "small": dict(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
+    name: {k: v for k, v in shape.items() if k != "max_position_embeddings"} for name, shape in ENGINE_SHAPES.items()
 }
 BLOCK = 16
 
