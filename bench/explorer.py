@@ -55,11 +55,14 @@ def peak_mb() -> float:
 
 
 def settle(client, adapter: str, node: str, folder: Path, total: int, *, batch: int, in_flight: int) -> float:
-    from bench.settle import fill_outbox
+    from bench.settle import add_records, single
+    from ledger.db import init_db, make_engine
     from ledger.settler import Settler
     from ledger.settler_config import SettlerConfig
 
-    engine = fill_outbox(f"sqlite:///{folder}/ledger.db", adapter, node, total)
+    engine = make_engine(f"sqlite:///{folder}/ledger.db", immediate=True)
+    init_db(engine)
+    add_records(engine, single(adapter, node), total)
     settler = Settler(
         engine,
         client.with_account(client.account),
