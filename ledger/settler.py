@@ -65,9 +65,10 @@ Many settlers, one database:
   stopping settler hands its claims back.
 - Batch ids include the settler's address (ledger.batching.batch_id_for).
 - No chain call is made inside a write transaction: prices, registrations and the deposit are read
-  before it (on SQLite it holds the database's write lock, which the gateway needs for every request),
-  and inside it only the database is read again. The deposit is read at a known block: the batches
-  of this account settled after that block count as in flight, like the unfinished ones.
+  outside it (on SQLite it holds the database's write lock, which the gateway needs for every request),
+  once a step (_StepReads), and inside it only the database is read. The deposit is read at a known
+  block: the batches of this account settled after that block count as in flight, like the unfinished
+  ones.
 
 Prices are bounded (settler side): each record is priced as the contract will price it (the
 adapter's on-chain price, or the ledger's base price for the zero adapter id, times tokens / 1000)
