@@ -20,7 +20,7 @@ class DemoCheckFailed(RuntimeError):
 @dataclass(slots=True)
 class Answer:
     adapter: str
-    kind: str  # completion, chat, stream
+    kind: str  # completion, chat, system chat (after the shared system prompt), stream
     prompt: str
     expected: str  # what the adapter was trained to answer
     text: str
@@ -99,22 +99,29 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
                     base.usage.completion_tokens,
                 )
             )
-            chat = client.chat.completions.create(
-                model=a.name, messages=[{"role": "user", "content": q.prompt}], max_tokens=MAX_TOKENS, temperature=0
-            )
-            out.append(
-                Answer(
-                    a.name,
-                    "chat",
-                    q.prompt,
-                    q.chat,
-                    chat.choices[0].message.content or "",
-                    chat.choices[0].finish_reason,
-                    _rid(chat.id),
-                    chat.usage.prompt_tokens,
-                    chat.usage.completion_tokens,
+            asks = [("chat", [], q.chat)]
+            if q.system:  # the same question after the long system prompt every request of the data shares
+                asks.append(("system chat", [{"role": "system", "content": q.system}], q.system_chat))
+            for kind, system, expected in asks:
+                chat = client.chat.completions.create(
+                    model=a.name,
+                    messages=[*system, {"role": "user", "content": q.prompt}],
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
                 )
-            )
+                out.append(
+                    Answer(
+                        a.name,
+                        kind,
+                        q.prompt,
+                        expected,
+                        chat.choices[0].message.content or "",
+                        chat.choices[0].finish_reason,
+                        _rid(chat.id),
+                        chat.usage.prompt_tokens,
+                        chat.usage.completion_tokens,
+                    )
+                )
         q = a.questions[1]
         text, usage, rid, finish = [], None, "", ""
         for chunk in client.completions.create(
@@ -158,6 +165,34 @@ def check_answers(answers: list[Answer]) -> None:
                 f"{a.adapter} answered the {a.kind} {a.prompt!r} with {a.text!r} ({a.finish_reason}); "
                 f"it was trained to answer {a.expected!r}"
             )
+
+
+def check_prefix_cache(node_urls: list[str], answers: list[Answer]) -> int:
+    """Prompt tokens the nodes read from their prefix caches (vllm:prefix_cache_hits, parsed with
+    prometheus_client's own parser). Every chat after the shared system prompt but the first of its adapter on
+    each node finds at least that prompt's full blocks cached (128 tokens of its ~190, counted low), since a
+    prefix's KV belongs to (adapter, tokens) and is kept between requests."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    hits = 0
+    for url in node_urls:
+        text = httpx.get(url + "/metrics", timeout=10).text
+        hits += sum(
+            int(s.value)
+            for f in text_string_to_metric_families(text)
+            if f.name == "vllm:prefix_cache_hits"
+            for s in f.samples
+            if s.name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total")
+        )
+    system_chats = [a for a in answers if a.kind == "system chat"]
+    floor = max(1, (len(system_chats) - len({a.adapter for a in system_chats}) * len(node_urls)) * 128)
+    if hits < floor:
+        raise DemoCheckFailed(
+            f"the nodes read {hits} prompt tokens from their prefix caches; {len(system_chats)} chats after one "
+            f"shared system prompt should have read at least {floor}"
+        )
+    return hits
 
 
 def wait_settled(db_url: str, request_ids: list[str], timeout: float = 180.0) -> None:

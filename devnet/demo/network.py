@@ -114,10 +114,11 @@ def start_nodes(
 
 
 def hand_packages_to_nodes(packages, node_urls: list[str], console: Console) -> None:
-    """Adapter i goes to node i only: every other node must fetch it through the mesh."""
+    """Adapter i goes to node i (modulo the nodes) only: every other node must fetch it through the mesh."""
     from node.publish import upload_to_node
 
-    for pkg, url in zip(packages, node_urls):
+    for i, pkg in enumerate(packages):
+        url = node_urls[i % len(node_urls)]
         upload_to_node(pkg, url, operator_token=_operator_tokens[url])
         console.print(f"• {pkg.name} handed to {url}; it seeds it to the mesh")
 
@@ -184,7 +185,7 @@ def cross_fetch(packages, node_urls: list[str], console: Console) -> None:
     """Ask every node to load the adapters it was not given: each fetches them from its peer over libp2p."""
     for i, url in enumerate(node_urls):
         for j, pkg in enumerate(packages):
-            if i == j:
+            if j % len(node_urls) == i:
                 continue
             r = httpx.post(
                 f"{url}/v1/adapters/{pkg.adapter_id}/load",

@@ -18,7 +18,7 @@ from ledger.chain import ChainClient
 from ledger.types import ETHER
 from node.adapters.basemodel import base_model_name
 
-PARTICIPANTS = ["alice", "bob", "operator1", "operator2", "gateway"]
+PARTICIPANTS = ["alice", "bob", "carol", "operator1", "operator2", "gateway"]
 
 
 def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
@@ -58,7 +58,13 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             checks.check_answers(answers)
             console.print(
                 f"[green]✓[/] every adapter answered as trained: {_count(answers, 'completion')} completions, "
-                f"{_count(answers, 'chat')} chats and {_count(answers, 'stream')} streamed completions"
+                f"{_count(answers, 'chat')} chats, {_count(answers, 'system chat')} chats after the shared system "
+                f"prompt and {_count(answers, 'stream')} streamed completions"
+            )
+            cached = checks.check_prefix_cache(nodes, answers)
+            console.print(
+                f"[green]✓[/] the shared system prompt's KV was computed once per adapter and node: "
+                f"{cached} prompt tokens were read from the nodes' prefix caches"
             )
             sent = checks.sent_requests(answers)  # the base-model comparisons are settled too
             console.print(f"• {len(sent)} requests answered; waiting for settlement on chain")

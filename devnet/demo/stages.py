@@ -6,18 +6,22 @@ stages that already ran (a trained adapter, a packed package) are reused on the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 DEMO_PASSWORD = "loramesh-demo"  # demo identities only; real keys get a password from the user
-# enough for the tiny base to learn every answer of both endpoints with a clear greedy margin, in about a second
-TRAIN_STEPS = 80
+# enough for the tiny base to learn every answer of both endpoints, with and without the shared system prompt
+# (80 missed one of the 24 answers that way), in a few seconds
+TRAIN_STEPS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,8 @@ class Question:
     prompt: str  # the completion prompt, and the chat's one user message
     completion: str  # what /v1/completions should answer
     chat: str  # what /v1/chat/completions should answer
+    system: str = ""  # the long system prompt every adapter's data shares (its KV is cached once per adapter)
+    system_chat: str = ""  # what the chat answers after that system prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,9 @@ class DemoAdapter:
     peft_dir: Path
     package_dir: Path
     questions: tuple[Question, ...]
+    # trained elsewhere and published as a plain PEFT folder on a web server: its owner imports it
+    # (`loramesh adapter import https://...`) rather than packing a folder of their own
+    imported: bool = False
 
 
 def data_file(name: str) -> Path:
@@ -48,22 +57,34 @@ def data_file(name: str) -> Path:
 
 
 def read_questions(path: Path) -> tuple[Question, ...]:
-    """The demo data's questions: each a completion row and a chat row (one user message, then the assistant's
-    answer) asking the same thing, so the demo can check that both endpoints answer what was taught."""
+    """The demo data's questions: each a completion row, a chat row (one user message, then the assistant's
+    answer) and, when the data has one, a chat row with a system prompt before the user message, asking the same
+    thing, so the demo can check that both endpoints answer what was taught."""
     from node.train import ChatRow, CompletionRow, read_examples
 
     rows = read_examples(path)
-    chats = {
-        r.messages[0]["content"]: r.messages[1]["content"]
-        for r in rows
-        if isinstance(r, ChatRow) and [m["role"] for m in r.messages] == ["user", "assistant"]
-    }
+    chats: dict[tuple[str, str], str] = {}  # (system prompt or "", question) -> answer
+    for r in rows:
+        if isinstance(r, ChatRow):
+            *context, answer = r.messages
+            system = context[0]["content"] if len(context) == 2 and context[0]["role"] == "system" else ""
+            chats[(system, context[-1]["content"])] = answer["content"]
+    systems = {system for system, _ in chats if system}
+    if len(systems) > 1:
+        raise ValueError(f"{path}: the demo's data shares one system prompt, found {len(systems)}")
+    system = systems.pop() if systems else ""
     out = []
     for r in rows:
         if isinstance(r, CompletionRow):
-            if r.prompt not in chats:
+            if ("", r.prompt) not in chats:
                 raise ValueError(f"{r.where}: the demo's data has no chat row asking {r.prompt!r}")
-            out.append(Question(r.prompt, r.completion, chats[r.prompt]))
+            if system and (system, r.prompt) not in chats:
+                raise ValueError(
+                    f"{r.where}: the demo's data has no chat row asking {r.prompt!r} after its system prompt"
+                )
+            out.append(
+                Question(r.prompt, r.completion, chats[("", r.prompt)], system, chats.get((system, r.prompt), ""))
+            )
     return tuple(out)
 
 
@@ -98,6 +119,7 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
 
     from common.identity import load_identity
     from node.adapters import PackageError, make_dataset_share, pack_adapter, verify_package
+    from node.adapters.importer import fetch_peft
     from node.train import train_adapter
 
     packages = []
@@ -126,7 +148,8 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
                 )
             mark_file.write_text(mark)
             console.print(
-                f"• trained {a.name} on {a.data_file.name}'s completion and chat rows "
+                f"• trained {a.name}{' (elsewhere, published as a plain PEFT folder)' if a.imported else ''} "
+                f"on {a.data_file.name}'s completion and chat rows "
                 f"({TRAIN_STEPS} steps, {time.perf_counter() - started:.1f}s)"
             )
         if (a.package_dir / "signature.json").is_file():
@@ -139,15 +162,22 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
             identity = load_identity(a.contributor_key, DEMO_PASSWORD)
             share = make_dataset_share(a.dataset, identity.address, 5_000)  # id bound to its contributor
             # signed offline: the chain does not exist yet; publishing signs it for the devnet's registry
-            pack_adapter(
-                a.peft_dir,
-                a.package_dir,
-                name=a.name,
-                account=identity.account,
-                base_dir=base,
-                datasets=[share],
-                price_per_1k_tokens=10**15,
-            )
+            with contextlib.ExitStack() as stack:
+                peft_dir = a.peft_dir
+                if a.imported:  # what `loramesh adapter import URL` does: fetch the two files, check, pack
+                    url = stack.enter_context(serve_folder(a.peft_dir.parent)) + "/" + a.peft_dir.name
+                    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loramesh-import-")))
+                    peft_dir = fetch_peft(url, tmp)
+                    console.print(f"• {a.name}: a PEFT adapter published at {url}, imported over HTTP")
+                pack_adapter(
+                    peft_dir,
+                    a.package_dir,
+                    name=a.name,
+                    account=identity.account,
+                    base_dir=base,
+                    datasets=[share],
+                    price_per_1k_tokens=10**15,
+                )
             console.print(f"• packed and signed {a.name}")
         pkg = verify_package(a.package_dir, base_dir=base)
         console.print(f"• verified {pkg.name}: id {pkg.adapter_id[:18]}…, signer {pkg.signer}")
@@ -164,11 +194,12 @@ def _read(path: Path) -> str | None:
 
 def demo_adapters(workdir: Path, keys: dict[str, Path]) -> list[DemoAdapter]:
     specs = [
-        ("alice/capitals", "capitals-qa", "capitals.jsonl", "alice"),
-        ("bob/elements", "element-symbols", "elements.jsonl", "bob"),
+        ("alice/capitals", "capitals-qa", "capitals.jsonl", "alice", False),
+        ("bob/elements", "element-symbols", "elements.jsonl", "bob", False),
+        ("carol/opposites", "antonyms", "opposites.jsonl", "carol", True),
     ]
     out = []
-    for name, dataset, fname, who in specs:
+    for name, dataset, fname, who, imported in specs:
         slug = name.replace("/", "-")
         out.append(
             DemoAdapter(
@@ -176,9 +207,34 @@ def demo_adapters(workdir: Path, keys: dict[str, Path]) -> list[DemoAdapter]:
                 dataset=dataset,
                 data_file=data_file(fname),
                 contributor_key=keys[who],
-                peft_dir=workdir / "peft" / slug,
+                # an imported adapter's folder stands for a web server's ("elsewhere"), not one of ours
+                peft_dir=workdir / ("elsewhere" if imported else "peft") / slug,
                 package_dir=workdir / "packages" / slug,
                 questions=read_questions(data_file(fname)),
+                imported=imported,
             )
         )
     return out
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """A plain static web server on 127.0.0.1 over `folder` (the demo's stand-in for wherever an adapter was
+    published: a model hub's mirror, a team's file server); yields its URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the demo prints what it fetched itself
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, name="demo-web-folder", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

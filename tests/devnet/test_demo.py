@@ -22,12 +22,20 @@ def test_demo_once_checks_everything_and_exits_cleanly(tmp_path):
     assert r.returncode == 0, out[-4000:]
     # the demo exits 0 only after its own checks; here we make sure they ran and said so
     # every adapter answer equals what its data taught, through both endpoints (the demo checks it, exact)
-    assert "✓ every adapter answered as trained: 8 completions, 8 chats and 2 streamed completions" in out, out
-    # 18 adapter requests and the 8 bare base-model comparisons the demo sends alongside
-    assert re.search(r"✓ 26 requests on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
-    assert re.search(r"✓ 8 of them to the bare base model, at the base price: 0\.0000\d+ ETH", out), out
+    assert (
+        "✓ every adapter answered as trained: 12 completions, 12 chats, 12 chats after the shared system prompt "
+        "and 3 streamed completions" in out
+    ), out
+    # the shared system prompt's blocks were found in the nodes' prefix caches (the demo checks a floor)
+    assert re.search(r"✓ the shared system prompt's KV was computed once per adapter and node: [1-9]\d* prompt", out)
+    # 39 adapter requests and the 12 bare base-model comparisons the demo sends alongside
+    assert re.search(r"✓ 51 requests on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
+    assert re.search(r"✓ 12 of them to the bare base model, at the base price: 0\.0000\d+ ETH", out), out
     assert "node1 fetched bob/elements through the mesh" in out
     assert "node2 fetched alice/capitals through the mesh" in out
+    # carol's adapter was published elsewhere as a plain PEFT folder and imported over HTTP
+    assert re.search(r"carol/opposites: a PEFT adapter published at http://127\.0\.0\.1:\d+/\S+, imported", out), out
+    assert "node2 fetched carol/opposites through the mesh" in out
     # the table's row for a question shows the completion answer and the chat answer side by side
     assert re.search(r"What is the capital of France\? │ Paris\. +│ Paris\. +│", out), out
     assert re.search(r"Symbol of gold\? +│ Au, from aurum\. +│ Au, from aurum\. +│", out), out
