@@ -162,11 +162,18 @@ PRICE_MOVING_RETRY_EVERY = 600.0  # seconds between putting records set aside as
 LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
 
 
-# a formed batch's records: their place in its tree and their fee (see _form_in)
-_SET_LEAF = (
+# a pending record into a formed batch: its batch, its place in the batch's tree, its fee (see _form_in). Core
+# executemany by primary key, one pass over the rows: the ORM's bulk update and a second UPDATE ... IN (...) for
+# the status cost ~14 ms of a batch of 500's ~33
+_TO_BATCH = (
     update(UsageRecord.__table__)
-    .where(UsageRecord.__table__.c.id == bindparam("_id"))
-    .values(leaf_index=bindparam("_leaf"), fee_wei=bindparam("_fee"))
+    .where(UsageRecord.__table__.c.id == bindparam("_id"), UsageRecord.__table__.c.status == RecordStatus.PENDING)
+    .values(
+        status=RecordStatus.SUBMITTED,
+        batch_id=bindparam("_batch"),
+        leaf_index=bindparam("_leaf"),
+        fee_wei=bindparam("_fee"),
+    )
 )
 
 
@@ -684,12 +691,21 @@ class Settler:
         if keep:
             first_seq = self._next_first_seq(s, chain_next)
             batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq)
-            if not self._move(s, [r.id for r, _ in keep], status=RecordStatus.SUBMITTED, batch_id=batch.batch_id):
+            moved = (
+                s.connection()
+                .execute(  # one statement a record, run by the driver's executemany
+                    _TO_BATCH,
+                    [
+                        {"_id": r.id, "_batch": batch.batch_id, "_leaf": i, "_fee": str(fee)}
+                        for i, (r, fee) in enumerate(keep)
+                    ],
+                )
+                .rowcount
+            )  # summed over the records (both drivers we run on report it so)
+            if moved != len(keep):  # as _move: a record no longer pending is never put in a second batch
+                s.rollback()
+                log.info("outbox rows moved under us (%d of %d still pending): forming again", moved, len(keep))
                 return None
-            s.connection().execute(  # by primary key: rows we hold (Core executemany: the ORM's bulk
-                _SET_LEAF,  # update by primary key cost ~10 ms a batch of 500)
-                [{"_id": r.id, "_leaf": i, "_fee": str(fee)} for i, (r, fee) in enumerate(keep)],
-            )
             s.add(batch)
         for r, reason, fee in aside:
             if not self._move(
