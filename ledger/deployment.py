@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from eth_utils import to_checksum_address
 
@@ -17,6 +20,32 @@ MAX_DEPLOYMENT_BYTES = 1 << 20
 # where `loramesh devnet up` writes the local chain's deployment, and where every command looks by default
 DEFAULT_DEVNET_DIR = Path(".loramesh/devnet")
 DEFAULT_DEPLOYMENT_PATH = DEFAULT_DEVNET_DIR / "deployment.json"
+
+log = logging.getLogger(__name__)
+
+# A path segment that looks like an API key: hosted RPC endpoints put theirs in the path
+# (https://mainnet.infura.io/v3/<32 hex>, https://eth-mainnet.g.alchemy.com/v2/<32 letters and digits>).
+# 20+ characters of a key's alphabet with at least one digit: no RPC route name looks like that.
+_KEY_SEGMENT = re.compile(r"(?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{20,}")
+
+
+def public_rpc_url(url: str) -> tuple[str, bool]:
+    """The RPC URL as a deployment file may store it, and whether anything was removed: a deployment file is
+    published, so it keeps scheme, host, port and the path's plain segments, and drops the password or user
+    before the host, the query and fragment (?apikey=...), and every path segment that looks like a key."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "", True  # not a URL we can take apart: store none rather than guess where a secret ends
+    if ":" in host:
+        host = f"[{host}]"
+    segments = parts.path.split("/")
+    kept = [seg for seg in segments if not _KEY_SEGMENT.fullmatch(seg)]
+    clean = urlunsplit((parts.scheme, host + port, "/".join(kept), "", ""))
+    removed = bool(parts.username or parts.password or parts.query or parts.fragment) or len(kept) != len(segments)
+    return clean, removed
 
 
 @dataclass(slots=True)
@@ -89,9 +118,20 @@ class Deployment:
         return d
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (temporary file, then rename)."""
+        """Write atomically (temporary file, then rename). The file never holds a secret: an rpc_url with
+        credentials or a key is stored as public_rpc_url makes it, and every command then needs the full
+        URL given again (--rpc, or the service's rpc_url setting)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        data["rpc_url"], removed = public_rpc_url(self.rpc_url)
+        if removed:
+            log.warning(
+                "deployment file %s stores the RPC URL without its credentials or key (%s): give the full URL "
+                "again with --rpc or a service's rpc_url setting (LORAMESH_SETTLER_RPC_URL, ...)",
+                path,
+                data["rpc_url"] or "no URL",
+            )
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         tmp.replace(path)

@@ -70,3 +70,26 @@ def test_any_file_loads_or_is_one_clear_error(tmp_path, data):
 def test_the_valid_file_loads(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(VALID))
     assert Deployment.load(tmp_path / "d.json").chain_id == 31337
+
+
+def test_saved_file_holds_no_rpc_secret(tmp_path, caplog):
+    """A deployment file is published: credentials before the host, a query and a key in the path never reach
+    it; a plain URL is stored as given, with no warning."""
+    cases = {
+        "http://127.0.0.1:8545": ("http://127.0.0.1:8545", False),
+        "https://rpc.example.org/rpc": ("https://rpc.example.org/rpc", False),
+        "https://mainnet.infura.io/v3/0123456789abcdef0123456789abcdef": ("https://mainnet.infura.io/v3", True),
+        "https://eth-mainnet.g.alchemy.com/v2/AbCdEfGh1JkLmNoPqRsTuVwX": ("https://eth-mainnet.g.alchemy.com/v2", True),
+        "https://user:s3cret@node.example.com:8443/": ("https://node.example.com:8443/", True),
+        "https://node.example.com/?apikey=abc": ("https://node.example.com/", True),
+    }
+    for url, (stored, warned) in cases.items():
+        caplog.clear()
+        path = tmp_path / "deployment.json"
+        Deployment.from_dict({**VALID, "rpc_url": url}).save(path)
+        text = path.read_text()
+        assert json.loads(text)["rpc_url"] == stored, url
+        for secret in ("0123456789abcdef0123456789abcdef", "AbCdEfGh1JkLmNoPqRsTuVwX", "s3cret", "user", "apikey"):
+            assert secret not in text, url
+        assert ("without its credentials or key" in caplog.text) is warned, url
+        assert Deployment.load(path).rpc_url == stored
