@@ -16,7 +16,16 @@ from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
 from ledger.errors import DeploymentMismatch, SequenceMismatch, TransactionFailed
 from ledger.merkle import MerkleTree, pack_records, unpack_records
-from ledger.transport import GAS_MARGIN, GasTooLow, RevertDecoder, Transactor, make_web3, rpc_guard, shown_url
+from ledger.transport import (
+    GAS_MARGIN,
+    FeePolicy,
+    GasTooLow,
+    RevertDecoder,
+    Transactor,
+    make_web3,
+    rpc_guard,
+    shown_url,
+)
 from ledger.types import (
     AdapterInfo,
     AdapterRegistration,
@@ -114,8 +123,15 @@ class ChainClient:
     """One deployment, one (optional) signing account. Reverts raise ledger.errors classes."""
 
     def __init__(
-        self, deployment: Deployment, account=None, *, rpc_url: str | None = None, receipt_timeout: float = 60.0
+        self,
+        deployment: Deployment,
+        account=None,
+        *,
+        rpc_url: str | None = None,
+        receipt_timeout: float = 60.0,
+        fee_policy: FeePolicy | None = None,
     ) -> None:
+        """fee_policy: the fees every transaction pays and their caps (default: FeePolicy.from_env())."""
         self.deployment = deployment
         self.rpc_url = rpc_url or deployment.rpc_url
         self.w3 = make_web3(self.rpc_url)
@@ -124,21 +140,27 @@ class ChainClient:
         self.registry = self.w3.eth.contract(address=deployment.registry, abi=reg_abi)
         self.ledger = self.w3.eth.contract(address=deployment.ledger, abi=led_abi)
         self.decoder = RevertDecoder([reg_abi, led_abi])
-        self.tx = Transactor(self.w3, self.decoder, deployment.chain_id, account, receipt_timeout)
+        self.tx = Transactor(self.w3, self.decoder, deployment.chain_id, account, receipt_timeout, fee_policy)
         # settleBatch gas limit by (records, adapters, nodes): one estimate per shape, raised when a batch
         # needs more (a batch's gas grows with each of the three, most with its adapters' datasets)
         self._settle_gas: dict[int, int] = {}
 
     @classmethod
     def from_deployment(
-        cls, deployment: str | Path | dict | Deployment, account=None, *, rpc_url: str | None = None, check: bool = True
+        cls,
+        deployment: str | Path | dict | Deployment,
+        account=None,
+        *,
+        rpc_url: str | None = None,
+        check: bool = True,
+        fee_policy: FeePolicy | None = None,
     ) -> ChainClient:
         """Client for a deployment file/dict; check=True verifies the chain matches it."""
         if isinstance(deployment, (str, Path)):
             deployment = Deployment.load(deployment)
         elif isinstance(deployment, dict):
             deployment = Deployment.from_dict(deployment)
-        client = cls(deployment, account, rpc_url=rpc_url)
+        client = cls(deployment, account, rpc_url=rpc_url, fee_policy=fee_policy)
         if check:
             client.check_deployment()
         return client
@@ -153,7 +175,13 @@ class ChainClient:
 
     def with_account(self, account) -> ChainClient:
         """The same deployment, signing as another account."""
-        return ChainClient(self.deployment, account, rpc_url=self.rpc_url, receipt_timeout=self.tx.receipt_timeout)
+        return ChainClient(
+            self.deployment,
+            account,
+            rpc_url=self.rpc_url,
+            receipt_timeout=self.tx.receipt_timeout,
+            fee_policy=self.tx.fee_policy,
+        )
 
     def check_deployment(self) -> None:
         """Raise DeploymentMismatch unless chain id, contract code and wiring match the file."""

@@ -153,6 +153,28 @@ def settler_run(
             min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed", show_default=str(_D.lease)
         ),
     ] = None,
+    confirmations: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="blocks on top of a batch's block before it is final", show_default=str(_D.confirmations)
+        ),
+    ] = None,
+    replace_after: Annotated[
+        float | None,
+        typer.Option(
+            "--replace-after",
+            help="seconds a batch's transaction may stay unmined before it is replaced with higher fees",
+            show_default=str(_D.replace_after),
+        ),
+    ] = None,
+    max_fee_gwei: Annotated[
+        float | None,
+        typer.Option("--max-fee-gwei", min=0, help="most gwei per gas paid (default: LORAMESH_MAX_FEE_GWEI, 500)"),
+    ] = None,
+    max_tip_gwei: Annotated[
+        float | None,
+        typer.Option("--max-tip-gwei", min=0, help="most gwei per gas tipped (default: LORAMESH_MAX_TIP_GWEI, 10)"),
+    ] = None,
     drain: Annotated[bool, typer.Option(help="exit once nothing is left to settle")] = False,
 ) -> None:
     """Run the settler until SIGINT/SIGTERM (--drain: until the outbox is empty); any number may share a database.
@@ -171,6 +193,10 @@ def settler_run(
         max_record_tokens=max_record_tokens,
         low_deposit=low_deposit,
         lease=lease,
+        confirmations=confirmations,
+        replace_after=replace_after,
+        max_fee_gwei=max_fee_gwei,
+        max_tip_gwei=max_tip_gwei,
     )
     n = run_settler(settings, drain=drain)
     typer.echo(f"settled {n} records")
@@ -193,7 +219,12 @@ def run_settler(
     config = settings.config()
     engine = make_engine(settings.db_url, immediate=True)
     init_db(engine)
-    client = ChainClient.from_deployment(settings.deployment, load_account(settings.key_file), rpc_url=settings.rpc_url)
+    client = ChainClient.from_deployment(
+        settings.deployment,
+        load_account(settings.key_file),
+        rpc_url=settings.rpc_url,
+        fee_policy=settings.fee_policy(),
+    )
     settler = Settler(engine, client, config, on_point=on_point)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

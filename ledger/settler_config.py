@@ -3,7 +3,7 @@ service's settings (`loramesh settler run`: flags, LORAMESH_SETTLER_* variables,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from common.settings import ServiceSettings
 from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
+from ledger.transport import GWEI, FeePolicy
 
 # Bounds on what one record may cost (settler side). A price above the bound is a mistake (an adapter
 # priced in whole coins rather than wei) or an attack on the gateway's deposit; a record above the token
@@ -19,6 +20,11 @@ DEFAULT_MAX_PRICE_PER_1K = 10**16  # wei per 1,000 tokens: 0.01 coin, far above 
 DEFAULT_MAX_RECORD_TOKENS = 1 << 22  # prompt + completion tokens of one record (4,194,304)
 DEFAULT_LOW_DEPOSIT = 10**17  # wei: below this much deposit left (after in-flight batches), warn
 DEFAULT_LEASE = 30.0  # seconds a settler's claim on an unfinished batch lasts without renewal
+# Blocks on top of a batch's block before it counts as final. 0 on our devnet (one anvil, no reorgs: today's
+# behaviour, and the demo and tests stay fast); a public chain wants its own (see README).
+DEFAULT_CONFIRMATIONS = 0
+# seconds a sent batch may stay unmined before its transaction is replaced at the same nonce with bumped fees
+DEFAULT_REPLACE_AFTER = 30.0
 
 
 @dataclass(slots=True)
@@ -31,7 +37,12 @@ class SettlerConfig:
     are set aside with the reason. low_deposit (wei): the deposit left, less what in-flight batches will
     take, below which the settler warns (logs, `loramesh settler status`). lease (seconds): how long
     a claim on an unfinished batch holds without renewal (renewed every lease/3 while working on it;
-    another settler takes the batch over once it has expired)."""
+    another settler takes the batch over once it has expired).
+
+    confirmations: blocks on top of a settled batch's block before it is final; until then a reorg that drops
+    its transaction sends the batch back to be sent again (same first sequence number). replace_after
+    (seconds): a sent batch unmined this long has its transaction replaced at the same nonce with fees raised
+    (at least +12.5%), never above the chain client's max fee."""
 
     batch_size: int = 100
     interval: float = 5.0
@@ -43,6 +54,8 @@ class SettlerConfig:
     max_record_tokens: int = DEFAULT_MAX_RECORD_TOKENS
     low_deposit: int = DEFAULT_LOW_DEPOSIT
     lease: float = DEFAULT_LEASE
+    confirmations: int = DEFAULT_CONFIRMATIONS
+    replace_after: float = DEFAULT_REPLACE_AFTER
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 5_000:
@@ -58,6 +71,11 @@ class SettlerConfig:
             )
         if self.lease < 1.0:
             raise ValueError(f"lease must be at least 1 second, got {self.lease}")
+        # 1,000 blocks is hours on any chain: more is a typo, and the reorg check reads that many back
+        if not 0 <= self.confirmations <= 1_000:
+            raise ValueError(f"confirmations must be 0..1000, got {self.confirmations}")
+        if self.replace_after <= 0:
+            raise ValueError(f"replace_after must be > 0 seconds, got {self.replace_after}")
 
 
 _DEFAULTS = {f.name: f.default for f in fields(SettlerConfig)}
@@ -84,6 +102,22 @@ class SettlerSettings(ServiceSettings):
     max_record_tokens: int = _DEFAULTS["max_record_tokens"]
     low_deposit: int = _DEFAULTS["low_deposit"]
     lease: float = _DEFAULTS["lease"]
+    confirmations: int = _DEFAULTS["confirmations"]
+    replace_after: float = _DEFAULTS["replace_after"]
+    # the most this settler pays per gas (maxFeePerGas) and as tip, in gwei; unset: LORAMESH_MAX_FEE_GWEI /
+    # LORAMESH_MAX_TIP_GWEI, else FeePolicy's defaults. A base fee above max_fee_gwei makes the settler wait.
+    max_fee_gwei: float | None = Field(None, ge=0, le=1e9)
+    max_tip_gwei: float | None = Field(None, ge=0, le=1e9)
+
+    def fee_policy(self) -> FeePolicy:
+        """The FeePolicy for the settler's chain client: these caps over the environment's."""
+        policy = FeePolicy.from_env()
+        caps = {}
+        if self.max_fee_gwei is not None:
+            caps["max_fee"] = round(self.max_fee_gwei * GWEI)
+        if self.max_tip_gwei is not None:
+            caps["max_tip"] = round(self.max_tip_gwei * GWEI)
+        return replace(policy, **caps)
 
     def config(self) -> SettlerConfig:
         """The SettlerConfig these settings describe (ValueError when a value is out of its bounds)."""
@@ -95,4 +129,6 @@ class SettlerSettings(ServiceSettings):
             max_record_tokens=self.max_record_tokens,
             low_deposit=self.low_deposit,
             lease=self.lease,
+            confirmations=self.confirmations,
+            replace_after=self.replace_after,
         )

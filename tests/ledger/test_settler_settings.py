@@ -66,3 +66,22 @@ def test_missing_file_and_bounds_refused(tmp_path):
         SettlerSettings.load(db_url="sqlite:///x.db", key_file="k", batch_size=0).config()
     r = CliRunner().invoke(settler_app, ["run", "--key", "k"])  # no database named anywhere
     assert r.exit_code == 2 and "db_url" in r.output
+
+
+def test_fee_caps_and_finality_settings(tmp_path, monkeypatch):
+    """max_fee_gwei / max_tip_gwei reach the chain client's FeePolicy, over LORAMESH_MAX_FEE_GWEI; confirmations
+    and replace_after reach SettlerConfig."""
+    from ledger.transport import GWEI, FeePolicy
+
+    f = _file(tmp_path, 'db_url = "sqlite:///x.db"\nkey_file = "k"\nmax_fee_gwei = 42.5\nconfirmations = 3\n')
+    monkeypatch.setenv("LORAMESH_MAX_TIP_GWEI", "2")
+    monkeypatch.setenv("LORAMESH_SETTLER_REPLACE_AFTER", "7")
+    s = SettlerSettings.load(f)
+    policy = s.fee_policy()
+    assert (policy.max_fee, policy.max_tip) == (int(42.5 * GWEI), 2 * GWEI)
+    assert (s.config().confirmations, s.config().replace_after) == (3, 7.0)
+    monkeypatch.delenv("LORAMESH_MAX_TIP_GWEI")
+    plain = SettlerSettings.load(None, db_url="sqlite:///x.db", key_file=Path("k"))
+    assert plain.fee_policy() == FeePolicy() and plain.config().confirmations == 0
+    with pytest.raises(ValueError, match="confirmations"):
+        SettlerSettings.load(f, confirmations=5000).config()
