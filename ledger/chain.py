@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
+from web3.exceptions import TransactionNotFound
 
 from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
-from ledger.errors import DeploymentMismatch, SequenceMismatch, TransactionFailed
+from ledger.errors import ChainUnavailable, DeploymentMismatch, SequenceMismatch, TransactionFailed
 from ledger.merkle import MerkleTree, pack_records, unpack_records
 from ledger.transport import (
     GAS_MARGIN,
+    FeeAboveCap,
     FeePolicy,
     GasTooLow,
     RevertDecoder,
@@ -207,6 +209,18 @@ class ChainClient:
     def block_number(self) -> int:
         with rpc_guard(self.rpc_url):
             return self.w3.eth.block_number
+
+    def block_hash(self, number: int) -> str | None:
+        """The hash of the canonical block at `number` now, None when the chain is not that long (a reorg
+        that shortened it). A raw request: the settler asks for every block holding a batch not yet final."""
+        with rpc_guard(self.rpc_url):
+            resp = self.w3.provider.make_request("eth_getBlockByNumber", [hex(number), False])
+        if resp.get("error"):
+            raise ChainUnavailable(
+                f"chain at {shown_url(self.rpc_url)} answered eth_getBlockByNumber with {str(resp['error'])[:200]}"
+            )
+        block = resp.get("result")
+        return block["hash"] if block else None
 
     def balance(self, address: str) -> int:
         with rpc_guard(self.rpc_url):
@@ -573,15 +587,23 @@ class ChainClient:
         *,
         first_sequence: int,
         max_fees: int = NO_FEE_LIMIT,
+        replace_after: float | None = None,
+        on_replace: Callable[[str], None] | None = None,
     ) -> BatchInfo:
         """Wait until `batch_id` is settled (by tx_hash or any other transaction) and return it; when
         tx_hash is mined without settling it, raise as wait_settle_batch does. Polls getBatch, a few
-        hundred bytes, rather than the receipt."""
+        hundred bytes, rather than the receipt. replace_after: every so many seconds unmined, the newest
+        version of the transaction is replaced (Transactor.replace: same nonce, fees bumped, never above the
+        max fee) and on_replace(new hash) called, so the caller can record it."""
         limit = timeout if timeout is not None else self.tx.receipt_timeout
-        deadline = time.monotonic() + limit
+        now = time.monotonic()
+        deadline = now + limit
+        next_replace = now + replace_after if replace_after else float("inf")
+        hashes = [tx_hash]  # every version sent with this nonce; at most one is mined
         while (info := self.get_batch(batch_id)) is None:
-            rcpt = self.tx.light_receipt(tx_hash)
+            rcpt = next((r for h in reversed(hashes) if (r := self.tx.light_receipt(h)) is not None), None)
             if rcpt is not None:  # mined after our getBatch, or failed (a failed receipt has no logs)
+                tx_hash = rcpt["transactionHash"]
                 if rcpt["status"] == 1 and (info := self.get_batch(batch_id)) is not None:
                     return info
                 self.wait_settle_batch(
@@ -595,8 +617,24 @@ class ChainClient:
                     max_fees=max_fees,
                 )
                 raise TransactionFailed(f"transaction {tx_hash} succeeded but batch {batch_id} is not settled")
-            if time.monotonic() > deadline:
-                raise TransactionFailed(f"no receipt for {tx_hash} within {limit:.0f}s")
+            now = time.monotonic()
+            if now > deadline:
+                raise TransactionFailed(f"no receipt for {hashes[-1]} within {limit:.0f}s")
+            if now >= next_replace:
+                next_replace = now + replace_after
+                try:
+                    new = self.tx.replace(hashes[-1])  # logs one line when the bump would pass the max fee
+                except FeeAboveCap as e:
+                    log.warning("settle transaction %s is stuck and not replaced: %s", hashes[-1], e)
+                    new = None
+                except TransactionNotFound as e:
+                    # dropped from the node's pool (anvil drops what cannot pay a block's base fee): waiting
+                    # longer is useless; the settler's next step finds it gone and sends the batch again
+                    raise TransactionFailed(f"transaction {hashes[-1]} was dropped from the node's pool") from e
+                if new is not None and new not in hashes:
+                    hashes.append(new)
+                    if on_replace is not None:
+                        on_replace(new)
             time.sleep(poll)
         return info
 

@@ -101,6 +101,11 @@ class SettlementBatch(SQLModel, table=True):
     # its Merkle leaf binds that number. Set when the batch is written, before any send, and never changed:
     # every resend after a crash carries the same numbers, so no two sends of a record can both settle.
     first_seq: int | None = Field(default=None, sa_type=BigInteger)
+    # The hash of the block a settled batch is in, kept while the batch is not final yet (fewer than the
+    # settler's `confirmations` blocks on top of it): a reorg that drops that block changes the canonical hash
+    # at block_number, and the batch goes back to be sent again. NULL once final, and for every batch of a
+    # settler with confirmations = 0 (final at its receipt).
+    block_hash: str | None = Field(default=None, max_length=66)
 
 
 class DatasetMirror(SQLModel, table=True):

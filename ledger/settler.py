@@ -87,6 +87,19 @@ an owner front-running the batch, never costs more than was priced) is abandoned
 re-priced; a record whose own price moved under two batches is set aside (for a while: see above),
 the other records of those batches are never struck.
 
+Finality (SettlerConfig.confirmations = N > 0): a batch settled on chain is recorded settled, with the hash
+of its block (SettlementBatch.block_hash), and is final once N blocks are on top of it (block_hash cleared).
+Until then every step compares the stored hash with the chain's canonical block at that height. A batch whose
+block is gone and that getBatch no longer knows (a reorg dropped its transaction) goes back to `sent` with
+its records `submitted`: the usual resume sends it again, at the same first sequence number (the contract
+takes a settler's batches only in sequence order, so several dropped ones go out in order), or waits for its
+transaction when the node still holds it. Since the chain settles a batch id and a sequence number once, a
+resend racing the dropped transaction's return pays nothing twice. N = 0 (the devnet): final at the receipt.
+
+Stuck transactions: a batch's transaction unmined for `replace_after` seconds is replaced at the same nonce
+with fees raised by at least 12.5% (Transactor.replace), never above the fee policy's max fee (then one
+warning, and the settler keeps waiting); the newest hash is recorded in the batch row.
+
 Pipelining: a step sends up to `max_in_flight` batches (each written before it is sent, each with
 the next local nonce) and then waits for all their receipts, so one block carries many batches.
 After a start or any error the settler probes: one batch per step, simulated before it is sent,
@@ -369,6 +382,8 @@ class Settler:
         sent: list[_Work] = []
         refused: list[tuple[_Work, ContractError]] = []  # abandoned (re-priced or split) below
         with self._heartbeat():
+            if self.config.confirmations > 0:
+                self._follow_finality()  # first: a batch a reorg dropped is resumed in this very step
             for look in (self._requeue_deposit_short, self._recheck_unregistered, self._retry_price_moving):
                 try:
                     look()
@@ -1018,6 +1033,8 @@ class Settler:
                 timeout=timeout,
                 first_sequence=batch.first_seq,
                 max_fees=_quote(batch),
+                replace_after=self.config.replace_after,
+                on_replace=lambda new: self._replaced(batch, new),
             )
             self._probe = False  # our own transaction settled: the pipe may open
         except BatchAlreadySettled:
@@ -1027,6 +1044,114 @@ class Settler:
                 raise
         self._point("after_receipt")
         self._mark_settled(batch, info)
+
+    def _replaced(self, batch: SettlementBatch, tx_hash: str) -> None:
+        """Record the replacement of a stuck transaction: a resume looks for this one, not the replaced one."""
+        with Session(self.engine) as s:
+            s.execute(
+                update(SettlementBatch)
+                .where(SettlementBatch.id == batch.id, SettlementBatch.status == BatchStatus.SENT)
+                .values(tx_hash=tx_hash)
+            )
+            s.commit()
+
+    # ------------------------------------------------------------------ finality
+
+    def _follow_finality(self) -> int:
+        """Look at this account's settled batches that are not final yet (ledger order): mark final those with
+        `confirmations` blocks on top of theirs, follow those the chain moved to another block, and send back
+        those a reorg dropped (module docstring: Finality). Returns how many batches went back."""
+        with Session(self.engine) as s:
+            rows = s.exec(
+                select(SettlementBatch)
+                .where(
+                    SettlementBatch.settler == self.address,
+                    SettlementBatch.status == BatchStatus.SETTLED,
+                    SettlementBatch.block_hash.is_not(None),
+                )
+                .order_by(SettlementBatch.first_seq, SettlementBatch.id)
+            ).all()
+        if not rows:
+            return 0
+        head = self.client.block_number()
+        canonical: dict[int, str | None] = {}  # block number -> hash now: batches share blocks
+
+        def hash_at(number: int) -> str | None:
+            if number not in canonical:
+                canonical[number] = self.client.block_hash(number)
+            return canonical[number]
+
+        final: list[tuple[int, str]] = []  # (batch row id, the hash it was checked at)
+        moved: list[tuple[SettlementBatch, int, str]] = []
+        dropped: list[SettlementBatch] = []
+        for b in rows:
+            deep = head - b.block_number >= self.config.confirmations
+            if hash_at(b.block_number) == b.block_hash and not deep:
+                continue  # still where it was, not final yet: no eth_call
+            # moved, gone, or about to be final: the chain says where the batch is (the hash was read after the
+            # receipt, so a reorg in between could have given the hash of a block without it)
+            info = self.client.get_batch(b.batch_id)
+            if info is not None and info.settled_block == b.block_number and hash_at(b.block_number) == b.block_hash:
+                final.append((b.id, b.block_hash))
+                continue
+            if info is None:
+                dropped.append(b)
+            elif (h := hash_at(info.settled_block)) is not None:
+                moved.append((b, info.settled_block, h))  # its transaction was mined again, in another block
+        with Session(self.engine) as s:
+            for bid, h in final:  # only if unchanged since read: another process may have sent it back
+                s.execute(
+                    update(SettlementBatch)
+                    .where(SettlementBatch.id == bid, SettlementBatch.block_hash == h)
+                    .values(block_hash=None)
+                )
+            for b, number, h in moved:
+                s.execute(
+                    update(SettlementBatch)
+                    .where(SettlementBatch.id == b.id, SettlementBatch.block_hash == b.block_hash)
+                    .values(block_number=number, block_hash=h)
+                )
+                log.info("batch %s moved from block %d to block %d by a reorg", b.batch_id, b.block_number, number)
+            back = 0
+            for b in dropped:
+                n = s.execute(
+                    update(SettlementBatch)
+                    .where(
+                        SettlementBatch.id == b.id,
+                        SettlementBatch.status == BatchStatus.SETTLED,
+                        SettlementBatch.block_hash == b.block_hash,
+                    )
+                    .values(
+                        status=BatchStatus.SENT,  # tx_hash kept: resuming waits on it while the node still has it
+                        block_number=None,
+                        block_hash=None,
+                        total_fees=None,
+                        settled_at=None,
+                        claimed_by=None,
+                        lease_expires=None,
+                    )
+                ).rowcount
+                if n != 1:
+                    continue  # another process of this account got there first
+                records = s.execute(
+                    update(UsageRecord)
+                    .where(UsageRecord.batch_id == b.batch_id, UsageRecord.status == RecordStatus.SETTLED)
+                    .values(status=RecordStatus.SUBMITTED)
+                ).rowcount
+                back += records
+                log.warning(
+                    "batch %s (%d records from sequence number %s) was in block %d, which a reorg dropped: "
+                    "sending it again",
+                    b.batch_id,
+                    records,
+                    b.first_seq,
+                    b.block_number,
+                )
+            s.commit()
+        if dropped:
+            self.settled_total -= back
+            self._probe = True  # the chain moved under us: simulate the next send
+        return len(dropped)
 
     def _abandon(self, w: _Work, error: ContractError) -> None:
         """The ledger refused the batch. Once no transaction of it can land any more (no account that
@@ -1205,6 +1330,8 @@ class Settler:
                     f"database has {batch.merkle_root}"
                 )
             renumbered = info.first_sequence
+        # not final yet: keep the block's hash, which _follow_finality compares with the chain's until it is
+        block_hash = self.client.block_hash(info.settled_block) if self.config.confirmations > 0 else None
         with Session(self.engine, expire_on_commit=False) as s:
             row = s.get(SettlementBatch, batch.id)
             if renumbered is not None:
@@ -1217,6 +1344,7 @@ class Settler:
                 row.first_seq, row.merkle_root = renumbered, info.merkle_root
             row.status, row.block_number, row.total_fees = BatchStatus.SETTLED, info.settled_block, str(info.total_fees)
             row.settled_at, row.lease_expires = utcnow(), None
+            row.block_hash = block_hash
             s.add(row)
             s.execute(
                 update(UsageRecord)
@@ -1267,7 +1395,9 @@ def settler_status(
 
     Keys: pending, in_flight (records in unsettled batches), set_aside, set_aside_deposit_short (of
     those, the ones that go back by themselves once the deposit can pay them), disputed, rejected,
-    settled (record counts); batches_in_flight; fees_pending_wei (what unsettled batches were priced
+    settled (record counts); settled_unconfirmed, fees_unconfirmed_wei (of the settled, the records and
+    fees of batches not final yet: fewer than the settler's confirmations on top, a reorg may send them
+    back); batches_in_flight; fees_pending_wei (what unsettled batches were priced
     at: the deposit will pay it); fees_set_aside_wei; settler; deposit_wei (on chain);
     deposit_left_wei (deposit_wei minus this settler's fees pending); deposit_low (deposit_left_wei
     below low_deposit, or records set aside for the deposit); chain_error."""
@@ -1279,6 +1409,12 @@ def settler_status(
         aside_fees = s.exec(
             select(UsageRecord.fee_wei).where(
                 UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.fee_wei.is_not(None)
+            )
+        ).all()
+        # settled on chain, not final yet: (records, fees) of batches still keeping their block's hash
+        unconfirmed = s.exec(
+            select(SettlementBatch.record_count, SettlementBatch.total_fees).where(
+                SettlementBatch.status == BatchStatus.SETTLED, SettlementBatch.block_hash.is_not(None)
             )
         ).all()
         deposit_short = s.exec(
@@ -1295,6 +1431,8 @@ def settler_status(
         "disputed": counts.get(RecordStatus.DISPUTED, 0),
         "rejected": counts.get(RecordStatus.REJECTED, 0),
         "settled": counts.get(RecordStatus.SETTLED, 0),
+        "settled_unconfirmed": sum(n for n, _ in unconfirmed),
+        "fees_unconfirmed_wei": sum(int(f) for _, f in unconfirmed if f),
         "batches_in_flight": len(open_batches),
         "fees_pending_wei": sum(int(f) for f in mine if f),
         "fees_set_aside_wei": sum(int(f) for f in aside_fees if f),

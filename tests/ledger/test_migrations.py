@@ -50,9 +50,9 @@ def _column_type(engine, table: str, column: str) -> str:
 def test_a_new_database_is_made_at_the_newest_revision(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
     init_db(engine)
-    assert schema_revision(engine) == "0003"
+    assert schema_revision(engine) == "0004"
     init_db(engine)  # again: nothing to do
-    assert schema_revision(engine) == "0003"
+    assert schema_revision(engine) == "0004"
 
 
 def test_the_previous_releases_sqlite_database_is_upgraded(tmp_path):
@@ -60,7 +60,7 @@ def test_the_previous_releases_sqlite_database_is_upgraded(tmp_path):
     _previous_release(engine)
     assert schema_revision(engine) is None
     init_db(engine)
-    assert schema_revision(engine) == "0003"
+    assert schema_revision(engine) == "0004"
     with Session(engine) as s:
         row = s.exec(select(UsageRecord)).one()
         assert (row.prompt_tokens, row.completion_tokens) == (7, 9)
@@ -94,7 +94,7 @@ def test_the_previous_releases_postgres_database_is_upgraded_to_64_bit_counts(po
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and schema_revision(engine) == "0003"
+    assert errors == [] and schema_revision(engine) == "0004"
     for table, column in [
         ("usage_records", "completion_tokens"),
         ("gateway_requests", "completion_tokens"),
@@ -145,7 +145,7 @@ def _at_0002(engine) -> None:
 
 
 def _check_0003(engine) -> None:
-    assert schema_revision(engine) == "0003"
+    assert schema_revision(engine) == "0004"
     assert _column_type(engine, "batches", "first_seq") == "BIGINT"
     assert "ix_batches_settler_first_seq" in {i["name"] for i in sa.inspect(engine).get_indexes("batches")}
     with Session(engine) as s:

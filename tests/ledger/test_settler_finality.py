@@ -1,0 +1,193 @@
+"""Finality on a real anvil: a batch counts as final only after `confirmations` blocks on top of it, and a reorg
+that drops settled batches sends their records back, to settle again exactly once (same sequence numbers,
+accruals paid once, checked from the chain's RecordsSettled logs and counters). And a settle transaction
+stuck in the pool is replaced with bumped fees, never above the max fee."""
+
+import logging
+import threading
+import time
+
+import pytest
+from sqlmodel import Session, select
+from web3.exceptions import TransactionNotFound
+
+from ledger.chain import ChainClient
+from ledger.models import BatchStatus, SettlementBatch, UsageRecord
+from ledger.outbox import count_by_status
+from ledger.settler import Settler, settler_status
+from ledger.settler_config import SettlerConfig
+from ledger.transport import FeePolicy
+from tests.ledger.test_settler import add_records, settled_on_chain
+from tests.utils.chain import register_sample
+
+pytestmark = pytest.mark.integration
+CONFIRMATIONS = 3
+
+
+def rpc(client, method: str, params: list):
+    resp = client.w3.provider.make_request(method, params)
+    assert "error" not in resp, resp
+    return resp.get("result")
+
+
+def batches(engine) -> list[SettlementBatch]:
+    with Session(engine) as s:
+        return list(s.exec(select(SettlementBatch).order_by(SettlementBatch.first_seq)))
+
+
+def fees_in_db(engine) -> int:
+    with Session(engine) as s:
+        return sum(int(r.fee_wei) for r in s.exec(select(UsageRecord)))
+
+
+def test_final_only_after_confirmations(anvil_chain, engine):
+    env = anvil_chain
+    add_records(engine, [register_sample(env)], 10)
+    client = env.client(env.settler)
+    settler = Settler(engine, client, SettlerConfig(batch_size=10, interval=0, confirmations=CONFIRMATIONS))
+    assert settler.drain() == 10
+    (batch,) = batches(engine)
+    assert batch.status == BatchStatus.SETTLED and batch.block_hash is not None  # settled, not final
+    status = settler_status(engine)
+    assert (status["settled"], status["settled_unconfirmed"]) == (10, 10)
+    assert status["fees_unconfirmed_wei"] == int(batch.total_fees) > 0
+    rpc(client, "anvil_mine", [hex(CONFIRMATIONS - 1)])
+    settler.step()
+    assert batches(engine)[0].block_hash is not None  # N - 1 blocks on top: not yet
+    rpc(client, "anvil_mine", ["0x1"])
+    settler.step()
+    assert batches(engine)[0].block_hash is None  # N blocks on top: final
+    assert settler_status(engine)["settled_unconfirmed"] == 0
+
+
+def test_reorg_sends_dropped_batches_again_exactly_once(anvil_chain, engine):
+    env = anvil_chain
+    ids = add_records(engine, [register_sample(env)], 30)
+    client = env.client(env.settler)
+    start_seq = client.next_sequence(env.settler.address)
+    accrued_before = client.totals()["accrued"]
+    settler = Settler(engine, client, SettlerConfig(batch_size=10, interval=0, confirmations=CONFIRMATIONS))
+    assert settler.drain() == 30
+    first = batches(engine)
+    assert [b.status for b in first] == [BatchStatus.SETTLED] * 3
+    assert len({b.block_number for b in first}) == 3  # automine: one block each, the last two on top
+    head = client.block_number()
+    assert first[-1].block_number == head and first[-2].block_number == head - 1
+
+    # drop the two blocks holding the last two batches (replaced by two empty blocks)
+    rpc(client, "anvil_reorg", [2, []])
+    assert client.block_number() == head
+    assert client.next_sequence(env.settler.address) == start_seq + 10
+    assert not client.is_settled(first[1].batch_id) and not client.is_settled(first[2].batch_id)
+
+    settler.step()  # sees the reorg, sends both back, resends them in order (same first sequence numbers)
+    settler.drain()
+    again = batches(engine)
+    assert [(b.batch_id, b.first_seq) for b in again] == [(b.batch_id, b.first_seq) for b in first]
+    assert all(b.status == BatchStatus.SETTLED for b in again)
+    assert again[1].block_number > head - 1 and again[1].block_hash is not None
+    with Session(engine) as s:
+        assert count_by_status(s) == {"settled": 30}
+    # on chain: every record once, the sequence continued once, the accruals equal the fees once
+    assert set(settled_on_chain(client, ids).values()) == {1}
+    assert client.next_sequence(env.settler.address) == start_seq + 30
+    assert client.totals()["accrued"] - accrued_before == fees_in_db(engine)
+
+    rpc(client, "anvil_mine", [hex(CONFIRMATIONS)])
+    settler.step()
+    assert all(b.block_hash is None for b in batches(engine))
+
+
+def _wait_until(cond, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def _sent_hash(engine) -> str | None:
+    with Session(engine) as s:
+        b = s.exec(select(SettlementBatch).where(SettlementBatch.status == BatchStatus.SENT)).first()
+        return b.tx_hash if b else None
+
+
+def _replacement_above(client, engine, fee: int) -> str | None:
+    """The batch's recorded transaction when it offers more than `fee` per gas (None while it does not; a hash
+    read just before the settler replaced it again is gone from the pool)."""
+    h = _sent_hash(engine)
+    try:
+        return h if h and client.w3.eth.get_transaction(h)["maxFeePerGas"] > fee else None
+    except TransactionNotFound:
+        return None
+
+
+def _step_in_thread(settler: Settler) -> tuple[threading.Thread, list]:
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(settler.step(force=True)), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_stuck_settle_transaction_is_replaced_and_settles_once(anvil_chain, engine, caplog):
+    """Automine off and the next base fee raised above what the first send offered: the settler replaces its
+    transaction at the same nonce with bumped fees, records the new hash, and the batch settles once."""
+    caplog.set_level(logging.INFO, logger="ledger.transport")
+    env = anvil_chain
+    ids = add_records(engine, [register_sample(env)], 5)
+    client = env.client(env.settler)
+    start_seq = client.next_sequence(env.settler.address)
+    settler = Settler(engine, client, SettlerConfig(batch_size=5, interval=0, replace_after=0.3, receipt_timeout=30))
+    rpc(client, "evm_setAutomine", [False])
+    try:
+        thread, out = _step_in_thread(settler)
+        first = _wait_until(lambda: _sent_hash(engine))
+        old = client.w3.eth.get_transaction(first)
+        # the next block's base fee above what the first send offered: it could never be mined
+        high = old["maxFeePerGas"] * 4
+        rpc(client, "anvil_setNextBlockBaseFeePerGas", [hex(high)])
+        # a replacement priced for the raised base fee, recorded in the batch row; then the block
+        _wait_until(lambda: _replacement_above(client, engine, high))
+        rpc(client, "evm_mine", [])
+        thread.join(30)
+    finally:
+        rpc(client, "evm_setAutomine", [True])
+    assert out == [5]
+    (batch,) = batches(engine)
+    assert batch.status == BatchStatus.SETTLED and batch.tx_hash != first
+    mined = client.w3.eth.get_transaction(batch.tx_hash)  # the recorded hash is the one mined
+    assert client.tx.light_receipt(batch.tx_hash)["status"] == 1
+    assert mined["nonce"] == old["nonce"] and client.tx.light_receipt(first) is None
+    assert (
+        mined["maxFeePerGas"] * 8 > old["maxFeePerGas"] * 9
+        and mined["maxPriorityFeePerGas"] * 8 > old["maxPriorityFeePerGas"] * 9
+    )
+    assert set(settled_on_chain(client, ids).values()) == {1}
+    assert client.next_sequence(env.settler.address) == start_seq + 5
+    assert "replaced stuck transaction" in caplog.text
+
+
+def test_stuck_settle_transaction_above_the_max_fee_waits(anvil_chain, engine, caplog):
+    """A base fee above the settler's max fee: no replacement, one clear line, and the batch settles once the
+    base fee comes back down (its first transaction)."""
+    env = anvil_chain
+    ids = add_records(engine, [register_sample(env)], 5)
+    probe = env.client(env.settler)
+    cap = 3 * probe.tx.fee_policy.fees(probe.w3)[1]
+    client = ChainClient(env.deployment, env.settler, fee_policy=FeePolicy(max_fee=cap))
+    settler = Settler(engine, client, SettlerConfig(batch_size=5, interval=0, replace_after=0.2, receipt_timeout=30))
+    rpc(client, "evm_setAutomine", [False])
+    try:
+        thread, out = _step_in_thread(settler)
+        first = _wait_until(lambda: _sent_hash(engine))
+        rpc(client, "anvil_setNextBlockBaseFeePerGas", [hex(4 * cap)])  # above the cap: no replacement may be sent
+        _wait_until(lambda: "is stuck and not replaced" in caplog.text)
+        assert _sent_hash(engine) == first
+        rpc(client, "anvil_setNextBlockBaseFeePerGas", ["0x1"])
+        rpc(client, "evm_mine", [])
+        thread.join(30)
+    finally:
+        rpc(client, "evm_setAutomine", [True])
+    assert out == [5]
+    assert batches(engine)[0].tx_hash == first and client.tx.light_receipt(first)["status"] == 1
+    assert set(settled_on_chain(client, ids).values()) == {1}
