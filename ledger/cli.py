@@ -260,6 +260,8 @@ def settler_status_cmd(
     table = Table("records", "count")
     for k in ("pending", "in_flight", "set_aside", "disputed", "rejected", "settled"):
         extra = f" ({st['set_aside_deposit_short']} for the deposit)" if k == "set_aside" and st[k] else ""
+        if k == "settled" and st["settled_unconfirmed"]:  # a reorg may still send these back
+            extra = f" ({st['settled_unconfirmed']} not final yet, {st['fees_unconfirmed_wei']} wei)"
         table.add_row(k.replace("_", " "), f"{st[k]}{extra}")
     console.print(table)
     console.print(

@@ -9,9 +9,11 @@ import time
 
 import pytest
 from sqlmodel import Session, select
+from typer.testing import CliRunner
 from web3.exceptions import TransactionNotFound
 
 from ledger.chain import ChainClient
+from ledger.cli import settler_app
 from ledger.models import BatchStatus, SettlementBatch, UsageRecord
 from ledger.outbox import count_by_status
 from ledger.settler import Settler, settler_status
@@ -51,6 +53,8 @@ def test_final_only_after_confirmations(anvil_chain, engine):
     status = settler_status(engine)
     assert (status["settled"], status["settled_unconfirmed"]) == (10, 10)
     assert status["fees_unconfirmed_wei"] == int(batch.total_fees) > 0
+    shown = CliRunner().invoke(settler_app, ["status", "--db", str(engine.url)])
+    assert shown.exit_code == 0 and "10 not final yet" in shown.output, shown.output
     rpc(client, "anvil_mine", [hex(CONFIRMATIONS - 1)])
     settler.step()
     assert batches(engine)[0].block_hash is not None  # N - 1 blocks on top: not yet
