@@ -133,7 +133,7 @@ class ChainIndex:
             cursor = self.reset("it was built from another deployment" if cursor else "no index yet")
         elif cursor.block > self.head:
             cursor = self.reset(f"the chain's head {self.head} is below indexed block {cursor.block} (chain reset)")
-        elif cursor.block_hash and self._block(cursor.block)[0] != cursor.block_hash:
+        elif not self.on_canonical_chain(cursor):
             cursor = self.reset(f"block {cursor.block} is not the one indexed (a reorg)")
         if cursor.span:
             self.reader.span = min(cursor.span, self.reader.max_span)
@@ -150,6 +150,10 @@ class ChainIndex:
                 row = s.get(IndexCursor, 1)
                 row.head = self.head
         return last
+
+    def on_canonical_chain(self, cursor: IndexCursor) -> bool:
+        """Whether the cursor's block is still the chain's block at that height (False after a reorg there)."""
+        return not cursor.block_hash or self._block(cursor.block)[0] == cursor.block_hash
 
     def _block(self, number: int) -> tuple[str, int]:
         """(hash, timestamp) of a block."""

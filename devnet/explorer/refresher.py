@@ -61,14 +61,15 @@ class Refresher:
             self._wake.wait(self.interval)
 
     def wait_synced(self, timeout: float = 60.0) -> None:
-        """Block until the index reaches the chain's head (minus the confirmations) as it is now; for tools and
+        """Block until the index reaches the chain's head (minus the confirmations) as it is now, on the chain as
+        it is now (a reorg at the same height leaves the cursor's number but not its block); for tools and
         tests, never called by a page. TimeoutError names what is missing."""
         with_rpc = self.index.client
         target = with_rpc.block_number() - self.index.confirmations
         deadline = time.monotonic() + timeout
         while True:
             cursor = self.index.cursor()
-            if cursor is not None and cursor.block >= target:
+            if cursor is not None and cursor.block >= target and self.index.on_canonical_chain(cursor):
                 return
             if time.monotonic() > deadline:
                 got = cursor.block if cursor else None

@@ -171,3 +171,25 @@ def test_a_reorg_below_the_cursor_rebuilds_the_index(anvil_chain, world, tmp_pat
             assert v.indexed_block == anvil_chain.client().block_number()
     finally:
         ex.close()
+
+
+def test_a_reorg_at_the_same_height_drops_the_batch_from_the_pages(anvil_chain, world, tmp_path):
+    """anvil_reorg replaces the block holding a batch with an empty one at the same height (the head does not
+    go down): the indexed block's hash changed, so the pages stop showing the dropped batch and its record."""
+    w3 = anvil_chain.client().w3
+    ex = explorer(anvil_chain, world, tmp_path / "index")
+    with ServerThread(create_app(explorer=ex)) as server:
+        (gone,) = settle(anvil_chain, world, 1)
+        ex.wait_synced()
+        with ex.view() as v:
+            (rec,) = v.q.records_of_request(gone)
+        batch_id = rec.batch_id
+        assert httpx.get(f"{server.url}/records/{gone}", timeout=30).status_code == 200
+        assert batch_id in httpx.get(f"{server.url}/batches", timeout=30).text
+        head = anvil_chain.client().block_number()
+        assert "error" not in w3.provider.make_request("anvil_reorg", [1, []])
+        assert anvil_chain.client().block_number() == head
+        ex.wait_synced()
+        assert httpx.get(f"{server.url}/records/{gone}", timeout=30).status_code == 404
+        listing = httpx.get(f"{server.url}/batches", timeout=30).text
+        assert batch_id not in listing
