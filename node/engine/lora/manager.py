@@ -110,8 +110,10 @@ class AdapterManager:
                 if left[0]:
                     return
             for f in parts:
-                if f.exception() is not None:
-                    self._fail(spec.key, done, AdapterError(f"ensemble {spec.name}: {f.exception()}"))
+                err = f.exception()
+                if err is not None:  # keep the component's kind (not found, wrong base...): the API maps it
+                    kind = type(err) if isinstance(err, AdapterError) else AdapterError
+                    self._fail(spec.key, done, kind(f"ensemble {spec.name}: {err}"))
                     return
             loaded = [(f.result(), w) for f, (_, w) in zip(parts, spec.components)]
             self._submit(spec.key, done, self._from_parts, spec, loaded, done)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.engine.lora.ensemble import EnsembleSpec, check_components, ensemble_key
+from node.adapters.ensemble import check_components, ensemble_key
+from node.engine.lora.ensemble import EnsembleSpec
 from node.engine.lora.errors import AdapterError
 from tests.utils.engine import greedy, preload, reference_greedy, reference_logits
 
