@@ -633,6 +633,7 @@ class ServedRequest:
             context_len=self.context_len,
             served=served,
             error=error,
+            ensemble=self.target.ensemble,
             **kw,
         )
 
