@@ -184,7 +184,7 @@ class LLMEngine:
         """Loader thread: an ensemble's loaded components -> one adapter of concatenated rank."""
         # on CUDA a cached component keeps only its slot image: decode its weights again from the store
         parts = [
-            (a if a.weights else self._decode(self.adapters._from_store(a.adapter_id), False), w) for a, w in parts
+            (a if a.weights else self._decode(self.adapters.stored_package(a.adapter_id), False), w) for a, w in parts
         ]
         return self._with_image(combine_lora(spec.key, spec.name, parts, self.config.max_lora_rank, self.dtype))
 

@@ -225,6 +225,13 @@ class AdapterManager:
             )
         return self.decode(pkg)
 
+    def stored_package(self, adapter_id: str):
+        """The verified package of an adapter in the store (loader thread); AdapterNotFoundError if absent."""
+        pkg = self._from_store(adapter_id)
+        if pkg is None:
+            raise self._not_found(adapter_id)
+        return pkg
+
     def _from_store(self, adapter_id: str):
         from node.adapters import PackageError
 

@@ -166,3 +166,26 @@ def test_concatenated_rank_above_the_slot_rank_is_refused(llama_world):
 def test_components_are_bounded(components, message):
     with pytest.raises(ValueError, match=message):
         check_components(components)
+
+
+def test_components_kept_as_slot_images_only_are_decoded_again(llama_world, peft_ensembles):
+    """On CUDA a cached adapter keeps only its slot image (its host weights are dropped): the ensemble is then
+    built from the packages in the store, and serves the same logits."""
+    ref, peft_names = peft_ensembles
+    engine = llama_world.engine()
+    try:
+        by = _by_name(llama_world)
+        parts, weights = ENSEMBLES[1]
+        preload(engine, [by[n].adapter_id for n in parts])
+        for n in parts:  # as LLMEngine._with_image leaves them on CUDA
+            engine.adapters._cpu[by[n].adapter_id].weights = {}
+        key = _define(engine, llama_world, parts, weights)
+        preload(engine, [key])
+        prompt = _prompts(1, seed=9)[0]
+        engine.add_request(greedy("img", key, prompt, 1))
+        seqs, _, failed = engine.scheduler.schedule()
+        assert not failed
+        logits = engine.runner.forward(seqs, True, all_logits=True)
+        torch.testing.assert_close(logits, reference_logits(ref, peft_names[parts], prompt), atol=ATOL, rtol=0)
+    finally:
+        engine.close()
