@@ -131,6 +131,26 @@ def check_receipt(receipt: dict, signature_hex: str, public_key: bytes) -> None:
         raise ReceiptError(f"receipt signature does not verify for node {receipt['node_id']}") from e
 
 
+def receipt_for_record(receipt: dict, record_request_id: str) -> dict | None:
+    """The receipt's fields as one usage record of its request shows them: the receipt itself, or for an
+    ensemble's component record (ledger.outbox.ensemble_usage) its derived id, its adapter and the node's
+    counts split by weight as the gateway split them; None when the record is none of the request's."""
+    from ledger.outbox import component_request_id, split_by_weight
+
+    parts = receipt.get(ENSEMBLE_FIELD) if isinstance(receipt, dict) else None
+    if parts is None:
+        return receipt if receipt.get("request_id") == record_request_id else None
+    try:
+        pairs = check_components([tuple(p) for p in parts])
+        ids = [component_request_id(receipt["request_id"], i) for i in range(len(pairs))]
+        i = ids.index(record_request_id)
+        weights = [w for _, w in pairs]
+        split = {k: split_by_weight(receipt[k], weights)[i] for k in ("prompt_tokens", "completion_tokens")}
+    except (ValueError, TypeError, KeyError):  # ValueError: not one of its ids, or a malformed receipt
+        return None
+    return receipt | {"request_id": ids[i], "adapter_id": pairs[i][0]} | split
+
+
 def verify_receipt(receipt: dict, signature_hex: str, public_key: bytes) -> bool:
     """True when check_receipt passes."""
     try:
