@@ -390,8 +390,10 @@ class ServedRequest:
     async def _dispatch(self, route: Route, opening: asyncio.Future) -> None:
         d, t = self.d, self.target
         d.metrics.routing.labels(route.decision).inc()
-        for aid in t.components:  # an ensemble's parts: the node builds the ensemble from them
-            self._prefetch(aid, route)
+        # not an ensemble's parts: a prefetch loads an adapter into a slot, and the parts' slots would only
+        # push out adapters that run; the node taking the request fetches and combines them itself
+        if t.adapter_id is not None and t.ensemble is None:
+            self._prefetch(t.adapter_id, route)
         errors = []
         for i, node in enumerate(route.nodes[: d.settings.max_attempts]):
             if i:

@@ -136,3 +136,36 @@ def test_bad_ensembles_are_refused_by_name(stack):
         assert ei.value.body["param"] == param and fragment in ei.value.body["message"], ei.value.body
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="alice/capitals+carol/nothing", prompt="x", max_tokens=2)
+
+
+def test_streamed_chat_ensemble_is_recorded_per_adapter(stack):
+    _, gw, _, oai, ids = stack
+    chunks = list(
+        oai.chat.completions.create(
+            model="+".join(NAMES),
+            messages=[{"role": "user", "content": "Name an element."}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 5
+    key = ensemble_key([(a, 0.5) for a in ids])  # equal weights by default: 1/n each
+
+    def records():
+        with Session(gw.db) as s:
+            done = s.exec(select(CompletionRecord).where(CompletionRecord.adapter_id == key)).first()
+            if done is None or done.status == "open":
+                return None
+            rid = done.request_id
+            return [
+                s.exec(select(UsageRecord).where(UsageRecord.request_id == component_request_id(rid, i))).first()
+                for i in range(2)
+            ]
+
+    rows = poll(lambda: (lambda r: r if r and all(r) else None)(records()), timeout=30)
+    assert [u.adapter_id for u in rows] == ids
+    assert [u.completion_tokens for u in rows] == [3, 2]  # 2.5 each: the tie goes to the first
+    assert sum(u.prompt_tokens for u in rows) == usage.prompt_tokens
