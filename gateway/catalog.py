@@ -16,10 +16,13 @@ from sqlmodel import Session, select
 from common.wire import is_id
 from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
-from gateway.errors import ModelNotFound, PriceExceedsLimit
+from gateway.errors import BadRequest, ModelNotFound, PriceExceedsLimit
 from gateway.keys import KeyInfo
 from gateway.router import Target
 from ledger.models import AdapterMirror
+from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, check_components, ensemble_key
+
+ENSEMBLE_SEPARATOR = "+"  # never in an adapter name ([a-z0-9._/-]) nor in an id
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,42 @@ class ModelCatalog:
     def _visible(self, name: str, key: KeyInfo, private: frozenset[str]) -> bool:
         return name not in private or name in key.adapters
 
+    def resolve_request(self, model: str, weights: list[float] | None, key: KeyInfo, private: frozenset[str]) -> Target:
+        """A request's `model` and `adapter_weights`: one model (resolve), or an ensemble `a+b[+...]` of
+        adapters on one base, weighted as given or equally (1/n each: a blend, not a sum)."""
+        if ENSEMBLE_SEPARATOR not in model:
+            if weights is not None:
+                raise BadRequest(
+                    "adapter_weights needs several adapters in `model`, joined by '+' (e.g. alice/a+bob/b)",
+                    param="adapter_weights",
+                )
+            return self.resolve(model, key, private)
+        names = model.split(ENSEMBLE_SEPARATOR)
+        if not 2 <= len(names) <= MAX_ENSEMBLE_ADAPTERS:
+            raise BadRequest(
+                f"an ensemble names 2 to {MAX_ENSEMBLE_ADAPTERS} adapters joined by '+', got {len(names)}",
+                param="model",
+            )
+        if weights is None:
+            weights = [1.0 / len(names)] * len(names)
+        elif len(weights) != len(names):
+            raise BadRequest(
+                f"adapter_weights has {len(weights)} weights for the {len(names)} adapters in `model`",
+                param="adapter_weights",
+            )
+        parts = [self.resolve(name, key, private) for name in names]
+        for name, t in zip(names, parts):
+            if t.adapter_id is None:
+                raise BadRequest(f"an ensemble combines adapters; {name!r} is a base model", param="model")
+        bases = {t.base_model_id for t in parts}
+        if len(bases) > 1:
+            raise BadRequest(f"the adapters in {model!r} are for different base models", param="model")
+        try:
+            pairs = check_components([(t.adapter_id, w) for t, w in zip(parts, weights)])
+        except ValueError as e:  # the same adapter twice
+            raise BadRequest(str(e), param="model") from None
+        return Target(model, ensemble_key(pairs), parts[0].base_model_id, ensemble=pairs)
+
     def resolve(self, model: str, key: KeyInfo, private: frozenset[str]) -> Target:
         """An adapter id, a base model's id or name, or an adapter name (its newest registration), in that
         order: a string shaped like an id ("0x...") resolves only as an id, and a base model's name or id
@@ -136,8 +175,13 @@ class ModelCatalog:
         return self.default_max_price
 
     def check_price(self, target: Target, key: KeyInfo) -> None:
-        """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows."""
-        check_price(target.model, self.prices.of(target.adapter_id), self.max_price(key))
+        """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows; for an
+        ensemble, when any of its adapters is (each is billed at its own price for its share)."""
+        if target.ensemble is None:
+            check_price(target.model, self.prices.of(target.adapter_id), self.max_price(key))
+            return
+        for aid in target.components:
+            check_price(target.model, self.prices.of(aid), self.max_price(key))
 
     def base_model_object(self, base_id: str) -> dict:
         """A base model as an OpenAI model object: its configured name, else its id."""

@@ -18,6 +18,7 @@ from common.wire import UntrustedJSONError, parse_json, sse_frame
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
 from gateway.tools import ToolPlan, template_messages, tool_plan
+from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
 
 if TYPE_CHECKING:
     from gateway.router import Target
@@ -112,6 +113,14 @@ class _Sampling(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    # an ensemble's weights, one per adapter named in `model` ("alice/a+bob/b"), in that order
+    adapter_weights: (
+        Annotated[
+            list[Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]],
+            Field(min_length=2, max_length=MAX_ENSEMBLE_ADAPTERS),
+        ]
+        | None
+    ) = None
     # accepted, no effect (see the module's docstring)
     user: Identifier | None = None
     safety_identifier: Identifier | None = None
@@ -398,6 +407,8 @@ def to_node_request(
         "guided": (req.guided(), None),
     }
     body.update({k: v for k, (v, default) in optional.items() if v != default})
+    if target.ensemble is not None:
+        body["ensemble"] = [{"adapter_id": aid, "weight": w} for aid, w in target.ensemble]
     return body
 
 

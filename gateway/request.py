@@ -241,7 +241,7 @@ class ServedRequest:
         """Resolve the model, check the key's price and the token limits, tokenize the prompts (the node gets
         token ids the gateway made itself: their number is the prompt count), build the node's request."""
         d, key = self.d, self.auth.key
-        target = self.target = d.catalog.resolve(req.model, key, self.auth.private)
+        target = self.target = d.catalog.resolve_request(req.model, req.adapter_weights, key, self.auth.private)
         d.catalog.check_price(target, key)
         base, t = target.base_model_id, d.templates
         if not d.directory.live(base):
@@ -343,7 +343,7 @@ class ServedRequest:
         d, t = self.d, self.target
         self.started = time.monotonic()
         self.deadline = self.started + d.settings.request_deadline_s
-        route = d.router.route(t.adapter_id, d.directory.live(t.base_model_id))
+        route = d.router.route(t.adapter_id, d.directory.live(t.base_model_id), t.components)
         if route is None:
             raise NoNodeAvailable(f"no live node serves the base model of {t.model!r} right now; retry later")
         d.book.check_outbox()
@@ -390,7 +390,9 @@ class ServedRequest:
     async def _dispatch(self, route: Route, opening: asyncio.Future) -> None:
         d, t = self.d, self.target
         d.metrics.routing.labels(route.decision).inc()
-        if t.adapter_id is not None:
+        # not an ensemble's parts: a prefetch loads an adapter into a slot, and the parts' slots would only
+        # push out adapters that run; the node taking the request fetches and combines them itself
+        if t.adapter_id is not None and t.ensemble is None:
             self._prefetch(t.adapter_id, route)
         errors = []
         for i, node in enumerate(route.nodes[: d.settings.max_attempts]):
@@ -401,7 +403,7 @@ class ServedRequest:
             hit = t.adapter_id is not None and t.adapter_id in node.resident  # before this request loads it
             if await self._try(node, errors):
                 if t.adapter_id is not None:
-                    d.metrics.residency.labels(t.model, "hit" if hit else "miss").inc()
+                    d.metrics.residency.labels(t.label, "hit" if hit else "miss").inc()
                 return
             d.metrics.failovers.inc()
         raise NoNodeAvailable(f"{len(errors)} node(s) failed before the first token: {'; '.join(errors)}")
@@ -633,6 +635,7 @@ class ServedRequest:
             context_len=self.context_len,
             served=served,
             error=error,
+            ensemble=self.target.ensemble,
             **kw,
         )
 
@@ -690,12 +693,12 @@ class ServedRequest:
         )
         self.result = await d.book.record(end)
         m = d.metrics
-        m.requests.labels(self.target.model, status).inc()
+        m.requests.labels(self.target.label, status).inc()
         m.latency.labels(self.endpoint).observe(latency)
         if self.ttft is not None:
             m.ttft.labels(self.endpoint).observe(self.ttft)
-        m.tokens.labels(self.target.model, "prompt").inc(end.prompt_tokens)
-        m.tokens.labels(self.target.model, "completion").inc(end.completion_tokens)
+        m.tokens.labels(self.target.label, "prompt").inc(end.prompt_tokens)
+        m.tokens.labels(self.target.label, "completion").inc(end.completion_tokens)
         if self.key_id is not None:
             d.admission.charge_tokens(self.key_id, end.prompt_tokens + end.completion_tokens)
         return self.result

@@ -18,8 +18,23 @@ class Target:
     """What a request's `model` resolved to (gateway.catalog.ModelCatalog.resolve): what the router routes."""
 
     model: str
-    adapter_id: str | None  # None: the bare base model
+    adapter_id: str | None  # None: the bare base model; an ensemble's own id (node/adapters/ensemble.py)
     base_model_id: str
+    # an ensemble's (adapter id, weight) pairs in the order named; None for one adapter or the base
+    ensemble: tuple[tuple[str, float], ...] | None = None
+
+    @property
+    def label(self) -> str:
+        """The metrics label: the model as named, but one label for every ensemble (clients choose their
+        combinations and weights freely, and each label is a time series kept for good)."""
+        return "ensemble" if self.ensemble is not None else self.model
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The registered adapters this request runs: an ensemble's parts, or its one adapter."""
+        if self.ensemble is not None:
+            return tuple(aid for aid, _ in self.ensemble)
+        return () if self.adapter_id is None else (self.adapter_id,)
 
 
 def rendezvous_score(adapter_id: str, node_id: str) -> int:
@@ -62,14 +77,27 @@ class Router:
         """The adapter's top-k live nodes by rendezvous hashing (`nodes` already filtered by base model)."""
         return rank_nodes(adapter_id, nodes)[: self.k]
 
-    def route(self, adapter_id: str | None, nodes: Sequence[NodeEntry]) -> Route | None:
-        """Order `nodes` (live, serving the right base) for this request; None when there are none."""
+    def rank_ensemble(self, components: Sequence[str], nodes: Sequence[NodeEntry]) -> list[NodeEntry]:
+        """Nodes for an ensemble, best first: those among the top-k owners of the most components (a node
+        that owns all of them serves it with no fetch), then by the first component's rendezvous rank, so
+        an ensemble whose parts have no common owner goes to its first part's owners, which fetch the
+        rest from their peers as for any adapter they lack."""
+        owned: dict[str, int] = {}
+        for aid in components:
+            for n in self.owners(aid, nodes):
+                owned[n.node_id] = owned.get(n.node_id, 0) + 1
+        first = {n.node_id: i for i, n in enumerate(rank_nodes(components[0], nodes))}
+        return sorted(nodes, key=lambda n: (-owned.get(n.node_id, 0), first[n.node_id]))
+
+    def route(self, adapter_id: str | None, nodes: Sequence[NodeEntry], components: Sequence[str] = ()) -> Route | None:
+        """Order `nodes` (live, serving the right base) for this request; None when there are none. An
+        ensemble's `adapter_id` is its own id (what a node reports resident) and `components` its parts."""
         if not nodes:
             return None
         if adapter_id is None:  # the bare base model: any node will do, least loaded first
             ordered = sorted(nodes, key=lambda n: (n.load, n.node_id))
             return Route(tuple(ordered), (), "base")
-        ranked = rank_nodes(adapter_id, nodes)
+        ranked = self.rank_ensemble(components, nodes) if len(components) > 1 else rank_nodes(adapter_id, nodes)
         owners, others = ranked[: self.k], ranked[self.k :]
         rank = {n.node_id: i for i, n in enumerate(ranked)}
 

@@ -13,7 +13,12 @@ died mid-stream sent no receipt: its record is billed at the gateway's count.
 
 A request to the bare base model (no adapter) is recorded like any other, with the zero adapter id
 (ledger.types.BASE_MODEL_ADAPTER_ID): the ledger prices it at its base price and credits the node.
-The node's receipt for it says adapter_id null, and is checked to say so."""
+The node's receipt for it says adapter_id null, and is checked to say so.
+
+An ensemble request (several adapters with weights, served as one) is one completion record under the
+ensemble's id and one usage record per adapter in it (ledger.outbox.ensemble_usage): each under an id
+derived from the request's and its index, its tokens the request's split by weight (largest remainder, so
+they sum exactly), so the ledger prices each share at its own adapter's price and credits its owner."""
 
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from sqlmodel import Session, select
 
 from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from ledger.models import RecordStatus, UsageRecord, utcnow
-from ledger.outbox import OutboxError, add_usage_record
+from ledger.outbox import OutboxError, add_usage_record, ensemble_usage
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.receipts import ReceiptError, check_receipt
 
@@ -86,6 +91,9 @@ class RequestEnd:
     max_tokens: int | None = None
     context_len: int | None = None
     disputed: str | None = None  # set by the recorder: why the receipt was not accepted
+    # an ensemble's (adapter id, weight) pairs (adapter_id is then the ensemble's id); a reconciled request
+    # has none of its own and takes them from the node's verified receipt, whose adapter_id is their hash
+    ensemble: tuple[tuple[str, float], ...] | None = None
 
 
 def check_served_receipt(end: RequestEnd, public_key: bytes | None) -> dict:
@@ -266,6 +274,8 @@ class UsageRecorder:
                 self._disputed(end)
             if end.withheld:  # judged above on what was sent and relayed; billed for what was delivered: none
                 end.prompt_tokens = end.completion_tokens = 0
+            if end.ensemble is None and receipt is not None and "ensemble" in receipt:
+                end.ensemble = tuple((aid, w) for aid, w in receipt["ensemble"])
             usage = dict(
                 request_id=end.request_id,
                 adapter_id=BASE_MODEL_ADAPTER_ID if end.adapter_id is None else end.adapter_id,
@@ -366,7 +376,8 @@ class UsageRecorder:
                     )
                 )
             if usage is not None:
-                add_usage_record(s, **usage)
+                for one in ensemble_usage(usage, end.ensemble) if end.ensemble is not None else [usage]:
+                    add_usage_record(s, **one)
             s.commit()
         return True
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+from eth_utils import keccak
 from sqlmodel import Session, func, select
 
-from common.wire import canonical_json  # the receipt's canonical form is the node's
+from common.wire import canonical_json, hex0x, id_bytes  # the receipt's canonical form is the node's
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import to_id
 
@@ -81,6 +84,56 @@ def add_usage_record(
     )
     session.add(record)
     return record
+
+
+def component_request_id(request_id: str, index: int) -> str:
+    """The record id of component `index` of an ensemble request: keccak256(request id || uint256 index), as
+    Solidity's keccak256(abi.encodePacked(bytes32, uint256)). Each component needs its own id because the
+    outbox and the ledger settle a record id once; derived, not random, so the same request always yields
+    the same records (a resend or a reconciliation cannot bill twice) and anyone holding the request's
+    receipt can recompute which records belong to it."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**256:
+        raise OutboxError(f"component index must be an integer in [0, 2**256), got {index!r}")
+    try:
+        rid = id_bytes(to_id(request_id))
+    except ValueError as e:
+        raise OutboxError(f"usage record: {e}") from e
+    return hex0x(keccak(rid + index.to_bytes(32, "big")))
+
+
+def split_by_weight(total: int, weights) -> list[int]:
+    """`total` split in proportion to `weights` (positive), by largest remainder: every share is the floor
+    of its exact quota or one more, the shares sum to `total` exactly, and the leftover units go to the
+    largest fractional parts (ties: the earlier weight). Exact: floats become Fractions, no rounding."""
+    ws = [Fraction(w) for w in weights]
+    if not ws or any(w <= 0 for w in ws):
+        raise OutboxError(f"weights must be positive, got {list(weights)!r}")
+    whole = sum(ws)
+    quotas = [total * w / whole for w in ws]
+    shares = [q.numerator // q.denominator for q in quotas]
+    left = total - sum(shares)
+    by_remainder = sorted(range(len(ws)), key=lambda i: (-(quotas[i] - shares[i]), i))
+    for i in by_remainder[:left]:
+        shares[i] += 1
+    return shares
+
+
+def ensemble_usage(usage: dict, components) -> list[dict]:
+    """One request's usage (add_usage_record's keywords) as one record per ensemble component: adapter i's
+    record has its derived request id, and every count split by weight (each count on its own, so each
+    sums exactly to the request's). The receipt and signature go with every record: they are the proof."""
+    ids = [aid for aid, _ in components]
+    weights = [w for _, w in components]
+    split = {
+        k: split_by_weight(usage[k], weights) if usage.get(k) is not None else [None] * len(ids)
+        for k in ("prompt_tokens", "completion_tokens", "node_prompt_tokens", "node_completion_tokens")
+    }
+    return [
+        usage
+        | {"request_id": component_request_id(usage["request_id"], i), "adapter_id": aid}
+        | {k: v[i] for k, v in split.items()}
+        for i, aid in enumerate(ids)
+    ]
 
 
 def count_by_status(session: Session) -> dict[str, int]:

@@ -3,6 +3,9 @@
 Receipt (all fields required, timestamps unix ms; integers below 2**64):
     {"request_id": "0x..", "adapter_id": "0x.." | null, "node_id": "0x..", "prompt_tokens": int,
      "completion_tokens": int, "finish_reason": "stop"|"length"|"abort", "started_at": int, "finished_at": int}
+An ensemble request's receipt adds "ensemble": [[adapter_id, weight], ...] (its components in order), and its
+adapter_id is the ensemble's id, the hash of that list (node/adapters/ensemble.py), so the signature covers
+every component and weight and a receipt whose list and id disagree is malformed.
 signature = hex(Ed25519(canonical_json(receipt))). node_id = sha256(raw public key), so a verifier
 holding the public key (from /status or the chain registry) checks it against the receipt's node_id."""
 
@@ -13,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.wire import canonical_json, is_id, node_id_of
+from node.adapters.ensemble import check_components, ensemble_key
 
 RECEIPT_FIELDS = (
     "request_id",
@@ -24,6 +28,7 @@ RECEIPT_FIELDS = (
     "started_at",
     "finished_at",
 )
+ENSEMBLE_FIELD = "ensemble"  # present only on an ensemble request's receipt
 FINISH_REASONS = ("stop", "length", "abort")
 # counts and timestamps are uint64, as in the outbox and on chain: a receipt with a larger one is malformed
 MAX_UINT64 = 2**64 - 1
@@ -40,9 +45,19 @@ def public_key_bytes(node_key: Ed25519PrivateKey) -> bytes:
 
 def check_receipt_fields(receipt: dict) -> None:
     """Raise ReceiptError unless the receipt has exactly the receipt fields with valid values."""
-    if not isinstance(receipt, dict) or set(receipt) != set(RECEIPT_FIELDS):
+    if not isinstance(receipt, dict) or set(receipt) - {ENSEMBLE_FIELD} != set(RECEIPT_FIELDS):
         got = sorted(receipt) if isinstance(receipt, dict) else type(receipt).__name__
         raise ReceiptError(f"receipt fields are {got}, expected {sorted(RECEIPT_FIELDS)}")
+    if ENSEMBLE_FIELD in receipt:
+        parts = receipt[ENSEMBLE_FIELD]
+        try:
+            if not isinstance(parts, list) or not all(isinstance(p, list) and len(p) == 2 for p in parts):
+                raise ValueError(f"expected a list of [adapter_id, weight] pairs, got {parts!r:.200}")
+            key = ensemble_key([tuple(p) for p in parts])
+        except ValueError as e:
+            raise ReceiptError(f"receipt ensemble: {e}") from None
+        if receipt["adapter_id"] != key:
+            raise ReceiptError(f"receipt adapter_id {receipt['adapter_id']!r} is not its ensemble's id {key}")
     for k in ("request_id", "node_id"):
         if not is_id(receipt[k]):
             raise ReceiptError(f"receipt {k} {receipt[k]!r} is not '0x' + 64 lowercase hex")
@@ -68,8 +83,9 @@ def make_receipt(
     finish_reason: str,
     started_at: int,
     finished_at: int,
+    ensemble: list[tuple[str, float]] | None = None,
 ) -> dict:
-    """A checked receipt dict."""
+    """A checked receipt dict (with the ensemble's components when the request named several adapters)."""
     receipt = {
         "request_id": request_id,
         "adapter_id": adapter_id,
@@ -80,6 +96,8 @@ def make_receipt(
         "started_at": started_at,
         "finished_at": finished_at,
     }
+    if ensemble is not None:
+        receipt[ENSEMBLE_FIELD] = [[aid, w] for aid, w in check_components(ensemble)]
     check_receipt_fields(receipt)
     return receipt
 
@@ -111,6 +129,26 @@ def check_receipt(receipt: dict, signature_hex: str, public_key: bytes) -> None:
         Ed25519PublicKey.from_public_bytes(public_key).verify(sig, canonical_json(receipt))
     except InvalidSignature as e:
         raise ReceiptError(f"receipt signature does not verify for node {receipt['node_id']}") from e
+
+
+def receipt_for_record(receipt: dict, record_request_id: str) -> dict | None:
+    """The receipt's fields as one usage record of its request shows them: the receipt itself, or for an
+    ensemble's component record (ledger.outbox.ensemble_usage) its derived id, its adapter and the node's
+    counts split by weight as the gateway split them; None when the record is none of the request's."""
+    from ledger.outbox import component_request_id, split_by_weight
+
+    parts = receipt.get(ENSEMBLE_FIELD) if isinstance(receipt, dict) else None
+    if parts is None:
+        return receipt if receipt.get("request_id") == record_request_id else None
+    try:
+        pairs = check_components([tuple(p) for p in parts])
+        ids = [component_request_id(receipt["request_id"], i) for i in range(len(pairs))]
+        i = ids.index(record_request_id)
+        weights = [w for _, w in pairs]
+        split = {k: split_by_weight(receipt[k], weights)[i] for k in ("prompt_tokens", "completion_tokens")}
+    except (ValueError, TypeError, KeyError):  # ValueError: not one of its ids, or a malformed receipt
+        return None
+    return receipt | {"request_id": ids[i], "adapter_id": pairs[i][0]} | split
 
 
 def verify_receipt(receipt: dict, signature_hex: str, public_key: bytes) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from common.wire import UntrustedJSONError, parse_json, sha256_hex
 from ledger.models import UsageRecord
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from node.receipts import ReceiptError, check_receipt
+from node.receipts import ReceiptError, check_receipt, receipt_for_record
 
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # identity multihash (0x00, 36 bytes) of the protobuf PublicKey {Type: Ed25519 (1), Data: 32 bytes}
@@ -79,18 +79,19 @@ def check_record_signature(row: UsageRecord, peer_id: str | None) -> SignatureCh
         return SignatureCheck(NOT_VERIFIED, str(e), sig)  # "the stored receipt is not valid JSON: ..."
     if not isinstance(receipt, dict):
         return SignatureCheck(NOT_VERIFIED, "the stored receipt is not a JSON object", sig)
+    shown = receipt_for_record(receipt, row.request_id) or receipt  # an ensemble's record: its share of it
     for name in ("request_id", "adapter_id", "node_id", "prompt_tokens", "completion_tokens"):
         want = getattr(row, name)
         if name.endswith("_tokens") and getattr(row, "node_" + name) is not None:
             want = getattr(row, "node_" + name)  # the receipt's own count, kept beside the billed one
         if name == "adapter_id" and want == BASE_MODEL_ADAPTER_ID:
             want = None  # a base-model record: the node's receipt says "no adapter" (null)
-        if receipt.get(name) != want:
+        if shown.get(name) != want:
             return SignatureCheck(
-                NOT_VERIFIED, f"the receipt says {name} = {receipt.get(name)!r}, the record says {want!r}", sig, receipt
+                NOT_VERIFIED, f"the receipt says {name} = {shown.get(name)!r}, the record says {want!r}", sig, receipt
             )
     for name in ("prompt_tokens", "completion_tokens"):
-        billed, claimed = getattr(row, name), receipt.get(name)
+        billed, claimed = getattr(row, name), shown.get(name)
         if isinstance(claimed, int) and billed > claimed:  # the gateway never relays more than the node made
             return SignatureCheck(
                 NOT_VERIFIED,

@@ -25,6 +25,8 @@ class RequestBook:
         self.receipts: OrderedDict[str, dict] = OrderedDict()  # request id -> {"receipt", "signature"}, newest last
         self.running: set[str] = set()  # request ids taken here whose receipt is not stored yet
         self.started_by: dict[str, str] = {}  # request id -> gateway key, while running or its receipt is kept
+        # request id -> its ensemble's (adapter id, weight) pairs, while running or its receipt is kept
+        self.ensembles: dict[str, tuple[tuple[str, float], ...]] = {}
         self.cold: dict[str, str] = {}  # request id -> adapter id: streams answered while their adapter is prepared
         self._tasks: set[asyncio.Task] = set()  # clean-ups spawned from responses that never started
         self.signed_count = 0  # receipts signed since start (the node's metrics)
@@ -33,15 +35,18 @@ class RequestBook:
         """Whether this node runs the request or holds its receipt (a second request with its id is a duplicate)."""
         return rid in self.running or rid in self.receipts
 
-    def take(self, rid: str, gateway: str) -> None:
+    def take(self, rid: str, gateway: str, ensemble: tuple[tuple[str, float], ...] | None = None) -> None:
         """Take a request id for `gateway`: from here on a second request with it is a duplicate."""
         self.running.add(rid)
         self.started_by[rid] = gateway
+        if ensemble is not None:
+            self.ensembles[rid] = ensemble
 
     def release(self, rid: str) -> None:
         """Give back an id whose request was refused (or whose client left) before the engine saw it."""
         self.running.discard(rid)
         self.started_by.pop(rid, None)
+        self.ensembles.pop(rid, None)
 
     def spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -63,6 +68,7 @@ class RequestBook:
             finish_reason=reason,
             started_at=ev.started_at,
             finished_at=ev.finished_at,
+            ensemble=self.ensembles.get(ev.request_id),
         )
         out = {"receipt": receipt, "signature": sign_receipt(receipt, self.node_key)}
         self.signed_count += 1
@@ -71,6 +77,7 @@ class RequestBook:
         while len(self.receipts) > self.recent:
             old, _ = self.receipts.popitem(last=False)
             self.started_by.pop(old, None)
+            self.ensembles.pop(old, None)
         self.running.discard(ev.request_id)
         return out
 

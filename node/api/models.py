@@ -9,6 +9,7 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.wire import HEX_ID_PATTERN, UntrustedJSONError, parse_json
+from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT, check_components, ensemble_key
 from node.api.errors import ApiError, validation_message
 
 ID_PATTERN = f"^{HEX_ID_PATTERN}$"  # anchored: pydantic's pattern searches
@@ -25,6 +26,14 @@ TokenId = Annotated[int, Field(ge=0)]
 Logprobs = Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)]
 
 
+class EnsemblePart(BaseModel):
+    """One adapter of an ensemble and its weight (node/adapters/ensemble.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    adapter_id: Annotated[str, Field(pattern=ID_PATTERN)]
+    weight: Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]
+
+
 class GenerateBody(BaseModel):
     """POST /v1/generate (the gateway -> node wire protocol): one prompt (text or token ids) or several (lists of
     token ids), n sequences each, and the sampling, scoring and grammar fields of the OpenAI API as vLLM serves
@@ -35,6 +44,9 @@ class GenerateBody(BaseModel):
 
     request_id: Annotated[str | None, Field(pattern=ID_PATTERN)] = None
     adapter_id: Annotated[str | None, Field(pattern=ID_PATTERN)] = None
+    # several adapters with weights, served as one (their weighted sum); adapter_id is then the ensemble's id,
+    # filled in here when the caller leaves it out
+    ensemble: Annotated[list[EnsemblePart], Field(min_length=2, max_length=MAX_ENSEMBLE_ADAPTERS)] | None = None
     prompt: str | None = None
     prompt_token_ids: list[int] | list[list[int]] | None = None
     max_tokens: Annotated[int, Field(ge=1)] = 16
@@ -78,7 +90,19 @@ class GenerateBody(BaseModel):
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if len(self.prompts or [None]) * self.n > MAX_SEQUENCES:
             raise ValueError(f"n: {len(self.prompts)} prompts x n={self.n} make more than {MAX_SEQUENCES} sequences")
+        if self.ensemble is not None:
+            key = ensemble_key(self.components)  # ValueError on a repeated adapter
+            if self.adapter_id is not None and self.adapter_id != key:
+                raise ValueError(f"adapter_id {self.adapter_id} is not the ensemble's id {key}; leave it out")
+            self.adapter_id = key
         return self
+
+    @property
+    def components(self) -> tuple[tuple[str, float], ...] | None:
+        """The ensemble's (adapter id, weight) pairs in order (None for one adapter or the base)."""
+        if self.ensemble is None:
+            return None
+        return check_components((p.adapter_id, p.weight) for p in self.ensemble)
 
     @property
     def prompts(self) -> list[list[int]] | None:

@@ -168,6 +168,12 @@ class AsyncEngine:
         or long finished."""
         return await asyncio.wrap_future(self.call(lambda: self.core.recent.get(request_id)))
 
+    def define_ensemble(self, components, names: list[str] | None = None) -> str:
+        """Make an ensemble of (adapter id, weight) pairs servable under its id (any thread); returns the id."""
+        from node.engine.lora.ensemble import EnsembleSpec
+
+        return self.core.adapters.define_ensemble(EnsembleSpec.of(components, names))
+
     async def prepare_adapter(self, adapter_id: str):
         """Make sure the adapter can be served (host cache); raises AdapterError subclasses."""
         self._loop = asyncio.get_running_loop()

@@ -20,6 +20,7 @@ from node.engine.config import EngineConfig, ModelConfig
 from node.engine.layers.logprobs import RawLogprobs, score
 from node.engine.layers.sampler import draw_on_device, sample
 from node.engine.loader import build_model, checkpoint_tensors
+from node.engine.lora.ensemble import EnsembleSpec, combine_lora
 from node.engine.lora.kernels.base import LoRAKernel
 from node.engine.lora.kernels.torch_ref import TorchLoRAKernel
 from node.engine.lora.manager import AdapterManager, Fetcher
@@ -119,6 +120,7 @@ class LLMEngine:
             fetcher=fetcher,
             verify_hashes=config.verify_adapter_hashes,
             on_ready=on_ready,
+            combine=self._combine,
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -155,7 +157,7 @@ class LLMEngine:
             ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         return frozenset(ids)
 
-    def _decode(self, pkg) -> LoadedAdapter:
+    def _decode(self, pkg, image: bool = True) -> LoadedAdapter:
         """Loader thread: a verified package -> the adapter in host memory, with its slot image when the
         runner prebuilds them (so the engine thread's slot write is one copy)."""
         from node.adapters import load_lora_tensors
@@ -169,11 +171,22 @@ class LLMEngine:
             self.config.max_lora_rank,
             self.dtype,
         )
+        return self._with_image(loaded) if image else loaded
+
+    def _with_image(self, loaded: LoadedAdapter) -> LoadedAdapter:
         if self.runner.prebuilt_images:
             loaded.image = self.runner.slot_image(loaded)  # pinned on CUDA: a slot load is one async copy
             if self.device.type == "cuda":
                 loaded.weights = {}  # the image holds everything the slot needs
         return loaded
+
+    def _combine(self, spec: EnsembleSpec, parts: list[tuple[LoadedAdapter, float]]) -> LoadedAdapter:
+        """Loader thread: an ensemble's loaded components -> one adapter of concatenated rank."""
+        # on CUDA a cached component keeps only its slot image: decode its weights again from the store
+        parts = [
+            (a if a.weights else self._decode(self.adapters.stored_package(a.adapter_id), False), w) for a, w in parts
+        ]
+        return self._with_image(combine_lora(spec.key, spec.name, parts, self.config.max_lora_rank, self.dtype))
 
     # ---- requests ----
     def make_group(self, req: GenerationRequest) -> SequenceGroup:

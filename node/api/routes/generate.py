@@ -90,8 +90,13 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
         raise ApiError(409, f"request {rid} was already received by this node", "duplicate_request")
     check_prompt_size(node, body)
     # the id is taken before the first await: a second request with it is a duplicate from here on
-    book.take(rid, gateway)
+    book.take(rid, gateway, body.components)
     try:
+        if body.ensemble is not None:
+            try:
+                node.engine.define_ensemble(body.components)
+            except AdapterError as e:
+                raise adapter_error(e) from e
         if body.adapter_id is not None:
             prep = asyncio.ensure_future(node.engine.prepare_adapter(body.adapter_id))
             prep.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, whoever waits on it

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from node.engine.lora.ensemble import EnsembleSpec
 from node.engine.lora.errors import (
     AdapterBaseMismatchError,
     AdapterError,
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 # once `timeout` seconds have passed. Called on the loader thread, so the fetch must run elsewhere
 # (AsyncEngine runs the node's async fetcher on its event loop): a slow peer then holds up no other load.
 Fetcher = Callable[[str, float], Future]
+# combine(spec, [(component, weight)]) -> the ensemble as one adapter (lora/ensemble.py), on the loader thread
+Combine = Callable[[EnsembleSpec, list[tuple[LoadedAdapter, float]]], LoadedAdapter]
+# ensembles defined by requests: a spec is a few ids, but requests are untrusted, so the table is bounded
+MAX_ENSEMBLE_SPECS = 4096
 
 
 class AdapterManager:
@@ -46,6 +51,7 @@ class AdapterManager:
         fetch_timeout: float = 300.0,
         verify_hashes: bool = True,
         on_ready: Callable[[], None] | None = None,
+        combine: Combine | None = None,
     ) -> None:
         if cpu_cache_size < 1:
             raise ValueError(f"cpu_cache_size must be >= 1, got {cpu_cache_size}")
@@ -60,6 +66,8 @@ class AdapterManager:
         self.verify_hashes = verify_hashes
         # called (on a loader or copy thread) when a load or slot write ends: the engine's wake-up
         self.on_ready: Callable[[], None] = on_ready or (lambda: None)
+        self.combine = combine
+        self._ensembles: OrderedDict[str, EnsembleSpec] = OrderedDict()  # key -> spec, least recently defined first
         self.slots: list[str | None] = [None] * num_slots
         self._resident: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pinned: set[str] = set()
@@ -75,9 +83,51 @@ class AdapterManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
         self.counters = {"disk_loads": 0, "slot_loads": 0, "slot_hits": 0, "evictions": 0, "cpu_evictions": 0}
 
+    # ---- ensembles (any thread) ----
+    def define_ensemble(self, spec: EnsembleSpec) -> str:
+        """Make `spec.key` loadable and acquirable like an adapter id; returns the key."""
+        if self.combine is None:
+            raise AdapterIncompatibleError("this engine does not serve adapter ensembles")
+        with self._lock:
+            nested = [aid for aid, _ in spec.components if aid in self._ensembles]
+            if nested:  # one level only: an ensemble's rank is bounded by its listed parts
+                raise AdapterIncompatibleError(f"ensemble {spec.name}: component {nested[0]} is itself an ensemble")
+            self._ensembles[spec.key] = spec
+            self._ensembles.move_to_end(spec.key)
+            while len(self._ensembles) > MAX_ENSEMBLE_SPECS:
+                self._ensembles.popitem(last=False)
+        return spec.key
+
+    def _load_ensemble(self, spec: EnsembleSpec, done: Future) -> None:
+        """Load every component (each through its own path: store, else peers), then combine them on
+        the loader thread. Never waits on the loader thread itself: the components' loads queue there."""
+        parts = [self.load(aid) for aid, _ in spec.components]
+        left = [len(parts)]
+
+        def one_done(_f: Future) -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            for f in parts:
+                err = f.exception()
+                if err is not None:  # keep the component's kind (not found, wrong base...): the API maps it
+                    kind = type(err) if isinstance(err, AdapterError) else AdapterError
+                    self._fail(spec.key, done, kind(f"ensemble {spec.name}: {err}"))
+                    return
+            loaded = [(f.result(), w) for f, (_, w) in zip(parts, spec.components)]
+            self._submit(spec.key, done, self._from_parts, spec, loaded, done)
+
+        for f in parts:
+            f.add_done_callback(one_done)
+
+    def _from_parts(self, spec: EnsembleSpec, parts: list[tuple[LoadedAdapter, float]], done: Future) -> None:
+        self._finish(spec.key, done, self.combine(spec, parts))
+
     # ---- host tier (any thread) ----
     def load(self, adapter_id: str) -> Future:
-        """Start (or join) decoding the adapter into the host cache; the future yields it."""
+        """Start (or join) decoding the adapter (or building the defined ensemble) into the host
+        cache; the future yields it."""
         with self._lock:
             if adapter_id in self._cpu:
                 self._cpu.move_to_end(adapter_id)
@@ -88,7 +138,11 @@ class AdapterManager:
                 self._failed.pop(adapter_id, None)
                 done: Future = Future()
                 self._inflight[adapter_id] = done
-                self._pool.submit(self._guarded, adapter_id, done, self._from_local, adapter_id, done)
+                spec = self._ensembles.get(adapter_id)
+                if spec is not None:
+                    self._load_ensemble(spec, done)
+                else:
+                    self._pool.submit(self._guarded, adapter_id, done, self._from_local, adapter_id, done)
             return self._inflight[adapter_id]
 
     def _from_local(self, adapter_id: str, done: Future) -> None:
@@ -170,6 +224,13 @@ class AdapterManager:
                 f"not this node's base ({self.base_model_id})"
             )
         return self.decode(pkg)
+
+    def stored_package(self, adapter_id: str):
+        """The verified package of an adapter in the store (loader thread); AdapterNotFoundError if absent."""
+        pkg = self._from_store(adapter_id)
+        if pkg is None:
+            raise self._not_found(adapter_id)
+        return pkg
 
     def _from_store(self, adapter_id: str):
         from node.adapters import PackageError

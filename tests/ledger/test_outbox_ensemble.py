@@ -1,0 +1,55 @@
+"""An ensemble request's records: ids derived as Solidity would, tokens split by weight exactly."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+from eth_utils import keccak
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ledger.outbox import OutboxError, component_request_id, ensemble_usage, split_by_weight
+
+RID = "0x" + "ab" * 32
+
+
+def test_component_ids_are_keccak_of_id_and_uint256_index():
+    want = "0x" + keccak(bytes.fromhex("ab" * 32) + (1).to_bytes(32, "big")).hex()
+    assert component_request_id(RID, 1) == want
+    assert len({component_request_id(RID, i) for i in range(4)} | {RID}) == 5
+    with pytest.raises(OutboxError):
+        component_request_id("0x12", 0)
+
+
+def test_split_is_largest_remainder():
+    assert split_by_weight(10, [0.7, 0.3]) == [7, 3]
+    assert split_by_weight(9, [0.7, 0.3]) == [6, 3]  # 6.3 + 2.7: the .7 remainder gets the unit
+    assert split_by_weight(1, [1, 1]) == [1, 0]  # a tie: the earlier weight
+    assert split_by_weight(0, [1, 2]) == [0, 0]
+    with pytest.raises(OutboxError):
+        split_by_weight(5, [1, 0])
+
+
+@given(
+    st.integers(0, 2**64 - 1),
+    st.lists(st.floats(min_value=1e-6, max_value=8, allow_nan=False, allow_infinity=False), min_size=2, max_size=4),
+)
+def test_shares_sum_exactly_and_each_is_its_quota_rounded(total, weights):
+    shares = split_by_weight(total, weights)
+    assert sum(shares) == total
+    whole = sum(Fraction(w) for w in weights)
+    for s, w in zip(shares, weights):
+        q = total * Fraction(w) / whole
+        assert q - 1 < s < q + 1
+
+
+def test_ensemble_usage_splits_every_count():
+    usage = dict(request_id=RID, adapter_id="0x" + "ee" * 32, prompt_tokens=11, completion_tokens=5)
+    usage |= dict(node_prompt_tokens=11, node_completion_tokens=None, node_id="0x" + "01" * 32)
+    a, b = "0x" + "0a" * 32, "0x" + "0b" * 32
+    out = ensemble_usage(usage, [(a, 1.0), (b, 3.0)])
+    assert [o["adapter_id"] for o in out] == [a, b]
+    assert [o["request_id"] for o in out] == [component_request_id(RID, 0), component_request_id(RID, 1)]
+    assert [o["prompt_tokens"] for o in out] == [3, 8] and [o["completion_tokens"] for o in out] == [1, 4]
+    assert [o["node_prompt_tokens"] for o in out] == [3, 8] and [o["node_completion_tokens"] for o in out] == [None] * 2
