@@ -184,13 +184,9 @@ class ModelRunner:
         A decode with `drafts` (speculative decoding) feeds each row its newest token then its drafted tokens
         (drafts[i], possibly none) and returns the logits of all those positions [T, vocab], row after row
         (never through the CUDA graphs, which hold one query per row)."""
-        if (
-            not prefill
-            and not all_logits
-            and drafts is None
-            and self.graphs is not None
-            and len(seqs) <= self.graphs.max_batch
-        ):
+        if drafts is not None:
+            all_logits = True  # every drafted position is verified
+        if not prefill and not all_logits and self.graphs is not None and len(seqs) <= self.graphs.max_batch:
             return self.graphs.run(seqs)
         tokens: list[int] = []
         positions: list[list[int]] = []
@@ -216,7 +212,7 @@ class ModelRunner:
         pos_t = to_device(torch.tensor([p for ps in positions for p in ps], dtype=torch.int64), dev)  # [T]
         self.mapping.set_token_slots(slots, dev)
         hidden = self.model(token_t, pos_t, meta, self.kv_caches)  # [T, D]
-        if not all_logits and drafts is None:
+        if not all_logits:
             starts = torch.tensor([0] + [len(p) for p in positions]).cumsum(0)
             last = starts[1:] - 1
             if prompt_rows:
