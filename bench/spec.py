@@ -6,11 +6,12 @@ tokens/s on a copy-heavy workload on CPU, and not below 0.95x on a workload with
 
 A random base (bench/prefix.py's build: std 0.02, one random rank-16 adapter on every projection); every request
 runs under the adapter, batch 1, --new-tokens tokens, EOS ignored. Workloads (be clear what they are):
-  copy       greedy after a prompt that is a random --prompt-token passage given twice. A random-weight model does not
-             copy its prompt, but its greedy continuation falls into a loop within a few dozen tokens and then
-             repeats itself: the n-gram drafts find that loop in its own output (what they find in an edited,
-             extracted or quoted answer). No adapter trained to copy: this is the repetition such an adapter
-             would produce, made by the model itself.
+  copy       greedy, the prompt a random --prompt-tokens passage, then this model's own greedy continuation of it
+             (--new-tokens, generated first, not timed), then the passage again: the shape of a rewrite or a quote,
+             where the answer repeats part of the prompt. A random-weight model does not copy on purpose: after the
+             passage again it continues as it did the first time only sometimes (attention sees more context now),
+             and otherwise falls into loops of its own, which the drafts also find in its output. No adapter trained
+             to copy; the acceptance column says how much of the answer the drafts predicted.
   no-repeat  sampled at temperature 1 (a random model's distribution over 32,000 tokens is near uniform) after a
              random prompt: no n-gram recurs, so drafts are all but never made; the figure is what looking costs
   no-repeat, unigram drafts  the same with --ngram-min 1: single tokens recur, so drafts are made and mostly
@@ -54,7 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.shape = args.shape or ("llama3-8b" if args.device.startswith("cuda") else "small")
-    args.context = 2 * args.prompt_tokens + args.new_tokens + 16
+    args.context = 2 * args.prompt_tokens + 2 * args.new_tokens + 16
     args.out = args.out or Path(__file__).parent / "results" / f"spec-{args.device.split(':')[0]}-{args.shape}.json"
     torch.set_num_threads(args.threads)
 
@@ -110,10 +111,20 @@ def main() -> None:
         assert ev.error is None and len(ev.token_ids) == args.new_tokens, ev.error
         return dt, ev.token_ids, e.spec_draft_tokens - d0, e.spec_accepted_tokens - a0
 
+    def rewrite_prompt() -> list[int]:
+        # a passage, this model's own greedy continuation of it, then the passage again (not timed)
+        passage = [1] + tokens(args.prompt_tokens)
+        _, first, _, _ = run(engines["default"], False, passage, 0.0, 0)
+        return passage + list(first) + passage[1:]
+
     workloads = {
-        "copy (greedy)": ("default", 0.0, lambda: (lambda p: [1] + p + p)(tokens(args.prompt_tokens))),
-        "no-repeat (T=1)": ("default", 1.0, lambda: [1] + tokens(2 * args.prompt_tokens)),
-        "no-repeat (T=1), unigram drafts": ("unigram", 1.0, lambda: [1] + tokens(2 * args.prompt_tokens)),
+        "copy (greedy)": ("default", 0.0, rewrite_prompt),
+        "no-repeat (T=1)": ("default", 1.0, lambda: [1] + tokens(2 * args.prompt_tokens + args.new_tokens)),
+        "no-repeat (T=1), unigram drafts": (
+            "unigram",
+            1.0,
+            lambda: [1] + tokens(2 * args.prompt_tokens + args.new_tokens),
+        ),
     }
     load_before = os.getloadavg()
     times = {w: {"on": [], "off": []} for w in workloads}

@@ -25,10 +25,14 @@ from node.engine.layers.logprobs import RawLogprobs
 from node.engine.layers.sampler import only_eos_when_dead, target_probs
 from node.engine.sequence import Sequence
 
+MAX_HITS = 8  # occurrences of one n-gram looked at for a draft of full length
+
 
 def propose(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
     """Up to k tokens that followed the most recent earlier occurrence of the last n tokens, for n from n_max down
-    to n_min (longer matches first: they predict better); [] when none occurs. The search is bytes.rfind over the
+    to n_min (longer matches first: they predict better); [] when none occurs. A recent occurrence too close to the
+    end to be followed by k tokens (inside a loop: "a b a b" is followed by one "a b" only) gives way to an earlier
+    one that is (the loop's next k tokens), among the last MAX_HITS occurrences. The search is bytes.rfind over the
     tokens packed 4 bytes each (C speed: a 4,000-token context costs microseconds), keeping only aligned hits."""
     size = len(tokens)
     if k < 1 or size <= n_min:
@@ -37,11 +41,21 @@ def propose(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
     for n in range(min(n_max, size - 1), n_min - 1, -1):
         pat = buf[(size - n) * 4 :]
         end = (size - 1) * 4  # a hit must start at or before size - 1 - n: at least one token follows it
-        while (i := buf.rfind(pat, 0, end)) >= 0:
-            if i % 4 == 0:
-                start = i // 4 + n
-                return tokens[start : start + k]
-            end = i + len(pat) - 1  # a misaligned hit: look for one starting before it
+        best: list[int] = []
+        hits = 0
+        while hits < MAX_HITS and (i := buf.rfind(pat, 0, end)) >= 0:
+            end = i + len(pat) - 1  # the next search: hits starting before this one
+            if i % 4:
+                continue  # misaligned: not a token boundary
+            hits += 1
+            start = i // 4 + n
+            found = tokens[start : start + k]
+            if len(found) > len(best):
+                best = found
+                if len(best) == k:
+                    break
+        if best:
+            return best
     return []
 
 

@@ -31,6 +31,7 @@ def test_propose_takes_the_latest_longest_match():
     assert propose([5, 6, 1, 2, 9, 2, 4, 4, 1, 2], 3, 1, 1) == [4, 4, 1]  # unigram only: the latest "2"
     assert propose([1, 2, 3, 4], 4, 1, 3) == []  # nothing repeats
     assert propose([7, 7], 4, 1, 3) == [7]  # the match may overlap the suffix; the draft stops at the end
+    assert propose([1, 2, 1, 2, 1, 2], 4, 2, 2) == [1, 2, 1, 2]  # in a loop, an earlier hit gives the full k
     assert propose([1, 2, 3, 1, 2], 4, 3, 3) == []  # n below ngram_min never matches
     assert propose([256, 1, 256, 1], 2, 1, 1) == [256, 1]  # the byte search keeps only whole-token hits
     assert propose([1, 0, 0, 0, 2, 1], 2, 1, 1) == [0, 0]  # 0x01 inside an int is not a token 1
