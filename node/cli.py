@@ -530,6 +530,18 @@ def node_run(
             help="Share the KV of prompt prefixes across requests of the same adapter (or base-only) [default: on].",
         ),
     ] = None,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            "--speculative",
+            help=(
+                "Speculative decoding. ngram: each decoding row drafts the tokens that followed the last earlier "
+                "occurrence of its newest tokens in its prompt and output, verified in the same step (several "
+                "tokens a step where outputs repeat their input; same greedy output, same sampling distribution). "
+                "off: one token a row a step. \\[default: ngram]"
+            ),
+        ),
+    ] = None,
     deployment: Annotated[
         Path | None,
         typer.Option(
@@ -622,6 +634,7 @@ def node_run(
             kv_blocks=kv_blocks,
             threads=threads,
             prefix_caching=prefix_caching,
+            speculative=speculative,
             quantization=quantization,
             deployment=deployment,
             rpc=rpc,

@@ -121,6 +121,13 @@ class _Gauges:
             "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", value=s.get("prefix_cache_hits", 0)
         )
         yield CounterMetricFamily("vllm:generation_tokens", "Tokens generated", value=s["completion_tokens"])
+        # speculative decoding: drafted tokens verified, and how many of them the target accepted
+        yield CounterMetricFamily(
+            "vllm:spec_decode_num_draft_tokens", "Drafted tokens verified", value=s.get("spec_draft_tokens", 0)
+        )
+        yield CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens", "Drafted tokens accepted", value=s.get("spec_accepted_tokens", 0)
+        )
         yield g("loramesh_node_adapters_resident", "Adapters in GPU/CPU slots", value=s["resident"])
         yield g("loramesh_node_adapters_cached", "Adapters in the host cache", value=s["cached"])
         c = s.get("adapter_counters", {})

@@ -51,6 +51,7 @@ class NodeSettings(ServiceSettings):
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads
     prefix_caching: bool | None = None  # share prompt prefixes' KV (the engine's default: on)
     quantization: str | None = None  # none | int8 | int4 | fp8: the base weights' serving precision
+    speculative: str | None = None  # ngram | off: speculative decoding (the engine's default: ngram)
     # the chain, the mesh and the gateways
     deployment: Path | None = None
     rpc: str | None = None
@@ -120,5 +121,6 @@ class NodeSettings(ServiceSettings):
             "threads": self.threads,
             "quantization": self.quantization,
             "enable_prefix_caching": self.prefix_caching,
+            "speculative": self.speculative,
         }
         return EngineConfig(model_dir=self.base, **{k: v for k, v in given.items() if v is not None})

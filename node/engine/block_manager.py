@@ -123,6 +123,18 @@ class BlockManager:
         while len(table) < self.blocks_needed(num_tokens):
             table.append(self._take())
 
+    def shrink(self, table: list[int], num_tokens: int) -> None:
+        """Release the blocks past the first ceil(num_tokens / block_size) of `table`: speculative decoding
+        grew it for drafted tokens that were rejected. Those blocks were never committed (no key: their
+        positions lie past every accepted token), so they go straight back to the free pool."""
+        keep = self.blocks_needed(num_tokens)
+        while len(table) > keep:
+            b = table.pop()
+            assert self._hash[b] is None, "a block past the accepted tokens was registered"
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)
+
     def _take(self) -> int:
         if self._free:
             b = self._free.popleft()

@@ -231,6 +231,13 @@ class EngineConfig:
     # base weights quantized on load (quant.py): "none" | "int8" | "int4" | "fp8" (CUDA, compute capability
     # >= 8.9); LoRA and activations stay in `dtype`
     quantization: str = "none"
+    # speculative decoding (speculative.py): "ngram" proposes up to num_speculative_tokens tokens per decoding
+    # row from the last earlier occurrence of its newest ngram_max..ngram_min tokens, verified in the step's
+    # one forward pass; "off" decodes one token per row per step
+    speculative: str = "ngram"
+    num_speculative_tokens: int = 4
+    ngram_min: int = 2
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -250,6 +257,14 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         check_quantization(self.quantization, self.device)
+        if self.speculative not in ("ngram", "off"):
+            raise ValueError(f"speculative {self.speculative!r} is not one of ngram, off")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens must be in 1..32, got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max <= 64:
+            raise ValueError(
+                f"ngram_min/ngram_max must satisfy 1 <= min <= max <= 64, got {self.ngram_min}/{self.ngram_max}"
+            )
 
     def torch_dtype(self, model: ModelConfig) -> torch.dtype:
         """The dtype weights and activations run in."""

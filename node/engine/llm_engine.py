@@ -41,6 +41,7 @@ from node.engine.request import (
 )
 from node.engine.scheduler import BASE, Scheduler
 from node.engine.sequence import SeqStatus, Sequence, SequenceGroup, now_ms
+from node.engine.speculative import propose, verify
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class LLMEngine:
         self.recent: OrderedDict[str, FinishEvent] = OrderedDict()
         self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._rate: deque[tuple[float, int]] = deque()
+        # speculative decoding, as vLLM's vllm:spec_decode_num_draft_tokens / _num_accepted_tokens count them
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
         log.info(
             "engine ready: %s (%s) on %s, %s, %d slots, max_len %d",
             self.base_model_name,
@@ -318,6 +322,8 @@ class LLMEngine:
             # the prefix cache at admission (a resumed sequence's too), and how many of them were found there
             "prefix_cache_queries": self.blocks.queries,
             "prefix_cache_hits": self.blocks.hits,
+            "spec_draft_tokens": self.spec_draft_tokens,
+            "spec_accepted_tokens": self.spec_accepted_tokens,
         }
 
     # ---- one step ----
@@ -332,6 +338,10 @@ class LLMEngine:
         if not seqs:
             return events, bool(failed)
         try:
+            drafts = self._drafts(seqs) if not prefill and self.config.speculative == "ngram" else None
+            if drafts is not None and any(drafts):
+                results = self._speculative_step(seqs, drafts)
+                return events + self._emit_many(seqs, results), True
             prompt_rows = [i for i, s in enumerate(seqs) if s.wants_prompt_logprobs] if prefill else []
             logits = self.runner.forward(seqs, prefill, prompt_rows=prompt_rows)  # [B (+ prompt positions), V]
             for s in seqs:  # their KV is written up to their newest token: full blocks become shareable
@@ -347,34 +357,110 @@ class LLMEngine:
                     events.append(self._end_group(s.group, "error", f"engine step failed: {type(e).__name__}: {e}"))
             return events, True
         for s, t, lp in zip(seqs, tokens, scored, strict=True):
-            s.output_token_ids.append(t)
-            if lp is not None:
-                s.logprobs.append(lp)
-            if t in s.params.stop_token_ids:  # counted, its text not shown (as vLLM's stop_token_ids)
-                text, hit_stop, reason = "", False, "stop"
-            else:
-                text, hit_stop = s.stream.push(t)
-                reason = "stop" if hit_stop else None
-            if s.matcher is not None and reason is None:
-                if not s.matcher.accept(t):  # the mask allowed it, so this is a bug, not the client's doing
-                    log.error("request %s: the grammar refused token %d it had allowed", s.request_id, t)
-                    reason = "stop"
-                elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow
-                    reason = "stop"
-            if reason is None and t in self.eos_ids and not s.params.ignore_eos:
-                reason = "stop"
-            elif reason is None and (len(s.output_token_ids) >= s.params.max_tokens or s.num_tokens >= self.max_len):
-                reason = "length"
-            if reason is not None and not hit_stop:
-                text += s.stream.flush()
-            if lp is None:
-                events.append(TokenEvent(s.request_id, t, text, s.index))
-            else:
-                events.append(TokenEvent(s.request_id, t, text, s.index, lp.logprob, lp.top_logprobs))
+            evs, reason = self._emit(s, t, lp)
+            events += evs
             if reason is not None:
                 events += self._end_sequence(s, reason)
         self._count(len(seqs))
         return events, True
+
+    # ---- speculative decoding (speculative.py) ----
+    def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Each decoding row's n-gram draft ([] for none), its blocks grown to hold it. A draft is cut so that
+        the accepted tokens plus the target's own can never pass max_tokens or the context, and dropped when
+        the cache has no room for it (a draft never preempts anyone). Grammar rows do not draft."""
+        cfg = self.config
+        out: list[list[int]] = []
+        for s in seqs:
+            d: list[int] = []
+            room = min(
+                cfg.num_speculative_tokens,
+                s.params.max_tokens - len(s.output_token_ids) - 1,
+                self.max_len - s.num_tokens - 1,
+            )
+            if s.matcher is None and room > 0:
+                d = propose(s.all_token_ids(), room, cfg.ngram_min, cfg.ngram_max)
+                if d and self.blocks.can_allocate(s.block_table, s.num_tokens + len(d)):
+                    self.blocks.grow(s.block_table, s.num_tokens + len(d))
+                else:
+                    d = []
+            out.append(d)
+        return out
+
+    def _speculative_step(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[tuple[list[int], list]]:
+        """One decode forward over every row's newest token and draft; per row, the tokens to emit and their
+        logprob entries (None each when not asked). Rows without a draft sample exactly as a plain step does."""
+        logits = self.runner.forward(seqs, False, drafts=drafts)  # [T, V], 1 + len(draft) positions a row
+        starts = [0]
+        for d in drafts:
+            starts.append(starts[-1] + len(d) + 1)
+        results: list = [None] * len(seqs)
+        plain = [i for i, d in enumerate(drafts) if not d]
+        spec = [i for i, d in enumerate(drafts) if d]
+        dev = logits.device
+        if plain:
+            idx = torch.tensor([starts[i] for i in plain], device=dev)
+            tokens, scored = self._sample([seqs[i] for i in plain], logits[idx])
+            for i, t, lp in zip(plain, tokens, scored, strict=True):
+                results[i] = ([t], [lp])
+        if spec:
+            idx = torch.tensor([r for i in spec for r in range(starts[i], starts[i + 1])], device=dev)
+            tokens, accepted, scored = verify(
+                logits[idx], [seqs[i] for i in spec], [drafts[i] for i in spec], self.eos_ids
+            )
+            for i, toks, lps in zip(spec, tokens, scored, strict=True):
+                results[i] = (toks, lps if lps is not None else [None] * len(toks))
+            self.spec_draft_tokens += sum(len(drafts[i]) for i in spec)
+            self.spec_accepted_tokens += sum(accepted)
+        return results
+
+    def _emit_many(self, seqs: list[Sequence], results: list[tuple[list[int], list]]) -> list:
+        """Emit each row's tokens in order, stopping at the first that ends it (the rest are dropped); then
+        register its blocks whose KV is now written and accepted, and free the blocks its rejected draft took."""
+        events: list = []
+        n = 0
+        for s, (toks, lps) in zip(seqs, results, strict=True):
+            reason = None
+            for t, lp in zip(toks, lps, strict=True):
+                evs, reason = self._emit(s, t, lp)
+                events += evs
+                n += 1
+                if reason is not None:
+                    break
+            # KV is written for every token but the newest (the accepted draft's; a rejected one's is past them)
+            self.blocks.commit(s, s.num_tokens - 1)
+            if reason is not None:
+                events += self._end_sequence(s, reason)
+            else:
+                self.blocks.shrink(s.block_table, s.num_tokens)
+        self._count(n)
+        return events
+
+    def _emit(self, s: Sequence, t: int, lp) -> tuple[list, str | None]:
+        """Append one generated token to a sequence: its TokenEvent, and why the sequence stops there (or None)."""
+        s.output_token_ids.append(t)
+        if lp is not None:
+            s.logprobs.append(lp)
+        if t in s.params.stop_token_ids:  # counted, its text not shown (as vLLM's stop_token_ids)
+            text, hit_stop, reason = "", False, "stop"
+        else:
+            text, hit_stop = s.stream.push(t)
+            reason = "stop" if hit_stop else None
+        if s.matcher is not None and reason is None:
+            if not s.matcher.accept(t):  # the mask allowed it, so this is a bug, not the client's doing
+                log.error("request %s: the grammar refused token %d it had allowed", s.request_id, t)
+                reason = "stop"
+            elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow
+                reason = "stop"
+        if reason is None and t in self.eos_ids and not s.params.ignore_eos:
+            reason = "stop"
+        elif reason is None and (len(s.output_token_ids) >= s.params.max_tokens or s.num_tokens >= self.max_len):
+            reason = "length"
+        if reason is not None and not hit_stop:
+            text += s.stream.flush()
+        if lp is None:
+            return [TokenEvent(s.request_id, t, text, s.index)], reason
+        return [TokenEvent(s.request_id, t, text, s.index, lp.logprob, lp.top_logprobs)], reason
 
     @torch.inference_mode()  # the logits are an inference tensor: the grammar's mask writes into them
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list]:

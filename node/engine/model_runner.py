@@ -168,14 +168,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, seqs: list[Sequence], prefill: bool, all_logits: bool = False, prompt_rows: list[int] = ()
+        self,
+        seqs: list[Sequence],
+        prefill: bool,
+        all_logits: bool = False,
+        prompt_rows: list[int] = (),
+        drafts: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Run one step: prefill computes every token of each sequence past its cached prefix
         (num_cached_tokens, whose KV the cache already holds and attention reads), decode only the newest.
         Returns logits [B, vocab] of each sequence's last token ([T, vocab] of the T computed tokens when
         all_logits); a prefill with `prompt_rows` appends, for each of those rows in order, the logits of its
         prompt positions 0..P-2 (what predicted prompt tokens 1..P-1: prompt_logprobs), so only the rows that
-        ask pay for them (those rows skip the prefix cache: their whole prompt is computed)."""
+        ask pay for them (those rows skip the prefix cache: their whole prompt is computed).
+        A decode with `drafts` (speculative decoding) feeds each row its newest token then its drafted tokens
+        (drafts[i], possibly none) and returns the logits of all those positions [T, vocab], row after row
+        (never through the CUDA graphs, which hold one query per row)."""
+        if drafts is not None:
+            all_logits = True  # every drafted position is verified
         if not prefill and not all_logits and self.graphs is not None and len(seqs) <= self.graphs.max_batch:
             return self.graphs.run(seqs)
         tokens: list[int] = []
@@ -188,7 +198,9 @@ class ModelRunner:
                 pos = list(range(start, start + len(ids)))
             else:
                 ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]]
-                pos = [s.num_tokens - 1]
+                if drafts is not None:
+                    ids += drafts[len(positions)]
+                pos = list(range(s.num_tokens - 1, s.num_tokens - 1 + len(ids)))
             tokens.extend(ids)
             positions.append(pos)
             slots.extend([s.slot] * len(ids))

@@ -79,3 +79,17 @@ def test_metrics_follow_the_requests_served(served):
     assert one(m, "vllm:prefix_cache_queries_total") > one(before, "vllm:prefix_cache_queries_total")
     assert one(m, "vllm:prefix_cache_hits_total") == 0
     assert one(m, "vllm:num_requests_running") == 0
+
+
+def test_speculative_decoding_counts_drafted_and_accepted_tokens(served):
+    client, _ = served
+    before = scrape(client)
+    copying = [1] + [40, 41, 42, 43, 44, 45] * 4  # the node's default n-gram drafts find the repeats
+    r = client.post("/v1/generate", json={"prompt_token_ids": copying, "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    m = scrape(client)
+    drafted = one(m, "vllm:spec_decode_num_draft_tokens_total") - one(before, "vllm:spec_decode_num_draft_tokens_total")
+    accepted = one(m, "vllm:spec_decode_num_accepted_tokens_total") - one(
+        before, "vllm:spec_decode_num_accepted_tokens_total"
+    )
+    assert drafted > 0 and 0 <= accepted <= drafted

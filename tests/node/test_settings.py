@@ -107,3 +107,12 @@ def test_prefix_caching_is_on_unless_turned_off(tmp_path, monkeypatch):
     assert not NodeSettings.load(off).engine_config().enable_prefix_caching
     monkeypatch.setenv("LORAMESH_NODE_PREFIX_CACHING", "true")
     assert NodeSettings.load(off).engine_config().enable_prefix_caching
+
+
+def test_speculative_decoding_is_ngram_unless_turned_off(tmp_path, monkeypatch):
+    assert NodeSettings.load(None, base=Path("b"), store=Path("s"), port=1).engine_config().speculative == "ngram"
+    off = write(tmp_path, 'base = "b"\nstore = "s"\nport = 1\nspeculative = "off"\n')
+    assert NodeSettings.load(off).engine_config().speculative == "off"
+    monkeypatch.setenv("LORAMESH_NODE_SPECULATIVE", "medusa")
+    with pytest.raises(ValueError, match="speculative 'medusa' is not one of ngram, off"):
+        NodeSettings.load(off).engine_config()

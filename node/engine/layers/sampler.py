@@ -72,6 +72,27 @@ def sample(
     return out
 
 
+def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Processed float32 logits [N, V] of sampled rows (temperature > 0) -> the distribution `sample` draws each
+    row from, in vocabulary order [N, V] (temperature, then top_k, top_p, min_p; normalised): what speculative
+    decoding's rejection sampling accepts a drafted token against."""
+    v = logits.shape[-1]
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    probs = (logits / temps[:, None]).softmax(dim=-1)
+    cut = [i for i, p in enumerate(params) if _truncates(p, v)]
+    if cut:
+        rows = torch.tensor(cut, device=dev)
+        col = lambda name: torch.tensor(  # noqa: E731
+            [getattr(params[i], name) for i in cut], dtype=torch.float32, device=dev
+        )
+        sorted_probs, order = _truncated_probs(
+            logits[rows], col("temperature"), col("top_k").long(), col("top_p"), col("min_p")
+        )
+        probs[rows] = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
 def only_eos_when_dead(logits: torch.Tensor, eos_ids: Iterable[int]) -> torch.Tensor:
     """Rows with no distribution to draw from (a NaN or +inf logit, or every token at -inf: a grammar that
     allows only EOS while min_tokens bans it, a penalty that overflows, a model that blew up) become "EOS
