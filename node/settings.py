@@ -51,6 +51,7 @@ class NodeSettings(ServiceSettings):
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads
     prefix_caching: bool | None = None  # share prompt prefixes' KV (the engine's default: on)
     quantization: str | None = None  # none | int8 | int4 | fp8: the base weights' serving precision
+    tensor_parallel: int | None = Field(default=None, ge=1)  # ranks the base is sharded over (engine default: 1)
     # the chain, the mesh and the gateways
     deployment: Path | None = None
     rpc: str | None = None
@@ -119,6 +120,7 @@ class NodeSettings(ServiceSettings):
             "num_kv_blocks": self.kv_blocks,
             "threads": self.threads,
             "quantization": self.quantization,
+            "tensor_parallel": self.tensor_parallel,
             "enable_prefix_caching": self.prefix_caching,
         }
         return EngineConfig(model_dir=self.base, **{k: v for k, v in given.items() if v is not None})

@@ -231,6 +231,9 @@ class EngineConfig:
     # base weights quantized on load (quant.py): "none" | "int8" | "int4" | "fp8" (CUDA, compute capability
     # >= 8.9); LoRA and activations stay in `dtype`
     quantization: str = "none"
+    # shard the base over this many ranks of one host (parallel.py): processes on CPU (gloo), GPUs cuda:0..N-1
+    # (NCCL); decode runs without CUDA graphs and slot images are laid out at the write then
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -250,6 +253,15 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         check_quantization(self.quantization, self.device)
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1:
+            if self.cuda_graphs == "static":
+                raise ValueError("cuda_graphs='static' does not run with tensor_parallel > 1; give 'off' or 'auto'")
+            self.cuda_graphs = "off"  # the ranks' all-reduces are not captured in the decode graphs
+            if self.slot_images:
+                raise ValueError("slot_images does not run with tensor_parallel > 1: each rank lays out its own shard")
+            self.slot_images = False
 
     def torch_dtype(self, model: ModelConfig) -> torch.dtype:
         """The dtype weights and activations run in."""
