@@ -139,19 +139,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_group(rank: int, world: int, port: int, cuda: bool) -> None:
+_group = None  # this process's ranks, with the collective timeout (the default group's is the join's)
+
+
+def _init_group(rank: int, world: int, port: int, cuda: bool, timeout_s: float) -> None:
+    """Join the ranks (waiting up to INIT_TIMEOUT_S for the others to start), then open the group the
+    all-reduces run in, whose timeout is the one a step waits for a rank that stopped answering."""
+    global _group
+    backend = "nccl" if cuda else "gloo"
     dist.init_process_group(
-        "nccl" if cuda else "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S),
     )
+    _group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s), backend=backend)
 
 
 def all_reduce(t: torch.Tensor) -> None:
     """Sum `t` in place over the ranks (the row-parallel layers' reduction)."""
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=_group)
 
 
 class TensorParallel:
@@ -170,18 +178,21 @@ class TensorParallel:
         self.procs = []
         port = _free_port()
         cuda = config.device == "cuda"
+        timeout_s = COLLECTIVE_TIMEOUT_S  # read now: every rank of this engine gets the same
         if cuda:
             torch.cuda.set_device(0)
         ctx = torch.multiprocessing.get_context("spawn")
         for r in range(1, n):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(r, n, port, config, child), daemon=True, name=f"tp-rank-{r}")
+            p = ctx.Process(
+                target=_worker_main, args=(r, n, port, timeout_s, config, child), daemon=True, name=f"tp-rank-{r}"
+            )
             p.start()
             child.close()
             self.conns.append(parent)
             self.procs.append(p)
         try:
-            _init_group(0, n, port, cuda)
+            _init_group(0, n, port, cuda, timeout_s)
         except Exception as e:
             why = self._diagnose() or f"tensor-parallel ranks did not join: {type(e).__name__}: {e}"
             self._stop()
@@ -222,7 +233,7 @@ class TensorParallel:
         try:
             return run(tokens, positions, slots, tables)
         except Exception as e:
-            self.fail(self._diagnose() or f"tensor-parallel step failed: {type(e).__name__}: {e}")
+            self.fail(self._diagnose() or f"tensor-parallel step failed: {_line(e)}")
 
     def write_slot(self, slot: int, adapter) -> None:
         """Every rank writes the slot: each lays its own shard of the adapter out (the weights travel whole)."""
@@ -271,7 +282,7 @@ class TensorParallel:
             except (OSError, EOFError):
                 pass
         for p in self.procs:
-            p.join(timeout=5.0)
+            p.join(timeout=2.0)  # a rank that does not take the stop (hung, stopped) is killed
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5.0)
@@ -279,7 +290,7 @@ class TensorParallel:
             conn.close()
         if dist.is_initialized():
             try:
-                dist.destroy_process_group()
+                dist.destroy_process_group()  # the default group and the all-reduce group
             except Exception:  # a group whose peer died may refuse a clean teardown; the process ends it
                 log.debug("destroy_process_group failed", exc_info=True)
         if _active is self:
@@ -291,14 +302,20 @@ class TensorParallel:
             self._stop()
 
 
-def _worker_main(rank: int, world: int, port: int, config: EngineConfig, conn: Connection) -> None:
+def _line(e: BaseException) -> str:
+    """An exception as one bounded line (gloo's and NCCL's messages run over several)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _worker_main(rank: int, world: int, port: int, timeout_s: float, config: EngineConfig, conn: Connection) -> None:
     """Rank `rank` (>= 1): build the shard, then replay rank 0's steps and slot writes until told to stop."""
     try:
-        _worker_loop(rank, world, port, config, conn)
+        _worker_loop(rank, world, port, timeout_s, config, conn)
     except (EOFError, KeyboardInterrupt):  # rank 0 is gone
         pass
     except BaseException as e:
-        line = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+        line = _line(e)
         log.error("tensor-parallel rank %d: %s\n%s", rank, line, traceback.format_exc())
         try:
             conn.send_bytes(pickle.dumps(("error", line)))
@@ -309,7 +326,7 @@ def _worker_main(rank: int, world: int, port: int, config: EngineConfig, conn: C
         dist.destroy_process_group()
 
 
-def _worker_loop(rank: int, world: int, port: int, config: EngineConfig, conn: Connection) -> None:
+def _worker_loop(rank: int, world: int, port: int, timeout_s: float, config: EngineConfig, conn: Connection) -> None:
     from node.engine.llm_engine import default_kernel
     from node.engine.loader import build_model, checkpoint_tensors
     from node.engine.lora.mapping import LoRAMapping
@@ -322,7 +339,7 @@ def _worker_loop(rank: int, world: int, port: int, config: EngineConfig, conn: C
     device = rank_device(config, rank)
     if cuda:
         torch.cuda.set_device(device)
-    _init_group(rank, world, port, cuda)
+    _init_group(rank, world, port, cuda, timeout_s)
     cfg = ModelConfig.from_dir(config.model_dir)
     dtype = config.torch_dtype(cfg)
     shard = Shard(rank, world, cfg)

@@ -182,6 +182,69 @@ def test_rank_killed_inside_a_step_is_one_clear_error(llama_world):
         assert ok["restart"].error is None
 
 
+def test_hung_rank_times_out_in_one_line(llama_world, monkeypatch):
+    from node.engine import parallel
+
+    monkeypatch.setattr(parallel, "COLLECTIVE_TIMEOUT_S", 5.0)  # the engine's setting, read when it starts
+    with _engine(llama_world, tensor_parallel=2) as e:
+        worker = e.tp.procs[0]
+        run = e.runner.run
+
+        def stop_then_run(*args):  # the worker takes the step, then never answers the all-reduce
+            os.kill(worker.pid, signal.SIGSTOP)
+            return run(*args)
+
+        e.runner.run = stop_then_run
+        try:
+            done = _generate_bounded(e, [_req(llama_world, "hung")])
+        finally:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGCONT)
+        err = done["hung"].error
+        assert err.startswith("engine step failed: TensorParallelError: tensor-parallel step failed: "), err
+        assert err.endswith("; the tensor-parallel engine is stopped") and "\n" not in err
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+
+
+def test_workers_exit_when_the_engine_process_dies(llama_world, tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "from node.engine import LLMEngine, EngineConfig\n"
+        "if __name__ == '__main__':\n"
+        f"    e = LLMEngine(EngineConfig(model_dir={str(llama_world.base_dir)!r}, num_kv_blocks=32, block_size=8,"
+        " threads=1, tensor_parallel=2))\n"
+        "    print(e.tp.procs[0].pid, flush=True)\n"
+        "    os._exit(0)  # no cleanup: the worker must notice on its own\n"
+    )
+    path = tmp_path / "die.py"
+    path.write_text(script)
+    # the worker inherits the script's stdout: a file, not a pipe, so the run ends with the engine process
+    log = tmp_path / "die.out"
+    with log.open("w") as out:
+        subprocess.run(
+            [sys.executable, str(path)],
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+            check=True,
+        )
+    pid = int(log.read_text().split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the tensor-parallel worker outlived its engine process by 30 s")
+
+
 def test_node_setting_reaches_the_engine(llama_world, tmp_path):
     from node.settings import NodeSettings
 
