@@ -125,10 +125,11 @@ def test_refuses_what_it_cannot_split(llama_world):
         llama_world.config(tensor_parallel=0)
 
 
-def _req(world, tag: str, adapter: bool = True) -> GenerationRequest:
+def _req(world, tag: str, adapter: bool | int = True) -> GenerationRequest:
+    """A short greedy request on adapter 0 (or the adapter of that index; False: base only)."""
     return GenerationRequest(
         request_id=tag,
-        adapter_id=world.adapters[0].adapter_id if adapter else None,
+        adapter_id=None if adapter is False else world.adapters[0 if adapter is True else adapter].adapter_id,
         prompt_token_ids=[5, 6, 7],
         params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
     )
@@ -154,9 +155,11 @@ def test_killed_rank_is_one_clear_error_not_a_hang(llama_world):
         assert done["after"].finish_reason == "error"
         assert "tensor-parallel rank 1 exited (exit code -9); the tensor-parallel engine is stopped" in err
         assert "\n" not in err
-        # stopped for good: later requests fail at once with the same line, nothing left running
-        again = _generate_bounded(e, [_req(llama_world, "again", adapter=False)], limit_s=5.0)
-        assert again["again"].error == err
+        # stopped for good: later requests (a new adapter's slot write among them) fail at once with the same line
+        again = _generate_bounded(
+            e, [_req(llama_world, "again", adapter=False), _req(llama_world, "other", adapter=2)], limit_s=5.0
+        )
+        assert again["again"].error == err and again["other"].error == err
         assert not any(p.is_alive() for p in e.tp.procs)
         assert not torch.distributed.is_initialized()
 
