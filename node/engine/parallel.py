@@ -133,6 +133,11 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}") if config.device == "cuda" else torch.device(config.device)
 
 
+def _cpu_threads(world: int) -> int:
+    """A CPU rank's share of the host's cores when no thread count is given."""
+    return max(1, (os.cpu_count() or 1) // world)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,6 +183,8 @@ class TensorParallel:
         self.procs = []
         port = _free_port()
         cuda = config.device == "cuda"
+        if not cuda and not config.threads:  # N ranks on torch's default (every core) each would oversubscribe
+            torch.set_num_threads(_cpu_threads(n))
         timeout_s = COLLECTIVE_TIMEOUT_S  # read now: every rank of this engine gets the same
         if cuda:
             torch.cuda.set_device(0)
@@ -338,9 +345,9 @@ def _worker_loop(rank: int, world: int, port: int, timeout_s: float, config: Eng
     from node.engine.lora.weights import LoadedAdapter
     from node.engine.model_runner import ModelRunner
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
     cuda = config.device == "cuda"
+    if config.threads or not cuda:
+        torch.set_num_threads(config.threads or _cpu_threads(world))
     device = rank_device(config, rank)
     if cuda:
         torch.cuda.set_device(device)

@@ -185,6 +185,33 @@ def test_rank_killed_inside_a_step_is_one_clear_error(llama_world):
         assert ok["restart"].error is None
 
 
+def test_async_engine_serves_then_reports_a_dead_rank(llama_world):
+    # the node's engine: requests stream from rank 0; a rank's death ends the next request with the line
+    import asyncio
+
+    from node.engine import AsyncEngine, FinishEvent
+
+    engine = AsyncEngine(llama_world.config(threads=1, tensor_parallel=2), store=llama_world.store).start()
+    try:
+
+        async def final(tag: str) -> FinishEvent:
+            events = [ev async for ev in engine.submit(_req(llama_world, tag))]
+            return events[-1]
+
+        ok = asyncio.run(asyncio.wait_for(final("a"), 60))
+        assert ok.error is None and len(ok.token_ids) == 4
+        worker = engine.core.tp.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        t0 = time.monotonic()
+        bad = asyncio.run(asyncio.wait_for(final("b"), 30))  # bounded: wait_for raises rather than hang
+        assert time.monotonic() - t0 < 30
+        assert bad.finish_reason == "error" and "tensor-parallel rank 1 exited (exit code -9)" in bad.error
+    finally:
+        engine.close()
+    assert not torch.distributed.is_initialized()
+
+
 def test_hung_rank_times_out_in_one_line(llama_world, monkeypatch):
     from node.engine import parallel
 
@@ -219,7 +246,7 @@ def test_workers_exit_when_the_engine_process_dies(llama_world, tmp_path):
         "from node.engine import LLMEngine, EngineConfig\n"
         "if __name__ == '__main__':\n"
         f"    e = LLMEngine(EngineConfig(model_dir={str(llama_world.base_dir)!r}, num_kv_blocks=32, block_size=8,"
-        " threads=1, tensor_parallel=2))\n"
+        " tensor_parallel=2))  # threads: each rank its share\n"
         "    print(e.tp.procs[0].pid, flush=True)\n"
         "    os._exit(0)  # no cleanup: the worker must notice on its own\n"
     )
