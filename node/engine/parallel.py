@@ -215,8 +215,10 @@ class TensorParallel:
         deadline = time.monotonic() + INIT_TIMEOUT_S
         for r, conn in enumerate(self.conns, 1):
             while not conn.poll(0.2):
-                if not self.procs[r - 1].is_alive() or time.monotonic() > deadline:
-                    self.fail(f"tensor-parallel rank {r} did not load its shard")
+                if not self.procs[r - 1].is_alive():
+                    self.fail(self._why(r))
+                if time.monotonic() > deadline:
+                    self.fail(f"tensor-parallel rank {r} did not load its shard within {INIT_TIMEOUT_S:.0f} s")
             msg = pickle.loads(conn.recv_bytes())
             if msg[0] != "ready":
                 self.fail(f"tensor-parallel rank {r} failed to start: {msg[1]}")
