@@ -185,6 +185,17 @@ def test_rank_killed_inside_a_step_is_one_clear_error(llama_world):
         assert ok["restart"].error is None
 
 
+def test_rank_exception_is_reported_with_its_own_line(llama_world):
+    with _engine(llama_world, tensor_parallel=2) as e:
+        # a step only the worker runs, with a token id past the vocabulary: its embedding lookup raises there
+        e.tp._send(("step", [10**6], [[0]], [-1], [[0]]))
+        e.tp.procs[0].join(timeout=30)
+        done = _generate_bounded(e, [_req(llama_world, "next")])
+        err = done["next"].error
+        assert "tensor-parallel rank 1 failed: IndexError: " in err and "\n" not in err, err
+        assert err.endswith("; the tensor-parallel engine is stopped")
+
+
 def test_async_engine_serves_then_reports_a_dead_rank(llama_world):
     # the node's engine: requests stream from rank 0; a rank's death ends the next request with the line
     import asyncio
