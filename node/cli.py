@@ -522,6 +522,18 @@ def node_run(
             ),
         ),
     ] = None,
+    tensor_parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--tensor-parallel",
+            min=1,
+            help=(
+                "Shard the base over N ranks of this host (GPUs cuda:0..N-1 over NCCL with --device cuda, else N "
+                "processes over gloo); N must divide the attention heads and the MLP width, and divide the kv "
+                "heads or be a multiple of them. Decode runs without CUDA graphs then. \\[default: 1]"
+            ),
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
     prefix_caching: Annotated[
         bool | None,
@@ -636,6 +648,7 @@ def node_run(
             prefix_caching=prefix_caching,
             speculative=speculative,
             quantization=quantization,
+            tensor_parallel=tensor_parallel,
             deployment=deployment,
             rpc=rpc,
             listen=listen,

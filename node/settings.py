@@ -52,6 +52,7 @@ class NodeSettings(ServiceSettings):
     prefix_caching: bool | None = None  # share prompt prefixes' KV (the engine's default: on)
     quantization: str | None = None  # none | int8 | int4 | fp8: the base weights' serving precision
     speculative: str | None = None  # ngram | off: speculative decoding (the engine's default: ngram)
+    tensor_parallel: int | None = Field(default=None, ge=1)  # ranks the base is sharded over (engine default: 1)
     # the chain, the mesh and the gateways
     deployment: Path | None = None
     rpc: str | None = None
@@ -120,6 +121,7 @@ class NodeSettings(ServiceSettings):
             "num_kv_blocks": self.kv_blocks,
             "threads": self.threads,
             "quantization": self.quantization,
+            "tensor_parallel": self.tensor_parallel,
             "enable_prefix_caching": self.prefix_caching,
             "speculative": self.speculative,
         }

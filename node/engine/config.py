@@ -238,6 +238,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     ngram_min: int = 2
     ngram_max: int = 4
+    # shard the base over this many ranks of one host (parallel.py): processes on CPU (gloo), GPUs cuda:0..N-1
+    # (NCCL); decode runs without CUDA graphs and slot images are laid out at the write then
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -265,6 +268,15 @@ class EngineConfig:
             raise ValueError(
                 f"ngram_min/ngram_max must satisfy 1 <= min <= max <= 64, got {self.ngram_min}/{self.ngram_max}"
             )
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1:
+            if self.cuda_graphs == "static":
+                raise ValueError("cuda_graphs='static' does not run with tensor_parallel > 1; give 'off' or 'auto'")
+            self.cuda_graphs = "off"  # the ranks' all-reduces are not captured in the decode graphs
+            if self.slot_images:
+                raise ValueError("slot_images does not run with tensor_parallel > 1: each rank lays out its own shard")
+            self.slot_images = False
 
     def torch_dtype(self, model: ModelConfig) -> torch.dtype:
         """The dtype weights and activations run in."""

@@ -101,9 +101,28 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model_dir)
         self.eos_ids = self._eos_ids()
         self.mapping = LoRAMapping(config.num_slots, kernel or default_kernel(self.device))
+        self.tp = None  # parallel.TensorParallel: this engine is rank 0 of tensor_parallel ranks
+        if config.tensor_parallel > 1:
+            from node.engine.parallel import TensorParallel
+
+            if weights is not None:
+                raise ValueError("tensor_parallel > 1 loads its shards from model_dir, not from given weights")
+            self.tp = TensorParallel(config, self.model_cfg)
+        shard = self.tp.shard if self.tp is not None else None
         tensors = weights if weights is not None else checkpoint_tensors(config.model_dir)
-        model = build_model(self.model_cfg, self.mapping, tensors, self.device, self.dtype, config.quantization)
-        self.runner = ModelRunner(config, self.model_cfg, model, self.mapping, self.dtype)
+        try:
+            model = build_model(
+                self.model_cfg, self.mapping, tensors, self.device, self.dtype, config.quantization, shard
+            )
+            self.runner = ModelRunner(
+                config, shard.local_config() if shard else self.model_cfg, model, self.mapping, self.dtype
+            )
+            if self.tp is not None:
+                self.tp.attach(self.runner)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close()
+            raise
         self.blocks = BlockManager(
             self.runner.num_blocks,
             config.block_size,
@@ -591,3 +610,5 @@ class LLMEngine:
 
     def close(self) -> None:
         self.adapters.close()
+        if self.tp is not None:
+            self.tp.close()

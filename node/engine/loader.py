@@ -81,15 +81,19 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     quantization: str = "none",
+    shard=None,
 ) -> CausalLM:
     """Meta-device construction, then allocate on `device` and copy every checkpoint tensor in.
 
     Quantized (`quantization` int8 | int4 | fp8, quant.py): the base linears, and under int8/int4 the
     embedding and lm_head, are never allocated in full precision on the device. Each one's checkpoint
     tensors (its q/k/v or gate/up parts) gather in a host buffer, which is quantized on the device once
-    complete and dropped, so loading needs the quantized model plus one fused layer."""
+    complete and dropped, so loading needs the quantized model plus one fused layer.
+
+    With a tensor-parallel `shard` (parallel.Shard) the model is that rank's, and each checkpoint tensor is
+    cut to the rank's rows (column-parallel, in weight_loader) or columns (row-parallel, here) as it loads."""
     with torch.device("meta"):
-        model = CausalLM(cfg, mapping)
+        model = CausalLM(cfg, mapping, shard)
     model.to(dtype)  # still on meta: allocating afterwards never holds an fp32 copy (32 GB for an 8B model)
     quantized = _quantized_weights(model, quantization)  # parameter name -> its module
     if not quantized:
@@ -139,7 +143,15 @@ def build_model(
         pname = name[len("model.") :] if name.startswith("model.") else name
         if pname not in params:
             raise CheckpointError(f"checkpoint tensor {name} has no place in a {cfg.model_type} model")
-        if params[pname].shape != t.shape:
+        row_shard = None  # a row-parallel layer of a tensor-parallel shard: it takes its columns of t
+        if shard is not None:
+            owner = model.get_submodule(pname.rsplit(".", 1)[0])
+            if isinstance(owner, LinearWithLoRA) and owner.in_range is not None and t.dim() == 2:
+                row_shard = owner
+                t = owner.check_full_input(t, name)
+                if pname not in quantized:  # a quantized one is cut after its scales are taken (quant.py)
+                    t = owner.shard_input(t)
+        if params[pname].shape != t.shape and not (row_shard is not None and pname in quantized):
             raise CheckpointError(f"{name}: checkpoint shape {tuple(t.shape)} != expected {tuple(params[pname].shape)}")
         if pname in quantized:
             if isinstance(quantized[pname], LinearWithLoRA):

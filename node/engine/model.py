@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from node.engine.layers.attention import AttentionMetadata, paged_attention, wri
 from node.engine.lora.layers import LinearWithLoRA
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.quant import Int8Weight
+
+if TYPE_CHECKING:
+    from node.engine.parallel import Shard
 
 
 class RMSNorm(nn.Module):
@@ -74,8 +78,25 @@ class Rotary(nn.Module):
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def _column(shard: Shard | None, names: tuple[str, ...]) -> dict:
+    if shard is None:
+        return {}
+    return {"out_ranges": tuple(shard.out_range(n) for n in names), "out_full": tuple(shard.out_full(n) for n in names)}
+
+
+def _row(shard: Shard | None, name: str) -> dict:
+    if shard is None:
+        return {}
+    from node.engine.parallel import all_reduce
+
+    lo, hi = shard.in_range(name)
+    return {"in_range": (lo, hi), "in_full": (hi - lo) * shard.world, "reduce": all_reduce}
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, rotary: Rotary) -> None:
+    """`cfg` is the shard's under tensor parallelism (its heads), and `shard` says which."""
+
+    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, rotary: Rotary, shard: Shard | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.qkv_proj = LinearWithLoRA(
@@ -84,8 +105,11 @@ class Attention(nn.Module):
             ("q_proj", "k_proj", "v_proj"),
             cfg.qkv_bias,
             mapping,
+            **_column(shard, ("q_proj", "k_proj", "v_proj")),
         )
-        self.o_proj = LinearWithLoRA(cfg.q_size, (cfg.hidden_size,), ("o_proj",), cfg.o_bias, mapping)
+        self.o_proj = LinearWithLoRA(
+            cfg.q_size, (cfg.hidden_size,), ("o_proj",), cfg.o_bias, mapping, **_row(shard, "o_proj")
+        )
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -118,13 +142,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping) -> None:
+    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, shard: Shard | None = None) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
         self.gate_up_proj = LinearWithLoRA(
-            cfg.hidden_size, (self.inter, self.inter), ("gate_proj", "up_proj"), False, mapping
+            cfg.hidden_size,
+            (self.inter, self.inter),
+            ("gate_proj", "up_proj"),
+            False,
+            mapping,
+            **_column(shard, ("gate_proj", "up_proj")),
         )
-        self.down_proj = LinearWithLoRA(self.inter, (cfg.hidden_size,), ("down_proj",), False, mapping)
+        self.down_proj = LinearWithLoRA(
+            self.inter, (cfg.hidden_size,), ("down_proj",), False, mapping, **_row(shard, "down_proj")
+        )
 
     def forward(self, x: torch.Tensor, fused: ModuleType | None = None) -> torch.Tensor:
         if fused is not None:
@@ -134,10 +165,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, rotary: Rotary) -> None:
+    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, rotary: Rotary, shard: Shard | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, mapping, rotary)
-        self.mlp = MLP(cfg, mapping)
+        self.self_attn = Attention(cfg, mapping, rotary, shard)
+        self.mlp = MLP(cfg, mapping, shard)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -171,16 +202,20 @@ def full_context(meta: AttentionMetadata) -> AttentionMetadata:
 
 
 class CausalLM(nn.Module):
-    """Flat-batch decoder: forward(token_ids [T], positions [T], meta, kv caches) -> hidden [T, D]."""
+    """Flat-batch decoder: forward(token_ids [T], positions [T], meta, kv caches) -> hidden [T, D].
+    With a tensor-parallel `shard` its layers hold that rank's heads and columns (parallel.py); the
+    embedding, norms and lm_head stay whole."""
 
-    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping) -> None:
+    def __init__(self, cfg: ModelConfig, mapping: LoRAMapping, shard: Shard | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.shard = shard
+        layer_cfg = cfg if shard is None else shard.local_config()
         self.mapping = mapping
         self.rotary = Rotary(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, mapping, self.rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(layer_cfg, mapping, self.rotary, shard) for _ in range(cfg.num_layers))
         # Qwen2/Qwen3 slide only some layers (transformers' layer_types): the runner's metadata carries
         # the window, and the layers that attend over the whole context get it without (full_context).
         self.full_layers = frozenset(i for i in range(cfg.num_layers) if cfg.layer_window(i) is None)

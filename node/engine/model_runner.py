@@ -46,6 +46,7 @@ class ModelRunner:
         self.mapping = mapping
         self.dtype = dtype
         self.device = torch.device(config.device)
+        self.tp = None  # parallel.TensorParallel on rank 0 of a TP engine: steps and slot writes reach every rank
         cuda = self.device.type == "cuda"
         # build each adapter's slot image on the loader thread, so a slot load is one copy
         self.prebuilt_images = config.slot_images if config.slot_images is not None else cuda
@@ -145,6 +146,8 @@ class ModelRunner:
         """Write an adapter's slot row (every LoRA layer's stacks at once; None clears it). On CUDA this
         is one asynchronous copy of its host image on the copy stream, and the returned SlotCopy says
         when it is done; on CPU the row is written in place before this returns (None)."""
+        if self.tp is not None:
+            self.tp.write_slot(slot, adapter)
         row = self.slot_buf[slot]
         if self.copy_stream is None:
             with torch.no_grad():
@@ -205,13 +208,11 @@ class ModelRunner:
             positions.append(pos)
             slots.extend([s.slot] * len(ids))
         dev = self.device
-        meta = build_metadata(
-            positions, [s.block_table for s in seqs], self.config.block_size, self.cfg.sliding_window, dev
-        )
-        token_t = to_device(torch.tensor(tokens, dtype=torch.int64), dev)  # [T]
-        pos_t = to_device(torch.tensor([p for ps in positions for p in ps], dtype=torch.int64), dev)  # [T]
-        self.mapping.set_token_slots(slots, dev)
-        hidden = self.model(token_t, pos_t, meta, self.kv_caches)  # [T, D]
+        tables = [s.block_table for s in seqs]
+        if self.tp is None:
+            hidden = self.run(tokens, positions, slots, tables)  # [T, D]
+        else:  # every rank runs the same inputs
+            hidden = self.tp.forward(self.run, tokens, positions, slots, [list(t) for t in tables])
         if not all_logits:
             starts = torch.tensor([0] + [len(p) for p in positions]).cumsum(0)
             last = starts[1:] - 1
@@ -221,3 +222,13 @@ class ModelRunner:
                 last = torch.cat([last, *extra])
             hidden = hidden[to_device(last, dev)]  # [B (+ prompt positions), D]
         return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def run(self, tokens: list[int], positions: list[list[int]], slots: list[int], tables: list) -> torch.Tensor:
+        """The forward pass over flat inputs -> hidden [T, D] (a tensor-parallel worker runs only this)."""
+        dev = self.device
+        meta = build_metadata(positions, tables, self.config.block_size, self.cfg.sliding_window, dev)
+        token_t = to_device(torch.tensor(tokens, dtype=torch.int64), dev)  # [T]
+        pos_t = to_device(torch.tensor([p for ps in positions for p in ps], dtype=torch.int64), dev)  # [T]
+        self.mapping.set_token_slots(slots, dev)
+        return self.model(token_t, pos_t, meta, self.kv_caches)

@@ -195,6 +195,21 @@ def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> Quant
     raise QuantizationError(f"quantization {scheme!r} has no weight format")
 
 
+def quantize_columns(w: torch.Tensor, lo: int, hi: int, scheme: str, name: str = "weight") -> QuantWeight:
+    """Columns [lo, hi) of W [N, K] quantized as they are in the whole W (a row-parallel shard under tensor
+    parallelism): int8 and fp8 scale each output row over all K, then keep the shard's columns, so the
+    shards are the unsharded weight's bits; int4's groups run along K, so the shard is quantized itself."""
+    if scheme == "int4":
+        return Int4Weight(w[:, lo:hi], name)
+    qw = quantize_weight(w, scheme, name)
+    if isinstance(qw, Int8Weight):
+        qw.q = qw.q[:, lo:hi].contiguous()
+    elif isinstance(qw, Fp8Weight):
+        qw.q_t = qw.q_t[lo:hi].t().contiguous().t()  # still column-major, as _scaled_mm wants
+    qw.in_features = hi - lo
+    return qw
+
+
 _probed: set[tuple[str, str, torch.dtype]] = set()
 
 

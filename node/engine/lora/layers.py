@@ -10,16 +10,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.engine.lora.mapping import LoRAMapping
-from node.engine.quant import QuantWeight, quantize_weight
+from node.engine.quant import QuantWeight, quantize_columns, quantize_weight
 
 
 class LinearWithLoRA(nn.Module):
-    """A base linear whose output is the concatenation of `names` (e.g. q,k,v fused), plus LoRA."""
+    """A base linear whose output is the concatenation of `names` (e.g. q,k,v fused), plus LoRA.
+
+    Under tensor parallelism (parallel.py) it holds one rank's shard: column-parallel (`out_ranges`, each
+    part's rows [start, stop) of its full output) or row-parallel (`in_range`, the full input's columns it
+    reads, and `reduce`, the all-reduce of its partial output). Sizes given are the shard's."""
 
     def __init__(
-        self, in_features: int, output_sizes: tuple[int, ...], names: tuple[str, ...], bias: bool, mapping: LoRAMapping
+        self,
+        in_features: int,
+        output_sizes: tuple[int, ...],
+        names: tuple[str, ...],
+        bias: bool,
+        mapping: LoRAMapping,
+        *,
+        out_ranges: tuple[tuple[int, int], ...] | None = None,
+        out_full: tuple[int, ...] | None = None,
+        in_range: tuple[int, int] | None = None,
+        in_full: int | None = None,
+        reduce=None,
     ) -> None:
         super().__init__()
+        self.out_ranges = out_ranges
+        self.out_full = out_full  # a column-parallel shard's parts' whole output sizes
+        self.in_range = in_range
+        self.in_full = in_full  # a row-parallel shard's whole input width
+        self.reduce = reduce
         self.in_features = in_features
         self.output_sizes = output_sizes
         self.names = names
@@ -37,13 +57,36 @@ class LinearWithLoRA(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
         """Copy the checkpoint tensor of projection `name` into its rows of the fused parameter."""
         i = self.names.index(name)
+        if self.out_ranges is not None:  # this rank's rows of the part (a weight's or a bias's)
+            if loaded.shape[0] != self.out_full[i]:
+                raise ValueError(f"{name}: checkpoint has {loaded.shape[0]} output rows, expected {self.out_full[i]}")
+            loaded = loaded[self.out_ranges[i][0] : self.out_ranges[i][1]]
         rows = param.data[self.offsets[i] : self.offsets[i] + self.output_sizes[i]]
         if rows.shape != loaded.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(loaded.shape)} != expected {tuple(rows.shape)}")
         rows.copy_(loaded)
 
+    def check_full_input(self, w: torch.Tensor, name: str) -> torch.Tensor:
+        """A row-parallel shard's whole checkpoint weight [out, in_full], checked before it is cut."""
+        if tuple(w.shape) != (sum(self.output_sizes), self.in_full):
+            raise ValueError(
+                f"{name}: checkpoint shape {tuple(w.shape)} != expected {(sum(self.output_sizes), self.in_full)}"
+            )
+        return w
+
+    def shard_input(self, w: torch.Tensor) -> torch.Tensor:
+        """A row-parallel layer's columns of its full checkpoint weight [out, in] (the bias stays whole)."""
+        if self.in_range is None or w.dim() != 2:
+            return w
+        return w[:, self.in_range[0] : self.in_range[1]]
+
     def quantize(self, w: torch.Tensor, scheme: str, name: str) -> None:
-        """Serve the base from `w` [sum(out), in] quantized under `scheme`; the full-precision parameter goes."""
+        """Serve the base from `w` [sum(out), in] quantized under `scheme`; the full-precision parameter goes.
+        A row-parallel shard takes the whole checkpoint weight and keeps its columns after scaling."""
+        if self.in_range is not None and tuple(w.shape) == (sum(self.output_sizes), self.in_full):
+            self.qweight = quantize_columns(w, *self.in_range, scheme, name)
+            self.weight = None
+            return
         if tuple(w.shape) != (sum(self.output_sizes), self.in_features):
             raise ValueError(
                 f"{name}: weight shape {tuple(w.shape)} != expected {(sum(self.output_sizes), self.in_features)}"
@@ -68,7 +111,11 @@ class LinearWithLoRA(nn.Module):
             w = adapter.weights.get((layer, name))
             if w is None:
                 continue
-            a, b = w
+            a, b = w  # the full adapter: A [r, in], B [out, r]; a shard keeps B's rows or A's columns
+            if self.out_ranges is not None:
+                b = b[self.out_ranges[i][0] : self.out_ranges[i][1]]
+            if self.in_range is not None:
+                a = a[:, self.in_range[0] : self.in_range[1]]
             r = a.shape[0]
             base = i * self.rank
             image_a[base : base + r].copy_(a)
@@ -76,12 +123,18 @@ class LinearWithLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, in] -> y [T, sum(out)]
+        # row-parallel: the bias is added once, after the ranks' partial sums are reduced
+        bias = self.bias if self.reduce is None else None
         if self.qweight is None:
-            y = F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, bias)
         else:  # only the base matmul changes: the LoRA delta below adds in x's dtype as ever
             y = self.qweight.linear(x)
-            if self.bias is not None:
-                y = y + self.bias
+            if bias is not None:
+                y = y + bias
         if self.mapping.active:
             self.mapping.add_lora(y, x, self.lora_a, self.lora_b, self.output_sizes)
+        if self.reduce is not None:  # x_i W_i + (x_i A_i) B summed: B is whole, so this is x W + (x A) B
+            self.reduce(y)
+            if self.bias is not None:
+                y = y + self.bias
         return y
