@@ -32,6 +32,8 @@ class Answer:
     base_request_id: str = ""  # that comparison request (settled too, under the zero adapter id)
     base_prompt_tokens: int = 0
     base_completion_tokens: int = 0
+    # an ensemble request: (adapter id, weight) of each adapter in it; it is on chain as one record per adapter
+    components: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +45,22 @@ class Sent:
     prompt_tokens: int
     completion_tokens: int
     base: bool = False
+    adapter_id: str = ""  # the adapter its record must name, when the check knows it (an ensemble's parts)
 
 
 def sent_requests(answers: list[Answer]) -> list[Sent]:
     """Every request behind the answers: the adapter ones and their base-model comparisons."""
+    from ledger.outbox import component_request_id, split_by_weight
+
     out = []
     for a in answers:
+        if a.components:  # one record per adapter: derived ids, tokens split by weight (ledger/outbox.py)
+            weights = [w for _, w in a.components]
+            shares = zip(split_by_weight(a.prompt_tokens, weights), split_by_weight(a.completion_tokens, weights))
+            for i, ((aid, _), (p, c)) in enumerate(zip(a.components, shares)):
+                rid = component_request_id(a.request_id, i)
+                out.append(Sent(rid, f"{a.adapter} (part {i})", p, c, adapter_id=aid))
+            continue
         out.append(Sent(a.request_id, a.adapter, a.prompt_tokens, a.completion_tokens))
         if a.base_request_id:
             out.append(
@@ -156,10 +168,41 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
     return out
 
 
+def send_ensemble(gateway_url: str, api_key: str, parts: list[tuple[str, str, float]], prompt: str) -> Answer:
+    """One completion from an ensemble of adapters (`parts`: name, adapter id, weight), named as users name it:
+    the adapters joined with "+", their weights in `adapter_weights`. Its answer is a blend, so only its
+    attribution is checked (check_on_chain: one record per adapter, tokens split by weight)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=180)
+    name = "+".join(n for n, _, _ in parts)
+    r = client.completions.create(
+        model=name,
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"adapter_weights": [w for _, _, w in parts]},
+    )
+    return Answer(
+        name,
+        "ensemble",
+        prompt,
+        "",
+        r.choices[0].text,
+        r.choices[0].finish_reason,
+        _rid(r.id),
+        r.usage.prompt_tokens,
+        r.usage.completion_tokens,
+        components=tuple((aid, w) for _, aid, w in parts),
+    )
+
+
 def check_answers(answers: list[Answer]) -> None:
     """Every adapter answer, completion, chat and streamed alike, is exactly what its data taught, and ended
     by itself (EOS: finish_reason "stop")."""
     for a in answers:
+        if a.kind == "ensemble":
+            continue  # a blend of two adapters: nothing taught it an answer
         if a.text != a.expected or a.finish_reason != "stop":
             raise DemoCheckFailed(
                 f"{a.adapter} answered the {a.kind} {a.prompt!r} with {a.text!r} ({a.finish_reason}); "
@@ -233,6 +276,8 @@ def check_on_chain(client, answers: list[Answer]) -> dict:
         rid = e.request_id
         if rid in sent:
             a = sent[rid]
+            if a.adapter_id and e.adapter_id != a.adapter_id:
+                raise DemoCheckFailed(f"record {rid} ({a.label}) names adapter {e.adapter_id}, not {a.adapter_id}")
             if (e.prompt_tokens, e.completion_tokens) != (a.prompt_tokens, a.completion_tokens):
                 raise DemoCheckFailed(
                     f"request {rid}: chain has {e.prompt_tokens}+{e.completion_tokens} "

@@ -54,6 +54,9 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             network.wait_for_models(gateway_url, api_key, [a.name for a in adapters], group, len(nodes))
             console.print("• sending requests through the openai client")
             answers = checks.send_requests(gateway_url, api_key, adapters, base_model_name(base))
+            adapter_ids = {p.name: p.adapter_id for p in packages}
+            blend = [(name, adapter_ids[name], w) for name, w in (("alice/capitals", 0.7), ("bob/elements", 0.3))]
+            answers.append(checks.send_ensemble(gateway_url, api_key, blend, adapters[0].questions[0].prompt))
             show_answers(answers, console)
             checks.check_answers(answers)
             console.print(
@@ -67,14 +70,22 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
                 f"{cached} prompt tokens were read from the nodes' prefix caches"
             )
             sent = checks.sent_requests(answers)  # the base-model comparisons are settled too
-            console.print(f"• {len(sent)} requests answered; waiting for settlement on chain")
+            console.print(
+                f"• {len(answers) + sum(bool(a.base_request_id) for a in answers)} requests answered; "
+                "waiting for settlement on chain"
+            )
             checks.wait_settled(db_url, [s.request_id for s in sent])
             client = ChainClient.from_deployment(deployment)
             summary = checks.check_on_chain(client, answers)
             show_attribution(client, ids, console)
             console.print(
-                f"[green]✓[/] {summary['records']} requests on chain exactly once in {summary['batches']} "
+                f"[green]✓[/] {summary['records']} records on chain exactly once in {summary['batches']} "
                 f"batch(es); rewards accrued = fees = {summary['fees'] / ETHER:.6f} ETH"
+            )
+            ens = next(a for a in answers if a.kind == "ensemble")
+            console.print(
+                f"[green]✓[/] the ensemble {ens.adapter} (weights 0.7, 0.3), one request of {ens.prompt_tokens}+"
+                f"{ens.completion_tokens} tokens, is on chain as one record per adapter, its tokens split by weight"
             )
             console.print(
                 f"[green]✓[/] {summary['base_records']} of them to the bare base model, at the base price: "
