@@ -9,8 +9,9 @@ Bytes per weight as node/engine/quant.py stores them:
   int8  base linears int8 + a bf16 scale per output row; embedding and lm_head the same
   int4  base linears 4-bit + a bf16 (scale, zero) per 128-element group (0.53 B); embedding and lm_head int8
   fp8   base linears e4m3 + an fp32 scale per output row; embedding and lm_head bf16
-KV cache: bf16 K and V per layer, num_kv_heads * head_dim each, per token (the engine's paged cache today;
-an fp8 KV cache halves it, shown in its own column). LoRA slots: bf16 A and B of every projection at the
+KV cache: bf16 K and V per layer, num_kv_heads * head_dim each, per token (`--kv-cache-dtype auto`); with
+`--kv-cache-dtype fp8` (node/engine/layers/kv_cache.py) e4m3 codes plus an fp32 scale per token and kv head,
+(head_dim + 4) / (2 head_dim) of bf16's bytes, in its own column. LoRA slots: bf16 A and B of every projection at the
 slots' padded rank. Workspace: a flat reserve for the CUDA context, activations of a 64-row step, the
 [64, vocab] fp32 logits, sampling and allocator slack."""
 
@@ -44,6 +45,7 @@ def sizes(shape) -> dict:
         "vocab_rows": vocab * (1 if tied else 2),
         "norm_params": layers * 2 * h + h,
         "kv_bytes_per_token": layers * 2 * kvs * 2,
+        "kv_fp8_bytes_per_token": layers * 2 * kv * (hd + 4),
         "lora_per_rank": layers * sum(n * (i + o) for n, (i, o) in zip((3, 1, 2, 1), linears)),
     }
 
@@ -84,6 +86,7 @@ def main() -> None:
     for name, shape in MODELS.items():
         s = sizes(shape)
         kv = s["kv_bytes_per_token"] * tokens
+        kv8 = s["kv_fp8_bytes_per_token"] * tokens
         fixed = args.slots * args.rank * s["lora_per_rank"] * 2 + args.workspace_gb * 1e9
         cells = []
         for scheme in schemes:
@@ -91,10 +94,10 @@ def main() -> None:
             total = w + kv + fixed
             if total <= args.gb * 1e9:
                 largest[scheme] = name
-            if total - kv / 2 <= args.gb * 1e9:
+            if total - kv + kv8 <= args.gb * 1e9:
                 largest_fp8kv[scheme] = name
             cells.append(f"{w / 1e9:6.1f}/{total / 1e9:6.1f} {'fits' if total <= args.gb * 1e9 else 'no':>4}")
-        print(f"| {name:<24} | {kv / 1e9:5.1f} [{kv / 2e9:5.1f}] | " + " | ".join(f"{c:>20}" for c in cells) + " |")
+        print(f"| {name:<24} | {kv / 1e9:5.1f} [{kv8 / 1e9:5.1f}] | " + " | ".join(f"{c:>20}" for c in cells) + " |")
     print()
     for scheme in schemes:
         print(

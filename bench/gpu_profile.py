@@ -235,6 +235,7 @@ def check(kern, meta, x, y, w, slices, ref_h, ref_y) -> float:
 
 
 def attention(args, report: dict) -> None:
+    from node.engine.layers.kv_cache import LayerKV
     from node.engine.layers.triton_attention import paged_decode_attention
 
     shape = bench.SHAPES[args.shape]
@@ -246,7 +247,7 @@ def attention(args, report: dict) -> None:
     copies = 8 if dev.startswith("cuda") else 1
     g = torch.Generator(device=dev).manual_seed(11)
     caches = [
-        (
+        LayerKV(
             torch.randn(blocks, bs, kvh, d, generator=g, device=dev).to(torch.bfloat16),
             torch.randn(blocks, bs, kvh, d, generator=g, device=dev).to(torch.bfloat16),
         )
@@ -259,17 +260,17 @@ def attention(args, report: dict) -> None:
     out = torch.empty_like(q)
     kv_bytes = sum(contexts) * kvh * d * 2 * 2
     timer = make_timer(dev, args.quick)
-    ref = paged_decode_attention(q, *caches[0], tables, ctx).double()
+    ref = paged_decode_attention(q, caches[0], tables, ctx).double()
     rows = []
     # (positions per step, warps): the default (32, 8) first; registers a thread in triton_attention.py
     for block_n, warps in ((None, None), (16, 8), (16, 4), (64, 8)):
         try:
-            err = rel_err(paged_decode_attention(q, *caches[0], tables, ctx, block_n=block_n, num_warps=warps), ref)
+            err = rel_err(paged_decode_attention(q, caches[0], tables, ctx, block_n=block_n, num_warps=warps), ref)
             ms = (
                 timer(
                     lambda: [
-                        paged_decode_attention(q, k, v, tables, ctx, out=out, block_n=block_n, num_warps=warps)
-                        for k, v in caches
+                        paged_decode_attention(q, kv, tables, ctx, out=out, block_n=block_n, num_warps=warps)
+                        for kv in caches
                     ]
                 )
                 / copies

@@ -51,6 +51,7 @@ class NodeSettings(ServiceSettings):
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads
     prefix_caching: bool | None = None  # share prompt prefixes' KV (the engine's default: on)
     quantization: str | None = None  # none | int8 | int4 | fp8: the base weights' serving precision
+    kv_cache_dtype: str | None = None  # auto | fp8: the KV cache's storage (the engine's default: auto)
     speculative: str | None = None  # ngram | off: speculative decoding (the engine's default: ngram)
     tensor_parallel: int | None = Field(default=None, ge=1)  # ranks the base is sharded over (engine default: 1)
     # the chain, the mesh and the gateways
@@ -81,6 +82,15 @@ class NodeSettings(ServiceSettings):
             from node.engine.quant import check_quantization  # torch: imported only when the setting is given
 
             check_quantization(v, info.data.get("device") or "cpu")
+        return v
+
+    @field_validator("kv_cache_dtype")
+    @classmethod
+    def _kv_cache_dtype(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:  # one line before anything loads, like quantization
+            from node.engine.layers.kv_cache import check_kv_cache_dtype
+
+            check_kv_cache_dtype(v, info.data.get("device") or "cpu")
         return v
 
     def daemon_config(self) -> DaemonConfig:
@@ -121,6 +131,7 @@ class NodeSettings(ServiceSettings):
             "num_kv_blocks": self.kv_blocks,
             "threads": self.threads,
             "quantization": self.quantization,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "tensor_parallel": self.tensor_parallel,
             "enable_prefix_caching": self.prefix_caching,
             "speculative": self.speculative,

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from node.adapters.limits import MAX_LORA_RANK
+from node.engine.layers.kv_cache import check_kv_cache_dtype
 from node.engine.quant import check_quantization
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -231,6 +232,9 @@ class EngineConfig:
     # base weights quantized on load (quant.py): "none" | "int8" | "int4" | "fp8" (CUDA, compute capability
     # >= 8.9); LoRA and activations stay in `dtype`
     quantization: str = "none"
+    # the KV cache's storage (layers/kv_cache.py): "auto" the activation dtype; "fp8" e4m3 with a scale per token
+    # and kv head, about half the bytes of bf16 (CPU, or CUDA with compute capability >= 8.9)
+    kv_cache_dtype: str = "auto"
     # speculative decoding (speculative.py): "ngram" proposes up to num_speculative_tokens tokens per decoding
     # row from the last earlier occurrence of its newest ngram_max..ngram_min tokens, verified in the step's
     # one forward pass; "off" decodes one token per row per step
@@ -260,6 +264,7 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         check_quantization(self.quantization, self.device)
+        check_kv_cache_dtype(self.kv_cache_dtype, self.device)
         if self.speculative not in ("ngram", "off"):
             raise ValueError(f"speculative {self.speculative!r} is not one of ngram, off")
         if not 1 <= self.num_speculative_tokens <= 32:

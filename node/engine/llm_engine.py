@@ -318,6 +318,7 @@ class LLMEngine:
             tokens_per_s=self.tokens_per_s(),
             device=self.config.device,
             quantization=self.config.quantization,  # the base's serving precision (the adapters' is `dtype`)
+            kv_cache_dtype=self.config.kv_cache_dtype,
             usage=dict(self.usage),
         )
         return s

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.engine.config import ModelConfig, RopeConfig
-from node.engine.layers.attention import AttentionMetadata, paged_attention, write_kv
+from node.engine.layers.attention import AttentionMetadata, paged_attention
+from node.engine.layers.kv_cache import LayerKV, write_kv
 from node.engine.lora.layers import LinearWithLoRA
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.quant import Int8Weight
@@ -119,16 +120,18 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerKV,
         fused: ModuleType | None = None,
     ) -> torch.Tensor:
         c = self.cfg
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
-        if fused is not None and self.q_norm is None:  # one kernel: rotate q and k, write k and v into the cache
+        # one kernel: rotate q and k, write k and v into the cache (an fp8 cache is written by write_kv, which
+        # quantizes)
+        if fused is not None and self.q_norm is None and not kv.quantized:
             q = fused.rope_and_cache(
-                qkv, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, kv[0], kv[1], c.num_heads
+                qkv, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, kv.k, kv.v, c.num_heads
             )  # [T, H, d]
-            return self.o_proj(paged_attention(q, kv[0], kv[1], meta).reshape(-1, c.q_size))
+            return self.o_proj(paged_attention(q, kv, meta).reshape(-1, c.q_size))
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -136,8 +139,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
-        write_kv(kv[0], kv[1], k, v.contiguous(), meta)
-        out = paged_attention(q, kv[0], kv[1], meta)  # [T, H, d]
+        write_kv(kv, k, v.contiguous(), meta.slot_mapping)
+        out = paged_attention(q, kv, meta)  # [T, H, d]
         return self.o_proj(out.reshape(-1, c.q_size))
 
 
@@ -259,7 +262,7 @@ class CausalLM(nn.Module):
         token_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerKV],
     ) -> torch.Tensor:
         if self.qembed is None:
             x = self.embed_tokens(token_ids)  # [T, D]

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from node.engine.config import EngineConfig, ModelConfig
+from node.engine.layers import kv_cache
 from node.engine.layers.attention import build_metadata, to_device
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.lora.weights import LoadedAdapter
@@ -61,16 +62,24 @@ class ModelRunner:
         # static decode pads batches up to a bucket: the padded rows write their K/V into one extra block
         self.scratch_block = self.num_blocks if self.static_decode else None
         total = self.num_blocks + (1 if self.static_decode else 0)
-        shape = (total, config.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            kv_cache.allocate(
+                total,
+                config.block_size,
+                model_cfg.num_kv_heads,
+                model_cfg.head_dim,
+                dtype,
+                config.kv_cache_dtype,
+                self.device,
+            )
             for _ in range(model_cfg.num_layers)
         ]
         log.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            "KV cache: %d blocks of %d tokens (%.1f MiB, %s)",
             self.num_blocks,
             config.block_size,
             self.num_blocks * self._block_bytes() / 2**20,
+            "fp8" if config.kv_cache_dtype == "fp8" else str(dtype).removeprefix("torch."),
         )
         self.graphs = None
         if self.static_decode:
@@ -123,7 +132,8 @@ class ModelRunner:
 
     def _block_bytes(self) -> int:
         c = self.cfg
-        return 2 * c.num_layers * self.config.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        per_token = kv_cache.bytes_per_token(c.num_kv_heads, c.head_dim, self.dtype, self.config.kv_cache_dtype)
+        return c.num_layers * self.config.block_size * per_token
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

@@ -116,3 +116,15 @@ def test_speculative_decoding_is_ngram_unless_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAMESH_NODE_SPECULATIVE", "medusa")
     with pytest.raises(ValueError, match="speculative 'medusa' is not one of ngram, off"):
         NodeSettings.load(off).engine_config()
+
+
+def test_kv_cache_dtype_is_auto_unless_set_and_a_bad_one_is_one_line(tmp_path, monkeypatch):
+    assert NodeSettings.load(None, base=Path("b"), store=Path("s"), port=1).engine_config().kv_cache_dtype == "auto"
+    fp8 = write(tmp_path, 'base = "b"\nstore = "s"\nport = 1\nkv_cache_dtype = "fp8"\n')
+    assert NodeSettings.load(fp8).engine_config().kv_cache_dtype == "fp8"
+    monkeypatch.setenv("LORAMESH_NODE_KV_CACHE_DTYPE", "int4")
+    with pytest.raises(SettingsError) as e:
+        NodeSettings.load(fp8)
+    assert str(e.value) == (
+        "setting kv_cache_dtype: --kv-cache-dtype 'int4' is not supported; expected one of auto, fp8"
+    ), str(e.value)

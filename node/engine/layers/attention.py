@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from node.engine.layers.kv_cache import LayerKV, gather
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -78,31 +80,19 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device)
 
 
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-) -> None:
-    """Store this step's keys/values: caches [blocks, block_size, kv_heads, d], k/v [T, kv_heads, d]."""
-    nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(nb * bs, h, d).index_copy_(0, meta.slot_mapping, v)
-
-
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
-    """q [T, heads, d] -> out [T, heads, d], keys/values read from the cache via block tables."""
+def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+    """q [T, heads, d] -> out [T, heads, d], keys/values read from the layer's cache via block tables."""
     if meta.context_lens is not None:
         from node.engine.layers.triton_attention import paged_decode_attention
 
-        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.window)
-    _, bs, kvh, d = k_cache.shape
+        return paged_decode_attention(q, kv, meta.block_tables, meta.context_lens, meta.window)
     b = meta.num_seqs
+    d = q.shape[-1]
     if meta.query_index is None:
         qp = q.view(b, 1, q.shape[1], d)  # [B, 1, H, d]
     else:
         qp = q[meta.query_index]  # [B, Lq, H, d]
-    kk = k_cache[meta.block_tables].view(b, -1, kvh, d)  # [B, Lk, KVH, d]
-    vv = v_cache[meta.block_tables].view(b, -1, kvh, d)
+    kk, vv = gather(kv, meta.block_tables, q.dtype)  # [B, Lk, KVH, d] each
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=meta.mask, enable_gqa=True
     ).transpose(1, 2)  # [B, Lq, H, d]

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from node.engine.layers.kv_cache import LayerKV
 from node.engine.layers.triton_util import INTERPRET, check_device
 
 NO_WINDOW = 2**31 - 1
@@ -31,6 +32,8 @@ def _paged_decode_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    ks_ptr,
+    vs_ptr,
     out_ptr,
     tables_ptr,
     ctx_ptr,
@@ -44,6 +47,8 @@ def _paged_decode_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_sb,
+    stride_ss,
     stride_ot,
     stride_oh,
     stride_tb,
@@ -55,6 +60,7 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     # program (sequence b, kv head g): the GROUP query heads sharing kv head g (padded to
     # GROUP_P >= 16 rows for the tensor cores), online softmax over positions lo..ctx-1 in chunks
@@ -96,15 +102,27 @@ def _paged_decode_kernel(
             mask=kv_mask,
             other=0.0,
         )  # [BN, D]
+        if KV_FP8:
+            # e4m3 codes widened as they are (|code| <= 448 is exact in bf16/fp16); each position's scale is
+            # applied to its score and its probability instead of to its d values
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+            s_off = blk * stride_sb + within * stride_ss + g
+            k_scale = tl.load(ks_ptr + s_off, mask=valid, other=0.0)  # [BN]
+            v_scale = tl.load(vs_ptr + s_off, mask=valid, other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GP, BN]
+        if KV_FP8:
+            s = s * k_scale[None, :]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_FP8:  # the softmax's sum (l_i) is over p: the scale is V's alone
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -117,8 +135,7 @@ def _paged_decode_kernel(
 
 def paged_decode_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv: LayerKV,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     window: int | None = None,
@@ -128,10 +145,11 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Semantics: for sequence b with c = context_lens[b] >= 1 and query q[b] (its newest token, at
     position c-1), out[b, h] = softmax(q[b, h] . K_b[j] / sqrt(d), j in [lo, c)) @ V_b[j], where
-    K_b[j] / V_b[j] sit at cache[block_tables[b, j // bs], j % bs, h // (H / KVH)], and
-    lo = max(0, c - window) with a sliding window, else 0.
-    q [B, H, d]; caches [blocks, bs, KVH, d]; block_tables [B, >= ceil(c / bs)] int; context_lens [B] int.
+    K_b[j] / V_b[j] sit at cache[block_tables[b, j // bs], j % bs, h // (H / KVH)] (times their scale in an
+    fp8 cache, kv_cache.py), and lo = max(0, c - window) with a sliding window, else 0.
+    q [B, H, d]; kv's caches [blocks, bs, KVH, d]; block_tables [B, >= ceil(c / bs)] int; context_lens [B] int.
     block_n / num_warps override BLOCK_N / NUM_WARPS (bench/gpu_profile.py's attention sweep)."""
+    k_cache, v_cache = kv.k, kv.v
     bsz, heads, d = q.shape
     _, block_size, kvh, d_k = k_cache.shape
     assert d == d_k and heads % kvh == 0, (q.shape, k_cache.shape)
@@ -141,10 +159,17 @@ def paged_decode_attention(
     o = out if out is not None else torch.empty_like(q)
     if bsz == 0:
         return o
+    # without a quantized cache the scale pointers are never read (KV_FP8 is a constexpr): pass the caches
+    k_scale = kv.k_scale if kv.quantized else k_cache
+    v_scale = kv.v_scale if kv.quantized else v_cache
+    if kv.quantized:
+        assert k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1, (k_scale.stride(), v_scale.stride())
     _paged_decode_kernel[(bsz, kvh)](
         q,
         k_cache,
         v_cache,
+        k_scale,
+        v_scale,
         o,
         block_tables,
         context_lens,
@@ -158,6 +183,8 @@ def paged_decode_attention(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        k_scale.stride(0),
+        k_scale.stride(1),
         o.stride(0),
         o.stride(1),
         block_tables.stride(0),
@@ -169,6 +196,7 @@ def paged_decode_attention(
         BLOCK_N=block_n or BLOCK_N,
         DOT_F32=INTERPRET,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_FP8=kv.quantized,
         num_warps=num_warps or NUM_WARPS,
     )
     return o

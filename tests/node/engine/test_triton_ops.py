@@ -11,8 +11,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from node.engine.config import ModelConfig  # noqa: E402
-from node.engine.layers.attention import build_metadata, write_kv  # noqa: E402
 from node.engine.layers.fused import rms_norm, rope_and_cache, silu_mul  # noqa: E402
+from node.engine.layers.kv_cache import LayerKV, write_kv  # noqa: E402
 from node.engine.model import RMSNorm, Rotary  # noqa: E402
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
@@ -72,14 +72,11 @@ def test_rope_and_cache_matches_rotary_and_write_kv(triton_device, dtype, heads,
     want_q = rot(q.reshape(t, heads, head_dim), positions)
     k_ref = torch.full((blocks, bs, kv_heads, head_dim), float("nan"), dtype=dtype)
     v_ref = k_ref.clone()
-    meta = build_metadata([[0]], [[0]], bs, None, torch.device("cpu"))
-    meta.slot_mapping = slots
     write_kv(
-        k_ref,
-        v_ref,
+        LayerKV(k_ref, v_ref),
         rot(k.reshape(t, kv_heads, head_dim), positions),
         v.reshape(t, kv_heads, head_dim).contiguous(),
-        meta,
+        slots,
     )
     dev = triton_device
     k_cache = torch.full_like(k_ref, float("nan"), device=dev)  # poisoned: only the written slots change
