@@ -10,7 +10,7 @@ Bytes per weight as node/engine/quant.py stores them:
   int4  base linears 4-bit + a bf16 (scale, zero) per 128-element group (0.53 B); embedding and lm_head int8
   fp8   base linears e4m3 + an fp32 scale per output row; embedding and lm_head bf16
 KV cache: bf16 K and V per layer, num_kv_heads * head_dim each, per token (`--kv-cache-dtype auto`); with
-`--kv-cache-dtype fp8` (node/engine/layers/kv_cache.py) e4m3 codes plus an fp32 scale per token and kv head,
+`--kv-cache-dtype fp8` (node/engine/layers/attention.py) e4m3 codes plus an fp32 scale per token and kv head,
 (head_dim + 4) / (2 head_dim) of bf16's bytes, in its own column. LoRA slots: bf16 A and B of every projection at the
 slots' padded rank. Workspace: a flat reserve for the CUDA context, activations of a 64-row step, the
 [64, vocab] fp32 logits, sampling and allocator slack."""

@@ -12,8 +12,9 @@ Sections (--sections, comma-separated or "all"; CPU default: throughput, CUDA de
   cold        cold load of a 168 MB adapter (store -> host -> slot), alone and under a running batch
   ttft        time to first token, 512-token prompt at batch 1, ours and transformers
   precision   ours with N adapters on the base quantized on load (int8, int4 on CPU; int8, fp8 on CUDA)
-              against the full-precision base, every engine in the same interleaved rounds: decode tok/s,
-              resident weight bytes, greedy rows identical; run first, its engines closed before the rest
+              against the full-precision base, and the full-precision base over an fp8 KV cache, every engine
+              in the same interleaved rounds: decode tok/s, resident weight bytes, KV bytes a block, greedy
+              rows identical; run first, its engines closed before the rest
   hf-static   transformers with a static cache (auto torch.compile on CUDA), base-only; last, as
               its compile is slow
 
@@ -451,6 +452,7 @@ def main() -> None:
                 EngineConfig(
                     model_dir=base_dir,
                     device=args.device,
+                    speculative="off",  # a step is one token a row here; bench/spec.py measures speculation
                     dtype="float32" if not cuda else "bf16",
                     num_slots=n_slots,
                     max_lora_rank=args.rank,
@@ -744,17 +746,20 @@ def precision(args, base_dir: Path, store, ids: list[str], base_sd: dict, prompt
     from node.engine.quant import weight_bytes
 
     cuda = args.device.startswith("cuda")
-    schemes = ["none", "int8", "fp8"] if cuda else ["none", "int8", "int4"]
+    # (row, base quantization, KV cache dtype): the last row is the full-precision base over an fp8 KV cache
+    variants = [(q, q, "auto") for q in (["none", "int8", "fp8"] if cuda else ["none", "int8", "int4"])]
+    variants.append(("fp8 KV cache", "none", "fp8"))
     out: dict = {"baseline": "bf16" if cuda else "fp32", "errors": {}, "rows": {}}
     max_len = args.prompt_len + args.new_tokens + 1
     blocks = args.batch * -(-max_len // 16) + 8  # every row's blocks, fixed: the engines share the device
     engines = {}
-    for q in schemes:
+    for q, quantization, kv_dtype in variants:
         try:
             engines[q] = LLMEngine(
                 EngineConfig(
                     model_dir=base_dir,
                     device=args.device,
+                    speculative="off",  # a step is one token a row here; bench/spec.py measures speculation
                     dtype="bf16" if cuda else "float32",
                     num_slots=args.adapters,
                     max_lora_rank=args.rank,
@@ -766,7 +771,8 @@ def precision(args, base_dir: Path, store, ids: list[str], base_sd: dict, prompt
                     block_size=16,
                     num_kv_blocks=blocks,
                     cuda_graphs=args.cuda_graphs,
-                    quantization=q,
+                    quantization=quantization,
+                    kv_cache_dtype=kv_dtype,
                 ),
                 store=store,
                 weights=base_sd.items(),
@@ -834,6 +840,7 @@ def precision(args, base_dir: Path, store, ids: list[str], base_sd: dict, prompt
             "decode_tokens_per_cpu_s": args.batch / statistics.median(cpu[q]),
             "step_ms": statistics.median(wall[q]) * 1e3,
             "weight_MB": weight_bytes(e.runner.model) / 1e6,
+            "kv_MB_per_block": e.runner._block_bytes() / 1e6,
             "greedy rows identical to the baseline": f"{same}/{args.batch}",
         }
         e.close()
@@ -843,6 +850,7 @@ def precision(args, base_dir: Path, store, ids: list[str], base_sd: dict, prompt
             row["decode vs baseline"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
             row["decode per CPU s vs baseline"] = row["decode_tokens_per_cpu_s"] / base["decode_tokens_per_cpu_s"]
             row["weight bytes vs baseline"] = row["weight_MB"] / base["weight_MB"]
+            row["KV bytes vs baseline"] = row["kv_MB_per_block"] / base["kv_MB_per_block"]
     return out
 
 
@@ -1019,16 +1027,17 @@ def print_table(report: dict, path: Path) -> None:
         title = f"precision ({r['adapters']} adapters)"
         print(
             f"| {title:<24} | {'decode tok/s':>12} | {vs:>8} | {'per CPU s':>9} | {vs:>8} | {'weights MB':>10} | "
-            f"{vs:>8} | {'greedy = base':>13} |"
+            f"{vs:>8} | {'KV ' + vs:>11} | {'greedy = base':>13} |"
         )
         for q, row in prec["rows"].items():
             name = q if q != "none" else f"{prec['baseline']} (none)"
             dec, wb = row.get("decode vs baseline", 0), row.get("weight bytes vs baseline", 0)
             dcpu, same = row.get("decode per CPU s vs baseline", 0), row["greedy rows identical to the baseline"]
+            kvb = row.get("KV bytes vs baseline", 0)
             print(
                 f"| {name:<24} | {row['decode_tokens_per_s']:>12,.1f} | {dec:>7.2f}x | "
                 f"{row['decode_tokens_per_cpu_s']:>9,.1f} | {dcpu:>7.2f}x | {row['weight_MB']:>10,.1f} | "
-                f"{wb:>7.3f}x | {same:>13} |"
+                f"{wb:>7.3f}x | {kvb:>10.3f}x | {same:>13} |"
             )
         for q, err in prec["errors"].items():
             print(f"precision {q} failed: {err}")

@@ -112,6 +112,7 @@ def main() -> None:
         EngineConfig(
             model_dir=base_dir,
             device=args.device,
+            speculative="off",  # a step is one token a row here; bench/spec.py measures speculation
             dtype="float32" if args.device == "cpu" else "bf16",
             num_slots=4,
             max_lora_rank=2 * args.rank,

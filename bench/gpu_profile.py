@@ -235,7 +235,7 @@ def check(kern, meta, x, y, w, slices, ref_h, ref_y) -> float:
 
 
 def attention(args, report: dict) -> None:
-    from node.engine.layers.kv_cache import LayerKV
+    from node.engine.layers.attention import LayerKV
     from node.engine.layers.triton_attention import paged_decode_attention
 
     shape = bench.SHAPES[args.shape]
@@ -308,6 +308,7 @@ def build_engine(args, work: Path):
         EngineConfig(
             model_dir=base_dir,
             device=args.device,
+            speculative="off",  # a step is one token a row here; bench/spec.py measures speculation
             dtype="bf16" if cuda else "float32",
             num_slots=args.slots,
             max_lora_rank=args.rank,

@@ -139,6 +139,7 @@ def main() -> None:
     cfg = EngineConfig(
         model_dir=base,
         device=args.device,
+        speculative="off",  # a step is one token a row here; bench/spec.py measures speculation
         dtype="float32" if args.device == "cpu" else "bf16",
         num_slots=2,
         max_num_seqs=args.batch,

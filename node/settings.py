@@ -88,7 +88,7 @@ class NodeSettings(ServiceSettings):
     @classmethod
     def _kv_cache_dtype(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is not None:  # one line before anything loads, like quantization
-            from node.engine.layers.kv_cache import check_kv_cache_dtype
+            from node.engine.layers.attention import check_kv_cache_dtype
 
             check_kv_cache_dtype(v, info.data.get("device") or "cpu")
         return v

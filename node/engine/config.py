@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from node.adapters.limits import MAX_LORA_RANK
-from node.engine.layers.kv_cache import check_kv_cache_dtype
+from node.engine.layers.attention import check_kv_cache_dtype
 from node.engine.quant import check_quantization
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -232,7 +232,7 @@ class EngineConfig:
     # base weights quantized on load (quant.py): "none" | "int8" | "int4" | "fp8" (CUDA, compute capability
     # >= 8.9); LoRA and activations stay in `dtype`
     quantization: str = "none"
-    # the KV cache's storage (layers/kv_cache.py): "auto" the activation dtype; "fp8" e4m3 with a scale per token
+    # the KV cache's storage (layers/attention.py): "auto" the activation dtype; "fp8" e4m3 with a scale per token
     # and kv head, about half the bytes of bf16 (CPU, or CUDA with compute capability >= 8.9)
     kv_cache_dtype: str = "auto"
     # speculative decoding (speculative.py): "ngram" proposes up to num_speculative_tokens tokens per decoding

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.engine.config import ModelConfig, RopeConfig
-from node.engine.layers.attention import AttentionMetadata, paged_attention
-from node.engine.layers.kv_cache import LayerKV, write_kv
+from node.engine.layers.attention import AttentionMetadata, LayerKV, paged_attention, write_kv
 from node.engine.lora.layers import LinearWithLoRA
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.quant import Int8Weight

@@ -8,8 +8,7 @@ import logging
 import torch
 
 from node.engine.config import EngineConfig, ModelConfig
-from node.engine.layers import kv_cache
-from node.engine.layers.attention import build_metadata, to_device
+from node.engine.layers.attention import allocate_kv, build_metadata, kv_bytes_per_token, to_device
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.lora.weights import LoadedAdapter
 from node.engine.model import CausalLM
@@ -63,7 +62,7 @@ class ModelRunner:
         self.scratch_block = self.num_blocks if self.static_decode else None
         total = self.num_blocks + (1 if self.static_decode else 0)
         self.kv_caches = [
-            kv_cache.allocate(
+            allocate_kv(
                 total,
                 config.block_size,
                 model_cfg.num_kv_heads,
@@ -132,7 +131,7 @@ class ModelRunner:
 
     def _block_bytes(self) -> int:
         c = self.cfg
-        per_token = kv_cache.bytes_per_token(c.num_kv_heads, c.head_dim, self.dtype, self.config.kv_cache_dtype)
+        per_token = kv_bytes_per_token(c.num_kv_heads, c.head_dim, self.dtype, self.config.kv_cache_dtype)
         return c.num_layers * self.config.block_size * per_token
 
     def _num_blocks(self) -> int:

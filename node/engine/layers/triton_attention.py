@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from node.engine.layers.kv_cache import LayerKV
+from node.engine.layers.attention import LayerKV
 from node.engine.layers.triton_util import INTERPRET, check_device
 
 NO_WINDOW = 2**31 - 1

@@ -1,4 +1,4 @@
-"""An fp8 KV cache (`kv_cache_dtype="fp8"`, layers/kv_cache.py) against the engine's own-dtype cache on the same
+"""An fp8 KV cache (`kv_cache_dtype="fp8"`, layers/attention.py) against the engine's own-dtype cache on the same
 tiny random bases and adapters, and its smaller blocks.
 
 The bound: e4m3 keeps 3 mantissa bits, so each cached key and value is off by at most half an ulp, 2^-4 of its

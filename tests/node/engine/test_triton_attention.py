@@ -1,7 +1,7 @@
 """The Triton paged decode attention against the SDPA path (float64) on fresh random caches: GQA
 groups of 1..4 (and 3, padded), head sizes that are not powers of two, cache blocks of 5, 8 and 16
 tokens, sliding windows, contexts from 1 token to several blocks, scattered block tables; and the fp8
-cache (kv_cache.py) read by both paths against the float64 attention over the values it dequantizes to."""
+cache (attention.py) read by both paths against the float64 attention over the values it dequantizes to."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from node.engine.layers import kv_cache  # noqa: E402
-from node.engine.layers.attention import build_metadata, paged_attention  # noqa: E402
-from node.engine.layers.kv_cache import LayerKV  # noqa: E402
+from node.engine.layers.attention import LayerKV, allocate_kv, build_metadata, gather_kv, paged_attention, write_kv  # noqa: E402
 from node.engine.layers.triton_attention import paged_decode_attention  # noqa: E402
 
 
@@ -23,10 +21,10 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def fp8_cache(k: torch.Tensor, v: torch.Tensor) -> tuple[LayerKV, LayerKV]:
-    """k, v as an fp8 cache (written through kv_cache.write_kv) and, in float64, the values it holds."""
+    """k, v as an fp8 cache (written through write_kv) and, in float64, the values it holds."""
     nb, bs, h, d = k.shape
-    kv = kv_cache.allocate(nb, bs, h, d, k.dtype, "fp8", "cpu")
-    kv_cache.write_kv(kv, k.view(-1, h, d), v.view(-1, h, d), torch.arange(nb * bs))
+    kv = allocate_kv(nb, bs, h, d, k.dtype, "fp8", "cpu")
+    write_kv(kv, k.view(-1, h, d), v.view(-1, h, d), torch.arange(nb * bs))
     exact = [(c.double() * s.double().unsqueeze(-1)) for c, s in ((kv.k, kv.k_scale), (kv.v, kv.v_scale))]
     return kv, LayerKV(*exact)
 
@@ -127,8 +125,8 @@ def test_fp8_cache_error_against_the_unquantized_cache():
 
 
 def test_fp8_cache_never_written_slots_read_as_zero():
-    kv = kv_cache.allocate(2, 4, 1, 8, torch.float32, "fp8", "cpu")
-    k, v = kv_cache.gather(kv, torch.tensor([[0, 1]]), torch.float32)
+    kv = allocate_kv(2, 4, 1, 8, torch.float32, "fp8", "cpu")
+    k, v = gather_kv(kv, torch.tensor([[0, 1]]), torch.float32)
     assert torch.equal(k, torch.zeros_like(k)) and torch.equal(v, torch.zeros_like(v))
 
 

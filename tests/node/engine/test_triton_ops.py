@@ -11,8 +11,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from node.engine.config import ModelConfig  # noqa: E402
+from node.engine.layers.attention import LayerKV, write_kv  # noqa: E402
 from node.engine.layers.fused import rms_norm, rope_and_cache, silu_mul  # noqa: E402
-from node.engine.layers.kv_cache import LayerKV, write_kv  # noqa: E402
 from node.engine.model import RMSNorm, Rotary  # noqa: E402
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
