@@ -33,14 +33,17 @@ def _settler(settings: GatewaySettings, client, account) -> InProcessSettler:
     from ledger.settler_config import SettlerConfig
 
     engine = make_engine(settings.db_url, immediate=True)
+    fees = client.tx.fee_policy.capped(settings.settle_max_fee_gwei, settings.settle_max_tip_gwei)
     return InProcessSettler(
         Settler(
             engine,
-            client.with_account(account),
+            client.with_account(account, fee_policy=fees),
             SettlerConfig(
                 batch_size=settings.settle_batch_size,
                 interval=settings.settle_interval_s,
                 max_in_flight=settings.settle_max_in_flight,
+                confirmations=settings.settle_confirmations,
+                replace_after=settings.settle_replace_after_s,
             ),
         )
     )

@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from common.settings import ServiceSettings
 from ledger.db import DEFAULT_DB_URL
+from ledger.settler_config import DEFAULT_CONFIRMATIONS, DEFAULT_REPLACE_AFTER
 
 # the largest request body by default: a long context's worth of text, far below what could hurt the gateway
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -81,6 +82,15 @@ class GatewaySettings(ServiceSettings):
     settle_batch_size: int = Field(default=100, ge=1)
     settle_interval_s: float = Field(default=5.0, ge=0)
     settle_max_in_flight: int = Field(default=32, ge=1, le=256)  # batches sent before awaiting receipts
+    # on a public chain: blocks on top of a batch before it is final (a reorg before then sends it again), and
+    # seconds a sent batch may wait unmined before it is replaced with higher fees (`loramesh settler run`'s
+    # confirmations and replace_after, bounded by SettlerConfig)
+    settle_confirmations: int = Field(default=DEFAULT_CONFIRMATIONS, ge=0, le=1_000)
+    settle_replace_after_s: float = Field(default=DEFAULT_REPLACE_AFTER, gt=0)
+    # the most the settler pays per gas and as tip, in gwei (unset: LORAMESH_MAX_FEE_GWEI / _TIP_GWEI, else
+    # FeePolicy's defaults); a base fee above the cap makes it wait rather than pay
+    settle_max_fee_gwei: float | None = Field(default=None, ge=0, le=1e9)
+    settle_max_tip_gwei: float | None = Field(default=None, ge=0, le=1e9)
 
     @field_validator("db_url")
     @classmethod

@@ -175,14 +175,14 @@ class ChainClient:
     def address(self) -> str:
         return self.tx.account.address
 
-    def with_account(self, account) -> ChainClient:
-        """The same deployment, signing as another account."""
+    def with_account(self, account, *, fee_policy: FeePolicy | None = None) -> ChainClient:
+        """The same deployment, signing as another account (paying this client's fees unless told others)."""
         return ChainClient(
             self.deployment,
             account,
             rpc_url=self.rpc_url,
             receipt_timeout=self.tx.receipt_timeout,
-            fee_policy=self.tx.fee_policy,
+            fee_policy=fee_policy or self.tx.fee_policy,
         )
 
     def check_deployment(self) -> None:

@@ -3,15 +3,18 @@ service's settings (`loramesh settler run`: flags, LORAMESH_SETTLER_* variables,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import ServiceSettings
 from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
-from ledger.transport import GWEI, FeePolicy
+
+if TYPE_CHECKING:
+    from ledger.transport import FeePolicy
 
 # Bounds on what one record may cost (settler side). A price above the bound is a mistake (an adapter
 # priced in whole coins rather than wei) or an attack on the gateway's deposit; a record above the token
@@ -111,13 +114,9 @@ class SettlerSettings(ServiceSettings):
 
     def fee_policy(self) -> FeePolicy:
         """The FeePolicy for the settler's chain client: these caps over the environment's."""
-        policy = FeePolicy.from_env()
-        caps = {}
-        if self.max_fee_gwei is not None:
-            caps["max_fee"] = round(self.max_fee_gwei * GWEI)
-        if self.max_tip_gwei is not None:
-            caps["max_tip"] = round(self.max_tip_gwei * GWEI)
-        return replace(policy, **caps)
+        from ledger.transport import FeePolicy  # web3 with it: gateway.settings imports this module's defaults
+
+        return FeePolicy.from_env().capped(self.max_fee_gwei, self.max_tip_gwei)
 
     def config(self) -> SettlerConfig:
         """The SettlerConfig these settings describe (ValueError when a value is out of its bounds)."""

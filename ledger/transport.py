@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import requests
@@ -104,6 +104,15 @@ class FeePolicy:
         if text := env.get(MAX_TIP_ENV, "").strip():
             kwargs["max_tip"] = _gwei_setting(MAX_TIP_ENV, text)
         return cls(**kwargs)
+
+    def capped(self, max_fee_gwei: float | None = None, max_tip_gwei: float | None = None) -> FeePolicy:
+        """This policy with a service's configured caps (gwei) in place of its own, where given."""
+        caps = {}
+        if max_fee_gwei is not None:
+            caps["max_fee"] = round(max_fee_gwei * GWEI)
+        if max_tip_gwei is not None:
+            caps["max_tip"] = round(max_tip_gwei * GWEI)
+        return replace(self, **caps)
 
     def fees(self, w3: Web3) -> tuple[int, int]:
         """(maxPriorityFeePerGas, maxFeePerGas) for a transaction sent now; FeeAboveCap when the next base fee

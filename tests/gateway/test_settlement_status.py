@@ -3,6 +3,7 @@ tested in tests/ledger)."""
 
 import asyncio
 
+import pytest
 from sqlalchemy.exc import OperationalError
 
 from gateway.metrics import GatewayMetrics
@@ -75,3 +76,44 @@ def test_a_crowd_of_callers_shares_one_refresh():
 
     assert asyncio.run(crowd()) == [LOW] * 20
     assert slow.calls == 1  # one database scan and one eth_call for the whole crowd
+
+
+def test_gateway_settings_reach_the_in_process_settler(tmp_path, monkeypatch):
+    """settle_confirmations / settle_replace_after_s reach the Settler's config, settle_max_fee_gwei /
+    settle_max_tip_gwei its chain client's fee policy (over LORAMESH_MAX_FEE_GWEI), as `loramesh settler run`'s
+    own settings do; unset, the environment's caps stand."""
+    from eth_account import Account
+
+    from gateway.main import _settler
+    from gateway.settings import GatewaySettings
+    from ledger.chain import ChainClient
+    from ledger.deployment import Deployment
+    from ledger.transport import GWEI
+
+    monkeypatch.setenv("LORAMESH_MAX_FEE_GWEI", "7")
+    deployment = Deployment.from_dict(
+        {
+            "chain_id": 31337,
+            "rpc_url": "http://127.0.0.1:9",  # never called: building a settler sends nothing
+            "deploy_block": 0,
+            "contracts": {"AdapterRegistry": "0x" + "11" * 20, "AttributionLedger": "0x" + "22" * 20},
+        }
+    )
+    client = ChainClient(deployment)
+    account = Account.from_key("0x" + "33" * 32)
+    db = f"sqlite:///{tmp_path / 'gw.db'}"
+    s = GatewaySettings(
+        db_url=db,
+        settle_confirmations=6,
+        settle_replace_after_s=12.5,
+        settle_max_fee_gwei=42.5,
+        settle_max_tip_gwei=3,
+    )
+    settler = _settler(s, client, account).settler
+    assert (settler.config.confirmations, settler.config.replace_after) == (6, 12.5)
+    assert (settler.client.tx.fee_policy.max_fee, settler.client.tx.fee_policy.max_tip) == (int(42.5 * GWEI), 3 * GWEI)
+    assert settler.client.address == account.address
+    plain = _settler(GatewaySettings(db_url=db), client, account).settler
+    assert plain.client.tx.fee_policy.max_fee == 7 * GWEI and plain.config.confirmations == 0
+    with pytest.raises(ValueError, match="settle_confirmations"):
+        GatewaySettings(db_url=db, settle_confirmations=5000)
