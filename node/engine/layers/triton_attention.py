@@ -146,7 +146,7 @@ def paged_decode_attention(
     """Semantics: for sequence b with c = context_lens[b] >= 1 and query q[b] (its newest token, at
     position c-1), out[b, h] = softmax(q[b, h] . K_b[j] / sqrt(d), j in [lo, c)) @ V_b[j], where
     K_b[j] / V_b[j] sit at cache[block_tables[b, j // bs], j % bs, h // (H / KVH)] (times their scale in an
-    fp8 cache, kv_cache.py), and lo = max(0, c - window) with a sliding window, else 0.
+    fp8 cache, layers/attention.py), and lo = max(0, c - window) with a sliding window, else 0.
     q [B, H, d]; kv's caches [blocks, bs, KVH, d]; block_tables [B, >= ceil(c / bs)] int; context_lens [B] int.
     block_n / num_warps override BLOCK_N / NUM_WARPS (bench/gpu_profile.py's attention sweep)."""
     k_cache, v_cache = kv.k, kv.v

@@ -29,13 +29,13 @@ SCRIPT = textwrap.dedent("""
                 "tables_ptr": "*i64", "ctx_ptr": "*i64", "h_ptr": "*fp32", "pos_ptr": "*i64"}
     FLOAT_PTRS |= {"res_ptr", "w_ptr", "qkv_ptr", "cos_ptr", "sin_ptr", "gu_ptr"}
 
-    def build(fn, cfg, dt):
+    def build(fn, cfg, dt, ptrs=None):  # ptrs: types of pointer arguments that differ from the defaults
         cfg = dict(cfg)
         opts = {"num_warps": cfg.pop("num_warps", 4)}
         sig = {}
         for a in fn.arg_names:
-            sig[a] = ("constexpr" if a in cfg else "*" + dt if a in FLOAT_PTRS else INT_PTRS.get(a)
-                      or ("fp32" if a in ("scale", "eps") else "i32"))
+            sig[a] = ("constexpr" if a in cfg else (ptrs or {}).get(a) or ("*" + dt if a in FLOAT_PTRS
+                      else INT_PTRS.get(a)) or ("fp32" if a in ("scale", "eps") else "i32"))
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cfg), target=target, options=opts)
         assert k.asm["cubin"], fn.__name__
         print("built", fn.__name__, dt, sorted(cfg.items()))
@@ -46,10 +46,15 @@ SCRIPT = textwrap.dedent("""
             build(J._sgmv_shrink_kernel, dict(J.shrink_config("sgmv", r, tdt), BLOCK_M=16), dt)
             build(J._bgmv_expand_kernel, J.expand_config("bgmv", rank, tdt), dt)
             build(J._sgmv_expand_kernel, dict(J.expand_config("sgmv", rank, tdt), BLOCK_M=16), dt)
-        for (group, d, bs), bn in itertools.product(((4, 128, 16), (2, 32, 8), (3, 24, 5)), (A.BLOCK_N, 16)):
+        # an fp8 cache: e4m3 codes and an fp32 scale per (token, kv head); otherwise the scale pointers are the caches
+        fp8 = {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
+        plain = {"ks_ptr": "*" + dt, "vs_ptr": "*" + dt}
+        for (group, d, bs), bn, kv_fp8 in itertools.product(((4, 128, 16), (2, 32, 8), (3, 24, 5)), (A.BLOCK_N, 16),
+                                                             (False, True)):
             build(A._paged_decode_kernel, dict(GROUP=group, GROUP_P=16, HEAD_DIM=d,
                   HEAD_P=max(16, triton.next_power_of_2(d)), CACHE_BLOCK=bs, BLOCK_N=bn, DOT_F32=False,
-                  PRECISION="ieee" if dt == "fp32" else "tf32", num_warps=A.NUM_WARPS), dt)
+                  PRECISION="ieee" if dt == "fp32" else "tf32", KV_FP8=kv_fp8, num_warps=A.NUM_WARPS), dt,
+                  fp8 if kv_fp8 else plain)
         build(O._rmsnorm_kernel, dict(HAS_RES=True, BLOCK=4096, num_warps=16), dt)
         build(O._rmsnorm_kernel, dict(HAS_RES=False, BLOCK=4096, num_warps=16), dt)
         build(O._rope_cache_kernel, dict(HEADS=32, KV_HEADS=8, HEADS_P=32, KV_P=8, HALF=64, HALF_P=64), dt)
