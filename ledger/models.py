@@ -46,6 +46,10 @@ class UsageRecord(SQLModel, table=True):
     gateway's count."""
 
     __tablename__ = "usage_records"
+    # a batch's records in one state: the settler's moves (submitted -> settled, back to pending) and reads
+    # of a batch. With only single-column indexes SQLite picked the status one and scanned every record in
+    # flight for each batch (tens of thousands when pipelining); batch_id alone is this index's prefix.
+    __table_args__ = (Index("ix_usage_records_batch_status", "batch_id", "status"),)
 
     id: int | None = Field(default=None, primary_key=True)  # outbox order
     request_id: str = Field(max_length=66, unique=True, index=True)
@@ -61,7 +65,7 @@ class UsageRecord(SQLModel, table=True):
     gateway_key_id: int | None = Field(default=None, index=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     status: str = Field(default=RecordStatus.PENDING, max_length=16, index=True)
-    batch_id: str | None = Field(default=None, max_length=66, index=True)
+    batch_id: str | None = Field(default=None, max_length=66)  # indexed with status (__table_args__)
     leaf_index: int | None = Field(default=None, sa_type=BigInteger)  # position in its batch's Merkle tree
     error: str | None = None
 

@@ -17,6 +17,7 @@ from ledger.models import SettlementBatch, UsageRecord
 from tests.utils.postgres import postgres  # noqa: F401 - the module-scoped fixture
 
 BIG = 2**40  # more tokens than a 32-bit column holds
+HEAD = "0005"  # the newest revision
 
 
 def _previous_release(engine) -> None:
@@ -50,9 +51,9 @@ def _column_type(engine, table: str, column: str) -> str:
 def test_a_new_database_is_made_at_the_newest_revision(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
     init_db(engine)
-    assert schema_revision(engine) == "0004"
+    assert schema_revision(engine) == HEAD
     init_db(engine)  # again: nothing to do
-    assert schema_revision(engine) == "0004"
+    assert schema_revision(engine) == HEAD
 
 
 def test_the_previous_releases_sqlite_database_is_upgraded(tmp_path):
@@ -60,7 +61,7 @@ def test_the_previous_releases_sqlite_database_is_upgraded(tmp_path):
     _previous_release(engine)
     assert schema_revision(engine) is None
     init_db(engine)
-    assert schema_revision(engine) == "0004"
+    assert schema_revision(engine) == HEAD
     with Session(engine) as s:
         row = s.exec(select(UsageRecord)).one()
         assert (row.prompt_tokens, row.completion_tokens) == (7, 9)
@@ -94,7 +95,7 @@ def test_the_previous_releases_postgres_database_is_upgraded_to_64_bit_counts(po
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and schema_revision(engine) == "0004"
+    assert errors == [] and schema_revision(engine) == HEAD
     for table, column in [
         ("usage_records", "completion_tokens"),
         ("gateway_requests", "completion_tokens"),
@@ -145,7 +146,7 @@ def _at_0002(engine) -> None:
 
 
 def _check_0003(engine) -> None:
-    assert schema_revision(engine) == "0004"
+    assert schema_revision(engine) == HEAD
     assert _column_type(engine, "batches", "first_seq") == "BIGINT"
     assert "ix_batches_settler_first_seq" in {i["name"] for i in sa.inspect(engine).get_indexes("batches")}
     with Session(engine) as s:
@@ -166,3 +167,68 @@ def test_a_0002_postgres_database_gets_batch_sequence_numbers(postgres):  # noqa
     _at_0002(engine)
     init_db(engine)
     _check_0003(engine)
+
+
+def _at_0004(engine) -> None:
+    """A database as revision 0004 left it: usage_records indexed by batch_id alone, one batch's records."""
+    from ledger.db import _alembic
+
+    SQLModel.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX ix_usage_records_batch_status"))
+        conn.execute(sa.text("CREATE INDEX ix_usage_records_batch_id ON usage_records (batch_id)"))
+        from alembic import command
+
+        command.stamp(_alembic(conn), "0004")
+    with Session(engine) as s:
+        for i in range(3):
+            s.add(
+                UsageRecord(
+                    request_id=f"0x{i:064x}",
+                    adapter_id="0x" + "22" * 32,
+                    node_id="0x" + "33" * 32,
+                    prompt_tokens=1,
+                    completion_tokens=1,
+                    status="submitted",
+                    batch_id="0x" + "ab" * 32,
+                )
+            )
+        s.commit()
+
+
+def _check_0005(engine, rows: int = 3) -> None:
+    """The settler's moves of a batch's records search the (batch_id, status) index, not every record of a
+    status; the rows are kept."""
+    assert schema_revision(engine) == HEAD
+    names = {i["name"] for i in sa.inspect(engine).get_indexes("usage_records")}
+    assert "ix_usage_records_batch_status" in names and "ix_usage_records_batch_id" not in names
+    with Session(engine) as s:
+        assert len(s.exec(select(UsageRecord).where(UsageRecord.batch_id == "0x" + "ab" * 32)).all()) == rows
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            plan = conn.execute(
+                sa.text(
+                    "EXPLAIN QUERY PLAN UPDATE usage_records SET status = 'settled' "
+                    "WHERE batch_id = :b AND status = 'submitted'"
+                ),
+                {"b": "0x" + "ab" * 32},
+            ).all()
+        assert "ix_usage_records_batch_status" in str(plan), plan
+
+
+def test_a_0004_sqlite_database_indexes_records_by_batch_and_status(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'v4.db'}")
+    _at_0004(engine)
+    init_db(engine)
+    _check_0005(engine)
+    fresh = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    init_db(fresh)
+    _check_0005(fresh, rows=0)
+
+
+@pytest.mark.integration
+def test_a_0004_postgres_database_indexes_records_by_batch_and_status(postgres):  # noqa: F811
+    engine = make_engine(postgres.new_database("at_0004"))
+    _at_0004(engine)
+    init_db(engine)
+    _check_0005(engine)
