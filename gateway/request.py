@@ -193,7 +193,7 @@ class ServedRequest:
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
         build = chat_response if self.chat else completion_response
-        usage = usage_dict(*self.usage)
+        usage = usage_dict(*self.usage, self.cached_tokens)
 
         def render() -> bytes:  # as JSONResponse renders
             body = build(
@@ -230,7 +230,7 @@ class ServedRequest:
                     )
                 )
                 return
-            usage = b.usage(usage_dict(*self.usage)) if b.include_usage else b""
+            usage = b.usage(usage_dict(*self.usage, self.cached_tokens)) if b.include_usage else b""
             yield opening + c.close_all(b, self.finish_reason, bool(self.overrun)) + usage + SSE_DONE
         finally:
             self.finish_detached(client_gone=True)
@@ -592,6 +592,16 @@ class ServedRequest:
         """(prompt, completion) tokens as the gateway counted them, sent and relayed: what the client is
         shown and billed."""
         return self.prompt_tokens, self.n_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Of the prompt tokens, those the node's prefix cache held, as its done event says (OpenAI's
+        usage.prompt_tokens_details.cached_tokens). Only shown, never billed on: a node's claim is taken when
+        it is a count within the prompt, else shown as 0."""
+        usage = self.done.get("usage") if self.done else None
+        details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+        n = details.get("cached_tokens") if isinstance(details, dict) else None
+        return n if type(n) is int and 0 <= n <= self.prompt_tokens else 0
 
     @property
     def finish_reason(self) -> str | None:

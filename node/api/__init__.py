@@ -15,7 +15,8 @@ POST /v1/generate                            gateway-signed
       "top_k": int >= 0 = 0 (off), "seed": int in [0, 2^64) | null, "stop": [str] (<= 4), "stream": bool = false}
     A request id this node already runs or holds a receipt for: 409 "duplicate_request".
     non-stream 200: {"request_id", "adapter_id", "text", "token_ids", "finish_reason": "stop"|"length"|"abort",
-      "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}, "receipt": {...}, "signature": hex}
+      "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}},
+      "receipt": {...}, "signature": hex}
     (an engine failure: 500 {"error": {...}, "receipt", "signature"} for the tokens produced)
     stream (text/event-stream): `data: {"type":"token","text":str,"token_id":int}` per token (text holds
       only complete characters, possibly ""), then `data: {"type":"done","finish_reason","usage","receipt",

@@ -8,6 +8,7 @@ POST /v1/adapters and heartbeats to the gateway: the test process only publishes
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +185,26 @@ def test_stream_usage_matches_tokens_streamed(net):
     assert "".join(c.choices[0].delta.content for c in token_chunks) == whole.choices[0].message.content
     # one chunk per token, except a token that adds no text (EOS, half a character): no empty chunk for it
     assert 0 < len(token_chunks) <= used and all(c.choices[0].delta.content for c in token_chunks)
+
+
+def test_cached_prompt_tokens_are_reported(net):
+    """A chat after a long system prompt the node has computed for this adapter before: OpenAI's
+    usage.prompt_tokens_details.cached_tokens counts the prompt tokens read from the node's prefix cache, in
+    whole answers and in a stream's usage chunk; a first asking finds nothing cached."""
+    system = "You answer briefly. " + " ".join(f"rule {i}: {os.urandom(4).hex()}." for i in range(12))
+    ask = dict(model="acme/elements", max_tokens=2, temperature=0)
+
+    def chat(question: str, **kw):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return client(net).chat.completions.create(messages=messages, **ask, **kw)
+
+    first = chat("hello")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = chat("hello again")
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < again.usage.prompt_tokens  # at least one whole KV block of the shared system prompt
+    streamed = list(chat("and once more", stream=True, stream_options={"include_usage": True}))[-1].usage
+    assert 16 <= streamed.prompt_tokens_details.cached_tokens < streamed.prompt_tokens
 
 
 def test_base_model(net):

@@ -50,7 +50,12 @@ def test_several_prompts_and_n_stream_and_answer_with_choices_and_summed_usage(n
     assert [ch["index"] for ch in whole["choices"]] == [0, 1, 2, 3]
     assert all(len(ch["token_ids"]) == 5 and ch["finish_reason"] == "length" for ch in whole["choices"])
     assert whole["token_ids"] == whole["choices"][0]["token_ids"] and whole["choices"][0]["logprobs"] is None
-    assert whole["usage"] == {"prompt_tokens": len(P1) + len(P2), "completion_tokens": 20, "total_tokens": 28}
+    assert whole["usage"] == {
+        "prompt_tokens": len(P1) + len(P2),
+        "completion_tokens": 20,
+        "total_tokens": 28,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     rec = whole["receipt"]
     assert (rec["prompt_tokens"], rec["completion_tokens"]) == (8, 20)
     check_receipt(rec, whole["signature"], node["pub"])

@@ -182,6 +182,8 @@ def make_app(identity, args) -> FastAPI:
                     "prompt_tokens": r["prompt_tokens"],
                     "completion_tokens": r["completion_tokens"],
                     "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+                    # a rogue claims more cached prompt tokens than the prompt has (an honest node: at most it)
+                    "prompt_tokens_details": {"cached_tokens": r["prompt_tokens"] + 10**9},
                 }  # the claim, as the node API
                 yield sse_frame({"type": "done", "finish_reason": reason, "usage": usage, **s})
             finally:

@@ -193,6 +193,8 @@ def _usage(ev: FinishEvent) -> dict:
         "prompt_tokens": ev.prompt_tokens,
         "completion_tokens": ev.completion_tokens,
         "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+        # the prompt tokens whose KV the prefix cache held (not in the receipt: nothing is billed on it)
+        "prompt_tokens_details": {"cached_tokens": ev.cached_tokens},
     }
 
 
