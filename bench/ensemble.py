@@ -12,6 +12,8 @@ adds to a step (nothing, by design: it is one adapter to the engine). Rows, each
   one adapter   every row on adapter 0
   ensemble      every row on the ensemble of adapters 0 and 1
   base-only     every row without an adapter (for scale)
+  one adapter, rank-r slots  every row on adapter 0, on a second engine whose slots are rank r: a node that
+                serves no ensembles, so the second ratio printed counts the wider slots too
 A step's time is one LLMEngine.step() of a batch that is all decoding (the prefill step is left out); each
 figure is the median over --repeats rounds of the round's median step, the rows interleaved in every round
 (a busy machine slows all alike). The ratio is ensemble / one adapter from the same run. Never run as a test."""
@@ -108,31 +110,36 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ensemble-"))
     base_dir, store, base_sd, ids, cfg = build(args, work)
     context = args.prompt + args.steps + 8
-    engine = LLMEngine(
-        EngineConfig(
-            model_dir=base_dir,
-            device=args.device,
-            speculative="off",  # a step is one token a row here; bench/spec.py measures speculation
-            dtype="float32" if args.device == "cpu" else "bf16",
-            num_slots=4,
-            max_lora_rank=2 * args.rank,
-            block_size=16,
-            num_kv_blocks=args.batch * (-(-context // 16)) + 16,
-            max_num_seqs=args.batch,
-            max_num_batched_tokens=args.batch * args.prompt,
-            max_model_len=context,
-            enable_prefix_caching=False,  # every round would otherwise find its prompts cached
-        ),
-        store=store,
-        weights=base_sd.items(),
-    )
+
+    def make_engine(slot_rank: int) -> LLMEngine:
+        return LLMEngine(
+            EngineConfig(
+                model_dir=base_dir,
+                device=args.device,
+                speculative="off",  # a step is one token a row here; bench/spec.py measures speculation
+                dtype="float32" if args.device == "cpu" else "bf16",
+                num_slots=4,
+                max_lora_rank=slot_rank,
+                block_size=16,
+                num_kv_blocks=args.batch * (-(-context // 16)) + 16,
+                max_num_seqs=args.batch,
+                max_num_batched_tokens=args.batch * args.prompt,
+                max_model_len=context,
+                enable_prefix_caching=False,  # every round would otherwise find its prompts cached
+            ),
+            store=store,
+            weights=base_sd.items(),
+        )
+
+    engine = make_engine(2 * args.rank)  # slots wide enough for the ensemble
+    narrow = make_engine(args.rank)  # a node that serves no ensemble: slots of its adapters' rank
     ens = engine.adapters.define_ensemble(EnsembleSpec.of([(ids[0], 0.7), (ids[1], 0.3)], names=["a0", "a1"]))
-    for aid in (ids[0], ens):
-        engine.adapters.load(aid).result(timeout=600)
+    for e, aid in ((engine, ids[0]), (engine, ens), (narrow, ids[0])):
+        e.adapters.load(aid).result(timeout=600)
     g = torch.Generator().manual_seed(7)
     counter = iter(range(1 << 30))
 
-    def step_times(adapter_id) -> list[float]:
+    def step_times(engine: LLMEngine, adapter_id) -> list[float]:
         """Median-able decode step times of one batch on `adapter_id` (None: base-only)."""
         params = SamplingParams(max_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
         for _ in range(args.batch):
@@ -149,14 +156,19 @@ def main() -> None:
             first = False  # the prefill step
         return times
 
-    rows = {"one adapter": ids[0], "ensemble": ens, "base-only": None}
+    rows = {
+        "one adapter": (engine, ids[0]),
+        "ensemble": (engine, ens),
+        "base-only": (engine, None),
+        "one adapter, rank-r slots": (narrow, ids[0]),
+    }
     load_before = os.getloadavg()
-    for key in rows.values():  # warm-up of each row (slots loaded, first-call costs paid)
-        step_times(key)
+    for e, key in rows.values():  # warm-up of each row (slots loaded, first-call costs paid)
+        step_times(e, key)
     rounds: dict[str, list[float]] = {label: [] for label in rows}
     for _ in range(args.repeats):
-        for label, key in rows.items():
-            rounds[label].append(statistics.median(step_times(key)))
+        for label, (e, key) in rows.items():
+            rounds[label].append(statistics.median(step_times(e, key)))
     med = {label: statistics.median(v) * 1e3 for label, v in rounds.items()}
     paired = statistics.median(e / o for e, o in zip(rounds["ensemble"], rounds["one adapter"], strict=True))
     report = {
@@ -174,17 +186,23 @@ def main() -> None:
         "ensemble / one adapter": med["ensemble"] / med["one adapter"],
         "paired ensemble / one adapter": paired,
         "one adapter / base-only": med["one adapter"] / med["base-only"],
+        "ensemble / one adapter in rank-r slots": med["ensemble"] / med["one adapter, rank-r slots"],
         "rounds ms": {k: [round(x * 1e3, 3) for x in v] for k, v in rounds.items()},
     }
     engine.close()
+    narrow.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"decode step, batch {args.batch}, {args.shape} on {args.device} (median of {args.repeats} rounds):")
     for label, ms in med.items():
-        print(f"  {label:12s} {ms:8.3f} ms")
+        print(f"  {label:26s} {ms:8.3f} ms")
     print(
         f"  ensemble of 2 / one adapter: {report['ensemble / one adapter']:.3f}x "
         f"(paired {paired:.3f}x; target <= 1.2x)   load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"  ensemble of 2 / one adapter on a node with rank-{args.rank} slots: "
+        f"{report['ensemble / one adapter in rank-r slots']:.3f}x (what making room for ensembles costs too)"
     )
     print(f"  wrote {args.out}")
 
