@@ -52,7 +52,8 @@ Many settlers, one database:
   takes the next rows instead of the same ones) under a per-settler-account advisory lock (two
   processes sharing a key count its deposit one at a time); on SQLite every settler transaction is
   BEGIN IMMEDIATE, which holds the database's write lock. Everywhere the records are then moved with
-  `UPDATE ... WHERE id IN (...) AND status = 'pending'` and the row count is checked: a mismatch
+  an UPDATE that also requires `status = 'pending'` (ledger.batching.move_to_batch: one statement for a
+  batch's rows, each with its leaf and fee) and the row count is checked: a mismatch
   rolls the whole batch back, so no record is ever in two batches and none is lost.
 - Unfinished batches (a crash, a chain outage) are resumed by exactly one settler at a time through
   a lease on the batch row (claimed_by, lease_expires), taken and renewed with conditional updates.
@@ -100,8 +101,11 @@ Stuck transactions: a batch's transaction unmined for `replace_after` seconds is
 with fees raised by at least 12.5% (Transactor.replace), never above the fee policy's max fee (then one
 warning, and the settler keeps waiting); the newest hash is recorded in the batch row.
 
-Pipelining: a step sends up to `max_in_flight` batches (each written before it is sent, each with
-the next local nonce) and then waits for all their receipts, so one block carries many batches.
+Pipelining: a step keeps up to `max_in_flight` batches in flight (each written before it is sent, each
+with the next local nonce), so one block carries many batches. While it forms, it looks every REAP_EVERY
+seconds whether its oldest batches have settled and records them at once, which frees their places: the
+block time is spent forming, not waiting (a step forms at most STEP_ROUNDS x max_in_flight batches, so the
+looks at set-aside records and finality at its start still come round). Then it waits for the rest.
 After a start or any error the settler probes: one batch per step, simulated before it is sent,
 until one of its transactions settles; a revert then never costs more than that one batch.
 """
@@ -120,14 +124,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from eth_utils import keccak, to_canonical_address
-from sqlalchemy import and_, bindparam, false, func, or_, text, update
+from sqlalchemy import and_, false, func, or_, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 from web3.exceptions import TransactionNotFound
 
 from common.wire import hex0x
-from ledger.batching import batch_id_for, pending_rows, record_fee, to_settle_record
+from ledger.batching import batch_id_for, move_to_batch, pending_rows, record_fee, to_settle_record
 from ledger.chain import NO_FEE_LIMIT, ChainClient
 from ledger.db import is_postgres
 from ledger.errors import (
@@ -167,27 +171,14 @@ REVERTED = "reverted"  # the ledger refused it, alone, for a reason the settler 
 UNREGISTERED = "unregistered"
 # the ledger refused the batch as priced: give it up and price its records again
 REPRICE = (InsufficientDeposit, FeesAboveQuote)
+REAP_EVERY = 0.2  # seconds between looks, while forming, for batches of this step the chain has settled
+STEP_ROUNDS = 4  # a step forms at most this many times max_in_flight batches
 REPRICED = "re-priced"  # `error` of a record whose batch was abandoned (or split): a second time sets it aside
 SPLIT_MARK = f"{REPRICED} (split)"  # REPRICED as set on the records of a split batch; cleared when their half settles
 REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the deposit can now pay
 UNREGISTERED_RECHECK_EVERY = 60.0  # seconds between looks at records set aside as unregistered
 PRICE_MOVING_RETRY_EVERY = 600.0  # seconds between putting records set aside as PRICE_MOVING back in the outbox
 LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
-
-
-# a pending record into a formed batch: its batch, its place in the batch's tree, its fee (see _form_in). Core
-# executemany by primary key, one pass over the rows: the ORM's bulk update and a second UPDATE ... IN (...) for
-# the status cost ~14 ms of a batch of 500's ~33
-_TO_BATCH = (
-    update(UsageRecord.__table__)
-    .where(UsageRecord.__table__.c.id == bindparam("_id"), UsageRecord.__table__.c.status == RecordStatus.PENDING)
-    .values(
-        status=RecordStatus.SUBMITTED,
-        batch_id=bindparam("_batch"),
-        leaf_index=bindparam("_leaf"),
-        fee_wei=bindparam("_fee"),
-    )
-)
 
 
 class SettlementError(LedgerError):
@@ -370,8 +361,9 @@ class Settler:
         return settler_status(self.engine, self.client, self.address, low_deposit=self.config.low_deposit)
 
     def step(self, *, force: bool = False) -> int:
-        """Finish unfinished batches and form due ones, up to max_in_flight (1 while probing), sending
-        each as soon as it is written; then await every receipt. A batch the ledger refuses (any revert
+        """Finish unfinished batches and form due ones, up to max_in_flight in flight (1 while probing),
+        sending each as soon as it is written and recording settled those the chain has settled meanwhile
+        (_reap); then await every receipt. A batch the ledger refuses (any revert
         but BatchAlreadySettled and NotSettler) is abandoned at the end of the step: its records are
         priced again, or, when it holds several and the revert is not about the price, it is split in
         two. Returns records settled; raises the first chain error after awaiting whatever was sent."""
@@ -391,8 +383,18 @@ class Settler:
                     log.warning("could not look at set-aside records: %s", e)
             work = self._unfinished(limit)
             reads = _StepReads()
-            slots = limit
+            slots = limit  # places in flight; a batch reaped gives its place back, up to `rounds` times over
+            refunds = 0 if self._probe else limit * (STEP_ROUNDS - 1)
+            next_reap = time.monotonic() + REAP_EVERY
             while slots > 0:
+                if refunds and sent and time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + REAP_EVERY
+                    try:
+                        n = min(self._reap(sent), refunds)
+                    except LedgerError as e:
+                        error = error or e
+                        break
+                    slots, refunds = slots + n, refunds - n
                 if work:
                     w = work.pop(0)
                 else:
@@ -706,17 +708,7 @@ class Settler:
         if keep:
             first_seq = self._next_first_seq(s, chain_next)
             batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq)
-            moved = (
-                s.connection()
-                .execute(  # one statement a record, run by the driver's executemany
-                    _TO_BATCH,
-                    [
-                        {"_id": r.id, "_batch": batch.batch_id, "_leaf": i, "_fee": str(fee)}
-                        for i, (r, fee) in enumerate(keep)
-                    ],
-                )
-                .rowcount
-            )  # summed over the records (both drivers we run on report it so)
+            moved = move_to_batch(s, batch.batch_id, [(r.id, fee) for r, fee in keep])
             if moved != len(keep):  # as _move: a record no longer pending is never put in a second batch
                 s.rollback()
                 log.info("outbox rows moved under us (%d of %d still pending): forming again", moved, len(keep))
@@ -1044,6 +1036,18 @@ class Settler:
                 raise
         self._point("after_receipt")
         self._mark_settled(batch, info)
+
+    def _reap(self, sent: list[_Work]) -> int:
+        """Record settled the batches at the head of `sent` that the chain has settled, oldest first, and
+        take them off it; returns how many. One account's transactions are mined in nonce order, so the
+        first batch not settled yet ends the look; a failed one is left to _await, which says why."""
+        n = 0
+        while sent and (info := self.client.get_batch(sent[0].batch.batch_id)) is not None:
+            w = sent.pop(0)
+            self._point("after_receipt")
+            self._mark_settled(w.batch, info)
+            n += 1
+        return n
 
     def _replaced(self, batch: SettlementBatch, tx_hash: str) -> None:
         """Record the replacement of a stuck transaction: a resume looks for this one, not the replaced one."""

@@ -6,9 +6,10 @@ from eth_account import Account
 from sqlmodel import Session, select
 
 from ledger import errors as E
+from ledger import settler as settler_module
 from ledger.models import BatchStatus, SettlementBatch
 from ledger.outbox import count_by_status
-from ledger.settler import Settler
+from ledger.settler import STEP_ROUNDS, Settler
 from ledger.settler_config import SettlerConfig
 from ledger.transport import GasTooLow
 from tests.ledger.test_settler import add_records, settled_on_chain
@@ -39,6 +40,22 @@ def test_probe_then_several_batches_per_step(anvil_chain, engine):
     assert settler.step() == 20  # the pipe is open: max_in_flight batches in one step
     assert settler.drain() == 15
     assert [b.status for b in _batches(engine)] == [BatchStatus.SETTLED] * 8
+    assert set(settled_on_chain(env.client(), ids).values()) == {1}
+
+
+def test_settled_batches_give_their_place_back_within_a_step(anvil_chain, engine, monkeypatch):
+    """While a step forms, batches the chain has settled meanwhile (this anvil mines each at once) are
+    recorded at the next look and free their places: one step settles more than max_in_flight batches, at
+    most STEP_ROUNDS times as many (so the looks at a step's start still come round)."""
+    monkeypatch.setattr(settler_module, "REAP_EVERY", 0.0)  # look before every batch
+    env = anvil_chain
+    reg = register_sample(env)
+    ids = add_records(engine, [reg], 50)
+    settler = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=5, interval=0, max_in_flight=2))
+    assert settler.step() == 5  # probing: one simulated batch
+    assert settler.step() == 5 * 2 * STEP_ROUNDS
+    assert settler.step() == 50 - 5 - 5 * 2 * STEP_ROUNDS
+    assert [b.status for b in _batches(engine)] == [BatchStatus.SETTLED] * 10
     assert set(settled_on_chain(env.client(), ids).values()) == {1}
 
 
