@@ -124,7 +124,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from eth_utils import keccak, to_canonical_address
-from sqlalchemy import and_, false, func, or_, text, update
+from sqlalchemy import and_, case, false, func, or_, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
@@ -1350,19 +1350,14 @@ class Settler:
             row.settled_at, row.lease_expires = utcnow(), None
             row.block_hash = block_hash
             s.add(row)
-            s.execute(
-                update(UsageRecord)
-                .where(
-                    UsageRecord.batch_id == batch.batch_id,  # a split half settled:
-                    UsageRecord.status == RecordStatus.SUBMITTED,  # none was at fault
-                    UsageRecord.error.like(f"{SPLIT_MARK}%"),
-                )
-                .values(error=None)
-            )
             n = s.execute(
                 update(UsageRecord)
                 .where(UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
-                .values(status=RecordStatus.SETTLED)
+                .values(
+                    status=RecordStatus.SETTLED,
+                    # a split half settled: none of its records was at fault
+                    error=case((UsageRecord.error.like(f"{SPLIT_MARK}%"), None), else_=UsageRecord.error),
+                )
             ).rowcount
             s.commit()
         self.settled_total += n
