@@ -118,7 +118,7 @@ def settler_run(
     ] = None,
     max_in_flight: Annotated[
         int | None,
-        typer.Option(min=1, help="batches sent before awaiting their receipts", show_default=str(_D.max_in_flight)),
+        typer.Option(min=1, help="most batches sent and not yet settled at once", show_default=str(_D.max_in_flight)),
     ] = None,
     max_price_per_1k: Annotated[
         int | None,

@@ -34,7 +34,7 @@ DEFAULT_REPLACE_AFTER = 30.0
 class SettlerConfig:
     """batch_size (N): most records per batch, and a full batch goes out at once; interval (T): a
     partial batch goes out when its oldest record has waited this long (seconds); max_in_flight:
-    most batches sent before waiting for their receipts (1 = one batch per receipt, sequential).
+    most batches sent and not yet settled at once (1 = one batch per receipt, sequential).
 
     max_price_per_1k (wei) and max_record_tokens bound what one record may cost: records beyond them
     are set aside with the reason. low_deposit (wei): the deposit left, less what in-flight batches will
