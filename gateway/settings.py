@@ -81,7 +81,7 @@ class GatewaySettings(ServiceSettings):
     settle: bool = True  # run the ledger settler in-process when a key file is given
     settle_batch_size: int = Field(default=100, ge=1)
     settle_interval_s: float = Field(default=5.0, ge=0)
-    settle_max_in_flight: int = Field(default=32, ge=1, le=256)  # batches sent before awaiting receipts
+    settle_max_in_flight: int = Field(default=32, ge=1, le=256)  # batches sent and not yet settled at once
     # on a public chain: blocks on top of a batch before it is final (a reorg before then sends it again), and
     # seconds a sent batch may wait unmined before it is replaced with higher fees (`loramesh settler run`'s
     # confirmations and replace_after, bounded by SettlerConfig)
