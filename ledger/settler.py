@@ -383,7 +383,7 @@ class Settler:
                     log.warning("could not look at set-aside records: %s", e)
             work = self._unfinished(limit)
             reads = _StepReads()
-            slots = limit  # places in flight; a batch reaped gives its place back, up to `rounds` times over
+            slots = limit  # places in flight; a batch reaped gives its place back (at most `refunds` times a step)
             refunds = 0 if self._probe else limit * (STEP_ROUNDS - 1)
             next_reap = time.monotonic() + REAP_EVERY
             while slots > 0:
