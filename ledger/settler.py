@@ -579,7 +579,7 @@ class Settler:
         while True:
             with self._write() as s:
                 rows = pending_rows(s, cfg.batch_size, lock=True)  # claimed for us
-                if not rows or not self._due(rows, force):
+                if not rows or not self._due(s, rows, force):
                     return None
                 missing = [r for r in rows if not self._looked_up(r, reads.prices)]
                 if not missing and reads.deposit is not None:
@@ -593,12 +593,11 @@ class Settler:
                 reads.deposit = self._deposit()
                 reads.chain_next = self.client.next_sequence(self.address)
 
-    def _due(self, rows, force: bool) -> bool:
-        return (
-            force
-            or len(rows) >= self.config.batch_size
-            or (utcnow() - _aware(rows[0].created_at) >= timedelta(seconds=self.config.interval))
-        )
+    def _due(self, s: Session, rows, force: bool) -> bool:
+        if force or len(rows) >= self.config.batch_size:
+            return True
+        oldest = s.exec(select(UsageRecord.created_at).where(UsageRecord.id == rows[0].id)).one()
+        return utcnow() - _aware(oldest) >= timedelta(seconds=self.config.interval)
 
     def _look_up(self, rows, prices: dict[str, int | str]) -> None:
         """Fill `prices`: adapter id (or node id) -> price per 1k tokens, or the reason it cannot be
