@@ -34,10 +34,10 @@ def batch_id_for(request_ids: list[str], settler: str, salt: int = 0) -> str:
 # whose columns SQLite and PostgreSQL both name column1..3 (SQLite takes no column list after its alias, and
 # Python's sqlite3 reports no rowcount for a statement that starts with WITH).
 _MOVE_CHUNK = 1000  # rows a statement: 3,000 parameters, far under SQLite's 32,766
-_T = UsageRecord.__tablename__
+_TABLE = UsageRecord.__tablename__
 _MOVE_SQL = (
-    f"UPDATE {_T} SET status = {{p}}, batch_id = {{p}}, leaf_index = v.column2, fee_wei = v.column3 "
-    f"FROM (VALUES {{rows}}) AS v WHERE {_T}.id = v.column1 AND {_T}.status = {{p}}"
+    f"UPDATE {_TABLE} SET status = {{p}}, batch_id = {{p}}, leaf_index = v.column2, fee_wei = v.column3 "
+    f"FROM (VALUES {{rows}}) AS v WHERE {_TABLE}.id = v.column1 AND {_TABLE}.status = {{p}}"
 )
 
 
@@ -46,7 +46,7 @@ def move_to_batch(session: Session, batch_id: str, rows: list[tuple[int, int]]) 
     those still pending; returns how many moved (fewer than len(rows) means some were taken meanwhile, and
     the caller rolls back, so that no record is ever in two batches)."""
     conn = session.connection()
-    p = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    p = "?" if conn.dialect.paramstyle == "qmark" else "%s"  # sqlite3's style, else psycopg's
     moved = 0
     for start in range(0, len(rows), _MOVE_CHUNK):
         chunk = rows[start : start + _MOVE_CHUNK]
