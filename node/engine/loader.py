@@ -165,9 +165,9 @@ def build_model(
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     if vocab:
-        embed = Int8Weight(vocab.pop("embed_tokens.weight").to(device))
-        probe(embed, "int8", dtype)
+        embed = Int8Weight(vocab.pop("embed_tokens.weight").to(device), rows=True)
         head = Int8Weight(vocab.pop("lm_head.weight").to(device)) if "lm_head.weight" in vocab else None
+        probe(head or embed, "int8", dtype)  # the output layer's matmul (a tied table's too)
         model.quantize_vocab(embed, head)
     model.rotary.build(device, dtype)
     return model.eval()

@@ -87,10 +87,15 @@ def _column(shard: Shard | None, names: tuple[str, ...]) -> dict:
 def _row(shard: Shard | None, name: str) -> dict:
     if shard is None:
         return {}
-    from node.engine.parallel import all_reduce
+    from node.engine.parallel import all_reduce, all_reduce_max
 
     lo, hi = shard.in_range(name)
-    return {"in_range": (lo, hi), "in_full": (hi - lo) * shard.world, "reduce": all_reduce}
+    return {
+        "in_range": (lo, hi),
+        "in_full": (hi - lo) * shard.world,
+        "reduce": all_reduce,
+        "reduce_max": all_reduce_max,
+    }
 
 
 class Attention(nn.Module):

@@ -167,6 +167,11 @@ def all_reduce(t: torch.Tensor) -> None:
     dist.all_reduce(t, group=_group)
 
 
+def all_reduce_max(t: torch.Tensor) -> None:
+    """Largest of `t` in place over the ranks (a row-parallel int8 layer's per-token input scale)."""
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group)
+
+
 class TensorParallel:
     """Rank 0's side: starts the workers, forwards each step and slot write to them, and watches them."""
 

@@ -1,9 +1,11 @@
-"""Weight-only quantized base weights (`--quantization`): the base matmuls of a node read int8, int4 or
-fp8 weights, while activations, the residual stream and every LoRA slot stay in the engine's dtype
-(QLoRA-style serving: y = base_q(x) + B(A x), with only base_q changed).
+"""Quantized base weights (`--quantization`): the base matmuls of a node read int8, int4 or fp8 weights,
+while the residual stream and every LoRA slot stay in the engine's dtype (QLoRA-style serving:
+y = base_q(x) + B(A x), with only base_q changed; the LoRA delta reads the unquantized x).
 
 The kernels are torch's own, chosen by measuring on torch 2.13 (bench/engine.py --sections precision):
-  int8  aten._weight_int8pack_mm: int8 [N, K] weight, one scale per output row (symmetric, absmax/127)
+  int8  int8 [N, K] weight, one scale per output row (symmetric, absmax/127). On x86 CPUs fbgemm's int8 x int8
+        GEMM (torch's x86 quantized engine), each token's input quantized at each call (W8A8 dynamic, as
+        vLLM's int8 and fp8); elsewhere aten._weight_int8pack_mm (weight-only, in bf16)
   int4  aten._weight_int4pack_mm_for_cpu (CPU) / aten._weight_int4pack_mm (CUDA, tinygemm): 4-bit
         asymmetric groups of INT4_GROUP along K, a bf16 (scale, zero) per group
   fp8   torch._scaled_mm (CUDA, compute capability >= 8.9): e4m3 weights with a scale per output row, the
@@ -12,14 +14,20 @@ torchao 0.18 (the current release) was measured on torch 2.13 CPU and not taken:
 (Int8Tensor) ran slower than the unquantized one (2752x512, 16 rows: 48 vs 24 ms fp32, 0.35 vs 0.20 ms
 bf16), and its int4 config needs a further package (mslk).
 
-The CPU int8/int4 kernels are fast only for 16-bit activations (fp32 inputs take a path hundreds of times
-slower on torch 2.13: 45 ms vs 0.09 ms for 1024x512 at 16 rows), so the quantized matmul runs in bf16 and
-casts its output back to the engine's dtype.
+Why int8 x int8 on CPUs: a CPU without bf16 arithmetic (AVX2 here) widens every weight back to floats in a
+weight-only product, so at decode batch sizes that product is compute-bound and no faster than fp32 (16 rows,
+512 -> 1536, one thread: 0.63 ms weight-only, 0.48 ms fp32, 0.22 ms int8 x int8). The cost is the inputs'
+rounding (7 bits a token, see ACT_LEVELS): about twice weight-only int8's logit error on the test bases.
+The weight-only CPU int8/int4 kernels are fast only for 16-bit activations (fp32 inputs take a path hundreds
+of times slower on torch 2.13: 45 ms vs 0.09 ms for 1024x512 at 16 rows), so they run in bf16 and cast their
+output back to the engine's dtype.
 The embedding table and the output layer (lm_head) are int8 under int8 and int4: on small-hidden bases
 they hold most of the bytes, and the output layer stays at 8 bits under int4 because its error goes
 straight into the logits (llama.cpp's 4-bit types keep it above 4 bits for the same reason)."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -30,6 +38,13 @@ INT4_GROUPS = (128, 64, 32)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have fp8 tensor cores; _scaled_mm needs them
 COMPUTE_DTYPE = torch.bfloat16
+# fbgemm's int8 GEMM on CPU; without AVX-512 VNNI it sums pairs of u8 x s8 products in int16, so activations
+# take 7 bits (codes 0..127 around ACT_ZERO) and no pair can saturate: 2 x 127 x 127 < 2^15
+CPU_INT8_GEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+    torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"
+)
+ACT_LEVELS = 63.5  # a token's activations divided by their largest magnitude span [-1, 1] -> codes [0.5, 127.5]
+ACT_ZERO = 64
 
 
 class QuantizationError(ValueError):
@@ -75,6 +90,10 @@ class QuantWeight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
 
+    def linear_alone(self, x: torch.Tensor) -> torch.Tensor:
+        """linear() on this rank alone, with no collective (the load's probe runs on one rank)."""
+        return self.linear(x)
+
     def dequantize(self) -> torch.Tensor:
         """W as fp32 [N, K] (tests and error reports)."""
         raise NotImplementedError
@@ -82,27 +101,76 @@ class QuantWeight(nn.Module):
 
 class Int8Weight(QuantWeight):
     """Symmetric int8 per output row: W ~= q * scale[:, None], |q| <= 127. Also an embedding table, whose
-    rows are the output rows of a tied lm_head."""
+    rows are the output rows of a tied lm_head (`rows`: the codes stay for lookups).
+
+    On CUDA (and CPUs without fbgemm) linear() is weight-only (aten._weight_int8pack_mm in bf16). On x86 CPUs
+    it is int8 x int8 (see the module docstring): the first call packs the codes into fbgemm's layout, which
+    then holds the only copy of them unless the table is also looked up."""
 
     scheme = "int8"
 
-    def __init__(self, w: torch.Tensor) -> None:
+    def __init__(self, w: torch.Tensor, rows: bool = False) -> None:
         super().__init__(*w.shape)
         wf = w.float()
         scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
         self.register_buffer("q", torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(COMPUTE_DTYPE))  # the kernel wants its input's dtype
+        self.rows = rows
+        self.packed = None  # fbgemm's packed codes and scales, on CPU after the first linear()
+        self.reduce_max = None  # a row-parallel shard's max over the ranks (quantize_columns)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and CPU_INT8_GEMM:
+            return self._cpu_linear(x, self.reduce_max)
         y = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), self.q, self.scale)  # [T, N]
         return y.to(x.dtype)
+
+    def linear_alone(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and CPU_INT8_GEMM:
+            return self._cpu_linear(x, None)
+        return self.linear(x)
+
+    def _cpu_linear(self, x: torch.Tensor, reduce_max) -> torch.Tensor:
+        # per token: x = xn * m with m its largest magnitude, xn in [-1, 1] quantized at a fixed step, so
+        # one row's codes never depend on the other rows of the batch
+        if self.packed is None:
+            self._pack()
+        xf = x.float()
+        m = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)  # [T, 1]
+        if reduce_max is not None:
+            reduce_max(m)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            xf / m, 1.0 / ACT_LEVELS, ACT_ZERO, self.packed
+        )
+        return (y * m).to(x.dtype)
+
+    def _pack(self) -> None:
+        n = self.out_features
+        with warnings.catch_warnings():
+            # torch marks its quantized tensor type deprecated, and fbgemm's prepack takes nothing else
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(
+                self.q, self.scale.double(), torch.zeros(n, dtype=torch.long), 0
+            )
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        if not self.rows:
+            self.q = self.q.new_empty(0)
+
+    def _codes(self) -> torch.Tensor:
+        if self.q.numel() or self.packed is None:
+            return self.q
+        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+
+    def packed_bytes(self) -> int:
+        """fbgemm's copy: the codes, and per output row a column offset (int32) and a scale (fp64)."""
+        return 0 if self.packed is None else self.out_features * (self.in_features + 12)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # ids [T] -> [T, K]: only the batch's rows are dequantized
         return self.q[ids].to(dtype) * self.scale[ids].to(dtype)[:, None]
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale.float()[:, None]
+        return self._codes().float() * self.scale.float()[:, None]
 
 
 def int4_group(in_features: int) -> int | None:
@@ -195,15 +263,20 @@ def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> Quant
     raise QuantizationError(f"quantization {scheme!r} has no weight format")
 
 
-def quantize_columns(w: torch.Tensor, lo: int, hi: int, scheme: str, name: str = "weight") -> QuantWeight:
+def quantize_columns(
+    w: torch.Tensor, lo: int, hi: int, scheme: str, name: str = "weight", reduce_max=None
+) -> QuantWeight:
     """Columns [lo, hi) of W [N, K] quantized as they are in the whole W (a row-parallel shard under tensor
     parallelism): int8 and fp8 scale each output row over all K, then keep the shard's columns, so the
-    shards are the unsharded weight's bits; int4's groups run along K, so the shard is quantized itself."""
+    shards are the unsharded weight's bits; int4's groups run along K, so the shard is quantized itself.
+    `reduce_max` (in place, over the ranks) gives int8 x int8 each token's largest magnitude over the whole
+    input, so the shards quantize their columns of it as one device would."""
     if scheme == "int4":
         return Int4Weight(w[:, lo:hi], name)
     qw = quantize_weight(w, scheme, name)
     if isinstance(qw, Int8Weight):
         qw.q = qw.q[:, lo:hi].contiguous()
+        qw.reduce_max = reduce_max
     elif isinstance(qw, Fp8Weight):
         qw.q_t = qw.q_t[lo:hi].t().contiguous().t()  # still column-major, as _scaled_mm wants
     qw.in_features = hi - lo
@@ -220,7 +293,7 @@ def probe(weight: QuantWeight, scheme: str, dtype: torch.dtype) -> None:
     if key in _probed:
         return
     try:
-        weight.linear(torch.zeros(1, weight.in_features, dtype=dtype, device=weight_device(weight)))
+        weight.linear_alone(torch.zeros(1, weight.in_features, dtype=dtype, device=weight_device(weight)))
     except (RuntimeError, NotImplementedError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise QuantizationError(
@@ -240,7 +313,8 @@ def vocab_scheme(scheme: str) -> str:
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Resident bytes of a module's weights: parameters and buffers, each counted once."""
+    """Resident bytes of a module's weights: parameters and buffers, each counted once, and fbgemm's packed
+    int8 weights (held outside torch's buffers)."""
     seen: set[int] = set()
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):
@@ -248,4 +322,4 @@ def weight_bytes(module: nn.Module) -> int:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
-    return total
+    return total + sum(m.packed_bytes() for m in module.modules() if isinstance(m, Int8Weight))

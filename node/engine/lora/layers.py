@@ -33,6 +33,7 @@ class LinearWithLoRA(nn.Module):
         in_range: tuple[int, int] | None = None,
         in_full: int | None = None,
         reduce=None,
+        reduce_max=None,
     ) -> None:
         super().__init__()
         self.out_ranges = out_ranges
@@ -40,6 +41,7 @@ class LinearWithLoRA(nn.Module):
         self.in_range = in_range
         self.in_full = in_full  # a row-parallel shard's whole input width
         self.reduce = reduce
+        self.reduce_max = reduce_max  # max over the ranks: a quantized shard's per-token input scale
         self.in_features = in_features
         self.output_sizes = output_sizes
         self.names = names
@@ -84,7 +86,7 @@ class LinearWithLoRA(nn.Module):
         """Serve the base from `w` [sum(out), in] quantized under `scheme`; the full-precision parameter goes.
         A row-parallel shard takes the whole checkpoint weight and keeps its columns after scaling."""
         if self.in_range is not None and tuple(w.shape) == (sum(self.output_sizes), self.in_full):
-            self.qweight = quantize_columns(w, *self.in_range, scheme, name)
+            self.qweight = quantize_columns(w, *self.in_range, scheme, name, self.reduce_max)
             self.weight = None
             return
         if tuple(w.shape) != (sum(self.output_sizes), self.in_features):
