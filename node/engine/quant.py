@@ -94,6 +94,9 @@ class QuantWeight(nn.Module):
         """linear() on this rank alone, with no collective (the load's probe runs on one rank)."""
         return self.linear(x)
 
+    def prepare(self) -> None:
+        """Lay the weight out as its kernel reads it (once, at load)."""
+
     def dequantize(self) -> torch.Tensor:
         """W as fp32 [N, K] (tests and error reports)."""
         raise NotImplementedError
@@ -104,8 +107,8 @@ class Int8Weight(QuantWeight):
     rows are the output rows of a tied lm_head (`rows`: the codes stay for lookups).
 
     On CUDA (and CPUs without fbgemm) linear() is weight-only (aten._weight_int8pack_mm in bf16). On x86 CPUs
-    it is int8 x int8 (see the module docstring): the first call packs the codes into fbgemm's layout, which
-    then holds the only copy of them unless the table is also looked up."""
+    it is int8 x int8 (see the module docstring): prepare() (at load, else the first call) packs the codes
+    into fbgemm's layout, which then holds the only copy of them unless the table is also looked up."""
 
     scheme = "int8"
 
@@ -116,7 +119,7 @@ class Int8Weight(QuantWeight):
         self.register_buffer("q", torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(COMPUTE_DTYPE))  # the kernel wants its input's dtype
         self.rows = rows
-        self.packed = None  # fbgemm's packed codes and scales, on CPU after the first linear()
+        self.packed = None  # fbgemm's packed codes and scales, on CPU once prepared
         self.reduce_max = None  # a row-parallel shard's max over the ranks (quantize_columns)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +137,7 @@ class Int8Weight(QuantWeight):
         # per token: x = xn * m with m its largest magnitude, xn in [-1, 1] quantized at a fixed step, so
         # one row's codes never depend on the other rows of the batch
         if self.packed is None:
-            self._pack()
+            self.prepare()
         xf = x.float()
         m = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)  # [T, 1]
         if reduce_max is not None:
@@ -144,7 +147,9 @@ class Int8Weight(QuantWeight):
         )
         return (y * m).to(x.dtype)
 
-    def _pack(self) -> None:
+    def prepare(self) -> None:
+        if self.packed is not None or not CPU_INT8_GEMM or self.q.device.type != "cpu":
+            return
         n = self.out_features
         with warnings.catch_warnings():
             # torch marks its quantized tensor type deprecated, and fbgemm's prepack takes nothing else
@@ -287,12 +292,13 @@ _probed: set[tuple[str, str, torch.dtype]] = set()
 
 
 def probe(weight: QuantWeight, scheme: str, dtype: torch.dtype) -> None:
-    """Run the scheme's kernel once on this device and activation dtype, so a torch build that lacks it
-    fails the load in one line instead of the first request."""
+    """Lay out `weight` for its kernel, and run the scheme's kernel once on this device and activation dtype,
+    so a torch build that lacks it fails the load in one line instead of the first request."""
     key = (scheme, weight_device(weight).type, dtype)
-    if key in _probed:
-        return
     try:
+        weight.prepare()
+        if key in _probed:
+            return
         weight.linear_alone(torch.zeros(1, weight.in_features, dtype=dtype, device=weight_device(weight)))
     except (RuntimeError, NotImplementedError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
