@@ -82,7 +82,12 @@ def node_api(request: Request) -> NodeApi:
     return request.app.state.node
 
 
-Node = Annotated[NodeApi, Depends(node_api)]
+async def _node(request: Request) -> NodeApi:
+    # async: FastAPI runs a plain `def` dependency on a worker thread, a thread hop on every request
+    return node_api(request)
+
+
+Node = Annotated[NodeApi, Depends(_node)]
 
 
 async def signed_by_gateway(request: Request) -> str:
