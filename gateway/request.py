@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -57,7 +56,7 @@ ABORT_DRAIN_TIMEOUT_S = 5.0
 MAX_OTHER_EVENTS = 64
 # a whole (not streamed) answer of this many completion tokens or more is built and encoded on a worker thread
 LARGE_ANSWER_TOKENS = 512
-_READ_ERRORS = (StopAsyncIteration, httpx.HTTPError, ValueError, RuntimeError)
+_READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream: NodeUnavailable
 # prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
 # worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
 INLINE_TOKENIZE_CHARS = 4096
@@ -384,7 +383,7 @@ class ServedRequest:
             self._next.cancel()
         try:
             await up.aclose()
-        except (httpx.HTTPError, RuntimeError):
+        except RuntimeError:
             pass
 
     async def _dispatch(self, route: Route, opening: asyncio.Future) -> None:
@@ -442,7 +441,7 @@ class ServedRequest:
                     msg = first.get("message")
                     await self._error_end(it, node)
                     raise NodeUnavailable(f"node {node.node_id[:10]} failed before the first token: {msg}")
-            except (NodeUnavailable, StopAsyncIteration, httpx.HTTPError, ValueError) as e:
+            except (NodeUnavailable, StopAsyncIteration, ValueError) as e:
                 await up.aclose()
                 errors.append(str(e) or f"node {node.node_id[:10]} closed the stream")
                 if not isinstance(e, NodeUnavailable) or e.dead:
@@ -582,7 +581,7 @@ class ServedRequest:
                 self.stream_ok = False
                 self.failure = f"node {self.node.node_id[:10]} closed the stream after {self.n_tokens} tokens"
                 return
-            except (httpx.HTTPError, ValueError, RuntimeError) as e:
+            except (ValueError, RuntimeError) as e:
                 self.stream_ok = False
                 self.failure = f"node {self.node.node_id[:10]} failed after {self.n_tokens} tokens: {e!r}"
                 return
@@ -677,7 +676,7 @@ class ServedRequest:
             receipt, signature = self.done.get("receipt"), self.done.get("signature")
         try:
             await self.up.aclose(drain=self.done is not None)  # a finished stream keeps its connection
-        except (httpx.HTTPError, RuntimeError):
+        except RuntimeError:
             pass
         self._hold.close()  # the node's in-flight count
         if self.drained:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import time
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
@@ -36,24 +35,33 @@ async def _until_done(up) -> dict:
     raise AssertionError("no done event")
 
 
-def test_finished_stream_reuses_its_connection():
-    with ServerThread(StandInNode(Identity.generate(), BASE).app()) as srv:
+def _client_ports(app, ports: list[int]):
+    """`app`, noting the client port of every HTTP request: one port, one connection."""
 
-        async def go() -> list:
+    async def noted(scope, receive, send):
+        if scope["type"] == "http":
+            ports.append(scope["client"][1])
+        await app(scope, receive, send)
+
+    return noted
+
+
+def test_finished_stream_reuses_its_connection():
+    ports: list[int] = []
+    with ServerThread(_client_ports(StandInNode(Identity.generate(), BASE).app(), ports)) as srv:
+
+        async def go() -> None:
             nc = NodeClient()
-            streams = []
             try:
                 for i in range(3):
                     up = await nc.open_stream(srv.url, "0x" + "00" * 32, _body(i))
                     await _until_done(up)
-                    streams.append(up.response.extensions["network_stream"])
                     await up.aclose(drain=True)
             finally:
                 await nc.aclose()
-            return streams
 
-        streams = asyncio.run(go())
-    assert streams[0] is streams[1] is streams[2]
+        asyncio.run(go())
+    assert len(ports) == 3 and len(set(ports)) == 1, ports
 
 
 def test_stream_left_open_after_done_is_dropped_in_bounded_time(monkeypatch):
@@ -158,11 +166,19 @@ PIECES = [
 ]
 
 
+async def _chunks(data: bytes, size: int):
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
 @settings(max_examples=200, deadline=None)
-@given(data=st.binary(max_size=2048) | st.lists(st.sampled_from(PIECES), max_size=200).map(b"".join))
-def test_fuzzed_streams_give_events_or_a_value_error(data):
+@given(
+    data=st.binary(max_size=2048) | st.lists(st.sampled_from(PIECES), max_size=200).map(b"".join),
+    size=st.integers(1, 64),  # where the network cuts the body: inside a line, a character, anywhere
+)
+def test_fuzzed_streams_give_events_or_a_value_error(data, size):
     async def go() -> None:
-        up = node_client.UpstreamStream(httpx.Response(200, stream=httpx.ByteStream(data)), None)
+        up = node_client.UpstreamStream(_chunks(data, size))
         try:
             async for ev in up.events():
                 assert isinstance(ev, dict)
@@ -170,3 +186,63 @@ def test_fuzzed_streams_give_events_or_a_value_error(data):
             pass
 
     asyncio.run(go())
+
+
+def test_characters_cut_between_chunks_arrive_whole():
+    event = {"type": "token", "text": "é€😀 ok"}
+    data = b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
+    async def go() -> list[dict]:
+        return [ev async for ev in node_client.UpstreamStream(_chunks(data, 1)).events()]
+
+    assert asyncio.run(go()) == [event]
+
+
+def test_a_stream_the_node_breaks_off_is_a_failed_node():
+    app = FastAPI()
+
+    @app.post("/v1/generate")
+    async def generate():
+        async def events():
+            yield b"data: " + json.dumps({"type": "token", "text": "a"}).encode() + b"\n\n"
+            raise RuntimeError("the node died mid-stream")  # uvicorn drops the connection: the body has no end
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    with ServerThread(app) as srv:
+
+        async def go() -> tuple[list[dict], Exception]:
+            nc = NodeClient()
+            got = []
+            try:
+                up = await nc.open_stream(srv.url, NODE_ID, _body(1))
+                try:
+                    async for ev in up.events():
+                        got.append(ev)
+                except Exception as e:  # noqa: BLE001 - the test looks at which
+                    return got, e
+                finally:
+                    await up.aclose()
+            finally:
+                await nc.aclose()
+            raise AssertionError("the broken stream ended as if whole")
+
+        got, err = asyncio.run(go())
+    assert got == [{"type": "token", "text": "a"}]
+    assert isinstance(err, node_client.NodeUnavailable) and err.dead, repr(err)
+
+
+def test_a_node_that_is_not_listening_is_dead_and_not_running_the_request():
+    from devnet.anvil import free_port
+
+    async def go() -> node_client.NodeUnavailable:
+        nc = NodeClient(connect_timeout=2.0)
+        try:
+            with pytest.raises(node_client.NodeUnavailable) as e:
+                await nc.open_stream(f"http://127.0.0.1:{free_port()}", NODE_ID, _body(1))
+            return e.value
+        finally:
+            await nc.aclose()
+
+    err = asyncio.run(go())
+    assert err.dead and not err.maybe_running and "is unreachable" in str(err)
