@@ -213,6 +213,10 @@ class NodeClient:
                 connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, keepalive_timeout=KEEPALIVE_S),
                 # sock_read: at most this long between two chunks of a stream, as httpx's read timeout
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
+                # a node's body is taken as sent: no compression is asked for or undone, so a node cannot
+                # make the gateway inflate a small compressed body into gigabytes (it reads as garbage)
+                auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding",),
             )
         return self._streams
 

@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -246,3 +246,29 @@ def test_a_node_that_is_not_listening_is_dead_and_not_running_the_request():
 
     err = asyncio.run(go())
     assert err.dead and not err.maybe_running and "is unreachable" in str(err)
+
+
+def test_a_compressed_body_is_not_inflated():
+    """A node answering gzip (never asked for) with a body that inflates to 64 MiB: the gateway reads the
+    compressed bytes as they are (no events), so the node fails over instead of filling the gateway's memory."""
+    import gzip
+
+    bomb = gzip.compress(b"data: " + b"1" * (64 << 20) + b"\n\n", mtime=0)
+    seen: list[str | None] = []
+
+    app = FastAPI()
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        seen.append(request.headers.get("accept-encoding"))
+
+        async def body():
+            yield bomb
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Content-Encoding": "gzip"})
+
+    with ServerThread(app) as srv:
+        # inflated, it would be one 64 MiB line, refused as a ValueError after the inflating; as sent, it
+        # holds no event line at all, and the relay takes the stream's end without a done event for a failure
+        assert asyncio.run(_events(srv.url)) == []
+    assert seen == [None] and len(bomb) < 1 << 20
