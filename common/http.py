@@ -102,9 +102,10 @@ class BodyLimitMiddleware:
 
 async def read_capped(response, limit: int) -> bytes:
     """At most `limit` + 1 bytes of an httpx response's body (one past the limit says it was longer): the
-    other side cannot make us buffer more, whatever it sends."""
+    other side cannot make us buffer more, whatever it sends. The bytes as sent: a Content-Encoding is not
+    undone (our services never compress), so a small gzip body cannot inflate past the limit in one read."""
     body = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():
         body += chunk
         if len(body) > limit:
             break
