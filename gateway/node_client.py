@@ -236,7 +236,7 @@ class NodeClient:
                 r = await self._stream_session().post(
                     url, data=data, headers={"Content-Type": "application/json", **signed}
                 )
-        except aiohttp.ClientConnectorError as e:  # before a byte was sent: it cannot be running there
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:  # no connection: not running
             raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True) from e
         except TimeoutError as e:
             within = f"{self.first_byte_timeout:g}" if self.first_byte_timeout is not None else f"{self._timeouts[1]:g}"
