@@ -123,15 +123,16 @@ class Int8Weight(QuantWeight):
         self.reduce_max = None  # a row-parallel shard's max over the ranks (quantize_columns)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and CPU_INT8_GEMM:
-            return self._cpu_linear(x, self.reduce_max)
-        y = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), self.q, self.scale)  # [T, N]
-        return y.to(x.dtype)
+        return self._matmul(x, self.reduce_max)
 
     def linear_alone(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, None)
+
+    def _matmul(self, x: torch.Tensor, reduce_max) -> torch.Tensor:
         if x.device.type == "cpu" and CPU_INT8_GEMM:
-            return self._cpu_linear(x, None)
-        return self.linear(x)
+            return self._cpu_linear(x, reduce_max)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), self.q, self.scale)  # [T, N]
+        return y.to(x.dtype)
 
     def _cpu_linear(self, x: torch.Tensor, reduce_max) -> torch.Tensor:
         # per token: x = xn * m with m its largest magnitude, xn in [-1, 1] quantized at a fixed step, so
