@@ -2,15 +2,23 @@
 
 Writers fill a temporary folder inside `root/.tmp/`, verify it, and rename it into place, so a
 package is either whole and verified or not visible at all, even if the process dies mid-write.
+
+Hashes are checked once: a full verification leaves a stamp in `root/.verified/<adapter id>.json` (each
+file's size, modification time and inode), and a later read re-hashes only a package whose files no
+longer match their stamp. A 168 MB adapter then loads without reading its bytes twice (hashing cost
+~150 ms of a cold load on the H200 host, bench/NOTES.md); a file rewritten since (by a writer that
+changes its time, size or inode) is hashed again and refused if it no longer matches its manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from ledger.types import Domain
@@ -31,6 +39,8 @@ class AdapterStore:
         self.domain = domain
         self._tmp_root = self.root / ".tmp"
         self._tmp_root.mkdir(parents=True, exist_ok=True)
+        self._stamps = self.root / ".verified"
+        self._stamps.mkdir(exist_ok=True)
 
     def path_for(self, adapter_id: str) -> Path:
         return self.root / check_id(adapter_id)
@@ -40,18 +50,47 @@ class AdapterStore:
 
     def get(self, adapter_id: str, *, verify_hashes: bool = True) -> VerifiedPackage | None:
         """The installed package with this id, re-verified, or None if the store lacks it (or holds it
-        signed for another registry than the store's: it must be fetched or handed over again)."""
+        signed for another registry than the store's: it must be fetched or handed over again).
+        `verify_hashes`: hash (and value-check) the files unless they still match the stamp of their
+        last full verification; False checks sizes and the signature only."""
         path = self.path_for(adapter_id)
         if not (path / MANIFEST_FILE).is_file():
             return None
+        rehash = verify_hashes and self._stamp_of(path) != self._read_stamp(adapter_id)
         try:
-            pkg = verify_package(path, base_dir=self.base_dir, hashes=verify_hashes, domain=self.domain)
+            pkg = verify_package(path, base_dir=self.base_dir, hashes=rehash, domain=self.domain)
         except ForeignSignature as e:
             log.warning("store entry %s is not usable here: %s", adapter_id, e)
             return None
         if pkg.adapter_id != adapter_id:
             raise PackageError(f"store entry {adapter_id} holds adapter {pkg.adapter_id}")
+        if rehash:
+            self._write_stamp(adapter_id, path)
         return pkg
+
+    @staticmethod
+    def _stamp_of(path: Path) -> dict[str, list[int]]:
+        """What identifies each file's current contents without reading them."""
+        out = {}
+        for p in path.iterdir():
+            st = p.lstat()
+            out[p.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return out
+
+    def _read_stamp(self, adapter_id: str) -> dict | None:
+        try:  # our own small file; anything unreadable just means "hash again"
+            doc = json.loads((self._stamps / f"{adapter_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def _write_stamp(self, adapter_id: str, path: Path) -> None:
+        tmp = self._stamps / f".{adapter_id}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps(self._stamp_of(path)))
+        os.replace(tmp, self._stamps / f"{adapter_id}.json")
+
+    def _drop_stamp(self, adapter_id: str) -> None:
+        (self._stamps / f"{adapter_id}.json").unlink(missing_ok=True)
 
     def list(self) -> list[VerifiedPackage]:
         """Every installed package (size-checked; hashes were checked at install)."""
@@ -125,7 +164,9 @@ class AdapterStore:
                 shutil.rmtree(final)
             for p in tmp.iterdir():
                 os.chmod(p, 0o444)
+            self._drop_stamp(pkg.adapter_id)
             os.replace(tmp, final)
+            self._write_stamp(pkg.adapter_id, final)  # hashed and value-checked just now (or as written)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -138,6 +179,7 @@ class AdapterStore:
         if not path.exists():
             return False
         doomed = self._tmp_root / f"rm-{adapter_id[2:12]}-{os.getpid()}"
+        self._drop_stamp(adapter_id)
         os.replace(path, doomed)  # disappear atomically, then delete at leisure
         shutil.rmtree(doomed, ignore_errors=True)
         return True

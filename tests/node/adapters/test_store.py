@@ -27,7 +27,8 @@ def test_a_refused_package_leaves_nothing_behind(package, tiny_base, tmp_path):
     store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
     with pytest.raises(PackageError, match="registered owner"):
         store.install(package.path, expected_owner="0x" + "ab" * 20)
-    assert sorted(os.listdir(store.root)) == [".tmp"]
+    assert sorted(os.listdir(store.root)) == [".tmp", ".verified"]
+    assert not os.listdir(store.root / ".verified")
     assert not os.listdir(store.root / ".tmp")
 
 
@@ -43,3 +44,58 @@ def test_bad_ids_are_refused(tmp_path):
     store = AdapterStore(tmp_path / "store")
     with pytest.raises(ValueError, match="not 0x followed by 64"):
         store.get("../../etc")
+
+
+def _count_hashing(monkeypatch) -> list[bool]:
+    """Record the `hashes` flag of every verification the store runs."""
+    import node.adapters.store as store_mod
+
+    calls: list[bool] = []
+    real = store_mod.verify_package
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("hashes", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_mod, "verify_package", spy)
+    return calls
+
+
+def test_hashes_are_checked_once_at_install(package, tiny_base, tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    calls = _count_hashing(monkeypatch)
+    store.install(package.path)
+    assert calls == [True]  # the install hashes and value-checks the copy
+    assert store.get(package.adapter_id).adapter_id == package.adapter_id
+    assert AdapterStore(tmp_path / "store", base_dir=tiny_base).get(package.adapter_id) is not None  # a restart
+    assert calls == [True, False, False]  # its files still match the install's stamp: not read again
+
+
+def test_a_file_changed_after_install_is_hashed_again_and_refused(package, tiny_base, tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    store.install(package.path)
+    weights = store.path_for(package.adapter_id) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # same size: only the contents differ
+    os.chmod(weights, 0o644)
+    weights.write_bytes(bytes(data))
+    calls = _count_hashing(monkeypatch)
+    with pytest.raises(PackageError, match="sha256|hash"):
+        store.get(package.adapter_id)
+    assert calls == [True]
+    assert store.get(package.adapter_id, verify_hashes=False) is not None  # sizes only: what "False" asks for
+
+
+def test_a_lost_or_garbled_stamp_means_hashing_again(package, tiny_base, tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    store.install(package.path)
+    stamp = store.root / ".verified" / f"{package.adapter_id}.json"
+    calls = _count_hashing(monkeypatch)
+    stamp.write_text("[not a stamp")
+    assert store.get(package.adapter_id) is not None
+    stamp.unlink()
+    assert store.get(package.adapter_id) is not None
+    assert store.get(package.adapter_id) is not None  # the full checks above wrote it back
+    assert calls == [True, True, False]
+    store.remove(package.adapter_id)
+    assert not stamp.exists()

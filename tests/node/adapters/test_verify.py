@@ -292,7 +292,7 @@ def test_a_store_bound_to_a_registry(good_pkg, pkg, tiny_base, publisher, tmp_pa
     store = AdapterStore(tmp_path / "store", base_dir=tiny_base, domain=CHAIN_A)
     with pytest.raises(ForeignSignature):  # signed offline
         store.install(good_pkg.path)
-    assert sorted(os.listdir(store.root)) == [".tmp"]
+    assert sorted(os.listdir(store.root)) == [".tmp", ".verified"] and not os.listdir(store.root / ".verified")
     write_signature(pkg, sign_manifest(read_manifest(pkg), publisher, CHAIN_A))
     installed = store.install(pkg, expected_owner=publisher.address)
     assert installed.domain == CHAIN_A and store.get(installed.adapter_id).signer == publisher.address
