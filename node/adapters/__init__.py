@@ -22,6 +22,7 @@ _EXPORTS = {
     "sign_package": "node.adapters.pack",
     "AdapterStore": "node.adapters.store",
     "VerifiedPackage": "node.adapters.verify",
+    "load_lora_buffer": "node.adapters.verify",
     "load_lora_tensors": "node.adapters.verify",
     "verify_manifest_and_signature": "node.adapters.verify",
     "verify_package": "node.adapters.verify",

@@ -30,6 +30,7 @@ from node.adapters.weights import (
     TensorInfo,
     check_lora_tensors,
     is_pickle_file,
+    read_lora_buffer,
     read_lora_config,
     read_lora_tensors,
     read_safetensors_header,
@@ -256,3 +257,9 @@ def load_lora_tensors(pkg: VerifiedPackage, device: str = "cpu") -> dict:
     pickle, never a second parser), so what verified is what loads."""
     path = pkg.weights_path
     return read_lora_tensors(path, read_safetensors_header(path), device=device)
+
+
+def load_lora_buffer(pkg: VerifiedPackage, alloc=None) -> tuple:
+    """load_lora_tensors as one buffer and its views (weights.read_lora_buffer)."""
+    path = pkg.weights_path
+    return read_lora_buffer(path, read_safetensors_header(path), alloc)

@@ -198,8 +198,13 @@ def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> TensorIn
     return TensorInfo(dtype, tuple(shape), data_start + start, nbytes)
 
 
-def read_lora_tensors(path: Path, tensors: dict[str, TensorInfo], device: str = "cpu") -> dict:
-    """The tensors a verified header describes, read at their byte ranges (the loader's only reader)."""
+TENSOR_ALIGN = 16  # bytes: every tensor read_lora_buffer places starts here, so any dtype can view it
+
+
+def read_lora_buffer(path: Path, tensors: dict[str, TensorInfo], alloc=None) -> tuple:
+    """The tensors a verified header describes, read straight from the file into one buffer (no
+    intermediate copy), each at a TENSOR_ALIGN-aligned offset: (buffer [bytes] uint8, {name: view}).
+    `alloc(nbytes)` gives the buffer (a pinned one, for one raw copy to a GPU); default: a new tensor."""
     import torch
 
     dtypes = {
@@ -214,19 +219,27 @@ def read_lora_tensors(path: Path, tensors: dict[str, TensorInfo], device: str = 
         "U8": torch.uint8,
         "BOOL": torch.bool,
     }
+    starts, total = [], 0
+    for info in tensors.values():
+        starts.append(total)
+        total += -(-info.nbytes // TENSOR_ALIGN) * TENSOR_ALIGN
+    buf = torch.empty(total, dtype=torch.uint8) if alloc is None else alloc(total)
+    raw = buf.numpy() if total else None
     out = {}
     with path.open("rb") as f:
-        for name, info in tensors.items():
-            f.seek(info.offset)
-            data = f.read(info.nbytes)
-            if len(data) != info.nbytes:
-                raise PackageError(f"{path.name}: tensor {shown(name, 128)} was cut short after it was verified")
-            if info.nbytes == 0:
-                t = torch.empty(info.shape, dtype=dtypes[info.dtype])
-            else:
-                t = torch.frombuffer(bytearray(data), dtype=dtypes[info.dtype]).reshape(info.shape)
-            out[name] = t.to(device)
-    return out
+        for (name, info), start in zip(tensors.items(), starts):
+            if info.nbytes:
+                f.seek(info.offset)
+                if f.readinto(memoryview(raw[start : start + info.nbytes])) != info.nbytes:
+                    raise PackageError(f"{path.name}: tensor {shown(name, 128)} was cut short after it was verified")
+            out[name] = buf[start : start + info.nbytes].view(dtypes[info.dtype]).view(info.shape)
+    return buf, out
+
+
+def read_lora_tensors(path: Path, tensors: dict[str, TensorInfo], device: str = "cpu") -> dict:
+    """The tensors a verified header describes, by name (views into one buffer on the CPU)."""
+    _, out = read_lora_buffer(path, tensors)
+    return out if device == "cpu" else {k: v.to(device) for k, v in out.items()}
 
 
 HALF_MAX = 65504.0  # the largest finite float16: a slot in any node's dtype holds every value below it

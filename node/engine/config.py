@@ -225,7 +225,12 @@ class EngineConfig:
     # build each adapter's slot image on the loader thread, so a slot load is one copy of it; else the
     # slot is laid out at the write (in place on CPU). None: on CUDA, where the copy is then asynchronous
     slot_images: bool | None = None
-    verify_adapter_hashes: bool = True  # re-hash package files on every load from the store
+    # with slot_images, where the Triton kernels run: adapters are read raw into host buffers allocated at
+    # start (pinned on CUDA) and laid out on the device (lora/host_pool.py, kernels/slot_layout.py); this
+    # many buffers, each the size of a max-rank float32 package. None: cpu_cache_size + 2; 0: host-built images
+    host_pool_buffers: int | None = None
+    # re-hash package files whose size, mtime or inode changed since the store last hashed them
+    verify_adapter_hashes: bool = True
     fused_ops: bool | None = None  # fused Triton norm / rotary+cache / SiLU ops; None: with static decode
     # share the KV of full prompt blocks across requests under the same (base, adapter) key (block_manager.py)
     enable_prefix_caching: bool = True
@@ -257,6 +262,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cpu_cache_size < 0:
             raise ValueError(f"cpu_cache_size must be >= 0, got {self.cpu_cache_size}")
+        if self.host_pool_buffers is not None and self.host_pool_buffers < 0:
+            raise ValueError(f"host_pool_buffers must be >= 0, got {self.host_pool_buffers}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.cuda_graphs not in ("auto", "off", "static"):

@@ -183,24 +183,30 @@ class LLMEngine:
     def _decode(self, pkg, image: bool = True) -> LoadedAdapter:
         """Loader thread: a verified package -> the adapter in host memory, with its slot image when the
         runner prebuilds them (so the engine thread's slot write is one copy)."""
-        from node.adapters import load_lora_tensors
+        from node.adapters import load_lora_buffer
 
+        buffer, tensors = load_lora_buffer(pkg, self.runner.host_buffer)
         loaded = decode_lora(
             pkg.adapter_id,
             pkg.name,
-            load_lora_tensors(pkg),
+            tensors,
             pkg.lora.scaling,
             self.model_cfg,
             self.config.max_lora_rank,
             self.dtype,
+            check_values=not self.adapters.verify_hashes,  # else the store's verification checked them
+            buffer=buffer,
         )
         return self._with_image(loaded) if image else loaded
 
     def _with_image(self, loaded: LoadedAdapter) -> LoadedAdapter:
-        if self.runner.prebuilt_images:
-            loaded.image = self.runner.slot_image(loaded)  # pinned on CUDA: a slot load is one async copy
+        if not self.runner.prebuilt_images:
+            return loaded
+        loaded.plan = self.runner.slot_plan(loaded)  # read into a pool buffer: laid out on the device
+        if loaded.plan is None:  # else a host image (pinned on CUDA): a slot load is one async copy
+            loaded.image = self.runner.slot_image(loaded)
             if self.device.type == "cuda":
-                loaded.weights = {}  # the image holds everything the slot needs
+                loaded.weights, loaded.buffer = {}, None  # the image holds everything the slot needs
         return loaded
 
     def _combine(self, spec: EnsembleSpec, parts: list[tuple[LoadedAdapter, float]]) -> LoadedAdapter:

@@ -4,15 +4,21 @@ batch into flat input tensors, runs one forward pass and returns the last-token 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
+from node.adapters.weights import TENSOR_ALIGN, module_dims
 from node.engine.config import EngineConfig, ModelConfig
 from node.engine.layers.attention import allocate_kv, build_metadata, kv_bytes_per_token, to_device
+from node.engine.lora.host_pool import HostPool
 from node.engine.lora.mapping import LoRAMapping
 from node.engine.lora.weights import LoadedAdapter
 from node.engine.model import CausalLM
 from node.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from node.engine.lora.kernels.slot_layout import SlotPlan
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ class ModelRunner:
         self.slot_buf, self.slot_layout = self._allocate_slot_buffer()
         # CUDA: slot writes are asynchronous copies on this side stream (see write_slot)
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        # raw adapter buffers, pinned at start, laid out into a slot on the device; None: host-built images
+        self.host_pool = self._make_host_pool() if self.prebuilt_images else None
         self.static_decode = self._static_decode_mode()
         model.use_fused_ops(config.fused_ops if config.fused_ops is not None else self.static_decode)
         self.num_blocks = self._num_blocks()
@@ -114,6 +122,39 @@ class ModelRunner:
             )
         return buf, layout
 
+    def _make_host_pool(self) -> HostPool | None:
+        count = self.config.host_pool_buffers
+        count = self.config.cpu_cache_size + 2 if count is None else count  # the cache, one decoding, one copying
+        if not count or not _layout_kernel_runs(self.device):
+            return None
+        c = self.cfg
+        dims = module_dims(c.hidden_size, c.q_size, c.kv_size, c.intermediate_size)
+        r = self.config.max_lora_rank
+        per_layer = sum(r * (d_in + d_out) * 4 + 2 * TENSOR_ALIGN for d_in, d_out in dims.values())
+        nbytes = c.num_layers * per_layer
+        if self.copy_stream is not None:  # the device buffer a slot write copies into, cached by the allocator
+            with torch.cuda.stream(self.copy_stream):  # now, not with a batch running: no cudaMalloc then
+                torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return HostPool(count, nbytes, pin=self.copy_stream is not None)
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """Where the loader reads an adapter's tensors: a pool buffer when one is free and large
+        enough (its slot write is then one raw copy and a device layout), else ordinary memory."""
+        buf = self.host_pool.take(nbytes) if self.host_pool is not None else None
+        return buf if buf is not None else torch.empty(nbytes, dtype=torch.uint8)
+
+    def slot_plan(self, adapter: LoadedAdapter) -> SlotPlan | None:
+        """The device layout of an adapter read into a pool buffer (None: it was not)."""
+        buf = adapter.buffer
+        if self.host_pool is None or buf is None or not self.host_pool.owns(buf):
+            return None
+        from node.engine.lora.kernels.slot_layout import plan_layout
+
+        jobs = (
+            job for idx, layer, a_off, b_off in self.slot_layout for job in layer.slot_jobs(idx, adapter, a_off, b_off)
+        )
+        return plan_layout(buf, jobs, buf.numel())
+
     def slot_image(self, adapter: LoadedAdapter) -> torch.Tensor:
         """The adapter laid out as one slot row [P] (pinned on CUDA, so its copy is asynchronous)."""
         image = torch.zeros(self.slot_buf.shape[1], dtype=self.dtype, pin_memory=self.device.type == "cuda")
@@ -158,6 +199,9 @@ class ModelRunner:
         if self.tp is not None:
             self.tp.write_slot(slot, adapter)
         row = self.slot_buf[slot]
+        plan = None if adapter is None else adapter.plan
+        if plan is not None:
+            return self._write_raw(row, adapter.buffer, plan)
         if self.copy_stream is None:
             with torch.no_grad():
                 if adapter is not None and adapter.image is not None:
@@ -177,6 +221,26 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         return SlotCopy(event, image)
+
+    def _write_raw(self, row: torch.Tensor, buf: torch.Tensor, plan: SlotPlan) -> SlotCopy | None:
+        """A pool buffer into a slot: one copy of its raw bytes to the device, the row cleared, and one
+        layout launch per source dtype, all on the copy stream (CPU: in place, before returning)."""
+        from node.engine.lora.kernels.slot_layout import lay_out_slot
+
+        with torch.no_grad():
+            if self.copy_stream is None:
+                row.zero_()
+                lay_out_slot(buf, row, plan)
+                return None
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                raw = torch.empty(plan.nbytes, dtype=torch.uint8, device=self.device)  # the copy stream's memory
+                raw.copy_(buf, non_blocking=True)
+                row.zero_()
+                lay_out_slot(raw, row, plan)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            return SlotCopy(event, (buf, raw))  # the pool buffer goes back only once the copy has read it
 
     @torch.inference_mode()
     def forward(
@@ -241,3 +305,14 @@ class ModelRunner:
         pos_t = to_device(torch.tensor([p for ps in positions for p in ps], dtype=torch.int64), dev)  # [T]
         self.mapping.set_token_slots(slots, dev)
         return self.model(token_t, pos_t, meta, self.kv_caches)
+
+
+def _layout_kernel_runs(device: torch.device) -> bool:
+    """Whether kernels/slot_layout.py can lay a slot out on `device` (CUDA, or the interpreter)."""
+    try:
+        import triton  # noqa: F401
+
+        from node.engine.layers.triton_util import INTERPRET
+    except ImportError:
+        return False
+    return device.type == "cuda" or INTERPRET

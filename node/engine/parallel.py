@@ -251,9 +251,10 @@ class TensorParallel:
 
     def write_slot(self, slot: int, adapter) -> None:
         """Every rank writes the slot: each lays its own shard of the adapter out (the weights travel whole)."""
-        weights = None if adapter is None else {k: (a.cpu(), b.cpu()) for k, (a, b) in adapter.weights.items()}
+        # clones: a view would pickle the whole buffer it views, once per tensor
+        weights = None if adapter is None else {k: (a.clone(), b.clone()) for k, (a, b) in adapter.weights.items()}
         try:
-            self._send(("slot", slot, weights))
+            self._send(("slot", slot, weights, None if adapter is None else adapter.scaling))
         except TensorParallelError:
             # a slot write runs inside the scheduler, which fails requests only for adapter errors: the
             # engine is marked stopped here, and the step that follows fails its requests with the line
@@ -376,8 +377,8 @@ def _worker_loop(rank: int, world: int, port: int, timeout_s: float, config: Eng
         if kind == "step":
             runner.run(*msg[1:])
         elif kind == "slot":
-            _, slot, weights = msg
-            adapter = None if weights is None else LoadedAdapter("", "", 0, weights)
+            _, slot, weights, scaling = msg
+            adapter = None if weights is None else LoadedAdapter("", "", 0, weights, scaling=scaling)
             copy = runner.write_slot(slot, adapter)
             if copy is not None:
                 copy.synchronize()  # rank 0 waits for its own copy; this rank's next step must see it too

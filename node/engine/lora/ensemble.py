@@ -43,14 +43,15 @@ class EnsembleSpec:
 def combine_lora(
     key: str, name: str, parts: list[tuple[LoadedAdapter, float]], max_rank: int, dtype: torch.dtype
 ) -> LoadedAdapter:
-    """Decoded components (B already times its own scaling) and weights -> one LoadedAdapter whose
-    every projection is the concatenation above. Refuses a concatenated rank above `max_rank`."""
+    """Decoded components and weights -> one LoadedAdapter whose every projection is the
+    concatenation above (B times its component's scaling and weight, so the result's scaling is 1).
+    Refuses a concatenated rank above `max_rank`."""
     targets: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for adapter, w in parts:
         if not adapter.weights:
             raise AdapterIncompatibleError(f"ensemble {name}: component {adapter.adapter_id} holds no host weights")
         for lt, (a, b) in adapter.weights.items():
-            targets.setdefault(lt, []).append((a, b, w))
+            targets.setdefault(lt, []).append((a, b, w * adapter.scaling))
     weights = {}
     rank = 0
     for lt, abw in sorted(targets.items()):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.engine.lora.mapping import LoRAMapping
+from node.engine.lora.weights import scaled
 from node.engine.quant import QuantWeight, quantize_columns, quantize_weight
 
 
@@ -106,22 +107,43 @@ class LinearWithLoRA(nn.Module):
         self.rank = max_rank
         self.lora_a, self.lora_b = a, b
 
-    def slot_image(self, image_a: torch.Tensor, image_b: torch.Tensor, layer: int, adapter) -> None:
-        """Write `adapter`'s weights for this module into one slot's (zeroed) A and B views: a host
-        image, or the slot's row of the device buffer itself."""
+    def slot_parts(self, layer: int, adapter):
+        """The blocks of this module's slot stacks that `adapter` fills: (A or B source, whether it
+        is read transposed, first row of the stack, first column, whether it is B). A shard keeps
+        B's rows or A's columns. Scaling and dtype are the writer's (slot_image, or the device
+        layout of kernels/slot_layout.py)."""
         for i, name in enumerate(self.names):
             w = adapter.weights.get((layer, name))
             if w is None:
                 continue
-            a, b = w  # the full adapter: A [r, in], B [out, r]; a shard keeps B's rows or A's columns
+            a, b = w  # the full adapter: A [r, in], B [out, r]
             if self.out_ranges is not None:
                 b = b[self.out_ranges[i][0] : self.out_ranges[i][1]]
             if self.in_range is not None:
                 a = a[:, self.in_range[0] : self.in_range[1]]
-            r = a.shape[0]
-            base = i * self.rank
-            image_a[base : base + r].copy_(a)
-            image_b[base : base + r, self.offsets[i] : self.offsets[i] + self.output_sizes[i]].copy_(b.t())
+            yield a, False, i * self.rank, 0, False
+            yield b, True, i * self.rank, self.offsets[i], True
+
+    def slot_image(self, image_a: torch.Tensor, image_b: torch.Tensor, layer: int, adapter) -> None:
+        """Write `adapter`'s weights for this module into one slot's (zeroed) A and B views: a host
+        image, or the slot's row of the device buffer itself."""
+        for src, _, row, col, is_b in self.slot_parts(layer, adapter):
+            if is_b:
+                image_b[row : row + src.shape[1], col : col + src.shape[0]].copy_(
+                    scaled(src, adapter.scaling, image_b.dtype).t()
+                )
+            else:
+                image_a[row : row + src.shape[0]].copy_(src)
+
+    def slot_jobs(self, layer: int, adapter, a_off: int, b_off: int):
+        """slot_parts as device layout jobs into a slot row whose A stack starts at `a_off` and B
+        stack at `b_off` (elements): (source, transposed, dst_off, dst_rs, scale)."""
+        (_, a_cols), (_, b_cols) = self.lora_shapes(self.rank)
+        for src, transposed, row, col, is_b in self.slot_parts(layer, adapter):
+            if is_b:
+                yield src, transposed, b_off + row * b_cols + col, b_cols, adapter.scaling
+            else:
+                yield src, transposed, a_off + row * a_cols, a_cols, 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, in] -> y [T, sum(out)]

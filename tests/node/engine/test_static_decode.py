@@ -5,6 +5,7 @@ regular engine's greedy tokens exactly; on CUDA (marker gpu) the captured graphs
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -61,22 +62,28 @@ def test_static_decode_gives_the_regular_greedy_tokens(llama_world, reference_to
 
 
 def test_prebuilt_slot_images_give_the_same_logits_as_slots_written_in_place(llama_world):
-    def logits(images: bool) -> torch.Tensor:
-        engine = llama_world.engine(kernel=TorchLoRAKernel("gather"), slot_images=images)
+    """Three ways into a slot: laid out in place at the write, a host image built on the loader
+    thread, and a raw pool buffer laid out by the device kernel (under the interpreter here)."""
+
+    def logits(mode: str) -> torch.Tensor:
+        kw = {"in place": {"slot_images": False}, "image": {"slot_images": True, "host_pool_buffers": 0}}
+        engine = llama_world.engine(kernel=TorchLoRAKernel("gather"), **kw.get(mode, {"slot_images": True}))
         try:
             preload(engine, [a.adapter_id for a in llama_world.adapters])
             for r in rows_and_requests(llama_world):
                 engine.add_request(r)
             seqs, prefill, _ = engine.scheduler.schedule()
-            assert all(
-                (engine.adapters.load(a.adapter_id).result(30).image is not None) == images
-                for a in llama_world.adapters
-            )
+            for a in llama_world.adapters:
+                loaded = engine.adapters.load(a.adapter_id).result(30)
+                assert (loaded.image is not None, loaded.plan is not None) == (mode == "image", mode == "pool")
             return engine.runner.forward(seqs, prefill, all_logits=True)
         finally:
             engine.close()
 
-    assert torch.equal(logits(True), logits(False))
+    want = logits("in place")
+    assert torch.equal(logits("image"), want)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert torch.equal(logits("pool"), want)
 
 
 def test_static_decode_needs_the_triton_kernel(llama_world):
@@ -125,14 +132,20 @@ def test_cuda_graphs_replay_what_the_eager_static_path_computes(llama_world, dev
     assert captured == eager
 
 
+@pytest.mark.parametrize("pool", [None, 0], ids=["host-pool", "host-image"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
-def test_slot_load_is_an_async_copy_that_lands_before_use(llama_world, device):
-    engine = llama_world.engine(device=device, dtype="bf16", max_num_seqs=8)
+def test_slot_load_is_an_async_copy_that_lands_before_use(llama_world, device, pool):
+    engine = llama_world.engine(device=device, dtype="bf16", max_num_seqs=8, host_pool_buffers=pool)
     m = engine.adapters
     try:
         aid = llama_world.adapters[2].adapter_id
         loaded = m.load(aid).result(timeout=60)
-        assert loaded.image is not None and loaded.image.is_pinned() and loaded.weights == {}
+        if pool is None:  # read raw into a pinned pool buffer, laid out on the GPU
+            assert loaded.plan is not None and loaded.buffer.is_pinned() and loaded.image is None
+            want = engine.runner.slot_image(loaded)  # the host layout, for the comparison below
+        else:
+            assert loaded.image is not None and loaded.image.is_pinned() and loaded.weights == {}
+            want = loaded.image
         slot = m.acquire(aid)
         if slot is None:  # the copy was still in flight: the slot is marked loading
             assert m.loading() == [aid] and m.slots.count(aid) == 1
@@ -141,7 +154,7 @@ def test_slot_load_is_an_async_copy_that_lands_before_use(llama_world, device):
                 time.sleep(0.001)
                 slot = m.acquire(aid)
         assert slot is not None and m.loading() == []
-        assert torch.equal(engine.runner.slot_buf[slot].cpu(), loaded.image)
+        assert torch.equal(engine.runner.slot_buf[slot].cpu(), want.cpu())
         m.release(aid)
     finally:
         engine.close()

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from node.engine.layers import fused as O, triton_attention as A, triton_util as U
-    from node.engine.lora.kernels import triton as L, triton_jit as J
+    from node.engine.lora.kernels import slot_layout as S, triton as L, triton_jit as J
 
     assert not U.INTERPRET
     target = GPUTarget("cuda", 90, 32)
@@ -59,6 +59,11 @@ SCRIPT = textwrap.dedent("""
         build(O._rmsnorm_kernel, dict(HAS_RES=False, BLOCK=4096, num_warps=16), dt)
         build(O._rope_cache_kernel, dict(HEADS=32, KV_HEADS=8, HEADS_P=32, KV_P=8, HALF=64, HALF_P=64), dt)
         build(O._silu_mul_kernel, dict(BLOCK=1024), dt)
+        layout = {"src_ptr": "*fp32", "dst_ptr": "*" + dt, "jobs_ptr": "*i64", "progs_ptr": "*i32",
+                  "scale_ptr": "*fp32"}
+        for src in ("fp32", "fp16", "bf16", "fp64"):
+            build(S._slot_layout_kernel, dict(R_P=16, BLOCK_K=S.BLOCK_K, TO_BF16=dt == "bf16", num_warps=4), dt,
+                  dict(layout, src_ptr="*" + src))
     try:
         L.TritonLoRAKernel().prepare(torch.tensor([0]), 1, [0])
     except U.TritonUnavailableError as e:
