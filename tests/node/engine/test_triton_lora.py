@@ -70,7 +70,7 @@ def reference(a, b, x, y0, slots, offset):
 
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["bgmv", "sgmv"])
+@pytest.mark.parametrize("mode", ["bgmv", "sgmv", "gemm"])
 def test_shrink_expand_match_float64(triton_device, mode, dtype, split):
     seed = zlib.crc32(f"{mode}{dtype}{split}".encode())  # fresh inputs per case, reproducible
     a, b, x, y0, slots, outs = make_case(seed, dtype, triton_device)
@@ -149,7 +149,7 @@ def test_automatic_mode_follows_tokens_per_adapter():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"mode": "fast"}, "mode 'fast' is not one of bgmv, sgmv"),
+        ({"mode": "fast"}, "mode 'fast' is not one of bgmv, sgmv, gemm"),
         ({"block_m": 8}, "block_m must be a power of two >= 16"),
         ({"block_m": 24}, "block_m must be a power of two >= 16"),
         ({"split_k": 0}, "split_k must be >= 1"),
@@ -160,9 +160,28 @@ def test_bad_kernel_settings_are_refused(kwargs, message):
         TritonLoRAKernel(**kwargs)
 
 
+def test_a_prefill_of_few_long_runs_takes_dense_gemms_and_graph_steps_never_do():
+    k = TritonLoRAKernel()
+
+    def planned(slots):
+        return k.prepare(torch.tensor(slots), 5, slots).mode
+
+    one_prompt = [3] * 512
+    assert planned(one_prompt) == "gemm"
+    assert k.prepare(torch.tensor(one_prompt), 5, one_prompt).runs == ((3, 0, 512),)
+    two_prompts_and_base = [1] * 40 + [-1] * 100 + [2] * 40
+    assert planned(two_prompts_and_base) == "gemm"
+    assert planned([0] * 31) == "sgmv"  # one run, but shorter than GEMM_MIN_TOKENS
+    many_runs = [i % 2 for i in range(400)]  # decode-like: adapters alternate token by token
+    assert planned(many_runs) != "gemm"
+    assert planned([0] * 40 + [1] * 40 + [2] * 40 + [3] * 40 + [4] * 40) == "sgmv"  # five runs: too many launches
+    # CUDA graphs capture only table-driven modes, whatever the step looks like
+    assert k.choose_mode(one_prompt) == "sgmv" and TritonLoRAKernel("gemm").choose_mode(one_prompt) == "sgmv"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["bgmv", "sgmv"])
+@pytest.mark.parametrize("mode", ["bgmv", "sgmv", "gemm"])
 def test_llama3_8b_projection_shapes_on_cuda(mode):
     """Bench shapes: 64 tokens on 16 rank-16 adapters (gate/up fused), bf16, the default tiles."""
     dev = torch.device("cuda")
@@ -188,3 +207,41 @@ def test_llama3_8b_projection_shapes_on_cuda(mode):
     k.expand(y, h, b, meta, 0, outs)
     assert rel(h.sum(0).cpu(), h_ref) < 1e-2
     assert rel((y - y0).cpu(), y_ref - y0.double().cpu()) < 1e-2
+
+
+class RecordingKernel(TritonLoRAKernel):
+    """The automatic Triton kernel, noting the mode of every eager step it plans."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list[str] = []
+
+    def prepare(self, token_slots, num_slots, host_slots):
+        meta = super().prepare(token_slots, num_slots, host_slots)
+        self.modes.append(meta.mode)
+        return meta
+
+
+def test_long_prompts_prefilled_by_dense_gemms_give_the_torch_kernels_tokens(llama_world, triton_device):
+    """Two 40-token prompts of two adapters and one base-only prompt in one prefill: the automatic
+    Triton kernel takes the gemm mode there (and BGMV/SGMV in the decode steps), and the greedy
+    tokens equal the torch reference kernel's."""
+    from tests.utils.engine import greedy, preload
+
+    if triton_device.type == "cuda":
+        pytest.skip("CPU engine against CPU engine; the CUDA shapes are checked above")
+    a0, a1 = llama_world.adapters[0].adapter_id, llama_world.adapters[3].adapter_id
+    prompts = [[1] + [(7 * i + j) % 50 + 3 for i in range(39)] for j in range(3)]
+    tokens = []
+    for kernel in (None, RecordingKernel()):
+        engine = llama_world.engine(kernel=kernel, max_num_seqs=4)
+        try:
+            preload(engine, [a0, a1])
+            done = engine.generate([greedy(f"r{j}", a, p, 4) for j, (a, p) in enumerate(zip((a0, a1, None), prompts))])
+            assert all(ev.finish_reason == "length" for ev in done.values())
+            tokens.append({k: ev.token_ids for k, ev in done.items()})
+        finally:
+            engine.close()
+        if kernel is not None:
+            assert kernel.modes[0] == "gemm" and "gemm" not in kernel.modes[1:], kernel.modes
+    assert tokens[0] == tokens[1]

@@ -33,6 +33,12 @@ from node.engine.lora.kernels.triton_jit import (
 # sweep"); a long prefill runs faster as SGMV. The crossover is not measured.
 SGMV_MIN_TOKENS = 8
 MAX_SPLIT = 16  # split-K partials per shrink, unless split_k asks for more
+# an eager step whose adapter tokens lie in at most GEMM_MAX_RUNS contiguous runs of one slot each,
+# GEMM_MIN_TOKENS or more a run on average (a prompt's prefill), takes two dense GEMMs per run (the
+# library's, on tensor cores) instead of SGMV's 16-row tiles: with an adapter, a 512-token prefill ran
+# 38.5 ms against 22.2 base-only (bench/NOTES.md), about 16 ms of it LoRA. Thresholds not measured yet.
+GEMM_MAX_RUNS = 4
+GEMM_MIN_TOKENS = 32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,13 +50,15 @@ MAX_SPLIT = 16  # split-K partials per shrink, unless split_k asks for more
 class TritonLoRAMeta:
     """Per-step tables in one int32 device buffer (static when a CUDA graph replays them).
     bgmv: buf = slots [T] (-1 = none). sgmv: buf = tok [T] (tokens sorted by slot) then the tile
-    table [3, max_tiles] (slot, start in tok, length; length 0 = unused tile)."""
+    table [3, max_tiles] (slot, start in tok, length; length 0 = unused tile). gemm: no tables,
+    `runs` on the host: (slot, first token, end) of each contiguous run of one adapter's tokens."""
 
-    mode: str  # "bgmv" | "sgmv"
+    mode: str  # "bgmv" | "sgmv" | "gemm"
     num_tokens: int
     num_slots: int
     buf: torch.Tensor
     max_tiles: int = 0
+    runs: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def slots(self) -> torch.Tensor:
@@ -63,6 +71,19 @@ class TritonLoRAMeta:
     @property
     def tiles(self) -> torch.Tensor:
         return self.buf[self.num_tokens :]
+
+
+def adapter_runs(host_slots: list[int]) -> list[tuple[int, int, int]]:
+    """(slot, first, end) of each maximal run of consecutive tokens with the same slot >= 0."""
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(host_slots):
+        if s < 0:
+            continue
+        if runs and runs[-1][0] == s and runs[-1][2] == i:
+            runs[-1] = (s, runs[-1][1], i + 1)
+        else:
+            runs.append((s, i, i + 1))
+    return runs
 
 
 def max_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
@@ -94,10 +115,12 @@ def plan_tables(mode: str, host_slots: list[int], block_m: int, tiles_cap: int |
 
 
 class TritonLoRAKernel:
-    """The `LoRAKernel` interface on Triton. mode None picks per step: SGMV when the adapter
-    tokens average >= SGMV_MIN_TOKENS per active slot (each adapter's weights are then read once
-    per tile, not once per token), else BGMV. `shrink` returns float32 split-K partials [K, T, R]
-    (h = their sum over K), which the same kernel's `expand` reduces on the fly."""
+    """The `LoRAKernel` interface on Triton. mode None picks per step: for an eager step (prepare)
+    whose adapter tokens form a few long runs (GEMM_MAX_RUNS, GEMM_MIN_TOKENS), dense GEMMs per
+    run ("gemm"); otherwise, and for the CUDA-graph decode steps (choose_mode), SGMV when the
+    adapter tokens average >= SGMV_MIN_TOKENS per active slot (each adapter's weights are then read
+    once per tile, not once per token), else BGMV. `shrink` returns float32 split-K partials
+    [K, T, R] (h = their sum over K), which the same kernel's `expand` reduces on the fly."""
 
     def __init__(
         self,
@@ -108,8 +131,8 @@ class TritonLoRAKernel:
         shrink_cfg: dict | None = None,
         expand_cfg: dict | None = None,
     ) -> None:
-        if mode not in (None, "bgmv", "sgmv"):
-            raise ValueError(f"mode {mode!r} is not one of bgmv, sgmv (or None = automatic)")
+        if mode not in (None, "bgmv", "sgmv", "gemm"):
+            raise ValueError(f"mode {mode!r} is not one of bgmv, sgmv, gemm (or None = automatic)")
         if block_m < 16 or block_m & (block_m - 1):
             raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
         if split_k is not None and split_k < 1:
@@ -126,7 +149,8 @@ class TritonLoRAKernel:
 
     # ---- planning ----
     def choose_mode(self, host_slots: list[int]) -> str:
-        if self.mode is not None:
+        """BGMV or SGMV: the modes a CUDA graph can capture (their tables have a static size)."""
+        if self.mode in ("bgmv", "sgmv"):
             return self.mode
         active = [s for s in host_slots if s >= 0]
         return "sgmv" if len(active) >= SGMV_MIN_TOKENS * max(1, len(set(active))) else "bgmv"
@@ -145,8 +169,21 @@ class TritonLoRAKernel:
         vals = plan_tables(meta.mode, host_slots, self.block_m, meta.max_tiles if meta.mode == "sgmv" else None)
         meta.buf.copy_(_host_int32(vals, meta.buf.device), non_blocking=True)
 
+    def _gemm_runs(self, host_slots: list[int]) -> list[tuple[int, int, int]] | None:
+        if self.mode not in (None, "gemm"):
+            return None
+        runs = adapter_runs(host_slots)
+        if self.mode == "gemm":
+            return runs
+        n = sum(end - start for _, start, end in runs)
+        return runs if runs and len(runs) <= GEMM_MAX_RUNS and n >= GEMM_MIN_TOKENS * len(runs) else None
+
     def prepare(self, token_slots: torch.Tensor, num_slots: int, host_slots: list[int]) -> TritonLoRAMeta:
         """Plan this step on the host (tables sized exactly) and copy them to the device once."""
+        runs = self._gemm_runs(host_slots)
+        if runs is not None:
+            empty = torch.empty(0, dtype=torch.int32, device=token_slots.device)
+            return TritonLoRAMeta("gemm", len(host_slots), num_slots, empty, runs=tuple(runs))
         mode = self.choose_mode(host_slots)
         vals = plan_tables(mode, host_slots, self.block_m)
         dev = token_slots.device
@@ -193,6 +230,12 @@ class TritonLoRAKernel:
         assert k_in == k_in_a and t == meta.num_tokens, (x.shape, a.shape, meta.num_tokens)
         assert x.stride(1) == 1 and a.stride(2) == 1, "last dims must be contiguous"
         dev = x.device
+        if meta.mode == "gemm":
+            h = out if out is not None else torch.empty(1, t, r, dtype=torch.float32, device=dev)
+            h.zero_()  # tokens outside the runs (base only) take h = 0; any partials past the first stay 0
+            for s, start, end in meta.runs:
+                h[0, start:end] = torch.mm(x[start:end], a[s].t())
+            return h
         cfg = {**shrink_config(meta.mode, r, x.dtype), **self.shrink_cfg}
         block_r, block_k = cfg["BLOCK_R"], cfg["BLOCK_K"]
         grid_tr = (t if meta.mode == "bgmv" else meta.max_tiles) * triton.cdiv(r, block_r)
@@ -260,8 +303,13 @@ class TritonLoRAKernel:
             return
         rank = r // len(slices)
         dev = y.device
-        cols = self._cols_table(slices, dev)
         yv = y[:, offset : offset + out]
+        if meta.mode == "gemm":  # B whole, its zero off-diagonal blocks too: one GEMM a run
+            hs = h.sum(0) if split > 1 else h[0]
+            for s, start, end in meta.runs:
+                yv[start:end].addmm_(hs[start:end].to(b.dtype), b[s])
+            return
+        cols = self._cols_table(slices, dev)
         cfg = {**expand_config(meta.mode, rank, y.dtype), **self.expand_cfg}
         n_tiles = triton.cdiv(max(slices), cfg["BLOCK_N"])
         if meta.mode == "bgmv":
