@@ -211,7 +211,7 @@ class LLMEngine:
 
     def _combine(self, spec: EnsembleSpec, parts: list[tuple[LoadedAdapter, float]]) -> LoadedAdapter:
         """Loader thread: an ensemble's loaded components -> one adapter of concatenated rank."""
-        # on CUDA a cached component keeps only its slot image: decode its weights again from the store
+        # a component cached as a slot image alone (CUDA, outside the host pool): decode its weights again
         parts = [
             (a if a.weights else self._decode(self.adapters.stored_package(a.adapter_id), False), w) for a, w in parts
         ]

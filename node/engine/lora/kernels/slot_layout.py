@@ -92,14 +92,19 @@ def plan_layout(buffer: torch.Tensor, parts, nbytes: int) -> SlotPlan:
         )
     groups = []
     for dtype, jobs in by_dtype.items():
-        progs = [(j, kb) for j, job in enumerate(jobs) for kb in range(triton.cdiv(job[2], BLOCK_K))]
+        table = torch.tensor([job[:7] for job in jobs], dtype=torch.int64)
+        # one program per BLOCK_K columns of each job: (job, column block), ~10k rows for the 8B shape
+        blocks = (table[:, 2] + BLOCK_K - 1) // BLOCK_K
+        job_of = torch.repeat_interleave(torch.arange(len(jobs)), blocks)
+        first = torch.repeat_interleave(torch.cumsum(blocks, 0) - blocks, blocks)
+        progs = torch.stack([job_of, torch.arange(len(job_of)) - first], 1).to(torch.int32)
         groups.append(
             LayoutGroup(
                 dtype,
-                torch.tensor([job[:7] for job in jobs], dtype=torch.int64),
+                table,
                 torch.tensor([job[7] for job in jobs], dtype=torch.float32),
-                torch.tensor(progs, dtype=torch.int32).reshape(-1, 2),
-                triton.next_power_of_2(max(max(job[1] for job in jobs), 1)),
+                progs,
+                triton.next_power_of_2(max(int(table[:, 1].max()), 1)),
             )
         )
     return SlotPlan(tuple(groups), nbytes)
