@@ -190,6 +190,9 @@ class AdapterManager:
 
     def _fail(self, adapter_id: str, done: Future, e: Exception) -> None:
         err = e if isinstance(e, AdapterError) else AdapterError(f"adapter {adapter_id} failed to load: {e}")
+        # remembered (and handed to waiters) by kind and message only: the traceback's frames hold what
+        # the load read, up to a whole package or a pool buffer, for as long as the error is remembered
+        err = type(err)(*err.args)
         log.warning("adapter %s failed to load: %s", adapter_id, err)
         with self._lock:
             self._inflight.pop(adapter_id, None)

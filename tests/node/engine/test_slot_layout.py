@@ -114,3 +114,23 @@ def test_a_package_larger_than_a_pool_buffer_loads_as_a_host_image(llama_world):
         assert small.free() == 1
     finally:
         engine.close()
+
+
+def test_an_adapter_that_fails_to_load_keeps_no_buffer(llama_world):
+    """A refused adapter's error is remembered (the next request for it gets it at once), but not the
+    bytes its load read: else every package that verifies and then fails to decode would pin a pool
+    buffer, or its size in memory, for as long as its error is remembered."""
+    from node.engine.lora.errors import AdapterIncompatibleError
+
+    engine = llama_world.engine(slot_images=True, max_lora_rank=8)
+    pool = engine.runner.host_pool = HostPool(2, 1 << 24, pin=False)  # room for the rank-16 package
+    try:
+        big = next(info for info in llama_world.adapters if info.rank > 8)
+        with pytest.raises(AdapterIncompatibleError, match="above this node's max_lora_rank 8"):
+            engine.adapters.load(big.adapter_id).result(timeout=60)
+        gc.collect()
+        assert pool.free() == 2
+        with pytest.raises(AdapterIncompatibleError, match="max_lora_rank"):  # still remembered
+            engine.adapters.acquire(big.adapter_id)
+    finally:
+        engine.close()
