@@ -545,6 +545,19 @@ def node_run(
             ),
         ),
     ] = None,
+    host_pool_buffers: Annotated[
+        int | None,
+        typer.Option(
+            "--host-pool-buffers",
+            min=0,
+            help=(
+                "CUDA: host buffers for adapters, pinned at start, each the size of a max-rank float32 package "
+                "(168 MB for an 8B base at rank 16); a cold adapter is read into one and laid out on the GPU, "
+                "and the host cache holds 2 fewer adapters than there are buffers. 0: none (adapters are laid "
+                "out on the host, and pinned as they load). \\[default: 34, within 8 GiB]"
+            ),
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
     prefix_caching: Annotated[
         bool | None,
@@ -661,6 +674,7 @@ def node_run(
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
             tensor_parallel=tensor_parallel,
+            host_pool_buffers=host_pool_buffers,
             deployment=deployment,
             rpc=rpc,
             listen=listen,

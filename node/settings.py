@@ -54,6 +54,7 @@ class NodeSettings(ServiceSettings):
     kv_cache_dtype: str | None = None  # auto | fp8: the KV cache's storage (the engine's default: auto)
     speculative: str | None = None  # ngram | off: speculative decoding (the engine's default: ngram)
     tensor_parallel: int | None = Field(default=None, ge=1)  # ranks the base is sharded over (engine default: 1)
+    host_pool_buffers: int | None = Field(default=None, ge=0)  # adapter buffers pinned at start (CUDA); 0: none
     # the chain, the mesh and the gateways
     deployment: Path | None = None
     rpc: str | None = None
@@ -133,6 +134,7 @@ class NodeSettings(ServiceSettings):
             "quantization": self.quantization,
             "kv_cache_dtype": self.kv_cache_dtype,
             "tensor_parallel": self.tensor_parallel,
+            "host_pool_buffers": self.host_pool_buffers,
             "enable_prefix_caching": self.prefix_caching,
             "speculative": self.speculative,
         }

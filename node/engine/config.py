@@ -227,7 +227,8 @@ class EngineConfig:
     slot_images: bool | None = None
     # with slot_images, where the Triton kernels run: adapters are read raw into host buffers allocated at
     # start (pinned on CUDA) and laid out on the device (lora/host_pool.py, kernels/slot_layout.py); this
-    # many buffers, each the size of a max-rank float32 package. None: cpu_cache_size + 2; 0: host-built images
+    # many buffers, each the size of a max-rank float32 package, and the host cache holds 2 fewer adapters
+    # at most. None: cpu_cache_size + 2 within 8 GiB (model_runner.HOST_POOL_BUDGET); 0: host-built images
     host_pool_buffers: int | None = None
     # re-hash package files whose size, mtime or inode changed since the store last hashed them
     verify_adapter_hashes: bool = True

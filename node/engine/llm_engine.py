@@ -130,9 +130,13 @@ class LLMEngine:
             enable_caching=config.enable_prefix_caching,
         )
         self.max_len = min(config.context_len(self.model_cfg), self.runner.num_blocks * config.block_size)
+        pool = self.runner.host_pool
         self.adapters = AdapterManager(
             num_slots=config.num_slots,
-            cpu_cache_size=config.cpu_cache_size,
+            # with a host pool the cache holds what the pool can, less one adapter decoding and one copying
+            cpu_cache_size=config.cpu_cache_size
+            if pool is None
+            else max(1, min(config.cpu_cache_size, pool.count - 2)),
             store=store,
             base_model_id=self.base_model_id,
             decode=self._decode,

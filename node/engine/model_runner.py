@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 CPU_KV_DEFAULT = 512 << 20
 ALIGN = 64  # elements: every stack in the slot buffer starts 128-byte aligned (bf16)
+# host memory the adapter pool takes by default (pinned at start on CUDA): 34 buffers of the 8B shape's
+# 168 MB (a 32-adapter host cache), 10 of a 70B's 0.8 GB; EngineConfig.host_pool_buffers sets the count
+HOST_POOL_BUDGET = 8 << 30
 
 
 class SlotCopy:
@@ -123,15 +126,16 @@ class ModelRunner:
         return buf, layout
 
     def _make_host_pool(self) -> HostPool | None:
-        count = self.config.host_pool_buffers
-        count = self.config.cpu_cache_size + 2 if count is None else count  # the cache, one decoding, one copying
-        if not count or not _layout_kernel_runs(self.device):
+        if self.config.host_pool_buffers == 0 or not _layout_kernel_runs(self.device):
             return None
         c = self.cfg
         dims = module_dims(c.hidden_size, c.q_size, c.kv_size, c.intermediate_size)
         r = self.config.max_lora_rank
         per_layer = sum(r * (d_in + d_out) * 4 + 2 * TENSOR_ALIGN for d_in, d_out in dims.values())
         nbytes = c.num_layers * per_layer
+        count = self.config.host_pool_buffers
+        if count is None:  # the host cache, one adapter decoding and one copying, within the default budget
+            count = min(self.config.cpu_cache_size + 2, max(4, HOST_POOL_BUDGET // nbytes))
         if self.copy_stream is not None:  # the device buffer a slot write copies into, cached by the allocator
             with torch.cuda.stream(self.copy_stream):  # now, not with a batch running: no cudaMalloc then
                 torch.empty(nbytes, dtype=torch.uint8, device=self.device)

@@ -128,3 +128,14 @@ def test_kv_cache_dtype_is_auto_unless_set_and_a_bad_one_is_one_line(tmp_path, m
     assert str(e.value) == (
         "setting kv_cache_dtype: --kv-cache-dtype 'int4' is not supported; expected one of auto, fp8"
     ), str(e.value)
+
+
+def test_the_host_pool_is_the_engines_default_unless_set(tmp_path, monkeypatch):
+    assert NodeSettings.load(None, base=Path("b"), store=Path("s"), port=1).engine_config().host_pool_buffers is None
+    off = write(tmp_path, 'base = "b"\nstore = "s"\nport = 1\nhost_pool_buffers = 0\n')
+    assert NodeSettings.load(off).engine_config().host_pool_buffers == 0
+    monkeypatch.setenv("LORAMESH_NODE_HOST_POOL_BUFFERS", "6")
+    assert NodeSettings.load(off).engine_config().host_pool_buffers == 6
+    monkeypatch.setenv("LORAMESH_NODE_HOST_POOL_BUFFERS", "-1")
+    with pytest.raises(SettingsError, match="host_pool_buffers"):
+        NodeSettings.load(off)

@@ -134,3 +134,20 @@ def test_an_adapter_that_fails_to_load_keeps_no_buffer(llama_world):
             engine.adapters.acquire(big.adapter_id)
     finally:
         engine.close()
+
+
+def test_the_host_cache_holds_what_the_pool_can(llama_world):
+    """Each cached adapter holds a pool buffer, so the cache is bounded by the pool (less one adapter
+    decoding and one copying), and the default pool stays within its memory budget."""
+    from node.engine.model_runner import HOST_POOL_BUDGET
+
+    small = llama_world.engine(slot_images=True, host_pool_buffers=5, cpu_cache_size=32)
+    default = llama_world.engine(slot_images=True, cpu_cache_size=32)
+    try:
+        assert small.adapters.cpu_cache_size == 3
+        pool = default.runner.host_pool
+        assert pool.count == 34 and default.adapters.cpu_cache_size == 32  # tiny buffers: the budget is far
+        assert pool.count * pool.nbytes <= HOST_POOL_BUDGET
+    finally:
+        small.close()
+        default.close()
