@@ -245,3 +245,22 @@ def test_long_prompts_prefilled_by_dense_gemms_give_the_torch_kernels_tokens(lla
         if kernel is not None:
             assert kernel.modes[0] == "gemm" and "gemm" not in kernel.modes[1:], kernel.modes
     assert tokens[0] == tokens[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("slots", [[2] * 20 + [0] * 20, [1] * 18 + [-1] * 4 + [1] * 18], ids=["covered", "gaps"])
+def test_gemm_runs_in_the_activations_dtype_match_float64(triton_device, dtype, slots):
+    """The gemm mode's own buffer (no `out`): h in x's dtype, left unset only when the runs cover
+    every token, zero for base-only tokens otherwise."""
+    a, b, x, y0, _, outs = make_case(5, dtype, triton_device, t=len(slots))
+    h_ref, y_ref = reference(a, b, x, y0, slots, 3)
+    k = TritonLoRAKernel("gemm")
+    meta = k.prepare(torch.tensor(slots, device=triton_device), 5, slots)
+    h = k.shrink(x, a, meta)
+    assert h.dtype == dtype and h.shape == (1, len(slots), a.shape[1])
+    assert rel(h[0].cpu(), h_ref) < bound(dtype, triton_device)
+    y = y0.clone()
+    k.expand(y, h, b, meta, 3, outs)
+    assert rel((y - y0).cpu(), y_ref - y0.double().cpu()) < bound(dtype, triton_device)
+    base = [i for i, s in enumerate(slots) if s < 0]
+    assert torch.equal(y[base], y0[base])

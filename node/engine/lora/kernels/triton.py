@@ -230,11 +230,17 @@ class TritonLoRAKernel:
         assert k_in == k_in_a and t == meta.num_tokens, (x.shape, a.shape, meta.num_tokens)
         assert x.stride(1) == 1 and a.stride(2) == 1, "last dims must be contiguous"
         dev = x.device
-        if meta.mode == "gemm":
-            h = out if out is not None else torch.empty(1, t, r, dtype=torch.float32, device=dev)
-            h.zero_()  # tokens outside the runs (base only) take h = 0; any partials past the first stay 0
+        if meta.mode == "gemm":  # h in x's dtype (the library GEMM's output), written in place: 2 ops a run
+            covered = sum(end - start for _, start, end in meta.runs) == t
+            if out is None:  # base-only tokens outside the runs take h = 0
+                h = (torch.empty if covered else torch.zeros)(1, t, r, dtype=x.dtype, device=dev)
+            else:
+                h = out.zero_()  # any partials past the first stay 0
             for s, start, end in meta.runs:
-                h[0, start:end] = torch.mm(x[start:end], a[s].t())
+                if h.dtype == x.dtype:
+                    torch.mm(x[start:end], a[s].t(), out=h[0, start:end])
+                else:
+                    h[0, start:end] = torch.mm(x[start:end], a[s].t())
             return h
         cfg = {**shrink_config(meta.mode, r, x.dtype), **self.shrink_cfg}
         block_r, block_k = cfg["BLOCK_R"], cfg["BLOCK_K"]
@@ -305,9 +311,9 @@ class TritonLoRAKernel:
         dev = y.device
         yv = y[:, offset : offset + out]
         if meta.mode == "gemm":  # B whole, its zero off-diagonal blocks too: one GEMM a run
-            hs = h.sum(0) if split > 1 else h[0]
+            hs = (h.sum(0) if split > 1 else h[0]).to(b.dtype)  # no copy when shrink made it
             for s, start, end in meta.runs:
-                yv[start:end].addmm_(hs[start:end].to(b.dtype), b[s])
+                yv[start:end].addmm_(hs[start:end], b[s])
             return
         cols = self._cols_table(slices, dev)
         cfg = {**expand_config(meta.mode, rank, y.dtype), **self.expand_cfg}
