@@ -22,7 +22,6 @@ class HostPool:
     def __init__(self, count: int, nbytes: int, pin: bool) -> None:
         self.count = count
         self.nbytes = nbytes
-        self.pinned = pin
         self._free = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
         self._ptrs = frozenset(b.data_ptr() for b in self._free)
         self._lock = threading.Lock()
