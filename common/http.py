@@ -100,12 +100,13 @@ class BodyLimitMiddleware:
 # ---- the client side: answers read within a limit ----------------------------------------------------
 
 
-async def read_capped(response, limit: int) -> bytes:
-    """At most `limit` + 1 bytes of an httpx response's body (one past the limit says it was longer): the
-    other side cannot make us buffer more, whatever it sends. The bytes as sent: a Content-Encoding is not
-    undone (our services never compress), so a small gzip body cannot inflate past the limit in one read."""
+async def read_capped(chunks, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of a response body's chunks (one past the limit says it was longer): the
+    other side cannot make us buffer more, whatever it sends. Give the bytes as sent (httpx's aiter_raw,
+    aiohttp's iter_any without auto_decompress): a Content-Encoding is not undone (our services never
+    compress), so a small gzip body cannot inflate past the limit in one read."""
     body = bytearray()
-    async for chunk in response.aiter_raw():
+    async for chunk in chunks:
         body += chunk
         if len(body) > limit:
             break
@@ -115,7 +116,7 @@ async def read_capped(response, limit: int) -> bytes:
 async def bounded_call(client, method: str, url: str, limit: int, **kw) -> tuple[int, bytes]:
     """(status, body) of one httpx call, the body read with read_capped."""
     async with client.stream(method, url, **kw) as r:
-        return r.status_code, await read_capped(r, limit)
+        return r.status_code, await read_capped(r.aiter_raw(), limit)
 
 
 # ---- what an error looks like (common.wire.error_body), for the OpenAPI schemas -----------------------------

@@ -22,7 +22,7 @@ import aiohttp
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.http import bounded_call
+from common.http import bounded_call, read_capped
 from common.serving import KEEP_ALIVE_S as SERVER_KEEP_ALIVE_S
 from common.wire import UntrustedJSONError, parse_json
 from node.request_auth import SignedNodeAuth, sign_request
@@ -248,7 +248,9 @@ class NodeClient:
         if r.status == 200:
             return UpstreamStream(r.content.iter_any(), r.release, event_limit(body))
         try:
-            text = (await _read_capped(r, MAX_ANSWER_BYTES))[:MAX_ANSWER_BYTES].decode("utf-8", "replace")
+            text = (await read_capped(r.content.iter_any(), MAX_ANSWER_BYTES))[:MAX_ANSWER_BYTES].decode(
+                "utf-8", "replace"
+            )
         except (aiohttp.ClientError, TimeoutError):
             text = ""
         finally:
@@ -315,11 +317,3 @@ class NodeClient:
         await self.http.aclose()
         if self._streams is not None:
             await self._streams.close()
-
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most `limit` + 1 bytes of an aiohttp response's body (one past the limit says it was longer)."""
-    body = bytearray()
-    while len(body) <= limit and (chunk := await response.content.read(limit + 1 - len(body))):
-        body += chunk
-    return bytes(body)

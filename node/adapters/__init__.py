@@ -23,7 +23,6 @@ _EXPORTS = {
     "AdapterStore": "node.adapters.store",
     "VerifiedPackage": "node.adapters.verify",
     "load_lora_buffer": "node.adapters.verify",
-    "load_lora_tensors": "node.adapters.verify",
     "verify_manifest_and_signature": "node.adapters.verify",
     "verify_package": "node.adapters.verify",
     "LoraConfig": "node.adapters.weights",

@@ -56,7 +56,9 @@ class AdapterStore:
         path = self.path_for(adapter_id)
         if not (path / MANIFEST_FILE).is_file():
             return None
-        rehash = verify_hashes and self._stamp_of(path) != self._read_stamp(adapter_id)
+        # taken before any hashing: a file changed while or after it is read no longer matches next time
+        stamp = self._stamp_of(path) if verify_hashes else None
+        rehash = verify_hashes and stamp != self._read_stamp(adapter_id)
         try:
             pkg = verify_package(path, base_dir=self.base_dir, hashes=rehash, domain=self.domain)
         except ForeignSignature as e:
@@ -65,7 +67,7 @@ class AdapterStore:
         if pkg.adapter_id != adapter_id:
             raise PackageError(f"store entry {adapter_id} holds adapter {pkg.adapter_id}")
         if rehash:
-            self._write_stamp(adapter_id, path)
+            self._write_stamp(adapter_id, stamp)
         return pkg
 
     @staticmethod
@@ -84,9 +86,9 @@ class AdapterStore:
             return None
         return doc if isinstance(doc, dict) else None
 
-    def _write_stamp(self, adapter_id: str, path: Path) -> None:
+    def _write_stamp(self, adapter_id: str, stamp: dict[str, list[int]]) -> None:
         tmp = self._stamps / f".{adapter_id}.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps(self._stamp_of(path)))
+        tmp.write_text(json.dumps(stamp))
         os.replace(tmp, self._stamps / f"{adapter_id}.json")
 
     def _drop_stamp(self, adapter_id: str) -> None:
@@ -166,7 +168,8 @@ class AdapterStore:
                 os.chmod(p, 0o444)
             self._drop_stamp(pkg.adapter_id)
             os.replace(tmp, final)
-            self._write_stamp(pkg.adapter_id, final)  # hashed and value-checked just now (or as written)
+            # hashed and value-checked just now (or as written); the rename keeps sizes, mtimes and inodes
+            self._write_stamp(pkg.adapter_id, self._stamp_of(final))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

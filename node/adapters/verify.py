@@ -32,7 +32,6 @@ from node.adapters.weights import (
     is_pickle_file,
     read_lora_buffer,
     read_lora_config,
-    read_lora_tensors,
     read_safetensors_header,
 )
 
@@ -252,14 +251,9 @@ def _check_owner(signer: str | None, expected_owner: str | None) -> None:
         raise PackageError(f"package is signed by {signer}, but the adapter's registered owner is {expected_owner}")
 
 
-def load_lora_tensors(pkg: VerifiedPackage, device: str = "cpu") -> dict:
-    """The adapter's LoRA tensors by PEFT name, read through the same header check verify runs (never
-    pickle, never a second parser), so what verified is what loads."""
-    path = pkg.weights_path
-    return read_lora_tensors(path, read_safetensors_header(path), device=device)
-
-
 def load_lora_buffer(pkg: VerifiedPackage, alloc=None) -> tuple:
-    """load_lora_tensors as one buffer and its views (weights.read_lora_buffer)."""
+    """The adapter's LoRA tensors, (buffer, {PEFT name: view}) as weights.read_lora_buffer reads them,
+    through the same header check verify runs (never pickle, never a second parser), so what verified
+    is what loads."""
     path = pkg.weights_path
     return read_lora_buffer(path, read_safetensors_header(path), alloc)

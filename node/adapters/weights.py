@@ -2,7 +2,7 @@
 
 A safetensors file is read by its header only (no tensor data is parsed before the header is
 sane), and pickle-based formats are never opened. The same parsed header is what the loader reads
-tensors through (read_lora_tensors), so a package that verifies is a package that loads.
+tensors through (read_lora_buffer), so a package that verifies is a package that loads.
 """
 
 from __future__ import annotations
@@ -234,12 +234,6 @@ def read_lora_buffer(path: Path, tensors: dict[str, TensorInfo], alloc=None) -> 
                     raise PackageError(f"{path.name}: tensor {shown(name, 128)} was cut short after it was verified")
             out[name] = buf[start : start + info.nbytes].view(dtypes[info.dtype]).view(info.shape)
     return buf, out
-
-
-def read_lora_tensors(path: Path, tensors: dict[str, TensorInfo], device: str = "cpu") -> dict:
-    """The tensors a verified header describes, by name (views into one buffer on the CPU)."""
-    _, out = read_lora_buffer(path, tensors)
-    return out if device == "cpu" else {k: v.to(device) for k, v in out.items()}
 
 
 HALF_MAX = 65504.0  # the largest finite float16: a slot in any node's dtype holds every value below it

@@ -31,14 +31,6 @@ class LoadedAdapter:
     # slot (kernels/slot_layout.py), so a slot load is one raw copy and one layout launch
     plan: object | None = None
 
-    @property
-    def nbytes(self) -> int:
-        if self.buffer is not None:
-            n = self.buffer.numel()
-        else:
-            n = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
-        return n + (0 if self.image is None else self.image.numel() * self.image.element_size())
-
 
 def decode_lora(
     adapter_id: str,

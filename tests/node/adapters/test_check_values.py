@@ -13,7 +13,7 @@ from node.adapters.weights import (
     WEIGHTS_FILE,
     LoraConfig,
     lora_key,
-    read_lora_tensors,
+    read_lora_buffer,
     read_safetensors_header,
 )
 
@@ -23,7 +23,7 @@ VALUES += [float("inf"), float("-inf"), float("nan")]
 
 def check_tensor_values(path, tensors, lora) -> None:
     """The rule as written: every A value, and every B value times the scaling, is finite and fits float16."""
-    for name, t in read_lora_tensors(path, tensors).items():
+    for name, t in read_lora_buffer(path, tensors)[1].items():
         t = t.double() * (lora.scaling if ".lora_B." in name else 1.0)
         if not bool(torch.isfinite(t).all()) or (t.numel() and float(t.abs().max()) > HALF_MAX):
             raise PackageError(f"{WEIGHTS_FILE}: tensor {name} holds values that are not finite or exceed {HALF_MAX:g}")

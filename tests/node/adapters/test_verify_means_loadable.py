@@ -1,5 +1,5 @@
 """A package that verifies is a package that loads: over mutated safetensors headers and adapter
-configs, whatever verify_package accepts, the engine's loader (load_lora_tensors + decode_lora at the
+configs, whatever verify_package accepts, the engine's loader (load_lora_buffer + decode_lora at the
 nodes' default rank) accepts too, and reads the same tensors the safetensors library reads."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, load_file, save, save_file
 
-from node.adapters import PackageError, load_lora_tensors, verify_package
+from node.adapters import PackageError, load_lora_buffer, verify_package
 from node.adapters.manifest import MANIFEST_FILE
 from node.adapters.pack import build_manifest
 from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
@@ -105,7 +105,7 @@ def test_what_verifies_loads(peft, tiny_base, tmp_path, mutations):
         return
     event("verified")
     # verified: the engine's loader must take it, at the rank every node serves by default
-    loaded_tensors = load_lora_tensors(pkg)
+    _, loaded_tensors = load_lora_buffer(pkg)  # what the engine's loader reads
     model_cfg = ModelConfig.from_dir(tiny_base)
     loaded = decode_lora(
         pkg.adapter_id,
@@ -138,5 +138,5 @@ def test_a_verified_package_loads_the_same_tensors_as_safetensors(peft, tiny_bas
     save_file(tensors, str(tmp_path / WEIGHTS_FILE), metadata={"format": "pt"})
     (tmp_path / MANIFEST_FILE).write_bytes(build_manifest(tmp_path, name="x/y", base_dir=tiny_base).canonical_bytes())
     pkg = verify_package(tmp_path, base_dir=tiny_base, require_signature=False)
-    ours = load_lora_tensors(pkg)
+    _, ours = load_lora_buffer(pkg)
     assert ours.keys() == tensors.keys() and all(torch.equal(ours[k], tensors[k]) for k in tensors)
