@@ -155,9 +155,19 @@ class Fetcher:
             self._set(status, on_progress)
             try:
                 pkg = await self._fetch_from(prov, adapter_id, owner, status, on_progress)
-            except (ProviderError, FrameError, PackageError, P2PError, OSError) as e:
-                log.warning("provider %s failed for %s: %s", prov.peer_id, adapter_id, e)
-                failures.append(f"{prov.peer_id}: {e}")
+            # trio's Broken/ClosedResourceError: the provider's side of the stream went away under a read or
+            # write (seen in CI with a tampering provider that hangs up); that provider failed, not the fetch
+            except (
+                ProviderError,
+                FrameError,
+                PackageError,
+                P2PError,
+                OSError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ) as e:
+                log.warning("provider %s failed for %s: %s", prov.peer_id, adapter_id, str(e) or type(e).__name__)
+                failures.append(f"{prov.peer_id}: {str(e) or type(e).__name__}")
                 self._set(replace(self.transfers[adapter_id], failures=tuple(failures)), on_progress)
                 self.standing.failed(prov.peer_id)
                 if prov.source == "dht":

@@ -53,7 +53,9 @@ def test_c_announces_what_it_fetched(mesh, packages):
 @pytest.mark.parametrize(
     ("which", "reason"),
     [
-        ("tampered", "sha256 differs from the manifest"),
+        # on a loaded machine the tampering server may give up writing (its write timeout) before the
+        # flipped file is whole: then its stream breaks first; either way it fails and A delivers
+        ("tampered", "sha256 differs from the manifest|BrokenResourceError"),
         ("stalled", "sent nothing for"),
         ("dropped", "reset the stream|stream ended after"),  # a reset may surface as EOF first
     ],
