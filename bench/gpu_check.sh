@@ -73,7 +73,9 @@ if has tests; then
     # 90-170 s, and no more than leaves the bench 380 s (run 3: 87 tests in 53 s, and a 60 s limit
     # still cut off pytest's exit); no -x: one failing kernel test must not hide what the others say
     t=$(( END - SECONDS - 380 )); t=$(( t > 170 ? 170 : t )); t=$(( t < 90 ? 90 : t ))
+    # the grammar tests need jsonschema, which the image lacks; none of them is gpu-marked
     timeout $t "$PY" -m pytest -m gpu tests/node/engine --confcutdir=tests/node/engine -p no:cacheprovider \
+        --ignore=tests/node/engine/test_grammar.py --ignore=tests/node/engine/test_guided.py \
         -q --timeout 150 --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
     rc_tests=${PIPESTATUS[0]}
     echo "gpu tests exit code: $rc_tests"

