@@ -333,7 +333,6 @@ def build_engine(args, work: Path):
 
 def step_parts(engine):
     """Wrap the engine's step stages with wall-clock timers; returns the dict they fill."""
-    import node.engine.llm_engine as le
 
     parts = {"schedule": [], "forward": [], "sample": [], "modes": [], "batch": []}
 
@@ -351,7 +350,7 @@ def step_parts(engine):
 
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(engine.runner, "forward", "forward")
-    wrap(le, "sample_on_device", "sample")
+    wrap(engine, "_sample", "sample")  # the draw and the one copy of the ids to the host
     kernel = engine.mapping.kernel
     choose = kernel.choose_mode
 
