@@ -20,10 +20,11 @@ from node.engine.layers.attention import LayerKV
 from node.engine.layers.triton_util import INTERPRET, check_device
 
 NO_WINDOW = 2**31 - 1
-BLOCK_N = 32  # positions per inner step (any cache block size: each position looks its block up)
-# sm_90 build (registers a thread, read with the cuobjdump Triton ships; 8B shape): BLOCK_N 32 at 8
-# warps 157 (one program per SM), at 4 warps 255; BLOCK_N 16 at 8 warps 112 (two per SM); BLOCK_N 64
-# at 4 warps spills. What a GPU measured of them: bench/NOTES.md, "attention launch settings".
+BLOCK_N = 64  # positions per inner step (any cache block size: each position looks its block up)
+# Measured on an H200 at the 8B shape's decode (bench/h200/run4a-gpu-profile.json, a layer of batch 64
+# mid-decode): BLOCK_N 64 at 8 warps 21.5 us (1.96 TB/s); 32 at 8 warps, the setting before, 27.7 us;
+# 16 at 4 warps 23.0; 16 at 8 warps 29.2. Fewer registers (112 at 16/8, two programs an SM) lost to
+# fewer, longer steps of the loop. sm_90 registers a thread: 64/8 185, 32/8 157; 64 at 4 warps spills.
 NUM_WARPS = 8
 
 
