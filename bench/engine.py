@@ -801,7 +801,11 @@ def precision(args, base_dir: Path, store, ids: list[str], base_sd: dict, prompt
         done = engine.generate(reqs)
         return [list(done[f"p{i}"].token_ids) for i in range(args.batch)]
 
-    tokens = {q: run(e, args.new_tokens) for q, e in engines.items()}  # warm-up and the outputs
+    tokens = {}
+    for q, e in engines.items():  # warm-up and the outputs; timed, as run 4 stalled here with no word
+        t0 = time.perf_counter()
+        tokens[q] = run(e, args.new_tokens)
+        print(f"precision {q}: first generate {time.perf_counter() - t0:.1f} s", flush=True)
     # lockstep: one step of each engine in turn, so a burst of load from elsewhere on a shared machine hits
     # every precision alike; the median decode step is robust to the bursts that remain
     wall: dict = {q: [] for q in engines}

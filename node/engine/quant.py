@@ -3,9 +3,11 @@ while the residual stream and every LoRA slot stay in the engine's dtype (QLoRA-
 y = base_q(x) + B(A x), with only base_q changed; the LoRA delta reads the unquantized x).
 
 The kernels are torch's own, chosen by measuring on torch 2.13 (bench/engine.py --sections precision):
-  int8  int8 [N, K] weight, one scale per output row (symmetric, absmax/127). On x86 CPUs fbgemm's int8 x int8
-        GEMM (torch's x86 quantized engine), each token's input quantized at each call (W8A8 dynamic, as
-        vLLM's int8 and fp8); elsewhere aten._weight_int8pack_mm (weight-only, in bf16)
+  int8  int8 [N, K] weight, one scale per output row (symmetric, absmax/127), each token's input quantized
+        at each call (W8A8 dynamic, as vLLM's int8 and fp8): on x86 CPUs fbgemm's int8 x int8 GEMM (torch's
+        x86 quantized engine), on CUDA torch._int_mm (cuBLAS's int8 GEMM, int32 sums); elsewhere
+        aten._weight_int8pack_mm (weight-only, in bf16). Not that one on CUDA: run 4's precision section
+        (bench/h200) never finished, and that kernel, written for a few rows, ran every prefill row
   int4  aten._weight_int4pack_mm_for_cpu (CPU) / aten._weight_int4pack_mm (CUDA, tinygemm): 4-bit
         asymmetric groups of INT4_GROUP along K, a bf16 (scale, zero) per group
   fp8   torch._scaled_mm (CUDA, compute capability >= 8.9): e4m3 weights with a scale per output row, the
@@ -45,6 +47,7 @@ CPU_INT8_GEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasat
 )
 ACT_LEVELS = 63.5  # a token's activations divided by their largest magnitude span [-1, 1] -> codes [0.5, 127.5]
 ACT_ZERO = 64
+INT_MM_MIN_ROWS = 17  # cuBLAS's int8 GEMM takes more than 16 rows: fewer are padded with zero rows
 
 
 class QuantizationError(ValueError):
@@ -106,9 +109,10 @@ class Int8Weight(QuantWeight):
     """Symmetric int8 per output row: W ~= q * scale[:, None], |q| <= 127. Also an embedding table, whose
     rows are the output rows of a tied lm_head (`rows`: the codes stay for lookups).
 
-    On CUDA (and CPUs without fbgemm) linear() is weight-only (aten._weight_int8pack_mm in bf16). On x86 CPUs
-    it is int8 x int8 (see the module docstring): prepare() (at load, else the first call) packs the codes
-    into fbgemm's layout, which then holds the only copy of them unless the table is also looked up."""
+    linear() is int8 x int8 on CUDA (int8_dynamic_linear) and on x86 CPUs (see the module docstring), and
+    weight-only elsewhere (aten._weight_int8pack_mm in bf16). On x86 CPUs prepare() (at load, else the first
+    call) packs the codes into fbgemm's layout, which then holds the only copy of them unless the table is
+    also looked up."""
 
     scheme = "int8"
 
@@ -131,6 +135,8 @@ class Int8Weight(QuantWeight):
     def _matmul(self, x: torch.Tensor, reduce_max) -> torch.Tensor:
         if x.device.type == "cpu" and CPU_INT8_GEMM:
             return self._cpu_linear(x, reduce_max)
+        if x.device.type == "cuda" and self.in_features % 8 == 0 and self.out_features % 8 == 0:
+            return int8_dynamic_linear(x, self.q, self.scale, reduce_max)
         y = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), self.q, self.scale)  # [T, N]
         return y.to(x.dtype)
 
@@ -177,6 +183,23 @@ class Int8Weight(QuantWeight):
 
     def dequantize(self) -> torch.Tensor:
         return self._codes().float() * self.scale.float()[:, None]
+
+
+def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, reduce_max=None) -> torch.Tensor:
+    """x [T, K] @ (q [N, K] int8 * scale [N])^T with each row of x quantized to int8 by its largest
+    magnitude, through torch._int_mm (int32 sums; on CUDA cuBLAS's int8 GEMM, which wants K and N
+    multiples of 8). No host sync, so CUDA graphs capture it. `reduce_max(m)` makes a row-parallel
+    shard's row maxima the same on every rank, in place, as on CPU."""
+    xf = x.float()
+    m = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)  # [T, 1]
+    if reduce_max is not None:
+        reduce_max(m)
+    xq = torch.round(xf * (127.0 / m)).clamp_(-127, 127).to(torch.int8)
+    rows = xq.shape[0]
+    if rows < INT_MM_MIN_ROWS:
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, INT_MM_MIN_ROWS - rows))
+    acc = torch._int_mm(xq, q.t())[:rows]  # q [N, K] row-major: its transpose is the column-major B cuBLAS takes
+    return (acc.float() * (m / 127.0) * scale.float()).to(x.dtype)
 
 
 def int4_group(in_features: int) -> int | None:

@@ -213,3 +213,38 @@ def test_a_checkpoint_saved_quantized_is_refused_naming_its_format(method):
         ModelConfig.from_dict(cfg)
     assert str(e.value).startswith(f"the base checkpoint is saved quantized (quant_method {method!r})")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 40])
+def test_int8_dynamic_linear_is_the_int8_product_of_per_token_codes(rows):
+    """CUDA's int8 path (quant.int8_dynamic_linear, torch._int_mm; on CPU here): each row of x rounded to
+    int8 at its own scale, the int32 sums exact, padding rows (cuBLAS wants more than 16) dropped."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(48, 64, generator=g)
+    x = torch.randn(rows, 64, generator=g) * torch.linspace(0.01, 10, rows)[:, None]  # each row its own scale
+    qw = Int8Weight(w)
+    got = quant.int8_dynamic_linear(x, qw.q, qw.scale)
+    m = x.double().abs().amax(-1, keepdim=True)
+    codes = torch.round(x.double() * 127 / m).clamp(-127, 127)
+    want = (codes @ qw.q.double().t()) * (m / 127) * qw.scale.double()
+    assert got.shape == (rows, 48) and got.dtype == x.dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    # and near the float product: each row's codes err by at most half a step of its largest magnitude
+    ref = x.double() @ qw.dequantize().double().t()
+    bound = (m / 254) * qw.q.double().abs().sum(-1) * qw.scale.double() + 1e-6
+    assert ((got.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 64, 2048])
+def test_int8_weight_on_cuda_is_the_cpu_int8_product(rows):
+    """Int8Weight.linear on CUDA (cuBLAS's int8 GEMM through torch._int_mm) against the same per-token
+    product computed on CPU: the int32 sums are exact on both, so they part by float rounding alone."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4096, 1024, generator=g)
+    x = torch.randn(rows, 1024, generator=g)
+    qw = Int8Weight(w)
+    want = quant.int8_dynamic_linear(x, qw.q, qw.scale)
+    got = Int8Weight(w.cuda()).linear(x.cuda().to(torch.bfloat16))
+    torch.testing.assert_close(got.float().cpu(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
