@@ -157,7 +157,8 @@ class ModelRunner:
         jobs = (
             job for idx, layer, a_off, b_off in self.slot_layout for job in layer.slot_jobs(idx, adapter, a_off, b_off)
         )
-        return plan_layout(buf, jobs, buf.numel())
+        plan = plan_layout(buf, jobs, buf.numel())
+        return plan.pinned() if self.device.type == "cuda" else plan
 
     def slot_image(self, adapter: LoadedAdapter) -> torch.Tensor:
         """The adapter laid out as one slot row [P] (pinned on CUDA, so its copy is asynchronous)."""

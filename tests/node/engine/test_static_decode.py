@@ -142,6 +142,8 @@ def test_slot_load_is_an_async_copy_that_lands_before_use(llama_world, device, p
         loaded = m.load(aid).result(timeout=60)
         if pool is None:  # read raw into a pinned pool buffer, laid out on the GPU
             assert loaded.plan is not None and loaded.buffer.is_pinned() and loaded.image is None
+            # the layout tables too: from pageable memory their copy would wait for the running step
+            assert all(t.is_pinned() for g in loaded.plan.groups for t in (g.jobs, g.scales, g.progs))
             want = engine.runner.slot_image(loaded)  # the host layout, for the comparison below
         else:
             assert loaded.image is not None and loaded.image.is_pinned() and loaded.weights == {}

@@ -11,7 +11,7 @@ programs each take one job's BLOCK_K columns, all of its rows (rows <= the slot'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -69,6 +69,19 @@ class SlotPlan:
 
     groups: tuple[LayoutGroup, ...]
     nbytes: int
+
+    def pinned(self) -> SlotPlan:
+        """The plan with its tables in pinned memory (CUDA). From pageable memory a copy to the GPU
+        waits for everything queued on its stream first: the slot write's copy stream holds the raw
+        copy and waits for the running step, so the engine thread stalled a step (run 4: 19.8 ms
+        against a median of 8.45 during a load)."""
+        return SlotPlan(
+            tuple(
+                replace(g, jobs=g.jobs.pin_memory(), scales=g.scales.pin_memory(), progs=g.progs.pin_memory())
+                for g in self.groups
+            ),
+            self.nbytes,
+        )
 
 
 def plan_layout(buffer: torch.Tensor, parts, nbytes: int) -> SlotPlan:
