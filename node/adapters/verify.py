@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from eth_utils import to_checksum_address
@@ -48,6 +48,8 @@ class VerifiedPackage:
     signer: str | None  # None only for an unsigned package checked with require_signature=False
     lora: LoraConfig
     domain: Domain | None = None  # the registry the signature is for; None: offline or unsigned
+    # the weights file's header as verification checked it (name -> dtype, shape, byte range)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -107,9 +109,12 @@ def check_files(pkg_dir: Path, manifest: Manifest, *, hashes: bool = True) -> No
             )
 
 
-def check_weights(pkg_dir: Path, manifest: Manifest, base_config: dict | None, *, values: bool = True) -> LoraConfig:
+def check_weights(
+    pkg_dir: Path, manifest: Manifest, base_config: dict | None, *, values: bool = True
+) -> tuple[LoraConfig, dict[str, TensorInfo]]:
     """PEFT config and safetensors header agree with each other, the manifest and (if given) the base;
-    with `values`, every weight is finite and fits a slot of any dtype (reads the tensors)."""
+    with `values`, every weight is finite and fits a slot of any dtype (reads the tensors). Returns the
+    config and the checked header."""
     names = {f.path for f in manifest.files}
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if required not in names:
@@ -121,7 +126,7 @@ def check_weights(pkg_dir: Path, manifest: Manifest, base_config: dict | None, *
     check_lora_tensors(tensors, lora, base_config)
     if values:
         check_values(pkg_dir / WEIGHTS_FILE, tensors, lora)
-    return lora
+    return lora, tensors
 
 
 # Per float dtype: its bits as an unsigned integer, and the bits of +inf. With the sign bit cleared,
@@ -219,9 +224,15 @@ def verify_package(
                 f"adapter is for base model {manifest.base_model.name} ({manifest.base_model.id}), "
                 f"not this base ({base_id})"
             )
-    lora = check_weights(pkg_dir, manifest, base_config, values=hashes if values is None else values)
+    lora, tensors = check_weights(pkg_dir, manifest, base_config, values=hashes if values is None else values)
     return VerifiedPackage(
-        path=pkg_dir, manifest=manifest, adapter_id=manifest.adapter_id, signer=signer, lora=lora, domain=signed_for
+        path=pkg_dir,
+        manifest=manifest,
+        adapter_id=manifest.adapter_id,
+        signer=signer,
+        lora=lora,
+        domain=signed_for,
+        tensors=tensors,
     )
 
 
@@ -256,4 +267,6 @@ def load_lora_buffer(pkg: VerifiedPackage, alloc=None) -> tuple:
     through the same header check verify runs (never pickle, never a second parser), so what verified
     is what loads."""
     path = pkg.weights_path
-    return read_lora_buffer(path, read_safetensors_header(path), alloc)
+    # the header verification checked, not a second parse (4.7 ms of a 34 ms load at the 8B shape): the
+    # store's files are the node's own, and read_lora_buffer refuses a file cut short since
+    return read_lora_buffer(path, pkg.tensors or read_safetensors_header(path), alloc)

@@ -11,6 +11,8 @@ import math
 import os
 import re
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,10 @@ def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> TensorIn
 
 TENSOR_ALIGN = 16  # bytes: every tensor read_lora_buffer places starts here, so any dtype can view it
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # views one preadv takes
+# a package of READ_SPLIT_BYTES or more is read by up to READ_THREADS threads at once: the 8B shape's 168 MB
+# took 20.1 ms on one thread and 13.5 on two of this 2-core machine (its page cache to a reused buffer)
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+READ_SPLIT_BYTES = 16 << 20
 
 
 def read_lora_buffer(path: Path, tensors: dict[str, TensorInfo], alloc=None) -> tuple:
@@ -232,12 +238,52 @@ def read_lora_buffer(path: Path, tensors: dict[str, TensorInfo], alloc=None) -> 
         out[name] = buf[start : start + info.nbytes].view(dtypes[info.dtype]).view(info.shape)
         if info.nbytes:
             targets.append((info.offset, memoryview(raw[start : start + info.nbytes]), name))
+    targets.sort(key=lambda t: t[0])
     fd = os.open(path, os.O_RDONLY)
     try:
-        _read_scattered(fd, path, sorted(targets, key=lambda t: t[0]))
+        parts = _split(targets, min(READ_THREADS, -(-total // READ_SPLIT_BYTES)))
+        if len(parts) == 1:
+            _read_scattered(fd, path, targets)
+        else:  # each part's preadv runs without the GIL: the page-cache copy spreads over the cores
+            for f in [_reader_pool().submit(_read_scattered, fd, path, part) for part in parts]:
+                f.result()
     finally:
         os.close(fd)
     return buf, out
+
+
+def _split(targets: list, n: int) -> list[list]:
+    """`targets` cut at tensor boundaries into at most n runs of about equal bytes."""
+    total = sum(len(t[1]) for t in targets)
+    parts, part, done = [], [], 0
+    for t in targets:
+        part.append(t)
+        done += len(t[1])
+        if done * n >= total * (len(parts) + 1) and len(parts) < n - 1:
+            parts.append(part)
+            part = []
+    return [p for p in parts + [part] if p]
+
+
+_READER_POOL = None
+_READER_LOCK = threading.Lock()
+
+
+def _reader_pool():
+    global _READER_POOL
+    with _READER_LOCK:
+        if _READER_POOL is None:
+            _READER_POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="adapter-read")
+        return _READER_POOL
+
+
+def _forget_reader_pool() -> None:  # a forked child has none of its parent's threads
+    global _READER_POOL
+    _READER_POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_reader_pool)
 
 
 def _read_scattered(fd: int, path: Path, targets: list) -> None:

@@ -3,11 +3,13 @@ against the file's, the dtypes' mix, the sizes (aligned or not) and the count (p
 IOV_MAX views); a file cut short after its header was checked is refused in one line."""
 
 import os
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from node.adapters import weights
 from node.adapters.errors import PackageError
 from node.adapters.weights import IOV_MAX, TENSOR_ALIGN, read_lora_buffer, read_safetensors_header
 
@@ -65,3 +67,33 @@ def test_file_cut_short_after_its_header_was_read(tmp_path, cut):
         PackageError, match=r"^adapter_model\.safetensors: tensor 't\d+' was cut short after it was verified$"
     ):
         read_lora_buffer(path, header)
+
+
+def test_a_large_package_is_read_in_parts_by_several_threads(tmp_path, monkeypatch):
+    path = tmp_path / "adapter_model.safetensors"
+    save_file(_tensors(40), str(path))
+    monkeypatch.setattr(weights, "READ_SPLIT_BYTES", 256)
+    monkeypatch.setattr(weights, "READ_THREADS", 3)
+    threads = []
+    preadv = os.preadv
+    monkeypatch.setattr(
+        os, "preadv", lambda fd, v, off: threads.append(threading.current_thread().name) or preadv(fd, v, off)
+    )
+    header = read_safetensors_header(path)
+    _, got = read_lora_buffer(path, header)
+    for name, t in load_file(str(path)).items():
+        assert torch.equal(got[name], t), name
+    assert len(threads) == 3 and all(n.startswith("adapter-read") for n in threads)
+    with path.open("r+b") as f:  # a part cut short fails the whole read, in one line
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(PackageError, match=r"^adapter_model\.safetensors: tensor '\w+' was cut short"):
+        read_lora_buffer(path, header)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_split_keeps_order_and_balances_bytes(n):
+    sizes = [5, 1, 9, 3, 3, 8, 2, 7, 4, 6]
+    targets = [(i, memoryview(bytearray(s)), f"t{i}") for i, s in enumerate(sizes)]
+    parts = weights._split(targets, n)
+    assert [t for p in parts for t in p] == targets and len(parts) == min(n, len(sizes))
+    assert max(sum(len(t[1]) for t in p) for p in parts) <= sum(sizes) / len(parts) + max(sizes)
