@@ -6,8 +6,9 @@ The kernels are torch's own, chosen by measuring on torch 2.13 (bench/engine.py 
   int8  int8 [N, K] weight, one scale per output row (symmetric, absmax/127), each token's input quantized
         at each call (W8A8 dynamic, as vLLM's int8 and fp8): on x86 CPUs fbgemm's int8 x int8 GEMM (torch's
         x86 quantized engine), on CUDA torch._int_mm (cuBLAS's int8 GEMM, int32 sums); elsewhere
-        aten._weight_int8pack_mm (weight-only, in bf16). Not that one on CUDA: run 4's precision section
-        (bench/h200) never finished, and that kernel, written for a few rows, ran every prefill row
+        aten._weight_int8pack_mm (weight-only, in bf16). Not that one on CUDA: it is written for a few
+        rows, and run 4's precision section (bench/h200), which sent it every prefill row, stalled there
+        most likely (no figure told int8 and fp8 apart)
   int4  aten._weight_int4pack_mm_for_cpu (CPU) / aten._weight_int4pack_mm (CUDA, tinygemm): 4-bit
         asymmetric groups of INT4_GROUP along K, a bf16 (scale, zero) per group
   fp8   torch._scaled_mm (CUDA, compute capability >= 8.9): e4m3 weights with a scale per output row, the

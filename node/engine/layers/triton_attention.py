@@ -23,8 +23,8 @@ NO_WINDOW = 2**31 - 1
 BLOCK_N = 64  # positions per inner step (any cache block size: each position looks its block up)
 # Measured on an H200 at the 8B shape's decode (bench/h200/run4a-gpu-profile.json, a layer of batch 64
 # mid-decode): BLOCK_N 64 at 8 warps 21.5 us (1.96 TB/s); 32 at 8 warps, the setting before, 27.7 us;
-# 16 at 4 warps 23.0; 16 at 8 warps 29.2. Fewer registers (112 at 16/8, two programs an SM) lost to
-# fewer, longer steps of the loop. sm_90 registers a thread: 64/8 185, 32/8 157; 64 at 4 warps spills.
+# 16 at 4 warps 23.0; 16 at 8 warps 29.2. Two programs an SM (16/8, 112 registers a thread) lost to the
+# fewest loop steps. sm_90 registers a thread: 64/8 185, 32/8 157; 64 at 4 warps spills.
 NUM_WARPS = 8
 
 
