@@ -3,10 +3,12 @@ settlers take the same row), their on-chain records, their fees, and the batch's
 
 from __future__ import annotations
 
+import re
+
 from eth_utils import keccak, to_canonical_address
 from sqlmodel import Session, select
 
-from common.wire import hex0x, id_bytes
+from common.wire import HEX_ID_PATTERN, hex0x, id_bytes
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import SettleRecord
 
@@ -19,14 +21,15 @@ def batch_id_for(request_ids: list[str], settler: str, salt: int = 0) -> str:
     The settler's address is in it so that no other settler (another gateway on the same ledger) can
     settle, or front-run, a batch under an id we use; the salt tells apart a batch re-formed from the
     very records of an abandoned one (ledger.settler: re-pricing after InsufficientDeposit)."""
-    return hex0x(
-        keccak(
-            BATCH_DOMAIN
-            + to_canonical_address(settler)
-            + salt.to_bytes(4, "big")
-            + b"".join(id_bytes(r) for r in request_ids)
-        )
-    )
+    if set(map(len, request_ids)) <= {66} and _IDS_RE.fullmatch(joined := "".join(request_ids)):
+        ids = bytes.fromhex(joined.replace("0x", ""))  # all in their one spelling: one parse for the batch
+    else:
+        ids = b"".join(id_bytes(r) for r in request_ids)  # normalised one by one (ValueError on a bad one)
+    return hex0x(keccak(BATCH_DOMAIN + to_canonical_address(settler) + salt.to_bytes(4, "big") + ids))
+
+
+# ids in their one spelling, one after another: with every length 66, each is then an id
+_IDS_RE = re.compile(f"(?:{HEX_ID_PATTERN})*")
 
 
 # One statement moves a whole batch's rows: one UPDATE a row (the driver's executemany) cost about twice as
@@ -95,4 +98,4 @@ def pending_rows(session: Session, limit: int, *, lock: bool = False) -> list:
     )
     if lock:
         stmt = stmt.with_for_update(skip_locked=True)
-    return list(session.exec(stmt).all())
+    return list(session.connection().execute(stmt).all())  # Core, not the ORM's select: half the cost

@@ -40,12 +40,16 @@ def encode_leaf(r: SettleRecord, sequence: int) -> bytes:
     """abi.encode(sequence, requestId, adapterId, nodeId, promptTokens, completionTokens): the leaf's
     preimage, written out by hand (web3's generic encoder costs about 0.5 ms a record; the tests hold it
     equal to eth_abi's and to the contract's leafOf)."""
-    # SettleRecord holds its ids normalised ("0x" + 64 lowercase hex), so no to_id per field here
+    return _leaf_preimage(r, sequence, bytes.fromhex(r.adapter_id[2:] + r.node_id[2:]))
+
+
+def _leaf_preimage(r: SettleRecord, sequence: int, adapter_node: bytes) -> bytes:
+    # SettleRecord holds its ids normalised ("0x" + 64 lowercase hex), so no to_id per field here;
+    # adapter_node is the adapter and node ids as 64 bytes, which a batch's records share
     return (
         sequence.to_bytes(_WORD, "big")
         + bytes.fromhex(r.request_id[2:])
-        + bytes.fromhex(r.adapter_id[2:])
-        + bytes.fromhex(r.node_id[2:])
+        + adapter_node
         + r.prompt_tokens.to_bytes(_WORD, "big")
         + r.completion_tokens.to_bytes(_WORD, "big")
     )
@@ -139,7 +143,13 @@ class MerkleTree:
     @classmethod
     def from_records(cls, records: Sequence[SettleRecord], first_sequence: int) -> MerkleTree:
         """The tree of a batch whose first record has sequence number `first_sequence`."""
-        return cls([keccak(encode_leaf(r, first_sequence + i)) for i, r in enumerate(records)])
+        pairs: dict[tuple[str, str], bytes] = {}  # (adapter, node) -> their 64 bytes: a batch has few
+        leaves = []
+        for sequence, r in enumerate(records, first_sequence):
+            if (adapter_node := pairs.get((r.adapter_id, r.node_id))) is None:
+                adapter_node = pairs[r.adapter_id, r.node_id] = bytes.fromhex(r.adapter_id[2:] + r.node_id[2:])
+            leaves.append(keccak(_leaf_preimage(r, sequence, adapter_node)))
+        return cls(leaves)
 
     @property
     def root(self) -> bytes:

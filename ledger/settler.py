@@ -127,6 +127,7 @@ from eth_utils import keccak, to_canonical_address
 from sqlalchemy import and_, case, false, func, or_, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, select
 from web3.exceptions import TransactionNotFound
 
@@ -194,6 +195,7 @@ class _Work:
     records: list[SettleRecord]
     resumed: bool
     tx_hash: str | None = None
+    formed_at: float | None = None  # time.monotonic() just before a batch formed in this step took its lease
 
 
 @dataclass(slots=True)
@@ -639,18 +641,19 @@ class Settler:
         forming transaction, so same-key settlers never both count the same wei (PostgreSQL: the
         advisory lock; SQLite: the write lock)."""
         amount, block = deposit
-        fees = s.exec(
+        conn = s.connection()  # Core selects: the ORM's cost more than the queries, on every batch formed
+        fees = conn.execute(
             select(SettlementBatch.fees_priced).where(
                 SettlementBatch.settler == self.address, SettlementBatch.status.in_(OPEN)
             )
-        ).all()
-        since = s.exec(
+        ).scalars()
+        since = conn.execute(
             select(SettlementBatch.total_fees).where(
                 SettlementBatch.settler == self.address,
                 SettlementBatch.status == BatchStatus.SETTLED,
                 SettlementBatch.block_number > block,
             )
-        ).all()
+        ).scalars()
         in_flight = sum(int(f) for f in fees if f) + sum(int(f) for f in since if f)
         return amount - in_flight, in_flight
 
@@ -661,6 +664,7 @@ class Settler:
         rest, commit. Returns the batch, False when only records were set aside, None when nothing
         changed."""
         cfg = self.config
+        formed_at = time.monotonic()  # before the batch's lease is taken (_new_batch)
         free, in_flight = self._free_deposit(s, deposit)
         keep: list[tuple[object, int]] = []
         aside: list[tuple[object, str, int | None]] = []
@@ -725,7 +729,7 @@ class Settler:
         if batch is None:
             return False
         log.info("formed batch %s with %d records (%d wei)", batch.batch_id, batch.record_count, total)
-        return _Work(batch, settle, resumed=False)
+        return _Work(batch, settle, resumed=False, formed_at=formed_at)
 
     def _next_first_seq(self, s: Session, chain_next: int) -> int:
         """The sequence number a new batch of this account starts at: past the chain's nextSequence (read
@@ -736,13 +740,14 @@ class Settler:
         new batch may take the same numbers, which is safe, since the chain settles a number once: of two
         batches starting at one number at most one lands, the other fails with SequenceMismatch and its
         records, none at fault, are batched again. An open batch beyond a gap fails the same way."""
-        settled_end = s.exec(
+        conn = s.connection()  # Core selects, as in _free_deposit
+        settled_end = conn.execute(
             select(func.max(SettlementBatch.first_seq + SettlementBatch.record_count)).where(
                 SettlementBatch.settler == self.address,
                 SettlementBatch.status == BatchStatus.SETTLED,
                 SettlementBatch.first_seq.is_not(None),
             )
-        ).one()
+        ).scalar_one()
         nxt = max(chain_next, settled_end or 0)
         now = self._now(s)
         in_flight = or_(
@@ -753,7 +758,7 @@ class Settler:
                 SettlementBatch.lease_expires > now,
             ),
         )
-        ranges = s.exec(
+        ranges = conn.execute(
             select(SettlementBatch.first_seq, SettlementBatch.record_count)
             .where(SettlementBatch.settler == self.address, in_flight, SettlementBatch.first_seq >= nxt)
             .order_by(SettlementBatch.first_seq)
@@ -775,7 +780,8 @@ class Settler:
         request_ids = [r.request_id for r in rows]
         salt = 0
         batch_id = batch_id_for(request_ids, self.address, salt)
-        while s.exec(select(SettlementBatch.id).where(SettlementBatch.batch_id == batch_id)).first() is not None:
+        conn = s.connection()  # Core, as in _free_deposit
+        while conn.execute(select(SettlementBatch.id).where(SettlementBatch.batch_id == batch_id)).first() is not None:
             salt += 1  # the very records of an abandoned batch: a new id
             batch_id = batch_id_for(request_ids, self.address, salt)
         priced = None if any(f is None for f in fees) else str(sum(fees))
@@ -939,7 +945,10 @@ class Settler:
                 if not self._renumber(w):
                     return False
                 batch = w.batch
-        if self._renew([batch.id]) != 1:  # never send a batch whose lease another settler has taken
+        # never send a batch whose lease another settler has taken; one formed moments ago still holds the
+        # lease it was written with (the heartbeat renews it meanwhile), which spares a transaction a batch
+        fresh = w.formed_at is not None and time.monotonic() - w.formed_at < self.config.lease / 4
+        if not fresh and self._renew([batch.id]) != 1:
             log.warning("lost the lease on batch %s to another settler", batch.batch_id)
             return False
         self._point("before_send")
@@ -956,17 +965,32 @@ class Settler:
             self._mark_settled(batch)
             return False
         self._point("after_send")
-        with Session(self.engine, expire_on_commit=False) as s:
-            row = s.get(SettlementBatch, batch.id)
-            row.tx_hash, row.status, row.sent_at, row.attempts = tx_hash, BatchStatus.SENT, utcnow(), row.attempts + 1
-            row.settler = self.address  # the account whose deposit pays it
-            if self.address not in (senders := _split_senders(row.senders)):  # every account that ever sent it
-                row.senders = ",".join([*senders, self.address])
-            s.add(row)
-            s.commit()
-            w.batch = row
+        self._record_sent(batch, tx_hash)
         w.tx_hash = tx_hash
         return True
+
+    def _record_sent(self, batch: SettlementBatch, tx_hash: str) -> None:
+        """Write down the transaction that sends `batch`, with this account as the one whose deposit pays it
+        and among every account that ever sent it; `batch` (detached) is brought up to date alongside. One
+        Core statement: the ORM's get and flush cost more than the update itself, once a batch."""
+        me, now = self.address, utcnow()
+        cols = SettlementBatch.__table__.c
+        senders = case(
+            (or_(cols.senders.is_(None), cols.senders == ""), me),
+            (("," + cols.senders + ",").contains(f",{me},"), cols.senders),
+            else_=cols.senders + f",{me}",
+        )
+        values = {"tx_hash": tx_hash, "status": BatchStatus.SENT, "sent_at": now, "settler": me}
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(SettlementBatch)
+                .where(SettlementBatch.id == batch.id)
+                .values(**values, attempts=SettlementBatch.attempts + 1, senders=senders)
+            )
+        known = _split_senders(batch.senders)
+        values.update(attempts=batch.attempts + 1, senders=",".join(known if me in known else [*known, me]))
+        for key, value in values.items():
+            set_committed_value(batch, key, value)
 
     def _renumber(self, w: _Work) -> bool:
         """Take over a batch numbered in another account's sequence (its lease expired, or it was handed
@@ -1335,21 +1359,27 @@ class Settler:
             renumbered = info.first_sequence
         # not final yet: keep the block's hash, which _follow_finality compares with the chain's until it is
         block_hash = self.client.block_hash(info.settled_block) if self.config.confirmations > 0 else None
-        with Session(self.engine, expire_on_commit=False) as s:
-            row = s.get(SettlementBatch, batch.id)
-            if renumbered is not None:
-                log.warning(
-                    "batch %s settled from sequence number %d, not %s as written: recorded as the chain has it",
-                    batch.batch_id,
-                    renumbered,
-                    row.first_seq,
-                )
-                row.first_seq, row.merkle_root = renumbered, info.merkle_root
-            row.status, row.block_number, row.total_fees = BatchStatus.SETTLED, info.settled_block, str(info.total_fees)
-            row.settled_at, row.lease_expires = utcnow(), None
-            row.block_hash = block_hash
-            s.add(row)
-            n = s.execute(
+        values = {
+            "status": BatchStatus.SETTLED,
+            "block_number": info.settled_block,
+            "total_fees": str(info.total_fees),
+            "settled_at": utcnow(),
+            "lease_expires": None,
+            "block_hash": block_hash,
+        }
+        if renumbered is not None:
+            log.warning(
+                "batch %s settled from sequence number %d, not %s as written: recorded as the chain has it",
+                batch.batch_id,
+                renumbered,
+                batch.first_seq,
+            )
+            values.update(first_seq=renumbered, merkle_root=info.merkle_root)
+        # Core statements on a plain connection: the ORM's get, attribute events and session
+        # synchronisation cost more than the database's own work here
+        with self.engine.begin() as conn:
+            conn.execute(update(SettlementBatch).where(SettlementBatch.id == batch.id).values(**values))
+            n = conn.execute(
                 update(UsageRecord)
                 .where(UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
                 .values(
@@ -1358,14 +1388,13 @@ class Settler:
                     error=case((UsageRecord.error.like(f"{SPLIT_MARK}%"), None), else_=UsageRecord.error),
                 )
             ).rowcount
-            s.commit()
         self.settled_total += n
-        if row.fees_priced is not None and info.total_fees > int(row.fees_priced):
+        if batch.fees_priced is not None and info.total_fees > int(batch.fees_priced):
             log.warning(
                 "batch %s cost %d wei, priced at %s: a price rose between pricing and mining",
                 batch.batch_id,
                 info.total_fees,
-                row.fees_priced,
+                batch.fees_priced,
             )
         log.info("batch %s settled in block %d (%d records)", batch.batch_id, info.settled_block, n)
         return n

@@ -6,6 +6,7 @@ import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # ids are common.wire's (one format for every package); eth_utils (about 250 ms to import) is imported where
 # it is used, so this module of plain values stays cheap for everyone who only needs the values
@@ -36,26 +37,41 @@ class Role(enum.IntEnum):
     DATASET = 2
 
 
-@dataclass(frozen=True, slots=True)
-class SettleRecord:
-    """One inference as settleBatch packs it (ledger.merkle: with its sequence number, its Merkle leaf).
-    Token counts up to 2**64 - 1 are held here; a packed record takes at most 2**32 - 1 each."""
-
+class _SettleFields(NamedTuple):
     request_id: str
     adapter_id: str
     node_id: str
     prompt_tokens: int
     completion_tokens: int
 
-    def __post_init__(self) -> None:
-        # the settler builds 500 of these a batch, nearly always from ids already in their one spelling:
-        # checking that first, and normalising only otherwise, halves what a record costs here
-        if not (is_id(self.request_id) and is_id(self.adapter_id) and is_id(self.node_id)):
-            for name in ("request_id", "adapter_id", "node_id"):
-                object.__setattr__(self, name, to_id(getattr(self, name)))
-        for name, v in (("prompt_tokens", self.prompt_tokens), ("completion_tokens", self.completion_tokens)):
-            if not isinstance(v, int) or not 0 <= v < 2**64:
-                raise ValueError(f"{name} must be an integer in [0, 2**64), got {v!r}")
+
+_U64 = 2**64
+
+
+def _is_u64(v: object) -> bool:
+    return isinstance(v, int) and 0 <= v < _U64
+
+
+class SettleRecord(_SettleFields):
+    """One inference as settleBatch packs it (ledger.merkle: with its sequence number, its Merkle leaf).
+    Token counts up to 2**64 - 1 are held here; a packed record takes at most 2**32 - 1 each.
+
+    A tuple rather than a frozen dataclass: the settler builds 500 of these a batch, and a frozen
+    dataclass's field-by-field __init__ cost as much as the checks."""
+
+    __slots__ = ()
+
+    def __new__(cls, request_id: str, adapter_id: str, node_id: str, prompt_tokens: int, completion_tokens: int):
+        # nearly always the ids are already in their one spelling: checking that first, and normalising
+        # only otherwise, halves what a record costs here
+        if not (is_id(request_id) and is_id(adapter_id) and is_id(node_id)):
+            request_id, adapter_id, node_id = to_id(request_id), to_id(adapter_id), to_id(node_id)
+        if not (_is_u64(prompt_tokens) and _is_u64(completion_tokens)):
+            name, v = (
+                ("completion_tokens", completion_tokens) if _is_u64(prompt_tokens) else ("prompt_tokens", prompt_tokens)
+            )
+            raise ValueError(f"{name} must be an integer in [0, 2**64), got {v!r}")
+        return tuple.__new__(cls, (request_id, adapter_id, node_id, prompt_tokens, completion_tokens))
 
     def as_tuple(self) -> tuple:
         """(requestId, adapterId, nodeId, promptTokens, completionTokens), ids as bytes: leafOf's arguments
