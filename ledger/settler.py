@@ -646,14 +646,14 @@ class Settler:
             select(SettlementBatch.fees_priced).where(
                 SettlementBatch.settler == self.address, SettlementBatch.status.in_(OPEN)
             )
-        ).scalars()
+        ).scalars().all()
         since = conn.execute(
             select(SettlementBatch.total_fees).where(
                 SettlementBatch.settler == self.address,
                 SettlementBatch.status == BatchStatus.SETTLED,
                 SettlementBatch.block_number > block,
             )
-        ).scalars()
+        ).scalars().all()
         in_flight = sum(int(f) for f in fees if f) + sum(int(f) for f in since if f)
         return amount - in_flight, in_flight
 
