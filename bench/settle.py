@@ -7,7 +7,8 @@ timed), then times `Settler.drain()` until every record is settled (receipts awa
 committed), after one batch settled untimed (the settler's start-up probe: see run_mode). Modes:
 sequential = SettlerConfig(max_in_flight=1), one batch per receipt, as the settler worked before
 pipelining; pipelined = --in-flight batches sent before awaiting receipts.
-Prints records/s and gas per record, with ratios against batch size 1 and against sequential.
+Prints records/s and gas per record, with ratios against batch size 1 and against sequential, and the
+settler's CPU per record (its drain's thread: on this shared machine the steadier figure of the two).
 A mixed set-up follows (pipelined, batch sizes 100 and 500): records spread over 8 adapters and 4 nodes
 (each adapter paying one or two datasets), every tenth a base-model record (adapter id zero).
 
@@ -149,9 +150,9 @@ def run_mode(client: ChainClient, pick, folder: Path, *, batch_size: int, total:
     with Session(engine) as s:
         warm = {b.id for b in s.exec(select(SettlementBatch))}
     add_records(engine, pick, total)  # not timed
-    t0 = time.perf_counter()
-    settled = settler.drain()
-    elapsed = time.perf_counter() - t0
+    t0, cpu0 = time.perf_counter(), time.thread_time()
+    settled = settler.drain()  # on this thread: its CPU is the settler's (the lease heartbeat aside)
+    elapsed, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     if settled != total:
         raise RuntimeError(f"settled {settled} of {total} records at batch size {batch_size}")
     with Session(engine) as s:
@@ -164,6 +165,7 @@ def run_mode(client: ChainClient, pick, folder: Path, *, batch_size: int, total:
         "seconds": elapsed,
         "rps": total / elapsed,
         "gas_per_record": gas / total,
+        "cpu_us": cpu / total * 1e6,
     }
 
 
@@ -226,31 +228,35 @@ def main() -> None:
     )
     print(
         f"{'batch':>6} {'records':>8} {'txs':>5} {'seconds':>8} {'records/s':>10} {'x vs 1':>7} {'gas/record':>11} "
-        f"{'x vs 1':>7} {'seq rec/s':>10} {'pipe/seq':>9}"
+        f"{'x vs 1':>7} {'seq rec/s':>10} {'pipe/seq':>9} {'cpu us/rec':>11}"
     )
     for size, seq, r in rows:
         print(
             f"{size:>6} {r['records']:>8} {r['txs']:>5} {r['seconds']:>8.2f} {r['rps']:>10.0f} "
             f"{r['rps'] / base['rps']:>7.1f} "
             f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f} "
-            f"{seq['rps']:>10.1f} {r['rps'] / seq['rps']:>9.1f}"
+            f"{seq['rps']:>10.1f} {r['rps'] / seq['rps']:>9.1f} {r['cpu_us']:>11.1f}"
         )
     r = sustained
     print(
         f"{'500':>6} {r['records']:>8} {r['txs']:>5} {r['seconds']:>8.2f} {r['rps']:>10.0f} "
         f"{r['rps'] / base['rps']:>7.1f} {r['gas_per_record']:>11.0f} "
-        f"{r['gas_per_record'] / base['gas_per_record']:>7.3f}   (sustained: --sustained-records)"
+        f"{r['gas_per_record'] / base['gas_per_record']:>7.3f} {'':>10} {'':>9} {r['cpu_us']:>11.1f}"
+        "   (sustained: --sustained-records)"
     )
 
     print(
         f"\nmixed set-up: {MIXED_ADAPTERS} adapters x {MIXED_NODES} nodes, every {MIXED_BASE_EVERY}th record a "
         "base-model one; pipelined"
     )
-    print(f"{'batch':>6} {'records':>8} {'txs':>5} {'seconds':>8} {'records/s':>10} {'gas/record':>11} {'x vs 1':>7}")
+    print(
+        f"{'batch':>6} {'records':>8} {'txs':>5} {'seconds':>8} {'records/s':>10} {'gas/record':>11} {'x vs 1':>7} "
+        f"{'cpu us/rec':>11}"
+    )
     for size, r in mixed_rows:
         print(
             f"{size:>6} {r['records']:>8} {r['txs']:>5} {r['seconds']:>8.2f} {r['rps']:>10.0f} "
-            f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f}"
+            f"{r['gas_per_record']:>11.0f} {r['gas_per_record'] / base['gas_per_record']:>7.3f} {r['cpu_us']:>11.1f}"
         )
 
 
