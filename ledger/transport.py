@@ -180,8 +180,8 @@ def make_web3(rpc_url: str, timeout: float = 10.0) -> Web3:
 
 def _session(rpc_url: str) -> requests.Session:
     """A requests session with the environment's settings for `rpc_url` (proxies, no_proxy, CA bundle, netrc)
-    read once. requests reads them again on every request, which cost the settler about a tenth of its CPU:
-    it makes several calls a batch, twenty batches a second."""
+    read once. requests reads them again on every request: 0.17 ms a call on the machine it was measured on,
+    a few percent of the settler's CPU, which makes several calls a batch, twenty batches a second."""
     session = requests.Session()
     session.proxies.update(requests.utils.get_environ_proxies(rpc_url))
     if bundle := os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"):
