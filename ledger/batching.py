@@ -14,6 +14,8 @@ from ledger.models import RecordStatus, UsageRecord
 from ledger.types import SettleRecord
 
 BATCH_DOMAIN = b"loramesh.batch.v2"
+# ids in their one spelling, one after another: with every length 66, each is then an id
+_IDS_RE = re.compile(f"(?:{HEX_ID_PATTERN})*")
 
 
 def batch_id_for(request_ids: list[str], settler: str, salt: int = 0) -> str:
@@ -27,10 +29,6 @@ def batch_id_for(request_ids: list[str], settler: str, salt: int = 0) -> str:
     else:
         ids = b"".join(id_bytes(r) for r in request_ids)  # normalised one by one (ValueError on a bad one)
     return hex0x(keccak(BATCH_DOMAIN + to_canonical_address(settler) + salt.to_bytes(4, "big") + ids))
-
-
-# ids in their one spelling, one after another: with every length 66, each is then an id
-_IDS_RE = re.compile(f"(?:{HEX_ID_PATTERN})*")
 
 
 # One statement moves a whole batch's rows: one UPDATE a row (the driver's executemany) cost about twice as

@@ -642,18 +642,26 @@ class Settler:
         advisory lock; SQLite: the write lock)."""
         amount, block = deposit
         conn = s.connection()  # Core selects: the ORM's cost more than the queries, on every batch formed
-        fees = conn.execute(
-            select(SettlementBatch.fees_priced).where(
-                SettlementBatch.settler == self.address, SettlementBatch.status.in_(OPEN)
+        fees = (
+            conn.execute(
+                select(SettlementBatch.fees_priced).where(
+                    SettlementBatch.settler == self.address, SettlementBatch.status.in_(OPEN)
+                )
             )
-        ).scalars().all()
-        since = conn.execute(
-            select(SettlementBatch.total_fees).where(
-                SettlementBatch.settler == self.address,
-                SettlementBatch.status == BatchStatus.SETTLED,
-                SettlementBatch.block_number > block,
+            .scalars()
+            .all()
+        )
+        since = (
+            conn.execute(
+                select(SettlementBatch.total_fees).where(
+                    SettlementBatch.settler == self.address,
+                    SettlementBatch.status == BatchStatus.SETTLED,
+                    SettlementBatch.block_number > block,
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
         in_flight = sum(int(f) for f in fees if f) + sum(int(f) for f in since if f)
         return amount - in_flight, in_flight
 

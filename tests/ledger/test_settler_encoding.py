@@ -7,6 +7,7 @@ from eth_utils import keccak
 from web3 import Web3
 
 from ledger.artifacts import load_artifact
+from ledger.batching import BATCH_DOMAIN, batch_id_for
 from ledger.chain import settle_calldata
 from ledger.merkle import (
     MAX_ADAPTERS_PER_BATCH,
@@ -110,6 +111,19 @@ def test_encode_leaf_uses_normalised_ids():
     upper = "0x" + "AB" * 32
     r = SettleRecord(upper, upper, upper, 1, 2)
     assert encode_leaf(r, 0)[32:64] == bytes.fromhex("ab" * 32)
+
+
+def test_batch_id_parses_a_batchs_ids_at_once_as_one_by_one():
+    ids, settler = [rand_id() for _ in range(7)], "0x" + "12" * 20
+    expected = keccak(
+        BATCH_DOMAIN + bytes.fromhex("12" * 20) + (3).to_bytes(4, "big") + b"".join(bytes.fromhex(i[2:]) for i in ids)
+    )
+    assert batch_id_for(ids, settler, 3) == "0x" + expected.hex()
+    # other spellings of the same ids (upper case, no 0x) take the one-by-one path to the same id
+    assert batch_id_for([ids[0].upper().replace("0X", "0x"), ids[1][2:], *ids[2:]], settler, 3) == "0x" + expected.hex()
+    # ids that line up only when joined (one short, the next long) are refused, not read across
+    with pytest.raises(ValueError):
+        batch_id_for([ids[0][:-2], ids[1][-2:] + ids[1]], settler)
 
 
 @pytest.mark.parametrize("spec", ["in_flight", "after_send@3", "before_send@1", "after_receipt"])
