@@ -215,6 +215,31 @@ def test_chain_calls_never_hold_the_sqlite_write_lock(anvil_chain, engine, monke
     assert not blocked, blocked
 
 
+# ---------------------------------------------------------------------- recording a send
+
+
+@pytest.mark.parametrize("before", [None, "", "0x00000000000000000000000000000000000000aa"])
+def test_a_send_is_recorded_with_each_sender_once(anvil_chain, engine, before):
+    """_record_sent writes the batch's senders in one SQL expression: this account is added once, after the
+    accounts that sent it before, however often it sends; the detached batch object follows the row."""
+    x = Settler(engine, anvil_chain.client(anvil_chain.settler), SettlerConfig(batch_size=2, interval=0))
+    with Session(engine, expire_on_commit=False) as s:
+        batch = SettlementBatch(batch_id=rand_id(), merkle_root=rand_id(), record_count=2, senders=before)
+        s.add(batch)
+        s.commit()
+    for n in (1, 2):
+        x._record_sent(batch, "0x" + f"{n:02x}" * 32)
+    (row,) = _batches(engine)
+    assert row.senders == (f"{before},{x.address}" if before else x.address)
+    assert (row.status, row.attempts, row.tx_hash, row.settler) == (BatchStatus.SENT, 2, "0x" + "02" * 32, x.address)
+    assert (batch.senders, batch.status, batch.attempts, batch.tx_hash) == (
+        row.senders,
+        row.status,
+        row.attempts,
+        row.tx_hash,
+    )
+
+
 # ---------------------------------------------------------------------- abandoning a batch
 
 
