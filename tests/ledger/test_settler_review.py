@@ -240,6 +240,32 @@ def test_a_send_is_recorded_with_each_sender_once(anvil_chain, engine, before):
     )
 
 
+def test_a_batch_formed_a_while_ago_is_not_sent_once_its_lease_is_taken(anvil_chain, engine, monkeypatch):
+    """A batch formed moments ago is sent on the lease it was written with; one whose forming lies more than
+    a quarter of a lease back renews first, and a lease another settler took meanwhile stops the send."""
+    env = anvil_chain
+    add_records(engine, [register_sample(env)], 2)
+    x = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=2, interval=0, lease=4.0))
+    form, sent = x._form_batch, []
+
+    def formed_long_ago(*a, **k):
+        w = form(*a, **k)
+        if w is not None:
+            w.formed_at -= x.config.lease  # as if the step had been held up that long since
+            with Session(engine) as s:  # and another settler had taken the expired lease meanwhile
+                row = s.get(SettlementBatch, w.batch.id)
+                row.claimed_by = "someone-else"
+                s.add(row)
+                s.commit()
+        return w
+
+    monkeypatch.setattr(x, "_form_batch", formed_long_ago)
+    monkeypatch.setattr(x.client, "send_settle_batch", lambda *a, **k: sent.append(a) or "0x" + "ab" * 32)
+    assert x.step() == 0
+    (batch,) = _batches(engine)
+    assert sent == [] and batch.claimed_by == "someone-else" and batch.status == BatchStatus.CREATED
+
+
 # ---------------------------------------------------------------------- abandoning a batch
 
 
