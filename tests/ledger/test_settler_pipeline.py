@@ -52,6 +52,16 @@ def test_settled_batches_give_their_place_back_within_a_step(anvil_chain, engine
     reg = register_sample(env)
     ids = add_records(engine, [reg], 50)
     settler = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=5, interval=0, max_in_flight=2))
+    send = settler._send
+
+    def send_and_mine(w):
+        # anvil mines each transaction at once, but after it has answered: a look that came quicker than
+        # the mining (the forming takes about a millisecond) would find nothing to give back yet
+        if sent := send(w):
+            settler.client.w3.eth.wait_for_transaction_receipt(w.tx_hash, timeout=10)
+        return sent
+
+    monkeypatch.setattr(settler, "_send", send_and_mine)
     assert settler.step() == 5  # probing: one simulated batch
     assert settler.step() == 5 * 2 * STEP_ROUNDS
     assert settler.step() == 50 - 5 - 5 * 2 * STEP_ROUNDS
