@@ -9,4 +9,5 @@ definitions instead of writing their own.
 - `common.settings`: the base of every service's settings (environment, then a TOML config file).
 - `common.logs`: the one logging set-up; `common.serving`: uvicorn with a graceful stop, for every server.
 - `common.identity`: identity files (an EVM account and an Ed25519 node key), read by every command that signs.
+- `common.help_text`: every command's help, each paragraph one line for the terminal to wrap.
 """

@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from common.help_text import reflow_help
 from common.logs import configure_logging
 from devnet.demo.run import run_demo
 from devnet.deploy import DEFAULT_BASE_PRICE, DEFAULT_NODE_SHARE_BPS, ETHER, deploy_to_file
@@ -223,12 +224,15 @@ def demo(
     fresh: Annotated[bool, typer.Option(help="Delete the working folder first and redo every stage.")] = False,
     once: Annotated[bool, typer.Option(help="Exit after the checks instead of staying up until Ctrl-C.")] = False,
 ) -> None:
-    """Run the whole network here: devnet, two contributors' adapters, two p2p nodes, the gateway, the explorer.
+    """Run the whole network here: devnet, three contributors' adapters, two p2p nodes, the gateway, the explorer.
 
     Sends real requests through the openai client, waits until every one is settled on chain,
     checks that each is there exactly once and that the rewards add up, and prints who earned what.
     """
     run_demo(workdir, fresh=fresh, once=once)
+
+
+reflow_help(app)  # after the last command is registered: each paragraph of help wraps once, at the terminal
 
 
 # ---- entry point -------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.help_text import reflow_help
 from common.logs import configure_logging
 from common.settings import SettingsError
 from common.wire import hex0x, restore_recursion_limit
@@ -298,10 +299,12 @@ def settler_requeue(
 def main() -> None:
     """Standalone entry, `python -m ledger.cli settler run ...`: these commands without the root `loramesh`
     command (which mounts the same sub-apps)."""
-    app = typer.Typer(no_args_is_help=True)
+    app = typer.Typer(
+        help="loramesh ledger package: rewards and the settler.", no_args_is_help=True, add_completion=False
+    )
     app.add_typer(rewards_app, name="rewards")
     app.add_typer(settler_app, name="settler")
-    app()
+    reflow_help(app)()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common.help_text import reflow_help
 from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 from node.adapters.limits import MAX_LORA_RANK
 from node.train import DEFAULT_TARGETS
@@ -213,7 +214,7 @@ def adapter_import(
     source: Annotated[
         str,
         typer.Argument(
-            help="hf://ORG/NAME[@REVISION] (the Hugging Face Hub, through its cache; HF_HUB_OFFLINE=1 reads only "
+            help="hf://ORG/NAME\\[@REVISION] (the Hugging Face Hub, through its cache; HF_HUB_OFFLINE=1 reads only "
             "the cache), an http(s):// URL of a folder holding adapter_config.json and adapter_model.safetensors, "
             "or a local folder (file://PATH)."
         ),
@@ -563,7 +564,7 @@ def node_run(
         bool | None,
         typer.Option(
             "--prefix-caching/--no-prefix-caching",
-            help="Share the KV of prompt prefixes across requests of the same adapter (or base-only) [default: on].",
+            help="Share the KV of prompt prefixes across requests of the same adapter (or base-only) \\[default: on].",
         ),
     ] = None,
     speculative: Annotated[
@@ -725,6 +726,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(base_app, name="base")
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(node_app, name="node")
+reflow_help(app)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The `loramesh` command: every command explains itself, errors are one line, the adapter flow works."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,41 @@ def test_every_command_has_help(path):
     assert "Usage:" in result.output
     body = result.output.split("Usage:", 1)[1]
     assert len(body.strip().splitlines()) >= 3  # a description or options, not just a usage line
+
+
+def command_at(path):
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def plain(text: str) -> str:
+    """Text as the reader takes it in: without the panels' box drawing, whitespace collapsed."""
+    return " ".join(re.sub("[\u2500-\u257f]", " ", text).split())
+
+
+@pytest.mark.parametrize("path", all_command_paths(), ids=lambda p: " ".join(p) or "root")
+def test_help_shows_every_word_and_wraps_each_paragraph_once(path):
+    """A command's description and every option's help are shown whole (rich markup ate `[@REVISION]`
+    once), and at 80 columns each paragraph of the description is wrapped by the terminal alone: no line
+    of it ends early where the source's docstring happened to break (typer keeps those breaks)."""
+    cmd = command_at(path)
+    wide = CliRunner().invoke(app, path + ["--help"], env={"COLUMNS": "240"})  # one line an option
+    assert wide.exit_code == 0, wide.output
+    shown = plain(wide.output)
+    texts = [cmd.help or ""] + [p.help for p in cmd.params if getattr(p, "help", None)]
+    for text in texts:
+        for paragraph in text.split("\n\n"):
+            assert plain(paragraph.replace("\\[", "[")) in shown, paragraph
+
+    width = 80
+    result = CliRunner().invoke(app, path + ["--help"], env={"COLUMNS": str(width)})
+    description = result.output.split("Usage:", 1)[1].split("\u256d", 1)[0].splitlines()[1:]
+    for line, following in zip(description, description[1:]):
+        if line.strip() and following.strip():  # two lines of one paragraph
+            first_word = following.split()[0]
+            assert len(line.rstrip()) + 1 + len(first_word) > width - 3, f"broken early: {line!r}"
 
 
 def run(*args, env=None, cwd=None):
