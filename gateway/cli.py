@@ -40,7 +40,8 @@ DbOpt = Annotated[
 ]
 
 
-def _engine(db: str | None):
+def _engine(db: str | None, *, create: bool = False):
+    """The gateway's database; only create=True (a new key) makes it when it is not there."""
     import gateway.tables  # noqa: F401 - registers the gateway's tables
     from gateway.settings import GatewaySettings
     from gateway.storage import tighten_sqlite_file
@@ -48,7 +49,7 @@ def _engine(db: str | None):
 
     url = db or GatewaySettings().db_url
     tighten_sqlite_file(url)  # 0600: it holds the keys' hashes
-    engine = make_engine(url)
+    engine = make_engine(url, create=create)
     init_db(engine)  # creates and migrates every registered table, the gateway's included
     return engine
 
@@ -164,7 +165,12 @@ def keys_create(
     from gateway.keys import create_key
 
     secret, info = create_key(
-        _engine(db), name=name, rpm=rpm, tpm=tpm, adapters=adapters.split(","), max_price_per_1k_tokens=max_price
+        _engine(db, create=True),
+        name=name,
+        rpm=rpm,
+        tpm=tpm,
+        adapters=adapters.split(","),
+        max_price_per_1k_tokens=max_price,
     )
     console.print(f"key {info.id} ({info.name or 'unnamed'}) created; it is shown only this once:")
     print(secret)

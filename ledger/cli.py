@@ -244,7 +244,7 @@ def settler_status_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Records pending, in flight, set aside, disputed, settled; deposit left and fees pending (--key/--address)."""
-    engine = make_engine(db)
+    engine = make_engine(db, create=False)
     init_db(engine)
     client = None
     if key is not None:
@@ -289,7 +289,7 @@ def settler_requeue(
     reason: Annotated[str, typer.Option(help="only records whose reason starts with this")] = "",
 ) -> None:
     """Put set-aside records back in the outbox, to be priced and bounded again (e.g. after raising the bounds)."""
-    engine = make_engine(db, immediate=True)
+    engine = make_engine(db, immediate=True, create=False)
     init_db(engine)
     n = requeue_set_aside(engine, reason)
     engine.dispose()

@@ -45,11 +45,15 @@ def _create_private(path: Path) -> None:
         pass
 
 
-def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: bool = False) -> Engine:
+def make_engine(
+    url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: bool = False, create: bool = True
+) -> Engine:
     """An engine for `url`. SQLite gets WAL, a 30 s busy timeout and foreign keys, and a file it creates is
     0600; immediate=True makes every SQLite transaction take the write lock at BEGIN, so a read-then-write
     transaction never fails on a snapshot another process moved (the settler uses it). A URL that does not
-    parse is a ValueError that shows it without its password."""
+    parse is a ValueError that shows it without its password; so is, with create=False, a SQLite file that
+    does not exist (a command that reads a database, given a mistyped path, would otherwise make an empty
+    one and answer from it)."""
     try:
         path = sqlite_file(url)
     except (ArgumentError, ValueError) as e:
@@ -71,6 +75,8 @@ def make_engine(url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: boo
         except ArgumentError as e:  # a dialect or driver SQLAlchemy does not know
             raise ValueError(f"database URL {redact_url(url)}: {e}") from None
     if path is not None and not path.exists():
+        if not create:
+            raise ValueError(f"no database at {path}: check --db (this command reads an existing one)")
         _create_private(path)
     engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
 

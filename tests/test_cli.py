@@ -183,3 +183,18 @@ print(os.environ["LORAMESH_LOG_LEVEL"], os.environ["LORAMESH_LOG_FORMAT"])
     assert line["level"] == "DEBUG" and line["logger"] == "node.x" and line["message"] == "hello from the child"
     bad = CliRunner().invoke(app, ["--log-level", "loud", "devnet", "status"])
     assert bad.exit_code == 2 and "--log-level" in bad.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["gateway", "keys", "list"], ["gateway", "keys", "revoke", "1"], ["settler", "status"], ["settler", "requeue"]],
+    ids=" ".join,
+)
+def test_a_command_that_reads_a_database_refuses_one_that_is_not_there(tmp_path, command):
+    """A mistyped --db is said in one line, not answered with an empty database made on the spot (the
+    commands that start a service or create a key still make theirs)."""
+    missing = tmp_path / "typo" / "gatewya.db"
+    r = run(*command, "--db", f"sqlite:///{missing}")
+    assert r.returncode == 1, r.stdout
+    assert r.stderr.strip() == f"error: no database at {missing}: check --db (this command reads an existing one)"
+    assert not missing.parent.exists()

@@ -35,7 +35,9 @@ def test_keys_create_list_revoke(tmp_path):
 
 
 def test_revoke_unknown_key_fails(tmp_path):
-    r = runner.invoke(gateway_app, ["keys", "revoke", "lm-nothing", "--db", f"sqlite:///{tmp_path / 'k.db'}"])
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    assert runner.invoke(gateway_app, ["keys", "create", "--name", "web", "--db", db]).exit_code == 0
+    r = runner.invoke(gateway_app, ["keys", "revoke", "lm-nothing", "--db", db])
     assert r.exit_code != 0 and "no API key" in str(r.exception)
 
 
@@ -88,10 +90,11 @@ def test_an_unknown_name_in_the_config_file_is_refused_in_one_line(tmp_path):
 
 def test_keys_update_and_run_options(tmp_path):
     db = f"sqlite:///{tmp_path / 'k.db'}"
+    created = runner.invoke(gateway_app, ["keys", "create", "--name", "x", "--db", db])
+    assert created.exit_code == 0, created.output
     r = runner.invoke(gateway_app, ["keys", "update", "lm-nothing", "--rpm", "3", "--db", db])
     assert r.exit_code != 0 and "no API key" in r.output
-    r = runner.invoke(gateway_app, ["keys", "create", "--name", "x", "--db", db])
-    key = lookup_key(make_engine(db), r.output.strip().splitlines()[-1])
+    key = lookup_key(make_engine(db), created.output.strip().splitlines()[-1])
     r = runner.invoke(
         gateway_app,
         ["keys", "update", str(key.id), "--max-price-per-1k-tokens", "5", "--default-max-price", "--db", db],
