@@ -145,14 +145,23 @@ def adapter_train(
     from node.train import train_adapter
 
     target_list = tuple(t.strip() for t in targets.split(",") if t.strip())
-    with Progress(
+    progress = Progress(
         TextColumn("training"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         console=console,
-    ) as progress:
-        task = progress.add_task("train", total=steps, loss="-")
+    )
+    task = None
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal task
+        if task is None:  # the bar appears with the first step: a file refused before it shows its error alone
+            progress.start()
+            task = progress.add_task("train", total=steps, loss="-")
+        progress.update(task, completed=step, loss=f"{loss:.3f}")
+
+    try:
         train_adapter(
             base,
             data,
@@ -163,8 +172,11 @@ def adapter_train(
             lr=lr,
             batch_size=batch_size,
             seed=seed,
-            on_step=lambda s, loss: progress.update(task, completed=s, loss=f"{loss:.3f}"),
+            on_step=on_step,
         )
+    finally:
+        if task is not None:
+            progress.stop()
     console.print(f"wrote PEFT adapter to [bold]{out}[/]")
 
 

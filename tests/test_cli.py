@@ -161,6 +161,12 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     )
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS" in r.stderr
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 1}\n')
+    r = run(
+        "adapter", "train", "--base", str(tmp_path), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "p")
+    )
+    assert r.returncode == 1 and r.stderr.strip().startswith(f"error: {tmp_path / 'bad.jsonl'}:1: expected")
+    assert r.stdout == ""  # no progress bar for training that never started
 
 
 def test_log_level_and_format_flags_reach_the_command_and_its_children(tmp_path):
