@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -98,11 +99,42 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+LOWEST_PICKED_PORT = 10_000
+_handed_out: set[int] = set()
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' local ports from (Linux; else the IANA range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, and not one handed out before in this process.
+
+    Picked below the ephemeral range where there is room: the kernel gives every outgoing connection a
+    port from that range, so a port picked there (bind to 0 picks there) could be taken by some client's
+    connection before its server binds it, which failed a server's start now and then with "address
+    already in use"."""
+    low = ephemeral_ports()[0]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        for _ in range(200 if low - LOWEST_PICKED_PORT >= 1000 else 0):
+            port = random.randrange(LOWEST_PICKED_PORT, low)
+            if port in _handed_out:
+                continue
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            break
+        else:
+            s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _handed_out.add(port)
+    return port
 
 
 def rpc(url: str, method: str, params: list | None = None, timeout: float = 5.0):
