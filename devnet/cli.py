@@ -10,6 +10,7 @@ contract artifacts and devnet/, which ledger/ may not import) and `loramesh demo
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -46,6 +47,12 @@ chain_app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"loramesh {importlib.metadata.version('loramesh')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     log_level: Annotated[
@@ -62,6 +69,10 @@ def _root(
             "--log-format", help="text, or json for one JSON object per line (default $LORAMESH_LOG_FORMAT, else text)."
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print loramesh's version and exit."),
+    ] = False,
 ) -> None:
     """loramesh: serve many LoRA adapters on shared base models, with on-chain attribution."""
     if log_level is not None:

@@ -204,3 +204,12 @@ def test_a_command_that_reads_a_database_refuses_one_that_is_not_there(tmp_path,
     assert r.returncode == 1, r.stdout
     assert r.stderr.strip() == f"error: no database at {missing}: check --db (this command reads an existing one)"
     assert not missing.parent.exists()
+
+
+def test_version_is_the_projects():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"loramesh {project['version']}\n"
