@@ -55,7 +55,7 @@ def rewards_show(
     console = Console()
     console.print(
         f"[bold]{summary.address}[/bold]: accrued {_eth(summary.accrued)}, withdrawn "
-        f"{_eth(summary.withdrawn)}, available {_eth(summary.available)} ({summary.accrued} wei)"
+        f"{_eth(summary.withdrawn)}, available {_eth(summary.available)} ({summary.available} wei)"
     )
     table = Table("adapter", "role", "wei", "ETH")
     for adapter, roles in sorted(summary.by_adapter.items()):

@@ -74,6 +74,11 @@ def test_rewards_withdraw_with_key_file(anvil_chain, tmp_path):
     assert r.exit_code == 0, r.output
     assert f"withdrew {owed} wei" in r.output
     assert env.client().rewards_of(owner.address).withdrawn == owed
+    # the wei in words are what is available now, not what ever accrued
+    r = runner.invoke(
+        rewards_app, ["show", owner.address, "--deployment", str(env.deployment_path)], env={"COLUMNS": "200"}
+    )
+    assert r.exit_code == 0 and "available 0.000000 ETH (0 wei)" in r.output, r.output
 
 
 def test_key_file_errors(tmp_path):
