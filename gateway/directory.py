@@ -164,6 +164,11 @@ class NodeDirectory:
             if old is not None:
                 entry.local = old.local
             self.entries[node_id] = entry
+        if old is None or now - old.last_seen > self.ttl:  # new here, or back after its heartbeats lapsed
+            again = "" if old is None else ", heartbeating again"
+            log.info(
+                "node %s is live at %s (base model %s)%s", node_id[:10], entry.api_url, entry.base_model_id[:10], again
+            )
         if reg.api_url.rstrip("/") != body["api_url"].rstrip("/"):
             log.warning(
                 "node %s heartbeats api_url %s but is registered with %s; using the registered one",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from common.identity import Identity
@@ -35,8 +37,6 @@ def world(tmp_path):
 
 
 def hb(ident, ts=None, base=BASE, **status):
-    import time
-
     return make_heartbeat(
         ident,
         api_url="http://127.0.0.1:7001",
@@ -159,3 +159,20 @@ def test_registry_newest_adapter_by_name(world):
     assert reg.adapter_by_name("acme/x").adapter_id == "0x" + "a2" * 32
     assert [a.name for a in reg.newest_adapters()] == ["acme/x", "acme/y"]
     assert reg.adapter_by_name("nope") is None
+
+
+def test_a_node_going_live_is_logged_once(world, caplog):
+    """The operator reads when a node joins, and when it heartbeats again after its heartbeats lapsed; not at
+    every heartbeat."""
+    _, _, d, clock, a, _ = world
+    caplog.set_level("INFO", logger="gateway.directory")
+    now_ms = int(time.time() * 1000)
+    d.accept_heartbeat(hb(a, ts=now_ms))
+    clock.t += 2
+    d.accept_heartbeat(hb(a, ts=now_ms + 1))
+    lines = [r.getMessage() for r in caplog.records if "is live" in r.getMessage()]
+    assert lines == [f"node {a.node_id[:10]} is live at http://127.0.0.1:7001 (base model {BASE[:10]})"]
+    clock.t += 11  # past the ttl: it was not live
+    d.accept_heartbeat(hb(a, ts=now_ms + 2))
+    lines = [r.getMessage() for r in caplog.records if "is live" in r.getMessage()]
+    assert len(lines) == 2 and lines[1].endswith("heartbeating again")
