@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from common.help_text import reflow_help
 from common.logs import configure_logging
@@ -52,12 +52,12 @@ def rewards_show(
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
         return
-    console = Console()
+    console = Console(soft_wrap=True)  # a line whole, for the terminal to wrap: piped, it stays one line
     console.print(
         f"[bold]{summary.address}[/bold]: accrued {_eth(summary.accrued)}, withdrawn "
         f"{_eth(summary.withdrawn)}, available {_eth(summary.available)} ({summary.available} wei)"
     )
-    table = Table("adapter", "role", "wei", "ETH")
+    table = Table(Column("adapter", overflow="fold"), "role", "wei", "ETH")  # a narrow terminal folds ids, not cuts
     for adapter, roles in sorted(summary.by_adapter.items()):
         for role, amount in sorted(roles.items()):
             label = "base model" if adapter == BASE_MODEL_ADAPTER_ID else adapter
@@ -257,7 +257,7 @@ def settler_status_cmd(
     if as_json:
         typer.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    console = Console()
+    console = Console(soft_wrap=True)
     table = Table("records", "count")
     for k in ("pending", "in_flight", "set_aside", "disputed", "rejected", "settled"):
         extra = f" ({st['set_aside_deposit_short']} for the deposit)" if k == "set_aside" and st[k] else ""

@@ -35,6 +35,9 @@ def test_rewards_show_adds_up(anvil_chain):
     assert list(out["by_adapter"]) == [reg.adapter_id]
     r = runner.invoke(rewards_app, ["show", owner.address, "--deployment", str(env.deployment_path)])
     assert r.exit_code == 0 and "adds up" in r.output and reg.adapter_id[:10] in r.output
+    assert "\u2026" not in r.output  # at 80 columns the adapter id is folded onto two lines, never cut short
+    first_line = r.output.splitlines()[0]
+    assert first_line.startswith(owner.address) and first_line.endswith(" wei)")  # one line, however long
 
 
 def test_rewards_show_includes_base_model_earnings(anvil_chain):
