@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from common.help_text import reflow_help
 from ledger.db import DEFAULT_DB_URL
@@ -181,7 +181,8 @@ def keys_list(db: DbOpt = None) -> None:
     """List keys (prefix, limits, private adapters, revoked or not)."""
     from gateway.keys import list_keys
 
-    table = Table("id", "name", "prefix", "rpm", "tpm", "max wei/1k", "adapters", "revoked")
+    headers = ("id", "name", "prefix", "rpm", "tpm", "max wei/1k", "adapters", "revoked")
+    table = Table(*(Column(h, overflow="fold") for h in headers))  # a narrow terminal folds a value, never cuts it
     for k in list_keys(_engine(db)):
         price = "default" if k.max_price_per_1k_tokens is None else str(k.max_price_per_1k_tokens)
         table.add_row(

@@ -103,6 +103,10 @@ def test_key_limits_from_the_cli(world):
     assert client(gw, frugal).completions.create(model="acme/dear", prompt="hi", max_tokens=1).choices
     listing = runner.invoke(gateway_app, ["keys", "list", "--db", db], env={"COLUMNS": "250"})
     assert str(10**19) in listing.output
+    # at 80 columns the price folds onto lines of its own cell, whole (it was cut to 100000000000...)
+    narrow = runner.invoke(gateway_app, ["keys", "list", "--db", db], env={"COLUMNS": "80"}).output
+    cells = [line.split("\u2502")[6].strip() for line in narrow.splitlines() if line.startswith("\u2502")]
+    assert str(10**19) in "".join(cells), narrow
     r = runner.invoke(gateway_app, ["keys", "update", str(info.id), "--default-max-price", "--db", db])
     assert r.exit_code == 0 and "gateway default" in r.output
     with pytest.raises(openai.PermissionDeniedError):
