@@ -138,10 +138,15 @@ def wait_for_interrupt() -> None:
 def show_answers(answers: list[checks.Answer], console: Console) -> None:
     """One row per question: the adapter's completion and chat answers (the streamed one is checked, not shown)
     beside the bare base's completion."""
-    table = Table(title="answers through the gateway (greedy)")
-    # the demo's base has random weights: alone it answers byte soup, which is the point of the last answer column
-    for col in ("adapter", "prompt", "completion", "chat", "base alone (random weights)", "tokens (completion, chat)"):
+    table = Table(
+        title="answers through the gateway (greedy)",
+        caption="base alone: the bare base model, random weights; tokens: prompt+completion, completion then chat",
+    )
+    table.add_column("adapter", no_wrap=True)  # a name whole; a narrow terminal wraps the prompts instead
+    for col in ("prompt", "completion", "chat"):
         table.add_column(col)
+    table.add_column("base alone", max_width=10, no_wrap=True)  # byte soup, of which one line says enough
+    table.add_column("tokens")
     chats = {(a.adapter, a.prompt): a for a in answers if a.kind == "chat"}
     for a in answers:
         if a.kind != "completion":
