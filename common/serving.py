@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import signal
 
 import uvicorn
@@ -20,24 +22,43 @@ class ServerDidNotStart(RuntimeError):
     """The server never started listening (port taken, start-up failed)."""
 
 
+# How long requests cut off at shutdown get to unwind (a gateway's starts its usage record, a node's sends its
+# receipt) before the app's own shutdown runs.
+CUT_OFF_WAIT_S = 5.0
+
+
 class _GracefulServer(uvicorn.Server):
-    """A second SIGINT (Ctrl-C again) stops the wait for open connections, as in uvicorn; a second SIGTERM
-    (a supervisor repeating itself) changes nothing. Either way the app's own shutdown runs: uvicorn skips
-    it on a forced exit, and it is where the gateway records the usage of aborted requests and stops its
-    settler, and the node stops its engine."""
+    """Our own stop, in this order: no new connections; open requests run on up to the graceful timeout
+    (a second SIGINT, Ctrl-C again, ends the wait; a second SIGTERM, a supervisor repeating itself, changes
+    nothing); what still runs is cut off and given CUT_OFF_WAIT_S to unwind; then the app's own shutdown.
+    That last step is where the gateway records the usage of aborted requests (on tasks their ends start)
+    and stops its settler, and the node stops its engine. uvicorn's stop skipped it on a forced exit, and
+    on a graceful timeout ran it while the cancelled requests were still unwinding; on Python 3.12.1 and
+    later its forced exit also waited for every connection to drop. A third Ctrl-C exits at once."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.sigints = 0
+        self.app_stopping = False
 
     @contextlib.contextmanager
     def capture_signals(self):
         def handle(sig, frame):
             name = signal.Signals(sig).name
+            self.sigints += sig == signal.SIGINT
             if not self.should_exit:
                 self.should_exit = True
                 log.info("received %s: shutting down", name)
-            elif sig == signal.SIGINT and not self.force_exit:
+            elif self.sigints >= 3:
+                log.warning("received SIGINT a third time: exiting now")
+                logging.shutdown()
+                os._exit(130)
+            elif sig == signal.SIGINT and not self.force_exit and not self.app_stopping:
                 self.force_exit = True
-                log.warning("received SIGINT again: not waiting for open connections")
+                log.warning("received SIGINT again: cutting off open requests (a third Ctrl-C exits at once)")
             else:
-                log.info("received %s again: already shutting down", name)
+                hint = " (a third Ctrl-C exits at once)" if sig == signal.SIGINT else ""
+                log.info("received %s again: already shutting down%s", name, hint)
 
         old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -47,18 +68,47 @@ class _GracefulServer(uvicorn.Server):
                 signal.signal(s, h)
 
     async def shutdown(self, sockets=None) -> None:
-        await super().shutdown(sockets)
-        if self.force_exit:  # uvicorn left the app's shutdown out
-            await self.lifespan.shutdown()
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # an idle keep-alive connection closes; a busy one after its response
+        # no server.wait_closed(): from Python 3.12.1 it waits for every connection to drop, a stream's too
+        loop, timeout = asyncio.get_running_loop(), self.config.timeout_graceful_shutdown
+        deadline = math.inf if timeout is None else loop.time() + timeout
+        while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
+            if loop.time() >= deadline:
+                log.warning("graceful timeout (%s s) reached with requests open", timeout)
+                break
+            await asyncio.sleep(0.1)
+        cut = list(self.server_state.tasks)
+        for task in cut:
+            task.cancel()
+        if cut:
+            await asyncio.wait(cut, timeout=CUT_OFF_WAIT_S)
+        for connection in list(self.server_state.connections):  # what a cut-off request left open
+            connection.transport.close()
+        self.app_stopping = True
+        await self.lifespan.shutdown()
 
 
 class _CutOffRequests(logging.Filter):
-    """uvicorn logs a request that shutdown cancelled (the graceful timeout ran out, or a second Ctrl-C)
-    as an exception in the app, with the traceback of the cancellation: it reads as a crash. One warning
-    says what happened instead."""
+    """uvicorn logs a request that the stop cut off as an exception in the app, with the traceback of its
+    cancellation: it reads as a crash. Once the server is stopping, one warning says what happened instead;
+    any other error keeps its traceback."""
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        super().__init__()
+        self.server = server
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        if (
+            self.server.should_exit
+            and record.exc_info
+            and isinstance(record.exc_info[1], asyncio.CancelledError)
+            and str(record.msg).startswith("Exception in ASGI application")
+        ):
             record.msg, record.args = "a request still open at shutdown was cut off", ()
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -83,9 +133,9 @@ def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.
         lifespan="on",
         timeout_keep_alive=KEEP_ALIVE_S,
     )  # which sets up uvicorn's loggers: the filter goes on after
-    cut_off = _CutOffRequests()
-    logging.getLogger("uvicorn.error").addFilter(cut_off)
     server = _GracefulServer(config)
+    cut_off = _CutOffRequests(server)
+    logging.getLogger("uvicorn.error").addFilter(cut_off)
     try:
         server.run()
     finally:

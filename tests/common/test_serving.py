@@ -1,8 +1,10 @@
-"""common.serving.serve: a stop by signal lets the app's own shutdown run, however many signals come.
+"""common.serving.serve: a stop by signal ends the open requests first, then the app's own shutdown runs,
+however many signals come.
 
-A real server in its own process: a stream held open keeps it waiting on the first signal, and the second
-comes while it waits. uvicorn skips the app's lifespan shutdown on a forced exit, and that shutdown is where
-the gateway records the usage of aborted requests and stops its settler, and the node stops its engine."""
+A real server in its own process, with a stream held open. The app's shutdown is where the gateway records
+the usage of aborted requests and stops its settler, and the node stops its engine; a request cut off must
+have finished its own cleanup (the gateway's: starting that usage record) before it runs. uvicorn's forced
+exit skipped the app's shutdown, and its graceful timeout ran it while the cancelled requests unwound."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from devnet.anvil import free_port
 
 APP = textwrap.dedent(
     """
-    import asyncio, contextlib, logging, sys
+    import asyncio, contextlib, sys
     from pathlib import Path
     from starlette.applications import Starlette
     from starlette.responses import StreamingResponse
@@ -28,19 +30,34 @@ APP = textwrap.dedent(
     from common.logs import configure_logging
     from common.serving import serve
 
-    marker = Path(sys.argv[2])
+    events = Path(sys.argv[2])
+
+    def note(line):
+        with events.open("a") as f:
+            f.write(line + "\\n")
+
+    background = set()  # as the gateway's: tasks a request's end starts, which the app's shutdown waits for
+
+    async def record_usage():
+        await asyncio.sleep(0.2)
+        note("stream cut off")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await asyncio.sleep(0.3)  # some work of the app's own: records written, threads stopped
-        marker.write_text("shut down")
+        if background:
+            await asyncio.wait(background, timeout=10)
+        note("app shut down")
 
     async def forever(request):
         async def chunks():
-            while True:
-                yield b"x"
-                await asyncio.sleep(0.1)
+            try:
+                while True:
+                    yield b"x"
+                    await asyncio.sleep(0.1)
+            except asyncio.CancelledError:  # cut off: its usage is recorded on a task of its own
+                background.add(asyncio.get_running_loop().create_task(record_usage()))
+                raise
         return StreamingResponse(chunks())
 
     configure_logging()
@@ -52,9 +69,9 @@ APP = textwrap.dedent(
 
 def start(tmp_path: Path, graceful_timeout: float):
     port = free_port()
-    marker = tmp_path / "marker"
+    events = tmp_path / "events"
     proc = subprocess.Popen(
-        [sys.executable, "-c", APP, str(port), str(marker), str(graceful_timeout)],
+        [sys.executable, "-c", APP, str(port), str(events), str(graceful_timeout)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -70,16 +87,20 @@ def start(tmp_path: Path, graceful_timeout: float):
             time.sleep(0.1)
     client.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
     assert client.recv(100).startswith(b"HTTP/1.1 200")
-    return proc, marker, client
+    return proc, events, client
+
+
+def lines(events: Path) -> list[str]:
+    return events.read_text().splitlines() if events.exists() else []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_second_signal_still_lets_the_app_shut_down(tmp_path, sig):
     """A second SIGTERM (a supervisor repeating itself) changes nothing: the server goes on waiting for the
-    open stream, until its client leaves. A second SIGINT (Ctrl-C again) stops the wait, as uvicorn's
-    does. Either way the app's shutdown runs, the exit code is 0 and the log has no traceback: a request
-    cut off says so in one line."""
-    proc, marker, client = start(tmp_path, graceful_timeout=60)
+    open stream, until its client leaves. A second SIGINT (Ctrl-C again) ends the wait, as uvicorn's does,
+    and cuts the stream off. Either way the stream's end comes before the app's shutdown, which runs; the
+    exit code is 0 and the log has no traceback: a request cut off says so in one line."""
+    proc, events, client = start(tmp_path, graceful_timeout=60)
     with client:
         proc.send_signal(sig)
         time.sleep(0.5)
@@ -87,11 +108,36 @@ def test_a_second_signal_still_lets_the_app_shut_down(tmp_path, sig):
         proc.send_signal(sig)
         if sig == signal.SIGTERM:
             time.sleep(1.5)
-            assert proc.poll() is None  # still waiting for the stream
+            assert proc.poll() is None and lines(events) == []  # still waiting for the stream
             client.close()  # which ends the wait
+        t0 = time.monotonic()
         out, _ = proc.communicate(timeout=30)  # SIGINT: the client is still there
+        took = time.monotonic() - t0
     assert proc.returncode == 0, out
-    assert marker.read_text() == "shut down", out
+    assert lines(events) == ["stream cut off", "app shut down"], out
     assert "Traceback" not in out and f"received {sig.name} again" in out, out
-    if sig == signal.SIGINT:  # the stream still open was cancelled, and the log says so in one line
+    if sig == signal.SIGINT:
+        assert took < 10, out  # not the 60 s graceful timeout
         assert "a request still open at shutdown was cut off" in out, out
+
+
+def test_a_request_past_the_graceful_timeout_ends_before_the_app_shuts_down(tmp_path):
+    proc, events, client = start(tmp_path, graceful_timeout=1)
+    with client:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert lines(events) == ["stream cut off", "app shut down"], out
+    assert "Traceback" not in out and "a request still open at shutdown was cut off" in out, out
+
+
+def test_a_third_ctrl_c_exits_at_once(tmp_path):
+    """When the shutdown itself hangs (here: the stream's cleanup is slow), a third Ctrl-C ends the process."""
+    proc, events, client = start(tmp_path, graceful_timeout=60)
+    with client:
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    assert "received SIGINT a third time: exiting now" in out, out
