@@ -78,6 +78,8 @@ def make_engine(
         if not create:
             raise ValueError(f"no database at {path}: check --db (this command reads an existing one)")
         _create_private(path)
+    if path is not None:  # SQLite opens a path as written: `~` would be a folder named ~ in the working directory
+        url = make_url(url).set(database=str(path))
     engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")

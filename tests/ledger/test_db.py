@@ -51,6 +51,20 @@ def test_an_existing_database_keeps_its_mode(tmp_path, open_umask):
     assert _mode(path) == 0o640  # the operator's choice: not ours to change
 
 
+def test_a_home_relative_path_is_the_file_in_home(tmp_path, monkeypatch):
+    """`sqlite:///~/x.db` is x.db in the home folder, created there and opened there (SQLite itself would
+    open a folder named ~ in the working directory)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    engine = make_engine("sqlite:///~/x.db")
+    init_db(engine)
+    engine.dispose()
+    assert (home / "x.db").exists() and list(work.iterdir()) == []
+    init_db(make_engine("sqlite:///~/x.db", create=False))  # what exists there opens
+
+
 def test_memory_and_uri_databases_create_no_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:mem1?mode=memory&uri=true"):
