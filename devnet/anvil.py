@@ -120,21 +120,30 @@ def free_port() -> int:
     connection before its server binds it, which failed a server's start now and then with "address
     already in use"."""
     low = ephemeral_ports()[0]
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        for _ in range(200 if low - LOWEST_PICKED_PORT >= 1000 else 0):
-            port = random.randrange(LOWEST_PICKED_PORT, low)
-            if port in _handed_out:
-                continue
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:  # in use
-                continue
+    for _ in range(200 if low - LOWEST_PICKED_PORT >= 1000 else 0):
+        port = random.randrange(LOWEST_PICKED_PORT, low)
+        if port not in _handed_out and _bindable(port):
             break
-        else:
-            s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    else:  # no room below the range (or none free there): the kernel's pick, as before
+        while (port := _bound_port(0)) in _handed_out:
+            pass
     _handed_out.add(port)
     return port
+
+
+def _bound_port(port: int) -> int:
+    """Bind 127.0.0.1:port (0: the kernel picks) for a moment; the port bound. OSError when taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))
+        return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    try:
+        _bound_port(port)
+    except OSError:
+        return False
+    return True
 
 
 def rpc(url: str, method: str, params: list | None = None, timeout: float = 5.0):

@@ -49,7 +49,11 @@ chain_app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"loramesh {importlib.metadata.version('loramesh')}")
+        try:
+            version = importlib.metadata.version("loramesh")
+        except importlib.metadata.PackageNotFoundError:  # a checkout run without installing it
+            version = "(not installed: see pyproject.toml)"
+        typer.echo(f"loramesh {version}")
         raise typer.Exit()
 
 
