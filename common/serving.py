@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import threading
 
 import uvicorn
 
@@ -27,7 +28,7 @@ class ServerDidNotStart(RuntimeError):
 CUT_OFF_WAIT_S = 5.0
 
 
-class _GracefulServer(uvicorn.Server):
+class GracefulServer(uvicorn.Server):
     """Our own stop, in this order: no new connections; open requests run on up to the graceful timeout
     (a second SIGINT, Ctrl-C again, ends the wait; a second SIGTERM, a supervisor repeating itself, changes
     nothing); what still runs is cut off and given CUT_OFF_WAIT_S to unwind; then the app's own shutdown.
@@ -43,6 +44,10 @@ class _GracefulServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+
         def handle(sig, frame):
             name = signal.Signals(sig).name
             self.sigints += sig == signal.SIGINT
@@ -133,7 +138,7 @@ def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.
         lifespan="on",
         timeout_keep_alive=KEEP_ALIVE_S,
     )  # which sets up uvicorn's loggers: the filter goes on after
-    server = _GracefulServer(config)
+    server = GracefulServer(config)
     cut_off = _CutOffRequests(server)
     logging.getLogger("uvicorn.error").addFilter(cut_off)
     try:

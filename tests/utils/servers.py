@@ -7,16 +7,18 @@ import time
 
 import uvicorn
 
+from common.serving import GracefulServer
 from devnet.anvil import free_port
 
 
 class ServerThread:
-    """The app under a real uvicorn in a daemon thread; `start()`/`stop()` or `with ServerThread(app) as s:`."""
+    """The app under a real uvicorn in a daemon thread, stopped as our servers stop (common.serving);
+    `start()`/`stop()` or `with ServerThread(app) as s:`."""
 
     def __init__(self, app, port: int | None = None) -> None:
         self.port = port or free_port()
         # lifespan "on": an app whose start-up fails must fail the test, not serve half-configured
-        self.server = uvicorn.Server(
+        self.server = GracefulServer(
             uvicorn.Config(
                 app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=3
             )
@@ -37,10 +39,12 @@ class ServerThread:
             time.sleep(0.02)
         return self
 
-    def stop(self) -> None:
-        """Shut down gracefully and wait for the thread."""
+    def stop(self, *, cut: bool = False) -> None:
+        """Shut down gracefully and wait for the thread; cut=True: as a second Ctrl-C, cut open requests off
+        at once rather than wait for them."""
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.server.force_exit = cut
+        self.thread.join(timeout=20)
 
     def __enter__(self) -> ServerThread:
         return self.start()
