@@ -4,45 +4,24 @@ prompt the context cannot hold is refused by the gateway itself."""
 
 from __future__ import annotations
 
-import asyncio
-
 import openai
 import pytest
 from sqlmodel import Session, select
 
 from common.identity import Identity
-from gateway.keys import create_key
-from gateway.main import create_app
-from gateway.settings import GatewaySettings
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id
-from node.heartbeat import HeartbeatSender
 from tests.gateway import TINY
-from tests.utils.gateway import StandInNode, add_node, make_db, poll
-from tests.utils.servers import ServerThread
+from tests.utils.gateway import StandInNode, gateway_over, poll
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def world(tmp_path, tiny_base):
-    engine = make_db(tmp_path / "gw.db")
-    base = base_model_id(tiny_base)
-    node = StandInNode(Identity.generate(), base, tokens=10, ignore_max_tokens=True)
-    node_srv = ServerThread(node.app()).start()
-    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
-    key, _ = create_key(engine, name="app")
-    gw = ServerThread(
-        create_app(GatewaySettings(db_url=f"sqlite:///{tmp_path / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=120))
-    ).start()
-    sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
-    assert asyncio.run(sender.send_once()) == {gw.url: 200}
-    try:
+    node = StandInNode(Identity.generate(), base_model_id(tiny_base), tokens=10, ignore_max_tokens=True)
+    with gateway_over(node, tmp_path, tiny_base, heartbeat_ttl_s=120) as (gw, engine, key):
         yield openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20), engine, node
-    finally:
-        gw.stop()
-        node_srv.stop()
-        engine.dispose()
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,3 +366,31 @@ def error_of(r: httpx.Response) -> dict:
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), err
     return err
+
+
+@contextmanager
+def gateway_over(node: StandInNode, tmp_path: Path, tiny_base: Path, **settings):
+    """A real gateway (database in tmp_path, serving tiny_base) in front of `node`, served and registered,
+    which has heartbeated once: (gateway server, its database engine, an API key). Both stop at the end."""
+    from gateway.keys import create_key
+    from gateway.main import create_app
+    from gateway.settings import GatewaySettings
+    from node.heartbeat import HeartbeatSender
+    from tests.utils.servers import ServerThread
+
+    engine = make_db(tmp_path / "gw.db")
+    node_srv = ServerThread(node.app()).start()
+    add_node(engine, node_id=node.identity.node_id, base_model=node.base_model_id, api_url=node_srv.url)
+    key, _ = create_key(engine, name="app")
+    db_url = f"sqlite:///{tmp_path / 'gw.db'}"
+    gw = ServerThread(create_app(GatewaySettings(db_url=db_url, bases=[tiny_base], **settings))).start()
+    sender = HeartbeatSender(
+        node.identity, [gw.url], api_url=node_srv.url, base_model_id=node.base_model_id, status_fn=node.status
+    )
+    try:
+        assert asyncio.run(sender.send_once()) == {gw.url: 200}
+        yield gw, engine, key
+    finally:
+        gw.stop()  # again after a test's own stop is harmless
+        node_srv.stop()
+        engine.dispose()
