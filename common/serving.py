@@ -23,6 +23,10 @@ class ServerDidNotStart(RuntimeError):
     """The server never started listening (port taken, start-up failed)."""
 
 
+class ShutdownFailed(RuntimeError):
+    """The server stopped, but the app's own shutdown raised (its log says what)."""
+
+
 # How long requests cut off at shutdown get to unwind (a gateway's starts its usage record, a node's sends its
 # receipt) before the app's own shutdown runs.
 CUT_OFF_WAIT_S = 5.0
@@ -40,6 +44,7 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.sigints = 0
+        self.cutting_off = False  # open requests are being cancelled: a CancelledError now is ours
         self.app_stopping = False
 
     @contextlib.contextmanager
@@ -55,9 +60,10 @@ class GracefulServer(uvicorn.Server):
                 self.should_exit = True
                 log.info("received %s: shutting down", name)
             elif self.sigints >= 3:
-                log.warning("received SIGINT a third time: exiting now")
-                logging.shutdown()
-                os._exit(130)
+                try:  # a log blocked on a full pipe, or failing, must not keep the process alive
+                    log.warning("received SIGINT a third time: exiting now")
+                finally:
+                    os._exit(130)
             elif sig == signal.SIGINT and not self.force_exit and not self.app_stopping:
                 self.force_exit = True
                 log.warning("received SIGINT again: cutting off open requests (a third Ctrl-C exits at once)")
@@ -88,28 +94,31 @@ class GracefulServer(uvicorn.Server):
                 break
             await asyncio.sleep(0.1)
         cut = list(self.server_state.tasks)
+        self.cutting_off = True
         for task in cut:
             task.cancel()
         if cut:
-            await asyncio.wait(cut, timeout=CUT_OFF_WAIT_S)
+            _, pending = await asyncio.wait(cut, timeout=CUT_OFF_WAIT_S)
+            if pending:
+                log.warning("%d request(s) cut off did not end within %.0f s", len(pending), CUT_OFF_WAIT_S)
         for connection in list(self.server_state.connections):  # what a cut-off request left open
-            connection.transport.close()
+            connection.transport.abort()  # not close(): that would wait to send to a client that does not read
         self.app_stopping = True
         await self.lifespan.shutdown()
 
 
 class _CutOffRequests(logging.Filter):
     """uvicorn logs a request that the stop cut off as an exception in the app, with the traceback of its
-    cancellation: it reads as a crash. Once the server is stopping, one warning says what happened instead;
-    any other error keeps its traceback."""
+    cancellation: it reads as a crash. Once the stop cancels requests, one warning says what happened
+    instead; any other error, a CancelledError an app lets out before then included, keeps its traceback."""
 
-    def __init__(self, server: uvicorn.Server) -> None:
+    def __init__(self, server: GracefulServer) -> None:
         super().__init__()
         self.server = server
 
     def filter(self, record: logging.LogRecord) -> bool:
         if (
-            self.server.should_exit
+            self.server.cutting_off
             and record.exc_info
             and isinstance(record.exc_info[1], asyncio.CancelledError)
             and str(record.msg).startswith("Exception in ASGI application")
@@ -128,7 +137,8 @@ KEEP_ALIVE_S = 30
 
 
 def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.0) -> None:
-    """Run `app` on host:port until a signal; raise ServerDidNotStart if it never came up."""
+    """Run `app` on host:port until a signal. ServerDidNotStart if it never came up (uvicorn exits the
+    process then; this says so in one line), ShutdownFailed if the app's own shutdown raised."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -143,10 +153,15 @@ def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.
     logging.getLogger("uvicorn.error").addFilter(cut_off)
     try:
         server.run()
+    except SystemExit:  # uvicorn's answer to a port it cannot bind or an app whose start-up failed
+        if server.started:
+            raise
     finally:
         logging.getLogger("uvicorn.error").removeFilter(cut_off)
     if not server.started:
         raise ServerDidNotStart(
             f"{name} did not start on {host}:{port}: see the log above (port busy? start-up failed?)"
         )
+    if server.app_stopping and server.lifespan.should_exit:  # uvicorn's mark of a failed app shutdown
+        raise ShutdownFailed(f"{name} stopped, but its shutdown failed: see the log above")
     log.info("%s stopped", name)

@@ -47,6 +47,10 @@ APP = textwrap.dedent(
         yield
         if background:
             await asyncio.wait(background, timeout=10)
+        if sys.argv[4] == "fail_shutdown":
+            raise RuntimeError("the app's shutdown broke")
+        if sys.argv[4] == "hang_shutdown":
+            await asyncio.sleep(600)
         note("app shut down")
 
     async def forever(request):
@@ -62,20 +66,28 @@ APP = textwrap.dedent(
 
     configure_logging()
     app = Starlette(routes=[Route("/stream", forever)], lifespan=lifespan)
-    serve(app, host="127.0.0.1", port=int(sys.argv[1]), name="test server", graceful_timeout=float(sys.argv[3]))
+    try:
+        serve(app, host="127.0.0.1", port=int(sys.argv[1]), name="test server", graceful_timeout=float(sys.argv[3]))
+    except Exception as e:  # as the loramesh command answers: one line, exit code 1
+        print(f"error: {e}")
+        sys.exit(1)
     """
 )
 
 
-def start(tmp_path: Path, graceful_timeout: float):
-    port = free_port()
-    events = tmp_path / "events"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", APP, str(port), str(events), str(graceful_timeout)],
+def launch(port: int, events: Path, graceful_timeout: float, mode: str = "ok") -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", APP, str(port), str(events), str(graceful_timeout), mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def start(tmp_path: Path, graceful_timeout: float, mode: str = "ok"):
+    port = free_port()
+    events = tmp_path / "events"
+    proc = launch(port, events, graceful_timeout, mode)
     deadline = time.monotonic() + 60
     while True:  # a stream held open: the server waits for it on a signal
         assert proc.poll() is None, proc.stdout.read()
@@ -132,12 +144,34 @@ def test_a_request_past_the_graceful_timeout_ends_before_the_app_shuts_down(tmp_
 
 
 def test_a_third_ctrl_c_exits_at_once(tmp_path):
-    """When the shutdown itself hangs (here: the stream's cleanup is slow), a third Ctrl-C ends the process."""
-    proc, events, client = start(tmp_path, graceful_timeout=60)
+    """When the app's shutdown hangs, a third Ctrl-C ends the process."""
+    proc, events, client = start(tmp_path, graceful_timeout=60, mode="hang_shutdown")
     with client:
         for _ in range(3):
             proc.send_signal(signal.SIGINT)
-            time.sleep(0.05)
+            time.sleep(0.3)  # two signals sent at once would be one
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130, out
     assert "received SIGINT a third time: exiting now" in out, out
+
+
+def test_a_failed_app_shutdown_is_an_error_not_a_clean_stop(tmp_path):
+    """A gateway whose shutdown raised (its usage records not all written, say) does not exit 0."""
+    proc, events, client = start(tmp_path, graceful_timeout=60, mode="fail_shutdown")
+    with client:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # two signals sent at once would be one
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out
+    assert out.strip().splitlines()[-1] == "error: test server stopped, but its shutdown failed: see the log above"
+
+
+def test_a_server_that_cannot_listen_says_so_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = launch(taken.getsockname()[1], tmp_path / "events", graceful_timeout=1)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert out.strip().splitlines()[-1].startswith("error: test server did not start on 127.0.0.1:"), out
