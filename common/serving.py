@@ -1,7 +1,9 @@
-"""Serving an ASGI app until SIGINT/SIGTERM, shutting down gracefully, and exiting 0 after a clean stop.
+"""Serving an ASGI app until SIGINT/SIGTERM, stopping in our order (GracefulServer: the open requests,
+then the app's own shutdown), and exiting 0 after a clean stop only.
 
 uvicorn on its own re-raises the signal after its shutdown, which turns a clean Ctrl-C into exit
-code 130; every loramesh server (node, gateway, explorer) uses this instead.
+code 130, and its stop can lose what a cut-off request still had to record; every loramesh server (node,
+gateway, explorer) uses this instead.
 """
 
 from __future__ import annotations
