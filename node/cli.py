@@ -738,11 +738,10 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(base_app, name="base")
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(node_app, name="node")
-reflow_help(app)
 
 
 if __name__ == "__main__":
     from common.logs import configure_logging
 
     configure_logging()
-    app()
+    reflow_help(app)()  # here only: the `loramesh` root reflows these same commands once, at its start
