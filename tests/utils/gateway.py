@@ -16,10 +16,15 @@ from sqlmodel import Session, SQLModel
 
 import gateway.tables  # noqa: F401 - registers the gateway's tables
 from common.wire import error_body, sse_frame
+from gateway.keys import create_key
+from gateway.main import create_app
 from gateway.request import ABORT_DRAIN_TIMEOUT_S
+from gateway.settings import GatewaySettings
 from ledger.db import init_db, make_engine
 from ledger.models import AdapterMirror, NameMirror, NodeMirror
+from node.heartbeat import HeartbeatSender
 from node.receipts import make_receipt, sign_receipt
+from tests.utils.servers import ServerThread
 
 
 def make_db(path: Path):
@@ -372,12 +377,6 @@ def error_of(r: httpx.Response) -> dict:
 def gateway_over(node: StandInNode, tmp_path: Path, tiny_base: Path, **settings):
     """A real gateway (database in tmp_path, serving tiny_base) in front of `node`, served and registered,
     which has heartbeated once: (gateway server, its database engine, an API key). Both stop at the end."""
-    from gateway.keys import create_key
-    from gateway.main import create_app
-    from gateway.settings import GatewaySettings
-    from node.heartbeat import HeartbeatSender
-    from tests.utils.servers import ServerThread
-
     engine = make_db(tmp_path / "gw.db")
     node_srv = ServerThread(node.app()).start()
     add_node(engine, node_id=node.identity.node_id, base_model=node.base_model_id, api_url=node_srv.url)
