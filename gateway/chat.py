@@ -15,6 +15,10 @@ from gateway.logprobs import TokenTexts
 
 log = logging.getLogger(__name__)
 
+# the most characters a token's text may hold when the base's vocabulary is not known here (no vocabulary of a
+# model served today has an entry near it)
+MAX_TOKEN_CHARS = 1024
+
 
 class ChatTemplates:
     """Tokenizers (and context lengths) of the base models named in the settings, by base model id."""
@@ -61,8 +65,8 @@ class ChatTemplates:
                 if tok is not False:
                     vocab = tok.get_vocab()
                     self.longest_token[base_model_id] = max(map(len, vocab), default=1) or 1
-                    self.vocab_size[base_model_id] = max(len(tok), max(vocab.values(), default=0) + 1)
-                    self.token_texts[base_model_id] = TokenTexts(tok)
+                    texts = self.token_texts[base_model_id] = TokenTexts(tok)
+                    self.vocab_size[base_model_id] = texts.size
                 self.tokenizers[base_model_id] = tok
         if tok is False:
             raise BadRequest(
@@ -98,6 +102,13 @@ class ChatTemplates:
                 code="context_length_exceeded",
                 param="prompt",
             )
+
+    def token_chars(self, base_model_id: str) -> int:
+        """The most characters of text a node may send per token of the base: its longest vocabulary entry,
+        and one more for a decoder that puts a space between words (MAX_TOKEN_CHARS while its tokenizer is
+        not loaded: a prompt sent as token ids needs none)."""
+        longest = self.longest_token.get(base_model_id)
+        return MAX_TOKEN_CHARS if longest is None else longest + 1
 
     def check_ids(self, base_model_id: str, ids: list[int], *, param: str = "prompt", what: str = "prompt") -> None:
         """Refuse token ids the base's vocabulary does not have (when the gateway knows it)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.chat import MAX_TOKEN_CHARS
 from gateway.logprobs import CompletionLogprobs, Scored, TokenTexts, chat_entry, read_prompt, read_token
 from gateway.openai_api import ChunkBuilder, chat_message, finish_reason
 from gateway.tools import ToolPlan, ToolStream
@@ -22,6 +23,7 @@ from gateway.tools import ToolPlan, ToolStream
 class Sequence:
     prompt: int  # which prompt it continues
     texts: list[str] = field(default_factory=list)  # one per token event relayed
+    chars: int = 0  # the characters in texts
     scored: list[Scored] = field(default_factory=list)  # one per token, when logprobs are asked
     reason: str | None = None  # the node's finish reason for it ("stop" | "length")
     # streaming state
@@ -55,10 +57,12 @@ class Choices:
         prompt_texts: list[str] | None = None,
         texts: TokenTexts | None = None,
         plan: ToolPlan | None = None,
+        token_chars: int = MAX_TOKEN_CHARS,
     ) -> None:
         self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
         self.max_tokens, self.logprobs, self.echo = max_tokens, logprobs, echo
         self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
+        self.token_chars = token_chars  # the most characters a token's text may hold, on average over a sequence
         # best_of ranks its sequences by their log-probabilities, shown or not
         self.scores = logprobs or per_prompt != n
         self.seqs = [Sequence(k // per_prompt) for k in range(len(prompts) * per_prompt)]
@@ -78,12 +82,21 @@ class Choices:
         s = self.seqs[k]
         return s.count >= self.max_tokens or s.reason is not None
 
+    def too_long(self, k: int, ev: dict) -> bool:
+        """Whether the token event's text would make sequence k's text longer than its tokens can hold. Counted
+        over the sequence, not per token: a node holds back a character's first bytes, or text that may start
+        a stop string, and sends it with a later token."""
+        text = ev.get("text")
+        s = self.seqs[k]
+        return isinstance(text, str) and s.chars + len(text) > (s.count + 1) * self.token_chars
+
     def take_token(self, k: int, ev: dict) -> tuple[str, Scored | None]:
-        """Relay one token of sequence k (not full): its text and, when asked, its position."""
+        """Relay one token of sequence k (not full, not too long): its text and, when asked, its position."""
         text = ev.get("text")
         text = text if isinstance(text, str) else ""
         s = self.seqs[k]
         s.texts.append(text)
+        s.chars += len(text)
         scored = read_token(ev) if self.scores else None
         if scored is not None:
             s.scored.append(scored)

@@ -105,6 +105,8 @@ class TokenTexts:
 
     def __init__(self, tok) -> None:
         self.tok = tok
+        # the ids the tokenizer knows: its vocabulary and added tokens (an added id may lie past len(tok))
+        self.size = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
         self.special = frozenset(getattr(tok, "all_special_ids", ()) or ())
         self.byte_level = _decoder_kind(tok) == "ByteLevel"
         self._cache: dict[int, tuple[str, bytes]] = {}
@@ -126,8 +128,12 @@ class TokenTexts:
         return text, text.encode("utf-8")
 
     def get(self, token_id: int) -> tuple[str, bytes]:
+        """A token's (string, bytes); an id outside the vocabulary (a node may send any) is ("", b""), not
+        cached: the cache holds at most the vocabulary."""
         got = self._cache.get(token_id)
         if got is None:
+            if not 0 <= token_id < self.size:
+                return "", b""
             with self._lock:
                 got = self._cache[token_id] = self._make(token_id)
         return got

@@ -15,6 +15,7 @@ import asyncio
 import codecs
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
@@ -102,31 +103,42 @@ def _snippet(body: bytes) -> str:
 
 class UpstreamStream:
     """One node's SSE generate stream: its body's byte chunks in, `events()` yields its JSON events. A read
-    that fails (the connection broke, no byte within the read timeout) is NodeUnavailable; `close` gives the
-    connection back (to the pool when the body was read to its end)."""
+    that fails (the connection broke, no byte within the read timeout) is NodeUnavailable, and so is a stream
+    that goes on without an event for `idle_s` (a comment or an unfinished event every few seconds keeps
+    the read timeout from firing); `close` gives the connection back (to the pool when the body was read to
+    its end)."""
 
     def __init__(
         self,
         chunks: AsyncIterator[bytes],
         close: Callable[[], object] | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        idle_s: float | None = None,
     ) -> None:
         self._close = close
         self.max_event_bytes = max_event_bytes
+        self.idle_s = idle_s
         self._lines = _bounded_lines(_text(chunks), max_event_bytes)
 
     async def events(self) -> AsyncIterator[dict]:
         data: list[str] = []
         size = 0
+        # the clock is read per line (no timer is set per token), and restarted when the reader asks for the
+        # next event: a client slow to take the last one is not the node's wait
+        since = time.monotonic()
         async for line in self._lines:
+            if line == "" and data:
+                payload, data, size = "\n".join(data), [], 0
+                yield _event(payload, self.max_event_bytes)
+                since = time.monotonic()
+                continue
+            if self.idle_s is not None and time.monotonic() - since > self.idle_s:
+                raise NodeUnavailable(f"the node's stream went on with no event within {self.idle_s:g} s", dead=True)
             if line.startswith("data:"):
                 data.append(line[5:].lstrip(" "))
                 size += len(line)
                 if size > self.max_event_bytes:  # one event without end: refused before it is buffered further
                     raise UntrustedJSONError(f"node event is more than {self.max_event_bytes} bytes")
-            elif line == "" and data:
-                payload, data, size = "\n".join(data), [], 0
-                yield _event(payload, self.max_event_bytes)
         if data:
             yield _event("\n".join(data), self.max_event_bytes)
 
@@ -246,7 +258,7 @@ class NodeClient:
         except (aiohttp.ClientError, ValueError) as e:  # ValueError: a URL aiohttp cannot use
             raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True, maybe_running=True) from e
         if r.status == 200:
-            return UpstreamStream(r.content.iter_any(), r.release, event_limit(body))
+            return UpstreamStream(r.content.iter_any(), r.release, event_limit(body), idle_s=self._timeouts[1])
         try:
             text = (await read_capped(r.content.iter_any(), MAX_ANSWER_BYTES))[:MAX_ANSWER_BYTES].decode(
                 "utf-8", "replace"

@@ -283,6 +283,7 @@ class ServedRequest:
             prompt_texts=texts,
             texts=token_texts,
             plan=req.plan if self.chat else None,
+            token_chars=t.token_chars(base),
         )
         seqs = len(self.choices.seqs)
         self.prompt_tokens = sum(map(len, prompts))
@@ -528,6 +529,12 @@ class ServedRequest:
                 c.max_tokens,
                 k,
                 self.rid[:10],
+            )
+            return None
+        if c.too_long(k, ev):
+            self.failure = (
+                f"node {self.node.node_id[:10]} sent more text for choice {k} than its "
+                f"{c.seqs[k].count + 1} tokens can hold (at most {c.token_chars} characters each)"
             )
             return None
         self.n_tokens += 1

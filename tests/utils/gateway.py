@@ -97,7 +97,10 @@ class StandInNode:
     goes on to 10 (its abort receipt says 10); 'STALL_AFTER_ABORT' -> one token, then nothing for longer
     than the gateway's drain (6 tokens made, 5 of them never sent); 'BURST_AFTER_ABORT' -> one token, then,
     once aborted, every other token up to max_tokens and done (it ignores the abort); 'PINGS_AFTER_TOKEN' /
-    'PINGS_AFTER_ERROR' -> one token / an error event, then events of an unknown type without end."""
+    'PINGS_AFTER_ERROR' -> one token / an error event, then events of an unknown type without end;
+    'COMMENTS_ONLY' / 'COMMENTS_AFTER_TOKEN' -> nothing / one token, then SSE comment lines without end (each
+    byte keeps the connection's read timeout from firing); 'FAT_TEXT' -> tokens each carrying 60,000
+    characters of text; 'WILD_IDS' -> tokens with ids far outside any vocabulary, 20 alternatives each."""
 
     identity: object
     base_model_id: str
@@ -206,6 +209,25 @@ class StandInNode:
                     self.running.discard(rid)
 
             async def produce():
+                if "COMMENTS_" in prompt:
+                    if "AFTER_TOKEN" in prompt:
+                        self.seen[rid][0] += 1
+                        yield sse_frame({"type": "token", "text": " t0", "token_id": 10})
+                    for _ in range(10**6):  # until the gateway hangs up
+                        yield b": still here\n\n"
+                        await asyncio.sleep(0.05)
+                    return
+                if "FAT_TEXT" in prompt or "WILD_IDS" in prompt:
+                    for i in range(limit):
+                        self.seen[rid][0] += 1
+                        if "FAT_TEXT" in prompt:
+                            yield sse_frame({"type": "token", "text": "A" * 60_000, "token_id": 10})
+                        else:
+                            wild = [[2**30 + i * 20 + j, -1.0] for j in range(20)]
+                            tid = 2**30 + i
+                            yield sse_frame({"type": "token", "text": " t", "token_id": tid, "top_logprobs": wild})
+                    yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
+                    return
                 if "PINGS_AFTER" in prompt:
                     if "TOKEN" in prompt:
                         self.seen[rid][0] += 1

@@ -1,0 +1,106 @@
+"""What a node streams is bounded by the request, whatever the node sends: a stream of SSE comments (each
+byte keeps the connection's read timeout from firing) ends after node_timeout_s without an event, before the
+first token (the request is failed over) or after it (cut off); a token's text is at most what a token of
+the base can hold; token ids outside the vocabulary are not remembered by the gateway.
+
+The gateway in a real uvicorn, one stand-in node (tests/utils/gateway.py) steered by the prompt."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from sqlmodel import Session, select
+
+from common.identity import Identity
+from gateway.tables import CompletionRecord, RequestStatus
+from ledger.models import UsageRecord
+from node.adapters.basemodel import base_model_id
+from tests.gateway import TINY
+from tests.utils.gateway import StandInNode, error_of, gateway_over, poll
+
+pytestmark = pytest.mark.integration
+
+NODE_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_base))
+
+
+@pytest.fixture
+def world(tmp_path, tiny_base, tokenizer):
+    node = StandInNode(Identity.generate(), base_model_id(tiny_base), tokens=5, tokenizer=tokenizer)
+    settings = dict(heartbeat_ttl_s=600, node_timeout_s=NODE_TIMEOUT_S, first_byte_timeout_s=NODE_TIMEOUT_S)
+    with gateway_over(node, tmp_path, tiny_base, **settings) as (gw, engine, key):
+        yield gw, engine, key, node
+
+
+def record_of(engine, rid: str):
+    def get():
+        with Session(engine) as s:
+            u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
+            return u and (s.get(CompletionRecord, rid), u)
+
+    return poll(get, timeout=20)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_node_sending_only_comments_is_given_up_before_the_first_token(world, stream):
+    gw, engine, key, node = world
+    r = httpx.post(
+        gw.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": TINY, "prompt": "COMMENTS_ONLY", "max_tokens": 3, "stream": stream},
+        timeout=30,  # without the bound the gateway waits for a first event for good
+    )
+    assert r.status_code == 503 and f"no event within {NODE_TIMEOUT_S:g} s" in error_of(r)["message"]
+
+    def closed():
+        with Session(engine) as s:
+            (done,) = s.exec(select(CompletionRecord)).all()
+            return done.status != RequestStatus.OPEN and done
+
+    assert poll(closed).status == RequestStatus.NOT_SERVED
+
+
+def test_comments_after_a_token_end_the_request_with_the_token_billed(world):
+    gw, engine, key, node = world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    raw = client.completions.with_raw_response.create(
+        model=TINY, prompt="COMMENTS_AFTER_TOKEN", max_tokens=3, stream=True
+    )
+    texts = []
+    with pytest.raises(openai.APIError, match=f"no event within {NODE_TIMEOUT_S:g} s"):
+        for c in raw.parse():
+            texts.append(c.choices[0].text)
+    assert texts == [" t0"]
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert done.status == RequestStatus.NODE_FAILED and "no event within" in done.error
+    assert u.completion_tokens == 1
+
+
+def test_token_text_longer_than_any_token_of_the_base_is_refused(world, tokenizer):
+    gw, engine, key, node = world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    with pytest.raises(openai.APIStatusError) as ei:
+        client.completions.create(model=TINY, prompt="FAT_TEXT", max_tokens=5)
+    assert ei.value.status_code == 502 and "characters" in ei.value.message
+    rid = ei.value.response.headers["x-request-id"]
+    done, u = record_of(engine, rid)
+    assert done.status == RequestStatus.NODE_FAILED and "characters" in done.error
+    assert len(ei.value.response.content) < 4096  # none of the text reached the client
+
+
+def test_token_ids_outside_the_vocabulary_are_shown_empty_and_not_remembered(world, tokenizer):
+    gw, engine, key, node = world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    r = client.completions.create(model=TINY, prompt="WILD_IDS", max_tokens=5, logprobs=5)
+    assert r.choices[0].logprobs.tokens == [""] * 5
+    texts = gw.server.config.app.state.gateway.deps.templates.token_texts
+    (tt,) = texts.values()
+    assert len(tt._cache) <= len(tokenizer)
+    assert all(tid < len(tokenizer) for tid in tt._cache)
