@@ -79,6 +79,21 @@ def sha256_hex(data: bytes) -> str:
     return hex0x(hashlib.sha256(data).digest())
 
 
+# ---- the generate call's bounds ----------------------------------------------------------------------
+# What one gateway -> node generate call may ask for (node/api/models.py GenerateBody holds them; the
+# gateway's OpenAI models refuse more before a node is asked, gateway/openai_api.py).
+
+MAX_PROMPTS = 16  # prompts in one request (OpenAI's list of prompts)
+MAX_N = 16  # sequences per prompt
+MAX_SEQUENCES = 64  # prompts x n
+MAX_STOPS = 4  # stop strings (OpenAI's bound)
+# characters in one stop string: the node checks each against every token's text (and holds back text that
+# could begin one), at a cost that grows with the square of its length
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 16
+MAX_LOGIT_BIAS = 300  # logit_bias entries (OpenAI's bound)
+
+
 # ---- HTTP bodies: server-sent events and the error object -------------------------------------------
 
 

@@ -268,7 +268,8 @@ class NodeClient:
         finally:
             r.release()
         message, code = _error_of(r.status, text)
-        if r.status == 400 and code in CLIENT_ERROR_CODES:
+        # the node found the request itself at fault (its body too large included: every node would say so)
+        if (r.status == 400 and code in CLIENT_ERROR_CODES) or r.status == 413:
             raise NodeRejected(message, status=r.status, code=code)
         raise NodeUnavailable(f"node at {api_url} answered {r.status}: {message}")
 

@@ -14,7 +14,18 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from common.wire import UntrustedJSONError, parse_json, sse_frame
+from common.wire import (
+    MAX_LOGIT_BIAS,
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_SEQUENCES,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_STOPS,
+    UntrustedJSONError,
+    parse_json,
+    sse_frame,
+)
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
 from gateway.tools import ToolPlan, template_messages, tool_plan
@@ -23,17 +34,12 @@ from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
 if TYPE_CHECKING:
     from gateway.router import Target
 
-# The node's bounds (node/api/models.py GenerateBody): choices per prompt, prompts per request, sequences in all
-MAX_N = 16
-MAX_PROMPTS = 16
-MAX_SEQUENCES = 64
-MAX_LOGIT_BIAS = 300
-MAX_STOP_TOKEN_IDS = 16
 MAX_SCHEMA_BYTES = 64 << 10
 COMPLETION_LOGPROBS = 5  # OpenAI's most for completions' `logprobs`
 CHAT_TOP_LOGPROBS = 20
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
 
 # Strict types, as OpenAI's API: "16" is not a max_tokens, 1 is not a stream flag (a number where a float
 # is expected is still one). A field this gateway does not know is refused by name.

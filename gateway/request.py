@@ -169,8 +169,12 @@ class ServedRequest:
         req = self.req = parse_body(
             ChatRequest if self.chat else CompletionRequest, await http.body(), max_bytes=d.settings.max_body_bytes
         )
-        http.state.model = req.model  # for the error handlers' metrics
-        await self._prepare(req)
+        try:
+            await self._prepare(req)
+        finally:  # the error handlers' metrics label: the model it resolved to (a name that resolved to
+            # nothing is "-": any string a client sends would otherwise be a time series kept for good)
+            if self.target is not None:
+                http.state.model = self.target.label
         await self.start()
         created = int(time.time())
         headers = {"X-Request-Id": self.rid, "X-Loramesh-Node": self.node.node_id}

@@ -18,9 +18,8 @@ async def models(auth: AuthDep, gw: GatewayDep) -> dict:
 
 
 @router.get("/v1/models/{model:path}")
-async def model(request: Request, model: str, auth: AuthDep, gw: GatewayDep) -> dict:
+async def model(model: str, auth: AuthDep, gw: GatewayDep) -> dict:
     """API key: one model this key may use."""
-    request.state.model = model
     return gw.catalog.model_object(model, auth.key, auth.private)
 
 

@@ -8,7 +8,18 @@ from typing import Annotated
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.wire import HEX_ID_PATTERN, UntrustedJSONError, parse_json
+from common.wire import (
+    HEX_ID_PATTERN,
+    MAX_LOGIT_BIAS,
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_SEQUENCES,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_STOPS,
+    UntrustedJSONError,
+    parse_json,
+)
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT, check_components, ensemble_key
 from node.api.errors import ApiError, validation_message
 
@@ -17,9 +28,6 @@ SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit: the device sampler hashes bot
 IdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
-MAX_PROMPTS = 16  # prompts in one request (OpenAI's list of prompts)
-MAX_N = 16  # sequences per prompt
-MAX_SEQUENCES = 64  # prompts x n
 MAX_LOGPROBS = 20
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -55,8 +63,8 @@ class GenerateBody(BaseModel):
     top_k: Annotated[int, Field(ge=0)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
-    stop: Annotated[list[str], Field(max_length=4)] = []
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=16)] = []
+    stop: Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] = []
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] = []
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
@@ -70,7 +78,7 @@ class GenerateBody(BaseModel):
                 Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
                 Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)],
             ],
-            Field(max_length=300),
+            Field(max_length=MAX_LOGIT_BIAS),
         ]
         | None
     ) = None

@@ -171,6 +171,31 @@ def test_chat_fields_are_strict(w, field, value):
     assert err["type"] == "invalid_request_error" and err["param"] == field, err
 
 
+def test_a_model_name_that_resolves_to_nothing_is_no_metrics_label(w):
+    # every label value is a time series the gateway keeps for good and renders on the public /metrics: an
+    # error is counted under the model it resolved to, or "-"
+    for i in range(3):
+        name = f"no-such-model-{i}-" + "x" * 10_000
+        assert w.post("/v1/completions", w.completion(model=name)).status_code == 404
+        assert w.post("/v1/chat/completions", w.chat(model=name)).status_code == 404
+        assert w.http.get(f"/v1/models/{name}").status_code == 404
+    metrics = httpx.get(w.url + "/metrics", timeout=10).text
+    assert "no-such-model" not in metrics
+    assert 'loramesh_gateway_requests_total{model="-",status="404"}' in metrics
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stop_string_longer_than_the_bound_is_a_400(w, chat):
+    # a node checks every stop string against each token's text; 4 of 300,000 characters were sent on, and
+    # the node's 413 for the body came back as a 503 after trying every node
+    for stop in ("y" * 257, ["a", "y" * 257]):
+        body = w.chat(stop=stop) if chat else w.completion(stop=stop)
+        r = w.post("/v1/chat/completions" if chat else "/v1/completions", body)
+        assert r.status_code == 400 and error_of(r)["param"] == "stop", r.text[:300]
+    r = w.post("/v1/completions", w.completion(stop=["y" * 256]))
+    assert r.status_code == 200, r.text[:300]
+
+
 def test_a_body_over_the_limit_is_413_before_it_is_read(w):
     big = json.dumps(w.completion(prompt="a " * 10_000_000)).encode()  # 20 MB
     try:

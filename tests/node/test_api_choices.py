@@ -140,6 +140,7 @@ def test_sampling_fields_are_honoured(node):
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens (5) must be <= max_tokens (4)"),
         ({"stop_token_ids": list(range(17))}, "stop_token_ids"),
+        ({"stop": ["y" * 257]}, "stop"),  # each is checked against every token's text: bounded
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": [10**7]}, "not in the vocabulary"),
         ({"ignore_eos": "yes"}, "ignore_eos"),
