@@ -201,7 +201,7 @@ class NodeDaemon:
             self.registered_peers.update(peer_ids)
             if peers:
                 self.p2p.add_peers(peers)
-                log.info("added %d peer addresses from the node registry", len(peers))
+                log.info("dialling %d peer addresses from the node registry", len(peers))
 
     async def _gateway_hello(self, doc: object) -> dict:
         """A gateway that found this node on chain introduces itself (node/gateway_hello.py): heartbeat to it

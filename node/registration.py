@@ -11,6 +11,9 @@ from ledger.errors import ContractError, UnknownAdapter, UnknownNode
 
 log = logging.getLogger(__name__)
 
+# the addresses taken from one registered node (its host's listen addresses: one per interface it listens on)
+MAX_ADDRS_PER_NODE = 8
+
 
 class RegistrationError(RuntimeError):
     """The node cannot take its place in the on-chain registry."""
@@ -61,7 +64,8 @@ def ensure_registered(
 
 
 def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -> tuple[set[str], list[str]]:
-    """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model."""
+    """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model: at most
+    MAX_ADDRS_PER_NODE addresses each (a node's registration may list any number)."""
     node_ids = {hex0x(ev["args"]["nodeId"]) for ev in client.events("registry", "NodeRegistered")}
     peer_ids: set[str] = set()
     addrs: list[str] = []
@@ -69,7 +73,7 @@ def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -
         info = client.get_node(node_id)
         if info.active and info.base_model == base_model:
             peer_ids.add(info.peer_id)
-            addrs.extend(info.multiaddrs)
+            addrs.extend(info.multiaddrs[:MAX_ADDRS_PER_NODE])
     return peer_ids, addrs
 
 

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_PARALLEL_DIALS = 16  # peers dialled at once by add_peers
+
 
 class P2PNode:
     """One node's libp2p host: serves its store, announces, discovers and fetches adapters."""
@@ -153,8 +155,9 @@ class P2PNode:
         return self._thread.call(self._m().connect, multiaddr)
 
     def add_peers(self, multiaddrs: list[str]) -> None:
-        """Dial more peers (e.g. from the chain's node registry); unreachable ones are logged."""
-        self._thread.call(self._m().add_peers, list(multiaddrs))
+        """Dial more peers (e.g. from the chain's node registry) in the background, side by side; returns at
+        once (anyone can register addresses that never answer). Unreachable ones are logged."""
+        self._thread.call(self._m().dial_soon, list(multiaddrs))
 
     def announce(self, adapter_id: str) -> None:
         """Announce that this node holds `adapter_id` (it must be in the store)."""
@@ -218,6 +221,7 @@ class Mesh:
         # limit of 100,000 any other deep recursion would overflow the C stack instead of raising.
         restore_recursion_limit()
         self.config = config
+        self._nursery: trio.Nursery | None = None  # the running host's (run), for work in the background
         key_pair, self.host = build_host(seed, config)
         self.peer_id = self.host.get_id().to_base58()
         self.server = server_factory(store, config=config)
@@ -274,6 +278,7 @@ class Mesh:
                 await self.pubsub.wait_until_ready()
                 subscription = await self.discovery.subscribe()
                 async with background_trio_service(self.dht), trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     await self.discovery.start(nursery, subscription)
                     nursery.start_soon(self._routing_table_loop)
                     if self.config.bootstrap:
@@ -281,6 +286,7 @@ class Mesh:
                     try:
                         yield self
                     finally:
+                        self._nursery = None
                         nursery.cancel_scope.cancel()
 
     @property
@@ -299,12 +305,26 @@ class Mesh:
         return info.peer_id.to_base58()
 
     async def add_peers(self, multiaddrs: list[str]) -> None:
-        """Dial each address (bootstrap or chain registry); failures are logged, not raised."""
-        for addr in multiaddrs:
-            try:
-                await self.connect(addr)
-            except P2PError as e:
-                log.warning("could not reach peer %s: %s", addr, e)
+        """Dial each address (bootstrap or chain registry), MAX_PARALLEL_DIALS at a time (an address that never
+        answers costs its slot dial_timeout, not every address after it); failures are logged, not raised."""
+        slots = trio.CapacityLimiter(MAX_PARALLEL_DIALS)
+
+        async def one(addr: str) -> None:
+            async with slots:
+                try:
+                    await self.connect(addr)
+                except P2PError as e:
+                    log.warning("could not reach peer %s: %s", addr, e)
+
+        async with trio.open_nursery() as nursery:
+            for addr in dict.fromkeys(multiaddrs):  # each address once, in order
+                nursery.start_soon(one, addr)
+
+    async def dial_soon(self, multiaddrs: list[str]) -> None:
+        """Start add_peers in the background (it ends with the host)."""
+        if self._nursery is None:
+            raise P2PError("the p2p host is not running")
+        self._nursery.start_soon(self.add_peers, multiaddrs)
 
     async def dial(self, info: PeerInfo) -> None:
         """Connect to a peer (within dial_timeout) and add it to the DHT routing table."""

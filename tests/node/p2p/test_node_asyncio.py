@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import threading
+import time
 from dataclasses import replace
 
 import pytest
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
 from node.adapters import AdapterStore
 from node.p2p import P2PConfig, P2PNode
@@ -145,3 +150,40 @@ def test_announce_requires_holding_the_adapter(packages, tmp_path):
     ) as node:
         with pytest.raises(P2PError, match="this node's store does not hold it"):
             node.announce(packages.main.adapter_id)
+
+
+def _tarpit() -> tuple[socket.socket, int]:
+    """A TCP port that accepts connections and never says a word."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def test_peers_from_the_registry_are_dialled_beside_each_other_in_the_background(mesh, packages, tmp_path):
+    # anyone may register nodes whose addresses accept and never answer: dialled one after another, 12 of
+    # them held a node's start for 60 s (dial_timeout each) before its API served, and an honest peer
+    # listed after them waited as long
+    srv, port = _tarpit()
+    fake = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{ID.from_pubkey(create_new_key_pair().public_key).to_base58()}"]
+    with P2PNode(
+        seed=os.urandom(32), store=AdapterStore(tmp_path / "s"), owner_of=_owners(packages), config=CONFIG
+    ) as node:
+        started = time.monotonic()
+        node.add_peers(fake * 12 + [mesh.a.addrs[0]])
+        assert time.monotonic() - started < 1.0  # it returns at once: the dials go on in the background
+        deadline = started + 2 * CONFIG.dial_timeout
+        while mesh.a.peer_id not in node.connected_peers():
+            assert time.monotonic() < deadline, "the honest peer was not dialled beside the silent ones"
+            time.sleep(0.1)
+    srv.close()
