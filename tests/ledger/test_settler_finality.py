@@ -141,7 +141,7 @@ def test_stuck_settle_transaction_is_replaced_and_settles_once(anvil_chain, engi
     ids = add_records(engine, [register_sample(env)], 5)
     client = env.client(env.settler)
     start_seq = client.next_sequence(env.settler.address)
-    settler = Settler(engine, client, SettlerConfig(batch_size=5, interval=0, replace_after=0.3, receipt_timeout=30))
+    settler = Settler(engine, client, SettlerConfig(batch_size=5, interval=0, replace_after=1.0, receipt_timeout=30))
     rpc(client, "evm_setAutomine", [False])
     try:
         thread, out = _step_in_thread(settler)
@@ -179,7 +179,7 @@ def test_stuck_settle_transaction_above_the_max_fee_waits(anvil_chain, engine, c
     probe = env.client(env.settler)
     cap = 3 * probe.tx.fee_policy.fees(probe.w3)[1]
     client = ChainClient(env.deployment, env.settler, fee_policy=FeePolicy(max_fee=cap))
-    settler = Settler(engine, client, SettlerConfig(batch_size=5, interval=0, replace_after=0.2, receipt_timeout=30))
+    settler = Settler(engine, client, SettlerConfig(batch_size=5, interval=0, replace_after=1.0, receipt_timeout=30))
     rpc(client, "evm_setAutomine", [False])
     try:
         thread, out = _step_in_thread(settler)

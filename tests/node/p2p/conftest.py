@@ -30,6 +30,7 @@ class Packages:
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory) -> Packages:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("pkgs")
     # one layer, hidden 64: the transfer tests need real signed packages, not a big model
@@ -40,6 +41,7 @@ def packages(tmp_path_factory) -> Packages:
         for i, name in enumerate(["main", "tampered", "stalled", "dropped", "oversized"])
     }
     foreign = make_package(base, work / "foreign", account=stranger, name="foreign", seed=99)
+    torch.set_num_threads(threads)  # as found: later modules' engines would run on one thread otherwise
     return Packages(base=base, owner=owner.address, stranger=stranger.address, foreign=foreign, **made)
 
 

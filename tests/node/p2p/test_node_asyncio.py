@@ -175,12 +175,15 @@ def test_peers_from_the_registry_are_dialled_beside_each_other_in_the_background
     # them held a node's start for 60 s (dial_timeout each) before its API served, and an honest peer
     # listed after them waited as long
     srv, port = _tarpit()
-    fake = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{ID.from_pubkey(create_new_key_pair().public_key).to_base58()}"]
+    fake = [  # 12 registered peers (each its own id) at the silent port
+        f"/ip4/127.0.0.1/tcp/{port}/p2p/{ID.from_pubkey(create_new_key_pair().public_key).to_base58()}"
+        for _ in range(12)
+    ]
     with P2PNode(
         seed=os.urandom(32), store=AdapterStore(tmp_path / "s"), owner_of=_owners(packages), config=CONFIG
     ) as node:
         started = time.monotonic()
-        node.add_peers(fake * 12 + [mesh.a.addrs[0]])
+        node.add_peers(fake + [mesh.a.addrs[0]])
         assert time.monotonic() - started < 1.0  # it returns at once: the dials go on in the background
         deadline = started + 2 * CONFIG.dial_timeout
         while mesh.a.peer_id not in node.connected_peers():
