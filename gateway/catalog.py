@@ -8,7 +8,9 @@ bare base-model requests (read from the chain), and each key's maximum."""
 from __future__ import annotations
 
 import logging
+import math
 import time
+from fractions import Fraction
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -175,13 +177,15 @@ class ModelCatalog:
         return self.default_max_price
 
     def check_price(self, target: Target, key: KeyInfo) -> None:
-        """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows; for an
-        ensemble, when any of its adapters is (each is billed at its own price for its share)."""
+        """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows; an
+        ensemble costs the sum of its adapters' prices times their weights (each adapter is billed every token
+        times its weight: ledger.outbox.split_by_weight), of those whose price is known."""
         if target.ensemble is None:
             check_price(target.model, self.prices.of(target.adapter_id), self.max_price(key))
             return
-        for aid in target.components:
-            check_price(target.model, self.prices.of(aid), self.max_price(key))
+        priced = [(price, w) for aid, w in target.ensemble if (price := self.prices.of(aid)) is not None]
+        total = math.ceil(sum(price * Fraction(w) for price, w in priced)) if priced else None
+        check_price(target.model, total, self.max_price(key))
 
     def base_model_object(self, base_id: str) -> dict:
         """A base model as an OpenAI model object: its configured name, else its id."""

@@ -17,8 +17,9 @@ The node's receipt for it says adapter_id null, and is checked to say so.
 
 An ensemble request (several adapters with weights, served as one) is one completion record under the
 ensemble's id and one usage record per adapter in it (ledger.outbox.ensemble_usage): each under an id
-derived from the request's and its index, its tokens the request's split by weight (largest remainder, so
-they sum exactly), so the ledger prices each share at its own adapter's price and credits its owner."""
+derived from the request's and its index, its tokens the request's times its adapter's weight
+(ledger.outbox.split_by_weight), so the ledger prices each share at its own adapter's price and credits its
+owner."""
 
 from __future__ import annotations
 
@@ -368,7 +369,7 @@ class UsageRecorder:
                 row = s.get(CompletionRecord, end.request_id)
                 if row is not None:
                     if row.status == RequestStatus.RECONCILED and usage is not None and not end.reconciled:
-                        self._lower(s, row, usage)
+                        self._lower(s, row, usage, end.ensemble)
                     return False
                 s.add(
                     CompletionRecord(
@@ -382,22 +383,27 @@ class UsageRecorder:
         return True
 
     @staticmethod
-    def _lower(s: Session, row: CompletionRecord, usage: dict) -> None:
+    def _lower(s: Session, row: CompletionRecord, usage: dict, ensemble: tuple | None) -> None:
         """A sibling reconciled this request while this gateway was alive after all, billing the node's claim
-        (capped at max_tokens): its usage record is lowered to what this gateway delivered, while it is still
-        pending (not yet in a batch), and never raised. The completion record follows it."""
+        (capped at max_tokens): its usage records (an ensemble's one per adapter) are lowered to what this
+        gateway delivered, each while it is still pending (not yet in a batch), and never raised. The
+        completion record follows them."""
         p, c = usage["prompt_tokens"], usage["completion_tokens"]
         rid = row.request_id
-        stmt = (
-            update(UsageRecord)
-            .where(UsageRecord.request_id == rid)
-            .where(UsageRecord.status == RecordStatus.PENDING)
-            .where(UsageRecord.prompt_tokens >= p)
-            .where(UsageRecord.completion_tokens >= c)
-            .where((UsageRecord.prompt_tokens > p) | (UsageRecord.completion_tokens > c))
-            .values(prompt_tokens=p, completion_tokens=c)
-        )
-        if s.connection().execute(stmt).rowcount != 1:
+        lowered = 0
+        for one in ensemble_usage(usage, ensemble) if ensemble is not None else [usage]:
+            op, oc = one["prompt_tokens"], one["completion_tokens"]
+            stmt = (
+                update(UsageRecord)
+                .where(UsageRecord.request_id == one["request_id"])
+                .where(UsageRecord.status == RecordStatus.PENDING)
+                .where(UsageRecord.prompt_tokens >= op)
+                .where(UsageRecord.completion_tokens >= oc)
+                .where((UsageRecord.prompt_tokens > op) | (UsageRecord.completion_tokens > oc))
+                .values(prompt_tokens=op, completion_tokens=oc)
+            )
+            lowered += s.connection().execute(stmt).rowcount
+        if not lowered:
             return
         s.connection().execute(
             update(CompletionRecord)
@@ -408,7 +414,7 @@ class UsageRecorder:
         s.commit()
         log.warning(
             "request %s was reconciled by a sibling while this gateway served it: its pending usage "
-            "record is lowered to the %d + %d tokens delivered",
+            "records are lowered to the %d + %d tokens delivered",
             rid[:10],
             p,
             c,

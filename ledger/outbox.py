@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 from eth_utils import keccak
@@ -102,16 +103,21 @@ def component_request_id(request_id: str, index: int) -> str:
 
 
 def split_by_weight(total: int, weights) -> list[int]:
-    """`total` split in proportion to `weights` (positive), by largest remainder: every share is the floor
-    of its exact quota or one more, the shares sum to `total` exactly, and the leftover units go to the
-    largest fractional parts (ties: the earlier weight). Exact: floats become Fractions, no rounding."""
+    """An ensemble's shares of `total` tokens: component i's is total x w_i, the weights as given, not
+    normalised. The node adds each adapter's change times its weight, so an adapter at weight 1 is billed every
+    token whatever weights its companions have (split in proportion, a paid adapter beside free do-nothing
+    ones at weight 8 was billed 1/25 of them); weights that sum to 1 split `total` exactly. Rounded together by
+    largest remainder: the shares sum to total x sum(weights) to the nearest unit (half up), each is the floor
+    of its exact quota or one more, and the leftover units go to the largest fractional parts (ties: the
+    earlier weight). Exact: floats become Fractions, no rounding."""
     ws = [Fraction(w) for w in weights]
     if not ws or any(w <= 0 for w in ws):
         raise OutboxError(f"weights must be positive, got {list(weights)!r}")
     whole = sum(ws)
-    quotas = [total * w / whole for w in ws]
+    units = math.floor(total * whole + Fraction(1, 2))
+    quotas = [units * w / whole for w in ws]
     shares = [q.numerator // q.denominator for q in quotas]
-    left = total - sum(shares)
+    left = units - sum(shares)
     by_remainder = sorted(range(len(ws)), key=lambda i: (-(quotas[i] - shares[i]), i))
     for i in by_remainder[:left]:
         shares[i] += 1
@@ -120,8 +126,8 @@ def split_by_weight(total: int, weights) -> list[int]:
 
 def ensemble_usage(usage: dict, components) -> list[dict]:
     """One request's usage (add_usage_record's keywords) as one record per ensemble component: adapter i's
-    record has its derived request id, and every count split by weight (each count on its own, so each
-    sums exactly to the request's). The receipt and signature go with every record: they are the proof."""
+    record has its derived request id, and its share of every count (split_by_weight, each count on its
+    own). The receipt and signature go with every record: they are the proof."""
     ids = [aid for aid, _ in components]
     weights = [w for _, w in components]
     split = {

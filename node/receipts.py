@@ -134,7 +134,7 @@ def check_receipt(receipt: dict, signature_hex: str, public_key: bytes) -> None:
 def receipt_for_record(receipt: dict, record_request_id: str) -> dict | None:
     """The receipt's fields as one usage record of its request shows them: the receipt itself, or for an
     ensemble's component record (ledger.outbox.ensemble_usage) its derived id, its adapter and the node's
-    counts split by weight as the gateway split them; None when the record is none of the request's."""
+    counts shared by weight as the gateway shared them; None when the record is none of the request's."""
     from ledger.outbox import component_request_id, split_by_weight
 
     parts = receipt.get(ENSEMBLE_FIELD) if isinstance(receipt, dict) else None

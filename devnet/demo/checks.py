@@ -54,7 +54,7 @@ def sent_requests(answers: list[Answer]) -> list[Sent]:
 
     out = []
     for a in answers:
-        if a.components:  # one record per adapter: derived ids, tokens split by weight (ledger/outbox.py)
+        if a.components:  # one record per adapter: derived ids, tokens shared by weight (ledger/outbox.py)
             weights = [w for _, w in a.components]
             shares = zip(split_by_weight(a.prompt_tokens, weights), split_by_weight(a.completion_tokens, weights))
             for i, ((aid, _), (p, c)) in enumerate(zip(a.components, shares)):
@@ -171,7 +171,7 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
 def send_ensemble(gateway_url: str, api_key: str, parts: list[tuple[str, str, float]], prompt: str) -> Answer:
     """One completion from an ensemble of adapters (`parts`: name, adapter id, weight), named as users name it:
     the adapters joined with "+", their weights in `adapter_weights`. Its answer is a blend, so only its
-    attribution is checked (check_on_chain: one record per adapter, tokens split by weight)."""
+    attribution is checked (check_on_chain: one record per adapter, tokens shared by weight)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=180)

@@ -85,7 +85,7 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             ens = next(a for a in answers if a.kind == "ensemble")
             console.print(
                 f"[green]✓[/] the ensemble {ens.adapter} (weights 0.7, 0.3), one request of {ens.prompt_tokens}+"
-                f"{ens.completion_tokens} tokens, is on chain as one record per adapter, its tokens split by weight"
+                f"{ens.completion_tokens} tokens, is on chain as one record per adapter, its tokens shared by weight"
             )
             console.print(
                 f"[green]✓[/] {summary['base_records']} of them to the bare base model, at the base price: "

@@ -24,7 +24,7 @@ from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
 
-CHEAP, DEAR = "0x" + "c1" * 32, "0x" + "c2" * 32
+CHEAP, DEAR, CHEAP2 = "0x" + "c1" * 32, "0x" + "c2" * 32, "0x" + "c3" * 32
 DEFAULT_LIMIT = 10**15
 
 
@@ -38,6 +38,7 @@ def world(tmp_path_factory, tiny_base):
     add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
     add_adapter(engine, adapter_id=CHEAP, name="acme/cheap", base_model=base, price=10**12)
     add_adapter(engine, adapter_id=DEAR, name="acme/dear", base_model=base, price=5 * 10**18, block=2)
+    add_adapter(engine, adapter_id=CHEAP2, name="acme/cheap2", base_model=base, price=10**12, block=3)
     settings = GatewaySettings(
         db_url=f"sqlite:///{tmp / 'gw.db'}",
         bases=[tiny_base],
@@ -81,6 +82,21 @@ def test_default_limit_refuses_the_dear_adapter(world):
     assert len(node.requests) == before  # no node was asked
     r = client(gw, key).completions.create(model="acme/cheap", prompt="hi", max_tokens=2)
     assert r.usage.completion_tokens == 2
+
+
+def test_an_ensemble_costs_its_adapters_prices_times_their_weights(world):
+    # each adapter is billed every token times its weight (ledger.outbox.split_by_weight): [1, 1] of two
+    # adapters at 10^12 costs 2 x 10^12 per 1,000 tokens, over a key's limit of 1.5 x 10^12
+    gw, engine, node, _ = world
+    key, info = create_key(engine, name="ensembles", max_price_per_1k_tokens=15 * 10**11)
+    with pytest.raises(openai.PermissionDeniedError, match=f"costs {2 * 10**12} wei"):
+        client(gw, key).completions.create(
+            model="acme/cheap+acme/cheap2", prompt="hi", max_tokens=1, extra_body={"adapter_weights": [1, 1]}
+        )
+    r = client(gw, key).completions.create(
+        model="acme/cheap+acme/cheap2", prompt="hi", max_tokens=1, extra_body={"adapter_weights": [0.5, 0.5]}
+    )
+    assert r.usage.completion_tokens == 1
 
 
 def test_key_limits_from_the_cli(world):

@@ -14,7 +14,9 @@ from common.identity import Identity
 from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from gateway.usage import RequestEnd, UsageError, UsageRecorder
 from ledger.models import RecordStatus, UsageRecord
+from ledger.outbox import component_request_id
 from ledger.types import BASE_MODEL_ADAPTER_ID
+from node.adapters.ensemble import ensemble_key
 from node.receipts import check_receipt, make_receipt, sign_receipt
 from tests.utils.gateway import make_db
 from tests.utils.postgres import postgres  # noqa: F401 - the fixture
@@ -31,12 +33,25 @@ def setup(tmp_path):
 
 
 def end_for(
-    ident, *, rid=None, adapter=ADAPTER, completion=4, prompt=3, claimed=None, reason="stop", sign_with=None, **kw
+    ident,
+    *,
+    rid=None,
+    adapter=ADAPTER,
+    completion=4,
+    prompt=3,
+    claimed=None,
+    reason="stop",
+    sign_with=None,
+    ensemble=None,
+    **kw,
 ) -> RequestEnd:
-    """An end where the gateway counted prompt/completion and the node's receipt claims `claimed`."""
+    """An end where the gateway counted prompt/completion and the node's receipt claims `claimed`; with
+    `ensemble` ((adapter id, weight) pairs) the request ran them as one, under the ensemble's id."""
     rid = rid or "0x" + f"{int(time.time_ns()):064x}"
     now = int(time.time() * 1000)
     cp, cc = claimed or (prompt, completion)
+    if ensemble is not None:
+        adapter = ensemble_key(ensemble)
     r = make_receipt(
         request_id=rid,
         adapter_id=adapter,
@@ -46,6 +61,7 @@ def end_for(
         finish_reason=reason,
         started_at=now,
         finished_at=now,
+        ensemble=ensemble,
     )
     sig = sign_receipt(r, ident.node_key) if sign_with is None else sign_with
     base = dict(
@@ -482,3 +498,34 @@ def test_a_live_gateways_close_after_a_siblings_reconciliation_lowers_the_bill(s
             for rid in rids
         ]
     assert got == [(4, 4), (12, 12), (12, 12)]
+
+
+def test_a_siblings_reconciliation_of_an_ensemble_is_lowered_record_by_record(setup):
+    # as above for an ensemble: its records are under the components' derived ids, each lowered to its share
+    # of what the live gateway delivered (looked up under the request's own id, none was found: 12 stayed)
+    engine, ident, rec = setup
+    sibling = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="sibling")
+    parts = ((ADAPTER, 0.5), ("0x" + "ab" * 32, 0.5))
+    rid = "0x" + f"{time.time_ns():064x}"
+    rec.open(
+        request_id=rid,
+        model="acme/a+acme/b",
+        adapter_id=ensemble_key(parts),
+        node_id=ident.node_id,
+        key_id=7,
+        prompt_tokens=3,
+        max_tokens=16,
+    )
+    common = dict(rid=rid, claimed=(3, 12), ensemble=parts)
+    reconciled = end_for(ident, completion=0, reconciled=True, status=RequestStatus.RECONCILED, **common)
+    assert sibling.record(reconciled) == "recorded"
+    live = end_for(ident, completion=4, aborted=True, status=RequestStatus.CLIENT_CLOSED, **common)
+    assert rec.record(live) == "already_closed"
+    with Session(engine) as s:
+        shares = [
+            s.exec(select(UsageRecord).where(UsageRecord.request_id == component_request_id(rid, i))).one()
+            for i in range(2)
+        ]
+        done = s.get(CompletionRecord, rid)
+    assert [(u.prompt_tokens, u.completion_tokens) for u in shares] == [(2, 2), (1, 2)]
+    assert (done.prompt_tokens, done.completion_tokens) == (3, 4)

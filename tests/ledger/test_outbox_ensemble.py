@@ -1,7 +1,8 @@
-"""An ensemble request's records: ids derived as Solidity would, tokens split by weight exactly."""
+"""An ensemble request's records: ids derived as Solidity would, tokens shared by weight exactly."""
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -25,22 +26,33 @@ def test_component_ids_are_keccak_of_id_and_uint256_index():
 def test_split_is_largest_remainder():
     assert split_by_weight(10, [0.7, 0.3]) == [7, 3]
     assert split_by_weight(9, [0.7, 0.3]) == [6, 3]  # 6.3 + 2.7: the .7 remainder gets the unit
-    assert split_by_weight(1, [1, 1]) == [1, 0]  # a tie: the earlier weight
+    assert split_by_weight(3, [0.5, 0.5]) == [2, 1]  # a tie: the earlier weight
     assert split_by_weight(0, [1, 2]) == [0, 0]
     with pytest.raises(OutboxError):
         split_by_weight(5, [1, 0])
+
+
+def test_each_adapter_is_billed_at_the_weight_the_node_applies_it():
+    # the node adds each adapter's change times its weight, not normalised: [1, 1] is both adapters whole,
+    # and each is billed every token
+    assert split_by_weight(10, [1, 1]) == [10, 10]
+    assert split_by_weight(10, [2, 0.5]) == [20, 5]
+    # a paid adapter at weight 1 beside free do-nothing adapters at weight 8 answers as it does alone; split
+    # in proportion (normalised) it was billed 1/25 of the tokens, and 0 on a short request
+    assert split_by_weight(40, [1, 8, 8, 8]) == [40, 320, 320, 320]
+    assert split_by_weight(2, [1, 8, 8, 8])[0] == 2
 
 
 @given(
     st.integers(0, 2**64 - 1),
     st.lists(st.floats(min_value=1e-6, max_value=8, allow_nan=False, allow_infinity=False), min_size=2, max_size=4),
 )
-def test_shares_sum_exactly_and_each_is_its_quota_rounded(total, weights):
+def test_shares_are_each_quota_rounded_and_sum_to_the_weighted_total(total, weights):
     shares = split_by_weight(total, weights)
-    assert sum(shares) == total
     whole = sum(Fraction(w) for w in weights)
+    assert sum(shares) == math.floor(total * whole + Fraction(1, 2))  # the weighted total to the nearest unit
     for s, w in zip(shares, weights):
-        q = total * Fraction(w) / whole
+        q = total * Fraction(w)
         assert q - 1 < s < q + 1
 
 
@@ -51,5 +63,6 @@ def test_ensemble_usage_splits_every_count():
     out = ensemble_usage(usage, [(a, 1.0), (b, 3.0)])
     assert [o["adapter_id"] for o in out] == [a, b]
     assert [o["request_id"] for o in out] == [component_request_id(RID, 0), component_request_id(RID, 1)]
-    assert [o["prompt_tokens"] for o in out] == [3, 8] and [o["completion_tokens"] for o in out] == [1, 4]
-    assert [o["node_prompt_tokens"] for o in out] == [3, 8] and [o["node_completion_tokens"] for o in out] == [None] * 2
+    assert [o["prompt_tokens"] for o in out] == [11, 33] and [o["completion_tokens"] for o in out] == [5, 15]
+    assert [o["node_prompt_tokens"] for o in out] == [11, 33]
+    assert [o["node_completion_tokens"] for o in out] == [None] * 2
