@@ -277,10 +277,20 @@ class Admission:
         the buckets are shared with the other gateways through the database)."""
         self.limiter.admit(key.id, rpm=key.requests_per_minute, tpm=key.tokens_per_minute)
 
+    def reserve(self, key: KeyInfo, tokens: int) -> bool:
+        """Take the most tokens a request may use from the key's tokens per minute before it runs (RateLimited,
+        429, when they are not there; blocking). True when something was taken, to be settled by
+        `charge_tokens(key id, used - tokens)` once the request ended."""
+        if not key.tokens_per_minute:
+            return False
+        self.limiter.reserve(key.id, tokens, tpm=key.tokens_per_minute)
+        return True
+
     def charge_tokens(self, key_id: int, tokens: int) -> None:
-        """Charge a finished request's tokens to its key (not blocking: written by a worker thread)."""
+        """Charge a finished request's tokens to its key beyond what it reserved, or give back (negative) what
+        it did not use (not blocking: written by a worker thread)."""
         tpm = self._key_tpm.get(key_id)
-        if tpm and tokens > 0:
+        if tpm and tokens:
             self._charges.submit(self._charge, key_id, tokens, tpm)
 
     def _charge(self, key_id: int, tokens: int, tpm: int) -> None:

@@ -74,12 +74,24 @@ class RateLimiter:
         if limits:
             self._update(key_id, limits, lambda buckets: _take_request(buckets, rpm, tpm))
 
-    def charge_tokens(self, key_id: int, tokens: int, *, tpm: int | None) -> None:
-        """Charge the tokens a finished request used."""
+    def reserve(self, key_id: int, tokens: int, *, tpm: int | None) -> None:
+        """Take the most tokens a request may use before it runs (prompt + max_tokens for every sequence), or
+        raise RateLimited when the bucket does not hold them (a request larger than the whole limit needs a full
+        bucket). Charged only after the fact, every request admitted while the bucket held one token ran to its
+        full size, side by side; `charge_tokens` gives the unused part back once it ended."""
         if tpm and tokens > 0:
-            self._update(
-                key_id, {TOKENS: tpm}, lambda buckets: setattr(buckets[TOKENS], "level", buckets[TOKENS].level - tokens)
-            )
+            self._update(key_id, {TOKENS: tpm}, lambda buckets: _take_tokens(buckets[TOKENS], tokens, tpm))
+
+    def charge_tokens(self, key_id: int, tokens: int, *, tpm: int | None) -> None:
+        """Charge tokens a finished request used beyond its reservation; a negative count gives back what it
+        reserved and did not use (never past the bucket's capacity)."""
+        if tpm and tokens:
+
+            def charge(buckets: dict[str, TokenBucket]) -> None:
+                b = buckets[TOKENS]
+                b.level = min(b.capacity, b.level - tokens)
+
+            self._update(key_id, {TOKENS: tpm}, charge)
 
     def _update(self, key_id: int, limits: dict[str, int], change: Callable[[dict[str, TokenBucket]], None]) -> None:
         """Lock the key's buckets, refill them to now, apply `change`, write them back; RateLimited from
@@ -125,6 +137,16 @@ def _take_request(buckets: dict[str, TokenBucket], rpm: int | None, tpm: int | N
         raise RateLimited(f"this key's limit of {tpm} tokens per minute is used up; retry later", retry_after=w)
     if rpm:
         buckets[REQUESTS].level -= 1
+
+
+def _take_tokens(bucket: TokenBucket, tokens: int, tpm: int) -> None:
+    if (w := bucket.wait_for(tokens)) > 0:
+        raise RateLimited(
+            f"this key's limit of {tpm} tokens per minute does not hold this request's {tokens} tokens "
+            "(its prompt and max_tokens for every choice) right now; retry later",
+            retry_after=w,
+        )
+    bucket.level -= tokens
 
 
 def _unavailable(why: str) -> RateLimitsUnavailable:

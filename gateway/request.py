@@ -134,6 +134,7 @@ class ServedRequest:
         self.rid = ""
         self.node_body: dict = {}
         self.prompt_tokens = self.max_tokens = self.limit = 0
+        self.reserved = 0  # tokens taken from the key's tokens per minute before it ran (Admission.reserve)
         self.context_len: int | None = None
         self.choices: Choices | None = None  # the sequences the node streams, gathered
         self.node: NodeEntry | None = None
@@ -175,7 +176,15 @@ class ServedRequest:
             # nothing is "-": any string a client sends would otherwise be a time series kept for good)
             if self.target is not None:
                 http.state.model = self.target.label
-        await self.start()
+        if self.auth.key.tokens_per_minute:  # the request's most tokens, taken before it runs
+            cost = self.prompt_tokens + self.max_tokens
+            self.reserved = cost if await asyncio.to_thread(d.admission.reserve, self.auth.key, cost) else 0
+        try:
+            await self.start()
+        except BaseException:  # nothing was served: the reservation goes back
+            if self.reserved:
+                d.admission.charge_tokens(self.key_id, -self.reserved)
+            raise
         created = int(time.time())
         headers = {"X-Request-Id": self.rid, "X-Loramesh-Node": self.node.node_id}
         if req.stream:
@@ -719,8 +728,8 @@ class ServedRequest:
             m.ttft.labels(self.endpoint).observe(self.ttft)
         m.tokens.labels(self.target.label, "prompt").inc(end.prompt_tokens)
         m.tokens.labels(self.target.label, "completion").inc(end.completion_tokens)
-        if self.key_id is not None:
-            d.admission.charge_tokens(self.key_id, end.prompt_tokens + end.completion_tokens)
+        if self.key_id is not None:  # what it used beyond its reservation, or (negative) the unused part back
+            d.admission.charge_tokens(self.key_id, end.prompt_tokens + end.completion_tokens - self.reserved)
         return self.result
 
     def finish_detached(self, *, client_gone: bool) -> None:

@@ -27,8 +27,9 @@ from gateway.ratelimit import RateLimiter
 from gateway.request import Background, RequestDeps
 from gateway.router import Router
 from gateway.settings import GatewaySettings
-from gateway.usage import UsageRecorder
+from gateway.usage import UsageRecorder, set_busy_timeout
 from gateway.usage_book import UsageBook
+from ledger.db import make_engine
 from node.adapters.basemodel import base_model_name
 from node.receipts import ReceiptError
 from node.request_auth import gateway_public_key_hex
@@ -72,7 +73,9 @@ class Gateway:
             self.prices,
             default_max_price=settings.default_max_price_per_1k_tokens,
         )
-        self.admission = Admission(KeyCache(engine, settings.key_cache_ttl_s), RateLimiter(engine))
+        self.admission = Admission(
+            KeyCache(engine, settings.key_cache_ttl_s), RateLimiter(_limits_engine(engine, settings.db_busy_timeout_s))
+        )
         self.background = Background()
         self.deps = RequestDeps(
             settings=settings,
@@ -180,3 +183,14 @@ class Gateway:
         await self.background.drain()
         await self.nodes.aclose()
         await asyncio.to_thread(self.admission.close)
+
+
+def _limits_engine(engine: Engine, busy_timeout_s: float) -> Engine:
+    """The rate limiter's engine: on SQLite one of its own whose transactions take the write lock at BEGIN (a
+    bucket is read, then written: begun deferred, as the gateway's engine begins, concurrent admissions read
+    one level and each wrote its own, and a burst ran past the limit), waiting as long as the gateway's."""
+    if engine.dialect.name != "sqlite":
+        return engine  # PostgreSQL: the limiter locks the rows (SELECT ... FOR UPDATE)
+    limits = make_engine(engine.url.render_as_string(hide_password=False), immediate=True)
+    set_busy_timeout(limits, busy_timeout_s)
+    return limits

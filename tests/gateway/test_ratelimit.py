@@ -9,12 +9,15 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
+from common.identity import Identity
 from gateway.errors import RateLimited, RateLimitsUnavailable
 from gateway.keys import create_key
 from gateway.ratelimit import RateLimiter, TokenBucket
 from gateway.tables import RateBucket
 from ledger.db import init_db, make_engine
-from tests.utils.gateway import make_db, start_gateway_process
+from node.adapters.basemodel import base_model_id
+from tests.gateway import TINY
+from tests.utils.gateway import StandInNode, gateway_over, make_db, poll, start_gateway_process
 from tests.utils.postgres import postgres  # noqa: F401 - the module-scoped fixture
 
 
@@ -54,6 +57,22 @@ def test_tokens_per_minute_charged_after_the_fact(db):
     assert ei.value.retry_after == 37  # (60 + 1) tokens at 100/60 per second
     clock.t += 37
     rl.admit(1, rpm=None, tpm=100)
+
+
+def test_tokens_are_reserved_at_admission_and_the_unused_part_given_back(db):
+    # a request's most tokens (prompt + max_tokens for every sequence) are taken before it runs: charged
+    # only afterwards, any number of requests admitted while the bucket held 1 token ran to their full size
+    clock = Clock()
+    rl = RateLimiter(db, clock)
+    rl.reserve(1, 60, tpm=100)
+    with pytest.raises(RateLimited, match="100 tokens per minute"):
+        rl.reserve(1, 60, tpm=100)  # 40 left
+    rl.charge_tokens(1, -50, tpm=100)  # the first used 10 of its 60: 50 back
+    rl.reserve(1, 60, tpm=100)
+    rl.charge_tokens(1, -1000, tpm=100)  # a refund never fills the bucket past its capacity
+    rl.reserve(1, 100, tpm=100)
+    with pytest.raises(RateLimited):
+        rl.reserve(1, 1, tpm=100)
 
 
 def test_unlimited_key_never_touches_the_database(db):
@@ -162,3 +181,51 @@ def test_one_limit_across_gateway_processes_on_postgres(tmp_path, postgres):  # 
         for proc, _ in gateways:
             proc.stop()
     assert statuses.count(429) == 5 and all(s != 429 for s in statuses[:5]), statuses
+
+
+@pytest.mark.integration
+def test_a_burst_cannot_run_past_the_tokens_per_minute(tmp_path, tiny_base):
+    # 8 requests at once, each up to 1 + 20 tokens, on a key of 50 tokens a minute: charged afterwards, all 8
+    # were admitted (the bucket still held a token at each admission); reserved, 2 run and 6 are refused
+    node = StandInNode(Identity.generate(), base_model_id(tiny_base), tokens=20, delay=0.05)
+    with gateway_over(node, tmp_path, tiny_base, heartbeat_ttl_s=600) as (gw, engine, _):
+        key, _ = create_key(engine, name="metered", tpm=50)
+        start = threading.Barrier(8)
+        statuses = []
+
+        def one() -> None:
+            start.wait()
+            r = httpx.post(
+                gw.url + "/v1/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": TINY, "prompt": [7], "max_tokens": 20},
+                timeout=30,
+            )
+            statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(statuses) == [200] * 2 + [429] * 6, sorted(statuses)
+
+
+@pytest.mark.integration
+def test_what_a_request_reserved_and_did_not_use_is_given_back(tmp_path, tiny_base):
+    node = StandInNode(Identity.generate(), base_model_id(tiny_base), tokens=20)
+    with gateway_over(node, tmp_path, tiny_base, heartbeat_ttl_s=600) as (gw, engine, _):
+        key, _ = create_key(engine, name="metered", tpm=50)
+        ask = {"model": TINY, "prompt": [7], "max_tokens": 40}
+
+        def level() -> float:
+            with Session(engine) as s:
+                return s.exec(select(RateBucket).where(RateBucket.kind == "tokens")).one().level
+
+        headers = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(gw.url + "/v1/completions", headers=headers, json=ask | {"max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 4
+        r = httpx.post(gw.url + "/v1/completions", headers=headers, json=ask | {"max_tokens": 40}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 21  # the stand-in makes 20 at most
+        # 41 were reserved, 21 used: 20 back (and a little refill)
+        poll(lambda: 50 - 4 - 21 <= level() < 50 - 4 - 21 + 2, timeout=10)
