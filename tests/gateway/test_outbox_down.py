@@ -32,7 +32,8 @@ pytestmark = pytest.mark.integration
 def make_world(tmp_path, tiny_base, probe_s: float):
     engine = make_db(tmp_path / "gw.db")
     base = base_model_id(tiny_base)
-    node = StandInNode(Identity.generate(), base, tokens=10, delay=0.1)
+    # 3 s a stream: the one in flight must outlast the test taking the write lock (0.85 s margin at 0.1)
+    node = StandInNode(Identity.generate(), base, tokens=10, delay=0.3)
     node_srv = ServerThread(node.app()).start()
     add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
     key, _ = create_key(engine, name="app")
