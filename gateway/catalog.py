@@ -183,8 +183,10 @@ class ModelCatalog:
         if target.ensemble is None:
             check_price(target.model, self.prices.of(target.adapter_id), self.max_price(key))
             return
+        # the weights as the client wrote them (0.1 as a float is a little more than a tenth: 0.1 and 0.9 of
+        # two adapters at the limit would cost 1 wei over it)
         priced = [(price, w) for aid, w in target.ensemble if (price := self.prices.of(aid)) is not None]
-        total = math.ceil(sum(price * Fraction(w) for price, w in priced)) if priced else None
+        total = math.ceil(sum(price * Fraction(str(w)) for price, w in priced)) if priced else None
         check_price(target.model, total, self.max_price(key))
 
     def base_model_object(self, base_id: str) -> dict:

@@ -104,9 +104,10 @@ def _snippet(body: bytes) -> str:
 class UpstreamStream:
     """One node's SSE generate stream: its body's byte chunks in, `events()` yields its JSON events. A read
     that fails (the connection broke, no byte within the read timeout) is NodeUnavailable, and so is a stream
-    that goes on without an event for `idle_s` (a comment or an unfinished event every few seconds keeps
-    the read timeout from firing); `close` gives the connection back (to the pool when the body was read to
-    its end)."""
+    whose lines go on without an event for `idle_s` (comments, or the data lines of an event that never ends,
+    each keeping the read timeout from firing; a line dripped byte by byte is bounded by the request's
+    deadline, and before the first event by ServedRequest._try's); `close` gives the connection back (to
+    the pool when the body was read to its end)."""
 
     def __init__(
         self,
@@ -268,8 +269,7 @@ class NodeClient:
         finally:
             r.release()
         message, code = _error_of(r.status, text)
-        # the node found the request itself at fault (its body too large included: every node would say so)
-        if (r.status == 400 and code in CLIENT_ERROR_CODES) or r.status == 413:
+        if r.status == 400 and code in CLIENT_ERROR_CODES:
             raise NodeRejected(message, status=r.status, code=code)
         raise NodeUnavailable(f"node at {api_url} answered {r.status}: {message}")
 

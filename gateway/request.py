@@ -450,7 +450,15 @@ class ServedRequest:
                 return False
             it = up.events().__aiter__()
             try:
-                first = await it.__anext__()
+                # wall clock: a node dripping an unfinished line resets the read timeout with every byte (an
+                # honest node sends nothing before its first event, so that timeout bounded it already)
+                try:
+                    async with asyncio.timeout(d.settings.node_timeout_s):
+                        first = await it.__anext__()
+                except TimeoutError:
+                    raise NodeUnavailable(
+                        f"node {node.node_id[:10]} sent no event within {d.settings.node_timeout_s:g} s", dead=True
+                    ) from None
                 if first.get("type") == "error":  # the engine failed before any token: read on to done, bounded
                     msg = first.get("message")
                     await self._error_end(it, node)

@@ -183,6 +183,8 @@ class Gateway:
         await self.background.drain()
         await self.nodes.aclose()
         await asyncio.to_thread(self.admission.close)
+        if self.admission.limiter.engine is not self.engine:  # the limiter's own (SQLite)
+            self.admission.limiter.engine.dispose()
 
 
 def _limits_engine(engine: Engine, busy_timeout_s: float) -> Engine:

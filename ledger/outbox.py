@@ -113,11 +113,10 @@ def split_by_weight(total: int, weights) -> list[int]:
     ws = [Fraction(w) for w in weights]
     if not ws or any(w <= 0 for w in ws):
         raise OutboxError(f"weights must be positive, got {list(weights)!r}")
-    whole = sum(ws)
-    units = math.floor(total * whole + Fraction(1, 2))
-    quotas = [units * w / whole for w in ws]
+    units = math.floor(total * sum(ws) + Fraction(1, 2))
+    quotas = [total * w for w in ws]
     shares = [q.numerator // q.denominator for q in quotas]
-    left = units - sum(shares)
+    left = units - sum(shares)  # 0 to len(ws): the fractional parts' sum, rounded
     by_remainder = sorted(range(len(ws)), key=lambda i: (-(quotas[i] - shares[i]), i))
     for i in by_remainder[:left]:
         shares[i] += 1

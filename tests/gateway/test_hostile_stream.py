@@ -1,7 +1,8 @@
-"""What a node streams is bounded by the request, whatever the node sends: a stream of SSE comments (each
-byte keeps the connection's read timeout from firing) ends after node_timeout_s without an event, before the
-first token (the request is failed over) or after it (cut off); a token's text is at most what a token of
-the base can hold; token ids outside the vocabulary are not remembered by the gateway.
+"""What a node streams is bounded by the request, whatever the node sends: a stream of SSE comments, or one
+line dripped a byte at a time (each byte keeps the connection's read timeout from firing), ends after
+node_timeout_s without an event, before the first token (the request is failed over) or after it (cut
+off); a token's text is at most what a token of the base can hold; token ids outside the vocabulary are not
+remembered by the gateway.
 
 The gateway in a real uvicorn, one stand-in node (tests/utils/gateway.py) steered by the prompt."""
 
@@ -48,13 +49,13 @@ def record_of(engine, rid: str):
     return poll(get, timeout=20)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_node_sending_only_comments_is_given_up_before_the_first_token(world, stream):
+@pytest.mark.parametrize("stream,prompt", [(False, "COMMENTS_ONLY"), (True, "COMMENTS_ONLY"), (True, "DRIP_LINE")])
+def test_a_node_sending_no_event_is_given_up_before_the_first_token(world, stream, prompt):
     gw, engine, key, node = world
     r = httpx.post(
         gw.url + "/v1/completions",
         headers={"Authorization": f"Bearer {key}"},
-        json={"model": TINY, "prompt": "COMMENTS_ONLY", "max_tokens": 3, "stream": stream},
+        json={"model": TINY, "prompt": prompt, "max_tokens": 3, "stream": stream},
         timeout=30,  # without the bound the gateway waits for a first event for good
     )
     assert r.status_code == 503 and f"no event within {NODE_TIMEOUT_S:g} s" in error_of(r)["message"]

@@ -358,16 +358,6 @@ def test_400_from_node_is_not_retried(w):
     assert sum(len(n.requests) for n in w.nodes) == before + 1
 
 
-def test_413_from_node_is_a_400_not_retried(w):
-    # every node has the same body limit: the request is at fault, not the node (it was a 503 after each
-    # node was asked in turn)
-    before = sum(len(n.requests) for n in w.nodes)
-    with pytest.raises(openai.BadRequestError) as ei:
-        w.client().completions.create(model="acme/alpha", prompt="TOO_LARGE")
-    assert ei.value.body["code"] == "request_too_large"
-    assert sum(len(n.requests) for n in w.nodes) == before + 1
-
-
 def test_503_when_no_node_serves_the_base(w):
     with pytest.raises(openai.InternalServerError) as ei:
         w.client().completions.create(model="acme/orphan", prompt="x")

@@ -41,6 +41,8 @@ def test_each_adapter_is_billed_at_the_weight_the_node_applies_it():
     # in proportion (normalised) it was billed 1/25 of the tokens, and 0 on a short request
     assert split_by_weight(40, [1, 8, 8, 8]) == [40, 320, 320, 320]
     assert split_by_weight(2, [1, 8, 8, 8])[0] == 2
+    # each share is its own quota rounded (184 exactly here), not a share of the rounded total (185)
+    assert split_by_weight(23, [0.1, 0.1, 0.3, 8.0])[3] == 184
 
 
 @given(

@@ -93,14 +93,15 @@ class StandInNode:
     """Behaviour of the stand-in node: `tokens` per request, `delay` between them. Prompts steer it:
     'FAIL_EARLY' -> 500 before streaming, 'ENGINE_ERROR' -> error event before any token,
     'CUT_AFTER_2' -> the connection drops after two tokens, 'STOP_AT_3' -> finish_reason stop after 3,
-    'TOO_LARGE' -> 413 (the node's body limit), 'TOO_LONG' -> 400 context_length_exceeded.
+    'TOO_LONG' -> 400 context_length_exceeded.
     Misbehaviour, honest or not: 'CUT_KEEP_GOING' -> the connection drops after two tokens while the node
     goes on to 10 (its abort receipt says 10); 'STALL_AFTER_ABORT' -> one token, then nothing for longer
     than the gateway's drain (6 tokens made, 5 of them never sent); 'BURST_AFTER_ABORT' -> one token, then,
     once aborted, every other token up to max_tokens and done (it ignores the abort); 'PINGS_AFTER_TOKEN' /
     'PINGS_AFTER_ERROR' -> one token / an error event, then events of an unknown type without end;
     'COMMENTS_ONLY' / 'COMMENTS_AFTER_TOKEN' -> nothing / one token, then SSE comment lines without end (each
-    byte keeps the connection's read timeout from firing); 'FAT_TEXT' -> tokens each carrying 60,000
+    byte keeps the connection's read timeout from firing); 'DRIP_LINE' -> one data line that never ends, a
+    byte every 0.1 s; 'FAT_TEXT' -> tokens each carrying 60,000
     characters of text; 'WILD_IDS' -> tokens with ids far outside any vocabulary, 20 alternatives each."""
 
     identity: object
@@ -190,10 +191,6 @@ class StandInNode:
             prompt = body.get("prompt") or (self.tokenizer.decode(ids) if self.tokenizer is not None else "")
             if self.fail_early or "FAIL_EARLY" in prompt:
                 return JSONResponse(error_body("boom", type="server_error", code="x"), 500)
-            if "TOO_LARGE" in prompt:  # the node's body limit (common.http.BodyLimitMiddleware)
-                return JSONResponse(
-                    error_body("request body of 2000000 bytes is over the limit", code="request_too_large"), 413
-                )
             if "TOO_LONG" in prompt:
                 return JSONResponse(
                     error_body("prompt is 900 tokens, the context holds 512", code="context_length_exceeded"), 400
@@ -214,6 +211,12 @@ class StandInNode:
                     self.running.discard(rid)
 
             async def produce():
+                if "DRIP_LINE" in prompt:  # one line that never ends, a byte at a time
+                    yield b"data: {"
+                    for _ in range(10**6):
+                        yield b" "
+                        await asyncio.sleep(0.1)
+                    return
                 if "COMMENTS_" in prompt:
                     if "AFTER_TOKEN" in prompt:
                         self.seen[rid][0] += 1
