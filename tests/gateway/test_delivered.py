@@ -14,18 +14,17 @@ import json
 import httpx
 import openai
 import pytest
-from sqlmodel import Session, select
 
 from common.identity import Identity
 from gateway.keys import create_key
 from gateway.main import create_app
 from gateway.settings import GatewaySettings
-from gateway.tables import CompletionRecord, RequestStatus
-from ledger.models import RecordStatus, UsageRecord
+from gateway.tables import RequestStatus
+from ledger.models import RecordStatus
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from tests.gateway import TINY
-from tests.utils.gateway import StandInNode, add_node, make_db, poll
+from tests.utils.gateway import StandInNode, add_node, make_db, record_of
 from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
@@ -65,15 +64,6 @@ def w(world):
     service.directory.disputed.clear()  # each test stands alone (a dispute is for good otherwise)
     assert asyncio.run(sender.send_once()) == {gw.url: 200}  # live again (a failed node is routed around)
     return gw, engine, key, node
-
-
-def record_of(engine, rid: str):
-    def get():
-        with Session(engine) as s:
-            u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
-            return u and (s.get(CompletionRecord, rid), u)
-
-    return poll(get, timeout=20)
 
 
 def read_then_leave(gw, key: str, prompt: str, max_tokens: int, n: int = 1) -> str:

@@ -15,10 +15,9 @@ from sqlmodel import Session, select
 
 from common.identity import Identity
 from gateway.tables import CompletionRecord, RequestStatus
-from ledger.models import UsageRecord
 from node.adapters.basemodel import base_model_id
 from tests.gateway import TINY
-from tests.utils.gateway import StandInNode, error_of, gateway_over, poll
+from tests.utils.gateway import StandInNode, error_of, gateway_over, poll, record_of
 
 pytestmark = pytest.mark.integration
 
@@ -38,15 +37,6 @@ def world(tmp_path, tiny_base, tokenizer):
     settings = dict(heartbeat_ttl_s=600, node_timeout_s=NODE_TIMEOUT_S, first_byte_timeout_s=NODE_TIMEOUT_S)
     with gateway_over(node, tmp_path, tiny_base, **settings) as (gw, engine, key):
         yield gw, engine, key, node
-
-
-def record_of(engine, rid: str):
-    def get():
-        with Session(engine) as s:
-            u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
-            return u and (s.get(CompletionRecord, rid), u)
-
-    return poll(get, timeout=20)
 
 
 @pytest.mark.parametrize("stream,prompt", [(False, "COMMENTS_ONLY"), (True, "COMMENTS_ONLY"), (True, "DRIP_LINE")])

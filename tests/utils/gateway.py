@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session, SQLModel, select
 
 import gateway.tables  # noqa: F401 - registers the gateway's tables
 from common.wire import error_body, sse_frame
@@ -20,8 +20,9 @@ from gateway.keys import create_key
 from gateway.main import create_app
 from gateway.request import ABORT_DRAIN_TIMEOUT_S
 from gateway.settings import GatewaySettings
+from gateway.tables import CompletionRecord
 from ledger.db import init_db, make_engine
-from ledger.models import AdapterMirror, NameMirror, NodeMirror
+from ledger.models import AdapterMirror, NameMirror, NodeMirror, UsageRecord
 from node.heartbeat import HeartbeatSender
 from node.receipts import make_receipt, sign_receipt
 from tests.utils.servers import ServerThread
@@ -366,6 +367,17 @@ def poll(fn, timeout: float = 10.0, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def record_of(engine, rid: str) -> tuple:
+    """(completion record, usage record) of request `rid`, once its usage record is written (up to 20 s)."""
+
+    def get():
+        with Session(engine) as s:
+            u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
+            return u and (s.get(CompletionRecord, rid), u)
+
+    return poll(get, timeout=20)
 
 
 def get_json(url: str, **kw) -> dict:
