@@ -155,7 +155,11 @@ def test_a_second_request_with_the_same_id_while_the_adapter_loads_is_a_duplicat
     first: list = []
     t = threading.Thread(target=lambda: first.append(_events(_open(node["client"], body)[1])))
     t.start()
-    time.sleep(0.3)  # the first is waiting for its adapter (HEADERS_AFTER_S, then the fetch)
+    deadline = time.monotonic() + 10
+    while node["client"].get(f"/v1/requests/{rid}/receipt").status_code != 409:  # the first holds its id
+        assert time.monotonic() < deadline, "the first request did not take its id"
+        time.sleep(0.02)
+    # the first is waiting for its adapter now (HEADERS_AFTER_S, then the fetch)
     again = node["client"].post("/v1/generate", json=body | {"stream": True})
     t.join(FETCH_S + 10)
     assert again.status_code == 409 and again.json()["error"]["code"] == "duplicate_request", again.text
