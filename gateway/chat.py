@@ -29,11 +29,9 @@ class ChatTemplates:
         self.tokenizers: dict[str, object] = {}
         self.dirs: dict[str, Path] = {}
         self.context: dict[str, int | None] = {}
-        # base id -> the most characters one token can stand for (its longest vocabulary entry), and the
-        # vocabulary's size; known once the tokenizer is loaded
-        self.longest_token: dict[str, int] = {}
-        self.vocab_size: dict[str, int] = {}
-        self.token_texts: dict[str, TokenTexts] = {}  # base id -> its tokens' strings for logprobs
+        # base id -> its tokens' strings for logprobs, its vocabulary's size and longest entry; known once the
+        # tokenizer is loaded
+        self.token_texts: dict[str, TokenTexts] = {}
         for d in base_dirs:
             bid = base_model_id(d)
             self.dirs[bid] = Path(d)
@@ -63,10 +61,7 @@ class ChatTemplates:
             if tok is None:
                 tok = _load_tokenizer(self.dirs[base_model_id])
                 if tok is not False:
-                    vocab = tok.get_vocab()
-                    self.longest_token[base_model_id] = max(map(len, vocab), default=1) or 1
-                    texts = self.token_texts[base_model_id] = TokenTexts(tok)
-                    self.vocab_size[base_model_id] = texts.size
+                    self.token_texts[base_model_id] = TokenTexts(tok)
                 self.tokenizers[base_model_id] = tok
         if tok is False:
             raise BadRequest(
@@ -91,9 +86,10 @@ class ChatTemplates:
         """Refuse a prompt of `chars` characters that holds at least as many tokens as the context, before
         tokenizing it: no token stands for more characters than the longest in the vocabulary, so the prompt
         has at least chars / longest tokens (tokenizing 20 MB of text costs a process tens of seconds)."""
-        context, longest = self.context.get(base_model_id), self.longest_token.get(base_model_id)
-        if context is None or longest is None:
+        context, texts = self.context.get(base_model_id), self.token_texts.get(base_model_id)
+        if context is None or texts is None:
             return
+        longest = texts.longest
         at_least = -(-chars // longest)
         if at_least >= context:
             raise BadRequest(
@@ -107,14 +103,16 @@ class ChatTemplates:
         """The most characters of text a node may send per token of the base: its longest vocabulary entry,
         and one more for a decoder that puts a space between words (MAX_TOKEN_CHARS while its tokenizer is
         not loaded: a prompt sent as token ids needs none)."""
-        longest = self.longest_token.get(base_model_id)
-        return MAX_TOKEN_CHARS if longest is None else longest + 1
+        texts = self.token_texts.get(base_model_id)
+        return MAX_TOKEN_CHARS if texts is None else texts.longest + 1
 
     def check_ids(self, base_model_id: str, ids: list[int], *, param: str = "prompt", what: str = "prompt") -> None:
         """Refuse token ids the base's vocabulary does not have (when the gateway knows it)."""
-        size = self.vocab_size.get(base_model_id)
-        if size is not None and ids and max(ids) >= size:
-            raise BadRequest(f"{what} token id {max(ids)} is not in the model's vocabulary of {size}", param=param)
+        texts = self.token_texts.get(base_model_id)
+        if texts is not None and ids and max(ids) >= texts.size:
+            raise BadRequest(
+                f"{what} token id {max(ids)} is not in the model's vocabulary of {texts.size}", param=param
+            )
 
     def encode(self, base_model_id: str, text: str) -> list[int]:
         """A completion prompt's token ids, exactly as the node would encode the text (blocking)."""
@@ -132,7 +130,8 @@ class ChatTemplates:
             self._tokenizer(base_model_id)
         except BadRequest:
             return None
-        return self.vocab_size.get(base_model_id)
+        texts = self.token_texts.get(base_model_id)
+        return None if texts is None else texts.size
 
     def texts(self, base_model_id: str) -> TokenTexts:
         """The base's tokens as strings and bytes, for logprobs (its tokenizer loaded)."""

@@ -105,8 +105,11 @@ class TokenTexts:
 
     def __init__(self, tok) -> None:
         self.tok = tok
+        vocab = tok.get_vocab()
         # the ids the tokenizer knows: its vocabulary and added tokens (an added id may lie past len(tok))
-        self.size = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
+        self.size = max(len(tok), max(vocab.values(), default=-1) + 1)
+        # the most characters one token can stand for: its longest vocabulary entry
+        self.longest = max(map(len, vocab), default=1) or 1
         self.special = frozenset(getattr(tok, "all_special_ids", ()) or ())
         self.byte_level = _decoder_kind(tok) == "ByteLevel"
         self._cache: dict[int, tuple[str, bytes]] = {}
