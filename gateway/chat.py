@@ -24,7 +24,7 @@ class ChatTemplates:
     """Tokenizers (and context lengths) of the base models named in the settings, by base model id."""
 
     def __init__(self, base_dirs: list[Path] | tuple[Path, ...] = ()) -> None:
-        from node.adapters.basemodel import base_model_id
+        from node.adapters.basemodel import base_model_id, eos_token_ids
 
         self.tokenizers: dict[str, object] = {}
         self.dirs: dict[str, Path] = {}
@@ -32,10 +32,13 @@ class ChatTemplates:
         # base id -> its tokens' strings for logprobs, its vocabulary's size and longest entry; known once the
         # tokenizer is loaded
         self.token_texts: dict[str, TokenTexts] = {}
+        # base id -> the ids that end its sequences (the tokenizer's own joins them once it is loaded)
+        self.eos: dict[str, frozenset[int]] = {}
         for d in base_dirs:
             bid = base_model_id(d)
             self.dirs[bid] = Path(d)
             self.context[bid] = _context_len(Path(d))
+            self.eos[bid] = eos_token_ids(d)
         self._lock = threading.Lock()
 
     def knows(self, base_model_id: str) -> bool:
@@ -62,6 +65,9 @@ class ChatTemplates:
                 tok = _load_tokenizer(self.dirs[base_model_id])
                 if tok is not False:
                     self.token_texts[base_model_id] = TokenTexts(tok)
+                    from node.adapters.basemodel import eos_token_ids
+
+                    self.eos[base_model_id] = eos_token_ids(self.dirs[base_model_id], tok)
                 self.tokenizers[base_model_id] = tok
         if tok is False:
             raise BadRequest(
@@ -81,6 +87,11 @@ class ChatTemplates:
                     self.render(bid, [{"role": "user", "content": "warm up"}])
             except Exception as e:  # noqa: BLE001 - the base's requests report it; the gateway still serves others
                 log.warning("base model %s: tokenizer not ready: %s", bid, e)
+
+    def end_ids(self, base_model_id: str) -> frozenset[int]:
+        """The ids that end a sequence of the base, as its nodes end it (node.adapters.basemodel.eos_token_ids;
+        none for a base this gateway has no folder of)."""
+        return self.eos.get(base_model_id, frozenset())
 
     def check_length(self, base_model_id: str, chars: int) -> None:
         """Refuse a prompt of `chars` characters that holds at least as many tokens as the context, before

@@ -7,7 +7,9 @@ and its finish reason; then the answer in OpenAI's shapes, whole or as chunks.
 - `echo` (completions): the prompt's text before each choice's text, and with logprobs the prompt's positions
   first (the first one unscored), from the node's prompt_logprobs.
 - chat tools: each choice's text is read back into content and `tool_calls` (gateway.tools), its finish reason
-  "tool_calls" when it called one."""
+  "tool_calls" when it called one.
+- a sequence ends at its end token (`end_ids`: the base's EOS ids unless ignore_eos, and the stop token ids), as
+  the node ends it: a token the node streams after it is past the sequence's end, like one past max_tokens."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class Sequence:
     chars: int = 0  # the characters in texts
     scored: list[Scored] = field(default_factory=list)  # one per token, when logprobs are asked
     reason: str | None = None  # the node's finish reason for it ("stop" | "length")
+    ended: bool = False  # its end token (EOS, a stop token id) was relayed: nothing may follow it
     # streaming state
     opened: bool = False  # its first chunk (the chat role, the echoed prompt) was sent
     closed: bool = False  # its finish chunk was sent
@@ -58,11 +61,13 @@ class Choices:
         texts: TokenTexts | None = None,
         plan: ToolPlan | None = None,
         token_chars: int = MAX_TOKEN_CHARS,
+        end_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
         self.max_tokens, self.logprobs, self.echo = max_tokens, logprobs, echo
         self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
         self.token_chars = token_chars  # the most characters a token's text may hold, on average over a sequence
+        self.end_ids = end_ids
         # best_of ranks its sequences by their log-probabilities, shown or not
         self.scores = logprobs or per_prompt != n
         self.seqs = [Sequence(k // per_prompt) for k in range(len(prompts) * per_prompt)]
@@ -78,9 +83,10 @@ class Choices:
         return k if ok else None
 
     def full(self, k: int) -> bool:
-        """Sequence k has all the tokens it may have (or has finished): another is past the request's limit."""
+        """Sequence k has all the tokens it may have (or has finished, or relayed its end token): another is past
+        the request's limit."""
         s = self.seqs[k]
-        return s.count >= self.max_tokens or s.reason is not None
+        return s.count >= self.max_tokens or s.reason is not None or s.ended
 
     def too_long(self, k: int, ev: dict) -> bool:
         """Whether the token event's text would make sequence k's text longer than its tokens can hold. Counted
@@ -97,6 +103,8 @@ class Choices:
         s = self.seqs[k]
         s.texts.append(text)
         s.chars += len(text)
+        tid = ev.get("token_id")
+        s.ended = type(tid) is int and tid in self.end_ids  # (a hostile id may be anything: a list is unhashable)
         scored = read_token(ev) if self.scores else None
         if scored is not None:
             s.scored.append(scored)
@@ -128,9 +136,9 @@ class Choices:
 
     def reason(self, k: int, overall: str | None, cut: bool) -> str:
         """Sequence k's OpenAI finish reason: its own, else (a node that sends no finish events) the request's;
-        "length" where the gateway stopped relaying (`cut`)."""
+        "stop" after its end token; "length" where the gateway stopped relaying (`cut`)."""
         s = self.seqs[k]
-        r = s.reason or ("length" if cut or s.count >= self.max_tokens else overall)
+        r = s.reason or ("stop" if s.ended else "length" if cut or s.count >= self.max_tokens else overall)
         return finish_reason(r)
 
     # ------------------------------------------------------------------ the whole answer

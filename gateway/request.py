@@ -56,6 +56,7 @@ ABORT_DRAIN_TIMEOUT_S = 5.0
 MAX_OTHER_EVENTS = 64
 # a whole (not streamed) answer of this many completion tokens or more is built and encoded on a worker thread
 LARGE_ANSWER_TOKENS = 512
+CLIENT_CLOSED = 499  # the status of an answer its client left before (nginx's; nobody reads it, the logs show it)
 _READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream: NodeUnavailable
 # prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
 # worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
@@ -109,6 +110,16 @@ async def _written(opening: asyncio.Future) -> bool:
     except GatewayError:
         return False
     return True
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns when the client has closed its connection (its body read: the server's next message is the
+    disconnect)."""
+    try:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - a server that cannot say is taken as the client gone: the answer is not sent
+        return
 
 
 async def _blocking(templates: ChatTemplates, size: int, fn, base: str, *args):
@@ -196,11 +207,13 @@ class ServedRequest:
             )
         self.buffered = True  # an error answer delivers none of the text: then nothing is billed
         try:
-            async for _ in self.tokens():
-                pass
+            stayed = await self._gather(http)
         except BaseException:
             self.finish_detached(client_gone=True)
             raise
+        if not stayed:  # nobody reads the answer; the node is aborted, what it made until now is billed
+            await asyncio.shield(d.background.spawn(self.finish(client_gone=True)))
+            return Response(status_code=CLIENT_CLOSED, headers=headers)
         await asyncio.shield(d.background.spawn(self.finish()))
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
@@ -218,6 +231,28 @@ class ServedRequest:
         big = self.usage[1] >= LARGE_ANSWER_TOKENS
         content = await asyncio.to_thread(render) if big else render()
         return Response(content, media_type="application/json", headers=headers)
+
+    async def _gather(self, http: Request) -> bool:
+        """A whole answer's tokens from the node, read while watching the client: False when the client went
+        away first (the node is then aborted by `finish`, not left making tokens for nobody until max_tokens).
+        A streamed answer needs no watch: its response stops when its client goes."""
+
+        async def read_all() -> None:
+            async for _ in self.tokens():
+                pass
+
+        reading, gone = asyncio.ensure_future(read_all()), asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait((reading, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not reading.done():  # the client left, or this request is cancelled (the gateway stops)
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+        if reading.cancelled():
+            return False
+        reading.result()
+        return True
 
     async def _events(self, b: ChunkBuilder):
         # chunks that are ready together go out in one write: each write is a send through the whole
@@ -297,6 +332,7 @@ class ServedRequest:
             texts=token_texts,
             plan=req.plan if self.chat else None,
             token_chars=t.token_chars(base),
+            end_ids=frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else t.end_ids(base)),
         )
         seqs = len(self.choices.seqs)
         self.prompt_tokens = sum(map(len, prompts))
@@ -393,12 +429,18 @@ class ServedRequest:
             return
         self._hold.close()
         self.d.background.spawn(self.d.nodes.abort(node.api_url, node.node_id, self.rid))
-        if self._next is not None:
-            self._next.cancel()
+        self._drop_read()
         try:
             await up.aclose()
         except RuntimeError:
             pass
+
+    def _drop_read(self) -> None:
+        """Cancel the read in progress, if any; its outcome (the closed stream's error) is nobody's."""
+        if self._next is not None:
+            self._next.cancel()
+            self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._next = None
 
     async def _dispatch(self, route: Route, opening: asyncio.Future) -> None:
         d, t = self.d, self.target
@@ -545,11 +587,12 @@ class ServedRequest:
         if c.full(k):
             self.overrun += 1
             log.warning(
-                "node %s streamed past the %d tokens choice %d of request %s allows",
+                "node %s streamed past the end of choice %d of request %s (%d tokens relayed, %d allowed)",
                 self.node.node_id[:10],
-                c.max_tokens,
                 k,
                 self.rid[:10],
+                c.seqs[k].count,
+                c.max_tokens,
             )
             return None
         if c.too_long(k, ev):
@@ -634,7 +677,9 @@ class ServedRequest:
     def finish_reason(self) -> str | None:
         if self.done:
             return self.done.get("finish_reason")
-        return "length" if self.overrun else None
+        if not self.overrun:
+            return None
+        return "stop" if all(s.ended or s.reason == "stop" for s in self.choices.seqs) else "length"
 
     # ------------------------------------------------------------------ the end
 
@@ -706,6 +751,7 @@ class ServedRequest:
             await self.up.aclose(drain=self.done is not None)  # a finished stream keeps its connection
         except RuntimeError:
             pass
+        self._drop_read()  # one the drain gave up on
         self._hold.close()  # the node's in-flight count
         if self.drained:
             log.info(
@@ -726,7 +772,7 @@ class ServedRequest:
             error=self.failure,
             aborted=self.aborted,
             node_lost=self.node_lost,
-            withheld=self.buffered and bool(self.failure or client_gone),
+            withheld=self.buffered and bool(self.failure) and not client_gone,
         )
         self.result = await d.book.record(end)
         m = d.metrics

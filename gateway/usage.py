@@ -66,8 +66,9 @@ class RequestEnd:
     `reconciled`: the gateway died mid-request, so it has no completion count of its own: the receipt's,
     capped at max_tokens and the context, is billed.
     `withheld`: the client was answered with an error instead of the text (a non-streaming request whose node
-    failed, or whose client left before its answer): nothing was delivered, so nothing is billed. The receipt
-    is still judged against the counts sent and relayed, then the request is recorded at 0 + 0 tokens."""
+    failed): nothing was delivered, so nothing is billed. The receipt is still judged against the counts sent
+    and relayed, then the request is recorded at 0 + 0 tokens. (A non-streaming client that left is not: it
+    pays for the tokens read until it left, as a streaming one does.)"""
 
     request_id: str
     model: str

@@ -56,6 +56,26 @@ def base_model_id_from_config(config: dict) -> str:
     return sha256_hex(canonical_json({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}))
 
 
+def eos_token_ids(base_dir: str | Path, tokenizer=None) -> frozenset[int]:
+    """The token ids that end a sequence of the base model (unless a request sets ignore_eos): the
+    eos_token_id of its config.json and of its generation_config.json, and its tokenizer's. The node stops a
+    sequence at them; the gateway ends a sequence there whatever a node streams after it."""
+    docs = [read_config(base_dir)]
+    gen = Path(base_dir) / "generation_config.json"
+    if gen.exists():
+        try:
+            docs.append(parse_json(gen.read_bytes(), max_bytes=MAX_CONFIG_BYTES, what="generation_config.json"))
+        except UntrustedJSONError as e:
+            raise BaseModelError(str(e)) from None
+    ids: set[int] = set()
+    for doc in docs:
+        eos = doc.get("eos_token_id") if isinstance(doc, dict) else None
+        ids.update(t for t in (eos if isinstance(eos, list) else [eos]) if type(t) is int and t >= 0)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
 def base_model_name(base_dir: str | Path) -> str:
     """A human name for the base model: the one recorded at creation, else the folder's name."""
     return str(read_config(base_dir).get(NAME_KEY) or Path(base_dir).resolve().name)

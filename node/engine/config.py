@@ -66,7 +66,6 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # the window of the layers that slide; None when none does
     sliding_layers: tuple[int, ...] | None = None  # which layers slide; None: all (when there is a window)
-    eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -124,8 +123,6 @@ class ModelConfig:
         )
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         num_layers = int(cfg["num_hidden_layers"])
         window, sliding_layers = sliding_window_layers(model_type, cfg, num_layers)
         return cls(
@@ -146,7 +143,6 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=window,
             sliding_layers=sliding_layers,
-            eos_token_ids=eos_ids,
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         )
 

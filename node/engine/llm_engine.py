@@ -14,7 +14,6 @@ from concurrent.futures import Future
 
 import torch
 
-from common.wire import parse_json
 from node.engine.block_manager import BlockManager
 from node.engine.config import EngineConfig, ModelConfig
 from node.engine.layers.logprobs import RawLogprobs, score
@@ -88,7 +87,7 @@ class LLMEngine:
     ) -> None:
         """`fetcher` brings an adapter the store lacks (lora/manager.py's Fetcher); `on_ready` is called,
         from another thread, whenever an adapter load or slot write ends (a waiting step can run)."""
-        from node.adapters.basemodel import base_model_id, base_model_name
+        from node.adapters.basemodel import base_model_id, base_model_name, eos_token_ids
 
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -99,7 +98,7 @@ class LLMEngine:
         self.base_model_id = base_model_id(config.model_dir)
         self.base_model_name = base_model_name(config.model_dir)
         self.tokenizer = load_tokenizer(config.model_dir)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_token_ids(config.model_dir, self.tokenizer)
         self.mapping = LoRAMapping(config.num_slots, kernel or default_kernel(self.device))
         self.tp = None  # parallel.TensorParallel: this engine is rank 0 of tensor_parallel ranks
         if config.tensor_parallel > 1:
@@ -170,19 +169,6 @@ class LLMEngine:
             config.num_slots,
             self.max_len,
         )
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids = set(self.model_cfg.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        gen = self.config.model_dir / "generation_config.json"
-        if gen.exists():
-            from node.adapters.basemodel import MAX_CONFIG_BYTES
-
-            doc = parse_json(gen.read_bytes(), max_bytes=MAX_CONFIG_BYTES, what="generation_config.json")
-            eos = doc.get("eos_token_id") if isinstance(doc, dict) else None
-            ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
-        return frozenset(ids)
 
     def _decode(self, pkg, image: bool = True) -> LoadedAdapter:
         """Loader thread: a verified package -> the adapter in host memory, with its slot image when the

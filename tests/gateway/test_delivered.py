@@ -181,3 +181,28 @@ def test_nonstream_client_answered_with_an_error_pays_nothing(w):
     assert (u.prompt_tokens, u.completion_tokens, u.node_completion_tokens) == (0, 0, 10)
     assert u.status == RecordStatus.PENDING, u.error
     assert disputed(gw) == []
+
+
+def test_nonstream_client_that_left_stops_the_node_and_pays_what_was_made(w):
+    # non-streaming, a token every 0.3 s: the client gives up after 1 s. The node is aborted at once (it would
+    # otherwise make every token for nobody), and the key pays the prompt and the tokens the gateway had read,
+    # as OpenAI bills a request whose client left
+    gw, engine, key, node = w
+    node.delay = 0.3
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                gw.url + "/v1/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=1.0,
+                json={"model": TINY, "prompt": "hello", "max_tokens": 5},
+            )
+        rid = node.requests[-1]["request_id"]
+        done, u = record_of(engine, rid)
+    finally:
+        node.delay = 0.0
+    assert rid in node.aborted and done.status == RequestStatus.CLIENT_CLOSED
+    assert 1 <= u.completion_tokens < 5 and u.prompt_tokens > 0
+    assert (done.prompt_tokens, done.completion_tokens) == (u.prompt_tokens, u.completion_tokens)
+    assert u.status == RecordStatus.PENDING and u.node_completion_tokens >= u.completion_tokens, u.error
+    assert disputed(gw) == []

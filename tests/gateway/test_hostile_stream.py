@@ -2,7 +2,8 @@
 line dripped a byte at a time (each byte keeps the connection's read timeout from firing), ends after
 node_timeout_s without an event, before the first token (the request is failed over) or after it (cut
 off); a token's text is at most what a token of the base can hold; token ids outside the vocabulary are not
-remembered by the gateway.
+remembered by the gateway; a sequence ends at its end-of-sequence token (or a stop token id), so what a node
+streams after it (invisible padding of empty text) is neither relayed nor billed.
 
 The gateway in a real uvicorn, one stand-in node (tests/utils/gateway.py) steered by the prompt."""
 
@@ -95,3 +96,41 @@ def test_token_ids_outside_the_vocabulary_are_shown_empty_and_not_remembered(wor
     (tt,) = texts.values()
     assert len(tt._cache) <= len(tokenizer)
     assert all(tid < len(tokenizer) for tid in tt._cache)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokens_after_the_end_of_sequence_are_not_billed(world, stream):
+    gw, engine, key, node = world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    raw = client.completions.with_raw_response.create(
+        model=TINY,
+        prompt="PAST_EOS",
+        max_tokens=8,
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+    )
+    if stream:
+        chunks = list(raw.parse())
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        usage = chunks[-1].usage
+    else:
+        r = raw.parse()
+        text, reason, usage = r.choices[0].text, [r.choices[0].finish_reason], r.usage
+    assert (text, reason, usage.completion_tokens) == (" t0", ["stop"], 2)  # the token and its EOS
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert u.completion_tokens == 2 and u.node_completion_tokens == 8  # the receipt's claim, not paid
+    assert done.status == RequestStatus.OK
+
+
+def test_a_stop_token_id_ends_the_sequence_and_ignore_eos_does_not(world, tokenizer):
+    gw, engine, key, node = world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    # the client asked to go past EOS: every token is the answer, and billed
+    r = client.completions.create(model=TINY, prompt="PAST_EOS", max_tokens=8, extra_body={"ignore_eos": True})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (8, "length")
+    # a stop token id ends it, ignore_eos or not
+    r = client.completions.create(
+        model=TINY, prompt="PAST_EOS", max_tokens=8, extra_body={"ignore_eos": True, "stop_token_ids": [77]}
+    )
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (2, "stop")

@@ -103,7 +103,9 @@ class StandInNode:
     'COMMENTS_ONLY' / 'COMMENTS_AFTER_TOKEN' -> nothing / one token, then SSE comment lines without end (each
     byte keeps the connection's read timeout from firing); 'DRIP_LINE' -> one data line that never ends, a
     byte every 0.1 s; 'FAT_TEXT' -> tokens each carrying 60,000
-    characters of text; 'WILD_IDS' -> tokens with ids far outside any vocabulary, 20 alternatives each."""
+    characters of text; 'WILD_IDS' -> tokens with ids far outside any vocabulary, 20 alternatives each;
+    'PAST_EOS' -> one token, the base's end-of-sequence token (or, when the request names stop_token_ids, its
+    first one), then tokens of empty text up to max_tokens, and a receipt claiming them all."""
 
     identity: object
     base_model_id: str
@@ -235,6 +237,15 @@ class StandInNode:
                             wild = [[2**30 + i * 20 + j, -1.0] for j in range(20)]
                             tid = 2**30 + i
                             yield sse_frame({"type": "token", "text": " t", "token_id": tid, "top_logprobs": wild})
+                    yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
+                    return
+                if "PAST_EOS" in prompt:  # invisible padding after the sequence's end, claimed in the receipt
+                    stops = body.get("stop_token_ids") or []
+                    end = stops[0] if stops else (self.tokenizer.eos_token_id if self.tokenizer is not None else 2)
+                    for i in range(body["max_tokens"]):
+                        self.seen[rid][0] += 1
+                        tid = 10 if i == 0 else end if i == 1 else 20 + i
+                        yield sse_frame({"type": "token", "text": " t0" if i == 0 else "", "token_id": tid})
                     yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
                     return
                 if "PINGS_AFTER" in prompt:
