@@ -29,6 +29,7 @@ class ChatTemplates:
         self.tokenizers: dict[str, object] = {}
         self.dirs: dict[str, Path] = {}
         self.context: dict[str, int | None] = {}
+        self.model_vocab: dict[str, int | None] = {}  # config.json's vocab_size: the model's output rows
         # base id -> its tokens' strings for logprobs, its vocabulary's size and longest entry; known once the
         # tokenizer is loaded
         self.token_texts: dict[str, TokenTexts] = {}
@@ -37,7 +38,7 @@ class ChatTemplates:
         for d in base_dirs:
             bid = base_model_id(d)
             self.dirs[bid] = Path(d)
-            self.context[bid] = _context_len(Path(d))
+            self.context[bid], self.model_vocab[bid] = _config_sizes(Path(d))
             self.eos[bid] = eos_token_ids(d)
         self._lock = threading.Lock()
 
@@ -92,6 +93,13 @@ class ChatTemplates:
         """The ids that end a sequence of the base, as its nodes end it (node.adapters.basemodel.eos_token_ids;
         none for a base this gateway has no folder of)."""
         return self.eos.get(base_model_id, frozenset())
+
+    def id_bound(self, base_model_id: str) -> int | None:
+        """No token id a node generates can be this or more: the rows of the model's output (config.json's
+        vocab_size), or the tokenizer's ids where it knows more (None: neither is known here)."""
+        texts = self.token_texts.get(base_model_id)
+        bounds = [b for b in (self.model_vocab.get(base_model_id), texts and texts.size) if b]
+        return max(bounds) if bounds else None
 
     def check_length(self, base_model_id: str, chars: int) -> None:
         """Refuse a prompt of `chars` characters that holds at least as many tokens as the context, before
@@ -183,10 +191,12 @@ def _load_tokenizer(base_dir: Path):
     return AutoTokenizer.from_pretrained(str(base_dir))
 
 
-def _context_len(base_dir: Path) -> int | None:
+def _config_sizes(base_dir: Path) -> tuple[int | None, int | None]:
+    """The base's context (max_position_embeddings) and output vocabulary (vocab_size), None where unknown."""
     try:
         cfg = json.loads((base_dir / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
-    return n if isinstance(n, int) and n > 0 else None
+        cfg = None
+    got = [cfg.get(k) if isinstance(cfg, dict) else None for k in ("max_position_embeddings", "vocab_size")]
+    context, vocab = (n if type(n) is int and n > 0 else None for n in got)
+    return context, vocab

@@ -25,6 +25,7 @@ from gateway.tools import ToolPlan, ToolStream
 class Sequence:
     prompt: int  # which prompt it continues
     texts: list[str] = field(default_factory=list)  # one per token event relayed
+    ids: list[int] = field(default_factory=list)  # their token ids (-1: the node sent none that is a number)
     chars: int = 0  # the characters in texts
     scored: list[Scored] = field(default_factory=list)  # one per token, when logprobs are asked
     reason: str | None = None  # the node's finish reason for it ("stop" | "length")
@@ -104,7 +105,9 @@ class Choices:
         s.texts.append(text)
         s.chars += len(text)
         tid = ev.get("token_id")
-        s.ended = type(tid) is int and tid in self.end_ids  # (a hostile id may be anything: a list is unhashable)
+        tid = tid if type(tid) is int else -1  # (a hostile id may be anything: a list is unhashable)
+        s.ids.append(tid)
+        s.ended = tid in self.end_ids
         scored = read_token(ev) if self.scores else None
         if scored is not None:
             s.scored.append(scored)

@@ -279,7 +279,12 @@ class NodeClient:
         """(status, body) of one call, the body read up to one byte past MAX_ANSWER_BYTES (a node cannot make
         the gateway buffer more); signed for `node_id` when given. httpx.HTTPError when it fails."""
         auth = self.auth(node_id) if node_id is not None else None
-        return await bounded_call(self.http, method, url, MAX_ANSWER_BYTES, json=json, timeout=timeout, auth=auth)
+        try:
+            return await bounded_call(self.http, method, url, MAX_ANSWER_BYTES, json=json, timeout=timeout, auth=auth)
+        except AttributeError as e:
+            # httpx's transport, connecting to a node that was just killed, asked the closed socket for its peer
+            # (anyio: None.getpeername): the node is unreachable, as a refused connection says
+            raise httpx.ConnectError(f"the connection closed while opening: {e}") from e
 
     async def abort(self, api_url: str, node_id: str, request_id: str) -> dict | None:
         """Abort a request; the node's {"receipt", "signature"} for what it produced, or None."""

@@ -761,6 +761,7 @@ class ServedRequest:
                 node.node_id[:10],
             )
         latency = time.monotonic() - self.started
+        misreported = await self._misreported()
         reason = "abort" if client_gone else self.finish_reason
         end = self._end(
             status,
@@ -773,6 +774,7 @@ class ServedRequest:
             aborted=self.aborted,
             node_lost=self.node_lost,
             withheld=self.buffered and bool(self.failure) and not client_gone,
+            misreported=misreported,
         )
         self.result = await d.book.record(end)
         m = d.metrics
@@ -785,6 +787,34 @@ class ServedRequest:
         if self.key_id is not None:  # what it used beyond its reservation, or (negative) the unused part back
             d.admission.charge_tokens(self.key_id, end.prompt_tokens + end.completion_tokens - self.reserved)
         return self.result
+
+    async def _misreported(self) -> str | None:
+        """What the node's tokens belie, to be held against it (None: nothing): a token id past any the model
+        has, or a sequence whose text falls short of what its token ids decode to by more than an honest node
+        leaves out (text held back at a stop string or half a character: the longest stop string and two
+        tokens). A node that sent tokens without their text (padding it could otherwise bill: the gateway
+        counts token events) is caught here, at the end, once per sequence."""
+        t, base = self.d.templates, self.target.base_model_id
+        texts, bound = t.token_texts.get(base), t.id_bound(base)
+        if texts is None or bound is None:  # the base's tokenizer is not loaded here: nothing to decode with
+            return None
+        c = self.choices
+        slack = max(map(len, self.req.stop_list()), default=0) + 2 * c.token_chars
+        for k, s in enumerate(c.seqs):
+            if not s.ids:
+                continue
+            if not all(0 <= i < bound for i in s.ids):
+                return f"node sent token ids of choice {k} outside the vocabulary ({bound} ids)"
+            known = [i for i in s.ids if i < texts.size]
+            # an id the model has and its tokenizer does not (a padded output row) stands for a character
+            decoded = len(known) and len(await _blocking(t, 4 * len(known), t.decode, base, known))
+            short = decoded + len(s.ids) - len(known) - s.chars
+            if short > slack:
+                return (
+                    f"node's text for choice {k} is {short} characters shorter than its {len(s.ids)} token ids "
+                    f"decode to (at most {slack} may be held back)"
+                )
+        return None
 
     def finish_detached(self, *, client_gone: bool) -> None:
         """Finish on a task of its own: the caller is being cancelled (the client went away)."""

@@ -90,6 +90,7 @@ class RequestEnd:
     node_lost: bool = False
     reconciled: bool = False
     withheld: bool = False
+    misreported: str | None = None  # what the node's tokens belie (ServedRequest._misreported): a dispute
     max_tokens: int | None = None
     context_len: int | None = None
     disputed: str | None = None  # set by the recorder: why the receipt was not accepted
@@ -271,6 +272,8 @@ class UsageRecorder:
                     node_counts = (receipt["prompt_tokens"], receipt["completion_tokens"])
                     end.disputed = judge(end, receipt)
                     end.finish_reason = end.finish_reason or receipt["finish_reason"]
+            if end.misreported:
+                end.disputed = "; ".join(filter(None, (end.disputed, end.misreported)))
             if end.disputed:
                 result = "disputed"
                 self._disputed(end)

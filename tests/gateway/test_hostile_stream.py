@@ -3,7 +3,9 @@ line dripped a byte at a time (each byte keeps the connection's read timeout fro
 node_timeout_s without an event, before the first token (the request is failed over) or after it (cut
 off); a token's text is at most what a token of the base can hold; token ids outside the vocabulary are not
 remembered by the gateway; a sequence ends at its end-of-sequence token (or a stop token id), so what a node
-streams after it (invisible padding of empty text) is neither relayed nor billed.
+streams after it (invisible padding of empty text) is neither relayed nor billed; a node whose text falls short
+of what its token ids decode to (padding before the end), or that sends ids outside the vocabulary, is
+disputed: its record is never paid and it is routed around.
 
 The gateway in a real uvicorn, one stand-in node (tests/utils/gateway.py) steered by the prompt."""
 
@@ -16,6 +18,7 @@ from sqlmodel import Session, select
 
 from common.identity import Identity
 from gateway.tables import CompletionRecord, RequestStatus
+from ledger.models import RecordStatus
 from node.adapters.basemodel import base_model_id
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, error_of, gateway_over, poll, record_of
@@ -90,12 +93,15 @@ def test_token_text_longer_than_any_token_of_the_base_is_refused(world, tokenize
 def test_token_ids_outside_the_vocabulary_are_shown_empty_and_not_remembered(world, tokenizer):
     gw, engine, key, node = world
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
-    r = client.completions.create(model=TINY, prompt="WILD_IDS", max_tokens=5, logprobs=5)
+    raw = client.completions.with_raw_response.create(model=TINY, prompt="WILD_IDS", max_tokens=5, logprobs=5)
+    r = raw.parse()
     assert r.choices[0].logprobs.tokens == [""] * 5
     texts = gw.server.config.app.state.gateway.deps.templates.token_texts
     (tt,) = texts.values()
     assert len(tt._cache) <= len(tokenizer)
     assert all(tid < len(tokenizer) for tid in tt._cache)
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert u.status == RecordStatus.DISPUTED and "outside the vocabulary" in u.error
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -134,3 +140,15 @@ def test_a_stop_token_id_ends_the_sequence_and_ignore_eos_does_not(world, tokeni
         model=TINY, prompt="PAST_EOS", max_tokens=8, extra_body={"ignore_eos": True, "stop_token_ids": [77]}
     )
     assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (2, "stop")
+
+
+def test_tokens_sent_without_their_text_are_disputed(world, tokenizer):
+    gw, engine, key, node = world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    raw = client.completions.with_raw_response.create(model=TINY, prompt="EMPTY_PAD", max_tokens=30)
+    r = raw.parse()
+    assert (r.choices[0].text, r.usage.completion_tokens) == (" t0", 30)  # relayed as the node sent them
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert u.status == RecordStatus.DISPUTED and "shorter than its 30 token ids decode to" in u.error, u.error
+    disputed = httpx.get(gw.url + "/health", timeout=5).json()["disputed_nodes"]
+    assert [d["node_id"] for d in disputed] == [node.identity.node_id]

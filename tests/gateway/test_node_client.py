@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -272,3 +273,24 @@ def test_a_compressed_body_is_not_inflated():
         # holds no event line at all, and the relay takes the stream's end without a done event for a failure
         assert asyncio.run(_events(srv.url)) == []
     assert seen == [None] and len(bomb) < 1 << 20
+
+
+class _ClosedWhileConnecting(httpx.AsyncBaseTransport):
+    """What httpx's transport raised connecting to a node killed at that moment (seen in the suite, under
+    load): anyio asked the socket uvloop had already closed for its peer."""
+
+    async def handle_async_request(self, request):
+        raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+
+
+def test_a_connection_closed_while_opening_is_an_unreachable_node():
+    async def go():
+        nc = NodeClient()
+        await nc.http.aclose()
+        nc.http = httpx.AsyncClient(transport=_ClosedWhileConnecting())
+        try:
+            return await nc.abort("http://127.0.0.1:9", NODE_ID, "0x" + "ab" * 32)  # was: the AttributeError
+        finally:
+            await nc.aclose()
+
+    assert asyncio.run(go()) is None

@@ -105,7 +105,9 @@ class StandInNode:
     byte every 0.1 s; 'FAT_TEXT' -> tokens each carrying 60,000
     characters of text; 'WILD_IDS' -> tokens with ids far outside any vocabulary, 20 alternatives each;
     'PAST_EOS' -> one token, the base's end-of-sequence token (or, when the request names stop_token_ids, its
-    first one), then tokens of empty text up to max_tokens, and a receipt claiming them all."""
+    first one), then tokens of empty text up to max_tokens, and a receipt claiming them all; 'EMPTY_PAD' -> one
+    token, then tokens whose text it sends empty though their ids decode to the base's longest text, up to
+    max_tokens, and a receipt claiming them all."""
 
     identity: object
     base_model_id: str
@@ -237,6 +239,19 @@ class StandInNode:
                             wild = [[2**30 + i * 20 + j, -1.0] for j in range(20)]
                             tid = 2**30 + i
                             yield sse_frame({"type": "token", "text": " t", "token_id": tid, "top_logprobs": wild})
+                    yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
+                    return
+                if "EMPTY_PAD" in prompt:  # invisible padding before the end: text the ids do not have
+                    tok = self.tokenizer
+                    pad = max(range(len(tok)), key=lambda i: len(tok.decode([i], skip_special_tokens=True)))
+                    for i in range(body["max_tokens"]):
+                        self.seen[rid][0] += 1
+                        ev = (
+                            {"type": "token", "text": " t0", "token_id": 10}
+                            if i == 0
+                            else {"text": "", "token_id": pad}
+                        )
+                        yield sse_frame({"type": "token"} | ev)
                     yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
                     return
                 if "PAST_EOS" in prompt:  # invisible padding after the sequence's end, claimed in the receipt

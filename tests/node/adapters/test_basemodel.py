@@ -58,3 +58,21 @@ def test_bad_arguments_are_refused(tmp_path):
         init_tiny(tmp_path / "x", hidden_size=100, num_heads=3)
     with pytest.raises(BaseModelError, match="config.json is missing"):
         base_model_id(tmp_path)
+
+
+def test_eos_ids_join_the_config_the_generation_config_and_the_tokenizer(tmp_path, tiny_base):
+    import json
+    import shutil
+
+    from node.adapters.basemodel import eos_token_ids
+
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [7]}))
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(cfg | {"eos_token_id": 5}))
+    assert eos_token_ids(base) == {5, 7}
+    assert eos_token_ids(base, tok) == {5, 7, 2}  # the tokenizer's is 2
+    (base / "generation_config.json").write_text("{not json")
+    with pytest.raises(BaseModelError, match="generation_config.json"):
+        eos_token_ids(base)
