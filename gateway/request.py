@@ -23,7 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 from common.wire import SSE_DONE, error_body, hex0x, sse_frame
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
-from gateway.choices import Choices
+from gateway.choices import Choices, held_back_slack
 from gateway.directory import NodeDirectory, NodeEntry
 from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
 from gateway.keys import Admission, AuthContext
@@ -799,7 +799,7 @@ class ServedRequest:
         if texts is None or bound is None:  # the base's tokenizer is not loaded here: nothing to decode with
             return None
         c = self.choices
-        slack = max(map(len, self.req.stop_list()), default=0) + 2 * c.token_chars
+        slack = held_back_slack(self.req.stop_list(), c.token_chars)
         for k, s in enumerate(c.seqs):
             if not s.ids:
                 continue
