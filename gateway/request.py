@@ -761,7 +761,11 @@ class ServedRequest:
                 node.node_id[:10],
             )
         latency = time.monotonic() - self.started
-        misreported = await self._misreported()
+        try:
+            misreported = await self._misreported()
+        except Exception:  # the check must never cost the request its record
+            log.exception("request %s: the check of node %s's text failed", self.rid[:10], node.node_id[:10])
+            misreported = None
         reason = "abort" if client_gone else self.finish_reason
         end = self._end(
             status,
