@@ -21,14 +21,6 @@ from gateway.openai_api import ChunkBuilder, chat_message, finish_reason
 from gateway.tools import ToolPlan, ToolStream
 
 
-def held_back_slack(stops: list[str], token_chars: int) -> int:
-    """The most characters an honest node's text for a sequence may fall short of what its token ids decode
-    to: the longest stop string (it is not sent, nor the rest of the token that completes it, nor text held
-    back as its possible start when the request is cut), a stop token's text (not sent), and half a character
-    held back: two tokens' text at most (`token_chars` each)."""
-    return max(map(len, stops), default=0) + 2 * token_chars
-
-
 @dataclass(slots=True)
 class Sequence:
     prompt: int  # which prompt it continues

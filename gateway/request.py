@@ -23,7 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 from common.wire import SSE_DONE, error_body, hex0x, sse_frame
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
-from gateway.choices import Choices, held_back_slack
+from gateway.choices import Choices
 from gateway.directory import NodeDirectory, NodeEntry
 from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
 from gateway.keys import Admission, AuthContext
@@ -794,31 +794,38 @@ class ServedRequest:
 
     async def _misreported(self) -> str | None:
         """What the node's tokens belie, to be held against it (None: nothing): a token id past any the model
-        has, or a sequence whose text falls short of what its token ids decode to by more than an honest node
-        leaves out (text held back at a stop string or half a character: the longest stop string and two
-        tokens). A node that sent tokens without their text (padding it could otherwise bill: the gateway
-        counts token events) is caught here, at the end, once per sequence."""
+        has, or a sequence whose text is shorter than what an honest node sends for its token ids (the gateway
+        runs the node's detokenizer over them, with the request's stop strings and stop token ids). The
+        gateway counts token events: a node that sent tokens without their text would bill padding nobody
+        sees. Run at the end, once per sequence, off the event loop unless the sequences are short."""
         t, base = self.d.templates, self.target.base_model_id
         texts, bound = t.token_texts.get(base), t.id_bound(base)
         if texts is None or bound is None:  # the base's tokenizer is not loaded here: nothing to decode with
             return None
-        c = self.choices
-        slack = held_back_slack(self.req.stop_list(), c.token_chars)
+        c, req = self.choices, self.req
         for k, s in enumerate(c.seqs):
-            if not s.ids:
-                continue
             if not all(0 <= i < bound for i in s.ids):
                 return f"node sent token ids of choice {k} outside the vocabulary ({bound} ids)"
-            known = [i for i in s.ids if i < texts.size]
-            # an id the model has and its tokenizer does not (a padded output row) stands for a character
-            decoded = len(known) and len(await _blocking(t, 4 * len(known), t.decode, base, known))
-            short = decoded + len(s.ids) - len(known) - s.chars
-            if short > slack:
-                return (
-                    f"node's text for choice {k} is {short} characters shorter than its {len(s.ids)} token ids "
-                    f"decode to (at most {slack} may be held back)"
-                )
-        return None
+        # a sequence the node ended (a finish event, its end token, max_tokens, or the whole request ended on
+        # its own) had its held-back text sent; one the gateway cut off (abort, a broken stream) had not
+        whole = self.done is not None and not self.aborted and not self.failure
+        stops, stop_ids = req.stop_list(), set(req.stop_token_ids or ())
+
+        def check() -> str | None:
+            for k, s in enumerate(c.seqs):
+                known = [i for i in s.ids if i < texts.size]  # an id past the tokenizer's (a padded row) has no text
+                if s.chars >= len(t.decode(base, known)):
+                    continue  # all the text there is: nothing held back (the usual case, one decode)
+                ended = whole or s.ended or s.reason is not None or s.count >= c.max_tokens
+                honest = t.sent_chars(base, known, stops, stop_ids, ended)
+                if s.chars < honest:
+                    return (
+                        f"node's text for choice {k} is {honest - s.chars} characters shorter than an honest node "
+                        f"sends for its {len(s.ids)} token ids"
+                    )
+            return None
+
+        return await _blocking(t, 64 * sum(len(s.ids) for s in c.seqs), lambda _base: check(), base)
 
     def finish_detached(self, *, client_gone: bool) -> None:
         """Finish on a task of its own: the caller is being cancelled (the client went away)."""

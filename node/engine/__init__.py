@@ -8,7 +8,6 @@ lora/manager.py   adapter residency: device slots <- host cache <- store <- peer
 model_runner.py   a batch -> input tensors -> one forward pass; owns the KV cache and slot buffer
 model.py          the Llama-family decoder; layers/ (attention, fused ops, sampler) and lora/
                   (LoRA layers, mapping, weights, kernels) hold its parts
-detokenizer.py    token ids -> text, stop strings
 grammar.py        guided decoding: JSON grammars compiled per schema, token masks per row
 """
 

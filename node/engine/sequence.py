@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from node.engine.detokenizer import TextStream
+from node.adapters.detokenizer import TextStream
 from node.engine.layers.sampler import seeded_generator
 from node.engine.request import SamplingParams, TokenLogprob
 

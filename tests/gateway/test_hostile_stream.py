@@ -3,9 +3,9 @@ line dripped a byte at a time (each byte keeps the connection's read timeout fro
 node_timeout_s without an event, before the first token (the request is failed over) or after it (cut
 off); a token's text is at most what a token of the base can hold; token ids outside the vocabulary are not
 remembered by the gateway; a sequence ends at its end-of-sequence token (or a stop token id), so what a node
-streams after it (invisible padding of empty text) is neither relayed nor billed; a node whose text falls short
-of what its token ids decode to (padding before the end), or that sends ids outside the vocabulary, is
-disputed: its record is never paid and it is routed around.
+streams after it (invisible padding of empty text) is neither relayed nor billed; a node whose text is shorter
+than an honest node sends for its token ids (padding before the end), or that sends ids outside the
+vocabulary, is disputed: its record is never paid and it is routed around.
 
 The gateway in a real uvicorn, one stand-in node (tests/utils/gateway.py) steered by the prompt."""
 
@@ -149,6 +149,8 @@ def test_tokens_sent_without_their_text_are_disputed(world, tokenizer):
     r = raw.parse()
     assert (r.choices[0].text, r.usage.completion_tokens) == (" t0", 30)  # relayed as the node sent them
     done, u = record_of(engine, raw.headers["x-request-id"])
-    assert u.status == RecordStatus.DISPUTED and "shorter than its 30 token ids decode to" in u.error, u.error
+    assert u.status == RecordStatus.DISPUTED and "shorter than an honest node sends for its 30 token ids" in u.error, (
+        u.error
+    )
     disputed = httpx.get(gw.url + "/health", timeout=5).json()["disputed_nodes"]
     assert [d["node_id"] for d in disputed] == [node.identity.node_id]

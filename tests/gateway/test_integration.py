@@ -176,14 +176,59 @@ def test_a_stop_string_cuts_the_answer_and_its_record_is_payable(net):
     raw = client(net).completions.with_raw_response.create(stop=[stop], **ask)
     r = raw.parse()
     assert (r.choices[0].text, r.choices[0].finish_reason) == (whole[: whole.index(stop)], "stop")
-    rid = raw.headers["x-request-id"]
+    _payable(net, raw.headers["x-request-id"])
 
+
+def _payable(net, rid: str):
     def record():
         with Session(net.engine) as s:
             return s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
 
     usage = poll(record, timeout=30)
     assert usage.status in (RecordStatus.PENDING, RecordStatus.SUBMITTED, RecordStatus.SETTLED), usage.error
+    return usage
+
+
+def _lone_byte_and_letter(tiny_base) -> tuple[int, int]:
+    """A token that is one byte no character starts or ends with alone (it decodes to U+FFFD, and so does any
+    run of it), and the letter "a"."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    lone = next(i for i in range(len(tok)) if tok.decode([i]) == "\ufffd")
+    return lone, tok.convert_tokens_to_ids("a")
+
+
+def test_a_client_cannot_make_an_honest_node_look_like_it_padded(net, tiny_base):
+    # the node holds back a run of half characters (the client forces them with logit_bias) until a character
+    # completes, and drops what it held when the stop string is then found at its start: it sends no text for
+    # tokens whose ids decode to plenty. The gateway runs the node's detokenizer over the ids: not disputed
+    lone, letter = _lone_byte_and_letter(tiny_base)
+    raw = client(net).completions.with_raw_response.create(
+        model="acme/capitals",
+        prompt="x",
+        max_tokens=48,
+        seed=0,
+        stop=["\ufffd"],
+        logit_bias={str(lone): 100, str(letter): 97},
+    )
+    r = raw.parse()
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("", "stop") and r.usage.completion_tokens >= 2
+    _payable(net, raw.headers["x-request-id"])
+    # the same run, the client leaving mid-way: what the node held back was never sent
+    with httpx.stream(
+        "POST",
+        net.gw + "/v1/completions",
+        headers={"Authorization": f"Bearer {net.key}"},
+        json={"model": "acme/capitals", "prompt": "x", "max_tokens": 400, "stream": True, "logprobs": 1}
+        | {"logit_bias": {str(lone): 100}},
+    ) as r:
+        rid, seen = r.headers["x-request-id"], 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {")
+            if seen == 10:
+                break  # hang up mid-stream
+    assert _payable(net, rid).completion_tokens >= 9
 
 
 def test_chat(net):

@@ -105,7 +105,7 @@ class StandInNode:
     byte every 0.1 s; 'FAT_TEXT' -> tokens each carrying 60,000
     characters of text; 'WILD_IDS' -> tokens with ids far outside any vocabulary, 20 alternatives each;
     'PAST_EOS' -> one token, the base's end-of-sequence token (or, when the request names stop_token_ids, its
-    first one), then tokens of empty text up to max_tokens, and a receipt claiming them all; 'EMPTY_PAD' -> one
+    first one), then <pad> tokens (no text) up to max_tokens, and a receipt claiming them all; 'EMPTY_PAD' -> one
     token, then tokens whose text it sends empty though their ids decode to the base's longest text, up to
     max_tokens, and a receipt claiming them all."""
 
@@ -259,7 +259,7 @@ class StandInNode:
                     end = stops[0] if stops else (self.tokenizer.eos_token_id if self.tokenizer is not None else 2)
                     for i in range(body["max_tokens"]):
                         self.seen[rid][0] += 1
-                        tid = 10 if i == 0 else end if i == 1 else 20 + i
+                        tid = 10 if i == 0 else end if i == 1 else 0  # <pad>: no text, truly
                         yield sse_frame({"type": "token", "text": " t0" if i == 0 else "", "token_id": tid})
                     yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
                     return

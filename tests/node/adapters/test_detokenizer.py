@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from node.engine.detokenizer import TextStream
+from node.adapters.detokenizer import TextStream
 
 
 @pytest.fixture(scope="module")
-def tok(llama_world):
-    return AutoTokenizer.from_pretrained(llama_world.base_dir)
+def tok(tiny_base):
+    return AutoTokenizer.from_pretrained(str(tiny_base))
 
 
 def _feed(stream, ids):

@@ -1,5 +1,6 @@
 """Incremental detokenization: emit only complete UTF-8 characters, and hold back any text that
-could be the start of a stop string until it is decided."""
+could be the start of a stop string until it is decided. The node makes a sequence's text with it; the
+gateway runs it again over the token ids a node streamed, to know the text an honest node sends for them."""
 
 from __future__ import annotations
 
