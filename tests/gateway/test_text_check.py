@@ -1,0 +1,336 @@
+"""An honest node's streamed text against the gateway's check of it (gateway/request.py: _misreported).
+
+The gateway counts token events, so a node that sent token ids without their text would bill padding nobody
+sees. At a request's end the gateway holds a sequence against the node when the text it streamed is shorter
+than what an honest node sends for those ids. An honest node makes its text with node/adapters/detokenizer.py's
+TextStream, token by token (node/engine/llm_engine.py: _emit): it holds back an incomplete UTF-8 character and
+a possible start of a stop string, cuts the text at a stop string (the rest of that token's text is not sent),
+sends no text for a stop token id, and flushes what it held when the sequence ends, but not when the request is
+cut (aborted, a broken stream): then only the texts sent so far reach the gateway. So an honest node's text may
+fall short of what its ids decode to, and by any amount: while the decode ends in an incomplete character
+nothing is sent, however many tokens that takes.
+
+Checked here, on tokenizers built locally (no network) in the shapes the gateway meets, each saved as a base
+folder that the node and the gateway load as they do (AutoTokenizer): byte-level BPE (GPT-2 / Llama-3: a token
+may hold part of a character), sentencepiece-like (Llama-2's byte fallback tokens <0xNN> and leading-space
+strip; a Metaspace Unigram), and the repository's own tiny base; each has <pad>, <s> and </s> (its EOS):
+
+- random ids from the whole vocabulary, stop strings, stop token ids and cut points: the gateway's relay takes
+  every event of the honest node (the engine's own _emit) and its check does not dispute it;
+- runs of held-back text a cut or a stop string drops, which random ids rarely make: not disputed either (an
+  allowance of the longest stop string plus two tokens' text would dispute them);
+- a node that pads (ids with no text, or some of their text left out) is disputed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from gateway.chat import ChatTemplates
+from gateway.choices import Choices
+from gateway.openai_api import CompletionRequest
+from gateway.request import ServedRequest
+from node.adapters.basemodel import NAME_KEY, base_model_id
+from node.engine.llm_engine import LLMEngine, load_tokenizer
+from node.engine.request import SamplingParams
+from node.engine.sequence import Sequence
+
+SPECIAL = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 in every tokenizer here
+EOS = 2
+BYTES = [f"<0x{b:02X}>" for b in range(256)]  # sentencepiece's byte fallback tokens
+# Text the tokenizers learn from: besides English, accents, CJK, Hangul, emoji (with modifiers and flags) and
+# right-to-left scripts, so that byte-level tokens end and start inside characters
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello, world! It's 42 degrees.",
+    "Naïve café déjà vu — über straße. 日本語のテキストです。中文字符和标点！",
+    "emoji 🙂😀🎉👍🏽 and flags 🇫🇷🇯🇵 mixed with text: ok!🙂 (yes) ✓ → ∑",
+    "한국어 텍스트 Привет мир Γειά σου κόσμε שלום עולם مرحبا",
+    "  indented\n\tcode = x[0] + y**2  # comment\n\n",
+]
+NAMES = ["byte_level", "llama2", "metaspace_unigram", "tiny"]
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", clean_up_tokenization_spaces=False
+    )
+
+
+def _byte_level() -> PreTrainedTokenizerFast:
+    """GPT-2 / Llama-3's shape: bytes mapped to printable characters, merges learnt across a character's bytes."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
+    return _wrap(tok)
+
+
+def _pieces() -> tuple[list[str], list[tuple[str, str]]]:
+    """Sentencepiece-style pieces ("▁word") and their merges, learnt from the corpus (at most 12 characters a
+    piece, as sentencepiece limits them)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIAL, max_token_length=12, show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    learnt = [p for p, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if p not in SPECIAL]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return learnt, merges
+
+
+def _special(tok: Tokenizer) -> Tokenizer:
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL])
+    return tok
+
+
+def _llama2() -> PreTrainedTokenizerFast:
+    """Llama-2's tokenizer.json: BPE with the 256 byte tokens after the special ones (a character the pieces
+    lack is its UTF-8 bytes), spaces made "▁" by the normalizer, and a decoder that turns byte tokens back into
+    characters and strips the one leading space the normalizer added."""
+    learnt, merges = _pieces()
+    vocab = {p: i for i, p in enumerate(SPECIAL + BYTES + learnt)}
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return _wrap(_special(tok))
+
+
+def _metaspace_unigram() -> PreTrainedTokenizerFast:
+    """A Unigram model with byte fallback behind a Metaspace pre-tokenizer, whose decoder strips the leading
+    space of the first token only (where Llama-2's strips the text's)."""
+    learnt, _ = _pieces()
+    vocab = [(p, 0.0) for p in SPECIAL] + [(b, -20.0) for b in BYTES]
+    vocab += [(p, -1.0 - i / 100) for i, p in enumerate(learnt)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=None, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    return _wrap(_special(tok))
+
+
+def _base_folder(tok: PreTrainedTokenizerFast, out: Path, name: str) -> Path:
+    """A base folder with this tokenizer and a config.json (no weights: nothing here runs the model)."""
+    tok.save_pretrained(out)
+    config = {"model_type": "llama", "vocab_size": len(tok), "max_position_embeddings": 512}
+    config |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": EOS, NAME_KEY: name}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@dataclass(frozen=True)
+class Base:
+    name: str
+    bid: str  # its base model id
+    tok: PreTrainedTokenizerFast  # as the node loads it
+    size: int  # the ids its tokenizer knows
+    special: tuple[int, ...]
+    templates: ChatTemplates  # the gateway's, this base's tokenizer loaded
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_base, tmp_path_factory) -> dict[str, Base]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    built = {"byte_level": _byte_level(), "llama2": _llama2(), "metaspace_unigram": _metaspace_unigram()}
+    dirs = {name: _base_folder(tok, root / name, name) for name, tok in built.items()} | {"tiny": tiny_base}
+    templates = ChatTemplates(list(dirs.values()))
+    out = {}
+    for name, d in dirs.items():
+        bid = base_model_id(d)
+        texts = templates.texts(bid)  # loads the gateway's copy of the tokenizer
+        tok = load_tokenizer(d)  # and the node's
+        assert tok.eos_token_id == EOS and templates.end_ids(bid) == {EOS}
+        out[name] = Base(name, bid, tok, texts.size, tuple(sorted(tok.all_special_ids)), templates)
+    return out
+
+
+def honest_texts(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> list[str]:
+    """The text of each token event an honest node sends while it generates `ids` (max_tokens: all of them):
+    the engine's own _emit on a sequence of its own, up to the token that ends the sequence."""
+    params = SamplingParams(max_tokens=max(len(ids), 1), stop=tuple(stops), stop_token_ids=tuple(stop_ids))
+    seq = Sequence("r", None, [tok.bos_token_id], params, tok, torch.device("cpu"), seed=0)
+    # _emit reads only these of the engine: which ids end a sequence, and the context (never reached here)
+    engine = SimpleNamespace(eos_ids=frozenset({EOS}), max_len=len(ids) + 2)
+    texts = []
+    for t in ids:
+        (event,), reason = LLMEngine._emit(engine, seq, t, None)
+        texts.append(event.text)
+        if reason is not None:
+            break
+    return texts
+
+
+def disputed(
+    base: Base,
+    ids: list[int],
+    texts: list[str],
+    stops: list[str],
+    stop_ids: list[int],
+    *,
+    cut: bool,
+    max_tokens: int | None = None,
+) -> str | None:
+    """What the gateway holds against a node that streamed these token events for a request of one sequence
+    (max_tokens: len(ids) unless given), as ServedRequest relays them and then checks them: None when nothing.
+    `cut`: the request ended before the node's finish (aborted, the stream broken), else with it."""
+    t = base.templates
+    max_tokens = max(max_tokens or len(ids), 1)
+    req = CompletionRequest(
+        model="m", prompt=[1], max_tokens=max_tokens, stop=stops or None, stop_token_ids=stop_ids or None
+    )
+    c = Choices(
+        chat=False,
+        prompts=[[1]],
+        per_prompt=1,
+        n=1,
+        max_tokens=req.max_tokens,
+        token_chars=t.token_chars(base.bid),
+        end_ids=frozenset(stop_ids) | t.end_ids(base.bid),
+    )
+    for tid, text in zip(ids, texts):
+        ev = {"type": "token", "index": 0, "token_id": tid, "text": text}
+        # the relay's own checks: an honest node's events are all taken
+        assert not c.full(0) and not c.too_long(0, ev), f"{base.name}: the relay refused {ev} after {c.seqs[0]}"
+        c.take_token(0, ev)
+    if not cut:
+        c.take_finish(0, {"type": "finish", "index": 0, "finish_reason": "stop"})
+    # _misreported reads these of the request being served
+    served = SimpleNamespace(
+        d=SimpleNamespace(templates=t),
+        target=SimpleNamespace(base_model_id=base.bid),
+        choices=c,
+        req=req,
+        done=None if cut else {"type": "done", "finish_reason": "stop"},
+        aborted=cut,
+        failure=None,
+    )
+    return asyncio.run(ServedRequest._misreported(served))
+
+
+def relay(base: Base, ids: list[int], stops: list[str], stop_ids: list[int], cut: int | None) -> str | None:
+    """An honest node generates `ids` (up to where it ends the sequence); the request is cut after `cut` token
+    events (None: it is not). What the gateway holds against the node."""
+    texts = honest_texts(base.tok, ids, stops, stop_ids)
+    n = len(texts) if cut is None else min(cut, len(texts))
+    return disputed(base, ids[:n], texts[:n], stops, stop_ids, cut=cut is not None, max_tokens=len(ids))
+
+
+@st.composite
+def requests(draw, base: Base):
+    """Generated ids (special ones more often than their share), the request's stop strings and stop token ids,
+    and the number of token events relayed before the request is cut (None: not cut)."""
+    ids = draw(st.lists(st.integers(0, base.size - 1) | st.sampled_from(base.special), max_size=60))
+    text = base.tok.decode(ids, skip_special_tokens=True)
+    # stop strings mostly from the text itself, so that they are hit, held back as a possible start, or found
+    # across tokens; sometimes text that never occurs
+    pieces = st.tuples(st.integers(0, len(text) - 1), st.integers(1, 6)).map(lambda p: text[p[0] : p[0] + p[1]])
+    stops = draw(st.lists((pieces if text else st.nothing()) | st.text(min_size=1, max_size=4), max_size=3))
+    # stop token ids: often one of the ids, so that it ends the sequence (with its text unsent)
+    one_of_ids = st.sampled_from(ids) if ids else st.nothing()
+    stop_ids = draw(st.lists(one_of_ids | st.integers(0, base.size - 1), max_size=2, unique=True))
+    # a cut at len(ids) or past the sequence's end: the stream broke after its last token, before its finish
+    cut = draw(st.none() | st.integers(0, len(ids)))
+    return ids, stops, stop_ids, cut
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_an_honest_node_is_never_disputed(bases, name, data):
+    base = bases[name]
+    ids, stops, stop_ids, cut = data.draw(requests(base))
+    assert relay(base, ids, stops, stop_ids, cut) is None
+
+
+def _lone_byte(base: Base) -> int:
+    """The token of the byte 0xFF, never part of UTF-8 ("<0xFF>"; "ÿ" in GPT-2's byte alphabet)."""
+    vocab = base.tok.get_vocab()
+    return vocab["<0xFF>"] if "<0xFF>" in vocab else vocab["ÿ"]
+
+
+def _held_token(base: Base) -> int:
+    """The token with the most text that ends inside a character (byte-level BPE learns such merges)."""
+    tok = base.tok
+    held = [i for i in range(base.size) if i not in base.special and tok.decode([i]).endswith("\ufffd")]
+    return max(held, key=lambda i: len(tok.decode([i])))
+
+
+# Runs an honest node holds back, then drops, longer than the longest stop string plus two tokens' text (the
+# allowance the gateway gave before it ran the node's detokenizer over the ids, which disputed every one):
+#   lone bytes, cut: 65 x "ÿ" (0xFF) on byte_level, 65 characters short of the ids' decode (allowance 64);
+#     23 x <0xFF> on llama2 and metaspace_unigram (23, allowance 22); 19 x 0xFF on tiny (19, allowance 18)
+#   held run, cut (byte_level): 9 x "ĠæĹ¥æľ¬èªŀãģ®ãĥĨãĤŃãĤ" (" 日本語のテキ" + 0xE3): 72 short (allowance 64)
+#   held run, stop (byte_level): the same 9, then "a", stop "日本", not cut: 72 short (allowance 66)
+HELD = [
+    *(("lone bytes, cut", name) for name in NAMES),
+    ("held run, cut", "byte_level"),
+    ("held run, stop", "byte_level"),
+]
+
+
+@pytest.mark.parametrize("case,name", HELD)
+def test_a_held_back_run_an_honest_node_drops_is_not_disputed(bases, case, name):
+    base = bases[name]
+    tok, token_chars = base.tok, base.templates.token_chars(base.bid)
+    if case == "lone bytes, cut":
+        # each decodes to U+FFFD and never completes: nothing is sent until a flush, which a cut prevents (one
+        # more token generated and never relayed)
+        run = [_lone_byte(base)] * (2 * token_chars + 1)
+        ids, stops, cut = run + run[:1], [], len(run)
+    else:
+        held = _held_token(base)
+        text = tok.decode([held])
+        per = len(tok.decode([held, held])) - len(text)  # the characters each repeat adds
+        assert per >= 4, f"{tok.convert_ids_to_tokens(held)!r} holds too little text to make the case"
+        run = [held] * (2 * token_chars // per + 1)
+        if case == "held run, cut":
+            ids, stops, cut = run + run[:1], [], len(run)
+        else:  # a letter completes the text, which starts with the stop string: all of it is dropped, not cut
+            ids, stops, cut = run + tok.encode("a", add_special_tokens=False), [text.strip()[:2]], None
+    texts = honest_texts(tok, ids, stops, [])
+    n = len(texts) if cut is None else cut
+    decoded = tok.decode(ids[:n], skip_special_tokens=True)
+    # the case is what it says: the node sent (next to) nothing for a run that decodes past the old allowance
+    assert len(decoded) - len("".join(texts[:n])) > max(map(len, stops), default=0) + 2 * token_chars
+    assert relay(base, ids, stops, [], cut) is None
+
+
+PADDED = "The quick brown fox jumps over the lazy dog, twice. 日本語のテキストです。 Hello, world! 🙂 ok. " * 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_node_that_pads_is_disputed(bases, name):
+    """Token ids sent without their text (padding a bill) are disputed, the request cut or not, and so is a
+    sequence with part of its text left out; the same ids with an honest node's text are not."""
+    base, stops = bases[name], ["END"]
+    ids = base.tok.encode(PADDED, add_special_tokens=False)
+    honest = honest_texts(base.tok, ids, stops, [])
+    assert len(honest) == len(ids) and disputed(base, ids, honest, stops, [], cut=False) is None
+    half = len(ids) // 2
+    assert disputed(base, ids, [""] * len(ids), stops, [], cut=False)
+    assert disputed(base, ids[:half], [""] * half, stops, [], cut=True)
+    # every other token's text left out
+    gaps = [t if i % 2 else "" for i, t in enumerate(honest)]
+    assert disputed(base, ids, gaps, stops, [], cut=False)
+    # one token's text left out: its first with text
+    first = next(i for i, t in enumerate(honest) if t)
+    assert disputed(base, ids, honest[:first] + [""] + honest[first + 1 :], stops, [], cut=False)
+    # honest text at first, then padding, and the stream broken before the finish: a cut excuses only text an
+    # honest node still holds back, and plain text is sent with its token
+    assert disputed(base, ids, honest[:half] + [""] * (len(ids) - half), stops, [], cut=True)
