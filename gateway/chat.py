@@ -143,23 +143,26 @@ class ChatTemplates:
         """Token ids as text, without the special tokens (a prompt given as ids, echoed back; blocking)."""
         return self._tokenizer(base_model_id).decode(ids, skip_special_tokens=True)
 
-    def sent_chars(self, base_model_id: str, ids: list[int], stops: list[str], stop_ids: set[int], ended: bool) -> int:
-        """The characters of text an honest node sends for a sequence of these token ids (its tokenizer
-        loaded; blocking): its detokenizer run over them as the engine runs it (node.engine.llm_engine._emit):
-        a stop token id ends the sequence without its text, a stop string ends it before the string; the text
-        still held back (half a character, a possible stop string's start) is sent when the sequence `ended`
-        there, not when it was cut off."""
+    def sent_chars(
+        self, base_model_id: str, ids: list[int], stops: list[str], stop_ids: set[int], ended: bool
+    ) -> tuple[int, int | None]:
+        """What an honest node sends for a sequence of these token ids (its tokenizer loaded; blocking): the
+        characters of its text, and the position of the token that completes a stop string (None: none does),
+        after which it sends nothing. Its detokenizer run over the ids as the engine runs it
+        (node.engine.llm_engine._emit): a stop token id ends the sequence without its text, a stop string ends
+        it before the string; the text still held back (half a character, a possible stop string's start) is
+        sent when the sequence `ended` there, not when it was cut off."""
         from node.adapters.detokenizer import TextStream
 
         stream = TextStream(self._tokenizer(base_model_id), tuple(stops))
-        for tid in ids:
+        for i, tid in enumerate(ids):
             if tid in stop_ids:
                 break
             if stream.push(tid)[1]:
-                return len(stream.text)
+                return len(stream.text), i
         if ended:
             stream.flush()
-        return len(stream.text)
+        return len(stream.text), None
 
     def vocab(self, base_model_id: str) -> int | None:
         """The base's vocabulary size, its tokenizer loaded (None: it has none; blocking)."""

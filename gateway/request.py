@@ -807,17 +807,25 @@ class ServedRequest:
             if not all(0 <= i < bound for i in s.ids):
                 return f"node sent token ids of choice {k} outside the vocabulary ({bound} ids)"
         # a sequence the node ended (a finish event, its end token, max_tokens, or the whole request ended on
-        # its own) had its held-back text sent; one the gateway cut off (abort, a broken stream) had not
-        whole = self.done is not None and not self.aborted and not self.failure
+        # its own) had its held-back text sent; one cut off (the gateway's abort, a broken stream, an engine
+        # error, the node operator's abort: a done event "abort") had not
+        whole = (
+            self.done is not None
+            and self.done.get("finish_reason") != "abort"
+            and not self.aborted
+            and not self.failure
+        )
         stops, stop_ids = req.stop_list(), set(req.stop_token_ids or ())
 
         def check() -> str | None:
             for k, s in enumerate(c.seqs):
                 known = [i for i in s.ids if i < texts.size]  # an id past the tokenizer's (a padded row) has no text
-                if s.chars >= len(t.decode(base, known)):
-                    continue  # all the text there is: nothing held back (the usual case, one decode)
+                if not stops and s.chars >= len(t.decode(base, known)):
+                    continue  # all the text there is (the usual case, one decode); with stop strings, see below
                 ended = whole or s.ended or s.reason is not None or s.count >= c.max_tokens
-                honest = t.sent_chars(base, known, stops, stop_ids, ended)
+                honest, stop_at = t.sent_chars(base, known, stops, stop_ids, ended)
+                if stop_at is not None and stop_at < len(known) - 1:
+                    return f"node streamed {len(known) - 1 - stop_at} tokens of choice {k} past its stop string"
                 if s.chars < honest:
                     return (
                         f"node's text for choice {k} is {honest - s.chars} characters shorter than an honest node "

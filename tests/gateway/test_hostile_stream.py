@@ -154,3 +154,21 @@ def test_tokens_sent_without_their_text_are_disputed(world, tokenizer):
     )
     disputed = httpx.get(gw.url + "/health", timeout=5).json()["disputed_nodes"]
     assert [d["node_id"] for d in disputed] == [node.identity.node_id]
+
+
+def test_tokens_after_the_stop_string_are_disputed(world):
+    gw, engine, key, node = world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    raw = client.completions.with_raw_response.create(model=TINY, prompt="PAST_STOP", max_tokens=20, stop=["("])
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert u.status == RecordStatus.DISPUTED and "19 tokens of choice 0 past its stop string" in u.error, u.error
+
+
+def test_a_request_its_node_operator_aborted_is_not_held_against_the_node(world):
+    # the node held back "(" (it may begin the stop string "((") and its operator aborted the request: an honest
+    # node does not send what it held then
+    gw, engine, key, node = world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    raw = client.completions.with_raw_response.create(model=TINY, prompt="OPERATOR_ABORT", max_tokens=20, stop=["(("])
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert u.status == RecordStatus.PENDING and u.completion_tokens == 1, u.error

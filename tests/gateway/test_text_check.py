@@ -271,12 +271,10 @@ def _held_token(base: Base) -> int:
     return max(held, key=lambda i: len(tok.decode([i])))
 
 
-# Runs an honest node holds back, then drops, longer than the longest stop string plus two tokens' text (the
-# allowance the gateway gave before it ran the node's detokenizer over the ids, which disputed every one):
-#   lone bytes, cut: 65 x "ÿ" (0xFF) on byte_level, 65 characters short of the ids' decode (allowance 64);
-#     23 x <0xFF> on llama2 and metaspace_unigram (23, allowance 22); 19 x 0xFF on tiny (19, allowance 18)
-#   held run, cut (byte_level): 9 x "ĠæĹ¥æľ¬èªŀãģ®ãĥĨãĤŃãĤ" (" 日本語のテキ" + 0xE3): 72 short (allowance 64)
-#   held run, stop (byte_level): the same 9, then "a", stop "日本", not cut: 72 short (allowance 66)
+# Runs an honest node holds back, then drops (a cut prevents its flush, a stop string found at the run's start
+# drops it all): lone bytes (0xFF, never part of UTF-8), and a byte-level token with several characters that
+# ends inside one, repeated. A fixed allowance (the longest stop string plus two tokens' text) disputed each of
+# them; the node now holds at most MAX_HELD_TOKENS of a run back before it sends it as U+FFFD.
 HELD = [
     *(("lone bytes, cut", name) for name in NAMES),
     ("held run, cut", "byte_level"),
@@ -306,8 +304,8 @@ def test_a_held_back_run_an_honest_node_drops_is_not_disputed(bases, case, name)
     texts = honest_texts(tok, ids, stops, [])
     n = len(texts) if cut is None else cut
     decoded = tok.decode(ids[:n], skip_special_tokens=True)
-    # the case is what it says: the node sent (next to) nothing for a run that decodes past the old allowance
-    assert len(decoded) - len("".join(texts[:n])) > max(map(len, stops), default=0) + 2 * token_chars
+    # the case is what it says: the node sent less than the ids decode to
+    assert len(decoded) > len("".join(texts[:n]))
     assert relay(base, ids, stops, [], cut) is None
 
 

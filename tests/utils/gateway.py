@@ -107,7 +107,10 @@ class StandInNode:
     'PAST_EOS' -> one token, the base's end-of-sequence token (or, when the request names stop_token_ids, its
     first one), then <pad> tokens (no text) up to max_tokens, and a receipt claiming them all; 'EMPTY_PAD' -> one
     token, then tokens whose text it sends empty though their ids decode to the base's longest text, up to
-    max_tokens, and a receipt claiming them all."""
+    max_tokens, and a receipt claiming them all; 'PAST_STOP' -> token 10 ("(" on the tiny base: ask with stop "(")
+    with no text, then tokens with their text up to max_tokens, claimed (an honest node stops at the stop string);
+    'OPERATOR_ABORT' -> token 10 with no text (held back by an honest node asked to stop at "(("), then the done
+    event of a request its operator aborted."""
 
     identity: object
     base_model_id: str
@@ -252,6 +255,17 @@ class StandInNode:
                             else {"text": "", "token_id": pad}
                         )
                         yield sse_frame({"type": "token"} | ev)
+                    yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
+                    return
+                if "PAST_STOP" in prompt or "OPERATOR_ABORT" in prompt:
+                    self.seen[rid][0] += 1
+                    yield sse_frame({"type": "token", "text": "", "token_id": 10})
+                    if "OPERATOR_ABORT" in prompt:
+                        yield sse_frame({"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")})
+                        return
+                    for _ in range(1, body["max_tokens"]):
+                        self.seen[rid][0] += 1
+                        yield sse_frame({"type": "token", "text": self.tokenizer.decode([300]), "token_id": 300})
                     yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
                     return
                 if "PAST_EOS" in prompt:  # invisible padding after the sequence's end, claimed in the receipt

@@ -49,3 +49,19 @@ def test_held_back_prefix_is_released_when_it_is_not_a_stop(tok):
     pieces, stopped = _feed(stream, ids)
     pieces.append(stream.flush())
     assert not stopped and "".join(pieces) == "a EN b"
+
+
+def test_a_run_of_stray_bytes_is_held_back_a_few_tokens_at_most(tok):
+    # byte 0xFF begins no character: a run of it never completes. It is sent as U+FFFD once MAX_HELD_TOKENS
+    # are held, not held for good (nor decoded again on every token: a run of n cost n^2)
+    from node.adapters.detokenizer import MAX_HELD_TOKENS
+
+    stray = next(i for i in range(len(tok)) if tok.decode([i]) == "\ufffd")
+    stream = TextStream(tok)
+    pieces = [stream.push(stray)[0] for _ in range(3 * MAX_HELD_TOKENS)]
+    assert pieces[: MAX_HELD_TOKENS - 1] == [""] * (MAX_HELD_TOKENS - 1)
+    assert "".join(pieces) == "\ufffd" * len("".join(pieces)) and len("".join(pieces)) >= 2 * MAX_HELD_TOKENS
+    # a character split over bytes is still held until it completes, and arrives whole
+    stream = TextStream(tok)
+    ids = tok.encode("中", add_special_tokens=False)
+    assert [stream.push(i)[0] for i in ids] == [""] * (len(ids) - 1) + ["中"]
