@@ -5,8 +5,9 @@ gateway runs it again over the token ids a node streamed, to know the text an ho
 from __future__ import annotations
 
 # a character's bytes end within four byte tokens: text still undecodable after this many tokens is not a
-# character being completed (stray bytes, or a client forcing them) and is emitted as it decodes (U+FFFD), so
-# that it is neither held back without bound nor decoded again on every token (a held run of n cost n^2)
+# character being completed (stray bytes, or a client forcing them) and is emitted as it decodes (U+FFFD); a
+# run of tokens without text (special tokens) is let go too. So nothing is held back without bound, nor
+# decoded again on every token (a held run of n cost n^2 decodes: 1.4 s for 4,096 tokens)
 MAX_HELD_TOKENS = 8
 
 
@@ -29,8 +30,8 @@ class TextStream:
         before = dec(self.ids[self._prefix : self._read], skip_special_tokens=True)
         after = dec(self.ids[self._prefix :], skip_special_tokens=True)
         # an incomplete multi-byte character decodes to U+FFFD: wait for its remaining bytes
-        held = len(self.ids) - self._read
-        if len(after) > len(before) and (not after.endswith("\ufffd") or held >= MAX_HELD_TOKENS):
+        complete = len(after) > len(before) and not after.endswith("\ufffd")
+        if complete or len(self.ids) - self._read >= MAX_HELD_TOKENS:
             self._prefix, self._read = self._read, len(self.ids)
             return after[len(before) :]
         return ""

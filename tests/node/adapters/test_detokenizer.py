@@ -61,6 +61,10 @@ def test_a_run_of_stray_bytes_is_held_back_a_few_tokens_at_most(tok):
     pieces = [stream.push(stray)[0] for _ in range(3 * MAX_HELD_TOKENS)]
     assert pieces[: MAX_HELD_TOKENS - 1] == [""] * (MAX_HELD_TOKENS - 1)
     assert "".join(pieces) == "\ufffd" * len("".join(pieces)) and len("".join(pieces)) >= 2 * MAX_HELD_TOKENS
+    # a run of special tokens (no text) is let go the same way: the next text arrives as before
+    stream = TextStream(tok)
+    ids = [tok.pad_token_id] * (3 * MAX_HELD_TOKENS) + tok.encode("ok", add_special_tokens=False)
+    assert "".join(stream.push(i)[0] for i in ids) == "ok" and stream._read >= 3 * MAX_HELD_TOKENS
     # a character split over bytes is still held until it completes, and arrives whole
     stream = TextStream(tok)
     ids = tok.encode("中", add_special_tokens=False)
