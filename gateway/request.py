@@ -56,7 +56,7 @@ ABORT_DRAIN_TIMEOUT_S = 5.0
 MAX_OTHER_EVENTS = 64
 # a whole (not streamed) answer of this many completion tokens or more is built and encoded on a worker thread
 LARGE_ANSWER_TOKENS = 512
-CLIENT_CLOSED = 499  # the status of an answer its client left before (nginx's; nobody reads it, the logs show it)
+HTTP_CLIENT_CLOSED = 499  # the status of an answer its client left before (nginx's; nobody reads it, the logs show it)
 _READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream: NodeUnavailable
 # prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
 # worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
@@ -213,7 +213,7 @@ class ServedRequest:
             raise
         if not stayed:  # nobody reads the answer; the node is aborted, what it made until now is billed
             await asyncio.shield(d.background.spawn(self.finish(client_gone=True)))
-            return Response(status_code=CLIENT_CLOSED, headers=headers)
+            return Response(status_code=HTTP_CLIENT_CLOSED, headers=headers)
         await asyncio.shield(d.background.spawn(self.finish()))
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
