@@ -4,7 +4,6 @@ count exactly: the node's count of the same ids is their number, by construction
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,7 +23,7 @@ class ChatTemplates:
     """Tokenizers (and context lengths) of the base models named in the settings, by base model id."""
 
     def __init__(self, base_dirs: list[Path] | tuple[Path, ...] = ()) -> None:
-        from node.adapters.basemodel import base_model_id, eos_token_ids
+        from node.adapters.basemodel import base_model_id_from_config, eos_token_ids, read_config
 
         self.tokenizers: dict[str, object] = {}
         self.dirs: dict[str, Path] = {}
@@ -36,9 +35,10 @@ class ChatTemplates:
         # base id -> the ids that end its sequences (the tokenizer's own joins them once it is loaded)
         self.eos: dict[str, frozenset[int]] = {}
         for d in base_dirs:
-            bid = base_model_id(d)
+            cfg = read_config(d)  # read once for the id and the sizes
+            bid = base_model_id_from_config(cfg)
             self.dirs[bid] = Path(d)
-            self.context[bid], self.model_vocab[bid] = _config_sizes(Path(d))
+            self.context[bid], self.model_vocab[bid] = _config_sizes(cfg)
             self.eos[bid] = eos_token_ids(d)
         self._lock = threading.Lock()
 
@@ -212,12 +212,7 @@ def _load_tokenizer(base_dir: Path):
     return AutoTokenizer.from_pretrained(str(base_dir))
 
 
-def _config_sizes(base_dir: Path) -> tuple[int | None, int | None]:
+def _config_sizes(cfg: dict) -> tuple[int | None, int | None]:
     """The base's context (max_position_embeddings) and output vocabulary (vocab_size), None where unknown."""
-    try:
-        cfg = json.loads((base_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        cfg = None
-    got = [cfg.get(k) if isinstance(cfg, dict) else None for k in ("max_position_embeddings", "vocab_size")]
-    context, vocab = (n if type(n) is int and n > 0 else None for n in got)
-    return context, vocab
+    context, vocab = (cfg.get(k) for k in ("max_position_embeddings", "vocab_size"))
+    return tuple(n if type(n) is int and n > 0 else None for n in (context, vocab))
