@@ -1,4 +1,4 @@
-"""`loramesh gateway ...`: run the gateway, manage its API keys."""
+"""`loramesh gateway ...`: run the gateway, manage its API keys and its disputed nodes."""
 
 from __future__ import annotations
 
@@ -17,13 +17,19 @@ log = logging.getLogger("gateway.cli")  # not __name__: it is __main__ under pyt
 console = Console(soft_wrap=True)
 
 gateway_app = typer.Typer(
-    help="The OpenAI-compatible gateway: run it, manage its API keys.",
+    help="The OpenAI-compatible gateway: run it, manage its API keys and its disputed nodes.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 keys_app = typer.Typer(help="API keys of the gateway (stored hashed; a key is shown once).", no_args_is_help=True)
 gateway_app.add_typer(keys_app, name="keys")
+disputes_app = typer.Typer(
+    help="Nodes kept out of routing for a disputed record (a receipt or text that belied what was relayed), "
+    "and readmitting one.",
+    no_args_is_help=True,
+)
+gateway_app.add_typer(disputes_app, name="disputes")
 
 MaxPriceOpt = Annotated[
     int | None,
@@ -238,6 +244,49 @@ def keys_revoke(ident: Annotated[str, typer.Argument(help="Key id or shown prefi
 
     info = revoke_key(_engine(db), ident)
     console.print(f"key {info.id} ({info.prefix}…) revoked")
+
+
+@disputes_app.command("list")
+def disputes_list(
+    include_readmitted: Annotated[
+        bool, typer.Option("--all", help="Also the nodes readmitted since their last dispute.")
+    ] = False,
+    db: DbOpt = None,
+) -> None:
+    """List the disputed nodes, latest dispute first: records disputed (those keeping the node out, and all),
+    the reason of the latest, when, and the last readmission."""
+    from gateway.disputes import node_disputes
+
+    rows = node_disputes(_engine(db), include_readmitted=include_readmitted)
+    if not rows:
+        console.print("no node is kept out" + ("" if include_readmitted else " (--all: also those readmitted)"))
+    for d in rows:  # a block per node: a 66-character id and a long reason do not fit a table's columns
+        state = f"kept out by {d.open} of its" if d.open else "readmitted since its"
+        console.print(f"[bold]{d.node_id}[/bold]  {state} {d.records} disputed record(s)", highlight=False)
+        console.print(f"  latest {d.last_at:%Y-%m-%d %H:%M:%S} UTC: {d.last_reason[:500]}", highlight=False)
+        if d.readmitted_at is not None:
+            note = f": {d.note}" if d.note else ""
+            console.print(f"  readmitted {d.readmitted_at:%Y-%m-%d %H:%M:%S} UTC{note}", highlight=False)
+
+
+@disputes_app.command("readmit")
+def disputes_readmit(
+    node: Annotated[str, typer.Argument(help="The node's id, or its first hex digits (at least 6).")],
+    note: Annotated[str, typer.Option("--note", help="Why it is readmitted (kept with the readmission).")] = "",
+    db: DbOpt = None,
+) -> None:
+    """Route to a disputed node again: its disputes so far stop keeping it out (they stay unpaid); a later
+    one keeps it out again. Running gateways follow within registry_sync_s (2 s by default)."""
+    from gateway.disputes import DisputeError, readmit
+
+    try:
+        d = readmit(_engine(db), node, note=note)
+    except DisputeError as e:
+        raise typer.BadParameter(str(e), param_hint="NODE") from e
+    console.print(
+        f"node {d.node_id} readmitted: its {d.open} disputed record(s) since the last readmission no longer "
+        "keep it out (they stay disputed, never settled)"
+    )
 
 
 if __name__ == "__main__":

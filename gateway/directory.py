@@ -114,6 +114,7 @@ class NodeDirectory:
         self.entries: dict[str, NodeEntry] = {}
         # node id -> why: a node whose receipt disagreed with what the gateway relayed gets no traffic
         self.disputed: dict[str, str] = {}
+        self._disputed_at: dict[str, float] = {}  # node id -> when this gateway marked it (clock)
         self._lock = threading.Lock()
 
     def accept_heartbeat(self, doc: object) -> NodeEntry:
@@ -218,11 +219,29 @@ class NodeDirectory:
             log.warning("node %s failed; not routing to it until its next heartbeat", node_id[:10])
 
     def mark_disputed(self, node_id: str, reason: str) -> None:
-        """The node's receipt disagreed with what the gateway relayed: no more traffic to it (for good:
-        the gateway reloads the disputed nodes from the outbox when it starts)."""
+        """The node's receipt or text belied what the gateway relayed: no more traffic to it, from this gateway
+        now and from every gateway on the database once they read it (sync_disputed), until its operator
+        readmits it (gateway.disputes)."""
         if node_id not in self.disputed:
             log.error("node %s disputed, dropped from routing: %s", node_id[:10], reason)
         self.disputed[node_id] = reason
+        self._disputed_at[node_id] = self.clock()
+
+    def sync_disputed(self, kept_out: dict[str, str], read_from: float) -> list[str]:
+        """Take the database's disputed nodes (gateway.disputes.kept_out), read from `read_from` (clock) on:
+        those are kept out; a node marked here before that read and absent from it was readmitted. A node
+        marked while the read ran stays out (its record may have landed after the read). Returns the readmitted."""
+        readmitted = [
+            n for n in self.disputed if n not in kept_out and self._disputed_at.get(n, float("-inf")) < read_from
+        ]
+        for node_id in readmitted:
+            del self.disputed[node_id]
+            self._disputed_at.pop(node_id, None)
+            log.warning("node %s readmitted by its operator: routing to it again", node_id[:10])
+        for node_id, reason in kept_out.items():
+            if node_id not in self.disputed:
+                self.mark_disputed(node_id, reason)
+        return readmitted
 
     def base_models(self) -> dict[str, str]:
         """Base model id -> name, over live nodes."""

@@ -139,7 +139,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         # tokenizers and chat templates load before the first request: loading them on concurrent first
         # requests raced in transformers' lazy imports (500s)
         await asyncio.to_thread(gw.templates.warm)
-        await gw.book.load_disputes()
+        await gw.book.sync_disputes()
         loop = asyncio.get_running_loop()
         loops = [loop.create_task(coro, name=name) for name, coro in gw.loops()]
         if settler_account is not None and chain_client is not None and settings.settle:

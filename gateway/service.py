@@ -165,12 +165,13 @@ class Gateway:
                 log.exception("reconciliation pass failed")
 
     async def sync_loop(self) -> None:
-        """Refresh the registry mirror every registry_sync_s seconds."""
+        """Refresh the registry mirror and the disputed nodes every registry_sync_s seconds."""
         while True:
             try:
                 await asyncio.to_thread(self._sync)
             except Exception:  # a bad answer from the chain must not end the refreshes
                 log.exception("registry sync failed")
+            await self.book.sync_disputes()  # disputes other gateways recorded, readmissions by the operator
             self.metrics.live_nodes.set(len(self.directory.live()))
             await asyncio.sleep(self.settings.registry_sync_s)
 

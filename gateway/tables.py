@@ -110,3 +110,16 @@ class GatewayInstance(SQLModel, table=True):
     instance_id: str = Field(primary_key=True, max_length=64)
     started_at: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow, index=True)
+
+
+class NodeReadmission(SQLModel, table=True):
+    """An operator's judgement that a disputed node may serve again (gateway.disputes): its disputed records
+    up to `through_record_id` (UsageRecord.id) no longer keep it out of routing; a later dispute does. The
+    records themselves stay disputed, never settled."""
+
+    __tablename__ = "gateway_node_readmissions"
+
+    node_id: str = Field(primary_key=True, max_length=66)
+    through_record_id: int = Field(sa_type=BigInteger)
+    readmitted_at: datetime = Field(default_factory=utcnow)
+    note: str = Field(default="", max_length=500)

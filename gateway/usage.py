@@ -465,18 +465,6 @@ class UsageRecorder:
         )
         self._write(lambda s: s.connection().execute(stmt), "(reconciliation attempts)")
 
-    def disputed_nodes(self) -> dict[str, str]:
-        """Node id -> the reason of its latest disputed record, from the outbox."""
-        from ledger.models import UsageRecord
-
-        with Session(self.engine) as s:
-            rows = s.exec(
-                select(UsageRecord.node_id, UsageRecord.error)
-                .where(UsageRecord.status == RecordStatus.DISPUTED)
-                .order_by(UsageRecord.id)
-            ).all()
-        return {node_id: error or "disputed" for node_id, error in rows}
-
 
 def set_busy_timeout(engine: Engine, seconds: float) -> None:
     """SQLite connections of this engine wait at most `seconds` for the write lock (ledger's default is 30 s:

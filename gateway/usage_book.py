@@ -9,6 +9,7 @@ import asyncio
 import logging
 
 from gateway.directory import NodeDirectory
+from gateway.disputes import kept_out
 from gateway.errors import OutboxUnavailable
 from gateway.metrics import GatewayMetrics
 from gateway.router import Target
@@ -137,12 +138,16 @@ class UsageBook:
                 log.exception("outbox check failed")
             await asyncio.sleep(self.probe_s)
 
-    async def load_disputes(self) -> None:
+    async def sync_disputes(self) -> None:
+        """Follow the database's disputed nodes (gateway.disputes): those any gateway on it disputed are kept
+        out here too; those their operator readmitted are routed to again. At start and every registry_sync_s."""
+        read_from = self.directory.clock()
         try:
-            disputed = await asyncio.to_thread(self.recorder.disputed_nodes)
+            disputed = await asyncio.to_thread(kept_out, self.recorder.engine)
         except Exception as e:
             log.error("could not read disputed nodes: %s", e)
             return
-        for node_id, reason in disputed.items():
-            self.directory.mark_disputed(node_id, reason)
+        for node_id in self.directory.sync_disputed(disputed, read_from):
+            self.metrics.disputed_nodes.remove(node_id)
+        for node_id in disputed:
             self.metrics.disputed_nodes.labels(node_id).set(1)

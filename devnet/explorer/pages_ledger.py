@@ -211,20 +211,35 @@ def batch_page(ex: View, batch_id: str, *, page_no: int = 0) -> str:
 
 def disputes_page(ex: View, *, page_no: int = 0) -> str:
     """Records the gateway refused to bill at the node's word: the node's signed receipt claimed more
-    (or other) tokens than the gateway counted. They are never settled; their nodes get no traffic."""
+    (or other) tokens than the gateway counted. They are never settled; their nodes get no traffic until the
+    gateway's operator readmits them."""
     fetched = ex.store.disputed(limit=PAGE_SIZE + 1, offset=page_no * PAGE_SIZE)
     listed = Page(fetched[:PAGE_SIZE], page_no, PAGE_SIZE, len(fetched) > PAGE_SIZE)
     rows = listed.rows
-    by_node: dict[str, int] = {}
+    on_page: dict[str, int] = {}
     for r in rows:
-        by_node[r.node_id] = by_node.get(r.node_id, 0) + 1
-    known = ex.q.nodes_by_id(set(by_node))
+        on_page[r.node_id] = on_page.get(r.node_id, 0) + 1
+    disputes = ex.store.node_disputes()
+    known = ex.q.nodes_by_id(set(on_page))
     ex.learn_names(r.adapter_id for r in rows)
+
+    def routing(node_id: str) -> str:
+        d = disputes.get(node_id)
+        if d is None or d.open or d.readmitted_at is None:
+            return "kept out"
+        note = f": {esc(d.note)}" if d.note else ""
+        return f"readmitted {d.readmitted_at:%Y-%m-%d %H:%M} UTC{note}"
+
     nodes = table(
-        ["node", "operator", "disputed records"],
+        ["node", "operator", "disputed records", "routing"],
         [
-            [id_link("nodes", n), address_link(known[n].operator) if n in known else "—", num(k)]
-            for n, k in sorted(by_node.items(), key=lambda kv: -kv[1])
+            [
+                id_link("nodes", n),
+                address_link(known[n].operator) if n in known else "—",
+                num(disputes[n].records if n in disputes else k),
+                routing(n),
+            ]
+            for n, k in sorted(on_page.items(), key=lambda kv: -kv[1])
         ],
         numeric=(2,),
         empty="no node has a disputed record",
@@ -253,7 +268,8 @@ def disputes_page(ex: View, *, page_no: int = 0) -> str:
     intro = (
         '<p class="muted">The gateway bills what it counted itself. A node whose signed receipt claims '
         "more than that, beyond the stated tolerance, is disputed: the record is kept with both counts, never "
-        "settled, and the node is dropped from routing.</p>"
+        "settled, and the node is dropped from routing until the gateway's operator readmits it "
+        "(<code>loramesh gateway disputes readmit</code>).</p>"
     )
     shown = "<h2>Nodes</h2>" + nodes + "<h2>Records</h2>" + records + pager("/disputes", listed)
     return page("Disputes", intro + shown)

@@ -9,6 +9,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from gateway.disputes import NodeDisputes, node_disputes
+from gateway.tables import NodeReadmission
 from ledger.db import make_engine, redact_url
 from ledger.models import RecordStatus, SettlementBatch, UsageRecord
 from ledger.outbox import batch_records, count_by_status
@@ -81,6 +83,13 @@ class LedgerStore:
                 .limit(limit)
             )
             return list(s.exec(stmt).all())
+
+    def node_disputes(self) -> dict[str, NodeDisputes]:
+        """Each node with disputed records: how many, and whether the gateway's operator readmitted it since
+        (gateway.disputes). Empty on a database no gateway of this version opened (no readmission table)."""
+        if not inspect(self.engine).has_table(NodeReadmission.__tablename__):
+            return {}
+        return {d.node_id: d for d in node_disputes(self.engine, include_readmitted=True)}
 
     def unsettled(self, limit: int = 100) -> list[UsageRecord]:
         """Records not (yet) settled, newest first: pending, submitted or rejected."""

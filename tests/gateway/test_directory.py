@@ -176,3 +176,20 @@ def test_a_node_going_live_is_logged_once(world, caplog):
     d.accept_heartbeat(hb(a, ts=now_ms + 2))
     lines = [r.getMessage() for r in caplog.records if "is live" in r.getMessage()]
     assert len(lines) == 2 and lines[1].endswith("heartbeating again")
+
+
+def test_disputes_follow_the_database_but_not_a_read_older_than_the_mark(world):
+    _, _, d, clock, a, _ = world
+    d.accept_heartbeat(hb(a))
+    d.sync_disputed({a.node_id: "another gateway disputed it"}, read_from=clock.t)
+    assert d.live() == [] and d.disputed == {a.node_id: "another gateway disputed it"}
+    clock.t += 1
+    assert d.sync_disputed({}, read_from=clock.t) == [a.node_id]  # readmitted by its operator
+    assert [e.node_id for e in d.live()] == [a.node_id]
+
+    # disputed here while a read ran that began before: that read cannot know it yet, so it stays out
+    read_from = clock.t
+    clock.t += 1
+    d.mark_disputed(a.node_id, "receipt claims more")
+    assert d.sync_disputed({}, read_from=read_from) == [] and d.live() == []
+    assert d.sync_disputed({}, read_from=clock.t + 1) == [a.node_id]

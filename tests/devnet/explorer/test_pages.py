@@ -302,6 +302,8 @@ def test_bad_and_unknown_ids(explorer_url):
 def test_disputes_page_lists_records_billed_below_their_receipts(explorer_url, world):
     from sqlmodel import Session, delete
 
+    from gateway.disputes import readmit
+    from gateway.tables import NodeReadmission
     from ledger.db import make_engine
     from ledger.models import RecordStatus, UsageRecord
 
@@ -324,12 +326,20 @@ def test_disputes_page_lists_records_billed_below_their_receipts(explorer_url, w
         s.commit()
     try:
         html = get(explorer_url, "/disputes")
-        assert world.node_opaque[:10] in text_of(html, "disputed-nodes")
+        nodes = text_of(html, "disputed-nodes")
+        assert world.node_opaque[:10] in nodes and "kept out" in nodes
         row = text_of(html, "disputed-records")
         assert "7 + 2" in row and "5,000,000 + 5,000,000" in row and "the gateway counted 7 + 2" in row
         assert "disputed 1" in text_of(get(explorer_url, "/"), "contracts")
+        # its operator readmits it: the record stays disputed, the page says the node serves again, and why
+        readmit(engine, world.node_opaque, note="receipt <checked> by hand")
+        html = get(explorer_url, "/disputes")
+        nodes = text_of(html, "disputed-nodes")
+        assert "readmitted" in nodes and "kept out" not in nodes and "receipt &lt;checked&gt; by hand" in html
+        assert "5,000,000 + 5,000,000" in text_of(html, "disputed-records")
     finally:
         with Session(engine) as s:
             s.exec(delete(UsageRecord).where(UsageRecord.request_id == rid))
+            s.exec(delete(NodeReadmission).where(NodeReadmission.node_id == world.node_opaque))
             s.commit()
         engine.dispose()
