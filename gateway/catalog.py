@@ -22,6 +22,7 @@ from gateway.errors import BadRequest, ModelNotFound, PriceExceedsLimit
 from gateway.keys import KeyInfo
 from gateway.router import Target
 from ledger.models import AdapterMirror
+from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, check_components, ensemble_key
 
 ENSEMBLE_SEPARATOR = "+"  # never in an adapter name ([a-z0-9._/-]) nor in an id
@@ -176,18 +177,23 @@ class ModelCatalog:
             return key.max_price_per_1k_tokens
         return self.default_max_price
 
-    def check_price(self, target: Target, key: KeyInfo) -> None:
+    def check_price(self, target: Target, key: KeyInfo) -> dict[str, int]:
         """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows; an
         ensemble costs the sum of its adapters' prices times their weights (each adapter is billed every token
-        times its weight: ledger.outbox.split_by_weight), of those whose price is known."""
+        times its weight: ledger.outbox.split_by_weight), of those whose price is known. Returns the prices
+        checked, by the adapter id of each record the request will make (the zero id for the base model):
+        the request's quote, the most the settler will charge each record (UsageRecord.quoted_price_per_1k)."""
         if target.ensemble is None:
-            check_price(target.model, self.prices.of(target.adapter_id), self.max_price(key))
-            return
+            price = self.prices.of(target.adapter_id)
+            check_price(target.model, price, self.max_price(key))
+            return {} if price is None else {target.adapter_id or BASE_MODEL_ADAPTER_ID: price}
+        quote = {aid: price for aid, _ in target.ensemble if (price := self.prices.of(aid)) is not None}
         # the weights as the client wrote them (0.1 as a float is a little more than a tenth: 0.1 and 0.9 of
         # two adapters at the limit would cost 1 wei over it)
-        priced = [(price, w) for aid, w in target.ensemble if (price := self.prices.of(aid)) is not None]
+        priced = [(quote[aid], w) for aid, w in target.ensemble if aid in quote]
         total = math.ceil(sum(price * Fraction(str(w)) for price, w in priced)) if priced else None
         check_price(target.model, total, self.max_price(key))
+        return quote
 
     def base_model_object(self, base_id: str) -> dict:
         """A base model as an OpenAI model object: its configured name, else its id."""

@@ -23,7 +23,7 @@ from datetime import UTC
 from typing import TYPE_CHECKING
 
 from gateway.tables import CompletionRecord, RequestStatus
-from gateway.usage import RequestEnd
+from gateway.usage import RequestEnd, quote_of
 from ledger.models import utcnow
 
 if TYPE_CHECKING:  # it is called by Gateway.reconcile_loop
@@ -91,6 +91,7 @@ async def _end_of(gw: Gateway, row: CompletionRecord) -> RequestEnd | None:
         prompt_tokens=row.prompt_tokens,
         attempts=row.attempts,
         max_tokens=row.max_tokens,
+        quote=quote_of(row.quote_json),
         reconciled=True,
         context_len=gw.templates.context_len(base) if base else None,
     )

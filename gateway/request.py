@@ -142,6 +142,7 @@ class ServedRequest:
         self.key_id: int | None = auth.key.id
         self.req: ChatRequest | CompletionRequest | None = None
         self.target: Target | None = None
+        self.quote: dict[str, int] = {}  # each record's adapter id -> the price it is admitted at (known ones)
         self.rid = ""
         self.node_body: dict = {}
         self.prompt_tokens = self.max_tokens = self.limit = 0
@@ -289,7 +290,7 @@ class ServedRequest:
         token ids the gateway made itself: their number is the prompt count), build the node's request."""
         d, key = self.d, self.auth.key
         target = self.target = d.catalog.resolve_request(req.model, req.adapter_weights, key, self.auth.private)
-        d.catalog.check_price(target, key)
+        self.quote = d.catalog.check_price(target, key)
         base, t = target.base_model_id, d.templates
         if not d.directory.live(base):
             raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
@@ -407,6 +408,7 @@ class ServedRequest:
                 key_id=self.key_id,
                 prompt_tokens=self.prompt_tokens,
                 max_tokens=self.max_tokens,
+                quote=self.quote,
             )
         )
         try:
@@ -718,6 +720,7 @@ class ServedRequest:
             served=served,
             error=error,
             ensemble=self.target.ensemble,
+            quote=self.quote,
             **kw,
         )
 

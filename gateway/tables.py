@@ -92,6 +92,9 @@ class CompletionRecord(SQLModel, table=True):
     latency_ms: float | None = None
     error: str | None = None
     max_tokens: int | None = Field(default=None, sa_type=BigInteger)
+    # the request's quote (gateway.usage.RequestEnd.quote) as JSON, for a reconciliation of it after its
+    # gateway died: {adapter id: wei per 1,000 tokens as a decimal string}
+    quote_json: str | None = Field(default=None, max_length=4000)
     instance_id: str | None = Field(default=None, max_length=64, index=True)  # the gateway process that opened it
     created_at: datetime = Field(default_factory=utcnow, index=True)
     finished_at: datetime = Field(default_factory=utcnow)  # when it was opened, until it is closed

@@ -23,10 +23,11 @@ owner."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import event, or_, update
@@ -34,6 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlmodel import Session, select
 
+from common.wire import canonical_json
 from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from ledger.models import RecordStatus, UsageRecord, utcnow
 from ledger.outbox import OutboxError, add_usage_record, ensemble_usage
@@ -48,6 +50,22 @@ VALUE_ERRORS = (OutboxError, DataError, OverflowError)
 
 
 _INSERT_OPEN = CompletionRecord.__table__.insert()  # an open request's row (UsageRecorder.open)
+
+
+def quote_json(quote: dict[str, int] | None) -> str | None:
+    """A request's quote as its open row keeps it (CompletionRecord.quote_json): prices as decimal strings."""
+    return canonical_json({aid: str(p) for aid, p in quote.items()}).decode() if quote else None
+
+
+def quote_of(text: str | None) -> dict[str, int]:
+    """The quote an open row keeps; empty when it has none or it cannot be read (then no record has a quote)."""
+    if not text:
+        return {}
+    try:
+        return {aid: int(p) for aid, p in json.loads(text).items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        log.error("an open request's quote cannot be read (%s): its records get none", e)
+        return {}
 
 
 class UsageError(RuntimeError):
@@ -97,6 +115,9 @@ class RequestEnd:
     # an ensemble's (adapter id, weight) pairs (adapter_id is then the ensemble's id); a reconciled request
     # has none of its own and takes them from the node's verified receipt, whose adapter_id is their hash
     ensemble: tuple[tuple[str, float], ...] | None = None
+    # each record's adapter id (the zero id for the base model) -> the price in wei per 1,000 tokens the request
+    # was admitted at, those known (gateway.catalog.ModelCatalog.check_price): the most each record settles at
+    quote: dict[str, int] = field(default_factory=dict)
 
 
 def check_served_receipt(end: RequestEnd, public_key: bytes | None) -> dict:
@@ -200,8 +221,10 @@ class UsageRecorder:
         key_id: int | None,
         prompt_tokens: int,
         max_tokens: int,
+        quote: dict[str, int] | None = None,
     ) -> None:
-        """Write the request as open before any node sees it (UsageError when the database refuses).
+        """Write the request as open before any node sees it (UsageError when the database refuses), with its
+        quote (RequestEnd.quote), which a reconciliation of it takes back.
 
         One Core INSERT, not an ORM row through a Session: the write runs beside the request's dispatch, on
         every request, and the ORM's unit of work cost 4-5x the CPU (0.6 ms against 0.15 ms per row on this
@@ -219,6 +242,7 @@ class UsageRecorder:
             completion_tokens=0,
             attempts=1,
             max_tokens=max_tokens,
+            quote_json=quote_json(quote),
             instance_id=self.instance_id,
             created_at=now,
             finished_at=now,
@@ -382,7 +406,7 @@ class UsageRecorder:
                 )
             if usage is not None:
                 for one in ensemble_usage(usage, end.ensemble) if end.ensemble is not None else [usage]:
-                    add_usage_record(s, **one)
+                    add_usage_record(s, **one, quoted_price_per_1k=end.quote.get(one["adapter_id"]))
             s.commit()
         return True
 

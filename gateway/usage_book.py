@@ -57,7 +57,15 @@ class UsageBook:
             )
 
     async def open_request(
-        self, request_id: str, target: Target, node_id: str, *, key_id: int | None, prompt_tokens: int, max_tokens: int
+        self,
+        request_id: str,
+        target: Target,
+        node_id: str,
+        *,
+        key_id: int | None,
+        prompt_tokens: int,
+        max_tokens: int,
+        quote: dict[str, int],
     ) -> None:
         """Record a request as open before it is dispatched; OutboxUnavailable (503) when that fails."""
         self.check_outbox()
@@ -71,6 +79,7 @@ class UsageBook:
                 key_id=key_id,
                 prompt_tokens=prompt_tokens,
                 max_tokens=max_tokens,
+                quote=quote,
             )
         except UsageError as e:
             self._outbox_failed(e)

@@ -81,6 +81,7 @@ class PendingRow(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     error: str | None
+    quoted_price_per_1k: str | None
 
 
 _PENDING_COLUMNS = tuple(getattr(UsageRecord, name) for name in PendingRow._fields)

@@ -62,6 +62,10 @@ class UsageRecord(SQLModel, table=True):
     receipt_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # the node's signed receipt
     node_signature: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     fee_wei: str | None = None  # decimal string; the settler's price of this record when it was batched
+    # wei per 1,000 tokens, decimal string: the price the gateway showed and admitted the request at (the key's
+    # limit was checked against it). The settler never settles the record at a dearer one. None: not known
+    # (no chain at the gateway, or written by an older one)
+    quoted_price_per_1k: str | None = Field(default=None, max_length=80)
     gateway_key_id: int | None = Field(default=None, index=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     status: str = Field(default=RecordStatus.PENDING, max_length=16, index=True)

@@ -34,6 +34,7 @@ def add_usage_record(
     status: str = RecordStatus.PENDING,
     error: str | None = None,
     gateway_key_id: int | None = None,
+    quoted_price_per_1k: int | None = None,
 ) -> UsageRecord:
     """Add one record to the outbox in the caller's session; the caller commits (same transaction as
     its request completion). A second record with the same request id fails at commit (unique).
@@ -42,7 +43,8 @@ def add_usage_record(
     prompt_tokens / completion_tokens are what is billed (the gateway's count). The node's signed receipt
     and its counts go beside them when there is one; a record without a receipt (the node died
     mid-stream) has both None. status is PENDING (to be settled) or DISPUTED (kept, never settled; the
-    reason in `error`)."""
+    reason in `error`). quoted_price_per_1k: the price (wei per 1,000 tokens) the request was admitted at, the
+    most it is ever settled at (None: not known)."""
     try:
         ids = {
             name: to_id(v) for name, v in (("request_id", request_id), ("adapter_id", adapter_id), ("node_id", node_id))
@@ -59,6 +61,14 @@ def add_usage_record(
             continue
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKENS:
             raise OutboxError(f"usage record: {name} must be an integer in [0, 2**64), got {v!r}")
+    if quoted_price_per_1k is not None and (
+        isinstance(quoted_price_per_1k, bool)
+        or not isinstance(quoted_price_per_1k, int)
+        or not 0 <= quoted_price_per_1k < 2**256
+    ):
+        raise OutboxError(
+            f"usage record: quoted_price_per_1k must be an integer in [0, 2**256), got {quoted_price_per_1k!r}"
+        )
     if isinstance(receipt_json, dict):
         receipt_json = canonical_json(receipt_json).decode("utf-8")
     if receipt_json is not None and (not isinstance(receipt_json, str) or not receipt_json):
@@ -82,6 +92,7 @@ def add_usage_record(
         status=status,
         error=error,
         gateway_key_id=gateway_key_id,
+        quoted_price_per_1k=None if quoted_price_per_1k is None else str(quoted_price_per_1k),
     )
     session.add(record)
     return record

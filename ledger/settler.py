@@ -73,7 +73,10 @@ Many settlers, one database:
 
 Prices are bounded (settler side): each record is priced as the contract will price it (the
 adapter's on-chain price, or the ledger's base price for the zero adapter id, times tokens / 1000)
-into UsageRecord.fee_wei. A record priced above SettlerConfig.max_price_per_1k, with more tokens than
+into UsageRecord.fee_wei. A record whose price is now above the one its request was admitted at
+(UsageRecord.quoted_price_per_1k: an owner raised it meanwhile) is set aside as PRICE_ABOVE_QUOTE and
+priced again every PRICE_MOVING_RETRY_EVERY seconds: the key pays at most what it was shown, or nothing
+while the price stays higher. A record priced above SettlerConfig.max_price_per_1k, with more tokens than
 max_record_tokens, or whose fee the deposit cannot pay is set aside (status set_aside, reason in
 `error`) and never holds up its batch or later ones. A batch's total never exceeds the deposit left
 minus what this settler's in-flight batches will take. Records set aside because the deposit was
@@ -159,11 +162,13 @@ log = logging.getLogger(__name__)
 
 OPEN = (BatchStatus.CREATED, BatchStatus.SENT)  # batches some settler still has to finish
 # Reasons a record is set aside, as the start of its `error` (status set_aside). DEPOSIT_SHORT ones go
-# back to the outbox by themselves when the deposit can pay them, PRICE_MOVING ones every
-# PRICE_MOVING_RETRY_EVERY seconds; the others wait for an operator (`loramesh settler requeue` after
+# back to the outbox by themselves when the deposit can pay them, PRICE_MOVING and PRICE_ABOVE_QUOTE ones
+# every PRICE_MOVING_RETRY_EVERY seconds; the others wait for an operator (`loramesh settler requeue` after
 # raising the bounds).
 DEPOSIT_SHORT = "deposit short"
 PRICE_TOO_HIGH = "price above bound"
+# the price was raised after the gateway admitted the request at a lower one (UsageRecord.quoted_price_per_1k)
+PRICE_ABOVE_QUOTE = "price above the request's quote"
 TOO_MANY_TOKENS = "tokens above bound"
 PRICE_MOVING = "price changed while settling"
 REVERTED = "reverted"  # the ledger refused it, alone, for a reason the settler does not expect, twice
@@ -689,6 +694,17 @@ class Settler:
                 aside.append((r, f"{TOO_MANY_TOKENS}: {tokens} tokens > max {cfg.max_record_tokens} per record", None))
                 continue
             fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
+            if r.quoted_price_per_1k is not None and a_price > int(r.quoted_price_per_1k):
+                what = "the base model" if r.adapter_id == BASE_MODEL_ADAPTER_ID else f"adapter {r.adapter_id}"
+                aside.append(
+                    (
+                        r,
+                        f"{PRICE_ABOVE_QUOTE}: {what} costs {a_price} wei per 1k tokens now, the request was "
+                        f"admitted at {r.quoted_price_per_1k}",
+                        fee,
+                    )
+                )
+                continue
             if a_price > cfg.max_price_per_1k:
                 what = "base model" if r.adapter_id == BASE_MODEL_ADAPTER_ID else f"adapter {r.adapter_id}"
                 aside.append(
@@ -903,19 +919,20 @@ class Settler:
         return n
 
     def _retry_price_moving(self) -> int:
-        """Records set aside because their price kept moving while they were being settled go back to the
-        outbox (unmarked, priced again) on start and then every PRICE_MOVING_RETRY_EVERY seconds: a
-        price that moved twice is no reason to give a record up for good, and a price refusal only
-        ever strikes the records whose own price moved."""
+        """Records set aside because their price kept moving while they were being settled, or was raised
+        above the price their request was admitted at, go back to the outbox (unmarked, priced again) on start
+        and then every PRICE_MOVING_RETRY_EVERY seconds: a price that moved twice is no reason to give a record
+        up for good, a price lowered again lets a record settle, and a price refusal only ever strikes the
+        records whose own price moved."""
         now = time.monotonic()
         if now < self._next_price_retry:
             return 0
         self._next_price_retry = now + PRICE_MOVING_RETRY_EVERY
-        cond = (UsageRecord.status == RecordStatus.SET_ASIDE, UsageRecord.error.like(f"{PRICE_MOVING}%"))
+        moved = or_(UsageRecord.error.like(f"{PRICE_MOVING}%"), UsageRecord.error.like(f"{PRICE_ABOVE_QUOTE}%"))
         with Session(self.engine) as s:
-            n = _back_to_outbox(s, *cond)
+            n = _back_to_outbox(s, UsageRecord.status == RecordStatus.SET_ASIDE, moved)
         if n:
-            log.info("%d records set aside as their price kept moving: back in the outbox", n)
+            log.info("%d records set aside as their price moved: back in the outbox, priced again", n)
         return n
 
     # ------------------------------------------------------------------ finishing

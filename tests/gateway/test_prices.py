@@ -16,10 +16,11 @@ from gateway.cli import gateway_app
 from gateway.keys import create_key, lookup_key, update_key
 from gateway.main import create_app
 from gateway.settings import GatewaySettings
+from ledger.outbox import component_request_id
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from tests.gateway import TINY
-from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db
+from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db, record_of
 from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
@@ -139,3 +140,21 @@ def test_update_key_refuses_bad_values(world):
     with pytest.raises(ApiKeyError):
         update_key(engine, "lm-nothing-like-it", rpm=3)
     assert update_key(engine, info.id, rpm=3, tpm=10).requests_per_minute == 3
+
+
+def test_each_record_keeps_the_price_its_request_was_admitted_at(world):
+    # the settler never charges a record above it (tests/ledger/test_settler_bounds.py): an owner raising the
+    # price after the key's limit was checked cannot make the key pay the new one
+    gw, engine, _, _ = world
+    key, _ = create_key(engine, name="quotes")
+    c = client(gw, key)
+    one = c.completions.with_raw_response.create(model="acme/cheap", prompt="hi", max_tokens=1).headers["x-request-id"]
+    both = c.completions.with_raw_response.create(
+        model="acme/cheap+acme/cheap2", prompt="hi", max_tokens=1, extra_body={"adapter_weights": [0.5, 0.5]}
+    ).headers["x-request-id"]
+    base = c.completions.with_raw_response.create(model=TINY, prompt="hi", max_tokens=1).headers["x-request-id"]
+    assert record_of(engine, one)[1].quoted_price_per_1k == str(10**12)
+    for i, adapter in enumerate((CHEAP, CHEAP2)):
+        u = record_of(engine, component_request_id(both, i))[1]
+        assert (u.adapter_id, u.quoted_price_per_1k) == (adapter, str(10**12))
+    assert record_of(engine, base)[1].quoted_price_per_1k is None  # no chain here: the base price is unknown

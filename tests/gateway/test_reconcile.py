@@ -11,12 +11,13 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from common.identity import Identity
 from gateway.reconcile import reconcile
 from gateway.tables import CompletionRecord, RequestStatus
 from gateway.usage import UsageRecorder
+from ledger.models import UsageRecord
 from node.receipts import make_receipt, sign_receipt
 from tests.utils.gateway import make_db
 
@@ -65,7 +66,7 @@ def world(tmp_path):
     return engine, ident, dead
 
 
-def open_rows(dead, ident, n: int, *, age_s: float = 0.0) -> list[str]:
+def open_rows(dead, ident, n: int, *, age_s: float = 0.0, quote: dict | None = None) -> list[str]:
     rids = []
     for _ in range(n):
         rid = "0x" + f"{time.time_ns():064x}"
@@ -77,6 +78,7 @@ def open_rows(dead, ident, n: int, *, age_s: float = 0.0) -> list[str]:
             key_id=1,
             prompt_tokens=3,
             max_tokens=16,
+            quote=quote,
         )
         rids.append(rid)
     if age_s:
@@ -118,6 +120,20 @@ def test_a_node_that_says_running_for_ever_is_given_up(world):
     gw = StubGateway(engine, ident, running)
     assert asyncio.run(reconcile(gw)) == 1
     assert status_of(engine, rid) == RequestStatus.LOST
+
+
+def test_a_reconciled_record_keeps_the_price_its_request_was_admitted_at(world):
+    # the quote is written with the open row: the dead gateway's records settle at most at it too
+    engine, ident, dead = world
+    (rid,) = open_rows(dead, ident, 1, quote={ADAPTER: 7 * 10**30})  # past 2**64: kept as a decimal string
+
+    async def answer(_rid):
+        return "ok", signed(ident, _rid)
+
+    assert asyncio.run(reconcile(StubGateway(engine, ident, answer))) == 1
+    with Session(engine) as s:
+        u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).one()
+    assert u.quoted_price_per_1k == str(7 * 10**30) and u.completion_tokens == 5
 
 
 def test_stuck_requests_do_not_block_the_ones_after_them(world):

@@ -21,7 +21,7 @@ from tests.utils.crashing_settler import CrashHook
 pytestmark = pytest.mark.integration
 
 
-def add_records(engine, regs, n, *, tokens=(40, 9)) -> list[str]:
+def add_records(engine, regs, n, *, tokens=(40, 9), quote: int | None = None) -> list[str]:
     ids = []
     with Session(engine) as s:
         for i in range(n):
@@ -37,6 +37,7 @@ def add_records(engine, regs, n, *, tokens=(40, 9)) -> list[str]:
                 completion_tokens=tokens[1],
                 receipt_json={"request_id": rid},
                 node_signature="sig",
+                quoted_price_per_1k=quote,
             )
         s.commit()
     return ids

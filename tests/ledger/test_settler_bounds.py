@@ -14,7 +14,15 @@ from typer.testing import CliRunner
 from ledger.cli import settler_app
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch
 from ledger.outbox import add_usage_record, count_by_status
-from ledger.settler import DEPOSIT_SHORT, PRICE_MOVING, PRICE_TOO_HIGH, REPRICED, TOO_MANY_TOKENS, Settler
+from ledger.settler import (
+    DEPOSIT_SHORT,
+    PRICE_ABOVE_QUOTE,
+    PRICE_MOVING,
+    PRICE_TOO_HIGH,
+    REPRICED,
+    TOO_MANY_TOKENS,
+    Settler,
+)
 from ledger.settler_config import SettlerConfig
 from tests.ledger.audit import ledger_transactions, record_settled_counts
 from tests.ledger.test_settler import add_records, outbox_rows
@@ -86,6 +94,40 @@ def test_out_of_bounds_records_are_set_aside_while_the_rest_settle(anvil_chain, 
     assert outbox_rows(engine, RecordStatus.SET_ASIDE)[0].error.startswith(
         DEPOSIT_SHORT
     )  # 10^12 tokens: no deposit pays that
+
+
+def test_a_record_is_never_settled_above_the_price_its_request_was_admitted_at(anvil_chain, engine):
+    """The gateway keeps on each record the price it showed and admitted the request at (the key's limit was
+    checked against it); an owner who raises the price before the record settles gets it set aside, not
+    charged at the new price, until the price is back at or below the quote."""
+    env = anvil_chain
+    client = env.client(env.settler)
+    start = client.block_number() + 1
+    reg = register_sample(env, price=10**12)
+    quoted = add_records(engine, [reg], 3, quote=10**12)
+    older = add_records(engine, [reg], 2)  # an older gateway's records: no quote, only the settler's own bound
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 3 * 10**12)  # raised after the requests
+
+    assert Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain() == 2
+    aside = {r.request_id: r for r in outbox_rows(engine, RecordStatus.SET_ASIDE)}
+    assert set(aside) == set(quoted)
+    for r in aside.values():
+        assert r.error.startswith(PRICE_ABOVE_QUOTE) and str(3 * 10**12) in r.error and str(10**12) in r.error
+        assert r.batch_id is None and r.quoted_price_per_1k == str(10**12)
+    settled = {r.request_id: r for r in outbox_rows(engine, RecordStatus.SETTLED)}
+    assert set(settled) == set(older)
+    assert all(int(r.fee_wei) == 3 * 10**12 * (r.prompt_tokens + r.completion_tokens) // 1000 for r in settled.values())
+    on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
+    assert set(on_chain) == set(older)
+
+    # lowered below the quote: the records go back (a settler's start, then every PRICE_MOVING_RETRY_EVERY)
+    # and settle at the lower price
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**12 // 2)
+    assert Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain() == 3
+    for r in outbox_rows(engine, RecordStatus.SETTLED):
+        if r.request_id in quoted:
+            assert int(r.fee_wei) == 10**12 // 2 * (r.prompt_tokens + r.completion_tokens) // 1000
+    assert set(record_settled_counts(client.w3, env.deployment.ledger, start).values()) == {1}
 
 
 def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engine, caplog):
