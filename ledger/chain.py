@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from web3.exceptions import TransactionNotFound
 from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
-from ledger.errors import ChainUnavailable, DeploymentMismatch, SequenceMismatch, TransactionFailed
+from ledger.errors import ChainUnavailable, DeploymentMismatch, LedgerError, SequenceMismatch, TransactionFailed
 from ledger.merkle import MerkleTree, pack_records, unpack_records
 from ledger.transport import (
     GAS_MARGIN,
@@ -186,8 +187,16 @@ class ChainClient:
         )
 
     def check_deployment(self) -> None:
-        """Raise DeploymentMismatch unless chain id, contract code and wiring match the file."""
+        """Raise DeploymentMismatch unless chain id, contract code and wiring match the file, and the contracts
+        were built from the sources this client's ABI comes from (when the file says which)."""
         d = self.deployment
+        built = load_artifact("AttributionLedger").get("sourcesSha256", "")
+        if d.sources_sha256 and built and d.sources_sha256 != built:
+            raise DeploymentMismatch(
+                f"the contracts at {d.registry} and {d.ledger} were built from other sources than this loramesh's "
+                f"(sources {d.sources_sha256[:12]}, here {built[:12]}): deploy them again (a devnet: loramesh "
+                "devnet down, remove its folder, loramesh devnet up)"
+            )
         with rpc_guard(self.rpc_url):
             chain_id = self.w3.eth.chain_id
             if chain_id != d.chain_id:
@@ -300,7 +309,31 @@ class ChainClient:
             if isinstance(signature, str)
             else bytes(signature)
         )
-        return self.tx.transact(self.registry.functions.registerAdapter(id_bytes(reg.adapter_id), reg.spec(), sig))
+        first = self.name_owner(reg.name) is None
+        salt = self.commit_name(reg.name) if first else bytes(32)
+        fn = self.registry.functions.registerAdapter(id_bytes(reg.adapter_id), reg.spec(), sig, salt)
+        # a commitment is revealed from the block after it at the earliest: the gas is estimated in that one
+        return self.tx.transact(fn, estimate_in="pending" if first else None)
+
+    def commit_name(self, name: str, *, timeout: float = 600.0) -> bytes:
+        """Commit to registering `name` first (AdapterRegistry.commitName) under a fresh secret salt, and wait
+        until the commitment may be revealed: the next block is minNameCommitBlocks past it. Returns the salt.
+        The commitment hides the name, so a registration seen waiting to be mined cannot be copied and outbid:
+        the copier's own commitment would be too recent."""
+        salt = os.urandom(32)
+        registrant = self.account.address
+        commitment = self.tx.call(self.registry.functions.nameCommitment(name, registrant, salt))
+        self.tx.transact(self.registry.functions.commitName(commitment))
+        committed = self.tx.call(self.registry.functions.nameCommitBlock(commitment))
+        usable = committed + self.tx.call(self.registry.functions.minNameCommitBlocks())
+        deadline = time.monotonic() + timeout
+        if self.block_number() + 1 < usable:
+            log.info("name %r committed at block %d; registering it from block %d", name, committed, usable)
+        while self.block_number() + 1 < usable:  # the registration lands in the next block at the earliest
+            if time.monotonic() > deadline:
+                raise LedgerError(f"the chain did not reach block {usable} within {timeout:.0f} s to register {name!r}")
+            time.sleep(1.0)
+        return salt
 
     def adapter_price(self, adapter_id: str) -> int:
         """The adapter's price per 1,000 tokens as settlement reads it (the registry's adapterSplit);

@@ -324,21 +324,23 @@ class Transactor:
             raise LedgerError("this chain client has no account: pass one to send transactions")
         return self.account.address
 
-    def estimate(self, to: str, data: bytes | str, *, value: int = 0) -> int:
-        """eth_estimateGas for a call from our account; a revert raises its typed error."""
+    def estimate(self, to: str, data: bytes | str, *, value: int = 0, block: str | None = None) -> int:
+        """eth_estimateGas for a call from our account (in `block`; None: the node's default, the latest);
+        a revert raises its typed error."""
         tx = {"from": self._require_account(), "to": to, "data": data, "value": value}
         with rpc_guard(self.url):
             try:
-                return self.w3.eth.estimate_gas(tx)
+                return self.w3.eth.estimate_gas(tx, block)
             except (ContractLogicError, Web3RPCError) as e:
                 raise self.decoder.decode(revert_data(e)) from e
 
-    def send(self, fn, *, value: int = 0, gas: int | None = None) -> str:
-        """Estimate, sign and send; returns the transaction hash ("0x"+hex). Reverts raise typed."""
+    def send(self, fn, *, value: int = 0, gas: int | None = None, estimate_in: str | None = None) -> str:
+        """Estimate (in block `estimate_in`, see estimate), sign and send; returns the transaction hash
+        ("0x"+hex). Reverts raise typed."""
         addr = self._require_account()
         data = fn._encode_transaction_data()
         if gas is None:
-            gas = int(self.estimate(fn.address, data, value=value) * GAS_MARGIN) + 10_000
+            gas = int(self.estimate(fn.address, data, value=value, block=estimate_in) * GAS_MARGIN) + 10_000
         tip, max_fee = self.fee_policy.fees(self.w3)
         with rpc_guard(self.url):
             tx = {
@@ -535,9 +537,10 @@ class Transactor:
             raise TransactionFailed(f"transaction {tx_hash} reverted in block {rcpt['blockNumber']}")
         return rcpt
 
-    def transact(self, fn, *, value: int = 0):
-        """Send and wait, replacing the transaction while it is stuck; returns the successful receipt."""
-        return self.wait(self.send(fn, value=value), fn=fn, replace_after=REPLACE_AFTER)
+    def transact(self, fn, *, value: int = 0, estimate_in: str | None = None):
+        """Send and wait, replacing the transaction while it is stuck; returns the successful receipt.
+        estimate_in="pending": the gas is estimated as in the next block (a call valid only from then on)."""
+        return self.wait(self.send(fn, value=value, estimate_in=estimate_in), fn=fn, replace_after=REPLACE_AFTER)
 
     def send_value(self, to: str, amount: int) -> str:
         """A plain coin transfer (funding); returns the tx hash without waiting."""

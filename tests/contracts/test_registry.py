@@ -1,6 +1,7 @@
 """AdapterRegistry against a real anvil: every revert path and event."""
 
 import dataclasses
+import os
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -155,8 +156,12 @@ def test_adapter_reverts(anvil_chain):
     bad = AdapterRegistration(rand_id(), _unique("n"), "1", ZERO_ID, base, 1, (ds,), ())
     spec = bad.spec()
     sig = bytes.fromhex(bad.sign(c.account, c.domain)[2:])
+    salt = c.commit_name(bad.name)
     with pytest.raises(E.LengthMismatch):
-        c.tx.transact(c.registry.functions.registerAdapter(bytes.fromhex(bad.adapter_id[2:]), spec, sig))
+        c.tx.transact(
+            c.registry.functions.registerAdapter(bytes.fromhex(bad.adapter_id[2:]), spec, sig, salt),
+            estimate_in="pending",
+        )
     aid, name = rand_id(), _unique("n")
     c.register_adapter(aid, name=name, **kw)
     with pytest.raises(E.AdapterAlreadyRegistered):
@@ -187,6 +192,155 @@ def test_a_stranger_cannot_take_over_a_name(anvil_chain):
     v2 = _reg(name, price=6, version="2", predecessor=v1.adapter_id)
     env.client(alice).register_adapter(v2)
     assert env.client().get_adapter(v2.adapter_id).predecessor == v1.adapter_id
+
+
+def _raw(w3, method: str, params=()):
+    return w3.provider.make_request(method, list(params))["result"]
+
+
+def _send_raw(w3, account, fn, *, tip: int) -> bytes:
+    """Sign and send `fn` with a fixed gas limit (no estimate: it may be valid only once mined after another)
+    and priority fee `tip`; the transaction hash."""
+    base = w3.eth.get_block("latest")["baseFeePerGas"]
+    tx = fn.build_transaction(
+        {
+            "from": account.address,
+            "gas": 1_000_000,
+            "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+            "maxPriorityFeePerGas": tip,
+            "maxFeePerGas": 2 * base + tip,
+            "chainId": w3.eth.chain_id,
+        }
+    )
+    return w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+
+
+def test_a_registration_seen_waiting_cannot_be_outbid_for_its_name(anvil_chain):
+    """The front-runner's attack: Mallory watches the pending transactions, copies the name of Alice's first
+    registration into her own (her adapter, her price) and outbids it into the same block. Before, the name
+    went to whoever was mined first. Now a first registration reveals a commitment made blocks before, and
+    hers, made on seeing Alice's, is too recent: Alice's registration lands, the name is hers."""
+    env = anvil_chain
+    alice, mallory = env.new_account(), env.new_account()
+    a, m = env.client(alice), env.client(mallory)
+    w3 = a.w3
+    name = _unique("alice/medical")
+    mine = _reg(name, price=5)
+    salt = a.commit_name(name)  # mined: the commitment says nothing of the name
+    _raw(w3, "evm_setAutomine", [False])
+    try:
+        alice_tx = _send_raw(
+            w3,
+            alice,
+            a.registry.functions.registerAdapter(
+                bytes.fromhex(mine.adapter_id[2:]), mine.spec(), bytes.fromhex(mine.sign(alice, a.domain)[2:]), salt
+            ),
+            tip=10**9,
+        )
+        # Mallory reads the pending registration's name from its calldata and copies it, outbidding Alice
+        seen = a.registry.decode_function_input(w3.eth.get_transaction(alice_tx)["input"])[1]["spec"]
+        copy = _reg(seen["name"], price=5000)
+        her_salt = os.urandom(32)
+        commitment = m.registry.functions.nameCommitment(copy.name, mallory.address, her_salt).call()
+        _send_raw(w3, mallory, m.registry.functions.commitName(commitment), tip=50 * 10**9)
+        her_tx = _send_raw(
+            w3,
+            mallory,
+            m.registry.functions.registerAdapter(
+                bytes.fromhex(copy.adapter_id[2:]),
+                copy.spec(),
+                bytes.fromhex(copy.sign(mallory, m.domain)[2:]),
+                her_salt,
+            ),
+            tip=50 * 10**9,
+        )
+        _raw(w3, "evm_mine")
+    finally:
+        _raw(w3, "evm_setAutomine", [True])
+    mined_her, mined_alice = w3.eth.get_transaction_receipt(her_tx), w3.eth.get_transaction_receipt(alice_tx)
+    assert (
+        mined_her["blockNumber"] == mined_alice["blockNumber"]
+        and mined_her["transactionIndex"] < mined_alice["transactionIndex"]
+    )
+    assert (mined_her["status"], mined_alice["status"]) == (0, 1)  # hers first, and refused
+    assert a.name_owner(name) == alice.address
+    with pytest.raises(E.UnknownAdapter):
+        a.get_adapter(copy.adapter_id)
+    # nor does her commitment, now old enough, win the name later: it is Alice's
+    with pytest.raises(E.NotNameOwner):
+        m.tx.transact(
+            m.registry.functions.registerAdapter(
+                bytes.fromhex(copy.adapter_id[2:]),
+                copy.spec(),
+                bytes.fromhex(copy.sign(mallory, m.domain)[2:]),
+                her_salt,
+            )
+        )
+
+
+def test_a_first_registration_reveals_its_own_commitment(anvil_chain):
+    env = anvil_chain
+    alice, mallory = env.new_account(), env.new_account()
+    a, m = env.client(alice), env.client(mallory)
+    assert a.registry.functions.minNameCommitBlocks().call() == 1  # the devnet's
+    reg = _reg(_unique("alice/law"))
+    sig = bytes.fromhex(reg.sign(alice, a.domain)[2:])
+
+    def register(client, salt):
+        return client.tx.transact(
+            client.registry.functions.registerAdapter(bytes.fromhex(reg.adapter_id[2:]), reg.spec(), sig, salt),
+            estimate_in="pending",
+        )
+
+    with pytest.raises(E.NameNotCommitted) as err:  # no commitment at all
+        register(a, bytes(32))
+    assert err.value.args_by_name["name"] == reg.name
+    salt = a.commit_name(reg.name)
+    with pytest.raises(E.NameNotCommitted):  # another salt is another commitment
+        register(a, os.urandom(32))
+    with pytest.raises(E.NameNotCommitted):  # and another registrant's: Alice's commitment is hers alone
+        m.tx.transact(
+            m.registry.functions.registerAdapter(
+                bytes.fromhex(reg.adapter_id[2:]), reg.spec(), bytes.fromhex(reg.sign(mallory, m.domain)[2:]), salt
+            ),
+            estimate_in="pending",
+        )
+    commitment = a.registry.functions.nameCommitment(reg.name, alice.address, salt).call()
+    assert a.registry.functions.nameCommitBlock(commitment).call() > 0
+    register(a, salt)
+    assert a.name_owner(reg.name) == alice.address
+    assert a.registry.functions.nameCommitBlock(commitment).call() == 0  # spent
+    # a later version names its predecessor, no commitment
+    v2 = _reg(reg.name, version="2", predecessor=reg.adapter_id)
+    a.register_adapter(v2)
+    assert a.get_adapter(v2.adapter_id).predecessor == reg.adapter_id
+
+
+def test_a_commitment_is_revealed_in_a_later_block_only(anvil_chain):
+    env = anvil_chain
+    alice = env.new_account()
+    a = env.client(alice)
+    w3 = a.w3
+    reg = _reg(_unique("alice/same-block"))
+    salt = os.urandom(32)
+    commitment = a.registry.functions.nameCommitment(reg.name, alice.address, salt).call()
+    _raw(w3, "evm_setAutomine", [False])
+    try:
+        _send_raw(w3, alice, a.registry.functions.commitName(commitment), tip=10**9)
+        fn = a.registry.functions.registerAdapter(
+            bytes.fromhex(reg.adapter_id[2:]), reg.spec(), bytes.fromhex(reg.sign(alice, a.domain)[2:]), salt
+        )
+        same_block = _send_raw(w3, alice, fn, tip=10**9)
+        _raw(w3, "evm_mine")
+    finally:
+        _raw(w3, "evm_setAutomine", [True])
+    assert w3.eth.get_transaction_receipt(same_block)["status"] == 0
+    with pytest.raises(E.NameCommitTooRecent):  # replayed as a call in the commitment's block
+        a.tx.estimate(
+            fn.address, fn._encode_transaction_data(), block=w3.eth.get_transaction_receipt(same_block)["blockNumber"]
+        )
+    a.tx.transact(fn, estimate_in="pending")  # a block later it goes through
+    assert a.name_owner(reg.name) == alice.address
 
 
 def test_predecessor_rules(anvil_chain):
@@ -274,7 +428,7 @@ def test_signature_is_bound_to_chain_and_registry(anvil_chain):
     env = anvil_chain
     alice = env.users[2]
     c = env.client(alice)
-    other_registry = _deploy_contract(c.w3, alice, env.deployment.chain_id, "AdapterRegistry")["contractAddress"]
+    other_registry = _deploy_contract(c.w3, alice, env.deployment.chain_id, "AdapterRegistry", (1,))["contractAddress"]
     assert other_registry != env.deployment.registry
     reg = _reg(_unique("bound"))
     for domain in (

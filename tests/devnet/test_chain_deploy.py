@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from eth_account import Account
 from sqlmodel import Session
@@ -51,7 +53,12 @@ def _deploy(rpc_url, key_file, out, *extra):
 def test_deploy_then_settle_a_batch_at_a_30_gwei_base_fee(chain, key_file, tmp_path):
     out = tmp_path / "deployment.json"
     settler = Account.from_key(DEV_KEYS[1])  # rich from genesis: chain deploy funds nobody
-    r = _deploy(chain.rpc_url, key_file, out, "--settler", settler.address, "--deposit", "1", "--max-fee-gwei", "100")
+    r = _deploy(
+        chain.rpc_url,
+        key_file,
+        out,
+        *("--settler", settler.address, "--deposit", "1", "--max-fee-gwei", "100", "--name-commit-blocks", "3"),
+    )
     assert r.exit_code == 0, r.output
     assert f"chain {CHAIN_ID}" in r.output and "100 gwei" in r.output
     deployment = Deployment.load(out)
@@ -64,7 +71,23 @@ def test_deploy_then_settle_a_batch_at_a_30_gwei_base_fee(chain, key_file, tmp_p
     env = ChainEnv(
         chain, deployment, out, Account.from_key(DEV_KEYS[0]), settler, [Account.from_key(k) for k in DEV_KEYS[2:]]
     )
-    reg = register_sample(env)
+    # a public chain makes blocks by itself (this anvil only on demand): a name's first registration waits
+    # for its commitment to be 3 blocks old
+    assert client.registry.functions.minNameCommitBlocks().call() == 3
+    w3 = make_web3(chain.rpc_url)
+    stop = threading.Event()
+
+    def produce() -> None:
+        while not stop.wait(0.3):
+            w3.provider.make_request("evm_mine", [])
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        reg = register_sample(env)
+    finally:
+        stop.set()
+        producer.join()
     engine = make_engine(f"sqlite:///{tmp_path}/outbox.db", immediate=True)
     init_db(engine)
     try:

@@ -42,6 +42,14 @@ def test_ledger_wired_to_another_registry(anvil_chain):
         ChainClient.from_deployment(d)
 
 
+def test_contracts_built_from_other_sources(anvil_chain):
+    # an older loramesh's devnet (its registry took other arguments): one clear line, not a baffling revert
+    d = anvil_chain.deployment.to_dict() | {"sources_sha256": "ab" * 32}
+    with pytest.raises(DeploymentMismatch, match="built from other sources .* deploy them again"):
+        ChainClient.from_deployment(d)
+    assert ChainClient.from_deployment(anvil_chain.deployment.to_dict() | {"sources_sha256": ""})  # not known: let be
+
+
 def test_malformed_and_missing_files(tmp_path):
     with pytest.raises(DeploymentMismatch, match="does not exist"):
         Deployment.load(tmp_path / "nope.json")
