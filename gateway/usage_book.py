@@ -36,6 +36,7 @@ class UsageBook:
         # None while the outbox takes writes; otherwise why not (new requests get 503 until a write succeeds)
         self.outbox_error: str | None = None
         self.unwritten: list[RequestEnd] = []  # request ends the outbox refused, written when it takes writes
+        self._disputes_unread = False  # the last read of the disputed nodes failed (logged once)
 
     def _outbox_failed(self, e: Exception) -> None:
         if self.outbox_error is None:
@@ -153,9 +154,12 @@ class UsageBook:
         read_from = self.directory.clock()
         try:
             disputed = await asyncio.to_thread(kept_out, self.recorder.engine)
-        except Exception as e:
-            log.error("could not read disputed nodes: %s", e)
+        except Exception as e:  # the database is down: the outbox check says so; this says it once
+            if not self._disputes_unread:
+                log.error("could not read disputed nodes (keeping those known): %s", e)
+            self._disputes_unread = True
             return
+        self._disputes_unread = False
         for node_id in self.directory.sync_disputed(disputed, read_from):
             self.metrics.disputed_nodes.remove(node_id)
         for node_id in disputed:

@@ -7,6 +7,9 @@ Real parts: SQLite files, the gateways in real uvicorn servers, a rogue node as 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import httpx
 import pytest
 from sqlmodel import Session, select
@@ -14,11 +17,15 @@ from typer.testing import CliRunner
 
 from common.identity import Identity
 from devnet.cli import app as cli
+from gateway.chain_registry import RegistryView
+from gateway.directory import NodeDirectory
 from gateway.disputes import DisputeError, kept_out, node_disputes, readmit
 from gateway.keys import create_key
 from gateway.main import create_app
+from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.usage import UsageRecorder
+from gateway.usage_book import UsageBook
 from ledger.db import init_db, make_engine
 from ledger.models import RecordStatus, UsageRecord
 from node.adapters.basemodel import base_model_id
@@ -179,3 +186,21 @@ def test_running_gateways_follow_disputes_and_readmissions(tiny_base, tmp_path):
         first.stop()
         second.stop()
         engine.dispose()
+
+
+def test_a_database_that_cannot_be_read_keeps_the_known_disputes_and_says_so_once(book, caplog):
+    engine, a, _, rec = book
+    dispute(rec, a)
+    ub = UsageBook(rec, NodeDirectory(RegistryView(engine)), GatewayMetrics(), probe_s=1)
+    asyncio.run(ub.sync_disputes())
+    assert list(ub.directory.disputed) == [a.node_id]
+    rec.engine = make_engine("sqlite:////nonexistent/folder/gw.db")  # every read fails
+    with caplog.at_level(logging.ERROR, logger="gateway.usage_book"):
+        for _ in range(3):
+            asyncio.run(ub.sync_disputes())
+    assert list(ub.directory.disputed) == [a.node_id]  # kept out still
+    assert sum("could not read disputed nodes" in r.getMessage() for r in caplog.records) == 1
+    rec.engine = engine
+    readmit(engine, a.node_id)
+    asyncio.run(ub.sync_disputes())
+    assert ub.directory.disputed == {}
