@@ -695,7 +695,7 @@ class Settler:
                 continue
             fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
             if r.quoted_price_per_1k is not None and a_price > int(r.quoted_price_per_1k):
-                what = "the base model" if r.adapter_id == BASE_MODEL_ADAPTER_ID else f"adapter {r.adapter_id}"
+                what = _priced(r.adapter_id)
                 aside.append(
                     (
                         r,
@@ -706,7 +706,7 @@ class Settler:
                 )
                 continue
             if a_price > cfg.max_price_per_1k:
-                what = "base model" if r.adapter_id == BASE_MODEL_ADAPTER_ID else f"adapter {r.adapter_id}"
+                what = _priced(r.adapter_id)
                 aside.append(
                     (r, f"{PRICE_TOO_HIGH}: {what} costs {a_price} wei per 1k tokens > max {cfg.max_price_per_1k}", fee)
                 )
@@ -1505,6 +1505,11 @@ def settler_status(
                 deposit_wei=deposit, deposit_left_wei=left, deposit_low=left < low_deposit or bool(deposit_short)
             )
     return out
+
+
+def _priced(adapter_id: str) -> str:
+    """What a record pays for, in a reason it is set aside for."""
+    return "base model" if adapter_id == BASE_MODEL_ADAPTER_ID else f"adapter {adapter_id}"
 
 
 def _back_to_outbox(s: Session, *where) -> int:
