@@ -14,7 +14,7 @@ from devnet.cli import app
 from ledger.chain import ChainClient
 from ledger.db import init_db, make_engine
 from ledger.deployment import Deployment
-from ledger.errors import ChainUnavailable
+from ledger.errors import ChainUnavailable, LedgerError
 from ledger.outbox import add_usage_record, count_by_status
 from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
@@ -72,8 +72,10 @@ def test_deploy_then_settle_a_batch_at_a_30_gwei_base_fee(chain, key_file, tmp_p
         chain, deployment, out, Account.from_key(DEV_KEYS[0]), settler, [Account.from_key(k) for k in DEV_KEYS[2:]]
     )
     # a public chain makes blocks by itself (this anvil only on demand): a name's first registration waits
-    # for its commitment to be 3 blocks old
+    # for its commitment to be 3 blocks old; with no block coming, it says so in one line instead of waiting
     assert client.registry.functions.minNameCommitBlocks().call() == 3
+    with pytest.raises(LedgerError, match="made no block for 1 s .* --name-commit-blocks 1"):
+        client.commit_name("nobody-mines", stall_s=1.0)
     w3 = make_web3(chain.rpc_url)
     stop = threading.Event()
 
