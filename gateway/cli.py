@@ -263,10 +263,13 @@ def disputes_list(
     for d in rows:  # a block per node: a 66-character id and a long reason do not fit a table's columns
         state = f"kept out by {d.open} of its" if d.open else "readmitted since its"
         console.print(f"[bold]{d.node_id}[/bold]  {state} {d.records} disputed record(s)", highlight=False)
-        console.print(f"  latest {d.last_at:%Y-%m-%d %H:%M:%S} UTC: {d.last_reason[:500]}", highlight=False)
+        # a reason quotes the node's receipt: its text is printed as it is, never read as markup
+        console.print(
+            f"  latest {d.last_at:%Y-%m-%d %H:%M:%S} UTC: {d.last_reason[:500]}", highlight=False, markup=False
+        )
         if d.readmitted_at is not None:
             note = f": {d.note}" if d.note else ""
-            console.print(f"  readmitted {d.readmitted_at:%Y-%m-%d %H:%M:%S} UTC{note}", highlight=False)
+            console.print(f"  readmitted {d.readmitted_at:%Y-%m-%d %H:%M:%S} UTC{note}", highlight=False, markup=False)
 
 
 @disputes_app.command("readmit")

@@ -28,6 +28,7 @@ from gateway.usage import UsageRecorder
 from gateway.usage_book import UsageBook
 from ledger.db import init_db, make_engine
 from ledger.models import RecordStatus, UsageRecord
+from ledger.outbox import add_usage_record
 from node.adapters.basemodel import base_model_id
 from tests.gateway import TINY
 from tests.gateway.test_usage import end_for
@@ -204,3 +205,27 @@ def test_a_database_that_cannot_be_read_keeps_the_known_disputes_and_says_so_onc
     readmit(engine, a.node_id)
     asyncio.run(ub.sync_disputes())
     assert ub.directory.disputed == {}
+
+
+def test_the_list_prints_a_node_chosen_reason_as_text(tmp_path):
+    # a rogue node's receipt text ends up in the reason: rich markup in it must not crash or restyle the list
+    engine = make_db(tmp_path / "d.db")
+    a = Identity.generate()
+    with Session(engine) as s:
+        add_usage_record(
+            s,
+            request_id="0x" + "12" * 32,
+            adapter_id="0x" + "aa" * 32,
+            node_id=a.node_id,
+            prompt_tokens=3,
+            completion_tokens=4,
+            status=RecordStatus.DISPUTED,
+            error="receipt refused: finish_reason '[/x][link=http://evil]'",
+        )
+        s.commit()
+    readmit(engine, a.node_id, note="[bold]ok")
+    out = CliRunner().invoke(
+        cli, ["gateway", "disputes", "list", "--all", "--db", f"sqlite:///{tmp_path / 'd.db'}"], env={"COLUMNS": "400"}
+    )
+    assert out.exit_code == 0, out.output
+    assert "[bold]ok" in out.output
