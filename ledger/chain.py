@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from eth_abi import decode as abi_decode
@@ -46,7 +46,7 @@ from ledger.types import (
 log = logging.getLogger(__name__)
 
 
-SETTLE_SIGNATURE = "settleBatch(bytes32,bytes32,uint64,bytes32[],bytes32[],bytes,uint256)"
+SETTLE_SIGNATURE = "settleBatch(bytes32,bytes32,uint64,bytes32[],bytes32[],bytes,uint256[])"
 SETTLE_SELECTOR = function_signature_to_4byte_selector(SETTLE_SIGNATURE)
 GET_BATCH_SELECTOR = function_signature_to_4byte_selector("getBatch(bytes32)")
 NEXT_SEQUENCE_SELECTOR = function_signature_to_4byte_selector("nextSequence(address)")
@@ -58,16 +58,23 @@ RECORDS_SETTLED_TOPIC = hex0x(keccak(text=RECORDS_SETTLED_SIGNATURE))
 RECORDS_SETTLED_DATA = ("uint64", "bytes32[]", "bytes32[]", "uint256[]", "bytes")
 _WORD = 32
 _BATCH_WORDS = 6  # getBatch: merkleRoot, settler, settledBlock, recordCount, totalFees, firstSequence
-NO_FEE_LIMIT = 2**256 - 1  # settleBatch's maxFees when the caller priced nothing (tests, tools)
+NO_PRICE_LIMIT = 2**256 - 1  # settleBatch's bound on an adapter's price when the caller priced nothing (tests, tools)
 
 
 def settle_calldata(
-    batch_id: str, merkle_root: str, first_sequence: int, records: Sequence[SettleRecord], max_fees: int = NO_FEE_LIMIT
+    batch_id: str,
+    merkle_root: str,
+    first_sequence: int,
+    records: Sequence[SettleRecord],
+    max_prices: Mapping[str, int] | None = None,
 ) -> bytes:
-    """Calldata of settleBatch(batchId, merkleRoot, firstSequence, adapterIds, nodeIds, records, maxFees)."""
+    """Calldata of settleBatch(batchId, merkleRoot, firstSequence, adapterIds, nodeIds, records, maxPrices).
+    max_prices: adapter id (ZERO_ID: the base model) -> the most it may cost per 1k tokens, for every
+    adapter of `records` (KeyError otherwise); None bounds none."""
     packed = pack_records(records)
+    bounds = [NO_PRICE_LIMIT if max_prices is None else max_prices[a] for a in packed.adapter_ids]
     return SETTLE_SELECTOR + abi_encode(
-        ["bytes32", "bytes32", "uint64", "bytes32[]", "bytes32[]", "bytes", "uint256"],
+        ["bytes32", "bytes32", "uint64", "bytes32[]", "bytes32[]", "bytes", "uint256[]"],
         [
             id_bytes(batch_id),
             id_bytes(merkle_root),
@@ -75,7 +82,7 @@ def settle_calldata(
             [id_bytes(a) for a in packed.adapter_ids],
             [id_bytes(n) for n in packed.node_ids],
             packed.records,
-            max_fees,
+            bounds,
         ],
     )
 
@@ -521,7 +528,7 @@ class ChainClient:
         *,
         first_sequence: int,
         simulate: bool = True,
-        max_fees: int = NO_FEE_LIMIT,
+        max_prices: Mapping[str, int] | None = None,
     ) -> str:
         """Send settleBatch; returns the tx hash. simulate=True estimates it first (a duplicate raises
         BatchAlreadySettled, a batch not starting at this account's next sequence number
@@ -529,9 +536,9 @@ class ChainClient:
         learned for this shape of batch (records, adapters, nodes: estimating only the first batch of
         each; one pipelined behind batches still in flight is estimated as if numbered from the chain's
         nextSequence) and the managed nonce: a revert then shows in wait_settle_batch, a too-low limit as
-        GasTooLow. max_fees: what the caller priced the records at; the ledger refuses to charge more
-        (FeesAboveQuote)."""
-        data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_fees)
+        GasTooLow. max_prices: what the caller priced each adapter's records at (settle_calldata); the
+        ledger refuses the batch when one costs more now (PriceAboveQuote)."""
+        data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_prices)
         key = _gas_key(records)
         if simulate or key not in self._settle_gas:
             try:
@@ -544,7 +551,7 @@ class ChainClient:
                 # same batch numbered from where the chain is costs the same gas (storage, loop, tables)
                 root = MerkleTree.from_records(records, expected).root_hex
                 estimate = self.tx.estimate(
-                    self.ledger.address, settle_calldata(batch_id, root, expected, records, max_fees)
+                    self.ledger.address, settle_calldata(batch_id, root, expected, records, max_prices)
                 )
             need = int(estimate * GAS_MARGIN) + 10_000
             self._settle_gas[key] = max(self._settle_gas.get(key, 0), need)
@@ -560,7 +567,7 @@ class ChainClient:
         *,
         first_sequence: int,
         light: bool = False,
-        max_fees: int = NO_FEE_LIMIT,
+        max_prices: Mapping[str, int] | None = None,
     ):
         """Wait for a settleBatch receipt (light=True: Transactor.light_receipt's fields only, much
         cheaper); a reverted one raises its decoded reason, one that ran out of gas
@@ -569,7 +576,7 @@ class ChainClient:
         def replay() -> dict:  # only a reverted receipt needs the calldata again
             return {
                 "to": self.ledger.address,
-                "data": settle_calldata(batch_id, merkle_root, first_sequence, records, max_fees),
+                "data": settle_calldata(batch_id, merkle_root, first_sequence, records, max_prices),
             }
 
         try:
@@ -585,7 +592,7 @@ class ChainClient:
         records: Sequence[SettleRecord],
         *,
         first_sequence: int | None = None,
-        max_fees: int = NO_FEE_LIMIT,
+        max_prices: Mapping[str, int] | None = None,
     ):
         """Send and wait; returns the receipt. first_sequence None: this account's next sequence number
         (read from the chain); merkle_root None: the root of `records` from there."""
@@ -593,7 +600,7 @@ class ChainClient:
             first_sequence = self.next_sequence()
         if merkle_root is None:
             merkle_root = MerkleTree.from_records(records, first_sequence).root_hex
-        data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_fees)
+        data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_prices)
         gas = int(self.tx.estimate(self.ledger.address, data) * GAS_MARGIN) + 10_000
         return self.tx.wait(self.tx.send_data(self.ledger.address, data, gas=gas))
 
@@ -630,7 +637,7 @@ class ChainClient:
         poll: float = 0.05,
         *,
         first_sequence: int,
-        max_fees: int = NO_FEE_LIMIT,
+        max_prices: Mapping[str, int] | None = None,
         replace_after: float | None = None,
         on_replace: Callable[[str], None] | None = None,
     ) -> BatchInfo:
@@ -658,7 +665,7 @@ class ChainClient:
                     timeout=0,
                     light=True,
                     first_sequence=first_sequence,
-                    max_fees=max_fees,
+                    max_prices=max_prices,
                 )
                 raise TransactionFailed(f"transaction {tx_hash} succeeded but batch {batch_id} is not settled")
             now = time.monotonic()

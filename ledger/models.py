@@ -101,6 +101,10 @@ class SettlementBatch(SQLModel, table=True):
     # none of them has a transaction still waiting to be mined).
     settler: str | None = Field(default=None, max_length=42, index=True)
     fees_priced: str | None = None
+    # The price per 1k tokens each adapter of the batch was priced at (JSON object: adapter id -> decimal
+    # string; the zero id: the base price), sent as settleBatch's maxPrices on every send, so that the ledger
+    # refuses the batch when any one of them rose since. NULL for a batch written before these were kept.
+    prices_priced: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     claimed_by: str | None = Field(default=None, max_length=200)
     lease_expires: datetime | None = None
     senders: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

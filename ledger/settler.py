@@ -7,7 +7,7 @@ State machine (every step is committed before the next one acts, so a crash anyw
   batch sent --receipt--> batch `settled` + records `settled` (one DB transaction)
   batch refused by the ledger (its send, simulated, or its receipt reverts: any contract error but
     BatchAlreadySettled and NotSettler) --> batch `abandoned` (one DB transaction), and
-    - refused for its price (InsufficientDeposit, FeesAboveQuote): its records pending again
+    - refused for its price (InsufficientDeposit, PriceAboveQuote): its records pending again
       (re-priced). Batches mix adapters, so the prices of its adapters (and the base price) are read
       again, and only the records whose fee moved since they were priced are marked (REPRICED); the
       others go back unmarked, so an adapter owner who raises its price under batches strikes only
@@ -85,9 +85,9 @@ node the registry does not know (yet: an RPC node may lag behind the chain) are 
 UNREGISTERED, re-checked on start and every UNREGISTERED_RECHECK_EVERY seconds, and go back to the
 outbox once both are registered (no record is rejected for good any more; records an older settler
 rejected, all for that reason, are re-checked the same way). A batch that still fails
-with InsufficientDeposit (a deposit reclaimed meanwhile) or FeesAboveQuote (the ledger charges at
-most the total the settler priced the batch at, so a price raised between pricing and mining, e.g. by
-an owner front-running the batch, never costs more than was priced) is abandoned and its records
+with InsufficientDeposit (a deposit reclaimed meanwhile) or PriceAboveQuote (the ledger refuses a batch
+in which any adapter costs more than the settler priced it at, so a price raised between pricing and
+mining, e.g. by an owner front-running the batch, is never paid unseen) is abandoned and its records
 re-priced; a record whose own price moved under two batches is set aside (for a while: see above),
 the other records of those batches are never struck.
 
@@ -116,6 +116,7 @@ until one of its transactions settles; a revert then never costs more than that 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -136,16 +137,16 @@ from web3.exceptions import TransactionNotFound
 
 from common.wire import hex0x
 from ledger.batching import batch_id_for, move_to_batch, pending_rows, record_fee, to_settle_record
-from ledger.chain import NO_FEE_LIMIT, ChainClient
+from ledger.chain import ChainClient
 from ledger.db import is_postgres
 from ledger.errors import (
     BatchAlreadySettled,
     ChainUnavailable,
     ContractError,
-    FeesAboveQuote,
     InsufficientDeposit,
     LedgerError,
     NotSettler,
+    PriceAboveQuote,
     SequenceMismatch,
     TransactionFailed,
     UnknownAdapter,
@@ -176,7 +177,7 @@ REVERTED = "reverted"  # the ledger refused it, alone, for a reason the settler 
 # UNREGISTERED_RECHECK_EVERY seconds, back in the outbox once both are
 UNREGISTERED = "unregistered"
 # the ledger refused the batch as priced: give it up and price its records again
-REPRICE = (InsufficientDeposit, FeesAboveQuote)
+REPRICE = (InsufficientDeposit, PriceAboveQuote)
 REAP_EVERY = 0.2  # seconds between looks, while forming, for batches of this step the chain has settled
 STEP_ROUNDS = 4  # a step forms at most this many times max_in_flight batches
 REPRICED = "re-priced"  # `error` of a record whose batch was abandoned (or split): a second time sets it aside
@@ -208,7 +209,7 @@ class _StepReads:
     """What one step's batches are formed against, read from the chain once for the step (outside any
     write transaction), not once per batch: at batch 500 those reads were a fifth of the forming time.
     - prices: adapter id (or node id) -> price per 1k tokens, or why it cannot be settled. A price raised
-      during the step is caught by settleBatch's maxFees (the batch is re-priced), as a price raised
+      during the step is caught by settleBatch's maxPrices (the batch is re-priced), as a price raised
       between forming and mining always was.
     - deposit: (this account's deposit, the block it was read at). The step's own batches stay open until
       awaited, so _free_deposit counts them against it; a top-up is seen from the next step on.
@@ -734,7 +735,13 @@ class Settler:
         batch = None
         if keep:
             first_seq = self._next_first_seq(s, chain_next)
-            batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq)
+            batch, settle = self._new_batch(
+                s,
+                [r for r, _ in keep],
+                [fee for _, fee in keep],
+                first_seq,
+                {r.adapter_id: prices[r.adapter_id] for r, _ in keep},
+            )
             moved = move_to_batch(s, batch.batch_id, [(r.id, fee) for r, fee in keep])
             if moved != len(keep):  # as _move: a record no longer pending is never put in a second batch
                 s.rollback()
@@ -794,11 +801,11 @@ class Settler:
         return nxt
 
     def _new_batch(
-        self, s: Session, rows, fees: list[int | None], first_seq: int
+        self, s: Session, rows, fees: list[int | None], first_seq: int, prices: dict[str, int] | None
     ) -> tuple[SettlementBatch, list[SettleRecord]]:
         """A batch row (not added yet) of `rows` in this order, numbered from `first_seq` in this account's
         sequence, claimed by this instance; fees_priced is the sum of `fees` (None when one is unknown: a
-        record of a batch written before prices were)."""
+        record of a batch written before prices were), prices_priced the adapters' `prices` (None: unknown)."""
         settle = [to_settle_record(r) for r in rows]
         tree = MerkleTree.from_records(settle, first_seq)
         request_ids = [r.request_id for r in rows]
@@ -816,6 +823,7 @@ class Settler:
             settler=self.address,
             first_seq=first_seq,
             fees_priced=priced,
+            prices_priced=None if prices is None else json.dumps({a: str(p) for a, p in sorted(prices.items())}),
             claimed_by=self.instance,
             lease_expires=self._now(s) + timedelta(seconds=self.config.lease),
         )
@@ -984,7 +992,7 @@ class Settler:
                 w.records,
                 first_sequence=batch.first_seq,
                 simulate=self._probe,
-                max_fees=_quote(batch),
+                max_prices=_quote(batch),
             )
         except BatchAlreadySettled:
             self._mark_settled(batch)
@@ -1072,7 +1080,7 @@ class Settler:
                 w.records,
                 timeout=timeout,
                 first_sequence=batch.first_seq,
-                max_fees=_quote(batch),
+                max_prices=_quote(batch),
                 replace_after=self.config.replace_after,
                 on_replace=lambda new: self._replaced(batch, new),
             )
@@ -1226,6 +1234,7 @@ class Settler:
         with Session(self.engine) as s:
             row = s.get(SettlementBatch, batch.id)
             senders = {self.address, batch.settler, row.settler, *_split_senders(row.senders)} - {None}
+            quote = _quote(row)
         if not self._senders_quiet(senders):
             raise error  # one of its transactions may still be mined: look again next step
         # out of sequence (a batch before it was abandoned, or it is another account's): no record is at
@@ -1272,8 +1281,10 @@ class Settler:
                 k = len(rows) // 2
                 for half, first in ((rows[:k], batch.first_seq), (rows[k:], batch.first_seq + k)):
                     # each half keeps its records' sequence numbers: the two cover the parent's range
+                    # and is bound by the prices the parent was priced at: a split is no way round a raise
+                    bound = None if quote is None else {r.adapter_id: quote[r.adapter_id] for r in half}
                     child, _ = self._new_batch(
-                        s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half], first
+                        s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half], first, bound
                     )
                     s.add(child)
                     split.append(child)
@@ -1428,10 +1439,10 @@ class Settler:
 # ---------------------------------------------------------------------- status
 
 
-def _quote(batch: SettlementBatch) -> int:
-    """settleBatch's maxFees: the total this batch's records were priced at (no limit for a batch
-    written before prices were recorded)."""
-    return NO_FEE_LIMIT if batch.fees_priced is None else int(batch.fees_priced)
+def _quote(batch: SettlementBatch) -> dict[str, int] | None:
+    """settleBatch's maxPrices: the price each adapter of the batch was priced at (None, no bound, for a
+    batch written before they were kept)."""
+    return None if batch.prices_priced is None else {a: int(p) for a, p in json.loads(batch.prices_priced).items()}
 
 
 def settler_status(

@@ -124,7 +124,8 @@ contract AttributionLedger {
     error BatchAlreadySettled(bytes32 batchId);
     error MerkleRootMismatch(bytes32 given, bytes32 computed);
     error InsufficientDeposit(address settler, uint256 needed, uint256 available);
-    error FeesAboveQuote(uint256 fees, uint256 maxFees);
+    error PriceAboveQuote(bytes32 adapterId, uint256 price, uint256 maxPrice);
+    error MaxPricesMismatch(uint256 adapters, uint256 maxPrices);
     error InsufficientRewards(address account, uint256 requested, uint256 available);
     error NothingToWithdraw(address account);
     error TransferFailed(address to, uint256 amount);
@@ -257,10 +258,13 @@ contract AttributionLedger {
     /// Merkle root from the records, pull its fees from the caller's deposit and accrue them.
     /// `records` is packed (RECORD_BYTES each, see the contract's notice), indexing the strictly
     /// increasing `adapterIds` and `nodeIds`. Reverts with SequenceMismatch unless firstSequence ==
-    /// nextSequence(caller), BatchAlreadySettled when this batch id was settled before, and FeesAboveQuote
-    /// when the records cost more than `maxFees`, the total the settler priced them at: an adapter owner
-    /// who raises the price after the batch was priced (e.g. front-running it) gets the batch refused and
-    /// re-priced, never charged at a price the settler did not see.
+    /// nextSequence(caller), BatchAlreadySettled when this batch id was settled before, and PriceAboveQuote
+    /// when an adapter entry's price is above maxPrices[i], the price the settler priced its records at
+    /// (one bound per entry of `adapterIds`, in its order; the base model's entry bounds the base price):
+    /// an adapter owner who raises the price after the batch was priced (e.g. front-running it) gets the
+    /// batch refused and re-priced, never charged at a price the settler did not see. Each price is bounded
+    /// on its own: a bound on the batch's total would let an owner raise one adapter's price while cutting
+    /// another's in the same batch, and charge the first one's requests above the price they were shown.
     function settleBatch(
         bytes32 batchId,
         bytes32 merkleRoot,
@@ -268,7 +272,7 @@ contract AttributionLedger {
         bytes32[] calldata adapterIds,
         bytes32[] calldata nodeIds,
         bytes calldata records,
-        uint256 maxFees
+        uint256[] calldata maxPrices
     ) external {
         if (!_settlers[msg.sender]) revert NotSettler(msg.sender);
         if (batchId == bytes32(0)) revert ZeroId();
@@ -281,21 +285,29 @@ contract AttributionLedger {
         }
 
         BatchWork memory w = _prepare(adapterIds, nodeIds);
+        _checkQuotes(w.prices, adapterIds, maxPrices);
         _scan(w, firstSequence, records);
         bytes32 computed = _merkleRoot(w.leaves);
         if (computed != merkleRoot) revert MerkleRootMismatch(merkleRoot, computed);
-        _charge(batchId, merkleRoot, firstSequence, n, w.total, maxFees);
+        _charge(batchId, merkleRoot, firstSequence, n, w.total);
         _payOutBatch(batchId, w, adapterIds, nodeIds);
         emit RecordsSettled(batchId, msg.sender, firstSequence, adapterIds, nodeIds, w.prices, records);
         emit BatchSettled(batchId, msg.sender, merkleRoot, uint32(n), w.total);
     }
 
-    /// @dev Take the batch's fees from the caller's deposit (at most its quote), advance its sequence and
-    /// store the batch.
-    function _charge(bytes32 batchId, bytes32 merkleRoot, uint64 firstSequence, uint256 n, uint256 total, uint256 maxFees)
+    /// @dev Refuse the batch when an adapter entry costs more than the settler priced it at.
+    function _checkQuotes(uint256[] memory prices, bytes32[] calldata adapterIds, uint256[] calldata maxPrices)
         private
+        pure
     {
-        if (total > maxFees) revert FeesAboveQuote(total, maxFees);
+        if (maxPrices.length != prices.length) revert MaxPricesMismatch(prices.length, maxPrices.length);
+        for (uint256 a; a < prices.length; ++a) {
+            if (prices[a] > maxPrices[a]) revert PriceAboveQuote(adapterIds[a], prices[a], maxPrices[a]);
+        }
+    }
+
+    /// @dev Take the batch's fees from the caller's deposit, advance its sequence and store the batch.
+    function _charge(bytes32 batchId, bytes32 merkleRoot, uint64 firstSequence, uint256 n, uint256 total) private {
         uint256 available = _deposits[msg.sender];
         if (total > available) revert InsufficientDeposit(msg.sender, total, available);
         _deposits[msg.sender] = available - total;

@@ -288,13 +288,43 @@ def test_batch_costing_more_than_its_quote_is_refused(anvil_chain):
     env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**18)
     s = env.client(env.settler)
     deposit = s.deposit_of(env.settler.address)
-    with pytest.raises(E.FeesAboveQuote) as err:
-        s.settle_batch(rand_id(), None, records, max_fees=quote)
-    assert err.value.args_by_name == {"fees": quote * 1000, "maxFees": quote}
+    with pytest.raises(E.PriceAboveQuote) as err:
+        s.settle_batch(rand_id(), None, records, max_prices={reg.adapter_id: 10**15})
+    assert err.value.args_by_name == {
+        "adapterId": bytes.fromhex(reg.adapter_id[2:]),
+        "price": 10**18,
+        "maxPrice": 10**15,
+    }
     assert s.deposit_of(env.settler.address) == deposit  # nothing charged
     env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**15)
-    rcpt = s.settle_batch(rand_id(), None, records, max_fees=quote)  # exactly the quote settles
+    rcpt = s.settle_batch(rand_id(), None, records, max_prices={reg.adapter_id: 10**15})  # exactly the quote settles
     assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == quote
+
+
+def test_a_raise_hidden_by_a_cut_elsewhere_in_the_batch_is_refused(anvil_chain):
+    """The attack on a bound over the batch's total: the owner of adapter A raises its price fivefold while B,
+    in the same batch (cheap to own: any adapter of the attacker's), drops to nothing, so the batch costs no
+    more than priced. A's record would settle at five times the price its key was shown. Each adapter's price
+    is bounded on its own, so the batch is refused."""
+    env = anvil_chain
+    a = register_sample(env, price=10**15)
+    b = register_sample(env, price=10**16, owner=a.owner)
+    records = [
+        SettleRecord(rand_id(), a.adapter_id, a.node_id, 1000, 0),
+        SettleRecord(rand_id(), b.adapter_id, b.node_id, 1000, 0),
+    ]
+    priced = {a.adapter_id: 10**15, b.adapter_id: 10**16}
+    env.client(a.owner).set_adapter_price(a.adapter_id, 5 * 10**15)
+    env.client(a.owner).set_adapter_price(b.adapter_id, 0)  # the batch's total: 5e15 < the 1.1e16 priced
+    s = env.client(env.settler)
+    deposit = s.deposit_of(env.settler.address)
+    with pytest.raises(E.PriceAboveQuote) as err:
+        s.settle_batch(rand_id(), None, records, max_prices=priced)
+    assert hex0x(err.value.args_by_name["adapterId"]) == a.adapter_id
+    assert s.deposit_of(env.settler.address) == deposit
+    priced[a.adapter_id] = 5 * 10**15  # priced again at today's prices: settles at them
+    rcpt = s.settle_batch(rand_id(), None, records, max_prices=priced)
+    assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == 5 * 10**15
 
 
 # ------------------------------------------------------------------ base-model records (adapter id zero)

@@ -47,10 +47,11 @@ def _accrued_events(env, rcpt) -> dict:
     return dict(out)
 
 
-def _raw_settle(client, batch_id, first, adapters, nodes, packed, root=None):
-    """settleBatch with hand-made tables and records (what a broken or hostile settler could send)."""
+def _raw_settle(client, batch_id, first, adapters, nodes, packed, root=None, max_prices=None):
+    """settleBatch with hand-made tables, records and price bounds (what a broken or hostile settler could
+    send); max_prices None: no bound on any adapter entry."""
     data = SETTLE_SELECTOR + abi_encode(
-        ["bytes32", "bytes32", "uint64", "bytes32[]", "bytes32[]", "bytes", "uint256"],
+        ["bytes32", "bytes32", "uint64", "bytes32[]", "bytes32[]", "bytes", "uint256[]"],
         [
             id_bytes(batch_id),
             id_bytes(root or rand_id()),
@@ -58,7 +59,7 @@ def _raw_settle(client, batch_id, first, adapters, nodes, packed, root=None):
             [id_bytes(a) for a in adapters],
             [id_bytes(n) for n in nodes],
             packed,
-            2**256 - 1,
+            [2**256 - 1] * len(adapters) if max_prices is None else max_prices,
         ],
     )
     return client.tx.estimate(client.ledger.address, data)
@@ -273,6 +274,10 @@ def test_malformed_batches_are_refused(anvil_chain):
             packed.records,
             MerkleTree.from_records(records, first + 1).root_hex,
         )
+    for wrong in ([], [2**256 - 1] * 2):  # one price bound per adapter entry, no fewer (unchecked), no more
+        with pytest.raises(E.MaxPricesMismatch) as err:
+            _raw_settle(s, rand_id(), first, packed.adapter_ids, packed.node_ids, packed.records, root, wrong)
+        assert err.value.args_by_name == {"adapters": 1, "maxPrices": len(wrong)}
     _raw_settle(s, rand_id(), first, packed.adapter_ids, packed.node_ids, packed.records, root)  # well formed
 
 

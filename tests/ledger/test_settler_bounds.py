@@ -228,7 +228,7 @@ def test_price_raised_before_a_simulated_send_is_repriced(anvil_chain, engine, m
     with Session(engine) as s:
         batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
     assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.SETTLED]
-    assert "FeesAboveQuote" in batches[0].last_error and batches[1].record_count == 1
+    assert "PriceAboveQuote" in batches[0].last_error and batches[1].record_count == 1
     assert _status(engine) == {"settled": 1, "set_aside": 3}
     assert all(r.error.startswith(DEPOSIT_SHORT) for r in outbox_rows(engine, RecordStatus.SET_ASIDE))
     settled = outbox_rows(engine, RecordStatus.SETTLED)[0]
@@ -239,7 +239,7 @@ def test_price_raised_before_a_simulated_send_is_repriced(anvil_chain, engine, m
 
 
 def test_price_raised_under_an_unsimulated_send_reverts_once_then_is_set_aside(anvil_chain, engine, monkeypatch):
-    """With the pipe open the batch is sent unsimulated and reverts on chain (FeesAboveQuote,
+    """With the pipe open the batch is sent unsimulated and reverts on chain (PriceAboveQuote,
     decoded): abandoned, its records priced again. Raised once more under the re-formed batch, its
     record is set aside (the price keeps moving): never retried forever."""
     env = anvil_chain
@@ -266,7 +266,7 @@ def test_price_raised_under_an_unsimulated_send_reverts_once_then_is_set_aside(a
         batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))[1:]
     assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.ABANDONED]
     assert [b.record_count for b in batches] == [2, 1]
-    assert all("FeesAboveQuote" in b.last_error for b in batches)
+    assert all("PriceAboveQuote" in b.last_error for b in batches)
     rows = {r.request_id: r for r in outbox_rows(engine)}
     assert rows[first].status == RecordStatus.SET_ASIDE and rows[first].error.startswith(PRICE_MOVING)
     assert rows[second].status == RecordStatus.SET_ASIDE and rows[second].error.startswith(DEPOSIT_SHORT)
@@ -301,9 +301,44 @@ def test_owner_raising_its_price_twice_never_sets_aside_other_adapters_records(a
     with Session(engine) as s:
         batches = list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
     assert [b.status for b in batches] == [BatchStatus.ABANDONED, BatchStatus.ABANDONED, BatchStatus.SETTLED]
-    assert all("FeesAboveQuote" in b.last_error for b in batches[:2])
+    assert all("PriceAboveQuote" in b.last_error for b in batches[:2])
     on_chain = record_settled_counts(client.w3, env.deployment.ledger, start)
     assert set(on_chain) == set(ours) and set(on_chain.values()) == {1}
+
+
+def test_a_raise_offset_by_a_cut_in_the_same_batch_never_settles_above_the_quote(anvil_chain, engine, monkeypatch):
+    """The red team's attack: one owner, two adapters in one batch; before the send it raises A fivefold and
+    drops B to nothing, so the batch costs less than priced. Bounded by the batch's total, A's records
+    settled at five times the price their keys were shown. Bounded per adapter, the batch is refused; A's
+    records, priced again above their quote, are set aside; B's settle at its new price."""
+    env = anvil_chain
+    a = register_sample(env, price=10**12)
+    b = register_sample(env, price=10**13, owner=a.owner)
+    acct = _funded_settler(env, ETHER)
+    client = env.client(acct)
+    start = client.block_number() + 1
+    ids = add_records(engine, [a], 1, quote=10**12) + add_records(engine, [b], 1, quote=10**13)
+    owner, queue = env.client(a.owner), [True]
+    original = client.send_settle_batch
+
+    def send(*args, **kwargs):
+        if queue:  # before the first send only: mined first, the batch was priced at the old prices
+            queue.pop()
+            owner.set_adapter_price(a.adapter_id, 5 * 10**12)
+            owner.set_adapter_price(b.adapter_id, 0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "send_settle_batch", send)
+    settler = Settler(engine, client, SettlerConfig(batch_size=2, interval=0))
+    assert settler.drain() == 1
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    assert rows[ids[0]].status == RecordStatus.SET_ASIDE and rows[ids[0]].error.startswith(PRICE_ABOVE_QUOTE)
+    assert rows[ids[1]].status == RecordStatus.SETTLED and rows[ids[1]].fee_wei == "0"
+    with Session(engine) as s:
+        first = s.exec(select(SettlementBatch).order_by(SettlementBatch.id)).first()
+    assert first.status == BatchStatus.ABANDONED and "PriceAboveQuote" in first.last_error
+    assert json.loads(first.prices_priced) == {a.adapter_id: str(10**12), b.adapter_id: str(10**13)}
+    assert set(record_settled_counts(client.w3, env.deployment.ledger, start)) == {ids[1]}
 
 
 def test_deposit_reclaimed_under_batches_strikes_no_record(anvil_chain, engine, monkeypatch):

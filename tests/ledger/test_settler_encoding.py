@@ -45,8 +45,9 @@ def _records(n, *, adapters=5, nodes=3):
 def test_calldata_matches_web3_encoding(n):
     ledger = Web3().eth.contract(address="0x" + "11" * 20, abi=load_artifact("AttributionLedger")["abi"])
     records, batch_id, root = _records(n), rand_id(), rand_id()
-    max_fees, first = 10**18 + n, 12_345 + n
-    ours = settle_calldata(batch_id, root, first, records, max_fees)
+    first = 12_345 + n
+    max_prices = {r.adapter_id: 10**18 + i for i, r in enumerate(records)}  # one bound per adapter, each its own
+    ours = settle_calldata(batch_id, root, first, records, max_prices)
     packed = pack_records(records)
     web3s = ledger.functions.settleBatch(
         bytes.fromhex(batch_id[2:]),
@@ -55,7 +56,7 @@ def test_calldata_matches_web3_encoding(n):
         [bytes.fromhex(a[2:]) for a in packed.adapter_ids],
         [bytes.fromhex(x[2:]) for x in packed.node_ids],
         packed.records,
-        max_fees,
+        [max_prices[a] for a in packed.adapter_ids],
     )._encode_transaction_data()
     assert ours == Web3.to_bytes(hexstr=web3s)
 
