@@ -170,6 +170,9 @@ DEPOSIT_SHORT = "deposit short"
 PRICE_TOO_HIGH = "price above bound"
 # the price was raised after the gateway admitted the request at a lower one (UsageRecord.quoted_price_per_1k)
 PRICE_ABOVE_QUOTE = "price above the request's quote"
+# its quote is not a price (not decimal digits, or 2**256 or more): written by something other than the
+# outbox, which checks it. Its record alone is at fault; it waits for an operator.
+QUOTE_UNREADABLE = "quote unreadable"
 TOO_MANY_TOKENS = "tokens above bound"
 PRICE_MOVING = "price changed while settling"
 REVERTED = "reverted"  # the ledger refused it, alone, for a reason the settler does not expect, twice
@@ -695,7 +698,13 @@ class Settler:
                 aside.append((r, f"{TOO_MANY_TOKENS}: {tokens} tokens > max {cfg.max_record_tokens} per record", None))
                 continue
             fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
-            if r.quoted_price_per_1k is not None and a_price > int(r.quoted_price_per_1k):
+            quote = _read_quote(r.quoted_price_per_1k)
+            if quote is False:
+                aside.append(
+                    (r, f"{QUOTE_UNREADABLE}: {r.quoted_price_per_1k[:90]!r} is not a price per 1k tokens", None)
+                )
+                continue
+            if quote is not None and a_price > quote:
                 what = _priced(r.adapter_id)
                 aside.append(
                     (
@@ -1437,6 +1446,16 @@ class Settler:
 
 
 # ---------------------------------------------------------------------- status
+
+
+def _read_quote(text: str | None) -> int | None | bool:
+    """A record's quoted price: None when it has none, False when it is not one (its record is set aside:
+    int() would raise in every step, or take a sign or spaces)."""
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 78 or int(text) >= 2**256:
+        return False
+    return int(text)
 
 
 def _quote(batch: SettlementBatch) -> dict[str, int] | None:

@@ -8,17 +8,19 @@ import json
 import logging
 
 import pytest
+from sqlalchemy import update
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from ledger.cli import settler_app
-from ledger.models import BatchStatus, RecordStatus, SettlementBatch
+from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, count_by_status
 from ledger.settler import (
     DEPOSIT_SHORT,
     PRICE_ABOVE_QUOTE,
     PRICE_MOVING,
     PRICE_TOO_HIGH,
+    QUOTE_UNREADABLE,
     REPRICED,
     TOO_MANY_TOKENS,
     Settler,
@@ -128,6 +130,28 @@ def test_a_record_is_never_settled_above_the_price_its_request_was_admitted_at(a
         if r.request_id in quoted:
             assert int(r.fee_wei) == 10**12 // 2 * (r.prompt_tokens + r.completion_tokens) // 1000
     assert set(record_settled_counts(client.w3, env.deployment.ledger, start).values()) == {1}
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", "1e5", " 7", "9" * 79])
+def test_a_quote_the_settler_cannot_read_sets_its_record_aside_and_settlement_goes_on(anvil_chain, engine, bad):
+    """The outbox only writes quotes in [0, 2**256), but the database is shared (another writer, an older
+    release, a hand edit). A quote that is not one is its record's fault alone: set aside with the reason,
+    never retried as a moving price, while the records around it settle. It used to raise in every step
+    (settlement stopped for everyone) or, negative, be set aside as above the quote and retried forever."""
+    env = anvil_chain
+    client = env.client(env.settler)
+    reg = register_sample(env, price=10**12)
+    before = add_records(engine, [reg], 2, quote=10**12)
+    odd = add_records(engine, [reg], 1, quote=10**12)[0]
+    after = add_records(engine, [reg], 2)
+    with Session(engine) as s:
+        s.execute(update(UsageRecord).where(UsageRecord.request_id == odd).values(quoted_price_per_1k=bad))
+        s.commit()
+    assert Settler(engine, client, SettlerConfig(batch_size=5, interval=0)).drain() == 4
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    assert all(rows[r].status == RecordStatus.SETTLED for r in before + after)
+    assert rows[odd].status == RecordStatus.SET_ASIDE and rows[odd].error.startswith(QUOTE_UNREADABLE)
+    assert repr(bad) in rows[odd].error
 
 
 def test_short_deposit_settles_what_it_can_and_shows_in_status(anvil_chain, engine, caplog):
