@@ -18,9 +18,10 @@ from sqlmodel import Session, select
 from common.wire import is_id
 from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
-from gateway.errors import BadRequest, ModelNotFound, PriceExceedsLimit
+from gateway.errors import BadRequest, ModelNotFound, PriceExceedsLimit, PriceUnavailable
 from gateway.keys import KeyInfo
 from gateway.router import Target
+from gateway.usage import is_price
 from ledger.models import AdapterMirror
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, check_components, ensemble_key
@@ -63,6 +64,17 @@ class Prices:
     def of(self, adapter_id: str | None) -> int | None:
         """The price of an adapter (None: the bare base model's base price); None when unknown."""
         return self.base if adapter_id is None else self.adapters.get(adapter_id)
+
+
+def check_quotable(model: str, price: int | None) -> None:
+    """PriceUnavailable when a known price is none the chain can hold (the mirror holds any integer a buggy or
+    hostile source gave it): it can bound no usage record, so no request is admitted at it."""
+    if price is not None and not is_price(price):
+        raise PriceUnavailable(
+            f"the model '{model}' has no valid price right now (the registry gives {price} wei per 1,000 "
+            "tokens, not an integer from 0 to 2**256 - 1); retry later",
+            param="model",
+        )
 
 
 def check_price(model: str, price: int | None, limit: int | None) -> None:
@@ -178,16 +190,20 @@ class ModelCatalog:
         return self.default_max_price
 
     def check_price(self, target: Target, key: KeyInfo) -> dict[str, int]:
-        """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows; an
-        ensemble costs the sum of its adapters' prices times their weights (each adapter is billed every token
-        times its weight: ledger.outbox.split_by_weight), of those whose price is known. Returns the prices
-        checked, by the adapter id of each record the request will make (the zero id for the base model):
-        the request's quote, the most the settler will charge each record (UsageRecord.quoted_price_per_1k)."""
+        """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows, and
+        PriceUnavailable (503) when a price is none the chain can hold; an ensemble costs the sum of its
+        adapters' prices times their weights (each adapter is billed every token times its weight:
+        ledger.outbox.split_by_weight), of those whose price is known. Returns the prices checked, by the
+        adapter id of each record the request will make (the zero id for the base model): the request's quote,
+        the most the settler will charge each record (UsageRecord.quoted_price_per_1k)."""
         if target.ensemble is None:
             price = self.prices.of(target.adapter_id)
+            check_quotable(target.model, price)
             check_price(target.model, price, self.max_price(key))
             return {} if price is None else {target.adapter_id or BASE_MODEL_ADAPTER_ID: price}
         quote = {aid: price for aid, _ in target.ensemble if (price := self.prices.of(aid)) is not None}
+        for price in quote.values():
+            check_quotable(target.model, price)
         # the weights as the client wrote them (0.1 as a float is a little more than a tenth: 0.1 and 0.9 of
         # two adapters at the limit would cost 1 wei over it)
         priced = [(quote[aid], w) for aid, w in target.ensemble if aid in quote]

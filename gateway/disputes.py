@@ -14,12 +14,15 @@ from datetime import datetime
 
 from sqlalchemy import case, func, or_
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from gateway.tables import NodeReadmission
 from ledger.models import RecordStatus, UsageRecord, utcnow
 
 MIN_PREFIX_DIGITS = 6  # a node named by fewer hex digits is too easily the wrong one
+READMIT_LOCK_WAIT_S = 10.0  # the longest a readmission waits for the usage records' writers in flight
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
 
 
 class DisputeError(ValueError):
@@ -59,6 +62,11 @@ def kept_out(engine: Engine) -> dict[str, str]:
 
 def node_disputes(engine: Engine, *, include_readmitted: bool = False) -> list[NodeDisputes]:
     """Every node with disputed records (those kept out only, unless include_readmitted), latest first."""
+    with Session(engine) as s:
+        return _node_disputes(s, include_readmitted=include_readmitted)
+
+
+def _node_disputes(s: Session, *, include_readmitted: bool) -> list[NodeDisputes]:
     summary = (
         select(
             UsageRecord.node_id,
@@ -71,11 +79,10 @@ def node_disputes(engine: Engine, *, include_readmitted: bool = False) -> list[N
         .where(UsageRecord.status == RecordStatus.DISPUTED)
         .group_by(UsageRecord.node_id)
     )
-    with Session(engine) as s:
-        rows = s.exec(summary).all()
-        last_ids = [r[3] for r in rows]
-        reasons = dict(s.exec(select(UsageRecord.id, UsageRecord.error).where(UsageRecord.id.in_(last_ids))).all())
-        readmissions = {r.node_id: r for r in s.exec(select(NodeReadmission)).all()}
+    rows = s.exec(summary).all()
+    last_ids = [r[3] for r in rows]
+    reasons = dict(s.exec(select(UsageRecord.id, UsageRecord.error).where(UsageRecord.id.in_(last_ids))).all())
+    readmissions = {r.node_id: r for r in s.exec(select(NodeReadmission)).all()}
     out = []
     for node_id, records, open_, last_id, last_at in rows:
         if not open_ and not include_readmitted:
@@ -98,10 +105,15 @@ def node_disputes(engine: Engine, *, include_readmitted: bool = False) -> list[N
 
 def find_disputed(engine: Engine, ident: str) -> NodeDisputes:
     """The one disputed node whose id is `ident` or starts with it (with or without 0x)."""
+    with Session(engine) as s:
+        return _find_disputed(s, ident)
+
+
+def _find_disputed(s: Session, ident: str) -> NodeDisputes:
     digits = ident.strip().lower().removeprefix("0x")
     if len(digits) < MIN_PREFIX_DIGITS or any(c not in "0123456789abcdef" for c in digits):
         raise DisputeError(f"give a node id, or at least {MIN_PREFIX_DIGITS} of its first hex digits (got {ident!r})")
-    found = [d for d in node_disputes(engine, include_readmitted=True) if d.node_id[2:].startswith(digits)]
+    found = [d for d in _node_disputes(s, include_readmitted=True) if d.node_id[2:].startswith(digits)]
     if not found:
         raise DisputeError(f"no disputed node has an id starting {ident} (`loramesh gateway disputes list --all`)")
     if len(found) > 1:
@@ -113,13 +125,30 @@ def readmit(engine: Engine, ident: str, *, note: str = "") -> NodeDisputes:
     """Let a disputed node serve again: its disputes recorded up to now stop keeping it out (they stay
     disputed, unpaid). Returns the node's disputes as they were, `open` being those now readmitted.
     Running gateways route to it again within their registry_sync_s."""
-    node = find_disputed(engine, ident)
-    if not node.open:
-        raise DisputeError(
-            f"node {node.node_id} is not kept out: its {node.records} disputed record(s) were readmitted "
-            f"{node.readmitted_at:%Y-%m-%d %H:%M} UTC"
-        )
     with Session(engine) as s:
+        if engine.dialect.name == "postgresql":
+            # a record's id is drawn from a sequence when it is inserted, not when it commits: a dispute
+            # inserted before the read below and committed after it has an id under the highest read, so it
+            # would be readmitted unseen. SHARE waits for the inserts in flight and holds off new ones until
+            # this commits; the gateways' writes queue behind it meanwhile, so its wait is bounded. (SQLite has
+            # one writer at a time: a dispute in flight there has an id above every committed one.)
+            conn = s.connection()
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(READMIT_LOCK_WAIT_S * 1000)}")
+            try:
+                conn.exec_driver_sql("LOCK TABLE usage_records IN SHARE MODE")
+            except OperationalError as e:
+                if getattr(e.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                raise DisputeError(
+                    f"the usage records stayed locked by writers for over {READMIT_LOCK_WAIT_S:g} s: "
+                    "nothing readmitted, try again"
+                ) from e
+        node = _find_disputed(s, ident)
+        if not node.open:
+            raise DisputeError(
+                f"node {node.node_id} is not kept out: its {node.records} disputed record(s) were readmitted "
+                f"{node.readmitted_at:%Y-%m-%d %H:%M} UTC"
+            )
         s.merge(
             NodeReadmission(
                 node_id=node.node_id, through_record_id=node.last_record_id, readmitted_at=utcnow(), note=note[:500]

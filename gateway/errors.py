@@ -45,7 +45,7 @@ ERROR_STATUSES = {
     429: "over the key's rate limit",
     500: "a bug (no details)",
     502: "the node failed",
-    503: "no node, no outbox, or a base this gateway cannot tokenize",
+    503: "no node, no outbox, no valid price, or a base this gateway cannot tokenize",
 }
 
 
@@ -88,6 +88,13 @@ class PriceExceedsLimit(GatewayError):
     """The adapter's price per 1,000 tokens is above the key's maximum."""
 
     status, type, code = 403, "permission_error", "price_exceeds_key_limit"
+
+
+class PriceUnavailable(GatewayError):
+    """The model's price is no price a chain holds (below 0 or from 2**256): nothing to check the key's limit
+    against, nor to bound its usage records by."""
+
+    status, type, code = 503, "service_unavailable", "price_unavailable"
 
 
 class RateLimitsUnavailable(GatewayError):

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlmodel import Session, select
 
-from common.wire import canonical_json
+from common.wire import canonical_json, is_id
 from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from ledger.models import RecordStatus, UsageRecord, utcnow
 from ledger.outbox import OutboxError, add_usage_record, ensemble_usage
@@ -52,20 +52,38 @@ VALUE_ERRORS = (OutboxError, DataError, OverflowError)
 _INSERT_OPEN = CompletionRecord.__table__.insert()  # an open request's row (UsageRecorder.open)
 
 
+def is_price(value: object) -> bool:
+    """A price a quote may hold: one the chain can (a uint256), as the outbox takes it (quoted_price_per_1k)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**256
+
+
 def quote_json(quote: dict[str, int] | None) -> str | None:
     """A request's quote as its open row keeps it (CompletionRecord.quote_json): prices as decimal strings."""
     return canonical_json({aid: str(p) for aid, p in quote.items()}).decode() if quote else None
 
 
 def quote_of(text: str | None) -> dict[str, int]:
-    """The quote an open row keeps; empty when it has none or it cannot be read (then no record has a quote)."""
+    """The quote an open row keeps (quote_json). Empty, so that no record has a quote (the settler bounds them
+    by its own maximum price), when it has none, or holds anything but record ids with prices (logged): the
+    row is read back from a database other gateways, older releases or a hand edit write too, and a price
+    the outbox refuses would leave the request without a record."""
     if not text:
         return {}
     try:
-        return {aid: int(p) for aid, p in json.loads(text).items()}
-    except (ValueError, TypeError, AttributeError) as e:
-        log.error("an open request's quote cannot be read (%s): its records get none", e)
-        return {}
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
+        raw = None
+    if isinstance(raw, dict):
+        # decimal strings as quote_json writes them, ints as a hand may: int() would also take signs, spaces,
+        # "_" and non-ASCII digits, which the settler does not (ledger.settler's _read_quote)
+        quote = {
+            aid: int(p) if isinstance(p, str) and p.isascii() and p.isdigit() and len(p) <= 78 else p
+            for aid, p in raw.items()
+        }
+        if all(is_id(aid) and is_price(p) for aid, p in quote.items()):
+            return quote
+    log.warning("an open request's quote is not one, so its records get none: %r", text[:200])
+    return {}
 
 
 class UsageError(RuntimeError):
@@ -276,9 +294,11 @@ class UsageRecorder:
 
     def record(self, end: RequestEnd) -> str:
         """Close the request: its completion record, and its usage record when a node served it (base-model
-        requests too, under the zero adapter id). Returns "recorded", "disputed" (see end.disputed),
-        "not_served", or "already_closed" (the request is no longer open: closed by this gateway before,
-        or by a sibling's reconciliation; nothing is written); UsageError when the database refuses."""
+        requests too, under the zero adapter id). Returns "recorded", "disputed" (a disputed record is written:
+        see end.disputed), "not_served", "no_record" (closed without its usage record: the database refused
+        the gateway's own values, logged), or "already_closed" (the request is no longer open: closed by this
+        gateway before, or by a sibling's reconciliation; nothing is written); UsageError when the database
+        refuses."""
         receipt = None
         usage = None
         result = "not_served"
@@ -327,15 +347,15 @@ class UsageRecorder:
                     raise
                 # the node's values cannot be stored as given: the record is kept disputed at the gateway's
                 # counts without them (their claim in the reason), and the request closed all the same
+                judged = end.disputed, end.error
                 claim = f" (receipt counts {node_counts[0]} + {node_counts[1]})" if receipt is not None else ""
                 refused = f"usage record refused{claim}: {e}"[:1000]
-                if result == "disputed":
+                if end.disputed:
                     end.disputed = f"{end.disputed}; {refused}"
                     end.error = f"{end.error}; {refused}"
                 else:
                     end.disputed = refused
-                    self._disputed(end)
-                result = "disputed"
+                    self._disputed(end, logged=False)  # logged once the record says so
                 usage |= dict(
                     node_prompt_tokens=None,
                     node_completion_tokens=None,
@@ -346,10 +366,20 @@ class UsageRecorder:
                 )
                 try:
                     closed = self._close(end, usage)
-                except VALUE_ERRORS as e2:  # the gateway's own values are refused: close it without a record
+                except VALUE_ERRORS as e2:
+                    # the gateway's own values are refused (a quote among them): close it without a record.
+                    # None of the node's doing, so it is not disputed for it; nor kept out for a judged dispute
+                    # no record holds: a mark here alone would lapse at the next sync_disputes anyway
+                    end.disputed, end.error = judged
                     log.error("request %s: no usage record can be written: %s", end.request_id[:10], e2)
-                    end.error = f"{end.error}; no usage record could be written: {e2}"[:2000]
+                    end.error = f"{end.error + '; ' if end.error else ''}no usage record could be written: {e2}"
+                    end.error = end.error[:2000]
                     closed = self._close(end, None)
+                    result = "no_record"
+                else:
+                    if not judged[0]:
+                        self._log_disputed(end)
+                    result = "disputed"
         except (SQLAlchemyError, *VALUE_ERRORS) as e:
             raise UsageError(f"could not record request {end.request_id}: {e}") from e
         if not closed:
@@ -362,9 +392,14 @@ class UsageRecorder:
         return result
 
     @staticmethod
-    def _disputed(end: RequestEnd) -> None:
-        log.error("request %s on node %s disputed: %s", end.request_id[:10], str(end.node_id)[:10], end.disputed)
+    def _disputed(end: RequestEnd, *, logged: bool = True) -> None:
+        if logged:
+            UsageRecorder._log_disputed(end)
         end.error = f"{end.error + '; ' if end.error else ''}disputed: {end.disputed}"
+
+    @staticmethod
+    def _log_disputed(end: RequestEnd) -> None:
+        log.error("request %s on node %s disputed: %s", end.request_id[:10], str(end.node_id)[:10], end.disputed)
 
     def _close(self, end: RequestEnd, usage: dict | None) -> bool:
         """Write the completion record over the open one, with the usage record, in one transaction; False

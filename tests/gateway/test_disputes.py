@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ from typer.testing import CliRunner
 
 from common.identity import Identity
 from devnet.cli import app as cli
+from gateway import disputes
 from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
 from gateway.disputes import DisputeError, kept_out, node_disputes, readmit
@@ -24,6 +27,7 @@ from gateway.keys import create_key
 from gateway.main import create_app
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
+from gateway.tables import RequestStatus
 from gateway.usage import UsageRecorder
 from gateway.usage_book import UsageBook
 from ledger.db import init_db, make_engine
@@ -31,7 +35,7 @@ from ledger.models import RecordStatus, UsageRecord
 from ledger.outbox import add_usage_record
 from node.adapters.basemodel import base_model_id
 from tests.gateway import TINY
-from tests.gateway.test_usage import end_for
+from tests.gateway.test_usage import ADAPTER, end_for, rows
 from tests.utils.gateway import add_node, make_db, poll, start_script_node
 from tests.utils.postgres import postgres  # noqa: F401 - the fixture
 from tests.utils.servers import ServerThread
@@ -79,6 +83,78 @@ def test_a_readmitted_node_is_let_in_until_its_next_dispute(book):
     assert readmit(engine, a.node_id).open == 1  # readmitted once more: the row is replaced
     assert [d.node_id for d in node_disputes(engine)] == [b.node_id]
     assert {d.node_id for d in node_disputes(engine, include_readmitted=True)} == {a.node_id, b.node_id}
+
+
+def dispute_in_flight(engine, ident) -> tuple[Session, int]:
+    """A disputed record inserted (its id drawn) in a transaction left open: the session and the id."""
+    s = Session(engine)
+    row = add_usage_record(
+        s,
+        request_id="0x" + f"{time.time_ns():064x}",
+        adapter_id="0x" + "aa" * 32,
+        node_id=ident.node_id,
+        prompt_tokens=3,
+        completion_tokens=4,
+        status=RecordStatus.DISPUTED,
+        error="written by a gateway that has not committed yet",
+    )
+    s.flush()
+    return s, row.id
+
+
+def test_a_readmission_waits_for_a_dispute_being_written(postgres):
+    # PostgreSQL draws a record's id when it is inserted, not when it commits: a dispute inserted before the
+    # readmission reads the node's highest id and committed after it has a lower id than that, so it would
+    # be readmitted unseen. The readmission waits for it instead, and counts it among those it readmits.
+    engine = make_engine(postgres.new_database("readmit_race"))
+    init_db(engine)
+    a = Identity.generate()
+    rec = UsageRecorder(engine, {a.node_id: a.node_public_key}.get, instance_id="me")
+    late, late_id = dispute_in_flight(engine, a)
+    dispute(rec, a)  # committed first, with a higher id
+    assert node_disputes(engine)[0].last_record_id > late_id
+    done = {}
+
+    def operator() -> None:
+        done["got"] = readmit(engine, a.node_id, note="judged honest")
+        done["at"] = time.monotonic()
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    time.sleep(0.5)
+    committed_at = time.monotonic()
+    late.commit()
+    late.close()
+    thread.join(10)
+    try:
+        assert not thread.is_alive()
+        assert done["at"] > committed_at  # it waited for the dispute in flight
+        assert (done["got"].records, done["got"].open) == (2, 2)  # and the operator is told it readmitted both
+        assert kept_out(engine) == {}
+        dispute(rec, a)
+        assert set(kept_out(engine)) == {a.node_id}
+    finally:
+        engine.dispose()
+
+
+def test_a_readmission_waits_for_writers_a_bounded_time(postgres, monkeypatch):
+    # the gateways' writes queue behind its lock while it waits: a writer that never commits costs them
+    # READMIT_LOCK_WAIT_S at most, and the operator is told to try again
+    monkeypatch.setattr(disputes, "READMIT_LOCK_WAIT_S", 0.3)
+    engine = make_engine(postgres.new_database("readmit_wait"))
+    init_db(engine)
+    a = Identity.generate()
+    dispute(UsageRecorder(engine, {a.node_id: a.node_public_key}.get, instance_id="me"), a)
+    stuck, _ = dispute_in_flight(engine, a)
+    try:
+        with pytest.raises(DisputeError, match="for over 0.3 s: nothing readmitted, try again"):
+            readmit(engine, a.node_id)
+        stuck.rollback()
+        assert readmit(engine, a.node_id).open == 1
+        assert kept_out(engine) == {}
+    finally:
+        stuck.close()
+        engine.dispose()
 
 
 def test_readmit_names_one_kept_out_node(book):
@@ -205,6 +281,21 @@ def test_a_database_that_cannot_be_read_keeps_the_known_disputes_and_says_so_onc
     readmit(engine, a.node_id)
     asyncio.run(ub.sync_disputes())
     assert ub.directory.disputed == {}
+
+
+@pytest.mark.parametrize("price", [2**256, -1], ids=["2**256", "negative"])
+def test_a_quote_the_database_refuses_does_not_dispute_the_node(book, price):
+    # the quote is the gateway's own value (a registry mirror fed by a buggy or hostile source): a record it
+    # makes unwritable is the gateway's failure, not the node's. The request is closed without a record, and
+    # the node, which served as it should, is not kept out (locally, with no disputed row behind it, until
+    # the next sync forgot it)
+    engine, a, _, rec = book
+    ub = UsageBook(rec, NodeDirectory(RegistryView(engine)), GatewayMetrics(), probe_s=1)
+    assert asyncio.run(ub.record(end_for(a, quote={ADAPTER: price}))) == "no_record"
+    assert ub.directory.disputed == {} and kept_out(engine) == {}
+    (done,), records = rows(engine)
+    assert done.status == RequestStatus.OK and records == []
+    assert "no usage record could be written" in done.error and "disputed" not in done.error
 
 
 def test_the_list_prints_a_node_chosen_reason_as_text(tmp_path):

@@ -26,6 +26,7 @@ from tests.utils.servers import ServerThread
 pytestmark = pytest.mark.integration
 
 CHEAP, DEAR, CHEAP2 = "0x" + "c1" * 32, "0x" + "c2" * 32, "0x" + "c3" * 32
+HUGE, NEGATIVE = "0x" + "c4" * 32, "0x" + "c5" * 32  # prices no chain holds (a buggy or hostile mirror source)
 DEFAULT_LIMIT = 10**15
 
 
@@ -40,6 +41,8 @@ def world(tmp_path_factory, tiny_base):
     add_adapter(engine, adapter_id=CHEAP, name="acme/cheap", base_model=base, price=10**12)
     add_adapter(engine, adapter_id=DEAR, name="acme/dear", base_model=base, price=5 * 10**18, block=2)
     add_adapter(engine, adapter_id=CHEAP2, name="acme/cheap2", base_model=base, price=10**12, block=3)
+    add_adapter(engine, adapter_id=HUGE, name="acme/huge", base_model=base, price=2**256, block=4)
+    add_adapter(engine, adapter_id=NEGATIVE, name="acme/negative", base_model=base, price=-5, block=5)
     settings = GatewaySettings(
         db_url=f"sqlite:///{tmp / 'gw.db'}",
         bases=[tiny_base],
@@ -158,3 +161,19 @@ def test_each_record_keeps_the_price_its_request_was_admitted_at(world):
         u = record_of(engine, component_request_id(both, i))[1]
         assert (u.adapter_id, u.quoted_price_per_1k) == (adapter, str(10**12))
     assert record_of(engine, base)[1].quoted_price_per_1k is None  # no chain here: the base price is unknown
+
+
+def test_a_price_no_chain_holds_is_refused_before_any_node_is_asked(world):
+    # the mirror copies the chain, where a price is a uint256; any other integer in it is no price to admit a
+    # request at, nor to bound its record by: the record's write failed and the node was disputed for it
+    gw, engine, node, _ = world
+    key, _ = create_key(engine, name="boundless", max_price_per_1k_tokens=2**300)
+    before = len(node.requests)
+    for model, price in (("acme/huge", 2**256), ("acme/negative", -5), ("acme/cheap+acme/huge", 2**256)):
+        with pytest.raises(openai.InternalServerError) as ei:
+            client(gw, key).completions.create(model=model, prompt="hi", max_tokens=1)
+        err = ei.value.body
+        assert ei.value.status_code == 503 and err["code"] == "price_unavailable" and err["param"] == "model"
+        assert f"{price} wei" in err["message"]
+    assert len(node.requests) == before
+    assert client(gw, key).completions.create(model="acme/cheap", prompt="hi", max_tokens=1).choices  # not disputed

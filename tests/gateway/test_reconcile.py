@@ -7,6 +7,8 @@ The gateway here is a stub around a real UsageRecorder on SQLite; nodes are stub
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from types import SimpleNamespace
 
@@ -16,8 +18,8 @@ from sqlmodel import Session, select
 from common.identity import Identity
 from gateway.reconcile import reconcile
 from gateway.tables import CompletionRecord, RequestStatus
-from gateway.usage import UsageRecorder
-from ledger.models import UsageRecord
+from gateway.usage import UsageRecorder, quote_of
+from ledger.models import RecordStatus, UsageRecord
 from node.receipts import make_receipt, sign_receipt
 from tests.utils.gateway import make_db
 
@@ -134,6 +136,60 @@ def test_a_reconciled_record_keeps_the_price_its_request_was_admitted_at(world):
     with Session(engine) as s:
         u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).one()
     assert u.quoted_price_per_1k == str(7 * 10**30) and u.completion_tokens == 5
+
+
+UNREADABLE_QUOTES = {
+    "negative": json.dumps({ADAPTER: "-5"}),
+    "2**256": json.dumps({ADAPTER: str(2**256)}),  # no price on chain
+    "81 digits": json.dumps({ADAPTER: "9" * 81}),  # more than the record's column holds
+    "2**256 as a number": json.dumps({ADAPTER: 2**256}),
+    "fraction": json.dumps({ADAPTER: 5.5}),
+    "bool": json.dumps({ADAPTER: True}),
+    "space": json.dumps({ADAPTER: " 5"}),
+    "arabic digit": json.dumps({ADAPTER: "\u0665"}),  # a digit to int(), not to the settler
+}
+
+
+@pytest.mark.parametrize("text", UNREADABLE_QUOTES.values(), ids=UNREADABLE_QUOTES.keys())
+def test_a_quote_that_cannot_be_read_back_bounds_nothing_and_blames_no_node(world, text, caplog):
+    # the open row's quote is read back from the database (an older or a buggy gateway, a hand edit): one
+    # that is not a quote is dropped, saying so, and the record is written without one (the settler bounds
+    # it by its own maximum price); it used to fail the record's write, closing the request unpaid and
+    # taking the node for the culprit
+    engine, ident, dead = world
+    (rid,) = open_rows(dead, ident, 1, quote={ADAPTER: 10**12})
+    with Session(engine) as s:
+        s.get(CompletionRecord, rid).quote_json = text
+        s.commit()
+
+    async def answer(_rid):
+        return "ok", signed(ident, _rid)
+
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(reconcile(StubGateway(engine, ident, answer))) == 1
+    with Session(engine) as s:
+        u = s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).one()
+    assert (u.status, u.quoted_price_per_1k, u.completion_tokens) == (RecordStatus.PENDING, None, 5)
+    assert [r.levelname for r in caplog.records if "quote" in r.getMessage()] == ["WARNING"]
+
+
+def test_quote_of_takes_a_quote_only():
+    assert quote_of(json.dumps({ADAPTER: str(2**256 - 1), "0x" + "00" * 32: 0})) == {
+        ADAPTER: 2**256 - 1,
+        "0x" + "00" * 32: 0,
+    }
+    assert quote_of(json.dumps({ADAPTER: 7})) == {ADAPTER: 7}
+    assert quote_of(None) == quote_of("") == {}
+    for text in [
+        *UNREADABLE_QUOTES.values(),
+        "[1]",
+        "null",
+        "not json",
+        json.dumps({ADAPTER.upper(): "5"}),
+        json.dumps({"acme/a": "5"}),
+        json.dumps({ADAPTER: None}),
+    ]:
+        assert quote_of(text) == {}, text
 
 
 def test_stuck_requests_do_not_block_the_ones_after_them(world):
