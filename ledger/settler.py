@@ -135,7 +135,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, select
 from web3.exceptions import TransactionNotFound
 
-from common.wire import hex0x
+from common.wire import hex0x, to_id
 from ledger.batching import batch_id_for, move_to_batch, pending_rows, record_fee, to_settle_record
 from ledger.chain import ChainClient
 from ledger.db import is_postgres
@@ -202,6 +202,8 @@ class _Work:
 
     batch: SettlementBatch
     records: list[SettleRecord]
+    # settleBatch's maxPrices: adapter id -> the most it may cost per 1k tokens (Settler._bounds_of)
+    bounds: dict[str, int]
     resumed: bool
     tx_hash: str | None = None
     formed_at: float | None = None  # time.monotonic() just before a batch formed in this step took its lease
@@ -320,6 +322,10 @@ class Settler:
                     backoff = min(backoff * 2, self.config.max_backoff)
                 except (LedgerError, SQLAlchemyError) as e:  # a long-running settler must outlive these; drain() raises
                     log.error("settlement step failed (retry in %.1fs): %s", backoff, e)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, self.config.max_backoff)
+                except Exception:  # a bug, or data no check foresaw: the thread (a gateway's settler) lives on
+                    log.exception("settlement step failed unexpectedly (retry in %.1fs)", backoff)
                     stop.wait(backoff)
                     backoff = min(backoff * 2, self.config.max_backoff)
         finally:
@@ -572,8 +578,33 @@ class Settler:
             work = []
             for bid in mine:
                 b = s.get(SettlementBatch, bid)
-                work.append(_Work(b, [to_settle_record(r) for r in batch_records(s, b.batch_id)], resumed=True))
+                rows = batch_records(s, b.batch_id)
+                work.append(_Work(b, [to_settle_record(r) for r in rows], self._bounds_of(b, rows), resumed=True))
             return work
+
+    def _bounds_of(self, batch: SettlementBatch, rows) -> dict[str, int]:
+        """settleBatch's maxPrices for a batch written earlier: the prices it was priced at (prices_priced).
+        A batch without them (written by the release before, which bounded a batch's total only) or with them
+        unreadable gets, per adapter, the highest price its records' fees and quotes allow, and at most this
+        settler's max_price_per_1k; never no bound, under which a price raised while the batch was open would
+        be paid unseen."""
+        adapters = {to_id(r.adapter_id) for r in rows}
+        stored = _stored_prices(batch.prices_priced)
+        if stored is not None and adapters <= stored.keys():
+            return {a: stored[a] for a in adapters}
+        bounds = dict.fromkeys(adapters, self.config.max_price_per_1k)
+        for r in rows:
+            a, tokens = to_id(r.adapter_id), r.prompt_tokens + r.completion_tokens
+            fee, quote = _read_wei(r.fee_wei), _read_wei(r.quoted_price_per_1k)
+            if isinstance(fee, int) and not isinstance(fee, bool) and tokens > 0:
+                # fee = price * tokens // 1000: the largest price that gives this fee
+                bounds[a] = min(bounds[a], ((fee + 1) * 1000 - 1) // tokens)
+            if isinstance(quote, int) and not isinstance(quote, bool):
+                bounds[a] = min(bounds[a], quote)
+        log.warning(
+            "batch %s does not say the prices it was priced at: bounded by its records' fees and quotes", batch.batch_id
+        )
+        return bounds
 
     # ------------------------------------------------------------------ forming
 
@@ -698,7 +729,7 @@ class Settler:
                 aside.append((r, f"{TOO_MANY_TOKENS}: {tokens} tokens > max {cfg.max_record_tokens} per record", None))
                 continue
             fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
-            quote = _read_quote(r.quoted_price_per_1k)
+            quote = _read_wei(r.quoted_price_per_1k)
             if quote is False:
                 aside.append(
                     (r, f"{QUOTE_UNREADABLE}: {r.quoted_price_per_1k[:90]!r} is not a price per 1k tokens", None)
@@ -744,13 +775,9 @@ class Settler:
         batch = None
         if keep:
             first_seq = self._next_first_seq(s, chain_next)
-            batch, settle = self._new_batch(
-                s,
-                [r for r, _ in keep],
-                [fee for _, fee in keep],
-                first_seq,
-                {r.adapter_id: prices[r.adapter_id] for r, _ in keep},
-            )
+            # keyed as settleBatch's table is (SettleRecord's spelling of an id), whatever the row's spelling
+            bounds = {to_id(r.adapter_id): prices[r.adapter_id] for r, _ in keep}
+            batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq, bounds)
             moved = move_to_batch(s, batch.batch_id, [(r.id, fee) for r, fee in keep])
             if moved != len(keep):  # as _move: a record no longer pending is never put in a second batch
                 s.rollback()
@@ -769,7 +796,7 @@ class Settler:
         if batch is None:
             return False
         log.info("formed batch %s with %d records (%d wei)", batch.batch_id, batch.record_count, total)
-        return _Work(batch, settle, resumed=False, formed_at=formed_at)
+        return _Work(batch, settle, bounds, resumed=False, formed_at=formed_at)
 
     def _next_first_seq(self, s: Session, chain_next: int) -> int:
         """The sequence number a new batch of this account starts at: past the chain's nextSequence (read
@@ -810,11 +837,11 @@ class Settler:
         return nxt
 
     def _new_batch(
-        self, s: Session, rows, fees: list[int | None], first_seq: int, prices: dict[str, int] | None
+        self, s: Session, rows, fees: list[int | None], first_seq: int, prices: dict[str, int]
     ) -> tuple[SettlementBatch, list[SettleRecord]]:
         """A batch row (not added yet) of `rows` in this order, numbered from `first_seq` in this account's
         sequence, claimed by this instance; fees_priced is the sum of `fees` (None when one is unknown: a
-        record of a batch written before prices were), prices_priced the adapters' `prices` (None: unknown)."""
+        record of a batch written before prices were), prices_priced the adapters' `prices`."""
         settle = [to_settle_record(r) for r in rows]
         tree = MerkleTree.from_records(settle, first_seq)
         request_ids = [r.request_id for r in rows]
@@ -832,7 +859,7 @@ class Settler:
             settler=self.address,
             first_seq=first_seq,
             fees_priced=priced,
-            prices_priced=None if prices is None else json.dumps({a: str(p) for a, p in sorted(prices.items())}),
+            prices_priced=json.dumps({a: str(p) for a, p in sorted(prices.items())}),
             claimed_by=self.instance,
             lease_expires=self._now(s) + timedelta(seconds=self.config.lease),
         )
@@ -1001,7 +1028,7 @@ class Settler:
                 w.records,
                 first_sequence=batch.first_seq,
                 simulate=self._probe,
-                max_prices=_quote(batch),
+                max_prices=w.bounds,
             )
         except BatchAlreadySettled:
             self._mark_settled(batch)
@@ -1089,7 +1116,7 @@ class Settler:
                 w.records,
                 timeout=timeout,
                 first_sequence=batch.first_seq,
-                max_prices=_quote(batch),
+                max_prices=w.bounds,
                 replace_after=self.config.replace_after,
                 on_replace=lambda new: self._replaced(batch, new),
             )
@@ -1227,8 +1254,9 @@ class Settler:
         ever sent it has one waiting to be mined), give it up:
         - refused as priced (REPRICE: a price raised since, a deposit reclaimed): its records go back
           to the outbox to be priced again; only those whose fee at today's price differs from the
-          fee they were batched at (_price_moved) are struck (marked REPRICED), the others go back
-          unmarked (an InsufficientDeposit with no price moved strikes nobody);
+          fee they were batched at (_price_moved), and those of the adapter a PriceAboveQuote names, are
+          struck (marked REPRICED), the others go back unmarked (an InsufficientDeposit with no price
+          moved strikes nobody);
         - a batch of one record refused for any other reason: it goes back, struck;
         - refused for any other reason with several records: it is split in two halves (written and
           claimed here, sent next), so that the records at fault are isolated and the rest settle;
@@ -1243,7 +1271,6 @@ class Settler:
         with Session(self.engine) as s:
             row = s.get(SettlementBatch, batch.id)
             senders = {self.address, batch.settler, row.settler, *_split_senders(row.senders)} - {None}
-            quote = _quote(row)
         if not self._senders_quiet(senders):
             raise error  # one of its transactions may still be mined: look again next step
         # out of sequence (a batch before it was abandoned, or it is another account's): no record is at
@@ -1291,7 +1318,7 @@ class Settler:
                 for half, first in ((rows[:k], batch.first_seq), (rows[k:], batch.first_seq + k)):
                     # each half keeps its records' sequence numbers: the two cover the parent's range
                     # and is bound by the prices the parent was priced at: a split is no way round a raise
-                    bound = None if quote is None else {r.adapter_id: quote[r.adapter_id] for r in half}
+                    bound = {to_id(r.adapter_id): w.bounds[to_id(r.adapter_id)] for r in half}
                     child, _ = self._new_batch(
                         s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half], first, bound
                     )
@@ -1306,8 +1333,12 @@ class Settler:
                     )
             else:
                 # a price refusal strikes only the records whose price moved (their adapter's owner, or the
-                # ledger's base price); the others were not at fault and go back unmarked
-                struck = [r for r in rows if r.id in moved] if priced else rows
+                # ledger's base price), and those of the adapter the ledger named as above its bound, even if
+                # its price is back by now: an owner who raises it around each send and restores it after
+                # would otherwise stall every batch its records are in, for ever, striking nobody. The others
+                # were not at fault and go back unmarked
+                named = _named_adapter(error)
+                struck = [r for r in rows if r.id in moved or to_id(r.adapter_id) == named] if priced else rows
                 spared = [r.id for r in rows if r.id not in moved] if priced else []
                 again = [r.id for r in struck if r.error and r.error.startswith(REPRICED)]
                 first = [r.id for r in struck if not (r.error and r.error.startswith(REPRICED))]
@@ -1448,9 +1479,10 @@ class Settler:
 # ---------------------------------------------------------------------- status
 
 
-def _read_quote(text: str | None) -> int | None | bool:
-    """A record's quoted price: None when it has none, False when it is not one (its record is set aside:
-    int() would raise in every step, or take a sign or spaces)."""
+def _read_wei(text: str | None) -> int | None | bool:
+    """An amount of wei as the database keeps it (a quote, a fee): None when there is none, False when it is
+    not one (int() would raise, or take a sign or spaces), as a settler must read what any writer of a shared
+    database may have put there."""
     if text is None:
         return None
     if not (text.isascii() and text.isdigit()) or len(text) > 78 or int(text) >= 2**256:
@@ -1458,10 +1490,26 @@ def _read_quote(text: str | None) -> int | None | bool:
     return int(text)
 
 
-def _quote(batch: SettlementBatch) -> dict[str, int] | None:
-    """settleBatch's maxPrices: the price each adapter of the batch was priced at (None, no bound, for a
-    batch written before they were kept)."""
-    return None if batch.prices_priced is None else {a: int(p) for a, p in json.loads(batch.prices_priced).items()}
+def _named_adapter(error: Exception) -> str | None:
+    """The adapter a PriceAboveQuote names (None for any other error, or one that cannot be read)."""
+    if not isinstance(error, PriceAboveQuote):
+        return None
+    try:
+        return to_id(error.args_by_name.get("adapterId"))
+    except ValueError:
+        return None
+
+
+def _stored_prices(text: str | None) -> dict[str, int] | None:
+    """A batch's prices_priced (adapter id -> price); None when it has none or they cannot be read."""
+    try:
+        got = json.loads(text) if text else None
+        if not isinstance(got, dict):
+            return None
+        out = {to_id(a): _read_wei(p) for a, p in got.items()}
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return out if all(isinstance(p, int) and not isinstance(p, bool) for p in out.values()) else None
 
 
 def settler_status(

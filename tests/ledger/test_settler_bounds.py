@@ -13,6 +13,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from ledger.cli import settler_app
+from ledger.errors import ContractError
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, count_by_status
 from ledger.settler import (
@@ -363,6 +364,100 @@ def test_a_raise_offset_by_a_cut_in_the_same_batch_never_settles_above_the_quote
     assert first.status == BatchStatus.ABANDONED and "PriceAboveQuote" in first.last_error
     assert json.loads(first.prices_priced) == {a.adapter_id: str(10**12), b.adapter_id: str(10**13)}
     assert set(record_settled_counts(client.w3, env.deployment.ledger, start)) == {ids[1]}
+
+
+def test_an_owner_raising_around_each_send_and_restoring_after_is_struck(anvil_chain, engine, monkeypatch):
+    """The red team's stall: the owner front-runs each settleBatch with a raise of 1 wei and back-runs it with
+    the old price. Every batch holding its record reverted, and by the time the settler looked the price was
+    back: nobody was struck, the record headed the next batch again, for ever, each round a reverted
+    transaction. The adapter the ledger names is struck whatever its price when the settler looks: its record
+    is set aside on the second refusal and the others settle."""
+    env = anvil_chain
+    attacker = register_sample(env, price=10**12)
+    innocent = register_sample(env, price=10**12)
+    acct = _funded_settler(env, ETHER)
+    client = env.client(acct)
+    owner = env.client(attacker.owner)
+    start = client.block_number() + 1
+    mine = add_records(engine, [attacker], 1, quote=10**12)  # oldest in the outbox: it heads every batch
+    ours = add_records(engine, [innocent], 9, quote=10**12)
+    original = client.tx.send_data
+
+    def sandwiched(to, data, **kw):  # after the settler's simulation, around its broadcast
+        if to != client.ledger.address:
+            return original(to, data, **kw)
+        owner.set_adapter_price(attacker.adapter_id, 10**12 + 1)
+        try:
+            return original(to, data, **kw)  # mined between the two
+        finally:
+            owner.set_adapter_price(attacker.adapter_id, 10**12)
+
+    monkeypatch.setattr(client.tx, "send_data", sandwiched)
+    settler = Settler(engine, client, SettlerConfig(batch_size=500, interval=0))
+    for _ in range(4):
+        try:
+            settler.step(force=True)
+        except ContractError:  # a refusal surfaces from the step that sees it: the end state is the point
+            pass
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    assert rows[mine[0]].status == RecordStatus.SET_ASIDE and rows[mine[0]].error.startswith(PRICE_MOVING)
+    assert all(rows[r].status == RecordStatus.SETTLED for r in ours)
+    txs = ledger_transactions(client.w3, env.deployment.ledger, start, [acct.address])
+    assert [t.status for t in txs] == [0, 0, 1]  # two refusals, then it settles
+
+
+def test_a_batch_written_before_prices_were_kept_is_bounded_by_its_records(anvil_chain, engine):
+    """A batch the release before wrote (its total priced, no prices per adapter) and left open (crashed
+    before sending, stuck, dropped) was sent with no bound at all: a price raised meanwhile was paid unseen.
+    It is bounded by the prices its records' fees and quotes allow: refused, its records priced again."""
+    env = anvil_chain
+    acct = _funded_settler(env, ETHER)
+    client = env.client(acct)
+    reg = register_sample(env, price=10**12)
+    quoted = add_records(engine, [reg], 2, quote=10**12)
+    unquoted = add_records(engine, [reg], 2)
+
+    def crash_before_send(point):
+        if point == "before_send":
+            raise RuntimeError(point)
+
+    first = Settler(engine, client, SettlerConfig(batch_size=4, interval=0), on_point=crash_before_send)
+    with pytest.raises(RuntimeError):
+        first.step(force=True)
+    first.release()
+    with Session(engine) as s:  # as the release before left it: fees_priced, no prices_priced
+        s.execute(update(SettlementBatch).values(prices_priced=None))
+        s.commit()
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 5 * 10**12)  # raised while the batch is open
+
+    assert Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain() == 2
+    with Session(engine) as s:
+        old, new = s.exec(select(SettlementBatch).order_by(SettlementBatch.id)).all()
+    assert old.status == BatchStatus.ABANDONED and "PriceAboveQuote" in old.last_error
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    assert all(rows[r].status == RecordStatus.SET_ASIDE and rows[r].error.startswith(PRICE_ABOVE_QUOTE) for r in quoted)
+    for r in unquoted:  # no quote: priced again at the price the settler now sees, within its own maximum
+        row = rows[r]
+        assert row.status == RecordStatus.SETTLED and row.batch_id == new.batch_id
+        assert int(row.fee_wei) == 5 * 10**12 * (row.prompt_tokens + row.completion_tokens) // 1000
+
+
+def test_an_adapter_id_spelled_otherwise_settles_and_stalls_nobody(anvil_chain, engine):
+    """A record whose adapter id is in upper case (another writer on the shared database, a hand edit) is the
+    same adapter: it settles with the rest. Its price bound was kept under the row's spelling and looked up
+    under the ledger's, and the KeyError ended the settler at every start."""
+    env = anvil_chain
+    client = env.client(env.settler)
+    reg = register_sample(env, price=10**12)
+    other = register_sample(env, price=10**12)
+    odd = add_records(engine, [reg], 1, quote=10**12)[0]
+    rest = add_records(engine, [other], 4, quote=10**12)
+    with Session(engine) as s:
+        shouted = "0x" + reg.adapter_id[2:].upper()
+        s.execute(update(UsageRecord).where(UsageRecord.request_id == odd).values(adapter_id=shouted))
+        s.commit()
+    assert Settler(engine, client, SettlerConfig(batch_size=5, interval=0)).drain() == 5
+    assert {r.request_id for r in outbox_rows(engine, RecordStatus.SETTLED)} == {odd, *rest}
 
 
 def test_deposit_reclaimed_under_batches_strikes_no_record(anvil_chain, engine, monkeypatch):
