@@ -173,6 +173,8 @@ PRICE_ABOVE_QUOTE = "price above the request's quote"
 # its quote is not a price (not decimal digits, or 2**256 or more): written by something other than the
 # outbox, which checks it. Its record alone is at fault; it waits for an operator.
 QUOTE_UNREADABLE = "quote unreadable"
+# its request, adapter or node id is not a 32-byte id (not written by the outbox either): nothing can settle it
+ID_UNREADABLE = "id unreadable"
 TOO_MANY_TOKENS = "tokens above bound"
 PRICE_MOVING = "price changed while settling"
 REVERTED = "reverted"  # the ledger refused it, alone, for a reason the settler does not expect, twice
@@ -587,7 +589,8 @@ class Settler:
         A batch without them (written by the release before, which bounded a batch's total only) or with them
         unreadable gets, per adapter, the highest price its records' fees and quotes allow, and at most this
         settler's max_price_per_1k; never no bound, under which a price raised while the batch was open would
-        be paid unseen."""
+        be paid unseen. (Records with neither a fee nor a quote, batched before fees were kept, are bounded by
+        max_price_per_1k alone, as they are when they are priced again.)"""
         adapters = {to_id(r.adapter_id) for r in rows}
         stored = _stored_prices(batch.prices_priced)
         if stored is not None and adapters <= stored.keys():
@@ -649,6 +652,8 @@ class Settler:
             a = r.adapter_id
             if a in prices:
                 pass
+            elif not _is_readable_id(a):  # written by something other than the outbox, which checks ids
+                prices[a] = f"{ID_UNREADABLE}: adapter id {a[:80]!r} is not a 32-byte id"
             elif a == BASE_MODEL_ADAPTER_ID:  # a base-model record: the ledger's base price, no registry entry
                 prices[a] = self.client.base_price()
             else:
@@ -658,6 +663,9 @@ class Settler:
                     prices[a] = f"{UNREGISTERED}: adapter {a} is not registered on chain"
             n = r.node_id
             if n in prices or n in self._known_nodes:
+                continue
+            if not _is_readable_id(n):
+                prices[n] = f"{ID_UNREADABLE}: node id {n[:80]!r} is not a 32-byte id"
                 continue
             try:
                 self.client.get_node(n)
@@ -721,6 +729,9 @@ class Settler:
         nodes: set[str] = set()
         for r in rows:
             a_price, n_reason = prices[r.adapter_id], prices.get(r.node_id)
+            if not _is_readable_id(r.request_id):
+                aside.append((r, f"{ID_UNREADABLE}: request id {r.request_id[:80]!r} is not a 32-byte id", None))
+                continue
             if isinstance(a_price, str) or isinstance(n_reason, str):
                 aside.append((r, a_price if isinstance(a_price, str) else n_reason, None))
                 continue
@@ -1488,6 +1499,14 @@ def _read_wei(text: str | None) -> int | None | bool:
     if not (text.isascii() and text.isdigit()) or len(text) > 78 or int(text) >= 2**256:
         return False
     return int(text)
+
+
+def _is_readable_id(value: object) -> bool:
+    try:
+        to_id(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _named_adapter(error: Exception) -> str | None:

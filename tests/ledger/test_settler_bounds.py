@@ -18,6 +18,7 @@ from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecor
 from ledger.outbox import add_usage_record, count_by_status
 from ledger.settler import (
     DEPOSIT_SHORT,
+    ID_UNREADABLE,
     PRICE_ABOVE_QUOTE,
     PRICE_MOVING,
     PRICE_TOO_HIGH,
@@ -458,6 +459,24 @@ def test_an_adapter_id_spelled_otherwise_settles_and_stalls_nobody(anvil_chain, 
         s.commit()
     assert Settler(engine, client, SettlerConfig(batch_size=5, interval=0)).drain() == 5
     assert {r.request_id for r in outbox_rows(engine, RecordStatus.SETTLED)} == {odd, *rest}
+
+
+@pytest.mark.parametrize("column", ["adapter_id", "node_id", "request_id"])
+def test_a_record_whose_id_is_not_one_is_set_aside_and_stalls_nobody(anvil_chain, engine, column):
+    """A row at the head of the outbox whose request, adapter or node id is not an id (written by something
+    other than the outbox): reading its price raised in every step, and no record behind it ever settled."""
+    env = anvil_chain
+    client = env.client(env.settler)
+    reg = register_sample(env, price=10**12)
+    bad = add_records(engine, [reg], 1)[0]
+    good = add_records(engine, [reg], 4)
+    with Session(engine) as s:
+        s.execute(update(UsageRecord).where(UsageRecord.request_id == bad).values({column: "0x1234"}))
+        s.commit()
+    assert Settler(engine, client, SettlerConfig(batch_size=5, interval=0)).drain() == 4
+    assert {r.request_id for r in outbox_rows(engine, RecordStatus.SETTLED)} == set(good)
+    (aside,) = outbox_rows(engine, RecordStatus.SET_ASIDE)
+    assert aside.error.startswith(ID_UNREADABLE) and "'0x1234'" in aside.error
 
 
 def test_deposit_reclaimed_under_batches_strikes_no_record(anvil_chain, engine, monkeypatch):
