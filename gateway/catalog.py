@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class Prices:
-    """wei per 1,000 tokens: by adapter id, and the base price (None when the gateway has no chain)."""
+    """wei per 1,000 tokens: by adapter id, and the base price. A price is unknown (None) when the gateway has
+    no chain (no pricing at all), and, with one, until it is read: the base price before the chain first answers
+    (refresh_base), an adapter the registry view already resolves before the next reload sees it (both run in
+    the registry sync, the view first; any process on the database may write the mirror between them).
+    `client` is None when the gateway has no chain."""
 
     def __init__(self, engine: Engine, client=None) -> None:
         self.engine, self.client = engine, client
@@ -64,6 +68,22 @@ class Prices:
     def of(self, adapter_id: str | None) -> int | None:
         """The price of an adapter (None: the bare base model's base price); None when unknown."""
         return self.base if adapter_id is None else self.adapters.get(adapter_id)
+
+    def known(self, model: str, adapter_id: str | None) -> int | None:
+        """The price of an adapter (None: the base model's), or PriceUnavailable when the gateway has a chain and
+        does not know it yet: the key's limit cannot be checked, nor the request's records bounded, at a price
+        not read. None (not checked, not quoted) only on a gateway with no chain, which prices nothing.
+        Nothing is read here: admission calls it on the event loop (gateway.request's _prepare), where a
+        database read would stall every request; the next registry sync reads the price."""
+        price = self.of(adapter_id)
+        if price is None and self.client is not None:
+            what = "the base price" if adapter_id is None else f"the price of the adapter {adapter_id}"
+            raise PriceUnavailable(
+                f"the model '{model}' cannot be served right now: {what} is not known to this gateway yet "
+                "(it is read from the chain); retry shortly",
+                param="model",
+            )
+        return price
 
 
 def check_quotable(model: str, price: int | None) -> None:
@@ -191,17 +211,21 @@ class ModelCatalog:
 
     def check_price(self, target: Target, key: KeyInfo) -> dict[str, int]:
         """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows, and
-        PriceUnavailable (503) when a price is none the chain can hold; an ensemble costs the sum of its
-        adapters' prices times their weights (each adapter is billed every token times its weight:
-        ledger.outbox.split_by_weight), of those whose price is known. Returns the prices checked, by the
-        adapter id of each record the request will make (the zero id for the base model): the request's quote,
-        the most the settler will charge each record (UsageRecord.quoted_price_per_1k)."""
+        PriceUnavailable (503) when a price is none the chain can hold, or, on a gateway with a chain, not
+        known to it yet (Prices.known); an ensemble costs the sum of its adapters' prices times their weights
+        (each adapter is billed every token times its weight: ledger.outbox.split_by_weight). Returns the
+        prices checked, by the adapter id of each record the request will make (the zero id for the base
+        model): the request's quote, the most the settler will charge each record
+        (UsageRecord.quoted_price_per_1k). Only a gateway with no chain leaves a price unknown: unchecked and
+        out of the quote (an ensemble's sum is of its known prices)."""
         if target.ensemble is None:
-            price = self.prices.of(target.adapter_id)
+            price = self.prices.known(target.model, target.adapter_id)
             check_quotable(target.model, price)
             check_price(target.model, price, self.max_price(key))
             return {} if price is None else {target.adapter_id or BASE_MODEL_ADAPTER_ID: price}
-        quote = {aid: price for aid, _ in target.ensemble if (price := self.prices.of(aid)) is not None}
+        quote = {
+            aid: price for aid, _ in target.ensemble if (price := self.prices.known(target.model, aid)) is not None
+        }
         for price in quote.values():
             check_quotable(target.model, price)
         # the weights as the client wrote them (0.1 as a float is a little more than a tenth: 0.1 and 0.9 of

@@ -91,8 +91,8 @@ class PriceExceedsLimit(GatewayError):
 
 
 class PriceUnavailable(GatewayError):
-    """The model's price is no price a chain holds (below 0 or from 2**256): nothing to check the key's limit
-    against, nor to bound its usage records by."""
+    """The model's price is no price a chain holds (below 0 or from 2**256), or one a gateway with a chain has
+    not read yet: nothing to check the key's limit against, nor to bound its usage records by."""
 
     status, type, code = 503, "service_unavailable", "price_unavailable"
 

@@ -140,6 +140,9 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         # requests raced in transformers' lazy imports (500s)
         await asyncio.to_thread(gw.templates.warm)
         await gw.book.sync_disputes()
+        # a gateway with a chain refuses a model whose price it has not read (503 price_unavailable): the base
+        # price is read before the port opens, not by the first sync, which runs beside the first requests
+        await asyncio.to_thread(gw.prices.refresh_base)
         loop = asyncio.get_running_loop()
         loops = [loop.create_task(coro, name=name) for name, coro in gw.loops()]
         if settler_account is not None and chain_client is not None and settings.settle:

@@ -1,7 +1,8 @@
 """Prices bounded and visible: /v1/models shows each adapter's price per 1,000 tokens (wei, from the registry
 mirror); a key has a maximum price (the gateway's default, or its own from `loramesh gateway keys
 create/update --max-price-per-1k-tokens`), and a dearer adapter is refused with 403 price_exceeds_key_limit
-naming the price and the limit, before any node is asked."""
+naming the price and the limit, before any node is asked; a price that a gateway with a chain has not read yet
+(a new adapter's, the base price) is refused with 503 price_unavailable, also before any node is asked."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from ledger.outbox import component_request_id
 from node.adapters.basemodel import base_model_id
 from node.heartbeat import HeartbeatSender
 from tests.gateway import TINY
-from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db, record_of
+from tests.utils.gateway import StandInNode, add_adapter, add_node, make_db, poll, record_of
 from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
 
 CHEAP, DEAR, CHEAP2 = "0x" + "c1" * 32, "0x" + "c2" * 32, "0x" + "c3" * 32
 HUGE, NEGATIVE = "0x" + "c4" * 32, "0x" + "c5" * 32  # prices no chain holds (a buggy or hostile mirror source)
+FRESH, GREEDY, LATE = "0x" + "d1" * 32, "0x" + "d2" * 32, "0x" + "d3" * 32  # registered after the gateway started
 DEFAULT_LIMIT = 10**15
 
 
@@ -177,3 +179,118 @@ def test_a_price_no_chain_holds_is_refused_before_any_node_is_asked(world):
         assert f"{price} wei" in err["message"]
     assert len(node.requests) == before
     assert client(gw, key).completions.create(model="acme/cheap", prompt="hi", max_tokens=1).choices  # not disputed
+
+
+class Chain:
+    """The ledger as the gateway's prices read it (base_price); price None: the chain does not answer."""
+
+    def __init__(self) -> None:
+        self.price: int | None = None
+        self.reads = 0
+
+    def base_price(self) -> int:
+        self.reads += 1
+        if self.price is None:
+            raise ConnectionError("the chain does not answer")
+        return self.price
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory, tiny_base):
+    """A gateway that prices with a chain (down at its start: no base price yet) and syncs its registry once,
+    at its start: the tests move the registry view and the prices on by hand, as the registry sync does."""
+    tmp = tmp_path_factory.mktemp("chained")
+    engine = make_db(tmp / "gw.db")
+    base = base_model_id(tiny_base)
+    node = StandInNode(Identity.generate(), base)
+    node_srv = ServerThread(node.app()).start()
+    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
+    add_adapter(engine, adapter_id=CHEAP, name="acme/cheap", base_model=base, price=10**12)
+    settings = GatewaySettings(
+        db_url=f"sqlite:///{tmp / 'gw.db'}",
+        bases=[tiny_base],
+        heartbeat_ttl_s=60,
+        default_max_price_per_1k_tokens=DEFAULT_LIMIT,
+        key_cache_ttl_s=0,
+        registry_sync_s=3600,
+    )
+    app = create_app(settings)
+    gateway, chain = app.state.gateway, Chain()
+    gateway.prices.client = chain  # the prices' chain alone: the registry view reads the mirror table as it is
+    gw = ServerThread(app).start()
+    poll(lambda: chain.reads >= 1, timeout=20)  # the first sync is over (the base price is its last read)
+    sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
+    assert asyncio.run(sender.send_once()) == {gw.url: 200}
+    try:
+        yield gw, engine, node, gateway, chain, base
+    finally:
+        gw.stop()
+        node_srv.stop()
+
+
+def assert_price_unavailable(gw, key, model: str, **kw) -> None:
+    with pytest.raises(openai.InternalServerError) as ei:
+        client(gw, key).completions.create(model=model, prompt="hi", max_tokens=1, **kw)
+    err = ei.value.body
+    assert ei.value.status_code == 503 and err["code"] == "price_unavailable" and err["param"] == "model"
+    assert "not known to this gateway yet" in err["message"] and "retry" in err["message"]
+
+
+def test_an_adapter_registered_before_the_gateway_has_its_price_is_refused_until_it_has(chained):
+    # any process on the database writes the mirror, and the registry view re-reads it before the prices do:
+    # an adapter at any price was served in between, unchecked against the key's limit, its records unbounded
+    gw, engine, node, gateway, _, base = chained
+    key, _ = create_key(engine, name="fresh", max_price_per_1k_tokens=10**13)
+    add_adapter(engine, adapter_id=FRESH, name="acme/fresh", base_model=base, price=10**12, block=10)
+    add_adapter(engine, adapter_id=GREEDY, name="acme/greedy", base_model=base, price=5 * 10**18, block=11)
+    gateway.registry.reload()  # the registry sync's first step; the prices' reload is still to come
+    assert gateway.prices.of(FRESH) is None and gateway.prices.of(GREEDY) is None
+    before = len(node.requests)
+    for model in ("acme/fresh", "acme/greedy", FRESH):
+        assert_price_unavailable(gw, key, model)
+    assert len(node.requests) == before  # no node was asked
+
+    gateway.prices.reload()
+    rid = client(gw, key).completions.with_raw_response.create(model="acme/fresh", prompt="hi", max_tokens=1)
+    assert record_of(engine, rid.headers["x-request-id"])[1].quoted_price_per_1k == str(10**12)
+    with pytest.raises(openai.PermissionDeniedError) as ei:  # its price known, checked against the key's limit
+        client(gw, key).completions.create(model="acme/greedy", prompt="hi", max_tokens=1)
+    assert ei.value.body["code"] == "price_exceeds_key_limit"
+    assert len(node.requests) == before + 1
+
+
+def test_the_base_model_is_refused_until_the_gateway_has_read_the_base_price(chained):
+    gw, engine, node, gateway, chain, _ = chained
+    chain.price, gateway.prices.base = None, None  # the chain did not answer at the gateway's start, nor since
+    key, _ = create_key(engine, name="base", max_price_per_1k_tokens=10**13)
+    before = len(node.requests)
+    assert_price_unavailable(gw, key, TINY)
+    gateway.prices.refresh_base()  # still down: nothing read
+    assert_price_unavailable(gw, key, TINY)
+    assert len(node.requests) == before
+
+    chain.price = 10**12
+    gateway.prices.refresh_base()
+    rid = client(gw, key).completions.with_raw_response.create(model=TINY, prompt="hi", max_tokens=1)
+    assert record_of(engine, rid.headers["x-request-id"])[1].quoted_price_per_1k == str(10**12)
+
+
+def test_an_ensemble_with_an_adapter_of_unknown_price_is_refused(chained):
+    # its part of unknown price was left out of the sum checked against the key's limit and out of the quote
+    gw, engine, node, gateway, _, base = chained
+    key, _ = create_key(engine, name="ensemble", max_price_per_1k_tokens=10**13)
+    add_adapter(engine, adapter_id=LATE, name="acme/late", base_model=base, price=10**12, block=12)
+    gateway.registry.reload()
+    assert gateway.prices.of(LATE) is None
+    before = len(node.requests)
+    assert_price_unavailable(gw, key, "acme/cheap+acme/late")
+    assert len(node.requests) == before
+
+    gateway.prices.reload()
+    both = client(gw, key).completions.with_raw_response.create(
+        model="acme/cheap+acme/late", prompt="hi", max_tokens=1, extra_body={"adapter_weights": [0.5, 0.5]}
+    )
+    rid = both.headers["x-request-id"]
+    for i, adapter in enumerate((CHEAP, LATE)):
+        u = record_of(engine, component_request_id(rid, i))[1]
+        assert (u.adapter_id, u.quoted_price_per_1k) == (adapter, str(10**12))
