@@ -32,19 +32,16 @@ FRESH, GREEDY, LATE = "0x" + "d1" * 32, "0x" + "d2" * 32, "0x" + "d3" * 32  # re
 DEFAULT_LIMIT = 10**15
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_base):
-    tmp = tmp_path_factory.mktemp("prices")
+def _node_and_db(tmp, tiny_base, adapters):
+    """A gateway database holding a serving stand-in node and `adapters` ((id, name, price), one block each),
+    and the gateway settings over it: (engine, base id, node, node server, settings)."""
     engine = make_db(tmp / "gw.db")
     base = base_model_id(tiny_base)
     node = StandInNode(Identity.generate(), base)
     node_srv = ServerThread(node.app()).start()
     add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
-    add_adapter(engine, adapter_id=CHEAP, name="acme/cheap", base_model=base, price=10**12)
-    add_adapter(engine, adapter_id=DEAR, name="acme/dear", base_model=base, price=5 * 10**18, block=2)
-    add_adapter(engine, adapter_id=CHEAP2, name="acme/cheap2", base_model=base, price=10**12, block=3)
-    add_adapter(engine, adapter_id=HUGE, name="acme/huge", base_model=base, price=2**256, block=4)
-    add_adapter(engine, adapter_id=NEGATIVE, name="acme/negative", base_model=base, price=-5, block=5)
+    for block, (adapter_id, name, price) in enumerate(adapters, start=1):
+        add_adapter(engine, adapter_id=adapter_id, name=name, base_model=base, price=price, block=block)
     settings = GatewaySettings(
         db_url=f"sqlite:///{tmp / 'gw.db'}",
         bases=[tiny_base],
@@ -52,9 +49,28 @@ def world(tmp_path_factory, tiny_base):
         default_max_price_per_1k_tokens=DEFAULT_LIMIT,
         key_cache_ttl_s=0,
     )
-    gw = ServerThread(create_app(settings)).start()
+    return engine, base, node, node_srv, settings
+
+
+def _announce(node, node_srv, gw, base) -> None:
+    """The node's heartbeat to the gateway: it is live and routable."""
     sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
     assert asyncio.run(sender.send_once()) == {gw.url: 200}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_base):
+    tmp = tmp_path_factory.mktemp("prices")
+    adapters = [
+        (CHEAP, "acme/cheap", 10**12),
+        (DEAR, "acme/dear", 5 * 10**18),
+        (CHEAP2, "acme/cheap2", 10**12),
+        (HUGE, "acme/huge", 2**256),
+        (NEGATIVE, "acme/negative", -5),
+    ]
+    engine, base, node, node_srv, settings = _node_and_db(tmp, tiny_base, adapters)
+    gw = ServerThread(create_app(settings)).start()
+    _announce(node, node_srv, gw, base)
     try:
         yield gw, engine, node, tmp
     finally:
@@ -200,27 +216,14 @@ def chained(tmp_path_factory, tiny_base):
     """A gateway that prices with a chain (down at its start: no base price yet) and syncs its registry once,
     at its start: the tests move the registry view and the prices on by hand, as the registry sync does."""
     tmp = tmp_path_factory.mktemp("chained")
-    engine = make_db(tmp / "gw.db")
-    base = base_model_id(tiny_base)
-    node = StandInNode(Identity.generate(), base)
-    node_srv = ServerThread(node.app()).start()
-    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
-    add_adapter(engine, adapter_id=CHEAP, name="acme/cheap", base_model=base, price=10**12)
-    settings = GatewaySettings(
-        db_url=f"sqlite:///{tmp / 'gw.db'}",
-        bases=[tiny_base],
-        heartbeat_ttl_s=60,
-        default_max_price_per_1k_tokens=DEFAULT_LIMIT,
-        key_cache_ttl_s=0,
-        registry_sync_s=3600,
-    )
-    app = create_app(settings)
+    engine, base, node, node_srv, settings = _node_and_db(tmp, tiny_base, [(CHEAP, "acme/cheap", 10**12)])
+    app = create_app(settings.model_copy(update={"registry_sync_s": 3600}))
     gateway, chain = app.state.gateway, Chain()
     gateway.prices.client = chain  # the prices' chain alone: the registry view reads the mirror table as it is
     gw = ServerThread(app).start()
-    poll(lambda: chain.reads >= 1, timeout=20)  # the first sync is over (the base price is its last read)
-    sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
-    assert asyncio.run(sender.send_once()) == {gw.url: 200}
+    # the first sync is over: the base price is read before the port opens, then last in the sync
+    poll(lambda: chain.reads >= 2, timeout=20)
+    _announce(node, node_srv, gw, base)
     try:
         yield gw, engine, node, gateway, chain, base
     finally:
