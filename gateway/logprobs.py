@@ -124,7 +124,7 @@ class TokenTexts:
         if self.byte_level and all(c in _UNBYTE for c in piece):
             raw = bytes(_UNBYTE[c] for c in piece)
             return raw.decode("utf-8", "replace"), raw
-        if m := _BYTE_PIECE.match(piece):
+        if m := _BYTE_PIECE.fullmatch(piece):
             raw = bytes([int(m.group(1), 16)])
             return raw.decode("utf-8", "replace"), raw
         text = self.tok.decode([token_id])

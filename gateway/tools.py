@@ -57,7 +57,7 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
         if not isinstance(fn, dict):
             raise BadRequest(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}', param="tools")
         name = fn.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise BadRequest(f"tools[{i}].function.name must match {NAME.pattern}", param="tools")
         if name in functions:
             raise BadRequest(f"tools[{i}]: two tools are named {name!r}", param="tools")

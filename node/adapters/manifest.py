@@ -186,7 +186,8 @@ def check_file_name(name: str) -> None:
     """Refuse a package file name that could escape the package folder or is otherwise unsafe."""
     if name.startswith("/") or "\\" in name or ".." in name.split("/") or "/" in name:
         raise PackageError(f"file name {shown(name, 128)} escapes the package folder")
-    if not _SAFE_NAME.match(name) or name in RESERVED_FILES:
+    # fullmatch: `$` under match() also matches before a final newline, which let "adapter_model.bin\n" in
+    if not _SAFE_NAME.fullmatch(name) or name in RESERVED_FILES:
         raise PackageError(f"file name {shown(name, 128)} is not allowed in a package")
 
 

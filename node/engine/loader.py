@@ -69,7 +69,7 @@ def _shard_files(index: Path) -> list[str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index.name} has no weight_map of tensor names to shard files")
     files = sorted(set(map(str, weight_map.values())))
-    if bad := [f for f in files if not _SHARD.match(f)]:
+    if bad := [f for f in files if not _SHARD.fullmatch(f)]:
         raise CheckpointError(f"{index.name} names shard {bad[0][:64]!r}; expected a .safetensors file beside it")
     return files
 

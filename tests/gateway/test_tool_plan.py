@@ -34,6 +34,7 @@ TOOLS = [WEATHER, TIME]
         ([], "none", "tool_choice"),
         ([{"type": "code_interpreter"}], None, "tools"),
         ([{"type": "function", "function": {"name": "bad name"}}], None, "tools"),
+        ([{"type": "function", "function": {"name": "get_time\n"}}], None, "tools"),
         ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], None, "tools"),
         ([TIME, TIME], None, "tools"),
         ([TIME] * 129, None, "tools"),

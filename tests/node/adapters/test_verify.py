@@ -1,6 +1,7 @@
 """Every way a package can be bad gets its own refusal message; a good package passes."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from eth_account import Account
 from common.wire import canonical_json
 from ledger.types import Domain, dataset_id_for
 from node.adapters import AdapterStore, ForeignSignature, PackageError, make_dataset_share, pack_adapter, verify_package
-from node.adapters.manifest import MANIFEST_FILE, read_manifest
+from node.adapters.manifest import MANIFEST_FILE, FileEntry, read_manifest
 from node.adapters.pack import build_manifest, write_signed
 from node.adapters.signing import sign_manifest, write_signature
 from node.tiny import init_tiny
@@ -146,6 +147,18 @@ def test_pickle_weight_file(pkg, tiny_base, publisher):
     refused(pkg, "pickle weight file 'adapter_model.bin' refused")
     resign(pkg, tiny_base, publisher)  # even when signed and listed
     refused(pkg, "pickle weight file 'adapter_model.bin' refused")
+
+
+@pytest.mark.parametrize("name", ["adapter_model.bin\n", "README.md\n", "loramesh.json\n"])
+def test_a_name_ending_in_a_newline_is_refused_even_when_signed(pkg, tiny_base, publisher, name):
+    # under re.match a pattern's `$` also matches before a final newline: a pickle rode in as "adapter_model.bin\n".
+    # The manifest is written by hand (build_manifest itself refuses the name), listing the file, and signed.
+    data = b"\x80\x04K\x01."
+    (pkg / name).write_bytes(data)
+    old = read_manifest(pkg)
+    entry = FileEntry.model_construct(path=name, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    write_signed(pkg, old.model_copy(update={"files": (*old.files, entry)}), publisher)
+    refused(pkg, "is not allowed in a package")
 
 
 def test_adapter_for_another_base_model(good_pkg, tmp_path):

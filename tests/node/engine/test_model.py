@@ -122,6 +122,7 @@ def test_bad_engine_config_is_refused(kwargs, message, tmp_path):
     "index, match",
     [
         ('{"weight_map": {"lm_head.weight": "../outside.safetensors"}}', "names shard '../outside.safetensors'"),
+        ('{"weight_map": {"lm_head.weight": "a.safetensors\\n"}}', "names shard 'a.safetensors\\\\n'"),
         ('{"weight_map": ' + "[" * 20_000, "nested deeper than 8 levels"),
         ('{"weight_map": {}}', "has no weight_map"),
     ],
