@@ -27,6 +27,7 @@ import trio
 from libp2p.crypto.keys import PrivateKey
 from libp2p.kad_dht.kad_dht import _encode_key  # the key bytes KadDHT.provide stores under
 from libp2p.peer.id import ID
+from multiaddr import Multiaddr
 
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json
 from node.p2p.config import P2PConfig
@@ -122,6 +123,11 @@ def verify_announcement(data: bytes, *, now: float, max_age: float, future_skew:
         genuine = False
     if not genuine:
         raise AnnouncementError(f"announcement signature does not match peer {peer_id} (forged or altered)")
+    for a in addrs:  # a signed address that does not parse used to end every fetch that tried this peer
+        try:
+            Multiaddr(a)
+        except Exception:
+            raise AnnouncementError(f"announcement from {peer_id} lists {a[:64]!r}, which is not a multiaddr") from None
     return Announcement(peer_id, tuple(addrs), tuple(adapters), ts)
 
 

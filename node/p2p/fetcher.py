@@ -69,6 +69,15 @@ def _provider_from_addr(multiaddr: str) -> Provider:
     return Provider(pid, tuple(addr_str(a, pid) for a in info.addrs), "given")
 
 
+def _peer_info(prov: Provider) -> PeerInfo:
+    """Where to dial a provider; ProviderError (that provider fails, the fetch goes on) when its id or an
+    address does not parse."""
+    try:
+        return PeerInfo(ID.from_base58(prov.peer_id), [Multiaddr(a.split("/p2p/")[0]) for a in prov.addrs])
+    except Exception as e:
+        raise ProviderError(f"provider {prov.peer_id[:64]!r} has an id or address that does not parse ({e})") from None
+
+
 class Fetcher:
     """Fetches adapters for this node and keeps the progress of recent fetches (trio only)."""
 
@@ -210,8 +219,7 @@ class Fetcher:
     async def _fetch_from(
         self, prov: Provider, adapter_id: str, owner: str, status: TransferStatus, on_progress: Progress | None
     ) -> VerifiedPackage:
-        info = PeerInfo(ID.from_base58(prov.peer_id), [Multiaddr(a.split("/p2p/")[0]) for a in prov.addrs])
-        stream = await self._open_stream(info)
+        stream = await self._open_stream(_peer_info(prov))
         tmp = Path(await trio.to_thread.run_sync(self.store.tmp_dir))
         try:
 

@@ -169,6 +169,7 @@ class Malice:
                 ids = [ID.from_pubkey(kp.public_key).to_base58() for kp in pairs]
             for key, pid in zip(keys, ids):
                 addrs = tuple(self.addrs) if pid == self.peer_id else (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",)
+                addrs = tuple(cmd.get("addrs", addrs))  # what it claims, parsable or not
                 await self.pubsub.publish(TOPIC, sign_announcement(Announcement(pid, addrs, adapters, ts), key))
                 # GossipSub takes 10 messages a second per peer and topic: the flood is the count, not the burst
                 await trio.sleep(0.11)

@@ -203,6 +203,16 @@ def test_future_dated_announcement_refused(arena, packages):
     assert arena.h.peer_id in peers and arena.m.peer_id not in peers
 
 
+def test_announced_address_that_is_not_a_multiaddr_is_refused(arena, packages):
+    # signed by M itself: its dial used to raise ValueError, which ended the fetch with H untried
+    adapter_id = packages.stalled.adapter_id  # H holds it
+    assert arena.m.call("announce", adapters=[adapter_id], own=True, addrs=["not-a-multiaddr"])["ok"]
+    _wait_for_log(arena.t, rf"announcement from {arena.m.peer_id} lists 'not-a-multiaddr', which is not a multiaddr")
+    got, took = _timed_fetch(arena.t, arena.work / "t", adapter_id)
+    assert got["ok"] and got["peer_id"] == arena.h.peer_id, got
+    assert took < HONEST_WITHIN_S
+
+
 def test_failed_provider_is_backed_off_and_honest_one_tried_first(arena, packages):
     adapter_id = packages.dropped.adapter_id  # H holds it; M announces it too and serves garbage
     arena.m.call("serve", adapter_id=adapter_id, fault="nested_manifest", pkg=str(packages.dropped.path))

@@ -143,6 +143,28 @@ def test_announcement_with_a_bad_adapter_id_refused():
         verify_announcement(sign_announcement(bad, kp.private_key), now=time.time(), max_age=60)
 
 
+@pytest.mark.parametrize("addr", ["not-a-multiaddr", "/ip4/1.2.3.4/tcp/x", "/dns4/"])
+def test_announcement_with_an_address_that_is_not_a_multiaddr_refused(addr):
+    # signed and well-formed otherwise: the fetcher used to meet the address first, and its ValueError ended the
+    # whole fetch, the honest providers after it untried
+    ann, _, kp = _signed()
+    bad = Announcement(ann.peer_id, (*ann.addrs, addr), ann.adapters, ann.ts_ms)
+    with pytest.raises(AnnouncementError, match="which is not a multiaddr"):
+        verify_announcement(sign_announcement(bad, kp.private_key), now=time.time(), max_age=60)
+
+
+def test_a_provider_whose_address_does_not_parse_fails_alone():
+    from node.p2p.discovery import Provider
+    from node.p2p.errors import ProviderError
+    from node.p2p.fetcher import _peer_info
+
+    ann, _, _ = _signed()
+    assert _peer_info(Provider(ann.peer_id, ann.addrs, "dht")).peer_id.to_base58() == ann.peer_id
+    for prov in (Provider(ann.peer_id, ("not-a-multiaddr",), "dht"), Provider("not-a-peer-id", ann.addrs, "dht")):
+        with pytest.raises(ProviderError, match="does not parse"):  # the fetcher's loop moves on past a ProviderError
+            _peer_info(prov)
+
+
 def test_provider_book_keeps_the_newest_and_expires():
     kp = create_new_key_pair(os.urandom(32))
     now = time.time()
