@@ -42,6 +42,52 @@ MAX_FILES = 64
 TAR_OVERHEAD = (MAX_FILES + 2) * 4096 + 10240
 _CHUNK = 1 << 20
 _PLAIN_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
+# PAX records and GNU long names: tar_package writes a PAX header of some tens of bytes per file (its mtime)
+_EXTENDED_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+MAX_EXTENDED_HEADER_BYTES = 4096
+MAX_EXTENDED_IN_A_ROW = 3  # a member's own header after at most this many extended ones (tarfile recurses on each)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member header, refused before tarfile processes it when it is an extended header (PAX record, GNU
+    long name) over MAX_EXTENDED_HEADER_BYTES or a GNU sparse member. tarfile reads such headers whole before
+    any member reaches our checks, and Python before 3.11.10 parses a crafted PAX record in time and memory
+    growing with the square of its size (CVE-2024-6232: 48 KB took 318 MB); a sparse member's extension
+    blocks are read on to the archive's end."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        obj = super().frombuf(buf, encoding, errors)
+        if obj.type in _EXTENDED_TYPES and obj.size > MAX_EXTENDED_HEADER_BYTES:
+            raise PackageError(
+                f"upload holds an extended tar header of {obj.size} bytes, more than {MAX_EXTENDED_HEADER_BYTES}"
+            )
+        if obj.type == tarfile.GNUTYPE_SPARSE:
+            raise PackageError(f"upload entry {obj.name[:128]!r} is a sparse file; packages hold plain files only")
+        return obj
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        # tarfile reads the header after an extended one by calling this again, one level deeper each time:
+        # thousands in a row ended in RecursionError
+        tar.extended_run += 1
+        try:
+            if tar.extended_run > MAX_EXTENDED_IN_A_ROW + 1:
+                raise PackageError(f"upload holds more than {MAX_EXTENDED_IN_A_ROW} extended tar headers in a row")
+            return super().fromtarfile(tar)
+        finally:
+            tar.extended_run -= 1
+
+
+class _UploadTar(tarfile.TarFile):
+    tarinfo = _BoundedTarInfo
+    extended_run = 0  # how deep _BoundedTarInfo.fromtarfile is now
 
 
 def max_upload_bytes(max_package_bytes: int = MAX_PACKAGE_BYTES) -> int:
@@ -154,7 +200,7 @@ def open_upload(data: bytes | BinaryIO, *, max_package_bytes: int = MAX_PACKAGE_
             raise PackageError(f"upload of {len(data)} bytes is over the {limit}-byte limit")
         data = io.BytesIO(data)
     try:
-        tar = tarfile.open(fileobj=data, mode="r:")
+        tar = _UploadTar.open(fileobj=data, mode="r:")
     except tarfile.TarError as e:
         raise PackageError(f"upload is not a valid tar archive: {e}") from None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tarfile
 
 import httpx
 import pytest
@@ -114,6 +115,30 @@ def test_a_member_larger_than_its_declared_size_is_refused_before_writing(world)
 )
 def test_special_members_and_escaping_names_are_refused(world, entry, fragment):
     refused(world, tar_of([entry] + package_files(world["pkg"].path)), 400, "package_refused", fragment)
+
+
+def _extended(kind: bytes, data: bytes) -> bytes:
+    """One extended tar header (a PAX record set, a GNU long name) holding `data`, padded to its block."""
+    info = tarfile.TarInfo("././@LongLink" if kind == tarfile.GNUTYPE_LONGNAME else "././@PaxHeader")
+    info.type, info.size = kind, len(data)
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512)
+
+
+@pytest.mark.parametrize(
+    "head, fragment",
+    [
+        # records of length 2 whose keyword runs on to the one "=": Python 3.11.7's tarfile took 318 MB on these
+        # 48 KB (CVE-2024-6232), growing with the square of the size
+        (_extended(tarfile.XHDTYPE, b"2 " * 24_000 + b"="), "extended tar header of 48001 bytes"),
+        (_extended(tarfile.XGLTYPE, b"2 " * 24_000 + b"="), "extended tar header of 48001 bytes"),
+        (_extended(tarfile.GNUTYPE_LONGNAME, b"a" * 200_000), "extended tar header of 200000 bytes"),
+        # tarfile reads each header after an extended one a level deeper: RecursionError, a 500
+        (_extended(tarfile.XHDTYPE, b"17 comment=hello\n") * 1100, "extended tar headers in a row"),
+    ],
+    ids=["pax", "global-pax", "gnu-long-name", "pax-chain"],
+)
+def test_extended_headers_are_bounded_before_tarfile_reads_them(world, head, fragment):
+    refused(world, head + tar_of(package_files(world["pkg"].path)), 400, "package_refused", fragment)
 
 
 def test_a_nested_manifest_is_a_400_not_a_segfault(world):
