@@ -10,8 +10,9 @@ from pathlib import Path
 
 from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
+from eth_abi.exceptions import DecodingError
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
-from web3.exceptions import TransactionNotFound
+from web3.exceptions import TransactionNotFound, Web3Exception
 
 from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
@@ -127,6 +128,13 @@ def decode_records_settled(log: dict) -> list[SettledRecord]:
         )
         for i, (rid, a, n, p, c) in enumerate(unpack_records(adapters, nodes, packed))
     ]
+
+
+def _same(got: object, wanted: object) -> bool:
+    """An event argument against a filter's value (addresses in any case)."""
+    if isinstance(got, str) and isinstance(wanted, str):
+        return got.lower() == wanted.lower()
+    return got == wanted
 
 
 class ChainClient:
@@ -743,12 +751,35 @@ class ChainClient:
         to_block: int | str = "latest",
         filters: dict | None = None,
     ) -> list:
-        """Decoded logs of one event ("registry" or "ledger"), from the deploy block by default."""
+        """Decoded logs of one event ("registry" or "ledger"), from the deploy block by default. A log that
+        does not decode is logged and left out: anyone can emit a registry event whose string is not UTF-8,
+        and web3 fails the whole range on it, which stopped every reader at that block for good."""
         c = self.registry if contract == "registry" else self.ledger
         start = self.deployment.deploy_block if from_block is None else from_block
+        ev = getattr(c.events, event)()
         with rpc_guard(self.rpc_url):
-            return list(
-                getattr(c.events, event)().get_logs(
-                    from_block=start, to_block=to_block, argument_filters=filters or None
-                )
+            try:
+                return list(ev.get_logs(from_block=start, to_block=to_block, argument_filters=filters or None))
+            except (ValueError, DecodingError, Web3Exception) as e:  # UnicodeDecodeError is a ValueError
+                failed = e
+            raw = self.w3.eth.get_logs(
+                {"address": c.address, "topics": [ev.topic], "fromBlock": start, "toBlock": to_block}
             )
+        out = []
+        for lg in raw:
+            try:
+                got = ev.process_log(lg)
+            except (ValueError, DecodingError, Web3Exception) as e:
+                log.warning(
+                    "%s log %s of tx %s does not decode (%s); left out",
+                    event,
+                    lg.get("logIndex"),
+                    hex0x(bytes(lg.get("transactionHash") or b"")),
+                    type(e).__name__,
+                )
+                continue
+            if all(_same(got["args"].get(k), v) for k, v in (filters or {}).items()):
+                out.append(got)
+        if not raw:  # no log failed: the error was not one of them
+            raise failed
+        return out

@@ -8,7 +8,8 @@ formatting the log 220 us. The records come in bulk: one RecordsSettled log per 
 of the batch packed (ledger.merkle: 42 bytes each, adapter and node as indexes into the log's id tables),
 so the log's data is turned into bytes once and each record is a few slices of it. Registry events carry strings,
 arrays and structs, are few, and go through web3's own decoding (`Web3Events`), as the gateway's registry
-mirror reads them (ledger.registry_events).
+mirror reads them (ledger.registry_events); one that does not decode (a string that is not UTF-8: anyone can
+emit one) is left out with a warning.
 
 A log that does not have the shape of its event (wrong number of topics, data of the wrong length) raises
 IndexDecodeError: the explorer reads only the two deployed contracts' addresses, so that means the
@@ -17,6 +18,7 @@ deployment file names contracts of another build.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from eth_utils import event_abi_to_log_topic, to_checksum_address
@@ -26,6 +28,7 @@ from ledger.errors import LedgerError
 from ledger.merkle import RECORD_BYTES
 from ledger.types import Role
 
+logger = logging.getLogger(__name__)
 WORD = 64  # hex digits in a 32-byte word
 ROLES = {int(r): r.name.lower() for r in Role}
 
@@ -196,7 +199,9 @@ class Web3Events:
         return event.process_log(log) if event is not None else None
 
     def decode_raw(self, log: dict):
-        """The decoded event of a raw JSON-RPC log (hex strings), as web3 would have returned it."""
+        """The decoded event of a raw JSON-RPC log (hex strings), as web3 would have returned it; None (and a
+        warning) for one that does not decode: anyone can emit a registry event whose string is not UTF-8, and
+        raising on it stopped the index at that block for good."""
         formatted = {
             "address": to_checksum_address(log["address"]),
             "topics": [HexBytes(t) for t in log["topics"]],
@@ -210,6 +215,10 @@ class Web3Events:
         try:
             return self.decode(formatted)
         except Exception as e:  # noqa: BLE001 - web3 raises several kinds for data that does not decode
-            raise IndexDecodeError(
-                f"log {formatted['logIndex']} of tx {log['transactionHash']} does not decode: {type(e).__name__}"
-            ) from e
+            logger.warning(
+                "log %d of tx %s does not decode (%s); left out",
+                formatted["logIndex"],
+                log["transactionHash"],
+                type(e).__name__,
+            )
+            return None

@@ -254,7 +254,8 @@ class _Step:
         elif name in ("SettlerGranted", "SettlerRevoked"):
             self.settlers[D.settler_of(lg, name)] = name == "SettlerGranted"
         elif name in RE.REGISTRY_EVENTS:
-            update = RE.registry_update(self.index.web3_events.decode_raw(lg))
+            ev = self.index.web3_events.decode_raw(lg)
+            update = RE.registry_update(ev) if ev is not None else None
             if update is not None:
                 self.registry.append((update, block, tx))
 

@@ -10,7 +10,7 @@ from sqlmodel import Session
 from ledger.db import init_db, make_engine
 from ledger.mirror import CURSOR, sync_registry
 from ledger.models import AdapterMirror, NameMirror, SyncCursor
-from tests.utils.chain import rand_id, register_sample
+from tests.utils.chain import rand_id, register_dataset_raw, register_sample
 from tests.utils.postgres import postgres  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
@@ -95,4 +95,22 @@ def test_a_passing_database_error_fails_the_sync_instead_of_losing_the_event(anv
     assert sync_registry(engine, env.client()) > 0
     with Session(engine) as s:
         assert s.get(AdapterMirror, reg.adapter_id) is not None
+    engine.dispose()
+
+
+def test_an_event_whose_string_is_not_utf8_is_left_out_not_a_wedge(anvil_chain, tmp_path, caplog):
+    # registerDataset takes any bytes as its name; web3 failed the whole range of logs on one that is not UTF-8,
+    # before any per-event skip: every gateway's sync stopped at that block for good
+    env = anvil_chain
+    engine = make_engine(f"sqlite:///{tmp_path}/utf8.db")
+    init_db(engine)
+    sync_registry(engine, env.client())
+    register_dataset_raw(env, env.new_account(), b"\xff\xfe not utf-8")
+    after = register_sample(env)  # an honest registration after it
+    with caplog.at_level(logging.WARNING, logger="ledger.chain"):
+        assert sync_registry(engine, env.client()) > 0
+    assert any("DatasetRegistered" in r.getMessage() and "does not decode" in r.getMessage() for r in caplog.records)
+    with Session(engine) as s:
+        assert s.get(AdapterMirror, after.adapter_id) is not None
+        assert s.get(SyncCursor, CURSOR).block == env.client().block_number()
     engine.dispose()

@@ -107,6 +107,32 @@ def rand_id() -> str:
     return hex0x(os.urandom(32))
 
 
+def register_dataset_raw(env: ChainEnv, account: LocalAccount, name: bytes) -> str:
+    """registerDataset with `name` as raw bytes (the contract takes any; web3 would only send UTF-8), sent as
+    hand-made calldata; the transaction's hash."""
+    from eth_abi import encode
+    from eth_utils import function_signature_to_4byte_selector
+
+    w3 = env.client().w3
+    data = function_signature_to_4byte_selector("registerDataset(string,bytes32)") + encode(
+        ["bytes", "bytes32"], [name, b"\0" * 32]
+    )
+    base = w3.eth.get_block("latest")["baseFeePerGas"]
+    tx = {
+        "from": account.address,
+        "to": env.client().registry.address,
+        "data": data,
+        "gas": 500_000,
+        "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+        "maxPriorityFeePerGas": 10**9,
+        "maxFeePerGas": 2 * base + 10**9,
+        "chainId": w3.eth.chain_id,
+    }
+    h = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+    assert w3.eth.wait_for_transaction_receipt(h)["status"] == 1
+    return h.to_0x_hex()
+
+
 @dataclass(frozen=True)
 class Registered:
     """Ids registered by `register_sample` and who owns what."""

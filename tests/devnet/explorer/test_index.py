@@ -15,7 +15,7 @@ from devnet.explorer.logs import LogReader
 from devnet.explorer.store import LedgerStore, open_ledger_db
 from ledger.types import SettleRecord
 from tests.devnet.explorer.htmlq import links
-from tests.utils.chain import rand_id
+from tests.utils.chain import rand_id, register_dataset_raw, register_sample
 from tests.utils.servers import ServerThread
 
 pytestmark = pytest.mark.integration
@@ -193,3 +193,15 @@ def test_a_reorg_at_the_same_height_drops_the_batch_from_the_pages(anvil_chain, 
         assert httpx.get(f"{server.url}/records/{gone}", timeout=30).status_code == 404
         listing = httpx.get(f"{server.url}/batches", timeout=30).text
         assert batch_id not in listing
+
+
+def test_an_event_whose_string_is_not_utf8_is_left_out_not_a_wedge(anvil_chain, world, tmp_path):
+    # anyone can register a dataset whose name is not UTF-8: decoding it raised, and the index stopped there
+    tx = register_dataset_raw(anvil_chain, anvil_chain.new_account(), b"\xff\xfe not utf-8")
+    after = register_sample(anvil_chain, price=7)
+    ex = explorer(anvil_chain, world, tmp_path / "index")
+    with ServerThread(create_app(explorer=ex)) as server:
+        ex.wait_synced()
+        assert ex.index.cursor().block == anvil_chain.client().block_number()
+        assert httpx.get(f"{server.url}/adapters/{after.adapter_id}", timeout=30).status_code == 200
+        assert httpx.get(f"{server.url}/tx/{tx}", timeout=30).status_code == 200
