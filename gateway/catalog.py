@@ -23,6 +23,7 @@ from gateway.keys import KeyInfo
 from gateway.router import Target
 from gateway.usage import is_price
 from ledger.models import AdapterMirror
+from ledger.outbox import billed_weights
 from ledger.types import BASE_MODEL_ADAPTER_ID
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, check_components, ensemble_key
 
@@ -212,8 +213,9 @@ class ModelCatalog:
     def check_price(self, target: Target, key: KeyInfo) -> dict[str, int]:
         """PriceExceedsLimit (403) when the adapter (or the base price) is dearer than the key allows, and
         PriceUnavailable (503) when a price is none the chain can hold, or, on a gateway with a chain, not
-        known to it yet (Prices.known); an ensemble costs the sum of its adapters' prices times their weights
-        (each adapter is billed every token times its weight: ledger.outbox.split_by_weight). Returns the
+        known to it yet (Prices.known); an ensemble costs the sum of its adapters' prices times their billed
+        weights (each adapter is billed every token times its weight, the weights scaled up to sum to 1 where
+        they sum to less: ledger.outbox.billed_weights). Returns the
         prices checked, by the adapter id of each record the request will make (the zero id for the base
         model): the request's quote, the most the settler will charge each record
         (UsageRecord.quoted_price_per_1k). Only a gateway with no chain leaves a price unknown: unchecked and
@@ -230,8 +232,9 @@ class ModelCatalog:
             check_quotable(target.model, price)
         # the weights as the client wrote them (0.1 as a float is a little more than a tenth: 0.1 and 0.9 of
         # two adapters at the limit would cost 1 wei over it)
-        priced = [(quote[aid], w) for aid, w in target.ensemble if aid in quote]
-        total = math.ceil(sum(price * Fraction(str(w)) for price, w in priced)) if priced else None
+        weights = billed_weights([Fraction(str(w)) for _, w in target.ensemble])
+        priced = [(quote[aid], w) for (aid, _), w in zip(target.ensemble, weights) if aid in quote]
+        total = math.ceil(sum(price * w for price, w in priced)) if priced else None
         check_price(target.model, total, self.max_price(key))
         return quote
 

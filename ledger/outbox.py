@@ -113,17 +113,26 @@ def component_request_id(request_id: str, index: int) -> str:
     return hex0x(keccak(rid + index.to_bytes(32, "big")))
 
 
+def billed_weights(weights: list[Fraction]) -> list[Fraction]:
+    """The weights an ensemble's tokens are billed at: the weights as given, not normalised, where they sum
+    to 1 or more, else scaled up to sum to 1. The node adds each adapter's change times its weight, so an
+    adapter at weight 1 is billed every token whatever weights its companions have (split in proportion, a
+    paid adapter beside free do-nothing ones at weight 8 was billed 1/25 of them); but every token served is
+    billed to some adapter: weights of 1e-6 each were served the base model's tokens and billed none."""
+    total = sum(weights)
+    return weights if total >= 1 else [w / total for w in weights]
+
+
 def split_by_weight(total: int, weights) -> list[int]:
-    """An ensemble's shares of `total` tokens: component i's is total x w_i, the weights as given, not
-    normalised. The node adds each adapter's change times its weight, so an adapter at weight 1 is billed every
-    token whatever weights its companions have (split in proportion, a paid adapter beside free do-nothing
-    ones at weight 8 was billed 1/25 of them); weights that sum to 1 split `total` exactly. Rounded together by
-    largest remainder: the shares sum to total x sum(weights) to the nearest unit (half up), each is the floor
-    of its exact quota or one more, and the leftover units go to the largest fractional parts (ties: the
-    earlier weight). Exact: floats become Fractions, no rounding."""
+    """An ensemble's shares of `total` tokens: component i's is total x its billed weight (billed_weights);
+    weights that sum to 1 or less split `total` exactly. Rounded together by largest remainder: the shares
+    sum to total x the billed weights' sum to the nearest unit (half up), each is the floor of its exact
+    quota or one more, and the leftover units go to the largest fractional parts (ties: the earlier weight).
+    Exact: floats become Fractions, no rounding."""
     ws = [Fraction(w) for w in weights]
     if not ws or any(w <= 0 for w in ws):
         raise OutboxError(f"weights must be positive, got {list(weights)!r}")
+    ws = billed_weights(ws)
     units = math.floor(total * sum(ws) + Fraction(1, 2))
     quotas = [total * w for w in ws]
     shares = [q.numerator // q.denominator for q in quotas]

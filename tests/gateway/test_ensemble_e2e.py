@@ -169,3 +169,32 @@ def test_streamed_chat_ensemble_is_recorded_per_adapter(stack):
     assert [u.adapter_id for u in rows] == ids
     assert [u.completion_tokens for u in rows] == [3, 2]  # 2.5 each: the tie goes to the first
     assert sum(u.prompt_tokens for u in rows) == usage.prompt_tokens
+
+
+def test_weights_summing_to_less_than_one_are_billed_every_token(stack):
+    # each record used to be the tokens times its weight as given: at 1e-6 each the node served the base
+    # model's answer, the client got every token, and both records held 0 tokens
+    _, gw, _, oai, ids = stack
+    weights = [1e-6, 3e-6]
+    r = oai.completions.create(
+        model="+".join(NAMES), prompt="hello there", max_tokens=5, extra_body={"adapter_weights": weights}
+    )
+    assert r.usage.completion_tokens == 5
+    key = ensemble_key(list(zip(ids, weights)))
+
+    def rows():
+        with Session(gw.db) as s:
+            done = s.exec(select(CompletionRecord).where(CompletionRecord.adapter_id == key)).first()
+            if done is None or done.status == "open":
+                return None
+            got = [
+                s.exec(
+                    select(UsageRecord).where(UsageRecord.request_id == component_request_id(done.request_id, i))
+                ).first()
+                for i in range(2)
+            ]
+            return got if all(got) else None
+
+    got = poll(rows, timeout=30)
+    assert [u.completion_tokens for u in got] == [1, 4]  # 5 in the weights' proportion, 1:3 (1.25, 3.75)
+    assert sum(u.prompt_tokens for u in got) == r.usage.prompt_tokens

@@ -119,6 +119,12 @@ def test_an_ensemble_costs_its_adapters_prices_times_their_weights(world):
         model="acme/cheap+acme/cheap2", prompt="hi", max_tokens=1, extra_body={"adapter_weights": [0.5, 0.5]}
     )
     assert r.usage.completion_tokens == 1
+    # weights summing to less than 1 are billed as if scaled up to 1: [1e-6, 1e-6] costs 10^12, not 2 x 10^6
+    key, info = create_key(engine, name="tiny-weights", max_price_per_1k_tokens=10**12 - 1)
+    with pytest.raises(openai.PermissionDeniedError, match=f"costs {10**12} wei"):
+        client(gw, key).completions.create(
+            model="acme/cheap+acme/cheap2", prompt="hi", max_tokens=1, extra_body={"adapter_weights": [1e-6, 1e-6]}
+        )
 
 
 def test_key_limits_from_the_cli(world):

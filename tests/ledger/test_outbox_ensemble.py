@@ -10,7 +10,7 @@ from eth_utils import keccak
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.outbox import OutboxError, component_request_id, ensemble_usage, split_by_weight
+from ledger.outbox import OutboxError, billed_weights, component_request_id, ensemble_usage, split_by_weight
 
 RID = "0x" + "ab" * 32
 
@@ -30,6 +30,16 @@ def test_split_is_largest_remainder():
     assert split_by_weight(0, [1, 2]) == [0, 0]
     with pytest.raises(OutboxError):
         split_by_weight(5, [1, 0])
+
+
+def test_weights_summing_to_less_than_one_bill_every_token():
+    # at 1e-6 each the node serves the base model's answer: billed as given, both records held 0 tokens
+    assert split_by_weight(5, [1e-6, 1e-6]) == [3, 2]
+    assert split_by_weight(10, [0.25, 0.25]) == [5, 5]
+    assert split_by_weight(12, [0.1, 0.3]) == [3, 9]
+    assert sum(split_by_weight(7, [0.999, 0.0005])) == 7
+    assert billed_weights([Fraction(1, 4), Fraction(1, 4)]) == [Fraction(1, 2), Fraction(1, 2)]
+    assert billed_weights([Fraction(1), Fraction(2)]) == [1, 2]  # 1 or more: as given
 
 
 def test_each_adapter_is_billed_at_the_weight_the_node_applies_it():
@@ -52,9 +62,11 @@ def test_each_adapter_is_billed_at_the_weight_the_node_applies_it():
 def test_shares_are_each_quota_rounded_and_sum_to_the_weighted_total(total, weights):
     shares = split_by_weight(total, weights)
     whole = sum(Fraction(w) for w in weights)
-    assert sum(shares) == math.floor(total * whole + Fraction(1, 2))  # the weighted total to the nearest unit
+    scale = max(1, 1 / whole)  # weights summing to less than 1 are billed as if they summed to 1
+    assert sum(shares) == math.floor(total * whole * scale + Fraction(1, 2))  # the billed total to the nearest unit
+    assert sum(shares) >= total  # every token served is billed
     for s, w in zip(shares, weights):
-        q = total * Fraction(w)
+        q = total * Fraction(w) * scale
         assert q - 1 < s < q + 1
 
 
