@@ -198,12 +198,12 @@ def chain_deploy_cmd(
     base_price: Annotated[
         int, typer.Option("--base-price-wei", min=0, help="fee per 1,000 tokens of a bare base-model request")
     ] = DEFAULT_BASE_PRICE,
-    name_commit_blocks: Annotated[
+    commit_blocks: Annotated[
         int,
         typer.Option(
-            "--name-commit-blocks",
+            "--commit-blocks",
             min=1,
-            help="blocks an adapter name's commitment waits before its first registration reveals it; more "
+            help="blocks an adapter registration's commitment waits before the registration reveals it; more "
             "blocks outlast a registration left waiting longer (a public chain: about a minute's worth, e.g. 5)",
         ),
     ] = 5,
@@ -230,7 +230,7 @@ def chain_deploy_cmd(
         settlers=settler or (),
         settler_deposit=int(deposit * ETHER),
         fee_policy=policy,
-        name_commit_blocks=name_commit_blocks,
+        commit_blocks=commit_blocks,
     )
     typer.echo(
         f"deployed to {shown_url(rpc)} (chain {d.chain_id}, fees capped at {gwei(policy.max_fee)}): "

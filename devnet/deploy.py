@@ -24,10 +24,10 @@ DEFAULT_NODE_SHARE_BPS = 2_000  # node operator's cut of every fee; the rest goe
 DEFAULT_BASE_PRICE = 10**14
 MAX_BASE_PRICE = 2**128 - 1  # AttributionLedger.MAX_BASE_PRICE: with uint32 token counts no fee overflows
 DEFAULT_FUND = 100 * ETHER
-# Blocks a name's commitment waits before its first registration (AdapterRegistry.minNameCommitBlocks). 1 on
+# Blocks a registration's commitment waits before the registration (AdapterRegistry.minCommitBlocks). 1 on
 # the devnet, where anvil mines a block per transaction and none without; on a public chain more, so that a
 # registration left waiting a few blocks cannot be outbid by a copier who commits meanwhile.
-DEFAULT_NAME_COMMIT_BLOCKS = 1
+DEFAULT_COMMIT_BLOCKS = 1
 
 
 def _deploy_contract(
@@ -73,18 +73,18 @@ def deploy(
     settlers: Sequence[str] = (),
     settler_deposit: int = 0,
     fee_policy: FeePolicy | None = None,
-    name_commit_blocks: int = DEFAULT_NAME_COMMIT_BLOCKS,
+    commit_blocks: int = DEFAULT_COMMIT_BLOCKS,
 ) -> Deployment:
     """Deploy both contracts (deployer = admin), set the base-model price, fund `fund`, grant and
     prefund `settlers`. Every transaction's fees follow `fee_policy` (default: FeePolicy.from_env()).
-    `name_commit_blocks`: how old a name's commitment must be before its first registration."""
+    `commit_blocks`: how old a registration's commitment must be before the registration."""
     check_fees(node_share_bps, base_price_per_1k_tokens)
     policy = fee_policy if fee_policy is not None else FeePolicy.from_env()
     account = Account.from_key(deployer_key)
     w3 = make_web3(rpc_url)
     with rpc_guard(rpc_url):
         chain_id = w3.eth.chain_id
-        reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry", (name_commit_blocks,), fee_policy=policy)
+        reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry", (commit_blocks,), fee_policy=policy)
         led = _deploy_contract(
             w3,
             account,

@@ -324,34 +324,38 @@ class ChainClient:
             if isinstance(signature, str)
             else bytes(signature)
         )
-        first = self.name_owner(reg.name) is None
-        salt = self.commit_name(reg.name) if first else bytes(32)
+        salt = self.commit_registration(reg.adapter_id, reg.name)
         fn = self.registry.functions.registerAdapter(id_bytes(reg.adapter_id), reg.spec(), sig, salt)
         # a commitment is revealed from the block after it at the earliest: the gas is estimated in that one
-        return self.tx.transact(fn, estimate_in="pending" if first else None)
+        return self.tx.transact(fn, estimate_in="pending")
 
-    def commit_name(self, name: str, *, timeout: float = 600.0, stall_s: float = 60.0) -> bytes:
-        """Commit to registering `name` first (AdapterRegistry.commitName) under a fresh secret salt, and wait
-        until the commitment may be revealed: the next block is minNameCommitBlocks past it. Returns the salt.
-        The commitment hides the name, so a registration seen waiting to be mined cannot be copied and outbid:
-        the copier's own commitment would be too recent. LedgerError when that takes longer than `timeout`, or
-        the chain makes no block for `stall_s` (one that mines only on transactions never gets there)."""
+    def commit_registration(
+        self, adapter_id: str, name: str, *, timeout: float = 600.0, stall_s: float = 60.0
+    ) -> bytes:
+        """Commit to registering `adapter_id` under `name` (AdapterRegistry.commitRegistration) with a fresh
+        secret salt, and wait until the commitment may be revealed: the next block is minCommitBlocks past
+        it. Returns the salt. The commitment hides both, so a registration seen waiting to be mined cannot be
+        copied and outbid, for its name or its id: the copier's own commitment would be too recent. LedgerError
+        when that takes longer than `timeout`, or the chain makes no block for `stall_s` (one that mines only
+        on transactions never gets there)."""
         salt = os.urandom(32)
         registrant = self.account.address
-        commitment = self.tx.call(self.registry.functions.nameCommitment(name, registrant, salt))
-        self.tx.transact(self.registry.functions.commitName(commitment))
-        committed = self.tx.call(self.registry.functions.nameCommitBlock(commitment))
-        usable = committed + self.tx.call(self.registry.functions.minNameCommitBlocks())
+        commitment = self.tx.call(
+            self.registry.functions.registrationCommitment(id_bytes(adapter_id), name, registrant, salt)
+        )
+        self.tx.transact(self.registry.functions.commitRegistration(commitment))
+        committed = self.tx.call(self.registry.functions.commitBlock(commitment))
+        usable = committed + self.tx.call(self.registry.functions.minCommitBlocks())
         start = time.monotonic()
         last, moved_at = self.block_number(), start
         if last + 1 < usable:
-            log.info("name %r committed at block %d; registering it from block %d", name, committed, usable)
+            log.info("%s (%s) committed at block %d; registering it from block %d", name, adapter_id, committed, usable)
         while last + 1 < usable:  # the registration lands in the next block at the earliest
             now = time.monotonic()
             if now - moved_at > stall_s:
                 raise LedgerError(
                     f"the chain made no block for {stall_s:.0f} s while {name!r} waits for block {usable}: a chain "
-                    "that mines only on transactions needs a registry deployed with --name-commit-blocks 1"
+                    "that mines only on transactions needs a registry deployed with --commit-blocks 1"
                 )
             if now - start > timeout:
                 raise LedgerError(f"the chain did not reach block {usable} within {timeout:.0f} s to register {name!r}")

@@ -7,9 +7,10 @@ import {Ed25519} from "./Ed25519.sol";
 /// @notice Public registry of datasets, LoRA adapters and serving nodes. Anyone registers; only a
 /// dataset's payee, an adapter's owner or a node's operator changes what it registered.
 /// Adapter names belong to their first registrant (who may transfer them); only a name's owner
-/// registers versions of it, each naming its predecessor of the same name. A name's first registration
-/// reveals a commitment (commitName) made at least `minNameCommitBlocks` blocks before, so a registration
-/// seen waiting to be mined cannot be copied and outbid for its name. A registration carries
+/// registers versions of it, each naming its predecessor of the same name. Every registration reveals a
+/// commitment to its adapter id and name (commitRegistration) made at least `minCommitBlocks` blocks before,
+/// so a registration seen waiting to be mined cannot be copied and outbid, for its name nor for its id (an
+/// id taken first under another name could never be registered by its publisher). A registration carries
 /// the publisher's EIP-712 signature over what it registers, bound to this chain and this contract.
 /// A node's registration proves its Ed25519 key: the key signs (this chain, this registry, the
 /// operator, the node's registration nonce), checked here, so nobody registers a node id without
@@ -99,10 +100,10 @@ contract AdapterRegistry {
     mapping(bytes32 => Node) private _nodes;
     mapping(bytes32 => address) private _nameOwners; // keccak256(bytes(name)) => owner
     mapping(bytes32 => uint256) private _nodeNonces; // node id => successful registerNode calls so far
-    mapping(bytes32 => uint256) private _nameCommits; // nameCommitment(...) => the block it was made in
+    mapping(bytes32 => uint256) private _commits; // registrationCommitment(...) => the block it was made in
 
-    /// @notice Blocks a name's commitment must be old before the name's first registration reveals it.
-    uint256 public immutable minNameCommitBlocks;
+    /// @notice Blocks a commitment must be old before the registration it commits to reveals it.
+    uint256 public immutable minCommitBlocks;
 
     error ZeroId();
     error ZeroAddress();
@@ -131,8 +132,8 @@ contract AdapterRegistry {
     error InvalidVersion(string version);
     error PriceTooHigh(uint256 pricePer1kTokens, uint256 maxPricePer1kTokens);
     error TooManyDatasets(uint256 datasets, uint256 maxDatasets);
-    error NameNotCommitted(string name);
-    error NameCommitTooRecent(string name, uint256 committedAt, uint256 usableAt);
+    error NotCommitted(bytes32 adapterId, string name);
+    error CommitTooRecent(bytes32 adapterId, uint256 committedAt, uint256 usableAt);
 
     event DatasetRegistered(bytes32 indexed datasetId, address indexed payee, bytes32 contentHash, string name);
     event NameRegistered(bytes32 indexed nameHash, address indexed owner, string name);
@@ -156,10 +157,10 @@ contract AdapterRegistry {
     event NodeUpdated(bytes32 indexed nodeId, bytes32 indexed baseModel, string peerId, string apiUrl, string[] multiaddrs);
     event NodeActiveChanged(bytes32 indexed nodeId, bool active);
 
-    /// @param minCommitBlocks how many blocks a name's commitment waits before it can be revealed (at least
-    /// 1: a commitment made in the block of the registration that copies a name is never old enough).
-    constructor(uint256 minCommitBlocks) {
-        minNameCommitBlocks = minCommitBlocks == 0 ? 1 : minCommitBlocks;
+    /// @param commitBlocks how many blocks a commitment waits before it can be revealed (at least 1: a
+    /// commitment made in the block of the registration that copies another is never old enough).
+    constructor(uint256 commitBlocks) {
+        minCommitBlocks = commitBlocks == 0 ? 1 : commitBlocks;
     }
 
     // ------------------------------------------------------------------ datasets
@@ -207,20 +208,24 @@ contract AdapterRegistry {
         return _nameOwners[keccak256(bytes(name))];
     }
 
-    /// @notice Commit to registering a name first without saying which: `commitment` is
-    /// nameCommitment(name, caller, salt) for a secret salt. A commitment is made once.
-    function commitName(bytes32 commitment) external {
-        if (_nameCommits[commitment] == 0) _nameCommits[commitment] = block.number;
+    /// @notice Commit to a registration without saying what it registers: `commitment` is
+    /// registrationCommitment(adapterId, name, caller, salt) for a secret salt. A commitment is made once.
+    function commitRegistration(bytes32 commitment) external {
+        if (_commits[commitment] == 0) _commits[commitment] = block.number;
     }
 
-    /// @notice The commitment a name's first registration by `registrant` with `salt` reveals.
-    function nameCommitment(string calldata name, address registrant, bytes32 salt) public pure returns (bytes32) {
-        return keccak256(abi.encode(keccak256(bytes(name)), registrant, salt));
+    /// @notice The commitment the registration of `adapterId` under `name` by `registrant` with `salt` reveals.
+    function registrationCommitment(bytes32 adapterId, string calldata name, address registrant, bytes32 salt)
+        public
+        pure
+        returns (bytes32)
+    {
+        return keccak256(abi.encode(adapterId, keccak256(bytes(name)), registrant, salt));
     }
 
     /// @notice The block a commitment was made in (0: never).
-    function nameCommitBlock(bytes32 commitment) external view returns (uint256) {
-        return _nameCommits[commitment];
+    function commitBlock(bytes32 commitment) external view returns (uint256) {
+        return _commits[commitment];
     }
 
     /// @notice Hand a name to another address; only its owner may. From then on only the new owner
@@ -238,13 +243,13 @@ contract AdapterRegistry {
 
     /// @notice Register an adapter published and owned by the caller. Dataset shares (basis points of
     /// the non-node part of each fee) must name registered datasets, once each, summing to <= 10,000.
-    /// The first registration of a name makes the caller its owner, revealing the caller's commitment to it
-    /// (commitName with `nameSalt`, at least minNameCommitBlocks old); later ones must come from the
-    /// name's owner and name a registered predecessor of the same name (`nameSalt` is then unused).
+    /// Every registration reveals the caller's commitment to its id and name (commitRegistration with `salt`,
+    /// at least minCommitBlocks old). The first registration of a name makes the caller its owner; later ones
+    /// must come from the name's owner and name a registered predecessor of the same name.
     /// `signature` is the caller's EIP-712 signature (65 bytes, r || s || v) of AdapterRegistration(adapterId,
     /// spec) under this contract's domain: a spec that differs from what was signed recovers another address
     /// and reverts.
-    function registerAdapter(bytes32 adapterId, AdapterSpec calldata spec, bytes calldata signature, bytes32 nameSalt)
+    function registerAdapter(bytes32 adapterId, AdapterSpec calldata spec, bytes calldata signature, bytes32 salt)
         external
     {
         if (adapterId == bytes32(0) || spec.baseModel == bytes32(0)) revert ZeroId();
@@ -255,7 +260,8 @@ contract AdapterRegistry {
         if (_adapters[adapterId].owner != address(0)) revert AdapterAlreadyRegistered(adapterId);
         address signer = _recover(adapterDigest(adapterId, spec), signature);
         if (signer != msg.sender) revert SignatureMismatch(signer, msg.sender);
-        _claimName(spec.name, spec.predecessor, nameSalt);
+        _reveal(adapterId, spec.name, salt);
+        _claimName(spec.name, spec.predecessor);
         _checkShares(spec.datasetIds, spec.sharesBps);
 
         Adapter storage a = _adapters[adapterId];
@@ -418,9 +424,21 @@ contract AdapterRegistry {
 
     // ------------------------------------------------------------------ internal
 
-    /// @dev The name's owner is the caller (a new name becomes the caller's, revealing its commitment); a
-    /// first version has no predecessor, a later one names a registered version of the same name.
-    function _claimName(string calldata name, bytes32 predecessor, bytes32 salt) private {
+    /// @dev The caller committed to registering `adapterId` under `name` at least minCommitBlocks ago; the
+    /// commitment is spent.
+    function _reveal(bytes32 adapterId, string calldata name, bytes32 salt) private {
+        bytes32 c = registrationCommitment(adapterId, name, msg.sender, salt);
+        uint256 committed = _commits[c];
+        if (committed == 0) revert NotCommitted(adapterId, name);
+        if (block.number < committed + minCommitBlocks) {
+            revert CommitTooRecent(adapterId, committed, committed + minCommitBlocks);
+        }
+        delete _commits[c];
+    }
+
+    /// @dev The name's owner is the caller (a new name becomes the caller's); a first version has no
+    /// predecessor, a later one names a registered version of the same name.
+    function _claimName(string calldata name, bytes32 predecessor) private {
         bytes32 h = keccak256(bytes(name));
         address owner = _nameOwners[h];
         if (owner == address(0)) {
@@ -428,13 +446,6 @@ contract AdapterRegistry {
                 if (_adapters[predecessor].owner == address(0)) revert UnknownPredecessor(predecessor);
                 revert PredecessorNameMismatch(predecessor, name);
             }
-            bytes32 c = nameCommitment(name, msg.sender, salt);
-            uint256 committed = _nameCommits[c];
-            if (committed == 0) revert NameNotCommitted(name);
-            if (block.number < committed + minNameCommitBlocks) {
-                revert NameCommitTooRecent(name, committed, committed + minNameCommitBlocks);
-            }
-            delete _nameCommits[c];
             _nameOwners[h] = msg.sender;
             emit NameRegistered(h, msg.sender, name);
             return;

@@ -156,7 +156,7 @@ def test_adapter_reverts(anvil_chain):
     bad = AdapterRegistration(rand_id(), _unique("n"), "1", ZERO_ID, base, 1, (ds,), ())
     spec = bad.spec()
     sig = bytes.fromhex(bad.sign(c.account, c.domain)[2:])
-    salt = c.commit_name(bad.name)
+    salt = c.commit_registration(bad.adapter_id, bad.name)
     with pytest.raises(E.LengthMismatch):
         c.tx.transact(
             c.registry.functions.registerAdapter(bytes.fromhex(bad.adapter_id[2:]), spec, sig, salt),
@@ -226,7 +226,7 @@ def test_a_registration_seen_waiting_cannot_be_outbid_for_its_name(anvil_chain):
     w3 = a.w3
     name = _unique("alice/medical")
     mine = _reg(name, price=5)
-    salt = a.commit_name(name)  # mined: the commitment says nothing of the name
+    salt = a.commit_registration(mine.adapter_id, name)  # mined: the commitment says nothing of the name
     _raw(w3, "evm_setAutomine", [False])
     try:
         alice_tx = _send_raw(
@@ -241,8 +241,10 @@ def test_a_registration_seen_waiting_cannot_be_outbid_for_its_name(anvil_chain):
         seen = a.registry.decode_function_input(w3.eth.get_transaction(alice_tx)["input"])[1]["spec"]
         copy = _reg(seen["name"], price=5000)
         her_salt = os.urandom(32)
-        commitment = m.registry.functions.nameCommitment(copy.name, mallory.address, her_salt).call()
-        _send_raw(w3, mallory, m.registry.functions.commitName(commitment), tip=50 * 10**9)
+        commitment = m.registry.functions.registrationCommitment(
+            bytes.fromhex(copy.adapter_id[2:]), copy.name, mallory.address, her_salt
+        ).call()
+        _send_raw(w3, mallory, m.registry.functions.commitRegistration(commitment), tip=50 * 10**9)
         her_tx = _send_raw(
             w3,
             mallory,
@@ -266,7 +268,7 @@ def test_a_registration_seen_waiting_cannot_be_outbid_for_its_name(anvil_chain):
     assert a.name_owner(name) == alice.address
     with pytest.raises(E.UnknownAdapter):
         a.get_adapter(copy.adapter_id)
-    # nor does her commitment, now old enough, win the name later: it is Alice's
+    # nor does her commitment, old enough in the next block, win the name later: it is Alice's
     with pytest.raises(E.NotNameOwner):
         m.tx.transact(
             m.registry.functions.registerAdapter(
@@ -274,15 +276,63 @@ def test_a_registration_seen_waiting_cannot_be_outbid_for_its_name(anvil_chain):
                 copy.spec(),
                 bytes.fromhex(copy.sign(mallory, m.domain)[2:]),
                 her_salt,
-            )
+            ),
+            estimate_in="pending",
         )
+
+
+def test_a_registration_seen_waiting_cannot_have_its_adapter_id_taken(anvil_chain):
+    """Mallory, owning a name of her own, copies the adapter id of Alice's pending registration into a
+    registration of her name (her price, signed by her) and outbids it. Before, the id went to her: Alice's
+    registration reverted and could never be made with that manifest. Now every registration reveals a
+    commitment to its id made blocks before, and hers, made on seeing Alice's, is too recent."""
+    env = anvil_chain
+    alice, mallory = env.new_account(), env.new_account()
+    a, m = env.client(alice), env.client(mallory)
+    w3 = a.w3
+    first = _reg(_unique("mallory/any"))
+    m.register_adapter(first)  # her name, and its first version, long before
+    mine = _reg(_unique("alice/medical"), price=5)
+    salt = a.commit_registration(mine.adapter_id, mine.name)
+    _raw(w3, "evm_setAutomine", [False])
+    try:
+        alice_tx = _send_raw(
+            w3,
+            alice,
+            a.registry.functions.registerAdapter(
+                bytes.fromhex(mine.adapter_id[2:]), mine.spec(), bytes.fromhex(mine.sign(alice, a.domain)[2:]), salt
+            ),
+            tip=10**9,
+        )
+        seen = a.registry.decode_function_input(w3.eth.get_transaction(alice_tx)["input"])[1]["adapterId"]
+        copy = dataclasses.replace(
+            _reg(first.name, version="2", price=5000, predecessor=first.adapter_id), adapter_id=hex0x(seen)
+        )
+        her_salt = os.urandom(32)
+        commitment = m.registry.functions.registrationCommitment(seen, first.name, mallory.address, her_salt).call()
+        _send_raw(w3, mallory, m.registry.functions.commitRegistration(commitment), tip=50 * 10**9)
+        her_tx = _send_raw(
+            w3,
+            mallory,
+            m.registry.functions.registerAdapter(
+                seen, copy.spec(), bytes.fromhex(copy.sign(mallory, m.domain)[2:]), her_salt
+            ),
+            tip=50 * 10**9,
+        )
+        _raw(w3, "evm_mine")
+    finally:
+        _raw(w3, "evm_setAutomine", [True])
+    mined_her, mined_alice = w3.eth.get_transaction_receipt(her_tx), w3.eth.get_transaction_receipt(alice_tx)
+    assert mined_her["transactionIndex"] < mined_alice["transactionIndex"]  # hers first, and refused
+    assert (mined_her["status"], mined_alice["status"]) == (0, 1)
+    assert a.get_adapter(mine.adapter_id).owner == alice.address
 
 
 def test_a_first_registration_reveals_its_own_commitment(anvil_chain):
     env = anvil_chain
     alice, mallory = env.new_account(), env.new_account()
     a, m = env.client(alice), env.client(mallory)
-    assert a.registry.functions.minNameCommitBlocks().call() == 1  # the devnet's
+    assert a.registry.functions.minCommitBlocks().call() == 1  # the devnet's
     reg = _reg(_unique("alice/law"))
     sig = bytes.fromhex(reg.sign(alice, a.domain)[2:])
 
@@ -292,26 +342,35 @@ def test_a_first_registration_reveals_its_own_commitment(anvil_chain):
             estimate_in="pending",
         )
 
-    with pytest.raises(E.NameNotCommitted) as err:  # no commitment at all
+    with pytest.raises(E.NotCommitted) as err:  # no commitment at all
         register(a, bytes(32))
     assert err.value.args_by_name["name"] == reg.name
-    salt = a.commit_name(reg.name)
-    with pytest.raises(E.NameNotCommitted):  # another salt is another commitment
+    assert err.value.args_by_name["adapterId"] == bytes.fromhex(reg.adapter_id[2:])
+    salt = a.commit_registration(reg.adapter_id, reg.name)
+    with pytest.raises(E.NotCommitted):  # another salt is another commitment
         register(a, os.urandom(32))
-    with pytest.raises(E.NameNotCommitted):  # and another registrant's: Alice's commitment is hers alone
+    with pytest.raises(E.NotCommitted):  # and another registrant's: Alice's commitment is hers alone
         m.tx.transact(
             m.registry.functions.registerAdapter(
                 bytes.fromhex(reg.adapter_id[2:]), reg.spec(), bytes.fromhex(reg.sign(mallory, m.domain)[2:]), salt
             ),
             estimate_in="pending",
         )
-    commitment = a.registry.functions.nameCommitment(reg.name, alice.address, salt).call()
-    assert a.registry.functions.nameCommitBlock(commitment).call() > 0
+    commitment = a.registry.functions.registrationCommitment(
+        bytes.fromhex(reg.adapter_id[2:]), reg.name, alice.address, salt
+    ).call()
+    assert a.registry.functions.commitBlock(commitment).call() > 0
     register(a, salt)
     assert a.name_owner(reg.name) == alice.address
-    assert a.registry.functions.nameCommitBlock(commitment).call() == 0  # spent
-    # a later version names its predecessor, no commitment
+    assert a.registry.functions.commitBlock(commitment).call() == 0  # spent
+    # a later version names its predecessor, and reveals a commitment of its own (register_adapter makes it)
     v2 = _reg(reg.name, version="2", predecessor=reg.adapter_id)
+    with pytest.raises(E.NotCommitted):
+        a.tx.transact(
+            a.registry.functions.registerAdapter(
+                bytes.fromhex(v2.adapter_id[2:]), v2.spec(), bytes.fromhex(v2.sign(alice, a.domain)[2:]), bytes(32)
+            )
+        )
     a.register_adapter(v2)
     assert a.get_adapter(v2.adapter_id).predecessor == reg.adapter_id
 
@@ -323,10 +382,12 @@ def test_a_commitment_is_revealed_in_a_later_block_only(anvil_chain):
     w3 = a.w3
     reg = _reg(_unique("alice/same-block"))
     salt = os.urandom(32)
-    commitment = a.registry.functions.nameCommitment(reg.name, alice.address, salt).call()
+    commitment = a.registry.functions.registrationCommitment(
+        bytes.fromhex(reg.adapter_id[2:]), reg.name, alice.address, salt
+    ).call()
     _raw(w3, "evm_setAutomine", [False])
     try:
-        _send_raw(w3, alice, a.registry.functions.commitName(commitment), tip=10**9)
+        _send_raw(w3, alice, a.registry.functions.commitRegistration(commitment), tip=10**9)
         fn = a.registry.functions.registerAdapter(
             bytes.fromhex(reg.adapter_id[2:]), reg.spec(), bytes.fromhex(reg.sign(alice, a.domain)[2:]), salt
         )
@@ -335,7 +396,7 @@ def test_a_commitment_is_revealed_in_a_later_block_only(anvil_chain):
     finally:
         _raw(w3, "evm_setAutomine", [True])
     assert w3.eth.get_transaction_receipt(same_block)["status"] == 0
-    with pytest.raises(E.NameCommitTooRecent):  # replayed as a call in the commitment's block
+    with pytest.raises(E.CommitTooRecent):  # replayed as a call in the commitment's block
         a.tx.estimate(
             fn.address, fn._encode_transaction_data(), block=w3.eth.get_transaction_receipt(same_block)["blockNumber"]
         )

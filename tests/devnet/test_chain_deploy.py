@@ -57,7 +57,7 @@ def test_deploy_then_settle_a_batch_at_a_30_gwei_base_fee(chain, key_file, tmp_p
         chain.rpc_url,
         key_file,
         out,
-        *("--settler", settler.address, "--deposit", "1", "--max-fee-gwei", "100", "--name-commit-blocks", "3"),
+        *("--settler", settler.address, "--deposit", "1", "--max-fee-gwei", "100", "--commit-blocks", "3"),
     )
     assert r.exit_code == 0, r.output
     assert f"chain {CHAIN_ID}" in r.output and "100 gwei" in r.output
@@ -73,9 +73,9 @@ def test_deploy_then_settle_a_batch_at_a_30_gwei_base_fee(chain, key_file, tmp_p
     )
     # a public chain makes blocks by itself (this anvil only on demand): a name's first registration waits
     # for its commitment to be 3 blocks old; with no block coming, it says so in one line instead of waiting
-    assert client.registry.functions.minNameCommitBlocks().call() == 3
-    with pytest.raises(LedgerError, match="made no block for 1 s .* --name-commit-blocks 1"):
-        client.commit_name("nobody-mines", stall_s=1.0)
+    assert client.registry.functions.minCommitBlocks().call() == 3
+    with pytest.raises(LedgerError, match="made no block for 1 s .* --commit-blocks 1"):
+        client.commit_registration(rand_id(), "nobody-mines", stall_s=1.0)
     w3 = make_web3(chain.rpc_url)
     stop = threading.Event()
 
