@@ -215,6 +215,23 @@ def _send_raw(w3, account, fn, *, tip: int) -> bytes:
     return w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
 
 
+def _register_fn(client, reg, salt: bytes):
+    """registerAdapter of `reg`, signed by `client`'s account, revealing the commitment made with `salt`."""
+    sig = bytes.fromhex(reg.sign(client.account, client.domain)[2:])
+    return client.registry.functions.registerAdapter(bytes.fromhex(reg.adapter_id[2:]), reg.spec(), sig, salt)
+
+
+def _commit_and_outbid(w3, client, copy, *, tip: int) -> tuple[bytes, bytes]:
+    """What a copier who sees a registration waiting to be mined can do at best: commit to `copy` and send its
+    registration at once, both at priority `tip`. (The registration's hash, the salt.)"""
+    salt = os.urandom(32)
+    commitment = client.registry.functions.registrationCommitment(
+        bytes.fromhex(copy.adapter_id[2:]), copy.name, client.account.address, salt
+    ).call()
+    _send_raw(w3, client.account, client.registry.functions.commitRegistration(commitment), tip=tip)
+    return _send_raw(w3, client.account, _register_fn(client, copy, salt), tip=tip), salt
+
+
 def test_a_registration_seen_waiting_cannot_be_outbid_for_its_name(anvil_chain):
     """The front-runner's attack: Mallory watches the pending transactions, copies the name of Alice's first
     registration into her own (her adapter, her price) and outbids it into the same block. Before, the name
@@ -229,33 +246,11 @@ def test_a_registration_seen_waiting_cannot_be_outbid_for_its_name(anvil_chain):
     salt = a.commit_registration(mine.adapter_id, name)  # mined: the commitment says nothing of the name
     _raw(w3, "evm_setAutomine", [False])
     try:
-        alice_tx = _send_raw(
-            w3,
-            alice,
-            a.registry.functions.registerAdapter(
-                bytes.fromhex(mine.adapter_id[2:]), mine.spec(), bytes.fromhex(mine.sign(alice, a.domain)[2:]), salt
-            ),
-            tip=10**9,
-        )
+        alice_tx = _send_raw(w3, alice, _register_fn(a, mine, salt), tip=10**9)
         # Mallory reads the pending registration's name from its calldata and copies it, outbidding Alice
         seen = a.registry.decode_function_input(w3.eth.get_transaction(alice_tx)["input"])[1]["spec"]
         copy = _reg(seen["name"], price=5000)
-        her_salt = os.urandom(32)
-        commitment = m.registry.functions.registrationCommitment(
-            bytes.fromhex(copy.adapter_id[2:]), copy.name, mallory.address, her_salt
-        ).call()
-        _send_raw(w3, mallory, m.registry.functions.commitRegistration(commitment), tip=50 * 10**9)
-        her_tx = _send_raw(
-            w3,
-            mallory,
-            m.registry.functions.registerAdapter(
-                bytes.fromhex(copy.adapter_id[2:]),
-                copy.spec(),
-                bytes.fromhex(copy.sign(mallory, m.domain)[2:]),
-                her_salt,
-            ),
-            tip=50 * 10**9,
-        )
+        her_tx, her_salt = _commit_and_outbid(w3, m, copy, tip=50 * 10**9)
         _raw(w3, "evm_mine")
     finally:
         _raw(w3, "evm_setAutomine", [True])
@@ -270,15 +265,7 @@ def test_a_registration_seen_waiting_cannot_be_outbid_for_its_name(anvil_chain):
         a.get_adapter(copy.adapter_id)
     # nor does her commitment, old enough in the next block, win the name later: it is Alice's
     with pytest.raises(E.NotNameOwner):
-        m.tx.transact(
-            m.registry.functions.registerAdapter(
-                bytes.fromhex(copy.adapter_id[2:]),
-                copy.spec(),
-                bytes.fromhex(copy.sign(mallory, m.domain)[2:]),
-                her_salt,
-            ),
-            estimate_in="pending",
-        )
+        m.tx.transact(_register_fn(m, copy, her_salt), estimate_in="pending")
 
 
 def test_a_registration_seen_waiting_cannot_have_its_adapter_id_taken(anvil_chain):
@@ -296,29 +283,12 @@ def test_a_registration_seen_waiting_cannot_have_its_adapter_id_taken(anvil_chai
     salt = a.commit_registration(mine.adapter_id, mine.name)
     _raw(w3, "evm_setAutomine", [False])
     try:
-        alice_tx = _send_raw(
-            w3,
-            alice,
-            a.registry.functions.registerAdapter(
-                bytes.fromhex(mine.adapter_id[2:]), mine.spec(), bytes.fromhex(mine.sign(alice, a.domain)[2:]), salt
-            ),
-            tip=10**9,
-        )
+        alice_tx = _send_raw(w3, alice, _register_fn(a, mine, salt), tip=10**9)
         seen = a.registry.decode_function_input(w3.eth.get_transaction(alice_tx)["input"])[1]["adapterId"]
         copy = dataclasses.replace(
             _reg(first.name, version="2", price=5000, predecessor=first.adapter_id), adapter_id=hex0x(seen)
         )
-        her_salt = os.urandom(32)
-        commitment = m.registry.functions.registrationCommitment(seen, first.name, mallory.address, her_salt).call()
-        _send_raw(w3, mallory, m.registry.functions.commitRegistration(commitment), tip=50 * 10**9)
-        her_tx = _send_raw(
-            w3,
-            mallory,
-            m.registry.functions.registerAdapter(
-                seen, copy.spec(), bytes.fromhex(copy.sign(mallory, m.domain)[2:]), her_salt
-            ),
-            tip=50 * 10**9,
-        )
+        her_tx, _ = _commit_and_outbid(w3, m, copy, tip=50 * 10**9)
         _raw(w3, "evm_mine")
     finally:
         _raw(w3, "evm_setAutomine", [True])
