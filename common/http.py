@@ -1,6 +1,6 @@
 """HTTP limits every app we serve shares (node API, gateway, explorer): a request-body limit as pure ASGI
-middleware, bounded reads of the answers we fetch, and the error and event schemas the OpenAPI documents
-declare.
+middleware, a streamed answer whose every write is bounded in time, bounded reads of the answers we fetch,
+and the error and event schemas the OpenAPI documents declare.
 
 Starlette reads a request body whole before a handler sees it, so without a limit one client can make
 a process buffer (and then parse) as much as it sends. The limit is checked against Content-Length
@@ -10,13 +10,43 @@ the API's error shape and the connection's body is never buffered past the limit
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
+from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.wire import error_body
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+class WriteBoundedStreamingResponse(StreamingResponse):
+    """A streamed answer given up when one write waits longer than `write_timeout_s`: a client that stops
+    reading (its receive window full) blocks a write with no end, and with it the generator behind the
+    stream, which is what reads the upstream and checks its deadline (a stalled client held a node's request,
+    its slot and its open record for as long as it kept the connection). The generator is closed, so its
+    cleanup runs as for a client that left, and the connection is dropped by the server."""
+
+    def __init__(self, content, *, write_timeout_s: float, **kw) -> None:
+        super().__init__(content, **kw)
+        self.write_timeout_s = write_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded(message: Message) -> None:
+            async with asyncio.timeout(self.write_timeout_s):
+                await send(message)
+
+        try:
+            await super().__call__(scope, receive, bounded)
+        except TimeoutError:
+            log.warning(
+                "%s: the client read nothing for %g s; its stream is given up", scope.get("path"), self.write_timeout_s
+            )
+            await self.body_iterator.aclose()
 
 
 def _error_body(message: str) -> bytes:

@@ -18,8 +18,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
+from common.http import WriteBoundedStreamingResponse
 from common.wire import SSE_DONE, error_body, hex0x, sse_frame
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
@@ -203,8 +204,11 @@ class ServedRequest:
             builder = ChunkBuilder(
                 chat=self.chat, rid=self.rid, created=created, model=req.model, include_usage=req.include_usage
             )
-            return StreamingResponse(
-                self._events(builder), media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"}
+            return WriteBoundedStreamingResponse(
+                self._events(builder),
+                write_timeout_s=d.settings.client_write_timeout_s,
+                media_type="text/event-stream",
+                headers=headers | {"Cache-Control": "no-cache"},
             )
         self.buffered = True  # an error answer delivers none of the text: then nothing is billed
         try:

@@ -74,6 +74,10 @@ class GatewaySettings(ServiceSettings):
     # a request whose node has not finished streaming it this long after dispatch is cut off (the client
     # gets what was relayed, and an error)
     request_deadline_s: float = Field(default=1800.0, gt=0)
+    # a streamed answer whose client reads nothing this long (one write waits) is given up as if the client
+    # had left: the node is aborted and what was relayed is billed (the request deadline is checked between
+    # the node's events, which a blocked write stops)
+    client_write_timeout_s: float = Field(default=30.0, gt=0)
     # a completion's max_tokens when it names none (OpenAI's 16); a chat's is what the context leaves after
     # its prompt, at most max_max_tokens
     default_max_tokens: int = Field(default=16, ge=1)
