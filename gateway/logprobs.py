@@ -34,6 +34,8 @@ class Scored:
 def _number(v: object) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
+    if isinstance(v, int) and abs(v) > 2**1023:  # float() raises OverflowError: a node's 10**400 made a 500
+        return FLOOR
     v = float(v)
     return v if math.isfinite(v) else FLOOR
 

@@ -71,16 +71,10 @@ async def reconcile(gw: Gateway) -> int:
     return len(closed)
 
 
-def _base_of(gw: Gateway, row: CompletionRecord) -> str | None:
-    if row.adapter_id is not None:
-        a = gw.registry.adapters.get(row.adapter_id)
-        return a.base_model_id if a else None
-    n = gw.registry.node(row.node_id) if row.node_id else None
-    return n.base_model_id if n else None
-
-
 async def _end_of(gw: Gateway, row: CompletionRecord) -> RequestEnd | None:
-    base = _base_of(gw, row)
+    # no context bound: the row's max_tokens is the request's bound already (the sum over its sequences, each
+    # within the context: a prompt leaving less room was refused), and the context, counted for one sequence,
+    # cut an honest receipt of several sequences short and disputed its node
     end = RequestEnd(
         request_id=row.request_id,
         model=row.model,
@@ -93,7 +87,6 @@ async def _end_of(gw: Gateway, row: CompletionRecord) -> RequestEnd | None:
         max_tokens=row.max_tokens,
         quote=quote_of(row.quote_json),
         reconciled=True,
-        context_len=gw.templates.context_len(base) if base else None,
     )
     if row.node_id is None:
         end.status, end.served, end.error = RequestStatus.LOST, False, "its gateway died before dispatching it"

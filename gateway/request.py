@@ -45,6 +45,7 @@ from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus
 from gateway.usage import RequestEnd
 from gateway.usage_book import UsageBook
+from node.receipts import FINISH_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -681,8 +682,9 @@ class ServedRequest:
 
     @property
     def finish_reason(self) -> str | None:
-        if self.done:
-            return self.done.get("finish_reason")
+        if self.done:  # the node's word, when it is one of the receipt's (a NUL in it made PostgreSQL refuse the close)
+            reason = self.done.get("finish_reason")
+            return reason if reason in FINISH_REASONS else None
         if not self.overrun:
             return None
         return "stop" if all(s.ended or s.reason == "stop" for s in self.choices.seqs) else "length"

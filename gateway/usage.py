@@ -40,7 +40,7 @@ from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from ledger.models import RecordStatus, UsageRecord, utcnow
 from ledger.outbox import OutboxError, add_usage_record, ensemble_usage
 from ledger.types import BASE_MODEL_ADAPTER_ID
-from node.receipts import ReceiptError, check_receipt
+from node.receipts import FINISH_REASONS, ReceiptError, check_receipt
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,13 @@ class UsageRecorder:
         receipt = None
         usage = None
         result = "not_served"
+        # what the node said, as far as it reaches the row: a finish reason of the receipt's, an error without
+        # NUL (PostgreSQL refused "stop\x00" in every retry of the close: the request stayed open, its dispute
+        # unwritten, and reconciliation later billed the node's claim)
+        if end.finish_reason not in FINISH_REASONS:
+            end.finish_reason = None
+        if end.error:
+            end.error = end.error.replace("\x00", "")
         if end.served and end.node_id is not None:
             result = "recorded"
             node_counts = (None, None)

@@ -44,7 +44,18 @@ def public_key_bytes(node_key: Ed25519PrivateKey) -> bytes:
 
 
 def check_receipt_fields(receipt: dict) -> None:
-    """Raise ReceiptError unless the receipt has exactly the receipt fields with valid values."""
+    """Raise ReceiptError unless the receipt has exactly the receipt fields with valid values. Anything a
+    value makes a check raise is a ReceiptError too: the receipt comes from the node, and an error that
+    escaped (10**400 as a weight: OverflowError) left its request open and its node undisputed."""
+    try:
+        _check_receipt_fields(receipt)
+    except ReceiptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a value no check expected: malformed, whatever it raised
+        raise ReceiptError(f"receipt is malformed ({type(e).__name__})") from None
+
+
+def _check_receipt_fields(receipt: dict) -> None:
     if not isinstance(receipt, dict) or set(receipt) - {ENSEMBLE_FIELD} != set(RECEIPT_FIELDS):
         got = sorted(receipt) if isinstance(receipt, dict) else type(receipt).__name__
         raise ReceiptError(f"receipt fields are {got}, expected {sorted(RECEIPT_FIELDS)}")

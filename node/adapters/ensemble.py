@@ -30,6 +30,10 @@ def check_components(components) -> tuple[tuple[str, float], ...]:
         seen.add(aid)
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise ValueError(f"ensemble weight must be a number, got {w!r}")
+        if isinstance(w, int) and not 0 < w <= MAX_ENSEMBLE_WEIGHT:  # float() of 10**400 raises OverflowError
+            raise ValueError(
+                f"ensemble weight must be finite and in (0, {MAX_ENSEMBLE_WEIGHT:g}], got an integer out of range"
+            )
         w = float(w)
         if not (math.isfinite(w) and 0.0 < w <= MAX_ENSEMBLE_WEIGHT):
             raise ValueError(f"ensemble weight must be finite and in (0, {MAX_ENSEMBLE_WEIGHT:g}], got {w!r}")

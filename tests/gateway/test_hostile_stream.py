@@ -11,6 +11,8 @@ The gateway in a real uvicorn, one stand-in node (tests/utils/gateway.py) steere
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -172,3 +174,26 @@ def test_a_request_its_node_operator_aborted_is_not_held_against_the_node(world)
     raw = client.completions.with_raw_response.create(model=TINY, prompt="OPERATOR_ABORT", max_tokens=20, stop=["(("])
     done, u = record_of(engine, raw.headers["x-request-id"])
     assert u.status == RecordStatus.PENDING and u.completion_tokens == 1, u.error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_logprob_no_float_holds_is_shown_as_the_floor_not_a_500(world, stream):
+    # float(10**400) raised OverflowError in the relay: a 500 with no text, yet billed, the node not blamed
+    gw, engine, key, node = world
+    r = httpx.post(
+        gw.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": TINY, "prompt": "HUGE_LOGPROB", "max_tokens": 3, "logprobs": 0, "stream": stream},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+        shown = [
+            lp for ev in events for c in ev["choices"] for lp in (c.get("logprobs") or {}).get("token_logprobs", [])
+        ]
+    else:
+        shown = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert shown == [-0.5, -9999.0, -0.5]
+    done, usage = record_of(engine, r.headers["x-request-id"])
+    assert done.status == RequestStatus.OK and usage.status == RecordStatus.PENDING and usage.completion_tokens == 3

@@ -54,7 +54,6 @@ class StubGateway:
         node = SimpleNamespace(api_url="http://node.invalid", base_model_id="0x" + "b0" * 32)
         self.registry = SimpleNamespace(node=lambda node_id: node, adapters={})
         self.directory = SimpleNamespace(get=lambda node_id: None)
-        self.templates = SimpleNamespace(context_len=lambda base: None)
 
     def learn_key(self, node_id, key) -> None:
         pass
@@ -267,3 +266,40 @@ def test_the_instance_heartbeat_does_not_wait_for_reconciliation(tmp_path, monke
     asyncio.run(main())
     assert passes  # reconciliation ran (and hangs)...
     assert len(beats) >= 5 and beats[-1] > passes[0] + 0.5  # ...while the heartbeat went on
+
+
+def test_an_honest_receipt_of_several_sequences_is_not_cut_by_the_context(world):
+    # n=2 of 300 tokens each after a 10-token prompt, on a 512-token context: the open row's bound is 600. The
+    # context, counted as for one sequence (502), disputed the honest node's 600 and kept it out of routing
+    engine, ident, dead = world
+    rid = "0x" + "12" * 32
+    dead.open(
+        request_id=rid,
+        model="acme/a",
+        adapter_id=ADAPTER,
+        node_id=ident.node_id,
+        key_id=1,
+        prompt_tokens=10,
+        max_tokens=600,
+    )
+    r = make_receipt(
+        request_id=rid,
+        adapter_id=ADAPTER,
+        node_id=ident.node_id,
+        prompt_tokens=10,
+        completion_tokens=600,
+        finish_reason="length",
+        started_at=1,
+        finished_at=2,
+    )
+
+    async def answer(_rid):
+        return "ok", {"receipt": r, "signature": sign_receipt(r, ident.node_key)}
+
+    gw = StubGateway(engine, ident, answer)
+    gw.templates = SimpleNamespace(context_len=lambda base: 512)  # what the gateway knows of the base
+    gw.registry.adapters = {ADAPTER: SimpleNamespace(base_model_id="0x" + "b0" * 32)}
+    asyncio.run(reconcile(gw))
+    with Session(engine) as s:
+        (u,) = s.exec(select(UsageRecord)).all()
+    assert (u.status, u.completion_tokens) == (RecordStatus.PENDING, 600), u.error

@@ -171,6 +171,27 @@ def test_receipt_count_past_64_bits_is_disputed_and_the_request_closed(setup):
     assert (u.prompt_tokens, u.completion_tokens) == (3, 4)
 
 
+def test_a_receipt_weight_no_float_holds_is_disputed_and_the_request_closed(setup):
+    # float(10**400) raised OverflowError past the receipt check: the close was never written (the request
+    # left open, its node undisputed) and reconciliation later billed the node's claim
+    engine, ident, rec = setup
+    end = end_for(ident, completion=4)
+    rec.open(
+        request_id=end.request_id,
+        model="acme/a",
+        adapter_id=ADAPTER,
+        node_id=ident.node_id,
+        key_id=7,
+        prompt_tokens=3,
+        max_tokens=100,
+    )
+    signed_raw(ident, end, ensemble=[[ADAPTER, 10**400], ["0x" + "bb" * 32, 1]])
+    assert rec.record(end) == "disputed"
+    (done,), (u,) = rows(engine)
+    assert done.status != RequestStatus.OPEN and u.status == RecordStatus.DISPUTED and "receipt refused" in u.error
+    assert (u.prompt_tokens, u.completion_tokens) == (3, 4)
+
+
 def test_receipt_count_the_database_cannot_hold_is_disputed_and_the_request_closed(setup):
     # below 2**64, so a valid receipt, but past what a SQLite integer holds: the record is kept disputed,
     # the node's claim in its reason, and the request is closed (never left open, never "database down")
@@ -454,6 +475,34 @@ def test_a_claim_past_a_postgres_integer_is_disputed_and_the_request_closed(post
     (done,), (u,) = rows(engine)
     assert done.status == RequestStatus.CLIENT_CLOSED and u.status == RecordStatus.DISPUTED
     assert str(2**63) in u.error and u.node_completion_tokens is None
+    engine.dispose()
+
+
+def test_a_nul_in_the_nodes_words_does_not_keep_the_request_open_on_postgres(postgres):
+    # PostgreSQL refuses a NUL in text: a node's finish_reason "stop\x00" (or an error message with one) failed
+    # every retry of the close, the dispute unwritten, the request left for reconciliation to bill the claim
+    from ledger.db import init_db, make_engine
+
+    engine = make_engine(postgres.new_database("nul"))
+    init_db(engine)
+    ident = Identity.generate()
+    rec = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
+    end = end_for(ident, completion=4, claimed=(3, 99), max_tokens=100)  # an inflated claim: a dispute
+    rec.open(
+        request_id=end.request_id,
+        model="acme/a",
+        adapter_id=ADAPTER,
+        node_id=ident.node_id,
+        key_id=7,
+        prompt_tokens=3,
+        max_tokens=100,
+    )
+    end.finish_reason, end.error = "stop\x00", "engine\x00 broke"
+    assert rec.record(end) == "disputed"
+    (done,), (u,) = rows(engine)
+    assert done.status != RequestStatus.OPEN and done.finish_reason == "stop"  # the receipt's
+    assert "\x00" not in done.error
+    assert u.status == RecordStatus.DISPUTED and (u.prompt_tokens, u.completion_tokens) == (3, 4)
     engine.dispose()
 
 

@@ -110,7 +110,8 @@ class StandInNode:
     max_tokens, and a receipt claiming them all; 'PAST_STOP' -> token 10 ("(" on the tiny base: ask with stop "(")
     with no text, then tokens with their text up to max_tokens, claimed (an honest node stops at the stop string);
     'OPERATOR_ABORT' -> token 10 with no text (held back by an honest node asked to stop at "(("), then the done
-    event of a request its operator aborted."""
+    event of a request its operator aborted; 'HUGE_LOGPROB' -> tokens as usual, the second with a logprob of
+    10**400."""
 
     identity: object
     base_model_id: str
@@ -323,7 +324,10 @@ class StandInNode:
                     if "CUT_AFTER_2" in prompt and i == 2:
                         raise RuntimeError("node crashed mid-stream")
                     self.seen[rid][0] += 1
-                    yield sse_frame({"type": "token", "text": f" t{i}", "token_id": 10 + i})
+                    ev = {"type": "token", "text": f" t{i}", "token_id": 10 + i}
+                    if "HUGE_LOGPROB" in prompt:  # a JSON integer no float holds
+                        ev["logprob"] = 10**400 if i == 1 else -0.5
+                    yield sse_frame(ev)
                 reason = "stop" if limit < min(body["max_tokens"], self.tokens) or limit == 3 else "length"
                 s = self.receipt(rid, reason)
                 usage = {"prompt_tokens": n_prompt, "completion_tokens": limit, "total_tokens": n_prompt + limit}
