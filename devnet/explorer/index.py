@@ -17,6 +17,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 
+from sqlalchemy.exc import DataError, IntegrityError, NoResultFound
 from sqlmodel import Session, select
 
 from devnet.explorer import decode as D
@@ -287,8 +288,22 @@ class _Step:
             else:  # a transaction split over two chunks cannot happen (blocks are whole); kept for safety
                 row.events = f"{row.events},{shown}"
         for update, block, tx in self.registry:
-            _apply_registry(s, update, block, tx)
-            s.flush()
+            # each in a savepoint of its own: an update naming a row a left-out event never wrote (a dataset
+            # registered with a name that is not UTF-8, then its payee changed) failed the whole chunk, and the
+            # index stopped at that block for good; it is logged and skipped, as the gateway's mirror does
+            try:
+                with s.begin_nested():
+                    _apply_registry(s, update, block, tx)
+                    s.flush()
+            except (NoResultFound, AttributeError, IntegrityError, DataError) as e:
+                why = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                log.error(
+                    "registry %s at block %d (tx %s) cannot be indexed and is skipped: %s",
+                    type(update).__name__,
+                    block,
+                    tx,
+                    why,
+                )
 
     def _write_rewards(self, s: Session) -> None:
         sums: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
