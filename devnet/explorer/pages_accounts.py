@@ -24,6 +24,7 @@ from devnet.explorer.layout import (
 )
 from devnet.explorer.queries import Page
 from devnet.explorer.service import View
+from devnet.explorer.tables import AdapterRow, DatasetRow
 from ledger.merkle import unpack_records
 
 ROLES = ("node", "adapter_owner", "dataset")
@@ -67,9 +68,9 @@ def accounts_page(ex: View, *, page_no: int = 0) -> str:
     return page("Accounts and rewards", body)
 
 
-def address_page(ex: View, address: str, *, page_no: int = 0, money_page: int = 0) -> str:
+def address_page(ex: View, address: str, *, page_no: int = 0, money_page: int = 0, owned_page: int = 0) -> str:
     """Rewards of one address (rewardsOf at the indexed block, split by its accruals), each accrual by batch
-    (paginated), its deposits and withdrawals (paginated) and what it registered."""
+    (paginated), its deposits and withdrawals (paginated) and what it registered (paginated)."""
     s = ex.rewards_summary(address)
     top = stats(
         [
@@ -98,8 +99,11 @@ def address_page(ex: View, address: str, *, page_no: int = 0, money_page: int = 
         empty="nothing accrued",
         table_id="rewards-by-adapter",
     )
-    keep_money = (("money_page", str(money_page) if money_page else None),)
-    keep_page = (("page", str(page_no) if page_no else None),)
+    kept = {"page": page_no, "money_page": money_page, "owned_page": owned_page}
+
+    def keep(but: str) -> tuple[tuple[str, str | None], ...]:  # the other lists' page numbers, for a pager's links
+        return tuple((k, str(v) if v else None) for k, v in kept.items() if k != but)
+
     accruals = ex.q.account_rewards(s.address, page_no, PAGE_SIZE)
     accrual_rows = [
         [
@@ -114,11 +118,9 @@ def address_page(ex: View, address: str, *, page_no: int = 0, money_page: int = 
     ]
     money = ex.q.money(s.address, money_page, PAGE_SIZE)
     money_rows = [[esc(m.kind), eth(m.amount), num(m.block), tx_link(m.tx_hash)] for m in money.rows]
-    adapters, datasets, nodes = ex.q.owned_by(s.address)
-    owned = [[id_link("adapters", a.adapter_id, f"{a.name} {a.version}"), "adapter owner"] for a in adapters]
-    owned += [[id_link("datasets", d.dataset_id), "dataset contributor"] for d in datasets]
-    owned += [[id_link("nodes", n.node_id), "node operator"] for n in nodes]
-    if ex.q.is_settler(s.address):
+    registered = ex.q.owned_by(s.address, owned_page, PAGE_SIZE)
+    owned = [_owned(row) for row in registered.rows]
+    if ex.q.is_settler(s.address) and not registered.more:
         owned.append(["AttributionLedger", "settler (gateway)"])
     path = f"/address/{s.address}"
     body = (
@@ -135,7 +137,7 @@ def address_page(ex: View, address: str, *, page_no: int = 0, money_page: int = 
             empty="nothing accrued",
             table_id="address-accruals",
         )
-        + pager(path, accruals, keep=keep_money)
+        + pager(path, accruals, keep=keep("page"))
         + "<h2>Withdrawals and deposits</h2>"
         + table(
             ["kind", "amount", "block", "transaction"],
@@ -144,11 +146,21 @@ def address_page(ex: View, address: str, *, page_no: int = 0, money_page: int = 
             empty="none",
             table_id="address-money",
         )
-        + pager(path, money, param="money_page", keep=keep_page)
+        + pager(path, money, param="money_page", keep=keep("money_page"))
         + "<h2>Registered</h2>"
-        + table(["what", "role"], owned, empty="nothing registered")
+        + table(["what", "role"], owned, empty="nothing registered", table_id="address-registered")
+        + pager(path, registered, param="owned_page", keep=keep("owned_page"))
     )
     return page(f"Address {s.address}", body)
+
+
+def _owned(row) -> list[str]:
+    """One row of an address's registered list: what it is, and the address's role in it."""
+    if isinstance(row, AdapterRow):
+        return [id_link("adapters", row.adapter_id, f"{row.name} {row.version}"), "adapter owner"]
+    if isinstance(row, DatasetRow):
+        return [id_link("datasets", row.dataset_id), "dataset payee"]
+    return [id_link("nodes", row.node_id), "node operator"]
 
 
 def _arg(ex: View, name: str, value) -> str:

@@ -290,13 +290,24 @@ class IndexReads:
         stmt = select(NodeRow).order_by(NodeRow.seq).offset(page * size).limit(size + 1)
         return _page(list(self.s.exec(stmt).all()), page, size)
 
-    def owned_by(self, address: str) -> tuple[list[AdapterRow], list[DatasetRow], list[NodeRow]]:
-        """What an address owns, is paid for, or operates."""
-        return (
-            list(self.s.exec(select(AdapterRow).where(AdapterRow.owner == address)).all()),
-            list(self.s.exec(select(DatasetRow).where(DatasetRow.payee == address)).all()),
-            list(self.s.exec(select(NodeRow).where(NodeRow.operator == address)).all()),
-        )
+    def owned_by(self, address: str, page: int, size: int) -> Page:
+        """What an address owns, is paid for, or operates (adapters, then datasets, then nodes), a page of
+        them: anyone can register datasets and name any address their payee, so the list has no bound."""
+        start, rows = page * size, []
+        for model, column in (
+            (AdapterRow, AdapterRow.owner),
+            (DatasetRow, DatasetRow.payee),
+            (NodeRow, NodeRow.operator),
+        ):
+            n = self.s.exec(select(func.count()).select_from(model).where(column == address)).one()
+            if start >= n:
+                start -= n
+                continue
+            rows += self.s.exec(select(model).where(column == address).offset(start).limit(size + 1 - len(rows))).all()
+            start = 0
+            if len(rows) > size:
+                break
+        return _page(rows, page, size)
 
     # ------------------------------------------------------------------ records and batches
 

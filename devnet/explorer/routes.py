@@ -120,10 +120,11 @@ def accounts(ex: View, page: PageNo = 0):
     return acc.accounts_page(ex, page_no=page)
 
 
-def address(ex: View, address: str, page: PageNo = 0, money_page: PageNo = 0):
+def address(ex: View, address: str, page: PageNo = 0, money_page: PageNo = 0, owned_page: PageNo = 0):
     if not is_hex_address(address):
         raise BadId(f"address must be 0x followed by 40 hex digits, got {address[:80]!r}")
-    return acc.address_page(ex, to_checksum_address(address.lower()), page_no=page, money_page=money_page)
+    checksummed = to_checksum_address(address.lower())
+    return acc.address_page(ex, checksummed, page_no=page, money_page=money_page, owned_page=owned_page)
 
 
 def tx(ex: View, tx_hash: str, page: PageNo = 0):

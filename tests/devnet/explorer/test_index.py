@@ -155,6 +155,26 @@ def test_batches_and_an_address_paginate(anvil_chain, world, tmp_path):
         assert f'href="/address/{operator}?page=0"' in page_two
 
 
+def test_what_an_address_registered_is_paginated(anvil_chain, world, tmp_path):
+    # anyone registers datasets and names any address their payee: the list was read and shown whole
+    stranger, victim = anvil_chain.client(anvil_chain.new_account()), anvil_chain.new_account().address
+    for i in range(101):
+        stranger.register_dataset(f"gift-{i}", rand_id())
+        stranger.set_dataset_payee(stranger.dataset_id(f"gift-{i}"), victim)
+    ex = explorer(anvil_chain, world, tmp_path / "index")
+    with ServerThread(create_app(explorer=ex)) as server:
+        ex.wait_synced()
+
+        def registered(page: int) -> tuple[list[str], str]:
+            html = httpx.get(f"{server.url}/address/{victim}?owned_page={page}", timeout=30).text
+            table = html.split('id="address-registered"')[1].split("</table>")[0]
+            return re.findall(r'href="/datasets/(0x[0-9a-f]{64})"', table), html
+
+        (first, html), (second, html2) = registered(0), registered(1)
+        assert len(first) == 100 and len(second) == 1 and not set(first) & set(second)
+        assert f'href="/address/{victim}?owned_page=1"' in html and "older →" not in html2
+
+
 def test_a_reorg_below_the_cursor_rebuilds_the_index(anvil_chain, world, tmp_path):
     w3 = anvil_chain.client().w3
     ex = explorer(anvil_chain, world, tmp_path / "index")
