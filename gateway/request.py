@@ -682,7 +682,7 @@ class ServedRequest:
 
     @property
     def finish_reason(self) -> str | None:
-        if self.done:  # the node's word, when it is one of the receipt's (a NUL in it made PostgreSQL refuse the close)
+        if self.done:  # the node's word, shown to the client only when it is one of a receipt's
             reason = self.done.get("finish_reason")
             return reason if reason in FINISH_REASONS else None
         if not self.overrun:
