@@ -67,7 +67,9 @@ def world(tmp_path):
     return engine, ident, dead
 
 
-def open_rows(dead, ident, n: int, *, age_s: float = 0.0, quote: dict | None = None) -> list[str]:
+def open_rows(
+    dead, ident, n: int, *, age_s: float = 0.0, quote: dict | None = None, prompt: int = 3, max_tokens: int = 16
+) -> list[str]:
     rids = []
     for _ in range(n):
         rid = "0x" + f"{time.time_ns():064x}"
@@ -77,8 +79,8 @@ def open_rows(dead, ident, n: int, *, age_s: float = 0.0, quote: dict | None = N
             adapter_id=ADAPTER,
             node_id=ident.node_id,
             key_id=1,
-            prompt_tokens=3,
-            max_tokens=16,
+            prompt_tokens=prompt,
+            max_tokens=max_tokens,
             quote=quote,
         )
         rids.append(rid)
@@ -97,14 +99,14 @@ def status_of(engine, rid: str) -> str:
         return s.get(CompletionRecord, rid).status
 
 
-def signed(ident, rid: str) -> dict:
+def signed(ident, rid: str, *, prompt: int = 3, completion: int = 5, reason: str = "abort") -> dict:
     r = make_receipt(
         request_id=rid,
         adapter_id=ADAPTER,
         node_id=ident.node_id,
-        prompt_tokens=3,
-        completion_tokens=5,
-        finish_reason="abort",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        finish_reason=reason,
         started_at=1,
         finished_at=2,
     )
@@ -272,29 +274,10 @@ def test_an_honest_receipt_of_several_sequences_is_not_cut_by_the_context(world)
     # n=2 of 300 tokens each after a 10-token prompt, on a 512-token context: the open row's bound is 600. The
     # context, counted as for one sequence (502), disputed the honest node's 600 and kept it out of routing
     engine, ident, dead = world
-    rid = "0x" + "12" * 32
-    dead.open(
-        request_id=rid,
-        model="acme/a",
-        adapter_id=ADAPTER,
-        node_id=ident.node_id,
-        key_id=1,
-        prompt_tokens=10,
-        max_tokens=600,
-    )
-    r = make_receipt(
-        request_id=rid,
-        adapter_id=ADAPTER,
-        node_id=ident.node_id,
-        prompt_tokens=10,
-        completion_tokens=600,
-        finish_reason="length",
-        started_at=1,
-        finished_at=2,
-    )
+    (rid,) = open_rows(dead, ident, 1, prompt=10, max_tokens=600)
 
     async def answer(_rid):
-        return "ok", {"receipt": r, "signature": sign_receipt(r, ident.node_key)}
+        return "ok", signed(ident, rid, prompt=10, completion=600, reason="length")
 
     gw = StubGateway(engine, ident, answer)
     gw.templates = SimpleNamespace(context_len=lambda base: 512)  # what the gateway knows of the base

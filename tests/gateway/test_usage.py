@@ -143,6 +143,19 @@ def test_tolerance(setup, claimed, aborted, result):
     assert (u.node_prompt_tokens, u.node_completion_tokens) == claimed
 
 
+def open_for(rec: UsageRecorder, end: RequestEnd, *, max_tokens: int) -> None:
+    """Open `end`'s request as the gateway does before dispatch (key 7, model acme/a, 3 prompt tokens)."""
+    rec.open(
+        request_id=end.request_id,
+        model="acme/a",
+        adapter_id=ADAPTER,
+        node_id=end.node_id,
+        key_id=7,
+        prompt_tokens=3,
+        max_tokens=max_tokens,
+    )
+
+
 def signed_raw(ident, end: RequestEnd, **counts) -> None:
     """Give `end` a receipt with counts make_receipt refuses, correctly signed all the same."""
     from common.wire import canonical_json
@@ -154,15 +167,7 @@ def signed_raw(ident, end: RequestEnd, **counts) -> None:
 def test_receipt_count_past_64_bits_is_disputed_and_the_request_closed(setup):
     engine, ident, rec = setup
     end = end_for(ident, aborted=True, status=RequestStatus.CLIENT_CLOSED)
-    rec.open(
-        request_id=end.request_id,
-        model="acme/a",
-        adapter_id=ADAPTER,
-        node_id=ident.node_id,
-        key_id=7,
-        prompt_tokens=3,
-        max_tokens=16,
-    )
+    open_for(rec, end, max_tokens=16)
     signed_raw(ident, end, completion_tokens=2**64)
     assert rec.record(end) == "disputed"
     (done,), (u,) = rows(engine)
@@ -176,15 +181,7 @@ def test_a_receipt_weight_no_float_holds_is_disputed_and_the_request_closed(setu
     # left open, its node undisputed) and reconciliation later billed the node's claim
     engine, ident, rec = setup
     end = end_for(ident, completion=4)
-    rec.open(
-        request_id=end.request_id,
-        model="acme/a",
-        adapter_id=ADAPTER,
-        node_id=ident.node_id,
-        key_id=7,
-        prompt_tokens=3,
-        max_tokens=100,
-    )
+    open_for(rec, end, max_tokens=100)
     signed_raw(ident, end, ensemble=[[ADAPTER, 10**400], ["0x" + "bb" * 32, 1]])
     assert rec.record(end) == "disputed"
     (done,), (u,) = rows(engine)
@@ -462,15 +459,7 @@ def test_a_claim_past_a_postgres_integer_is_disputed_and_the_request_closed(post
     ident = Identity.generate()
     rec = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
     end = end_for(ident, aborted=True, status=RequestStatus.CLIENT_CLOSED, claimed=(3, 2**63))
-    rec.open(
-        request_id=end.request_id,
-        model="acme/a",
-        adapter_id=ADAPTER,
-        node_id=ident.node_id,
-        key_id=7,
-        prompt_tokens=3,
-        max_tokens=16,
-    )
+    open_for(rec, end, max_tokens=16)
     assert rec.record(end) == "disputed"
     (done,), (u,) = rows(engine)
     assert done.status == RequestStatus.CLIENT_CLOSED and u.status == RecordStatus.DISPUTED
@@ -488,15 +477,7 @@ def test_a_nul_in_the_nodes_words_does_not_keep_the_request_open_on_postgres(pos
     ident = Identity.generate()
     rec = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
     end = end_for(ident, completion=4, claimed=(3, 99), max_tokens=100)  # an inflated claim: a dispute
-    rec.open(
-        request_id=end.request_id,
-        model="acme/a",
-        adapter_id=ADAPTER,
-        node_id=ident.node_id,
-        key_id=7,
-        prompt_tokens=3,
-        max_tokens=100,
-    )
+    open_for(rec, end, max_tokens=100)
     end.finish_reason, end.error = "stop\x00", "engine\x00 broke"
     assert rec.record(end) == "disputed"
     (done,), (u,) = rows(engine)
