@@ -299,10 +299,11 @@ class IndexReads:
             (DatasetRow, DatasetRow.payee),
             (NodeRow, NodeRow.operator),
         ):
-            n = self.s.exec(select(func.count()).select_from(model).where(column == address)).one()
-            if start >= n:
-                start -= n
-                continue
+            if start:  # rows of this kind before the page: counted only when the page does not start here
+                n = self.s.exec(select(func.count()).select_from(model).where(column == address)).one()
+                if start >= n:
+                    start -= n
+                    continue
             rows += self.s.exec(select(model).where(column == address).offset(start).limit(size + 1 - len(rows))).all()
             start = 0
             if len(rows) > size:
