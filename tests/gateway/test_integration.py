@@ -305,7 +305,8 @@ def test_client_disconnect_is_recorded_with_the_nodes_receipt(net):
         "POST",
         net.gw + "/v1/completions",
         headers={"Authorization": f"Bearer {net.key}"},
-        json={"model": "acme/capitals", "prompt": "x", "max_tokens": 400, "stream": True},
+        # ignore_eos: a sampled end token would finish the request before the hang-up reaches the node
+        json={"model": "acme/capitals", "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True},
     ) as r:
         rid = r.headers["x-request-id"]
         seen = 0
