@@ -102,22 +102,54 @@ def dataset_id_for(contributor: str, name: str) -> str:
 
 MAX_PRICE_PER_1K_TOKENS = 2**128 - 1  # AdapterRegistry.MAX_PRICE_PER_1K_TOKENS
 MAX_DATASETS = 16  # AdapterRegistry.MAX_DATASETS: datasets one adapter pays
-# AdapterRegistry._checkName: 1..64 bytes of [a-z0-9._/-], the first [a-z0-9], never starting with "0x" (no
-# name looks like an id); _checkVersion: 1..32 bytes of [0-9A-Za-z.+-]
-ADAPTER_NAME_RE = re.compile(r"(?!0x)[a-z0-9][a-z0-9._/-]{0,63}")
+# AdapterRegistry._checkName, for adapter and dataset names alike: 1..64 bytes of [a-z0-9._/-], the first
+# [a-z0-9], never starting with "0x" (no name looks like an id); _checkVersion: 1..32 bytes of [0-9A-Za-z.+-]
+REGISTRY_NAME_RE = re.compile(r"(?!0x)[a-z0-9][a-z0-9._/-]{0,63}")
 ADAPTER_VERSION_RE = re.compile(r"[0-9A-Za-z.+-]{1,32}")
+# AdapterRegistry._checkNodeAddress: a node's peer id, API URL and multiaddrs
+MAX_PEER_ID_BYTES = 128
+MAX_NODE_URL_BYTES = 256
+MAX_MULTIADDRS = 8
+_PEER_ID_RE = re.compile(r"[0-9A-Za-z]{0,128}")
+_API_URL_RE = re.compile(r"https?://[\x21-\x7e]*")
+_MULTIADDR_RE = re.compile(r"/[\x21-\x7e]*")
 
 
-def adapter_name_problem(name: object) -> str | None:
-    """Why the registry would refuse `name` as an adapter name, in a few words; None when it is fine."""
+def registry_name_problem(name: object) -> str | None:
+    """Why the registry would refuse `name` as an adapter's or a dataset's name, in a few words; None when it
+    is fine."""
     if not isinstance(name, str) or not name:
         return "is empty"
     if len(name.encode("utf-8")) > 64:
         return "is longer than 64 bytes"
     if name.startswith("0x"):
         return "starts with 0x (names never look like ids)"
-    if ADAPTER_NAME_RE.fullmatch(name) is None:
+    if REGISTRY_NAME_RE.fullmatch(name) is None:
         return "is not lower-case letters, digits and . _ / - (starting with a letter or digit)"
+    return None
+
+
+def api_url_problem(url: object) -> str | None:
+    """Why the registry would refuse `url` as a node's API URL; None when it is fine."""
+    if not isinstance(url, str) or _API_URL_RE.fullmatch(url) is None:
+        return "is not http:// or https:// followed by printable ASCII with no space"
+    if len(url) > MAX_NODE_URL_BYTES:
+        return f"is longer than {MAX_NODE_URL_BYTES} bytes"
+    return None
+
+
+def node_address_problem(peer_id: str, multiaddrs: Sequence[str], api_url: str) -> str | None:
+    """Why the registry would refuse a node's peer id, multiaddrs or API URL, in one line; None when it would
+    take them."""
+    if not isinstance(peer_id, str) or _PEER_ID_RE.fullmatch(peer_id) is None:
+        return f"peer id {str(peer_id)[:80]!r} is not at most {MAX_PEER_ID_BYTES} letters and digits"
+    if (why := api_url_problem(api_url)) is not None:
+        return f"API URL {str(api_url)[:80]!r} {why}"
+    if len(multiaddrs) > MAX_MULTIADDRS:
+        return f"{len(multiaddrs)} multiaddrs: a node registers at most {MAX_MULTIADDRS}"
+    for a in multiaddrs:
+        if not isinstance(a, str) or _MULTIADDR_RE.fullmatch(a) is None or len(a) > MAX_NODE_URL_BYTES:
+            return f"multiaddr {str(a)[:80]!r} is not / then at most {MAX_NODE_URL_BYTES} printable ASCII bytes"
     return None
 
 

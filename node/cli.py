@@ -409,8 +409,11 @@ def adapter_register_dataset(
     from common.wire import ZERO_ID
     from ledger.chain import ChainClient
     from ledger.errors import UnknownDataset
+    from ledger.types import registry_name_problem
     from node.adapters.verify import file_sha256
 
+    if (why := registry_name_problem(name)) is not None:
+        raise typer.BadParameter(f"{name!r} {why}: the registry refuses it (e.g. capitals-qa)", param_hint="NAME")
     identity = load_identity(key)
     client = ChainClient.from_deployment(deployment, identity.account, rpc_url=rpc)
     dataset_id = client.dataset_id(name)

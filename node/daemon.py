@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from common.http import DEFAULT_MAX_BODY_BYTES
 from common.identity import Identity
 from common.wire import restore_recursion_limit
+from ledger.types import api_url_problem
 from node.adapters import AdapterStore
 from node.api import create_app
 from node.engine import AsyncEngine, EngineConfig
@@ -67,6 +68,8 @@ class DaemonConfig:
             raise ValueError("--bootstrap needs --listen: a node without a p2p host cannot join the mesh")
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat interval must be > 0, got {self.heartbeat_interval}")
+        if (why := api_url_problem(self.public_url)) is not None:
+            raise ValueError(f"API URL {self.public_url[:80]!r} {why}: the node registry refuses it")
 
     @property
     def public_url(self) -> str:

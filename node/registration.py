@@ -8,11 +8,9 @@ from collections.abc import Sequence
 from common.wire import hex0x
 from ledger.chain import ChainClient
 from ledger.errors import ContractError, UnknownAdapter, UnknownNode
+from ledger.types import MAX_MULTIADDRS, node_address_problem
 
 log = logging.getLogger(__name__)
-
-# the addresses taken from one registered node (its host's listen addresses: one per interface it listens on)
-MAX_ADDRS_PER_NODE = 8
 
 
 class RegistrationError(RuntimeError):
@@ -31,6 +29,10 @@ def ensure_registered(
 
     public_key = node_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     node_id = node_id_of(public_key)
+    # the host's listen addresses, one per interface: past the registry's limit the first ones are registered
+    multiaddrs = tuple(multiaddrs)[:MAX_MULTIADDRS]
+    if (why := node_address_problem(peer_id, multiaddrs, api_url)) is not None:
+        raise RegistrationError(f"the registry would refuse node {node_id}: {why}")
     kw = dict(peer_id=peer_id, multiaddrs=multiaddrs, api_url=api_url, base_model=base_model)
     try:
         current = client.get_node(node_id)
@@ -65,7 +67,7 @@ def ensure_registered(
 
 def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -> tuple[set[str], list[str]]:
     """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model: at most
-    MAX_ADDRS_PER_NODE addresses each (a node's registration may list any number)."""
+    MAX_MULTIADDRS addresses each (a registry deployed before it bounded them may list any number)."""
     node_ids = {hex0x(ev["args"]["nodeId"]) for ev in client.events("registry", "NodeRegistered")}
     peer_ids: set[str] = set()
     addrs: list[str] = []
@@ -73,7 +75,7 @@ def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -
         info = client.get_node(node_id)
         if info.active and info.base_model == base_model:
             peer_ids.add(info.peer_id)
-            addrs.extend(info.multiaddrs[:MAX_ADDRS_PER_NODE])
+            addrs.extend(info.multiaddrs[:MAX_MULTIADDRS])
     return peer_ids, addrs
 
 

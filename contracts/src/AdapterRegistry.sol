@@ -30,9 +30,14 @@ contract AdapterRegistry {
     uint256 public constant MAX_PRICE_PER_1K_TOKENS = type(uint128).max;
     /// @notice The most datasets one adapter pays: each is a payee credited in every batch it appears in.
     uint256 public constant MAX_DATASETS = 16;
-    /// @notice Adapter names are 1..MAX_NAME_BYTES bytes, versions 1..MAX_VERSION_BYTES.
+    /// @notice Adapter and dataset names are 1..MAX_NAME_BYTES bytes, versions 1..MAX_VERSION_BYTES.
     uint256 public constant MAX_NAME_BYTES = 64;
     uint256 public constant MAX_VERSION_BYTES = 32;
+    /// @notice A node's strings, which every gateway, node and explorer reads: a peer id of at most
+    /// MAX_PEER_ID_BYTES, an API URL and at most MAX_MULTIADDRS multiaddrs of at most MAX_NODE_URL_BYTES each.
+    uint256 public constant MAX_PEER_ID_BYTES = 128;
+    uint256 public constant MAX_NODE_URL_BYTES = 256;
+    uint256 public constant MAX_MULTIADDRS = 8;
 
     /// @dev EIP-712: the domain binds every adapter signature to this chain and this registry.
     bytes32 private constant DOMAIN_TYPEHASH =
@@ -130,6 +135,8 @@ contract AdapterRegistry {
     error InvalidNodeProof(bytes32 nodeId, address operator);
     error InvalidName(string name);
     error InvalidVersion(string version);
+    /// @dev `field` is "peerId", "apiUrl" or "multiaddrs"; the value itself is not echoed (it may be long).
+    error InvalidNodeAddress(string field);
     error PriceTooHigh(uint256 pricePer1kTokens, uint256 maxPricePer1kTokens);
     error TooManyDatasets(uint256 datasets, uint256 maxDatasets);
     error NotCommitted(bytes32 adapterId, string name);
@@ -170,6 +177,7 @@ contract AdapterRegistry {
     /// register it, first or later.
     function registerDataset(string calldata name, bytes32 contentHash) external returns (bytes32 datasetId) {
         if (bytes(name).length == 0) revert EmptyName();
+        _checkName(name);
         datasetId = datasetIdOf(msg.sender, name);
         if (_datasets[datasetId].exists) revert DatasetAlreadyRegistered(datasetId);
         _datasets[datasetId] =
@@ -360,6 +368,7 @@ contract AdapterRegistry {
         bytes32 baseModel
     ) external {
         if (nodeId == bytes32(0) || baseModel == bytes32(0)) revert ZeroId();
+        _checkNodeAddress(peerId, multiaddrs, apiUrl);
         _checkNodeProof(nodeId, proof);
         Node storage n = _nodes[nodeId];
         address previous = n.operator;
@@ -398,6 +407,7 @@ contract AdapterRegistry {
     ) external {
         if (baseModel == bytes32(0)) revert ZeroId();
         Node storage n = _operatedNode(nodeId);
+        _checkNodeAddress(peerId, multiaddrs, apiUrl);
         n.peerId = peerId;
         n.apiUrl = apiUrl;
         _setMultiaddrs(n, multiaddrs);
@@ -510,6 +520,49 @@ contract AdapterRegistry {
                 || c == "+" || c == "-";
             if (!ok) revert InvalidVersion(version);
         }
+    }
+
+    /// @dev peerId: 0..MAX_PEER_ID_BYTES of [0-9A-Za-z] (empty for a node without a p2p host); apiUrl:
+    /// "http://" or "https://" then printable ASCII with no space, MAX_NODE_URL_BYTES at most; multiaddrs: at
+    /// most MAX_MULTIADDRS, each "/" then printable ASCII with no space, MAX_NODE_URL_BYTES at most.
+    function _checkNodeAddress(string calldata peerId, string[] calldata multiaddrs, string calldata apiUrl)
+        private
+        pure
+    {
+        bytes calldata p = bytes(peerId);
+        if (p.length > MAX_PEER_ID_BYTES) revert InvalidNodeAddress("peerId");
+        for (uint256 i; i < p.length; ++i) {
+            bytes1 c = p[i];
+            if (!((c >= "a" && c <= "z") || (c >= "A" && c <= "Z") || (c >= "0" && c <= "9"))) {
+                revert InvalidNodeAddress("peerId");
+            }
+        }
+        bytes calldata u = bytes(apiUrl);
+        bool http = _startsWith(u, "http://") || _startsWith(u, "https://");
+        if (!http || u.length > MAX_NODE_URL_BYTES || !_printable(u)) revert InvalidNodeAddress("apiUrl");
+        if (multiaddrs.length > MAX_MULTIADDRS) revert InvalidNodeAddress("multiaddrs");
+        for (uint256 i; i < multiaddrs.length; ++i) {
+            bytes calldata a = bytes(multiaddrs[i]);
+            if (a.length == 0 || a.length > MAX_NODE_URL_BYTES || a[0] != "/" || !_printable(a)) {
+                revert InvalidNodeAddress("multiaddrs");
+            }
+        }
+    }
+
+    function _startsWith(bytes calldata b, bytes memory prefix) private pure returns (bool) {
+        if (b.length < prefix.length) return false;
+        for (uint256 i; i < prefix.length; ++i) {
+            if (b[i] != prefix[i]) return false;
+        }
+        return true;
+    }
+
+    /// @dev Every byte is printable ASCII other than the space (0x21..0x7e).
+    function _printable(bytes calldata b) private pure returns (bool) {
+        for (uint256 i; i < b.length; ++i) {
+            if (b[i] < 0x21 || b[i] > 0x7e) return false;
+        }
+        return true;
     }
 
     /// @dev nodeId = sha256(publicKey), and the key signed nodeProofMessage(caller, the node's nonce).

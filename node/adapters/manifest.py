@@ -14,9 +14,9 @@ from ledger.types import (
     MAX_DATASETS,
     MAX_PRICE_PER_1K_TOKENS,
     AdapterRegistration,
-    adapter_name_problem,
     adapter_version_problem,
     dataset_id_for,
+    registry_name_problem,
 )
 from node.adapters.errors import PackageError, shown
 from node.adapters.limits import MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_MANIFEST_BYTES
@@ -40,8 +40,16 @@ def dataset_id(name: str, contributor: str) -> str:
 def check_adapter_name(name: str) -> str:
     """`name` if the registry accepts it as an adapter name (1..64 bytes of [a-z0-9._/-], starting with
     [a-z0-9], never with "0x"), else a one-line PackageError."""
-    if (why := adapter_name_problem(name)) is not None:
+    if (why := registry_name_problem(name)) is not None:
         raise PackageError(f"adapter name {name!r} {why}: the registry refuses it (e.g. alice/capitals)")
+    return name
+
+
+def check_dataset_name(name: str) -> str:
+    """`name` if the registry accepts it as a dataset name (the rule of adapter names), else a one-line
+    PackageError."""
+    if (why := registry_name_problem(name)) is not None:
+        raise PackageError(f"dataset name {name!r} {why}: the registry refuses it (e.g. capitals-qa)")
     return name
 
 
@@ -125,7 +133,7 @@ class Manifest(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if (why := adapter_name_problem(v)) is not None:
+        if (why := registry_name_problem(v)) is not None:
             raise ValueError(f"adapter name {v!r} {why}")
         return v
 

@@ -12,7 +12,15 @@ from common.wire import hex0x, node_id_of
 from devnet.deploy import _deploy_contract
 from ledger import errors as E
 from ledger.chain import ChainClient
-from ledger.types import ZERO_ID, AdapterRegistration, Domain, dataset_id_for, node_proof_message
+from ledger.types import (
+    ZERO_ID,
+    AdapterRegistration,
+    Domain,
+    dataset_id_for,
+    node_address_problem,
+    node_proof_message,
+    registry_name_problem,
+)
 from tests.utils.chain import rand_id, register_sample
 
 pytestmark = pytest.mark.integration
@@ -545,7 +553,7 @@ def test_node_reverts_and_operator_only(anvil_chain):
     op, stranger, base = env.users[2], env.users[3], rand_id()
     key, public, nid = _key()
     c = env.client(op)
-    kw = dict(peer_id="p", multiaddrs=[], api_url="u", base_model=base)
+    kw = dict(peer_id="p", multiaddrs=[], api_url="http://u", base_model=base)
     sig = key.sign(c.node_proof_message(nid))
     with pytest.raises(E.ZeroId):
         c.register_node_with_proof(ZERO_ID, public, sig, **kw)
@@ -721,6 +729,76 @@ def test_adapter_names_are_narrow(anvil_chain, name):
     with pytest.raises(E.InvalidName):
         c.register_adapter(rand_id(), name=name, version="1", base_model=rand_id())
     assert env.client().name_owner(name) is None
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_dataset_names_are_narrow(anvil_chain, name):
+    """Dataset names follow the rule of adapter names: every gateway mirrors them and the explorer shows them,
+    and one that was not UTF-8 stopped both for good before they learnt to skip it."""
+    env = anvil_chain
+    c = env.client(env.users[2])
+    assert registry_name_problem(name) is not None
+    with pytest.raises(E.InvalidName):
+        c.register_dataset(name, rand_id())
+    with pytest.raises(E.UnknownDataset):
+        c.get_dataset(c.dataset_id(name))
+
+
+_GOOD_NODE = dict(peer_id="12D3KooWabc", multiaddrs=["/ip4/1.2.3.4/tcp/1/p2p/12D3KooWabc"], api_url="http://n:1")
+BAD_NODE_ADDRESSES = [
+    ("peerId", dict(peer_id="12D3 KooW")),
+    ("peerId", dict(peer_id="12D3KooW/x")),
+    ("peerId", dict(peer_id="é")),
+    ("peerId", dict(peer_id="p" * 129)),
+    ("apiUrl", dict(api_url="")),
+    ("apiUrl", dict(api_url="n:1")),
+    ("apiUrl", dict(api_url="ftp://n")),
+    ("apiUrl", dict(api_url="javascript:alert(1)")),
+    ("apiUrl", dict(api_url="http://n:1/ x")),
+    ("apiUrl", dict(api_url="http://n:1\n")),
+    ("apiUrl", dict(api_url="http://ñ")),
+    ("apiUrl", dict(api_url="http://" + "n" * 250)),
+    ("multiaddrs", dict(multiaddrs=["/ip4/1.2.3.4/tcp/1"] * 9)),
+    ("multiaddrs", dict(multiaddrs=[""])),
+    ("multiaddrs", dict(multiaddrs=["ip4/1.2.3.4/tcp/1"])),
+    ("multiaddrs", dict(multiaddrs=["/ip4/1.2.3.4/tcp/1", "/dns/a b/tcp/1"])),
+    ("multiaddrs", dict(multiaddrs=["/" + "a" * 256])),
+]
+
+
+@pytest.mark.parametrize("field,bad", BAD_NODE_ADDRESSES)
+def test_a_nodes_strings_are_bounded(anvil_chain, field, bad):
+    """A node's peer id, API URL and multiaddrs are read by every gateway, node and explorer: bounded in
+    length and count, printable ASCII with no space, the URL http(s), at registration and at every update."""
+    env = anvil_chain
+    op = env.new_account()
+    key, _, nid = _key()
+    c = env.client(op)
+    assert node_address_problem(**{**_GOOD_NODE, **bad}) is not None  # the node's own check agrees
+    with pytest.raises(E.InvalidNodeAddress) as ei:
+        c.register_node(key, **{**_GOOD_NODE, **bad}, base_model=rand_id())
+    assert ei.value.args_by_name["field"] == field
+    with pytest.raises(E.UnknownNode):
+        c.get_node(nid)
+    c.register_node(key, **_GOOD_NODE, base_model=rand_id())
+    with pytest.raises(E.InvalidNodeAddress):
+        c.update_node(nid, **{**_GOOD_NODE, **bad}, base_model=rand_id())
+    assert c.get_node(nid).api_url == _GOOD_NODE["api_url"]
+
+
+def test_a_nodes_strings_at_their_bounds_pass(anvil_chain):
+    env = anvil_chain
+    key, _, nid = _key()
+    edge = dict(
+        peer_id="Z" * 128,
+        multiaddrs=["/" + "a" * 255] * 8,
+        api_url="https://" + "~" * 248,
+    )
+    assert node_address_problem(**edge) is None
+    env.client(env.new_account()).register_node(key, **edge, base_model=rand_id())
+    n = env.client().get_node(nid)
+    assert (n.peer_id, list(n.multiaddrs), n.api_url) == (edge["peer_id"], edge["multiaddrs"], edge["api_url"])
+    assert node_address_problem("", [], "http://n") is None  # a node without a p2p host
 
 
 @pytest.mark.parametrize("version", ["", "v" * 33, "1 0", "1/2", "1_0", "é", "1\n"])

@@ -123,6 +123,8 @@ def test_a_stranger_cannot_take_a_datasets_share(anvil_chain, tiny_base, peft, t
     d = str(env.deployment_path)
     r = _cli("adapter", "register-dataset", "geo-facts", "--key", str(tmp_path / "stranger.json"), "--deployment", d)
     assert r.returncode == 0, r.stderr  # first come: but it is her own dataset, not the contributor's
+    bad = _cli("adapter", "register-dataset", "Geo Facts", "--key", str(tmp_path / "stranger.json"), "--deployment", d)
+    assert bad.returncode == 2 and "the registry refuses it" in bad.stderr  # refused before any transaction
     share = make_dataset_share("geo-facts", contributor.address, 4000)
     theirs = env.client().dataset_id("geo-facts", stranger.address)
     assert theirs in r.stdout and share.id != theirs
@@ -238,3 +240,25 @@ def test_a_former_operator_cannot_take_a_moved_node_back(anvil_chain, tmp_path):
     assert (info.operator, info.active, info.api_url) == (b.address, True, "http://b:1")
     assert ensure_registered(env.client(a), ident.node_key, **kw) == "moved"  # the key holder's choice
     assert env.client().get_node(ident.node_id).operator == a.address
+
+
+def test_a_node_registers_its_first_eight_addresses_and_refuses_what_the_registry_would(anvil_chain, tmp_path):
+    """A host listening on many interfaces registers the registry's limit of multiaddrs, not a revert; an API
+    URL the registry refuses is refused in one line before any transaction."""
+    from node.daemon import DaemonConfig
+    from node.registration import RegistrationError, ensure_registered
+
+    env = anvil_chain
+    ident = create_identity(tmp_path / "node.json", PASSWORD)
+    op = env.new_account(ETHER)
+    addrs = [f"/ip4/10.0.0.{i}/tcp/4001" for i in range(12)]
+    kw = dict(peer_id="12D3KooWnode", multiaddrs=addrs, api_url="http://a:1", base_model=rand_id())
+    with pytest.raises(RegistrationError, match="API URL 'http://a b:1'"):
+        ensure_registered(env.client(op), ident.node_key, **{**kw, "api_url": "http://a b:1"})
+    with pytest.raises(E.UnknownNode):
+        env.client().get_node(ident.node_id)
+    assert ensure_registered(env.client(op), ident.node_key, **kw) == "registered"
+    assert list(env.client().get_node(ident.node_id).multiaddrs) == addrs[:8]
+    assert ensure_registered(env.client(op), ident.node_key, **kw) == "unchanged"
+    with pytest.raises(ValueError, match="node registry refuses it"):
+        DaemonConfig(base=tmp_path, store=tmp_path, api_url="node.example:8101")

@@ -107,30 +107,28 @@ def rand_id() -> str:
     return hex0x(os.urandom(32))
 
 
-def register_dataset_raw(env: ChainEnv, account: LocalAccount, name: bytes) -> str:
-    """registerDataset with `name` as raw bytes (the contract takes any; web3 would only send UTF-8), sent as
-    hand-made calldata; the transaction's hash."""
+def forge_dataset_logs(env: ChainEnv, account: LocalAccount, name: bytes, new_payee: str) -> tuple[str, str]:
+    """A DatasetRegistered log naming the dataset `name` as raw bytes, then a DatasetPayeeChanged of it, both
+    at the registry's address in one transaction, as a registry that took any bytes would log them (this one
+    refuses such names): contracts/test/RegistryLogForger.sol's code stands at that address for the one
+    transaction. Returns (transaction hash, dataset id)."""
     from eth_abi import encode
-    from eth_utils import function_signature_to_4byte_selector
+    from eth_utils import keccak
 
-    w3 = env.client().w3
-    data = function_signature_to_4byte_selector("registerDataset(string,bytes32)") + encode(
-        ["bytes", "bytes32"], [name, b"\0" * 32]
-    )
-    base = w3.eth.get_block("latest")["baseFeePerGas"]
-    tx = {
-        "from": account.address,
-        "to": env.client().registry.address,
-        "data": data,
-        "gas": 500_000,
-        "nonce": w3.eth.get_transaction_count(account.address, "pending"),
-        "maxPriorityFeePerGas": 10**9,
-        "maxFeePerGas": 2 * base + 10**9,
-        "chainId": w3.eth.chain_id,
-    }
-    h = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
-    assert w3.eth.wait_for_transaction_receipt(h)["status"] == 1
-    return h.to_0x_hex()
+    from ledger.artifacts import load_artifact
+
+    c = env.client(account)
+    registry, w3 = c.registry.address, c.w3
+    dataset = hex0x(keccak(encode(["address", "bytes32"], [account.address, keccak(name)])))
+    forger = w3.eth.contract(address=registry, abi=load_artifact("RegistryLogForger")["abi"])
+    code = w3.eth.get_code(registry).to_0x_hex()
+    w3.provider.make_request("anvil_setCode", [registry, load_artifact("RegistryLogForger")["deployedBytecode"]])
+    try:
+        rcpt = c.tx.transact(forger.functions.datasetThenPayee(bytes.fromhex(dataset[2:]), name, new_payee))
+    finally:
+        w3.provider.make_request("anvil_setCode", [registry, code])
+    assert w3.eth.get_code(registry).to_0x_hex() == code
+    return rcpt["transactionHash"].to_0x_hex(), dataset
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from node.adapters.manifest import (
     MAX_PRICE_PER_1K_TOKENS,
     check_adapter_name,
     check_adapter_version,
+    check_dataset_name,
     parse_manifest,
 )
 from tests.utils.factories import make_peft_adapter
@@ -43,6 +44,19 @@ def test_bad_names_are_refused(name):
 @pytest.mark.parametrize("name", GOOD_NAMES)
 def test_good_names_pass(name):
     assert check_adapter_name(name) == name
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_dataset_names_are_refused(name):
+    """Dataset names follow the rule of adapter names (AdapterRegistry.registerDataset)."""
+    with pytest.raises(PackageError, match="dataset name") as err:
+        check_dataset_name(name)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_good_dataset_names_pass(name):
+    assert check_dataset_name(name) == name
 
 
 @pytest.mark.parametrize("version", ["", "v" * 33, "1 0", "1/2", "1_0", "é", "1\n"])
@@ -92,6 +106,7 @@ def test_pack_refuses_a_bad_name_before_writing_anything(tiny_base, tmp_path):
         {"name": "Alice/Capitals"},
         {"name": "alice/ok", "version": "1 0"},
         {"name": "alice/ok", "price_per_1k_tokens": 2**255},
+        {"name": "alice/ok", "datasets": [make_dataset_share("Capitals QA", account.address, 100)]},
     ):
         with pytest.raises(PackageError) as err:
             pack_adapter(peft, tmp_path / "out", account=account, base_dir=tiny_base, **kw)
