@@ -253,9 +253,11 @@ class ModelCatalog:
         }
 
     def list_models(self, key: KeyInfo, private: frozenset[str]) -> list[dict]:
-        """OpenAI model objects: visible adapters (newest of each name), then the live base models (by their
-        configured names; a base no --base names by its id)."""
+        """OpenAI model objects: visible adapters (newest of each name, by name; one named after a configured
+        base by its id, which is what reaches it), then the live base models (by their configured names; a base
+        no --base names by its id)."""
         live = set(self.directory.base_models())
+        taken = set(self.base_names.values())  # an adapter named after a base is reached by its id only
         out = []
         for a in self.registry.newest_adapters():
             if not self._visible(a.name, key, private):
@@ -263,7 +265,7 @@ class ModelCatalog:
             base_name = self.base_names.get(a.base_model_id) or (a.base_model_id if a.base_model_id in live else None)
             out.append(
                 {
-                    "id": a.name,
+                    "id": a.adapter_id if a.name in taken else a.name,
                     "object": "model",
                     "created": self.created(a.adapter_id),
                     "owned_by": a.owner,

@@ -28,6 +28,7 @@ from common.wire import UntrustedJSONError, parse_json
 from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
 from gateway.errors import GatewayError
+from ledger.types import api_url_problem
 from node.gateway_hello import HELLO_PATH, make_hello
 
 log = logging.getLogger(__name__)
@@ -179,5 +180,6 @@ class NodeGreeter:
 
 
 def _callable_url(url: str) -> bool:
-    """Whether a registered api_url is one the greeter calls: http(s), no query, fragment or credentials."""
-    return url.startswith(("http://", "https://")) and not any(c in url for c in "?#@") and len(url) <= 512
+    """Whether a registered api_url is one the greeter calls: one the registry takes (http(s), no query,
+    fragment or credentials, bounded)."""
+    return api_url_problem(url) is None

@@ -246,8 +246,10 @@ class NodeClient:
         signed = sign_request(self.key, method="POST", path=urlsplit(url).path, node_id=node_id, body=data)
         try:
             async with asyncio.timeout(self.first_byte_timeout):
+                # a redirect is a failed node: followed, it would carry this signed request (and, for a 307,
+                # the prompt) to whatever host the node names
                 r = await self._stream_session().post(
-                    url, data=data, headers={"Content-Type": "application/json", **signed}
+                    url, data=data, headers={"Content-Type": "application/json", **signed}, allow_redirects=False
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:  # no connection: not running
             raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True) from e
@@ -271,7 +273,10 @@ class NodeClient:
         message, code = _error_of(r.status, text)
         if r.status == 400 and code in CLIENT_ERROR_CODES:
             raise NodeRejected(message, status=r.status, code=code)
-        raise NodeUnavailable(f"node at {api_url} answered {r.status}: {message}")
+        # the answer stays in this log: the client is told the status only, so a URL registered at a service
+        # that is no node cannot read that service's answers back through the gateway's errors
+        log.warning("node %s at %s answered %d: %s", node_id[:10], api_url, r.status, message)
+        raise NodeUnavailable(f"node at {api_url} answered {r.status}")
 
     async def _call(
         self, method: str, url: str, *, timeout: float, node_id: str | None = None, json: dict | None = None

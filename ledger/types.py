@@ -112,6 +112,7 @@ MAX_NODE_URL_BYTES = 256
 MAX_MULTIADDRS = 8
 _PEER_ID_RE = re.compile(r"[0-9A-Za-z]{0,128}")
 _API_URL_RE = re.compile(r"https?://[\x21-\x7e]*")
+_URL_CUTS = frozenset("?#@")  # a query or fragment cuts off the path a gateway appends; "@" sends credentials
 _MULTIADDR_RE = re.compile(r"/[\x21-\x7e]*")
 
 
@@ -133,6 +134,8 @@ def api_url_problem(url: object) -> str | None:
     """Why the registry would refuse `url` as a node's API URL; None when it is fine."""
     if not isinstance(url, str) or _API_URL_RE.fullmatch(url) is None:
         return "is not http:// or https:// followed by printable ASCII with no space"
+    if _URL_CUTS.intersection(url):
+        return "holds a ?, # or @ (a query, fragment or credentials)"
     if len(url) > MAX_NODE_URL_BYTES:
         return f"is longer than {MAX_NODE_URL_BYTES} bytes"
     return None

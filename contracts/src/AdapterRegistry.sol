@@ -523,8 +523,10 @@ contract AdapterRegistry {
     }
 
     /// @dev peerId: 0..MAX_PEER_ID_BYTES of [0-9A-Za-z] (empty for a node without a p2p host); apiUrl:
-    /// "http://" or "https://" then printable ASCII with no space, MAX_NODE_URL_BYTES at most; multiaddrs: at
-    /// most MAX_MULTIADDRS, each "/" then printable ASCII with no space, MAX_NODE_URL_BYTES at most.
+    /// "http://" or "https://" then printable ASCII with no space and no "?", "#" or at sign (gateways append
+    /// their paths to it: a query or fragment would cut them off, credentials would be sent on), at most
+    /// MAX_NODE_URL_BYTES; multiaddrs: at most MAX_MULTIADDRS, each "/" then printable ASCII with no space,
+    /// MAX_NODE_URL_BYTES at most.
     function _checkNodeAddress(string calldata peerId, string[] calldata multiaddrs, string calldata apiUrl)
         private
         pure
@@ -540,6 +542,9 @@ contract AdapterRegistry {
         bytes calldata u = bytes(apiUrl);
         bool http = _startsWith(u, "http://") || _startsWith(u, "https://");
         if (!http || u.length > MAX_NODE_URL_BYTES || !_printable(u)) revert InvalidNodeAddress("apiUrl");
+        for (uint256 i; i < u.length; ++i) {
+            if (u[i] == "?" || u[i] == "#" || u[i] == "@") revert InvalidNodeAddress("apiUrl");
+        }
         if (multiaddrs.length > MAX_MULTIADDRS) revert InvalidNodeAddress("multiaddrs");
         for (uint256 i; i < multiaddrs.length; ++i) {
             bytes calldata a = bytes(multiaddrs[i]);

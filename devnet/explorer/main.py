@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.http import ERROR_JSON, BodyLimitMiddleware
 from common.wire import error_body
@@ -34,7 +35,39 @@ ERROR_CODES = {
     503: "unavailable",
 }
 
+# Every answer's headers. The pages show strings anyone can write on chain; each is escaped (layout.esc), and
+# this policy is the second line: no script runs, nothing loads from elsewhere, no other site frames a page.
+# The pages' one style sheet is inline; their charts are inline SVG.
+SECURITY_HEADERS = (
+    (
+        b"content-security-policy",
+        b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
+        b"frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
 log = logging.getLogger(__name__)
+
+
+class SecurityHeadersMiddleware:
+    """Adds SECURITY_HEADERS to every HTTP answer (pure ASGI: nothing of the body is buffered)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 # Declared on every route, so the OpenAPI schema (/openapi.json) says what an error looks like: an HTML page,
@@ -71,6 +104,7 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
     )
     app.state.explorer = ex
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(SecurityHeadersMiddleware)
 
     def error(request: Request, status: int, message: str) -> Response:
         """One error answer: the API's JSON error shape on JSON routes, an HTML page on the others."""

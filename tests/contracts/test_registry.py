@@ -758,6 +758,10 @@ BAD_NODE_ADDRESSES = [
     ("apiUrl", dict(api_url="http://n:1\n")),
     ("apiUrl", dict(api_url="http://ñ")),
     ("apiUrl", dict(api_url="http://" + "n" * 250)),
+    # a query or fragment cuts off the path a gateway appends (POST /admin?x=/v1/generate); "@" sends credentials
+    ("apiUrl", dict(api_url="http://127.0.0.1:8080/admin?x=")),
+    ("apiUrl", dict(api_url="http://127.0.0.1:8080/admin#")),
+    ("apiUrl", dict(api_url="http://user:pw@127.0.0.1:5432")),
     ("multiaddrs", dict(multiaddrs=["/ip4/1.2.3.4/tcp/1"] * 9)),
     ("multiaddrs", dict(multiaddrs=[""])),
     ("multiaddrs", dict(multiaddrs=["ip4/1.2.3.4/tcp/1"])),

@@ -148,6 +148,44 @@ def test_a_hostile_error_body_is_a_failed_node():
             asyncio.run(_events(srv.url))
 
 
+def test_a_nodes_failure_body_stays_in_the_log(caplog):
+    """A registered URL may reach a service that is no node: what it answers is not read back to the client
+    through the gateway's error (the status is), only logged."""
+    secret = b'{"error": {"message": "db_password=hunter2"}}'
+    with ServerThread(_hostile_node([secret], status=403)) as srv:
+        with caplog.at_level("WARNING", logger="gateway.node_client"):
+            with pytest.raises(node_client.NodeUnavailable, match="answered 403") as err:
+                asyncio.run(_events(srv.url))
+    assert "hunter2" not in str(err.value)
+    assert any("hunter2" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("status", [301, 303, 307, 308])
+def test_a_nodes_redirect_is_not_followed(status):
+    """A node's redirect would carry the gateway's signed request (307: the prompt too) to any host it names."""
+    reached: list[str] = []
+    target = FastAPI()
+
+    @target.api_route("/{path:path}", methods=["GET", "POST"])
+    async def anything(path: str):
+        reached.append(path)
+        return {"ok": True}
+
+    redirector = FastAPI()
+    with ServerThread(target) as inner:
+
+        @redirector.post("/v1/generate")
+        async def generate():
+            from fastapi.responses import RedirectResponse
+
+            return RedirectResponse(inner.url + "/latest/meta-data", status_code=status)
+
+        with ServerThread(redirector) as srv:
+            with pytest.raises(node_client.NodeUnavailable, match=f"answered {status}"):
+                asyncio.run(_events(srv.url))
+    assert reached == []
+
+
 PIECES = [
     b"data: ",
     b"\n",

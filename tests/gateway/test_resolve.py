@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from common.identity import Identity
-from gateway.catalog import ModelCatalog
+from gateway.catalog import ModelCatalog, Prices
 from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
 from gateway.errors import ModelNotFound
@@ -132,3 +132,20 @@ def test_a_base_name_a_node_announces_does_not_take_an_adapters_requests(world, 
 
 def test_the_tiny_bases_name_is_the_one_the_gateway_tests_ask_for(tiny_base):
     assert base_model_name(tiny_base) == TINY
+
+
+def test_an_adapter_named_like_a_base_model_is_listed_by_its_id(world):
+    """/v1/models listed a stranger's adapter named after a base under the base's name, first, with the
+    stranger as owner and its price: a client picking the first match showed them as the base's. The name
+    resolves to the base, so the adapter is listed by the id that reaches it."""
+    engine, reg, _, _ = world
+    add_adapter(engine, adapter_id=SHADOW, name="tiny", base_model=BASE, block=2, owner="0x" + "ee" * 20, price=10**15)
+    reg.reload()
+    catalog = ModelCatalog(reg, world[2].directory, {BASE: "tiny"}, Prices(engine), default_max_price=0)
+    models = catalog.list_models(KEY, frozenset())
+    (named,) = [m for m in models if m["id"] == "tiny"]
+    assert (named["adapter_id"], named["owned_by"]) == (None, "loramesh")
+    (shadow,) = [m for m in models if m["adapter_id"] == SHADOW]
+    assert shadow["id"] == SHADOW and catalog.resolve(shadow["id"], KEY, frozenset()).adapter_id == SHADOW
+    assert catalog.model_object(SHADOW, KEY, frozenset())["id"] == SHADOW
+    assert [m["id"] for m in models if m["adapter_id"] == REAL] == ["alice/capitals"]

@@ -129,6 +129,10 @@ class Browser:
     def get(self, url: str) -> None:
         self._cmd("POST", "/url", {"url": url})
 
+    def execute(self, script: str, *args):
+        """Run `script` (a function body: `return ...`) in the page; its JSON-able result."""
+        return self._cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
+
     @property
     def url(self) -> str:
         return self._cmd("GET", "/url")

@@ -26,6 +26,8 @@ def test_follow_adapter_to_record_and_see_proof_verified(browser, explorer_url, 
     b.get(explorer_url + "/")
     assert b.find("#stat-records").text == str(len(world.settled) + 1)  # + one settled elsewhere
     assert len(b.find_all("svg.plot")) == 2
+    # the page's inline style sheet applies under its Content-Security-Policy (the header is a flex row)
+    assert b.execute("return getComputedStyle(document.querySelector('header')).display") == "flex"
     b.screenshot(ARTIFACTS / "explorer-overview.png")
 
     b.find('header nav a[href="/adapters"]').click()

@@ -47,6 +47,15 @@ def test_overview_shows_chain_contracts_totals_and_plots(explorer_url, anvil_cha
         assert f'data-series="{name}"' in html
 
 
+@pytest.mark.parametrize("path", ["/", "/nodes", "/adapters/0x" + "00" * 32, "/health", "/plots/tokens.svg"])
+def test_every_answer_forbids_scripts_and_framing(explorer_url, path):
+    """The pages show strings anyone writes on chain, each escaped; the policy is the second line."""
+    r = httpx.get(explorer_url + path, timeout=30)
+    policy = r.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "script-src" not in policy
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
 def test_plot_endpoints_are_svg(explorer_url):
     for path, series in (("/plots/tokens.svg", 4), ("/plots/rewards.svg", 4)):
         r = httpx.get(explorer_url + path, timeout=30)
