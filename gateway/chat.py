@@ -101,7 +101,7 @@ class ChatTemplates:
         bounds = [b for b in (self.model_vocab.get(base_model_id), texts and texts.size) if b]
         return max(bounds) if bounds else None
 
-    def check_length(self, base_model_id: str, chars: int) -> None:
+    def check_length(self, base_model_id: str, chars: int, *, param: str = "prompt") -> None:
         """Refuse a prompt of `chars` characters that holds at least as many tokens as the context, before
         tokenizing it: no token stands for more characters than the longest in the vocabulary, so the prompt
         has at least chars / longest tokens (tokenizing 20 MB of text costs a process tens of seconds)."""
@@ -115,7 +115,7 @@ class ChatTemplates:
                 f"the prompt has at least {at_least} tokens ({chars} characters); the model's "
                 f"context holds {context} (prompt + at least one generated token)",
                 code="context_length_exceeded",
-                param="prompt",
+                param=param,
             )
 
     def token_chars(self, base_model_id: str) -> int:
@@ -180,18 +180,22 @@ class ChatTemplates:
 
     def render(self, base_model_id: str, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Chat messages (and the request's tools) rendered by the base's template, as token ids, exactly as
-        `adapter train` renders its chat data (node.adapters.prompts; blocking)."""
+        `adapter train` renders its chat data (node.adapters.prompts; blocking). A rendered text too long for
+        the context is refused before it is tokenized: what the template renders around and from the messages
+        (role markup, tool calls) is counted only here."""
         from jinja2 import TemplateError
 
-        from node.adapters.prompts import NoChatTemplate, chat_ids
+        from node.adapters.prompts import NoChatTemplate, chat_text, text_ids
 
         tok = self._tokenizer(base_model_id)
         try:
-            return chat_ids(tok, messages, tools=tools)
+            text = chat_text(tok, messages, tools=tools)
         except NoChatTemplate:
             raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions") from None
         except TemplateError as e:  # a template that refuses these messages (e.g. roles that must alternate)
             raise BadRequest(f"the model's chat template refused the messages: {e}", param="messages") from None
+        self.check_length(base_model_id, len(text), param="messages")
+        return text_ids(tok, text)
 
 
 def _load_tokenizer(base_dir: Path):

@@ -74,6 +74,10 @@ class Choices:
         self.seqs = [Sequence(k // per_prompt) for k in range(len(prompts) * per_prompt)]
         self.prompt_scored: list[list[Scored] | None] = [None] * len(prompts)
 
+    def echoed_positions(self) -> int:
+        """The prompt positions the answer repeats: each choice echoes its prompt (0 without echo)."""
+        return self.n * sum(map(len, self.prompts)) if self.echo else 0
+
     # ------------------------------------------------------------------ the node's events
 
     def index_of(self, ev: dict) -> int | None:

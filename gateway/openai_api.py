@@ -273,6 +273,12 @@ class ChatMessage(BaseModel):
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def template_chars(self) -> int:
+        """The characters of this message a chat template is given: its text, name, tool call ids, names and
+        arguments (a template renders some or all of them, with markup around each message)."""
+        calls = sum(len(c.id) + len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
+        return len(self.text()) + len(self.name or "") + len(self.tool_call_id or "") + calls
+
     def as_dict(self) -> dict:
         out: dict = {"role": self.role, "content": self.text()}
         if self.name is not None:

@@ -56,13 +56,16 @@ ABORT_DRAIN_TIMEOUT_S = 5.0
 # events other than tokens a node may send in one request (a real node sends an error and a done event at
 # most): a node that sends more is cut off, so it cannot hold a request open with events that never end
 MAX_OTHER_EVENTS = 64
-# a whole (not streamed) answer of this many completion tokens or more is built and encoded on a worker thread
+# a whole (not streamed) answer of this many completion tokens (and echoed prompt positions) or more is built and
+# encoded on a worker thread
 LARGE_ANSWER_TOKENS = 512
 HTTP_CLIENT_CLOSED = 499  # the status of an answer its client left before (nginx's; nobody reads it, the logs show it)
 _READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream: NodeUnavailable
 # prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
 # worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
 INLINE_TOKENIZE_CHARS = 4096
+# what a chat template may write around one message (its role markers), counted towards that inline size
+TEMPLATE_MARKUP_CHARS = 32
 
 
 class DeadlinePassed(Exception):
@@ -234,7 +237,7 @@ class ServedRequest:
 
         # a long answer (n choices with logprobs: up to tens of MB) is built off the event loop, which it held
         # for seconds (attack review); a short one is not worth the thread hop
-        big = self.usage[1] >= LARGE_ANSWER_TOKENS
+        big = self.usage[1] + self.choices.echoed_positions() >= LARGE_ANSWER_TOKENS
         content = await asyncio.to_thread(render) if big else render()
         return Response(content, media_type="application/json", headers=headers)
 
@@ -340,6 +343,12 @@ class ServedRequest:
             token_chars=t.token_chars(base),
             end_ids=frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else t.end_ids(base)),
         )
+        if (echoed := self.choices.echoed_positions()) > d.settings.max_echoed_positions:
+            raise BadRequest(
+                f"echo repeats the prompts in each of the {req.choices} choices: {echoed} token positions, more than "
+                f"this gateway answers ({d.settings.max_echoed_positions}); ask for fewer choices or shorter prompts",
+                param="echo",
+            )
         seqs = len(self.choices.seqs)
         self.prompt_tokens = sum(map(len, prompts))
         # the most completion tokens the request may bill: max_tokens per sequence (the context holds them all:
@@ -353,9 +362,13 @@ class ServedRequest:
         t = self.d.templates
         if self.chat:
             messages, tools = req.chat_messages(), req.template_tools()
-            chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(tools)) if tools else 0)
-            t.check_length(base, chars)  # a prompt that cannot fit is refused before it is tokenized
-            return [await _blocking(t, chars, t.render, base, messages, tools)], None
+            tool_chars = len(json.dumps(tools)) if tools else 0
+            # the texts alone that cannot fit are refused before the template runs; what it renders from the
+            # rest of the messages (their markup, tool calls) is held to the context by `render` before the
+            # text is tokenized, on a worker thread unless all of it is short
+            t.check_length(base, sum(len(m["content"]) for m in messages) + tool_chars, param="messages")
+            given = sum(m.template_chars() + TEMPLATE_MARKUP_CHARS for m in req.messages) + tool_chars
+            return [await _blocking(t, given, t.render, base, messages, tools)], None
         given = req.prompt_list()
         if isinstance(given[0], list):
             for ids in given:

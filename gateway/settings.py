@@ -82,6 +82,10 @@ class GatewaySettings(ServiceSettings):
     # its prompt, at most max_max_tokens
     default_max_tokens: int = Field(default=16, ge=1)
     max_max_tokens: int = Field(default=4096, ge=1)
+    # echo repeats each prompt in every choice of it (with logprobs one entry per position): a request whose n
+    # times its prompts' tokens is more is refused (n=16 echoing 8,000-token prompts was a 73 MB answer, seconds
+    # of the gateway's CPU for one small request)
+    max_echoed_positions: int = Field(default=131_072, ge=1)
     settle: bool = True  # run the ledger settler in-process when a key file is given
     settle_batch_size: int = Field(default=100, ge=1)
     settle_interval_s: float = Field(default=5.0, ge=0)

@@ -18,7 +18,8 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def served(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
-    gw = start_gateway(root / "gateway", tiny_base)
+    # echo's bound low enough for the tiny bases' 512-token context to reach (test_openai_fields.py)
+    gw = start_gateway(root / "gateway", tiny_base, max_echoed_positions=2048)
     node = start_node(tiny_base, gateway=gw, num_slots=4, num_kv_blocks=512)
     poll(lambda: httpx.get(gw.url + "/health", timeout=5).json().get("live_nodes") == 1, timeout=30)
     try:

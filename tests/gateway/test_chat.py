@@ -22,6 +22,23 @@ def test_base_template_gives_token_ids(tiny_base):
     assert ids.count(tok.bos_token_id) == 1
 
 
+def test_a_rendered_chat_too_long_for_the_context_is_refused_before_it_is_tokenized(tiny_base, monkeypatch):
+    """What the template writes around each message is no text of the request: 137,000 empty messages (or an
+    assistant's tool call of megabytes, for a template that renders them) passed the check of the texts, and
+    tokenizing the rendered megabytes held the gateway's event loop for seconds. The rendered text is held to
+    the context before it is tokenized."""
+    import node.adapters.prompts as prompts
+    from gateway.errors import BadRequest
+
+    t, base = ChatTemplates([tiny_base]), base_model_id(tiny_base)
+    t.render(base, MESSAGES)  # the tokenizer loaded
+    many = [{"role": "user", "content": ""}] * (t.context_len(base) * t.token_texts[base].longest)
+    monkeypatch.setattr(prompts, "text_ids", lambda *a: pytest.fail("the rendered text was tokenized"))
+    with pytest.raises(BadRequest) as err:
+        t.render(base, many)
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "messages")
+
+
 def test_completion_text_is_encoded_as_the_node_does(tiny_base):
     from node.engine.llm_engine import load_tokenizer
 

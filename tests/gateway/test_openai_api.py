@@ -222,3 +222,23 @@ def test_strict_types_still_take_what_openai_takes():
         with pytest.raises(BadRequest) as ei:
             parse_body(CompletionRequest, body(**wrong))
         assert ei.value.param == next(iter(wrong))
+
+
+def test_what_a_template_is_given_counts_the_tool_calls():
+    """The size that decides whether a chat is rendered on the event loop: a tool call's 100,000 characters of
+    arguments are in it, and each message's markup (gateway/request.py: TEMPLATE_MARKUP_CHARS)."""
+    args = json.dumps({"a": "x" * 100_000})
+    req = ChatRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            ],
+        }
+    )
+    assert [m.template_chars() for m in req.messages] == [2, len("c1") + 1 + len(args), len("c1") + 2]

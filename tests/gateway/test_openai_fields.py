@@ -169,6 +169,16 @@ def test_echo_with_top_logprobs_of_a_long_prompt(oai):
     assert len(lp.tokens) == 482 and lp.token_logprobs[0] is None and len(lp.top_logprobs[1]) >= 5
 
 
+def test_echo_is_bounded_by_n_times_the_prompts(oai):
+    # each choice repeats its prompt (with logprobs, an entry per position): n=16 echoing 8,000-token prompts
+    # was a 73 MB answer built on the event loop; `served` answers at most 2,048 positions
+    prompt = [5 + (i % 200) for i in range(480)]
+    message = refused(lambda: complete(oai, prompt=[prompt] * 2, n=3, echo=True, logprobs=5, max_tokens=1), "echo")
+    assert "2880 token positions" in message and "2048" in message
+    got = complete(oai, prompt=[prompt] * 2, n=2, echo=True, logprobs=5, temperature=0, max_tokens=1)  # 1,920
+    assert len(got.choices) == 4 and all(len(c.logprobs.tokens) == 481 for c in got.choices)
+
+
 def test_streams_name_their_choices_and_send_no_empty_token(oai):
     chunks = list(complete(oai, n=2, seed=4, temperature=1.0, stream=True, stream_options={"include_usage": True}))
     whole = complete(oai, n=2, seed=4, temperature=1.0)
