@@ -96,7 +96,9 @@ def test_a_valid_request_is_served_and_its_node_call_signed(w):
 
 def test_the_heartbeat_answer_names_the_gateway_key(w):
     assert len(w.gateway_key) == 64 and bytes.fromhex(w.gateway_key)
-    doc = make_heartbeat(w.identity, api_url=w.node_url, base_model_id=w.base, status={"queue_depth": 0})
+    # dated 2 s ahead (within the allowed skew): the node's own beats, every 0.5 s, cannot be newer and make it stale
+    ts_ms = int(time.time() * 1000) + 2000
+    doc = make_heartbeat(w.identity, api_url=w.node_url, base_model_id=w.base, status={"queue_depth": 0}, ts_ms=ts_ms)
     r = w.post("/internal/heartbeat", doc)
     assert r.status_code == 200 and r.json()["gateway_key"] == w.gateway_key, r.text
 

@@ -227,5 +227,5 @@ def test_what_a_request_reserved_and_did_not_use_is_given_back(tmp_path, tiny_ba
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 4
         r = httpx.post(gw.url + "/v1/completions", headers=headers, json=ask | {"max_tokens": 40}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 21  # the stand-in makes 20 at most
-        # 41 were reserved, 21 used: 20 back (and a little refill)
-        poll(lambda: 50 - 4 - 21 <= level() < 50 - 4 - 21 + 2, timeout=10)
+        # 41 were reserved, 21 used: 20 back (and the refill since, 0.83 a second: a slow box may take seconds)
+        poll(lambda: 50 - 4 - 21 <= level() < 50 - 4 - 21 + 10, timeout=10)

@@ -107,7 +107,8 @@ def test_inbound_stream_cap_refuses_extra_streams(packages, tmp_path):
 
         async def main():
             first = asyncio.create_task(client.afetch(stalled.adapter_id, providers=[addr]))
-            await asyncio.sleep(0.5)  # the first stream holds the only slot, stalled
+            # the first stream holds the only slot, stalled until the client's read timeout (3 s) gives it up
+            await asyncio.sleep(2.0)
             with pytest.raises(FetchError, match="provider refused: busy: already serving 1 streams"):
                 await client.afetch(dropped.adapter_id, providers=[addr])
             with pytest.raises(FetchError, match="stalled mid-frame"):
