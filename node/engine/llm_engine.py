@@ -359,12 +359,14 @@ class LLMEngine:
                 results = self._speculative_step(seqs, drafts)
                 return events + self._emit_many(seqs, results), True
             prompt_rows = [i for i, s in enumerate(seqs) if s.wants_prompt_logprobs] if prefill else []
-            logits = self.runner.forward(seqs, prefill, prompt_rows=prompt_rows)  # [B (+ prompt positions), V]
+            if prompt_rows:  # logits [B, V], and the hidden states of those rows' prompt positions
+                logits, prompt_hidden = self.runner.prefill_scoring(seqs, prompt_rows)
+            else:
+                logits = self.runner.forward(seqs, prefill)  # [B, V]
             for s in seqs:  # their KV is written up to their newest token: full blocks become shareable
                 self.blocks.commit(s, s.num_tokens)
             if prompt_rows:
-                events += self._prompt_logprobs(seqs, prompt_rows, logits[len(seqs) :])
-                logits = logits[: len(seqs)]
+                events += self._prompt_logprobs(seqs, prompt_rows, prompt_hidden)
             tokens, scored = self._sample(seqs, logits)
         except Exception as e:  # fail this step's requests, keep serving everyone else
             log.exception("engine step failed")
@@ -510,13 +512,15 @@ class LLMEngine:
             scored[i] = e
         return tokens, scored
 
-    def _prompt_logprobs(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor) -> list:
-        """Score the prompts of `rows` (their prompt positions' logits, in order) and emit one event per prompt."""
-        events, off = [], 0
+    def _prompt_logprobs(self, seqs: list[Sequence], rows: list[int], hidden: torch.Tensor) -> list:
+        """Score the prompts of `rows` (their prompt positions' hidden states, in order) and emit one event per
+        prompt."""
+        events, off, logits_of = [], 0, self.runner.model.compute_logits
         for i in rows:
             s = seqs[i]
             ids = s.prompt_token_ids
-            entries = score(logits[off : off + len(ids) - 1], ids[1:], s.params.prompt_logprobs) if len(ids) > 1 else []
+            k = s.params.prompt_logprobs
+            entries = score(hidden[off : off + len(ids) - 1], ids[1:], k, logits_of) if len(ids) > 1 else []
             off += len(ids) - 1
             s.wants_prompt_logprobs = False
             whole = (None, *entries)

@@ -253,22 +253,41 @@ class ModelRunner:
         seqs: list[Sequence],
         prefill: bool,
         all_logits: bool = False,
-        prompt_rows: list[int] = (),
         drafts: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Run one step: prefill computes every token of each sequence past its cached prefix
         (num_cached_tokens, whose KV the cache already holds and attention reads), decode only the newest.
         Returns logits [B, vocab] of each sequence's last token ([T, vocab] of the T computed tokens when
-        all_logits); a prefill with `prompt_rows` appends, for each of those rows in order, the logits of its
-        prompt positions 0..P-2 (what predicted prompt tokens 1..P-1: prompt_logprobs), so only the rows that
-        ask pay for them (those rows skip the prefix cache: their whole prompt is computed).
-        A decode with `drafts` (speculative decoding) feeds each row its newest token then its drafted tokens
-        (drafts[i], possibly none) and returns the logits of all those positions [T, vocab], row after row
-        (never through the CUDA graphs, which hold one query per row)."""
+        all_logits). A decode with `drafts` (speculative decoding) feeds each row its newest token then its
+        drafted tokens (drafts[i], possibly none) and returns the logits of all those positions [T, vocab], row
+        after row (never through the CUDA graphs, which hold one query per row)."""
         if drafts is not None:
             all_logits = True  # every drafted position is verified
         if not prefill and not all_logits and self.graphs is not None and len(seqs) <= self.graphs.max_batch:
             return self.graphs.run(seqs)
+        hidden, starts = self._hidden(seqs, prefill, drafts)
+        if not all_logits:
+            hidden = hidden[to_device(starts[1:] - 1, self.device)]  # [B, D]
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def prefill_scoring(self, seqs: list[Sequence], prompt_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefill step whose `prompt_rows` ask for their prompt's logprobs: the logits [B, vocab] of each
+        sequence's last token, and for each of those rows in order the hidden states [P, D] of its prompt
+        positions 0..P-2 (what predicted prompt tokens 1..P-1). Hidden states, not logits: `logprobs.score`
+        makes the logits a chunk at a time, where a 32,000-token prompt's over a 152,000-token vocabulary were
+        9.7 GB at once. Those rows skip the prefix cache: their whole prompt is computed."""
+        assert all(seqs[i].num_cached_tokens == 0 for i in prompt_rows), "prompt logprobs skip the cache"
+        hidden, starts = self._hidden(seqs, True, None)
+        extra = [torch.arange(starts[i], starts[i] + len(seqs[i].prompt_token_ids) - 1) for i in prompt_rows]
+        logits = self.model.compute_logits(hidden[to_device(starts[1:] - 1, self.device)])
+        return logits, hidden[to_device(torch.cat(extra), self.device)]
+
+    def _hidden(
+        self, seqs: list[Sequence], prefill: bool, drafts: list[list[int]] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward pass: hidden [T, D] of every computed token, and where each row's tokens start
+        in it ([B + 1], the last the total)."""
         tokens: list[int] = []
         positions: list[list[int]] = []
         slots: list[int] = []
@@ -285,21 +304,12 @@ class ModelRunner:
             tokens.extend(ids)
             positions.append(pos)
             slots.extend([s.slot] * len(ids))
-        dev = self.device
         tables = [s.block_table for s in seqs]
         if self.tp is None:
             hidden = self.run(tokens, positions, slots, tables)  # [T, D]
         else:  # every rank runs the same inputs
             hidden = self.tp.forward(self.run, tokens, positions, slots, [list(t) for t in tables])
-        if not all_logits:
-            starts = torch.tensor([0] + [len(p) for p in positions]).cumsum(0)
-            last = starts[1:] - 1
-            if prompt_rows:
-                assert all(seqs[i].num_cached_tokens == 0 for i in prompt_rows), "prompt logprobs skip the cache"
-                extra = [torch.arange(starts[i], starts[i] + len(seqs[i].prompt_token_ids) - 1) for i in prompt_rows]
-                last = torch.cat([last, *extra])
-            hidden = hidden[to_device(last, dev)]  # [B (+ prompt positions), D]
-        return self.model.compute_logits(hidden)
+        return hidden, torch.tensor([0] + [len(p) for p in positions]).cumsum(0)
 
     @torch.inference_mode()
     def run(self, tokens: list[int], positions: list[list[int]], slots: list[int], tables: list) -> torch.Tensor:

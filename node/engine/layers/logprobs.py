@@ -4,6 +4,8 @@ that ask, with one copy to the host."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from node.engine.layers.attention import to_device
@@ -31,17 +33,20 @@ class RawLogprobs:
         return _entries(tokens[self._rows_t].tolist(), chosen.tolist(), self.top_vals, self.top_ids, self.ks)
 
 
-SCORE_CHUNK = 256  # prompt positions scored at once: a long prompt's float32 log-softmax is never whole
+SCORE_CHUNK = 256  # prompt positions scored at once: a long prompt's logits and log-softmax are never whole
 
 
-def score(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
-    """logits [N, V] of N positions and the token that followed each -> each target's log-probability and the
-    top k at that position (prompt_logprobs). Scored SCORE_CHUNK positions at a time: a 4,000-token prompt over a
-    32,000-token vocabulary took another 500 MB for its log-softmax at once."""
+def score(
+    hidden: torch.Tensor, targets: list[int], k: int, logits_of: Callable[[torch.Tensor], torch.Tensor]
+) -> list[TokenLogprob]:
+    """hidden [N, D] of N positions and the token that followed each -> each target's log-probability and the
+    top k at that position (prompt_logprobs). `logits_of` makes the logits of SCORE_CHUNK positions at a time:
+    a 32,000-token prompt's logits over a 152,000-token vocabulary are 9.7 GB at once (bf16), and a 4,000-token
+    prompt's float32 log-softmax over 32,000 tokens took another 500 MB."""
     out: list[TokenLogprob] = []
     for lo in range(0, len(targets), SCORE_CHUNK):
         part = targets[lo : lo + SCORE_CHUNK]
-        lp = logits[lo : lo + len(part)].float().log_softmax(dim=-1)  # [<= SCORE_CHUNK, V]
+        lp = logits_of(hidden[lo : lo + len(part)]).float().log_softmax(dim=-1)  # [<= SCORE_CHUNK, V]
         t = to_device(torch.tensor(part, dtype=torch.int64), lp.device)
         chosen = lp.gather(1, t[:, None]).squeeze(1)
         vals = ids = None

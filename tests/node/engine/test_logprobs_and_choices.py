@@ -177,14 +177,23 @@ def test_an_empty_prompt_among_several_is_refused(llama_world):
 
 
 def test_prompt_scores_are_the_same_scored_in_chunks(monkeypatch):
-    """score() works through a long prompt a chunk of positions at a time; the entries equal one whole pass."""
+    """score() makes the logits of a long prompt a chunk of positions at a time (a whole 32,000-token prompt's
+    over a 152,000-token vocabulary were 9.7 GB); the entries equal one whole pass."""
     import torch
 
     from node.engine.layers import logprobs
 
-    logits = torch.randn(700, 97, generator=torch.Generator().manual_seed(3))
+    hidden = torch.randn(700, 16, generator=torch.Generator().manual_seed(3))
+    head = torch.randn(97, 16, generator=torch.Generator().manual_seed(5))
     targets = torch.randint(0, 97, (700,), generator=torch.Generator().manual_seed(4)).tolist()
-    chunked = logprobs.score(logits, targets, 3)
+    rows: list[int] = []
+
+    def logits_of(h: torch.Tensor) -> torch.Tensor:
+        rows.append(h.shape[0])
+        return (h[:, None, :] * head[None, :, :]).sum(-1)  # each row's own sums, whatever the chunk (a GEMM may not)
+
+    chunked = logprobs.score(hidden, targets, 3, logits_of)
+    assert rows == [256, 256, 188]  # never more than SCORE_CHUNK positions' logits at once
     monkeypatch.setattr(logprobs, "SCORE_CHUNK", 10_000)
-    whole = logprobs.score(logits, targets, 3)
+    whole = logprobs.score(hidden, targets, 3, logits_of)
     assert len(chunked) == 700 and chunked == whole
