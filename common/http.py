@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,11 +30,16 @@ class WriteBoundedStreamingResponse(StreamingResponse):
     reading (its receive window full) blocks a write with no end, and with it the generator behind the
     stream, which is what reads the upstream and checks its deadline (a stalled client held a node's request,
     its slot and its open record for as long as it kept the connection). The generator is closed, so its
-    cleanup runs as for a client that left, and the connection is dropped by the server."""
+    cleanup runs as for a client that left, and the connection is dropped by the server.
 
-    def __init__(self, content, *, write_timeout_s: float, **kw) -> None:
+    `on_end` runs when the response ends, however it ends: a generator given up (or cancelled) before its
+    first step runs no `finally` of its own, and a response that cannot even start (pipelined behind an answer
+    its client never reads) never steps it."""
+
+    def __init__(self, content, *, write_timeout_s: float, on_end: Callable[[], None] | None = None, **kw) -> None:
         super().__init__(content, **kw)
         self.write_timeout_s = write_timeout_s
+        self.on_end = on_end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def bounded(message: Message) -> None:
@@ -47,6 +53,9 @@ class WriteBoundedStreamingResponse(StreamingResponse):
                 "%s: the client read nothing for %g s; its stream is given up", scope.get("path"), self.write_timeout_s
             )
             await self.body_iterator.aclose()
+        finally:
+            if self.on_end is not None:
+                self.on_end()
 
 
 def _error_body(message: str) -> bytes:

@@ -211,6 +211,9 @@ class ServedRequest:
             return WriteBoundedStreamingResponse(
                 self._events(builder),
                 write_timeout_s=d.settings.client_write_timeout_s,
+                # a stream given up before its generator's first step (which holds the `finally` below) still
+                # ends the request: aborted at the node, what it made recorded (no-op once `finish` ran)
+                on_end=lambda: self.finish_detached(client_gone=True),
                 media_type="text/event-stream",
                 headers=headers | {"Cache-Control": "no-cache"},
             )

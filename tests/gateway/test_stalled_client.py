@@ -74,3 +74,49 @@ def test_a_client_that_reads_nothing_is_given_up_and_the_node_released(tmp_path)
             s.close()
         node.stop()
         gw.stop()
+
+
+def test_a_stream_that_cannot_start_still_ends_its_request(tiny_base, tmp_path):
+    """A streamed request pipelined behind a large answer its client never reads: its response cannot even
+    start, the write bound gave it up before its generator took a step, and no `finally` ran: the request stayed
+    open, never aborted or recorded, while the node made all its tokens. It is ended as a client that left."""
+    from sqlmodel import select
+
+    from ledger.models import UsageRecord
+
+    gw = start_gateway(tmp_path / "gw", tiny_base, client_write_timeout_s=WRITE_TIMEOUT_S)
+    node = start_node(tiny_base, gateway=gw, num_slots=4, num_kv_blocks=512)
+    big = {"model": TINY, "prompt": ["hello " * 120] * 4, "max_tokens": 1, "n": 16, "logprobs": 5, "echo": True}
+    stream = {"model": TINY, "prompt": "The capital of France is", "max_tokens": 200, "stream": True}
+    s = None
+    try:
+        poll(lambda: httpx.get(gw.url + "/health", timeout=5).json().get("live_nodes") == 1, timeout=30)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        s.connect(("127.0.0.1", gw.server.port))
+        s.sendall(b"".join(_request(gw.server.port, gw.api_key, body) for body in (big, stream)))
+
+        def closed():
+            with Session(gw.db) as sess:
+                recs = sess.exec(select(CompletionRecord).where(CompletionRecord.max_tokens == 200)).all()
+                if not recs or recs[0].status == RequestStatus.OPEN:
+                    return None
+                usage = sess.exec(select(UsageRecord).where(UsageRecord.request_id == recs[0].request_id)).first()
+                return (recs[0], usage) if usage is not None else None
+
+        rec, usage = poll(closed, timeout=30)
+        assert rec.status == RequestStatus.CLIENT_CLOSED and usage.node_completion_tokens is not None
+    finally:
+        if s is not None:
+            s.close()
+        node.stop()
+        gw.stop()
+
+
+def _request(port: int, key: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
