@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from gateway.chain_registry import RegistryView
 from gateway.errors import BadRequest, Forbidden
+from ledger.types import api_url_problem
 from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartbeat
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,13 @@ class NodeDirectory:
             )
         if not reg.active:
             raise Forbidden(f"node {node_id} is registered but inactive on chain", code="inactive_node")
+        if (why := api_url_problem(reg.api_url)) is not None:
+            # the registry refuses such URLs now; one registered before that rule could aim this gateway's
+            # calls (signed, with prompts) at a query string or another user's credentials
+            raise Forbidden(
+                f"node {node_id} is registered with an API URL that {why}; register it again with a plain URL",
+                code="bad_api_url",
+            )
         if reg.base_model_id != body["base_model_id"]:
             raise Forbidden(
                 f"node {node_id} heartbeats base model {body['base_model_id']} but is registered "
@@ -155,7 +163,7 @@ class NodeDirectory:
                 )
             entry = NodeEntry(
                 node_id=node_id,
-                api_url=reg.api_url.rstrip("/") or body["api_url"],
+                api_url=reg.api_url.rstrip("/"),
                 base_model_id=body["base_model_id"],
                 public_key=bytes.fromhex(body["public_key"]),
                 status=body["status"],

@@ -193,3 +193,17 @@ def test_disputes_follow_the_database_but_not_a_read_older_than_the_mark(world):
     d.mark_disputed(a.node_id, "receipt claims more")
     assert d.sync_disputed({}, read_from=read_from) == [] and d.live() == []
     assert d.sync_disputed({}, read_from=clock.t + 1) == [a.node_id]
+
+
+@pytest.mark.parametrize(
+    "api_url",
+    ["", "http://127.0.0.1:7004/admin?x=", "http://user:pw@127.0.0.1:7004", "ftp://127.0.0.1:7004", "http://a b"],
+)
+def test_node_registered_with_a_url_the_registry_now_refuses_gets_no_traffic(world, api_url):
+    # a registry deployed before the URL rule may hold such a URL; the heartbeat's own URL is no substitute
+    engine, _, d, _, _, _ = world
+    c = Identity.generate()
+    add_node(engine, node_id=c.node_id, base_model=BASE, api_url=api_url)
+    with pytest.raises(Forbidden, match="API URL") as ei:
+        d.accept_heartbeat(hb(c))
+    assert ei.value.code == "bad_api_url" and d.live(BASE) == []
