@@ -83,9 +83,10 @@ class GatewaySettings(ServiceSettings):
     default_max_tokens: int = Field(default=16, ge=1)
     max_max_tokens: int = Field(default=4096, ge=1)
     # echo repeats each prompt in every choice of it (with logprobs one entry per position): a request whose n
-    # times its prompts' tokens is more is refused (n=16 echoing 8,000-token prompts was a 73 MB answer, seconds
-    # of the gateway's CPU for one small request)
-    max_echoed_positions: int = Field(default=131_072, ge=1)
+    # times its prompts' tokens is more is refused (n=16 echoing 8,000-token prompts with 5 top logprobs, 128,000
+    # positions, was a 73 MB answer and seconds of the gateway's CPU for one small request); the default is a
+    # quarter of that, still 16 prompts of 2,048 tokens scored in one request, or one prompt of 32k
+    max_echoed_positions: int = Field(default=32_768, ge=1)
     settle: bool = True  # run the ledger settler in-process when a key file is given
     settle_batch_size: int = Field(default=100, ge=1)
     settle_interval_s: float = Field(default=5.0, ge=0)
