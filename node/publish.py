@@ -21,7 +21,6 @@ import httpx
 from common.wire import ZERO_ID
 from ledger.chain import ChainClient
 from ledger.errors import ContractError, UnknownAdapter, UnknownDataset
-from ledger.types import registry_name_problem
 from node.adapters import PackageError, VerifiedPackage, sign_package, verify_package
 from node.adapters.signing import read_signature
 from node.operator_token import TOKEN_ENV, OperatorTokenError, local_data_dir, read_operator_token, token_path
@@ -72,8 +71,6 @@ def check_datasets(pkg: VerifiedPackage, client: ChainClient) -> list:
                     f"dataset {d.name!r} of contributor {d.contributor} is not on chain: its contributor registers it "
                     f"first (loramesh adapter register-dataset {d.name} --key <their key>)"
                 ) from None
-            if (why := registry_name_problem(d.name)) is not None:
-                raise PublishError(f"dataset name {d.name!r} {why}: the registry refuses it") from None
             missing.append(d)
             continue
         if info.contributor.lower() != d.contributor.lower():

@@ -87,10 +87,18 @@ class FileEntry(_Strict):
 
 
 class DatasetShare(_Strict):
-    name: Annotated[str, Field(min_length=1, max_length=128)]
+    name: str
     id: Id
     contributor: str
     share_bps: Annotated[int, Field(ge=0, le=10_000)]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # the registry's rule: a package built elsewhere with a name it refuses fails here, not at registration
+        if (why := registry_name_problem(v)) is not None:
+            raise ValueError(f"dataset name {v!r} {why}")
+        return v
 
     @field_validator("contributor")
     @classmethod
@@ -182,7 +190,9 @@ class Manifest(_Strict):
 
 
 def make_dataset_share(name: str, contributor: str, share_bps: int) -> DatasetShare:
-    """A dataset share with its id computed from its name and contributor, the address checksummed."""
+    """A dataset share with its id computed from its name and contributor, the address checksummed; a name the
+    registry refuses is a one-line PackageError."""
+    check_dataset_name(name)
     try:
         address = to_checksum_address(contributor)
     except ValueError as e:

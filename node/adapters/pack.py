@@ -22,7 +22,6 @@ from node.adapters.manifest import (
     Manifest,
     check_adapter_name,
     check_adapter_version,
-    check_dataset_name,
     check_price,
 )
 from node.adapters.signing import sign_manifest, write_signature
@@ -119,8 +118,6 @@ def pack_adapter(
     datasets = tuple(datasets)
     if len(datasets) > MAX_DATASETS:
         raise PackageError(f"{len(datasets)} datasets: an adapter pays at most {MAX_DATASETS} (the registry's limit)")
-    for d in datasets:
-        check_dataset_name(d.name)
     if not peft_dir.is_dir():
         raise PackageError(f"{peft_dir} is not a folder")
     lora = read_lora_config(peft_dir)

@@ -12,6 +12,7 @@ from node.adapters.manifest import (
     check_adapter_name,
     check_adapter_version,
     check_dataset_name,
+    dataset_id,
     parse_manifest,
 )
 from tests.utils.factories import make_peft_adapter
@@ -106,9 +107,23 @@ def test_pack_refuses_a_bad_name_before_writing_anything(tiny_base, tmp_path):
         {"name": "Alice/Capitals"},
         {"name": "alice/ok", "version": "1 0"},
         {"name": "alice/ok", "price_per_1k_tokens": 2**255},
-        {"name": "alice/ok", "datasets": [make_dataset_share("Capitals QA", account.address, 100)]},
     ):
         with pytest.raises(PackageError) as err:
             pack_adapter(peft, tmp_path / "out", account=account, base_dir=tiny_base, **kw)
         assert "\n" not in str(err.value)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_share_carries_only_a_name_the_registry_takes():
+    # a share built from a name the registry refuses fails in one line where it is made, and a manifest built
+    # elsewhere that holds one fails verification, not its registration
+    contributor = Account.create().address
+    with pytest.raises(PackageError, match="dataset name 'Capitals QA'") as err:
+        make_dataset_share("Capitals QA", contributor, 100)
+    assert "\n" not in str(err.value)
+    good = make_dataset_share("capitals-qa", contributor, 100).model_dump()
+    for name in ("Capitals QA", "0xabc", "a" * 65):
+        bad = {**good, "name": name, "id": dataset_id(name, contributor)}
+        with pytest.raises(PackageError, match="dataset name"):
+            parse_manifest(_doc(datasets=[bad]))
+    assert parse_manifest(_doc(datasets=[good])).datasets[0].name == "capitals-qa"
