@@ -35,7 +35,8 @@ def peft(tiny_base, tmp_path_factory):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LORAMESH_KEY_PASSWORD": PASSWORD}
+    # a wide terminal: Rich boxes a usage error and wraps it at the terminal's width
+    env = {**os.environ, "LORAMESH_KEY_PASSWORD": PASSWORD, "COLUMNS": "200"}
     env.pop("LORAMESH_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "devnet", *args], capture_output=True, text=True, env=env, timeout=180)
 
