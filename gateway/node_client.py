@@ -276,7 +276,8 @@ class NodeClient:
         # the answer stays in this log: the client is told the status only, so a URL registered at a service
         # that is no node cannot read that service's answers back through the gateway's errors
         log.warning("node %s at %s answered %d: %s", node_id[:10], api_url, r.status, message)
-        raise NodeUnavailable(f"node at {api_url} answered {r.status}")
+        # a node's API never redirects: one that does is a failed node, routed around until it heartbeats again
+        raise NodeUnavailable(f"node at {api_url} answered {r.status}", dead=300 <= r.status < 400)
 
     async def _call(
         self, method: str, url: str, *, timeout: float, node_id: str | None = None, json: dict | None = None

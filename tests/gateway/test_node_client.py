@@ -181,9 +181,9 @@ def test_a_nodes_redirect_is_not_followed(status):
             return RedirectResponse(inner.url + "/latest/meta-data", status_code=status)
 
         with ServerThread(redirector) as srv:
-            with pytest.raises(node_client.NodeUnavailable, match=f"answered {status}"):
+            with pytest.raises(node_client.NodeUnavailable, match=f"answered {status}") as err:
                 asyncio.run(_events(srv.url))
-    assert reached == []
+    assert reached == [] and err.value.dead  # a failed node: no traffic until its next heartbeat
 
 
 PIECES = [
