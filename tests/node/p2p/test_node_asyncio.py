@@ -100,14 +100,15 @@ def test_inbound_stream_cap_refuses_extra_streams(packages, tmp_path):
             seed=os.urandom(32),
             store=AdapterStore(tmp_path / "client"),
             owner_of=_owners(packages),
-            config=replace(CONFIG, read_timeout=3),
+            config=replace(CONFIG, read_timeout=4.5),
         ) as client,
     ):
         addr = server.listen_addrs[0]
 
         async def main():
             first = asyncio.create_task(client.afetch(stalled.adapter_id, providers=[addr]))
-            # the first stream holds the only slot, stalled until the client's read timeout (3 s) gives it up
+            # the first stream holds the only slot, stalled until the client's read timeout (4.5 s, below the 5 s
+            # transfer grace) gives it up: the second asks 2 s in, 2.5 s before the slot frees
             await asyncio.sleep(2.0)
             with pytest.raises(FetchError, match="provider refused: busy: already serving 1 streams"):
                 await client.afetch(dropped.adapter_id, providers=[addr])
