@@ -64,7 +64,9 @@ _READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream
 # prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
 # worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
 INLINE_TOKENIZE_CHARS = 4096
-# what a chat template may write around one message (its role markers), counted towards that inline size
+# a guess at what a chat template writes around one message (its role markers), counted towards that inline
+# size: a heuristic for where the work runs, not a bound; a template that writes more only moves a render that
+# should have gone to a thread onto the loop, and the rendered text is still checked against the context
 TEMPLATE_MARKUP_CHARS = 32
 
 
