@@ -351,7 +351,8 @@ class ServedRequest:
         if (echoed := self.choices.echoed_positions()) > d.settings.max_echoed_positions:
             raise BadRequest(
                 f"echo repeats the prompts in each of the {req.choices} choices: {echoed} token positions, more than "
-                f"this gateway answers ({d.settings.max_echoed_positions}); ask for fewer choices, fewer prompts or shorter ones",
+                f"this gateway answers ({d.settings.max_echoed_positions}); ask for fewer choices, fewer prompts or "
+                "shorter ones",
                 param="echo",
             )
         seqs = len(self.choices.seqs)

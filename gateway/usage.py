@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -502,22 +503,34 @@ class UsageRecorder:
 
         self._write(touch, "(instance heartbeat)")
 
-    def orphaned(self, lease_s: float, limit: int = 100) -> list[CompletionRecord]:
-        """Open requests of gateway instances that stopped writing `lease_s` seconds ago (or are unknown):
-        those never tried first (oldest first), then those tried longest ago (see `tried`), so requests that
-        cannot be closed yet do not keep the ones after them waiting."""
-        cutoff = utcnow() - timedelta(seconds=lease_s)
+    def orphaned(
+        self, lease_s: float, limit: int = 100, *, overdue_s: float | None = None, holding: Collection[str] = ()
+    ) -> list[CompletionRecord]:
+        """Open requests of gateway instances that stopped writing `lease_s` seconds ago (or are unknown), and,
+        given `overdue_s`, this instance's own opened more than `overdue_s` ago that it no longer holds (their
+        end was lost to a bug: a backstop, so the node's tokens are still billed): those never tried first
+        (oldest first), then those tried longest ago (see `tried`), so requests that cannot be closed yet do
+        not keep the ones after them waiting."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=lease_s)
         with Session(self.engine) as s:
             instances = s.exec(select(GatewayInstance)).all()
             alive = {i.instance_id for i in instances if _aware(i.last_seen) > cutoff} | {self.instance_id}
+            whose = [CompletionRecord.instance_id.is_(None), CompletionRecord.instance_id.not_in(alive)]
+            if overdue_s is not None:
+                overdue = now - timedelta(seconds=overdue_s)
+                whose.append(
+                    (CompletionRecord.instance_id == self.instance_id) & (CompletionRecord.created_at < overdue)
+                )
             stmt = (
                 select(CompletionRecord)
                 .where(CompletionRecord.status == RequestStatus.OPEN)
-                .where(or_(CompletionRecord.instance_id.is_(None), CompletionRecord.instance_id.not_in(alive)))
+                .where(or_(*whose))
                 .order_by(CompletionRecord.reconcile_attempted_at.asc().nulls_first(), CompletionRecord.created_at)
                 .limit(limit)
             )
-            return list(s.exec(stmt).all())
+            # held past the deadline is rare (the deadline ends a request), so filtering here starves nothing
+            return [r for r in s.exec(stmt).all() if r.request_id not in holding]
 
     def tried(self, request_ids: list[str]) -> None:
         """Reconciliation tried these open requests and could not close them yet: they go to the back."""

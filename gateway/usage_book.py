@@ -36,6 +36,9 @@ class UsageBook:
         # None while the outbox takes writes; otherwise why not (new requests get 503 until a write succeeds)
         self.outbox_error: str | None = None
         self.unwritten: list[RequestEnd] = []  # request ends the outbox refused, written when it takes writes
+        # requests this process opened and has not written the end of: its own open rows it does not hold are
+        # ends lost to a bug, which reconciliation closes once overdue (gateway.reconcile)
+        self.holding: set[str] = set()
         self._disputes_unread = False  # the last read of the disputed nodes failed (logged once)
 
     def _outbox_failed(self, e: Exception) -> None:
@@ -70,6 +73,7 @@ class UsageBook:
     ) -> None:
         """Record a request as open before it is dispatched; OutboxUnavailable (503) when that fails."""
         self.check_outbox()
+        self.holding.add(request_id)
         try:
             await asyncio.to_thread(
                 self.recorder.open,
@@ -83,6 +87,7 @@ class UsageBook:
                 quote=quote,
             )
         except UsageError as e:
+            self.holding.discard(request_id)
             self._outbox_failed(e)
             self.check_outbox()
 
@@ -111,6 +116,8 @@ class UsageBook:
         return result
 
     def _after_record(self, end: RequestEnd, result: str) -> None:
+        if result != "unwritten":  # an unwritten end is still this process's to write
+            self.holding.discard(end.request_id)
         self.metrics.usage_records.labels(result).inc()
         if result == "disputed" and end.node_id is not None:
             self.directory.mark_disputed(end.node_id, end.disputed or "disputed")

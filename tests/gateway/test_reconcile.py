@@ -16,9 +16,15 @@ import pytest
 from sqlmodel import Session, select
 
 from common.identity import Identity
+from gateway.chain_registry import RegistryView
+from gateway.directory import NodeDirectory
+from gateway.metrics import GatewayMetrics
 from gateway.reconcile import reconcile
+from gateway.router import Target
 from gateway.tables import CompletionRecord, RequestStatus
-from gateway.usage import UsageRecorder, quote_of
+from gateway.usage import RequestEnd, UsageRecorder, quote_of
+from gateway.usage_book import UsageBook
+from ledger.db import make_engine
 from ledger.models import RecordStatus, UsageRecord
 from node.receipts import make_receipt, sign_receipt
 from tests.utils.gateway import make_db
@@ -39,6 +45,7 @@ class StubNodes:
 class StubBook:
     def __init__(self, recorder: UsageRecorder) -> None:
         self.recorder = recorder
+        self.holding: set[str] = set()
 
     async def record(self, end):
         return await asyncio.to_thread(self.recorder.record, end)
@@ -48,7 +55,15 @@ class StubGateway:
     def __init__(self, engine, ident, answer, **settings) -> None:
         self.book = StubBook(UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me"))
         self.settings = SimpleNamespace(
-            **({"instance_lease_s": 10.0, "reconcile_give_up_s": 600.0, "reconcile_pass_s": 30.0} | settings)
+            **(
+                {
+                    "instance_lease_s": 10.0,
+                    "reconcile_give_up_s": 600.0,
+                    "reconcile_pass_s": 30.0,
+                    "request_deadline_s": 1800.0,
+                }
+                | settings
+            )
         )
         self.nodes = StubNodes(answer)
         node = SimpleNamespace(api_url="http://node.invalid", base_model_id="0x" + "b0" * 32)
@@ -286,3 +301,37 @@ def test_an_honest_receipt_of_several_sequences_is_not_cut_by_the_context(world)
     with Session(engine) as s:
         (u,) = s.exec(select(UsageRecord)).all()
     assert (u.status, u.completion_tokens) == (RecordStatus.PENDING, 600), u.error
+
+
+def test_an_own_request_whose_end_was_lost_is_closed_once_overdue(world):
+    # a backstop for an end lost to a bug (a stream given up before its first step was one): this gateway's
+    # own open row, past its deadline and no longer held by the process, is closed from the node's receipt;
+    # one the process still holds, or one within its deadline, is left to the request
+    engine, ident, _ = world
+
+    async def answer(_rid):
+        return "ok", signed(ident, _rid)
+
+    gw = StubGateway(engine, ident, answer)
+    lost, held = open_rows(gw.book.recorder, ident, 2, age_s=1e9)
+    (young,) = open_rows(gw.book.recorder, ident, 1)
+    gw.book.holding.add(held)
+    assert asyncio.run(reconcile(gw)) == 1
+    assert status_of(engine, lost) == RequestStatus.RECONCILED
+    assert status_of(engine, held) == status_of(engine, young) == RequestStatus.OPEN
+
+
+def test_the_book_holds_a_request_from_its_open_to_its_written_end(world):
+    engine, ident, _ = world
+    rec = UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me")
+    ub = UsageBook(rec, NodeDirectory(RegistryView(engine)), GatewayMetrics(), probe_s=1)
+    rid = "0x" + "3c" * 32
+    target = Target(model="acme/a", adapter_id=ADAPTER, base_model_id="0x" + "b0" * 32)
+    asyncio.run(ub.open_request(rid, target, ident.node_id, key_id=1, prompt_tokens=3, max_tokens=8, quote={}))
+    assert ub.holding == {rid}
+    end = RequestEnd(request_id=rid, model="acme/a", adapter_id=ADAPTER, node_id=ident.node_id, status="not_served")
+    rec.engine = make_engine("sqlite:////nonexistent/folder/gw.db")  # the outbox refuses: still ours to write
+    assert asyncio.run(ub.record(end)) == "unwritten" and ub.holding == {rid}
+    rec.engine = engine
+    asyncio.run(ub.outbox_tick())
+    assert ub.holding == set() and status_of(engine, rid) == RequestStatus.NOT_SERVED
