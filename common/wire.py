@@ -92,6 +92,11 @@ MAX_STOPS = 4  # stop strings (OpenAI's bound)
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 16
 MAX_LOGIT_BIAS = 300  # logit_bias entries (OpenAI's bound)
+MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs bound)
+SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit: the device sampler hashes both 32-bit halves
+# top_k past the vocabulary keeps every token; bounded so the samplers' float32 and int64 tensors hold it (a
+# larger one failed the whole engine step, every request batched beside it too)
+MAX_TOP_K = 2**31 - 1
 
 
 # ---- HTTP bodies: server-sent events and the error object -------------------------------------------

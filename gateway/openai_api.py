@@ -22,6 +22,7 @@ from common.wire import (
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
     MAX_STOPS,
+    MAX_TOP_K,
     UntrustedJSONError,
     parse_json,
     sse_frame,
@@ -113,7 +114,7 @@ class _Sampling(BaseModel):
     )
     response_format: ResponseFormat | None = None
     # vLLM's sampling extras
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 and 0: all tokens
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None  # -1 and 0: all tokens
     min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] | None = None
     min_tokens: Annotated[int, Field(ge=0)] | None = None

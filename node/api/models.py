@@ -11,12 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.wire import (
     HEX_ID_PATTERN,
     MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
     MAX_N,
     MAX_PROMPTS,
     MAX_SEQUENCES,
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
     MAX_STOPS,
+    MAX_TOP_K,
+    SEED_LIMIT,
     UntrustedJSONError,
     parse_json,
 )
@@ -24,11 +27,9 @@ from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT, c
 from node.api.errors import ApiError, validation_message
 
 ID_PATTERN = f"^{HEX_ID_PATTERN}$"  # anchored: pydantic's pattern searches
-SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit: the device sampler hashes both 32-bit halves
 IdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
-MAX_LOGPROBS = 20
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
 Logprobs = Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)]
@@ -60,7 +61,7 @@ class GenerateBody(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] = 16
     temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
     stop: Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] = []

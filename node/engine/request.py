@@ -7,19 +7,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from common.wire import is_id
+from common.wire import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+    MAX_STOPS,
+    MAX_TOP_K,
+    SEED_LIMIT,
+    is_id,
+)
 
 if TYPE_CHECKING:
     from node.engine.grammar import GuidedSpec
 
-MAX_STOP_STRINGS = 4
-SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit integers; every bit of them changes the draws
-MAX_STOP_TOKEN_IDS = 16
-MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
-MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs bound)
-MAX_N = 16  # choices per prompt
-MAX_PROMPTS = 16  # prompts in one request
-MAX_SEQUENCES = 64  # prompts x n
 MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
 
 
@@ -90,14 +93,14 @@ class SamplingParams:
             object.__setattr__(self, "temperature", 0.0)
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise RequestError(f"top_k must be an integer in [0, {MAX_TOP_K}] (0 = off), got {str(self.top_k)[:40]}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT
         ):
             raise RequestError(f"seed must be an integer in [0, 2^64) or null, got {self.seed!r}")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {list(self.stop)!r}")
+        if len(self.stop) > MAX_STOPS or any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError(f"stop must be at most {MAX_STOPS} non-empty strings, got {list(self.stop)!r}")
         _number("min_p", self.min_p, 0, 1)
         _count("min_tokens", self.min_tokens, 0, self.max_tokens)
         _number("presence_penalty", self.presence_penalty, -2, 2)

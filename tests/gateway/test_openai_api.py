@@ -79,6 +79,7 @@ def test_prompt_forms():
         (body(stop_token_ids=list(range(17))), "stop_token_ids", None),
         (body(repetition_penalty=0), "repetition_penalty", None),
         (body(min_p=1.5), "min_p", None),
+        (body(top_k=2**63), "top_k", "less than or equal to 2147483647"),
         (body(response_format={"type": "json_schema"}), "response_format", "json_schema is required"),
         (body(response_format={"type": "yaml"}), "response_format", None),
         (body(frobnicate=1), "frobnicate", "not a field this API supports"),

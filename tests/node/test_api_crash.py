@@ -61,6 +61,8 @@ def test_nested_brackets_are_a_400_not_a_segfault(node, body):
         ("seed", True, "seed"),
         ("seed", 1.5, "seed"),
         ("max_tokens", "5", "max_tokens"),
+        ("top_k", 2**31, "top_k"),
+        ("top_k", 10**400, "top_k"),
         ("prompt", "\ud800", "lone UTF-16 surrogate"),
     ],
 )

@@ -186,6 +186,10 @@ def test_seeded_draws_with_every_processor_repeat():
         ({"logprobs": -1}, "logprobs must be"),
         ({"prompt_logprobs": 21}, "prompt_logprobs must be"),
         ({"n": 0}, "n must be an integer in \\[1, 16\\]"),
+        # a top_k past int64 (or float32's integers) failed the whole engine step, every row beside it too
+        ({"top_k": 2**63}, "top_k must be an integer in \\[0, 2147483647\\]"),
+        ({"top_k": 10**400}, "top_k must be"),
+        ({"top_k": -1}, "top_k must be"),
         ({"n": 17}, "n must be"),
         ({"guided": {"type": "json_object"}}, "guided must be a GuidedSpec"),
     ],
