@@ -4,13 +4,14 @@ its receipt afterwards."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from common.http import ANSWER_OR_EVENTS
 from common.wire import error_body, hex0x, sse_frame
@@ -128,13 +129,21 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
             node.metrics.forget(rid)
             await book.abort_and_keep(stream)
     final = stream.final
-    s = book.signed(final)
+    signed = book.signed(final)
+    # the answer is built and encoded on a worker thread: 64 sequences with 20 logprobs a token is megabytes
+    # of JSON, seconds of the event loop every other stream, receipt and health check of this node waits on
+    status, content = await asyncio.to_thread(_whole_answer, rid, body.adapter_id, final, signed)
+    return Response(content, status_code=status, media_type="application/json")
+
+
+def _whole_answer(rid: str, adapter_id: str | None, final: FinishEvent, signed: dict) -> tuple[int, bytes]:
+    """A non-streamed request's answer (status, JSON bytes): its text, choices, usage and signed receipt."""
     out = {
         "request_id": rid,
-        "adapter_id": body.adapter_id,
+        "adapter_id": adapter_id,
         "text": final.text,
         "token_ids": list(final.token_ids),
-        "finish_reason": s["receipt"]["finish_reason"],
+        "finish_reason": signed["receipt"]["finish_reason"],
         "usage": _usage(final),
         "choices": [
             {
@@ -149,10 +158,11 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
         "prompt_logprobs": None
         if final.prompt_logprobs is None
         else [[_entry(e) for e in entries] if entries is not None else None for entries in final.prompt_logprobs],
-    } | s
+    } | signed
+    status = 200
     if final.error is not None:
-        return JSONResponse(error_body(final.error, type="server_error", code="engine_error") | out, status_code=500)
-    return out
+        out, status = error_body(final.error, type="server_error", code="engine_error") | out, 500
+    return status, json.dumps(out, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def max_token_bytes(tokenizer) -> int:
@@ -208,6 +218,12 @@ def _entry(e: TokenLogprob | None) -> dict | None:
     if e is None:
         return None
     return {"token_id": e.token_id, "logprob": _lp(e.logprob), "top_logprobs": [[t, _lp(v)] for t, v in e.top_logprobs]}
+
+
+def _prompt_logprobs_frame(ev: PromptLogprobsEvent) -> bytes:
+    """One prompt's scored positions as one event: a long prompt with 20 top pairs a position is megabytes."""
+    entries = [_entry(e) for e in ev.entries]
+    return sse_frame({"type": "prompt_logprobs", "prompt_index": ev.prompt_index, "entries": entries})
 
 
 def _guided(body: GenerateBody):
@@ -333,9 +349,8 @@ async def _sse(node: NodeApi, stream):
                 yield sse_frame(frame)
             elif isinstance(ev, SequenceFinishEvent):
                 yield sse_frame({"type": "finish", "index": ev.index, "finish_reason": ev.finish_reason})
-            elif isinstance(ev, PromptLogprobsEvent):
-                entries = [_entry(e) for e in ev.entries]
-                yield sse_frame({"type": "prompt_logprobs", "prompt_index": ev.prompt_index, "entries": entries})
+            elif isinstance(ev, PromptLogprobsEvent):  # a whole prompt's scores: encoded on a worker thread
+                yield await asyncio.to_thread(_prompt_logprobs_frame, ev)
     finally:
         if not stream.finished:  # client disconnected: stop generating for it, keep the receipt
             node.metrics.forget(stream.request_id)
