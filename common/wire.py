@@ -125,6 +125,9 @@ def error_body(
 # So nesting depth is counted on the raw text first (strings blanked out), and the limit is restored.
 
 MAX_JSON_DEPTH = 64
+# the longest integer untrusted JSON may hold: a uint256 is 78 digits; Python's own bound is 4,300, and a number
+# that long reached a tensor constructor once (top_k) and failed the engine step of every request beside it
+MAX_JSON_INT_DIGITS = 80
 _STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: linear, no backtracking
 _BRACKETS = re.compile(r"[\[\]{}]")
 SANE_RECURSION_LIMIT = 1000
@@ -144,6 +147,13 @@ def _finite_float(text: str) -> float:
     if math.isinf(value):
         raise UntrustedJSONError(f"number {text[:32]} is out of range")
     return value
+
+
+def _bounded_int(text: str, limit: int) -> int:
+    digits = len(text) - (text[0] == "-")
+    if digits > limit:
+        raise UntrustedJSONError(f"an integer of {digits} digits is out of range (at most {limit})")
+    return int(text)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -171,12 +181,18 @@ def json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> int:
 
 
 def parse_json(
-    data: bytes | bytearray | memoryview | str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, what: str = "JSON"
+    data: bytes | bytearray | memoryview | str,
+    *,
+    max_bytes: int,
+    max_depth: int = MAX_JSON_DEPTH,
+    max_int_digits: int | None = MAX_JSON_INT_DIGITS,
+    what: str = "JSON",
 ) -> Any:
     """Parse untrusted JSON within limits, or raise UntrustedJSONError with one clear line.
 
     Refused: more than `max_bytes` bytes, nesting deeper than `max_depth`, invalid UTF-8 or JSON,
-    NaN/Infinity (also 1e400), duplicate object keys, and lone surrogates in strings (they cannot be encoded back).
+    NaN/Infinity (also 1e400), integers of more than `max_int_digits` digits (None: Python's own bound),
+    duplicate object keys, and lone surrogates in strings (they cannot be encoded back).
     """
     size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
     if size > max_bytes:
@@ -191,7 +207,13 @@ def parse_json(
     if json_depth(text, max_depth) > max_depth:
         raise UntrustedJSONError(f"{what} is nested deeper than {max_depth} levels")
     try:
-        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+        obj = json.loads(
+            text,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            parse_int=None if max_int_digits is None else lambda t: _bounded_int(t, max_int_digits),
+            object_pairs_hook=_unique_keys,
+        )
     except UntrustedJSONError as e:
         raise UntrustedJSONError(f"{what}: {e}") from None
     except (json.JSONDecodeError, RecursionError) as e:

@@ -172,7 +172,10 @@ class ToolPlan:
 def _parsed(text: str) -> object | None:
     """The JSON a model wrote, within bounds; None when it is not JSON (or too large, or too deep)."""
     try:
-        return parse_json(text, max_bytes=MAX_CALL_TEXT_BYTES, max_depth=MAX_CALL_DEPTH, what="tool call")
+        # a model's arguments are passed on as text: a long integer in them is the model's, not refused
+        return parse_json(
+            text, max_bytes=MAX_CALL_TEXT_BYTES, max_depth=MAX_CALL_DEPTH, max_int_digits=None, what="tool call"
+        )
     except UntrustedJSONError:
         return None
 

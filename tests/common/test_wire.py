@@ -19,7 +19,8 @@ from common.wire import UntrustedJSONError, is_id, json_depth, parse_json
         ("[NaN]", "NaN is not a JSON value"),
         ("[-Infinity]", "-Infinity is not a JSON value"),
         ("[1e400]", "out of range"),
-        ("[" + "9" * 5000 + "]", "Exceeds the limit"),
+        ("[" + "9" * 5000 + "]", "an integer of 5000 digits is out of range (at most 80)"),
+        ("[-" + "9" * 81 + "]", "81 digits"),
         ('["\\ud800"]', "lone UTF-16 surrogate"),
         ('{"\\udfff": 1}', "lone UTF-16 surrogate"),
         ("[1,", "not valid JSON"),
@@ -29,6 +30,13 @@ def test_refused_in_one_line(text, needle):
     with pytest.raises(UntrustedJSONError) as e:
         parse_json(text, max_bytes=1 << 20)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_integers_up_to_a_uint256_pass_and_a_caller_may_take_pythons_own_bound():
+    assert parse_json(f"[{2**256 - 1}, -{10**79}]", max_bytes=1000) == [2**256 - 1, -(10**79)]
+    assert parse_json("[" + "9" * 1000 + "]", max_bytes=2000, max_int_digits=None) == [int("9" * 1000)]
+    with pytest.raises(UntrustedJSONError, match="Exceeds the limit"):
+        parse_json("[" + "9" * 5000 + "]", max_bytes=1 << 20, max_int_digits=None)
 
 
 def test_size_is_checked_before_anything_is_decoded():
