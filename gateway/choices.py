@@ -219,7 +219,11 @@ class Choices:
         return b.token(self._echo_text(s.prompt), k, lp)
 
     def open_all(self, b: ChunkBuilder) -> bytes:
-        """Every sequence's first chunk (sent before any token, as vLLM sends the roles)."""
+        """Every sequence's first chunk (sent before any token, as vLLM sends the roles). An echoed prompt with
+        logprobs waits instead for its first token or its end (chunk and close open it): its positions' scores
+        come in the node's first events, which are not read yet when the stream opens."""
+        if self.echo and self.logprobs and not self.chat:
+            return b""
         return b"".join(self._open(b, k) for k in range(len(self.seqs)))
 
     def chunk(self, b: ChunkBuilder, k: int, text: str, scored: Scored | None) -> bytes:

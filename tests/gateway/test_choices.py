@@ -172,9 +172,10 @@ def test_streamed_echo_comes_first_with_the_prompt_logprobs(tok, texts):
         chat=False, prompts=[prompt], per_prompt=1, n=1, max_tokens=4, logprobs=True, echo=True,
         prompt_texts=["Paris"], texts=texts,
     )  # fmt: skip
+    opening = c.open_all(b)  # as the gateway streams: before the node's first event is read
     feed(c, [{"type": "prompt_logprobs", "prompt_index": 0, "entries": entries}])
     _, scored = c.take_token(0, token(0, 70, " is", -0.25, []))
-    first, second = (f["choices"][0] for f in frames(c.open_all(b) + c.chunk(b, 0, " is", scored)))
+    first, second = (f["choices"][0] for f in frames(opening + c.chunk(b, 0, " is", scored)))
     assert first["text"] == "Paris" and len(first["logprobs"]["tokens"]) == len(prompt)
     assert second["text"] == " is" and second["logprobs"]["text_offset"] == [5]
 

@@ -160,6 +160,21 @@ def test_echo_with_logprobs(oai):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == got.text
 
 
+def test_streamed_echo_carries_the_prompts_logprobs(oai):
+    # the echoed prompt's chunk was built before the node's prompt-logprobs event was read: its logprobs were
+    # empty. Streamed, each choice's entries are the whole answer's, its prompt positions first
+    kw = dict(prompt=[PROMPT, "Once upon"], n=2, echo=True, logprobs=2, temperature=0, max_tokens=3)
+    whole = complete(oai, **kw).choices
+    chunks = list(complete(oai, **kw, stream=True))
+    for choice in whole:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        lp = [x.logprobs for x in mine if x.logprobs is not None]
+        assert [t for p in lp for t in p.tokens] == choice.logprobs.tokens
+        assert [v for p in lp for v in p.token_logprobs] == choice.logprobs.token_logprobs
+        assert [o for p in lp for o in p.text_offset] == choice.logprobs.text_offset
+        assert mine[0].logprobs.token_logprobs[0] is None and len(mine[0].logprobs.tokens) > 1
+
+
 def test_echo_with_top_logprobs_of_a_long_prompt(oai):
     # the node's prompt_logprobs event for a prompt of ~480 tokens and 5 top pairs each is ~200 KB: more than
     # a token event may be, and still within what this request can have (gateway.node_client.event_limit)
