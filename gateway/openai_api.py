@@ -39,7 +39,7 @@ MAX_SCHEMA_BYTES = 64 << 10
 COMPLETION_LOGPROBS = 5  # OpenAI's most for completions' `logprobs`
 CHAT_TOP_LOGPROBS = 20
 
-StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
 
 # Strict types, as OpenAI's API: "16" is not a max_tokens, 1 is not a stream flag (a number where a float
@@ -196,10 +196,10 @@ class CompletionRequest(_Sampling):
         if self.suffix:
             raise BadRequest("suffix is not supported (no insertion model is served here)", param="suffix")
         if self.best_of is not None:
-            if self.stream:
-                raise BadRequest("best_of cannot be used with stream", param="best_of")
             if self.best_of < self.choices:
                 raise BadRequest(f"best_of ({self.best_of}) must be at least n ({self.choices})", param="best_of")
+            if self.stream and self.best_of > self.choices:  # equal to n, it ranks nothing: streamed as n (vLLM)
+                raise BadRequest("best_of greater than n cannot be used with stream", param="best_of")
         seqs = self.prompt_count() * self.sequences_per_prompt()
         if seqs > MAX_SEQUENCES:
             raise BadRequest(

@@ -239,3 +239,12 @@ def test_a_long_whole_answer_is_the_same_built_off_the_event_loop(oai, served):
     assert all(len(c.logprobs.tokens) == 300 and c.finish_reason == "length" for c in body.choices)
     again = complete(oai, max_tokens=300, n=2, logprobs=2, seed=3, extra_body={"ignore_eos": True})
     assert [c.text for c in again.choices] == [c.text for c in body.choices]
+
+
+def test_best_of_equal_to_n_streams_as_n(oai):
+    # vLLM's rule: best_of ranks nothing when it equals n, so the stream is n's; only more than n is refused
+    chunks = list(complete(oai, n=2, best_of=2, temperature=0, max_tokens=4, stream=True))
+    plain = complete(oai, temperature=0, max_tokens=4).choices[0].text
+    for i in (0, 1):
+        assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == plain
+    assert "greater than n" in refused(lambda: list(complete(oai, n=1, best_of=2, stream=True)), "best_of")
