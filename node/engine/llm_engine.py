@@ -367,7 +367,7 @@ class LLMEngine:
                 self.blocks.commit(s, s.num_tokens)
             if prompt_rows:
                 events += self._prompt_logprobs(seqs, prompt_rows, prompt_hidden)
-            tokens, scored = self._sample(seqs, logits)
+            tokens, scored, bad = self._sample_apart(seqs, logits)
         except Exception as e:  # fail this step's requests, keep serving everyone else
             log.exception("engine step failed")
             for s in seqs:
@@ -375,6 +375,10 @@ class LLMEngine:
                     events.append(self._end_group(s.group, "error", f"engine step failed: {type(e).__name__}: {e}"))
             return events, True
         for s, t, lp in zip(seqs, tokens, scored, strict=True):
+            if s.group.request_id in bad:
+                if s.status != SeqStatus.FINISHED:
+                    events.append(self._end_group(s.group, "error", bad[s.group.request_id]))
+                continue
             evs, reason = self._emit(s, t, lp)
             events += evs
             if reason is not None:
@@ -481,6 +485,32 @@ class LLMEngine:
         return [TokenEvent(s.request_id, t, text, s.index, lp.logprob, lp.top_logprobs)], reason
 
     @torch.inference_mode()  # the logits are an inference tensor: the grammar's mask writes into them
+    def _sample_apart(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list, list, dict[str, str]]:
+        """_sample for the whole batch; when that raises, again request by request, so a request whose
+        parameters break the sampler fails alone rather than every request batched beside it. Returns the
+        tokens and scores (None in the rows of a failed request) and {request id: error} of those that failed."""
+        try:
+            return (*self._sample(seqs, logits), {})
+        except Exception:
+            if len({s.group.request_id for s in seqs}) == 1:
+                raise
+            log.exception("sampling a step failed; sampling its requests one by one")
+        tokens: list = [None] * len(seqs)
+        scored: list = [None] * len(seqs)
+        bad: dict[str, str] = {}
+        rows_of: dict[str, list[int]] = {}
+        for i, s in enumerate(seqs):
+            rows_of.setdefault(s.group.request_id, []).append(i)
+        for rid, rows in rows_of.items():
+            try:  # a gathered copy of the rows' logits: a failed try leaves nothing behind in the others'
+                got, lps = self._sample([seqs[i] for i in rows], logits[torch.tensor(rows, device=logits.device)])
+            except Exception as e:
+                bad[rid] = f"engine step failed: {type(e).__name__}: {e}"
+                continue
+            for i, t, lp in zip(rows, got, lps, strict=True):
+                tokens[i], scored[i] = t, lp
+        return tokens, scored, bad
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list]:
         """One token per row, and its raw log-probabilities for the rows that ask (else None)."""
         params = [s.params for s in seqs]

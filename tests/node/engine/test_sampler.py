@@ -57,7 +57,7 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours():
         ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
         ({"top_p": 0.0}, "top_p must be in"),
         ({"top_p": 1.5}, "top_p must be in"),
-        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_k": -1}, "top_k must be an integer in \\[0, "),
         ({"stop": ("a", "b", "c", "d", "e")}, "stop must be at most 4"),
         ({"stop": ("",)}, "stop must be at most 4 non-empty strings"),
     ],

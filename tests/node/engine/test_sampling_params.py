@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from node.engine import RequestError, SamplingParams
+from node.engine import GenerationRequest, RequestError, SamplingParams
 from node.engine.layers.logits_processor import process_logits
 from node.engine.layers.sampler import draw_on_device, sample, sample_batched, sample_on_device
 from tests.utils.engine import greedy
@@ -246,3 +246,23 @@ def test_untruncated_rows_draw_unsorted_with_the_right_frequencies_whatever_thei
     both = draw(mixed)
     assert both[1::2] == got[1::2]  # a plain row draws the same beside rows that sort
     assert set(both[0::2]) == {1, 3}
+
+
+def test_a_request_that_breaks_the_sampler_fails_alone(llama_world):
+    # parameters past every check (here a top_k no float holds, set behind SamplingParams' back, as a check
+    # that missed one would let through) made the whole step fail: every request batched beside it ended with
+    # an error. The step samples its requests one by one after such a failure.
+    engine = llama_world.engine()
+    try:
+        alone = engine.generate([greedy("alone", None, [1, 2, 3], 6)])["alone"]
+        hot = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, ignore_eos=True)
+        object.__setattr__(hot, "top_k", 10**400)
+        rogue = GenerationRequest("rogue", None, prompt_token_ids=[4, 5, 6], params=hot)
+        two = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=2)
+        n2 = GenerationRequest("two", None, prompt_token_ids=[7, 8], params=two)
+        done = engine.generate([greedy("victim", None, [1, 2, 3], 6), rogue, n2])
+        assert done["rogue"].finish_reason == "error" and "OverflowError" in done["rogue"].error
+        assert done["victim"].finish_reason == "length" and done["victim"].token_ids == alone.token_ids
+        assert [c.finish_reason for c in done["two"].choices] == ["length", "length"] and done["two"].error is None
+    finally:
+        engine.close()
