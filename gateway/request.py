@@ -276,7 +276,9 @@ class ServedRequest:
         try:
             async for k, text, scored in self.tokens():
                 chunk = c.close(b, k, None, False) if text is None else c.chunk(b, k, text, scored)
-                if chunk:
+                # a chat's roles go out with the first token even when it holds its text back (a "required"
+                # tool answer is sent whole at its end): the client sees the answer begin
+                if chunk or (opening and self.chat):
                     yield opening + chunk
                     opening = b""
             await asyncio.shield(self.d.background.spawn(self.finish()))

@@ -102,6 +102,12 @@ class ToolPlan:
             return [{"type": "function", "function": self.functions[self.name]}]
         return [{"type": "function", "function": f} for f in self.functions.values()]
 
+    @property
+    def called_reason(self) -> str:
+        """The finish_reason of an answer that calls tools: "tool_calls", but "stop" for a function the request
+        named (OpenAI's answer, and vLLM's: the client asked for that call, the model did not choose it)."""
+        return "stop" if self.choice == "function" else "tool_calls"
+
     def guided(self) -> dict | None:
         """The node's `guided` value: the answer's shape for "required" and a named function."""
         if self.choice == "function":
@@ -146,8 +152,8 @@ class ToolPlan:
         doc = _parsed(text)
         if doc is None:
             return []
-        if self.choice == "function":
-            return [_tool_call(self.name, doc)] if isinstance(doc, dict) else []
+        if self.choice == "function":  # the arguments as the model wrote them, as the stream sends them
+            return [_tool_call(self.name, text)] if isinstance(doc, dict) else []
         if not isinstance(doc, list):
             return []
         calls = [self._call_from(item) for item in doc]
@@ -193,18 +199,18 @@ def _blocks(text: str):
         yield start, pos
 
 
-def _tool_call(name: str, arguments: dict) -> dict:
-    return {
-        "id": "call_" + secrets.token_hex(12),
-        "type": "function",
-        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
-    }
+def _tool_call(name: str, arguments: dict | str) -> dict:
+    """An OpenAI tool call; `arguments` a parsed object, or the JSON text a grammar made the model write."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": "call_" + secrets.token_hex(12), "type": "function", "function": {"name": name, "arguments": text}}
 
 
 class ToolStream:
     """A streamed chat answer: text in, OpenAI chat deltas out. Free text passes through as it comes, except
-    what could be the start of a `<tool_call>` block, which is held until it is decided; a constrained answer
-    (required, named function) is held whole and sent as tool-call deltas at the end."""
+    what could be the start of a `<tool_call>` block, which is held until it is decided. A named function's
+    arguments stream as they come (the grammar makes the whole text its arguments: a first delta names the
+    call, later ones carry the text); a "required" answer (an array of calls) is held whole and sent as
+    tool-call deltas at the end."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
@@ -216,8 +222,14 @@ class ToolStream:
     def push(self, text: str) -> list[dict]:
         if self.plan.choice == "none":
             return [{"content": text}] if text else []
+        if self.plan.choice == "function":
+            if not text:
+                return []
+            if self.called:
+                return [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}]
+            return [self._delta([_tool_call(self.plan.name, text)])]
         self.held += text
-        if self.plan.choice in ("required", "function"):
+        if self.plan.choice == "required":
             return []
         out: list[dict] = []
         while True:
@@ -252,7 +264,7 @@ class ToolStream:
 
     def close(self) -> list[dict]:
         held, self.held = self.held, ""
-        if self.plan.choice in ("required", "function"):
+        if self.plan.choice == "required":
             calls = self.plan._constrained(held)
             if calls:
                 return [self._delta(calls)]

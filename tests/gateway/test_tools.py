@@ -47,8 +47,8 @@ def test_json_schema_answers_all_parse_and_validate(oai):
     assert done and all(isinstance(json.loads(c.text), dict) for c in done)
 
 
-def valid_calls(choice) -> list:
-    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice.message
+def valid_calls(choice, reason: str = "tool_calls") -> list:
+    assert choice.finish_reason == reason and choice.message.tool_calls, choice.message
     for call in choice.message.tool_calls:
         assert call.function.name == "get_weather" and call.id.startswith("call_")
         jsonschema.validate(json.loads(call.function.arguments), ARGS)
@@ -58,7 +58,24 @@ def valid_calls(choice) -> list:
 def test_a_named_function_is_called_validly_every_time(oai):
     named = {"type": "function", "function": {"name": "get_weather"}}
     got = chat(oai, tools=[WEATHER], tool_choice=named, n=6, seed=9, temperature=1.0, max_tokens=None)
-    assert all(len(valid_calls(c)) == 1 for c in got.choices)
+    assert all(len(valid_calls(c, "stop")) == 1 for c in got.choices)  # a named call ends "stop", as OpenAI's
+
+
+def test_a_named_functions_arguments_stream_as_they_come(oai):
+    # the grammar makes the whole answer the arguments: a first delta names the call, later ones carry the
+    # text as the tokens come (they were held to the end, the role with them), and they add up to the answer's
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kw = dict(tools=[WEATHER], tool_choice=named, seed=9, temperature=1.0, max_tokens=None)
+    whole = chat(oai, **kw).choices[0]
+    chunks = [c.choices[0] for c in chat(oai, stream=True, **kw) if c.choices]
+    assert chunks[0].delta.role == "assistant"
+    calls = [t for c in chunks if c.delta.tool_calls for t in c.delta.tool_calls]
+    assert len(calls) > 2 and {t.index for t in calls} == {0}
+    assert calls[0].id.startswith("call_") and calls[0].function.name == "get_weather"
+    assert all(t.id is None and t.function.name is None for t in calls[1:])
+    arguments = "".join(t.function.arguments for t in calls)
+    assert arguments == valid_calls(whole, "stop")[0].function.arguments
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
 
 
 def test_tool_choice_required_calls_validly_every_time(oai):
