@@ -1,35 +1,15 @@
 """What a settlement batch is formed from: the oldest pending outbox rows (claimed so that no two
-settlers take the same row), their on-chain records, their fees, and the batch's id."""
+settlers take the same row), their on-chain records and their fees (the batch's id is
+ledger.merkle.batch_id_for: it names the records as settleBatch takes them)."""
 
 from __future__ import annotations
 
-import re
 from typing import NamedTuple
 
-from eth_utils import keccak, to_canonical_address
 from sqlmodel import Session, select
 
-from common.wire import HEX_ID_PATTERN, hex0x, id_bytes
 from ledger.models import RecordStatus, UsageRecord
 from ledger.types import SettleRecord
-
-BATCH_DOMAIN = b"loramesh.batch.v2"
-# ids in their one spelling, one after another: with every length 66, each is then an id
-_IDS_RE = re.compile(f"(?:{HEX_ID_PATTERN})*")
-
-
-def batch_id_for(request_ids: list[str], settler: str, salt: int = 0) -> str:
-    """Batch id: keccak256(domain || settler address || salt || request ids in batch order).
-
-    The settler's address is in it so that no other settler (another gateway on the same ledger) can
-    settle, or front-run, a batch under an id we use; the salt tells apart a batch re-formed from the
-    very records of an abandoned one (ledger.settler: re-pricing after InsufficientDeposit)."""
-    if set(map(len, request_ids)) <= {66} and _IDS_RE.fullmatch(joined := "".join(request_ids)):
-        ids = bytes.fromhex(joined.replace("0x", ""))  # all in their one spelling: one parse for the batch
-    else:
-        ids = b"".join(id_bytes(r) for r in request_ids)  # normalised one by one (ValueError on a bad one)
-    return hex0x(keccak(BATCH_DOMAIN + to_canonical_address(settler) + salt.to_bytes(4, "big") + ids))
-
 
 # One statement moves a whole batch's rows: one UPDATE a row (the driver's executemany) cost about twice as
 # much on SQLite, and SQLAlchemy's parameter handling for 500 rows as much again. The rows are a VALUES list,

@@ -18,7 +18,7 @@ from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
 from ledger.errors import ChainUnavailable, DeploymentMismatch, LedgerError, SequenceMismatch, TransactionFailed
-from ledger.merkle import MerkleTree, pack_records, unpack_records
+from ledger.merkle import MerkleTree, batch_id_for, pack_records, unpack_records
 from ledger.transport import (
     GAS_MARGIN,
     FeeAboveCap,
@@ -599,15 +599,18 @@ class ChainClient:
 
     def settle_batch(
         self,
-        batch_id: str,
+        batch_id: str | None,
         merkle_root: str | None,
         records: Sequence[SettleRecord],
         *,
         first_sequence: int | None = None,
         max_prices: Mapping[str, int] | None = None,
     ):
-        """Send and wait; returns the receipt. first_sequence None: this account's next sequence number
-        (read from the chain); merkle_root None: the root of `records` from there."""
+        """Send and wait; returns the receipt. batch_id None: the id of `records` (batch_id_for, salt 0);
+        first_sequence None: this account's next sequence number (read from the chain); merkle_root None: the
+        root of `records` from there."""
+        if batch_id is None:
+            batch_id = batch_id_for(records)
         if first_sequence is None:
             first_sequence = self.next_sequence()
         if merkle_root is None:

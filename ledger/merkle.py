@@ -10,7 +10,9 @@ to the contract's):
   node at the end of a level moves up unchanged;
 - a packed record (settleBatch's `records`, RecordsSettled's `records`) is RECORD_BYTES = 42 bytes:
   requestId (32), adapter index (1), node index (1) into the batch's strictly increasing adapter and node
-  id tables, promptTokens (uint32), completionTokens (uint32), big-endian.
+  id tables, promptTokens (uint32), completionTokens (uint32), big-endian;
+- a batch id is the first 28 bytes of keccak256(abi.encode(adapterIds, nodeIds, records)), then a 4-byte salt
+  (batch_id_of): it names what the batch settles.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from eth_abi import encode as abi_encode
 from sha3 import keccak_256
 
 from common.wire import hex0x, id_bytes
@@ -74,6 +77,26 @@ class PackedBatch:
     adapter_ids: tuple[str, ...]
     node_ids: tuple[str, ...]
     records: bytes
+
+
+def batch_id_of(packed: PackedBatch, salt: int = 0) -> str:
+    """The batch id the ledger takes for these records: the first 28 bytes of
+    keccak256(abi.encode(adapterIds, nodeIds, records)), then `salt` (uint32, big-endian).
+
+    The id names the content, not the settler: a batch another settler took over is sent under the one id
+    it had, so should both sends land the chain settles it once; and an id taken from the mempool settles
+    only those very records. The salt tells apart a batch re-formed from the very records of an abandoned
+    one (ledger.settler: re-pricing after InsufficientDeposit)."""
+    content = abi_encode(
+        ["bytes32[]", "bytes32[]", "bytes"],
+        [[id_bytes(a) for a in packed.adapter_ids], [id_bytes(n) for n in packed.node_ids], packed.records],
+    )
+    return hex0x(keccak(content)[:28] + salt.to_bytes(4, "big"))
+
+
+def batch_id_for(records: Sequence[SettleRecord], salt: int = 0) -> str:
+    """batch_id_of the records packed as settleBatch takes them."""
+    return batch_id_of(pack_records(records), salt)
 
 
 class BatchTooWide(ValueError):

@@ -64,7 +64,9 @@ Many settlers, one database:
   lost its claim never sends. A claim left by a dead process on this host is taken at once (same
   host name, boot id and pid namespace, and its pid is gone), one left elsewhere when it expires; a
   stopping settler hands its claims back.
-- Batch ids include the settler's address (ledger.batching.batch_id_for).
+- A batch id names its records (ledger.merkle.batch_id_for; the ledger refuses any other, BatchIdMismatch): a
+  batch taken over by another settler keeps its id, so it settles once however many of its sends land, and
+  no other settler can freeze one of ours by settling junk under its id first.
 - No chain call is made inside a write transaction: prices, registrations and the deposit are read
   outside it (on SQLite it holds the database's write lock, which the gateway needs for every request),
   once a step (_StepReads), and inside it only the database is read. The deposit is read at a known
@@ -136,7 +138,7 @@ from sqlmodel import Session, select
 from web3.exceptions import TransactionNotFound
 
 from common.wire import hex0x, to_id
-from ledger.batching import batch_id_for, move_to_batch, pending_rows, record_fee, to_settle_record
+from ledger.batching import move_to_batch, pending_rows, record_fee, to_settle_record
 from ledger.chain import ChainClient
 from ledger.db import is_postgres
 from ledger.errors import (
@@ -152,7 +154,7 @@ from ledger.errors import (
     UnknownAdapter,
     UnknownNode,
 )
-from ledger.merkle import MAX_ADAPTERS_PER_BATCH, MAX_NODES_PER_BATCH, MerkleTree
+from ledger.merkle import MAX_ADAPTERS_PER_BATCH, MAX_NODES_PER_BATCH, MerkleTree, batch_id_for
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records, count_by_status
 from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig
@@ -855,13 +857,12 @@ class Settler:
         record of a batch written before prices were), prices_priced the adapters' `prices`."""
         settle = [to_settle_record(r) for r in rows]
         tree = MerkleTree.from_records(settle, first_seq)
-        request_ids = [r.request_id for r in rows]
         salt = 0
-        batch_id = batch_id_for(request_ids, self.address, salt)
+        batch_id = batch_id_for(settle, salt)
         conn = s.connection()  # Core, as in _free_deposit
         while conn.execute(select(SettlementBatch.id).where(SettlementBatch.batch_id == batch_id)).first() is not None:
             salt += 1  # the very records of an abandoned batch: a new id
-            batch_id = batch_id_for(request_ids, self.address, salt)
+            batch_id = batch_id_for(settle, salt)
         priced = None if any(f is None for f in fees) else str(sum(fees))
         batch = SettlementBatch(
             batch_id=batch_id,

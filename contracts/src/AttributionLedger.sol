@@ -18,7 +18,11 @@ import {AdapterRegistry} from "./AdapterRegistry.sol";
 ///    exactly 0 .. nextSequence(settler) - 1, every one in exactly one batch;
 ///  - every record's Merkle leaf binds its request id to its sequence number (leafOf), and the batch
 ///    stores its settler and first number, so `verifyRecord` proves which (settler, sequence) paid it;
-///  - a batch id is accepted once (BatchAlreadySettled).
+///  - a batch id is accepted once (BatchAlreadySettled), and names what it settles: its first 28 bytes are
+///    those of keccak256(abi.encode(adapterIds, nodeIds, records)), its last 4 the settler's own salt
+///    (BatchIdMismatch otherwise). Two settlers sending one batch (one took over the other's) send one
+///    id, settled once; a settler that takes another's id from the mempool can only settle those very
+///    records, paying them in full, not freeze the batch with junk under its id.
 /// A settler that writes a batch's numbers durably before sending it (ledger/settler.py) resends it after a
 /// crash with the same numbers: a record sent twice at its number is refused the second time, whatever
 /// batch carries it (SequenceMismatch), so at most one of the sends is paid. What the chain does NOT refuse
@@ -122,6 +126,7 @@ contract AttributionLedger {
     error InvalidShare(uint256 bps);
     error EmptyBatch();
     error BatchAlreadySettled(bytes32 batchId);
+    error BatchIdMismatch(bytes32 batchId, bytes28 content);
     error MerkleRootMismatch(bytes32 given, bytes32 computed);
     error InsufficientDeposit(address settler, uint256 needed, uint256 available);
     error PriceAboveQuote(bytes32 adapterId, uint256 price, uint256 maxPrice);
@@ -258,7 +263,9 @@ contract AttributionLedger {
     /// Merkle root from the records, pull its fees from the caller's deposit and accrue them.
     /// `records` is packed (RECORD_BYTES each, see the contract's notice), indexing the strictly
     /// increasing `adapterIds` and `nodeIds`. Reverts with SequenceMismatch unless firstSequence ==
-    /// nextSequence(caller), BatchAlreadySettled when this batch id was settled before, and PriceAboveQuote
+    /// nextSequence(caller), BatchAlreadySettled when this batch id was settled before, BatchIdMismatch
+    /// unless the id's first 28 bytes are those of keccak256(abi.encode(adapterIds, nodeIds, records)),
+    /// and PriceAboveQuote
     /// when an adapter entry's price is above maxPrices[i], the price the settler priced its records at
     /// (one bound per entry of `adapterIds`, in its order; the base model's entry bounds the base price):
     /// an adapter owner who raises the price after the batch was priced (e.g. front-running it) gets the
@@ -289,10 +296,22 @@ contract AttributionLedger {
         _scan(w, firstSequence, records);
         bytes32 computed = _merkleRoot(w.leaves);
         if (computed != merkleRoot) revert MerkleRootMismatch(merkleRoot, computed);
+        _checkBatchId(batchId, adapterIds, nodeIds, records);
         _charge(batchId, merkleRoot, firstSequence, n, w.total);
         _payOutBatch(batchId, w, adapterIds, nodeIds);
         emit RecordsSettled(batchId, msg.sender, firstSequence, adapterIds, nodeIds, w.prices, records);
         emit BatchSettled(batchId, msg.sender, merkleRoot, uint32(n), w.total);
+    }
+
+    /// @dev Refuse a batch id that does not name the batch's content (its first 28 bytes).
+    function _checkBatchId(
+        bytes32 batchId,
+        bytes32[] calldata adapterIds,
+        bytes32[] calldata nodeIds,
+        bytes calldata records
+    ) private pure {
+        bytes28 content = bytes28(keccak256(abi.encode(adapterIds, nodeIds, records)));
+        if (bytes28(batchId) != content) revert BatchIdMismatch(batchId, content);
     }
 
     /// @dev Refuse the batch when an adapter entry costs more than the settler priced it at.

@@ -7,7 +7,7 @@ from common.wire import hex0x
 from devnet.deploy import _deploy_contract
 from ledger import errors as E
 from ledger.chain import RECORDS_SETTLED_TOPIC, decode_records_settled
-from ledger.merkle import MerkleTree, leaf_hash, verify_proof
+from ledger.merkle import MerkleTree, batch_id_for, leaf_hash, verify_proof
 from ledger.transport import revert_data
 from ledger.types import ZERO_ID, Role, SettleRecord
 from tests.utils.chain import ETHER, rand_id, register_sample
@@ -25,7 +25,7 @@ def _root(records, first: int) -> str:
 
 def _settle(env, records, batch_id=None, *, first=None):
     """Settle as env.settler at its next sequence number (or `first`); returns (batch id, receipt)."""
-    batch_id = batch_id or rand_id()
+    batch_id = batch_id or batch_id_for(records)
     rcpt = env.client(env.settler).settle_batch(batch_id, None, records, first_sequence=first)
     return batch_id, rcpt
 
@@ -223,16 +223,16 @@ def test_settle_reverts(anvil_chain):
     with pytest.raises(E.ZeroId):
         s.settle_batch(ZERO_ID, None, records)
     with pytest.raises(E.EmptyBatch):
-        s.settle_batch(rand_id(), rand_id(), [], first_sequence=s.next_sequence())
+        s.settle_batch(None, rand_id(), [], first_sequence=s.next_sequence())
     with pytest.raises(E.MerkleRootMismatch) as err:
-        s.settle_batch(rand_id(), rand_id(), records)
+        s.settle_batch(None, rand_id(), records)
     assert hex0x(err.value.args_by_name["computed"]) == _root(records, s.next_sequence())
     bad_adapter = [SettleRecord(rand_id(), rand_id(), reg.node_id, 1, 1)]
     with pytest.raises(E.UnknownAdapter):
-        s.settle_batch(rand_id(), None, bad_adapter)
+        s.settle_batch(None, None, bad_adapter)
     bad_node = [SettleRecord(rand_id(), reg.adapter_id, rand_id(), 1, 1)]
     with pytest.raises(E.UnknownNode):
-        s.settle_batch(rand_id(), None, bad_node)
+        s.settle_batch(None, None, bad_node)
 
 
 def test_unauthorised_and_revoked_settler(anvil_chain):
@@ -242,15 +242,41 @@ def test_unauthorised_and_revoked_settler(anvil_chain):
     stranger = env.users[6]
     env.client(env.admin).deposit_for(stranger.address, ETHER)  # money alone is not authority
     with pytest.raises(E.NotSettler) as err:
-        env.client(stranger).settle_batch(rand_id(), None, records)
+        env.client(stranger).settle_batch(None, None, records)
     assert err.value.args_by_name["caller"] == stranger.address
     admin = env.client(env.admin)
     admin.grant_settler(stranger.address)
-    env.client(stranger).settle_batch(rand_id(), None, records)
+    env.client(stranger).settle_batch(None, None, records)
     admin.revoke_settler(stranger.address)
     again = _records(reg, 2)
     with pytest.raises(E.NotSettler):
-        env.client(stranger).settle_batch(rand_id(), None, again)
+        env.client(stranger).settle_batch(None, None, again)
+
+
+def test_a_batch_id_taken_from_the_mempool_settles_only_its_own_records(anvil_chain):
+    """A second settler copied the first's batch id from the mempool and settled one junk record under it
+    first: the first's batch then reverted BatchAlreadySettled and its records were never paid. An id names
+    its content now: junk under it is refused, and the copier can only settle those very records, at their
+    price, from its own deposit."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    alice, mallory = env.client(env.settler), env.new_account(ETHER)
+    env.client(env.admin).grant_settler(mallory.address)
+    env.client(env.admin).deposit_for(mallory.address, ETHER)
+    records = _records(reg, 3)
+    theirs = batch_id_for(records)
+    junk = [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 0, 0)]
+    with pytest.raises(E.BatchIdMismatch) as err:
+        env.client(mallory).settle_batch(theirs, None, junk)
+    assert hex0x(err.value.args_by_name["batchId"]) == theirs
+    with pytest.raises(E.BatchIdMismatch):  # one record changed
+        env.client(mallory).settle_batch(theirs, None, [*records[:2], records[2]._replace(completion_tokens=0)])
+    rcpt = env.client(mallory).settle_batch(theirs, None, records)
+    fees = sum(10**12 * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records)
+    assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == fees
+    assert env.client().deposit_of(mallory.address) == ETHER - fees
+    with pytest.raises(E.BatchAlreadySettled):
+        alice.settle_batch(theirs, None, records)
 
 
 def test_duplicate_batch_is_refused(anvil_chain):
@@ -273,7 +299,7 @@ def test_insufficient_deposit(anvil_chain):
     records = _records(reg, 1, prompt=1000, completion=0)
     env.client(env.admin).deposit_for(poor.address, ETHER // 2)
     with pytest.raises(E.InsufficientDeposit) as err:
-        env.client(poor).settle_batch(rand_id(), None, records)
+        env.client(poor).settle_batch(None, None, records)
     assert err.value.args_by_name["needed"] == ETHER
     assert err.value.args_by_name["available"] == ETHER // 2
 
@@ -289,7 +315,7 @@ def test_batch_costing_more_than_its_quote_is_refused(anvil_chain):
     s = env.client(env.settler)
     deposit = s.deposit_of(env.settler.address)
     with pytest.raises(E.PriceAboveQuote) as err:
-        s.settle_batch(rand_id(), None, records, max_prices={reg.adapter_id: 10**15})
+        s.settle_batch(None, None, records, max_prices={reg.adapter_id: 10**15})
     assert err.value.args_by_name == {
         "adapterId": bytes.fromhex(reg.adapter_id[2:]),
         "price": 10**18,
@@ -297,7 +323,8 @@ def test_batch_costing_more_than_its_quote_is_refused(anvil_chain):
     }
     assert s.deposit_of(env.settler.address) == deposit  # nothing charged
     env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**15)
-    rcpt = s.settle_batch(rand_id(), None, records, max_prices={reg.adapter_id: 10**15})  # exactly the quote settles
+    # exactly the quote settles
+    rcpt = s.settle_batch(None, None, records, max_prices={reg.adapter_id: 10**15})
     assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == quote
 
 
@@ -319,11 +346,11 @@ def test_a_raise_hidden_by_a_cut_elsewhere_in_the_batch_is_refused(anvil_chain):
     s = env.client(env.settler)
     deposit = s.deposit_of(env.settler.address)
     with pytest.raises(E.PriceAboveQuote) as err:
-        s.settle_batch(rand_id(), None, records, max_prices=priced)
+        s.settle_batch(None, None, records, max_prices=priced)
     assert hex0x(err.value.args_by_name["adapterId"]) == a.adapter_id
     assert s.deposit_of(env.settler.address) == deposit
     priced[a.adapter_id] = 5 * 10**15  # priced again at today's prices: settles at them
-    rcpt = s.settle_batch(rand_id(), None, records, max_prices=priced)
+    rcpt = s.settle_batch(None, None, records, max_prices=priced)
     assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == 5 * 10**15
 
 
@@ -443,7 +470,7 @@ def test_base_record_needs_a_registered_node(anvil_chain):
     s = env.client(env.settler)
     bad = [*_base_records(reg.node_id, 2), SettleRecord(rand_id(), ZERO_ID, rand_id(), 1, 1)]
     with pytest.raises(E.UnknownNode):
-        s.settle_batch(rand_id(), None, bad)
+        s.settle_batch(None, None, bad)
 
 
 # ------------------------------------------------------------------ proofs

@@ -29,6 +29,8 @@ from ledger.merkle import (
     MAX_ADAPTERS_PER_BATCH,
     MAX_NODES_PER_BATCH,
     MerkleTree,
+    batch_id_for,
+    batch_id_of,
     leaf_hash,
     pack_records,
 )
@@ -128,7 +130,7 @@ def test_accruals_equal_the_old_formula_on_random_batches(anvil_chain):
             }
             before = {a: c.rewards_of(a).accrued for a in accounts}
             deposit = c.deposit_of(env.settler.address)
-            rcpt = env.client(env.settler).settle_batch(rand_id(), None, records)
+            rcpt = env.client(env.settler).settle_batch(None, None, records)
             total, want = old_accruals(
                 records, splits=splits, operators=operators, node_share_bps=7_777, base_price=333_333_331
             )
@@ -155,9 +157,9 @@ def test_a_batch_starts_exactly_at_the_settlers_next_sequence(anvil_chain):
     nxt = s.next_sequence()
     for wrong in (nxt + 1, nxt + 3, max(nxt - 1, 0) if nxt else 2**63):
         with pytest.raises(SequenceMismatch) as err:
-            s.settle_batch(rand_id(), None, records, first_sequence=wrong)
+            s.settle_batch(None, None, records, first_sequence=wrong)
         assert err.value.args_by_name == {"settler": env.settler.address, "expected": nxt, "given": wrong}
-    s.settle_batch(rand_id(), None, records, first_sequence=nxt)
+    s.settle_batch(None, None, records, first_sequence=nxt)
     assert s.next_sequence() == nxt + 3
     # every settler has its own sequence, from zero
     other = env.new_account()
@@ -166,8 +168,8 @@ def test_a_batch_starts_exactly_at_the_settlers_next_sequence(anvil_chain):
     o = env.client(other)
     assert o.next_sequence() == 0
     with pytest.raises(SequenceMismatch):
-        o.settle_batch(rand_id(), None, records[:1], first_sequence=nxt + 3)
-    o.settle_batch(rand_id(), None, [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 5, 5)], first_sequence=0)
+        o.settle_batch(None, None, records[:1], first_sequence=nxt + 3)
+    o.settle_batch(None, None, [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 5, 5)], first_sequence=0)
     assert (o.next_sequence(), s.next_sequence()) == (1, nxt + 3)
 
 
@@ -179,7 +181,7 @@ def test_a_settled_record_in_a_second_batch_is_refused(anvil_chain):
     s = env.client(env.settler)
     records = [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 20 + i, 3) for i in range(4)]
     first = s.next_sequence()
-    s.settle_batch(rand_id(), None, records, first_sequence=first)
+    s.settle_batch(None, None, records, first_sequence=first)
     deposit = s.deposit_of(env.settler.address)
     fresh = SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 1, 1)
     for again, at in (
@@ -188,7 +190,7 @@ def test_a_settled_record_in_a_second_batch_is_refused(anvil_chain):
         (records[3:], first + 3),
     ):
         with pytest.raises(SequenceMismatch) as err:
-            s.settle_batch(rand_id(), None, again, first_sequence=at)
+            s.settle_batch(batch_id_for(again, 1), None, again, first_sequence=at)  # a new id: another salt
         assert err.value.args_by_name["expected"] == first + 4
     assert s.deposit_of(env.settler.address) == deposit  # nothing paid twice
     assert s.next_sequence() == first + 4
@@ -204,8 +206,8 @@ def test_a_request_id_under_two_numbers_is_visible_from_the_chain(anvil_chain):
     r = SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 9, 9)
     start = env.client().block_number()
     proofs = []
-    for _ in range(2):
-        first, batch_id = s.next_sequence(), rand_id()
+    for salt in range(2):  # the same record under two salts: two ids
+        first, batch_id = s.next_sequence(), batch_id_for([r], salt)
         s.settle_batch(batch_id, None, [r], first_sequence=first)
         proofs.append((batch_id, first))
     seen = [x for x in env.client().settled_records(from_block=start) if x.request_id == r.request_id]
@@ -228,7 +230,7 @@ def test_id_tables_at_their_limits(anvil_chain):
     ]
     packed = pack_records(records)
     assert (len(packed.adapter_ids), len(packed.node_ids)) == (MAX_ADAPTERS_PER_BATCH, MAX_NODES_PER_BATCH)
-    rcpt = s.settle_batch(rand_id(), None, records)  # exactly at both limits: settles
+    rcpt = s.settle_batch(None, None, records)  # exactly at both limits: settles
     assert rcpt["status"] == 1
     first = s.next_sequence()
     one = [records[0]]
@@ -278,7 +280,10 @@ def test_malformed_batches_are_refused(anvil_chain):
         with pytest.raises(E.MaxPricesMismatch) as err:
             _raw_settle(s, rand_id(), first, packed.adapter_ids, packed.node_ids, packed.records, root, wrong)
         assert err.value.args_by_name == {"adapters": 1, "maxPrices": len(wrong)}
-    _raw_settle(s, rand_id(), first, packed.adapter_ids, packed.node_ids, packed.records, root)  # well formed
+    with pytest.raises(E.BatchIdMismatch):  # an id that does not name the records
+        _raw_settle(s, rand_id(), first, packed.adapter_ids, packed.node_ids, packed.records, root)
+    named = batch_id_of(packed, 9)
+    _raw_settle(s, named, first, packed.adapter_ids, packed.node_ids, packed.records, root)  # well formed
 
 
 def test_base_price_is_bounded(anvil_chain):

@@ -17,7 +17,7 @@ runner = CliRunner()
 
 def _settle(env, reg, n):
     records = [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 500, 100) for _ in range(n)]
-    env.client(env.settler).settle_batch(rand_id(), None, records)
+    env.client(env.settler).settle_batch(None, None, records)
 
 
 def test_rewards_show_adds_up(anvil_chain):
@@ -46,7 +46,7 @@ def test_rewards_show_includes_base_model_earnings(anvil_chain):
     reg = register_sample(env, price=10**12, operator=operator)
     _settle(env, reg, 2)
     base = [SettleRecord(rand_id(), BASE_MODEL_ADAPTER_ID, reg.node_id, 500, 100) for _ in range(3)]
-    env.client(env.settler).settle_batch(rand_id(), None, base)
+    env.client(env.settler).settle_batch(None, None, base)
     want_base = 3 * env.client().base_price() * 600 // 1000
     r = runner.invoke(rewards_app, ["show", operator.address, "--deployment", str(env.deployment_path), "--json"])
     assert r.exit_code == 0, r.output

@@ -8,8 +8,8 @@ import pytest
 from sqlmodel import Session, select
 
 from ledger import errors as E
-from ledger.batching import batch_id_for, to_settle_record
-from ledger.merkle import MerkleTree
+from ledger.batching import to_settle_record
+from ledger.merkle import MerkleTree, batch_id_for
 from ledger.models import BatchStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, batch_records, count_by_status
 from ledger.settler import Settler
@@ -78,8 +78,8 @@ def test_thousand_records_settle_once_in_batches(anvil_chain, engine):
         # in outbox order, with a deterministic id and the root of its records
         first = batch_records(s, batches[0].batch_id)
         assert [r.request_id for r in first] == ids[:100]
-        assert batches[0].batch_id == batch_id_for(ids[:100], client.address)
         settle = [to_settle_record(r) for r in first]
+        assert batches[0].batch_id == batch_id_for(settle)
         assert batches[0].merkle_root == MerkleTree.from_records(settle, batches[0].first_seq).root_hex
         # one gapless sequence: each batch starts where the one before ended
         assert [b.first_seq for b in batches] == [batches[0].first_seq + 100 * i for i in range(10)]
@@ -198,7 +198,7 @@ def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):
             to_settle_record(r)
             for r in s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(ids)).order_by(UsageRecord.id))
         ]
-    batch_id = batch_id_for(ids, client.address)
+    batch_id = batch_id_for(records)
     first = client.next_sequence()
     client.settle_batch(batch_id, None, records, first_sequence=first)
     settler = Settler(engine, client, SettlerConfig(batch_size=4))

@@ -7,7 +7,6 @@ from eth_utils import keccak
 from web3 import Web3
 
 from ledger.artifacts import load_artifact
-from ledger.batching import BATCH_DOMAIN, batch_id_for
 from ledger.chain import settle_calldata
 from ledger.merkle import (
     MAX_ADAPTERS_PER_BATCH,
@@ -15,6 +14,7 @@ from ledger.merkle import (
     RECORD_BYTES,
     BatchTooWide,
     MerkleTree,
+    batch_id_for,
     encode_leaf,
     leaf_hash,
     pack_records,
@@ -114,17 +114,18 @@ def test_encode_leaf_uses_normalised_ids():
     assert encode_leaf(r, 0)[32:64] == bytes.fromhex("ab" * 32)
 
 
-def test_batch_id_parses_a_batchs_ids_at_once_as_one_by_one():
-    ids, settler = [rand_id() for _ in range(7)], "0x" + "12" * 20
-    expected = keccak(
-        BATCH_DOMAIN + bytes.fromhex("12" * 20) + (3).to_bytes(4, "big") + b"".join(bytes.fromhex(i[2:]) for i in ids)
-    )
-    assert batch_id_for(ids, settler, 3) == "0x" + expected.hex()
-    # other spellings of the same ids (upper case, no 0x) take the one-by-one path to the same id
-    assert batch_id_for([ids[0].upper().replace("0X", "0x"), ids[1][2:], *ids[2:]], settler, 3) == "0x" + expected.hex()
-    # ids that line up only when joined (one short, the next long) are refused, not read across
-    with pytest.raises(ValueError):
-        batch_id_for([ids[0][:-2], ids[1][-2:] + ids[1]], settler)
+def test_batch_id_names_the_records_and_ends_with_its_salt():
+    # AttributionLedger takes a batch id only when its first 28 bytes are those of
+    # keccak256(abi.encode(adapterIds, nodeIds, records)); the last 4 are the settler's salt
+    records = _records(7)
+    packed = pack_records(records)
+    tables = [[bytes.fromhex(i[2:]) for i in ids] for ids in (packed.adapter_ids, packed.node_ids)]
+    content = abi_encode(["bytes32[]", "bytes32[]", "bytes"], [*tables, packed.records])
+    assert batch_id_for(records, 3) == "0x" + (keccak(content)[:28] + (3).to_bytes(4, "big")).hex()
+    assert batch_id_for(records)[:58] == batch_id_for(records, 3)[:58] and batch_id_for(records).endswith("0" * 8)
+    # any field of any record, or their order, is another id
+    changed = [*records[:-1], SettleRecord(*records[-1][:4], records[-1].completion_tokens + 1)]
+    assert len({batch_id_for(records), batch_id_for(changed), batch_id_for(records[::-1])}) == 3
 
 
 @pytest.mark.parametrize("spec", ["in_flight", "after_send@3", "before_send@1", "after_receipt"])

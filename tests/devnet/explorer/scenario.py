@@ -147,7 +147,7 @@ def build_world(env: ChainEnv, folder: Path) -> World:
         engine.dispose()
     world.chain_only = rand_id()
     other = SettleRecord(world.chain_only, ad["alice/capitals 1.0.0"], opaque.node_id, 8, 8)
-    env.client(env.settler).settle_batch(rand_id(), None, [other])
+    env.client(env.settler).settle_batch(None, None, [other])
     env.client(pay_el).withdraw()
     world.withdrawer = pay_el.address
     world.withdrawn = env.client().rewards_of(pay_el.address).withdrawn

@@ -28,7 +28,7 @@ def settle(env, world, n: int) -> list[str]:
     out = []
     for _ in range(n):
         rec = SettleRecord(rand_id(), world.adapters["alice/capitals 1.0.0"], world.node_opaque, 10, 5)
-        client.settle_batch(rand_id(), None, [rec])
+        client.settle_batch(None, None, [rec])
         out.append(rec.request_id)
     return out
 
