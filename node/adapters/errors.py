@@ -5,6 +5,11 @@ class PackageError(ValueError):
     """An adapter package that is refused; the message says what is wrong in one line."""
 
 
+class DamagedFiles(PackageError):
+    """The package's files are not those its manifest lists (missing, extra, another size or hash, cut
+    short): a copy damaged after it was made, which a good copy of the same package replaces."""
+
+
 class ForeignSignature(PackageError):
     """The package is signed for another chain or registry (or in the old, unbound format): it may be
     fine elsewhere, but this registry cannot vouch for it."""

@@ -157,7 +157,13 @@ class AdapterStore:
             )
             final = self.path_for(pkg.adapter_id)
             if (final / MANIFEST_FILE).is_file():
-                existing = self.get(pkg.adapter_id, verify_hashes=False)
+                try:
+                    existing = self.get(pkg.adapter_id, verify_hashes=False)
+                except PackageError as e:  # damaged in place (a power cut, a disk error): this copy replaces it
+                    log.warning(
+                        "store entry %s is damaged (%s); replacing it with the copy being installed", final.name, e
+                    )
+                    existing = None
                 if existing is not None and existing.signer == pkg.signer:
                     shutil.rmtree(tmp, ignore_errors=True)
                     return existing

@@ -12,7 +12,7 @@ from eth_utils import to_checksum_address
 
 from ledger.types import Domain
 from node.adapters.basemodel import base_model_id_from_config, read_config
-from node.adapters.errors import ForeignSignature, PackageError, shown
+from node.adapters.errors import DamagedFiles, ForeignSignature, PackageError, shown
 from node.adapters.manifest import (
     RESERVED_FILES,
     SIGNATURE_FILE,
@@ -95,16 +95,16 @@ def check_files(pkg_dir: Path, manifest: Manifest, *, hashes: bool = True) -> No
         check_file_name(entry.name)
         present.add(entry.name)
     if missing := sorted(listed - present):
-        raise PackageError(f"file {missing[0]!r} listed in the manifest is missing")
+        raise DamagedFiles(f"file {missing[0]!r} listed in the manifest is missing")
     if extra := sorted(present - listed):
-        raise PackageError(f"file {extra[0]!r} is not listed in the manifest")
+        raise DamagedFiles(f"file {extra[0]!r} is not listed in the manifest")
     for entry in manifest.files:
         path = pkg_dir / entry.path
         size = path.stat().st_size
         if size != entry.size:
-            raise PackageError(f"file {entry.path!r} is {size} bytes, the manifest says {entry.size}")
+            raise DamagedFiles(f"file {entry.path!r} is {size} bytes, the manifest says {entry.size}")
         if hashes and file_sha256(path) != entry.sha256:
-            raise PackageError(
+            raise DamagedFiles(
                 f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)"
             )
 
@@ -175,7 +175,7 @@ def check_values(path: Path, tensors: dict[str, TensorInfo], lora: LoraConfig) -
             view = memoryview(buf)[: info.nbytes]
             f.seek(info.offset)
             if f.readinto(view) != info.nbytes:
-                raise PackageError(f"{path.name}: tensor {shown(name, 128)} was cut short after it was verified")
+                raise DamagedFiles(f"{path.name}: tensor {shown(name, 128)} was cut short after it was verified")
             largest = _largest_magnitude(view, info.dtype) * (lora.scaling if ".lora_B." in name else 1.0)
             if not largest <= HALF_MAX:  # also refuses nan
                 raise PackageError(

@@ -236,12 +236,21 @@ class AdapterManager:
         return pkg
 
     def _from_store(self, adapter_id: str):
+        """The installed package, None when the store lacks it; a copy damaged in the store is dropped and
+        fetched again when this node fetches (a node that does not keeps the error: its operator acts)."""
         from node.adapters import PackageError
+        from node.adapters.errors import DamagedFiles
 
         try:
             if self.verify_hashes:
                 return self.store.get(adapter_id)
             return self.store.get(adapter_id, verify_hashes=False)
+        except DamagedFiles as e:
+            if self.fetcher is None:
+                raise AdapterIncompatibleError(f"adapter {adapter_id} failed verification: {e}") from e
+            log.warning("adapter %s is damaged in the store (%s): dropping it to fetch it again", adapter_id, e)
+            self.store.remove(adapter_id)
+            return None
         except PackageError as e:
             raise AdapterIncompatibleError(f"adapter {adapter_id} failed verification: {e}") from e
 

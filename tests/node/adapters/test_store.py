@@ -99,3 +99,18 @@ def test_a_lost_or_garbled_stamp_means_hashing_again(package, tiny_base, tmp_pat
     assert calls == [True, True, False]
     store.remove(package.adapter_id)
     assert not stamp.exists()
+
+
+def test_a_copy_damaged_in_the_store_is_replaced_by_installing_it_again(package, tiny_base, tmp_path):
+    # a power cut or a disk error left the weights cut short: the same package installed again (an upload,
+    # a fetch from peers) replaced nothing and was refused with the damaged copy's size error
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    store.install(package.path)
+    weights = store.path_for(package.adapter_id) / "adapter_model.safetensors"
+    os.chmod(weights, 0o644)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(PackageError, match="bytes, the manifest says"):
+        store.get(package.adapter_id)
+    assert store.install(package.path).adapter_id == package.adapter_id
+    assert store.get(package.adapter_id).adapter_id == package.adapter_id
+    assert [p.adapter_id for p in store.list()] == [package.adapter_id]

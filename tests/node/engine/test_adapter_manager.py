@@ -157,6 +157,33 @@ def test_fetcher_supplies_an_adapter_the_store_lacks(llama_world, tmp_path):
         engine.close()
 
 
+def test_a_copy_damaged_in_the_store_is_fetched_again(llama_world, tmp_path):
+    # a power cut left the weights cut short: the node refused the adapter for good ("failed verification")
+    # and never asked its peers, though a good copy was a fetch away
+    import os
+
+    wanted = llama_world.adapters[2]
+    local = AdapterStore(tmp_path / "damaged-store")
+    local.install(llama_world.store.path_for(wanted.adapter_id))
+    weights = local.path_for(wanted.adapter_id) / "adapter_model.safetensors"
+    os.chmod(weights, 0o644)
+    weights.write_bytes(weights.read_bytes()[:100])
+    calls = []
+
+    async def fetcher(adapter_id):
+        calls.append(adapter_id)
+        return local.install(llama_world.store.path_for(adapter_id)).path
+
+    engine = fetching_engine(llama_world, fetcher)
+    engine.core.adapters.store = local
+    try:
+        loaded = asyncio.run(engine.prepare_adapter(wanted.adapter_id))
+        assert loaded.adapter_id == wanted.adapter_id and calls == [wanted.adapter_id]
+        assert local.get(wanted.adapter_id) is not None
+    finally:
+        engine.close()
+
+
 def test_a_stalled_peer_fetch_does_not_hold_up_loads_from_the_store(llama_world, tmp_path):
     missing, present = llama_world.adapters[3], llama_world.adapters[0]
     local = AdapterStore(tmp_path / "store")
