@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,8 +229,17 @@ class Anvil:
     def rpc_url(self) -> str:
         return self.config.rpc_url
 
-    def start(self, *, detached: bool = False, timeout: float = 20.0) -> Anvil:
-        """Launch anvil; detached = survives this Python process (own session, output to log file)."""
+    def start(
+        self,
+        *,
+        detached: bool = False,
+        timeout: float = 20.0,
+        on_spawn: Callable[[subprocess.Popen], None] | None = None,
+    ) -> Anvil:
+        """Launch anvil; detached = survives this Python process (own session, output to log file).
+        `on_spawn` is called with the process as soon as it exists (before it answers: a caller killed while
+        anvil starts has written its pid by then). Anvil is stopped when it never answers, or when waiting
+        for it is interrupted (Ctrl-C), so no orphan keeps its port."""
         if port_in_use(self.config.port):
             raise PortInUseError(
                 f"port {self.config.port} on 127.0.0.1 is already in use: stop what runs there or pick --port"
@@ -251,7 +261,13 @@ class Anvil:
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
-        wait_ready(self.rpc_url, timeout=timeout, proc=self.proc)
+        try:
+            if on_spawn is not None:
+                on_spawn(self.proc)
+            wait_ready(self.rpc_url, timeout=timeout, proc=self.proc)
+        except BaseException:
+            self.stop(timeout=5.0)
+            raise
         # DEBUG: the commands that start anvil (devnet up, the demo) print their own line; INFO is for services
         log.debug("anvil pid %d on %s", self.proc.pid, self.rpc_url)
         return self
@@ -283,6 +299,17 @@ def wait_ready(url: str, *, timeout: float = 20.0, proc: subprocess.Popen | None
             if time.monotonic() > deadline:
                 raise AnvilError(f"anvil did not answer on {url} within {timeout:.0f}s") from None
             time.sleep(0.1)
+
+
+def process_started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot: /proc/<pid>/stat, field 22), None where unknown.
+    With the pid it names one process: a pid file outlives its process (a SIGKILL, a reboot), and the pid
+    may be another process's by then."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # fields from the third on follow the command's ")"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,11 +5,12 @@ unless told otherwise)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from eth_account import Account
 
-from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, AnvilError, pid_alive, rpc, stop_pid
+from devnet.anvil import DEV_KEYS, Anvil, AnvilConfig, AnvilError, pid_alive, process_started, rpc, stop_pid
 from devnet.deploy import DEFAULT_FUND, check_fees, deploy_to_file, setup_accounts
 from ledger.chain import ChainClient
 from ledger.deployment import DEFAULT_DEPLOYMENT_PATH, Deployment
@@ -31,11 +32,31 @@ def devnet_paths(folder: Path) -> dict[str, Path]:
 
 
 def _read_pid(folder: Path) -> dict | None:
+    """The folder's running anvil ({"pid", "port", "started"}), None when its pid file names no process or
+    another one than it was written for (the pid was reused after a SIGKILL or a reboot): that process is
+    never signalled."""
     try:
         info = json.loads(devnet_paths(folder)["pid"].read_text())
-        return info if pid_alive(int(info["pid"])) else None
+        pid = int(info["pid"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
+    if not pid_alive(pid):
+        return None
+    started = process_started(pid)
+    if "started" in info:
+        return info if started is None or started == info["started"] else None
+    try:  # a pid file written before start times were: trust only an anvil
+        return info if b"anvil" in Path(f"/proc/{pid}/cmdline").read_bytes() else None
+    except OSError:
+        return info
+
+
+def _write_pid(folder: Path, pid: int, port: int) -> None:
+    """The pid file, written whole (a temporary file renamed over it) as soon as anvil exists."""
+    path = devnet_paths(folder)["pid"]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pid": pid, "port": port, "started": process_started(pid)}))
+    os.replace(tmp, path)
 
 
 def devnet_up(
@@ -66,8 +87,12 @@ def devnet_up(
                 port=port, state_file=paths["state"], log_file=paths["log"], block_time=block_time, state_interval=5
             )
         )
-        anvil.start(detached=True)
-        paths["pid"].write_text(json.dumps({"pid": anvil.proc.pid, "port": port}))
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            anvil.start(detached=True, on_spawn=lambda proc: _write_pid(folder, proc.pid, port))
+        except BaseException:  # anvil was stopped (Anvil.start): its pid file goes too
+            paths["pid"].unlink(missing_ok=True)
+            raise
     rpc_url = f"http://127.0.0.1:{port}"
     admin = Account.from_key(DEV_KEYS[0])
     try:

@@ -114,3 +114,44 @@ def test_fee_settings_at_deploy_and_on_a_running_devnet(folder):
 
     r = _up(folder, port, "--node-share-bps", "10001")
     assert r.exit_code == 2 and "--node-share-bps" in r.output and client.node_share_bps() == 3000
+
+
+@pytest.mark.parametrize("started", [1, None], ids=["another-start-time", "old-file-not-anvil"])
+def test_a_stale_pid_file_never_signals_the_process_that_now_has_its_pid(folder, started):
+    # after a SIGKILL or a reboot the pid in the file may be another process's: `devnet down` sent it SIGTERM
+    import subprocess
+    import sys
+
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folder.mkdir(parents=True)
+        info = {"pid": stranger.pid, "port": free_port()} | ({} if started is None else {"started": started})
+        (folder / "anvil.pid").write_text(json.dumps(info))
+        r = runner.invoke(devnet_app, ["status", "--dir", str(folder)])
+        assert r.exit_code == 0 and '"running": false' in r.output, r.output
+        assert devnet_down(folder) is False and stranger.poll() is None
+        assert not (folder / "anvil.pid").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_an_interrupted_start_leaves_no_anvil_and_no_pid_file(folder, monkeypatch):
+    # Ctrl-C while anvil started left it running in its own session with no pid file: `down` did not know
+    # it, and the next `up` found its port taken
+    import devnet.anvil as anvil_mod
+
+    spawned = []
+
+    def interrupted(url, *, timeout, proc):
+        spawned.append((proc.pid, json.loads((folder / "anvil.pid").read_text())["pid"]))  # written already
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(anvil_mod, "wait_ready", interrupted)
+    port = free_port()
+    with pytest.raises(KeyboardInterrupt):
+        devnet_up(folder, port)
+    [(pid, written)] = spawned
+    assert written == pid and not pid_alive(pid) and not (folder / "anvil.pid").exists()
+    monkeypatch.undo()
+    assert _up(folder, port).exit_code == 0  # the port is free again
