@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -93,9 +94,15 @@ def make_base(workdir: Path, console: Console) -> Path:
     from node.tiny import init_tiny
 
     base = workdir / "base"
-    if not (base / "model.safetensors").is_file():
+    # made beside it and renamed into place when whole; the tokenizer is written last, so a base without it
+    # is one an older run was killed while making (its next load failed: "Couldn't instantiate the tokenizer")
+    if not (base / "tokenizer.json").is_file():
         console.print("• creating a tiny Llama base model")
-        init_tiny(base, seed=0, name="tiny-llama-demo")
+        partial = workdir / ".base-partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+        init_tiny(partial, seed=0, name="tiny-llama-demo")
+        os.replace(partial, base)
     return base
 
 
@@ -159,6 +166,7 @@ def train_and_pack(workdir: Path, base: Path, adapters: list[DemoAdapter], conso
                 console.print(f"• repacking {a.name}: {e}")
                 shutil.rmtree(a.package_dir)
         if not (a.package_dir / "signature.json").is_file():
+            shutil.rmtree(a.package_dir, ignore_errors=True)  # an unsigned leftover of a pack that was killed
             identity = load_identity(a.contributor_key, DEMO_PASSWORD)
             share = make_dataset_share(a.dataset, identity.address, 5_000)  # id bound to its contributor
             # signed offline: the chain does not exist yet; publishing signs it for the devnet's registry

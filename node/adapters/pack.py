@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -130,19 +132,28 @@ def pack_adapter(
     check_lora_tensors(read_safetensors_header(peft_dir / WEIGHTS_FILE), lora, read_config(base))
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"output folder {out_dir} is not empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for p in sorted(peft_dir.iterdir()):
-        if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE):
-            shutil.copyfile(p, out_dir / p.name)
-    manifest = build_manifest(
-        out_dir,
-        name=name,
-        base_dir=base,
-        datasets=datasets,
-        price_per_1k_tokens=price_per_1k_tokens,
-        version=version,
-        predecessor=predecessor,
-        license=license,
-    )
-    write_signed(out_dir, manifest, account, domain)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # written beside it and renamed into place when whole: a process killed mid-pack leaves no half package
+    # at out_dir (which the next pack would refuse as not empty)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        for p in sorted(peft_dir.iterdir()):
+            if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE):
+                shutil.copyfile(p, tmp / p.name)
+        manifest = build_manifest(
+            tmp,
+            name=name,
+            base_dir=base,
+            datasets=datasets,
+            price_per_1k_tokens=price_per_1k_tokens,
+            version=version,
+            predecessor=predecessor,
+            license=license,
+        )
+        write_signed(tmp, manifest, account, domain)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would outlive the rename
+        os.replace(tmp, out_dir)  # onto a missing or empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return verify_package(out_dir, base_dir=base, domain=domain)

@@ -51,6 +51,26 @@ def refused(pkg_dir, match, **kw):
         verify_package(pkg_dir, **kw)
 
 
+def test_a_pack_that_fails_midway_leaves_nothing_behind(tiny_base, peft_dir, publisher, tmp_path, monkeypatch):
+    # a pack killed after copying the files and before signing left them at the output folder, and every
+    # later pack to it was refused as "not empty": the package is made beside it and renamed in when whole
+    import node.adapters.pack as pack_mod
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pack_mod, "write_signed", killed)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        pack_adapter(peft_dir, out, name="alice/capitals", account=publisher, base_dir=tiny_base)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    out.mkdir()  # an empty folder given as the output is taken, as before
+    pkg = pack_adapter(peft_dir, out, name="alice/capitals", account=publisher, base_dir=tiny_base)
+    assert pkg.path == out and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+
+
 def test_good_package_verifies(good_pkg, tiny_base, publisher):
     pkg = verify_package(good_pkg.path, base_dir=tiny_base, expected_owner=publisher.address)
     assert pkg.adapter_id == good_pkg.adapter_id
