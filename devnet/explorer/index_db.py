@@ -9,11 +9,12 @@ so two explorers sharing a data dir never interleave their steps (the second re-
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, SQLAlchemyError
 from sqlmodel import create_engine
 
 from devnet.explorer.tables import SCHEMA_VERSION, IndexModel
@@ -49,9 +50,22 @@ class IndexDatabase:
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / INDEX_FILE
+        self._open()
+        try:
+            self._ensure_schema()
+        except DatabaseError as e:  # not a database any more (a disk error, a copy cut short): a cache, rebuilt
+            self.dispose()
+            aside = self.path.with_name(f"{self.path.name}.damaged")
+            log.warning("explorer index %s is damaged (%s): moved to %s, rebuilding it", self.path, e.orig, aside)
+            for suffix in ("-wal", "-shm"):
+                self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+            os.replace(self.path, aside)
+            self._open()
+            self._ensure_schema()
+
+    def _open(self) -> None:
         self.writer = _engine(self.path, "BEGIN IMMEDIATE")
         self.reader = _engine(self.path, "BEGIN")
-        self._ensure_schema()
 
     def _ensure_schema(self) -> None:
         """Create the tables; an index written by another schema version (or unreadable) is dropped first."""
