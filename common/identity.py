@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from common.files import write_private
 from common.wire import UntrustedJSONError, node_id_of, parse_json
 
 PASSWORD_ENV = "LORAMESH_KEY_PASSWORD"
@@ -121,11 +122,7 @@ def save_identity(identity: Identity, path: str | Path, password: str) -> None:
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+    write_private(path, json.dumps(doc, indent=2).encode(), replace=True)
 
 
 def _check_kdf_costs(path: Path, doc: dict) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.storage import create_private_file
+from common.files import write_private
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ def load_or_create_gateway_key(path: Path | None) -> Ed25519PrivateKey:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        create_private_file(path, pem)
-        log.info("created gateway key file %s", path.name)
-        return key
+        if write_private(path, pem, replace=False):  # else another gateway made it a moment ago: read its key
+            log.info("created gateway key file %s", path.name)
+            return key
     if os.stat(path).st_mode & 0o077:
         log.warning("gateway key file %s is readable by others; it should be 0600", path.name)
     try:

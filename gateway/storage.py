@@ -1,26 +1,16 @@
-"""Files the gateway keeps secrets in: its SQLite database (API key hashes, usage) and its key file are
-created 0600 (the database by ledger.db.make_engine; an existing one is tightened here)."""
+"""The gateway's SQLite database holds secrets (API key hashes, usage): created 0600 by ledger.db.make_engine,
+an existing one is tightened here (the key file is written 0600 by common.files.write_private)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from sqlalchemy.exc import ArgumentError
 
 from ledger.db import sqlite_file
 
 log = logging.getLogger(__name__)
-
-
-def create_private_file(path: Path, data: bytes = b"") -> None:
-    """Create `path` readable by its owner only (O_EXCL: an existing file is never overwritten)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def tighten_sqlite_file(url: str) -> None:

@@ -10,6 +10,8 @@ import os
 import secrets
 from pathlib import Path
 
+from common.files import write_private
+
 DEFAULT_DATA_DIR = Path(".loramesh/node")
 TOKEN_FILE = "operator.token"
 TOKEN_ENV = "LORAMESH_NODE_OPERATOR_TOKEN"
@@ -36,18 +38,9 @@ def ensure_operator_token(data_dir: str | Path = DEFAULT_DATA_DIR) -> tuple[str,
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.is_file():
         return read_operator_token(path), path
-    # written whole under a temporary name, then linked into place: two nodes sharing a data folder and
-    # starting at once end up with the same token, and nobody ever reads a half-written file
-    tmp = path.with_name(f".{TOKEN_FILE}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
+    # linked into place whole: two nodes sharing a data folder and starting at once end up with the same
+    # token, and nobody ever reads a half-written file
+    write_private(path, (secrets.token_urlsafe(32) + "\n").encode(), replace=False)
     return read_operator_token(path), path
 
 
