@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlmodel import Session, SQLModel, create_engine
 
 import ledger.models  # noqa: F401 - registers the tables on SQLModel.metadata
@@ -112,7 +112,25 @@ _INIT_LOCK = 0x6C6D5F696E6974  # pg_advisory_lock key of init_db ("lm_init")
 def init_db(engine: Engine) -> None:
     """Bring the database to the newest schema (ledger/migrations says how: create what is missing, then
     Alembic's revisions). Several processes (gateways, settlers) may call it at once on one PostgreSQL
-    database: they take turns (an advisory lock), as CREATE TABLE and ALTER TABLE race."""
+    database: they take turns (an advisory lock), as CREATE TABLE and ALTER TABLE race. A SQLite file that
+    is not a database (damaged, or another file) is a DamagedDatabase naming it."""
+    try:
+        _init_db(engine)
+    except DatabaseError as e:
+        path = sqlite_file(str(engine.url))
+        if path is None or type(e.orig).__name__ != "DatabaseError":  # sqlite3's own: not locked, not a bug
+            raise
+        raise DamagedDatabase(
+            f"database {path} cannot be read ({e.orig}): it is damaged or not a loramesh database; "
+            "restore it from a backup, or move it aside to start an empty one"
+        ) from e
+
+
+class DamagedDatabase(RuntimeError):
+    """A database file that cannot be read as one."""
+
+
+def _init_db(engine: Engine) -> None:
     with engine.connect() as conn:
         if is_postgres(engine):
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _INIT_LOCK})

@@ -10,7 +10,7 @@ import pytest
 from sqlmodel import Session
 
 from devnet.anvil import free_port
-from ledger.db import init_db, make_engine, redact_url
+from ledger.db import DamagedDatabase, init_db, make_engine, redact_url
 from ledger.outbox import add_usage_record
 from tests.utils.chain import rand_id
 
@@ -117,3 +117,15 @@ def test_unreachable_postgres_password_not_in_logs_or_cli_output(tmp_path, caplo
     )
     assert out.returncode != 0 and "OperationalError" in out.stderr, out.stderr[-2000:]
     assert SECRET not in out.stdout + out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("content", [b"garbage " * 200, b"SQLite format 3\0" + b"\xff" * 200])
+def test_a_file_that_is_not_a_database_is_named_in_one_line(tmp_path, content):
+    # `gateway keys list` on a damaged file printed "(sqlite3.DatabaseError) file is not a database", naming
+    # no file (the operator had passed two: --db and a key file)
+    path = tmp_path / "gw.db"
+    path.write_bytes(content)
+    with pytest.raises(DamagedDatabase) as err:
+        init_db(make_engine(f"sqlite:///{path}"))
+    assert str(path) in str(err.value) and "\n" not in str(err.value) and "move it aside" in str(err.value)
+    assert path.read_bytes() == content  # left as it was
