@@ -11,6 +11,7 @@ How each `tool_choice` is served (as vLLM serves them):
   `{"name": <one of the tools>, "arguments": <that tool's parameters>}`, so it always parses and matches the
   schemas (unless cut short by max_tokens).
 - a named function: constrained to that function's `parameters` schema; the answer is its arguments.
+A constrained call's arguments are the text the model wrote (compact JSON), streamed as they come.
 """
 
 from __future__ import annotations
@@ -157,7 +158,14 @@ class ToolPlan:
         if not isinstance(doc, list):
             return []
         calls = [self._call_from(item) for item in doc]
-        return [] if not calls or None in calls else calls
+        if not calls or None in calls:
+            return []
+        reader = CallArrayReader(self.functions)
+        reader.feed(text)
+        if reader.state == "done" and len(reader.arguments) == len(calls):  # as written, as streamed
+            for call, written in zip(calls, reader.arguments, strict=True):
+                call["function"]["arguments"] = written
+        return calls
 
     def _call(self, block: str) -> dict | None:
         doc = _parsed(block)
@@ -205,12 +213,111 @@ def _tool_call(name: str, arguments: dict | str) -> dict:
     return {"id": "call_" + secrets.token_hex(12), "type": "function", "function": {"name": name, "arguments": text}}
 
 
+class CallArrayReader:
+    """A "required" answer read as it comes: the grammar makes it a compact JSON array of `{"name": ...,
+    "arguments": {...}}` objects, keys in the schema's order. `feed` returns ("name", name) once a call's name
+    is whole, then ("arguments", text) as its arguments come. Anything else (another key order, a name that is
+    no tool's) stops the reader (`state` "stopped"): the caller holds the rest and parses it whole at the end.
+    `arguments` keeps each call's text so far."""
+
+    _HEAD, _MID = '{"name":"', '","arguments":'
+
+    def __init__(self, names) -> None:
+        self.names = names
+        self.text = ""
+        self.pos = 0  # text[:pos] is read
+        self.state = "open"  # open -> call -> arguments -> close -> after -> (call ... | done); or stopped
+        self.arguments: list[str] = []
+        self._depth, self._in_string, self._escaped = 0, False, False
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self.text += text
+        out: list[tuple[str, str]] = []
+        while self.pos < len(self.text) and self.state not in ("done", "stopped"):
+            if getattr(self, "_" + self.state)(out) is None:
+                break  # waits for more text
+        return out
+
+    def _expect(self, chars: str, then: str) -> bool:
+        c = self.text[self.pos]
+        if c not in chars:
+            self.state = "stopped"
+            return True
+        self.pos += 1
+        self.state = then if c != "]" else "done"
+        return True
+
+    def _open(self, out) -> bool:
+        return self._expect("[", "call")
+
+    def _close(self, out) -> bool:
+        return self._expect("}", "after")
+
+    def _after(self, out) -> bool:
+        return self._expect(",]", "call")
+
+    def _call(self, out) -> bool | None:
+        rest = self.text[self.pos :]
+        if not rest.startswith(self._HEAD):
+            if self._HEAD.startswith(rest):
+                return None
+            self.state = "stopped"
+            return True
+        end = rest.find(self._MID, len(self._HEAD))
+        if end < 0:  # a name is at most 64 characters: past that the call is not one this reader knows
+            if len(rest) <= len(self._HEAD) + 64 + len(self._MID):
+                return None
+            self.state = "stopped"
+            return True
+        name, value = rest[len(self._HEAD) : end], end + len(self._MID)
+        if len(rest) == value:
+            return None
+        if name not in self.names or rest[value] != "{":  # parameters are an object
+            self.state = "stopped"
+            return True
+        out.append(("name", name))
+        self.arguments.append("")
+        self.pos += value
+        self.state = "arguments"
+        return True
+
+    def _arguments(self, out) -> bool | None:
+        t, start = self.text, self.pos
+        end = None
+        for i in range(start, len(t)):
+            c = t[i]
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    end = i + 1
+                    break
+        chunk = t[start : end if end is not None else len(t)]
+        out.append(("arguments", chunk))
+        self.arguments[-1] += chunk
+        self.pos = start + len(chunk)
+        if end is None:
+            return None
+        self.state = "close"
+        return True
+
+
 class ToolStream:
     """A streamed chat answer: text in, OpenAI chat deltas out. Free text passes through as it comes, except
-    what could be the start of a `<tool_call>` block, which is held until it is decided. A named function's
-    arguments stream as they come (the grammar makes the whole text its arguments: a first delta names the
-    call, later ones carry the text); a "required" answer (an array of calls) is held whole and sent as
-    tool-call deltas at the end."""
+    what could be the start of a `<tool_call>` block, which is held until it is decided. A constrained answer's
+    calls stream as they come: a first delta names each call, later ones carry its arguments' text (a named
+    function's whole answer is its arguments; a "required" answer is read by CallArrayReader, and what it
+    cannot read is held and sent at the end)."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
@@ -218,6 +325,7 @@ class ToolStream:
         self.called = False
         self._index = 0
         self._searched = 0  # held[:_searched] holds no CLOSE: a long unclosed block is not rescanned every token
+        self._reader = CallArrayReader(plan.functions) if plan.choice == "required" else None
 
     def push(self, text: str) -> list[dict]:
         if self.plan.choice == "none":
@@ -229,8 +337,8 @@ class ToolStream:
                 return [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}]
             return [self._delta([_tool_call(self.plan.name, text)])]
         self.held += text
-        if self.plan.choice == "required":
-            return []
+        if self._reader is not None:
+            return self._read(text)
         out: list[dict] = []
         while True:
             start = self.held.find(OPEN)
@@ -256,18 +364,34 @@ class ToolStream:
             taken = call is not None and self._index < self.plan.max_calls
             out.append(self._delta([call]) if taken else {"content": block})
 
+    def _read(self, text: str) -> list[dict]:
+        out = []
+        for kind, value in self._reader.feed(text):
+            if kind == "name":
+                out.append(self._delta([_tool_call(value, "")]))
+            else:
+                out.append({"tool_calls": [{"index": self._index - 1, "function": {"arguments": value}}]})
+        return out
+
     def release(self) -> list[dict]:
         """What is held back, as plain content, now: the stream failed, and text the client is billed for must
-        reach it (a held call that never closes is text)."""
+        reach it (a held call that never closes is text; calls already streamed reached it as calls)."""
         held, self.held, self._searched = self.held, "", 0
+        if self.called and self._reader is not None:
+            return []
         return [{"content": held}] if held else []
 
     def close(self) -> list[dict]:
         held, self.held = self.held, ""
-        if self.plan.choice == "required":
+        if self._reader is not None:
+            streamed = len(self._reader.arguments)
+            if streamed and self._reader.state != "stopped":
+                return []  # every call went out as it came (or the answer was cut short inside one)
             calls = self.plan._constrained(held)
             if calls:
-                return [self._delta(calls)]
+                return [self._delta(calls[streamed:])] if calls[streamed:] else []
+            if streamed:
+                return []
         return [{"content": held}] if held else []
 
     def _delta(self, calls: list[dict]) -> dict:

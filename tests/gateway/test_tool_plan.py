@@ -141,6 +141,40 @@ def test_stream_required_sends_calls_at_the_end():
     assert content == "" and called and [c["index"] for c in calls] == [0, 1]
 
 
+COMPACT_CALLS = '[{"name":"get_weather","arguments":{"city":"x}\\"{[","unit":"c"}},{"name":"get_time","arguments":{}}]'
+
+
+def test_a_required_answer_streams_each_call_as_it_comes():
+    # compact, keys in the grammar's order: each call's name once it is whole, then its arguments' text as it
+    # comes (braces and quotes inside strings are text), the same text the whole answer carries
+    s = _plan("required").stream()
+    deltas = [d for ch in COMPACT_CALLS for d in s.push(ch)]
+    assert s.close() == [] and s.called
+    calls = [c for d in deltas for c in d["tool_calls"]]
+    heads = [c for c in calls if "id" in c]
+    assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in heads] == [
+        (0, "get_weather", ""),
+        (1, "get_time", ""),
+    ]
+    streamed = ["".join(c["function"]["arguments"] for c in calls if c["index"] == i) for i in (0, 1)]
+    whole = [c["function"]["arguments"] for c in _plan("required").parse(COMPACT_CALLS)[1]]
+    assert streamed == whole == ['{"city":"x}\\"{[","unit":"c"}', "{}"]
+    assert len(calls) > 10  # the weather call's arguments came in pieces, not whole at the end
+
+
+def test_a_required_answer_the_reader_cannot_follow_is_sent_at_the_end():
+    # keys in another order after a first call: that call streamed, the rest parsed whole at the end
+    text = '[{"name":"get_time","arguments":{}},{"arguments":{"city":"A"},"name":"get_weather"}]'
+    s = _plan("required").stream()
+    early = [c for p in (text[:40], text[40:]) for d in s.push(p) for c in d["tool_calls"]]
+    late = [c for d in s.close() for c in d["tool_calls"]]
+    assert [c["function"]["name"] for c in early if "id" in c] == ["get_time"]
+    assert [(c["index"], c["function"]["name"]) for c in late] == [(1, "get_weather")]
+    # cut short inside a call's arguments: what went out stays the answer; nothing is re-sent as text
+    cut = _plan("required").stream()
+    assert cut.push('[{"name":"get_weather","arguments":{"ci') and cut.close() == [] and cut.release() == []
+
+
 def test_template_messages():
     msgs = [
         {"role": "developer", "content": "be brief"},
