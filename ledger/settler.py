@@ -1435,8 +1435,9 @@ class Settler:
             raise SettlementError(f"batch {batch.batch_id} is not settled on chain")
         renumbered = None
         if info.merkle_root != batch.merkle_root:
-            # the same batch id (the same records, in order) settled under other sequence numbers, e.g. by a
-            # tool or an older process of this account: the chain's numbering is the one that counts
+            # the same batch id (the same records, in order) settled under other sequence numbers, by a tool or
+            # an older process of this account, or by another settler that copied it from the mempool (an id
+            # names its records): the chain's numbering, in the chain's settler's sequence, is the one that counts
             with Session(self.engine) as s:
                 settle = [to_settle_record(r) for r in batch_records(s, batch.batch_id)]
             if not settle or MerkleTree.from_records(settle, info.first_sequence).root_hex != info.merkle_root:
@@ -1462,7 +1463,9 @@ class Settler:
                 renumbered,
                 batch.first_seq,
             )
-            values.update(first_seq=renumbered, merkle_root=info.merkle_root)
+            # in the sequence of whoever settled it: a row left under our address with another account's numbers
+            # would make every later batch of ours start past them and fail SequenceMismatch, for good
+            values.update(first_seq=renumbered, merkle_root=info.merkle_root, settler=info.settler)
         # Core statements on a plain connection: the ORM's get, attribute events and session
         # synchronisation cost more than the database's own work here
         with self.engine.begin() as conn:

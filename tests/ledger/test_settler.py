@@ -14,7 +14,7 @@ from ledger.models import BatchStatus, SettlementBatch, UsageRecord
 from ledger.outbox import add_usage_record, batch_records, count_by_status
 from ledger.settler import Settler
 from ledger.settler_config import SettlerConfig
-from ledger.types import BASE_MODEL_ADAPTER_ID
+from ledger.types import BASE_MODEL_ADAPTER_ID, SettleRecord
 from tests.utils.chain import ETHER, rand_id, register_sample
 from tests.utils.crashing_settler import CrashHook
 
@@ -208,6 +208,39 @@ def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):
         )
     assert settler.drain() == 4
     assert set(settled_on_chain(client, ids).values()) == {1}
+
+
+def test_a_batch_another_settler_copied_and_settled_first_keeps_our_sequence_going(anvil_chain, engine):
+    """Another settler copies our batch (its id names its records) from the mempool and settles it first, from
+    its own sequence: our records are paid once, and the batch is recorded in that settler's sequence, not
+    ours. Left under our address with the copier's numbers, every later batch of ours started past them and
+    failed SequenceMismatch, for good."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    mallory = env.new_account(ETHER)
+    env.client(env.admin).grant_settler(mallory.address)
+    env.client(env.admin).deposit_for(mallory.address, ETHER)
+    copier = env.client(mallory)
+    copier.settle_batch(None, None, [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 1, 1) for _ in range(7)])
+    client = env.client(env.settler)
+    first = client.next_sequence()
+    ids = add_records(engine, [reg], 3)
+
+    def copy_it(point: str) -> None:
+        if point == "before_send" and copier.next_sequence() == 7:
+            with Session(engine) as s:
+                (batch,) = s.exec(select(SettlementBatch)).all()
+                ours = [to_settle_record(r) for r in batch_records(s, batch.batch_id)]
+            copier.settle_batch(batch.batch_id, None, ours)
+
+    settler = Settler(engine, client, SettlerConfig(batch_size=100), on_point=copy_it)
+    assert settler.drain() == 3 and copier.next_sequence() == 10 and client.next_sequence() == first
+    with Session(engine) as s:
+        (batch,) = s.exec(select(SettlementBatch)).all()
+        assert (batch.settler, batch.first_seq, batch.status) == (mallory.address, 7, BatchStatus.SETTLED)
+    later = add_records(engine, [reg], 2)
+    assert settler.drain() == 2 and client.next_sequence() == first + 2
+    assert set(settled_on_chain(client, ids + later).values()) == {1}
 
 
 def test_unauthorised_settler_leaves_records_waiting(anvil_chain, engine):
