@@ -488,13 +488,22 @@ class LLMEngine:
     def _sample_apart(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list, list, dict[str, str]]:
         """_sample for the whole batch; when that raises, again request by request, so a request whose
         parameters break the sampler fails alone rather than every request batched beside it. Returns the
-        tokens and scores (None in the rows of a failed request) and {request id: error} of those that failed."""
+        tokens and scores (None in the rows of a failed request) and {request id: error} of those that failed.
+        A retry starts from what the failed try found: the host generators it drew from are put back (a seeded
+        request draws as it would have), and so are the rows a grammar's mask wrote into (their log-probs are
+        the model's own); the device sampler draws from seeds and steps, with no state to put back."""
+        states = [s.generator.get_state() for s in seqs] if self.device.type != "cuda" else None
+        masked = {i: logits[i].clone() for i, s in enumerate(seqs) if s.matcher is not None}
         try:
             return (*self._sample(seqs, logits), {})
         except Exception:
             if len({s.group.request_id for s in seqs}) == 1:
                 raise
             log.exception("sampling a step failed; sampling its requests one by one")
+        for s, state in zip(seqs, states or (), strict=False):
+            s.generator.set_state(state)
+        for i, row in masked.items():
+            logits[i] = row
         tokens: list = [None] * len(seqs)
         scored: list = [None] * len(seqs)
         bad: dict[str, str] = {}
@@ -502,7 +511,7 @@ class LLMEngine:
         for i, s in enumerate(seqs):
             rows_of.setdefault(s.group.request_id, []).append(i)
         for rid, rows in rows_of.items():
-            try:  # a gathered copy of the rows' logits: a failed try leaves nothing behind in the others'
+            try:  # a gathered copy of the rows' logits: this try writes nothing into the others'
                 got, lps = self._sample([seqs[i] for i in rows], logits[torch.tensor(rows, device=logits.device)])
             except Exception as e:
                 bad[rid] = f"engine step failed: {type(e).__name__}: {e}"

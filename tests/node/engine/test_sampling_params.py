@@ -251,18 +251,39 @@ def test_untruncated_rows_draw_unsorted_with_the_right_frequencies_whatever_thei
 def test_a_request_that_breaks_the_sampler_fails_alone(llama_world):
     # parameters past every check (here a top_k no float holds, set behind SamplingParams' back, as a check
     # that missed one would let through) made the whole step fail: every request batched beside it ended with
-    # an error. The step samples its requests one by one after such a failure.
+    # an error. The step samples its requests one by one after such a failure, from where the failed try
+    # started: a seeded request draws what it draws alone, a guided one reports the model's own log-probs.
+    from node.engine.grammar import GuidedSpec
+
     engine = llama_world.engine()
+    guided = GuidedSpec.from_wire({"type": "json_object"})
+
+    def victims(tag: str) -> list[GenerationRequest]:
+        seeded = SamplingParams(max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)
+        shaped = SamplingParams(max_tokens=6, temperature=1.0, seed=8, guided=guided, logprobs=3)
+        two = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=2)
+        return [
+            greedy(f"greedy{tag}", None, [1, 2, 3], 6),
+            GenerationRequest(f"seeded{tag}", None, prompt_token_ids=[9, 8, 7], params=seeded),
+            GenerationRequest(f"guided{tag}", None, prompt_token_ids=[5, 6], params=shaped),
+            GenerationRequest(f"two{tag}", None, prompt_token_ids=[7, 8], params=two),
+        ]
+
     try:
-        alone = engine.generate([greedy("alone", None, [1, 2, 3], 6)])["alone"]
+        alone = engine.generate(victims(""))
         hot = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, ignore_eos=True)
         object.__setattr__(hot, "top_k", 10**400)
         rogue = GenerationRequest("rogue", None, prompt_token_ids=[4, 5, 6], params=hot)
-        two = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=2)
-        n2 = GenerationRequest("two", None, prompt_token_ids=[7, 8], params=two)
-        done = engine.generate([greedy("victim", None, [1, 2, 3], 6), rogue, n2])
+        done = engine.generate([rogue, *victims("-beside")])
         assert done["rogue"].finish_reason == "error" and "OverflowError" in done["rogue"].error
-        assert done["victim"].finish_reason == "length" and done["victim"].token_ids == alone.token_ids
-        assert [c.finish_reason for c in done["two"].choices] == ["length", "length"] and done["two"].error is None
+        for rid, want in alone.items():
+            got = done[f"{rid}-beside"]
+            assert got.error is None and got.token_ids == want.token_ids, rid
+            assert [c.token_ids for c in got.choices] == [c.token_ids for c in want.choices], rid
+        lps = [
+            [(e.token_id, e.logprob) for e in fin.choices[0].logprobs]
+            for fin in (alone["guided"], done["guided-beside"])
+        ]
+        assert lps[0] == lps[1] and all(lp > -1e9 for _, lp in lps[0])
     finally:
         engine.close()
