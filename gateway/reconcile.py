@@ -45,7 +45,7 @@ async def reconcile(gw: Gateway) -> int:
         gw.settings.instance_lease_s,
         RECONCILE_BATCH,
         overdue_s=gw.settings.request_deadline_s + OVERDUE_MARGIN_S,
-        holding=frozenset(gw.book.holding),
+        holding=gw.book.holding(),
     )
     if not rows:
         return 0

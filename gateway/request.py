@@ -435,6 +435,7 @@ class ServedRequest:
                 prompt_tokens=self.prompt_tokens,
                 max_tokens=self.max_tokens,
                 quote=self.quote,
+                owner=self,
             )
         )
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 
 from gateway.directory import NodeDirectory
 from gateway.disputes import kept_out
@@ -36,9 +37,10 @@ class UsageBook:
         # None while the outbox takes writes; otherwise why not (new requests get 503 until a write succeeds)
         self.outbox_error: str | None = None
         self.unwritten: list[RequestEnd] = []  # request ends the outbox refused, written when it takes writes
-        # requests this process opened and has not written the end of: its own open rows it does not hold are
-        # ends lost to a bug, which reconciliation closes once overdue (gateway.reconcile)
-        self.holding: set[str] = set()
+        # request id -> the object serving it, held weakly: a request whose object is gone (or never had
+        # one here) and whose end was not written, nor waits in `unwritten`, lost its end to a bug, and
+        # reconciliation closes its open row once overdue (gateway.reconcile)
+        self._serving: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
         self._disputes_unread = False  # the last read of the disputed nodes failed (logged once)
 
     def _outbox_failed(self, e: Exception) -> None:
@@ -70,10 +72,12 @@ class UsageBook:
         prompt_tokens: int,
         max_tokens: int,
         quote: dict[str, int],
+        owner: object,
     ) -> None:
-        """Record a request as open before it is dispatched; OutboxUnavailable (503) when that fails."""
+        """Record a request as open before it is dispatched; OutboxUnavailable (503) when that fails. `owner`
+        (the object serving it) holds the request while it lives (`holding`)."""
         self.check_outbox()
-        self.holding.add(request_id)
+        self._serving[request_id] = owner
         try:
             await asyncio.to_thread(
                 self.recorder.open,
@@ -87,9 +91,12 @@ class UsageBook:
                 quote=quote,
             )
         except UsageError as e:
-            self.holding.discard(request_id)
             self._outbox_failed(e)
             self.check_outbox()
+
+    def holding(self) -> frozenset[str]:
+        """The requests this process still serves or has an end to write for."""
+        return frozenset(self._serving.keys()) | {e.request_id for e in self.unwritten}
 
     async def move_request(self, request_id: str, node_id: str) -> None:
         try:
@@ -116,8 +123,6 @@ class UsageBook:
         return result
 
     def _after_record(self, end: RequestEnd, result: str) -> None:
-        if result != "unwritten":  # an unwritten end is still this process's to write
-            self.holding.discard(end.request_id)
         self.metrics.usage_records.labels(result).inc()
         if result == "disputed" and end.node_id is not None:
             self.directory.mark_disputed(end.node_id, end.disputed or "disputed")
