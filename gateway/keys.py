@@ -19,6 +19,7 @@ from gateway.errors import AuthError
 from gateway.ratelimit import RateLimiter
 from gateway.tables import AdapterGrant, ApiKey, KeyPolicy
 from ledger.models import utcnow
+from ledger.types import registry_name_problem
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ def create_key(
     _check_limit("tpm", tpm)
     _check_price(max_price_per_1k_tokens)
     adapters = sorted({a.strip() for a in adapters if a.strip()})
+    for a in adapters:  # privacy is an exact match on the registry's name: a grant no name can be hides nothing
+        if (why := registry_name_problem(a)) is not None:
+            hint = "; grant an adapter by its name, not its id" if a[:2].lower() == "0x" else ""
+            raise ApiKeyError(
+                f"adapter grant {a[:80]!r} {why}: no registry name matches it, nothing would be private{hint}"
+            )
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     with Session(engine) as s:
         row = ApiKey(

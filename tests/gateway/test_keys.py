@@ -64,6 +64,16 @@ def test_bad_limit(engine):
         create_key(engine, rpm=0)
 
 
+@pytest.mark.parametrize("grant", ["Acme/Secret", "0x" + "a3" * 32, "acme secret"])
+def test_a_grant_no_registry_name_can_match_is_refused(engine, grant):
+    # privacy is an exact match on the registry's (lower-case) names: such a grant was stored, listed with the
+    # key, and hid nothing from any other key
+    with pytest.raises(ApiKeyError, match="no registry name matches it") as err:
+        create_key(engine, name="insider", adapters=["acme/ok", grant])
+    assert ("by its name, not its id" in str(err.value)) == grant.startswith("0x")
+    assert list_keys(engine) == []  # nothing written
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
