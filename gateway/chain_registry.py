@@ -57,23 +57,31 @@ class RegistryView:
         self.reload()
 
     def sync(self, *, force: bool = True) -> bool:
-        """Pull registry events (if a chain is configured) and reload; False when skipped or the chain failed."""
-        with self._lock:
-            now = time.monotonic()
-            if not force and now - self._last_sync < self.min_sync_interval:
+        """Pull registry events (if a chain is configured) and reload; False when skipped or the chain failed.
+        Not forced, it is skipped while another pull runs or less than `min_sync_interval` after the last one
+        ended: strangers' heartbeats ask for it, and pulls waiting on the lock ran one after another on the
+        worker threads that also admit every key's requests."""
+        if not self._lock.acquire(blocking=force):
+            return False
+        try:
+            if not force and time.monotonic() - self._last_sync < self.min_sync_interval:
                 return False
-            self._last_sync = now
-            if self.client is not None:
-                from ledger.errors import LedgerError
-                from ledger.mirror import sync_registry
+            try:
+                if self.client is not None:
+                    from ledger.errors import LedgerError
+                    from ledger.mirror import sync_registry
 
-                try:
-                    sync_registry(self.engine, self.client)
-                except (LedgerError, SQLAlchemyError) as e:  # a chain or database hiccup: retried next time
-                    log.warning("registry sync failed, keeping the last snapshot: %s", e)
-                    return False
-            self.reload()
-            return True
+                    try:
+                        sync_registry(self.engine, self.client)
+                    except (LedgerError, SQLAlchemyError) as e:  # a chain or database hiccup: retried next time
+                        log.warning("registry sync failed, keeping the last snapshot: %s", e)
+                        return False
+                self.reload()
+                return True
+            finally:
+                self._last_sync = time.monotonic()  # from the end of a pull: a slow chain is not pulled back to back
+        finally:
+            self._lock.release()
 
     def reload(self) -> None:
         """Re-read the mirror tables."""

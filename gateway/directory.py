@@ -16,6 +16,8 @@ from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartb
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_SYNC_S = 5.0  # the most often a heartbeat of an unknown node makes the gateway pull the registry
+
 
 @dataclass(slots=True)
 class NodeLocal:
@@ -116,6 +118,7 @@ class NodeDirectory:
         # node id -> why: a node whose receipt disagreed with what the gateway relayed gets no traffic
         self.disputed: dict[str, str] = {}
         self._disputed_at: dict[str, float] = {}  # node id -> when this gateway marked it (clock)
+        self._unknown_synced = float("-inf")  # when a heartbeat of an unknown node last made us look at the chain
         self._lock = threading.Lock()
 
     def accept_heartbeat(self, doc: object) -> NodeEntry:
@@ -131,7 +134,11 @@ class NodeDirectory:
             raise BadRequest(str(e), param="heartbeat") from e
         node_id = body["node_id"]
         reg = self.registry.node(node_id)
-        if reg is None:  # registered a moment ago? look at the chain once more before refusing
+        if reg is None and self.clock() - self._unknown_synced >= UNKNOWN_SYNC_S:
+            # registered a moment ago? look at the chain once more before refusing; at most every few seconds,
+            # since anyone can sign a heartbeat for a node that is not registered (the sync loop finds new
+            # nodes anyway, every registry_sync_s)
+            self._unknown_synced = self.clock()
             self.registry.sync(force=False)
             reg = self.registry.node(node_id)
         if reg is None:

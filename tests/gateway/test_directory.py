@@ -207,3 +207,46 @@ def test_node_registered_with_a_url_the_registry_now_refuses_gets_no_traffic(wor
     with pytest.raises(Forbidden, match="API URL") as ei:
         d.accept_heartbeat(hb(c))
     assert ei.value.code == "bad_api_url" and d.live(BASE) == []
+
+
+def test_heartbeats_of_unknown_nodes_pull_the_registry_at_most_every_few_seconds(world, monkeypatch):
+    # anyone can sign a heartbeat for a node that is not registered: each one pulled the chain's registry,
+    # and the pulls, waiting on one lock, held the worker threads that admit every key's requests
+    _, reg, d, clock, _, _ = world
+    pulls = []
+    monkeypatch.setattr(reg, "sync", lambda force=True: pulls.append(force) or False)
+    for _ in range(20):
+        with pytest.raises(Forbidden, match="not registered"):
+            d.accept_heartbeat(hb(Identity.generate()))
+    assert pulls == [False]
+    clock.t += 5.0
+    with pytest.raises(Forbidden):
+        d.accept_heartbeat(hb(Identity.generate()))
+    assert pulls == [False, False]
+
+
+def test_an_unforced_registry_pull_never_waits_on_another(world, monkeypatch):
+    import threading
+
+    import ledger.mirror
+
+    engine = world[0]
+    view = RegistryView(engine, client=object(), min_sync_interval=0.5)
+    started, release, pulls = threading.Event(), threading.Event(), []
+
+    def slow_chain(_engine, _client):
+        pulls.append(1)
+        started.set()
+        release.wait(10)
+
+    monkeypatch.setattr(ledger.mirror, "sync_registry", slow_chain)
+    forced = threading.Thread(target=view.sync)
+    forced.start()
+    assert started.wait(10)
+    t = time.monotonic()
+    assert [view.sync(force=False) for _ in range(50)] == [False] * 50 and time.monotonic() - t < 1.0
+    release.set()
+    forced.join(10)
+    assert not view.sync(force=False) and pulls == [1]  # half a second after the pull ended, not its start
+    view._last_sync -= 0.5
+    assert view.sync(force=False) and pulls == [1, 1]
