@@ -193,7 +193,9 @@ async def _bounded_lines(texts: AsyncIterator[str], max_bytes: int) -> AsyncIter
 
 def _event(payload: str, max_bytes: int) -> dict:
     """One SSE event from a node: a JSON object, or ValueError (the relay treats that as a failed node)."""
-    event = parse_json(payload, max_bytes=max_bytes, what="node event")
+    # Python's own integer bound: an event's fields are read one by one (gateway.choices takes what it can, a
+    # logprob no float holds is shown as the floor), and none reaches anything that breaks on a long integer
+    event = parse_json(payload, max_bytes=max_bytes, max_int_digits=None, what="node event")
     if not isinstance(event, dict):
         raise ValueError(f"node sent a {type(event).__name__} where an event object was expected")
     return event
