@@ -186,7 +186,7 @@ class Choices:
             if self.chat:
                 content, calls = self.plan.parse(text) if self.plan is not None else (text, [])
                 if calls:
-                    reason = self.plan.called_reason
+                    reason = self.plan.called_reason(reason)
                 choice = {"index": i, "message": chat_message(content, calls)}
                 choice["logprobs"] = self._chat_logprobs(k) if self.logprobs else None
             else:
@@ -254,7 +254,7 @@ class Choices:
         if s.tools is not None:
             out += b"".join(b.delta(d, k) for d in s.tools.close())
             if s.tools.called:
-                reason = self.plan.called_reason
+                reason = self.plan.called_reason(reason)
         return out + b.finish(reason, k)
 
     def release_held(self, b: ChunkBuilder) -> bytes:

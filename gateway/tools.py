@@ -103,10 +103,12 @@ class ToolPlan:
             return [{"type": "function", "function": self.functions[self.name]}]
         return [{"type": "function", "function": f} for f in self.functions.values()]
 
-    @property
-    def called_reason(self) -> str:
-        """The finish_reason of an answer that calls tools: "tool_calls", but "stop" for a function the request
-        named (OpenAI's answer, and vLLM's: the client asked for that call, the model did not choose it)."""
+    def called_reason(self, reason: str) -> str:
+        """The finish_reason of an answer that calls tools, which ended with `reason`: "tool_calls", but "stop"
+        for a function the request named (OpenAI's answer, and vLLM's: the client asked for that call, the model
+        did not choose it); a constrained answer cut short by max_tokens keeps "length", as vLLM's does."""
+        if reason != "stop" and self.choice != "auto":
+            return reason
         return "stop" if self.choice == "function" else "tool_calls"
 
     def guided(self) -> dict | None:

@@ -53,7 +53,12 @@ class IndexDatabase:
         self._open()
         try:
             self._ensure_schema()
-        except DatabaseError as e:  # not a database any more (a disk error, a copy cut short): a cache, rebuilt
+        except DatabaseError as e:
+            # sqlite3's own DatabaseError: the file is not a database any more (a disk error, a copy cut short),
+            # and the index is a cache, rebuilt. Not its subclasses: a lock another explorer holds past the busy
+            # timeout, a read-only disk or an I/O error must never move a healthy index (and its WAL) aside
+            if type(e.orig).__name__ != "DatabaseError":
+                raise
             self.dispose()
             aside = self.path.with_name(f"{self.path.name}.damaged")
             log.warning("explorer index %s is damaged (%s): moved to %s, rebuilding it", self.path, e.orig, aside)

@@ -255,3 +255,34 @@ def test_held_tool_text_reaches_the_client_when_the_stream_fails(texts):
         (1, '[{"na'),
     ]
     assert c.release_held(b) == b""
+
+
+@pytest.mark.parametrize(
+    "choice, stop, cut",
+    [
+        ({"type": "function", "function": {"name": "f"}}, "stop", "length"),
+        ("required", "tool_calls", "length"),
+        ("auto", "tool_calls", "tool_calls"),  # vLLM's: an answer that called a tool says so
+    ],
+)
+def test_a_call_cut_short_by_max_tokens_ends_length_whole_and_streamed(texts, choice, stop, cut):
+    # a constrained call cut short streamed its partial arguments and ended "stop" or "tool_calls", while the
+    # whole answer for the same tokens ended "length"
+    plan = tool_plan([{"type": "function", "function": {"name": "f"}}], choice)
+    calls = {
+        "auto": '<tool_call>{"name": "f", "arguments": {}}</tool_call>',
+        "required": '[{"name":"f","arguments":{}}]',
+    }
+    whole = calls[choice] if isinstance(choice, str) else "{}"
+    for overall, want in (("stop", stop), ("length", cut)):
+        b = ChunkBuilder(chat=True, rid=RID, created=1, model="m", include_usage=False)
+        c = Choices(chat=True, prompts=[[1]], per_prompt=1, n=1, max_tokens=40, plan=plan)
+        streamed = c.open_all(b)
+        feed(c, [token(0, 70, whole)])
+        streamed += c.chunk(b, 0, whole, None) + c.close_all(b, overall, False)
+        assert [f["choices"][0]["finish_reason"] for f in frames(streamed) if f["choices"][0]["finish_reason"]] == [
+            want
+        ]
+        whole_answer = Choices(chat=True, prompts=[[1]], per_prompt=1, n=1, max_tokens=40, plan=plan)
+        feed(whole_answer, [token(0, 70, whole)])
+        assert whole_answer.answer(overall, cut=False)[0]["finish_reason"] == want
