@@ -15,9 +15,10 @@ import re
 import threading
 from dataclasses import dataclass
 
+from common.wire import MAX_LOGPROBS  # the most alternatives a node may send per position
+
 # what OpenAI writes for a log-probability too small to state (the node sent none, or not a finite number)
 FLOOR = -9999.0
-MAX_TOP = 20  # the most alternatives a node may send per position (its `logprobs` bound)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece's byte fallback tokens
 
 
@@ -49,7 +50,7 @@ def read_top(raw: object) -> tuple[tuple[int, float], ...]:
     if not isinstance(raw, list):
         return ()
     out = []
-    for pair in raw[:MAX_TOP]:
+    for pair in raw[:MAX_LOGPROBS]:
         if isinstance(pair, list) and len(pair) == 2:
             tid, lp = _id(pair[0]), _number(pair[1])
             if tid is not None and lp is not None:

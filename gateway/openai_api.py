@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from common.wire import (
     MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
     MAX_N,
     MAX_PROMPTS,
     MAX_SEQUENCES,
@@ -23,6 +24,7 @@ from common.wire import (
     MAX_STOP_TOKEN_IDS,
     MAX_STOPS,
     MAX_TOP_K,
+    SEED_LIMIT,
     UntrustedJSONError,
     parse_json,
     sse_frame,
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 MAX_SCHEMA_BYTES = 64 << 10
 COMPLETION_LOGPROBS = 5  # OpenAI's most for completions' `logprobs`
-CHAT_TOP_LOGPROBS = 20
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
@@ -46,7 +47,7 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | N
 # is expected is still one). A field this gateway does not know is refused by name.
 STRICT = ConfigDict(extra="forbid", strict=True)
 # a seed is 64 bits: OpenAI's are signed, the node's unsigned (a negative seed is taken modulo 2^64)
-Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
+Seed = Annotated[int, Field(ge=-(2**63), lt=SEED_LIMIT)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 Identifier = Annotated[str, Field(max_length=256)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
@@ -295,7 +296,7 @@ class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=CHAT_TOP_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list | None = None
     tool_choice: object | None = None
     parallel_tool_calls: bool | None = None
@@ -399,7 +400,7 @@ def to_node_request(
         "max_tokens": max_tokens,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
-        "seed": None if req.seed is None else req.seed % 2**64,
+        "seed": None if req.seed is None else req.seed % SEED_LIMIT,
         "stop": req.stop_list(),
         "request_id": request_id,
     }

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -135,7 +135,8 @@ def pack_adapter(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # written beside it and renamed into place when whole: a process killed mid-pack leaves no half package
     # at out_dir (which the next pack would refuse as not empty)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()  # by the umask, as the folder it becomes
     try:
         for p in sorted(peft_dir.iterdir()):
             if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE):
@@ -151,7 +152,6 @@ def pack_adapter(
             license=license,
         )
         write_signed(tmp, manifest, account, domain)
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would outlive the rename
         os.replace(tmp, out_dir)  # onto a missing or empty folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,3 +38,14 @@ def test_a_full_disk_leaves_the_old_file_and_no_copy_of_the_secret(tmp_path, mon
     assert [p.name for p in tmp_path.iterdir()] == (["key"] if replace else [])
     if replace:
         assert path.read_bytes() == b"old"
+
+
+def test_a_file_system_without_hard_links_still_creates_once(tmp_path, monkeypatch):
+    def no_links(*_a):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(files.os, "link", no_links)
+    path = tmp_path / "key"
+    assert write_private(path, b"first", replace=False) and path.read_bytes() == b"first"
+    assert not write_private(path, b"second", replace=False) and path.read_bytes() == b"first"
+    assert path.stat().st_mode & 0o777 == 0o600 and [p.name for p in tmp_path.iterdir()] == ["key"]

@@ -68,7 +68,9 @@ def test_a_pack_that_fails_midway_leaves_nothing_behind(tiny_base, peft_dir, pub
     out.mkdir()  # an empty folder given as the output is taken, as before
     pkg = pack_adapter(peft_dir, out, name="alice/capitals", account=publisher, base_dir=tiny_base)
     assert pkg.path == out and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
 
 
 def test_good_package_verifies(good_pkg, tiny_base, publisher):
