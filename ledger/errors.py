@@ -21,6 +21,10 @@ class TransactionFailed(LedgerError):
     """A transaction was mined with status 0 and no decodable reason, or never got a receipt."""
 
 
+class InsufficientFunds(LedgerError):
+    """The sending account cannot pay for a transaction's gas (the chain's node refused it)."""
+
+
 class ContractError(LedgerError):
     """A contract reverted with a custom error; `.name` and `.args_by_name` hold the decoded error."""
 

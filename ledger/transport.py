@@ -22,6 +22,7 @@ from ledger.errors import (
     ERROR_CLASSES,
     ChainUnavailable,
     ContractError,
+    InsufficientFunds,
     LedgerError,
     TransactionFailed,
     UnknownRevert,
@@ -332,6 +333,7 @@ class Transactor:
             try:
                 return self.w3.eth.estimate_gas(tx, block)
             except (ContractLogicError, Web3RPCError) as e:
+                self._check_funds(e)
                 raise self.decoder.decode(revert_data(e)) from e
 
     def send(self, fn, *, value: int = 0, gas: int | None = None, estimate_in: str | None = None) -> str:
@@ -356,7 +358,20 @@ class Transactor:
             }
             self._nonce = None  # send_data's counter did not see this one
             signed = self.account.sign_transaction(tx)
-            return hex0x(self.w3.eth.send_raw_transaction(signed.raw_transaction))
+            try:
+                return hex0x(self.w3.eth.send_raw_transaction(signed.raw_transaction))
+            except Web3RPCError as e:
+                self._check_funds(e)
+                raise
+
+    def _check_funds(self, e: Exception) -> None:
+        """Raise InsufficientFunds, naming the account and how to fund it, when the node refused for that."""
+        if "insufficient funds" in str(e).lower():
+            addr = self.account.address if self.account is not None else "?"
+            raise InsufficientFunds(
+                f"account {addr} has too little of the chain's coin to pay for gas: fund it "
+                f"(on the devnet: loramesh devnet up --fund {addr})"
+            ) from e
 
     def reset(self) -> None:
         """Forget the managed nonce and fees: the next send_data reads both from the chain."""
@@ -401,6 +416,7 @@ class Transactor:
                         continue
                     else:
                         self.reset()
+                        self._check_funds(e)
                         raise TransactionFailed(f"node refused the transaction: {e}") from e
                 except BaseException:
                     self.reset()  # we cannot tell whether the node took it: ask the chain next time

@@ -104,3 +104,16 @@ def test_sending_needs_an_account(anvil_chain):
 def test_deployment_round_trips(anvil_chain, tmp_path):
     anvil_chain.deployment.save(tmp_path / "d.json")
     assert Deployment.load(tmp_path / "d.json") == anvil_chain.deployment
+
+
+def test_an_account_without_gas_money_is_told_so_and_how_to_fund_it(anvil_chain):
+    # `adapter publish` printed "{'code': -32003, 'message': 'Insufficient funds for gas * price + value'}" and
+    # `node run` a 75-line traceback
+    from eth_account import Account
+
+    from ledger.errors import InsufficientFunds
+
+    broke = Account.create()
+    with pytest.raises(InsufficientFunds) as err:
+        anvil_chain.client(broke).register_dataset("broke-data")
+    assert broke.address in str(err.value) and f"devnet up --fund {broke.address}" in str(err.value)
