@@ -12,6 +12,7 @@ Unknown names in the file are refused (extra="forbid"), so a typo is an error, n
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,6 +31,8 @@ class ServiceSettings(BaseSettings):
 
     # the TOML file read by `load`; set per call, never a field (it is not a setting of the service)
     _config_file: ClassVar[Path | None] = None
+    # a setting whose command-line flag is not its name with - for _ (db_url: --db), as errors name it
+    FLAGS: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def settings_customise_sources(
@@ -63,14 +66,16 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _one_line(cls, e: ValidationError, config_file: Path | None) -> str:
         # the first problem, named as the user wrote it: a flag, an environment variable or a file's key
-        err = e.errors()[0]
+        # a misspelt key first: it is often why a setting reads as missing
+        errors = e.errors()
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         name = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            return f"unknown setting {name!r} in {config_file}" if config_file else f"unknown setting {name!r}"
+            where = f" in {config_file}" if config_file else ""
+            close = difflib.get_close_matches(name, cls.model_fields, n=1, cutoff=0.5)
+            return f"unknown setting {name!r}{where}" + (f" (did you mean {close[0]!r}?)" if close else "")
         if err["type"] == "missing":
             prefix = cls.model_config.get("env_prefix", "")
-            return (
-                f"missing setting {name}: give --{name.replace('_', '-')}, {prefix}{name.upper()} or "
-                f"{name} in a --config file"
-            )
+            flag = cls.FLAGS.get(name, "--" + name.replace("_", "-"))
+            return f"missing setting {name}: give {flag}, {prefix}{name.upper()} or {name} in a --config file"
         return f"setting {name}: {err['msg'].removeprefix('Value error, ')}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
@@ -89,6 +89,7 @@ class SettlerSettings(ServiceSettings):
     (`--config`). The bounds are SettlerConfig's, checked when `config()` builds it."""
 
     model_config = SettingsConfigDict(env_prefix="LORAMESH_SETTLER_", extra="forbid")
+    FLAGS: ClassVar[dict[str, str]] = {"db_url": "--db", "key_file": "--key", "rpc_url": "--rpc"}
 
     db_url: str  # the outbox database (the gateway's); required, as --db always was
     key_file: Path  # the settler's identity file or hex private key: its account signs and pays for batches

@@ -85,3 +85,13 @@ def test_fee_caps_and_finality_settings(tmp_path, monkeypatch):
     assert plain.fee_policy() == FeePolicy() and plain.config().confirmations == 0
     with pytest.raises(ValueError, match="confirmations"):
         SettlerSettings.load(f, confirmations=5000).config()
+
+
+def test_errors_name_the_flags_as_the_command_has_them(tmp_path):
+    # "give --db-url" named a flag `settler run` does not have (it is --db); a misspelt key got no suggestion
+    with pytest.raises(SettingsError, match="missing setting db_url: give --db, LORAMESH_SETTLER_DB_URL or db_url"):
+        SettlerSettings.load(None, key_file="k.json")
+    cfg = tmp_path / "settler.toml"
+    cfg.write_text('db = "sqlite:///x.db"\n')
+    with pytest.raises(SettingsError, match=r"unknown setting 'db' in .*settler.toml \(did you mean 'db_url'\?\)"):
+        SettlerSettings.load(cfg, key_file="k.json")
