@@ -56,9 +56,11 @@ def parse_dataset(spec: str):
     """`NAME=ADDRESS:SHARE_BPS` -> a DatasetShare."""
     from node.adapters import make_dataset_share
 
+    name, eq, rest = spec.partition("=")
+    address, colon, bps = rest.rpartition(":")
+    if not (eq and colon):
+        raise ValueError(f"--dataset {spec!r}: expected NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS (capitals-qa=0xAb..:5000)")
     try:
-        name, rest = spec.split("=", 1)
-        address, bps = rest.rsplit(":", 1)
         return make_dataset_share(name.strip(), address.strip(), int(bps))
     except ValueError as e:
         raise ValueError(f"--dataset {spec!r}: expected NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS ({e})") from e

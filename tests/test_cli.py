@@ -213,3 +213,13 @@ def test_version_is_the_projects():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"loramesh {project['version']}\n"
+
+
+def test_a_dataset_spec_without_its_share_says_what_is_missing():
+    # it said "(not enough values to unpack (expected 2, got 1))"
+    from node.cli import parse_dataset
+
+    for spec in ("capitals-qa=0x5b29", "capitals-qa", "=:"):
+        with pytest.raises(ValueError, match="expected NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS") as err:
+            parse_dataset(spec)
+        assert "unpack" not in str(err.value)
