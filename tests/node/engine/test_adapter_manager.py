@@ -27,6 +27,16 @@ def fetching_engine(world, fetcher) -> AsyncEngine:
     return AsyncEngine(world.config(), store=world.store, fetcher=fetcher)
 
 
+def peer_fetcher(world, local: AdapterStore, calls: list):
+    """A fetcher standing in for a peer: it installs the adapter from the world's store into `local`."""
+
+    async def fetcher(adapter_id):
+        calls.append(adapter_id)
+        return local.install(world.store.path_for(adapter_id)).path
+
+    return fetcher
+
+
 def _run(engine, aid, rid):
     done = engine.generate([greedy(rid, aid, PROMPT, 2)])
     assert done[rid].finish_reason == "length", done[rid].error
@@ -138,13 +148,7 @@ def test_fetcher_supplies_an_adapter_the_store_lacks(llama_world, tmp_path):
     wanted = llama_world.adapters[3]
     local = AdapterStore(tmp_path / "empty-store")
     calls = []
-
-    async def fetcher(adapter_id):
-        calls.append(adapter_id)
-        # stands in for a peer: install from another node's store into ours
-        return local.install(llama_world.store.path_for(adapter_id)).path
-
-    engine = fetching_engine(llama_world, fetcher)
+    engine = fetching_engine(llama_world, peer_fetcher(llama_world, local, calls))
     engine.core.adapters.store = local
     try:
 
@@ -169,12 +173,7 @@ def test_a_copy_damaged_in_the_store_is_fetched_again(llama_world, tmp_path):
     os.chmod(weights, 0o644)
     weights.write_bytes(weights.read_bytes()[:100])
     calls = []
-
-    async def fetcher(adapter_id):
-        calls.append(adapter_id)
-        return local.install(llama_world.store.path_for(adapter_id)).path
-
-    engine = fetching_engine(llama_world, fetcher)
+    engine = fetching_engine(llama_world, peer_fetcher(llama_world, local, calls))
     engine.core.adapters.store = local
     try:
         loaded = asyncio.run(engine.prepare_adapter(wanted.adapter_id))
