@@ -18,11 +18,11 @@ class DeploymentMismatch(LedgerError):
 
 
 class TransactionFailed(LedgerError):
-    """A transaction was mined with status 0 and no decodable reason, or never got a receipt."""
+    """A transaction was mined with status 0 and no decodable reason, never got a receipt, or was refused."""
 
 
-class InsufficientFunds(LedgerError):
-    """The sending account cannot pay for a transaction's gas (the chain's node refused it)."""
+class InsufficientFunds(TransactionFailed):
+    """The chain's node refused a transaction: the sending account cannot pay for its gas."""
 
 
 class ContractError(LedgerError):

@@ -369,8 +369,8 @@ class Transactor:
         if "insufficient funds" in str(e).lower():
             addr = self.account.address if self.account is not None else "?"
             raise InsufficientFunds(
-                f"account {addr} has too little of the chain's coin to pay for gas: fund it "
-                f"(on the devnet: loramesh devnet up --fund {addr})"
+                f"the chain's node refused the transaction: account {addr} has too little of its coin to pay for "
+                f"gas; fund it (on the devnet: loramesh devnet up --fund {addr})"
             ) from e
 
     def reset(self) -> None:
