@@ -125,8 +125,12 @@ class ModelCatalog:
         prices: Prices,
         *,
         default_max_price: int,
+        contexts: dict[str, int | None] | None = None,
     ) -> None:
         self.registry, self.directory, self.prices = registry, directory, prices
+        # base model id -> the context this gateway holds its requests to (gateway.chat.ChatTemplates.context):
+        # vLLM's max_model_len in the model objects; unknown (None) for a base no --base names
+        self.contexts = contexts or {}
         # base model id -> name, of the bases this gateway was configured with (--base): the only base names it
         # resolves; a base a node announces is known by its id alone (a node's heartbeat names nothing here)
         self.base_names = base_names
@@ -248,6 +252,7 @@ class ModelCatalog:
             "owned_by": "loramesh",
             "adapter_id": None,
             "base_model": {"id": base_id, "name": name},
+            "max_model_len": self.contexts.get(base_id),
             "private": False,
             "price_per_1k_tokens_wei": wei(self.prices.base),
         }
@@ -272,6 +277,7 @@ class ModelCatalog:
                     "adapter_id": a.adapter_id,
                     "version": a.version,
                     "base_model": {"id": a.base_model_id, "name": base_name},
+                    "max_model_len": self.contexts.get(a.base_model_id),
                     "private": a.name in private,
                     "price_per_1k_tokens_wei": wei(self.prices.of(a.adapter_id)),
                 }

@@ -164,6 +164,10 @@ class ChatTemplates:
             stream.flush()
         return len(stream.text), None
 
+    def pieces(self, base_model_id: str, ids: list[int]) -> list[str]:
+        """The tokenizer's own strings of these ids (its vocabulary's entries: "Ġthe", "▁the"; blocking)."""
+        return list(self._tokenizer(base_model_id).convert_ids_to_tokens(ids))
+
     def vocab(self, base_model_id: str) -> int | None:
         """The base's vocabulary size, its tokenizer loaded (None: it has none; blocking)."""
         try:
@@ -178,18 +182,21 @@ class ChatTemplates:
         self._tokenizer(base_model_id)
         return self.token_texts[base_model_id]
 
-    def render(self, base_model_id: str, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def render(
+        self, base_model_id: str, messages: list[dict], tools: list[dict] | None = None, extra: dict | None = None
+    ) -> list[int]:
         """Chat messages (and the request's tools) rendered by the base's template, as token ids, exactly as
-        `adapter train` renders its chat data (node.adapters.prompts; blocking). A rendered text too long for
-        the context is refused before it is tokenized: what the template renders around and from the messages
-        (role markup, tool calls) is counted only here."""
+        `adapter train` renders its chat data (node.adapters.prompts; blocking); `extra`: the request's own
+        template variables (chat_template_kwargs). A rendered text too long for the context is refused before
+        it is tokenized: what the template renders around and from the messages (role markup, tool calls) is
+        counted only here."""
         from jinja2 import TemplateError
 
         from node.adapters.prompts import NoChatTemplate, chat_text, text_ids
 
         tok = self._tokenizer(base_model_id)
         try:
-            text = chat_text(tok, messages, tools=tools)
+            text = chat_text(tok, messages, tools=tools, extra=extra)
         except NoChatTemplate:
             raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions") from None
         except TemplateError as e:  # a template that refuses these messages (e.g. roles that must alternate)

@@ -17,7 +17,7 @@ from common.http import BodyLimitMiddleware, error_responses
 from common.wire import error_body, restore_recursion_limit
 from gateway.chain_registry import RegistryView
 from gateway.errors import ERROR_STATUSES, BadRequest, GatewayError
-from gateway.openai_api import ChatRequest, CompletionRequest
+from gateway.openai_api import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from gateway.routes import internal, openai
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
@@ -92,7 +92,12 @@ def _declare_bodies(app: FastAPI) -> None:
             return app.openapi_schema
         doc = generate()
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatRequest)):
+        for path, model in (
+            ("/v1/completions", CompletionRequest),
+            ("/v1/chat/completions", ChatRequest),
+            ("/tokenize", TokenizeRequest),
+            ("/detokenize", DetokenizeRequest),
+        ):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(body.pop("$defs", {}))
             schemas[model.__name__] = body

@@ -10,9 +10,19 @@ for later), `service_tier` ("auto" / "default"), `modalities` (["text"]),
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from common.wire import (
     MAX_LOGIT_BIAS,
@@ -292,8 +302,51 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatRequest(_Sampling):
+# what a chat template is given beside the messages and the tools: the names apply_chat_template takes as its
+# own arguments (a client's value would clash with the gateway's, or make it return ids or a dict)
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+        "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "kwargs",
+    }
+)  # fmt: skip
+MAX_TEMPLATE_KWARGS = 16
+TEMPLATE_KWARG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+def _template_kwargs(v: dict | None) -> dict | None:
+    """vLLM's chat_template_kwargs (Qwen3's enable_thinking, say): variables the base's template may read."""
+    if v is None:
+        return v
+    if len(v) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} variables")
+    for k in v:
+        if not TEMPLATE_KWARG_NAME.fullmatch(k):
+            raise ValueError(f"{k[:70]!r} is not a template variable's name ({TEMPLATE_KWARG_NAME.pattern})")
+        if k in RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"{k!r} is set by the gateway, not by the request")
+    return v
+
+
+TemplateKwargs = Annotated[dict[str, object], AfterValidator(_template_kwargs)]
+
+
+class _Rendered:
+    """A request whose prompt the base's chat template renders from its `messages`, its tools' plan (`_plan`)
+    and its `chat_template_kwargs` (gateway.prompts.chat_prompt)."""
+
+    def chat_messages(self) -> list[dict]:
+        """The messages as the chat template takes them (gateway.tools.template_messages)."""
+        return template_messages([m.as_dict() for m in self.messages])
+
+    def template_tools(self) -> list[dict] | None:
+        return self._plan.template_tools if self._plan is not None else None
+
+
+class ChatRequest(_Rendered, _Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    chat_template_kwargs: TemplateKwargs | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
@@ -341,15 +394,43 @@ class ChatRequest(_Sampling):
             return self._plan.guided()
         return super().guided()
 
-    def chat_messages(self) -> list[dict]:
-        """The messages as the chat template takes them (gateway.tools.template_messages)."""
-        return template_messages([m.as_dict() for m in self.messages])
-
-    def template_tools(self) -> list[dict] | None:
-        return self._plan.template_tools if self._plan is not None else None
-
     def node_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(_Rendered, BaseModel):
+    """vLLM's /tokenize: a completion's `prompt` (text) or a chat's `messages` (with its `tools` and template
+    variables), counted as the gateway counts the prompt it bills. vLLM's add_special_tokens and
+    add_generation_prompt are not taken: the ids are those a completion or a chat of this prompt is sent."""
+
+    model_config = STRICT
+
+    model: Annotated[str, Field(min_length=1)]
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: list | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
+    return_token_strs: bool | None = False
+
+    _plan: ToolPlan | None = PrivateAttr(default=None)
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise BadRequest("send either prompt (a completion's) or messages (a chat's)", param="prompt")
+        if self.messages is None:
+            for field in ("tools", "chat_template_kwargs"):
+                if getattr(self, field) is not None:
+                    raise BadRequest(f"{field} is only allowed with messages", param=field)
+        self._plan = tool_plan(self.tools, None)
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids as text."""
+
+    model_config = STRICT
+
+    model: Annotated[str, Field(min_length=1)]
+    tokens: list[TokenId]
 
 
 def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> BaseModel:

@@ -40,6 +40,7 @@ from gateway.openai_api import (
     to_node_request,
     usage_dict,
 )
+from gateway.prompts import blocking, chat_prompt, text_prompts
 from gateway.router import Route, Router, Target
 from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus
@@ -61,13 +62,6 @@ MAX_OTHER_EVENTS = 64
 LARGE_ANSWER_TOKENS = 512
 HTTP_CLIENT_CLOSED = 499  # the status of an answer its client left before (nginx's; nobody reads it, the logs show it)
 _READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream: NodeUnavailable
-# prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
-# worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
-INLINE_TOKENIZE_CHARS = 4096
-# a guess at what a chat template writes around one message (its role markers), counted towards that inline
-# size: a heuristic for where the work runs, not a bound; a template that writes more only moves a render that
-# should have gone to a thread onto the loop, and the rendered text is still checked against the context
-TEMPLATE_MARKUP_CHARS = 32
 
 
 class DeadlinePassed(Exception):
@@ -127,14 +121,6 @@ async def _disconnected(http: Request) -> None:
             pass
     except Exception:  # noqa: BLE001 - a server that cannot say is taken as the client gone: the answer is not sent
         return
-
-
-async def _blocking(templates: ChatTemplates, size: int, fn, base: str, *args):
-    """fn(base, *args) on the event loop when the prompt is short and the base's tokenizer is loaded, else in
-    a worker thread."""
-    if size <= INLINE_TOKENIZE_CHARS and templates.loaded(base):
-        return fn(base, *args)
-    return await asyncio.to_thread(fn, base, *args)
 
 
 class ServedRequest:
@@ -324,12 +310,12 @@ class ServedRequest:
         echo = not self.chat and bool(req.echo)
         if req.bias_ids() or req.stop_token_ids:  # ids outside the vocabulary (when known) are the client's mistake
             if t.knows(base):
-                await _blocking(t, 0, t.vocab, base)
+                await blocking(t, 0, t.vocab, base)
             t.check_ids(base, req.bias_ids(), param="logit_bias", what="logit_bias")
             t.check_ids(base, req.stop_token_ids or [], param="stop_token_ids", what="stop_token_ids")
-        token_texts = await _blocking(t, 0, t.texts, base) if (req.node_logprobs() is not None or echo) else None
+        token_texts = await blocking(t, 0, t.texts, base) if (req.node_logprobs() is not None or echo) else None
         if echo and texts is None:  # prompts given as token ids are echoed as their text
-            texts = [await _blocking(t, len(ids), t.decode, base, ids) for ids in prompts]
+            texts = [await blocking(t, len(ids), t.decode, base, ids) for ids in prompts]
         self.rid = hex0x(secrets.token_bytes(32))
         prompt_logprobs = req.logprobs if echo and req.logprobs is not None else None
         self.node_body = to_node_request(
@@ -369,22 +355,9 @@ class ServedRequest:
         """The request's prompts as token ids, and their texts where the client sent text (completions)."""
         t = self.d.templates
         if self.chat:
-            messages, tools = req.chat_messages(), req.template_tools()
-            tool_chars = len(json.dumps(tools)) if tools else 0
-            # the texts alone that cannot fit are refused before the template runs; what it renders from the
-            # rest of the messages (their markup, tool calls) is held to the context by `render` before the
-            # text is tokenized, on a worker thread unless all of it is short
-            t.check_length(base, sum(len(m["content"]) for m in messages) + tool_chars, param="messages")
-            given = sum(m.template_chars() + TEMPLATE_MARKUP_CHARS for m in req.messages) + tool_chars
-            return [await _blocking(t, given, t.render, base, messages, tools)], None
+            return [await chat_prompt(t, base, req)], None
         given = req.prompt_list()
-        if isinstance(given[0], list):
-            for ids in given:
-                t.check_ids(base, ids)
-            return given, None
-        for text in given:
-            t.check_length(base, len(text))
-        return [await _blocking(t, len(text), t.encode, base, text) for text in given], given
+        return await text_prompts(t, base, given), None if isinstance(given[0], list) else given
 
     def _max_tokens(self, req: ChatRequest | CompletionRequest, prompt: int, context: int | None) -> int:
         """The tokens each sequence may generate: the request's max_tokens (completions: 16 by default, as
@@ -864,7 +837,7 @@ class ServedRequest:
                     )
             return None
 
-        return await _blocking(t, 64 * sum(len(s.ids) for s in c.seqs), lambda _base: check(), base)
+        return await blocking(t, 64 * sum(len(s.ids) for s in c.seqs), lambda _base: check(), base)
 
     def finish_detached(self, *, client_gone: bool) -> None:
         """Finish on a task of its own: the caller is being cancelled (the client went away)."""

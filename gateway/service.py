@@ -72,6 +72,7 @@ class Gateway:
             {bid: base_model_name(d) for bid, d in self.templates.dirs.items()},
             self.prices,
             default_max_price=settings.default_max_price_per_1k_tokens,
+            contexts=self.templates.context,
         )
         self.admission = Admission(
             KeyCache(engine, settings.key_cache_ttl_s), RateLimiter(_limits_engine(engine, settings.db_busy_timeout_s))

@@ -25,7 +25,9 @@ CHAT_TEMPLATE = (
     "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}<tool_call>"
     "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}</tool_call>"
     "{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>\n"
+    # a variable only a request's chat_template_kwargs sets, as Qwen3's templates read theirs
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>\n{% endif %}{% endif %}"
 )
 # Text the tokenizer's merges are learnt from: enough for common English pieces, nothing more.
 _TOKENIZER_CORPUS = (

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: models, completions, chat completions (API key required)."""
+"""The OpenAI-compatible routes: models, completions, chat completions; and vLLM's /tokenize and /detokenize
+(API key required)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from fastapi import APIRouter, Request
 
 from common.http import ANSWER_OR_EVENTS
 from gateway.deps import AuthDep, GatewayDep
+from gateway.openai_api import DetokenizeRequest, TokenizeRequest, parse_body
+from gateway.prompts import detokenize, tokenize
 from gateway.request import ServedRequest
 
 router = APIRouter()
@@ -33,3 +36,19 @@ async def completions(request: Request, auth: AuthDep, gw: GatewayDep):
 async def chat_completions(request: Request, auth: AuthDep, gw: GatewayDep):
     """API key: an OpenAI chat completion (body: ChatRequest)."""
     return await ServedRequest(gw.deps, auth, chat=True).respond(request)
+
+
+@router.post("/tokenize")
+async def tokenize_prompt(request: Request, auth: AuthDep, gw: GatewayDep) -> dict:
+    """API key: a prompt's or a chat's token ids, as the gateway counts them (body: TokenizeRequest; free)."""
+    req = parse_body(TokenizeRequest, await request.body(), max_bytes=gw.settings.max_body_bytes)
+    target = gw.catalog.resolve_request(req.model, None, auth.key, auth.private)
+    return await tokenize(gw.templates, target, req)
+
+
+@router.post("/detokenize")
+async def detokenize_ids(request: Request, auth: AuthDep, gw: GatewayDep) -> dict:
+    """API key: token ids as text (body: DetokenizeRequest; free)."""
+    req = parse_body(DetokenizeRequest, await request.body(), max_bytes=gw.settings.max_body_bytes)
+    target = gw.catalog.resolve_request(req.model, None, auth.key, auth.private)
+    return await detokenize(gw.templates, target, req)

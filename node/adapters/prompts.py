@@ -21,12 +21,20 @@ def completion_ids(tok, text: str) -> list[int]:
     return list(tok.encode(text))
 
 
-def chat_text(tok, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
-    """The chat rendered by the base's template, as text (the assistant's turn opened when asked)."""
+def chat_text(
+    tok,
+    messages: list[dict],
+    *,
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = True,
+    extra: dict | None = None,
+) -> str:
+    """The chat rendered by the base's template, as text (the assistant's turn opened when asked); `extra`:
+    variables the template may read beside the messages and tools (a request's chat_template_kwargs)."""
     if not getattr(tok, "chat_template", None):
         raise NoChatTemplate("this base model's tokenizer has no chat template")
     return tok.apply_chat_template(
-        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt, **(extra or {})
     )
 
 

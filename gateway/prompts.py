@@ -1,0 +1,81 @@
+"""A request's prompts as the token ids the gateway counts: the one place where completions, chat completions and
+vLLM's /tokenize turn text into ids, so /tokenize's count is the prompt_tokens the same prompt is billed; and
+/detokenize, the other way.
+
+Short work runs on the event loop (a worker thread's round trip costs more); long work, and a base's first
+use (it loads the tokenizer), runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING
+
+from gateway.chat import ChatTemplates
+from gateway.errors import BadRequest
+
+if TYPE_CHECKING:
+    from gateway.openai_api import ChatRequest, DetokenizeRequest, TokenizeRequest
+    from gateway.router import Target
+
+# prompts up to this many characters are tokenized on the event loop (tens of microseconds: less than a
+# worker thread's round trip); longer ones, and a base's first use (it loads the tokenizer), in a thread
+INLINE_TOKENIZE_CHARS = 4096
+# a guess at what a chat template writes around one message (its role markers), counted towards that inline
+# size: a heuristic for where the work runs, not a bound; a template that writes more only moves a render that
+# should have gone to a thread onto the loop, and the rendered text is still checked against the context
+TEMPLATE_MARKUP_CHARS = 32
+
+
+async def blocking(templates: ChatTemplates, size: int, fn, base: str, *args):
+    """fn(base, *args) on the event loop when its input is short (`size` characters) and the base's tokenizer
+    is loaded, else in a worker thread."""
+    if size <= INLINE_TOKENIZE_CHARS and templates.loaded(base):
+        return fn(base, *args)
+    return await asyncio.to_thread(fn, base, *args)
+
+
+async def chat_prompt(t: ChatTemplates, base: str, req: ChatRequest | TokenizeRequest) -> list[int]:
+    """A chat's messages (and tools, and the template's own variables) rendered by the base's template, as ids."""
+    messages, tools, extra = req.chat_messages(), req.template_tools(), req.chat_template_kwargs
+    tool_chars = len(json.dumps(tools)) if tools else 0
+    extra_chars = len(json.dumps(extra)) if extra else 0
+    # the texts alone that cannot fit are refused before the template runs; what it renders from the rest of
+    # the messages (their markup, tool calls) is held to the context by `render` before the text is tokenized,
+    # on a worker thread unless all of it is short
+    t.check_length(base, sum(len(m["content"]) for m in messages) + tool_chars, param="messages")
+    given = sum(m.template_chars() + TEMPLATE_MARKUP_CHARS for m in req.messages) + tool_chars + extra_chars
+    return await blocking(t, given, t.render, base, messages, tools, extra)
+
+
+async def text_prompts(t: ChatTemplates, base: str, given: list[str] | list[list[int]]) -> list[list[int]]:
+    """Completion prompts as ids: texts encoded as the node would, ids checked against the vocabulary."""
+    if isinstance(given[0], list):
+        for ids in given:
+            t.check_ids(base, ids)
+        return given
+    for text in given:
+        t.check_length(base, len(text))
+    return [await blocking(t, len(text), t.encode, base, text) for text in given]
+
+
+async def tokenize(t: ChatTemplates, target: Target, req: TokenizeRequest) -> dict:
+    """vLLM's /tokenize answer: a completion's prompt or a chat's messages as the ids the gateway would bill."""
+    base = target.base_model_id
+    if req.messages is not None:
+        ids = await chat_prompt(t, base, req)
+    else:
+        ids = (await text_prompts(t, base, [req.prompt]))[0]
+    strs = await blocking(t, len(ids), t.pieces, base, ids) if req.return_token_strs else None
+    return {"count": len(ids), "max_model_len": t.context_len(base), "tokens": ids, "token_strs": strs}
+
+
+async def detokenize(t: ChatTemplates, target: Target, req: DetokenizeRequest) -> dict:
+    """vLLM's /detokenize answer: token ids as text (special tokens left out, as an echoed prompt of ids)."""
+    base = target.base_model_id
+    await blocking(t, 0, t.vocab, base)  # loads the tokenizer, so the ids are checked against its vocabulary
+    t.check_ids(base, req.tokens, param="tokens", what="tokens")
+    context = t.context_len(base)
+    if context is not None and len(req.tokens) > context:
+        raise BadRequest(f"{len(req.tokens)} tokens are more than the model's context of {context}", param="tokens")
+    return {"prompt": await blocking(t, len(req.tokens), t.decode, base, req.tokens)}

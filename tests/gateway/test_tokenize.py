@@ -1,0 +1,99 @@
+"""vLLM's /tokenize and /detokenize, /v1/models' max_model_len and chat_template_kwargs, against a real gateway and
+a real tiny-model node: /tokenize's count is the prompt_tokens the same prompt is billed, a template variable
+reaches the template (and the bill), and what the gateway cannot honour is refused by name."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from node.tiny import CHAT_TEMPLATE
+from tests.gateway import TINY
+from tests.gateway.conftest import MESSAGES, PROMPT, chat, complete, refused
+
+pytestmark = pytest.mark.integration
+
+CONTEXT = 512  # the tiny bases' max_position_embeddings
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def post(gw, path: str, body: dict, *, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key or gw.api_key}"}
+    return httpx.post(gw.url + path, json=body, headers=headers, timeout=30)
+
+
+def tokenize(gw, **body) -> dict:
+    r = post(gw, "/tokenize", {"model": TINY} | body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def error(r: httpx.Response, status: int, param: str | None) -> str:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    return err["message"]
+
+
+def test_tokenize_counts_what_a_completion_is_billed(served, oai):
+    got = tokenize(served, prompt=PROMPT, return_token_strs=True)
+    assert got["count"] == len(got["tokens"]) == len(got["token_strs"]) == complete(oai).usage.prompt_tokens
+    assert got["max_model_len"] == CONTEXT
+    assert all(isinstance(s, str) and s for s in got["token_strs"])
+    assert tokenize(served, prompt=PROMPT)["token_strs"] is None  # only when asked
+    back = post(served, "/detokenize", {"model": TINY, "tokens": got["tokens"]})
+    assert back.status_code == 200, back.text
+    assert back.json()["prompt"].strip() == PROMPT  # the special tokens (BOS) left out
+
+
+def test_tokenize_counts_what_a_chat_is_billed_tools_included(served, oai):
+    plain = tokenize(served, messages=MESSAGES)
+    assert plain["count"] == chat(oai).usage.prompt_tokens
+    with_tools = tokenize(served, messages=MESSAGES, tools=TOOLS)
+    assert with_tools["count"] > plain["count"]  # the template lists the tools
+    assert with_tools["count"] == chat(oai, tools=TOOLS).usage.prompt_tokens
+
+
+def test_chat_template_kwargs_reach_the_template_and_the_bill(served, oai):
+    assert "enable_thinking" in CHAT_TEMPLATE  # the tiny template reads the variable only when it is set
+    plain = tokenize(served, messages=MESSAGES)["count"]
+    thinking_off = tokenize(served, messages=MESSAGES, **NO_THINKING)
+    assert thinking_off["count"] > plain
+    assert tokenize(served, messages=MESSAGES, chat_template_kwargs={"enable_thinking": True})["count"] == plain
+    answer = chat(oai, extra_body=NO_THINKING)
+    assert answer.usage.prompt_tokens == thinking_off["count"]
+
+
+def test_what_cannot_be_honoured_is_refused_by_name(served, oai):
+    for name in ("tokenize", "add_generation_prompt", "messages", "tools"):  # the gateway's own arguments
+        msg = refused(
+            lambda name=name: chat(oai, extra_body={"chat_template_kwargs": {name: True}}), "chat_template_kwargs"
+        )
+        assert name in msg
+    refused(lambda: chat(oai, extra_body={"chat_template_kwargs": {"not a name": 1}}), "chat_template_kwargs")
+    many = {f"v{i}": i for i in range(17)}
+    refused(lambda: chat(oai, extra_body={"chat_template_kwargs": many}), "chat_template_kwargs")
+
+    both = post(served, "/tokenize", {"model": TINY, "prompt": PROMPT, "messages": MESSAGES})
+    assert "either prompt" in error(both, 400, "prompt")
+    error(post(served, "/tokenize", {"model": TINY}), 400, "prompt")
+    error(post(served, "/tokenize", {"model": TINY, "prompt": PROMPT, "tools": TOOLS}), 400, "tools")
+    error(
+        post(served, "/tokenize", {"model": TINY, "prompt": PROMPT, "add_special_tokens": False}),
+        400,
+        "add_special_tokens",
+    )
+    error(post(served, "/tokenize", {"model": TINY, "prompt": "x" * 100_000}), 400, "prompt")  # past the context
+    error(post(served, "/tokenize", {"model": "nobody/nothing", "prompt": PROMPT}), 404, "model")
+    error(post(served, "/tokenize", {"model": TINY, "prompt": PROMPT}, key="sk-wrong"), 401, None)
+
+    error(post(served, "/detokenize", {"model": TINY, "tokens": [100_000]}), 400, "tokens")  # not in the vocabulary
+    error(post(served, "/detokenize", {"model": TINY, "tokens": [1] * (CONTEXT + 1)}), 400, "tokens")
+    error(post(served, "/detokenize", {"model": TINY, "tokens": ["1"]}), 400, "tokens")
+
+
+def test_models_say_their_context(served, oai):
+    models = {m.id: m for m in oai.models.list().data}
+    assert models[TINY].model_extra["max_model_len"] == CONTEXT
+    assert oai.models.retrieve(TINY).model_extra["max_model_len"] == CONTEXT
