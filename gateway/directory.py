@@ -43,6 +43,11 @@ class NodeLocal:
     def saw_loaded(self, adapter_id: str) -> None:
         self.loaded[adapter_id] = int(time.time() * 1000)
 
+    def heartbeat_at(self, ts_ms: int) -> None:
+        """A heartbeat made at ts_ms was accepted: sightings from before it no longer count (NodeEntry.resident),
+        so they go (each ensemble a client weighs anew has an id of its own: kept, they grew without end)."""
+        self.loaded = {a: ms for a, ms in self.loaded.items() if ms > ts_ms}
+
 
 @dataclass(slots=True)
 class NodeEntry:
@@ -179,6 +184,7 @@ class NodeDirectory:
             )
             if old is not None:
                 entry.local = old.local
+                entry.local.heartbeat_at(entry.ts_ms)
             self.entries[node_id] = entry
         if old is None or now - old.last_seen > self.ttl:  # new here, or back after its heartbeats lapsed
             again = "" if old is None else ", heartbeating again"

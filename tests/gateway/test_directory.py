@@ -250,3 +250,17 @@ def test_an_unforced_registry_pull_never_waits_on_another(world, monkeypatch):
     assert not view.sync(force=False) and pulls == [1]  # half a second after the pull ended, not its start
     view._last_sync -= 0.5
     assert view.sync(force=False) and pulls == [1, 1]
+
+
+def test_sightings_a_heartbeat_supersedes_are_forgotten(world):
+    """An adapter this gateway saw a node load counts as resident until a newer heartbeat; then the sighting goes:
+    each ensemble a client weighs anew is an id of its own, and sightings kept grew by one per request for good."""
+    _, _, d, _, a, _ = world
+    now = int(time.time() * 1000)
+    e = d.accept_heartbeat(hb(a, ts=now - 10_000))
+    seen = [f"0x{i:064x}" for i in range(500)]
+    for aid in seen:
+        e.local.saw_loaded(aid)
+    assert set(seen) <= d.accept_heartbeat(hb(a, ts=now - 5_000)).resident  # made before the sightings
+    later = d.accept_heartbeat(hb(a, ts=now + 5_000))  # made after them, naming none of them
+    assert later.resident == frozenset() and later.local.loaded == {}

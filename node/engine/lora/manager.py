@@ -33,6 +33,10 @@ Fetcher = Callable[[str, float], Future]
 Combine = Callable[[EnsembleSpec, list[tuple[LoadedAdapter, float]]], LoadedAdapter]
 # ensembles defined by requests: a spec is a few ids, but requests are untrusted, so the table is bounded
 MAX_ENSEMBLE_SPECS = 4096
+# failed loads remembered for the engine thread's next acquire (the requests waiting on a load get its error
+# anyway); the oldest are forgotten past this many, so ids a client chooses (an ensemble per new weight) that
+# never reach acquire do not pile up: a forgotten failure only means the next acquire loads again
+MAX_FAILED_LOADS = 1024
 
 
 class AdapterManager:
@@ -77,8 +81,8 @@ class AdapterManager:
         # adapter id -> (slot, pending copy with .query()/.synchronize()) while its slot write runs
         self._loading: dict[str, tuple[int, object]] = {}
         self._waiter: ThreadPoolExecutor | None = None
-        self._failed: dict[str, AdapterError] = {}
-        self._names: dict[str, str] = {}
+        self._failed: OrderedDict[str, AdapterError] = OrderedDict()  # oldest first, at most MAX_FAILED_LOADS
+        self._names: dict[str, str] = {}  # of the adapters in the host cache or a slot (status shows them)
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
         self.counters = {"disk_loads": 0, "slot_loads": 0, "slot_hits": 0, "evictions": 0, "cpu_evictions": 0}
@@ -197,6 +201,8 @@ class AdapterManager:
         with self._lock:
             self._inflight.pop(adapter_id, None)
             self._failed[adapter_id] = err
+            while len(self._failed) > MAX_FAILED_LOADS:
+                self._failed.popitem(last=False)
         self.on_ready()
         if not done.done():
             done.set_exception(err)
@@ -208,6 +214,7 @@ class AdapterManager:
             self.counters["disk_loads"] += 1
             while len(self._cpu) > self.cpu_cache_size:
                 old, _ = self._cpu.popitem(last=False)
+                self._drop_name(old)
                 self.counters["cpu_evictions"] += 1
                 log.info("adapter %s dropped from the host cache", old)
             self._inflight.pop(adapter_id, None)
@@ -329,10 +336,17 @@ class AdapterManager:
                 self._refs.pop(aid, None)
                 self.slots[slot] = None
                 self.write_slot(slot, None)
+                self._drop_name(aid)
                 self.counters["evictions"] += 1
                 log.info("adapter %s evicted from slot %d", aid, slot)
                 return slot
         return None
+
+    def _drop_name(self, adapter_id: str) -> None:
+        """Forget the name of an adapter that left the host cache or a slot, unless the other still holds it
+        (each ensemble a client weighs anew is an adapter of its own: names kept grew without end)."""
+        if adapter_id not in self._cpu and adapter_id not in self._resident and adapter_id not in self._loading:
+            self._names.pop(adapter_id, None)
 
     def make_resident(self, adapter_id: str, pin: bool | None = None) -> int:
         """Put a host-cached adapter into a slot now (and pin/unpin it); raises if no slot is free."""

@@ -255,3 +255,26 @@ def test_a_failed_fetch_is_reported_and_the_next_load_tries_again(llama_world, t
             engine.close()
 
     asyncio.run(go())
+
+
+def test_what_the_manager_remembers_of_adapters_is_bounded(llama_world, monkeypatch):
+    """Ids a client chooses (an ensemble per new weight) must not pile up: names are kept only for what the host
+    cache or a slot holds, and failed loads no acquire ever collects only up to MAX_FAILED_LOADS."""
+    import node.engine.lora.manager as manager
+
+    monkeypatch.setattr(manager, "MAX_FAILED_LOADS", 8)
+    ids = [x.adapter_id for x in llama_world.adapters]
+    engine = llama_world.engine(num_slots=1, cpu_cache_size=1)
+    m = engine.adapters
+    try:
+        for i, aid in enumerate(ids):
+            _run(engine, aid, str(i))
+        held = set(m.cached()) | {s for s in m.slots if s is not None}
+        assert set(m._names) == held and len(held) <= 2  # not every adapter ever loaded
+        missing = [f"0x{i:064x}" for i in range(50)]
+        for aid in missing:  # loads that fail, never acquired (the node's API refuses before submitting)
+            with pytest.raises(AdapterNotFoundError):
+                m.load(aid).result(timeout=30)
+        assert list(m._failed) == missing[-8:]
+    finally:
+        engine.close()
