@@ -210,6 +210,12 @@ def keys_update(
     rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute.")] = None,
     max_price: MaxPriceOpt = None,
+    unlimited_rpm: Annotated[
+        bool, typer.Option("--unlimited-rpm", help="Drop the key's requests per minute limit.")
+    ] = False,
+    unlimited_tpm: Annotated[
+        bool, typer.Option("--unlimited-tpm", help="Drop the key's tokens per minute limit.")
+    ] = False,
     default_max_price: Annotated[
         bool,
         typer.Option("--default-max-price", help="Drop the key's own max price: the gateway's default applies again."),
@@ -219,13 +225,17 @@ def keys_update(
     """Change a key's limits; what is not given stays (a running gateway sees it within key_cache_ttl_s)."""
     from gateway.keys import ApiKeyError, update_key
 
-    if default_max_price and max_price is not None:
-        raise typer.BadParameter("give --max-price-per-1k-tokens or --default-max-price, not both")
-    changes = {
-        name: v for name, v in (("rpm", rpm), ("tpm", tpm), ("max_price_per_1k_tokens", max_price)) if v is not None
-    }
-    if default_max_price:
-        changes["max_price_per_1k_tokens"] = None
+    changes = {}
+    # each limit: a new value, or dropped (None: unlimited rates, the gateway's default price), not both
+    for field, flag, value, drop, drop_flag in (
+        ("rpm", "--rpm", rpm, unlimited_rpm, "--unlimited-rpm"),
+        ("tpm", "--tpm", tpm, unlimited_tpm, "--unlimited-tpm"),
+        ("max_price_per_1k_tokens", "--max-price-per-1k-tokens", max_price, default_max_price, "--default-max-price"),
+    ):
+        if drop and value is not None:
+            raise typer.BadParameter(f"give {flag} or {drop_flag}, not both")
+        if drop or value is not None:
+            changes[field] = None if drop else value
     try:
         info = update_key(_engine(db), ident, **changes)
     except ApiKeyError as e:

@@ -108,5 +108,20 @@ def test_keys_update_and_run_options(tmp_path):
 
     (info,) = list_keys(make_engine(db))
     assert (info.requests_per_minute, info.max_price_per_1k_tokens) == (7, 5)
+    r = runner.invoke(gateway_app, ["keys", "update", key.prefix, "--tpm", "90", "--db", db])
+    assert r.exit_code == 0, r.output
+    (info,) = list_keys(make_engine(db))
+    assert (info.requests_per_minute, info.tokens_per_minute) == (7, 90)
+    # a limit, once set, can be dropped again (each on its own; the other limits stay)
+    r = runner.invoke(gateway_app, ["keys", "update", key.prefix, "--rpm", "2", "--unlimited-rpm", "--db", db])
+    assert r.exit_code != 0 and "not both" in r.output
+    r = runner.invoke(gateway_app, ["keys", "update", key.prefix, "--unlimited-rpm", "--db", db])
+    assert r.exit_code == 0, r.output
+    (info,) = list_keys(make_engine(db))
+    assert (info.requests_per_minute, info.tokens_per_minute, info.max_price_per_1k_tokens) == (None, 90, 5)
+    r = runner.invoke(gateway_app, ["keys", "update", key.prefix, "--unlimited-tpm", "--default-max-price", "--db", db])
+    assert r.exit_code == 0 and "rpm -, tpm -" in r.output, r.output
+    (info,) = list_keys(make_engine(db))
+    assert (info.requests_per_minute, info.tokens_per_minute, info.max_price_per_1k_tokens) == (None, None, None)
     help_text = runner.invoke(gateway_app, ["run", "--help"], env={"COLUMNS": "200"}).output
     assert "--default-max-price-per-1k-tokens" in help_text
