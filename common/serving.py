@@ -131,6 +131,47 @@ class _CutOffRequests(logging.Filter):
         return True
 
 
+class _StartupFailure:
+    """The app, with what its start-up raised kept (`error`) and told in one line, not as the traceback
+    Starlette hands uvicorn to log: the CLI prints one line for every failure (devnet.cli.main), and a
+    node with no gas fund printed a screen of frames before it. The traceback is logged at DEBUG
+    (LORAMESH_DEBUG=1 shows it)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.error: BaseException | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+        failed: dict | None = None
+
+        async def hold_failure(message) -> None:
+            nonlocal failed
+            if message["type"] == "lifespan.startup.failed":
+                failed = message  # sent once the exception is known (Starlette sends, then raises)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failure)
+        except BaseException as e:
+            if failed is None:
+                raise
+            self.error = e
+            log.debug("start-up failed:\n%s", failed.get("message", ""))
+            await send({"type": "lifespan.startup.failed", "message": f"start-up failed: {one_line(e)}"})
+            raise
+        if failed is not None:  # a failure sent without an exception: as it was
+            await send(failed)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 # Clients (httpx, hence the official openai client) drop a connection left idle for 5 s, and uvicorn's own
 # default closes it after 5 s too: a client could reuse a connection at the instant the server closed it
 # and get a ReadError (2 of 2,000 requests in the gateway soak). A server that waits longer than its
@@ -141,6 +182,7 @@ KEEP_ALIVE_S = 30
 def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.0) -> None:
     """Run `app` on host:port until a signal. ServerDidNotStart if it never came up (uvicorn exits the
     process then; this says so in one line), ShutdownFailed if the app's own shutdown raised."""
+    app = _StartupFailure(app)
     config = uvicorn.Config(
         app,
         host=host,
@@ -161,6 +203,8 @@ def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.
     finally:
         logging.getLogger("uvicorn.error").removeFilter(cut_off)
     if not server.started:
+        if app.error is not None:
+            raise ServerDidNotStart(f"{name} did not start: {one_line(app.error)}")
         raise ServerDidNotStart(
             f"{name} did not start on {host}:{port}: see the log above (port busy? start-up failed?)"
         )

@@ -44,6 +44,8 @@ APP = textwrap.dedent(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if sys.argv[4] == "fail_startup":  # as a node whose account has no gas to register with
+            raise ValueError("account 0xabc has no ETH to pay gas\\nsecond line")
         yield
         if background:
             await asyncio.wait(background, timeout=10)
@@ -175,3 +177,14 @@ def test_a_server_that_cannot_listen_says_so_in_one_line(tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1, out
     assert out.strip().splitlines()[-1].startswith("error: test server did not start on 127.0.0.1:"), out
+
+
+def test_a_failed_start_up_says_what_failed_in_one_line(tmp_path):
+    """The start-up's exception, not a screen of Starlette's and uvicorn's frames (a new user's walk: a node
+    with no gas fund); the error's first line is the command's last."""
+    proc = launch(free_port(), tmp_path / "events", graceful_timeout=1, mode="fail_startup")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last == "error: test server did not start: ValueError: account 0xabc has no ETH to pay gas", out
