@@ -5,6 +5,10 @@ broke again wherever a narrower terminal wrapped it (a line of two words, then t
 of a command's docstring and of every explicit help text becomes one line, which the terminal wraps once.
 Blank lines still part paragraphs. Our help texts hold no lists or preformatted blocks, which this would
 join.
+
+Help is click's plain layout, not typer's rich panels: at 80 columns the panels gave an option's help a
+third of the width and cut words short ("LORAMESH_KEY_PAS…"); the plain layout wraps each option's help
+under it, as argparse (vLLM) and clap (Foundry) do (and a bracket in a help text is a bracket, not markup).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ def _reflow_info(info) -> None:
 
 
 def reflow_help(app: typer.Typer) -> typer.Typer:
-    """Reflow the help of `app`, its commands and its sub-apps, in place (again is harmless)."""
+    """Reflow the help of `app`, its commands and its sub-apps, in place, in the plain layout (again is
+    harmless)."""
+    app.rich_markup_mode = None
     _reflow_info(app.info)
     if app.registered_callback is not None:
         _reflow_info(app.registered_callback)

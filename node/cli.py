@@ -228,7 +228,7 @@ def adapter_import(
     source: Annotated[
         str,
         typer.Argument(
-            help="hf://ORG/NAME\\[@REVISION] (the Hugging Face Hub, through its cache; HF_HUB_OFFLINE=1 reads only "
+            help="hf://ORG/NAME[@REVISION] (the Hugging Face Hub, through its cache; HF_HUB_OFFLINE=1 reads only "
             "the cache), an http(s):// URL of a folder holding adapter_config.json and adapter_model.safetensors, "
             "or a local folder (file://PATH)."
         ),
@@ -500,14 +500,14 @@ def _identity(key: Path | None):
 @node_app.command("run")
 def node_run(
     base: Annotated[
-        Path | None, typer.Option("--base", help="Base model folder (Hugging Face safetensors). \\[required]")
+        Path | None, typer.Option("--base", help="Base model folder (Hugging Face safetensors). [required]")
     ] = None,
-    store: Annotated[Path | None, typer.Option("--store", help="Adapter store folder. \\[required]")] = None,
-    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="HTTP port. \\[required]")] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Address to bind. \\[default: 127.0.0.1]")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda. \\[default: cpu]")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="Adapter store folder. [required]")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="HTTP port. [required]")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind. [default: 127.0.0.1]")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda. [default: cpu]")] = None,
     slots: Annotated[
-        int | None, typer.Option("--slots", min=1, help="Adapter slots on the device. \\[default: 8]")
+        int | None, typer.Option("--slots", min=1, help="Adapter slots on the device. [default: 8]")
     ] = None,
     key: Annotated[
         Path | None, typer.Option("--key", help="Identity file (password from LORAMESH_KEY_PASSWORD).")
@@ -520,7 +520,7 @@ def node_run(
             max=MAX_LORA_RANK,
             help=(
                 "Largest adapter rank served (packages above the network's limit never verify). "
-                f"\\[default: {MAX_LORA_RANK}]"
+                f"[default: {MAX_LORA_RANK}]"
             ),
         ),
     ] = None,
@@ -536,7 +536,7 @@ def node_run(
                 "stay in full precision and serve unchanged. none: full precision. int8: CPU or any GPU, about "
                 "1/4 of fp32's (1/2 of bf16's) weight memory and faster decode: the pick on CPU. int4: CPU (and "
                 "CUDA), about half of int8's layer bytes, larger logit error. fp8: Hopper (H100/H200) or Ada GPUs "
-                "only, refused elsewhere: the pick on those. \\[default: none]"
+                "only, refused elsewhere: the pick on those. [default: none]"
             ),
         ),
     ] = None,
@@ -547,7 +547,7 @@ def node_run(
             help=(
                 "KV cache storage. auto: the activations' dtype. fp8: e4m3 with a scale per token and head, about "
                 "half of bf16's bytes (a quarter of fp32's), so about twice the tokens in the same memory, for a "
-                "few percent of logit error: CPU, or Hopper (H100/H200) / Ada GPUs. \\[default: auto]"
+                "few percent of logit error: CPU, or Hopper (H100/H200) / Ada GPUs. [default: auto]"
             ),
         ),
     ] = None,
@@ -559,7 +559,7 @@ def node_run(
             help=(
                 "Shard the base over N ranks of this host (GPUs cuda:0..N-1 over NCCL with --device cuda, else N "
                 "processes over gloo); N must divide the attention heads and the MLP width, and divide the kv "
-                "heads or be a multiple of them. Decode runs without CUDA graphs then. \\[default: 1]"
+                "heads or be a multiple of them. Decode runs without CUDA graphs then. [default: 1]"
             ),
         ),
     ] = None,
@@ -572,7 +572,7 @@ def node_run(
                 "CUDA: host buffers for adapters, pinned at start, each the size of a max-rank float32 package "
                 "(168 MB for an 8B base at rank 16); a cold adapter is read into one and laid out on the GPU, "
                 "and the host cache holds 2 fewer adapters than there are buffers. 0: none (adapters are laid "
-                "out on the host, and pinned as they load). \\[default: 34, within 8 GiB]"
+                "out on the host, and pinned as they load). [default: 34, within 8 GiB]"
             ),
         ),
     ] = None,
@@ -581,7 +581,7 @@ def node_run(
         bool | None,
         typer.Option(
             "--prefix-caching/--no-prefix-caching",
-            help="Share the KV of prompt prefixes across requests of the same adapter (or base-only) \\[default: on].",
+            help="Share the KV of prompt prefixes across requests of the same adapter (or base-only) [default: on].",
         ),
     ] = None,
     speculative: Annotated[
@@ -592,7 +592,7 @@ def node_run(
                 "Speculative decoding. ngram: each decoding row drafts the tokens that followed the last earlier "
                 "occurrence of its newest tokens in its prompt and output, verified in the same step (several "
                 "tokens a step where outputs repeat their input; same greedy output, same sampling distribution). "
-                "off: one token a row a step. \\[default: ngram]"
+                "off: one token a row a step. [default: ngram]"
             ),
         ),
     ] = None,
@@ -631,7 +631,7 @@ def node_run(
         typer.Option(
             "--data-dir",
             help="Node data folder; holds operator.token (made on first start). Default .loramesh/node. "
-            "\\[env var: LORAMESH_NODE_DATA_DIR]",
+            "[env var: LORAMESH_NODE_DATA_DIR]",
         ),
     ] = None,
     trust_gateway_key: Annotated[
@@ -640,7 +640,7 @@ def node_run(
             "--trust-gateway-key",
             help="Gateway public key (64 hex) whose signed calls are served; repeatable (env: space-separated). "
             "Default: the keys the --gateway URLs announce. "
-            "\\[env var: LORAMESH_NODE_TRUST_GATEWAY_KEYS]",
+            "[env var: LORAMESH_NODE_TRUST_GATEWAY_KEYS]",
         ),
     ] = None,
     max_package_bytes: Annotated[
