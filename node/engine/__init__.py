@@ -28,6 +28,7 @@ from node.engine.lora.mapping import LoRAMapping
 from node.engine.request import (
     Choice,
     DuplicateRequestError,
+    EngineBusyError,
     FinishEvent,
     GenerationRequest,
     PromptLogprobsEvent,
@@ -47,6 +48,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterSlotsBusyError",
     "DuplicateRequestError",
+    "EngineBusyError",
     "AsyncEngine",
     "Choice",
     "EngineConfig",

@@ -16,6 +16,7 @@ from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
 from node.engine.request import (
     DuplicateRequestError,
+    EngineBusyError,
     FinishEvent,
     GenerationRequest,
     PromptLogprobsEvent,
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 # the node's fetcher of an adapter its store lacks: adapter id -> the path a peer's package was
 # installed at, or None when no peer had it
 AsyncFetcher = Callable[[str], Awaitable[Path | None]]
+# requests waiting for (or in) the compile thread, past which a new one is refused at once (EngineBusyError): a
+# compile takes at most tens of milliseconds (grammar.MAX_GRAMMAR_SIZE), so the queue's last waits well under a
+# second, never the gateway's first-byte timeout that takes a silent node for a hung one
+MAX_QUEUED_COMPILES = 16
 
 
 class RequestStream:
@@ -89,6 +94,7 @@ class AsyncEngine:
         # one thread validates the requests that cost (grammar compiles, text prompts): a flood of hostile
         # schemas takes one core at most, and never the event loop
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-compiler")
+        self._compiles = 0  # requests waiting for the compile thread or on it (event loop only)
 
     @property
     def base_model_id(self) -> str:
@@ -126,11 +132,20 @@ class AsyncEngine:
     # ---- API for asyncio callers ----
     async def asubmit(self, request: GenerationRequest) -> RequestStream:
         """`submit`, with the request's costly validation off the event loop when it has any: a grammar to compile
-        (a hostile schema takes up to a second; one at a time, on the compile thread) or a text prompt to
-        tokenize. A plain request of token ids is validated on the loop (a thread hop costs its TTFT more)."""
-        if request.params.guided is None and request.prompt is None:
+        (one at a time, on the compile thread; at most MAX_QUEUED_COMPILES waiting, EngineBusyError past them) or a
+        text prompt to tokenize. A request of token ids, plain or with a grammar compiled already, is validated on
+        the loop (a thread hop costs its TTFT more; a compiled grammar never waits behind another's compile)."""
+        if not self.core.costly(request):
             return self.submit(request)
-        group = await asyncio.get_running_loop().run_in_executor(self._compiler, self.core.make_group, request)
+        if self._compiles >= MAX_QUEUED_COMPILES:
+            raise EngineBusyError(
+                f"this node has {self._compiles} requests waiting for grammar compiles or prompt tokenization; retry"
+            )
+        self._compiles += 1
+        try:
+            group = await asyncio.get_running_loop().run_in_executor(self._compiler, self.core.make_group, request)
+        finally:
+            self._compiles -= 1
         return self._queue(request, group)
 
     def submit(self, request: GenerationRequest) -> RequestStream:

@@ -52,6 +52,14 @@ _JSON_OPTIONS = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{WHITESPACE_MAX}
 COMPACT_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": None}
 # Fewer lexer states than llguidance's default (250,000 at 1-2 kB each): a schema needing more is refused
 MAX_LEXER_STATES = 50_000
+# A smaller grammar than llguidance's default (500,000 symbols). Compiles run one at a time on the node's
+# compile thread, where a schema of products (allOf of anyOfs: 2 kB of JSON for thousands of alternatives)
+# took 1.3 s to be refused at the default, and one just under it 0.5 s plus 0.5 s for its first mask: six such
+# requests, free to their sender, held every guided request (and, past the gateway's first-byte timeout, the
+# node) for seconds (attack review). At 20,000 (tiny tokenizer, 2 shared cores) such schemas are refused in
+# under 45 ms, the slowest accepted one compiled with its first mask in about 70 ms, and the largest tool plans
+# the gateway builds (128 tools; 16 tools of 32 parameters) need under 10,000.
+MAX_GRAMMAR_SIZE = 20_000
 _ERROR_CHARS = 200
 
 
@@ -127,12 +135,13 @@ def schema_json(schema: dict) -> bytes:
 class Matcher:
     """One sequence's place in its grammar. Used by one thread at a time (the engine's)."""
 
-    __slots__ = ("_m", "_words", "_vocab")
+    __slots__ = ("_m", "_words", "_vocab", "_refused")
 
     def __init__(self, inner, vocab_size: int) -> None:
         self._m = inner  # llguidance.LLMatcher
         self._vocab = vocab_size
         self._words = (vocab_size + 31) // 32
+        self._refused = False  # it refused a token (accept): stopped, EOS only; any other error is a failure
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into bitmask[row] (bit t of the row: token t may come next)."""
@@ -142,14 +151,24 @@ class Matcher:
         if bitmask.shape[1] != self._words or not 0 <= row < bitmask.shape[0] or bitmask.stride(1) != 1:
             raise ValueError(f"bitmask {tuple(bitmask.shape)} has no contiguous row {row} of {self._words} words")
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr() + row * bitmask.stride(0) * 4, self._words * 4)
-        if self._m.is_error():  # out of fuel, or a token accepted unchecked: only EOS is allowed now
-            log.warning("grammar matcher stopped: %s", _one_line(self._m.get_error()))
+        if self._m.is_error() and not self._refused:
+            # out of fuel (a schema whose alternatives outgrow the parser's bounds a few tokens in): the library
+            # then allows only EOS, and the text, cut short, would end as "stop" as if it matched; the request
+            # fails instead (the engine ends the requests whose sampling raises, and only those)
+            raise GrammarError(f"guided: the schema could not be enforced here: {self.error}")
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`; False (and the matcher stopped) when the grammar did not allow it."""
         if not 0 <= token_id < self._vocab:
             return False
-        return self._m.consume_token(token_id)
+        ok = self._m.consume_token(token_id)
+        self._refused |= not ok
+        return ok
+
+    @property
+    def error(self) -> str:
+        """Why the matcher stopped (one line; empty while it has not)."""
+        return _one_line(self._m.get_error()) if self._m.is_error() else ""
 
     @property
     def terminated(self) -> bool:
@@ -179,10 +198,17 @@ class Grammars:
         # ids from len(tokenizer) up to vocab_size (a padded embedding) are tokens with no bytes: never allowed
         eos = list(eos_ids) if eos_ids else None
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
-        self._limits = llguidance.LLParserLimits(max_lexer_states=MAX_LEXER_STATES, verbose_errors=False)
+        self._limits = llguidance.LLParserLimits(
+            max_lexer_states=MAX_LEXER_STATES, max_grammar_size=MAX_GRAMMAR_SIZE, verbose_errors=False
+        )
         self._cache: OrderedDict[GuidedSpec, object] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    def cached(self, spec: GuidedSpec) -> bool:
+        """Whether the spec's grammar is compiled already (a matcher of it costs a copy, not a compile)."""
+        with self._lock:
+            return spec in self._cache
 
     def compiled(self, spec: GuidedSpec):
         """The spec's compiled grammar (an llguidance matcher never advanced), from the cache or compiled now."""
@@ -208,6 +234,10 @@ class Grammars:
         proto = LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._limits)
         if proto.is_error():
             raise GrammarError(f"guided.schema cannot be compiled: {_one_line(proto.get_error())}")
+        # the first mask here, on the compile thread: it can cost as much as the compile (a schema of products:
+        # 0.5 s), and every copy of the prototype starts from it (a copy's first mask then costs 0.1 ms, where each
+        # of a request's sequences paid it on the engine thread, one after another, holding every client's step)
+        Matcher(proto, self.vocab_size).fill(self.new_bitmask(1), 0)
         return proto
 
     def matcher(self, spec: GuidedSpec) -> Matcher:

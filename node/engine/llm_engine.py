@@ -261,6 +261,15 @@ class LLMEngine:
                 )
         return SequenceGroup(seqs, sum(len(ids) for ids in prompts))
 
+    def costly(self, req: GenerationRequest) -> bool:
+        """Whether make_group would tokenize text or compile a grammar (then it runs on the compile thread, not
+        the event loop); a grammar compiled already costs a copy per sequence. (Evicted between this answer and
+        make_group, one grammar is compiled on the loop: at most tens of ms, MAX_GRAMMAR_SIZE.)"""
+        if req.prompt is not None:
+            return True
+        guided = req.params.guided
+        return guided is not None and (self._grammars is None or not self._grammars.cached(guided))
+
     def grammars(self):
         """The engine's grammar compiler (node.engine.grammar.Grammars), built on first use (any thread)."""
         with self._grammars_lock:
@@ -469,9 +478,13 @@ class LLMEngine:
             text, hit_stop = s.stream.push(t)
             reason = "stop" if hit_stop else None
         if s.matcher is not None and reason is None:
-            if not s.matcher.accept(t):  # the mask allowed it, so this is a bug, not the client's doing
-                log.error("request %s: the grammar refused token %d it had allowed", s.request_id, t)
-                reason = "stop"
+            if not s.matcher.accept(t):
+                # the mask allowed it: the parser ran out of fuel on the way (a schema whose alternatives outgrow
+                # its bounds), or a bug. The text can no longer be held to the schema: the request fails, where
+                # it ended "stop", cut short, as if it matched
+                s.error = f"guided: the schema could not be enforced here: {s.matcher.error}"
+                log.warning("request %s: the grammar refused token %d it had allowed: %s", s.request_id, t, s.error)
+                reason = "error"
             elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow
                 reason = "stop"
         if reason is None and t in self.eos_ids and not s.params.ignore_eos:
@@ -568,7 +581,10 @@ class LLMEngine:
         return events
 
     def _end_sequence(self, seq: Sequence, reason: str) -> list:
-        """One sequence ended ("stop" | "length"); its request ends with its last sequence."""
+        """One sequence ended ("stop" | "length"); its request ends with its last sequence. "error" (its
+        `error` says why) ends the request: a request's sequences fail together."""
+        if reason == "error":
+            return [self._end_group(seq.group, "error", seq.error)]
         self.scheduler.finish(seq)
         seq.finish_reason = reason
         group = seq.group

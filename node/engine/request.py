@@ -38,6 +38,10 @@ class DuplicateRequestError(RequestError):
     """A request with this id is already running."""
 
 
+class EngineBusyError(RuntimeError):
+    """The engine has more requests waiting to be validated than it queues: not the request's fault, retry."""
+
+
 # Temperatures below this sample as greedy (as vLLM's sampling epsilon does): dividing logits by them
 # overflows float32.
 MIN_TEMPERATURE = 1e-5

@@ -366,3 +366,19 @@ def test_receipts_are_kept_for_the_gateway(node):
     check_receipt(rec, got.json()["signature"], node["pub"])
     assert rec["request_id"] == cut and rec["finish_reason"] == "abort" and 1 <= rec["completion_tokens"] < 500
     _error(c.get("/v1/requests/0x" + "5c" * 32 + "/receipt"), 404, "receipt_not_found", "no receipt")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_full_compile_queue_is_a_503_not_a_client_error(node, monkeypatch, stream):
+    """Past MAX_QUEUED_COMPILES waiting requests (text to tokenize, grammars to compile) the node refuses at once
+    with 503 engine_busy (the gateway tries another node, and does not take this one for dead); a request of
+    token ids with no grammar never queues."""
+    import node.engine.async_engine as async_engine
+
+    monkeypatch.setattr(async_engine, "MAX_QUEUED_COMPILES", 0)
+    c = node["client"]
+    _error(
+        c.post("/v1/generate", json={"prompt": "hi", "max_tokens": 2, "stream": stream}), 503, "engine_busy", "retry"
+    )
+    ok = c.post("/v1/generate", json={"prompt_token_ids": [1, 5, 6], "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1

@@ -21,6 +21,7 @@ from node.api.models import GenerateBody, IdPath, json_schema_body, parse_body
 from node.engine import (
     AdapterError,
     DuplicateRequestError,
+    EngineBusyError,
     FinishEvent,
     GenerationRequest,
     PromptLogprobsEvent,
@@ -271,6 +272,8 @@ async def _submit(node: NodeApi, rid: str, body: GenerateBody):
         raise ApiError(400, str(e), "context_length_exceeded") from e
     except DuplicateRequestError as e:
         raise ApiError(409, str(e), "duplicate_request") from e
+    except EngineBusyError as e:  # the gateway tries another node (a 503 is busy, not dead)
+        raise ApiError(503, str(e), "engine_busy") from e
     except RequestError as e:
         message = _named("guided", e) if guided is not None and _is_grammar_error(e) else str(e)
         raise ApiError(400, message, "invalid_request") from e

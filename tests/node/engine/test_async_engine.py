@@ -166,3 +166,38 @@ def test_a_finished_request_is_remembered_by_its_counts_only(engine, llama_world
     assert streamed.choices and streamed.prompt_logprobs  # the stream's last event is whole
     assert (kept.prompt_tokens, kept.completion_tokens, kept.finished_at) == (4, 18, streamed.finished_at)
     assert kept.text == "" and kept.token_ids == () and kept.choices == () and kept.prompt_logprobs is None
+
+
+def test_a_compiled_grammar_skips_the_compile_queue_and_a_full_queue_refuses_at_once(engine, monkeypatch):
+    """New schemas wait for the one compile thread, at most MAX_QUEUED_COMPILES of them: one more is refused at
+    once (EngineBusyError: the node answers 503 and the gateway tries another), so a flood of costly schemas
+    cannot hold a request past the gateway's first-byte timeout; a schema compiled already never queues."""
+    import node.engine.async_engine as async_engine
+    from node.engine import EngineBusyError, GenerationRequest, SamplingParams
+    from node.engine.grammar import GuidedSpec
+
+    monkeypatch.setattr(async_engine, "MAX_QUEUED_COMPILES", 1)
+
+    def req(rid: str, word: str) -> GenerationRequest:
+        spec = GuidedSpec.from_wire({"type": "json_schema", "schema": {"enum": [word]}})
+        return GenerationRequest(
+            rid, None, prompt_token_ids=[1, 5, 6], params=SamplingParams(max_tokens=4, guided=spec)
+        )
+
+    async def go():
+        [ev async for ev in await engine.asubmit(req("warm", "cd"))]  # compiles {"enum": ["cd"]}
+        got = await asyncio.gather(
+            engine.asubmit(req("new1", "ef")),  # waits for the compile thread: the queue is full
+            engine.asubmit(req("new2", "gh")),  # refused at once
+            engine.asubmit(req("cached", "cd")),  # compiled already: validated on the loop, no queue
+            return_exceptions=True,
+        )
+        for stream in got:
+            if not isinstance(stream, BaseException):
+                [ev async for ev in stream]
+        return got
+
+    new1, new2, cached = asyncio.run(go())
+    assert isinstance(new2, EngineBusyError), new2
+    assert not isinstance(new1, BaseException) and not isinstance(cached, BaseException), (new1, cached)
+    assert engine._compiles == 0  # every place given back

@@ -112,6 +112,20 @@ def grammars(tok):
     return Grammars(tok, WIDTH)
 
 
+def PRODUCTS(factors: int, alternatives: int) -> dict:  # noqa: N802 - reads as the schema it builds
+    """allOf of `factors` anyOfs of `alternatives` one-property objects: alternatives ** factors object shapes."""
+    return {
+        "allOf": [
+            {
+                "anyOf": [
+                    {"type": "object", "properties": {f"p{j}_{i}": {"type": "integer"}}} for i in range(alternatives)
+                ]
+            }
+            for j in range(factors)
+        ]
+    }
+
+
 def spec(schema: dict | None) -> GuidedSpec:
     return GuidedSpec.from_wire(
         {"type": "json_object"} if schema is None else {"type": "json_schema", "schema": schema}
@@ -277,14 +291,39 @@ def test_a_spec_is_checked_when_made():
         {"not": {"type": "string"}},  # a keyword llguidance cannot enforce: refused, not ignored
         json.loads('{"type":"object","properties":{"a":' * 300 + "{}" + "}}" * 300),
         {"type": "integer", "minimum": 5, "maximum": 1},
+        PRODUCTS(4, 7),  # 2 kB for 2,401 alternatives: refused at MAX_GRAMMAR_SIZE, where it took 0.5 s + 0.5 s
+        # compiles, but its first mask fails: refused here, on the compile thread, not on the engine's
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
     ],
-    ids=["type", "regex", "ref", "not", "deep", "empty-range"],
+    ids=["type", "regex", "ref", "not", "deep", "empty-range", "products", "first-mask"],
 )
 def test_a_schema_the_library_refuses_is_a_one_line_grammar_error(grammars, schema):
     with pytest.raises(GrammarError) as e:
         grammars.matcher(spec(schema))
     msg = str(e.value)
-    assert msg.startswith("guided.schema") and "\n" not in msg and len(msg) < 300
+    assert msg.startswith("guided") and "\n" not in msg and len(msg) < 300
+    assert not grammars.cached(spec(schema))
+
+
+def test_a_matcher_out_of_fuel_says_so_rather_than_ending_as_if_it_matched(tok, grammars):
+    """A schema of products within the grammar's bound: its alternatives outgrow the parser's row a couple of tokens
+    in; the library then allows only EOS, and the text would have ended "stop", cut short, as if it matched. The
+    matcher says so: a fill raises, or the token its mask allowed is refused with the reason (the engine then
+    fails the request: test_guided.py)."""
+    m = grammars.matcher(spec(PRODUCTS(3, 5)))
+    mask = grammars.new_bitmask(1)
+    for _ in range(16):
+        try:
+            m.fill(mask, 0)
+        except GrammarError as e:
+            assert "could not be enforced" in str(e)
+            return
+        allowed_ids = allowed(mask[0]).nonzero().flatten().tolist()
+        assert allowed_ids != [EOS], "the matcher stopped without saying so"
+        if not m.accept(allowed_ids[len(allowed_ids) // 2]):
+            assert m.error, "a token its own mask allowed was refused with no reason"
+            return
+    pytest.fail("the schema of products never ran the parser out of fuel: the test no longer shows anything")
 
 
 def test_the_cache_returns_one_compiled_grammar_per_spec_and_forgets_the_oldest(tok):

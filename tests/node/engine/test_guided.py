@@ -73,3 +73,27 @@ def test_a_schema_the_grammar_cannot_compile_is_refused_before_it_runs(llama_wor
         assert not engine.has_work() and "bad" not in engine.requests
     finally:
         engine.close()
+
+
+def test_a_schema_the_parser_cannot_follow_fails_the_request_not_as_a_match(llama_world):
+    """allOf of 3 anyOfs of 5 objects compiles, then outgrows the parser's bounds a couple of tokens in: the request
+    fails with the reason (every one of its sequences), where its text ended "stop", cut short, as if it matched;
+    a request beside it is served."""
+    products = {
+        "allOf": [
+            {"anyOf": [{"type": "object", "properties": {f"p{j}_{i}": {"type": "integer"}}} for i in range(5)]}
+            for j in range(3)
+        ]
+    }
+    engine = llama_world.engine()
+    try:
+        spec = GuidedSpec.from_wire({"type": "json_schema", "schema": products})
+        hard = GenerationRequest(
+            "hard", None, prompt_token_ids=[1, 5, 6], params=SamplingParams(max_tokens=32, n=2, seed=3, guided=spec)
+        )
+        done = engine.generate([hard, _req("plain", [1, 7, 8], seed=4)])
+        assert done["hard"].finish_reason == "error", (done["hard"].finish_reason, done["hard"].text)
+        assert "could not be enforced" in done["hard"].error
+        assert done["plain"].finish_reason in ("stop", "length") and done["plain"].completion_tokens > 0
+    finally:
+        engine.close()
