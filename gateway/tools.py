@@ -116,17 +116,25 @@ class ToolPlan:
         if self.choice == "function":
             return {"type": "json_schema", "schema": self.functions[self.name]["parameters"] | COMPACT}
         if self.choice == "required":
-            calls = [
-                {
-                    "type": "object",
-                    "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                    "required": ["name", "arguments"],
-                    "additionalProperties": False,
-                }
-                for f in self.functions.values()
-            ]
+            calls, defs = [], {}
+            for i, f in enumerate(self.functions.values()):
+                arguments = f["parameters"]
+                # a tool's parameters that refer to themselves ("#/$defs/Unit", as pydantic writes them) are
+                # moved under the combined schema's $defs, their references with them: nested in the array,
+                # "#" would be the array's root, and the grammar refused them
+                rooted = _rooted(arguments, f"#/$defs/tool{i}")
+                if rooted != arguments:
+                    defs[f"tool{i}"], arguments = rooted, {"$ref": f"#/$defs/tool{i}"}
+                calls.append(
+                    {
+                        "type": "object",
+                        "properties": {"name": {"const": f["name"]}, "arguments": arguments},
+                        "required": ["name", "arguments"],
+                        "additionalProperties": False,
+                    }
+                )
             schema = {"type": "array", "minItems": 1, "maxItems": self.max_calls, "items": {"anyOf": calls}} | COMPACT
-            return {"type": "json_schema", "schema": schema}
+            return {"type": "json_schema", "schema": schema | ({"$defs": defs} if defs else {})}
         return None
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
@@ -183,6 +191,26 @@ class ToolPlan:
 
     def stream(self) -> ToolStream:
         return ToolStream(self)
+
+
+# keywords whose values are data, not schemas: a "$ref" key in them is a value the client wrote, left as it is
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _rooted(schema: object, at: str) -> object:
+    """A schema to be placed at the JSON pointer `at` of a larger one: its local references ("#", "#/...") made to
+    point under `at` (an equal copy when it has none)."""
+    if isinstance(schema, list):
+        return [_rooted(v, at) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            out[k] = at + v[1:]
+        else:
+            out[k] = v if k in _DATA_KEYWORDS else _rooted(v, at)
+    return out
 
 
 def _parsed(text: str) -> object | None:

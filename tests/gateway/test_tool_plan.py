@@ -226,3 +226,49 @@ def test_many_unclosed_blocks_stay_text_whole_and_streamed():
     stream = plan.stream()
     out = [d for i in range(0, len(text), 5) for d in stream.push(text[i : i + 5])] + stream.close()
     assert "".join(d["content"] for d in out) == text
+
+
+def test_required_tools_whose_parameters_refer_to_themselves(tiny_base):
+    """Parameters as pydantic writes them ($defs and "#/$defs/..." references) nested under the required calls'
+    array: each tool's references are moved with it, so the node's grammar compiles them (it refused them:
+    "Pointer '/$defs/Unit' does not exist") and holds calls to them; data that merely looks like a reference
+    ("const", "enum", "default") is left as written."""
+    from transformers import AutoTokenizer
+
+    from node.engine.grammar import Grammars, GuidedSpec
+
+    unit = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "$defs": {"Unit": {"enum": ["c", "f"]}},
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 6},
+                    "unit": {"$ref": "#/$defs/Unit"},
+                    "again": {"$ref": "#/properties/city"},
+                    "note": {"const": {"$ref": "#/not/a/schema"}},
+                },
+                "required": ["city", "unit"],
+            },
+        },
+    }
+    plan = tool_plan([unit, TIME], "required")
+    guided = plan.guided()
+    schema = guided["schema"]
+    assert schema["$defs"]["tool0"]["properties"]["note"] == {"const": {"$ref": "#/not/a/schema"}}
+    assert tool_plan([WEATHER, TIME], "required").guided()["schema"].get("$defs") is None  # no references: as before
+    jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c", "again": "Rome"}}], schema)
+    for bad in ({"city": "Paris", "unit": "k"}, {"city": "Paris", "unit": "c", "again": "Amsterdam"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([{"name": "get_weather", "arguments": bad}], schema)
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    grammars = Grammars(tok, len(tok))
+    m = grammars.matcher(GuidedSpec.from_wire(guided))  # compiles (GrammarError before)
+    good = '[{"name":"get_weather","arguments":{"city":"Paris","unit":"f"}}]'
+    assert all(m.accept(t) for t in tok.encode(good, add_special_tokens=False)) and m.accepting
+    m = grammars.matcher(GuidedSpec.from_wire(guided))
+    bad = '[{"name":"get_weather","arguments":{"city":"Paris","unit":"k"'
+    assert not all(m.accept(t) for t in tok.encode(bad, add_special_tokens=False))
