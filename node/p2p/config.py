@@ -39,6 +39,7 @@ class P2PConfig:
     book_max_peers: int = 1024  # announcing peers remembered
     book_max_ids: int = 65536  # adapter ids remembered over all peers (~120 bytes each)
     dht_provide_interval: float = 1.5  # a peer accepts 10 ADD_PROVIDER per 10 s, drops the rest
+    dht_max_provider_keys: int = 16384  # content keys this node's DHT keeps provider records for (up to 20 each)
     discover_timeout: float = 10.0  # how long a fetch waits for a first provider
     dht_query_timeout: float = 3.0
 
@@ -76,6 +77,7 @@ class P2PConfig:
             "max_attempts",
             "book_max_peers",
             "book_max_ids",
+            "dht_max_provider_keys",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"p2p config {name} must be >= 1, got {getattr(self, name)}")

@@ -1,6 +1,7 @@
 """A node's libp2p host: built from the node seed (TCP + Noise + Yamux only), the check that its
-port is free, the guard that keeps one stream's error from stopping the host, the full multiaddr
-strings (…/p2p/<peer id>) peers dial, and py-libp2p's log records routed into ours."""
+port is free, the guard that keeps one stream's error from stopping the host, the bound on what the
+DHT keeps for strangers, the full multiaddr strings (…/p2p/<peer id>) peers dial, and py-libp2p's log
+records routed into ours."""
 
 from __future__ import annotations
 
@@ -95,6 +96,25 @@ def guard_stream_handlers(host) -> None:
     for protocol, handler in list(handlers.items()):
         if handler is not None and not getattr(handler, "_loramesh_guarded", False):
             handlers[protocol] = _guarded(protocol, handler)
+
+
+def bound_provider_store(store, max_keys: int) -> None:
+    """Keep a DHT's provider records to `max_keys` content keys. py-libp2p's store caps the providers of one key
+    (20) and each peer's ADD_PROVIDER messages (10 per 10 s), but not the keys: a stranger with fresh peer ids
+    (free) added a key a second each for as long as records live (48 h). At the cap, expired records go first,
+    then the key added longest ago (its providers re-provide within a day; GossipSub announcements still find
+    them meanwhile)."""
+    add = store.add_provider
+
+    def add_provider(key: bytes, provider) -> None:
+        providers = store.providers
+        if key not in providers and len(providers) >= max_keys:
+            store.cleanup_expired()
+            while len(providers) >= max_keys:
+                del providers[next(iter(providers))]
+        add(key, provider)
+
+    store.add_provider = add_provider
 
 
 def _guarded(protocol, handler):

@@ -37,7 +37,14 @@ from node.p2p.config import P2PConfig
 from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, Progress, TransferStatus
-from node.p2p.host import build_host, full_addrs, guard_stream_handlers, refuse_taken_port, route_libp2p_logging
+from node.p2p.host import (
+    bound_provider_store,
+    build_host,
+    full_addrs,
+    guard_stream_handlers,
+    refuse_taken_port,
+    route_libp2p_logging,
+)
 from node.p2p.protocol import PROTOCOL_ID
 from node.p2p.server import AdapterServer
 from node.p2p.standing import PeerStanding
@@ -145,6 +152,10 @@ class P2PNode:
         book = self._m().discovery.book
         return len(book), book.id_count
 
+    def dht_key_count(self) -> int:
+        """Content keys the DHT keeps provider records for (bounded: P2PConfig.dht_max_provider_keys)."""
+        return len(self._m().dht.provider_store.providers)
+
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._m().host.get_connected_peers()]
 
@@ -227,6 +238,7 @@ class Mesh:
         self.server = server_factory(store, config=config)
         self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.server.handle)
         self.dht = KadDHT(self.host, DHTMode.SERVER)
+        bound_provider_store(self.dht.provider_store, config.dht_max_provider_keys)
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
             degree=6,

@@ -98,6 +98,7 @@ def _handle(node: P2PNode, cmd: dict) -> dict:
             "transfers": [asdict(t) for t in node.transfers()],
             "book_peers": book_peers,
             "book_ids": book_ids,
+            "dht_keys": node.dht_key_count(),
         }
     raise ValueError(f"unknown command {op!r}")
 

@@ -16,6 +16,7 @@ none of its checks. Prints {"ok", "peer_id", "addrs"} once listening, then answe
         dup_manifest (the manifest with a key repeated), trickle (real frames at 1 byte/s)
   {"cmd": "idle_streams", "peer", "addr", "count"}        open adapter streams and never send a request
   {"cmd": "stream_states"}                                how many of those the other side ended
+  {"cmd": "provide_keys", "addr", "count"}               made-up hosts send ADD_PROVIDER for that many random keys
   {"cmd": "fake_providers", "addr", "adapter_id", "count"} that many made-up hosts each send the
         target a DHT ADD_PROVIDER for the adapter (their addresses accept no adapter stream)
   {"cmd": "quit"}
@@ -141,6 +142,14 @@ class Malice:
             task_status.started(host.get_id().to_base58())
             await trio.sleep_forever()
 
+    async def provide_keys(self, target, keys: list[bytes]) -> None:
+        """A made-up host sends ADD_PROVIDER for each key (a peer may send 10 in 10 s: give it at most 10)."""
+        key_pair, host = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
+        async with host.run(listen_addrs=[Multiaddr(LISTEN)]):
+            await host.connect(target)
+            for key in keys:
+                await ProviderStore(host)._send_add_provider(target.peer_id, key)
+
     # -- commands -------------------------------------------------------------------------
 
     async def command(self, cmd: dict) -> dict:
@@ -203,6 +212,12 @@ class Malice:
             for _ in range(cmd["count"]):
                 ids.append(await self.nursery.start(self.fake_provider, target, cmd["adapter_id"]))
             return {"fakes": ids}
+        if op == "provide_keys":  # content keys nobody holds, from made-up hosts: 10 keys each
+            target = info_from_p2p_addr(Multiaddr(cmd["addr"]))
+            keys = [os.urandom(32) for _ in range(cmd["count"])]
+            for i in range(0, len(keys), 10):
+                await self.provide_keys(target, keys[i : i + 10])
+            return {"keys": len(keys)}
         raise ValueError(f"unknown command {op!r}")
 
 

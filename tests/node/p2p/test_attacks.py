@@ -36,6 +36,7 @@ TARGET_CONFIG = dict(
     max_inbound_streams=8,
     max_streams_per_peer=2,
     announce_future_skew=5.0,
+    dht_max_provider_keys=16,
 )
 HONEST_WITHIN_S = 10.0
 
@@ -315,4 +316,14 @@ def test_made_up_dht_providers_neither_stall_a_fetch_nor_lock_out_real_ones(aren
     got, took = _timed_fetch(arena.t, arena.work / "t", pkg.adapter_id)
     assert got["ok"] and got["peer_id"] == arena.h.peer_id and got["attempts"] == 1, got
     assert took < HONEST_WITHIN_S
+    assert_still_serving(arena, packages)
+
+
+def test_made_up_content_keys_leave_the_dht_bounded(arena, packages):
+    """py-libp2p caps the providers of one key and each peer's ADD_PROVIDER rate, not the keys: fresh peer ids are
+    free, and each added a key a second that stayed 48 h. The node keeps dht_max_provider_keys."""
+    got = arena.m.call("provide_keys", addr=arena.t.addrs[0], count=40, timeout=120)
+    assert got["keys"] == 40, got
+    time.sleep(1)
+    assert 0 < arena.t.call("status")["dht_keys"] <= TARGET_CONFIG["dht_max_provider_keys"]
     assert_still_serving(arena, packages)
