@@ -25,10 +25,14 @@ from pydantic import (
 )
 
 from common.wire import (
+    MAX_GUIDED_CHOICE_CHARS,
+    MAX_GUIDED_CHOICES,
+    MAX_GUIDED_PATTERN_CHARS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
     MAX_PROMPTS,
+    MAX_SCHEMA_BYTES,
     MAX_SEQUENCES,
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
@@ -47,7 +51,6 @@ from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
 if TYPE_CHECKING:
     from gateway.router import Target
 
-MAX_SCHEMA_BYTES = 64 << 10
 COMPLETION_LOGPROBS = 5  # OpenAI's most for completions' `logprobs`
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -69,19 +72,35 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # OpenAI pads chunks against length side channels; nothing to pad here
 
 
+def _schema(v: dict | str) -> dict:
+    """A JSON schema within MAX_SCHEMA_BYTES; vLLM's fields take one as a JSON string too."""
+    if isinstance(v, str):
+        try:
+            v = parse_json(v, max_bytes=MAX_SCHEMA_BYTES, what="schema")
+        except UntrustedJSONError as e:
+            raise ValueError(str(e)) from None
+        if not isinstance(v, dict):
+            raise ValueError("the schema must be a JSON object")
+    if len(json.dumps(v)) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"the schema is more than {MAX_SCHEMA_BYTES} bytes of JSON")
+    return v
+
+
+Schema = Annotated[dict, AfterValidator(_schema)]
+SchemaOrText = Annotated[dict | str, AfterValidator(_schema)]
+Pattern = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_PATTERN_CHARS)]
+Choices = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_CHOICE_CHARS)]],
+    Field(min_length=1, max_length=MAX_GUIDED_CHOICES),
+]
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = STRICT | ConfigDict(populate_by_name=True)
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
     description: str | None = None
-    schema_: dict = Field(alias="schema")
+    schema_: Schema = Field(alias="schema")
     strict: bool | None = None  # every schema is enforced exactly (the node's grammar), strict or not
-
-    @field_validator("schema_")
-    @classmethod
-    def _size(cls, v: dict) -> dict:
-        if len(json.dumps(v)) > MAX_SCHEMA_BYTES:
-            raise ValueError(f"the schema is more than {MAX_SCHEMA_BYTES} bytes of JSON")
-        return v
 
 
 class ResponseFormat(BaseModel):
@@ -104,6 +123,36 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: one of a JSON schema, any JSON object, a regular expression the whole answer
+    matches, or a list of strings the answer is one of. Its `grammar` (a grammar in the backend's own dialect)
+    and `structural_tag` are refused by name."""
+
+    model_config = STRICT | ConfigDict(populate_by_name=True)
+    json_: SchemaOrText | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: Pattern | None = None
+    choice: Choices | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        fields = {"json": self.json_, "json_object": self.json_object, "regex": self.regex, "choice": self.choice}
+        given = [f for f, v in fields.items() if v]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(fields)}; got {', '.join(given) or 'none'}")
+        return self
+
+    def guided(self) -> dict:
+        """The node's `guided` value."""
+        if self.json_ is not None:
+            return {"type": "json_schema", "schema": self.json_}
+        if self.regex is not None:
+            return {"type": "regex", "pattern": self.regex}
+        if self.choice is not None:
+            return {"type": "choice", "choices": self.choice}
+        return {"type": "json_object"}
+
+
 class _Sampling(BaseModel):
     """Fields both endpoints share."""
 
@@ -124,6 +173,11 @@ class _Sampling(BaseModel):
         None
     )
     response_format: ResponseFormat | None = None
+    # vLLM's structured outputs: its current field, and the guided_* fields it had before (one constraint a request)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: SchemaOrText | None = None
+    guided_regex: Pattern | None = None
+    guided_choice: Choices | None = None
     # vLLM's sampling extras
     top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None  # -1 and 0: all tokens
     min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
@@ -161,6 +215,11 @@ class _Sampling(BaseModel):
         field)."""
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
+        shapes = self._shapes()
+        if len(shapes) > 1:
+            raise BadRequest(
+                f"{shapes[0][0]} and {shapes[1][0]} both constrain the answer: give one", param=shapes[1][0]
+            )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -179,8 +238,29 @@ class _Sampling(BaseModel):
     def wanted_tokens(self) -> int | None:
         return self.max_tokens
 
+    def _shapes(self) -> list[tuple[str, dict]]:
+        """(field, the node's `guided` value) of each field that constrains the answer's shape."""
+        out = []
+        if self.response_format is not None and (g := self.response_format.guided()) is not None:
+            out.append(("response_format", g))
+        if self.structured_outputs is not None:
+            out.append(("structured_outputs", self.structured_outputs.guided()))
+        if self.guided_json is not None:
+            out.append(("guided_json", {"type": "json_schema", "schema": self.guided_json}))
+        if self.guided_regex is not None:
+            out.append(("guided_regex", {"type": "regex", "pattern": self.guided_regex}))
+        if self.guided_choice is not None:
+            out.append(("guided_choice", {"type": "choice", "choices": self.guided_choice}))
+        return out
+
     def guided(self) -> dict | None:
-        return self.response_format.guided() if self.response_format is not None else None
+        shapes = self._shapes()
+        return shapes[0][1] if shapes else None
+
+    def guided_field(self) -> str | None:
+        """The field the node's `guided` value comes from (what a grammar the node refuses is about)."""
+        shapes = self._shapes()
+        return shapes[0][0] if shapes else None
 
     def bias_ids(self) -> list[int]:
         return [int(k) for k in self.logit_bias or ()]
@@ -373,12 +453,12 @@ class ChatRequest(_Rendered, _Sampling):
         if self.store:
             raise BadRequest("store is not supported: this gateway keeps no completions", param="store")
         self._plan = tool_plan(self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)
-        formatted = self.response_format is not None and self.response_format.guided() is not None
+        formatted = super().guided_field()
         if formatted and self._plan is not None and self._plan.guided() is not None:
             raise BadRequest(
-                "response_format cannot be combined with tool_choice required or a named function (both "
+                f"{formatted} cannot be combined with tool_choice required or a named function (both "
                 "constrain the answer)",
-                param="response_format",
+                param=formatted,
             )
 
     @property
@@ -393,6 +473,11 @@ class ChatRequest(_Rendered, _Sampling):
         if self._plan is not None and self._plan.guided() is not None:
             return self._plan.guided()
         return super().guided()
+
+    def guided_field(self) -> str | None:
+        if self._plan is not None and self._plan.guided() is not None:
+            return "tools"
+        return super().guided_field()
 
     def node_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

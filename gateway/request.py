@@ -521,12 +521,12 @@ class ServedRequest:
 
     def _rejected_param(self, e: NodeRejected) -> str | None:
         """The request field a node's refusal is about, where it says: the prompt, or the grammar it could not
-        compile (a response_format's schema, or the tools' for tool_choice required / a named function)."""
+        compile (the field that gave it: response_format, structured_outputs, a guided_* field, or tools for
+        tool_choice required / a named function)."""
         if e.code == "context_length_exceeded":
             return "messages" if self.chat else "prompt"
         if "guided" in str(e):
-            plan = self.req.plan if self.chat else None
-            return "tools" if plan is not None and plan.guided() is not None else "response_format"
+            return self.req.guided_field()
         return None
 
     @staticmethod

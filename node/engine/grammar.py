@@ -40,12 +40,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from node.engine.request import RequestError
+from common.wire import MAX_GUIDED_CHOICE_CHARS, MAX_GUIDED_CHOICES, MAX_GUIDED_PATTERN_CHARS, MAX_SCHEMA_BYTES
+from node.engine.request import GUIDED_TYPES, RequestError
 
 log = logging.getLogger(__name__)
 
-GUIDED_TYPES = ("json_object", "json_schema")
-MAX_SCHEMA_BYTES = 64 * 1024  # of compact JSON: bounds what the compiler reads before its fuel bounds the rest
+# on the wire, beside GUIDED_TYPES: one of a list of strings (held as the regular expression matching exactly them)
+WIRE_TYPES = (*GUIDED_TYPES, "choice")
+# the characters regex syntax gives a meaning (llguidance's is Rust's regex crate's): a choice's are escaped
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
 WHITESPACE_MAX = 64
 _JSON_OPTIONS = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{WHITESPACE_MAX}}}"}
 # the only llguidance options a schema may carry ("x-guidance"): JSON with no whitespace at all (tool calls)
@@ -74,16 +77,20 @@ def _one_line(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class GuidedSpec:
-    """What a sequence's text must be: any JSON object, or JSON valid against a schema. Hashable: the cache key."""
+    """What a sequence's text must be: any JSON object, JSON valid against a schema, or text a regular expression
+    matches whole. Hashable: the cache key."""
 
-    type: str  # "json_object" | "json_schema"
+    type: str  # "json_object" | "json_schema" | "regex"
     schema: str | None = None  # the schema as compact JSON, keys in the client's order (json_schema only)
+    pattern: str | None = None  # the regular expression (regex only)
 
     def __post_init__(self) -> None:
         if self.type not in GUIDED_TYPES:
             raise GrammarError(f"guided.type must be one of {', '.join(GUIDED_TYPES)}, got {self.type!r}")
         if (self.type == "json_schema") != isinstance(self.schema, str):
             raise GrammarError("guided.schema is required with type json_schema, and only with it")
+        if (self.type == "regex") != isinstance(self.pattern, str):
+            raise GrammarError("guided.pattern is required with type regex, and only with it")
         if self.schema is not None and len(self.schema.encode()) > MAX_SCHEMA_BYTES:
             raise GrammarError(
                 f"guided.schema is {len(self.schema.encode())} bytes of JSON; at most {MAX_SCHEMA_BYTES}"
@@ -97,14 +104,18 @@ class GuidedSpec:
         if not isinstance(obj, dict):
             raise GrammarError(f"guided must be an object or null, got {type(obj).__name__}")
         kind = obj.get("type")
-        if kind not in GUIDED_TYPES:
-            raise GrammarError(f"guided.type must be one of {', '.join(GUIDED_TYPES)}, got {kind!r}")
-        allowed = {"type", "schema"} if kind == "json_schema" else {"type"}
-        extra = sorted(str(k) for k in obj if k not in allowed)
+        if kind not in WIRE_TYPES:
+            raise GrammarError(f"guided.type must be one of {', '.join(WIRE_TYPES)}, got {kind!r}")
+        fields = {"json_object": (), "json_schema": ("schema",), "regex": ("pattern",), "choice": ("choices",)}[kind]
+        extra = sorted(str(k) for k in obj if k != "type" and k not in fields)
         if extra:
             raise GrammarError(f"guided has unknown field(s) {', '.join(map(repr, extra))} for type {kind}")
         if kind == "json_object":
             return cls("json_object")
+        if kind == "regex":
+            return cls("regex", pattern=_pattern(obj.get("pattern")))
+        if kind == "choice":
+            return cls("regex", pattern=_choice_pattern(obj.get("choices")))
         schema = obj.get("schema")
         if not isinstance(schema, dict):
             raise GrammarError(f"guided.schema must be a JSON object, got {type(schema).__name__}")
@@ -123,6 +134,22 @@ class GuidedSpec:
     def grammar_source(self) -> str:
         """The JSON schema the grammar is built from (any object for json_object, as vLLM's backends do)."""
         return self.schema if self.schema is not None else '{"type":"object"}'
+
+
+def _pattern(pattern) -> str:
+    if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_GUIDED_PATTERN_CHARS:
+        raise GrammarError(f"guided.pattern must be a regular expression of 1 to {MAX_GUIDED_PATTERN_CHARS} characters")
+    return pattern
+
+
+def _choice_pattern(choices) -> str:
+    """The regular expression matching exactly one of `choices` (vLLM's guided choice), each taken literally."""
+    if not isinstance(choices, list) or not 0 < len(choices) <= MAX_GUIDED_CHOICES:
+        raise GrammarError(f"guided.choices must be a list of 1 to {MAX_GUIDED_CHOICES} strings")
+    for c in choices:
+        if not isinstance(c, str) or not 0 < len(c) <= MAX_GUIDED_CHOICE_CHARS:
+            raise GrammarError(f"guided.choices must be strings of 1 to {MAX_GUIDED_CHOICE_CHARS} characters")
+    return "|".join("(" + "".join("\\" + ch if ch in _REGEX_META else ch for ch in c) + ")" for c in choices)
 
 
 def schema_json(schema: dict) -> bytes:
@@ -227,13 +254,17 @@ class Grammars:
 
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
+        field = "pattern" if spec.type == "regex" else "schema"
         try:
-            grammar = LLMatcher.grammar_from_json_schema(spec.grammar_source(), defaults=_JSON_OPTIONS)
+            if spec.type == "regex":
+                grammar = LLMatcher.grammar_from_regex(spec.pattern)
+            else:
+                grammar = LLMatcher.grammar_from_json_schema(spec.grammar_source(), defaults=_JSON_OPTIONS)
         except ValueError as e:
-            raise GrammarError(f"guided.schema is not a JSON object: {_one_line(str(e))}") from e
+            raise GrammarError(f"guided.{field} cannot be read: {_one_line(str(e))}") from e
         proto = LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._limits)
         if proto.is_error():
-            raise GrammarError(f"guided.schema cannot be compiled: {_one_line(proto.get_error())}")
+            raise GrammarError(f"guided.{field} cannot be compiled: {_one_line(proto.get_error())}")
         # the first mask here, on the compile thread: it can cost as much as the compile (a schema of products:
         # 0.5 s), and every copy of the prototype starts from it (a copy's first mask then costs 0.1 ms, where each
         # of a request's sequences paid it on the engine thread, one after another, holding every client's step)

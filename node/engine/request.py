@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
 
 
+# what a guided request's text must be (node.engine.grammar.GuidedSpec): any JSON object, JSON valid against a
+# schema, text a regular expression matches whole
+GUIDED_TYPES = ("json_object", "json_schema", "regex")
+
+
 class RequestError(ValueError):
     """A request the engine refuses before it runs (bad parameters, too long, duplicate id)."""
 
@@ -118,8 +123,8 @@ class SamplingParams:
         _count("logprobs", self.logprobs, 0, MAX_LOGPROBS, nullable=True)
         _count("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, nullable=True)
         _count("n", self.n, 1, MAX_N)
-        # a GuidedSpec (checked by its shape: importing node.engine.grammar would load the grammar library)
-        if self.guided is not None and getattr(self.guided, "type", None) not in ("json_object", "json_schema"):
+        # a GuidedSpec (checked by its shape: node.engine.grammar imports this module)
+        if self.guided is not None and getattr(self.guided, "type", None) not in GUIDED_TYPES:
             raise RequestError(f"guided must be a GuidedSpec or None, got {type(self.guided).__name__}")
 
     def _check_logit_bias(self) -> None:

@@ -248,3 +248,39 @@ def test_best_of_equal_to_n_streams_as_n(oai):
     for i in (0, 1):
         assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == plain
     assert "greater than n" in refused(lambda: list(complete(oai, n=1, best_of=2, stream=True)), "best_of")
+
+
+def test_vllm_structured_outputs_and_guided_fields(oai):
+    """vLLM's structured_outputs (choice, regex, json, json_object) and the guided_* fields it had before: each
+    answer, from random weights, has the shape asked; two constraints, or one the node cannot compile, are refused
+    naming the field; structured_outputs.grammar (a backend's own dialect) is refused by name."""
+    import json
+    import re
+
+    choices = ["yes", "no", "n/a (maybe)"]
+    for extra in ({"structured_outputs": {"choice": choices}}, {"guided_choice": choices}):
+        for seed in (1, 2):
+            got = chat(oai, temperature=1, seed=seed, max_tokens=16, extra_body=extra).choices[0]
+            assert got.message.content in choices and got.finish_reason == "stop", (extra, got)
+    pattern = "[a-z]{3}-[0-9]{2}"
+    for extra in ({"structured_outputs": {"regex": pattern}}, {"guided_regex": pattern}):
+        text = complete(oai, temperature=1, seed=3, max_tokens=16, extra_body=extra).choices[0].text
+        assert re.fullmatch(pattern, text), (extra, text)
+    schema = {
+        "type": "object",
+        "properties": {"k": {"enum": ["v", "w"]}},
+        "required": ["k"],
+        "additionalProperties": False,
+    }
+    for extra in ({"structured_outputs": {"json": schema}}, {"guided_json": json.dumps(schema)}):
+        got = chat(oai, temperature=1, seed=4, max_tokens=32, extra_body=extra).choices[0]
+        assert got.finish_reason == "stop" and json.loads(got.message.content)["k"] in ("v", "w"), (extra, got)
+    got = chat(oai, temperature=1, seed=5, max_tokens=32, extra_body={"structured_outputs": {"json_object": True}})
+    assert got.choices[0].message.content.startswith("{")
+
+    refused(lambda: chat(oai, extra_body={"guided_regex": "a", "guided_choice": ["b"]}), "guided_choice")
+    fmt = {"type": "json_object"}
+    refused(lambda: chat(oai, response_format=fmt, extra_body={"guided_regex": "a"}), "guided_regex")
+    refused(lambda: chat(oai, extra_body={"structured_outputs": {"grammar": "root ::= x"}}), "structured_outputs")
+    refused(lambda: chat(oai, extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs")
+    assert "guided.pattern" in refused(lambda: complete(oai, extra_body={"guided_regex": "(unclosed"}), "guided_regex")

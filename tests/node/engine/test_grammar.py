@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from common.wire import MAX_GUIDED_CHOICES, MAX_GUIDED_PATTERN_CHARS
 from node.engine import grammar
 from node.engine.grammar import (
     MAX_SCHEMA_BYTES,
@@ -241,6 +242,25 @@ def test_whitespace_between_tokens_is_bounded(tok, grammars):
     assert not m.accept(space)  # nothing before the value, so EOS comes exactly at the end of an object
 
 
+def test_a_choice_is_one_of_its_strings_taken_literally_and_a_regex_matches_whole(tok, grammars):
+    """vLLM's guided choice and regex: the text is exactly one choice (regex syntax in a choice is just text), or
+    text the whole regular expression matches; EOS comes only where it is complete."""
+
+    def takes(spec_: GuidedSpec, text: str) -> bool:
+        m = grammars.matcher(spec_)
+        return all(m.accept(t) for t in tok.encode(text, add_special_tokens=False)) and m.accepting
+
+    choice = GuidedSpec.from_wire({"type": "choice", "choices": ["yes", "no", "a.b*c", "x|y", "(z)\\"]})
+    for text in ("yes", "no", "a.b*c", "x|y", "(z)\\"):
+        assert takes(choice, text), text
+    for text in ("ye", "yess", "aXbbc", "x", "z"):
+        assert not takes(choice, text), text
+    regex = GuidedSpec.from_wire({"type": "regex", "pattern": "[0-9]{3}-[a-z]+"})
+    assert takes(regex, "123-abc") and not takes(regex, "12-abc") and not takes(regex, "123-")
+    with pytest.raises(GrammarError, match="guided.pattern"):
+        grammars.matcher(GuidedSpec.from_wire({"type": "regex", "pattern": "(unclosed"}))
+
+
 def test_from_wire_accepts_the_two_shapes():
     assert GuidedSpec.from_wire(None) is None
     assert GuidedSpec.from_wire({"type": "json_object"}) == GuidedSpec("json_object")
@@ -256,7 +276,14 @@ def test_from_wire_accepts_the_two_shapes():
         ("json_object", "must be an object"),
         ([{"type": "json_object"}], "must be an object"),
         ({}, "guided.type"),
-        ({"type": "regex", "schema": {}}, "guided.type"),
+        ({"type": "lark", "grammar": "start: x"}, "guided.type"),  # a grammar dialect: not taken
+        ({"type": "regex", "schema": {}}, "unknown field"),
+        ({"type": "regex"}, "guided.pattern must be"),
+        ({"type": "regex", "pattern": "x" * (MAX_GUIDED_PATTERN_CHARS + 1)}, "guided.pattern must be"),
+        ({"type": "choice", "choices": []}, "guided.choices must be a list"),
+        ({"type": "choice", "choices": ["a"] * (MAX_GUIDED_CHOICES + 1)}, "guided.choices must be a list"),
+        ({"type": "choice", "choices": ["a", 1]}, "guided.choices must be strings"),
+        ({"type": "choice", "choices": [""]}, "guided.choices must be strings"),
         ({"type": "json_object", "schema": {}}, "unknown field"),
         ({"type": "json_schema", "schema": {}, "strict": True}, "unknown field"),
         ({"type": "json_schema"}, "guided.schema must be a JSON object"),

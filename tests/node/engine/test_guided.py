@@ -97,3 +97,24 @@ def test_a_schema_the_parser_cannot_follow_fails_the_request_not_as_a_match(llam
         assert done["plain"].finish_reason in ("stop", "length") and done["plain"].completion_tokens > 0
     finally:
         engine.close()
+
+
+def test_choice_and_regex_answers_from_random_weights(llama_world):
+    """vLLM's guided choice and regex through the engine: every answer, sampled from random weights, is exactly
+    one of the choices, or text the regular expression matches whole, and ends "stop" there."""
+    import re
+
+    engine = llama_world.engine(num_kv_blocks=600)
+    try:
+        choices = ["positive", "negative", "neutral (unsure)"]
+        choice = GuidedSpec.from_wire({"type": "choice", "choices": choices})
+        regex = GuidedSpec.from_wire({"type": "regex", "pattern": "[A-Z][a-z]{2,6} [0-9]{1,3}"})
+        reqs = [_req(f"c{i}", [1, 10 + i, 20], guided=choice, seed=i) for i in range(4)]
+        reqs += [_req(f"r{i}", [1, 30 + i, 40], guided=regex, seed=10 + i) for i in range(4)]
+        done = engine.generate(reqs)
+        for i in range(4):
+            assert done[f"c{i}"].text in choices and done[f"c{i}"].finish_reason == "stop", done[f"c{i}"]
+            r = done[f"r{i}"]
+            assert r.finish_reason == "stop" and re.fullmatch("[A-Z][a-z]{2,6} [0-9]{1,3}", r.text), r.text
+    finally:
+        engine.close()
