@@ -201,6 +201,14 @@ class ChatTemplates:
             raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions") from None
         except TemplateError as e:  # a template that refuses these messages (e.g. roles that must alternate)
             raise BadRequest(f"the model's chat template refused the messages: {e}", param="messages") from None
+        except (TypeError, ValueError) as e:
+            if not extra:
+                raise
+            # a variable the template, or transformers under it, takes for something else (a name of a newer
+            # release's own argument, say): the request's mistake, not a crash
+            raise BadRequest(
+                f"the chat template could not be rendered with chat_template_kwargs: {e}", param="chat_template_kwargs"
+            ) from None
         self.check_length(base_model_id, len(text), param="messages")
         return text_ids(tok, text)
 

@@ -45,7 +45,7 @@ from common.wire import (
 )
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
-from gateway.tools import ToolPlan, template_messages, tool_plan
+from gateway.tools import ToolPlan, json_depth, template_messages, tool_plan
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
 
 if TYPE_CHECKING:
@@ -382,16 +382,25 @@ class ChatMessage(BaseModel):
         return out
 
 
-# what a chat template is given beside the messages and the tools: the names apply_chat_template takes as its
-# own arguments (a client's value would clash with the gateway's, or make it return ids or a dict)
+# what a chat template is given beside the messages and the tools. Refused: the names apply_chat_template and the
+# render under it take as their own arguments (a client's value would clash with the gateway's: a TypeError, or
+# make it return ids or a dict), and the template's globals (jinja's, transformers' raise_exception and
+# strftime_now: shadowed, a template that calls them fails on every request)
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {
-        "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+        "conversation", "conversations", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
         "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "kwargs",
+        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "kwargs", "self",
+        "sanitize_control_tokens", "range", "dict", "lipsum", "cycler", "joiner", "namespace", "raise_exception",
+        "strftime_now",
     }
 )  # fmt: skip
 MAX_TEMPLATE_KWARGS = 16
+# the variables' JSON: small, and shallow. A template may write a variable out indented (Llama 3's tojson(indent=4)
+# of custom_tools): 600 kB nested 60 deep rendered as 49 million characters before the rendered text's length
+# could be checked (attack review)
+MAX_TEMPLATE_KWARGS_BYTES = 16 << 10
+MAX_TEMPLATE_KWARGS_DEPTH = 8
 TEMPLATE_KWARG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 
@@ -405,7 +414,11 @@ def _template_kwargs(v: dict | None) -> dict | None:
         if not TEMPLATE_KWARG_NAME.fullmatch(k):
             raise ValueError(f"{k[:70]!r} is not a template variable's name ({TEMPLATE_KWARG_NAME.pattern})")
         if k in RESERVED_TEMPLATE_KWARGS:
-            raise ValueError(f"{k!r} is set by the gateway, not by the request")
+            raise ValueError(f"{k!r} is set by the gateway or the template, not by the request")
+    if len(json.dumps(v)) > MAX_TEMPLATE_KWARGS_BYTES:
+        raise ValueError(f"the variables are more than {MAX_TEMPLATE_KWARGS_BYTES} bytes of JSON")
+    if json_depth(v) > MAX_TEMPLATE_KWARGS_DEPTH:
+        raise ValueError(f"the variables are nested more than {MAX_TEMPLATE_KWARGS_DEPTH} deep")
     return v
 
 
@@ -424,8 +437,14 @@ class _Rendered:
         return self._plan.template_tools if self._plan is not None else None
 
 
+# messages in one chat: 245,000 empty ones (3.9 MB) held the event loop seconds to parse and to count (attack
+# review); a conversation's context holds far fewer
+MAX_MESSAGES = 2048
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+
 class ChatRequest(_Rendered, _Sampling):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Messages
     chat_template_kwargs: TemplateKwargs | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
@@ -492,8 +511,10 @@ class TokenizeRequest(_Rendered, BaseModel):
 
     model: Annotated[str, Field(min_length=1)]
     prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    messages: Messages | None = None
     tools: list | None = None
+    tool_choice: object | None = None  # what the template is shown of the tools ("none": nothing), as a chat's
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: TemplateKwargs | None = None
     return_token_strs: bool | None = False
 
@@ -503,10 +524,10 @@ class TokenizeRequest(_Rendered, BaseModel):
         if (self.prompt is None) == (self.messages is None):
             raise BadRequest("send either prompt (a completion's) or messages (a chat's)", param="prompt")
         if self.messages is None:
-            for field in ("tools", "chat_template_kwargs"):
+            for field in ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"):
                 if getattr(self, field) is not None:
                     raise BadRequest(f"{field} is only allowed with messages", param=field)
-        self._plan = tool_plan(self.tools, None)
+        self._plan = tool_plan(self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)
 
 
 class DetokenizeRequest(BaseModel):

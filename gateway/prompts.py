@@ -11,8 +11,11 @@ import asyncio
 import json
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel
+
 from gateway.chat import ChatTemplates
 from gateway.errors import BadRequest
+from gateway.openai_api import parse_body
 
 if TYPE_CHECKING:
     from gateway.openai_api import ChatRequest, DetokenizeRequest, TokenizeRequest
@@ -25,6 +28,18 @@ INLINE_TOKENIZE_CHARS = 4096
 # size: a heuristic for where the work runs, not a bound; a template that writes more only moves a render that
 # should have gone to a thread onto the loop, and the rendered text is still checked against the context
 TEMPLATE_MARKUP_CHARS = 32
+
+
+# a request body past this many bytes is parsed and validated on a worker thread: 4 MB of small messages held the
+# event loop over a second (attack review)
+INLINE_BODY_BYTES = 256 << 10
+
+
+async def parse_request(model: type[BaseModel], raw: bytes, max_bytes: int):
+    """A request body validated as `model` (gateway.openai_api.parse_body), off the event loop when it is large."""
+    if len(raw) <= INLINE_BODY_BYTES:
+        return parse_body(model, raw, max_bytes=max_bytes)
+    return await asyncio.to_thread(parse_body, model, raw, max_bytes=max_bytes)
 
 
 async def blocking(templates: ChatTemplates, size: int, fn, base: str, *args):
@@ -66,8 +81,16 @@ async def tokenize(t: ChatTemplates, target: Target, req: TokenizeRequest) -> di
         ids = await chat_prompt(t, base, req)
     else:
         ids = (await text_prompts(t, base, [req.prompt]))[0]
+    context = t.context_len(base)
+    if context is not None and len(ids) >= context:  # no request of it could be served, nor billed
+        raise BadRequest(
+            f"the prompt has {len(ids)} tokens; the model's context holds {context} (prompt + at least one "
+            "generated token)",
+            code="context_length_exceeded",
+            param="messages" if req.messages is not None else "prompt",
+        )
     strs = await blocking(t, len(ids), t.pieces, base, ids) if req.return_token_strs else None
-    return {"count": len(ids), "max_model_len": t.context_len(base), "tokens": ids, "token_strs": strs}
+    return {"count": len(ids), "max_model_len": context, "tokens": ids, "token_strs": strs}
 
 
 async def detokenize(t: ChatTemplates, target: Target, req: DetokenizeRequest) -> dict:

@@ -36,11 +36,10 @@ from gateway.openai_api import (
     CompletionRequest,
     chat_response,
     completion_response,
-    parse_body,
     to_node_request,
     usage_dict,
 )
-from gateway.prompts import blocking, chat_prompt, text_prompts
+from gateway.prompts import blocking, chat_prompt, parse_request, text_prompts
 from gateway.router import Route, Router, Target
 from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus
@@ -172,8 +171,8 @@ class ServedRequest:
         """Serve one request: the JSON answer, or the event stream (which ends the request itself)."""
         d = self.d
         d.book.check_outbox()  # nothing is served that could not be recorded
-        req = self.req = parse_body(
-            ChatRequest if self.chat else CompletionRequest, await http.body(), max_bytes=d.settings.max_body_bytes
+        req = self.req = await parse_request(
+            ChatRequest if self.chat else CompletionRequest, await http.body(), d.settings.max_body_bytes
         )
         try:
             await self._prepare(req)

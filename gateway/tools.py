@@ -24,6 +24,10 @@ from common.wire import UntrustedJSONError, parse_json
 from gateway.errors import BadRequest
 
 MAX_TOOLS = 128
+# what the chat template is given of the tools: bounded in size and nesting, as a template may write them out
+# indented (Llama 3's tojson(indent=4)), each level of nesting adding its indent to every line beneath it
+MAX_TOOLS_BYTES = 1 << 20
+MAX_TOOL_DEPTH = 24
 # The most calls one "required" answer may make: the array's grammar ends there, so a model that keeps
 # listing calls (random weights do) is closed off instead of running to max_tokens.
 MAX_CALLS = 8
@@ -52,6 +56,10 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
         return None
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
         raise BadRequest(f"tools must be a list of at most {MAX_TOOLS} function tools", param="tools")
+    if len(json.dumps(tools)) > MAX_TOOLS_BYTES:
+        raise BadRequest(f"tools are more than {MAX_TOOLS_BYTES} bytes of JSON", param="tools")
+    if json_depth(tools) > MAX_TOOL_DEPTH:
+        raise BadRequest(f"tools are nested more than {MAX_TOOL_DEPTH} deep", param="tools")
     functions: dict[str, dict] = {}
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
@@ -70,6 +78,16 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
             raise BadRequest(f"tools[{i}].function.description must be a string", param="tools")
         functions[name] = {"name": name, "parameters": params} | ({"description": desc} if desc else {})
     return ToolPlan(functions, *_choice(tool_choice, functions), max_calls=MAX_CALLS if parallel else 1)
+
+
+def json_depth(value: object) -> int:
+    """How deep a parsed JSON value nests (a scalar: 0; [] and {}: 1). Its input is parse_json's, already
+    bounded in depth, so the recursion is too."""
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0
 
 
 def _choice(tool_choice: object, functions: dict[str, dict]) -> tuple[str, str | None]:

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request
 
 from common.http import ANSWER_OR_EVENTS
 from gateway.deps import AuthDep, GatewayDep
-from gateway.openai_api import DetokenizeRequest, TokenizeRequest, parse_body
-from gateway.prompts import detokenize, tokenize
+from gateway.openai_api import DetokenizeRequest, TokenizeRequest
+from gateway.prompts import detokenize, parse_request, tokenize
 from gateway.request import ServedRequest
 
 router = APIRouter()
@@ -41,7 +41,7 @@ async def chat_completions(request: Request, auth: AuthDep, gw: GatewayDep):
 @router.post("/tokenize")
 async def tokenize_prompt(request: Request, auth: AuthDep, gw: GatewayDep) -> dict:
     """API key: a prompt's or a chat's token ids, as the gateway counts them (body: TokenizeRequest; free)."""
-    req = parse_body(TokenizeRequest, await request.body(), max_bytes=gw.settings.max_body_bytes)
+    req = await parse_request(TokenizeRequest, await request.body(), gw.settings.max_body_bytes)
     target = gw.catalog.resolve_request(req.model, None, auth.key, auth.private)
     return await tokenize(gw.templates, target, req)
 
@@ -49,6 +49,6 @@ async def tokenize_prompt(request: Request, auth: AuthDep, gw: GatewayDep) -> di
 @router.post("/detokenize")
 async def detokenize_ids(request: Request, auth: AuthDep, gw: GatewayDep) -> dict:
     """API key: token ids as text (body: DetokenizeRequest; free)."""
-    req = parse_body(DetokenizeRequest, await request.body(), max_bytes=gw.settings.max_body_bytes)
+    req = await parse_request(DetokenizeRequest, await request.body(), gw.settings.max_body_bytes)
     target = gw.catalog.resolve_request(req.model, None, auth.key, auth.private)
     return await detokenize(gw.templates, target, req)

@@ -65,12 +65,42 @@ def test_chat_template_kwargs_reach_the_template_and_the_bill(served, oai):
     assert answer.usage.prompt_tokens == thinking_off["count"]
 
 
+def test_tokenize_shows_the_template_what_a_chat_with_that_tool_choice_shows_it(served, oai):
+    """tool_choice "none" shows the template no tools, a named function only that one: /tokenize takes tool_choice
+    too, so its count stays the bill (it assumed "auto": 477 tokens counted, 31 billed, in the attack review)."""
+    time_tool = {"type": "function", "function": {"name": "now", "description": "the time in a city, as text"}}
+    tools = [*TOOLS, time_tool]
+    named = {"type": "function", "function": {"name": "now"}}
+    for choice in ("none", "auto", "required", named):
+        counted = tokenize(served, messages=MESSAGES, tools=tools, tool_choice=choice)["count"]
+        assert counted == chat(oai, tools=tools, tool_choice=choice).usage.prompt_tokens, choice
+    none = tokenize(served, messages=MESSAGES, tools=tools, tool_choice="none")["count"]
+    assert none == tokenize(served, messages=MESSAGES)["count"]
+
+
 def test_what_cannot_be_honoured_is_refused_by_name(served, oai):
-    for name in ("tokenize", "add_generation_prompt", "messages", "tools"):  # the gateway's own arguments
+    # the gateway's and transformers' own arguments, and the template's globals (a 500, or every request of a
+    # template that calls them failing, in the attack review)
+    reserved = ("tokenize", "add_generation_prompt", "messages", "tools", "self", "conversations")
+    reserved += ("sanitize_control_tokens", "strftime_now", "raise_exception", "namespace", "range")
+    for name in reserved:
         msg = refused(
             lambda name=name: chat(oai, extra_body={"chat_template_kwargs": {name: True}}), "chat_template_kwargs"
         )
         assert name in msg
+    deep: object = "x"
+    for _ in range(9):
+        deep = [deep]
+    refused(lambda: chat(oai, extra_body={"chat_template_kwargs": {"v": deep}}), "chat_template_kwargs")
+    refused(lambda: chat(oai, extra_body={"chat_template_kwargs": {"v": "x" * 20_000}}), "chat_template_kwargs")
+    nested: object = {}
+    for _ in range(30):
+        nested = {"n": nested}
+    deep_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "default": nested}}}
+    refused(lambda: chat(oai, tools=[deep_tool]), "tools")
+    empty = [{"role": "user", "content": ""}] * 2049
+    refused(lambda: chat(oai, messages=empty), "messages")
+    error(post(served, "/tokenize", {"model": TINY, "messages": empty}), 400, "messages")
     refused(lambda: chat(oai, extra_body={"chat_template_kwargs": {"not a name": 1}}), "chat_template_kwargs")
     many = {f"v{i}": i for i in range(17)}
     refused(lambda: chat(oai, extra_body={"chat_template_kwargs": many}), "chat_template_kwargs")
@@ -85,6 +115,9 @@ def test_what_cannot_be_honoured_is_refused_by_name(served, oai):
         "add_special_tokens",
     )
     error(post(served, "/tokenize", {"model": TINY, "prompt": "x" * 100_000}), 400, "prompt")  # past the context
+    long = post(served, "/tokenize", {"model": TINY, "prompt": "the " * CONTEXT})  # past it, found once tokenized
+    assert "context holds 512" in error(long, 400, "prompt")
+    assert long.json()["error"]["code"] == "context_length_exceeded"
     error(post(served, "/tokenize", {"model": "nobody/nothing", "prompt": PROMPT}), 404, "model")
     error(post(served, "/tokenize", {"model": TINY, "prompt": PROMPT}, key="sk-wrong"), 401, None)
 
