@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
@@ -68,8 +69,19 @@ Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 
 class StreamOptions(BaseModel):
     model_config = STRICT
-    include_usage: bool | None = False
+    include_usage: bool | None = None
     include_obfuscation: bool | None = None  # OpenAI pads chunks against length side channels; nothing to pad here
+    # vLLM's: the usage so far on every chunk (its include_usage defaults to true beside it)
+    continuous_usage_stats: bool | None = None
+
+    @property
+    def usage(self) -> bool:
+        """A usage chunk at the end (and "usage": null on the others, as OpenAI's)."""
+        return bool(self.include_usage) or (self.include_usage is None and bool(self.continuous_usage_stats))
+
+    @property
+    def continuous(self) -> bool:
+        return self.usage and bool(self.continuous_usage_stats)
 
 
 def _schema(v: dict | str) -> dict:
@@ -228,7 +240,11 @@ class _Sampling(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return self.stream_options is not None and self.stream_options.usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous
 
     @property
     def choices(self) -> int:
@@ -661,15 +677,26 @@ def chat_message(content: str | None, tool_calls: list[dict]) -> dict:
 class ChunkBuilder:
     """SSE chunks of one streamed response, in OpenAI's shapes for completions or chat; each names its choice."""
 
-    def __init__(self, *, chat: bool, rid: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self,
+        *,
+        chat: bool,
+        rid: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        usage_so_far: Callable[[], dict] | None = None,
+    ) -> None:
+        """`usage_so_far`: vLLM's continuous_usage_stats, the usage of what was relayed so far on every chunk."""
         self.chat, self.created, self.model, self.include_usage = chat, created, model, include_usage
+        self.usage_so_far = usage_so_far
         self.id = ("chatcmpl-" if chat else "cmpl-") + rid[2:]
         self.object = "chat.completion.chunk" if chat else "text_completion"
 
     def _chunk(self, choices: list, usage: dict | None = None) -> bytes:
         obj = {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices}
         if self.include_usage:
-            obj["usage"] = usage
+            obj["usage"] = usage if usage is not None or self.usage_so_far is None else self.usage_so_far()
         return sse_frame(obj)
 
     def role(self, index: int = 0) -> bytes:

@@ -193,7 +193,12 @@ class ServedRequest:
         headers = {"X-Request-Id": self.rid, "X-Loramesh-Node": self.node.node_id}
         if req.stream:
             builder = ChunkBuilder(
-                chat=self.chat, rid=self.rid, created=created, model=req.model, include_usage=req.include_usage
+                chat=self.chat,
+                rid=self.rid,
+                created=created,
+                model=req.model,
+                include_usage=req.include_usage,
+                usage_so_far=(lambda: usage_dict(*self.usage, self.cached_tokens)) if req.continuous_usage else None,
             )
             return WriteBoundedStreamingResponse(
                 self._events(builder),

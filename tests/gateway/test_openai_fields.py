@@ -284,3 +284,20 @@ def test_vllm_structured_outputs_and_guided_fields(oai):
     refused(lambda: chat(oai, extra_body={"structured_outputs": {"grammar": "root ::= x"}}), "structured_outputs")
     refused(lambda: chat(oai, extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs")
     assert "guided.pattern" in refused(lambda: complete(oai, extra_body={"guided_regex": "(unclosed"}), "guided_regex")
+
+
+def test_continuous_usage_stats_give_the_usage_so_far_on_every_chunk(oai):
+    """vLLM's stream_options.continuous_usage_stats: each chunk carries the usage of what was relayed so far,
+    counting up to the final usage chunk's (its include_usage defaults to true beside it, as vLLM's does); with
+    include_usage false there is none."""
+    for options in ({"include_usage": True, "continuous_usage_stats": True}, {"continuous_usage_stats": True}):
+        chunks = list(complete(oai, stream=True, max_tokens=6, temperature=0, stream_options=options))
+        final = chunks[-1]
+        assert final.choices == [] and final.usage.completion_tokens == 6, final
+        counts = [c.usage.completion_tokens for c in chunks[:-1] if c.choices and c.choices[0].text]
+        assert counts == sorted(counts) and counts[-1] == 6 and len(counts) >= 2, counts
+        assert all(c.usage.prompt_tokens == final.usage.prompt_tokens for c in chunks), options
+    quiet = list(complete(oai, stream=True, stream_options={"include_usage": False, "continuous_usage_stats": True}))
+    assert all(c.usage is None for c in quiet)
+    plain = list(complete(oai, stream=True, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage is not None  # OpenAI's: null until the end
