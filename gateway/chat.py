@@ -183,32 +183,52 @@ class ChatTemplates:
         return self.token_texts[base_model_id]
 
     def render(
-        self, base_model_id: str, messages: list[dict], tools: list[dict] | None = None, extra: dict | None = None
+        self,
+        base_model_id: str,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        extra: dict | None = None,
+        generation_prompt: bool = True,
+        continue_final: bool = False,
     ) -> list[int]:
         """Chat messages (and the request's tools) rendered by the base's template, as token ids, exactly as
         `adapter train` renders its chat data (node.adapters.prompts; blocking); `extra`: the request's own
         template variables (chat_template_kwargs). A rendered text too long for the context is refused before
         it is tokenized: what the template renders around and from the messages (role markup, tool calls) is
-        counted only here."""
+        counted only here. generation_prompt: the assistant's turn opened after the messages; continue_final: the
+        final (assistant) message left open, the answer going on with it."""
         from jinja2 import TemplateError
 
         from node.adapters.prompts import NoChatTemplate, chat_text, text_ids
 
         tok = self._tokenizer(base_model_id)
         try:
-            text = chat_text(tok, messages, tools=tools, extra=extra)
+            text = chat_text(
+                tok,
+                messages,
+                tools=tools,
+                add_generation_prompt=generation_prompt,
+                continue_final_message=continue_final,
+                extra=extra,
+            )
         except NoChatTemplate:
             raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions") from None
         except TemplateError as e:  # a template that refuses these messages (e.g. roles that must alternate)
             raise BadRequest(f"the model's chat template refused the messages: {e}", param="messages") from None
         except (TypeError, ValueError) as e:
-            if not extra:
-                raise
             # a variable the template, or transformers under it, takes for something else (a name of a newer
-            # release's own argument, say): the request's mistake, not a crash
-            raise BadRequest(
-                f"the chat template could not be rendered with chat_template_kwargs: {e}", param="chat_template_kwargs"
-            ) from None
+            # release's own argument, say), or a final message the template does not write out as given (it cannot
+            # be continued): the request's mistake, not a crash
+            if extra:
+                raise BadRequest(
+                    f"the chat template could not be rendered with chat_template_kwargs: {e}",
+                    param="chat_template_kwargs",
+                ) from None
+            if continue_final:
+                raise BadRequest(
+                    f"the final message cannot be continued: {e}", param="continue_final_message"
+                ) from None
+            raise
         self.check_length(base_model_id, len(text), param="messages")
         return text_ids(tok, text)
 

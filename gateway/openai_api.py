@@ -441,9 +441,36 @@ def _template_kwargs(v: dict | None) -> dict | None:
 TemplateKwargs = Annotated[dict[str, object], AfterValidator(_template_kwargs)]
 
 
-class _Rendered:
-    """A request whose prompt the base's chat template renders from its `messages`, its tools' plan (`_plan`)
-    and its `chat_template_kwargs` (gateway.prompts.chat_prompt)."""
+class _Rendered(BaseModel):
+    """A request whose prompt the base's chat template renders (gateway.prompts.chat_prompt): its `messages` (each
+    request's own field), its tools as the plan shows them (`_plan`, built by _check_rendering), its template
+    variables, and vLLM's add_generation_prompt / continue_final_message (an assistant message the answer goes on
+    from: a prefill)."""
+
+    model_config = STRICT
+
+    tools: list | None = None
+    tool_choice: object | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
+    add_generation_prompt: bool | None = None  # default: true, unless the final message is continued
+    continue_final_message: bool | None = None
+
+    _plan: ToolPlan | None = PrivateAttr(default=None)
+
+    def _check_rendering(self) -> None:
+        self._plan = tool_plan(self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise BadRequest(
+                    "continue_final_message goes on with the final message: add_generation_prompt cannot be true",
+                    param="add_generation_prompt",
+                )
+            if self.messages[-1].role != "assistant":
+                raise BadRequest(
+                    "continue_final_message needs an assistant message last (the answer it goes on with)",
+                    param="continue_final_message",
+                )
 
     def chat_messages(self) -> list[dict]:
         """The messages as the chat template takes them (gateway.tools.template_messages)."""
@@ -451,6 +478,12 @@ class _Rendered:
 
     def template_tools(self) -> list[dict] | None:
         return self._plan.template_tools if self._plan is not None else None
+
+    def generation_prompt(self) -> bool:
+        """Whether the template opens the assistant's turn after the messages."""
+        if self.add_generation_prompt is not None:
+            return self.add_generation_prompt
+        return not self.continue_final_message
 
 
 # messages in one chat: 245,000 empty ones (3.9 MB) held the event loop seconds to parse and to count (attack
@@ -461,13 +494,9 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSA
 
 class ChatRequest(_Rendered, _Sampling):
     messages: Messages
-    chat_template_kwargs: TemplateKwargs | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list | None = None
-    tool_choice: object | None = None
-    parallel_tool_calls: bool | None = None
     functions: object | None = None
     function_call: object | None = None
     # accepted, no effect (see the module's docstring)
@@ -475,8 +504,6 @@ class ChatRequest(_Rendered, _Sampling):
     store: bool | None = None
     service_tier: Literal["auto", "default"] | None = None
     modalities: list[Literal["text"]] | None = None
-
-    _plan: ToolPlan | None = PrivateAttr(default=None)
 
     def check(self) -> None:
         super().check()
@@ -487,7 +514,7 @@ class ChatRequest(_Rendered, _Sampling):
             raise BadRequest("top_logprobs is only allowed when logprobs is true", param="top_logprobs")
         if self.store:
             raise BadRequest("store is not supported: this gateway keeps no completions", param="store")
-        self._plan = tool_plan(self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)
+        self._check_rendering()
         formatted = super().guided_field()
         if formatted and self._plan is not None and self._plan.guided() is not None:
             raise BadRequest(
@@ -518,32 +545,26 @@ class ChatRequest(_Rendered, _Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(_Rendered, BaseModel):
-    """vLLM's /tokenize: a completion's `prompt` (text) or a chat's `messages` (with its `tools` and template
-    variables), counted as the gateway counts the prompt it bills. vLLM's add_special_tokens and
-    add_generation_prompt are not taken: the ids are those a completion or a chat of this prompt is sent."""
-
-    model_config = STRICT
+class TokenizeRequest(_Rendered):
+    """vLLM's /tokenize: a completion's `prompt` (text) or a chat's `messages` (with what a chat renders them with:
+    tools, tool_choice, template variables, add_generation_prompt, continue_final_message), counted as the
+    gateway counts the prompt it bills. vLLM's add_special_tokens is not taken: the ids are those a completion or
+    a chat of this prompt is sent."""
 
     model: Annotated[str, Field(min_length=1)]
     prompt: str | None = None
     messages: Messages | None = None
-    tools: list | None = None
-    tool_choice: object | None = None  # what the template is shown of the tools ("none": nothing), as a chat's
-    parallel_tool_calls: bool | None = None
-    chat_template_kwargs: TemplateKwargs | None = None
     return_token_strs: bool | None = False
-
-    _plan: ToolPlan | None = PrivateAttr(default=None)
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise BadRequest("send either prompt (a completion's) or messages (a chat's)", param="prompt")
         if self.messages is None:
-            for field in ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"):
+            for field in _Rendered.model_fields:
                 if getattr(self, field) is not None:
                     raise BadRequest(f"{field} is only allowed with messages", param=field)
-        self._plan = tool_plan(self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)
+            return
+        self._check_rendering()
 
 
 class DetokenizeRequest(BaseModel):

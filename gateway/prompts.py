@@ -60,7 +60,9 @@ async def chat_prompt(t: ChatTemplates, base: str, req: ChatRequest | TokenizeRe
     # on a worker thread unless all of it is short
     t.check_length(base, sum(len(m["content"]) for m in messages) + tool_chars, param="messages")
     given = sum(m.template_chars() + TEMPLATE_MARKUP_CHARS for m in req.messages) + tool_chars + extra_chars
-    return await blocking(t, given, t.render, base, messages, tools, extra)
+    return await blocking(
+        t, given, t.render, base, messages, tools, extra, req.generation_prompt(), bool(req.continue_final_message)
+    )
 
 
 async def text_prompts(t: ChatTemplates, base: str, given: list[str] | list[list[int]]) -> list[list[int]]:

@@ -27,14 +27,21 @@ def chat_text(
     *,
     tools: list[dict] | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     extra: dict | None = None,
 ) -> str:
-    """The chat rendered by the base's template, as text (the assistant's turn opened when asked); `extra`:
-    variables the template may read beside the messages and tools (a request's chat_template_kwargs)."""
+    """The chat rendered by the base's template, as text (the assistant's turn opened when asked, or the final
+    message left open to be continued); `extra`: variables the template may read beside the messages and tools (a
+    request's chat_template_kwargs)."""
     if not getattr(tok, "chat_template", None):
         raise NoChatTemplate("this base model's tokenizer has no chat template")
     return tok.apply_chat_template(
-        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt, **(extra or {})
+        messages,
+        tools=tools or None,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        **(extra or {}),
     )
 
 

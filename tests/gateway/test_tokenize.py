@@ -130,3 +130,24 @@ def test_models_say_their_context(served, oai):
     models = {m.id: m for m in oai.models.list().data}
     assert models[TINY].model_extra["max_model_len"] == CONTEXT
     assert oai.models.retrieve(TINY).model_extra["max_model_len"] == CONTEXT
+
+
+def test_a_final_assistant_message_is_continued(served, oai):
+    """vLLM's continue_final_message (a prefill: the answer goes on from the assistant's words) and
+    add_generation_prompt, in a chat and in /tokenize alike; the answer is only what follows the prefill."""
+    prefill = [*MESSAGES, {"role": "assistant", "content": "The capital is"}]
+    go_on = {"continue_final_message": True}
+    counted = tokenize(served, messages=prefill, **go_on)["count"]
+    answer = chat(oai, messages=prefill, temperature=0, extra_body=go_on)
+    assert answer.usage.prompt_tokens == counted and not answer.choices[0].message.content.startswith("The capital")
+    # the default opens a new assistant turn after the prefill: more tokens; without it, fewer
+    assert tokenize(served, messages=prefill)["count"] > counted
+    closed = tokenize(served, messages=MESSAGES, add_generation_prompt=False)["count"]
+    assert closed < tokenize(served, messages=MESSAGES)["count"]
+    assert chat(oai, extra_body={"add_generation_prompt": False}).usage.prompt_tokens == closed
+
+    refused(lambda: chat(oai, extra_body=go_on), "continue_final_message")  # the last message is the user's
+    both = go_on | {"add_generation_prompt": True}
+    refused(lambda: chat(oai, messages=prefill, extra_body=both), "add_generation_prompt")
+    error(post(served, "/tokenize", {"model": TINY, "messages": MESSAGES, **go_on}), 400, "continue_final_message")
+    error(post(served, "/tokenize", {"model": TINY, "prompt": PROMPT, **go_on}), 400, "continue_final_message")
