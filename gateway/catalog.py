@@ -252,6 +252,9 @@ class ModelCatalog:
             "owned_by": "loramesh",
             "adapter_id": None,
             "base_model": {"id": base_id, "name": name},
+            # vLLM's: what the model is, and the model an adapter applies to (None: it is a base)
+            "root": base_id,
+            "parent": None,
             "max_model_len": self.contexts.get(base_id),
             "private": False,
             "price_per_1k_tokens_wei": wei(self.prices.base),
@@ -277,6 +280,8 @@ class ModelCatalog:
                     "adapter_id": a.adapter_id,
                     "version": a.version,
                     "base_model": {"id": a.base_model_id, "name": base_name},
+                    "root": a.adapter_id,
+                    "parent": base_name or a.base_model_id,
                     "max_model_len": self.contexts.get(a.base_model_id),
                     "private": a.name in private,
                     "price_per_1k_tokens_wei": wei(self.prices.of(a.adapter_id)),

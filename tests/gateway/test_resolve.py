@@ -149,3 +149,17 @@ def test_an_adapter_named_like_a_base_model_is_listed_by_its_id(world):
     assert shadow["id"] == SHADOW and catalog.resolve(shadow["id"], KEY, frozenset()).adapter_id == SHADOW
     assert catalog.model_object(SHADOW, KEY, frozenset())["id"] == SHADOW
     assert [m["id"] for m in models if m["adapter_id"] == REAL] == ["alice/capitals"]
+
+
+def test_model_objects_say_what_they_are_as_vllms_do(world):
+    """vLLM's root (the model itself) and parent (the base an adapter applies to; none for a base), and the
+    context the gateway holds a base's requests to (max_model_len; None for a base it has no folder of)."""
+    engine, reg, _, _ = world
+    catalog = ModelCatalog(
+        reg, world[2].directory, {BASE: "tiny"}, Prices(engine), default_max_price=0, contexts={BASE: 512}
+    )
+    models = {m["id"]: m for m in catalog.list_models(KEY, frozenset())}
+    adapter = models["alice/capitals"]
+    assert (adapter["root"], adapter["parent"], adapter["max_model_len"]) == (REAL, "tiny", 512)
+    assert catalog.model_object("tiny", KEY, frozenset()) == models["tiny"]
+    assert (models["tiny"]["root"], models["tiny"]["parent"], models["tiny"]["max_model_len"]) == (BASE, None, 512)

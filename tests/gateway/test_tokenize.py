@@ -126,9 +126,10 @@ def test_what_cannot_be_honoured_is_refused_by_name(served, oai):
     error(post(served, "/detokenize", {"model": TINY, "tokens": ["1"]}), 400, "tokens")
 
 
-def test_models_say_their_context(served, oai):
+def test_models_say_their_context_and_what_they_are(served, oai):
     models = {m.id: m for m in oai.models.list().data}
-    assert models[TINY].model_extra["max_model_len"] == CONTEXT
+    base = models[TINY].model_extra
+    assert base["max_model_len"] == CONTEXT and (base["root"], base["parent"]) == (base["base_model"]["id"], None)
     assert oai.models.retrieve(TINY).model_extra["max_model_len"] == CONTEXT
 
 
