@@ -168,6 +168,48 @@ def send_requests(gateway_url: str, api_key: str, adapters, base_name: str) -> l
     return out
 
 
+def send_structured(gateway_url: str, api_key: str, adapter) -> Answer:
+    """One chat constrained to the adapter's taught chat answers (vLLM's structured_outputs choice): greedy, it
+    answers what it was taught, as unconstrained. Its prompt counted first by vLLM's /tokenize, which must be the
+    prompt_tokens the chat is billed."""
+    import httpx
+    from openai import OpenAI
+
+    q = adapter.questions[0]
+    messages = [{"role": "user", "content": q.prompt}]
+    counted = httpx.post(
+        gateway_url + "/tokenize",
+        json={"model": adapter.name, "messages": messages},
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=60,
+    )
+    counted.raise_for_status()
+    client = OpenAI(base_url=gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=180)
+    choices = sorted({x.chat for x in adapter.questions})
+    r = client.chat.completions.create(
+        model=adapter.name,
+        messages=messages,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"structured_outputs": {"choice": choices}},
+    )
+    if counted.json()["count"] != r.usage.prompt_tokens:
+        raise DemoCheckFailed(
+            f"/tokenize counted {counted.json()['count']} tokens for a chat billed {r.usage.prompt_tokens}"
+        )
+    return Answer(
+        adapter.name,
+        "structured chat",
+        q.prompt,
+        q.chat,
+        r.choices[0].message.content or "",
+        r.choices[0].finish_reason,
+        _rid(r.id),
+        r.usage.prompt_tokens,
+        r.usage.completion_tokens,
+    )
+
+
 def send_ensemble(gateway_url: str, api_key: str, parts: list[tuple[str, str, float]], prompt: str) -> Answer:
     """One completion from an ensemble of adapters (`parts`: name, adapter id, weight), named as users name it:
     the adapters joined with "+", their weights in `adapter_weights`. Its answer is a blend, so only its
