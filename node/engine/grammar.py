@@ -162,13 +162,12 @@ def schema_json(schema: dict) -> bytes:
 class Matcher:
     """One sequence's place in its grammar. Used by one thread at a time (the engine's)."""
 
-    __slots__ = ("_m", "_words", "_vocab", "_refused")
+    __slots__ = ("_m", "_words", "_vocab")
 
     def __init__(self, inner, vocab_size: int) -> None:
         self._m = inner  # llguidance.LLMatcher
         self._vocab = vocab_size
         self._words = (vocab_size + 31) // 32
-        self._refused = False  # it refused a token (accept): stopped, EOS only; any other error is a failure
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into bitmask[row] (bit t of the row: token t may come next)."""
@@ -177,24 +176,19 @@ class Matcher:
             raise ValueError(f"bitmask must be a 2-D int32 CPU tensor, got {bitmask.dtype} {tuple(bitmask.shape)}")
         if bitmask.shape[1] != self._words or not 0 <= row < bitmask.shape[0] or bitmask.stride(1) != 1:
             raise ValueError(f"bitmask {tuple(bitmask.shape)} has no contiguous row {row} of {self._words} words")
+        # out of fuel (a schema whose alternatives outgrow the parser's bounds a few tokens in), the library allows
+        # only EOS and says why in `error`: the engine fails the request on it (llm_engine._emit)
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr() + row * bitmask.stride(0) * 4, self._words * 4)
-        if self._m.is_error() and not self._refused:
-            # out of fuel (a schema whose alternatives outgrow the parser's bounds a few tokens in): the library
-            # then allows only EOS, and the text, cut short, would end as "stop" as if it matched; the request
-            # fails instead (the engine ends the requests whose sampling raises, and only those)
-            raise GrammarError(f"guided: the schema could not be enforced here: {self.error}")
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`; False (and the matcher stopped) when the grammar did not allow it."""
         if not 0 <= token_id < self._vocab:
             return False
-        ok = self._m.consume_token(token_id)
-        self._refused |= not ok
-        return ok
+        return self._m.consume_token(token_id)
 
     @property
     def error(self) -> str:
-        """Why the matcher stopped (one line; empty while it has not)."""
+        """Why the matcher stopped: out of fuel, or a token it refused (one line; empty while it has not)."""
         return _one_line(self._m.get_error()) if self._m.is_error() else ""
 
     @property
@@ -268,7 +262,10 @@ class Grammars:
         # the first mask here, on the compile thread: it can cost as much as the compile (a schema of products:
         # 0.5 s), and every copy of the prototype starts from it (a copy's first mask then costs 0.1 ms, where each
         # of a request's sequences paid it on the engine thread, one after another, holding every client's step)
-        Matcher(proto, self.vocab_size).fill(self.new_bitmask(1), 0)
+        first = Matcher(proto, self.vocab_size)
+        first.fill(self.new_bitmask(1), 0)
+        if first.error:
+            raise GrammarError(f"guided.{field} cannot be enforced: {first.error}")
         return proto
 
     def matcher(self, spec: GuidedSpec) -> Matcher:

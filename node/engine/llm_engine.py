@@ -388,6 +388,8 @@ class LLMEngine:
                 if s.status != SeqStatus.FINISHED:
                     events.append(self._end_group(s.group, "error", bad[s.group.request_id]))
                 continue
+            if s.status == SeqStatus.FINISHED:  # its request failed on a sibling's token, earlier in this loop
+                continue
             evs, reason = self._emit(s, t, lp)
             events += evs
             if reason is not None:
@@ -451,6 +453,8 @@ class LLMEngine:
         events: list = []
         n = 0
         for s, (toks, lps) in zip(seqs, results, strict=True):
+            if s.status == SeqStatus.FINISHED:  # its request failed on a sibling's token: its blocks are freed
+                continue
             reason = None
             for t, lp in zip(toks, lps, strict=True):
                 evs, reason = self._emit(s, t, lp)
@@ -478,12 +482,13 @@ class LLMEngine:
             text, hit_stop = s.stream.push(t)
             reason = "stop" if hit_stop else None
         if s.matcher is not None and reason is None:
-            if not s.matcher.accept(t):
-                # the mask allowed it: the parser ran out of fuel on the way (a schema whose alternatives outgrow
-                # its bounds), or a bug. The text can no longer be held to the schema: the request fails, where
-                # it ended "stop", cut short, as if it matched
-                s.error = f"guided: the schema could not be enforced here: {s.matcher.error}"
-                log.warning("request %s: the grammar refused token %d it had allowed: %s", s.request_id, t, s.error)
+            if s.matcher.error or not s.matcher.accept(t):
+                # the parser ran out of fuel (a schema whose alternatives outgrow its bounds a few tokens in) on
+                # this step's mask (which then allowed only EOS) or on this token, or refused a token its mask
+                # allowed (a bug). The text can no longer be held to the schema: the request fails, where it
+                # ended "stop", cut short, as if it matched
+                s.error = f"guided: the schema could not be enforced here: {s.matcher.error or f'token {t} refused'}"
+                log.warning("request %s: %s", s.request_id, s.error)
                 reason = "error"
             elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow
                 reason = "stop"
@@ -581,8 +586,9 @@ class LLMEngine:
         return events
 
     def _end_sequence(self, seq: Sequence, reason: str) -> list:
-        """One sequence ended ("stop" | "length"); its request ends with its last sequence. "error" (its
-        `error` says why) ends the request: a request's sequences fail together."""
+        """One sequence ended ("stop", "length"), and its request with its last sequence; or it failed ("error",
+        its `error` says why), and its request with it: a request's sequences fail together (the step's loops
+        pass over the siblings this finished)."""
         if reason == "error":
             return [self._end_group(seq.group, "error", seq.error)]
         self.scheduler.finish(seq)

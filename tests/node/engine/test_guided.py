@@ -118,3 +118,47 @@ def test_choice_and_regex_answers_from_random_weights(llama_world):
             assert r.finish_reason == "stop" and re.fullmatch("[A-Z][a-z]{2,6} [0-9]{1,3}", r.text), r.text
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("drafting", [False, True], ids=["plain step", "beside a drafting row"])
+def test_a_request_failing_on_its_grammar_ends_once_and_alone(llama_world, monkeypatch, drafting):
+    """n=2 under a schema the parser cannot follow, its sequences failing in one step: the request ends once (one
+    FinishEvent, nothing after it), its siblings are not emitted after it ended, and a request beside it, in a
+    plain step or in a speculative one (where emitting a finished sibling committed freed blocks: IndexError for
+    the whole batch, review), is served."""
+    import node.engine.llm_engine as llm_engine
+    from node.engine import FinishEvent, TokenEvent
+
+    if drafting:  # the free row always drafts: the step is a speculative one
+        monkeypatch.setattr(llm_engine, "propose", lambda ids, room, lo, hi: [5])
+    products = {
+        "allOf": [
+            {"anyOf": [{"type": "object", "properties": {f"p{j}_{i}": {"type": "integer"}}} for i in range(5)]}
+            for j in range(3)
+        ]
+    }
+    schema = {"type": "object", "properties": {"x": products}, "required": ["x"], "additionalProperties": False}
+    spec = GuidedSpec.from_wire({"type": "json_schema", "schema": schema})
+    engine = llama_world.engine(speculative="ngram" if drafting else "off")
+    try:
+        guided = GenerationRequest(
+            "g", None, prompt_token_ids=[1, 2, 3, 4, 5, 6, 7], params=SamplingParams(max_tokens=32, n=2, guided=spec)
+        )
+        engine.add_request(guided)
+        engine.add_request(_req("free", [1, 7, 8, 9], seed=2, temperature=0))
+        events = []
+        for _ in range(200):
+            if not engine.has_work():
+                break
+            events += engine.step()[0]
+        finishes = {
+            rid: [e for e in events if isinstance(e, FinishEvent) and e.request_id == rid] for rid in ("g", "free")
+        }
+        assert [f.finish_reason for f in finishes["g"]] == ["error"], finishes["g"]
+        assert "could not be enforced" in finishes["g"][0].error
+        after = events[events.index(finishes["g"][0]) + 1 :]
+        assert not [e for e in after if isinstance(e, TokenEvent) and e.request_id == "g"]
+        assert [f.finish_reason for f in finishes["free"]] in (["stop"], ["length"]), finishes["free"]
+        assert engine.usage["requests"] == 2  # each request counted once
+    finally:
+        engine.close()
