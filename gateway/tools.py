@@ -56,7 +56,7 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
         return None
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
         raise BadRequest(f"tools must be a list of at most {MAX_TOOLS} function tools", param="tools")
-    if len(json.dumps(tools)) > MAX_TOOLS_BYTES:
+    if len(json.dumps(tools, ensure_ascii=False).encode()) > MAX_TOOLS_BYTES:
         raise BadRequest(f"tools are more than {MAX_TOOLS_BYTES} bytes of JSON", param="tools")
     if json_depth(tools) > MAX_TOOL_DEPTH:
         raise BadRequest(f"tools are nested more than {MAX_TOOL_DEPTH} deep", param="tools")
@@ -213,21 +213,25 @@ class ToolPlan:
 
 # keywords whose values are data, not schemas: a "$ref" key in them is a value the client wrote, left as it is
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# keywords whose values map names to schemas: a name there ("default", "$ref") is a name, not a keyword
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
-def _rooted(schema: object, at: str) -> object:
+def _rooted(schema: object, at: str, *, names: bool = False) -> object:
     """A schema to be placed at the JSON pointer `at` of a larger one: its local references ("#", "#/...") made to
-    point under `at` (an equal copy when it has none)."""
+    point under `at` (an equal copy when it has none). names: `schema` maps names to schemas."""
     if isinstance(schema, list):
         return [_rooted(v, at) for v in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for k, v in schema.items():
-        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+        if names:
+            out[k] = _rooted(v, at)
+        elif k == "$ref" and isinstance(v, str) and v.startswith("#"):
             out[k] = at + v[1:]
         else:
-            out[k] = v if k in _DATA_KEYWORDS else _rooted(v, at)
+            out[k] = v if k in _DATA_KEYWORDS else _rooted(v, at, names=k in _SCHEMA_MAPS)
     return out
 
 

@@ -249,6 +249,9 @@ def test_required_tools_whose_parameters_refer_to_themselves(tiny_base):
                     "unit": {"$ref": "#/$defs/Unit"},
                     "again": {"$ref": "#/properties/city"},
                     "note": {"const": {"$ref": "#/not/a/schema"}},
+                    # properties named like keywords: names, their schemas rooted all the same (review)
+                    "default": {"$ref": "#/$defs/Unit"},
+                    "enum": {"$ref": "#/$defs/Unit"},
                 },
                 "required": ["city", "unit"],
             },
@@ -258,6 +261,8 @@ def test_required_tools_whose_parameters_refer_to_themselves(tiny_base):
     guided = plan.guided()
     schema = guided["schema"]
     assert schema["$defs"]["tool0"]["properties"]["note"] == {"const": {"$ref": "#/not/a/schema"}}
+    for name in ("default", "enum"):
+        assert schema["$defs"]["tool0"]["properties"][name] == {"$ref": "#/$defs/tool0/$defs/Unit"}
     assert tool_plan([WEATHER, TIME], "required").guided()["schema"].get("$defs") is None  # no references: as before
     jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c", "again": "Rome"}}], schema)
     for bad in ({"city": "Paris", "unit": "k"}, {"city": "Paris", "unit": "c", "again": "Amsterdam"}):
