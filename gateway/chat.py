@@ -215,16 +215,16 @@ class ChatTemplates:
             raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions") from None
         except TemplateError as e:  # a template that refuses these messages (e.g. roles that must alternate)
             raise BadRequest(f"the model's chat template refused the messages: {e}", param="messages") from None
-        except (TypeError, ValueError) as e:
+        except Exception as e:
             # a variable the template, or transformers under it, takes for something else (a name of a newer
-            # release's own argument, say), or a final message the template does not write out as given (it cannot
-            # be continued): the request's mistake, not a crash
+            # release's own argument, a number the template's range() refuses), or a final message the template
+            # does not write out as given (it cannot be continued): the request's mistake, not a crash
             if extra:
                 raise BadRequest(
                     f"the chat template could not be rendered with chat_template_kwargs: {e}",
                     param="chat_template_kwargs",
                 ) from None
-            if continue_final:
+            if continue_final and isinstance(e, (TypeError, ValueError)):
                 raise BadRequest(
                     f"the final message cannot be continued: {e}", param="continue_final_message"
                 ) from None

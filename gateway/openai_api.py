@@ -93,8 +93,9 @@ def _schema(v: dict | str) -> dict:
             raise ValueError(str(e)) from None
         if not isinstance(v, dict):
             raise ValueError("the schema must be a JSON object")
-    if len(json.dumps(v)) > MAX_SCHEMA_BYTES:
-        raise ValueError(f"the schema is more than {MAX_SCHEMA_BYTES} bytes of JSON")
+    # measured as the node measures it (node.engine.grammar.schema_json: compact UTF-8)
+    if len(json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"the schema is more than {MAX_SCHEMA_BYTES} bytes of compact JSON")
     return v
 
 
@@ -148,8 +149,14 @@ class StructuredOutputs(BaseModel):
 
     @model_validator(mode="after")
     def _one(self) -> StructuredOutputs:
-        fields = {"json": self.json_, "json_object": self.json_object, "regex": self.regex, "choice": self.choice}
-        given = [f for f, v in fields.items() if v]
+        # given: as vLLM counts them, a field that is not null (json_object: true)
+        fields = {
+            "json": self.json_,
+            "json_object": self.json_object or None,
+            "regex": self.regex,
+            "choice": self.choice,
+        }
+        given = [f for f, v in fields.items() if v is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(fields)}; got {', '.join(given) or 'none'}")
         return self

@@ -98,7 +98,9 @@ async def tokenize(t: ChatTemplates, target: Target, req: TokenizeRequest) -> di
 async def detokenize(t: ChatTemplates, target: Target, req: DetokenizeRequest) -> dict:
     """vLLM's /detokenize answer: token ids as text (special tokens left out, as an echoed prompt of ids)."""
     base = target.base_model_id
-    await blocking(t, 0, t.vocab, base)  # loads the tokenizer, so the ids are checked against its vocabulary
+    # loads the tokenizer, so the ids are checked against its vocabulary
+    if t.knows(base) and await blocking(t, 0, t.vocab, base) is None:
+        raise BadRequest(f"base model {base} has no tokenizer to turn ids into text", param="tokens")
     t.check_ids(base, req.tokens, param="tokens", what="tokens")
     context = t.context_len(base)
     if context is not None and len(req.tokens) > context:

@@ -85,7 +85,8 @@ class GenerateBody(BaseModel):
     ) = None
     logprobs: Logprobs = None
     prompt_logprobs: Logprobs = None
-    # {"type": "json_object"} | {"type": "json_schema", "schema": {...}}: checked by node.engine.grammar
+    # {"type": "json_object"} | {"type": "json_schema", "schema": {...}} | {"type": "regex", "pattern": "..."} |
+    # {"type": "choice", "choices": [...]}: checked by node.engine.grammar
     guided: dict | None = None
     stream: bool = False
 

@@ -102,16 +102,18 @@ def bound_provider_store(store, max_keys: int) -> None:
     """Keep a DHT's provider records to `max_keys` content keys. py-libp2p's store caps the providers of one key
     (20) and each peer's ADD_PROVIDER messages (10 per 10 s), but not the keys: a stranger with fresh peer ids
     (free) added a key a second each for as long as records live (48 h). At the cap, expired records go first,
-    then the key added longest ago (its providers re-provide within a day; GossipSub announcements still find
-    them meanwhile)."""
+    then the key added longest ago that this node does not provide itself (its providers re-provide within a day;
+    GossipSub announcements still find them meanwhile)."""
     add = store.add_provider
 
     def add_provider(key: bytes, provider) -> None:
         providers = store.providers
         if key not in providers and len(providers) >= max_keys:
             store.cleanup_expired()
-            while len(providers) >= max_keys:
-                del providers[next(iter(providers))]
+            strangers = (k for k in providers if k not in store.providing_keys)
+            for old in [next(strangers, None) for _ in range(len(providers) - max_keys + 1)]:
+                if old is not None:
+                    del providers[old]
         add(key, provider)
 
     store.add_provider = add_provider

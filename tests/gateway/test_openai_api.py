@@ -229,7 +229,7 @@ def test_strict_types_still_take_what_openai_takes():
 
 def test_what_a_template_is_given_counts_the_tool_calls():
     """The size that decides whether a chat is rendered on the event loop: a tool call's 100,000 characters of
-    arguments are in it, and each message's markup (gateway/request.py: TEMPLATE_MARKUP_CHARS)."""
+    arguments are in it, and each message's markup (gateway/prompts.py: TEMPLATE_MARKUP_CHARS)."""
     args = json.dumps({"a": "x" * 100_000})
     req = ChatRequest.model_validate(
         {

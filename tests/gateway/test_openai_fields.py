@@ -277,6 +277,8 @@ def test_vllm_structured_outputs_and_guided_fields(oai):
         assert got.finish_reason == "stop" and json.loads(got.message.content)["k"] in ("v", "w"), (extra, got)
     got = chat(oai, temperature=1, seed=5, max_tokens=32, extra_body={"structured_outputs": {"json_object": True}})
     assert got.choices[0].message.content.startswith("{")
+    # given as vLLM counts them, by not being null: an empty schema is one (any JSON), json_object false is none
+    assert chat(oai, max_tokens=4, extra_body={"structured_outputs": {"json": {}, "json_object": False}}).choices
 
     refused(lambda: chat(oai, extra_body={"guided_regex": "a", "guided_choice": ["b"]}), "guided_choice")
     fmt = {"type": "json_object"}

@@ -327,3 +327,25 @@ def test_made_up_content_keys_leave_the_dht_bounded(arena, packages):
     time.sleep(1)
     assert 0 < arena.t.call("status")["dht_keys"] <= TARGET_CONFIG["dht_max_provider_keys"]
     assert_still_serving(arena, packages)
+
+
+def test_the_dht_bound_never_evicts_what_this_node_provides():
+    """At the cap the oldest strangers' keys go, never a key this node provides itself (those records are how
+    peers find its adapters)."""
+    from libp2p.kad_dht.provider_store import ProviderStore
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from node.p2p.config import P2PConfig
+    from node.p2p.host import bound_provider_store, build_host
+
+    _, host = build_host(os.urandom(32), P2PConfig(listen="/ip4/127.0.0.1/tcp/0"))
+    store = ProviderStore(host)
+    bound_provider_store(store, max_keys=4)
+    me = PeerInfo(host.get_id(), [])
+    own = b"own-key"
+    store.providing_keys.add(own)
+    store.add_provider(own, me)
+    for i in range(10):
+        store.add_provider(f"stranger-{i}".encode(), me)
+    assert len(store.providers) == 4 and own in store.providers
+    assert [k for k in store.providers if k != own] == [b"stranger-7", b"stranger-8", b"stranger-9"]
