@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Node error codes that are the client's fault: another node would refuse the same request.
 CLIENT_ERROR_CODES = frozenset({"invalid_request", "context_length_exceeded"})
+# how a node refuses a guided type it does not know (node.engine.grammar.GuidedSpec.from_wire, named by the node
+# API): every release so far words it so
+UNKNOWN_GUIDED_TYPE = "guided.type must be one of"
 # idle pooled connections to nodes live this long: half what a node's server keeps them (common.serving), so
 # the gateway always drops one first (a request sent down a connection the node is closing that instant
 # fails, and the node is taken for dead); a request after a pause of a few seconds reuses its connection
@@ -273,6 +276,10 @@ class NodeClient:
         finally:
             r.release()
         message, code = _error_of(r.status, text)
+        if r.status == 400 and message.startswith(UNKNOWN_GUIDED_TYPE):
+            # a node of an older release, which knows fewer guided types (regex and choice came later): not the
+            # client's mistake, another node may serve it (operators upgrade at their own pace)
+            raise NodeUnavailable(f"node at {api_url} does not serve this guided type: {message}")
         if r.status == 400 and code in CLIENT_ERROR_CODES:
             raise NodeRejected(message, status=r.status, code=code)
         # the answer stays in this log: the client is told the status only, so a URL registered at a service

@@ -332,3 +332,24 @@ def test_a_connection_closed_while_opening_is_an_unreachable_node():
             await nc.aclose()
 
     assert asyncio.run(go()) is None
+
+
+def test_a_node_of_an_older_release_that_knows_fewer_guided_types_is_passed_over():
+    """A node from before regex and choice refuses them as an unknown guided type: not the client's mistake (a
+    400 to it), another node may serve the request, and this one is not taken for dead."""
+    old = json.dumps(
+        {
+            "error": {
+                "message": "guided.type must be one of json_object, json_schema, got 'regex'",
+                "code": "invalid_request",
+            }
+        }
+    ).encode()
+    with ServerThread(_hostile_node([old], status=400)) as srv:
+        with pytest.raises(node_client.NodeUnavailable, match="does not serve this guided type") as err:
+            asyncio.run(_events(srv.url))
+    assert not err.value.dead
+    bad_schema = json.dumps({"error": {"message": "guided.schema cannot be compiled: x", "code": "invalid_request"}})
+    with ServerThread(_hostile_node([bad_schema.encode()], status=400)) as srv:
+        with pytest.raises(node_client.NodeRejected):  # the client's own mistake stays a 400
+            asyncio.run(_events(srv.url))
