@@ -193,13 +193,15 @@ def parse_json(
     max_bytes: int,
     max_depth: int = MAX_JSON_DEPTH,
     max_int_digits: int | None = MAX_JSON_INT_DIGITS,
+    finite_floats: bool = True,
     what: str = "JSON",
 ) -> Any:
     """Parse untrusted JSON within limits, or raise UntrustedJSONError with one clear line.
 
     Refused: more than `max_bytes` bytes, nesting deeper than `max_depth`, invalid UTF-8 or JSON,
-    NaN/Infinity (also 1e400), integers of more than `max_int_digits` digits (None: Python's own bound),
-    duplicate object keys, and lone surrogates in strings (they cannot be encoded back).
+    NaN/Infinity (also 1e400, unless finite_floats is False: text passed on as written, its shape alone
+    checked), integers of more than `max_int_digits` digits (None: Python's own bound), duplicate object keys,
+    and lone surrogates in strings (they cannot be encoded back).
     """
     size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
     if size > max_bytes:
@@ -217,7 +219,7 @@ def parse_json(
         obj = json.loads(
             text,
             parse_constant=_no_constant,
-            parse_float=_finite_float,
+            parse_float=_finite_float if finite_floats else float,
             parse_int=None if max_int_digits is None else lambda t: _bounded_int(t, max_int_digits),
             object_pairs_hook=_unique_keys,
         )

@@ -5,7 +5,8 @@ Every field OpenAI's or vLLM's completions and chat endpoints define is either h
 accepted without effect, because the gateway already behaves as they ask: `user`, `safety_identifier`,
 `prompt_cache_key` (identifiers the gateway keeps no use for), `metadata`, `store` (false only: nothing is kept
 for later), `service_tier` ("auto" / "default"), `modalities` (["text"]),
-`stream_options.include_obfuscation` (nothing is padded)."""
+`stream_options.include_obfuscation` (nothing is padded), and in the messages a client sends back what the
+openai SDK gives it of an answer (`annotations`, `audio: null`, `parsed`, a tool call's `parsed_arguments`)."""
 
 from __future__ import annotations
 
@@ -41,12 +42,13 @@ from common.wire import (
     MAX_TOP_K,
     SEED_LIMIT,
     UntrustedJSONError,
+    json_depth,
     parse_json,
     sse_frame,
 )
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
-from gateway.tools import ToolPlan, json_depth, template_messages, tool_plan
+from gateway.tools import ToolPlan, template_messages, tool_plan
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
 
 if TYPE_CHECKING:
@@ -354,6 +356,7 @@ class ToolCallFunction(BaseModel):
     model_config = STRICT
     name: Annotated[str, Field(max_length=64)]
     arguments: str
+    parsed_arguments: object | None = None  # the openai SDK's .parse() result sent back in history: not used
 
 
 class ToolCall(BaseModel):
@@ -372,6 +375,11 @@ class ChatMessage(BaseModel):
     tool_call_id: Identifier | None = None  # a tool's result answers this call
     refusal: str | None = None  # an assistant's refusal (history; the template is not shown it)
     function_call: None = None  # OpenAI's legacy field, null in assistant messages the client sends back
+    # what the openai SDK sends back of an answer it got (a message's model_dump(), or .parse()'s message): not
+    # shown to the template, as OpenAI and vLLM take them
+    annotations: list | None = None
+    audio: None = None
+    parsed: object | None = None
 
     @model_validator(mode="after")
     def _roles(self) -> ChatMessage:
@@ -438,9 +446,10 @@ def _template_kwargs(v: dict | None) -> dict | None:
             raise ValueError(f"{k[:70]!r} is not a template variable's name ({TEMPLATE_KWARG_NAME.pattern})")
         if k in RESERVED_TEMPLATE_KWARGS:
             raise ValueError(f"{k!r} is set by the gateway or the template, not by the request")
-    if len(json.dumps(v)) > MAX_TEMPLATE_KWARGS_BYTES:
+    text = json.dumps(v)
+    if len(text) > MAX_TEMPLATE_KWARGS_BYTES:
         raise ValueError(f"the variables are more than {MAX_TEMPLATE_KWARGS_BYTES} bytes of JSON")
-    if json_depth(v) > MAX_TEMPLATE_KWARGS_DEPTH:
+    if json_depth(text, MAX_TEMPLATE_KWARGS_DEPTH) > MAX_TEMPLATE_KWARGS_DEPTH:
         raise ValueError(f"the variables are nested more than {MAX_TEMPLATE_KWARGS_DEPTH} deep")
     return v
 

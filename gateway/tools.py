@@ -20,7 +20,7 @@ import json
 import re
 import secrets
 
-from common.wire import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, json_depth, parse_json
 from gateway.errors import BadRequest
 
 MAX_TOOLS = 128
@@ -56,9 +56,10 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
         return None
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
         raise BadRequest(f"tools must be a list of at most {MAX_TOOLS} function tools", param="tools")
-    if len(json.dumps(tools, ensure_ascii=False).encode()) > MAX_TOOLS_BYTES:
+    text = json.dumps(tools, ensure_ascii=False)
+    if len(text.encode()) > MAX_TOOLS_BYTES:
         raise BadRequest(f"tools are more than {MAX_TOOLS_BYTES} bytes of JSON", param="tools")
-    if json_depth(tools) > MAX_TOOL_DEPTH:
+    if json_depth(text, MAX_TOOL_DEPTH) > MAX_TOOL_DEPTH:
         raise BadRequest(f"tools are nested more than {MAX_TOOL_DEPTH} deep", param="tools")
     functions: dict[str, dict] = {}
     for i, t in enumerate(tools):
@@ -78,16 +79,6 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
             raise BadRequest(f"tools[{i}].function.description must be a string", param="tools")
         functions[name] = {"name": name, "parameters": params} | ({"description": desc} if desc else {})
     return ToolPlan(functions, *_choice(tool_choice, functions), max_calls=MAX_CALLS if parallel else 1)
-
-
-def json_depth(value: object) -> int:
-    """How deep a parsed JSON value nests (a scalar: 0; [] and {}: 1). Its input is parse_json's, already
-    bounded in depth, so the recursion is too."""
-    if isinstance(value, dict):
-        return 1 + max(map(json_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(json_depth, value), default=0)
-    return 0
 
 
 def _choice(tool_choice: object, functions: dict[str, dict]) -> tuple[str, str | None]:
@@ -178,11 +169,12 @@ class ToolPlan:
         return (rest or None) if calls else text, calls
 
     def _constrained(self, text: str) -> list[dict]:
+        if self.choice == "function":  # the arguments as the model wrote them, as the stream sends them; only
+            # their shape is checked (a number past a double's range, 2E59048, is the model's to write)
+            return [_tool_call(self.name, text)] if isinstance(_parsed(text, finite_floats=False), dict) else []
         doc = _parsed(text)
         if doc is None:
             return []
-        if self.choice == "function":  # the arguments as the model wrote them, as the stream sends them
-            return [_tool_call(self.name, text)] if isinstance(doc, dict) else []
         if not isinstance(doc, list):
             return []
         calls = [self._call_from(item) for item in doc]
@@ -235,12 +227,17 @@ def _rooted(schema: object, at: str, *, names: bool = False) -> object:
     return out
 
 
-def _parsed(text: str) -> object | None:
+def _parsed(text: str, *, finite_floats: bool = True) -> object | None:
     """The JSON a model wrote, within bounds; None when it is not JSON (or too large, or too deep)."""
     try:
         # a model's arguments are passed on as text: a long integer in them is the model's, not refused
         return parse_json(
-            text, max_bytes=MAX_CALL_TEXT_BYTES, max_depth=MAX_CALL_DEPTH, max_int_digits=None, what="tool call"
+            text,
+            max_bytes=MAX_CALL_TEXT_BYTES,
+            max_depth=MAX_CALL_DEPTH,
+            max_int_digits=None,
+            finite_floats=finite_floats,
+            what="tool call",
         )
     except UntrustedJSONError:
         return None

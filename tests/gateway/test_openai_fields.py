@@ -303,3 +303,20 @@ def test_continuous_usage_stats_give_the_usage_so_far_on_every_chunk(oai):
     assert all(c.usage is None for c in quiet)
     plain = list(complete(oai, stream=True, stream_options={"include_usage": True}))
     assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage is not None  # OpenAI's: null until the end
+
+
+def test_an_answer_sent_back_as_history_the_way_the_sdk_gives_it(oai):
+    """The openai SDK's message, dumped (annotations: null, audio: null) or as .parse() gives it (parsed, a tool
+    call's parsed_arguments), goes back into the next request's messages: taken, not refused by name."""
+    first = chat(oai, temperature=0)
+    history = [*MESSAGES, first.choices[0].message.model_dump(), {"role": "user", "content": "And of Spain?"}]
+    assert "annotations" in history[1] and "audio" in history[1]
+    assert chat(oai, messages=history, temperature=0).choices[0].finish_reason in ("stop", "length")
+    parsed = {"role": "assistant", "content": None, "parsed": {"k": "v"}, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}", "parsed_arguments": {}}}
+    ]}  # fmt: skip
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "done"}
+    assert chat(oai, messages=[*MESSAGES, parsed, tool]).choices
+    refused(
+        lambda: chat(oai, messages=[*MESSAGES, {"role": "assistant", "content": "x", "audio": {"id": "a"}}]), "messages"
+    )

@@ -277,3 +277,13 @@ def test_required_tools_whose_parameters_refer_to_themselves(tiny_base):
     m = grammars.matcher(GuidedSpec.from_wire(guided))
     bad = '[{"name":"get_weather","arguments":{"city":"Paris","unit":"k"'
     assert not all(m.accept(t) for t in tok.encode(bad, add_special_tokens=False))
+
+
+def test_a_named_calls_arguments_go_on_as_written_even_past_a_doubles_range():
+    """The grammar let the model write 2E59048 (valid JSON, past a double's range): the call is the arguments as
+    written, as vLLM's is, not the text as content with no call (an instructor client saw "no tool calls")."""
+    plan = _plan({"type": "function", "function": {"name": "get_weather"}})
+    text = '{"city":"Paris","temp":2E59048}'
+    content, calls = plan.parse(text)
+    assert content is None and calls[0]["function"] == {"name": "get_weather", "arguments": text}
+    assert plan.parse('{"city":"Par')[1] == []  # cut short: no call
