@@ -187,6 +187,13 @@ def json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
+def compact_json(value: Any) -> bytes:
+    """JSON as UTF-8 with no whitespace, keys in their order: how a guided schema is measured against
+    MAX_SCHEMA_BYTES (the gateway before a node is asked, the node as it holds it) and what the grammar is
+    built from."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
 def parse_json(
     data: bytes | bytearray | memoryview | str,
     *,

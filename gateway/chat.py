@@ -219,14 +219,16 @@ class ChatTemplates:
             # a variable the template, or transformers under it, takes for something else (a name of a newer
             # release's own argument, a number the template's range() refuses), or a final message the template
             # does not write out as given (it cannot be continued): the request's mistake, not a crash
+            # (transformers' message may quote the whole rendered chat: cut short)
+            said = " ".join(str(e).split())[:300]
+            if continue_final and isinstance(e, ValueError):
+                raise BadRequest(
+                    f"the final message cannot be continued: {said}", param="continue_final_message"
+                ) from None
             if extra:
                 raise BadRequest(
-                    f"the chat template could not be rendered with chat_template_kwargs: {e}",
+                    f"the chat template could not be rendered with chat_template_kwargs: {said}",
                     param="chat_template_kwargs",
-                ) from None
-            if continue_final and isinstance(e, (TypeError, ValueError)):
-                raise BadRequest(
-                    f"the final message cannot be continued: {e}", param="continue_final_message"
                 ) from None
             raise
         self.check_length(base_model_id, len(text), param="messages")

@@ -42,6 +42,7 @@ from common.wire import (
     MAX_TOP_K,
     SEED_LIMIT,
     UntrustedJSONError,
+    compact_json,
     json_depth,
     parse_json,
     sse_frame,
@@ -95,8 +96,7 @@ def _schema(v: dict | str) -> dict:
             raise ValueError(str(e)) from None
         if not isinstance(v, dict):
             raise ValueError("the schema must be a JSON object")
-    # measured as the node measures it (node.engine.grammar.schema_json: compact UTF-8)
-    if len(json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_SCHEMA_BYTES:
+    if len(compact_json(v)) > MAX_SCHEMA_BYTES:
         raise ValueError(f"the schema is more than {MAX_SCHEMA_BYTES} bytes of compact JSON")
     return v
 
@@ -406,8 +406,8 @@ class ChatMessage(BaseModel):
         out: dict = {"role": self.role, "content": self.text()}
         if self.name is not None:
             out["name"] = self.name
-        if self.tool_calls:
-            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_calls:  # without what the SDK parsed of them: the template sees what the model wrote
+            out["tool_calls"] = [c.model_dump(exclude={"function": {"parsed_arguments"}}) for c in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         return out
@@ -482,9 +482,11 @@ class _Rendered(BaseModel):
                     "continue_final_message goes on with the final message: add_generation_prompt cannot be true",
                     param="add_generation_prompt",
                 )
-            if self.messages[-1].role != "assistant":
+            last = self.messages[-1]
+            if last.role != "assistant" or last.tool_calls or not last.text():
                 raise BadRequest(
-                    "continue_final_message needs an assistant message last (the answer it goes on with)",
+                    "continue_final_message needs an assistant message of text last (the answer it goes on with; "
+                    "a message of tool calls cannot be continued)",
                     param="continue_final_message",
                 )
 

@@ -206,7 +206,9 @@ class ToolPlan:
 # keywords whose values are data, not schemas: a "$ref" key in them is a value the client wrote, left as it is
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 # keywords whose values map names to schemas: a name there ("default", "$ref") is a name, not a keyword
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_SCHEMA_MAPS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"}
+)
 
 
 def _rooted(schema: object, at: str, *, names: bool = False) -> object:

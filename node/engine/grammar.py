@@ -40,7 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.wire import MAX_GUIDED_CHOICE_CHARS, MAX_GUIDED_CHOICES, MAX_GUIDED_PATTERN_CHARS, MAX_SCHEMA_BYTES
+from common.wire import (
+    MAX_GUIDED_CHOICE_CHARS,
+    MAX_GUIDED_CHOICES,
+    MAX_GUIDED_PATTERN_CHARS,
+    MAX_SCHEMA_BYTES,
+    compact_json,
+)
 from node.engine.request import GUIDED_TYPES, RequestError
 
 log = logging.getLogger(__name__)
@@ -153,10 +159,10 @@ def _choice_pattern(choices) -> str:
 
 
 def schema_json(schema: dict) -> bytes:
-    """A schema as GuidedSpec holds it: compact UTF-8 JSON. Not common.wire.canonical_json: keys keep their order,
-    as the grammar writes an object's properties in the order the schema lists them (OpenAI's strict mode does
-    too, and a client may put "reasoning" before "answer" on purpose)."""
-    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """A schema as GuidedSpec holds it: common.wire.compact_json. Not canonical_json: keys keep their order, as the
+    grammar writes an object's properties in the order the schema lists them (OpenAI's strict mode does too, and
+    a client may put "reasoning" before "answer" on purpose)."""
+    return compact_json(schema)
 
 
 class Matcher:

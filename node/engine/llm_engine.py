@@ -482,17 +482,15 @@ class LLMEngine:
             text, hit_stop = s.stream.push(t)
             reason = "stop" if hit_stop else None
         if s.matcher is not None and reason is None:
-            if s.matcher.error or (not s.matcher.accept(t) and t not in self.eos_ids):
+            if s.matcher.error or not s.matcher.accept(t):
                 # the parser ran out of fuel (a schema whose alternatives outgrow its bounds a few tokens in) on
-                # this step's mask (which then allowed only EOS) or on this token, or refused a token its mask
-                # allowed (a bug). The text can no longer be held to the schema: the request fails, where it
-                # ended "stop", cut short, as if it matched
+                # this step's mask (which then allowed only EOS) or on this token; or the grammar refused the
+                # token: EOS, where the sampler found nothing else to draw (the grammar's tokens all banned, by
+                # min_tokens against a stop token, say), or a bug. The text can no longer be held to the schema:
+                # the request fails, where it ended "stop", cut short, as if it matched
                 s.error = f"guided: the schema could not be enforced here: {s.matcher.error or f'token {t} refused'}"
                 log.warning("request %s: %s", s.request_id, s.error)
                 reason = "error"
-            elif s.matcher.error:  # EOS the grammar refused: a row the sampler found nothing to draw from for
-                # (the grammar's tokens all banned, by min_tokens say) and gave EOS only: it stops, as any such row
-                reason = "stop"
             elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow
                 reason = "stop"
         if reason is None and t in self.eos_ids and not s.params.ignore_eos:

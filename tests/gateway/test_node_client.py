@@ -334,9 +334,9 @@ def test_a_connection_closed_while_opening_is_an_unreachable_node():
     assert asyncio.run(go()) is None
 
 
-def test_a_node_of_an_older_release_that_knows_fewer_guided_types_is_passed_over():
+def test_a_node_of_an_older_release_refusing_a_guided_type_is_a_node_that_cannot_serve_it():
     """A node from before regex and choice refuses them as an unknown guided type: not the client's mistake (a
-    400 to it), another node may serve the request, and this one is not taken for dead."""
+    400 to it) but NodeUnavailable, on which the gateway tries the next node (ServedRequest._try), and not dead."""
     old = json.dumps(
         {
             "error": {

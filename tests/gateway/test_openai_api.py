@@ -245,3 +245,18 @@ def test_what_a_template_is_given_counts_the_tool_calls():
         }
     )
     assert [m.template_chars() for m in req.messages] == [2, len("c1") + 1 + len(args), len("c1") + 2]
+
+
+def test_what_the_sdk_parsed_of_a_tool_call_is_not_shown_to_the_template():
+    """A tool call sent back with the openai SDK's parsed_arguments: the template sees what the model wrote."""
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "f", "arguments": '{"a": 1}', "parsed_arguments": {"a": 1}},
+    }
+    req = ChatRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]}
+    )
+    req.check()
+    (shown,) = req.chat_messages()[1]["tool_calls"]
+    assert shown["function"] == {"name": "f", "arguments": {"a": 1}}  # parsed by the gateway, as templates take it

@@ -59,9 +59,11 @@ def test_a_penalty_that_overflows_stops_only_its_own_request(llama_world):
         engine.close()
 
 
-def test_a_grammar_whose_only_token_min_tokens_bans_stops_that_row(llama_world):
+def test_a_grammar_whose_only_token_min_tokens_bans_fails_that_request_alone(llama_world):
     """The schema allows one token next; it is also a stop token, which min_tokens bans until the 10th: nothing
-    is left to draw from. That row stops; the free row beside it runs to its length."""
+    is left to draw from. That request fails, saying why (it ended "stop" with a text its schema does not take,
+    as if it matched, until guided answers that cannot go on became errors); the free row beside it runs to its
+    length."""
     engine = llama_world.engine(num_kv_blocks=200)
     try:
         spec = GuidedSpec.from_wire({"type": "json_schema", "schema": {"enum": ["abcdef"]}})
@@ -79,6 +81,7 @@ def test_a_grammar_whose_only_token_min_tokens_bans_stops_that_row(llama_world):
             ]
         )
         assert out["free"].finish_reason == "length" and len(out["free"].token_ids) == 30
-        assert out["trapped"].finish_reason == "stop" and len(out["trapped"].token_ids) == 2
+        assert out["trapped"].finish_reason == "error" and len(out["trapped"].token_ids) == 2
+        assert "could not be enforced" in out["trapped"].error
     finally:
         engine.close()
