@@ -1,5 +1,7 @@
-"""Guided decoding: a request's `guided` value -> a JSON grammar compiled once per schema -> per sequence a
-matcher that writes each step's allowed tokens into one bitmask row -> the rows' logits masked in place.
+"""Guided decoding: a request's `guided` value (a JSON schema, any JSON object, a regular expression, or a choice
+of strings held as the regular expression of them) -> a grammar compiled once per spec, with its first mask ->
+per sequence a matcher that writes each step's allowed tokens into one bitmask row -> the rows' logits masked in
+place.
 
 The grammar library is llguidance, chosen over xgrammar by bench/grammar.py (CPU, 2 shared cores, 2026-12-03;
 both libraries given the same byte-level BPE tokenizers of 320, 32,000 and 76,357 tokens; compile = compile + first
@@ -14,9 +16,11 @@ mask, ms; fill and accept = median per token, us; per-token figures vary ~2x bet
 
 - Compile: llguidance builds its lexer lazily, so a new schema costs ~1 ms whatever the vocabulary; xgrammar
   precomputes masks over the whole vocabulary, 10-100 ms at real sizes and growing with the schema. Compiles run
-  on the node's event loop (a request's sequences are made there), and every schema comes from the network.
-- Bounded work: llguidance meters every compile and every mask with fuel (LLParserLimits); a schema that needs
-  more is an error, not a stalled engine. xgrammar has no such bound (the hostile regex above: 0.6 s).
+  on the node's one compile thread (node.engine.async_engine), and every schema comes from the network.
+- Bounded work: llguidance meters every compile and every mask with fuel (LLParserLimits), and the grammar's
+  size is bounded (MAX_GRAMMAR_SIZE); a schema that needs more is an error, not a stalled engine, and a matcher
+  that runs out partway fails its request (llm_engine._emit). xgrammar has no such bound (the hostile regex
+  above: 0.6 s).
 - Per step both cost microseconds (a 16-row batch's masks: 40-75 us with llguidance, 12-400 us with xgrammar),
   far below a decode step; xgrammar's fill is faster on schemas, llguidance's on json_object at real vocabularies.
 - llguidance imports in 35 ms with no dependency (xgrammar: 1.6 s, with triton and tvm-ffi). Its own
