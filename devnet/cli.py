@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from common.help_text import reflow_help
+from common.help_text import plain_help
 from common.logs import configure_logging
 from devnet.demo.run import run_demo
 from devnet.deploy import DEFAULT_BASE_PRICE, DEFAULT_NODE_SHARE_BPS, ETHER, deploy_to_file
@@ -257,7 +257,7 @@ def demo(
     run_demo(workdir, fresh=fresh, once=once)
 
 
-reflow_help(app)  # after the last command is registered: each paragraph of help wraps once, at the terminal
+plain_help(app)  # after the last command is registered: each paragraph of help wraps once, at the terminal
 
 
 # ---- entry point -------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from common.help_text import reflow_help
+from common.help_text import plain_help
 from ledger.db import DEFAULT_DB_URL
 
 log = logging.getLogger("gateway.cli")  # not __name__: it is __main__ under python -m
@@ -306,4 +306,4 @@ if __name__ == "__main__":
     from common.logs import configure_logging
 
     configure_logging()
-    reflow_help(gateway_app)()
+    plain_help(gateway_app)()

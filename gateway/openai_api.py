@@ -10,6 +10,7 @@ openai SDK gives it of an answer (`annotations`, `audio: null`, `parsed`, a tool
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -41,7 +42,6 @@ from common.wire import (
     MAX_STOPS,
     MAX_TOP_K,
     SEED_LIMIT,
-    UntrustedJSONError,
     compact_json,
     json_depth,
     parse_json,
@@ -87,15 +87,18 @@ class StreamOptions(BaseModel):
         return self.usage and bool(self.continuous_usage_stats)
 
 
+def json_object(raw: bytes | str, *, max_bytes: int, what: str) -> dict:
+    """Untrusted JSON that must be an object (common.wire.parse_json's bounds); a ValueError saying why."""
+    data = parse_json(raw, max_bytes=max_bytes, what=what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return data
+
+
 def _schema(v: dict | str) -> dict:
     """A JSON schema within MAX_SCHEMA_BYTES; vLLM's fields take one as a JSON string too."""
     if isinstance(v, str):
-        try:
-            v = parse_json(v, max_bytes=MAX_SCHEMA_BYTES, what="schema")
-        except UntrustedJSONError as e:
-            raise ValueError(str(e)) from None
-        if not isinstance(v, dict):
-            raise ValueError("the schema must be a JSON object")
+        v = json_object(v, max_bytes=MAX_SCHEMA_BYTES, what="the schema")
     if len(compact_json(v)) > MAX_SCHEMA_BYTES:
         raise ValueError(f"the schema is more than {MAX_SCHEMA_BYTES} bytes of compact JSON")
     return v
@@ -597,11 +600,9 @@ class DetokenizeRequest(BaseModel):
 def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> BaseModel:
     """Validate a request body; BadRequest naming the offending field (OpenAI's `param`) otherwise."""
     try:
-        data = parse_json(raw, max_bytes=max_bytes, what="request body")
-    except UntrustedJSONError as e:
+        data = json_object(raw, max_bytes=max_bytes, what="request body")
+    except ValueError as e:  # UntrustedJSONError is one
         raise BadRequest(str(e)) from e
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
     try:
         req = model.model_validate(data)
     except ValidationError as e:
@@ -622,6 +623,18 @@ def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_M
     if check is not None:
         check()
     return req
+
+
+# a request body past this many bytes is parsed and validated on a worker thread: 4 MB of small messages held the
+# event loop over a second (attack review)
+INLINE_BODY_BYTES = 256 << 10
+
+
+async def parse_request(model: type[BaseModel], raw: bytes, max_bytes: int) -> BaseModel:
+    """parse_body, off the event loop when the body is large."""
+    if len(raw) <= INLINE_BODY_BYTES:
+        return parse_body(model, raw, max_bytes=max_bytes)
+    return await asyncio.to_thread(parse_body, model, raw, max_bytes=max_bytes)
 
 
 def to_node_request(

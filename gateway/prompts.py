@@ -11,11 +11,8 @@ import asyncio
 import json
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
-
 from gateway.chat import ChatTemplates
 from gateway.errors import BadRequest
-from gateway.openai_api import parse_body
 
 if TYPE_CHECKING:
     from gateway.openai_api import ChatRequest, DetokenizeRequest, TokenizeRequest
@@ -28,18 +25,6 @@ INLINE_TOKENIZE_CHARS = 4096
 # size: a heuristic for where the work runs, not a bound; a template that writes more only moves a render that
 # should have gone to a thread onto the loop, and the rendered text is still checked against the context
 TEMPLATE_MARKUP_CHARS = 32
-
-
-# a request body past this many bytes is parsed and validated on a worker thread: 4 MB of small messages held the
-# event loop over a second (attack review)
-INLINE_BODY_BYTES = 256 << 10
-
-
-async def parse_request(model: type[BaseModel], raw: bytes, max_bytes: int):
-    """A request body validated as `model` (gateway.openai_api.parse_body), off the event loop when it is large."""
-    if len(raw) <= INLINE_BODY_BYTES:
-        return parse_body(model, raw, max_bytes=max_bytes)
-    return await asyncio.to_thread(parse_body, model, raw, max_bytes=max_bytes)
 
 
 async def blocking(templates: ChatTemplates, size: int, fn, base: str, *args):

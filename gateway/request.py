@@ -36,10 +36,11 @@ from gateway.openai_api import (
     CompletionRequest,
     chat_response,
     completion_response,
+    parse_request,
     to_node_request,
     usage_dict,
 )
-from gateway.prompts import blocking, chat_prompt, parse_request, text_prompts
+from gateway.prompts import blocking, chat_prompt, text_prompts
 from gateway.router import Route, Router, Target
 from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus

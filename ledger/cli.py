@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from common.help_text import reflow_help
+from common.help_text import plain_help
 from common.logs import configure_logging
 from common.settings import SettingsError
 from common.wire import hex0x, restore_recursion_limit
@@ -304,7 +304,7 @@ def main() -> None:
     )
     app.add_typer(rewards_app, name="rewards")
     app.add_typer(settler_app, name="settler")
-    reflow_help(app)()
+    plain_help(app)()
 
 
 if __name__ == "__main__":

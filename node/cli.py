@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.help_text import reflow_help
+from common.help_text import plain_help
 from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 from node.adapters.limits import MAX_LORA_RANK
 from node.train import DEFAULT_TARGETS
@@ -749,4 +749,4 @@ if __name__ == "__main__":
     from common.logs import configure_logging
 
     configure_logging()
-    reflow_help(app)()  # here only: the `loramesh` root reflows these same commands once, at its start
+    plain_help(app)()  # here only: the `loramesh` root sets these same commands once, at its start

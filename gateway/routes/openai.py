@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request
 
 from common.http import ANSWER_OR_EVENTS
 from gateway.deps import AuthDep, GatewayDep
-from gateway.openai_api import DetokenizeRequest, TokenizeRequest
-from gateway.prompts import detokenize, parse_request, tokenize
+from gateway.openai_api import DetokenizeRequest, TokenizeRequest, parse_request
+from gateway.prompts import detokenize, tokenize
 from gateway.request import ServedRequest
 
 router = APIRouter()
