@@ -320,3 +320,41 @@ def test_an_answer_sent_back_as_history_the_way_the_sdk_gives_it(oai):
     refused(
         lambda: chat(oai, messages=[*MESSAGES, {"role": "assistant", "content": "x", "audio": {"id": "a"}}]), "messages"
     )
+
+
+def test_schemas_of_products_from_many_clients_leave_the_node_serving(oai):
+    """The red team's attack, run for real: six concurrent 2 kB schemas of products (allOf of 4 anyOfs of 9: 6,561
+    object shapes), each new (no cache hit), are refused by name; they took 1.3 s each of the node's one compile
+    thread to be refused, and queued past the gateway's first-byte timeout they took the node out of routing (a
+    plain request after them: 503, no live node). The node keeps serving, a guided request beside them too."""
+    import threading
+
+    import openai
+
+    def products(tag: str) -> dict:
+        return {
+            "allOf": [
+                {"anyOf": [{"type": "object", "properties": {f"{tag}{j}_{i}": {"type": "integer"}}} for i in range(9)]}
+                for j in range(4)
+            ]
+        }
+
+    outcomes: list[object] = []
+
+    def attack(tag: str) -> None:
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": products(tag)}}
+        try:
+            chat(oai, response_format=fmt)
+            outcomes.append("served")
+        except openai.APIStatusError as e:
+            outcomes.append((e.status_code, (e.body or {}).get("param")))
+
+    threads = [threading.Thread(target=attack, args=(f"t{i}_",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    guided = chat(oai, response_format={"type": "json_object"}, max_tokens=4)  # beside them
+    for t in threads:
+        t.join()
+    assert outcomes == [(400, "response_format")] * 6, outcomes
+    assert guided.choices[0].finish_reason in ("stop", "length")
+    assert chat(oai).choices[0].finish_reason in ("stop", "length")  # the node is still routed to
