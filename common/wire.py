@@ -109,9 +109,11 @@ MAX_GUIDED_CHOICE_CHARS = 1024
 # ---- HTTP bodies: server-sent events and the error object -------------------------------------------
 
 
-def sse_frame(obj: Any) -> bytes:
-    """One server-sent event carrying `obj` as compact JSON."""
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+def sse_frame(obj: Any, *, event: str | None = None) -> bytes:
+    """One server-sent event carrying `obj` as compact JSON; `event`: its name (the Responses API names each
+    event: one of our own constants, never a client's text)."""
+    data = b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"event: " + event.encode() + b"\n" + data if event else data
 
 
 SSE_DONE = b"data: [DONE]\n\n"  # the OpenAI stream's last event

@@ -14,7 +14,7 @@ import asyncio
 import json
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -42,7 +42,9 @@ from common.wire import (
     MAX_STOPS,
     MAX_TOP_K,
     SEED_LIMIT,
+    SSE_DONE,
     compact_json,
+    error_body,
     json_depth,
     parse_json,
     sse_frame,
@@ -68,6 +70,13 @@ Seed = Annotated[int, Field(ge=-(2**63), lt=SEED_LIMIT)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 Identifier = Annotated[str, Field(max_length=256)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+# an ensemble's weights, one per adapter named in `model` ("alice/a+bob/b"), in that order
+AdapterWeights = Annotated[
+    list[Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]],
+    Field(min_length=2, max_length=MAX_ENSEMBLE_ADAPTERS),
+]
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 
 class StreamOptions(BaseModel):
@@ -184,8 +193,8 @@ class _Sampling(BaseModel):
 
     model: Annotated[str, Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -210,13 +219,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # an ensemble's weights, one per adapter named in `model` ("alice/a+bob/b"), in that order
-    adapter_weights: (
-        Annotated[
-            list[Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]],
-            Field(min_length=2, max_length=MAX_ENSEMBLE_ADAPTERS),
-        ]
-        | None
-    ) = None
+    adapter_weights: AdapterWeights | None = None
     # accepted, no effect (see the module's docstring)
     user: Identifier | None = None
     safety_identifier: Identifier | None = None
@@ -266,6 +269,10 @@ class _Sampling(BaseModel):
     def wanted_tokens(self) -> int | None:
         return self.max_tokens
 
+    def tokens_field(self) -> str:
+        """The field `wanted_tokens` came from (what an error about it names)."""
+        return "max_tokens"
+
     def _shapes(self) -> list[tuple[str, dict]]:
         """(field, the node's `guided` value) of each field that constrains the answer's shape."""
         out = []
@@ -304,6 +311,8 @@ Prompt = (
 
 
 class CompletionRequest(_Sampling):
+    PROMPT_FIELD: ClassVar[str] = "prompt"  # the field that holds the prompt (what an error about it names)
+
     prompt: Prompt
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=COMPLETION_LOGPROBS)] | None = None
@@ -514,6 +523,8 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSA
 
 
 class ChatRequest(_Rendered, _Sampling):
+    PROMPT_FIELD: ClassVar[str] = "messages"
+
     messages: Messages
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
@@ -551,6 +562,9 @@ class ChatRequest(_Rendered, _Sampling):
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
     def guided(self) -> dict | None:
         if self._plan is not None and self._plan.guided() is not None:
@@ -774,3 +788,11 @@ class ChunkBuilder:
 
     def usage(self, usage: dict) -> bytes:
         return self._chunk([], usage)
+
+    def end(self, usage: dict) -> bytes:
+        """The stream's last frames once every choice closed: the usage chunk when asked, then [DONE]."""
+        return (self.usage(usage) if self.include_usage else b"") + SSE_DONE
+
+    def failed(self, message: str) -> bytes:
+        """The frame that ends a stream the node broke off (the openai SDK raises it as an APIError)."""
+        return sse_frame(error_body(message, type="upstream_error", code="node_failed"))

@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from common.http import WriteBoundedStreamingResponse
-from common.wire import SSE_DONE, error_body, hex0x, sse_frame
+from common.wire import hex0x
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
 from gateway.choices import Choices
@@ -41,6 +41,7 @@ from gateway.openai_api import (
     usage_dict,
 )
 from gateway.prompts import blocking, chat_prompt, text_prompts
+from gateway.responses_api import ResponseEvents, ResponsesRequest, response_object
 from gateway.router import Route, Router, Target
 from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus
@@ -49,6 +50,9 @@ from gateway.usage_book import UsageBook
 from node.receipts import FINISH_REASONS
 
 log = logging.getLogger(__name__)
+
+# each endpoint's request body
+API_REQUESTS = {"completions": CompletionRequest, "chat": ChatRequest, "responses": ResponsesRequest}
 
 # after aborting a request, how long the gateway reads the node's stream on to its done event (for the
 # receipt it carries; the tokens read meanwhile reach nobody and are not paid) before it settles for the
@@ -129,11 +133,13 @@ class ServedRequest:
     is the text once the node finished; a streamed one ends the request when its last event is sent or the
     client leaves. `usage` is the gateway's own count: the prompt ids it sent, the token events it relayed."""
 
-    def __init__(self, deps: RequestDeps, auth: AuthContext, *, chat: bool) -> None:
-        self.d, self.auth, self.chat = deps, auth, chat
-        self.endpoint = "chat" if chat else "completions"
+    def __init__(self, deps: RequestDeps, auth: AuthContext, *, api: str) -> None:
+        """api: "completions", "chat" or "responses" (OpenAI's Responses API, served as the chat it is)."""
+        self.d, self.auth, self.endpoint = deps, auth, api
+        self.chat = api != "completions"
         self.key_id: int | None = auth.key.id
         self.req: ChatRequest | CompletionRequest | None = None
+        self.responses: ResponsesRequest | None = None  # the request as sent, when it came as a Responses one
         self.target: Target | None = None
         self.quote: dict[str, int] = {}  # each record's adapter id -> the price it is admitted at (known ones)
         self.rid = ""
@@ -172,9 +178,10 @@ class ServedRequest:
         """Serve one request: the JSON answer, or the event stream (which ends the request itself)."""
         d = self.d
         d.book.check_outbox()  # nothing is served that could not be recorded
-        req = self.req = await parse_request(
-            ChatRequest if self.chat else CompletionRequest, await http.body(), d.settings.max_body_bytes
-        )
+        req = await parse_request(API_REQUESTS[self.endpoint], await http.body(), d.settings.max_body_bytes)
+        if isinstance(req, ResponsesRequest):
+            self.responses, req = req, req.as_chat()
+        self.req = req
         try:
             await self._prepare(req)
         finally:  # the error handlers' metrics label: the model it resolved to (a name that resolved to
@@ -192,7 +199,9 @@ class ServedRequest:
             raise
         created = int(time.time())
         headers = {"X-Request-Id": self.rid, "X-Loramesh-Node": self.node.node_id}
-        if req.stream:
+        if req.stream and self.responses is not None:
+            builder = ResponseEvents(self.responses, self.rid, created)
+        elif req.stream:
             builder = ChunkBuilder(
                 chat=self.chat,
                 rid=self.rid,
@@ -201,6 +210,7 @@ class ServedRequest:
                 include_usage=req.include_usage,
                 usage_so_far=(lambda: usage_dict(*self.usage, self.cached_tokens)) if req.continuous_usage else None,
             )
+        if req.stream:
             return WriteBoundedStreamingResponse(
                 self._events(builder),
                 write_timeout_s=d.settings.client_write_timeout_s,
@@ -222,13 +232,15 @@ class ServedRequest:
         await asyncio.shield(d.background.spawn(self.finish()))
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
-        build = chat_response if self.chat else completion_response
         usage = usage_dict(*self.usage, self.cached_tokens)
 
         def render() -> bytes:  # as JSONResponse renders
-            body = build(
-                self.rid, created, req.model, self.choices.answer(self.finish_reason, bool(self.overrun)), usage
-            )
+            choices = self.choices.answer(self.finish_reason, bool(self.overrun))
+            if self.responses is not None:
+                body = response_object(self.responses, self.rid, created, choices[0], usage)
+            else:
+                build = chat_response if self.chat else completion_response
+                body = build(self.rid, created, req.model, choices, usage)
             return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
         # a long answer (n choices with logprobs: up to tens of MB) is built off the event loop, which it held
@@ -259,7 +271,7 @@ class ServedRequest:
         reading.result()
         return True
 
-    async def _events(self, b: ChunkBuilder):
+    async def _events(self, b: ChunkBuilder | ResponseEvents):
         # chunks that are ready together go out in one write: each write is a send through the whole
         # ASGI stack and a wake-up of the client, and the bytes on the wire are the same
         c = self.choices
@@ -274,18 +286,11 @@ class ServedRequest:
                     opening = b""
             await asyncio.shield(self.d.background.spawn(self.finish()))
             if self.failure:
-                yield (
-                    opening
-                    + c.release_held(b)  # the tool text held back is billed: it reaches the client before the error
-                    + sse_frame(
-                        error_body(
-                            f"{self.failure}; the response is incomplete", type="upstream_error", code="node_failed"
-                        )
-                    )
-                )
+                # the tool text held back is billed: it reaches the client before the error
+                yield opening + c.release_held(b) + b.failed(f"{self.failure}; the response is incomplete")
                 return
-            usage = b.usage(usage_dict(*self.usage, self.cached_tokens)) if b.include_usage else b""
-            yield opening + c.close_all(b, self.finish_reason, bool(self.overrun)) + usage + SSE_DONE
+            usage = usage_dict(*self.usage, self.cached_tokens)
+            yield opening + c.close_all(b, self.finish_reason, bool(self.overrun)) + b.end(usage)
         finally:
             self.finish_detached(client_gone=True)
 
@@ -304,7 +309,7 @@ class ServedRequest:
         prompts, texts = await self._prompts(req, base)
         for ids in prompts:
             if not ids:
-                raise BadRequest("the prompt is empty; expected at least one token", param="prompt")
+                raise BadRequest("the prompt is empty; expected at least one token", param=req.PROMPT_FIELD)
         longest = max(map(len, prompts))
         max_tokens = self._max_tokens(req, longest, context)
         if req.min_tokens is not None and req.min_tokens > max_tokens:
@@ -370,7 +375,7 @@ class ServedRequest:
         max_tokens beyond the context is refused with the numbers, as OpenAI refuses it."""
         s, wanted = self.d.settings, req.wanted_tokens()
         if wanted is not None and wanted > s.max_max_tokens:
-            field = "max_completion_tokens" if self.chat and req.max_completion_tokens else "max_tokens"
+            field = req.tokens_field()
             raise BadRequest(f"{field} {wanted} is more than this gateway allows ({s.max_max_tokens})", param=field)
         if wanted is None and self.chat:
             room = s.max_max_tokens if context is None else context - prompt
@@ -379,13 +384,13 @@ class ServedRequest:
             wanted = 1  # not even one token fits: refused below
         max_tokens = wanted if wanted is not None else s.default_max_tokens
         if context is not None and prompt + max_tokens > context:
-            where = "in the messages" if self.chat else "in your prompt"
+            where = "in your prompt" if req.PROMPT_FIELD == "prompt" else f"in the {req.PROMPT_FIELD}"
             raise BadRequest(
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{prompt + max_tokens} tokens ({prompt} {where}, {max_tokens} in the completion). Please reduce "
-                f"the length of the {'messages' if self.chat else 'prompt'} or completion.",
+                f"the length of the {req.PROMPT_FIELD} or completion.",
                 code="context_length_exceeded",
-                param="messages" if self.chat else "prompt",
+                param=req.PROMPT_FIELD,
             )
         return max_tokens
 
@@ -529,7 +534,7 @@ class ServedRequest:
         compile (the field that gave it: response_format, structured_outputs, a guided_* field, or tools for
         tool_choice required / a named function)."""
         if e.code == "context_length_exceeded":
-            return "messages" if self.chat else "prompt"
+            return self.req.PROMPT_FIELD
         if "guided" in str(e):
             return self.req.guided_field()
         return None

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: models, completions, chat completions; and vLLM's /tokenize and /detokenize
+"""The OpenAI-compatible routes: models, completions, chat completions, responses; and vLLM's /tokenize and /detokenize
 (API key required)."""
 
 from __future__ import annotations
@@ -29,13 +29,19 @@ async def model(model: str, auth: AuthDep, gw: GatewayDep) -> dict:
 @router.post("/v1/completions", responses=ANSWER_OR_EVENTS)
 async def completions(request: Request, auth: AuthDep, gw: GatewayDep):
     """API key: an OpenAI completion (body: CompletionRequest)."""
-    return await ServedRequest(gw.deps, auth, chat=False).respond(request)
+    return await ServedRequest(gw.deps, auth, api="completions").respond(request)
 
 
 @router.post("/v1/chat/completions", responses=ANSWER_OR_EVENTS)
 async def chat_completions(request: Request, auth: AuthDep, gw: GatewayDep):
     """API key: an OpenAI chat completion (body: ChatRequest)."""
-    return await ServedRequest(gw.deps, auth, chat=True).respond(request)
+    return await ServedRequest(gw.deps, auth, api="chat").respond(request)
+
+
+@router.post("/v1/responses", responses=ANSWER_OR_EVENTS)
+async def responses(request: Request, auth: AuthDep, gw: GatewayDep):
+    """API key: an OpenAI response (body: ResponsesRequest; served as the chat it is, nothing stored)."""
+    return await ServedRequest(gw.deps, auth, api="responses").respond(request)
 
 
 @router.post("/tokenize")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from sqlmodel import Session, select
 
+from ledger.models import RecordStatus, UsageRecord
 from tests.gateway import TINY
 from tests.utils.gateway import poll
 from tests.utils.stack import start_gateway, start_node
@@ -48,3 +50,24 @@ def refused(call, param: str) -> str:
         call()
     assert ei.value.body["param"] == param, ei.value.body
     return ei.value.body["message"]
+
+
+def usage_row(gw, rid: str) -> UsageRecord:
+    def get():
+        with Session(gw.db) as s:
+            return s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
+
+    return poll(get, timeout=20)
+
+
+def agree(gw, raw) -> object:
+    """The parsed answer, once its usage, the node's receipt and the usage row say the same counts (a chat's or a
+    completion's usage, or a Responses one's)."""
+    body = raw.parse()
+    row = usage_row(gw, raw.headers["x-request-id"])
+    u = body.usage
+    counts = (u.input_tokens, u.output_tokens) if hasattr(u, "input_tokens") else (u.prompt_tokens, u.completion_tokens)
+    assert row.status != RecordStatus.DISPUTED, row.error
+    assert counts == (row.prompt_tokens, row.completion_tokens)
+    assert (row.node_prompt_tokens, row.node_completion_tokens) == (row.prompt_tokens, row.completion_tokens)
+    return body

@@ -6,35 +6,13 @@ the context's limits, and that the oai's usage, the node's receipt and the usage
 from __future__ import annotations
 
 import pytest
-from sqlmodel import Session, select
 
-from ledger.models import RecordStatus, UsageRecord
 from tests.gateway import TINY
-from tests.gateway.conftest import MESSAGES, PROMPT, chat, complete, refused
-from tests.utils.gateway import poll
+from tests.gateway.conftest import MESSAGES, PROMPT, agree, chat, complete, refused
 
 pytestmark = pytest.mark.integration
 
 EOS = 2  # the tiny bases' </s>
-
-
-def usage_row(gw, rid: str) -> UsageRecord:
-    def get():
-        with Session(gw.db) as s:
-            return s.exec(select(UsageRecord).where(UsageRecord.request_id == rid)).first()
-
-    return poll(get, timeout=20)
-
-
-def agree(gw, raw) -> object:
-    """The parsed answer, once its usage, the node's receipt and the usage row say the same counts."""
-    body = raw.parse()
-    row = usage_row(gw, raw.headers["x-request-id"])
-    u = body.usage
-    assert row.status != RecordStatus.DISPUTED, row.error
-    assert (u.prompt_tokens, u.completion_tokens) == (row.prompt_tokens, row.completion_tokens)
-    assert (row.node_prompt_tokens, row.node_completion_tokens) == (row.prompt_tokens, row.completion_tokens)
-    return body
 
 
 # ---- fields that were silently ignored: each honoured, or refused by name ----------------------------------

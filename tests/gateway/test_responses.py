@@ -1,0 +1,225 @@
+"""OpenAI's Responses API (`POST /v1/responses`) through the official openai client against a real gateway and a
+real tiny-model node (random weights): a response is the chat answer of the same conversation (text, counts and
+bill), whole and streamed; structured output and function tools come back as Responses items (parsed by the SDK's
+own helpers), a conversation with calls goes round again, logprobs when asked; what it cannot serve is refused by
+name."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pydantic
+import pytest
+
+from tests.gateway import TINY
+from tests.gateway.conftest import agree, chat, refused
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "What is the capital of France?"
+INSTRUCTIONS = "Answer in one word."
+GREEDY = {"temperature": 0, "max_output_tokens": 8}
+ARGS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 6}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "name": "get_weather", "parameters": ARGS, "strict": True}
+NAMED = {"type": "function", "name": "get_weather"}
+
+
+class City(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: str = pydantic.Field(max_length=8)
+    sunny: bool
+
+
+def respond(oai, **kw):
+    return oai.responses.create(model=TINY, **({"input": QUESTION} | kw))
+
+
+def test_a_response_is_the_chat_answer_of_its_conversation_and_billed_alike(served, oai):
+    raw = oai.responses.with_raw_response.create(model=TINY, input=QUESTION, instructions=INSTRUCTIONS, **GREEDY)
+    r = agree(served, raw)  # its usage, the node's receipt and the usage row agree
+    c = chat(
+        oai,
+        messages=[{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=8,
+    )
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == TINY
+    assert r.output_text == c.choices[0].message.content
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (c.usage.prompt_tokens, c.usage.completion_tokens)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    # cut at max_output_tokens (random weights rarely end sooner), as the chat answer was cut at max_tokens
+    assert c.choices[0].finish_reason == "length"
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    [item] = r.output
+    assert item.type == "message" and item.role == "assistant" and item.id.startswith("msg_")
+    assert r.instructions == INSTRUCTIONS and r.max_output_tokens == 8 and r.store is False
+
+
+def test_input_items_are_the_chat_messages_they_say(oai):
+    items = [
+        {"role": "developer", "content": INSTRUCTIONS},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Paris", "annotations": []}]},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    messages = [
+        {"role": "developer", "content": INSTRUCTIONS},
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    r, c = respond(oai, input=items, **GREEDY), chat(oai, messages=messages, temperature=0, max_tokens=8)
+    assert r.output_text == c.choices[0].message.content
+    assert r.usage.input_tokens == c.usage.prompt_tokens
+
+
+def test_a_streamed_response_is_the_whole_one_event_by_event(oai):
+    whole = respond(oai, **GREEDY)
+    events = list(respond(oai, stream=True, **GREEDY))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert deltas == final.output_text == whole.output_text
+    assert final.id == events[0].response.id and final.usage.output_tokens == whole.usage.output_tokens
+    assert final.output[0].status == "incomplete"
+
+
+def test_structured_output_parses_with_the_sdks_helpers_whole_and_streamed(oai):
+    parsed = oai.responses.parse(model=TINY, input=QUESTION, text_format=City, max_output_tokens=200, temperature=1)
+    assert parsed.status == "completed", parsed.output_text
+    assert isinstance(parsed.output_parsed, City)
+    with oai.responses.stream(
+        model=TINY, input=QUESTION, text_format=City, max_output_tokens=200, temperature=1
+    ) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
+    assert isinstance(final.output_parsed, City)
+    assert final.text.format.type == "json_schema"
+    obj = respond(oai, text={"format": {"type": "json_object"}}, max_output_tokens=200)
+    assert obj.status != "completed" or isinstance(json.loads(obj.output_text), dict)
+
+
+def test_a_named_function_comes_back_as_a_function_call_item_and_goes_round_again(served, oai):
+    r = respond(oai, tools=[WEATHER], tool_choice=NAMED, max_output_tokens=60, temperature=1)
+    assert r.status == "completed", r.output
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), ARGS)
+    # the conversation goes round again as the SDK builds it: the answer's items, then the call's output
+    history = [{"role": "user", "content": QUESTION}, *r.output]
+    history.append({"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21"})
+    raw = oai.responses.with_raw_response.create(model=TINY, input=history, tools=[WEATHER], **GREEDY)
+    again = agree(served, raw)
+    as_chat = chat(
+        oai,
+        messages=[
+            {"role": "user", "content": QUESTION},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call.call_id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.call_id, "content": "sunny, 21"},
+        ],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": ARGS}}],
+        temperature=0,
+        max_tokens=8,
+    )
+    assert again.usage.input_tokens == as_chat.usage.prompt_tokens
+    assert again.output_text == (as_chat.choices[0].message.content or "")
+
+
+def test_required_calls_stream_as_function_call_items(oai):
+    """One call (parallel_tool_calls false), through the SDK's stream helper, which checks every event against the
+    items it holds; then several (greedy, the tiny base lists calls until its context is full): each its own item,
+    its arguments streamed as its own deltas, the one cut short "incomplete"."""
+    one = {"tools": [WEATHER], "tool_choice": "required", "temperature": 0}
+    with oai.responses.stream(model=TINY, input=QUESTION, parallel_tool_calls=False, **one) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    [call] = final.output
+    assert final.status == "completed" and call.type == "function_call" and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), ARGS)
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments
+
+    events = list(respond(oai, stream=True, **one))
+    final = events[-1].response
+    assert events[-1].type == "response.incomplete" and len(final.output) > 1
+    for item in final.output:
+        assert item.type == "function_call" and item.name == "get_weather"
+        deltas = [
+            e.delta for e in events if e.type == "response.function_call_arguments.delta" and e.item_id == item.id
+        ]
+        assert "".join(deltas) == item.arguments
+    *whole, cut = final.output
+    assert all(c.status == "completed" for c in whole) and cut.status == "incomplete"
+    for c in whole:
+        jsonschema.validate(json.loads(c.arguments), ARGS)
+    assert len({c.id for c in final.output}) == len({c.call_id for c in final.output}) == len(final.output)
+    done = [e.item.call_id for e in events if e.type == "response.output_item.done"]
+    assert done == [c.call_id for c in final.output]
+
+
+def test_logprobs_when_asked_whole_and_streamed(oai):
+    ask = {"include": ["message.output_text.logprobs"], "top_logprobs": 2, **GREEDY}
+    r = respond(oai, **ask)
+    entries = r.output[0].content[0].logprobs
+    assert len(entries) == r.usage.output_tokens
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    assert "".join(e.token for e in entries) == r.output_text
+    streamed = [
+        lp for e in respond(oai, stream=True, **ask) if e.type == "response.output_text.delta" for lp in e.logprobs
+    ]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert respond(oai, **GREEDY).output[0].content[0].logprobs is None  # only when asked
+
+
+def test_what_it_cannot_serve_is_refused_by_name(oai):
+    def refuses(param: str, **kw) -> str:
+        return refused(lambda: respond(oai, **kw), param)
+
+    assert "whole conversation" in refuses("store", store=True)
+    refuses("previous_response_id", previous_response_id="resp_123")
+    refuses("reasoning", reasoning={"effort": "low"})
+    refuses("background", background=True)
+    refuses("top_logprobs", top_logprobs=2)
+    refuses("include", include=["file_search_call.results"])
+    refuses("include", include=["message.output_text.logprobs"], tools=[WEATHER])
+    assert "only function tools" in refuses("tools", tools=[{"type": "web_search"}])
+    refuses("tool_choice", tools=[WEATHER], tool_choice={"type": "function", "name": "nope"})
+    refuses("input", input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}])
+    refuses("input", input=[{"type": "reasoning", "summary": []}])
+    refuses("input", input=[])
+    refuses("temperature", temperature=3)
+    refuses("max_output_tokens", max_output_tokens=0)
+    refuses("frequency_penalty", extra_body={"frequency_penalty": 1})  # not a Responses field
+    with pytest.raises(openai.BadRequestError) as ei:
+        respond(oai, input="word " * 600)
+    assert ei.value.body["param"] == "input" and ei.value.body["code"] == "context_length_exceeded"
