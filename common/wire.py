@@ -104,6 +104,9 @@ MAX_SCHEMA_BYTES = 64 << 10
 MAX_GUIDED_PATTERN_CHARS = 4096
 MAX_GUIDED_CHOICES = 256
 MAX_GUIDED_CHOICE_CHARS = 1024
+# the one llguidance option set a guided schema may carry (as "x-guidance"): JSON with no whitespace at all, which
+# the gateway asks for tool calls and the node refuses any other (node/engine/grammar.py)
+COMPACT_GUIDANCE = {"whitespace_flexible": False, "whitespace_pattern": None}
 
 
 # ---- HTTP bodies: server-sent events and the error object -------------------------------------------

@@ -20,7 +20,7 @@ import json
 import re
 import secrets
 
-from common.wire import UntrustedJSONError, json_depth, parse_json
+from common.wire import COMPACT_GUIDANCE, MAX_SCHEMA_BYTES, UntrustedJSONError, compact_json, json_depth, parse_json
 from gateway.errors import BadRequest
 
 MAX_TOOLS = 128
@@ -40,7 +40,7 @@ MAX_CALL_DEPTH = 64
 # Tool calls are written compactly: the node's grammar allows no whitespace between JSON tokens in them
 # (llguidance's per-schema options; a free answer may pretty-print), so a model cannot spend its tokens on
 # whitespace before the call closes.
-COMPACT = {"x-guidance": {"whitespace_flexible": False, "whitespace_pattern": None}}
+COMPACT = {"x-guidance": COMPACT_GUIDANCE}
 # A function without parameters takes none: an empty object.
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -78,7 +78,16 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
         if desc is not None and not isinstance(desc, str):
             raise BadRequest(f"tools[{i}].function.description must be a string", param="tools")
         functions[name] = {"name": name, "parameters": params} | ({"description": desc} if desc else {})
-    return ToolPlan(functions, *_choice(tool_choice, functions), max_calls=MAX_CALLS if parallel else 1)
+    plan = ToolPlan(functions, *_choice(tool_choice, functions), max_calls=MAX_CALLS if parallel else 1)
+    guided = plan.guided()
+    if guided is not None and len(compact_json(guided["schema"])) > MAX_SCHEMA_BYTES:
+        # the schema the calls are constrained by is held to the bound a node holds every schema to: refused here,
+        # before a node is asked
+        raise BadRequest(
+            f"the tools' schema for tool_choice {plan.choice} is more than {MAX_SCHEMA_BYTES} bytes of compact JSON",
+            param="tools",
+        )
+    return plan
 
 
 def _choice(tool_choice: object, functions: dict[str, dict]) -> tuple[str, str | None]:

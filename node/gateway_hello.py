@@ -21,12 +21,12 @@ import time
 from collections import OrderedDict
 
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json
+from node.request_auth import MAX_SKEW_MS, is_gateway_key
 
 FORMAT = "loramesh-gateway-hello/1"
 HELLO_PATH = "/internal/gateway-hello"
 MAX_HELLO_BYTES = 4096
 MAX_URL_CHARS = 512
-MAX_SKEW_MS = 60_000
 
 
 class HelloError(ValueError):
@@ -69,7 +69,7 @@ def verify_hello(doc: object, *, node_id: str, now_ms: int | None = None, max_sk
     if any(c.isspace() or not c.isprintable() or c in "?#@" for c in url):
         raise HelloError("hello gateway_url holds whitespace, control characters, a query, a fragment or credentials")
     key = body["gateway_key"]
-    if not isinstance(key, str) or len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+    if not isinstance(key, str) or not is_gateway_key(key):
         raise HelloError("hello gateway_key must be 64 lowercase hex digits (a raw Ed25519 public key)")
     settler = body["settler"]
     if not isinstance(settler, str) or len(settler) != 42 or not settler.startswith("0x"):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from common.wire import UntrustedJSONError, parse_json
 from node.adapters.errors import PackageError
-from node.adapters.limits import MAX_SIGNATURE_BYTES
+from node.adapters.limits import MAX_FILES, MAX_SIGNATURE_BYTES
 from node.adapters.manifest import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from node.adapters import AdapterStore, VerifiedPackage
 
 MAX_PACKAGE_BYTES = 4 << 30  # default cap on a package's files together (a node's --max-package-bytes)
-MAX_FILES = 64
 # headers (512 bytes, plus PAX records), padding to 512 and the archive's closing blocks and record padding
 TAR_OVERHEAD = (MAX_FILES + 2) * 4096 + 10240
 _CHUNK = 1 << 20

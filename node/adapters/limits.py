@@ -7,6 +7,9 @@ MAX_LORA_RANK = 16
 # lora_alpha beyond this makes B * alpha / r overflow half precision on the way into a slot.
 MAX_LORA_ALPHA = 65536.0
 
+# Files one package may hold (a manifest's list; an upload's archive; a peer's transfer plan).
+MAX_FILES = 64
+
 # Bytes read before parsing, for files a stranger may have written (uploads, peers, downloads).
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 4096  # signature.json is ~400 bytes; the p2p SIGNATURE frame has the same limit

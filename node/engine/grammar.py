@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from common.wire import (
+    COMPACT_GUIDANCE,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
     MAX_GUIDED_PATTERN_CHARS,
@@ -61,8 +62,6 @@ WIRE_TYPES = (*GUIDED_TYPES, "choice")
 _REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
 WHITESPACE_MAX = 64
 _JSON_OPTIONS = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{WHITESPACE_MAX}}}"}
-# the only llguidance options a schema may carry ("x-guidance"): JSON with no whitespace at all (tool calls)
-COMPACT_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": None}
 # Fewer lexer states than llguidance's default (250,000 at 1-2 kB each): a schema needing more is refused
 MAX_LEXER_STATES = 50_000
 # A smaller grammar than llguidance's default (500,000 symbols). Compiles run one at a time on the node's
@@ -129,10 +128,10 @@ class GuidedSpec:
         schema = obj.get("schema")
         if not isinstance(schema, dict):
             raise GrammarError(f"guided.schema must be a JSON object, got {type(schema).__name__}")
-        if "x-guidance" in schema and schema["x-guidance"] != COMPACT_OPTIONS:
+        if "x-guidance" in schema and schema["x-guidance"] != COMPACT_GUIDANCE:
             # llguidance's own options would let a schema loosen what the node enforces (lenient: keywords
             # ignored, not refused; its own whitespace limits); the one form taken only tightens whitespace
-            raise GrammarError(f"guided.schema x-guidance may only be {json.dumps(COMPACT_OPTIONS)} (no whitespace)")
+            raise GrammarError(f"guided.schema x-guidance may only be {json.dumps(COMPACT_GUIDANCE)} (no whitespace)")
         try:
             text = schema_json(schema)
         except (TypeError, ValueError, RecursionError) as e:

@@ -35,6 +35,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamError
 
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
+from node.adapters.limits import MAX_FILES
 from node.adapters.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from node.p2p.errors import BadBytes, FrameError, ProviderError, ProviderRefused, ProviderTimeout
 
@@ -235,8 +236,6 @@ class FrameReader:
 
 
 # -- the transfer plan -----------------------------------------------------------------------------
-
-MAX_FILES = 64  # files a manifest may list
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,23 @@ def test_bad_tools_are_refused_by_name(tools, choice, param):
     assert e.value.param == param
 
 
+def test_a_constrained_choices_schema_past_the_nodes_bound_is_refused_here():
+    """Tools within their own bounds whose constrained schema is past MAX_SCHEMA_BYTES (16 tools of 7 kB under
+    "required", one of 96 kB named) are refused by the gateway, not after a node was asked (audit)."""
+
+    def tool(name: str, description_chars: int) -> dict:
+        props = {f"p{i}": {"type": "string", "description": "x" * description_chars} for i in range(32)}
+        return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props}}}
+
+    many = [tool(f"t{i}", 200) for i in range(16)]
+    huge = tool("huge", 3000)
+    assert tool_plan(many, "auto") is not None and tool_plan(many[:1], "required") is not None
+    for tools, choice in ((many, "required"), ([huge], {"type": "function", "function": {"name": "huge"}})):
+        with pytest.raises(BadRequest, match="schema") as e:
+            tool_plan(tools, choice)
+        assert e.value.param == "tools"
+
+
 def test_no_tools_no_plan():
     assert tool_plan(None, None) is None
     assert tool_plan([], None) is None

@@ -456,9 +456,9 @@ def test_every_end_of_sequence_id_ends_a_complete_text(tok):
 
 
 def test_the_one_x_guidance_taken_is_the_gateways_compact_tool_calls():
+    from common.wire import COMPACT_GUIDANCE
     from gateway.tools import COMPACT
-    from node.engine.grammar import COMPACT_OPTIONS
 
-    assert COMPACT == {"x-guidance": COMPACT_OPTIONS}
+    assert COMPACT == {"x-guidance": COMPACT_GUIDANCE}
     spec = GuidedSpec.from_wire({"type": "json_schema", "schema": {"type": "object"} | COMPACT})
     assert spec is not None and "x-guidance" in spec.schema
