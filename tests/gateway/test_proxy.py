@@ -266,6 +266,23 @@ def test_node_cut_after_first_token_ends_stream_with_error(w):
     assert next(d for d in w.records()[0] if d.request_id == rid).status == "node_failed"
 
 
+def test_node_cut_after_first_token_ends_a_responses_stream_failed(w):
+    """The Responses stream's own end for a node that broke off: response.failed, the text relayed billed."""
+    raw = w.client().responses.with_raw_response.create(
+        model="acme/alpha", input="CUT_AFTER_2", stream=True, max_output_tokens=5
+    )
+    rid = raw.headers["x-request-id"]
+    events = list(raw.parse())
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert deltas == [" t0", " t1"] and events[-1].type == "response.failed"
+    failed = events[-1].response
+    assert failed.status == "failed" and "incomplete" in failed.error.message
+    assert failed.output[0].content[0].text == " t0 t1" and failed.output[0].status == "incomplete"
+    row = poll(lambda: next((u for u in w.records()[1] if u.request_id == rid), None))
+    assert row.completion_tokens == 2
+    assert next(d for d in w.records()[0] if d.request_id == rid).status == "node_failed"
+
+
 def test_non_stream_cut_is_502(w):
     with pytest.raises(openai.APIStatusError) as ei:
         w.client().completions.create(model="acme/alpha", prompt="CUT_AFTER_2", max_tokens=5)
