@@ -229,10 +229,24 @@ class Choices:
     def chunk(self, b: ChunkBuilder, k: int, text: str, scored: Scored | None) -> bytes:
         """The chunks for one relayed token of sequence k: none for a token without text (EOS, a stop token)
         unless its logprobs were asked."""
+        opening, lp = self._open(b, k), None  # opening a completion's sequence starts its logprobs (echo first)
+        if scored is not None and self.chat:
+            lp = {"content": [chat_entry(self.texts, scored)]}
+        elif scored is not None:
+            lp = self.seqs[k].logprobs.add(scored, len(text))
+        return opening + self._chunk(b, k, text, lp)
+
+    def replay(self, b: ChunkBuilder, overall: str | None, cut: bool) -> None:
+        """A whole chat answer through a stream builder: each sequence's text as one chunk (with all its positions'
+        logprobs), then its end. A Responses answer is built so (ResponseEvents): whole or streamed, the same
+        items (a "required" answer cut short keeps the calls it finished as calls)."""
+        for k in self._picked():
+            self._open(b, k)
+            self._chunk(b, k, "".join(self.seqs[k].texts), self._chat_logprobs(k) if self.logprobs else None)
+            self.close(b, k, overall, cut)
+
+    def _chunk(self, b: ChunkBuilder, k: int, text: str, lp: dict | None) -> bytes:
         s, out = self.seqs[k], self._open(b, k)
-        lp = None
-        if scored is not None:
-            lp = {"content": [chat_entry(self.texts, scored)]} if self.chat else s.logprobs.add(scored, len(text))
         if self.chat and s.tools is not None:
             deltas = s.tools.push(text)
             if not deltas:

@@ -311,7 +311,7 @@ Prompt = (
 
 
 class CompletionRequest(_Sampling):
-    PROMPT_FIELD: ClassVar[str] = "prompt"  # the field that holds the prompt (what an error about it names)
+    PROMPT_FIELD: ClassVar[str] = "prompt"
 
     prompt: Prompt
     echo: bool | None = False
@@ -476,6 +476,7 @@ class _Rendered(BaseModel):
     from: a prefill)."""
 
     model_config = STRICT
+    PROMPT_FIELD: ClassVar[str] = "messages"  # the field that holds the prompt (what an error about it names)
 
     tools: list | None = None
     tool_choice: object | None = None
@@ -523,8 +524,6 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSA
 
 
 class ChatRequest(_Rendered, _Sampling):
-    PROMPT_FIELD: ClassVar[str] = "messages"
-
     messages: Messages
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None

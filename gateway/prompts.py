@@ -43,7 +43,7 @@ async def chat_prompt(t: ChatTemplates, base: str, req: ChatRequest | TokenizeRe
     # the texts alone that cannot fit are refused before the template runs; what it renders from the rest of
     # the messages (their markup, tool calls) is held to the context by `render` before the text is tokenized,
     # on a worker thread unless all of it is short
-    t.check_length(base, sum(len(m["content"]) for m in messages) + tool_chars, param="messages")
+    t.check_length(base, sum(len(m["content"]) for m in messages) + tool_chars, param=req.PROMPT_FIELD)
     given = sum(m.template_chars() + TEMPLATE_MARKUP_CHARS for m in req.messages) + tool_chars + extra_chars
     return await blocking(
         t, given, t.render, base, messages, tools, extra, req.generation_prompt(), bool(req.continue_final_message)

@@ -41,7 +41,7 @@ from gateway.openai_api import (
     usage_dict,
 )
 from gateway.prompts import blocking, chat_prompt, text_prompts
-from gateway.responses_api import ResponseEvents, ResponsesRequest, response_object
+from gateway.responses_api import ResponseEvents, ResponsesRequest
 from gateway.router import Route, Router, Target
 from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus
@@ -235,11 +235,13 @@ class ServedRequest:
         usage = usage_dict(*self.usage, self.cached_tokens)
 
         def render() -> bytes:  # as JSONResponse renders
-            choices = self.choices.answer(self.finish_reason, bool(self.overrun))
             if self.responses is not None:
-                body = response_object(self.responses, self.rid, created, choices[0], usage)
+                events = ResponseEvents(self.responses, self.rid, created)
+                self.choices.replay(events, self.finish_reason, bool(self.overrun))
+                body = events.response(usage)
             else:
                 build = chat_response if self.chat else completion_response
+                choices = self.choices.answer(self.finish_reason, bool(self.overrun))
                 body = build(self.rid, created, req.model, choices, usage)
             return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from common.wire import MAX_LOGPROBS, sse_frame
 from gateway.errors import BadRequest
@@ -36,6 +36,7 @@ from gateway.openai_api import (
     Temperature,
     TopP,
 )
+from gateway.tools import NAME
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
@@ -111,7 +112,7 @@ class FunctionTool(BaseModel):
 
     model_config = STRICT
     type: Literal["function"]
-    name: str
+    name: Annotated[str, Field(pattern=NAME.pattern)]
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None  # every schema is enforced exactly (the node's grammar), strict or not
@@ -126,6 +127,17 @@ class TextFormat(BaseModel):
     description: str | None = None
     schema_: Schema | None = Field(default=None, alias="schema")
     strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _fields(self) -> TextFormat:
+        named = {"name": self.name, "schema": self.schema_, "description": self.description, "strict": self.strict}
+        if self.type == "json_schema":
+            missing = [f for f in ("name", "schema") if named[f] is None]
+            if missing:
+                raise ValueError(f"a json_schema format needs {' and '.join(missing)}")
+        elif given := [f for f, v in named.items() if v is not None]:
+            raise ValueError(f"{', '.join(given)} only go with type json_schema, not {self.type}")
+        return self
 
     def response_format(self) -> dict:
         """The chat API's response_format of this format."""
@@ -154,6 +166,10 @@ class ResponsesChat(ChatRequest):
 
     def tokens_field(self) -> str:
         return "max_output_tokens"
+
+    def guided_field(self) -> str | None:
+        field = super().guided_field()
+        return "text" if field == "response_format" else field
 
 
 class ResponsesRequest(BaseModel):
@@ -204,7 +220,9 @@ class ResponsesRequest(BaseModel):
             "max_tool_calls": "use parallel_tool_calls: false for one call at most",
         }
         for field, why in refused.items():
-            if getattr(self, field):  # false, null and {} ask for nothing
+            value = getattr(self, field)
+            # false, null and {} ask for nothing; any number of tool calls (0 too) asks for something
+            if value or (field == "max_tool_calls" and value is not None):
                 raise BadRequest(f"{field} is not supported: {why}", param=field)
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
@@ -214,11 +232,19 @@ class ResponsesRequest(BaseModel):
             # a Responses answer has logprobs on its text only, and a streamed answer's tokens are not told apart
             # as text or call until a call closes
             raise BadRequest("logprobs are not given for an answer that may call tools", param="include")
+        body = self._chat_body()
+        if len(body["messages"]) > MAX_MESSAGES:
+            raise BadRequest(
+                f"input and instructions make {len(body['messages'])} messages; at most {MAX_MESSAGES}", param="input"
+            )
         try:
-            chat = ResponsesChat.model_validate(self._chat_body())
+            chat = ResponsesChat.model_validate(body)
         except ValidationError as e:  # what the Responses shape let through and a chat request refuses
             err = e.errors()[0]
-            raise BadRequest(f"{err.get('msg', 'invalid value').removeprefix('Value error, ')}") from e
+            where = "tools" if err.get("loc", ("",))[0] == "tools" else "input"
+            raise BadRequest(
+                f"{where}: {err.get('msg', 'invalid value').removeprefix('Value error, ')}", param=where
+            ) from e
         chat.check()
         self._chat = chat
 
@@ -238,7 +264,10 @@ class ResponsesRequest(BaseModel):
         body |= {k: v for k, v in given.items() if v is not None}
         if LOGPROBS_INCLUDE in (self.include or ()):
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
-        if self.text is not None and self.text.format is not None:
+        forced = self.tools and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
+        if self.text is not None and self.text.format is not None and not forced:
+            # an answer the tool choice makes calls has no text for the format to shape (OpenAI takes both, and
+            # the Agents SDK sends both for an agent with an output type and a forced tool)
             body["response_format"] = self.text.format.response_format()
         if self.tools:
             body["tools"] = [_chat_tool(i, t) for i, t in enumerate(self.tools)]
@@ -377,23 +406,11 @@ class ResponseShape:
         }
 
 
-def response_object(req: ResponsesRequest, rid: str, created: int, choice: dict, usage: dict) -> dict:
-    """A whole (non-streamed) answer: a chat choice ({"message", "logprobs", "finish_reason"}) as a Response."""
-    shape = ResponseShape(req, rid, created)
-    msg, cut = choice["message"], choice["finish_reason"] == "length"
-    status = "incomplete" if cut else "completed"
-    if msg["content"] or not msg.get("tool_calls"):
-        logprobs = choice["logprobs"]["content"] if choice.get("logprobs") else None
-        shape.output.append(shape.message(msg["content"] or "", status, logprobs))
-    for call in msg.get("tool_calls", ()):
-        shape.output.append(shape.call(call, status))
-    return shape.obj(status, usage)
-
-
 class ResponseEvents:
     """The Responses event stream of one answer, from the calls the chat path makes of a ChunkBuilder (one
     choice: the Responses API has no `n`): text opens a message item, each tool call a function_call item;
-    every event carries its sequence number."""
+    every event carries its sequence number. A whole answer is built by the same calls (Choices.replay), so it
+    holds the items its stream would."""
 
     include_usage = False
 
@@ -450,8 +467,15 @@ class ResponseEvents:
         return self._close(status)
 
     def end(self, usage: dict) -> bytes:
-        status = "incomplete" if self.reason == "length" else "completed"
+        status = self._status()
         return self._event(f"response.{status}", response=self.shape.obj(status, usage))
+
+    def response(self, usage: dict) -> dict:
+        """The Response object of the answer streamed through this builder (Choices.replay: a whole answer)."""
+        return self.shape.obj(self._status(), usage)
+
+    def _status(self) -> str:
+        return "incomplete" if self.reason == "length" else "completed"
 
     def failed(self, message: str) -> bytes:
         if self.open is not None:

@@ -68,7 +68,9 @@ class NodeSettings(ServiceSettings):
     # the node's folder and limits
     data_dir: Path | None = None  # holds operator.token (the daemon's default: .loramesh/node)
     max_package_bytes: int | None = Field(default=None, ge=1)
-    max_body_bytes: int | None = Field(default=None, ge=1)  # every request body but an upload's
+    max_body_bytes: int | None = Field(
+        default=None, ge=1
+    )  # every request body but an upload's and a gateway's generate call's (sized for the base)
 
     @field_validator("bootstrap", "gateways", "adapter_sources", "pins", "trust_gateway_keys", mode="before")
     @classmethod

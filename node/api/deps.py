@@ -56,6 +56,8 @@ class NodeApi:
     operator_token: str
     book: RequestBook
     max_body_bytes: int
+    # POST /v1/generate's own limit: what a gateway's call may need for this base (models.generate_body_bytes)
+    generate_body_bytes: int
     extra_status: Callable[[], dict] | None = None
     health: NodeHealth | None = None  # GET /health's checks (None: the engine's only)
     metrics: NodeMetrics | None = None  # GET /metrics

@@ -17,6 +17,7 @@ from common.wire import error_body, node_id_of
 from node.api.book import RECENT_RECEIPTS, RequestBook
 from node.api.deps import NodeApi, TrustedKeys
 from node.api.errors import ApiError, validation_message
+from node.api.models import generate_body_bytes
 from node.api.routes import adapters, generate, hello, status
 from node.engine import AsyncEngine
 from node.health import NodeHealth
@@ -60,7 +61,8 @@ def create_app(
         `trusted_gateways`: the gateway public keys (hex) whose signed calls are accepted, as a live collection
         or a callable read on every call (the daemon's heartbeat sender learns keys while the node runs).
         `operator_token`: the bearer token of the operator endpoints. `max_body_bytes` caps every request body but
-        an upload's. `uploads`: serve POST /v1/adapters (package upload), its bodies capped at `uploads.max_bytes`.
+        an upload's and a generate call's (at least what a gateway's call may need for this base). `uploads`: serve
+        POST /v1/adapters (package upload), its bodies capped at `uploads.max_bytes`.
         `services`: what else runs while the app serves (the daemon's p2p host, chain registration, heartbeats),
         entered after the engine started and left before it closes. `extra_status` adds sections (e.g. p2p
         transfers) to GET /status; `app.state.status_doc()` returns the same document for other users such as
@@ -86,6 +88,7 @@ def create_app(
         operator_token=operator_token,
         book=book,
         max_body_bytes=max_body_bytes,
+        generate_body_bytes=max(max_body_bytes, generate_body_bytes(engine.base_context, engine.vocab_size)),
         extra_status=extra_status,
         uploads=uploads,
         health=health or NodeHealth(engine),
@@ -108,9 +111,9 @@ def create_app(
     app = FastAPI(title="loramesh node", lifespan=lifespan, responses=error_responses(ERRORS))
     app.state.node = node
     app.state.status_doc = node.status_doc
-    overrides = None
+    overrides = {"/v1/generate": node.generate_body_bytes}
     if uploads is not None:  # the upload route's own limit; the load route under it keeps the usual one
-        overrides = {"/v1/adapters": uploads.max_bytes, "/v1/adapters/": max_body_bytes}
+        overrides |= {"/v1/adapters": uploads.max_bytes, "/v1/adapters/": max_body_bytes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, overrides=overrides)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)

@@ -185,6 +185,23 @@ def test_required_calls_stream_as_function_call_items(oai):
     assert len({c.id for c in final.output}) == len({c.call_id for c in final.output}) == len(final.output)
     done = [e.item.call_id for e in events if e.type == "response.output_item.done"]
     assert done == [c.call_id for c in final.output]
+    # whole, the same items: the calls it finished are calls, the one cut short is "incomplete" (the whole answer
+    # was the raw text of the calls, the finished ones lost: client-library run)
+    whole = respond(oai, **one)
+    assert whole.status == "incomplete"
+    assert [(c.type, c.name, c.arguments, c.status) for c in whole.output] == [
+        (c.type, c.name, c.arguments, c.status) for c in final.output
+    ]
+
+
+def test_a_text_format_beside_a_forced_call_is_taken_the_answer_being_calls(oai):
+    """The Agents SDK sends an agent's output type with its forced tool choice: OpenAI takes both (the answer is the
+    call; the format shapes a later, free answer), and so does the gateway (it refused naming response_format)."""
+    fmt = {"format": {"type": "json_schema", "name": "city", "schema": City.model_json_schema(), "strict": True}}
+    r = respond(oai, tools=[WEATHER], tool_choice=NAMED, text=fmt, max_output_tokens=60, temperature=1)
+    assert r.status == "completed" and [o.type for o in r.output] == ["function_call"]
+    jsonschema.validate(json.loads(r.output[0].arguments), ARGS)
+    assert r.text.format.type == "json_schema"
 
 
 def test_logprobs_when_asked_whole_and_streamed(oai):
@@ -220,6 +237,17 @@ def test_what_it_cannot_serve_is_refused_by_name(oai):
     refuses("temperature", temperature=3)
     refuses("max_output_tokens", max_output_tokens=0)
     refuses("frequency_penalty", extra_body={"frequency_penalty": 1})  # not a Responses field
-    with pytest.raises(openai.BadRequestError) as ei:
-        respond(oai, input="word " * 600)
-    assert ei.value.body["param"] == "input" and ei.value.body["code"] == "context_length_exceeded"
+    refuses("max_tool_calls", tools=[WEATHER], max_tool_calls=0)  # no call at all is something asked (red team)
+    # each error names the Responses field, not the chat field it becomes (red team: param null, "messages",
+    # "response_format", "tools[0].function.name")
+    assert "2049 messages" in refuses("input", instructions="x", input=[{"role": "user", "content": "hi"}] * 2048)
+    assert "needs schema" in refuses("text", text={"format": {"type": "json_schema", "name": "x"}})
+    assert "only go with" in refuses("text", text={"format": {"type": "text", "schema": {"type": "object"}}})
+    assert "cannot be compiled" in refuses(
+        "text", text={"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}
+    )
+    assert "tools[0].name" in refuses("tools", tools=[WEATHER | {"name": "bad name"}])
+    for too_long in ("word " * 600, "x" * 200_000):  # past the context once counted, and by its length alone
+        with pytest.raises(openai.BadRequestError) as ei:
+            respond(oai, input=too_long)
+        assert ei.value.body["param"] == "input" and ei.value.body["code"] == "context_length_exceeded"

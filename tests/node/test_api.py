@@ -382,3 +382,43 @@ def test_a_full_compile_queue_is_a_503_not_a_client_error(node, monkeypatch, str
     )
     ok = c.post("/v1/generate", json={"prompt_token_ids": [1, 5, 6], "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_gateways_call_is_bounded_by_what_the_base_needs_not_the_operators_body_limit(llama_world):
+    """16 prompts near the context are more bytes of ids than an operator's body limit may allow: the generate route
+    takes what a gateway's call may need for this base (the call was a 413, which a gateway takes for a node that
+    cannot serve, and routed around every node); other routes keep the operator's limit."""
+    engine = AsyncEngine(llama_world.config(num_kv_blocks=700, block_size=8, max_model_len=512))
+    gateway, node_key = Gateway(), Ed25519PrivateKey.generate()
+    app = create_app(engine, node_key, trusted_gateways={gateway.public_hex}, operator_token="t", max_body_bytes=16384)
+    server = ServerThread(app).start(timeout=30)
+    client = gateway.client(server.url, node_id_for(node_key))
+    try:
+        prompts = [[1] + [300 + (i + j) % 19 for j in range(299)] for i in range(16)]
+        body = {"prompt_token_ids": prompts, "max_tokens": 1, "temperature": 0}
+        assert len(json.dumps(body)) > 16384
+        r = client.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 16
+        r = client.post(
+            "/v1/adapters/0x" + "ab" * 32 + "/load", content=b"x" * 20000, headers={"Authorization": "Bearer t"}
+        )
+        assert r.status_code == 413
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_the_generate_limit_holds_a_long_context_bases_largest_call():
+    """A 32k-context base with Qwen's 151,936-token vocabulary, 16 prompts filling the context with the longest ids
+    (the gateway takes them: 2 MB of text), and a base of a million tokens with one prompt: both past the fixed
+    1 MiB the route had, both within its limit now, with a schema at its bound beside them."""
+    from common.wire import MAX_SCHEMA_BYTES
+    from node.api.models import generate_body_bytes
+
+    guided = {"type": "json_schema", "schema": {"type": "object", "description": "x" * (MAX_SCHEMA_BYTES - 64)}}
+    for context, vocab, prompts in ((32768, 151936, 16), (1_010_000, 152064, 1)):
+        ids = [[vocab - 1] * (context - 1)] * prompts
+        body = {"prompt_token_ids": ids if prompts > 1 else ids[0], "max_tokens": 1, "guided": guided}
+        size = len(json.dumps(body, separators=(",", ":")))  # as the gateway's NodeClient writes it
+        assert 1 << 20 < size <= generate_body_bytes(context, vocab), (context, size)

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 HEADERS_AFTER_S = 1.0
 
 router = APIRouter()
+# a generate body past this many bytes is parsed on a worker thread
+INLINE_BODY_BYTES = 256 << 10
 
 
 @router.post("/v1/requests/{request_id}/abort")
@@ -86,7 +88,11 @@ async def receipt(request_id: IdPath, node: Node) -> dict:
 async def generate(request: Request, node: Node, gateway: GatewayKey):
     """Trusted gateways only (signed)."""
     book = node.book
-    body = parse_body(await request.body(), GenerateBody, max_bytes=node.max_body_bytes)
+    raw = await request.body()
+    if len(raw) <= INLINE_BODY_BYTES:
+        body = parse_body(raw, GenerateBody, max_bytes=node.generate_body_bytes)
+    else:  # 16 prompts of a long context are megabytes of ids: not parsed on the loop that streams every answer
+        body = await asyncio.to_thread(parse_body, raw, GenerateBody, max_bytes=node.generate_body_bytes)
     rid = body.request_id or hex0x(secrets.token_bytes(32))
     if book.known(rid):
         raise ApiError(409, f"request {rid} was already received by this node", "duplicate_request")
