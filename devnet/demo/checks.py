@@ -210,6 +210,30 @@ def send_structured(gateway_url: str, api_key: str, adapter) -> Answer:
     )
 
 
+def send_response(gateway_url: str, api_key: str, adapter) -> Answer:
+    """One question through OpenAI's Responses API (client.responses.create), which the gateway serves as the chat
+    it is: greedy, the adapter answers what its chats were taught, and the response completes by itself."""
+    from openai import OpenAI
+
+    q = adapter.questions[0]
+    client = OpenAI(base_url=gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=180)
+    raw = client.responses.with_raw_response.create(
+        model=adapter.name, input=q.prompt, max_output_tokens=MAX_TOKENS, temperature=0
+    )
+    r = raw.parse()
+    return Answer(
+        adapter.name,
+        "response",
+        q.prompt,
+        q.chat,
+        r.output_text,
+        "stop" if r.status == "completed" else str(r.status),
+        raw.headers["x-request-id"],
+        r.usage.input_tokens,
+        r.usage.output_tokens,
+    )
+
+
 def send_ensemble(gateway_url: str, api_key: str, parts: list[tuple[str, str, float]], prompt: str) -> Answer:
     """One completion from an ensemble of adapters (`parts`: name, adapter id, weight), named as users name it:
     the adapters joined with "+", their weights in `adapter_weights`. Its answer is a blend, so only its

@@ -58,14 +58,15 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             blend = [(name, adapter_ids[name], w) for name, w in (("alice/capitals", 0.7), ("bob/elements", 0.3))]
             answers.append(checks.send_ensemble(gateway_url, api_key, blend, adapters[0].questions[0].prompt))
             answers.append(checks.send_structured(gateway_url, api_key, adapters[1]))
+            answers.append(checks.send_response(gateway_url, api_key, adapters[-1]))
             show_answers(answers, console)
             checks.check_answers(answers)
             console.print(
                 f"[green]✓[/] every adapter answered as trained: {_count(answers, 'completion')} completions, "
                 f"{_count(answers, 'chat')} chats, {_count(answers, 'system chat')} chats after the shared system "
-                f"prompt, {_count(answers, 'stream')} streamed completions and {_count(answers, 'structured chat')} "
+                f"prompt, {_count(answers, 'stream')} streamed completions, {_count(answers, 'structured chat')} "
                 "chat constrained to its taught answers (structured_outputs choice; its prompt counted alike by "
-                "/tokenize)"
+                f"/tokenize) and {_count(answers, 'response')} question through the Responses API"
             )
             cached = checks.check_prefix_cache(nodes, answers)
             console.print(
