@@ -21,10 +21,9 @@ from gateway.directory import NodeDirectory
 from gateway.errors import BadRequest, ModelNotFound, PriceExceedsLimit, PriceUnavailable
 from gateway.keys import KeyInfo
 from gateway.router import Target
-from gateway.usage import is_price
 from ledger.models import AdapterMirror
 from ledger.outbox import billed_weights
-from ledger.types import BASE_MODEL_ADAPTER_ID
+from ledger.types import BASE_MODEL_ADAPTER_ID, is_uint256
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, check_components, ensemble_key
 
 ENSEMBLE_SEPARATOR = "+"  # never in an adapter name ([a-z0-9._/-]) nor in an id
@@ -90,7 +89,7 @@ class Prices:
 def check_quotable(model: str, price: int | None) -> None:
     """PriceUnavailable when a known price is none the chain can hold (the mirror holds any integer a buggy or
     hostile source gave it): it can bound no usage record, so no request is admitted at it."""
-    if price is not None and not is_price(price):
+    if price is not None and not is_uint256(price):
         raise PriceUnavailable(
             f"the model '{model}' has no valid price right now (the registry gives {price} wei per 1,000 "
             "tokens, not an integer from 0 to 2**256 - 1); retry later",

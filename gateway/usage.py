@@ -40,7 +40,7 @@ from common.wire import canonical_json, is_id
 from gateway.tables import CompletionRecord, GatewayInstance, RequestStatus
 from ledger.models import RecordStatus, UsageRecord, utcnow
 from ledger.outbox import OutboxError, add_usage_record, ensemble_usage
-from ledger.types import BASE_MODEL_ADAPTER_ID
+from ledger.types import BASE_MODEL_ADAPTER_ID, is_uint256, read_wei
 from node.receipts import FINISH_REASONS, ReceiptError, check_receipt
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,6 @@ VALUE_ERRORS = (OutboxError, DataError, OverflowError)
 
 
 _INSERT_OPEN = CompletionRecord.__table__.insert()  # an open request's row (UsageRecorder.open)
-
-
-def is_price(value: object) -> bool:
-    """A price a quote may hold: one the chain can (a uint256), as the outbox takes it (quoted_price_per_1k)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**256
 
 
 def quote_json(quote: dict[str, int] | None) -> str | None:
@@ -75,13 +70,9 @@ def quote_of(text: str | None) -> dict[str, int]:
     except (ValueError, RecursionError):
         raw = None
     if isinstance(raw, dict):
-        # decimal strings as quote_json writes them, ints as a hand may: int() would also take signs, spaces,
-        # "_" and non-ASCII digits, which the settler does not (ledger.settler's _read_quote)
-        quote = {
-            aid: int(p) if isinstance(p, str) and p.isascii() and p.isdigit() and len(p) <= 78 else p
-            for aid, p in raw.items()
-        }
-        if all(is_id(aid) and is_price(p) for aid, p in quote.items()):
+        # decimal strings as quote_json writes them (read as the settler reads them), ints as a hand may write
+        quote = {aid: read_wei(p) if isinstance(p, str) else p for aid, p in raw.items()}
+        if all(is_id(aid) and is_uint256(p) for aid, p in quote.items()):
             return quote
     log.warning("an open request's quote is not one, so its records get none: %r", text[:200])
     return {}

@@ -10,7 +10,7 @@ from sqlmodel import Session, func, select
 
 from common.wire import canonical_json, hex0x, id_bytes  # the receipt's canonical form is the node's
 from ledger.models import RecordStatus, UsageRecord
-from ledger.types import to_id
+from ledger.types import is_uint256, to_id
 
 MAX_TOKENS = 2**64 - 1
 
@@ -61,11 +61,7 @@ def add_usage_record(
             continue
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKENS:
             raise OutboxError(f"usage record: {name} must be an integer in [0, 2**64), got {v!r}")
-    if quoted_price_per_1k is not None and (
-        isinstance(quoted_price_per_1k, bool)
-        or not isinstance(quoted_price_per_1k, int)
-        or not 0 <= quoted_price_per_1k < 2**256
-    ):
+    if quoted_price_per_1k is not None and not is_uint256(quoted_price_per_1k):
         raise OutboxError(
             f"usage record: quoted_price_per_1k must be an integer in [0, 2**256), got {quoted_price_per_1k!r}"
         )
@@ -104,7 +100,7 @@ def component_request_id(request_id: str, index: int) -> str:
     outbox and the ledger settle a record id once; derived, not random, so the same request always yields
     the same records (a resend or a reconciliation cannot bill twice) and anyone holding the request's
     receipt can recompute which records belong to it."""
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**256:
+    if not is_uint256(index):
         raise OutboxError(f"component index must be an integer in [0, 2**256), got {index!r}")
     try:
         rid = id_bytes(to_id(request_id))

@@ -159,7 +159,7 @@ from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecor
 from ledger.outbox import batch_records, count_by_status
 from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig
 from ledger.transport import rpc_guard
-from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, SettleRecord
+from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, SettleRecord, read_wei
 
 log = logging.getLogger(__name__)
 
@@ -600,7 +600,7 @@ class Settler:
         bounds = dict.fromkeys(adapters, self.config.max_price_per_1k)
         for r in rows:
             a, tokens = to_id(r.adapter_id), r.prompt_tokens + r.completion_tokens
-            fee, quote = _read_wei(r.fee_wei), _read_wei(r.quoted_price_per_1k)
+            fee, quote = read_wei(r.fee_wei), read_wei(r.quoted_price_per_1k)
             if isinstance(fee, int) and not isinstance(fee, bool) and tokens > 0:
                 # fee = price * tokens // 1000: the largest price that gives this fee
                 bounds[a] = min(bounds[a], ((fee + 1) * 1000 - 1) // tokens)
@@ -742,7 +742,7 @@ class Settler:
                 aside.append((r, f"{TOO_MANY_TOKENS}: {tokens} tokens > max {cfg.max_record_tokens} per record", None))
                 continue
             fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
-            quote = _read_wei(r.quoted_price_per_1k)
+            quote = read_wei(r.quoted_price_per_1k)
             if quote is False:
                 aside.append(
                     (r, f"{QUOTE_UNREADABLE}: {r.quoted_price_per_1k[:90]!r} is not a price per 1k tokens", None)
@@ -1494,17 +1494,6 @@ class Settler:
 # ---------------------------------------------------------------------- status
 
 
-def _read_wei(text: str | None) -> int | None | bool:
-    """An amount of wei as the database keeps it (a quote, a fee): None when there is none, False when it is
-    not one (int() would raise, or take a sign or spaces), as a settler must read what any writer of a shared
-    database may have put there."""
-    if text is None:
-        return None
-    if not (text.isascii() and text.isdigit()) or len(text) > 78 or int(text) >= 2**256:
-        return False
-    return int(text)
-
-
 def _is_readable_id(value: object) -> bool:
     try:
         to_id(value)
@@ -1529,7 +1518,7 @@ def _stored_prices(text: str | None) -> dict[str, int] | None:
         got = json.loads(text) if text else None
         if not isinstance(got, dict):
             return None
-        out = {to_id(a): _read_wei(p) for a, p in got.items()}
+        out = {to_id(a): read_wei(p) for a, p in got.items()}
     except (ValueError, TypeError, RecursionError):
         return None
     return out if all(isinstance(p, int) and not isinstance(p, bool) for p in out.values()) else None

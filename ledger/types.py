@@ -14,6 +14,23 @@ from common.wire import ZERO_ID, hex0x, id_bytes, is_id, to_id
 
 ETHER = 10**18  # wei per ether: amounts on chain are wei, people read ether
 
+
+def is_uint256(value: object) -> bool:
+    """Whether `value` is an integer the chain holds as a uint256 (a price, a fee, an index; not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**256
+
+
+def read_wei(text: str | None) -> int | None | bool:
+    """An amount of wei as a database keeps it (decimal ASCII digits: a quote, a fee): None when there is none,
+    False when it is not one (int() would raise, or take a sign, spaces, "_" or non-ASCII digits), as whoever
+    reads a shared database must read what any writer of it may have put there."""
+    if text is None:
+        return None
+    if not (isinstance(text, str) and text.isascii() and text.isdigit()) or len(text) > 78 or int(text) >= 2**256:
+        return False
+    return int(text)
+
+
 # The adapter id of a request to the bare base model (no adapter): stored as such in the outbox and
 # sent as such on chain, where AttributionLedger prices it at basePricePer1kTokens, all to the node.
 BASE_MODEL_ADAPTER_ID = ZERO_ID
