@@ -104,6 +104,17 @@ MAX_SCHEMA_BYTES = 64 << 10
 MAX_GUIDED_PATTERN_CHARS = 4096
 MAX_GUIDED_CHOICES = 256
 MAX_GUIDED_CHOICE_CHARS = 1024
+# a guided answer's shape as the node's generate call takes it: {"type": kind} and the kind's one field
+GUIDED_WIRE_FIELDS = {"json_object": None, "json_schema": "schema", "regex": "pattern", "choice": "choices"}
+
+
+def guided_shape(kind: str, value: object = None) -> dict:
+    """The generate call's `guided` value: guided_shape("json_schema", schema), guided_shape("regex", pattern),
+    guided_shape("choice", strings) or guided_shape("json_object")."""
+    field = GUIDED_WIRE_FIELDS[kind]
+    return {"type": kind} if field is None else {"type": kind, field: value}
+
+
 # the one llguidance option set a guided schema may carry (as "x-guidance"): JSON with no whitespace at all, which
 # the gateway asks for tool calls and the node refuses any other (node/engine/grammar.py)
 COMPACT_GUIDANCE = {"whitespace_flexible": False, "whitespace_pattern": None}

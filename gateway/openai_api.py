@@ -45,6 +45,7 @@ from common.wire import (
     SSE_DONE,
     compact_json,
     error_body,
+    guided_shape,
     json_depth,
     parse_json,
     sse_frame,
@@ -144,9 +145,9 @@ class ResponseFormat(BaseModel):
     def guided(self) -> dict | None:
         """The node's `guided` value."""
         if self.type == "json_object":
-            return {"type": "json_object"}
+            return guided_shape("json_object")
         if self.type == "json_schema":
-            return {"type": "json_schema", "schema": self.json_schema.schema_}
+            return guided_shape("json_schema", self.json_schema.schema_)
         return None
 
 
@@ -178,12 +179,12 @@ class StructuredOutputs(BaseModel):
     def guided(self) -> dict:
         """The node's `guided` value."""
         if self.json_ is not None:
-            return {"type": "json_schema", "schema": self.json_}
+            return guided_shape("json_schema", self.json_)
         if self.regex is not None:
-            return {"type": "regex", "pattern": self.regex}
+            return guided_shape("regex", self.regex)
         if self.choice is not None:
-            return {"type": "choice", "choices": self.choice}
-        return {"type": "json_object"}
+            return guided_shape("choice", self.choice)
+        return guided_shape("json_object")
 
 
 class _Sampling(BaseModel):
@@ -281,11 +282,11 @@ class _Sampling(BaseModel):
         if self.structured_outputs is not None:
             out.append(("structured_outputs", self.structured_outputs.guided()))
         if self.guided_json is not None:
-            out.append(("guided_json", {"type": "json_schema", "schema": self.guided_json}))
+            out.append(("guided_json", guided_shape("json_schema", self.guided_json)))
         if self.guided_regex is not None:
-            out.append(("guided_regex", {"type": "regex", "pattern": self.guided_regex}))
+            out.append(("guided_regex", guided_shape("regex", self.guided_regex)))
         if self.guided_choice is not None:
-            out.append(("guided_choice", {"type": "choice", "choices": self.guided_choice}))
+            out.append(("guided_choice", guided_shape("choice", self.guided_choice)))
         return out
 
     def guided(self) -> dict | None:

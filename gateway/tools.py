@@ -20,7 +20,15 @@ import json
 import re
 import secrets
 
-from common.wire import COMPACT_GUIDANCE, MAX_SCHEMA_BYTES, UntrustedJSONError, compact_json, json_depth, parse_json
+from common.wire import (
+    COMPACT_GUIDANCE,
+    MAX_SCHEMA_BYTES,
+    UntrustedJSONError,
+    compact_json,
+    guided_shape,
+    json_depth,
+    parse_json,
+)
 from gateway.errors import BadRequest
 
 MAX_TOOLS = 128
@@ -132,7 +140,7 @@ class ToolPlan:
     def guided(self) -> dict | None:
         """The node's `guided` value: the answer's shape for "required" and a named function."""
         if self.choice == "function":
-            return {"type": "json_schema", "schema": self.functions[self.name]["parameters"] | COMPACT}
+            return guided_shape("json_schema", self.functions[self.name]["parameters"] | COMPACT)
         if self.choice == "required":
             calls, defs = [], {}
             for i, f in enumerate(self.functions.values()):
@@ -152,7 +160,7 @@ class ToolPlan:
                     }
                 )
             schema = {"type": "array", "minItems": 1, "maxItems": self.max_calls, "items": {"anyOf": calls}} | COMPACT
-            return {"type": "json_schema", "schema": schema | ({"$defs": defs} if defs else {})}
+            return guided_shape("json_schema", schema | ({"$defs": defs} if defs else {}))
         return None
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:

@@ -55,7 +55,8 @@ class DaemonConfig:
     data_dir: Path = DEFAULT_DATA_DIR  # holds operator.token
     trusted_gateway_keys: tuple[str, ...] = ()  # empty: trust the keys the --gateway URLs announce
     max_package_bytes: int = MAX_PACKAGE_BYTES
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # every body but an upload's and a generate call's (node/api/models.py:generate_body_bytes)
+    # every body but an upload's and a generate call's (node/api/models.py:generate_body_bytes)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
         self.trusted_gateway_keys = tuple(k.strip().lower() for k in self.trusted_gateway_keys)

@@ -46,6 +46,7 @@ import torch
 
 from common.wire import (
     COMPACT_GUIDANCE,
+    GUIDED_WIRE_FIELDS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
     MAX_GUIDED_PATTERN_CHARS,
@@ -56,8 +57,8 @@ from node.engine.request import GUIDED_TYPES, RequestError
 
 log = logging.getLogger(__name__)
 
-# on the wire, beside GUIDED_TYPES: one of a list of strings (held as the regular expression matching exactly them)
-WIRE_TYPES = (*GUIDED_TYPES, "choice")
+# on the wire: GUIDED_TYPES, and one of a list of strings (held as the regular expression matching exactly them)
+WIRE_TYPES = tuple(GUIDED_WIRE_FIELDS)
 # the characters regex syntax gives a meaning (llguidance's is Rust's regex crate's): a choice's are escaped
 _REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
 WHITESPACE_MAX = 64
