@@ -93,6 +93,11 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 16
 MAX_LOGIT_BIAS = 300  # logit_bias entries (OpenAI's bound)
 MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs bound)
+# the sampling fields' ranges (OpenAI's and vLLM's): presence / frequency penalties in [-MAX_PENALTY, MAX_PENALTY],
+# a repetition penalty in (0, MAX_REPETITION_PENALTY], a logit bias in [-MAX_BIAS, MAX_BIAS]
+MAX_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 2.0
+MAX_BIAS = 100.0
 SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit: the device sampler hashes both 32-bit halves
 # top_k past the vocabulary keeps every token; bounded so the samplers' float32 and int64 tensors hold it (a
 # larger one failed the whole engine step, every request batched beside it too)

@@ -28,13 +28,16 @@ from pydantic import (
 )
 
 from common.wire import (
+    MAX_BIAS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
     MAX_GUIDED_PATTERN_CHARS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_PENALTY,
     MAX_PROMPTS,
+    MAX_REPETITION_PENALTY,
     MAX_SCHEMA_BYTES,
     MAX_SEQUENCES,
     MAX_STOP_CHARS,
@@ -70,7 +73,7 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 Seed = Annotated[int, Field(ge=-(2**63), lt=SEED_LIMIT)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 Identifier = Annotated[str, Field(max_length=256)]
-Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)]
 # an ensemble's weights, one per adapter named in `model` ("alice/a+bob/b"), in that order
 AdapterWeights = Annotated[
     list[Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]],
@@ -203,9 +206,9 @@ class _Sampling(BaseModel):
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]], Field()] | None = (
-        None
-    )
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]], Field()] | None
+    ) = None
     response_format: ResponseFormat | None = None
     # vLLM's structured outputs: its current field, and the guided_* fields it had before (one constraint a request)
     structured_outputs: StructuredOutputs | None = None
@@ -215,7 +218,7 @@ class _Sampling(BaseModel):
     # vLLM's sampling extras
     top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None  # -1 and 0: all tokens
     min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)] | None = None
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None

@@ -10,10 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common.wire import (
     HEX_ID_PATTERN,
+    MAX_BIAS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_PENALTY,
     MAX_PROMPTS,
+    MAX_REPETITION_PENALTY,
     MAX_SEQUENCES,
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
@@ -30,7 +33,7 @@ ID_PATTERN = f"^{HEX_ID_PATTERN}$"  # anchored: pydantic's pattern searches
 IdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
-Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
 Logprobs = Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)]
 
@@ -84,13 +87,13 @@ class GenerateBody(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] = 1.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)] = 1.0
     # OpenAI's shape: decimal token ids as keys
     logit_bias: (
         Annotated[
             dict[
                 Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
-                Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)],
+                Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)],
             ],
             Field(max_length=MAX_LOGIT_BIAS),
         ]

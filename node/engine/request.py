@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common.wire import (
+    MAX_BIAS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_PENALTY,
     MAX_PROMPTS,
+    MAX_REPETITION_PENALTY,
     MAX_SEQUENCES,
     MAX_STOP_TOKEN_IDS,
     MAX_STOPS,
@@ -112,9 +115,9 @@ class SamplingParams:
             raise RequestError(f"stop must be at most {MAX_STOPS} non-empty strings, got {list(self.stop)!r}")
         _number("min_p", self.min_p, 0, 1)
         _count("min_tokens", self.min_tokens, 0, self.max_tokens)
-        _number("presence_penalty", self.presence_penalty, -2, 2)
-        _number("frequency_penalty", self.frequency_penalty, -2, 2)
-        _number("repetition_penalty", self.repetition_penalty, 0, 2, lo_open=True)
+        _number("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _number("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _number("repetition_penalty", self.repetition_penalty, 0, MAX_REPETITION_PENALTY, lo_open=True)
         self._check_logit_bias()
         ids = tuple(self.stop_token_ids)
         if len(ids) > MAX_STOP_TOKEN_IDS or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
@@ -137,7 +140,7 @@ class SamplingParams:
             t, b = pair if isinstance(pair, tuple) and len(pair) == 2 else (pair, None)
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise RequestError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
-            _number(f"logit_bias[{t}]", b, -100, 100)
+            _number(f"logit_bias[{t}]", b, -MAX_BIAS, MAX_BIAS)
             out[t] = float(b)
         object.__setattr__(self, "logit_bias", tuple(sorted(out.items())))
 
