@@ -88,6 +88,20 @@ def verify_request(
     now_ms: int | None = None,
 ) -> str:
     """Check a gateway's signed call; return the gateway's public key (hex). Raises RequestAuthError."""
+    public, signature, ts = check_headers(headers, now_ms=now_ms)
+    try:
+        public.verify(signature, _message(method, path, ts, node_id, body))
+    except InvalidSignature:
+        raise RequestAuthError(401, "gateway signature does not verify", "unauthenticated") from None
+    key_hex = headers[KEY_HEADER].lower()
+    if key_hex not in trusted:
+        raise RequestAuthError(403, "this node does not trust that gateway key", "gateway_not_trusted")
+    return key_hex
+
+
+def check_headers(headers: Mapping[str, str], *, now_ms: int | None = None) -> tuple[Ed25519PublicKey, bytes, int]:
+    """What can be checked of a signed call before its body is read: the three headers, well formed, and the
+    timestamp within MAX_SKEW_MS. (public key, signature, timestamp); RequestAuthError (401) otherwise."""
     key_hex, ts_raw, sig_hex = headers.get(KEY_HEADER), headers.get(TS_HEADER), headers.get(SIG_HEADER)
     if not key_hex or not ts_raw or not sig_hex:
         raise RequestAuthError(
@@ -108,13 +122,7 @@ def verify_request(
         raise RequestAuthError(
             401, f"request timestamp is more than {MAX_SKEW_MS // 1000} s from the node's clock", "unauthenticated"
         )
-    try:
-        public.verify(signature, _message(method, path, ts, node_id, body))
-    except InvalidSignature:
-        raise RequestAuthError(401, "gateway signature does not verify", "unauthenticated") from None
-    if key_hex not in trusted:
-        raise RequestAuthError(403, "this node does not trust that gateway key", "gateway_not_trusted")
-    return key_hex
+    return public, signature, ts
 
 
 def check_bearer(authorization: str | None, token: str) -> None:

@@ -7,6 +7,7 @@ OperatorOrGateway None for the operator, else the trusted gateway key that signe
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
@@ -21,10 +22,25 @@ from node.api.errors import ApiError
 from node.engine import AsyncEngine
 from node.health import NodeHealth
 from node.metrics import NodeMetrics
-from node.request_auth import MAX_SKEW_MS, SIG_HEADER, RequestAuthError, check_bearer, verify_request
+from node.request_auth import (
+    MAX_SKEW_MS,
+    SIG_HEADER,
+    RequestAuthError,
+    check_bearer,
+    check_headers,
+    verify_request,
+)
 from node.upload import PackageInstaller
 
 TrustedKeys = Collection[str] | Callable[[], Collection[str]]
+
+# A signed call's body is read before its signature can be checked, and anyone can write a gateway's headers (its
+# key is public, a timestamp is the time): bodies past LARGE_BODY_BYTES (only a generate call's may be, sized for
+# the base: models.generate_body_bytes) are read LARGE_BODY_READS at a time, so what the node holds for callers it
+# has not verified is bounded by that, not by the route's limit times the connections a stranger opens
+LARGE_BODY_BYTES = 1 << 20
+LARGE_BODY_READS = 2
+LARGE_BODY_WAIT_S = 5.0
 
 
 class ReplayGuard:
@@ -65,6 +81,7 @@ class NodeApi:
     # POST /internal/gateway-hello: checks a gateway's hello and answers the node's heartbeat (None: refused)
     on_hello: Callable[[object], Awaitable[dict]] | None = None
     replays: ReplayGuard = field(default_factory=ReplayGuard)
+    large_reads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LARGE_BODY_READS))
     # the prompt size (UTF-8 bytes) past which a prompt's length alone proves it too long for the context;
     # computed on first use (routes/generate.py): the tokenizer's vocabulary is not needed before
     prompt_bytes: int | None = None
@@ -95,8 +112,19 @@ Node = Annotated[NodeApi, Depends(_node)]
 async def signed_by_gateway(request: Request) -> str:
     """The trusted gateway key that signed this call (over its raw body); ApiError 401/403/409 otherwise."""
     node = node_api(request)
-    body = await request.body()
     try:
+        check_headers(request.headers)  # a call no gateway could have signed now is refused before its body is read
+    except RequestAuthError as e:
+        raise ApiError(e.status, e.message, e.code) from None
+    declared = request.headers.get("content-length", "")
+    large = not (declared.isascii() and declared.isdigit() and int(declared) <= LARGE_BODY_BYTES)
+    if large:
+        try:
+            await asyncio.wait_for(node.large_reads.acquire(), LARGE_BODY_WAIT_S)
+        except TimeoutError:
+            raise ApiError(503, "the node is reading other large requests; retry", "node_busy") from None
+    try:
+        body = await request.body()
         # the decoded path as sent (request.url.path re-parses it and drops \t, \r, \n a signer kept)
         key = verify_request(
             request.headers,
@@ -108,6 +136,9 @@ async def signed_by_gateway(request: Request) -> str:
         )
     except RequestAuthError as e:
         raise ApiError(e.status, e.message, e.code) from None
+    finally:
+        if large:  # a large body is held by a verified call from here on, or dropped
+            node.large_reads.release()
     if not node.replays.first_use(request.headers[SIG_HEADER].lower()):
         raise ApiError(409, "this signed request was already received (replayed)", "replayed_request")
     return key

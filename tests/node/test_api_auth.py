@@ -6,6 +6,7 @@ Gateways A and B are trusted (--trust-gateway-key), C is not; the operator holds
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -15,7 +16,7 @@ from eth_account import Account
 from fastapi import FastAPI, Request
 
 from node.adapters import AdapterStore
-from node.request_auth import sign_request
+from node.request_auth import KEY_HEADER, SIG_HEADER, TS_HEADER, sign_request
 from tests.utils.factories import make_package
 from tests.utils.node_auth import Gateway, NodeProcess
 from tests.utils.servers import ServerThread
@@ -227,3 +228,56 @@ def test_a_node_trusts_the_keys_its_gateways_announce_and_follows_a_new_one(tiny
             _error(n.signed(g1).post("/v1/generate", json=GEN), 403, "gateway_not_trusted")
         finally:
             n.stop()
+
+
+def _raw_call(node, *, ts_ms: int, declared: int, sent: bytes) -> socket.socket:
+    """A generate call with A's key and a made-up signature (anyone can write these headers), `declared` bytes of
+    body announced and only `sent` sent: the connection stays open, as a stranger holding it would."""
+    s = socket.create_connection(("127.0.0.1", node.port), timeout=20)
+    head = (
+        f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n{KEY_HEADER}: {A.public_hex}\r\n{TS_HEADER}: {ts_ms}\r\n"
+        f"{SIG_HEADER}: {'ab' * 64}\r\n\r\n"
+    )
+    s.sendall(head.encode() + sent)
+    return s
+
+
+def _status(s: socket.socket) -> int:
+    return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def test_a_call_no_gateway_could_sign_now_is_answered_before_its_body_is_read(node):
+    """A stale timestamp is refused from the headers: the megabyte it announces is never awaited."""
+    s = _raw_call(node, ts_ms=int(time.time() * 1000) - 600_000, declared=1_000_000, sent=b"{")
+    try:
+        t0 = time.monotonic()
+        assert _status(s) == 401 and time.monotonic() - t0 < 5
+    finally:
+        s.close()
+
+
+def test_unverified_large_bodies_are_read_two_at_a_time(node):
+    """Fresh made-up headers pass until the signature is checked, which needs the whole body: two strangers'
+    large bodies held open take the node's two large reads; a third large call waits, then is told to retry
+    (503), while small calls are served; once the two go, a large call is read and refused on its signature."""
+    now, large = int(time.time() * 1000), (1 << 20) + 4096  # past 1 MiB, within the tiny base's generate limit
+    held = [_raw_call(node, ts_ms=now, declared=large, sent=b"{" * 1024) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # both are reading
+        third = _raw_call(node, ts_ms=now, declared=large, sent=b"{" * 1024)
+        assert node.signed(A).post("/v1/generate", json=GEN).status_code == 200  # a small call: served
+        try:
+            assert _status(third) == 503
+        finally:
+            third.close()
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.5)
+    body = b"{" * large
+    late = _raw_call(node, ts_ms=int(time.time() * 1000), declared=len(body), sent=body)
+    try:
+        assert _status(late) == 401  # read whole, then its made-up signature refused
+    finally:
+        late.close()
