@@ -102,6 +102,7 @@ SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit: the device sampler hashes bot
 # top_k past the vocabulary keeps every token; bounded so the samplers' float32 and int64 tensors hold it (a
 # larger one failed the whole engine step, every request batched beside it too)
 MAX_TOP_K = 2**31 - 1
+TOKEN_ID_LIMIT = 2**31  # token ids are below it (int32 on the device), whatever a client or a node writes
 # a guided answer's shape: a JSON schema of at most this many bytes (compact JSON: it bounds what the grammar
 # compiler reads before its own bounds take over), a regular expression of at most this many characters, or
 # one of at most MAX_GUIDED_CHOICES strings of at most MAX_GUIDED_CHOICE_CHARS each

@@ -15,7 +15,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from common.wire import MAX_LOGPROBS  # the most alternatives a node may send per position
+from common.wire import MAX_LOGPROBS, TOKEN_ID_LIMIT  # MAX_LOGPROBS: the most alternatives a node may send per position
 
 # what OpenAI writes for a log-probability too small to state (the node sent none, or not a finite number)
 FLOOR = -9999.0
@@ -42,7 +42,7 @@ def _number(v: object) -> float | None:
 
 
 def _id(v: object) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < TOKEN_ID_LIMIT else None
 
 
 def read_top(raw: object) -> tuple[tuple[int, float], ...]:

@@ -46,6 +46,7 @@ from common.wire import (
     MAX_TOP_K,
     SEED_LIMIT,
     SSE_DONE,
+    TOKEN_ID_LIMIT,
     compact_json,
     error_body,
     guided_shape,
@@ -55,7 +56,7 @@ from common.wire import (
 )
 from gateway.errors import BadRequest
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
-from gateway.tools import ToolPlan, template_messages, tool_plan
+from gateway.tools import NAME, ToolPlan, template_messages, tool_plan
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | N
 STRICT = ConfigDict(extra="forbid", strict=True)
 # a seed is 64 bits: OpenAI's are signed, the node's unsigned (a negative seed is taken modulo 2^64)
 Seed = Annotated[int, Field(ge=-(2**63), lt=SEED_LIMIT)]
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
 Identifier = Annotated[str, Field(max_length=256)]
 Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)]
 # an ensemble's weights, one per adapter named in `model` ("alice/a+bob/b"), in that order
@@ -128,7 +129,7 @@ Choices = Annotated[
 
 class JsonSchemaFormat(BaseModel):
     model_config = STRICT | ConfigDict(populate_by_name=True)
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    name: Annotated[str, Field(pattern=NAME.pattern)] | None = None
     description: str | None = None
     schema_: Schema = Field(alias="schema")
     strict: bool | None = None  # every schema is enforced exactly (the node's grammar), strict or not

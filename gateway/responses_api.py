@@ -123,7 +123,7 @@ class TextFormat(BaseModel):
 
     model_config = STRICT | ConfigDict(populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    name: Annotated[str, Field(pattern=NAME.pattern)] | None = None
     description: str | None = None
     schema_: Schema | None = Field(default=None, alias="schema")
     strict: bool | None = None

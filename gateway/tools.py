@@ -39,7 +39,7 @@ MAX_TOOL_DEPTH = 24
 # The most calls one "required" answer may make: the array's grammar ends there, so a model that keeps
 # listing calls (random weights do) is closed off instead of running to max_tokens.
 MAX_CALLS = 8
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's (and a response format's) name
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # what a model writes is untrusted JSON like any other: its size and nesting are bounded before it is parsed
 # (a deeply nested "call" used to raise RecursionError, a 500 for a request already billed)

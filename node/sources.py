@@ -18,11 +18,9 @@ import tempfile
 import httpx
 
 from node.adapters.verify import VerifiedPackage
-from node.upload import PackageInstaller
+from node.upload import SPOOL_IN_MEMORY_BYTES, PackageInstaller
 
 log = logging.getLogger(__name__)
-
-SPOOL_IN_MEMORY_BYTES = 64 << 20  # larger archives are spooled to disk while they arrive
 
 
 class SourceError(RuntimeError):

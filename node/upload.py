@@ -36,6 +36,8 @@ from node.adapters.manifest import (
 if TYPE_CHECKING:
     from node.adapters import AdapterStore, VerifiedPackage
 
+# an archive (an upload, a download) past this many bytes is spooled to disk while it arrives: never whole in memory
+SPOOL_IN_MEMORY_BYTES = 64 << 20
 MAX_PACKAGE_BYTES = 4 << 30  # default cap on a package's files together (a node's --max-package-bytes)
 # headers (512 bytes, plus PAX records), padding to 512 and the archive's closing blocks and record padding
 TAR_OVERHEAD = (MAX_FILES + 2) * 4096 + 10240

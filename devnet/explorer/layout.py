@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from common.wire import ZERO_ID
 from ledger.types import ETHER
 
+PAGE_SIZE = 100  # rows of a list page
+
 CSS = """
 :root { --fg:#1d2430; --muted:#5d6778; --line:#dde2ea; --bg:#f6f8fb; --accent:#2457c5; --ok:#17803d;
         --bad:#b42318; --warn:#9a6700; }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common.wire import ZERO_ID, hex0x
 from devnet.explorer.layout import (
+    PAGE_SIZE,
     adapter_link,
     address_link,
     card,
@@ -28,7 +29,6 @@ from devnet.explorer.tables import AdapterRow, DatasetRow
 from ledger.merkle import unpack_records
 
 ROLES = ("node", "adapter_owner", "dataset")
-PAGE_SIZE = 100
 
 
 def accounts_page(ex: View, *, page_no: int = 0) -> str:

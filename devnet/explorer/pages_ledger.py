@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from devnet.explorer.layout import (
+    PAGE_SIZE,
     adapter_link,
     address_link,
     card,
@@ -31,7 +32,6 @@ from devnet.explorer.queries import Page
 from devnet.explorer.service import RecordDetail, View
 from devnet.explorer.signature import NOT_VERIFIED, UNCHECKED, VERIFIED
 
-PAGE_SIZE = 100  # rows of a list page
 BATCHES_PAGE = 50
 
 

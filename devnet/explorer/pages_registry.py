@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common.wire import ZERO_ID
 from devnet.explorer.layout import (
+    PAGE_SIZE,
     adapter_link,
     address_link,
     card,
@@ -25,7 +26,6 @@ from devnet.explorer.layout import (
 from devnet.explorer.service import View
 
 RECENT = 50  # latest records on an adapter's or a node's page (all of them: /records, paginated)
-PAGE_SIZE = 100
 
 
 def _history(rows) -> str:

@@ -38,7 +38,7 @@ from torch import nn
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")
 INT4_GROUP = 128  # K elements per int4 (scale, zero); smaller groups are used when K is not a multiple
 INT4_GROUPS = (128, 64, 32)
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have fp8 tensor cores; _scaled_mm needs them
 COMPUTE_DTYPE = torch.bfloat16
 # fbgemm's int8 GEMM on CPU; without AVX-512 VNNI it sums pairs of u8 x s8 products in int16, so activations

@@ -13,12 +13,11 @@ from node.api.deps import Node, Operator, OperatorOrGateway
 from node.api.errors import ApiError, adapter_error
 from node.api.models import IdPath, LoadBody, json_schema_body, parse_body
 from node.engine import AdapterError
-from node.upload import UploadRefused
+from node.upload import SPOOL_IN_MEMORY_BYTES, UploadRefused
 
 log = logging.getLogger(__name__)
 
 MAX_LOAD_BODY_BYTES = 4096
-SPOOL_IN_MEMORY_BYTES = 64 << 20  # an upload past this is spooled to disk: it never sits whole in memory
 
 router = APIRouter()
 upload_router = APIRouter()  # included by create_app only when it is given a PackageInstaller
