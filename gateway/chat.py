@@ -190,6 +190,7 @@ class ChatTemplates:
         extra: dict | None = None,
         generation_prompt: bool = True,
         continue_final: bool = False,
+        param: str = "messages",
     ) -> list[int]:
         """Chat messages (and the request's tools) rendered by the base's template, as token ids, exactly as
         `adapter train` renders its chat data (node.adapters.prompts; blocking); `extra`: the request's own
@@ -214,7 +215,7 @@ class ChatTemplates:
         except NoChatTemplate:
             raise BadRequest(f"base model {base_model_id} has no chat template: use /v1/completions") from None
         except TemplateError as e:  # a template that refuses these messages (e.g. roles that must alternate)
-            raise BadRequest(f"the model's chat template refused the messages: {e}", param="messages") from None
+            raise BadRequest(f"the model's chat template refused the messages: {e}", param=param) from None
         except Exception as e:
             # a variable the template, or transformers under it, takes for something else (a name of a newer
             # release's own argument, a number the template's range() refuses), or a final message the template
@@ -231,7 +232,7 @@ class ChatTemplates:
                     param="chat_template_kwargs",
                 ) from None
             raise
-        self.check_length(base_model_id, len(text), param="messages")
+        self.check_length(base_model_id, len(text), param=param)
         return text_ids(tok, text)
 
 

@@ -264,12 +264,12 @@ class Choices:
             return b""
         out = self._open(b, k)
         s.closed = True
-        reason = self.reason(k, overall, cut)
+        reason = ended = self.reason(k, overall, cut)
         if s.tools is not None:
             out += b"".join(b.delta(d, k) for d in s.tools.close())
             if s.tools.called:
                 reason = self.plan.called_reason(reason)
-        return out + b.finish(reason, k)
+        return out + b.finish(reason, k, cut=ended == "length")
 
     def release_held(self, b: ChunkBuilder) -> bytes:
         """Every sequence's held-back tool text as content chunks: the stream failed before its end, and what

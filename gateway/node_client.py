@@ -246,7 +246,8 @@ class NodeClient:
         """POST /v1/generate with stream=true; NodeUnavailable or NodeRejected when it is not a 200. A node
         that has not answered within first_byte_timeout is NodeUnavailable(dead=True): hung, not slow."""
         url = api_url + "/v1/generate"
-        data = json.dumps(body | {"stream": True}, separators=(",", ":")).encode()
+        # UTF-8, not \u escapes: a choice of astral characters is 4 bytes a character, not 12 (the node's limit)
+        data = json.dumps(body | {"stream": True}, separators=(",", ":"), ensure_ascii=False).encode()
         # signed over these very bytes and the path as sent (a prefix in api_url included)
         signed = sign_request(self.key, method="POST", path=urlsplit(url).path, node_id=node_id, body=data)
         try:

@@ -785,7 +785,8 @@ class ChunkBuilder:
         """A chat delta ({"content"} or {"tool_calls"}, or {} carrying logprobs alone)."""
         return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
 
-    def finish(self, reason: str, index: int = 0) -> bytes:
+    def finish(self, reason: str, index: int = 0, *, cut: bool = False) -> bytes:
+        """A choice's end (`cut`: it reached max_tokens, which a chat's finish_reason of calls does not say)."""
         if self.chat:
             return self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
         return self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": reason}])
@@ -797,6 +798,7 @@ class ChunkBuilder:
         """The stream's last frames once every choice closed: the usage chunk when asked, then [DONE]."""
         return (self.usage(usage) if self.include_usage else b"") + SSE_DONE
 
-    def failed(self, message: str) -> bytes:
-        """The frame that ends a stream the node broke off (the openai SDK raises it as an APIError)."""
+    def failed(self, message: str, usage: dict | None = None) -> bytes:
+        """The frame that ends a stream the node broke off (the openai SDK raises it as an APIError); the usage of
+        what was relayed is not sent (OpenAI's error frame has none)."""
         return sse_frame(error_body(message, type="upstream_error", code="node_failed"))

@@ -46,7 +46,16 @@ async def chat_prompt(t: ChatTemplates, base: str, req: ChatRequest | TokenizeRe
     t.check_length(base, sum(len(m["content"]) for m in messages) + tool_chars, param=req.PROMPT_FIELD)
     given = sum(m.template_chars() + TEMPLATE_MARKUP_CHARS for m in req.messages) + tool_chars + extra_chars
     return await blocking(
-        t, given, t.render, base, messages, tools, extra, req.generation_prompt(), bool(req.continue_final_message)
+        t,
+        given,
+        t.render,
+        base,
+        messages,
+        tools,
+        extra,
+        req.generation_prompt(),
+        bool(req.continue_final_message),
+        req.PROMPT_FIELD,
     )
 
 

@@ -289,7 +289,10 @@ class ServedRequest:
             await asyncio.shield(self.d.background.spawn(self.finish()))
             if self.failure:
                 # the tool text held back is billed: it reaches the client before the error
-                yield opening + c.release_held(b) + b.failed(f"{self.failure}; the response is incomplete")
+                failed = b.failed(
+                    f"{self.failure}; the response is incomplete", usage_dict(*self.usage, self.cached_tokens)
+                )
+                yield opening + c.release_held(b) + failed
                 return
             usage = usage_dict(*self.usage, self.cached_tokens)
             yield opening + c.close_all(b, self.finish_reason, bool(self.overrun)) + b.end(usage)

@@ -284,7 +284,12 @@ class ResponsesRequest(BaseModel):
         items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         for item in items:
             if isinstance(item, MessageItem):
-                out.append({"role": item.role, "content": item.text()})
+                last = out[-1] if out else None
+                if item.role == "assistant" and last is not None and last["role"] == "assistant":
+                    # an answer's texts around its calls are one assistant turn, as a chat answer holds them
+                    last["content"] = (last["content"] or "") + item.text()
+                else:
+                    out.append({"role": item.role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
                 call = {
                     "id": item.call_id,
@@ -419,7 +424,10 @@ class ResponseEvents:
         self.logprobs = LOGPROBS_INCLUDE in (req.include or ())
         self.seq = 0
         self.open: dict | None = None  # the output item being streamed
-        self.reason = "stop"
+        # whitespace (and logprobs of no text) that no message holds yet: it opens none by itself, so the "\n" a
+        # template writes between and after calls is no item of its own (as a chat answer's content is stripped)
+        self._held: list[tuple[str, list]] = []
+        self.cut = False  # the answer reached max_output_tokens
 
     def _event(self, kind: str, **fields) -> bytes:
         frame = sse_frame({"type": kind, "sequence_number": self.seq} | fields, event=kind)
@@ -447,6 +455,7 @@ class ResponseEvents:
         for call in delta.get("tool_calls", ()):
             fn = call["function"]
             if "id" in call:  # a call's first delta names it (its arguments may come with it)
+                self._held = []
                 named = call | {"function": fn | {"arguments": ""}}
                 out += self._close("completed") + self._add(self.shape.call(named, "in_progress"))
             if fn.get("arguments"):
@@ -459,11 +468,11 @@ class ResponseEvents:
                 )
         return out
 
-    def finish(self, reason: str, index: int = 0) -> bytes:
-        self.reason = reason
-        status = "incomplete" if reason == "length" else "completed"
-        if not self.shape.output:  # an answer with no text and no call is one empty message, as unstreamed
-            return self._text("", []) + self._close(status)
+    def finish(self, reason: str, index: int = 0, *, cut: bool = False) -> bytes:
+        self.cut = cut or reason == "length"
+        status = self._status()
+        if not self.shape.output:  # an answer of no text and no call is one message of what it held, maybe empty
+            return self._open_message() + self._close(status)
         return self._close(status)
 
     def end(self, usage: dict) -> bytes:
@@ -475,13 +484,15 @@ class ResponseEvents:
         return self.shape.obj(self._status(), usage)
 
     def _status(self) -> str:
-        return "incomplete" if self.reason == "length" else "completed"
+        return "incomplete" if self.cut else "completed"
 
-    def failed(self, message: str) -> bytes:
+    def failed(self, message: str, usage: dict | None = None) -> bytes:
+        """The stream's end when the node broke off: the items so far (the open one "incomplete") and the usage of
+        what was relayed, which is billed."""
         if self.open is not None:
             self.open["status"] = "incomplete"
         error = {"code": "server_error", "message": message}
-        return self._event("response.failed", response=self.shape.obj("failed", error=error))
+        return self._event("response.failed", response=self.shape.obj("failed", usage, error=error))
 
     # the items
 
@@ -495,19 +506,30 @@ class ResponseEvents:
             added["arguments"] = ""
         return self._event("response.output_item.added", output_index=len(self.shape.output) - 1, item=added)
 
+    def _open_message(self) -> bytes:
+        """A message item opened, with the text held for it."""
+        out = self._close("completed")
+        item = self.shape.message("", "in_progress", [] if self.logprobs else None)
+        out += self._add(item)
+        out += self._event(
+            "response.content_part.added",
+            item_id=item["id"],
+            output_index=len(self.shape.output) - 1,
+            content_index=0,
+            part=dict(item["content"][0]),
+        )
+        held, self._held = self._held, []
+        if held:
+            out += self._text("".join(t for t, _ in held), [lp for _, lps in held for lp in lps])
+        return out
+
     def _text(self, text: str, logprobs: list) -> bytes:
         out = b""
         if self.open is None or self.open["type"] != "message":
-            out += self._close("completed")
-            item = self.shape.message("", "in_progress", [] if self.logprobs else None)
-            out += self._add(item)
-            out += self._event(
-                "response.content_part.added",
-                item_id=item["id"],
-                output_index=len(self.shape.output) - 1,
-                content_index=0,
-                part=dict(item["content"][0]),
-            )
+            if not text.strip():
+                self._held.append((text, logprobs))
+                return b""
+            out += self._open_message()
         part = self.open["content"][0]
         part["text"] += text
         if self.logprobs:

@@ -8,6 +8,7 @@ OperatorOrGateway None for the operator, else the trusted gateway key that signe
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
@@ -126,7 +127,8 @@ async def signed_by_gateway(request: Request) -> str:
     try:
         body = await request.body()
         # the decoded path as sent (request.url.path re-parses it and drops \t, \r, \n a signer kept)
-        key = verify_request(
+        check = functools.partial(
+            verify_request,
             request.headers,
             method=request.method,
             path=request.scope["path"],
@@ -134,6 +136,7 @@ async def signed_by_gateway(request: Request) -> str:
             body=body,
             trusted=node.trusted(),
         )
+        key = await asyncio.to_thread(check) if large else check()  # hashing megabytes is not done on the loop
     except RequestAuthError as e:
         raise ApiError(e.status, e.message, e.code) from None
     finally:

@@ -88,7 +88,7 @@ def create_app(
         operator_token=operator_token,
         book=book,
         max_body_bytes=max_body_bytes,
-        generate_body_bytes=max(max_body_bytes, generate_body_bytes(engine.base_context, engine.vocab_size)),
+        generate_body_bytes=max(max_body_bytes, generate_body_bytes(engine.max_len, engine.vocab_size)),
         extra_status=extra_status,
         uploads=uploads,
         health=health or NodeHealth(engine),

@@ -46,16 +46,18 @@ class EnsemblePart(BaseModel):
     weight: Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]
 
 
-# what a generate body holds beside its prompts' ids, at most: a guided schema (64 kB) or choices (256 kB), 300
-# logit biases, stop strings and ids, an ensemble, the sampling fields
-GENERATE_FIELDS_BYTES = 1 << 20
+# what a generate body holds beside its prompts' ids, at most: a guided schema (64 kB) or choices (256 of 1,024
+# characters: 1 MB of UTF-8 at 4 bytes a character), 300 logit biases, stop strings and ids, an ensemble, the
+# sampling fields
+GENERATE_FIELDS_BYTES = 2 << 20
 
 
 def generate_body_bytes(context: int, vocab_size: int) -> int:
-    """The largest generate body a gateway may send for a base of this context and vocabulary: MAX_PROMPTS prompts
-    that fill the context, each id written with the most digits the vocabulary has and its comma, and the other
-    fields. A fixed limit refused a long-context base's valid requests (a 128k-token prompt alone is ~0.9 MB of
-    ids), which the gateway took for a node that cannot serve (audit)."""
+    """The largest generate body a gateway may send to a node whose context (its engine's max_len: no longer prompt
+    is served) and vocabulary are these: MAX_PROMPTS prompts that fill the context, each id written with the most
+    digits the vocabulary has and its comma, and the other fields. A fixed limit refused a long-context base's
+    valid requests (16 prompts of a 32k context are 3.7 MB of ids), which the gateway took for a node that cannot
+    serve (audit)."""
     return MAX_PROMPTS * context * (len(str(vocab_size - 1)) + 1) + GENERATE_FIELDS_BYTES
 
 

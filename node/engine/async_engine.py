@@ -109,11 +109,6 @@ class AsyncEngine:
         return self.core.tokenizer
 
     @property
-    def base_context(self) -> int:
-        """The base's own context (max_position_embeddings): what a gateway holds a request's prompt to."""
-        return self.core.model_cfg.max_position_embeddings
-
-    @property
     def vocab_size(self) -> int:
         return self.core.model_cfg.vocab_size
 

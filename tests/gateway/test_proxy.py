@@ -278,6 +278,7 @@ def test_node_cut_after_first_token_ends_a_responses_stream_failed(w):
     failed = events[-1].response
     assert failed.status == "failed" and "incomplete" in failed.error.message
     assert failed.output[0].content[0].text == " t0 t1" and failed.output[0].status == "incomplete"
+    assert failed.usage.output_tokens == 2  # what was relayed, and billed
     row = poll(lambda: next((u for u in w.records()[1] if u.request_id == rid), None))
     assert row.completion_tokens == 2
     assert next(d for d in w.records()[0] if d.request_id == rid).status == "node_failed"

@@ -247,7 +247,8 @@ def test_what_it_cannot_serve_is_refused_by_name(oai):
         "text", text={"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}
     )
     assert "tools[0].name" in refuses("tools", tools=[WEATHER | {"name": "bad name"}])
-    for too_long in ("word " * 600, "x" * 200_000):  # past the context once counted, and by its length alone
+    long_call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "x" * 200_000}
+    for too_long in ("word " * 600, "x" * 200_000, [long_call]):  # past the context counted, by length, rendered
         with pytest.raises(openai.BadRequestError) as ei:
             respond(oai, input=too_long)
         assert ei.value.body["param"] == "input" and ei.value.body["code"] == "context_length_exceeded"
