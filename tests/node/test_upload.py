@@ -10,7 +10,7 @@ from eth_account import Account
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.adapters import PackageError, verify_package
+from node.adapters import PackageError, verify_manifest_and_signature, verify_package
 from node.upload import open_upload, tar_package
 from tests.utils.factories import make_package
 from tests.utils.node_auth import package_files, tar_of
@@ -113,8 +113,11 @@ def test_a_signature_file_over_its_limit_is_refused_when_opened(pkg):
     cut=st.none() | st.integers(min_value=0),
 )
 def test_a_damaged_archive_is_refused_with_a_package_error_only(pkg, edits, cut):
-    """Bytes flipped anywhere (headers, sizes, names, the manifest, weights) or the archive cut short: either
-    the upload is refused in one PackageError, or what it writes is exactly a package that verifies."""
+    """Bytes flipped anywhere (headers, sizes, names, the manifest, the signature, weights) or the archive cut
+    short: either the upload is refused in one PackageError, or what it writes is exactly a package that verifies.
+    In the installer's order: the manifest and signature are checked before a weight byte is written (without
+    that step a flipped hex digit of the signature was written and refused only afterwards: a test, not the
+    installer, that failed one run in many)."""
     body = bytearray(tar_package(pkg.path))
     for pos, value in edits:
         body[pos % len(body)] = value
@@ -123,6 +126,7 @@ def test_a_damaged_archive_is_refused_with_a_package_error_only(pkg, edits, cut)
     with tempfile.TemporaryDirectory() as dest:
         try:
             with open_upload(bytes(body)) as up:
+                verify_manifest_and_signature(up.manifest_bytes, up.signature_bytes)
                 up.extract(Path(dest))
         except PackageError as e:
             assert str(e) and "\n" not in str(e)
