@@ -41,7 +41,12 @@ TrustedKeys = Collection[str] | Callable[[], Collection[str]]
 # has not verified is bounded by that, not by the route's limit times the connections a stranger opens
 LARGE_BODY_BYTES = 1 << 20
 LARGE_BODY_READS = 2
-LARGE_BODY_WAIT_S = 5.0
+LARGE_BODY_WAIT_S = 5.0  # the most a large call waits for a read, then 503 (a gateway tries another node)
+# ...and a read must keep up: LARGE_BODY_GRACE_S plus a second per LARGE_BODY_RATE bytes, then 408. A body trickled
+# a byte at a time would otherwise hold a read for good (uvicorn bounds no body's time), and two such held the
+# node's large calls shut
+LARGE_BODY_GRACE_S = 10.0
+LARGE_BODY_RATE = 1 << 20
 
 
 class ReplayGuard:
@@ -125,7 +130,14 @@ async def signed_by_gateway(request: Request) -> str:
         except TimeoutError:
             raise ApiError(503, "the node is reading other large requests; retry", "node_busy") from None
     try:
-        body = await request.body()
+        if large:
+            size = int(declared) if declared.isascii() and declared.isdigit() else node.generate_body_bytes
+            try:
+                body = await asyncio.wait_for(request.body(), LARGE_BODY_GRACE_S + size / LARGE_BODY_RATE)
+            except TimeoutError:
+                raise ApiError(408, "the request body came too slowly", "request_timeout") from None
+        else:
+            body = await request.body()
         # the decoded path as sent (request.url.path re-parses it and drops \t, \r, \n a signer kept)
         check = functools.partial(
             verify_request,
