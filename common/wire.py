@@ -111,14 +111,26 @@ MAX_GUIDED_PATTERN_CHARS = 4096
 MAX_GUIDED_CHOICES = 256
 MAX_GUIDED_CHOICE_CHARS = 1024
 # a guided answer's shape as the node's generate call takes it: {"type": kind} and the kind's one field
-GUIDED_WIRE_FIELDS = {"json_object": None, "json_schema": "schema", "regex": "pattern", "choice": "choices"}
+# json_or_tool_calls: JSON the schema validates (null: any JSON object), or 1 to max_calls tool calls, each a call
+# object `calls` validates between TOOL_CALL_OPEN and TOOL_CALL_CLOSE (an answer with tools the model may call, and a
+# response format for the answer it gives instead)
+GUIDED_WIRE_FIELDS = {
+    "json_object": (),
+    "json_schema": ("schema",),
+    "regex": ("pattern",),
+    "choice": ("choices",),
+    "json_or_tool_calls": ("schema", "calls", "max_calls"),
+}
+# how a model writes a tool call in text (the Hermes / Qwen format, which the tiny bases' template writes too)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+MAX_GUIDED_CALLS = 8  # tool calls one constrained answer may make
 
 
-def guided_shape(kind: str, value: object = None) -> dict:
+def guided_shape(kind: str, *values: object) -> dict:
     """The generate call's `guided` value: guided_shape("json_schema", schema), guided_shape("regex", pattern),
-    guided_shape("choice", strings) or guided_shape("json_object")."""
-    field = GUIDED_WIRE_FIELDS[kind]
-    return {"type": kind} if field is None else {"type": kind, field: value}
+    guided_shape("choice", strings), guided_shape("json_object"), guided_shape("json_or_tool_calls", schema,
+    calls, max_calls)."""
+    return {"type": kind} | dict(zip(GUIDED_WIRE_FIELDS[kind], values, strict=True))
 
 
 # the one llguidance option set a guided schema may carry (as "x-guidance"): JSON with no whitespace at all, which

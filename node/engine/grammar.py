@@ -47,10 +47,13 @@ import torch
 from common.wire import (
     COMPACT_GUIDANCE,
     GUIDED_WIRE_FIELDS,
+    MAX_GUIDED_CALLS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
     MAX_GUIDED_PATTERN_CHARS,
     MAX_SCHEMA_BYTES,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
     compact_json,
 )
 from node.engine.request import GUIDED_TYPES, RequestError
@@ -90,21 +93,32 @@ class GuidedSpec:
     """What a sequence's text must be: any JSON object, JSON valid against a schema, or text a regular expression
     matches whole. Hashable: the cache key."""
 
-    type: str  # "json_object" | "json_schema" | "regex"
-    schema: str | None = None  # the schema as compact JSON, keys in the client's order (json_schema only)
+    type: str  # "json_object" | "json_schema" | "regex" | "json_or_tool_calls"
+    # the schema as compact JSON, keys in the client's order (json_schema; json_or_tool_calls' answer, or None)
+    schema: str | None = None
     pattern: str | None = None  # the regular expression (regex only)
+    calls: str | None = None  # json_or_tool_calls: the schema of one call object, as compact JSON
+    max_calls: int = 0  # json_or_tool_calls: the most calls
 
     def __post_init__(self) -> None:
         if self.type not in GUIDED_TYPES:
             raise GrammarError(f"guided.type must be one of {', '.join(GUIDED_TYPES)}, got {self.type!r}")
-        if (self.type == "json_schema") != isinstance(self.schema, str):
-            raise GrammarError("guided.schema is required with type json_schema, and only with it")
+        if self.type == "json_schema" and not isinstance(self.schema, str):
+            raise GrammarError("guided.schema is required with type json_schema")
+        if self.schema is not None and self.type not in ("json_schema", "json_or_tool_calls"):
+            raise GrammarError(f"guided.schema does not go with type {self.type}")
         if (self.type == "regex") != isinstance(self.pattern, str):
             raise GrammarError("guided.pattern is required with type regex, and only with it")
-        if self.schema is not None and len(self.schema.encode()) > MAX_SCHEMA_BYTES:
+        calling = self.type == "json_or_tool_calls"
+        if calling != isinstance(self.calls, str) or calling != (1 <= self.max_calls <= MAX_GUIDED_CALLS):
             raise GrammarError(
-                f"guided.schema is {len(self.schema.encode())} bytes of JSON; at most {MAX_SCHEMA_BYTES}"
+                f"guided.calls and guided.max_calls (1 to {MAX_GUIDED_CALLS}) go with type json_or_tool_calls, "
+                "and only with it"
             )
+        for field in ("schema", "calls"):
+            text = getattr(self, field)
+            if text is not None and len(text.encode()) > MAX_SCHEMA_BYTES:
+                raise GrammarError(f"guided.{field} is {len(text.encode())} bytes of JSON; at most {MAX_SCHEMA_BYTES}")
 
     @classmethod
     def from_wire(cls, obj) -> GuidedSpec | None:
@@ -116,7 +130,7 @@ class GuidedSpec:
         kind = obj.get("type")
         if kind not in WIRE_TYPES:
             raise GrammarError(f"guided.type must be one of {', '.join(WIRE_TYPES)}, got {kind!r}")
-        fields = {"json_object": (), "json_schema": ("schema",), "regex": ("pattern",), "choice": ("choices",)}[kind]
+        fields = GUIDED_WIRE_FIELDS[kind]
         extra = sorted(str(k) for k in obj if k != "type" and k not in fields)
         if extra:
             raise GrammarError(f"guided has unknown field(s) {', '.join(map(repr, extra))} for type {kind}")
@@ -126,24 +140,53 @@ class GuidedSpec:
             return cls("regex", pattern=_pattern(obj.get("pattern")))
         if kind == "choice":
             return cls("regex", pattern=_choice_pattern(obj.get("choices")))
-        schema = obj.get("schema")
-        if not isinstance(schema, dict):
-            raise GrammarError(f"guided.schema must be a JSON object, got {type(schema).__name__}")
-        if "x-guidance" in schema and schema["x-guidance"] != COMPACT_GUIDANCE:
-            # llguidance's own options would let a schema loosen what the node enforces (lenient: keywords
-            # ignored, not refused; its own whitespace limits); the one form taken only tightens whitespace
-            raise GrammarError(f"guided.schema x-guidance may only be {json.dumps(COMPACT_GUIDANCE)} (no whitespace)")
-        try:
-            text = schema_json(schema)
-        except (TypeError, ValueError, RecursionError) as e:
-            raise GrammarError(f"guided.schema is not JSON: {_one_line(str(e))}") from e
-        if len(text) > MAX_SCHEMA_BYTES:
-            raise GrammarError(f"guided.schema is {len(text)} bytes of JSON; at most {MAX_SCHEMA_BYTES}")
-        return cls("json_schema", text.decode())
+        if kind == "json_or_tool_calls":
+            n = obj.get("max_calls")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_GUIDED_CALLS:
+                raise GrammarError(f"guided.max_calls must be an integer in [1, {MAX_GUIDED_CALLS}]")
+            answer = obj.get("schema")
+            schema = None if answer is None else _schema_text(answer, "schema")
+            return cls(kind, schema=schema, calls=_schema_text(obj.get("calls"), "calls"), max_calls=n)
+        return cls("json_schema", _schema_text(obj.get("schema"), "schema"))
 
     def grammar_source(self) -> str:
         """The JSON schema the grammar is built from (any object for json_object, as vLLM's backends do)."""
         return self.schema if self.schema is not None else '{"type":"object"}'
+
+    def lark(self) -> str:
+        """json_or_tool_calls' grammar (llguidance's Lark, schemas inline): the answer's JSON, with the whitespace
+        any JSON answer may hold, or 1 to max_calls compact call objects, each between the call tags (a newline
+        beside a tag, and between calls, as templates write them)."""
+        answer = json.loads(self.grammar_source())
+        answer.setdefault("x-guidance", _JSON_OPTIONS)
+        call = json.loads(self.calls) | {"x-guidance": COMPACT_GUIDANCE}
+        more = f' ("\\n"? call){{0,{self.max_calls - 1}}}' if self.max_calls > 1 else ""
+        open_tag, close_tag = json.dumps(TOOL_CALL_OPEN), json.dumps(TOOL_CALL_CLOSE)
+        return "\n".join(
+            (
+                "start: answer | calls",
+                f"answer: %json {json.dumps(answer)}",
+                f"calls: call{more}",
+                f'call: {open_tag} "\\n"? %json {json.dumps(call)} "\\n"? {close_tag}',
+            )
+        )
+
+
+def _schema_text(schema, field: str) -> str:
+    """A schema from the wire as GuidedSpec holds it: an object, its one allowed x-guidance, within the bound."""
+    if not isinstance(schema, dict):
+        raise GrammarError(f"guided.{field} must be a JSON object, got {type(schema).__name__}")
+    if "x-guidance" in schema and schema["x-guidance"] != COMPACT_GUIDANCE:
+        # llguidance's own options would let a schema loosen what the node enforces (lenient: keywords
+        # ignored, not refused; its own whitespace limits); the one form taken only tightens whitespace
+        raise GrammarError(f"guided.{field} x-guidance may only be {json.dumps(COMPACT_GUIDANCE)} (no whitespace)")
+    try:
+        text = schema_json(schema)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise GrammarError(f"guided.{field} is not JSON: {_one_line(str(e))}") from e
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"guided.{field} is {len(text)} bytes of JSON; at most {MAX_SCHEMA_BYTES}")
+    return text.decode()
 
 
 def _pattern(pattern) -> str:
@@ -258,10 +301,12 @@ class Grammars:
 
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
-        field = "pattern" if spec.type == "regex" else "schema"
+        field = {"regex": "pattern", "json_or_tool_calls": "calls"}.get(spec.type, "schema")
         try:
             if spec.type == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.pattern)
+            elif spec.type == "json_or_tool_calls":
+                grammar = LLMatcher.grammar_from_lark(spec.lark())
             else:
                 grammar = LLMatcher.grammar_from_json_schema(spec.grammar_source(), defaults=_JSON_OPTIONS)
         except ValueError as e:

@@ -30,8 +30,8 @@ MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
 
 
 # what a guided request's text must be (node.engine.grammar.GuidedSpec): any JSON object, JSON valid against a
-# schema, text a regular expression matches whole
-GUIDED_TYPES = ("json_object", "json_schema", "regex")
+# schema, text a regular expression matches whole, or JSON of a schema or tool calls
+GUIDED_TYPES = ("json_object", "json_schema", "regex", "json_or_tool_calls")
 
 
 class RequestError(ValueError):

@@ -5,6 +5,7 @@ the cache, the mask's rows and its bounds (padding ids, EOS) hold exactly."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import jsonschema
@@ -462,3 +463,80 @@ def test_the_one_x_guidance_taken_is_the_gateways_compact_tool_calls():
     assert COMPACT == {"x-guidance": COMPACT_GUIDANCE}
     spec = GuidedSpec.from_wire({"type": "json_schema", "schema": {"type": "object"} | COMPACT})
     assert spec is not None and "x-guidance" in spec.schema
+
+
+def _calls_spec(max_calls: int = 2, schema: dict | None = PERSON) -> GuidedSpec:
+    return GuidedSpec.from_wire(
+        {"type": "json_or_tool_calls", "schema": schema, "calls": TOOL_CALL, "max_calls": max_calls}
+    )
+
+
+def _feed(grammars, spec: GuidedSpec, tok, text: str) -> tuple[bool, bool]:
+    """(every token of `text` accepted, the text a whole answer: EOS may follow)."""
+    m = grammars.matcher(spec)
+    ok = all(m.accept(t) for t in tok.encode(text, add_special_tokens=False))
+    return ok, ok and m.accepting
+
+
+def test_json_or_tool_calls_takes_the_answer_or_calls_and_nothing_else(tok, grammars):
+    """Tools the model may call beside a response format (an agent with tools and an output type): the answer is
+    the format's JSON, or 1 to max_calls calls between the tags, compact, a newline allowed beside each tag."""
+    s = _calls_spec()
+    call = '{"name":"get_weather","arguments":{"city":"Paris","unit":"c"}}'
+    person = '{"name": "Ada", "age": 36, "role": "admin", "tags": []}'
+    assert _feed(grammars, s, tok, person) == (True, True)
+    assert _feed(grammars, s, tok, f"<tool_call>\n{call}\n</tool_call>") == (True, True)
+    two = f'<tool_call>{call}</tool_call>\n<tool_call>{{"name":"now","arguments":{{}}}}</tool_call>'
+    assert _feed(grammars, s, tok, two) == (True, True)
+    assert _feed(grammars, _calls_spec(max_calls=1), tok, two)[0] is False  # one call at most
+    assert _feed(grammars, s, tok, "Paris")[0] is False  # free text is neither
+    assert _feed(grammars, s, tok, '<tool_call>{"name": "get_weather"')[0] is False  # calls are compact
+    assert _feed(grammars, s, tok, '{"name": "Ada"}')[0] is False  # the answer is the format's, whole
+    assert _feed(grammars, s, tok, '{"name": "Ada", "age": 3') == (True, False)
+    assert _feed(grammars, _calls_spec(schema=None), tok, '{"any": [1]}') == (True, True)  # null: any object
+
+
+def test_random_logits_give_an_answer_or_valid_calls(tok, grammars):
+    person, call = jsonschema.Draft202012Validator(PERSON), jsonschema.Draft202012Validator(TOOL_CALL)
+    s, kinds = _calls_spec(), set()
+    mask = grammars.new_bitmask(1)
+    for seed in range(16):
+        m, gen, ids = grammars.matcher(s), torch.Generator().manual_seed(seed), []
+        while not m.terminated and len(ids) < 600:
+            m.fill(mask, 0)
+            logits = torch.randn(1, WIDTH, generator=gen) * 3
+            apply_bitmask(logits, mask)
+            t = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+            if t == EOS:
+                break
+            assert m.accept(t)
+            ids.append(t)
+        text = text_of(tok, ids)
+        if text.startswith("<tool_call>"):
+            blocks = re.findall(r"<tool_call>\n?(.*?)\n?</tool_call>", text, re.S)
+            assert 1 <= len(blocks) <= 2
+            for b in blocks:
+                call.validate(json.loads(b))
+            kinds.add("calls")
+        else:
+            person.validate(json.loads(text))
+            kinds.add("answer")
+    assert kinds == {"answer", "calls"}  # both happen: the grammar allows either, it does not pick
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"type": "json_or_tool_calls", "schema": None, "calls": TOOL_CALL, "max_calls": 0},
+        {"type": "json_or_tool_calls", "schema": None, "calls": TOOL_CALL, "max_calls": 9},
+        {"type": "json_or_tool_calls", "schema": None, "calls": TOOL_CALL, "max_calls": True},
+        {"type": "json_or_tool_calls", "schema": None, "max_calls": 1},
+        {"type": "json_or_tool_calls", "schema": None, "calls": TOOL_CALL, "max_calls": 1, "pattern": "x"},
+        {"type": "json_or_tool_calls", "schema": [], "calls": TOOL_CALL, "max_calls": 1},
+        {"type": "json_or_tool_calls", "calls": TOOL_CALL | {"x-guidance": {"lenient": True}}, "max_calls": 1},
+        {"type": "json_or_tool_calls", "calls": {"description": "x" * MAX_SCHEMA_BYTES}, "max_calls": 1},
+    ],
+)
+def test_json_or_tool_calls_is_checked_off_the_wire(wire):
+    with pytest.raises(GrammarError):
+        GuidedSpec.from_wire(wire)
