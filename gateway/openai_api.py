@@ -558,6 +558,13 @@ class ChatRequest(_Rendered, _Sampling):
                 "constrain the answer)",
                 param=formatted,
             )
+        guided = self.guided()
+        if guided is not None and guided["type"] == "json_or_tool_calls":
+            if len(compact_json(guided["calls"])) > MAX_SCHEMA_BYTES:  # as a node holds it
+                raise BadRequest(
+                    f"the tools' schema beside {formatted} is more than {MAX_SCHEMA_BYTES} bytes of compact JSON",
+                    param="tools",
+                )
 
     @property
     def plan(self) -> ToolPlan | None:
@@ -571,9 +578,15 @@ class ChatRequest(_Rendered, _Sampling):
         return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
     def guided(self) -> dict | None:
-        if self._plan is not None and self._plan.guided() is not None:
+        """The node's `guided` value: the tools' constraint, or the format's, or with tool_choice auto and a JSON
+        format, either of the format's JSON and the model's calls (ToolPlan.either)."""
+        if self._plan is None:
+            return super().guided()
+        if self._plan.guided() is not None:
             return self._plan.guided()
-        return super().guided()
+        answer = super().guided()
+        either = self._plan.either(answer) if answer is not None else None
+        return either if either is not None else answer
 
     def guided_field(self) -> str | None:
         if self._plan is not None and self._plan.guided() is not None:

@@ -22,7 +22,10 @@ import secrets
 
 from common.wire import (
     COMPACT_GUIDANCE,
+    MAX_GUIDED_CALLS,
     MAX_SCHEMA_BYTES,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
     UntrustedJSONError,
     compact_json,
     guided_shape,
@@ -36,11 +39,11 @@ MAX_TOOLS = 128
 # indented (Llama 3's tojson(indent=4)), each level of nesting adding its indent to every line beneath it
 MAX_TOOLS_BYTES = 1 << 20
 MAX_TOOL_DEPTH = 24
-# The most calls one "required" answer may make: the array's grammar ends there, so a model that keeps
-# listing calls (random weights do) is closed off instead of running to max_tokens.
-MAX_CALLS = 8
+# The most calls one constrained answer may make: the grammar ends there, so a model that keeps listing calls
+# (random weights do) is closed off instead of running to max_tokens.
+MAX_CALLS = MAX_GUIDED_CALLS
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's (and a response format's) name
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+OPEN, CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE
 # what a model writes is untrusted JSON like any other: its size and nesting are bounded before it is parsed
 # (a deeply nested "call" used to raise RecursionError, a 500 for a request already billed)
 MAX_CALL_TEXT_BYTES = 16 << 20
@@ -142,26 +145,42 @@ class ToolPlan:
         if self.choice == "function":
             return guided_shape("json_schema", self.functions[self.name]["parameters"] | COMPACT)
         if self.choice == "required":
-            calls, defs = [], {}
-            for i, f in enumerate(self.functions.values()):
-                arguments = f["parameters"]
-                # a tool's parameters that refer to themselves ("#/$defs/Unit", as pydantic writes them) are
-                # moved under the combined schema's $defs, their references with them: nested in the array,
-                # "#" would be the array's root, and the grammar refused them
-                rooted = _rooted(arguments, f"#/$defs/tool{i}")
-                if rooted != arguments:
-                    defs[f"tool{i}"], arguments = rooted, {"$ref": f"#/$defs/tool{i}"}
-                calls.append(
-                    {
-                        "type": "object",
-                        "properties": {"name": {"const": f["name"]}, "arguments": arguments},
-                        "required": ["name", "arguments"],
-                        "additionalProperties": False,
-                    }
-                )
-            schema = {"type": "array", "minItems": 1, "maxItems": self.max_calls, "items": {"anyOf": calls}} | COMPACT
+            calls, defs = self._calls()
+            schema = {"type": "array", "minItems": 1, "maxItems": self.max_calls, "items": calls} | COMPACT
             return guided_shape("json_schema", schema | ({"$defs": defs} if defs else {}))
         return None
+
+    def either(self, answer: dict) -> dict | None:
+        """With tool_choice auto beside a JSON response format (`answer`: its guided value, json_schema or
+        json_object), the node's `guided` value for an answer that is that JSON or the model's calls (between the
+        tags, as it writes them free): an agent with tools and an output type gets both. None for another
+        choice or format."""
+        if self.choice != "auto" or answer["type"] not in ("json_schema", "json_object"):
+            return None
+        calls, defs = self._calls()
+        schema = calls | ({"$defs": defs} if defs else {})
+        return guided_shape("json_or_tool_calls", answer.get("schema"), schema, self.max_calls)
+
+    def _calls(self) -> tuple[dict, dict]:
+        """(the schema of one call of any of the tools, the $defs its references point into)."""
+        calls, defs = [], {}
+        for i, f in enumerate(self.functions.values()):
+            arguments = f["parameters"]
+            # a tool's parameters that refer to themselves ("#/$defs/Unit", as pydantic writes them) are moved under
+            # the combined schema's $defs, their references with them: nested in the combined schema, "#" would be
+            # its root, and the grammar refused them
+            rooted = _rooted(arguments, f"#/$defs/tool{i}")
+            if rooted != arguments:
+                defs[f"tool{i}"], arguments = rooted, {"$ref": f"#/$defs/tool{i}"}
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": f["name"]}, "arguments": arguments},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
+        return {"anyOf": calls}, defs
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """A whole answer -> (content, tool_calls). An answer that does not parse (cut short by max_tokens, or

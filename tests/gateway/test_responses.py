@@ -252,3 +252,24 @@ def test_what_it_cannot_serve_is_refused_by_name(oai):
         with pytest.raises(openai.BadRequestError) as ei:
             respond(oai, input=too_long)
         assert ei.value.body["param"] == "input" and ei.value.body["code"] == "context_length_exceeded"
+
+
+def test_an_agents_output_type_beside_its_tools_allows_either(oai):
+    """An Agents SDK agent with tools and an output type sends both: served as the chat endpoint serves them (the
+    answer is the format's JSON or calls: tests/gateway/test_tools.py draws seeded answers of both kinds), whole
+    and streamed alike. Greedy, the tiny base spends its context on the whitespace JSON allows: incomplete, the
+    same either way."""
+    fmt = {"format": {"type": "json_schema", "name": "city", "schema": City.model_json_schema(), "strict": True}}
+    greedy = respond(oai, tools=[WEATHER], text=fmt, temperature=0)
+    events = list(respond(oai, tools=[WEATHER], text=fmt, temperature=0, stream=True))
+    final = events[-1].response
+    assert (final.status, final.output_text) == (greedy.status, greedy.output_text)
+    assert [(o.type, o.status) for o in final.output] == [(o.type, o.status) for o in greedy.output]
+    if greedy.status == "completed":
+        calls = [o for o in greedy.output if o.type == "function_call"]
+        for c in calls:
+            jsonschema.validate(json.loads(c.arguments), ARGS)
+        if not calls:
+            City.model_validate_json(greedy.output_text)
+    else:
+        assert greedy.output_text.lstrip().startswith(("{", "<tool_call>")), greedy.output_text

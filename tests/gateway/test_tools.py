@@ -111,3 +111,21 @@ def test_auto_round_trips_a_tool_result(oai):
     assert got.choices[0].finish_reason in ("stop", "length", "tool_calls") and got.usage.prompt_tokens > 0
     # the tool result reached the prompt: it is longer than the same chat without it
     assert got.usage.prompt_tokens > chat(oai, messages=messages[:2], tools=[WEATHER]).usage.prompt_tokens
+
+
+def test_auto_tools_beside_a_json_schema_answer_with_the_schema_or_with_calls(oai):
+    """Tools the model may call and a response format (an agent with tools and an output type): every answer is
+    the format's JSON or valid calls, and both happen (the format alone constrained every answer to it, so no tool
+    was ever called)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}}
+    got = chat(oai, tools=[WEATHER], response_format=fmt, n=8, seed=3, temperature=1.0, max_tokens=None)
+    kinds = set()
+    for c in got.choices:
+        if c.message.tool_calls:
+            valid_calls(c)
+            kinds.add("calls")
+        else:
+            assert c.finish_reason == "stop", c.message.content
+            jsonschema.validate(json.loads(c.message.content), SCHEMA)
+            kinds.add("answer")
+    assert kinds == {"answer", "calls"}
