@@ -32,6 +32,9 @@ DOMAIN = b"loramesh.node-request.v1"
 KEY_HEADER = "x-loramesh-gateway-key"
 TS_HEADER = "x-loramesh-timestamp"
 SIG_HEADER = "x-loramesh-signature"
+# the body's sha256, which the signature covers: with it a call is verified from its headers before a byte of its
+# body is read, and the body checked against it as it arrives (a gateway of an older release does not send it)
+BODY_HASH_HEADER = "x-loramesh-body-sha256"
 MAX_SKEW_MS = 60_000
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _SIG_RE = re.compile(r"[0-9a-f]{128}")
@@ -55,26 +58,29 @@ def gateway_public_key_hex(key: Ed25519PrivateKey) -> str:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
-def _message(method: str, path: str, ts_ms: int, node_id: str, body: bytes) -> bytes:
-    return b"\n".join(
-        [
-            DOMAIN,
-            method.upper().encode(),
-            path.encode(),
-            str(ts_ms).encode(),
-            node_id.encode(),
-            hashlib.sha256(body).hexdigest().encode(),
-        ]
-    )
+def _message(method: str, path: str, ts_ms: int, node_id: str, digest: str) -> bytes:
+    """What a gateway signs: the call's method, path, time and node, and its body's sha256 (`body_hash`)."""
+    fields = (method.upper(), path, str(ts_ms), node_id, digest)
+    return b"\n".join([DOMAIN, *(f.encode() for f in fields)])
+
+
+def body_hash(body: bytes) -> str:
+    """The body's digest as the signed message holds it (and BODY_HASH_HEADER carries it)."""
+    return hashlib.sha256(body).hexdigest()
 
 
 def sign_request(
     key: Ed25519PrivateKey, *, method: str, path: str, node_id: str, body: bytes = b"", ts_ms: int | None = None
 ) -> dict[str, str]:
     """The headers that authenticate one call from a gateway to the node `node_id`."""
-    ts = int(time.time() * 1000) if ts_ms is None else int(ts_ms)
-    sig = key.sign(_message(method, path, ts, node_id, body))
-    return {KEY_HEADER: gateway_public_key_hex(key), TS_HEADER: str(ts), SIG_HEADER: sig.hex()}
+    ts, digest = int(time.time() * 1000) if ts_ms is None else int(ts_ms), body_hash(body)
+    sig = key.sign(_message(method, path, ts, node_id, digest))
+    return {
+        KEY_HEADER: gateway_public_key_hex(key),
+        TS_HEADER: str(ts),
+        SIG_HEADER: sig.hex(),
+        BODY_HASH_HEADER: digest,
+    }
 
 
 def verify_request(
@@ -83,20 +89,36 @@ def verify_request(
     method: str,
     path: str,
     node_id: str,
-    body: bytes,
+    body: bytes | None = None,
     trusted: Collection[str],
     now_ms: int | None = None,
 ) -> str:
-    """Check a gateway's signed call; return the gateway's public key (hex). Raises RequestAuthError."""
+    """Check a gateway's signed call; return the gateway's public key (hex). Raises RequestAuthError. body=None:
+    from its headers alone, over the body hash BODY_HASH_HEADER says (the caller then holds the body to it,
+    `check_body`)."""
     public, signature, ts = check_headers(headers, now_ms=now_ms)
+    if body is None:
+        digest = headers.get(BODY_HASH_HEADER, "").lower()
+        if not _KEY_RE.fullmatch(digest):
+            raise RequestAuthError(401, f"{BODY_HASH_HEADER} must be the body's sha256 (64 hex)", "unauthenticated")
+    else:
+        digest = body_hash(body)
     try:
-        public.verify(signature, _message(method, path, ts, node_id, body))
+        public.verify(signature, _message(method, path, ts, node_id, digest))
     except InvalidSignature:
         raise RequestAuthError(401, "gateway signature does not verify", "unauthenticated") from None
     key_hex = headers[KEY_HEADER].lower()
     if key_hex not in trusted:
         raise RequestAuthError(403, "this node does not trust that gateway key", "gateway_not_trusted")
     return key_hex
+
+
+def check_body(headers: Mapping[str, str], body: bytes) -> None:
+    """A body read after its call was verified from its headers: it must be the one signed. RequestAuthError."""
+    if body_hash(body) != headers.get(BODY_HASH_HEADER, "").lower():
+        raise RequestAuthError(
+            401, "gateway signature does not verify: the body is not the one signed", "unauthenticated"
+        )
 
 
 def check_headers(headers: Mapping[str, str], *, now_ms: int | None = None) -> tuple[Ed25519PublicKey, bytes, int]:

@@ -17,6 +17,7 @@ from typing import Annotated
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, Request
+from starlette.requests import ClientDisconnect
 
 from node.api.book import RequestBook
 from node.api.errors import ApiError
@@ -24,10 +25,12 @@ from node.engine import AsyncEngine
 from node.health import NodeHealth
 from node.metrics import NodeMetrics
 from node.request_auth import (
+    BODY_HASH_HEADER,
     MAX_SKEW_MS,
     SIG_HEADER,
     RequestAuthError,
     check_bearer,
+    check_body,
     check_headers,
     verify_request,
 )
@@ -35,18 +38,12 @@ from node.upload import PackageInstaller
 
 TrustedKeys = Collection[str] | Callable[[], Collection[str]]
 
-# A signed call's body is read before its signature can be checked, and anyone can write a gateway's headers (its
-# key is public, a timestamp is the time): bodies past LARGE_BODY_BYTES (only a generate call's may be, sized for
-# the base: models.generate_body_bytes) are read LARGE_BODY_READS at a time, so what the node holds for callers it
-# has not verified is bounded by that, not by the route's limit times the connections a stranger opens
+# A body is read before the signature of a call that does not carry its body's hash can be checked, and anyone can
+# write a gateway's headers (its key is public, a timestamp is the time): such a call may bring at most
+# LARGE_BODY_BYTES. A call that carries the hash (BODY_HASH_HEADER: every gateway of this release) is verified from
+# its headers first, so a stranger gets no byte of its body read, and a gateway's large generate call (sized for the
+# node's context: models.generate_body_bytes) is read only once it is known to be one
 LARGE_BODY_BYTES = 1 << 20
-LARGE_BODY_READS = 2
-LARGE_BODY_WAIT_S = 5.0  # the most a large call waits for a read, then 503 (a gateway tries another node)
-# ...and a read must keep up: LARGE_BODY_GRACE_S plus a second per LARGE_BODY_RATE bytes, then 408. A body trickled
-# a byte at a time would otherwise hold a read for good (uvicorn bounds no body's time), and two such held the
-# node's large calls shut
-LARGE_BODY_GRACE_S = 10.0
-LARGE_BODY_RATE = 1 << 20
 
 
 class ReplayGuard:
@@ -87,7 +84,6 @@ class NodeApi:
     # POST /internal/gateway-hello: checks a gateway's hello and answers the node's heartbeat (None: refused)
     on_hello: Callable[[object], Awaitable[dict]] | None = None
     replays: ReplayGuard = field(default_factory=ReplayGuard)
-    large_reads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LARGE_BODY_READS))
     # the prompt size (UTF-8 bytes) past which a prompt's length alone proves it too long for the context;
     # computed on first use (routes/generate.py): the tokenizer's vocabulary is not needed before
     prompt_bytes: int | None = None
@@ -117,46 +113,48 @@ Node = Annotated[NodeApi, Depends(_node)]
 
 async def signed_by_gateway(request: Request) -> str:
     """The trusted gateway key that signed this call (over its raw body); ApiError 401/403/409 otherwise."""
-    node = node_api(request)
+    node, headers = node_api(request), request.headers
+    # the decoded path as sent (request.url.path re-parses it and drops \t, \r, \n a signer kept)
+    verify = functools.partial(
+        verify_request, headers, method=request.method, path=request.scope["path"], node_id=node.node_id
+    )
+    declared = headers.get("content-length", "")
+    small = declared.isascii() and declared.isdigit() and int(declared) <= LARGE_BODY_BYTES
     try:
-        check_headers(request.headers)  # a call no gateway could have signed now is refused before its body is read
+        if BODY_HASH_HEADER in headers:
+            key = verify(trusted=node.trusted())  # from the headers: nothing of the body read yet
+            _first_use(node, headers)
+            body = await _body(request)
+            if small:
+                check_body(headers, body)
+            else:  # hashing megabytes is not done on the event loop
+                await asyncio.to_thread(check_body, headers, body)
+            return key
+        check_headers(headers)  # a call no gateway could have signed now is refused before its body is read
+        if not small:
+            raise RequestAuthError(
+                401,
+                f"a body past {LARGE_BODY_BYTES} bytes must come with its signed sha256 ({BODY_HASH_HEADER}); a "
+                "gateway of an older release does not send it",
+                "unauthenticated",
+            )
+        key = verify(body=await _body(request), trusted=node.trusted())
     except RequestAuthError as e:
         raise ApiError(e.status, e.message, e.code) from None
-    declared = request.headers.get("content-length", "")
-    large = not (declared.isascii() and declared.isdigit() and int(declared) <= LARGE_BODY_BYTES)
-    if large:
-        try:
-            await asyncio.wait_for(node.large_reads.acquire(), LARGE_BODY_WAIT_S)
-        except TimeoutError:
-            raise ApiError(503, "the node is reading other large requests; retry", "node_busy") from None
-    try:
-        if large:
-            size = int(declared) if declared.isascii() and declared.isdigit() else node.generate_body_bytes
-            try:
-                body = await asyncio.wait_for(request.body(), LARGE_BODY_GRACE_S + size / LARGE_BODY_RATE)
-            except TimeoutError:
-                raise ApiError(408, "the request body came too slowly", "request_timeout") from None
-        else:
-            body = await request.body()
-        # the decoded path as sent (request.url.path re-parses it and drops \t, \r, \n a signer kept)
-        check = functools.partial(
-            verify_request,
-            request.headers,
-            method=request.method,
-            path=request.scope["path"],
-            node_id=node.node_id,
-            body=body,
-            trusted=node.trusted(),
-        )
-        key = await asyncio.to_thread(check) if large else check()  # hashing megabytes is not done on the loop
-    except RequestAuthError as e:
-        raise ApiError(e.status, e.message, e.code) from None
-    finally:
-        if large:  # a large body is held by a verified call from here on, or dropped
-            node.large_reads.release()
-    if not node.replays.first_use(request.headers[SIG_HEADER].lower()):
-        raise ApiError(409, "this signed request was already received (replayed)", "replayed_request")
+    _first_use(node, headers)
     return key
+
+
+def _first_use(node: NodeApi, headers) -> None:
+    if not node.replays.first_use(headers[SIG_HEADER].lower()):
+        raise ApiError(409, "this signed request was already received (replayed)", "replayed_request")
+
+
+async def _body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except ClientDisconnect:  # not the node's error: no traceback in its log for every caller that hangs up
+        raise ApiError(400, "the client went away while sending the body", "client_disconnected") from None
 
 
 def _is_operator(request: Request) -> bool:

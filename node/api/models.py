@@ -47,8 +47,8 @@ class EnsemblePart(BaseModel):
 
 
 # what a generate body holds beside its prompts' ids, at most: a guided schema (64 kB) or choices (256 of 1,024
-# characters: 1 MB of UTF-8 at 4 bytes a character), 300 logit biases, stop strings and ids, an ensemble, the
-# sampling fields
+# characters: 1.5 MB at worst, control characters written as 6-byte escapes), 300 logit biases, stop strings and
+# ids, an ensemble, the sampling fields
 GENERATE_FIELDS_BYTES = 2 << 20
 
 
