@@ -285,8 +285,14 @@ class ResponsesRequest(BaseModel):
         for item in items:
             if isinstance(item, MessageItem):
                 last = out[-1] if out else None
-                if item.role == "assistant" and last is not None and last["role"] == "assistant":
-                    # an answer's texts around its calls are one assistant turn, as a chat answer holds them
+                if (
+                    item.role == "assistant"
+                    and last is not None
+                    and last["role"] == "assistant"
+                    and last.get("tool_calls")
+                ):
+                    # an answer's texts around its calls are one assistant turn, as a chat answer holds them (two
+                    # assistant messages with no call between them stay two, as the client sent them)
                     last["content"] = (last["content"] or "") + item.text()
                 else:
                     out.append({"role": item.role, "content": item.text()})
@@ -489,10 +495,11 @@ class ResponseEvents:
     def failed(self, message: str, usage: dict | None = None) -> bytes:
         """The stream's end when the node broke off: the items so far (the open one "incomplete") and the usage of
         what was relayed, which is billed."""
+        out = self._open_message() if not self.shape.output and self._held else b""  # what was relayed is shown
         if self.open is not None:
             self.open["status"] = "incomplete"
         error = {"code": "server_error", "message": message}
-        return self._event("response.failed", response=self.shape.obj("failed", usage, error=error))
+        return out + self._event("response.failed", response=self.shape.obj("failed", usage, error=error))
 
     # the items
 

@@ -96,3 +96,26 @@ def test_an_answers_items_sent_back_are_one_assistant_turn():
     assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
     assert messages[1]["content"] == "Sure and"
     assert [c["id"] for c in messages[1]["tool_calls"]] == ["call_1", "call_2"]
+
+
+def test_two_assistant_messages_with_no_call_between_stay_two():
+    req = request(
+        input=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "A"},
+            {"role": "assistant", "content": "B"},
+        ]
+    )
+    assert [m.as_dict()["content"] for m in req.as_chat().messages] == ["hi", "A", "B"]
+
+
+def test_a_failed_answer_of_whitespace_alone_shows_it():
+    """Billed whitespace no message held yet reaches the client in response.failed's message (it was left out)."""
+    b = ResponseEvents(request(), RID, 1)
+    b.role()
+    b.token("\n")
+    failed = json.loads(b.failed("node broke off", usage_dict(1, 1)).decode().split("data: ")[-1])
+    assert [o["content"][0]["text"] for o in failed["response"]["output"]] == ["\n"]
+    assert (
+        failed["response"]["output"][0]["status"] == "incomplete" and failed["response"]["usage"]["output_tokens"] == 1
+    )
