@@ -44,6 +44,9 @@ TrustedKeys = Collection[str] | Callable[[], Collection[str]]
 # its headers first, so a stranger gets no byte of its body read, and a gateway's large generate call (sized for the
 # node's context: models.generate_body_bytes) is read only once it is known to be one
 LARGE_BODY_BYTES = 1 << 20
+# ...and within this many seconds: uvicorn bounds no body's time, and a stranger held 300 connections of almost a
+# MiB each, unanswered, for as long as it liked (red team; an honest gateway sends 1 MiB in well under a second)
+UNVERIFIED_BODY_S = 5.0
 
 
 class ReplayGuard:
@@ -138,7 +141,11 @@ async def signed_by_gateway(request: Request) -> str:
                 "gateway of an older release does not send it",
                 "unauthenticated",
             )
-        key = verify(body=await _body(request), trusted=node.trusted())
+        try:
+            body = await asyncio.wait_for(_body(request), UNVERIFIED_BODY_S)
+        except TimeoutError:
+            raise ApiError(408, "the request body did not arrive in time", "request_timeout") from None
+        key = verify(body=body, trusted=node.trusted())
     except RequestAuthError as e:
         raise ApiError(e.status, e.message, e.code) from None
     _first_use(node, headers)

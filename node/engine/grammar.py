@@ -302,6 +302,17 @@ class Grammars:
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
         field = {"regex": "pattern", "json_or_tool_calls": "calls"}.get(spec.type, "schema")
+        if spec.type == "json_or_tool_calls":
+            # each schema checked alone first: an error names the part at fault (the answer's format or the tools'
+            # calls) in the schema's own terms, not in the Lark grammar that holds both
+            for part, text in (("schema", spec.grammar_source()), ("calls", spec.calls)):
+                try:
+                    alone = LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
+                    problem = LLMatcher.validate_grammar(alone, self._tokenizer)
+                except ValueError as e:
+                    problem = str(e)
+                if problem:
+                    raise GrammarError(f"guided.{part} cannot be compiled: {_one_line(problem)}")
         try:
             if spec.type == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.pattern)

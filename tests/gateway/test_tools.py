@@ -9,7 +9,7 @@ import json
 import jsonschema
 import pytest
 
-from tests.gateway.conftest import MESSAGES, chat, complete
+from tests.gateway.conftest import MESSAGES, chat, complete, refused
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +129,11 @@ def test_auto_tools_beside_a_json_schema_answer_with_the_schema_or_with_calls(oa
             jsonschema.validate(json.loads(c.message.content), SCHEMA)
             kinds.add("answer")
     assert kinds == {"answer", "calls"}
+
+
+def test_a_tool_the_grammar_cannot_enforce_beside_a_format_is_refused_naming_tools(oai):
+    """Auto tools beside a response format are compiled with it: a tool's parameters the grammar cannot enforce
+    are refused naming tools, not the format (red team: param response_format)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA}}
+    odd = {"type": "function", "function": {"name": "tags", "parameters": {"type": "array", "uniqueItems": True}}}
+    assert "uniqueItems" in refused(lambda: chat(oai, tools=[WEATHER, odd], response_format=fmt), "tools")

@@ -291,3 +291,15 @@ def test_a_gateways_large_call_is_read_once_verified_and_held_to_its_hash(node):
     forged = body.replace(b'"hello"', b'"jello"')
     r = httpx.post(node.url + "/v1/generate", content=forged, headers=headers | {"content-type": "application/json"})
     _error(r, 401, "unauthenticated", "not the one signed")
+
+
+def test_a_strangers_unverified_body_is_held_only_seconds(node):
+    """A call without the body's hash is read before it is verified (up to 1 MiB): one that never finishes sending
+    it is answered 408 after a few seconds (300 such held ~300 MB, unanswered, for good: red team)."""
+    s = _raw_call(node, ts_ms=int(time.time() * 1000), declared=1_000_000, sent=b"{" * 1024)
+    try:
+        t0 = time.monotonic()
+        s.settimeout(15)
+        assert int(s.recv(4096).split(b" ", 2)[1]) == 408 and time.monotonic() - t0 < 10
+    finally:
+        s.close()

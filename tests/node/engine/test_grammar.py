@@ -540,3 +540,17 @@ def test_random_logits_give_an_answer_or_valid_calls(tok, grammars):
 def test_json_or_tool_calls_is_checked_off_the_wire(wire):
     with pytest.raises(GrammarError):
         GuidedSpec.from_wire(wire)
+
+
+def test_json_or_tool_calls_names_the_part_it_cannot_compile(grammars):
+    """A tool's parameters or the format the grammar cannot enforce is named as itself, in the schema's terms (it
+    was always "guided.calls", quoting the Lark grammar that holds both: red team)."""
+    unenforceable = {"type": "array", "uniqueItems": True}
+    bad_call = TOOL_CALL | {"anyOf": [*TOOL_CALL["anyOf"], unenforceable]}
+    for wire, part in (
+        ({"type": "json_or_tool_calls", "schema": PERSON, "calls": bad_call, "max_calls": 1}, "guided.calls"),
+        ({"type": "json_or_tool_calls", "schema": unenforceable, "calls": TOOL_CALL, "max_calls": 1}, "guided.schema"),
+    ):
+        with pytest.raises(GrammarError) as e:
+            grammars.compiled(GuidedSpec.from_wire(wire))
+        assert str(e.value).startswith(part) and "uniqueItems" in str(e.value) and "%json" not in str(e.value)
