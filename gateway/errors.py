@@ -39,7 +39,7 @@ ERROR_STATUSES = {
     400: "a malformed request",
     401: "no or a wrong API key",
     403: "a model the key may not use",
-    404: "an unknown model or route",
+    404: "an unknown model or route, or a stored response (none are stored)",
     405: "a method the route does not take",
     413: "a body over the limit",
     429: "over the key's rate limit",
@@ -63,6 +63,10 @@ class Forbidden(GatewayError):
 
 class ModelNotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class ResponseNotStored(GatewayError):
+    status, type, code = 404, "invalid_request_error", "response_not_found"
 
 
 class RateLimited(GatewayError):

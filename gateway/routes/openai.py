@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 
 from common.http import ANSWER_OR_EVENTS
 from gateway.deps import AuthDep, GatewayDep
+from gateway.errors import ResponseNotStored
 from gateway.openai_api import DetokenizeRequest, TokenizeRequest, parse_request
 from gateway.prompts import detokenize, tokenize
 from gateway.request import ServedRequest
@@ -42,6 +43,16 @@ async def chat_completions(request: Request, auth: AuthDep, gw: GatewayDep):
 async def responses(request: Request, auth: AuthDep, gw: GatewayDep):
     """API key: an OpenAI response (body: ResponsesRequest; served as the chat it is, nothing stored)."""
     return await ServedRequest(gw.deps, auth, api="responses").respond(request)
+
+
+@router.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+@router.api_route("/v1/responses/{response_id}/{action:path}", methods=["GET", "POST"])
+async def stored_response(response_id: str, auth: AuthDep) -> None:
+    """API key: a stored response, its input items, its cancellation: none here, said in one line (404)."""
+    raise ResponseNotStored(
+        "this gateway stores no responses (store is not supported): keep the response you were sent, and send the "
+        "whole conversation in input"
+    )
 
 
 @router.post("/tokenize")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pydantic
@@ -273,3 +274,18 @@ def test_an_agents_output_type_beside_its_tools_allows_either(oai):
             City.model_validate_json(greedy.output_text)
     else:
         assert greedy.output_text.lstrip().startswith(("{", "<tool_call>")), greedy.output_text
+
+
+def test_a_stored_response_is_none_said_in_one_line(served, oai):
+    """responses.retrieve / delete / input_items / cancel: nothing is stored, and the 404 says so (it was a bare
+    "Not Found"); without a key it is a 401 like every route."""
+    for call in (
+        lambda: oai.responses.retrieve("resp_123"),
+        lambda: oai.responses.delete("resp_123"),
+        lambda: oai.responses.input_items.list("resp_123"),
+        lambda: oai.responses.cancel("resp_123"),
+    ):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.body["code"] == "response_not_found" and "stores no responses" in e.value.body["message"]
+    assert httpx.get(served.url + "/v1/responses/resp_123", timeout=10).status_code == 401
