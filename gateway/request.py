@@ -540,7 +540,7 @@ class ServedRequest:
         tool_choice required / a named function)."""
         if e.code == "context_length_exceeded":
             return self.req.PROMPT_FIELD
-        if "guided.calls" in str(e):  # the tools' calls beside a response format (json_or_tool_calls)
+        if str(e).startswith("guided.calls"):  # the tools' calls beside a response format (json_or_tool_calls)
             return "tools"
         if "guided" in str(e):
             return self.req.guided_field()

@@ -89,7 +89,7 @@ def verify_request(
     method: str,
     path: str,
     node_id: str,
-    body: bytes | None = None,
+    body: bytes | None,
     trusted: Collection[str],
     now_ms: int | None = None,
 ) -> str:

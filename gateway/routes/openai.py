@@ -45,7 +45,7 @@ async def responses(request: Request, auth: AuthDep, gw: GatewayDep):
     return await ServedRequest(gw.deps, auth, api="responses").respond(request)
 
 
-@router.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+@router.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE", "POST"])
 @router.api_route("/v1/responses/{response_id}/{action:path}", methods=["GET", "POST"])
 async def stored_response(response_id: str, auth: AuthDep) -> None:
     """API key: a stored response, its input items, its cancellation: none here, said in one line (404)."""

@@ -308,7 +308,7 @@ class Grammars:
             for part, text in (("schema", spec.grammar_source()), ("calls", spec.calls)):
                 try:
                     alone = LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
-                    problem = LLMatcher.validate_grammar(alone, self._tokenizer)
+                    problem = LLMatcher.validate_grammar(alone, self._tokenizer, limits=self._limits)
                 except ValueError as e:
                     problem = str(e)
                 if problem:
@@ -324,6 +324,10 @@ class Grammars:
             raise GrammarError(f"guided.{field} cannot be read: {_one_line(str(e))}") from e
         proto = LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._limits)
         if proto.is_error():
+            if spec.type == "json_or_tool_calls":  # each part compiled alone: together they are too much
+                raise GrammarError(
+                    f"guided.calls and guided.schema together cannot be compiled: {_one_line(proto.get_error())}"
+                )
             raise GrammarError(f"guided.{field} cannot be compiled: {_one_line(proto.get_error())}")
         # the first mask here, on the compile thread: it can cost as much as the compile (a schema of products:
         # 0.5 s), and every copy of the prototype starts from it (a copy's first mask then costs 0.1 ms, where each
