@@ -9,10 +9,13 @@ What is served: `input` as text or as items (messages with input_text / output_t
 function_call_output items: a conversation sent whole, as the openai SDK's `input += response.output` builds it),
 `instructions` (a system message first), `max_output_tokens`, `temperature`, `top_p`, function `tools` with
 `tool_choice` and `parallel_tool_calls`, `text.format` (text, json_object, json_schema), `top_logprobs` with
-`include: ["message.output_text.logprobs"]`, and the ensemble's `adapter_weights`. Nothing is stored: `store:
-true`, `previous_response_id`, `conversation`, `background` and stored prompts are refused by name (send the
-conversation in `input`), as are the built-in tools (web search, files, computer use), images and files, and
-`reasoning` (the bases here have no separate reasoning). Accepted without effect, as on the chat endpoint: `user`,
+`include: ["message.output_text.logprobs"]`, and the ensemble's `adapter_weights`. A `text.format` beside tools
+the model may call makes the answer that format's JSON or the calls, as on the chat endpoint; beside a tool choice
+that forces a call it is dropped (the answer is the call). Nothing is stored: `store: true`,
+`previous_response_id`, `conversation`, `background`, stored prompts and `max_tool_calls` are refused by name
+(send the conversation in `input`; a stored response's routes answer 404 in one line), as are the built-in tools
+(web search, files, computer use), images and files, and `reasoning` (the bases here have no separate
+reasoning). Accepted without effect, as on the chat endpoint: `user`,
 `safety_identifier`, `prompt_cache_key`, `metadata`, `service_tier` ("auto" / "default"), `truncation`
 ("disabled"), `stream_options.include_obfuscation`, `text.verbosity` ("medium")."""
 
