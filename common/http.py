@@ -21,8 +21,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.wire import error_body
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# a request body past this many bytes is parsed and validated on a worker thread: 4 MB of small messages held the
+# gateway's event loop over a second (attack review), and 16 prompts of a long context are megabytes of ids
+INLINE_BODY_BYTES = 256 << 10
 
 log = logging.getLogger(__name__)
+
+
+async def parse_off_loop(raw: bytes, parse: Callable, *args, **kwargs):
+    """parse(*args, **kwargs) of the body `raw`: inline when it is small, on a worker thread past
+    INLINE_BODY_BYTES (not on the loop that serves every other request's stream)."""
+    if len(raw) <= INLINE_BODY_BYTES:
+        return parse(*args, **kwargs)
+    return await asyncio.to_thread(parse, *args, **kwargs)
 
 
 class WriteBoundedStreamingResponse(StreamingResponse):

@@ -10,7 +10,6 @@ openai SDK gives it of an answer (`annotations`, `audio: null`, `parsed`, a tool
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from common.http import parse_off_loop
 from common.wire import (
     MAX_BIAS,
     MAX_GUIDED_CHOICE_CHARS,
@@ -530,6 +530,7 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSA
 
 class ChatRequest(_Rendered, _Sampling):
     messages: Messages
+    _guided: tuple[dict | None] | None = PrivateAttr(default=None)  # (guided(),) once check() built it
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
@@ -558,13 +559,7 @@ class ChatRequest(_Rendered, _Sampling):
                 "constrain the answer)",
                 param=formatted,
             )
-        guided = self.guided()
-        if guided is not None and guided["type"] == "json_or_tool_calls":
-            if len(compact_json(guided["calls"])) > MAX_SCHEMA_BYTES:  # as a node holds it
-                raise BadRequest(
-                    f"the tools' schema beside {formatted} is more than {MAX_SCHEMA_BYTES} bytes of compact JSON",
-                    param="tools",
-                )
+        self._guided = (self._constraint(),)  # built once, and refused here when its calls' schema is too large
 
     @property
     def plan(self) -> ToolPlan | None:
@@ -579,13 +574,16 @@ class ChatRequest(_Rendered, _Sampling):
 
     def guided(self) -> dict | None:
         """The node's `guided` value: the tools' constraint, or the format's, or with tool_choice auto and a JSON
-        format, either of the format's JSON and the model's calls (ToolPlan.either)."""
+        format, either of the format's JSON and the model's calls (ToolPlan.either). Built by check()."""
+        return self._guided[0] if self._guided is not None else self._constraint()
+
+    def _constraint(self) -> dict | None:
         if self._plan is None:
             return super().guided()
         if self._plan.guided() is not None:
             return self._plan.guided()
         answer = super().guided()
-        either = self._plan.either(answer) if answer is not None else None
+        either = self._plan.either(answer, super().guided_field()) if answer is not None else None
         return either if either is not None else answer
 
     def guided_field(self) -> str | None:
@@ -656,16 +654,9 @@ def parse_body(model: type[BaseModel], raw: bytes, *, max_bytes: int = DEFAULT_M
     return req
 
 
-# a request body past this many bytes is parsed and validated on a worker thread: 4 MB of small messages held the
-# event loop over a second (attack review)
-INLINE_BODY_BYTES = 256 << 10
-
-
 async def parse_request(model: type[BaseModel], raw: bytes, max_bytes: int) -> BaseModel:
     """parse_body, off the event loop when the body is large."""
-    if len(raw) <= INLINE_BODY_BYTES:
-        return parse_body(model, raw, max_bytes=max_bytes)
-    return await asyncio.to_thread(parse_body, model, raw, max_bytes=max_bytes)
+    return await parse_off_loop(raw, parse_body, model, raw, max_bytes=max_bytes)
 
 
 def to_node_request(

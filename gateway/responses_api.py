@@ -426,8 +426,6 @@ class ResponseEvents:
     every event carries its sequence number. A whole answer is built by the same calls (Choices.replay), so it
     holds the items its stream would."""
 
-    include_usage = False
-
     def __init__(self, req: ResponsesRequest, rid: str, created: int) -> None:
         self.shape = ResponseShape(req, rid, created)
         self.logprobs = LOGPROBS_INCLUDE in (req.include or ())
@@ -509,11 +507,7 @@ class ResponseEvents:
     def _add(self, item: dict) -> bytes:
         self.shape.output.append(item)
         self.open = item
-        added = {k: v for k, v in item.items() if k != "content"}
-        if item["type"] == "message":
-            added["content"] = []
-        elif item["type"] == "function_call":
-            added["arguments"] = ""
+        added = item | ({"content": []} if item["type"] == "message" else {})  # a call's arguments start empty
         return self._event("response.output_item.added", output_index=len(self.shape.output) - 1, item=added)
 
     def _open_message(self) -> bytes:

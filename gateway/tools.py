@@ -16,6 +16,7 @@ A constrained call's arguments are the text the model wrote (compact JSON), stre
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -91,14 +92,18 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
         functions[name] = {"name": name, "parameters": params} | ({"description": desc} if desc else {})
     plan = ToolPlan(functions, *_choice(tool_choice, functions), max_calls=MAX_CALLS if parallel else 1)
     guided = plan.guided()
-    if guided is not None and len(compact_json(guided["schema"])) > MAX_SCHEMA_BYTES:
-        # the schema the calls are constrained by is held to the bound a node holds every schema to: refused here,
-        # before a node is asked
-        raise BadRequest(
-            f"the tools' schema for tool_choice {plan.choice} is more than {MAX_SCHEMA_BYTES} bytes of compact JSON",
-            param="tools",
-        )
+    if guided is not None:
+        _bounded(guided["schema"], f"for tool_choice {plan.choice}")
     return plan
+
+
+def _bounded(schema: dict, where: str) -> None:
+    """The schema the calls are constrained by is held to the bound a node holds every schema to: refused here,
+    before a node is asked."""
+    if len(compact_json(schema)) > MAX_SCHEMA_BYTES:
+        raise BadRequest(
+            f"the tools' schema {where} is more than {MAX_SCHEMA_BYTES} bytes of compact JSON", param="tools"
+        )
 
 
 def _choice(tool_choice: object, functions: dict[str, dict]) -> tuple[str, str | None]:
@@ -141,7 +146,12 @@ class ToolPlan:
         return "stop" if self.choice == "function" else "tool_calls"
 
     def guided(self) -> dict | None:
-        """The node's `guided` value: the answer's shape for "required" and a named function."""
+        """The node's `guided` value: the answer's shape for "required" and a named function (built once: a
+        request asks for it several times, and the tools may be a megabyte)."""
+        return self._constraint
+
+    @functools.cached_property
+    def _constraint(self) -> dict | None:
         if self.choice == "function":
             return guided_shape("json_schema", self.functions[self.name]["parameters"] | COMPACT)
         if self.choice == "required":
@@ -150,15 +160,16 @@ class ToolPlan:
             return guided_shape("json_schema", schema | ({"$defs": defs} if defs else {}))
         return None
 
-    def either(self, answer: dict) -> dict | None:
+    def either(self, answer: dict, field: str) -> dict | None:
         """With tool_choice auto beside a JSON response format (`answer`: its guided value, json_schema or
-        json_object), the node's `guided` value for an answer that is that JSON or the model's calls (between the
-        tags, as it writes them free): an agent with tools and an output type gets both. None for another
-        choice or format."""
+        json_object, from the request's `field`), the node's `guided` value for an answer that is that JSON or the
+        model's calls (between the tags, as it writes them free): an agent with tools and an output type gets both.
+        None for another choice or format; BadRequest when the calls' schema is past the node's bound."""
         if self.choice != "auto" or answer["type"] not in ("json_schema", "json_object"):
             return None
         calls, defs = self._calls()
         schema = calls | ({"$defs": defs} if defs else {})
+        _bounded(schema, f"beside {field}")
         return guided_shape("json_or_tool_calls", answer.get("schema"), schema, self.max_calls)
 
     def _calls(self) -> tuple[dict, dict]:

@@ -302,17 +302,6 @@ class Grammars:
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
         field = {"regex": "pattern", "json_or_tool_calls": "calls"}.get(spec.type, "schema")
-        if spec.type == "json_or_tool_calls":
-            # each schema checked alone first: an error names the part at fault (the answer's format or the tools'
-            # calls) in the schema's own terms, not in the Lark grammar that holds both
-            for part, text in (("schema", spec.grammar_source()), ("calls", spec.calls)):
-                try:
-                    alone = LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
-                    problem = LLMatcher.validate_grammar(alone, self._tokenizer, limits=self._limits)
-                except ValueError as e:
-                    problem = str(e)
-                if problem:
-                    raise GrammarError(f"guided.{part} cannot be compiled: {_one_line(problem)}")
         try:
             if spec.type == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.pattern)
@@ -321,10 +310,12 @@ class Grammars:
             else:
                 grammar = LLMatcher.grammar_from_json_schema(spec.grammar_source(), defaults=_JSON_OPTIONS)
         except ValueError as e:
+            self._blame_part(spec)
             raise GrammarError(f"guided.{field} cannot be read: {_one_line(str(e))}") from e
         proto = LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._limits)
         if proto.is_error():
-            if spec.type == "json_or_tool_calls":  # each part compiled alone: together they are too much
+            if spec.type == "json_or_tool_calls":
+                self._blame_part(spec)  # each part compiles alone: together they are too much
                 raise GrammarError(
                     f"guided.calls and guided.schema together cannot be compiled: {_one_line(proto.get_error())}"
                 )
@@ -337,6 +328,22 @@ class Grammars:
         if first.error:
             raise GrammarError(f"guided.{field} cannot be enforced: {first.error}")
         return proto
+
+    def _blame_part(self, spec: GuidedSpec) -> None:
+        """json_or_tool_calls' grammar failed: the part at fault (the answer's format or the tools' calls), checked
+        alone under the same bounds, named in the schema's own terms rather than in the Lark grammar that holds
+        both (only then: a grammar that compiles is not compiled twice)."""
+        if spec.type != "json_or_tool_calls":
+            return
+        LLMatcher = self._llg.LLMatcher
+        for part, text in (("schema", spec.grammar_source()), ("calls", spec.calls)):
+            try:
+                alone = LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
+                problem = LLMatcher.validate_grammar(alone, self._tokenizer, limits=self._limits)
+            except ValueError as e:
+                problem = str(e)
+            if problem:
+                raise GrammarError(f"guided.{part} cannot be compiled: {_one_line(problem)}")
 
     def matcher(self, spec: GuidedSpec) -> Matcher:
         """A fresh matcher at the start of the spec's grammar; GrammarError when the schema cannot be compiled."""

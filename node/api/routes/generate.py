@@ -13,7 +13,7 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from common.http import ANSWER_OR_EVENTS
+from common.http import ANSWER_OR_EVENTS, parse_off_loop
 from common.wire import error_body, hex0x, sse_frame
 from node.api.deps import GatewayKey, Node, NodeApi, OperatorOrGateway
 from node.api.errors import ApiError, adapter_error
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 HEADERS_AFTER_S = 1.0
 
 router = APIRouter()
-# a generate body past this many bytes is parsed on a worker thread
-INLINE_BODY_BYTES = 256 << 10
 
 
 @router.post("/v1/requests/{request_id}/abort")
@@ -89,10 +87,7 @@ async def generate(request: Request, node: Node, gateway: GatewayKey):
     """Trusted gateways only (signed)."""
     book = node.book
     raw = await request.body()
-    if len(raw) <= INLINE_BODY_BYTES:
-        body = parse_body(raw, GenerateBody, max_bytes=node.generate_body_bytes)
-    else:  # 16 prompts of a long context are megabytes of ids: not parsed on the loop that streams every answer
-        body = await asyncio.to_thread(parse_body, raw, GenerateBody, max_bytes=node.generate_body_bytes)
+    body = await parse_off_loop(raw, parse_body, raw, GenerateBody, max_bytes=node.generate_body_bytes)
     rid = body.request_id or hex0x(secrets.token_bytes(32))
     if book.known(rid):
         raise ApiError(409, f"request {rid} was already received by this node", "duplicate_request")
