@@ -39,7 +39,7 @@ from gateway.openai_api import (
     Temperature,
     TopP,
 )
-from gateway.tools import NAME
+from gateway.tools import NAME, grow
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
@@ -466,7 +466,7 @@ class ResponseEvents:
                 named = call | {"function": fn | {"arguments": ""}}
                 out += self._close("completed") + self._add(self.shape.call(named, "in_progress"))
             if fn.get("arguments"):
-                self.open["arguments"] += fn["arguments"]
+                grow(self.open, "arguments", fn["arguments"])
                 out += self._event(
                     "response.function_call_arguments.delta",
                     item_id=self.open["id"],
@@ -535,7 +535,7 @@ class ResponseEvents:
                 return b""
             out += self._open_message()
         part = self.open["content"][0]
-        part["text"] += text
+        grow(part, "text", text)
         if self.logprobs:
             part["logprobs"].extend(logprobs)
         if not text and not logprobs:

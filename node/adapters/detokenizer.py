@@ -21,7 +21,12 @@ class TextStream:
         self._prefix = 0  # ids[_prefix:_read] decode to text already consumed
         self._read = 0
         self.pending = ""  # decoded, not yet emitted (a possible stop-string prefix)
-        self.text = ""  # everything emitted
+        self._emitted: list[str] = []  # a list, joined when read: `text +=` copied the whole text at every token
+
+    @property
+    def text(self) -> str:
+        """Everything emitted."""
+        return "".join(self._emitted)
 
     def _decode_new(self) -> str:
         if self.tokenizer is None:
@@ -44,12 +49,12 @@ class TextStream:
             i = self.pending.find(s)
             if i >= 0:
                 out, self.pending = self.pending[:i], ""
-                self.text += out
+                self._emitted.append(out)
                 return out, True
         hold = self._held_back()
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out) :]
-        self.text += out
+        self._emitted.append(out)
         return out, False
 
     def flush(self) -> str:
@@ -61,7 +66,7 @@ class TextStream:
             tail = after[len(before) :]
             self._prefix = self._read = len(self.ids)
         out, self.pending = self.pending + tail, ""
-        self.text += out
+        self._emitted.append(out)
         return out
 
     def _held_back(self) -> int:

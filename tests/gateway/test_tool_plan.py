@@ -7,6 +7,8 @@ import json
 
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import BadRequest
 from gateway.tools import COMPACT, ToolPlan, template_messages, tool_plan
@@ -141,10 +143,56 @@ def test_stream_auto_holds_back_only_what_may_be_a_call():
     assert content == "Sure.  done" and called
     assert [c["index"] for c in calls] == [0] and calls[0]["function"]["name"] == "get_time"
     # plain text streams through at once, except a possible tag start at the end
+    # (and trailing whitespace, which waits for the text after it: beside a call it is no content)
     s = _plan("auto").stream()
-    assert s.push("hello <tool") == [{"content": "hello "}]
-    assert s.push("box>") == [{"content": "<toolbox>"}]
+    assert s.push("hello <tool") == [{"content": "hello"}]
+    assert s.push("box>") == [{"content": " <toolbox>"}]
     assert s.close() == []
+
+
+CALL = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+TAGGED = '<tool_call>{"name": "get_weather", "arguments": {"city": "a</tool_call>b \\"</tool_call>"}}</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{CALL}\n{CALL}",  # the newline a template writes between calls
+        f"\n{CALL}\n",
+        f"Let me look.\n\n{CALL}\n{CALL}\n",
+        f"{CALL} then {CALL}  ",
+        "no calls here \n",
+        f"{TAGGED}\n{CALL}",
+    ],
+)
+def test_a_streamed_answer_has_the_content_and_calls_of_the_whole_one(text):
+    """Whitespace between and beside calls used to stream as content ("\n" between two calls made a content
+    delta, a second assistant turn for a Responses client) while the whole answer's content was stripped."""
+    plan = _plan("auto")
+    whole, whole_calls = plan.parse(text)
+    for size in (1, 3, len(text)):
+        content, calls, _ = _stream(plan, [text[i : i + size] for i in range(0, len(text), size)])
+        assert (content or None) == whole
+        assert [c["function"] for c in calls] == [c["function"] for c in whole_calls]
+
+
+def test_a_call_whose_string_arguments_hold_the_closing_tag_is_a_call():
+    """The first `</tool_call>` inside a call's string argument used to end the block: the call was read as
+    text. A tag inside a JSON string ends nothing when the block up to it is no call."""
+    plan = _plan("auto")
+    content, calls = plan.parse(f"Look: {TAGGED}")
+    assert content == "Look:" and len(calls) == 1
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": 'a</tool_call>b "</tool_call>'}
+    # as before: a block that is no call ends at its first tag, and the text after it is read on
+    junk = '<tool_call>"unclosed</tool_call>'
+    content, calls = plan.parse(f"{junk} {CALL}")
+    assert content == junk and [c["function"]["name"] for c in calls] == ["get_time"]
+    streamed, got, _ = _stream(plan, list(f"{junk} {CALL}"))
+    assert streamed == junk and [c["function"]["name"] for c in got] == ["get_time"]
+    # a tag inside a string with no call around it stays text, whole or streamed
+    text = '<tool_call>{"name": "nope", "arguments": {"x": "</tool_call>"}}</tool_call>'
+    assert plan.parse(text) == (text, [])
+    assert _stream(plan, list(text))[:2] == (text, [])
 
 
 def test_stream_unterminated_call_is_flushed_as_text():
@@ -304,3 +352,28 @@ def test_a_named_calls_arguments_go_on_as_written_even_past_a_doubles_range():
     content, calls = plan.parse(text)
     assert content is None and calls[0]["function"] == {"name": "get_weather", "arguments": text}
     assert plan.parse('{"city":"Par')[1] == []  # cut short: no call
+
+
+_PIECES = [CALL, TAGGED, " ", "\n", "hi", "<tool_call>", "</tool_call>", '"', "\\", "{", "x</tool", "<tool_c"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(_PIECES), max_size=12),
+    st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    st.booleans(),
+)
+def test_any_answer_streams_as_it_reads_whole(pieces, sizes, parallel):
+    """Whatever the model writes (calls, tags in strings, stray tags, quotes and backslashes, whitespace), cut
+    anywhere: the stream's calls are the whole answer's, and so is its content (less whitespace sent before the
+    first call, which the stream could not know would come)."""
+    plan = tool_plan([WEATHER, TIME], "auto", parallel=parallel)
+    text = "".join(pieces)
+    whole, whole_calls = plan.parse(text)
+    parts, i, k = [], 0, 0
+    while i < len(text):
+        parts.append(text[i : i + sizes[k % len(sizes)]])
+        i, k = i + sizes[k % len(sizes)], k + 1
+    content, calls, _ = _stream(plan, parts)
+    assert [c["function"] for c in calls] == [c["function"] for c in whole_calls]
+    assert (content if not whole_calls else content.lstrip() or None) == (whole if whole_calls else text)
