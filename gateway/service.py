@@ -120,6 +120,8 @@ class Gateway:
             ("outbox-check", self.book.outbox_loop()),
             ("reconcile", self.reconcile_loop()),
         ]
+        if self.settings.request_log_days > 0:
+            out.append(("request-log", self.book.prune_loop(self.settings.request_log_days)))
         if self.greeter is not None:
             out.append(("greet-nodes", self.greeter.run()))
         return out

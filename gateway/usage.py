@@ -31,7 +31,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import event, or_, update
+from sqlalchemy import delete, event, or_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlmodel import Session, select
@@ -208,6 +208,11 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
+# rows of the request log deleted in one transaction (UsageRecorder.prune): SQLite's write lock, which every
+# request needs, is held that briefly
+PRUNE_CHUNK = 500
+
+
 class UsageRecorder:
     """Opens and closes request records. Call its methods from a worker thread (they block on the database)."""
 
@@ -262,6 +267,21 @@ class UsageRecorder:
                 conn.execute(_INSERT_OPEN, values)
         except SQLAlchemyError as e:
             raise UsageError(f"could not record request {request_id}: {e}") from e
+
+    def prune(self, before: datetime) -> int:
+        """Delete the rows of up to PRUNE_CHUNK closed requests made before `before` (an open one is
+        reconciliation's); returns how many. The rows are found outside the write lock."""
+        t = CompletionRecord.__table__
+        closed_before = (t.c.created_at < before, t.c.status != RequestStatus.OPEN)
+        try:
+            with self.engine.connect() as conn:
+                ids = conn.execute(select(t.c.request_id).where(*closed_before).limit(PRUNE_CHUNK)).scalars().all()
+            if not ids:
+                return 0
+            with self._write_lock, self.engine.begin() as conn:
+                return conn.execute(delete(t).where(t.c.request_id.in_(ids), *closed_before)).rowcount
+        except SQLAlchemyError as e:
+            raise UsageError(f"could not prune the request log: {e}") from e
 
     def move(self, request_id: str, node_id: str) -> None:
         """The open request goes to another node (failover before the first token)."""

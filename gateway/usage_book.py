@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from datetime import timedelta
 
 from gateway.directory import NodeDirectory
 from gateway.disputes import kept_out
 from gateway.errors import OutboxUnavailable
 from gateway.metrics import GatewayMetrics
 from gateway.router import Target
-from gateway.usage import VALUE_ERRORS, RequestEnd, UsageError, UsageRecorder
+from gateway.usage import PRUNE_CHUNK, VALUE_ERRORS, RequestEnd, UsageError, UsageRecorder
+from ledger.models import utcnow
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 3600.0  # seconds between passes over the request log (one at start)
 
 
 def _integrity(e: UsageError) -> bool:
@@ -159,6 +163,23 @@ class UsageBook:
             except Exception:  # nothing may end the checks
                 log.exception("outbox check failed")
             await asyncio.sleep(self.probe_s)
+
+    async def prune_loop(self, days: float) -> None:
+        """Delete the request log's rows of closed requests made more than `days` ago: a pass at start and
+        every PRUNE_EVERY_S, one bounded transaction at a time, each in a worker thread."""
+        while True:
+            n = 0
+            try:
+                before = utcnow() - timedelta(days=days)
+                while (k := await asyncio.to_thread(self.recorder.prune, before)) > 0:
+                    n += k
+                    if k < PRUNE_CHUNK:
+                        break
+            except UsageError as e:  # the database is down: the outbox check says so; the next pass tries again
+                log.warning("%s", e)
+            if n:
+                log.info("request log: deleted the rows of %d requests made more than %g days ago", n, days)
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def sync_disputes(self) -> None:
         """Follow the database's disputed nodes (gateway.disputes): those any gateway on it disputed are kept
