@@ -12,6 +12,10 @@ The URLs are strangers' (anyone may register a node): each call is a fixed POST 
 choose another path or carry credentials), under one deadline for the whole call (a server that drips its
 answer cannot hold it), with a bounded answer, at most `concurrency` at once, and each node on its own: a
 round starts the greetings that are due and does not wait for them, so a slow node delays nobody else.
+
+A registration costs only its gas, so many registered nodes may name one server (a stranger's flood aimed at
+someone else's host, paths varied): an origin (scheme, host, port) gets at most one hello at a time and one a
+round, whatever the number of nodes naming it. Nodes behind one origin are greeted one a round.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -76,12 +81,14 @@ class NodeGreeter:
         self._backoff: dict[str, _Backoff] = {}
         self._limit = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Task] = {}  # node id -> its greeting, while it runs
+        self._busy: set[tuple] = set()  # the origins of the greetings in flight
         self._warned_not_settler = False
 
     def due(self) -> list[tuple[str, str]]:
         """(node id, hello URL) of the registered, active nodes that are silent here and not backing off."""
         now = self.clock()
         out = []
+        taken = set(self._busy)  # one greeting an origin: those in flight, and this round's
         for reg in list(self.registry.nodes.values()):
             if not reg.active or not _callable_url(reg.api_url) or reg.node_id in self._inflight:
                 continue
@@ -91,6 +98,10 @@ class NodeGreeter:
             b = self._backoff.get(reg.node_id)
             if b is not None and now < b.next_at:
                 continue
+            origin = _origin(reg.api_url)
+            if origin in taken:
+                continue
+            taken.add(origin)
             out.append((reg.node_id, reg.api_url.rstrip("/") + HELLO_PATH))
         return out
 
@@ -100,9 +111,14 @@ class NodeGreeter:
         for node_id, url in self.due():
             task = asyncio.create_task(self._greet(client, node_id, url), name=f"greet-{node_id[:10]}")
             self._inflight[node_id] = task
-            task.add_done_callback(lambda _t, n=node_id: self._inflight.pop(n, None))
+            self._busy.add(origin := _origin(url))
+            task.add_done_callback(lambda _t, n=node_id, o=origin: self._done(n, o))
             tasks.append(task)
         return tasks
+
+    def _done(self, node_id: str, origin: tuple) -> None:
+        self._inflight.pop(node_id, None)
+        self._busy.discard(origin)
 
     async def greet_once(self, client: httpx.AsyncClient) -> dict[str, str]:
         """One round, waited for; node id -> "ok" or why it failed."""
@@ -177,6 +193,12 @@ class NodeGreeter:
             finally:
                 for task in list(self._inflight.values()):
                     task.cancel()
+
+
+def _origin(url: str) -> tuple:
+    """(scheme, host, port) of a callable URL: what one server answers, whatever the path."""
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _callable_url(url: str) -> bool:

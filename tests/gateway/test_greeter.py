@@ -159,3 +159,24 @@ def test_a_dripping_gateway_does_not_stop_the_heartbeats_to_the_others(dripping)
     # each round lasts at most the 1 s deadline plus the 0.2 s interval: at least 3 beats in 6 s (4 s left one
     # round of margin on a loaded machine)
     assert len(beats) >= 3 and sender.failing.get(dripping.url, 0) >= 2
+
+
+def test_many_registrations_naming_one_server_get_one_hello_a_round_between_them():
+    """A registration costs only its gas: a stranger who registers 200 nodes at someone else's server (paths
+    varied) had every gateway send it 200 hellos at once, then one a node per back-off. An origin gets one hello
+    a round; a node at another origin is greeted in the same round."""
+    victim = RawServer(json_answer({"not": "a heartbeat"}))
+    other = RawServer(json_answer({"body": {"node_id": "0x" + "cd" * 32}, "signature": "00"}))
+    nodes = {f"0x{i:064x}": f"{victim.url}/n{i}" for i in range(200)} | {"0x" + "cd" * 32: other.url}
+    g = greeter(nodes)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            return [await g.greet_once(client) for _ in range(3)]
+
+    rounds = asyncio.run(run())
+    victim.close()
+    other.close()
+    assert [len(r) for r in rounds] == [2, 2, 2]  # one at the victim a round, and the other node each round
+    assert victim.hits == 3 and other.hits == 3
+    assert len({n for r in rounds for n in r} - {"0x" + "cd" * 32}) == 3  # a different node of the 200 each round
