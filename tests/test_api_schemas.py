@@ -384,6 +384,15 @@ def test_gateway_with_an_api_key(stack):
     fuzz(stack["gateway_schema"], call)
 
 
+def test_every_operation_has_an_id_of_its_own(stack):
+    """A client generated from an app's OpenAPI document names its methods by operationId: two operations with
+    one id (a route serving several methods) make a document such generators refuse."""
+    for url in (stack["gateway"].url, stack["node"].url):
+        doc = httpx.get(url + "/openapi.json", timeout=10).json()
+        ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+        assert len(ids) == len(set(ids)), (url, sorted({i for i in ids if ids.count(i) > 1}))
+
+
 # ---- the explorer --------------------------------------------------------------------------------------
 
 

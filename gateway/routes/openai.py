@@ -45,8 +45,12 @@ async def responses(request: Request, auth: AuthDep, gw: GatewayDep):
     return await ServedRequest(gw.deps, auth, api="responses").respond(request)
 
 
-@router.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE", "POST"])
-@router.api_route("/v1/responses/{response_id}/{action:path}", methods=["GET", "POST"])
+# a route a method, each with its own operation id (a route serving several methods gives them one)
+@router.get("/v1/responses/{response_id}", operation_id="retrieve_response")
+@router.delete("/v1/responses/{response_id}", operation_id="delete_response")
+@router.post("/v1/responses/{response_id}", operation_id="update_response")
+@router.get("/v1/responses/{response_id}/{action:path}", operation_id="read_response_part")
+@router.post("/v1/responses/{response_id}/{action:path}", operation_id="act_on_response")
 async def stored_response(response_id: str, auth: AuthDep) -> None:
     """API key: a stored response, its input items, its cancellation: none here, said in one line (404)."""
     raise ResponseNotStored(
