@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 
 import uvicorn
@@ -172,6 +173,24 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+def listening_socket(host: str, port: int, name: str) -> socket.socket:
+    """A TCP socket bound to host:port, as uvicorn binds one (address reuse, inheritable); ServerDidNotStart in
+    one line when it cannot be."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ServerDidNotStart(f"{name} did not start on {host}:{port}: {e.strerror or e}") from e
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServerDidNotStart(f"{name} did not start on {host}:{port}: {(e.strerror or str(e)).lower()}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
 # Clients (httpx, hence the official openai client) drop a connection left idle for 5 s, and uvicorn's own
 # default closes it after 5 s too: a client could reuse a connection at the instant the server closed it
 # and get a ReadError (2 of 2,000 requests in the gateway soak). A server that waits longer than its
@@ -179,9 +198,12 @@ def one_line(e: BaseException) -> str:
 KEEP_ALIVE_S = 30
 
 
-def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.0) -> None:
+def serve(
+    app, *, host: str, port: int, name: str, graceful_timeout: float = 10.0, sock: socket.socket | None = None
+) -> None:
     """Run `app` on host:port until a signal. ServerDidNotStart if it never came up (uvicorn exits the
-    process then; this says so in one line), ShutdownFailed if the app's own shutdown raised."""
+    process then; this says so in one line), ShutdownFailed if the app's own shutdown raised. sock: host:port
+    bound already (listening_socket), by a caller with slow work to do before it serves."""
     app = _StartupFailure(app)
     config = uvicorn.Config(
         app,
@@ -193,15 +215,19 @@ def serve(app, *, host: str, port: int, name: str, graceful_timeout: float = 10.
         timeout_keep_alive=KEEP_ALIVE_S,
     )  # which sets up uvicorn's loggers: the filter goes on after
     server = GracefulServer(config)
+    # bound before the app starts: uvicorn binds after the app's start-up, in which a node registers on chain and
+    # heartbeats to its gateways, announcing a port it may then fail to take
+    sock = sock or listening_socket(host, port, name)
     cut_off = _CutOffRequests(server)
     logging.getLogger("uvicorn.error").addFilter(cut_off)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except SystemExit:  # uvicorn's answer to a port it cannot bind or an app whose start-up failed
         if server.started:
             raise
     finally:
         logging.getLogger("uvicorn.error").removeFilter(cut_off)
+        sock.close()
     if not server.started:
         if app.error is not None:
             raise ServerDidNotStart(f"{name} did not start: {one_line(app.error)}")

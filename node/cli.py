@@ -666,7 +666,7 @@ def node_run(
     upload needs the operator's token (`Authorization: Bearer`, from <data dir>/operator.token), which
     load/pin and abort take too.
     """
-    from common.serving import serve
+    from common.serving import listening_socket, serve
     from common.settings import SettingsError
     from common.wire import restore_recursion_limit
     from node.adapters.basemodel import quiet_transformers
@@ -718,6 +718,8 @@ def node_run(
         daemon_config = settings.daemon_config()
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    # the port before the engine: a busy one is said at once, not after minutes of loading weights
+    sock = listening_socket(daemon_config.host, daemon_config.port, "node")
     daemon = NodeDaemon(daemon_config, settings.engine_config(), identity)
     restore_recursion_limit()  # py_ecc, imported with the chain libraries, raises it to 100,000
     log.info("node %s serving %s on %s", identity.node_id, daemon.engine.base_model_name, daemon_config.public_url)
@@ -729,7 +731,7 @@ def node_run(
     else:
         log.warning("no --gateway and no --trust-gateway-key: no gateway can send this node requests")
     # shutdown stops the heartbeats, the p2p host, the engine
-    serve(daemon.app, host=daemon_config.host, port=daemon_config.port, name="node")
+    serve(daemon.app, host=daemon_config.host, port=daemon_config.port, name="node", sock=sock)
 
 
 # `python -m node.cli`: this package's commands on their own (the `loramesh` root adds the other packages')

@@ -46,6 +46,8 @@ APP = textwrap.dedent(
     async def lifespan(app):
         if sys.argv[4] == "fail_startup":  # as a node whose account has no gas to register with
             raise ValueError("account 0xabc has no ETH to pay gas\\nsecond line")
+        if sys.argv[4] == "note_start":  # as a node, which registers on chain and heartbeats in its start-up
+            note("app started")
         yield
         if background:
             await asyncio.wait(background, timeout=10)
@@ -169,14 +171,18 @@ def test_a_failed_app_shutdown_is_an_error_not_a_clean_stop(tmp_path):
     assert out.strip().splitlines()[-1] == "error: test server stopped, but its shutdown failed: see the log above"
 
 
-def test_a_server_that_cannot_listen_says_so_in_one_line(tmp_path):
+def test_a_server_that_cannot_listen_says_so_in_one_line_before_its_app_starts(tmp_path):
+    """The port is bound before the app's start-up runs: a node on a busy port used to register on chain,
+    heartbeat to its gateways and log "ready" before uvicorn found the port taken."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        proc = launch(taken.getsockname()[1], tmp_path / "events", graceful_timeout=1)
+        port = taken.getsockname()[1]
+        proc = launch(port, tmp_path / "events", graceful_timeout=1, mode="note_start")
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1, out
-    assert out.strip().splitlines()[-1].startswith("error: test server did not start on 127.0.0.1:"), out
+    assert out.strip().splitlines()[-1].startswith(f"error: test server did not start on 127.0.0.1:{port}: "), out
+    assert "Traceback" not in out and not (tmp_path / "events").exists(), out
 
 
 def test_a_failed_start_up_says_what_failed_in_one_line(tmp_path):

@@ -139,3 +139,25 @@ def test_the_host_pool_is_the_engines_default_unless_set(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAMESH_NODE_HOST_POOL_BUFFERS", "-1")
     with pytest.raises(SettingsError, match="host_pool_buffers"):
         NodeSettings.load(off)
+
+
+def test_node_run_on_a_busy_port_says_so_before_loading_the_base(tmp_path, tiny_base, monkeypatch):
+    """The port is taken before the engine loads its weights (minutes on a large base) and before the daemon
+    registers or heartbeats: a busy port used to be found only after all that, at uvicorn's bind."""
+    import socket
+
+    from common.serving import ServerDidNotStart
+    from node import cli, daemon
+
+    def no_engine(*_a, **_k):
+        raise AssertionError("the base was loaded for a port that cannot be served")
+
+    monkeypatch.setattr(daemon, "NodeDaemon", no_engine)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["node", "run", "--base", str(tiny_base), "--store", str(tmp_path / "s"), "--port", str(port)]
+        result = CliRunner().invoke(cli.app, args)
+    assert isinstance(result.exception, ServerDidNotStart), result.output
+    assert str(result.exception) == f"node did not start on 127.0.0.1:{port}: address already in use"
