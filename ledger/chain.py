@@ -549,7 +549,7 @@ class ChainClient:
         each; one pipelined behind batches still in flight is estimated as if numbered from the chain's
         nextSequence) and the managed nonce: a revert then shows in wait_settle_batch, a too-low limit as
         GasTooLow. max_prices: what the caller priced each adapter's records at (settle_calldata); the
-        ledger charges each adapter no more than that."""
+        ledger refuses the batch when one costs more now (PriceAboveQuote)."""
         data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_prices)
         key = _gas_key(records)
         if simulate or key not in self._settle_gas:

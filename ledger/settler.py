@@ -7,18 +7,22 @@ State machine (every step is committed before the next one acts, so a crash anyw
   batch sent --receipt--> batch `settled` + records `settled` (one DB transaction)
   batch refused by the ledger (its send, simulated, or its receipt reverts: any contract error but
     BatchAlreadySettled and NotSettler) --> batch `abandoned` (one DB transaction), and
-    - refused for its cost (InsufficientDeposit): the deposit's fault (reclaimed meanwhile), since the
-      ledger never charges more than the batch was priced at: its records go back to the outbox
-      unmarked, to be priced again and batched against the deposit left (what it cannot pay is set
-      aside as DEPOSIT_SHORT);
+    - refused for its price (InsufficientDeposit, PriceAboveQuote): its records pending again
+      (re-priced). Batches mix adapters, so the prices of its adapters (and the base price) are read
+      again, and only the records whose fee moved since they were priced are marked (REPRICED); the
+      others go back unmarked, so an adapter owner who raises its price under batches strikes only
+      its own records. InsufficientDeposit with no price moved is the deposit's fault (reclaimed
+      meanwhile): nobody is marked, and the records are batched against the deposit left (what it
+      cannot pay is set aside as DEPOSIT_SHORT);
     - a batch of one record refused for any other reason: its record pending again, marked;
     - a batch of several refused for any other reason (a revert the settler does not expect: a
       registry that does not know an adapter the settler's RPC node knew, a panic): split in two
       halves, new batches of the same records (`created`, sent next, simulated), so that the records
       at fault are isolated and set aside while the rest settle. Their records are marked; the mark
       is cleared on the records of a half that settles.
-    A marked record refused alone again is set aside with the reason (UNREGISTERED, REVERTED). A refused
-    batch is abandoned, and an unfinished one
+    A marked record caught again (re-priced, or refused alone) is set aside with the reason
+    (PRICE_MOVING, UNREGISTERED, REVERTED); PRICE_MOVING ones go back to the outbox by themselves on
+    start and every PRICE_MOVING_RETRY_EVERY seconds. A refused batch is abandoned, and an unfinished one
     resent by another account, only once no account that ever sent it (SettlementBatch.senders) has
     a transaction still waiting to be mined.
 The chain is the judge: before resending, and after any failure, `isSettled(batch_id)` decides. A
@@ -71,13 +75,10 @@ Many settlers, one database:
 
 Prices are bounded (settler side): each record is priced as the contract will price it (the
 adapter's on-chain price, or the ledger's base price for the zero adapter id, times tokens / 1000)
-into UsageRecord.fee_wei, at most at the price its request was admitted at (UsageRecord.quoted_price_per_1k:
-the key pays at most what it was shown). settleBatch charges each adapter the lower of its price at mining
-and the price the settler priced it at (maxPrices), so one batch holds an adapter's records at one price:
-records of an adapter quoted below its price now (an owner raised it since) are charged their quote and
-go in a batch of their own quote, the others wait for the next batch. A price raised between pricing and
-mining (an owner front-running the batch) is never paid and never refuses the batch; a price cut is paid.
-A record priced above SettlerConfig.max_price_per_1k, with more tokens than
+into UsageRecord.fee_wei. A record whose price is now above the one its request was admitted at
+(UsageRecord.quoted_price_per_1k: an owner raised it meanwhile) is set aside as PRICE_ABOVE_QUOTE and
+priced again every PRICE_MOVING_RETRY_EVERY seconds: the key pays at most what it was shown, or nothing
+while the price stays higher. A record priced above SettlerConfig.max_price_per_1k, with more tokens than
 max_record_tokens, or whose fee the deposit cannot pay is set aside (status set_aside, reason in
 `error`) and never holds up its batch or later ones. A batch's total never exceeds the deposit left
 minus what this settler's in-flight batches will take. Records set aside because the deposit was
@@ -86,7 +87,11 @@ node the registry does not know (yet: an RPC node may lag behind the chain) are 
 UNREGISTERED, re-checked on start and every UNREGISTERED_RECHECK_EVERY seconds, and go back to the
 outbox once both are registered (no record is rejected for good any more; records an older settler
 rejected, all for that reason, are re-checked the same way). A batch that still fails
-with InsufficientDeposit (a deposit reclaimed meanwhile) is abandoned and its records priced again.
+with InsufficientDeposit (a deposit reclaimed meanwhile) or PriceAboveQuote (the ledger refuses a batch
+in which any adapter costs more than the settler priced it at, so a price raised between pricing and
+mining, e.g. by an owner front-running the batch, is never paid unseen) is abandoned and its records
+re-priced; a record whose own price moved under two batches is set aside (for a while: see above),
+the other records of those batches are never struck.
 
 Finality (SettlerConfig.confirmations = N > 0): a batch settled on chain is recorded settled, with the hash
 of its block (SettlementBatch.block_hash), and is final once N blocks are on top of it (block_hash cleared).
@@ -143,6 +148,7 @@ from ledger.errors import (
     InsufficientDeposit,
     LedgerError,
     NotSettler,
+    PriceAboveQuote,
     SequenceMismatch,
     TransactionFailed,
     UnknownAdapter,
@@ -160,13 +166,11 @@ log = logging.getLogger(__name__)
 OPEN = (BatchStatus.CREATED, BatchStatus.SENT)  # batches some settler still has to finish
 # Reasons a record is set aside, as the start of its `error` (status set_aside). DEPOSIT_SHORT ones go
 # back to the outbox by themselves when the deposit can pay them, PRICE_MOVING and PRICE_ABOVE_QUOTE ones
-# on start and every PRICE_MOVING_RETRY_EVERY seconds; the others wait for an operator (`loramesh settler
-# requeue` after raising the bounds).
+# every PRICE_MOVING_RETRY_EVERY seconds; the others wait for an operator (`loramesh settler requeue` after
+# raising the bounds).
 DEPOSIT_SHORT = "deposit short"
 PRICE_TOO_HIGH = "price above bound"
-# the price was raised after the gateway admitted the request at a lower one (UsageRecord.quoted_price_per_1k):
-# set aside so by releases whose ledger refused such a batch. No longer written: such records go back to the
-# outbox on start and settle at their quote
+# the price was raised after the gateway admitted the request at a lower one (UsageRecord.quoted_price_per_1k)
 PRICE_ABOVE_QUOTE = "price above the request's quote"
 # its quote is not a price (not decimal digits, or 2**256 or more): written by something other than the
 # outbox, which checks it. Its record alone is at fault; it waits for an operator.
@@ -174,18 +178,16 @@ QUOTE_UNREADABLE = "quote unreadable"
 # its request, adapter or node id is not a 32-byte id (not written by the outbox either): nothing can settle it
 ID_UNREADABLE = "id unreadable"
 TOO_MANY_TOKENS = "tokens above bound"
-# set aside so by releases whose ledger refused a batch when a price was raised under it, twice for a record;
-# no longer written: such records go back to the outbox on start
 PRICE_MOVING = "price changed while settling"
 REVERTED = "reverted"  # the ledger refused it, alone, for a reason the settler does not expect, twice
 # its adapter or node is not registered (yet: an RPC node may lag behind the chain); re-checked every
 # UNREGISTERED_RECHECK_EVERY seconds, back in the outbox once both are
 UNREGISTERED = "unregistered"
-# the ledger refused the batch for its cost: give it up and price its records again, nobody at fault
-REPRICE = (InsufficientDeposit,)
+# the ledger refused the batch as priced: give it up and price its records again
+REPRICE = (InsufficientDeposit, PriceAboveQuote)
 REAP_EVERY = 0.2  # seconds between looks, while forming, for batches of this step the chain has settled
 STEP_ROUNDS = 4  # a step forms at most this many times max_in_flight batches
-REPRICED = "re-priced"  # `error` of a record whose batch was refused for it (or split): a second time sets it aside
+REPRICED = "re-priced"  # `error` of a record whose batch was abandoned (or split): a second time sets it aside
 SPLIT_MARK = f"{REPRICED} (split)"  # REPRICED as set on the records of a split batch; cleared when their half settles
 REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the deposit can now pay
 UNREGISTERED_RECHECK_EVERY = 60.0  # seconds between looks at records set aside as unregistered
@@ -727,7 +729,6 @@ class Settler:
         total, short = 0, False
         adapters: set[str] = set()
         nodes: set[str] = set()
-        unit: dict[str, int] = {}  # adapter id (the ledger's spelling) -> the one price this batch charges it
         for r in rows:
             a_price, n_reason = prices[r.adapter_id], prices.get(r.node_id)
             if not _is_readable_id(r.request_id):
@@ -740,29 +741,36 @@ class Settler:
             if tokens > cfg.max_record_tokens:
                 aside.append((r, f"{TOO_MANY_TOKENS}: {tokens} tokens > max {cfg.max_record_tokens} per record", None))
                 continue
+            fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
             quote = read_wei(r.quoted_price_per_1k)
             if quote is False:
                 aside.append(
                     (r, f"{QUOTE_UNREADABLE}: {r.quoted_price_per_1k[:90]!r} is not a price per 1k tokens", None)
                 )
                 continue
-            price = _charged(a_price, quote)
-            fee = record_fee(price, r.prompt_tokens, r.completion_tokens)
-            if price > cfg.max_price_per_1k:
+            if quote is not None and a_price > quote:
                 what = _priced(r.adapter_id)
                 aside.append(
-                    (r, f"{PRICE_TOO_HIGH}: {what} costs {price} wei per 1k tokens > max {cfg.max_price_per_1k}", fee)
+                    (
+                        r,
+                        f"{PRICE_ABOVE_QUOTE}: {what} costs {a_price} wei per 1k tokens now, the request was "
+                        f"admitted at {r.quoted_price_per_1k}",
+                        fee,
+                    )
                 )
                 continue
-            if unit.get(to_id(r.adapter_id), price) != price:
-                continue  # quoted otherwise: it goes in a batch of its own price, the next one
+            if a_price > cfg.max_price_per_1k:
+                what = _priced(r.adapter_id)
+                aside.append(
+                    (r, f"{PRICE_TOO_HIGH}: {what} costs {a_price} wei per 1k tokens > max {cfg.max_price_per_1k}", fee)
+                )
+                continue
             if (r.adapter_id not in adapters and len(adapters) == MAX_ADAPTERS_PER_BATCH) or (
                 r.node_id not in nodes and len(nodes) == MAX_NODES_PER_BATCH
             ):
                 break  # the ledger's id tables are full: the rest goes in the next batch
             if total + fee <= free:
                 keep.append((r, fee))
-                unit[to_id(r.adapter_id)] = price
                 adapters.add(r.adapter_id)
                 nodes.add(r.node_id)
                 total += fee
@@ -781,7 +789,8 @@ class Settler:
         if keep:
             first_seq = self._next_first_seq(s, chain_next)
             # keyed as settleBatch's table is (SettleRecord's spelling of an id), whatever the row's spelling
-            batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq, unit)
+            bounds = {to_id(r.adapter_id): prices[r.adapter_id] for r, _ in keep}
+            batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq, bounds)
             moved = move_to_batch(s, batch.batch_id, [(r.id, fee) for r, fee in keep])
             if moved != len(keep):  # as _move: a record no longer pending is never put in a second batch
                 s.rollback()
@@ -800,7 +809,7 @@ class Settler:
         if batch is None:
             return False
         log.info("formed batch %s with %d records (%d wei)", batch.batch_id, batch.record_count, total)
-        return _Work(batch, settle, unit, resumed=False, formed_at=formed_at)
+        return _Work(batch, settle, bounds, resumed=False, formed_at=formed_at)
 
     def _next_first_seq(self, s: Session, chain_next: int) -> int:
         """The sequence number a new batch of this account starts at: past the chain's nextSequence (read
@@ -966,11 +975,11 @@ class Settler:
         return n
 
     def _retry_price_moving(self) -> int:
-        """Records an older release set aside because their price kept moving while they were being settled,
-        or was raised above the price their request was admitted at, go back to the outbox (unmarked, priced
-        again) on start and then every PRICE_MOVING_RETRY_EVERY seconds (a database another settler of that
-        release still writes to): the ledger now charges such records their quote, and a raise never refuses
-        a batch."""
+        """Records set aside because their price kept moving while they were being settled, or was raised
+        above the price their request was admitted at, go back to the outbox (unmarked, priced again) on start
+        and then every PRICE_MOVING_RETRY_EVERY seconds: a price that moved twice is no reason to give a record
+        up for good, a price lowered again lets a record settle, and a price refusal only ever strikes the
+        records whose own price moved."""
         now = time.monotonic()
         if now < self._next_price_retry:
             return 0
@@ -1255,14 +1264,18 @@ class Settler:
     def _abandon(self, w: _Work, error: ContractError) -> None:
         """The ledger refused the batch. Once no transaction of it can land any more (no account that
         ever sent it has one waiting to be mined), give it up:
-        - refused for its cost (REPRICE: a deposit reclaimed) or out of sequence: its records go back to
-          the outbox unmarked, to be priced and numbered again (no record is at fault);
+        - refused as priced (REPRICE: a price raised since, a deposit reclaimed): its records go back
+          to the outbox to be priced again; only those whose fee at today's price differs from the
+          fee they were batched at (_price_moved), and those of the adapter a PriceAboveQuote names, are
+          struck (marked REPRICED), the others go back unmarked (an InsufficientDeposit with no price
+          moved strikes nobody);
         - a batch of one record refused for any other reason: it goes back, struck;
         - refused for any other reason with several records: it is split in two halves (written and
           claimed here, sent next), so that the records at fault are isolated and the rest settle;
           its records are marked (SPLIT_MARK, cleared when their half settles).
-        A struck record that was marked already is set aside instead, with the reason: UNREGISTERED when
-        the ledger did not know its adapter or node, else REVERTED."""
+        A struck record that was marked already is set aside instead, with the reason: PRICE_MOVING
+        for a price refusal, UNREGISTERED when the ledger did not know its adapter or node, else
+        REVERTED."""
         batch = w.batch
         if self.client.is_settled(batch.batch_id):
             self._mark_settled(batch)
@@ -1272,11 +1285,16 @@ class Settler:
             senders = {self.address, batch.settler, row.settler, *_split_senders(row.senders)} - {None}
         if not self._senders_quiet(senders):
             raise error  # one of its transactions may still be mined: look again next step
-        # out of sequence (a batch before it was abandoned, or it is another account's) or past the deposit:
-        # no record is at fault; they all go back unmarked, to be priced and numbered again
-        priced = isinstance(error, (SequenceMismatch, *REPRICE))
+        # out of sequence (a batch before it was abandoned, or it is another account's): no record is at
+        # fault; they all go back unmarked and are numbered again in this account's sequence
+        unnumbered = isinstance(error, SequenceMismatch)
+        priced = unnumbered or isinstance(error, REPRICE)
+        # refused for its price: whose price moved is read now, before the write lock (no chain call in it)
+        moved = self._price_moved(batch.batch_id) if priced and not unnumbered else set()
         reason = f"batch {batch.batch_id} refused: {error}"
-        aside_as = UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) else REVERTED
+        aside_as = (
+            PRICE_MOVING if priced else UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) else REVERTED
+        )
         split: list[SettlementBatch] = []
         with self._write() as s:
             n = s.execute(
@@ -1326,8 +1344,14 @@ class Settler:
                         ],
                     )
             else:
-                struck = [] if priced else rows
-                spared = [r.id for r in rows] if priced else []
+                # a price refusal strikes only the records whose price moved (their adapter's owner, or the
+                # ledger's base price), and those of the adapter the ledger named as above its bound, even if
+                # its price is back by now: an owner who raises it around each send and restores it after
+                # would otherwise stall every batch its records are in, for ever, striking nobody. The others
+                # were not at fault and go back unmarked
+                named = _named_adapter(error)
+                struck = [r for r in rows if r.id in moved or to_id(r.adapter_id) == named] if priced else rows
+                spared = [r.id for r in rows if r.id not in moved] if priced else []
                 again = [r.id for r in struck if r.error and r.error.startswith(REPRICED)]
                 first = [r.id for r in struck if not (r.error and r.error.startswith(REPRICED))]
                 cleared = {"batch_id": None, "leaf_index": None}
@@ -1370,6 +1394,39 @@ class Settler:
                 len(spared),
                 len(again),
             )
+
+    def _price_moved(self, batch_id: str) -> set[int]:
+        """Ids of the batch's records whose fee at today's on-chain price (their adapter's, or the base
+        price) differs from the fee they were batched at, or whose adapter is gone: the records a price
+        refusal is charged to. Chain reads: call it outside any write transaction. A price raised and
+        set back before this look strikes nobody (the batch is only formed again)."""
+        with Session(self.engine) as s:
+            rows = s.exec(
+                select(
+                    UsageRecord.id,
+                    UsageRecord.adapter_id,
+                    UsageRecord.prompt_tokens,
+                    UsageRecord.completion_tokens,
+                    UsageRecord.fee_wei,
+                ).where(UsageRecord.batch_id == batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
+            ).all()
+        prices: dict[str, int | None] = {}
+        for _, a, _, _, _ in rows:
+            if a in prices:
+                continue
+            if a == BASE_MODEL_ADAPTER_ID:
+                prices[a] = self.client.base_price()
+            else:
+                try:
+                    prices[a] = self.client.adapter_price(a)
+                except UnknownAdapter:
+                    prices[a] = None
+        # a record without a fee (batched before fees were recorded) is never charged with a move
+        return {
+            rid
+            for rid, a, p, c, fee in rows
+            if fee is not None and (prices[a] is None or record_fee(prices[a], p, c) != int(fee))
+        }
 
     def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
         """Record the batch settled as the chain has it (`info`, else getBatch)."""
@@ -1445,10 +1502,14 @@ def _is_readable_id(value: object) -> bool:
     return True
 
 
-def _charged(price: int, quote: int | None) -> int:
-    """What a record is charged per 1k tokens: its adapter's price now, or its request's quote when that is
-    lower (settleBatch charges the lower of the price at mining and the settler's)."""
-    return price if quote is None else min(price, quote)
+def _named_adapter(error: Exception) -> str | None:
+    """The adapter a PriceAboveQuote names (None for any other error, or one that cannot be read)."""
+    if not isinstance(error, PriceAboveQuote):
+        return None
+    try:
+        return to_id(error.args_by_name.get("adapterId"))
+    except ValueError:
+        return None
 
 
 def _stored_prices(text: str | None) -> dict[str, int] | None:

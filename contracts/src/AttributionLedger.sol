@@ -129,6 +129,7 @@ contract AttributionLedger {
     error BatchIdMismatch(bytes32 batchId, bytes28 content);
     error MerkleRootMismatch(bytes32 given, bytes32 computed);
     error InsufficientDeposit(address settler, uint256 needed, uint256 available);
+    error PriceAboveQuote(bytes32 adapterId, uint256 price, uint256 maxPrice);
     error MaxPricesMismatch(uint256 adapters, uint256 maxPrices);
     error InsufficientRewards(address account, uint256 requested, uint256 available);
     error NothingToWithdraw(address account);
@@ -150,8 +151,7 @@ contract AttributionLedger {
     event DepositReclaimed(address indexed settler, uint256 amount);
     /// @notice Every record of a batch, in leaf order: record i has sequence number firstSequence + i and
     /// is the i-th RECORD_BYTES of `records` (see the contract's notice); its fee is
-    /// prices[adapter index] * (promptTokens + completionTokens) / 1000, rounded down, where prices are
-    /// the prices charged (each adapter's price, or the settler's lower quote: see settleBatch).
+    /// prices[adapter index] * (promptTokens + completionTokens) / 1000, rounded down.
     event RecordsSettled(
         bytes32 indexed batchId,
         address indexed settler,
@@ -264,16 +264,14 @@ contract AttributionLedger {
     /// `records` is packed (RECORD_BYTES each, see the contract's notice), indexing the strictly
     /// increasing `adapterIds` and `nodeIds`. Reverts with SequenceMismatch unless firstSequence ==
     /// nextSequence(caller), BatchAlreadySettled when this batch id was settled before, BatchIdMismatch
-    /// unless the id's first 28 bytes are those of keccak256(abi.encode(adapterIds, nodeIds, records)).
-    /// Each adapter entry is charged the lower of its price now and maxPrices[i], the price the settler
-    /// priced its records at (one per entry of `adapterIds`, in its order; the base model's entry bounds
-    /// the base price): what a request's key was shown when it was admitted, or less. An owner who raises
-    /// the price after that (front-running the batch, or for good) is paid the old price for those
-    /// records, and the price applies to requests admitted after the raise; the batch is never refused for
-    /// it, so a raise cannot strand the node's and the dataset payees' shares of records served before
-    /// it. Each price is bounded on its own: a bound on the batch's total would let an owner raise one
-    /// adapter's price while cutting another's in the same batch. A price cut before mining is charged.
-    /// The prices charged are in the RecordsSettled log.
+    /// unless the id's first 28 bytes are those of keccak256(abi.encode(adapterIds, nodeIds, records)),
+    /// and PriceAboveQuote
+    /// when an adapter entry's price is above maxPrices[i], the price the settler priced its records at
+    /// (one bound per entry of `adapterIds`, in its order; the base model's entry bounds the base price):
+    /// an adapter owner who raises the price after the batch was priced (e.g. front-running it) gets the
+    /// batch refused and re-priced, never charged at a price the settler did not see. Each price is bounded
+    /// on its own: a bound on the batch's total would let an owner raise one adapter's price while cutting
+    /// another's in the same batch, and charge the first one's requests above the price they were shown.
     function settleBatch(
         bytes32 batchId,
         bytes32 merkleRoot,
@@ -294,7 +292,7 @@ contract AttributionLedger {
         }
 
         BatchWork memory w = _prepare(adapterIds, nodeIds);
-        _applyQuotes(w.prices, maxPrices);
+        _checkQuotes(w.prices, adapterIds, maxPrices);
         _scan(w, firstSequence, records);
         bytes32 computed = _merkleRoot(w.leaves);
         if (computed != merkleRoot) revert MerkleRootMismatch(merkleRoot, computed);
@@ -316,11 +314,14 @@ contract AttributionLedger {
         if (bytes28(batchId) != content) revert BatchIdMismatch(batchId, content);
     }
 
-    /// @dev Charge each adapter entry at most what the settler priced it at.
-    function _applyQuotes(uint256[] memory prices, uint256[] calldata maxPrices) private pure {
+    /// @dev Refuse the batch when an adapter entry costs more than the settler priced it at.
+    function _checkQuotes(uint256[] memory prices, bytes32[] calldata adapterIds, uint256[] calldata maxPrices)
+        private
+        pure
+    {
         if (maxPrices.length != prices.length) revert MaxPricesMismatch(prices.length, maxPrices.length);
         for (uint256 a; a < prices.length; ++a) {
-            if (prices[a] > maxPrices[a]) prices[a] = maxPrices[a];
+            if (prices[a] > maxPrices[a]) revert PriceAboveQuote(adapterIds[a], prices[a], maxPrices[a]);
         }
     }
 

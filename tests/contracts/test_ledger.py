@@ -304,39 +304,35 @@ def test_insufficient_deposit(anvil_chain):
     assert err.value.args_by_name["available"] == ETHER // 2
 
 
-def test_a_raise_after_pricing_is_charged_the_quote_and_a_cut_is_charged(anvil_chain):
-    """An owner who raises the price after the settler priced a batch (front-running it, or for good) is paid
-    the price the batch was priced at: the batch settles, the settler's deposit is charged no more than it
-    saw, and the node's and the dataset payees' shares of records served before the raise are not stranded.
-    A price cut before mining is charged. The prices charged are in the RecordsSettled log."""
+def test_batch_costing_more_than_its_quote_is_refused(anvil_chain):
+    """An owner who raises the price after the settler priced a batch (front-running it) gets the
+    batch refused, not the settler's deposit charged at a price it never saw."""
     env = anvil_chain
     reg = register_sample(env, price=10**15)
     records = _records(reg, 3)  # 100 + 101 + 102 prompt tokens, 23 completion each
-    tokens = [r.prompt_tokens + r.completion_tokens for r in records]
-    s = env.client(env.settler)
+    quote = sum(10**15 * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records)
     env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**18)
+    s = env.client(env.settler)
     deposit = s.deposit_of(env.settler.address)
+    with pytest.raises(E.PriceAboveQuote) as err:
+        s.settle_batch(None, None, records, max_prices={reg.adapter_id: 10**15})
+    assert err.value.args_by_name == {
+        "adapterId": bytes.fromhex(reg.adapter_id[2:]),
+        "price": 10**18,
+        "maxPrice": 10**15,
+    }
+    assert s.deposit_of(env.settler.address) == deposit  # nothing charged
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**15)
+    # exactly the quote settles
     rcpt = s.settle_batch(None, None, records, max_prices={reg.adapter_id: 10**15})
-    quote = sum(10**15 * t // 1000 for t in tokens)
     assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == quote
-    assert s.deposit_of(env.settler.address) == deposit - quote
-    assert _events(env, "RecordsSettled", rcpt)[0]["prices"] == [10**15]
-    assert [r.fee for r in _settled(rcpt)] == [10**15 * t // 1000 for t in tokens]
-
-    cut = _records(reg, 3)
-    env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**14)  # below what the settler priced
-    rcpt = s.settle_batch(None, None, cut, max_prices={reg.adapter_id: 10**15})
-    assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == sum(
-        10**14 * (r.prompt_tokens + r.completion_tokens) // 1000 for r in cut
-    )
-    assert _events(env, "RecordsSettled", rcpt)[0]["prices"] == [10**14]
 
 
-def test_a_raise_hidden_by_a_cut_elsewhere_in_the_batch_is_charged_each_quote(anvil_chain):
+def test_a_raise_hidden_by_a_cut_elsewhere_in_the_batch_is_refused(anvil_chain):
     """The attack on a bound over the batch's total: the owner of adapter A raises its price fivefold while B,
     in the same batch (cheap to own: any adapter of the attacker's), drops to nothing, so the batch costs no
-    more than priced. Each adapter's price is bounded on its own: A's record is charged the price it was
-    priced at, B's nothing."""
+    more than priced. A's record would settle at five times the price its key was shown. Each adapter's price
+    is bounded on its own, so the batch is refused."""
     env = anvil_chain
     a = register_sample(env, price=10**15)
     b = register_sample(env, price=10**16, owner=a.owner)
@@ -346,15 +342,16 @@ def test_a_raise_hidden_by_a_cut_elsewhere_in_the_batch_is_charged_each_quote(an
     ]
     priced = {a.adapter_id: 10**15, b.adapter_id: 10**16}
     env.client(a.owner).set_adapter_price(a.adapter_id, 5 * 10**15)
-    env.client(a.owner).set_adapter_price(b.adapter_id, 0)
+    env.client(a.owner).set_adapter_price(b.adapter_id, 0)  # the batch's total: 5e15 < the 1.1e16 priced
     s = env.client(env.settler)
+    deposit = s.deposit_of(env.settler.address)
+    with pytest.raises(E.PriceAboveQuote) as err:
+        s.settle_batch(None, None, records, max_prices=priced)
+    assert hex0x(err.value.args_by_name["adapterId"]) == a.adapter_id
+    assert s.deposit_of(env.settler.address) == deposit
+    priced[a.adapter_id] = 5 * 10**15  # priced again at today's prices: settles at them
     rcpt = s.settle_batch(None, None, records, max_prices=priced)
-    assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == 10**15
-    log = _events(env, "RecordsSettled", rcpt)[0]
-    assert dict(zip(map(hex0x, log["adapterIds"]), log["prices"], strict=True)) == {
-        a.adapter_id: 10**15,
-        b.adapter_id: 0,
-    }
+    assert _events(env, "BatchSettled", rcpt)[0]["totalFees"] == 5 * 10**15
 
 
 # ------------------------------------------------------------------ base-model records (adapter id zero)
