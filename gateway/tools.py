@@ -297,15 +297,17 @@ def _parsed(text: str, *, finite_floats: bool = True) -> object | None:
         return None
 
 
-# what decides where a JSON string starts and ends, and the tag that may end a block
-_JSON_TOKEN = re.compile(r'\\.|"|' + re.escape(CLOSE), re.S)
+# what decides where a JSON string starts and ends, and where a block may end: a `<` (a tag) or a backslash
+_JSON_TOKEN = re.compile(r'\\.|"|<', re.S)
 
 
 class _Block:
     """A `<tool_call>` block opening at `start` of a text that may still grow (a stream): where it ends and the call
-    it holds, read in one pass however the text arrives. It ends at the first CLOSE after the OPEN when that
-    closes a call, or is outside a JSON string; else (a call whose string arguments hold the tag itself) at the
-    first CLOSE outside a string, if that closes a call; else, at the first CLOSE, as text."""
+    it holds. It ends at the first CLOSE after the OPEN when that closes a call, or is outside a JSON string;
+    else (a call whose string arguments hold the tag itself) at the first CLOSE outside a string, if that closes a
+    call; else, at the first CLOSE, as text. The search for a CLOSE outside a string stops at the first `<` or
+    backslash outside one, where the text is no JSON and no later tag can close a call: each block reads at most
+    up to there, however the text arrives (searching on to the end made a text of many blocks quadratic)."""
 
     def __init__(self, plan: ToolPlan, start: int) -> None:
         self.plan, self.body = plan, start + len(OPEN)
@@ -313,6 +315,7 @@ class _Block:
         self._first_call: dict | None = None
         self._plain = self._pos = self.body  # where each search goes on when more text comes
         self._in_string = False
+        self._no_json = False  # a `<` or a backslash outside a string: no later CLOSE closes a call
 
     def end(self, text: str, *, final: bool) -> tuple[int, dict | None] | None:
         """(where the block ends, its call or None for text), or None while undecided (final: no more text comes;
@@ -325,29 +328,34 @@ class _Block:
             self._first_call = self.plan._call(text[self.body : self.first])
         if self._first_call is not None:
             return self.first + len(CLOSE), self._first_call
-        self._scan(text)
+        self._scan(text, final)
         if self.outside == self.first:
             return self.first + len(CLOSE), None
         if self.outside > self.first:
             call = self.plan._call(text[self.body : self.outside])
             if call is not None:
                 return self.outside + len(CLOSE), call
-        elif not final:
+        elif not (final or self._no_json):
             return None  # the first CLOSE is inside a string: a call's argument may go on past it
         return self.first + len(CLOSE), None
 
-    def _scan(self, text: str) -> None:
+    def _scan(self, text: str, final: bool) -> None:
         pos = self._pos
-        while self.outside < 0 and (m := _JSON_TOKEN.search(text, pos)):
-            token = m.group()
-            if token == CLOSE and not self._in_string:
-                self.outside = m.start()
-            elif token == '"':
+        while self.outside < 0 and not self._no_json and (m := _JSON_TOKEN.search(text, pos)):
+            token, at = m.group(), m.start()
+            if token == '"':
                 self._in_string = not self._in_string
-            # outside a string a backslash escapes nothing (the text is no JSON there: the next character counts)
-            pos = m.start() + 1 if token[0] == "\\" and not self._in_string else m.end()
-        # what is left holds no token but one cut short at the end (a tag, or an escape's backslash)
-        self._pos = max(pos, len(text) - len(CLOSE))
+            elif self._in_string:
+                pass  # an escape, or a `<`, inside a string
+            elif text.startswith(CLOSE, at):
+                self.outside = at
+            elif not final and CLOSE.startswith(text[at:]):
+                self._pos = at  # a tag cut short: read again when more comes
+                return
+            else:
+                self._no_json = True
+            pos = m.end()
+        self._pos = max(pos, len(text) - 1)  # what is left is no token but a string's backslash cut short
 
 
 def _tool_call(name: str, arguments: dict | str) -> dict:

@@ -377,3 +377,37 @@ def test_any_answer_streams_as_it_reads_whole(pieces, sizes, parallel):
     content, calls, _ = _stream(plan, parts)
     assert [c["function"] for c in calls] == [c["function"] for c in whole_calls]
     assert (content if not whole_calls else content.lstrip() or None) == (whole if whole_calls else text)
+
+
+class _CountingScanner:
+    """tools._JSON_TOKEN, counting the characters its searches pass over."""
+
+    def __init__(self, pattern) -> None:
+        self.pattern, self.read = pattern, 0
+
+    def search(self, text, pos):
+        m = self.pattern.search(text, pos)
+        self.read += (m.end() if m else len(text)) - pos
+        return m
+
+
+@pytest.mark.parametrize(
+    "block", ['<tool_call>"</tool_call>"', '<tool_call>\\"</tool_call>', '<tool_call>{"a":"</tool_call>x" <']
+)
+def test_reading_blocks_is_linear_in_the_answer(monkeypatch, block):
+    """Each block whose first tag is inside a string used to search for a tag outside one to the end of the
+    answer: 3,000 such blocks (90 KB, a model's answer a client can prompt for) took 3.8 s of the event loop.
+    A block's search stops where the text stops being JSON, so the whole answer is read a bounded number of
+    times, whole or streamed."""
+    from gateway import tools
+
+    text = block * 3000
+    counter = _CountingScanner(tools._JSON_TOKEN)
+    monkeypatch.setattr(tools, "_JSON_TOKEN", counter)
+    plan = _plan("auto")
+    assert plan.parse(text) == (text, [])
+    assert counter.read <= 3 * len(text), counter.read / len(text)
+    counter.read = 0
+    content, calls, _ = _stream(plan, [text[i : i + 7] for i in range(0, len(text), 7)])
+    assert (content, calls) == (text, [])
+    assert counter.read <= 3 * len(text), counter.read / len(text)
