@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -44,6 +45,7 @@ class _Backoff:
     next_at: float = 0.0
     delay: float = 0.0
     failures: int = 0
+    tried_at: float = 0.0  # the last failed hello
 
 
 class NodeGreeter:
@@ -87,8 +89,10 @@ class NodeGreeter:
     def due(self) -> list[tuple[str, str]]:
         """(node id, hello URL) of the registered, active nodes that are silent here and not backing off."""
         now = self.clock()
-        out = []
-        taken = set(self._busy)  # one greeting an origin: those in flight, and this round's
+        # one greeting an origin (none for one in flight): of the nodes due there, the one that failed the fewest
+        # times in a row, then the one tried longest ago, so that nodes registered at a real node's origin to
+        # flood it never keep it from being greeted
+        best: dict[tuple, tuple[tuple, str, str]] = {}
         for reg in list(self.registry.nodes.values()):
             if not reg.active or not _callable_url(reg.api_url) or reg.node_id in self._inflight:
                 continue
@@ -99,11 +103,12 @@ class NodeGreeter:
             if b is not None and now < b.next_at:
                 continue
             origin = _origin(reg.api_url)
-            if origin in taken:
+            if origin is None or origin in self._busy:
                 continue
-            taken.add(origin)
-            out.append((reg.node_id, reg.api_url.rstrip("/") + HELLO_PATH))
-        return out
+            rank = (b.failures, b.tried_at) if b is not None else (0, -math.inf)
+            if origin not in best or rank < best[origin][0]:
+                best[origin] = (rank, reg.node_id, reg.api_url.rstrip("/") + HELLO_PATH)
+        return [(node_id, url) for _, node_id, url in best.values()]
 
     def start_due(self, client: httpx.AsyncClient) -> list[asyncio.Task]:
         """Start the greetings that are due, each its own task (returned; `run` does not wait for them)."""
@@ -168,7 +173,8 @@ class NodeGreeter:
         b = self._backoff.setdefault(node_id, _Backoff())
         b.failures += 1
         b.delay = min(self.max_backoff_s, max(self.interval, b.delay * 2))
-        b.next_at = self.clock() + b.delay
+        b.tried_at = self.clock()
+        b.next_at = b.tried_at + b.delay
         # the first failure is news; the rest, until it answers, are only the back-off at work
         (log.info if b.failures == 1 else log.debug)(
             "hello to node %s at %s failed (%d in a row, next in %.0f s): %s",
@@ -195,10 +201,15 @@ class NodeGreeter:
                     task.cancel()
 
 
-def _origin(url: str) -> tuple:
-    """(scheme, host, port) of a callable URL: what one server answers, whatever the path."""
-    parts = urlsplit(url)
-    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+def _origin(url: str) -> tuple | None:
+    """(scheme, host, port) of a callable URL: what one server answers, whatever the path. None for a URL with no
+    port one can call (the registry takes `http://h:99999` and `http://[::1`; httpx refuses them)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
 def _callable_url(url: str) -> bool:

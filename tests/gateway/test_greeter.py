@@ -180,3 +180,30 @@ def test_many_registrations_naming_one_server_get_one_hello_a_round_between_them
     assert [len(r) for r in rounds] == [2, 2, 2]  # one at the victim a round, and the other node each round
     assert victim.hits == 3 and other.hits == 3
     assert len({n for r in rounds for n in r} - {"0x" + "cd" * 32}) == 3  # a different node of the 200 each round
+
+
+@pytest.mark.parametrize("bad", ["http://h:99999", "http://h:port", "http://[::1"])
+def test_a_registered_url_with_no_port_to_call_costs_nobody_else_a_greeting(bad):
+    """The registry takes these; reading their origin raised in `due`, and every round failed for every node."""
+    g = greeter({"0x" + "01" * 32: bad, "0x" + "02" * 32: "http://good.example"})
+    assert [n for n, _ in g.due()] == ["0x" + "02" * 32]
+
+
+def test_a_flood_at_a_real_nodes_origin_never_keeps_it_from_its_hello():
+    """200 registrations at a real node's origin, each failing and backing off: the origin's one hello a round
+    went to the first due in registry order, a fake for ever. The node with the fewest failures in a row, then
+    the one tried longest ago, goes first: the real node is greeted once each fake has been tried once (nothing
+    tells them apart before), and never waits behind a fake that failed."""
+    now = [0.0]
+    fakes = {f"0x{i:064x}": f"http://legit.example/fake{i}" for i in range(1, 201)}
+    real = "0x" + "cd" * 32
+    g = greeter(fakes | {real: "http://legit.example/node"}, clock=lambda: now[0])
+    rounds_to_real = None
+    for k in range(1000):  # 2,000 s of 2 s rounds; every fake's hello fails and backs off (at most 300 s)
+        for node_id, url in g.due():
+            if node_id == real and rounds_to_real is None:
+                rounds_to_real = k
+            elif node_id != real:
+                g._failed(node_id, url, "404")
+        now[0] += 2.0
+    assert rounds_to_real is not None and rounds_to_real <= len(fakes)
