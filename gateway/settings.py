@@ -76,7 +76,7 @@ class GatewaySettings(ServiceSettings):
     request_deadline_s: float = Field(default=1800.0, gt=0)
     # a closed request's row in the request log (gateway_requests) is deleted this many days after the request
     # was made (0: kept for good); the usage records it paid for are the ledger's and are never deleted here
-    request_log_days: float = Field(default=30.0, ge=0)
+    request_log_days: float = Field(default=30.0, ge=0, le=36_500)
     # a streamed answer whose client reads nothing this long (one write waits) is given up as if the client
     # had left: the node is aborted and what was relayed is billed (the request deadline is checked between
     # the node's events, which a blocked write stops)

@@ -177,6 +177,8 @@ class UsageBook:
                         break
             except UsageError as e:  # the database is down: the outbox check says so; the next pass tries again
                 log.warning("%s", e)
+            except Exception:  # nothing may end the pruning
+                log.exception("request log pruning failed")
             if n:
                 log.info("request log: deleted the rows of %d requests made more than %g days ago", n, days)
             await asyncio.sleep(PRUNE_EVERY_S)

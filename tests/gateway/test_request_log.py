@@ -20,12 +20,13 @@ from tests.utils.gateway import make_db, poll
 from tests.utils.stack import start_gateway
 
 
-def _rows(engine, n: int, *, days_ago: float, status: str = RequestStatus.OK) -> list[str]:
+def _rows(engine, n: int, *, days_ago: float, status: str = RequestStatus.OK, closed_days_ago=None) -> list[str]:
     ids = [rand_id() for _ in range(n)]
     at = utcnow() - timedelta(days=days_ago)
+    closed = at if closed_days_ago is None else utcnow() - timedelta(days=closed_days_ago)
     with Session(engine) as s:
         for rid in ids:
-            s.add(CompletionRecord(request_id=rid, model="m", status=status, created_at=at, finished_at=at))
+            s.add(CompletionRecord(request_id=rid, model="m", status=status, created_at=at, finished_at=closed))
         s.commit()
     return ids
 
@@ -41,6 +42,8 @@ def test_prune_deletes_closed_rows_made_before_the_cut_in_chunks(tmp_path):
     lost = _rows(engine, 2, days_ago=40, status=RequestStatus.LOST)
     still_open = _rows(engine, 3, days_ago=40, status=RequestStatus.OPEN)
     recent = _rows(engine, 4, days_ago=1)
+    # open for long, closed (reconciled) just now: its live gateway's late close may still lower its bill
+    reconciled = _rows(engine, 1, days_ago=40, status=RequestStatus.RECONCILED, closed_days_ago=0)
     with Session(engine) as s:
         add_usage_record(
             s,
@@ -58,7 +61,7 @@ def test_prune_deletes_closed_rows_made_before_the_cut_in_chunks(tmp_path):
     assert recorder.prune(cut) == PRUNE_CHUNK  # one bounded transaction at a time
     assert recorder.prune(cut) == 7 + 2
     assert recorder.prune(cut) == 0
-    assert _left(engine) == {*still_open, *recent}
+    assert _left(engine) == {*still_open, *recent, *reconciled}
     with Session(engine) as s:
         assert s.exec(select(func.count()).select_from(UsageRecord)).one() == 1
     assert not set(old) & _left(engine) and not set(lost) & _left(engine)
@@ -66,8 +69,9 @@ def test_prune_deletes_closed_rows_made_before_the_cut_in_chunks(tmp_path):
 
 def test_settings_keep_the_log_thirty_days_and_zero_keeps_it_for_good():
     assert GatewaySettings().request_log_days == 30
-    with pytest.raises(ValueError):
-        GatewaySettings(request_log_days=-1)
+    for bad in (-1, 10**9):  # 10^9 days passed the check, then overflowed the pruning's date arithmetic
+        with pytest.raises(ValueError):
+            GatewaySettings(request_log_days=bad)
 
 
 def test_a_running_gateway_prunes_its_log_at_start(tmp_path, tiny_base):
