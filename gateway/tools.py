@@ -467,10 +467,9 @@ class ToolStream:
     """A streamed chat answer: text in, OpenAI chat deltas out. Free text passes through as it comes, except
     what could be the start of a `<tool_call>` block, which is held until it is decided, and whitespace, which is
     held until text follows it (whitespace beside a call is no content: a whole answer's is stripped). A
-    constrained answer's
-    calls stream as they come: a first delta names each call, later ones carry its arguments' text (a named
-    function's whole answer is its arguments; a "required" answer is read by CallArrayReader, and what it
-    cannot read is held and sent at the end)."""
+    constrained answer's calls stream as they come: a first delta names each call, later ones carry its
+    arguments' text (a named function's whole answer is its arguments; a "required" answer is read by
+    CallArrayReader, and what it cannot read is held and sent at the end)."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
