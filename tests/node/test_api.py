@@ -351,7 +351,16 @@ def test_receipts_are_kept_for_the_gateway(node):
     with c.stream(
         "POST",
         "/v1/generate",
-        json={"request_id": cut, "prompt": "hi", "max_tokens": 500, "temperature": 0, "stream": True},
+        # ignore_eos: the tiny base ends this answer after 38 tokens, in about 30 ms, which a loaded machine let
+        # pass before the receipt was asked for
+        json={
+            "request_id": cut,
+            "prompt": "hi",
+            "max_tokens": 500,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        },
     ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
