@@ -349,7 +349,7 @@ class _Block:
                 pass  # an escape, or a `<`, inside a string
             elif text.startswith(CLOSE, at):
                 self.outside = at
-            elif not final and CLOSE.startswith(text[at:]):
+            elif not final and len(text) - at < len(CLOSE) and CLOSE.startswith(text[at:]):
                 self._pos = at  # a tag cut short: read again when more comes
                 return
             else:
