@@ -551,8 +551,8 @@ class ToolStream:
         return [{"content": held}] if held else []
 
     def close(self) -> list[dict]:
-        held, self.held = self.held, ""
         if self._reader is not None:
+            held, self.held = self.held, ""
             streamed = len(self._reader.arguments)
             if streamed and self._reader.state != "stopped":
                 return []  # every call went out as it came (or the answer was cut short inside one)
@@ -562,7 +562,6 @@ class ToolStream:
             if streamed:
                 return []
             return [{"content": held}] if held else []
-        self.held = held
         out = self._blocks(final=True)
         self._text(out, self.held)
         self.held, self._block = "", None
