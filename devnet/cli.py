@@ -24,7 +24,14 @@ from rich.console import Console
 from common.help_text import plain_help
 from common.logs import configure_logging
 from devnet.demo.run import run_demo
-from devnet.deploy import DEFAULT_BASE_PRICE, DEFAULT_NODE_SHARE_BPS, ETHER, deploy_to_file
+from devnet.deploy import (
+    DEFAULT_BASE_PRICE,
+    DEFAULT_NODE_SHARE_BPS,
+    DEFAULT_PRICE_GRACE_S,
+    ETHER,
+    MAX_PRICE_GRACE_S,
+    deploy_to_file,
+)
 from devnet.explorer.cli import explorer
 from devnet.lifecycle import DEFAULT_PORT, devnet_down, devnet_paths, devnet_status, devnet_up
 from gateway.cli import gateway_app
@@ -207,6 +214,17 @@ def chain_deploy_cmd(
             "blocks outlast a registration left waiting longer (a public chain: about a minute's worth, e.g. 5)",
         ),
     ] = 5,
+    price_grace: Annotated[
+        int,
+        typer.Option(
+            "--price-grace-s",
+            min=0,
+            max=MAX_PRICE_GRACE_S,
+            help="seconds after a price change during which requests admitted before it are still charged the "
+            "price they were admitted at (never below the price before); 0 charges every record the price of the "
+            "moment it settles, and leaves records admitted before a raise unpaid until the price comes down",
+        ),
+    ] = DEFAULT_PRICE_GRACE_S,
     force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
 ) -> None:
     """Deploy the registry and ledger to the chain at --rpc, grant settlers, write the deployment file.
@@ -231,6 +249,7 @@ def chain_deploy_cmd(
         settler_deposit=int(deposit * ETHER),
         fee_policy=policy,
         commit_blocks=commit_blocks,
+        price_grace_s=price_grace,
     )
     typer.echo(
         f"deployed to {shown_url(rpc)} (chain {d.chain_id}, fees capped at {gwei(policy.max_fee)}): "

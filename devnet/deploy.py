@@ -28,6 +28,12 @@ DEFAULT_FUND = 100 * ETHER
 # the devnet, where anvil mines a block per transaction and none without; on a public chain more, so that a
 # registration left waiting a few blocks cannot be outbid by a copier who commits meanwhile.
 DEFAULT_COMMIT_BLOCKS = 1
+# Seconds after a price change during which records admitted before it may still be charged down to the price
+# before (AdapterRegistry.priceGraceSeconds, contracts/src/PriceGrace.sol): a day outlasts a settler's usual
+# delay (seconds) and a chain outage of hours, and bounds what a settler can pay below a raised price to one day
+# of the old one. At most MAX_PRICE_GRACE.
+DEFAULT_PRICE_GRACE_S = 86_400
+MAX_PRICE_GRACE_S = 30 * 86_400  # PriceGrace.MAX_GRACE
 
 
 def _deploy_contract(
@@ -54,8 +60,12 @@ def _deploy_contract(
     return rcpt
 
 
-def check_fees(node_share_bps: int | None, base_price_per_1k_tokens: int | None) -> None:
+def check_fees(
+    node_share_bps: int | None, base_price_per_1k_tokens: int | None, price_grace_s: int | None = None
+) -> None:
     """ValueError for a fee setting the ledger would refuse or misread (None: not being set)."""
+    if price_grace_s is not None and not 0 <= price_grace_s <= MAX_PRICE_GRACE_S:
+        raise ValueError(f"price_grace_s must be 0..{MAX_PRICE_GRACE_S} (30 days), got {price_grace_s}")
     if node_share_bps is not None and not 0 <= node_share_bps <= 10_000:
         raise ValueError(f"node_share_bps must be 0..10000, got {node_share_bps}")
     if base_price_per_1k_tokens is not None and not 0 <= base_price_per_1k_tokens <= MAX_BASE_PRICE:
@@ -74,23 +84,27 @@ def deploy(
     settler_deposit: int = 0,
     fee_policy: FeePolicy | None = None,
     commit_blocks: int = DEFAULT_COMMIT_BLOCKS,
+    price_grace_s: int = DEFAULT_PRICE_GRACE_S,
 ) -> Deployment:
     """Deploy both contracts (deployer = admin), set the base-model price, fund `fund`, grant and
     prefund `settlers`. Every transaction's fees follow `fee_policy` (default: FeePolicy.from_env()).
-    `commit_blocks`: how old a registration's commitment must be before the registration."""
-    check_fees(node_share_bps, base_price_per_1k_tokens)
+    `commit_blocks`: how old a registration's commitment must be before the registration. `price_grace_s`: how
+    long after a price change records admitted before it may be charged the price they were admitted at."""
+    check_fees(node_share_bps, base_price_per_1k_tokens, price_grace_s)
     policy = fee_policy if fee_policy is not None else FeePolicy.from_env()
     account = Account.from_key(deployer_key)
     w3 = make_web3(rpc_url)
     with rpc_guard(rpc_url):
         chain_id = w3.eth.chain_id
-        reg = _deploy_contract(w3, account, chain_id, "AdapterRegistry", (commit_blocks,), fee_policy=policy)
+        reg = _deploy_contract(
+            w3, account, chain_id, "AdapterRegistry", (commit_blocks, price_grace_s), fee_policy=policy
+        )
         led = _deploy_contract(
             w3,
             account,
             chain_id,
             "AttributionLedger",
-            (reg["contractAddress"], account.address, node_share_bps),
+            (reg["contractAddress"], account.address, node_share_bps, base_price_per_1k_tokens),
             fee_policy=policy,
         )
     deployment = Deployment(
@@ -106,8 +120,6 @@ def deploy(
     )
     client = ChainClient(deployment, account)
     client.tx.fee_policy = policy
-    if base_price_per_1k_tokens:
-        client.set_base_price(base_price_per_1k_tokens)
     setup_accounts(client, fund=fund, fund_amount=fund_amount, settlers=settlers, settler_deposit=settler_deposit)
     if fund_amount > 0:  # on a chain that is not ours nothing is funded (chain deploy passes 0)
         deployment.funded = sorted({to_checksum_address(a) for a in [*fund, *settlers]})

@@ -18,7 +18,7 @@ from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
 from ledger.errors import ChainUnavailable, DeploymentMismatch, LedgerError, SequenceMismatch, TransactionFailed
-from ledger.merkle import MerkleTree, batch_id_for, pack_records, unpack_records
+from ledger.merkle import MerkleTree, batch_id_for, pack_records, price_bounds, unpack_records
 from ledger.transport import (
     GAS_MARGIN,
     FeeAboveCap,
@@ -37,6 +37,7 @@ from ledger.types import (
     DatasetInfo,
     Domain,
     NodeInfo,
+    PriceFloor,
     RewardBalance,
     SettledRecord,
     SettleRecord,
@@ -54,12 +55,13 @@ NEXT_SEQUENCE_SELECTOR = function_signature_to_4byte_selector("nextSequence(addr
 DEPOSIT_OF_SELECTOR = function_signature_to_4byte_selector("depositOf(address)")
 BASE_PRICE_SELECTOR = function_signature_to_4byte_selector("basePricePer1kTokens()")
 ADAPTER_SPLIT_SELECTOR = function_signature_to_4byte_selector("adapterSplit(bytes32)")
+PRICE_FLOOR_SELECTOR = function_signature_to_4byte_selector("priceFloor(bytes32)")
+BASE_PRICE_FLOOR_SELECTOR = function_signature_to_4byte_selector("basePriceFloor()")
 RECORDS_SETTLED_SIGNATURE = "RecordsSettled(bytes32,address,uint64,bytes32[],bytes32[],uint256[],bytes)"
 RECORDS_SETTLED_TOPIC = hex0x(keccak(text=RECORDS_SETTLED_SIGNATURE))
 RECORDS_SETTLED_DATA = ("uint64", "bytes32[]", "bytes32[]", "uint256[]", "bytes")
 _WORD = 32
 _BATCH_WORDS = 6  # getBatch: merkleRoot, settler, settledBlock, recordCount, totalFees, firstSequence
-NO_PRICE_LIMIT = 2**256 - 1  # settleBatch's bound on an adapter's price when the caller priced nothing (tests, tools)
 
 
 def settle_calldata(
@@ -73,7 +75,7 @@ def settle_calldata(
     max_prices: adapter id (ZERO_ID: the base model) -> the most it may cost per 1k tokens, for every
     adapter of `records` (KeyError otherwise); None bounds none."""
     packed = pack_records(records)
-    bounds = [NO_PRICE_LIMIT if max_prices is None else max_prices[a] for a in packed.adapter_ids]
+    bounds = price_bounds(packed, max_prices)
     return SETTLE_SELECTOR + abi_encode(
         ["bytes32", "bytes32", "uint64", "bytes32[]", "bytes32[]", "bytes", "uint256[]"],
         [
@@ -234,6 +236,11 @@ class ChainClient:
         with rpc_guard(self.rpc_url):
             return self.w3.eth.block_number
 
+    def chain_time(self) -> int:
+        """The latest block's timestamp: the clock a price's grace (PriceFloor.grace_ends) is read against."""
+        with rpc_guard(self.rpc_url):
+            return int(self.w3.eth.get_block("latest")["timestamp"])
+
     def block_hash(self, number: int) -> str | None:
         """The hash of the canonical block at `number` now, None when the chain is not that long (a reorg
         that shortened it). A raw request: the settler asks for every block holding a batch not yet final."""
@@ -372,6 +379,17 @@ class ChainClient:
         if len(out) < 2 * _WORD:
             raise DeploymentMismatch(f"adapterSplit at {self.registry.address} returned {len(out)} bytes")
         return int.from_bytes(out[_WORD : 2 * _WORD], "big")
+
+    def price_floor(self, adapter_id: str) -> PriceFloor:
+        """How far below its price settlement may charge an adapter's records now (the registry's priceFloor; the
+        base model, the zero id: the ledger's basePriceFloor); UnknownAdapter when it is not registered."""
+        if to_id(adapter_id) == ZERO_ID:
+            out = self.tx.raw_call(self.ledger.address, BASE_PRICE_FLOOR_SELECTOR)
+        else:
+            out = self.tx.raw_call(self.registry.address, PRICE_FLOOR_SELECTOR + id_bytes(adapter_id))
+        if len(out) != 2 * _WORD:
+            raise DeploymentMismatch(f"priceFloor returned {len(out)} bytes, not two words")
+        return PriceFloor(int.from_bytes(out[:_WORD], "big"), int.from_bytes(out[_WORD:], "big"))
 
     def adapter_digest(self, registration: AdapterRegistration) -> str:
         """The EIP-712 digest as the contract computes it (for cross-checks)."""
@@ -606,11 +624,12 @@ class ChainClient:
         first_sequence: int | None = None,
         max_prices: Mapping[str, int] | None = None,
     ):
-        """Send and wait; returns the receipt. batch_id None: the id of `records` (batch_id_for, salt 0);
+        """Send and wait; returns the receipt. batch_id None: the id of `records` at `max_prices` (batch_id_for,
+        salt 0);
         first_sequence None: this account's next sequence number (read from the chain); merkle_root None: the
         root of `records` from there."""
         if batch_id is None:
-            batch_id = batch_id_for(records)
+            batch_id = batch_id_for(records, max_prices=max_prices)
         if first_sequence is None:
             first_sequence = self.next_sequence()
         if merkle_root is None:

@@ -203,6 +203,10 @@ class RecordIndexOutOfRange(ContractError): ...
 class InvalidPrice(ContractError): ...
 
 
+class GraceTooLong(ContractError):
+    """A deployment's price grace above PriceGrace.MAX_GRACE (30 days)."""
+
+
 ERROR_CLASSES: dict[str, type[ContractError]] = {
     cls.__name__: cls for cls in ContractError.__subclasses__() if cls is not UnknownRevert
 }

@@ -11,13 +11,13 @@ to the contract's):
 - a packed record (settleBatch's `records`, RecordsSettled's `records`) is RECORD_BYTES = 42 bytes:
   requestId (32), adapter index (1), node index (1) into the batch's strictly increasing adapter and node
   id tables, promptTokens (uint32), completionTokens (uint32), big-endian;
-- a batch id is the first 28 bytes of keccak256(abi.encode(adapterIds, nodeIds, records)), then a 4-byte salt
-  (batch_id_of): it names what the batch settles.
+- a batch id is the first 28 bytes of keccak256(abi.encode(adapterIds, nodeIds, records, maxPrices)), then a
+  4-byte salt (batch_id_of): it names what the batch settles, and the most each adapter of it may cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from eth_abi import encode as abi_encode
@@ -28,6 +28,7 @@ from ledger.types import SettleRecord
 
 _WORD = 32
 RECORD_BYTES = 42
+NO_PRICE_LIMIT = 2**256 - 1  # settleBatch's bound on an adapter's price when the caller priced nothing (tests, tools)
 MAX_ADAPTERS_PER_BATCH = 32  # AttributionLedger.MAX_ADAPTERS_PER_BATCH (the base model counts as one)
 MAX_NODES_PER_BATCH = 64  # AttributionLedger.MAX_NODES_PER_BATCH
 MAX_TOKEN_COUNT = 2**32 - 1  # a packed record's promptTokens and completionTokens are uint32
@@ -79,24 +80,38 @@ class PackedBatch:
     records: bytes
 
 
-def batch_id_of(packed: PackedBatch, salt: int = 0) -> str:
-    """The batch id the ledger takes for these records: the first 28 bytes of
-    keccak256(abi.encode(adapterIds, nodeIds, records)), then `salt` (uint32, big-endian).
+def price_bounds(packed: PackedBatch, max_prices: Mapping[str, int] | None) -> list[int]:
+    """settleBatch's maxPrices: max_prices (adapter id, ZERO_ID for the base model -> the most it may cost per
+    1k tokens; KeyError for an adapter of the batch it lacks) in the order of the batch's adapter table;
+    None bounds none (NO_PRICE_LIMIT)."""
+    return [NO_PRICE_LIMIT if max_prices is None else max_prices[a] for a in packed.adapter_ids]
 
-    The id names the content, not the settler: a batch another settler took over is sent under the one id
-    it had, so should both sends land the chain settles it once; and an id taken from the mempool settles
-    only those very records. The salt tells apart a batch re-formed from the very records of an abandoned
-    one (ledger.settler: re-pricing after InsufficientDeposit)."""
+
+def batch_id_of(packed: PackedBatch, salt: int = 0, max_prices: Mapping[str, int] | None = None) -> str:
+    """The batch id the ledger takes for these records at these bounds (price_bounds): the first 28 bytes of
+    keccak256(abi.encode(adapterIds, nodeIds, records, maxPrices)), then `salt` (uint32, big-endian).
+
+    The id names the content and its prices, not the settler: a batch another settler took over is sent under
+    the one id it had, so should both sends land the chain settles it once; and an id taken from the mempool
+    settles only those very records at those very bounds (the ledger may charge an adapter below its price,
+    down to the bound, during a price's grace: a copy with lower bounds is another batch). The salt tells
+    apart a batch re-formed from the very records of an abandoned one (ledger.settler: re-pricing after
+    InsufficientDeposit)."""
     content = abi_encode(
-        ["bytes32[]", "bytes32[]", "bytes"],
-        [[id_bytes(a) for a in packed.adapter_ids], [id_bytes(n) for n in packed.node_ids], packed.records],
+        ["bytes32[]", "bytes32[]", "bytes", "uint256[]"],
+        [
+            [id_bytes(a) for a in packed.adapter_ids],
+            [id_bytes(n) for n in packed.node_ids],
+            packed.records,
+            price_bounds(packed, max_prices),
+        ],
     )
     return hex0x(keccak(content)[:28] + salt.to_bytes(4, "big"))
 
 
-def batch_id_for(records: Sequence[SettleRecord], salt: int = 0) -> str:
+def batch_id_for(records: Sequence[SettleRecord], salt: int = 0, max_prices: Mapping[str, int] | None = None) -> str:
     """batch_id_of the records packed as settleBatch takes them."""
-    return batch_id_of(pack_records(records), salt)
+    return batch_id_of(pack_records(records), salt, max_prices)
 
 
 class BatchTooWide(ValueError):

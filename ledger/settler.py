@@ -73,25 +73,26 @@ Many settlers, one database:
   block: the batches of this account settled after that block count as in flight, like the unfinished
   ones.
 
-Prices are bounded (settler side): each record is priced as the contract will price it (the
-adapter's on-chain price, or the ledger's base price for the zero adapter id, times tokens / 1000)
-into UsageRecord.fee_wei. A record whose price is now above the one its request was admitted at
-(UsageRecord.quoted_price_per_1k: an owner raised it meanwhile) is set aside as PRICE_ABOVE_QUOTE and
-priced again every PRICE_MOVING_RETRY_EVERY seconds: the key pays at most what it was shown, or nothing
-while the price stays higher. A record priced above SettlerConfig.max_price_per_1k, with more tokens than
-max_record_tokens, or whose fee the deposit cannot pay is set aside (status set_aside, reason in
-`error`) and never holds up its batch or later ones. A batch's total never exceeds the deposit left
-minus what this settler's in-flight batches will take. Records set aside because the deposit was
-short go back to the outbox by themselves once the deposit can pay them. Records naming an adapter or
-node the registry does not know (yet: an RPC node may lag behind the chain) are set aside as
-UNREGISTERED, re-checked on start and every UNREGISTERED_RECHECK_EVERY seconds, and go back to the
-outbox once both are registered (no record is rejected for good any more; records an older settler
-rejected, all for that reason, are re-checked the same way). A batch that still fails
-with InsufficientDeposit (a deposit reclaimed meanwhile) or PriceAboveQuote (the ledger refuses a batch
-in which any adapter costs more than the settler priced it at, so a price raised between pricing and
-mining, e.g. by an owner front-running the batch, is never paid unseen) is abandoned and its records
-re-priced; a record whose own price moved under two batches is set aside (for a while: see above),
-the other records of those batches are never struck.
+Prices are bounded (settler side): each record is priced as the contract will price it (the adapter's on-chain
+price, or the ledger's base price for the zero adapter id, times tokens / 1000) into UsageRecord.fee_wei. A record
+whose price is now above the one its request was admitted at (UsageRecord.quoted_price_per_1k: an owner raised it
+meanwhile) is priced at its quote while the raise's grace allows that (contracts/src/PriceGrace.sol: for the
+deployment's priceGraceSeconds after a change, the ledger charges a batch's maxPrices down to the price before), in
+a batch whose maxPrices name that price for its adapter (one price per adapter a batch: records of other prices
+wait for the next one); past the grace (less GRACE_MARGIN_S) it is set aside as PRICE_ABOVE_QUOTE and priced again
+every PRICE_MOVING_RETRY_EVERY seconds: the key pays at most what it was shown, or nothing while the price stays
+higher. A record priced above SettlerConfig.max_price_per_1k, with more tokens than max_record_tokens, or whose fee
+the deposit cannot pay is set aside (status set_aside, reason in `error`) and never holds up its batch or later
+ones. A batch's total never exceeds the deposit left minus what this settler's in-flight batches will take. Records
+set aside because the deposit was short go back to the outbox by themselves once the deposit can pay them. Records
+naming an adapter or node the registry does not know (yet: an RPC node may lag behind the chain) are set aside as
+UNREGISTERED, re-checked on start and every UNREGISTERED_RECHECK_EVERY seconds, and go back to the outbox once both
+are registered (no record is rejected for good any more; records an older settler rejected, all for that reason,
+are re-checked the same way). A batch that still fails with InsufficientDeposit (a deposit reclaimed meanwhile) or
+PriceAboveQuote (the ledger refuses a batch in which any adapter costs more than the settler priced it at, beyond
+what a grace allows, so a price raised between pricing and mining, e.g. by an owner front-running the batch, is
+never paid unseen) is abandoned and its records re-priced; a record whose own price moved under two batches is set
+aside (for a while: see above), the other records of those batches are never struck.
 
 Finality (SettlerConfig.confirmations = N > 0): a batch settled on chain is recorded settled, with the hash
 of its block (SettlementBatch.block_hash), and is final once N blocks are on top of it (block_hash cleared).
@@ -159,7 +160,7 @@ from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecor
 from ledger.outbox import batch_records, count_by_status
 from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig
 from ledger.transport import rpc_guard
-from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, SettleRecord, read_wei
+from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, PriceFloor, SettleRecord, read_wei
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,9 @@ REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the depos
 UNREGISTERED_RECHECK_EVERY = 60.0  # seconds between looks at records set aside as unregistered
 PRICE_MOVING_RETRY_EVERY = 600.0  # seconds between putting records set aside as PRICE_MOVING back in the outbox
 LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
+# a record quoted below its price is priced at its quote only if the price's grace lasts this much longer than the
+# chain's latest block: the batch is mined later, and a grace over by then gets the batch refused (PriceAboveQuote)
+GRACE_MARGIN_S = 300
 
 
 class SettlementError(LedgerError):
@@ -228,6 +232,10 @@ class _StepReads:
     prices: dict[str, int | str] = field(default_factory=dict)
     deposit: tuple[int, int] | None = None
     chain_next: int = 0
+    # adapter id -> its price's grace, read for adapters with records quoted below their price (_needs_floor),
+    # and the chain's time it is read against (the latest block's timestamp)
+    floors: dict[str, PriceFloor] = field(default_factory=dict)
+    chain_time: int | None = None
 
 
 def _aware(dt: datetime | None) -> datetime | None:
@@ -258,6 +266,13 @@ def _pid_space() -> str:
 
 def _nowhere(point: str) -> None:
     """The default on_point: nothing happens at the points."""
+
+
+def _needs_floor(r, prices: dict[str, int | str]) -> bool:
+    """Whether a row is quoted below its adapter's price (read into `prices`): it settles at its quote only within
+    the price's grace, which _StepReads.floors then holds."""
+    price, quote = prices.get(r.adapter_id), read_wei(r.quoted_price_per_1k)
+    return isinstance(price, int) and isinstance(quote, int) and not isinstance(quote, bool) and quote < price
 
 
 def _split_senders(senders: str | None) -> list[str]:
@@ -628,14 +643,15 @@ class Settler:
                 rows = pending_rows(s, cfg.batch_size, lock=True)  # claimed for us
                 if not rows or not self._due(s, rows, force):
                     return None
-                missing = [r for r in rows if not self._looked_up(r, reads.prices)]
+                missing = [r for r in rows if not self._looked_up(r, reads)]
                 if not missing and reads.deposit is not None:
-                    done = self._form_in(s, rows, reads.prices, reads.deposit, reads.chain_next)
+                    done = self._form_in(s, rows, reads)
                     if done is not False:
                         return done
                     continue  # only set-aside records this time: form again from the rows after them
             # the transaction is over (rolled back): read the chain, then form again
             self._look_up(missing, reads.prices)
+            self._look_up_floors(missing, reads)
             if reads.deposit is None:
                 reads.deposit = self._deposit()
                 reads.chain_next = self.client.next_sequence(self.address)
@@ -675,8 +691,21 @@ class Settler:
             except UnknownNode:
                 prices[n] = f"{UNREGISTERED}: node {n} is not registered on chain"
 
-    def _looked_up(self, r, prices: dict[str, int | str]) -> bool:
-        return r.adapter_id in prices and (r.node_id in prices or r.node_id in self._known_nodes)
+    def _look_up_floors(self, rows, reads: _StepReads) -> None:
+        """Fill reads.floors for the adapters of rows quoted below their price, and reads.chain_time."""
+        for r in rows:
+            if _needs_floor(r, reads.prices) and r.adapter_id not in reads.floors:
+                try:
+                    reads.floors[r.adapter_id] = self.client.price_floor(r.adapter_id)
+                except UnknownAdapter:  # its price was just read: a registry never deletes
+                    reads.floors[r.adapter_id] = PriceFloor(0, 0)
+                if reads.chain_time is None:
+                    reads.chain_time = self.client.chain_time()
+
+    def _looked_up(self, r, reads: _StepReads) -> bool:
+        if r.adapter_id not in reads.prices or not (r.node_id in reads.prices or r.node_id in self._known_nodes):
+            return False
+        return not _needs_floor(r, reads.prices) or (r.adapter_id in reads.floors and reads.chain_time is not None)
 
     def _deposit(self) -> tuple[int, int]:
         """(this account's deposit on chain, the block it was read at), read before a write
@@ -715,19 +744,23 @@ class Settler:
         in_flight = sum(int(f) for f in fees if f) + sum(int(f) for f in since if f)
         return amount - in_flight, in_flight
 
-    def _form_in(
-        self, s: Session, rows, prices: dict[str, int | str], deposit: tuple[int, int], chain_next: int
-    ) -> _Work | bool | None:
+    def _form_in(self, s: Session, rows, reads: _StepReads) -> _Work | bool | None:
         """Price `rows` (claimed in `s`), set aside what cannot be settled, write the batch of the
         rest, commit. Returns the batch, False when only records were set aside, None when nothing
-        changed."""
+        changed.
+
+        A record is priced at its adapter's price, or, quoted below it, at its quote while the price's grace
+        allows that (PriceFloor; else it is set aside). The ledger charges an adapter one price a batch, so a
+        record priced otherwise than the first of its adapter in the batch stays in the outbox for a later batch
+        (one batch per price an adapter's records were admitted at during a grace)."""
         cfg = self.config
+        prices = reads.prices
         formed_at = time.monotonic()  # before the batch's lease is taken (_new_batch)
-        free, in_flight = self._free_deposit(s, deposit)
+        free, in_flight = self._free_deposit(s, reads.deposit)
         keep: list[tuple[object, int]] = []
         aside: list[tuple[object, str, int | None]] = []
         total, short = 0, False
-        adapters: set[str] = set()
+        adapters: dict[str, int] = {}  # adapter id -> the price its records in this batch are charged
         nodes: set[str] = set()
         for r in rows:
             a_price, n_reason = prices[r.adapter_id], prices.get(r.node_id)
@@ -741,7 +774,6 @@ class Settler:
             if tokens > cfg.max_record_tokens:
                 aside.append((r, f"{TOO_MANY_TOKENS}: {tokens} tokens > max {cfg.max_record_tokens} per record", None))
                 continue
-            fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
             quote = read_wei(r.quoted_price_per_1k)
             if quote is False:
                 aside.append(
@@ -749,29 +781,36 @@ class Settler:
                 )
                 continue
             if quote is not None and a_price > quote:
-                what = _priced(r.adapter_id)
-                aside.append(
-                    (
-                        r,
-                        f"{PRICE_ABOVE_QUOTE}: {what} costs {a_price} wei per 1k tokens now, the request was "
-                        f"admitted at {r.quoted_price_per_1k}",
-                        fee,
+                if not reads.floors[r.adapter_id].allows(quote, reads.chain_time + GRACE_MARGIN_S):
+                    what = _priced(r.adapter_id)
+                    fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
+                    aside.append(
+                        (
+                            r,
+                            f"{PRICE_ABOVE_QUOTE}: {what} costs {a_price} wei per 1k tokens now, the request was "
+                            f"admitted at {r.quoted_price_per_1k}, and the price's grace does not cover that",
+                            fee,
+                        )
                     )
-                )
-                continue
+                    continue
+                a_price = quote  # the raise's grace: charged the price the request was shown (settleBatch's bound)
+            a_id = to_id(r.adapter_id)  # as settleBatch's table holds it, however the row spells it
+            if adapters.get(a_id, a_price) != a_price:
+                continue  # its adapter is charged another price in this batch: the next batch takes it
+            fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
             if a_price > cfg.max_price_per_1k:
                 what = _priced(r.adapter_id)
                 aside.append(
                     (r, f"{PRICE_TOO_HIGH}: {what} costs {a_price} wei per 1k tokens > max {cfg.max_price_per_1k}", fee)
                 )
                 continue
-            if (r.adapter_id not in adapters and len(adapters) == MAX_ADAPTERS_PER_BATCH) or (
+            if (a_id not in adapters and len(adapters) == MAX_ADAPTERS_PER_BATCH) or (
                 r.node_id not in nodes and len(nodes) == MAX_NODES_PER_BATCH
             ):
                 break  # the ledger's id tables are full: the rest goes in the next batch
             if total + fee <= free:
                 keep.append((r, fee))
-                adapters.add(r.adapter_id)
+                adapters[a_id] = a_price
                 nodes.add(r.node_id)
                 total += fee
                 continue
@@ -787,9 +826,9 @@ class Settler:
 
         batch = None
         if keep:
-            first_seq = self._next_first_seq(s, chain_next)
+            first_seq = self._next_first_seq(s, reads.chain_next)
             # keyed as settleBatch's table is (SettleRecord's spelling of an id), whatever the row's spelling
-            bounds = {to_id(r.adapter_id): prices[r.adapter_id] for r, _ in keep}
+            bounds = dict(adapters)
             batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq, bounds)
             moved = move_to_batch(s, batch.batch_id, [(r.id, fee) for r, fee in keep])
             if moved != len(keep):  # as _move: a record no longer pending is never put in a second batch
@@ -858,11 +897,11 @@ class Settler:
         settle = [to_settle_record(r) for r in rows]
         tree = MerkleTree.from_records(settle, first_seq)
         salt = 0
-        batch_id = batch_id_for(settle, salt)
+        batch_id = batch_id_for(settle, salt, prices)
         conn = s.connection()  # Core, as in _free_deposit
         while conn.execute(select(SettlementBatch.id).where(SettlementBatch.batch_id == batch_id)).first() is not None:
             salt += 1  # the very records of an abandoned batch: a new id
-            batch_id = batch_id_for(settle, salt)
+            batch_id = batch_id_for(settle, salt, prices)
         priced = None if any(f is None for f in fees) else str(sum(fees))
         batch = SettlementBatch(
             batch_id=batch_id,
@@ -1290,7 +1329,7 @@ class Settler:
         unnumbered = isinstance(error, SequenceMismatch)
         priced = unnumbered or isinstance(error, REPRICE)
         # refused for its price: whose price moved is read now, before the write lock (no chain call in it)
-        moved = self._price_moved(batch.batch_id) if priced and not unnumbered else set()
+        moved = self._price_moved(batch.batch_id, w.bounds) if priced and not unnumbered else set()
         reason = f"batch {batch.batch_id} refused: {error}"
         aside_as = (
             PRICE_MOVING if priced else UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) else REVERTED
@@ -1395,11 +1434,13 @@ class Settler:
                 len(again),
             )
 
-    def _price_moved(self, batch_id: str) -> set[int]:
+    def _price_moved(self, batch_id: str, bounds: dict[str, int]) -> set[int]:
         """Ids of the batch's records whose fee at today's on-chain price (their adapter's, or the base
         price) differs from the fee they were batched at, or whose adapter is gone: the records a price
         refusal is charged to. Chain reads: call it outside any write transaction. A price raised and
-        set back before this look strikes nobody (the batch is only formed again)."""
+        set back before this look strikes nobody (the batch is only formed again). An adapter the batch
+        was priced below its price (`bounds`, settleBatch's maxPrices: records quoted under a raise's grace)
+        is taken at that bound while the grace still allows it: its records' price did not move."""
         with Session(self.engine) as s:
             rows = s.exec(
                 select(
@@ -1421,6 +1462,10 @@ class Settler:
                     prices[a] = self.client.adapter_price(a)
                 except UnknownAdapter:
                     prices[a] = None
+            bound = bounds.get(to_id(a))
+            if prices[a] is not None and bound is not None and prices[a] > bound:
+                if self.client.price_floor(a).allows(bound, self.client.chain_time()):
+                    prices[a] = bound
         # a record without a fee (batched before fees were recorded) is never charged with a move
         return {
             rid

@@ -389,6 +389,19 @@ class SettledRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceFloor:
+    """What a price's grace allows (contracts/src/PriceGrace.sol): until grace_ends (a block timestamp), records
+    may be charged any price from `floor` up to the price; after it, the price alone."""
+
+    floor: int
+    grace_ends: int
+
+    def allows(self, price: int, now: int) -> bool:
+        """Whether `price` below the current one may be charged at chain time `now`."""
+        return now < self.grace_ends and price >= self.floor
+
+
+@dataclass(frozen=True, slots=True)
 class RewardBalance:
     available: int
     accrued: int

@@ -2,6 +2,7 @@
 pragma solidity ^0.8.24;
 
 import {Ed25519} from "./Ed25519.sol";
+import {PriceGrace} from "./PriceGrace.sol";
 
 /// @title AdapterRegistry
 /// @notice Public registry of datasets, LoRA adapters and serving nodes. Anyone registers; only a
@@ -106,9 +107,13 @@ contract AdapterRegistry {
     mapping(bytes32 => address) private _nameOwners; // keccak256(bytes(name)) => owner
     mapping(bytes32 => uint256) private _nodeNonces; // node id => successful registerNode calls so far
     mapping(bytes32 => uint256) private _commits; // registrationCommitment(...) => the block it was made in
+    mapping(bytes32 => PriceGrace.Floor) private _priceFloors; // adapter id => its floor since its last change
 
     /// @notice Blocks a commitment must be old before the registration it commits to reveals it.
     uint256 public immutable minCommitBlocks;
+    /// @notice Seconds after an adapter's price changes during which settlement may still charge its records
+    /// down to the price before (PriceGrace; priceFloor). 0: every record is charged the price of the moment.
+    uint256 public immutable priceGraceSeconds;
 
     error ZeroId();
     error ZeroAddress();
@@ -166,8 +171,11 @@ contract AdapterRegistry {
 
     /// @param commitBlocks how many blocks a commitment waits before it can be revealed (at least 1: a
     /// commitment made in the block of the registration that copies another is never old enough).
-    constructor(uint256 commitBlocks) {
+    /// @param priceGrace priceGraceSeconds, at most PriceGrace.MAX_GRACE.
+    constructor(uint256 commitBlocks, uint256 priceGrace) {
+        PriceGrace.checkGrace(priceGrace);
         minCommitBlocks = commitBlocks == 0 ? 1 : commitBlocks;
+        priceGraceSeconds = priceGrace;
     }
 
     // ------------------------------------------------------------------ datasets
@@ -308,10 +316,12 @@ contract AdapterRegistry {
     }
 
     /// @notice Change the price per 1,000 tokens of future settlements (at most MAX_PRICE_PER_1K_TOKENS);
-    /// only the owner may.
+    /// only the owner may. For priceGraceSeconds after it, records admitted before may still be charged
+    /// down to the price before (priceFloor).
     function setAdapterPrice(bytes32 adapterId, uint256 pricePer1kTokens) external {
         Adapter storage a = _ownedAdapter(adapterId);
         _checkPrice(pricePer1kTokens);
+        PriceGrace.onChange(_priceFloors[adapterId], a.pricePer1kTokens, priceGraceSeconds);
         a.pricePer1kTokens = pricePer1kTokens;
         emit AdapterPriceChanged(adapterId, pricePer1kTokens);
     }
@@ -348,6 +358,14 @@ contract AdapterRegistry {
             payees[i] = _datasets[a.datasetIds[i]].payee;
         }
         return (a.owner, a.pricePer1kTokens, a.datasetIds, payees, a.sharesBps);
+    }
+
+    /// @notice Until graceEnds (a timestamp; past: no grace), settlement may charge this adapter's records any
+    /// price from floor up to its price (the settler's quote); reverts for an unknown id.
+    function priceFloor(bytes32 adapterId) external view returns (uint256 floor, uint256 graceEnds) {
+        _adapterOrRevert(adapterId);
+        PriceGrace.Floor storage f = _priceFloors[adapterId];
+        return (f.floor, f.graceEnds);
     }
 
     // ------------------------------------------------------------------ nodes

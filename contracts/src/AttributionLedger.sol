@@ -2,6 +2,7 @@
 pragma solidity ^0.8.24;
 
 import {AdapterRegistry} from "./AdapterRegistry.sol";
+import {PriceGrace} from "./PriceGrace.sol";
 
 /// @title AttributionLedger
 /// @notice Settles batches of inference records in the native coin. A settler (a gateway, granted by
@@ -18,11 +19,12 @@ import {AdapterRegistry} from "./AdapterRegistry.sol";
 ///    exactly 0 .. nextSequence(settler) - 1, every one in exactly one batch;
 ///  - every record's Merkle leaf binds its request id to its sequence number (leafOf), and the batch
 ///    stores its settler and first number, so `verifyRecord` proves which (settler, sequence) paid it;
-///  - a batch id is accepted once (BatchAlreadySettled), and names what it settles: its first 28 bytes are
-///    those of keccak256(abi.encode(adapterIds, nodeIds, records)), its last 4 the settler's own salt
-///    (BatchIdMismatch otherwise). Two settlers sending one batch (one took over the other's) send one
-///    id, settled once; a settler that takes another's id from the mempool can only settle those very
-///    records, paying them in full, not freeze the batch with junk under its id.
+///  - a batch id is accepted once (BatchAlreadySettled), and names what it settles and at what prices: its
+///    first 28 bytes are those of keccak256(abi.encode(adapterIds, nodeIds, records, maxPrices)), its last 4
+///    the settler's own salt (BatchIdMismatch otherwise). Two settlers sending one batch (one took over the
+///    other's) send one id, settled once; a settler that takes another's id from the mempool can only settle
+///    those very records at those very prices, paying them in full, not freeze the batch with junk (or
+///    with its records charged lower) under its id.
 /// A settler that writes a batch's numbers durably before sending it (ledger/settler.py) resends it after a
 /// crash with the same numbers: a record sent twice at its number is refused the second time, whatever
 /// batch carries it (SequenceMismatch), so at most one of the sends is paid. What the chain does NOT refuse
@@ -104,6 +106,9 @@ contract AttributionLedger {
     uint16 public nodeShareBps;
     /// @notice Fee per 1,000 tokens of a base-model record (adapterId zero), in wei; set by the admin.
     uint256 public basePricePer1kTokens;
+    /// @notice The registry's priceGraceSeconds, which the base price follows too.
+    uint256 public immutable priceGraceSeconds;
+    PriceGrace.Floor private _baseFloor;
 
     uint256 public totalDeposited;
     uint256 public totalAccrued;
@@ -179,14 +184,20 @@ contract AttributionLedger {
         _;
     }
 
-    constructor(AdapterRegistry registry_, address admin_, uint16 nodeShareBps_) {
+    /// @param basePrice the first basePricePer1kTokens: set here, not by a change after deployment, whose grace
+    /// would let base records of the first priceGraceSeconds be charged down to 0.
+    constructor(AdapterRegistry registry_, address admin_, uint16 nodeShareBps_, uint256 basePrice) {
         if (address(registry_) == address(0) || admin_ == address(0)) revert ZeroAddress();
         if (nodeShareBps_ > MAX_BPS) revert InvalidShare(nodeShareBps_);
+        if (basePrice > MAX_BASE_PRICE) revert InvalidPrice(basePrice);
         registry = registry_;
+        priceGraceSeconds = registry_.priceGraceSeconds();
         admin = admin_;
         nodeShareBps = nodeShareBps_;
+        basePricePer1kTokens = basePrice;
         emit AdminTransferred(address(0), admin_);
         emit NodeShareChanged(nodeShareBps_);
+        emit BasePriceChanged(basePrice);
     }
 
     // ------------------------------------------------------------------ admin
@@ -219,10 +230,19 @@ contract AttributionLedger {
     }
 
     /// @notice Set the fee per 1,000 tokens of base-model records (adapterId zero), for future batches.
+    /// For priceGraceSeconds after it, base records admitted before may still be charged down to the price
+    /// before (basePriceFloor).
     function setBasePricePer1kTokens(uint256 price) external onlyAdmin {
         if (price > MAX_BASE_PRICE) revert InvalidPrice(price);
+        PriceGrace.onChange(_baseFloor, basePricePer1kTokens, priceGraceSeconds);
         basePricePer1kTokens = price;
         emit BasePriceChanged(price);
+    }
+
+    /// @notice Until graceEnds (a timestamp; past: no grace), base records may be charged any price from floor
+    /// up to the base price (the settler's quote), as AdapterRegistry.priceFloor says of an adapter.
+    function basePriceFloor() external view returns (uint256 floor, uint256 graceEnds) {
+        return (_baseFloor.floor, _baseFloor.graceEnds);
     }
 
     /// @notice Whether an address may settle batches.
@@ -264,14 +284,17 @@ contract AttributionLedger {
     /// `records` is packed (RECORD_BYTES each, see the contract's notice), indexing the strictly
     /// increasing `adapterIds` and `nodeIds`. Reverts with SequenceMismatch unless firstSequence ==
     /// nextSequence(caller), BatchAlreadySettled when this batch id was settled before, BatchIdMismatch
-    /// unless the id's first 28 bytes are those of keccak256(abi.encode(adapterIds, nodeIds, records)),
-    /// and PriceAboveQuote
-    /// when an adapter entry's price is above maxPrices[i], the price the settler priced its records at
-    /// (one bound per entry of `adapterIds`, in its order; the base model's entry bounds the base price):
-    /// an adapter owner who raises the price after the batch was priced (e.g. front-running it) gets the
-    /// batch refused and re-priced, never charged at a price the settler did not see. Each price is bounded
-    /// on its own: a bound on the batch's total would let an owner raise one adapter's price while cutting
-    /// another's in the same batch, and charge the first one's requests above the price they were shown.
+    /// unless the id's first 28 bytes are those of keccak256(abi.encode(adapterIds, nodeIds, records,
+    /// maxPrices)), and PriceAboveQuote when an adapter entry's price is above maxPrices[i], the price the
+    /// settler priced its records at (one bound per entry of `adapterIds`, in its order; the base model's
+    /// entry bounds the base price), unless the price changed less than priceGraceSeconds ago and maxPrices[i]
+    /// is at least its floor (PriceGrace): then the entry is charged maxPrices[i]. So an adapter owner who
+    /// raises the price after requests were admitted (or after the batch was priced, front-running it) gets
+    /// them charged at the price they were shown while the grace lasts, and refused and re-priced after it,
+    /// never charged at a price the settler did not see; and a settler cannot charge below a price that held.
+    /// Each price is bounded on its own: a bound on the batch's total would let an owner raise one adapter's
+    /// price while cutting another's in the same batch, and charge the first one's requests above the price
+    /// they were shown.
     function settleBatch(
         bytes32 batchId,
         bytes32 merkleRoot,
@@ -292,36 +315,48 @@ contract AttributionLedger {
         }
 
         BatchWork memory w = _prepare(adapterIds, nodeIds);
-        _checkQuotes(w.prices, adapterIds, maxPrices);
+        _applyQuotes(w.prices, adapterIds, maxPrices);
         _scan(w, firstSequence, records);
         bytes32 computed = _merkleRoot(w.leaves);
         if (computed != merkleRoot) revert MerkleRootMismatch(merkleRoot, computed);
-        _checkBatchId(batchId, adapterIds, nodeIds, records);
+        _checkBatchId(batchId, adapterIds, nodeIds, records, maxPrices);
         _charge(batchId, merkleRoot, firstSequence, n, w.total);
         _payOutBatch(batchId, w, adapterIds, nodeIds);
         emit RecordsSettled(batchId, msg.sender, firstSequence, adapterIds, nodeIds, w.prices, records);
         emit BatchSettled(batchId, msg.sender, merkleRoot, uint32(n), w.total);
     }
 
-    /// @dev Refuse a batch id that does not name the batch's content (its first 28 bytes).
+    /// @dev Refuse a batch id that does not name the batch's content and prices (its first 28 bytes).
     function _checkBatchId(
         bytes32 batchId,
         bytes32[] calldata adapterIds,
         bytes32[] calldata nodeIds,
-        bytes calldata records
+        bytes calldata records,
+        uint256[] calldata maxPrices
     ) private pure {
-        bytes28 content = bytes28(keccak256(abi.encode(adapterIds, nodeIds, records)));
+        bytes28 content = bytes28(keccak256(abi.encode(adapterIds, nodeIds, records, maxPrices)));
         if (bytes28(batchId) != content) revert BatchIdMismatch(batchId, content);
     }
 
-    /// @dev Refuse the batch when an adapter entry costs more than the settler priced it at.
-    function _checkQuotes(uint256[] memory prices, bytes32[] calldata adapterIds, uint256[] calldata maxPrices)
+    /// @dev Charge each adapter entry the lower of its price and what the settler priced it at, where the
+    /// grace allows that (PriceGrace); refuse the batch where it does not. The floor is read only for an
+    /// entry priced below its price: a batch priced at the prices costs no more gas than before.
+    function _applyQuotes(uint256[] memory prices, bytes32[] calldata adapterIds, uint256[] calldata maxPrices)
         private
-        pure
+        view
     {
         if (maxPrices.length != prices.length) revert MaxPricesMismatch(prices.length, maxPrices.length);
         for (uint256 a; a < prices.length; ++a) {
-            if (prices[a] > maxPrices[a]) revert PriceAboveQuote(adapterIds[a], prices[a], maxPrices[a]);
+            if (prices[a] <= maxPrices[a]) continue;
+            PriceGrace.Floor memory f;
+            if (adapterIds[a] == bytes32(0)) {
+                f = _baseFloor;
+            } else {
+                (uint256 floor, uint256 graceEnds) = registry.priceFloor(adapterIds[a]);
+                f = PriceGrace.Floor(uint128(floor), uint64(graceEnds));
+            }
+            if (!PriceGrace.allows(f, maxPrices[a])) revert PriceAboveQuote(adapterIds[a], prices[a], maxPrices[a]);
+            prices[a] = maxPrices[a];
         }
     }
 

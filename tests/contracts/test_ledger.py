@@ -56,9 +56,10 @@ def test_constructor_reverts(anvil_chain):
     env = anvil_chain
     c = env.client(env.admin)
     for args, cls in [
-        ((env.deployment.registry, env.admin.address, 10_001), E.InvalidShare),
-        (("0x" + "00" * 20, env.admin.address, 1), E.ZeroAddress),
-        ((env.deployment.registry, "0x" + "00" * 20, 1), E.ZeroAddress),
+        ((env.deployment.registry, env.admin.address, 10_001, 0), E.InvalidShare),
+        (("0x" + "00" * 20, env.admin.address, 1, 0), E.ZeroAddress),
+        ((env.deployment.registry, "0x" + "00" * 20, 1, 0), E.ZeroAddress),
+        ((env.deployment.registry, env.admin.address, 1, 2**128), E.InvalidPrice),
     ]:
         with pytest.raises(Exception) as err:
             _deploy_contract(c.w3, env.admin, env.deployment.chain_id, "AttributionLedger", args)

@@ -467,7 +467,9 @@ def test_signature_is_bound_to_chain_and_registry(anvil_chain):
     env = anvil_chain
     alice = env.users[2]
     c = env.client(alice)
-    other_registry = _deploy_contract(c.w3, alice, env.deployment.chain_id, "AdapterRegistry", (1,))["contractAddress"]
+    other_registry = _deploy_contract(c.w3, alice, env.deployment.chain_id, "AdapterRegistry", (1, 0))[
+        "contractAddress"
+    ]
     assert other_registry != env.deployment.registry
     reg = _reg(_unique("bound"))
     for domain in (

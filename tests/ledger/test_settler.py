@@ -1,6 +1,7 @@
 """The settler in-process against a real anvil: 1,000 records, triggers, rejections, duplicates,
 unauthorised settler, missing deposit, and the chain stopped then restarted."""
 
+import json
 import threading
 import time
 
@@ -79,7 +80,9 @@ def test_thousand_records_settle_once_in_batches(anvil_chain, engine):
         first = batch_records(s, batches[0].batch_id)
         assert [r.request_id for r in first] == ids[:100]
         settle = [to_settle_record(r) for r in first]
-        assert batches[0].batch_id == batch_id_for(settle)
+        bounds = {a: int(p) for a, p in json.loads(batches[0].prices_priced).items()}
+        assert bounds == {regs[0].adapter_id: 10**12, regs[1].adapter_id: 7 * 10**11}
+        assert batches[0].batch_id == batch_id_for(settle, max_prices=bounds)
         assert batches[0].merkle_root == MerkleTree.from_records(settle, batches[0].first_seq).root_hex
         # one gapless sequence: each batch starts where the one before ended
         assert [b.first_seq for b in batches] == [batches[0].first_seq + 100 * i for i in range(10)]
@@ -198,13 +201,14 @@ def test_batch_settled_elsewhere_counts_as_settled(anvil_chain, engine):
             to_settle_record(r)
             for r in s.exec(select(UsageRecord).where(UsageRecord.request_id.in_(ids)).order_by(UsageRecord.id))
         ]
-    batch_id = batch_id_for(records)
+    bounds = {reg.adapter_id: client.adapter_price(reg.adapter_id)}  # as the settler prices them
+    batch_id = batch_id_for(records, max_prices=bounds)
     first = client.next_sequence()
-    client.settle_batch(batch_id, None, records, first_sequence=first)
+    client.settle_batch(batch_id, None, records, first_sequence=first, max_prices=bounds)
     settler = Settler(engine, client, SettlerConfig(batch_size=4))
     with pytest.raises(E.BatchAlreadySettled):
         client.send_settle_batch(
-            batch_id, MerkleTree.from_records(records, first).root_hex, records, first_sequence=first
+            batch_id, MerkleTree.from_records(records, first).root_hex, records, first_sequence=first, max_prices=bounds
         )
     assert settler.drain() == 4
     assert set(settled_on_chain(client, ids).values()) == {1}
@@ -231,7 +235,8 @@ def test_a_batch_another_settler_copied_and_settled_first_keeps_our_sequence_goi
             with Session(engine) as s:
                 (batch,) = s.exec(select(SettlementBatch)).all()
                 ours = [to_settle_record(r) for r in batch_records(s, batch.batch_id)]
-            copier.settle_batch(batch.batch_id, None, ours)
+            bounds = {a: int(p) for a, p in json.loads(batch.prices_priced).items()}  # the calldata's maxPrices
+            copier.settle_batch(batch.batch_id, None, ours, max_prices=bounds)
 
     settler = Settler(engine, client, SettlerConfig(batch_size=100), on_point=copy_it)
     assert settler.drain() == 3 and copier.next_sequence() == 10 and client.next_sequence() == first

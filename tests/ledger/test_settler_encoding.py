@@ -116,12 +116,22 @@ def test_encode_leaf_uses_normalised_ids():
 
 def test_batch_id_names_the_records_and_ends_with_its_salt():
     # AttributionLedger takes a batch id only when its first 28 bytes are those of
-    # keccak256(abi.encode(adapterIds, nodeIds, records)); the last 4 are the settler's salt
+    # keccak256(abi.encode(adapterIds, nodeIds, records, maxPrices)); the last 4 are the settler's salt
     records = _records(7)
     packed = pack_records(records)
     tables = [[bytes.fromhex(i[2:]) for i in ids] for ids in (packed.adapter_ids, packed.node_ids)]
-    content = abi_encode(["bytes32[]", "bytes32[]", "bytes"], [*tables, packed.records])
+    content = abi_encode(
+        ["bytes32[]", "bytes32[]", "bytes", "uint256[]"], [*tables, packed.records, [2**256 - 1] * len(tables[0])]
+    )
     assert batch_id_for(records, 3) == "0x" + (keccak(content)[:28] + (3).to_bytes(4, "big")).hex()
+    # the bounds are named too: a copy of the batch with lower ones is another batch (the ledger may charge
+    # down to them during a price's grace)
+    bounds = {a: 5 + i for i, a in enumerate(packed.adapter_ids)}
+    content = abi_encode(
+        ["bytes32[]", "bytes32[]", "bytes", "uint256[]"], [*tables, packed.records, [*bounds.values()]]
+    )
+    assert batch_id_for(records, 0, bounds) == "0x" + (keccak(content)[:28] + bytes(4)).hex()
+    assert batch_id_for(records, 0, {**bounds, packed.adapter_ids[1]: 5}) != batch_id_for(records, 0, bounds)
     assert batch_id_for(records)[:58] == batch_id_for(records, 3)[:58] and batch_id_for(records).endswith("0" * 8)
     # any field of any record, or their order, is another id
     changed = [*records[:-1], SettleRecord(*records[-1][:4], records[-1].completion_tokens + 1)]

@@ -59,8 +59,12 @@ class ChainEnv:
         self.anvil.start()
 
 
-def start_chain(folder: Path, *, block_time: float | None = None, state: bool = False) -> ChainEnv:
-    """Launch anvil in `folder`, deploy, grant and prefund a settler; the caller stops `env.anvil`."""
+def start_chain(
+    folder: Path, *, block_time: float | None = None, state: bool = False, price_grace_s: int = 0
+) -> ChainEnv:
+    """Launch anvil in `folder`, deploy, grant and prefund a settler; the caller stops `env.anvil`.
+    price_grace_s: the registry's priceGraceSeconds. 0 here, not the devnet's day: the suite's price tests hold
+    the ledger to the price of the moment, as it is once a grace is over; a grace's own tests ask for one."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = AnvilConfig(
         port=free_port(),
@@ -71,7 +75,13 @@ def start_chain(folder: Path, *, block_time: float | None = None, state: bool = 
     anvil = Anvil(cfg).start()
     try:
         settler = Account.from_key(DEV_KEYS[1])
-        deployment = deploy(anvil.rpc_url, settlers=[settler.address], settler_deposit=SETTLER_DEPOSIT, fund_amount=0)
+        deployment = deploy(
+            anvil.rpc_url,
+            settlers=[settler.address],
+            settler_deposit=SETTLER_DEPOSIT,
+            fund_amount=0,
+            price_grace_s=price_grace_s,
+        )
         path = folder / "deployment.json"
         deployment.save(path)
     except BaseException:

@@ -1,0 +1,153 @@
+"""A price change's grace (contracts/src/PriceGrace.sol) against a real anvil: for priceGraceSeconds after an adapter's
+(or the base) price changes, a batch may be charged the price its requests were admitted at, never below the price
+before, never after the grace; and a batch's id names its bounds, so nobody settles a copy of it charged lower."""
+
+import pytest
+from web3.logs import DISCARD
+
+from devnet.deploy import _deploy_contract
+from ledger import errors as E
+from ledger.merkle import batch_id_for
+from ledger.transport import revert_data
+from ledger.types import ZERO_ID, PriceFloor, SettleRecord
+from tests.utils.chain import ETHER, rand_id, register_sample, start_chain
+
+pytestmark = pytest.mark.integration
+
+GRACE = 3600
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """One anvil + a deployment whose prices have an hour's grace."""
+    env = start_chain(tmp_path_factory.mktemp("anvil"), price_grace_s=GRACE)
+    try:
+        yield env
+    finally:
+        env.anvil.stop()
+
+
+def _records(reg, n, adapter_id=None):
+    a = reg.adapter_id if adapter_id is None else adapter_id
+    return [SettleRecord(rand_id(), a, reg.node_id, 900 + i, 100) for i in range(n)]
+
+
+def _fees(records, price: int) -> int:
+    return sum(price * (r.prompt_tokens + r.completion_tokens) // 1000 for r in records)
+
+
+def _total(env, rcpt) -> int:
+    (ev,) = env.client().ledger.events.BatchSettled().process_receipt(rcpt, errors=DISCARD)
+    return ev["args"]["totalFees"]
+
+
+def _settle(env, records, bounds, account=None):
+    c = env.client(account or env.settler)
+    return c.settle_batch(batch_id_for(records, max_prices=bounds), None, records, max_prices=bounds)
+
+
+def _warp(env, seconds: int) -> None:
+    w3 = env.client().w3
+    w3.provider.make_request("evm_increaseTime", [seconds])
+    w3.provider.make_request("evm_mine", [])
+
+
+def test_a_raise_charges_records_admitted_before_it_their_quote_until_the_grace_ends(chain):
+    env = chain
+    reg = register_sample(env, price=10**15)
+    owner = env.client(reg.owner)
+    assert env.client().price_floor(reg.adapter_id) == PriceFloor(0, 0)  # never changed: no grace
+    owner.set_adapter_price(reg.adapter_id, 3 * 10**15)
+    floor = env.client().price_floor(reg.adapter_id)
+    assert floor.floor == 10**15 and floor.grace_ends == env.client().chain_time() + GRACE
+    # admitted at the old price: charged it, not the new one, and not refused
+    old = _records(reg, 3)
+    assert _total(env, _settle(env, old, {reg.adapter_id: 10**15})) == _fees(old, 10**15)
+    # a bound above the price still pays the price, as always
+    new = _records(reg, 2)
+    assert _total(env, _settle(env, new, {reg.adapter_id: 10**18})) == _fees(new, 3 * 10**15)
+    # between the two: charged the bound (a quote of a price in between, e.g. a change not read yet)
+    mid = _records(reg, 2)
+    assert _total(env, _settle(env, mid, {reg.adapter_id: 2 * 10**15})) == _fees(mid, 2 * 10**15)
+    # below the price before: refused, whatever the settler says its quote was
+    with pytest.raises(E.PriceAboveQuote):
+        _settle(env, _records(reg, 1), {reg.adapter_id: 10**15 - 1})
+    # once the grace is over, the price of the moment or nothing
+    _warp(env, GRACE)
+    with pytest.raises(E.PriceAboveQuote):
+        _settle(env, _records(reg, 1), {reg.adapter_id: 10**15})
+    late = _records(reg, 1)
+    assert _total(env, _settle(env, late, {reg.adapter_id: 3 * 10**15})) == _fees(late, 3 * 10**15)
+
+
+def test_two_changes_in_one_grace_keep_the_lower_floor(chain):
+    """An owner who lowers then raises (or raises twice) within one grace cannot lift the floor above a price
+    that held during it: a record admitted before the first change is still payable at its quote."""
+    env = chain
+    reg = register_sample(env, price=10**15)
+    owner = env.client(reg.owner)
+    owner.set_adapter_price(reg.adapter_id, 2 * 10**15)
+    owner.set_adapter_price(reg.adapter_id, 5 * 10**15)
+    assert env.client().price_floor(reg.adapter_id).floor == 10**15
+    first = _records(reg, 2)
+    assert _total(env, _settle(env, first, {reg.adapter_id: 10**15})) == _fees(first, 10**15)
+    owner.set_adapter_price(reg.adapter_id, 0)  # a cut, then a raise: the floor follows the cut down
+    owner.set_adapter_price(reg.adapter_id, 4 * 10**15)
+    assert env.client().price_floor(reg.adapter_id).floor == 0
+    # a change after the grace ended starts afresh from the price that held
+    _warp(env, GRACE)
+    owner.set_adapter_price(reg.adapter_id, 6 * 10**15)
+    assert env.client().price_floor(reg.adapter_id).floor == 4 * 10**15
+    with pytest.raises(E.PriceAboveQuote):
+        _settle(env, _records(reg, 1), {reg.adapter_id: 10**15})
+
+
+def test_the_base_price_has_the_same_grace_and_none_at_deployment(chain):
+    env = chain
+    admin, reg = env.client(env.admin), register_sample(env)
+    before = admin.base_price()
+    assert before > 0 and env.client().price_floor(ZERO_ID) == PriceFloor(0, 0)
+    # the first base price is the constructor's: nothing lets a settler charge base records below it
+    with pytest.raises(E.PriceAboveQuote):
+        _settle(env, _records(reg, 1, ZERO_ID), {ZERO_ID: 0})
+    admin.set_base_price(before * 2)
+    try:
+        assert env.client().price_floor(ZERO_ID).floor == before
+        records = _records(reg, 2, ZERO_ID)
+        assert _total(env, _settle(env, records, {ZERO_ID: before})) == _fees(records, before)
+        with pytest.raises(E.PriceAboveQuote):
+            _settle(env, _records(reg, 1, ZERO_ID), {ZERO_ID: before - 1})
+    finally:
+        admin.set_base_price(before)
+
+
+def test_a_copy_of_a_batch_with_lower_bounds_is_another_batch(chain):
+    """Another settler who copies our pending batch from the mempool cannot settle it under our id charged down
+    to the floor (our settler would record it settled, paid at the floor): the id names the bounds. A copy
+    under an id of its own is the copier's own batch, paid from its own deposit, and ours still settles."""
+    env = chain
+    reg = register_sample(env, price=10**15)
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**15 + 10)  # a grace: the floor is 10**15
+    mallory = env.new_account(ETHER)
+    env.client(env.admin).grant_settler(mallory.address)
+    env.client(env.admin).deposit_for(mallory.address, ETHER)
+    records = _records(reg, 2)
+    ours = {reg.adapter_id: 10**15 + 10}
+    cheap = {reg.adapter_id: 10**15}
+    with pytest.raises(E.BatchIdMismatch):
+        env.client(mallory).settle_batch(batch_id_for(records, max_prices=ours), None, records, max_prices=cheap)
+    _settle(env, records, cheap, account=mallory)  # its own batch, its own sequence, its own money
+    assert _total(env, _settle(env, records, ours)) == _fees(records, 10**15 + 10)
+
+
+def test_the_grace_is_bounded_and_read_only_for_known_adapters(chain):
+    env = chain
+    c = env.client(env.admin)
+    assert c.registry.functions.priceGraceSeconds().call() == GRACE
+    assert c.ledger.functions.priceGraceSeconds().call() == GRACE
+    with pytest.raises(E.UnknownAdapter):
+        c.price_floor(rand_id())
+    with pytest.raises(Exception) as err:
+        _deploy_contract(c.w3, env.admin, env.deployment.chain_id, "AdapterRegistry", (1, 30 * 86_400 + 1))
+    assert isinstance(c.decoder.decode(revert_data(err.value)), E.GraceTooLong)
+    _deploy_contract(c.w3, env.admin, env.deployment.chain_id, "AdapterRegistry", (1, 30 * 86_400))

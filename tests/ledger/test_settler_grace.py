@@ -1,0 +1,111 @@
+"""The settler under a price's grace (contracts/src/PriceGrace.sol), against a real anvil whose prices have one: a
+raise no longer strands the records admitted before it (they settle at their quotes, in a batch of their own
+price), a raise under a batch in flight is charged at the price the batch was priced at, and once the grace is
+over a record quoted below the price waits, set aside, as it always did."""
+
+import json
+
+import pytest
+from sqlmodel import Session, select
+
+from ledger.models import BatchStatus, RecordStatus, SettlementBatch
+from ledger.settler import PRICE_ABOVE_QUOTE, Settler
+from ledger.settler_config import SettlerConfig
+from tests.ledger.audit import ledger_transactions, record_settled_counts
+from tests.ledger.test_settler import add_records, outbox_rows
+from tests.utils.chain import ETHER, register_sample, start_chain
+
+pytestmark = pytest.mark.integration
+
+GRACE = 3600
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    env = start_chain(tmp_path_factory.mktemp("anvil"), price_grace_s=GRACE)
+    try:
+        yield env
+    finally:
+        env.anvil.stop()
+
+
+def _settler(env):
+    acct = env.new_account(10 * ETHER)
+    env.client(env.admin).grant_settler(acct.address)
+    env.client(env.admin).deposit_for(acct.address, ETHER)
+    return env.client(acct)
+
+
+def _fee(price: int, row) -> int:
+    return price * (row.prompt_tokens + row.completion_tokens) // 1000
+
+
+def _batches(engine) -> list[SettlementBatch]:
+    with Session(engine) as s:
+        return list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
+
+
+def test_records_admitted_before_a_raise_settle_at_their_quotes(chain, engine):
+    env = chain
+    client = _settler(env)
+    start = client.block_number() + 1
+    reg, other = register_sample(env, price=10**12), register_sample(env, price=5 * 10**11)
+    owner = env.client(reg.owner)
+    before = add_records(engine, [reg, other], 6, quote=10**12)  # `other`'s quoted at 10**12 > its price
+    owner.set_adapter_price(reg.adapter_id, 2 * 10**12)
+    between = add_records(engine, [reg], 2, quote=2 * 10**12)
+    owner.set_adapter_price(reg.adapter_id, 3 * 10**12)  # a second raise in the grace: the floor stays 10**12
+    after = add_records(engine, [reg], 2, quote=3 * 10**12)
+
+    assert Settler(engine, client, SettlerConfig(batch_size=100, interval=0)).drain() == 10
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    assert {r.status for r in rows.values()} == {RecordStatus.SETTLED}
+    for ids, price in ((before[0::2], 10**12), (between, 2 * 10**12), (after, 3 * 10**12), (before[1::2], 5 * 10**11)):
+        assert all(int(rows[i].fee_wei) == _fee(price, rows[i]) for i in ids)
+    # one batch per price the adapter is charged: each batch names one price per adapter
+    batches = _batches(engine)
+    assert [b.status for b in batches] == [BatchStatus.SETTLED] * 3
+    priced = [json.loads(b.prices_priced)[reg.adapter_id] for b in batches]
+    assert priced == [str(10**12), str(2 * 10**12), str(3 * 10**12)]
+    assert sum(int(b.total_fees) for b in batches) == sum(int(r.fee_wei) for r in rows.values())
+    assert set(record_settled_counts(client.w3, env.deployment.ledger, start).values()) == {1}
+    assert all(t.status == 1 for t in ledger_transactions(client.w3, env.deployment.ledger, start))
+    # what the payees got is what the chain charged: the deposit went down by the quotes' fees
+    assert client.deposit_of(client.address) == ETHER - sum(int(r.fee_wei) for r in rows.values())
+
+
+def test_a_raise_under_a_batch_in_flight_is_charged_at_the_price_it_was_priced_at(chain, engine, monkeypatch):
+    """Without a grace, a raise mined before the batch got it refused and re-priced, and its records set aside
+    until the price came back down. With one, the batch settles at the price the settler saw."""
+    env = chain
+    client = _settler(env)
+    reg = register_sample(env, price=10**12)
+    add_records(engine, [reg], 3, quote=10**12)
+    original = client.send_settle_batch
+
+    def send(*args, **kwargs):
+        env.client(reg.owner).set_adapter_price(reg.adapter_id, 9 * 10**12)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "send_settle_batch", send)
+    assert Settler(engine, client, SettlerConfig(batch_size=3, interval=0)).drain() == 3
+    (batch,) = _batches(engine)
+    assert batch.status == BatchStatus.SETTLED and batch.last_error is None
+    assert all(int(r.fee_wei) == _fee(10**12, r) for r in outbox_rows(engine))
+
+
+def test_after_the_grace_a_record_quoted_below_the_price_is_set_aside(chain, engine):
+    env = chain
+    client = _settler(env)
+    reg = register_sample(env, price=10**12)
+    quoted = add_records(engine, [reg], 2, quote=10**12)
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 2 * 10**12)
+    w3 = client.w3
+    w3.provider.make_request("evm_increaseTime", [GRACE - 60])  # inside the grace, but not by the settler's margin
+    w3.provider.make_request("evm_mine", [])
+    assert Settler(engine, client, SettlerConfig(batch_size=100, interval=0)).drain() == 0
+    rows = outbox_rows(engine)
+    assert {r.request_id for r in rows} == set(quoted)
+    assert all(r.status == RecordStatus.SET_ASIDE and r.error.startswith(PRICE_ABOVE_QUOTE) for r in rows)
+    assert all("grace" in r.error for r in rows)
+    assert _batches(engine) == []  # nothing sent: nothing reverted
