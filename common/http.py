@@ -69,17 +69,19 @@ class WriteBoundedStreamingResponse(StreamingResponse):
                 self.on_end()
 
 
-def _error_body(message: str) -> bytes:
-    return json.dumps(error_body(message, code="request_too_large")).encode()
-
-
 class BodyLimitMiddleware:
     """Refuse request bodies above `max_bytes` (per path prefix in `overrides`, longest prefix wins)."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES, overrides: dict[str, int] | None = None
+        self,
+        app: ASGIApp,
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        overrides: dict[str, int] | None = None,
+        shape: Callable[[str, dict, int], dict] | None = None,
     ) -> None:
-        self.app, self.max_bytes = app, max_bytes
+        """shape(path, body, status): the error body for a path whose API has an error shape of its own (the
+        gateway's LoRAX routes), from the usual one."""
+        self.app, self.max_bytes, self.shape = app, max_bytes, shape
         self.overrides = sorted((overrides or {}).items(), key=lambda kv: -len(kv[0]))
 
     def limit_for(self, path: str) -> int:
@@ -95,10 +97,11 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await self._refuse(send, 400, "Content-Length is not a number")
+                    await self._refuse(scope, send, 400, "Content-Length is not a number")
                     return
                 if declared > limit:
-                    await self._refuse(send, 413, f"request body of {declared} bytes is over the limit of {limit}")
+                    message = f"request body of {declared} bytes is over the limit of {limit}"
+                    await self._refuse(scope, send, 413, message)
                     return
         seen = 0
         over = started = False
@@ -128,11 +131,13 @@ class BodyLimitMiddleware:
             if not over:
                 raise
         if over and not started:
-            await self._refuse(send, 413, f"request body is over the limit of {limit} bytes")
+            await self._refuse(scope, send, 413, f"request body is over the limit of {limit} bytes")
 
-    @staticmethod
-    async def _refuse(send: Send, status: int, message: str) -> None:
-        body = _error_body(message)
+    async def _refuse(self, scope: Scope, send: Send, status: int, message: str) -> None:
+        error = error_body(message, code="request_too_large")
+        if self.shape is not None:
+            error = self.shape(scope.get("path", ""), error, status)
+        body = json.dumps(error).encode()
         await send(
             {
                 "type": "http.response.start",

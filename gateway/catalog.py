@@ -241,6 +241,16 @@ class ModelCatalog:
         check_price(target.model, total, self.max_price(key))
         return quote
 
+    def only_base(self) -> str | None:
+        """The model (its configured name, else its id) of the one base this gateway serves, configured or live;
+        None when it serves several or none. What a request that names no model gets (LoRAX's API, whose
+        adapter_id may be left out)."""
+        bases = set(self.base_names) | set(self.directory.base_models())
+        if len(bases) != 1:
+            return None
+        (base,) = bases
+        return self.base_names.get(base, base)
+
     def base_model_object(self, base_id: str) -> dict:
         """A base model as an OpenAI model object: its configured name, else its id."""
         name = self.base_names.get(base_id, base_id)

@@ -150,7 +150,7 @@ class Choices:
 
     # ------------------------------------------------------------------ the whole answer
 
-    def _picked(self) -> list[int]:
+    def picked(self) -> list[int]:
         """The sequences returned, in choice order: all of them, or best_of's n best per prompt."""
         if self.per_prompt == self.n:
             return list(range(len(self.seqs)))
@@ -180,7 +180,7 @@ class Choices:
     def answer(self, overall: str | None, cut: bool) -> list[dict]:
         """The choices of a whole (non-streamed) answer."""
         out = []
-        for i, k in enumerate(self._picked()):
+        for i, k in enumerate(self.picked()):
             s = self.seqs[k]
             text, reason = "".join(s.texts), self.reason(k, overall, cut)
             if self.chat:
@@ -240,7 +240,7 @@ class Choices:
         """A whole chat answer through a stream builder: each sequence's text as one chunk (with all its positions'
         logprobs), then its end. A Responses answer is built so (ResponseEvents): whole or streamed, the same
         items (a "required" answer cut short keeps the calls it finished as calls)."""
-        for k in self._picked():
+        for k in self.picked():
             self._open(b, k)
             self._chunk(b, k, "".join(self.seqs[k].texts), self._chat_logprobs(k) if self.logprobs else None)
             self.close(b, k, overall, cut)

@@ -17,8 +17,10 @@ from common.http import BodyLimitMiddleware, error_responses
 from common.wire import error_body, restore_recursion_limit
 from gateway.chain_registry import RegistryView
 from gateway.errors import ERROR_STATUSES, BadRequest, GatewayError
+from gateway.lorax_api import LORAX_PATHS, LoraxRequest
+from gateway.lorax_api import error_body as lorax_error_body
 from gateway.openai_api import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from gateway.routes import internal, openai
+from gateway.routes import internal, lorax, openai
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from gateway.settlement import InProcessSettler
@@ -79,7 +81,16 @@ class _AnswerUnhandled:
             log.exception("unhandled error on %s", scope.get("path"))
             if self.on_error is not None:
                 self.on_error(scope.get("path", ""))
-            await JSONResponse(INTERNAL_ERROR, status_code=500)(scope, receive, send)
+            await JSONResponse(_error(scope.get("path", ""), INTERNAL_ERROR, 500), status_code=500)(
+                scope, receive, send
+            )
+
+
+def _error(path: str, body: dict, status: int) -> dict:
+    """An error body (OpenAI's shape) in the shape of the API `path` belongs to: LoRAX's on its routes."""
+    if path not in LORAX_PATHS:
+        return body
+    return lorax_error_body(body["error"], status)
 
 
 def _declare_bodies(app: FastAPI) -> None:
@@ -97,6 +108,9 @@ def _declare_bodies(app: FastAPI) -> None:
             ("/v1/chat/completions", ChatRequest),
             ("/tokenize", TokenizeRequest),
             ("/detokenize", DetokenizeRequest),
+            ("/generate", LoraxRequest),
+            ("/generate_stream", LoraxRequest),
+            ("/", LoraxRequest),
         ):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(body.pop("$defs", {}))
@@ -165,17 +179,21 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
     app = FastAPI(title="loramesh gateway", lifespan=lifespan, responses=error_responses(ERROR_STATUSES))
 
     def _unhandled(path: str) -> None:
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") or path in LORAX_PATHS:
             gw.metrics.requests.labels("-", "500").inc()
 
     app.add_middleware(_AnswerUnhandled, on_error=_unhandled)
     # no body is read past its limit; a heartbeat is small, a prompt may be large (a context's worth of text)
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={"/internal/": settings.max_heartbeat_bytes}
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        overrides={"/internal/": settings.max_heartbeat_bytes},
+        shape=_error,
     )
     _add_error_handlers(app, gw)
     app.include_router(internal.router)
     app.include_router(openai.router)
+    app.include_router(lorax.router)
     _declare_bodies(app)
     app.state.gateway = gw
     app.state.settler = None  # the in-process settler, when this gateway settles
@@ -183,31 +201,36 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
 
 
 def _add_error_handlers(app: FastAPI, gw: Gateway) -> None:
-    """Every error answers in the OpenAI error shape; errors on /v1/ count in the request metrics."""
+    """Every error answers in the OpenAI error shape (LoRAX's on its routes); errors on the APIs' routes (/v1/,
+    LoRAX's) count in the request metrics, as their answers do."""
 
     def _count_error(request: Request, status: int) -> None:
         model = getattr(request.state, "model", None) or "-"
-        if request.url.path.startswith("/v1/"):
+        if request.url.path.startswith("/v1/") or request.url.path in LORAX_PATHS:
             gw.metrics.requests.labels(model, str(status)).inc()
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         _count_error(request, exc.status)
+        if request.url.path in LORAX_PATHS:
+            return JSONResponse(_error(request.url.path, exc.body(), exc.status), exc.status, exc.headers)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {}
-        return BadRequest(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}").response()
+        error = BadRequest(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}")
+        return JSONResponse(_error(request.url.path, error.body(), 400), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), type=kind, code=None), status_code=exc.status_code)
+        body = _error(request.url.path, error_body(str(exc.detail), type=kind, code=None), exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         # the last resort, for errors outside _AnswerUnhandled (in the middleware above it): still JSON
         log.exception("unhandled error on %s", request.url.path)
         _count_error(request, 500)
-        return JSONResponse(INTERNAL_ERROR, status_code=500)
+        return JSONResponse(_error(request.url.path, INTERNAL_ERROR, 500), status_code=500)

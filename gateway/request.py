@@ -28,6 +28,7 @@ from gateway.choices import Choices
 from gateway.directory import NodeDirectory, NodeEntry
 from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
 from gateway.keys import Admission, AuthContext
+from gateway.lorax_api import LoraxAnswer, LoraxGenerate, LoraxGenerateStream, LoraxRequest
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient, NodeRejected, NodeUnavailable, UpstreamStream
 from gateway.openai_api import (
@@ -52,7 +53,15 @@ from node.receipts import FINISH_REASONS
 log = logging.getLogger(__name__)
 
 # each endpoint's request body
-API_REQUESTS = {"completions": CompletionRequest, "chat": ChatRequest, "responses": ResponsesRequest}
+API_REQUESTS = {
+    "completions": CompletionRequest,
+    "chat": ChatRequest,
+    "responses": ResponsesRequest,
+    # LoRAX's /generate, /generate_stream and / (its compat route): served as the completions they are
+    "lorax": LoraxGenerate,
+    "lorax_stream": LoraxGenerateStream,
+    "lorax_compat": LoraxRequest,
+}
 
 # after aborting a request, how long the gateway reads the node's stream on to its done event (for the
 # receipt it carries; the tokens read meanwhile reach nobody and are not paid) before it settles for the
@@ -134,12 +143,14 @@ class ServedRequest:
     client leaves. `usage` is the gateway's own count: the prompt ids it sent, the token events it relayed."""
 
     def __init__(self, deps: RequestDeps, auth: AuthContext, *, api: str) -> None:
-        """api: "completions", "chat" or "responses" (OpenAI's Responses API, served as the chat it is)."""
+        """api: a key of API_REQUESTS ("responses": OpenAI's Responses API, served as the chat it is; "lorax*":
+        LoRAX's API, served as the completion it is)."""
         self.d, self.auth, self.endpoint = deps, auth, api
-        self.chat = api != "completions"
+        self.chat = api in ("chat", "responses")
         self.key_id: int | None = auth.key.id
         self.req: ChatRequest | CompletionRequest | None = None
         self.responses: ResponsesRequest | None = None  # the request as sent, when it came as a Responses one
+        self.lorax: LoraxRequest | None = None  # the request as sent, when it came as a LoRAX one
         self.target: Target | None = None
         self.quote: dict[str, int] = {}  # each record's adapter id -> the price it is admitted at (known ones)
         self.rid = ""
@@ -181,6 +192,8 @@ class ServedRequest:
         req = await parse_request(API_REQUESTS[self.endpoint], await http.body(), d.settings.max_body_bytes)
         if isinstance(req, ResponsesRequest):
             self.responses, req = req, req.as_chat()
+        elif isinstance(req, LoraxRequest):
+            self.lorax, req = req, req.as_completion(d.catalog.only_base())
         self.req = req
         try:
             await self._prepare(req)
@@ -201,6 +214,8 @@ class ServedRequest:
         headers = {"X-Request-Id": self.rid, "X-Loramesh-Node": self.node.node_id}
         if req.stream and self.responses is not None:
             builder = ResponseEvents(self.responses, self.rid, created)
+        elif req.stream and self.lorax is not None:
+            builder = LoraxAnswer(self.lorax, self.choices, self.prompt_tokens)
         elif req.stream:
             builder = ChunkBuilder(
                 chat=self.chat,
@@ -239,6 +254,10 @@ class ServedRequest:
                 events = ResponseEvents(self.responses, self.rid, created)
                 self.choices.replay(events, self.finish_reason, bool(self.overrun))
                 body = events.response(usage)
+            elif self.lorax is not None:
+                body = LoraxAnswer(self.lorax, self.choices, self.prompt_tokens).whole(
+                    self.finish_reason, bool(self.overrun)
+                )
             else:
                 build = chat_response if self.chat else completion_response
                 choices = self.choices.answer(self.finish_reason, bool(self.overrun))
@@ -273,7 +292,7 @@ class ServedRequest:
         reading.result()
         return True
 
-    async def _events(self, b: ChunkBuilder | ResponseEvents):
+    async def _events(self, b: ChunkBuilder | ResponseEvents | LoraxAnswer):
         # chunks that are ready together go out in one write: each write is a send through the whole
         # ASGI stack and a wake-up of the client, and the bytes on the wire are the same
         c = self.choices

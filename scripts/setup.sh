@@ -49,6 +49,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# lorax-client, the official client tests/gateway/test_lorax_api.py holds LoRAX's API to, goes in on its own
+# line with --no-deps: it pins certifi (==2024.7.4) and huggingface_hub (<1.0), neither of which it imports, and
+# resolving those pins would move the packages transformers runs on. What it does import (aiohttp, pydantic, and
+# requests, which it does not declare) the test extra installs already.
+if ! .venv/bin/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("lorax-client") != "0.6.3")' 2>/dev/null; then
+  say "installing lorax-client 0.6.3 (without its dependencies) for the LoRAX API tests"
+  "${PIP[@]}" install --no-deps lorax-client==0.6.3
+fi
+
 tools_stamp=.tools/.installed
 tools_want="$(cat devnet/toolchain/package.json devnet/toolchain/package-lock.json | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$tools_stamp" ] || [ "$(cat "$tools_stamp")" != "$tools_want" ]; then

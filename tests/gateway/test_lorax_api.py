@@ -1,0 +1,407 @@
+"""LoRAX's native REST API (`POST /`, `/generate`, `/generate_stream`) through the official lorax-client (0.6.3:
+`Client` and `AsyncClient` post to the base URL, LoRAX's compat route) against a real gateway and a real tiny-model
+node with two adapters (random weights): a generation is the completion of the same adapter and prompt (text,
+counts and bill), whole and streamed; details say what LoRAX says (finish reason, tokens with their logprobs, the
+prompt's positions); what cannot be served is refused by name in LoRAX's error shape, which the client raises as
+its own error classes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import lorax
+import lorax.errors
+import openai
+import pytest
+from lorax.types import MergedAdapters, Response, StreamResponse
+
+from gateway.choices import Choices
+from gateway.errors import BadRequest
+from gateway.lorax_api import LoraxAnswer, LoraxGenerate, LoraxGenerateStream
+from gateway.settings import DEFAULT_MAX_BODY_BYTES
+from ledger.models import RecordStatus
+from node.adapters import AdapterStore
+from tests.gateway import TINY
+from tests.gateway.conftest import PROMPT, usage_row
+from tests.utils.factories import make_package
+from tests.utils.gateway import poll
+from tests.utils.stack import register_adapter, start_gateway, start_node
+
+pytestmark = pytest.mark.integration
+
+NAMES = ("acme/capitals", "acme/elements")
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_base, tmp_path_factory):
+    """One gateway (one base: TINY) and one node holding two adapters; the lorax client, the openai client."""
+    root = tmp_path_factory.mktemp("lorax")
+    pkgs = [make_package(tiny_base, root / f"pkg{i}", name=n, seed=60 + i) for i, n in enumerate(NAMES)]
+    store = AdapterStore(root / "store")
+    gw = start_gateway(root / "gateway", tiny_base)
+    for pkg, name in zip(pkgs, NAMES):
+        store.install(pkg.path)
+        register_adapter(gw, adapter_id=pkg.adapter_id, name=name, tiny_base=tiny_base)
+    node = start_node(tiny_base, gateway=gw, store=store)
+    poll(lambda: httpx.get(gw.url + "/health", timeout=5).json().get("live_nodes") == 1, timeout=30)
+    try:
+        yield gw, [p.adapter_id for p in pkgs]
+    finally:
+        node.stop()
+        gw.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(stack):
+    return stack[0]
+
+
+@pytest.fixture(scope="module")
+def ids(stack):
+    return stack[1]
+
+
+@pytest.fixture(scope="module")
+def client(gw):
+    return lorax.Client(gw.url, headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def oai(gw):
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.api_key, max_retries=0, timeout=120)
+
+
+def auth(gw) -> dict:
+    return {"Authorization": f"Bearer {gw.api_key}"}
+
+
+def completion(oai, model: str, **kw):
+    return oai.completions.create(model=model, **({"prompt": PROMPT, "max_tokens": 8, "temperature": 0} | kw))
+
+
+def refused(call, *names: str) -> str:
+    """The message of a refusal the client raises as its ValidationError (LoRAX's "validation" error), naming each
+    of `names`."""
+    with pytest.raises(lorax.errors.ValidationError) as ei:
+        call()
+    message = str(ei.value)
+    for name in names:
+        assert name in message, message
+    assert "\n" not in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- served
+
+
+def test_greedy_generate_is_the_completion_of_the_same_adapter_and_prompt(client, oai, ids):
+    c = completion(oai, NAMES[0])
+    r = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=8)
+    assert r.generated_text == c.choices[0].text
+    d = r.details
+    assert d.finish_reason == "length" and c.choices[0].finish_reason == "length"  # random weights rarely stop
+    assert (d.prompt_tokens, d.generated_tokens) == (c.usage.prompt_tokens, c.usage.completion_tokens)
+    assert len(d.tokens) == d.generated_tokens == 8
+    assert all(t.logprob <= 0 and t.id >= 0 for t in d.tokens)
+    assert "".join(t.text for t in d.tokens if not t.special) == r.generated_text
+    assert d.prefill == [] and d.seed is None and d.best_of_sequences is None
+    # the adapter by its id, the same answer; do_sample false without warpers is greedy whatever the seed
+    assert client.generate(PROMPT, adapter_id=ids[0], max_new_tokens=8, seed=7).generated_text == r.generated_text
+    # the logprobs are the completion's
+    lp = completion(oai, NAMES[0], logprobs=0).choices[0].logprobs.token_logprobs
+    assert [t.logprob for t in d.tokens] == pytest.approx(lp, abs=1e-4)
+    # details false: no details
+    assert client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=8, details=False).details is None
+
+
+def test_streamed_tokens_make_the_whole_answer(client):
+    whole = client.generate(PROMPT, adapter_id=NAMES[1], max_new_tokens=10)
+    frames = list(client.generate_stream(PROMPT, adapter_id=NAMES[1], max_new_tokens=10))
+    *body, last = frames
+    assert all(f.generated_text is None and f.details is None for f in body)
+    assert last.generated_text == whole.generated_text
+    assert "".join(f.token.text for f in frames if not f.token.special) == last.generated_text
+    assert [f.token.id for f in frames] == [t.id for t in whole.details.tokens]
+    assert last.details.finish_reason == "length" and last.details.generated_tokens == len(frames) == 10
+    assert last.details.prompt_tokens == whole.details.prompt_tokens
+    # without details the last frame still carries the text
+    plain = list(client.generate_stream(PROMPT, adapter_id=NAMES[1], max_new_tokens=10, details=False))
+    assert plain[-1].generated_text == whole.generated_text and plain[-1].details is None
+
+
+def test_the_async_client_gets_the_same(gw, client):
+    whole = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=6)
+
+    async def run():
+        ac = lorax.AsyncClient(gw.url, headers=auth(gw), timeout=2)
+        r = await ac.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=6)
+        frames = [f async for f in ac.generate_stream(PROMPT, adapter_id=NAMES[0], max_new_tokens=6)]
+        return r, frames
+
+    r, frames = asyncio.run(run())
+    assert r.generated_text == frames[-1].generated_text == whole.generated_text
+    assert r.details.tokens == whole.details.tokens
+
+
+def test_generate_and_generate_stream_routes_answer_in_lorax_shapes(gw, client):
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": NAMES[0], "max_new_tokens": 5, "details": True}}
+    one = httpx.post(gw.url + "/generate", json=body, headers=auth(gw), timeout=60)
+    assert one.status_code == 200 and isinstance(one.json(), dict), one.text
+    r = Response(**one.json())
+    compat = httpx.post(gw.url + "/", json=body, headers=auth(gw), timeout=60)
+    assert isinstance(compat.json(), list) and Response(**compat.json()[0]) == r  # api-inference's list
+    with httpx.stream("POST", gw.url + "/generate_stream", json=body, headers=auth(gw), timeout=60) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        frames = [StreamResponse(**json.loads(line[5:])) for line in s.iter_lines() if line.startswith("data:")]
+    assert frames[-1].generated_text == r.generated_text and len(frames) == 5
+    streamed = httpx.post(gw.url + "/", json=body | {"stream": True}, headers=auth(gw), timeout=60)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    # a stream flag the route contradicts is refused, by name
+    bad = httpx.post(gw.url + "/generate", json=body | {"stream": True}, headers=auth(gw), timeout=60)
+    assert bad.status_code == 400 and "stream" in bad.json()["error"]
+
+
+def test_return_full_text_prepends_the_inputs(client):
+    plain = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=6)
+    full = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=6, return_full_text=True)
+    assert full.generated_text == PROMPT + plain.generated_text
+    frames = list(client.generate_stream(PROMPT, adapter_id=NAMES[0], max_new_tokens=6, return_full_text=True))
+    assert frames[-1].generated_text == full.generated_text
+
+
+def test_stop_sequences_end_the_text_as_the_completion_does(client, oai):
+    text = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=16).generated_text
+    stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if text[i : i + 2].strip())
+    r = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=16, stop_sequences=[stop])
+    c = completion(oai, NAMES[0], max_tokens=16, stop=[stop])
+    assert r.generated_text == c.choices[0].text == text[: text.index(stop)]
+    assert r.details.finish_reason == "stop_sequence"
+    frames = list(client.generate_stream(PROMPT, adapter_id=NAMES[0], max_new_tokens=16, stop_sequences=[stop]))
+    assert frames[-1].details.finish_reason == "stop_sequence" and frames[-1].generated_text == r.generated_text
+
+
+def test_no_adapter_id_is_the_one_base_model(client, oai):
+    r = client.generate(PROMPT, max_new_tokens=8)
+    assert r.generated_text == completion(oai, TINY).choices[0].text
+    assert client.generate(PROMPT, adapter_id=TINY, max_new_tokens=8).generated_text == r.generated_text
+
+
+def test_sampling_follows_lorax_do_sample_and_warpers(client, oai):
+    seeded = {"max_new_tokens": 8, "seed": 11}
+    sampled = client.generate(PROMPT, adapter_id=NAMES[0], do_sample=True, **seeded)
+    c = completion(oai, NAMES[0], temperature=1.0, seed=11)
+    assert sampled.generated_text == c.choices[0].text and sampled.details.seed == 11
+    # a warper samples without do_sample, as LoRAX does
+    warped = client.generate(PROMPT, adapter_id=NAMES[0], temperature=0.7, top_k=5, top_p=0.9, **seeded)
+    c = completion(oai, NAMES[0], temperature=0.7, top_p=0.9, seed=11, extra_body={"top_k": 5})
+    assert warped.generated_text == c.choices[0].text
+    rp = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=8, repetition_penalty=1.3)
+    c = completion(oai, NAMES[0], extra_body={"repetition_penalty": 1.3})
+    assert rp.generated_text == c.choices[0].text
+
+
+def test_merged_adapters_are_the_linear_ensemble(client, oai):
+    merged = MergedAdapters(ids=list(NAMES), weights=[0.7, 0.3], merge_strategy="linear", density=1.0)
+    r = client.generate(PROMPT, merged_adapters=merged, max_new_tokens=8)
+    c = completion(oai, "+".join(NAMES), extra_body={"adapter_weights": [0.7, 0.3]})
+    assert r.generated_text == c.choices[0].text
+
+
+def test_decoder_input_details_alternatives_and_best_of(gw, client):
+    r = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4, decoder_input_details=True)
+    ids = httpx.post(gw.url + "/tokenize", json={"model": NAMES[0], "prompt": PROMPT}, headers=auth(gw), timeout=30)
+    assert [t.id for t in r.details.prefill] == ids.json()["tokens"]
+    assert r.details.prefill[0].logprob is None and all(t.logprob <= 0 for t in r.details.prefill[1:])
+    alt = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4, return_k_alternatives=2)
+    assert all(len(t.alternative_tokens) == 2 for t in alt.details.tokens)
+    assert alt.details.tokens[0].alternative_tokens[0].logprob >= alt.details.tokens[0].alternative_tokens[1].logprob
+    best = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4, best_of=2, do_sample=True)
+    assert len(best.details.best_of_sequences) == 1 and best.details.generated_tokens == 4
+
+
+def test_a_response_format_is_the_completions_structured_output(client):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    r = client.generate(
+        PROMPT,
+        max_new_tokens=60,
+        do_sample=True,
+        seed=3,
+        response_format={"type": "json_object", "schema": schema},
+    )
+    assert r.generated_text.lstrip().startswith("{"), r.generated_text
+    if r.details.finish_reason != "length":
+        assert isinstance(json.loads(r.generated_text)["a"], int)
+
+
+def test_usage_is_recorded_and_billed_like_a_completion(gw, oai, ids):
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": NAMES[0], "max_new_tokens": 8}}
+    raw = httpx.post(gw.url + "/generate", json=body, headers=auth(gw), timeout=60)
+    row = usage_row(gw, raw.headers["x-request-id"])
+    c = oai.completions.with_raw_response.create(model=NAMES[0], prompt=PROMPT, max_tokens=8, temperature=0)
+    ref = usage_row(gw, c.headers["x-request-id"])
+    assert row.status != RecordStatus.DISPUTED, row.error
+    assert row.adapter_id == ref.adapter_id == ids[0]
+    assert (
+        (row.prompt_tokens, row.completion_tokens)
+        == (ref.prompt_tokens, ref.completion_tokens)
+        == (
+            c.parse().usage.prompt_tokens,
+            8,
+        )
+    )
+    assert (row.node_prompt_tokens, row.node_completion_tokens) == (row.prompt_tokens, row.completion_tokens)
+    with httpx.stream("POST", gw.url + "/generate_stream", json=body, headers=auth(gw), timeout=60) as s:
+        rid = s.headers["x-request-id"]
+        s.read()
+    streamed = usage_row(gw, rid)
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (row.prompt_tokens, 8)
+
+
+# ---------------------------------------------------------------------------------------------- refused
+
+
+def test_each_unsupported_field_or_value_is_refused_by_name(gw, client):
+    def gen(**kw):
+        return client.generate(PROMPT, **({"max_new_tokens": 4} | kw))
+
+    refused(lambda: gen(adapter_source="s3"), "adapter_source")
+    refused(lambda: gen(adapter_source="local"), "adapter_source")
+    refused(lambda: gen(watermark=True), "watermark")
+    refused(lambda: gen(typical_p=0.5), "typical_p")
+    refused(lambda: gen(truncate=10), "truncate")
+    refused(lambda: gen(temperature=3.0), "temperature")
+    refused(lambda: gen(max_new_tokens=10**7), "max_new_tokens")
+    refused(lambda: gen(return_k_alternatives=50), "return_k_alternatives")
+    refused(lambda: gen(stop_sequences=["a"] * 9), "stop")
+    refused(lambda: gen(best_of=2, do_sample=True, seed=1), "seed")
+    ties = MergedAdapters(ids=list(NAMES), weights=[0.5, 0.5], merge_strategy="ties", density=0.5)
+    refused(lambda: gen(merged_adapters=ties), "merge_strategy")
+    signs = MergedAdapters(
+        ids=list(NAMES), weights=[0.5, 0.5], merge_strategy="linear", density=1.0, majority_sign_method="total"
+    )
+    refused(lambda: gen(merged_adapters=signs), "majority_sign_method")
+    refused(lambda: gen(response_format={"type": "json_object", "schema": {"type": 5}}), "response_format")
+    refused(lambda: client.generate("word " * 600, max_new_tokens=4), "inputs")  # past the context
+    refused(lambda: list(client.generate_stream(PROMPT, temperature=3.0)), "temperature")
+
+    def raw(path: str = "/", **body):
+        r = httpx.post(gw.url + path, json={"inputs": PROMPT} | body, headers=auth(gw), timeout=30)
+        assert r.status_code == 400, r.text
+        err = r.json()
+        assert set(err) == {"error", "error_type"} and err["error_type"] == "validation", err
+        assert "\n" not in err["error"]
+        return err["error"]
+
+    assert "parameters.foo" in raw(parameters={"foo": 1})
+    assert "nope" in raw(nope=1)
+    assert "inputs" in raw(inputs="")
+    assert "best_of" in raw(parameters={"best_of": 2, "do_sample": True}, stream=True)
+    assert "best_of" in raw(parameters={"best_of": 2})  # LoRAX's: best_of needs sampling
+    assert "decoder_input_details" in raw("/generate_stream", parameters={"decoder_input_details": True})
+    assert "adapter_id" in raw(
+        parameters={"adapter_id": NAMES[0], "merged_adapters": {"ids": list(NAMES), "weights": [0.5, 0.5]}}
+    )
+    assert "do_sample" in raw(parameters={"do_sample": "yes"})
+
+
+def test_an_unknown_adapter_is_a_404(client):
+    with pytest.raises(lorax.errors.NotFoundError):
+        client.generate(PROMPT, adapter_id="nobody/nothing", max_new_tokens=4)
+
+
+def test_api_token_is_taken_and_ignored(client):
+    r = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4, api_token="hf_secret")
+    assert r.generated_text == client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4).generated_text
+
+
+def test_a_bad_key_is_a_401_in_lorax_shape(gw):
+    bad = lorax.Client(gw.url, headers={"Authorization": "Bearer lm-wrong"}, timeout=30)
+    with pytest.raises(lorax.errors.UnknownError) as ei:
+        bad.generate(PROMPT, max_new_tokens=4)
+    assert "401" in str(ei.value)
+    for path in ("/", "/generate", "/generate_stream"):
+        r = httpx.post(gw.url + path, json={"inputs": PROMPT}, timeout=30)
+        assert r.status_code == 401 and isinstance(r.json()["error"], str), r.text
+
+
+def test_a_malformed_or_oversized_body_is_one_line_in_lorax_shape(gw):
+    r = httpx.post(gw.url + "/generate", content=b'{"inputs": "x",', headers=auth(gw), timeout=30)
+    assert r.status_code == 400 and r.json()["error_type"] == "validation"
+    assert isinstance(r.json()["error"], str) and "\n" not in r.json()["error"]
+    r = httpx.post(gw.url + "/", content=b"[1, 2]", headers=auth(gw), timeout=30)
+    assert r.status_code == 400 and "object" in r.json()["error"]
+    over = {"inputs": "x" * (DEFAULT_MAX_BODY_BYTES + 1)}
+    big = httpx.post(gw.url + "/generate", json=over, headers=auth(gw), timeout=30)
+    assert big.status_code == 413 and isinstance(big.json()["error"], str), big.text
+    assert big.json()["error_type"] == "validation"
+    # a chunked body (no Content-Length) is cut off at the limit the same way
+    chunks = (b'{"inputs": "' + b"x" * (1 << 20) if i == 0 else b"x" * (1 << 20) for i in range(6))
+    big = httpx.post(gw.url + "/", content=chunks, headers=auth(gw), timeout=30)
+    assert big.status_code == 413 and big.json()["error_type"] == "validation", big.text
+
+
+# ---------------------------------------------------------------------------------------------- the writer alone
+
+
+class _Texts:
+    """What the writer reads of a tokenizer's texts (gateway.logprobs.TokenTexts): 2 is the end token."""
+
+    special = frozenset({2})
+
+    def text(self, tid: int) -> str:
+        return f"<{tid}>"
+
+
+def _choices(stop: bool = False) -> tuple[LoraxAnswer, Choices]:
+    c = Choices(chat=False, prompts=[[1, 5]], per_prompt=1, n=1, max_tokens=4, logprobs=True, end_ids=frozenset({2}))
+    c.texts = _Texts()
+    params = {"details": True} | ({"stop": ["zz"]} if stop else {})
+    req = LoraxGenerateStream.model_validate({"inputs": "hi", "parameters": params})
+    req.check()
+    return LoraxAnswer(req, c, prompt_tokens=2), c
+
+
+def _frames(raw: bytes) -> list[dict]:
+    return [json.loads(line[5:]) for line in raw.decode().splitlines() if line.startswith("data:")]
+
+
+def test_the_end_token_is_eos_token_and_a_stop_without_it_a_stop_sequence():
+    """Random weights rarely end a sequence: the finish reasons LoRAX names, from the sequences the path gathers."""
+    for stop, ids, reason in (
+        (False, [7, 2], "eos_token"),
+        (True, [7, 2], "eos_token"),
+        (True, [7, 8], "stop_sequence"),
+    ):
+        w, c = _choices(stop)
+        out = b""
+        for tid in ids:
+            text, scored = c.take_token(0, {"token_id": tid, "text": "" if tid == 2 else "a", "logprob": -0.5})
+            out += c.chunk(w, 0, text, scored)
+        c.take_finish(0, {"finish_reason": "stop"})
+        out += c.close_all(w, "stop", False) + w.end({})
+        frames = [StreamResponse(**f) for f in _frames(out)]
+        assert [f.token.id for f in frames] == ids and [f.token.special for f in frames] == [False, ids[-1] == 2]
+        assert frames[-1].details.finish_reason == reason
+        assert frames[-1].generated_text == "".join("" if t == 2 else "a" for t in ids)
+        assert all(f.generated_text is None for f in frames[:-1])
+
+
+def test_a_stream_the_node_broke_off_ends_in_the_error_the_client_raises_as_incomplete():
+    w, c = _choices()
+    text, scored = c.take_token(0, {"token_id": 7, "text": "a", "logprob": -0.5})
+    out = c.chunk(w, 0, text, scored) + w.failed("node 0xab broke off; the response is incomplete")
+    *tokens, error = _frames(out)
+    assert [StreamResponse(**t).token.text for t in tokens] == ["a"]  # what was relayed (billed) reached the client
+    assert isinstance(lorax.errors.parse_error(200, error), lorax.errors.IncompleteGenerationError)
+
+
+def test_no_adapter_on_a_gateway_of_several_bases_asks_for_one_and_the_token_is_never_shown():
+    req = LoraxGenerate.model_validate({"inputs": "hi", "parameters": {"api_token": "hf_secret"}})
+    req.check()
+    with pytest.raises(BadRequest) as ei:
+        req.as_completion(None)  # gateway.catalog.ModelCatalog.only_base: several bases, or none
+    assert "adapter_id" in str(ei.value)
+    assert req.as_completion("tiny").model == "tiny"
+    assert "hf_secret" not in repr(req) and "hf_secret" not in repr(req.as_completion("tiny"))
