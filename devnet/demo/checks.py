@@ -234,6 +234,33 @@ def send_response(gateway_url: str, api_key: str, adapter) -> Answer:
     )
 
 
+def send_lorax(gateway_url: str, api_key: str, adapter) -> Answer:
+    """One question through LoRAX's REST API with LoRAX's own client (lorax.Client.generate, adapter_id naming the
+    adapter), which the gateway serves as the completion it is: greedy, the answer is the one its completions were
+    taught. The client shows no headers, so its session's response hook reads the request id (X-Request-Id)."""
+    import requests
+    from lorax import Client
+
+    seen: list[str] = []
+    session = requests.Session()
+    session.hooks["response"].append(lambda r, *args, **kwargs: seen.append(r.headers.get("x-request-id", "")))
+    client = Client(gateway_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=180, session=session)
+    q = adapter.questions[0]
+    r = client.generate(q.prompt, adapter_id=adapter.name, max_new_tokens=MAX_TOKENS, details=True)
+    reason = {"eos_token": "stop", "stop_sequence": "stop"}.get(r.details.finish_reason, r.details.finish_reason)
+    return Answer(
+        adapter.name,
+        "lorax",
+        q.prompt,
+        q.completion,
+        r.generated_text,
+        reason,
+        seen[-1],
+        r.details.prompt_tokens,
+        r.details.generated_tokens,
+    )
+
+
 def send_ensemble(gateway_url: str, api_key: str, parts: list[tuple[str, str, float]], prompt: str) -> Answer:
     """One completion from an ensemble of adapters (`parts`: name, adapter id, weight), named as users name it:
     the adapters joined with "+", their weights in `adapter_weights`. Its answer is a blend, so only its

@@ -59,6 +59,7 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             answers.append(checks.send_ensemble(gateway_url, api_key, blend, adapters[0].questions[0].prompt))
             answers.append(checks.send_structured(gateway_url, api_key, adapters[1]))
             answers.append(checks.send_response(gateway_url, api_key, adapters[-1]))
+            answers.append(checks.send_lorax(gateway_url, api_key, adapters[0]))
             show_answers(answers, console)
             checks.check_answers(answers)
             console.print(
@@ -66,7 +67,8 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
                 f"{_count(answers, 'chat')} chats, {_count(answers, 'system chat')} chats after the shared system "
                 f"prompt, {_count(answers, 'stream')} streamed completions, {_count(answers, 'structured chat')} "
                 "chat constrained to its taught answers (structured_outputs choice; its prompt counted alike by "
-                f"/tokenize) and {_count(answers, 'response')} question through the Responses API"
+                f"/tokenize), {_count(answers, 'response')} question through the Responses API and "
+                f"{_count(answers, 'lorax')} through LoRAX's API (its own client, lorax.Client)"
             )
             cached = checks.check_prefix_cache(nodes, answers)
             console.print(
