@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
+from dataclasses import replace
 
-from common.wire import hex0x
 from ledger.chain import ChainClient
 from ledger.errors import ContractError, UnknownAdapter, UnknownNode
-from ledger.types import MAX_MULTIADDRS, node_address_problem
+from ledger.registry_events import NodeActiveChanged, NodeRegistered, NodeUpdated, registry_update
+from ledger.types import MAX_MULTIADDRS, NodeInfo, node_address_problem
 
 log = logging.getLogger(__name__)
+
+# Registered nodes a node dials at start, drawn at random from the active ones on its base model. Registering a
+# node costs only gas: thousands of registrations naming addresses that never answer made every start dial each
+# of them (8 addresses apiece, a dial timeout each). The few dialled lead to the rest: the DHT and the adapter
+# announcements travel between connected peers, and every registered peer is known (trusted) when it connects.
+MAX_REGISTRY_DIALS = 32
+_NODE_EVENTS = ("NodeRegistered", "NodeUpdated", "NodeActiveChanged")
 
 
 class RegistrationError(RuntimeError):
@@ -65,18 +74,45 @@ def ensure_registered(
     return action
 
 
-def registry_peers(client: ChainClient, *, base_model: str, exclude_node: str) -> tuple[set[str], list[str]]:
-    """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model: at most
-    MAX_MULTIADDRS addresses each (a registry deployed before it bounded them may list any number)."""
-    node_ids = {hex0x(ev["args"]["nodeId"]) for ev in client.events("registry", "NodeRegistered")}
-    peer_ids: set[str] = set()
-    addrs: list[str] = []
-    for node_id in sorted(node_ids - {exclude_node}):
-        info = client.get_node(node_id)
-        if info.active and info.base_model == base_model:
-            peer_ids.add(info.peer_id)
-            addrs.extend(info.multiaddrs[:MAX_MULTIADDRS])
-    return peer_ids, addrs
+def registry_peers(
+    client: ChainClient,
+    *,
+    base_model: str,
+    exclude_node: str,
+    dials: int = MAX_REGISTRY_DIALS,
+    rng: random.Random | None = None,
+) -> tuple[set[str], list[str]]:
+    """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model: the peer
+    ids of all of them, the addresses (at most MAX_MULTIADDRS each: a registry deployed before it bounded them may
+    list any number) of `dials` of them drawn at random. The registry's node events are read in one pass (three
+    eth_getLogs), not one call per registered node."""
+    nodes = _registered_nodes(client)
+    live = [n for n in nodes.values() if n.active and n.base_model == base_model and n.node_id != exclude_node]
+    chosen = (rng or random.SystemRandom()).sample(live, min(dials, len(live)))
+    return {n.peer_id for n in live}, [a for n in chosen for a in n.multiaddrs[:MAX_MULTIADDRS]]
+
+
+def _registered_nodes(client: ChainClient) -> dict[str, NodeInfo]:
+    """Every registered node as the registry's events leave it (ledger.registry_events: the meaning the gateway's
+    mirror and the explorer give them), folded in chain order."""
+    events = [ev for name in _NODE_EVENTS for ev in client.events("registry", name)]
+    events.sort(key=lambda ev: (ev["blockNumber"], ev["logIndex"]))
+    nodes: dict[str, NodeInfo] = {}
+    for ev in events:
+        try:
+            u = registry_update(ev)
+        except (KeyError, TypeError, ValueError) as e:  # anyone can register; a malformed event is its own loss
+            log.warning("skipping a registry event in block %s: %s", ev.get("blockNumber"), e)
+            continue
+        if isinstance(u, NodeRegistered):
+            nodes[u.node.node_id] = u.node
+        elif isinstance(u, NodeUpdated) and u.node_id in nodes:
+            nodes[u.node_id] = replace(
+                nodes[u.node_id], base_model=u.base_model, peer_id=u.peer_id, api_url=u.api_url, multiaddrs=u.multiaddrs
+            )
+        elif isinstance(u, NodeActiveChanged) and u.node_id in nodes:
+            nodes[u.node_id] = replace(nodes[u.node_id], active=u.active)
+    return nodes
 
 
 def owner_lookup(client: ChainClient):

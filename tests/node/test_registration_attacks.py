@@ -263,3 +263,45 @@ def test_a_node_registers_its_first_eight_addresses_and_refuses_what_the_registr
     assert ensure_registered(env.client(op), ident.node_key, **kw) == "unchanged"
     with pytest.raises(ValueError, match="node registry refuses it"):
         DaemonConfig(base=tmp_path, store=tmp_path, api_url="node.example:8101")
+
+
+def test_registrations_naming_dead_addresses_cost_a_starting_node_a_bounded_number_of_dials(anvil_chain, monkeypatch):
+    """Registering a node costs only gas. Every start read each registered node with its own call and dialled every
+    address of every one (8 each, a dial timeout apiece for addresses that never answer). Now the registry's node
+    events are read in one pass, and a bounded random draw of the live nodes on the base is dialled; every live
+    node's peer id is still known (trusted when it connects)."""
+    import random
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common.wire import node_id_of
+    from node.registration import registry_peers
+
+    env = anvil_chain
+    base, other_base = rand_id(), rand_id()
+    client = env.client(env.users[1])
+    url = "http://10.0.0.1:8000"
+    live = []
+    for i in range(12):
+        key = Ed25519PrivateKey.generate()
+        node_id = node_id_of(key.public_key().public_bytes_raw())
+        addrs = [f"/ip4/10.0.{i}.{k}/tcp/4001" for k in range(8)]
+        on = other_base if i == 9 else base  # 9: another base model
+        client.register_node(key, peer_id=f"12D3KooWsquat{i}", multiaddrs=addrs, api_url=url, base_model=on)
+        if i == 10:  # inactive
+            client.set_node_active(node_id, False)
+        elif i == 11:  # moved to another peer id and address: the update is what counts
+            moved = ["/ip4/10.9.9.9/tcp/1"]
+            client.update_node(node_id, peer_id="12D3KooWmoved", multiaddrs=moved, api_url=url, base_model=base)
+            live.append("12D3KooWmoved")
+        elif i != 9:
+            live.append(f"12D3KooWsquat{i}")
+    monkeypatch.setattr(type(client), "get_node", lambda *a, **k: pytest.fail("one call per registered node"))
+    reader = env.client()
+    peers, addrs = registry_peers(reader, base_model=base, exclude_node=rand_id(), dials=3, rng=random.Random(7))
+    assert peers == set(live)
+    assert 3 <= len(addrs) <= 3 * 8
+    assert not any(a.startswith(("/ip4/10.0.9.", "/ip4/10.0.10.", "/ip4/10.0.11.")) for a in addrs)
+    # all of them when the bound allows
+    peers, addrs = registry_peers(reader, base_model=base, exclude_node=rand_id())
+    assert peers == set(live) and len(addrs) == 9 * 8 + 1 and "/ip4/10.9.9.9/tcp/1" in addrs
