@@ -15,17 +15,23 @@ round starts the greetings that are due and does not wait for them, so a slow no
 
 A registration costs only its gas, so many registered nodes may name one server (a stranger's flood aimed at
 someone else's host, paths varied): an origin (scheme, host, port) gets at most one hello at a time and one a
-round, whatever the number of nodes naming it. Nodes behind one origin are greeted one a round.
+round, whatever the number of nodes naming it. Nodes behind one origin are greeted one a round. Host names are
+free too (a wildcard DNS record gives any number of names one address), so the bound holds per address: a
+greeting resolves its host first, calls that address (the host name still in the Host header and TLS's server
+name, so a second lookup answered otherwise cannot move the call elsewhere), and an address already greeted this
+round, or being greeted, is left for a later round, at no cost to the node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -84,6 +90,9 @@ class NodeGreeter:
         self._limit = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Task] = {}  # node id -> its greeting, while it runs
         self._busy: set[tuple] = set()  # the origins of the greetings in flight
+        self._round = 0  # start_due calls so far
+        self._greeted_at: dict[tuple, int] = {}  # (address, port) -> the round that called it, this round's only
+        self._calling: set[tuple] = set()  # the (address, port) of the calls in flight
         self._warned_not_settler = False
 
     def due(self) -> list[tuple[str, str]]:
@@ -113,6 +122,8 @@ class NodeGreeter:
     def start_due(self, client: httpx.AsyncClient) -> list[asyncio.Task]:
         """Start the greetings that are due, each its own task (returned; `run` does not wait for them)."""
         tasks = []
+        self._round += 1
+        self._greeted_at.clear()  # an earlier round's calls bind nothing now (those in flight are in _calling)
         for node_id, url in self.due():
             task = asyncio.create_task(self._greet(client, node_id, url), name=f"greet-{node_id[:10]}")
             self._inflight[node_id] = task
@@ -135,12 +146,24 @@ class NodeGreeter:
     async def _greet(self, client: httpx.AsyncClient, node_id: str, url: str) -> str:
         async with self._limit:
             doc = make_hello(self.account, gateway_url=self.gateway_url, gateway_key=self.gateway_key, node_id=node_id)
+            this_round = self._round
             try:
                 async with asyncio.timeout(self.deadline):
-                    status, answer = await bounded_call(client, "POST", url, self.max_answer_bytes, json=doc)
+                    call = await _pinned(url)
+                    address = call.pop("address")
+                    if address in self._calling or self._greeted_at.get(address) == this_round:
+                        return "address busy"  # one hello an address at a time and a round: this node waits a round
+                    self._calling.add(address)
+                    self._greeted_at[address] = this_round
+                    try:
+                        status, answer = await bounded_call(
+                            client, "POST", call.pop("url"), self.max_answer_bytes, json=doc, **call
+                        )
+                    finally:
+                        self._calling.discard(address)
             except TimeoutError:
                 return self._failed(node_id, url, f"no whole answer within {self.deadline:g} s")
-            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:  # a registered URL may be anything
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError, OSError) as e:  # a registered URL may be anything
                 return self._failed(node_id, url, f"unreachable: {type(e).__name__}")
         if status != 200:
             text = answer[:300].decode("utf-8", "replace")
@@ -210,6 +233,27 @@ def _origin(url: str) -> tuple | None:
     except ValueError:
         return None
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+async def _pinned(url: str) -> dict:
+    """How to call `url` at the address its host resolves to now: {"address": (address, port), "url": the URL with
+    that address for its host, "headers": the Host header, "extensions": TLS's server name}. OSError when the host
+    does not resolve (socket.gaierror)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    address = await _resolve(host, port)
+    literal = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    pinned = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path, parts.query, parts.fragment))
+    call = {"address": (address, port), "url": pinned, "headers": {"Host": parts.netloc}}
+    if parts.scheme == "https":
+        call["extensions"] = {"sni_hostname": host}
+    return call
+
+
+async def _resolve(host: str, port: int) -> str:
+    """The first address `host` resolves to (the one a connection would try first)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return infos[0][4][0]
 
 
 def _callable_url(url: str) -> bool:

@@ -207,3 +207,49 @@ def test_a_flood_at_a_real_nodes_origin_never_keeps_it_from_its_hello():
                 g._failed(node_id, url, "404")
         now[0] += 2.0
     assert rounds_to_real is not None and rounds_to_real <= len(fakes)
+
+
+def test_many_host_names_of_one_address_get_one_hello_a_round_between_them(monkeypatch):
+    """Host names cost nothing (a wildcard DNS record: any name, one address), so the bound per origin did not hold
+    a flood back: 200 registrations at n0.wild.test ... n199.wild.test, all one server, got 200 hellos a round. The
+    greeter resolves each host, calls that address (the name kept in the Host header), and greets an address once
+    a round; the nodes left waiting are not held to have failed."""
+    import gateway.greeter as greeter_module
+
+    requests: list[bytes] = []
+
+    def answer(conn) -> None:
+        requests.append(conn.recv(65536))
+        json_answer({"not": "a heartbeat"})(conn)
+
+    class Recording(RawServer):
+        def _one(self, conn) -> None:
+            try:
+                answer(conn)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    victim = Recording(answer)
+    port = victim.url.rsplit(":", 1)[1]
+
+    async def wildcard(host: str, port: int) -> str:
+        assert host.endswith(".wild.test")
+        return "127.0.0.1"
+
+    monkeypatch.setattr(greeter_module, "_resolve", wildcard, raising=False)
+    nodes = {f"0x{i:064x}": f"http://n{i}.wild.test:{port}/node" for i in range(200)}
+    g = greeter(nodes)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            return [await g.greet_once(client) for _ in range(3)]
+
+    rounds = asyncio.run(run())
+    victim.close()
+    assert victim.hits == 3 and g.refused == 3  # one hello a round; only the node called is held to have failed
+    assert [sum(v != "address busy" for v in r.values()) for r in rounds] == [1, 1, 1]
+    assert [len(r) for r in rounds] == [200, 199, 198]  # the nodes left waiting are due again the next round
+    host_headers = [line for req in requests for line in req.split(b"\r\n") if line.lower().startswith(b"host:")]
+    assert len(host_headers) == 3 and all(b".wild.test:" in h for h in host_headers)
