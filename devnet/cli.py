@@ -30,6 +30,7 @@ from devnet.deploy import (
     DEFAULT_PRICE_GRACE_S,
     ETHER,
     MAX_PRICE_GRACE_S,
+    check_fees,
     deploy_to_file,
 )
 from devnet.explorer.cli import explorer
@@ -221,8 +222,9 @@ def chain_deploy_cmd(
             min=0,
             max=MAX_PRICE_GRACE_S,
             help="seconds after a price change during which requests admitted before it are still charged the "
-            "price they were admitted at (never below the price before); 0 charges every record the price of the "
-            "moment it settles, and leaves records admitted before a raise unpaid until the price comes down",
+            "price they were admitted at (never below the price before); 0 or at least 600; 0 charges every record "
+            "the price of the moment it settles, and leaves records admitted before a raise unpaid until the price "
+            "comes down",
         ),
     ] = DEFAULT_PRICE_GRACE_S,
     force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
@@ -234,6 +236,10 @@ def chain_deploy_cmd(
         raise typer.BadParameter(
             f"{out} exists: pass --force to replace it, or choose another --out", param_hint="--out"
         )
+    try:
+        check_fees(node_share, base_price, price_grace)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--price-grace-s") from None
     policy = FeePolicy.from_env()
     if max_fee_gwei is not None:
         policy = dataclasses.replace(policy, max_fee=round(max_fee_gwei * GWEI))

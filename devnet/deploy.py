@@ -14,6 +14,7 @@ from ledger.artifacts import load_artifact
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
 from ledger.errors import LedgerError
+from ledger.settler import GRACE_MARGIN_S
 from ledger.transport import FeePolicy, make_web3, rpc_guard
 from ledger.types import ETHER
 
@@ -34,6 +35,9 @@ DEFAULT_COMMIT_BLOCKS = 1
 # of the old one. At most MAX_PRICE_GRACE.
 DEFAULT_PRICE_GRACE_S = 86_400
 MAX_PRICE_GRACE_S = 30 * 86_400  # PriceGrace.MAX_GRACE
+# A grace shorter than this helps no honest settler: it prices at a quote only while the grace outlasts the next
+# block by GRACE_MARGIN_S, so a shorter one would serve only a settler paying old prices on purpose.
+MIN_PRICE_GRACE_S = 2 * GRACE_MARGIN_S
 
 
 def _deploy_contract(
@@ -64,8 +68,12 @@ def check_fees(
     node_share_bps: int | None, base_price_per_1k_tokens: int | None, price_grace_s: int | None = None
 ) -> None:
     """ValueError for a fee setting the ledger would refuse or misread (None: not being set)."""
-    if price_grace_s is not None and not 0 <= price_grace_s <= MAX_PRICE_GRACE_S:
-        raise ValueError(f"price_grace_s must be 0..{MAX_PRICE_GRACE_S} (30 days), got {price_grace_s}")
+    if price_grace_s is not None and not (
+        price_grace_s == 0 or MIN_PRICE_GRACE_S <= price_grace_s <= MAX_PRICE_GRACE_S
+    ):
+        raise ValueError(
+            f"price_grace_s must be 0 (none) or {MIN_PRICE_GRACE_S}..{MAX_PRICE_GRACE_S} (30 days), got {price_grace_s}"
+        )
     if node_share_bps is not None and not 0 <= node_share_bps <= 10_000:
         raise ValueError(f"node_share_bps must be 0..10000, got {node_share_bps}")
     if base_price_per_1k_tokens is not None and not 0 <= base_price_per_1k_tokens <= MAX_BASE_PRICE:

@@ -387,9 +387,9 @@ class ChainClient:
             out = self.tx.raw_call(self.ledger.address, BASE_PRICE_FLOOR_SELECTOR)
         else:
             out = self.tx.raw_call(self.registry.address, PRICE_FLOOR_SELECTOR + id_bytes(adapter_id))
-        if len(out) != 2 * _WORD:
-            raise DeploymentMismatch(f"priceFloor returned {len(out)} bytes, not two words")
-        return PriceFloor(int.from_bytes(out[:_WORD], "big"), int.from_bytes(out[_WORD:], "big"))
+        if len(out) != 4 * _WORD:
+            raise DeploymentMismatch(f"priceFloor returned {len(out)} bytes, not four words")
+        return PriceFloor(*(int.from_bytes(out[i : i + _WORD], "big") for i in range(0, 4 * _WORD, _WORD)))
 
     def adapter_digest(self, registration: AdapterRegistration) -> str:
         """The EIP-712 digest as the contract computes it (for cross-checks)."""

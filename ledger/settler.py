@@ -11,9 +11,10 @@ State machine (every step is committed before the next one acts, so a crash anyw
       (re-priced). Batches mix adapters, so the prices of its adapters (and the base price) are read
       again, and only the records whose fee moved since they were priced are marked (REPRICED); the
       others go back unmarked, so an adapter owner who raises its price under batches strikes only
-      its own records. InsufficientDeposit with no price moved is the deposit's fault (reclaimed
-      meanwhile): nobody is marked, and the records are batched against the deposit left (what it
-      cannot pay is set aside as DEPOSIT_SHORT);
+      its own records. (Within a raise's grace the ledger charges the price the batch was priced at
+      instead of refusing it: see "Prices are bounded" below.) InsufficientDeposit with no price moved
+      is the deposit's fault (reclaimed meanwhile): nobody is marked, and the records are batched
+      against the deposit left (what it cannot pay is set aside as DEPOSIT_SHORT);
     - a batch of one record refused for any other reason: its record pending again, marked;
     - a batch of several refused for any other reason (a revert the settler does not expect: a
       registry that does not know an adapter the settler's RPC node knew, a panic): split in two
@@ -197,6 +198,7 @@ LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
 # a record quoted below its price is priced at its quote only if the price's grace lasts this much longer than the
 # chain's latest block: the batch is mined later, and a grace over by then gets the batch refused (PriceAboveQuote)
 GRACE_MARGIN_S = 300
+MAX_WINDOW_GROWTH = 3  # a batch reads at most this many times batch_size more rows for those skipped (_skipped)
 
 
 class SettlementError(LedgerError):
@@ -222,8 +224,9 @@ class _StepReads:
     """What one step's batches are formed against, read from the chain once for the step (outside any
     write transaction), not once per batch: at batch 500 those reads were a fifth of the forming time.
     - prices: adapter id (or node id) -> price per 1k tokens, or why it cannot be settled. A price raised
-      during the step is caught by settleBatch's maxPrices (the batch is re-priced), as a price raised
-      between forming and mining always was.
+      during the step is caught by settleBatch's maxPrices, as a price raised between forming and mining
+      always was: charged at the price the batch was priced at within the raise's grace, else the batch is
+      refused and re-priced.
     - deposit: (this account's deposit, the block it was read at). The step's own batches stay open until
       awaited, so _free_deposit counts them against it; a top-up is seen from the next step on.
     - chain_next: the chain's next sequence number for this account; the step's own batches continue the
@@ -233,7 +236,7 @@ class _StepReads:
     deposit: tuple[int, int] | None = None
     chain_next: int = 0
     # adapter id -> its price's grace, read for adapters with records quoted below their price (_needs_floor),
-    # and the chain's time it is read against (the latest block's timestamp)
+    # and the time it is read against (_chain_now)
     floors: dict[str, PriceFloor] = field(default_factory=dict)
     chain_time: int | None = None
 
@@ -313,6 +316,9 @@ class Settler:
         self._next_recheck = 0.0  # records set aside as unregistered: looked at on start, then every minute
         self._next_low_warning = 0.0
         self._next_price_retry = 0.0  # records set aside as PRICE_MOVING: back on start, then every 10 minutes
+        # rows the last batch formed left in the outbox for another price of their adapter (a grace's quotes): the
+        # next batch reads twice that many more rows, so that they never crowd every other adapter's rows out of it
+        self._skipped = 0
 
     # ------------------------------------------------------------------ loop
 
@@ -640,7 +646,9 @@ class Settler:
         cfg = self.config
         while True:
             with self._write() as s:
-                rows = pending_rows(s, cfg.batch_size, lock=True)  # claimed for us
+                # twice the rows skipped last time: held-back rows may fill the next window just as well
+                window = cfg.batch_size + min(2 * self._skipped, MAX_WINDOW_GROWTH * cfg.batch_size)
+                rows = pending_rows(s, window, lock=True)  # claimed for us
                 if not rows or not self._due(s, rows, force):
                     return None
                 missing = [r for r in rows if not self._looked_up(r, reads)]
@@ -700,7 +708,13 @@ class Settler:
                 except UnknownAdapter:  # its price was just read: a registry never deletes
                     reads.floors[r.adapter_id] = PriceFloor(0, 0)
                 if reads.chain_time is None:
-                    reads.chain_time = self.client.chain_time()
+                    reads.chain_time = self._chain_now()
+
+    def _chain_now(self) -> int:
+        """The time a batch sent now is mined at, at the earliest: the latest block's timestamp, or the wall clock
+        when that is later (a chain that mines only on demand, as the devnet does, can leave its latest block
+        minutes old; a test chain moved ahead keeps its own)."""
+        return max(self.client.chain_time(), int(time.time()))
 
     def _looked_up(self, r, reads: _StepReads) -> bool:
         if r.adapter_id not in reads.prices or not (r.node_id in reads.prices or r.node_id in self._known_nodes):
@@ -759,7 +773,7 @@ class Settler:
         free, in_flight = self._free_deposit(s, reads.deposit)
         keep: list[tuple[object, int]] = []
         aside: list[tuple[object, str, int | None]] = []
-        total, short = 0, False
+        total, short, skipped = 0, False, 0
         adapters: dict[str, int] = {}  # adapter id -> the price its records in this batch are charged
         nodes: set[str] = set()
         for r in rows:
@@ -796,7 +810,10 @@ class Settler:
                 a_price = quote  # the raise's grace: charged the price the request was shown (settleBatch's bound)
             a_id = to_id(r.adapter_id)  # as settleBatch's table holds it, however the row spells it
             if adapters.get(a_id, a_price) != a_price:
+                skipped += 1
                 continue  # its adapter is charged another price in this batch: the next batch takes it
+            if len(keep) == cfg.batch_size:
+                break  # a window widened for skipped rows (_skipped) still makes batches of batch_size
             fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
             if a_price > cfg.max_price_per_1k:
                 what = _priced(r.adapter_id)
@@ -819,6 +836,7 @@ class Settler:
                 aside.append((r, f"{DEPOSIT_SHORT}: fee {fee} wei > deposit left {max(free, 0)} wei", fee))
                 continue
             break  # the rest waits for the next batch (or for our in-flight batches to settle)
+        self._skipped = skipped
         if short or free - total < cfg.low_deposit:
             self._warn_low(free - total, in_flight + total, short)
         if not (keep or aside):
@@ -1464,7 +1482,7 @@ class Settler:
                     prices[a] = None
             bound = bounds.get(to_id(a))
             if prices[a] is not None and bound is not None and prices[a] > bound:
-                if self.client.price_floor(a).allows(bound, self.client.chain_time()):
+                if self.client.price_floor(a).allows(bound, self._chain_now()):
                     prices[a] = bound
         # a record without a fee (batched before fees were recorded) is never charged with a move
         return {

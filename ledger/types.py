@@ -391,14 +391,19 @@ class SettledRecord:
 @dataclass(frozen=True, slots=True)
 class PriceFloor:
     """What a price's grace allows (contracts/src/PriceGrace.sol): until grace_ends (a block timestamp), records
-    may be charged any price from `floor` up to the price; after it, the price alone."""
+    may be charged any price from `floor` up to the price, until older_grace_ends from older_floor; after both,
+    the price alone. (0, 0, 0, 0): the price never changed."""
 
     floor: int
     grace_ends: int
+    older_floor: int = 0
+    older_grace_ends: int = 0
 
     def allows(self, price: int, now: int) -> bool:
         """Whether `price` below the current one may be charged at chain time `now`."""
-        return now < self.grace_ends and price >= self.floor
+        return (now < self.grace_ends and price >= self.floor) or (
+            now < self.older_grace_ends and price >= self.older_floor
+        )
 
 
 @dataclass(frozen=True, slots=True)

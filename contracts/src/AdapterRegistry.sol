@@ -107,7 +107,7 @@ contract AdapterRegistry {
     mapping(bytes32 => address) private _nameOwners; // keccak256(bytes(name)) => owner
     mapping(bytes32 => uint256) private _nodeNonces; // node id => successful registerNode calls so far
     mapping(bytes32 => uint256) private _commits; // registrationCommitment(...) => the block it was made in
-    mapping(bytes32 => PriceGrace.Floor) private _priceFloors; // adapter id => its floor since its last change
+    mapping(bytes32 => PriceGrace.Floor) private _priceFloors; // adapter id => the prices it replaced, in grace
 
     /// @notice Blocks a commitment must be old before the registration it commits to reveals it.
     uint256 public immutable minCommitBlocks;
@@ -360,12 +360,17 @@ contract AdapterRegistry {
         return (a.owner, a.pricePer1kTokens, a.datasetIds, payees, a.sharesBps);
     }
 
-    /// @notice Until graceEnds (a timestamp; past: no grace), settlement may charge this adapter's records any
-    /// price from floor up to its price (the settler's quote); reverts for an unknown id.
-    function priceFloor(bytes32 adapterId) external view returns (uint256 floor, uint256 graceEnds) {
+    /// @notice The prices this adapter replaced whose grace still may run (PriceGrace): until graceEnds (a
+    /// timestamp) settlement may charge its records any price from floor up to its price (the settler's quote),
+    /// and until olderGraceEnds from olderFloor. A past end allows nothing. Reverts for an unknown id.
+    function priceFloor(bytes32 adapterId)
+        external
+        view
+        returns (uint256 floor, uint256 graceEnds, uint256 olderFloor, uint256 olderGraceEnds)
+    {
         _adapterOrRevert(adapterId);
         PriceGrace.Floor storage f = _priceFloors[adapterId];
-        return (f.floor, f.graceEnds);
+        return (f.newest.price, f.newest.ends, f.older.price, f.older.ends);
     }
 
     // ------------------------------------------------------------------ nodes

@@ -239,10 +239,15 @@ contract AttributionLedger {
         emit BasePriceChanged(price);
     }
 
-    /// @notice Until graceEnds (a timestamp; past: no grace), base records may be charged any price from floor
-    /// up to the base price (the settler's quote), as AdapterRegistry.priceFloor says of an adapter.
-    function basePriceFloor() external view returns (uint256 floor, uint256 graceEnds) {
-        return (_baseFloor.floor, _baseFloor.graceEnds);
+    /// @notice The base prices replaced whose grace may still run, as AdapterRegistry.priceFloor says of an
+    /// adapter's: base records may be charged from floor until graceEnds, from olderFloor until olderGraceEnds.
+    function basePriceFloor()
+        external
+        view
+        returns (uint256 floor, uint256 graceEnds, uint256 olderFloor, uint256 olderGraceEnds)
+    {
+        PriceGrace.Floor storage f = _baseFloor;
+        return (f.newest.price, f.newest.ends, f.older.price, f.older.ends);
     }
 
     /// @notice Whether an address may settle batches.
@@ -352,8 +357,8 @@ contract AttributionLedger {
             if (adapterIds[a] == bytes32(0)) {
                 f = _baseFloor;
             } else {
-                (uint256 floor, uint256 graceEnds) = registry.priceFloor(adapterIds[a]);
-                f = PriceGrace.Floor(uint128(floor), uint64(graceEnds));
+                (uint256 p1, uint256 e1, uint256 p2, uint256 e2) = registry.priceFloor(adapterIds[a]);
+                f = PriceGrace.Floor(PriceGrace.Slot(uint128(p1), uint64(e1)), PriceGrace.Slot(uint128(p2), uint64(e2)));
             }
             if (!PriceGrace.allows(f, maxPrices[a])) revert PriceAboveQuote(adapterIds[a], prices[a], maxPrices[a]);
             prices[a] = maxPrices[a];

@@ -80,26 +80,54 @@ def test_a_raise_charges_records_admitted_before_it_their_quote_until_the_grace_
     assert _total(env, _settle(env, late, {reg.adapter_id: 3 * 10**15})) == _fees(late, 3 * 10**15)
 
 
-def test_two_changes_in_one_grace_keep_the_lower_floor(chain):
+def test_two_changes_in_one_grace_keep_the_lower_price_each_for_its_own_grace(chain):
     """An owner who lowers then raises (or raises twice) within one grace cannot lift the floor above a price
-    that held during it: a record admitted before the first change is still payable at its quote."""
+    that held during it: a record admitted before the first change is still payable at its quote, until the grace
+    of that price ends (a later change never extends it)."""
     env = chain
     reg = register_sample(env, price=10**15)
     owner = env.client(reg.owner)
     owner.set_adapter_price(reg.adapter_id, 2 * 10**15)
+    _warp(env, 600)
     owner.set_adapter_price(reg.adapter_id, 5 * 10**15)
-    assert env.client().price_floor(reg.adapter_id).floor == 10**15
+    f = env.client().price_floor(reg.adapter_id)
+    assert (f.floor, f.older_floor) == (2 * 10**15, 10**15) and f.older_grace_ends + 600 <= f.grace_ends + 1
     first = _records(reg, 2)
     assert _total(env, _settle(env, first, {reg.adapter_id: 10**15})) == _fees(first, 10**15)
-    owner.set_adapter_price(reg.adapter_id, 0)  # a cut, then a raise: the floor follows the cut down
-    owner.set_adapter_price(reg.adapter_id, 4 * 10**15)
-    assert env.client().price_floor(reg.adapter_id).floor == 0
-    # a change after the grace ended starts afresh from the price that held
-    _warp(env, GRACE)
-    owner.set_adapter_price(reg.adapter_id, 6 * 10**15)
-    assert env.client().price_floor(reg.adapter_id).floor == 4 * 10**15
+    # past the first price's own grace, the second's still runs
+    _warp(env, GRACE - 600)
     with pytest.raises(E.PriceAboveQuote):
         _settle(env, _records(reg, 1), {reg.adapter_id: 10**15})
+    second = _records(reg, 1)
+    assert _total(env, _settle(env, second, {reg.adapter_id: 2 * 10**15})) == _fees(second, 2 * 10**15)
+    _warp(env, 600)
+    with pytest.raises(E.PriceAboveQuote):
+        _settle(env, _records(reg, 1), {reg.adapter_id: 2 * 10**15})
+    # a cut, then a raise: the cut price is chargeable for its grace
+    owner.set_adapter_price(reg.adapter_id, 0)
+    owner.set_adapter_price(reg.adapter_id, 4 * 10**15)
+    cut = _records(reg, 1)
+    assert _total(env, _settle(env, cut, {reg.adapter_id: 0})) == 0
+
+
+def test_a_price_never_outlives_its_grace_through_later_changes(chain):
+    """Found by the red team: the floor of a grace was kept, and its end pushed on, by every change within it (a
+    routine re-price, or the very same price set again), so a price of long ago stayed chargeable for as long as
+    the owner kept changing its price less than a grace apart."""
+    env = chain
+    reg = register_sample(env, price=10**12)
+    owner = env.client(reg.owner)
+    owner.set_adapter_price(reg.adapter_id, 10**14)  # 10**12 is chargeable for one grace from here
+    for k, p in enumerate((10**14 + 1, 10**14, 10**14)):  # the last one the very same price
+        _warp(env, GRACE - 60)
+        owner.set_adapter_price(reg.adapter_id, p)
+        if k == 0:  # 10**12's own grace still runs for a minute
+            records = _records(reg, 1)
+            assert _total(env, _settle(env, records, {reg.adapter_id: 10**12})) == _fees(records, 10**12)
+            continue
+        with pytest.raises(E.PriceAboveQuote):
+            _settle(env, _records(reg, 1), {reg.adapter_id: 10**12})
+    assert env.client().price_floor(reg.adapter_id).older_floor >= 10**14
 
 
 def test_the_base_price_has_the_same_grace_and_none_at_deployment(chain):
@@ -117,6 +145,12 @@ def test_the_base_price_has_the_same_grace_and_none_at_deployment(chain):
         assert _total(env, _settle(env, records, {ZERO_ID: before})) == _fees(records, before)
         with pytest.raises(E.PriceAboveQuote):
             _settle(env, _records(reg, 1, ZERO_ID), {ZERO_ID: before - 1})
+        # nor does the base's floor outlive its grace through later changes
+        for p in (before * 2 + 1, before * 2):
+            _warp(env, GRACE - 60)
+            admin.set_base_price(p)
+        with pytest.raises(E.PriceAboveQuote):
+            _settle(env, _records(reg, 1, ZERO_ID), {ZERO_ID: before})
     finally:
         admin.set_base_price(before)
 

@@ -23,17 +23,17 @@ def test_demo_once_checks_everything_and_exits_cleanly(tmp_path):
     # the demo exits 0 only after its own checks; here we make sure they ran and said so
     # every adapter answer equals what its data taught, through both endpoints (the demo checks it, exact)
     # and one chat constrained to the taught answers, its prompt counted by /tokenize first (the demo checks both),
-    # and one question through the Responses API
+    # and one question through the Responses API, one through LoRAX's API with LoRAX's own client
     assert (
         "✓ every adapter answered as trained: 12 completions, 12 chats, 12 chats after the shared system prompt, "
         "3 streamed completions, 1 chat constrained to its taught answers (structured_outputs choice" in out
     ), out
-    assert "/tokenize) and 1 question through the Responses API" in out, out
+    assert "/tokenize), 1 question through the Responses API and 1 through LoRAX's API (its own client" in out, out
     # the shared system prompt's blocks were found in the nodes' prefix caches (the demo checks a floor)
     assert re.search(r"✓ the shared system prompt's KV was computed once per adapter and node: [1-9]\d* prompt", out)
-    # 41 adapter requests, the 12 bare base-model comparisons the demo sends alongside, and one ensemble
+    # 42 adapter requests, the 12 bare base-model comparisons the demo sends alongside, and one ensemble
     # request of two adapters, on chain as two records
-    assert re.search(r"✓ 55 records on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
+    assert re.search(r"✓ 56 records on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
     assert re.search(r"✓ the ensemble alice/capitals\+bob/elements \(weights 0\.7, 0\.3\), one request", out), out
     assert re.search(r"✓ 12 of them to the bare base model, at the base price: 0\.0000\d+ ETH", out), out
     assert "node1 fetched bob/elements through the mesh" in out

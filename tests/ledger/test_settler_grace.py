@@ -8,6 +8,7 @@ import json
 import pytest
 from sqlmodel import Session, select
 
+from ledger.errors import ChainUnavailable
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch
 from ledger.settler import PRICE_ABOVE_QUOTE, Settler
 from ledger.settler_config import SettlerConfig
@@ -109,3 +110,73 @@ def test_after_the_grace_a_record_quoted_below_the_price_is_set_aside(chain, eng
     assert all(r.status == RecordStatus.SET_ASIDE and r.error.startswith(PRICE_ABOVE_QUOTE) for r in rows)
     assert all("grace" in r.error for r in rows)
     assert _batches(engine) == []  # nothing sent: nothing reverted
+
+
+def test_an_owner_repricing_between_requests_never_crowds_other_adapters_out(chain, engine):
+    """Found by the red team: an owner who moves its price between requests gives each of its records its own quote,
+    and the ledger charges an adapter one price a batch: its rows at other prices stayed at the head of the outbox,
+    and every batch formed from the same few rows, one of them kept. The rows another price holds back no longer
+    count against a batch: the other adapters' records settle in the first batches, whatever the owner does (its
+    own records still take a batch per quote)."""
+    env = chain
+    client = _settler(env)
+    reg, other = register_sample(env, price=10**12), register_sample(env, price=10**12)
+    owner = env.client(reg.owner)
+    for i in range(8):
+        add_records(engine, [reg], 1, quote=10**12 + i)
+        owner.set_adapter_price(reg.adapter_id, 10**12 + i + 1)
+    others = add_records(engine, [other], 4, quote=10**12)
+    assert Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain() == 12
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    assert {r.status for r in rows.values()} == {RecordStatus.SETTLED}
+    batches = _batches(engine)
+    first_of = {b.batch_id: i for i, b in enumerate(batches)}
+    assert max(first_of[rows[i].batch_id] for i in others) <= 2  # not after the owner's eight
+    assert len(batches) == 8 and all(len(json.loads(b.prices_priced)) <= 2 for b in batches)
+
+
+@pytest.mark.parametrize("grace", [1, 599, 30 * 86_400 + 1])
+def test_a_grace_no_honest_settler_could_use_is_refused_at_deployment(grace, tmp_path):
+    """Found by the red team: a grace of 200 s was taken, but the settler prices at a quote only while the grace
+    outlasts the next block by GRACE_MARGIN_S (300 s): it served only a settler paying old prices on purpose."""
+    from typer.testing import CliRunner
+
+    from devnet.cli import app
+    from devnet.deploy import check_fees
+
+    with pytest.raises(ValueError, match="price_grace_s must be 0"):
+        check_fees(None, None, grace)
+    key = tmp_path / "k"
+    key.write_text("0x" + "11" * 32)
+    r = CliRunner().invoke(
+        app, ["chain", "deploy", "--rpc", "http://127.0.0.1:9", "--key", str(key), "--price-grace-s", str(grace)]
+    )
+    assert r.exit_code == 2 and "--price-grace-s" in r.output
+
+
+def test_a_grace_priced_batch_resumed_by_another_process_keeps_its_id(chain, engine, monkeypatch):
+    """A batch priced at a quote under a grace, written but never sent (the chain went away), is resumed by a
+    fresh settler from prices_priced: the same maxPrices, so the same id (no BatchIdMismatch, no split)."""
+    env = chain
+    client = _settler(env)
+    reg = register_sample(env, price=10**12)
+    add_records(engine, [reg], 2, quote=10**12)
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 3 * 10**12)
+    add_records(engine, [reg], 2, quote=3 * 10**12)
+
+    def down(*args, **kwargs):
+        raise ChainUnavailable("gone")
+
+    monkeypatch.setattr(client, "send_settle_batch", down)
+    first = Settler(engine, client, SettlerConfig(batch_size=100, interval=0, lease=1))
+    with pytest.raises(ChainUnavailable):
+        first.step(force=True)
+    first.release()
+    (b,) = _batches(engine)
+    monkeypatch.undo()
+    second = Settler(engine, env.client(client.account), SettlerConfig(batch_size=100, interval=0))
+    assert second.drain() == 4
+    batches = _batches(engine)
+    assert batches[0].batch_id == b.batch_id and batches[0].status == BatchStatus.SETTLED
+    assert all(bt.status == BatchStatus.SETTLED for bt in batches)
+    assert {r.status for r in outbox_rows(engine)} == {RecordStatus.SETTLED}
