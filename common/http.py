@@ -79,8 +79,8 @@ class BodyLimitMiddleware:
         overrides: dict[str, int] | None = None,
         shape: Callable[[str, dict, int], dict] | None = None,
     ) -> None:
-        """shape(path, body, status): the error body for a path whose API has an error shape of its own (the
-        gateway's LoRAX routes), from the usual one."""
+        """shape(path, body, status): the error body for a path whose API has an error shape of its own, from the
+        usual one (the app's to say which paths those are)."""
         self.app, self.max_bytes, self.shape = app, max_bytes, shape
         self.overrides = sorted((overrides or {}).items(), key=lambda kv: -len(kv[0]))
 

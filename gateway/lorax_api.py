@@ -4,30 +4,34 @@ posts to), served by the completions path.
 A request is checked in its own shape (each field refused by its own name), then turned into the completion it is
 (`LoraxCompletion`: the prompt's tokens, the bounds, the limits, the billing and the attribution are
 /v1/completions', not a second copy of them); its answer is written back as LoRAX writes it: `{"generated_text",
-"details"}` (a list of one on `POST /`, as api-inference answers), or events of one token each, the last carrying
-`generated_text` (and `details` when asked). Errors are LoRAX's `{"error", "error_type"}` on these paths
-(`error_body`), which lorax-client raises as its own classes (400 -> ValidationError, 429 and 503 ->
-OverloadedError, 502 -> GenerationError, 404 -> NotFoundError).
+"details"}` (a list of one on `POST /`, as api-inference answers), or events of one token each, each sent as its
+token is relayed, the last carrying `generated_text` (and `details` when asked): the last token's event when that
+token is known to be the last (max_new_tokens reached, an end token), else one of a special token of no text.
+Errors are LoRAX's `{"error", "error_type"}` on these paths (`error_body`), which lorax-client raises as its own
+classes (400 -> ValidationError, 429 and 503 -> OverloadedError, 502 -> GenerationError, 404 -> NotFoundError).
 
 Served: `adapter_id` (an adapter's name or 0x id, or a base's; absent: the one base this gateway serves),
 `adapter_source` "hub" or absent (both mean this gateway's registry), `merged_adapters` (merge_strategy "linear":
 the ensemble of those adapters with those weights, `density` unused as LoRAX's linear merge leaves it),
-`api_token` (taken, never used nor logged: access is the API key's), `max_new_tokens` (absent: the completions
-default), `do_sample`, `temperature`, `top_k`, `top_p` (LoRAX's rule: greedy unless do_sample or a warper is set),
-`repetition_penalty`, `frequency_penalty`, `presence_penalty`, `stop`, `seed`, `ignore_eos_token`, `best_of`
-(sampled, not streamed), `details` (the tokens with their logprobs, finish_reason "length" / "eos_token" /
-"stop_sequence"), `return_full_text`, `decoder_input_details` (the prompt's positions: echo with logprobs),
-`return_k_alternatives` (up to 5, the completions' logprobs bound), `response_format` (json_object, with or
-without a schema, or json_schema: structured output). Refused by name: `truncate` (a prompt past the context is
-refused, never cut), `typical_p`, `watermark`, other adapter sources, other merge strategies and sign methods,
-and any field LoRAX does not define. Unlike LoRAX, a stop sequence is not part of the text (OpenAI's and vLLM's
-way, as on /v1/completions), and the seed in details is the one given (none when the client gave none)."""
+`api_token` (taken, never used nor logged: access is the API key's), `max_new_tokens` (absent: the room the
+context leaves, at most the gateway's max_max_tokens, as a chat's max_tokens), `do_sample`, `temperature`, `top_k`,
+`top_p` (LoRAX's rule: greedy unless do_sample or a warper is set), `repetition_penalty`, `frequency_penalty`,
+`presence_penalty`, `stop`, `seed`, `ignore_eos_token`, `best_of` (sampled, not streamed; LoRAX's check: do_sample
+or a warper given, whatever its value), `details` (the tokens with their logprobs, finish_reason "length" /
+"eos_token" / "stop_sequence"), `return_full_text`, `decoder_input_details` (the prompt's positions: echo with
+logprobs), `return_k_alternatives` (up to 5, the completions' logprobs bound), `response_format` (json_object,
+with or without a schema, or json_schema: structured output). Refused by name: `truncate` (a prompt past the
+context is refused, never cut), `typical_p`, `watermark`, other adapter sources, other merge strategies and sign
+methods, an adapter_id with a '+' (adapters are combined in merged_adapters), a temperature of 0 when sampled
+(do_sample, best_of), and any field LoRAX does not define. Unlike LoRAX, a stop sequence is not part of the text
+(OpenAI's and vLLM's way, as on /v1/completions), and the seed in details is the one given when the answer is
+sampled (none when the client gave none, or the answer is greedy)."""
 
 from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr
 
 from common.wire import MAX_N, MAX_STOPS, MAX_TOP_K, SEED_LIMIT, TOKEN_ID_LIMIT, sse_frame
 from gateway.catalog import ENSEMBLE_SEPARATOR
@@ -149,10 +153,16 @@ class LoraxParameters(BaseModel):
     watermark: bool = False
 
     @property
+    def sampling_asked(self) -> bool:
+        """LoRAX's router's check of best_of: do_sample, or a warper given (whatever its value)."""
+        return self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+
+    @property
     def sampling(self) -> bool:
-        """LoRAX's rule: sampled when do_sample is set or a warper changes the distribution, else greedy."""
+        """LoRAX's rule: sampled when do_sample is set or a warper changes the distribution, else greedy; best_of's
+        sequences are sampled (their check: sampling_asked)."""
         warped = self.temperature not in (None, 1.0) or self.top_k is not None or self.top_p not in (None, 1.0)
-        return self.do_sample or warped
+        return self.do_sample or warped or (self.best_of or 1) > 1
 
     def check(self, stream: bool) -> None:
         refused = {
@@ -171,12 +181,24 @@ class LoraxParameters(BaseModel):
             )
         if self.adapter_id is not None and self.merged_adapters is not None:
             raise BadRequest("parameters: give at most one of adapter_id and merged_adapters", param="adapter_id")
+        if self.adapter_id is not None and ENSEMBLE_SEPARATOR in self.adapter_id:
+            raise BadRequest(
+                f"parameters.adapter_id names one adapter, and no adapter's name or id has a {ENSEMBLE_SEPARATOR!r}; "
+                "to combine adapters, give them in merged_adapters (ids and weights)",
+                param="adapter_id",
+            )
+        if self.temperature is not None and self.temperature <= 0 and (self.do_sample or (self.best_of or 1) > 1):
+            raise BadRequest(
+                "parameters.temperature must be strictly positive when sampling (do_sample, best_of > 1); for greedy "
+                "decoding leave do_sample false and best_of 1",
+                param="temperature",
+            )
         if self.merged_adapters is not None:
             self.merged_adapters.check()
         if self.best_of is not None and self.best_of > 1:
-            if not self.sampling:
+            if not self.sampling_asked:
                 raise BadRequest(
-                    "parameters.best_of > 1 needs sampling (do_sample, or a temperature, top_k or top_p)",
+                    "parameters.best_of > 1 needs sampling: set do_sample, or give a temperature, top_k or top_p",
                     param="best_of",
                 )
             if self.seed is not None:
@@ -266,12 +288,9 @@ class LoraxRequest(BaseModel):
             "response_format": p.response_format.completion_format() if p.response_format else None,
             "adapter_weights": weights,
         }
-        try:
-            req = LoraxCompletion.model_validate({k: v for k, v in body.items() if v is not None})
-        except ValidationError as e:  # what LoRAX's shape let through and a completion refuses
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err.get("loc", ())) or "parameters"
-            raise BadRequest(f"{where}: {err.get('msg', 'invalid value')}", param="parameters") from e
+        # each value is within its completion field's type (LoRAX's fields are typed as narrowly), so this
+        # validation cannot fail (tests/gateway/test_lorax_api.py tries every field at its bounds)
+        req = LoraxCompletion.model_validate({k: v for k, v in body.items() if v is not None})
         req.check()
         return req
 
@@ -318,7 +337,7 @@ class LoraxAnswer:
         self.req, self.p, self.c, self.prompt_tokens = req, req.params, choices, prompt_tokens
         self.prefix = req.inputs if self.p.return_full_text else ""
         self.k = self.p.return_k_alternatives or 0
-        self._pending: dict | None = None  # the last token's frame: sent with the next token, or as the last
+        self._last: dict | None = None  # the frame of a token known to be the last, held for the finish
 
     def _seed(self) -> int | None:
         return self.p.seed if self.p.sampling else None
@@ -366,20 +385,28 @@ class LoraxAnswer:
         return b""
 
     def token(self, text: str, index: int = 0, logprobs: dict | None = None) -> bytes:
-        """One token's frame, held until the next token or the end comes: the last frame carries the text."""
+        """One token's frame, sent as it is relayed. A token known to be its sequence's last (its max_new_tokens-th,
+        or its end token) is held for the finish that follows it: LoRAX's last frame is its last token's, carrying
+        generated_text (and details)."""
         s = self.c.seqs[index]
         tid = s.ids[-1]
         scored = s.scored[-1] if _valid(tid) and s.scored else None
-        out = self._flush()
-        self._pending = {"token": _token(self.c.texts, tid, text, scored, self.k), "generated_text": None}
-        self._pending["details"] = None
-        return out
+        frame = {"token": _token(self.c.texts, tid, text, scored, self.k), "generated_text": None, "details": None}
+        if s.ended or s.count >= self.c.max_tokens:
+            self._last = frame
+            return b""
+        return sse_frame(frame)
 
     def finish(self, reason: str, index: int = 0, *, cut: bool = False) -> bytes:
+        """The last frame: the held last token's, or where the sequence ended on a token not known to be its last
+        (a stop sequence, the node stopped) or on none, a special token of no text (the tokens' texts still make
+        generated_text), carrying generated_text and details."""
         s = self.c.seqs[index]
-        # a sequence of no token (a node that finished at once) still ends with a frame, on a token of nothing
-        frame = self._pending or {"token": {"id": 0, "text": "", "logprob": 0.0, "special": True}}
-        self._pending = None
+        frame, self._last = self._last, None
+        if frame is None:
+            frame = {"token": {"id": 0, "text": "", "logprob": 0.0, "special": True}}
+            if self.k:
+                frame["token"]["alternative_tokens"] = []
         frame["generated_text"] = self.prefix + "".join(s.texts)
         frame["details"] = None
         if self.p.details:
@@ -395,10 +422,8 @@ class LoraxAnswer:
         return b""  # LoRAX's stream ends with its last token's frame
 
     def failed(self, message: str, usage: dict | None = None) -> bytes:
-        """The node broke off: the tokens relayed (billed) reach the client, then the error lorax-client raises as
-        IncompleteGenerationError."""
-        return self._flush() + sse_frame({"error": message, "error_type": "incomplete_generation"})
-
-    def _flush(self) -> bytes:
-        frame, self._pending = self._pending, None
-        return sse_frame(frame) if frame is not None else b""
+        """The node broke off: the tokens relayed (billed) reach the client, a held last one included, then the
+        error lorax-client raises as IncompleteGenerationError."""
+        frame, self._last = self._last, None
+        held = sse_frame(frame) if frame is not None else b""
+        return held + sse_frame({"error": message, "error_type": "incomplete_generation"})

@@ -1,7 +1,8 @@
-"""One OpenAI request's life, owned by one object (ServedRequest): parse the body, resolve its model, tokenize
-the prompt, route it, fail over before the first token, relay the tokens (and count them: the gateway bills
-what it delivered, the tokens it relayed before the client left or the node's stream broke), then abort if
-needed, record the end with the node's receipt and charge the key's tokens.
+"""One API request's life (an OpenAI completion, chat or Responses request, or a LoRAX generation served as the
+completion it is), owned by one object (ServedRequest): parse the body, resolve its model, tokenize the prompt,
+route it, fail over before the first token, relay the tokens (and count them: the gateway bills what it
+delivered, the tokens it relayed before the client left or the node's stream broke), then abort if needed,
+record the end with the node's receipt and charge the key's tokens.
 
 The route hands it the authenticated key and the HTTP request and gets the answer back (a JSON body, or an
 event stream that ends the request when it ends); the parts it uses come typed in RequestDeps."""
@@ -395,13 +396,14 @@ class ServedRequest:
 
     def _max_tokens(self, req: ChatRequest | CompletionRequest, prompt: int, context: int | None) -> int:
         """The tokens each sequence may generate: the request's max_tokens (completions: 16 by default, as
-        OpenAI's), or for a chat that names none what the context leaves after the prompt; a prompt plus
-        max_tokens beyond the context is refused with the numbers, as OpenAI refuses it."""
+        OpenAI's), or for a chat or a LoRAX generation that names none what the context leaves after the prompt
+        (at most max_max_tokens); a prompt plus max_tokens beyond the context is refused with the numbers, as
+        OpenAI refuses it."""
         s, wanted = self.d.settings, req.wanted_tokens()
         if wanted is not None and wanted > s.max_max_tokens:
             field = req.tokens_field()
             raise BadRequest(f"{field} {wanted} is more than this gateway allows ({s.max_max_tokens})", param=field)
-        if wanted is None and self.chat:
+        if wanted is None and (self.chat or self.lorax is not None):  # LoRAX's max_new_tokens: the room left too
             room = s.max_max_tokens if context is None else context - prompt
             if room >= 1:
                 return min(s.max_max_tokens, room)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import httpx
 import lorax
@@ -17,16 +18,24 @@ import openai
 import pytest
 from lorax.types import MergedAdapters, Response, StreamResponse
 
+from common.identity import Identity
 from gateway.choices import Choices
 from gateway.errors import BadRequest
-from gateway.lorax_api import LoraxAnswer, LoraxGenerate, LoraxGenerateStream
-from gateway.settings import DEFAULT_MAX_BODY_BYTES
+from gateway.keys import create_key
+from gateway.lorax_api import LoraxAnswer, LoraxGenerate, LoraxGenerateStream, LoraxParameters, LoraxRequest
+from gateway.main import create_app
+from gateway.settings import DEFAULT_MAX_BODY_BYTES, GatewaySettings
+from gateway.tables import RequestStatus
 from ledger.models import RecordStatus
 from node.adapters import AdapterStore
+from node.adapters.basemodel import base_model_id
+from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
+from node.heartbeat import HeartbeatSender
 from tests.gateway import TINY
 from tests.gateway.conftest import PROMPT, usage_row
 from tests.utils.factories import make_package
-from tests.utils.gateway import poll
+from tests.utils.gateway import StandInNode, add_node, make_db, poll, record_of
+from tests.utils.servers import ServerThread
 from tests.utils.stack import register_adapter, start_gateway, start_node
 
 pytestmark = pytest.mark.integration
@@ -342,6 +351,41 @@ def test_a_malformed_or_oversized_body_is_one_line_in_lorax_shape(gw):
     assert big.status_code == 413 and big.json()["error_type"] == "validation", big.text
 
 
+def test_max_new_tokens_left_out_is_the_room_the_context_leaves(client):
+    """LoRAX's effective max_new_tokens: max_total_tokens - input_length (the rule a chat's missing max_tokens
+    follows here), not the completions' default of 16."""
+    r = client.generate(PROMPT, adapter_id=NAMES[0], ignore_eos_token=True)
+    assert r.details.finish_reason == "length"
+    assert r.details.prompt_tokens + r.details.generated_tokens == 512  # the tiny base's context
+
+
+def test_best_of_samples_when_a_warper_is_given_whatever_its_value(gw, client):
+    """LoRAX's check (and lorax-client's own): best_of > 1 needs do_sample or a temperature, top_k or top_p given
+    (is_some), so temperature 1.0 counts."""
+    r = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4, best_of=2, temperature=1.0)
+    assert r.details.generated_tokens == 4 and len(r.details.best_of_sequences) == 1
+    assert r.details.seed is None  # sampled without a seed (best_of takes none)
+    # none given (the client refuses it before posting): the refusal says what to give
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "best_of": 2}}
+    r = httpx.post(gw.url + "/generate", json=body, headers=auth(gw), timeout=30)
+    assert r.status_code == 400 and r.json()["error_type"] == "validation", r.text
+    assert all(name in r.json()["error"] for name in ("best_of", "do_sample", "temperature")), r.text
+
+
+def test_an_adapter_id_with_a_plus_is_refused_and_points_to_merged_adapters(client):
+    """adapter_id names one adapter: 'a+b' is no adapter's name, and not an ensemble (merged_adapters is)."""
+    refused(lambda: client.generate(PROMPT, adapter_id="+".join(NAMES), max_new_tokens=4), "adapter_id", "merged")
+
+
+def test_sampling_at_a_temperature_of_zero_is_refused_as_lorax_refuses_it(client):
+    """LoRAX: "`temperature` must be strictly positive"; sampling asked (do_sample, best_of) at 0 is refused by
+    name rather than served greedy. Without them, a temperature of 0 is greedy decoding."""
+    refused(lambda: client.generate(PROMPT, max_new_tokens=4, do_sample=True, temperature=0.0), "temperature")
+    refused(lambda: client.generate(PROMPT, max_new_tokens=4, best_of=2, temperature=0.0), "temperature")
+    greedy = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=6)
+    assert client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=6, temperature=0.0) == greedy
+
+
 # ---------------------------------------------------------------------------------------------- the writer alone
 
 
@@ -382,9 +426,14 @@ def test_the_end_token_is_eos_token_and_a_stop_without_it_a_stop_sequence():
         c.take_finish(0, {"finish_reason": "stop"})
         out += c.close_all(w, "stop", False) + w.end({})
         frames = [StreamResponse(**f) for f in _frames(out)]
-        assert [f.token.id for f in frames] == ids and [f.token.special for f in frames] == [False, ids[-1] == 2]
-        assert frames[-1].details.finish_reason == reason
+        ended = ids[-1] == 2  # the end token is known to be the last: its frame is the last one
+        assert [f.token.id for f in frames[: len(ids)]] == ids and len(frames) == len(ids) + (not ended)
+        assert [f.token.special for f in frames] == [False, True] if ended else [False, False, True]
+        if not ended:  # the end came after the last token was sent: a special token of no text carries it
+            assert (frames[-1].token.text, frames[-1].token.id) == ("", 0)
+        assert frames[-1].details.finish_reason == reason and frames[-1].details.generated_tokens == len(ids)
         assert frames[-1].generated_text == "".join("" if t == 2 else "a" for t in ids)
+        assert "".join(f.token.text for f in frames if not f.token.special) == frames[-1].generated_text
         assert all(f.generated_text is None for f in frames[:-1])
 
 
@@ -405,3 +454,208 @@ def test_no_adapter_on_a_gateway_of_several_bases_asks_for_one_and_the_token_is_
     assert "adapter_id" in str(ei.value)
     assert req.as_completion("tiny").model == "tiny"
     assert "hf_secret" not in repr(req) and "hf_secret" not in repr(req.as_completion("tiny"))
+
+
+def test_each_token_is_sent_as_it_is_relayed_and_only_one_known_to_be_the_last_is_held():
+    """A frame goes out with its token (LoRAX's router sends each token as it comes); the last one, which carries
+    generated_text, is held only when it is known to be the last: max_new_tokens reached (here 4), or an end
+    token. A stream the node breaks off still delivers a held token before its error."""
+    w, c = _choices()
+    sent = []
+    for i, tid in enumerate((7, 8, 9, 10)):
+        text, scored = c.take_token(0, {"token_id": tid, "text": f"t{i}", "logprob": -0.5})
+        sent.append(_frames(c.chunk(w, 0, text, scored)))
+    assert [[f["token"]["id"] for f in frames] for frames in sent] == [[7], [8], [9], []]
+    assert all(f["generated_text"] is None and f["details"] is None for frames in sent for f in frames)
+    c.take_finish(0, {"finish_reason": "length"})
+    [last] = [StreamResponse(**f) for f in _frames(c.close_all(w, "length", False) + w.end({}))]
+    assert last.token.id == 10 and last.generated_text == "t0t1t2t3"
+    assert last.details.finish_reason == "length" and last.details.generated_tokens == 4
+
+    w, c = _choices()
+    text, scored = c.take_token(0, {"token_id": 2, "text": "", "logprob": -0.1})  # the end token: held
+    assert c.chunk(w, 0, text, scored) == b""
+    *held, error = _frames(w.failed("node 0xab broke off; the response is incomplete"))
+    assert [f["token"]["id"] for f in held] == [2] and error["error_type"] == "incomplete_generation"
+
+
+def _bounds(prop: dict) -> list:
+    """The extreme values a LoraxParameters field's JSON schema allows (None included where it is)."""
+    out = []
+    for branch in prop.get("anyOf", [prop]):
+        kind = branch.get("type")
+        if kind == "null":
+            out.append(None)
+        elif kind == "boolean":
+            out += [False, True]
+        elif kind in ("integer", "number"):
+            step = 1 if kind == "integer" else 1e-9
+            lo = branch.get("minimum", branch.get("exclusiveMinimum", -(10**6)) + step)
+            hi = branch.get("maximum", branch.get("exclusiveMaximum", 10**12) - step)
+            out += [lo, hi] if kind == "integer" else [float(lo), float(hi), math.nextafter(float(hi), -math.inf)]
+        elif kind == "string":
+            out += ["x" * branch.get("minLength", 1), "x" * branch.get("maxLength", 300)]
+        elif kind == "array" and branch.get("items", {}).get("type") == "string":
+            items = branch["items"]
+            out += [[], ["x" * items.get("maxLength", 300)] * branch.get("maxItems", 8)]
+    return out
+
+
+def test_a_request_lorax_shape_accepts_is_a_completion_that_validates():
+    """as_completion builds its CompletionRequest without catching pydantic's ValidationError: every field of
+    LoRAX's shape is typed as narrowly as the completion field it becomes. Each field at each of its bounds, in
+    each mode (greedy, sampled, best_of; streamed or not; details), is a completion or a BadRequest by name."""
+    schema = LoraxParameters.model_json_schema()
+    names = [f"{'n' * 200}/{i}" for i in range(MAX_ENSEMBLE_ADAPTERS)]
+    extra = [
+        ("merged_adapters", {"ids": names, "weights": [MAX_ENSEMBLE_WEIGHT] * MAX_ENSEMBLE_ADAPTERS}),
+        ("merged_adapters", {"ids": names[:2], "weights": [1e-9, 1e-9], "merge_strategy": "linear", "density": 0}),
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_object", "schema": {"type": "object"}}),
+        ("response_format", {"type": "json_schema", "schema": {"type": "array"}}),
+    ]
+    cases = [(name, v) for name, prop in schema["properties"].items() for v in _bounds(prop)] + extra
+    assert {name for name, _ in cases} >= set(LoraxParameters.model_fields) - {"api_token"}
+    modes = [{}, {"do_sample": True}, {"top_k": 3, "top_p": 0.5}, {"best_of": 4, "do_sample": True}]
+    built = 0
+    for name, value in cases:
+        for mode in modes:
+            for extra_params in ({}, {"details": True, "decoder_input_details": True}):
+                params = mode | extra_params | {name: value}
+                for route in (LoraxGenerate, LoraxGenerateStream, LoraxRequest):
+                    req = route.model_validate({"inputs": "x" * 5, "parameters": params})
+                    try:
+                        req.check()
+                        req.as_completion("tiny")
+                        built += 1
+                    except BadRequest:
+                        pass
+    assert built > 1000
+
+
+# ---------------------------------------------------------------------------------------------- a stand-in node
+
+STANDIN_MAX_MAX_TOKENS = 100
+
+
+@pytest.fixture(scope="module")
+def standin_world(tmp_path_factory, tiny_base):
+    """A gateway (max_max_tokens 100) and a stand-in node (tests/utils/gateway.py: tokens " t0".." t4", ids
+    10..14, steered by the prompt), for what a real node does not do on cue: pause between tokens, stop."""
+    tmp = tmp_path_factory.mktemp("lorax_standin")
+    engine = make_db(tmp / "gw.db")
+    base = base_model_id(tiny_base)
+    from transformers import AutoTokenizer
+
+    node = StandInNode(Identity.generate(), base, tokens=5, tokenizer=AutoTokenizer.from_pretrained(str(tiny_base)))
+    node_srv = ServerThread(node.app()).start()
+    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
+    key, _ = create_key(engine, name="app")
+    settings = GatewaySettings(
+        db_url=f"sqlite:///{tmp / 'gw.db'}",
+        bases=[tiny_base],
+        heartbeat_ttl_s=600,
+        max_max_tokens=STANDIN_MAX_MAX_TOKENS,
+    )
+    app = create_app(settings)
+    srv = ServerThread(app).start()
+    sender = HeartbeatSender(node.identity, [srv.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
+    try:
+        yield srv, engine, key, node, sender, app.state.gateway, base
+    finally:
+        srv.stop()
+        node_srv.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def standin(standin_world):
+    srv, engine, key, node, sender, service, base = standin_world
+    service.directory.disputed.clear()  # each test stands alone
+    node.delay = 0.0
+    assert asyncio.run(sender.send_once()) == {srv.url: 200}
+    try:
+        yield srv, engine, key, node, service.templates.context_len(base)
+    finally:
+        node.delay = 0.0
+
+
+def _leave_after_one_frame(url: str, key: str, path: str, body: dict, frame: str) -> tuple[str, str]:
+    """A streamed request whose client leaves after its first token's frame: (request id, that frame)."""
+    with httpx.stream("POST", url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith(frame):
+                return r.headers["x-request-id"], line
+    raise AssertionError("no frame came")
+
+
+def test_a_client_leaving_a_stream_is_billed_the_tokens_it_was_sent_as_on_v1_completions(standin):
+    """The node makes a token every 0.4 s; the client leaves once it read the first. Billed: 1, as the same
+    client of /v1/completions is (tests/gateway/test_delivered.py), not a token held back and never sent."""
+    srv, engine, key, node, _ = standin
+    node.delay = 0.4
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 5}}
+    rid, line = _leave_after_one_frame(srv.url, key, "/generate_stream", body, "data:")
+    assert StreamResponse(**json.loads(line[5:])).token.text == " t0"
+    done, usage = record_of(engine, rid)
+    assert done.status == RequestStatus.CLIENT_CLOSED
+    oai_body = {"model": TINY, "prompt": "hello", "max_tokens": 5, "stream": True}
+    oai_rid, _ = _leave_after_one_frame(srv.url, key, "/v1/completions", oai_body, "data: {")
+    _, oai_usage = record_of(engine, oai_rid)
+    assert usage.completion_tokens == done.completion_tokens == oai_usage.completion_tokens == 1
+
+
+def test_the_first_frame_comes_with_the_first_token(standin):
+    """The node sends its first token, then nothing until the client has read that token's frame: the frame is not
+    held until the second token comes (a gateway that held it would wait on a node that waits on it)."""
+    srv, _, key, node, _ = standin
+    node.gate.clear()
+    body = {"inputs": "GATE_AFTER_1", "parameters": {"max_new_tokens": 3}}
+    try:
+        _, line = _leave_after_one_frame(srv.url, key, "/generate_stream", body, "data:")
+    finally:
+        node.gate.set()
+    assert StreamResponse(**json.loads(line[5:])).token.text == " t0"
+
+
+def test_a_stream_the_node_stops_ends_in_a_special_frame_of_no_text(standin):
+    """The node stops after 3 tokens without an end token (a stop sequence does so too): each token was sent as
+    it came, so the end is a frame of a special token of no text, carrying generated_text and details, which
+    lorax-client takes; the tokens' texts still make the text, and the count is the tokens'."""
+    srv, engine, key, _, _ = standin
+    client = lorax.Client(srv.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    whole = client.generate("STOP_AT_3", max_new_tokens=5)
+    frames = list(client.generate_stream("STOP_AT_3", max_new_tokens=5))
+    assert [f.token.text for f in frames] == [" t0", " t1", " t2", ""]
+    assert [f.token.special for f in frames] == [False, False, False, True]
+    assert all(f.generated_text is None and f.details is None for f in frames[:3])
+    last = frames[-1]
+    assert last.generated_text == whole.generated_text == " t0 t1 t2"
+    assert "".join(f.token.text for f in frames if not f.token.special) == last.generated_text
+    assert last.details.generated_tokens == whole.details.generated_tokens == len(whole.details.tokens) == 3
+    assert last.details.finish_reason == whole.details.finish_reason == "eos_token"  # no stop sequence asked
+    # the node reaching max_new_tokens: the last token is known to be the last and carries the end itself
+    frames = list(client.generate_stream("hello", max_new_tokens=5))
+    assert [f.token.text for f in frames] == [" t0", " t1", " t2", " t3", " t4"]
+    assert frames[-1].generated_text == " t0 t1 t2 t3 t4" and frames[-1].details.finish_reason == "length"
+    # its end token (here followed by tokens past it, not relayed): known to be the last, it carries the end too
+    frames = list(client.generate_stream("PAST_EOS", max_new_tokens=5))
+    assert [(f.token.text, f.token.special) for f in frames] == [(" t0", False), ("", True)]
+    assert frames[-1].generated_text == " t0" and frames[-1].details.finish_reason == "eos_token"
+    assert frames[-1].details.generated_tokens == 2
+
+
+def test_max_new_tokens_left_out_is_the_room_left_at_most_the_gateways_bound(standin):
+    """The node is asked for what the context leaves after the inputs, capped at max_max_tokens (as a chat that
+    names no max_tokens), whole or streamed."""
+    srv, _, key, node, context = standin
+    headers = {"Authorization": f"Bearer {key}"}
+    for path in ("/generate", "/generate_stream"):
+        r = httpx.post(srv.url + path, json={"inputs": "hello"}, headers=headers, timeout=30)
+        assert r.status_code == 200 and node.requests[-1]["max_tokens"] == STANDIN_MAX_MAX_TOKENS, r.text
+    long = "word " * 150
+    r = httpx.post(srv.url + "/generate", json={"inputs": long, "parameters": {"details": True}}, headers=headers)
+    assert r.status_code == 200, r.text
+    prompt = r.json()["details"]["prompt_tokens"]
+    assert context - prompt < STANDIN_MAX_MAX_TOKENS and node.requests[-1]["max_tokens"] == context - prompt

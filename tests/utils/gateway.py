@@ -4,6 +4,7 @@ the node API contract (for unit tests of the proxy only; integration tests use t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,13 +112,14 @@ class StandInNode:
     with no text, then tokens with their text up to max_tokens, claimed (an honest node stops at the stop string);
     'OPERATOR_ABORT' -> token 10 with no text (held back by an honest node asked to stop at "(("), then the done
     event of a request its operator aborted; 'HUGE_LOGPROB' -> tokens as usual, the second with a logprob of
-    10**400."""
+    10**400; 'GATE_AFTER_1' -> one token, then nothing until `gate` is set (at most 60 s), then the rest."""
 
     identity: object
     base_model_id: str
     base_model_name: str = "tiny-test"
     tokens: int = 5
     delay: float = 0.0
+    gate: threading.Event = field(default_factory=threading.Event)
     requests: list[dict] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
@@ -314,6 +316,11 @@ class StandInNode:
                 for i in range(limit):
                     if self.delay:
                         await asyncio.sleep(self.delay)
+                    if "GATE_AFTER_1" in prompt and i == 1:
+                        for _ in range(1200):  # longer than the tests' 30 s read timeout
+                            if self.gate.is_set():
+                                break
+                            await asyncio.sleep(0.05)
                     if rid in self.aborted:  # as the real node: an aborted request ends with its receipt
                         s = self.receipt(rid, "abort")
                         yield sse_frame({"type": "done", "finish_reason": "abort", **s})
