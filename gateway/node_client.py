@@ -171,7 +171,9 @@ async def _text(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
             if text := decoder.decode(chunk):
                 yield text
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise NodeUnavailable(f"the node's stream broke: {e!r}", dead=True) from e
+        # the client is told the kind of break; the library's own words (addresses, protocol states) go to the log
+        log.info("a node's stream broke: %r", e)
+        raise NodeUnavailable(f"the node's stream broke ({type(e).__name__})", dead=True) from e
     if tail := decoder.decode(b"", final=True):
         yield tail
 

@@ -694,7 +694,7 @@ class ServedRequest:
                 return
             except (ValueError, RuntimeError) as e:
                 self.stream_ok = False
-                self.failure = f"node {self.node.node_id[:10]} failed after {self.n_tokens} tokens: {e!r}"
+                self.failure = f"node {self.node.node_id[:10]} failed after {self.n_tokens} tokens: {e}"
                 return
 
     @property
