@@ -17,9 +17,10 @@ A registration costs only its gas, so many registered nodes may name one server 
 someone else's host, paths varied): an origin (scheme, host, port) gets at most one hello at a time and one a
 round, whatever the number of nodes naming it. Nodes behind one origin are greeted one a round. Host names are
 free too (a wildcard DNS record gives any number of names one address), so the bound holds per address: a
-greeting resolves its host first, calls that address (the host name still in the Host header and TLS's server
-name, so a second lookup answered otherwise cannot move the call elsewhere), and an address already greeted this
-round, or being greeted, is left for a later round, at no cost to the node.
+greeting resolves its host first and calls one of its addresses (the host name still in the Host header and
+TLS's server name, so a second lookup answered otherwise cannot move the call elsewhere; no connection kept, so
+none checked for one name carries another's); an address already greeted this round, or being greeted, is left
+for a later round, at no cost to the node.
 """
 
 from __future__ import annotations
@@ -149,18 +150,9 @@ class NodeGreeter:
             this_round = self._round
             try:
                 async with asyncio.timeout(self.deadline):
-                    call = await _pinned(url)
-                    address = call.pop("address")
-                    if address in self._calling or self._greeted_at.get(address) == this_round:
+                    status, answer = await self._call_pinned(client, url, doc, this_round)
+                    if status is None:
                         return "address busy"  # one hello an address at a time and a round: this node waits a round
-                    self._calling.add(address)
-                    self._greeted_at[address] = this_round
-                    try:
-                        status, answer = await bounded_call(
-                            client, "POST", call.pop("url"), self.max_answer_bytes, json=doc, **call
-                        )
-                    finally:
-                        self._calling.discard(address)
             except TimeoutError:
                 return self._failed(node_id, url, f"no whole answer within {self.deadline:g} s")
             except (httpx.HTTPError, httpx.InvalidURL, ValueError, OSError) as e:  # a registered URL may be anything
@@ -190,6 +182,40 @@ class NodeGreeter:
             log.info("node %s took this gateway's hello", node_id[:10])
         self.greeted += 1
         return "ok"
+
+    async def _call_pinned(
+        self, client: httpx.AsyncClient, url: str, doc: dict, this_round: int
+    ) -> tuple[int | None, bytes]:
+        """POST `doc` to `url` at one of the addresses its host resolves to, in the resolver's order (a dual-stack
+        host whose first address this gateway cannot reach is called at the next, as a connection by name would),
+        skipping those called this round or being called: (status, answer), or (None, b"") when every address was
+        skipped. Each address tried counts as called this round."""
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        unreachable: Exception | None = None
+        for address in await _resolve(host, port):
+            key = (address, port)
+            if key in self._calling or self._greeted_at.get(key) == this_round:
+                continue
+            self._calling.add(key)
+            self._greeted_at[key] = this_round
+            literal = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+            pinned = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path, parts.query, parts.fragment))
+            # the name in the Host header and TLS's server name (the certificate is checked against it); and no
+            # connection kept: a pool keys its connections by address, and would carry the next name's hello over
+            # a connection whose certificate was checked for another name
+            kw: dict = {"headers": {"Host": parts.netloc, "Connection": "close"}}
+            if parts.scheme == "https":
+                kw["extensions"] = {"sni_hostname": host}
+            try:
+                return await bounded_call(client, "POST", pinned, self.max_answer_bytes, json=doc, **kw)
+            except httpx.ConnectError as e:  # nothing answers at this address: the next one
+                unreachable = e
+            finally:
+                self._calling.discard(key)
+        if unreachable is not None:
+            raise unreachable
+        return None, b""
 
     def _failed(self, node_id: str, url: str, why: str) -> str:
         self.refused += 1
@@ -235,25 +261,10 @@ def _origin(url: str) -> tuple | None:
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
-async def _pinned(url: str) -> dict:
-    """How to call `url` at the address its host resolves to now: {"address": (address, port), "url": the URL with
-    that address for its host, "headers": the Host header, "extensions": TLS's server name}. OSError when the host
-    does not resolve (socket.gaierror)."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    address = await _resolve(host, port)
-    literal = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
-    pinned = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path, parts.query, parts.fragment))
-    call = {"address": (address, port), "url": pinned, "headers": {"Host": parts.netloc}}
-    if parts.scheme == "https":
-        call["extensions"] = {"sni_hostname": host}
-    return call
-
-
-async def _resolve(host: str, port: int) -> str:
-    """The first address `host` resolves to (the one a connection would try first)."""
+async def _resolve(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to, in the resolver's order (the order a connection by name tries them)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return infos[0][4][0]
+    return list(dict.fromkeys(info[4][0] for info in infos))
 
 
 def _callable_url(url: str) -> bool:

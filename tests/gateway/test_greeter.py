@@ -5,16 +5,23 @@ answer used to stall a whole round)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import socket
+import ssl
 import threading
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from eth_account import Account
 
+import gateway.greeter as greeter_module
 from common.identity import Identity
 from gateway.greeter import NodeGreeter
 from node.heartbeat import HeartbeatSender
@@ -214,8 +221,6 @@ def test_many_host_names_of_one_address_get_one_hello_a_round_between_them(monke
     a flood back: 200 registrations at n0.wild.test ... n199.wild.test, all one server, got 200 hellos a round. The
     greeter resolves each host, calls that address (the name kept in the Host header), and greets an address once
     a round; the nodes left waiting are not held to have failed."""
-    import gateway.greeter as greeter_module
-
     requests: list[bytes] = []
 
     def answer(conn) -> None:
@@ -236,7 +241,7 @@ def test_many_host_names_of_one_address_get_one_hello_a_round_between_them(monke
 
     async def wildcard(host: str, port: int) -> str:
         assert host.endswith(".wild.test")
-        return "127.0.0.1"
+        return ["127.0.0.1"]
 
     monkeypatch.setattr(greeter_module, "_resolve", wildcard, raising=False)
     nodes = {f"0x{i:064x}": f"http://n{i}.wild.test:{port}/node" for i in range(200)}
@@ -253,3 +258,155 @@ def test_many_host_names_of_one_address_get_one_hello_a_round_between_them(monke
     assert [len(r) for r in rounds] == [200, 199, 198]  # the nodes left waiting are due again the next round
     host_headers = [line for req in requests for line in req.split(b"\r\n") if line.lower().startswith(b"host:")]
     assert len(host_headers) == 3 and all(b".wild.test:" in h for h in host_headers)
+
+
+# ---- hellos pinned to an address: TLS and dual-stack hosts
+
+A, B = "0x" + "aa" * 32, "0x" + "bb" * 32
+
+
+def _cert_for(name: str, tmp_path):
+    """A CA, and a server certificate for `name` only, signed by it."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "scratch ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "srv.pem").write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return tmp_path / "ca.pem", tmp_path / "srv.pem"
+
+
+class TLSKeepAliveServer:
+    """HTTPS on 127.0.0.1 with a certificate for `name` only; keep-alive; records each request's Host."""
+
+    def __init__(self, certfile) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(certfile)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.hosts: list[str] = []
+        self.snis: list[str | None] = []
+        self.ctx.sni_callback = lambda s, name, c: self.snis.append(name)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        try:
+            tls = self.ctx.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):
+            return
+        buf = b""
+        try:
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, rest = buf.split(b"\r\n\r\n", 1)
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        k, _, v = line.partition(b":")
+                        if k.strip().lower() == b"host":
+                            self.hosts.append(v.strip().decode())
+                        if k.strip().lower() == b"content-length":
+                            length = int(v)
+                    while len(rest) < length:
+                        rest += tls.recv(65536)
+                    buf = rest[length:]
+                    body = b'{"nope": 1}'
+                    tls.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            return
+
+
+def test_a_tls_connection_checked_for_one_name_never_carries_a_hello_for_another(tmp_path, monkeypatch):
+    """Found by a review: a certificate valid for a.test only, and b.test resolving to the same address. A fresh
+    connection for b.test fails verification; but a pool keys connections by (scheme, address, port), not by TLS's
+    server name, so the hello for b.test rode the connection verified for a.test. Hellos keep no connection."""
+    ca, srv = _cert_for("a.test", tmp_path)
+    server = TLSKeepAliveServer(srv)
+
+    async def resolve(host, port):
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(greeter_module, "_resolve", resolve)
+    g = greeter({A: f"https://a.test:{server.port}", B: f"https://b.test:{server.port}"})
+
+    async def run():
+        async with httpx.AsyncClient(timeout=2.0, verify=ssl.create_default_context(cafile=str(ca))) as client:
+            # control: b.test alone on a fresh client fails TLS verification
+            async with httpx.AsyncClient(timeout=2.0, verify=ssl.create_default_context(cafile=str(ca))) as fresh:
+                g_b = greeter({B: f"https://b.test:{server.port}"})
+                fresh_b = await g_b.greet_once(fresh)
+            r1 = await g.greet_once(client)  # one address a round: a.test goes, b.test waits ("address busy")
+            r2 = await g.greet_once(client)  # a.test backs off (404): b.test's turn, on the pooled connection
+            return fresh_b, r1, r2
+
+    fresh_b, *rounds = asyncio.run(run())
+    assert "unreachable" in fresh_b[B]  # a fresh connection to b.test does verify the name
+    assert not any(h.startswith("b.test") for h in server.hosts), (
+        f"a hello for b.test went over a TLS connection verified for a.test only (Host headers: {server.hosts})"
+    )
+
+
+def test_a_host_whose_first_address_answers_nothing_is_greeted_at_the_next(monkeypatch):
+    """Found by a review: a call by name tries every address the host resolves to; pinned to the first one, a
+    dual-stack node whose first (IPv6) address this gateway cannot reach was never greeted. The next is tried."""
+    node = "0x" + "cd" * 32
+    live = RawServer(json_answer({"body": {"node_id": node}, "signature": "00"}))
+    port = int(live.url.rsplit(":", 1)[1])
+    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+
+    async def fake_getaddrinfo(self, host, p, *a, **kw):
+        if host == "dual.test":
+            return [
+                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", p, 0, 0)),  # nothing listens there
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p)),
+            ]
+        return await real(self, host, p, *a, **kw)
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+    g = greeter({node: f"http://dual.test:{port}"})
+
+    async def run():
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            return await g.greet_once(client)
+
+    got = asyncio.run(run())
+    live.close()
+    assert got[node] == "ok", got
