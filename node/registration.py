@@ -14,11 +14,6 @@ from ledger.types import MAX_MULTIADDRS, NodeInfo, node_address_problem
 
 log = logging.getLogger(__name__)
 
-# Registered nodes a node dials at start, drawn at random from the active ones on its base model. Registering a
-# node costs only gas: thousands of registrations naming addresses that never answer made every start dial each
-# of them (8 addresses apiece, a dial timeout each). The few dialled lead to the rest: the DHT and the adapter
-# announcements travel between connected peers, and every registered peer is known (trusted) when it connects.
-MAX_REGISTRY_DIALS = 32
 _NODE_EVENTS = ("NodeRegistered", "NodeUpdated", "NodeActiveChanged")
 
 
@@ -75,21 +70,18 @@ def ensure_registered(
 
 
 def registry_peers(
-    client: ChainClient,
-    *,
-    base_model: str,
-    exclude_node: str,
-    dials: int = MAX_REGISTRY_DIALS,
-    rng: random.Random | None = None,
+    client: ChainClient, *, base_model: str, exclude_node: str, rng: random.Random | None = None
 ) -> tuple[set[str], list[str]]:
-    """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model: the peer
-    ids of all of them, the addresses (at most MAX_MULTIADDRS each: a registry deployed before it bounded them may
-    list any number) of `dials` of them drawn at random. The registry's node events are read in one pass (three
-    eth_getLogs), not one call per registered node."""
+    """(peer ids, multiaddrs) of the other active nodes in the registry that serve the same base model: their
+    addresses (at most MAX_MULTIADDRS each: a registry deployed before it bounded them may list any number) node by
+    node in a random order. Registering a node costs only gas: read with one call per registered node, thousands of
+    registrations made every start wait; the registry's node events are now read in one pass (three eth_getLogs).
+    The dials themselves run in the background, a few at a time (P2PNode.add_peers); in a random order, no run of
+    registrations placed together in the registry (every address dead, say) holds the live nodes back behind it."""
     nodes = _registered_nodes(client)
     live = [n for n in nodes.values() if n.active and n.base_model == base_model and n.node_id != exclude_node]
-    chosen = (rng or random.SystemRandom()).sample(live, min(dials, len(live)))
-    return {n.peer_id for n in live}, [a for n in chosen for a in n.multiaddrs[:MAX_MULTIADDRS]]
+    (rng or random.SystemRandom()).shuffle(live)
+    return {n.peer_id for n in live}, [a for n in live for a in n.multiaddrs[:MAX_MULTIADDRS]]
 
 
 def _registered_nodes(client: ChainClient) -> dict[str, NodeInfo]:

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PARALLEL_DIALS = 16  # peers dialled at once by add_peers
+LOGGED_DIAL_FAILURES = 3  # add_peers logs this many failed dials one by one, then one line for the rest
 
 
 class P2PNode:
@@ -318,19 +319,34 @@ class Mesh:
 
     async def add_peers(self, multiaddrs: list[str]) -> None:
         """Dial each address (bootstrap or chain registry), MAX_PARALLEL_DIALS at a time (an address that never
-        answers costs its slot dial_timeout, not every address after it); failures are logged, not raised."""
-        slots = trio.CapacityLimiter(MAX_PARALLEL_DIALS)
+        answers costs its slot dial_timeout, not every address after it), a task started only when a slot is free
+        (the chain's registry may list thousands); failures are logged, not raised: the first few each, then one
+        line for the lot."""
+        slots = trio.Semaphore(MAX_PARALLEL_DIALS)
+        addrs = list(dict.fromkeys(multiaddrs))  # each address once, in order
+        failed = 0
 
         async def one(addr: str) -> None:
-            async with slots:
-                try:
-                    await self.connect(addr)
-                except P2PError as e:
-                    log.warning("could not reach peer %s: %s", addr, e)
+            nonlocal failed
+            try:
+                await self.connect(addr)
+            except P2PError as e:
+                failed += 1
+                (log.warning if failed <= LOGGED_DIAL_FAILURES else log.debug)("could not reach peer %s: %s", addr, e)
+            finally:
+                slots.release()
 
         async with trio.open_nursery() as nursery:
-            for addr in dict.fromkeys(multiaddrs):  # each address once, in order
+            for addr in addrs:
+                await slots.acquire()
                 nursery.start_soon(one, addr)
+        if failed > LOGGED_DIAL_FAILURES:
+            log.warning(
+                "could not reach %d of %d peer addresses (the first %d named above)",
+                failed,
+                len(addrs),
+                LOGGED_DIAL_FAILURES,
+            )
 
     async def dial_soon(self, multiaddrs: list[str]) -> None:
         """Start add_peers in the background (it ends with the host)."""
