@@ -198,7 +198,10 @@ LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
 # a record quoted below its price is priced at its quote only if the price's grace lasts this much longer than the
 # chain's latest block: the batch is mined later, and a grace over by then gets the batch refused (PriceAboveQuote)
 GRACE_MARGIN_S = 300
-MAX_WINDOW_GROWTH = 3  # a batch reads at most this many times batch_size more rows for those skipped (_skipped)
+# pages of batch_size rows a batch reads past its first while rows there are held back for another price of their
+# adapter (a grace's quotes) and the batch is not full: an owner moving its price between requests cannot keep the
+# other adapters' rows out of batches with fewer than this many times batch_size rows of its own
+MAX_SCAN_PAGES = 16
 
 
 class SettlementError(LedgerError):
@@ -316,9 +319,8 @@ class Settler:
         self._next_recheck = 0.0  # records set aside as unregistered: looked at on start, then every minute
         self._next_low_warning = 0.0
         self._next_price_retry = 0.0  # records set aside as PRICE_MOVING: back on start, then every 10 minutes
-        # rows the last batch formed left in the outbox for another price of their adapter (a grace's quotes): the
-        # next batch reads twice that many more rows, so that they never crowd every other adapter's rows out of it
-        self._skipped = 0
+        # rows a batch's scan reached that were not priced yet (_form_in): looked up before the next batch forms
+        self._unpriced: list = []
 
     # ------------------------------------------------------------------ loop
 
@@ -645,10 +647,12 @@ class Settler:
         forming starts over. `reads` carries what was read for this step's earlier batches."""
         cfg = self.config
         while True:
+            if self._unpriced:  # rows a batch's scan reached before they were priced
+                unpriced, self._unpriced = self._unpriced, []
+                self._look_up(unpriced, reads.prices)
+                self._look_up_floors(unpriced, reads)
             with self._write() as s:
-                # twice the rows skipped last time: held-back rows may fill the next window just as well
-                window = cfg.batch_size + min(2 * self._skipped, MAX_WINDOW_GROWTH * cfg.batch_size)
-                rows = pending_rows(s, window, lock=True)  # claimed for us
+                rows = pending_rows(s, cfg.batch_size, lock=True)  # claimed for us
                 if not rows or not self._due(s, rows, force):
                     return None
                 missing = [r for r in rows if not self._looked_up(r, reads)]
@@ -766,7 +770,10 @@ class Settler:
         A record is priced at its adapter's price, or, quoted below it, at its quote while the price's grace
         allows that (PriceFloor; else it is set aside). The ledger charges an adapter one price a batch, so a
         record priced otherwise than the first of its adapter in the batch stays in the outbox for a later batch
-        (one batch per price an adapter's records were admitted at during a grace)."""
+        (one batch per price an adapter's records were admitted at during a grace); while such rows are held back
+        and the batch is not full, it reads on past `rows`, a page at a time (at most MAX_SCAN_PAGES), so that
+        they never fill every batch by themselves. A row the scan reaches before it was priced ends it, and is
+        priced for the next batch (_unpriced)."""
         cfg = self.config
         prices = reads.prices
         formed_at = time.monotonic()  # before the batch's lease is taken (_new_batch)
@@ -776,7 +783,22 @@ class Settler:
         total, short, skipped = 0, False, 0
         adapters: dict[str, int] = {}  # adapter id -> the price its records in this batch are charged
         nodes: set[str] = set()
-        for r in rows:
+
+        def scan():
+            yield from rows
+            after, pages = rows[-1].id, 0
+            while skipped and len(keep) < cfg.batch_size and pages < MAX_SCAN_PAGES:
+                page = pending_rows(s, cfg.batch_size, lock=True, after=after)
+                for r in page:
+                    if not self._looked_up(r, reads):
+                        self._unpriced = page  # priced before the next batch forms
+                        return
+                    yield r
+                if len(page) < cfg.batch_size:
+                    return
+                after, pages = page[-1].id, pages + 1
+
+        for r in scan():
             a_price, n_reason = prices[r.adapter_id], prices.get(r.node_id)
             if not _is_readable_id(r.request_id):
                 aside.append((r, f"{ID_UNREADABLE}: request id {r.request_id[:80]!r} is not a 32-byte id", None))
@@ -813,7 +835,7 @@ class Settler:
                 skipped += 1
                 continue  # its adapter is charged another price in this batch: the next batch takes it
             if len(keep) == cfg.batch_size:
-                break  # a window widened for skipped rows (_skipped) still makes batches of batch_size
+                break  # the scan went past the first page (held-back rows): a batch is still batch_size at most
             fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
             if a_price > cfg.max_price_per_1k:
                 what = _priced(r.adapter_id)
@@ -836,7 +858,6 @@ class Settler:
                 aside.append((r, f"{DEPOSIT_SHORT}: fee {fee} wei > deposit left {max(free, 0)} wei", fee))
                 continue
             break  # the rest waits for the next batch (or for our in-flight batches to settle)
-        self._skipped = skipped
         if short or free - total < cfg.low_deposit:
             self._warn_low(free - total, in_flight + total, short)
         if not (keep or aside):
