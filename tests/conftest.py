@@ -6,7 +6,7 @@ import pytest
 import torch
 from eth_account import Account
 
-from tests.utils.chain import anvil_chain, fresh_chain  # noqa: F401  (fixtures)
+from tests.utils.chain import anvil_chain, fresh_chain, grace_chain  # noqa: F401  (fixtures)
 from tests.utils.factories import make_base
 
 # Two cores are shared by the test runner and the processes it starts.

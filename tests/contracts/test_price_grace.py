@@ -10,21 +10,11 @@ from ledger import errors as E
 from ledger.merkle import batch_id_for
 from ledger.transport import revert_data
 from ledger.types import ZERO_ID, PriceFloor, SettleRecord
-from tests.utils.chain import ETHER, rand_id, register_sample, start_chain
+from tests.utils.chain import ETHER, PRICE_GRACE_S, rand_id, register_sample
 
 pytestmark = pytest.mark.integration
 
-GRACE = 3600
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """One anvil + a deployment whose prices have an hour's grace."""
-    env = start_chain(tmp_path_factory.mktemp("anvil"), price_grace_s=GRACE)
-    try:
-        yield env
-    finally:
-        env.anvil.stop()
+GRACE = PRICE_GRACE_S
 
 
 def _records(reg, n, adapter_id=None):
@@ -52,8 +42,8 @@ def _warp(env, seconds: int) -> None:
     w3.provider.make_request("evm_mine", [])
 
 
-def test_a_raise_charges_records_admitted_before_it_their_quote_until_the_grace_ends(chain):
-    env = chain
+def test_a_raise_charges_records_admitted_before_it_their_quote_until_the_grace_ends(grace_chain):
+    env = grace_chain
     reg = register_sample(env, price=10**15)
     owner = env.client(reg.owner)
     assert env.client().price_floor(reg.adapter_id) == PriceFloor(0, 0)  # never changed: no grace
@@ -80,11 +70,11 @@ def test_a_raise_charges_records_admitted_before_it_their_quote_until_the_grace_
     assert _total(env, _settle(env, late, {reg.adapter_id: 3 * 10**15})) == _fees(late, 3 * 10**15)
 
 
-def test_two_changes_in_one_grace_keep_the_lower_price_each_for_its_own_grace(chain):
+def test_two_changes_in_one_grace_keep_the_lower_price_each_for_its_own_grace(grace_chain):
     """An owner who lowers then raises (or raises twice) within one grace cannot lift the floor above a price
     that held during it: a record admitted before the first change is still payable at its quote, until the grace
     of that price ends (a later change never extends it)."""
-    env = chain
+    env = grace_chain
     reg = register_sample(env, price=10**15)
     owner = env.client(reg.owner)
     owner.set_adapter_price(reg.adapter_id, 2 * 10**15)
@@ -110,11 +100,11 @@ def test_two_changes_in_one_grace_keep_the_lower_price_each_for_its_own_grace(ch
     assert _total(env, _settle(env, cut, {reg.adapter_id: 0})) == 0
 
 
-def test_a_price_never_outlives_its_grace_through_later_changes(chain):
+def test_a_price_never_outlives_its_grace_through_later_changes(grace_chain):
     """Found by the red team: the floor of a grace was kept, and its end pushed on, by every change within it (a
     routine re-price, or the very same price set again), so a price of long ago stayed chargeable for as long as
     the owner kept changing its price less than a grace apart."""
-    env = chain
+    env = grace_chain
     reg = register_sample(env, price=10**12)
     owner = env.client(reg.owner)
     owner.set_adapter_price(reg.adapter_id, 10**14)  # 10**12 is chargeable for one grace from here
@@ -130,8 +120,8 @@ def test_a_price_never_outlives_its_grace_through_later_changes(chain):
     assert env.client().price_floor(reg.adapter_id).older_floor >= 10**14
 
 
-def test_the_base_price_has_the_same_grace_and_none_at_deployment(chain):
-    env = chain
+def test_the_base_price_has_the_same_grace_and_none_at_deployment(grace_chain):
+    env = grace_chain
     admin, reg = env.client(env.admin), register_sample(env)
     before = admin.base_price()
     assert before > 0 and env.client().price_floor(ZERO_ID) == PriceFloor(0, 0)
@@ -155,11 +145,11 @@ def test_the_base_price_has_the_same_grace_and_none_at_deployment(chain):
         admin.set_base_price(before)
 
 
-def test_a_copy_of_a_batch_with_lower_bounds_is_another_batch(chain):
+def test_a_copy_of_a_batch_with_lower_bounds_is_another_batch(grace_chain):
     """Another settler who copies our pending batch from the mempool cannot settle it under our id charged down
     to the floor (our settler would record it settled, paid at the floor): the id names the bounds. A copy
     under an id of its own is the copier's own batch, paid from its own deposit, and ours still settles."""
-    env = chain
+    env = grace_chain
     reg = register_sample(env, price=10**15)
     env.client(reg.owner).set_adapter_price(reg.adapter_id, 10**15 + 10)  # a grace: the floor is 10**15
     mallory = env.new_account(ETHER)
@@ -174,8 +164,8 @@ def test_a_copy_of_a_batch_with_lower_bounds_is_another_batch(chain):
     assert _total(env, _settle(env, records, ours)) == _fees(records, 10**15 + 10)
 
 
-def test_the_grace_is_bounded_and_read_only_for_known_adapters(chain):
-    env = chain
+def test_the_grace_is_bounded_and_read_only_for_known_adapters(grace_chain):
+    env = grace_chain
     c = env.client(env.admin)
     assert c.registry.functions.priceGraceSeconds().call() == GRACE
     assert c.ledger.functions.priceGraceSeconds().call() == GRACE

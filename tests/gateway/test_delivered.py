@@ -16,16 +16,11 @@ import openai
 import pytest
 
 from common.identity import Identity
-from gateway.keys import create_key
-from gateway.main import create_app
-from gateway.settings import GatewaySettings
 from gateway.tables import RequestStatus
 from ledger.models import RecordStatus
 from node.adapters.basemodel import base_model_id
-from node.heartbeat import HeartbeatSender
 from tests.gateway import TINY
-from tests.utils.gateway import StandInNode, add_node, make_db, record_of
-from tests.utils.servers import ServerThread
+from tests.utils.gateway import StandInNode, record_of, served_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -34,28 +29,14 @@ DEADLINE_S = 3.0  # the gateway's request_deadline_s here (every other request e
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_base):
-    tmp = tmp_path_factory.mktemp("delivered")
-    engine = make_db(tmp / "gw.db")
-    base = base_model_id(tiny_base)
     from transformers import AutoTokenizer
 
-    node = StandInNode(Identity.generate(), base, tokens=5, tokenizer=AutoTokenizer.from_pretrained(str(tiny_base)))
-    node_srv = ServerThread(node.app()).start()
-    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
-    key, _ = create_key(engine, name="app")
-    app = create_app(
-        GatewaySettings(
-            db_url=f"sqlite:///{tmp / 'gw.db'}", bases=[tiny_base], heartbeat_ttl_s=600, request_deadline_s=DEADLINE_S
-        )
-    )
-    gw = ServerThread(app).start()
-    sender = HeartbeatSender(node.identity, [gw.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
-    try:
-        yield gw, engine, key, node, sender, app.state.gateway
-    finally:
-        gw.stop()
-        node_srv.stop()
-        engine.dispose()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    node = StandInNode(Identity.generate(), base_model_id(tiny_base), tokens=5, tokenizer=tokenizer)
+    tmp = tmp_path_factory.mktemp("delivered")
+    with served_gateway(node, tmp, tiny_base, heartbeat_ttl_s=600, request_deadline_s=DEADLINE_S) as served:
+        gw, engine, key, sender, service = served
+        yield gw, engine, key, node, sender, service
 
 
 @pytest.fixture

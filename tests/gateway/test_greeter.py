@@ -80,6 +80,16 @@ def json_answer(doc: dict):
     return answer
 
 
+def three_rounds(g: NodeGreeter) -> list[dict[str, str]]:
+    """Three greeting rounds, each waited for: node id -> "ok" or why it failed, a round each."""
+
+    async def run():
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            return [await g.greet_once(client) for _ in range(3)]
+
+    return asyncio.run(run())
+
+
 @pytest.fixture
 def dripping():
     server = RawServer(drip)
@@ -177,11 +187,7 @@ def test_many_registrations_naming_one_server_get_one_hello_a_round_between_them
     nodes = {f"0x{i:064x}": f"{victim.url}/n{i}" for i in range(200)} | {"0x" + "cd" * 32: other.url}
     g = greeter(nodes)
 
-    async def run():
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            return [await g.greet_once(client) for _ in range(3)]
-
-    rounds = asyncio.run(run())
+    rounds = three_rounds(g)
     victim.close()
     other.close()
     assert [len(r) for r in rounds] == [2, 2, 2]  # one at the victim a round, and the other node each round
@@ -247,11 +253,7 @@ def test_many_host_names_of_one_address_get_one_hello_a_round_between_them(monke
     nodes = {f"0x{i:064x}": f"http://n{i}.wild.test:{port}/node" for i in range(200)}
     g = greeter(nodes)
 
-    async def run():
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            return [await g.greet_once(client) for _ in range(3)]
-
-    rounds = asyncio.run(run())
+    rounds = three_rounds(g)
     victim.close()
     assert victim.hits == 3 and g.refused == 3  # one hello a round; only the node called is held to have failed
     assert [sum(v != "address busy" for v in r.values()) for r in rounds] == [1, 1, 1]

@@ -21,21 +21,17 @@ from lorax.types import MergedAdapters, Response, StreamResponse
 from common.identity import Identity
 from gateway.choices import Choices
 from gateway.errors import BadRequest
-from gateway.keys import create_key
 from gateway.lorax_api import LoraxAnswer, LoraxGenerate, LoraxGenerateStream, LoraxParameters, LoraxRequest
-from gateway.main import create_app
-from gateway.settings import DEFAULT_MAX_BODY_BYTES, GatewaySettings
+from gateway.settings import DEFAULT_MAX_BODY_BYTES
 from gateway.tables import RequestStatus
 from ledger.models import RecordStatus
 from node.adapters import AdapterStore
 from node.adapters.basemodel import base_model_id
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
-from node.heartbeat import HeartbeatSender
 from tests.gateway import TINY
 from tests.gateway.conftest import PROMPT, usage_row
 from tests.utils.factories import make_package
-from tests.utils.gateway import StandInNode, add_node, make_db, poll, record_of
-from tests.utils.servers import ServerThread
+from tests.utils.gateway import StandInNode, poll, record_of, served_gateway
 from tests.utils.stack import register_adapter, start_gateway, start_node
 
 pytestmark = pytest.mark.integration
@@ -542,30 +538,14 @@ STANDIN_MAX_MAX_TOKENS = 100
 def standin_world(tmp_path_factory, tiny_base):
     """A gateway (max_max_tokens 100) and a stand-in node (tests/utils/gateway.py: tokens " t0".." t4", ids
     10..14, steered by the prompt), for what a real node does not do on cue: pause between tokens, stop."""
-    tmp = tmp_path_factory.mktemp("lorax_standin")
-    engine = make_db(tmp / "gw.db")
-    base = base_model_id(tiny_base)
     from transformers import AutoTokenizer
 
+    base = base_model_id(tiny_base)
     node = StandInNode(Identity.generate(), base, tokens=5, tokenizer=AutoTokenizer.from_pretrained(str(tiny_base)))
-    node_srv = ServerThread(node.app()).start()
-    add_node(engine, node_id=node.identity.node_id, base_model=base, api_url=node_srv.url)
-    key, _ = create_key(engine, name="app")
-    settings = GatewaySettings(
-        db_url=f"sqlite:///{tmp / 'gw.db'}",
-        bases=[tiny_base],
-        heartbeat_ttl_s=600,
-        max_max_tokens=STANDIN_MAX_MAX_TOKENS,
-    )
-    app = create_app(settings)
-    srv = ServerThread(app).start()
-    sender = HeartbeatSender(node.identity, [srv.url], api_url=node_srv.url, base_model_id=base, status_fn=node.status)
-    try:
-        yield srv, engine, key, node, sender, app.state.gateway, base
-    finally:
-        srv.stop()
-        node_srv.stop()
-        engine.dispose()
+    tmp = tmp_path_factory.mktemp("lorax_standin")
+    with served_gateway(node, tmp, tiny_base, heartbeat_ttl_s=600, max_max_tokens=STANDIN_MAX_MAX_TOKENS) as served:
+        srv, engine, key, sender, service = served
+        yield srv, engine, key, node, sender, service, base
 
 
 @pytest.fixture

@@ -14,20 +14,11 @@ from ledger.settler import PRICE_ABOVE_QUOTE, Settler
 from ledger.settler_config import SettlerConfig
 from tests.ledger.audit import ledger_transactions, record_settled_counts
 from tests.ledger.test_settler import add_records, outbox_rows
-from tests.utils.chain import ETHER, register_sample, start_chain
+from tests.utils.chain import ETHER, PRICE_GRACE_S, register_sample
 
 pytestmark = pytest.mark.integration
 
-GRACE = 3600
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    env = start_chain(tmp_path_factory.mktemp("anvil"), price_grace_s=GRACE)
-    try:
-        yield env
-    finally:
-        env.anvil.stop()
+GRACE = PRICE_GRACE_S
 
 
 def _settler(env):
@@ -46,8 +37,8 @@ def _batches(engine) -> list[SettlementBatch]:
         return list(s.exec(select(SettlementBatch).order_by(SettlementBatch.id)))
 
 
-def test_records_admitted_before_a_raise_settle_at_their_quotes(chain, engine):
-    env = chain
+def test_records_admitted_before_a_raise_settle_at_their_quotes(grace_chain, engine):
+    env = grace_chain
     client = _settler(env)
     start = client.block_number() + 1
     reg, other = register_sample(env, price=10**12), register_sample(env, price=5 * 10**11)
@@ -75,10 +66,10 @@ def test_records_admitted_before_a_raise_settle_at_their_quotes(chain, engine):
     assert client.deposit_of(client.address) == ETHER - sum(int(r.fee_wei) for r in rows.values())
 
 
-def test_a_raise_under_a_batch_in_flight_is_charged_at_the_price_it_was_priced_at(chain, engine, monkeypatch):
+def test_a_raise_under_a_batch_in_flight_is_charged_at_the_price_it_was_priced_at(grace_chain, engine, monkeypatch):
     """Without a grace, a raise mined before the batch got it refused and re-priced, and its records set aside
     until the price came back down. With one, the batch settles at the price the settler saw."""
-    env = chain
+    env = grace_chain
     client = _settler(env)
     reg = register_sample(env, price=10**12)
     add_records(engine, [reg], 3, quote=10**12)
@@ -95,8 +86,8 @@ def test_a_raise_under_a_batch_in_flight_is_charged_at_the_price_it_was_priced_a
     assert all(int(r.fee_wei) == _fee(10**12, r) for r in outbox_rows(engine))
 
 
-def test_after_the_grace_a_record_quoted_below_the_price_is_set_aside(chain, engine):
-    env = chain
+def test_after_the_grace_a_record_quoted_below_the_price_is_set_aside(grace_chain, engine):
+    env = grace_chain
     client = _settler(env)
     reg = register_sample(env, price=10**12)
     quoted = add_records(engine, [reg], 2, quote=10**12)
@@ -112,13 +103,13 @@ def test_after_the_grace_a_record_quoted_below_the_price_is_set_aside(chain, eng
     assert _batches(engine) == []  # nothing sent: nothing reverted
 
 
-def test_an_owner_repricing_between_requests_never_crowds_other_adapters_out(chain, engine):
+def test_an_owner_repricing_between_requests_never_crowds_other_adapters_out(grace_chain, engine):
     """Found by the red team: an owner who moves its price between requests gives each of its records its own quote,
     and the ledger charges an adapter one price a batch: its rows at other prices stayed at the head of the outbox,
     and every batch formed from the same few rows, one of them kept. The rows another price holds back no longer
     count against a batch: the other adapters' records settle in the first batches, whatever the owner does (its
     own records still take a batch per quote)."""
-    env = chain
+    env = grace_chain
     client = _settler(env)
     reg, other = register_sample(env, price=10**12), register_sample(env, price=10**12)
     owner = env.client(reg.owner)
@@ -156,10 +147,10 @@ def test_a_grace_no_honest_settler_could_use_is_refused_at_deployment(grace, tmp
     assert r.exit_code == 2 and "--price-grace-s" in r.output
 
 
-def test_a_grace_priced_batch_resumed_by_another_process_keeps_its_id(chain, engine, monkeypatch):
+def test_a_grace_priced_batch_resumed_by_another_process_keeps_its_id(grace_chain, engine, monkeypatch):
     """A batch priced at a quote under a grace, written but never sent (the chain went away), is resumed by a
     fresh settler from prices_priced: the same maxPrices, so the same id (no BatchIdMismatch, no split)."""
-    env = chain
+    env = grace_chain
     client = _settler(env)
     reg = register_sample(env, price=10**12)
     add_records(engine, [reg], 2, quote=10**12)

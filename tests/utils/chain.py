@@ -102,6 +102,20 @@ def anvil_chain(tmp_path_factory):
         env.anvil.stop()
 
 
+PRICE_GRACE_S = 3600  # grace_chain's priceGraceSeconds
+
+
+@pytest.fixture(scope="module")
+def grace_chain(tmp_path_factory):
+    """One anvil + a deployment whose prices have an hour's grace (PRICE_GRACE_S) per test module: anvil_chain's
+    has none."""
+    env = start_chain(tmp_path_factory.mktemp("anvil"), price_grace_s=PRICE_GRACE_S)
+    try:
+        yield env
+    finally:
+        env.anvil.stop()
+
+
 @pytest.fixture
 def fresh_chain(tmp_path):
     """A private anvil + deployment with a --state file, for stop/restart tests."""

@@ -467,22 +467,31 @@ def error_of(r: httpx.Response) -> dict:
 
 
 @contextmanager
-def gateway_over(node: StandInNode, tmp_path: Path, tiny_base: Path, **settings):
+def served_gateway(node: StandInNode, tmp_path: Path, tiny_base: Path, **settings):
     """A real gateway (database in tmp_path, serving tiny_base) in front of `node`, served and registered,
-    which has heartbeated once: (gateway server, its database engine, an API key). Both stop at the end."""
+    which has heartbeated once: (gateway server, its database engine, an API key, the node's heartbeat sender, the
+    gateway's service object). Both stop at the end."""
     engine = make_db(tmp_path / "gw.db")
     node_srv = ServerThread(node.app()).start()
     add_node(engine, node_id=node.identity.node_id, base_model=node.base_model_id, api_url=node_srv.url)
     key, _ = create_key(engine, name="app")
     db_url = f"sqlite:///{tmp_path / 'gw.db'}"
-    gw = ServerThread(create_app(GatewaySettings(db_url=db_url, bases=[tiny_base], **settings))).start()
+    app = create_app(GatewaySettings(db_url=db_url, bases=[tiny_base], **settings))
+    gw = ServerThread(app).start()
     sender = HeartbeatSender(
         node.identity, [gw.url], api_url=node_srv.url, base_model_id=node.base_model_id, status_fn=node.status
     )
     try:
         assert asyncio.run(sender.send_once()) == {gw.url: 200}
-        yield gw, engine, key
+        yield gw, engine, key, sender, app.state.gateway
     finally:
         gw.stop()  # again after a test's own stop is harmless
         node_srv.stop()
         engine.dispose()
+
+
+@contextmanager
+def gateway_over(node: StandInNode, tmp_path: Path, tiny_base: Path, **settings):
+    """served_gateway's (gateway server, its database engine, an API key)."""
+    with served_gateway(node, tmp_path, tiny_base, **settings) as (gw, engine, key, _, _):
+        yield gw, engine, key
