@@ -14,7 +14,7 @@ from ledger.artifacts import load_artifact
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
 from ledger.errors import LedgerError
-from ledger.settler import GRACE_MARGIN_S
+from ledger.settler_config import GRACE_MARGIN_S
 from ledger.transport import FeePolicy, make_web3, rpc_guard
 from ledger.types import ETHER
 

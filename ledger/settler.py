@@ -159,7 +159,7 @@ from ledger.errors import (
 from ledger.merkle import MAX_ADAPTERS_PER_BATCH, MAX_NODES_PER_BATCH, MerkleTree, batch_id_for
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records, count_by_status
-from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig
+from ledger.settler_config import DEFAULT_LOW_DEPOSIT, GRACE_MARGIN_S, SettlerConfig
 from ledger.transport import rpc_guard
 from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, PriceFloor, SettleRecord, read_wei
 
@@ -195,9 +195,6 @@ REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the depos
 UNREGISTERED_RECHECK_EVERY = 60.0  # seconds between looks at records set aside as unregistered
 PRICE_MOVING_RETRY_EVERY = 600.0  # seconds between putting records set aside as PRICE_MOVING back in the outbox
 LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
-# a record quoted below its price is priced at its quote only if the price's grace lasts this much longer than the
-# chain's latest block: the batch is mined later, and a grace over by then gets the batch refused (PriceAboveQuote)
-GRACE_MARGIN_S = 300
 # pages of batch_size rows a batch reads past its first while rows there are held back for another price of their
 # adapter (a grace's quotes) and the batch is not full: an owner moving its price between requests cannot keep the
 # other adapters' rows out of batches with fewer than this many times batch_size rows of its own
@@ -1491,6 +1488,7 @@ class Settler:
                 ).where(UsageRecord.batch_id == batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
             ).all()
         prices: dict[str, int | None] = {}
+        now: int | None = None  # the chain's time, read once, for the first adapter priced below its price
         for _, a, _, _, _ in rows:
             if a in prices:
                 continue
@@ -1503,7 +1501,8 @@ class Settler:
                     prices[a] = None
             bound = bounds.get(to_id(a))
             if prices[a] is not None and bound is not None and prices[a] > bound:
-                if self.client.price_floor(a).allows(bound, self._chain_now()):
+                now = self._chain_now() if now is None else now
+                if self.client.price_floor(a).allows(bound, now):
                     prices[a] = bound
         # a record without a fee (batched before fees were recorded) is never charged with a move
         return {

@@ -13,6 +13,11 @@ from pydantic_settings import SettingsConfigDict
 from common.settings import ServiceSettings
 from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 
+# a record quoted below its price is priced at its quote only if the price's grace lasts this much longer than the
+# chain's latest block: the batch is mined later, and a grace over by then gets the batch refused (PriceAboveQuote).
+# Here, not in ledger.settler, so that a deployment can check its grace against it without importing the settler.
+GRACE_MARGIN_S = 300
+
 if TYPE_CHECKING:
     from ledger.transport import FeePolicy
 
