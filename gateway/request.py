@@ -78,6 +78,12 @@ HTTP_CLIENT_CLOSED = 499  # the status of an answer its client left before (ngin
 _READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream: NodeUnavailable
 
 
+def _log_engine_error(node_id: str, rid: str, message: object) -> None:
+    """A node's error event, logged: its text is a stranger's, so the client is told only that the engine failed
+    (relayed, it would put a node's words, a link to anywhere included, into the gateway's own error)."""
+    log.warning("node %s's engine failed on request %s: %.300r", node_id[:10], rid[:10], message)
+
+
 class DeadlinePassed(Exception):
     """The request ran past its deadline (settings.request_deadline_s after dispatch)."""
 
@@ -175,7 +181,7 @@ class ServedRequest:
         self.drained = 0  # token events read after the abort: they reached nobody (logged, not billed)
         self.other_events = 0  # events that are neither tokens nor a sequence's end (at most MAX_OTHER_EVENTS)
         self.done: dict | None = None  # the node's done event
-        self.engine_error: str | None = None
+        self.engine_error = False  # the node sent an error event (its text is logged, never relayed)
         self.failure: str | None = None  # the node broke off after the first token
         self.aborted = False
         self.node_lost = False
@@ -540,9 +546,9 @@ class ServedRequest:
                         f"node {node.node_id[:10]} sent no event within {d.settings.node_timeout_s:g} s", dead=True
                     ) from None
                 if first.get("type") == "error":  # the engine failed before any token: read on to done, bounded
-                    msg = first.get("message")
+                    _log_engine_error(node.node_id, self.rid, first.get("message"))
                     await self._error_end(it, node)
-                    raise NodeUnavailable(f"node {node.node_id[:10]} failed before the first token: {msg}")
+                    raise NodeUnavailable(f"node {node.node_id[:10]}'s engine failed before the first token")
             except (NodeUnavailable, StopAsyncIteration, ValueError) as e:
                 await up.aclose()
                 errors.append(str(e) or f"node {node.node_id[:10]} closed the stream")
@@ -663,15 +669,16 @@ class ServedRequest:
             elif kind == "done":
                 self.done = ev
                 if self.engine_error:
-                    self.failure = f"the node's engine failed after {self.n_tokens} tokens: {self.engine_error}"
+                    self.failure = f"the node's engine failed after {self.n_tokens} tokens"
                 return
             elif kind == "finish" and (k := c.index_of(ev)) is not None and c.take_finish(k, ev):
                 yield k, None, None
             elif kind == "prompt_logprobs" and c.take_prompt(ev):
                 pass
             else:
-                if kind == "error":
-                    self.engine_error = str(ev.get("message") or "engine error")[:500]
+                if kind == "error" and not self.engine_error:
+                    self.engine_error = True
+                    _log_engine_error(self.node.node_id, self.rid, ev.get("message"))
                 self.other_events += 1
                 if self.other_events > MAX_OTHER_EVENTS:  # a node that never ends its stream: cut it off
                     self.failure = (

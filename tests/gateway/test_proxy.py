@@ -249,6 +249,17 @@ def test_engine_error_everywhere_is_503(w):
     with pytest.raises(openai.InternalServerError) as ei:
         w.client().completions.create(model="acme/alpha", prompt="ENGINE_ERROR", max_tokens=2)
     assert ei.value.status_code == 503 and "before the first token" in ei.value.message
+    # the node's own words stay in the gateway's log: a node is a stranger, and its text is not the gateway's
+    assert "engine broke" not in ei.value.message
+
+
+def test_engine_error_after_first_token_is_told_in_our_words(w):
+    stream = w.client().completions.create(model="acme/alpha", prompt="ENGINE_ERROR_AFTER_1", stream=True, max_tokens=5)
+    texts = []
+    with pytest.raises(openai.APIError, match="engine failed after 1 tokens") as ei:
+        for c in stream:
+            texts.append(c.choices[0].text)
+    assert texts == [" t0"] and "engine broke" not in ei.value.message
 
 
 def test_node_cut_after_first_token_ends_stream_with_error(w):

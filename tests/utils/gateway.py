@@ -310,6 +310,9 @@ class StandInNode:
                     )
                     return
                 if "ENGINE_ERROR" in prompt:
+                    if "AFTER_1" in prompt:  # one token relayed, then the engine's error
+                        self.seen[rid][0] += 1
+                        yield sse_frame({"type": "token", "text": " t0", "token_id": 10})
                     yield sse_frame({"type": "error", "message": "engine broke"})
                     yield sse_frame({"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")})
                     return
