@@ -65,6 +65,10 @@ class ReplayGuard:
         self._seen[signature] = now
         return True
 
+    def give_back(self, signature: str) -> None:
+        """The signature was not used after all (its call's body did not match it)."""
+        self._seen.pop(signature, None)
+
 
 @dataclass(eq=False)
 class NodeApi:
@@ -126,12 +130,19 @@ async def signed_by_gateway(request: Request) -> str:
     try:
         if BODY_HASH_HEADER in headers:
             key = verify(body=None, trusted=node.trusted())  # from the headers: nothing of the body read yet
-            _first_use(node, headers)
-            body = await _body(request)
-            if small:
-                check_body(headers, body)
-            else:  # hashing megabytes is not done on the event loop
-                await asyncio.to_thread(check_body, headers, body)
+            # taken before the body is read (a replayed header set gets no body read), and given back when the
+            # body is not the one signed: headers seen on the way and sent first with other bytes must not use
+            # up the signature of the call they came from
+            sig = _first_use(node, headers)
+            try:
+                body = await _body(request)
+                if small:
+                    check_body(headers, body)
+                else:  # hashing megabytes is not done on the event loop
+                    await asyncio.to_thread(check_body, headers, body)
+            except BaseException:
+                node.replays.give_back(sig)
+                raise
             return key
         check_headers(headers)  # a call no gateway could have signed now is refused before its body is read
         if not small:
@@ -152,9 +163,12 @@ async def signed_by_gateway(request: Request) -> str:
     return key
 
 
-def _first_use(node: NodeApi, headers) -> None:
-    if not node.replays.first_use(headers[SIG_HEADER].lower()):
+def _first_use(node: NodeApi, headers) -> str:
+    """The call's signature, taken as used; 409 when it was."""
+    sig = headers[SIG_HEADER].lower()
+    if not node.replays.first_use(sig):
         raise ApiError(409, "this signed request was already received (replayed)", "replayed_request")
+    return sig
 
 
 async def _body(request: Request) -> bytes:

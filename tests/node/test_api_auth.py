@@ -131,6 +131,19 @@ def test_a_replayed_request_is_refused(node):
     _error(node.signed(B).post("/v1/generate", json=GEN | {"request_id": rid}), 409, "duplicate_request")
 
 
+def test_a_signature_sent_with_other_bytes_is_not_used_up(node):
+    """Signed headers seen on the way (they carry the body's hash) and sent first with other bytes are refused,
+    and the call they were signed for still goes through: only a body that matches uses a signature up."""
+    body = json.dumps(GEN | {"request_id": "0x" + "a2" * 32}).encode()
+    headers = sign_request(A.key, method="POST", path="/v1/generate", node_id=node.node_id, body=body)
+    headers |= {"content-type": "application/json"}
+    assert BODY_HASH_HEADER in headers
+    junk = json.dumps(GEN | {"request_id": "0x" + "a3" * 32}).encode()
+    _error(httpx.post(node.url + "/v1/generate", content=junk, headers=headers, timeout=30), 401, "unauthenticated")
+    assert httpx.post(node.url + "/v1/generate", content=body, headers=headers, timeout=30).status_code == 200
+    _error(httpx.post(node.url + "/v1/generate", content=body, headers=headers, timeout=30), 409, "replayed_request")
+
+
 def test_pinning_every_slot_needs_the_operator_or_a_trusted_gateway(node):
     for aid in node.adapters:
         _error(node.anonymous().post(f"/v1/adapters/{aid}/load", json={"pin": True}), 401, "unauthenticated")
