@@ -67,9 +67,8 @@ class PendingRow(NamedTuple):
 _PENDING_COLUMNS = tuple(getattr(UsageRecord, name) for name in PendingRow._fields)
 
 
-def pending_rows(session: Session, limit: int, *, lock: bool = False, after: int | None = None) -> list[PendingRow]:
-    """The oldest pending records (past the row id `after`, when given) as plain rows (the ORM objects cost more
-    than the rest of a batch).
+def pending_rows(session: Session, limit: int, *, lock: bool = False) -> list[PendingRow]:
+    """The oldest pending records as plain rows (the ORM objects cost more than the rest of a batch).
 
     lock=True claims them for the caller's transaction: on PostgreSQL `FOR UPDATE SKIP LOCKED`, so a
     second settler forming a batch at the same moment gets the next rows instead of waiting for (or
@@ -77,8 +76,6 @@ def pending_rows(session: Session, limit: int, *, lock: bool = False, after: int
     the database's write lock from BEGIN IMMEDIATE instead). Records that are disputed, rejected, set
     aside or already in a batch are never returned."""
     stmt = select(*_PENDING_COLUMNS).where(UsageRecord.status == RecordStatus.PENDING)
-    if after is not None:
-        stmt = stmt.where(UsageRecord.id > after)
     stmt = stmt.order_by(UsageRecord.id).limit(limit)
     if lock:
         stmt = stmt.with_for_update(skip_locked=True)

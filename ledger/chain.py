@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from eth_abi import decode as abi_decode
@@ -18,7 +18,7 @@ from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
 from ledger.errors import ChainUnavailable, DeploymentMismatch, LedgerError, SequenceMismatch, TransactionFailed
-from ledger.merkle import MerkleTree, batch_id_for, pack_records, price_bounds, unpack_records
+from ledger.merkle import MaxPrices, MerkleTree, batch_id_for, pack_records, record_bounds, unpack_records
 from ledger.transport import (
     GAS_MARGIN,
     FeeAboveCap,
@@ -69,13 +69,12 @@ def settle_calldata(
     merkle_root: str,
     first_sequence: int,
     records: Sequence[SettleRecord],
-    max_prices: Mapping[str, int] | None = None,
+    max_prices: MaxPrices = None,
 ) -> bytes:
     """Calldata of settleBatch(batchId, merkleRoot, firstSequence, adapterIds, nodeIds, records, maxPrices).
-    max_prices: adapter id (ZERO_ID: the base model) -> the most it may cost per 1k tokens, for every
-    adapter of `records` (KeyError otherwise); None bounds none."""
-    packed = pack_records(records)
-    bounds = price_bounds(packed, max_prices)
+    max_prices: the most each record may cost per 1k tokens (ledger.merkle.MaxPrices: by adapter, by record, or
+    None for no bound)."""
+    packed = pack_records(records, max_prices)
     return SETTLE_SELECTOR + abi_encode(
         ["bytes32", "bytes32", "uint64", "bytes32[]", "bytes32[]", "bytes", "uint256[]"],
         [
@@ -85,7 +84,7 @@ def settle_calldata(
             [id_bytes(a) for a in packed.adapter_ids],
             [id_bytes(n) for n in packed.node_ids],
             packed.records,
-            bounds,
+            list(packed.max_prices),
         ],
     )
 
@@ -94,8 +93,10 @@ def _address_word(address: str) -> bytes:
     return bytes(12) + bytes.fromhex(to_checksum_address(address)[2:])
 
 
-def _gas_key(records: Sequence[SettleRecord]) -> tuple[int, int, int]:
-    return len(records), len({r.adapter_id for r in records}), len({r.node_id for r in records})
+def _gas_key(records: Sequence[SettleRecord], max_prices: MaxPrices) -> tuple[int, int, int]:
+    """A batch's shape, which its gas follows: records, adapter entries, nodes."""
+    entries = set(zip((r.adapter_id for r in records), record_bounds(records, max_prices), strict=True))
+    return len(records), len(entries), len({r.node_id for r in records})
 
 
 def decode_records_settled(log: dict) -> list[SettledRecord]:
@@ -113,7 +114,6 @@ def decode_records_settled(log: dict) -> list[SettledRecord]:
     settler = to_checksum_address("0x" + topics[2][-40:])
     block = log["blockNumber"]
     block = int(block, 16) if isinstance(block, str) else int(block)
-    price_of = {a: p for a, p in zip(adapters, prices, strict=True)}
     return [
         SettledRecord(
             batch_id,
@@ -124,11 +124,11 @@ def decode_records_settled(log: dict) -> list[SettledRecord]:
             hex0x(n),
             p,
             c,
-            price_of[a] * (p + c) // 1000,
+            prices[k] * (p + c) // 1000,
             block,
             i,
         )
-        for i, (rid, a, n, p, c) in enumerate(unpack_records(adapters, nodes, packed))
+        for i, (rid, a, n, p, c, k) in enumerate(unpack_records(adapters, nodes, packed))
     ]
 
 
@@ -558,18 +558,18 @@ class ChainClient:
         *,
         first_sequence: int,
         simulate: bool = True,
-        max_prices: Mapping[str, int] | None = None,
+        max_prices: MaxPrices = None,
     ) -> str:
         """Send settleBatch; returns the tx hash. simulate=True estimates it first (a duplicate raises
         BatchAlreadySettled, a batch not starting at this account's next sequence number
         SequenceMismatch, any revert its typed error); simulate=False sends at once with the gas limit
-        learned for this shape of batch (records, adapters, nodes: estimating only the first batch of
+        learned for this shape of batch (records, adapter entries, nodes: estimating only the first batch of
         each; one pipelined behind batches still in flight is estimated as if numbered from the chain's
         nextSequence) and the managed nonce: a revert then shows in wait_settle_batch, a too-low limit as
-        GasTooLow. max_prices: what the caller priced each adapter's records at (settle_calldata); the
+        GasTooLow. max_prices: what the caller priced the records at (settle_calldata); the
         ledger refuses the batch when one costs more now (PriceAboveQuote)."""
         data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_prices)
-        key = _gas_key(records)
+        key = _gas_key(records, max_prices)
         if simulate or key not in self._settle_gas:
             try:
                 estimate = self.tx.estimate(self.ledger.address, data)
@@ -597,7 +597,7 @@ class ChainClient:
         *,
         first_sequence: int,
         light: bool = False,
-        max_prices: Mapping[str, int] | None = None,
+        max_prices: MaxPrices = None,
     ):
         """Wait for a settleBatch receipt (light=True: Transactor.light_receipt's fields only, much
         cheaper); a reverted one raises its decoded reason, one that ran out of gas
@@ -612,7 +612,7 @@ class ChainClient:
         try:
             return self.tx.wait(tx_hash, timeout, replay=replay, light=light)
         except GasTooLow:
-            self._settle_gas.pop(_gas_key(records), None)
+            self._settle_gas.pop(_gas_key(records, max_prices), None)
             raise
 
     def settle_batch(
@@ -622,7 +622,7 @@ class ChainClient:
         records: Sequence[SettleRecord],
         *,
         first_sequence: int | None = None,
-        max_prices: Mapping[str, int] | None = None,
+        max_prices: MaxPrices = None,
     ):
         """Send and wait; returns the receipt. batch_id None: the id of `records` at `max_prices` (batch_id_for,
         salt 0);
@@ -671,7 +671,7 @@ class ChainClient:
         poll: float = 0.05,
         *,
         first_sequence: int,
-        max_prices: Mapping[str, int] | None = None,
+        max_prices: MaxPrices = None,
         replace_after: float | None = None,
         on_replace: Callable[[str], None] | None = None,
     ) -> BatchInfo:

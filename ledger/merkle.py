@@ -9,8 +9,9 @@ to the contract's):
 - inner = keccak256(min(a, b) ++ max(a, b)) (sorted pairs, so a proof needs no left/right flags); an odd
   node at the end of a level moves up unchanged;
 - a packed record (settleBatch's `records`, RecordsSettled's `records`) is RECORD_BYTES = 42 bytes:
-  requestId (32), adapter index (1), node index (1) into the batch's strictly increasing adapter and node
-  id tables, promptTokens (uint32), completionTokens (uint32), big-endian;
+  requestId (32), adapter index (1), node index (1) into the batch's adapter table (its entries strictly
+  increasing in (adapter id, maxPrices entry): an adapter once per price its records are charged) and its
+  strictly increasing node id table, promptTokens (uint32), completionTokens (uint32), big-endian;
 - a batch id is the first 28 bytes of keccak256(abi.encode(adapterIds, nodeIds, records, maxPrices)), then a
   4-byte salt (batch_id_of): it names what the batch settles, and the most each adapter of it may cost.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from eth_abi import encode as abi_encode
 from sha3 import keccak_256
@@ -70,25 +72,27 @@ def hash_pair(a: bytes, b: bytes) -> bytes:
     return keccak(a + b) if a < b else keccak(b + a)
 
 
+# What each record of a batch may cost per 1k tokens (settleBatch's maxPrices, by adapter entry): one bound per
+# adapter (adapter id, ZERO_ID for the base model -> bound), one per record (in the records' order: records of one
+# adapter priced apart, e.g. quotes under a raise's grace, go in entries of their own), or None (no bound,
+# NO_PRICE_LIMIT: tests and tools)
+MaxPrices: TypeAlias = Mapping[str, int] | Sequence[int] | None
+
+
 @dataclass(frozen=True, slots=True)
 class PackedBatch:
-    """A batch's records as settleBatch takes them: the id tables (strictly increasing) and the packed
-    records, in the records' order."""
+    """A batch's records as settleBatch takes them: the adapter table (adapter_ids, with max_prices beside it:
+    an adapter once per bound, entries in increasing (id, bound)), the node table (strictly increasing) and
+    the packed records, in the records' order."""
 
     adapter_ids: tuple[str, ...]
+    max_prices: tuple[int, ...]
     node_ids: tuple[str, ...]
     records: bytes
 
 
-def price_bounds(packed: PackedBatch, max_prices: Mapping[str, int] | None) -> list[int]:
-    """settleBatch's maxPrices: max_prices (adapter id, ZERO_ID for the base model -> the most it may cost per
-    1k tokens; KeyError for an adapter of the batch it lacks) in the order of the batch's adapter table;
-    None bounds none (NO_PRICE_LIMIT)."""
-    return [NO_PRICE_LIMIT if max_prices is None else max_prices[a] for a in packed.adapter_ids]
-
-
-def batch_id_of(packed: PackedBatch, salt: int = 0, max_prices: Mapping[str, int] | None = None) -> str:
-    """The batch id the ledger takes for these records at these bounds (price_bounds): the first 28 bytes of
+def batch_id_of(packed: PackedBatch, salt: int = 0) -> str:
+    """The batch id the ledger takes for these records at these bounds: the first 28 bytes of
     keccak256(abi.encode(adapterIds, nodeIds, records, maxPrices)), then `salt` (uint32, big-endian).
 
     The id names the content and its prices, not the settler: a batch another settler took over is sent under
@@ -103,47 +107,61 @@ def batch_id_of(packed: PackedBatch, salt: int = 0, max_prices: Mapping[str, int
             [id_bytes(a) for a in packed.adapter_ids],
             [id_bytes(n) for n in packed.node_ids],
             packed.records,
-            price_bounds(packed, max_prices),
+            list(packed.max_prices),
         ],
     )
     return hex0x(keccak(content)[:28] + salt.to_bytes(4, "big"))
 
 
-def batch_id_for(records: Sequence[SettleRecord], salt: int = 0, max_prices: Mapping[str, int] | None = None) -> str:
-    """batch_id_of the records packed as settleBatch takes them."""
-    return batch_id_of(pack_records(records), salt, max_prices)
+def batch_id_for(records: Sequence[SettleRecord], salt: int = 0, max_prices: MaxPrices = None) -> str:
+    """batch_id_of the records packed as settleBatch takes them, at these bounds."""
+    return batch_id_of(pack_records(records, max_prices), salt)
 
 
 class BatchTooWide(ValueError):
-    """More distinct adapters or nodes than one batch may hold."""
+    """More adapter entries or nodes than one batch may hold."""
 
 
-def pack_records(records: Sequence[SettleRecord]) -> PackedBatch:
-    """Pack records for settleBatch (see the module docstring). Raises BatchTooWide past the ledger's
-    limits and ValueError for token counts a packed record cannot hold."""
-    adapters = sorted({r.adapter_id for r in records})
+def record_bounds(records: Sequence[SettleRecord], max_prices: MaxPrices) -> list[int]:
+    """Each record's bound (MaxPrices), in order. KeyError for an adapter a mapping lacks, ValueError for a
+    sequence of another length."""
+    if max_prices is None:
+        return [NO_PRICE_LIMIT] * len(records)
+    if isinstance(max_prices, Mapping):
+        return [max_prices[r.adapter_id] for r in records]
+    if len(max_prices) != len(records):
+        raise ValueError(f"{len(max_prices)} bounds for {len(records)} records")
+    return list(max_prices)
+
+
+def pack_records(records: Sequence[SettleRecord], max_prices: MaxPrices = None) -> PackedBatch:
+    """Pack records for settleBatch at these bounds (see the module docstring). Raises BatchTooWide past the
+    ledger's limits and ValueError for token counts a packed record cannot hold."""
+    bounds = record_bounds(records, max_prices)
+    entries = sorted({(r.adapter_id, b) for r, b in zip(records, bounds, strict=True)})
     nodes = sorted({r.node_id for r in records})
-    if len(adapters) > MAX_ADAPTERS_PER_BATCH:
-        raise BatchTooWide(f"{len(adapters)} adapters in one batch, at most {MAX_ADAPTERS_PER_BATCH}")
+    if len(entries) > MAX_ADAPTERS_PER_BATCH:
+        raise BatchTooWide(f"{len(entries)} adapter entries in one batch, at most {MAX_ADAPTERS_PER_BATCH}")
     if len(nodes) > MAX_NODES_PER_BATCH:
         raise BatchTooWide(f"{len(nodes)} nodes in one batch, at most {MAX_NODES_PER_BATCH}")
-    a_index = {a: i for i, a in enumerate(adapters)}
+    a_index = {e: i for i, e in enumerate(entries)}
     n_index = {n: i for i, n in enumerate(nodes)}
     out = bytearray()
-    for r in records:
+    for r, b in zip(records, bounds, strict=True):
         if r.prompt_tokens > MAX_TOKEN_COUNT or r.completion_tokens > MAX_TOKEN_COUNT:
             raise ValueError(f"record {r.request_id}: token counts above {MAX_TOKEN_COUNT} cannot be settled")
         out += bytes.fromhex(r.request_id[2:])
-        out += bytes((a_index[r.adapter_id], n_index[r.node_id]))
+        out += bytes((a_index[r.adapter_id, b], n_index[r.node_id]))
         out += r.prompt_tokens.to_bytes(4, "big") + r.completion_tokens.to_bytes(4, "big")
-    return PackedBatch(tuple(adapters), tuple(nodes), bytes(out))
+    return PackedBatch(tuple(a for a, _ in entries), tuple(b for _, b in entries), tuple(nodes), bytes(out))
 
 
 def unpack_records(
     adapter_ids: Sequence[bytes | str], node_ids: Sequence[bytes | str], packed: bytes
-) -> list[tuple[bytes, bytes, bytes, int, int]]:
+) -> list[tuple[bytes, bytes, bytes, int, int, int]]:
     """The records of a RecordsSettled log (or settleBatch calldata): (request id, adapter id, node id,
-    prompt tokens, completion tokens), ids as 32 bytes. Raises ValueError on a malformed payload."""
+    prompt tokens, completion tokens, adapter index), ids as 32 bytes; the adapter index is the record's entry
+    in the adapter table (its price: the log's prices[index]). Raises ValueError on a malformed payload."""
     if len(packed) % RECORD_BYTES:
         raise ValueError(f"packed records are {len(packed)} bytes, not a multiple of {RECORD_BYTES}")
     adapters = [_b(a) for a in adapter_ids]
@@ -160,6 +178,7 @@ def unpack_records(
                 nodes[n],
                 int.from_bytes(packed[off + 34 : off + 38], "big"),
                 int.from_bytes(packed[off + 38 : off + 42], "big"),
+                a,
             )
         )
     return out

@@ -79,10 +79,10 @@ price, or the ledger's base price for the zero adapter id, times tokens / 1000) 
 whose price is now above the one its request was admitted at (UsageRecord.quoted_price_per_1k: an owner raised it
 meanwhile) is priced at its quote while the raise's grace allows that (contracts/src/PriceGrace.sol: for the
 deployment's priceGraceSeconds after a change, the ledger charges a batch's maxPrices down to the price before), in
-a batch whose maxPrices name that price for its adapter (one price per adapter a batch: records of other prices
-wait for the next one); past the grace (less GRACE_MARGIN_S) it is set aside as PRICE_ABOVE_QUOTE and priced again
-every PRICE_MOVING_RETRY_EVERY seconds: the key pays at most what it was shown, or nothing while the price stays
-higher. A record priced above SettlerConfig.max_price_per_1k, with more tokens than max_record_tokens, or whose fee
+a batch whose maxPrices name that price for the record (the ledger's adapter table holds an adapter once per price
+its records are charged, so records admitted at several prices settle in one batch); past the grace (less
+GRACE_MARGIN_S) it is set aside as PRICE_ABOVE_QUOTE and priced again every PRICE_MOVING_RETRY_EVERY seconds:
+the key pays at most what it was shown, or nothing while the price stays higher. A record priced above SettlerConfig.max_price_per_1k, with more tokens than max_record_tokens, or whose fee
 the deposit cannot pay is set aside (status set_aside, reason in `error`) and never holds up its batch or later
 ones. A batch's total never exceeds the deposit left minus what this settler's in-flight batches will take. Records
 set aside because the deposit was short go back to the outbox by themselves once the deposit can pay them. Records
@@ -195,10 +195,6 @@ REQUEUE_EVERY = 2.0  # seconds between looks for deposit-short records the depos
 UNREGISTERED_RECHECK_EVERY = 60.0  # seconds between looks at records set aside as unregistered
 PRICE_MOVING_RETRY_EVERY = 600.0  # seconds between putting records set aside as PRICE_MOVING back in the outbox
 LOW_WARN_EVERY = 60.0  # seconds between low-deposit warnings
-# pages of batch_size rows a batch reads past its first while rows there are held back for another price of their
-# adapter (a grace's quotes) and the batch is not full: an owner moving its price between requests cannot keep the
-# other adapters' rows out of batches with fewer than this many times batch_size rows of its own
-MAX_SCAN_PAGES = 16
 
 
 class SettlementError(LedgerError):
@@ -212,8 +208,11 @@ class _Work:
 
     batch: SettlementBatch
     records: list[SettleRecord]
-    # settleBatch's maxPrices: adapter id -> the most it may cost per 1k tokens (Settler._bounds_of)
-    bounds: dict[str, int]
+    # adapter id -> its price per 1k tokens as the batch was priced (prices_priced; Settler._priced_of)
+    priced: dict[str, int]
+    # what each of `records` is charged per 1k tokens, in order: its adapter's price, or its quote when lower (a
+    # raise's grace); settleBatch's maxPrices, by record (_record_bounds)
+    bounds: list[int]
     resumed: bool
     tx_hash: str | None = None
     formed_at: float | None = None  # time.monotonic() just before a batch formed in this step took its lease
@@ -278,6 +277,23 @@ def _needs_floor(r, prices: dict[str, int | str]) -> bool:
     return isinstance(price, int) and isinstance(quote, int) and not isinstance(quote, bool) and quote < price
 
 
+def _charged(price: int, quote: int | None) -> int:
+    """What a record is charged per 1k tokens: its adapter's price, or its quote when that is lower (a raise's
+    grace; _form_in sets aside a record whose grace is over, so every record of a batch is charged this)."""
+    return price if quote is None or quote >= price else quote
+
+
+def _record_bounds(rows, priced: dict[str, int]) -> list[int]:
+    """settleBatch's maxPrices, by record, for a batch's rows (in leaf order) priced at `priced` (adapter id -> its
+    price as the batch was priced): each row at _charged. The one rule for a batch formed now and for one read back
+    (_priced_of), so a batch resumed by any settler is sent under the same id."""
+    out = []
+    for r in rows:
+        quote = read_wei(r.quoted_price_per_1k)  # False (unreadable) only on a row _form_in set aside: no bound
+        out.append(_charged(priced[to_id(r.adapter_id)], None if quote is False else quote))
+    return out
+
+
 def _split_senders(senders: str | None) -> list[str]:
     return [a for a in (senders or "").split(",") if a]
 
@@ -316,8 +332,6 @@ class Settler:
         self._next_recheck = 0.0  # records set aside as unregistered: looked at on start, then every minute
         self._next_low_warning = 0.0
         self._next_price_retry = 0.0  # records set aside as PRICE_MOVING: back on start, then every 10 minutes
-        # rows a batch's scan reached that were not priced yet (_form_in): looked up before the next batch forms
-        self._unpriced: list = []
 
     # ------------------------------------------------------------------ loop
 
@@ -603,16 +617,19 @@ class Settler:
             for bid in mine:
                 b = s.get(SettlementBatch, bid)
                 rows = batch_records(s, b.batch_id)
-                work.append(_Work(b, [to_settle_record(r) for r in rows], self._bounds_of(b, rows), resumed=True))
+                priced = self._priced_of(b, rows)
+                work.append(
+                    _Work(b, [to_settle_record(r) for r in rows], priced, _record_bounds(rows, priced), resumed=True)
+                )
             return work
 
-    def _bounds_of(self, batch: SettlementBatch, rows) -> dict[str, int]:
-        """settleBatch's maxPrices for a batch written earlier: the prices it was priced at (prices_priced).
-        A batch without them (written by the release before, which bounded a batch's total only) or with them
-        unreadable gets, per adapter, the highest price its records' fees and quotes allow, and at most this
-        settler's max_price_per_1k; never no bound, under which a price raised while the batch was open would
-        be paid unseen. (Records with neither a fee nor a quote, batched before fees were kept, are bounded by
-        max_price_per_1k alone, as they are when they are priced again.)"""
+    def _priced_of(self, batch: SettlementBatch, rows) -> dict[str, int]:
+        """The adapters' prices a batch written earlier was priced at (prices_priced), from which its maxPrices
+        follow (_record_bounds). A batch without them (written by a release that bounded a batch's total only)
+        or with them unreadable gets, per adapter, the highest price its records' fees and quotes allow, and at
+        most this settler's max_price_per_1k; never no bound, under which a price raised while the batch was
+        open would be paid unseen. (Records with neither a fee nor a quote, batched before fees were kept, are
+        bounded by max_price_per_1k alone, as they are when they are priced again.)"""
         adapters = {to_id(r.adapter_id) for r in rows}
         stored = _stored_prices(batch.prices_priced)
         if stored is not None and adapters <= stored.keys():
@@ -644,10 +661,6 @@ class Settler:
         forming starts over. `reads` carries what was read for this step's earlier batches."""
         cfg = self.config
         while True:
-            if self._unpriced:  # rows a batch's scan reached before they were priced
-                unpriced, self._unpriced = self._unpriced, []
-                self._look_up(unpriced, reads.prices)
-                self._look_up_floors(unpriced, reads)
             with self._write() as s:
                 rows = pending_rows(s, cfg.batch_size, lock=True)  # claimed for us
                 if not rows or not self._due(s, rows, force):
@@ -765,37 +778,23 @@ class Settler:
         changed.
 
         A record is priced at its adapter's price, or, quoted below it, at its quote while the price's grace
-        allows that (PriceFloor; else it is set aside). The ledger charges an adapter one price a batch, so a
-        record priced otherwise than the first of its adapter in the batch stays in the outbox for a later batch
-        (one batch per price an adapter's records were admitted at during a grace); while such rows are held back
-        and the batch is not full, it reads on past `rows`, a page at a time (at most MAX_SCAN_PAGES), so that
-        they never fill every batch by themselves. A row the scan reaches before it was priced ends it, and is
-        priced for the next batch (_unpriced)."""
+        allows that (PriceFloor; else it is set aside): _charged. The batch's adapter table names an adapter
+        once per price its records are charged, so records admitted at several prices settle together (an owner
+        who moves its price between requests costs no batch per price); that table, like the node table, has
+        room for MAX_ADAPTERS_PER_BATCH entries, and a record that would need one more waits for the next
+        batch."""
         cfg = self.config
         prices = reads.prices
         formed_at = time.monotonic()  # before the batch's lease is taken (_new_batch)
         free, in_flight = self._free_deposit(s, reads.deposit)
         keep: list[tuple[object, int]] = []
         aside: list[tuple[object, str, int | None]] = []
-        total, short, skipped = 0, False, 0
-        adapters: dict[str, int] = {}  # adapter id -> the price its records in this batch are charged
+        total, short = 0, False
+        priced: dict[str, int] = {}  # adapter id (as settleBatch's table holds it) -> its price, as read
+        entries: set[tuple[str, int]] = set()  # settleBatch's adapter table: (adapter id, a price charged)
         nodes: set[str] = set()
 
-        def scan():
-            yield from rows
-            after, pages = rows[-1].id, 0
-            while skipped and len(keep) < cfg.batch_size and pages < MAX_SCAN_PAGES:
-                page = pending_rows(s, cfg.batch_size, lock=True, after=after)
-                for r in page:
-                    if not self._looked_up(r, reads):
-                        self._unpriced = page  # priced before the next batch forms
-                        return
-                    yield r
-                if len(page) < cfg.batch_size:
-                    return
-                after, pages = page[-1].id, pages + 1
-
-        for r in scan():
+        for r in rows:
             a_price, n_reason = prices[r.adapter_id], prices.get(r.node_id)
             if not _is_readable_id(r.request_id):
                 aside.append((r, f"{ID_UNREADABLE}: request id {r.request_id[:80]!r} is not a 32-byte id", None))
@@ -813,7 +812,7 @@ class Settler:
                     (r, f"{QUOTE_UNREADABLE}: {r.quoted_price_per_1k[:90]!r} is not a price per 1k tokens", None)
                 )
                 continue
-            if quote is not None and a_price > quote:
+            if quote is not None and a_price > quote:  # charged its quote (_charged), if the grace allows it
                 if not reads.floors[r.adapter_id].allows(quote, reads.chain_time + GRACE_MARGIN_S):
                     what = _priced(r.adapter_id)
                     fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
@@ -826,27 +825,23 @@ class Settler:
                         )
                     )
                     continue
-                a_price = quote  # the raise's grace: charged the price the request was shown (settleBatch's bound)
-            a_id = to_id(r.adapter_id)  # as settleBatch's table holds it, however the row spells it
-            if adapters.get(a_id, a_price) != a_price:
-                skipped += 1
-                continue  # its adapter is charged another price in this batch: the next batch takes it
-            if len(keep) == cfg.batch_size:
-                break  # the scan went past the first page (held-back rows): a batch is still batch_size at most
-            fee = record_fee(a_price, r.prompt_tokens, r.completion_tokens)
-            if a_price > cfg.max_price_per_1k:
+            charged = _charged(a_price, quote)
+            fee = record_fee(charged, r.prompt_tokens, r.completion_tokens)
+            if charged > cfg.max_price_per_1k:
                 what = _priced(r.adapter_id)
                 aside.append(
-                    (r, f"{PRICE_TOO_HIGH}: {what} costs {a_price} wei per 1k tokens > max {cfg.max_price_per_1k}", fee)
+                    (r, f"{PRICE_TOO_HIGH}: {what} costs {charged} wei per 1k tokens > max {cfg.max_price_per_1k}", fee)
                 )
                 continue
-            if (a_id not in adapters and len(adapters) == MAX_ADAPTERS_PER_BATCH) or (
+            entry = (to_id(r.adapter_id), charged)  # as settleBatch's table holds it, however the row spells it
+            if (entry not in entries and len(entries) == MAX_ADAPTERS_PER_BATCH) or (
                 r.node_id not in nodes and len(nodes) == MAX_NODES_PER_BATCH
             ):
                 break  # the ledger's id tables are full: the rest goes in the next batch
             if total + fee <= free:
                 keep.append((r, fee))
-                adapters[a_id] = a_price
+                priced[entry[0]] = a_price
+                entries.add(entry)
                 nodes.add(r.node_id)
                 total += fee
                 continue
@@ -863,9 +858,9 @@ class Settler:
         batch = None
         if keep:
             first_seq = self._next_first_seq(s, reads.chain_next)
-            # keyed as settleBatch's table is (SettleRecord's spelling of an id), whatever the row's spelling
-            bounds = dict(adapters)
-            batch, settle = self._new_batch(s, [r for r, _ in keep], [fee for _, fee in keep], first_seq, bounds)
+            kept = [r for r, _ in keep]
+            bounds = _record_bounds(kept, priced)
+            batch, settle = self._new_batch(s, kept, [fee for _, fee in keep], first_seq, priced, bounds)
             moved = move_to_batch(s, batch.batch_id, [(r.id, fee) for r, fee in keep])
             if moved != len(keep):  # as _move: a record no longer pending is never put in a second batch
                 s.rollback()
@@ -884,7 +879,7 @@ class Settler:
         if batch is None:
             return False
         log.info("formed batch %s with %d records (%d wei)", batch.batch_id, batch.record_count, total)
-        return _Work(batch, settle, bounds, resumed=False, formed_at=formed_at)
+        return _Work(batch, settle, priced, bounds, resumed=False, formed_at=formed_at)
 
     def _next_first_seq(self, s: Session, chain_next: int) -> int:
         """The sequence number a new batch of this account starts at: past the chain's nextSequence (read
@@ -925,28 +920,29 @@ class Settler:
         return nxt
 
     def _new_batch(
-        self, s: Session, rows, fees: list[int | None], first_seq: int, prices: dict[str, int]
+        self, s: Session, rows, fees: list[int | None], first_seq: int, priced: dict[str, int], bounds: list[int]
     ) -> tuple[SettlementBatch, list[SettleRecord]]:
         """A batch row (not added yet) of `rows` in this order, numbered from `first_seq` in this account's
-        sequence, claimed by this instance; fees_priced is the sum of `fees` (None when one is unknown: a
-        record of a batch written before prices were), prices_priced the adapters' `prices`."""
+        sequence, claimed by this instance, named for `bounds` (_record_bounds of `priced`); fees_priced is the
+        sum of `fees` (None when one is unknown: a record of a batch written before prices were), prices_priced
+        the adapters' `priced`."""
         settle = [to_settle_record(r) for r in rows]
         tree = MerkleTree.from_records(settle, first_seq)
         salt = 0
-        batch_id = batch_id_for(settle, salt, prices)
+        batch_id = batch_id_for(settle, salt, bounds)
         conn = s.connection()  # Core, as in _free_deposit
         while conn.execute(select(SettlementBatch.id).where(SettlementBatch.batch_id == batch_id)).first() is not None:
             salt += 1  # the very records of an abandoned batch: a new id
-            batch_id = batch_id_for(settle, salt, prices)
-        priced = None if any(f is None for f in fees) else str(sum(fees))
+            batch_id = batch_id_for(settle, salt, bounds)
+        fees_priced = None if any(f is None for f in fees) else str(sum(fees))
         batch = SettlementBatch(
             batch_id=batch_id,
             merkle_root=hex0x(tree.root),
             record_count=len(rows),
             settler=self.address,
             first_seq=first_seq,
-            fees_priced=priced,
-            prices_priced=json.dumps({a: str(p) for a, p in sorted(prices.items())}),
+            fees_priced=fees_priced,
+            prices_priced=json.dumps({a: str(p) for a, p in sorted(priced.items())}),
             claimed_by=self.instance,
             lease_expires=self._now(s) + timedelta(seconds=self.config.lease),
         )
@@ -1365,7 +1361,7 @@ class Settler:
         unnumbered = isinstance(error, SequenceMismatch)
         priced = unnumbered or isinstance(error, REPRICE)
         # refused for its price: whose price moved is read now, before the write lock (no chain call in it)
-        moved = self._price_moved(batch.batch_id, w.bounds) if priced and not unnumbered else set()
+        moved = self._price_moved(batch.batch_id, w.priced) if priced and not unnumbered else set()
         reason = f"batch {batch.batch_id} refused: {error}"
         aside_as = (
             PRICE_MOVING if priced else UNREGISTERED if isinstance(error, (UnknownAdapter, UnknownNode)) else REVERTED
@@ -1393,6 +1389,7 @@ class Settler:
                     UsageRecord.completion_tokens,
                     UsageRecord.error,
                     UsageRecord.fee_wei,
+                    UsageRecord.quoted_price_per_1k,
                 )
                 .where(UsageRecord.batch_id == batch.batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
                 .order_by(UsageRecord.leaf_index, UsageRecord.id)
@@ -1405,9 +1402,14 @@ class Settler:
                 for half, first in ((rows[:k], batch.first_seq), (rows[k:], batch.first_seq + k)):
                     # each half keeps its records' sequence numbers: the two cover the parent's range
                     # and is bound by the prices the parent was priced at: a split is no way round a raise
-                    bound = {to_id(r.adapter_id): w.bounds[to_id(r.adapter_id)] for r in half}
+                    half_priced = {a: w.priced[a] for a in {to_id(r.adapter_id) for r in half}}
                     child, _ = self._new_batch(
-                        s, half, [None if r.fee_wei is None else int(r.fee_wei) for r in half], first, bound
+                        s,
+                        half,
+                        [None if r.fee_wei is None else int(r.fee_wei) for r in half],
+                        first,
+                        half_priced,
+                        _record_bounds(half, half_priced),
                     )
                     s.add(child)
                     split.append(child)
@@ -1470,13 +1472,13 @@ class Settler:
                 len(again),
             )
 
-    def _price_moved(self, batch_id: str, bounds: dict[str, int]) -> set[int]:
+    def _price_moved(self, batch_id: str, priced: dict[str, int]) -> set[int]:
         """Ids of the batch's records whose fee at today's on-chain price (their adapter's, or the base
         price) differs from the fee they were batched at, or whose adapter is gone: the records a price
         refusal is charged to. Chain reads: call it outside any write transaction. A price raised and
-        set back before this look strikes nobody (the batch is only formed again). An adapter the batch
-        was priced below its price (`bounds`, settleBatch's maxPrices: records quoted under a raise's grace)
-        is taken at that bound while the grace still allows it: its records' price did not move."""
+        set back before this look strikes nobody (the batch is only formed again). A record the batch
+        charged below its adapter's price (its settleBatch bound, _record_bounds of `priced`: a quote under a
+        raise's grace) is taken at that bound while the grace still allows it: its price did not move."""
         with Session(self.engine) as s:
             rows = s.exec(
                 select(
@@ -1485,31 +1487,36 @@ class Settler:
                     UsageRecord.prompt_tokens,
                     UsageRecord.completion_tokens,
                     UsageRecord.fee_wei,
+                    UsageRecord.quoted_price_per_1k,
                 ).where(UsageRecord.batch_id == batch_id, UsageRecord.status == RecordStatus.SUBMITTED)
             ).all()
         prices: dict[str, int | None] = {}
-        now: int | None = None  # the chain's time, read once, for the first adapter priced below its price
-        for _, a, _, _, _ in rows:
-            if a in prices:
-                continue
-            if a == BASE_MODEL_ADAPTER_ID:
-                prices[a] = self.client.base_price()
-            else:
-                try:
-                    prices[a] = self.client.adapter_price(a)
-                except UnknownAdapter:
-                    prices[a] = None
-            bound = bounds.get(to_id(a))
-            if prices[a] is not None and bound is not None and prices[a] > bound:
+        floors: dict[str, PriceFloor] = {}
+        now: int | None = None  # the chain's time, read once, for the first record charged below its price
+        moved = set()
+        for r, bound in zip(rows, _record_bounds(rows, priced), strict=True):
+            a = r.adapter_id
+            if a not in prices:
+                if a == BASE_MODEL_ADAPTER_ID:
+                    prices[a] = self.client.base_price()
+                else:
+                    try:
+                        prices[a] = self.client.adapter_price(a)
+                    except UnknownAdapter:
+                        prices[a] = None
+            price = prices[a]
+            if price is not None and price > bound:
                 now = self._chain_now() if now is None else now
-                if self.client.price_floor(a).allows(bound, now):
-                    prices[a] = bound
-        # a record without a fee (batched before fees were recorded) is never charged with a move
-        return {
-            rid
-            for rid, a, p, c, fee in rows
-            if fee is not None and (prices[a] is None or record_fee(prices[a], p, c) != int(fee))
-        }
+                if a not in floors:
+                    floors[a] = self.client.price_floor(a)
+                if floors[a].allows(bound, now):
+                    price = bound
+            # a record without a fee (batched before fees were recorded) is never charged with a move
+            if r.fee_wei is not None and (
+                price is None or record_fee(price, r.prompt_tokens, r.completion_tokens) != int(r.fee_wei)
+            ):
+                moved.add(r.id)
+        return moved
 
     def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
         """Record the batch settled as the chain has it (`info`, else getBatch)."""

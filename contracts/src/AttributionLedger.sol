@@ -39,9 +39,11 @@ import {PriceGrace} from "./PriceGrace.sol";
 ///
 /// Records are packed calldata, RECORD_BYTES (42) each: requestId (32 bytes), adapter index (1), node
 /// index (1) into the batch's adapterIds / nodeIds tables, promptTokens (uint32, 4), completionTokens
-/// (uint32, 4), big-endian. The tables are strictly increasing (so an id appears once, and an adapter's
-/// accruals are split once per batch exactly as if the records came one by one) and hold at most
-/// MAX_ADAPTERS_PER_BATCH / MAX_NODES_PER_BATCH ids. The records are re-emitted in one RecordsSettled log
+/// (uint32, 4), big-endian. The node table is strictly increasing (a node appears once). The adapter table is
+/// strictly increasing in (adapter id, maxPrices entry): an adapter appears once for each price its records are
+/// charged in the batch (records admitted at an older price during a raise's grace, PriceGrace), so a settler
+/// never needs a batch per price. Each entry's accruals are split once, as a batch of its own records would be.
+/// The tables hold at most MAX_ADAPTERS_PER_BATCH entries / MAX_NODES_PER_BATCH ids. The records are re-emitted in one RecordsSettled log
 /// per batch rather than left in calldata only: a log is readable with eth_getLogs by anyone, whoever
 /// called settleBatch (a multisig or a contract settler leaves no top-level calldata to read), in bulk,
 /// and costs about 340 gas a record (8 gas a byte); one log per record cost ten times that.
@@ -52,7 +54,7 @@ contract AttributionLedger {
     uint16 public constant MAX_BPS = 10_000;
     /// @notice Bytes of one packed record in settleBatch's `records`.
     uint256 public constant RECORD_BYTES = 42;
-    /// @notice Most distinct adapters (the base model counts as one) in one batch.
+    /// @notice Most adapter entries (an adapter once per price it is charged; the base model counts) in one batch.
     uint256 public constant MAX_ADAPTERS_PER_BATCH = 32;
     /// @notice Most distinct nodes in one batch.
     uint256 public constant MAX_NODES_PER_BATCH = 64;
@@ -286,9 +288,9 @@ contract AttributionLedger {
 
     /// @notice Settle a batch: check that it starts at the caller's next sequence number, recompute its
     /// Merkle root from the records, pull its fees from the caller's deposit and accrue them.
-    /// `records` is packed (RECORD_BYTES each, see the contract's notice), indexing the strictly
-    /// increasing `adapterIds` and `nodeIds`. Reverts with SequenceMismatch unless firstSequence ==
-    /// nextSequence(caller), BatchAlreadySettled when this batch id was settled before, BatchIdMismatch
+    /// `records` is packed (RECORD_BYTES each, see the contract's notice), indexing `adapterIds` (strictly
+    /// increasing in (id, maxPrices entry): an adapter once per price) and the strictly increasing `nodeIds`.
+    /// Reverts with SequenceMismatch unless firstSequence == nextSequence(caller), BatchAlreadySettled when this batch id was settled before, BatchIdMismatch
     /// unless the id's first 28 bytes are those of keccak256(abi.encode(adapterIds, nodeIds, records,
     /// maxPrices)), and PriceAboveQuote when an adapter entry's price is above maxPrices[i], the price the
     /// settler priced its records at (one bound per entry of `adapterIds`, in its order; the base model's
@@ -319,7 +321,7 @@ contract AttributionLedger {
             revert SequenceMismatch(msg.sender, _nextSequence[msg.sender], firstSequence);
         }
 
-        BatchWork memory w = _prepare(adapterIds, nodeIds);
+        BatchWork memory w = _prepare(adapterIds, nodeIds, maxPrices);
         _applyQuotes(w.prices, adapterIds, maxPrices);
         _scan(w, firstSequence, records);
         bytes32 computed = _merkleRoot(w.leaves);
@@ -350,17 +352,24 @@ contract AttributionLedger {
         private
         view
     {
-        if (maxPrices.length != prices.length) revert MaxPricesMismatch(prices.length, maxPrices.length);
+        PriceGrace.Floor memory f;
+        bytes32 floorOf; // the entry whose floor `f` holds (entries of one adapter are adjacent: read it once)
+        bool read;
         for (uint256 a; a < prices.length; ++a) {
             if (prices[a] <= maxPrices[a]) continue;
-            PriceGrace.Floor memory f;
-            if (adapterIds[a] == bytes32(0)) {
-                f = _baseFloor;
-            } else {
-                (uint256 p1, uint256 e1, uint256 p2, uint256 e2) = registry.priceFloor(adapterIds[a]);
-                f = PriceGrace.Floor(PriceGrace.Slot(uint128(p1), uint64(e1)), PriceGrace.Slot(uint128(p2), uint64(e2)));
+            bytes32 id = adapterIds[a];
+            if (!read || id != floorOf) {
+                if (id == bytes32(0)) {
+                    f = _baseFloor;
+                } else {
+                    (uint256 p1, uint256 e1, uint256 p2, uint256 e2) = registry.priceFloor(id);
+                    f = PriceGrace.Floor(
+                        PriceGrace.Slot(uint128(p1), uint64(e1)), PriceGrace.Slot(uint128(p2), uint64(e2))
+                    );
+                }
+                (floorOf, read) = (id, true);
             }
-            if (!PriceGrace.allows(f, maxPrices[a])) revert PriceAboveQuote(adapterIds[a], prices[a], maxPrices[a]);
+            if (!PriceGrace.allows(f, maxPrices[a])) revert PriceAboveQuote(id, prices[a], maxPrices[a]);
             prices[a] = maxPrices[a];
         }
     }
@@ -468,16 +477,17 @@ contract AttributionLedger {
         emit RewardAccrued(batchId, account, adapterId, role, subject, amount);
     }
 
-    /// @dev Check the id tables and read, once per entry, what the record loop and the payout need:
-    /// each adapter's price and split (the base model: the base price, all to the node) and each
-    /// node's operator (an unknown adapter or node reverts in the registry).
-    function _prepare(bytes32[] calldata adapterIds, bytes32[] calldata nodeIds)
+    /// @dev Check the id tables and read, once per adapter and node, what the record loop and the payout
+    /// need: each adapter's price and split (the base model: the base price, all to the node), shared by
+    /// its entries, and each node's operator (an unknown adapter or node reverts in the registry).
+    function _prepare(bytes32[] calldata adapterIds, bytes32[] calldata nodeIds, uint256[] calldata maxPrices)
         private
         view
         returns (BatchWork memory w)
     {
         uint256 nA = adapterIds.length;
         uint256 nN = nodeIds.length;
+        if (maxPrices.length != nA) revert MaxPricesMismatch(nA, maxPrices.length);
         if (nA > MAX_ADAPTERS_PER_BATCH) revert TooManyAdapters(nA, MAX_ADAPTERS_PER_BATCH);
         if (nN > MAX_NODES_PER_BATCH) revert TooManyNodes(nN, MAX_NODES_PER_BATCH);
         w.prices = new uint256[](nA);
@@ -499,7 +509,15 @@ contract AttributionLedger {
         uint16 share = nodeShareBps;
         for (uint256 a; a < nA; ++a) {
             bytes32 id = adapterIds[a];
-            if (a > 0 && id <= adapterIds[a - 1]) revert TableNotIncreasing(a);
+            if (a > 0) {
+                bytes32 prev = adapterIds[a - 1];
+                if (id < prev || (id == prev && maxPrices[a] <= maxPrices[a - 1])) revert TableNotIncreasing(a);
+                if (id == prev) {
+                    // the same adapter at another price: what was read for its entry before
+                    (w.prices[a], w.nodeBps[a], w.splits[a]) = (w.prices[a - 1], w.nodeBps[a - 1], w.splits[a - 1]);
+                    continue;
+                }
+            }
             if (id == bytes32(0)) {
                 w.prices[a] = basePricePer1kTokens;
                 w.nodeBps[a] = MAX_BPS;

@@ -209,8 +209,7 @@ def _records_arg(args) -> str:
     price = list(args["prices"])
     first = args["firstSequence"]
     lines = []
-    for i, (rid, a, _n, p, c) in enumerate(recs):
-        a_index = list(map(bytes, args["adapterIds"])).index(a)
+    for i, (rid, _a, _n, p, c, a_index) in enumerate(recs):
         fee = price[a_index] * (p + c) // 1000
         lines.append(f"#{num(first + i)} {record_link(hex0x(rid))} {num(p)} + {num(c)} tokens, {eth(fee)}")
     return f"{num(len(recs))} records<br>" + "<br>".join(lines)

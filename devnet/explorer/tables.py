@@ -104,7 +104,7 @@ class IndexedBatch(IndexModel, table=True):
 
 
 class IndexedReward(IndexModel, table=True):
-    """One RewardAccrued event (one per payee and role in a batch, never one per record)."""
+    """One RewardAccrued event (one per payee, role and adapter entry in a batch, never one per record)."""
 
     __tablename__ = "explorer_rewards"
     __table_args__ = (Index("ix_explorer_rewards_account", "account", "id"),)
@@ -130,7 +130,9 @@ class Accrual(IndexModel, table=True):
     role: str = Field(primary_key=True)
     subject_id: str = Field(primary_key=True, index=True)
     amount: str = "0"
-    batches: int = 0  # RewardAccrued events summed here (one per batch)
+    # RewardAccrued events summed here: one per batch, or per price in a batch where an adapter's records were
+    # charged at several (quotes under a raise's grace)
+    batches: int = 0
 
 
 class Usage(IndexModel, table=True):

@@ -260,6 +260,21 @@ def test_malformed_batches_are_refused(anvil_chain):
         _raw_settle(s, rand_id(), first, two_adapters[::-1], packed.node_ids, packed.records)
     with pytest.raises(TableNotIncreasing):
         _raw_settle(s, rand_id(), first, [reg.adapter_id, reg.adapter_id], packed.node_ids, packed.records)
+    twice = [reg.adapter_id] * 2  # an adapter twice: only at strictly increasing bounds (once per price)
+    for bounds in ([2, 1], [3, 3]):
+        with pytest.raises(TableNotIncreasing):
+            _raw_settle(s, rand_id(), first, twice, packed.node_ids, packed.records, None, bounds)
+    with pytest.raises(E.BatchIdMismatch):  # well formed up to its id
+        _raw_settle(
+            s,
+            rand_id(),
+            first,
+            twice,
+            packed.node_ids,
+            packed.records,
+            MerkleTree.from_records(records, first).root_hex,
+            [2**255, 2**256 - 1],
+        )
     bad = bytearray(packed.records * 3)
     bad[42 * 2 + 33] = 1  # record 2's node index past a table of one
     with pytest.raises(RecordIndexOutOfRange) as err:

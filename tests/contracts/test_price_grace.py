@@ -7,6 +7,8 @@ from web3.logs import DISCARD
 
 from devnet.deploy import _deploy_contract
 from ledger import errors as E
+from common.wire import hex0x
+from ledger.chain import RECORDS_SETTLED_TOPIC, decode_records_settled
 from ledger.merkle import batch_id_for
 from ledger.transport import revert_data
 from ledger.types import ZERO_ID, PriceFloor, SettleRecord
@@ -98,6 +100,29 @@ def test_two_changes_in_one_grace_keep_the_lower_price_each_for_its_own_grace(gr
     owner.set_adapter_price(reg.adapter_id, 4 * 10**15)
     cut = _records(reg, 1)
     assert _total(env, _settle(env, cut, {reg.adapter_id: 0})) == 0
+
+
+def test_records_admitted_at_three_prices_settle_in_one_batch(grace_chain):
+    """An owner who changes its price between requests costs the settler no batch per price: the adapter's entry
+    appears once per bound, each charged its own, paid out as separate batches of those records would be."""
+    env = grace_chain
+    reg = register_sample(env, price=10**15)
+    owner = env.client(reg.owner)
+    owner.set_adapter_price(reg.adapter_id, 2 * 10**15)
+    owner.set_adapter_price(reg.adapter_id, 5 * 10**15)
+    records = _records(reg, 6)
+    quotes = [10**15, 2 * 10**15, 5 * 10**15, 10**15, 2 * 10**15, 5 * 10**15]
+    rcpt = _settle(env, records, quotes)
+    assert _total(env, rcpt) == sum(_fees([r], q) for r, q in zip(records, quotes, strict=True))
+    settled = decode_records_settled(
+        next(lg for lg in rcpt["logs"] if hex0x(bytes(lg["topics"][0])) == RECORDS_SETTLED_TOPIC)
+    )
+    assert [s.fee for s in settled] == [_fees([r], q) for r, q in zip(records, quotes, strict=True)]
+    (ev,) = env.client().ledger.events.RecordsSettled().process_receipt(rcpt, errors=DISCARD)
+    assert ev["args"]["prices"] == [10**15, 2 * 10**15, 5 * 10**15]
+    # one of the entries below a price that held is the whole batch refused, as with one entry
+    with pytest.raises(E.PriceAboveQuote):
+        _settle(env, _records(reg, 2), [10**15 - 1, 2 * 10**15])
 
 
 def test_a_price_never_outlives_its_grace_through_later_changes(grace_chain):

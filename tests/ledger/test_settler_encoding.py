@@ -48,7 +48,7 @@ def test_calldata_matches_web3_encoding(n):
     first = 12_345 + n
     max_prices = {r.adapter_id: 10**18 + i for i, r in enumerate(records)}  # one bound per adapter, each its own
     ours = settle_calldata(batch_id, root, first, records, max_prices)
-    packed = pack_records(records)
+    packed = pack_records(records, max_prices)
     web3s = ledger.functions.settleBatch(
         bytes.fromhex(batch_id[2:]),
         bytes.fromhex(root[2:]),
@@ -68,7 +68,8 @@ def test_packed_records_round_trip():
     assert list(packed.adapter_ids) == sorted(set(packed.adapter_ids)) and ZERO_ID == packed.adapter_ids[0]
     assert list(packed.node_ids) == sorted(set(packed.node_ids))
     back = unpack_records(packed.adapter_ids, packed.node_ids, packed.records)
-    assert [SettleRecord("0x" + r.hex(), "0x" + a.hex(), "0x" + x.hex(), p, c) for r, a, x, p, c in back] == records
+    assert [SettleRecord("0x" + r.hex(), "0x" + a.hex(), "0x" + x.hex(), p, c) for r, a, x, p, c, _ in back] == records
+    assert [packed.adapter_ids[k] for *_, k in back] == [r.adapter_id for r in records]
     with pytest.raises(ValueError, match="multiple"):
         unpack_records(packed.adapter_ids, packed.node_ids, packed.records[:-1])
     with pytest.raises(ValueError, match="id tables"):
@@ -77,13 +78,36 @@ def test_packed_records_round_trip():
 
 def test_pack_limits():
     pack_records(_records(MAX_ADAPTERS_PER_BATCH * 3, adapters=MAX_ADAPTERS_PER_BATCH - 1))  # + the base model
-    with pytest.raises(BatchTooWide, match="adapters"):
+    with pytest.raises(BatchTooWide, match="adapter entries"):
         pack_records(_records(MAX_ADAPTERS_PER_BATCH * 3, adapters=MAX_ADAPTERS_PER_BATCH))
     pack_records(_records(MAX_NODES_PER_BATCH, nodes=MAX_NODES_PER_BATCH))
     with pytest.raises(BatchTooWide, match="nodes"):
         pack_records(_records(MAX_NODES_PER_BATCH + 1, nodes=MAX_NODES_PER_BATCH + 1))
     with pytest.raises(ValueError, match="token counts"):
         pack_records([SettleRecord(rand_id(), rand_id(), rand_id(), 2**32, 0)])
+
+
+def test_an_adapter_priced_two_ways_has_an_entry_per_price():
+    """Records of one adapter bounded at two prices (quotes under a raise's grace) go in one batch: the adapter's
+    entry appears once per bound, entries in increasing (id, bound), each record indexing its own."""
+    a, b = sorted([rand_id(), rand_id()])
+    node = rand_id()
+    records = [SettleRecord(rand_id(), x, node, 1, 1) for x in (a, a, b, a)]
+    packed = pack_records(records, [7, 5, 9, 7])
+    assert packed.adapter_ids == (a, a, b) and packed.max_prices == (5, 7, 9)
+    back = unpack_records(packed.adapter_ids, packed.node_ids, packed.records)
+    assert [k for *_, k in back] == [1, 0, 2, 1]
+    # the same records at other bounds are another batch; per adapter or per record, one bound each is one batch
+    assert batch_id_for(records, max_prices=[7, 5, 9, 7]) != batch_id_for(records, max_prices=[7, 7, 9, 7])
+    assert batch_id_for(records, max_prices={a: 7, b: 9}) == batch_id_for(records, max_prices=[7, 7, 9, 7])
+    with pytest.raises(ValueError, match="3 bounds for 4 records"):
+        pack_records(records, [1, 2, 3])
+    # the ledger's table bound counts entries: half as many adapters at two prices each fill it
+    ids = [rand_id() for _ in range(MAX_ADAPTERS_PER_BATCH // 2)]
+    wide = [SettleRecord(rand_id(), x, node, 1, 1) for x in ids for _ in range(2)]
+    pack_records(wide, [i % 2 for i in range(len(wide))])
+    with pytest.raises(BatchTooWide, match="adapter entries"):
+        pack_records([*wide, SettleRecord(rand_id(), ids[0], node, 1, 1)], [*(i % 2 for i in range(len(wide))), 2])
 
 
 def _abi_leaf(r, seq):

@@ -1,6 +1,6 @@
 """The settler under a price's grace (contracts/src/PriceGrace.sol), against a real anvil whose prices have one: a
-raise no longer strands the records admitted before it (they settle at their quotes, in a batch of their own
-price), a raise under a batch in flight is charged at the price the batch was priced at, and once the grace is
+raise no longer strands the records admitted before it (they settle at their quotes, in the same batch as the
+records of the other prices), a raise under a batch in flight is charged at the price the batch was priced at, and once the grace is
 over a record quoted below the price waits, set aside, as it always did."""
 
 import json
@@ -9,6 +9,7 @@ import pytest
 from sqlmodel import Session, select
 
 from ledger.errors import ChainUnavailable
+from ledger.merkle import MAX_ADAPTERS_PER_BATCH
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch
 from ledger.settler import PRICE_ABOVE_QUOTE, Settler
 from ledger.settler_config import SettlerConfig
@@ -54,11 +55,12 @@ def test_records_admitted_before_a_raise_settle_at_their_quotes(grace_chain, eng
     assert {r.status for r in rows.values()} == {RecordStatus.SETTLED}
     for ids, price in ((before[0::2], 10**12), (between, 2 * 10**12), (after, 3 * 10**12), (before[1::2], 5 * 10**11)):
         assert all(int(rows[i].fee_wei) == _fee(price, rows[i]) for i in ids)
-    # one batch per price the adapter is charged: each batch names one price per adapter
+    # one batch for all three prices: the ledger's table names the adapter once per price it is charged
     batches = _batches(engine)
-    assert [b.status for b in batches] == [BatchStatus.SETTLED] * 3
-    priced = [json.loads(b.prices_priced)[reg.adapter_id] for b in batches]
-    assert priced == [str(10**12), str(2 * 10**12), str(3 * 10**12)]
+    assert [b.status for b in batches] == [BatchStatus.SETTLED]
+    assert json.loads(batches[0].prices_priced) == {reg.adapter_id: str(3 * 10**12), other.adapter_id: str(5 * 10**11)}
+    (log,) = client.ledger.events.RecordsSettled().get_logs(from_block=start)
+    assert sorted(log["args"]["prices"]) == [5 * 10**11, 10**12, 2 * 10**12, 3 * 10**12]
     assert sum(int(b.total_fees) for b in batches) == sum(int(r.fee_wei) for r in rows.values())
     assert set(record_settled_counts(client.w3, env.deployment.ledger, start).values()) == {1}
     assert all(t.status == 1 for t in ledger_transactions(client.w3, env.deployment.ledger, start))
@@ -103,29 +105,29 @@ def test_after_the_grace_a_record_quoted_below_the_price_is_set_aside(grace_chai
     assert _batches(engine) == []  # nothing sent: nothing reverted
 
 
-def test_an_owner_repricing_between_requests_never_crowds_other_adapters_out(grace_chain, engine):
-    """Found by the red team: an owner who moves its price between requests gives each of its records its own quote,
-    and the ledger charges an adapter one price a batch: its rows at other prices stayed at the head of the outbox,
-    and every batch formed from the same few rows, one of them kept. The rows another price holds back no longer
-    count against a batch: the other adapters' records settle in the first batches, whatever the owner does (its
-    own records still take a batch per quote)."""
+def test_an_owner_repricing_between_requests_costs_no_batch_per_price(grace_chain, engine):
+    """An owner who moves its price between requests gives each of its records its own quote. The ledger charged
+    an adapter one price a batch, so each quote took a batch of its own (a settleBatch's gas, about 200,000, paid
+    by the gateway for each of the owner's price changes), and the rows held back had to be read past so as not
+    to crowd other adapters out (red team). Now the adapter's entry appears once per price: the batches are as
+    many as the records need, in outbox order, until the ledger's table of MAX_ADAPTERS_PER_BATCH entries is
+    full."""
     env = grace_chain
     client = _settler(env)
     reg, other = register_sample(env, price=10**12), register_sample(env, price=10**12)
     owner = env.client(reg.owner)
-    n = 24  # six times batch_size (a window grown a bounded number of times, as first tried, was outrun)
+    n = MAX_ADAPTERS_PER_BATCH + 8  # more quotes than one batch's table holds
     for i in range(n):
         add_records(engine, [reg], 1, quote=10**12 + i)
         owner.set_adapter_price(reg.adapter_id, 10**12 + i + 1)
     others = add_records(engine, [other], 4, quote=10**12)
-    assert Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).drain() == n + 4
+    assert Settler(engine, client, SettlerConfig(batch_size=500, interval=0)).drain() == n + 4
     rows = {r.request_id: r for r in outbox_rows(engine)}
     assert {r.status for r in rows.values()} == {RecordStatus.SETTLED}
-    batches = _batches(engine)
-    first_of = {b.batch_id: i for i, b in enumerate(batches)}
-    # not after the owner's 24: the first batch's scan reaches them unpriced (their adapter is read for the next)
-    assert max(first_of[rows[i].batch_id] for i in others) <= 2
-    assert len(batches) == n and all(len(json.loads(b.prices_priced)) <= 2 for b in batches)
+    assert all(int(r.fee_wei) == _fee(int(r.quoted_price_per_1k), r) for r in rows.values())
+    first, second = _batches(engine)  # the first holds a full table of the owner's quotes, the rest the second
+    assert (first.record_count, second.record_count) == (MAX_ADAPTERS_PER_BATCH, 8 + 4)
+    assert {rows[i].batch_id for i in others} == {second.batch_id}
 
 
 @pytest.mark.parametrize("grace", [1, 599, 30 * 86_400 + 1])
