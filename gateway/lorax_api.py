@@ -6,7 +6,8 @@ A request is checked in its own shape (each field refused by its own name), then
 /v1/completions', not a second copy of them); its answer is written back as LoRAX writes it: `{"generated_text",
 "details"}` (a list of one on `POST /`, as api-inference answers), or events of one token each, each sent as its
 token is relayed, the last carrying `generated_text` (and `details` when asked): the last token's event when that
-token is known to be the last (max_new_tokens reached, an end token), else one of a special token of no text.
+token is known to be the last (max_new_tokens reached, an end token), else one of a special token of no text (of
+the stop sequence's text, not special, when one ended it).
 Errors are LoRAX's `{"error", "error_type"}` on these paths (`error_body`), which lorax-client raises as its own
 classes (400 -> ValidationError, 429 and 503 -> OverloadedError, 502 -> GenerationError, 404 -> NotFoundError).
 
@@ -23,9 +24,10 @@ logprobs), `return_k_alternatives` (up to 5, the completions' logprobs bound), `
 with or without a schema, or json_schema: structured output). Refused by name: `truncate` (a prompt past the
 context is refused, never cut), `typical_p`, `watermark`, other adapter sources, other merge strategies and sign
 methods, an adapter_id with a '+' (adapters are combined in merged_adapters), a temperature of 0 when sampled
-(do_sample, best_of), and any field LoRAX does not define. Unlike LoRAX, a stop sequence is not part of the text
-(OpenAI's and vLLM's way, as on /v1/completions), and the seed in details is the one given when the answer is
-sampled (none when the client gave none, or the answer is greedy)."""
+(do_sample, best_of), and any field LoRAX does not define. As in LoRAX (whose text is the decoding of every token
+generated), the stop sequence that ended a generation is part of its text, where /v1/completions leaves it out
+(OpenAI's way, as the node sends it): the writer reads which one it was back from the tokens (`stop_kept`). The seed
+in details is the one given when the answer is sampled (none when the client gave none, or the answer is greedy)."""
 
 from __future__ import annotations
 
@@ -219,6 +221,10 @@ class LoraxCompletion(CompletionRequest):
     def tokens_field(self) -> str:
         return "max_new_tokens"
 
+    def needs_token_texts(self) -> bool:
+        # with stop sequences, the base's tokenizer reads back the one the node cut from the text (stop_kept)
+        return super().needs_token_texts() or bool(self.stop)
+
 
 class LoraxRequest(BaseModel):
     """A LoRAX request; STREAM is the route's answer (None: `POST /`, where the body's `stream` says)."""
@@ -314,6 +320,22 @@ def finish_reason(seq: Sequence, reason: str, stops: bool) -> str:
     return "eos_token" if seq.ended or not stops else "stop_sequence"
 
 
+def stop_kept(texts: TokenTexts | None, seq: Sequence, stops: list[str]) -> str:
+    """The stop sequence the node cut from the end of the sequence's text ("": none found): the node relays the
+    text before the stop string it met (node.adapters.detokenizer.TextStream, looking for them in the order asked),
+    so the decoding of its tokens goes on past the relayed text with that string, the first asked that starts
+    there. What followed it in its token is not kept: LoRAX stops where its text ends with the stop sequence. A
+    blocking decode, of at most max_new_tokens ids, once per sequence that ended on a stop."""
+    if texts is None or not stops:
+        return ""
+    relayed = "".join(seq.texts)
+    decoded = texts.tok.decode([i for i in seq.ids if 0 <= i < texts.size], skip_special_tokens=True)
+    if not decoded.startswith(relayed):  # not what an honest node relays for these ids: nothing to read back
+        return ""
+    rest = decoded[len(relayed) :]
+    return next((stop for stop in stops if rest.startswith(stop)), "")
+
+
 def _valid(tid: int) -> bool:
     return 0 <= tid < TOKEN_ID_LIMIT
 
@@ -338,15 +360,28 @@ class LoraxAnswer:
         self.prefix = req.inputs if self.p.return_full_text else ""
         self.k = self.p.return_k_alternatives or 0
         self._last: dict | None = None  # the frame of a token known to be the last, held for the finish
+        self._stops: dict[int, str] = {}  # sequence -> the stop sequence it ended on, read back (stop_kept)
 
     def _seed(self) -> int | None:
         return self.p.seed if self.p.sampling else None
 
-    def _tokens(self, s: Sequence) -> list[dict]:
+    def _stop(self, k: int, reason: str) -> str:
+        """The stop sequence sequence k ended on, which LoRAX keeps in its text ("": it ended otherwise)."""
+        if k not in self._stops:
+            s = self.c.seqs[k]
+            stopped = finish_reason(s, reason, bool(self.p.stop)) == "stop_sequence"
+            self._stops[k] = stop_kept(self.c.texts, s, self.p.stop) if stopped else ""
+        return self._stops[k]
+
+    def _text(self, k: int, reason: str) -> str:
+        return self.prefix + "".join(self.c.seqs[k].texts) + self._stop(k, reason)
+
+    def _tokens(self, s: Sequence, stop: str) -> list[dict]:
         scored = iter(s.scored)  # one per token the node named by a valid id (Choices.take_token)
+        texts = s.texts[:-1] + [s.texts[-1] + stop] if stop else s.texts  # the stop's text is its last token's
         return [
             _token(self.c.texts, tid, text, next(scored, None) if _valid(tid) else None, self.k)
-            for tid, text in zip(s.ids, s.texts)
+            for tid, text in zip(s.ids, texts)
         ]
 
     def _prefill(self, p: int) -> list[dict]:
@@ -356,20 +391,20 @@ class LoraxAnswer:
         return [{"id": s.token_id, "text": self.c.texts.text(s.token_id), "logprob": s.logprob} for s in scored]
 
     def _sequence(self, k: int, overall: str | None, cut: bool) -> dict:
-        s = self.c.seqs[k]
+        s, reason = self.c.seqs[k], self.c.reason(k, overall, cut)
         return {
-            "generated_text": self.prefix + "".join(s.texts),
-            "finish_reason": finish_reason(s, self.c.reason(k, overall, cut), bool(self.p.stop)),
+            "generated_text": self._text(k, reason),
+            "finish_reason": finish_reason(s, reason, bool(self.p.stop)),
             "generated_tokens": s.count,
             "seed": self._seed(),
             "prefill": self._prefill(s.prompt),
-            "tokens": self._tokens(s),
+            "tokens": self._tokens(s, self._stop(k, reason)),
         }
 
     def whole(self, overall: str | None, cut: bool) -> dict | list[dict]:
         """The answer of /generate (a list of one on POST /, as api-inference answers)."""
         [best] = self.c.picked()  # best_of's best (by the sum of its log-probabilities), or the one sequence
-        out = {"generated_text": self.prefix + "".join(self.c.seqs[best].texts)}
+        out = {"generated_text": self._text(best, self.c.reason(best, overall, cut))}
         if self.p.details:
             # best_of's others come in details, best first
             others = sorted(set(range(len(self.c.seqs))) - {best}, key=lambda k: -self.c.seqs[k].score())
@@ -399,15 +434,20 @@ class LoraxAnswer:
 
     def finish(self, reason: str, index: int = 0, *, cut: bool = False) -> bytes:
         """The last frame: the held last token's, or where the sequence ended on a token not known to be its last
-        (a stop sequence, the node stopped) or on none, a special token of no text (the tokens' texts still make
-        generated_text), carrying generated_text and details."""
+        (a stop sequence, the node stopped) or on none, a special token of no text, carrying generated_text and
+        details. The stop sequence it ended on (kept in the text, as LoRAX keeps it) is the held token's text's
+        end, else the text of that last token (id 0, not special: the token that completed it was sent with the
+        text before it), so that the tokens' texts still make generated_text."""
         s = self.c.seqs[index]
+        stop = self._stop(index, reason)
         frame, self._last = self._last, None
-        if frame is None:
-            frame = {"token": {"id": 0, "text": "", "logprob": 0.0, "special": True}}
+        if frame is not None:
+            frame["token"]["text"] += stop
+        else:
+            frame = {"token": {"id": 0, "text": stop, "logprob": 0.0, "special": not stop}}
             if self.k:
                 frame["token"]["alternative_tokens"] = []
-        frame["generated_text"] = self.prefix + "".join(s.texts)
+        frame["generated_text"] = self._text(index, reason)
         frame["details"] = None
         if self.p.details:
             frame["details"] = {

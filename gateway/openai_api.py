@@ -363,6 +363,10 @@ class CompletionRequest(_Sampling):
             return self.logprobs or 0
         return self.logprobs
 
+    def needs_token_texts(self) -> bool:
+        """Whether the answer is written with the base's token texts (logprobs, echo): loaded before dispatch."""
+        return self.node_logprobs() is not None or bool(self.echo)
+
 
 class TextPart(BaseModel):
     model_config = STRICT
@@ -594,6 +598,9 @@ class ChatRequest(_Rendered, _Sampling):
 
     def node_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def needs_token_texts(self) -> bool:
+        return self.node_logprobs() is not None
 
 
 class TokenizeRequest(_Rendered):

@@ -354,7 +354,7 @@ class ServedRequest:
                 await blocking(t, 0, t.vocab, base)
             t.check_ids(base, req.bias_ids(), param="logit_bias", what="logit_bias")
             t.check_ids(base, req.stop_token_ids or [], param="stop_token_ids", what="stop_token_ids")
-        token_texts = await blocking(t, 0, t.texts, base) if (req.node_logprobs() is not None or echo) else None
+        token_texts = await blocking(t, 0, t.texts, base) if req.needs_token_texts() else None
         if echo and texts is None:  # prompts given as token ids are echoed as their text
             texts = [await blocking(t, len(ids), t.decode, base, ids) for ids in prompts]
         self.rid = hex0x(secrets.token_bytes(32))

@@ -176,15 +176,37 @@ def test_return_full_text_prepends_the_inputs(client):
     assert frames[-1].generated_text == full.generated_text
 
 
-def test_stop_sequences_end_the_text_as_the_completion_does(client, oai):
+def test_the_stop_sequence_that_ends_the_text_is_kept_in_it_as_lorax_keeps_it(gw, client, oai):
+    """LoRAX (TGI's server: its StoppingCriteria only says when to stop, and the text is the decoding of every
+    token generated) keeps the stop sequence that ended the generation in generated_text, finish_reason
+    "stop_sequence"; the completion of the same request leaves it out (OpenAI's way). Whole (POST /, /generate)
+    and streamed, the tokens' texts make the text, and the tokens counted (billed) are the completion's."""
     text = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=16).generated_text
     stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if text[i : i + 2].strip())
-    r = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=16, stop_sequences=[stop])
-    c = completion(oai, NAMES[0], max_tokens=16, stop=[stop])
-    assert r.generated_text == c.choices[0].text == text[: text.index(stop)]
-    assert r.details.finish_reason == "stop_sequence"
-    frames = list(client.generate_stream(PROMPT, adapter_id=NAMES[0], max_new_tokens=16, stop_sequences=[stop]))
-    assert frames[-1].details.finish_reason == "stop_sequence" and frames[-1].generated_text == r.generated_text
+    kept = text[: text.index(stop) + len(stop)]
+    stops = ["QQ never said QQ", stop]  # the one that ended it is not the first asked
+    r = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=16, stop_sequences=stops)
+    c = completion(oai, NAMES[0], max_tokens=16, stop=stops)
+    assert c.choices[0].text == text[: text.index(stop)] and c.choices[0].finish_reason == "stop"
+    assert r.generated_text == kept
+    d = r.details
+    assert d.finish_reason == "stop_sequence"
+    assert d.generated_tokens == len(d.tokens) == c.usage.completion_tokens
+    assert "".join(t.text for t in d.tokens if not t.special) == kept
+    full = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=16, stop_sequences=stops, return_full_text=True)
+    assert full.generated_text == PROMPT + kept
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": NAMES[0], "max_new_tokens": 16, "stop": stops}}
+    got = httpx.post(gw.url + "/generate", json=body, headers=auth(gw), timeout=120)
+    assert got.status_code == 200 and got.json() == {"generated_text": kept}, got.text
+    frames = list(client.generate_stream(PROMPT, adapter_id=NAMES[0], max_new_tokens=16, stop_sequences=stops))
+    last = frames[-1]
+    assert last.generated_text == kept and last.details.finish_reason == "stop_sequence"
+    assert "".join(f.token.text for f in frames if not f.token.special) == kept
+    assert last.details.generated_tokens == d.generated_tokens
+    plain = list(
+        client.generate_stream(PROMPT, adapter_id=NAMES[0], max_new_tokens=16, stop_sequences=stops, details=False)
+    )
+    assert plain[-1].generated_text == kept and plain[-1].details is None
 
 
 def test_no_adapter_id_is_the_one_base_model(client, oai):
@@ -385,10 +407,21 @@ def test_sampling_at_a_temperature_of_zero_is_refused_as_lorax_refuses_it(client
 # ---------------------------------------------------------------------------------------------- the writer alone
 
 
+class _Tokenizer:
+    """A tokenizer's decode: token 7 is "a", 8 is "bcd", 9 is "b" (others "t"), 2 the end token (no text)."""
+
+    TEXTS = {7: "a", 8: "bcd", 9: "b", 2: ""}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.TEXTS.get(i, "t") for i in ids)
+
+
 class _Texts:
     """What the writer reads of a tokenizer's texts (gateway.logprobs.TokenTexts): 2 is the end token."""
 
     special = frozenset({2})
+    size = 16
+    tok = _Tokenizer()
 
     def text(self, tid: int) -> str:
         return f"<{tid}>"
@@ -431,6 +464,56 @@ def test_the_end_token_is_eos_token_and_a_stop_without_it_a_stop_sequence():
         assert frames[-1].generated_text == "".join("" if t == 2 else "a" for t in ids)
         assert "".join(f.token.text for f in frames if not f.token.special) == frames[-1].generated_text
         assert all(f.generated_text is None for f in frames[:-1])
+
+
+def _stopped(stops: list[str], relayed: list[tuple[int, str]], stream: bool, most: int = 8) -> dict | list[dict]:
+    """The answer (whole, or the stream's frames) of a sequence the node ended on a stop ("stop", no end token)
+    after relaying these (token id, text) with its tokenizer's texts known; `most`: max_new_tokens."""
+    c = Choices(chat=False, prompts=[[1, 5]], per_prompt=1, n=1, max_tokens=most, logprobs=True, end_ids=frozenset({2}))
+    c.texts = _Texts()
+    route = LoraxGenerateStream if stream else LoraxGenerate
+    req = route.model_validate({"inputs": "hi", "parameters": {"details": True, "stop": stops}})
+    req.check()
+    w, out = LoraxAnswer(req, c, prompt_tokens=2), b""
+    for tid, text in relayed:
+        text, scored = c.take_token(0, {"token_id": tid, "text": text, "logprob": -0.5})
+        out += c.chunk(w, 0, text, scored)
+    c.take_finish(0, {"finish_reason": "stop"})
+    if not stream:
+        return w.whole("stop", False)
+    return _frames(out + c.close_all(w, "stop", False) + w.end({}))
+
+
+def test_the_stop_string_the_node_cut_is_read_back_from_the_tokens_and_kept():
+    """The node leaves the stop string out of the text it relays (TextStream: the text before it); the writer reads
+    which one it was from the tokens' decoding past the relayed text (the first asked that starts there, as the
+    node looks for them in the order asked) and puts it back: the last token's text in details, and the stream's
+    last frame (a token of that text, not special, so the tokens' texts make generated_text). What follows the stop
+    string in its token is not kept (LoRAX stops only where the text ends with it). A stop the decoding does not
+    show there (a node that ended for another reason) adds nothing."""
+    for stops, relayed, kept in (
+        (["zz", "bc"], [(7, "a"), (8, "")], "abc"),  # "bcd": cut before "bc"; "d" dropped
+        (["b", "bcd"], [(7, "a"), (8, "")], "ab"),  # both start there: the first asked
+        (["a"], [(7, "")], "a"),
+        (["zz"], [(7, "a"), (9, "b")], "ab"),  # no stop string at the cut: the text as relayed
+    ):
+        whole = _stopped(stops, relayed, stream=False)
+        assert whole["generated_text"] == kept, (stops, whole)
+        tokens = whole["details"]["tokens"]
+        assert [t["id"] for t in tokens] == [tid for tid, _ in relayed]
+        assert "".join(t["text"] for t in tokens) == kept and whole["details"]["generated_tokens"] == len(relayed)
+        assert whole["details"]["finish_reason"] == "stop_sequence"
+        frames = [StreamResponse(**f) for f in _stopped(stops, relayed, stream=True)]
+        assert [f.token.id for f in frames[: len(relayed)]] == [tid for tid, _ in relayed]
+        last = frames[-1]
+        assert last.generated_text == kept and last.details.finish_reason == "stop_sequence"
+        assert "".join(f.token.text for f in frames if not f.token.special) == kept
+        assert last.details.generated_tokens == len(relayed)
+        assert last.token.special == (kept == "".join(t for _, t in relayed))
+    # the stop met on the max_new_tokens-th token: that token's frame, held as the last, ends with the stop string
+    frames = [StreamResponse(**f) for f in _stopped(["bc"], [(7, "a"), (8, "")], stream=True, most=2)]
+    assert [(f.token.id, f.token.text, f.token.special) for f in frames] == [(7, "a", False), (8, "bc", False)]
+    assert frames[-1].generated_text == "abc" and frames[-1].details.finish_reason == "stop_sequence"
 
 
 def test_a_stream_the_node_broke_off_ends_in_the_error_the_client_raises_as_incomplete():
