@@ -93,10 +93,11 @@ def _address_word(address: str) -> bytes:
     return bytes(12) + bytes.fromhex(to_checksum_address(address)[2:])
 
 
-def _gas_key(records: Sequence[SettleRecord], max_prices: MaxPrices) -> tuple[int, int, int]:
-    """A batch's shape, which its gas follows: records, adapter entries, nodes."""
+def _gas_key(records: Sequence[SettleRecord], max_prices: MaxPrices) -> tuple[int, int, int, int]:
+    """A batch's shape, which its gas follows: records, adapter entries, adapters (an entry repeating an adapter
+    reads no split from the registry: far cheaper than another adapter's), nodes."""
     entries = set(zip((r.adapter_id for r in records), record_bounds(records, max_prices), strict=True))
-    return len(records), len(entries), len({r.node_id for r in records})
+    return len(records), len(entries), len({a for a, _ in entries}), len({r.node_id for r in records})
 
 
 def decode_records_settled(log: dict) -> list[SettledRecord]:

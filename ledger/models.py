@@ -101,9 +101,11 @@ class SettlementBatch(SQLModel, table=True):
     # none of them has a transaction still waiting to be mined).
     settler: str | None = Field(default=None, max_length=42, index=True)
     fees_priced: str | None = None
-    # The price per 1k tokens each adapter of the batch was priced at (JSON object: adapter id -> decimal
-    # string; the zero id: the base price), sent as settleBatch's maxPrices on every send, so that the ledger
-    # refuses the batch when any one of them rose since. NULL for a batch written before these were kept.
+    # The highest price per 1k tokens the batch charges each adapter's records (JSON object: adapter id ->
+    # decimal string; the zero id: the base price): its price, or below it where every record was admitted at a
+    # lower quote (a raise's grace). Each record's settleBatch bound is the lower of this and its quote
+    # (ledger.settler._record_bounds), sent on every send, so that the ledger refuses the batch when a price rose
+    # past it since. NULL for a batch written before these were kept.
     prices_priced: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     claimed_by: str | None = Field(default=None, max_length=200)
     lease_expires: datetime | None = None

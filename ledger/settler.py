@@ -82,8 +82,9 @@ deployment's priceGraceSeconds after a change, the ledger charges a batch's maxP
 a batch whose maxPrices name that price for the record (the ledger's adapter table holds an adapter once per price
 its records are charged, so records admitted at several prices settle in one batch); past the grace (less
 GRACE_MARGIN_S) it is set aside as PRICE_ABOVE_QUOTE and priced again every PRICE_MOVING_RETRY_EVERY seconds:
-the key pays at most what it was shown, or nothing while the price stays higher. A record priced above SettlerConfig.max_price_per_1k, with more tokens than max_record_tokens, or whose fee
-the deposit cannot pay is set aside (status set_aside, reason in `error`) and never holds up its batch or later
+the key pays at most what it was shown, or nothing while the price stays higher. A record priced above
+SettlerConfig.max_price_per_1k, with more tokens than max_record_tokens, or whose fee the deposit cannot pay is
+set aside (status set_aside, reason in `error`) and never holds up its batch or later
 ones. A batch's total never exceeds the deposit left minus what this settler's in-flight batches will take. Records
 set aside because the deposit was short go back to the outbox by themselves once the deposit can pay them. Records
 naming an adapter or node the registry does not know (yet: an RPC node may lag behind the chain) are set aside as
@@ -208,7 +209,7 @@ class _Work:
 
     batch: SettlementBatch
     records: list[SettleRecord]
-    # adapter id -> its price per 1k tokens as the batch was priced (prices_priced; Settler._priced_of)
+    # adapter id -> the highest price per 1k tokens the batch charges its records (prices_priced; Settler._priced_of)
     priced: dict[str, int]
     # what each of `records` is charged per 1k tokens, in order: its adapter's price, or its quote when lower (a
     # raise's grace); settleBatch's maxPrices, by record (_record_bounds)
@@ -284,9 +285,11 @@ def _charged(price: int, quote: int | None) -> int:
 
 
 def _record_bounds(rows, priced: dict[str, int]) -> list[int]:
-    """settleBatch's maxPrices, by record, for a batch's rows (in leaf order) priced at `priced` (adapter id -> its
-    price as the batch was priced): each row at _charged. The one rule for a batch formed now and for one read back
-    (_priced_of), so a batch resumed by any settler is sent under the same id."""
+    """settleBatch's maxPrices, by record, for a batch's rows (in leaf order) priced at `priced` (adapter id -> the
+    highest price the batch charges its records): each row at the lower of that and its quote, which is what it is
+    charged (_charged: a row charged below that highest price was charged its quote). The one rule for a batch
+    formed now and for one read back (_priced_of), so a batch resumed by any settler is sent under the same id;
+    and for an adapter charged one price, `priced` holds that price, as the releases before stored it."""
     out = []
     for r in rows:
         quote = read_wei(r.quoted_price_per_1k)  # False (unreadable) only on a row _form_in set aside: no bound
@@ -624,8 +627,8 @@ class Settler:
             return work
 
     def _priced_of(self, batch: SettlementBatch, rows) -> dict[str, int]:
-        """The adapters' prices a batch written earlier was priced at (prices_priced), from which its maxPrices
-        follow (_record_bounds). A batch without them (written by a release that bounded a batch's total only)
+        """The highest price a batch written earlier charges each adapter's records (prices_priced), from which its
+        maxPrices follow (_record_bounds). A batch without them (written by a release that bounded a batch's total only)
         or with them unreadable gets, per adapter, the highest price its records' fees and quotes allow, and at
         most this settler's max_price_per_1k; never no bound, under which a price raised while the batch was
         open would be paid unseen. (Records with neither a fee nor a quote, batched before fees were kept, are
@@ -790,7 +793,8 @@ class Settler:
         keep: list[tuple[object, int]] = []
         aside: list[tuple[object, str, int | None]] = []
         total, short = 0, False
-        priced: dict[str, int] = {}  # adapter id (as settleBatch's table holds it) -> its price, as read
+        read_at: dict[str, int] = {}  # adapter id (as settleBatch's table holds it) -> its price, as read
+        priced: dict[str, int] = {}  # adapter id -> the highest price its records in this batch are charged
         entries: set[tuple[str, int]] = set()  # settleBatch's adapter table: (adapter id, a price charged)
         nodes: set[str] = set()
 
@@ -834,13 +838,18 @@ class Settler:
                 )
                 continue
             entry = (to_id(r.adapter_id), charged)  # as settleBatch's table holds it, however the row spells it
+            if read_at.get(entry[0], a_price) != a_price:
+                # its id, spelled otherwise in another row, was read at another price this step (a change between
+                # the two reads): one batch takes one reading of a price, this row waits for the next
+                continue
             if (entry not in entries and len(entries) == MAX_ADAPTERS_PER_BATCH) or (
                 r.node_id not in nodes and len(nodes) == MAX_NODES_PER_BATCH
             ):
                 break  # the ledger's id tables are full: the rest goes in the next batch
             if total + fee <= free:
                 keep.append((r, fee))
-                priced[entry[0]] = a_price
+                read_at[entry[0]] = a_price
+                priced[entry[0]] = max(priced.get(entry[0], charged), charged)
                 entries.add(entry)
                 nodes.add(r.node_id)
                 total += fee

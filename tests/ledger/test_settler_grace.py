@@ -1,7 +1,7 @@
 """The settler under a price's grace (contracts/src/PriceGrace.sol), against a real anvil whose prices have one: a
 raise no longer strands the records admitted before it (they settle at their quotes, in the same batch as the
-records of the other prices), a raise under a batch in flight is charged at the price the batch was priced at, and once the grace is
-over a record quoted below the price waits, set aside, as it always did."""
+records of the other prices), a raise under a batch in flight is charged at the price the batch was priced at, and
+once the grace is over a record quoted below the price waits, set aside, as it always did."""
 
 import json
 
@@ -128,6 +128,51 @@ def test_an_owner_repricing_between_requests_costs_no_batch_per_price(grace_chai
     first, second = _batches(engine)  # the first holds a full table of the owner's quotes, the rest the second
     assert (first.record_count, second.record_count) == (MAX_ADAPTERS_PER_BATCH, 8 + 4)
     assert {rows[i].batch_id for i in others} == {second.batch_id}
+
+
+def test_an_id_spelled_two_ways_and_read_at_two_prices_is_charged_what_it_was_priced(grace_chain, engine, monkeypatch):
+    """Found by the red team: a step's prices are read by each row's spelling of its adapter id, and serve all of the
+    step's batches. An owner raising its price between the reads of two spellings gave one batch two readings of
+    one adapter's price; the batch's bounds follow one (_record_bounds), so a row priced at the new price was sent
+    bounded at the old one, and the chain charged it that (the outbox saying otherwise). One batch takes one
+    reading of a price now: the other spelling's rows wait for the next batch."""
+    from sqlalchemy import update
+
+    from ledger.models import UsageRecord
+
+    env = grace_chain
+    client = _settler(env)
+    warm, reg = register_sample(env, price=10**12), register_sample(env, price=10**12)
+    add_records(engine, [warm], 1)
+    settler = Settler(engine, client, SettlerConfig(batch_size=2, interval=0, max_in_flight=4))
+    assert settler.step(force=True) == 1  # a settler's first step sends one batch: the pipe is open after it
+    first = add_records(engine, [reg], 2, quote=10**12)  # the step's first batch reads the lower-case spelling
+    shouted = add_records(engine, [reg], 1, quote=3 * 10**12)
+    late = add_records(engine, [reg], 1)  # no quote: bounded by the price as read for its spelling
+    with Session(engine) as s:
+        s.execute(
+            update(UsageRecord)
+            .where(UsageRecord.request_id.in_(shouted))
+            .values(adapter_id="0x" + reg.adapter_id[2:].upper())
+        )
+        s.commit()
+    original, raised = client.send_settle_batch, []
+
+    def send(*args, **kwargs):  # the owner raises between the step's first and second batch
+        if not raised:
+            raised.append(env.client(reg.owner).set_adapter_price(reg.adapter_id, 3 * 10**12))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "send_settle_batch", send)
+    settler.step(force=True)
+    monkeypatch.undo()
+    settler.drain()
+    rows = {r.request_id: r for r in outbox_rows(engine)}
+    ours = [*first, *shouted, *late]
+    assert all(rows[i].status == RecordStatus.SETTLED for i in ours)
+    on_chain = {rec.request_id: rec.fee for rec in client.settled_records()}
+    assert {i: int(rows[i].fee_wei) for i in ours} == {i: on_chain[i] for i in ours}
+    assert int(rows[shouted[0]].fee_wei) == _fee(3 * 10**12, rows[shouted[0]])
 
 
 @pytest.mark.parametrize("grace", [1, 599, 30 * 86_400 + 1])
