@@ -15,6 +15,7 @@ import asyncio
 import codecs
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
@@ -75,11 +76,24 @@ class NodeUnavailable(RuntimeError):
 
 
 class NodeRejected(ValueError):
-    """The node refused the request itself as invalid; `status`, `code` and message say why."""
+    """The node refused the request itself as invalid; `status`, `code` and `reason` (the node's own words) say
+    why. Its message is what a client may be shown: the reason quoted as the node's (_quoted)."""
 
-    def __init__(self, message: str, *, status: int, code: str | None) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
+    def __init__(self, reason: str, *, status: int, code: str | None) -> None:
+        super().__init__(f"the node refused the request: {_quoted(reason)}")
+        self.status, self.code, self.reason = status, code, reason
+
+
+# a link in a node's words: scheme://..., or www....
+_LINK = re.compile(r"[a-z][a-z0-9+.-]*://\S*|www\.\S*", re.IGNORECASE)
+
+
+def _quoted(reason: str) -> str:
+    """A node's reason for refusing a request, as a client may be shown it (a grammar's error names what in a
+    schema to change): the node's words, quoted as its, on one line of printable ASCII, links taken out, at most
+    300 characters. A node is a stranger: its text must not read as the gateway's, nor send a client anywhere."""
+    text = _LINK.sub("[link removed]", "".join(c if " " <= c <= "~" else " " for c in reason))
+    return json.dumps(text[:300])
 
 
 def _error_of(status: int, text: str) -> tuple[str, str | None]:
@@ -200,7 +214,12 @@ def _event(payload: str, max_bytes: int) -> dict:
     """One SSE event from a node: a JSON object, or ValueError (the relay treats that as a failed node)."""
     # Python's own integer bound: an event's fields are read one by one (gateway.choices takes what it can, a
     # logprob no float holds is shown as the floor), and none reaches anything that breaks on a long integer
-    event = parse_json(payload, max_bytes=max_bytes, max_int_digits=None, what="node event")
+    try:
+        event = parse_json(payload, max_bytes=max_bytes, max_int_digits=None, what="node event")
+    except UntrustedJSONError as e:
+        # the parser's words may quote the node's bytes (a duplicate key): the client is told the kind only
+        log.info("a node sent a malformed event: %.300r", str(e))
+        raise UntrustedJSONError("node sent an event that is not a JSON object within the limits") from None
     if not isinstance(event, dict):
         raise ValueError(f"node sent a {type(event).__name__} where an event object was expected")
     return event
@@ -259,15 +278,22 @@ class NodeClient:
                 r = await self._stream_session().post(
                     url, data=data, headers={"Content-Type": "application/json", **signed}, allow_redirects=False
                 )
+        # What reaches the client (through the gateway's 503) is in our words and names the node by its id: its
+        # registered URL, the bytes it answered (in the HTTP library's repr, beside our signed headers) and its
+        # error texts are a stranger's, and go to the log
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:  # no connection: not running
-            raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True) from e
+            log.info("node %s at %r is unreachable: %r", node_id[:10], api_url, e)
+            raise NodeUnavailable(f"node {node_id[:10]} is unreachable ({type(e).__name__})", dead=True) from e
         except TimeoutError as e:
             within = f"{self.first_byte_timeout:g}" if self.first_byte_timeout is not None else f"{self._timeouts[1]:g}"
             raise NodeUnavailable(
-                f"node at {api_url} sent nothing within {within} s", dead=True, maybe_running=True
+                f"node {node_id[:10]} sent nothing within {within} s", dead=True, maybe_running=True
             ) from e
         except (aiohttp.ClientError, ValueError) as e:  # ValueError: a URL aiohttp cannot use
-            raise NodeUnavailable(f"node at {api_url} is unreachable: {e!r}", dead=True, maybe_running=True) from e
+            log.info("node %s at %r failed to answer: %.300r", node_id[:10], api_url, e)
+            raise NodeUnavailable(
+                f"node {node_id[:10]} is unreachable ({type(e).__name__})", dead=True, maybe_running=True
+            ) from e
         if r.status == 200:
             return UpstreamStream(r.content.iter_any(), r.release, event_limit(body), idle_s=self._timeouts[1])
         try:
@@ -282,14 +308,15 @@ class NodeClient:
         if r.status == 400 and message.startswith(UNKNOWN_GUIDED_TYPE):
             # a node of an older release, which knows fewer guided types (regex and choice came later): not the
             # client's mistake, another node may serve it (operators upgrade at their own pace)
-            raise NodeUnavailable(f"node at {api_url} does not serve this guided type: {message}")
+            log.info("node %s at %r does not serve this guided type: %.300r", node_id[:10], api_url, message)
+            raise NodeUnavailable(f"node {node_id[:10]} does not serve this guided type")
         if r.status == 400 and code in CLIENT_ERROR_CODES:
             raise NodeRejected(message, status=r.status, code=code)
         # the answer stays in this log: the client is told the status only, so a URL registered at a service
         # that is no node cannot read that service's answers back through the gateway's errors
-        log.warning("node %s at %s answered %d: %s", node_id[:10], api_url, r.status, message)
+        log.warning("node %s at %r answered %d: %.300r", node_id[:10], api_url, r.status, message)
         # a node's API never redirects: one that does is a failed node, routed around until it heartbeats again
-        raise NodeUnavailable(f"node at {api_url} answered {r.status}", dead=300 <= r.status < 400)
+        raise NodeUnavailable(f"node {node_id[:10]} answered {r.status}", dead=300 <= r.status < 400)
 
     async def _call(
         self, method: str, url: str, *, timeout: float, node_id: str | None = None, json: dict | None = None
@@ -315,7 +342,7 @@ class NodeClient:
             return None
         got = _object(body, "abort receipt") if status == 200 else None
         if got is None:
-            log.warning("abort of %s at %s answered %d: %s", request_id[:10], api_url, status, _snippet(body))
+            log.warning("abort of %s at %r answered %d: %r", request_id[:10], api_url, status, _snippet(body))
         return got
 
     async def receipt(self, api_url: str, request_id: str) -> tuple[str, dict | None]:
@@ -332,7 +359,7 @@ class NodeClient:
             return "running", None
         got = _object(body, "stored receipt") if status == 200 else None
         if got is None:
-            log.warning("receipt of %s at %s answered %d: %s", request_id[:10], api_url, status, _snippet(body))
+            log.warning("receipt of %s at %r answered %d: %r", request_id[:10], api_url, status, _snippet(body))
             return "unreachable", None
         return "ok", got
 
@@ -346,7 +373,7 @@ class NodeClient:
             log.info("prefetch of %s at %s failed: %r", adapter_id[:10], api_url, e)
             return False
         if status != 200:
-            log.info("prefetch of %s at %s answered %d: %s", adapter_id[:10], api_url, status, _snippet(body))
+            log.info("prefetch of %s at %r answered %d: %r", adapter_id[:10], api_url, status, _snippet(body))
         return status == 200
 
     async def aclose(self) -> None:

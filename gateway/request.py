@@ -567,9 +567,9 @@ class ServedRequest:
         tool_choice required / a named function)."""
         if e.code == "context_length_exceeded":
             return self.req.PROMPT_FIELD
-        if str(e).startswith("guided.calls"):  # the tools' calls beside a response format (json_or_tool_calls)
+        if e.reason.startswith("guided.calls"):  # the tools' calls beside a response format (json_or_tool_calls)
             return "tools"
-        if "guided" in str(e):
+        if "guided" in e.reason:
             return self.req.guided_field()
         return None
 
