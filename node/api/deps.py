@@ -47,6 +47,10 @@ LARGE_BODY_BYTES = 1 << 20
 # ...and within this many seconds: uvicorn bounds no body's time, and a stranger held 300 connections of almost a
 # MiB each, unanswered, for as long as it liked (red team; an honest gateway sends 1 MiB in well under a second)
 UNVERIFIED_BODY_S = 5.0
+# ...and a body whose signed hash came first, within this many seconds: a signature is used up only by a body that
+# matches it, so the read of one that never ends must end (a gateway sends the largest generate call in well under
+# a second on any link a node could serve from)
+SIGNED_BODY_S = 30.0
 
 
 class ReplayGuard:
@@ -56,18 +60,21 @@ class ReplayGuard:
         self.window_ms = window_ms
         self._seen: OrderedDict[str, int] = OrderedDict()  # signature -> when first seen (ms), oldest first
 
-    def first_use(self, signature: str, now_ms: int | None = None) -> bool:
+    def used(self, signature: str, now_ms: int | None = None) -> bool:
+        """Whether the signature was used within the window (nothing is taken)."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         while self._seen and next(iter(self._seen.values())) < now - self.window_ms:
             self._seen.popitem(last=False)  # older than any timestamp verify_request still accepts
-        if signature in self._seen:
+        return signature in self._seen
+
+    def first_use(self, signature: str, now_ms: int | None = None) -> bool:
+        """Take the signature as used; False when it was. A check and a write with no await between: of two
+        calls with one signature on the event loop, one wins."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        if self.used(signature, now):
             return False
         self._seen[signature] = now
         return True
-
-    def give_back(self, signature: str) -> None:
-        """The signature was not used after all (its call's body did not match it)."""
-        self._seen.pop(signature, None)
 
 
 @dataclass(eq=False)
@@ -130,19 +137,21 @@ async def signed_by_gateway(request: Request) -> str:
     try:
         if BODY_HASH_HEADER in headers:
             key = verify(body=None, trusted=node.trusted())  # from the headers: nothing of the body read yet
-            # taken before the body is read (a replayed header set gets no body read), and given back when the
-            # body is not the one signed: headers seen on the way and sent first with other bytes must not use
-            # up the signature of the call they came from
-            sig = _first_use(node, headers)
+            # A signature is used up only by the body it signs: headers seen on the way and sent first with other
+            # bytes, or with a body that never ends, must not make the call they came from a replay. A header set
+            # already used gets no body read; one not used yet may get several read at once, each bounded in
+            # size and time, and only the first that matches is served
+            if node.replays.used(headers[SIG_HEADER].lower()):
+                raise ApiError(409, REPLAYED, "replayed_request")
             try:
-                body = await _body(request)
-                if small:
-                    check_body(headers, body)
-                else:  # hashing megabytes is not done on the event loop
-                    await asyncio.to_thread(check_body, headers, body)
-            except BaseException:
-                node.replays.give_back(sig)
-                raise
+                body = await asyncio.wait_for(_body(request), SIGNED_BODY_S)
+            except TimeoutError:
+                raise ApiError(408, "the request body did not arrive in time", "request_timeout") from None
+            if small:
+                check_body(headers, body)
+            else:  # hashing megabytes is not done on the event loop
+                await asyncio.to_thread(check_body, headers, body)
+            _first_use(node, headers)
             return key
         check_headers(headers)  # a call no gateway could have signed now is refused before its body is read
         if not small:
@@ -163,12 +172,12 @@ async def signed_by_gateway(request: Request) -> str:
     return key
 
 
-def _first_use(node: NodeApi, headers) -> str:
-    """The call's signature, taken as used; 409 when it was."""
-    sig = headers[SIG_HEADER].lower()
-    if not node.replays.first_use(sig):
-        raise ApiError(409, "this signed request was already received (replayed)", "replayed_request")
-    return sig
+REPLAYED = "this signed request was already received (replayed)"
+
+
+def _first_use(node: NodeApi, headers) -> None:
+    if not node.replays.first_use(headers[SIG_HEADER].lower()):
+        raise ApiError(409, REPLAYED, "replayed_request")
 
 
 async def _body(request: Request) -> bytes:

@@ -140,7 +140,15 @@ def test_a_signature_sent_with_other_bytes_is_not_used_up(node):
     assert BODY_HASH_HEADER in headers
     junk = json.dumps(GEN | {"request_id": "0x" + "a3" * 32}).encode()
     _error(httpx.post(node.url + "/v1/generate", content=junk, headers=headers, timeout=30), 401, "unauthenticated")
-    assert httpx.post(node.url + "/v1/generate", content=body, headers=headers, timeout=30).status_code == 200
+    # ... or first with a body that never ends (found by a review: the signature was held while it was read)
+    held = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        held.sendall(f"POST /v1/generate HTTP/1.1\r\nhost: x\r\n{head}content-length: {len(body)}\r\n\r\n{{".encode())
+        time.sleep(0.3)
+        assert httpx.post(node.url + "/v1/generate", content=body, headers=headers, timeout=30).status_code == 200
+    finally:
+        held.close()
     _error(httpx.post(node.url + "/v1/generate", content=body, headers=headers, timeout=30), 409, "replayed_request")
 
 
