@@ -174,6 +174,7 @@ class ServedRequest:
         self._next: asyncio.Future | None = None  # the read in progress (it survives a cancelled reader)
         self.stream_ok = True  # the node's stream can still be read
         self.attempts = 0
+        self.rejected: NodeRejected | None = None  # a node's refusal of the request as invalid (_try)
         self.started = self.deadline = 0.0
         self.ttft: float | None = None
         self.n_tokens = 0  # token events relayed to the client, each sequence's up to max_tokens: what is billed
@@ -505,6 +506,9 @@ class ServedRequest:
                     d.metrics.residency.labels(t.label, "hit" if hit else "miss").inc()
                 return
             d.metrics.failovers.inc()
+        if self.rejected is not None:  # no other node served it: the client's mistake, as the node said
+            e = self.rejected
+            raise BadRequest(str(e), code=e.code, param=self._rejected_param(e)) from e
         raise NoNodeAvailable(f"{len(errors)} node(s) failed before the first token: {'; '.join(errors)}")
 
     def _prefetch(self, adapter_id: str, route: Route) -> None:
@@ -526,7 +530,16 @@ class ServedRequest:
             try:
                 up = await d.nodes.open_stream(node.api_url, node.node_id, self.node_body)
             except NodeRejected as e:
-                raise BadRequest(str(e), code=e.code, param=self._rejected_param(e)) from e
+                # A node's 400 is a stranger's word that the request is the client's mistake, and no failover
+                # follows a client's mistake: a node answering every request so would fail all of them for the
+                # adapters it is first for. One more node is asked; the request is refused when it refuses too
+                # (or there is none). A client's true mistake costs a second node's refusal, no more
+                if self.rejected is not None:
+                    raise BadRequest(str(e), code=e.code, param=self._rejected_param(e)) from e
+                self.rejected = e
+                log.warning("node %s refused request %s as invalid: %.300r", node.node_id[:10], self.rid[:10], e.reason)
+                errors.append(f"node {node.node_id[:10]} refused it")
+                return False
             except NodeUnavailable as e:
                 errors.append(str(e))
                 if e.dead:

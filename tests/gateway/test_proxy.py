@@ -383,12 +383,27 @@ def test_400_bad_body(w):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_400_from_node_is_not_retried(w):
+def test_400_from_node_is_asked_of_one_more_node_only(w):
+    """A node's 400 is its word that the request is the client's mistake: one more node is asked (a node answering
+    every request so would otherwise fail them all for the adapters it is first for), and when it refuses too the
+    client hears the refusal, without a third node asked."""
     before = sum(len(n.requests) for n in w.nodes)
     with pytest.raises(openai.BadRequestError) as ei:
         w.client().completions.create(model="acme/alpha", prompt="TOO_LONG")
-    assert ei.value.body["code"] == "context_length_exceeded"
-    assert sum(len(n.requests) for n in w.nodes) == before + 1
+    assert ei.value.body["code"] == "context_length_exceeded" and ei.value.body["param"] == "prompt"
+    assert sum(len(n.requests) for n in w.nodes) == before + 2
+
+
+def test_a_node_that_refuses_every_request_fails_no_client(w):
+    first = w.owners("acme/alpha")[0]
+    first.reject_all = True
+    try:
+        for _ in range(3):
+            raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="x", max_tokens=2)
+            assert raw.headers["x-loramesh-node"] != first.identity.node_id
+            assert raw.parse().usage.completion_tokens == 2
+    finally:
+        first.reject_all = False
 
 
 def test_503_when_no_node_serves_the_base(w):

@@ -126,6 +126,7 @@ class StandInNode:
     resident: list[str] = field(default_factory=list)
     queue_depth: int = 0
     fail_early: bool = False  # answer every generate with a 500
+    reject_all: bool = False  # answer every generate with a 400 invalid_request (a node blaming every client)
     seen: dict = field(default_factory=dict)  # request id -> [produced, prompt_tokens, started_ms, adapter]
     running: set = field(default_factory=set)  # request ids streaming now
     receipts: dict = field(default_factory=dict)  # request id -> its final signed receipt (GET .../receipt)
@@ -202,6 +203,8 @@ class StandInNode:
             prompt = body.get("prompt") or (self.tokenizer.decode(ids) if self.tokenizer is not None else "")
             if self.fail_early or "FAIL_EARLY" in prompt:
                 return JSONResponse(error_body("boom", type="server_error", code="x"), 500)
+            if self.reject_all:
+                return JSONResponse(error_body("your request is malformed", code="invalid_request"), 400)
             if "TOO_LONG" in prompt:
                 return JSONResponse(
                     error_body("prompt is 900 tokens, the context holds 512", code="context_length_exceeded"), 400
