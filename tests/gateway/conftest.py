@@ -18,6 +18,14 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    """The tiny base's tokenizer, as a stand-in node decodes the prompts it is sent with."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_base))
+
+
+@pytest.fixture(scope="module")
 def served(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     # echo's bound low enough for the tiny bases' 512-token context to reach (test_openai_fields.py)

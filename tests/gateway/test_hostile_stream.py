@@ -30,13 +30,6 @@ pytestmark = pytest.mark.integration
 NODE_TIMEOUT_S = 2.0
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_base):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_base))
-
-
 @pytest.fixture
 def world(tmp_path, tiny_base, tokenizer):
     node = StandInNode(Identity.generate(), base_model_id(tiny_base), tokens=5, tokenizer=tokenizer)

@@ -58,13 +58,6 @@ class WordyNode(StandInNode):
         return app
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_base):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_base))
-
-
 @pytest.fixture
 def world(tmp_path, tiny_base, tokenizer):
     node = WordyNode(Identity.generate(), base_model_id(tiny_base), tokens=5, tokenizer=tokenizer)
