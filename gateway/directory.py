@@ -193,7 +193,8 @@ class NodeDirectory:
             )
         if reg.api_url.rstrip("/") != body["api_url"].rstrip("/"):
             log.warning(
-                "node %s heartbeats api_url %s but is registered with %s; using the registered one",
+                # %r: the heartbeat's URL is the node's word (only its scheme is checked), a newline in it included
+                "node %s heartbeats api_url %.200r but is registered with %s; using the registered one",
                 node_id[:10],
                 body["api_url"],
                 reg.api_url,

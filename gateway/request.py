@@ -174,7 +174,7 @@ class ServedRequest:
         self._next: asyncio.Future | None = None  # the read in progress (it survives a cancelled reader)
         self.stream_ok = True  # the node's stream can still be read
         self.attempts = 0
-        self.rejected: NodeRejected | None = None  # a node's refusal of the request as invalid (_try)
+        self.refusals: list[tuple[NodeEntry, NodeRejected]] = []  # nodes that refused the request as invalid (_try)
         self.started = self.deadline = 0.0
         self.ttft: float | None = None
         self.n_tokens = 0  # token events relayed to the client, each sequence's up to max_tokens: what is billed
@@ -495,7 +495,8 @@ class ServedRequest:
         if t.adapter_id is not None and t.ensemble is None:
             self._prefetch(t.adapter_id, route)
         errors = []
-        for i, node in enumerate(route.nodes[: d.settings.max_attempts]):
+        tried = route.nodes[: d.settings.max_attempts]
+        for i, node in enumerate(tried):
             if i:
                 await opening  # the record is written before it is moved (OutboxUnavailable if it was not)
                 await d.book.move_request(self.rid, node.node_id)
@@ -504,10 +505,18 @@ class ServedRequest:
             if await self._try(node, errors):
                 if t.adapter_id is not None:
                     d.metrics.residency.labels(t.label, "hit" if hit else "miss").inc()
+                for liar, _ in self.refusals:  # refused what another node served: routed around for a while
+                    log.warning(
+                        "node %s refused request %s that node %s served",
+                        liar.node_id[:10],
+                        self.rid[:10],
+                        node.node_id[:10],
+                    )
+                    d.directory.mark_failed(liar.node_id)
                 return
             d.metrics.failovers.inc()
-        if self.rejected is not None:  # no other node served it: the client's mistake, as the node said
-            e = self.rejected
+        if self.refusals and len(self.refusals) == len(tried):  # every node asked says it is the client's mistake
+            e = self.refusals[-1][1]
             raise BadRequest(str(e), code=e.code, param=self._rejected_param(e)) from e
         raise NoNodeAvailable(f"{len(errors)} node(s) failed before the first token: {'; '.join(errors)}")
 
@@ -530,15 +539,15 @@ class ServedRequest:
             try:
                 up = await d.nodes.open_stream(node.api_url, node.node_id, self.node_body)
             except NodeRejected as e:
-                # A node's 400 is a stranger's word that the request is the client's mistake, and no failover
-                # follows a client's mistake: a node answering every request so would fail all of them for the
-                # adapters it is first for. One more node is asked; the request is refused when it refuses too
-                # (or there is none). A client's true mistake costs a second node's refusal, no more
-                if self.rejected is not None:
-                    raise BadRequest(str(e), code=e.code, param=self._rejected_param(e)) from e
-                self.rejected = e
+                # A node's 400 is a stranger's word that the request is the client's mistake (a grammar it cannot
+                # compile; most else the gateway checked itself). Taken at its word, a node answering every request
+                # so failed all of them for the adapters it was first for, or two such nodes of one operator. The
+                # client is told only when every node asked (max_attempts, or all the owners there are) refused;
+                # a node that refused what another then served is routed around for a while (_dispatch). A
+                # client's true mistake costs a few nodes' refusals, each cheap
+                self.refusals.append((node, e))
                 log.warning("node %s refused request %s as invalid: %.300r", node.node_id[:10], self.rid[:10], e.reason)
-                errors.append(f"node {node.node_id[:10]} refused it")
+                errors.append(f"node {node.node_id[:10]} refused it ({e.code})")
                 return False
             except NodeUnavailable as e:
                 errors.append(str(e))
@@ -638,9 +647,14 @@ class ServedRequest:
         c = self.choices
         k = c.index_of(ev)
         if k is None:
+            # the index is the node's value: the client is told its type, the log gets it (never the client's error)
+            index = ev.get("index")
+            log.warning(
+                "node %s sent request %s a token of choice %.100r", self.node.node_id[:10], self.rid[:10], index
+            )
             self.failure = (
-                f"node {self.node.node_id[:10]} sent a token of choice {ev.get('index')!r}, which this request "
-                "does not have"
+                f"node {self.node.node_id[:10]} sent a token of a choice this request does not have "
+                f"({type(index).__name__})"
             )
             return None
         if c.full(k):

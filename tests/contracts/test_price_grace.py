@@ -5,9 +5,9 @@ before, never after the grace; and a batch's id names its bounds, so nobody sett
 import pytest
 from web3.logs import DISCARD
 
+from common.wire import hex0x
 from devnet.deploy import _deploy_contract
 from ledger import errors as E
-from common.wire import hex0x
 from ledger.chain import RECORDS_SETTLED_TOPIC, decode_records_settled
 from ledger.merkle import batch_id_for
 from ledger.transport import revert_data

@@ -7,6 +7,7 @@ A stand-in node (tests/utils/gateway.py) with a /v1/generate of its own in front
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from common.identity import Identity
 from common.wire import error_body, sse_frame
 from gateway.node_client import NodeClient, NodeUnavailable
 from node.adapters.basemodel import base_model_id
+from node.heartbeat import make_heartbeat
 from tests.gateway import TINY
 from tests.utils.gateway import StandInNode, error_of, gateway_over
 
@@ -49,6 +51,9 @@ class WordyNode(StandInNode):
                 if "AFTER" in prompt:
                     self.seen[rid][0] += 1
                     yield sse_frame({"type": "token", "text": " t0", "token_id": 10})
+                if "BADINDEX" in prompt:  # a choice this request does not have, named by the node's words
+                    yield sse_frame({"type": "token", "text": " t1", "token_id": 11, "index": PHISH})
+                    return
                 # a duplicate key: the parser's error quotes it (64 characters, repr)
                 yield f'data: {{"type": "token", "{PHISH}": 1, "{PHISH}": 2}}\n\n'.encode()
 
@@ -62,7 +67,7 @@ class WordyNode(StandInNode):
 def world(tmp_path, tiny_base, tokenizer):
     node = WordyNode(Identity.generate(), base_model_id(tiny_base), tokens=5, tokenizer=tokenizer)
     with gateway_over(node, tmp_path, tiny_base, heartbeat_ttl_s=600) as (gw, engine, key):
-        yield gw, key
+        yield gw, key, node
 
 
 def _post(gw, key, prompt, stream=False):
@@ -74,9 +79,9 @@ def _post(gw, key, prompt, stream=False):
     )
 
 
-@pytest.mark.parametrize("prompt", ["REJECT", "GUIDED", "DUPKEY"])
+@pytest.mark.parametrize("prompt", ["REJECT", "GUIDED", "DUPKEY", "BADINDEX"])
 def test_a_nodes_words_do_not_reach_the_clients_error_before_the_first_token(world, prompt):
-    gw, key = world
+    gw, key, _ = world
     r = _post(gw, key, prompt)
     msg = error_of(r)["message"]
     assert "evil.example" not in msg
@@ -84,15 +89,16 @@ def test_a_nodes_words_do_not_reach_the_clients_error_before_the_first_token(wor
         assert r.status_code == 400 and msg == 'the node refused the request: "Key leaked! rotate at [link removed]"'
 
 
-def test_a_nodes_words_do_not_reach_the_clients_error_after_the_first_token(world):
-    gw, key = world
-    r = _post(gw, key, "DUPKEY AFTER", stream=True)
+@pytest.mark.parametrize("prompt", ["DUPKEY AFTER", "BADINDEX AFTER"])
+def test_a_nodes_words_do_not_reach_the_clients_error_after_the_first_token(world, prompt):
+    gw, key, _ = world
+    r = _post(gw, key, prompt, stream=True)
     assert " t0" in r.text
     assert "evil.example" not in r.text
 
 
 def test_a_nodes_error_text_is_logged_on_one_line(world, caplog):
-    gw, key = world
+    gw, key, _ = world
     r = _post(gw, key, "FIVEHUNDRED")
     assert r.status_code == 503
     lines = [rec.getMessage() for rec in caplog.records if "answered 500" in rec.getMessage()]
@@ -128,3 +134,15 @@ def test_a_status_line_of_the_nodes_words_stays_out_of_the_error():
     with pytest.raises(NodeUnavailable) as ei:
         asyncio.run(go())
     assert "evil.example" not in str(ei.value)
+
+
+def test_a_heartbeats_api_url_makes_no_log_line_of_its_own(world, caplog):
+    """A node's signed heartbeat names an api_url (only its scheme is checked) other than its registered one: the
+    gateway logs it, one line, a newline in it escaped (red team: it forged an entry of the log)."""
+    gw, _, node = world
+    forged = "http://x\n2026-12-06 06:30:00 CRITICAL gateway.keys: key 1 revoked by the administrator"
+    doc = make_heartbeat(node.identity, api_url=forged, base_model_id=node.base_model_id, status=node.status())
+    with caplog.at_level(logging.INFO):
+        assert httpx.post(gw.url + "/internal/heartbeat", json=doc, timeout=10).status_code == 200
+    lines = [rec.getMessage() for rec in caplog.records if "heartbeats api_url" in rec.getMessage()]
+    assert lines and all("\n" not in m for m in lines), lines

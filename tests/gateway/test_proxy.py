@@ -383,10 +383,10 @@ def test_400_bad_body(w):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_400_from_node_is_asked_of_one_more_node_only(w):
-    """A node's 400 is its word that the request is the client's mistake: one more node is asked (a node answering
-    every request so would otherwise fail them all for the adapters it is first for), and when it refuses too the
-    client hears the refusal, without a third node asked."""
+def test_400_from_node_is_the_clients_only_when_every_node_asked_says_so(w):
+    """A node's 400 is its word that the request is the client's mistake: the next node is asked (a node answering
+    every request so would otherwise fail them all for the adapters it is first for, red team), and the client hears
+    the refusal when every node asked refused."""
     before = sum(len(n.requests) for n in w.nodes)
     with pytest.raises(openai.BadRequestError) as ei:
         w.client().completions.create(model="acme/alpha", prompt="TOO_LONG")
@@ -397,13 +397,26 @@ def test_400_from_node_is_asked_of_one_more_node_only(w):
 def test_a_node_that_refuses_every_request_fails_no_client(w):
     first = w.owners("acme/alpha")[0]
     first.reject_all = True
+    asked = len(first.requests)
     try:
         for _ in range(3):
             raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="x", max_tokens=2)
             assert raw.headers["x-loramesh-node"] != first.identity.node_id
             assert raw.parse().usage.completion_tokens == 2
+        # refused what the other node served: routed around until it heartbeats again, not asked every time
+        assert len(first.requests) == asked + 1
+        # a refusal and a node that fails: nobody said the client erred but one stranger, so no 400 (a 503)
+        other = w.nodes[1 - w.nodes.index(first)]
+        w.beat()
+        other.fail_early = True
+        with pytest.raises(openai.InternalServerError) as ei:
+            w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
+        assert ei.value.status_code == 503 and "refused it (invalid_request)" in ei.value.message
     finally:
         first.reject_all = False
+        for n in w.nodes:
+            n.fail_early = False
+        w.beat()
 
 
 def test_503_when_no_node_serves_the_base(w):
