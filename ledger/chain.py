@@ -564,8 +564,8 @@ class ChainClient:
         """Send settleBatch; returns the tx hash. simulate=True estimates it first (a duplicate raises
         BatchAlreadySettled, a batch not starting at this account's next sequence number
         SequenceMismatch, any revert its typed error); simulate=False sends at once with the gas limit
-        learned for this shape of batch (records, adapter entries, nodes: estimating only the first batch of
-        each; one pipelined behind batches still in flight is estimated as if numbered from the chain's
+        learned for this shape of batch (records, adapter entries, adapters, nodes: estimating only the first
+        batch of each; one pipelined behind batches still in flight is estimated as if numbered from the chain's
         nextSequence) and the managed nonce: a revert then shows in wait_settle_batch, a too-low limit as
         GasTooLow. max_prices: what the caller priced the records at (settle_calldata); the
         ledger refuses the batch when one costs more now (PriceAboveQuote)."""

@@ -81,20 +81,20 @@ meanwhile) is priced at its quote while the raise's grace allows that (contracts
 deployment's priceGraceSeconds after a change, the ledger charges a batch's maxPrices down to the price before), in
 a batch whose maxPrices name that price for the record (the ledger's adapter table holds an adapter once per price
 its records are charged, so records admitted at several prices settle in one batch); past the grace (less
-GRACE_MARGIN_S) it is set aside as PRICE_ABOVE_QUOTE and priced again every PRICE_MOVING_RETRY_EVERY seconds:
-the key pays at most what it was shown, or nothing while the price stays higher. A record priced above
-SettlerConfig.max_price_per_1k, with more tokens than max_record_tokens, or whose fee the deposit cannot pay is
-set aside (status set_aside, reason in `error`) and never holds up its batch or later
-ones. A batch's total never exceeds the deposit left minus what this settler's in-flight batches will take. Records
-set aside because the deposit was short go back to the outbox by themselves once the deposit can pay them. Records
-naming an adapter or node the registry does not know (yet: an RPC node may lag behind the chain) are set aside as
-UNREGISTERED, re-checked on start and every UNREGISTERED_RECHECK_EVERY seconds, and go back to the outbox once both
-are registered (no record is rejected for good any more; records an older settler rejected, all for that reason,
-are re-checked the same way). A batch that still fails with InsufficientDeposit (a deposit reclaimed meanwhile) or
-PriceAboveQuote (the ledger refuses a batch in which any adapter costs more than the settler priced it at, beyond
-what a grace allows, so a price raised between pricing and mining, e.g. by an owner front-running the batch, is
-never paid unseen) is abandoned and its records re-priced; a record whose own price moved under two batches is set
-aside (for a while: see above), the other records of those batches are never struck.
+GRACE_MARGIN_S) it is set aside as PRICE_ABOVE_QUOTE and priced again every PRICE_MOVING_RETRY_EVERY seconds: the
+key pays at most what it was shown, or nothing while the price stays higher. A record priced above
+SettlerConfig.max_price_per_1k, with more tokens than max_record_tokens, or whose fee the deposit cannot pay is set
+aside (status set_aside, reason in `error`) and never holds up its batch or later ones. A batch's total never
+exceeds the deposit left minus what this settler's in-flight batches will take. Records set aside because the
+deposit was short go back to the outbox by themselves once the deposit can pay them. Records naming an adapter or
+node the registry does not know (yet: an RPC node may lag behind the chain) are set aside as UNREGISTERED,
+re-checked on start and every UNREGISTERED_RECHECK_EVERY seconds, and go back to the outbox once both are registered
+(no record is rejected for good any more; records an older settler rejected, all for that reason, are re-checked the
+same way). A batch that still fails with InsufficientDeposit (a deposit reclaimed meanwhile) or PriceAboveQuote (the
+ledger refuses a batch in which any adapter costs more than the settler priced it at, beyond what a grace allows, so
+a price raised between pricing and mining, e.g. by an owner front-running the batch, is never paid unseen) is
+abandoned and its records re-priced; a record whose own price moved under two batches is set aside (for a while: see
+above), the other records of those batches are never struck.
 
 Finality (SettlerConfig.confirmations = N > 0): a batch settled on chain is recorded settled, with the hash
 of its block (SettlementBatch.block_hash), and is final once N blocks are on top of it (block_hash cleared).
