@@ -796,6 +796,9 @@ class Settler:
         read_at: dict[str, int] = {}  # adapter id (as settleBatch's table holds it) -> its price, as read
         priced: dict[str, int] = {}  # adapter id -> the highest price its records in this batch are charged
         entries: set[tuple[str, int]] = set()  # settleBatch's adapter table: (adapter id, a price charged)
+        # each kept row's bound, as charged: what _record_bounds(kept rows, priced) gives (one price read per adapter,
+        # priced its highest charge), taken here rather than derived again from every row's quote
+        bounds: list[int] = []
         nodes: set[str] = set()
 
         for r in rows:
@@ -848,6 +851,7 @@ class Settler:
                 break  # the ledger's id tables are full: the rest goes in the next batch
             if total + fee <= free:
                 keep.append((r, fee))
+                bounds.append(charged)
                 read_at[entry[0]] = a_price
                 priced[entry[0]] = max(priced.get(entry[0], charged), charged)
                 entries.add(entry)
@@ -867,9 +871,9 @@ class Settler:
         batch = None
         if keep:
             first_seq = self._next_first_seq(s, reads.chain_next)
-            kept = [r for r, _ in keep]
-            bounds = _record_bounds(kept, priced)
-            batch, settle = self._new_batch(s, kept, [fee for _, fee in keep], first_seq, priced, bounds)
+            batch, settle = self._new_batch(
+                s, [r for r, _ in keep], [fee for _, fee in keep], first_seq, priced, bounds
+            )
             moved = move_to_batch(s, batch.batch_id, [(r.id, fee) for r, fee in keep])
             if moved != len(keep):  # as _move: a record no longer pending is never put in a second batch
                 s.rollback()
