@@ -9,6 +9,10 @@ MAX_LORA_ALPHA = 65536.0
 
 # Files one package may hold (a manifest's list; an upload's archive; a peer's transfer plan).
 MAX_FILES = 64
+# The files beside its config and weights (a model card, a license), together: every node that serves the
+# adapter fetches and keeps them, and nothing reads them, so a publisher could pad a few-KB adapter to the
+# whole --max-package-bytes (4 GiB) on every node. Refused in the manifest, before any byte is fetched.
+MAX_EXTRA_BYTES = 1 << 20
 
 # Bytes read before parsing, for files a stranger may have written (uploads, peers, downloads).
 MAX_MANIFEST_BYTES = 1 << 20

@@ -19,7 +19,8 @@ from ledger.types import (
     registry_name_problem,
 )
 from node.adapters.errors import PackageError, shown
-from node.adapters.limits import MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_MANIFEST_BYTES
+from node.adapters.limits import MAX_EXTRA_BYTES, MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_MANIFEST_BYTES
+from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
 
 MANIFEST_FILE = "loramesh.json"
 SIGNATURE_FILE = "signature.json"
@@ -152,6 +153,12 @@ class Manifest(_Strict):
             raise ValueError(f"adapter version {v!r} {why}")
         return v
 
+    @field_validator("files")
+    @classmethod
+    def _extras(cls, v: tuple[FileEntry, ...]) -> tuple[FileEntry, ...]:
+        check_extra_bytes({f.path: f.size for f in v})
+        return v
+
     @field_validator("datasets")
     @classmethod
     def _shares(cls, v: tuple[DatasetShare, ...]) -> tuple[DatasetShare, ...]:
@@ -207,6 +214,16 @@ def check_file_name(name: str) -> None:
     # fullmatch: `$` under match() also matches before a final newline, which let "adapter_model.bin\n" in
     if not _SAFE_NAME.fullmatch(name) or name in RESERVED_FILES:
         raise PackageError(f"file name {shown(name, 128)} is not allowed in a package")
+
+
+def check_extra_bytes(sizes: dict[str, int]) -> None:
+    """Refuse a package whose files (name -> size) beside its config and weights exceed MAX_EXTRA_BYTES."""
+    extra = sum(size for name, size in sizes.items() if name not in (CONFIG_FILE, WEIGHTS_FILE))
+    if extra > MAX_EXTRA_BYTES:
+        raise PackageError(
+            f"the files beside {CONFIG_FILE} and {WEIGHTS_FILE} hold {extra} bytes; a package holds at most "
+            f"{MAX_EXTRA_BYTES} more (a model card, a license)"
+        )
 
 
 def read_manifest(pkg_dir: Path) -> Manifest:

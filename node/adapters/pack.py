@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -24,11 +25,13 @@ from node.adapters.manifest import (
     Manifest,
     check_adapter_name,
     check_adapter_version,
+    check_extra_bytes,
     check_price,
 )
 from node.adapters.signing import sign_manifest, write_signature
 from node.adapters.verify import VerifiedPackage, file_sha256, verify_package
 from node.adapters.weights import (
+    CONFIG_FILE,
     WEIGHTS_FILE,
     check_lora_tensors,
     is_pickle_file,
@@ -36,6 +39,8 @@ from node.adapters.weights import (
     read_peft_config,
     read_safetensors_header,
 )
+
+log = logging.getLogger(__name__)
 
 
 def build_manifest(
@@ -97,6 +102,22 @@ def resolve_base_dir(peft_dir: Path, base_dir: str | Path | None) -> Path:
     raise PackageError(f"the base model {named!r} named by the adapter is not a local folder: pass --base DIR")
 
 
+def _package_files(peft_dir: Path) -> list[Path]:
+    """The files of a PEFT folder a package takes: the plain files in it (its config, its weights, a model
+    card). A symbolic link is left out, with a warning: a folder cloned from someone else can hold
+    README.md -> ~/.ssh/id_ed25519, and the target's bytes would be signed and sent to every node that serves
+    the adapter. Subfolders (a training run's checkpoints) are not packed."""
+    files = []
+    for p in sorted(peft_dir.iterdir()):
+        if p.name in (MANIFEST_FILE, SIGNATURE_FILE):
+            continue
+        if p.is_symlink():
+            log.warning("left out %s: a symbolic link (a package takes the files in the folder itself)", p.name)
+        elif p.is_file():
+            files.append(p)
+    return files
+
+
 def pack_adapter(
     peft_dir: str | Path,
     out_dir: str | Path,
@@ -122,6 +143,11 @@ def pack_adapter(
         raise PackageError(f"{len(datasets)} datasets: an adapter pays at most {MAX_DATASETS} (the registry's limit)")
     if not peft_dir.is_dir():
         raise PackageError(f"{peft_dir} is not a folder")
+    for required in (CONFIG_FILE, WEIGHTS_FILE):  # what the package cannot do without is not left out
+        if (peft_dir / required).is_symlink():
+            raise PackageError(
+                f"{peft_dir / required} is a symbolic link: pack a folder that holds the file itself (cp -L)"
+            )
     lora = read_lora_config(peft_dir)
     if not (peft_dir / WEIGHTS_FILE).is_file():
         raise PackageError(f"{peft_dir} has no {WEIGHTS_FILE}: not a PEFT LoRA adapter saved with safetensors")
@@ -130,6 +156,7 @@ def pack_adapter(
             raise PackageError(f"pickle weight file {p.name!r} refused: save the adapter with safetensors")
     base = resolve_base_dir(peft_dir, base_dir)
     check_lora_tensors(read_safetensors_header(peft_dir / WEIGHTS_FILE), lora, read_config(base))
+    check_extra_bytes({p.name: p.stat().st_size for p in _package_files(peft_dir)})
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"output folder {out_dir} is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -138,9 +165,8 @@ def pack_adapter(
     tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()  # by the umask, as the folder it becomes
     try:
-        for p in sorted(peft_dir.iterdir()):
-            if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE):
-                shutil.copyfile(p, tmp / p.name)
+        for p in _package_files(peft_dir):
+            shutil.copyfile(p, tmp / p.name)
         manifest = build_manifest(
             tmp,
             name=name,

@@ -30,7 +30,7 @@ class P2PConfig:
     backoff_base: float = 10.0  # a failed provider is tried last for base * 2**(failures-1) seconds...
     backoff_max: float = 600.0  # ...at most this long
     max_attempts: int = 8  # providers tried per fetch
-    max_unknown_attempts: int = 3  # of those, peers with no standing that only the DHT names
+    max_unknown_attempts: int = 3  # of those, peers with no standing (announced on GossipSub or the DHT)
     max_connections: int = 64  # py-libp2p's default auto-connector tops up towards 100-300
     max_package_bytes: int = 4 << 30
     announce_interval: float = 30.0  # re-announce held adapters on GossipSub

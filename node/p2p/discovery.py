@@ -264,7 +264,9 @@ class Discovery:
             max_ids=config.book_max_ids,
             standing=standing.level,
         )
-        self.held: set[str] = set()  # adapter ids this node announces
+        # adapter ids this node holds, the most recently held last (dict: an ordered set); it announces the
+        # newest MAX_ADAPTERS of them, all it can sign into one announcement that peers accept
+        self.held: dict[str, None] = {}
         self._provide_send, self._provide_recv = trio.open_memory_channel[str](1024)
         self._announce_now = trio.Event()
         self._book_full_logged = float("-inf")
@@ -277,7 +279,7 @@ class Discovery:
     async def start(self, nursery: trio.Nursery, subscription) -> None:
         """Hold what the store holds and run the announce, DHT-provide and receive loops in `nursery`."""
         held = await trio.to_thread.run_sync(self.store.list)
-        self.held.update(p.adapter_id for p in held)
+        self.held.update(dict.fromkeys(p.adapter_id for p in held))
         for adapter_id in self.held:
             self._provide_send.send_nowait(adapter_id)
         nursery.start_soon(self._receive_announcements, subscription)
@@ -300,17 +302,23 @@ class Discovery:
         self._announce_now.set()
 
     def _hold(self, adapter_id: str) -> None:
-        if adapter_id not in self.held:
-            self.held.add(adapter_id)
+        self.held.pop(adapter_id, None)
+        self.held[adapter_id] = None  # the newest now
+        if len(self.held) == MAX_ADAPTERS + 1:
+            log.warning(
+                "this node holds more than %d adapters: its announcements name the %d held most recently, "
+                "and peers find the others through the DHT",
+                MAX_ADAPTERS,
+                MAX_ADAPTERS,
+            )
         try:
             self._provide_send.send_nowait(adapter_id)
         except trio.WouldBlock:
             log.warning("DHT provide queue full; %s will be provided on the next round", adapter_id)
 
     async def _publish_announcement(self) -> None:
-        ann = Announcement(
-            self.peer_id, tuple(full_addrs(self.host)), tuple(sorted(self.held)), int(time.time() * 1000)
-        )
+        newest = list(self.held)[-MAX_ADAPTERS:]  # more would make peers refuse the whole announcement
+        ann = Announcement(self.peer_id, tuple(full_addrs(self.host)), tuple(sorted(newest)), int(time.time() * 1000))
         await self.pubsub.publish(TOPIC, sign_announcement(ann, self._key))
 
     async def _announce_loop(self) -> None:

@@ -193,8 +193,10 @@ class Fetcher:
         """Who to try, in order: `given` as given, then what discovery found, best standing first.
 
         A failed provider goes after every other candidate until its back-off ends; at most
-        max_attempts discovered providers are tried, and of those at most max_unknown_attempts that
-        only the DHT names and that have no standing (anyone can fill a key's DHT slots with made-up ids).
+        max_attempts discovered providers are tried, and of those at most max_unknown_attempts that have
+        no standing, whether the DHT names them or GossipSub (anyone can fill a key's DHT slots with made-up
+        ids, and relay announcements each signed by a throw-away key with a dead address): the rest of the
+        attempts are kept for peers with standing, a registered node that failed a moment ago included.
         """
         order: dict[str, Provider] = {}
         for prov in given:
@@ -208,7 +210,7 @@ class Fetcher:
         for prov in ranked:
             if tried >= self.config.max_attempts or prov.peer_id in order:
                 continue
-            if prov.source == "dht" and self.standing.level(prov.peer_id) == UNKNOWN:
+            if self.standing.level(prov.peer_id) == UNKNOWN:
                 if unknown >= self.config.max_unknown_attempts:
                     continue
                 unknown += 1

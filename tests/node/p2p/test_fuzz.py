@@ -241,7 +241,7 @@ def test_backoff_is_exponential_and_bounded_and_cleared_by_success():
     assert not f.standing.backed_off("x") and f.standing.level("x") > UNKNOWN
 
 
-def test_order_tries_standing_first_failed_last_and_caps_unknown_dht_providers():
+def test_order_tries_standing_first_failed_last_and_caps_unknown_providers():
     from node.p2p.discovery import Provider
     from node.p2p.fetcher import Fetcher
 
@@ -254,7 +254,23 @@ def test_order_tries_standing_first_failed_last_and_caps_unknown_dht_providers()
         + [Provider("stranger", (), "gossip"), Provider("registered", (), "dht"), Provider("me", (), "gossip")]
     )
     order = [p.peer_id for p in Fetcher._order(f, [Provider("given", (), "given")], found)]
-    assert order == ["given", "registered", "stranger", "fake0", "fake1", "attacker"][: 1 + 5]
+    # two peers without standing, wherever they were named (the failed attacker is one of them, and last)
+    assert order == ["given", "registered", "stranger", "fake0"]
+
+
+def test_made_up_gossip_providers_leave_room_for_a_registered_one_that_failed_a_moment_ago():
+    """Announcements each signed by a throw-away key are as free as DHT records: eight of them, ranked ahead of
+    a registered node backed off after one refusal ("busy"), filled every attempt, and it was never asked."""
+    from node.p2p.discovery import Provider
+    from node.p2p.fetcher import Fetcher
+
+    f = _fetcher()  # max_attempts 8, max_unknown_attempts 3
+    f.standing.trust("registered")
+    f.standing.failed("registered")
+    found = [Provider(f"sybil{i}", ("/ip4/10.255.255.1/tcp/1",), "gossip") for i in range(8)]
+    found.append(Provider("registered", ("/ip4/127.0.0.1/tcp/4001",), "gossip"))
+    order = [p.peer_id for p in Fetcher._order(f, [], found)]
+    assert order == ["sybil0", "sybil1", "sybil2", "registered"]
 
 
 def test_signature_frame_is_written_canonical_and_duplicates_refused():

@@ -183,3 +183,50 @@ def test_config_checks_values():
         P2PConfig(read_timeout=0)
     with pytest.raises(ValueError, match="max_inbound_streams must be >= 1"):
         P2PConfig(max_inbound_streams=0)
+
+
+def test_a_node_holding_more_adapters_than_one_announcement_names_announces_the_newest():
+    """Peers refuse an announcement of more than MAX_ADAPTERS ids: a node pushed past that (anyone can register
+    adapters and ask for each once) signed only announcements nobody took, and vanished from GossipSub for the
+    adapters it held before too. It names the ones it held most recently; the DHT has the rest."""
+    import trio
+    from multiaddr import Multiaddr
+
+    from node.p2p.discovery import MAX_ADAPTERS, Discovery
+    from node.p2p.standing import PeerStanding
+
+    kp = create_new_key_pair(os.urandom(32))
+
+    class Host:
+        def get_id(self):
+            return ID.from_pubkey(kp.public_key)
+
+        def get_addrs(self):
+            return [Multiaddr("/ip4/127.0.0.1/tcp/4001")]
+
+    class PubSub:
+        sent: list[bytes] = []
+
+        async def publish(self, topic, data):
+            self.sent.append(data)
+
+    d = Discovery(
+        config=P2PConfig(listen="/ip4/127.0.0.1/tcp/0"),
+        store=None,
+        host=Host(),
+        key_pair=kp,
+        pubsub=PubSub(),
+        dht=None,
+        standing=PeerStanding(base_backoff=1, max_backoff=2),
+    )
+    ids = ["0x" + os.urandom(32).hex() for _ in range(MAX_ADAPTERS + 1)]
+    for adapter_id in ids:
+        d.announce_soon(adapter_id)
+    d.announce_soon(ids[0])  # asked for again: the newest, and ids[1] the oldest
+
+    def announced() -> set[str]:
+        trio.run(d._publish_announcement)
+        return set(verify_announcement(d.pubsub.sent[-1], now=time.time(), max_age=600).adapters)
+
+    assert announced() == {ids[0], *ids[2:]}
+    assert len(d.held) == MAX_ADAPTERS + 1  # still held, and provided on the DHT
