@@ -17,6 +17,11 @@ from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartb
 log = logging.getLogger(__name__)
 
 UNKNOWN_SYNC_S = 5.0  # the most often a heartbeat of an unknown node makes the gateway pull the registry
+# A node's first failure keeps it out until its next heartbeat, as a glitch deserves. Each further failure in a
+# row (no request served whole between) doubles a hold-off from HOLDOFF_BASE_S, up to the gateway's
+# node_holdoff_max_s: a node that fails or refuses everything, honest but broken or a stranger's, is asked
+# less and less often, and one request served whole clears its count.
+HOLDOFF_BASE_S = 5.0
 
 
 @dataclass(slots=True)
@@ -26,6 +31,8 @@ class NodeLocal:
 
     inflight: int = 0  # requests this gateway has open on it now
     failed_at: float | None = None  # a request to it failed; not live until a later heartbeat
+    strikes: int = 0  # requests to it that failed since the last it served whole
+    held_until: float = float("-inf")  # not live before this (monotonic), heartbeats or not
     prefetched: dict[str, float] = field(default_factory=dict)  # adapter id -> when we asked it to load
     # adapter id -> wall-clock ms when we saw it loaded there (served a token, or a prefetch succeeded);
     # it counts as resident until a heartbeat newer than that says otherwise
@@ -39,6 +46,12 @@ class NodeLocal:
             yield
         finally:
             self.inflight = max(0, self.inflight - 1)
+
+    def served(self) -> None:
+        """A request it took ended whole: it serves, so its failures in a row start again from none and any
+        hold-off ends (it is live again once a heartbeat follows its last failure)."""
+        self.strikes = 0
+        self.held_until = float("-inf")
 
     def saw_loaded(self, adapter_id: str) -> None:
         self.loaded[adapter_id] = int(time.time() * 1000)
@@ -85,6 +98,13 @@ class NodeEntry:
         return frozenset(out)
 
     @property
+    def takes_cache_salt(self) -> bool:
+        """It said it knows the generate body's cache_salt (node.api.models.GENERATE_FEATURES); an older node
+        refuses the field."""
+        features = self.status.get("features")
+        return isinstance(features, list) and "cache_salt" in features
+
+    @property
     def queue_depth(self) -> int:
         return _int(self.status.get("queue_depth"))
 
@@ -113,10 +133,12 @@ class NodeDirectory:
         *,
         ttl: float = 10.0,
         max_skew_s: float = 60.0,
+        holdoff_max_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.ttl = ttl
+        self.holdoff_max_s = holdoff_max_s
         self.max_skew_ms = int(max_skew_s * 1000)
         self.clock = clock
         self.entries: dict[str, NodeEntry] = {}
@@ -206,6 +228,8 @@ class NodeDirectory:
         failed_at = e.local.failed_at
         if now - e.last_seen > self.ttl or (failed_at is not None and failed_at >= e.last_seen):
             return False
+        if now < e.local.held_until:
+            return False
         if e.node_id in self.disputed:
             return False
         reg = self.registry.node(e.node_id)
@@ -233,11 +257,32 @@ class NodeDirectory:
         e = self.entries.get(node_id)
         return e.public_key if e is not None else None
 
+    def holdoff_s(self, strikes: int) -> float:
+        """How long a node that failed `strikes` requests in a row stays out, heartbeats or not (the first
+        failure: none, only until its next heartbeat)."""
+        if strikes <= 1:
+            return 0.0
+        return min(self.holdoff_max_s, HOLDOFF_BASE_S * 2.0 ** min(strikes - 2, 32))
+
     def mark_failed(self, node_id: str) -> None:
-        """A request to this node failed: route around it until it heartbeats again."""
+        """A request to this node failed: route around it until it heartbeats again, and for longer each
+        failure in a row (holdoff_s)."""
         e = self.entries.get(node_id)
-        if e is not None:
-            e.local.failed_at = self.clock()
+        if e is None:
+            return
+        local, now = e.local, self.clock()
+        local.failed_at = now
+        local.strikes += 1
+        hold = self.holdoff_s(local.strikes)
+        local.held_until = now + hold
+        if hold:
+            log.warning(
+                "node %s failed %d requests in a row; not routing to it for %.0f s and until its next heartbeat",
+                node_id[:10],
+                local.strikes,
+                hold,
+            )
+        else:
             log.warning("node %s failed; not routing to it until its next heartbeat", node_id[:10])
 
     def mark_disputed(self, node_id: str, reason: str) -> None:

@@ -43,6 +43,21 @@ class KeyInfo:
     adapters: frozenset[str]  # private adapter names listed to this key
     revoked: bool = False
     max_price_per_1k_tokens: int | None = None  # wei; None: the gateway's default limit applies
+    cache_salt: str | None = None  # cache_salt_of its stored hash (None: requests share the nodes' cache)
+
+
+def cache_salt_of(key_hash: str) -> str:
+    """The prefix-cache salt of a key's requests: nodes share cached prompt KV only among requests of one salt,
+    so one client cannot learn from its cached_tokens (or its speed) that another sent a prompt. Derived from
+    the stored hash, so every gateway on the database gives a key the same salt and its requests share KV
+    through any of them; a hash of it, so nodes (strangers) never see what authenticates a key."""
+    return sha256_hex(b"loramesh-cache-salt/1\n" + key_hash.encode("ascii"))[2:34]
+
+
+def joined_cache_salt(key_salt: str, client_salt: str) -> str:
+    """A key's salt joined to the one its client sent (vLLM's cache_salt): requests of one key with different
+    client salts share no KV, and no client salt reaches another key's."""
+    return sha256_hex(f"{key_salt}\n{client_salt}".encode())[2:34]
 
 
 def hash_secret(secret: str) -> str:
@@ -94,7 +109,14 @@ def create_key(
             s.add(AdapterGrant(key_id=row.id, adapter_name=a))
         s.commit()
         info = KeyInfo(
-            row.id, name, row.prefix, rpm, tpm, frozenset(adapters), max_price_per_1k_tokens=max_price_per_1k_tokens
+            row.id,
+            name,
+            row.prefix,
+            rpm,
+            tpm,
+            frozenset(adapters),
+            max_price_per_1k_tokens=max_price_per_1k_tokens,
+            cache_salt=cache_salt_of(row.key_hash),
         )
     return secret, info
 
@@ -112,6 +134,7 @@ def _info(s: Session, row: ApiKey) -> KeyInfo:
         frozenset(grants),
         row.revoked_at is not None,
         max_price_per_1k_tokens=None if price is None else int(price),
+        cache_salt=cache_salt_of(row.key_hash),
     )
 
 

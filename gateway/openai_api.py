@@ -29,6 +29,7 @@ from pydantic import (
 from common.http import parse_off_loop
 from common.wire import (
     MAX_BIAS,
+    MAX_CACHE_SALT,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
     MAX_GUIDED_PATTERN_CHARS,
@@ -224,6 +225,9 @@ class _Sampling(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    # vLLM's cache_salt: requests share cached prompt KV only under one salt. Joined to the key's own
+    # (gateway.keys.cache_salt_of), it keeps an application's users apart within its key, never joins two keys
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = None
     # an ensemble's weights, one per adapter named in `model` ("alice/a+bob/b"), in that order
     adapter_weights: AdapterWeights | None = None
     # accepted, no effect (see the module's docstring)

@@ -28,7 +28,7 @@ from gateway.chat import ChatTemplates
 from gateway.choices import Choices
 from gateway.directory import NodeDirectory, NodeEntry
 from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
-from gateway.keys import Admission, AuthContext
+from gateway.keys import Admission, AuthContext, joined_cache_salt
 from gateway.lorax_api import LoraxAnswer, LoraxGenerate, LoraxGenerateStream, LoraxRequest
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient, NodeRejected, NodeUnavailable, UpstreamStream
@@ -537,7 +537,7 @@ class ServedRequest:
         with ExitStack() as hold:  # the node's in-flight count: given back unless the node takes the request
             hold.enter_context(node.local.busy())
             try:
-                up = await d.nodes.open_stream(node.api_url, node.node_id, self.node_body)
+                up = await d.nodes.open_stream(node.api_url, node.node_id, self._body_for(node))
             except NodeRejected as e:
                 # A node's 400 is a stranger's word that the request is the client's mistake (a grammar it cannot
                 # compile; most else the gateway checked itself). Taken at its word, a node answering every request
@@ -582,6 +582,16 @@ class ServedRequest:
             self.node, self.up, self._it, self._first = node, up, it, first
             self._hold = hold.pop_all()
             return True
+
+    def _body_for(self, node: NodeEntry) -> dict:
+        """The generate body for `node`: the key's prefix-cache salt where the node knows the field (one key's
+        prompts never warm another key's cache, gateway.keys.cache_salt_of)."""
+        salt = self.auth.key.cache_salt
+        if salt is None or not node.takes_cache_salt:
+            return self.node_body
+        if self.req.cache_salt is not None:
+            salt = joined_cache_salt(salt, self.req.cache_salt)
+        return self.node_body | {"cache_salt": salt}
 
     def _rejected_param(self, e: NodeRejected) -> str | None:
         """The request field a node's refusal is about, where it says: the prompt, or the grammar it could not
@@ -842,6 +852,8 @@ class ServedRequest:
         except Exception:  # the check must never cost the request its record
             log.exception("request %s: the check of node %s's text failed", self.rid[:10], node.node_id[:10])
             misreported = None
+        if status == RequestStatus.OK and self.done is not None and misreported is None:
+            node.local.served()  # its failures in a row, if any, end here (NodeDirectory.holdoff_s)
         reason = "abort" if client_gone else self.finish_reason
         end = self._end(
             status,

@@ -12,7 +12,11 @@ POST /v1/generate                            gateway-signed
     body (unknown fields -> 400): {"request_id": "0x"+64hex (optional; made if absent),
       "adapter_id": "0x"+64hex | null (base model), "prompt": str | "prompt_token_ids": [int],
       "max_tokens": int >= 1 = 16, "temperature": float >= 0 = 1.0 (0 = greedy), "top_p": (0, 1] = 1,
-      "top_k": int >= 0 = 0 (off), "seed": int in [0, 2^64) | null, "stop": [str] (<= 4), "stream": bool = false}
+      "top_k": int >= 0 = 0 (off), "seed": int in [0, 2^64) | null, "stop": [str] (<= 4), "stream": bool = false,
+      "cache_salt": str (1..256) | null: requests share cached prompt KV only under one salt, and the other
+      sampling, scoring and grammar fields of models.GenerateBody}
+    Fields added after the first release (models.GENERATE_FEATURES) are listed in /status's "features": a gateway
+    sends one only to a node that lists it.
     A request id this node already runs or holds a receipt for: 409 "duplicate_request".
     non-stream 200: {"request_id", "adapter_id", "text", "token_ids", "finish_reason": "stop"|"length"|"abort",
       "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}},
@@ -44,10 +48,10 @@ POST /v1/adapters                            operator (the daemon's app: create_
       "adapter_unregistered" when the node is on a chain and the adapter is not registered there or not signed
       by its registered owner; 500 "store_failed".
 GET  /health -> {"status": "ok"}             public
-GET  /status -> {"node_id", "public_key", "base_model": {"name", "id"}, "resident_adapters": [{"adapter_id",
-      "name", "slot", "pinned"}], "cached_adapters": [{"adapter_id", "name"}], "free_slots", "num_slots",
-      "queue_depth", "running", "tokens_per_s", "device", "usage": {"requests", "prompt_tokens",
-      "completion_tokens"}}                  public
+GET  /status -> {"node_id", "public_key", "base_model": {"name", "id"}, "features": [str],
+      "resident_adapters": [{"adapter_id", "name", "slot", "pinned"}], "cached_adapters": [{"adapter_id",
+      "name"}], "free_slots", "num_slots", "queue_depth", "running", "tokens_per_s", "device", "usage":
+      {"requests", "prompt_tokens", "completion_tokens"}}                  public
 Bodies are read whole only up to a limit (413 "request_too_large"; generate 1 MiB by default, upload the package
 limit) and parsed by common.wire.parse_json (size, nesting depth, duplicate keys), never by FastAPI's own JSON
 decoding.

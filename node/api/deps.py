@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from node.api.book import RequestBook
 from node.api.errors import ApiError
+from node.api.models import GENERATE_FEATURES
 from node.engine import AsyncEngine
 from node.health import NodeHealth
 from node.metrics import NodeMetrics
@@ -108,6 +109,7 @@ class NodeApi:
             "node_id": self.node_id,
             "public_key": self.public_key.hex(),
             "base_model": {"name": self.engine.base_model_name, "id": self.engine.base_model_id},
+            "features": list(GENERATE_FEATURES),
         }
         doc |= self.engine.status()
         return doc | (self.extra_status() if self.extra_status is not None else {})

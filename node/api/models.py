@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.wire import (
     HEX_ID_PATTERN,
     MAX_BIAS,
+    MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
@@ -45,6 +46,11 @@ class EnsemblePart(BaseModel):
     adapter_id: Annotated[str, Field(pattern=ID_PATTERN)]
     weight: Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]
 
+
+# Optional generate fields that came after the first release, which a node lists in its status ("features"): a
+# gateway sends one only to a node that lists it, since an older node refuses a body with a field it does not
+# know (extra="forbid").
+GENERATE_FEATURES = ("cache_salt",)
 
 # what a generate body holds beside its prompts' ids, at most: a guided schema (64 kB) or choices (256 of 1,024
 # characters: 1.5 MB at worst, control characters written as 6-byte escapes), 300 logit biases, stop strings and
@@ -106,6 +112,9 @@ class GenerateBody(BaseModel):
     # {"type": "json_object"} | {"type": "json_schema", "schema": {...}} | {"type": "regex", "pattern": "..."} |
     # {"type": "choice", "choices": [...]}: checked by node.engine.grammar
     guided: dict | None = None
+    # requests share cached prompt KV only under the same salt: the gateway gives each API key its own, so no
+    # client learns from its cached_tokens (or its speed) what another client's prompts were
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = None
     stream: bool = False
 
     @model_validator(mode="after")

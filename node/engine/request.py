@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from common.wire import (
     MAX_BIAS,
+    MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
@@ -25,8 +26,6 @@ from common.wire import (
 
 if TYPE_CHECKING:
     from node.engine.grammar import GuidedSpec
-
-MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
 
 
 # what a guided request's text must be (node.engine.grammar.GuidedSpec): any JSON object, JSON valid against a

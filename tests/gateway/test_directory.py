@@ -142,6 +142,43 @@ def test_failed_node_out_until_next_heartbeat(world):
     assert [n.node_id for n in d.live()] == [a.node_id]
 
 
+def test_a_node_failing_in_a_row_is_held_off_longer_each_time_until_it_serves(world):
+    """A node that fails or refuses every request, a stranger's or a broken one, is asked less and less often:
+    heartbeats alone no longer bring it back after its second failure in a row."""
+    _, _, d, clock, a, _ = world
+    ts = [int(time.time() * 1000) - 1000]
+
+    def beat():  # half a second on
+        clock.t += 0.5
+        ts[0] += 1
+        d.accept_heartbeat(hb(a, ts=ts[0]))
+
+    beat()
+    d.mark_failed(a.node_id)  # the first: out until its next heartbeat, as before
+    beat()
+    assert d.live()
+    held = []
+    for _ in range(4):
+        d.mark_failed(a.node_id)
+        start = clock.t
+        beat()
+        while not d.live():
+            beat()
+        held.append(clock.t - start)
+    assert held == [5.0, 10.0, 20.0, 40.0]
+    for _ in range(10):
+        d.mark_failed(a.node_id)
+    clock.t += 119
+    beat()
+    assert d.live() == []
+    beat()
+    assert d.live()  # capped at holdoff_max_s
+    d.get(a.node_id).local.served()  # a request served whole clears the count: the next failure is a first
+    d.mark_failed(a.node_id)
+    beat()
+    assert d.live()
+
+
 def test_deactivated_on_chain_stops_routing(world):
     engine, reg, d, _, a, _ = world
     d.accept_heartbeat(hb(a))

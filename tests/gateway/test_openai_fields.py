@@ -336,3 +336,33 @@ def test_schemas_of_products_from_many_clients_leave_the_node_serving(oai):
     assert outcomes == [(400, "response_format")] * 6, outcomes
     assert guided.choices[0].finish_reason in ("stop", "length")
     assert chat(oai).choices[0].finish_reason in ("stop", "length")  # the node is still routed to
+
+
+def test_one_key_cannot_tell_what_another_keys_prompts_left_in_the_prefix_cache(served, oai):
+    """Every answer says how many of its prompt tokens the node's prefix cache held (cached_tokens): with one
+    cache for all keys, a stranger's key confirmed another's private prompt a KV block (8 tokens here) at a
+    time, a right guess reading one block more than a wrong one. Each key's requests now share KV only among
+    themselves, through any gateway on the database."""
+    import openai
+
+    from gateway.keys import create_key
+
+    prefix = [40 + i for i in range(24)]  # three blocks anyone could know (a product's system prompt)
+    secret, wrong = [101, 7, 250, 33, 9, 180, 77, 64], [101, 7, 250, 33, 9, 180, 77, 65]
+    key, _ = create_key(served.db, name="stranger")
+    stranger = openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def cached(client, ids, salt=None) -> int:
+        extra = {} if salt is None else {"extra_body": {"cache_salt": salt}}
+        r = client.completions.create(model=TINY, prompt=ids, max_tokens=1, **extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(oai, prefix + secret + [5]) == 0
+    assert cached(oai, prefix + secret + [6]) == 32  # the same key shares its own prompts' KV
+    assert cached(stranger, prefix + wrong + [5]) == 0  # nothing of the other key's
+    assert cached(stranger, prefix + secret + [5]) == 24  # its own prefix, just sent; not the secret's block
+    # vLLM's cache_salt keeps an application's users apart within its key
+    assert cached(oai, prefix + secret + [7], salt="user-a") == 0
+    assert cached(oai, prefix + secret + [8], salt="user-a") == 32
+    assert cached(oai, prefix + secret + [9], salt="user-b") == 0
+    assert cached(stranger, prefix + secret + [9], salt="user-a") == 0  # nor does one salt join two keys

@@ -14,7 +14,7 @@ import pytest
 from sqlmodel import Session, select
 
 from common.identity import Identity
-from gateway.keys import create_key, revoke_key
+from gateway.keys import cache_salt_of, create_key, hash_secret, revoke_key
 from gateway.main import create_app
 from gateway.router import rank_nodes
 from gateway.settings import GatewaySettings
@@ -70,6 +70,7 @@ class World:
             db_url=f"sqlite:///{self.db_path}",
             heartbeat_ttl_s=60,
             max_attempts=3,
+            node_holdoff_max_s=1,  # a node failing in a row is held off past heartbeats, here for at most 1 s
             registry_sync_s=0.5,
             default_max_tokens=5,
             bases=[base_dir],
@@ -405,6 +406,13 @@ def test_a_node_that_refuses_every_request_fails_no_client(w):
             assert raw.parse().usage.completion_tokens == 2
         # refused what the other node served: routed around until it heartbeats again, not asked every time
         assert len(first.requests) == asked + 1
+        w.beat()  # asked again, refuses again: its second failure in a row holds it off past its heartbeats
+        w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
+        assert len(first.requests) == asked + 2
+        w.beat()
+        w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
+        assert len(first.requests) == asked + 2
+        time.sleep(1.05)  # node_holdoff_max_s
         # a refusal and a node that fails: nobody said the client erred but one stranger, so no 400 (a 503)
         other = w.nodes[1 - w.nodes.index(first)]
         w.beat()
@@ -412,6 +420,19 @@ def test_a_node_that_refuses_every_request_fails_no_client(w):
         with pytest.raises(openai.InternalServerError) as ei:
             w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
         assert ei.value.status_code == 503 and "refused it (invalid_request)" in ei.value.message
+        # one request it serves whole clears its count: its next refusal keeps it out only until a heartbeat
+        time.sleep(1.05)
+        first.reject_all = False
+        w.beat()
+        raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="x", max_tokens=2)
+        assert raw.headers["x-loramesh-node"] == first.identity.node_id
+        first.reject_all, other.fail_early = True, False
+        w.beat()
+        w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
+        w.beat()
+        first.reject_all = False
+        raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="x", max_tokens=2)
+        assert raw.headers["x-loramesh-node"] == first.identity.node_id
     finally:
         first.reject_all = False
         for n in w.nodes:
@@ -434,6 +455,30 @@ def test_heartbeat_refusals(w):
     doc["signature"] = ""
     assert httpx.post(w.gw.url + "/internal/heartbeat", json=doc).status_code == 403
     assert httpx.post(w.gw.url + "/internal/heartbeat", content=b"nope").status_code == 400
+
+
+def test_each_key_has_its_own_prefix_cache_salt_on_nodes_that_know_the_field(w):
+    """One key's prompts must not warm another key's cache (its cached_tokens would tell that a prompt was sent):
+    each key's requests carry a salt of their own. A node that does not list the field (an older release, which
+    refuses a body with a field it does not know) is sent none."""
+
+    def bodies(key):
+        before = [len(n.requests) for n in w.nodes]
+        w.client(key).completions.create(model="acme/alpha", prompt="x", max_tokens=1)
+        return [b for n, k in zip(w.nodes, before) for b in n.requests[k:]]
+
+    assert all("cache_salt" not in b for b in bodies(w.key))
+    try:
+        for n in w.nodes:
+            n.features = ["cache_salt"]
+        w.beat()
+        salts = {key: {b["cache_salt"] for b in bodies(key) + bodies(key)} for key in (w.key, w.granted)}
+    finally:
+        for n in w.nodes:
+            n.features = None
+        w.beat()
+    assert salts == {key: {cache_salt_of(hash_secret(key))} for key in (w.key, w.granted)}
+    assert salts[w.key] != salts[w.granted]
 
 
 def test_metrics(w):

@@ -132,6 +132,7 @@ class StandInNode:
     receipts: dict = field(default_factory=dict)  # request id -> its final signed receipt (GET .../receipt)
     tokenizer: object = None  # the base's tokenizer: prompts arrive as token ids
     ignore_max_tokens: bool = False  # stream `tokens` tokens whatever max_tokens says (a misbehaving node)
+    features: list[str] | None = None  # its status's "features" (None: not listed, as an older release's)
 
     def receipt(self, rid: str, reason: str) -> dict:
         produced, prompt_tokens, started, adapter = self.seen[rid]
@@ -149,7 +150,8 @@ class StandInNode:
         return out
 
     def status(self) -> dict:
-        return {
+        listed = {} if self.features is None else {"features": self.features}
+        return listed | {
             "node_id": self.identity.node_id,
             "public_key": self.identity.node_public_key.hex(),
             "base_model": {"name": self.base_model_name, "id": self.base_model_id},

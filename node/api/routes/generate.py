@@ -265,7 +265,12 @@ async def _submit(node: NodeApi, rid: str, body: GenerateBody):
             guided=guided,
         )
         req = GenerationRequest(
-            rid, body.adapter_id, prompt=body.prompt, prompt_token_ids=body.prompt_token_ids, params=params
+            rid,
+            body.adapter_id,
+            prompt=body.prompt,
+            prompt_token_ids=body.prompt_token_ids,
+            params=params,
+            cache_salt=body.cache_salt,
         )
         stream = await node.engine.asubmit(req)
         node.metrics.started(rid)
