@@ -34,6 +34,9 @@ from node.upload import MAX_PACKAGE_BYTES, PackageInstaller
 
 log = logging.getLogger(__name__)
 
+# how often a node reads the registry's nodes again, to know the ones registered after it started
+REGISTRY_PEERS_S = 300.0
+
 
 @dataclass(slots=True)
 class DaemonConfig:
@@ -175,6 +178,8 @@ class NodeDaemon:
             tasks = [asyncio.create_task(self._pin(a)) for a in self.config.pins]
             if self.settlers is not None:
                 tasks.append(asyncio.create_task(self._recheck_settlers(), name="recheck-settlers"))
+            if self.chain is not None and self.p2p is not None:
+                tasks.append(asyncio.create_task(self._refresh_peers(), name="refresh-peers"))
             log.info("node %s ready at %s", self.identity.node_id, self.config.public_url)
             yield
             for t in tasks:
@@ -248,6 +253,29 @@ class NodeDaemon:
                     continue
                 if not still:
                     self.heartbeat.forget(url, f"its settler {settler} is no longer a settler on the ledger")
+
+    async def _refresh_peers(self, every_s: float = REGISTRY_PEERS_S) -> None:
+        """Read the registry's nodes again every few minutes (node.registration.refresh_registry_peers): the mesh
+        gives a node registered since this one started its standing, and dials it; a chain that does not answer
+        keeps the peers as they were."""
+        from node.registration import refresh_registry_peers
+
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                joined = await asyncio.to_thread(
+                    refresh_registry_peers,
+                    self.chain,
+                    self.registered_peers,
+                    base_model=self.engine.base_model_id,
+                    exclude_node=self.identity.node_id,
+                )
+            except Exception as e:  # the chain down, a node that cannot be read: the next round tries again
+                log.warning("could not read the node registry again: %s", str(e).splitlines()[0] if str(e) else e)
+                continue
+            if joined:
+                await asyncio.to_thread(self.p2p.add_peers, joined)  # a call into the mesh's thread
+                log.info("dialling %d addresses of nodes registered since the last look", len(joined))
 
     async def _pin(self, adapter_id: str) -> None:
         try:

@@ -78,10 +78,27 @@ def registry_peers(
     registrations made every start wait; the registry's node events are now read in one pass (three eth_getLogs).
     The dials themselves run in the background, a few at a time (P2PNode.add_peers); in a random order, no run of
     registrations placed together in the registry (every address dead, say) holds the live nodes back behind it."""
-    nodes = _registered_nodes(client)
-    live = [n for n in nodes.values() if n.active and n.base_model == base_model and n.node_id != exclude_node]
+    live = _live_peers(client, base_model, exclude_node)
     (rng or random.SystemRandom()).shuffle(live)
     return {n.peer_id for n in live}, [a for n in live for a in n.multiaddrs[:MAX_MULTIADDRS]]
+
+
+def refresh_registry_peers(client: ChainClient, peers: set[str], *, base_model: str, exclude_node: str) -> list[str]:
+    """Read the registry's nodes again into `peers`, in place (the mesh holds its `__contains__`): a node
+    registered since joins it, one deactivated or moved to another base leaves it. Read only at start, a node
+    registered later was a stranger to this one until it restarted, its announcements and DHT records ranked
+    with made-up ones. Returns the addresses of the nodes that joined, to dial."""
+    live = _live_peers(client, base_model, exclude_node)
+    now = {n.peer_id for n in live}
+    peers.intersection_update(now)  # one operation each: the mesh's thread reads the set meanwhile
+    joined = [n for n in live if n.peer_id not in peers]
+    peers.update(now)
+    return [a for n in joined for a in n.multiaddrs[:MAX_MULTIADDRS]]
+
+
+def _live_peers(client: ChainClient, base_model: str, exclude_node: str) -> list[NodeInfo]:
+    nodes = _registered_nodes(client)
+    return [n for n in nodes.values() if n.active and n.base_model == base_model and n.node_id != exclude_node]
 
 
 def _registered_nodes(client: ChainClient) -> dict[str, NodeInfo]:

@@ -306,3 +306,35 @@ def test_a_starting_node_reads_the_registry_in_one_pass_and_dials_its_nodes_in_a
     assert firsts != sorted(firsts, key=lambda a: int(a.split(".")[2]))
     orders = {tuple(registry_peers(reader, base_model=base, exclude_node=rand_id())[1][:8]) for _ in range(5)}
     assert len(orders) > 1
+
+
+def test_a_node_registered_later_gets_its_standing_without_a_restart(anvil_chain):
+    """registered_peers was read once, at start: a node registered afterwards stayed a stranger to this one, its
+    announcements ranked with made-up ones (at most max_unknown_attempts of a fetch). The daemon reads the
+    registry again every REGISTRY_PEERS_S; the set is changed in place, since the mesh holds its __contains__."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common.wire import node_id_of
+    from node.registration import refresh_registry_peers
+
+    env = anvil_chain
+    base, me = rand_id(), rand_id()
+    client = env.client(env.users[2])
+    url = "http://10.0.0.2:8000"
+
+    def register(peer_id: str, addr: str) -> str:
+        key = Ed25519PrivateKey.generate()
+        client.register_node(key, peer_id=peer_id, multiaddrs=[addr], api_url=url, base_model=base)
+        return node_id_of(key.public_key().public_bytes_raw())
+
+    first = register("12D3KooWfirst", "/ip4/10.1.0.1/tcp/4001")
+    peers: set[str] = set()
+    held = peers.__contains__
+    reader = env.client()
+    assert refresh_registry_peers(reader, peers, base_model=base, exclude_node=me) == ["/ip4/10.1.0.1/tcp/4001"]
+    register("12D3KooWlater", "/ip4/10.1.0.2/tcp/4001")
+    client.set_node_active(first, False)
+    joined = refresh_registry_peers(reader, peers, base_model=base, exclude_node=me)
+    assert joined == ["/ip4/10.1.0.2/tcp/4001"] and peers == {"12D3KooWlater"}
+    assert held("12D3KooWlater") and not held("12D3KooWfirst")
+    assert refresh_registry_peers(reader, peers, base_model=base, exclude_node=me) == []  # nothing new to dial
