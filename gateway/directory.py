@@ -17,10 +17,13 @@ from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartb
 log = logging.getLogger(__name__)
 
 UNKNOWN_SYNC_S = 5.0  # the most often a heartbeat of an unknown node makes the gateway pull the registry
-# A node's first failure keeps it out until its next heartbeat, as a glitch deserves. Each further failure in a
-# row (no request served whole between) doubles a hold-off from HOLDOFF_BASE_S, up to the gateway's
-# node_holdoff_max_s: a node that fails or refuses everything, honest but broken or a stranger's, is asked
-# less and less often, and one request served whole clears its count.
+# A failed node is out until its next heartbeat, as a glitch deserves. A node that failed a request before its
+# first token which another node then served (so the request was no client's poison) takes a strike; each
+# further strike in a row (no request served whole between) doubles a hold-off from HOLDOFF_BASE_S, up to the
+# gateway's node_holdoff_max_s: a node that fails everything, broken or a stranger's, is asked less and less
+# often, and one request served whole clears its count. A refusal (400) is no strike: an honest node with less
+# KV memory refuses a long prompt that a larger one serves, and a client choosing such prompts must not keep
+# it out of routing.
 HOLDOFF_BASE_S = 5.0
 
 
@@ -31,7 +34,7 @@ class NodeLocal:
 
     inflight: int = 0  # requests this gateway has open on it now
     failed_at: float | None = None  # a request to it failed; not live until a later heartbeat
-    strikes: int = 0  # requests to it that failed since the last it served whole
+    strikes: int = 0  # requests it failed that another node served, since the last it served whole
     held_until: float = float("-inf")  # not live before this (monotonic), heartbeats or not
     prefetched: dict[str, float] = field(default_factory=dict)  # adapter id -> when we asked it to load
     # adapter id -> wall-clock ms when we saw it loaded there (served a token, or a prefetch succeeded);
@@ -264,23 +267,24 @@ class NodeDirectory:
             return 0.0
         return min(self.holdoff_max_s, HOLDOFF_BASE_S * 2.0 ** min(strikes - 2, 32))
 
-    def mark_failed(self, node_id: str) -> None:
-        """A request to this node failed: route around it until it heartbeats again, and for longer each
-        failure in a row (holdoff_s)."""
+    def mark_failed(self, node_id: str, *, strike: bool = False) -> None:
+        """A request to this node failed: route around it until it heartbeats again. With `strike` (it failed
+        a request another node then served), for longer each strike in a row (holdoff_s)."""
         e = self.entries.get(node_id)
         if e is None:
             return
         local, now = e.local, self.clock()
         local.failed_at = now
-        local.strikes += 1
-        hold = self.holdoff_s(local.strikes)
-        local.held_until = now + hold
-        if hold:
+        if strike:
+            local.strikes += 1
+            local.held_until = max(local.held_until, now + self.holdoff_s(local.strikes))
+        if now < local.held_until:
             log.warning(
-                "node %s failed %d requests in a row; not routing to it for %.0f s and until its next heartbeat",
+                "node %s failed %d requests in a row that others served; not routing to it for %.0f s and until "
+                "its next heartbeat",
                 node_id[:10],
                 local.strikes,
-                hold,
+                local.held_until - now,
             )
         else:
             log.warning("node %s failed; not routing to it until its next heartbeat", node_id[:10])

@@ -54,10 +54,13 @@ def cache_salt_of(key_hash: str) -> str:
     return sha256_hex(b"loramesh-cache-salt/1\n" + key_hash.encode("ascii"))[2:34]
 
 
-def joined_cache_salt(key_salt: str, client_salt: str) -> str:
-    """A key's salt joined to the one its client sent (vLLM's cache_salt): requests of one key with different
-    client salts share no KV, and no client salt reaches another key's."""
-    return sha256_hex(f"{key_salt}\n{client_salt}".encode())[2:34]
+def node_cache_salt(key_salt: str, node_id: str, client_salt: str | None = None) -> str:
+    """The salt a key's request carries to one node, joined to the one its client sent (vLLM's cache_salt):
+    requests of one key with different client salts share no KV, and no client salt reaches another key's.
+    Each node gets its own (a prefix cache is a node's), so nodes, strangers, pooling what they were sent
+    cannot tell one key's requests across the network."""
+    parts = [key_salt, node_id] + ([] if client_salt is None else [client_salt])
+    return sha256_hex("\n".join(parts).encode())[2:34]
 
 
 def hash_secret(secret: str) -> str:

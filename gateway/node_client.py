@@ -68,11 +68,13 @@ MAX_ANSWER_BYTES = 64 << 10
 class NodeUnavailable(RuntimeError):
     """The node could not serve this request (down, failing, busy, lacks the adapter): try another.
     `dead` is True when the node did not answer at all (route around it until it heartbeats again);
-    `maybe_running` when the request may have reached it all the same (worth an abort)."""
+    `faulty` when it failed of its own (dead, a 5xx other than busy): a strike against it when another node
+    then serves the request; `maybe_running` when the request may have reached it all the
+    same (worth an abort)."""
 
-    def __init__(self, message: str, *, dead: bool = False, maybe_running: bool = False) -> None:
+    def __init__(self, message: str, *, dead: bool = False, faulty: bool = False, maybe_running: bool = False) -> None:
         super().__init__(message)
-        self.dead, self.maybe_running = dead, maybe_running
+        self.dead, self.faulty, self.maybe_running = dead, faulty or dead, maybe_running
 
 
 class NodeRejected(ValueError):
@@ -316,7 +318,11 @@ class NodeClient:
         # that is no node cannot read that service's answers back through the gateway's errors
         log.warning("node %s at %r answered %d: %.300r", node_id[:10], api_url, r.status, message)
         # a node's API never redirects: one that does is a failed node, routed around until it heartbeats again
-        raise NodeUnavailable(f"node {node_id[:10]} answered {r.status}", dead=300 <= r.status < 400)
+        raise NodeUnavailable(
+            f"node {node_id[:10]} answered {r.status}",
+            dead=300 <= r.status < 400,
+            faulty=r.status >= 500 and r.status != 503,  # 503: busy (engine_busy, slots_busy), an honest answer
+        )
 
     async def _call(
         self, method: str, url: str, *, timeout: float, node_id: str | None = None, json: dict | None = None

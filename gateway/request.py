@@ -28,7 +28,7 @@ from gateway.chat import ChatTemplates
 from gateway.choices import Choices
 from gateway.directory import NodeDirectory, NodeEntry
 from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
-from gateway.keys import Admission, AuthContext, joined_cache_salt
+from gateway.keys import Admission, AuthContext, node_cache_salt
 from gateway.lorax_api import LoraxAnswer, LoraxGenerate, LoraxGenerateStream, LoraxRequest
 from gateway.metrics import GatewayMetrics
 from gateway.node_client import NodeClient, NodeRejected, NodeUnavailable, UpstreamStream
@@ -175,6 +175,7 @@ class ServedRequest:
         self.stream_ok = True  # the node's stream can still be read
         self.attempts = 0
         self.refusals: list[tuple[NodeEntry, NodeRejected]] = []  # nodes that refused the request as invalid (_try)
+        self.failed: list[NodeEntry] = []  # nodes that failed it before its first token (_try)
         self.started = self.deadline = 0.0
         self.ttft: float | None = None
         self.n_tokens = 0  # token events relayed to the client, each sequence's up to max_tokens: what is billed
@@ -513,6 +514,8 @@ class ServedRequest:
                         node.node_id[:10],
                     )
                     d.directory.mark_failed(liar.node_id)
+                for failed in self.failed:  # this request was no poison: their failure is a strike
+                    d.directory.mark_failed(failed.node_id, strike=True)
                 return
             d.metrics.failovers.inc()
         if self.refusals and len(self.refusals) == len(tried):  # every node asked says it is the client's mistake
@@ -553,6 +556,8 @@ class ServedRequest:
                 errors.append(str(e))
                 if e.dead:
                     d.directory.mark_failed(node.node_id)
+                if e.faulty:
+                    self.failed.append(node)
                 if e.maybe_running:  # a hung node may wake up and run it: tell it not to (the request moved on)
                     d.background.spawn(d.nodes.abort(node.api_url, node.node_id, self.rid))
                 return False
@@ -570,12 +575,16 @@ class ServedRequest:
                 if first.get("type") == "error":  # the engine failed before any token: read on to done, bounded
                     _log_engine_error(node.node_id, self.rid, first.get("message"))
                     await self._error_end(it, node)
+                    # no strike: an honest node of less memory can fail what a larger one serves, and a client
+                    # choosing such requests must not keep it out of routing (costs a hop; a 400 is alike)
                     raise NodeUnavailable(f"node {node.node_id[:10]}'s engine failed before the first token")
             except (NodeUnavailable, StopAsyncIteration, ValueError) as e:
                 await up.aclose()
                 errors.append(str(e) or f"node {node.node_id[:10]} closed the stream")
                 if not isinstance(e, NodeUnavailable) or e.dead:
                     d.directory.mark_failed(node.node_id)
+                if not isinstance(e, NodeUnavailable) or e.faulty:
+                    self.failed.append(node)
                 return False
             if self.target.adapter_id is not None:
                 node.local.saw_loaded(self.target.adapter_id)
@@ -589,9 +598,7 @@ class ServedRequest:
         salt = self.auth.key.cache_salt
         if salt is None or not node.takes_cache_salt:
             return self.node_body
-        if self.req.cache_salt is not None:
-            salt = joined_cache_salt(salt, self.req.cache_salt)
-        return self.node_body | {"cache_salt": salt}
+        return self.node_body | {"cache_salt": node_cache_salt(salt, node.node_id, self.req.cache_salt)}
 
     def _rejected_param(self, e: NodeRejected) -> str | None:
         """The request field a node's refusal is about, where it says: the prompt, or the grammar it could not

@@ -5,7 +5,7 @@ its new owner like any adapter trained here (node.adapters.pack):
                                HF_HUB_OFFLINE=1 reads the cache only; HF_ENDPOINT for a mirror)
     https://HOST/PATH          a folder served over HTTP(S): PATH/adapter_config.json and
                                PATH/adapter_model.safetensors (http:// too)
-    file:///PATH or PATH       a local folder
+    file:///PATH or PATH       a local folder (its two files copied, following links)
 
 Only the two files a PEFT adapter saved with safetensors needs are fetched: a pickle checkpoint
 (adapter_model.bin) is never downloaded, let alone loaded. Every size is bounded before it is written, and
@@ -40,7 +40,17 @@ def fetch_peft(source: str, workdir: Path, *, max_bytes: int = MAX_IMPORT_BYTES,
     path = Path(unquote(urlparse(source).path)) if source.startswith("file://") else Path(source)
     if not path.is_dir():
         raise PackageError(f"{source} is not a folder (nor hf://ORG/NAME, nor an http(s):// URL)")
-    return path
+    # the two files, as from anywhere else: a folder from elsewhere may hold a tokenizer of megabytes (a package
+    # holds 1 MiB beside its config and weights) or links to files of the importer's; links to the two files
+    # themselves (a Hugging Face snapshot's, to its blobs) are followed, and their contents checked when packed
+    out = _fresh(workdir / "peft")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise PackageError(
+                f"{source} has no {name}: only PEFT LoRA adapters saved with safetensors can be imported"
+            )
+        shutil.copyfile(path / name, out / name)
+    return out
 
 
 def _from_hub(repo: str, revision: str | None, workdir: Path) -> Path:

@@ -19,7 +19,13 @@ from ledger.types import (
     registry_name_problem,
 )
 from node.adapters.errors import PackageError, shown
-from node.adapters.limits import MAX_EXTRA_BYTES, MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_MANIFEST_BYTES
+from node.adapters.limits import (
+    MAX_ADAPTER_CONFIG_BYTES,
+    MAX_EXTRA_BYTES,
+    MAX_LORA_ALPHA,
+    MAX_LORA_RANK,
+    MAX_MANIFEST_BYTES,
+)
 from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
 
 MANIFEST_FILE = "loramesh.json"
@@ -156,7 +162,10 @@ class Manifest(_Strict):
     @field_validator("files")
     @classmethod
     def _extras(cls, v: tuple[FileEntry, ...]) -> tuple[FileEntry, ...]:
-        check_extra_bytes({f.path: f.size for f in v})
+        paths = [f.path for f in v]
+        if len(set(paths)) != len(paths):  # two sizes for one name: the bounds would see one, a fetch write both
+            raise ValueError(f"file {next(p for p in paths if paths.count(p) > 1)!r} is listed twice")
+        check_extra_bytes([(f.path, f.size) for f in v])
         return v
 
     @field_validator("datasets")
@@ -216,9 +225,13 @@ def check_file_name(name: str) -> None:
         raise PackageError(f"file name {shown(name, 128)} is not allowed in a package")
 
 
-def check_extra_bytes(sizes: dict[str, int]) -> None:
-    """Refuse a package whose files (name -> size) beside its config and weights exceed MAX_EXTRA_BYTES."""
-    extra = sum(size for name, size in sizes.items() if name not in (CONFIG_FILE, WEIGHTS_FILE))
+def check_extra_bytes(files: list[tuple[str, int]]) -> None:
+    """Refuse a package whose files (name, size) beside its weights exceed what they may hold: its config
+    MAX_ADAPTER_CONFIG_BYTES (what a reader parses), the others MAX_EXTRA_BYTES together."""
+    for name, size in files:
+        if name == CONFIG_FILE and size > MAX_ADAPTER_CONFIG_BYTES:
+            raise PackageError(f"{CONFIG_FILE} is {size} bytes; at most {MAX_ADAPTER_CONFIG_BYTES} are read")
+    extra = sum(size for name, size in files if name not in (CONFIG_FILE, WEIGHTS_FILE))
     if extra > MAX_EXTRA_BYTES:
         raise PackageError(
             f"the files beside {CONFIG_FILE} and {WEIGHTS_FILE} hold {extra} bytes; a package holds at most "

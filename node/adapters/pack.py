@@ -156,7 +156,8 @@ def pack_adapter(
             raise PackageError(f"pickle weight file {p.name!r} refused: save the adapter with safetensors")
     base = resolve_base_dir(peft_dir, base_dir)
     check_lora_tensors(read_safetensors_header(peft_dir / WEIGHTS_FILE), lora, read_config(base))
-    check_extra_bytes({p.name: p.stat().st_size for p in _package_files(peft_dir)})
+    files = _package_files(peft_dir)
+    check_extra_bytes([(p.name, p.stat().st_size) for p in files])
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"output folder {out_dir} is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ def pack_adapter(
     tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()  # by the umask, as the folder it becomes
     try:
-        for p in _package_files(peft_dir):
+        for p in files:
             shutil.copyfile(p, tmp / p.name)
         manifest = build_manifest(
             tmp,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -278,10 +279,16 @@ class Discovery:
 
     async def start(self, nursery: trio.Nursery, subscription) -> None:
         """Hold what the store holds and run the announce, DHT-provide and receive loops in `nursery`."""
-        held = await trio.to_thread.run_sync(self.store.list)
-        self.held.update(dict.fromkeys(p.adapter_id for p in held))
-        for adapter_id in self.held:
-            self._provide_send.send_nowait(adapter_id)
+        held = await trio.to_thread.run_sync(_oldest_first, self.store)
+        self.held.update(dict.fromkeys(held))
+        if len(self.held) > MAX_ADAPTERS:
+            log.warning(
+                "this node holds %d adapters: its announcements name the %d installed last, and peers find the "
+                "others through the DHT",
+                len(self.held),
+                MAX_ADAPTERS,
+            )
+        nursery.start_soon(self._provide_held, list(self.held))
         nursery.start_soon(self._receive_announcements, subscription)
         nursery.start_soon(self._announce_loop)
         nursery.start_soon(self._provide_loop)
@@ -331,6 +338,11 @@ class Discovery:
             with trio.move_on_after(self.config.announce_interval):
                 await self._announce_now.wait()
             self._announce_now = trio.Event()
+
+    async def _provide_held(self, adapter_ids: list[str]) -> None:
+        # waits for room in the queue: a store can hold more than it (a node's start must not fail on that)
+        for adapter_id in adapter_ids:
+            await self._provide_send.send(adapter_id)
 
     async def _provide_loop(self) -> None:
         # Paced: a remote accepts 10 ADD_PROVIDER per 10 s per peer and drops the rest silently.
@@ -429,3 +441,15 @@ class Discovery:
         records = self._local_dht_providers(adapter_id)
         for key in [k for k in records if k == peer_id or str(k) == peer_id]:
             del records[key]
+
+
+def _oldest_first(store: AdapterStore) -> list[str]:
+    """The store's adapter ids, the one installed last at the end (held's order across a restart)."""
+
+    def installed_at(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # removed since it was listed
+            return 0.0
+
+    return [p.adapter_id for p in sorted(store.list(), key=lambda p: (installed_at(p.path), p.adapter_id))]

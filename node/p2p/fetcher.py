@@ -196,7 +196,9 @@ class Fetcher:
         max_attempts discovered providers are tried, and of those at most max_unknown_attempts that have
         no standing, whether the DHT names them or GossipSub (anyone can fill a key's DHT slots with made-up
         ids, and relay announcements each signed by a throw-away key with a dead address): the rest of the
-        attempts are kept for peers with standing, a registered node that failed a moment ago included.
+        attempts are kept for peers with standing, a registered node that failed a moment ago included. A node
+        registered since this one last read the registry (every 5 minutes, node.daemon) has no standing yet: the
+        cap still holds for it, since each made-up provider a fetch tries costs a dial's timeout.
         """
         order: dict[str, Provider] = {}
         for prov in given:

@@ -142,9 +142,10 @@ def test_failed_node_out_until_next_heartbeat(world):
     assert [n.node_id for n in d.live()] == [a.node_id]
 
 
-def test_a_node_failing_in_a_row_is_held_off_longer_each_time_until_it_serves(world):
-    """A node that fails or refuses every request, a stranger's or a broken one, is asked less and less often:
-    heartbeats alone no longer bring it back after its second failure in a row."""
+def test_a_node_struck_in_a_row_is_held_off_longer_each_time_until_it_serves(world):
+    """A node that fails what other nodes serve, a stranger's or a broken one, is asked less and less often:
+    heartbeats alone no longer bring it back after its second strike in a row. A failure without a strike (one
+    nobody else served either: perhaps the request's own fault) keeps it out only until its next heartbeat."""
     _, _, d, clock, a, _ = world
     ts = [int(time.time() * 1000) - 1000]
 
@@ -154,12 +155,16 @@ def test_a_node_failing_in_a_row_is_held_off_longer_each_time_until_it_serves(wo
         d.accept_heartbeat(hb(a, ts=ts[0]))
 
     beat()
-    d.mark_failed(a.node_id)  # the first: out until its next heartbeat, as before
+    for _ in range(5):
+        d.mark_failed(a.node_id)
+        beat()
+        assert d.live()
+    d.mark_failed(a.node_id, strike=True)  # the first strike: out until its next heartbeat, as before
     beat()
     assert d.live()
     held = []
     for _ in range(4):
-        d.mark_failed(a.node_id)
+        d.mark_failed(a.node_id, strike=True)
         start = clock.t
         beat()
         while not d.live():
@@ -167,14 +172,15 @@ def test_a_node_failing_in_a_row_is_held_off_longer_each_time_until_it_serves(wo
         held.append(clock.t - start)
     assert held == [5.0, 10.0, 20.0, 40.0]
     for _ in range(10):
-        d.mark_failed(a.node_id)
+        d.mark_failed(a.node_id, strike=True)
     clock.t += 119
     beat()
     assert d.live() == []
+    d.mark_failed(a.node_id)  # a failure without a strike shortens nothing
     beat()
     assert d.live()  # capped at holdoff_max_s
-    d.get(a.node_id).local.served()  # a request served whole clears the count: the next failure is a first
-    d.mark_failed(a.node_id)
+    d.get(a.node_id).local.served()  # a request served whole clears the count: the next strike is a first
+    d.mark_failed(a.node_id, strike=True)
     beat()
     assert d.live()
 

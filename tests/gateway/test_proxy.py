@@ -14,7 +14,7 @@ import pytest
 from sqlmodel import Session, select
 
 from common.identity import Identity
-from gateway.keys import cache_salt_of, create_key, hash_secret, revoke_key
+from gateway.keys import cache_salt_of, create_key, hash_secret, node_cache_salt, revoke_key
 from gateway.main import create_app
 from gateway.router import rank_nodes
 from gateway.settings import GatewaySettings
@@ -406,13 +406,6 @@ def test_a_node_that_refuses_every_request_fails_no_client(w):
             assert raw.parse().usage.completion_tokens == 2
         # refused what the other node served: routed around until it heartbeats again, not asked every time
         assert len(first.requests) == asked + 1
-        w.beat()  # asked again, refuses again: its second failure in a row holds it off past its heartbeats
-        w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
-        assert len(first.requests) == asked + 2
-        w.beat()
-        w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
-        assert len(first.requests) == asked + 2
-        time.sleep(1.05)  # node_holdoff_max_s
         # a refusal and a node that fails: nobody said the client erred but one stranger, so no 400 (a 503)
         other = w.nodes[1 - w.nodes.index(first)]
         w.beat()
@@ -420,23 +413,44 @@ def test_a_node_that_refuses_every_request_fails_no_client(w):
         with pytest.raises(openai.InternalServerError) as ei:
             w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
         assert ei.value.status_code == 503 and "refused it (invalid_request)" in ei.value.message
-        # one request it serves whole clears its count: its next refusal keeps it out only until a heartbeat
-        time.sleep(1.05)
-        first.reject_all = False
-        w.beat()
-        raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="x", max_tokens=2)
-        assert raw.headers["x-loramesh-node"] == first.identity.node_id
-        first.reject_all, other.fail_early = True, False
-        w.beat()
-        w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=2)
-        w.beat()
-        first.reject_all = False
-        raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="x", max_tokens=2)
-        assert raw.headers["x-loramesh-node"] == first.identity.node_id
     finally:
         first.reject_all = False
         for n in w.nodes:
             n.fail_early = False
+        w.beat()
+
+
+def test_a_node_failing_what_another_serves_is_held_off_longer_each_time_until_it_serves(w):
+    """A node that fails every request (here a 500) was asked again after each of its heartbeats. Each request it
+    failed and the other node served is a strike: from the second in a row it stays out past its heartbeats
+    (node_holdoff_max_s, 1 s here), and a request it serves whole clears the count."""
+    first = w.owners("acme/alpha")[0]
+    other = w.nodes[1 - w.nodes.index(first)]
+
+    def ask() -> str:
+        raw = w.client().completions.with_raw_response.create(model="acme/alpha", prompt="x", max_tokens=2)
+        return raw.headers["x-loramesh-node"]
+
+    first.fail_early = True
+    try:
+        asked = len(first.requests)
+        assert ask() == other.identity.node_id  # strike 1: out until its next heartbeat
+        w.beat()
+        assert ask() == other.identity.node_id  # asked again; strike 2: held off past heartbeats
+        assert len(first.requests) == asked + 2
+        w.beat()
+        assert ask() == other.identity.node_id and len(first.requests) == asked + 2
+        time.sleep(1.05)
+        first.fail_early = False
+        w.beat()
+        assert ask() == first.identity.node_id  # served whole: its count starts again
+        first.fail_early = True
+        ask()
+        w.beat()
+        first.fail_early = False
+        assert ask() == first.identity.node_id  # one strike: back after its heartbeat
+    finally:
+        first.fail_early = False
         w.beat()
 
 
@@ -459,26 +473,32 @@ def test_heartbeat_refusals(w):
 
 def test_each_key_has_its_own_prefix_cache_salt_on_nodes_that_know_the_field(w):
     """One key's prompts must not warm another key's cache (its cached_tokens would tell that a prompt was sent):
-    each key's requests carry a salt of their own. A node that does not list the field (an older release, which
-    refuses a body with a field it does not know) is sent none."""
+    each key's requests carry a salt of their own, and each node is sent its own (nodes pooling what they were
+    sent cannot tell one key's requests across the network). A node that does not list the field (an older
+    release, which refuses a body with a field it does not know) is sent none."""
 
-    def bodies(key):
+    def sent(key):  # (node id, body) of what the nodes were sent
         before = [len(n.requests) for n in w.nodes]
         w.client(key).completions.create(model="acme/alpha", prompt="x", max_tokens=1)
-        return [b for n, k in zip(w.nodes, before) for b in n.requests[k:]]
+        return [(n.identity.node_id, b) for n, k in zip(w.nodes, before) for b in n.requests[k:]]
 
-    assert all("cache_salt" not in b for b in bodies(w.key))
+    assert all("cache_salt" not in b for _, b in sent(w.key))
     try:
         for n in w.nodes:
             n.features = ["cache_salt"]
         w.beat()
-        salts = {key: {b["cache_salt"] for b in bodies(key) + bodies(key)} for key in (w.key, w.granted)}
+        got = {key: {(node, b["cache_salt"]) for node, b in sent(key) + sent(key)} for key in (w.key, w.granted)}
     finally:
         for n in w.nodes:
             n.features = None
         w.beat()
-    assert salts == {key: {cache_salt_of(hash_secret(key))} for key in (w.key, w.granted)}
-    assert salts[w.key] != salts[w.granted]
+    for key, pairs in got.items():
+        assert pairs == {(node, node_cache_salt(cache_salt_of(hash_secret(key)), node)) for node, _ in pairs}
+    assert {s for _, s in got[w.key]}.isdisjoint(s for _, s in got[w.granted])
+    a, b = (n.identity.node_id for n in w.nodes)
+    assert node_cache_salt(cache_salt_of(hash_secret(w.key)), a) != node_cache_salt(
+        cache_salt_of(hash_secret(w.key)), b
+    )
 
 
 def test_metrics(w):

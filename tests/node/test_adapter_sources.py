@@ -201,3 +201,26 @@ def test_tar_of_a_package_is_flat(registry):
     _, good, _, _ = registry
     with tarfile.open(fileobj=io.BytesIO(tar_package(good.path))) as tar:
         assert all(m.isfile() and "/" not in m.name for m in tar.getmembers())
+
+
+def test_import_from_a_local_folder_takes_the_two_files(peft, signer, tiny_base, tmp_path):
+    """As from the Hub or a web folder, only the config and the weights: a folder from elsewhere holding a
+    tokenizer of megabytes (over a package's 1 MiB beside them) imports, a link to a file of the importer's is
+    not packed, and a snapshot's links to the two files are followed."""
+    folder, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    folder.mkdir()
+    blobs.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (blobs / name).write_bytes((peft / name).read_bytes())
+        (folder / name).symlink_to(blobs / name)
+    (folder / "tokenizer.json").write_bytes(b"{}" + b" " * (3 << 20))
+    (tmp_path / "secret").write_text("a key of the importer's")
+    (folder / "README.md").symlink_to(tmp_path / "secret")
+    out = tmp_path / "p"
+    args = ["--name", "acme/local", "--key", str(signer), "--base", str(tiny_base), "--out", str(out)]
+    r = loramesh("adapter", "import", f"file://{folder}", *args, env={})
+    assert r.returncode == 0, r.stderr
+    pkg = verify_package(out)
+    assert {f.path for f in pkg.manifest.files} == {"adapter_config.json", "adapter_model.safetensors"}
+    r = loramesh("adapter", "import", str(tmp_path / "blobs" / "x"), *args[:-1], str(tmp_path / "q"), env={})
+    assert r.returncode == 1 and "is not a folder" in r.stderr

@@ -97,3 +97,26 @@ def test_a_padded_manifest_is_refused_before_a_byte_is_fetched(tiny_base, peft, 
         plan_transfer(raw, sha256_hex(raw), max_bytes=4 << 30)
     with pytest.raises(PackageError, match="a package holds at most"):
         parse_manifest_bytes(raw)
+
+
+NOTES = {"path": "notes.txt", "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        # a name twice: the bound saw the last size, a fetch wrote the first (4 GiB) before the second failed
+        ([NOTES | {"size": 4 << 30}, NOTES | {"size": 0}], "'notes.txt' is listed twice"),
+        # the config is read whole and parsed: bounded as such before a byte of it is fetched
+        ([], f"{CONFIG_FILE} is {4 << 30} bytes"),
+    ],
+)
+def test_no_way_around_the_bounds_in_the_manifest(tiny_base, peft, tmp_path, extra, match):
+    pkg = pack_adapter(peft, tmp_path / "pkg", name="alice/x", account=Account.create(), base_dir=tiny_base)
+    doc = json.loads((pkg.path / MANIFEST_FILE).read_bytes())
+    if not extra:
+        doc["files"] = [f | {"size": 4 << 30} if f["path"] == CONFIG_FILE else f for f in doc["files"]]
+    doc["files"] = sorted(doc["files"] + extra, key=lambda f: (f["path"], f["size"]))
+    raw = canonical_json(doc)
+    with pytest.raises(BadBytes, match=match):
+        plan_transfer(raw, sha256_hex(raw), max_bytes=8 << 30)

@@ -185,14 +185,11 @@ def test_config_checks_values():
         P2PConfig(max_inbound_streams=0)
 
 
-def test_a_node_holding_more_adapters_than_one_announcement_names_announces_the_newest():
-    """Peers refuse an announcement of more than MAX_ADAPTERS ids: a node pushed past that (anyone can register
-    adapters and ask for each once) signed only announcements nobody took, and vanished from GossipSub for the
-    adapters it held before too. It names the ones it held most recently; the DHT has the rest."""
-    import trio
+def _discovery(store=None):
+    """A Discovery over a host and pubsub that only record (what these tests read), with no DHT."""
     from multiaddr import Multiaddr
 
-    from node.p2p.discovery import MAX_ADAPTERS, Discovery
+    from node.p2p.discovery import Discovery
     from node.p2p.standing import PeerStanding
 
     kp = create_new_key_pair(os.urandom(32))
@@ -204,21 +201,36 @@ def test_a_node_holding_more_adapters_than_one_announcement_names_announces_the_
         def get_addrs(self):
             return [Multiaddr("/ip4/127.0.0.1/tcp/4001")]
 
+        def get_connected_peers(self):
+            return []
+
     class PubSub:
-        sent: list[bytes] = []
+        def __init__(self):
+            self.sent: list[bytes] = []
 
         async def publish(self, topic, data):
             self.sent.append(data)
 
-    d = Discovery(
+    return Discovery(
         config=P2PConfig(listen="/ip4/127.0.0.1/tcp/0"),
-        store=None,
+        store=store,
         host=Host(),
         key_pair=kp,
         pubsub=PubSub(),
         dht=None,
         standing=PeerStanding(base_backoff=1, max_backoff=2),
     )
+
+
+def test_a_node_holding_more_adapters_than_one_announcement_names_announces_the_newest():
+    """Peers refuse an announcement of more than MAX_ADAPTERS ids: a node pushed past that (anyone can register
+    adapters and ask for each once) signed only announcements nobody took, and vanished from GossipSub for the
+    adapters it held before too. It names the ones it held most recently; the DHT has the rest."""
+    import trio
+
+    from node.p2p.discovery import MAX_ADAPTERS
+
+    d = _discovery()
     ids = ["0x" + os.urandom(32).hex() for _ in range(MAX_ADAPTERS + 1)]
     for adapter_id in ids:
         d.announce_soon(adapter_id)
@@ -230,3 +242,38 @@ def test_a_node_holding_more_adapters_than_one_announcement_names_announces_the_
 
     assert announced() == {ids[0], *ids[2:]}
     assert len(d.held) == MAX_ADAPTERS + 1  # still held, and provided on the DHT
+
+
+def test_a_node_whose_store_holds_more_adapters_than_one_announcement_starts_its_mesh(tmp_path):
+    """Its start queued every held id for the DHT at once, into a queue of MAX_ADAPTERS: the next one raised, and
+    the node did not start. The ids wait for room now; after a restart the ones installed last are announced."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from node.p2p.discovery import MAX_ADAPTERS
+
+    ids = ["0x" + os.urandom(32).hex() for _ in range(MAX_ADAPTERS + 1)]
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    os.utime(old, (1, 1))
+    paths = {a: new if a == ids[0] else old for a in ids}  # ids[0] installed last
+    store = SimpleNamespace(list=lambda: [SimpleNamespace(adapter_id=a, path=paths[a]) for a in sorted(ids)])
+    d = _discovery(store)
+
+    class Quiet:  # a subscription nobody publishes on
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await trio.sleep_forever()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await d.start(nursery, subscription=Quiet())
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(d.held) == MAX_ADAPTERS + 1 and list(d.held)[-1] == ids[0]
