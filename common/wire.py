@@ -94,6 +94,8 @@ MAX_STOP_TOKEN_IDS = 16
 MAX_LOGIT_BIAS = 300  # logit_bias entries (OpenAI's bound)
 MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs bound)
 MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
+# what a node's status lists in "features" when its generate body takes cache_salt (node/api/models.py)
+CACHE_SALT_FEATURE = "cache_salt"
 # the sampling fields' ranges (OpenAI's and vLLM's): presence / frequency penalties in [-MAX_PENALTY, MAX_PENALTY],
 # a repetition penalty in (0, MAX_REPETITION_PENALTY], a logit bias in [-MAX_BIAS, MAX_BIAS]
 MAX_PENALTY = 2.0

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from common.wire import CACHE_SALT_FEATURE
 from gateway.chain_registry import RegistryView
 from gateway.errors import BadRequest, Forbidden
 from ledger.types import api_url_problem
@@ -105,7 +106,7 @@ class NodeEntry:
         """It said it knows the generate body's cache_salt (node.api.models.GENERATE_FEATURES); an older node
         refuses the field."""
         features = self.status.get("features")
-        return isinstance(features, list) and "cache_salt" in features
+        return isinstance(features, list) and CACHE_SALT_FEATURE in features
 
     @property
     def queue_depth(self) -> int:

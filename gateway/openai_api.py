@@ -226,7 +226,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # vLLM's cache_salt: requests share cached prompt KV only under one salt. Joined to the key's own
-    # (gateway.keys.cache_salt_of), it keeps an application's users apart within its key, never joins two keys
+    # (gateway.keys.node_cache_salt), it keeps an application's users apart within its key, never joins two keys
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = None
     # an ensemble's weights, one per adapter named in `model` ("alice/a+bob/b"), in that order
     adapter_weights: AdapterWeights | None = None

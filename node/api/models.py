@@ -9,6 +9,7 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.wire import (
+    CACHE_SALT_FEATURE,
     HEX_ID_PATTERN,
     MAX_BIAS,
     MAX_CACHE_SALT,
@@ -50,7 +51,7 @@ class EnsemblePart(BaseModel):
 # Optional generate fields that came after the first release, which a node lists in its status ("features"): a
 # gateway sends one only to a node that lists it, since an older node refuses a body with a field it does not
 # know (extra="forbid").
-GENERATE_FEATURES = ("cache_salt",)
+GENERATE_FEATURES = (CACHE_SALT_FEATURE,)
 
 # what a generate body holds beside its prompts' ids, at most: a guided schema (64 kB) or choices (256 of 1,024
 # characters: 1.5 MB at worst, control characters written as 6-byte escapes), 300 logit biases, stop strings and
