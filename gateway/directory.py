@@ -78,6 +78,9 @@ class NodeEntry:
     ts_ms: int
     last_seen: float  # monotonic time of the last accepted heartbeat
     local: NodeLocal = field(default_factory=NodeLocal)
+    # it said it knows the generate body's cache_salt (node.api.models.GENERATE_FEATURES; an older node refuses
+    # the field): read once from the heartbeat, whose lists are the node's word and as long as it likes
+    takes_cache_salt: bool = False
 
     @property
     def inflight(self) -> int:
@@ -102,13 +105,6 @@ class NodeEntry:
         return frozenset(out)
 
     @property
-    def takes_cache_salt(self) -> bool:
-        """It said it knows the generate body's cache_salt (node.api.models.GENERATE_FEATURES); an older node
-        refuses the field."""
-        features = self.status.get("features")
-        return isinstance(features, list) and CACHE_SALT_FEATURE in features
-
-    @property
     def queue_depth(self) -> int:
         return _int(self.status.get("queue_depth"))
 
@@ -121,6 +117,10 @@ class NodeEntry:
         exact, and the reported queue adds what other gateways are waiting for.
         """
         return self.inflight + _int(self.status.get("queue_depth"))
+
+
+def _lists(features: object, name: str) -> bool:
+    return isinstance(features, list) and name in features
 
 
 def _int(v) -> int:
@@ -207,6 +207,7 @@ class NodeDirectory:
                 status=body["status"],
                 ts_ms=body["ts_ms"],
                 last_seen=now,
+                takes_cache_salt=_lists(body["status"].get("features"), CACHE_SALT_FEATURE),
             )
             if old is not None:
                 entry.local = old.local
