@@ -8,8 +8,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 
-from common.wire import CACHE_SALT_FEATURE
+from common.wire import CACHE_SALT_FEATURE, is_id
 from gateway.chain_registry import RegistryView
 from gateway.errors import BadRequest, Forbidden
 from ledger.types import api_url_problem
@@ -18,13 +19,16 @@ from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartb
 log = logging.getLogger(__name__)
 
 UNKNOWN_SYNC_S = 5.0  # the most often a heartbeat of an unknown node makes the gateway pull the registry
-# A failed node is out until its next heartbeat, as a glitch deserves. A node that failed a request before its
-# first token which another node then served (so the request was no client's poison) takes a strike; each
-# further strike in a row (no request served whole between) doubles a hold-off from HOLDOFF_BASE_S, up to the
-# gateway's node_holdoff_max_s: a node that fails everything, broken or a stranger's, is asked less and less
-# often, and one request served whole clears its count. A refusal (400) is no strike: an honest node with less
-# KV memory refuses a long prompt that a larger one serves, and a client choosing such prompts must not keep
-# it out of routing.
+MAX_RESIDENT = 256  # resident adapter ids read from a heartbeat (a node's slots number a few dozen)
+MAX_NAME_CHARS = 256  # of the base model name a heartbeat gives
+# A node that failed a request before its first token which another node then served (so the request was no
+# client's poison) is out until its next heartbeat, as a glitch deserves; one that did not answer at all is out
+# at once. A failure of its own (NodeUnavailable.faulty: down, a 5xx other than busy, a broken stream) is also a
+# strike, and each strike beyond the first doubles a hold-off from HOLDOFF_BASE_S, up to the gateway's
+# node_holdoff_max_s: a node that fails everything, broken or a stranger's, is asked less and less often. Each
+# request it serves whole takes one strike back. A refusal (400), an engine error and a first event slower than
+# node_timeout_s are no strikes: an honest node with less memory refuses or fails what a larger one serves, and
+# one fetching a cold adapter is silent until it is ready; a client must not keep such nodes out of routing.
 HOLDOFF_BASE_S = 5.0
 
 
@@ -35,7 +39,7 @@ class NodeLocal:
 
     inflight: int = 0  # requests this gateway has open on it now
     failed_at: float | None = None  # a request to it failed; not live until a later heartbeat
-    strikes: int = 0  # requests it failed that another node served, since the last it served whole
+    strikes: int = 0  # requests it failed of its own that another node served, less those it served whole
     held_until: float = float("-inf")  # not live before this (monotonic), heartbeats or not
     prefetched: dict[str, float] = field(default_factory=dict)  # adapter id -> when we asked it to load
     # adapter id -> wall-clock ms when we saw it loaded there (served a token, or a prefetch succeeded);
@@ -52,10 +56,9 @@ class NodeLocal:
             self.inflight = max(0, self.inflight - 1)
 
     def served(self) -> None:
-        """A request it took ended whole: it serves, so its failures in a row start again from none and any
-        hold-off ends (it is live again once a heartbeat follows its last failure)."""
-        self.strikes = 0
-        self.held_until = float("-inf")
+        """A request it took ended whole: one strike less. One less, not none: a node could answer one cheap
+        request whole after each it fails. A hold-off under way runs to its end."""
+        self.strikes = max(0, self.strikes - 1)
 
     def saw_loaded(self, adapter_id: str) -> None:
         self.loaded[adapter_id] = int(time.time() * 1000)
@@ -117,6 +120,21 @@ class NodeEntry:
         exact, and the reported queue adds what other gateways are waiting for.
         """
         return self.inflight + _int(self.status.get("queue_depth"))
+
+
+def _kept(status: dict) -> dict:
+    """What the gateway reads of a heartbeat's status (the node's word, up to max_heartbeat_bytes): its base's
+    name, its queue depth and up to MAX_RESIDENT resident adapter ids. Kept whole, a list of 20,000 empty items
+    was scanned on every request routed to the node, and held megabytes for good."""
+    bm = status.get("base_model")
+    name = bm.get("name") if isinstance(bm, dict) else None
+    listed = status.get("resident_adapters")
+    ids = (a.get("adapter_id") for a in (listed if isinstance(listed, list) else ()) if isinstance(a, dict))
+    return {
+        "base_model": {"name": name[:MAX_NAME_CHARS]} if isinstance(name, str) else None,
+        "queue_depth": _int(status.get("queue_depth")),
+        "resident_adapters": [{"adapter_id": a} for a in islice((a for a in ids if is_id(a)), MAX_RESIDENT)],
+    }
 
 
 def _lists(features: object, name: str) -> bool:
@@ -204,7 +222,7 @@ class NodeDirectory:
                 api_url=reg.api_url.rstrip("/"),
                 base_model_id=body["base_model_id"],
                 public_key=bytes.fromhex(body["public_key"]),
-                status=body["status"],
+                status=_kept(body["status"]),
                 ts_ms=body["ts_ms"],
                 last_seen=now,
                 takes_cache_salt=_lists(body["status"].get("features"), CACHE_SALT_FEATURE),

@@ -68,13 +68,23 @@ MAX_ANSWER_BYTES = 64 << 10
 class NodeUnavailable(RuntimeError):
     """The node could not serve this request (down, failing, busy, lacks the adapter): try another.
     `dead` is True when the node did not answer at all (route around it until it heartbeats again);
-    `faulty` when it failed of its own (dead, a 5xx other than busy): a strike against it when another node
-    then serves the request; `maybe_running` when the request may have reached it all the
-    same (worth an abort)."""
+    `faulty` when it failed of its own (by default when dead; a 5xx other than busy): a strike against it when
+    another node then serves the request; `excused` when an honest node could not serve it (an older release
+    that lacks a guided type), so that nothing is held against it; `maybe_running` when the request may have
+    reached it all the same (worth an abort)."""
 
-    def __init__(self, message: str, *, dead: bool = False, faulty: bool = False, maybe_running: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        dead: bool = False,
+        faulty: bool | None = None,
+        excused: bool = False,
+        maybe_running: bool = False,
+    ) -> None:
         super().__init__(message)
-        self.dead, self.faulty, self.maybe_running = dead, faulty or dead, maybe_running
+        self.dead, self.excused, self.maybe_running = dead, excused, maybe_running
+        self.faulty = dead if faulty is None else faulty
 
 
 class NodeRejected(ValueError):
@@ -189,7 +199,10 @@ async def _text(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     except (aiohttp.ClientError, TimeoutError) as e:
         # the client is told the kind of break; the library's own words (addresses, protocol states) go to the log
         log.info("a node's stream broke: %r", e)
-        raise NodeUnavailable(f"the node's stream broke ({type(e).__name__})", dead=True) from e
+        # a read timeout is not its own fault for sure: a node fetching a cold adapter is silent until it is ready
+        raise NodeUnavailable(
+            f"the node's stream broke ({type(e).__name__})", dead=True, faulty=not isinstance(e, TimeoutError)
+        ) from e
     if tail := decoder.decode(b"", final=True):
         yield tail
 
@@ -311,7 +324,7 @@ class NodeClient:
             # a node of an older release, which knows fewer guided types (regex and choice came later): not the
             # client's mistake, another node may serve it (operators upgrade at their own pace)
             log.info("node %s at %r does not serve this guided type: %.300r", node_id[:10], api_url, message)
-            raise NodeUnavailable(f"node {node_id[:10]} does not serve this guided type")
+            raise NodeUnavailable(f"node {node_id[:10]} does not serve this guided type", excused=True)
         if r.status == 400 and code in CLIENT_ERROR_CODES:
             raise NodeRejected(message, status=r.status, code=code)
         # the answer stays in this log: the client is told the status only, so a URL registered at a service

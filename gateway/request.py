@@ -175,7 +175,8 @@ class ServedRequest:
         self.stream_ok = True  # the node's stream can still be read
         self.attempts = 0
         self.refusals: list[tuple[NodeEntry, NodeRejected]] = []  # nodes that refused the request as invalid (_try)
-        self.failed: list[NodeEntry] = []  # nodes that failed it before its first token (_try)
+        # nodes that failed it before its first token, other than by a refusal, and whether of their own (_try)
+        self.failed: list[tuple[NodeEntry, bool]] = []
         self.started = self.deadline = 0.0
         self.ttft: float | None = None
         self.n_tokens = 0  # token events relayed to the client, each sequence's up to max_tokens: what is billed
@@ -514,8 +515,10 @@ class ServedRequest:
                         node.node_id[:10],
                     )
                     d.directory.mark_failed(liar.node_id)
-                for failed in self.failed:  # this request was no poison: their failure is a strike
-                    d.directory.mark_failed(failed.node_id, strike=True)
+                # the request was no poison: who failed it is routed around until its next heartbeat, and a
+                # failure of its own (NodeUnavailable.faulty) is a strike
+                for failed, faulty in self.failed:
+                    d.directory.mark_failed(failed.node_id, strike=faulty)
                 return
             d.metrics.failovers.inc()
         if self.refusals and len(self.refusals) == len(tried):  # every node asked says it is the client's mistake
@@ -556,8 +559,8 @@ class ServedRequest:
                 errors.append(str(e))
                 if e.dead:
                     d.directory.mark_failed(node.node_id)
-                if e.faulty:
-                    self.failed.append(node)
+                if not e.excused:
+                    self.failed.append((node, e.faulty))
                 if e.maybe_running:  # a hung node may wake up and run it: tell it not to (the request moved on)
                     d.background.spawn(d.nodes.abort(node.api_url, node.node_id, self.rid))
                 return False
@@ -569,22 +572,27 @@ class ServedRequest:
                     async with asyncio.timeout(d.settings.node_timeout_s):
                         first = await it.__anext__()
                 except TimeoutError:
+                    # not of its own for sure: an honest node fetching a cold adapter sends nothing until it is
+                    # ready (node/api/routes/generate.py:_cold_sse), and a large one can take longer than this
                     raise NodeUnavailable(
-                        f"node {node.node_id[:10]} sent no event within {d.settings.node_timeout_s:g} s", dead=True
+                        f"node {node.node_id[:10]} sent no event within {d.settings.node_timeout_s:g} s",
+                        dead=True,
+                        faulty=False,
                     ) from None
                 if first.get("type") == "error":  # the engine failed before any token: read on to done, bounded
                     _log_engine_error(node.node_id, self.rid, first.get("message"))
                     await self._error_end(it, node)
-                    # no strike: an honest node of less memory can fail what a larger one serves, and a client
-                    # choosing such requests must not keep it out of routing (costs a hop; a 400 is alike)
+                    # no strike, only routed around until its next heartbeat if another node serves it: an honest
+                    # node of less memory can fail what a larger one serves, and a client choosing such requests
+                    # must not keep it out of routing (as with a 400)
                     raise NodeUnavailable(f"node {node.node_id[:10]}'s engine failed before the first token")
             except (NodeUnavailable, StopAsyncIteration, ValueError) as e:
                 await up.aclose()
                 errors.append(str(e) or f"node {node.node_id[:10]} closed the stream")
                 if not isinstance(e, NodeUnavailable) or e.dead:
                     d.directory.mark_failed(node.node_id)
-                if not isinstance(e, NodeUnavailable) or e.faulty:
-                    self.failed.append(node)
+                # a stream closed or malformed before its first event is the node's own failure
+                self.failed.append((node, not isinstance(e, NodeUnavailable) or e.faulty))
                 return False
             if self.target.adapter_id is not None:
                 node.local.saw_loaded(self.target.adapter_id)
@@ -860,7 +868,7 @@ class ServedRequest:
             log.exception("request %s: the check of node %s's text failed", self.rid[:10], node.node_id[:10])
             misreported = None
         if status == RequestStatus.OK and self.done is not None and misreported is None:
-            node.local.served()  # its failures in a row, if any, end here (NodeDirectory.holdoff_s)
+            node.local.served()  # one strike back, if it has any (NodeDirectory.holdoff_s)
         reason = "abort" if client_gone else self.finish_reason
         end = self._end(
             status,

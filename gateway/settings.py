@@ -53,7 +53,7 @@ class GatewaySettings(ServiceSettings):
     max_heartbeat_bytes: int = Field(default=256 << 10, ge=1024)
     connect_timeout_s: float = Field(default=3.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)  # nodes tried before the first token
-    # a node failing requests in a row is kept out for 5 s, then 10, 20, ... up to this (gateway.directory)
+    # a node failing of its own what other nodes serve is kept out 5 s, then 10, 20, ... up to this (gateway.directory)
     node_holdoff_max_s: float = Field(default=120.0, ge=0)
     prefetch_ttl_s: float = Field(default=30.0, ge=0)  # do not re-ask an owner to load within this
     # an authenticated key is reused this long without asking the database: a revoked key, changed limits

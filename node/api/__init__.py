@@ -39,7 +39,8 @@ GET  /v1/requests/{request_id}/receipt       public
       "receipt_not_found" for one this node does not know (or has forgotten). Public: request ids are
       unguessable and a receipt holds only counts.
 POST /v1/adapters/{adapter_id}/load          operator, or gateway-signed (gateways prefetch)
-      body optional {"pin": bool} -> {"adapter_id", "slot", "pinned"}.
+      body optional {"pin": bool}, the operator's only (a gateway's: 403 "pin_refused")
+      -> {"adapter_id", "slot", "pinned"}.
 POST /v1/adapters                            operator (the daemon's app: create_app(uploads=...))
       body: the package as a flat, uncompressed tar of its plain files (node.upload.tar_package), at most
       node.upload.max_upload_bytes(--max-package-bytes); checked before any weight byte is written, then

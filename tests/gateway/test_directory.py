@@ -56,6 +56,22 @@ def test_registered_node_becomes_live(world):
     assert e.api_url == "http://127.0.0.1:7001"  # the registered URL
 
 
+def test_a_heartbeat_status_is_kept_only_as_far_as_routing_reads_it(world):
+    """A node's status is its word, as large as a heartbeat may be: 20,000 empty items under resident_adapters
+    were kept whole and scanned on every request routed to it. The gateway keeps its base's name, its queue depth
+    and up to MAX_RESIDENT valid adapter ids."""
+    from gateway.directory import MAX_RESIDENT
+
+    _, _, d, _, a, _ = world
+    ids = ["0x" + f"{i:064x}" for i in range(MAX_RESIDENT + 5)]
+    junk = [{}] * 10_000 + [{"adapter_id": "nope"}, {"adapter_id": ["0x" + "aa" * 32]}]
+    e = d.accept_heartbeat(
+        hb(a, resident_adapters=junk + [{"adapter_id": i, "slot": 0} for i in ids], base_model={"name": "x" * 2_000})
+    )
+    assert e.resident == frozenset(ids[:MAX_RESIDENT]) and e.queue_depth == 0
+    assert e.base_model_name == "x" * 256 and len(e.status["resident_adapters"]) == MAX_RESIDENT
+
+
 def test_unregistered_node_refused(world):
     _, _, d, _, _, _ = world
     with pytest.raises(Forbidden, match="not registered") as ei:
@@ -144,8 +160,8 @@ def test_failed_node_out_until_next_heartbeat(world):
 
 def test_a_node_struck_in_a_row_is_held_off_longer_each_time_until_it_serves(world):
     """A node that fails what other nodes serve, a stranger's or a broken one, is asked less and less often:
-    heartbeats alone no longer bring it back after its second strike in a row. A failure without a strike (one
-    nobody else served either: perhaps the request's own fault) keeps it out only until its next heartbeat."""
+    heartbeats alone no longer bring it back after its second strike. A failure without a strike keeps it out
+    only until its next heartbeat."""
     _, _, d, clock, a, _ = world
     ts = [int(time.time() * 1000) - 1000]
 
@@ -179,8 +195,17 @@ def test_a_node_struck_in_a_row_is_held_off_longer_each_time_until_it_serves(wor
     d.mark_failed(a.node_id)  # a failure without a strike shortens nothing
     beat()
     assert d.live()  # capped at holdoff_max_s
-    d.get(a.node_id).local.served()  # a request served whole clears the count: the next strike is a first
-    d.mark_failed(a.node_id, strike=True)
+    local = d.get(a.node_id).local
+    assert local.strikes == 15
+    for _ in range(14):
+        local.served()  # each request served whole takes one strike back (one cheap answer is not a clean slate)
+    d.mark_failed(a.node_id, strike=True)  # the second in a row again
+    beat()
+    assert d.live() == []
+    local.served()
+    local.served()
+    d.mark_failed(a.node_id, strike=True)  # a first again
+    clock.t += 10
     beat()
     assert d.live()
 

@@ -54,6 +54,7 @@ def node(llama_world, tmp_path_factory):
             "foreign": foreign.adapter_id,
             "pub": pub,
             "world": llama_world,
+            "url": server.url,
         }
     finally:
         client.close()
@@ -201,7 +202,8 @@ def test_client_disconnect_aborts_the_request(node):
 
 
 def test_load_endpoint_makes_resident_and_pins(node):
-    c, aid = node["client"], node["adapters"][1]
+    aid = node["adapters"][1]
+    c = httpx.Client(base_url=node["url"], headers={"Authorization": "Bearer op-token"})  # pins are the operator's
     r = c.post(f"/v1/adapters/{aid}/load", json={"pin": True})
     assert r.status_code == 200, r.text
     assert r.json()["adapter_id"] == aid and r.json()["pinned"] is True
@@ -212,6 +214,7 @@ def test_load_endpoint_makes_resident_and_pins(node):
     _error(c.post(f"/v1/adapters/{'0x' + '99' * 32}/load"), 404, "adapter_not_found", "is not in this node's store")
     _error(c.post(f"/v1/adapters/{node['foreign']}/load"), 409, "adapter_base_mismatch", "not this node's base")
     _error(c.post(f"/v1/adapters/{aid}/load", json={"pin": True, "x": 1}), 400, "invalid_request", "unknown field 'x'")
+    c.close()
 
 
 @pytest.mark.parametrize(

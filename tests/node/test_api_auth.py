@@ -152,7 +152,7 @@ def test_a_signature_sent_with_other_bytes_is_not_used_up(node):
     _error(httpx.post(node.url + "/v1/generate", content=body, headers=headers, timeout=30), 409, "replayed_request")
 
 
-def test_pinning_every_slot_needs_the_operator_or_a_trusted_gateway(node):
+def test_pinning_every_slot_needs_the_operator(node):
     for aid in node.adapters:
         _error(node.anonymous().post(f"/v1/adapters/{aid}/load", json={"pin": True}), 401, "unauthenticated")
         wrong = httpx.post(
@@ -165,8 +165,15 @@ def test_pinning_every_slot_needs_the_operator_or_a_trusted_gateway(node):
     # the operator may pin, a trusted gateway may prefetch
     r = node.operator().post(f"/v1/adapters/{node.adapters[0]}/load", json={"pin": True})
     assert r.status_code == 200 and r.json()["pinned"] is True, r.text
-    assert node.operator().post(f"/v1/adapters/{node.adapters[0]}/load", json={"pin": False}).json()["pinned"] is False
     assert node.signed(B).post(f"/v1/adapters/{node.adapters[1]}/load").status_code == 200
+    # ... and not pin (any settler's gateway that said hello is trusted: pinning a slot each, one left none for
+    # the others), nor unpin what the operator pinned
+    for aid, pin in ((node.adapters[1], True), (node.adapters[0], False)):
+        signed = node.signed(B).post(f"/v1/adapters/{aid}/load", json={"pin": pin})
+        _error(signed, 403, "pin_refused", "only the node's operator pins or unpins")
+    status = node.anonymous().get("/status").json()
+    assert [a["adapter_id"] for a in status["resident_adapters"] if a["pinned"]] == [node.adapters[0]]
+    assert node.operator().post(f"/v1/adapters/{node.adapters[0]}/load", json={"pin": False}).json()["pinned"] is False
 
 
 def test_only_the_gateway_that_started_a_stream_may_abort_it(node):

@@ -127,6 +127,9 @@ class StandInNode:
     queue_depth: int = 0
     fail_early: bool = False  # answer every generate with a 500
     reject_all: bool = False  # answer every generate with a 400 invalid_request (a node blaming every client)
+    answer_status: int | None = None  # answer every generate with this status (503 slots_busy, 404, ...)
+    first_event_after: float = 0.0  # headers at once, then nothing this long (a cold adapter being fetched)
+    engine_error: bool = False  # every request as 'ENGINE_ERROR' asks
     seen: dict = field(default_factory=dict)  # request id -> [produced, prompt_tokens, started_ms, adapter]
     running: set = field(default_factory=set)  # request ids streaming now
     receipts: dict = field(default_factory=dict)  # request id -> its final signed receipt (GET .../receipt)
@@ -207,6 +210,8 @@ class StandInNode:
                 return JSONResponse(error_body("boom", type="server_error", code="x"), 500)
             if self.reject_all:
                 return JSONResponse(error_body("your request is malformed", code="invalid_request"), 400)
+            if self.answer_status is not None:
+                return JSONResponse(error_body("not now", code="slots_busy"), self.answer_status)
             if "TOO_LONG" in prompt:
                 return JSONResponse(
                     error_body("prompt is 900 tokens, the context holds 512", code="context_length_exceeded"), 400
@@ -227,6 +232,8 @@ class StandInNode:
                     self.running.discard(rid)
 
             async def produce():
+                if self.first_event_after:
+                    await asyncio.sleep(self.first_event_after)
                 if "DRIP_LINE" in prompt:  # one line that never ends, a byte at a time
                     yield b"data: {"
                     for _ in range(10**6):
@@ -314,7 +321,7 @@ class StandInNode:
                         {"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")}
                     )
                     return
-                if "ENGINE_ERROR" in prompt:
+                if "ENGINE_ERROR" in prompt or self.engine_error:
                     if "AFTER_1" in prompt:  # one token relayed, then the engine's error
                         self.seen[rid][0] += 1
                         yield sse_frame({"type": "token", "text": " t0", "token_id": 10})

@@ -24,10 +24,16 @@ upload_router = APIRouter()  # included by create_app only when it is given a Pa
 
 
 @router.post("/v1/adapters/{adapter_id}/load", openapi_extra=json_schema_body(LoadBody, required=False))
-async def load_adapter(adapter_id: IdPath, request: Request, node: Node, _caller: OperatorOrGateway) -> dict:
-    """Operator, or a trusted gateway (it prefetches the adapters it routes)."""
+async def load_adapter(adapter_id: IdPath, request: Request, node: Node, caller: OperatorOrGateway) -> dict:
+    """Operator, or a trusted gateway (it prefetches the adapters it routes). Only the operator pins or unpins:
+    a gateway (any settler's that said hello) pinning one adapter a slot would leave none for the others', and
+    could unpin what the operator pinned."""
     body = parse_body(await request.body(), LoadBody, max_bytes=MAX_LOAD_BODY_BYTES, optional=True)
     pin = body.pin if body is not None else None
+    if pin is not None and caller is not None:
+        raise ApiError(
+            403, "only the node's operator pins or unpins an adapter; a gateway only loads it", "pin_refused"
+        )
     try:
         slot = await node.engine.load_adapter(adapter_id, pin)
     except AdapterError as e:
