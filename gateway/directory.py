@@ -281,15 +281,15 @@ class NodeDirectory:
         return e.public_key if e is not None else None
 
     def holdoff_s(self, strikes: int) -> float:
-        """How long a node that failed `strikes` requests in a row stays out, heartbeats or not (the first
-        failure: none, only until its next heartbeat)."""
+        """How long a node with `strikes` strikes stays out, heartbeats or not (with one: none, only until its
+        next heartbeat)."""
         if strikes <= 1:
             return 0.0
         return min(self.holdoff_max_s, HOLDOFF_BASE_S * 2.0 ** min(strikes - 2, 32))
 
     def mark_failed(self, node_id: str, *, strike: bool = False) -> None:
-        """A request to this node failed: route around it until it heartbeats again. With `strike` (it failed
-        a request another node then served), for longer each strike in a row (holdoff_s)."""
+        """A request to this node failed: route around it until it heartbeats again. With `strike` (it failed of
+        its own a request another node then served), for longer with each strike it has (holdoff_s)."""
         e = self.entries.get(node_id)
         if e is None:
             return
@@ -300,8 +300,8 @@ class NodeDirectory:
             local.held_until = max(local.held_until, now + self.holdoff_s(local.strikes))
         if now < local.held_until:
             log.warning(
-                "node %s failed %d requests in a row that others served; not routing to it for %.0f s and until "
-                "its next heartbeat",
+                "node %s has %d strikes (failures of its own, of requests others served); not routing to it for "
+                "%.0f s and until its next heartbeat",
                 node_id[:10],
                 local.strikes,
                 local.held_until - now,

@@ -601,8 +601,8 @@ class ServedRequest:
             return True
 
     def _body_for(self, node: NodeEntry) -> dict:
-        """The generate body for `node`: the key's prefix-cache salt where the node knows the field (one key's
-        prompts never warm another key's cache, gateway.keys.cache_salt_of)."""
+        """The generate body for `node`: the key's prefix-cache salt for this node where the node knows the field
+        (one key's prompts never warm another key's cache, gateway.keys.node_cache_salt)."""
         salt = self.auth.key.cache_salt
         if salt is None or not node.takes_cache_salt:
             return self.node_body

@@ -265,8 +265,8 @@ class Discovery:
             max_ids=config.book_max_ids,
             standing=standing.level,
         )
-        # adapter ids this node holds, the most recently held last (dict: an ordered set); it announces the
-        # newest MAX_ADAPTERS of them, all it can sign into one announcement that peers accept
+        # adapter ids this node holds, the one installed or announced last at the end (dict: an ordered set); it
+        # announces the newest MAX_ADAPTERS of them, all it can sign into one announcement that peers accept
         self.held: dict[str, None] = {}
         self._provide_send, self._provide_recv = trio.open_memory_channel[str](1024)
         self._announce_now = trio.Event()
