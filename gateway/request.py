@@ -176,7 +176,7 @@ class ServedRequest:
         self.attempts = 0
         self.refusals: list[tuple[NodeEntry, NodeRejected]] = []  # nodes that refused the request as invalid (_try)
         # nodes that failed it before its first token, other than by a refusal, and whether of their own (_try)
-        self.failed: list[tuple[NodeEntry, bool]] = []
+        self.failed_nodes: list[tuple[NodeEntry, bool]] = []
         self.started = self.deadline = 0.0
         self.ttft: float | None = None
         self.n_tokens = 0  # token events relayed to the client, each sequence's up to max_tokens: what is billed
@@ -517,7 +517,7 @@ class ServedRequest:
                     d.directory.mark_failed(liar.node_id)
                 # the request was no poison: who failed it is routed around until its next heartbeat, and a
                 # failure of its own (NodeUnavailable.faulty) is a strike
-                for failed, faulty in self.failed:
+                for failed, faulty in self.failed_nodes:
                     d.directory.mark_failed(failed.node_id, strike=faulty)
                 return
             d.metrics.failovers.inc()
@@ -560,7 +560,7 @@ class ServedRequest:
                 if e.dead:
                     d.directory.mark_failed(node.node_id)
                 if not e.excused:
-                    self.failed.append((node, e.faulty))
+                    self.failed_nodes.append((node, e.faulty))
                 if e.maybe_running:  # a hung node may wake up and run it: tell it not to (the request moved on)
                     d.background.spawn(d.nodes.abort(node.api_url, node.node_id, self.rid))
                 return False
@@ -592,7 +592,7 @@ class ServedRequest:
                 if not isinstance(e, NodeUnavailable) or e.dead:
                     d.directory.mark_failed(node.node_id)
                 # a stream closed or malformed before its first event is the node's own failure
-                self.failed.append((node, not isinstance(e, NodeUnavailable) or e.faulty))
+                self.failed_nodes.append((node, not isinstance(e, NodeUnavailable) or e.faulty))
                 return False
             if self.target.adapter_id is not None:
                 node.local.saw_loaded(self.target.adapter_id)

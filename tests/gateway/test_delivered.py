@@ -43,8 +43,6 @@ def world(tmp_path_factory, tiny_base):
 def w(world):
     gw, engine, key, node, sender, service = world
     service.directory.disputed.clear()  # each test stands alone (a dispute is for good otherwise)
-    for e in service.directory.entries.values():
-        e.local.served()  # and failures in a row would hold the node off for longer each test
     assert asyncio.run(sender.send_once()) == {gw.url: 200}  # live again (a failed node is routed around)
     return gw, engine, key, node
 
