@@ -513,6 +513,20 @@ class ChainClient:
     def is_settler(self, address: str) -> bool:
         return self.tx.call(self.ledger.functions.isSettler(to_checksum_address(address)))
 
+    def settler_changes(self, from_block: int | None = None) -> tuple[int, list[tuple[str, bool]]]:
+        """The block read up to and the settler role's changes since `from_block` (the deploy block by
+        default), in chain order: (lowercase address, granted)."""
+        head = self.block_number()
+        if from_block is not None and from_block > head:
+            return head, []
+        logs = [
+            (ev, name == "SettlerGranted")
+            for name in ("SettlerGranted", "SettlerRevoked")
+            for ev in self.events("ledger", name, from_block=from_block, to_block=head)
+        ]
+        logs.sort(key=lambda x: (x[0]["blockNumber"], x[0]["logIndex"]))
+        return head, [(ev["args"]["settler"].lower(), granted) for ev, granted in logs]
+
     def node_share_bps(self) -> int:
         return self.tx.call(self.ledger.functions.nodeShareBps())
 

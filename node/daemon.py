@@ -24,7 +24,7 @@ from ledger.types import api_url_problem
 from node.adapters import AdapterStore
 from node.api import create_app
 from node.engine import AsyncEngine, EngineConfig
-from node.gateway_hello import HelloError, SettlerCheck, SettlerUnknown, verify_hello
+from node.gateway_hello import HelloError, SettlerRoster, SettlerUnknown, verify_hello
 from node.health import NodeHealth
 from node.heartbeat import HeartbeatSender, TooManyGateways
 from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
@@ -144,7 +144,7 @@ class NodeDaemon:
         self.heartbeat: HeartbeatSender | None = None
         self.fetched = self.fetched_bytes = 0  # adapters fetched through the mesh, and their package bytes
         self.source_fetches = 0  # adapters fetched from the operator's sources
-        self.settlers = SettlerCheck(self.chain.is_settler) if self.chain is not None else None
+        self.settlers = SettlerRoster(self.chain.settler_changes) if self.chain is not None else None
         restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)
 
     def trusted_gateways(self) -> frozenset[str]:
@@ -242,17 +242,19 @@ class NodeDaemon:
         return await self.heartbeat.heartbeat_doc()
 
     async def _recheck_settlers(self, every_s: float = 60.0) -> None:
-        """Drop a gateway that said hello once its settler has lost the role on the ledger (asked of the chain
-        every minute; a chain that does not answer keeps the gateway until it does)."""
+        """Read the ledger's settlers again, whole, at start and every minute, and drop a gateway that said
+        hello once its settler has lost the role (a chain that does not answer keeps the gateway until it
+        does)."""
         while True:
+            try:
+                await self.settlers.sync(from_start=True)
+            except SettlerUnknown as e:
+                log.warning("%s", e)
+            else:
+                for url, settler in list(self.heartbeat.greeted.items()) if self.heartbeat is not None else ():
+                    if settler.lower() not in self.settlers.settlers:
+                        self.heartbeat.forget(url, f"its settler {settler} is no longer a settler on the ledger")
             await asyncio.sleep(every_s)
-            for url, settler in list(self.heartbeat.greeted.items()):
-                try:
-                    still = await self.settlers.check(settler, fresh=True)
-                except SettlerUnknown:
-                    continue
-                if not still:
-                    self.heartbeat.forget(url, f"its settler {settler} is no longer a settler on the ledger")
 
     async def _refresh_peers(self, every_s: float = REGISTRY_PEERS_S) -> None:
         """Read the registry's nodes again every few minutes (node.registration.refresh_registry_peers): the mesh

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json
 from node.request_auth import MAX_SKEW_MS, is_gateway_key
@@ -106,77 +105,92 @@ def parse_hello(raw: bytes) -> object:
 
 
 class SettlerUnknown(RuntimeError):
-    """The chain cannot say now whether an account is a settler (it is down, or busy with another check)."""
+    """The chain cannot say now whether an account is a settler (it is down, or did not answer)."""
 
 
-class SettlerCheck:
-    """Asks the chain whether an account is a settler, and remembers.
+class SettlerRoster:
+    """The ledger's settlers as this node knows them, kept from the ledger's SettlerGranted and SettlerRevoked
+    events: one question to the chain answers for every account at once.
 
-    Built so that strangers cannot keep a real settler's gateway out, nor flood the node's RPC provider:
-    - an account known to be a settler is answered from memory at once, even once its answer is older than
-      `ttl_s` (the chain is asked again in the background); `check(..., fresh=True)`, the daemon's revocation
-      sweep, waits for the chain's answer instead;
-    - settlers are remembered apart from the accounts that are not, so hellos signed by throwaway accounts
-      never evict them;
-    - one chain question at a time, and for accounts not known as settlers at most one every
-      `min_gap_s`: beyond that a hello gets SettlerUnknown (503, the gateway retries later)."""
+    It used to ask the chain about each account a hello named, at most one a `min_gap_s`, so hellos signed by
+    fresh throw-away accounts (free to make) used that budget up and a real settler's new gateway got "try
+    again" for as long as the flood lasted. Now:
+    - an account on the roster is answered at once, with no question to the chain;
+    - for any other, the hello waits for the next sync (the events since the block the last one read up to),
+      which starts after it came, so a settler granted a moment ago is found; syncs are one at a time and
+      at most one a `min_gap_s`, however many hellos wait on them;
+    - at most `max_waiting` hellos wait; past that a hello is answered from the roster as it stands (whoever
+      keeps that many waiting keeps syncs running, so a real settler is found by the next one, and its
+      gateway's next try gets in);
+    - a chain that does not answer is SettlerUnknown for those waiting (503, the gateway retries later); the
+      roster stands as it was: a settler's yes holds until the chain says otherwise.
 
-    MAX_REMEMBERED = 1024  # accounts known not to be settlers (settlers are few: at most as many again)
+    `read_changes(from_block)` is blocking (the chain client's `settler_changes`): it returns the block read
+    up to and the (address, granted) changes from `from_block` on, in chain order; `from_block` None reads
+    from the ledger's deployment.
+    A grant or revocation that a reorganisation later undoes stays as read until the daemon's sweep reads the
+    whole roster again (every minute)."""
 
-    def __init__(self, is_settler, *, ttl_s: float = 60.0, min_gap_s: float = 0.2, clock=time.monotonic) -> None:
-        self.is_settler = is_settler  # blocking: address -> bool (the chain client's view call)
-        self.ttl_s = ttl_s
+    def __init__(self, read_changes, *, min_gap_s: float = 1.0, max_waiting: int = 64, clock=time.monotonic) -> None:
+        self.read_changes = read_changes
         self.min_gap_s = min_gap_s
+        self.max_waiting = max_waiting
         self.clock = clock
-        self._settlers: OrderedDict[str, float] = OrderedDict()  # address -> when the chain said yes
-        self._others: OrderedDict[str, float] = OrderedDict()  # address -> when the chain said no
-        self._lock = asyncio.Lock()
-        self._last_stranger = -float("inf")  # when the chain was last asked about an account not known as a settler
-        self._refreshing: asyncio.Task | None = None
+        self.settlers: set[str] = set()
+        self.next_block: int | None = None  # the first block the next sync reads (None: not synced yet)
+        self.syncs = 0  # chain questions asked (tests and /metrics read it)
+        self._sync: asyncio.Task | None = None  # the sync running or waiting for its turn
+        self._reading = False  # whether self._sync has begun reading the chain
+        self._sync_started = -float("inf")
+        self._waiting = 0
 
-    async def check(self, address: str, *, fresh: bool = False) -> bool:
+    async def check(self, address: str) -> bool:
+        """Whether `address` may say hello: a settler on the ledger, as of a sync made after this call began
+        unless it is on the roster already."""
         address = address.lower()
-        now = self.clock()
-        if address in self._settlers and not fresh:
-            if now - self._settlers[address] >= self.ttl_s and self._refreshing is None and not self._lock.locked():
-                self._refreshing = asyncio.create_task(self._refresh(address))
+        if address in self.settlers:
             return True
-        said_no = self._others.get(address)
-        if said_no is not None and now - said_no < self.ttl_s and not fresh:
-            self._others.move_to_end(address)
-            return False
-        if not fresh:
-            if self._lock.locked():
-                raise SettlerUnknown("another gateway's hello is being checked on chain; try again shortly")
-            if now - self._last_stranger < self.min_gap_s:
-                raise SettlerUnknown("too many hellos from unknown accounts; try again shortly")
-            self._last_stranger = now
-        async with self._lock:
-            return await self._ask(address)
-
-    async def _ask(self, address: str) -> bool:
+        if self._waiting >= self.max_waiting and self.next_block is not None:
+            return False  # the roster as it stands (see the class's docstring)
+        self._waiting += 1
         try:
-            answer = bool(await asyncio.to_thread(self.is_settler, address))
-        except Exception as e:  # the chain client's errors: down, timeout, a bad answer
-            raise SettlerUnknown(f"the chain did not answer whether {address} is a settler: {e}") from None
-        if answer:
-            self._others.pop(address, None)
-            self._settlers[address] = self.clock()
-            while len(self._settlers) > self.MAX_REMEMBERED:
-                self._settlers.popitem(last=False)
-        else:
-            self._settlers.pop(address, None)
-            self._others[address] = self.clock()
-            self._others.move_to_end(address)
-            while len(self._others) > self.MAX_REMEMBERED:
-                self._others.popitem(last=False)
-        return answer
-
-    async def _refresh(self, address: str) -> None:
-        try:
-            async with self._lock:
-                await self._ask(address)
-        except SettlerUnknown:
-            pass  # the chain is down: the old yes stands until it answers (the sweep keeps asking)
+            await self.sync()
         finally:
-            self._refreshing = None
+            self._waiting -= 1
+        return address in self.settlers
+
+    async def sync(self, *, from_start: bool = False) -> None:
+        """Read the changes since the last sync, in a sync that has not begun reading before this call (one
+        waiting for its turn is joined, so any number of callers share it); SettlerUnknown when the chain does
+        not answer. `from_start` reads the whole roster again (the daemon's sweep)."""
+        task = self._sync
+        if task is None or task.done() or self._reading or from_start:
+            task = self._sync = asyncio.create_task(self._run_sync(task, from_start))
+            task.add_done_callback(_retrieved)  # a sync whose waiters all left still ends quietly
+            self._reading = False
+        await asyncio.shield(task)
+
+    async def _run_sync(self, before: asyncio.Task | None, from_start: bool) -> None:
+        if before is not None and not before.done():
+            await asyncio.wait([before])  # one sync at a time
+        wait = self._sync_started + self.min_gap_s - self.clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._reading = True  # from here on, a new caller waits for the sync after this one
+        self._sync_started = self.clock()
+        self.syncs += 1
+        start = None if from_start else self.next_block
+        try:
+            last, changes = await asyncio.to_thread(self.read_changes, start)
+        except Exception as e:  # the chain client's errors: down, timeout, a bad answer
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SettlerUnknown(f"the chain did not answer which accounts are settlers: {first}") from None
+        settlers = set() if start is None else set(self.settlers)
+        for address, granted in changes:
+            (settlers.add if granted else settlers.discard)(address.lower())
+        self.settlers, self.next_block = settlers, last + 1
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -9,6 +9,7 @@ Strangers' hellos to the same node processes are refused.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,3 +187,37 @@ def test_a_hello_that_is_not_json_is_a_400(net):
         r = httpx.post(url + HELLO_PATH, content=body, headers={"content-type": "application/json"}, timeout=10)
         assert r.status_code in (400, 413), (body[:20], r.status_code)
         assert "error" in r.json()
+
+
+def test_a_flood_of_hellos_from_fresh_accounts_does_not_keep_a_new_settlers_gateway_out(net, anvil_chain):
+    """The attack (the control-plane red team): each hello from an account the node did not know was a question
+    to the chain, at most one a 0.2 s, so hellos signed by throw-away accounts used that up and a settler granted
+    since got 503 "try again" for as long as they came. The node now keeps the settlers from the ledger's role
+    events: every hello waits for the next read of them, and one read answers them all."""
+    node_id, url = net.nodes[3]
+    newcomer = Account.create()
+    admin = anvil_chain.client(anvil_chain.admin)
+    admin.grant_settler(newcomer.address)
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    def doc(account) -> dict:
+        return make_hello(account, gateway_url=dead, gateway_key="ab" * 32, node_id=node_id)
+
+    strangers = [doc(Account.create()) for _ in range(60)]
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=20) as c:
+            first = [asyncio.create_task(c.post(url + HELLO_PATH, json=d)) for d in strangers[:30]]
+            await asyncio.sleep(0.05)
+            ours = asyncio.create_task(c.post(url + HELLO_PATH, json=doc(newcomer)))
+            rest = [c.post(url + HELLO_PATH, json=d) for d in strangers[30:]]
+            return await ours, await asyncio.gather(*first, *rest)
+
+    try:
+        ours, theirs = asyncio.run(flood())
+    finally:
+        admin.revoke_settler(newcomer.address)
+    assert ours.status_code == 200, ours.text
+    assert ours.json()["body"]["node_id"] == node_id  # the node's signed heartbeat
+    assert {r.status_code for r in theirs} == {403}
+    assert {r.json()["error"]["code"] for r in theirs} == {"not_settler"}

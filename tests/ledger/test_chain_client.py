@@ -117,3 +117,19 @@ def test_an_account_without_gas_money_is_told_so_and_how_to_fund_it(anvil_chain)
     with pytest.raises(InsufficientFunds) as err:
         anvil_chain.client(broke).register_dataset("broke-data")
     assert broke.address in str(err.value) and f"devnet up --fund {broke.address}" in str(err.value)
+
+
+def test_settler_changes_are_the_role_events_in_chain_order(anvil_chain):
+    """What a node's settler roster reads (node.gateway_hello.SettlerRoster)."""
+    admin = anvil_chain.client(anvil_chain.admin)
+    head, before = admin.settler_changes()
+    assert (anvil_chain.settler.address.lower(), True) in before
+    a = Account.create().address
+    admin.grant_settler(a)
+    admin.revoke_settler(a)
+    admin.grant_settler(a)
+    last, changes = admin.settler_changes(head + 1)
+    assert changes == [(a.lower(), True), (a.lower(), False), (a.lower(), True)]
+    assert admin.settler_changes(last + 1) == (last, [])
+    admin.revoke_settler(a)
+    assert admin.settler_changes(last + 1)[1] == [(a.lower(), False)]

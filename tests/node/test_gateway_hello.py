@@ -17,7 +17,7 @@ from node import heartbeat as hb
 from node.gateway_hello import (
     MAX_HELLO_BYTES,
     HelloError,
-    SettlerCheck,
+    SettlerRoster,
     SettlerUnknown,
     _signable,
     make_hello,
@@ -125,96 +125,122 @@ def test_a_hello_past_its_size_is_refused_before_parsing():
         parse_hello(b'{"body": "' + b"x" * MAX_HELLO_BYTES + b'"}')
 
 
-# ---- SettlerCheck ----
+# ---- SettlerRoster ----
 
 
 class Chain:
-    """is_settler as the chain answers it, with a log of the questions; `clock` is advanced by the tests."""
+    """The ledger's settler events as a chain would give them (settler_changes), with the questions asked."""
 
     def __init__(self, settlers: set[str]) -> None:
-        self.settlers, self.asked, self.now = set(settlers), [], [0.0]
+        self.head = 1
+        self.log = [(1, a, True) for a in settlers]  # (block, address, granted)
+        self.asked: list[int | None] = []
+        self.down = False
 
-    def __call__(self, address: str) -> bool:
-        self.asked.append(address)
-        return address in self.settlers
+    def grant(self, address: str, granted: bool = True) -> None:
+        self.head += 1
+        self.log.append((self.head, address, granted))
 
-    def check(self, **kw) -> SettlerCheck:
-        return SettlerCheck(self, clock=lambda: self.now[0], **kw)
+    def __call__(self, from_block: int | None):
+        self.asked.append(from_block)
+        if self.down:
+            raise ConnectionError("connection refused")
+        return self.head, [(a, g) for b, a, g in self.log if from_block is None or b >= from_block]
 
 
-def test_a_settler_is_answered_from_memory_and_refreshed_in_the_background():
+def test_a_settler_on_the_roster_is_answered_with_no_chain_question():
     chain = Chain({"0xaa"})
-    check = chain.check(ttl_s=60)
+    roster = SettlerRoster(chain, min_gap_s=0)
 
     async def run():
-        assert await check.check("0xAA") is True
-        assert await check.check("0xaa") is True  # remembered
-        chain.now[0] = 61.0
-        chain.settlers.clear()  # revoked: the stale yes still answers at once, and the chain is asked behind it
-        assert await check.check("0xaa") is True
-        await asyncio.sleep(0.05)
-        assert await check.check("0xaa") is False
+        assert await roster.check("0xbb") is False  # the first sync reads the roster from the deployment on
+        assert await roster.check("0xAA") is True
+        for _ in range(5):
+            assert await roster.check("0xaa") is True
 
     asyncio.run(run())
-    assert chain.asked == ["0xaa", "0xaa"]
+    assert chain.asked == [None]
 
 
-def test_throwaway_accounts_neither_evict_a_settler_nor_flood_the_chain():
+def test_a_flood_of_throwaway_accounts_neither_floods_the_chain_nor_keeps_a_new_settler_out():
+    """The attack: hellos signed by fresh accounts, each one a chain question, used up the one-a-0.2-s budget,
+    and a settler granted a moment ago got "try again" for as long as they came. Now every hello waits for
+    the next sync, a handful of syncs answer them all, and the new settler is found."""
     chain = Chain({"0xaa"})
-    check = chain.check(min_gap_s=0.2, ttl_s=1e9)  # no answer expires here: only eviction could lose one
+    roster = SettlerRoster(chain, min_gap_s=0.05, max_waiting=10_000)
 
     async def run():
-        assert await check.check("0xaa") is True
-        for i in range(1500):  # more than MAX_REMEMBERED strangers, each asked once
-            chain.now[0] += 1.0
-            assert await check.check(f"0x{i:040x}") is False
-        with pytest.raises(SettlerUnknown, match="too many"):  # two strangers within min_gap_s
-            await check.check("0x" + "ee" * 20)
-        assert await check.check("0xaa") is True  # no chain question for the settler
+        await roster.sync()
+        chain.grant("0xnew")  # granted after the last sync
+        strangers = [roster.check(f"0x{i:040x}") for i in range(2000)]
+        answers = await asyncio.gather(*strangers[:1000], roster.check("0xNEW"), *strangers[1000:])
+        assert answers.count(True) == 1 and answers[1000] is True
 
     asyncio.run(run())
-    assert chain.asked.count("0xaa") == 1 and len(chain.asked) == 1501
+    assert len(chain.asked) <= 3, chain.asked  # the first sync, then one or two shared by all 2001 hellos
 
 
-def test_the_revocation_sweep_asks_the_chain_even_while_the_answer_is_fresh():
+def test_syncs_are_one_at_a_time_and_read_only_what_is_new():
     chain = Chain({"0xaa"})
-    check = chain.check()
+    roster = SettlerRoster(chain, min_gap_s=0)
 
     async def run():
-        assert await check.check("0xaa") is True
-        chain.settlers.clear()
-        assert await check.check("0xaa", fresh=True) is False
+        await roster.sync()
+        chain.grant("0xbb")
+        assert await roster.check("0xbb") is True
+        chain.grant("0xaa", False)
+        assert await roster.check("0xcc") is False
+        assert roster.settlers == {"0xbb"}
+
+    asyncio.run(run())
+    assert chain.asked == [None, 2, 3]
+
+
+def test_past_max_waiting_a_hello_is_answered_from_the_roster_as_it_stands():
+    chain = Chain({"0xaa"})
+    roster = SettlerRoster(chain, min_gap_s=0.2, max_waiting=4)
+
+    async def run():
+        await roster.sync()
+        waiting = [asyncio.create_task(roster.check(f"0x{i:040x}")) for i in range(4)]
+        await asyncio.sleep(0)
+        assert await roster.check("0x" + "ee" * 20) is False  # at once: four already wait
+        assert await roster.check("0xaa") is True
+        assert await asyncio.gather(*waiting) == [False] * 4
+
+    asyncio.run(run())
+    assert len(chain.asked) == 2
+
+
+def test_a_chain_that_is_down_is_settler_unknown_and_the_roster_stands():
+    chain = Chain({"0xaa"})
+    roster = SettlerRoster(chain, min_gap_s=0)
+
+    async def run():
+        await roster.sync()
+        chain.down = True
+        with pytest.raises(SettlerUnknown, match="did not answer.*connection refused"):
+            await roster.check("0xbb")
+        assert await roster.check("0xaa") is True  # its yes holds until the chain says otherwise
+        chain.down = False
+        chain.grant("0xbb")
+        assert await roster.check("0xbb") is True
 
     asyncio.run(run())
 
 
-def test_a_chain_that_is_down_is_settler_unknown_not_a_no():
-    def down(_address: str) -> bool:
-        raise ConnectionError("connection refused")
-
-    with pytest.raises(SettlerUnknown, match="did not answer"):
-        asyncio.run(SettlerCheck(down).check("0xaa"))
-
-
-def test_one_chain_question_at_a_time():
-    """Hellos signed by fresh accounts cannot queue chain calls: while one check runs, others are 'try later'."""
-    import threading
-
-    release = threading.Event()
-
-    def slow(_address: str) -> bool:
-        release.wait(5)
-        return True
-
-    check = SettlerCheck(slow)
+def test_reading_from_the_start_drops_a_grant_no_longer_on_the_chain():
+    """A reorganisation can undo a grant read before: the sweep's whole read puts the roster right."""
+    chain = Chain({"0xaa"})
+    roster = SettlerRoster(chain, min_gap_s=0)
 
     async def run():
-        first = asyncio.create_task(check.check("0xaa"))
-        await asyncio.sleep(0.05)
-        with pytest.raises(SettlerUnknown, match="try again"):
-            await check.check("0xbb")
-        release.set()
-        assert await first is True
+        chain.grant("0xbb")
+        await roster.sync()
+        assert roster.settlers == {"0xaa", "0xbb"}
+        chain.log.pop()  # the block with the grant is gone
+        await roster.sync(from_start=True)
+        assert roster.settlers == {"0xaa"}
 
     asyncio.run(run())
 
@@ -264,30 +290,29 @@ def test_a_gateway_that_said_hello_is_forgotten_after_failing_long_but_the_opera
 
 
 def test_a_gateway_whose_settler_lost_the_role_is_forgotten():
-    """The daemon asks the chain again about every hello gateway's settler; a revoked one's gateway is dropped,
-    a chain that does not answer keeps it."""
+    """The daemon reads the ledger's settlers again; a revoked one's gateway is dropped, a chain that does not
+    answer keeps every gateway."""
     from types import SimpleNamespace
 
     from node.daemon import NodeDaemon
 
-    revoked, kept, unknown = "0x" + "aa" * 20, "0x" + "bb" * 20, "0x" + "cc" * 20
+    revoked, kept = "0x" + "aa" * 20, "0x" + "bb" * 20
     s = sender()
     s.add_gateway("http://revoked:1", KEY, revoked)
-    s.add_gateway("http://kept:1", "34" * 32, kept)
-    s.add_gateway("http://unknown:1", "56" * 32, unknown)
-
-    def is_settler(address: str) -> bool:
-        if address == unknown:
-            raise ConnectionError("chain down")
-        return address == kept
-
-    daemon = SimpleNamespace(heartbeat=s, settlers=SettlerCheck(is_settler))
+    s.add_gateway("http://kept:1", "34" * 32, kept.upper().replace("0X", "0x"))  # a hello may name it in any case
+    chain = Chain({revoked, kept})
+    chain.down = True
+    daemon = SimpleNamespace(heartbeat=s, settlers=SettlerRoster(chain, min_gap_s=0))
 
     async def run():
         task = asyncio.create_task(NodeDaemon._recheck_settlers(daemon, every_s=0.01))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
+        assert sorted(s.gateway_urls) == ["http://kept:1", "http://revoked:1"]  # the chain said nothing yet
+        chain.grant(revoked, False)
+        chain.down = False
+        await asyncio.sleep(0.1)
         task.cancel()
 
     asyncio.run(run())
-    assert sorted(s.gateway_urls) == ["http://kept:1", "http://unknown:1"]
+    assert s.gateway_urls == ["http://kept:1"]
     assert KEY not in s.trusted_keys() and "34" * 32 in s.trusted_keys()
