@@ -156,9 +156,12 @@ class NodeDirectory:
         ttl: float = 10.0,
         max_skew_s: float = 60.0,
         holdoff_max_s: float = 120.0,
+        gateway_key: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`gateway_key`: this gateway's signing key (hex): a heartbeat naming another gateway's is refused."""
         self.registry = registry
+        self.gateway_key = gateway_key
         self.ttl = ttl
         self.holdoff_max_s = holdoff_max_s
         self.max_skew_ms = int(max_skew_s * 1000)
@@ -182,6 +185,13 @@ class NodeDirectory:
                 raise Forbidden(str(e), code="key_mismatch") from e
             raise BadRequest(str(e), param="heartbeat") from e
         node_id = body["node_id"]
+        meant_for = body.get("gateway_key")
+        if meant_for is not None and self.gateway_key is not None and meant_for != self.gateway_key:
+            # relayed by someone who received it (node.heartbeat): the node may not take this gateway's calls
+            raise Forbidden(
+                f"this heartbeat of node {node_id} is meant for gateway key {meant_for[:16]}..., not this gateway's",
+                code="heartbeat_for_another_gateway",
+            )
         reg = self.registry.node(node_id)
         if reg is None and self.clock() - self._unknown_synced >= UNKNOWN_SYNC_S:
             # registered a moment ago? look at the chain once more before refusing; at most every few seconds,

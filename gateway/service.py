@@ -45,15 +45,16 @@ class Gateway:
         self.settings = settings
         self.engine = engine
         self.registry = registry
+        self.gateway_key = load_or_create_gateway_key(settings.gateway_key_file)
+        self.gateway_key_hex = gateway_public_key_hex(self.gateway_key)
         self.directory = NodeDirectory(
             registry,
             ttl=settings.heartbeat_ttl_s,
             max_skew_s=settings.heartbeat_max_skew_s,
             holdoff_max_s=settings.node_holdoff_max_s,
+            gateway_key=self.gateway_key_hex,
         )
         self.router = Router(k=settings.owners_k, saturation=settings.saturation_queue_depth)
-        self.gateway_key = load_or_create_gateway_key(settings.gateway_key_file)
-        self.gateway_key_hex = gateway_public_key_hex(self.gateway_key)
         self.nodes = NodeClient(
             self.gateway_key,
             connect_timeout=settings.connect_timeout_s,

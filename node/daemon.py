@@ -239,7 +239,7 @@ class NodeDaemon:
             self.heartbeat.add_gateway(body["gateway_url"], body["gateway_key"], body["settler"])
         except TooManyGateways as e:
             raise ApiError(503, str(e), "too_many_gateways") from None
-        return await self.heartbeat.heartbeat_doc()
+        return await self.heartbeat.heartbeat_doc(body["gateway_key"])
 
     async def _recheck_settlers(self, every_s: float = 60.0) -> None:
         """Read the ledger's settlers again, whole, at start and every minute, and drop a gateway that said

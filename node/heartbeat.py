@@ -7,6 +7,12 @@ sha256(public key) is the node id the chain registered, and then trust the rest.
 The other way round, the sender learns each gateway's signing key (GET {url}/internal/gateway-key
 before the first heartbeat, and the "gateway_key" of every 200 answer): unless the operator lists
 the keys to trust, these are the gateways whose signed calls the node API accepts.
+
+Each heartbeat names, in its signed body, the key of the gateway it is sent to ("gateway_key"), once the node
+knows it: anyone who receives a node's heartbeats (a gateway that said hello, say) could otherwise post them to
+a gateway the node does not trust, which would route requests to a node that refuses them. A gateway refuses a
+heartbeat meant for another; one naming none is a node's from before this rule, or one that could not learn
+the gateway's key yet.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.http import bounded_call
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from node.request_auth import is_gateway_key
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +59,17 @@ class UnsignedHeartbeatError(HeartbeatError):
     """A heartbeat without a signature, or whose signature does not verify."""
 
 
-def make_heartbeat(identity, *, api_url: str, base_model_id: str, status: dict, ts_ms: int | None = None) -> dict:
-    """A heartbeat document signed with `identity.node_key` over the canonical body."""
+def make_heartbeat(
+    identity,
+    *,
+    api_url: str,
+    base_model_id: str,
+    status: dict,
+    gateway_key: str | None = None,
+    ts_ms: int | None = None,
+) -> dict:
+    """A heartbeat document signed with `identity.node_key` over the canonical body, meant for the gateway whose
+    signing key is `gateway_key` (None: for any, as before gateways were named)."""
     body = {
         "format": FORMAT,
         "node_id": identity.node_id,
@@ -63,6 +79,8 @@ def make_heartbeat(identity, *, api_url: str, base_model_id: str, status: dict, 
         "status": status,
         "ts_ms": int(time.time() * 1000) if ts_ms is None else int(ts_ms),
     }
+    if gateway_key is not None:
+        body["gateway_key"] = gateway_key
     signature = identity.node_key.sign(canonical_json(body))
     return {"body": body, "signature": signature.hex()}
 
@@ -89,6 +107,8 @@ def verify_heartbeat(doc: object, *, now_ms: int | None = None, max_skew_ms: int
     ts = body.get("ts_ms")
     if isinstance(ts, bool) or not isinstance(ts, int) or ts <= 0:
         raise HeartbeatError("heartbeat ts_ms must be a positive integer (milliseconds since the epoch)")
+    if "gateway_key" in body and not (isinstance(body["gateway_key"], str) and is_gateway_key(body["gateway_key"])):
+        raise HeartbeatError("heartbeat gateway_key must be 64 lowercase hex digits (the gateway's Ed25519 key)")
     try:
         public_key = bytes.fromhex(body.get("public_key", ""))
         sig = bytes.fromhex(signature)
@@ -175,19 +195,24 @@ class HeartbeatSender:
             status = await status
         return status
 
-    async def heartbeat_doc(self) -> dict:
-        """A heartbeat signed now (what a beat sends, and what a hello is answered with)."""
+    async def heartbeat_doc(self, gateway_key: str | None, status: dict | None = None) -> dict:
+        """A heartbeat signed now for the gateway with `gateway_key` (what a beat sends, and what a hello is
+        answered with)."""
         return make_heartbeat(
-            self.identity, api_url=self.api_url, base_model_id=self.base_model_id, status=await self._status()
+            self.identity,
+            api_url=self.api_url,
+            base_model_id=self.base_model_id,
+            status=await self._status() if status is None else status,
+            gateway_key=gateway_key,
         )
 
     async def send_once(self) -> dict[str, int | str]:
         """Send one heartbeat to every gateway; returns url -> HTTP status, or the error text."""
-        doc = await self.heartbeat_doc()
+        status = await self._status()
         client = self._client or httpx.AsyncClient(timeout=self.timeout)
         try:
             urls = list(self.gateway_urls)  # a hello may add one while the posts run
-            results = await asyncio.gather(*(self._post(client, url, doc) for url in urls))
+            results = await asyncio.gather(*(self._post(client, url, status) for url in urls))
         finally:
             if client is not self._client:
                 await client.aclose()
@@ -226,22 +251,23 @@ class HeartbeatSender:
             )
             self.gateway_keys[url] = key
 
-    async def _post(self, client: httpx.AsyncClient, url: str, doc: dict) -> int | str:
+    async def _post(self, client: httpx.AsyncClient, url: str, status: dict) -> int | str:
         try:
             # one deadline over both calls: a gateway that drips its answer cannot hold up the round (and so every
             # other gateway's heartbeat)
             async with asyncio.timeout(2 * self.timeout):
-                return await self._post_within(client, url, doc)
+                return await self._post_within(client, url, status)
         except TimeoutError:
             self._failed(url, f"no whole answer within {2 * self.timeout:g} s")
             return "timed out"
 
-    async def _post_within(self, client: httpx.AsyncClient, url: str, doc: dict) -> int | str:
+    async def _post_within(self, client: httpx.AsyncClient, url: str, node_status: dict) -> int | str:
         try:
             if url not in self.gateway_keys:
                 status, answer = await bounded_call(client, "GET", url + GATEWAY_KEY_PATH, MAX_KEY_ANSWER_BYTES)
                 if status == 200:
                     self._learn(url, gateway_key_of(answer, max_bytes=MAX_KEY_ANSWER_BYTES))
+            doc = await self.heartbeat_doc(self.gateway_keys.get(url), node_status)
             status, answer = await bounded_call(
                 client, "POST", url + HEARTBEAT_PATH, MAX_HEARTBEAT_ANSWER_BYTES, json=doc
             )

@@ -332,3 +332,25 @@ def test_sightings_a_heartbeat_supersedes_are_forgotten(world):
     assert set(seen) <= d.accept_heartbeat(hb(a, ts=now - 5_000)).resident  # made before the sightings
     later = d.accept_heartbeat(hb(a, ts=now + 5_000))  # made after them, naming none of them
     assert later.resident == frozenset() and later.local.loaded == {}
+
+
+def test_a_heartbeat_meant_for_another_gateway_is_refused(world):
+    """Anyone who receives a node's heartbeats (a gateway it heartbeats to) could post them to a gateway the node
+    does not trust, which would then route requests to a node that refuses them. A heartbeat names the gateway
+    it is for; one naming none is an older node's."""
+    engine, reg, _, clock, a, _ = world
+    mine, theirs = "aa" * 32, "bb" * 32
+    d = NodeDirectory(reg, ttl=10, clock=clock, gateway_key=mine)
+
+    def beat(key, ts):
+        return make_heartbeat(
+            a, api_url="http://127.0.0.1:7001", base_model_id=BASE, status={}, gateway_key=key, ts_ms=ts
+        )
+
+    now = int(time.time() * 1000)
+    with pytest.raises(Forbidden, match="meant for gateway key bbbb") as e:
+        d.accept_heartbeat(beat(theirs, now))
+    assert e.value.code == "heartbeat_for_another_gateway" and d.live(BASE) == []
+    d.accept_heartbeat(beat(mine, now + 1))
+    d.accept_heartbeat(beat(None, now + 2))
+    assert [n.node_id for n in d.live(BASE)] == [a.node_id]

@@ -6,6 +6,7 @@ import asyncio
 import copy
 
 import pytest
+from fastapi import FastAPI, Request
 
 from common.identity import Identity
 from devnet.anvil import free_port
@@ -76,6 +77,8 @@ def test_signed_by_other_key(ident):
         ("status", [], "status"),
         ("ts_ms", -5, "ts_ms"),
         ("public_key", "zz", "hex"),
+        ("gateway_key", "AB" * 32, "gateway_key"),
+        ("gateway_key", None, "gateway_key"),
     ],
 )
 def test_malformed_fields(ident, field, value, match):
@@ -128,8 +131,6 @@ def test_sender_tolerates_down_gateway(ident):
 def test_failing_heartbeats_are_warned_about_once_a_minute_and_counted(ident, caplog):
     """A gateway that cannot be reached is a warning when it starts failing (not a DEBUG line), then at most
     one a minute with the count; its recovery is logged too."""
-    from fastapi import FastAPI
-
     from tests.utils.servers import ServerThread
 
     port = free_port()
@@ -159,3 +160,35 @@ def test_failing_heartbeats_are_warned_about_once_a_minute_and_counted(ident, ca
 def test_sender_rejects_bad_interval(ident):
     with pytest.raises(ValueError, match="interval"):
         HeartbeatSender(ident, [], api_url="http://x", base_model_id=BASE, status_fn=dict, interval=0)
+
+
+def test_each_gateway_gets_a_heartbeat_naming_its_own_key(ident):
+    """A heartbeat names the gateway it is meant for (its key, signed), so whoever receives one cannot post it
+    to another gateway; a gateway whose key the node could not learn gets one naming none."""
+    from tests.utils.servers import ServerThread
+
+    got: dict[str, dict] = {}
+
+    def gateway(name: str, key: str | None) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/internal/heartbeat")
+        async def beat(request: Request) -> dict:
+            got[name] = verify_heartbeat(await request.json())
+            return {"accepted": True} | ({"gateway_key": key} if key else {})
+
+        if key:
+            app.get("/internal/gateway-key")(lambda: {"gateway_key": key})
+        return app
+
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    sender = HeartbeatSender(ident, urls, api_url="http://127.0.0.1:9", base_model_id=BASE, status_fn=dict)
+    with (
+        ServerThread(gateway("a", "aa" * 32), port=ports[0]),
+        ServerThread(gateway("b", "bb" * 32), port=ports[1]),
+        ServerThread(gateway("c", None), port=ports[2]),
+    ):
+        assert set(asyncio.run(sender.send_once()).values()) == {200}
+    assert got["a"]["gateway_key"] == "aa" * 32 and got["b"]["gateway_key"] == "bb" * 32
+    assert "gateway_key" not in got["c"]

@@ -221,3 +221,18 @@ def test_a_flood_of_hellos_from_fresh_accounts_does_not_keep_a_new_settlers_gate
     assert ours.json()["body"]["node_id"] == node_id  # the node's signed heartbeat
     assert {r.status_code for r in theirs} == {403}
     assert {r.json()["error"]["code"] for r in theirs} == {"not_settler"}
+
+
+def test_a_heartbeat_relayed_to_another_gateway_is_refused(net):
+    """The attack (the control-plane red team): whoever receives a node's heartbeats, a settler's gateway that
+    said hello, posts them to a gateway the node does not trust, which then routes requests to a node that
+    refuses them. A node's heartbeat now names the gateway it is for."""
+    node_id, url = net.nodes[1]
+    settler = Account.from_key(net.settler_key.read_text())
+    mine = "cd" * 32  # the relaying gateway's key
+    hello = make_hello(settler, gateway_url=f"http://127.0.0.1:{free_port()}", gateway_key=mine, node_id=node_id)
+    answer = httpx.post(url + HELLO_PATH, json=hello, timeout=10)
+    assert answer.status_code == 200 and answer.json()["body"]["gateway_key"] == mine
+    relayed = httpx.post(net.gw2 + "/internal/heartbeat", json=answer.json(), timeout=10)
+    assert relayed.status_code == 403, relayed.text
+    assert relayed.json()["error"]["code"] == "heartbeat_for_another_gateway"
