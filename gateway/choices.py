@@ -5,7 +5,8 @@ and its finish reason; then the answer in OpenAI's shapes, whole or as chunks.
 - `n` choices per prompt; with `best_of`, the node makes best_of sequences per prompt and the n with the highest
   sum of log-probabilities are returned (renumbered p * n + j), as OpenAI and vLLM choose them.
 - `echo` (completions): the prompt's text before each choice's text, and with logprobs the prompt's positions
-  first (the first one unscored), from the node's prompt_logprobs.
+  first (the first one unscored), from the node's prompt_logprobs. With max_tokens 0 (`shown` False) the prompt
+  alone: the token the node makes is counted (billed) but not shown, and the choice ends at "length".
 - chat tools: each choice's text is read back into content and `tool_calls` (gateway.tools), its finish reason
   "tool_calls" when it called one.
 - a sequence ends at its end token (`end_ids`: the base's EOS ids unless ignore_eos, and the stop token ids), as
@@ -58,6 +59,7 @@ class Choices:
         max_tokens: int,
         logprobs: bool = False,
         echo: bool = False,
+        shown: bool = True,
         prompt_texts: list[str] | None = None,
         texts: TokenTexts | None = None,
         plan: ToolPlan | None = None,
@@ -65,7 +67,7 @@ class Choices:
         end_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
-        self.max_tokens, self.logprobs, self.echo = max_tokens, logprobs, echo
+        self.max_tokens, self.logprobs, self.echo, self.shown = max_tokens, logprobs, echo, shown
         self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
         self.token_chars = token_chars  # the most characters a token's text may hold, on average over a sequence
         self.end_ids = end_ids
@@ -145,6 +147,8 @@ class Choices:
         """Sequence k's OpenAI finish reason: its own, else (a node that sends no finish events) the request's;
         "stop" after its end token; "length" where the gateway stopped relaying (`cut`)."""
         s = self.seqs[k]
+        if not self.shown:  # the prompt alone: cut at max_tokens 0, whatever ended the token not shown
+            return "length"
         r = s.reason or ("stop" if s.ended else "length" if cut or s.count >= self.max_tokens else overall)
         return finish_reason(r)
 
@@ -170,7 +174,7 @@ class Choices:
             for pos in self.prompt_scored[s.prompt] or ():
                 lp.add(pos, 0 if pos.token_id in self.texts.special else None)
             lp.offset = len(self._echo_text(s.prompt))
-        for pos, text in zip(s.scored, s.texts, strict=False):
+        for pos, text in zip(s.scored, s.texts, strict=False) if self.shown else ():
             lp.add(pos, len(text))
         return lp
 
@@ -182,7 +186,7 @@ class Choices:
         out = []
         for i, k in enumerate(self.picked()):
             s = self.seqs[k]
-            text, reason = "".join(s.texts), self.reason(k, overall, cut)
+            text, reason = "".join(s.texts) if self.shown else "", self.reason(k, overall, cut)
             if self.chat:
                 content, calls = self.plan.parse(text) if self.plan is not None else (text, [])
                 if calls:
@@ -230,6 +234,8 @@ class Choices:
         """The chunks for one relayed token of sequence k: none for a token without text (EOS, a stop token)
         unless its logprobs were asked."""
         opening, lp = self._open(b, k), None  # opening a completion's sequence starts its logprobs (echo first)
+        if not self.shown:
+            return opening
         if scored is not None and self.chat:
             lp = {"content": [chat_entry(self.texts, scored)]}
         elif scored is not None:

@@ -324,6 +324,9 @@ class CompletionRequest(_Sampling):
     PROMPT_FIELD: ClassVar[str] = "prompt"
 
     prompt: Prompt
+    # 0 with echo: the prompt alone, scored with logprobs (OpenAI's legacy API and vLLM's; lm-evaluation-harness
+    # asks so for log-likelihoods)
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=COMPLETION_LOGPROBS)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
@@ -331,6 +334,10 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise BadRequest("max_tokens 0 is only for echo (the prompt alone); ask for at least 1", param="max_tokens")
+        if self.max_tokens == 0 and self.min_tokens:
+            raise BadRequest(f"min_tokens ({self.min_tokens}) is more than max_tokens (0)", param="min_tokens")
         if self.suffix:
             raise BadRequest("suffix is not supported (no insertion model is served here)", param="suffix")
         if self.best_of is not None:
@@ -356,6 +363,12 @@ class CompletionRequest(_Sampling):
         if isinstance(self.prompt[0], int):
             return [list(self.prompt)]
         return list(self.prompt)
+
+    @property
+    def echo_only(self) -> bool:
+        """The prompt alone is answered (echo with max_tokens 0): the node still makes one token, as vLLM's, which
+        is billed and never shown."""
+        return bool(self.echo) and self.max_tokens == 0
 
     def sequences_per_prompt(self) -> int:
         """What the node generates per prompt: best_of sequences (the best n are returned), else n."""

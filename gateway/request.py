@@ -374,6 +374,7 @@ class ServedRequest:
             max_tokens=max_tokens,
             logprobs=show_logprobs,
             echo=echo,
+            shown=not (echo and req.echo_only),
             prompt_texts=texts,
             texts=token_texts,
             plan=req.plan if self.chat else None,
@@ -418,6 +419,7 @@ class ServedRequest:
                 return min(s.max_max_tokens, room)
             wanted = 1  # not even one token fits: refused below
         max_tokens = wanted if wanted is not None else s.default_max_tokens
+        max_tokens = max(max_tokens, 1)  # echo alone (0): the node makes one token, never shown
         if context is not None and prompt + max_tokens > context:
             where = "in your prompt" if req.PROMPT_FIELD == "prompt" else f"in the {req.PROMPT_FIELD}"
             raise BadRequest(

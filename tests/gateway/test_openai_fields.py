@@ -138,6 +138,34 @@ def test_echo_with_logprobs(oai):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == got.text
 
 
+def test_echo_with_max_tokens_zero_scores_the_prompt_alone(served, oai):
+    """lm-evaluation-harness asks for a text's log-likelihood so (echo, max_tokens 0, logprobs), as OpenAI's legacy
+    API and vLLM take it: it was a 400. The prompt alone comes back, scored; the one token the node makes to get
+    there is billed (as vLLM's counts it) and never shown."""
+    scored = complete(oai, echo=True, logprobs=2, temperature=0, max_tokens=3).choices[0]
+    got = agree(
+        served,
+        oai.completions.with_raw_response.create(
+            model=TINY, prompt=PROMPT, echo=True, logprobs=2, temperature=0, max_tokens=0
+        ),
+    )
+    c, n = got.choices[0], got.usage.prompt_tokens
+    assert (c.text, c.finish_reason, got.usage.completion_tokens) == (PROMPT, "length", 1)
+    assert c.logprobs.tokens == scored.logprobs.tokens[:n] and len(c.logprobs.tokens) == n
+    assert c.logprobs.token_logprobs == scored.logprobs.token_logprobs[:n]
+    assert c.logprobs.text_offset == scored.logprobs.text_offset[:n]
+    assert c.logprobs.top_logprobs == scored.logprobs.top_logprobs[:n]
+    chunks = list(complete(oai, echo=True, logprobs=2, max_tokens=0, stream=True))
+    mine = [x.choices[0] for x in chunks if x.choices]
+    assert "".join(x.text for x in mine) == PROMPT and [x.finish_reason for x in mine if x.finish_reason] == ["length"]
+    assert [t for x in mine if x.logprobs for t in x.logprobs.token_logprobs] == c.logprobs.token_logprobs
+    many = complete(oai, prompt=[PROMPT, "Once upon"], n=2, echo=True, max_tokens=0, temperature=1.0)
+    assert [x.text for x in many.choices] == [PROMPT, PROMPT, "Once upon", "Once upon"]
+    refused(lambda: complete(oai, max_tokens=0), "max_tokens")
+    refused(lambda: complete(oai, echo=True, max_tokens=0, extra_body={"min_tokens": 1}), "min_tokens")
+    refused(lambda: chat(oai, max_tokens=0), "max_tokens")
+
+
 def test_streamed_echo_carries_the_prompts_logprobs(oai):
     # the echoed prompt's chunk was built before the node's prompt-logprobs event was read: its logprobs were
     # empty. Streamed, each choice's entries are the whole answer's, its prompt positions first
