@@ -60,7 +60,7 @@ def test_prompt_forms():
         (b"[1]", None, "JSON object"),
         (json.dumps({"prompt": "x"}).encode(), "model", "model: is required"),
         (body(n=17), "n", "less than or equal to 16"),
-        (body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+        (body(max_tokens=0), "max_tokens", "only for echo"),
         (body(temperature=3), "temperature", "less than or equal to 2"),
         (body(top_p=0), "top_p", "greater than 0"),
         (body(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
