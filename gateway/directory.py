@@ -14,7 +14,7 @@ from common.wire import CACHE_SALT_FEATURE, is_id
 from gateway.chain_registry import RegistryView
 from gateway.errors import BadRequest, Forbidden
 from ledger.types import api_url_problem
-from node.heartbeat import HeartbeatError, UnsignedHeartbeatError, verify_heartbeat
+from node.heartbeat import ANOTHER_GATEWAY, HeartbeatError, UnsignedHeartbeatError, verify_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class NodeDirectory:
             # relayed by someone who received it (node.heartbeat): the node may not take this gateway's calls
             raise Forbidden(
                 f"this heartbeat of node {node_id} is meant for gateway key {meant_for[:16]}..., not this gateway's",
-                code="heartbeat_for_another_gateway",
+                code=ANOTHER_GATEWAY,
             )
         reg = self.registry.node(node_id)
         if reg is None and self.clock() - self._unknown_synced >= UNKNOWN_SYNC_S:

@@ -239,7 +239,10 @@ class NodeDaemon:
             self.heartbeat.add_gateway(body["gateway_url"], body["gateway_key"], body["settler"])
         except TooManyGateways as e:
             raise ApiError(503, str(e), "too_many_gateways") from None
-        return await self.heartbeat.heartbeat_doc(body["gateway_key"])
+        # meant for the key this node trusts at that URL: a hello naming a new key for a known URL does not make
+        # the node take it (the URL is asked), and the gateway must not be told otherwise
+        url = body["gateway_url"].rstrip("/")
+        return await self.heartbeat.heartbeat_doc(self.heartbeat.gateway_keys.get(url, body["gateway_key"]))
 
     async def _recheck_settlers(self, every_s: float = 60.0) -> None:
         """Read the ledger's settlers again, whole, at start and every minute, and drop a gateway that said

@@ -93,7 +93,9 @@ def verify_hello(doc: object, *, node_id: str, now_ms: int | None = None, max_sk
         raise HelloError(f"hello signature does not recover: {type(e).__name__}") from None
     if signer.lower() != settler.lower():
         raise HelloError(f"hello is signed by {signer.lower()}, not by the settler it names ({settler.lower()})")
-    return body
+    # one spelling of the settler: each is counted against MAX_GATEWAYS_PER_SETTLER, and one settler naming
+    # itself in other cases took every gateway slot a node has (node.heartbeat)
+    return body | {"settler": settler.lower()}
 
 
 def parse_hello(raw: bytes) -> object:
@@ -119,9 +121,9 @@ class SettlerRoster:
     - for any other, the hello waits for the next sync (the events since the block the last one read up to),
       which starts after it came, so a settler granted a moment ago is found; syncs are one at a time and
       at most one a `min_gap_s`, however many hellos wait on them;
-    - at most `max_waiting` hellos wait; past that a hello is answered from the roster as it stands (whoever
-      keeps that many waiting keeps syncs running, so a real settler is found by the next one, and its
-      gateway's next try gets in);
+    - at most `max_waiting` hellos wait; past that a hello from an account not on the roster is SettlerUnknown
+      (503, try again: whoever keeps that many waiting keeps syncs running, so a real settler is on the roster
+      by its gateway's next try);
     - a chain that does not answer is SettlerUnknown for those waiting (503, the gateway retries later); the
       roster stands as it was: a settler's yes holds until the chain says otherwise.
 
@@ -150,8 +152,8 @@ class SettlerRoster:
         address = address.lower()
         if address in self.settlers:
             return True
-        if self._waiting >= self.max_waiting and self.next_block is not None:
-            return False  # the roster as it stands (see the class's docstring)
+        if self._waiting >= self.max_waiting:  # not a no: the account may be a settler granted since the last read
+            raise SettlerUnknown("too many hellos are waiting for the chain's list of settlers; try again shortly")
         self._waiting += 1
         try:
             await self.sync()

@@ -8,11 +8,12 @@ The other way round, the sender learns each gateway's signing key (GET {url}/int
 before the first heartbeat, and the "gateway_key" of every 200 answer): unless the operator lists
 the keys to trust, these are the gateways whose signed calls the node API accepts.
 
-Each heartbeat names, in its signed body, the key of the gateway it is sent to ("gateway_key"), once the node
-knows it: anyone who receives a node's heartbeats (a gateway that said hello, say) could otherwise post them to
-a gateway the node does not trust, which would route requests to a node that refuses them. A gateway refuses a
-heartbeat meant for another; one naming none is a node's from before this rule, or one that could not learn
-the gateway's key yet.
+Each heartbeat names, in its signed body, the key of the gateway it is sent to ("gateway_key"): anyone who
+receives a node's heartbeats (a gateway that said hello, say) could otherwise post them to a gateway the node
+does not trust, which would route requests to a node that refuses them. A gateway refuses a heartbeat meant
+for another, and takes one naming none from a node older than this rule; a node sends none to a gateway whose
+key it does not know. A gateway that refuses one as meant for another has a new key: the node asks its URL
+for it again.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ FORGET_AFTER_S = 600.0
 # At most this many gateways that said hello at once (each costs a request per beat), and per settler.
 MAX_HELLO_GATEWAYS = 64
 MAX_GATEWAYS_PER_SETTLER = 8
+# the error code of a gateway refusing a heartbeat that names another gateway's key (gateway.directory)
+ANOTHER_GATEWAY = "heartbeat_for_another_gateway"
 
 
 class HeartbeatError(ValueError):
@@ -233,7 +236,8 @@ class HeartbeatSender:
             log.info("gateway %s said hello (settler %s): heartbeating to it", url, settler or "?")
         elif url in self.greeted and settler:
             self.greeted[url] = settler  # the latest settler to vouch for it is the one re-checked
-        if url not in self.gateway_keys:  # a known URL's key is what the URL itself answers, as for the operator's
+        if url in self.greeted and url not in self.gateway_keys:
+            # a known URL's key is what the URL itself answers; an operator's URL is never given one by a hello
             self._learn(url, key)
         return new
 
@@ -267,13 +271,21 @@ class HeartbeatSender:
                 status, answer = await bounded_call(client, "GET", url + GATEWAY_KEY_PATH, MAX_KEY_ANSWER_BYTES)
                 if status == 200:
                     self._learn(url, gateway_key_of(answer, max_bytes=MAX_KEY_ANSWER_BYTES))
-            doc = await self.heartbeat_doc(self.gateway_keys.get(url), node_status)
+            if url not in self.gateway_keys:
+                # a heartbeat naming no gateway is taken by any: whoever answers at this URL could relay it
+                self._failed(url, f"it did not say its key ({GATEWAY_KEY_PATH})")
+                return "no gateway key"
+            doc = await self.heartbeat_doc(self.gateway_keys[url], node_status)
             status, answer = await bounded_call(
                 client, "POST", url + HEARTBEAT_PATH, MAX_HEARTBEAT_ANSWER_BYTES, json=doc
             )
         except httpx.HTTPError as e:
             self._failed(url, f"unreachable: {type(e).__name__}: {e}")
             return f"unreachable: {e}"
+        if status == 403 and ANOTHER_GATEWAY.encode() in answer:
+            # the gateway signs with another key now (a restart without --gateway-key-file makes a new one): ask
+            # the URL for it again before the next beat, as at first contact; until then its calls are refused
+            self.gateway_keys.pop(url, None)
         if status == 200:
             self.sent += 1
             self._learn(url, gateway_key_of(answer, max_bytes=MAX_HEARTBEAT_ANSWER_BYTES))

@@ -164,7 +164,7 @@ def test_sender_rejects_bad_interval(ident):
 
 def test_each_gateway_gets_a_heartbeat_naming_its_own_key(ident):
     """A heartbeat names the gateway it is meant for (its key, signed), so whoever receives one cannot post it
-    to another gateway; a gateway whose key the node could not learn gets one naming none."""
+    to another gateway; a gateway that does not say its key gets none (one naming no gateway is taken by any)."""
     from tests.utils.servers import ServerThread
 
     got: dict[str, dict] = {}
@@ -189,6 +189,38 @@ def test_each_gateway_gets_a_heartbeat_naming_its_own_key(ident):
         ServerThread(gateway("b", "bb" * 32), port=ports[1]),
         ServerThread(gateway("c", None), port=ports[2]),
     ):
-        assert set(asyncio.run(sender.send_once()).values()) == {200}
+        assert list(asyncio.run(sender.send_once()).values()) == [200, 200, "no gateway key"]
     assert got["a"]["gateway_key"] == "aa" * 32 and got["b"]["gateway_key"] == "bb" * 32
-    assert "gateway_key" not in got["c"]
+    assert "c" not in got and sender.failing == {urls[2]: 1}
+
+
+def test_a_gateway_with_a_new_key_gets_the_nodes_heartbeats_again(ident):
+    """A gateway started again without --gateway-key-file signs with a new key, and refuses heartbeats naming the
+    old one (403 heartbeat_for_another_gateway): the node asks its URL for the key again and the next beat is
+    taken. It was refused for good: the node learned a key only from an answer it could no longer get."""
+    from fastapi.responses import JSONResponse
+
+    from tests.utils.servers import ServerThread
+
+    key, got = ["aa" * 32], []
+    app = FastAPI()
+    app.get("/internal/gateway-key")(lambda: {"gateway_key": key[0]})
+
+    @app.post("/internal/heartbeat")
+    async def beat(request: Request):
+        body = verify_heartbeat(await request.json())
+        if body["gateway_key"] != key[0]:  # as gateway.directory refuses it
+            error = {"message": "meant for another gateway", "code": "heartbeat_for_another_gateway"}
+            return JSONResponse({"error": error}, status_code=403)
+        got.append(body["gateway_key"])
+        return {"accepted": True, "gateway_key": key[0]}
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sender = HeartbeatSender(ident, [url], api_url="http://127.0.0.1:9", base_model_id=BASE, status_fn=dict)
+    with ServerThread(app, port=port):
+        assert asyncio.run(sender.send_once()) == {url: 200}
+        key[0] = "bb" * 32  # restarted
+        assert asyncio.run(sender.send_once()) == {url: 403}
+        assert asyncio.run(sender.send_once()) == {url: 200}
+    assert got == ["aa" * 32, "bb" * 32] and sender.trusted_keys() == {"bb" * 32}

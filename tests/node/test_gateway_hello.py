@@ -196,20 +196,25 @@ def test_syncs_are_one_at_a_time_and_read_only_what_is_new():
     assert chain.asked == [None, 2, 3]
 
 
-def test_past_max_waiting_a_hello_is_answered_from_the_roster_as_it_stands():
+@pytest.mark.parametrize("synced", [True, False], ids=["after-a-sync", "before-the-first"])
+def test_past_max_waiting_a_hello_is_try_again_not_a_no(synced):
+    """Past max_waiting a hello is answered at once: "try again" (503), not "not a settler", which would be false
+    of a settler granted since the last read; and the bound holds before the first read has answered too."""
     chain = Chain({"0xaa"})
     roster = SettlerRoster(chain, min_gap_s=0.2, max_waiting=4)
 
     async def run():
-        await roster.sync()
+        if synced:
+            await roster.sync()
         waiting = [asyncio.create_task(roster.check(f"0x{i:040x}")) for i in range(4)]
         await asyncio.sleep(0)
-        assert await roster.check("0x" + "ee" * 20) is False  # at once: four already wait
-        assert await roster.check("0xaa") is True
+        with pytest.raises(SettlerUnknown, match="too many hellos"):
+            await roster.check("0x" + "ee" * 20)  # at once: four already wait
         assert await asyncio.gather(*waiting) == [False] * 4
+        assert await roster.check("0xaa") is True
 
     asyncio.run(run())
-    assert len(chain.asked) == 2
+    assert len(chain.asked) == (2 if synced else 1)
 
 
 def test_a_chain_that_is_down_is_settler_unknown_and_the_roster_stands():
@@ -269,6 +274,24 @@ def test_a_hello_cannot_change_the_key_of_a_known_gateway():
     assert s.trusted_keys() == {KEY}
 
 
+def test_a_hello_gives_no_key_to_the_operators_gateway():
+    """The operator's gateway was down when the node started, its key not learned yet: a settler's hello naming
+    its URL with the settler's own key made the node trust that key for it (and address its heartbeats to it,
+    which the operator's gateway then refused for good)."""
+    s = sender(urls=["http://operator:1"])
+    s.add_gateway("http://operator:1", KEY, "0x" + "aa" * 20)
+    assert s.trusted_keys() == frozenset() and s.greeted == {}
+
+
+def test_one_settler_named_in_other_cases_is_one_settler():
+    """A settler's address in other cases is the same settler: each spelling was counted apart against
+    MAX_GATEWAYS_PER_SETTLER, and one settler took every gateway slot a node has."""
+    doc = hello()
+    doc["body"]["settler"] = SETTLER.address  # checksummed
+    doc["signature"] = SETTLER.sign_message(_signable(doc["body"])).signature.hex()
+    assert verify_hello(doc, node_id=NODE)["settler"] == SETTLER.address.lower()
+
+
 def test_gateways_that_said_hello_are_bounded():
     s = sender()
     s.max_greeted = 3
@@ -316,3 +339,26 @@ def test_a_gateway_whose_settler_lost_the_role_is_forgotten():
     asyncio.run(run())
     assert s.gateway_urls == ["http://kept:1"]
     assert KEY not in s.trusted_keys() and "34" * 32 in s.trusted_keys()
+
+
+def test_a_hello_naming_a_new_key_for_a_known_gateway_is_answered_for_the_key_the_node_trusts():
+    """A gateway that said hello restarts with a new key and says hello again: the node keeps the key its URL
+    answered, and its answer named the hello's new key, so the gateway took it and routed to a node that
+    refused its calls. The answer now names the key the node trusts there (the gateway refuses it, and the
+    node asks the URL for its key when its next heartbeat is refused as meant for another)."""
+    from types import SimpleNamespace
+
+    from node.daemon import NodeDaemon
+
+    identity = Identity.generate()
+    s = hb.HeartbeatSender(identity, [], api_url="http://n", base_model_id=NODE, status_fn=dict)
+    s.add_gateway("http://g:1", KEY, SETTLER.address.lower())
+    daemon = SimpleNamespace(
+        config=SimpleNamespace(trusted_gateway_keys=()),
+        heartbeat=s,
+        identity=identity,
+        settlers=SettlerRoster(lambda start: (1, [(SETTLER.address.lower(), True)]), min_gap_s=0),
+    )
+    doc = make_hello(SETTLER, gateway_url="http://g:1", gateway_key="34" * 32, node_id=identity.node_id)
+    answer = asyncio.run(NodeDaemon._gateway_hello(daemon, doc))
+    assert hb.verify_heartbeat(answer)["gateway_key"] == KEY and s.trusted_keys() == {KEY}
