@@ -1,7 +1,7 @@
-"""Guided decoding: a request's `guided` value (a JSON schema, any JSON object, a regular expression, or a choice
-of strings held as the regular expression of them) -> a grammar compiled once per spec, with its first mask ->
-per sequence a matcher that writes each step's allowed tokens into one bitmask row -> the rows' logits masked in
-place.
+"""Guided decoding: a request's `guided` value (a JSON schema, any JSON object, a regular expression, a choice
+of strings held as the regular expression of them, or a context-free grammar) -> a grammar compiled once per
+spec, with its first mask -> per sequence a matcher that writes each step's allowed tokens into one bitmask row ->
+the rows' logits masked in place.
 
 The grammar library is llguidance, chosen over xgrammar by bench/grammar.py (CPU, 2 shared cores, 2026-12-03;
 both libraries given the same byte-level BPE tokenizers of 320, 32,000 and 76,357 tokens; compile = compile + first
@@ -31,6 +31,10 @@ additionalProperties is honoured as written, as OpenAI's strict mode has it). Th
 WHITESPACE_MAX whitespace characters between tokens (enough to pretty-print 15 levels at indent 4, few enough
 that a model stuck on newlines is pushed on) and none before or after the value, so an object's grammar is
 complete exactly at its closing brace.
+
+A grammar (vLLM's guided_grammar) is llguidance's Lark (docs/syntax.md of llguidance: Earley parsing, regex
+terminals, inline `%json` schemas) or GBNF as llama.cpp and xgrammar write it (`root ::= ...`), which llguidance's
+own converter turns into Lark; either is held to the same bounds as a schema.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -50,6 +55,7 @@ from common.wire import (
     MAX_GUIDED_CALLS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
+    MAX_GUIDED_GRAMMAR_CHARS,
     MAX_GUIDED_PATTERN_CHARS,
     MAX_SCHEMA_BYTES,
     TOOL_CALL_CLOSE,
@@ -76,6 +82,17 @@ MAX_LEXER_STATES = 50_000
 # under 45 ms, the slowest accepted one compiled with its first mask in about 70 ms, and the largest tool plans
 # the gateway builds (128 tools; 16 tools of 32 parameters) need under 10,000.
 MAX_GRAMMAR_SIZE = 20_000
+# Less fuel than llguidance's default (1,000,000) for building a lexeme's regex before the first mask: a counted
+# repetition nested in another (`(x{1000}){1000}`, 15 characters of guided_regex) took 0.8 s to compile at the
+# default and then 140 ms for every step's mask, on the engine thread, for every request batched beside it.
+# At 100,000 it is refused in about 30 ms (its first mask allows nothing), and `(x{100}){100}` still compiles.
+INITIAL_LEXER_FUEL = 100_000
+# The CPU time one token's mask may take. Fuel does not bound every case: GBNF of two nested counted repetitions
+# (`root ::= a{300}` with `a ::= b{300}`, 42 characters) compiled, then took 48 ms of the engine thread for every
+# token. A mask past this fails its request (CPU time of the thread, not wall time: a busy machine does not make
+# an honest grammar fail), and a grammar whose first mask is past it is refused when compiled. Honest masks take
+# microseconds to a millisecond.
+MAX_MASK_CPU_S = 0.02
 _ERROR_CHARS = 200
 
 
@@ -90,15 +107,16 @@ def _one_line(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class GuidedSpec:
-    """What a sequence's text must be: any JSON object, JSON valid against a schema, or text a regular expression
-    matches whole. Hashable: the cache key."""
+    """What a sequence's text must be: any JSON object, JSON valid against a schema, text a regular expression
+    matches whole, or text a grammar derives. Hashable: the cache key."""
 
-    type: str  # "json_object" | "json_schema" | "regex" | "json_or_tool_calls"
+    type: str  # "json_object" | "json_schema" | "regex" | "grammar" | "json_or_tool_calls"
     # the schema as compact JSON, keys in the client's order (json_schema; json_or_tool_calls' answer, or None)
     schema: str | None = None
     pattern: str | None = None  # the regular expression (regex only)
     calls: str | None = None  # json_or_tool_calls: the schema of one call object, as compact JSON
     max_calls: int = 0  # json_or_tool_calls: the most calls
+    grammar: str | None = None  # the grammar, Lark or GBNF (grammar only)
 
     def __post_init__(self) -> None:
         if self.type not in GUIDED_TYPES:
@@ -109,6 +127,8 @@ class GuidedSpec:
             raise GrammarError(f"guided.schema does not go with type {self.type}")
         if (self.type == "regex") != isinstance(self.pattern, str):
             raise GrammarError("guided.pattern is required with type regex, and only with it")
+        if (self.type == "grammar") != isinstance(self.grammar, str):
+            raise GrammarError("guided.grammar is required with type grammar, and only with it")
         calling = self.type == "json_or_tool_calls"
         if calling != isinstance(self.calls, str) or calling != (1 <= self.max_calls <= MAX_GUIDED_CALLS):
             raise GrammarError(
@@ -140,6 +160,8 @@ class GuidedSpec:
             return cls("regex", pattern=_pattern(obj.get("pattern")))
         if kind == "choice":
             return cls("regex", pattern=_choice_pattern(obj.get("choices")))
+        if kind == "grammar":
+            return cls("grammar", grammar=_grammar_text(obj.get("grammar")))
         if kind == "json_or_tool_calls":
             n = obj.get("max_calls")
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_GUIDED_CALLS:
@@ -195,6 +217,26 @@ def _pattern(pattern) -> str:
     return pattern
 
 
+def _grammar_text(grammar) -> str:
+    if not isinstance(grammar, str) or not 0 < len(grammar) <= MAX_GUIDED_GRAMMAR_CHARS:
+        raise GrammarError(f"guided.grammar must be a grammar of 1 to {MAX_GUIDED_GRAMMAR_CHARS} characters")
+    return grammar
+
+
+def _lark(grammar: str) -> str:
+    """A grammar as llguidance's Lark: as given, or turned from GBNF by llguidance's converter (pure Python, on
+    the compile thread: its input is bounded by MAX_GUIDED_GRAMMAR_CHARS). ValueError, on one line, when it is
+    neither."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(grammar)
+    except RecursionError:
+        raise ValueError("it nests too deeply") from None
+    except Exception as e:  # the converter raises its own error type, and others on what it cannot follow
+        raise ValueError(f"it is neither Lark nor GBNF: {_one_line(str(e)) or type(e).__name__}") from None
+
+
 def _choice_pattern(choices) -> str:
     """The regular expression matching exactly one of `choices` (vLLM's guided choice), each taken literally."""
     if not isinstance(choices, list) or not 0 < len(choices) <= MAX_GUIDED_CHOICES:
@@ -215,12 +257,13 @@ def schema_json(schema: dict) -> bytes:
 class Matcher:
     """One sequence's place in its grammar. Used by one thread at a time (the engine's)."""
 
-    __slots__ = ("_m", "_words", "_vocab")
+    __slots__ = ("_m", "_words", "_vocab", "_slow")
 
     def __init__(self, inner, vocab_size: int) -> None:
         self._m = inner  # llguidance.LLMatcher
         self._vocab = vocab_size
         self._words = (vocab_size + 31) // 32
+        self._slow = ""  # why a mask took too long (MAX_MASK_CPU_S), once one did
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into bitmask[row] (bit t of the row: token t may come next)."""
@@ -231,7 +274,14 @@ class Matcher:
             raise ValueError(f"bitmask {tuple(bitmask.shape)} has no contiguous row {row} of {self._words} words")
         # out of fuel (a schema whose alternatives outgrow the parser's bounds a few tokens in), the library allows
         # only EOS and says why in `error`: the engine fails the request on it (llm_engine._emit)
+        started = time.thread_time()
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr() + row * bitmask.stride(0) * 4, self._words * 4)
+        spent = time.thread_time() - started
+        if spent > MAX_MASK_CPU_S and not self._slow:
+            self._slow = (
+                f"a token's mask took {spent * 1000:.0f} ms of CPU, more than the {MAX_MASK_CPU_S * 1000:.0f} ms "
+                "this node allows"
+            )
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`; False (and the matcher stopped) when the grammar did not allow it."""
@@ -241,8 +291,9 @@ class Matcher:
 
     @property
     def error(self) -> str:
-        """Why the matcher stopped: out of fuel, or a token it refused (one line; empty while it has not)."""
-        return _one_line(self._m.get_error()) if self._m.is_error() else ""
+        """Why the matcher stopped: out of fuel, a token it refused, or a mask past MAX_MASK_CPU_S (one line; empty
+        while none of these happened)."""
+        return _one_line(self._m.get_error()) if self._m.is_error() else self._slow
 
     @property
     def terminated(self) -> bool:
@@ -273,7 +324,10 @@ class Grammars:
         eos = list(eos_ids) if eos_ids else None
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
         self._limits = llguidance.LLParserLimits(
-            max_lexer_states=MAX_LEXER_STATES, max_grammar_size=MAX_GRAMMAR_SIZE, verbose_errors=False
+            max_lexer_states=MAX_LEXER_STATES,
+            max_grammar_size=MAX_GRAMMAR_SIZE,
+            initial_lexer_fuel=INITIAL_LEXER_FUEL,
+            verbose_errors=False,
         )
         self._cache: OrderedDict[GuidedSpec, object] = OrderedDict()
         self._cache_size = cache_size
@@ -301,10 +355,12 @@ class Grammars:
 
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
-        field = {"regex": "pattern", "json_or_tool_calls": "calls"}.get(spec.type, "schema")
+        field = {"regex": "pattern", "json_or_tool_calls": "calls", "grammar": "grammar"}.get(spec.type, "schema")
         try:
             if spec.type == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.pattern)
+            elif spec.type == "grammar":
+                grammar = LLMatcher.grammar_from_lark(_lark(spec.grammar))
             elif spec.type == "json_or_tool_calls":
                 grammar = LLMatcher.grammar_from_lark(spec.lark())
             else:
@@ -323,10 +379,12 @@ class Grammars:
         # the first mask here, on the compile thread: it can cost as much as the compile (a schema of products:
         # 0.5 s), and every copy of the prototype starts from it (a copy's first mask then costs 0.1 ms, where each
         # of a request's sequences paid it on the engine thread, one after another, holding every client's step)
-        first = Matcher(proto, self.vocab_size)
-        first.fill(self.new_bitmask(1), 0)
+        first, mask = Matcher(proto, self.vocab_size), self.new_bitmask(1)
+        first.fill(mask, 0)
         if first.error:
             raise GrammarError(f"guided.{field} cannot be enforced: {first.error}")
+        if not mask.any():  # not even an end token: a lexeme past the lexer's fuel
+            raise GrammarError(f"guided.{field} cannot be enforced: it is too complex (it allows no first token)")
         return proto
 
     def _blame_part(self, spec: GuidedSpec) -> None:
