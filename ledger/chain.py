@@ -48,6 +48,8 @@ from ledger.types import (
 log = logging.getLogger(__name__)
 
 
+# blocks one eth_getLogs reads (ChainClient.events): what hosted providers commonly allow (some allow fewer)
+LOG_SPAN = 10_000
 SETTLE_SIGNATURE = "settleBatch(bytes32,bytes32,uint64,bytes32[],bytes32[],bytes,uint256[])"
 SETTLE_SELECTOR = function_signature_to_4byte_selector(SETTLE_SIGNATURE)
 GET_BATCH_SELECTOR = function_signature_to_4byte_selector("getBatch(bytes32)")
@@ -760,10 +762,14 @@ class ChainClient:
         if settler:
             topics.append("0x" + "00" * 12 + to_checksum_address(settler)[2:].lower())
         start = self.deployment.deploy_block if from_block is None else from_block
+        end = self.block_number() if to_block == "latest" else int(to_block)
+        logs = []
         with rpc_guard(self.rpc_url):
-            logs = self.w3.eth.get_logs(
-                {"address": self.ledger.address, "fromBlock": start, "toBlock": to_block, "topics": topics}
-            )
+            for first in range(start, end + 1, LOG_SPAN):  # a span at a time, as events() reads
+                last = min(first + LOG_SPAN - 1, end)
+                logs += self.w3.eth.get_logs(
+                    {"address": self.ledger.address, "fromBlock": first, "toBlock": last, "topics": topics}
+                )
         out: list[SettledRecord] = []
         for lg in sorted(logs, key=lambda x: (x["blockNumber"], x["logIndex"])):
             out.extend(decode_records_settled(lg))
@@ -792,11 +798,20 @@ class ChainClient:
         to_block: int | str = "latest",
         filters: dict | None = None,
     ) -> list:
-        """Decoded logs of one event ("registry" or "ledger"), from the deploy block by default. A log that
-        does not decode is logged and left out: anyone can emit a registry event whose string is not UTF-8,
-        and web3 fails the whole range on it, which stopped every reader at that block for good."""
-        c = self.registry if contract == "registry" else self.ledger
+        """Decoded logs of one event ("registry" or "ledger"), from the deploy block by default, read LOG_SPAN
+        blocks at a time (hosted RPC providers refuse a longer eth_getLogs range, and a reader from the deploy
+        block then never read anything once the chain was that long). A log that does not decode is logged and
+        left out: anyone can emit a registry event whose string is not UTF-8, and web3 fails the whole range on
+        it, which stopped every reader at that block for good."""
         start = self.deployment.deploy_block if from_block is None else from_block
+        end = self.block_number() if to_block == "latest" else int(to_block)
+        out = []
+        for first in range(start, end + 1, LOG_SPAN):
+            out += self._events_in(contract, event, first, min(first + LOG_SPAN - 1, end), filters)
+        return out
+
+    def _events_in(self, contract: str, event: str, start: int, to_block: int, filters: dict | None) -> list:
+        c = self.registry if contract == "registry" else self.ledger
         ev = getattr(c.events, event)()
         with rpc_guard(self.rpc_url):
             try:

@@ -133,3 +133,33 @@ def test_settler_changes_are_the_role_events_in_chain_order(anvil_chain):
     assert admin.settler_changes(last + 1) == (last, [])
     admin.revoke_settler(a)
     assert admin.settler_changes(last + 1)[1] == [(a.lower(), False)]
+
+
+def test_event_reads_go_a_span_of_blocks_at_a_time(anvil_chain, monkeypatch):
+    """A provider that refuses eth_getLogs over more than a few blocks (hosted ones cap the range) kept every
+    reader from the deploy block (the settler roster, the registry's nodes, settled records) from reading
+    anything once the chain was longer than that: they read LOG_SPAN blocks at a time now."""
+    from ledger import chain as chain_module
+
+    admin = anvil_chain.client(anvil_chain.admin)
+    a = Account.create().address
+    for _ in range(3):
+        admin.grant_settler(a)
+        admin.revoke_settler(a)
+    whole = admin.settler_changes()
+    settled = admin.settled_records()
+    span, asked = 4, []
+    real = admin.w3.eth.get_logs
+
+    def capped(params):
+        first, last = params["fromBlock"], params["toBlock"]
+        asked.append((first, last))
+        if not isinstance(last, int) or last - first >= span:
+            raise ValueError({"code": -32005, "message": f"query exceeds max block range {span}"})
+        return real(params)
+
+    monkeypatch.setattr(chain_module, "LOG_SPAN", span)
+    monkeypatch.setattr(admin.w3.eth, "get_logs", capped)
+    assert admin.settler_changes() == whole
+    assert admin.settled_records() == settled
+    assert len(asked) > 3
