@@ -20,7 +20,7 @@ class DemoCheckFailed(RuntimeError):
 @dataclass(slots=True)
 class Answer:
     adapter: str
-    kind: str  # completion, chat, system chat (after the shared system prompt), stream
+    kind: str  # completion, chat, system chat (after the shared system prompt), stream, scored, ...
     prompt: str
     expected: str  # what the adapter was trained to answer
     text: str
@@ -261,6 +261,38 @@ def send_lorax(gateway_url: str, api_key: str, adapter) -> Answer:
     )
 
 
+def send_scored(gateway_url: str, api_key: str, adapter) -> Answer:
+    """Its first question scored as lm-evaluation-harness scores a continuation (echo, max_tokens 0, logprobs): the
+    question followed by its taught answer, and by the answer taught for another question, in one request of two
+    prompts. The adapter finds its taught answer the likelier; `text` is the likelier of the two."""
+    from openai import OpenAI
+
+    q, other = adapter.questions[0], adapter.questions[1]
+    candidates = [q.completion, other.completion]
+    client = OpenAI(base_url=gateway_url + "/v1", api_key=api_key, max_retries=0, timeout=180)
+    r = client.completions.create(
+        model=adapter.name,
+        prompt=[q.prompt + c for c in candidates],
+        echo=True,
+        max_tokens=0,
+        logprobs=0,
+        temperature=0,
+    )
+    # the prompts share the question: what their log-likelihoods differ by is the answers'
+    scores = [sum(x for x in choice.logprobs.token_logprobs if x is not None) for choice in r.choices]
+    return Answer(
+        adapter.name,
+        "scored",
+        q.prompt,
+        q.completion,
+        candidates[scores.index(max(scores))],
+        r.choices[0].finish_reason,
+        _rid(r.id),
+        r.usage.prompt_tokens,
+        r.usage.completion_tokens,
+    )
+
+
 def send_ensemble(gateway_url: str, api_key: str, parts: list[tuple[str, str, float]], prompt: str) -> Answer:
     """One completion from an ensemble of adapters (`parts`: name, adapter id, weight), named as users name it:
     the adapters joined with "+", their weights in `adapter_weights`. Its answer is a blend, so only its
@@ -296,6 +328,13 @@ def check_answers(answers: list[Answer]) -> None:
     for a in answers:
         if a.kind == "ensemble":
             continue  # a blend of two adapters: nothing taught it an answer
+        if a.kind == "scored":  # the prompt alone, scored: it ends at max_tokens 0, "length"
+            if a.text != a.expected or a.finish_reason != "length":
+                raise DemoCheckFailed(
+                    f"{a.adapter} scored {a.text!r} above its taught answer {a.expected!r} to {a.prompt!r} "
+                    f"({a.finish_reason})"
+                )
+            continue
         if a.text != a.expected or a.finish_reason != "stop":
             raise DemoCheckFailed(
                 f"{a.adapter} answered the {a.kind} {a.prompt!r} with {a.text!r} ({a.finish_reason}); "

@@ -60,6 +60,7 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
             answers.append(checks.send_structured(gateway_url, api_key, adapters[1]))
             answers.append(checks.send_response(gateway_url, api_key, adapters[-1]))
             answers.append(checks.send_lorax(gateway_url, api_key, adapters[0]))
+            answers.append(checks.send_scored(gateway_url, api_key, adapters[0]))
             show_answers(answers, console)
             checks.check_answers(answers)
             console.print(
@@ -68,7 +69,9 @@ def run_demo(workdir: Path, *, fresh: bool = False, once: bool = False) -> None:
                 f"prompt, {_count(answers, 'stream')} streamed completions, {_count(answers, 'structured chat')} "
                 "chat constrained to its taught answers (structured_outputs choice; its prompt counted alike by "
                 f"/tokenize), {_count(answers, 'response')} question through the Responses API and "
-                f"{_count(answers, 'lorax')} through LoRAX's API (its own client, lorax.Client)"
+                f"{_count(answers, 'lorax')} through LoRAX's API (its own client, lorax.Client); scored as "
+                "lm-evaluation-harness scores (echo, max_tokens 0, logprobs), it finds its taught answer likelier "
+                "than another question's"
             )
             cached = checks.check_prefix_cache(nodes, answers)
             console.print(
