@@ -113,10 +113,6 @@ MAX_SCHEMA_BYTES = 64 << 10
 MAX_GUIDED_PATTERN_CHARS = 4096
 MAX_GUIDED_CHOICES = 256
 MAX_GUIDED_CHOICE_CHARS = 1024
-# a grammar (vLLM's guided_grammar: llguidance's Lark, or GBNF as llama.cpp and xgrammar write it) of at most this
-# many characters: turning GBNF into Lark is Python work on the node's compile thread that grows faster than the
-# text (its worst grammars here: 45 ms at 8 KiB, 160 ms at 16 KiB), as a refused schema costs up to ~45 ms
-MAX_GUIDED_GRAMMAR_CHARS = 8192
 # a guided answer's shape as the node's generate call takes it: {"type": kind} and the kind's one field
 # json_or_tool_calls: JSON the schema validates (null: any JSON object), or 1 to max_calls tool calls, each a call
 # object `calls` validates between TOOL_CALL_OPEN and TOOL_CALL_CLOSE (an answer with tools the model may call, and a
@@ -126,7 +122,6 @@ GUIDED_WIRE_FIELDS = {
     "json_schema": ("schema",),
     "regex": ("pattern",),
     "choice": ("choices",),
-    "grammar": ("grammar",),
     "json_or_tool_calls": ("schema", "calls", "max_calls"),
 }
 # how a model writes a tool call in text (the Hermes / Qwen format, which the tiny bases' template writes too)
@@ -136,8 +131,8 @@ MAX_GUIDED_CALLS = 8  # tool calls one constrained answer may make
 
 def guided_shape(kind: str, *values: object) -> dict:
     """The generate call's `guided` value: guided_shape("json_schema", schema), guided_shape("regex", pattern),
-    guided_shape("choice", strings), guided_shape("grammar", text), guided_shape("json_object"),
-    guided_shape("json_or_tool_calls", schema, calls, max_calls)."""
+    guided_shape("choice", strings), guided_shape("json_object"), guided_shape("json_or_tool_calls", schema,
+    calls, max_calls)."""
     return {"type": kind} | dict(zip(GUIDED_WIRE_FIELDS[kind], values, strict=True))
 
 

@@ -419,6 +419,14 @@ class ServedRequest:
                 return min(s.max_max_tokens, room)
             wanted = 1  # not even one token fits: refused below
         max_tokens = wanted if wanted is not None else s.default_max_tokens
+        if wanted == 0 and context is not None and prompt >= context:
+            raise BadRequest(
+                f"This model's maximum context length is {context} tokens and your prompt has {prompt}: echo with "
+                "max_tokens 0 scores a prompt of at most one token less (the node makes one token to get there, "
+                "never shown). Please reduce the length of the prompt.",
+                code="context_length_exceeded",
+                param=req.PROMPT_FIELD,
+            )
         max_tokens = max(max_tokens, 1)  # echo alone (0): the node makes one token, never shown
         if context is not None and prompt + max_tokens > context:
             where = "in your prompt" if req.PROMPT_FIELD == "prompt" else f"in the {req.PROMPT_FIELD}"

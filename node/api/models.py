@@ -111,7 +111,7 @@ class GenerateBody(BaseModel):
     logprobs: Logprobs = None
     prompt_logprobs: Logprobs = None
     # {"type": "json_object"} | {"type": "json_schema", "schema": {...}} | {"type": "regex", "pattern": "..."} |
-    # {"type": "choice", "choices": [...]} | {"type": "grammar", "grammar": "..."}: checked by node.engine.grammar
+    # {"type": "choice", "choices": [...]}: checked by node.engine.grammar
     guided: dict | None = None
     # requests share cached prompt KV only under the same salt: the gateway gives each API key its own, so no
     # client learns from its cached_tokens (or its speed) what another client's prompts were

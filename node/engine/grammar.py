@@ -1,7 +1,7 @@
-"""Guided decoding: a request's `guided` value (a JSON schema, any JSON object, a regular expression, a choice
-of strings held as the regular expression of them, or a context-free grammar) -> a grammar compiled once per
-spec, with its first mask -> per sequence a matcher that writes each step's allowed tokens into one bitmask row ->
-the rows' logits masked in place.
+"""Guided decoding: a request's `guided` value (a JSON schema, any JSON object, a regular expression, or a choice
+of strings held as the regular expression of them) -> a grammar compiled once per spec, with its first mask ->
+per sequence a matcher that writes each step's allowed tokens into one bitmask row -> the rows' logits masked in
+place.
 
 The grammar library is llguidance, chosen over xgrammar by bench/grammar.py (CPU, 2 shared cores, 2026-12-03;
 both libraries given the same byte-level BPE tokenizers of 320, 32,000 and 76,357 tokens; compile = compile + first
@@ -31,10 +31,6 @@ additionalProperties is honoured as written, as OpenAI's strict mode has it). Th
 WHITESPACE_MAX whitespace characters between tokens (enough to pretty-print 15 levels at indent 4, few enough
 that a model stuck on newlines is pushed on) and none before or after the value, so an object's grammar is
 complete exactly at its closing brace.
-
-A grammar (vLLM's guided_grammar) is llguidance's Lark (docs/syntax.md of llguidance: Earley parsing, regex
-terminals, inline `%json` schemas) or GBNF as llama.cpp and xgrammar write it (`root ::= ...`), which llguidance's
-own converter turns into Lark; either is held to the same bounds as a schema.
 """
 
 from __future__ import annotations
@@ -55,7 +51,6 @@ from common.wire import (
     MAX_GUIDED_CALLS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
-    MAX_GUIDED_GRAMMAR_CHARS,
     MAX_GUIDED_PATTERN_CHARS,
     MAX_SCHEMA_BYTES,
     TOOL_CALL_CLOSE,
@@ -87,11 +82,11 @@ MAX_GRAMMAR_SIZE = 20_000
 # default and then 140 ms for every step's mask, on the engine thread, for every request batched beside it.
 # At 100,000 it is refused in about 30 ms (its first mask allows nothing), and `(x{100}){100}` still compiles.
 INITIAL_LEXER_FUEL = 100_000
-# The CPU time one token's mask may take. Fuel does not bound every case: GBNF of two nested counted repetitions
-# (`root ::= a{300}` with `a ::= b{300}`, 42 characters) compiled, then took 48 ms of the engine thread for every
-# token. A mask past this fails its request (CPU time of the thread, not wall time: a busy machine does not make
-# an honest grammar fail), and a grammar whose first mask is past it is refused when compiled. Honest masks take
-# microseconds to a millisecond.
+# The CPU time one token's mask may take: a backstop where fuel does not bound the work (a grammar of two nested
+# counted repetitions, tried for vLLM's guided_grammar, compiled and then took 48 ms of the engine thread for every
+# token). A mask past this fails its request (CPU time of the thread, not wall time: a busy machine does not make
+# an honest schema fail), and a spec whose first mask is past it is refused when compiled. Honest masks take
+# microseconds to a few milliseconds.
 MAX_MASK_CPU_S = 0.02
 _ERROR_CHARS = 200
 
@@ -107,16 +102,15 @@ def _one_line(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class GuidedSpec:
-    """What a sequence's text must be: any JSON object, JSON valid against a schema, text a regular expression
-    matches whole, or text a grammar derives. Hashable: the cache key."""
+    """What a sequence's text must be: any JSON object, JSON valid against a schema, or text a regular expression
+    matches whole. Hashable: the cache key."""
 
-    type: str  # "json_object" | "json_schema" | "regex" | "grammar" | "json_or_tool_calls"
+    type: str  # "json_object" | "json_schema" | "regex" | "json_or_tool_calls"
     # the schema as compact JSON, keys in the client's order (json_schema; json_or_tool_calls' answer, or None)
     schema: str | None = None
     pattern: str | None = None  # the regular expression (regex only)
     calls: str | None = None  # json_or_tool_calls: the schema of one call object, as compact JSON
     max_calls: int = 0  # json_or_tool_calls: the most calls
-    grammar: str | None = None  # the grammar, Lark or GBNF (grammar only)
 
     def __post_init__(self) -> None:
         if self.type not in GUIDED_TYPES:
@@ -127,8 +121,6 @@ class GuidedSpec:
             raise GrammarError(f"guided.schema does not go with type {self.type}")
         if (self.type == "regex") != isinstance(self.pattern, str):
             raise GrammarError("guided.pattern is required with type regex, and only with it")
-        if (self.type == "grammar") != isinstance(self.grammar, str):
-            raise GrammarError("guided.grammar is required with type grammar, and only with it")
         calling = self.type == "json_or_tool_calls"
         if calling != isinstance(self.calls, str) or calling != (1 <= self.max_calls <= MAX_GUIDED_CALLS):
             raise GrammarError(
@@ -160,8 +152,6 @@ class GuidedSpec:
             return cls("regex", pattern=_pattern(obj.get("pattern")))
         if kind == "choice":
             return cls("regex", pattern=_choice_pattern(obj.get("choices")))
-        if kind == "grammar":
-            return cls("grammar", grammar=_grammar_text(obj.get("grammar")))
         if kind == "json_or_tool_calls":
             n = obj.get("max_calls")
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_GUIDED_CALLS:
@@ -215,26 +205,6 @@ def _pattern(pattern) -> str:
     if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_GUIDED_PATTERN_CHARS:
         raise GrammarError(f"guided.pattern must be a regular expression of 1 to {MAX_GUIDED_PATTERN_CHARS} characters")
     return pattern
-
-
-def _grammar_text(grammar) -> str:
-    if not isinstance(grammar, str) or not 0 < len(grammar) <= MAX_GUIDED_GRAMMAR_CHARS:
-        raise GrammarError(f"guided.grammar must be a grammar of 1 to {MAX_GUIDED_GRAMMAR_CHARS} characters")
-    return grammar
-
-
-def _lark(grammar: str) -> str:
-    """A grammar as llguidance's Lark: as given, or turned from GBNF by llguidance's converter (pure Python, on
-    the compile thread: its input is bounded by MAX_GUIDED_GRAMMAR_CHARS). ValueError, on one line, when it is
-    neither."""
-    from llguidance.gbnf_to_lark import any_to_lark
-
-    try:
-        return any_to_lark(grammar)
-    except RecursionError:
-        raise ValueError("it nests too deeply") from None
-    except Exception as e:  # the converter raises its own error type, and others on what it cannot follow
-        raise ValueError(f"it is neither Lark nor GBNF: {_one_line(str(e)) or type(e).__name__}") from None
 
 
 def _choice_pattern(choices) -> str:
@@ -355,12 +325,10 @@ class Grammars:
 
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
-        field = {"regex": "pattern", "json_or_tool_calls": "calls", "grammar": "grammar"}.get(spec.type, "schema")
+        field = {"regex": "pattern", "json_or_tool_calls": "calls"}.get(spec.type, "schema")
         try:
             if spec.type == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.pattern)
-            elif spec.type == "grammar":
-                grammar = LLMatcher.grammar_from_lark(_lark(spec.grammar))
             elif spec.type == "json_or_tool_calls":
                 grammar = LLMatcher.grammar_from_lark(spec.lark())
             else:

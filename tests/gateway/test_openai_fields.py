@@ -163,6 +163,10 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_alone(served, oai):
     assert [x.text for x in many.choices] == [PROMPT, PROMPT, "Once upon", "Once upon"]
     refused(lambda: complete(oai, max_tokens=0), "max_tokens")
     refused(lambda: complete(oai, echo=True, max_tokens=0, extra_body={"min_tokens": 1}), "min_tokens")
+    # a prompt filling the whole context (512): one token less is the most that can be scored, and the error says why
+    whole = [5 + (i % 200) for i in range(512)]
+    assert "one token less" in refused(lambda: complete(oai, prompt=whole, echo=True, max_tokens=0), "prompt")
+    assert len(complete(oai, prompt=whole[:511], echo=True, max_tokens=0, logprobs=0).choices[0].logprobs.tokens) == 511
     refused(lambda: chat(oai, max_tokens=0), "max_tokens")
 
 
@@ -259,7 +263,7 @@ def test_best_of_equal_to_n_streams_as_n(oai):
 def test_vllm_structured_outputs_and_guided_fields(oai):
     """vLLM's structured_outputs (choice, regex, json, json_object) and the guided_* fields it had before: each
     answer, from random weights, has the shape asked; two constraints, or one the node cannot compile, are refused
-    naming the field."""
+    naming the field; structured_outputs.grammar (a backend's own dialect) is refused by name."""
     import json
     import re
 
@@ -289,42 +293,9 @@ def test_vllm_structured_outputs_and_guided_fields(oai):
     refused(lambda: chat(oai, extra_body={"guided_regex": "a", "guided_choice": ["b"]}), "guided_choice")
     fmt = {"type": "json_object"}
     refused(lambda: chat(oai, response_format=fmt, extra_body={"guided_regex": "a"}), "guided_regex")
-    message = refused(
-        lambda: chat(oai, extra_body={"structured_outputs": {"grammar": "root ::= x"}}), "structured_outputs"
-    )
-    assert "guided.grammar" in message
-    refused(
-        lambda: chat(oai, extra_body={"structured_outputs": {"grammar": "start: x", "regex": "x"}}),
-        "structured_outputs",
-    )
+    refused(lambda: chat(oai, extra_body={"structured_outputs": {"grammar": "root ::= x"}}), "structured_outputs")
     refused(lambda: chat(oai, extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs")
     assert "guided.pattern" in refused(lambda: complete(oai, extra_body={"guided_regex": "(unclosed"}), "guided_regex")
-
-
-def test_vllm_guided_grammar_in_gbnf_or_lark(oai):
-    """vLLM's guided_grammar and structured_outputs.grammar: GBNF, as vLLM's default backend (xgrammar) and
-    llama.cpp write it, or llguidance's Lark, as its guidance backend takes it. They were refused by name. Every
-    answer, sampled from random weights, is a sentence of the grammar."""
-    import re
-
-    gbnf = 'root ::= "SELECT " col " FROM " table\ncol ::= "id" | "name" | "*"\ntable ::= "users" | "orders"\n'
-    lark = 'start: "SELECT " col " FROM " table\ncol: "id" | "name" | "*"\ntable: "users" | "orders"\n'
-    sentence = r"SELECT (id|name|\*) FROM (users|orders)"
-    for extra in ({"guided_grammar": gbnf}, {"guided_grammar": lark}, {"structured_outputs": {"grammar": gbnf}}):
-        for seed in (1, 2):
-            got = complete(oai, temperature=1, seed=seed, max_tokens=40, extra_body=extra).choices[0]
-            assert re.fullmatch(sentence, got.text) and got.finish_reason == "stop", (extra, got)
-    got = chat(oai, temperature=1, seed=3, max_tokens=40, extra_body={"guided_grammar": lark}).choices[0]
-    assert re.fullmatch(sentence, got.message.content) and got.finish_reason == "stop"
-    assert "guided.grammar cannot be read" in refused(
-        lambda: complete(oai, extra_body={"guided_grammar": "root ::= ::= |||"}), "guided_grammar"
-    )
-    assert "mask took" in refused(
-        lambda: complete(oai, extra_body={"guided_grammar": 'root ::= a{300}\na ::= b{300}\nb ::= "x" "y"'}),
-        "guided_grammar",
-    )
-    refused(lambda: complete(oai, extra_body={"guided_grammar": "x" * 8193}), "guided_grammar")
-    refused(lambda: complete(oai, extra_body={"guided_grammar": lark, "guided_regex": "a"}), "guided_grammar")
 
 
 def test_continuous_usage_stats_give_the_usage_so_far_on_every_chunk(oai):

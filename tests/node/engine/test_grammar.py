@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from common.wire import MAX_GUIDED_CHOICES, MAX_GUIDED_GRAMMAR_CHARS, MAX_GUIDED_PATTERN_CHARS
+from common.wire import MAX_GUIDED_CHOICES, MAX_GUIDED_PATTERN_CHARS
 from node.engine import grammar
 from node.engine.grammar import (
     MAX_SCHEMA_BYTES,
@@ -262,68 +262,6 @@ def test_a_choice_is_one_of_its_strings_taken_literally_and_a_regex_matches_whol
         grammars.matcher(GuidedSpec.from_wire({"type": "regex", "pattern": "(unclosed"}))
 
 
-# vLLM's guided_grammar: the same language in GBNF (as its default backend, xgrammar, and llama.cpp write it) and
-# in llguidance's Lark
-SQL_GBNF = 'root ::= "SELECT " col " FROM " table\ncol ::= "id" | "name" | "*"\ntable ::= [a-z] [a-z] [a-z]+\n'
-SQL_LARK = 'start: "SELECT " col " FROM " TABLE\ncol: "id" | "name" | "*"\nTABLE: /[a-z]{3,}/\n'
-SQL = re.compile(r"SELECT (id|name|\*) FROM [a-z]{3,}")
-
-
-@pytest.mark.parametrize("text", [SQL_GBNF, SQL_LARK], ids=["gbnf", "lark"])
-def test_a_grammar_in_gbnf_or_lark_takes_exactly_its_language(tok, grammars, text):
-    g = GuidedSpec.from_wire({"type": "grammar", "grammar": text})
-
-    def takes(sentence: str) -> bool:
-        m = grammars.matcher(g)
-        return all(m.accept(t) for t in tok.encode(sentence, add_special_tokens=False)) and m.accepting
-
-    for sentence in ("SELECT id FROM users", "SELECT * FROM abc", "SELECT name FROM zzzzzzzz"):
-        assert takes(sentence), sentence
-    for sentence in ("SELECT id FROM us", "select id FROM users", "SELECT idd FROM users", "SELECT id FROM users;"):
-        assert not takes(sentence), sentence
-    # random logits through the mask: every text it ends on (EOS, allowed only where the text is complete) is
-    # a sentence of the language
-    mask, ends = grammars.new_bitmask(1), 0
-    for seed in range(8):
-        m, gen, ids = grammars.matcher(g), torch.Generator().manual_seed(seed), []
-        bias = torch.zeros(WIDTH)
-        bias[EOS] = 3.0  # the table's letters may go on for ever: lean towards ending where it may
-        while len(ids) < 60:
-            m.fill(mask, 0)
-            logits = torch.randn(1, WIDTH, generator=gen) * 3 + bias
-            apply_bitmask(logits, mask)
-            t = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
-            if t == EOS:
-                assert m.accepting
-                ends += 1
-                break
-            assert m.accept(t)
-            ids.append(t)
-        assert SQL.match(text_of(tok, ids)), text_of(tok, ids)
-    assert ends >= 6
-
-
-@pytest.mark.parametrize(
-    "text, words",
-    [
-        ("root ::= missing", "cannot"),  # a rule that is not defined
-        ("root ::= ::= ||| (", "cannot be read"),
-        ('start: "a" | %json {"type": "nonsense"}', "cannot"),  # an inline schema is held to the same rules
-        # 42 characters: compiled, then 48 ms of the engine thread a token (MAX_MASK_CPU_S)
-        ('root ::= a{300}\na ::= b{300}\nb ::= "x" "y"', "mask took"),
-        ("start: /((xy){300}){300}/", "cannot be enforced"),
-    ],
-    ids=["undefined", "junk", "inline-schema", "nested-counts", "nested-regex"],
-)
-def test_a_grammar_the_node_cannot_take_is_a_one_line_grammar_error(grammars, text, words):
-    g = GuidedSpec.from_wire({"type": "grammar", "grammar": text[:MAX_GUIDED_GRAMMAR_CHARS]})
-    with pytest.raises(GrammarError, match=words) as e:
-        grammars.matcher(g)
-    msg = str(e.value)
-    assert msg.startswith("guided.grammar") and "\n" not in msg and len(msg) < 300
-    assert not grammars.cached(g)
-
-
 @pytest.mark.parametrize("pattern", ["(x{1000}){1000}", "((xy){300}){300}"])
 def test_a_regex_whose_masks_cost_too_much_is_refused_when_compiled(grammars, pattern):
     """15 characters of guided_regex took 0.8 s to compile on the node's one compile thread, then 140 ms of the
@@ -361,11 +299,6 @@ def test_from_wire_accepts_the_two_shapes():
         ({}, "guided.type"),
         ({"type": "lark", "grammar": "start: x"}, "guided.type"),  # a grammar dialect: not taken
         ({"type": "regex", "schema": {}}, "unknown field"),
-        ({"type": "grammar"}, "guided.grammar must be"),
-        ({"type": "grammar", "grammar": ""}, "guided.grammar must be"),
-        ({"type": "grammar", "grammar": {"rules": []}}, "guided.grammar must be"),
-        ({"type": "grammar", "grammar": "x" * (MAX_GUIDED_GRAMMAR_CHARS + 1)}, "guided.grammar must be"),
-        ({"type": "grammar", "grammar": "start: x", "pattern": "x"}, "unknown field"),
         ({"type": "regex"}, "guided.pattern must be"),
         ({"type": "regex", "pattern": "x" * (MAX_GUIDED_PATTERN_CHARS + 1)}, "guided.pattern must be"),
         ({"type": "choice", "choices": []}, "guided.choices must be a list"),
