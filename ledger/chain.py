@@ -48,7 +48,8 @@ from ledger.types import (
 log = logging.getLogger(__name__)
 
 
-# blocks one eth_getLogs reads (ChainClient.events): what hosted providers commonly allow (some allow fewer)
+# blocks one eth_getLogs reads (ChainClient.events, settled_records): what hosted providers commonly allow (some
+# allow fewer; devnet/explorer/logs.py adapts its span, these readers do not)
 LOG_SPAN = 10_000
 SETTLE_SIGNATURE = "settleBatch(bytes32,bytes32,uint64,bytes32[],bytes32[],bytes,uint256[])"
 SETTLE_SELECTOR = function_signature_to_4byte_selector(SETTLE_SIGNATURE)

@@ -144,7 +144,9 @@ class NodeDaemon:
         self.heartbeat: HeartbeatSender | None = None
         self.fetched = self.fetched_bytes = 0  # adapters fetched through the mesh, and their package bytes
         self.source_fetches = 0  # adapters fetched from the operator's sources
-        self.settlers = SettlerRoster(self.chain.settler_changes) if self.chain is not None else None
+        # the ledger's settlers, whose gateways may say hello: none when the operator lists the gateways to trust
+        takes_hellos = self.chain is not None and not config.trusted_gateway_keys
+        self.settlers = SettlerRoster(self.chain.settler_changes) if takes_hellos else None
         restore_recursion_limit()  # the chain libraries imported above raise it to 100,000 (py_ecc)
 
     def trusted_gateways(self) -> frozenset[str]:
@@ -232,7 +234,7 @@ class NodeDaemon:
         try:
             settler = await self.settlers.check(body["settler"])
         except SettlerUnknown as e:
-            raise ApiError(503, str(e), "chain_unavailable") from None
+            raise ApiError(503, str(e), "settlers_unknown") from None
         if not settler:
             raise ApiError(403, f"{body['settler']} is not a settler on the ledger: no node serves it", "not_settler")
         try:
@@ -242,21 +244,28 @@ class NodeDaemon:
         # meant for the key this node trusts at that URL: a hello naming a new key for a known URL does not make
         # the node take it (the URL is asked), and the gateway must not be told otherwise
         url = body["gateway_url"].rstrip("/")
-        return await self.heartbeat.heartbeat_doc(self.heartbeat.gateway_keys.get(url, body["gateway_key"]))
+        if url not in self.heartbeat.gateway_keys:  # the operator's gateway, its key not learned yet
+            raise ApiError(
+                409, "this node has not learned this gateway's key yet: it asks the URL itself", "gateway_key_unknown"
+            )
+        return await self.heartbeat.heartbeat_doc(self.heartbeat.gateway_keys[url])
 
-    async def _recheck_settlers(self, every_s: float = 60.0) -> None:
-        """Read the ledger's settlers again, whole, at start and every minute, and drop a gateway that said
-        hello once its settler has lost the role (a chain that does not answer keeps the gateway until it
-        does)."""
+    async def _recheck_settlers(self, every_s: float = 60.0, whole_every: int = 60) -> None:
+        """Read the ledger's settlers at start, then what changed every minute and the whole list every hour (a
+        grant a reorganisation undid is put right then), and drop a gateway that said hello once its settler
+        has lost the role. A chain that does not answer keeps every gateway, and is asked again in 5 s."""
+        rounds = 0
         while True:
             try:
-                await self.settlers.sync(from_start=True)
+                await self.settlers.sync(from_start=rounds % whole_every == 0)
             except SettlerUnknown as e:
                 log.warning("%s", e)
-            else:
-                for url, settler in list(self.heartbeat.greeted.items()) if self.heartbeat is not None else ():
-                    if settler.lower() not in self.settlers.settlers:
-                        self.heartbeat.forget(url, f"its settler {settler} is no longer a settler on the ledger")
+                await asyncio.sleep(min(every_s, 5.0))
+                continue
+            rounds += 1
+            for url, settler in list(self.heartbeat.greeted.items()) if self.heartbeat is not None else ():
+                if settler.lower() not in self.settlers.settlers:
+                    self.heartbeat.forget(url, f"its settler {settler} is no longer a settler on the ledger")
             await asyncio.sleep(every_s)
 
     async def _refresh_peers(self, every_s: float = REGISTRY_PEERS_S) -> None:

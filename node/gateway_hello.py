@@ -8,9 +8,10 @@ an EVM account the ledger grants the settler role. That role is what makes a str
 serving: the ledger's admin vetted the account, and its deposit pays the node for what it serves.
 
 The node checks the shape, that the hello is meant for it and fresh, the signature, and (on chain) that
-the signer is a settler; then it heartbeats to the URL, trusts the named key for that URL at once (the
-gateway's first call may follow the hello), and answers with its own signed heartbeat, which the gateway
-takes as if it had been pushed. A captured hello replayed to the same node within the skew only names
+the signer is a settler; then it heartbeats to the URL, trusts the named key for a URL new to it at once (the
+gateway's first call may follow the hello; a known URL keeps the key it answered, and an operator's URL takes none
+from a hello), and answers with its own signed heartbeat for the key it trusts there, which the gateway takes as
+if it had been pushed. A captured hello replayed to the same node within the skew only names
 the same gateway again; it cannot be replayed to another node.
 """
 
@@ -130,8 +131,10 @@ class SettlerRoster:
     `read_changes(from_block)` is blocking (the chain client's `settler_changes`): it returns the block read
     up to and the (address, granted) changes from `from_block` on, in chain order; `from_block` None reads
     from the ledger's deployment.
+    Until the first read has answered (the daemon's sweep makes it at start), a hello joins the read in flight or
+    is SettlerUnknown: strangers' hellos never start reads of the whole roster.
     A grant or revocation that a reorganisation later undoes stays as read until the daemon's sweep reads the
-    whole roster again (every minute)."""
+    whole roster again (every hour)."""
 
     def __init__(self, read_changes, *, min_gap_s: float = 1.0, max_waiting: int = 64, clock=time.monotonic) -> None:
         self.read_changes = read_changes
@@ -140,9 +143,9 @@ class SettlerRoster:
         self.clock = clock
         self.settlers: set[str] = set()
         self.next_block: int | None = None  # the first block the next sync reads (None: not synced yet)
-        self.syncs = 0  # chain questions asked (tests and /metrics read it)
+        self.syncs = 0  # chain questions asked (tests read it)
         self._sync: asyncio.Task | None = None  # the sync running or waiting for its turn
-        self._reading = False  # whether self._sync has begun reading the chain
+        self._reader: asyncio.Task | None = None  # the sync that has begun reading the chain
         self._sync_started = -float("inf")
         self._waiting = 0
 
@@ -154,9 +157,12 @@ class SettlerRoster:
             return True
         if self._waiting >= self.max_waiting:  # not a no: the account may be a settler granted since the last read
             raise SettlerUnknown("too many hellos are waiting for the chain's list of settlers; try again shortly")
+        first = self._sync if self.next_block is None and self._sync is not None and not self._sync.done() else None
+        if self.next_block is None and first is None:
+            raise SettlerUnknown("this node has not read the ledger's settlers yet; try again shortly")
         self._waiting += 1
         try:
-            await self.sync()
+            await (asyncio.shield(first) if first is not None else self.sync())
         finally:
             self._waiting -= 1
         return address in self.settlers
@@ -166,10 +172,9 @@ class SettlerRoster:
         waiting for its turn is joined, so any number of callers share it); SettlerUnknown when the chain does
         not answer. `from_start` reads the whole roster again (the daemon's sweep)."""
         task = self._sync
-        if task is None or task.done() or self._reading or from_start:
+        if task is None or task.done() or task is self._reader or from_start:
             task = self._sync = asyncio.create_task(self._run_sync(task, from_start))
             task.add_done_callback(_retrieved)  # a sync whose waiters all left still ends quietly
-            self._reading = False
         await asyncio.shield(task)
 
     async def _run_sync(self, before: asyncio.Task | None, from_start: bool) -> None:
@@ -178,7 +183,7 @@ class SettlerRoster:
         wait = self._sync_started + self.min_gap_s - self.clock()
         if wait > 0:
             await asyncio.sleep(wait)
-        self._reading = True  # from here on, a new caller waits for the sync after this one
+        self._reader = asyncio.current_task()  # from here on, a new caller waits for the sync after this one
         self._sync_started = self.clock()
         self.syncs += 1
         start = None if from_start else self.next_block

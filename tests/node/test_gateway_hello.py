@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from common.identity import Identity
 from node import heartbeat as hb
+from node.api.errors import ApiError
 from node.gateway_hello import (
     MAX_HELLO_BYTES,
     HelloError,
@@ -153,7 +154,9 @@ def test_a_settler_on_the_roster_is_answered_with_no_chain_question():
     roster = SettlerRoster(chain, min_gap_s=0)
 
     async def run():
-        assert await roster.check("0xbb") is False  # the first sync reads the roster from the deployment on
+        with pytest.raises(SettlerUnknown, match="not read"):  # before the first read (the daemon's, at start)
+            await roster.check("0xaa")
+        await roster.sync(from_start=True)  # the first read: the roster from the deployment on
         assert await roster.check("0xAA") is True
         for _ in range(5):
             assert await roster.check("0xaa") is True
@@ -206,15 +209,40 @@ def test_past_max_waiting_a_hello_is_try_again_not_a_no(synced):
     async def run():
         if synced:
             await roster.sync()
+        else:  # hellos before the first read join it (strangers never start a read of the whole roster)
+            first = asyncio.create_task(roster.sync(from_start=True))
+            await asyncio.sleep(0)
         waiting = [asyncio.create_task(roster.check(f"0x{i:040x}")) for i in range(4)]
         await asyncio.sleep(0)
         with pytest.raises(SettlerUnknown, match="too many hellos"):
             await roster.check("0x" + "ee" * 20)  # at once: four already wait
         assert await asyncio.gather(*waiting) == [False] * 4
         assert await roster.check("0xaa") is True
+        if not synced:
+            await first
 
     asyncio.run(run())
     assert len(chain.asked) == (2 if synced else 1)
+
+
+def test_a_caller_joins_a_sync_still_waiting_its_turn_whichever_ran_before():
+    """A sweep queued behind an incremental read: a hello that comes while the first reads joins the sweep, and
+    does not start a fourth read (the flag saying a sync had begun reading named the wrong one)."""
+    chain = Chain({"0xaa"})
+    roster = SettlerRoster(chain, min_gap_s=0.05)
+
+    async def run():
+        await roster.sync(from_start=True)
+        b = asyncio.create_task(roster.sync())
+        await asyncio.sleep(0.06)  # b is reading or has read
+        c = asyncio.create_task(roster.sync(from_start=True))
+        await asyncio.sleep(0)
+        d = asyncio.create_task(roster.check("0xbb"))
+        await asyncio.gather(b, c)
+        assert await d is False
+
+    asyncio.run(run())
+    assert chain.asked == [None, 2, None], chain.asked
 
 
 def test_a_chain_that_is_down_is_settler_unknown_and_the_roster_stands():
@@ -360,5 +388,16 @@ def test_a_hello_naming_a_new_key_for_a_known_gateway_is_answered_for_the_key_th
         settlers=SettlerRoster(lambda start: (1, [(SETTLER.address.lower(), True)]), min_gap_s=0),
     )
     doc = make_hello(SETTLER, gateway_url="http://g:1", gateway_key="34" * 32, node_id=identity.node_id)
-    answer = asyncio.run(NodeDaemon._gateway_hello(daemon, doc))
+
+    async def hello(doc):
+        await daemon.settlers.sync(from_start=True)
+        return await NodeDaemon._gateway_hello(daemon, doc)
+
+    answer = asyncio.run(hello(doc))
     assert hb.verify_heartbeat(answer)["gateway_key"] == KEY and s.trusted_keys() == {KEY}
+    # the operator's gateway, its key not learned yet (down at start): no heartbeat for the hello's key
+    s.gateway_urls.append("http://operator:1")
+    doc = make_hello(SETTLER, gateway_url="http://operator:1", gateway_key="34" * 32, node_id=identity.node_id)
+    with pytest.raises(ApiError) as e:
+        asyncio.run(hello(doc))
+    assert (e.value.status, e.value.code) == (409, "gateway_key_unknown") and s.trusted_keys() == {KEY}
