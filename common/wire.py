@@ -161,6 +161,20 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def read_error(raw: bytes | str, *, max_bytes: int) -> tuple[object, str | None] | None:
+    """(message, code) of an answer in error_body's shape, from a stranger (parsed with parse_json, below):
+    the message as it is (None when absent), the code when it is a string; None when `raw` is no error body."""
+    try:
+        err = parse_json(raw, max_bytes=max_bytes, what="error answer")
+    except UntrustedJSONError:
+        return None
+    err = err.get("error") if isinstance(err, dict) else None
+    if not isinstance(err, dict):
+        return None
+    code = err.get("code")
+    return err.get("message"), code if isinstance(code, str) else None
+
+
 # ---- the one parser of untrusted JSON ---------------------------------------------------------------
 # Bytes from the network, from uploaded packages and from files a stranger may have written are parsed
 # here and nowhere else. Python's C decoder recurses once per nesting level and checks only the

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.http import bounded_call, read_capped
 from common.serving import KEEP_ALIVE_S as SERVER_KEEP_ALIVE_S
-from common.wire import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError, parse_json, read_error
 from node.request_auth import SignedNodeAuth, sign_request
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,11 @@ def _quoted(reason: str) -> str:
 
 
 def _error_of(status: int, text: str) -> tuple[str, str | None]:
-    try:
-        err = parse_json(text, max_bytes=MAX_ANSWER_BYTES, what="node error")["error"]
-        code = err.get("code")
-        return str(err.get("message") or text)[:500], code if isinstance(code, str) else None
-    except (ValueError, KeyError, TypeError, AttributeError):
+    got = read_error(text, max_bytes=MAX_ANSWER_BYTES)
+    if got is None:
         return text[:300] or f"HTTP {status}", None
+    message, code = got
+    return str(message or text)[:500], code
 
 
 def _object(body: bytes, what: str) -> dict | None:

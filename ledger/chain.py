@@ -762,12 +762,9 @@ class ChainClient:
         topics: list = [RECORDS_SETTLED_TOPIC, to_id(batch_id) if batch_id else None]
         if settler:
             topics.append("0x" + "00" * 12 + to_checksum_address(settler)[2:].lower())
-        start = self.deployment.deploy_block if from_block is None else from_block
-        end = self.block_number() if to_block == "latest" else int(to_block)
         logs = []
         with rpc_guard(self.rpc_url):
-            for first in range(start, end + 1, LOG_SPAN):  # a span at a time, as events() reads
-                last = min(first + LOG_SPAN - 1, end)
+            for first, last in self._spans(from_block, to_block):
                 logs += self.w3.eth.get_logs(
                     {"address": self.ledger.address, "fromBlock": first, "toBlock": last, "topics": topics}
                 )
@@ -804,12 +801,16 @@ class ChainClient:
         block then never read anything once the chain was that long). A log that does not decode is logged and
         left out: anyone can emit a registry event whose string is not UTF-8, and web3 fails the whole range on
         it, which stopped every reader at that block for good."""
+        out = []
+        for first, last in self._spans(from_block, to_block):
+            out += self._events_in(contract, event, first, last, filters)
+        return out
+
+    def _spans(self, from_block: int | None, to_block: int | str) -> list[tuple[int, int]]:
+        """The block range (from the deploy block by default; "latest" read now) as LOG_SPAN-long pieces."""
         start = self.deployment.deploy_block if from_block is None else from_block
         end = self.block_number() if to_block == "latest" else int(to_block)
-        out = []
-        for first in range(start, end + 1, LOG_SPAN):
-            out += self._events_in(contract, event, first, min(first + LOG_SPAN - 1, end), filters)
-        return out
+        return [(first, min(first + LOG_SPAN - 1, end)) for first in range(start, end + 1, LOG_SPAN)]
 
     def _events_in(self, contract: str, event: str, start: int, to_block: int, filters: dict | None) -> list:
         c = self.registry if contract == "registry" else self.ledger

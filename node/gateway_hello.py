@@ -143,7 +143,6 @@ class SettlerRoster:
         self.clock = clock
         self.settlers: set[str] = set()
         self.next_block: int | None = None  # the first block the next sync reads (None: not synced yet)
-        self.syncs = 0  # chain questions asked (tests read it)
         self._sync: asyncio.Task | None = None  # the sync running or waiting for its turn
         self._reader: asyncio.Task | None = None  # the sync that has begun reading the chain
         self._sync_started = -float("inf")
@@ -185,7 +184,6 @@ class SettlerRoster:
             await asyncio.sleep(wait)
         self._reader = asyncio.current_task()  # from here on, a new caller waits for the sync after this one
         self._sync_started = self.clock()
-        self.syncs += 1
         start = None if from_start else self.next_block
         try:
             last, changes = await asyncio.to_thread(self.read_changes, start)

@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.http import bounded_call
-from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
+from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, read_error, sha256_hex
 from node.request_auth import is_gateway_key
 
 log = logging.getLogger(__name__)
@@ -151,17 +151,6 @@ def gateway_key_of(answer: bytes, *, max_bytes: int) -> str | None:
     return key if all(c in "0123456789abcdef" for c in key) else None
 
 
-def _error_code(answer: bytes) -> str | None:
-    """The "code" of a gateway's JSON error answer ({"error": {"code": ...}}); None when it has none."""
-    try:
-        doc = parse_json(answer, max_bytes=MAX_HEARTBEAT_ANSWER_BYTES, what="gateway answer")
-    except UntrustedJSONError:
-        return None
-    error = doc.get("error") if isinstance(doc, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, str) else None
-
-
 class TooManyGateways(RuntimeError):
     """A hello from one gateway more than MAX_HELLO_GATEWAYS."""
 
@@ -209,7 +198,7 @@ class HeartbeatSender:
             status = await status
         return status
 
-    async def heartbeat_doc(self, gateway_key: str | None, status: dict | None = None) -> dict:
+    async def heartbeat_doc(self, gateway_key: str, status: dict | None = None) -> dict:
         """A heartbeat signed now for the gateway with `gateway_key` (what a beat sends, and what a hello is
         answered with)."""
         return make_heartbeat(
@@ -295,7 +284,8 @@ class HeartbeatSender:
         except httpx.HTTPError as e:
             self._failed(url, f"unreachable: {type(e).__name__}: {e}")
             return f"unreachable: {e}"
-        if status == 403 and _error_code(answer) == ANOTHER_GATEWAY:
+        refused = read_error(answer, max_bytes=MAX_HEARTBEAT_ANSWER_BYTES) if status == 403 else None
+        if refused is not None and refused[1] == ANOTHER_GATEWAY:
             # the gateway signs with another key now (a restart without --gateway-key-file makes a new one): ask
             # the URL for it again before the next beat, as at first contact; until then its calls are refused
             self.gateway_keys.pop(url, None)
