@@ -18,6 +18,7 @@ from common.wire import ZERO_ID, hex0x, id_bytes, node_id_of, to_id
 from ledger.artifacts import load_artifact
 from ledger.deployment import Deployment
 from ledger.errors import ChainUnavailable, DeploymentMismatch, LedgerError, SequenceMismatch, TransactionFailed
+from ledger.log_reader import MAX_SPAN, LogReader, web3_query
 from ledger.merkle import MaxPrices, MerkleTree, batch_id_for, pack_records, record_bounds, unpack_records
 from ledger.transport import (
     GAS_MARGIN,
@@ -48,9 +49,6 @@ from ledger.types import (
 log = logging.getLogger(__name__)
 
 
-# blocks one eth_getLogs reads (ChainClient.events, settled_records): what hosted providers commonly allow (some
-# allow fewer; devnet/explorer/logs.py adapts its span, these readers do not)
-LOG_SPAN = 10_000
 SETTLE_SIGNATURE = "settleBatch(bytes32,bytes32,uint64,bytes32[],bytes32[],bytes,uint256[])"
 SETTLE_SELECTOR = function_signature_to_4byte_selector(SETTLE_SIGNATURE)
 GET_BATCH_SELECTOR = function_signature_to_4byte_selector("getBatch(bytes32)")
@@ -143,6 +141,26 @@ def _same(got: object, wanted: object) -> bool:
     return got == wanted
 
 
+def _topics(topic: str, event_abi: dict, filters: dict) -> list:
+    """eth_getLogs topics for an event (`topic`, its signature's hash) and values of some of its indexed
+    arguments (static types only: the others' topics are hashes)."""
+    topics: list = [topic]
+    indexed = [i for i in event_abi["inputs"] if i.get("indexed")]
+    unknown = set(filters) - {i["name"] for i in indexed}
+    if unknown:
+        raise ValueError(f"{event_abi['name']} has no indexed argument {', '.join(sorted(unknown))}")
+    for arg in indexed:
+        if arg["name"] not in filters:
+            topics.append(None)
+        elif arg["type"] in ("string", "bytes") or arg["type"].endswith("]") or arg["type"].startswith("tuple"):
+            raise ValueError(f"{event_abi['name']}.{arg['name']} is hashed in its topic; filter after reading")
+        else:
+            topics.append(hex0x(abi_encode([arg["type"]], [filters[arg["name"]]])))
+    while topics[-1] is None:
+        topics.pop()
+    return topics
+
+
 class ChainClient:
     """One deployment, one (optional) signing account. Reverts raise ledger.errors classes."""
 
@@ -168,6 +186,8 @@ class ChainClient:
         # settleBatch gas limit by (records, adapters, nodes): one estimate per shape, raised when a batch
         # needs more (a batch's gas grows with each of the three, most with its adapters' datasets)
         self._settle_gas: dict[int, int] = {}
+        # events and settled records, read in spans the provider answers (the widest first: most allow it)
+        self.logs = LogReader(self.rpc_url, span=MAX_SPAN)
 
     @classmethod
     def from_deployment(
@@ -762,12 +782,8 @@ class ChainClient:
         topics: list = [RECORDS_SETTLED_TOPIC, to_id(batch_id) if batch_id else None]
         if settler:
             topics.append("0x" + "00" * 12 + to_checksum_address(settler)[2:].lower())
-        logs = []
-        with rpc_guard(self.rpc_url):
-            for first, last in self._spans(from_block, to_block):
-                logs += self.w3.eth.get_logs(
-                    {"address": self.ledger.address, "fromBlock": first, "toBlock": last, "topics": topics}
-                )
+        params = {"address": self.ledger.address, "topics": topics}
+        logs = [lg for chunk in self._chunks(from_block, to_block, params) for lg in chunk.logs]
         out: list[SettledRecord] = []
         for lg in sorted(logs, key=lambda x: (x["blockNumber"], x["logIndex"])):
             out.extend(decode_records_settled(lg))
@@ -796,48 +812,35 @@ class ChainClient:
         to_block: int | str = "latest",
         filters: dict | None = None,
     ) -> list:
-        """Decoded logs of one event ("registry" or "ledger"), from the deploy block by default, read LOG_SPAN
-        blocks at a time (hosted RPC providers refuse a longer eth_getLogs range, and a reader from the deploy
-        block then never read anything once the chain was that long). A log that does not decode is logged and
-        left out: anyone can emit a registry event whose string is not UTF-8, and web3 fails the whole range on
-        it, which stopped every reader at that block for good."""
-        out = []
-        for first, last in self._spans(from_block, to_block):
-            out += self._events_in(contract, event, first, last, filters)
-        return out
-
-    def _spans(self, from_block: int | None, to_block: int | str) -> list[tuple[int, int]]:
-        """The block range (from the deploy block by default; "latest" read now) as LOG_SPAN-long pieces."""
-        start = self.deployment.deploy_block if from_block is None else from_block
-        end = self.block_number() if to_block == "latest" else int(to_block)
-        return [(first, min(first + LOG_SPAN - 1, end)) for first in range(start, end + 1, LOG_SPAN)]
-
-    def _events_in(self, contract: str, event: str, start: int, to_block: int, filters: dict | None) -> list:
+        """Decoded logs of one event ("registry" or "ledger"), from the deploy block by default, read in spans of
+        blocks the provider answers (ledger.log_reader: hosted providers refuse a long eth_getLogs range, and a
+        reader from the deploy block then never read anything once the chain was that long). `filters` name
+        indexed arguments. A log that does not decode is logged and left out: anyone can emit a registry event
+        whose string is not UTF-8, and decoding the whole range at once failed on it, which stopped every reader
+        at that block for good."""
         c = self.registry if contract == "registry" else self.ledger
         ev = getattr(c.events, event)()
-        with rpc_guard(self.rpc_url):
-            try:
-                return list(ev.get_logs(from_block=start, to_block=to_block, argument_filters=filters or None))
-            except (ValueError, DecodingError, Web3Exception) as e:  # UnicodeDecodeError is a ValueError
-                failed = e
-            raw = self.w3.eth.get_logs(
-                {"address": c.address, "topics": [ev.topic], "fromBlock": start, "toBlock": to_block}
-            )
+        params = {"address": c.address, "topics": _topics(ev.topic, ev.abi, filters or {})}
         out = []
-        for lg in raw:
-            try:
-                got = ev.process_log(lg)
-            except (ValueError, DecodingError, Web3Exception) as e:
-                log.warning(
-                    "%s log %s of tx %s does not decode (%s); left out",
-                    event,
-                    lg.get("logIndex"),
-                    hex0x(bytes(lg.get("transactionHash") or b"")),
-                    type(e).__name__,
-                )
-                continue
-            if all(_same(got["args"].get(k), v) for k, v in (filters or {}).items()):
-                out.append(got)
-        if not raw:  # no log failed: the error was not one of them
-            raise failed
+        for chunk in self._chunks(from_block, to_block, params):
+            for lg in chunk.logs:
+                try:
+                    got = ev.process_log(lg)
+                except (ValueError, DecodingError, Web3Exception) as e:  # UnicodeDecodeError is a ValueError
+                    log.warning(
+                        "%s log %s of tx %s does not decode (%s); left out",
+                        event,
+                        lg.get("logIndex"),
+                        hex0x(bytes(lg.get("transactionHash") or b"")),
+                        type(e).__name__,
+                    )
+                    continue
+                if all(_same(got["args"].get(k), v) for k, v in (filters or {}).items()):
+                    out.append(got)
         return out
+
+    def _chunks(self, from_block: int | None, to_block: int | str, params: dict):
+        """The logs matching `params` over the block range (from the deploy block by default; "latest" read now)."""
+        start = self.deployment.deploy_block if from_block is None else from_block
+        end = self.block_number() if to_block == "latest" else int(to_block)
+        return self.logs.chunks(start, end, web3_query(self.w3, self.rpc_url, params))

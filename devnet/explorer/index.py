@@ -1,10 +1,10 @@
 """ChainIndex: our two contracts' events, decoded into the explorer's index database, block range by block range.
 
 `refresh()` reads the chain's head, then the logs of every block after the cursor up to head minus
-`confirmations` (devnet.explorer.logs: bounded queries), and applies each query's logs in one write
-transaction that also moves the cursor, so the index always stands at the end of a whole block and a
-restart resumes right after it. Before reading on, it checks that the chain still is the one indexed:
-another deployment, a head below the cursor (the chain was reset) or a cursor block whose hash changed
+`confirmations` (ledger.log_reader: queries bounded in blocks and logs, their span adapting), and applies
+each query's logs in one write transaction that also moves the cursor, so the index always stands at the end
+of a whole block and a restart resumes right after it. Before reading on, it checks that the chain still is
+the one indexed: another deployment, a head below the cursor (the chain was reset) or a cursor block whose hash changed
 (a reorg deeper than the confirmations) empties the index, which is then rebuilt from the deploy block.
 
 Sums the pages show (usage per adapter and node, accruals per account, tokens per block) are added up here,
@@ -22,7 +22,6 @@ from sqlmodel import Session, select
 
 from devnet.explorer import decode as D
 from devnet.explorer.index_db import IndexDatabase
-from devnet.explorer.logs import MAX_LOGS, MAX_SPAN, LogChunk, LogReader
 from devnet.explorer.settings import DEFAULT_CONFIRMATIONS
 from devnet.explorer.tables import (
     Accrual,
@@ -44,6 +43,7 @@ from devnet.explorer.tables import (
 from ledger import registry_events as RE
 from ledger.chain import ChainClient
 from ledger.errors import ChainUnavailable
+from ledger.log_reader import MAX_LOGS, MAX_SPAN, LogChunk, LogReader, raw_query
 from ledger.transport import rpc_guard, shown_url
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,8 @@ class ChainIndex:
         self.confirmations = confirmations
         self.topics = D.topic_map([client.registry, client.ledger])
         self.web3_events = D.Web3Events([client.registry, client.ledger])
-        self.reader = LogReader(
-            client.w3,
-            client.rpc_url,
-            [client.registry.address, client.ledger.address],
-            max_logs=max_logs,
-            max_span=max_span,
-        )
+        self.reader = LogReader(client.rpc_url, max_logs=max_logs, max_span=max_span)
+        self.query = raw_query(client.w3, client.rpc_url, {"address": [client.registry.address, client.ledger.address]})
         self.head = 0  # the chain's head at the last refresh
 
     # ------------------------------------------------------------------ the cursor
@@ -141,7 +136,7 @@ class ChainIndex:
         target = self.head - self.confirmations
         last = cursor.block
         try:
-            for chunk in self.reader.chunks(cursor.block + 1, target, stop):
+            for chunk in self.reader.chunks(cursor.block + 1, target, self.query, stop):
                 last = self._apply(chunk, expected=last)
         except IndexMoved:
             log.info("explorer index: moved by another explorer on the same data dir; reading on from there")

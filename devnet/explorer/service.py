@@ -25,7 +25,6 @@ from devnet.explorer.decode import Web3Events
 from devnet.explorer.index import ChainIndex
 from devnet.explorer.index_db import IndexDatabase
 from devnet.explorer.layout import when
-from devnet.explorer.logs import MAX_LOGS, MAX_SPAN
 from devnet.explorer.plots import MAX_SERIES, Point
 from devnet.explorer.proof import ProofCheck, check_record_proof
 from devnet.explorer.queries import IndexReads, Page, RecordView
@@ -35,6 +34,7 @@ from devnet.explorer.signature import SignatureCheck, check_record_signature
 from devnet.explorer.store import LedgerStore, open_ledger_db
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
+from ledger.log_reader import MAX_LOGS, MAX_SPAN
 from ledger.models import UsageRecord
 from ledger.rewards import RewardsSummary
 from ledger.transport import rpc_guard

@@ -135,32 +135,54 @@ def test_settler_changes_are_the_role_events_in_chain_order(anvil_chain):
     assert admin.settler_changes(last + 1)[1] == [(a.lower(), False)]
 
 
-def test_event_reads_go_a_span_of_blocks_at_a_time(anvil_chain, monkeypatch):
-    """A provider that refuses eth_getLogs over more than a few blocks (hosted ones cap the range) kept every
-    reader from the deploy block (the settler roster, the registry's nodes, settled records) from reading
-    anything once the chain was longer than that: they read LOG_SPAN blocks at a time now."""
-    from ledger import chain as chain_module
-
+def test_event_reads_find_the_span_of_blocks_the_provider_answers(anvil_chain, monkeypatch):
+    """A provider that refuses eth_getLogs over more than a few blocks (hosted and public ones cap the range,
+    many at 1,000-5,000 blocks) kept every reader from the deploy block (the settler roster, the registry's nodes,
+    settled records, rewards) from reading anything once the chain was longer than that: a fixed span of 10,000
+    blocks was asked. The span now halves on a refusal, stays under a refused size, and is kept for the next
+    read, so a reader pays the refusals once."""
     admin = anvil_chain.client(anvil_chain.admin)
     a = Account.create().address
     for _ in range(3):
         admin.grant_settler(a)
         admin.revoke_settler(a)
+    admin.w3.provider.make_request("anvil_mine", [20])
     whole = admin.settler_changes()
     settled = admin.settled_records()
-    span, asked = 4, []
+    rewards = admin.events("ledger", "RewardAccrued", filters={"account": anvil_chain.users[1].address})
+    cap, asked = 4, []
     real = admin.w3.eth.get_logs
 
     def capped(params):
         first, last = params["fromBlock"], params["toBlock"]
-        asked.append((first, last))
-        if not isinstance(last, int) or last - first >= span:
-            raise ValueError({"code": -32005, "message": f"query exceeds max block range {span}"})
+        asked.append(last - first + 1)
+        if last - first >= cap:
+            raise ValueError({"code": -32005, "message": f"query exceeds max block range {cap}"})
         return real(params)
 
-    monkeypatch.setattr(chain_module, "LOG_SPAN", span)
     monkeypatch.setattr(admin.w3.eth, "get_logs", capped)
     assert admin.settler_changes() == whole and (a.lower(), False) in whole[1]
+    blocks = admin.block_number() - anvil_chain.deployment.deploy_block + 1
+    assert blocks > 4 * cap
+    refused = [n for n in asked if n > cap]
+    # the whole range halved until answered (34, 17, 8 blocks), then the gap to the refused size halved (6, 5)
+    assert len(refused) <= 2 * blocks.bit_length() and admin.logs.span == cap
+    asked.clear()
     assert admin.settled_records() == settled
-    pages = -(-(admin.block_number() - anvil_chain.deployment.deploy_block + 1) // span)
-    assert len(asked) == 3 * pages and pages > 1  # two events of settler_changes, then settled_records
+    assert admin.events("ledger", "RewardAccrued", filters={"account": anvil_chain.users[1].address}) == rewards
+    assert max(asked) == cap and len(asked) == 2 * -(-blocks // cap)  # no refusal: the span was kept
+
+
+def test_event_filters_go_to_the_provider_as_topics(anvil_chain, monkeypatch):
+    """filters name indexed arguments and travel as topics (the provider sends only those logs); one naming an
+    argument that is not indexed is a programming error, not a silent read of everything."""
+    admin = anvil_chain.client(anvil_chain.admin)
+    a = Account.create().address
+    admin.grant_settler(a)
+    seen = []
+    real = admin.w3.eth.get_logs
+    monkeypatch.setattr(admin.w3.eth, "get_logs", lambda p: seen.append(p["topics"]) or real(p))
+    (got,) = admin.events("ledger", "SettlerGranted", filters={"settler": a})
+    assert got["args"]["settler"] == a and seen[0][1] == "0x" + "00" * 12 + a[2:].lower()
+    with pytest.raises(ValueError, match="no indexed argument amount"):
+        admin.events("ledger", "RewardAccrued", filters={"amount": 1})

@@ -11,8 +11,8 @@ import pytest
 
 from common.wire import hex0x
 from devnet.explorer import Explorer, create_app
-from devnet.explorer.logs import LogReader
 from devnet.explorer.store import LedgerStore, open_ledger_db
+from ledger.log_reader import LogReader, raw_query
 from ledger.types import SettleRecord
 from tests.devnet.explorer.htmlq import links
 from tests.utils.chain import forge_dataset_logs, rand_id, register_sample
@@ -105,8 +105,9 @@ def test_log_queries_are_bounded_in_logs_and_read_every_log_once(anvil_chain):
     whole = client.w3.provider.make_request(
         "eth_getLogs", [{"address": addresses, "fromBlock": hex(0), "toBlock": hex(head)}]
     )["result"]
-    reader = LogReader(client.w3, client.rpc_url, addresses, max_logs=4, span=64)
-    chunks = list(reader.chunks(anvil_chain.deployment.deploy_block, head))
+    reader = LogReader(client.rpc_url, max_logs=4, span=64)
+    query = raw_query(client.w3, client.rpc_url, {"address": addresses})
+    chunks = list(reader.chunks(anvil_chain.deployment.deploy_block, head, query))
     for c in chunks:  # a range of several blocks never holds more than max_logs; one block is taken whole
         assert len(c.logs) <= 4 or c.first == c.last, (c.first, c.last, len(c.logs))
     assert [c.first for c in chunks[1:]] == [c.last + 1 for c in chunks[:-1]] and chunks[-1].last == head
