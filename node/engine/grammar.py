@@ -21,7 +21,8 @@ mask, ms; fill and accept = median per token, us; per-token figures vary ~2x bet
   INITIAL_LEXER_FUEL), and the grammar's size is bounded (MAX_GRAMMAR_SIZE); a schema that needs more is an
   error, not a stalled engine, and a matcher that runs out partway fails its request (llm_engine._emit). Fuel
   did not bound every case (a 15-character regex: 140 ms a mask), so a mask's CPU time is checked too
-  (MAX_MASK_CPU_S): after it is paid, so it bounds a request to one slow mask a sequence, not below it.
+  (MAX_MASK_CPU_S), and so is the time a request's sequences spend in their grammars together in one step
+  (MAX_STEP_CPU_S): both after the time is paid, so a request costs at most one step's budget and one mask.
   xgrammar has no such bound (the hostile regex above: 0.6 s).
 - Per step both cost microseconds (a 16-row batch's masks: 40-75 us with llguidance, 12-400 us with xgrammar),
   far below a decode step; xgrammar's fill is faster on schemas, llguidance's on json_object at real vocabularies.
@@ -90,6 +91,12 @@ INITIAL_LEXER_FUEL = 100_000
 # an honest schema fail), and a spec whose first mask is past it is refused when compiled. Honest masks take
 # microseconds to a few milliseconds.
 MAX_MASK_CPU_S = 0.02
+# The CPU time one request's sequences may spend in their grammars together in one engine step (every mask and
+# every token accepted): one slow mask a sequence was the bound before, and a request of MAX_SEQUENCES (64)
+# sequences each just under MAX_MASK_CPU_S held every other request's step for about 1.3 s. Past it the
+# request fails, and its sequences' masks are not computed again. Honest requests spend a small part of it
+# (masks of tens to hundreds of microseconds, a few milliseconds at worst, times their sequences).
+MAX_STEP_CPU_S = 0.1
 _ERROR_CHARS = 200
 
 
@@ -226,19 +233,57 @@ def schema_json(schema: dict) -> bytes:
     return compact_json(schema)
 
 
+class StepBudget:
+    """The grammar CPU time a request's sequences spend together in one engine step (MAX_STEP_CPU_S), shared by
+    their matchers. Used by one thread at a time (the engine's)."""
+
+    __slots__ = ("step", "spent", "slow")
+
+    def __init__(self) -> None:
+        self.step = -1  # the engine step being counted
+        self.spent = 0.0  # CPU seconds spent in it
+        self.slow = ""  # why the request spent too much, once it did
+
+    def charge(self, seconds: float, step: int | None = None) -> None:
+        """Count `seconds` in `step` (None: the step counted last, where a token accepted belongs)."""
+        if step is not None and step != self.step:
+            self.step, self.spent = step, 0.0
+        self.spent += seconds
+        if self.spent > MAX_STEP_CPU_S and not self.slow:
+            self.slow = (
+                f"its sequences' grammars took {self.spent * 1000:.0f} ms of CPU in one step, more than the "
+                f"{MAX_STEP_CPU_S * 1000:.0f} ms this node allows a request"
+            )
+
+
 class Matcher:
     """One sequence's place in its grammar. Used by one thread at a time (the engine's)."""
 
-    __slots__ = ("_m", "_words", "_vocab", "_slow")
+    __slots__ = ("_m", "_words", "_vocab", "_slow", "_budget", "_end_row")
 
-    def __init__(self, inner, vocab_size: int) -> None:
+    def __init__(
+        self, inner, vocab_size: int, budget: StepBudget | None = None, end_row: torch.Tensor | None = None
+    ) -> None:
         self._m = inner  # llguidance.LLMatcher
         self._vocab = vocab_size
         self._words = (vocab_size + 31) // 32
-        self._slow = ""  # why a mask took too long (MAX_MASK_CPU_S), once one did
+        self._end_row = end_row  # a mask row allowing only the end tokens (Grammars.end_row)
+        self._slow = ""  # why a mask or a token took too long (MAX_MASK_CPU_S), once one did
+        self._budget = budget if budget is not None else StepBudget()  # shared by a request's sequences
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into bitmask[row] (bit t of the row: token t may come next)."""
+    def _charge(self, started: float, step: int | None, what: str) -> None:
+        spent = time.thread_time() - started
+        if spent > MAX_MASK_CPU_S and not self._slow:
+            self._slow = (
+                f"{what} took {spent * 1000:.0f} ms of CPU, more than the {MAX_MASK_CPU_S * 1000:.0f} ms "
+                "this node allows"
+            )
+        self._budget.charge(spent, step)
+
+    def fill(self, bitmask: torch.Tensor, row: int, step: int = 0) -> None:
+        """Write the allowed next tokens into bitmask[row] (bit t of the row: token t may come next) in engine
+        step `step`. A matcher already too slow (a mask, or its request's step) is not asked again: the row allows
+        only the end tokens, as llguidance's own does once it fails, and the request fails on this step's token."""
         # checked on every call: the library writes through a raw pointer
         if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or bitmask.dim() != 2:
             raise ValueError(f"bitmask must be a 2-D int32 CPU tensor, got {bitmask.dtype} {tuple(bitmask.shape)}")
@@ -246,26 +291,28 @@ class Matcher:
             raise ValueError(f"bitmask {tuple(bitmask.shape)} has no contiguous row {row} of {self._words} words")
         # out of fuel (a schema whose alternatives outgrow the parser's bounds a few tokens in), the library allows
         # only EOS and says why in `error`: the engine fails the request on it (llm_engine._emit)
+        if (self._slow or self._budget.slow) and self._end_row is not None:
+            bitmask[row] = self._end_row
+            return
         started = time.thread_time()
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr() + row * bitmask.stride(0) * 4, self._words * 4)
-        spent = time.thread_time() - started
-        if spent > MAX_MASK_CPU_S and not self._slow:
-            self._slow = (
-                f"a token's mask took {spent * 1000:.0f} ms of CPU, more than the {MAX_MASK_CPU_S * 1000:.0f} ms "
-                "this node allows"
-            )
+        self._charge(started, step, "a token's mask")
 
     def accept(self, token_id: int) -> bool:
-        """Advance past `token_id`; False (and the matcher stopped) when the grammar did not allow it."""
+        """Advance past `token_id` (counted in the step of the last mask); False (and the matcher stopped) when
+        the grammar did not allow it."""
         if not 0 <= token_id < self._vocab:
             return False
-        return self._m.consume_token(token_id)
+        started = time.thread_time()
+        ok = self._m.consume_token(token_id)
+        self._charge(started, None, "accepting a token")
+        return ok
 
     @property
     def error(self) -> str:
-        """Why the matcher stopped: out of fuel, a token it refused, or a mask past MAX_MASK_CPU_S (one line; empty
-        while none of these happened)."""
-        return _one_line(self._m.get_error()) if self._m.is_error() else self._slow
+        """Why the matcher stopped: out of fuel, a token it refused, a mask or a token past MAX_MASK_CPU_S, or its
+        request's sequences past MAX_STEP_CPU_S in one step (one line; empty while none of these happened)."""
+        return _one_line(self._m.get_error()) if self._m.is_error() else self._slow or self._budget.slow
 
     @property
     def terminated(self) -> bool:
@@ -301,6 +348,9 @@ class Grammars:
             initial_lexer_fuel=INITIAL_LEXER_FUEL,
             verbose_errors=False,
         )
+        self.end_row = torch.zeros((self.vocab_size + 31) // 32, dtype=torch.int32)  # the end tokens alone
+        for t in self._tokenizer.eos_tokens:
+            self.end_row[t // 32] |= _bit(t % 32)
         self._cache: OrderedDict[GuidedSpec, object] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -373,13 +423,19 @@ class Grammars:
             if problem:
                 raise GrammarError(f"guided.{part} cannot be compiled: {_one_line(problem)}")
 
-    def matcher(self, spec: GuidedSpec) -> Matcher:
-        """A fresh matcher at the start of the spec's grammar; GrammarError when the schema cannot be compiled."""
-        return Matcher(self.compiled(spec).deep_copy(), self.vocab_size)
+    def matcher(self, spec: GuidedSpec, budget: StepBudget | None = None) -> Matcher:
+        """A fresh matcher at the start of the spec's grammar, counting its CPU in `budget` (one per request, shared
+        by its sequences; None: its own); GrammarError when the schema cannot be compiled."""
+        return Matcher(self.compiled(spec).deep_copy(), self.vocab_size, budget, self.end_row)
 
     def new_bitmask(self, rows: int) -> torch.Tensor:
         """[rows, ceil(vocab_size / 32)] int32 on the CPU, every token allowed (Matcher.fill overwrites a row)."""
         return torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+def _bit(k: int) -> int:
+    """Bit k of an int32 word, as the signed value torch holds it."""
+    return (1 << k) - (1 << 32 if k == 31 else 0)
 
 
 def _allowed_host(bitmask: torch.Tensor) -> torch.Tensor:

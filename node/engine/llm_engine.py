@@ -154,6 +154,7 @@ class LLMEngine:
         self.requests: dict[str, SequenceGroup] = {}  # running or waiting, by request id
         self._grammars = None  # node.engine.grammar.Grammars, built on the first guided request
         self._grammars_lock = threading.Lock()
+        self._masked_steps = 0  # steps that computed grammar masks (the step a StepBudget counts in)
         self.recent: OrderedDict[str, FinishEvent] = OrderedDict()
         self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._rate: deque[tuple[float, int]] = deque()
@@ -238,7 +239,12 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this node's base model has none")
-        grammars = self.grammars() if params.guided is not None else None
+        grammars = budget = None
+        if params.guided is not None:
+            from node.engine.grammar import StepBudget
+
+            grammars = self.grammars()
+            budget = StepBudget()  # the request's grammar CPU in a step, its sequences together
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = []
         for p, ids in enumerate(prompts):
@@ -255,7 +261,7 @@ class LLMEngine:
                         (seed + k) % SEED_LIMIT,
                         index=k,
                         prompt_index=p,
-                        matcher=grammars.matcher(params.guided) if grammars is not None else None,
+                        matcher=grammars.matcher(params.guided, budget) if grammars is not None else None,
                         cache_salt=req.cache_salt,
                     )
                 )
@@ -549,8 +555,9 @@ class LLMEngine:
             from node.engine.grammar import apply_bitmask
 
             mask = self._grammars.new_bitmask(len(guided))
+            self._masked_steps += 1  # the step each request's grammar CPU is counted in (StepBudget)
             for j, i in enumerate(guided):
-                seqs[i].matcher.fill(mask, j)
+                seqs[i].matcher.fill(mask, j, self._masked_steps)
             rows = None if len(guided) == len(seqs) else torch.tensor(guided, dtype=torch.int64)  # all: no gather
             apply_bitmask(logits, mask, rows)
         # the token histories only when a penalty needs them (process_logits reads them per row that asks)

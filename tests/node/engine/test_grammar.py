@@ -21,6 +21,7 @@ from node.engine.grammar import (
     GrammarError,
     Grammars,
     GuidedSpec,
+    StepBudget,
     apply_bitmask,
     schema_json,
 )
@@ -280,6 +281,59 @@ def test_a_mask_past_its_cpu_budget_stops_the_matcher(grammars, monkeypatch):
     monkeypatch.setattr(grammar, "MAX_MASK_CPU_S", -1.0)
     m.fill(mask, 0)
     assert "mask took" in m.error and "\n" not in m.error
+
+
+class CpuClock:
+    """time.thread_time for the grammar module: every reading `cost` seconds after the last, so each mask and each
+    token accepted (a reading before, one after) costs `cost`."""
+
+    def __init__(self, cost: float) -> None:
+        self.now, self.cost, self.readings = 0.0, cost, 0
+
+    def __call__(self) -> float:
+        self.now += self.cost
+        self.readings += 1
+        return self.now
+
+
+def test_a_requests_sequences_share_one_cpu_budget_a_step(grammars, monkeypatch):
+    """Each mask alone was held to MAX_MASK_CPU_S: a request of 64 sequences whose masks each took just under it
+    held every request's step for about 1.3 s. A request's sequences now share MAX_STEP_CPU_S a step, masks and
+    tokens accepted together; past it each of them says why in `error` (which fails the request) and their masks
+    are not computed again (a row allowing only the end token). Another request's budget, and the next step's,
+    start afresh."""
+    regex = GuidedSpec.from_wire({"type": "regex", "pattern": "[a-z]+"})
+    budget = StepBudget()
+    wide = [grammars.matcher(regex, budget) for _ in range(64)]
+    other = grammars.matcher(regex)
+    clock = CpuClock(0.006)  # under MAX_MASK_CPU_S (0.02): 17 of them pass MAX_STEP_CPU_S (0.1)
+    monkeypatch.setattr(grammar.time, "thread_time", clock)
+    mask = grammars.new_bitmask(64)
+    for j, m in enumerate(wide):
+        m.fill(mask, j, 1)
+    assert clock.readings == 2 * 17
+    assert all("in one step" in m.error and "\n" not in m.error for m in wide)
+    for j in (17, 63):
+        assert allowed(mask[j]).nonzero().flatten().tolist() == [EOS]
+    assert allowed(mask[0]).sum() > 26  # computed: the letters, and tokens starting with them
+    other.fill(mask, 0, 1)
+    assert other.error == ""
+
+    budget = StepBudget()
+    narrow = [grammars.matcher(regex, budget) for _ in range(8)]
+    for step in (2, 3):  # 8 masks and 7 tokens a step: 90 ms, twice
+        for j, m in enumerate(narrow):
+            m.fill(mask, j, step)
+        for m in narrow[:7]:
+            assert m.accept(grammars_token(grammars, "a"))
+    assert not any(m.error for m in narrow)
+    assert all(m.accept(grammars_token(grammars, "a")) for m in narrow[6:])  # 102 ms in step 3: tokens count
+    assert all("in one step" in m.error for m in narrow)
+
+
+def grammars_token(grammars, text: str) -> int:
+    (t,) = grammars._tokenizer.tokenize_str(text)
+    return t
 
 
 def test_from_wire_accepts_the_two_shapes():

@@ -162,3 +162,27 @@ def test_a_request_failing_on_its_grammar_ends_once_and_alone(llama_world, monke
         assert engine.usage["requests"] == 2  # each request counted once
     finally:
         engine.close()
+
+
+def test_a_request_past_its_grammar_cpu_a_step_fails_and_the_one_beside_it_is_served(llama_world, monkeypatch):
+    """A request's sequences share one grammar budget a step (grammar.MAX_STEP_CPU_S): with every mask and token
+    costing 6 ms, sixteen sequences of one request pass 50 ms in their first step and the request fails, saying
+    why, while two sequences of another (24 ms a step) are served to the end."""
+    from node.engine import grammar
+    from tests.node.engine.test_grammar import CpuClock
+
+    monkeypatch.setattr(grammar.time, "thread_time", CpuClock(0.006))
+    monkeypatch.setattr(grammar, "MAX_STEP_CPU_S", 0.05)
+    engine = llama_world.engine()
+    try:
+        regex = GuidedSpec.from_wire({"type": "regex", "pattern": "[a-z]{1,8}"})
+
+        def req(rid: str, n: int) -> GenerationRequest:
+            params = SamplingParams(max_tokens=12, n=n, seed=5, guided=regex)
+            return GenerationRequest(rid, None, prompt_token_ids=[1, 9, 12], params=params)
+
+        done = engine.generate([req("wide", 16), req("narrow", 2)])
+        assert done["wide"].finish_reason == "error" and "in one step" in done["wide"].error, done["wide"]
+        assert done["narrow"].finish_reason in ("stop", "length") and done["narrow"].completion_tokens > 0
+    finally:
+        engine.close()
