@@ -154,7 +154,7 @@ class LLMEngine:
         self.requests: dict[str, SequenceGroup] = {}  # running or waiting, by request id
         self._grammars = None  # node.engine.grammar.Grammars, built on the first guided request
         self._grammars_lock = threading.Lock()
-        self._masked_steps = 0  # steps that computed grammar masks (the step a StepBudget counts in)
+        self._steps = 0  # steps run (the step a request's GrammarBudget counts its CPU in)
         self.recent: OrderedDict[str, FinishEvent] = OrderedDict()
         self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._rate: deque[tuple[float, int]] = deque()
@@ -241,10 +241,10 @@ class LLMEngine:
             raise RequestError("stop strings need a tokenizer, and this node's base model has none")
         grammars = budget = None
         if params.guided is not None:
-            from node.engine.grammar import StepBudget
+            from node.engine.grammar import GrammarBudget
 
             grammars = self.grammars()
-            budget = StepBudget()  # the request's grammar CPU in a step, its sequences together
+            budget = GrammarBudget()  # the request's grammar CPU, its sequences together
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = []
         for p, ids in enumerate(prompts):
@@ -362,6 +362,7 @@ class LLMEngine:
         """Run one scheduled step; returns its events (TokenEvent, PromptLogprobsEvent, SequenceFinishEvent,
         FinishEvent) and whether anything happened."""
         seqs, prefill, failed = self.scheduler.schedule()
+        self._steps += 1  # once a step: a retry of its sampling (_sample_apart) counts in the same step
         events: list = []
         for s in failed:
             if s.status != SeqStatus.FINISHED:  # a request's sequences fail together
@@ -487,7 +488,9 @@ class LLMEngine:
         else:
             text, hit_stop = s.stream.push(t)
             reason = "stop" if hit_stop else None
-        if s.matcher is not None and reason is None:
+        # a matcher already failed fails its sequence whatever the token (the mask then allowed only the end
+        # tokens: one of the request's stop_token_ids would end it "stop", cut short, as if it matched)
+        if s.matcher is not None and (reason is None or s.matcher.error):
             if s.matcher.error or not s.matcher.accept(t):
                 # the parser ran out of fuel (a schema whose alternatives outgrow its bounds a few tokens in) on
                 # this step's mask (which then allowed only EOS) or on this token; or the grammar refused the
@@ -555,9 +558,8 @@ class LLMEngine:
             from node.engine.grammar import apply_bitmask
 
             mask = self._grammars.new_bitmask(len(guided))
-            self._masked_steps += 1  # the step each request's grammar CPU is counted in (StepBudget)
             for j, i in enumerate(guided):
-                seqs[i].matcher.fill(mask, j, self._masked_steps)
+                seqs[i].matcher.fill(mask, j, self._steps)
             rows = None if len(guided) == len(seqs) else torch.tensor(guided, dtype=torch.int64)  # all: no gather
             apply_bitmask(logits, mask, rows)
         # the token histories only when a penalty needs them (process_logits reads them per row that asks)

@@ -164,25 +164,48 @@ def test_a_request_failing_on_its_grammar_ends_once_and_alone(llama_world, monke
         engine.close()
 
 
-def test_a_request_past_its_grammar_cpu_a_step_fails_and_the_one_beside_it_is_served(llama_world, monkeypatch):
-    """A request's sequences share one grammar budget a step (grammar.MAX_STEP_CPU_S): with every mask and token
-    costing 6 ms, sixteen sequences of one request pass 50 ms in their first step and the request fails, saying
-    why, while two sequences of another (24 ms a step) are served to the end."""
+def test_a_request_past_its_grammar_cpu_fails_and_the_one_beside_it_is_served(llama_world, monkeypatch):
+    """A request's sequences share one grammar budget (grammar.GrammarBudget): with every mask and token costing
+    2 ms, sixteen sequences of one request (64 ms a step) spend their 100 ms in their second step and the request
+    fails, saying why, while two sequences of another (8 ms a step, under the 10 ms a step that follows the burst)
+    are served to the end. The failing request names one of the model's end tokens in stop_token_ids: once its
+    budget was spent its masks allowed only those, and it ended "stop", cut short, as if it matched."""
     from node.engine import grammar
     from tests.node.engine.test_grammar import CpuClock
 
-    monkeypatch.setattr(grammar.time, "thread_time", CpuClock(0.006))
-    monkeypatch.setattr(grammar, "MAX_STEP_CPU_S", 0.05)
+    monkeypatch.setattr(grammar.time, "thread_time", CpuClock(0.002))
     engine = llama_world.engine()
     try:
-        regex = GuidedSpec.from_wire({"type": "regex", "pattern": "[a-z]{1,8}"})
+        regex = GuidedSpec.from_wire({"type": "regex", "pattern": "[a-z]{1,40}"})
+        end = sorted(engine.eos_ids)
 
-        def req(rid: str, n: int) -> GenerationRequest:
-            params = SamplingParams(max_tokens=12, n=n, seed=5, guided=regex)
+        def req(rid: str, n: int, **kw) -> GenerationRequest:
+            params = SamplingParams(max_tokens=30, n=n, seed=5, guided=regex, **kw)
             return GenerationRequest(rid, None, prompt_token_ids=[1, 9, 12], params=params)
 
-        done = engine.generate([req("wide", 16), req("narrow", 2)])
-        assert done["wide"].finish_reason == "error" and "in one step" in done["wide"].error, done["wide"]
-        assert done["narrow"].finish_reason in ("stop", "length") and done["narrow"].completion_tokens > 0
+        done = engine.generate([req("wide", 16, stop_token_ids=end), req("narrow", 2)])
+        assert done["wide"].finish_reason == "error" and "allows a request" in done["wide"].error, done["wide"]
+        assert done["narrow"].finish_reason in ("stop", "length") and done["narrow"].completion_tokens > 2
+    finally:
+        engine.close()
+
+
+def test_a_budget_spent_on_a_token_fails_the_request_even_where_its_end_token_is_a_stop_token(llama_world, monkeypatch):
+    """Spent by the token accepted last in a step, a request's budget left its next masks allowing only the end
+    tokens; one of them in stop_token_ids ended the sequence "stop" before the failed matcher was read: its text
+    cut short, as if it matched (red team). It fails now."""
+    from node.engine import grammar
+    from tests.node.engine.test_grammar import CpuClock
+
+    monkeypatch.setattr(grammar.time, "thread_time", CpuClock(0.002))
+    monkeypatch.setattr(grammar, "GRAMMAR_BURST_CPU_S", 0.003)  # a mask (2 ms), then the token crosses it
+    monkeypatch.setattr(grammar, "GRAMMAR_STEP_CPU_S", 0.0)
+    engine = llama_world.engine()
+    try:
+        regex = GuidedSpec.from_wire({"type": "regex", "pattern": "[a-z]{1,40}"})
+        params = SamplingParams(max_tokens=30, seed=5, guided=regex, stop_token_ids=sorted(engine.eos_ids))
+        done = engine.generate([GenerationRequest("lone", None, prompt_token_ids=[1, 9, 12], params=params)])
+        assert done["lone"].finish_reason == "error" and "allows a request" in done["lone"].error, done["lone"]
+        assert done["lone"].completion_tokens == 2
     finally:
         engine.close()
