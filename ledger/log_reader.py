@@ -65,7 +65,7 @@ class LogChunk:
 
 
 class Refused(Exception):
-    """A LogQuery's answer that the node would not answer this query (its reason, one line)."""
+    """Raised by a LogQuery: the node would not answer that query (the message: its reason, one line)."""
 
 
 class LogReader:
