@@ -27,10 +27,12 @@ methods, an adapter_id with a '+' (adapters are combined in merged_adapters), a 
 (do_sample, best_of), and any field LoRAX does not define. As in LoRAX (whose text is the decoding of every token
 generated), the stop sequence that ended a generation is part of its text, where /v1/completions leaves it out
 (OpenAI's way, as the node sends it): the writer reads which one it was back from the tokens (`stop_kept`). The seed
-in details is the one given when the answer is sampled (none when the client gave none, or the answer is greedy)."""
+in details is the one an answer was sampled with: given by the client, or drawn by the gateway when none was (none
+when the answer is greedy, a temperature of 0 included, or one of best_of's)."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr
@@ -274,6 +276,10 @@ class LoraxRequest(BaseModel):
                 param="adapter_id",
             )
         sampling, shown = p.sampling, self.streamed or p.details  # shown: each token's logprob is written
+        if sampling and p.temperature != 0 and p.seed is None and (p.best_of or 1) == 1:
+            # LoRAX says in details.seed the seed it drew, so that an answer can be sampled again: drawn here, where
+            # the node drew it unseen (best_of's sequences take none, as in LoRAX)
+            p.seed = secrets.randbelow(SEED_LIMIT)
         body = {
             "model": model,
             "prompt": self.inputs,

@@ -220,6 +220,11 @@ def test_sampling_follows_lorax_do_sample_and_warpers(client, oai):
     sampled = client.generate(PROMPT, adapter_id=NAMES[0], do_sample=True, **seeded)
     c = completion(oai, NAMES[0], temperature=1.0, seed=11)
     assert sampled.generated_text == c.choices[0].text and sampled.details.seed == 11
+    # sampled without a seed: LoRAX says the one it drew, and that seed samples the same answer again
+    drawn = client.generate(PROMPT, adapter_id=NAMES[0], do_sample=True, max_new_tokens=8)
+    assert isinstance(drawn.details.seed, int) and drawn.details.seed != 11
+    again = client.generate(PROMPT, adapter_id=NAMES[0], do_sample=True, max_new_tokens=8, seed=drawn.details.seed)
+    assert again.generated_text == drawn.generated_text
     # a warper samples without do_sample, as LoRAX does
     warped = client.generate(PROMPT, adapter_id=NAMES[0], temperature=0.7, top_k=5, top_p=0.9, **seeded)
     c = completion(oai, NAMES[0], temperature=0.7, top_p=0.9, seed=11, extra_body={"top_k": 5})
