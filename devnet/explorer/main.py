@@ -161,7 +161,12 @@ def create_app(config: ExplorerConfig | None = None, *, explorer: Explorer | Non
         # the last resort (Starlette's ServerErrorMiddleware calls it): a page in our shape, never the
         # plain-text 500; the traceback goes to the log and the explorer keeps serving
         log.error("explorer: unexpected error on %s", request.url.path, exc_info=exc)
-        return error(request, 500, "the explorer failed on this page; the details are in its log")
+        answer = error(request, 500, "the explorer failed on this page; the details are in its log")
+        # ServerErrorMiddleware sends this answer from outside every added middleware, SecurityHeadersMiddleware
+        # included: its headers are set here
+        for name, value in SECURITY_HEADERS:
+            answer.headers[name.decode()] = value.decode()
+        return answer
 
     add_routes(app, ex)
     return app

@@ -31,6 +31,7 @@ from devnet.explorer.plots import step_chart
 from devnet.explorer.queries import Page
 from devnet.explorer.service import RecordDetail, View
 from devnet.explorer.signature import NOT_VERIFIED, UNCHECKED, VERIFIED
+from ledger.transport import shown_url
 
 BATCHES_PAGE = 50
 
@@ -103,7 +104,7 @@ def overview_page(ex: View) -> str:
             ("AdapterRegistry", address_link(d.registry, full=True)),
             ("AttributionLedger", address_link(d.ledger, full=True)),
             ("deployed at block", num(d.deploy_block)),
-            ("RPC", esc(ex.client.rpc_url)),
+            ("RPC", esc(shown_url(ex.client.rpc_url))),  # never its secrets: a hosted provider's key, a password
             ("indexed", f'<span id="index-state">{index_line}</span>'),
             ("node share", f"{ex.client.node_share_bps() / 100:.2f}% of every fee"),
             ("settlers", settlers),

@@ -320,7 +320,8 @@ class View:
 
     def search(self, query: str) -> tuple[str | None, list[tuple[str, str, str]]]:
         """(a URL when exactly one thing matches, the matches as (kind, label, url))."""
-        q = query.strip()
+        # no control characters: SQLite's LIKE ends its pattern at a NUL, so "\0" matched every adapter
+        q = "".join(ch for ch in query if ch.isprintable()).strip()
         hits: list[tuple[str, str, str]] = []
         low = q.lower()
         if is_hex_address(q):  # any case; a wrong checksum is most likely a hand-typed address

@@ -120,8 +120,25 @@ def test_an_unexpected_failure_is_a_500_page_and_the_explorer_keeps_serving(own_
         r = httpx.get(url + "/", timeout=30)
         message = _html_error(r, 500)
         assert "failed on this page" in message and "/secret/path" not in r.text
+        # sent from outside the added middlewares: the security headers were missing (red team)
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
         r = httpx.get(url + "/health", timeout=30)
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     finally:
         app_explorer.store.counts = real
     assert httpx.get(url + "/", timeout=30).status_code == 200
+
+
+def test_the_overview_shows_the_rpc_url_without_its_secrets(anvil_chain, world):
+    """The overview printed the RPC URL whole: a hosted provider's key (in its path or query) or a password before
+    the host, public to anyone who opened the page (red team)."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(anvil_chain.rpc_url).port
+    secret = f"http://apiuser:S3CRET-PASS@127.0.0.1:{port}/?apikey=S3CRET-KEY"
+    app = create_app(ExplorerConfig(deployment=anvil_chain.deployment_path, db_url=world.db_url, rpc_url=secret))
+    with ServerThread(app) as server:
+        r = httpx.get(server.url + "/", timeout=30)
+    assert r.status_code == 200 and "S3CRET" not in r.text
+    assert f"http://127.0.0.1:{port}/…" in text_of(r.text, "contracts")

@@ -292,6 +292,8 @@ def test_search_finds_each_kind(explorer_url, anvil_chain, world):
     assert final(world.node_keyed)[1] == f"/nodes/{world.node_keyed}"
     status, _, html = final("no-such-thing")
     assert status == 404 and "Nothing matches" in text_of(html, "search-empty")
+    # SQLite's LIKE ends its pattern at a NUL: "\0" matched every adapter (red team); control characters go
+    assert final("\0")[0] == 404 and final("bob/elem\0\x07")[1] == f"/adapters/{bob}"
     assert final(rand_id())[0] == 404
 
 
