@@ -24,6 +24,7 @@ from devnet.explorer import decode as D
 from devnet.explorer.index_db import IndexDatabase
 from devnet.explorer.settings import DEFAULT_CONFIRMATIONS
 from devnet.explorer.tables import (
+    AccountTotal,
     Accrual,
     AdapterDataset,
     AdapterRow,
@@ -271,6 +272,7 @@ class _Step:
                 )
             )
         self._write_rewards(s)
+        self._write_totals(s)
         self._write_usage(s)
         s.add_all(self.money)
         for address, active in self.settlers.items():
@@ -299,6 +301,25 @@ class _Step:
                     tx,
                     why,
                 )
+
+    def _write_totals(self, s: Session) -> None:
+        """Each address's running totals (AccountTotal): this chunk's rewards by role, and its withdrawals."""
+        adds: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for rw in self.rewards:
+            adds[rw["account"]][rw["role"]] += rw["amount"]
+        for m in self.money:
+            if m.kind == "withdrawal":
+                adds[m.account]["withdrawn"] += int(m.amount)
+        for account, amounts in adds.items():
+            row = s.get(AccountTotal, account)
+            if row is None:
+                row = AccountTotal(account=account)
+                s.add(row)
+            for what, amount in amounts.items():
+                if what == "withdrawn":
+                    row.withdrawn = str(int(row.withdrawn) + amount)
+                else:  # a role: decode.reward_accrued takes only the ledger's three
+                    row.add(what, amount)
 
     def _write_rewards(self, s: Session) -> None:
         sums: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -335,6 +356,9 @@ class _Step:
         if self.batches:
             sums[("batches", "")][0] += len(self.batches)
             sums[("batches", "")][3] += sum(b["total_fees"] for b in self.batches)
+        if self.rewards:
+            sums[("rewards", "")][0] += len(self.rewards)
+            sums[("rewards", "")][3] += sum(rw["amount"] for rw in self.rewards)
         for (kind, key), (n, p, c, f) in sums.items():
             row = s.get(Usage, (kind, key))
             if row is None:

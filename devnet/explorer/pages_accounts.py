@@ -32,13 +32,7 @@ ROLES = ("node", "adapter_owner", "dataset")
 
 
 def accounts_page(ex: View, *, page_no: int = 0) -> str:
-    ranked = sorted(ex.q.accounts().values(), key=lambda a: (-a.accrued, a.address))
-    listed = Page(
-        ranked[page_no * PAGE_SIZE : (page_no + 1) * PAGE_SIZE],
-        page_no,
-        PAGE_SIZE,
-        len(ranked) > (page_no + 1) * PAGE_SIZE,
-    )
+    listed = ex.q.accounts(page_no, PAGE_SIZE)
     rows = []
     for acc in listed.rows:
         rows.append(
@@ -64,7 +58,7 @@ def accounts_page(ex: View, *, page_no: int = 0) -> str:
         numeric=(1, 2, 3, 4, 5, 6),
         empty="nobody has earned yet",
         table_id="accounts",
-    ) + pager("/accounts", listed, total=len(ranked))
+    ) + pager("/accounts", listed, total=ex.q.account_count())
     return page("Accounts and rewards", body)
 
 

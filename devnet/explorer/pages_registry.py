@@ -210,13 +210,8 @@ def datasets_page(ex: View, *, page_no: int = 0) -> str:
         empty="no datasets registered",
         table_id="datasets",
     ) + pager("/datasets", listed)
-    # contributors: every dataset's payee with what its datasets earned (rows: one per registered dataset)
-    all_earned = ex.q.dataset_rewards()
-    contributors: dict[str, int] = {}
-    for d in ex.q.all_datasets():
-        contributors[d.payee] = contributors.get(d.payee, 0) + all_earned.get(d.dataset_id, 0)
-    ranked = sorted(contributors.items(), key=lambda kv: -kv[1])
-    shown = ranked[page_no * PAGE_SIZE : (page_no + 1) * PAGE_SIZE]
+    # contributors: the addresses dataset rewards accrued to, the most first (a page of their running totals)
+    shown = ex.q.contributors(page_no, PAGE_SIZE).rows
     crow = [[address_link(p, full=True), eth(v)] for p, v in shown]
     body += "<h2>Contributors</h2>" + table(["address", "dataset rewards accrued"], crow, numeric=(1,))
     return page("Datasets and contributors", body)

@@ -15,6 +15,7 @@ from sqlmodel import Session, col, select
 
 from common.wire import hex0x, id_bytes
 from devnet.explorer.tables import (
+    AccountTotal,
     Accrual,
     AdapterDataset,
     AdapterRow,
@@ -109,8 +110,12 @@ class AccountRewards:
     address: str
     accrued: int = 0
     withdrawn: int = 0
-    by_role: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    by_adapter: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    by_role: dict[str, int] = field(default_factory=dict)
+
+
+def _account(t: AccountTotal) -> AccountRewards:
+    by_role = {"node": int(t.node), "adapter_owner": int(t.adapter_owner), "dataset": int(t.dataset)}
+    return AccountRewards(t.account, sum(by_role.values()), int(t.withdrawn), by_role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +258,6 @@ class IndexReads:
     def datasets(self, page: int, size: int) -> Page:
         stmt = select(DatasetRow).order_by(DatasetRow.seq).offset(page * size).limit(size + 1)
         return _page(list(self.s.exec(stmt).all()), page, size)
-
-    def all_datasets(self) -> list[DatasetRow]:
-        """Every dataset (the contributors' table sums over them: one row per registration)."""
-        return list(self.s.exec(select(DatasetRow)).all())
 
     def dataset_users(self, ids: list[str]) -> dict[str, int]:
         """How many adapters declare each dataset."""
@@ -403,34 +404,45 @@ class IndexReads:
             stmt = stmt.where(Accrual.role == role)
         return list(self.s.exec(stmt).all())
 
-    def dataset_rewards(self, ids: list[str] | None = None) -> dict[str, int]:
-        """Rewards accrued to each dataset (all of them, or those in `ids`)."""
+    def dataset_rewards(self, ids: list[str]) -> dict[str, int]:
+        """Rewards accrued to each dataset in `ids`."""
         stmt = select(Accrual.subject_id, Accrual.amount).where(Accrual.role == "dataset")
-        if ids is not None:
-            stmt = stmt.where(col(Accrual.subject_id).in_(ids))
+        stmt = stmt.where(col(Accrual.subject_id).in_(ids))
         out: dict[str, int] = defaultdict(int)
         for subject, amount in self.s.exec(stmt).all():
             out[subject] += int(amount)
         return out
 
-    def accounts(self) -> dict[str, AccountRewards]:
-        """Every address that earned or withdrew, with its totals (rows: accounts x adapters x roles, never
-        records or batches)."""
-        out: dict[str, AccountRewards] = {}
-        for a in self.s.exec(select(Accrual)).all():
-            acc = out.setdefault(a.account, AccountRewards(a.account))
-            amount = int(a.amount)
-            acc.accrued += amount
-            acc.by_role[a.role] += amount
-            acc.by_adapter[a.adapter_id][a.role] += amount
-        for account, amount in self.s.exec(
-            select(IndexedMoney.account, IndexedMoney.amount).where(IndexedMoney.kind == "withdrawal")
-        ).all():
-            out.setdefault(account, AccountRewards(account)).withdrawn += int(amount)
-        return out
+    def accounts(self, page: int, size: int) -> Page:
+        """A page of the addresses that earned or withdrew (AccountRewards), the most accrued first."""
+        stmt = select(AccountTotal).order_by(col(AccountTotal.accrued_rank).desc(), AccountTotal.account)
+        return _page([_account(t) for t in self.s.exec(stmt.offset(page * size).limit(size + 1)).all()], page, size)
+
+    def account_count(self) -> int:
+        return self.s.exec(select(func.count()).select_from(AccountTotal)).one()
+
+    def contributors(self, page: int, size: int) -> Page:
+        """A page of (address, wei accrued as a dataset contributor), the most first."""
+        stmt = (
+            select(AccountTotal.account, AccountTotal.dataset)
+            .where(AccountTotal.dataset_rank > 0)
+            .order_by(col(AccountTotal.dataset_rank).desc(), AccountTotal.account)
+        )
+        rows = self.s.exec(stmt.offset(page * size).limit(size + 1)).all()
+        return _page([(a, int(d)) for a, d in rows], page, size)
+
+    def top_contributors(self, n: int) -> list[str]:
+        """The n addresses that accrued the most as adapter owners and dataset contributors."""
+        stmt = (
+            select(AccountTotal.account)
+            .where(AccountTotal.contributor_rank > 0)
+            .order_by(col(AccountTotal.contributor_rank).desc(), AccountTotal.account)
+        )
+        return list(self.s.exec(stmt.limit(n)).all())
 
     def total_accrued(self) -> int:
-        return sum(int(a) for a in self.s.exec(select(Accrual.amount)).all())
+        """Every reward accrued (RewardAccrued), summed as they were indexed."""
+        return self.usage("rewards").fees
 
     def account_rewards(self, account: str, page: int, size: int) -> Page:
         stmt = (
@@ -476,10 +488,12 @@ class IndexReads:
         )
         return [(a, b, int(t)) for a, b, t in self.s.exec(stmt).all()]
 
-    def contributor_rewards_by_block(self) -> list[tuple[str, str, int, int]]:
-        """(account, role, block, amount) of every reward not to a node operator (one per batch and payee)."""
+    def contributor_rewards_by_block(self, accounts: list[str]) -> list[tuple[str, str, int, int]]:
+        """(account, role, block, amount) of the given accounts' rewards not as node operators (one per batch)."""
+        if not accounts:
+            return []
         stmt = select(IndexedReward.account, IndexedReward.role, IndexedReward.block, IndexedReward.amount).where(
-            IndexedReward.role != "node"
+            col(IndexedReward.account).in_(accounts), IndexedReward.role != "node"
         )
         return [(a, r, b, int(x)) for a, r, b, x in self.s.exec(stmt).all()]
 

@@ -267,10 +267,11 @@ class View:
         return self._cumulative(per_block, lambda a: self.adapter_name(a) or a[:10])
 
     def rewards_series(self) -> dict[str, list[Point]]:
-        """Cumulative rewards in ETH per contributor (adapter owners and dataset payees)."""
+        """Cumulative rewards in ETH per contributor (adapter owners and dataset payees), the top MAX_SERIES."""
         per_block: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         roles: dict[str, set[str]] = defaultdict(set)
-        for account, role, block, amount in self.q.contributor_rewards_by_block():
+        top = self.q.top_contributors(MAX_SERIES)
+        for account, role, block, amount in self.q.contributor_rewards_by_block(top):
             per_block[account][block] += amount
             roles[account].add("owner" if role == "adapter_owner" else "dataset")
 

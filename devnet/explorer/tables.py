@@ -22,7 +22,7 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes: an index of another version is dropped and rebuilt from the chain.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: explorer_account_totals
 
 U64 = 2**64
 I64_MAX = 2**63 - 1
@@ -135,9 +135,34 @@ class Accrual(IndexModel, table=True):
     batches: int = 0
 
 
+class AccountTotal(IndexModel, table=True):
+    """What one address accrued, by role, and withdrew, summed as its rewards and withdrawals are indexed: the
+    accounts page, the contributors' table and the rewards plot read a page of these in rank order, where they
+    read every accrual and every reward of the chain's history on each view (red team)."""
+
+    __tablename__ = "explorer_account_totals"
+
+    account: str = Field(primary_key=True)
+    node: str = "0"  # wei accrued as a node operator (exact, decimal text)
+    adapter_owner: str = "0"
+    dataset: str = "0"
+    withdrawn: str = "0"
+    # the orders pages list addresses in: floats of the exact sums (ranks, never shown as amounts)
+    accrued_rank: float = Field(default=0.0, index=True)  # everything accrued
+    contributor_rank: float = Field(default=0.0, index=True)  # as adapter owner and dataset contributor
+    dataset_rank: float = Field(default=0.0, index=True)  # as dataset contributor
+
+    def add(self, role: str, amount: int) -> None:
+        setattr(self, role, str(int(getattr(self, role)) + amount))
+        owner, dataset = int(self.adapter_owner), int(self.dataset)
+        self.accrued_rank = float(int(self.node) + owner + dataset)
+        self.contributor_rank, self.dataset_rank = float(owner + dataset), float(dataset)
+
+
 class Usage(IndexModel, table=True):
     """Settled records summed by `kind`: "all" (key ""), "adapter", "node", "node_adapter" (node id + adapter id);
-    kind "batches" (key "") counts batches in `records` and sums their totalFees in `fees`."""
+    kind "batches" (key "") counts batches in `records` and sums their totalFees in `fees`; kind "rewards" (key "")
+    counts RewardAccrued events in `records` and sums their amounts in `fees`."""
 
     __tablename__ = "explorer_usage"
 
