@@ -168,6 +168,11 @@ class LoraxParameters(BaseModel):
         warped = self.temperature not in (None, 1.0) or self.top_k is not None or self.top_p not in (None, 1.0)
         return self.do_sample or warped or (self.best_of or 1) > 1
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the answer is drawn at random (sampling at a temperature of 0 is greedy): its seed is shown."""
+        return self.sampling and self.temperature != 0
+
     def check(self, stream: bool) -> None:
         refused = {
             "truncate": "a prompt past the context is refused, never cut: send the inputs to be counted",
@@ -276,7 +281,7 @@ class LoraxRequest(BaseModel):
                 param="adapter_id",
             )
         sampling, shown = p.sampling, self.streamed or p.details  # shown: each token's logprob is written
-        if sampling and p.temperature != 0 and p.seed is None and (p.best_of or 1) == 1:
+        if p.sampled and p.seed is None and (p.best_of or 1) == 1:
             # LoRAX says in details.seed the seed it drew, so that an answer can be sampled again: drawn here, where
             # the node drew it unseen (best_of's sequences take none, as in LoRAX)
             p.seed = secrets.randbelow(SEED_LIMIT)
@@ -369,7 +374,7 @@ class LoraxAnswer:
         self._stops: dict[int, str] = {}  # sequence -> the stop sequence it ended on, read back (stop_kept)
 
     def _seed(self) -> int | None:
-        return self.p.seed if self.p.sampling else None
+        return self.p.seed if self.p.sampled else None
 
     def _stop(self, k: int, reason: str) -> str:
         """The stop sequence sequence k ended on, which LoRAX keeps in its text ("": it ended otherwise)."""

@@ -31,6 +31,7 @@ decoded events).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -69,7 +70,10 @@ class Refused(Exception):
 
 
 class LogReader:
-    """Adaptive spans of eth_getLogs. `queries` and `blocks` count what was asked (tests assert on them)."""
+    """Adaptive spans of eth_getLogs. `queries` and `blocks` count what was asked (tests assert on them).
+
+    One reader may serve several threads (a ChainClient's): what it learns is kept under a lock, and each
+    `chunks` call's blocks are its own, so every call reads each of its blocks once."""
 
     def __init__(
         self, rpc_url: str, *, max_logs: int = MAX_LOGS, max_span: int = MAX_SPAN, span: int = FIRST_SPAN
@@ -86,6 +90,7 @@ class LogReader:
         self._passing = 0  # refusals in a row of sizes answered before
         self.queries = 0  # eth_getLogs calls made
         self.blocks = 0  # blocks those calls covered (refused and thrown-away ones included)
+        self._lock = threading.Lock()  # over what is learned (span, ceiling, _good, _passing, _at_ceiling)
 
     def chunks(
         self, first: int, last: int, query: LogQuery, stop: Callable[[], bool] = lambda: False
@@ -102,29 +107,33 @@ class LogReader:
             try:
                 logs = self._ask(query, start, end)
             except Refused as e:
+                log.info("eth_getLogs %d..%d refused: %s", start, end, e)
                 if n == 1:
                     raise self._failed(start, e) from None
                 if not probed:  # the first block alone: refused too, the refusal is not about the range
                     probed = True
                     yield LogChunk(start, start, self._alone(query, start))
                     start += 1
-                if n > self._good or self._passing >= 2:  # the range: learned for every later read
-                    self._refused(n)
-                    self._passing = 0
-                else:  # a size answered before: this query alone goes on over fewer blocks
-                    self._passing += 1
-                    cap = max(1, n // 2)
+                with self._lock:
+                    if n > self._good or self._passing >= 2:  # the range: learned for every later read
+                        self._refused(n)
+                        self._passing = 0
+                    else:  # a size answered before: this query alone goes on over fewer blocks
+                        self._passing += 1
+                        cap = max(1, n // 2)
                 continue
             if len(logs) > self.max_logs and n > 1:
                 # aim at half the bound, in proportion to how full this range was
-                self.span = max(1, min(n // 2, n * self.max_logs // (2 * len(logs))))
+                with self._lock:
+                    self.span = max(1, min(n // 2, n * self.max_logs // (2 * len(logs))))
                 log.debug("eth_getLogs %d..%d: %d logs; span now %d", start, end, len(logs), self.span)
                 continue
             yield LogChunk(start, end, logs)
             cap = 0
-            if n == self.span:
-                self._passing = 0
-                self._answered(n, len(logs))
+            with self._lock:
+                if n == self.span:
+                    self._passing = 0
+                    self._answered(n, len(logs))
             start = end + 1
 
     def _ask(self, query: LogQuery, start: int, end: int) -> list:

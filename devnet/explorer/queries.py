@@ -15,6 +15,7 @@ from sqlmodel import Session, col, select
 
 from common.wire import hex0x, id_bytes
 from devnet.explorer.tables import (
+    ZERO_RANK,
     AccountTotal,
     Accrual,
     AdapterDataset,
@@ -178,7 +179,8 @@ class IndexReads:
         return self.s.get(IndexCursor, 1)
 
     def usage(self, kind: str, key: str = "") -> UsageSum:
-        """Settled records summed: kind "all", "adapter", "node", "node_adapter" (key node id + adapter id)."""
+        """Settled records summed: kind "all", "adapter", "node", "node_adapter" (key node id + adapter id); kind
+        "batches" and "rewards" (tables.Usage)."""
         return _usage(self.s.get(Usage, (kind, key)))
 
     def usages(self, kind: str, keys: list[str]) -> dict[str, UsageSum]:
@@ -425,7 +427,7 @@ class IndexReads:
         """A page of (address, wei accrued as a dataset contributor), the most first."""
         stmt = (
             select(AccountTotal.account, AccountTotal.dataset)
-            .where(AccountTotal.dataset_rank > 0)
+            .where(AccountTotal.dataset_rank > ZERO_RANK)
             .order_by(col(AccountTotal.dataset_rank).desc(), AccountTotal.account)
         )
         rows = self.s.exec(stmt.offset(page * size).limit(size + 1)).all()
@@ -435,7 +437,7 @@ class IndexReads:
         """The n addresses that accrued the most as adapter owners and dataset contributors."""
         stmt = (
             select(AccountTotal.account)
-            .where(AccountTotal.contributor_rank > 0)
+            .where(AccountTotal.contributor_rank > ZERO_RANK)
             .order_by(col(AccountTotal.contributor_rank).desc(), AccountTotal.account)
         )
         return list(self.s.exec(stmt.limit(n)).all())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -322,7 +323,7 @@ class View:
     def search(self, query: str) -> tuple[str | None, list[tuple[str, str, str]]]:
         """(a URL when exactly one thing matches, the matches as (kind, label, url))."""
         # no control characters: SQLite's LIKE ends its pattern at a NUL, so "\0" matched every adapter
-        q = "".join(ch for ch in query if ch.isprintable()).strip()
+        q = "".join(ch for ch in query if unicodedata.category(ch) != "Cc").strip()
         hits: list[tuple[str, str, str]] = []
         low = q.lower()
         if is_hex_address(q):  # any case; a wrong checksum is most likely a hand-typed address

@@ -135,6 +135,15 @@ class Accrual(IndexModel, table=True):
     batches: int = 0
 
 
+RANK_DIGITS = 78  # a uint256 in decimal
+ZERO_RANK = "0" * RANK_DIGITS
+
+
+def rank(wei: int) -> str:
+    """An amount as text that sorts as the amounts do (AccountTotal's ranks)."""
+    return f"{wei:0{RANK_DIGITS}d}"
+
+
 class AccountTotal(IndexModel, table=True):
     """What one address accrued, by role, and withdrew, summed as its rewards and withdrawals are indexed: the
     accounts page, the contributors' table and the rewards plot read a page of these in rank order, where they
@@ -147,16 +156,17 @@ class AccountTotal(IndexModel, table=True):
     adapter_owner: str = "0"
     dataset: str = "0"
     withdrawn: str = "0"
-    # the orders pages list addresses in: floats of the exact sums (ranks, never shown as amounts)
-    accrued_rank: float = Field(default=0.0, index=True)  # everything accrued
-    contributor_rank: float = Field(default=0.0, index=True)  # as adapter owner and dataset contributor
-    dataset_rank: float = Field(default=0.0, index=True)  # as dataset contributor
+    # the orders pages list addresses in: the exact sums as RANK_DIGITS-digit text, which sorts as the numbers do
+    # (floats tied totals a float step apart: 128 wei at 1 ETH, and listed a smaller one first)
+    accrued_rank: str = Field(default=ZERO_RANK, index=True)  # everything accrued
+    contributor_rank: str = Field(default=ZERO_RANK, index=True)  # as adapter owner and dataset contributor
+    dataset_rank: str = Field(default=ZERO_RANK, index=True)  # as dataset contributor
 
     def add(self, role: str, amount: int) -> None:
         setattr(self, role, str(int(getattr(self, role)) + amount))
         owner, dataset = int(self.adapter_owner), int(self.dataset)
-        self.accrued_rank = float(int(self.node) + owner + dataset)
-        self.contributor_rank, self.dataset_rank = float(owner + dataset), float(dataset)
+        self.accrued_rank = rank(int(self.node) + owner + dataset)
+        self.contributor_rank, self.dataset_rank = rank(owner + dataset), rank(dataset)
 
 
 class Usage(IndexModel, table=True):

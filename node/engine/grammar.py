@@ -95,10 +95,11 @@ MAX_MASK_CPU_S = 0.02
 # The grammar CPU time one request may spend, its sequences together (every mask, every token accepted): at most
 # GRAMMAR_BURST_CPU_S at once, and GRAMMAR_STEP_CPU_S for each engine step after that (a bucket of credit, filled
 # a step at a time). One slow mask a sequence was the bound before: a request of MAX_SEQUENCES (64) sequences each
-# just under MAX_MASK_CPU_S held every other request's step for about 1.3 s, and one of 48 sequences at 1.7 ms a
-# mask took 78 ms of every step for 39 s (red team). Past it the request fails, and its sequences' masks are not
-# computed again. Honest requests of 64 sequences measured 0.2-2.5 ms a step (median) and 8 ms at most on a
-# 32,000-token vocabulary.
+# just under MAX_MASK_CPU_S could hold every other request's step for up to 1.3 s (64 masks of 4.5 ms: 0.3 s a step,
+# measured), and one of 48 sequences at 1.7 ms a mask took 78 ms of every step for 39 s (red team). Past it the
+# request fails, and its sequences' masks are not computed again. Honest requests of 64 sequences measured 0.2-2.5 ms
+# a step (median) and 8 ms at most on a 32,000-token vocabulary. The budget is a request's: N guided requests may
+# still take N times GRAMMAR_STEP_CPU_S of a step together.
 GRAMMAR_BURST_CPU_S = 0.1
 GRAMMAR_STEP_CPU_S = 0.01
 _ERROR_CHARS = 200
@@ -289,8 +290,10 @@ class Matcher:
 
     def fill(self, bitmask: torch.Tensor, row: int, step: int = 0) -> None:
         """Write the allowed next tokens into bitmask[row] (bit t of the row: token t may come next) in engine
-        step `step`. A matcher already too slow (a mask, or its request's step) is not asked again: the row allows
-        only the end tokens, as llguidance's own does once it fails, and the request fails on this step's token."""
+        step `step` (the engine's step number, which refills the request's budget; 0 outside the engine, as for
+        the first mask at compile). A matcher already too slow (a mask, or its request's budget) is not asked
+        again: the row allows only the end tokens, as llguidance's own does once it fails, and the request fails
+        on this step's token."""
         # checked on every call: the library writes through a raw pointer
         if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or bitmask.dim() != 2:
             raise ValueError(f"bitmask must be a 2-D int32 CPU tensor, got {bitmask.dtype} {tuple(bitmask.shape)}")

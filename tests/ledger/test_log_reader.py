@@ -119,6 +119,8 @@ def test_a_node_that_never_answers_costs_two_timeouts_not_fourteen():
                 read(reader, make(make_web3(url, timeout=0.3), url, {"address": []}), 0, 100_000)
             assert reader.queries == 2
     finally:
+        for conn, _ in held:
+            conn.close()
         server.close()
 
 

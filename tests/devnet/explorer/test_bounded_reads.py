@@ -110,6 +110,7 @@ def test_the_contributors_and_accounts_lists_come_in_rank_order_a_page_at_a_time
         accrued[e["args"]["account"]] = accrued.get(e["args"]["account"], 0) + e["args"]["amount"]
         if e["args"]["role"] == 2:  # a dataset's payee
             earned[e["args"]["account"]] = earned.get(e["args"]["account"], 0) + e["args"]["amount"]
+    assert earned and len(accrued) > len(earned)
     _, html = rows_read("/datasets")
     shown = html.split("<h2>Contributors</h2>")[1]
     ranked = sorted(earned, key=lambda a: (-earned[a], a))
@@ -121,3 +122,15 @@ def test_the_contributors_and_accounts_lists_come_in_rank_order_a_page_at_a_time
     table = html.split('id="accounts"')[1]
     order = sorted(accrued, key=lambda a: (-accrued[a], a))
     assert [table.index(a) for a in order] == sorted(table.index(a) for a in order)
+
+
+def test_ranks_order_amounts_exactly():
+    """The ranks were floats: 10**18 + 30 and 10**18 + 10 wei were one float, and the address decided the order."""
+    from devnet.explorer.tables import AccountTotal
+
+    more, less = AccountTotal(account="0xB"), AccountTotal(account="0xA")
+    more.add("dataset", 10**18 + 30)
+    less.add("dataset", 10**18 + 10)
+    assert more.dataset_rank > less.dataset_rank and more.accrued_rank > less.accrued_rank
+    less.add("node", 2**255)
+    assert less.accrued_rank > more.accrued_rank and less.contributor_rank < more.contributor_rank
