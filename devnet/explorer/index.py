@@ -315,11 +315,9 @@ class _Step:
             if row is None:
                 row = AccountTotal(account=account)
                 s.add(row)
+            # each a role (decode.reward_accrued takes only the ledger's three) or "withdrawn"
             for what, amount in amounts.items():
-                if what == "withdrawn":
-                    row.withdrawn = str(int(row.withdrawn) + amount)
-                else:  # a role: decode.reward_accrued takes only the ledger's three
-                    row.add(what, amount)
+                row.add(what, amount)
 
     def _write_rewards(self, s: Session) -> None:
         sums: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0])

@@ -25,10 +25,8 @@ from devnet.explorer.layout import (
 )
 from devnet.explorer.queries import Page
 from devnet.explorer.service import View
-from devnet.explorer.tables import AdapterRow, DatasetRow
+from devnet.explorer.tables import ROLES, AdapterRow, DatasetRow
 from ledger.merkle import unpack_records
-
-ROLES = ("node", "adapter_owner", "dataset")
 
 
 def accounts_page(ex: View, *, page_no: int = 0) -> str:

@@ -115,7 +115,7 @@ class AccountRewards:
 
 
 def _account(t: AccountTotal) -> AccountRewards:
-    by_role = {"node": int(t.node), "adapter_owner": int(t.adapter_owner), "dataset": int(t.dataset)}
+    by_role = t.by_role()
     return AccountRewards(t.account, sum(by_role.values()), int(t.withdrawn), by_role)
 
 

@@ -135,6 +135,7 @@ class Accrual(IndexModel, table=True):
     batches: int = 0
 
 
+ROLES = ("node", "adapter_owner", "dataset")  # the ledger's Role names, AccountTotal's columns
 RANK_DIGITS = 78  # a uint256 in decimal
 ZERO_RANK = "0" * RANK_DIGITS
 
@@ -162,11 +163,15 @@ class AccountTotal(IndexModel, table=True):
     contributor_rank: str = Field(default=ZERO_RANK, index=True)  # as adapter owner and dataset contributor
     dataset_rank: str = Field(default=ZERO_RANK, index=True)  # as dataset contributor
 
-    def add(self, role: str, amount: int) -> None:
-        setattr(self, role, str(int(getattr(self, role)) + amount))
+    def add(self, field: str, amount: int) -> None:
+        """Add `amount` wei to a role's column or to `withdrawn`, and rank again."""
+        setattr(self, field, str(int(getattr(self, field)) + amount))
         owner, dataset = int(self.adapter_owner), int(self.dataset)
         self.accrued_rank = rank(int(self.node) + owner + dataset)
         self.contributor_rank, self.dataset_rank = rank(owner + dataset), rank(dataset)
+
+    def by_role(self) -> dict[str, int]:
+        return {r: int(getattr(self, r)) for r in ROLES}
 
 
 class Usage(IndexModel, table=True):
