@@ -108,12 +108,17 @@ MAX_TOP_K = 2**31 - 1
 TOKEN_ID_LIMIT = 2**31  # token ids are below it (int32 on the device), whatever a client or a node writes
 # a guided answer's shape: a JSON schema of at most this many bytes (compact JSON: it bounds what the grammar
 # compiler reads before its own bounds take over), a regular expression of at most this many characters, or
-# one of at most MAX_GUIDED_CHOICES strings of at most MAX_GUIDED_CHOICE_CHARS each
+# one of at most MAX_GUIDED_CHOICES strings of at most MAX_GUIDED_CHOICE_CHARS each, or a grammar of at most
+# MAX_GUIDED_GRAMMAR_CHARS characters (a GBNF grammar that long is turned into Lark in ~30 ms of Python, holding the
+# GIL on the node's compile thread; grammars written by hand for SQL, JSON or a small language are 1-10 kB)
 MAX_SCHEMA_BYTES = 64 << 10
 MAX_GUIDED_PATTERN_CHARS = 4096
+MAX_GUIDED_GRAMMAR_CHARS = 32 << 10
 MAX_GUIDED_CHOICES = 256
 MAX_GUIDED_CHOICE_CHARS = 1024
 # a guided answer's shape as the node's generate call takes it: {"type": kind} and the kind's one field
+# grammar: a context-free grammar in Lark (llguidance's dialect) or GBNF (llama.cpp's, which vLLM's guided_grammar
+# takes too), told apart as llguidance does: Lark has a `start:` rule
 # json_or_tool_calls: JSON the schema validates (null: any JSON object), or 1 to max_calls tool calls, each a call
 # object `calls` validates between TOOL_CALL_OPEN and TOOL_CALL_CLOSE (an answer with tools the model may call, and a
 # response format for the answer it gives instead)
@@ -123,6 +128,7 @@ GUIDED_WIRE_FIELDS = {
     "regex": ("pattern",),
     "choice": ("choices",),
     "json_or_tool_calls": ("schema", "calls", "max_calls"),
+    "grammar": ("grammar",),
 }
 # how a model writes a tool call in text (the Hermes / Qwen format, which the tiny bases' template writes too)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -132,7 +138,7 @@ MAX_GUIDED_CALLS = 8  # tool calls one constrained answer may make
 def guided_shape(kind: str, *values: object) -> dict:
     """The generate call's `guided` value: guided_shape("json_schema", schema), guided_shape("regex", pattern),
     guided_shape("choice", strings), guided_shape("json_object"), guided_shape("json_or_tool_calls", schema,
-    calls, max_calls)."""
+    calls, max_calls), guided_shape("grammar", text)."""
     return {"type": kind} | dict(zip(GUIDED_WIRE_FIELDS[kind], values, strict=True))
 
 

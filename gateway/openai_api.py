@@ -32,6 +32,7 @@ from common.wire import (
     MAX_CACHE_SALT,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
+    MAX_GUIDED_GRAMMAR_CHARS,
     MAX_GUIDED_PATTERN_CHARS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -123,6 +124,8 @@ def _schema(v: dict | str) -> dict:
 Schema = Annotated[dict, AfterValidator(_schema)]
 SchemaOrText = Annotated[dict | str, AfterValidator(_schema)]
 Pattern = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_PATTERN_CHARS)]
+# a context-free grammar, Lark or GBNF (as vLLM's guided_grammar takes it); the node compiles it under its bounds
+Grammar = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_GRAMMAR_CHARS)]
 Choices = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_CHOICE_CHARS)]],
     Field(min_length=1, max_length=MAX_GUIDED_CHOICES),
@@ -159,14 +162,15 @@ class ResponseFormat(BaseModel):
 
 class StructuredOutputs(BaseModel):
     """vLLM's structured_outputs: one of a JSON schema, any JSON object, a regular expression the whole answer
-    matches, or a list of strings the answer is one of. Its `grammar` (a grammar in the backend's own dialect)
-    and `structural_tag` are refused by name."""
+    matches, a list of strings the answer is one of, or a context-free grammar the answer is derived by (Lark or
+    GBNF, as vLLM's llguidance backend takes it). Its `structural_tag` is refused by name."""
 
     model_config = STRICT | ConfigDict(populate_by_name=True)
     json_: SchemaOrText | None = Field(default=None, alias="json")
     json_object: bool | None = None
     regex: Pattern | None = None
     choice: Choices | None = None
+    grammar: Grammar | None = None
 
     @model_validator(mode="after")
     def _one(self) -> StructuredOutputs:
@@ -176,6 +180,7 @@ class StructuredOutputs(BaseModel):
             "json_object": self.json_object or None,
             "regex": self.regex,
             "choice": self.choice,
+            "grammar": self.grammar,
         }
         given = [f for f, v in fields.items() if v is not None]
         if len(given) != 1:
@@ -190,6 +195,8 @@ class StructuredOutputs(BaseModel):
             return guided_shape("regex", self.regex)
         if self.choice is not None:
             return guided_shape("choice", self.choice)
+        if self.grammar is not None:
+            return guided_shape("grammar", self.grammar)
         return guided_shape("json_object")
 
 
@@ -218,6 +225,7 @@ class _Sampling(BaseModel):
     guided_json: SchemaOrText | None = None
     guided_regex: Pattern | None = None
     guided_choice: Choices | None = None
+    guided_grammar: Grammar | None = None
     # vLLM's sampling extras
     top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None  # -1 and 0: all tokens
     min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
@@ -296,6 +304,8 @@ class _Sampling(BaseModel):
             out.append(("guided_regex", guided_shape("regex", self.guided_regex)))
         if self.guided_choice is not None:
             out.append(("guided_choice", guided_shape("choice", self.guided_choice)))
+        if self.guided_grammar is not None:
+            out.append(("guided_grammar", guided_shape("grammar", self.guided_grammar)))
         return out
 
     def guided(self) -> dict | None:

@@ -1,7 +1,7 @@
-"""Guided decoding: a request's `guided` value (a JSON schema, any JSON object, a regular expression, or a choice
-of strings held as the regular expression of them) -> a grammar compiled once per spec, with its first mask ->
-per sequence a matcher that writes each step's allowed tokens into one bitmask row -> the rows' logits masked in
-place.
+"""Guided decoding: a request's `guided` value (a JSON schema, any JSON object, a regular expression, a choice
+of strings held as the regular expression of them, or a context-free grammar in Lark or GBNF) -> a grammar
+compiled once per spec, with its first mask -> per sequence a matcher that writes each step's allowed tokens into
+one bitmask row -> the rows' logits masked in place.
 
 The grammar library is llguidance, chosen over xgrammar by bench/grammar.py (CPU, 2 shared cores, 2026-12-03;
 both libraries given the same byte-level BPE tokenizers of 320, 32,000 and 76,357 tokens; compile = compile + first
@@ -55,6 +55,7 @@ from common.wire import (
     MAX_GUIDED_CALLS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
+    MAX_GUIDED_GRAMMAR_CHARS,
     MAX_GUIDED_PATTERN_CHARS,
     MAX_SCHEMA_BYTES,
     TOOL_CALL_CLOSE,
@@ -116,15 +117,18 @@ def _one_line(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class GuidedSpec:
-    """What a sequence's text must be: any JSON object, JSON valid against a schema, or text a regular expression
-    matches whole. Hashable: the cache key."""
+    """What a sequence's text must be: any JSON object, JSON valid against a schema, text a regular expression
+    matches whole, or text a grammar derives. Hashable: the cache key."""
 
-    type: str  # "json_object" | "json_schema" | "regex" | "json_or_tool_calls"
+    type: str  # "json_object" | "json_schema" | "regex" | "json_or_tool_calls" | "grammar"
     # the schema as compact JSON, keys in the client's order (json_schema; json_or_tool_calls' answer, or None)
     schema: str | None = None
     pattern: str | None = None  # the regular expression (regex only)
     calls: str | None = None  # json_or_tool_calls: the schema of one call object, as compact JSON
     max_calls: int = 0  # json_or_tool_calls: the most calls
+    # grammar: Lark or GBNF text, as the client wrote it (made Lark on the compile thread, see Grammars._compile).
+    # Lark's token references (`<[id]>`, a special token's name) let it ask for any id, as logit_bias can
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in GUIDED_TYPES:
@@ -135,6 +139,10 @@ class GuidedSpec:
             raise GrammarError(f"guided.schema does not go with type {self.type}")
         if (self.type == "regex") != isinstance(self.pattern, str):
             raise GrammarError("guided.pattern is required with type regex, and only with it")
+        if (self.type == "grammar") != isinstance(self.grammar, str):
+            raise GrammarError("guided.grammar is required with type grammar, and only with it")
+        if self.grammar is not None and not 0 < len(self.grammar) <= MAX_GUIDED_GRAMMAR_CHARS:
+            raise GrammarError(f"guided.grammar must be a grammar of 1 to {MAX_GUIDED_GRAMMAR_CHARS} characters")
         calling = self.type == "json_or_tool_calls"
         if calling != isinstance(self.calls, str) or calling != (1 <= self.max_calls <= MAX_GUIDED_CALLS):
             raise GrammarError(
@@ -166,6 +174,11 @@ class GuidedSpec:
             return cls("regex", pattern=_pattern(obj.get("pattern")))
         if kind == "choice":
             return cls("regex", pattern=_choice_pattern(obj.get("choices")))
+        if kind == "grammar":
+            text = obj.get("grammar")
+            if not isinstance(text, str):
+                raise GrammarError(f"guided.grammar must be a string, got {type(text).__name__}")
+            return cls("grammar", grammar=text)
         if kind == "json_or_tool_calls":
             n = obj.get("max_calls")
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_GUIDED_CALLS:
@@ -387,10 +400,14 @@ class Grammars:
 
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
-        field = {"regex": "pattern", "json_or_tool_calls": "calls"}.get(spec.type, "schema")
+        field = {"regex": "pattern", "json_or_tool_calls": "calls", "grammar": "grammar"}.get(spec.type, "schema")
         try:
             if spec.type == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.pattern)
+            elif spec.type == "grammar":
+                # GBNF is turned into Lark by llguidance's converter (Python, here on the compile thread), as vLLM's
+                # llguidance backend does; its failures, a RecursionError included, come as ValueError
+                grammar = self._llg.grammar_from("grammar", spec.grammar)
             elif spec.type == "json_or_tool_calls":
                 grammar = LLMatcher.grammar_from_lark(spec.lark())
             else:

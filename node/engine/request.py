@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 
 # what a guided request's text must be (node.engine.grammar.GuidedSpec): any JSON object, JSON valid against a
-# schema, text a regular expression matches whole, or JSON of a schema or tool calls
-GUIDED_TYPES = ("json_object", "json_schema", "regex", "json_or_tool_calls")
+# schema, text a regular expression matches whole, JSON of a schema or tool calls, or text a grammar derives
+GUIDED_TYPES = ("json_object", "json_schema", "regex", "json_or_tool_calls", "grammar")
 
 
 class RequestError(ValueError):

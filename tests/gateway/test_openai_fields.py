@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.wire import MAX_GUIDED_GRAMMAR_CHARS
 from tests.gateway import TINY
 from tests.gateway.conftest import MESSAGES, PROMPT, agree, chat, complete, refused
 
@@ -261,9 +262,9 @@ def test_best_of_equal_to_n_streams_as_n(oai):
 
 
 def test_vllm_structured_outputs_and_guided_fields(oai):
-    """vLLM's structured_outputs (choice, regex, json, json_object) and the guided_* fields it had before: each
-    answer, from random weights, has the shape asked; two constraints, or one the node cannot compile, are refused
-    naming the field; structured_outputs.grammar (a backend's own dialect) is refused by name."""
+    """vLLM's structured_outputs (choice, regex, json, json_object, grammar) and the guided_* fields it had before:
+    each answer, from random weights, has the shape asked; two constraints, or one the node cannot compile, are
+    refused naming the field; structured_outputs.structural_tag is refused by name."""
     import json
     import re
 
@@ -285,6 +286,14 @@ def test_vllm_structured_outputs_and_guided_fields(oai):
     for extra in ({"structured_outputs": {"json": schema}}, {"guided_json": json.dumps(schema)}):
         got = chat(oai, temperature=1, seed=4, max_tokens=32, extra_body=extra).choices[0]
         assert got.finish_reason == "stop" and json.loads(got.message.content)["k"] in ("v", "w"), (extra, got)
+    # a grammar in either dialect vLLM's guided_grammar takes (Lark, GBNF)
+    lark = 'start: "SELECT " col " FROM " table\ncol: "id" | "name"\ntable: /[a-z]{2,5}/'
+    gbnf = 'root ::= "SELECT " col " FROM " table\ncol ::= "id" | "name"\ntable ::= [a-z] [a-z] [a-z]? [a-z]? [a-z]?'
+    for extra in ({"structured_outputs": {"grammar": gbnf}}, {"guided_grammar": lark}):
+        for seed in (6, 7):
+            got = chat(oai, temperature=1, seed=seed, max_tokens=24, extra_body=extra).choices[0]
+            assert got.finish_reason == "stop", (extra, got)
+            assert re.fullmatch("SELECT (id|name) FROM [a-z]{2,5}", got.message.content), (extra, got)
     got = chat(oai, temperature=1, seed=5, max_tokens=32, extra_body={"structured_outputs": {"json_object": True}})
     assert got.choices[0].message.content.startswith("{")
     # given as vLLM counts them, by not being null: an empty schema is one (any JSON), json_object false is none
@@ -293,7 +302,10 @@ def test_vllm_structured_outputs_and_guided_fields(oai):
     refused(lambda: chat(oai, extra_body={"guided_regex": "a", "guided_choice": ["b"]}), "guided_choice")
     fmt = {"type": "json_object"}
     refused(lambda: chat(oai, response_format=fmt, extra_body={"guided_regex": "a"}), "guided_regex")
-    refused(lambda: chat(oai, extra_body={"structured_outputs": {"grammar": "root ::= x"}}), "structured_outputs")
+    refused(lambda: chat(oai, extra_body={"structured_outputs": {"structural_tag": "{}"}}), "structured_outputs")
+    assert "guided.grammar" in refused(lambda: chat(oai, extra_body={"guided_grammar": "root ::= x"}), "guided_grammar")
+    too_long = "start: /x*/ //" + "-" * MAX_GUIDED_GRAMMAR_CHARS
+    refused(lambda: chat(oai, extra_body={"structured_outputs": {"grammar": too_long}}), "structured_outputs")
     refused(lambda: chat(oai, extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs")
     assert "guided.pattern" in refused(lambda: complete(oai, extra_body={"guided_regex": "(unclosed"}), "guided_regex")
 
@@ -398,3 +410,16 @@ def test_one_key_cannot_tell_what_another_keys_prompts_left_in_the_prefix_cache(
     assert cached(oai, prefix + secret + [8], salt="user-a") == 32
     assert cached(oai, prefix + secret + [9], salt="user-b") == 0
     assert cached(stranger, prefix + secret + [9], salt="user-a") == 0  # nor does one salt join two keys
+
+
+def test_a_grammar_naming_tokens_is_relayed_and_billed_as_served(served, oai):
+    """Lark names a token by its id (`<[2]>`) or a special token's name (`<s>`, `<pad>`), as logit_bias may favour
+    any id: special tokens in the middle of an answer (they have no text) are relayed as the node's detokenizer
+    gives them, billed as the node counted them (its receipt, the usage row and the client's usage agree), and
+    the node is not taken for one that misreported its tokens."""
+    ask = {"guided_grammar": 'start: "a" <s> <pad> "b"'}
+    for _ in range(2):  # the second served too: its node still routed to
+        raw = oai.completions.with_raw_response.create(model=TINY, prompt=PROMPT, max_tokens=8, extra_body=ask)
+        body = agree(served, raw)
+        assert body.choices[0].text == "ab" and body.choices[0].finish_reason == "stop"
+        assert body.usage.completion_tokens == 4  # a, <s>, <pad>, b: the grammar complete, the answer ends

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 
 import jsonschema
@@ -13,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from common.wire import MAX_GUIDED_CHOICES, MAX_GUIDED_PATTERN_CHARS
+from common.wire import MAX_GUIDED_CHOICES, MAX_GUIDED_GRAMMAR_CHARS, MAX_GUIDED_PATTERN_CHARS, restore_recursion_limit
 from node.engine import grammar
 from node.engine.grammar import (
     MAX_SCHEMA_BYTES,
@@ -244,23 +245,125 @@ def test_whitespace_between_tokens_is_bounded(tok, grammars):
     assert not m.accept(space)  # nothing before the value, so EOS comes exactly at the end of an object
 
 
+def takes(tok, grammars, spec_: GuidedSpec, text: str) -> bool:
+    """Whether the spec's grammar takes `text` whole (its tokens one by one, then the end)."""
+    m = grammars.matcher(spec_)
+    return all(m.accept(t) for t in tok.encode(text, add_special_tokens=False)) and m.accepting
+
+
 def test_a_choice_is_one_of_its_strings_taken_literally_and_a_regex_matches_whole(tok, grammars):
     """vLLM's guided choice and regex: the text is exactly one choice (regex syntax in a choice is just text), or
     text the whole regular expression matches; EOS comes only where it is complete."""
-
-    def takes(spec_: GuidedSpec, text: str) -> bool:
-        m = grammars.matcher(spec_)
-        return all(m.accept(t) for t in tok.encode(text, add_special_tokens=False)) and m.accepting
-
     choice = GuidedSpec.from_wire({"type": "choice", "choices": ["yes", "no", "a.b*c", "x|y", "(z)\\"]})
     for text in ("yes", "no", "a.b*c", "x|y", "(z)\\"):
-        assert takes(choice, text), text
+        assert takes(tok, grammars, choice, text), text
     for text in ("ye", "yess", "aXbbc", "x", "z"):
-        assert not takes(choice, text), text
+        assert not takes(tok, grammars, choice, text), text
     regex = GuidedSpec.from_wire({"type": "regex", "pattern": "[0-9]{3}-[a-z]+"})
-    assert takes(regex, "123-abc") and not takes(regex, "12-abc") and not takes(regex, "123-")
+    assert takes(tok, grammars, regex, "123-abc")
+    assert not takes(tok, grammars, regex, "12-abc") and not takes(tok, grammars, regex, "123-")
     with pytest.raises(GrammarError, match="guided.pattern"):
         grammars.matcher(GuidedSpec.from_wire({"type": "regex", "pattern": "(unclosed"}))
+
+
+# one language in the two dialects vLLM's guided_grammar takes: llguidance's Lark and llama.cpp's GBNF
+SQL_LARK = """
+start: "SELECT " cols " FROM " table (" WHERE " cond)?
+cols: col (", " col)*
+col: "id" | "name" | "age"
+table: "users" | "orders"
+cond: col " = " /[0-9]{1,4}/
+"""
+SQL_GBNF = """
+root ::= "SELECT " cols " FROM " table (" WHERE " cond)?
+cols ::= col (", " col)*
+col ::= "id" | "name" | "age"
+table ::= "users" | "orders"
+cond ::= col " = " [0-9] [0-9]? [0-9]? [0-9]?
+"""
+SQL = re.compile(r"SELECT (id|name|age)(, (id|name|age))* FROM (users|orders)( WHERE (id|name|age) = [0-9]{1,4})?")
+
+
+def sample_answer(tok, grammars, guided: GuidedSpec, seed: int, cap: int = 300) -> str:
+    """Random logits through the grammar until an end token is drawn where the grammar allows one, or it is
+    complete."""
+    m, gen, mask, ids = grammars.matcher(guided), torch.Generator().manual_seed(seed), grammars.new_bitmask(1), []
+    while not m.terminated:
+        assert len(ids) < cap, f"no end after {cap} tokens: {text_of(tok, ids)!r}"
+        m.fill(mask, 0)
+        logits = torch.randn(1, WIDTH, generator=gen) * 3
+        apply_bitmask(logits, mask)
+        t = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        if t == EOS:
+            assert m.accepting, "EOS allowed before the text is complete"
+            break
+        assert m.accept(t)
+        ids.append(t)
+    return text_of(tok, ids)
+
+
+@pytest.mark.parametrize("text", [SQL_LARK, SQL_GBNF], ids=["lark", "gbnf"])
+def test_a_grammar_in_lark_or_gbnf_is_the_language_of_the_answer(tok, grammars, text):
+    """vLLM's guided_grammar: the answer is text the grammar derives, whichever of the two dialects it is in."""
+    g = GuidedSpec.from_wire({"type": "grammar", "grammar": text})
+    for good in ("SELECT id FROM users", "SELECT name, age, id FROM orders WHERE age = 42"):
+        assert takes(tok, grammars, g, good), good
+    for bad in ("SELECT id FROM people", "SELECT id  FROM users", "SELECT id FROM users WHERE id = 12345", "SELECT"):
+        assert not takes(tok, grammars, g, bad), bad
+    answers = {sample_answer(tok, grammars, g, seed) for seed in range(10)}
+    assert all(SQL.fullmatch(a) for a in answers), answers
+    assert len(answers) >= 5  # the draws differ: the grammar constrains, it does not dictate
+
+
+def _compact_names(n: int) -> list[str]:
+    """n distinct short rule names: a .. z, aa .. zz, ... (lower case: Lark's rules, not its terminals)."""
+    out = []
+    for i in range(1, n + 1):
+        name = ""
+        while i:
+            i, r = divmod(i - 1, 26)
+            name = chr(ord("a") + r) + name
+        out.append(name)
+    return out
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("start: (unclosed", "guided.grammar cannot be compiled"),
+        ("start: nowhere", "guided.grammar cannot be compiled"),
+        # llguidance's GBNF converter recurses per level: Python's recursion bound (the node's), not a dead thread
+        ("root ::= " + "(" * 16_000 + '"x"' + ")" * 16_000, "guided.grammar cannot be read"),
+        ("start: " + "(" * 2000 + '"x"' + ")" * 2000, "guided.grammar cannot be compiled"),
+        # 2,000 rules, each two of the next, in 30 kB: the first mask took 46 ms on the compile thread, and each
+        # would on the engine's; refused there, past MAX_MASK_CPU_S, in 80 ms
+        (
+            "\n".join(
+                ["start: a"]
+                + [f'{a}:{b} {b}|"a"' for a, b in zip(_compact_names(2000), _compact_names(2001)[1:])]
+                + [f'{_compact_names(2001)[-1]}:"b"']
+            ),
+            "guided.grammar cannot be enforced",
+        ),
+    ],
+    ids=["syntax", "unknown-rule", "deep-gbnf", "deep-lark", "slow-first-mask"],
+)
+def test_a_grammar_that_cannot_be_served_is_a_one_line_grammar_error(grammars, text, words):
+    assert len(text) <= MAX_GUIDED_GRAMMAR_CHARS
+    old = sys.getrecursionlimit()
+    restore_recursion_limit()  # the node's bound (node.daemon), whatever py_ecc, imported by other tests, made it
+    try:
+        refused_when_compiled(grammars, text, words)
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def refused_when_compiled(grammars, text: str, words: str) -> None:
+    g = GuidedSpec.from_wire({"type": "grammar", "grammar": text})
+    with pytest.raises(GrammarError, match=words) as e:
+        grammars.matcher(g)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+    assert not grammars.cached(g)
 
 
 @pytest.mark.parametrize("pattern", ["(x{1000}){1000}", "((xy){300}){300}"])
@@ -349,6 +452,8 @@ def test_from_wire_accepts_the_two_shapes():
     assert got == GuidedSpec("json_schema", '{"type":"object","required":["b","é"]}')
     pad = MAX_SCHEMA_BYTES - len(schema_json({"description": ""}))
     assert GuidedSpec.from_wire({"type": "json_schema", "schema": {"description": "x" * pad}}) is not None
+    longest = "start: /x*/ " + "#" * (MAX_GUIDED_GRAMMAR_CHARS - 12)
+    assert GuidedSpec.from_wire({"type": "grammar", "grammar": longest}) == GuidedSpec("grammar", grammar=longest)
 
 
 @pytest.mark.parametrize(
@@ -357,7 +462,12 @@ def test_from_wire_accepts_the_two_shapes():
         ("json_object", "must be an object"),
         ([{"type": "json_object"}], "must be an object"),
         ({}, "guided.type"),
-        ({"type": "lark", "grammar": "start: x"}, "guided.type"),  # a grammar dialect: not taken
+        ({"type": "lark", "grammar": "start: x"}, "guided.type"),  # a grammar's dialect is no type
+        ({"type": "grammar"}, "guided.grammar must be a string"),
+        ({"type": "grammar", "grammar": ["start: x"]}, "guided.grammar must be a string"),
+        ({"type": "grammar", "grammar": ""}, "guided.grammar must be a grammar of 1 to"),
+        ({"type": "grammar", "grammar": "x" * (MAX_GUIDED_GRAMMAR_CHARS + 1)}, "guided.grammar must be a grammar of"),
+        ({"type": "grammar", "grammar": "start: x", "pattern": "x"}, "unknown field"),
         ({"type": "regex", "schema": {}}, "unknown field"),
         ({"type": "regex"}, "guided.pattern must be"),
         ({"type": "regex", "pattern": "x" * (MAX_GUIDED_PATTERN_CHARS + 1)}, "guided.pattern must be"),
@@ -391,6 +501,7 @@ def test_a_spec_is_checked_when_made():
         ("regex", None),
         ("json_schema", " " * 70000),
         ("grammar",),
+        ("regex", None, "x", None, 0, "start: x"),
     ):
         with pytest.raises(GrammarError):
             GuidedSpec(*bad)
