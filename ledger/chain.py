@@ -134,11 +134,11 @@ def decode_records_settled(log: dict) -> list[SettledRecord]:
     ]
 
 
-def _same(got: object, wanted: object) -> bool:
-    """An event argument against a filter's value (addresses in any case)."""
-    if isinstance(got, str) and isinstance(wanted, str):
-        return got.lower() == wanted.lower()
-    return got == wanted
+def _asked_for(lg, topics: list) -> bool:
+    """Whether a log's topics are those asked for (a provider may answer with more than it was asked; compared as
+    the topics' bytes, so a filter's value matches however it was written: an address in any case, an id as hex)."""
+    got = [bytes(t) for t in lg["topics"]]
+    return len(got) >= len(topics) and all(w is None or g == bytes.fromhex(w[2:]) for g, w in zip(got, topics))
 
 
 def _topics(topic: str, event_abi: dict, filters: dict) -> list:
@@ -155,7 +155,10 @@ def _topics(topic: str, event_abi: dict, filters: dict) -> list:
         elif arg["type"] in ("string", "bytes") or arg["type"].endswith("]") or arg["type"].startswith("tuple"):
             raise ValueError(f"{event_abi['name']}.{arg['name']} is hashed in its topic; filter after reading")
         else:
-            topics.append(hex0x(abi_encode([arg["type"]], [filters[arg["name"]]])))
+            value = filters[arg["name"]]
+            if arg["type"] == "bytes32" and isinstance(value, str):
+                value = id_bytes(value)  # an id as the project writes it ("0x" + 64 hex digits)
+            topics.append(hex0x(abi_encode([arg["type"]], [value])))
     while topics[-1] is None:
         topics.pop()
     return topics
@@ -824,6 +827,8 @@ class ChainClient:
         out = []
         for chunk in self._chunks(from_block, to_block, params):
             for lg in chunk.logs:
+                if not _asked_for(lg, params["topics"]):
+                    continue
                 try:
                     got = ev.process_log(lg)
                 except (ValueError, DecodingError, Web3Exception) as e:  # UnicodeDecodeError is a ValueError
@@ -835,8 +840,7 @@ class ChainClient:
                         type(e).__name__,
                     )
                     continue
-                if all(_same(got["args"].get(k), v) for k, v in (filters or {}).items()):
-                    out.append(got)
+                out.append(got)
         return out
 
     def _chunks(self, from_block: int | None, to_block: int | str, params: dict):

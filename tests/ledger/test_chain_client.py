@@ -6,6 +6,7 @@ import re
 import pytest
 from eth_account import Account
 
+from common.wire import id_bytes, to_id
 from devnet.anvil import Anvil, AnvilConfig, free_port
 from ledger.chain import ChainClient
 from ledger.deployment import Deployment
@@ -186,3 +187,16 @@ def test_event_filters_go_to_the_provider_as_topics(anvil_chain, monkeypatch):
     assert got["args"]["settler"] == a and seen[0][1] == "0x" + "00" * 12 + a[2:].lower()
     with pytest.raises(ValueError, match="no indexed argument amount"):
         admin.events("ledger", "RewardAccrued", filters={"amount": 1})
+    # a bytes32 argument by the id as the project writes it, "0x" and 64 hex digits (or raw bytes)
+    admin.register_dataset("topics-a")
+    admin.register_dataset("topics-b")
+    wanted = admin.dataset_id("topics-b")
+    for value in (wanted, wanted.upper().replace("0X", "0x"), id_bytes(wanted)):
+        (got,) = admin.events("registry", "DatasetRegistered", filters={"datasetId": value})
+        assert to_id(got["args"]["datasetId"]) == wanted and got["args"]["name"] == "topics-b"
+    # a provider that answers more than it was asked (the topics ignored): the logs asked for, still
+    monkeypatch.setattr(admin.w3.eth, "get_logs", lambda p: real({k: v for k, v in p.items() if k != "topics"}))
+    (got,) = admin.events("registry", "DatasetRegistered", filters={"datasetId": wanted})
+    assert got["args"]["name"] == "topics-b"
+    (got,) = admin.events("ledger", "SettlerGranted", filters={"settler": a.lower()})
+    assert got["args"]["settler"] == a
