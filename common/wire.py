@@ -94,8 +94,15 @@ MAX_STOP_TOKEN_IDS = 16
 MAX_LOGIT_BIAS = 300  # logit_bias entries (OpenAI's bound)
 MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs bound)
 MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
-# what a node's status lists in "features" when its generate body takes cache_salt (node/api/models.py)
+# Generate fields that came after the first release, named as a node's status lists them in "features" when its
+# generate body takes them (an older node refuses a body with a field it does not know): a gateway leaves
+# cache_salt out for a node that does not list it, and sends a request with allowed_token_ids only to nodes that do
 CACHE_SALT_FEATURE = "cache_salt"
+ALLOWED_TOKEN_IDS_FEATURE = "allowed_token_ids"
+GENERATE_FEATURES = (CACHE_SALT_FEATURE, ALLOWED_TOKEN_IDS_FEATURE)
+# vLLM's allowed_token_ids: the only ids a sequence may draw, at most this many (a request's list is sent to the
+# device each step, as one index with its rows': bounded so a batch of them costs little)
+MAX_ALLOWED_TOKEN_IDS = 4096
 # the sampling fields' ranges (OpenAI's and vLLM's): presence / frequency penalties in [-MAX_PENALTY, MAX_PENALTY],
 # a repetition penalty in (0, MAX_REPETITION_PENALTY], a logit bias in [-MAX_BIAS, MAX_BIAS]
 MAX_PENALTY = 2.0

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 
-from common.wire import CACHE_SALT_FEATURE, is_id
+from common.wire import GENERATE_FEATURES, is_id
 from gateway.chain_registry import RegistryView
 from gateway.errors import BadRequest, Forbidden
 from ledger.types import api_url_problem
@@ -81,9 +81,10 @@ class NodeEntry:
     ts_ms: int
     last_seen: float  # monotonic time of the last accepted heartbeat
     local: NodeLocal = field(default_factory=NodeLocal)
-    # it said it knows the generate body's cache_salt (node.api.models.GENERATE_FEATURES; an older node refuses
-    # the field): read once from the heartbeat, whose lists are the node's word and as long as it likes
-    takes_cache_salt: bool = False
+    # the generate fields it says it knows of those that came after the first release (common.wire's
+    # GENERATE_FEATURES; an older node refuses a field it does not know): read once from the heartbeat, whose lists
+    # are the node's word and as long as it likes, keeping only names the gateway knows
+    features: frozenset[str] = frozenset()
 
     @property
     def inflight(self) -> int:
@@ -137,8 +138,12 @@ def _kept(status: dict) -> dict:
     }
 
 
-def _lists(features: object, name: str) -> bool:
-    return isinstance(features, list) and name in features
+def _features(listed: object) -> frozenset[str]:
+    """The generate features a heartbeat's status lists that this gateway knows (whatever else it lists is
+    ignored)."""
+    if not isinstance(listed, list):
+        return frozenset()
+    return frozenset(f for f in GENERATE_FEATURES if f in listed)
 
 
 def _int(v) -> int:
@@ -235,7 +240,7 @@ class NodeDirectory:
                 status=_kept(body["status"]),
                 ts_ms=body["ts_ms"],
                 last_seen=now,
-                takes_cache_salt=_lists(body["status"].get("features"), CACHE_SALT_FEATURE),
+                features=_features(body["status"].get("features")),
             )
             if old is not None:
                 entry.local = old.local

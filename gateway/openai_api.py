@@ -28,6 +28,7 @@ from pydantic import (
 
 from common.http import parse_off_loop
 from common.wire import (
+    MAX_ALLOWED_TOKEN_IDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
     MAX_GUIDED_CHOICE_CHARS,
@@ -233,6 +234,7 @@ class _Sampling(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None
     # vLLM's cache_salt: requests share cached prompt KV only under one salt. Joined to the key's own
     # (gateway.keys.node_cache_salt), it keeps an application's users apart within its key, never joins two keys
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = None
@@ -727,6 +729,7 @@ def to_node_request(
         "min_p": (req.min_p or 0.0, 0.0),
         "min_tokens": (req.min_tokens or 0, 0),
         "stop_token_ids": (req.stop_token_ids or None, None),
+        "allowed_token_ids": (req.allowed_token_ids, None),
         "ignore_eos": (bool(req.ignore_eos), False),
         "logprobs": (req.node_logprobs(), None),
         "prompt_logprobs": (prompt_logprobs, None),

@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from common.http import WriteBoundedStreamingResponse
-from common.wire import hex0x
+from common.wire import ALLOWED_TOKEN_IDS_FEATURE, CACHE_SALT_FEATURE, hex0x
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
 from gateway.choices import Choices
@@ -352,11 +352,13 @@ class ServedRequest:
             )
         show_logprobs = bool(req.logprobs) if self.chat else req.logprobs is not None
         echo = not self.chat and bool(req.echo)
-        if req.bias_ids() or req.stop_token_ids:  # ids outside the vocabulary (when known) are the client's mistake
+        if req.bias_ids() or req.stop_token_ids or req.allowed_token_ids:
+            # ids outside the vocabulary (when known) are the client's mistake
             if t.knows(base):
                 await blocking(t, 0, t.vocab, base)
             t.check_ids(base, req.bias_ids(), param="logit_bias", what="logit_bias")
             t.check_ids(base, req.stop_token_ids or [], param="stop_token_ids", what="stop_token_ids")
+            t.check_ids(base, req.allowed_token_ids or [], param="allowed_token_ids", what="allowed_token_ids")
         token_texts = await blocking(t, 0, t.texts, base) if req.needs_token_texts() else None
         if echo and texts is None:  # prompts given as token ids are echoed as their text
             texts = [await blocking(t, len(ids), t.decode, base, ids) for ids in prompts]
@@ -447,7 +449,14 @@ class ServedRequest:
         d, t = self.d, self.target
         self.started = time.monotonic()
         self.deadline = self.started + d.settings.request_deadline_s
-        route = d.router.route(t.adapter_id, d.directory.live(t.base_model_id), t.components)
+        live = d.directory.live(t.base_model_id)
+        needs = self._needs()
+        route = d.router.route(t.adapter_id, [n for n in live if needs <= n.features], t.components)
+        if route is None and live:  # nodes of an older release: the field would be refused, or its effect lost
+            raise NoNodeAvailable(
+                f"no live node that serves the base model of {t.model!r} takes {', '.join(sorted(needs))} right now "
+                "(their releases are older); retry later, or leave the field out"
+            )
         if route is None:
             raise NoNodeAvailable(f"no live node serves the base model of {t.model!r} right now; retry later")
         d.book.check_outbox()
@@ -610,11 +619,16 @@ class ServedRequest:
             self._hold = hold.pop_all()
             return True
 
+    def _needs(self) -> frozenset[str]:
+        """The generate features the node body uses that a node must know to serve it (common.wire's
+        GENERATE_FEATURES; cache_salt is not one: a node that lacks it is sent the body without it)."""
+        return frozenset(f for f in (ALLOWED_TOKEN_IDS_FEATURE,) if f in self.node_body)
+
     def _body_for(self, node: NodeEntry) -> dict:
         """The generate body for `node`: the key's prefix-cache salt for this node where the node knows the field
         (one key's prompts never warm another key's cache, gateway.keys.node_cache_salt)."""
         salt = self.auth.key.cache_salt
-        if salt is None or not node.takes_cache_salt:
+        if salt is None or CACHE_SALT_FEATURE not in node.features:
             return self.node_body
         return self.node_body | {"cache_salt": node_cache_salt(salt, node.node_id, self.req.cache_salt)}
 

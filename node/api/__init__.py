@@ -15,7 +15,7 @@ POST /v1/generate                            gateway-signed
       "top_k": int >= 0 = 0 (off), "seed": int in [0, 2^64) | null, "stop": [str] (<= 4), "stream": bool = false,
       "cache_salt": str (1..256) | null: requests share cached prompt KV only under one salt, and the other
       sampling, scoring and grammar fields of models.GenerateBody}
-    Fields added after the first release (models.GENERATE_FEATURES) are listed in /status's "features": a gateway
+    Fields added after the first release (common.wire.GENERATE_FEATURES) are listed in /status's "features": a gateway
     sends one only to a node that lists it.
     A request id this node already runs or holds a receipt for: 409 "duplicate_request".
     non-stream 200: {"request_id", "adapter_id", "text", "token_ids", "finish_reason": "stop"|"length"|"abort",

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, Request
 from starlette.requests import ClientDisconnect
 
+from common.wire import GENERATE_FEATURES
 from node.api.book import RequestBook
 from node.api.errors import ApiError
-from node.api.models import GENERATE_FEATURES
 from node.engine import AsyncEngine
 from node.health import NodeHealth
 from node.metrics import NodeMetrics

@@ -9,8 +9,8 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.wire import (
-    CACHE_SALT_FEATURE,
     HEX_ID_PATTERN,
+    MAX_ALLOWED_TOKEN_IDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
@@ -47,11 +47,6 @@ class EnsemblePart(BaseModel):
     adapter_id: Annotated[str, Field(pattern=ID_PATTERN)]
     weight: Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]
 
-
-# Optional generate fields that came after the first release, which a node lists in its status ("features"): a
-# gateway sends one only to a node that lists it, since an older node refuses a body with a field it does not
-# know (extra="forbid").
-GENERATE_FEATURES = (CACHE_SALT_FEATURE,)
 
 # what a generate body holds beside its prompts' ids, at most: a guided schema (64 kB) or choices (256 of 1,024
 # characters: 1.5 MB at worst, control characters written as 6-byte escapes), 300 logit biases, stop strings and
@@ -91,6 +86,7 @@ class GenerateBody(BaseModel):
     seed: Annotated[int | None, Field(ge=0, lt=SEED_LIMIT)] = None
     stop: Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] = []
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] = []
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1

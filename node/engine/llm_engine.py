@@ -235,7 +235,8 @@ class LLMEngine:
         bad = [t for t in params.token_ids() if t >= vocab]
         if bad:
             raise RequestError(
-                f"token id {bad[0]} in logit_bias or stop_token_ids is not in the vocabulary [0, {vocab})"
+                f"token id {bad[0]} in logit_bias, stop_token_ids or allowed_token_ids is not in the vocabulary "
+                f"[0, {vocab})"
             )
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this node's base model has none")

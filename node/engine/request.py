@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common.wire import (
+    MAX_ALLOWED_TOKEN_IDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
@@ -72,8 +73,10 @@ def _count(name: str, value, lo: int, hi: int | None = None, *, nullable: bool =
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     """Per-request sampling. temperature 0 is greedy; top_k 0, min_p 0, penalties 0 (repetition 1) are off;
-    seed None draws one. Token ids (logit_bias, stop_token_ids) are checked against the vocabulary by the
-    engine, which knows it. `logit_bias` may be given as a mapping; it is kept as sorted (id, bias) pairs."""
+    seed None draws one. Token ids (logit_bias, stop_token_ids, allowed_token_ids) are checked against the
+    vocabulary by the engine, which knows it. `logit_bias` may be given as a mapping; it is kept as sorted (id, bias)
+    pairs. `allowed_token_ids` (vLLM's): when given, the only ids the sequences may draw, the end tokens included
+    only where listed; kept sorted, without repeats."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -89,6 +92,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
     logprobs: int | None = None  # top log-probabilities per generated token (0: only the chosen one's)
     prompt_logprobs: int | None = None  # the same for every prompt position
     n: int = 1  # sequences per prompt
@@ -122,6 +126,7 @@ class SamplingParams:
         if len(ids) > MAX_STOP_TOKEN_IDS or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
             raise RequestError(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} token ids, got {list(ids)!r}")
         object.__setattr__(self, "stop_token_ids", ids)
+        self._check_allowed()
         _count("logprobs", self.logprobs, 0, MAX_LOGPROBS, nullable=True)
         _count("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, nullable=True)
         _count("n", self.n, 1, MAX_N)
@@ -143,6 +148,19 @@ class SamplingParams:
             out[t] = float(b)
         object.__setattr__(self, "logit_bias", tuple(sorted(out.items())))
 
+    def _check_allowed(self) -> None:
+        if self.allowed_token_ids is None:
+            return
+        ids = tuple(self.allowed_token_ids)
+        if not 0 < len(ids) <= MAX_ALLOWED_TOKEN_IDS or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids
+        ):
+            raise RequestError(
+                f"allowed_token_ids must be 1 to {MAX_ALLOWED_TOKEN_IDS} token ids (integers >= 0), "
+                f"got {str(list(ids))[:80]}"
+            )
+        object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(ids))))
+
     @property
     def penalized(self) -> bool:
         """Whether a penalty needs this row's token counts."""
@@ -150,12 +168,13 @@ class SamplingParams:
 
     @property
     def processed(self) -> bool:
-        """Whether the row's logits change before the draw (bias, min_tokens, penalties): plain rows skip it."""
-        return bool(self.logit_bias) or self.min_tokens > 0 or self.penalized
+        """Whether the row's logits change before the draw (bias, min_tokens, allowed ids, penalties): plain rows
+        skip it."""
+        return bool(self.logit_bias) or self.min_tokens > 0 or self.allowed_token_ids is not None or self.penalized
 
     def token_ids(self) -> list[int]:
         """Every token id these params name (checked against the vocabulary by the engine)."""
-        return [t for t, _ in self.logit_bias] + list(self.stop_token_ids)
+        return [t for t, _ in self.logit_bias] + list(self.stop_token_ids) + list(self.allowed_token_ids or ())
 
 
 @dataclass(slots=True)

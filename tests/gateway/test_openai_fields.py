@@ -423,3 +423,30 @@ def test_a_grammar_naming_tokens_is_relayed_and_billed_as_served(served, oai):
         body = agree(served, raw)
         assert body.choices[0].text == "ab" and body.choices[0].finish_reason == "stop"
         assert body.usage.completion_tokens == 4  # a, <s>, <pad>, b: the grammar complete, the answer ends
+
+
+def test_allowed_token_ids_are_the_only_tokens_an_answer_holds(served, oai, tokenizer):
+    """vLLM's allowed_token_ids: every token of every choice is one of the listed ids (here the tokens of "x" and
+    "y", so the text shows it), streamed or whole, chat or completion, billed as served; an id past the vocabulary
+    or an empty list is refused naming the field."""
+    import re
+
+    x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
+    ask = {"allowed_token_ids": [x, y]}
+    raw = oai.completions.with_raw_response.create(
+        model=TINY, prompt=PROMPT, max_tokens=12, n=3, temperature=1, seed=1, extra_body=ask
+    )
+    body = agree(served, raw)
+    assert all(re.fullmatch("[xy]{12}", c.text) and c.finish_reason == "length" for c in body.choices), body
+    assert len({c.text for c in body.choices}) > 1  # drawn from the two, not one forced
+    streamed = chat(oai, max_tokens=8, temperature=0, stream=True, extra_body=ask)
+    assert re.fullmatch("[xy]{8}", "".join(c.choices[0].delta.content or "" for c in streamed if c.choices))
+    # with the end token listed, an answer may stop there
+    eos_too = complete(
+        oai, max_tokens=8, temperature=0, logit_bias={str(EOS): 100}, extra_body={"allowed_token_ids": [x, EOS]}
+    )
+    assert (eos_too.choices[0].text, eos_too.choices[0].finish_reason) == ("", "stop")
+    assert "vocabulary" in refused(
+        lambda: complete(oai, extra_body={"allowed_token_ids": [x, 10**6]}), "allowed_token_ids"
+    )
+    refused(lambda: complete(oai, extra_body={"allowed_token_ids": []}), "allowed_token_ids")

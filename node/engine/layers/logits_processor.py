@@ -1,16 +1,24 @@
-"""What is done to a row's logits before its draw, beyond temperature and truncation: logit_bias, min_tokens and
-the presence, frequency and repetition penalties, batched over the rows that ask (vLLM's order: bias and
-min_tokens first, then the penalties; the grammar's mask is applied by the engine before, and -inf stays
--inf under all of them, so its place among them does not matter)."""
+"""What is done to a row's logits before its draw, beyond temperature and truncation: logit_bias, min_tokens,
+allowed_token_ids and the presence, frequency and repetition penalties, batched over the rows that ask (vLLM's
+order: bias, min_tokens and the allowed ids first, then the penalties; the grammar's mask is applied by the engine
+before, and -inf stays -inf under all of them, so its place among them does not matter)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from node.engine.layers.attention import to_device
 from node.engine.request import SamplingParams
+
+
+@functools.lru_cache(maxsize=256)
+def _ids(allowed: tuple[int, ...]) -> torch.Tensor:
+    """A request's allowed ids as an int64 tensor, made once (its rows share it, and each step reads it): up to
+    MAX_ALLOWED_TOKEN_IDS ids, which as a Python list took milliseconds a step to turn into a tensor."""
+    return torch.tensor(allowed, dtype=torch.int64)
 
 
 def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
@@ -32,6 +40,7 @@ def process_logits(
     Semantics, for each row i that asks (outputs_i: the tokens it generated, prompts_i its prompt):
       l[t] += logit_bias_i[t]
       l[t] = -inf for t in stop_token_ids_i (and the EOS ids unless ignore_eos) while len(outputs_i) < min_tokens_i
+      l[t] = -inf for t not in allowed_token_ids_i, when given
       l[t] = l[t] / r if l[t] > 0 else l[t] * r, for t in prompts_i + outputs_i, r = repetition_penalty_i
       l[t] -= frequency_penalty_i * count(t in outputs_i) + presence_penalty_i * (t in outputs_i)
     Host work is one pass over the asking rows' token lists; each table reaches the device in one copy."""
@@ -64,6 +73,17 @@ def process_logits(
     if ban_rows:
         idx = to_device(torch.tensor([ban_rows, ban_ids], dtype=torch.int64), dev)
         logits[idx[0], idx[1]] = float("-inf")
+    allow = [i for i in rows if params[i].allowed_token_ids is not None]
+    if allow:
+        # the allowed entries' logits copied into rows of -inf, through one (row, id) index for the asking rows
+        lists = [_ids(params[i].allowed_token_ids) for i in allow]
+        ids = to_device(torch.cat(lists), dev)
+        at = to_device(torch.tensor(allow, dtype=torch.int64), dev)
+        k = torch.repeat_interleave(torch.arange(len(allow)), torch.tensor([len(x) for x in lists]))
+        k = to_device(k, dev)  # each id's row among the asking rows
+        kept = torch.full((len(allow), v), float("-inf"), dtype=logits.dtype, device=dev)
+        kept[k, ids] = logits[at[k], ids]
+        logits[at] = kept
 
     pen = [i for i in rows if params[i].penalized]
     if pen:

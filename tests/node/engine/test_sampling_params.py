@@ -26,6 +26,9 @@ def reference(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output
     if len(output) < p.min_tokens:
         for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(EOS)):
             out[t] = -math.inf
+    if p.allowed_token_ids is not None:
+        for t in set(range(len(out))) - set(p.allowed_token_ids):
+            out[t] = -math.inf
     for t in set(prompt) | set(output):
         if out[t] > 0:
             out[t] /= p.repetition_penalty
@@ -49,6 +52,12 @@ ROWS = [
         [1, 2, 3],
         [3, 3, 20, 21],
     ),
+    (SamplingParams(allowed_token_ids=(17, 3, 9, 3)), [1], []),
+    (
+        SamplingParams(allowed_token_ids=(2, 5, 30), logit_bias={5: 3.0, 7: 50}, repetition_penalty=1.3, min_tokens=3),
+        [5],
+        [5, 30],
+    ),
     (SamplingParams(temperature=0.5), [1], [2, 2]),  # plain
 ]
 
@@ -69,6 +78,9 @@ def test_each_processor_matches_the_reference_in_a_mixed_batch():
     # the rows that ask nothing are untouched, exactly
     assert torch.equal(got[0], logits[0]) and torch.equal(got[-1], logits[-1])
     assert got[2, 11] == got[2, 12] == got[2, 2] == -math.inf and got[3, 2] != -math.inf
+    # allowed ids: every other id is out, the bias of one not allowed (7) included; min_tokens bans the end (2)
+    assert torch.isfinite(got[-3]).nonzero().flatten().tolist() == [3, 9, 17]
+    assert torch.isfinite(got[-2]).nonzero().flatten().tolist() == [5, 30]
 
 
 def test_plain_rows_cost_nothing():
@@ -101,8 +113,8 @@ def test_both_samplers_pick_the_processed_argmax_and_greedy_rows_ignore_their_ne
     dev = draw_on_device(
         lg,
         mixed,
-        list(range(10)),
-        [0] * 10,
+        list(range(len(mixed))),
+        [0] * len(mixed),
         prompts=prompts[5:6] + prompts,
         outputs=outputs[5:6] + outputs,
         eos_ids=EOS,
@@ -192,6 +204,10 @@ def test_seeded_draws_with_every_processor_repeat():
         ({"top_k": -1}, "top_k must be"),
         ({"n": 17}, "n must be"),
         ({"guided": {"type": "json_object"}}, "guided must be a GuidedSpec"),
+        ({"allowed_token_ids": ()}, "allowed_token_ids must be 1 to 4096 token ids"),
+        ({"allowed_token_ids": (3, -1)}, "allowed_token_ids must be"),
+        ({"allowed_token_ids": (True,)}, "allowed_token_ids must be"),
+        ({"allowed_token_ids": tuple(range(4097))}, "allowed_token_ids must be 1 to 4096"),
     ],
 )
 def test_bad_new_params_are_refused(kwargs, message):
@@ -203,6 +219,8 @@ def test_good_params_are_kept():
     p = SamplingParams(logit_bias={9: 1, 3: -2.5}, stop_token_ids=[4, 5], logprobs=0, prompt_logprobs=20, n=16)
     assert p.logit_bias == ((3, -2.5), (9, 1.0)) and p.stop_token_ids == (4, 5)
     assert p.processed and not p.penalized and not SamplingParams().processed
+    allowed = SamplingParams(allowed_token_ids=[9, 3, 9])
+    assert allowed.allowed_token_ids == (3, 9) and allowed.processed and allowed.token_ids() == [3, 9]
 
 
 # ---- through the engine ----
@@ -222,6 +240,35 @@ def test_stop_token_ids_end_a_sequence_with_stop_and_min_tokens_hold_it_back(lla
         assert stop_at not in held.token_ids[: first + 2] and len(held.token_ids) >= first + 2
         with pytest.raises(RequestError, match="not in the vocabulary"):
             engine.add_request(greedy("bad", None, ids, 4, logit_bias={10**6: 1.0}))
+    finally:
+        engine.close()
+
+
+def test_allowed_token_ids_are_the_only_tokens_drawn(llama_world):
+    """vLLM's allowed_token_ids through the engine: greedy and sampled sequences draw only the listed ids (the
+    end token among them only where listed), beside a free row whose tokens are those it draws alone."""
+    engine = llama_world.engine()
+    try:
+        ids = [1, 5, 6, 7]
+        free = engine.generate([greedy("free", None, ids, 12)])["free"]
+        allowed = tuple(t for t in range(40, 60) if t not in free.token_ids)
+        reqs = [greedy("only", None, ids, 12, allowed_token_ids=allowed), greedy("free2", None, ids, 12)]
+        reqs += [
+            GenerationRequest(
+                f"s{i}",
+                None,
+                prompt_token_ids=ids,
+                params=SamplingParams(max_tokens=12, seed=i, allowed_token_ids=allowed),
+            )
+            for i in range(3)
+        ]
+        got = engine.generate(reqs)
+        assert got["free2"].token_ids == free.token_ids
+        for rid in ("only", "s0", "s1", "s2"):
+            assert len(got[rid].token_ids) == 12 and set(got[rid].token_ids) <= set(allowed), got[rid]
+        assert len({tuple(got[f"s{i}"].token_ids) for i in range(3)}) > 1  # sampled: the list constrains only
+        with pytest.raises(RequestError, match="allowed_token_ids is not in the vocabulary"):
+            engine.add_request(greedy("bad", None, ids, 4, allowed_token_ids=(3, 10**6)))
     finally:
         engine.close()
 
