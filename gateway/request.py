@@ -946,13 +946,15 @@ class ServedRequest:
 
         def check() -> str | None:
             for k, s in enumerate(c.seqs):
-                known = [i for i in s.ids if i < texts.size]  # an id past the tokenizer's (a padded row) has no text
-                if not stops and s.chars >= len(t.decode(base, known)):
+                # every id, a padded row's (past the tokenizer's, no text) too: the node's detokenizer counts them
+                # among the tokens it holds half a character for, and so must its re-run here (red team: leaving
+                # them out, the two disagreed on a stop string and an honest node was disputed)
+                if not stops and s.chars >= len(t.decode(base, s.ids)):
                     continue  # all the text there is (the usual case, one decode); with stop strings, see below
                 ended = whole or s.ended or s.reason is not None or s.count >= c.max_tokens
-                honest, stop_at = t.sent_chars(base, known, stops, stop_ids, ended)
-                if stop_at is not None and stop_at < len(known) - 1:
-                    return f"node streamed {len(known) - 1 - stop_at} tokens of choice {k} past its stop string"
+                honest, stop_at = t.sent_chars(base, s.ids, stops, stop_ids, ended)
+                if stop_at is not None and stop_at < len(s.ids) - 1:
+                    return f"node streamed {len(s.ids) - 1 - stop_at} tokens of choice {k} past its stop string"
                 if s.chars < honest:
                     return (
                         f"node's text for choice {k} is {honest - s.chars} characters shorter than an honest node "

@@ -280,15 +280,21 @@ class GrammarBudget:
 class Matcher:
     """One sequence's place in its grammar. Used by one thread at a time (the engine's)."""
 
-    __slots__ = ("_m", "_words", "_vocab", "_slow", "_budget", "_end_row")
+    __slots__ = ("_m", "_words", "_vocab", "_slow", "_budget", "_end_row", "_named_row")
 
     def __init__(
-        self, inner, vocab_size: int, budget: GrammarBudget | None = None, end_row: torch.Tensor | None = None
+        self,
+        inner,
+        vocab_size: int,
+        budget: GrammarBudget | None = None,
+        end_row: torch.Tensor | None = None,
+        named_row: torch.Tensor | None = None,
     ) -> None:
         self._m = inner  # llguidance.LLMatcher
         self._vocab = vocab_size
         self._words = (vocab_size + 31) // 32
         self._end_row = end_row  # a mask row allowing only the end tokens (Grammars.end_row)
+        self._named_row = named_row  # the tokenizer's ids alone, where the logits have more rows (Grammars)
         self._slow = ""  # why a mask or a token took too long (MAX_MASK_CPU_S), once one did
         self._budget = budget if budget is not None else GrammarBudget()  # shared by a request's sequences
 
@@ -319,6 +325,8 @@ class Matcher:
             return
         started = time.thread_time()
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr() + row * bitmask.stride(0) * 4, self._words * 4)
+        if self._named_row is not None:
+            bitmask[row] &= self._named_row
         self._charge(started, step, "a token's mask")
 
     def accept(self, token_id: int) -> bool:
@@ -374,6 +382,17 @@ class Grammars:
         self.end_row = torch.zeros((self.vocab_size + 31) // 32, dtype=torch.int32)  # the end tokens alone
         for t in self._tokenizer.eos_tokens:
             self.end_row[t // 32] |= _bit(t % 32)
+        # The tokenizer's ids alone, where the logits have rows past it (a padded embedding: Qwen2.5's 151,936 rows
+        # over 151,665 tokens). llguidance never allows those ids on its own, but a Lark grammar names any id
+        # (`<[151900]>`): forced, such an id has no text, and a node's detokenizer and a gateway's disagreed over
+        # it (red team: an honest node disputed). None where the two agree.
+        self.named_row = None
+        if len(tokenizer) < vocab_size:
+            self.named_row = torch.zeros_like(self.end_row)
+            full, rest = divmod(len(tokenizer), 32)
+            self.named_row[:full] = -1
+            for k in range(rest):
+                self.named_row[full] |= _bit(k)
         self._cache: OrderedDict[GuidedSpec, object] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -426,7 +445,7 @@ class Grammars:
         # the first mask here, on the compile thread: it can cost as much as the compile (a schema of products:
         # 0.5 s), and every copy of the prototype starts from it (a copy's first mask then costs 0.1 ms, where each
         # of a request's sequences paid it on the engine thread, one after another, holding every client's step)
-        first, mask = Matcher(proto, self.vocab_size), self.new_bitmask(1)
+        first, mask = Matcher(proto, self.vocab_size, named_row=self.named_row), self.new_bitmask(1)
         first.fill(mask, 0)
         if first.error:
             raise GrammarError(f"guided.{field} cannot be enforced: {first.error}")
@@ -453,7 +472,7 @@ class Grammars:
     def matcher(self, spec: GuidedSpec, budget: GrammarBudget | None = None) -> Matcher:
         """A fresh matcher at the start of the spec's grammar, counting its CPU in `budget` (one per request, shared
         by its sequences; None: its own); GrammarError when the schema cannot be compiled."""
-        return Matcher(self.compiled(spec).deep_copy(), self.vocab_size, budget, self.end_row)
+        return Matcher(self.compiled(spec).deep_copy(), self.vocab_size, budget, self.end_row, self.named_row)
 
     def new_bitmask(self, rows: int) -> torch.Tensor:
         """[rows, ceil(vocab_size / 32)] int32 on the CPU, every token allowed (Matcher.fill overwrites a row)."""

@@ -190,3 +190,35 @@ def test_a_logprob_no_float_holds_is_shown_as_the_floor_not_a_500(world, stream)
     assert shown == [-0.5, -9999.0, -0.5]
     done, usage = record_of(engine, r.headers["x-request-id"])
     assert done.status == RequestStatus.OK and usage.status == RecordStatus.PENDING and usage.completion_tokens == 3
+
+
+@pytest.fixture
+def padded_world(tmp_path, tiny_base, tokenizer):
+    """The world over a base whose model has 352 output rows and whose tokenizer 320 tokens (ids 320-351: padded rows
+    with no text, as Qwen2.5's 151,936 rows over its 151,665 tokens): the gateway reads both (config.json's
+    vocab_size, the tokenizer), and a stand-in node needs no weights."""
+    import shutil
+
+    padded = tmp_path / "padded"
+    shutil.copytree(tiny_base, padded)
+    config = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps(config | {"vocab_size": 352}))
+    node = StandInNode(Identity.generate(), base_model_id(padded), tokens=5, tokenizer=tokenizer)
+    settings = dict(heartbeat_ttl_s=600, node_timeout_s=NODE_TIMEOUT_S, first_byte_timeout_s=NODE_TIMEOUT_S)
+    with gateway_over(node, tmp_path / "gw", padded, **settings) as (gw, engine, key):
+        yield gw, engine, key, node
+
+
+@pytest.mark.parametrize("stop", [["€"], ["\ufffd"], []], ids=["euro", "replacement", "none"])
+def test_padded_ids_in_a_half_character_do_not_make_an_honest_node_look_dishonest(padded_world, stop):
+    """An honest node's detokenizer counts ids past the tokenizer (a padded row, forced by a grammar or drawn from
+    a model's untrained rows) among the tokens it holds half a character for, and gives the byte up as U+FFFD at
+    the eighth; the gateway's check left them out, held the byte on, completed the "€", and with a stop string
+    disputed the honest node (red team: "streamed past its stop string", or "1 character shorter")."""
+    gw, engine, key, node = padded_world
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    raw = client.completions.with_raw_response.create(model=TINY, prompt="PADDED_HALF_CHAR", max_tokens=16, stop=stop)
+    assert raw.parse().choices[0].text.startswith("\ufffd") or stop == ["\ufffd"]
+    done, u = record_of(engine, raw.headers["x-request-id"])
+    assert u.status != RecordStatus.DISPUTED, u.error
+    assert httpx.get(gw.url + "/health", timeout=5).json()["disputed_nodes"] == []

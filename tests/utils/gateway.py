@@ -112,7 +112,10 @@ class StandInNode:
     with no text, then tokens with their text up to max_tokens, claimed (an honest node stops at the stop string);
     'OPERATOR_ABORT' -> token 10 with no text (held back by an honest node asked to stop at "(("), then the done
     event of a request its operator aborted; 'HUGE_LOGPROB' -> tokens as usual, the second with a logprob of
-    10**400; 'GATE_AFTER_1' -> one token, then nothing until `gate` is set (at most 60 s), then the rest."""
+    10**400; 'GATE_AFTER_1' -> one token, then nothing until `gate` is set (at most 60 s), then the rest;
+    'PADDED_HALF_CHAR' -> as an honest node of a base with padded rows sends ids 161 (the first byte of "€"), seven
+    ids past the tokenizer (no text), then 227 108 (the rest of "€") and "x": each token's text as the node's
+    detokenizer gives it, with the request's stop strings."""
 
     identity: object
     base_model_id: str
@@ -282,6 +285,30 @@ class StandInNode:
                         self.seen[rid][0] += 1
                         yield sse_frame({"type": "token", "text": self.tokenizer.decode([300]), "token_id": 300})
                     yield sse_frame({"type": "done", "finish_reason": "length", **self.receipt(rid, "length")})
+                    return
+                if "PADDED_HALF_CHAR" in prompt:
+                    from node.adapters.detokenizer import TextStream
+
+                    stream = TextStream(self.tokenizer, tuple(body.get("stop") or ()))
+                    ids = (
+                        [161]
+                        + [len(self.tokenizer)] * 7
+                        + [227, 108]
+                        + self.tokenizer.encode("x", add_special_tokens=False)
+                    )
+                    reason = "length"
+                    for tid in ids[: body["max_tokens"]]:
+                        self.seen[rid][0] += 1
+                        text, stopped = stream.push(tid)
+                        yield sse_frame({"type": "token", "text": text, "token_id": tid})
+                        if stopped:
+                            reason = "stop"
+                            break
+                    else:
+                        yield sse_frame({"type": "token", "text": stream.flush(), "token_id": 2})
+                        self.seen[rid][0] += 1
+                        reason = "stop"
+                    yield sse_frame({"type": "done", "finish_reason": reason, **self.receipt(rid, reason)})
                     return
                 if "PAST_EOS" in prompt:  # invisible padding after the sequence's end, claimed in the receipt
                     stops = body.get("stop_token_ids") or []
