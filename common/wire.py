@@ -116,8 +116,8 @@ TOKEN_ID_LIMIT = 2**31  # token ids are below it (int32 on the device), whatever
 # a guided answer's shape: a JSON schema of at most this many bytes (compact JSON: it bounds what the grammar
 # compiler reads before its own bounds take over), a regular expression of at most this many characters, or
 # one of at most MAX_GUIDED_CHOICES strings of at most MAX_GUIDED_CHOICE_CHARS each, or a grammar of at most
-# MAX_GUIDED_GRAMMAR_CHARS characters (a GBNF grammar that long is turned into Lark in ~30 ms of Python, holding the
-# GIL on the node's compile thread; grammars written by hand for SQL, JSON or a small language are 1-10 kB)
+# MAX_GUIDED_GRAMMAR_CHARS characters (Lark; a GBNF grammar has a smaller bound, node/engine/grammar.py's
+# MAX_GBNF_CHARS; grammars written by hand for SQL, JSON or a small language are 1-10 kB)
 MAX_SCHEMA_BYTES = 64 << 10
 MAX_GUIDED_PATTERN_CHARS = 4096
 MAX_GUIDED_GRAMMAR_CHARS = 32 << 10

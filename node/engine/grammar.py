@@ -101,6 +101,12 @@ MAX_MASK_CPU_S = 0.02
 # request fails, and its sequences' masks are not computed again. Honest requests of 64 sequences measured 0.2-2.5 ms
 # a step (median) and 8 ms at most on a 32,000-token vocabulary. The budget is a request's: N guided requests may
 # still take N times GRAMMAR_STEP_CPU_S of a step together.
+# A GBNF grammar's characters (Lark's: common.wire.MAX_GUIDED_GRAMMAR_CHARS). llguidance turns GBNF into Lark in
+# pure Python on the node's compile thread, holding the GIL, in time that grows with the square of the rules: rules
+# chained in the wrong order took 0.5-0.7 s of CPU at 32 kB, and 16 such requests held the compile thread past
+# the gateway's first-byte timeout, which then took the node for failed (red team). At 8 kB the slowest found takes
+# 48 ms; llama.cpp's own grammars (JSON, C, chess, arithmetic) are under 2 kB.
+MAX_GBNF_CHARS = 8 << 10
 GRAMMAR_BURST_CPU_S = 0.1
 GRAMMAR_STEP_CPU_S = 0.01
 _ERROR_CHARS = 200
@@ -362,6 +368,7 @@ class Grammars:
 
     def __init__(self, tokenizer, vocab_size: int, *, cache_size: int = 64, eos_ids=None) -> None:
         import llguidance
+        import llguidance.gbnf_to_lark
         import llguidance.hf
 
         if vocab_size < len(tokenizer):
@@ -420,6 +427,12 @@ class Grammars:
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
         field = {"regex": "pattern", "json_or_tool_calls": "calls", "grammar": "grammar"}.get(spec.type, "schema")
+        gbnf = spec.type == "grammar" and not self._llg.gbnf_to_lark.is_lark_syntax(spec.grammar)
+        if gbnf and len(spec.grammar) > MAX_GBNF_CHARS:
+            raise GrammarError(
+                f"guided.grammar is GBNF of {len(spec.grammar)} characters; this node takes GBNF of at most "
+                f"{MAX_GBNF_CHARS} (Lark of up to {MAX_GUIDED_GRAMMAR_CHARS})"
+            )
         try:
             if spec.type == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.pattern)
