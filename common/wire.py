@@ -137,6 +137,10 @@ GUIDED_WIRE_FIELDS = {
     "json_or_tool_calls": ("schema", "calls", "max_calls"),
     "grammar": ("grammar",),
 }
+# the code of a node's error event (after tokens, on the generate stream) when the request failed on its own grammar
+# (a mask past the node's CPU bounds, the parser out of fuel, a token the grammar refused): other engine errors are
+# "engine_error"
+GUIDED_FAILED = "guided_failed"
 # how a model writes a tool call in text (the Hermes / Qwen format, which the tiny bases' template writes too)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_GUIDED_CALLS = 8  # tool calls one constrained answer may make

@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from common.http import WriteBoundedStreamingResponse
-from common.wire import ALLOWED_TOKEN_IDS_FEATURE, CACHE_SALT_FEATURE, hex0x
+from common.wire import ALLOWED_TOKEN_IDS_FEATURE, CACHE_SALT_FEATURE, GUIDED_FAILED, hex0x
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
 from gateway.choices import Choices
@@ -185,6 +185,9 @@ class ServedRequest:
         self.other_events = 0  # events that are neither tokens nor a sequence's end (at most MAX_OTHER_EVENTS)
         self.done: dict | None = None  # the node's done event
         self.engine_error = False  # the node sent an error event (its text is logged, never relayed)
+        # that event said the request's own grammar failed it (believed only of a request with one): the client's
+        # request, not the node, is at fault, and the tokens made are billed, whole answers too
+        self.grammar_failed = False
         self.failure: str | None = None  # the node broke off after the first token
         self.aborted = False
         self.node_lost = False
@@ -255,6 +258,10 @@ class ServedRequest:
             await asyncio.shield(d.background.spawn(self.finish(client_gone=True)))
             return Response(status_code=HTTP_CLIENT_CLOSED, headers=headers)
         await asyncio.shield(d.background.spawn(self.finish()))
+        if self.failure and self.grammar_failed:
+            raise BadRequest(
+                f"{self.failure}; its {self.n_tokens} tokens are billed", param=self.req.guided_field(), headers=headers
+            )
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
         usage = usage_dict(*self.usage, self.cached_tokens)
@@ -744,7 +751,13 @@ class ServedRequest:
                 yield got
             elif kind == "done":
                 self.done = ev
-                if self.engine_error:
+                if self.grammar_failed:
+                    self.failure = (
+                        f"the answer could not be held to {self.req.guided_field()} after {self.n_tokens} tokens (the "
+                        "node's grammar engine gave up: the grammar costs more than the node allows, or no token "
+                        "could follow)"
+                    )
+                elif self.engine_error:
                     self.failure = f"the node's engine failed after {self.n_tokens} tokens"
                 return
             elif kind == "finish" and (k := c.index_of(ev)) is not None and c.take_finish(k, ev):
@@ -754,6 +767,7 @@ class ServedRequest:
             else:
                 if kind == "error" and not self.engine_error:
                     self.engine_error = True
+                    self.grammar_failed = ev.get("code") == GUIDED_FAILED and self.req.guided() is not None
                     _log_engine_error(self.node.node_id, self.rid, ev.get("message"))
                 self.other_events += 1
                 if self.other_events > MAX_OTHER_EVENTS:  # a node that never ends its stream: cut it off
@@ -853,7 +867,9 @@ class ServedRequest:
         self.finished = True
         d, node = self.d, self.node
         receipt = signature = None
-        if self.done is not None:
+        if self.done is not None and self.grammar_failed:
+            status = RequestStatus.GRAMMAR_FAILED
+        elif self.done is not None:
             status = RequestStatus.NODE_FAILED if self.failure else RequestStatus.OK
         else:
             self.aborted = True
@@ -904,7 +920,7 @@ class ServedRequest:
             error=self.failure,
             aborted=self.aborted,
             node_lost=self.node_lost,
-            withheld=self.buffered and bool(self.failure) and not client_gone,
+            withheld=self.buffered and bool(self.failure) and not client_gone and not self.grammar_failed,
             misreported=misreported,
         )
         self.result = await d.book.record(end)

@@ -65,6 +65,9 @@ class RequestStatus:
     OK = "ok"  # finished: stop or length
     CLIENT_CLOSED = "client_closed"  # the client went away; the node was aborted
     NODE_FAILED = "node_failed"  # the node failed after the first token
+    # the request's own grammar failed it after the first token (the node's word, believed of a guided request):
+    # the client is answered with an error and billed for the tokens made
+    GRAMMAR_FAILED = "grammar_failed"
     NOT_SERVED = "not_served"  # no node produced a token (all failed, or the node refused the request)
     RECONCILED = "reconciled"  # its gateway died mid-request; closed later from the node's stored receipt
     LOST = "lost"  # its gateway died mid-request and the node never produced a receipt for it (see error)

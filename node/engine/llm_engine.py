@@ -27,6 +27,7 @@ from node.engine.lora.mapping import LoRAMapping
 from node.engine.lora.weights import LoadedAdapter, decode_lora
 from node.engine.model_runner import ModelRunner
 from node.engine.request import (
+    GUIDED_FAILURE,
     SEED_LIMIT,
     Choice,
     DuplicateRequestError,
@@ -498,7 +499,8 @@ class LLMEngine:
                 # token: EOS, where the sampler found nothing else to draw (the grammar's tokens all banned, by
                 # min_tokens against a stop token, say), or a bug. The text can no longer be held to the schema:
                 # the request fails, where it ended "stop", cut short, as if it matched
-                s.error = f"guided: the schema could not be enforced here: {s.matcher.error or f'token {t} refused'}"
+                why = s.matcher.error or f"token {t} refused"
+                s.error = f"{GUIDED_FAILURE}the grammar could not be enforced here: {why}"
                 log.warning("request %s: %s", s.request_id, s.error)
                 reason = "error"
             elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow

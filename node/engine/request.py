@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common.wire import (
+    GUIDED_FAILED,
     MAX_ALLOWED_TOKEN_IDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
@@ -281,6 +282,11 @@ class Choice:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
+# How the engine's error begins when a request failed on its own grammar (a mask past the node's CPU bounds, the
+# parser out of fuel, a token it refused): the request's grammar, not the engine, is at fault
+GUIDED_FAILURE = "guided: "
+
+
 @dataclass(slots=True, frozen=True)
 class FinishEvent:
     """The end of a request: why, usage, timestamps (unix ms); `error` set when the engine failed it.
@@ -303,3 +309,11 @@ class FinishEvent:
     # of prompt_tokens, those whose KV the prefix cache held when each prompt was first computed (OpenAI's
     # usage.prompt_tokens_details.cached_tokens)
     cached_tokens: int = 0
+
+    @property
+    def error_code(self) -> str | None:
+        """The error's code on the wire: GUIDED_FAILED where the request's grammar failed it, else "engine_error"
+        (None: no error)."""
+        if self.error is None:
+            return None
+        return GUIDED_FAILED if self.error.startswith(GUIDED_FAILURE) else "engine_error"

@@ -5,11 +5,13 @@ the context's limits, and that the oai's usage, the node's receipt and the usage
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 from common.wire import MAX_GUIDED_GRAMMAR_CHARS
+from ledger.models import RecordStatus
 from tests.gateway import TINY
-from tests.gateway.conftest import MESSAGES, PROMPT, agree, chat, complete, refused
+from tests.gateway.conftest import MESSAGES, PROMPT, agree, chat, complete, refused, usage_row
 
 pytestmark = pytest.mark.integration
 
@@ -450,3 +452,27 @@ def test_allowed_token_ids_are_the_only_tokens_an_answer_holds(served, oai, toke
         lambda: complete(oai, extra_body={"allowed_token_ids": [x, 10**6]}), "allowed_token_ids"
     )
     refused(lambda: complete(oai, extra_body={"allowed_token_ids": []}), "allowed_token_ids")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_answer_its_own_grammar_fails_is_a_400_and_its_tokens_are_billed(served, oai, tokenizer, stream):
+    """A request whose grammar the node cannot follow to its end (here: after "x" the grammar wants "y", which
+    allowed_token_ids forbids, so no token may follow) fails on its own grammar: the client hears so, naming the
+    field, and the tokens the node made are billed, whole answers too (red team: a grammar built to fail at its end
+    had the node make 1,337 tokens that a withheld answer billed as none, again and again)."""
+    (x,) = tokenizer.encode("x", add_special_tokens=False)
+    ask = {"guided_grammar": 'start: "x" "y"', "allowed_token_ids": [x, EOS]}
+    if stream:
+        with oai.completions.with_streaming_response.create(
+            model=TINY, prompt=PROMPT, max_tokens=8, stream=True, extra_body=ask
+        ) as raw:
+            rid, body = raw.headers["x-request-id"], raw.read().decode()
+        assert "could not be held to guided_grammar" in body
+    else:
+        with pytest.raises(openai.BadRequestError) as ei:
+            oai.completions.create(model=TINY, prompt=PROMPT, max_tokens=8, extra_body=ask)
+        assert ei.value.body["param"] == "guided_grammar" and "could not be held" in ei.value.body["message"]
+        rid = ei.value.response.headers["x-request-id"]
+    row = usage_row(served, rid)
+    assert row.status != RecordStatus.DISPUTED and row.completion_tokens >= 1
+    assert row.completion_tokens == row.node_completion_tokens

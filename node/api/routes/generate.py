@@ -163,7 +163,7 @@ def _whole_answer(rid: str, adapter_id: str | None, final: FinishEvent, signed: 
     } | signed
     status = 200
     if final.error is not None:
-        out, status = error_body(final.error, type="server_error", code="engine_error") | out, 500
+        out, status = error_body(final.error, type="server_error", code=final.error_code) | out, 500
     return status, json.dumps(out, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -345,7 +345,7 @@ async def _sse(node: NodeApi, stream):
             node.metrics.saw(ev)
             if isinstance(ev, FinishEvent):
                 if ev.error is not None:
-                    yield sse_frame({"type": "error", "message": ev.error})
+                    yield sse_frame({"type": "error", "message": ev.error, "code": ev.error_code})
                 s = book.signed(ev)
                 if ev.finish_reason == "abort":
                     log.info("request %s aborted: receipt %s", ev.request_id, s["receipt"])
