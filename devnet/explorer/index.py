@@ -8,7 +8,8 @@ the one indexed: another deployment, a head below the cursor (the chain was rese
 (a reorg deeper than the confirmations) empties the index, which is then rebuilt from the deploy block.
 
 Sums the pages show (usage per adapter and node, accruals per account, tokens per block) are added up here,
-exactly (Python ints, stored as decimal text), so that no page reads more rows than it shows.
+exactly (Python ints, stored as decimal text), so that no page reads more rows than it shows; so are the numbers a
+page of a list is found by (devnet.explorer.tables: ordinals per key, the cursor's counts, the ranks).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 
+from sqlalchemy import func
 from sqlalchemy.exc import DataError, IntegrityError, NoResultFound
 from sqlmodel import Session, select
 
@@ -24,6 +26,7 @@ from devnet.explorer import decode as D
 from devnet.explorer.index_db import IndexDatabase
 from devnet.explorer.settings import DEFAULT_CONFIRMATIONS
 from devnet.explorer.tables import (
+    ZERO_RANK,
     AccountTotal,
     Accrual,
     AdapterDataset,
@@ -39,6 +42,7 @@ from devnet.explorer.tables import (
     SettlerState,
     Usage,
     UsageBlock,
+    rank,
     to_i64,
 )
 from ledger import registry_events as RE
@@ -52,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _INSERT_RECORDS = (
     "INSERT INTO explorer_records (request_id, batch_id, adapter_id, node_id, prompt_tokens, completion_tokens, "
-    "fee, block, log_index, tx_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "fee, block, log_index, tx_hash, adapter_ord, node_ord, pair_ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -182,6 +186,8 @@ class ChainIndex:
             cursor.span = self.reader.span
             cursor.records += len(step.records)
             cursor.batches += len(step.batches)
+            for what, n in step.added.items():  # the lists' counts (tables.IndexCursor)
+                setattr(cursor, what, getattr(cursor, what) + n)
         return chunk.last
 
 
@@ -191,6 +197,8 @@ class _Step:
     def __init__(self, index: ChainIndex) -> None:
         self.index = index
         self.records: list[tuple] = []
+        self.record_keys: list[tuple[str, str]] = []  # each record's (adapter, node), for its ordinals
+        self.added: dict[str, int] = defaultdict(int)  # rows added to the lists the cursor counts
         # (adapter, node, block) -> [records, prompt, completion, fees]: every usage sum derives from these
         self.usage: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         self.batches: list[dict] = []
@@ -233,6 +241,7 @@ class _Step:
                         tx_bytes,
                     )
                 )
+                self.record_keys.append((r.adapter_hex, r.node_hex))
                 u = self.usage[(r.adapter_hex, r.node_hex, block)]
                 u[0] += 1
                 u[1] += r.prompt_tokens
@@ -261,7 +270,7 @@ class _Step:
     def write(self, s: Session) -> None:
         conn = s.connection()
         if self.records:
-            conn.exec_driver_sql(_INSERT_RECORDS, self.records)
+            conn.exec_driver_sql(_INSERT_RECORDS, self._numbered_records(s))
         for b in self.batches:
             if b["block"] not in self.timestamps:
                 self.timestamps[b["block"]] = self.index._block(b["block"])[1]
@@ -274,6 +283,10 @@ class _Step:
         self._write_rewards(s)
         self._write_totals(s)
         self._write_usage(s)
+        last = _last_ordinals(s, IndexedMoney, {m.account for m in self.money})
+        for m in self.money:
+            last[m.account] += 1
+            m.account_ord = last[m.account]
         s.add_all(self.money)
         for address, active in self.settlers.items():
             s.merge(SettlerState(address=address, active=active))
@@ -292,6 +305,10 @@ class _Step:
                 with s.begin_nested():
                     _apply_registry(s, update, block, tx)
                     s.flush()
+                if isinstance(update, RE.AdapterRegistered):
+                    self.added["adapters"] += 1
+                elif isinstance(update, RE.NameRegistered):
+                    self.added["names"] += 1
             except (NoResultFound, AttributeError, IntegrityError, DataError) as e:
                 why = (str(e).splitlines() or [type(e).__name__])[0][:300]
                 log.error(
@@ -315,14 +332,37 @@ class _Step:
             if row is None:
                 row = AccountTotal(account=account)
                 s.add(row)
+                self.added["accounts"] += 1
+            was_contributor = row.dataset_rank > ZERO_RANK
             # each a role (decode.reward_accrued takes only the ledger's three) or "withdrawn"
             for what, amount in amounts.items():
                 row.add(what, amount)
+            if row.dataset_rank > ZERO_RANK and not was_contributor:  # sums only grow: it stays one
+                self.added["contributors"] += 1
+
+    def _numbered_records(self, s: Session) -> list[tuple]:
+        """The records' rows with their ordinals among their adapter's, their node's and their adapter's on
+        their node (tables.IndexedRecord): counted on from the Usage sums of those keys, which this step's
+        records are added to after (_write_usage), so the numbers run 1, 2, ... without gaps."""
+        last: dict[tuple[str, str], int] = {}
+        out = []
+        for row, (adapter, node) in zip(self.records, self.record_keys):
+            ords = []
+            for key in (("adapter", adapter), ("node", node), ("node_adapter", node + adapter)):
+                if key not in last:
+                    u = s.get(Usage, key)
+                    last[key] = u.records if u else 0
+                last[key] += 1
+                ords.append(last[key])
+            out.append((*row, *ords))
+        return out
 
     def _write_rewards(self, s: Session) -> None:
         sums: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+        last = _last_ordinals(s, IndexedReward, {rw["account"] for rw in self.rewards})
         for rw in self.rewards:
-            s.add(IndexedReward(**{**rw, "amount": str(rw["amount"])}))
+            last[rw["account"]] += 1
+            s.add(IndexedReward(**{**rw, "amount": str(rw["amount"])}, account_ord=last[rw["account"]]))
             acc = sums[(rw["account"], rw["adapter_id"], rw["role"], rw["subject_id"])]
             acc[0] += rw["amount"]
             acc[1] += 1
@@ -360,18 +400,25 @@ class _Step:
         for (kind, key), (n, p, c, f) in sums.items():
             row = s.get(Usage, (kind, key))
             if row is None:
-                s.add(Usage(kind=kind, key=key, records=n, prompt_tokens=str(p), completion_tokens=str(c), fees=str(f)))
-            else:
-                row.records += n
-                row.prompt_tokens = str(int(row.prompt_tokens) + p)
-                row.completion_tokens = str(int(row.completion_tokens) + c)
-                row.fees = str(int(row.fees) + f)
+                row = Usage(kind=kind, key=key)
+                s.add(row)
+            row.records += n
+            row.prompt_tokens = str(int(row.prompt_tokens) + p)
+            row.completion_tokens = str(int(row.completion_tokens) + c)
+            row.fees = str(int(row.fees) + f)
+            row.tokens_rank = rank(int(row.prompt_tokens) + int(row.completion_tokens))
         for (adapter, block), tokens in blocks.items():
             row = s.get(UsageBlock, (adapter, block))
             if row is None:
                 s.add(UsageBlock(adapter_id=adapter, block=block, tokens=str(tokens)))
             else:
                 row.tokens = str(int(row.tokens) + tokens)
+
+
+def _last_ordinals(s: Session, model, accounts: set[str]) -> dict[str, int]:
+    """The last account_ord of each account's rows of `model` (IndexedReward, IndexedMoney), 0 for none: one seek
+    each on its (account, account_ord) index. Asked before this step's rows are added."""
+    return {a: s.exec(select(func.max(model.account_ord)).where(model.account == a)).one() or 0 for a in accounts}
 
 
 def _history(row, block: int, tx: str, what: str) -> None:

@@ -1,6 +1,14 @@
 """IndexReads: the questions pages ask of the index database, each one indexed query that reads at most what
 it returns (a page of rows, a sum kept by the indexer, one entity by its key).
 
+A page of a list is never found by OFFSET, which walks every row before it: `?page=` in the billions made one
+request read a whole table (red team). Lists numbered 1..n without gaps (tables: `seq`, the ordinals the indexer
+keeps per adapter, node and address) read the page's window of numbers on an index (`_window`): a page deep in
+the list or past its end reads what the first does. Lists in an order no kept number follows (adapters and names
+by name, accounts and contributors by rank: a new row or a new sum lands in the middle) answer a page past the
+end from a count the indexer keeps, reading nothing (`_clamped`); a page inside them still walks the index
+entries before it, so its cost stays bounded by the list's length (one walk of an index), not by the page number.
+
 One IndexReads is one read transaction (devnet.explorer.index_db): a page sees one committed state of the
 index, whatever the refresher writes meanwhile.
 """
@@ -164,6 +172,15 @@ def _page(rows: list, number: int, size: int) -> Page:
     return Page(rows[:size], number, size, len(rows) > size)
 
 
+def _window(stmt, number, last: int, page: int, size: int, newest_first: bool):
+    """`stmt` limited to a page of rows whose `number` runs 1..last without gaps, the highest first (newest_first)
+    or the lowest: the page's first number is a seek on an index of `number`, and the page reads size + 1 rows (the
+    extra says there is a next page) whatever its depth; past the end, none."""
+    if newest_first:
+        return stmt.where(col(number) <= last - page * size).order_by(col(number).desc()).limit(size + 1)
+    return stmt.where(col(number) > page * size).order_by(col(number)).limit(size + 1)
+
+
 class IndexReads:
     """Reads of one snapshot of the index; a context manager that closes its session."""
 
@@ -177,6 +194,24 @@ class IndexReads:
 
     def cursor(self) -> IndexCursor | None:
         return self.s.get(IndexCursor, 1)
+
+    def _count(self, what: str) -> int:
+        """A list's length as the indexer counted it on the cursor (IndexCursor: adapters, names, accounts,
+        contributors), 0 before the first refresh."""
+        c = self.cursor()
+        return getattr(c, what) if c else 0
+
+    def _clamped(self, stmt, what: str, page: int, size: int) -> Page:
+        """A page of a list in an order no kept number follows, by OFFSET over its order's index: a page past the
+        end (the count `what` says so) reads nothing; one inside walks the index entries before it, at most the
+        list's length."""
+        if page * size >= self._count(what):
+            return _page([], page, size)
+        return _page(list(self.s.exec(stmt.offset(page * size).limit(size + 1)).all()), page, size)
+
+    def _last(self, column, *where) -> int:
+        """The highest value of an indexed number column (among the rows `where` picks): one seek."""
+        return self.s.exec(select(func.max(column)).where(*where)).one() or 0
 
     def usage(self, kind: str, key: str = "") -> UsageSum:
         """Settled records summed: kind "all", "adapter", "node", "node_adapter" (key node id + adapter id); kind
@@ -209,10 +244,12 @@ class IndexReads:
         return bool(row and row.active)
 
     def counts(self) -> dict[str, int]:
-        """Registered adapters, datasets and nodes."""
+        """Registered adapters (the indexer's count), datasets and nodes (their last seq: numbered without gaps);
+        COUNT(*) walked each table on every view of the overview."""
         return {
-            name: self.s.exec(select(func.count()).select_from(table)).one()
-            for name, table in (("adapters", AdapterRow), ("datasets", DatasetRow), ("nodes", NodeRow))
+            "adapters": self._count("adapters"),
+            "datasets": self._last(DatasetRow.seq),
+            "nodes": self._last(NodeRow.seq),
         }
 
     # ------------------------------------------------------------------ registry
@@ -232,8 +269,9 @@ class IndexReads:
         return {a: f"{n} {v}" for a, n, v in rows}
 
     def adapters(self, page: int, size: int) -> Page:
+        """By name (a new adapter lands anywhere in it: no kept number, `_clamped`), on its order's index."""
         stmt = select(AdapterRow).order_by(AdapterRow.name, AdapterRow.block, AdapterRow.adapter_id)
-        return _page(list(self.s.exec(stmt.offset(page * size).limit(size + 1)).all()), page, size)
+        return self._clamped(stmt, "adapters", page, size)
 
     def adapters_named(self, name: str) -> list[AdapterRow]:
         return list(self.s.exec(select(AdapterRow).where(AdapterRow.name == name)).all())
@@ -248,8 +286,8 @@ class IndexReads:
         return list(self.s.exec(stmt.order_by(AdapterRow.name, AdapterRow.block).limit(limit)).all())
 
     def names(self, page: int, size: int) -> Page:
-        stmt = select(NameRow).order_by(NameRow.name).offset(page * size).limit(size + 1)
-        return _page(list(self.s.exec(stmt).all()), page, size)
+        """In name order (no kept number, `_clamped`), on the primary key."""
+        return self._clamped(select(NameRow).order_by(NameRow.name), "names", page, size)
 
     def name(self, name: str) -> NameRow | None:
         return self.s.get(NameRow, name)
@@ -258,7 +296,8 @@ class IndexReads:
         return self.s.exec(select(DatasetRow).where(DatasetRow.dataset_id == dataset_id)).first()
 
     def datasets(self, page: int, size: int) -> Page:
-        stmt = select(DatasetRow).order_by(DatasetRow.seq).offset(page * size).limit(size + 1)
+        """In registration order: a window of seq (1..n without gaps)."""
+        stmt = _window(select(DatasetRow), DatasetRow.seq, 0, page, size, newest_first=False)
         return _page(list(self.s.exec(stmt).all()), page, size)
 
     def dataset_users(self, ids: list[str]) -> dict[str, int]:
@@ -290,12 +329,17 @@ class IndexReads:
         return {n.node_id: n for n in self.s.exec(select(NodeRow).where(col(NodeRow.node_id).in_(list(ids)))).all()}
 
     def nodes(self, page: int, size: int) -> Page:
-        stmt = select(NodeRow).order_by(NodeRow.seq).offset(page * size).limit(size + 1)
+        """In first registration order (a node registered again keeps its row): a window of seq."""
+        stmt = _window(select(NodeRow), NodeRow.seq, 0, page, size, newest_first=False)
         return _page(list(self.s.exec(stmt).all()), page, size)
 
     def owned_by(self, address: str, page: int, size: int) -> Page:
         """What an address owns, is paid for, or operates (adapters, then datasets, then nodes), a page of
-        them: anyone can register datasets and name any address their payee, so the list has no bound."""
+        them: anyone can register datasets and name any address their payee, so the list has no bound.
+
+        Still by OFFSET and a count of each kind on its (owner, payee or operator) index: owners and payees
+        change, so no number kept per address runs without gaps. A page reads at most the index entries of what
+        the address holds (never more rows than that), not a walk of a whole table."""
         start, rows = page * size, []
         for model, column in (
             (AdapterRow, AdapterRow.owner),
@@ -329,8 +373,10 @@ class IndexReads:
         """Records matching every filter given, newest first (or in settlement order), a page of them.
 
         A deep page costs no more than the first: without a filter, `seq` (settlement order, 1..n without gaps:
-        rows are only ever appended, or all deleted) says where the page starts; with filters, the page's
-        `seq`s are found on the filter's (id, seq) index alone, then only those rows are read."""
+        rows are only ever appended, or all deleted) says where the page starts; filtered by adapter, node or
+        both, the record's ordinal among that key's (tables.IndexedRecord, 1..n, n the key's Usage count) does,
+        on its (key, ordinal) index. Filtered by a batch (or a request id), the page is an OFFSET among the
+        batch's records on the (batch, seq) index: at most a batch's size, which the settler bounds."""
         order = col(IndexedRecord.seq).desc() if newest_first else col(IndexedRecord.seq)
         filters = [
             column == id_bytes(value)
@@ -342,15 +388,19 @@ class IndexReads:
             )
             if value is not None
         ]
-        stmt = select(IndexedRecord).order_by(order).limit(size + 1)
-        if not filters:
-            total = self.s.exec(select(func.max(IndexedRecord.seq))).one() or 0
-            start = total - page * size if newest_first else page * size + 1
-            bound = col(IndexedRecord.seq) <= start if newest_first else col(IndexedRecord.seq) >= start
-            rows = self.s.exec(stmt.where(bound)).all()
+        if batch is None and request is None:
+            if adapter and node:
+                number, last = IndexedRecord.pair_ord, self.usage("node_adapter", node + adapter).records
+            elif adapter or node:
+                number = IndexedRecord.adapter_ord if adapter else IndexedRecord.node_ord
+                last = self.usage("adapter" if adapter else "node", adapter or node).records
+            else:
+                number, last = IndexedRecord.seq, self._last(IndexedRecord.seq)
+            stmt = _window(select(IndexedRecord).where(*filters), number, last, page, size, newest_first)
+            rows = self.s.exec(stmt).all()
         else:
             seqs = select(IndexedRecord.seq).where(*filters).order_by(order).offset(page * size).limit(size + 1)
-            rows = self.s.exec(stmt.where(col(IndexedRecord.seq).in_(seqs))).all()
+            rows = self.s.exec(select(IndexedRecord).order_by(order).where(col(IndexedRecord.seq).in_(seqs))).all()
         return _page([_record(r) for r in rows], page, size)
 
     def record_count(self, *, adapter: str | None, node: str | None, batch: str | None) -> int:
@@ -384,7 +434,8 @@ class IndexReads:
         return _batch(b) if b else None
 
     def batches(self, page: int, size: int) -> Page:
-        stmt = select(IndexedBatch).order_by(col(IndexedBatch.seq).desc()).offset(page * size).limit(size + 1)
+        """The newest first: a window of seq (1..n without gaps) down from the last."""
+        stmt = _window(select(IndexedBatch), IndexedBatch.seq, self._last(IndexedBatch.seq), page, size, True)
         return _page([_batch(b) for b in self.s.exec(stmt).all()], page, size)
 
     def batch_rewards(self, batch_id: str) -> list[RewardView]:
@@ -416,12 +467,14 @@ class IndexReads:
         return out
 
     def accounts(self, page: int, size: int) -> Page:
-        """A page of the addresses that earned or withdrew (AccountRewards), the most accrued first."""
+        """A page of the addresses that earned or withdrew (AccountRewards), the most accrued first: by rank, which
+        every reward moves (no kept number, `_clamped`), on the rank's index."""
         stmt = select(AccountTotal).order_by(col(AccountTotal.accrued_rank).desc(), AccountTotal.account)
-        return _page([_account(t) for t in self.s.exec(stmt.offset(page * size).limit(size + 1)).all()], page, size)
+        listed = self._clamped(stmt, "accounts", page, size)
+        return Page([_account(t) for t in listed.rows], listed.number, listed.size, listed.more)
 
     def account_count(self) -> int:
-        return self.s.exec(select(func.count()).select_from(AccountTotal)).one()
+        return self._count("accounts")
 
     def contributors(self, page: int, size: int) -> Page:
         """A page of (address, wei accrued as a dataset contributor), the most first."""
@@ -430,8 +483,8 @@ class IndexReads:
             .where(AccountTotal.dataset_rank > ZERO_RANK)
             .order_by(col(AccountTotal.dataset_rank).desc(), AccountTotal.account)
         )
-        rows = self.s.exec(stmt.offset(page * size).limit(size + 1)).all()
-        return _page([(a, int(d)) for a, d in rows], page, size)
+        listed = self._clamped(stmt, "contributors", page, size)  # by rank, as accounts are
+        return Page([(a, int(d)) for a, d in listed.rows], listed.number, listed.size, listed.more)
 
     def top_contributors(self, n: int) -> list[str]:
         """The n addresses that accrued the most as adapter owners and dataset contributors."""
@@ -447,13 +500,10 @@ class IndexReads:
         return self.usage("rewards").fees
 
     def account_rewards(self, account: str, page: int, size: int) -> Page:
-        stmt = (
-            select(IndexedReward)
-            .where(IndexedReward.account == account)
-            .order_by(col(IndexedReward.id).desc())
-            .offset(page * size)
-            .limit(size + 1)
-        )
+        """The newest first: a window of the account's ordinals (1..n, n the last, one seek on their index)."""
+        last = self._last(IndexedReward.account_ord, IndexedReward.account == account)
+        stmt = select(IndexedReward).where(IndexedReward.account == account)
+        stmt = _window(stmt, IndexedReward.account_ord, last, page, size, newest_first=True)
         return _page([_reward(r) for r in self.s.exec(stmt).all()], page, size)
 
     def batches_earned_in(self, account: str) -> int:
@@ -461,23 +511,20 @@ class IndexReads:
         return self.s.exec(stmt).one()
 
     def money(self, account: str, page: int, size: int) -> Page:
-        stmt = (
-            select(IndexedMoney)
-            .where(IndexedMoney.account == account)
-            .order_by(col(IndexedMoney.id).desc())
-            .offset(page * size)
-            .limit(size + 1)
-        )
-        rows = self.s.exec(stmt).all()
+        """The newest first: a window of the account's ordinals, as account_rewards (anyone can deposit for a
+        settler, a wei at a time)."""
+        last = self._last(IndexedMoney.account_ord, IndexedMoney.account == account)
+        stmt = select(IndexedMoney).where(IndexedMoney.account == account)
+        rows = self.s.exec(_window(stmt, IndexedMoney.account_ord, last, page, size, newest_first=True)).all()
         return _page([MoneyEvent(m.kind, m.account, int(m.amount), m.block, m.tx_hash) for m in rows], page, size)
 
     # ------------------------------------------------------------------ plots
 
     def top_adapters(self, n: int) -> list[tuple[str, int]]:
-        """The n adapters (ids) that served the most tokens, with their tokens."""
-        rows = self.s.exec(select(Usage).where(Usage.kind == "adapter")).all()
-        ranked = sorted(((u.key, int(u.prompt_tokens) + int(u.completion_tokens)) for u in rows), key=lambda kv: -kv[1])
-        return ranked[:n]
+        """The n adapters (ids) that served the most tokens, with their tokens (ties by id): the first n of the
+        (kind, tokens_rank, key) index, where every adapter's Usage row was read and sorted."""
+        stmt = select(Usage).where(Usage.kind == "adapter").order_by(col(Usage.tokens_rank).desc(), Usage.key).limit(n)
+        return [(u.key, int(u.prompt_tokens) + int(u.completion_tokens)) for u in self.s.exec(stmt).all()]
 
     def tokens_by_block(self, adapter_ids: list[str]) -> list[tuple[str, int, int]]:
         """(adapter, block, tokens) for the given adapters, in block order."""

@@ -13,16 +13,25 @@ How values are stored:
   exact in Python by the indexer (`usage`, `accruals`, `usage_blocks`), so no page sums over records.
 - a registry row's history (and lists such as an adapter's datasets) is a JSON column: a handful of
   entries, read whole with the row.
+
+How a page of a list is found (devnet.explorer.queries): lists that only grow at the end are numbered 1..n without
+gaps, and a page is a window of those numbers on an index, never an OFFSET that walks every row before it: `seq`
+(datasets, nodes, batches, records; rows are only ever appended, or all deleted, and SQLite numbers a rowid
+max + 1), and ordinals the indexer keeps per key (a record's number among its adapter's, its node's, and its
+adapter's on its node; a reward's and a deposit's among its address's). Lists in an order no number follows (names,
+ranks, which change in the middle) skip a page past the end with a count kept on the cursor.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, Index, LargeBinary
+from sqlalchemy import JSON, Column, Index, LargeBinary, desc
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes: an index of another version is dropped and rebuilt from the chain.
-SCHEMA_VERSION = 2  # 2: explorer_account_totals
+# 2: explorer_account_totals; 3: ordinals of records, rewards and money, the cursor's counts, Usage.tokens_rank, the
+# lists' order indexes (a page is a window on an index, never an OFFSET)
+SCHEMA_VERSION = 3
 
 U64 = 2**64
 I64_MAX = 2**63 - 1
@@ -60,18 +69,26 @@ class IndexCursor(IndexModel, table=True):
     span: int = 0  # blocks per eth_getLogs that last stayed under the log bound (0: not learned yet)
     records: int = 0
     batches: int = 0
+    # rows of the lists a page reads in an order no number follows (queries: a page past the end reads nothing)
+    adapters: int = 0
+    names: int = 0
+    accounts: int = 0  # AccountTotal rows
+    contributors: int = 0  # AccountTotal rows with dataset rewards (dataset_rank above ZERO_RANK)
 
 
 class IndexedRecord(IndexModel, table=True):
     """One settled record (of its batch's RecordsSettled log); `seq` is settlement order (block, log index,
-    position in the batch); log_index is its batch's log."""
+    position in the batch); log_index is its batch's log. adapter_ord, node_ord and pair_ord number it among its
+    adapter's records, its node's, and its adapter's on its node (1, 2, ... in settlement order, no gaps: the
+    indexer counts on from the Usage sums of the same key), so that a page of them is a window of numbers."""
 
     __tablename__ = "explorer_records"
     __table_args__ = (
         Index("ix_explorer_records_request", "request_id"),
         Index("ix_explorer_records_batch", "batch_id", "seq"),
-        Index("ix_explorer_records_adapter", "adapter_id", "seq"),
-        Index("ix_explorer_records_node", "node_id", "seq"),
+        Index("ix_explorer_records_adapter", "adapter_id", "adapter_ord"),
+        Index("ix_explorer_records_node", "node_id", "node_ord"),
+        Index("ix_explorer_records_pair", "node_id", "adapter_id", "pair_ord"),
     )
 
     seq: int | None = Field(default=None, primary_key=True)
@@ -85,6 +102,9 @@ class IndexedRecord(IndexModel, table=True):
     block: int
     log_index: int
     tx_hash: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    adapter_ord: int
+    node_ord: int
+    pair_ord: int
 
 
 class IndexedBatch(IndexModel, table=True):
@@ -104,10 +124,11 @@ class IndexedBatch(IndexModel, table=True):
 
 
 class IndexedReward(IndexModel, table=True):
-    """One RewardAccrued event (one per payee, role and adapter entry in a batch, never one per record)."""
+    """One RewardAccrued event (one per payee, role and adapter entry in a batch, never one per record);
+    account_ord numbers it among its account's (1, 2, ... in indexing order, no gaps)."""
 
     __tablename__ = "explorer_rewards"
-    __table_args__ = (Index("ix_explorer_rewards_account", "account", "id"),)
+    __table_args__ = (Index("ix_explorer_rewards_account", "account", "account_ord"),)
 
     id: int | None = Field(default=None, primary_key=True)
     batch_id: str = Field(index=True)
@@ -118,6 +139,7 @@ class IndexedReward(IndexModel, table=True):
     amount: str
     block: int
     tx_hash: str
+    account_ord: int = 0
 
 
 class Accrual(IndexModel, table=True):
@@ -141,7 +163,7 @@ ZERO_RANK = "0" * RANK_DIGITS
 
 
 def rank(wei: int) -> str:
-    """An amount as text that sorts as the amounts do (AccountTotal's ranks)."""
+    """An amount as text that sorts as the amounts do (AccountTotal's ranks, Usage.tokens_rank)."""
     return f"{wei:0{RANK_DIGITS}d}"
 
 
@@ -151,6 +173,13 @@ class AccountTotal(IndexModel, table=True):
     read every accrual and every reward of the chain's history on each view (red team)."""
 
     __tablename__ = "explorer_account_totals"
+    # the lists' orders, ties by address: a page is read off the index in order (a rank alone left the ties to a
+    # sort of every row of the list)
+    __table_args__ = (
+        Index("ix_explorer_account_totals_accrued", desc("accrued_rank"), "account"),
+        Index("ix_explorer_account_totals_contributor", desc("contributor_rank"), "account"),
+        Index("ix_explorer_account_totals_dataset", desc("dataset_rank"), "account"),
+    )
 
     account: str = Field(primary_key=True)
     node: str = "0"  # wei accrued as a node operator (exact, decimal text)
@@ -159,9 +188,9 @@ class AccountTotal(IndexModel, table=True):
     withdrawn: str = "0"
     # the orders pages list addresses in: the exact sums as RANK_DIGITS-digit text, which sorts as the numbers do
     # (floats tied totals a float step apart: 128 wei at 1 ETH, and listed a smaller one first)
-    accrued_rank: str = Field(default=ZERO_RANK, index=True)  # everything accrued
-    contributor_rank: str = Field(default=ZERO_RANK, index=True)  # as adapter owner and dataset contributor
-    dataset_rank: str = Field(default=ZERO_RANK, index=True)  # as dataset contributor
+    accrued_rank: str = ZERO_RANK  # everything accrued
+    contributor_rank: str = ZERO_RANK  # as adapter owner and dataset contributor
+    dataset_rank: str = ZERO_RANK  # as dataset contributor
 
     def add(self, field: str, amount: int) -> None:
         """Add `amount` wei to a role's column or to `withdrawn`, and rank again."""
@@ -177,9 +206,11 @@ class AccountTotal(IndexModel, table=True):
 class Usage(IndexModel, table=True):
     """Settled records summed by `kind`: "all" (key ""), "adapter", "node", "node_adapter" (node id + adapter id);
     kind "batches" (key "") counts batches in `records` and sums their totalFees in `fees`; kind "rewards" (key "")
-    counts RewardAccrued events in `records` and sums their amounts in `fees`."""
+    counts RewardAccrued events in `records` and sums their amounts in `fees`. tokens_rank is prompt + completion
+    tokens as text that sorts as the numbers do (`rank`): the tokens plot reads its top adapters off the index."""
 
     __tablename__ = "explorer_usage"
+    __table_args__ = (Index("ix_explorer_usage_tokens", "kind", desc("tokens_rank"), "key"),)
 
     kind: str = Field(primary_key=True)
     key: str = Field(primary_key=True)
@@ -187,6 +218,7 @@ class Usage(IndexModel, table=True):
     prompt_tokens: str = "0"
     completion_tokens: str = "0"
     fees: str = "0"
+    tokens_rank: str = ZERO_RANK
 
 
 class UsageBlock(IndexModel, table=True):
@@ -200,10 +232,10 @@ class UsageBlock(IndexModel, table=True):
 
 
 class IndexedMoney(IndexModel, table=True):
-    """A deposit, reclaim or withdrawal."""
+    """A deposit, reclaim or withdrawal; account_ord numbers it among its account's (1, 2, ..., no gaps)."""
 
     __tablename__ = "explorer_money"
-    __table_args__ = (Index("ix_explorer_money_account", "account", "id"),)
+    __table_args__ = (Index("ix_explorer_money_account", "account", "account_ord"),)
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str
@@ -211,6 +243,7 @@ class IndexedMoney(IndexModel, table=True):
     amount: str
     block: int
     tx_hash: str
+    account_ord: int = 0
 
 
 class IndexedTx(IndexModel, table=True):
@@ -232,10 +265,12 @@ class SettlerState(IndexModel, table=True):
 
 class AdapterRow(IndexModel, table=True):
     __tablename__ = "explorer_adapters"
+    # the adapters list's order (a name's versions by block, then id), read off the index in order
+    __table_args__ = (Index("ix_explorer_adapters_order", "name", "block", "adapter_id"),)
 
     adapter_id: str = Field(primary_key=True)
     owner: str = Field(index=True)
-    name: str = Field(index=True)
+    name: str
     version: str
     predecessor: str = Field(index=True)
     base_model: str

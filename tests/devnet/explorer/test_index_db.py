@@ -3,6 +3,8 @@ reason the explorer stops (it stopped with "database disk image is malformed", n
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from sqlalchemy import text
 
@@ -26,3 +28,32 @@ def test_a_damaged_index_is_set_aside_and_rebuilt(tmp_path, damage, caplog):
     damaged = {"garbage": b"not sqlite " * 500, "cut-short": data[:50], "zeroed": b"\0" * len(data)}[damage]
     assert (tmp_path / f"{INDEX_FILE}.damaged").read_bytes() == damaged  # kept for a look, out of the way
     assert "is damaged" in caplog.text and str(path) in caplog.text
+
+
+def test_an_index_of_an_older_schema_is_dropped_and_built_again(tmp_path, caplog):
+    """Schema 3 added the numbers pages are found by (ordinals, counts, ranks): an index written by an older
+    explorer lacks them, and is rebuilt from the chain rather than read."""
+    from devnet.explorer.tables import SCHEMA_VERSION
+
+    IndexDatabase(tmp_path).dispose()
+    old = sqlite3.connect(tmp_path / INDEX_FILE)
+    with old:
+        old.execute("DROP TABLE explorer_usage")  # as schema 2 had it: no tokens_rank
+        old.execute("CREATE TABLE explorer_usage (kind VARCHAR, key VARCHAR, records INTEGER, PRIMARY KEY (kind, key))")
+        old.execute("INSERT INTO explorer_usage VALUES ('all', '', 7)")
+        old.execute(
+            "INSERT INTO explorer_cursor (id, schema_version, chain_id, registry_address, ledger_address, deploy_block,"
+            " block, block_hash, log_index, head, span, records, batches, adapters, names, accounts, contributors)"
+            " VALUES (1, ?, 1, '0x1', '0x2', 0, 100, '', -1, 100, 0, 7, 1, 0, 0, 0, 0)",
+            (SCHEMA_VERSION - 1,),
+        )
+    old.close()
+    db = IndexDatabase(tmp_path)
+    try:
+        with db.reader.begin() as conn:
+            assert conn.execute(text("SELECT count(*) FROM explorer_cursor")).scalar() == 0
+            assert conn.execute(text("SELECT count(*) FROM explorer_usage")).scalar() == 0
+            conn.execute(text("SELECT tokens_rank FROM explorer_usage"))  # the new columns are there
+    finally:
+        db.dispose()
+    assert f"is of schema {SCHEMA_VERSION - 1}, not {SCHEMA_VERSION}: rebuilding" in caplog.text
