@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from node.engine.config import EngineConfig
+from node.engine.grammar import NotCompiled
 from node.engine.llm_engine import LLMEngine
 from node.engine.request import (
     DuplicateRequestError,
@@ -140,7 +141,10 @@ class AsyncEngine:
         text prompt to tokenize. A request of token ids, plain or with a grammar compiled already, is validated on
         the loop (a thread hop costs its TTFT more; a compiled grammar never waits behind another's compile)."""
         if not self.core.costly(request):
-            return self.submit(request)
+            try:
+                return self._queue(request, self.core.make_group(request, compile=False))
+            except NotCompiled:
+                pass  # its grammar was evicted since costly() looked: compiled on the compile thread as any other
         if self._compiles >= MAX_QUEUED_COMPILES:
             raise EngineBusyError(
                 f"this node has {self._compiles} requests waiting for grammar compiles or prompt tokenization; retry"

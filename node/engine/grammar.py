@@ -116,6 +116,10 @@ class GrammarError(RequestError):
     """A `guided` value the engine cannot serve: a bad shape, a schema too big, or one the library refuses."""
 
 
+class NotCompiled(LookupError):
+    """A grammar asked for without compiling it (Grammars.matcher(compile=False)) is not in the cache."""
+
+
 def _one_line(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= _ERROR_CHARS else line[: _ERROR_CHARS - 3] + "..."
@@ -352,6 +356,13 @@ class Matcher:
         return _one_line(self._m.get_error()) if self._m.is_error() else self._slow or self._budget.slow
 
     @property
+    def library_failed(self) -> bool:
+        """The library itself stopped the matcher (out of fuel, the lexer's states spent, a token refused, a panic
+        it caught), not the node's CPU bounds. What it learned is shared with the compiled grammar and every copy
+        of it, so such a grammar is forgotten (Grammars.forget)."""
+        return self._m.is_error()
+
+    @property
     def terminated(self) -> bool:
         """The grammar is complete (or the matcher failed): only EOS may follow."""
         return self._m.is_stopped()
@@ -409,13 +420,24 @@ class Grammars:
         with self._lock:
             return spec in self._cache
 
-    def compiled(self, spec: GuidedSpec):
-        """The spec's compiled grammar (an llguidance matcher never advanced), from the cache or compiled now."""
+    def forget(self, spec: GuidedSpec) -> None:
+        """Drop the spec's compiled grammar: a matcher of it failed in the library (Matcher.library_failed). Its
+        copies share the lexer's states and the parser's locks with it: one hostile walk spent the lexer's states,
+        or a panic the library caught poisoned a lock, and every later request of that grammar, another client's
+        too, failed at its first token (red team). The next request compiles it afresh."""
+        with self._lock:
+            self._cache.pop(spec, None)
+
+    def compiled(self, spec: GuidedSpec, *, compile: bool = True):
+        """The spec's compiled grammar (an llguidance matcher never advanced), from the cache or compiled now
+        (`compile` False: NotCompiled instead, for a caller that must not compile)."""
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:
                 self._cache.move_to_end(spec)
                 return hit
+        if not compile:
+            raise NotCompiled(f"the grammar of {spec.type} is not compiled")
         proto = self._compile(spec)  # outside the lock: llguidance releases the GIL while it compiles
         with self._lock:
             proto = self._cache.setdefault(spec, proto)
@@ -482,10 +504,12 @@ class Grammars:
             if problem:
                 raise GrammarError(f"guided.{part} cannot be compiled: {_one_line(problem)}")
 
-    def matcher(self, spec: GuidedSpec, budget: GrammarBudget | None = None) -> Matcher:
+    def matcher(self, spec: GuidedSpec, budget: GrammarBudget | None = None, *, compile: bool = True) -> Matcher:
         """A fresh matcher at the start of the spec's grammar, counting its CPU in `budget` (one per request, shared
-        by its sequences; None: its own); GrammarError when the schema cannot be compiled."""
-        return Matcher(self.compiled(spec).deep_copy(), self.vocab_size, budget, self.end_row, self.named_row)
+        by its sequences; None: its own); GrammarError when the schema cannot be compiled, NotCompiled when it is
+        not compiled and `compile` is False."""
+        proto = self.compiled(spec, compile=compile)
+        return Matcher(proto.deep_copy(), self.vocab_size, budget, self.end_row, self.named_row)
 
     def new_bitmask(self, rows: int) -> torch.Tensor:
         """[rows, ceil(vocab_size / 32)] int32 on the CPU, every token allowed (Matcher.fill overwrites a row)."""

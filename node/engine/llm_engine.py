@@ -210,9 +210,10 @@ class LLMEngine:
         return self._with_image(combine_lora(spec.key, spec.name, parts, self.config.max_lora_rank, self.dtype))
 
     # ---- requests ----
-    def make_group(self, req: GenerationRequest) -> SequenceGroup:
+    def make_group(self, req: GenerationRequest, *, compile: bool = True) -> SequenceGroup:
         """Validate a request and build its sequences, prompts x n in choice order (no engine state changes; any
-        thread: a grammar is compiled here, off the engine thread)."""
+        thread: a grammar is compiled here, off the engine thread; with `compile` False, one not compiled raises
+        node.engine.grammar.NotCompiled instead)."""
         prompts = req.token_prompts()
         vocab = self.model_cfg.vocab_size
         if prompts is not None:
@@ -263,7 +264,9 @@ class LLMEngine:
                         (seed + k) % SEED_LIMIT,
                         index=k,
                         prompt_index=p,
-                        matcher=grammars.matcher(params.guided, budget) if grammars is not None else None,
+                        matcher=(
+                            grammars.matcher(params.guided, budget, compile=compile) if grammars is not None else None
+                        ),
                         cache_salt=req.cache_salt,
                     )
                 )
@@ -271,8 +274,8 @@ class LLMEngine:
 
     def costly(self, req: GenerationRequest) -> bool:
         """Whether make_group would tokenize text or compile a grammar (then it runs on the compile thread, not
-        the event loop); a grammar compiled already costs a copy per sequence. (Evicted between this answer and
-        make_group, one grammar is compiled on the loop: at most tens of ms, MAX_GRAMMAR_SIZE.)"""
+        the event loop); a grammar compiled already costs a copy per sequence (one evicted since is not compiled
+        on the loop: make_group(compile=False) says so, and the caller goes to the compile thread)."""
         if req.prompt is not None:
             return True
         guided = req.params.guided
@@ -501,6 +504,8 @@ class LLMEngine:
                 # the request fails, where it ended "stop", cut short, as if it matched
                 why = s.matcher.error or f"token {t} refused"
                 s.error = f"{GUIDED_FAILURE}the grammar could not be enforced here: {why}"
+                if s.matcher.library_failed and self._grammars is not None:
+                    self._grammars.forget(s.params.guided)  # what it learned is shared with every copy
                 log.warning("request %s: %s", s.request_id, s.error)
                 reason = "error"
             elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow

@@ -128,9 +128,9 @@ def test_requests_that_cost_are_validated_off_the_event_loop(engine, llama_world
     seen: list[str] = []
     make_group = engine.core.make_group
 
-    def recording(req):
+    def recording(req, **kw):
         seen.append(threading.current_thread().name)
-        return make_group(req)
+        return make_group(req, **kw)
 
     engine.core.make_group = recording
     spec = GuidedSpec.from_wire({"type": "json_schema", "schema": {"enum": ["ab"]}})
@@ -148,6 +148,41 @@ def test_requests_that_cost_are_validated_off_the_event_loop(engine, llama_world
         del engine.core.make_group
     assert seen[0].startswith("request-compiler") and seen[2].startswith("request-compiler")
     assert seen[1] == threading.main_thread().name
+
+
+def test_a_grammar_evicted_after_the_loop_found_it_compiled_is_compiled_off_the_loop(engine, llama_world):
+    """Between costly() finding a grammar compiled and make_group asking for it, a compile (or a failure that made the
+    engine forget it) may evict it: it is then compiled on the compile thread, never on the event loop (red team:
+    GBNF's conversion holds the loop for up to tens of ms)."""
+    import threading
+
+    from node.engine import GenerationRequest, SamplingParams
+    from node.engine.grammar import GuidedSpec
+
+    spec = GuidedSpec.from_wire({"type": "grammar", "grammar": 'root ::= "a" "b"'})
+    compiled_on: list[str] = []
+    grammars = engine.core.grammars()
+    compile_ = grammars._compile
+
+    def recording(sp):
+        compiled_on.append(threading.current_thread().name)
+        return compile_(sp)
+
+    grammars._compile = recording
+    engine.core.costly = lambda req: False  # "compiled already", as it was when asked: then evicted
+    try:
+        req = GenerationRequest(
+            "evicted", None, prompt_token_ids=[1, 5, 6], params=SamplingParams(max_tokens=4, guided=spec)
+        )
+
+        async def go():
+            return [ev async for ev in await engine.asubmit(req)]
+
+        asyncio.run(go())
+    finally:
+        del engine.core.costly
+        del grammars._compile
+    assert len(compiled_on) == 1 and compiled_on[0].startswith("request-compiler"), compiled_on
 
 
 def test_a_finished_request_is_remembered_by_its_counts_only(engine, llama_world):

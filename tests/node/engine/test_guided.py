@@ -209,3 +209,25 @@ def test_a_budget_spent_on_a_token_fails_the_request_even_where_its_end_token_is
         assert done["lone"].completion_tokens == 2
     finally:
         engine.close()
+
+
+def test_a_grammar_that_broke_in_the_library_is_forgotten_and_compiled_afresh(llama_world):
+    """What a matcher learns is shared with its compiled grammar and every copy (the lexer's states, the parser's
+    locks): one request that spent a grammar's lexer states, or had the library panic and poison a lock, made every
+    later request of that grammar fail at its first token, another client's too (red team). A request whose matcher
+    fails in the library has its grammar forgotten; the next request of it compiles it afresh and is served. Here
+    the library refuses the end token that allowed_token_ids leaves as the only draw after "x"."""
+    engine = llama_world.engine()
+    try:
+        (x,) = engine.tokenizer.encode("x", add_special_tokens=False)
+        eos = sorted(engine.eos_ids)[0]
+        spec = GuidedSpec.from_wire({"type": "grammar", "grammar": 'start: "x" "y"'})
+        trapped = SamplingParams(max_tokens=8, temperature=0, guided=spec, allowed_token_ids=(x, eos))
+        grammars = engine.grammars()
+        done = engine.generate([GenerationRequest("trapped", None, prompt_token_ids=[1, 5, 6], params=trapped)])
+        assert done["trapped"].finish_reason == "error" and "could not be enforced" in done["trapped"].error
+        assert not grammars.cached(spec)
+        fine = engine.generate([_req("fine", [1, 5, 6], guided=spec, temperature=0)])["fine"]
+        assert (fine.text, fine.finish_reason) == ("xy", "stop") and grammars.cached(spec)
+    finally:
+        engine.close()
