@@ -96,13 +96,21 @@ MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs b
 MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
 # Generate fields that came after the first release, named as a node's status lists them in "features" when its
 # generate body takes them (an older node refuses a body with a field it does not know): a gateway leaves
-# cache_salt out for a node that does not list it, and sends a request with allowed_token_ids only to nodes that do
+# cache_salt out for a node that does not list it, and sends a request with allowed_token_ids or bad words only to
+# nodes that do
 CACHE_SALT_FEATURE = "cache_salt"
 ALLOWED_TOKEN_IDS_FEATURE = "allowed_token_ids"
-GENERATE_FEATURES = (CACHE_SALT_FEATURE, ALLOWED_TOKEN_IDS_FEATURE)
+BAD_WORDS_FEATURE = "bad_words_token_ids"
+GENERATE_FEATURES = (CACHE_SALT_FEATURE, ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE)
 # vLLM's allowed_token_ids: the only ids a sequence may draw, at most this many (a request's list is sent to the
 # device each step, as one index with its rows': bounded so a batch of them costs little)
 MAX_ALLOWED_TOKEN_IDS = 4096
+# vLLM's bad_words: at most MAX_BAD_WORDS words of at most MAX_BAD_WORD_CHARS characters, which the gateway makes
+# token id sequences (node/adapters/prompts.py:bad_word_ids: two a word at most); the node takes at most
+# MAX_BAD_WORD_TOKENS ids in all (each step compares a row's last tokens with the words that could end there)
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_CHARS = 128
+MAX_BAD_WORD_TOKENS = 4096
 # the sampling fields' ranges (OpenAI's and vLLM's): presence / frequency penalties in [-MAX_PENALTY, MAX_PENALTY],
 # a repetition penalty in (0, MAX_REPETITION_PENALTY], a logit bias in [-MAX_BIAS, MAX_BIAS]
 MAX_PENALTY = 2.0

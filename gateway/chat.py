@@ -139,6 +139,13 @@ class ChatTemplates:
 
         return completion_ids(self._tokenizer(base_model_id), text)
 
+    def bad_words(self, base_model_id: str, words: list[str]) -> list[list[int]]:
+        """vLLM's bad_words as the token id sequences the node bans (node.adapters.prompts.bad_word_ids;
+        blocking)."""
+        from node.adapters.prompts import bad_word_ids
+
+        return bad_word_ids(self._tokenizer(base_model_id), words)
+
     def decode(self, base_model_id: str, ids: list[int]) -> str:
         """Token ids as text, without the special tokens (a prompt given as ids, echoed back; blocking)."""
         return self._tokenizer(base_model_id).decode(ids, skip_special_tokens=True)

@@ -29,6 +29,8 @@ from pydantic import (
 from common.http import parse_off_loop
 from common.wire import (
     MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
     MAX_GUIDED_CHOICE_CHARS,
@@ -125,6 +127,8 @@ def _schema(v: dict | str) -> dict:
 Schema = Annotated[dict, AfterValidator(_schema)]
 SchemaOrText = Annotated[dict | str, AfterValidator(_schema)]
 Pattern = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_PATTERN_CHARS)]
+# one of vLLM's bad_words: text, not blank (the gateway makes it token ids: node.adapters.prompts.bad_word_ids)
+BadWord = Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS, pattern=r"\S")]
 # a context-free grammar, Lark or GBNF (as vLLM's guided_grammar takes it); the node compiles it under its bounds
 Grammar = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_GRAMMAR_CHARS)]
 Choices = Annotated[
@@ -235,6 +239,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None
+    bad_words: Annotated[list[BadWord], Field(max_length=MAX_BAD_WORDS)] | None = None
     # vLLM's cache_salt: requests share cached prompt KV only under one salt. Joined to the key's own
     # (gateway.keys.node_cache_salt), it keeps an application's users apart within its key, never joins two keys
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = None
@@ -704,10 +709,11 @@ def to_node_request(
     max_tokens: int,
     request_id: str,
     prompt_logprobs: int | None = None,
+    bad_words: list[list[int]] | None = None,
 ) -> dict:
     """The node API's generate body for an OpenAI request: the prompts as the token ids the gateway made (their
-    number is the prompt count billed), OpenAI's sampling defaults made explicit. Fields at the node's defaults
-    are left out."""
+    number is the prompt count billed), OpenAI's sampling defaults made explicit; `bad_words`: the request's, as
+    the gateway tokenized them. Fields at the node's defaults are left out."""
     body = {
         "adapter_id": target.adapter_id,
         "prompt_token_ids": prompts[0] if len(prompts) == 1 else prompts,
@@ -730,6 +736,7 @@ def to_node_request(
         "min_tokens": (req.min_tokens or 0, 0),
         "stop_token_ids": (req.stop_token_ids or None, None),
         "allowed_token_ids": (req.allowed_token_ids, None),
+        "bad_words_token_ids": (bad_words or None, None),
         "ignore_eos": (bool(req.ignore_eos), False),
         "logprobs": (req.node_logprobs(), None),
         "prompt_logprobs": (prompt_logprobs, None),

@@ -22,7 +22,14 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from common.http import WriteBoundedStreamingResponse
-from common.wire import ALLOWED_TOKEN_IDS_FEATURE, CACHE_SALT_FEATURE, GUIDED_FAILED, hex0x
+from common.wire import (
+    ALLOWED_TOKEN_IDS_FEATURE,
+    BAD_WORDS_FEATURE,
+    CACHE_SALT_FEATURE,
+    GUIDED_FAILED,
+    MAX_BAD_WORD_TOKENS,
+    hex0x,
+)
 from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
 from gateway.choices import Choices
@@ -76,6 +83,10 @@ MAX_OTHER_EVENTS = 64
 LARGE_ANSWER_TOKENS = 512
 HTTP_CLIENT_CLOSED = 499  # the status of an answer its client left before (nginx's; nobody reads it, the logs show it)
 _READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream: NodeUnavailable
+
+
+# a generate feature by the request field that brings it into the node's body, where the two names differ
+_ASKED_AS = {BAD_WORDS_FEATURE: "bad_words"}
 
 
 def _log_engine_error(node_id: str, rid: str, message: object) -> None:
@@ -366,13 +377,27 @@ class ServedRequest:
             t.check_ids(base, req.bias_ids(), param="logit_bias", what="logit_bias")
             t.check_ids(base, req.stop_token_ids or [], param="stop_token_ids", what="stop_token_ids")
             t.check_ids(base, req.allowed_token_ids or [], param="allowed_token_ids", what="allowed_token_ids")
+        bad_words = None
+        if req.bad_words:
+            bad_words = await blocking(t, sum(map(len, req.bad_words)), t.bad_words, base, req.bad_words)
+            if sum(map(len, bad_words)) > MAX_BAD_WORD_TOKENS:
+                raise BadRequest(
+                    f"bad_words are {sum(map(len, bad_words))} tokens in all; at most {MAX_BAD_WORD_TOKENS}",
+                    param="bad_words",
+                )
         token_texts = await blocking(t, 0, t.texts, base) if req.needs_token_texts() else None
         if echo and texts is None:  # prompts given as token ids are echoed as their text
             texts = [await blocking(t, len(ids), t.decode, base, ids) for ids in prompts]
         self.rid = hex0x(secrets.token_bytes(32))
         prompt_logprobs = req.logprobs if echo and req.logprobs is not None else None
         self.node_body = to_node_request(
-            req, target, prompts, max_tokens=max_tokens, request_id=self.rid, prompt_logprobs=prompt_logprobs
+            req,
+            target,
+            prompts,
+            max_tokens=max_tokens,
+            request_id=self.rid,
+            prompt_logprobs=prompt_logprobs,
+            bad_words=bad_words,
         )
         per_prompt = req.sequences_per_prompt() if not self.chat else req.choices
         self.choices = Choices(
@@ -461,7 +486,8 @@ class ServedRequest:
         route = d.router.route(t.adapter_id, [n for n in live if needs <= n.features], t.components)
         if route is None and live:  # nodes of an older release: the field would be refused, or its effect lost
             raise NoNodeAvailable(
-                f"no live node that serves the base model of {t.model!r} takes {', '.join(sorted(needs))} right now "
+                f"no live node that serves the base model of {t.model!r} takes "
+                f"{', '.join(sorted(_ASKED_AS.get(f, f) for f in needs))} right now "
                 "(their releases are older); retry later, or leave the field out"
             )
         if route is None:
@@ -629,7 +655,7 @@ class ServedRequest:
     def _needs(self) -> frozenset[str]:
         """The generate features the node body uses that a node must know to serve it (common.wire's
         GENERATE_FEATURES; cache_salt is not one: a node that lacks it is sent the body without it)."""
-        return frozenset(f for f in (ALLOWED_TOKEN_IDS_FEATURE,) if f in self.node_body)
+        return frozenset(f for f in (ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE) if f in self.node_body)
 
     def _body_for(self, node: NodeEntry) -> dict:
         """The generate body for `node`: the key's prefix-cache salt for this node where the node knows the field

@@ -53,3 +53,18 @@ def chat_ids(tok, messages: list[dict], *, tools: list[dict] | None = None) -> l
 def text_ids(tok, text: str) -> list[int]:
     """Ids of text that holds its special tokens already (rendered by a template): none are added."""
     return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def bad_word_ids(tok, words: list[str]) -> list[list[int]]:
+    """vLLM's bad_words as the token id sequences to ban: each word as the tokenizer writes it where a text begins
+    and, where it writes the word after a space as other tokens of the same number (a word token of its own), that
+    way too: the word is banned at an answer's start and inside it. Words are their text without leading spaces;
+    none of them may be blank (the gateway refuses those)."""
+    out = []
+    for word in words:
+        bare = word.lstrip()
+        alone, spaced = text_ids(tok, bare), text_ids(tok, " " + bare)
+        out.append(alone)
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            out.append(spaced)
+    return out

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.wire import (
     HEX_ID_PATTERN,
     MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
@@ -87,6 +89,14 @@ class GenerateBody(BaseModel):
     stop: Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] = []
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] = []
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None
+    # vLLM's bad_words as the gateway tokenized them (node.adapters.prompts.bad_word_ids)
+    bad_words_token_ids: (
+        Annotated[
+            list[Annotated[list[TokenId], Field(min_length=1, max_length=MAX_BAD_WORD_TOKENS)]],
+            Field(max_length=2 * MAX_BAD_WORDS),
+        ]
+        | None
+    ) = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from common.wire import (
     GUIDED_FAILED,
     MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
@@ -77,7 +79,8 @@ class SamplingParams:
     seed None draws one. Token ids (logit_bias, stop_token_ids, allowed_token_ids) are checked against the
     vocabulary by the engine, which knows it. `logit_bias` may be given as a mapping; it is kept as sorted (id, bias)
     pairs. `allowed_token_ids` (vLLM's): when given, the only ids the sequences may draw, the end tokens included
-    only where listed; kept sorted, without repeats."""
+    only where listed; kept sorted, without repeats. `bad_words` (vLLM's bad_words, as token id sequences): a
+    word's last token is banned where the tokens generated so far end with the rest of it."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -94,6 +97,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None  # top log-probabilities per generated token (0: only the chosen one's)
     prompt_logprobs: int | None = None  # the same for every prompt position
     n: int = 1  # sequences per prompt
@@ -128,6 +132,7 @@ class SamplingParams:
             raise RequestError(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} token ids, got {list(ids)!r}")
         object.__setattr__(self, "stop_token_ids", ids)
         self._check_allowed()
+        self._check_bad_words()
         _count("logprobs", self.logprobs, 0, MAX_LOGPROBS, nullable=True)
         _count("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, nullable=True)
         _count("n", self.n, 1, MAX_N)
@@ -162,6 +167,18 @@ class SamplingParams:
             )
         object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(ids))))
 
+    def _check_bad_words(self) -> None:
+        words = tuple(tuple(w) if isinstance(w, (list, tuple)) else w for w in self.bad_words)
+        ok = len(words) <= 2 * MAX_BAD_WORDS and all(
+            isinstance(w, tuple) and w and all(type(t) is int and t >= 0 for t in w) for w in words
+        )
+        if not ok or sum(map(len, words)) > MAX_BAD_WORD_TOKENS:
+            raise RequestError(
+                f"bad_words must be at most {2 * MAX_BAD_WORDS} non-empty token id sequences of "
+                f"{MAX_BAD_WORD_TOKENS} ids in all, got {str(self.bad_words)[:80]}"
+            )
+        object.__setattr__(self, "bad_words", words)
+
     @property
     def penalized(self) -> bool:
         """Whether a penalty needs this row's token counts."""
@@ -171,11 +188,18 @@ class SamplingParams:
     def processed(self) -> bool:
         """Whether the row's logits change before the draw (bias, min_tokens, allowed ids, penalties): plain rows
         skip it."""
-        return bool(self.logit_bias) or self.min_tokens > 0 or self.allowed_token_ids is not None or self.penalized
+        return (
+            bool(self.logit_bias)
+            or self.min_tokens > 0
+            or self.allowed_token_ids is not None
+            or bool(self.bad_words)
+            or self.penalized
+        )
 
     def token_ids(self) -> list[int]:
         """Every token id these params name (checked against the vocabulary by the engine)."""
-        return [t for t, _ in self.logit_bias] + list(self.stop_token_ids) + list(self.allowed_token_ids or ())
+        words = [t for w in self.bad_words for t in w]
+        return [t for t, _ in self.logit_bias] + list(self.stop_token_ids) + list(self.allowed_token_ids or ()) + words
 
 
 @dataclass(slots=True)

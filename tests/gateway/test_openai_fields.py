@@ -448,6 +448,11 @@ def test_allowed_token_ids_are_the_only_tokens_an_answer_holds(served, oai, toke
         oai, max_tokens=8, temperature=0, logit_bias={str(EOS): 100}, extra_body={"allowed_token_ids": [x, EOS]}
     )
     assert (eos_too.choices[0].text, eos_too.choices[0].finish_reason) == ("", "stop")
+    # vLLM's bad_words beside them: "x" banned, only "y" is left
+    banned = complete(oai, max_tokens=8, temperature=0, extra_body=ask | {"bad_words": ["x"]})
+    assert banned.choices[0].text == "y" * 8
+    refused(lambda: complete(oai, extra_body={"bad_words": ["  "]}), "bad_words")
+    refused(lambda: complete(oai, extra_body={"bad_words": ["x"] * 65}), "bad_words")
     assert "vocabulary" in refused(
         lambda: complete(oai, extra_body={"allowed_token_ids": [x, 10**6]}), "allowed_token_ids"
     )

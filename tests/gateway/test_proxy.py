@@ -467,29 +467,31 @@ def test_each_key_has_its_own_prefix_cache_salt_on_nodes_that_know_the_field(w):
     )
 
 
-def test_a_request_with_allowed_token_ids_goes_only_to_nodes_that_list_the_field(w):
-    """allowed_token_ids changes the answer: a node of an older release (which does not list the field, and refuses
-    a body with a field it does not know) is not sent it, and without one that lists it the client hears why; the
-    request goes to one that does, the list as sent."""
+@pytest.mark.parametrize(
+    "field, value, feature",
+    [("allowed_token_ids", [5, 3], "allowed_token_ids"), ("bad_words", ["ab", "c"], "bad_words_token_ids")],
+)
+def test_a_request_with_a_later_field_goes_only_to_nodes_that_list_it(w, field, value, feature):
+    """allowed_token_ids and bad_words change the answer: a node of an older release (which does not list the field,
+    and refuses a body with a field it does not know) is not sent it, and without one that lists it the client
+    hears why, by the field's name; the request goes to one that does."""
 
     def ask():
         before = [len(n.requests) for n in w.nodes]
-        w.client().completions.create(
-            model="acme/alpha", prompt="x", max_tokens=1, extra_body={"allowed_token_ids": [5, 3]}
-        )
+        w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=1, extra_body={field: value})
         return [(n, b) for n, k in zip(w.nodes, before) for b in n.requests[k:]]
 
     with pytest.raises(openai.APIStatusError) as ei:
         ask()
-    assert ei.value.status_code == 503 and "allowed_token_ids" in ei.value.body["message"]
-    assert all(not n.requests or "allowed_token_ids" not in n.requests[-1] for n in w.nodes)
+    assert ei.value.status_code == 503 and f"takes {field} right now" in ei.value.body["message"]
+    assert all(not n.requests or feature not in n.requests[-1] for n in w.nodes)
     newer, older = w.nodes
     try:
-        newer.features = ["allowed_token_ids", "some_later_field"]
+        newer.features = [feature, "some_later_field"]
         w.beat()
         for _ in range(4):
             ((node, body),) = ask()
-            assert node is newer and body["allowed_token_ids"] == [5, 3]
+            assert node is newer and body[feature]
         # a request without the field still goes to either
         w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=1)
     finally:

@@ -254,6 +254,7 @@ async def _submit(node: NodeApi, rid: str, body: GenerateBody):
             stop=tuple(body.stop),
             stop_token_ids=tuple(body.stop_token_ids),
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
+            bad_words=tuple(map(tuple, body.bad_words_token_ids or ())),
             ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens,
             presence_penalty=body.presence_penalty,

@@ -21,6 +21,30 @@ def _ids(allowed: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(allowed, dtype=torch.int64)
 
 
+@functools.lru_cache(maxsize=256)
+def _words_by_last(words: tuple[tuple[int, ...], ...]) -> tuple[frozenset[int], dict[int, list[tuple[int, ...]]]]:
+    """A request's bad words, made once: the one-token words' ids, and the longer words by the token before their
+    last (a step then compares only the words that could end after the row's last token)."""
+    ones = frozenset(w[0] for w in words if len(w) == 1)
+    by_last: dict[int, list[tuple[int, ...]]] = {}
+    for w in words:
+        if len(w) > 1:
+            by_last.setdefault(w[-2], []).append(w)
+    return ones, by_last
+
+
+def _words_ending(words: tuple[tuple[int, ...], ...], output: list[int]) -> set[int]:
+    """The last tokens of the bad words that the output's last tokens would complete (vLLM's rule: a word is
+    matched against the generated tokens only, never the prompt)."""
+    ones, by_last = _words_by_last(words)
+    banned = set(ones)
+    for w in by_last.get(output[-1], ()) if output else ():
+        n = len(w) - 1
+        if n <= len(output) and tuple(output[-n:]) == w[:-1]:
+            banned.add(w[-1])
+    return banned
+
+
 def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
     """Token lists -> int64 [N, longest] padded with `pad` (an index past the vocabulary, dropped after)."""
     width = max((len(x) for x in lists), default=0) or 1
@@ -41,6 +65,7 @@ def process_logits(
       l[t] += logit_bias_i[t]
       l[t] = -inf for t in stop_token_ids_i (and the EOS ids unless ignore_eos) while len(outputs_i) < min_tokens_i
       l[t] = -inf for t not in allowed_token_ids_i, when given
+      l[w[-1]] = -inf for each w in bad_words_i whose other tokens outputs_i ends with
       l[t] = l[t] / r if l[t] > 0 else l[t] * r, for t in prompts_i + outputs_i, r = repetition_penalty_i
       l[t] -= frequency_penalty_i * count(t in outputs_i) + presence_penalty_i * (t in outputs_i)
     Host work is one pass over the asking rows' token lists; each table reaches the device in one copy."""
@@ -62,10 +87,13 @@ def process_logits(
             bias_rows.append(i)
             bias_ids.append(t)
             bias_vals.append(b)
+        banned = set()
         if len(outputs[i]) < p.min_tokens:
-            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
-            ban_rows += [i] * len(banned)
-            ban_ids += sorted(banned)
+            banned |= set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
+        if p.bad_words:
+            banned |= _words_ending(p.bad_words, outputs[i])
+        ban_rows += [i] * len(banned)
+        ban_ids += sorted(banned)
     if bias_rows:
         idx = to_device(torch.tensor([bias_rows, bias_ids], dtype=torch.int64), dev)
         vals = to_device(torch.tensor(bias_vals, dtype=torch.float32), dev)

@@ -29,6 +29,10 @@ def reference(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output
     if p.allowed_token_ids is not None:
         for t in set(range(len(out))) - set(p.allowed_token_ids):
             out[t] = -math.inf
+    for w in p.bad_words:
+        before = list(w[:-1])
+        if len(before) <= len(output) and output[len(output) - len(before) :] == before:
+            out[w[-1]] = -math.inf
     for t in set(prompt) | set(output):
         if out[t] > 0:
             out[t] /= p.repetition_penalty
@@ -58,6 +62,10 @@ ROWS = [
         [5],
         [5, 30],
     ),
+    # bad words: one-token (4), completed by the output's end (3 5 -> 6; 5 -> 7), not (9 3 -> 8: the output ends
+    # 3 5; 1 2 -> 10: only in the prompt), and one longer than the output (3 5 5 5 -> 11)
+    (SamplingParams(bad_words=[(4,), (3, 5, 6), (5, 7), (9, 3, 8), (1, 2, 10), (3, 5, 5, 5, 11)]), [1, 2], [3, 5]),
+    (SamplingParams(bad_words=[(6, 12)], repetition_penalty=1.2), [6], []),  # nothing generated yet: none
     (SamplingParams(temperature=0.5), [1], [2, 2]),  # plain
 ]
 
@@ -79,8 +87,10 @@ def test_each_processor_matches_the_reference_in_a_mixed_batch():
     assert torch.equal(got[0], logits[0]) and torch.equal(got[-1], logits[-1])
     assert got[2, 11] == got[2, 12] == got[2, 2] == -math.inf and got[3, 2] != -math.inf
     # allowed ids: every other id is out, the bias of one not allowed (7) included; min_tokens bans the end (2)
-    assert torch.isfinite(got[-3]).nonzero().flatten().tolist() == [3, 9, 17]
-    assert torch.isfinite(got[-2]).nonzero().flatten().tolist() == [5, 30]
+    assert torch.isfinite(got[-5]).nonzero().flatten().tolist() == [3, 9, 17]
+    assert torch.isfinite(got[-4]).nonzero().flatten().tolist() == [5, 30]
+    assert (~torch.isfinite(got[-3])).nonzero().flatten().tolist() == [4, 6, 7]
+    assert torch.isfinite(got[-2]).all()
 
 
 def test_plain_rows_cost_nothing():
@@ -208,6 +218,10 @@ def test_seeded_draws_with_every_processor_repeat():
         ({"allowed_token_ids": (3, -1)}, "allowed_token_ids must be"),
         ({"allowed_token_ids": (True,)}, "allowed_token_ids must be"),
         ({"allowed_token_ids": tuple(range(4097))}, "allowed_token_ids must be 1 to 4096"),
+        ({"bad_words": [()]}, "bad_words must be at most 128 non-empty"),
+        ({"bad_words": [(1, -2)]}, "bad_words must be"),
+        ({"bad_words": [(1,)] * 129}, "bad_words must be at most 128"),
+        ({"bad_words": [tuple(range(2049))] * 2}, "4096 ids in all"),
     ],
 )
 def test_bad_new_params_are_refused(kwargs, message):
@@ -221,6 +235,8 @@ def test_good_params_are_kept():
     assert p.processed and not p.penalized and not SamplingParams().processed
     allowed = SamplingParams(allowed_token_ids=[9, 3, 9])
     assert allowed.allowed_token_ids == (3, 9) and allowed.processed and allowed.token_ids() == [3, 9]
+    words = SamplingParams(bad_words=[[4, 5], (6,)])
+    assert words.bad_words == ((4, 5), (6,)) and words.processed and words.token_ids() == [4, 5, 6]
 
 
 # ---- through the engine ----
@@ -240,6 +256,23 @@ def test_stop_token_ids_end_a_sequence_with_stop_and_min_tokens_hold_it_back(lla
         assert stop_at not in held.token_ids[: first + 2] and len(held.token_ids) >= first + 2
         with pytest.raises(RequestError, match="not in the vocabulary"):
             engine.add_request(greedy("bad", None, ids, 4, logit_bias={10**6: 1.0}))
+    finally:
+        engine.close()
+
+
+def test_a_bad_word_is_never_completed(llama_world):
+    """vLLM's bad_words as token sequences through the engine: the greedy path's first two tokens as a bad word,
+    the path turns away where it would complete it; a one-token bad word never comes."""
+    engine = llama_world.engine()
+    try:
+        ids = [1, 5, 6, 7]
+        free = engine.generate([greedy("free", None, ids, 10)])["free"].token_ids
+        word = tuple(free[:2])
+        got = engine.generate([greedy("banned", None, ids, 10, bad_words=[word])])["banned"].token_ids
+        assert got[0] == free[0] and got[1] != free[1]
+        assert all(tuple(got[i : i + 2]) != word for i in range(len(got) - 1))
+        one = engine.generate([greedy("one", None, ids, 10, bad_words=[(free[0],)])])["one"].token_ids
+        assert free[0] not in one
     finally:
         engine.close()
 
