@@ -29,6 +29,8 @@ from common.wire import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from node.engine.grammar import GuidedSpec
 
 
@@ -102,6 +104,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt position
     n: int = 1  # sequences per prompt
     guided: GuidedSpec | None = None  # the grammar the text must follow (node.engine.grammar)
+    # made once a request, for every step of its sequences (layers.logits_processor; a per-step cache keyed by the
+    # lists missed every time past its size, and hashed 4,096 ids a row a step where it hit): the one-token bad
+    # words, and the longer ones by the token before their last; the mask of ids not allowed per (device, width)
+    _words: tuple = field(init=False, default=None, repr=False, compare=False)
+    _masks: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -178,6 +185,34 @@ class SamplingParams:
                 f"{MAX_BAD_WORD_TOKENS} ids in all, got {str(self.bad_words)[:80]}"
             )
         object.__setattr__(self, "bad_words", words)
+        by_last: dict[int, list[tuple[int, ...]]] = {}
+        for w in words:
+            if len(w) > 1:
+                by_last.setdefault(w[-2], []).append(w)
+        object.__setattr__(self, "_words", (frozenset(w[0] for w in words if len(w) == 1), by_last))
+
+    def words_ending(self, output: list[int]) -> set[int]:
+        """The last tokens of the bad words that `output`'s last tokens would complete (vLLM's rule: a word is
+        matched against the generated tokens only, never the prompt)."""
+        ones, by_last = self._words
+        banned = set(ones)
+        for w in by_last.get(output[-1], ()) if output else ():
+            n = len(w) - 1
+            if n <= len(output) and tuple(output[-n:]) == w[:-1]:
+                banned.add(w[-1])
+        return banned
+
+    def outside_mask(self, width: int, device) -> torch.Tensor:
+        """[width] bool on `device`, True at the ids not allowed: made once a device and width (on the engine
+        thread)."""
+        mask = self._masks.get((str(device), width))
+        if mask is None:
+            import torch
+
+            mask = torch.ones(width, dtype=torch.bool)
+            mask[[t for t in self.allowed_token_ids if t < width]] = False
+            mask = self._masks[(str(device), width)] = mask.to(device)
+        return mask
 
     @property
     def penalized(self) -> bool:

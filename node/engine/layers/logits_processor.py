@@ -5,44 +5,12 @@ before, and -inf stays -inf under all of them, so its place among them does not 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from node.engine.layers.attention import to_device
 from node.engine.request import SamplingParams
-
-
-@functools.lru_cache(maxsize=256)
-def _ids(allowed: tuple[int, ...]) -> torch.Tensor:
-    """A request's allowed ids as an int64 tensor, made once (its rows share it, and each step reads it): up to
-    MAX_ALLOWED_TOKEN_IDS ids, which as a Python list took milliseconds a step to turn into a tensor."""
-    return torch.tensor(allowed, dtype=torch.int64)
-
-
-@functools.lru_cache(maxsize=256)
-def _words_by_last(words: tuple[tuple[int, ...], ...]) -> tuple[frozenset[int], dict[int, list[tuple[int, ...]]]]:
-    """A request's bad words, made once: the one-token words' ids, and the longer words by the token before their
-    last (a step then compares only the words that could end after the row's last token)."""
-    ones = frozenset(w[0] for w in words if len(w) == 1)
-    by_last: dict[int, list[tuple[int, ...]]] = {}
-    for w in words:
-        if len(w) > 1:
-            by_last.setdefault(w[-2], []).append(w)
-    return ones, by_last
-
-
-def _words_ending(words: tuple[tuple[int, ...], ...], output: list[int]) -> set[int]:
-    """The last tokens of the bad words that the output's last tokens would complete (vLLM's rule: a word is
-    matched against the generated tokens only, never the prompt)."""
-    ones, by_last = _words_by_last(words)
-    banned = set(ones)
-    for w in by_last.get(output[-1], ()) if output else ():
-        n = len(w) - 1
-        if n <= len(output) and tuple(output[-n:]) == w[:-1]:
-            banned.add(w[-1])
-    return banned
 
 
 def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
@@ -91,7 +59,7 @@ def process_logits(
         if len(outputs[i]) < p.min_tokens:
             banned |= set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
         if p.bad_words:
-            banned |= _words_ending(p.bad_words, outputs[i])
+            banned |= p.words_ending(outputs[i])
         ban_rows += [i] * len(banned)
         ban_ids += sorted(banned)
     if bias_rows:
@@ -103,15 +71,10 @@ def process_logits(
         logits[idx[0], idx[1]] = float("-inf")
     allow = [i for i in rows if params[i].allowed_token_ids is not None]
     if allow:
-        # the allowed entries' logits copied into rows of -inf, through one (row, id) index for the asking rows
-        lists = [_ids(params[i].allowed_token_ids) for i in allow]
-        ids = to_device(torch.cat(lists), dev)
-        at = to_device(torch.tensor(allow, dtype=torch.int64), dev)
-        k = torch.repeat_interleave(torch.arange(len(allow)), torch.tensor([len(x) for x in lists]))
-        k = to_device(k, dev)  # each id's row among the asking rows
-        kept = torch.full((len(allow), v), float("-inf"), dtype=logits.dtype, device=dev)
-        kept[k, ids] = logits[at[k], ids]
-        logits[at] = kept
+        # each request's mask of the ids it does not allow, made once on the device (SamplingParams.outside_mask),
+        # filled in place row by row: no [rows, V] copies gathered and scattered back
+        for i in allow:
+            logits[i].masked_fill_(params[i].outside_mask(v, dev), float("-inf"))
 
     pen = [i for i in rows if params[i].penalized]
     if pen:
