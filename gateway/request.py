@@ -975,6 +975,12 @@ class ServedRequest:
         for k, s in enumerate(c.seqs):
             if not all(0 <= i < bound for i in s.ids):
                 return f"node sent token ids of choice {k} outside the vocabulary ({bound} ids)"
+        if req.allowed_token_ids is not None:
+            # the base's end tokens too: an honest node draws one where a row has nothing else left to draw
+            allowed = set(req.allowed_token_ids) | t.end_ids(base)
+            for k, s in enumerate(c.seqs):
+                if (out := next((i for i in s.ids if i not in allowed), None)) is not None:
+                    return f"node sent token id {out} of choice {k}, which the request's allowed_token_ids leave out"
         # a sequence the node ended (a finish event, its end token, max_tokens, or the whole request ended on
         # its own) had its held-back text sent; one cut off (the gateway's abort, a broken stream, an engine
         # error, the node operator's abort: a done event "abort") had not

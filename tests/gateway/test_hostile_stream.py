@@ -222,3 +222,19 @@ def test_padded_ids_in_a_half_character_do_not_make_an_honest_node_look_dishones
     done, u = record_of(engine, raw.headers["x-request-id"])
     assert u.status != RecordStatus.DISPUTED, u.error
     assert httpx.get(gw.url + "/health", timeout=5).json()["disputed_nodes"] == []
+
+
+def test_a_node_that_lists_allowed_token_ids_and_ignores_them_is_disputed(tmp_path, tiny_base, tokenizer):
+    """A node whose release lists allowed_token_ids, which then answers with tokens the list leaves out, was paid
+    (red team): the gateway checks each id against the list and the base's end tokens (an honest node draws one
+    where a row has nothing else to draw)."""
+    node = StandInNode(
+        Identity.generate(), base_model_id(tiny_base), tokens=5, tokenizer=tokenizer, features=["allowed_token_ids"]
+    )
+    with gateway_over(node, tmp_path, tiny_base, heartbeat_ttl_s=600) as (gw, engine, key):
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
+        raw = client.completions.with_raw_response.create(
+            model=TINY, prompt="x", max_tokens=3, extra_body={"allowed_token_ids": [300]}
+        )
+        done, u = record_of(engine, raw.headers["x-request-id"])
+    assert u.status == RecordStatus.DISPUTED and "allowed_token_ids leave out" in u.error, u.error
