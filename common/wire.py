@@ -124,11 +124,15 @@ TOKEN_ID_LIMIT = 2**31  # token ids are below it (int32 on the device), whatever
 # a guided answer's shape: a JSON schema of at most this many bytes (compact JSON: it bounds what the grammar
 # compiler reads before its own bounds take over), a regular expression of at most this many characters, or
 # one of at most MAX_GUIDED_CHOICES strings of at most MAX_GUIDED_CHOICE_CHARS each, or a grammar of at most
-# MAX_GUIDED_GRAMMAR_CHARS characters (Lark; a GBNF grammar has a smaller bound, node/engine/grammar.py's
-# MAX_GBNF_CHARS; grammars written by hand for SQL, JSON or a small language are 1-10 kB)
+# MAX_GUIDED_GRAMMAR_CHARS characters (Lark), or MAX_GBNF_CHARS (GBNF: llguidance makes it Lark in pure Python on the
+# node's compile thread, holding the GIL, in time growing with the square of the rules: rules chained in the wrong
+# order took 0.5-0.7 s at 32 kB, and 16 such requests held the compile thread past the gateway's first-byte
+# timeout, red team; the slowest found at 8 kB takes 48 ms). Grammars written by hand for SQL, JSON or a small
+# language are 1-10 kB; llama.cpp's own GBNF grammars are under 2 kB.
 MAX_SCHEMA_BYTES = 64 << 10
 MAX_GUIDED_PATTERN_CHARS = 4096
 MAX_GUIDED_GRAMMAR_CHARS = 32 << 10
+MAX_GBNF_CHARS = 8 << 10
 MAX_GUIDED_CHOICES = 256
 MAX_GUIDED_CHOICE_CHARS = 1024
 # a guided answer's shape as the node's generate call takes it: {"type": kind} and the kind's one field

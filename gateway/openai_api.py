@@ -33,6 +33,7 @@ from common.wire import (
     MAX_BAD_WORDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
+    MAX_GBNF_CHARS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
     MAX_GUIDED_GRAMMAR_CHARS,
@@ -129,8 +130,20 @@ SchemaOrText = Annotated[dict | str, AfterValidator(_schema)]
 Pattern = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_PATTERN_CHARS)]
 # one of vLLM's bad_words: text, not blank (the gateway makes it token ids: node.adapters.prompts.bad_word_ids)
 BadWord = Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS, pattern=r"\S")]
+
+
+def _grammar(text: str) -> str:
+    """GBNF within its smaller bound (common.wire.MAX_GBNF_CHARS), here as on the node: a grammar a node of this
+    release refuses, sent on to an older one that serves it, would have the refusing node taken for a liar."""
+    from llguidance.gbnf_to_lark import is_lark_syntax
+
+    if len(text) > MAX_GBNF_CHARS and not is_lark_syntax(text):
+        raise ValueError(f"a GBNF grammar is at most {MAX_GBNF_CHARS} characters (Lark: {MAX_GUIDED_GRAMMAR_CHARS})")
+    return text
+
+
 # a context-free grammar, Lark or GBNF (as vLLM's guided_grammar takes it); the node compiles it under its bounds
-Grammar = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_GRAMMAR_CHARS)]
+Grammar = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_GRAMMAR_CHARS), AfterValidator(_grammar)]
 Choices = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_CHOICE_CHARS)]],
     Field(min_length=1, max_length=MAX_GUIDED_CHOICES),

@@ -52,6 +52,7 @@ import torch
 from common.wire import (
     COMPACT_GUIDANCE,
     GUIDED_WIRE_FIELDS,
+    MAX_GBNF_CHARS,
     MAX_GUIDED_CALLS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
@@ -101,12 +102,6 @@ MAX_MASK_CPU_S = 0.02
 # request fails, and its sequences' masks are not computed again. Honest requests of 64 sequences measured 0.2-2.5 ms
 # a step (median) and 8 ms at most on a 32,000-token vocabulary. The budget is a request's: N guided requests may
 # still take N times GRAMMAR_STEP_CPU_S of a step together.
-# A GBNF grammar's characters (Lark's: common.wire.MAX_GUIDED_GRAMMAR_CHARS). llguidance turns GBNF into Lark in
-# pure Python on the node's compile thread, holding the GIL, in time that grows with the square of the rules: rules
-# chained in the wrong order took 0.5-0.7 s of CPU at 32 kB, and 16 such requests held the compile thread past
-# the gateway's first-byte timeout, which then took the node for failed (red team). At 8 kB the slowest found takes
-# 48 ms; llama.cpp's own grammars (JSON, C, chess, arithmetic) are under 2 kB.
-MAX_GBNF_CHARS = 8 << 10
 GRAMMAR_BURST_CPU_S = 0.1
 GRAMMAR_STEP_CPU_S = 0.01
 _ERROR_CHARS = 200

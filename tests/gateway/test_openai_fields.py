@@ -8,7 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from common.wire import MAX_GUIDED_GRAMMAR_CHARS
+from common.wire import MAX_GBNF_CHARS, MAX_GUIDED_GRAMMAR_CHARS
 from ledger.models import RecordStatus
 from tests.gateway import TINY
 from tests.gateway.conftest import MESSAGES, PROMPT, agree, chat, complete, refused, usage_row
@@ -308,6 +308,12 @@ def test_vllm_structured_outputs_and_guided_fields(oai):
     assert "guided.grammar" in refused(lambda: chat(oai, extra_body={"guided_grammar": "root ::= x"}), "guided_grammar")
     too_long = "start: /x*/ //" + "-" * MAX_GUIDED_GRAMMAR_CHARS
     refused(lambda: chat(oai, extra_body={"structured_outputs": {"grammar": too_long}}), "structured_outputs")
+    # GBNF has its own bound (its conversion to Lark grows with the square of its rules), at the gateway as at the
+    # node: a grammar this release's nodes refuse, sent on to an older node that serves it, made them look false
+    gbnf = 'root ::= "x"\n' + "# comment\n" * (MAX_GBNF_CHARS // 10)
+    assert "GBNF" in refused(lambda: chat(oai, extra_body={"guided_grammar": gbnf}), "guided_grammar")
+    lark = 'start: "x"\n' + "// comment\n" * (MAX_GBNF_CHARS // 11 + 10)
+    assert chat(oai, max_tokens=4, extra_body={"guided_grammar": lark}).choices[0].message.content == "x"
     refused(lambda: chat(oai, extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs")
     assert "guided.pattern" in refused(lambda: complete(oai, extra_body={"guided_regex": "(unclosed"}), "guided_regex")
 
