@@ -12,9 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError
 from sqlmodel import create_engine
 
 from devnet.explorer.tables import SCHEMA_VERSION, IndexModel
@@ -73,22 +73,24 @@ class IndexDatabase:
         self.reader = _engine(self.path, "BEGIN")
 
     def _ensure_schema(self) -> None:
-        """Create the tables; an index written by another schema version (or unreadable) is dropped first."""
+        """Create the tables; an index written by another schema version is dropped first. The version is the
+        file's own (SQLite's user_version, set when the tables are made), not the cursor row's: that row is written
+        by the first refresh, and an older index that never reached its chain had none, so it was kept, its tables
+        without the newer columns, and every refresh and every page failed on it for good (red team)."""
         with self.writer.begin() as conn:
-            names = set(inspect(conn).get_table_names())
-            if "explorer_cursor" in names:
-                try:
-                    version = conn.execute(text("SELECT schema_version FROM explorer_cursor WHERE id = 1")).scalar()
-                except SQLAlchemyError:
-                    version = None
-                if version not in (None, SCHEMA_VERSION):
-                    log.warning(
-                        "explorer index %s is of schema %s, not %d: rebuilding", self.path, version, SCHEMA_VERSION
-                    )
-                    for name in names:
-                        if name.startswith("explorer_"):
-                            conn.exec_driver_sql(f'DROP TABLE "{name}"')
+            names = {n for n in inspect(conn).get_table_names() if n.startswith("explorer_")}
+            version = conn.exec_driver_sql("PRAGMA user_version").scalar()
+            if names and version != SCHEMA_VERSION:
+                log.warning(
+                    "explorer index %s is of schema %s, not %d: rebuilding",
+                    self.path,
+                    version or "1-3 (an older explorer's, which kept it elsewhere)",
+                    SCHEMA_VERSION,
+                )
+                for name in names:
+                    conn.exec_driver_sql(f'DROP TABLE "{name}"')
             IndexModel.metadata.create_all(conn)
+            conn.exec_driver_sql(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
 
     def clear(self, conn) -> None:
         """Empty every index table (inside the caller's write transaction)."""

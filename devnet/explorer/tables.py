@@ -30,8 +30,9 @@ from sqlmodel import Field, SQLModel
 
 # Bump when a table changes: an index of another version is dropped and rebuilt from the chain.
 # 2: explorer_account_totals; 3: ordinals of records, rewards and money, the cursor's counts, Usage.tokens_rank, the
-# lists' order indexes (a page is a window on an index, never an OFFSET)
-SCHEMA_VERSION = 3
+# lists' order indexes (a page is a window on an index, never an OFFSET); 4: the version kept in the file's
+# user_version (devnet.explorer.index_db), where 1-3 left it 0
+SCHEMA_VERSION = 4
 
 U64 = 2**64
 I64_MAX = 2**63 - 1

@@ -30,23 +30,27 @@ def test_a_damaged_index_is_set_aside_and_rebuilt(tmp_path, damage, caplog):
     assert "is damaged" in caplog.text and str(path) in caplog.text
 
 
-def test_an_index_of_an_older_schema_is_dropped_and_built_again(tmp_path, caplog):
+@pytest.mark.parametrize("cursor", [True, False], ids=["refreshed", "never-refreshed"])
+def test_an_index_of_an_older_schema_is_dropped_and_built_again(tmp_path, caplog, cursor):
     """Schema 3 added the numbers pages are found by (ordinals, counts, ranks): an index written by an older
-    explorer lacks them, and is rebuilt from the chain rather than read."""
+    explorer lacks them, and is rebuilt from the chain rather than read. Older explorers kept their version in the
+    cursor row, which only a refresh writes: one that never reached its chain left none, and the index was kept,
+    and failed every refresh and page after (red team); the version is the file's now (user_version)."""
     from devnet.explorer.tables import SCHEMA_VERSION
 
     IndexDatabase(tmp_path).dispose()
     old = sqlite3.connect(tmp_path / INDEX_FILE)
     with old:
+        old.execute("PRAGMA user_version = 0")  # as every older explorer left it
         old.execute("DROP TABLE explorer_usage")  # as schema 2 had it: no tokens_rank
         old.execute("CREATE TABLE explorer_usage (kind VARCHAR, key VARCHAR, records INTEGER, PRIMARY KEY (kind, key))")
         old.execute("INSERT INTO explorer_usage VALUES ('all', '', 7)")
-        old.execute(
-            "INSERT INTO explorer_cursor (id, schema_version, chain_id, registry_address, ledger_address, deploy_block,"
-            " block, block_hash, log_index, head, span, records, batches, adapters, names, accounts, contributors)"
-            " VALUES (1, ?, 1, '0x1', '0x2', 0, 100, '', -1, 100, 0, 7, 1, 0, 0, 0, 0)",
-            (SCHEMA_VERSION - 1,),
-        )
+        if cursor:
+            old.execute(
+                "INSERT INTO explorer_cursor (id, schema_version, chain_id, registry_address, ledger_address,"
+                " deploy_block, block, block_hash, log_index, head, span, records, batches, adapters, names, accounts,"
+                " contributors) VALUES (1, 2, 1, '0x1', '0x2', 0, 100, '', -1, 100, 0, 7, 1, 0, 0, 0, 0)"
+            )
     old.close()
     db = IndexDatabase(tmp_path)
     try:
@@ -56,4 +60,8 @@ def test_an_index_of_an_older_schema_is_dropped_and_built_again(tmp_path, caplog
             conn.execute(text("SELECT tokens_rank FROM explorer_usage"))  # the new columns are there
     finally:
         db.dispose()
-    assert f"is of schema {SCHEMA_VERSION - 1}, not {SCHEMA_VERSION}: rebuilding" in caplog.text
+    assert f"an older explorer's, which kept it elsewhere), not {SCHEMA_VERSION}: rebuilding" in caplog.text
+    # and a file of this schema is kept as it is
+    caplog.clear()
+    IndexDatabase(tmp_path).dispose()
+    assert "rebuilding" not in caplog.text
