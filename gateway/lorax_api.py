@@ -472,9 +472,11 @@ class LoraxAnswer:
     def end(self, usage: dict) -> bytes:
         return b""  # LoRAX's stream ends with its last token's frame
 
-    def failed(self, message: str, usage: dict | None = None) -> bytes:
+    def failed(self, message: str, usage: dict | None = None, *, param: str | None = None) -> bytes:
         """The node broke off: the tokens relayed (billed) reach the client, a held last one included, then the
-        error lorax-client raises as IncompleteGenerationError."""
+        error lorax-client raises as IncompleteGenerationError (as ValidationError where the request's own grammar
+        failed it: `param`, its field)."""
         frame, self._last = self._last, None
         held = sse_frame(frame) if frame is not None else b""
-        return held + sse_frame({"error": message, "error_type": "incomplete_generation"})
+        kind = "incomplete_generation" if param is None else "validation"
+        return held + sse_frame({"error": message, "error_type": kind})

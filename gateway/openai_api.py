@@ -860,7 +860,10 @@ class ChunkBuilder:
         """The stream's last frames once every choice closed: the usage chunk when asked, then [DONE]."""
         return (self.usage(usage) if self.include_usage else b"") + SSE_DONE
 
-    def failed(self, message: str, usage: dict | None = None) -> bytes:
+    def failed(self, message: str, usage: dict | None = None, *, param: str | None = None) -> bytes:
         """The frame that ends a stream the node broke off (the openai SDK raises it as an APIError); the usage of
-        what was relayed is not sent (OpenAI's error frame has none)."""
+        what was relayed is not sent (OpenAI's error frame has none). `param`: the request's field at fault (its
+        grammar failed it), as a whole answer's 400 names it."""
+        if param is not None:
+            return sse_frame(error_body(message, type="invalid_request_error", param=param, code="grammar_failed"))
         return sse_frame(error_body(message, type="upstream_error", code="node_failed"))

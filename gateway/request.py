@@ -337,7 +337,9 @@ class ServedRequest:
             if self.failure:
                 # the tool text held back is billed: it reaches the client before the error
                 failed = b.failed(
-                    f"{self.failure}; the response is incomplete", usage_dict(*self.usage, self.cached_tokens)
+                    f"{self.failure}; the response is incomplete",
+                    usage_dict(*self.usage, self.cached_tokens),
+                    param=self.req.guided_field() if self.grammar_failed else None,
                 )
                 yield opening + c.release_held(b) + failed
                 return

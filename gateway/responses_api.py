@@ -493,13 +493,13 @@ class ResponseEvents:
     def _status(self) -> str:
         return "incomplete" if self.cut else "completed"
 
-    def failed(self, message: str, usage: dict | None = None) -> bytes:
-        """The stream's end when the node broke off: the items so far (the open one "incomplete") and the usage of
-        what was relayed, which is billed."""
+    def failed(self, message: str, usage: dict | None = None, *, param: str | None = None) -> bytes:
+        """The stream's end when the node broke off, or the request's own grammar failed it (`param`, its field):
+        the items so far (the open one "incomplete") and the usage of what was relayed, which is billed."""
         out = self._open_message() if not self.shape.output and self._held else b""  # what was relayed is shown
         if self.open is not None:
             self.open["status"] = "incomplete"
-        error = {"code": "server_error", "message": message}
+        error = {"code": "server_error" if param is None else "invalid_prompt", "message": message}
         return out + self._event("response.failed", response=self.shape.obj("failed", usage, error=error))
 
     # the items

@@ -479,6 +479,8 @@ def test_an_answer_its_own_grammar_fails_is_a_400_and_its_tokens_are_billed(serv
         ) as raw:
             rid, body = raw.headers["x-request-id"], raw.read().decode()
         assert "could not be held to guided_grammar" in body
+        # the same error a whole answer gets, not one blaming the node
+        assert '"type":"invalid_request_error"' in body and '"param":"guided_grammar"' in body
     else:
         with pytest.raises(openai.BadRequestError) as ei:
             oai.completions.create(model=TINY, prompt=PROMPT, max_tokens=8, extra_body=ask)
