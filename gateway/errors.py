@@ -53,6 +53,13 @@ class BadRequest(GatewayError, ValueError):
     status, type, code = 400, "invalid_request_error", None
 
 
+class GrammarFailed(BadRequest):
+    """The request's own grammar failed it after its first token (the node's word, believed of a guided request):
+    its tokens are billed, whole answers too (gateway.request)."""
+
+    code = "grammar_failed"
+
+
 class AuthError(GatewayError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
 

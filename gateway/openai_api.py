@@ -33,7 +33,6 @@ from common.wire import (
     MAX_BAD_WORDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
-    MAX_GBNF_CHARS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
     MAX_GUIDED_GRAMMAR_CHARS,
@@ -55,12 +54,13 @@ from common.wire import (
     TOKEN_ID_LIMIT,
     compact_json,
     error_body,
+    grammar_problem,
     guided_shape,
     json_depth,
     parse_json,
     sse_frame,
 )
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, GrammarFailed
 from gateway.settings import DEFAULT_MAX_BODY_BYTES
 from gateway.tools import NAME, ToolPlan, template_messages, tool_plan
 from node.adapters.ensemble import MAX_ENSEMBLE_ADAPTERS, MAX_ENSEMBLE_WEIGHT
@@ -128,17 +128,23 @@ def _schema(v: dict | str) -> dict:
 Schema = Annotated[dict, AfterValidator(_schema)]
 SchemaOrText = Annotated[dict | str, AfterValidator(_schema)]
 Pattern = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_PATTERN_CHARS)]
+
+
+def _not_blank(word: str) -> str:
+    # Python's idea of blank, as bad_word_ids strips the word (pydantic's `\S` pattern took "\x1c" for text)
+    if not word.strip():
+        raise ValueError("a bad word must hold more than whitespace")
+    return word
+
+
 # one of vLLM's bad_words: text, not blank (the gateway makes it token ids: node.adapters.prompts.bad_word_ids)
-BadWord = Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS, pattern=r"\S")]
+BadWord = Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS), AfterValidator(_not_blank)]
 
 
 def _grammar(text: str) -> str:
-    """GBNF within its smaller bound (common.wire.MAX_GBNF_CHARS), here as on the node: a grammar a node of this
-    release refuses, sent on to an older one that serves it, would have the refusing node taken for a liar."""
-    from llguidance.gbnf_to_lark import is_lark_syntax
-
-    if len(text) > MAX_GBNF_CHARS and not is_lark_syntax(text):
-        raise ValueError(f"a GBNF grammar is at most {MAX_GBNF_CHARS} characters (Lark: {MAX_GUIDED_GRAMMAR_CHARS})")
+    """A grammar within its dialect's bound (common.wire.grammar_problem), here as on the node."""
+    if (problem := grammar_problem(text)) is not None:
+        raise ValueError(problem)
     return text
 
 
@@ -865,5 +871,5 @@ class ChunkBuilder:
         what was relayed is not sent (OpenAI's error frame has none). `param`: the request's field at fault (its
         grammar failed it), as a whole answer's 400 names it."""
         if param is not None:
-            return sse_frame(error_body(message, type="invalid_request_error", param=param, code="grammar_failed"))
+            return sse_frame(error_body(message, type=GrammarFailed.type, param=param, code=GrammarFailed.code))
         return sse_frame(error_body(message, type="upstream_error", code="node_failed"))

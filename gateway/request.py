@@ -34,7 +34,14 @@ from gateway.catalog import ModelCatalog
 from gateway.chat import ChatTemplates
 from gateway.choices import Choices
 from gateway.directory import NodeDirectory, NodeEntry
-from gateway.errors import BadRequest, GatewayError, NoNodeAvailable, OutboxUnavailable, UpstreamError
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    GrammarFailed,
+    NoNodeAvailable,
+    OutboxUnavailable,
+    UpstreamError,
+)
 from gateway.keys import Admission, AuthContext, node_cache_salt
 from gateway.lorax_api import LoraxAnswer, LoraxGenerate, LoraxGenerateStream, LoraxRequest
 from gateway.metrics import GatewayMetrics
@@ -196,8 +203,10 @@ class ServedRequest:
         self.other_events = 0  # events that are neither tokens nor a sequence's end (at most MAX_OTHER_EVENTS)
         self.done: dict | None = None  # the node's done event
         self.engine_error = False  # the node sent an error event (its text is logged, never relayed)
-        # that event said the request's own grammar failed it (believed only of a request with one): the client's
-        # request, not the node, is at fault, and the tokens made are billed, whole answers too
+        # that event said the request's own grammar failed it (believed only of a request with one, and only once
+        # the node then ended the request as it should: a done event), and the node did: the client's request, not
+        # the node, is at fault, and the tokens made are billed, whole answers too
+        self._grammar_claim = False
         self.grammar_failed = False
         self.failure: str | None = None  # the node broke off after the first token
         self.aborted = False
@@ -270,7 +279,7 @@ class ServedRequest:
             return Response(status_code=HTTP_CLIENT_CLOSED, headers=headers)
         await asyncio.shield(d.background.spawn(self.finish()))
         if self.failure and self.grammar_failed:
-            raise BadRequest(
+            raise GrammarFailed(
                 f"{self.failure}; its {self.n_tokens} tokens are billed", param=self.req.guided_field(), headers=headers
             )
         if self.failure:
@@ -381,7 +390,10 @@ class ServedRequest:
             t.check_ids(base, req.allowed_token_ids or [], param="allowed_token_ids", what="allowed_token_ids")
         bad_words = None
         if req.bad_words:
-            bad_words = await blocking(t, sum(map(len, req.bad_words)), t.bad_words, base, req.bad_words)
+            try:
+                bad_words = await blocking(t, sum(map(len, req.bad_words)), t.bad_words, base, req.bad_words)
+            except ValueError as e:  # a word that is no tokens to this tokenizer
+                raise BadRequest(str(e), param="bad_words") from e
             if sum(map(len, bad_words)) > MAX_BAD_WORD_TOKENS:
                 raise BadRequest(
                     f"bad_words are {sum(map(len, bad_words))} tokens in all; at most {MAX_BAD_WORD_TOKENS}",
@@ -779,6 +791,7 @@ class ServedRequest:
                 yield got
             elif kind == "done":
                 self.done = ev
+                self.grammar_failed = self._grammar_claim
                 if self.grammar_failed:
                     self.failure = (
                         f"the answer could not be held to {self.req.guided_field()} after {self.n_tokens} tokens (the "
@@ -795,7 +808,7 @@ class ServedRequest:
             else:
                 if kind == "error" and not self.engine_error:
                     self.engine_error = True
-                    self.grammar_failed = ev.get("code") == GUIDED_FAILED and self.req.guided() is not None
+                    self._grammar_claim = ev.get("code") == GUIDED_FAILED and self.req.guided() is not None
                     _log_engine_error(self.node.node_id, self.rid, ev.get("message"))
                 self.other_events += 1
                 if self.other_events > MAX_OTHER_EVENTS:  # a node that never ends its stream: cut it off

@@ -59,11 +59,13 @@ def bad_word_ids(tok, words: list[str]) -> list[list[int]]:
     """vLLM's bad_words as the token id sequences to ban: each word as the tokenizer writes it where a text begins
     and, where it writes the word after a space as other tokens of the same number (a word token of its own), that
     way too: the word is banned at an answer's start and inside it. Words are their text without leading spaces;
-    none of them may be blank (the gateway refuses those)."""
+    ValueError for one with no tokens (blank, or all of it dropped by the tokenizer's normalizer)."""
     out = []
     for word in words:
         bare = word.lstrip()
         alone, spaced = text_ids(tok, bare), text_ids(tok, " " + bare)
+        if not alone:
+            raise ValueError(f"the bad word {word[:40]!r} is no tokens to this model's tokenizer")
         out.append(alone)
         if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
             out.append(spaced)

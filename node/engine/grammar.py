@@ -52,7 +52,6 @@ import torch
 from common.wire import (
     COMPACT_GUIDANCE,
     GUIDED_WIRE_FIELDS,
-    MAX_GBNF_CHARS,
     MAX_GUIDED_CALLS,
     MAX_GUIDED_CHOICE_CHARS,
     MAX_GUIDED_CHOICES,
@@ -62,6 +61,8 @@ from common.wire import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     compact_json,
+    grammar_problem,
+    is_lark,
 )
 from node.engine.request import GUIDED_TYPES, RequestError
 
@@ -444,19 +445,13 @@ class Grammars:
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
         field = {"regex": "pattern", "json_or_tool_calls": "calls", "grammar": "grammar"}.get(spec.type, "schema")
-        gbnf = spec.type == "grammar" and not self._llg.gbnf_to_lark.is_lark_syntax(spec.grammar)
-        if gbnf and len(spec.grammar) > MAX_GBNF_CHARS:
-            raise GrammarError(
-                f"guided.grammar is GBNF of {len(spec.grammar)} characters; this node takes GBNF of at most "
-                f"{MAX_GBNF_CHARS} (Lark of up to {MAX_GUIDED_GRAMMAR_CHARS})"
-            )
+        if spec.type == "grammar" and (problem := grammar_problem(spec.grammar)) is not None:
+            raise GrammarError(f"guided.grammar: {problem}")
         try:
             if spec.type == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.pattern)
             elif spec.type == "grammar":
-                # GBNF is turned into Lark by llguidance's converter (Python, here on the compile thread), as vLLM's
-                # llguidance backend does; its failures, a RecursionError included, come as ValueError
-                grammar = self._llg.grammar_from("grammar", spec.grammar)
+                grammar = LLMatcher.grammar_from_lark(self._lark(spec.grammar))
             elif spec.type == "json_or_tool_calls":
                 grammar = LLMatcher.grammar_from_lark(spec.lark())
             else:
@@ -482,6 +477,16 @@ class Grammars:
         if not mask.any():  # not even an end token: a lexeme past the lexer's fuel
             raise GrammarError(f"guided.{field} cannot be enforced: it is too complex (it allows no first token)")
         return proto
+
+    def _lark(self, grammar: str) -> str:
+        """A guided grammar as Lark: GBNF made Lark by llguidance's converter (Python, here on the compile thread),
+        as vLLM's llguidance backend does; ValueError when it cannot be (a RecursionError of a deep one included)."""
+        if is_lark(grammar):
+            return grammar
+        try:
+            return self._llg.gbnf_to_lark.gbnf_to_lark(grammar)
+        except Exception as e:  # the converter's own errors, and whatever its parser raises on what it did not expect
+            raise ValueError(f"the GBNF grammar cannot be made Lark: {e}") from e
 
     def _blame_part(self, spec: GuidedSpec) -> None:
         """json_or_tool_calls' grammar failed: the part at fault (the answer's format or the tools' calls), checked

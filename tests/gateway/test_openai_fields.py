@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import openai
 import pytest
+from sqlmodel import Session
 
 from common.wire import MAX_GBNF_CHARS, MAX_GUIDED_GRAMMAR_CHARS
+from gateway.tables import CompletionRecord, RequestStatus
 from ledger.models import RecordStatus
 from tests.gateway import TINY
 from tests.gateway.conftest import MESSAGES, PROMPT, agree, chat, complete, refused, usage_row
@@ -457,7 +459,8 @@ def test_allowed_token_ids_are_the_only_tokens_an_answer_holds(served, oai, toke
     # vLLM's bad_words beside them: "x" banned, only "y" is left
     banned = complete(oai, max_tokens=8, temperature=0, extra_body=ask | {"bad_words": ["x"]})
     assert banned.choices[0].text == "y" * 8
-    refused(lambda: complete(oai, extra_body={"bad_words": ["  "]}), "bad_words")
+    for blank in ("  ", "\x1c", "\u3000"):  # whitespace to Python (pydantic's \S took "\x1c" for text: a 500)
+        refused(lambda b=blank: complete(oai, extra_body={"bad_words": [b]}), "bad_words")
     refused(lambda: complete(oai, extra_body={"bad_words": ["x"] * 65}), "bad_words")
     assert "vocabulary" in refused(
         lambda: complete(oai, extra_body={"allowed_token_ids": [x, 10**6]}), "allowed_token_ids"
@@ -481,11 +484,15 @@ def test_an_answer_its_own_grammar_fails_is_a_400_and_its_tokens_are_billed(serv
         assert "could not be held to guided_grammar" in body
         # the same error a whole answer gets, not one blaming the node
         assert '"type":"invalid_request_error"' in body and '"param":"guided_grammar"' in body
+        assert '"code":"grammar_failed"' in body
     else:
         with pytest.raises(openai.BadRequestError) as ei:
             oai.completions.create(model=TINY, prompt=PROMPT, max_tokens=8, extra_body=ask)
         assert ei.value.body["param"] == "guided_grammar" and "could not be held" in ei.value.body["message"]
+        assert ei.value.body["code"] == "grammar_failed"
         rid = ei.value.response.headers["x-request-id"]
     row = usage_row(served, rid)
     assert row.status != RecordStatus.DISPUTED and row.completion_tokens >= 1
     assert row.completion_tokens == row.node_completion_tokens
+    with Session(served.db) as s:
+        assert s.get(CompletionRecord, rid).status == RequestStatus.GRAMMAR_FAILED

@@ -469,7 +469,8 @@ def test_each_key_has_its_own_prefix_cache_salt_on_nodes_that_know_the_field(w):
 
 @pytest.mark.parametrize(
     "field, value, feature",
-    [("allowed_token_ids", [5, 3], "allowed_token_ids"), ("bad_words", ["ab", "c"], "bad_words_token_ids")],
+    # 10: the id the stand-in nodes send first (one outside the list would have the node disputed)
+    [("allowed_token_ids", [10, 3], "allowed_token_ids"), ("bad_words", ["ab", "c"], "bad_words_token_ids")],
 )
 def test_a_request_with_a_later_field_goes_only_to_nodes_that_list_it(w, field, value, feature):
     """allowed_token_ids and bad_words change the answer: a node of an older release (which does not list the field,

@@ -113,9 +113,11 @@ class StandInNode:
     'OPERATOR_ABORT' -> token 10 with no text (held back by an honest node asked to stop at "(("), then the done
     event of a request its operator aborted; 'HUGE_LOGPROB' -> tokens as usual, the second with a logprob of
     10**400; 'GATE_AFTER_1' -> one token, then nothing until `gate` is set (at most 60 s), then the rest;
-    'PADDED_HALF_CHAR' -> as an honest node of a base with padded rows sends ids 161 (the first byte of "€"), seven
-    ids past the tokenizer (no text), then 227 108 (the rest of "€") and "x": each token's text as the node's
-    detokenizer gives it, with the request's stop strings."""
+    'ENGINE_ERROR' (+ 'AFTER_1': after one token; + 'GUIDED': coded guided_failed, as a request's own grammar
+    failing it; + 'THEN_CLOSE': the stream then ends with no done event); 'PADDED_HALF_CHAR' -> as an honest node
+    of a base with padded rows sends ids 161 (the first byte of "€"), seven ids past the tokenizer (no text), then
+    227 108 (the rest of "€") and "x": each token's text as the node's detokenizer gives it, with the request's
+    stop strings."""
 
     identity: object
     base_model_id: str
@@ -352,7 +354,10 @@ class StandInNode:
                     if "AFTER_1" in prompt:  # one token relayed, then the engine's error
                         self.seen[rid][0] += 1
                         yield sse_frame({"type": "token", "text": " t0", "token_id": 10})
-                    yield sse_frame({"type": "error", "message": "engine broke"})
+                    code = "guided_failed" if "GUIDED" in prompt else "engine_error"
+                    yield sse_frame({"type": "error", "message": "engine broke", "code": code})
+                    if "THEN_CLOSE" in prompt:  # no done event: the stream just ends
+                        raise RuntimeError("node crashed after its error")
                     yield sse_frame({"type": "done", "finish_reason": "abort", **self.receipt(rid, "abort")})
                     return
                 for i in range(limit):

@@ -3,6 +3,7 @@ tokenizer and a tokenizer that writes a word after a space as a token of its own
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoTokenizer
 
 from node.adapters.prompts import bad_word_ids
@@ -30,3 +31,11 @@ def test_the_tiny_bases_tokenizer(tiny_base):
     got = bad_word_ids(tok, ["xyz"])
     assert got[0] == tok("xyz", add_special_tokens=False)["input_ids"]
     assert all(tok.decode(w).strip() == "xyz" for w in got) and 1 <= len(got) <= 2
+
+
+def test_a_word_of_no_tokens_is_refused():
+    class Dropping(SpacedWords):  # a normalizer that drops the whole word
+        table = {"\u200b": [], " \u200b": [5]}
+
+    with pytest.raises(ValueError, match="is no tokens"):
+        bad_word_ids(Dropping(), ["\u200b"])
