@@ -354,8 +354,9 @@ class Matcher:
     @property
     def library_failed(self) -> bool:
         """The library itself stopped the matcher (out of fuel, the lexer's states spent, a token refused, a panic
-        it caught), not the node's CPU bounds. What it learned is shared with the compiled grammar and every copy
-        of it, so such a grammar is forgotten (Grammars.forget)."""
+        it caught), not the node's CPU bounds. Where it broke on a mask or on a token its mask allowed, what it
+        learned is shared with the compiled grammar and every copy, which the engine then forgets
+        (Grammars.forget)."""
         return self._m.is_error()
 
     @property

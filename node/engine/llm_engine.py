@@ -496,7 +496,8 @@ class LLMEngine:
         # a matcher already failed fails its sequence whatever the token (the mask then allowed only the end
         # tokens: one of the request's stop_token_ids would end it "stop", cut short, as if it matched)
         if s.matcher is not None and (reason is None or s.matcher.error):
-            if s.matcher.error or not s.matcher.accept(t):
+            failed_on_mask = bool(s.matcher.error)
+            if failed_on_mask or not s.matcher.accept(t):
                 # the parser ran out of fuel (a schema whose alternatives outgrow its bounds a few tokens in) on
                 # this step's mask (which then allowed only EOS) or on this token; or the grammar refused the
                 # token: EOS, where the sampler found nothing else to draw (the grammar's tokens all banned, by
@@ -504,8 +505,13 @@ class LLMEngine:
                 # the request fails, where it ended "stop", cut short, as if it matched
                 why = s.matcher.error or f"token {t} refused"
                 s.error = f"{GUIDED_FAILURE}the grammar could not be enforced here: {why}"
-                if s.matcher.library_failed and self._grammars is not None:
-                    self._grammars.forget(s.params.guided)  # what it learned is shared with every copy
+                # the library broke on a mask, or on a token its mask allowed: what it learned is shared with every
+                # copy of the grammar, which is forgotten. An end token drawn because nothing else was left (the
+                # request's own bans emptied the row) breaks nothing shared: forgotten on it, any client could evict
+                # any grammar it can name, and every other client's next request would compile it again
+                broke = s.matcher.library_failed and (failed_on_mask or t not in self.eos_ids)
+                if broke and self._grammars is not None:
+                    self._grammars.forget(s.params.guided)
                 log.warning("request %s: %s", s.request_id, s.error)
                 reason = "error"
             elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow
