@@ -96,14 +96,14 @@ MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's top_logprobs b
 MAX_CACHE_SALT = 256  # characters of a request's prefix-cache salt
 # Generate fields that came after the first release, named as a node's status lists them in "features" when its
 # generate body takes them (an older node refuses a body with a field it does not know): a gateway leaves
-# cache_salt out for a node that does not list it, and sends a request with allowed_token_ids or bad words only to
-# nodes that do
+# cache_salt out for a node that does not list it, and sends the others only to nodes that do (features_needed)
 CACHE_SALT_FEATURE = "cache_salt"
 ALLOWED_TOKEN_IDS_FEATURE = "allowed_token_ids"
 BAD_WORDS_FEATURE = "bad_words_token_ids"
-GENERATE_FEATURES = (CACHE_SALT_FEATURE, ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE)
-# vLLM's allowed_token_ids: the only ids a sequence may draw, at most this many (a request's list is sent to the
-# device each step, as one index with its rows': bounded so a batch of them costs little)
+GUIDED_GRAMMAR_FEATURE = "guided_grammar"  # guided {"type": "grammar"}: an older node refuses the type
+GENERATE_FEATURES = (CACHE_SALT_FEATURE, ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE, GUIDED_GRAMMAR_FEATURE)
+# vLLM's allowed_token_ids: the only ids a sequence may draw, at most this many (made a mask on the device once a
+# request; the bound keeps the body and that making small)
 MAX_ALLOWED_TOKEN_IDS = 4096
 # vLLM's bad_words: at most MAX_BAD_WORDS words of at most MAX_BAD_WORD_CHARS characters, which the gateway makes
 # token id sequences (node/adapters/prompts.py:bad_word_ids: two a word at most); the node takes at most
@@ -111,6 +111,7 @@ MAX_ALLOWED_TOKEN_IDS = 4096
 MAX_BAD_WORDS = 64
 MAX_BAD_WORD_CHARS = 128
 MAX_BAD_WORD_TOKENS = 4096
+MAX_BAD_WORD_SEQUENCES = 2 * MAX_BAD_WORDS  # the sequences the node takes: two a word at most
 # the sampling fields' ranges (OpenAI's and vLLM's): presence / frequency penalties in [-MAX_PENALTY, MAX_PENALTY],
 # a repetition penalty in (0, MAX_REPETITION_PENALTY], a logit bias in [-MAX_BIAS, MAX_BIAS]
 MAX_PENALTY = 2.0
@@ -152,7 +153,7 @@ GUIDED_WIRE_FIELDS = {
 # the code of a node's error event (after tokens, on the generate stream) when the request failed on its own grammar
 # (a mask past the node's CPU bounds, the parser out of fuel, a token the grammar refused): other engine errors are
 # "engine_error"
-GUIDED_FAILED = "guided_failed"
+GUIDED_FAILED = "guided_failed"  # (node.engine.request.GUIDED_ERROR_PREFIX begins such an error's text)
 # how a model writes a tool call in text (the Hermes / Qwen format, which the tiny bases' template writes too)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_GUIDED_CALLS = 8  # tool calls one constrained answer may make
@@ -169,6 +170,17 @@ def guided_shape(kind: str, *values: object) -> dict:
 # pass: llguidance's own pattern (`^\s*` in multi-line mode) rescans from every line start across blank lines, 0.38 s
 # of the GIL for 8 kB of newlines (review), on the gateway's loop and the node's compile thread alike
 _LARK_LINE = re.compile(r"^[^\S\n]*(?:%llguidance\b|start\s*:)", re.MULTILINE)
+
+
+def features_needed(body: dict) -> frozenset[str]:
+    """The generate features a node must list to be sent this generate body: those of fields an older node refuses
+    (cache_salt is not one: it is left out for a node that does not list it). Sent to one that refuses it while
+    another serves it, the refusing node was taken for one that refuses what it can serve."""
+    needed = {f for f in (ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE) if f in body}
+    guided = body.get("guided")
+    if isinstance(guided, dict) and guided.get("type") == "grammar":
+        needed.add(GUIDED_GRAMMAR_FEATURE)
+    return frozenset(needed)
 
 
 def is_lark(grammar: str) -> bool:

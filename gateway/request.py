@@ -23,11 +23,12 @@ from fastapi.responses import Response
 
 from common.http import WriteBoundedStreamingResponse
 from common.wire import (
-    ALLOWED_TOKEN_IDS_FEATURE,
     BAD_WORDS_FEATURE,
     CACHE_SALT_FEATURE,
     GUIDED_FAILED,
+    GUIDED_GRAMMAR_FEATURE,
     MAX_BAD_WORD_TOKENS,
+    features_needed,
     hex0x,
 )
 from gateway.catalog import ModelCatalog
@@ -90,10 +91,6 @@ MAX_OTHER_EVENTS = 64
 LARGE_ANSWER_TOKENS = 512
 HTTP_CLIENT_CLOSED = 499  # the status of an answer its client left before (nginx's; nobody reads it, the logs show it)
 _READ_ERRORS = (StopAsyncIteration, ValueError, RuntimeError)  # a broken stream: NodeUnavailable
-
-
-# a generate feature by the request field that brings it into the node's body, where the two names differ
-_ASKED_AS = {BAD_WORDS_FEATURE: "bad_words"}
 
 
 def _log_engine_error(node_id: str, rid: str, message: object) -> None:
@@ -496,12 +493,12 @@ class ServedRequest:
         self.started = time.monotonic()
         self.deadline = self.started + d.settings.request_deadline_s
         live = d.directory.live(t.base_model_id)
-        needs = self._needs()
+        needs = features_needed(self.node_body)
         route = d.router.route(t.adapter_id, [n for n in live if needs <= n.features], t.components)
         if route is None and live:  # nodes of an older release: the field would be refused, or its effect lost
             raise NoNodeAvailable(
                 f"no live node that serves the base model of {t.model!r} takes "
-                f"{', '.join(sorted(_ASKED_AS.get(f, f) for f in needs))} right now "
+                f"{', '.join(sorted(self._asked_as(f) for f in needs))} right now "
                 "(their releases are older); retry later, or leave the field out"
             )
         if route is None:
@@ -666,10 +663,11 @@ class ServedRequest:
             self._hold = hold.pop_all()
             return True
 
-    def _needs(self) -> frozenset[str]:
-        """The generate features the node body uses that a node must know to serve it (common.wire's
-        GENERATE_FEATURES; cache_salt is not one: a node that lacks it is sent the body without it)."""
-        return frozenset(f for f in (ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE) if f in self.node_body)
+    def _asked_as(self, feature: str) -> str:
+        """The request field that brought a generate feature into the node's body (what a client is told)."""
+        if feature == GUIDED_GRAMMAR_FEATURE:
+            return self.req.guided_field() or feature
+        return "bad_words" if feature == BAD_WORDS_FEATURE else feature
 
     def _body_for(self, node: NodeEntry) -> dict:
         """The generate body for `node`: the key's prefix-cache salt for this node where the node knows the field

@@ -134,11 +134,21 @@ def decode_records_settled(log: dict) -> list[SettledRecord]:
     ]
 
 
-def _asked_for(lg, topics: list) -> bool:
-    """Whether a log's topics are those asked for (a provider may answer with more than it was asked; compared as
-    the topics' bytes, so a filter's value matches however it was written: an address in any case, an id as hex)."""
-    got = [bytes(t) for t in lg["topics"]]
-    return len(got) >= len(topics) and all(w is None or g == bytes.fromhex(w[2:]) for g, w in zip(got, topics))
+def _asked_for(lg, params: dict) -> bool:
+    """Whether a log is of the contract and topics asked for (a provider may answer with more than it was asked;
+    topics compared as bytes, so a filter's value matches however it was written: an address in any case, an id as
+    hex). A log without them is not one asked for."""
+    try:
+        got = [bytes(t) for t in lg["topics"]]
+        same_contract = str(lg["address"]).lower() == params["address"].lower()
+    except (KeyError, TypeError, ValueError):
+        return False
+    topics = params["topics"]
+    return (
+        same_contract
+        and len(got) >= len(topics)
+        and all(w is None or g == bytes.fromhex(w[2:]) for g, w in zip(got, topics))
+    )
 
 
 def _topics(topic: str, event_abi: dict, filters: dict) -> list:
@@ -827,7 +837,7 @@ class ChainClient:
         out = []
         for chunk in self._chunks(from_block, to_block, params):
             for lg in chunk.logs:
-                if not _asked_for(lg, params["topics"]):
+                if not _asked_for(lg, params):
                     continue
                 try:
                     got = ev.process_log(lg)

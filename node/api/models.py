@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.wire import (
     HEX_ID_PATTERN,
     MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_SEQUENCES,
     MAX_BAD_WORD_TOKENS,
-    MAX_BAD_WORDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
@@ -50,9 +50,9 @@ class EnsemblePart(BaseModel):
     weight: Annotated[float, Field(gt=0, le=MAX_ENSEMBLE_WEIGHT, allow_inf_nan=False)]
 
 
-# what a generate body holds beside its prompts' ids, at most: a guided schema (64 kB) or choices (256 of 1,024
-# characters: 1.5 MB at worst, control characters written as 6-byte escapes), 300 logit biases, stop strings and
-# ids, an ensemble, the sampling fields
+# what a generate body holds beside its prompts' ids, at most: a guided schema (64 kB), a grammar (32 kB) or choices
+# (256 of 1,024 characters: 1.5 MB at worst, control characters written as 6-byte escapes), 300 logit biases, stop
+# strings and ids, 4,096 allowed ids and 4,096 bad-word ids (about 45 kB each), an ensemble, the sampling fields
 GENERATE_FIELDS_BYTES = 2 << 20
 
 
@@ -93,7 +93,7 @@ class GenerateBody(BaseModel):
     bad_words_token_ids: (
         Annotated[
             list[Annotated[list[TokenId], Field(min_length=1, max_length=MAX_BAD_WORD_TOKENS)]],
-            Field(max_length=2 * MAX_BAD_WORDS),
+            Field(max_length=MAX_BAD_WORD_SEQUENCES),
         ]
         | None
     ) = None

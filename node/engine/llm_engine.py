@@ -27,7 +27,7 @@ from node.engine.lora.mapping import LoRAMapping
 from node.engine.lora.weights import LoadedAdapter, decode_lora
 from node.engine.model_runner import ModelRunner
 from node.engine.request import (
-    GUIDED_FAILURE,
+    GUIDED_ERROR_PREFIX,
     SEED_LIMIT,
     Choice,
     DuplicateRequestError,
@@ -504,7 +504,7 @@ class LLMEngine:
                 # min_tokens against a stop token, say), or a bug. The text can no longer be held to the schema:
                 # the request fails, where it ended "stop", cut short, as if it matched
                 why = s.matcher.error or f"token {t} refused"
-                s.error = f"{GUIDED_FAILURE}the grammar could not be enforced here: {why}"
+                s.error = f"{GUIDED_ERROR_PREFIX}the grammar could not be enforced here: {why}"
                 # the library broke on a mask, or on a token its mask allowed: what it learned is shared with every
                 # copy of the grammar, which is forgotten. An end token drawn because nothing else was left (the
                 # request's own bans emptied the row) breaks nothing shared: forgotten on it, any client could evict

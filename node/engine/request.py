@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from common.wire import (
     GUIDED_FAILED,
     MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_SEQUENCES,
     MAX_BAD_WORD_TOKENS,
-    MAX_BAD_WORDS,
     MAX_BIAS,
     MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
@@ -80,9 +80,10 @@ class SamplingParams:
     """Per-request sampling. temperature 0 is greedy; top_k 0, min_p 0, penalties 0 (repetition 1) are off;
     seed None draws one. Token ids (logit_bias, stop_token_ids, allowed_token_ids) are checked against the
     vocabulary by the engine, which knows it. `logit_bias` may be given as a mapping; it is kept as sorted (id, bias)
-    pairs. `allowed_token_ids` (vLLM's): when given, the only ids the sequences may draw, the end tokens included
-    only where listed; kept sorted, without repeats. `bad_words` (vLLM's bad_words, as token id sequences): a
-    word's last token is banned where the tokens generated so far end with the rest of it."""
+    pairs. `allowed_token_ids` (vLLM's): when given, the only ids the sequences may draw (an end token only where
+    listed, or where a row has nothing else left to draw, as any row); kept sorted, without repeats. `bad_words`
+    (vLLM's bad_words, as token id sequences): a word's last token is banned where the tokens generated so far end
+    with the rest of it (the model may still write the word with other tokens, as vLLM's docs warn)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -176,12 +177,12 @@ class SamplingParams:
 
     def _check_bad_words(self) -> None:
         words = tuple(tuple(w) if isinstance(w, (list, tuple)) else w for w in self.bad_words)
-        ok = len(words) <= 2 * MAX_BAD_WORDS and all(
+        ok = len(words) <= MAX_BAD_WORD_SEQUENCES and all(
             isinstance(w, tuple) and w and all(type(t) is int and t >= 0 for t in w) for w in words
         )
         if not ok or sum(map(len, words)) > MAX_BAD_WORD_TOKENS:
             raise RequestError(
-                f"bad_words must be at most {2 * MAX_BAD_WORDS} non-empty token id sequences of "
+                f"bad_words must be at most {MAX_BAD_WORD_SEQUENCES} non-empty token id sequences of "
                 f"{MAX_BAD_WORD_TOKENS} ids in all, got {str(self.bad_words)[:80]}"
             )
         object.__setattr__(self, "bad_words", words)
@@ -343,7 +344,7 @@ class Choice:
 
 # How the engine's error begins when a request failed on its own grammar (a mask past the node's CPU bounds, the
 # parser out of fuel, a token it refused): the request's grammar, not the engine, is at fault
-GUIDED_FAILURE = "guided: "
+GUIDED_ERROR_PREFIX = "guided: "
 
 
 @dataclass(slots=True, frozen=True)
@@ -375,4 +376,4 @@ class FinishEvent:
         (None: no error)."""
         if self.error is None:
             return None
-        return GUIDED_FAILED if self.error.startswith(GUIDED_FAILURE) else "engine_error"
+        return GUIDED_FAILED if self.error.startswith(GUIDED_ERROR_PREFIX) else "engine_error"
