@@ -31,8 +31,8 @@ from sqlmodel import Field, SQLModel
 # Bump when a table changes: an index of another version is dropped and rebuilt from the chain.
 # 2: explorer_account_totals; 3: ordinals of records, rewards and money, the cursor's counts, Usage.tokens_rank, the
 # lists' order indexes (a page is a window on an index, never an OFFSET); 4: the version kept in the file's
-# user_version (devnet.explorer.index_db), where 1-3 left it 0
-SCHEMA_VERSION = 4
+# user_version (devnet.explorer.index_db), where 1-3 left it 0; 5: the cursor's own copy of it gone
+SCHEMA_VERSION = 5
 
 U64 = 2**64
 I64_MAX = 2**63 - 1
@@ -58,7 +58,6 @@ class IndexCursor(IndexModel, table=True):
     __tablename__ = "explorer_cursor"
 
     id: int = Field(default=1, primary_key=True)
-    schema_version: int = SCHEMA_VERSION
     chain_id: int
     registry_address: str  # ("registry" is the declarative base's own attribute)
     ledger_address: str

@@ -47,9 +47,9 @@ def test_an_index_of_an_older_schema_is_dropped_and_built_again(tmp_path, caplog
         old.execute("INSERT INTO explorer_usage VALUES ('all', '', 7)")
         if cursor:
             old.execute(
-                "INSERT INTO explorer_cursor (id, schema_version, chain_id, registry_address, ledger_address,"
-                " deploy_block, block, block_hash, log_index, head, span, records, batches, adapters, names, accounts,"
-                " contributors) VALUES (1, 2, 1, '0x1', '0x2', 0, 100, '', -1, 100, 0, 7, 1, 0, 0, 0, 0)"
+                "INSERT INTO explorer_cursor (id, chain_id, registry_address, ledger_address, deploy_block, block,"
+                " block_hash, log_index, head, span, records, batches, adapters, names, accounts, contributors)"
+                " VALUES (1, 1, '0x1', '0x2', 0, 100, '', -1, 100, 0, 7, 1, 0, 0, 0, 0)"
             )
     old.close()
     db = IndexDatabase(tmp_path)
