@@ -386,7 +386,9 @@ def test_best_of_samples_when_a_warper_is_given_whatever_its_value(gw, client):
     """LoRAX's check (and lorax-client's own): best_of > 1 needs do_sample or a temperature, top_k or top_p given
     (is_some), so temperature 1.0 counts."""
     r = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4, best_of=2, temperature=1.0)
-    assert r.details.generated_tokens == 4 and len(r.details.best_of_sequences) == 1
+    # sampled without a seed: the end token may be drawn before the fourth (once in a full run)
+    ended = r.details.finish_reason == "eos_token"
+    assert (r.details.generated_tokens == 4 or ended) and len(r.details.best_of_sequences) == 1
     assert r.details.seed is None  # sampled without a seed (best_of takes none)
     # none given (the client refuses it before posting): the refusal says what to give
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "best_of": 2}}

@@ -135,7 +135,7 @@ def test_sampling_fields_are_honoured(node):
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
-        ({"logit_bias": {"1000000": 1}}, "logit_bias or stop_token_ids is not in the vocabulary"),
+        ({"logit_bias": {"1000000": 1}}, "in logit_bias, stop_token_ids or allowed_token_ids is not in the vocabulary"),
         ({"min_p": 1.5}, "min_p"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens (5) must be <= max_tokens (4)"),
