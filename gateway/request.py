@@ -391,9 +391,9 @@ class ServedRequest:
                 bad_words = await blocking(t, sum(map(len, req.bad_words)), t.bad_words, base, req.bad_words)
             except ValueError as e:  # a word that is no tokens to this tokenizer
                 raise BadRequest(str(e), param="bad_words") from e
-            if sum(map(len, bad_words)) > MAX_BAD_WORD_TOKENS:
+            if (n := sum(map(len, bad_words))) > MAX_BAD_WORD_TOKENS:
                 raise BadRequest(
-                    f"bad_words are {sum(map(len, bad_words))} tokens in all; at most {MAX_BAD_WORD_TOKENS}",
+                    f"bad_words are {n} tokens in all; at most {MAX_BAD_WORD_TOKENS}",
                     param="bad_words",
                 )
         token_texts = await blocking(t, 0, t.texts, base) if req.needs_token_texts() else None

@@ -201,13 +201,14 @@ class IndexReads:
         c = self.cursor()
         return getattr(c, what) if c else 0
 
-    def _clamped(self, stmt, what: str, page: int, size: int) -> Page:
-        """A page of a list in an order no kept number follows, by OFFSET over its order's index: a page past the
-        end (the count `what` says so) reads nothing; one inside walks the index entries before it, at most the
-        list's length."""
+    def _clamped(self, stmt, what: str, page: int, size: int, shown=lambda row: row) -> Page:
+        """A page of a list in an order no kept number follows, by OFFSET over its order's index, each row as
+        `shown` makes it: a page past the end (the count `what` says so) reads nothing; one inside walks the index
+        entries before it, at most the list's length."""
         if page * size >= self._count(what):
             return _page([], page, size)
-        return _page(list(self.s.exec(stmt.offset(page * size).limit(size + 1)).all()), page, size)
+        rows = self.s.exec(stmt.offset(page * size).limit(size + 1)).all()
+        return _page([shown(r) for r in rows], page, size)
 
     def _last(self, column, *where) -> int:
         """The highest value of an indexed number column (among the rows `where` picks): one seek."""
@@ -470,8 +471,7 @@ class IndexReads:
         """A page of the addresses that earned or withdrew (AccountRewards), the most accrued first: by rank, which
         every reward moves (no kept number, `_clamped`), on the rank's index."""
         stmt = select(AccountTotal).order_by(col(AccountTotal.accrued_rank).desc(), AccountTotal.account)
-        listed = self._clamped(stmt, "accounts", page, size)
-        return Page([_account(t) for t in listed.rows], listed.number, listed.size, listed.more)
+        return self._clamped(stmt, "accounts", page, size, _account)
 
     def account_count(self) -> int:
         return self._count("accounts")
@@ -483,8 +483,7 @@ class IndexReads:
             .where(AccountTotal.dataset_rank > ZERO_RANK)
             .order_by(col(AccountTotal.dataset_rank).desc(), AccountTotal.account)
         )
-        listed = self._clamped(stmt, "contributors", page, size)  # by rank, as accounts are
-        return Page([(a, int(d)) for a, d in listed.rows], listed.number, listed.size, listed.more)
+        return self._clamped(stmt, "contributors", page, size, lambda row: (row[0], int(row[1])))  # by rank
 
     def top_contributors(self, n: int) -> list[str]:
         """The n addresses that accrued the most as adapter owners and dataset contributors."""

@@ -69,11 +69,10 @@ def process_logits(
     if ban_rows:
         idx = to_device(torch.tensor([ban_rows, ban_ids], dtype=torch.int64), dev)
         logits[idx[0], idx[1]] = float("-inf")
-    allow = [i for i in rows if params[i].allowed_token_ids is not None]
-    if allow:
-        # each request's mask of the ids it does not allow, made once on the device (SamplingParams.outside_mask),
-        # filled in place row by row: no [rows, V] copies gathered and scattered back
-        for i in allow:
+    # each request's mask of the ids it does not allow, made once on the device (SamplingParams.outside_mask),
+    # filled in place row by row: no [rows, V] copies gathered and scattered back
+    for i in rows:
+        if params[i].allowed_token_ids is not None:
             logits[i].masked_fill_(params[i].outside_mask(v, dev), float("-inf"))
 
     pen = [i for i in rows if params[i].penalized]
