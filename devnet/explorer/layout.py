@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from common.wire import ZERO_ID
+from devnet.explorer import queries
 from ledger.types import ETHER
 
 PAGE_SIZE = 100  # rows of a list page
@@ -228,6 +229,8 @@ def pager(path: str, page, *, param: str = "page", keep: Iterable[tuple[str, str
         links.append(link(f"{path}?{param}={page.number - 1}{rest}", "← newer"))
     if page.more:
         links.append(link(f"{path}?{param}={page.number + 1}{rest}", "older →"))
+    if page.cut:
+        links.append(f"pages reach its first {num(queries.MAX_LIST_DEPTH)} rows: search finds the rest")
     first = page.number * page.size
     shown = f"{num(first + 1)}–{num(first + len(page.rows))}" if page.rows else "none"
     of = f" of {num(total)}" if total >= 0 else ""

@@ -6,8 +6,9 @@ request read a whole table (red team). Lists numbered 1..n without gaps (tables:
 keeps per adapter, node and address) read the page's window of numbers on an index (`_window`): a page deep in
 the list or past its end reads what the first does. Lists in an order no kept number follows (adapters and names
 by name, accounts and contributors by rank: a new row or a new sum lands in the middle) answer a page past the
-end from a count the indexer keeps, reading nothing (`_clamped`); a page inside them still walks the index
-entries before it, so its cost stays bounded by the list's length (one walk of an index), not by the page number.
+end from a count the indexer keeps, reading nothing (`_clamped`); a page inside them walks the index entries
+before it, so these lists (and what an address owns, which anyone can grow by naming it a dataset's payee) are
+paged to MAX_LIST_DEPTH rows and no deeper: a page costs at most that walk, however long a stranger made the list.
 
 One IndexReads is one read transaction (devnet.explorer.index_db): a page sees one committed state of the
 index, whatever the refresher writes meanwhile.
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from sqlalchemy import func
+from sqlalchemy import func, literal_column
 from sqlmodel import Session, col, select
 
 from common.wire import hex0x, id_bytes
@@ -127,14 +128,22 @@ def _account(t: AccountTotal) -> AccountRewards:
     return AccountRewards(t.account, sum(by_role.values()), int(t.withdrawn), by_role)
 
 
+# Rows of a list in an order no kept number follows that its pages reach: deeper, the name search or an address's
+# own page finds what is there. A page past it is answered empty, as one past the end is. Etherscan likewise
+# lists a token's first 10,000 holders.
+MAX_LIST_DEPTH = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of a list: its rows, and whether there are more after them."""
+    """A page of a list: its rows, whether there are more after them, and whether the list goes on past the
+    rows its pages reach (MAX_LIST_DEPTH)."""
 
     rows: list
     number: int
     size: int
     more: bool
+    cut: bool = False
 
 
 def _record(r: IndexedRecord) -> RecordView:
@@ -172,6 +181,22 @@ def _page(rows: list, number: int, size: int) -> Page:
     return Page(rows[:size], number, size, len(rows) > size)
 
 
+def _within_depth(fetch, number: int, size: int, length: int | None = None) -> Page:
+    """Page `number` of a list paged to MAX_LIST_DEPTH rows, its rows read by fetch(offset, limit) (an OFFSET over
+    an index: it walks the entries before the page, never more than the depth). `length`, when the indexer keeps
+    it, answers a page past the end without reading. A page past the depth is empty; the last one it reaches says
+    whether the list goes on (`cut`)."""
+    start = number * size
+    take = min(size, MAX_LIST_DEPTH - start)
+    if take <= 0:
+        return Page([], number, size, False, length is not None and length > MAX_LIST_DEPTH)
+    if length is not None and start >= length:
+        return _page([], number, size)
+    rows = fetch(start, take + 1)
+    past, last = len(rows) > take, start + take >= MAX_LIST_DEPTH
+    return Page(rows[:take], number, size, past and not last, past and last)
+
+
 def _window(stmt, number, last: int, page: int, size: int, newest_first: bool):
     """`stmt` limited to a page of rows whose `number` runs 1..last without gaps, the highest first (newest_first)
     or the lowest: the page's first number is a seek on an index of `number`, and the page reads size + 1 rows (the
@@ -203,12 +228,13 @@ class IndexReads:
 
     def _clamped(self, stmt, what: str, page: int, size: int, shown=lambda row: row) -> Page:
         """A page of a list in an order no kept number follows, by OFFSET over its order's index, each row as
-        `shown` makes it: a page past the end (the count `what` says so) reads nothing; one inside walks the index
-        entries before it, at most the list's length."""
-        if page * size >= self._count(what):
-            return _page([], page, size)
-        rows = self.s.exec(stmt.offset(page * size).limit(size + 1)).all()
-        return _page([shown(r) for r in rows], page, size)
+        `shown` makes it (_within_depth): a page past the end (the count `what` says so) or the depth reads
+        nothing; one inside walks the index entries before it, at most MAX_LIST_DEPTH."""
+
+        def fetch(offset: int, limit: int) -> list:
+            return [shown(r) for r in self.s.exec(stmt.offset(offset).limit(limit)).all()]
+
+        return _within_depth(fetch, page, size, self._count(what))
 
     def _last(self, column, *where) -> int:
         """The highest value of an indexed number column (among the rows `where` picks): one seek."""
@@ -338,25 +364,32 @@ class IndexReads:
         """What an address owns, is paid for, or operates (adapters, then datasets, then nodes), a page of
         them: anyone can register datasets and name any address their payee, so the list has no bound.
 
-        Still by OFFSET and a count of each kind on its (owner, payee or operator) index: owners and payees
-        change, so no number kept per address runs without gaps. A page reads at most the index entries of what
-        the address holds (never more rows than that), not a walk of a whole table."""
-        start, rows = page * size, []
-        for model, column in (
-            (AdapterRow, AdapterRow.owner),
-            (DatasetRow, DatasetRow.payee),
-            (NodeRow, NodeRow.operator),
-        ):
-            if start:  # rows of this kind before the page: counted only when the page does not start here
-                n = self.s.exec(select(func.count()).select_from(model).where(column == address)).one()
-                if start >= n:
-                    start -= n
-                    continue
-            rows += self.s.exec(select(model).where(column == address).offset(start).limit(size + 1 - len(rows))).all()
-            start = 0
-            if len(rows) > size:
-                break
-        return _page(rows, page, size)
+        By OFFSET on each kind's (owner, payee or operator) index, and paged to MAX_LIST_DEPTH (_within_depth):
+        owners and payees change, so no number kept per address runs without gaps. The rows of a kind before the
+        page are counted only as far as the page's start, so a page walks at most the depth's index entries."""
+
+        def fetch(start: int, limit: int) -> list:
+            rows: list = []
+            for model, column in (
+                (AdapterRow, AdapterRow.owner),
+                (DatasetRow, DatasetRow.payee),
+                (NodeRow, NodeRow.operator),
+            ):
+                if start:  # rows of this kind before the page, counted to one past its start: all, or more
+                    before = select(column).where(column == address).limit(start + 1).subquery()
+                    n = self.s.exec(select(func.count()).select_from(before)).one()
+                    if n <= start:
+                        start -= n
+                        continue
+                # in the index's own order (its entries end with the rowid): no sort, and the same order every page
+                stmt = select(model).where(column == address).order_by(literal_column("rowid"))
+                rows += self.s.exec(stmt.offset(start).limit(limit - len(rows))).all()
+                start = 0
+                if len(rows) >= limit:
+                    break
+            return rows
+
+        return _within_depth(fetch, page, size)
 
     # ------------------------------------------------------------------ records and batches
 

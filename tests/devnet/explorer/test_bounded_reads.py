@@ -469,3 +469,62 @@ def test_the_numbers_a_page_is_found_by_run_without_gaps_and_the_kept_counts_are
     assert counts == {
         name: one(f"SELECT count(*) FROM explorer_{name}")[0][0] for name in ("adapters", "datasets", "nodes")
     }
+
+
+# lists in an order no kept number follows, and what an address holds (anyone can name an address the payee of any
+# number of datasets): their pages walk the index entries before them, so they reach MAX_LIST_DEPTH rows and no
+# deeper (devnet.explorer.queries)
+UNKEPT = ("adapters", "names", "accounts", "contributors")
+DEPTH = 2 * PAGE + 1  # the last page it reaches holds one row
+
+
+def _owned(h: Heap) -> tuple:
+    return (
+        lambda q, p: q.owned_by(h.stranger, p, PAGE),
+        lambda row: (getattr(row, "adapter_id", None) or getattr(row, "dataset_id", None) or row.node_id,),
+        "SELECT id FROM (SELECT adapter_id AS id, 1 AS kind, rowid AS r FROM explorer_adapters WHERE owner = ?1 "
+        "UNION ALL SELECT dataset_id, 2, rowid FROM explorer_datasets WHERE payee = ?1 "
+        "UNION ALL SELECT node_id, 3, rowid FROM explorer_nodes WHERE operator = ?1) ORDER BY kind, r",
+        (h.stranger,),
+    )
+
+
+@pytest.mark.parametrize("name", [*UNKEPT, "owned"])
+def test_a_list_no_kept_number_orders_is_paged_to_a_depth_and_a_page_past_it_reads_nothing(
+    counted, heap, name, monkeypatch
+):
+    """A page of these lists inside them walked every index entry before it: a stranger who registered a million
+    adapters, or named an address the payee of a million datasets, made each deep page read a million entries."""
+    from devnet.explorer import queries
+
+    ex, read = counted
+    ask, key, sql, args = _owned(heap) if name == "owned" else _lists(heap)[name]
+    whole = [tuple(map(str, row)) for row in _whole(ex, sql, args)]
+    assert len(whole) > DEPTH + PAGE, (name, len(whole))
+    first, _ = read.query(lambda q: ask(q, 0))
+    monkeypatch.setattr(queries, "MAX_LIST_DEPTH", DEPTH)
+    for p in range(DEPTH // PAGE + 1):  # the pages it reaches: the list's slices, the last cut at the depth
+        _, answer = read.query(lambda q, p=p: ask(q, p))
+        assert [tuple(map(str, key(r))) for r in answer.rows] == whole[p * PAGE : min((p + 1) * PAGE, DEPTH)]
+        assert (answer.more, answer.cut) == ((False, True) if p == DEPTH // PAGE else (True, False)), (name, p)
+    for p in (DEPTH // PAGE + 1, len(whole) // PAGE, FAR):  # inside the list, past the depth
+        deep, answer = read.query(lambda q, p=p: ask(q, p))
+        assert answer.rows == [] and not answer.more, (name, p)
+        assert deep.steps <= first.steps + SLACK, (name, p, first, deep)
+    monkeypatch.setattr(queries, "MAX_LIST_DEPTH", 10**9)
+    _, answer = read.query(lambda q: ask(q, len(whole) // PAGE))  # the depth is all that left it out
+    assert [tuple(map(str, key(r))) for r in answer.rows] == whole[len(whole) // PAGE * PAGE :][:PAGE]
+
+
+def test_the_last_page_a_list_reaches_says_the_search_finds_the_rest(counted, heap, monkeypatch):
+    from devnet.explorer import pages_registry, queries
+
+    _, read = counted
+    monkeypatch.setattr(pages_registry, "PAGE_SIZE", PAGE)
+    monkeypatch.setattr(queries, "MAX_LIST_DEPTH", DEPTH)
+    last = read(f"/adapters?page={DEPTH // PAGE}").html
+    pager = last.split('<p class="pager" data-param="page">')[1].split("</p>")[0]
+    assert f"pages reach its first {DEPTH} rows: search finds the rest" in pager
+    assert f"page={DEPTH // PAGE + 1}" not in pager and f"page={DEPTH // PAGE - 1}" in pager
+    inside = read("/adapters?page=1").html.split('<p class="pager" data-param="page">')[1].split("</p>")[0]
+    assert "search finds the rest" not in inside and "page=2" in inside
