@@ -29,7 +29,6 @@ import asyncio
 import ipaddress
 import logging
 import math
-import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +37,7 @@ import httpx
 
 from common.http import bounded_call
 from common.wire import UntrustedJSONError, parse_json
+from gateway import dns
 from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
 from gateway.errors import GatewayError
@@ -193,7 +193,7 @@ class NodeGreeter:
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
         unreachable: Exception | None = None
-        for address in await _resolve(host, port):
+        for address in await dns.addresses(host, port):  # on threads of their own: a stranger's zone is slow
             key = (address, port)
             if key in self._calling or self._greeted_at.get(key) == this_round:
                 continue
@@ -259,12 +259,6 @@ def _origin(url: str) -> tuple | None:
     except ValueError:
         return None
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
-
-
-async def _resolve(host: str, port: int) -> list[str]:
-    """The addresses `host` resolves to, in the resolver's order (the order a connection by name tries them)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
 
 
 def _callable_url(url: str) -> bool:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common.http import bounded_call, read_capped
 from common.serving import KEEP_ALIVE_S as SERVER_KEEP_ALIVE_S
 from common.wire import UntrustedJSONError, parse_json, read_error
+from gateway import dns
 from node.request_auth import SignedNodeAuth, sign_request
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,10 @@ class NodeClient:
         if self._streams is None:
             connect, read = self._timeouts
             self._streams = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, keepalive_timeout=KEEPALIVE_S),
+                # a node's host name resolved on the gateway's lookup threads, not the default executor's
+                connector=aiohttp.TCPConnector(
+                    limit=512, limit_per_host=0, keepalive_timeout=KEEPALIVE_S, resolver=dns.LookupThreadsResolver()
+                ),
                 # sock_read: at most this long between two chunks of a stream, as httpx's read timeout
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
                 # a node's body is taken as sent: no compression is asked for or undone, so a node cannot

@@ -13,6 +13,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import aiohttp
 import httpx
 import pytest
 from cryptography import x509
@@ -21,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from eth_account import Account
 
-import gateway.greeter as greeter_module
 from common.identity import Identity
+from gateway import dns
 from gateway.greeter import NodeGreeter
 from node.heartbeat import HeartbeatSender
 
@@ -249,7 +250,7 @@ def test_many_host_names_of_one_address_get_one_hello_a_round_between_them(monke
         assert host.endswith(".wild.test")
         return ["127.0.0.1"]
 
-    monkeypatch.setattr(greeter_module, "_resolve", wildcard, raising=False)
+    monkeypatch.setattr(dns, "addresses", wildcard)
     nodes = {f"0x{i:064x}": f"http://n{i}.wild.test:{port}/node" for i in range(200)}
     g = greeter(nodes)
 
@@ -366,7 +367,7 @@ def test_a_tls_connection_checked_for_one_name_never_carries_a_hello_for_another
     async def resolve(host, port):
         return ["127.0.0.1"]
 
-    monkeypatch.setattr(greeter_module, "_resolve", resolve)
+    monkeypatch.setattr(dns, "addresses", resolve)
     g = greeter({A: f"https://a.test:{server.port}", B: f"https://b.test:{server.port}"})
 
     async def run():
@@ -392,17 +393,17 @@ def test_a_host_whose_first_address_answers_nothing_is_greeted_at_the_next(monke
     node = "0x" + "cd" * 32
     live = RawServer(json_answer({"body": {"node_id": node}, "signature": "00"}))
     port = int(live.url.rsplit(":", 1)[1])
-    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+    real = socket.getaddrinfo
 
-    async def fake_getaddrinfo(self, host, p, *a, **kw):
+    def fake_getaddrinfo(host, p, *a, **kw):
         if host == "dual.test":
             return [
                 (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", p, 0, 0)),  # nothing listens there
                 (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p)),
             ]
-        return await real(self, host, p, *a, **kw)
+        return real(host, p, *a, **kw)
 
-    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     g = greeter({node: f"http://dual.test:{port}"})
 
     async def run():
@@ -412,3 +413,78 @@ def test_a_host_whose_first_address_answers_nothing_is_greeted_at_the_next(monke
     got = asyncio.run(run())
     live.close()
     assert got[node] == "ok", got
+
+
+class NeverAnsweringZone:
+    """socket.getaddrinfo for names in a zone whose nameserver never answers (a stranger's own: glibc's stub resolver
+    then waits 5 s x 2 tries), held until released; other names as the system resolves them."""
+
+    ZONE = ".slowdns.test"
+
+    def __init__(self, monkeypatch) -> None:
+        self.release = threading.Event()
+        self.threads: list[str] = []
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, *args, **kw):
+            if isinstance(host, str) and host.endswith(self.ZONE):
+                self.threads.append(threading.current_thread().name)
+                self.release.wait(60)
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            return real(host, *args, **kw)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_host_names_that_never_resolve_hold_none_of_the_threads_the_gateways_own_work_runs_on(monkeypatch):
+    """Red team: 32 registered nodes (gas only), each named in a zone whose nameserver never answers. The greeter
+    resolved them on the event loop's default executor, and its deadline freed its coroutines, never the threads:
+    a key lookup, a usage record or a heartbeat (asyncio.to_thread) waited 19.5 s behind them. The node client's
+    streams (aiohttp) resolved there too."""
+    zone = NeverAnsweringZone(monkeypatch)
+    g = greeter({f"0x{i:064x}": f"http://n{i}{zone.ZONE}:8000" for i in range(32)}, deadline=0.5)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            greeting = asyncio.gather(*g.start_due(client))
+            resolver = dns.LookupThreadsResolver()
+            streams = [asyncio.create_task(resolver.resolve(f"s{i}{zone.ZONE}", 80)) for i in range(8)]
+            await asyncio.sleep(0.3)
+            # with every lookup thread held, the gateway's own blocking work still runs at once
+            on_a_thread = await asyncio.wait_for(asyncio.to_thread(lambda: threading.current_thread().name), 10)
+            results = await greeting  # each greeting ends at its deadline, its lookup queued or held
+            for task in streams:
+                task.cancel()
+            return on_a_thread, results, resolver
+
+    try:
+        on_a_thread, results, resolver = asyncio.run(run())
+    finally:
+        zone.release.set()
+    assert not on_a_thread.startswith("dns")
+    assert len(results) == 32 and all(r != "ok" for r in results)
+    # the lookups ran on the lookup threads only, and those still queued when their callers gave up never ran
+    assert zone.threads and all(name.startswith("dns") for name in zone.threads)
+    assert len(zone.threads) <= dns.LOOKUP_THREADS
+
+
+def test_the_lookup_threads_resolve_as_the_system_does(monkeypatch):
+    """The node client's aiohttp resolver and the greeter's lookups answer what socket.getaddrinfo does."""
+
+    async def run():
+        resolver = dns.LookupThreadsResolver()
+        by_name = await resolver.resolve("localhost", 8080, socket.AF_INET)
+        literal = await dns.addresses("127.0.0.1", 80)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver)) as session:
+            server = RawServer(lambda conn: conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"))
+            try:
+                port = server.url.rsplit(":", 1)[1]
+                async with session.get(f"http://localhost:{port}/") as r:
+                    status = r.status
+            finally:
+                server.close()
+        return by_name, literal, status
+
+    by_name, literal, status = asyncio.run(run())
+    assert {(r["host"], r["port"], r["family"]) for r in by_name} == {("127.0.0.1", 8080, socket.AF_INET)}
+    assert literal == ["127.0.0.1"] and status == 204
