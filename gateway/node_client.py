@@ -1,13 +1,15 @@
 """HTTP client for the node API (node/api.py): streamed generate, abort, adapter prefetch, stored receipts.
 
 Every call that makes a node work or stop (generate, load, abort) is signed with the gateway key for the one
-node it is meant for (node.request_auth.SignedNodeAuth, sign_request); what a node answers is parsed with the
-bounded parser (common.wire.parse_json), as any bytes from the network.
+node it is meant for (node.request_auth.sign_request); what a node answers is parsed with the bounded parser
+(common.wire.parse_json), as any bytes from the network.
 
-The streamed generate, on every request's path to its first token, goes over aiohttp; the other calls over
-httpx. Measured with bench/gateway.py (2026-12-04, four runs each, alternating), the gateway added 1.8-3.6 ms
-(median 2.2) to TTFT p50 streaming over aiohttp against 3.5-5.4 ms (median 4.1) over httpx, whose request
-and response handling costs more Python per call and per chunk on the event loop."""
+Every call goes over one aiohttp session, its nodes' host names resolved on the lookup threads (gateway.dns):
+a node's registered name in a zone that never answers holds those, never the threads the gateway's own work
+runs on (httpx resolves on the event loop's default executor). The streamed generate, on every request's path
+to its first token, went over aiohttp first: measured with bench/gateway.py (2026-12-04, four runs each,
+alternating), the gateway added 1.8-3.6 ms (median 2.2) to TTFT p50 streaming over aiohttp against 3.5-5.4 ms
+(median 4.1) over httpx, whose request and response handling costs more Python per call and per chunk."""
 
 from __future__ import annotations
 
@@ -21,14 +23,13 @@ from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
-import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.http import bounded_call, read_capped
+from common.http import read_capped
 from common.serving import KEEP_ALIVE_S as SERVER_KEEP_ALIVE_S
 from common.wire import UntrustedJSONError, parse_json, read_error
 from gateway import dns
-from node.request_auth import SignedNodeAuth, sign_request
+from node.request_auth import sign_request
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ UNKNOWN_GUIDED_TYPE = "guided.type must be one of"
 # fails, and the node is taken for dead); a request after a pause of a few seconds reuses its connection
 # instead of paying a TCP handshake (a round trip to another machine) before its first token
 KEEPALIVE_S = SERVER_KEEP_ALIVE_S / 2
+# what a call that got no answer raises: no connection, a timeout, a broken answer, a URL aiohttp cannot use
+CALL_FAILED = (aiohttp.ClientError, TimeoutError, ValueError)
 DRAIN_TIMEOUT_S = 0.5  # how long a finished stream's end may take to arrive before we drop the connection
 # the largest answers taken from a node: one SSE event (a token, or the done event with its receipt), an error
 # body, an abort's or a stored receipt
@@ -241,8 +244,8 @@ def _event(payload: str, max_bytes: int) -> dict:
 
 
 class NodeClient:
-    """The gateway's connections to every node: an aiohttp session for the generate streams (see the module
-    docstring), an httpx client for the other calls; one instance per gateway app."""
+    """The gateway's connections to every node: one aiohttp session (see the module docstring); one instance per
+    gateway app."""
 
     def __init__(
         self,
@@ -254,9 +257,6 @@ class NodeClient:
     ) -> None:
         self.key = key or Ed25519PrivateKey.generate()
         self.first_byte_timeout = first_byte_timeout
-        # idle connections are dropped well before a node's server would close them (KEEPALIVE_S)
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=connect_timeout), limits=limits)
         self._timeouts = (connect_timeout, read_timeout)
         self._streams: aiohttp.ClientSession | None = None  # made on first use, on the event loop that uses it
 
@@ -268,7 +268,7 @@ class NodeClient:
                 connector=aiohttp.TCPConnector(
                     limit=512, limit_per_host=0, keepalive_timeout=KEEPALIVE_S, resolver=dns.LookupThreadsResolver()
                 ),
-                # sock_read: at most this long between two chunks of a stream, as httpx's read timeout
+                # sock_read: at most this long between two chunks of a stream
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
                 # a node's body is taken as sent: no compression is asked for or undone, so a node cannot
                 # make the gateway inflate a small compressed body into gigabytes (it reads as garbage)
@@ -276,10 +276,6 @@ class NodeClient:
                 skip_auto_headers=("Accept-Encoding",),
             )
         return self._streams
-
-    def auth(self, node_id: str) -> SignedNodeAuth:
-        """Signs a call for the node `node_id` only (a node refuses a call signed for another)."""
-        return SignedNodeAuth(self.key, node_id)
 
     async def open_stream(self, api_url: str, node_id: str, body: dict) -> UpstreamStream:
         """POST /v1/generate with stream=true; NodeUnavailable or NodeRejected when it is not a 200. A node
@@ -341,17 +337,25 @@ class NodeClient:
         )
 
     async def _call(
-        self, method: str, url: str, *, timeout: float, node_id: str | None = None, json: dict | None = None
+        self, method: str, url: str, *, timeout: float, node_id: str | None = None, body: dict | None = None
     ) -> tuple[int, bytes]:
         """(status, body) of one call, the body read up to one byte past MAX_ANSWER_BYTES (a node cannot make
-        the gateway buffer more); signed for `node_id` when given. httpx.HTTPError when it fails."""
-        auth = self.auth(node_id) if node_id is not None else None
-        try:
-            return await bounded_call(self.http, method, url, MAX_ANSWER_BYTES, json=json, timeout=timeout, auth=auth)
-        except AttributeError as e:
-            # httpx's transport, connecting to a node that was just killed, asked the closed socket for its peer
-            # (anyio: None.getpeername): the node is unreachable, as a refused connection says
-            raise httpx.ConnectError(f"the connection closed while opening: {e}") from e
+        the gateway buffer more); signed for `node_id` when given. CALL_FAILED when it fails. On the streams'
+        session: one pool of connections to nodes, and the host resolved on the lookup threads (gateway.dns)."""
+        data = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if node_id is not None:
+            headers |= sign_request(self.key, method=method, path=urlsplit(url).path, node_id=node_id, body=data)
+        connect, _ = self._timeouts
+        async with self._stream_session().request(
+            method,
+            url,
+            data=data or None,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=connect),
+        ) as r:
+            return r.status, await read_capped(r.content.iter_any(), MAX_ANSWER_BYTES)
 
     async def abort(self, api_url: str, node_id: str, request_id: str) -> dict | None:
         """Abort a request; the node's {"receipt", "signature"} for what it produced, or None."""
@@ -359,7 +363,7 @@ class NodeClient:
             status, body = await self._call(
                 "POST", f"{api_url}/v1/requests/{request_id}/abort", timeout=5.0, node_id=node_id
             )
-        except httpx.HTTPError as e:
+        except CALL_FAILED as e:
             log.warning("abort of %s at %s failed: %r", request_id[:10], api_url, e)
             return None
         got = _object(body, "abort receipt") if status == 200 else None
@@ -372,7 +376,7 @@ class NodeClient:
         None) while it still runs there, ("unknown", None) when the node has none, ("unreachable", None)."""
         try:
             status, body = await self._call("GET", f"{api_url}/v1/requests/{request_id}/receipt", timeout=5.0)
-        except httpx.HTTPError as e:
+        except CALL_FAILED as e:
             log.info("receipt of %s at %s: %r", request_id[:10], api_url, e)
             return "unreachable", None
         if status == 404:
@@ -389,9 +393,9 @@ class NodeClient:
         """Ask a node to make an adapter resident (prefetch); False when it could not."""
         try:
             status, body = await self._call(
-                "POST", f"{api_url}/v1/adapters/{adapter_id}/load", json={}, timeout=30.0, node_id=node_id
+                "POST", f"{api_url}/v1/adapters/{adapter_id}/load", body={}, timeout=30.0, node_id=node_id
             )
-        except httpx.HTTPError as e:
+        except CALL_FAILED as e:
             log.info("prefetch of %s at %s failed: %r", adapter_id[:10], api_url, e)
             return False
         if status != 200:
@@ -399,6 +403,5 @@ class NodeClient:
         return status == 200
 
     async def aclose(self) -> None:
-        await self.http.aclose()
         if self._streams is not None:
             await self._streams.close()

@@ -25,6 +25,7 @@ from eth_account import Account
 from common.identity import Identity
 from gateway import dns
 from gateway.greeter import NodeGreeter
+from gateway.node_client import NodeClient
 from node.heartbeat import HeartbeatSender
 
 NODE = "0x" + "ab" * 32
@@ -440,25 +441,29 @@ def test_host_names_that_never_resolve_hold_none_of_the_threads_the_gateways_own
     """Red team: 32 registered nodes (gas only), each named in a zone whose nameserver never answers. The greeter
     resolved them on the event loop's default executor, and its deadline freed its coroutines, never the threads:
     a key lookup, a usage record or a heartbeat (asyncio.to_thread) waited 19.5 s behind them. The node client's
-    streams (aiohttp) resolved there too."""
+    calls (a registered node that heartbeats is called by its name) resolved there too."""
     zone = NeverAnsweringZone(monkeypatch)
     g = greeter({f"0x{i:064x}": f"http://n{i}{zone.ZONE}:8000" for i in range(32)}, deadline=0.5)
 
     async def run():
         async with httpx.AsyncClient(timeout=1.0) as client:
             greeting = asyncio.gather(*g.start_due(client))
-            resolver = dns.LookupThreadsResolver()
-            streams = [asyncio.create_task(resolver.resolve(f"s{i}{zone.ZONE}", 80)) for i in range(8)]
+            nodes = NodeClient()  # its streams and its other calls (abort, receipt, load)
+            streams = [
+                asyncio.create_task(nodes.abort(f"http://s{i}{zone.ZONE}:8000", NODE, "0x" + "ab" * 32))
+                for i in range(8)
+            ]
             await asyncio.sleep(0.3)
             # with every lookup thread held, the gateway's own blocking work still runs at once
             on_a_thread = await asyncio.wait_for(asyncio.to_thread(lambda: threading.current_thread().name), 10)
             results = await greeting  # each greeting ends at its deadline, its lookup queued or held
             for task in streams:
                 task.cancel()
-            return on_a_thread, results, resolver
+            await nodes.aclose()
+            return on_a_thread, results
 
     try:
-        on_a_thread, results, resolver = asyncio.run(run())
+        on_a_thread, results = asyncio.run(run())
     finally:
         zone.release.set()
     assert not on_a_thread.startswith("dns")
