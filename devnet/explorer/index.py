@@ -42,6 +42,7 @@ from devnet.explorer.tables import (
     SettlerState,
     Usage,
     UsageBlock,
+    add_adapter_name,
     rank,
     to_i64,
 )
@@ -464,6 +465,7 @@ def _apply_registry(s: Session, u: RE.RegistryUpdate, block: int, tx: str) -> No
                 publisher=ad.publisher,
             )
         )
+        add_adapter_name(s, ad.adapter_id, ad.name)
         for ds, bps in zip(ad.dataset_ids, ad.shares_bps):
             s.merge(AdapterDataset(dataset_id=ds, adapter_id=ad.adapter_id, share_bps=bps))
     elif isinstance(u, RE.NameRegistered):

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError
 from sqlmodel import create_engine
 
-from devnet.explorer.tables import SCHEMA_VERSION, IndexModel
+from devnet.explorer.tables import ADAPTER_SEARCH, ADAPTER_SEARCH_DDL, SCHEMA_VERSION, IndexModel
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,17 @@ class IndexDatabase:
                     version or "1-3 (an older explorer's, which kept it elsewhere)",
                     SCHEMA_VERSION,
                 )
-                for name in names:
-                    conn.exec_driver_sql(f'DROP TABLE "{name}"')
+                for name in names:  # IF EXISTS: dropping the search index drops its shadow tables with it
+                    conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
             IndexModel.metadata.create_all(conn)
+            conn.exec_driver_sql(ADAPTER_SEARCH_DDL)
             conn.exec_driver_sql(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
 
     def clear(self, conn) -> None:
         """Empty every index table (inside the caller's write transaction)."""
         for table in reversed(IndexModel.metadata.sorted_tables):
             conn.execute(table.delete())
+        conn.exec_driver_sql(f"DELETE FROM {ADAPTER_SEARCH}")
 
     def dispose(self) -> None:
         self.writer.dispose()

@@ -24,6 +24,7 @@ from sqlmodel import Session, col, select
 
 from common.wire import hex0x, id_bytes
 from devnet.explorer.tables import (
+    ADAPTER_SEARCH,
     ZERO_RANK,
     AccountTotal,
     Accrual,
@@ -307,10 +308,24 @@ class IndexReads:
         return list(self.s.exec(select(AdapterRow).where(AdapterRow.predecessor == adapter_id)).all())
 
     def search_adapters(self, text: str, limit: int = 50) -> list[AdapterRow]:
-        """Adapters whose name contains `text` (any case)."""
-        pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        stmt = select(AdapterRow).where(func.lower(AdapterRow.name).like(pattern, escape="\\"))
-        return list(self.s.exec(stmt.order_by(AdapterRow.name, AdapterRow.block).limit(limit)).all())
+        """Up to `limit` adapters whose name starts with `text` (any case), in name order, then, from 3 characters
+        on, others whose name contains it: each found on an index (the names' order, their trigrams:
+        tables.ADAPTER_SEARCH), never by reading every adapter. Names are lower case (the registry's rule)."""
+        low = text.lower()
+        stmt = select(AdapterRow).where(AdapterRow.name >= low, AdapterRow.name < low + "\U0010ffff")
+        found = list(self.s.exec(stmt.order_by(AdapterRow.name, AdapterRow.block).limit(limit)).all())
+        if len(found) < limit and len(low) >= 3:  # a trigram index finds no shorter words
+            phrase = '"' + low.replace('"', '""') + '"'  # the words as one string, FTS5's syntax taken literally
+            ids = self.s.connection().exec_driver_sql(
+                f"SELECT adapter_id FROM {ADAPTER_SEARCH} WHERE {ADAPTER_SEARCH} MATCH ? LIMIT ?",
+                (phrase, limit + len(found)),
+            )
+            seen = {a.adapter_id for a in found}
+            more = [i for (i,) in ids if i not in seen][: limit - len(found)]
+            if more:
+                rows = self.s.exec(select(AdapterRow).where(col(AdapterRow.adapter_id).in_(more))).all()
+                found += sorted(rows, key=lambda a: (a.name, a.block, a.adapter_id))
+        return found
 
     def names(self, page: int, size: int) -> Page:
         """In name order (no kept number, `_clamped`), on the primary key."""
