@@ -188,7 +188,7 @@ class Choices:
             s = self.seqs[k]
             text, reason = "".join(s.texts) if self.shown else "", self.reason(k, overall, cut)
             if self.chat:
-                content, calls = self.plan.parse(text) if self.plan is not None else (text, [])
+                content, calls = self.plan.answer(text) if self.plan is not None else (text, [])
                 if calls:
                     reason = self.plan.called_reason(reason)
                 choice = {"index": i, "message": chat_message(content, calls)}

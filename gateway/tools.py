@@ -12,9 +12,11 @@ How each `tool_choice` is served (as vLLM serves them):
   outside a string.
 - "required": the answer is constrained by the node's grammar to a JSON array of at least one
   `{"name": <one of the tools>, "arguments": <that tool's parameters>}`, so it always parses and matches the
-  schemas (unless cut short by max_tokens).
+  schemas (unless cut short by max_tokens: the calls it finished, and the rest as content).
 - a named function: constrained to that function's `parameters` schema; the answer is its arguments.
-A constrained call's arguments are the text the model wrote (compact JSON), streamed as they come.
+A constrained call's arguments are the text the model wrote (compact JSON), streamed as they come. A function's
+parameters are an object schema (OpenAI's rule). A whole answer is read through the same stream (ToolPlan.answer):
+whole or streamed, an answer is the same calls and content.
 """
 
 from __future__ import annotations
@@ -89,6 +91,14 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
         params = fn.get("parameters", NO_PARAMETERS)
         if not isinstance(params, dict):
             raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+        if params.get("type", "object") != "object":
+            # as OpenAI refuses them: a call's arguments are an object (a string schema made the grammar write
+            # arguments no call could carry, and the answer's calls after it were dropped, billed: red team)
+            raise BadRequest(
+                f'tools[{i}].function.parameters must be a JSON schema of type "object", not {params["type"]!r}',
+                param="tools",
+            )
+        params = {"type": "object"} | params  # one without a type takes an object alone (anyOf a string and one)
         desc = fn.get("description")
         if desc is not None and not isinstance(desc, str):
             raise BadRequest(f"tools[{i}].function.description must be a string", param="tools")
@@ -196,29 +206,23 @@ class ToolPlan:
             )
         return {"anyOf": calls}, defs
 
-    def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """A whole answer -> (content, tool_calls). An answer that does not parse (cut short by max_tokens, or
-        a free-form block that is not JSON) is returned as content, with no calls."""
-        if self.choice == "none":
-            return text, []
-        if self.choice in ("required", "function"):
-            calls = self._constrained(text)
-            return (None, calls) if calls else (text, [])
-        calls, content, last, pos = [], [], 0, 0
-        while len(calls) < self.max_calls and (start := text.find(OPEN, pos)) >= 0:
-            # past max_calls (one call only: parallel_tool_calls false) the rest stays text
-            got = _Block(self, start).end(text, final=True)
-            if got is None:
-                break  # no CLOSE after this OPEN: none after a later one either
-            pos, call = got
-            if call is None:
-                continue  # not a call this request knows: left in the content
-            content.append(text[last:start])
-            last = pos
-            calls.append(call)
-        content.append(text[last:])
-        rest = "".join(content).strip() if calls else text
-        return (rest or None) if calls else text, calls
+    def answer(self, text: str) -> tuple[str | None, list[dict]]:
+        """A whole answer -> (content, tool_calls): the text through this plan's stream (ToolStream), its deltas
+        gathered, so a whole answer is what the same answer streamed sends (read back apart, a named function
+        cut short was content whole and a call streamed; red team); content beside calls is stripped, or None."""
+        stream = self.stream()
+        content: list[str] = []
+        calls: list[dict] = []
+        for delta in stream.push(text) + stream.close():
+            content.append(delta.get("content", ""))
+            for c in delta.get("tool_calls", ()):
+                if c["index"] == len(calls):  # a call's first delta: whole but for what its arguments add later
+                    calls.append({k: c[k] for k in ("id", "type")} | {"function": dict(c["function"])})
+                else:
+                    calls[c["index"]]["function"]["arguments"] += c["function"]["arguments"]
+        text = "".join(content)
+        # beside calls, no whitespace: what the stream sent before the first call, not knowing one would come
+        return (text.strip() or None) if calls else text, calls
 
     def _constrained(self, text: str) -> list[dict]:
         if self.choice == "function":  # the arguments as the model wrote them, as the stream sends them; only
@@ -544,24 +548,24 @@ class ToolStream:
     def release(self) -> list[dict]:
         """What is held back, as plain content, now: the stream failed, and text the client is billed for must
         reach it (a held call that never closes is text; calls already streamed reached it as calls)."""
+        if self._reader is not None:  # the text the reader has not sent as calls
+            held, self.held = self.held[self._reader.pos :] if self.called else self.held, ""
+            return [{"content": held}] if held else []
         held, self.held, self._block = self._space + self.held, "", None
         self._space = ""
-        if self.called and self._reader is not None:
-            return []
         return [{"content": held}] if held else []
 
     def close(self) -> list[dict]:
         if self._reader is not None:
             held, self.held = self.held, ""
             streamed = len(self._reader.arguments)
-            if streamed and self._reader.state != "stopped":
-                return []  # every call went out as it came (or the answer was cut short inside one)
-            calls = self.plan._constrained(held)
+            calls = self.plan._constrained(held) if not streamed or self._reader.state == "stopped" else []
             if calls:
                 return [self._delta(calls[streamed:])] if calls[streamed:] else []
-            if streamed:
-                return []
-            return [{"content": held}] if held else []
+            # no more calls read: what the reader did not send as calls (it stopped, or the answer was cut short
+            # before a call's arguments began) is content, as billed text must reach the client
+            rest = held[self._reader.pos :] if streamed else held
+            return [{"content": rest}] if rest else []
         out = self._blocks(final=True)
         self._text(out, self.held)
         self.held, self._block = "", None

@@ -102,30 +102,35 @@ def test_named_grammar_is_the_functions_parameters():
 
 
 def test_parse_constrained_answers():
-    content, calls = _plan("required").parse('[{"name": "get_weather", "arguments": {"city": "Oslo"}}]')
+    content, calls = _plan("required").answer('[{"name": "get_weather", "arguments": {"city": "Oslo"}}]')
     assert content is None
     assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
     assert calls[0]["function"]["name"] == "get_weather"
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
     named = _plan({"type": "function", "function": {"name": "get_weather"}})
-    _, calls = named.parse('{"city": "Rome"}')
+    _, calls = named.answer('{"city": "Rome"}')
     assert calls[0]["function"]["name"] == "get_weather"
-    # cut short by max_tokens: the text comes back as content, with no calls
-    assert named.parse('{"city": "Ro') == ('{"city": "Ro', [])
+    # cut short by max_tokens: the call with its arguments as written, as it streamed (and as vLLM answers)
+    content, calls = named.answer('{"city": "Ro')
+    assert content is None and calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Ro'}
+    # a "required" answer cut short: the calls it finished, and the rest (billed) as content
+    content, calls = _plan("required").answer('[{"name":"get_time","arguments":{}},{"name":"get_w')
+    assert [c["function"] for c in calls] == [{"name": "get_time", "arguments": "{}"}]
+    assert content == '{"name":"get_w'
 
 
 def test_parse_auto_answers():
     plan = _plan("auto")
-    assert plan.parse("Just text.") == ("Just text.", [])
+    assert plan.answer("Just text.") == ("Just text.", [])
     text = 'Let me check.<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
-    content, calls = plan.parse(text)
+    content, calls = plan.answer(text)
     assert content == "Let me check." and [c["function"]["name"] for c in calls] == ["get_time"]
     # arguments as a JSON string, as OpenAI writes them, are read too
-    _, calls = plan.parse('<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"X\\"}"}</tool_call>')
+    _, calls = plan.answer('<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"X\\"}"}</tool_call>')
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "X"}
     # an unknown tool or broken JSON stays text
     for text in ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', "<tool_call>{not json</tool_call>"):
-        assert plan.parse(text) == (text, [])
+        assert plan.answer(text) == (text, [])
 
 
 def _stream(plan: ToolPlan, pieces: list[str]) -> tuple[str, list[dict], bool]:
@@ -169,7 +174,7 @@ def test_a_streamed_answer_has_the_content_and_calls_of_the_whole_one(text):
     """Whitespace between and beside calls used to stream as content ("\n" between two calls made a content
     delta, a second assistant turn for a Responses client) while the whole answer's content was stripped."""
     plan = _plan("auto")
-    whole, whole_calls = plan.parse(text)
+    whole, whole_calls = plan.answer(text)
     for size in (1, 3, len(text)):
         content, calls, _ = _stream(plan, [text[i : i + size] for i in range(0, len(text), size)])
         assert (content or None) == whole
@@ -180,18 +185,18 @@ def test_a_call_whose_string_arguments_hold_the_closing_tag_is_a_call():
     """The first `</tool_call>` inside a call's string argument used to end the block: the call was read as
     text. A tag inside a JSON string ends nothing when the block up to it is no call."""
     plan = _plan("auto")
-    content, calls = plan.parse(f"Look: {TAGGED}")
+    content, calls = plan.answer(f"Look: {TAGGED}")
     assert content == "Look:" and len(calls) == 1
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": 'a</tool_call>b "</tool_call>'}
     # as before: a block that is no call ends at its first tag, and the text after it is read on
     junk = '<tool_call>"unclosed</tool_call>'
-    content, calls = plan.parse(f"{junk} {CALL}")
+    content, calls = plan.answer(f"{junk} {CALL}")
     assert content == junk and [c["function"]["name"] for c in calls] == ["get_time"]
     streamed, got, _ = _stream(plan, list(f"{junk} {CALL}"))
     assert streamed == junk and [c["function"]["name"] for c in got] == ["get_time"]
     # a tag inside a string with no call around it stays text, whole or streamed
     text = '<tool_call>{"name": "nope", "arguments": {"x": "</tool_call>"}}</tool_call>'
-    assert plan.parse(text) == (text, [])
+    assert plan.answer(text) == (text, [])
     assert _stream(plan, list(text))[:2] == (text, [])
 
 
@@ -222,7 +227,7 @@ def test_a_required_answer_streams_each_call_as_it_comes():
         (1, "get_time", ""),
     ]
     streamed = ["".join(c["function"]["arguments"] for c in calls if c["index"] == i) for i in (0, 1)]
-    whole = [c["function"]["arguments"] for c in _plan("required").parse(COMPACT_CALLS)[1]]
+    whole = [c["function"]["arguments"] for c in _plan("required").answer(COMPACT_CALLS)[1]]
     assert streamed == whole == ['{"city":"x}\\"{[","unit":"c"}', "{}"]
     assert len(calls) > 10  # the weather call's arguments came in pieces, not whole at the end
 
@@ -262,7 +267,7 @@ def test_one_call_only_when_parallel_calls_are_off():
     assert plan.guided()["schema"]["maxItems"] == 1
     text = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_time"}</tool_call>'
     auto = tool_plan([WEATHER, TIME], "auto", parallel=False)
-    content, calls = auto.parse(text)
+    content, calls = auto.answer(text)
     assert len(calls) == 1 and content == '<tool_call>{"name": "get_time"}</tool_call>'
     _, streamed, _ = _stream(auto, [text])
     assert len(streamed) == 1
@@ -274,10 +279,11 @@ def test_a_deeply_nested_call_is_text_not_a_crash():
     plan = tool_plan(TOOLS, "auto")
     deep = '{"name": "get_weather", "arguments": ' + "[" * 6000 + "]" * 6000 + "}"
     text = f"<tool_call>{deep}</tool_call>"
-    assert plan.parse(text) == (text, [])
+    assert plan.answer(text) == (text, [])
     assert plan.stream().push(text) == [{"content": text}]
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        assert tool_plan(TOOLS, choice).parse("[" * 6000 + "]" * 6000) == ("[" * 6000 + "]" * 6000, [])
+    assert tool_plan(TOOLS, "required").answer("[" * 6000 + "]" * 6000) == ("[" * 6000 + "]" * 6000, [])
+    named = tool_plan(TOOLS, {"type": "function", "function": {"name": "get_weather"}})  # its arguments as written
+    assert named.answer("[" * 6000 + "]" * 6000)[1][0]["function"]["arguments"] == "[" * 6000 + "]" * 6000
     message = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": deep}}]}
     assert template_messages([message])[0]["tool_calls"][0]["function"]["arguments"] == deep
 
@@ -287,7 +293,7 @@ def test_many_unclosed_blocks_stay_text_whole_and_streamed():
     as content, whole and streamed token by token."""
     plan = tool_plan(TOOLS, "auto")
     text = "<tool_call>x" * 4096
-    assert plan.parse(text) == (text, [])
+    assert plan.answer(text) == (text, [])
     stream = plan.stream()
     out = [d for i in range(0, len(text), 5) for d in stream.push(text[i : i + 5])] + stream.close()
     assert "".join(d["content"] for d in out) == text
@@ -349,9 +355,9 @@ def test_a_named_calls_arguments_go_on_as_written_even_past_a_doubles_range():
     written, as vLLM's is, not the text as content with no call (an instructor client saw "no tool calls")."""
     plan = _plan({"type": "function", "function": {"name": "get_weather"}})
     text = '{"city":"Paris","temp":2E59048}'
-    content, calls = plan.parse(text)
+    content, calls = plan.answer(text)
     assert content is None and calls[0]["function"] == {"name": "get_weather", "arguments": text}
-    assert plan.parse('{"city":"Par')[1] == []  # cut short: no call
+    assert plan.answer('{"city":"Par')[1][0]["function"]["arguments"] == '{"city":"Par'  # cut short: as streamed
 
 
 _PIECES = [CALL, TAGGED, " ", "\n", "hi", "<tool_call>", "</tool_call>", '"', "\\", "{", "x</tool", "<tool_c"]
@@ -369,7 +375,7 @@ def test_any_answer_streams_as_it_reads_whole(pieces, sizes, parallel):
     first call, which the stream could not know would come)."""
     plan = tool_plan([WEATHER, TIME], "auto", parallel=parallel)
     text = "".join(pieces)
-    whole, whole_calls = plan.parse(text)
+    whole, whole_calls = plan.answer(text)
     parts, i, k = [], 0, 0
     while i < len(text):
         parts.append(text[i : i + sizes[k % len(sizes)]])
@@ -405,7 +411,7 @@ def test_reading_blocks_is_linear_in_the_answer(monkeypatch, block):
     counter = _CountingScanner(tools._JSON_TOKEN)
     monkeypatch.setattr(tools, "_JSON_TOKEN", counter)
     plan = _plan("auto")
-    assert plan.parse(text) == (text, [])
+    assert plan.answer(text) == (text, [])
     assert counter.read <= 3 * len(text), counter.read / len(text)
     counter.read = 0
     content, calls, _ = _stream(plan, [text[i : i + 7] for i in range(0, len(text), 7)])

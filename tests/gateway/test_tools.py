@@ -135,5 +135,78 @@ def test_a_tool_the_grammar_cannot_enforce_beside_a_format_is_refused_naming_too
     """Auto tools beside a response format are compiled with it: a tool's parameters the grammar cannot enforce
     are refused naming tools, not the format (red team: param response_format)."""
     fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA}}
-    odd = {"type": "function", "function": {"name": "tags", "parameters": {"type": "array", "uniqueItems": True}}}
+    tags = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    odd = {"type": "function", "function": {"name": "tags", "parameters": tags}}
     assert "uniqueItems" in refused(lambda: chat(oai, tools=[WEATHER, odd], response_format=fmt), "tools")
+
+
+def _whole_and_streamed(oai, **kw) -> tuple[tuple, tuple]:
+    """(content, calls as (name, arguments), finish reason) of the same greedy answer, whole and streamed."""
+    whole = chat(oai, temperature=0, **kw).choices[0]
+    w = (
+        whole.message.content or "",
+        [(t.function.name, t.function.arguments) for t in whole.message.tool_calls or ()],
+        whole.finish_reason,
+    )
+    content, calls, reasons = "", {}, []
+    for c in chat(oai, temperature=0, stream=True, **kw):
+        if not c.choices:
+            continue
+        d = c.choices[0].delta
+        content += d.content or ""
+        for t in d.tool_calls or ():
+            name, arguments = calls.get(t.index, ("", ""))
+            calls[t.index] = (name + (t.function.name or ""), arguments + (t.function.arguments or ""))
+        reasons += [c.choices[0].finish_reason] if c.choices[0].finish_reason else []
+    return w, (content, [calls[i] for i in sorted(calls)], reasons[0])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_tokens": 2},  # cut short inside the arguments
+        {"max_tokens": 24, "stop": ['"']},  # cut short by a stop string
+    ],
+    ids=["max_tokens", "stop"],
+)
+def test_a_named_call_cut_short_is_the_same_call_whole_and_streamed(oai, kw):
+    """Red team: the whole answer read the text back apart from the stream, so a named function's arguments cut
+    short were content whole and a call streamed. Now the whole answer is what its stream sends: the call, its
+    arguments as written (as vLLM's named calls are)."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole, streamed = _whole_and_streamed(oai, tools=[WEATHER], tool_choice=named, **kw)
+    assert whole == streamed
+    assert whole[0] == "" and [name for name, _ in whole[1]] == ["get_weather"]
+
+
+def test_a_required_answer_is_the_same_whole_and_streamed_and_delivers_all_it_bills(oai):
+    """A "required" answer cut short after whole calls: they are calls whole and streamed alike (whole, it was
+    all content), and what follows them reaches the client as content, its tokens billed."""
+    noargs = {"type": "function", "function": {"name": "noargs"}}
+    kw = {"tools": [WEATHER, noargs], "tool_choice": "required"}
+    for max_tokens in (20, 30, 40):  # the tools take 468 of the tiny context's 512 tokens
+        whole, streamed = _whole_and_streamed(oai, max_tokens=max_tokens, **kw)
+        assert whole == streamed, max_tokens
+        content, calls, _ = whole
+        scored = chat(oai, temperature=0, max_tokens=max_tokens, logprobs=True, **kw).choices[0].logprobs.content
+        left = "".join(t.token for t in scored)  # the text of every token billed
+        # each call as written, then the content, leave nothing of it but the array's own punctuation
+        for part in [f'{{"name":"{n}","arguments":{a}' for n, a in calls] + [content]:
+            at = left.find(part)
+            assert at >= 0 and not set(left[:at]) - set("[,}"), (max_tokens, left, part)
+            left = left[at + len(part) :]
+        assert not set(left) - set("},]"), (max_tokens, left)
+
+
+def test_parameters_that_are_not_an_object_are_refused_as_openai_refuses_them(oai):
+    """Red team: a tool whose parameters were a string schema made the grammar write arguments no call carries,
+    and every call after it was dropped from the stream, billed. OpenAI refuses such parameters; so does this."""
+    string = {"type": "function", "function": {"name": "b", "parameters": {"type": "string", "maxLength": 2}}}
+    for choice in ("required", "auto", {"type": "function", "function": {"name": "b"}}):
+        message = refused(lambda choice=choice: chat(oai, tools=[WEATHER, string], tool_choice=choice), "tools")
+        assert 'tools[1].function.parameters must be a JSON schema of type "object"' in message
+    # one with no type at all takes an object: its calls' arguments are objects
+    untyped = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "integer"}}}}}
+    got = chat(oai, tools=[untyped], tool_choice="required", max_tokens=None, n=3, seed=5, temperature=1.0)
+    done = [c for c in got.choices if c.finish_reason != "length"]  # random weights may list calls to the end
+    assert done and all(isinstance(json.loads(t.function.arguments), dict) for c in done for t in c.message.tool_calls)
