@@ -225,9 +225,9 @@ class ToolPlan:
         return (text.strip() or None) if calls else text, calls
 
     def _constrained(self, text: str) -> list[dict]:
-        if self.choice == "function":  # the arguments as the model wrote them, as the stream sends them; only
-            # their shape is checked (a number past a double's range, 2E59048, is the model's to write)
-            return [_tool_call(self.name, text)] if isinstance(_parsed(text, finite_floats=False), dict) else []
+        """A "required" answer's calls, parsed whole (CallArrayReader could not follow it as it came); [] when it
+        is not a whole array of calls. (A named function's answer is its arguments as written, 2E59048 and all:
+        ToolStream sends them as they come.)"""
         doc = _parsed(text)
         if doc is None:
             return []
@@ -285,7 +285,7 @@ def _rooted(schema: object, at: str, *, names: bool = False) -> object:
     return out
 
 
-def _parsed(text: str, *, finite_floats: bool = True) -> object | None:
+def _parsed(text: str) -> object | None:
     """The JSON a model wrote, within bounds; None when it is not JSON (or too large, or too deep)."""
     try:
         # a model's arguments are passed on as text: a long integer in them is the model's, not refused
@@ -294,7 +294,7 @@ def _parsed(text: str, *, finite_floats: bool = True) -> object | None:
             max_bytes=MAX_CALL_TEXT_BYTES,
             max_depth=MAX_CALL_DEPTH,
             max_int_digits=None,
-            finite_floats=finite_floats,
+            finite_floats=True,
             what="tool call",
         )
     except UntrustedJSONError:
