@@ -276,9 +276,12 @@ class _Sampling(BaseModel):
             return v
         if len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        seen: dict[int, str] = {}
         for k in v:
             if not (k.isascii() and k.isdigit() and len(k) <= 10):
                 raise ValueError(f"keys are token ids as decimal strings; {k[:20]!r} is not one")
+            if (other := seen.setdefault(int(k), k)) != k:  # "2" and "02": which bias the token gets is unsaid
+                raise ValueError(f"{other!r} and {k!r} name the same token, {int(k)}")
         return v
 
     def check(self) -> None:

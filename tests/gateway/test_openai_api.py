@@ -78,6 +78,7 @@ def test_prompt_forms():
         (body(logit_bias={"a": 1}), "logit_bias", "token ids"),
         (body(logit_bias={"5": 101}), "logit_bias", None),
         (body(logit_bias={str(i): 1 for i in range(301)}), "logit_bias", "at most 300"),
+        (body(logit_bias={"2": 5, "02": -5}), "logit_bias", "'2' and '02' name the same token, 2"),  # combo fuzz
         (body(stop_token_ids=list(range(17))), "stop_token_ids", None),
         (body(repetition_penalty=0), "repetition_penalty", None),
         (body(min_p=1.5), "min_p", None),
