@@ -121,7 +121,8 @@ MAX_PRICE_PER_1K_TOKENS = 2**128 - 1  # AdapterRegistry.MAX_PRICE_PER_1K_TOKENS
 MAX_DATASETS = 16  # AdapterRegistry.MAX_DATASETS: datasets one adapter pays
 # AdapterRegistry._checkName, for adapter and dataset names alike: 1..64 bytes of [a-z0-9._/-], the first
 # [a-z0-9], never starting with "0x" (no name looks like an id); _checkVersion: 1..32 bytes of [0-9A-Za-z.+-]
-REGISTRY_NAME_RE = re.compile(r"(?!0x)[a-z0-9][a-z0-9._/-]{0,63}")
+MAX_NAME_BYTES = 64  # AdapterRegistry.MAX_NAME_BYTES
+REGISTRY_NAME_RE = re.compile(rf"(?!0x)[a-z0-9][a-z0-9._/-]{{0,{MAX_NAME_BYTES - 1}}}")
 ADAPTER_VERSION_RE = re.compile(r"[0-9A-Za-z.+-]{1,32}")
 # AdapterRegistry._checkNodeAddress: a node's peer id, API URL and multiaddrs
 MAX_PEER_ID_BYTES = 128
@@ -138,8 +139,8 @@ def registry_name_problem(name: object) -> str | None:
     is fine."""
     if not isinstance(name, str) or not name:
         return "is empty"
-    if len(name.encode("utf-8")) > 64:
-        return "is longer than 64 bytes"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
     if name.startswith("0x"):
         return "starts with 0x (names never look like ids)"
     if REGISTRY_NAME_RE.fullmatch(name) is None:

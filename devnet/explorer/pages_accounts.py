@@ -243,13 +243,19 @@ def tx_page(ex: View, tx_hash: str, tx, receipt, events: Page, total: int) -> st
     return page("Transaction", body)
 
 
-def search_page(query: str, hits: list[tuple[str, str, str]]) -> str:
+def search_page(query: str, hits: list[tuple[str, str, str]], cut: bool = False) -> str:
+    """`cut`: the search by part of an adapter's name stopped early (devnet.explorer.queries.SEARCH_BUDGET_S)."""
     if not query.strip():
         body = "<p>Type a request id, an adapter id or name, an address or a transaction hash.</p>"
     elif not hits:
         body = f'<p id="search-empty">Nothing matches <code>{esc(query)}</code>.</p>'
     else:
         body = table(["kind", "match"], ([esc(k), link(url, label)] for k, label, url in hits), table_id="search-hits")
+    if cut:
+        body += (
+            '<p id="search-cut">The search inside adapters\' names stopped early (too many names share these '
+            "letters): the list holds the names that start with them. Type more of a name, or its start.</p>"
+        )
     return page("Search", body, query=query)
 
 

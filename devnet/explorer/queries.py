@@ -16,10 +16,12 @@ index, whatever the refresher writes meanwhile.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, literal_column
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from common.wire import hex0x, id_bytes
@@ -44,6 +46,7 @@ from devnet.explorer.tables import (
     UsageBlock,
     from_i64,
 )
+from ledger.types import MAX_NAME_BYTES
 
 
 @dataclass(slots=True)
@@ -133,6 +136,7 @@ def _account(t: AccountTotal) -> AccountRewards:
 # own page finds what is there. A page past it is answered empty, as one past the end is. Etherscan likewise
 # lists a token's first 10,000 holders.
 MAX_LIST_DEPTH = 10_000
+SEARCH_BUDGET_S = 0.1  # the most a name search reads the trigram index (a real name's search: about 1 ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,25 +311,58 @@ class IndexReads:
     def successors(self, adapter_id: str) -> list[AdapterRow]:
         return list(self.s.exec(select(AdapterRow).where(AdapterRow.predecessor == adapter_id)).all())
 
-    def search_adapters(self, text: str, limit: int = 50) -> list[AdapterRow]:
-        """Up to `limit` adapters whose name starts with `text` (any case), in name order, then, from 3 characters
-        on, others whose name contains it: each found on an index (the names' order, their trigrams:
-        tables.ADAPTER_SEARCH), never by reading every adapter. Names are lower case (the registry's rule)."""
+    def search_adapters(self, text: str, limit: int = 50) -> tuple[list[AdapterRow], bool]:
+        """(up to `limit` adapters whose name starts with `text` (any case), in name order, then, from 3 characters
+        on, others whose name contains it; whether the second search was cut short). Each is found on an index
+        (the names' order, their trigrams: tables.ADAPTER_SEARCH), never by reading every adapter. Names are lower
+        case and at most MAX_NAME_BYTES long (the registry's rules): longer text is in none.
+
+        A phrase whose trigrams many names share but none holds in a row walks all of those names (a stranger can
+        register a million of "aaa...a0"; 0.8 s a search over 100,000 of them, measured): the trigram search stops
+        at SEARCH_BUDGET_S (SQLite's interrupt), and answers what it found by the start of the name."""
         low = text.lower()
+        if len(low) > MAX_NAME_BYTES:
+            return [], False
         stmt = select(AdapterRow).where(AdapterRow.name >= low, AdapterRow.name < low + "\U0010ffff")
         found = list(self.s.exec(stmt.order_by(AdapterRow.name, AdapterRow.block).limit(limit)).all())
-        if len(found) < limit and len(low) >= 3:  # a trigram index finds no shorter words
-            phrase = '"' + low.replace('"', '""') + '"'  # the words as one string, FTS5's syntax taken literally
-            ids = self.s.connection().exec_driver_sql(
-                f"SELECT adapter_id FROM {ADAPTER_SEARCH} WHERE {ADAPTER_SEARCH} MATCH ? LIMIT ?",
-                (phrase, limit + len(found)),
-            )
-            seen = {a.adapter_id for a in found}
-            more = [i for (i,) in ids if i not in seen][: limit - len(found)]
-            if more:
-                rows = self.s.exec(select(AdapterRow).where(col(AdapterRow.adapter_id).in_(more))).all()
-                found += sorted(rows, key=lambda a: (a.name, a.block, a.adapter_id))
-        return found
+        if len(found) == limit or len(low) < 3:  # a trigram index finds no shorter words
+            return found, False
+        phrase = '"' + low.replace('"', '""') + '"'  # the words as one string, FTS5's syntax taken literally
+        sql = f"SELECT adapter_id FROM {ADAPTER_SEARCH} WHERE {ADAPTER_SEARCH} MATCH ? LIMIT ?"
+        ids = self._within(SEARCH_BUDGET_S, sql, (phrase, limit + len(found)))
+        if ids is None:
+            return found, True
+        seen = {a.adapter_id for a in found}
+        more = [i for (i,) in ids if i not in seen][: limit - len(found)]
+        if more:
+            rows = self.s.exec(select(AdapterRow).where(col(AdapterRow.adapter_id).in_(more))).all()
+            found += sorted(rows, key=lambda a: (a.name, a.block, a.adapter_id))
+        return found, False
+
+    def _within(self, seconds: float, sql: str, args: tuple) -> list | None:
+        """The rows of one statement, or None when it ran past `seconds` and was interrupted (sqlite3_interrupt,
+        from a timer; the read transaction goes on). The timer interrupts only while the statement runs."""
+        conn = self.s.connection()
+        raw = conn.connection.dbapi_connection
+        lock, running = threading.Lock(), [True]
+
+        def stop() -> None:
+            with lock:
+                if running[0]:
+                    raw.interrupt()
+
+        timer = threading.Timer(seconds, stop)
+        timer.start()
+        try:
+            return list(conn.exec_driver_sql(sql, args).all())
+        except OperationalError as e:
+            if "interrupted" not in str(e.orig):
+                raise
+            return None
+        finally:
+            with lock:
+                running[0] = False
+            timer.cancel()
 
     def names(self, page: int, size: int) -> Page:
         """In name order (no kept number, `_clamped`), on the primary key."""

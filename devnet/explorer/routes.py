@@ -136,10 +136,10 @@ def tx(ex: View, tx_hash: str, page: PageNo = 0):
 
 
 def search(ex: View, q: str = ""):
-    url, hits = ex.search(q)
+    url, hits, cut = ex.search(q)
     if url is not None:
         return RedirectResponse(url, status_code=303)
-    return HTMLResponse(acc.search_page(q, hits), status_code=200 if hits or not q.strip() else 404)
+    return HTMLResponse(acc.search_page(q, hits, cut), status_code=200 if hits or not q.strip() else 404)
 
 
 def tokens_svg(ex: View):

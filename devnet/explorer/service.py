@@ -320,8 +320,9 @@ class View:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, query: str) -> tuple[str | None, list[tuple[str, str, str]]]:
-        """(a URL when exactly one thing matches, the matches as (kind, label, url))."""
+    def search(self, query: str) -> tuple[str | None, list[tuple[str, str, str]], bool]:
+        """(a URL when exactly one thing matches, the matches as (kind, label, url), whether the search by part of
+        an adapter's name was cut short: IndexReads.search_adapters)."""
         # no control characters: SQLite's LIKE ends its pattern at a NUL, so "\0" matched every adapter
         q = "".join(ch for ch in query if unicodedata.category(ch) != "Cc").strip()
         hits: list[tuple[str, str, str]] = []
@@ -344,10 +345,12 @@ class View:
                 hits.append(("transaction", low, f"/tx/{low}"))
             elif not hits and self._is_tx(low):
                 hits.append(("transaction", low, f"/tx/{low}"))
+        cut = False
         if q and not hits:
-            for a in self.q.search_adapters(low):
+            adapters, cut = self.q.search_adapters(low)
+            for a in adapters:
                 hits.append(("adapter", f"{a.name} {a.version}", f"/adapters/{a.adapter_id}"))
-        return (hits[0][2] if len(hits) == 1 else None), hits
+        return (hits[0][2] if len(hits) == 1 and not cut else None), hits, cut
 
     def transaction(self, tx_hash: str, *, page: int = 0, size: int = 100):
         """(transaction, receipt or None while pending, a Page of our decoded events), or None when unknown.

@@ -548,12 +548,45 @@ def test_the_search_finds_names_by_their_start_and_by_words_inside_them_reading_
     try:
         cases = {"heap/1": "heap/1", "EAP/0": "eap/0", "p/07": "p/07", "no-such-words": "no-such-words"}
         for asked, words in cases.items():
-            _, found = read.query(lambda q, asked=asked: q.search_adapters(asked))
+            _, (found, cut) = read.query(lambda q, asked=asked: q.search_adapters(asked))
+            assert not cut
             want = sorted((n, a) for a, n in names.items() if words in n)
             starting = [(n, a) for n, a in want if n.startswith(words)]
             # those named from the words first, in name order, then those with the words inside them
             assert [(a.name, a.adapter_id) for a in found] == starting + [x for x in want if x not in starting], asked
-        assert [a.name for a in read.query(lambda q: q.search_adapters("07"))[1]] == []  # under 3: the start only
+        assert read.query(lambda q: q.search_adapters("07"))[1] == ([], False)  # under 3: the start only
     finally:
         event.remove(ex.db.reader, "before_cursor_execute", planned)
     assert plans and not [p for p in plans if p.startswith("SCAN explorer_adapters")], plans
+
+
+def test_a_search_inside_names_many_share_the_letters_of_stops_at_its_budget(tmp_path, monkeypatch):
+    """Review: a phrase whose trigrams many names hold, but none in a row ("a" * 64 against names "a" * 63 + a
+    digit, which anyone may register), walked every such name: 0.8 s a search over 100,000 of them, and more the
+    longer the text. Longer than a name can be, the text is in none; otherwise the walk is interrupted at
+    SEARCH_BUDGET_S and the search says so."""
+    from sqlmodel import Session
+
+    from devnet.explorer import queries
+    from devnet.explorer.index_db import IndexDatabase
+    from devnet.explorer.pages_accounts import search_page
+    from devnet.explorer.tables import ADAPTER_SEARCH
+
+    db = IndexDatabase(tmp_path)
+    try:
+        with db.writer.begin() as conn:
+            conn.exec_driver_sql(
+                f"INSERT INTO {ADAPTER_SEARCH} (name, adapter_id) VALUES (?, ?)",
+                [("a" * 63 + str(i % 10), f"{i:064x}") for i in range(20_000)],
+            )
+        with Session(db.reader) as s:
+            q = IndexReads(s)
+            assert q.search_adapters("a" * 65) == ([], False)  # longer than any name: not searched
+            assert q.search_adapters("zzz") == ([], False)  # a trigram no name holds: answered at once
+            monkeypatch.setattr(queries, "SEARCH_BUDGET_S", 0.001)  # the walk takes some 0.15 s here
+            assert q.search_adapters("a" * 64) == ([], True)  # interrupted
+            assert q.search_adapters("ab") == ([], False)  # the read transaction goes on after an interruption
+    finally:
+        db.dispose()
+    page = search_page("a" * 64, [], cut=True)
+    assert 'id="search-empty"' in page and 'id="search-cut"' in page
