@@ -193,7 +193,7 @@ class NodeGreeter:
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
         unreachable: Exception | None = None
-        for address in await dns.addresses(host, port):  # on threads of their own: a stranger's zone is slow
+        for address in await dns.GREETER.addresses(host, port):  # on threads of their own (gateway.dns)
             key = (address, port)
             if key in self._calling or self._greeted_at.get(key) == this_round:
                 continue

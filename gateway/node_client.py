@@ -4,9 +4,9 @@ Every call that makes a node work or stop (generate, load, abort) is signed with
 node it is meant for (node.request_auth.sign_request); what a node answers is parsed with the bounded parser
 (common.wire.parse_json), as any bytes from the network.
 
-Every call goes over one aiohttp session, its nodes' host names resolved on the lookup threads (gateway.dns):
-a node's registered name in a zone that never answers holds those, never the threads the gateway's own work
-runs on (httpx resolves on the event loop's default executor). The streamed generate, on every request's path
+Every call goes over aiohttp, nodes' host names resolved on the lookup threads (gateway.dns.NODES): a node's
+registered name in a zone that never answers holds those, never the threads the gateway's own work runs on
+(httpx resolves on the event loop's default executor). The streamed generate, on every request's path
 to its first token, went over aiohttp first: measured with bench/gateway.py (2026-12-04, four runs each,
 alternating), the gateway added 1.8-3.6 ms (median 2.2) to TTFT p50 streaming over aiohttp against 3.5-5.4 ms
 (median 4.1) over httpx, whose request and response handling costs more Python per call and per chunk."""
@@ -244,8 +244,8 @@ def _event(payload: str, max_bytes: int) -> dict:
 
 
 class NodeClient:
-    """The gateway's connections to every node: one aiohttp session (see the module docstring); one instance per
-    gateway app."""
+    """The gateway's connections to every node: two aiohttp sessions, the streams' and the other calls' (see the
+    module docstring); one instance per gateway app."""
 
     def __init__(
         self,
@@ -258,15 +258,23 @@ class NodeClient:
         self.key = key or Ed25519PrivateKey.generate()
         self.first_byte_timeout = first_byte_timeout
         self._timeouts = (connect_timeout, read_timeout)
-        self._streams: aiohttp.ClientSession | None = None  # made on first use, on the event loop that uses it
+        # made on first use, on the event loop that uses them: the generate streams, and the other calls (abort,
+        # stored receipt, load) on connections of their own, so an abort never waits behind the streams for one
+        # (sharing a pool, a request's abort waited for a slot while its own stream held one: review)
+        self._streams: aiohttp.ClientSession | None = None
+        self._calls: aiohttp.ClientSession | None = None
 
-    def _stream_session(self) -> aiohttp.ClientSession:
-        if self._streams is None:
+    def _session(self, streams: bool) -> aiohttp.ClientSession:
+        session = self._streams if streams else self._calls
+        if session is None:
             connect, read = self._timeouts
-            self._streams = aiohttp.ClientSession(
-                # a node's host name resolved on the gateway's lookup threads, not the default executor's
+            session = aiohttp.ClientSession(
+                # a node's host name resolved on the gateway's lookup threads (gateway.dns.NODES)
                 connector=aiohttp.TCPConnector(
-                    limit=512, limit_per_host=0, keepalive_timeout=KEEPALIVE_S, resolver=dns.LookupThreadsResolver()
+                    limit=512 if streams else 128,
+                    limit_per_host=0,
+                    keepalive_timeout=KEEPALIVE_S,
+                    resolver=dns.LookupThreadsResolver(),
                 ),
                 # sock_read: at most this long between two chunks of a stream
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
@@ -275,7 +283,11 @@ class NodeClient:
                 auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding",),
             )
-        return self._streams
+            if streams:
+                self._streams = session
+            else:
+                self._calls = session
+        return session
 
     async def open_stream(self, api_url: str, node_id: str, body: dict) -> UpstreamStream:
         """POST /v1/generate with stream=true; NodeUnavailable or NodeRejected when it is not a 200. A node
@@ -289,7 +301,7 @@ class NodeClient:
             async with asyncio.timeout(self.first_byte_timeout):
                 # a redirect is a failed node: followed, it would carry this signed request (and, for a 307,
                 # the prompt) to whatever host the node names
-                r = await self._stream_session().post(
+                r = await self._session(streams=True).post(
                     url, data=data, headers={"Content-Type": "application/json", **signed}, allow_redirects=False
                 )
         # What reaches the client (through the gateway's 503) is in our words and names the node by its id: its
@@ -340,14 +352,13 @@ class NodeClient:
         self, method: str, url: str, *, timeout: float, node_id: str | None = None, body: dict | None = None
     ) -> tuple[int, bytes]:
         """(status, body) of one call, the body read up to one byte past MAX_ANSWER_BYTES (a node cannot make
-        the gateway buffer more); signed for `node_id` when given. CALL_FAILED when it fails. On the streams'
-        session: one pool of connections to nodes, and the host resolved on the lookup threads (gateway.dns)."""
+        the gateway buffer more); signed for `node_id` when given. CALL_FAILED when it fails."""
         data = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"} if body is not None else {}
         if node_id is not None:
             headers |= sign_request(self.key, method=method, path=urlsplit(url).path, node_id=node_id, body=data)
         connect, _ = self._timeouts
-        async with self._stream_session().request(
+        async with self._session(streams=False).request(
             method,
             url,
             data=data or None,
@@ -403,5 +414,6 @@ class NodeClient:
         return status == 200
 
     async def aclose(self) -> None:
-        if self._streams is not None:
-            await self._streams.close()
+        for session in (self._streams, self._calls):
+            if session is not None:
+                await session.close()

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from common.wire import UntrustedJSONError, parse_json
+from gateway import dns
 from gateway.deps import GatewayDep
 from gateway.errors import BadRequest, GatewayError
 
@@ -64,4 +65,5 @@ async def heartbeat(request: Request, gw: GatewayDep) -> dict:
         gw.metrics.heartbeats.labels("refused").inc()
         raise
     gw.metrics.heartbeats.labels("accepted").inc()
+    dns.NODES.warm(entry.api_url)  # its name's addresses ready before a request needs them (gateway.dns)
     return {"accepted": True, "node_id": entry.node_id, "ttl_s": gw.directory.ttl, "gateway_key": gw.gateway_key_hex}

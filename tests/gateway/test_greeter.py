@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import secrets
 import socket
 import ssl
 import threading
@@ -27,6 +28,8 @@ from gateway import dns
 from gateway.greeter import NodeGreeter
 from gateway.node_client import NodeClient
 from node.heartbeat import HeartbeatSender
+from tests.utils.gateway import StandInNode
+from tests.utils.servers import ServerThread
 
 NODE = "0x" + "ab" * 32
 
@@ -251,7 +254,7 @@ def test_many_host_names_of_one_address_get_one_hello_a_round_between_them(monke
         assert host.endswith(".wild.test")
         return ["127.0.0.1"]
 
-    monkeypatch.setattr(dns, "addresses", wildcard)
+    monkeypatch.setattr(dns.GREETER, "addresses", wildcard)
     nodes = {f"0x{i:064x}": f"http://n{i}.wild.test:{port}/node" for i in range(200)}
     g = greeter(nodes)
 
@@ -368,7 +371,7 @@ def test_a_tls_connection_checked_for_one_name_never_carries_a_hello_for_another
     async def resolve(host, port):
         return ["127.0.0.1"]
 
-    monkeypatch.setattr(dns, "addresses", resolve)
+    monkeypatch.setattr(dns.GREETER, "addresses", resolve)
     g = greeter({A: f"https://a.test:{server.port}", B: f"https://b.test:{server.port}"})
 
     async def run():
@@ -418,23 +421,37 @@ def test_a_host_whose_first_address_answers_nothing_is_greeted_at_the_next(monke
 
 class NeverAnsweringZone:
     """socket.getaddrinfo for names in a zone whose nameserver never answers (a stranger's own: glibc's stub resolver
-    then waits 5 s x 2 tries), held until released; other names as the system resolves them."""
-
-    ZONE = ".slowdns.test"
+    then waits 5 s x 2 tries), held until released, each lookup's thread noted; honest.test answers at once (an
+    honest node registered by its name); other names as the system resolves them. A zone of its own per test: the
+    lookups' tables (gateway.dns) outlive a test."""
 
     def __init__(self, monkeypatch) -> None:
+        self.zone = f".slow{secrets.token_hex(4)}.test"
         self.release = threading.Event()
         self.threads: list[str] = []
+        self.hosts: list[str] = []
+        self.honest: list[str] = []
         real = socket.getaddrinfo
 
-        def getaddrinfo(host, *args, **kw):
-            if isinstance(host, str) and host.endswith(self.ZONE):
+        def getaddrinfo(host, port, *args, **kw):
+            if isinstance(host, str) and host.endswith(self.zone):
                 self.threads.append(threading.current_thread().name)
+                self.hosts.append(host)
                 self.release.wait(60)
                 raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-            return real(host, *args, **kw)
+            if host == "honest" + self.zone.replace(".slow", ".fast", 1):
+                self.honest.append(threading.current_thread().name)
+                return real("127.0.0.1", port, *args, **kw)
+            return real(host, port, *args, **kw)
 
         monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    def name(self, i: int) -> str:
+        return f"n{i}{self.zone}"
+
+    @property
+    def honest_name(self) -> str:
+        return "honest" + self.zone.replace(".slow", ".fast", 1)
 
 
 def test_host_names_that_never_resolve_hold_none_of_the_threads_the_gateways_own_work_runs_on(monkeypatch):
@@ -443,21 +460,21 @@ def test_host_names_that_never_resolve_hold_none_of_the_threads_the_gateways_own
     a key lookup, a usage record or a heartbeat (asyncio.to_thread) waited 19.5 s behind them. The node client's
     calls (a registered node that heartbeats is called by its name) resolved there too."""
     zone = NeverAnsweringZone(monkeypatch)
-    g = greeter({f"0x{i:064x}": f"http://n{i}{zone.ZONE}:8000" for i in range(32)}, deadline=0.5)
+    g = greeter({f"0x{i:064x}": f"http://{zone.name(i)}:8000" for i in range(32)}, deadline=0.5)
 
     async def run():
         async with httpx.AsyncClient(timeout=1.0) as client:
             greeting = asyncio.gather(*g.start_due(client))
             nodes = NodeClient()  # its streams and its other calls (abort, receipt, load)
-            streams = [
-                asyncio.create_task(nodes.abort(f"http://s{i}{zone.ZONE}:8000", NODE, "0x" + "ab" * 32))
-                for i in range(8)
+            calls = [
+                asyncio.create_task(nodes.abort(f"http://{zone.name(100 + i)}:8000", NODE, "0x" + "ab" * 32))
+                for i in range(16)
             ]
             await asyncio.sleep(0.3)
             # with every lookup thread held, the gateway's own blocking work still runs at once
             on_a_thread = await asyncio.wait_for(asyncio.to_thread(lambda: threading.current_thread().name), 10)
             results = await greeting  # each greeting ends at its deadline, its lookup queued or held
-            for task in streams:
+            for task in calls:
                 task.cancel()
             await nodes.aclose()
             return on_a_thread, results
@@ -468,9 +485,48 @@ def test_host_names_that_never_resolve_hold_none_of_the_threads_the_gateways_own
         zone.release.set()
     assert not on_a_thread.startswith("dns")
     assert len(results) == 32 and all(r != "ok" for r in results)
-    # the lookups ran on the lookup threads only, and those still queued when their callers gave up never ran
-    assert zone.threads and all(name.startswith("dns") for name in zone.threads)
-    assert len(zone.threads) <= dns.LOOKUP_THREADS
+    # the lookups ran on the lookup threads only, at most as many at once as they have, and the greeter's still
+    # queued when their greetings gave up never ran
+    assert zone.threads and all(name.startswith(("dns-greeter", "dns-nodes")) for name in zone.threads)
+    assert sum(n.startswith("dns-greeter") for n in zone.threads) <= dns.GREETER.threads
+
+
+def test_a_node_that_heartbeats_is_called_by_its_name_while_strangers_names_hold_every_lookup_thread(monkeypatch):
+    """Review: four stalled names held every thread of the one lookup pool, and an honest node registered by its
+    name waited behind them for its stream until first_byte_timeout: taken for dead. Its heartbeat now looks its name
+    up ahead (dns.NODES.warm) and the node client connects on that answer; a name asked for many times at once is
+    looked up once."""
+    zone = NeverAnsweringZone(monkeypatch)
+    with ServerThread(StandInNode(Identity.generate(), "0x" + "b0" * 32).app()) as srv:
+        port = srv.url.rsplit(":", 1)[1]
+
+        async def run():
+            nodes = NodeClient(first_byte_timeout=2.0)
+            dns.NODES.warm(f"http://{zone.honest_name}:{port}")  # as its heartbeat does
+            await asyncio.sleep(0.3)
+            # every lookup thread held by strangers' names, twenty callers to each
+            stalled = [
+                asyncio.create_task(nodes.receipt(f"http://{zone.name(i)}:8000", "0x" + "ab" * 32))
+                for i in range(dns.NODES.threads + 4)
+                for _ in range(20)
+            ]
+            await asyncio.sleep(0.3)
+            body = {"adapter_id": None, "prompt": "x", "max_tokens": 3, "request_id": "0x" + "01" * 32}
+            up = await nodes.open_stream(f"http://{zone.honest_name}:{port}", "0x" + "00" * 32, body)
+            await up.aclose(drain=False)
+            asked = list(zone.hosts)  # the stalled lookups so far
+            for task in stalled:
+                task.cancel()
+            await nodes.aclose()
+            return asked
+
+        try:
+            asked = asyncio.run(run())  # served: NodeUnavailable before
+        finally:
+            zone.release.set()
+    assert len(zone.honest) == 1  # looked up once, ahead of the request
+    # each stalled name looked up once for its twenty callers, as many at once as there are threads
+    assert asked and len(asked) == len(set(asked)) <= dns.NODES.threads, asked
 
 
 def test_the_lookup_threads_resolve_as_the_system_does(monkeypatch):
@@ -479,7 +535,7 @@ def test_the_lookup_threads_resolve_as_the_system_does(monkeypatch):
     async def run():
         resolver = dns.LookupThreadsResolver()
         by_name = await resolver.resolve("localhost", 8080, socket.AF_INET)
-        literal = await dns.addresses("127.0.0.1", 80)
+        literal = await dns.GREETER.addresses("127.0.0.1", 80)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver)) as session:
             server = RawServer(lambda conn: conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"))
             try:
