@@ -8,6 +8,7 @@ import json
 import socket
 import time
 
+import aiohttp
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -354,3 +355,41 @@ def test_a_node_of_an_older_release_refusing_a_guided_type_is_a_node_that_cannot
     with ServerThread(_hostile_node([bad_schema.encode()], status=400)) as srv:
         with pytest.raises(node_client.NodeRejected):  # the client's own mistake stays a 400
             asyncio.run(_events(srv.url))
+
+
+def test_an_abort_is_not_held_behind_the_open_streams(monkeypatch):
+    """Review: abort, receipt and load shared the streams' connection pool, and a request aborts while its own
+    stream is open: with the pool full of streams the abort waited for a connection until its 5 s were up, and the
+    request lost its receipt. They have connections of their own (each pool held to 2 here, as 512 busy streams)."""
+    real = aiohttp.TCPConnector
+    monkeypatch.setattr(aiohttp, "TCPConnector", lambda **kw: real(**(kw | {"limit": 2})))
+    app = FastAPI()
+
+    @app.post("/v1/generate")
+    async def generate():
+        async def events():
+            for i in range(600):
+                yield b"data: " + json.dumps({"type": "token", "text": "x", "index": i}).encode() + b"\n\n"
+                await asyncio.sleep(0.1)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/requests/{rid}/abort")
+    async def abort(rid: str):
+        return {"receipt": {"request_id": rid}, "signature": "00"}
+
+    with ServerThread(app) as srv:
+
+        async def run():
+            nc = NodeClient()
+            body = {"adapter_id": None, "prompt": "x", "max_tokens": 3}
+            ups = [await nc.open_stream(srv.url, NODE_ID, body | {"request_id": f"0x{i:064x}"}) for i in range(2)]
+            try:
+                return await asyncio.wait_for(nc.abort(srv.url, NODE_ID, "0x" + "00" * 32), 4.0)
+            finally:
+                for up in ups:
+                    await up.aclose()
+                await nc.aclose()
+
+        got = asyncio.run(run())
+    assert got == {"receipt": {"request_id": "0x" + "00" * 32}, "signature": "00"}
