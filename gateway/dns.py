@@ -10,7 +10,10 @@ So each user of names has a `Lookups` of its own: the greeter (`GREETER`, names 
 and the node client (`NODES`, names of nodes that do). Within one:
 - a name is looked up once at a time, whoever asks (its callers share the lookup), so a stalled name holds one
   thread, however often it is asked for;
-- a name whose lookup failed (a stalled zone ends so, after the stub resolver's wait) fails at once for FAILED_S;
+- a name whose lookup failed (a stalled zone ends so, after the stub resolver's wait) fails at once for FAILED_S,
+  doubled after each failure in a row (to MAX_FAILED_S): a stranger's stalled name holds a thread some 10 s in 10
+  minutes, where at a fixed 30 s some 57 heartbeating names kept an honest node's refresh waiting (review); a
+  failed refresh keeps an answer still fresh;
 - addresses found are kept KEEP_S, and a heartbeat refreshes its node's (`warm`) before they go stale: a request
   connects to a node that heartbeats without waiting on a lookup, so names stalled by strangers (four sufficed to
   hold every thread of one shared pool, and an honest node named by host then looked dead: review) delay only
@@ -35,7 +38,8 @@ from urllib.parse import urlsplit
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 KEEP_S = 60.0  # addresses found are used this long
-FAILED_S = 30.0  # a name whose lookup failed fails at once this long
+FAILED_S = 30.0  # a name whose lookup failed fails at once this long, twice as long after each failure in a row,
+MAX_FAILED_S = 600.0  # up to this
 
 
 # what aiohttp asks of its resolver (TCPConnector's family, AF_UNSPEC), and the flags LookupThreadsResolver adds
@@ -62,7 +66,7 @@ class Lookups:
         self._lock = threading.RLock()  # a lookup dropped under it ends (its callback takes it again)
         self._inflight: dict[tuple, _Lookup] = {}
         self._found: dict[tuple, tuple[float, list[tuple]]] = {}  # key -> (when, getaddrinfo's answer)
-        self._failed: dict[tuple, tuple[float, OSError]] = {}  # key -> (until, the error)
+        self._failed: dict[tuple, tuple[float, OSError, int]] = {}  # key -> (until, the error, failures in a row)
 
     async def getaddrinfo(self, host: str, port: int, *, family: int = 0, flags: int = 0) -> list[tuple]:
         """getaddrinfo(host, port, family, SOCK_STREAM, flags); an IP literal is answered without a thread."""
@@ -119,13 +123,21 @@ class Lookups:
             now, error = self._clock(), future.exception()
             if error is None:
                 self._found[key] = (now, future.result())
+                self._failed.pop(key, None)
             elif isinstance(error, OSError):
-                self._found.pop(key, None)
-                self._failed[key] = (now + FAILED_S, error)
+                # an answer still fresh is kept (a refresh that failed once must not make an honest node
+                # unreachable while it lasts: review); a name failing again and again is asked less and less
+                # often, so a stranger's stalled names hold the lookup threads a little of the time
+                found, previous = self._found.get(key), self._failed.get(key)
+                failures = previous[2] + 1 if previous is not None else 1
+                until = now + min(MAX_FAILED_S, FAILED_S * 2 ** min(failures - 1, 16))
+                self._failed[key] = (until, error, failures)
+                if found is not None and now - found[0] >= KEEP_S:
+                    del self._found[key]
             # answers past use forgotten, so names asked for once do not pile up
             if len(self._found) > 4096:
                 self._found = {k: v for k, v in self._found.items() if now - v[0] < KEEP_S}
-            if len(self._failed) > 4096:
+            if len(self._failed) > 4096:  # (a name's failures are forgotten with it: it is asked again at once)
                 self._failed = {k: v for k, v in self._failed.items() if now < v[0]}
 
     async def _wait(self, key: tuple, lookup: _Lookup) -> list[tuple]:

@@ -321,7 +321,7 @@ class IndexReads:
         register a million of "aaa...a0"; 0.8 s a search over 100,000 of them, measured): the trigram search stops
         at SEARCH_BUDGET_S (SQLite's interrupt), and answers what it found by the start of the name."""
         low = text.lower()
-        if len(low) > MAX_NAME_BYTES:
+        if len(low.encode()) > MAX_NAME_BYTES:
             return [], False
         stmt = select(AdapterRow).where(AdapterRow.name >= low, AdapterRow.name < low + "\U0010ffff")
         found = list(self.s.exec(stmt.order_by(AdapterRow.name, AdapterRow.block).limit(limit)).all())
