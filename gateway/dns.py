@@ -78,7 +78,8 @@ class Lookups:
             if (found := self._found.get(key)) is not None and now - found[0] < KEEP_S:
                 return found[1]
             if (failed := self._failed.get(key)) is not None and now < failed[0]:
-                raise failed[1]
+                # a new error each time: raising the kept one again would lengthen its traceback with every caller
+                raise type(failed[1])(*failed[1].args)
             lookup = self._start(key)
             lookup.waiting += 1
         return await self._wait(key, lookup)
@@ -194,7 +195,7 @@ class LookupThreadsResolver(AbstractResolver):
         self.lookups = lookups
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
-        infos = await self.lookups.getaddrinfo(host, port, family=family, flags=socket.AI_ADDRCONFIG)
+        infos = await self.lookups.getaddrinfo(host, port, family=family, flags=RESOLVER_FLAGS)
         numeric = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
         return [
             ResolveResult(hostname=host, host=addr[0], port=addr[1], family=fam, proto=proto, flags=numeric)

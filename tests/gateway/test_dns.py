@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import traceback
 
 import pytest
 
@@ -111,3 +112,17 @@ def test_callers_of_one_name_share_its_lookup(world):
         return await asyncio.gather(*(lookups.getaddrinfo("same.test", 80) for _ in range(20)))
 
     assert asyncio.run(run()) == [ADDRESS] * 20 and resolver.calls == 1
+
+
+def test_a_kept_failure_is_raised_afresh_to_each_caller(world):
+    """Raised again and again, one kept exception grew its traceback by a frame or more each time (a name failing
+    for ten minutes, asked on every request)."""
+    resolver, _, lookups = world
+    resolver.answer = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    depths = []
+    for _ in range(50):
+        with pytest.raises(socket.gaierror) as e:
+            _ask(lookups)
+        assert e.value.args == resolver.answer.args
+        depths.append(len(traceback.extract_tb(e.value.__traceback__)))
+    assert resolver.calls == 1 and depths[-1] == depths[1], depths
