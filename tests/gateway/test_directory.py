@@ -11,18 +11,11 @@ from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
 from gateway.errors import BadRequest, Forbidden
 from node.heartbeat import make_heartbeat
+from tests.utils.clock import Clock
 from tests.utils.gateway import add_adapter, add_node, make_db
 
 BASE = "0x" + "11" * 32
 OTHER_BASE = "0x" + "22" * 32
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture

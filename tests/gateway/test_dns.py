@@ -10,6 +10,7 @@ import traceback
 import pytest
 
 from gateway import dns
+from tests.utils.clock import Clock
 
 ADDRESS = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 80))]
 
@@ -29,17 +30,9 @@ class Resolver:
         return self.answer
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def world(monkeypatch):
-    clock = Clock()
+    clock = Clock(1000.0)
     return Resolver(monkeypatch), clock, dns.Lookups(2, "dns-test", clock=clock)
 
 
@@ -61,12 +54,12 @@ def test_a_failed_refresh_keeps_an_answer_still_fresh(world):
     and every request to it failed at once for 30 s: taken for dead, though the name had resolved 32 s before."""
     resolver, clock, lookups = world
     assert _ask(lookups) == ADDRESS and resolver.calls == 1
-    clock.now += dns.KEEP_S / 2 + 2  # due for a refresh
+    clock.t += dns.KEEP_S / 2 + 2  # due for a refresh
     resolver.answer = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
     _warm(lookups)
     assert resolver.calls == 2
     assert _ask(lookups) == ADDRESS and resolver.calls == 2  # the answer, still fresh, with no lookup
-    clock.now += dns.KEEP_S / 2 - 2  # the answer is stale, the failure (30 s) still holds: fails at once
+    clock.t += dns.KEEP_S / 2 - 2  # the answer is stale, the failure (30 s) still holds: fails at once
     with pytest.raises(socket.gaierror):
         _ask(lookups)
     assert resolver.calls == 2
@@ -83,23 +76,23 @@ def test_a_name_failing_again_and_again_is_asked_less_and_less_often_until_it_an
         with pytest.raises(socket.gaierror):
             _ask(lookups)
         calls = resolver.calls
-        start = clock.now
+        start = clock.t
         while True:  # asked each second: the name fails at once until its time is up
-            clock.now += 1
+            clock.t += 1
             _warm(lookups)
             if resolver.calls > calls:
                 break
-        waits.append(clock.now - start)
+        waits.append(clock.t - start)
     assert waits == [min(dns.MAX_FAILED_S, dns.FAILED_S * 2**i) for i in range(8)]
     resolver.answer = ADDRESS
-    clock.now += dns.MAX_FAILED_S
+    clock.t += dns.MAX_FAILED_S
     assert _ask(lookups) == ADDRESS
     resolver.answer = socket.gaierror(socket.EAI_AGAIN, "again")
-    clock.now += dns.KEEP_S
+    clock.t += dns.KEEP_S
     with pytest.raises(socket.gaierror):
         _ask(lookups)
     calls = resolver.calls
-    clock.now += dns.FAILED_S + 1  # its first failure again: 30 s
+    clock.t += dns.FAILED_S + 1  # its first failure again: 30 s
     with pytest.raises(socket.gaierror):
         _ask(lookups)
     assert resolver.calls == calls + 1

@@ -17,16 +17,11 @@ from gateway.tables import RateBucket
 from ledger.db import init_db, make_engine
 from node.adapters.basemodel import base_model_id
 from tests.gateway import TINY
+from tests.utils.clock import Clock
 from tests.utils.gateway import StandInNode, gateway_over, make_db, poll, start_gateway_process
 from tests.utils.postgres import postgres  # noqa: F401 - the module-scoped fixture
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
+START = 1_800_000_000.0  # the test clock's first reading: a time of day, as the limiter reads time.time
 
 
 @pytest.fixture
@@ -35,7 +30,7 @@ def db(tmp_path):
 
 
 def test_requests_per_minute(db):
-    clock = Clock()
+    clock = Clock(START)
     rl = RateLimiter(db, clock)
     for _ in range(3):
         rl.admit(1, rpm=3, tpm=None)
@@ -48,7 +43,7 @@ def test_requests_per_minute(db):
 
 
 def test_tokens_per_minute_charged_after_the_fact(db):
-    clock = Clock()
+    clock = Clock(START)
     rl = RateLimiter(db, clock)
     rl.admit(1, rpm=None, tpm=100)
     rl.charge_tokens(1, 160, tpm=100)  # overdraws the bucket to -60
@@ -62,7 +57,7 @@ def test_tokens_per_minute_charged_after_the_fact(db):
 def test_tokens_are_reserved_at_admission_and_the_unused_part_given_back(db):
     # a request's most tokens (prompt + max_tokens for every sequence) are taken before it runs: charged
     # only afterwards, any number of requests admitted while the bucket held 1 token ran to their full size
-    clock = Clock()
+    clock = Clock(START)
     rl = RateLimiter(db, clock)
     rl.reserve(1, 60, tpm=100)
     with pytest.raises(RateLimited, match="100 tokens per minute"):
@@ -76,7 +71,7 @@ def test_tokens_are_reserved_at_admission_and_the_unused_part_given_back(db):
 
 
 def test_unlimited_key_never_touches_the_database(db):
-    rl = RateLimiter(db, Clock())
+    rl = RateLimiter(db, Clock(START))
     for _ in range(1000):
         rl.admit(1, rpm=None, tpm=None)
     rl.charge_tokens(1, 10**9, tpm=None)
@@ -85,7 +80,7 @@ def test_unlimited_key_never_touches_the_database(db):
 
 
 def test_changed_limit_starts_fresh_bucket(db):
-    rl = RateLimiter(db, Clock())
+    rl = RateLimiter(db, Clock(START))
     rl.admit(1, rpm=1, tpm=None)
     with pytest.raises(RateLimited):
         rl.admit(1, rpm=1, tpm=None)
@@ -93,7 +88,7 @@ def test_changed_limit_starts_fresh_bucket(db):
 
 
 def test_a_refusal_leaves_the_buckets_as_they_were(db):
-    clock = Clock()
+    clock = Clock(START)
     rl = RateLimiter(db, clock)
     rl.admit(1, rpm=2, tpm=100)
     rl.charge_tokens(1, 200, tpm=100)  # tokens overdrawn: requests are refused ...
@@ -106,9 +101,9 @@ def test_a_refusal_leaves_the_buckets_as_they_were(db):
 
 
 def test_a_clock_behind_does_not_drain_the_bucket(db):
-    clock = Clock()
+    clock = Clock(START)
     RateLimiter(db, clock).admit(1, rpm=2, tpm=None)
-    behind = Clock()
+    behind = Clock(START)
     behind.t = clock.t - 30  # another gateway's clock, 30 s slow
     RateLimiter(db, behind).admit(1, rpm=2, tpm=None)
     with pytest.raises(RateLimited):

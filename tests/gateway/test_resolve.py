@@ -18,6 +18,7 @@ from gateway.keys import KeyInfo
 from node.adapters.basemodel import base_model_name
 from node.heartbeat import make_heartbeat
 from tests.gateway import TINY
+from tests.utils.clock import Clock
 from tests.utils.gateway import add_adapter, add_node, make_db
 
 BASE = "0x" + "11" * 32
@@ -25,14 +26,6 @@ OTHER_BASE = "0x" + "22" * 32
 REAL = "0x" + "aa" * 32  # a real adapter's id
 SHADOW = "0x" + "bb" * 32  # the attacker's adapters
 KEY = KeyInfo(id=1, name="k", prefix="p", requests_per_minute=None, tokens_per_minute=None, adapters=frozenset())
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
