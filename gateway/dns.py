@@ -89,8 +89,7 @@ class Lookups:
         fresh (half of KEEP_S), on their way, or failed lately: a node that heartbeats has them ready for the next
         request to it."""
         try:
-            parts = urlsplit(url)
-            host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+            host, port = host_and_port(url)
         except ValueError:
             return
         if not host or _literal(host):
@@ -155,6 +154,12 @@ class Lookups:
     async def addresses(self, host: str, port: int) -> list[str]:
         """The addresses `host` resolves to, in the resolver's order (the order a connection by name tries them)."""
         return list(dict.fromkeys(info[4][0] for info in await self.getaddrinfo(host, port)))
+
+
+def host_and_port(url: str) -> tuple[str, int]:
+    """(host, port) a URL calls: its port, or its scheme's. ValueError for a port one cannot call."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _literal(host: str) -> bool:

@@ -191,7 +191,7 @@ class NodeGreeter:
         skipping those called this round or being called: (status, answer), or (None, b"") when every address was
         skipped. Each address tried counts as called this round."""
         parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        host, port = dns.host_and_port(url)
         unreachable: Exception | None = None
         for address in await dns.GREETER.addresses(host, port):  # on threads of their own (gateway.dns)
             key = (address, port)
@@ -254,11 +254,10 @@ def _origin(url: str) -> tuple | None:
     """(scheme, host, port) of a callable URL: what one server answers, whatever the path. None for a URL with no
     port one can call (the registry takes `http://h:99999` and `http://[::1`; httpx refuses them)."""
     try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host, port = dns.host_and_port(url)
     except ValueError:
         return None
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+    return urlsplit(url).scheme.lower(), host.lower(), port
 
 
 def _callable_url(url: str) -> bool:
