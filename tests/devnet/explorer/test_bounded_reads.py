@@ -8,6 +8,7 @@ plot read every adapter's usage to draw the top few.
 Real anvil, the explorer under real uvicorn in this process, its reads of the index counted row by row, and the
 steps SQLite took to answer them (what an OFFSET walks and never returns)."""
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -560,6 +561,10 @@ def test_the_search_finds_names_by_their_start_and_by_words_inside_them_reading_
     assert plans and not [p for p in plans if p.startswith("SCAN explorer_adapters")], plans
 
 
+def _no_thread(self):
+    raise AssertionError(f"a thread started: {self!r}")
+
+
 def test_a_search_inside_names_many_share_the_letters_of_stops_at_its_budget(tmp_path, monkeypatch):
     """Review: a phrase whose trigrams many names hold, but none in a row ("a" * 64 against names "a" * 63 + a
     digit, which anyone may register), walked every such name: 0.8 s a search over 100,000 of them, and more the
@@ -584,7 +589,11 @@ def test_a_search_inside_names_many_share_the_letters_of_stops_at_its_budget(tmp
             assert q.search_adapters("a" * 65) == ([], False)  # longer than any name: not searched
             assert q.search_adapters("zzz") == ([], False)  # a trigram no name holds: answered at once
             monkeypatch.setattr(queries, "SEARCH_BUDGET_S", 0.001)  # the walk takes some 0.15 s here
+            threads = threading.active_count()
+            monkeypatch.setattr(threading.Thread, "start", _no_thread)  # the budget is kept in this thread
             assert q.search_adapters("a" * 64) == ([], True)  # interrupted
+            monkeypatch.undo()
+            assert threading.active_count() == threads
             assert q.search_adapters("ab") == ([], False)  # the read transaction goes on after an interruption
     finally:
         db.dispose()
