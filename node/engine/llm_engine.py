@@ -377,8 +377,8 @@ class LLMEngine:
         try:
             drafts = self._drafts(seqs) if not prefill and self.config.speculative == "ngram" else None
             if drafts is not None and any(drafts):
-                results = self._speculative_step(seqs, drafts)
-                return events + self._emit_many(seqs, results), True
+                results, bad = self._speculative_step(seqs, drafts)
+                return events + self._end_failed(seqs, bad) + self._emit_many(seqs, results), True
             prompt_rows = [i for i, s in enumerate(seqs) if s.wants_prompt_logprobs] if prefill else []
             if prompt_rows:  # logits [B, V], and the hidden states of those rows' prompt positions
                 logits, prompt_hidden = self.runner.prefill_scoring(seqs, prompt_rows)
@@ -395,12 +395,9 @@ class LLMEngine:
                 if s.status != SeqStatus.FINISHED:
                     events.append(self._end_group(s.group, "error", f"engine step failed: {type(e).__name__}: {e}"))
             return events, True
+        events += self._end_failed(seqs, bad)
         for s, t, lp in zip(seqs, tokens, scored, strict=True):
-            if s.group.request_id in bad:
-                if s.status != SeqStatus.FINISHED:
-                    events.append(self._end_group(s.group, "error", bad[s.group.request_id]))
-                continue
-            if s.status == SeqStatus.FINISHED:  # its request failed on a sibling's token, earlier in this loop
+            if s.status == SeqStatus.FINISHED:  # its request failed, on its sampling or on a sibling's token
                 continue
             evs, reason = self._emit(s, t, lp)
             events += evs
@@ -408,6 +405,14 @@ class LLMEngine:
                 events += self._end_sequence(s, reason)
         self._count(len(seqs))
         return events, True
+
+    def _end_failed(self, seqs: list[Sequence], bad: dict[str, str]) -> list:
+        """End the requests whose sampling failed (_apart): {request id: error}."""
+        events: list = []
+        for s in seqs:
+            if s.group.request_id in bad and s.status != SeqStatus.FINISHED:
+                events.append(self._end_group(s.group, "error", bad[s.group.request_id]))
+        return events
 
     # ---- speculative decoding (speculative.py) ----
     def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
@@ -432,41 +437,53 @@ class LLMEngine:
             out.append(d)
         return out
 
-    def _speculative_step(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[tuple[list[int], list]]:
+    def _speculative_step(
+        self, seqs: list[Sequence], drafts: list[list[int]]
+    ) -> tuple[list[tuple[list[int], list] | None], dict[str, str]]:
         """One decode forward over every row's newest token and draft; per row, the tokens to emit and their
-        logprob entries (None each when not asked). Rows without a draft sample exactly as a plain step does."""
+        logprob entries (None each when not asked), and {request id: error} of the requests whose sampling failed
+        (their rows None: _apart, as a plain step's). Rows without a draft sample exactly as a plain step does."""
         logits = self.runner.forward(seqs, False, drafts=drafts)  # [T, V], 1 + len(draft) positions a row
         starts = [0]
         for d in drafts:
             starts.append(starts[-1] + len(d) + 1)
-        results: list = [None] * len(seqs)
-        plain = [i for i, d in enumerate(drafts) if not d]
-        spec = [i for i, d in enumerate(drafts) if d]
         dev = logits.device
-        if plain:
-            idx = torch.tensor([starts[i] for i in plain], device=dev)
-            tokens, scored = self._sample([seqs[i] for i in plain], logits[idx])
-            for i, t, lp in zip(plain, tokens, scored, strict=True):
-                results[i] = ([t], [lp])
-        if spec:
-            idx = torch.tensor([r for i in spec for r in range(starts[i], starts[i + 1])], device=dev)
-            tokens, accepted, scored = verify(
-                logits[idx], [seqs[i] for i in spec], [drafts[i] for i in spec], self.eos_ids
-            )
-            for i, toks, lps in zip(spec, tokens, scored, strict=True):
-                results[i] = (toks, lps if lps is not None else [None] * len(toks))
-            self.spec_draft_tokens += sum(len(drafts[i]) for i in spec)
-            self.spec_accepted_tokens += sum(accepted)
-        return results
+
+        def sample(rows: list[int]) -> list[tuple[list[int], list]]:
+            # gathered copies of the rows' logits: a grammar's mask writes into its copy, never into `logits`
+            results: dict[int, tuple[list[int], list]] = {}
+            plain = [i for i in rows if not drafts[i]]
+            spec = [i for i in rows if drafts[i]]
+            if plain:
+                idx = torch.tensor([starts[i] for i in plain], device=dev)
+                tokens, scored = self._sample([seqs[i] for i in plain], logits[idx])
+                for i, t, lp in zip(plain, tokens, scored, strict=True):
+                    results[i] = ([t], [lp])
+            if spec:
+                idx = torch.tensor([r for i in spec for r in range(starts[i], starts[i + 1])], device=dev)
+                tokens, _, scored = verify(
+                    logits[idx], [seqs[i] for i in spec], [drafts[i] for i in spec], self.eos_ids
+                )
+                for i, toks, lps in zip(spec, tokens, scored, strict=True):
+                    results[i] = (toks, lps if lps is not None else [None] * len(toks))
+            return [results[i] for i in rows]
+
+        results, bad = self._apart(seqs, sample)
+        for d, got in zip(drafts, results, strict=True):
+            if d and got is not None:  # a row emits its accepted draft and one token of the target's own
+                self.spec_draft_tokens += len(d)
+                self.spec_accepted_tokens += len(got[0]) - 1
+        return results, bad
 
     def _emit_many(self, seqs: list[Sequence], results: list[tuple[list[int], list]]) -> list:
         """Emit each row's tokens in order, stopping at the first that ends it (the rest are dropped); then
         register its blocks whose KV is now written and accepted, and free the blocks its rejected draft took."""
         events: list = []
         n = 0
-        for s, (toks, lps) in zip(seqs, results, strict=True):
-            if s.status == SeqStatus.FINISHED:  # its request failed on a sibling's token: its blocks are freed
+        for s, got in zip(seqs, results, strict=True):
+            if s.status == SeqStatus.FINISHED:  # its request failed (its sampling, a sibling's token): blocks freed
                 continue
+            toks, lps = got
             reason = None
             for t, lp in zip(toks, lps, strict=True):
                 evs, reason = self._emit(s, t, lp)
@@ -528,39 +545,57 @@ class LLMEngine:
 
     @torch.inference_mode()  # the logits are an inference tensor: the grammar's mask writes into them
     def _sample_apart(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list, list, dict[str, str]]:
-        """_sample for the whole batch; when that raises, again request by request, so a request whose
-        parameters break the sampler fails alone rather than every request batched beside it. Returns the
-        tokens and scores (None in the rows of a failed request) and {request id: error} of those that failed.
-        A retry starts from what the failed try found: the host generators it drew from are put back (a seeded
-        request draws as it would have), and so are the rows a grammar's mask wrote into (their log-probs are
-        the model's own); the device sampler draws from seeds and steps, with no state to put back."""
-        states = [s.generator.get_state() for s in seqs] if self.device.type != "cuda" else None
+        """_sample for the whole batch, apart by request where it raises (_apart). Returns the tokens and scores
+        (None in the rows of a failed request) and {request id: error} of those that failed. A retry starts from
+        the rows the failed try's grammar masks wrote into put back (their log-probs are the model's own)."""
         masked = {i: logits[i].clone() for i, s in enumerate(seqs) if s.matcher is not None}
+
+        def sample(rows: list[int]) -> list[tuple[int, object]]:
+            # all rows (the first try): the logits as they are; a request's: a gathered copy, which a grammar's mask
+            # writes into, not the others' rows
+            part = logits if len(rows) == len(seqs) else logits[torch.tensor(rows, device=logits.device)]
+            return list(zip(*self._sample([seqs[i] for i in rows], part), strict=True))
+
+        def put_back() -> None:
+            for i, row in masked.items():
+                logits[i] = row
+
+        results, bad = self._apart(seqs, sample, put_back)
+        tokens = [None if r is None else r[0] for r in results]
+        return tokens, [None if r is None else r[1] for r in results], bad
+
+    def _apart(self, seqs: list[Sequence], sample, put_back=None) -> tuple[list, dict[str, str]]:
+        """`sample(rows)` (one result per row index) for the whole batch; when that raises, again request by
+        request, so a request whose parameters break the sampler fails alone rather than every request batched
+        beside it. Returns the results (None in the rows of a failed request) and {request id: error} of those that
+        failed. A retry starts from what the failed try found: the host generators it drew from are put back (a
+        seeded request draws as it would have), and so is what `put_back` restores; the device sampler draws from
+        seeds and steps, with no state to put back."""
+        states = [s.generator.get_state() for s in seqs] if self.device.type != "cuda" else None
         try:
-            return (*self._sample(seqs, logits), {})
+            return sample(list(range(len(seqs)))), {}
         except Exception:
             if len({s.group.request_id for s in seqs}) == 1:
                 raise
             log.exception("sampling a step failed; sampling its requests one by one")
         for s, state in zip(seqs, states or (), strict=False):
             s.generator.set_state(state)
-        for i, row in masked.items():
-            logits[i] = row
-        tokens: list = [None] * len(seqs)
-        scored: list = [None] * len(seqs)
+        if put_back is not None:
+            put_back()
+        results: list = [None] * len(seqs)
         bad: dict[str, str] = {}
         rows_of: dict[str, list[int]] = {}
         for i, s in enumerate(seqs):
             rows_of.setdefault(s.group.request_id, []).append(i)
         for rid, rows in rows_of.items():
-            try:  # a gathered copy of the rows' logits: this try writes nothing into the others'
-                got, lps = self._sample([seqs[i] for i in rows], logits[torch.tensor(rows, device=logits.device)])
+            try:
+                got = sample(rows)
             except Exception as e:
                 bad[rid] = f"engine step failed: {type(e).__name__}: {e}"
                 continue
-            for i, t, lp in zip(rows, got, lps, strict=True):
-                tokens[i], scored[i] = t, lp
-        return tokens, scored, bad
+            for i, r in zip(rows, got, strict=True):
+                results[i] = r
+        return results, bad
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list]:
         """One token per row, and its raw log-probabilities for the rows that ask (else None)."""

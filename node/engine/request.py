@@ -58,6 +58,10 @@ class EngineBusyError(RuntimeError):
 # Temperatures below this sample as greedy (as vLLM's sampling epsilon does): dividing logits by them
 # overflows float32.
 MIN_TEMPERATURE = 1e-5
+# A float32 holds no temperature past 3.4e38: 1e39 became inf on the way to the sampler, and a row's -inf logit
+# (a banned token) over it NaN, which failed the draw (red team). Far below that bound every token is about as
+# likely already: logits span some tens
+MAX_TEMPERATURE = 1e6
 
 
 def _number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -114,8 +118,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not 0 <= self.temperature < math.inf:
-            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise RequestError(
+                f"temperature must be a finite number >= 0 and <= {MAX_TEMPERATURE:g}, got {self.temperature!r}"
+            )
         if self.temperature < MIN_TEMPERATURE:
             # logits / 1e-308 overflow to inf and the draw fails; a temperature this small is greedy anyway
             object.__setattr__(self, "temperature", 0.0)

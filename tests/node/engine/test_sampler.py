@@ -55,6 +55,7 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours():
         ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
         ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
         ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": 1e39}, "temperature must be a finite number >= 0 and <= 1e\\+06"),  # inf as a float32
         ({"top_p": 0.0}, "top_p must be in"),
         ({"top_p": 1.5}, "top_p must be in"),
         ({"top_k": -1}, "top_k must be an integer in \\[0, "),

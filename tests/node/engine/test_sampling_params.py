@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from node.engine import GenerationRequest, RequestError, SamplingParams
+from node.engine import FinishEvent, GenerationRequest, RequestError, SamplingParams
 from node.engine.layers.logits_processor import process_logits
 from node.engine.layers.sampler import draw_on_device, sample, sample_batched, sample_on_device
 from tests.utils.engine import greedy
@@ -366,5 +366,49 @@ def test_a_request_that_breaks_the_sampler_fails_alone(llama_world):
             for fin in (alone["guided"], done["guided-beside"])
         ]
         assert lps[0] == lps[1] and all(lp > -1e9 for _, lp in lps[0])
+    finally:
+        engine.close()
+
+
+def test_a_request_that_breaks_the_sampler_fails_alone_in_a_drafting_step(llama_world):
+    # red team: a step where any row drafts (speculative "ngram", the default) sampled and verified its whole batch
+    # at once, outside the retry request by request above: from its decoding steps on, a rogue request failed
+    # every request batched beside it. Here its top_k is set past every check just before a step in which the
+    # others draft (found by a first run of the same requests: their drafts follow their own tokens, and prefill
+    # steps never draft). A seeded sampled request beside it draws what it draws alone.
+    engine = llama_world.engine(num_kv_blocks=256)
+    repeat = [5, 6, 7, 8, 9, 10, 11, 12] * 6  # a prompt the n-gram drafter finds drafts in
+
+    def run(tag: str, poison_before: int | None = None) -> tuple[dict[str, FinishEvent], list[int]]:
+        """The rogue and the victims together: their ends, and the steps that drafted."""
+        hot = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
+        seeded = SamplingParams(max_tokens=30, temperature=0.5, seed=3, ignore_eos=True)
+        for r in (
+            GenerationRequest(f"rogue{tag}", None, prompt_token_ids=[1, 2, 3], params=hot),
+            greedy(f"greedy{tag}", None, repeat, 30),
+            GenerationRequest(f"seeded{tag}", None, prompt_token_ids=repeat, params=seeded),
+        ):
+            engine.add_request(r)
+        done, drafting, step = {}, [], 0
+        while engine.has_work():
+            if step == poison_before:
+                object.__setattr__(hot, "top_k", 10**400)
+            drafted = engine.spec_draft_tokens
+            done |= {e.request_id: e for e in engine.step()[0] if isinstance(e, FinishEvent)}
+            if engine.spec_draft_tokens > drafted:
+                drafting.append(step)
+            step += 1
+        return done, drafting
+
+    try:
+        clean, drafting = run("")
+        assert drafting and drafting[0] > 0 and all(v.error is None for v in clean.values())
+        done, _ = run("-beside", poison_before=drafting[0])
+        rogue = done["rogue-beside"]
+        assert rogue.finish_reason == "error" and "OverflowError" in rogue.error
+        assert len(rogue.token_ids) == len(clean["rogue"].token_ids[: drafting[0]])  # it failed in that step
+        for rid in ("greedy", "seeded"):
+            got = done[f"{rid}-beside"]
+            assert got.error is None and got.token_ids == clean[rid].token_ids, rid
     finally:
         engine.close()
