@@ -11,10 +11,10 @@ Who may call what (401 unauthenticated / 403 not allowed, in the error shape bel
 POST /v1/generate                            gateway-signed
     body (unknown fields -> 400): {"request_id": "0x"+64hex (optional; made if absent),
       "adapter_id": "0x"+64hex | null (base model), "prompt": str | "prompt_token_ids": [int],
-      "max_tokens": int >= 1 = 16, "temperature": float >= 0 = 1.0 (0 = greedy), "top_p": (0, 1] = 1,
+      "max_tokens": int >= 1 = 16, "temperature": float in [0, 1e6] = 1.0 (0 = greedy), "top_p": (0, 1] = 1,
       "top_k": int >= 0 = 0 (off), "seed": int in [0, 2^64) | null, "stop": [str] (<= 4), "stream": bool = false,
-      "cache_salt": str (1..256) | null: requests share cached prompt KV only under one salt, and the other
-      sampling, scoring and grammar fields of models.GenerateBody}
+      "cache_salt": str (1..256) | null: requests share cached prompt KV and compiled grammars only under one
+      salt, and the other sampling, scoring and grammar fields of models.GenerateBody}
     Fields added after the first release (common.wire.GENERATE_FEATURES) are listed in /status's "features": a gateway
     sends one only to a node that lists it.
     A request id this node already runs or holds a receipt for: 409 "duplicate_request".

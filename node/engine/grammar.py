@@ -408,37 +408,47 @@ class Grammars:
             self.named_row[:full] = -1
             for k in range(rest):
                 self.named_row[full] |= _bit(k)
-        self._cache: OrderedDict[GuidedSpec, object] = OrderedDict()
+        # (spec, share) -> prototype: copies of one prototype share its lexer's states (below), so requests share one
+        # only under one cache salt, as they share cached prompt KV (GenerationRequest.cache_salt)
+        self._cache: OrderedDict[tuple[GuidedSpec, str | None], object] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def cached(self, spec: GuidedSpec) -> bool:
-        """Whether the spec's grammar is compiled already (a matcher of it costs a copy, not a compile)."""
+    def cached(self, spec: GuidedSpec, share: str | None = None) -> bool:
+        """Whether the spec's grammar is compiled already for requests of cache salt `share` (a matcher of it
+        costs a copy, not a compile)."""
         with self._lock:
-            return spec in self._cache
+            return (spec, share) in self._cache
 
-    def forget(self, spec: GuidedSpec) -> None:
-        """Drop the spec's compiled grammar: a matcher of it failed in the library (Matcher.library_failed). Its
-        copies share the lexer's states and the parser's locks with it: one hostile walk spent the lexer's states,
-        or a panic the library caught poisoned a lock, and every later request of that grammar, another client's
-        too, failed at its first token (red team). The next request compiles it afresh."""
+    def forget(self, spec: GuidedSpec, share: str | None = None) -> None:
+        """Drop the spec's compiled grammar of cache salt `share`: a matcher of it failed in the library
+        (Matcher.library_failed). Its copies share the lexer's states and the parser's locks with it: one hostile
+        walk spent the lexer's states, or a panic the library caught poisoned a lock, and every later request of
+        that grammar failed at its first token (red team). The next request compiles it afresh."""
         with self._lock:
-            self._cache.pop(spec, None)
+            self._cache.pop((spec, share), None)
 
-    def compiled(self, spec: GuidedSpec, *, compile: bool = True):
-        """The spec's compiled grammar (an llguidance matcher never advanced), from the cache or compiled now
-        (`compile` False: NotCompiled instead, for a caller that must not compile)."""
+    def compiled(self, spec: GuidedSpec, share: str | None = None, *, compile: bool = True):
+        """The spec's compiled grammar (an llguidance matcher never advanced) for requests of cache salt `share`,
+        from the cache or compiled now (`compile` False: NotCompiled instead, for a caller that must not compile).
+
+        Its copies share the lexer it builds as they go (llguidance's deep_copy), and the lexer's states are
+        bounded (MAX_LEXER_STATES): a stranger's requests of another's grammar, sampling freely through a regex
+        whose lexer grows with every token, spent them, and the other's request already running failed on its
+        next mask, billed (red team). A salt's requests share a prototype of their own: one client's walks spend
+        no other client's lexer (the gateway gives each key its own salt)."""
+        key = (spec, share)
         with self._lock:
-            hit = self._cache.get(spec)
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end(spec)
+                self._cache.move_to_end(key)
                 return hit
         if not compile:
             raise NotCompiled(f"the grammar of {spec.type} is not compiled")
         proto = self._compile(spec)  # outside the lock: llguidance releases the GIL while it compiles
         with self._lock:
-            proto = self._cache.setdefault(spec, proto)
-            self._cache.move_to_end(spec)
+            proto = self._cache.setdefault(key, proto)
+            self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return proto
@@ -505,11 +515,13 @@ class Grammars:
             if problem:
                 raise GrammarError(f"guided.{part} cannot be compiled: {_one_line(problem)}")
 
-    def matcher(self, spec: GuidedSpec, budget: GrammarBudget | None = None, *, compile: bool = True) -> Matcher:
-        """A fresh matcher at the start of the spec's grammar, counting its CPU in `budget` (one per request, shared
-        by its sequences; None: its own); GrammarError when the schema cannot be compiled, NotCompiled when it is
-        not compiled and `compile` is False."""
-        proto = self.compiled(spec, compile=compile)
+    def matcher(
+        self, spec: GuidedSpec, budget: GrammarBudget | None = None, share: str | None = None, *, compile: bool = True
+    ) -> Matcher:
+        """A fresh matcher at the start of the spec's grammar, a copy of cache salt `share`'s prototype (compiled),
+        counting its CPU in `budget` (one per request, shared by its sequences; None: its own); GrammarError when
+        the schema cannot be compiled, NotCompiled when it is not compiled and `compile` is False."""
+        proto = self.compiled(spec, share, compile=compile)
         return Matcher(proto.deep_copy(), self.vocab_size, budget, self.end_row, self.named_row)
 
     def new_bitmask(self, rows: int) -> torch.Tensor:

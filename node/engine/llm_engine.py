@@ -265,7 +265,9 @@ class LLMEngine:
                         index=k,
                         prompt_index=p,
                         matcher=(
-                            grammars.matcher(params.guided, budget, compile=compile) if grammars is not None else None
+                            grammars.matcher(params.guided, budget, req.cache_salt, compile=compile)
+                            if grammars is not None
+                            else None
                         ),
                         cache_salt=req.cache_salt,
                     )
@@ -279,7 +281,7 @@ class LLMEngine:
         if req.prompt is not None:
             return True
         guided = req.params.guided
-        return guided is not None and (self._grammars is None or not self._grammars.cached(guided))
+        return guided is not None and (self._grammars is None or not self._grammars.cached(guided, req.cache_salt))
 
     def grammars(self):
         """The engine's grammar compiler (node.engine.grammar.Grammars), built on first use (any thread)."""
@@ -528,7 +530,7 @@ class LLMEngine:
                 # any grammar it can name, and every other client's next request would compile it again
                 broke = s.matcher.library_failed and (failed_on_mask or t not in self.eos_ids)
                 if broke and self._grammars is not None:
-                    self._grammars.forget(s.params.guided)
+                    self._grammars.forget(s.params.guided, s.cache_salt)
                 log.warning("request %s: %s", s.request_id, s.error)
                 reason = "error"
             elif s.matcher.terminated:  # the text is complete: nothing but EOS may follow

@@ -255,8 +255,9 @@ class GenerationRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | list[list[int]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
-    # requests share cached prompt KV only under the same salt (vLLM's cache_salt): a caller that gives each
-    # tenant its own salt keeps one tenant from timing whether another sent a prompt; None: the shared cache
+    # requests share cached prompt KV and compiled grammars only under the same salt (vLLM's cache_salt): a caller
+    # that gives each tenant its own salt keeps one tenant from timing whether another sent a prompt, and from
+    # spending the lexer states of another's grammar (Grammars.compiled); None: the shared cache
     cache_salt: str | None = None
 
     def __post_init__(self) -> None:

@@ -422,6 +422,54 @@ def test_one_key_cannot_tell_what_another_keys_prompts_left_in_the_prefix_cache(
     assert cached(stranger, prefix + secret + [9], salt="user-a") == 0  # nor does one salt join two keys
 
 
+def test_one_keys_requests_spend_no_other_keys_grammar(served, oai, tokenizer):
+    """Red team: a node's requests of one guided grammar shared the lexer its compiled grammar builds as it goes,
+    whose states are bounded. A stranger's key sent twelve requests of another client's guided_regex, sampling
+    freely (temperature 2, no end token) through a pattern whose lexer grows with every letter: they spent the
+    states, and the client's ordinary greedy request, already running, failed on its next mask (400, its tokens
+    billed). Each key's requests now share a compiled grammar only among themselves (its cache salt)."""
+    import string
+    import threading
+    import time
+
+    from gateway.keys import create_key
+
+    pattern = "[a-z]*(" + "|".join(f"{c}[a-z]{{16}}{c}" for c in string.ascii_lowercase) + ")[a-z]*"
+    key, _ = create_key(served.db, name="grammar-stranger")
+    stranger = openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    ask = {"max_tokens": 300, "extra_body": {"guided_regex": pattern}}
+    outcomes: dict[str, object] = {}
+
+    def spend(i: int) -> None:
+        try:
+            stranger.completions.create(
+                model=TINY, prompt=f"Letters {i}:", max_tokens=300, temperature=2.0, seed=i,
+                logit_bias={str(tokenizer.eos_token_id): -100}, extra_body={"guided_regex": pattern, "min_tokens": 300},
+            )  # fmt: skip
+            outcomes[f"stranger{i}"] = "served"
+        except openai.APIStatusError as e:
+            outcomes[f"stranger{i}"] = e.status_code
+
+    def honest() -> None:
+        try:
+            outcomes["honest"] = oai.completions.create(model=TINY, prompt="Write letters:", temperature=0, **ask)
+        except openai.APIStatusError as e:
+            outcomes["honest"] = f"{e.status_code}: {e.message}"
+
+    alone = oai.completions.create(model=TINY, prompt="Write letters:", temperature=0, **ask).choices[0]
+    threads = [threading.Thread(target=honest)] + [threading.Thread(target=spend, args=(i,)) for i in range(12)]
+    threads[0].start()
+    time.sleep(0.3)  # the client's request runs when the stranger's arrive
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 400 in outcomes.values()  # the stranger spent the states of its own grammar
+    answer = outcomes["honest"]
+    assert not isinstance(answer, str), answer
+    assert (answer.choices[0].text, answer.choices[0].finish_reason) == (alone.text, alone.finish_reason)
+
+
 def test_a_grammar_naming_tokens_is_relayed_and_billed_as_served(served, oai):
     """Lark names a token by its id (`<[2]>`) or a special token's name (`<s>`, `<pad>`), as logit_bias may favour
     any id: special tokens in the middle of an answer (they have no text) are relayed as the node's detokenizer

@@ -581,7 +581,9 @@ def test_the_cache_returns_one_compiled_grammar_per_spec_and_forgets_the_oldest(
     assert g.compiled(a) is first  # a hit: now the newest
     g.compiled(c)  # evicts b, the least recently used
     assert g.compiled(a) is first
-    assert list(g._cache) == [c, a]
+    assert list(g._cache) == [(c, None), (a, None)]
+    # another cache salt's requests share no prototype with these (its lexer is theirs alone)
+    assert g.compiled(a, "another salt") is not first and g.compiled(a) is first
     # matchers from one compiled grammar are independent
     m1, m2 = g.matcher(a), g.matcher(a)
     assert m1.accept(tok.convert_tokens_to_ids("{"))

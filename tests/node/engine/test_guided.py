@@ -8,7 +8,7 @@ import json
 import jsonschema
 import pytest
 
-from node.engine import GenerationRequest, RequestError, SamplingParams
+from node.engine import GenerationRequest, RequestError, SamplingParams, grammar
 from node.engine.grammar import GuidedSpec
 
 SCHEMA = {
@@ -238,5 +238,46 @@ def test_a_grammar_that_broke_in_the_library_is_forgotten_and_compiled_afresh(ll
         assert grammars.cached(spec)
         fine = engine.generate([_req("fine", [1, 5, 6], guided=spec, temperature=0)])["fine"]
         assert (fine.text, fine.finish_reason) == ("xy", "stop")
+    finally:
+        engine.close()
+
+
+# a regex whose lexer, built as the text goes, gains states with every letter drawn freely (red team)
+HUNGRY = "[a-z]*(" + "|".join(f"{c}[a-z]{{16}}{c}" for c in "abcdefghijklmnopqrstuvwxyz") + ")[a-z]*"
+
+
+def test_a_clients_walks_spend_no_other_clients_lexer(llama_world, monkeypatch):
+    """Red team: the copies of a compiled grammar share the lexer it builds as they go, whose states are bounded
+    (MAX_LEXER_STATES). A stranger's requests of another client's grammar, sampling freely through a regex whose
+    lexer grows with every letter, spent them: the other's greedy request, already running, failed on its next
+    mask, its tokens billed. Requests share a compiled grammar only under one cache salt (the gateway gives each
+    key its own), as they share cached prompt KV; a salt's own requests still share one."""
+    monkeypatch.setattr(grammar, "MAX_LEXER_STATES", 5_000)  # read when the engine's grammars are built
+    engine = llama_world.engine(num_kv_blocks=600)
+    try:
+        spec = GuidedSpec.from_wire({"type": "regex", "pattern": HUNGRY})
+        eos = sorted(engine.eos_ids)
+
+        def honest(rid: str) -> GenerationRequest:
+            params = SamplingParams(max_tokens=120, temperature=0, guided=spec)
+            return GenerationRequest(rid, None, prompt_token_ids=[1, 9, 12, 40], params=params, cache_salt="honest")
+
+        alone = engine.generate([honest("alone")])["alone"]
+        assert alone.error is None
+        free = {"temperature": 2.0, "min_tokens": 120, "logit_bias": dict.fromkeys(eos, -100.0), "guided": spec}
+        strangers = [
+            GenerationRequest(
+                f"stranger{i}",
+                None,
+                prompt_token_ids=[1, 9, 12, 41 + i],
+                params=SamplingParams(max_tokens=120, seed=i, **free),
+                cache_salt="stranger",
+            )
+            for i in range(6)
+        ]
+        done = engine.generate([honest("beside"), *strangers])
+        assert any("too many states" in (done[r.request_id].error or "") for r in strangers)  # they spent theirs
+        assert done["beside"].error is None and done["beside"].token_ids == alone.token_ids
+        assert engine.grammars().cached(spec, "honest")
     finally:
         engine.close()
