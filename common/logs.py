@@ -15,6 +15,7 @@ import time
 
 # the loggers of our packages; third-party ones stay at WARNING so a service's log says what it did
 PACKAGES = ("common", "node", "gateway", "ledger", "devnet")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # what --log-level and LORAMESH_LOG_LEVEL take
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -51,5 +52,9 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None) ->
     elif explicit_fmt:
         for handler in root.handlers:
             handler.setFormatter(formatter)
+    if isinstance(level, str):
+        level = level.upper()
+        if level not in LEVELS:
+            raise ValueError(f"LORAMESH_LOG_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}")
     for name in PACKAGES:
-        logging.getLogger(name).setLevel(level.upper() if isinstance(level, str) else level)
+        logging.getLogger(name).setLevel(level)

@@ -13,11 +13,20 @@ Unknown names in the file are refused (extra="forbid"), so a typo is an error, n
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, TomlConfigSettingsSource
+
+WordList = Annotated[tuple[str, ...], NoDecode]  # a list; space-separated in the environment (split_words)
+
+
+def split_words(value: Any) -> Any:
+    """A list setting from the environment (`field_validator(..., mode="before")`): its words, as a shell's
+    `PEERS="a b"`; what a file or a flag gave (a list already) as it is."""
+    return tuple(value.split()) if isinstance(value, str) else value
 
 
 class SettingsError(ValueError):
@@ -33,6 +42,8 @@ class ServiceSettings(BaseSettings):
     _config_file: ClassVar[Path | None] = None
     # a setting whose command-line flag is not its name with - for _ (db_url: --db), as errors name it
     FLAGS: ClassVar[dict[str, str]] = {}
+    # variables of the service's prefix that are read elsewhere, not settings (the rest of the prefix is refused)
+    OTHER_VARIABLES: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def settings_customise_sources(
@@ -54,6 +65,7 @@ class ServiceSettings(BaseSettings):
         SettingsError (one line) for a missing, unknown or bad setting."""
         if config_file is not None and not Path(config_file).is_file():
             raise SettingsError(f"config file {config_file} does not exist")
+        cls._check_environment()
         given = {k: v for k, v in flags.items() if v is not None}
         previous, cls._config_file = cls._config_file, Path(config_file) if config_file else None
         try:
@@ -62,6 +74,23 @@ class ServiceSettings(BaseSettings):
             raise SettingsError(cls._one_line(e, config_file)) from None
         finally:
             cls._config_file = previous
+
+    @classmethod
+    def _check_environment(cls) -> None:
+        """A variable of the service's prefix naming no setting is refused, as an unknown key of the file is: the
+        environment is read without complaint otherwise, and LORAMESH_GATEWAY_PROT=5 left the port at 8000."""
+        prefix = cls.model_config.get("env_prefix", "").upper()
+        if not prefix:
+            return
+        for var in sorted(os.environ):
+            upper = var.upper()
+            if not upper.startswith(prefix) or upper in cls.OTHER_VARIABLES:
+                continue
+            name = upper[len(prefix) :].lower()
+            if name not in cls.model_fields:
+                close = difflib.get_close_matches(name, cls.model_fields, n=1, cutoff=0.5)
+                hint = f" (did you mean {prefix}{close[0].upper()}?)" if close else ""
+                raise SettingsError(f"unknown setting {var} in the environment{hint}")
 
     @classmethod
     def _one_line(cls, e: ValidationError, config_file: Path | None) -> str:

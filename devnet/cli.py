@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from common.help_text import plain_help
-from common.logs import configure_logging
+from common.logs import LEVELS, configure_logging
 from devnet.demo.run import run_demo
 from devnet.deploy import (
     DEFAULT_BASE_PRICE,
@@ -48,7 +48,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 devnet_app = typer.Typer(help="Local anvil devnet with the loramesh contracts.", no_args_is_help=True)
 chain_app = typer.Typer(
     help="The loramesh contracts on any EVM chain (an RPC URL and a funded key).", no_args_is_help=True
@@ -89,8 +88,8 @@ def _root(
     """loramesh: serve many LoRA adapters on shared base models, with on-chain attribution."""
     if log_level is not None:
         log_level = log_level.upper()
-        if log_level not in LOG_LEVELS:
-            raise typer.BadParameter(f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+        if log_level not in LEVELS:
+            raise typer.BadParameter(f"{log_level!r} is not one of {', '.join(LEVELS)}", param_hint="--log-level")
         os.environ["LORAMESH_LOG_LEVEL"] = log_level  # the processes a command starts log the same way
     if log_format is not None:
         if log_format not in ("text", "json"):
@@ -122,7 +121,10 @@ DirOpt = Annotated[
 @devnet_app.command("up")
 def devnet_up_cmd(
     folder: DirOpt = DEFAULT_DEVNET_DIR,
-    port: Annotated[int, typer.Option("--port", help="JSON-RPC port on 127.0.0.1")] = DEFAULT_PORT,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", help=f"JSON-RPC port on 127.0.0.1 (default: a running devnet's, else {DEFAULT_PORT})."),
+    ] = None,
     fund: Annotated[list[str] | None, typer.Option("--fund", help="address to fund (repeatable)")] = None,
     settler: Annotated[list[str] | None, typer.Option("--settler", help="address to grant the settler role")] = None,
     deposit: Annotated[float, typer.Option(help="ETH to prepay as each settler's fee deposit")] = 10.0,

@@ -61,7 +61,7 @@ def _write_pid(folder: Path, pid: int, port: int) -> None:
 
 def devnet_up(
     folder: Path,
-    port: int = DEFAULT_PORT,
+    port: int | None = None,
     *,
     fund: list[str] | None = None,
     settlers: list[str] | None = None,
@@ -73,14 +73,18 @@ def devnet_up(
 ) -> Deployment:
     """Start anvil in the background (or find it running), deploy once, fund; returns the deployment.
     `node_share_bps` / `base_price` (wei per 1,000 base-model tokens), when given, are deployed with or
-    set on the running ledger by its admin (the devnet's first key), for batches settled afterwards."""
+    set on the running ledger by its admin (the devnet's first key), for batches settled afterwards. `port`:
+    where anvil listens (None: the running devnet's, else DEFAULT_PORT)."""
     folder = Path(folder)
     paths = devnet_paths(folder)
     running = _read_pid(folder)
-    if running is not None and running.get("port") != port:
+    if running is not None and port is not None and running.get("port") != port:
         raise AnvilError(
-            f"the devnet in {folder} already runs on port {running['port']}: run loramesh devnet down first"
+            f"the devnet in {folder} already runs on port {running['port']}, not {port}: leave --port out (or give "
+            f"{running['port']}) to use it, or run loramesh devnet down first to move it"
         )
+    if port is None:
+        port = running["port"] if running is not None else DEFAULT_PORT
     if running is None:
         anvil = Anvil(
             AnvilConfig(

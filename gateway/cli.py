@@ -31,14 +31,24 @@ disputes_app = typer.Typer(
 )
 gateway_app.add_typer(disputes_app, name="disputes")
 
+_MAX_PRICE_HELP = (
+    "The dearest adapter (or base model) this key may use, in wei per 1,000 tokens; a dearer one is refused with "
+    "403 price_exceeds_key_limit"
+)
 MaxPriceOpt = Annotated[
     int | None,
     typer.Option(
         "--max-price-per-1k-tokens",
         min=0,
-        help="The dearest adapter (or base model) this key may use, in wei per "
-        "1,000 tokens; a dearer one is refused with 403 price_exceeds_key_limit (default: the gateway's "
-        "LORAMESH_GATEWAY_DEFAULT_MAX_PRICE_PER_1K_TOKENS).",
+        help=_MAX_PRICE_HELP + " (default: the gateway's LORAMESH_GATEWAY_DEFAULT_MAX_PRICE_PER_1K_TOKENS).",
+    ),
+]
+NewMaxPriceOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-price-per-1k-tokens",
+        min=0,
+        help=_MAX_PRICE_HELP + " (left out: the key's stays; see --default-max-price).",
     ),
 ]
 DbOpt = Annotated[
@@ -66,9 +76,9 @@ def run(
         Path | None,
         typer.Option(
             "--config",
-            help="TOML file of gateway settings (the names of "
-            "LORAMESH_GATEWAY_*, lower case); flags and the environment win "
-            "over it.",
+            help="TOML file of gateway settings (the names of LORAMESH_GATEWAY_*, lower case: db_url, key_file, "
+            "rpc_url, bases and owners_k for --db, --key, --rpc, --base and --owners; settle = false for "
+            "--no-settle); flags and the environment win over it.",
         ),
     ] = None,
     rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
@@ -106,7 +116,7 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT.
+    """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT or SIGTERM.
 
     Each setting comes from its flag, else LORAMESH_GATEWAY_<NAME>, else the --config file, else its default."""
     from common.serving import serve
@@ -209,7 +219,7 @@ def keys_update(
     ident: Annotated[str, typer.Argument(help="Key id or shown prefix.")],
     rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute.")] = None,
-    max_price: MaxPriceOpt = None,
+    max_price: NewMaxPriceOpt = None,
     unlimited_rpm: Annotated[
         bool, typer.Option("--unlimited-rpm", help="Drop the key's requests per minute limit.")
     ] = False,

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from common.settings import ServiceSettings
+from common.settings import ServiceSettings, split_words
 from ledger.db import DEFAULT_DB_URL
 from ledger.settler_config import DEFAULT_CONFIRMATIONS, DEFAULT_REPLACE_AFTER
 
@@ -36,7 +37,8 @@ class GatewaySettings(ServiceSettings):
     # say hello to the nodes the chain registered (gateway.greeter), so they heartbeat here with no restart;
     # needs key_file (a settler's account signs the hellos) and a deployment
     greet_nodes: bool = True
-    bases: list[Path] = Field(default_factory=list)  # base model folders whose tokenizers render chat
+    # base model folders whose tokenizers render chat (space-separated in the environment, as the node's lists)
+    bases: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     owners_k: int = Field(default=2, ge=1, le=64)  # top-k rendezvous owners of an adapter
     saturation_queue_depth: int = Field(default=4, ge=1)  # an owner with this many queued is saturated
     heartbeat_ttl_s: float = Field(default=10.0, gt=0)  # silent longer than this -> dead
@@ -105,6 +107,11 @@ class GatewaySettings(ServiceSettings):
     # FeePolicy's defaults); a base fee above the cap makes it wait rather than pay
     settle_max_fee_gwei: float | None = Field(default=None, ge=0, le=1e9)
     settle_max_tip_gwei: float | None = Field(default=None, ge=0, le=1e9)
+
+    @field_validator("bases", mode="before")
+    @classmethod
+    def _words(cls, v: Any) -> Any:
+        return split_words(v)
 
     @field_validator("db_url")
     @classmethod

@@ -108,26 +108,23 @@ def settler_run(
         Path | None, typer.Option("--key", help="settler key file: identity file or hex private key")
     ] = None,
     deployment: Annotated[
-        Path | None, typer.Option("--deployment", help="deployment file", show_default=str(DEFAULT_DEPLOYMENT_PATH))
+        Path | None, typer.Option("--deployment", help=f"deployment file (default {DEFAULT_DEPLOYMENT_PATH})")
     ] = None,
     rpc_url: Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL (default: the deployment's)")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="N: records per batch", show_default=str(_D.batch_size))
-    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"N: records per batch (default {_D.batch_size})")] = None,
     interval: Annotated[
-        float | None, typer.Option(help="T: seconds a partial batch may wait", show_default=str(_D.interval))
+        float | None, typer.Option(help=f"T: seconds a partial batch may wait (default {_D.interval})")
     ] = None,
     max_in_flight: Annotated[
         int | None,
-        typer.Option(min=1, help="most batches sent and not yet settled at once", show_default=str(_D.max_in_flight)),
+        typer.Option(min=1, help=f"most batches sent and not yet settled at once (default {_D.max_in_flight})"),
     ] = None,
     max_price_per_1k: Annotated[
         int | None,
         typer.Option(
             "--max-price-per-1k",
             min=0,
-            help="wei per 1k tokens above which a record is set aside",
-            show_default=str(_D.max_price_per_1k),
+            help=f"wei per 1k tokens above which a record is set aside (default {_D.max_price_per_1k})",
         ),
     ] = None,
     max_record_tokens: Annotated[
@@ -135,8 +132,7 @@ def settler_run(
         typer.Option(
             "--max-record-tokens",
             min=0,
-            help="prompt + completion tokens above which a record is set aside",
-            show_default=str(_D.max_record_tokens),
+            help=f"prompt + completion tokens above which a record is set aside (default {_D.max_record_tokens})",
         ),
     ] = None,
     low_deposit: Annotated[
@@ -144,28 +140,23 @@ def settler_run(
         typer.Option(
             "--low-deposit",
             min=0,
-            help="wei of deposit left (after in-flight batches) below which to warn",
-            show_default=str(_D.low_deposit),
+            help=f"wei of deposit left (after in-flight batches) below which to warn (default {_D.low_deposit})",
         ),
     ] = None,
     lease: Annotated[
         float | None,
-        typer.Option(
-            min=1.0, help="seconds a claim on an unfinished batch lasts unrenewed", show_default=str(_D.lease)
-        ),
+        typer.Option(min=1.0, help=f"seconds a claim on an unfinished batch lasts unrenewed (default {_D.lease})"),
     ] = None,
     confirmations: Annotated[
         int | None,
-        typer.Option(
-            min=0, help="blocks on top of a batch's block before it is final", show_default=str(_D.confirmations)
-        ),
+        typer.Option(min=0, help=f"blocks on top of a batch's block before it is final (default {_D.confirmations})"),
     ] = None,
     replace_after: Annotated[
         float | None,
         typer.Option(
             "--replace-after",
-            help="seconds a batch's transaction may stay unmined before it is replaced with higher fees",
-            show_default=str(_D.replace_after),
+            help="seconds a batch's transaction may stay unmined before it is replaced with higher fees "
+            f"(default {_D.replace_after})",
         ),
     ] = None,
     max_fee_gwei: Annotated[

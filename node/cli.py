@@ -39,7 +39,7 @@ TOKEN_DECIMALS = 18
 
 
 def parse_price(text: str) -> int:
-    """A price in whole tokens (e.g. '0.002') as an integer amount of the smallest unit."""
+    """A price in the chain's coin (ETH, e.g. '0.002') as an integer amount of its smallest unit (wei)."""
     try:
         value = Decimal(text)
     except InvalidOperation as e:
@@ -188,7 +188,9 @@ SignerOpt = Annotated[Path, typer.Option("--key", help="Identity file of the pub
 OutOpt = Annotated[Path, typer.Option(help="Folder to write the package into.")]
 PackBaseOpt = Annotated[Path | None, typer.Option(help="Base model folder (default: the one the adapter names).")]
 DatasetOpt = Annotated[list[str] | None, typer.Option(help="NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS, repeatable.")]
-PriceOpt = Annotated[str, typer.Option(help="Price per 1,000 tokens, in whole tokens.")]
+PriceOpt = Annotated[
+    str, typer.Option(help="Price per 1,000 tokens served, in the chain's coin (ETH): 0.001 is 10^15 wei.")
+]
 VersionOpt = Annotated[str, typer.Option(help="Version label.")]
 PredecessorOpt = Annotated[str | None, typer.Option(help="Adapter id of the version this one replaces.")]
 LicenseOpt = Annotated[str, typer.Option(help="License of the weights.")]
@@ -353,8 +355,8 @@ def adapter_publish(
     operator_token_file: Annotated[
         Path | None,
         typer.Option(
-            help="The node operator's token file, needed to upload to --node (default: $LORAMESH_NODE_OPERATOR_TOKEN, "
-            "or .loramesh/node/operator.token for a node on this machine)."
+            help="The node operator's token file, needed to upload to --node (default: the token itself in "
+            "$LORAMESH_NODE_OPERATOR_TOKEN, else the file .loramesh/node/operator.token of a node on this machine)."
         ),
     ] = None,
     dataset_file: Annotated[

@@ -16,26 +16,27 @@ In the environment a list is written space-separated: LORAMESH_NODE_TRUST_GATEWA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationInfo, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from common.settings import ServiceSettings
+from common.settings import ServiceSettings, WordList, split_words
 from node.adapters.limits import MAX_LORA_RANK
+from node.operator_token import TOKEN_ENV
 
 if TYPE_CHECKING:
     from node.daemon import DaemonConfig
     from node.engine import EngineConfig
 
 ENV_PREFIX = "LORAMESH_NODE_"
-WordList = Annotated[tuple[str, ...], NoDecode]  # a list; space-separated in the environment
 
 
 class NodeSettings(ServiceSettings):
     """Everything `loramesh node run` needs; each field can come from LORAMESH_NODE_<NAME> or the config file."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    OTHER_VARIABLES = frozenset({TOKEN_ENV})  # the operator token, read by `adapter publish --node` too
 
     base: Path  # base model folder (Hugging Face safetensors)
     store: Path  # adapter store folder
@@ -75,7 +76,7 @@ class NodeSettings(ServiceSettings):
     @field_validator("bootstrap", "gateways", "adapter_sources", "pins", "trust_gateway_keys", mode="before")
     @classmethod
     def _words(cls, v: Any) -> Any:
-        return tuple(v.split()) if isinstance(v, str) else v
+        return split_words(v)
 
     @field_validator("quantization")
     @classmethod

@@ -1,6 +1,7 @@
 """The `loramesh` command: every command explains itself, errors are one line, the adapter flow works."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -190,6 +191,12 @@ print(os.environ["LORAMESH_LOG_LEVEL"], os.environ["LORAMESH_LOG_FORMAT"])
     assert line["level"] == "DEBUG" and line["logger"] == "node.x" and line["message"] == "hello from the child"
     bad = CliRunner().invoke(app, ["--log-level", "loud", "devnet", "status"])
     assert bad.exit_code == 2 and "--log-level" in bad.output
+    # the variable's own mistake names the variable (it said "Unknown level: 'LOUD'")
+    env = {**os.environ, "LORAMESH_LOG_LEVEL": "loud"}
+    r = subprocess.run([sys.executable, "-m", "devnet.cli", "--version"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "error: LORAMESH_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'"
+    ), r.stderr
 
 
 @pytest.mark.parametrize(

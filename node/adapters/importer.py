@@ -14,6 +14,7 @@ nothing fetched is trusted: packing checks the config and the tensors against th
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -56,26 +57,19 @@ def fetch_peft(source: str, workdir: Path, *, max_bytes: int = MAX_IMPORT_BYTES,
 def _from_hub(repo: str, revision: str | None, workdir: Path) -> Path:
     if not _HF_REPO.fullmatch(repo):
         raise PackageError(f"{repo!r} is not a Hugging Face repository id (ORG/NAME)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     where = f"hf://{repo}" + (f"@{revision}" if revision else "")
     paths = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        try:
-            paths.append(Path(hf_hub_download(repo, name, revision=revision)))
-        except LocalEntryNotFoundError:  # first: it is an EntryNotFoundError too
-            raise PackageError(
-                f"{where}: {name} is not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE?)"
-            ) from None
-        except EntryNotFoundError:
-            raise PackageError(
-                f"{where} has no {name}: only PEFT LoRA adapters saved with safetensors can be imported"
-            ) from None
-        except RepositoryNotFoundError:
-            raise PackageError(f"{where}: no such repository (or it is private: set HF_TOKEN)") from None
-        except Exception as e:  # the Hub's HTTP errors, a revision that does not exist, a full disk
-            raise PackageError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    from huggingface_hub.utils import logging as hub_logging  # it sets its loggers' level when first imported
+
+    # huggingface_hub logs each retry of a Hub it cannot reach (two lines each, a dozen before it gives up): the
+    # user is told once, in the error below
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(logging.ERROR)
+    try:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            paths.append(_hub_file(repo, name, revision, where))
+    finally:
+        hub_logging.set_verbosity(level)
     if paths[0].parent != paths[1].parent:  # one snapshot folder holds both; defensive against a mixed cache
         raise PackageError(f"{where}: the cached files come from two different revisions")
     # the cache's snapshot files are links to its blobs, and a package folder holds plain files only
@@ -83,6 +77,30 @@ def _from_hub(repo: str, revision: str | None, workdir: Path) -> Path:
     for p in paths:
         shutil.copyfile(p.resolve(), out / p.name)
     return out
+
+
+def _hub_file(repo: str, name: str, revision: str | None, where: str) -> Path:
+    """One file of a Hub repository, through the Hugging Face cache; PackageError in one line."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo, name, revision=revision))
+    except LocalEntryNotFoundError:  # first: it is an EntryNotFoundError too
+        if constants.HF_HUB_OFFLINE:
+            raise PackageError(f"{where}: {name} is not in the Hugging Face cache (HF_HUB_OFFLINE is set)") from None
+        raise PackageError(
+            f"{where}: {name} is not in the Hugging Face cache and the Hub cannot be reached at {constants.ENDPOINT} "
+            "(HF_ENDPOINT names a mirror)"
+        ) from None
+    except EntryNotFoundError:
+        raise PackageError(
+            f"{where} has no {name}: only PEFT LoRA adapters saved with safetensors can be imported"
+        ) from None
+    except RepositoryNotFoundError:
+        raise PackageError(f"{where}: no such repository (or it is private: set HF_TOKEN)") from None
+    except Exception as e:  # the Hub's HTTP errors, a revision that does not exist, a full disk
+        raise PackageError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _fresh(folder: Path) -> Path:

@@ -107,7 +107,9 @@ def test_fee_settings_at_deploy_and_on_a_running_devnet(folder):
     saved = json.loads((folder / "deployment.json").read_text())
     assert saved["node_share_bps"] == 3000 and saved["base_price_per_1k_tokens"] == 5
 
-    r = _up(folder, port, "--base-price-wei", "7")  # running: the admin changes it in place
+    # running: the admin changes it in place (README walk-through: with no --port, the running devnet's, where
+    # the default port was taken and refused as a second one)
+    r = runner.invoke(devnet_app, ["up", "--dir", str(folder), "--base-price-wei", "7"])
     assert r.exit_code == 0, r.output
     assert client.base_price() == 7 and client.node_share_bps() == 3000
     assert json.loads((folder / "deployment.json").read_text())["base_price_per_1k_tokens"] == 7

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -52,8 +54,9 @@ def test_settings_from_env(monkeypatch):
 
     monkeypatch.setenv("LORAMESH_GATEWAY_OWNERS_K", "3")
     monkeypatch.setenv("LORAMESH_GATEWAY_DB_URL", "sqlite:///x.db")
+    monkeypatch.setenv("LORAMESH_GATEWAY_BASES", "work/base other/base")  # space-separated, as the node's lists
     s = GatewaySettings()
-    assert (s.owners_k, s.db_url) == (3, "sqlite:///x.db")
+    assert (s.owners_k, s.db_url, s.bases) == (3, "sqlite:///x.db", [Path("work/base"), Path("other/base")])
     monkeypatch.setenv("LORAMESH_GATEWAY_DB_URL", "x.db")
     with pytest.raises(ValueError, match="not a database URL"):
         GatewaySettings()

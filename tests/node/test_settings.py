@@ -90,6 +90,24 @@ def test_a_bad_setting_is_refused_in_one_line(tmp_path, text, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_a_misspelled_variable_is_refused_as_a_misspelled_key_is(tmp_path, monkeypatch):
+    """README walk-through: LORAMESH_GATEWAY_PROT=5 left the gateway's port at 8000, without a word (the
+    environment was read for the names it knows, and the rest ignored)."""
+    from gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("LORAMESH_NODE_PROT", "5")
+    with pytest.raises(
+        SettingsError,
+        match=r"^unknown setting LORAMESH_NODE_PROT in the environment \(did you mean LORAMESH_NODE_PORT\?\)$",
+    ):
+        NodeSettings.load(None, base=Path("b"), store=Path("s"), port=1)
+    monkeypatch.delenv("LORAMESH_NODE_PROT")
+    monkeypatch.setenv("LORAMESH_GATEWAY_ZZZ", "1")
+    with pytest.raises(SettingsError, match=r"^unknown setting LORAMESH_GATEWAY_ZZZ in the environment$"):
+        GatewaySettings.load(None)
+    assert NodeSettings.load(None, base=Path("b"), store=Path("s"), port=1).port == 1  # another service's prefix
+
+
 def test_node_run_refuses_an_unknown_setting_in_its_config_file_in_one_line(tmp_path):
     from node.cli import app
 
