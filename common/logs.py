@@ -54,7 +54,7 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None) ->
             handler.setFormatter(formatter)
     if isinstance(level, str):
         level = level.upper()
-        if level not in LEVELS:
+        if level not in logging.getLevelNamesMapping():  # what logging takes (CRITICAL, WARN too); the four named
             raise ValueError(f"LORAMESH_LOG_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}")
     for name in PACKAGES:
         logging.getLogger(name).setLevel(level)

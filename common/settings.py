@@ -13,6 +13,7 @@ Unknown names in the file are refused (extra="forbid"), so a typo is an error, n
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -25,8 +26,16 @@ WordList = Annotated[tuple[str, ...], NoDecode]  # a list; space-separated in th
 
 def split_words(value: Any) -> Any:
     """A list setting from the environment (`field_validator(..., mode="before")`): its words, as a shell's
-    `PEERS="a b"`; what a file or a flag gave (a list already) as it is."""
-    return tuple(value.split()) if isinstance(value, str) else value
+    `PEERS="a b"`, or a JSON list (`'["a b", "c"]'`, for items with spaces); what a file or a flag gave (a list
+    already) as it is."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"{value[:80]!r} is neither words nor a JSON list: {e}") from None
+    return tuple(value.split())
 
 
 class SettingsError(ValueError):

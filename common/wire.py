@@ -117,6 +117,10 @@ MAX_BAD_WORD_SEQUENCES = 2 * MAX_BAD_WORDS  # the sequences the node takes: two 
 MAX_PENALTY = 2.0
 MAX_REPETITION_PENALTY = 2.0
 MAX_BIAS = 100.0
+# A float32 holds no temperature past 3.4e38: 1e39 became inf on the way to a node's sampler, and a row's -inf
+# logit (a banned token) over it NaN, which failed the draw (red team). Far below this bound every token is about
+# as likely already: logits span some tens. (The gateway's clients are held to OpenAI's 2.)
+MAX_TEMPERATURE = 1e6
 SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit: the device sampler hashes both 32-bit halves
 # top_k past the vocabulary keeps every token; bounded so the samplers' float32 and int64 tensors hold it (a
 # larger one failed the whole engine step, every request batched beside it too)

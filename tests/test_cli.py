@@ -197,6 +197,9 @@ print(os.environ["LORAMESH_LOG_LEVEL"], os.environ["LORAMESH_LOG_FORMAT"])
     assert r.returncode == 1 and r.stderr.strip() == (
         "error: LORAMESH_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'"
     ), r.stderr
+    env["LORAMESH_LOG_LEVEL"] = "critical"  # any level logging knows, as before
+    r = subprocess.run([sys.executable, "-m", "devnet.cli", "--version"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,10 @@
 `docs/architecture.md` and the README point at files and at what they define (`gateway/request.py:ServedRequest.
 respond`); a rename that forgets them leaves a newcomer a map of a house that is gone. Each `path` or
 `path:Name` / `path:Class.member` in backquotes must name a file of the repository and, for Python, a top-level
-name it defines or imports and a member of that class; a bare `Class.member` must name a class of the product
-that has that member. A path written short (`lora/weights.py`, under the
-engine's table row) is taken as the end of a repository path. `bench/NOTES.md` is left out: it is a dated
-log, naming files as they were on the day of each run.
+name it defines (not one it imports: the file named is the name's home) and a member of that class; a bare
+`Class.member` must name a class of the product that has that member. A path written short (`lora/weights.py`,
+under the engine's table row) is taken as the end of a repository path. `bench/NOTES.md` is left out: it is a
+dated log, naming files as they were on the day of each run.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def candidates(path: str) -> list[str]:
 
 @functools.cache
 def defined(path: str) -> dict[str, set[str] | None]:
-    """Top-level names of a Python file: a class maps to its members (methods, nested classes, class-level and
-    `self.` attributes), anything else to None."""
+    """Top-level names a Python file defines: a class maps to its members (methods, nested classes, class-level
+    and `self.` attributes), anything else to None."""
     tree = ast.parse((ROOT / path).read_text())
     names: dict[str, set[str] | None] = {}
     for node in tree.body:
@@ -69,8 +69,6 @@ def defined(path: str) -> dict[str, set[str] | None]:
             names.update((t.id, None) for t in node.targets if isinstance(t, ast.Name))
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names[node.target.id] = None
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update(((a.asname or a.name).split(".")[0], None) for a in node.names)
     return names
 
 
@@ -84,7 +82,7 @@ def resolves(path: str, symbol: str | None) -> bool:
         if head not in names:
             continue
         members = names[head]
-        if not member or members is None or member.split(".")[0] in members:
+        if not member or (members is not None and member.split(".")[0] in members):
             return True
     return False
 
@@ -126,6 +124,8 @@ def test_the_check_sees_a_missing_member_and_a_missing_file():
     assert not resolves("gateway/router.py", "Router.no_such_method")
     assert not resolves("gateway/router.py", "no_such_function")
     assert not resolves("gateway/no_such_module.py", None)
+    assert not resolves("gateway/request.py", "node_cache_salt")  # imported there, defined in gateway/keys.py
+    assert not resolves("common/wire.py", "parse_json.anything")  # a function has no members
     assert member_exists("ServedRequest", "respond")
     assert not member_exists("ServedRequest", "no_such_method")
     assert not member_exists("NoSuchClass", "respond")

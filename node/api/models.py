@@ -25,6 +25,7 @@ from common.wire import (
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
     MAX_STOPS,
+    MAX_TEMPERATURE,
     MAX_TOP_K,
     SEED_LIMIT,
     UntrustedJSONError,
@@ -81,7 +82,7 @@ class GenerateBody(BaseModel):
     prompt: str | None = None
     prompt_token_ids: list[int] | list[list[int]] | None = None
     max_tokens: Annotated[int, Field(ge=1)] = 16
-    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0

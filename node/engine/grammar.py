@@ -1,7 +1,7 @@
 """Guided decoding: a request's `guided` value (a JSON schema, any JSON object, a regular expression, a choice
 of strings held as the regular expression of them, or a context-free grammar in Lark or GBNF) -> a grammar
-compiled once per spec, with its first mask -> per sequence a matcher that writes each step's allowed tokens into
-one bitmask row -> the rows' logits masked in place.
+compiled once per spec and cache salt, with its first mask -> per sequence a matcher that writes each step's
+allowed tokens into one bitmask row -> the rows' logits masked in place.
 
 The grammar library is llguidance, chosen over xgrammar by bench/grammar.py (CPU, 2 shared cores, 2026-12-03;
 both libraries given the same byte-level BPE tokenizers of 320, 32,000 and 76,357 tokens; compile = compile + first
@@ -372,7 +372,8 @@ class Matcher:
 
 class Grammars:
     """The engine's grammar compiler: one per tokenizer. matcher() may run on any thread; the compiled grammars
-    are cached (LRU, `cache_size` specs) and each sequence gets its own copy of one."""
+    are cached (LRU, `cache_size` of them, each a spec's for one cache salt: more clients of one spec than that
+    compile it again, about a millisecond each) and each sequence gets its own copy of one."""
 
     def __init__(self, tokenizer, vocab_size: int, *, cache_size: int = 64, eos_ids=None) -> None:
         import llguidance

@@ -380,7 +380,9 @@ class LLMEngine:
             drafts = self._drafts(seqs) if not prefill and self.config.speculative == "ngram" else None
             if drafts is not None and any(drafts):
                 results, bad = self._speculative_step(seqs, drafts)
-                return events + self._end_failed(seqs, bad) + self._emit_many(seqs, results), True
+                events += self._end_failed(seqs, bad)  # kept even if the emission below fails the step
+                events += self._emit_many(seqs, results)
+                return events, True
             prompt_rows = [i for i, s in enumerate(seqs) if s.wants_prompt_logprobs] if prefill else []
             if prompt_rows:  # logits [B, V], and the hidden states of those rows' prompt positions
                 logits, prompt_hidden = self.runner.prefill_scoring(seqs, prompt_rows)
@@ -470,7 +472,9 @@ class LLMEngine:
                     results[i] = (toks, lps if lps is not None else [None] * len(toks))
             return [results[i] for i in rows]
 
-        results, bad = self._apart(seqs, sample)
+        # verify draws a drafting row's tokens from its own generator, on every device: put back on a retry
+        host_draws = any(d and s.params.temperature > 0 for s, d in zip(seqs, drafts, strict=True))
+        results, bad = self._apart(seqs, sample, keep_generators=host_draws or self.device.type != "cuda")
         for d, got in zip(drafts, results, strict=True):
             if d and got is not None:  # a row emits its accepted draft and one token of the target's own
                 self.spec_draft_tokens += len(d)
@@ -562,18 +566,20 @@ class LLMEngine:
             for i, row in masked.items():
                 logits[i] = row
 
-        results, bad = self._apart(seqs, sample, put_back)
+        results, bad = self._apart(seqs, sample, put_back, keep_generators=self.device.type != "cuda")
         tokens = [None if r is None else r[0] for r in results]
         return tokens, [None if r is None else r[1] for r in results], bad
 
-    def _apart(self, seqs: list[Sequence], sample, put_back=None) -> tuple[list, dict[str, str]]:
+    def _apart(
+        self, seqs: list[Sequence], sample, put_back=None, *, keep_generators: bool
+    ) -> tuple[list, dict[str, str]]:
         """`sample(rows)` (one result per row index) for the whole batch; when that raises, again request by
         request, so a request whose parameters break the sampler fails alone rather than every request batched
         beside it. Returns the results (None in the rows of a failed request) and {request id: error} of those that
-        failed. A retry starts from what the failed try found: the host generators it drew from are put back (a
-        seeded request draws as it would have), and so is what `put_back` restores; the device sampler draws from
-        seeds and steps, with no state to put back."""
-        states = [s.generator.get_state() for s in seqs] if self.device.type != "cuda" else None
+        failed. A retry starts from what the failed try found: with `keep_generators`, the sequences' generators
+        it drew from are put back (a seeded request draws as it would have), and so is what `put_back` restores.
+        The CUDA sampler of a plain step draws from seeds and steps, with no state to put back."""
+        states = [s.generator.get_state() for s in seqs] if keep_generators else None
         try:
             return sample(list(range(len(seqs)))), {}
         except Exception:

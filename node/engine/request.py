@@ -23,6 +23,7 @@ from common.wire import (
     MAX_SEQUENCES,
     MAX_STOP_TOKEN_IDS,
     MAX_STOPS,
+    MAX_TEMPERATURE,
     MAX_TOP_K,
     SEED_LIMIT,
     is_id,
@@ -58,10 +59,6 @@ class EngineBusyError(RuntimeError):
 # Temperatures below this sample as greedy (as vLLM's sampling epsilon does): dividing logits by them
 # overflows float32.
 MIN_TEMPERATURE = 1e-5
-# A float32 holds no temperature past 3.4e38: 1e39 became inf on the way to the sampler, and a row's -inf logit
-# (a banned token) over it NaN, which failed the draw (red team). Far below that bound every token is about as
-# likely already: logits span some tens
-MAX_TEMPERATURE = 1e6
 
 
 def _number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:

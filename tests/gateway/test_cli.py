@@ -57,6 +57,8 @@ def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("LORAMESH_GATEWAY_BASES", "work/base other/base")  # space-separated, as the node's lists
     s = GatewaySettings()
     assert (s.owners_k, s.db_url, s.bases) == (3, "sqlite:///x.db", [Path("work/base"), Path("other/base")])
+    monkeypatch.setenv("LORAMESH_GATEWAY_BASES", '["my base", "b"]')  # or a JSON list, for a path with a space
+    assert GatewaySettings().bases == [Path("my base"), Path("b")]
     monkeypatch.setenv("LORAMESH_GATEWAY_DB_URL", "x.db")
     with pytest.raises(ValueError, match="not a database URL"):
         GatewaySettings()

@@ -590,9 +590,9 @@ def test_a_search_inside_names_many_share_the_letters_of_stops_at_its_budget(tmp
             assert q.search_adapters("zzz") == ([], False)  # a trigram no name holds: answered at once
             monkeypatch.setattr(queries, "SEARCH_BUDGET_S", 0.001)  # the walk takes some 0.15 s here
             threads = threading.active_count()
-            monkeypatch.setattr(threading.Thread, "start", _no_thread)  # the budget is kept in this thread
-            assert q.search_adapters("a" * 64) == ([], True)  # interrupted
-            monkeypatch.undo()
+            with monkeypatch.context() as m:
+                m.setattr(threading.Thread, "start", _no_thread)  # the budget is kept in this thread
+                assert q.search_adapters("a" * 64) == ([], True)  # interrupted
             assert threading.active_count() == threads
             assert q.search_adapters("ab") == ([], False)  # the read transaction goes on after an interruption
     finally:

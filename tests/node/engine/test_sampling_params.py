@@ -370,45 +370,71 @@ def test_a_request_that_breaks_the_sampler_fails_alone(llama_world):
         engine.close()
 
 
+REPEAT = [5, 6, 7, 8, 9, 10, 11, 12] * 6  # a prompt the n-gram drafter finds drafts in
+
+
+def _beside_a_rogue(engine, tag: str, poison_before: int | None = None, also=None):
+    """A rogue, a greedy and a seeded sampled request together (the last two draft: their prompt repeats itself):
+    their ends, and the steps that drafted. Just before step `poison_before` the rogue's top_k is set past every
+    check (prefill steps never draft), and `also()` is called."""
+    hot = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=30, temperature=0.5, seed=3, ignore_eos=True)
+    for r in (
+        GenerationRequest(f"rogue{tag}", None, prompt_token_ids=[1, 2, 3], params=hot),
+        greedy(f"greedy{tag}", None, REPEAT, 30),
+        GenerationRequest(f"seeded{tag}", None, prompt_token_ids=REPEAT, params=seeded),
+    ):
+        engine.add_request(r)
+    done, drafting, step = {}, [], 0
+    while engine.has_work():
+        if step == poison_before:
+            object.__setattr__(hot, "top_k", 10**400)
+            if also is not None:
+                also()
+        drafted = engine.spec_draft_tokens
+        done |= {e.request_id: e for e in engine.step()[0] if isinstance(e, FinishEvent)}
+        if engine.spec_draft_tokens > drafted:
+            drafting.append(step)
+        step += 1
+    return done, drafting
+
+
 def test_a_request_that_breaks_the_sampler_fails_alone_in_a_drafting_step(llama_world):
     # red team: a step where any row drafts (speculative "ngram", the default) sampled and verified its whole batch
     # at once, outside the retry request by request above: from its decoding steps on, a rogue request failed
-    # every request batched beside it. Here its top_k is set past every check just before a step in which the
-    # others draft (found by a first run of the same requests: their drafts follow their own tokens, and prefill
-    # steps never draft). A seeded sampled request beside it draws what it draws alone.
+    # every request batched beside it. Here it fails in the first step in which the others draft (found by a first
+    # run of the same requests: their drafts follow their own tokens). The seeded one draws what it draws alone.
     engine = llama_world.engine(num_kv_blocks=256)
-    repeat = [5, 6, 7, 8, 9, 10, 11, 12] * 6  # a prompt the n-gram drafter finds drafts in
-
-    def run(tag: str, poison_before: int | None = None) -> tuple[dict[str, FinishEvent], list[int]]:
-        """The rogue and the victims together: their ends, and the steps that drafted."""
-        hot = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
-        seeded = SamplingParams(max_tokens=30, temperature=0.5, seed=3, ignore_eos=True)
-        for r in (
-            GenerationRequest(f"rogue{tag}", None, prompt_token_ids=[1, 2, 3], params=hot),
-            greedy(f"greedy{tag}", None, repeat, 30),
-            GenerationRequest(f"seeded{tag}", None, prompt_token_ids=repeat, params=seeded),
-        ):
-            engine.add_request(r)
-        done, drafting, step = {}, [], 0
-        while engine.has_work():
-            if step == poison_before:
-                object.__setattr__(hot, "top_k", 10**400)
-            drafted = engine.spec_draft_tokens
-            done |= {e.request_id: e for e in engine.step()[0] if isinstance(e, FinishEvent)}
-            if engine.spec_draft_tokens > drafted:
-                drafting.append(step)
-            step += 1
-        return done, drafting
-
     try:
-        clean, drafting = run("")
+        clean, drafting = _beside_a_rogue(engine, "")
         assert drafting and drafting[0] > 0 and all(v.error is None for v in clean.values())
-        done, _ = run("-beside", poison_before=drafting[0])
+        done, _ = _beside_a_rogue(engine, "-beside", poison_before=drafting[0])
         rogue = done["rogue-beside"]
         assert rogue.finish_reason == "error" and "OverflowError" in rogue.error
         assert len(rogue.token_ids) == len(clean["rogue"].token_ids[: drafting[0]])  # it failed in that step
         for rid in ("greedy", "seeded"):
             got = done[f"{rid}-beside"]
             assert got.error is None and got.token_ids == clean[rid].token_ids, rid
+    finally:
+        engine.close()
+
+
+def test_a_request_failed_apart_is_ended_even_when_its_step_then_fails(llama_world, monkeypatch):
+    # review: the drafting step ended the rogue (its group gone from the engine) in an expression the step's
+    # emission then broke off: its end event was dropped, and its client waited for an answer that never came
+    engine = llama_world.engine(num_kv_blocks=256)
+    try:
+        _, drafting = _beside_a_rogue(engine, "")
+
+        def broken_emission() -> None:
+            def emit(s, t, lp):
+                monkeypatch.undo()  # once: the step fails, the engine goes on
+                raise RuntimeError("emission failed")
+
+            monkeypatch.setattr(engine, "_emit", emit)
+
+        done, _ = _beside_a_rogue(engine, "-b", poison_before=drafting[0], also=broken_emission)
+        assert "OverflowError" in done["rogue-b"].error and "emission failed" in done["greedy-b"].error
+        assert set(done) == {"rogue-b", "greedy-b", "seeded-b"} and not engine.requests
     finally:
         engine.close()
