@@ -1,6 +1,6 @@
 """HTTP limits every app we serve shares (node API, gateway, explorer): a request-body limit as pure ASGI
-middleware, a streamed answer whose every write is bounded in time, bounded reads of the answers we fetch,
-and the error and event schemas the OpenAPI documents declare.
+middleware, a streamed answer whose every write is bounded in time, bounded reads of the answers we fetch
+and of downloads from strangers (plain bytes, at a pace), and the error and event schemas the OpenAPI documents declare.
 
 Starlette reads a request body whole before a handler sees it, so without a limit one client can make
 a process buffer (and then parse) as much as it sends. The limit is checked against Content-Length
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 
 from starlette.responses import StreamingResponse
@@ -166,6 +167,40 @@ async def read_capped(chunks, limit: int) -> bytes:
         if len(body) > limit:
             break
     return bytes(body[: limit + 1])
+
+
+# Downloads from strangers (a node's adapter sources, an import's http(s) folder) ask for the bytes as they are and
+# refuse an encoded answer: httpx undoes every listed Content-Encoding of each network read in one call, with no
+# cap, and 2.5 kB of "gzip, gzip" took a node to 2.2 GB before its size limit was looked at (red team)
+PLAIN = {"Accept-Encoding": "identity"}
+# and they must keep up: a read timeout bounds each wait, not the whole, and a source dripping a byte a second
+# held an import for as long as it liked (red team). After DOWNLOAD_GRACE_S, MIN_DOWNLOAD_RATE on average
+MIN_DOWNLOAD_RATE = 64 << 10  # bytes/s
+DOWNLOAD_GRACE_S = 30.0
+
+
+def refuse_encoded(headers, what: str) -> None:
+    """ValueError when an answer's body is encoded (gzip, br, ...): `what` sent it so though asked not to."""
+    encoding = headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ValueError(f"{what} answered with Content-Encoding {encoding[:40]!r}; only plain bytes are taken")
+
+
+class DownloadPace:
+    """The pace a download must keep (MIN_DOWNLOAD_RATE bytes/s on average once DOWNLOAD_GRACE_S have passed):
+    `check(received)` after each chunk raises TimeoutError when it falls behind."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.min_rate, self.grace = what, MIN_DOWNLOAD_RATE, DOWNLOAD_GRACE_S
+        self.started = time.monotonic()
+
+    def check(self, received: int) -> None:
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.grace and received < self.min_rate * elapsed:
+            raise TimeoutError(
+                f"{self.what} sent {received} bytes in {elapsed:.0f} s, slower than the {self.min_rate:g} bytes/s "
+                "a download must keep"
+            )
 
 
 async def bounded_call(client, method: str, url: str, limit: int, **kw) -> tuple[int, bytes]:

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from common.http import PLAIN, DownloadPace, refuse_encoded
 from node.adapters.errors import PackageError
 from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES
 from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
@@ -27,7 +28,6 @@ from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
 # a LoRA of rank 64 on every projection of a 70B base is ~1.7 GB; past this an "adapter" is something else
 MAX_IMPORT_BYTES = 4 << 30
 _HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
-_CHUNK = 1 << 20
 
 
 def fetch_peft(source: str, workdir: Path, *, max_bytes: int = MAX_IMPORT_BYTES, timeout: float = 60.0) -> Path:
@@ -35,7 +35,7 @@ def fetch_peft(source: str, workdir: Path, *, max_bytes: int = MAX_IMPORT_BYTES,
     `workdir` or the Hugging Face cache when remote); PackageError in one line when it cannot be had."""
     if source.startswith("hf://"):
         repo, _, revision = source.removeprefix("hf://").partition("@")
-        return _from_hub(repo, revision or None, workdir)
+        return _from_hub(repo, revision or None, workdir, max_bytes=max_bytes)
     if source.startswith(("https://", "http://")):
         return _from_http(source.rstrip("/"), workdir, max_bytes=max_bytes, timeout=timeout)
     path = Path(unquote(urlparse(source).path)) if source.startswith("file://") else Path(source)
@@ -54,10 +54,11 @@ def fetch_peft(source: str, workdir: Path, *, max_bytes: int = MAX_IMPORT_BYTES,
     return out
 
 
-def _from_hub(repo: str, revision: str | None, workdir: Path) -> Path:
+def _from_hub(repo: str, revision: str | None, workdir: Path, *, max_bytes: int) -> Path:
     if not _HF_REPO.fullmatch(repo):
         raise PackageError(f"{repo!r} is not a Hugging Face repository id (ORG/NAME)")
     where = f"hf://{repo}" + (f"@{revision}" if revision else "")
+    limits = {CONFIG_FILE: MAX_ADAPTER_CONFIG_BYTES, WEIGHTS_FILE: max_bytes}
     paths = []
     from huggingface_hub.utils import logging as hub_logging  # it sets its loggers' level when first imported
 
@@ -67,7 +68,7 @@ def _from_hub(repo: str, revision: str | None, workdir: Path) -> Path:
     hub_logging.set_verbosity(logging.ERROR)
     try:
         for name in (CONFIG_FILE, WEIGHTS_FILE):
-            paths.append(_hub_file(repo, name, revision, where))
+            paths.append(_hub_file(repo, name, revision, where, limits[name]))
     finally:
         hub_logging.set_verbosity(level)
     if paths[0].parent != paths[1].parent:  # one snapshot folder holds both; defensive against a mixed cache
@@ -79,13 +80,23 @@ def _from_hub(repo: str, revision: str | None, workdir: Path) -> Path:
     return out
 
 
-def _hub_file(repo: str, name: str, revision: str | None, where: str) -> Path:
-    """One file of a Hub repository, through the Hugging Face cache; PackageError in one line."""
+def _hub_file(repo: str, name: str, revision: str | None, where: str, limit: int) -> Path:
+    """One file of a Hub repository, through the Hugging Face cache, at most `limit` bytes; PackageError in one
+    line. The Hub says a file's size before it is downloaded (the import ignored its bound here, and a
+    repository's 64 MiB file passed a 1 MiB one into the cache and the work folder: red team)."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo, name, revision=revision))
+        info = hf_hub_download(repo, name, revision=revision, dry_run=True)  # the Hub's word, or the cache's
+        if info.will_download and info.file_size is not None and info.file_size > limit:
+            raise PackageError(f"{where}: {name} is {info.file_size} bytes, more than the {limit} allowed")
+        path = Path(hf_hub_download(repo, name, revision=revision))
+        if path.stat().st_size > limit:  # a cache filled by another tool, or a mirror that said less
+            raise PackageError(f"{where}: {name} is {path.stat().st_size} bytes, more than the {limit} allowed")
+        return path
+    except PackageError:
+        raise
     except LocalEntryNotFoundError:  # first: it is an EntryNotFoundError too
         if constants.HF_HUB_OFFLINE:
             raise PackageError(f"{where}: {name} is not in the Hugging Face cache (HF_HUB_OFFLINE is set)") from None
@@ -115,23 +126,27 @@ def _from_http(url: str, workdir: Path, *, max_bytes: int, timeout: float) -> Pa
 
     out = _fresh(workdir / "peft")
     limits = {CONFIG_FILE: MAX_ADAPTER_CONFIG_BYTES, WEIGHTS_FILE: max_bytes}
-    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+    with httpx.Client(timeout=timeout, follow_redirects=True, headers=PLAIN) as client:
         for name, limit in limits.items():
             target = out / name
             try:
                 with client.stream("GET", f"{url}/{name}") as r:
                     if r.status_code != 200:
                         raise PackageError(f"{url}/{name}: HTTP {r.status_code}")
+                    refuse_encoded(r.headers, f"{url}/{name}")
                     declared = r.headers.get("content-length")
                     if declared is not None and declared.isdigit() and int(declared) > limit:
                         raise PackageError(f"{url}/{name} is {int(declared)} bytes, more than the {limit} allowed")
-                    written = 0
+                    written, pace = 0, DownloadPace(f"{url}/{name}")
                     with open(target, "wb") as f:
-                        for chunk in r.iter_bytes(_CHUNK):
+                        for chunk in r.iter_raw():  # as they arrive (a chunk size waits for it to fill), as sent
                             written += len(chunk)
                             if written > limit:
                                 raise PackageError(f"{url}/{name} is more than the {limit} bytes allowed")
                             f.write(chunk)
+                            pace.check(written)
+            except (ValueError, TimeoutError) as e:  # an encoded answer, one too slow
+                raise PackageError(str(e)) from None
             except httpx.HTTPError as e:
                 raise PackageError(f"{url}/{name}: {type(e).__name__}: {e}") from None
     return out

@@ -12,7 +12,9 @@ changes its time, size or inode) is hashed again and refused if it no longer mat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +29,8 @@ from node.adapters.manifest import MANIFEST_FILE, check_id
 from node.adapters.verify import VerifiedPackage, verify_package
 
 log = logging.getLogger(__name__)
+
+INSTALL_LOCK = ".install.lock"  # in the store's root: installs take it in turn (AdapterStore._installing)
 
 
 class AdapterStore:
@@ -156,29 +160,47 @@ class AdapterStore:
                 values=True,
             )
             final = self.path_for(pkg.adapter_id)
-            if (final / MANIFEST_FILE).is_file():
-                try:
-                    existing = self.get(pkg.adapter_id, verify_hashes=False)
-                except PackageError as e:  # damaged in place (a power cut, a disk error): this copy replaces it
-                    log.warning(
-                        "store entry %s is damaged (%s); replacing it with the copy being installed", final.name, e
-                    )
-                    existing = None
-                if existing is not None and existing.signer == pkg.signer:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return existing
-                self.remove(pkg.adapter_id)  # signed for another registry, or by someone else: superseded
-            if final.exists():  # a leftover without a manifest cannot be a finished install
-                shutil.rmtree(final)
-            for p in tmp.iterdir():
-                os.chmod(p, 0o444)
-            self._drop_stamp(pkg.adapter_id)
-            os.replace(tmp, final)
-            # hashed and value-checked just now (or as written); the rename keeps sizes, mtimes and inodes
-            self._write_stamp(pkg.adapter_id, self._stamp_of(final))
+            with self._installing():
+                return self._put_in_place(tmp, pkg, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    @contextlib.contextmanager
+    def _installing(self):
+        """One install at a time in this store, from any thread or process, from the look at what is in place to
+        the rename: two installs of one id (an operator's upload racing the engine's fetch, `adapter fetch
+        --store` beside a running node) had the second rename fail on the first's folder (a raw OSError naming
+        the node's paths), or remove the folder the first had just put in place (red team). The checks before
+        (hashing) run outside it."""
+        with open(self.root / INSTALL_LOCK, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # open file descriptions exclude each other, a process's threads too
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _put_in_place(self, tmp: Path, pkg: VerifiedPackage, final: Path) -> VerifiedPackage:
+        """The verified temporary folder `tmp` as the store's entry for `pkg` (_installing held; the caller removes
+        `tmp` on a failure)."""
+        if (final / MANIFEST_FILE).is_file():
+            try:
+                existing = self.get(pkg.adapter_id, verify_hashes=False)
+            except PackageError as e:  # damaged in place (a power cut, a disk error): this copy replaces it
+                log.warning("store entry %s is damaged (%s); replacing it with the copy being installed", final.name, e)
+                existing = None
+            if existing is not None and existing.signer == pkg.signer:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return existing
+            self.remove(pkg.adapter_id)  # signed for another registry, or by someone else: superseded
+        if final.exists():  # a leftover without a manifest cannot be a finished install
+            shutil.rmtree(final)
+        for p in tmp.iterdir():
+            os.chmod(p, 0o444)
+        self._drop_stamp(pkg.adapter_id)
+        os.replace(tmp, final)
+        # hashed and value-checked just now (or as written); the rename keeps sizes, mtimes and inodes
+        self._write_stamp(pkg.adapter_id, self._stamp_of(final))
         log.info("installed adapter %s (%s) signed by %s", pkg.adapter_id, pkg.name, pkg.signer)
         return dataclasses.replace(pkg, path=final)  # what was verified is what now sits at `final`
 

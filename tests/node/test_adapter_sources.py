@@ -46,14 +46,19 @@ def signer(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hub(peft, tmp_path_factory):
-    """A Hub with acme/capitals (the adapter, plus a pickle checkpoint beside it that must never be fetched) and
-    acme/pickled (a pickle checkpoint only)."""
+    """A Hub with acme/capitals (the adapter, plus a pickle checkpoint beside it that must never be fetched),
+    acme/pickled (a pickle checkpoint only) and acme/huge (weights past an import's bound)."""
     root = tmp_path_factory.mktemp("hub")
     repo = root / "acme" / "capitals"
     repo.mkdir(parents=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         shutil.copyfile(peft / name, repo / name)
     (repo / "adapter_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    huge = root / "acme" / "huge"  # weights of 64 MiB (a sparse file)
+    huge.mkdir()
+    (huge / CONFIG_FILE).write_text('{"peft_type": "LORA"}')
+    with open(huge / WEIGHTS_FILE, "wb") as f:
+        f.truncate(64 << 20)
     pickled = root / "acme" / "pickled"
     pickled.mkdir()
     shutil.copyfile(peft / CONFIG_FILE, pickled / CONFIG_FILE)
@@ -225,3 +230,101 @@ def test_import_from_a_local_folder_takes_the_two_files(peft, signer, tiny_base,
     assert {f.path for f in pkg.manifest.files} == {"adapter_config.json", "adapter_model.safetensors"}
     r = loramesh("adapter", "import", str(tmp_path / "blobs" / "x"), *args[:-1], str(tmp_path / "q"), env={})
     assert r.returncode == 1 and "is not a folder" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    """A server answering every GET one of two ways (the path's first part): `bomb/...` a body of 60 kB that
+    inflates, undone twice as its `Content-Encoding: gzip, gzip` says, to 64 MiB; `drip/...` one byte every
+    0.1 s, for ever."""
+    import gzip
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bomb = gzip.compress(gzip.compress(b"\0" * (64 << 20), 9), 9)
+
+    class Answer(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            try:
+                self.send_response(200)
+                if self.path.startswith("/bomb/"):
+                    self.send_header("Content-Encoding", "gzip, gzip")
+                    self.send_header("Content-Length", str(len(bomb)))
+                    self.end_headers()
+                    self.wfile.write(bomb)
+                    return
+                self.send_header("Connection", "close")  # no length: the body runs until the connection closes
+                self.end_headers()
+                while True:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _import(url: str, tmp_path: Path):
+    from node.adapters.importer import fetch_peft
+
+    return fetch_peft(url, tmp_path / "work", max_bytes=1 << 20)
+
+
+def test_an_encoded_answer_is_refused_not_inflated(hostile, tiny_base, tmp_path):
+    """Red team: httpx undid every Content-Encoding an answer listed, each network read whole, before the size
+    limit was looked at: 2.5 kB of "gzip, gzip" from a registry took a node to 2.2 GB (its package limit 1 MiB),
+    and as much from an import's http(s) folder. The bytes are now asked for and taken as sent."""
+    from node.adapters.errors import PackageError
+
+    inst = installer(tmp_path, tiny_base, max_package_bytes=1 << 20)
+    with pytest.raises(SourceError, match="Content-Encoding 'gzip, gzip'; only plain bytes are taken"):
+        fetch(f"{hostile}/bomb", HUGE, inst)
+    assert inst.store.list() == []
+    with pytest.raises(PackageError, match="Content-Encoding 'gzip, gzip'"):
+        _import(f"{hostile}/bomb", tmp_path)
+
+
+def test_a_source_dripping_its_bytes_is_dropped(hostile, tiny_base, tmp_path, monkeypatch):
+    """Red team: a read timeout bounds each wait, not a download: a source sending a byte a second held an import
+    as long as it liked, and a node's fetch until the engine's fetch timeout (300 s), the sources after it never
+    tried. A download now keeps a pace (here 1,000 bytes/s after 0.5 s; 10 bytes/s are sent)."""
+    import time
+
+    from common import http
+    from node.adapters.errors import PackageError
+
+    monkeypatch.setattr(http, "MIN_DOWNLOAD_RATE", 1000)
+    monkeypatch.setattr(http, "DOWNLOAD_GRACE_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="slower than the 1000 bytes/s"):
+        fetch(f"{hostile}/drip", HUGE, installer(tmp_path, tiny_base))
+    with pytest.raises(PackageError, match="slower than the 1000 bytes/s"):
+        _import(f"{hostile}/drip", tmp_path)
+    assert time.monotonic() - started < 10
+
+
+def test_a_hub_file_past_the_import_bound_is_refused_before_it_is_downloaded(hub, tmp_path):
+    """Red team: the import's size bound reached only its http(s) downloads: a Hub repository's 64 MiB weights
+    passed a 1 MiB bound, into the Hugging Face cache and again into the work folder. The Hub's size of a file
+    is read first."""
+    _, url = hub
+    script = (
+        "import pathlib, sys\n"
+        "from node.adapters.importer import fetch_peft\n"
+        "fetch_peft('hf://acme/huge', pathlib.Path(sys.argv[1]), max_bytes=1 << 20)\n"
+    )
+    env = os.environ | {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1"}
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "work")], capture_output=True, text=True, env=env)
+    assert "adapter_model.safetensors is 67108864 bytes, more than the 1048576 allowed" in r.stderr, r.stderr[-2000:]
+    assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and p.stat().st_size > 1 << 20]

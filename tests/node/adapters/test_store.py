@@ -114,3 +114,36 @@ def test_a_copy_damaged_in_the_store_is_replaced_by_installing_it_again(package,
     assert store.install(package.path).adapter_id == package.adapter_id
     assert store.get(package.adapter_id).adapter_id == package.adapter_id
     assert [p.adapter_id for p in store.list()] == [package.adapter_id]
+
+
+def test_two_installs_of_one_package_at_once_both_answer_it(tiny_base, tmp_path):
+    """Red team: an operator's upload racing the engine's fetch of the same adapter (or `adapter fetch --store`
+    beside a running node): the second rename failed on the folder the first had just put in place, a raw
+    OSError naming the node's paths (7 of 80 installs), or removed it. Installs now take a lock in turn from the
+    look at what is in place to the rename."""
+    import threading
+
+    from eth_account import Account
+
+    pkg = make_package(tiny_base, tmp_path / "pkg", account=Account.create())
+    errors: list[str] = []
+    for i in range(30):
+        store = AdapterStore(tmp_path / f"store{i}")
+        barrier = threading.Barrier(2)
+        got = []
+
+        def install(store=store, barrier=barrier, got=got):
+            barrier.wait()
+            try:
+                got.append(store.install(pkg.path).adapter_id)
+            except Exception as e:  # what must not happen: either install answers the package
+                errors.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=install) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [pkg.adapter_id] * 2 or errors, got
+        assert store.get(pkg.adapter_id) is not None and not list((store.root / ".tmp").iterdir())
+    assert errors == []
