@@ -1,6 +1,7 @@
 """HTTP limits every app we serve shares (node API, gateway, explorer): a request-body limit as pure ASGI
-middleware, a streamed answer whose every write is bounded in time, bounded reads of the answers we fetch
-and of downloads from strangers (plain bytes, at a pace), and the error and event schemas the OpenAPI documents declare.
+middleware, a streamed answer whose every write is bounded in time, bounded reads of the answers we fetch and
+of downloads from strangers (plain bytes, at a pace: `download`), and the error and event schemas the OpenAPI
+documents declare.
 
 Starlette reads a request body whole before a handler sees it, so without a limit one client can make
 a process buffer (and then parse) as much as it sends. The limit is checked against Content-Length
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable
 
 from starlette.responses import StreamingResponse
@@ -173,34 +173,71 @@ async def read_capped(chunks, limit: int) -> bytes:
 # refuse an encoded answer: httpx undoes every listed Content-Encoding of each network read in one call, with no
 # cap, and 2.5 kB of "gzip, gzip" took a node to 2.2 GB before its size limit was looked at (red team)
 PLAIN = {"Accept-Encoding": "identity"}
-# and they must keep up: a read timeout bounds each wait, not the whole, and a source dripping a byte a second
-# held an import for as long as it liked (red team). After DOWNLOAD_GRACE_S, MIN_DOWNLOAD_RATE on average
+# and they must keep up, from the first byte of the answer: its headers within DOWNLOAD_GRACE_S, then
+# MIN_DOWNLOAD_RATE bytes/s on average. A read timeout restarts with every byte: a source dripping a byte a second
+# held an import for as long as it liked, and headers sent a byte at a time, endless 103 answers or a chunk-size
+# line that never ends hold a download before any byte of its body (red team, review)
 MIN_DOWNLOAD_RATE = 64 << 10  # bytes/s
 DOWNLOAD_GRACE_S = 30.0
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
+class DownloadError(ValueError):
+    """A stranger's download refused (a status, an encoded answer, past its limit, too slow); one line."""
 
 
 def refuse_encoded(headers, what: str) -> None:
-    """ValueError when an answer's body is encoded (gzip, br, ...): `what` sent it so though asked not to."""
+    """DownloadError when an answer's body is encoded (gzip, br, ...): `what` sent it so though asked not to."""
     encoding = headers.get("content-encoding", "").strip().lower()
     if encoding not in ("", "identity"):
-        raise ValueError(f"{what} answered with Content-Encoding {encoding[:40]!r}; only plain bytes are taken")
+        raise DownloadError(
+            f"{what} answered with Content-Encoding {encoding[:40]!r}; only plain bytes are taken (a server sends "
+            "a file stored compressed so, as S3 does one whose metadata says it is)"
+        )
 
 
-class DownloadPace:
-    """The pace a download must keep (MIN_DOWNLOAD_RATE bytes/s on average once DOWNLOAD_GRACE_S have passed):
-    `check(received)` after each chunk raises TimeoutError when it falls behind."""
-
-    def __init__(self, what: str) -> None:
-        self.what, self.min_rate, self.grace = what, MIN_DOWNLOAD_RATE, DOWNLOAD_GRACE_S
-        self.started = time.monotonic()
-
-    def check(self, received: int) -> None:
-        elapsed = time.monotonic() - self.started
-        if elapsed > self.grace and received < self.min_rate * elapsed:
-            raise TimeoutError(
-                f"{self.what} sent {received} bytes in {elapsed:.0f} s, slower than the {self.min_rate:g} bytes/s "
-                "a download must keep"
-            )
+async def download(client, url: str, write: Callable[[bytes], object], *, limit: int, what: str, redirects: int = 0):
+    """GET `url` (an httpx.AsyncClient's) into `write`: the bytes as sent (PLAIN; an encoded answer refused), at
+    most `limit`, at the pace above, one deadline for every wait from the request on (byte n of the body by
+    DOWNLOAD_GRACE_S + n / MIN_DOWNLOAD_RATE). Up to `redirects` http(s) redirects are followed, their bodies never
+    read. Returns the bytes written; DownloadError (one line) when refused, httpx.HTTPError when unreachable."""
+    loop = asyncio.get_running_loop()
+    start, received = loop.time(), 0
+    try:
+        async with asyncio.timeout(DOWNLOAD_GRACE_S) as deadline:
+            for hop in range(redirects + 1):
+                request = client.build_request("GET", url, headers=PLAIN)
+                response = await client.send(request, stream=True, follow_redirects=False)
+                if response.status_code not in REDIRECT_STATUSES or hop == redirects:
+                    break
+                await response.aclose()  # a redirect's body is never read (httpx's own following reads it whole)
+                target = response.url.join(response.headers.get("location", ""))
+                if target.scheme not in ("http", "https") or target == response.url:
+                    raise DownloadError(
+                        f"{what} redirects to {str(target)[:200]!r}: only another http(s) URL is followed"
+                    )
+                url = str(target)
+            try:
+                if response.status_code != 200:
+                    raise DownloadError(f"{what}: HTTP {response.status_code}")
+                refuse_encoded(response.headers, what)
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise DownloadError(f"{what} is {int(declared)} bytes, more than the {limit} allowed")
+                async for chunk in response.aiter_raw():  # as they arrive, as sent
+                    received += len(chunk)
+                    if received > limit:
+                        raise DownloadError(f"{what} is more than the {limit} bytes allowed")
+                    write(chunk)
+                    deadline.reschedule(start + DOWNLOAD_GRACE_S + (received + 1) / MIN_DOWNLOAD_RATE)
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        raise DownloadError(
+            f"{what} sent {received} bytes in {loop.time() - start:.0f} s, slower than the {MIN_DOWNLOAD_RATE:g} "
+            f"bytes/s a download must keep (after {DOWNLOAD_GRACE_S:g} s)"
+        ) from None
+    return received
 
 
 async def bounded_call(client, method: str, url: str, limit: int, **kw) -> tuple[int, bytes]:

@@ -7,7 +7,7 @@ checks of an upload (node.upload.PackageInstaller: manifest and signature before
 signer must be the adapter's registered owner, every file hashed against the signed manifest, the whole
 package verified by the store), the archive is bounded by the node's package limit while it arrives, and
 a package whose id is not the one asked for is refused. The bytes are taken as sent (an encoded answer is
-refused) and must arrive at a pace (common.http.DownloadPace), so the next source is tried.
+refused) and must arrive at a pace (common.http.download), so the next source is tried.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 
 import httpx
 
-from common.http import PLAIN, DownloadPace, refuse_encoded
+from common.http import DownloadError, download
 from node.adapters.verify import VerifiedPackage
 from node.upload import SPOOL_IN_MEMORY_BYTES, PackageInstaller
 
@@ -47,19 +47,9 @@ class HttpRegistry:
         data = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES, dir=installer.spool_dir)
         try:
             try:
-                async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, headers=PLAIN) as client:
-                    async with client.stream("GET", f"{self.url}/{adapter_id}.tar") as r:
-                        if r.status_code != 200:
-                            raise SourceError(f"{self.url} answered {r.status_code} for adapter {adapter_id}")
-                        refuse_encoded(r.headers, self.url)
-                        size, pace = 0, DownloadPace(self.url)
-                        async for chunk in r.aiter_raw():  # the bytes as sent (common.http.PLAIN)
-                            size += len(chunk)
-                            if size > limit:
-                                raise SourceError(f"{self.url} sent more than {limit} bytes for adapter {adapter_id}")
-                            data.write(chunk)
-                            pace.check(size)
-            except (ValueError, TimeoutError) as e:  # an encoded answer, one too slow
+                async with httpx.AsyncClient(timeout=self.timeout) as client:
+                    await download(client, f"{self.url}/{adapter_id}.tar", data.write, limit=limit, what=self.url)
+            except DownloadError as e:  # a status, an encoded answer, past the limit, too slow: common.http
                 raise SourceError(f"{e} (adapter {adapter_id})") from None
             except httpx.HTTPError as e:
                 raise SourceError(f"{self.url} unreachable: {type(e).__name__}: {e}") from None

@@ -14,19 +14,21 @@ nothing fetched is trusted: packing checks the config and the tensors against th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from common.http import PLAIN, DownloadPace, refuse_encoded
+from common.http import DownloadError, download
 from node.adapters.errors import PackageError
 from node.adapters.limits import MAX_ADAPTER_CONFIG_BYTES
 from node.adapters.weights import CONFIG_FILE, WEIGHTS_FILE
 
 # a LoRA of rank 64 on every projection of a 70B base is ~1.7 GB; past this an "adapter" is something else
 MAX_IMPORT_BYTES = 4 << 30
+MAX_REDIRECTS = 5  # an http(s) folder's (a registry's are not followed)
 _HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
@@ -89,8 +91,12 @@ def _hub_file(repo: str, name: str, revision: str | None, where: str, limit: int
 
     try:
         info = hf_hub_download(repo, name, revision=revision, dry_run=True)  # the Hub's word, or the cache's
-        if info.will_download and info.file_size is not None and info.file_size > limit:
+        if info.will_download and info.file_size is None:
+            raise PackageError(f"{where}: the Hub says no size for {name}, so it cannot be held to {limit} bytes")
+        if info.will_download and info.file_size > limit:
             raise PackageError(f"{where}: {name} is {info.file_size} bytes, more than the {limit} allowed")
+        # by the revision as given, not the commit the size was read at: that would leave the branch's ref unwritten,
+        # and a later offline import of it would not find the cache (a branch moved since is checked below)
         path = Path(hf_hub_download(repo, name, revision=revision))
         if path.stat().st_size > limit:  # a cache filled by another tool, or a mirror that said less
             raise PackageError(f"{where}: {name} is {path.stat().st_size} bytes, more than the {limit} allowed")
@@ -122,31 +128,22 @@ def _fresh(folder: Path) -> Path:
 
 
 def _from_http(url: str, workdir: Path, *, max_bytes: int, timeout: float) -> Path:
-    import httpx
-
     out = _fresh(workdir / "peft")
     limits = {CONFIG_FILE: MAX_ADAPTER_CONFIG_BYTES, WEIGHTS_FILE: max_bytes}
-    with httpx.Client(timeout=timeout, follow_redirects=True, headers=PLAIN) as client:
+    asyncio.run(_http_files(url, out, limits, timeout))
+    return out
+
+
+async def _http_files(url: str, out: Path, limits: dict[str, int], timeout: float) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout) as client:
         for name, limit in limits.items():
-            target = out / name
+            where = f"{url}/{name}"
             try:
-                with client.stream("GET", f"{url}/{name}") as r:
-                    if r.status_code != 200:
-                        raise PackageError(f"{url}/{name}: HTTP {r.status_code}")
-                    refuse_encoded(r.headers, f"{url}/{name}")
-                    declared = r.headers.get("content-length")
-                    if declared is not None and declared.isdigit() and int(declared) > limit:
-                        raise PackageError(f"{url}/{name} is {int(declared)} bytes, more than the {limit} allowed")
-                    written, pace = 0, DownloadPace(f"{url}/{name}")
-                    with open(target, "wb") as f:
-                        for chunk in r.iter_raw():  # as they arrive (a chunk size waits for it to fill), as sent
-                            written += len(chunk)
-                            if written > limit:
-                                raise PackageError(f"{url}/{name} is more than the {limit} bytes allowed")
-                            f.write(chunk)
-                            pace.check(written)
-            except (ValueError, TimeoutError) as e:  # an encoded answer, one too slow
+                with open(out / name, "wb") as f:
+                    await download(client, where, f.write, limit=limit, what=where, redirects=MAX_REDIRECTS)
+            except DownloadError as e:  # a status, an encoded answer, past the limit, too slow: common.http
                 raise PackageError(str(e)) from None
             except httpx.HTTPError as e:
-                raise PackageError(f"{url}/{name}: {type(e).__name__}: {e}") from None
-    return out
+                raise PackageError(f"{where}: {type(e).__name__}: {e}") from None

@@ -31,6 +31,8 @@ from node.adapters.verify import VerifiedPackage, verify_package
 log = logging.getLogger(__name__)
 
 INSTALL_LOCK = ".install.lock"  # in the store's root: installs take it in turn (AdapterStore._installing)
+_STORE_LOCKS: dict[str, threading.Lock] = {}  # a store's real path -> its installs' lock in this process
+_THREADS_LOCK = threading.Lock()
 
 
 class AdapterStore:
@@ -173,12 +175,17 @@ class AdapterStore:
         --store` beside a running node) had the second rename fail on the first's folder (a raw OSError naming
         the node's paths), or remove the folder the first had just put in place (red team). The checks before
         (hashing) run outside it."""
-        with open(self.root / INSTALL_LOCK, "a+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # open file descriptions exclude each other, a process's threads too
+        with _THREADS_LOCK:
+            threads = _STORE_LOCKS.setdefault(os.path.realpath(self.root), threading.Lock())
+        # a process's threads by a lock of its own (on NFS, flock is a POSIX lock: the process's, not a thread's);
+        # processes by flock, on a descriptor opened read-only (another user of the store's group may take it)
+        with threads:
+            fd = os.open(self.root / INSTALL_LOCK, os.O_RDONLY | os.O_CREAT, 0o664)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                os.close(fd)  # and the flock with it
 
     def _put_in_place(self, tmp: Path, pkg: VerifiedPackage, final: Path) -> VerifiedPackage:
         """The verified temporary folder `tmp` as the store's entry for `pkg` (_installing held; the caller removes
@@ -209,10 +216,14 @@ class AdapterStore:
         path = self.path_for(adapter_id)
         if not path.exists():
             return False
-        doomed = self._tmp_root / f"rm-{adapter_id[2:12]}-{os.getpid()}"
+        doomed = Path(tempfile.mkdtemp(prefix=f"rm-{adapter_id[2:12]}-", dir=self._tmp_root))  # one a removal
         self._drop_stamp(adapter_id)
-        os.replace(path, doomed)  # disappear atomically, then delete at leisure
-        shutil.rmtree(doomed, ignore_errors=True)
+        try:
+            os.replace(path, doomed)  # disappear atomically (over the empty folder), then delete at leisure
+        except FileNotFoundError:  # another removal took it first
+            return False
+        finally:
+            shutil.rmtree(doomed, ignore_errors=True)
         return True
 
     def clean_tmp(self) -> int:
