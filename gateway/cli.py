@@ -31,26 +31,23 @@ disputes_app = typer.Typer(
 )
 gateway_app.add_typer(disputes_app, name="disputes")
 
-_MAX_PRICE_HELP = (
-    "The dearest adapter (or base model) this key may use, in wei per 1,000 tokens; a dearer one is refused with "
-    "403 price_exceeds_key_limit"
-)
-MaxPriceOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-price-per-1k-tokens",
-        min=0,
-        help=_MAX_PRICE_HELP + " (default: the gateway's LORAMESH_GATEWAY_DEFAULT_MAX_PRICE_PER_1K_TOKENS).",
-    ),
-]
-NewMaxPriceOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-price-per-1k-tokens",
-        min=0,
-        help=_MAX_PRICE_HELP + " (left out: the key's stays; see --default-max-price).",
-    ),
-]
+
+def _max_price_option(left_out: str):
+    """--max-price-per-1k-tokens, whose help says what leaving it out means (create: the gateway's default;
+    update: the key's stays)."""
+    return Annotated[
+        int | None,
+        typer.Option(
+            "--max-price-per-1k-tokens",
+            min=0,
+            help="The dearest adapter (or base model) this key may use, in wei per 1,000 tokens; a dearer one is "
+            f"refused with 403 price_exceeds_key_limit ({left_out}).",
+        ),
+    ]
+
+
+MaxPriceOpt = _max_price_option("default: the gateway's LORAMESH_GATEWAY_DEFAULT_MAX_PRICE_PER_1K_TOKENS")
+NewMaxPriceOpt = _max_price_option("left out: the key's stays; see --default-max-price")
 DbOpt = Annotated[
     str | None, typer.Option("--db", help=f"Database URL (default $LORAMESH_GATEWAY_DB_URL or {DEFAULT_DB_URL}).")
 ]
