@@ -87,7 +87,10 @@ class IndexDatabase:
                     version or "1-3 (an older explorer's, which kept it elsewhere)",
                     SCHEMA_VERSION,
                 )
-                for name in names:  # IF EXISTS: dropping the search index drops its shadow tables with it
+                # the search index first: it drops its shadow tables with it (IF EXISTS then passes them), and a
+                # shadow table dropped before it left it unopenable ("vtable constructor failed"), which the set's
+                # order (a hash seed's) did now and then
+                for name in sorted(names, key=lambda n: (n != ADAPTER_SEARCH, n)):
                     conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
             IndexModel.metadata.create_all(conn)
             conn.exec_driver_sql(ADAPTER_SEARCH_DDL)
