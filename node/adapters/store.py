@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from ledger.types import Domain
@@ -31,6 +32,8 @@ from node.adapters.verify import VerifiedPackage, verify_package
 log = logging.getLogger(__name__)
 
 INSTALL_LOCK = ".install.lock"  # in the store's root: installs take it in turn (AdapterStore._installing)
+INSTALL_LOCK_WAIT_S = 60.0  # an install holds it for renames only: past this its holder is stuck, not busy
+TMP_IDLE_S = 600.0  # a temporary folder unwritten this long at a node's start is a dead writer's (clean_tmp)
 _STORE_LOCKS: dict[str, threading.Lock] = {}  # a store's real path -> its installs' lock in this process
 _THREADS_LOCK = threading.Lock()
 
@@ -179,13 +182,31 @@ class AdapterStore:
             threads = _STORE_LOCKS.setdefault(os.path.realpath(self.root), threading.Lock())
         # a process's threads by a lock of its own (on NFS, flock is a POSIX lock: the process's, not a thread's);
         # processes by flock, on a descriptor opened read-only (another user of the store's group may take it)
-        with threads:
+        if not threads.acquire(timeout=INSTALL_LOCK_WAIT_S):
+            raise PackageError(f"another install in this process held the store's lock for {INSTALL_LOCK_WAIT_S:g} s")
+        try:
             fd = os.open(self.root / INSTALL_LOCK, os.O_RDONLY | os.O_CREAT, 0o664)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                # polled, not waited for: a holder stopped (a suspended `adapter fetch --store`) must not hold the
+                # node's installs, and their worker threads, for ever
+                waited = 0.0
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if waited >= INSTALL_LOCK_WAIT_S:
+                            raise PackageError(
+                                f"another process held the store's install lock ({INSTALL_LOCK}) for "
+                                f"{INSTALL_LOCK_WAIT_S:g} s"
+                            ) from None
+                        time.sleep(0.05)
+                        waited += 0.05
                 yield
             finally:
                 os.close(fd)  # and the flock with it
+        finally:
+            threads.release()
 
     def _put_in_place(self, tmp: Path, pkg: VerifiedPackage, final: Path) -> VerifiedPackage:
         """The verified temporary folder `tmp` as the store's entry for `pkg` (_installing held; the caller removes
@@ -226,10 +247,22 @@ class AdapterStore:
             shutil.rmtree(doomed, ignore_errors=True)
         return True
 
-    def clean_tmp(self) -> int:
-        """Remove temporary folders left by a process that died mid-write; returns how many."""
-        n = 0
+    def clean_tmp(self, *, idle_s: float = TMP_IDLE_S) -> int:
+        """Remove temporary folders left by a process that died mid-write; returns how many. A folder written in the
+        last `idle_s` is another process's write going on (`adapter fetch --store` beside a node that starts: the
+        node removed it, and the install failed on a raw FileNotFoundError; review), and is left."""
+        n, now = 0, time.time()
         for p in self._tmp_root.iterdir():
-            shutil.rmtree(p, ignore_errors=True)
+            try:
+                inside = [c.lstat().st_mtime for c in p.iterdir()] if p.is_dir() else []
+                written = max([p.lstat().st_mtime, *inside])
+            except OSError:  # gone meanwhile: its writer finished or removed it
+                continue
+            if now - written < idle_s:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             n += 1
         return n

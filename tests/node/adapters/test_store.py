@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 
@@ -37,6 +38,11 @@ def test_leftovers_of_a_crashed_write_are_invisible_and_cleaned(package, tiny_ba
     half = store.tmp_dir()
     (half / "adapter_config.json").write_text("{")  # a writer died here
     assert store.list() == [] and store.get(package.adapter_id) is None
+    # written just now: another process's write going on, left to it (review: a node starting removed the folder of
+    # an `adapter fetch --store` beside it, whose install then failed on a raw FileNotFoundError)
+    assert store.clean_tmp() == 0 and os.listdir(store.root / ".tmp")
+    for p in (half / "adapter_config.json", half):  # an hour later, nobody has written it since
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
     assert store.clean_tmp() == 1 and not os.listdir(store.root / ".tmp")
 
 
@@ -147,3 +153,22 @@ def test_two_installs_of_one_package_at_once_both_answer_it(tiny_base, tmp_path)
         assert got == [pkg.adapter_id] * 2 or errors, got
         assert store.get(pkg.adapter_id) is not None and not list((store.root / ".tmp").iterdir())
     assert errors == []
+
+
+def test_an_install_waits_for_the_lock_a_bounded_time(package, tiny_base, tmp_path, monkeypatch):
+    """Review: a stopped holder of the store's install lock (a suspended `adapter fetch --store`) held every install
+    of the node, and their worker threads, for ever. An install waits INSTALL_LOCK_WAIT_S, then fails in one line."""
+    import fcntl
+
+    from node.adapters import store as store_module
+
+    monkeypatch.setattr(store_module, "INSTALL_LOCK_WAIT_S", 0.3)
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    with open(store.root / store_module.INSTALL_LOCK, "a+b") as held:  # another process's, as flock sees it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(PackageError, match="another process held the store's install lock"):
+            store.install(package.path)
+        assert time.monotonic() - started < 5
+    assert store.install(package.path).adapter_id == package.adapter_id  # once it is let go
+    assert not os.listdir(store.root / ".tmp")
