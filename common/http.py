@@ -179,7 +179,6 @@ PLAIN = {"Accept-Encoding": "identity"}
 # line that never ends hold a download before any byte of its body (red team, review)
 MIN_DOWNLOAD_RATE = 64 << 10  # bytes/s
 DOWNLOAD_GRACE_S = 30.0
-REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 
 
 class DownloadError(ValueError):
@@ -208,10 +207,10 @@ async def download(client, url: str, write: Callable[[bytes], object], *, limit:
             for hop in range(redirects + 1):
                 request = client.build_request("GET", url, headers=PLAIN)
                 response = await client.send(request, stream=True, follow_redirects=False)
-                if response.status_code not in REDIRECT_STATUSES or hop == redirects:
+                if not response.has_redirect_location or hop == redirects:
                     break
                 await response.aclose()  # a redirect's body is never read (httpx's own following reads it whole)
-                target = response.url.join(response.headers.get("location", ""))
+                target = response.url.join(response.headers["location"])
                 if target.scheme not in ("http", "https") or target == response.url:
                     raise DownloadError(
                         f"{what} redirects to {str(target)[:200]!r}: only another http(s) URL is followed"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -28,12 +29,12 @@ PRODUCT = ("common", "ledger", "node", "gateway", "devnet")
 
 @functools.cache
 def repository_files() -> tuple[str, ...]:
+    """Every file of the checkout, its skipped folders (the environment, tools, helpers' scratch) never walked."""
     found = []
-    for p in ROOT.rglob("*"):
-        rel = p.relative_to(ROOT)
-        if p.is_file() and not SKIPPED_DIRS.intersection(rel.parts) and not rel.parts[0].startswith("scratch_"):
-            if not any(part.startswith("scratch_") for part in rel.parts):
-                found.append(rel.as_posix())
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS and not d.startswith("scratch_")]
+        rel = Path(folder).relative_to(ROOT)
+        found += [(rel / f).as_posix() for f in files]
     return tuple(found)
 
 

@@ -60,9 +60,10 @@ def _from_hub(repo: str, revision: str | None, workdir: Path, *, max_bytes: int)
     if not _HF_REPO.fullmatch(repo):
         raise PackageError(f"{repo!r} is not a Hugging Face repository id (ORG/NAME)")
     where = f"hf://{repo}" + (f"@{revision}" if revision else "")
+    from huggingface_hub.utils import logging as hub_logging  # it sets its loggers' level when first imported
+
     limits = {CONFIG_FILE: MAX_ADAPTER_CONFIG_BYTES, WEIGHTS_FILE: max_bytes}
     paths = []
-    from huggingface_hub.utils import logging as hub_logging  # it sets its loggers' level when first imported
 
     # huggingface_hub logs each retry of a Hub it cannot reach (two lines each, a dozen before it gives up): the
     # user is told once, in the error below

@@ -189,19 +189,18 @@ class AdapterStore:
             try:
                 # polled, not waited for: a holder stopped (a suspended `adapter fetch --store`) must not hold the
                 # node's installs, and their worker threads, for ever
-                waited = 0.0
+                give_up = time.monotonic() + INSTALL_LOCK_WAIT_S
                 while True:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
                     except BlockingIOError:
-                        if waited >= INSTALL_LOCK_WAIT_S:
+                        if time.monotonic() >= give_up:
                             raise PackageError(
                                 f"another process held the store's install lock ({INSTALL_LOCK}) for "
                                 f"{INSTALL_LOCK_WAIT_S:g} s"
                             ) from None
                         time.sleep(0.05)
-                        waited += 0.05
                 yield
             finally:
                 os.close(fd)  # and the flock with it
