@@ -249,7 +249,10 @@ def test_decoder_input_details_alternatives_and_best_of(gw, client):
     alt = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4, return_k_alternatives=2)
     assert all(len(t.alternative_tokens) == 2 for t in alt.details.tokens)
     assert alt.details.tokens[0].alternative_tokens[0].logprob >= alt.details.tokens[0].alternative_tokens[1].logprob
-    best = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=4, best_of=2, do_sample=True)
+    # sampled and unseeded (LoRAX refuses a seed with best_of): EOS is ignored so both sequences are 4 tokens long
+    best = client.generate(
+        PROMPT, adapter_id=NAMES[0], max_new_tokens=4, best_of=2, do_sample=True, ignore_eos_token=True
+    )
     assert len(best.details.best_of_sequences) == 1 and best.details.generated_tokens == 4
 
 
