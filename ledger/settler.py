@@ -157,7 +157,7 @@ from ledger.errors import (
     UnknownAdapter,
     UnknownNode,
 )
-from ledger.merkle import MAX_ADAPTERS_PER_BATCH, MAX_NODES_PER_BATCH, MerkleTree, batch_id_for
+from ledger.merkle import MAX_ADAPTERS_PER_BATCH, MAX_NODES_PER_BATCH, MAX_TOKEN_COUNT, MerkleTree, batch_id_for
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records, count_by_status
 from ledger.settler_config import DEFAULT_LOW_DEPOSIT, GRACE_MARGIN_S, SettlerConfig
@@ -180,6 +180,9 @@ PRICE_ABOVE_QUOTE = "price above the request's quote"
 QUOTE_UNREADABLE = "quote unreadable"
 # its request, adapter or node id is not a 32-byte id (not written by the outbox either): nothing can settle it
 ID_UNREADABLE = "id unreadable"
+# a token count a packed record cannot carry: negative (not written by the outbox), or, under a record bound set
+# above it, more than a uint32 (MAX_TOKEN_COUNT)
+TOKENS_UNREADABLE = "token count unreadable"
 TOO_MANY_TOKENS = "tokens above bound"
 PRICE_MOVING = "price changed while settling"
 REVERTED = "reverted"  # the ledger refused it, alone, for a reason the settler does not expect, twice
@@ -809,6 +812,10 @@ class Settler:
             if isinstance(a_price, str) or isinstance(n_reason, str):
                 aside.append((r, a_price if isinstance(a_price, str) else n_reason, None))
                 continue
+            counts = (r.prompt_tokens, r.completion_tokens)
+            if not all(isinstance(n, int) and n >= 0 for n in counts):  # a negative fee would make room
+                aside.append((r, _unreadable_counts(counts), None))
+                continue
             tokens = r.prompt_tokens + r.completion_tokens
             if tokens > cfg.max_record_tokens:
                 aside.append((r, f"{TOO_MANY_TOKENS}: {tokens} tokens > max {cfg.max_record_tokens} per record", None))
@@ -850,6 +857,9 @@ class Settler:
             ):
                 break  # the ledger's id tables are full: the rest goes in the next batch
             if total + fee <= free:
+                if max(counts) > MAX_TOKEN_COUNT:  # under a record bound set above it: packing it would raise
+                    aside.append((r, _unreadable_counts(counts), fee))
+                    continue
                 keep.append((r, fee))
                 bounds.append(charged)
                 read_at[entry[0]] = a_price
@@ -1250,14 +1260,16 @@ class Settler:
     # ------------------------------------------------------------------ finality
 
     def _follow_finality(self) -> int:
-        """Look at this account's settled batches that are not final yet (ledger order): mark final those with
-        `confirmations` blocks on top of theirs, follow those the chain moved to another block, and send back
-        those a reorg dropped (module docstring: Finality). Returns how many batches went back."""
+        """Look at the settled batches that are not final yet (ledger order): mark final those with
+        `confirmations` blocks on top of theirs, follow those the chain moved to another block (in whichever
+        sequence holds them there), and send back those a reorg dropped (module docstring: Finality). Returns how
+        many batches went back. Every account's: a batch recorded in another settler's sequence (its copy was
+        settled first) is ours to send again if a reorg drops that copy, and no process of that account follows
+        it."""
         with Session(self.engine) as s:
             rows = s.exec(
                 select(SettlementBatch)
                 .where(
-                    SettlementBatch.settler == self.address,
                     SettlementBatch.status == BatchStatus.SETTLED,
                     SettlementBatch.block_hash.is_not(None),
                 )
@@ -1274,7 +1286,7 @@ class Settler:
             return canonical[number]
 
         final: list[tuple[int, str]] = []  # (batch row id, the hash it was checked at)
-        moved: list[tuple[SettlementBatch, int, str]] = []
+        moved: list[tuple[SettlementBatch, BatchInfo, str, dict]] = []
         dropped: list[SettlementBatch] = []
         for b in rows:
             deep = head - b.block_number >= self.config.confirmations
@@ -1289,7 +1301,7 @@ class Settler:
             if info is None:
                 dropped.append(b)
             elif (h := hash_at(info.settled_block)) is not None:
-                moved.append((b, info.settled_block, h))  # its transaction was mined again, in another block
+                moved.append((b, info, h, self._numbering(b, info)))  # its transaction, or a copy's, mined elsewhere
         with Session(self.engine) as s:
             for bid, h in final:  # only if unchanged since read: another process may have sent it back
                 s.execute(
@@ -1297,13 +1309,18 @@ class Settler:
                     .where(SettlementBatch.id == bid, SettlementBatch.block_hash == h)
                     .values(block_hash=None)
                 )
-            for b, number, h in moved:
+            for b, info, h, numbering in moved:
                 s.execute(
                     update(SettlementBatch)
                     .where(SettlementBatch.id == b.id, SettlementBatch.block_hash == b.block_hash)
-                    .values(block_number=number, block_hash=h)
+                    .values(block_number=info.settled_block, block_hash=h, **numbering)
                 )
-                log.info("batch %s moved from block %d to block %d by a reorg", b.batch_id, b.block_number, number)
+                log.info(
+                    "batch %s moved from block %d to block %d by a reorg",
+                    b.batch_id,
+                    b.block_number,
+                    info.settled_block,
+                )
             back = 0
             for b in dropped:
                 n = s.execute(
@@ -1531,16 +1548,18 @@ class Settler:
                 moved.add(r.id)
         return moved
 
-    def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
-        """Record the batch settled as the chain has it (`info`, else getBatch)."""
-        info = info or self.client.get_batch(batch.batch_id)
-        if info is None:
-            raise SettlementError(f"batch {batch.batch_id} is not settled on chain")
-        renumbered = None
+    def _numbering(self, batch: SettlementBatch, info: BatchInfo) -> dict:
+        """The columns to write so that the batch's row says whose sequence holds it, and from which number, as
+        the chain has it: {} when it already does. The same batch id (the same records, in order) may be settled
+        by a tool or an older process of this account, or by another settler that copied it from the mempool (an
+        id names its records), under other numbers, or under ours once that settler's sequence caught up with
+        ours (the same numbers give the same root), and a reorg may put such a copy in our batch's place. A row
+        left under our address with numbers the chain never gave our account would make every later batch of
+        ours start past them and fail SequenceMismatch, for good."""
+        chain = {"settler": info.settler, "first_seq": info.first_sequence, "merkle_root": info.merkle_root}
+        if chain == {"settler": batch.settler, "first_seq": batch.first_seq, "merkle_root": batch.merkle_root}:
+            return {}
         if info.merkle_root != batch.merkle_root:
-            # the same batch id (the same records, in order) settled under other sequence numbers, by a tool or
-            # an older process of this account, or by another settler that copied it from the mempool (an id
-            # names its records): the chain's numbering, in the chain's settler's sequence, is the one that counts
             with Session(self.engine) as s:
                 settle = [to_settle_record(r) for r in batch_records(s, batch.batch_id)]
             if not settle or MerkleTree.from_records(settle, info.first_sequence).root_hex != info.merkle_root:
@@ -1548,7 +1567,22 @@ class Settler:
                     f"batch {batch.batch_id} settled on chain with root {info.merkle_root}, "
                     f"database has {batch.merkle_root}"
                 )
-            renumbered = info.first_sequence
+        log.warning(
+            "batch %s settled by %s from sequence number %d, written as %s's from %s: recorded as the chain has it",
+            batch.batch_id,
+            info.settler,
+            info.first_sequence,
+            batch.settler,
+            batch.first_seq,
+        )
+        return chain
+
+    def _mark_settled(self, batch: SettlementBatch, info: BatchInfo | None = None) -> int:
+        """Record the batch settled as the chain has it (`info`, else getBatch)."""
+        info = info or self.client.get_batch(batch.batch_id)
+        if info is None:
+            raise SettlementError(f"batch {batch.batch_id} is not settled on chain")
+        numbering = self._numbering(batch, info)
         # not final yet: keep the block's hash, which _follow_finality compares with the chain's until it is
         block_hash = self.client.block_hash(info.settled_block) if self.config.confirmations > 0 else None
         values = {
@@ -1559,16 +1593,7 @@ class Settler:
             "lease_expires": None,
             "block_hash": block_hash,
         }
-        if renumbered is not None:
-            log.warning(
-                "batch %s settled from sequence number %d, not %s as written: recorded as the chain has it",
-                batch.batch_id,
-                renumbered,
-                batch.first_seq,
-            )
-            # in the sequence of whoever settled it: a row left under our address with another account's numbers
-            # would make every later batch of ours start past them and fail SequenceMismatch, for good
-            values.update(first_seq=renumbered, merkle_root=info.merkle_root, settler=info.settler)
+        values.update(numbering)
         # Core statements on a plain connection: the ORM's get, attribute events and session
         # synchronisation cost more than the database's own work here
         with self.engine.begin() as conn:
@@ -1595,6 +1620,13 @@ class Settler:
 
 
 # ---------------------------------------------------------------------- status
+
+
+def _unreadable_counts(counts: tuple[object, object]) -> str:
+    return (
+        f"{TOKENS_UNREADABLE}: {counts[0]!r} prompt and {counts[1]!r} completion tokens, where a settled record "
+        f"carries 0 to {MAX_TOKEN_COUNT} of each"
+    )
 
 
 def _is_readable_id(value: object) -> bool:

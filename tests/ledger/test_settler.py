@@ -248,6 +248,47 @@ def test_a_batch_another_settler_copied_and_settled_first_keeps_our_sequence_goi
     assert set(settled_on_chain(client, ids + later).values()) == {1}
 
 
+def test_a_copy_settled_at_our_own_sequence_number_is_recorded_as_the_copiers(anvil_chain, engine):
+    """A copier first settles junk of its own until its next sequence number equals ours (public), then copies our
+    batch from the mempool and settles it from that number: its root is ours, and our row kept our account and
+    numbers although the chain never gave them to us. Every later batch of ours then started past them and failed
+    SequenceMismatch, for good."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    client = env.client(env.settler)
+    client.settle_batch(None, None, [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 1, 1) for _ in range(5)])
+    mallory = env.new_account(ETHER)
+    env.client(env.admin).grant_settler(mallory.address)
+    env.client(env.admin).deposit_for(mallory.address, ETHER)
+    copier = env.client(mallory)
+    junk = register_sample(env, price=0, shares=(), owner=env.users[6], operator=env.users[7])
+    first = client.next_sequence()
+    ids = add_records(engine, [reg], 3)
+
+    def copy_it(point: str) -> None:
+        if point != "before_send" or copier.next_sequence() >= first:
+            return
+        gap = first - copier.next_sequence()
+        copier.settle_batch(
+            None, None, [SettleRecord(rand_id(), junk.adapter_id, junk.node_id, 0, 0) for _ in range(gap)]
+        )
+        with Session(engine) as s:
+            (batch,) = s.exec(select(SettlementBatch).where(SettlementBatch.status != BatchStatus.SETTLED)).all()
+            ours = [to_settle_record(r) for r in batch_records(s, batch.batch_id)]
+        bounds = {a: int(p) for a, p in json.loads(batch.prices_priced).items()}
+        copier.settle_batch(batch.batch_id, None, ours, max_prices=bounds)  # our id, our numbers: our root
+
+    settler = Settler(engine, client, SettlerConfig(batch_size=100, interval=0), on_point=copy_it)
+    assert settler.drain() == 3
+    assert client.next_sequence() == first and copier.next_sequence() == first + 3
+    with Session(engine) as s:
+        (batch,) = s.exec(select(SettlementBatch)).all()
+        assert (batch.settler, batch.first_seq, batch.status) == (mallory.address, first, BatchStatus.SETTLED)
+    later = add_records(engine, [reg], 4)
+    assert settler.drain() == 4 and client.next_sequence() == first + 4
+    assert set(settled_on_chain(client, ids + later).values()) == {1}
+
+
 def test_unauthorised_settler_leaves_records_waiting(anvil_chain, engine):
     env = anvil_chain
     reg = register_sample(env)

@@ -24,6 +24,7 @@ from ledger.settler import (
     PRICE_TOO_HIGH,
     QUOTE_UNREADABLE,
     REPRICED,
+    TOKENS_UNREADABLE,
     TOO_MANY_TOKENS,
     Settler,
 )
@@ -477,6 +478,29 @@ def test_a_record_whose_id_is_not_one_is_set_aside_and_stalls_nobody(anvil_chain
     assert {r.request_id for r in outbox_rows(engine, RecordStatus.SETTLED)} == set(good)
     (aside,) = outbox_rows(engine, RecordStatus.SET_ASIDE)
     assert aside.error.startswith(ID_UNREADABLE) and "'0x1234'" in aside.error
+
+
+@pytest.mark.parametrize(("prompt", "max_record_tokens"), [(-1, None), (2**32, 2**40)])
+def test_a_record_whose_token_count_cannot_be_packed_is_set_aside_and_stalls_nobody(
+    anvil_chain, engine, prompt, max_record_tokens
+):
+    """A row at the head of the outbox with a negative token count (not written by the outbox), or one above what a
+    packed record holds (uint32) under a record bound set above it: packing it raised in every step, not a ledger
+    error, and no record behind it ever settled."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    bad = add_records(engine, [reg], 1)[0]
+    good = add_records(engine, [reg], 4)
+    with Session(engine) as s:
+        s.execute(update(UsageRecord).where(UsageRecord.request_id == bad).values(prompt_tokens=prompt))
+        s.commit()
+    cfg = SettlerConfig(
+        batch_size=5, interval=0, **({"max_record_tokens": max_record_tokens} if max_record_tokens else {})
+    )
+    assert Settler(engine, env.client(env.settler), cfg).drain() == 4
+    assert {r.request_id for r in outbox_rows(engine, RecordStatus.SETTLED)} == set(good)
+    (aside,) = outbox_rows(engine, RecordStatus.SET_ASIDE)
+    assert aside.error.startswith(TOKENS_UNREADABLE) and str(prompt) in aside.error
 
 
 def test_deposit_reclaimed_under_batches_strikes_no_record(anvil_chain, engine, monkeypatch):

@@ -3,6 +3,7 @@ that drops settled batches sends their records back, to settle again exactly onc
 accruals paid once, checked from the chain's RecordsSettled logs and counters). And a settle transaction
 stuck in the pool is replaced with bumped fees, never above the max fee."""
 
+import json
 import logging
 import threading
 import time
@@ -12,15 +13,17 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 from web3.exceptions import TransactionNotFound
 
+from ledger.batching import to_settle_record
 from ledger.chain import ChainClient
 from ledger.cli import settler_app
 from ledger.models import BatchStatus, SettlementBatch, UsageRecord
-from ledger.outbox import count_by_status
+from ledger.outbox import batch_records, count_by_status
 from ledger.settler import Settler, settler_status
 from ledger.settler_config import SettlerConfig
 from ledger.transport import FeePolicy
+from ledger.types import SettleRecord
 from tests.ledger.test_settler import add_records, settled_on_chain
-from tests.utils.chain import register_sample
+from tests.utils.chain import ETHER, rand_id, register_sample
 
 pytestmark = pytest.mark.integration
 CONFIRMATIONS = 3
@@ -100,6 +103,87 @@ def test_reorg_sends_dropped_batches_again_exactly_once(anvil_chain, engine):
     rpc(client, "anvil_mine", [hex(CONFIRMATIONS)])
     settler.step()
     assert all(b.block_hash is None for b in batches(engine))
+
+
+def _copier(env):
+    """Another settler (another gateway's account), whose sequence is 7 numbers ahead of ours."""
+    mallory = env.new_account(ETHER)
+    env.client(env.admin).grant_settler(mallory.address)
+    env.client(env.admin).deposit_for(mallory.address, ETHER)
+    reg = register_sample(env, price=0, shares=(), owner=env.users[6], operator=env.users[7])
+    copier = env.client(mallory)
+    copier.settle_batch(None, None, [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 1, 1) for _ in range(7)])
+    return mallory, copier
+
+
+def _copy(engine, copier) -> SettlementBatch:
+    """Settle, as `copier`, a copy of the database's one batch (its id names its records)."""
+    with Session(engine) as s:
+        (batch,) = s.exec(select(SettlementBatch)).all()
+        records = [to_settle_record(r) for r in batch_records(s, batch.batch_id)]
+    copier.settle_batch(
+        batch.batch_id, None, records, max_prices={a: int(p) for a, p in json.loads(batch.prices_priced).items()}
+    )
+    return batch
+
+
+def test_a_reorg_that_settles_a_copy_of_our_batch_instead_keeps_our_sequence_going(anvil_chain, engine):
+    """The block with our batch is replaced by one with another settler's copy of it (its numbers): the batch moved,
+    and its row must say whose sequence holds it. Keeping our account and numbers, every later batch of ours
+    started past numbers the chain never gave us and failed SequenceMismatch, for good."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    mallory, copier = _copier(env)
+    client = env.client(env.settler)
+    first = client.next_sequence()
+    ids = add_records(engine, [reg], 3)
+    settler = Settler(engine, client, SettlerConfig(batch_size=100, interval=0, confirmations=CONFIRMATIONS))
+    before = rpc(client, "evm_snapshot", [])
+    assert settler.drain() == 3
+    rpc(client, "evm_revert", [before])  # the reorg: our block is gone, the copy is mined in its place
+    batch = _copy(engine, copier)
+    rpc(client, "anvil_mine", ["0x1"])
+    assert client.get_batch(batch.batch_id).settler == mallory.address and client.next_sequence() == first
+
+    settler.step()  # follows finality: the batch is in another block, in mallory's sequence
+    (row,) = batches(engine)
+    assert (row.settler, row.first_seq, row.status) == (mallory.address, 7, BatchStatus.SETTLED)
+    later = add_records(engine, [reg], 2)
+    assert settler.drain() == 2 and client.next_sequence() == first + 2
+    assert set(settled_on_chain(client, ids + later).values()) == {1}
+
+
+def test_a_copy_settled_first_then_dropped_by_a_reorg_is_sent_again_by_us(anvil_chain, engine):
+    """Another settler's copy of our batch is settled before our send (our probe finds the id settled: no
+    transaction of ours), and the batch is recorded in that settler's sequence; then a reorg drops the copy. Only
+    batches under our own account were followed: the records stayed settled in the database, unpaid on chain."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    mallory, copier = _copier(env)
+    client = env.client(env.settler)
+    first = client.next_sequence()
+    ids = add_records(engine, [reg], 3)
+    before = []
+
+    def copy_it(point: str) -> None:
+        if point == "before_send" and not before:
+            before.append(rpc(client, "evm_snapshot", []))
+            _copy(engine, copier)
+
+    cfg = SettlerConfig(batch_size=100, interval=0, confirmations=CONFIRMATIONS)
+    settler = Settler(engine, client, cfg, on_point=copy_it)
+    assert settler.drain() == 3
+    (row,) = batches(engine)
+    assert row.settler == mallory.address and row.block_hash is not None  # not final yet
+    rpc(client, "evm_revert", [before[0]])  # the reorg drops the copy
+    rpc(client, "anvil_mine", [hex(CONFIRMATIONS + 3)])
+    assert not client.is_settled(row.batch_id)
+
+    settler.step()  # sees the copy gone and sends the batch back
+    settler.drain()  # numbered again in our sequence and settled by us
+    (row,) = batches(engine)
+    assert (row.settler, row.first_seq, row.status) == (env.settler.address, first, BatchStatus.SETTLED)
+    assert set(settled_on_chain(client, ids).values()) == {1} and client.next_sequence() == first + 3
 
 
 def _wait_until(cond, timeout: float = 20.0):
