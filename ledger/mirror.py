@@ -1,4 +1,9 @@
-"""Keep the registry mirror tables (datasets, names, adapters, nodes) current from AdapterRegistry events."""
+"""Keep the registry mirror tables (datasets, names, adapters, nodes) current from AdapterRegistry events.
+
+The cursor keeps the hash of the last block read: when the chain's block at that height is another (a reorg, or a
+chain reset), the mirror is read again from the deploy block, as the explorer's index is. Events of a dropped block
+would otherwise stay applied (a node the chain does not know, routed to), and events mined again at a height
+already read would never be (an owner's new price)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 import threading
 import weakref
 
-from sqlalchemy import inspect, text
+from sqlalchemy import delete, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 from sqlmodel import Session
@@ -29,14 +34,15 @@ _checked_lock = threading.Lock()
 
 def ensure_mirror_schema(engine: Engine) -> bool:
     """Make the mirror tables match the models. The mirrors are derived from chain events, so tables of
-    an older schema (a database from before a registry upgrade) are dropped, recreated and re-synced
-    from the deploy block; returns True when that happened. Checked once per engine."""
+    an older schema (a database from before a registry upgrade, or a cursor without its block's hash) are
+    dropped, recreated and re-synced from the deploy block; returns True when that happened. Checked once per
+    engine."""
     with _checked_lock:
         if engine in _checked:
             return False
         insp = inspect(engine)
         stale = []
-        for model in MIRRORS:
+        for model in (*MIRRORS, SyncCursor):
             table = model.__table__
             if insp.has_table(table.name):
                 have = {c["name"] for c in insp.get_columns(table.name)}
@@ -47,12 +53,8 @@ def ensure_mirror_schema(engine: Engine) -> bool:
                 "registry mirror tables of an older schema (%s): rebuilding them from chain events",
                 ", ".join(t.name for t in stale),
             )
-            for model in MIRRORS:
+            for model in (*MIRRORS, SyncCursor):
                 model.__table__.drop(engine, checkfirst=True)
-            with Session(engine) as s:
-                if (cur := s.get(SyncCursor, CURSOR)) is not None:
-                    s.delete(cur)
-                s.commit()
         for model in (*MIRRORS, SyncCursor):
             model.__table__.create(engine, checkfirst=True)
         _checked.add(engine)
@@ -65,6 +67,7 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
     returns 0 at once (that one is writing the same rows; two would collide on their keys)."""
     ensure_mirror_schema(engine)
     to_block = client.block_number() if to_block is None else to_block
+    to_hash = client.block_hash(to_block)
     with Session(engine) as s:
         if (
             is_postgres(engine)
@@ -72,18 +75,35 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
         ):
             return 0
         cursor = s.get(SyncCursor, CURSOR)
+        if (
+            cursor is not None
+            and cursor.block_hash is not None
+            and client.block_hash(cursor.block) != cursor.block_hash
+        ):
+            log.warning(
+                "registry mirror: block %d is no longer the chain's (a reorg, or the chain was reset): reading the "
+                "registry again from its deploy block",
+                cursor.block,
+            )
+            for model in MIRRORS:
+                s.execute(delete(model))
+            s.delete(cursor)
+            cursor = None
         start = client.deployment.deploy_block if cursor is None else cursor.block + 1
         if start > to_block:
+            s.commit()
             return 0
         logs = [
             ev
             for name in RE.REGISTRY_EVENTS
             for ev in client.events("registry", name, from_block=start, to_block=to_block)
         ]
+        if client.block_hash(to_block) != to_hash:
+            return 0  # a reorg while reading: these events may be of either history; the next sync reads again
         logs.sort(key=lambda ev: (ev["blockNumber"], ev["logIndex"]))
         for ev in logs:
             _apply_or_skip(s, ev)
-        s.merge(SyncCursor(name=CURSOR, block=to_block))
+        s.merge(SyncCursor(name=CURSOR, block=to_block, block_hash=to_hash))
         s.commit()
     log.debug("registry mirror: %d events up to block %d", len(logs), to_block)
     return len(logs)

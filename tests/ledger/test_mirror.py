@@ -3,9 +3,13 @@
 import json
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel import Session
 
+from common.wire import node_id_of
+from gateway.chain_registry import RegistryView
 from ledger.db import init_db, make_engine
+from ledger.errors import UnknownNode
 from ledger.mirror import sync_registry
 from ledger.models import AdapterMirror, DatasetMirror, NodeMirror
 from tests.utils.chain import rand_id, register_sample
@@ -100,3 +104,50 @@ def test_mirror_tables_of_an_older_schema_are_rebuilt_from_events(anvil_chain, t
     with Session(engine) as s:
         assert s.get(AdapterMirror, reg.adapter_id).publisher == reg.owner.address
     engine.dispose()
+
+
+def _rpc(client, method: str, params: list):
+    resp = client.w3.provider.make_request(method, params)
+    assert "error" not in resp, resp
+    return resp.get("result")
+
+
+def test_a_registration_a_reorg_dropped_leaves_the_mirror(anvil_chain, engine):
+    """The mirror kept a block number as its cursor: an event of a block a reorg dropped stayed applied for good (a
+    node the chain does not know was listed and routed to)."""
+    env = anvil_chain
+    client = env.client()
+    register_sample(env)
+    sync_registry(engine, client)
+    before = _rpc(client, "evm_snapshot", [])
+    key = Ed25519PrivateKey.generate()
+    ghost = node_id_of(key.public_key().public_bytes_raw())
+    env.client(env.users[5]).register_node(
+        key, peer_id="12D3KooWghost", multiaddrs=[], api_url="http://10.6.6.6:9000", base_model="0x" + "ab" * 32
+    )
+    sync_registry(engine, client)
+    assert RegistryView(engine).node(ghost) is not None
+    _rpc(client, "evm_revert", [before])  # the block with the registration is gone, and the chain grows past it
+    _rpc(client, "anvil_mine", ["0x3"])
+    with pytest.raises(UnknownNode):
+        client.get_node(ghost)
+    sync_registry(engine, client)
+    assert RegistryView(engine).node(ghost) is None
+
+
+def test_a_price_change_mined_in_a_replacement_block_is_read(anvil_chain, engine):
+    """A reorg mines an owner's new price at a height the mirror had already read: it was never read, and the
+    gateway quoted and bounded the adapter's requests at a price the chain no longer had."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    client = env.client()
+    sync_registry(engine, client)
+    before = _rpc(client, "evm_snapshot", [])
+    _rpc(client, "anvil_mine", ["0x1"])
+    sync_registry(engine, client)  # the cursor at a block of the history about to be dropped
+    _rpc(client, "evm_revert", [before])
+    env.client(reg.owner).set_adapter_price(reg.adapter_id, 5 * 10**12)  # at the height the mirror has read
+    _rpc(client, "anvil_mine", ["0x5"])
+    sync_registry(engine, client)
+    with Session(engine) as s:
+        assert int(s.get(AdapterMirror, reg.adapter_id).price_per_1k_tokens) == 5 * 10**12
