@@ -1,7 +1,7 @@
-"""A node's libp2p host: built from the node seed (TCP + Noise + Yamux only), the check that its
-port is free, the guard that keeps one stream's error from stopping the host, the bound on what the
-DHT keeps for strangers, the full multiaddr strings (…/p2p/<peer id>) peers dial, and py-libp2p's log
-records routed into ours."""
+"""A node's libp2p host: built from the node seed (TCP + Noise + Yamux only, an inbound connection's slot given
+back when its handshake ends), the check that its port is free, the guard that keeps one stream's error from
+stopping the host, the bound on what the DHT keeps for strangers, the full multiaddr strings (…/p2p/<peer id>)
+peers dial, and py-libp2p's log records routed into ours."""
 
 from __future__ import annotations
 
@@ -44,7 +44,65 @@ def build_host(seed: bytes, config: P2PConfig):
             dial_timeout=config.dial_timeout,
         ),
     )
+    _free_inbound_slots(host.get_network())
     return key_pair, host
+
+
+class _HandshakeSlots:
+    """Stands in for py-libp2p 0.8.1's `Swarm._inbound_limiter` (a trio.CapacityLimiter of max_connections -
+    min_connections slots, which only rations CPU-heavy handshakes: open connections are bounded by
+    max_connections where the swarm registers them). The swarm takes a slot in the task that accepts a connection
+    and releases it when that task ends, which it does only when the host stops: after that many inbound
+    connections in its life, all long closed, a node accepted none and was off the mesh (any peer's churn did it,
+    a stranger with throwaway ids in seconds). Here the slot goes back when the handshake ends
+    (`_free_inbound_slots`); the swarm's own release finds none left, and does nothing."""
+
+    def __init__(self, slots: int) -> None:
+        self.total_tokens = slots
+        self._holders: set = set()
+
+    @property
+    def borrowed_tokens(self) -> int:
+        return len(self._holders)
+
+    def holds(self) -> bool:
+        return trio.lowlevel.current_task() in self._holders
+
+    def acquire_nowait(self) -> None:
+        if len(self._holders) >= self.total_tokens:
+            raise trio.WouldBlock
+        self._holders.add(trio.lowlevel.current_task())
+
+    def release(self) -> None:
+        self._holders.discard(trio.lowlevel.current_task())
+
+
+class _InboundConnectionClosed(Exception):
+    """Ends py-libp2p's handler task of an inbound connection once the connection has closed."""
+
+
+def _free_inbound_slots(swarm) -> None:
+    """Give an inbound connection's slot back when its handshake ends, and end its handler task when it closes:
+    the swarm's handler waits for the whole host to stop after the upgrade, so each connection a node ever
+    accepted left a task (and its closed socket) behind. Only the handler raises out of that wait; the upgrade's
+    other callers (a dial answered as responder) get the connection as before."""
+    slots = _HandshakeSlots(int(swarm._inbound_limiter.total_tokens))
+    swarm._inbound_limiter = slots
+    upgrade = swarm.upgrade_inbound_raw_conn
+
+    async def upgrade_inbound(raw_conn, maddr):
+        accepted = slots.holds()  # the task of the swarm's inbound handler, which took a slot
+        try:
+            muxed = await upgrade(raw_conn, maddr)
+        finally:
+            slots.release()
+        closed = getattr(muxed, "event_closed", None)  # Yamux's, the one muxer this host speaks
+        if not accepted or closed is None:
+            return muxed
+        await closed.wait()
+        raise _InboundConnectionClosed("connection closed")
+
+    swarm.upgrade_inbound_raw_conn = upgrade_inbound
 
 
 def refuse_taken_port(listen: str) -> None:
