@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections import Counter
 
 import trio
 from libp2p import new_host
@@ -177,6 +178,67 @@ def bound_provider_store(store, max_keys: int) -> None:
     store.add_provider = add_provider
 
 
+DHT_STREAMS_PER_PEER = 2  # Kademlia streams one peer may hold open on a node at once
+DHT_INBOUND_STREAMS = 64  # Kademlia streams a node serves at once (py-libp2p's own bound is 12)
+DHT_READ_IDLE_S = 10.0  # a Kademlia stream silent this long (a message's bytes included) is reset
+DHT_STREAM_LIFE_S = 60.0  # and one open this long, however it reads
+
+
+def bound_dht_streams(dht) -> None:
+    """Bound what one peer's Kademlia streams hold. py-libp2p 0.8.1 serves 12 inbound DHT streams at once, each
+    for as long as its peer keeps it open, waiting for its next message with no deadline: one peer with 12
+    silent streams kept the node's DHT from answering anyone (FIND_NODE, GET_PROVIDERS, ADD_PROVIDER). Here one
+    peer holds at most DHT_STREAMS_PER_PEER, a read waits DHT_READ_IDLE_S and a stream lives DHT_STREAM_LIFE_S;
+    the node serves DHT_INBOUND_STREAMS at once. Call before guard_stream_handlers."""
+    from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
+
+    handle = dht.handle_stream
+    dht._inbound_limiter = trio.CapacityLimiter(DHT_INBOUND_STREAMS)
+    held: Counter[str] = Counter()
+
+    async def handle_stream(stream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        if held[peer] >= DHT_STREAMS_PER_PEER:
+            await _reset(stream)
+            return
+        held[peer] += 1
+        try:
+            with trio.move_on_after(DHT_STREAM_LIFE_S) as life:
+                await handle(_ReadDeadline(stream, DHT_READ_IDLE_S))
+            if life.cancelled_caught:
+                await _reset(stream)
+        finally:
+            held[peer] -= 1
+            if not held[peer]:
+                del held[peer]
+
+    dht.handle_stream = handle_stream  # what the DHT registers again should its mode switch back to server
+    dht.host.set_stream_handler(KAD_PROTOCOL_ID, handle_stream)
+
+
+class _ReadDeadline:
+    """A stream whose every read must return within `seconds` (else trio.TooSlowError, which the DHT's handler
+    takes as a failed read and resets the stream); the rest is the stream's own."""
+
+    def __init__(self, stream, seconds: float) -> None:
+        self._stream, self._seconds = stream, seconds
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        with trio.fail_after(self._seconds):
+            return await self._stream.read(n)
+
+
+async def _reset(stream) -> None:
+    with trio.move_on_after(2):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
 def _guarded(protocol, handler):
     async def run(stream) -> None:
         try:
@@ -187,11 +249,7 @@ def _guarded(protocol, handler):
             except AttributeError:
                 peer = "?"
             log.info("%s stream from %s dropped: %s: %s", protocol, peer, type(e).__name__, str(e)[:200])
-            with trio.move_on_after(2):
-                try:
-                    await stream.reset()
-                except Exception:
-                    pass
+            await _reset(stream)
 
     run._loramesh_guarded = True  # type: ignore[attr-defined]
     return run

@@ -38,6 +38,7 @@ from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, Progress, TransferStatus
 from node.p2p.host import (
+    bound_dht_streams,
     bound_provider_store,
     build_host,
     full_addrs,
@@ -240,6 +241,7 @@ class Mesh:
         self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.server.handle)
         self.dht = KadDHT(self.host, DHTMode.SERVER)
         bound_provider_store(self.dht.provider_store, config.dht_max_provider_keys)
+        bound_dht_streams(self.dht)
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
             degree=6,

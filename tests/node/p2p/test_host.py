@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import trio
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.common import PROTOCOL_ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
@@ -13,6 +15,7 @@ from node.p2p.config import P2PConfig
 from node.p2p.host import build_host, full_addrs
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
+KAD = TProtocol(PROTOCOL_ID)
 
 
 def test_inbound_connections_that_closed_give_their_handshake_slots_back():
@@ -36,5 +39,62 @@ def test_inbound_connections_that_closed_give_their_handshake_slots_back():
                 with trio.fail_after(10):
                     while node.get_connected_peers() or slots.borrowed_tokens:
                         await trio.sleep(0.05)
+
+    trio.run(main)
+
+
+async def _find_node(host, node) -> bool:
+    """Whether `node` answers one Kademlia FIND_NODE from `host` within 5 s."""
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+    from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes
+
+    with trio.move_on_after(5):
+        try:
+            stream = await host.new_stream(node.get_id(), [KAD])
+            ask = Message(type=Message.MessageType.FIND_NODE, key=os.urandom(32))
+            await stream.write(encode_varint_prefixed(ask.SerializeToString()))
+            answer = Message()
+            answer.ParseFromString(await read_varint_prefixed_bytes(stream))
+            return answer.type == Message.MessageType.FIND_NODE
+        except Exception:
+            return False
+    return False
+
+
+def test_silent_kademlia_streams_of_strangers_leave_the_dht_answering(monkeypatch):
+    """py-libp2p's DHT serves 12 streams at once and waits for each one's next message for ever: one peer with 12
+    silent streams kept it from answering anyone. Two strangers open 16 each: they hold 2 each, those are reset
+    once silent past the read deadline, and an honest FIND_NODE is answered meanwhile and after."""
+    from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+
+    from node.p2p import host as host_module
+
+    monkeypatch.setattr(host_module, "DHT_READ_IDLE_S", 1.0)
+
+    async def main():
+        _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
+        dht = KadDHT(node, DHTMode.SERVER)
+        host_module.bound_dht_streams(dht)
+        async with node.run(listen_addrs=[Multiaddr(LISTEN)]):
+            info = info_from_p2p_addr(Multiaddr(full_addrs(node)[0]))
+            hosts = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(3)]
+            async with hosts[0].run(listen_addrs=[Multiaddr(LISTEN)]), hosts[1].run(listen_addrs=[Multiaddr(LISTEN)]):
+                async with hosts[2].run(listen_addrs=[Multiaddr(LISTEN)]):
+                    for h in hosts:
+                        await h.connect(info)
+                    silent = []
+                    for stranger in hosts[:2]:
+                        for _ in range(16):
+                            try:
+                                silent.append(await stranger.new_stream(node.get_id(), [KAD]))
+                            except Exception:
+                                pass  # refused: the stranger's share is taken
+                    await trio.sleep(0.2)
+                    assert 0 < dht._inbound_limiter.borrowed_tokens <= 4
+                    assert await _find_node(hosts[2], node)
+                    with trio.fail_after(10):
+                        while dht._inbound_limiter.borrowed_tokens:  # the silent ones reset after their deadline
+                            await trio.sleep(0.1)
+                    assert await _find_node(hosts[2], node)
 
     trio.run(main)
