@@ -187,8 +187,15 @@ def test_client_disconnect_aborts_the_request(node):
     with c.stream(
         "POST",
         "/v1/generate",
-        json={"request_id": rid, "prompt": "hi", "max_tokens": 500, "temperature": 0, "stream": True},
-    ) as r:
+        json={
+            "request_id": rid,
+            "prompt": "hi",
+            "max_tokens": 500,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    ) as r:  # ignore_eos: greedy "hi" ends at its 38th token, and the abort must come before that
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # one token, then hang up

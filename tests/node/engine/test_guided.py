@@ -142,7 +142,10 @@ def test_a_request_failing_on_its_grammar_ends_once_and_alone(llama_world, monke
     engine = llama_world.engine(speculative="ngram" if drafting else "off")
     try:
         guided = GenerationRequest(
-            "g", None, prompt_token_ids=[1, 2, 3, 4, 5, 6, 7], params=SamplingParams(max_tokens=32, n=2, guided=spec)
+            "g",
+            None,
+            prompt_token_ids=[1, 2, 3, 4, 5, 6, 7],
+            params=SamplingParams(max_tokens=32, n=2, seed=3, guided=spec),
         )
         engine.add_request(guided)
         engine.add_request(_req("free", [1, 7, 8, 9], seed=2, temperature=0))
