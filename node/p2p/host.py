@@ -1,5 +1,5 @@
 """A node's libp2p host: built from the node seed (TCP + Noise + Yamux only, an inbound connection's slot given
-back when its handshake ends), the check that its port is free, the guard that keeps one stream's error from
+back when it closes), the check that its port is free, the guard that keeps one stream's error from
 stopping the host, the bound on what the DHT keeps for strangers, the full multiaddr strings (…/p2p/<peer id>)
 peers dial, and py-libp2p's log records routed into ours."""
 
@@ -45,18 +45,15 @@ def build_host(seed: bytes, config: P2PConfig):
             dial_timeout=config.dial_timeout,
         ),
     )
-    _free_inbound_slots(host.get_network())
+    _end_inbound_with_connection(host.get_network())
     return key_pair, host
 
 
-class _HandshakeSlots:
-    """Stands in for py-libp2p 0.8.1's `Swarm._inbound_limiter` (a trio.CapacityLimiter of max_connections -
-    min_connections slots, which only rations CPU-heavy handshakes: open connections are bounded by
-    max_connections where the swarm registers them). The swarm takes a slot in the task that accepts a connection
-    and releases it when that task ends, which it does only when the host stops: after that many inbound
-    connections in its life, all long closed, a node accepted none and was off the mesh (any peer's churn did it,
-    a stranger with throwaway ids in seconds). Here the slot goes back when the handshake ends
-    (`_free_inbound_slots`); the swarm's own release finds none left, and does nothing."""
+class _InboundSlots:
+    """Stands in for py-libp2p 0.8.1's `Swarm._inbound_limiter`: max_connections - min_connections slots, one
+    taken by the task that accepts an inbound connection and given back when that task ends (the rest of
+    max_connections is left to the node's own dials). Its own counts the same; it also tells whether the current
+    task holds one (`_end_inbound_with_connection`)."""
 
     def __init__(self, slots: int) -> None:
         self.total_tokens = slots
@@ -82,23 +79,21 @@ class _InboundConnectionClosed(Exception):
     """Ends py-libp2p's handler task of an inbound connection once the connection has closed."""
 
 
-def _free_inbound_slots(swarm) -> None:
-    """Give an inbound connection's slot back when its handshake ends, and end its handler task when it closes:
-    the swarm's handler waits for the whole host to stop after the upgrade, so each connection a node ever
-    accepted left a task (and its closed socket) behind. Only the handler raises out of that wait; the upgrade's
-    other callers (a dial answered as responder) get the connection as before."""
-    slots = _HandshakeSlots(int(swarm._inbound_limiter.total_tokens))
+def _end_inbound_with_connection(swarm) -> None:
+    """End the swarm's handler task of an inbound connection when the connection closes. After the upgrade it
+    waited for the whole host to stop, and held its inbound slot until then: after max_connections -
+    min_connections inbound connections in its life, all long closed, a node accepted none and was off the mesh
+    (any peer's churn did it, a stranger with throwaway ids in seconds), and each left a task behind. Only the
+    handler raises out of that wait (the swarm's handler takes the raise as a connection ended: it closes what
+    is closed already and releases the slot); the upgrade's other callers get the connection as before."""
+    slots = _InboundSlots(int(swarm._inbound_limiter.total_tokens))
     swarm._inbound_limiter = slots
     upgrade = swarm.upgrade_inbound_raw_conn
 
     async def upgrade_inbound(raw_conn, maddr):
-        accepted = slots.holds()  # the task of the swarm's inbound handler, which took a slot
-        try:
-            muxed = await upgrade(raw_conn, maddr)
-        finally:
-            slots.release()
+        muxed = await upgrade(raw_conn, maddr)
         closed = getattr(muxed, "event_closed", None)  # Yamux's, the one muxer this host speaks
-        if not accepted or closed is None:
+        if not slots.holds() or closed is None:  # not the task of the swarm's inbound handler
             return muxed
         await closed.wait()
         raise _InboundConnectionClosed("connection closed")

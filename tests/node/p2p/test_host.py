@@ -18,11 +18,12 @@ LISTEN = "/ip4/127.0.0.1/tcp/0"
 KAD = TProtocol(PROTOCOL_ID)
 
 
-def test_inbound_connections_that_closed_give_their_handshake_slots_back():
-    """py-libp2p's swarm takes an inbound slot (max_connections - min_connections of them) when it accepts a
-    connection and gave it back only when the whole host stopped: after that many inbound connections in its life,
-    all closed, a node accepted none (any peer's churn, or a stranger's throwaway ids, cut it off the mesh). With 6
-    connections, 2 slots: the fifth peer, one after another, still connects, and the handler of each is gone."""
+def test_an_inbound_connection_holds_its_slot_until_it_closes():
+    """py-libp2p's swarm takes an inbound slot (max_connections - min_connections of them: the rest is left to the
+    node's own dials) when it accepts a connection, and gave it back only when the whole host stopped: after that
+    many inbound connections in its life, all closed, a node accepted none (any peer's churn, or a stranger's
+    throwaway ids, cut it off the mesh). With 6 connections, 2 slots: a connection holds one while it is open, and
+    the fifth peer, one after another, still connects."""
 
     async def main():
         _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN, max_connections=6))
@@ -35,6 +36,7 @@ def test_inbound_connections_that_closed_give_their_handshake_slots_back():
                 async with peer.run(listen_addrs=[Multiaddr(LISTEN)]):
                     with trio.fail_after(10):
                         await peer.connect(info)
+                    assert slots.borrowed_tokens == 1
                     await peer.disconnect(node.get_id())
                 with trio.fail_after(10):
                     while node.get_connected_peers() or slots.borrowed_tokens:
