@@ -1,7 +1,7 @@
-"""A node's libp2p host: built from the node seed (TCP + Noise + Yamux only, an inbound connection's slot given
-back when it closes), the check that its port is free, the guard that keeps one stream's error from
-stopping the host, the bound on what the DHT keeps for strangers, the full multiaddr strings (…/p2p/<peer id>)
-peers dial, and py-libp2p's log records routed into ours."""
+"""A node's libp2p host: built from the node seed (TCP + Noise + Yamux only; an inbound connection's slot given
+back when it closes, and a cap on those from one address), the check that its port is free, the guard that keeps
+one stream's error from stopping the host, the bounds on what the DHT keeps and serves for strangers, the full
+multiaddr strings (…/p2p/<peer id>) peers dial, and py-libp2p's log records routed into ours."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def build_host(seed: bytes, config: P2PConfig):
             dial_timeout=config.dial_timeout,
         ),
     )
-    _end_inbound_with_connection(host.get_network())
+    _bound_inbound(host.get_network(), config.max_inbound_per_ip)
     return key_pair, host
 
 
@@ -53,7 +53,7 @@ class _InboundSlots:
     """Stands in for py-libp2p 0.8.1's `Swarm._inbound_limiter`: max_connections - min_connections slots, one
     taken by the task that accepts an inbound connection and given back when that task ends (the rest of
     max_connections is left to the node's own dials). Its own counts the same; it also tells whether the current
-    task holds one (`_end_inbound_with_connection`)."""
+    task holds one (`_bound_inbound`)."""
 
     def __init__(self, slots: int) -> None:
         self.total_tokens = slots
@@ -79,24 +79,42 @@ class _InboundConnectionClosed(Exception):
     """Ends py-libp2p's handler task of an inbound connection once the connection has closed."""
 
 
-def _end_inbound_with_connection(swarm) -> None:
-    """End the swarm's handler task of an inbound connection when the connection closes. After the upgrade it
-    waited for the whole host to stop, and held its inbound slot until then: after max_connections -
-    min_connections inbound connections in its life, all long closed, a node accepted none and was off the mesh
-    (any peer's churn did it, a stranger with throwaway ids in seconds), and each left a task behind. Only the
-    handler raises out of that wait (the swarm's handler takes the raise as a connection ended: it closes what
-    is closed already and releases the slot); the upgrade's other callers get the connection as before."""
+def _bound_inbound(swarm, per_ip: int) -> None:
+    """End the swarm's handler task of an inbound connection when the connection closes, and take at most `per_ip`
+    inbound connections from one IP address at once.
+
+    After the upgrade the handler waited for the whole host to stop, and held its inbound slot until then: after
+    max_connections - min_connections inbound connections in its life, all long closed, a node accepted none and
+    was off the mesh (any peer's churn did it, a stranger with throwaway ids in seconds), and each left a task
+    behind. Only the handler raises out of that wait (the swarm's handler takes the raise as a connection ended:
+    it closes what is closed already and releases the slot); the upgrade's other callers get the connection as
+    before. Peer ids cost nothing, addresses do: without the cap by address, one machine's 60 connections held
+    every inbound slot, and the node's own dials had the min_connections left."""
     slots = _InboundSlots(int(swarm._inbound_limiter.total_tokens))
     swarm._inbound_limiter = slots
     upgrade = swarm.upgrade_inbound_raw_conn
+    held: Counter[str] = Counter()
 
     async def upgrade_inbound(raw_conn, maddr):
-        muxed = await upgrade(raw_conn, maddr)
-        closed = getattr(muxed, "event_closed", None)  # Yamux's, the one muxer this host speaks
-        if not slots.holds() or closed is None:  # not the task of the swarm's inbound handler
-            return muxed
-        await closed.wait()
-        raise _InboundConnectionClosed("connection closed")
+        if not slots.holds():  # not the task of the swarm's inbound handler
+            return await upgrade(raw_conn, maddr)
+        remote = raw_conn.get_remote_address() if hasattr(raw_conn, "get_remote_address") else None
+        ip = str(remote[0]) if remote else "?"
+        if held[ip] >= per_ip:
+            await raw_conn.close()
+            raise _InboundConnectionClosed(f"{held[ip]} inbound connections from {ip} already")
+        held[ip] += 1
+        try:
+            muxed = await upgrade(raw_conn, maddr)
+            closed = getattr(muxed, "event_closed", None)  # Yamux's, the one muxer this host speaks
+            if closed is None:
+                return muxed
+            await closed.wait()
+            raise _InboundConnectionClosed("connection closed")
+        finally:
+            held[ip] -= 1
+            if not held[ip]:
+                del held[ip]
 
     swarm.upgrade_inbound_raw_conn = upgrade_inbound
 

@@ -37,6 +37,9 @@ TARGET_CONFIG = dict(
     max_streams_per_peer=2,
     announce_future_skew=5.0,
     dht_max_provider_keys=16,
+    # every made-up peer id below dials from 127.0.0.1, as many addresses would: the bounds under test are the
+    # ones past the cap on connections from one address (tests/node/p2p/test_host.py)
+    max_inbound_per_ip=1024,
 )
 HONEST_WITHIN_S = 10.0
 

@@ -3,6 +3,7 @@ the build mends."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import trio
@@ -98,5 +99,35 @@ def test_silent_kademlia_streams_of_strangers_leave_the_dht_answering(monkeypatc
                         while dht._inbound_limiter.borrowed_tokens:  # the silent ones reset after their deadline
                             await trio.sleep(0.1)
                     assert await _find_node(hosts[2], node)
+
+    trio.run(main)
+
+
+def test_inbound_connections_from_one_address_are_capped():
+    """Peer ids cost nothing: one machine's 60 connections held every inbound slot of a node, and its own dials had
+    the 4 left. With 2 per address, a third peer from 127.0.0.1 is refused while two are connected, and a fourth is
+    taken once one leaves."""
+
+    async def main():
+        _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN, max_inbound_per_ip=2))
+        async with node.run(listen_addrs=[Multiaddr(LISTEN)]):
+            info = info_from_p2p_addr(Multiaddr(full_addrs(node)[0]))
+            peers = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(4)]
+            async with contextlib.AsyncExitStack() as stack:
+                for p in peers:
+                    await stack.enter_async_context(p.run(listen_addrs=[Multiaddr(LISTEN)]))
+                for p in peers[:2]:
+                    with trio.fail_after(10):
+                        await p.connect(info)
+                with trio.move_on_after(10), contextlib.suppress(Exception):
+                    await peers[2].connect(info)
+                await trio.sleep(0.3)
+                assert set(node.get_connected_peers()) == {peers[0].get_id(), peers[1].get_id()}
+                await peers[0].disconnect(node.get_id())
+                with trio.fail_after(10):
+                    while len(node.get_connected_peers()) > 1:
+                        await trio.sleep(0.05)
+                    await peers[3].connect(info)
+                assert set(node.get_connected_peers()) == {peers[1].get_id(), peers[3].get_id()}
 
     trio.run(main)
