@@ -6,7 +6,8 @@ documents declare.
 Starlette reads a request body whole before a handler sees it, so without a limit one client can make
 a process buffer (and then parse) as much as it sends. The limit is checked against Content-Length
 before anything is read, and again while a chunked body streams in; either way the answer is 413 in
-the API's error shape and the connection's body is never buffered past the limit.
+the API's error shape and the connection's body is never buffered past the limit. The body must also keep
+up: byte n by BODY_GRACE_S + n / MIN_BODY_RATE after the request's headers, else 408.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 
 from starlette.responses import StreamingResponse
@@ -25,6 +27,12 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # a request body past this many bytes is parsed and validated on a worker thread: 4 MB of small messages held the
 # gateway's event loop over a second (attack review), and 16 prompts of a long context are megabytes of ids
 INLINE_BODY_BYTES = 256 << 10
+# A request body's pace: uvicorn bounds no body's time, and a stranger held connections to the gateway's heartbeat
+# route, a node's hello route and (a key holder) the gateway's /v1 routes, each announcing a large body and sending
+# 1 KiB of it, for as long as it liked (red team). A client sends its body at once; an operator's package upload
+# streams at the pace of its link, which must keep 64 KiB/s on average.
+BODY_GRACE_S = 10.0
+MIN_BODY_RATE = 64 << 10  # bytes/s
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +113,22 @@ class BodyLimitMiddleware:
                     await self._refuse(scope, send, 413, message)
                     return
         seen = 0
-        over = started = False
+        over = late = started = body_done = False
+        begun = time.monotonic()
 
         async def limited_receive() -> Message:
-            nonlocal seen, over
-            message = await receive()
+            nonlocal seen, over, late, body_done
+            if body_done:  # past the body, a receive waits for the client leaving: as long as the answer runs
+                return await receive()
+            try:
+                async with asyncio.timeout(begun + BODY_GRACE_S + seen / MIN_BODY_RATE - time.monotonic()):
+                    message = await receive()
+            except TimeoutError:
+                late = True  # the app sees its client go away; whatever it answers is replaced by the 408 below
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > limit:
                     # the app sees its client go away; whatever it answers is replaced by the 413 below
                     over = True
@@ -120,7 +137,7 @@ class BodyLimitMiddleware:
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if over:
+            if over or late:
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -129,13 +146,18 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not over:
+            if not (over or late):
                 raise
         if over and not started:
             await self._refuse(scope, send, 413, f"request body is over the limit of {limit} bytes")
+        elif late and not started:
+            message = f"the request body did not keep up ({seen} bytes in {time.monotonic() - begun:.0f} s)"
+            await self._refuse(scope, send, 408, message, code="request_timeout")
 
-    async def _refuse(self, scope: Scope, send: Send, status: int, message: str) -> None:
-        error = error_body(message, code="request_too_large")
+    async def _refuse(
+        self, scope: Scope, send: Send, status: int, message: str, code: str = "request_too_large"
+    ) -> None:
+        error = error_body(message, code=code)
         if self.shape is not None:
             error = self.shape(scope.get("path", ""), error, status)
         body = json.dumps(error).encode()
