@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from common.help_text import plain_help
 from common.logs import LEVELS, configure_logging
@@ -308,7 +309,7 @@ def main() -> None:
         if debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _err.print(f"[red]error:[/] {message}", highlight=False)
+        _err.print(f"[red]error:[/] {escape(message)}", highlight=False)  # it may quote the user's brackets
         sys.exit(1)
 
 

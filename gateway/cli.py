@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from common.help_text import plain_help
@@ -185,7 +186,7 @@ def keys_create(
         adapters=adapters.split(","),
         max_price_per_1k_tokens=max_price,
     )
-    console.print(f"key {info.id} ({info.name or 'unnamed'}) created; it is shown only this once:")
+    console.print(f"key {info.id} ({escape(info.name or 'unnamed')}) created; it is shown only this once:")
     print(secret)
 
 
@@ -200,12 +201,12 @@ def keys_list(db: DbOpt = None) -> None:
         price = "default" if k.max_price_per_1k_tokens is None else str(k.max_price_per_1k_tokens)
         table.add_row(
             str(k.id),
-            k.name,
+            escape(k.name),  # an operator's text, never read as markup
             k.prefix + "…",
             str(k.requests_per_minute or "-"),
             str(k.tokens_per_minute or "-"),
             price,
-            ",".join(sorted(k.adapters)) or "-",
+            escape(",".join(sorted(k.adapters))) or "-",
             "yes" if k.revoked else "",
         )
     console.print(table)

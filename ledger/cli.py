@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from common.help_text import plain_help
@@ -263,7 +264,7 @@ def settler_status_cmd(
     if st["settler"] is None:
         console.print("deposit: pass --key or --address to see the settler's deposit")
     elif st["deposit_wei"] is None:
-        console.print(f"[red]deposit of {st['settler']} unknown[/red]: {st['chain_error']}")
+        console.print(f"[red]deposit of {st['settler']} unknown[/red]: {escape(str(st['chain_error']))}")
     else:
         line = (
             f"deposit of {st['settler']}: {st['deposit_wei']} wei, {max(st['deposit_left_wei'], 0)} wei left "

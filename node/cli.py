@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.help_text import plain_help
@@ -78,7 +79,7 @@ def keys_new(
     from common.identity import create_identity
 
     identity = create_identity(out, overwrite=force)
-    console.print(f"wrote [bold]{out}[/] (mode 0600)")
+    console.print(f"wrote [bold]{escape(str(out))}[/] (mode 0600)")
     console.print(f"  address  {identity.address}\n  node id  {identity.node_id}")
 
 
@@ -111,7 +112,7 @@ def base_init_tiny(
         num_layers=layers,
         model_type=model_type,
     )
-    console.print(f"wrote tiny {model_type} base to [bold]{out_dir}[/] (id {base_model_id(out_dir)})")
+    console.print(f"wrote tiny {model_type} base to [bold]{escape(str(out_dir))}[/] (id {base_model_id(out_dir)})")
 
 
 @adapter_app.command("train")
@@ -179,7 +180,7 @@ def adapter_train(
     finally:
         if task is not None:
             progress.stop()
-    console.print(f"wrote PEFT adapter to [bold]{out}[/]")
+    console.print(f"wrote PEFT adapter to [bold]{escape(str(out))}[/]")
 
 
 # the options `adapter pack` and `adapter import` share: what the signed manifest says
@@ -294,8 +295,8 @@ def _pack(peft_dir, name, key, out, base, dataset, price, version, predecessor, 
         else "offline (adapter publish signs it for its chain)"
     )
     console.print(
-        f"packed [bold]{pkg.name}[/] -> {out}\n  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}"
-        f"\n  signed for  {signed_for}"
+        f"packed [bold]{escape(pkg.name)}[/] -> {escape(str(out))}\n  adapter id  {pkg.adapter_id}"
+        f"\n  signer      {pkg.signer}\n  signed for  {signed_for}"
     )
 
 
@@ -318,7 +319,7 @@ def adapter_export(
     tmp = target.with_suffix(".tar.tmp")
     tmp.write_bytes(tar_package(pkg_dir))
     os.replace(tmp, target)  # a server never serves half an archive
-    console.print(f"exported [bold]{pkg.name}[/] -> {target}")
+    console.print(f"exported [bold]{escape(pkg.name)}[/] -> {escape(str(target))}")
 
 
 @adapter_app.command("verify")
@@ -332,7 +333,7 @@ def adapter_verify(
 
     pkg = verify_package(pkg_dir, base_dir=base)
     m = pkg.manifest
-    console.print(f"[green]ok[/] {m.name} v{m.version}")
+    console.print(f"[green]ok[/] {escape(m.name)} v{escape(m.version)}")
     console.print(
         f"  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}\n  signed for  {describe(pkg.domain)}"
         f"\n  price       {m.price_per_1k_tokens} (smallest unit) per 1k tokens"
@@ -340,7 +341,7 @@ def adapter_verify(
         f"\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}"
     )
     for d in m.datasets:
-        console.print(f"  dataset     {d.name} -> {d.contributor} ({d.share_bps} bps)")
+        console.print(f"  dataset     {escape(d.name)} -> {d.contributor} ({d.share_bps} bps)")
 
 
 @adapter_app.command("publish")
@@ -387,13 +388,13 @@ def adapter_publish(
     client = ChainClient.from_deployment(deployment, identity.account, rpc_url=rpc)
     result = publish(pkg_dir, client, node_url=node, dataset_hashes=hashes, operator_token=token)
     state = "registered" if result.registered else "already registered (no-op)"
-    console.print(f"[green]{state}[/] {result.name}\n  adapter id  {result.adapter_id}")
+    console.print(f"[green]{state}[/] {escape(result.name)}\n  adapter id  {result.adapter_id}")
     if result.signed:
         console.print(f"  signed for  chain {client.deployment.chain_id}, registry {client.deployment.registry}")
     for d in result.datasets_registered:
-        console.print(f"  dataset     {d} registered")
+        console.print(f"  dataset     {escape(str(d))} registered")
     if result.node_url:
-        console.print(f"  handed to   {result.node_url}")
+        console.print(f"  handed to   {escape(str(result.node_url))}")
 
 
 @adapter_app.command("register-dataset")
@@ -423,13 +424,13 @@ def adapter_register_dataset(
     dataset_id = client.dataset_id(name)
     try:
         info = client.get_dataset(dataset_id)
-        console.print(f"already registered: {name}\n  dataset id  {dataset_id}\n  payee       {info.payee}")
+        console.print(f"already registered: {escape(name)}\n  dataset id  {dataset_id}\n  payee       {info.payee}")
         return
     except UnknownDataset:
         pass
     content = "0x" + file_sha256(file) if file is not None else ZERO_ID
     client.register_dataset(name, content)
-    console.print(f"[green]registered[/] {name}\n  dataset id  {dataset_id}\n  contributor {identity.address}")
+    console.print(f"[green]registered[/] {escape(name)}\n  dataset id  {dataset_id}\n  contributor {identity.address}")
 
 
 @adapter_app.command("fetch")
@@ -479,7 +480,10 @@ def adapter_fetch(
 
         with p2p:
             pkg = p2p.fetch(adapter_id, on_progress=show)
-    console.print(f"[green]fetched[/] {pkg.name} -> {pkg.path}\n  signer      {pkg.signer} (the registered owner)")
+    console.print(
+        f"[green]fetched[/] {escape(pkg.name)} -> {escape(str(pkg.path))}"
+        f"\n  signer      {pkg.signer} (the registered owner)"
+    )
 
 
 # ---- loramesh node run ----------------------------------------------------------------------------------

@@ -171,6 +171,16 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert r.stdout == ""  # no progress bar for training that never started
 
 
+def test_an_error_quoting_brackets_is_still_one_line(tmp_path):
+    """The one-line error was read as rich markup: an error quoting the user's "[/]" failed the handler itself,
+    with the traceback it is there to hide."""
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    assert run("gateway", "keys", "create", "--name", "web", "--db", db).returncode == 0
+    r = run("gateway", "keys", "revoke", "[/]", "--db", db)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "[/]" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_log_level_and_format_flags_reach_the_command_and_its_children(tmp_path):
     """`loramesh --log-level debug --log-format json ...` logs as asked, and the processes it starts inherit it
     through the environment; a level that does not exist is a usage error."""

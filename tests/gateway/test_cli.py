@@ -36,6 +36,19 @@ def test_keys_create_list_revoke(tmp_path):
     assert lookup_key(make_engine(db), secret) is None
 
 
+@pytest.mark.parametrize("name", ["ops [/] team", "[bold]x[/bold]"])
+def test_a_key_name_is_printed_as_it_is_never_read_as_markup(tmp_path, name):
+    """rich read a key's name as markup: "[/]" failed `keys create` after the key was stored and before its secret
+    was shown, then every `keys list`; "[bold]x[/bold]" was listed as "x"."""
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    r = runner.invoke(gateway_app, ["keys", "create", "--name", name, "--db", db])
+    assert r.exit_code == 0 and f"({name})" in r.output, r.output
+    secret = r.output.strip().splitlines()[-1]
+    assert lookup_key(make_engine(db, create=False), secret) is not None
+    listing = runner.invoke(gateway_app, ["keys", "list", "--db", db])
+    assert listing.exit_code == 0 and name[:6] in listing.output, listing.output  # the table folds the rest
+
+
 def test_revoke_unknown_key_fails(tmp_path):
     db = f"sqlite:///{tmp_path / 'k.db'}"
     assert runner.invoke(gateway_app, ["keys", "create", "--name", "web", "--db", db]).exit_code == 0
