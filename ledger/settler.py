@@ -1263,9 +1263,10 @@ class Settler:
         """Look at the settled batches that are not final yet (ledger order): mark final those with
         `confirmations` blocks on top of theirs, follow those the chain moved to another block (in whichever
         sequence holds them there), and send back those a reorg dropped (module docstring: Finality). Returns how
-        many batches went back. Every account's: a batch recorded in another settler's sequence (its copy was
-        settled first) is ours to send again if a reorg drops that copy, and no process of that account follows
-        it."""
+        many batches went back. Ours, and those recorded in a stranger's sequence (a copier's, settled first:
+        an account that never sent the batch from this database): if a reorg drops that copy the batch is ours to
+        send again, and no process of ours follows that account. Another account of ours follows its own, at its
+        own confirmations."""
         with Session(self.engine) as s:
             rows = s.exec(
                 select(SettlementBatch)
@@ -1275,6 +1276,7 @@ class Settler:
                 )
                 .order_by(SettlementBatch.first_seq, SettlementBatch.id)
             ).all()
+        rows = [b for b in rows if b.settler == self.address or b.settler not in _split_senders(b.senders)]
         if not rows:
             return 0
         head = self.client.block_number()

@@ -186,6 +186,30 @@ def test_a_copy_settled_first_then_dropped_by_a_reorg_is_sent_again_by_us(anvil_
     assert set(settled_on_chain(client, ids).values()) == {1} and client.next_sequence() == first + 3
 
 
+def test_a_settler_leaves_another_accounts_batches_to_that_accounts_confirmations(anvil_chain, engine):
+    """Two settler accounts of one gateway share its outbox, one waiting 6 confirmations, the other 1: the second
+    followed every account's batches (to send back a copy a reorg drops), marked the first's final after one block,
+    and a 3-block reorg then left its records settled in the database, unpaid on chain."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    other = env.new_account(ETHER)
+    env.client(env.admin).grant_settler(other.address)
+    env.client(env.admin).deposit_for(other.address, ETHER)
+    rpc(env.client(), "anvil_mine", ["0x5"])  # the reorg below reaches none of the set-up
+    careful = Settler(engine, env.client(other), SettlerConfig(batch_size=100, interval=0, confirmations=6))
+    hasty = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=100, interval=0, confirmations=1))
+    ids = add_records(engine, [reg], 3)
+    assert careful.drain() == 3
+    rpc(env.client(), "anvil_mine", ["0x1"])
+    hasty.step()
+    assert batches(engine)[0].block_hash is not None  # not final at 1 block: the careful account's to say
+    rpc(env.client(), "anvil_reorg", [3, []])
+    careful.step()
+    careful.drain()
+    (row,) = batches(engine)
+    assert row.status == BatchStatus.SETTLED and set(settled_on_chain(env.client(), ids).values()) == {1}
+
+
 def _wait_until(cond, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while not (value := cond()):
