@@ -41,10 +41,11 @@ class RegistryView:
     """An in-memory snapshot of the node and adapter mirrors; `sync()` pulls new registry events
     first when a chain client is given (ledger.mirror.sync_registry), then reloads the snapshot."""
 
-    def __init__(self, engine: Engine, client=None, *, min_sync_interval: float = 0.5) -> None:
+    def __init__(self, engine: Engine, client=None, *, min_sync_interval: float = 0.5, confirmations: int = 0) -> None:
         self.engine = engine
         self.client = client
         self.min_sync_interval = min_sync_interval
+        self.confirmations = confirmations  # blocks behind the head the mirror reads (the settler's)
         self.nodes: dict[str, RegisteredNode] = {}
         self.adapters: dict[str, RegisteredAdapter] = {}
         self.name_owners: dict[str, str] = {}
@@ -72,7 +73,7 @@ class RegistryView:
                     from ledger.mirror import sync_registry
 
                     try:
-                        sync_registry(self.engine, self.client)
+                        sync_registry(self.engine, self.client, confirmations=self.confirmations)
                     except (LedgerError, SQLAlchemyError) as e:  # a chain or database hiccup: retried next time
                         log.warning("registry sync failed, keeping the last snapshot: %s", e)
                         return False

@@ -145,7 +145,12 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         from ledger.keys import load_account
 
         settler_account = load_account(settings.key_file)  # settles (unless --no-settle) and signs hellos
-    gw = Gateway(settings, engine, RegistryView(engine, chain_client), account=settler_account)
+    gw = Gateway(
+        settings,
+        engine,
+        RegistryView(engine, chain_client, confirmations=settings.settle_confirmations),
+        account=settler_account,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -3,7 +3,8 @@
 The cursor keeps the hash of the last block read: when the chain's block at that height is another (a reorg, or a
 chain reset), the mirror is read again from the deploy block, as the explorer's index is. Events of a dropped block
 would otherwise stay applied (a node the chain does not know, routed to), and events mined again at a height
-already read would never be (an owner's new price)."""
+already read would never be (an owner's new price). A gateway reads `settle_confirmations` blocks behind the
+head: on a public chain set to its reorg depth, a rebuild is rare."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 CURSOR = "registry"
 _SYNC_LOCK = 0x6C6D5F6D6972  # pg_try_advisory_xact_lock key of sync_registry ("lm_mir")
 MIRRORS = (DatasetMirror, NameMirror, AdapterMirror, NodeMirror)
+_AT = ":"  # SyncCursor.block_hash is "<block>:<hash>"
 _checked: weakref.WeakSet = weakref.WeakSet()
 _checked_lock = threading.Lock()
 
@@ -61,13 +63,33 @@ def ensure_mirror_schema(engine: Engine) -> bool:
         return bool(stale)
 
 
-def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None = None) -> int:
-    """Apply registry events after the stored cursor up to `to_block` (default latest); returns how many.
-    Gateways sharing one PostgreSQL database sync one at a time: while another holds the sync lock this
-    returns 0 at once (that one is writing the same rows; two would collide on their keys)."""
+def sync_registry(engine: Engine, client: ChainClient, *, confirmations: int = 0) -> int:
+    """Apply registry events after the stored cursor up to `confirmations` blocks behind the head; returns how
+    many. The chain is read outside any database transaction (a SQLite write lock held through a rescan's reads
+    stalled every other writer of the gateway's database), then the events are written in one. Gateways sharing
+    one PostgreSQL database write one at a time: while another holds the sync lock, or has moved the cursor since
+    it was read, this returns 0 (that one wrote the same rows)."""
     ensure_mirror_schema(engine)
-    to_block = client.block_number() if to_block is None else to_block
+    with Session(engine) as s:
+        cursor = s.get(SyncCursor, CURSOR)
+        seen = None if cursor is None else (cursor.block, cursor.block_hash)
+    to_block = client.block_number() - confirmations
+    rebuild = False
+    if (known := _cursor_hash(cursor)) is not None:
+        now = client.block_hash(cursor.block)
+        if now is None:
+            return 0  # a provider's backend that does not have the block yet, or a chain still short of it
+        rebuild = now != known
+    start = client.deployment.deploy_block if cursor is None or rebuild else cursor.block + 1
+    if start > to_block:
+        return 0
     to_hash = client.block_hash(to_block)
+    logs = [
+        ev for name in RE.REGISTRY_EVENTS for ev in client.events("registry", name, from_block=start, to_block=to_block)
+    ]
+    if to_hash is None or client.block_hash(to_block) != to_hash:
+        return 0  # a reorg while reading: these events may be of either history; the next sync reads again
+    logs.sort(key=lambda ev: (ev["blockNumber"], ev["logIndex"]))
     with Session(engine) as s:
         if (
             is_postgres(engine)
@@ -75,11 +97,9 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
         ):
             return 0
         cursor = s.get(SyncCursor, CURSOR)
-        if (
-            cursor is not None
-            and cursor.block_hash is not None
-            and client.block_hash(cursor.block) != cursor.block_hash
-        ):
+        if (None if cursor is None else (cursor.block, cursor.block_hash)) != seen:
+            return 0
+        if rebuild:
             log.warning(
                 "registry mirror: block %d is no longer the chain's (a reorg, or the chain was reset): reading the "
                 "registry again from its deploy block",
@@ -87,26 +107,22 @@ def sync_registry(engine: Engine, client: ChainClient, *, to_block: int | None =
             )
             for model in MIRRORS:
                 s.execute(delete(model))
-            s.delete(cursor)
-            cursor = None
-        start = client.deployment.deploy_block if cursor is None else cursor.block + 1
-        if start > to_block:
-            s.commit()
-            return 0
-        logs = [
-            ev
-            for name in RE.REGISTRY_EVENTS
-            for ev in client.events("registry", name, from_block=start, to_block=to_block)
-        ]
-        if client.block_hash(to_block) != to_hash:
-            return 0  # a reorg while reading: these events may be of either history; the next sync reads again
-        logs.sort(key=lambda ev: (ev["blockNumber"], ev["logIndex"]))
         for ev in logs:
             _apply_or_skip(s, ev)
-        s.merge(SyncCursor(name=CURSOR, block=to_block, block_hash=to_hash))
+        s.merge(SyncCursor(name=CURSOR, block=to_block, block_hash=f"{to_block}{_AT}{to_hash}"))
         s.commit()
     log.debug("registry mirror: %d events up to block %d", len(logs), to_block)
     return len(logs)
+
+
+def _cursor_hash(cursor: SyncCursor | None) -> str | None:
+    """The hash the cursor's block had when it was read, kept as "<block>:<hash>"; None when unknown: no cursor,
+    none written yet, or written for another block (a gateway of an older release, on a shared database, moves the
+    block alone)."""
+    if cursor is None or not cursor.block_hash:
+        return None
+    number, _, block_hash = cursor.block_hash.partition(_AT)
+    return block_hash if number == str(cursor.block) else None
 
 
 def _apply_or_skip(s: Session, ev) -> None:

@@ -295,7 +295,7 @@ def test_an_unforced_registry_pull_never_waits_on_another(world, monkeypatch):
     view = RegistryView(engine, client=object(), min_sync_interval=0.5)
     started, release, pulls = threading.Event(), threading.Event(), []
 
-    def slow_chain(_engine, _client):
+    def slow_chain(_engine, _client, **_how):
         pulls.append(1)
         started.set()
         release.wait(10)

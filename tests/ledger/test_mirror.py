@@ -1,17 +1,19 @@
 """Registry mirror tables follow AdapterRegistry events, incrementally."""
 
 import json
+import sqlite3
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlmodel import Session
+from sqlalchemy import text
+from sqlmodel import Session, select
 
 from common.wire import node_id_of
 from gateway.chain_registry import RegistryView
 from ledger.db import init_db, make_engine
 from ledger.errors import UnknownNode
-from ledger.mirror import sync_registry
-from ledger.models import AdapterMirror, DatasetMirror, NodeMirror
+from ledger.mirror import CURSOR, sync_registry
+from ledger.models import AdapterMirror, DatasetMirror, NodeMirror, SyncCursor
 from tests.utils.chain import rand_id, register_sample
 
 pytestmark = pytest.mark.integration
@@ -151,3 +153,99 @@ def test_a_price_change_mined_in_a_replacement_block_is_read(anvil_chain, engine
     sync_registry(engine, client)
     with Session(engine) as s:
         assert int(s.get(AdapterMirror, reg.adapter_id).price_per_1k_tokens) == 5 * 10**12
+
+
+def test_a_rebuild_reads_the_chain_without_holding_the_database(anvil_chain, tmp_path, caplog):
+    """A reorg under the cursor (routine at a chain's head) emptied the mirror first and then read every registry
+    event from the deploy block: on SQLite the emptying took the write lock, held through every read of the
+    rescan, and the gateway's usage writes waited on it."""
+    url = f"sqlite:///{tmp_path}/gw.db"
+    engine = make_engine(url)  # as the gateway makes it
+    init_db(engine)
+    env = anvil_chain
+    client = env.client()
+    register_sample(env)
+    sync_registry(engine, client)
+    _rpc(client, "anvil_reorg", [1, []])
+    _rpc(client, "anvil_mine", ["0x1"])
+    blocked: list[str] = []
+    events = client.events
+
+    def write_then_read(*a, **kw):  # the gateway recording usage while the mirror reads the chain
+        other = sqlite3.connect(f"{tmp_path}/gw.db", timeout=0.2)
+        try:
+            other.execute("CREATE TABLE IF NOT EXISTS probe (x INTEGER)")
+            other.execute("INSERT INTO probe VALUES (1)")
+            other.commit()
+        except sqlite3.OperationalError as e:
+            blocked.append(str(e))
+        finally:
+            other.close()
+        return events(*a, **kw)
+
+    client.events = write_then_read
+    with caplog.at_level("WARNING", logger="ledger.mirror"):
+        assert sync_registry(engine, client) > 0
+    assert "no longer the chain's" in caplog.text and blocked == []
+    engine.dispose()
+
+
+class _OneBlockBehind:
+    """A load-balanced RPC whose backend answering now is one block behind the one the last sync asked."""
+
+    def __init__(self, client, head: int) -> None:
+        self._client, self._head = client, head
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def block_number(self) -> int:
+        return self._head
+
+    def block_hash(self, number: int):
+        return None if number > self._head else self._client.block_hash(number)
+
+
+def test_a_provider_behind_the_cursor_is_no_reorg(anvil_chain, engine):
+    """A backend that does not have the cursor's block yet answers null for it: that was taken for a reorg, and the
+    mirror was emptied and read again from the deploy block."""
+    env = anvil_chain
+    client = env.client()
+    register_sample(env)
+    sync_registry(engine, client)
+    with Session(engine) as s:
+        rows, at = len(s.exec(select(AdapterMirror)).all()), s.get(SyncCursor, CURSOR).block
+    assert sync_registry(engine, _OneBlockBehind(client, at - 1)) == 0
+    with Session(engine) as s:
+        assert len(s.exec(select(AdapterMirror)).all()) == rows and s.get(SyncCursor, CURSOR).block == at
+
+
+def test_a_cursor_moved_without_its_hash_is_no_reorg(anvil_chain, engine, caplog):
+    """A gateway of an older release on the same database moves the cursor's block alone: the hash of the block the
+    newer one read stayed beside it, and every later sync took it for a reorg and read the registry again."""
+    env = anvil_chain
+    client = env.client()
+    register_sample(env)
+    sync_registry(engine, client)
+    _rpc(client, "anvil_mine", ["0x2"])
+    with Session(engine) as s:  # what the older release's sync writes
+        s.execute(text("UPDATE sync_cursors SET block = block + 1"))
+        s.commit()
+    with caplog.at_level("WARNING", logger="ledger.mirror"):
+        sync_registry(engine, client)
+        register_sample(env)
+        assert sync_registry(engine, client) > 0
+    assert "no longer the chain's" not in caplog.text
+
+
+def test_the_mirror_reads_confirmations_behind_the_head(anvil_chain, engine):
+    env = anvil_chain
+    client = env.client()
+    reg = register_sample(env)
+    sync_registry(engine, client, confirmations=3)
+    with Session(engine) as s:
+        assert s.get(AdapterMirror, reg.adapter_id) is None
+    _rpc(client, "anvil_mine", ["0x3"])
+    sync_registry(engine, client, confirmations=3)
+    with Session(engine) as s:
+        assert s.get(AdapterMirror, reg.adapter_id) is not None
