@@ -32,7 +32,7 @@ class P2PConfig:
     max_attempts: int = 8  # providers tried per fetch
     max_unknown_attempts: int = 3  # of those, peers with no standing (announced on GossipSub or the DHT)
     max_connections: int = 64  # py-libp2p's default auto-connector tops up towards 100-300
-    max_inbound_per_ip: int = 16  # inbound connections from one IP address at once (peer ids cost nothing)
+    max_inbound_per_network: int = 16  # inbound connections from one network at once (host.network_of)
     max_package_bytes: int = 4 << 30
     announce_interval: float = 30.0  # re-announce held adapters on GossipSub
     announce_max_age: float = 600.0  # older announcements are dropped
@@ -74,7 +74,7 @@ class P2PConfig:
             "max_inbound_streams",
             "max_streams_per_peer",
             "max_connections",
-            "max_inbound_per_ip",
+            "max_inbound_per_network",
             "max_package_bytes",
             "max_attempts",
             "book_max_peers",

@@ -5,6 +5,7 @@ multiaddr strings (…/p2p/<peer id>) peers dial, and py-libp2p's log records ro
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -45,7 +46,7 @@ def build_host(seed: bytes, config: P2PConfig):
             dial_timeout=config.dial_timeout,
         ),
     )
-    _bound_inbound(host.get_network(), config.max_inbound_per_ip)
+    _bound_inbound(host.get_network(), config.max_inbound_per_network)
     return key_pair, host
 
 
@@ -79,9 +80,29 @@ class _InboundConnectionClosed(Exception):
     """Ends py-libp2p's handler task of an inbound connection once the connection has closed."""
 
 
-def _bound_inbound(swarm, per_ip: int) -> None:
-    """End the swarm's handler task of an inbound connection when the connection closes, and take at most `per_ip`
-    inbound connections from one IP address at once.
+def network_of(address: str) -> str:
+    """The network one party is taken to hold, for caps that peer ids (free) cannot get around: a public IPv4
+    address's /24 and a public IPv6 address's /64 (a host is given a /64 of its own, a cloud account many addresses
+    of one /24); any other address alone (loopback, private, link-local: peers of a local mesh or one cluster)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not ip.is_global:
+        return str(ip)
+    return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))
+
+
+def _remote_network(conn) -> str:
+    remote = conn.get_remote_address() if hasattr(conn, "get_remote_address") else None
+    return network_of(str(remote[0])) if remote else "?"
+
+
+def _bound_inbound(swarm, per_network: int) -> None:
+    """End the swarm's handler task of an inbound connection when the connection closes, and take at most
+    `per_network` inbound connections from one network (`network_of`) at once.
 
     After the upgrade the handler waited for the whole host to stop, and held its inbound slot until then: after
     max_connections - min_connections inbound connections in its life, all long closed, a node accepted none and
@@ -89,7 +110,8 @@ def _bound_inbound(swarm, per_ip: int) -> None:
     behind. Only the handler raises out of that wait (the swarm's handler takes the raise as a connection ended:
     it closes what is closed already and releases the slot); the upgrade's other callers get the connection as
     before. Peer ids cost nothing, addresses do: without the cap by address, one machine's 60 connections held
-    every inbound slot, and the node's own dials had the min_connections left."""
+    every inbound slot, and the node's own dials had the min_connections left; by exact address, a host's IPv6
+    /64 is as many addresses as it likes."""
     slots = _InboundSlots(int(swarm._inbound_limiter.total_tokens))
     swarm._inbound_limiter = slots
     upgrade = swarm.upgrade_inbound_raw_conn
@@ -98,12 +120,11 @@ def _bound_inbound(swarm, per_ip: int) -> None:
     async def upgrade_inbound(raw_conn, maddr):
         if not slots.holds():  # not the task of the swarm's inbound handler
             return await upgrade(raw_conn, maddr)
-        remote = raw_conn.get_remote_address() if hasattr(raw_conn, "get_remote_address") else None
-        ip = str(remote[0]) if remote else "?"
-        if held[ip] >= per_ip:
+        net = _remote_network(raw_conn)
+        if held[net] >= per_network:
             await raw_conn.close()
-            raise _InboundConnectionClosed(f"{held[ip]} inbound connections from {ip} already")
-        held[ip] += 1
+            raise _InboundConnectionClosed(f"{held[net]} inbound connections from {net} already")
+        held[net] += 1
         try:
             muxed = await upgrade(raw_conn, maddr)
             closed = getattr(muxed, "event_closed", None)  # Yamux's, the one muxer this host speaks
@@ -112,9 +133,9 @@ def _bound_inbound(swarm, per_ip: int) -> None:
             await closed.wait()
             raise _InboundConnectionClosed("connection closed")
         finally:
-            held[ip] -= 1
-            if not held[ip]:
-                del held[ip]
+            held[net] -= 1
+            if not held[net]:
+                del held[net]
 
     swarm.upgrade_inbound_raw_conn = upgrade_inbound
 
@@ -192,6 +213,7 @@ def bound_provider_store(store, max_keys: int) -> None:
 
 
 DHT_STREAMS_PER_PEER = 2  # Kademlia streams one peer may hold open on a node at once
+DHT_STREAMS_PER_NETWORK = 16  # and one network (`network_of`: peer ids cost nothing)
 DHT_INBOUND_STREAMS = 64  # Kademlia streams a node serves at once (py-libp2p's own bound is 12)
 DHT_READ_IDLE_S = 10.0  # a Kademlia stream silent this long (a message's bytes included) is reset
 DHT_STREAM_LIFE_S = 60.0  # and one open this long, however it reads
@@ -201,29 +223,31 @@ def bound_dht_streams(dht) -> None:
     """Bound what one peer's Kademlia streams hold. py-libp2p 0.8.1 serves 12 inbound DHT streams at once, each
     for as long as its peer keeps it open, waiting for its next message with no deadline: one peer with 12
     silent streams kept the node's DHT from answering anyone (FIND_NODE, GET_PROVIDERS, ADD_PROVIDER). Here one
-    peer holds at most DHT_STREAMS_PER_PEER, a read waits DHT_READ_IDLE_S and a stream lives DHT_STREAM_LIFE_S;
-    the node serves DHT_INBOUND_STREAMS at once. Call before guard_stream_handlers."""
+    peer holds at most DHT_STREAMS_PER_PEER and one network DHT_STREAMS_PER_NETWORK, a read waits DHT_READ_IDLE_S
+    and a stream lives DHT_STREAM_LIFE_S; the node serves DHT_INBOUND_STREAMS at once. Call before
+    guard_stream_handlers."""
     from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 
     handle = dht.handle_stream
     dht._inbound_limiter = trio.CapacityLimiter(DHT_INBOUND_STREAMS)
-    held: Counter[str] = Counter()
+    held: Counter[str] = Counter()  # streams open, by peer and by network
 
     async def handle_stream(stream) -> None:
-        peer = str(stream.muxed_conn.peer_id)
-        if held[peer] >= DHT_STREAMS_PER_PEER:
+        keys = (f"peer {stream.muxed_conn.peer_id}", f"network {_remote_network(stream)}")
+        if held[keys[0]] >= DHT_STREAMS_PER_PEER or held[keys[1]] >= DHT_STREAMS_PER_NETWORK:
             await _reset(stream)
             return
-        held[peer] += 1
+        held.update(keys)
         try:
             with trio.move_on_after(DHT_STREAM_LIFE_S) as life:
                 await handle(_ReadDeadline(stream, DHT_READ_IDLE_S))
             if life.cancelled_caught:
                 await _reset(stream)
         finally:
-            held[peer] -= 1
-            if not held[peer]:
-                del held[peer]
+            held.subtract(keys)
+            for key in keys:
+                if not held[key]:
+                    del held[key]
 
     dht.handle_stream = handle_stream  # what the DHT registers again should its mode switch back to server
     dht.host.set_stream_handler(KAD_PROTOCOL_ID, handle_stream)

@@ -39,7 +39,7 @@ TARGET_CONFIG = dict(
     dht_max_provider_keys=16,
     # every made-up peer id below dials from 127.0.0.1, as many addresses would: the bounds under test are the
     # ones past the cap on connections from one address (tests/node/p2p/test_host.py)
-    max_inbound_per_ip=1024,
+    max_inbound_per_network=1024,
 )
 HONEST_WITHIN_S = 10.0
 

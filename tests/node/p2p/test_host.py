@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pytest
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.common import PROTOCOL_ID
@@ -109,7 +110,7 @@ def test_inbound_connections_from_one_address_are_capped():
     taken once one leaves."""
 
     async def main():
-        _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN, max_inbound_per_ip=2))
+        _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN, max_inbound_per_network=2))
         async with node.run(listen_addrs=[Multiaddr(LISTEN)]):
             info = info_from_p2p_addr(Multiaddr(full_addrs(node)[0]))
             peers = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(4)]
@@ -129,5 +130,51 @@ def test_inbound_connections_from_one_address_are_capped():
                         await trio.sleep(0.05)
                     await peers[3].connect(info)
                 assert set(node.get_connected_peers()) == {peers[1].get_id(), peers[3].get_id()}
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("address", "network"),
+    [
+        ("8.8.8.8", "8.8.8.0/24"),
+        ("2606:4700:4700::1111", "2606:4700:4700::/64"),
+        ("::ffff:8.8.8.8", "8.8.8.0/24"),
+        ("127.0.0.2", "127.0.0.2"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("fe80::1", "fe80::1"),
+        ("not an address", "not an address"),
+    ],
+)
+def test_a_network_is_a_public_addresss_24_or_64_and_any_other_address_alone(address, network):
+    from node.p2p.host import network_of
+
+    assert network_of(address) == network
+
+
+def test_kademlia_streams_from_one_network_are_capped(monkeypatch):
+    """Peer ids cost nothing: a cap per peer alone let one address's peers hold every DHT stream."""
+    from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+
+    from node.p2p import host as host_module
+
+    monkeypatch.setattr(host_module, "DHT_STREAMS_PER_NETWORK", 3)
+
+    async def main():
+        _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
+        dht = KadDHT(node, DHTMode.SERVER)
+        host_module.bound_dht_streams(dht)
+        async with node.run(listen_addrs=[Multiaddr(LISTEN)]):
+            info = info_from_p2p_addr(Multiaddr(full_addrs(node)[0]))
+            peers = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(2)]
+            async with peers[0].run(listen_addrs=[Multiaddr(LISTEN)]), peers[1].run(listen_addrs=[Multiaddr(LISTEN)]):
+                opened = []
+                for p in peers:
+                    await p.connect(info)
+                    for _ in range(2):
+                        with contextlib.suppress(Exception):
+                            opened.append(await p.new_stream(node.get_id(), [KAD]))
+                await trio.sleep(0.3)
+                assert dht._inbound_limiter.borrowed_tokens == 3
 
     trio.run(main)
