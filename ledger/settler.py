@@ -1325,6 +1325,9 @@ class Settler:
                 )
             back = 0
             for b in dropped:
+                # a stranger's copy (a copier that never sent it from here) is gone: the batch is ours to number anew,
+                # and no send of a stranger's is waited for (it may keep a transaction waiting for ever)
+                stranger = b.settler != self.address
                 n = s.execute(
                     update(SettlementBatch)
                     .where(
@@ -1333,6 +1336,7 @@ class Settler:
                         SettlementBatch.block_hash == b.block_hash,
                     )
                     .values(
+                        **({"settler": None, "first_seq": None} if stranger else {}),
                         status=BatchStatus.SENT,  # tx_hash kept: resuming waits on it while the node still has it
                         block_number=None,
                         block_hash=None,

@@ -178,8 +178,30 @@ def test_a_copy_settled_first_then_dropped_by_a_reorg_is_sent_again_by_us(anvil_
     rpc(client, "evm_revert", [before[0]])  # the reorg drops the copy
     rpc(client, "anvil_mine", [hex(CONFIRMATIONS + 3)])
     assert not client.is_settled(row.batch_id)
-
-    settler.step()  # sees the copy gone and sends the batch back
+    # and the copier keeps a transaction waiting (automine off): a batch is waited for only while an account of ours
+    # may still land a send of it, never on a stranger's account
+    before_hash = row.tx_hash
+    rpc(client, "evm_setAutomine", [False])
+    try:
+        copier.w3.eth.send_raw_transaction(
+            mallory.sign_transaction(
+                {
+                    "to": mallory.address,
+                    "value": 0,
+                    "gas": 21000,
+                    "maxFeePerGas": 10**9,
+                    "maxPriorityFeePerGas": 1,
+                    "nonce": copier.w3.eth.get_transaction_count(mallory.address),
+                    "chainId": copier.w3.eth.chain_id,
+                }
+            ).raw_transaction
+        )
+        thread, _ = _step_in_thread(settler)  # sees the copy gone, sends the batch back and sends it again
+        _wait_until(lambda: _sent_hash(engine) not in (None, before_hash))
+        rpc(client, "evm_mine", [])
+        thread.join(30)
+    finally:
+        rpc(client, "evm_setAutomine", [True])
     settler.drain()  # numbered again in our sequence and settled by us
     (row,) = batches(engine)
     assert (row.settler, row.first_seq, row.status) == (env.settler.address, first, BatchStatus.SETTLED)
