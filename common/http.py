@@ -7,7 +7,7 @@ Starlette reads a request body whole before a handler sees it, so without a limi
 a process buffer (and then parse) as much as it sends. The limit is checked against Content-Length
 before anything is read, and again while a chunked body streams in; either way the answer is 413 in
 the API's error shape and the connection's body is never buffered past the limit. The body must also keep
-up: byte n by BODY_GRACE_S + n / MIN_BODY_RATE after the request's headers, else 408.
+up: byte n by BODY_GRACE_S + n / MIN_BODY_RATE after the app first asks for it, else 408.
 """
 
 from __future__ import annotations
@@ -114,12 +114,14 @@ class BodyLimitMiddleware:
                     return
         seen = 0
         over = late = started = body_done = False
-        begun = time.monotonic()
+        begun: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal seen, over, late, body_done
+            nonlocal seen, over, late, body_done, begun
             if body_done:  # past the body, a receive waits for the client leaving: as long as the answer runs
                 return await receive()
+            if begun is None:  # from the app's first ask: before it (a key looked up, a 100-continue not yet sent)
+                begun = time.monotonic()  # the client may have been held back by the server itself
             try:
                 async with asyncio.timeout(begun + BODY_GRACE_S + seen / MIN_BODY_RATE - time.monotonic()):
                     message = await receive()

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from common.http import BodyLimitMiddleware, error_responses
 from common.wire import error_body, restore_recursion_limit
@@ -75,6 +76,8 @@ class _AnswerUnhandled:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:  # nothing went wrong, and there is no one to answer (or, for a body that did not
+            return  # keep up, common.http.BodyLimitMiddleware answers 408)
         except Exception:
             if started:  # too late for an answer: the stream is cut, as it would be anyway
                 raise
