@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 CURSOR = "registry"
 _SYNC_LOCK = 0x6C6D5F6D6972  # pg_try_advisory_xact_lock key of sync_registry ("lm_mir")
 MIRRORS = (DatasetMirror, NameMirror, AdapterMirror, NodeMirror)
-_AT = ":"  # SyncCursor.block_hash is "<block>:<hash>"
+_AT = ":"  # SyncCursor.block_ref is "<block>:<hash>"
+# a chain whose head is more than this many blocks below the cursor was reset (or reorged that deep), not answered
+# by a provider's backend a block or two behind
+PROVIDER_LAG_BLOCKS = 8
 _checked: weakref.WeakSet = weakref.WeakSet()
 _checked_lock = threading.Lock()
 
@@ -72,14 +75,15 @@ def sync_registry(engine: Engine, client: ChainClient, *, confirmations: int = 0
     ensure_mirror_schema(engine)
     with Session(engine) as s:
         cursor = s.get(SyncCursor, CURSOR)
-        seen = None if cursor is None else (cursor.block, cursor.block_hash)
-    to_block = client.block_number() - confirmations
+        seen = None if cursor is None else (cursor.block, cursor.block_ref)
+    head = client.block_number()
+    to_block = head - confirmations
     rebuild = False
     if (known := _cursor_hash(cursor)) is not None:
         now = client.block_hash(cursor.block)
-        if now is None:
-            return 0  # a provider's backend that does not have the block yet, or a chain still short of it
-        rebuild = now != known
+        if now is None and cursor.block <= head + PROVIDER_LAG_BLOCKS:
+            return 0  # a provider's backend that does not have the block yet: the next sync looks again
+        rebuild = now != known  # another block there, or a chain far shorter than the cursor: reorged or reset
     start = client.deployment.deploy_block if cursor is None or rebuild else cursor.block + 1
     if start > to_block:
         return 0
@@ -97,7 +101,7 @@ def sync_registry(engine: Engine, client: ChainClient, *, confirmations: int = 0
         ):
             return 0
         cursor = s.get(SyncCursor, CURSOR)
-        if (None if cursor is None else (cursor.block, cursor.block_hash)) != seen:
+        if (None if cursor is None else (cursor.block, cursor.block_ref)) != seen:
             return 0
         if rebuild:
             log.warning(
@@ -109,7 +113,7 @@ def sync_registry(engine: Engine, client: ChainClient, *, confirmations: int = 0
                 s.execute(delete(model))
         for ev in logs:
             _apply_or_skip(s, ev)
-        s.merge(SyncCursor(name=CURSOR, block=to_block, block_hash=f"{to_block}{_AT}{to_hash}"))
+        s.merge(SyncCursor(name=CURSOR, block=to_block, block_ref=f"{to_block}{_AT}{to_hash}"))
         s.commit()
     log.debug("registry mirror: %d events up to block %d", len(logs), to_block)
     return len(logs)
@@ -119,9 +123,9 @@ def _cursor_hash(cursor: SyncCursor | None) -> str | None:
     """The hash the cursor's block had when it was read, kept as "<block>:<hash>"; None when unknown: no cursor,
     none written yet, or written for another block (a gateway of an older release, on a shared database, moves the
     block alone)."""
-    if cursor is None or not cursor.block_hash:
+    if cursor is None or not cursor.block_ref:
         return None
-    number, _, block_hash = cursor.block_hash.partition(_AT)
+    number, _, block_hash = cursor.block_ref.partition(_AT)
     return block_hash if number == str(cursor.block) else None
 
 

@@ -183,11 +183,12 @@ class NodeMirror(SQLModel, table=True):
 
 
 class SyncCursor(SQLModel, table=True):
-    """Last block whose events a mirror has applied, and its hash then ("<block>:<hash>", so that a writer that
-    moves the block alone leaves no hash of another block behind): a reorg under the cursor changes it."""
+    """Last block whose events a mirror has applied, and its hash then (block_ref, "<block>:<hash>", so that a
+    writer that moves the block alone leaves no hash of another block behind): a reorg under the cursor changes
+    it."""
 
     __tablename__ = "sync_cursors"
 
     name: str = Field(primary_key=True, max_length=64)
     block: int = Field(sa_type=BigInteger)
-    block_hash: str | None = Field(default=None, max_length=96)
+    block_ref: str | None = Field(default=None, max_length=96)

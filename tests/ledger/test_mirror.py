@@ -249,3 +249,20 @@ def test_the_mirror_reads_confirmations_behind_the_head(anvil_chain, engine):
     sync_registry(engine, client, confirmations=3)
     with Session(engine) as s:
         assert s.get(AdapterMirror, reg.adapter_id) is not None
+
+
+def test_a_chain_reset_below_the_cursor_is_read_again(anvil_chain, engine):
+    """A chain far shorter than the cursor (a devnet reset, a deep reorg) answers null for the cursor's block, as
+    a provider a block behind does: the mirror kept what the chain no longer has, and read none of the new chain's,
+    until it grew past the old cursor."""
+    env = anvil_chain
+    client = env.client()
+    before = _rpc(client, "evm_snapshot", [])
+    gone = register_sample(env)
+    _rpc(client, "anvil_mine", ["0x20"])
+    assert sync_registry(engine, client) > 0
+    _rpc(client, "evm_revert", [before])
+    new = register_sample(env)
+    sync_registry(engine, client)
+    with Session(engine) as s:
+        assert s.get(NodeMirror, gone.node_id) is None and s.get(NodeMirror, new.node_id) is not None
