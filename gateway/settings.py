@@ -11,7 +11,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from common.settings import ServiceSettings, split_words
 from ledger.db import DEFAULT_DB_URL
-from ledger.settler_config import DEFAULT_CONFIRMATIONS, DEFAULT_REPLACE_AFTER
+from ledger.settler_config import DEFAULT_CONFIRMATIONS, DEFAULT_REPLACE_AFTER, MAX_CONFIRMATIONS
 
 # the largest request body by default: a long context's worth of text, far below what could hurt the gateway
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -101,7 +101,7 @@ class GatewaySettings(ServiceSettings):
     # on a public chain: blocks on top of a batch before it is final (a reorg before then sends it again), and
     # seconds a sent batch may wait unmined before it is replaced with higher fees (`loramesh settler run`'s
     # confirmations and replace_after, bounded by SettlerConfig)
-    settle_confirmations: int = Field(default=DEFAULT_CONFIRMATIONS, ge=0, le=1_000)
+    settle_confirmations: int = Field(default=DEFAULT_CONFIRMATIONS, ge=0, le=MAX_CONFIRMATIONS)
     settle_replace_after_s: float = Field(default=DEFAULT_REPLACE_AFTER, gt=0)
     # the most the settler pays per gas and as tip, in gwei (unset: LORAMESH_MAX_FEE_GWEI / _TIP_GWEI, else
     # FeePolicy's defaults); a base fee above the cap makes it wait rather than pay

@@ -160,7 +160,7 @@ from ledger.errors import (
 from ledger.merkle import MAX_ADAPTERS_PER_BATCH, MAX_NODES_PER_BATCH, MAX_TOKEN_COUNT, MerkleTree, batch_id_for
 from ledger.models import BatchStatus, RecordStatus, SettlementBatch, UsageRecord, utcnow
 from ledger.outbox import batch_records, count_by_status
-from ledger.settler_config import DEFAULT_LOW_DEPOSIT, GRACE_MARGIN_S, SettlerConfig
+from ledger.settler_config import DEFAULT_LOW_DEPOSIT, GRACE_MARGIN_S, MAX_CONFIRMATIONS, SettlerConfig
 from ledger.transport import rpc_guard
 from ledger.types import BASE_MODEL_ADAPTER_ID, BatchInfo, PriceFloor, SettleRecord, read_wei
 
@@ -1263,10 +1263,12 @@ class Settler:
         """Look at the settled batches that are not final yet (ledger order): mark final those with
         `confirmations` blocks on top of theirs, follow those the chain moved to another block (in whichever
         sequence holds them there), and send back those a reorg dropped (module docstring: Finality). Returns how
-        many batches went back. Ours, and those recorded in a stranger's sequence (a copier's, settled first:
-        an account that never sent the batch from this database): if a reorg drops that copy the batch is ours to
-        send again, and no process of ours follows that account. Another account of ours follows its own, at its
-        own confirmations."""
+        many batches went back. Every account's: a batch recorded in a stranger's sequence (a copier's, settled
+        first: an account that never sent it from this database) is ours to send again if a reorg drops the copy,
+        and one of another account of ours is (that account's process may be gone: its key rotated). Final is
+        judged at our `confirmations` for ours and a stranger's, and for another account of ours, whose
+        confirmations are its own, only at MAX_CONFIRMATIONS (at ours, one waiting 1 marked another's waiting 6
+        final, and a deeper reorg left its records settled, unpaid)."""
         with Session(self.engine) as s:
             rows = s.exec(
                 select(SettlementBatch)
@@ -1276,7 +1278,6 @@ class Settler:
                 )
                 .order_by(SettlementBatch.first_seq, SettlementBatch.id)
             ).all()
-        rows = [b for b in rows if b.settler == self.address or b.settler not in _split_senders(b.senders)]
         if not rows:
             return 0
         head = self.client.block_number()
@@ -1291,7 +1292,9 @@ class Settler:
         moved: list[tuple[SettlementBatch, BatchInfo, str, dict]] = []
         dropped: list[SettlementBatch] = []
         for b in rows:
-            deep = head - b.block_number >= self.config.confirmations
+            deep = head - b.block_number >= (
+                MAX_CONFIRMATIONS if self._ours_elsewhere(b) else self.config.confirmations
+            )
             if hash_at(b.block_number) == b.block_hash and not deep:
                 continue  # still where it was, not final yet: no eth_call
             # moved, gone, or about to be final: the chain says where the batch is (the hash was read after the
@@ -1327,7 +1330,7 @@ class Settler:
             for b in dropped:
                 # a stranger's copy (a copier that never sent it from here) is gone: the batch is ours to number anew,
                 # and no send of a stranger's is waited for (it may keep a transaction waiting for ever)
-                stranger = b.settler != self.address
+                stranger = b.settler != self.address and not self._ours_elsewhere(b)
                 n = s.execute(
                     update(SettlementBatch)
                     .where(
@@ -1367,6 +1370,10 @@ class Settler:
             self.settled_total -= back
             self._probe = True  # the chain moved under us: simulate the next send
         return len(dropped)
+
+    def _ours_elsewhere(self, b: SettlementBatch) -> bool:
+        """Whether the batch is settled by another account of ours: one that sent it from this database."""
+        return b.settler != self.address and b.settler in _split_senders(b.senders)
 
     def _abandon(self, w: _Work, error: ContractError) -> None:
         """The ledger refused the batch. Once no transaction of it can land any more (no account that

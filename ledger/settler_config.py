@@ -31,6 +31,7 @@ DEFAULT_LEASE = 30.0  # seconds a settler's claim on an unfinished batch lasts w
 # Blocks on top of a batch's block before it counts as final. 0 on our devnet (one anvil, no reorgs: today's
 # behaviour, and the demo and tests stay fast); a public chain wants its own (see README).
 DEFAULT_CONFIRMATIONS = 0
+MAX_CONFIRMATIONS = 1_000  # a batch this deep is final whatever the account that settled it waits for
 # seconds a sent batch may stay unmined before its transaction is replaced at the same nonce with bumped fees
 DEFAULT_REPLACE_AFTER = 30.0
 
@@ -80,8 +81,8 @@ class SettlerConfig:
         if self.lease < 1.0:
             raise ValueError(f"lease must be at least 1 second, got {self.lease}")
         # 1,000 blocks is hours on any chain: more is a typo, and the reorg check reads that many back
-        if not 0 <= self.confirmations <= 1_000:
-            raise ValueError(f"confirmations must be 0..1000, got {self.confirmations}")
+        if not 0 <= self.confirmations <= MAX_CONFIRMATIONS:
+            raise ValueError(f"confirmations must be 0..{MAX_CONFIRMATIONS}, got {self.confirmations}")
         if self.replace_after <= 0:
             raise ValueError(f"replace_after must be > 0 seconds, got {self.replace_after}")
 

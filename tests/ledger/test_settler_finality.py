@@ -232,6 +232,28 @@ def test_a_settler_leaves_another_accounts_batches_to_that_accounts_confirmation
     assert row.status == BatchStatus.SETTLED and set(settled_on_chain(env.client(), ids).values()) == {1}
 
 
+def test_a_retired_accounts_batch_a_reorg_drops_is_sent_again_by_the_current_one(anvil_chain, engine):
+    """The settler's key is rotated while a batch of the old account is settled, not final: a reorg then drops it,
+    and the current account sends it again (no process of the old account runs to do it)."""
+    env = anvil_chain
+    reg = register_sample(env, price=10**12)
+    old = env.new_account(ETHER)
+    env.client(env.admin).grant_settler(old.address)
+    env.client(env.admin).deposit_for(old.address, ETHER)
+    rpc(env.client(), "anvil_mine", ["0x5"])  # the reorg below reaches none of the set-up
+    cfg = SettlerConfig(batch_size=100, interval=0, confirmations=CONFIRMATIONS)
+    ids = add_records(engine, [reg], 3)
+    assert Settler(engine, env.client(old), cfg).drain() == 3
+    current = Settler(engine, env.client(env.settler), cfg)
+    rpc(env.client(), "anvil_reorg", [2, []])
+    assert set(settled_on_chain(env.client(), ids).values()) == {0}
+    current.step()
+    current.drain()
+    (row,) = batches(engine)
+    assert (row.settler, row.status) == (env.settler.address, BatchStatus.SETTLED)
+    assert set(settled_on_chain(env.client(), ids).values()) == {1}
+
+
 def _wait_until(cond, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while not (value := cond()):
