@@ -290,7 +290,7 @@ plain_help(app)  # after the last command is registered: each paragraph of help 
 
 # ---- entry point -------------------------------------------------------------------------------------------
 
-_err = Console(stderr=True, soft_wrap=True)
+_err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from common.help_text import plain_help
 from ledger.db import DEFAULT_DB_URL
 
 log = logging.getLogger("gateway.cli")  # not __name__: it is __main__ under python -m
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)  # ":100:" in a name stays as written
 
 gateway_app = typer.Typer(
     help="The OpenAI-compatible gateway: run it, manage its API keys and its disputed nodes.",

@@ -53,7 +53,7 @@ def rewards_show(
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
         return
-    console = Console(soft_wrap=True)  # a line whole, for the terminal to wrap: piped, it stays one line
+    console = Console(soft_wrap=True, emoji=False)  # a line whole, for the terminal to wrap: piped, one line
     console.print(
         f"[bold]{summary.address}[/bold]: accrued {_eth(summary.accrued)}, withdrawn "
         f"{_eth(summary.withdrawn)}, available {_eth(summary.available)} ({summary.available} wei)"
@@ -249,7 +249,7 @@ def settler_status_cmd(
     if as_json:
         typer.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     table = Table("records", "count")
     for k in ("pending", "in_flight", "set_aside", "disputed", "rejected", "settled"):
         extra = f" ({st['set_aside_deposit_short']} for the deposit)" if k == "set_aside" and st[k] else ""

@@ -20,7 +20,7 @@ from node.adapters.limits import MAX_LORA_RANK
 from node.train import DEFAULT_TARGETS
 
 log = logging.getLogger("node.cli")  # not __name__: it is __main__ under python -m
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)  # ":100:" in a name stays as written
 keys_app = typer.Typer(
     help="Create and inspect identity files (EVM account key + Ed25519 node key).", no_args_is_help=True
 )

@@ -36,10 +36,10 @@ def test_keys_create_list_revoke(tmp_path):
     assert lookup_key(make_engine(db), secret) is None
 
 
-@pytest.mark.parametrize("name", ["ops [/] team", "[bold]x[/bold]"])
+@pytest.mark.parametrize("name", ["ops [/] team", "[bold]x[/bold]", "ops:100:team"])
 def test_a_key_name_is_printed_as_it_is_never_read_as_markup(tmp_path, name):
     """rich read a key's name as markup: "[/]" failed `keys create` after the key was stored and before its secret
-    was shown, then every `keys list`; "[bold]x[/bold]" was listed as "x"."""
+    was shown, then every `keys list`; "[bold]x[/bold]" was listed as "x", and ":100:" as an emoji."""
     db = f"sqlite:///{tmp_path / 'k.db'}"
     r = runner.invoke(gateway_app, ["keys", "create", "--name", name, "--db", db])
     assert r.exit_code == 0 and f"({name})" in r.output, r.output
