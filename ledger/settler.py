@@ -104,6 +104,11 @@ its records `submitted`: the usual resume sends it again, at the same first sequ
 takes a settler's batches only in sequence order, so several dropped ones go out in order), or waits for its
 transaction when the node still holds it. Since the chain settles a batch id and a sequence number once, a
 resend racing the dropped transaction's return pays nothing twice. N = 0 (the devnet): final at the receipt.
+A batch is recorded in the sequence that holds it on chain (_numbering): another settler may copy it from the
+mempool (its id names its records) and settle it first, at its own numbers or, caught up with ours, at our very
+numbers, or a reorg may put such a copy in its place. Every settler follows every account's batches until final:
+a stranger's copy a reorg drops is ours to number anew, and a retired account's batch is sent again by the current
+one; another account of ours has its batches judged final only at MAX_CONFIRMATIONS.
 
 Stuck transactions: a batch's transaction unmined for `replace_after` seconds is replaced at the same nonce
 with fees raised by at least 12.5% (Transactor.replace), never above the fee policy's max fee (then one
