@@ -1,5 +1,5 @@
 """A node's libp2p host: built from the node seed (TCP + Noise + Yamux only; an inbound connection's slot given
-back when it closes, and a cap on those from one address), the check that its port is free, the guard that keeps
+back when it closes, and a cap on those from one network), the check that its port is free, the guard that keeps
 one stream's error from stopping the host, the bounds on what the DHT keeps and serves for strangers, the full
 multiaddr strings (…/p2p/<peer id>) peers dial, and py-libp2p's log records routed into ours."""
 
