@@ -235,14 +235,14 @@ def bound_dht_streams(dht) -> None:
     async def handle_stream(stream) -> None:
         keys = (f"peer {stream.muxed_conn.peer_id}", f"network {_remote_network(stream)}")
         if held[keys[0]] >= DHT_STREAMS_PER_PEER or held[keys[1]] >= DHT_STREAMS_PER_NETWORK:
-            await _reset(stream)
+            await reset_stream(stream)
             return
         held.update(keys)
         try:
             with trio.move_on_after(DHT_STREAM_LIFE_S) as life:
                 await handle(_ReadDeadline(stream, DHT_READ_IDLE_S))
             if life.cancelled_caught:
-                await _reset(stream)
+                await reset_stream(stream)
         finally:
             held.subtract(keys)
             for key in keys:
@@ -268,7 +268,8 @@ class _ReadDeadline:
             return await self._stream.read(n)
 
 
-async def _reset(stream) -> None:
+async def reset_stream(stream) -> None:
+    """Reset a stream, giving up after 2 s and on any error: the peer may be gone or stalling."""
     with trio.move_on_after(2):
         try:
             await stream.reset()
@@ -286,7 +287,7 @@ def _guarded(protocol, handler):
             except AttributeError:
                 peer = "?"
             log.info("%s stream from %s dropped: %s: %s", protocol, peer, type(e).__name__, str(e)[:200])
-            await _reset(stream)
+            await reset_stream(stream)
 
     run._loramesh_guarded = True  # type: ignore[attr-defined]
     return run

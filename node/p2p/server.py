@@ -11,6 +11,7 @@ import trio
 from node.adapters import AdapterStore, PackageError
 from node.p2p.config import P2PConfig
 from node.p2p.errors import FrameError, ProviderError, ProviderTimeout
+from node.p2p.host import reset_stream
 from node.p2p.protocol import (
     ByteStream,
     FrameReader,
@@ -67,12 +68,12 @@ class AdapterServer:
             await self._serve_one(stream)
         except (FrameError, ProviderError, OSError, PackageError) as e:
             log.warning("adapter stream from %s failed: %s", peer, e)
-            await _reset(stream)
+            await reset_stream(stream)
         except Exception as e:  # a bug must not let a peer's stream end the node: log it, drop the stream
             log.error("adapter stream from %s failed unexpectedly: %s: %s", peer, type(e).__name__, e)
-            await _reset(stream)
+            await reset_stream(stream)
         except BaseException:
-            await _reset(stream)
+            await reset_stream(stream)
             raise
         finally:
             self._limiter.release()
@@ -122,7 +123,7 @@ class AdapterServer:
             await write_frame(stream, Kind.ERROR, reason.encode()[:1024], timeout=self.timeout)
             await stream.close()
         except Exception:
-            await _reset(stream)
+            await reset_stream(stream)
 
 
 async def _watch_for_reset(stream, gone: trio.Event, scope: trio.CancelScope) -> None:
@@ -142,11 +143,3 @@ def _peer_of(stream) -> str:
         return str(stream.muxed_conn.peer_id)
     except AttributeError:
         return "?"
-
-
-async def _reset(stream) -> None:
-    with trio.move_on_after(2):
-        try:
-            await stream.reset()
-        except Exception:
-            pass

@@ -105,15 +105,29 @@ def test_reorg_sends_dropped_batches_again_exactly_once(anvil_chain, engine):
     assert all(b.block_hash is None for b in batches(engine))
 
 
+def _settler_account(env):
+    """A new account with the settler role and a deposit."""
+    account = env.new_account(ETHER)
+    env.client(env.admin).grant_settler(account.address)
+    env.client(env.admin).deposit_for(account.address, ETHER)
+    return account
+
+
 def _copier(env):
     """Another settler (another gateway's account), whose sequence is 7 numbers ahead of ours."""
-    mallory = env.new_account(ETHER)
-    env.client(env.admin).grant_settler(mallory.address)
-    env.client(env.admin).deposit_for(mallory.address, ETHER)
+    mallory = _settler_account(env)
     reg = register_sample(env, price=0, shares=(), owner=env.users[6], operator=env.users[7])
     copier = env.client(mallory)
     copier.settle_batch(None, None, [SettleRecord(rand_id(), reg.adapter_id, reg.node_id, 1, 1) for _ in range(7)])
     return mallory, copier
+
+
+def _records_and_a_copier(env, engine):
+    """An adapter with 3 records in the outbox, a copier, and our next sequence number."""
+    reg = register_sample(env, price=10**12)
+    mallory, copier = _copier(env)
+    first = env.client(env.settler).next_sequence()
+    return reg, mallory, copier, first, add_records(engine, [reg], 3)
 
 
 def _copy(engine, copier) -> SettlementBatch:
@@ -132,11 +146,8 @@ def test_a_reorg_that_settles_a_copy_of_our_batch_instead_keeps_our_sequence_goi
     and its row must say whose sequence holds it. Keeping our account and numbers, every later batch of ours
     started past numbers the chain never gave us and failed SequenceMismatch, for good."""
     env = anvil_chain
-    reg = register_sample(env, price=10**12)
-    mallory, copier = _copier(env)
+    reg, mallory, copier, first, ids = _records_and_a_copier(env, engine)
     client = env.client(env.settler)
-    first = client.next_sequence()
-    ids = add_records(engine, [reg], 3)
     settler = Settler(engine, client, SettlerConfig(batch_size=100, interval=0, confirmations=CONFIRMATIONS))
     before = rpc(client, "evm_snapshot", [])
     assert settler.drain() == 3
@@ -158,11 +169,8 @@ def test_a_copy_settled_first_then_dropped_by_a_reorg_is_sent_again_by_us(anvil_
     transaction of ours), and the batch is recorded in that settler's sequence; then a reorg drops the copy. Only
     batches under our own account were followed: the records stayed settled in the database, unpaid on chain."""
     env = anvil_chain
-    reg = register_sample(env, price=10**12)
-    mallory, copier = _copier(env)
+    reg, mallory, copier, first, ids = _records_and_a_copier(env, engine)
     client = env.client(env.settler)
-    first = client.next_sequence()
-    ids = add_records(engine, [reg], 3)
     before = []
 
     def copy_it(point: str) -> None:
@@ -214,9 +222,7 @@ def test_a_settler_leaves_another_accounts_batches_to_that_accounts_confirmation
     and a 3-block reorg then left its records settled in the database, unpaid on chain."""
     env = anvil_chain
     reg = register_sample(env, price=10**12)
-    other = env.new_account(ETHER)
-    env.client(env.admin).grant_settler(other.address)
-    env.client(env.admin).deposit_for(other.address, ETHER)
+    other = _settler_account(env)
     rpc(env.client(), "anvil_mine", ["0x5"])  # the reorg below reaches none of the set-up
     careful = Settler(engine, env.client(other), SettlerConfig(batch_size=100, interval=0, confirmations=6))
     hasty = Settler(engine, env.client(env.settler), SettlerConfig(batch_size=100, interval=0, confirmations=1))
@@ -237,9 +243,7 @@ def test_a_retired_accounts_batch_a_reorg_drops_is_sent_again_by_the_current_one
     and the current account sends it again (no process of the old account runs to do it)."""
     env = anvil_chain
     reg = register_sample(env, price=10**12)
-    old = env.new_account(ETHER)
-    env.client(env.admin).grant_settler(old.address)
-    env.client(env.admin).deposit_for(old.address, ETHER)
+    old = _settler_account(env)
     rpc(env.client(), "anvil_mine", ["0x5"])  # the reorg below reaches none of the set-up
     cfg = SettlerConfig(batch_size=100, interval=0, confirmations=CONFIRMATIONS)
     ids = add_records(engine, [reg], 3)

@@ -65,41 +65,48 @@ async def _find_node(host, node) -> bool:
     return False
 
 
+@contextlib.asynccontextmanager
+async def _dht_node(peers: int):
+    """A node whose DHT is bounded as a node's is (node/p2p/host.py:bound_dht_streams), and `peers` hosts connected
+    to it: (node, its DHT, the hosts)."""
+    from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+
+    from node.p2p.host import bound_dht_streams
+
+    _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
+    dht = KadDHT(node, DHTMode.SERVER)
+    bound_dht_streams(dht)
+    async with node.run(listen_addrs=[Multiaddr(LISTEN)]), contextlib.AsyncExitStack() as stack:
+        info = info_from_p2p_addr(Multiaddr(full_addrs(node)[0]))
+        hosts = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(peers)]
+        for h in hosts:
+            await stack.enter_async_context(h.run(listen_addrs=[Multiaddr(LISTEN)]))
+            await h.connect(info)
+        yield node, dht, hosts
+
+
 def test_silent_kademlia_streams_of_strangers_leave_the_dht_answering(monkeypatch):
     """py-libp2p's DHT serves 12 streams at once and waits for each one's next message for ever: one peer with 12
     silent streams kept it from answering anyone. Two strangers open 16 each: they hold 2 each, those are reset
     once silent past the read deadline, and an honest FIND_NODE is answered meanwhile and after."""
-    from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-
     from node.p2p import host as host_module
 
     monkeypatch.setattr(host_module, "DHT_READ_IDLE_S", 1.0)
 
     async def main():
-        _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
-        dht = KadDHT(node, DHTMode.SERVER)
-        host_module.bound_dht_streams(dht)
-        async with node.run(listen_addrs=[Multiaddr(LISTEN)]):
-            info = info_from_p2p_addr(Multiaddr(full_addrs(node)[0]))
-            hosts = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(3)]
-            async with hosts[0].run(listen_addrs=[Multiaddr(LISTEN)]), hosts[1].run(listen_addrs=[Multiaddr(LISTEN)]):
-                async with hosts[2].run(listen_addrs=[Multiaddr(LISTEN)]):
-                    for h in hosts:
-                        await h.connect(info)
-                    silent = []
-                    for stranger in hosts[:2]:
-                        for _ in range(16):
-                            try:
-                                silent.append(await stranger.new_stream(node.get_id(), [KAD]))
-                            except Exception:
-                                pass  # refused: the stranger's share is taken
-                    await trio.sleep(0.2)
-                    assert 0 < dht._inbound_limiter.borrowed_tokens <= 4
-                    assert await _find_node(hosts[2], node)
-                    with trio.fail_after(10):
-                        while dht._inbound_limiter.borrowed_tokens:  # the silent ones reset after their deadline
-                            await trio.sleep(0.1)
-                    assert await _find_node(hosts[2], node)
+        async with _dht_node(3) as (node, dht, hosts):
+            silent = []
+            for stranger in hosts[:2]:
+                for _ in range(16):
+                    with contextlib.suppress(Exception):  # refused: the stranger's share is taken
+                        silent.append(await stranger.new_stream(node.get_id(), [KAD]))
+            await trio.sleep(0.2)
+            assert 0 < dht._inbound_limiter.borrowed_tokens <= 4
+            assert await _find_node(hosts[2], node)
+            with trio.fail_after(10):
+                while dht._inbound_limiter.borrowed_tokens:  # the silent ones reset after their deadline
+                    await trio.sleep(0.1)
+            assert await _find_node(hosts[2], node)
 
     trio.run(main)
 
@@ -154,27 +161,18 @@ def test_a_network_is_a_public_addresss_24_or_64_and_any_other_address_alone(add
 
 def test_kademlia_streams_from_one_network_are_capped(monkeypatch):
     """Peer ids cost nothing: a cap per peer alone let one address's peers hold every DHT stream."""
-    from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-
     from node.p2p import host as host_module
 
     monkeypatch.setattr(host_module, "DHT_STREAMS_PER_NETWORK", 3)
 
     async def main():
-        _, node = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
-        dht = KadDHT(node, DHTMode.SERVER)
-        host_module.bound_dht_streams(dht)
-        async with node.run(listen_addrs=[Multiaddr(LISTEN)]):
-            info = info_from_p2p_addr(Multiaddr(full_addrs(node)[0]))
-            peers = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(2)]
-            async with peers[0].run(listen_addrs=[Multiaddr(LISTEN)]), peers[1].run(listen_addrs=[Multiaddr(LISTEN)]):
-                opened = []
-                for p in peers:
-                    await p.connect(info)
-                    for _ in range(2):
-                        with contextlib.suppress(Exception):
-                            opened.append(await p.new_stream(node.get_id(), [KAD]))
-                await trio.sleep(0.3)
-                assert dht._inbound_limiter.borrowed_tokens == 3
+        async with _dht_node(2) as (node, dht, peers):
+            opened = []
+            for p in peers:
+                for _ in range(2):
+                    with contextlib.suppress(Exception):
+                        opened.append(await p.new_stream(node.get_id(), [KAD]))
+            await trio.sleep(0.3)
+            assert dht._inbound_limiter.borrowed_tokens == 3
 
     trio.run(main)
