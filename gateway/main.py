@@ -77,7 +77,9 @@ class _AnswerUnhandled:
         try:
             await self.app(scope, receive, tracked)
         except ClientDisconnect:  # nothing went wrong, and there is no one to answer (or, for a body that did not
-            return  # keep up, common.http.BodyLimitMiddleware answers 408)
+            if started:  # keep up, common.http.BodyLimitMiddleware answers 408)
+                raise
+            return
         except Exception:
             if started:  # too late for an answer: the stream is cut, as it would be anyway
                 raise

@@ -98,9 +98,9 @@ class GatewaySettings(ServiceSettings):
     settle_batch_size: int = Field(default=100, ge=1)
     settle_interval_s: float = Field(default=5.0, ge=0)
     settle_max_in_flight: int = Field(default=32, ge=1, le=256)  # batches sent and not yet settled at once
-    # on a public chain: blocks on top of a batch before it is final (a reorg before then sends it again), and
-    # seconds a sent batch may wait unmined before it is replaced with higher fees (`loramesh settler run`'s
-    # confirmations and replace_after, bounded by SettlerConfig)
+    # on a public chain: blocks on top of a batch before it is final (a reorg before then sends it again; the
+    # registry mirror reads as far behind the head), and seconds a sent batch may wait unmined before it is
+    # replaced with higher fees (`loramesh settler run`'s confirmations and replace_after, bounded by SettlerConfig)
     settle_confirmations: int = Field(default=DEFAULT_CONFIRMATIONS, ge=0, le=MAX_CONFIRMATIONS)
     settle_replace_after_s: float = Field(default=DEFAULT_REPLACE_AFTER, gt=0)
     # the most the settler pays per gas and as tip, in gwei (unset: LORAMESH_MAX_FEE_GWEI / _TIP_GWEI, else
