@@ -4,6 +4,8 @@ reaches the template (and the bill), and what the gateway cannot honour is refus
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -155,3 +157,44 @@ def test_a_final_assistant_message_is_continued(served, oai):
     refused(lambda: chat(oai, messages=prefill, extra_body=both), "add_generation_prompt")
     error(post(served, "/tokenize", {"model": TINY, "messages": MESSAGES, **go_on}), 400, "continue_final_message")
     error(post(served, "/tokenize", {"model": TINY, "prompt": PROMPT, **go_on}), 400, "continue_final_message")
+
+
+def _with_call_arguments(arguments: str) -> list[dict]:
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+    return [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+
+
+def test_tool_call_arguments_in_a_chat_are_counted_and_parsed_off_the_loop(served, monkeypatch):
+    """A chat's history carries tool calls' arguments, which the gateway parses (untrusted JSON) for the template:
+    3.8 MB of them held its event loop seconds at a time and were refused only after the template rendered them,
+    billed nothing (red team). Arguments that cannot fit are refused before anything is parsed; the rest are parsed
+    on a worker thread once the chat is long."""
+    import asyncio
+
+    import gateway.prompts
+    import gateway.tools
+
+    parsed_on_loop: list[bool] = []
+    parse = gateway.tools._parsed
+
+    def spy(text: str):
+        try:
+            asyncio.get_running_loop()
+            parsed_on_loop.append(True)
+        except RuntimeError:
+            parsed_on_loop.append(False)
+        return parse(text)
+
+    monkeypatch.setattr(gateway.tools, "_parsed", spy)
+    huge = "[" + "[[[[]]]]," * 100_000 + "[]]"
+    r = post(served, "/tokenize", {"model": TINY, "messages": _with_call_arguments(huge)})
+    assert "at least" in error(r, 400, "messages")  # check_length's: a count by characters, before parsing
+    assert parsed_on_loop == []  # refused by its size, unparsed
+    monkeypatch.setattr(gateway.prompts, "INLINE_TOKENIZE_CHARS", 100)  # a chat past it is read in a worker thread
+    long = json.dumps({"q": "x" * 150})
+    r = post(served, "/tokenize", {"model": TINY, "messages": _with_call_arguments(long)})
+    assert r.status_code == 200 and parsed_on_loop == [False], r.text
