@@ -91,7 +91,7 @@ def test_silent_kademlia_streams_of_strangers_leave_the_dht_answering(monkeypatc
     once silent past the read deadline, and an honest FIND_NODE is answered meanwhile and after."""
     from node.p2p import host as host_module
 
-    monkeypatch.setattr(host_module, "DHT_READ_IDLE_S", 1.0)
+    monkeypatch.setattr(host_module, "DHT_READ_IDLE_S", 3.0)
 
     async def main():
         async with _dht_node(3) as (node, dht, hosts):
@@ -100,6 +100,9 @@ def test_silent_kademlia_streams_of_strangers_leave_the_dht_answering(monkeypatc
                 for _ in range(16):
                     with contextlib.suppress(Exception):  # refused: the stranger's share is taken
                         silent.append(await stranger.new_stream(node.get_id(), [KAD]))
+            with trio.fail_after(10):  # their handlers start soon after the streams open
+                while not dht._inbound_limiter.borrowed_tokens:
+                    await trio.sleep(0.05)
             await trio.sleep(0.2)
             assert 0 < dht._inbound_limiter.borrowed_tokens <= 4
             assert await _find_node(hosts[2], node)
@@ -172,6 +175,9 @@ def test_kademlia_streams_from_one_network_are_capped(monkeypatch):
                 for _ in range(2):
                     with contextlib.suppress(Exception):
                         opened.append(await p.new_stream(node.get_id(), [KAD]))
+            with trio.fail_after(10):  # their handlers start soon after the streams open
+                while dht._inbound_limiter.borrowed_tokens < 3:
+                    await trio.sleep(0.05)
             await trio.sleep(0.3)
             assert dht._inbound_limiter.borrowed_tokens == 3
 
