@@ -121,12 +121,12 @@ def test_a_body_that_keeps_pace_and_an_answer_longer_than_the_grace_are_untouche
         return StreamingResponse(slow())
 
     def paced():
-        for _ in range(6):  # 3 GRACE_S in all, keeping to the pace: each piece within the time it adds
-            time.sleep(GRACE_S / 2)
+        for _ in range(8):  # 2 GRACE_S in all, keeping to the pace: each piece in half the time it adds
+            time.sleep(GRACE_S / 4)
             yield b"x" * (common_http.MIN_BODY_RATE // 2)
 
     with ServerThread(BodyLimitMiddleware(app, max_bytes=1 << 30)) as server:
         r = httpx.post(server.url + "/echo", content=paced(), timeout=30)
-        assert r.status_code == 200 and r.text == "...." + str(3 * common_http.MIN_BODY_RATE)
+        assert r.status_code == 200 and r.text == "...." + str(4 * common_http.MIN_BODY_RATE)
         r = httpx.post(server.url + "/late", content=b"x" * 900_000, timeout=30)
         assert r.status_code == 200 and r.json() == {"bytes": 900_000}
