@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from node.adapters.ensemble import ensemble_key
+from node.api.errors import ApiError
 from node.engine import AsyncEngine, FinishEvent
 from node.receipts import make_receipt, sign_receipt
 
@@ -22,6 +24,12 @@ class RequestBook:
         self, engine: AsyncEngine, node_key: Ed25519PrivateKey, node_id: str, *, recent: int = RECENT_RECEIPTS
     ) -> None:
         self.engine, self.node_key, self.node_id, self.recent = engine, node_key, node_id, recent
+        # distinct ensembles running at once, at most the engine's share for them (a client could otherwise weigh
+        # one anew with each of many concurrent requests: each weighting is combined on the one loader thread,
+        # and those past the host cache's share are combined again before they run)
+        self.max_ensembles = engine.max_ensembles
+        self._live_ensembles: Counter[str] = Counter()  # ensemble id -> requests of it running here
+        self._ensemble_of: dict[str, str] = {}  # running request id -> its ensemble's id
         self.receipts: OrderedDict[str, dict] = OrderedDict()  # request id -> {"receipt", "signature"}, newest last
         self.running: set[str] = set()  # request ids taken here whose receipt is not stored yet
         self.started_by: dict[str, str] = {}  # request id -> gateway key, while running or its receipt is kept
@@ -36,15 +44,36 @@ class RequestBook:
         return rid in self.running or rid in self.receipts
 
     def take(self, rid: str, gateway: str, ensemble: tuple[tuple[str, float], ...] | None = None) -> None:
-        """Take a request id for `gateway`: from here on a second request with it is a duplicate."""
+        """Take a request id for `gateway`: from here on a second request with it is a duplicate. A request for an
+        ensemble not running here while `max_ensembles` others are is refused as busy (503: the gateway tries
+        another node)."""
+        if ensemble is not None:
+            key = ensemble_key(ensemble)
+            if key not in self._live_ensembles and len(self._live_ensembles) >= self.max_ensembles:
+                raise ApiError(
+                    503,
+                    f"this node runs {self.max_ensembles} adapter ensembles (weightings) at once, all taken; "
+                    "try again when one ends",
+                    "slots_busy",
+                )
+            self._live_ensembles[key] += 1
+            self._ensemble_of[rid] = key
+            self.ensembles[rid] = ensemble
         self.running.add(rid)
         self.started_by[rid] = gateway
-        if ensemble is not None:
-            self.ensembles[rid] = ensemble
+
+    def _end(self, rid: str) -> None:
+        """The request no longer runs here (its receipt is kept, or it was refused)."""
+        self.running.discard(rid)
+        key = self._ensemble_of.pop(rid, None)
+        if key is not None:
+            self._live_ensembles[key] -= 1
+            if not self._live_ensembles[key]:
+                del self._live_ensembles[key]
 
     def release(self, rid: str) -> None:
         """Give back an id whose request was refused (or whose client left) before the engine saw it."""
-        self.running.discard(rid)
+        self._end(rid)
         self.started_by.pop(rid, None)
         self.ensembles.pop(rid, None)
 
@@ -78,7 +107,7 @@ class RequestBook:
             old, _ = self.receipts.popitem(last=False)
             self.started_by.pop(old, None)
             self.ensembles.pop(old, None)
-        self.running.discard(ev.request_id)
+        self._end(ev.request_id)
         return out
 
     def unserved(self, rid: str, adapter_id: str | None, started_at: int) -> dict:
@@ -96,7 +125,7 @@ class RequestBook:
                 if ev is not None:
                     self.signed(ev)
             finally:
-                self.running.discard(stream.request_id)
+                self._end(stream.request_id)
 
         try:
             await asyncio.shield(go())

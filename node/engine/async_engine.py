@@ -118,6 +118,11 @@ class AsyncEngine:
         """The longest sequence (prompt + completion) a request may reach on this engine."""
         return self.core.max_len
 
+    @property
+    def max_ensembles(self) -> int:
+        """The most ensembles (each weighting one) this engine holds in its slots and host cache at once."""
+        return self.core.adapters.max_ensembles
+
     def start(self) -> AsyncEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)

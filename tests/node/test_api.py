@@ -55,6 +55,8 @@ def node(llama_world, tmp_path_factory):
             "pub": pub,
             "world": llama_world,
             "url": server.url,
+            "engine": engine,
+            "book": app.state.node.book,
         }
     finally:
         client.close()

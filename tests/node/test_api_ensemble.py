@@ -3,6 +3,10 @@ receipt names every component and weight, and bad ensembles get a clear 4xx."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from node.adapters.ensemble import ensemble_key
@@ -70,3 +74,38 @@ def test_an_unknown_component_is_404_and_the_node_keeps_serving(node):  # noqa: 
     r = _gen(c, ensemble=[{"adapter_id": a, "weight": 1.0}, {"adapter_id": missing, "weight": 1.0}])
     _error(r, 404, "adapter_not_found", missing)
     assert _gen(c, adapter_id=a).status_code == 200
+
+
+def test_a_node_runs_its_share_of_distinct_ensembles_at_once(node):  # noqa: F811
+    """Each weighting of an ensemble is combined on the node's one loader thread and held in its own slot: past
+    the engine's share of them running at once, a new weighting is refused as busy (the gateway tries another
+    node), while one already running still takes more requests."""
+    c, (a, b) = node["client"], node["adapters"]
+    engine, book = node["engine"], node["book"]
+    share = engine.max_ensembles
+    assert share == 2  # 4 slots, half of them
+
+    def parts(w: float) -> list[dict]:
+        return [{"adapter_id": a, "weight": 0.5}, {"adapter_id": b, "weight": w}]
+
+    release = threading.Event()
+    engine.call(release.wait)  # the engine holds between steps: the requests below stay running
+    with ThreadPoolExecutor(share + 1) as pool:
+        try:
+            held = [pool.submit(_gen, c, ensemble=parts(0.1 * (i + 1))) for i in range(share)]
+            deadline = time.monotonic() + 60
+            while len(book._live_ensembles) < share:
+                assert time.monotonic() < deadline, "the held requests never reached the engine"
+                assert not any(f.done() for f in held), [f.result().text for f in held if f.done()]
+                time.sleep(0.01)
+            _error(_gen(c, ensemble=parts(0.9)), 503, "slots_busy", f"runs {share} adapter ensembles")
+            again = pool.submit(_gen, c, ensemble=parts(0.1))  # a weighting already running is no new one
+            while len(book.running) < share + 1:
+                assert time.monotonic() < deadline, "the second request of a running ensemble was not taken"
+                assert not again.done(), again.result().text
+                time.sleep(0.01)
+        finally:
+            release.set()
+        assert [f.result().status_code for f in [*held, again]] == [200] * (share + 1)
+    assert not book._live_ensembles
+    assert _gen(c, ensemble=parts(0.9)).status_code == 200  # its turn, now that the others ended

@@ -61,6 +61,10 @@ class AdapterManager:
             raise ValueError(f"cpu_cache_size must be >= 1, got {cpu_cache_size}")
         self.num_slots = num_slots
         self.cpu_cache_size = cpu_cache_size
+        # ensembles' share of the slots and of the host cache: a client weighs an ensemble anew with every request,
+        # and each weighting is an adapter of its own, so past its share a new one takes an ensemble's place
+        # (never another adapter's); the node's API serves no more ensembles than this at once (book.py)
+        self.max_ensembles = max(1, min(num_slots, cpu_cache_size) // 2)
         self.store = store
         self.base_model_id = base_model_id
         self.decode = decode
@@ -83,6 +87,7 @@ class AdapterManager:
         self._waiter: ThreadPoolExecutor | None = None
         self._failed: OrderedDict[str, AdapterError] = OrderedDict()  # oldest first, at most MAX_FAILED_LOADS
         self._names: dict[str, str] = {}  # of the adapters in the host cache or a slot (status shows them)
+        self._ensembles_held: set[str] = set()  # the ensembles in the host cache or a slot
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
         self.counters = {"disk_loads": 0, "slot_loads": 0, "slot_hits": 0, "evictions": 0, "cpu_evictions": 0}
@@ -126,7 +131,7 @@ class AdapterManager:
             f.add_done_callback(one_done)
 
     def _from_parts(self, spec: EnsembleSpec, parts: list[tuple[LoadedAdapter, float]], done: Future) -> None:
-        self._finish(spec.key, done, self.combine(spec, parts))
+        self._finish(spec.key, done, self.combine(spec, parts), ensemble=True)
 
     # ---- host tier (any thread) ----
     def load(self, adapter_id: str) -> Future:
@@ -207,20 +212,28 @@ class AdapterManager:
         if not done.done():
             done.set_exception(err)
 
-    def _finish(self, adapter_id: str, done: Future, loaded: LoadedAdapter) -> None:
+    def _finish(self, adapter_id: str, done: Future, loaded: LoadedAdapter, ensemble: bool = False) -> None:
         with self._lock:
             self._cpu[adapter_id] = loaded
             self._names[adapter_id] = loaded.name
             self.counters["disk_loads"] += 1
+            if ensemble:
+                self._ensembles_held.add(adapter_id)
+                cached = [aid for aid in self._cpu if aid in self._ensembles_held]
+                if len(cached) > self.max_ensembles:  # past their share: the least recently used ensemble goes
+                    self._drop_cached(cached[0])
             while len(self._cpu) > self.cpu_cache_size:
-                old, _ = self._cpu.popitem(last=False)
-                self._drop_name(old)
-                self.counters["cpu_evictions"] += 1
-                log.info("adapter %s dropped from the host cache", old)
+                self._drop_cached(next(iter(self._cpu)))
             self._inflight.pop(adapter_id, None)
         log.info("adapter %s (%s, rank %d) decoded into the host cache", adapter_id, loaded.name, loaded.rank)
         self.on_ready()
         done.set_result(loaded)
+
+    def _drop_cached(self, adapter_id: str) -> None:
+        del self._cpu[adapter_id]
+        self._forget(adapter_id)
+        self.counters["cpu_evictions"] += 1
+        log.info("adapter %s dropped from the host cache", adapter_id)
 
     def _not_found(self, adapter_id: str) -> AdapterNotFoundError:
         where = "this node's store" + (" or its peers" if self.fetcher is not None else "")
@@ -285,7 +298,7 @@ class AdapterManager:
                 self.load(adapter_id)
                 return None
             self._cpu.move_to_end(adapter_id)
-            slot = self._take_slot()
+            slot = self._take_slot(adapter_id)
             if slot is None:
                 return None
             copy = self.write_slot(slot, loaded)
@@ -325,28 +338,36 @@ class AdapterManager:
             self._refs[adapter_id] -= 1
             assert self._refs[adapter_id] >= 0, adapter_id
 
-    def _take_slot(self) -> int | None:
-        # a never-used slot first, else the least recently used adapter nobody runs or pinned
-        for i, occupant in enumerate(self.slots):
-            if occupant is None:
-                return i
+    def _take_slot(self, adapter_id: str) -> int | None:
+        # a never-used slot first, else the least recently used adapter nobody runs or pinned; an ensemble past
+        # its share (max_ensembles) takes only another ensemble's slot
+        held = self._ensembles_held
+        if adapter_id in held and sum(aid in held for aid in self.slots) >= self.max_ensembles:
+            might_go = held
+        else:
+            might_go = self._resident
+            for i, occupant in enumerate(self.slots):
+                if occupant is None:
+                    return i
         for aid, slot in self._resident.items():
-            if aid not in self._pinned and self._refs.get(aid, 0) == 0:
+            if aid in might_go and aid not in self._pinned and self._refs.get(aid, 0) == 0:
                 del self._resident[aid]
                 self._refs.pop(aid, None)
                 self.slots[slot] = None
                 self.write_slot(slot, None)
-                self._drop_name(aid)
+                self._forget(aid)
                 self.counters["evictions"] += 1
                 log.info("adapter %s evicted from slot %d", aid, slot)
                 return slot
         return None
 
-    def _drop_name(self, adapter_id: str) -> None:
-        """Forget the name of an adapter that left the host cache or a slot, unless the other still holds it
-        (each ensemble a client weighs anew is an adapter of its own: names kept grew without end)."""
+    def _forget(self, adapter_id: str) -> None:
+        """Forget the name of an adapter that left the host cache or a slot, and whether it is an ensemble, unless
+        the other still holds it (each ensemble a client weighs anew is an adapter of its own: names kept grew
+        without end)."""
         if adapter_id not in self._cpu and adapter_id not in self._resident and adapter_id not in self._loading:
             self._names.pop(adapter_id, None)
+            self._ensembles_held.discard(adapter_id)
 
     def make_resident(self, adapter_id: str, pin: bool | None = None) -> int:
         """Put a host-cached adapter into a slot now (and pin/unpin it); raises if no slot is free."""
