@@ -58,7 +58,9 @@ def ensure_mirror_schema(engine: Engine) -> bool:
                 "registry mirror tables of an older schema (%s): rebuilding them from chain events",
                 ", ".join(t.name for t in stale),
             )
-            for model in (*MIRRORS, SyncCursor):
+            # the cursor first: SQLite commits each DROP on its own, and a process killed between two of them must
+            # leave no cursor over tables emptied (the next start would take them for a mirror read to the head)
+            for model in (SyncCursor, *MIRRORS):
                 model.__table__.drop(engine, checkfirst=True)
         for model in (*MIRRORS, SyncCursor):
             model.__table__.create(engine, checkfirst=True)
@@ -109,6 +111,7 @@ def sync_registry(engine: Engine, client: ChainClient, *, confirmations: int = 0
                 "registry again from its deploy block",
                 cursor.block,
             )
+        if rebuild or cursor is None:  # from the deploy block: over nothing a rebuild killed midway left
             for model in MIRRORS:
                 s.execute(delete(model))
         for ev in logs:
