@@ -1,11 +1,20 @@
 """Secrets written to disk whole or not at all: a process killed mid-write, or a disk that fills, leaves the
-file as it was (or absent), never empty or cut short, and no temporary copy of the secret behind."""
+file as it was (or absent), never empty or cut short; and no temporary copy of the secret stays behind: one a
+killed writer left is removed by the next write of that file."""
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
+import time
 from pathlib import Path
+
+# a temporary file whose writer (by the process id in its name) is gone is a leftover once it is this old (a write
+# takes milliseconds; the margin keeps a writer in another process namespace, whose id means nothing here, safe)
+_DEAD_WRITER_S = 1.0
+# and any is, whoever wrote it, once it is this old
+_LEFTOVER_S = 600.0
 
 
 def write_private(path: Path, data: bytes, *, replace: bool) -> bool:
@@ -13,7 +22,8 @@ def write_private(path: Path, data: bytes, *, replace: bool) -> bool:
     disk, then renamed over `path` (`replace`) or linked to it only where no file is yet. Returns False when
     `replace` is False and `path` existed (it is left as it was: two processes creating one file at once
     both end up reading the first one's)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    _remove_leftovers(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -36,10 +46,37 @@ def write_private(path: Path, data: bytes, *, replace: bool) -> bool:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+            else:
+                tmp.unlink()  # at once: a kill while the folder syncs must leave no second name for the secret
         _sync_folder(path.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary copies of `path` that killed writers left (named ".<name>.<pid>.<random>.tmp")."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")].partition(".")[0]
+        try:
+            age = now - tmp.lstat().st_mtime
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        if age > _LEFTOVER_S or (age > _DEAD_WRITER_S and pid.isdigit() and not _alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    except OverflowError:  # no process has that id
+        return False
+    return True
 
 
 def _sync_folder(folder: Path) -> None:

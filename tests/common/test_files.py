@@ -49,3 +49,41 @@ def test_a_file_system_without_hard_links_still_creates_once(tmp_path, monkeypat
     assert write_private(path, b"first", replace=False) and path.read_bytes() == b"first"
     assert not write_private(path, b"second", replace=False) and path.read_bytes() == b"first"
     assert path.stat().st_mode & 0o777 == 0o600 and [p.name for p in tmp_path.iterdir()] == ["key"]
+
+
+# a writer killed (SIGKILL) at its fsync: the secret is in its temporary file, which nothing of its own removes
+_KILLED_WRITER = r"""
+import os, sys
+from pathlib import Path
+from common import files
+files.os.fsync = lambda fd: os.kill(os.getpid(), 9)
+files.write_private(Path(sys.argv[1]), b"secret", replace=sys.argv[2] == "replace")
+"""
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_a_copy_a_killed_writer_left_is_removed_by_the_next_write(tmp_path, replace):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    path = tmp_path / "key"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(path), "replace" if replace else "create"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=60,
+    )
+    assert killed.returncode == -9
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".key.") and left.read_bytes() == b"secret"  # the kill left a copy
+    # a live writer's file (a slow disk's), in the middle of its write, is not touched
+    busy = tmp_path / f".key.{os.getpid()}.0000.tmp"
+    busy.write_bytes(b"being written")
+    old = time.time() - 5
+    for p in (left, busy):  # the restart comes seconds later
+        os.utime(p, (old, old))
+    assert write_private(path, b"new", replace=replace) and path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "key"]
