@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from node.adapters.detokenizer import TextStream
@@ -69,3 +71,33 @@ def test_a_run_of_stray_bytes_is_held_back_a_few_tokens_at_most(tok):
     stream = TextStream(tok)
     ids = tok.encode("中", add_special_tokens=False)
     assert [stream.push(i)[0] for i in ids] == [""] * (len(ids) - 1) + ["中"]
+
+
+def _naive_stops(chunks: list[str], stops: tuple[str, ...]) -> tuple[list[str], bool]:
+    """The specification, the slow way: after each chunk, the first stop string in the order given that the
+    held text holds ends it there; else all but the longest end that begins a stop string is let go."""
+    pending, out = "", []
+    for chunk in chunks:
+        pending += chunk
+        for s in stops:
+            if (i := pending.find(s)) >= 0:
+                out.append(pending[:i])
+                return out, True
+        hold = max((n for s in stops for n in range(len(s)) if n <= len(pending) and s[:n] == pending[-n:]), default=0)
+        out.append(pending[: len(pending) - hold])
+        pending = pending[len(pending) - hold :]
+    return out, False
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(alphabet="aab \n", max_size=40),
+    stops=st.lists(st.text(alphabet="aab", max_size=7) | st.sampled_from(["", " ", "\n"]), max_size=4).map(tuple),
+)
+def test_stop_strings_are_found_as_the_slow_way_finds_them(tok, text, stops):
+    """Each token's text, with stop strings of repeated and overlapping characters: what the stream lets go
+    and where it stops, against the slow way over the same decoded pieces."""
+    ids = tok.encode(text, add_special_tokens=False)
+    plain = TextStream(tok)  # no stop strings: each token's new text
+    chunks = [plain.push(t)[0] for t in ids]
+    assert _feed(TextStream(tok, stop=stops), ids) == _naive_stops(chunks, stops)
