@@ -8,7 +8,6 @@ its gateways it is alive. Shutdown runs the other way round.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -341,15 +340,7 @@ class NodeDaemon:
         if self.p2p is None:
             return {"p2p": None}
         try:
-            transfers = [dataclasses.asdict(t) for t in self.p2p.transfers()]
-            return {
-                "p2p": {
-                    "peer_id": self.p2p.peer_id,
-                    "listen_addrs": self.p2p.listen_addrs,
-                    "held": self.p2p.held,
-                    "transfers": transfers,
-                }
-            }
+            return {"p2p": self.p2p.status()}
         except Exception:  # the host is starting or stopping: status must still answer
             return {"p2p": {"state": "not running"}}
 

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OwnerOf = Callable[[str], str | None]  # adapter id -> its registered owner's address, None if unregistered
+# finished fetches (done or failed) whose progress is kept for the status page, the newest: a client naming many
+# adapters this node lacks made it keep one for each, for good, in every heartbeat (250 made gateways refuse them)
+RECENT_TRANSFERS = 32
+FINISHED = ("done", "failed")
 Dial = Callable[[PeerInfo], Awaitable[None]]
 
 
@@ -102,11 +106,17 @@ class Fetcher:
         self.standing = standing
         self.discovery = discovery
         self._dial = dial  # connect and add to the DHT routing table (Mesh.dial)
+        # fetches running, and the last RECENT_TRANSFERS finished; the one changed last at the end
         self.transfers: dict[str, TransferStatus] = {}
-        self._locks: dict[str, trio.Lock] = {}  # one fetch per adapter id at a time
+        self._locks: dict[str, trio.Lock] = {}  # one fetch per adapter id at a time, while any runs or waits
 
     def _set(self, status: TransferStatus, on_progress: Progress | None) -> None:
+        self.transfers.pop(status.adapter_id, None)
         self.transfers[status.adapter_id] = status
+        if status.state in FINISHED:
+            finished = [aid for aid, t in self.transfers.items() if t.state in FINISHED]
+            for aid in finished[:-RECENT_TRANSFERS]:
+                del self.transfers[aid]
         if on_progress is not None:
             on_progress(status)
 
@@ -121,17 +131,21 @@ class Fetcher:
         if not is_id(adapter_id):
             raise ValueError(f"adapter id {adapter_id!r} is not a 0x-prefixed 64-hex id")
         lock = self._locks.setdefault(adapter_id, trio.Lock())
-        async with lock:
-            status = TransferStatus(adapter_id, "discovering")
-            self._set(status, on_progress)
-            try:
-                pkg = await self._fetch_locked(adapter_id, list(providers), status, on_progress)
-            except BaseException as e:
-                failed = replace(self.transfers[adapter_id], state="failed", error=str(e) or type(e).__name__)
-                self._set(failed, on_progress)
-                raise
-            self._set(replace(self.transfers[adapter_id], state="done"), on_progress)
-            return pkg
+        try:
+            async with lock:
+                status = TransferStatus(adapter_id, "discovering")
+                self._set(status, on_progress)
+                try:
+                    pkg = await self._fetch_locked(adapter_id, list(providers), status, on_progress)
+                except BaseException as e:
+                    failed = replace(self.transfers[adapter_id], state="failed", error=str(e) or type(e).__name__)
+                    self._set(failed, on_progress)
+                    raise
+                self._set(replace(self.transfers[adapter_id], state="done"), on_progress)
+                return pkg
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:  # nobody fetches this id any more
+                self._locks.pop(adapter_id, None)
 
     async def _fetch_locked(
         self, adapter_id: str, given: list[str], status: TransferStatus, on_progress: Progress | None

@@ -15,6 +15,7 @@ coroutine on the trio loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -56,6 +57,7 @@ T = TypeVar("T")
 
 MAX_PARALLEL_DIALS = 16  # peers dialled at once by add_peers
 LOGGED_DIAL_FAILURES = 3  # add_peers logs this many failed dials one by one, then one line for the rest
+STATUS_LIST = 32  # adapters held and fetches shown in the status page (and heartbeats): the newest
 
 
 class P2PNode:
@@ -146,8 +148,22 @@ class P2PNode:
         return sorted(self._m().discovery.held)
 
     def transfers(self) -> list[TransferStatus]:
-        """Snapshot of recent fetches and their progress, for the node's status."""
+        """Snapshot of the fetches running and the last few finished, with their progress; the newest last."""
         return list(self._m().fetcher.transfers.values())
+
+    def status(self) -> dict:
+        """This node's p2p section of its status page, which every heartbeat carries, so bounded whatever the node
+        holds or fetches: the STATUS_LIST adapters it installed last (and how many it holds), and its last
+        STATUS_LIST fetches."""
+        m = self._m()
+        held = list(m.discovery.held)  # installed last at the end
+        return {
+            "peer_id": m.peer_id,
+            "listen_addrs": list(m.listen_addrs),
+            "held_count": len(held),
+            "held": held[-STATUS_LIST:],
+            "transfers": [dataclasses.asdict(t) for t in list(m.fetcher.transfers.values())[-STATUS_LIST:]],
+        }
 
     def book_size(self) -> tuple[int, int]:
         """(announcing peers, adapter ids over all of them) this node remembers; both are bounded."""

@@ -192,3 +192,29 @@ def test_peers_from_the_registry_are_dialled_beside_each_other_in_the_background
             assert time.monotonic() < deadline, "the honest peer was not dialled beside the silent ones"
             time.sleep(0.1)
     srv.close()
+
+
+def test_the_status_stays_bounded_however_many_adapters_were_asked_for(tmp_path):
+    """Each fetch kept its progress for good, and the status page (every heartbeat's body) listed all: a client
+    naming 250 adapters this node lacked made every gateway refuse its heartbeats (over 64 KiB)."""
+    from node.p2p.errors import UnregisteredAdapter
+    from node.p2p.fetcher import RECENT_TRANSFERS
+    from node.p2p.node import STATUS_LIST
+
+    with P2PNode(
+        seed=os.urandom(32), store=AdapterStore(tmp_path / "store"), owner_of=lambda _aid: None, config=CONFIG
+    ) as node:
+        asked = [f"0x{i:064x}" for i in range(1, 101)]
+        for aid in asked:
+            with pytest.raises(UnregisteredAdapter):
+                node.fetch(aid)
+        kept = node.transfers()
+        assert [t.adapter_id for t in kept] == asked[-RECENT_TRANSFERS:]  # the newest, the last at the end
+        assert all(t.state == "failed" for t in kept)
+
+        async def locks() -> int:
+            return len(node._m().fetcher._locks)
+
+        assert node._thread.call(locks) == 0  # one per id fetched, kept for good, until now
+        status = node.status()
+        assert len(status["transfers"]) == STATUS_LIST and status["held"] == [] and status["held_count"] == 0
