@@ -58,3 +58,26 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None) ->
             raise ValueError(f"LORAMESH_LOG_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}")
     for name in PACKAGES:
         logging.getLogger(name).setLevel(level)
+
+
+class Throttled:
+    """A log line that strangers can make happen (a bad announcement, a failed stream), written at its level at most
+    once every `interval` seconds, the next one saying how many were left out meanwhile; those left out are written
+    at DEBUG (LORAMESH_LOG_LEVEL=DEBUG shows each). One line per event let a flood of them fill the disk."""
+
+    def __init__(self, logger: logging.Logger, level: int, interval: float = 10.0, clock=time.monotonic) -> None:
+        self.logger, self.level, self.interval, self.clock = logger, level, interval, clock
+        self._last = float("-inf")
+        self.left_out = 0
+
+    def __call__(self, msg: str, *args) -> None:
+        now = self.clock()
+        if now - self._last < self.interval:
+            self.left_out += 1
+            self.logger.debug(msg, *args)
+            return
+        if self.left_out:
+            msg += " (%d more like it not logged in the last %.0f s)"
+            args = (*args, self.left_out, now - self._last)
+        self._last, self.left_out = now, 0
+        self.logger.log(self.level, msg, *args)

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 
+from common.logs import Throttled
 from common.wire import GENERATE_FEATURES, is_id
 from gateway.chain_registry import RegistryView
 from gateway.errors import BadRequest, Forbidden
@@ -45,6 +46,9 @@ class NodeLocal:
     # adapter id -> wall-clock ms when we saw it loaded there (served a token, or a prefetch succeeded);
     # it counts as resident until a heartbeat newer than that says otherwise
     loaded: dict[str, int] = field(default_factory=dict)
+    # that its heartbeats name another URL than the registered one, at most every 10 minutes: one a heartbeat
+    # let its operator write a warning line as fast as it could sign heartbeats
+    warn_url: Throttled = field(default_factory=lambda: Throttled(log, logging.WARNING, 600.0))
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -252,7 +256,7 @@ class NodeDirectory:
                 "node %s is live at %s (base model %s)%s", node_id[:10], entry.api_url, entry.base_model_id[:10], again
             )
         if reg.api_url.rstrip("/") != body["api_url"].rstrip("/"):
-            log.warning(
+            entry.local.warn_url(
                 # %r: the heartbeat's URL is the node's word (only its scheme is checked), a newline in it included
                 "node %s heartbeats api_url %.200r but is registered with %s; using the registered one",
                 node_id[:10],

@@ -30,7 +30,9 @@ from libp2p.kad_dht.kad_dht import _encode_key  # the key bytes KadDHT.provide s
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
+from common.logs import Throttled
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json
+from node.adapters.errors import shown
 from node.p2p.config import P2PConfig
 from node.p2p.errors import AnnouncementError, P2PError
 from node.p2p.host import addr_str, full_addrs
@@ -97,13 +99,13 @@ def verify_announcement(data: bytes, *, now: float, max_age: float, future_skew:
             f"announcement is not {{payload: {{peer_id, addrs, adapters, ts}}, sig}} ({type(e).__name__})"
         ) from e
     if not isinstance(payload, dict) or payload.get("v") != 1:
-        raise AnnouncementError(f"announcement version {payload.get('v')!r}; expected 1")
+        raise AnnouncementError(f"announcement version {shown(payload.get('v'))}; expected 1")
     if not (isinstance(addrs, list) and len(addrs) <= MAX_ADDRS and all(isinstance(a, str) for a in addrs)):
         raise AnnouncementError(f"announcement addrs must be a list of at most {MAX_ADDRS} multiaddr strings")
     if not (isinstance(adapters, list) and len(adapters) <= MAX_ADAPTERS and all(is_id(a) for a in adapters)):
         raise AnnouncementError(f"announcement adapters must be a list of at most {MAX_ADAPTERS} 0x ids")
     if not isinstance(ts, int) or isinstance(ts, bool):
-        raise AnnouncementError(f"announcement ts {ts!r} is not an integer of milliseconds")
+        raise AnnouncementError(f"announcement ts {shown(ts)} is not an integer of milliseconds")
     if not isinstance(peer_id, str) or len(peer_id) > 128:
         raise AnnouncementError("announcement peer_id must be a base58 peer id string")
     if ts < (now - max_age) * 1000 or ts > (now + future_skew) * 1000:
@@ -270,7 +272,9 @@ class Discovery:
         self.held: dict[str, None] = {}
         self._provide_send, self._provide_recv = trio.open_memory_channel[str](1024)
         self._announce_now = trio.Event()
-        self._book_full_logged = float("-inf")
+        # what a flood of announcements would log line by line (any peer id may send them), at most every 10 s
+        self._log_dropped = Throttled(log, logging.INFO)
+        self._log_book_full = Throttled(log, logging.WARNING)
 
     async def subscribe(self):
         """Check every announcement GossipSub relays and join the topic (GossipSub must be ready)."""
@@ -360,7 +364,7 @@ class Discovery:
         try:
             self._verify(msg.data)
         except AnnouncementError as e:
-            log.info("dropped announcement: %s", e)
+            self._log_dropped("dropped announcement: %s", e)
             return False
         return True
 
@@ -374,14 +378,13 @@ class Discovery:
             try:
                 ann = self._verify(msg.data)
             except AnnouncementError as e:
-                log.info("dropped announcement: %s", e)
+                self._log_dropped("dropped announcement: %s", e)
                 continue
             refused = self.book.refused
             if ann.peer_id != self.peer_id and self.book.add(ann):
                 log.debug("peer %s holds %d adapters", ann.peer_id, len(ann.adapters))
-            elif self.book.refused != refused and time.monotonic() - self._book_full_logged > 10:
-                self._book_full_logged = time.monotonic()  # once per 10 s: a flood must not flood the log too
-                log.warning(
+            elif self.book.refused != refused:
+                self._log_book_full(
                     "announcement book is full (%d peers, %d adapter ids): %d announcements from "
                     "new peers refused so far",
                     len(self.book),

@@ -35,6 +35,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamError
 
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
+from node.adapters.errors import shown
 from node.adapters.limits import MAX_FILES
 from node.adapters.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from node.p2p.errors import BadBytes, FrameError, ProviderError, ProviderRefused, ProviderTimeout
@@ -491,7 +492,7 @@ def parse_request(payload: bytes) -> str:
         raise FrameError(f'{e}; expected {{"adapter_id": "0x..."}}') from e
     adapter_id = doc.get("adapter_id") if isinstance(doc, dict) else None
     if not is_id(adapter_id):
-        raise FrameError(f"REQUEST adapter_id {adapter_id!r} is not a 0x-prefixed 64-hex id")
+        raise FrameError(f"REQUEST adapter_id {shown(adapter_id)} is not a 0x-prefixed 64-hex id")
     return adapter_id
 
 

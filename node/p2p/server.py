@@ -8,6 +8,7 @@ from pathlib import Path
 
 import trio
 
+from common.logs import Throttled
 from node.adapters import AdapterStore, PackageError
 from node.p2p.config import P2PConfig
 from node.p2p.errors import FrameError, ProviderError, ProviderTimeout
@@ -46,6 +47,8 @@ class AdapterServer:
         self.standing: Standing = lambda _p: UNKNOWN
         self._strangers = 0
         self.served = 0
+        # a stranger's failed streams are logged at most every 10 s (streams cost it nothing: a line each filled logs)
+        self._log_stranger_failed = Throttled(log, logging.WARNING)
 
     async def handle(self, stream) -> None:
         """Entry point given to host.set_stream_handler."""
@@ -67,7 +70,7 @@ class AdapterServer:
         try:
             await self._serve_one(stream)
         except (FrameError, ProviderError, OSError, PackageError) as e:
-            log.warning("adapter stream from %s failed: %s", peer, e)
+            (self._log_stranger_failed if stranger else log.warning)("adapter stream from %s failed: %s", peer, e)
             await reset_stream(stream)
         except Exception as e:  # a bug must not let a peer's stream end the node: log it, drop the stream
             log.error("adapter stream from %s failed unexpectedly: %s: %s", peer, type(e).__name__, e)

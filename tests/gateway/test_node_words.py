@@ -138,11 +138,16 @@ def test_a_status_line_of_the_nodes_words_stays_out_of_the_error():
 
 def test_a_heartbeats_api_url_makes_no_log_line_of_its_own(world, caplog):
     """A node's signed heartbeat names an api_url (only its scheme is checked) other than its registered one: the
-    gateway logs it, one line, a newline in it escaped (red team: it forged an entry of the log)."""
+    gateway logs it, one line, a newline in it escaped (red team: it forged an entry of the log); and one line
+    for many such heartbeats (red team: its operator wrote a warning as fast as it signed heartbeats)."""
     gw, _, node = world
     forged = "http://x\n2026-12-06 06:30:00 CRITICAL gateway.keys: key 1 revoked by the administrator"
-    doc = make_heartbeat(node.identity, api_url=forged, base_model_id=node.base_model_id, status=node.status())
+    now_ms = int(time.time() * 1000)
     with caplog.at_level(logging.INFO):
-        assert httpx.post(gw.url + "/internal/heartbeat", json=doc, timeout=10).status_code == 200
+        for i in range(5):
+            doc = make_heartbeat(
+                node.identity, api_url=forged, base_model_id=node.base_model_id, status=node.status(), ts_ms=now_ms + i
+            )
+            assert httpx.post(gw.url + "/internal/heartbeat", json=doc, timeout=10).status_code == 200
     lines = [rec.getMessage() for rec in caplog.records if "heartbeats api_url" in rec.getMessage()]
-    assert lines and all("\n" not in m for m in lines), lines
+    assert len(lines) == 1 and "\n" not in lines[0], lines

@@ -114,7 +114,7 @@ class PeerProcess:
             "--announce-interval",
             str(announce_interval),
             "--log-level",
-            "INFO",
+            "DEBUG",  # what strangers cause is logged at INFO once every 10 s (common.logs.Throttled), each at DEBUG
         ]
         if base is not None:
             args += ["--base", str(base)]

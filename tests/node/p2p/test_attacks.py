@@ -88,7 +88,7 @@ def _peer(work: Path, name: str, owners: Path, base: Path, *, bootstrap=(), conf
         "--announce-interval",
         "1",
         "--log-level",
-        "INFO",
+        "DEBUG",  # each refusal the tests wait for: at INFO, those a stranger causes are written once every 10 s
         "--config",
         json.dumps(config or {}),
     ]

@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -281,3 +282,17 @@ def test_signature_frame_is_written_canonical_and_duplicates_refused():
         except BadBytes:
             continue
         raise AssertionError(bad[:40])
+
+
+def test_a_strangers_long_fields_make_short_errors():
+    """What a stranger sent is cut in the error that is logged: a 90 KB version string made a 90 KB log line per
+    announcement, and a 1,000-character adapter id a 1 KB warning per stream (red team)."""
+    long = "A" * 90_000
+    for field in ({"v": long}, {"v": 1, "ts": long}):
+        payload = {"peer_id": PEER, "addrs": [], "adapters": [], "ts": 0} | field
+        with pytest.raises(AnnouncementError) as e:
+            verify_announcement(canonical_json({"payload": payload, "sig": "00"}), now=time.time(), max_age=60)
+        assert len(str(e.value)) < 200, str(e.value)[:300]
+    with pytest.raises(FrameError) as e:
+        parse_request(canonical_json({"adapter_id": "A" * 1000}))
+    assert len(str(e.value)) < 200
