@@ -74,19 +74,24 @@ def _scrypt(password: str, salt: bytes, n: int) -> bytes:
 
 
 def resolve_password(password: str | None, *, confirm: bool = False) -> str:
-    """The password given, else $LORAMESH_KEY_PASSWORD, else a prompt on the terminal."""
-    if password is not None:
-        return password
-    env = os.environ.get(PASSWORD_ENV)
-    if env is not None:
-        return env
-    try:
-        first = getpass.getpass("identity password: ")
-        if confirm and getpass.getpass("repeat password: ") != first:
-            raise IdentityError("the two passwords differ")
-    except EOFError as e:
-        raise IdentityError(f"no password: set {PASSWORD_ENV} or run in a terminal") from e
-    return first
+    """The password given, else $LORAMESH_KEY_PASSWORD, else a prompt on the terminal. A new key (`confirm`) gets
+    no empty password: `export LORAMESH_KEY_PASSWORD=$PW` with PW unset made keys anyone could open, silently."""
+    if password is None:
+        password = os.environ.get(PASSWORD_ENV)
+        where = f"{PASSWORD_ENV} is set but empty"
+    else:
+        where = "the password given is empty"
+    if password is None:
+        where = "the password typed is empty"
+        try:
+            password = getpass.getpass("identity password: ")
+            if confirm and getpass.getpass("repeat password: ") != password:
+                raise IdentityError("the two passwords differ")
+        except EOFError as e:
+            raise IdentityError(f"no password: set {PASSWORD_ENV} or run in a terminal") from e
+    if confirm and not password:
+        raise IdentityError(f"{where}: a new key needs a password to encrypt it with")
+    return password
 
 
 def create_identity(path: str | Path, password: str | None = None, *, overwrite: bool = False) -> Identity:

@@ -71,6 +71,12 @@ class DaemonConfig:
             raise ValueError("--bootstrap needs --listen: a node without a p2p host cannot join the mesh")
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat interval must be > 0, got {self.heartbeat_interval}")
+        if self.api_url is None and (self.port == 0 or self.host in ("0.0.0.0", "::")):
+            # the URL the node registers on chain and puts in its heartbeats: nobody could reach it there
+            raise ValueError(
+                f"a node on --host {self.host} --port {self.port} has no URL gateways can reach it at: give "
+                "--api-url (the URL they call it at) or a fixed port on an address they reach"
+            )
         if (why := api_url_problem(self.public_url)) is not None:
             raise ValueError(f"API URL {self.public_url[:80]!r} {why}: the node registry refuses it")
 

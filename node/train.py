@@ -195,15 +195,19 @@ def train_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from node.adapters.basemodel import quiet_transformers
+    from node.adapters.basemodel import BaseModelError, quiet_transformers, read_config
 
     quiet_transformers()
     if rank < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"rank ({rank}), steps ({steps}) and batch size ({batch_size}) must be at least 1")
+    read_config(base_dir)  # a folder, not a name: a mistyped one was looked up on the Hugging Face Hub for a minute
     rows = read_examples(data_file)
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"{base_dir} holds no tokenizer transformers can load ({type(e).__name__})") from None
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
     examples = encode_examples(tok, rows, context=getattr(model.config, "max_position_embeddings", None))
     config = LoraConfig(
         r=rank,

@@ -47,3 +47,13 @@ def test_refuses_overwrite_missing_and_damaged_files(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(IdentityError, match="wrong password or damaged"):
         load_identity(path, "pw")
+
+
+def test_a_new_key_gets_no_empty_password(tmp_path, monkeypatch):
+    """`export LORAMESH_KEY_PASSWORD=$PW` with PW unset made a key anyone could open, without a word."""
+    monkeypatch.setenv("LORAMESH_KEY_PASSWORD", "")
+    with pytest.raises(IdentityError, match="LORAMESH_KEY_PASSWORD is set but empty"):
+        create_identity(tmp_path / "id.json")
+    with pytest.raises(IdentityError, match="the password given is empty"):
+        create_identity(tmp_path / "id.json", "")
+    assert not (tmp_path / "id.json").exists()

@@ -179,3 +179,15 @@ def test_node_run_on_a_busy_port_says_so_before_loading_the_base(tmp_path, tiny_
         result = CliRunner().invoke(cli.app, args)
     assert isinstance(result.exception, ServerDidNotStart), result.output
     assert str(result.exception) == f"node did not start on 127.0.0.1:{port}: address already in use"
+
+
+@pytest.mark.parametrize(("host", "port"), [("127.0.0.1", 0), ("0.0.0.0", 8101), ("::", 8101)])
+def test_a_node_nobody_could_reach_at_its_url_is_refused_before_it_registers(host, port):
+    """`--port 0` registered http://127.0.0.1:0 on chain (and --host 0.0.0.0 http://0.0.0.0:port) over the node's
+    good registration; its heartbeats named that URL too."""
+    from node.daemon import DaemonConfig
+
+    with pytest.raises(ValueError, match="give --api-url"):
+        DaemonConfig(base=Path("b"), store=Path("s"), host=host, port=port)
+    given = DaemonConfig(base=Path("b"), store=Path("s"), host=host, port=port, api_url="https://node.example")
+    assert given.public_url == "https://node.example"

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -211,3 +212,25 @@ def test_adapter_train_command_says_what_is_wrong_in_one_line(tiny_base, tmp_pat
         len(lines) == 1 and "d.jsonl:2: chat row's messages[0]: role must be one of system, user, assistant" in lines[0]
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("base", ["missing", "empty"])
+def test_a_base_that_is_no_model_folder_is_named_at_once(tmp_path, base):
+    """A mistyped --base was looked up on the Hugging Face Hub (a minute of retries, then an error about the Hub);
+    a folder without a model said "Couldn't instantiate the backend tokenizer from one of:"."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(chat_row("ok?", "ok.")) + "\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama"}')
+    r = subprocess.run(
+        [sys.executable, "-m", "devnet", "adapter", "train", "--base", str(tmp_path / base), "--data", str(data)]
+        + ["--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"HF_HUB_OFFLINE": "0"},
+    )
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    expected = "is not a model folder: config.json is missing" if base == "missing" else "holds no tokenizer"
+    assert expected in lines[0] and "huggingface" not in r.stderr.lower()
