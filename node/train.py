@@ -200,8 +200,8 @@ def train_adapter(
     quiet_transformers()
     if rank < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"rank ({rank}), steps ({steps}) and batch size ({batch_size}) must be at least 1")
-    read_config(base_dir)  # a folder, not a name: a mistyped one was looked up on the Hugging Face Hub for a minute
     rows = read_examples(data_file)
+    read_config(base_dir)  # a folder, not a name: a mistyped one was looked up on the Hugging Face Hub for a minute
     torch.manual_seed(seed)
     try:
         tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
