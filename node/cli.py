@@ -39,14 +39,31 @@ node_app = typer.Typer(
 TOKEN_DECIMALS = 18
 
 
+# a bare price this large is no price in ETH for 1,000 tokens but one in wei, given where ETH is meant (the
+# gateway's price limits are in wei): 10^15 signed a package at 10^15 ETH per 1,000 tokens, silently
+SURELY_WEI = 10**9
+
+
 def parse_price(text: str) -> int:
-    """A price in the chain's coin (ETH, e.g. '0.002') as an integer amount of its smallest unit (wei)."""
+    """A price in the chain's coin (ETH, e.g. '0.002', or '0.002eth') or in its smallest unit ('2000000000000000wei')
+    as an integer amount of that unit (wei)."""
+    t = text.strip().lower()
+    if t.endswith("wei"):
+        digits = t.removesuffix("wei").strip()
+        if not digits.isdigit():
+            raise ValueError(f"price {text!r} is not a whole number of wei")
+        return int(digits)
     try:
-        value = Decimal(text)
+        value = Decimal(t.removesuffix("eth").strip())
     except InvalidOperation as e:
         raise ValueError(f"price {text!r} is not a number") from e
-    if value < 0:
-        raise ValueError(f"price {text!r} is negative")
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"price {text!r} is not a number of 0 or more")
+    if value >= SURELY_WEI and not t.endswith("eth"):
+        raise ValueError(
+            f"price {text} ETH per 1,000 tokens? For wei write {text}wei; for ETH write it as ETH (0.001 is 10^15 "
+            f"wei), or {text}eth if you mean it"
+        )
     units = value * (10**TOKEN_DECIMALS)
     if units != units.to_integral_value():
         raise ValueError(f"price {text!r} has more than {TOKEN_DECIMALS} decimal places")
@@ -190,7 +207,11 @@ OutOpt = Annotated[Path, typer.Option(help="Folder to write the package into.")]
 PackBaseOpt = Annotated[Path | None, typer.Option(help="Base model folder (default: the one the adapter names).")]
 DatasetOpt = Annotated[list[str] | None, typer.Option(help="NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS, repeatable.")]
 PriceOpt = Annotated[
-    str, typer.Option(help="Price per 1,000 tokens served, in the chain's coin (ETH): 0.001 is 10^15 wei.")
+    str,
+    typer.Option(
+        help="Price per 1,000 tokens served, in the chain's coin (ETH): 0.001 is 10^15 wei; or in wei with the unit "
+        "written: 1000000000000000wei."
+    ),
 ]
 VersionOpt = Annotated[str, typer.Option(help="Version label.")]
 PredecessorOpt = Annotated[str | None, typer.Option(help="Adapter id of the version this one replaces.")]
@@ -268,6 +289,10 @@ def _pack(peft_dir, name, key, out, base, dataset, price, version, predecessor, 
     from ledger.types import Domain
     from node.adapters import pack_adapter
 
+    try:
+        price_wei = parse_price(price)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--price-per-1k-tokens") from None
     shares = [parse_dataset(s) for s in dataset or []]
     if deployment is None and DEFAULT_DEPLOYMENT_PATH.is_file():
         deployment = DEFAULT_DEPLOYMENT_PATH
@@ -283,7 +308,7 @@ def _pack(peft_dir, name, key, out, base, dataset, price, version, predecessor, 
         account=identity.account,
         base_dir=base,
         datasets=shares,
-        price_per_1k_tokens=parse_price(price),
+        price_per_1k_tokens=price_wei,
         version=version,
         predecessor=predecessor,
         license=license,
@@ -294,9 +319,11 @@ def _pack(peft_dir, name, key, out, base, dataset, price, version, predecessor, 
         if domain
         else "offline (adapter publish signs it for its chain)"
     )
+    eth = f"{Decimal(price_wei).scaleb(-TOKEN_DECIMALS).normalize():f}"
     console.print(
         f"packed [bold]{escape(pkg.name)}[/] -> {escape(str(out))}\n  adapter id  {pkg.adapter_id}"
         f"\n  signer      {pkg.signer}\n  signed for  {signed_for}"
+        f"\n  price       {eth} ETH ({price_wei} wei) per 1,000 tokens"
     )
 
 
