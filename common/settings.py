@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
@@ -80,7 +81,9 @@ class ServiceSettings(BaseSettings):
         try:
             return cls(**given)
         except ValidationError as e:
-            raise SettingsError(cls._one_line(e, config_file)) from None
+            raise SettingsError(cls._one_line(e, config_file, given)) from None
+        except tomllib.TOMLDecodeError as e:
+            raise SettingsError(f"config file {config_file} is not TOML: {e}") from None
         finally:
             cls._config_file = previous
 
@@ -102,7 +105,7 @@ class ServiceSettings(BaseSettings):
                 raise SettingsError(f"unknown setting {var} in the environment{hint}")
 
     @classmethod
-    def _one_line(cls, e: ValidationError, config_file: Path | None) -> str:
+    def _one_line(cls, e: ValidationError, config_file: Path | None, given: dict[str, Any]) -> str:
         # the first problem, named as the user wrote it: a flag, an environment variable or a file's key
         # a misspelt key first: it is often why a setting reads as missing
         errors = e.errors()
@@ -116,4 +119,14 @@ class ServiceSettings(BaseSettings):
             prefix = cls.model_config.get("env_prefix", "")
             flag = cls.FLAGS.get(name, "--" + name.replace("_", "-"))
             return f"missing setting {name}: give {flag}, {prefix}{name.upper()} or {name} in a --config file"
-        return f"setting {name}: {err['msg'].removeprefix('Value error, ')}"
+        return f"setting {name}: {err['msg'].removeprefix('Value error, ')}{cls._source(name, config_file, given)}"
+
+    @classmethod
+    def _source(cls, name: str, config_file: Path | None, given: dict[str, Any]) -> str:
+        """Where a bad value came from, in the order they win: a flag, the environment, the config file."""
+        if name in given:
+            return f" (set by {cls.FLAGS.get(name, '--' + name.replace('_', '-'))})"
+        var = cls.model_config.get("env_prefix", "").upper() + name.upper()
+        if any(v.upper() == var for v in os.environ):
+            return f" (set by {var})"
+        return f" (set in {config_file})" if config_file else ""

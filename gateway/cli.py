@@ -57,11 +57,11 @@ DbOpt = Annotated[
 def _engine(db: str | None, *, create: bool = False):
     """The gateway's database; only create=True (a new key) makes it when it is not there."""
     import gateway.tables  # noqa: F401 - registers the gateway's tables
-    from gateway.settings import GatewaySettings
     from gateway.storage import tighten_sqlite_file
     from ledger.db import init_db, make_engine
 
-    url = db or GatewaySettings().db_url
+    # a bad or misspelt LORAMESH_GATEWAY_* variable named in one line, as `gateway run` names it
+    url = db or gateway_settings().db_url
     tighten_sqlite_file(url)  # 0600: it holds the keys' hashes
     engine = make_engine(url, create=create)
     init_db(engine)  # creates and migrates every registered table, the gateway's included

@@ -143,3 +143,15 @@ def test_keys_update_and_run_options(tmp_path):
     assert (info.requests_per_minute, info.tokens_per_minute, info.max_price_per_1k_tokens) == (None, None, None)
     help_text = runner.invoke(gateway_app, ["run", "--help"], env={"COLUMNS": "200"}).output
     assert "--default-max-price-per-1k-tokens" in help_text
+
+
+def test_a_keys_command_names_a_bad_variable_as_gateway_run_does(monkeypatch):
+    """`gateway keys list` with the gateway's env file sourced failed "1 validation error for GatewaySettings" on any
+    bad LORAMESH_GATEWAY_* value, naming neither the variable nor the fix, and took a misspelt one without a word."""
+    monkeypatch.setenv("LORAMESH_GATEWAY_PORT", "abc")
+    r = runner.invoke(gateway_app, ["keys", "list"])
+    assert r.exit_code == 2 and "setting port: " in r.output and "(set by LORAMESH_GATEWAY_PORT)" in r.output, r.output
+    monkeypatch.delenv("LORAMESH_GATEWAY_PORT")
+    monkeypatch.setenv("LORAMESH_GATEWAY_PROT", "1")
+    r = runner.invoke(gateway_app, ["keys", "list"])
+    assert r.exit_code == 2 and "unknown setting LORAMESH_GATEWAY_PROT" in r.output, r.output

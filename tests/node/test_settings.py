@@ -144,7 +144,8 @@ def test_kv_cache_dtype_is_auto_unless_set_and_a_bad_one_is_one_line(tmp_path, m
     with pytest.raises(SettingsError) as e:
         NodeSettings.load(fp8)
     assert str(e.value) == (
-        "setting kv_cache_dtype: --kv-cache-dtype 'int4' is not supported; expected one of auto, fp8"
+        "setting kv_cache_dtype: --kv-cache-dtype 'int4' is not supported; expected one of auto, fp8 "
+        "(set by LORAMESH_NODE_KV_CACHE_DTYPE)"  # the variable, not the file it overrides
     ), str(e.value)
 
 
@@ -191,3 +192,19 @@ def test_a_node_nobody_could_reach_at_its_url_is_refused_before_it_registers(hos
         DaemonConfig(base=Path("b"), store=Path("s"), host=host, port=port)
     given = DaemonConfig(base=Path("b"), store=Path("s"), host=host, port=port, api_url="https://node.example")
     assert given.public_url == "https://node.example"
+
+
+def test_a_bad_value_says_where_it_was_set_and_a_file_that_is_no_toml_is_named(tmp_path, monkeypatch):
+    """A bad value named no source (flag, variable or file: which to fix?), and a config file that is not TOML gave
+    "Invalid value (at line 1, column 9)" without the file's name, as an error other than a setting's."""
+    config = write(tmp_path, 'base = "b"\nstore = "s"\nport = 1\nslots = "many"\n')
+    with pytest.raises(SettingsError, match=rf"^setting slots: .* \(set in {config}\)$"):
+        NodeSettings.load(config)
+    monkeypatch.setenv("LORAMESH_NODE_SLOTS", "abc")
+    with pytest.raises(SettingsError, match=r"^setting slots: .* \(set by LORAMESH_NODE_SLOTS\)$"):
+        NodeSettings.load(config)
+    with pytest.raises(SettingsError, match=r"^setting slots: .* \(set by --slots\)$"):
+        NodeSettings.load(config, slots=0)
+    broken = write(tmp_path, "slots = \n")
+    with pytest.raises(SettingsError, match=rf"^config file {broken} is not TOML: "):
+        NodeSettings.load(broken)
