@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from common.http import DEFAULT_MAX_BODY_BYTES
 from common.identity import Identity
-from common.wire import restore_recursion_limit
+from common.wire import is_id, restore_recursion_limit
 from ledger.types import api_url_problem
 from node.adapters import AdapterStore
 from node.api import create_app
@@ -71,6 +71,12 @@ class DaemonConfig:
             raise ValueError("--bootstrap needs --listen: a node without a p2p host cannot join the mesh")
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat interval must be > 0, got {self.heartbeat_interval}")
+        for url in self.gateways:  # each beat would fail, logged, while the node looked up
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"gateway URL {url[:80]!r} is not http:// or https://")
+        for aid in self.pins:  # each would fail, logged, while the node served without it
+            if not is_id(aid):
+                raise ValueError(f"pinned adapter {aid[:80]!r} is not 0x followed by 64 lowercase hex digits")
         if self.api_url is None and (self.port == 0 or self.host in ("0.0.0.0", "::")):
             # the URL the node registers on chain and puts in its heartbeats: nobody could reach it there
             raise ValueError(

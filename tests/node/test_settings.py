@@ -208,3 +208,15 @@ def test_a_bad_value_says_where_it_was_set_and_a_file_that_is_no_toml_is_named(t
     broken = write(tmp_path, "slots = \n")
     with pytest.raises(SettingsError, match=rf"^config file {broken} is not TOML: "):
         NodeSettings.load(broken)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("gateways", ("notaurl",), "gateway URL 'notaurl' is not http"), ("pins", ("0x12",), "pinned adapter '0x12'")],
+)
+def test_a_gateway_or_pin_that_could_never_work_is_refused_at_start(field, value, message):
+    """A bad --gateway or --pin was taken, then failed in the log at every beat (or once) while the node looked up."""
+    from node.daemon import DaemonConfig
+
+    with pytest.raises(ValueError, match=message):
+        DaemonConfig(base=Path("b"), store=Path("s"), **{field: value})
