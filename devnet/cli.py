@@ -9,39 +9,46 @@ contract artifacts and devnet/, which ledger/ may not import) and `loramesh demo
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
-import json
-import logging
-import os
 import sys
-from pathlib import Path
-from typing import Annotated
 
-import typer
-from rich.console import Console
-from rich.markup import escape
+# Loading every command takes a second or more (web3, torch, ...): a Ctrl-C meanwhile exits as one later does
+# (main()), with "interrupted" and 130, not a traceback through the imports.
+try:
+    import dataclasses
+    import importlib.metadata
+    import json
+    import logging
+    import os
+    from pathlib import Path
+    from typing import Annotated
 
-from common.help_text import plain_help
-from common.logs import LEVELS, configure_logging
-from devnet.demo.run import run_demo
-from devnet.deploy import (
-    DEFAULT_BASE_PRICE,
-    DEFAULT_NODE_SHARE_BPS,
-    DEFAULT_PRICE_GRACE_S,
-    ETHER,
-    MAX_PRICE_GRACE_S,
-    check_fees,
-    deploy_to_file,
-)
-from devnet.explorer.cli import explorer
-from devnet.lifecycle import DEFAULT_PORT, devnet_down, devnet_paths, devnet_status, devnet_up
-from gateway.cli import gateway_app
-from ledger.cli import rewards_app, settler_app
-from ledger.deployment import DEFAULT_DEVNET_DIR
-from ledger.keys import load_account
-from ledger.transport import GWEI, FeePolicy, gwei, shown_url
-from node.cli import adapter_app, base_app, keys_app, node_app
+    import typer
+    from rich.console import Console
+    from rich.markup import escape
+
+    from common.help_text import plain_help
+    from common.logs import LEVELS, configure_logging
+    from devnet.demo.run import run_demo
+    from devnet.deploy import (
+        DEFAULT_BASE_PRICE,
+        DEFAULT_NODE_SHARE_BPS,
+        DEFAULT_PRICE_GRACE_S,
+        ETHER,
+        MAX_PRICE_GRACE_S,
+        check_fees,
+        deploy_to_file,
+    )
+    from devnet.explorer.cli import explorer
+    from devnet.lifecycle import DEFAULT_PORT, devnet_down, devnet_paths, devnet_status, devnet_up
+    from gateway.cli import gateway_app
+    from ledger.cli import address_option, rewards_app, settler_app
+    from ledger.deployment import DEFAULT_DEVNET_DIR
+    from ledger.keys import load_account
+    from ledger.transport import GWEI, FeePolicy, gwei, shown_url
+    from node.cli import adapter_app, base_app, keys_app, node_app
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     help="loramesh: serve many LoRA adapters on shared base models, with on-chain attribution.",
@@ -126,8 +133,13 @@ def devnet_up_cmd(
         int | None,
         typer.Option("--port", help=f"JSON-RPC port on 127.0.0.1 (default: a running devnet's, else {DEFAULT_PORT})."),
     ] = None,
-    fund: Annotated[list[str] | None, typer.Option("--fund", help="address to fund (repeatable)")] = None,
-    settler: Annotated[list[str] | None, typer.Option("--settler", help="address to grant the settler role")] = None,
+    fund: Annotated[
+        list[str] | None, typer.Option("--fund", help="address to fund (repeatable)", callback=address_option)
+    ] = None,
+    settler: Annotated[
+        list[str] | None,
+        typer.Option("--settler", help="address to grant the settler role", callback=address_option),
+    ] = None,
     deposit: Annotated[float, typer.Option(help="ETH to prepay as each settler's fee deposit")] = 10.0,
     block_time: Annotated[float, typer.Option(help="seconds per block")] = 1.0,
     node_share: Annotated[
@@ -151,20 +163,34 @@ def devnet_up_cmd(
     ] = None,
 ) -> None:
     """Start anvil in the background, deploy the contracts (once), fund accounts, set fees."""
-    d = devnet_up(
-        folder,
-        port,
-        fund=fund,
-        settlers=settler,
-        settler_deposit=int(deposit * ETHER),
-        block_time=block_time,
-        node_share_bps=node_share,
-        base_price=base_price,
-    )
+    pid_file = devnet_paths(folder)["pid"]
+    before = _read_text(pid_file)
+    try:
+        d = devnet_up(
+            folder,
+            port,
+            fund=fund,
+            settlers=settler,
+            settler_deposit=int(deposit * ETHER),
+            block_time=block_time,
+            node_share_bps=node_share,
+            base_price=base_price,
+        )
+    except BaseException:
+        if _read_text(pid_file) not in (None, before):  # an anvil this command started: a failed `up` stops it
+            devnet_down(folder)
+        raise
     typer.echo(
         f"devnet up on {d.rpc_url} (chain {d.chain_id}); registry {d.registry}, ledger {d.ledger}; "
         f"deployment file {devnet_paths(folder)['deployment']}"
     )
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 @devnet_app.command("down")
@@ -190,7 +216,8 @@ def chain_deploy_cmd(
         "deployment.json"
     ),
     settler: Annotated[
-        list[str] | None, typer.Option("--settler", help="address to grant the settler role (repeatable)")
+        list[str] | None,
+        typer.Option("--settler", help="address to grant the settler role (repeatable)", callback=address_option),
     ] = None,
     deposit: Annotated[float, typer.Option(min=0, help="ETH to prepay as each settler's fee deposit")] = 0.0,
     max_fee_gwei: Annotated[

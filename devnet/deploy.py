@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from eth_account import Account
-from eth_utils import to_checksum_address
 
 from devnet.anvil import DEV_KEYS
 from ledger.artifacts import load_artifact
@@ -16,7 +15,7 @@ from ledger.deployment import Deployment
 from ledger.errors import LedgerError
 from ledger.settler_config import GRACE_MARGIN_S
 from ledger.transport import FeePolicy, make_web3, rpc_guard
-from ledger.types import ETHER
+from ledger.types import ETHER, checked_address
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +92,17 @@ def deploy(
     fee_policy: FeePolicy | None = None,
     commit_blocks: int = DEFAULT_COMMIT_BLOCKS,
     price_grace_s: int = DEFAULT_PRICE_GRACE_S,
+    on_deployed: Callable[[Deployment], None] | None = None,
 ) -> Deployment:
     """Deploy both contracts (deployer = admin), set the base-model price, fund `fund`, grant and
     prefund `settlers`. Every transaction's fees follow `fee_policy` (default: FeePolicy.from_env()).
     `commit_blocks`: how old a registration's commitment must be before the registration. `price_grace_s`: how
-    long after a price change records admitted before it may be charged the price they were admitted at."""
+    long after a price change records admitted before it may be charged the price they were admitted at.
+    Every setting and address is checked (ValueError) before anything is sent. `on_deployed` gets the deployment
+    as soon as both contracts are deployed, before the accounts are set up (deploy_to_file writes it then)."""
     check_fees(node_share_bps, base_price_per_1k_tokens, price_grace_s)
+    for address in [*fund, *settlers]:  # a bad one found after the contracts went out lost their addresses
+        checked_address(address)
     policy = fee_policy if fee_policy is not None else FeePolicy.from_env()
     account = Account.from_key(deployer_key)
     w3 = make_web3(rpc_url)
@@ -126,11 +130,13 @@ def deploy(
         base_price_per_1k_tokens=base_price_per_1k_tokens,
         sources_sha256=load_artifact("AttributionLedger").get("sourcesSha256", ""),
     )
+    if on_deployed is not None:
+        on_deployed(deployment)
     client = ChainClient(deployment, account)
     client.tx.fee_policy = policy
     setup_accounts(client, fund=fund, fund_amount=fund_amount, settlers=settlers, settler_deposit=settler_deposit)
     if fund_amount > 0:  # on a chain that is not ours nothing is funded (chain deploy passes 0)
-        deployment.funded = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
+        deployment.funded = sorted({checked_address(a) for a in [*fund, *settlers]})
     # DEBUG: `devnet up` and the demo say so themselves; INFO is for what a service did
     log.debug(
         "deployed registry %s, ledger %s at block %d", deployment.registry, deployment.ledger, deployment.deploy_block
@@ -146,8 +152,10 @@ def setup_accounts(
     settlers: Sequence[str] = (),
     settler_deposit: int = 0,
 ) -> None:
-    """Fund addresses with gas money, grant settlers and prefund their fee deposit (admin client)."""
-    targets = sorted({to_checksum_address(a) for a in [*fund, *settlers]})
+    """Fund addresses with gas money, grant settlers and prefund their fee deposit (admin client). Every address
+    is checked (ValueError) before anything is sent."""
+    settlers = [checked_address(s) for s in settlers]
+    targets = sorted({*(checked_address(a) for a in fund), *settlers})
     if targets and fund_amount > 0:
         client.fund(targets, fund_amount)
     for s in settlers:
@@ -157,7 +165,10 @@ def setup_accounts(
 
 
 def deploy_to_file(rpc_url: str, path: str | Path, **kwargs) -> Deployment:
-    """deploy() and write the deployment file."""
-    deployment = deploy(rpc_url, **kwargs)
-    deployment.save(path)
+    """deploy() and write the deployment file: as soon as the contracts are deployed, so that a later step that
+    fails (a settler's deposit the deployer cannot pay) leaves the file naming them; again with the accounts
+    funded, where any were."""
+    deployment = deploy(rpc_url, on_deployed=lambda d: d.save(path), **kwargs)
+    if deployment.funded:
+        deployment.save(path)
     return deployment

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -19,13 +20,16 @@ from common.logs import configure_logging
 from common.settings import SettingsError
 from common.wire import hex0x, restore_recursion_limit
 from ledger.chain import ChainClient
-from ledger.db import init_db, make_engine
+from ledger.db import init_db, make_engine, redact_url
 from ledger.deployment import DEFAULT_DEPLOYMENT_PATH
 from ledger.keys import load_account
 from ledger.rewards import rewards_summary
 from ledger.settler import Settler, requeue_set_aside, settler_status
-from ledger.settler_config import DEFAULT_LOW_DEPOSIT, SettlerConfig, SettlerSettings
-from ledger.types import BASE_MODEL_ADAPTER_ID, ETHER
+from ledger.settler_config import DEFAULT_LOW_DEPOSIT, MAX_CONFIRMATIONS, SettlerConfig, SettlerSettings
+from ledger.transport import shown_url
+from ledger.types import BASE_MODEL_ADAPTER_ID, ETHER, checked_address
+
+log = logging.getLogger(__name__)
 
 _D = SettlerConfig()  # the defaults `settler run --help` shows (SettlerSettings takes them from SettlerConfig too)
 
@@ -40,9 +44,34 @@ def _eth(wei: int) -> str:
     return f"{wei / ETHER:.6f} ETH"
 
 
+def address_option(value: str | list[str] | None) -> str | list[str] | None:
+    """Typer callback for an address argument or option (repeatable or not): checksummed, or a usage error."""
+    if value is None:
+        return None
+    try:
+        return checked_address(value) if isinstance(value, str) else [checked_address(v) for v in value]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _wei_to_withdraw(value: int | None) -> int | None:
+    if value is not None and not 1 <= value < 2**256:
+        raise typer.BadParameter(
+            f"{value} is no amount to withdraw: give a whole number of wei, at least 1 (leave --amount out to "
+            "withdraw everything)"
+        )
+    return value
+
+
+def _seconds_above_0(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not a number of seconds above 0")
+    return value
+
+
 @rewards_app.command("show")
 def rewards_show(
-    address: Annotated[str, typer.Argument(help="account to report on")],
+    address: Annotated[str, typer.Argument(help="account to report on", callback=address_option)],
     deployment: DeploymentOpt = DEFAULT_DEPLOYMENT_PATH,
     rpc: RpcOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -74,7 +103,9 @@ def rewards_withdraw(
     key: Annotated[Path, typer.Option("--key", help="key file: identity file or hex private key")],
     deployment: DeploymentOpt = DEFAULT_DEPLOYMENT_PATH,
     rpc: RpcOpt = None,
-    amount: Annotated[int | None, typer.Option(help="wei to withdraw (default: everything)")] = None,
+    amount: Annotated[
+        int | None, typer.Option(help="wei to withdraw (default: everything)", callback=_wei_to_withdraw)
+    ] = None,
 ) -> None:
     """Withdraw what accrued to the key's address."""
     client = ChainClient.from_deployment(deployment, load_account(key), rpc_url=rpc)
@@ -112,13 +143,17 @@ def settler_run(
         Path | None, typer.Option("--deployment", help=f"deployment file (default {DEFAULT_DEPLOYMENT_PATH})")
     ] = None,
     rpc_url: Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL (default: the deployment's)")] = None,
-    batch_size: Annotated[int | None, typer.Option(help=f"N: records per batch (default {_D.batch_size})")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, max=5_000, help=f"N: records per batch (default {_D.batch_size})")
+    ] = None,
     interval: Annotated[
-        float | None, typer.Option(help=f"T: seconds a partial batch may wait (default {_D.interval})")
+        float | None, typer.Option(min=0, help=f"T: seconds a partial batch may wait (default {_D.interval})")
     ] = None,
     max_in_flight: Annotated[
         int | None,
-        typer.Option(min=1, help=f"most batches sent and not yet settled at once (default {_D.max_in_flight})"),
+        typer.Option(
+            min=1, max=256, help=f"most batches sent and not yet settled at once (default {_D.max_in_flight})"
+        ),
     ] = None,
     max_price_per_1k: Annotated[
         int | None,
@@ -150,12 +185,17 @@ def settler_run(
     ] = None,
     confirmations: Annotated[
         int | None,
-        typer.Option(min=0, help=f"blocks on top of a batch's block before it is final (default {_D.confirmations})"),
+        typer.Option(
+            min=0,
+            max=MAX_CONFIRMATIONS,
+            help=f"blocks on top of a batch's block before it is final (default {_D.confirmations})",
+        ),
     ] = None,
     replace_after: Annotated[
         float | None,
         typer.Option(
             "--replace-after",
+            callback=_seconds_above_0,
             help="seconds a batch's transaction may stay unmined before it is replaced with higher fees "
             f"(default {_D.replace_after})",
         ),
@@ -196,11 +236,17 @@ def settler_run(
 
 
 def settler_settings(config: Path | None = None, **flags) -> SettlerSettings:
-    """The settler's settings, or a clear command-line error naming what is missing or wrong."""
+    """The settler's settings, or a clear command-line error naming what is missing or wrong (the flags' bounds
+    are click's; these catch a value out of bounds from LORAMESH_SETTLER_* or the --config file)."""
     try:
-        return SettlerSettings.load(config, **flags)
+        settings = SettlerSettings.load(config, **flags)
     except SettingsError as e:
         raise typer.BadParameter(str(e), param_hint="settler settings") from None
+    try:
+        settings.config()
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="settler settings") from None
+    return settings
 
 
 def run_settler(
@@ -210,13 +256,23 @@ def run_settler(
     returns the records settled. on_point: Settler's (the crash tests pass one)."""
     restore_recursion_limit()  # web3's py_ecc raised it at import: a deep RPC answer would crash, not raise
     config = settings.config()
-    engine = make_engine(settings.db_url, immediate=True)
+    # the outbox a gateway made: a mistyped path would be a new, empty one, and "settled 0 records"
+    engine = make_engine(settings.db_url, immediate=True, create=False)
     init_db(engine)
     client = ChainClient.from_deployment(
         settings.deployment,
         load_account(settings.key_file),
         rpc_url=settings.rpc_url,
         fee_policy=settings.fee_policy(),
+    )
+    log.info(
+        "settler %s settling %s on %s (chain %d): batches of up to %d records, a partial one after %s s",
+        client.address,
+        redact_url(settings.db_url),
+        shown_url(client.rpc_url),
+        client.deployment.chain_id,
+        config.batch_size,
+        config.interval,
     )
     settler = Settler(engine, client, config, on_point=on_point)
     stop = threading.Event()
@@ -229,7 +285,9 @@ def run_settler(
 def settler_status_cmd(
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL of the outbox database")],
     key: Annotated[Path | None, typer.Option("--key", help="settler key file, for its deposit")] = None,
-    address: Annotated[str | None, typer.Option("--address", help="settler address, for its deposit")] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="settler address, for its deposit", callback=address_option)
+    ] = None,
     deployment: DeploymentOpt = DEFAULT_DEPLOYMENT_PATH,
     rpc: RpcOpt = None,
     low_deposit: LowDepositOpt = DEFAULT_LOW_DEPOSIT,

@@ -69,8 +69,10 @@ class SettlerConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 5_000:
             raise ValueError(f"batch_size must be 1..5000, got {self.batch_size}")
-        if self.interval < 0 or self.poll <= 0:
-            raise ValueError(f"interval must be >= 0 and poll > 0, got {self.interval}, {self.poll}")
+        if self.interval < 0:
+            raise ValueError(f"interval must be >= 0 seconds, got {self.interval}")
+        if self.poll <= 0:
+            raise ValueError(f"poll must be > 0 seconds, got {self.poll}")
         if not 1 <= self.max_in_flight <= 256:
             raise ValueError(f"max_in_flight must be 1..256, got {self.max_in_flight}")
         if self.max_price_per_1k < 0 or self.max_record_tokens < 0 or self.low_deposit < 0:

@@ -15,6 +15,23 @@ from common.wire import ZERO_ID, hex0x, id_bytes, is_id, to_id
 ETHER = 10**18  # wei per ether: amounts on chain are wei, people read ether
 
 
+_HEX_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+def checked_address(value: str) -> str:
+    """`value` as a checksummed account address, or a ValueError saying in one line what is wrong with it: an
+    address is 0x and 40 hex digits, checksummed (EIP-55) or all in one case (mixed case with a wrong checksum is
+    a typo). Commands check every address they take before they send anything (`chain deploy`, `devnet up`)."""
+    from eth_utils import is_checksum_address, to_checksum_address
+
+    if not isinstance(value, str) or not _HEX_ADDRESS.fullmatch(value):
+        raise ValueError(f"{str(value)[:80]!r} is not an address: expected 0x and 40 hex digits")
+    digits = value[2:]
+    if digits not in (digits.lower(), digits.upper()) and not is_checksum_address(value):
+        raise ValueError(f"{value!r} has a wrong checksum (the case of its letters): check it for a typo")
+    return to_checksum_address(value)
+
+
 def is_uint256(value: object) -> bool:
     """Whether `value` is an integer the chain holds as a uint256 (a price, a fee, an index; not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**256

@@ -124,6 +124,7 @@ def test_adapter_flow_through_the_cli(tmp_path):
         "0.001",
     )
     assert r.returncode == 0, r.stderr
+    assert "price       0.001 ETH (1000000000000000 wei) per 1,000 tokens" in r.stdout
     r = run("adapter", "verify", str(tmp_path / "pkg"), "--base", str(base))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "pkg" / "loramesh.json").read_text())
@@ -214,12 +215,19 @@ print(os.environ["LORAMESH_LOG_LEVEL"], os.environ["LORAMESH_LOG_FORMAT"])
 
 @pytest.mark.parametrize(
     "command",
-    [["gateway", "keys", "list"], ["gateway", "keys", "revoke", "1"], ["settler", "status"], ["settler", "requeue"]],
+    [
+        ["gateway", "keys", "list"],
+        ["gateway", "keys", "revoke", "1"],
+        ["settler", "status"],
+        ["settler", "requeue"],
+        ["settler", "run", "--key", "settler.key", "--drain"],  # it made an empty one and "settled 0 records"
+    ],
     ids=" ".join,
 )
 def test_a_command_that_reads_a_database_refuses_one_that_is_not_there(tmp_path, command):
     """A mistyped --db is said in one line, not answered with an empty database made on the spot (the
-    commands that start a service or create a key still make theirs)."""
+    commands that start the gateway or create a key still make theirs; the settler only reads and settles the
+    outbox a gateway made)."""
     missing = tmp_path / "typo" / "gatewya.db"
     r = run(*command, "--db", f"sqlite:///{missing}")
     assert r.returncode == 1, r.stdout
@@ -244,3 +252,54 @@ def test_a_dataset_spec_without_its_share_says_what_is_missing():
         with pytest.raises(ValueError, match="expected NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS") as err:
             parse_dataset(spec)
         assert "unpack" not in str(err.value)
+
+
+@pytest.mark.parametrize("entry", ["console-script", "python-m"])
+@pytest.mark.parametrize("during", ["ledger.chain", "node.cli", "typer"])
+def test_ctrl_c_while_the_command_loads_exits_130_quietly(entry, during):
+    """Ctrl-C in the first second (while devnet/cli.py imports everything) printed a 46-line KeyboardInterrupt
+    traceback; later it prints "interrupted" and exits 130. The interrupt is raised where SIGINT would raise it:
+    inside the import of a module the command loads."""
+    script = f"""
+import sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == {during!r}:
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["loramesh", "devnet", "status"]
+if {entry!r} == "console-script":  # what the installed `loramesh` script does
+    from devnet.cli import main
+    sys.exit(main())
+import runpy
+runpy.run_module("devnet", run_name="__main__")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert r.stderr.strip() == "interrupted" and r.stdout == "", r.stderr[-3000:]
+
+
+def test_a_price_in_wei_where_eth_is_meant_is_refused(tmp_path):
+    """The gateway's price limits are in wei, a package's price in ETH: 10^15 (the README's limit) signed a package
+    at 10^15 ETH per 1,000 tokens without a word. A bare price that large is refused; a unit says which is meant."""
+    from node.cli import parse_price
+
+    assert parse_price("0.001") == parse_price("0.001eth") == parse_price("1000000000000000wei") == 10**15
+    assert parse_price("2000000000eth") == 2 * 10**27  # meant, and said so
+    r = run(
+        "adapter",
+        "pack",
+        str(tmp_path),
+        "--name",
+        "me/x",
+        "--key",
+        str(tmp_path / "k.json"),
+        "--out",
+        str(tmp_path / "o"),
+        "--price-per-1k-tokens",
+        "1000000000000000",
+    )
+    assert r.returncode == 2 and "For wei write 1000000000000000wei" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()

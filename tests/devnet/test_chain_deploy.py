@@ -142,3 +142,48 @@ def test_an_existing_deployment_file_is_kept(chain, key_file, tmp_path):
     r = _deploy(chain.rpc_url, key_file, out)
     assert r.exit_code != 0 and "--force" in r.output
     assert out.read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("settler", "said"),
+    [
+        ("0x123", "'0x123' is not an address"),
+        ("0x70997970c51812dc3A010C7d01b50e0d17dc79C8", "checksum"),  # one letter's case changed: a typo
+    ],
+    ids=["short", "bad-checksum"],
+)
+def test_a_bad_settler_address_is_refused_before_anything_is_sent(chain, key_file, tmp_path, settler, said):
+    # it deployed both contracts (gas spent, nonce +2), then failed on the address and wrote no deployment file:
+    # the contracts' addresses were lost
+    out = tmp_path / "deployment.json"
+    good = Account.from_key(DEV_KEYS[1]).address
+    r = _deploy(chain.rpc_url, key_file, out, "--settler", good, "--settler", settler)
+    assert r.exit_code == 2, r.output
+    assert "Usage:" in r.output and "--settler" in r.output and said in r.output, r.output
+    assert "Unknown format" not in r.output and "Traceback" not in r.output
+    assert not out.exists()
+    w3 = make_web3(chain.rpc_url)
+    assert w3.eth.get_transaction_count(Account.from_key(DEV_KEYS[0]).address, "pending") == 0
+    assert w3.eth.block_number == 0
+
+
+def test_deploy_checks_every_address_before_it_sends(chain):
+    from devnet.deploy import deploy
+
+    for kwargs in ({"settlers": ["0x123"]}, {"fund": ["notanaddress"]}):
+        with pytest.raises(ValueError, match="is not an address"):
+            deploy(chain.rpc_url, **kwargs)
+    w3 = make_web3(chain.rpc_url)
+    assert w3.eth.get_transaction_count(Account.from_key(DEV_KEYS[0]).address, "pending") == 0
+
+
+def test_a_failure_after_the_contracts_are_deployed_keeps_their_addresses(chain, key_file, tmp_path):
+    # a settler deposit the deployer cannot pay failed after both contracts were deployed: the file that names
+    # them was never written
+    out = tmp_path / "deployment.json"
+    settler = Account.from_key(DEV_KEYS[1]).address
+    r = _deploy(chain.rpc_url, key_file, out, "--settler", settler, "--deposit", "1000000000")
+    assert r.exit_code != 0
+    deployment = Deployment.load(out)
+    ChainClient.from_deployment(out)  # the contracts are there, at the addresses the file names
+    assert deployment.chain_id == CHAIN_ID

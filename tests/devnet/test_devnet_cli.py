@@ -157,3 +157,32 @@ def test_an_interrupted_start_leaves_no_anvil_and_no_pid_file(folder, monkeypatc
     assert written == pid and not pid_alive(pid) and not (folder / "anvil.pid").exists()
     monkeypatch.undo()
     assert _up(folder, port).exit_code == 0  # the port is free again
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("flag", ["--fund", "--settler"])
+def test_a_bad_address_is_refused_before_anvil_starts(folder, flag):
+    # `--fund notanaddress` printed web3's "when sending a str, it must be a hex string" and left anvil running
+    port = free_port()
+    r = _up(folder, port, flag, Account.create().address, flag, "notanaddress")
+    assert r.exit_code == 2, r.output
+    assert "Usage:" in r.output and flag in r.output and "'notanaddress' is not an address" in r.output, r.output
+    assert "hex string" not in r.output
+    assert not (folder / "anvil.pid").exists() and not _port_open(port)
+
+
+def test_a_failed_up_stops_the_anvil_it_started(folder):
+    port = free_port()
+    # a settler deposit more than the devnet's admin holds fails after anvil started and the contracts went out
+    r = _up(folder, port, "--settler", Account.create().address, "--deposit", "1000000000")
+    assert r.exit_code != 0 and r.exception is not None
+    assert not (folder / "anvil.pid").exists() and not _port_open(port)
+    # a devnet that was already running is left running when an `up` on it fails
+    assert _up(folder, port).exit_code == 0
+    pid = json.loads((folder / "anvil.pid").read_text())["pid"]
+    r = _up(folder, port, "--settler", Account.create().address, "--deposit", "1000000000")
+    assert r.exit_code != 0 and pid_alive(pid)
