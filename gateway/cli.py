@@ -117,7 +117,7 @@ def run(
     """Serve the OpenAI-compatible API (and settle usage on chain when --key is given) until SIGINT or SIGTERM.
 
     Each setting comes from its flag, else LORAMESH_GATEWAY_<NAME>, else the --config file, else its default."""
-    from common.serving import serve
+    from common.serving import listening_socket, serve
     from gateway.main import create_app
     from ledger.db import redact_url
 
@@ -142,9 +142,13 @@ def run(
         chain_client = ChainClient.from_deployment(settings.deployment, rpc_url=settings.rpc_url, check=True)
     elif settings.key_file is not None and settings.settle:
         raise typer.BadParameter("settling needs the chain: give --deployment too (or --no-settle)", param_hint="--key")
+    # bound before the app is built and before it is said: on a busy port, "gateway on ..." came before "did not
+    # start"; on --port 0, the port the system picked is the one named
+    sock = listening_socket(settings.host, settings.port, "gateway")
+    port = sock.getsockname()[1]
     app = create_app(settings, chain_client=chain_client)
-    log.info("gateway on http://%s:%d (db %s)", settings.host, settings.port, redact_url(settings.db_url))
-    serve(app, host=settings.host, port=settings.port, name="gateway")
+    log.info("gateway on http://%s:%d (db %s)", settings.host, port, redact_url(settings.db_url))
+    serve(app, host=settings.host, port=port, name="gateway", sock=sock)
 
 
 def gateway_settings(config: Path | None = None, **flags):

@@ -155,3 +155,26 @@ def test_a_keys_command_names_a_bad_variable_as_gateway_run_does(monkeypatch):
     monkeypatch.setenv("LORAMESH_GATEWAY_PROT", "1")
     r = runner.invoke(gateway_app, ["keys", "list"])
     assert r.exit_code == 2 and "unknown setting LORAMESH_GATEWAY_PROT" in r.output, r.output
+
+
+def test_a_busy_port_is_found_before_the_app_is_built_or_announced(tmp_path, monkeypatch, caplog):
+    """ "gateway on http://..." was logged, then "did not start" (the port was bound by uvicorn, after the app was
+    built and the line written)."""
+    import logging
+    import socket
+
+    from common.serving import ServerDidNotStart
+    from gateway import main
+
+    def no_app(*_a, **_k):
+        raise AssertionError("the app was built for a port that cannot be served")
+
+    monkeypatch.setattr(main, "create_app", no_app)
+    with socket.socket() as taken, caplog.at_level(logging.INFO):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(gateway_app, ["run", "--port", str(port), "--db", f"sqlite:///{tmp_path / 'g.db'}"])
+    assert isinstance(result.exception, ServerDidNotStart), result.output
+    assert str(result.exception) == f"gateway did not start on 127.0.0.1:{port}: address already in use"
+    assert not [r for r in caplog.records if r.getMessage().startswith("gateway on ")]
