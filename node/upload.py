@@ -65,6 +65,8 @@ class _BoundedTarInfo(tarfile.TarInfo):
     @classmethod
     def frombuf(cls, buf, encoding, errors):
         obj = super().frombuf(buf, encoding, errors)
+        if obj.size < 0:  # tar's base-256 numbers can say so; tarfile would read all that follows as this member
+            raise PackageError(f"upload entry {obj.name[:128]!r} has a negative size ({obj.size})")
         if obj.type in _EXTENDED_TYPES and obj.size > MAX_EXTENDED_HEADER_BYTES:
             raise PackageError(
                 f"upload holds an extended tar header of {obj.size} bytes, more than {MAX_EXTENDED_HEADER_BYTES}"
