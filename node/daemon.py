@@ -23,12 +23,13 @@ from ledger.types import api_url_problem
 from node.adapters import AdapterStore
 from node.api import create_app
 from node.engine import AsyncEngine, EngineConfig
+from node.engine.lora.manager import FETCH_TIMEOUT_S
 from node.gateway_hello import HelloError, SettlerRoster, SettlerUnknown, verify_hello
 from node.health import NodeHealth
 from node.heartbeat import HeartbeatSender, TooManyGateways
 from node.operator_token import DEFAULT_DATA_DIR, ensure_operator_token
 from node.request_auth import is_gateway_key
-from node.sources import HttpRegistry, SourceError
+from node.sources import HttpRegistry, Sources
 from node.upload import MAX_PACKAGE_BYTES, PackageInstaller
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class NodeDaemon:
                 base_dir=config.base,
                 trusted_peer=self.registered_peers.__contains__,
             )
-        self.sources = [HttpRegistry(u) for u in config.adapter_sources]
+        self.sources = Sources([HttpRegistry(u) for u in config.adapter_sources], budget_s=FETCH_TIMEOUT_S)
         fetches = self.p2p is not None or bool(self.sources)
         self.engine = AsyncEngine(engine_config, store=self.store, fetcher=self._fetch if fetches else None)
         self.operator_token, self.operator_token_path = ensure_operator_token(config.data_dir)
@@ -325,18 +326,15 @@ class NodeDaemon:
                 self.fetched_bytes += _package_bytes(pkg.path)
                 log.info("fetched adapter %s (%s) from the mesh", adapter_id, pkg.name)
                 return pkg.path
-        for source in self.sources:
-            try:
-                pkg = await source.fetch(adapter_id, self.uploads)
-            except SourceError as e:
-                log.warning("cannot fetch adapter %s: %s", adapter_id, e)
-                continue
-            self.source_fetches += 1
-            log.info("fetched adapter %s (%s) from %s", adapter_id, pkg.name, source)
-            if self.p2p is not None:  # offered to the mesh as an upload is
-                await self.p2p.aannounce(adapter_id)
-            return pkg.path
-        return None
+        got = await self.sources.fetch(adapter_id, self.uploads) if self.sources else None
+        if got is None:
+            return None
+        pkg, source = got
+        self.source_fetches += 1
+        log.info("fetched adapter %s (%s) from %s", adapter_id, pkg.name, source)
+        if self.p2p is not None:  # offered to the mesh as an upload is
+            await self.p2p.aannounce(adapter_id)
+        return pkg.path
 
     def _counters(self) -> dict[str, float]:
         """The daemon's own counters for GET /metrics: heartbeats, and adapters fetched from peers (the p2p tier)."""

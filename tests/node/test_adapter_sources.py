@@ -356,3 +356,80 @@ def test_a_hub_file_past_the_import_bound_is_refused_before_it_is_downloaded(hub
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "work")], capture_output=True, text=True, env=env)
     assert "adapter_model.safetensors is 67108864 bytes, more than the 1048576 allowed" in r.stderr, r.stderr[-2000:]
     assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and p.stat().st_size > 1 << 20]
+
+
+@pytest.fixture
+def counting():
+    """A source that answers every GET 404 after 0.3 s, counting the GETs and the most it served at once."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {"gets": 0, "now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class Answer(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            with lock:
+                seen["gets"] += 1
+                seen["now"] += 1
+                seen["most"] = max(seen["most"], seen["now"])
+            time.sleep(0.3)
+            with lock:
+                seen["now"] -= 1
+            self.send_error(404)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_sources_download_a_few_at_once_and_ask_again_only_after_a_while(counting, tiny_base, tmp_path):
+    """Red team: a package refused after it arrived whole was downloaded again, whole, for every request naming it,
+    and 16 requests for 16 adapters made 16 downloads at once (+1.1 GB of the node's memory)."""
+    import asyncio
+
+    from node import sources
+
+    url, seen = counting
+    now = [1000.0]
+    srcs = sources.Sources([HttpRegistry(url)], budget_s=60, clock=lambda: now[0])
+    inst = installer(tmp_path, tiny_base)
+    ids = [f"0x{i:064x}" for i in range(1, 7)]
+
+    async def each() -> list:
+        return await asyncio.gather(*(srcs.fetch(aid, inst) for aid in ids))
+
+    assert asyncio.run(each()) == [None] * 6
+    assert seen["gets"] == 6 and seen["most"] == sources.MAX_DOWNLOADS
+    assert asyncio.run(each()) == [None] * 6 and seen["gets"] == 6  # each failed a moment ago: not asked again
+    now[0] += sources.FAILED_BACKOFF_S
+    assert asyncio.run(srcs.fetch(ids[0], inst)) is None and seen["gets"] == 7
+
+
+def test_a_slow_source_leaves_the_next_its_turn(hostile, registry, tiny_base, tmp_path, monkeypatch):
+    """Red team: a first source sending its bytes slowly, but at the pace a download must keep, held the node's
+    whole fetch budget (300 s) and the source after it, which held the package, was never asked."""
+    import asyncio
+
+    from common import http
+    from node import sources
+
+    monkeypatch.setattr(http, "MIN_DOWNLOAD_RATE", 5)  # the drip (10 bytes/s) keeps it
+    url, good, _, _ = registry
+    srcs = sources.Sources([HttpRegistry(f"{hostile}/drip"), HttpRegistry(url)], budget_s=3)
+    got = asyncio.run(srcs.fetch(good.adapter_id, installer(tmp_path, tiny_base)))
+    assert got is not None and got[0].adapter_id == good.adapter_id and str(got[1]) == url
+
+
+def test_a_sources_credentials_stay_out_of_what_is_shown(registry, tiny_base, tmp_path):
+    url = registry[0].replace("http://", "http://alice:s3cr3t@")
+    source = HttpRegistry(url)
+    with pytest.raises(SourceError) as e:
+        fetch(url, "0x" + "ee" * 32, installer(tmp_path, tiny_base))
+    assert "s3cr3t" not in str(e.value) and "s3cr3t" not in str(source) and str(source).startswith("http://127.0.0.1")

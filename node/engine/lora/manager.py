@@ -37,6 +37,8 @@ MAX_ENSEMBLE_SPECS = 4096
 # anyway); the oldest are forgotten past this many, so ids a client chooses (an ensemble per new weight) that
 # never reach acquire do not pile up: a forgotten failure only means the next acquire loads again
 MAX_FAILED_LOADS = 1024
+# how long a fetch of an adapter the store lacks may take, from peers and the operator's sources together
+FETCH_TIMEOUT_S = 300.0
 
 
 class AdapterManager:
@@ -52,7 +54,7 @@ class AdapterManager:
         decode: Callable[[object], LoadedAdapter],
         write_slot: Callable[[int, LoadedAdapter | None], object],
         fetcher: Fetcher | None = None,
-        fetch_timeout: float = 300.0,
+        fetch_timeout: float = FETCH_TIMEOUT_S,
         verify_hashes: bool = True,
         on_ready: Callable[[], None] | None = None,
         combine: Combine | None = None,
