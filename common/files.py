@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -57,14 +58,17 @@ def write_private(path: Path, data: bytes, *, replace: bool) -> bool:
 def _remove_leftovers(path: Path) -> None:
     """Remove the temporary copies of `path` that killed writers left (named ".<name>.<pid>.<random>.tmp")."""
     now = time.time()
+    ours = re.compile(rf"\.{re.escape(path.name)}\.([0-9]+)\.[0-9a-f]{{8}}\.tmp")  # not another file's copies
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 : -len(".tmp")].partition(".")[0]
+        named = ours.fullmatch(tmp.name)
+        if named is None:
+            continue
         try:
             age = now - tmp.lstat().st_mtime
-        except FileNotFoundError:  # its writer finished meanwhile
+            if age > _LEFTOVER_S or (age > _DEAD_WRITER_S and not _alive(int(named[1]))):
+                tmp.unlink(missing_ok=True)
+        except OSError:  # its writer finished meanwhile, or it is not ours to remove: the write goes on
             continue
-        if age > _LEFTOVER_S or (age > _DEAD_WRITER_S and pid.isdigit() and not _alive(int(pid))):
-            tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -77,7 +77,7 @@ class Throttled:
             self.logger.debug(msg, *args)
             return
         if self.left_out:
-            msg += " (%d more like it not logged in the last %.0f s)"
+            msg += " (and %d more like it since the line before, %.0f s ago)"
             args = (*args, self.left_out, now - self._last)
         self._last, self.left_out = now, 0
         self.logger.log(self.level, msg, *args)

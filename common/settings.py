@@ -82,8 +82,10 @@ class ServiceSettings(BaseSettings):
             return cls(**given)
         except ValidationError as e:
             raise SettingsError(cls._one_line(e, config_file, given)) from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SettingsError(f"config file {config_file} is not TOML: {e}") from None
+        except OSError as e:
+            raise SettingsError(f"config file {config_file} cannot be read: {e.strerror or e}") from None
         finally:
             cls._config_file = previous
 

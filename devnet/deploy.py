@@ -168,7 +168,22 @@ def deploy_to_file(rpc_url: str, path: str | Path, **kwargs) -> Deployment:
     """deploy() and write the deployment file: as soon as the contracts are deployed, so that a later step that
     fails (a settler's deposit the deployer cannot pay) leaves the file naming them; again with the accounts
     funded, where any were."""
-    deployment = deploy(rpc_url, on_deployed=lambda d: d.save(path), **kwargs)
+    written: list[Deployment] = []
+
+    def save(d: Deployment) -> None:
+        d.save(path)
+        written.append(d)
+
+    try:
+        deployment = deploy(rpc_url, on_deployed=save, **kwargs)
+    except Exception as e:
+        if not written:
+            raise
+        # the contracts exist and the file names them: say so, or the user deploys again over them with --force
+        raise LedgerError(
+            f"contracts deployed (registry {written[0].registry}, ledger {written[0].ledger}) and written to {path}, "
+            f"but setting up the accounts failed: {e}"
+        ) from e
     if deployment.funded:
         deployment.save(path)
     return deployment

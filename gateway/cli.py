@@ -146,7 +146,11 @@ def run(
     # start"; on --port 0, the port the system picked is the one named
     sock = listening_socket(settings.host, settings.port, "gateway")
     port = sock.getsockname()[1]
-    app = create_app(settings, chain_client=chain_client)
+    try:
+        app = create_app(settings, chain_client=chain_client)
+    except BaseException:
+        sock.close()
+        raise
     log.info("gateway on http://%s:%d (db %s)", settings.host, port, redact_url(settings.db_url))
     serve(app, host=settings.host, port=port, name="gateway", sock=sock)
 

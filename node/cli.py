@@ -41,7 +41,7 @@ TOKEN_DECIMALS = 18
 
 # a bare price this large is no price in ETH for 1,000 tokens but one in wei, given where ETH is meant (the
 # gateway's price limits are in wei): 10^15 signed a package at 10^15 ETH per 1,000 tokens, silently
-SURELY_WEI = 10**9
+SURELY_WEI = 1000
 
 
 def parse_price(text: str) -> int:
@@ -50,8 +50,8 @@ def parse_price(text: str) -> int:
     t = text.strip().lower()
     if t.endswith("wei"):
         digits = t.removesuffix("wei").strip()
-        if not digits.isdigit():
-            raise ValueError(f"price {text!r} is not a whole number of wei")
+        if not (digits.isascii() and digits.isdigit()):
+            raise ValueError(f"price {text!r} is not a whole number of wei (digits only)")
         return int(digits)
     try:
         value = Decimal(t.removesuffix("eth").strip())
@@ -60,9 +60,11 @@ def parse_price(text: str) -> int:
     if not value.is_finite() or value < 0:
         raise ValueError(f"price {text!r} is not a number of 0 or more")
     if value >= SURELY_WEI and not t.endswith("eth"):
+        whole = value == value.to_integral_value()
         raise ValueError(
-            f"price {text} ETH per 1,000 tokens? For wei write {text}wei; for ETH write it as ETH (0.001 is 10^15 "
-            f"wei), or {text}eth if you mean it"
+            f"price {text} ETH per 1,000 tokens? "
+            + (f"For wei write {int(value)}wei; " if whole else "")
+            + f"for ETH write it as ETH (0.001 is 10^15 wei), or {text}eth if you mean it"
         )
     units = value * (10**TOKEN_DECIMALS)
     if units != units.to_integral_value():

@@ -252,6 +252,10 @@ def test_a_dataset_spec_without_its_share_says_what_is_missing():
         with pytest.raises(ValueError, match="expected NAME=CONTRIBUTOR_ADDRESS:SHARE_BPS") as err:
             parse_dataset(spec)
         assert "unpack" not in str(err.value)
+    # the address that is paid: a mixed-case one with a wrong checksum is a typo (review)
+    with pytest.raises(ValueError, match="has a wrong checksum"):
+        parse_dataset("gold=0x000000000000000000000000000000000000dEAD:1500")
+    assert parse_dataset("gold=0x000000000000000000000000000000000000dead:1500").contributor.endswith("dEaD")
 
 
 @pytest.mark.parametrize("entry", ["console-script", "python-m"])
@@ -288,6 +292,11 @@ def test_a_price_in_wei_where_eth_is_meant_is_refused(tmp_path):
 
     assert parse_price("0.001") == parse_price("0.001eth") == parse_price("1000000000000000wei") == 10**15
     assert parse_price("2000000000eth") == 2 * 10**27  # meant, and said so
+    for text, wei in (("500000000", "500000000wei"), ("1e15", "1000000000000000wei"), ("1_000_000", "1000000wei")):
+        with pytest.raises(ValueError, match=f"For wei write {wei};"):
+            parse_price(text)
+    with pytest.raises(ValueError, match="digits only"):
+        parse_price("²wei")
     r = run(
         "adapter",
         "pack",

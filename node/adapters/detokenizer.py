@@ -23,6 +23,7 @@ class TextStream:
         # looked at once per stop string. Trying every prefix against the end at every token cost 18x the
         # decoding itself with four stop strings of 255 repeated characters, on the node and again on the gateway
         self._matched = [0] * len(stop)
+        self._fail = [_failure(s) for s in stop]
         self.ids: list[int] = []
         self._prefix = 0  # ids[_prefix:_read] decode to text already consumed
         self._read = 0
@@ -83,7 +84,7 @@ class TextStream:
         """Feed the new text to stop string k's match: where in `new` the string first ends (None: nowhere)."""
         if not s:
             return 0
-        fail, m = _failure(s), self._matched[k]
+        fail, m = self._fail[k], self._matched[k]
         for i, c in enumerate(new):
             while m and s[m] != c:
                 m = fail[m - 1]

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from eth_utils import is_checksum_address, to_checksum_address
+from eth_utils import is_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.wire import HEX_ID_PATTERN, ZERO_ID, UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
@@ -15,6 +15,7 @@ from ledger.types import (
     MAX_PRICE_PER_1K_TOKENS,
     AdapterRegistration,
     adapter_version_problem,
+    checked_address,
     dataset_id_for,
     registry_name_problem,
 )
@@ -209,10 +210,10 @@ def make_dataset_share(name: str, contributor: str, share_bps: int) -> DatasetSh
     """A dataset share with its id computed from its name and contributor, the address checksummed; a name the
     registry refuses is a one-line PackageError."""
     check_dataset_name(name)
-    try:
-        address = to_checksum_address(contributor)
+    try:  # a mixed-case address with a wrong checksum is a typo, refused: this address is paid
+        address = checked_address(contributor)
     except ValueError as e:
-        raise ValueError(f"contributor {contributor!r} is not an EVM address") from e
+        raise ValueError(f"contributor {e}") from e
     return DatasetShare(name=name, id=dataset_id(name, address), contributor=address, share_bps=share_bps)
 
 

@@ -110,7 +110,7 @@ def verify_announcement(data: bytes, *, now: float, max_age: float, future_skew:
         raise AnnouncementError("announcement peer_id must be a base58 peer id string")
     if ts < (now - max_age) * 1000 or ts > (now + future_skew) * 1000:
         raise AnnouncementError(
-            f"announcement from {peer_id} is stale or future-dated (ts {ts} ms, now {now * 1000:.0f})"
+            f"announcement from {shown(peer_id)} is stale or future-dated (ts {ts} ms, now {now * 1000:.0f})"
         )
     if canonical_json(doc) != bytes(data):
         raise AnnouncementError("announcement is not in canonical form (what was signed)")

@@ -96,7 +96,8 @@ class AdapterServer:
         if pkg is None:
             await self._refuse(stream, f"this node does not hold adapter {adapter_id}")
             return
-        log.info("serving adapter %s to %s", adapter_id, _peer_of(stream))
+        # at DEBUG, and at INFO once served: a stranger asking and resetting at once wrote a line a stream
+        log.debug("serving adapter %s to %s", adapter_id, _peer_of(stream))
         size = sum(f.size for f in pkg.manifest.files)
         # A reader taking less than min_rate would hold the slot: the whole upload has a deadline.
         limit = self.config.transfer_grace + self.config.header_timeout + size / self.config.min_rate
@@ -115,6 +116,7 @@ class AdapterServer:
         if scope.cancelled_caught:
             raise ProviderTimeout(f"peer did not take the {size}-byte package within {limit:.0f}s")
         self.served += 1
+        log.info("served adapter %s to %s (%d bytes)", adapter_id, _peer_of(stream), size)
         await stream.close()
 
     async def send_package(self, stream: ByteStream, pkg_dir: Path, adapter_id: str) -> None:

@@ -87,3 +87,17 @@ def test_a_copy_a_killed_writer_left_is_removed_by_the_next_write(tmp_path, repl
         os.utime(p, (old, old))
     assert write_private(path, b"new", replace=replace) and path.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "key"]
+
+
+def test_only_this_files_own_leftovers_are_removed(tmp_path):
+    """Review: the match took a sibling's copies too (`key.41000` is another file), and a "pid" of other digits
+    (²) raised inside the write."""
+    import time
+
+    old = time.time() - 3600
+    others = [tmp_path / ".key.41000.123.abcdef01.tmp", tmp_path / ".key.².abcdef01.tmp"]
+    for p in others:
+        p.write_bytes(b"not key's")
+        os.utime(p, (old, old))
+    assert write_private(tmp_path / "key", b"new", replace=True)
+    assert all(p.exists() for p in others)

@@ -20,7 +20,7 @@ def test_a_throttled_line_is_written_once_an_interval_and_counts_the_rest(caplog
         line("stream from %s failed", "peer6")
     assert [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno > logging.DEBUG] == [
         (logging.WARNING, "stream from peer0 failed"),
-        (logging.WARNING, "stream from peer6 failed (5 more like it not logged in the last 10 s)"),
+        (logging.WARNING, "stream from peer6 failed (and 5 more like it since the line before, 10 s ago)"),
     ]
     # each line left out is there at DEBUG, for an operator who asks for it
     left_out = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]

@@ -185,5 +185,8 @@ def test_a_failure_after_the_contracts_are_deployed_keeps_their_addresses(chain,
     r = _deploy(chain.rpc_url, key_file, out, "--settler", settler, "--deposit", "1000000000")
     assert r.exit_code != 0
     deployment = Deployment.load(out)
+    # and the error says so (review): else the user deploys again over them with --force
+    said = str(r.exception) + r.output
+    assert f"contracts deployed (registry {deployment.registry}" in said and f"written to {out}" in said, said
     ChainClient.from_deployment(out)  # the contracts are there, at the addresses the file names
     assert deployment.chain_id == CHAIN_ID

@@ -220,3 +220,10 @@ def test_a_gateway_or_pin_that_could_never_work_is_refused_at_start(field, value
 
     with pytest.raises(ValueError, match=message):
         DaemonConfig(base=Path("b"), store=Path("s"), **{field: value})
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    bad = tmp_path / "node.toml"
+    bad.write_bytes(b'base = "\x80"\n')
+    with pytest.raises(SettingsError, match=rf"^config file {bad} is not TOML: "):
+        NodeSettings.load(bad)

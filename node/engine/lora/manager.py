@@ -146,10 +146,20 @@ class AdapterManager:
                 f.set_result(self._cpu[adapter_id])
                 return f
             if adapter_id not in self._inflight:
+                spec = self._ensembles.get(adapter_id)
+                if spec is not None and sum(k in self._ensembles for k in self._inflight) >= self.max_ensembles:
+                    # the loader thread combines at most this many at once: the API's cap counts running
+                    # requests, and one whose client left frees its place while its combine still waits here
+                    busy: Future = Future()
+                    busy.set_exception(
+                        AdapterSlotsBusyError(
+                            f"this node is combining {self.max_ensembles} adapter ensembles already; try again soon"
+                        )
+                    )
+                    return busy
                 self._failed.pop(adapter_id, None)
                 done: Future = Future()
                 self._inflight[adapter_id] = done
-                spec = self._ensembles.get(adapter_id)
                 if spec is not None:
                     self._load_ensemble(spec, done)
                 else:

@@ -69,3 +69,32 @@ def test_running_ensembles_leave_a_slot_for_another_adapter(llama_world):
         assert all(left[f"heavy-{i}"].finish_reason == "length" for i in range(2)), left
     finally:
         engine.close()
+
+
+def test_the_loader_combines_its_share_of_ensembles_at_once(llama_world):
+    """Review: the API's cap counts running requests, and a stream whose client left at once freed its place while
+    its combine still waited on the one loader thread: a client could queue new weightings without end, and other
+    clients' adapters waited behind them."""
+    import threading
+
+    import pytest
+
+    from node.engine import AdapterSlotsBusyError
+
+    a, b, c, _ = (x.adapter_id for x in llama_world.adapters)
+    engine = llama_world.engine(num_slots=2, cpu_cache_size=8)
+    m = engine.adapters
+    held = threading.Event()
+    try:
+        m._pool.submit(held.wait)  # the loader thread busy: loads queue behind it
+        first, second = (_weighing(engine, a, b, i) for i in range(2))
+        pending = m.load(first)
+        with pytest.raises(AdapterSlotsBusyError, match="combining 1 adapter ensembles already"):
+            m.load(second).result(timeout=5)
+        plain = m.load(c)  # a plain adapter is no ensemble: it queues as ever
+        held.set()
+        assert pending.result(timeout=60).adapter_id == first and plain.result(timeout=60).adapter_id == c
+        assert m.load(second).result(timeout=60).adapter_id == second  # its turn, now that the first is combined
+    finally:
+        held.set()
+        engine.close()
