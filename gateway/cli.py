@@ -12,9 +12,11 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from common.help_text import plain_help
+from gateway.settings import GatewaySettings
 from ledger.db import DEFAULT_DB_URL
 
 log = logging.getLogger("gateway.cli")  # not __name__: it is __main__ under python -m
+_GW = GatewaySettings.model_construct()  # the defaults `gateway run --help` shows (no environment read)
 console = Console(soft_wrap=True, emoji=False)  # ":100:" in a name stays as written
 
 gateway_app = typer.Typer(
@@ -80,7 +82,10 @@ def run(
         ),
     ] = None,
     rpc: Annotated[str | None, typer.Option("--rpc", help="Chain JSON-RPC URL (default: the deployment's).")] = None,
-    deployment: Annotated[Path | None, typer.Option("--deployment", help="Deployment file (addresses).")] = None,
+    deployment: Annotated[
+        Path | None,
+        typer.Option("--deployment", help="Deployment file (addresses). Default: none (no chain: no settling)."),
+    ] = None,
     key: Annotated[
         Path | None,
         typer.Option(
@@ -88,13 +93,18 @@ def run(
         ),
     ] = None,
     db: DbOpt = None,
-    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="HTTP port.")] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=0, max=65535, help=f"HTTP port (default {_GW.port}).")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help=f"Address to bind (default {_GW.host}).")] = None,
     base: Annotated[
         list[Path] | None,
         typer.Option("--base", help="Base model folder whose tokenizer renders chat prompts (repeatable)."),
     ] = None,
-    k: Annotated[int | None, typer.Option("--owners", min=1, help="Owners per adapter (rendezvous top-k).")] = None,
+    k: Annotated[
+        int | None,
+        typer.Option("--owners", min=1, help=f"Owners per adapter (rendezvous top-k; default {_GW.owners_k})."),
+    ] = None,
     no_settle: Annotated[bool, typer.Option("--no-settle", help="Do not run the settler in this process.")] = False,
     max_price: Annotated[
         int | None,
@@ -159,7 +169,6 @@ def gateway_settings(config: Path | None = None, **flags):
     """The gateway's settings (flags that are None are not given), or a one-line command-line error naming
     what is wrong: an unknown name in the config file, a value out of range, a config file that is not there."""
     from common.settings import SettingsError
-    from gateway.settings import GatewaySettings
 
     try:
         return GatewaySettings.load(config, **flags)
