@@ -80,7 +80,7 @@ def test_a_copy_a_killed_writer_left_is_removed_by_the_next_write(tmp_path, repl
     (left,) = tmp_path.iterdir()
     assert left.name.startswith(".key.") and left.read_bytes() == b"secret"  # the kill left a copy
     # a live writer's file (a slow disk's), in the middle of its write, is not touched
-    busy = tmp_path / f".key.{os.getpid()}.0000.tmp"
+    busy = tmp_path / f".key.{os.getpid()}.00000000.tmp"
     busy.write_bytes(b"being written")
     old = time.time() - 5
     for p in (left, busy):  # the restart comes seconds later

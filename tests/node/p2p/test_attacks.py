@@ -201,7 +201,7 @@ def test_garbage_gossipsub_rpc_does_not_take_the_host_down(arena, packages):
 def test_future_dated_announcement_refused(arena, packages):
     adapter_id = packages.stalled.adapter_id  # H holds it
     assert arena.m.call("announce", adapters=[adapter_id], own=True, future_s=30)["ok"]
-    _wait_for_log(arena.t, rf"announcement from {arena.m.peer_id} is stale or future-dated")
+    _wait_for_log(arena.t, rf"announcement from '{arena.m.peer_id}' is stale or future-dated")  # a stranger's word
     found = arena.t.call("providers", adapter_id=adapter_id, wait=2)["providers"]
     peers = [p["peer_id"] for p in found]
     assert arena.h.peer_id in peers and arena.m.peer_id not in peers
