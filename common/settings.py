@@ -119,15 +119,21 @@ class ServiceSettings(BaseSettings):
             return f"unknown setting {name!r}{where}" + (f" (did you mean {close[0]!r}?)" if close else "")
         if err["type"] == "missing":
             prefix = cls.model_config.get("env_prefix", "")
-            flag = cls.FLAGS.get(name, "--" + name.replace("_", "-"))
-            return f"missing setting {name}: give {flag}, {prefix}{name.upper()} or {name} in a --config file"
+            return (
+                f"missing setting {name}: give {cls._flag(name)}, {prefix}{name.upper()} or {name} in a --config file"
+            )
         return f"setting {name}: {err['msg'].removeprefix('Value error, ')}{cls._source(name, config_file, given)}"
+
+    @classmethod
+    def _flag(cls, name: str) -> str:
+        """The command-line flag of a setting."""
+        return cls.FLAGS.get(name, "--" + name.replace("_", "-"))
 
     @classmethod
     def _source(cls, name: str, config_file: Path | None, given: dict[str, Any]) -> str:
         """Where a bad value came from, in the order they win: a flag, the environment, the config file."""
         if name in given:
-            return f" (set by {cls.FLAGS.get(name, '--' + name.replace('_', '-'))})"
+            return f" (set by {cls._flag(name)})"
         var = cls.model_config.get("env_prefix", "").upper() + name.upper()
         if any(v.upper() == var for v in os.environ):
             return f" (set by {var})"
