@@ -11,6 +11,7 @@ import base64
 import getpass
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ FORMAT = "loramesh-identity/1"
 SCRYPT_N = 2**15
 MAX_SCRYPT_N = 2**18  # a file asking for more would make unlocking take minutes and gigabytes
 MAX_IDENTITY_BYTES = 64 << 10  # an identity file is ~1.5 KB
+_ADDRESS_RE = re.compile("0x[0-9a-fA-F]{40}")
 
 
 class IdentityError(ValueError):
@@ -150,9 +152,8 @@ def _check_kdf_costs(path: Path, doc: dict) -> None:
             )
 
 
-def load_identity(path: str | Path, password: str | None = None) -> Identity:
-    """Read and decrypt an identity file; a wrong password or a damaged file is an IdentityError."""
-    path = Path(path)
+def _read_document(path: Path) -> dict:
+    """An identity file's JSON, bounded, with its format checked; nothing is decrypted."""
     try:
         doc = parse_json(path.read_bytes(), max_bytes=MAX_IDENTITY_BYTES, max_depth=8, what="its content")
     except FileNotFoundError as e:
@@ -163,6 +164,31 @@ def load_identity(path: str | Path, password: str | None = None) -> Identity:
         raise IdentityError(f"identity file {path} is not readable: {e.strerror}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise IdentityError(f"{path} is not a loramesh identity file (expected format {FORMAT})")
+    return doc
+
+
+def read_public(path: str | Path) -> tuple[str, str]:
+    """The address and node id an identity file states, read without its password (as `geth account list`
+    does). The node id is checked against the public key beside it; that the address is the keystore's is
+    known only once the file is unlocked (`load_identity`)."""
+    path = Path(path)
+    doc = _read_document(path)
+    address, node_id, public_key = doc.get("address"), doc.get("node_id"), doc.get("node_public_key")
+    if not (isinstance(address, str) and _ADDRESS_RE.fullmatch(address)):
+        raise IdentityError(f"{path} is damaged: its address is not 0x followed by 40 hex digits")
+    try:
+        matches = node_id == node_id_of(bytes.fromhex(public_key))
+    except (TypeError, ValueError):
+        matches = False
+    if not matches:
+        raise IdentityError(f"{path} is damaged: its node id is not its node public key's")
+    return address, node_id
+
+
+def load_identity(path: str | Path, password: str | None = None) -> Identity:
+    """Read and decrypt an identity file; a wrong password or a damaged file is an IdentityError."""
+    path = Path(path)
+    doc = _read_document(path)
     _check_kdf_costs(path, doc)
     password = resolve_password(password)
     try:
@@ -176,6 +202,6 @@ def load_identity(path: str | Path, password: str | None = None) -> Identity:
     except (KeyError, TypeError) as e:
         raise IdentityError(f"{path} is missing field {e}") from e
     identity = Identity(account=Account.from_key(evm_key), node_key=Ed25519PrivateKey.from_private_bytes(seed))
-    if identity.address != doc.get("address"):
-        raise IdentityError(f"{path} is damaged: its key does not match its address {doc.get('address')}")
+    if identity.address != doc.get("address") or identity.node_id != doc.get("node_id"):
+        raise IdentityError(f"{path} is damaged: its keys do not match the address and node id it states")
     return identity

@@ -103,12 +103,20 @@ def keys_new(
 
 
 @keys_app.command("show")
-def keys_show(path: Annotated[Path, typer.Argument(help="An identity file.")]) -> None:
-    """Print the address and node id held in an identity file."""
-    from common.identity import load_identity
+def keys_show(
+    path: Annotated[Path, typer.Argument(help="An identity file.")],
+    check: Annotated[
+        bool, typer.Option("--check", help="Unlock the file (asks for its password) to prove it holds these keys.")
+    ] = False,
+) -> None:
+    """Print the address and node id an identity file holds; no password needed unless --check."""
+    from common.identity import load_identity, read_public
 
-    identity = load_identity(path)
-    console.print(f"address  {identity.address}\nnode id  {identity.node_id}")
+    address, node_id = read_public(path)
+    if check:
+        identity = load_identity(path)
+        address, node_id = identity.address, identity.node_id
+    console.print(f"address  {address}\nnode id  {node_id}" + ("\nunlocked: the keys match" if check else ""))
 
 
 @base_app.command("init-tiny")

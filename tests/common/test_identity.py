@@ -57,3 +57,47 @@ def test_a_new_key_gets_no_empty_password(tmp_path, monkeypatch):
     with pytest.raises(IdentityError, match="the password given is empty"):
         create_identity(tmp_path / "id.json", "")
     assert not (tmp_path / "id.json").exists()
+
+
+def _show(path, *flags, password=None):
+    from typer.testing import CliRunner
+
+    from node.cli import keys_app
+
+    env = {"LORAMESH_KEY_PASSWORD": password} if password is not None else {}
+    return CliRunner().invoke(keys_app, ["show", str(path), *flags], env=env)
+
+
+def test_keys_show_needs_no_password_and_check_unlocks(tmp_path, monkeypatch):
+    """`keys show` printed an address only after asking for the password, which the address is not secret behind
+    (README: `devnet up --fund $(loramesh keys show alice.json | awk ...)`)."""
+    monkeypatch.delenv("LORAMESH_KEY_PASSWORD", raising=False)
+    path = tmp_path / "id.json"
+    made = create_identity(path, "pw")
+    shown = _show(path)
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.split() == ["address", made.address, "node", "id", made.node_id]
+    checked = _show(path, "--check", password="pw")
+    assert checked.exit_code == 0 and made.node_id in checked.output and "the keys match" in checked.output
+    wrong = _show(path, "--check", password="other")
+    assert isinstance(wrong.exception, IdentityError) and "wrong password" in str(wrong.exception)
+
+
+def test_keys_show_refuses_what_the_file_cannot_back(tmp_path):
+    path = tmp_path / "id.json"
+    create_identity(path, "pw")
+    doc = json.loads(path.read_text())
+    other = create_identity(tmp_path / "other.json", "pw")
+    bad_id = dict(doc, node_id=other.node_id)
+    (tmp_path / "bad_id.json").write_text(json.dumps(bad_id))
+    r = _show(tmp_path / "bad_id.json")
+    assert "node id is not its node public key's" in str(r.exception)
+    bad_address = dict(doc, address="0x[bold]" + "0" * 32)
+    (tmp_path / "bad_address.json").write_text(json.dumps(bad_address))
+    assert "address is not 0x followed by 40 hex digits" in str(_show(tmp_path / "bad_address.json").exception)
+    # a node key swapped consistently (public key and id) reads, but does not unlock as the file states
+    swapped = dict(doc, node_id=other.node_id, node_public_key=other.node_public_key.hex())
+    (tmp_path / "swapped.json").write_text(json.dumps(swapped))
+    assert _show(tmp_path / "swapped.json").exit_code == 0
+    with pytest.raises(IdentityError, match="do not match the address and node id it states"):
+        load_identity(tmp_path / "swapped.json", "pw")
