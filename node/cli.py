@@ -756,14 +756,14 @@ def node_run(
         )
     if settings.deployment is not None and settings.key is None:
         raise typer.BadParameter("registering on chain needs the operator's identity file", param_hint="--key")
-    identity = _identity(settings.key)
-    try:
-        daemon_config = settings.daemon_config()
+    try:  # both before the password is asked for and the weights load
+        daemon_config, engine_config = settings.daemon_config(), settings.engine_config()
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    identity = _identity(settings.key)
     # the port before the engine: a busy one is said at once, not after minutes of loading weights
     sock = listening_socket(daemon_config.host, daemon_config.port, "node")
-    daemon = NodeDaemon(daemon_config, settings.engine_config(), identity)
+    daemon = NodeDaemon(daemon_config, engine_config, identity)
     restore_recursion_limit()  # py_ecc, imported with the chain libraries, raises it to 100,000
     log.info("node %s serving %s on %s", identity.node_id, daemon.engine.base_model_name, daemon_config.public_url)
     log.info("operator token (for upload, load/pin, abort) is in %s", daemon.operator_token_path)

@@ -49,7 +49,7 @@ class NodeSettings(ServiceSettings):
     slots: int | None = Field(default=None, ge=1)  # adapter slots on the device
     max_lora_rank: int | None = Field(default=None, ge=1, le=MAX_LORA_RANK)
     kv_blocks: int | None = Field(default=None, ge=1)  # None: from memory
-    threads: int | None = Field(default=None, ge=1)  # torch CPU threads
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads (at most EngineConfig's MAX_THREADS)
     prefix_caching: bool | None = None  # share prompt prefixes' KV (the engine's default: on)
     quantization: str | None = None  # none | int8 | int4 | fp8: the base weights' serving precision
     kv_cache_dtype: str | None = None  # auto | fp8: the KV cache's storage (the engine's default: auto)

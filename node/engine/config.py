@@ -198,6 +198,9 @@ def _window(window: object) -> int:
     return window
 
 
+MAX_THREADS = 1024  # torch.set_num_threads(100_000) crashes the process (SIGSEGV)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """What the engine runs and how big its tables are; checked when built."""
@@ -252,6 +255,13 @@ class EngineConfig:
         self.model_dir = Path(self.model_dir)
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} is not supported; expected 'cpu' or 'cuda'")
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r}: this torch build has no usable CUDA device (a CPU build, or no driver); "
+                "install a CUDA build of torch (LORAMESH_TORCH_SPEC) or serve on cpu"
+            )
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in 1..{MAX_THREADS}, got {self.threads}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         for name in ("num_slots", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens"):

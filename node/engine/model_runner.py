@@ -4,6 +4,7 @@ batch into flat input tensors, runs one forward pass and returns the last-token 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +28,20 @@ ALIGN = 64  # elements: every stack in the slot buffer starts 128-byte aligned (
 # host memory the adapter pool takes by default (pinned at start on CUDA): 34 buffers of the 8B shape's
 # 168 MB (a 32-adapter host cache), 10 of a 70B's 0.8 GB; EngineConfig.host_pool_buffers sets the count
 HOST_POOL_BUDGET = 8 << 30
+
+
+@contextmanager
+def _allocating(what: str, nbytes: int, device: torch.device, fix: str):
+    """An allocation too large for the device said in one line that names the setting, not torch's
+    allocator trace (`node run --slots 100000` asked a CPU for 39 GB)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        raise ValueError(
+            f"{what} need {nbytes / 2**30:.1f} GiB of {device} memory, more than it can give: {fix}"
+        ) from None
 
 
 class SlotCopy:
@@ -72,18 +87,20 @@ class ModelRunner:
         # static decode pads batches up to a bucket: the padded rows write their K/V into one extra block
         self.scratch_block = self.num_blocks if self.static_decode else None
         total = self.num_blocks + (1 if self.static_decode else 0)
-        self.kv_caches = [
-            allocate_kv(
-                total,
-                config.block_size,
-                model_cfg.num_kv_heads,
-                model_cfg.head_dim,
-                dtype,
-                config.kv_cache_dtype,
-                self.device,
-            )
-            for _ in range(model_cfg.num_layers)
-        ]
+        kv_bytes = total * self._block_bytes()
+        with _allocating(f"{self.num_blocks} KV cache blocks", kv_bytes, self.device, "fewer KV blocks"):
+            self.kv_caches = [
+                allocate_kv(
+                    total,
+                    config.block_size,
+                    model_cfg.num_kv_heads,
+                    model_cfg.head_dim,
+                    dtype,
+                    config.kv_cache_dtype,
+                    self.device,
+                )
+                for _ in range(model_cfg.num_layers)
+            ]
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB, %s)",
             self.num_blocks,
@@ -117,7 +134,9 @@ class ModelRunner:
             p += -(-rb * cb // ALIGN) * ALIGN
             layout.append((idx, layer, a_off, b_off))
         s1 = self.config.num_slots + 1
-        buf = torch.zeros(s1, p, dtype=self.dtype, device=self.device)
+        nbytes = s1 * p * self.dtype.itemsize
+        with _allocating(f"{s1 - 1} adapter slots of rank {r}", nbytes, self.device, "fewer slots or a lower rank"):
+            buf = torch.zeros(s1, p, dtype=self.dtype, device=self.device)
         for _, layer, a_off, b_off in layout:
             (ra, ca), (rb, cb) = layer.lora_shapes(r)
             layer.attach_lora(

@@ -227,3 +227,34 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     bad.write_bytes(b'base = "\x80"\n')
     with pytest.raises(SettingsError, match=rf"^config file {bad} is not TOML: "):
         NodeSettings.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "tpu"], "device 'tpu' is not supported"),
+        (["--speculative", "foo"], "speculative 'foo' is not one of ngram, off"),
+        # torch.set_num_threads(100_000) ended the process with SIGSEGV after the weights loaded
+        (["--threads", "100000"], "threads must be in 1..1024, got 100000"),
+    ],
+)
+def test_an_engine_setting_it_cannot_run_is_a_usage_error_before_the_password(tmp_path, tiny_base, flags, message):
+    """These were found only after the password prompt and the weights' load, and ended with exit code 1."""
+    from node import cli
+
+    key = tmp_path / "op.json"
+    key.write_text("{}")  # never read: the settings are refused first
+    args = ["node", "run", "--base", str(tiny_base), "--store", str(tmp_path / "s"), "--port", "8101"]
+    result = CliRunner().invoke(cli.app, [*args, "--key", str(key), *flags], env={"LORAMESH_KEY_PASSWORD": ""})
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_more_slots_or_kv_blocks_than_memory_is_one_line_naming_them(tiny_base):
+    """`node run --slots 100000` ended with torch's allocator trace ("[enforce fail at alloc_cpu.cpp:127] ...")."""
+    from node.engine import EngineConfig, LLMEngine
+
+    with pytest.raises(ValueError, match=r"^1000000000 adapter slots of rank 16 need [\d.]+ GiB of cpu memory"):
+        LLMEngine(EngineConfig(tiny_base, num_slots=10**9, num_kv_blocks=4))
+    with pytest.raises(ValueError, match=r"^10000000000000 KV cache blocks need [\d.]+ GiB of cpu memory, more than"):
+        LLMEngine(EngineConfig(tiny_base, num_kv_blocks=10**13))
