@@ -321,13 +321,17 @@ class Admission:
 
     def charge_tokens(self, key_id: int, tokens: int) -> None:
         """Charge a finished request's tokens to its key beyond what it reserved, or give back (negative) what
-        it did not use (not blocking: written by a worker thread)."""
-        tpm = self._key_tpm.get(key_id)
-        if tpm and tokens:
-            self._charges.submit(self._charge, key_id, tokens, tpm)
+        it did not use (not blocking: written by a worker thread). A key this process has not authenticated
+        (a request of a dead gateway, reconciled here) has its limit read first."""
+        if tokens and (key_id not in self._key_tpm or self._key_tpm[key_id]):
+            self._charges.submit(self._charge, key_id, tokens, self._key_tpm.get(key_id))
 
-    def _charge(self, key_id: int, tokens: int, tpm: int) -> None:
+    def _charge(self, key_id: int, tokens: int, tpm: int | None) -> None:
         try:
+            if tpm is None:  # a key not authenticated here
+                with Session(self.keys.engine) as s:
+                    policy = s.get(KeyPolicy, key_id)
+                tpm = policy.tokens_per_minute if policy is not None else None
             self.limiter.charge_tokens(key_id, tokens, tpm=tpm)
         except Exception as e:  # noqa: BLE001 - a charge lost to a database outage lets the key run a little over
             log.warning("tokens of key %d not charged to its limit: %s", key_id, e)

@@ -60,6 +60,10 @@ async def reconcile(gw: Gateway) -> int:
         result = await gw.book.record(end)
         if result != "already_closed":
             log.warning("request %s of a gateway that died: closed as %s (%s)", row.request_id[:10], end.status, result)
+            if row.key_id is not None and row.reserved_tokens:
+                # what the dead gateway would have settled at the end: the key's reservation less what is billed
+                used = end.prompt_tokens + end.completion_tokens if end.served else 0
+                gw.admission.charge_tokens(row.key_id, used - row.reserved_tokens)
         closed.add(row.request_id)
 
     tasks = [asyncio.ensure_future(one(row)) for row in rows]

@@ -516,6 +516,7 @@ class ServedRequest:
                 prompt_tokens=self.prompt_tokens,
                 max_tokens=self.max_tokens,
                 quote=self.quote,
+                reserved_tokens=self.reserved,
                 owner=self,
             )
         )
@@ -970,7 +971,9 @@ class ServedRequest:
             m.ttft.labels(self.endpoint).observe(self.ttft)
         m.tokens.labels(self.target.label, "prompt").inc(end.prompt_tokens)
         m.tokens.labels(self.target.label, "completion").inc(end.completion_tokens)
-        if self.key_id is not None:  # what it used beyond its reservation, or (negative) the unused part back
+        # what it used beyond its reservation, or (negative) the unused part back; a request a sibling's
+        # reconciliation closed first (this gateway taken for dead) was settled by that sibling
+        if self.key_id is not None and self.result != "already_closed":
             d.admission.charge_tokens(self.key_id, end.prompt_tokens + end.completion_tokens - self.reserved)
         return self.result
 

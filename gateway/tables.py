@@ -98,6 +98,9 @@ class CompletionRecord(SQLModel, table=True):
     # the request's quote (gateway.usage.RequestEnd.quote) as JSON, for a reconciliation of it after its
     # gateway died: {adapter id: wei per 1,000 tokens as a decimal string}
     quote_json: str | None = Field(default=None, max_length=4000)
+    # tokens taken from the key's tokens per minute before it ran (Admission.reserve; 0: none), which a
+    # reconciliation settles as the dead gateway would have (None: a row of a gateway that did not store it)
+    reserved_tokens: int | None = Field(default=None, sa_type=BigInteger)
     instance_id: str | None = Field(default=None, max_length=64, index=True)  # the gateway process that opened it
     created_at: datetime = Field(default_factory=utcnow, index=True)
     finished_at: datetime = Field(default_factory=utcnow)  # when it was opened, until it is closed

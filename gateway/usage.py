@@ -237,9 +237,10 @@ class UsageRecorder:
         prompt_tokens: int,
         max_tokens: int,
         quote: dict[str, int] | None = None,
+        reserved_tokens: int = 0,
     ) -> None:
         """Write the request as open before any node sees it (UsageError when the database refuses), with its
-        quote (RequestEnd.quote), which a reconciliation of it takes back.
+        quote (RequestEnd.quote) and the tokens its key reserved, which a reconciliation of it takes back.
 
         One Core INSERT, not an ORM row through a Session: the write runs beside the request's dispatch, on
         every request, and the ORM's unit of work cost 4-5x the CPU (0.6 ms against 0.15 ms per row on this
@@ -258,6 +259,7 @@ class UsageRecorder:
             attempts=1,
             max_tokens=max_tokens,
             quote_json=quote_json(quote),
+            reserved_tokens=reserved_tokens,
             instance_id=self.instance_id,
             created_at=now,
             finished_at=now,

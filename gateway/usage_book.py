@@ -77,6 +77,7 @@ class UsageBook:
         max_tokens: int,
         quote: dict[str, int],
         owner: object,
+        reserved_tokens: int = 0,
     ) -> None:
         """Record a request as open before it is dispatched; OutboxUnavailable (503) when that fails. `owner`
         (the object serving it) holds the request while it lives (`holding`)."""
@@ -93,6 +94,7 @@ class UsageBook:
                 prompt_tokens=prompt_tokens,
                 max_tokens=max_tokens,
                 quote=quote,
+                reserved_tokens=reserved_tokens,
             )
         except UsageError as e:
             self._outbox_failed(e)

@@ -19,10 +19,12 @@ from sqlmodel import Session, select
 from common.identity import Identity
 from gateway.chain_registry import RegistryView
 from gateway.directory import NodeDirectory
+from gateway.keys import Admission, KeyCache, create_key
 from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimiter
 from gateway.reconcile import reconcile
 from gateway.router import Target
-from gateway.tables import CompletionRecord, RequestStatus
+from gateway.tables import CompletionRecord, RateBucket, RequestStatus
 from gateway.usage import RequestEnd, UsageRecorder, quote_of
 from gateway.usage_book import UsageBook
 from ledger.db import make_engine
@@ -58,6 +60,7 @@ class StubBook:
 class StubGateway:
     def __init__(self, engine, ident, answer, **settings) -> None:
         self.book = StubBook(UsageRecorder(engine, {ident.node_id: ident.node_public_key}.get, instance_id="me"))
+        self.admission = Admission(KeyCache(engine, ttl=0), RateLimiter(engine, clock=lambda: 1000.0))
         self.settings = SimpleNamespace(
             **(
                 {
@@ -87,7 +90,16 @@ def world(tmp_path):
 
 
 def open_rows(
-    dead, ident, n: int, *, age_s: float = 0.0, quote: dict | None = None, prompt: int = 3, max_tokens: int = 16
+    dead,
+    ident,
+    n: int,
+    *,
+    age_s: float = 0.0,
+    quote: dict | None = None,
+    prompt: int = 3,
+    max_tokens: int = 16,
+    key_id: int = 1,
+    reserved: int = 0,
 ) -> list[str]:
     rids = []
     for _ in range(n):
@@ -97,10 +109,11 @@ def open_rows(
             model="acme/a",
             adapter_id=ADAPTER,
             node_id=ident.node_id,
-            key_id=1,
+            key_id=key_id,
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             quote=quote,
+            reserved_tokens=reserved,
         )
         rids.append(rid)
     if age_s:
@@ -352,3 +365,30 @@ def test_the_book_holds_a_request_while_something_serves_it_or_its_end_waits(wor
     rec.engine = engine
     asyncio.run(ub.outbox_tick())
     assert ub.holding() == set() and status_of(engine, kept) == RequestStatus.NOT_SERVED
+
+
+def test_a_dead_gateways_reservations_go_back_to_their_keys_less_what_is_billed(world):
+    """A key's tokens per minute were taken whole (prompt + max_tokens) before its request ran; the gateway
+    killed mid-request never gave back the unused part: a `--tpm 100` key that used 6 tokens of a 401-token
+    reservation was refused for 170 s after the restart."""
+    engine, ident, dead = world
+    _, key = create_key(engine, name="app", tpm=1000)
+    limiter = RateLimiter(engine, clock=lambda: 1000.0)  # one instant: nothing refills meanwhile
+    for _ in range(2):
+        limiter.reserve(key.id, 403, tpm=1000)
+    served = open_rows(dead, ident, 1, prompt=3, max_tokens=400, key_id=key.id, reserved=403)
+    lost = open_rows(dead, ident, 1, prompt=3, max_tokens=400, key_id=key.id, reserved=403)
+
+    async def answer(rid):
+        return ("ok", signed(ident, rid, prompt=3, completion=5)) if rid in served else ("unknown", None)
+
+    gw = StubGateway(engine, ident, answer)
+    assert asyncio.run(reconcile(gw)) == 2
+    gw.admission.close()  # the charges are written by a worker thread
+    assert (status_of(engine, served[0]), status_of(engine, lost[0])) == (RequestStatus.RECONCILED, RequestStatus.LOST)
+    with Session(engine) as s:
+        bucket = s.exec(select(RateBucket).where(RateBucket.key_id == key.id, RateBucket.kind == "tokens")).one()
+    assert bucket.level == 1000 - (3 + 5)  # the lost request billed nothing and holds nothing back
+    # closed once: a second pass finds nothing open, and gives nothing back again
+    gw = StubGateway(engine, ident, answer)
+    assert asyncio.run(reconcile(gw)) == 0
