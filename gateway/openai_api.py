@@ -467,6 +467,9 @@ class ChatMessage(BaseModel):
             raise ValueError('a "tool" message needs the tool_call_id it answers')
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError('only "tool" messages carry a tool_call_id')
+        if self.content is None and self.role != "assistant":
+            # OpenAI's 400 too: an app that lost its user's text gets an error, not a billed answer to nothing
+            raise ValueError(f'a "{self.role}" message needs its content (null only in an assistant\'s message)')
         return self
 
     def text(self) -> str:
@@ -770,14 +773,17 @@ def to_node_request(
     return body
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage object; cached_tokens: of the prompt, the tokens the node's prefix cache held."""
-    return {
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: of the prompt, the tokens the node's prefix cache held (None: not
+    known yet, so no prompt_tokens_details, as vLLM's usage so far has none: a 0 there would be false)."""
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
 
 
 def finish_reason(node_reason: str | None) -> str:

@@ -253,7 +253,11 @@ class ServedRequest:
                 created=created,
                 model=req.model,
                 include_usage=req.include_usage,
-                usage_so_far=(lambda: usage_dict(*self.usage, self.cached_tokens)) if req.continuous_usage else None,
+                usage_so_far=(
+                    (lambda: usage_dict(*self.usage, self.cached_tokens if self.done else None))
+                    if req.continuous_usage
+                    else None
+                ),
             )
         if req.stream:
             return WriteBoundedStreamingResponse(

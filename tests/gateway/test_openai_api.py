@@ -163,6 +163,10 @@ def test_chat_tool_history_and_harmless_fields():
         ({"echo": True}, "echo"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
         ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages"),
+        # OpenAI's 400: an app that lost its user's text was answered and billed (only an assistant's may be null)
+        ({"messages": [{"role": "user", "content": None}]}, "messages"),
+        ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user"}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
         (
             {

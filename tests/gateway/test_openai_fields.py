@@ -331,6 +331,9 @@ def test_continuous_usage_stats_give_the_usage_so_far_on_every_chunk(oai):
         counts = [c.usage.completion_tokens for c in chunks[:-1] if c.choices and c.choices[0].text]
         assert counts == sorted(counts) and counts[-1] == 6 and len(counts) >= 2, counts
         assert all(c.usage.prompt_tokens == final.usage.prompt_tokens for c in chunks), options
+        # cached_tokens comes with the final usage: a running chunk said 0 where the final one said 64
+        assert all(c.usage.prompt_tokens_details is None for c in chunks[:-1] if c.choices), options
+        assert final.usage.prompt_tokens_details is not None
     quiet = list(complete(oai, stream=True, stream_options={"include_usage": False, "continuous_usage_stats": True}))
     assert all(c.usage is None for c in quiet)
     plain = list(complete(oai, stream=True, stream_options={"include_usage": True}))
