@@ -71,6 +71,21 @@ def _remove_leftovers(path: Path) -> None:
             continue
 
 
+# this process's mark on what it leaves in a shared folder: its id and a token of its own, so that a successor
+# given the same id (a container's restart) still tells its predecessor's leftovers from its own
+WRITER = f"{os.getpid()}.{secrets.token_hex(4)}"
+WRITER_PATTERN = r"([0-9]+)\.([0-9a-f]{8})"  # a WRITER's two parts, as groups
+
+
+def writer_gone(pid: int, token: str) -> bool:
+    """Whether the writer that marked something `{pid}.{token}` (`WRITER`) has ended: another process whose id
+    is free, or one of this process's id with another token. A live process of that id may be another one
+    (ids are reused): then it is not known, and False."""
+    if pid == os.getpid():
+        return f"{pid}.{token}" != WRITER
+    return not _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -18,12 +18,14 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from common.files import WRITER, WRITER_PATTERN, writer_gone
 from ledger.types import Domain
 from node.adapters.errors import ForeignSignature, PackageError
 from node.adapters.manifest import MANIFEST_FILE, check_id
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 INSTALL_LOCK = ".install.lock"  # in the store's root: installs take it in turn (AdapterStore._installing)
 INSTALL_LOCK_WAIT_S = 60.0  # an install holds it for renames only: past this its holder is stuck, not busy
 TMP_IDLE_S = 600.0  # a temporary folder unwritten this long at a node's start is a dead writer's (clean_tmp)
+_TMP_NAME = re.compile(rf"(?:pkg|rm)-{WRITER_PATTERN}-")  # a temporary folder's writer (tmp_dir, remove)
 _STORE_LOCKS: dict[str, threading.Lock] = {}  # a store's real path -> its installs' lock in this process
 _THREADS_LOCK = threading.Lock()
 
@@ -121,7 +124,7 @@ class AdapterStore:
 
     def tmp_dir(self) -> Path:
         """A fresh, empty temporary folder inside the store (same filesystem, so the final rename is atomic)."""
-        return Path(tempfile.mkdtemp(prefix="pkg-", dir=self._tmp_root))
+        return Path(tempfile.mkdtemp(prefix=f"pkg-{WRITER}-", dir=self._tmp_root))
 
     def install(
         self, src_dir: str | Path, *, expected_owner: str | None = None, base_dir: str | Path | None = None
@@ -236,7 +239,7 @@ class AdapterStore:
         path = self.path_for(adapter_id)
         if not path.exists():
             return False
-        doomed = Path(tempfile.mkdtemp(prefix=f"rm-{adapter_id[2:12]}-", dir=self._tmp_root))  # one a removal
+        doomed = Path(tempfile.mkdtemp(prefix=f"rm-{WRITER}-", dir=self._tmp_root))  # one a removal
         self._drop_stamp(adapter_id)
         try:
             os.replace(path, doomed)  # disappear atomically (over the empty folder), then delete at leisure
@@ -247,17 +250,20 @@ class AdapterStore:
         return True
 
     def clean_tmp(self, *, idle_s: float = TMP_IDLE_S) -> int:
-        """Remove temporary folders left by a process that died mid-write; returns how many. A folder written in the
-        last `idle_s` is another process's write going on (`adapter fetch --store` beside a node that starts: the
-        node removed it, and the install failed on a raw FileNotFoundError; review), and is left."""
+        """Remove temporary folders left by a process that died mid-write; returns how many. A folder's name says
+        its writer (`common.files.WRITER`): one whose writer has ended goes at once (a node killed mid-fetch and
+        restarted kept 2 MB a crash). Any other written in the last `idle_s` is another process's write going on
+        (`adapter fetch --store` beside a node that starts: the node removed it, and the install failed on a raw
+        FileNotFoundError; review), and is left."""
         n, now = 0, time.time()
         for p in self._tmp_root.iterdir():
+            named = _TMP_NAME.match(p.name)
             try:
                 inside = [c.lstat().st_mtime for c in p.iterdir()] if p.is_dir() else []
                 written = max([p.lstat().st_mtime, *inside])
             except OSError:  # gone meanwhile: its writer finished or removed it
                 continue
-            if now - written < idle_s:
+            if now - written < idle_s and not (named and writer_gone(int(named[1]), named[2])):
                 continue
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -1,5 +1,8 @@
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +47,23 @@ def test_leftovers_of_a_crashed_write_are_invisible_and_cleaned(package, tiny_ba
     for p in (half / "adapter_config.json", half):  # an hour later, nobody has written it since
         os.utime(p, (time.time() - 3600, time.time() - 3600))
     assert store.clean_tmp() == 1 and not os.listdir(store.root / ".tmp")
+
+
+def test_a_killed_writers_folder_goes_at_the_next_start_however_recent(tmp_path):
+    """A node killed mid-fetch and restarted at once kept its partial download (2 MB a crash) until a start more
+    than TMP_IDLE_S after it; now a folder whose writer has ended goes, also one of a predecessor given the same
+    process id (a container's restart), and a live writer's stays."""
+    root = tmp_path / "store"
+    script = "import sys; from node.adapters.store import AdapterStore; print(AdapterStore(sys.argv[1]).tmp_dir())"
+    dead = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, check=True)
+    killed = Path(dead.stdout.strip())
+    (killed / "adapter.safetensors").write_bytes(b"\0" * 1000)
+    store = AdapterStore(root)
+    same_pid = root / ".tmp" / f"pkg-{os.getpid()}.{'0' * 8}-x"  # this id, another token: a predecessor's
+    same_pid.mkdir()
+    live = store.tmp_dir()
+    assert store.clean_tmp() == 2
+    assert os.listdir(root / ".tmp") == [live.name]
 
 
 def test_bad_ids_are_refused(tmp_path):
