@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from collections import Counter
+from collections.abc import Callable
 
 import trio
 from libp2p import new_host
@@ -17,6 +18,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.rcmgr import Direction
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -138,6 +140,34 @@ def _bound_inbound(swarm, per_network: int) -> None:
                 del held[net]
 
     swarm.upgrade_inbound_raw_conn = upgrade_inbound
+
+
+def connection_to_close(swarm, standing: Callable[[str], int], dialing, busy: TProtocol):
+    """The peer whose connection goes so that this node can dial `dialing`, when every connection slot is taken
+    (None when none need go, or none may). py-libp2p refuses a dial at max_connections and its pruner trims only
+    above it, so 60 strangers' idle inbound connections and 4 of the node's own kept it from dialling any new
+    provider, for as long as they were held (red team: an honest provider unreachable 100 s and more).
+
+    Never a connection carrying a `busy` stream (an adapter transfer, either way), nor one of higher standing than
+    the peer dialled (a stranger's announcement would close a registered node's connection). The lowest standing
+    goes first, then the node's own dials before a peer's, then the oldest. While the inbound slots are all taken,
+    only the node's own dials may go: a stranger's slot, freed, is a stranger's again before the dial ends."""
+    if swarm.get_connections(dialing) or len(swarm.get_connections()) < swarm.connection_config.max_connections:
+        return None
+    slots = swarm._inbound_limiter
+    inbound_full = slots.borrowed_tokens >= slots.total_tokens
+    ceiling = standing(dialing.to_base58())
+    best, best_key = None, None
+    for peer_id, conns in swarm.get_connections_map().items():
+        if peer_id == dialing or any(s.get_protocol() == busy for c in conns for s in c.get_streams()):
+            continue
+        level, inbound = standing(peer_id.to_base58()), any(c.direction == Direction.INBOUND for c in conns)
+        if level > ceiling or (inbound and inbound_full):
+            continue
+        key = (level, inbound, min(getattr(c, "_created_at", 0.0) for c in conns))
+        if best_key is None or key < best_key:
+            best, best_key = peer_id, key
+    return best
 
 
 def refuse_taken_port(listen: str) -> None:

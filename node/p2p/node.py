@@ -32,6 +32,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from common.logs import Throttled
 from common.wire import restore_recursion_limit
 from node.adapters import AdapterStore, VerifiedPackage
 from node.p2p.config import P2PConfig
@@ -42,6 +43,7 @@ from node.p2p.host import (
     bound_dht_streams,
     bound_provider_store,
     build_host,
+    connection_to_close,
     full_addrs,
     guard_stream_handlers,
     refuse_taken_port,
@@ -278,6 +280,7 @@ class Mesh:
             except Exception:  # an address without /p2p/<id> names no peer; dialing it reports that
                 pass
         self.server.standing = self.standing.level
+        self._log_room = Throttled(log, logging.INFO)  # strangers' connections can make it happen at every dial
         self.discovery = Discovery(
             config=config,
             store=store,
@@ -373,9 +376,18 @@ class Mesh:
         self._nursery.start_soon(self.add_peers, multiaddrs)
 
     async def dial(self, info: PeerInfo) -> None:
-        """Connect to a peer (within dial_timeout) and add it to the DHT routing table."""
+        """Connect to a peer (within dial_timeout) and add it to the DHT routing table; when every connection slot
+        is taken, a connection of lower standing is closed first (`connection_to_close`)."""
         if info.peer_id == self.host.get_id():
             return
+        doomed = connection_to_close(self.host.get_network(), self.standing.level, info.peer_id, TProtocol(PROTOCOL_ID))
+        if doomed is not None:
+            self._log_room("every connection slot is taken: closed %s's connection to dial %s", doomed, info.peer_id)
+            with trio.move_on_after(2):
+                try:
+                    await self.host.disconnect(doomed)
+                except Exception as e:  # gone meanwhile: the slot is free all the same
+                    log.debug("closing %s: %s", doomed, e)
         try:
             with trio.fail_after(self.config.dial_timeout):
                 await self.host.connect(info)

@@ -99,6 +99,7 @@ class PeerProcess:
         announce_interval: float = 1.0,
         log_path: Path | None = None,
         start_timeout: float = 60.0,
+        config: dict | None = None,
     ):
         args = [
             "--store",
@@ -122,6 +123,8 @@ class PeerProcess:
             args += ["--bootstrap", *bootstrap]
         if faults is not None:
             args += ["--faults", str(faults)]
+        if config:
+            args += ["--config", json.dumps(config)]
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
