@@ -274,7 +274,9 @@ def keys_update(
 
 @keys_app.command("revoke")
 def keys_revoke(ident: Annotated[str, typer.Argument(help="Key id or shown prefix.")], db: DbOpt = None) -> None:
-    """Revoke a key: it gets 401 from then on (a running gateway within key_cache_ttl_s, 2 s by default)."""
+    """Revoke a key: it gets 401 from then on, and its requests running end at their next token (a streamed one
+    billed for what it got, a whole answer refused and not billed), on a running gateway within key_cache_ttl_s
+    (2 s by default)."""
     from gateway.keys import revoke_key
 
     info = revoke_key(_engine(db), ident)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -279,6 +280,8 @@ class Admission:
         self.keys = keys
         self.limiter = limiter
         self._key_tpm: dict[int, int | None] = {}  # key id -> tokens per minute, as last authenticated
+        # keys revoked lately (refresh_revoked): their requests still running end at their next token
+        self.revoked: frozenset[int] = frozenset()
         # token charges are written after the answer, one at a time, off the caller's thread (the event loop)
         self._charges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rate-charges")
 
@@ -318,6 +321,14 @@ class Admission:
             return False
         self.limiter.reserve(key.id, tokens, tpm=key.tokens_per_minute)
         return True
+
+    def refresh_revoked(self, within_s: float) -> None:
+        """Read the keys revoked in the last `within_s` seconds (as long as a request may run): revoking a key
+        ended its new requests only, and a stolen key's streams ran on to their max_tokens (blocking: DB)."""
+        since = utcnow() - timedelta(seconds=within_s)
+        with Session(self.keys.engine) as s:
+            rows = s.exec(select(ApiKey.id).where(ApiKey.revoked_at >= since))  # type: ignore[operator]
+            self.revoked = frozenset(rows)
 
     def charge_tokens(self, key_id: int, tokens: int) -> None:
         """Charge a finished request's tokens to its key beyond what it reserved, or give back (negative) what

@@ -36,6 +36,7 @@ from gateway.chat import ChatTemplates
 from gateway.choices import Choices
 from gateway.directory import NodeDirectory, NodeEntry
 from gateway.errors import (
+    AuthError,
     BadRequest,
     GatewayError,
     GrammarFailed,
@@ -86,6 +87,7 @@ ABORT_DRAIN_TIMEOUT_S = 5.0
 # events other than tokens a node may send in one request (a real node sends an error and a done event at
 # most): a node that sends more is cut off, so it cannot hold a request open with events that never end
 MAX_OTHER_EVENTS = 64
+KEY_REVOKED = "this request's API key was revoked while it ran"
 # a whole (not streamed) answer of this many completion tokens (and echoed prompt positions) or more is built and
 # encoded on a worker thread
 LARGE_ANSWER_TOKENS = 512
@@ -206,6 +208,8 @@ class ServedRequest:
         self._grammar_claim = False
         self.grammar_failed = False
         self.failure: str | None = None  # the node broke off after the first token
+        # its key was revoked while it ran (Admission.revoked): the gateway ends it as a client leaving would
+        self.key_revoked = False
         self.aborted = False
         self.node_lost = False
         self.finished = False
@@ -278,6 +282,9 @@ class ServedRequest:
         if not stayed:  # nobody reads the answer; the node is aborted, what it made until now is billed
             await asyncio.shield(d.background.spawn(self.finish(client_gone=True)))
             return Response(status_code=HTTP_CLIENT_CLOSED, headers=headers)
+        if self.key_revoked:  # none of the answer is given, and none billed (`withheld`)
+            await asyncio.shield(d.background.spawn(self.finish(client_gone=True)))
+            raise AuthError(f"{KEY_REVOKED}; nothing of the answer is sent or billed", headers=headers)
         await asyncio.shield(d.background.spawn(self.finish()))
         if self.failure and self.grammar_failed:
             raise GrammarFailed(
@@ -343,7 +350,12 @@ class ServedRequest:
                 if chunk or (opening and self.chat):
                     yield opening + chunk
                     opening = b""
-            await asyncio.shield(self.d.background.spawn(self.finish()))
+            await asyncio.shield(self.d.background.spawn(self.finish(client_gone=self.key_revoked)))
+            if self.key_revoked:  # what was relayed is billed; the held tool text goes out with it
+                message = f"{KEY_REVOKED} after {self.n_tokens} tokens; the response is incomplete"
+                failed = b.failed(message, usage_dict(*self.usage, self.cached_tokens))
+                yield opening + c.release_held(b) + failed
+                return
             if self.failure:
                 # the tool text held back is billed: it reaches the client before the error
                 failed = b.failed(
@@ -788,6 +800,9 @@ class ServedRequest:
             if kind == "token":
                 if self.ttft is None:
                     self.ttft = time.monotonic() - self.started
+                if self.key_id in self.d.admission.revoked:  # a stolen key's streams end with its revocation
+                    self.key_revoked = True
+                    return
                 got = self._token(ev)
                 if got is None:  # stop relaying; finish() aborts
                     return
@@ -964,7 +979,8 @@ class ServedRequest:
             error=self.failure,
             aborted=self.aborted,
             node_lost=self.node_lost,
-            withheld=self.buffered and bool(self.failure) and not client_gone and not self.grammar_failed,
+            withheld=self.buffered
+            and (self.key_revoked or (bool(self.failure) and not client_gone and not self.grammar_failed)),
             misreported=misreported,
         )
         self.result = await d.book.record(end)

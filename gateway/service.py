@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 
 from sqlalchemy.engine import Engine
 
+from common.logs import Throttled
 from common.wire import node_id_of
 from gateway.catalog import ModelCatalog, Prices
 from gateway.chain_registry import RegistryView
@@ -125,6 +126,7 @@ class Gateway:
             ("registry-sync", self.sync_loop()),
             ("outbox-check", self.book.outbox_loop()),
             ("reconcile", self.reconcile_loop()),
+            ("revoked-keys", self.revoked_loop()),
         ]
         if self.settings.request_log_days > 0:
             out.append(("request-log", self.book.prune_loop(self.settings.request_log_days)))
@@ -172,6 +174,18 @@ class Gateway:
                 await reconcile.reconcile(self)
             except Exception:  # nothing may end reconciliation
                 log.exception("reconciliation pass failed")
+
+    async def revoked_loop(self) -> None:
+        """Read the keys revoked lately every key_cache_ttl_s (every 0.5 s with the cache off), so that a revoked
+        key's running requests end within about the time its new ones are refused."""
+        within = self.settings.request_deadline_s + 60
+        failed = Throttled(log, logging.WARNING, interval=60.0)  # the outbox check says the database is down too
+        while True:
+            try:
+                await asyncio.to_thread(self.admission.refresh_revoked, within)
+            except Exception as e:  # the last set read holds until the database answers
+                failed("revoked keys not read: %s", e)
+            await asyncio.sleep(max(self.settings.key_cache_ttl_s, 0.5))
 
     async def sync_loop(self) -> None:
         """Refresh the registry mirror and the disputed nodes every registry_sync_s seconds."""
