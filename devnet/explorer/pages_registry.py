@@ -23,18 +23,33 @@ from devnet.explorer.layout import (
     table,
     tx_link,
 )
+from devnet.explorer.queries import MAX_LIST_DEPTH
 from devnet.explorer.service import View
 
 RECENT = 50  # latest records on an adapter's or a node's page (all of them: /records, paginated)
+HISTORY_SIZE = 50  # history lines a page of an adapter's, a dataset's or a node's history shows
+VERSIONS_SHOWN = 20  # predecessors and successors an adapter's page names (the last one's page goes on)
 
 
-def _history(rows) -> str:
-    return table(["block", "transaction", "change"], ([num(b), tx_link(tx), esc(what)] for b, tx, what in rows))
+def _history(ex: View, kind: str, key: str, page_no: int, keep=()) -> str:
+    """A page of the entity's history, the newest first, with links to the older pages: anyone can change their
+    adapter's price as often as they like, and the page showed every change (10,000 lines, 2.8 MB, red team)."""
+    lines, total = ex.q.history(kind, key, page_no, HISTORY_SIZE)
+    rows = ([num(b), tx_link(tx), esc(what)] for b, tx, what in lines.rows)
+    shown = table(["block", "transaction", "change"], rows, table_id=f"{kind}-history")
+    return "<h2>History</h2>" + shown + pager(f"/{kind}s/{key}", lines, param="history_page", keep=keep, total=total)
 
 
-def _predecessors(a, versions: list[str]) -> str:
+def _more(ids: list[str], limit: int) -> str:
+    """The version links, then, when there were more than `limit`, a link to the last one's page, which goes on."""
+    if len(ids) <= limit:
+        return ""
+    return " " + link(f"/adapters/{ids[limit - 1]}", "more on that version's page", cls="more-versions")
+
+
+def _predecessors(a, versions: list[str], ids: list[str]) -> str:
     if versions:
-        return " ← ".join(versions)
+        return " ← ".join(versions[:VERSIONS_SHOWN]) + _more(ids, VERSIONS_SHOWN)
     if a.predecessor == ZERO_ID:
         return '<span class="muted">none (first version)</span>'
     return mono(a.predecessor) + ' <span class="muted">(not registered here)</span>'
@@ -102,15 +117,13 @@ def adapters_page(ex: View, *, page_no: int = 0, names_page: int = 0) -> str:
     names = ex.q.names(names_page, PAGE_SIZE)
     name_rows = []
     for n in names.rows:
-        versions = ex.q.adapters_named(n.name)
-        theirs = [a for a in versions if a.publisher == n.owner]
-        newest = max(theirs, key=lambda a: (a.block, a.adapter_id), default=None)
+        count, newest = ex.q.name_versions(n.name, n.owner)
         name_rows.append(
             [
                 esc(n.name),
                 address_link(n.owner),
                 adapter_link(newest.adapter_id, newest.version) if newest else '<span class="muted">none</span>',
-                num(len(versions)),
+                num(count) if count <= MAX_LIST_DEPTH else f"{num(MAX_LIST_DEPTH)}+",
             ]
         )
     body += (
@@ -122,13 +135,15 @@ def adapters_page(ex: View, *, page_no: int = 0, names_page: int = 0) -> str:
     return page("Adapters", body)
 
 
-def adapter_page(ex: View, adapter_id: str) -> str:
+def adapter_page(ex: View, adapter_id: str, *, history_page: int = 0) -> str:
     a = ex.q.adapter(adapter_id)
     u = ex.q.usage("adapter", adapter_id)
-    before, after = ex.predecessors(adapter_id), ex.successors(adapter_id)
+    # one more than shown of each: whether to link on
+    before = ex.predecessors(adapter_id, VERSIONS_SHOWN + 1)
+    after = ex.successors(adapter_id, VERSIONS_SHOWN + 1)
     ex.learn_names(before + after)
     versions = [adapter_link(p, ex.adapter_name(p)) for p in before]
-    later = [adapter_link(s, ex.adapter_name(s)) for s in after]
+    later = [adapter_link(s, ex.adapter_name(s)) for s in after[:VERSIONS_SHOWN]]
     info = kv(
         [
             ("adapter id", mono(a.adapter_id)),
@@ -139,8 +154,8 @@ def adapter_page(ex: View, adapter_id: str) -> str:
             ("name owner", _name_owner(ex, a.name)),
             ("price per 1k tokens", eth(int(a.price))),
             ("base model", mono(a.base_model)),
-            ("predecessors", _predecessors(a, versions)),
-            ("successors", ", ".join(later) or '<span class="muted">none</span>'),
+            ("predecessors", _predecessors(a, versions, before)),
+            ("successors", (", ".join(later) + _more(after, VERSIONS_SHOWN)) or '<span class="muted">none</span>'),
             ("registered", f"block {num(a.block)}, tx {tx_link(a.tx_hash)}"),
         ],
         dl_id="adapter-info",
@@ -181,8 +196,7 @@ def adapter_page(ex: View, adapter_id: str) -> str:
         + table(["account", "role", "accrued"], earned_rows, numeric=(2,))
         + f"<h2>Latest records</h2><p>{more}</p>"
         + records_table(ex, records, table_id="adapter-records")
-        + "<h2>History</h2>"
-        + _history(a.history)
+        + _history(ex, "adapter", adapter_id, history_page)
     )
     return page(f"Adapter {a.name} {a.version}", body)
 
@@ -217,7 +231,7 @@ def datasets_page(ex: View, *, page_no: int = 0) -> str:
     return page("Datasets and contributors", body)
 
 
-def dataset_page(ex: View, dataset_id: str) -> str:
+def dataset_page(ex: View, dataset_id: str, *, history_page: int = 0, adapters_page: int = 0) -> str:
     d = ex.q.dataset(dataset_id)
     info = kv(
         [
@@ -235,16 +249,26 @@ def dataset_page(ex: View, dataset_id: str) -> str:
         ],
         dl_id="dataset-info",
     )
+    declared, total = ex.q.dataset_adapters(dataset_id, adapters_page, PAGE_SIZE)
     rows = [
         [adapter_link(a.adapter_id, f"{a.name} {a.version}"), address_link(a.owner), f"{bps / 100:.2f}%"]
-        for a, bps in ex.q.dataset_adapters(dataset_id)
+        for a, bps in declared.rows
     ]
+    # each list's pager carries the other's page
+    keep_history = (("history_page", str(history_page) if history_page else None),)
+    keep_adapters = (("adapters_page", str(adapters_page) if adapters_page else None),)
     body = (
         card(info)
         + "<h2>Adapters trained on it</h2>"
-        + table(["adapter", "owner", "share"], rows, numeric=(2,), empty="no adapter declares it")
-        + "<h2>History</h2>"
-        + _history(d.history)
+        + table(
+            ["adapter", "owner", "share"],
+            rows,
+            numeric=(2,),
+            empty="no adapter declares it",
+            table_id="dataset-adapters",
+        )
+        + pager(f"/datasets/{dataset_id}", declared, param="adapters_page", keep=keep_history, total=total)
+        + _history(ex, "dataset", dataset_id, history_page, keep_adapters)
     )
     return page(f"Dataset {d.dataset_id[:18]}…", body)
 
@@ -276,7 +300,7 @@ def nodes_page(ex: View, *, page_no: int = 0) -> str:
     return page("Nodes", body)
 
 
-def node_page(ex: View, node_id: str) -> str:
+def node_page(ex: View, node_id: str, *, history_page: int = 0) -> str:
     n = ex.q.node(node_id)
     u = ex.q.usage("node", node_id)
     info = kv(
@@ -305,7 +329,6 @@ def node_page(ex: View, node_id: str) -> str:
         + table(["adapter", "records", "tokens"], rows, numeric=(1, 2))
         + f"<h2>Latest records</h2><p>{more}</p>"
         + records_table(ex, records, table_id="node-records")
-        + "<h2>History</h2>"
-        + _history(n.history)
+        + _history(ex, "node", node_id, history_page)
     )
     return page(f"Node {n.node_id[:18]}…", body)

@@ -33,6 +33,7 @@ from devnet.explorer.tables import (
     AdapterDataset,
     AdapterRow,
     DatasetRow,
+    HistoryLine,
     IndexCursor,
     IndexedBatch,
     IndexedMoney,
@@ -306,11 +307,20 @@ class IndexReads:
         stmt = select(AdapterRow).order_by(AdapterRow.name, AdapterRow.block, AdapterRow.adapter_id)
         return self._clamped(stmt, "adapters", page, size)
 
-    def adapters_named(self, name: str) -> list[AdapterRow]:
-        return list(self.s.exec(select(AdapterRow).where(AdapterRow.name == name)).all())
+    def name_versions(self, name: str, owner: str) -> tuple[int, AdapterRow | None]:
+        """(how many versions the name has, counted to MAX_LIST_DEPTH + 1 at most; the newest one its owner
+        registered): a walk of the name's index entries and one seek on (name, publisher). Every version was read
+        whole on each view of /adapters, and anyone can register thousands under their name (red team)."""
+        some = select(AdapterRow.adapter_id).where(AdapterRow.name == name).limit(MAX_LIST_DEPTH + 1).subquery()
+        count = self.s.exec(select(func.count()).select_from(some)).one()
+        newest = select(AdapterRow).where(AdapterRow.name == name, AdapterRow.publisher == owner)
+        newest = newest.order_by(col(AdapterRow.block).desc(), col(AdapterRow.adapter_id).desc()).limit(1)
+        return count, self.s.exec(newest).first()
 
-    def successors(self, adapter_id: str) -> list[AdapterRow]:
-        return list(self.s.exec(select(AdapterRow).where(AdapterRow.predecessor == adapter_id)).all())
+    def successors(self, adapter_id: str, limit: int) -> list[AdapterRow]:
+        """Up to `limit` adapters naming this one their predecessor (anyone may name any), the oldest first."""
+        stmt = select(AdapterRow).where(AdapterRow.predecessor == adapter_id)
+        return list(self.s.exec(stmt.order_by(AdapterRow.block, AdapterRow.adapter_id).limit(limit)).all())
 
     def search_adapters(self, text: str, limit: int = 50) -> tuple[list[AdapterRow], bool]:
         """(up to `limit` adapters whose name starts with `text` (any case), in name order, then, from 3 characters
@@ -364,6 +374,20 @@ class IndexReads:
     def name(self, name: str) -> NameRow | None:
         return self.s.get(NameRow, name)
 
+    def name_owners(self, names: set[str]) -> dict[str, str]:
+        """The owner of each registered name among `names`, in one query."""
+        if not names:
+            return {}
+        return dict(self.s.exec(select(NameRow.name, NameRow.owner).where(col(NameRow.name).in_(list(names)))).all())
+
+    def history(self, kind: str, key: str, page: int, size: int) -> tuple[Page, int]:
+        """(a page of an entity's history lines, the newest first, each (block, tx hash, what); how many it has): a
+        window of the lines' ordinals (tables.HistoryLine, 1..n, n the last: one seek on the primary key)."""
+        last = self._last(HistoryLine.ord, HistoryLine.kind == kind, HistoryLine.key == key)
+        stmt = select(HistoryLine).where(HistoryLine.kind == kind, HistoryLine.key == key)
+        rows = self.s.exec(_window(stmt, HistoryLine.ord, last, page, size, newest_first=True)).all()
+        return _page([(h.block, h.tx_hash, h.what) for h in rows], page, size), last
+
     def dataset(self, dataset_id: str) -> DatasetRow | None:
         return self.s.exec(select(DatasetRow).where(DatasetRow.dataset_id == dataset_id)).first()
 
@@ -373,24 +397,20 @@ class IndexReads:
         return _page(list(self.s.exec(stmt).all()), page, size)
 
     def dataset_users(self, ids: list[str]) -> dict[str, int]:
-        """How many adapters declare each dataset."""
-        if not ids:
-            return {}
-        stmt = (
-            select(AdapterDataset.dataset_id, func.count())
-            .where(col(AdapterDataset.dataset_id).in_(ids))
-            .group_by(AdapterDataset.dataset_id)
-        )
-        return dict(self.s.exec(stmt).all())
+        """How many adapters declare each dataset: its last AdapterDataset.ord (1..n, no gaps), one seek each."""
+        return {i: self._last(AdapterDataset.ord, AdapterDataset.dataset_id == i) for i in ids}
 
-    def dataset_adapters(self, dataset_id: str) -> list[tuple[AdapterRow, int]]:
+    def dataset_adapters(self, dataset_id: str, page: int, size: int) -> tuple[Page, int]:
+        """(a page of (adapter, share in bps) declaring the dataset, in registration order; how many do): a window
+        of their ordinals (tables.AdapterDataset.ord), where every one was listed (anyone can declare any dataset)."""
+        last = self._last(AdapterDataset.ord, AdapterDataset.dataset_id == dataset_id)
         stmt = (
             select(AdapterRow, AdapterDataset.share_bps)
             .join(AdapterDataset, col(AdapterDataset.adapter_id) == col(AdapterRow.adapter_id))
             .where(AdapterDataset.dataset_id == dataset_id)
-            .order_by(AdapterRow.block)
         )
-        return [(a, bps) for a, bps in self.s.exec(stmt).all()]
+        rows = self.s.exec(_window(stmt, AdapterDataset.ord, last, page, size, newest_first=False)).all()
+        return _page([(a, bps) for a, bps in rows], page, size), last
 
     def node(self, node_id: str) -> NodeRow | None:
         return self.s.exec(select(NodeRow).where(NodeRow.node_id == node_id)).first()

@@ -61,27 +61,28 @@ def adapters(ex: View, page: PageNo = 0, names_page: PageNo = 0):
     return reg.adapters_page(ex, page_no=page, names_page=names_page)
 
 
-def adapter(ex: View, adapter_id: str):
+def adapter(ex: View, adapter_id: str, history_page: PageNo = 0):
     key = _id(adapter_id, "adapter id")
-    return reg.adapter_page(ex, _found(ex.q.adapter(key), "adapter", key))
+    return reg.adapter_page(ex, _found(ex.q.adapter(key), "adapter", key), history_page=history_page)
 
 
 def datasets(ex: View, page: PageNo = 0):
     return reg.datasets_page(ex, page_no=page)
 
 
-def dataset(ex: View, dataset_id: str):
+def dataset(ex: View, dataset_id: str, history_page: PageNo = 0, adapters_page: PageNo = 0):
     key = _id(dataset_id, "dataset id")
-    return reg.dataset_page(ex, _found(ex.q.dataset(key), "dataset", key))
+    found = _found(ex.q.dataset(key), "dataset", key)
+    return reg.dataset_page(ex, found, history_page=history_page, adapters_page=adapters_page)
 
 
 def nodes(ex: View, page: PageNo = 0):
     return reg.nodes_page(ex, page_no=page)
 
 
-def node(ex: View, node_id: str):
+def node(ex: View, node_id: str, history_page: PageNo = 0):
     key = _id(node_id, "node id")
-    return reg.node_page(ex, _found(ex.q.node(key), "node", key))
+    return reg.node_page(ex, _found(ex.q.node(key), "node", key), history_page=history_page)
 
 
 def batches(ex: View, page: PageNo = 0):

@@ -25,7 +25,7 @@ from common.wire import is_id
 from devnet.explorer.decode import Web3Events
 from devnet.explorer.index import ChainIndex
 from devnet.explorer.index_db import IndexDatabase
-from devnet.explorer.layout import when
+from devnet.explorer.layout import short, when
 from devnet.explorer.plots import MAX_SERIES, Point
 from devnet.explorer.proof import ProofCheck, check_record_proof
 from devnet.explorer.queries import IndexReads, Page, RecordView
@@ -72,6 +72,12 @@ class _Lazy(Sequence):
 
     def __getitem__(self, i):
         return self._all()[i]
+
+
+def _named(adapter, owner: str | None) -> str:
+    """A search hit's label: the name, its version and whose name it is (a stranger's "alice/capitals-pro" read as
+    alice's without it)."""
+    return f"{adapter.name} {adapter.version} (name owner {short(owner, 6) if owner else 'unknown'})"
 
 
 class Explorer:
@@ -240,11 +246,12 @@ class View:
         if missing:
             self._names.update(dict.fromkeys(missing) | self.q.adapter_names(missing))
 
-    def predecessors(self, adapter_id: str) -> list[str]:
-        """Adapter ids this one descends from, nearest first (stops at unknown ids and cycles)."""
+    def predecessors(self, adapter_id: str, limit: int) -> list[str]:
+        """Adapter ids this one descends from, nearest first, at most `limit` (one query each, and anyone can register
+        thousands of versions: a page shows some and links on); stops at unknown ids and cycles."""
         chain, seen = [], {adapter_id}
         cur = self.q.adapter(adapter_id)
-        while cur is not None and cur.predecessor not in seen:
+        while cur is not None and cur.predecessor not in seen and len(chain) < limit:
             nxt = self.q.adapter(cur.predecessor)
             if nxt is None:
                 break
@@ -253,8 +260,8 @@ class View:
             cur = nxt
         return chain
 
-    def successors(self, adapter_id: str) -> list[str]:
-        return [a.adapter_id for a in self.q.successors(adapter_id)]
+    def successors(self, adapter_id: str, limit: int) -> list[str]:
+        return [a.adapter_id for a in self.q.successors(adapter_id, limit)]
 
     # ------------------------------------------------------------------ plot series
 
@@ -348,8 +355,9 @@ class View:
         cut = False
         if q and not hits:
             adapters, cut = self.q.search_adapters(low)
+            owners = self.q.name_owners({a.name for a in adapters})
             for a in adapters:
-                hits.append(("adapter", f"{a.name} {a.version}", f"/adapters/{a.adapter_id}"))
+                hits.append(("adapter", _named(a, owners.get(a.name)), f"/adapters/{a.adapter_id}"))
         return (hits[0][2] if len(hits) == 1 and not cut else None), hits, cut
 
     def transaction(self, tx_hash: str, *, page: int = 0, size: int = 100):

@@ -11,15 +11,18 @@ How values are stored:
   decimal TEXT; everything else (registry rows, batches, rewards, sums) holds ids as "0x" + hex TEXT.
 - wei amounts and sums are decimal TEXT (uint256 does not fit SQLite's 64-bit INTEGER); sums are kept
   exact in Python by the indexer (`usage`, `accruals`, `usage_blocks`), so no page sums over records.
-- a registry row's history (and lists such as an adapter's datasets) is a JSON column: a handful of
-  entries, read whole with the row.
+- lists such as an adapter's datasets are a JSON column: a handful of entries (the registry bounds them), read
+  whole with the row. A registry row's history is not: anyone changes their adapter's price as often as they
+  like, and a JSON column rewritten whole on every change made indexing quadratic (10,000 price changes of one
+  adapter: 232 s, red team); it is a table of its own (HistoryLine), one row appended per event.
 
 How a page of a list is found (devnet.explorer.queries): lists that only grow at the end are numbered 1..n without
 gaps, and a page is a window of those numbers on an index, never an OFFSET that walks every row before it: `seq`
 (datasets, nodes, batches, records; rows are only ever appended, or all deleted, and SQLite numbers a rowid
 max + 1), and ordinals the indexer keeps per key (a record's number among its adapter's, its node's, and its
-adapter's on its node; a reward's and a deposit's among its address's). Lists in an order no number follows (names,
-ranks, which change in the middle) skip a page past the end with a count kept on the cursor.
+adapter's on its node; a reward's and a deposit's among its address's; a history line's among its entity's).
+Lists in an order no number follows (names, ranks, which change in the middle) skip a page past the end with a
+count kept on the cursor.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from sqlmodel import Field, SQLModel
 # 2: explorer_account_totals; 3: ordinals of records, rewards and money, the cursor's counts, Usage.tokens_rank, the
 # lists' order indexes (a page is a window on an index, never an OFFSET); 4: the version kept in the file's
 # user_version (devnet.explorer.index_db), where 1-3 left it 0; 5: the cursor's own copy of it gone; 6: the
-# adapters' names in a trigram index (ADAPTER_SEARCH)
-SCHEMA_VERSION = 6
+# adapters' names in a trigram index (ADAPTER_SEARCH); 7: the registry rows' history in a table of its own
+# (HistoryLine), where a JSON column on each row was rewritten whole on every event, AdapterDataset.ord and the
+# adapters' (name, publisher) index
+SCHEMA_VERSION = 7
 
 U64 = 2**64
 I64_MAX = 2**63 - 1
@@ -266,8 +271,13 @@ class SettlerState(IndexModel, table=True):
 
 class AdapterRow(IndexModel, table=True):
     __tablename__ = "explorer_adapters"
-    # the adapters list's order (a name's versions by block, then id), read off the index in order
-    __table_args__ = (Index("ix_explorer_adapters_order", "name", "block", "adapter_id"),)
+    # the adapters list's order (a name's versions by block, then id), read off the index in order; and a name's
+    # newest version by its owner, one seek (a name's versions were all read to find it: anyone can register
+    # thousands, red team)
+    __table_args__ = (
+        Index("ix_explorer_adapters_order", "name", "block", "adapter_id"),
+        Index("ix_explorer_adapters_publisher", "name", "publisher", "block", "adapter_id"),
+    )
 
     adapter_id: str = Field(primary_key=True)
     owner: str = Field(index=True)
@@ -279,7 +289,6 @@ class AdapterRow(IndexModel, table=True):
     datasets: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # [[dataset id, bps]]
     block: int
     tx_hash: str
-    history: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # [[block, tx, what]]
     publisher: str = ""
 
 
@@ -301,13 +310,17 @@ def add_adapter_name(session, adapter_id: str, name: str) -> None:
 
 
 class AdapterDataset(IndexModel, table=True):
-    """Which adapters declare a dataset (the dataset page lists them)."""
+    """Which adapters declare a dataset (the dataset page lists them, a page at a time). `ord` numbers the adapter
+    among the dataset's (1, 2, ... in registration order, no gaps): anyone can declare anyone's dataset, thousands
+    of times, and the page listed every one (red team); a page is a window of the numbers, the last their count."""
 
     __tablename__ = "explorer_adapter_datasets"
+    __table_args__ = (Index("ix_explorer_adapter_datasets_ord", "dataset_id", "ord"),)
 
     dataset_id: str = Field(primary_key=True)
     adapter_id: str = Field(primary_key=True)
     share_bps: int
+    ord: int = 0
 
 
 class DatasetRow(IndexModel, table=True):
@@ -319,7 +332,6 @@ class DatasetRow(IndexModel, table=True):
     payee: str = Field(index=True)
     block: int
     tx_hash: str
-    history: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     name: str = ""
     contributor: str = ""
 
@@ -337,7 +349,6 @@ class NodeRow(IndexModel, table=True):
     multiaddrs: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     block: int
     tx_hash: str
-    history: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     public_key: str = ""
 
 
@@ -348,4 +359,19 @@ class NameRow(IndexModel, table=True):
     owner: str
     block: int
     tx_hash: str
-    history: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class HistoryLine(IndexModel, table=True):
+    """One line of a registry entity's history (its page lists them, the newest first, a page at a time): `kind` is
+    "adapter", "dataset", "node" or "name", `key` its id (a name: the name). `ord` numbers it among its entity's
+    lines (1, 2, ... in indexing order, no gaps), so a page is a window of those numbers on the primary key, and
+    appending one costs a seek for the last number and an insert, whatever the history's length."""
+
+    __tablename__ = "explorer_history"
+
+    kind: str = Field(primary_key=True)
+    key: str = Field(primary_key=True)
+    ord: int = Field(primary_key=True)
+    block: int
+    tx_hash: str
+    what: str
