@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import weakref
 
@@ -27,6 +28,9 @@ from ledger.models import AdapterMirror, DatasetMirror, NameMirror, NodeMirror, 
 log = logging.getLogger(__name__)
 
 CURSOR = "registry"
+# a cursor row whose block_ref is a fresh random token each time the mirror's rows change (events applied, or the
+# tables cleared): readers of the snapshot reload it only then (`changes`), also after a sibling gateway's write
+CHANGES = "registry_changes"
 _SYNC_LOCK = 0x6C6D5F6D6972  # pg_try_advisory_xact_lock key of sync_registry ("lm_mir")
 MIRRORS = (DatasetMirror, NameMirror, AdapterMirror, NodeMirror)
 _AT = ":"  # SyncCursor.block_ref is "<block>:<hash>"
@@ -117,9 +121,19 @@ def sync_registry(engine: Engine, client: ChainClient, *, confirmations: int = 0
         for ev in logs:
             _apply_or_skip(s, ev)
         s.merge(SyncCursor(name=CURSOR, block=to_block, block_ref=f"{to_block}{_AT}{to_hash}"))
+        if logs or rebuild or cursor is None:
+            s.merge(SyncCursor(name=CHANGES, block=0, block_ref=secrets.token_hex(16)))
         s.commit()
     log.debug("registry mirror: %d events up to block %d", len(logs), to_block)
     return len(logs)
+
+
+def changes(engine: Engine) -> str | None:
+    """The mirror's change token: another value than before means its rows may have changed since (None: no
+    writer has set one, as a gateway of an older release does not)."""
+    with Session(engine) as s:
+        row = s.get(SyncCursor, CHANGES)
+        return None if row is None else row.block_ref
 
 
 def _cursor_hash(cursor: SyncCursor | None) -> str | None:
