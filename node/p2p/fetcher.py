@@ -285,6 +285,10 @@ class Fetcher:
                     await _quietly(lambda: self.host.disconnect(info.peer_id))
         raise AssertionError("unreachable")
 
+    def downloading_from(self) -> set[str]:
+        """The peers fetches are downloading from (or dialling) now."""
+        return {t.peer_id for t in self.transfers.values() if t.state == "downloading" and t.peer_id}
+
     def _install(self, tmp: Path, owner: str) -> VerifiedPackage:
         # request_package hashed every byte against the manifest on arrival; the rest is checked here
         return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True)

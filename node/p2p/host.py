@@ -10,7 +10,8 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from contextlib import contextmanager
 
 import trio
 from libp2p import new_host
@@ -27,6 +28,7 @@ from multiaddr import Multiaddr
 
 from node.p2p.config import P2PConfig
 from node.p2p.errors import P2PError
+from node.p2p.standing import UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,11 @@ class _InboundSlots:
     """Stands in for py-libp2p 0.8.1's `Swarm._inbound_limiter`: max_connections - min_connections slots, one
     taken by the task that accepts an inbound connection and given back when that task ends (the rest of
     max_connections is left to the node's own dials). Its own counts the same; it also tells whether the current
-    task holds one (`_bound_inbound`)."""
+    task holds one (`_bound_inbound`), and takes none while `closed` (`room_to_dial`)."""
 
     def __init__(self, slots: int) -> None:
         self.total_tokens = slots
+        self.closed = False
         self._holders: set = set()
 
     @property
@@ -70,7 +73,7 @@ class _InboundSlots:
         return trio.lowlevel.current_task() in self._holders
 
     def acquire_nowait(self) -> None:
-        if len(self._holders) >= self.total_tokens:
+        if self.closed or len(self._holders) >= self.total_tokens:
             raise trio.WouldBlock
         self._holders.add(trio.lowlevel.current_task())
 
@@ -142,27 +145,63 @@ def _bound_inbound(swarm, per_network: int) -> None:
     swarm.upgrade_inbound_raw_conn = upgrade_inbound
 
 
-def connection_to_close(swarm, standing: Callable[[str], int], dialing, busy: TProtocol):
+@contextmanager
+def room_to_dial(swarm):
+    """No inbound connection is taken while this lasts: a slot closed for a dial of the node's own stays its own
+    until the dial ends. Strangers dialling again every few milliseconds took it first every time, and the dial then
+    failed at the cap (red team)."""
+    slots = swarm._inbound_limiter
+    slots.closed = True
+    try:
+        yield
+    finally:
+        slots.closed = False
+
+
+def at_cap(swarm, peer_id) -> bool:
+    """Whether dialling the peer needs a connection closed first: not connected to it, every slot taken."""
+    taken = len(swarm.get_connections()) >= swarm.connection_config.max_connections
+    return taken and not swarm.get_connections(peer_id)
+
+
+def block_dials(swarm, peer_id) -> None:
+    """Put the peer in py-libp2p's negative cache of failed dials (~60 s): no dial of this host reaches it
+    meanwhile."""
+    cache = getattr(swarm, "_negative_peer_cache", None)
+    if cache is not None:
+        cache.mark_failed(str(peer_id))
+
+
+def dial_blocked(swarm, peer_id) -> bool:
+    """Whether py-libp2p would refuse to dial the peer at once (its negative cache of failed dials, ~60 s)."""
+    cache = getattr(swarm, "_negative_peer_cache", None)
+    return cache is not None and cache.is_blocked(str(peer_id))
+
+
+def connection_to_close(swarm, standing: Callable[[str], int], dialing, fetching: Collection[str], busy: TProtocol):
     """The peer whose connection goes so that this node can dial `dialing`, when every connection slot is taken
     (None when none need go, or none may). py-libp2p refuses a dial at max_connections and its pruner trims only
     above it, so 60 strangers' idle inbound connections and 4 of the node's own kept it from dialling any new
     provider, for as long as they were held (red team: an honest provider unreachable 100 s and more).
 
-    Never a connection carrying a `busy` stream (an adapter transfer, either way), nor one of higher standing than
-    the peer dialled (a stranger's announcement would close a registered node's connection). The lowest standing
-    goes first, then the node's own dials before a peer's, then the oldest. While the inbound slots are all taken,
-    only the node's own dials may go: a stranger's slot, freed, is a stranger's again before the dial ends."""
-    if swarm.get_connections(dialing) or len(swarm.get_connections()) < swarm.connection_config.max_connections:
+    Never the connection of a peer this node is `fetching` from, nor one carrying a `busy` stream (an adapter
+    transfer) of a peer with standing: a stranger's stream does not count, since opening one and never asking
+    (the server waits request_timeout) would keep its connection for good (review). Nor one of higher standing
+    than the peer dialled (a stranger's announcement would close a registered node's connection). The lowest
+    standing goes first, then the node's own dials before a peer's, then the oldest. Call it, close the connection
+    and dial within `room_to_dial`, one dial at a time: two dials at once closed one connection, and one failed."""
+    if not at_cap(swarm, dialing):
         return None
-    slots = swarm._inbound_limiter
-    inbound_full = slots.borrowed_tokens >= slots.total_tokens
     ceiling = standing(dialing.to_base58())
     best, best_key = None, None
     for peer_id, conns in swarm.get_connections_map().items():
-        if peer_id == dialing or any(s.get_protocol() == busy for c in conns for s in c.get_streams()):
+        pid = peer_id.to_base58()
+        if peer_id == dialing or pid in fetching:
             continue
-        level, inbound = standing(peer_id.to_base58()), any(c.direction == Direction.INBOUND for c in conns)
-        if level > ceiling or (inbound and inbound_full):
+        level, inbound = standing(pid), any(c.direction == Direction.INBOUND for c in conns)
+        if level > ceiling:
+            continue
+        if level > UNKNOWN and any(s.get_protocol() == busy for c in conns for s in c.get_streams()):
             continue
         key = (level, inbound, min(getattr(c, "_created_at", 0.0) for c in conns))
         if best_key is None or key < best_key:

@@ -40,13 +40,17 @@ from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, Progress, TransferStatus
 from node.p2p.host import (
+    at_cap,
+    block_dials,
     bound_dht_streams,
     bound_provider_store,
     build_host,
     connection_to_close,
+    dial_blocked,
     full_addrs,
     guard_stream_handlers,
     refuse_taken_port,
+    room_to_dial,
     route_libp2p_logging,
 )
 from node.p2p.protocol import PROTOCOL_ID
@@ -281,6 +285,7 @@ class Mesh:
                 pass
         self.server.standing = self.standing.level
         self._log_room = Throttled(log, logging.INFO)  # strangers' connections can make it happen at every dial
+        self._room = trio.Lock()  # dials that close a connection first, one at a time (Mesh.dial)
         self.discovery = Discovery(
             config=config,
             store=store,
@@ -380,22 +385,42 @@ class Mesh:
         is taken, a connection of lower standing is closed first (`connection_to_close`)."""
         if info.peer_id == self.host.get_id():
             return
-        doomed = connection_to_close(self.host.get_network(), self.standing.level, info.peer_id, TProtocol(PROTOCOL_ID))
-        if doomed is not None:
-            self._log_room("every connection slot is taken: closed %s's connection to dial %s", doomed, info.peer_id)
-            with trio.move_on_after(2):
-                try:
-                    await self.host.disconnect(doomed)
-                except Exception as e:  # gone meanwhile: the slot is free all the same
-                    log.debug("closing %s: %s", doomed, e)
+        swarm = self.host.get_network()
         try:
-            with trio.fail_after(self.config.dial_timeout):
-                await self.host.connect(info)
+            if at_cap(swarm, info.peer_id) and not dial_blocked(swarm, info.peer_id):
+                async with self._room:  # one at a time: two dials at once closed the same connection
+                    with room_to_dial(swarm):
+                        await self._make_room(info)
+                        await self._connect(info)
+            else:
+                await self._connect(info)
         except trio.TooSlowError as e:
             raise P2PError(f"dialing {info.peer_id} timed out after {self.config.dial_timeout:g}s") from e
         except Exception as e:
+            if at_cap(swarm, info.peer_id):  # refused for want of a slot, not for the peer's fault: dial it again later
+                swarm.unblock_peer(info.peer_id)
             raise P2PError(f"cannot dial {info.peer_id}: {e}") from e
         await self.dht.add_peer(info.peer_id, skip_server_mode_check=True)
+
+    async def _make_room(self, info: PeerInfo) -> None:
+        """Close the connection `connection_to_close` names, if any (called within `room_to_dial`)."""
+        fetching = self.fetcher.downloading_from()
+        swarm = self.host.get_network()
+        doomed = connection_to_close(swarm, self.standing.level, info.peer_id, fetching, TProtocol(PROTOCOL_ID))
+        if doomed is None:
+            return
+        self._log_room("every connection slot is taken: closed %s's connection to dial %s", doomed, info.peer_id)
+        # not dialled again by the DHT's upkeep for a while: it dialled the peer straight back into the freed slot
+        block_dials(swarm, doomed)
+        with trio.move_on_after(2):
+            try:
+                await self.host.disconnect(doomed)
+            except Exception as e:  # gone meanwhile: the slot is free all the same
+                log.debug("closing %s: %s", doomed, e)
+
+    async def _connect(self, info: PeerInfo) -> None:
+        with trio.fail_after(self.config.dial_timeout):
+            await self.host.connect(info)
 
     async def _routing_table_loop(self) -> None:
         # Peers that dialed us (or that the mesh found) join the DHT routing table too.

@@ -6,12 +6,16 @@ for as long as the strangers held on (red team: 100 s and more, then py-libp2p's
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from node.adapters import AdapterStore
+from node.p2p import P2PConfig, P2PNode
 from tests.utils.gateway import poll
 from tests.utils.p2p import REPO, PeerProcess
 
@@ -20,7 +24,17 @@ pytestmark = pytest.mark.integration
 MAX_CONNECTIONS = 6  # 2 inbound slots (max_connections less the 4 kept for the node's own dials)
 
 
-def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provider(tmp_path, packages):
+def _line(proc: subprocess.Popen, timeout: float = 60.0) -> dict:
+    """The strangers' next JSON line, within `timeout`."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"the strangers said nothing within {timeout} s"
+    return json.loads(proc.stdout.readline())
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provider(tmp_path, packages, busy):
+    """busy: the strangers it dialled keep an adapter stream open back to it, asking nothing: a connection carrying
+    a transfer was never closed, so they kept their slots (review)."""
     pkg = packages.main
     owners = tmp_path / "owners.json"
     owners.write_text(json.dumps({pkg.adapter_id: packages.owner}))
@@ -35,18 +49,27 @@ def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provi
         config={"max_connections": MAX_CONNECTIONS},
     )
     strangers = subprocess.Popen(
-        [sys.executable, "-m", "tests.node.p2p.holding_peers", victim.addrs[0], "--inbound", "2", "--listeners", "3"],
+        [
+            sys.executable,
+            "-m",
+            "tests.node.p2p.holding_peers",
+            victim.addrs[0],
+            *("--inbound", "2", "--listeners", "3"),
+            *(["--busy"] if busy else []),
+        ],
         cwd=REPO,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        held = json.loads(strangers.stdout.readline())
+        held = _line(strangers)
         assert held["inbound"] == 2
         poll(lambda: friend.peer_id in victim.call("status")["peers"], timeout=30)  # the bootstrap dial, at start
         for addr in held["listeners"]:  # the node's own dials, to strangers (as to providers it was told of)
             assert victim.call("connect", addr=addr)["ok"]
+        if busy:
+            assert _line(strangers) == {"busy": 3}
         assert len(victim.call("status")["peers"]) == MAX_CONNECTIONS
 
         got = victim.call("fetch", adapter_id=pkg.adapter_id, providers=honest.addrs, timeout=60)
@@ -60,4 +83,50 @@ def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provi
         strangers.stdin.close()
         strangers.wait(30)
         for peer in (victim, friend, honest):
+            peer.stop()
+
+
+def test_two_dials_at_once_each_get_a_slot_strangers_cannot_take(tmp_path, packages):
+    """Every slot taken, strangers dialling again every few milliseconds, and two fetches from two new providers at
+    once: both dials picked the same connection to close (one failed at the cap), and the strangers took a freed
+    slot before the node's own dial (which failed too); each failure kept py-libp2p from dialling that provider
+    for 60 s (red team)."""
+    a, b = packages.main, packages.stalled  # served honestly by the providers here
+    owners = {pkg.adapter_id: packages.owner for pkg in (a, b)}
+    (tmp_path / "owners.json").write_text(json.dumps(owners))
+    providers = []
+    for pkg in (a, b):
+        AdapterStore(tmp_path / pkg.adapter_id).install(pkg.path)
+        providers.append(PeerProcess(store=tmp_path / pkg.adapter_id, owners=tmp_path / "owners.json"))
+    friend = PeerProcess(store=tmp_path / "f", owners=tmp_path / "owners.json")
+    config = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", bootstrap=tuple(friend.addrs), max_connections=MAX_CONNECTIONS)
+    store = AdapterStore(tmp_path / "v")
+    victim = P2PNode(seed=os.urandom(32), store=store, owner_of=owners.get, config=config, base_dir=packages.base)
+    victim.start()
+    args = ["--inbound", "1", "--listeners", "3", "--redial", "3"]
+    strangers = subprocess.Popen(
+        [sys.executable, "-m", "tests.node.p2p.holding_peers", victim.listen_addrs[0], *args],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        held = _line(strangers)
+        poll(lambda: friend.peer_id in victim.connected_peers(), timeout=30)
+        for addr in held["listeners"]:
+            victim.connect(addr)
+        poll(lambda: len(victim.connected_peers()) == MAX_CONNECTIONS, timeout=30)  # a redialler took the last
+        with ThreadPoolExecutor(2) as pool:
+            fetches = [
+                pool.submit(victim.fetch, pkg.adapter_id, providers=p.addrs) for pkg, p in zip((a, b), providers)
+            ]
+            got = [f.result(timeout=120) for f in fetches]
+        assert [g.adapter_id for g in got] == [a.adapter_id, b.adapter_id]
+        assert friend.peer_id in victim.connected_peers()
+    finally:
+        strangers.stdin.close()
+        strangers.wait(30)
+        victim.stop()
+        for peer in (friend, *providers):
             peer.stop()
