@@ -71,18 +71,28 @@ def _remove_leftovers(path: Path) -> None:
             continue
 
 
-# this process's mark on what it leaves in a shared folder: its id and a token of its own, so that a successor
-# given the same id (a container's restart) still tells its predecessor's leftovers from its own
-WRITER = f"{os.getpid()}.{secrets.token_hex(4)}"
-WRITER_PATTERN = r"([0-9]+)\.([0-9a-f]{8})"  # a WRITER's two parts, as groups
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc: one namespace is all there is to tell
+        return 0
 
 
-def writer_gone(pid: int, token: str) -> bool:
-    """Whether the writer that marked something `{pid}.{token}` (`WRITER`) has ended: another process whose id
-    is free, or one of this process's id with another token. A live process of that id may be another one
-    (ids are reused): then it is not known, and False."""
+# this process's mark on what it leaves in a shared folder: its pid namespace, its id there and a token of its own,
+# so that a successor given the same id (a restart) still tells its predecessor's leftovers from its own, and a
+# writer in another namespace (another container on the same volume, also pid 1) is never taken for a dead one
+WRITER = f"{_pid_namespace()}.{os.getpid()}.{secrets.token_hex(4)}"
+WRITER_PATTERN = r"([0-9]+)\.([0-9]+)\.([0-9a-f]{8})"  # a WRITER's three parts, as groups
+
+
+def writer_gone(namespace: int, pid: int, token: str) -> bool:
+    """Whether the writer that marked something `{namespace}.{pid}.{token}` (`WRITER`) is known to have ended:
+    in this pid namespace, another process whose id is free, or one of this process's id with another token. One of
+    another namespace, or a live process of that id (ids are reused), is not known: False."""
+    if namespace != _pid_namespace():
+        return False
     if pid == os.getpid():
-        return f"{pid}.{token}" != WRITER
+        return f"{namespace}.{pid}.{token}" != WRITER
     return not _alive(pid)
 
 

@@ -178,7 +178,9 @@ class Gateway:
     async def revoked_loop(self) -> None:
         """Read the keys revoked lately every key_cache_ttl_s (every 0.5 s with the cache off), so that a revoked
         key's running requests end within about the time its new ones are refused."""
-        within = self.settings.request_deadline_s + 60
+        from gateway.reconcile import OVERDUE_MARGIN_S
+
+        within = self.settings.request_deadline_s + OVERDUE_MARGIN_S  # as long as a request of the key may run
         failed = Throttled(log, logging.WARNING, interval=60.0)  # the outbox check says the database is down too
         while True:
             try:

@@ -47,6 +47,12 @@ def _more(ids: list[str], limit: int) -> str:
     return " " + link(f"/adapters/{ids[limit - 1]}", "more on that version's page", cls="more-versions")
 
 
+def _later_unlisted(ids: list[str]) -> str:
+    """Successors past VERSIONS_SHOWN are only said to exist: the last one's page would list its own successors,
+    not this version's others (only the name's owner registers versions, so they are its own to find)."""
+    return ' <span class="muted">and more</span>' if len(ids) > VERSIONS_SHOWN else ""
+
+
 def _predecessors(a, versions: list[str], ids: list[str]) -> str:
     if versions:
         return " ← ".join(versions[:VERSIONS_SHOWN]) + _more(ids, VERSIONS_SHOWN)
@@ -155,7 +161,7 @@ def adapter_page(ex: View, adapter_id: str, *, history_page: int = 0) -> str:
             ("price per 1k tokens", eth(int(a.price))),
             ("base model", mono(a.base_model)),
             ("predecessors", _predecessors(a, versions, before)),
-            ("successors", (", ".join(later) + _more(after, VERSIONS_SHOWN)) or '<span class="muted">none</span>'),
+            ("successors", (", ".join(later) + _later_unlisted(after)) or '<span class="muted">none</span>'),
             ("registered", f"block {num(a.block)}, tx {tx_link(a.tx_hash)}"),
         ],
         dl_id="adapter-info",

@@ -263,7 +263,7 @@ class AdapterStore:
                 written = max([p.lstat().st_mtime, *inside])
             except OSError:  # gone meanwhile: its writer finished or removed it
                 continue
-            if now - written < idle_s and not (named and writer_gone(int(named[1]), named[2])):
+            if now - written < idle_s and not (named and writer_gone(int(named[1]), int(named[2]), named[3])):
                 continue
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common.files import WRITER
 from node.adapters import AdapterStore, PackageError
 from tests.utils.factories import make_package
 
@@ -59,11 +60,15 @@ def test_a_killed_writers_folder_goes_at_the_next_start_however_recent(tmp_path)
     killed = Path(dead.stdout.strip())
     (killed / "adapter.safetensors").write_bytes(b"\0" * 1000)
     store = AdapterStore(root)
-    same_pid = root / ".tmp" / f"pkg-{os.getpid()}.{'0' * 8}-x"  # this id, another token: a predecessor's
+    namespace = WRITER.split(".")[0]
+    same_pid = root / ".tmp" / f"pkg-{namespace}.{os.getpid()}.{'0' * 8}-x"  # this id, another token: a predecessor's
     same_pid.mkdir()
+    # pid 1 of another pid namespace (another container on the same volume): not known to be gone, left to the idle rule
+    elsewhere = root / ".tmp" / f"pkg-{int(namespace) + 1}.1.{'0' * 8}-x"
+    elsewhere.mkdir()
     live = store.tmp_dir()
     assert store.clean_tmp() == 2
-    assert os.listdir(root / ".tmp") == [live.name]
+    assert sorted(os.listdir(root / ".tmp")) == sorted([live.name, elsewhere.name])
 
 
 def test_bad_ids_are_refused(tmp_path):
