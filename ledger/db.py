@@ -45,6 +45,18 @@ def _create_private(path: Path) -> None:
         pass
 
 
+def _utc_session(dbapi_conn, _record) -> None:
+    """Every PostgreSQL session in UTC. Timestamps may be stored without a zone (tables an older sqlmodel made):
+    aware datetimes are then written as UTC and compared with `now()` (settler leases) only in a UTC session. Set
+    once connected, not in the startup options, which a PGTZ variable of the process overrides: a revocation
+    written from a shell in New York time read 5 h old, and no gateway ended the key's streams (review)."""
+    autocommit = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True  # SET outside a transaction, so that it lasts the session
+    with dbapi_conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'UTC'")
+    dbapi_conn.autocommit = autocommit
+
+
 def make_engine(
     url: str = DEFAULT_DB_URL, *, immediate: bool = False, echo: bool = False, create: bool = True
 ) -> Engine:
@@ -62,18 +74,16 @@ def make_engine(
             "postgresql+psycopg://user:password@host/db"
         ) from e
     if not url.startswith("sqlite"):
-        connect_args = {}
-        if url.startswith(("postgresql", "postgres")):
-            # timestamps are stored as UTC without a zone: make the session's zone UTC so that aware
-            # datetimes are written as UTC and `now()` compares with them (settler leases)
-            connect_args["options"] = "-c timezone=UTC"
         try:
-            return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+            engine = create_engine(url, echo=echo, pool_pre_ping=True)
         except ModuleNotFoundError as e:  # the URL's driver is an optional dependency
             extra = " (pip install 'loramesh[postgres]')" if "psycopg" in str(e.name) else ""
             raise ValueError(f"database URL {redact_url(url)} needs the {e.name} driver{extra}") from None
         except ArgumentError as e:  # a dialect or driver SQLAlchemy does not know
             raise ValueError(f"database URL {redact_url(url)}: {e}") from None
+        if engine.dialect.name == "postgresql":
+            event.listen(engine, "connect", _utc_session)
+        return engine
     if path is not None and not path.exists():
         if not create:
             raise ValueError(f"no database at {path}: check --db (this command reads an existing one)")

@@ -232,3 +232,20 @@ def test_a_0004_postgres_database_indexes_records_by_batch_and_status(postgres):
     _at_0004(engine)
     init_db(engine)
     _check_0005(engine)
+
+
+def test_every_postgres_session_is_in_utc_whatever_pgtz_says(postgres, monkeypatch):  # noqa: F811
+    """The zone was set in the connection's startup options, which libpq's PGTZ overrides: a key revoked from a
+    shell in New York time was stored 5 h in the past on a column without a zone, and no gateway ended its streams."""
+    from sqlalchemy import text
+
+    monkeypatch.setenv("PGTZ", "America/New_York")
+    engine = make_engine(postgres.new_database("pgtz"))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW TIME ZONE")).scalar() == "UTC"
+            conn.rollback()  # a session handed back to the pool and taken again keeps it
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW TIME ZONE")).scalar() == "UTC"
+    finally:
+        engine.dispose()
