@@ -11,7 +11,6 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Callable, Collection
-from contextlib import contextmanager
 
 import trio
 from libp2p import new_host
@@ -58,11 +57,10 @@ class _InboundSlots:
     """Stands in for py-libp2p 0.8.1's `Swarm._inbound_limiter`: max_connections - min_connections slots, one
     taken by the task that accepts an inbound connection and given back when that task ends (the rest of
     max_connections is left to the node's own dials). Its own counts the same; it also tells whether the current
-    task holds one (`_bound_inbound`), and takes none while `closed` (`room_to_dial`)."""
+    task holds one (`_bound_inbound`)."""
 
     def __init__(self, slots: int) -> None:
         self.total_tokens = slots
-        self.closed = False
         self._holders: set = set()
 
     @property
@@ -73,7 +71,7 @@ class _InboundSlots:
         return trio.lowlevel.current_task() in self._holders
 
     def acquire_nowait(self) -> None:
-        if self.closed or len(self._holders) >= self.total_tokens:
+        if len(self._holders) >= self.total_tokens:
             raise trio.WouldBlock
         self._holders.add(trio.lowlevel.current_task())
 
@@ -145,19 +143,6 @@ def _bound_inbound(swarm, per_network: int) -> None:
     swarm.upgrade_inbound_raw_conn = upgrade_inbound
 
 
-@contextmanager
-def room_to_dial(swarm):
-    """No inbound connection is taken while this lasts: a slot closed for a dial of the node's own stays its own
-    until the dial ends. Strangers dialling again every few milliseconds took it first every time, and the dial then
-    failed at the cap (red team)."""
-    slots = swarm._inbound_limiter
-    slots.closed = True
-    try:
-        yield
-    finally:
-        slots.closed = False
-
-
 def at_cap(swarm, peer_id) -> bool:
     """Whether dialling the peer needs a connection closed first: not connected to it, every slot taken."""
     taken = len(swarm.get_connections()) >= swarm.connection_config.max_connections
@@ -178,28 +163,33 @@ def dial_blocked(swarm, peer_id) -> bool:
     return cache is not None and cache.is_blocked(str(peer_id))
 
 
-def connection_to_close(swarm, standing: Callable[[str], int], dialing, fetching: Collection[str], busy: TProtocol):
+def connection_to_close(swarm, standing: Callable[[str], int], dialing, spared: Collection[str], busy: TProtocol):
     """The peer whose connection goes so that this node can dial `dialing`, when every connection slot is taken
     (None when none need go, or none may). py-libp2p refuses a dial at max_connections and its pruner trims only
     above it, so 60 strangers' idle inbound connections and 4 of the node's own kept it from dialling any new
     provider, for as long as they were held (red team: an honest provider unreachable 100 s and more).
 
-    Never the connection of a peer this node is `fetching` from, nor one carrying a `busy` stream (an adapter
-    transfer) of a peer with standing: a stranger's stream does not count, since opening one and never asking
-    (the server waits request_timeout) would keep its connection for good (review). Nor one of higher standing
-    than the peer dialled (a stranger's announcement would close a registered node's connection). The lowest
-    standing goes first, then the node's own dials before a peer's, then the oldest. Call it, close the connection
-    and dial within `room_to_dial`, one dial at a time: two dials at once closed one connection, and one failed."""
+    Never a `spared` peer's (one this node is fetching from, or closing for another dial: two dials at once closed
+    one connection, and one failed), nor one carrying a `busy` stream (an adapter transfer) of a peer with standing:
+    a stranger's stream does not count, since opening one and never asking (the server waits request_timeout)
+    would keep its connection for good (review). Nor one of higher standing than the peer dialled (a stranger's
+    announcement would close a registered node's connection). The lowest standing goes first, then the node's own
+    dials before a peer's, then the oldest. While the inbound slots are all taken, only the node's own dials may
+    go: a stranger's slot, freed, would be a stranger's again before the dial ends. While they are not, a stranger
+    dialling again at once may still take the slot first; the dial then fails, and the next one tries again
+    (holding inbound connections back meanwhile let strangers shut honest peers out, red team)."""
     if not at_cap(swarm, dialing):
         return None
+    slots = swarm._inbound_limiter
+    inbound_full = slots.borrowed_tokens >= slots.total_tokens
     ceiling = standing(dialing.to_base58())
     best, best_key = None, None
     for peer_id, conns in swarm.get_connections_map().items():
         pid = peer_id.to_base58()
-        if peer_id == dialing or pid in fetching:
+        if peer_id == dialing or pid in spared:
             continue
         level, inbound = standing(pid), any(c.direction == Direction.INBOUND for c in conns)
-        if level > ceiling:
+        if level > ceiling or (inbound and inbound_full):
             continue
         if level > UNKNOWN and any(s.get_protocol() == busy for c in conns for s in c.get_streams()):
             continue

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,17 +51,17 @@ from node.p2p.host import (
     full_addrs,
     guard_stream_handlers,
     refuse_taken_port,
-    room_to_dial,
     route_libp2p_logging,
 )
 from node.p2p.protocol import PROTOCOL_ID
 from node.p2p.server import AdapterServer
-from node.p2p.standing import PeerStanding
+from node.p2p.standing import UNKNOWN, PeerStanding
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_EVICTED = 256  # strangers this node closed to make room, remembered to let its own dials reach them again
 MAX_PARALLEL_DIALS = 16  # peers dialled at once by add_peers
 LOGGED_DIAL_FAILURES = 3  # add_peers logs this many failed dials one by one, then one line for the rest
 STATUS_LIST = 32  # adapters held and fetches shown in the status page (and heartbeats): the newest
@@ -285,7 +286,8 @@ class Mesh:
                 pass
         self.server.standing = self.standing.level
         self._log_room = Throttled(log, logging.INFO)  # strangers' connections can make it happen at every dial
-        self._room = trio.Lock()  # dials that close a connection first, one at a time (Mesh.dial)
+        self._closing: set[str] = set()  # peers whose connection a dial is closing (Mesh._make_room)
+        self._evicted: OrderedDict[str, None] = OrderedDict()  # strangers closed to make room, kept from the DHT
         self.discovery = Discovery(
             config=config,
             store=store,
@@ -386,14 +388,14 @@ class Mesh:
         if info.peer_id == self.host.get_id():
             return
         swarm = self.host.get_network()
+        if info.peer_id.to_base58() in self._evicted:  # a stranger it closed, now dialled by the node itself
+            del self._evicted[info.peer_id.to_base58()]
+            swarm.unblock_peer(info.peer_id)
         try:
             if at_cap(swarm, info.peer_id) and not dial_blocked(swarm, info.peer_id):
-                async with self._room:  # one at a time: two dials at once closed the same connection
-                    with room_to_dial(swarm):
-                        await self._make_room(info)
-                        await self._connect(info)
-            else:
-                await self._connect(info)
+                await self._make_room(info)
+            with trio.fail_after(self.config.dial_timeout):
+                await self.host.connect(info)
         except trio.TooSlowError as e:
             raise P2PError(f"dialing {info.peer_id} timed out after {self.config.dial_timeout:g}s") from e
         except Exception as e:
@@ -403,24 +405,29 @@ class Mesh:
         await self.dht.add_peer(info.peer_id, skip_server_mode_check=True)
 
     async def _make_room(self, info: PeerInfo) -> None:
-        """Close the connection `connection_to_close` names, if any (called within `room_to_dial`)."""
-        fetching = self.fetcher.downloading_from()
+        """Close the connection `connection_to_close` names, if any."""
         swarm = self.host.get_network()
-        doomed = connection_to_close(swarm, self.standing.level, info.peer_id, fetching, TProtocol(PROTOCOL_ID))
+        spared = self.fetcher.downloading_from() | self._closing
+        doomed = connection_to_close(swarm, self.standing.level, info.peer_id, spared, TProtocol(PROTOCOL_ID))
         if doomed is None:
             return
-        self._log_room("every connection slot is taken: closed %s's connection to dial %s", doomed, info.peer_id)
-        # not dialled again by the DHT's upkeep for a while: it dialled the peer straight back into the freed slot
-        block_dials(swarm, doomed)
-        with trio.move_on_after(2):
-            try:
+        pid = doomed.to_base58()
+        self._log_room("every connection slot is taken: closed %s's connection to dial %s", pid, info.peer_id)
+        if self.standing.level(pid) == UNKNOWN:
+            # kept from the DHT's upkeep for a while (py-libp2p's negative cache): it dialled the stranger straight
+            # back into the freed slot. A peer with standing is not: its own fetches would be refused for a minute
+            block_dials(swarm, doomed)
+            self._evicted[pid] = None
+            while len(self._evicted) > MAX_EVICTED:
+                self._evicted.popitem(last=False)
+        self._closing.add(pid)
+        try:
+            with trio.move_on_after(2):
                 await self.host.disconnect(doomed)
-            except Exception as e:  # gone meanwhile: the slot is free all the same
-                log.debug("closing %s: %s", doomed, e)
-
-    async def _connect(self, info: PeerInfo) -> None:
-        with trio.fail_after(self.config.dial_timeout):
-            await self.host.connect(info)
+        except Exception as e:  # gone meanwhile: the slot is free all the same
+            log.debug("closing %s: %s", pid, e)
+        finally:
+            self._closing.discard(pid)
 
     async def _routing_table_loop(self) -> None:
         # Peers that dialed us (or that the mesh found) join the DHT routing table too.
