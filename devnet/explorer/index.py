@@ -15,6 +15,7 @@ page of a list is found by (devnet.explorer.tables: ordinals per key, the cursor
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -92,7 +93,9 @@ class ChainIndex:
         self.reader = LogReader(client.rpc_url, max_logs=max_logs, max_span=max_span)
         self.query = raw_query(client.w3, client.rpc_url, {"address": [client.registry.address, client.ledger.address]})
         self.head = 0  # the chain's head at the last refresh
-        self._asked: tuple[int, str | None] = (-1, None)  # (last block, its hash) of the latest log query
+        # (last block, its hash) of this thread's latest log query: the refresher and a tool's `refresh` may run at
+        # once, and one's query taken for the other's was a reorg that cut a pass short
+        self._asked = threading.local()
 
     # ------------------------------------------------------------------ the cursor
 
@@ -170,7 +173,7 @@ class ChainIndex:
         """The logs of start..end, with the hash `end` had just before they were asked: _apply reads it again
         after, as ledger.mirror.sync_registry does. Read after the logs alone, a reorg between the two reads
         kept the dropped blocks' logs under the new chain's hash, which every later reorg check then passed."""
-        self._asked = (end, self._block_hash(end))
+        self._asked.query = (end, self._block_hash(end))
         return self.query(start, end)
 
     def _block_hash(self, number: int) -> str | None:
@@ -197,7 +200,7 @@ class ChainIndex:
         """Apply the logs of one query and move the cursor to its last block, in one write transaction; ChainMoved
         when that block is not the one it was before the logs were read (they may be of a dropped chain)."""
         last_hash = self._block_hash(chunk.last)
-        if last_hash is None or self._asked != (chunk.last, last_hash):
+        if last_hash is None or getattr(self._asked, "query", None) != (chunk.last, last_hash):
             raise ChainMoved(f"block {chunk.last} changed while its logs were read (a reorg)")
         step = _Step(self)
         for lg in chunk.logs:
