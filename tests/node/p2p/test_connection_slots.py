@@ -24,6 +24,12 @@ pytestmark = pytest.mark.integration
 MAX_CONNECTIONS = 6  # 2 inbound slots (max_connections less the 4 kept for the node's own dials)
 
 
+def _strangers(target: str, *args: str) -> subprocess.Popen:
+    """The strangers' process (holding_peers.py) against `target`; its stdin closed ends it."""
+    cmd = [sys.executable, "-m", "tests.node.p2p.holding_peers", target, *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 def _line(proc: subprocess.Popen, timeout: float = 60.0) -> dict:
     """The strangers' next JSON line, within `timeout`."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -48,20 +54,7 @@ def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provi
         bootstrap=friend.addrs,
         config={"max_connections": MAX_CONNECTIONS},
     )
-    strangers = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.node.p2p.holding_peers",
-            victim.addrs[0],
-            *("--inbound", "2", "--listeners", "3"),
-            *(["--busy"] if busy else []),
-        ],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    strangers = _strangers(victim.addrs[0], "--inbound", "2", "--listeners", "3", *(["--busy"] if busy else []))
     try:
         held = _line(strangers)
         assert held["inbound"] == 2
@@ -103,14 +96,7 @@ def test_two_dials_at_once_each_get_a_slot_strangers_cannot_take(tmp_path, packa
     store = AdapterStore(tmp_path / "v")
     victim = P2PNode(seed=os.urandom(32), store=store, owner_of=owners.get, config=config, base_dir=packages.base)
     victim.start()
-    args = ["--inbound", "1", "--listeners", "3", "--redial", "3"]
-    strangers = subprocess.Popen(
-        [sys.executable, "-m", "tests.node.p2p.holding_peers", victim.listen_addrs[0], *args],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    strangers = _strangers(victim.listen_addrs[0], "--inbound", "1", "--listeners", "3", "--redial", "3")
     try:
         held = _line(strangers)
         poll(lambda: friend.peer_id in victim.connected_peers(), timeout=30)
