@@ -163,6 +163,28 @@ def dial_blocked(swarm, peer_id) -> bool:
     return cache is not None and cache.is_blocked(str(peer_id))
 
 
+async def answers_tcp(addrs: Collection[Multiaddr], timeout: float) -> bool:
+    """Whether one of `addrs` accepts a TCP connection within `timeout` (closed at once). A dial at the connection
+    cap asks first: a connection closed to make room for an address where nothing answers (a node registered with
+    a dead address costs a stranger gas only) was lost for nothing. One that accepts and then stalls the handshake
+    still costs a connection; telling it apart would take py-libp2p's dial split at the upgrade."""
+    targets = []
+    for addr in addrs:
+        names = {proto.name: value for proto, value in addr.items()}
+        host = next((names[k] for k in ("ip4", "ip6", "dns4", "dns6", "dns") if k in names), None)
+        if host is not None and "tcp" in names:
+            targets.append((host, int(names["tcp"])))
+    with trio.move_on_after(timeout):
+        for host, port in targets:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError:
+                continue
+            await stream.aclose()
+            return True
+    return False
+
+
 def connection_to_close(swarm, standing: Callable[[str], int], dialing, spared: Collection[str], busy: TProtocol):
     """The peer whose connection goes so that this node can dial `dialing`, when every connection slot is taken
     (None when none need go, or none may). py-libp2p refuses a dial at max_connections and its pruner trims only

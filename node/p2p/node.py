@@ -41,6 +41,7 @@ from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, Progress, TransferStatus
 from node.p2p.host import (
+    answers_tcp,
     at_cap,
     block_dials,
     bound_dht_streams,
@@ -393,6 +394,8 @@ class Mesh:
             swarm.unblock_peer(info.peer_id)
         try:
             if at_cap(swarm, info.peer_id) and not dial_blocked(swarm, info.peer_id):
+                if not await answers_tcp(info.addrs, self.config.dial_timeout):
+                    raise P2PError(f"nothing answered at its {len(info.addrs)} address(es)")
                 await self._make_room(info)
             with trio.fail_after(self.config.dial_timeout):
                 await self.host.connect(info)

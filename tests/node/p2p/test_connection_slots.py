@@ -116,3 +116,46 @@ def test_two_dials_at_once_each_get_a_slot_strangers_cannot_take(tmp_path, packa
         victim.stop()
         for peer in (friend, *providers):
             peer.stop()
+
+
+def _dead_addr() -> str:
+    """A full multiaddr where nothing listens (a port just released) for a peer id nobody holds: a node registered
+    with a dead address, or a provider gone."""
+    import socket
+
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"/ip4/127.0.0.1/tcp/{port}/p2p/{ID.from_pubkey(create_new_key_pair().public_key)}"
+
+
+def test_a_dial_to_a_dead_address_closes_no_connection(tmp_path, packages):
+    """Every slot taken: a dial to an address where nothing answers (a node registered with a dead address costs a
+    stranger gas only) closed a connection first, and the dial then failed all the same (red team)."""
+    owners = tmp_path / "owners.json"
+    owners.write_text("{}")
+    friend = PeerProcess(store=tmp_path / "f", owners=owners)
+    victim = PeerProcess(
+        store=tmp_path / "v", owners=owners, bootstrap=friend.addrs, config={"max_connections": MAX_CONNECTIONS}
+    )
+    strangers = _strangers(victim.addrs[0], "--inbound", "2", "--listeners", "3")
+    try:
+        held = _line(strangers)
+        poll(lambda: friend.peer_id in victim.call("status")["peers"], timeout=30)
+        for addr in held["listeners"]:
+            assert victim.call("connect", addr=addr)["ok"]
+        before = set(victim.call("status")["peers"])
+        assert len(before) == MAX_CONNECTIONS
+
+        for _ in range(3):
+            assert not victim.call("connect", addr=_dead_addr())["ok"]
+
+        assert set(victim.call("status")["peers"]) == before
+    finally:
+        strangers.stdin.close()
+        strangers.wait(30)
+        for peer in (victim, friend):
+            peer.stop()
