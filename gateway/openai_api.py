@@ -773,9 +773,13 @@ def to_node_request(
     return body
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = 0) -> dict:
+def usage_dict(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = 0, cache_write_tokens: int | None = None
+) -> dict:
     """OpenAI's usage object; cached_tokens: of the prompt, the tokens the node's prefix cache held (None: not
-    known yet, so no prompt_tokens_details, as vLLM's usage so far has none: a 0 there would be false)."""
+    known yet, so no prompt_tokens_details, as vLLM's usage so far has none: a 0 there would be false);
+    cache_write_tokens: those this request wrote into it (None: a node of before the count did not say, and the
+    field, optional in Chat's and Completions' usage, is left out rather than shown as a false 0)."""
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -783,6 +787,8 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | 
     }
     if cached_tokens is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+        if cache_write_tokens is not None:
+            usage["prompt_tokens_details"]["cache_write_tokens"] = cache_write_tokens
     return usage
 
 

@@ -258,7 +258,11 @@ class ServedRequest:
                 model=req.model,
                 include_usage=req.include_usage,
                 usage_so_far=(
-                    (lambda: usage_dict(*self.usage, self.cached_tokens if self.done else None))
+                    (
+                        lambda: usage_dict(
+                            *self.usage, self.cached_tokens if self.done else None, self.cache_write_tokens
+                        )
+                    )
                     if req.continuous_usage
                     else None
                 ),
@@ -292,7 +296,7 @@ class ServedRequest:
             )
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
-        usage = usage_dict(*self.usage, self.cached_tokens)
+        usage = usage_dict(*self.usage, self.cached_tokens, self.cache_write_tokens)
 
         def render() -> bytes:  # as JSONResponse renders
             if self.responses is not None:
@@ -353,19 +357,19 @@ class ServedRequest:
             await asyncio.shield(self.d.background.spawn(self.finish(client_gone=self.key_revoked)))
             if self.key_revoked:  # what was relayed is billed; the held tool text goes out with it
                 message = f"{KEY_REVOKED} after {self.n_tokens} tokens; the response is incomplete"
-                failed = b.failed(message, usage_dict(*self.usage, self.cached_tokens))
+                failed = b.failed(message, usage_dict(*self.usage, self.cached_tokens, self.cache_write_tokens))
                 yield opening + c.release_held(b) + failed
                 return
             if self.failure:
                 # the tool text held back is billed: it reaches the client before the error
                 failed = b.failed(
                     f"{self.failure}; the response is incomplete",
-                    usage_dict(*self.usage, self.cached_tokens),
+                    usage_dict(*self.usage, self.cached_tokens, self.cache_write_tokens),
                     param=self.req.guided_field() if self.grammar_failed else None,
                 )
                 yield opening + c.release_held(b) + failed
                 return
-            usage = usage_dict(*self.usage, self.cached_tokens)
+            usage = usage_dict(*self.usage, self.cached_tokens, self.cache_write_tokens)
             yield opening + c.close_all(b, self.finish_reason, bool(self.overrun)) + b.end(usage)
         finally:
             self.finish_detached(client_gone=True)
@@ -868,6 +872,19 @@ class ServedRequest:
         details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
         n = details.get("cached_tokens") if isinstance(details, dict) else None
         return n if type(n) is int and 0 <= n <= self.prompt_tokens else 0
+
+    @property
+    def cache_write_tokens(self) -> int | None:
+        """Of the prompt tokens, those this request wrote into the node's prefix cache, as its done event says
+        (OpenAI's usage.prompt_tokens_details.cache_write_tokens); None where the node does not say (one of before
+        the count). Only shown, never billed on: a claim is taken when it is a count that, with the cached
+        tokens shown, stays within the prompt, else shown as 0."""
+        usage = self.done.get("usage") if self.done else None
+        details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+        if not isinstance(details, dict) or "cache_write_tokens" not in details:
+            return None
+        n = details["cache_write_tokens"]
+        return n if type(n) is int and 0 <= n and self.cached_tokens + n <= self.prompt_tokens else 0
 
     @property
     def finish_reason(self) -> str | None:

@@ -346,9 +346,15 @@ def _chat_tool_choice(choice: object) -> object:
 
 def responses_usage(usage: dict) -> dict:
     """The chat usage object (openai_api.usage_dict) in the Responses API's names."""
+    details = usage["prompt_tokens_details"]
     return {
         "input_tokens": usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+        # cache_write_tokens is required here (the SDK's strict validation refuses a usage without it): a node of
+        # before the count, which does not say, is shown as 0, as Chat's usage leaves it out
+        "input_tokens_details": {
+            "cached_tokens": details["cached_tokens"],
+            "cache_write_tokens": details.get("cache_write_tokens", 0),
+        },
         "output_tokens": usage["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage["total_tokens"],

@@ -19,9 +19,12 @@ POST /v1/generate                            gateway-signed
     sends one only to a node that lists it.
     A request id this node already runs or holds a receipt for: 409 "duplicate_request".
     non-stream 200: {"request_id", "adapter_id", "text", "token_ids", "finish_reason": "stop"|"length"|"abort",
-      "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}},
-      "receipt": {...}, "signature": hex}
+      "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens",
+      "cache_write_tokens"}}, "receipt": {...}, "signature": hex}
     (an engine failure: 500 {"error": {...}, "receipt", "signature"} for the tokens produced)
+    usage.prompt_tokens_details: of the prompt tokens, those read from the prefix cache, and those this request
+      wrote into it (its full blocks not found there; each prompt counted once whatever n); shown, never billed.
+      A node of before cache_write_tokens sends cached_tokens alone.
     stream (text/event-stream): `data: {"type":"token","text":str,"token_id":int}` per token (text holds
       only complete characters, possibly ""), then `data: {"type":"done","finish_reason","usage","receipt",
       "signature"}`; an engine failure sends `data: {"type":"error","message"}` before the done event.

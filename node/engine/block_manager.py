@@ -161,16 +161,24 @@ class BlockManager:
     def commit(self, seq: Sequence, num_computed: int) -> None:
         """The sequence's KV is written for positions [0, num_computed): register its full blocks not
         registered yet, so later sequences can share them. A block whose key another block already
-        holds (two sequences computed the same prefix in one step) stays private."""
+        holds (two sequences computed the same prefix in one step) stays private.
+
+        The prompt tokens of the blocks registered in its first prefill are counted on the sequence
+        (prompt_written_tokens: OpenAI's cache_write_tokens); not a block holding output, and not a prompt
+        block a resumed sequence registers again after eviction, so cached + written never pass the prompt."""
         if not self.enable_caching:
             return
         full = num_computed // self.block_size
         if full <= seq.num_committed_blocks:
             return
         hashes = self.block_hashes(seq, full)
+        # its first prefill: a sequence has no output before it (a resumed one recomputes what it wrote once)
+        prompt_blocks = 0 if seq.output_token_ids else len(seq.prompt_token_ids) // self.block_size
         for i in range(seq.num_committed_blocks, full):
             b, h = seq.block_table[i], hashes[i]
             if self._hash[b] is None and h not in self._by_hash:
                 self._hash[b] = h
                 self._by_hash[h] = b
+                if i < prompt_blocks:
+                    seq.prompt_written_tokens += self.block_size
         seq.num_committed_blocks = full

@@ -702,6 +702,7 @@ class LLMEngine:
             choices=choices,
             prompt_logprobs=tuple(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
             cached_tokens=sum(s.prompt_cached_tokens for s in group.seqs if s.index % s.params.n == 0),
+            cache_write_tokens=sum(s.prompt_written_tokens for s in group.seqs if s.index % s.params.n == 0),
         )
         # kept for receipts only (counts and times): the text, tokens and logprobs of n choices and a long prompt's
         # scores could be tens of MB a request, and a thousand are kept

@@ -373,6 +373,9 @@ class FinishEvent:
     # of prompt_tokens, those whose KV the prefix cache held when each prompt was first computed (OpenAI's
     # usage.prompt_tokens_details.cached_tokens)
     cached_tokens: int = 0
+    # of prompt_tokens, those whose KV each prompt's first computing newly put into the prefix cache: its full
+    # blocks not found there, less any whose key another sequence's block already held (cache_write_tokens)
+    cache_write_tokens: int = 0
 
     @property
     def error_code(self) -> str | None:

@@ -55,6 +55,7 @@ class Sequence:
         "num_committed_blocks",
         "cache_salt",
         "prompt_cached_tokens",
+        "prompt_written_tokens",
     )
 
     def __init__(
@@ -85,6 +86,8 @@ class Sequence:
         self.num_committed_blocks = 0
         self.cache_salt = cache_salt  # part of its blocks' keys (GenerationRequest.cache_salt)
         self.prompt_cached_tokens = 0  # num_cached_tokens of its first prefill (usage: cached prompt tokens)
+        # the prompt tokens of the full blocks its first prefill registered (usage: cache_write_tokens)
+        self.prompt_written_tokens = 0
         self.status = SeqStatus.WAITING
         self.slot = -1  # adapter slot while running; -1 = base model
         self.generator = seeded_generator(seed, device)

@@ -79,6 +79,7 @@ def test_rogue_node_is_disputed_dropped_and_never_settled(gw, anvil_chain, tiny_
         # the client is shown what the gateway saw, not the receipt's claim
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt_ids), 2)
         assert r.usage.prompt_tokens_details.cached_tokens == 0  # its claim of more than the prompt is not shown
+        assert r.usage.prompt_tokens_details.cache_write_tokens == 0  # nor of more written
         assert r.choices[0].text == " w0 w1"
 
         with Session(engine) as s:

@@ -54,7 +54,7 @@ def test_several_prompts_and_n_stream_and_answer_with_choices_and_summed_usage(n
         "prompt_tokens": len(P1) + len(P2),
         "completion_tokens": 20,
         "total_tokens": 28,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
     }
     rec = whole["receipt"]
     assert (rec["prompt_tokens"], rec["completion_tokens"]) == (8, 20)

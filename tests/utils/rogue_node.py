@@ -185,6 +185,8 @@ def make_app(identity, args) -> FastAPI:
                     # a rogue claims more cached prompt tokens than the prompt has (an honest node: at most it)
                     "prompt_tokens_details": {"cached_tokens": r["prompt_tokens"] + 10**9},
                 }  # the claim, as the node API
+                if args.mode == "rogue":  # and that it wrote more than the prompt (an honest node of before: no word)
+                    usage["prompt_tokens_details"]["cache_write_tokens"] = 10**9
                 yield sse_frame({"type": "done", "finish_reason": reason, "usage": usage, **s})
             finally:
                 if rid not in receipts:  # the gateway went away mid-stream: keep a receipt of what was sent

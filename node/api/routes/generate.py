@@ -205,8 +205,9 @@ def _usage(ev: FinishEvent) -> dict:
         "prompt_tokens": ev.prompt_tokens,
         "completion_tokens": ev.completion_tokens,
         "total_tokens": ev.prompt_tokens + ev.completion_tokens,
-        # the prompt tokens whose KV the prefix cache held (not in the receipt: nothing is billed on it)
-        "prompt_tokens_details": {"cached_tokens": ev.cached_tokens},
+        # the prompt tokens whose KV the prefix cache held, and those this request wrote into it (not in the
+        # receipt: nothing is billed on them)
+        "prompt_tokens_details": {"cached_tokens": ev.cached_tokens, "cache_write_tokens": ev.cache_write_tokens},
     }
 
 

@@ -130,6 +130,60 @@ def test_free_pool_hands_out_never_cached_blocks_first_then_the_least_recently_r
     assert bm.num_free == 6
 
 
+def test_a_prompt_block_counts_as_written_once_by_the_request_that_registers_it():
+    """cache_write_tokens (OpenAI's usage.prompt_tokens_details): the prompt tokens of the full blocks a
+    sequence's commit newly registered; not a block whose key another block holds, not a block holding
+    output, not a prompt block registered again when a preempted sequence recomputes it, none with caching off."""
+    bm = BlockManager(8, 4, namespace="b")
+    ids = list(range(3, 13))  # 10 tokens: 2 full blocks and a partial one
+    s, twin = _seq(None, ids), _seq(None, ids)
+    bm.allocate(s, bm.match(s), looked_up=True)
+    bm.allocate(twin, [], looked_up=False)  # computed in the same step: nothing to match yet
+    bm.commit(s, 10)
+    bm.commit(twin, 10)
+    assert (s.prompt_written_tokens, twin.prompt_written_tokens) == (8, 0)  # twin's copies stay private
+    s.output_token_ids += [20, 21]
+    bm.commit(s, 12)  # the third block, 2 prompt tokens and 2 output ones, is registered: not counted
+    assert bm.num_cached_blocks == 3 and s.prompt_written_tokens == 8
+    bm.free(twin.block_table)
+    bm.free(s.block_table)  # s is preempted; then every block is handed out again, its keys dropped
+    t: list[int] = []
+    bm.grow(t, 32)
+    bm.free(t)
+    assert bm.num_cached_blocks == 0
+    bm.allocate(s, bm.match(s), looked_up=True)
+    bm.commit(s, 12)  # the resumed sequence registers its prompt blocks again: written once, counted once
+    assert bm.num_cached_blocks == 3 and s.prompt_written_tokens == 8
+    off, plain = BlockManager(8, 4, namespace="b", enable_caching=False), _seq(None, ids)
+    off.allocate(plain, off.match(plain), looked_up=True)
+    off.commit(plain, 10)
+    assert plain.prompt_written_tokens == 0
+
+
+@pytest.mark.parametrize("extra", [0, 3])
+def test_usage_counts_the_prompt_tokens_a_request_wrote_into_the_cache(llama_world, extra):
+    """A prompt of 5 full blocks (and `extra` tokens after them) writes 40 tokens into a cold cache; the same
+    prompt again writes none and reads what the first wrote, but its last token's block (a full last block is
+    computed again, its key already held: written by nobody). Output blocks are never counted; n sequences of
+    one prompt count it once, as cached_tokens does; with the cache off nothing is written."""
+    prompt = SYSTEM + _tokens(4, extra)
+    on, off = _engines(llama_world)
+    try:
+        cold = run(on, [_req("cold", None, prompt, 12)])["cold"]  # its output fills blocks the cache registers
+        assert (cold.cached_tokens, cold.cache_write_tokens) == (0, 40)
+        again = run(on, [_req("again", None, prompt, 12)])["again"]
+        assert (again.cached_tokens, again.cache_write_tokens) == (40 if extra else 32, 0)
+        other = _tokens(5, 16 + extra)  # 2 full blocks
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, n=3)
+        many = run(on, [GenerationRequest("n", None, prompt_token_ids=other, params=params)])["n"]
+        assert (many.cached_tokens, many.cache_write_tokens) == (0, 16)
+        assert run(off, [_req("off", None, prompt, 4)])["off"].cache_write_tokens == 0
+        all_returned(on)
+    finally:
+        on.close()
+        off.close()
+
+
 # ---- outputs equal without the cache ----
 def test_mixed_batch_sharing_a_system_prompt_gives_what_no_cache_gives(llama_world):
     w = llama_world
