@@ -191,8 +191,8 @@ def connection_to_close(swarm, standing: Callable[[str], int], dialing, spared: 
     above it, so 60 strangers' idle inbound connections and 4 of the node's own kept it from dialling any new
     provider, for as long as they were held (red team: an honest provider unreachable 100 s and more).
 
-    Never a `spared` peer's (one this node is fetching from, or closing for another dial: two dials at once closed
-    one connection, and one failed), nor one carrying a `busy` stream (an adapter transfer) of a peer with standing:
+    Never a `spared` peer's (one this node is fetching from or uploading a package to, or closing for another dial:
+    two dials at once closed one connection, and one failed), nor one carrying a `busy` stream of a peer with standing:
     a stranger's stream does not count, since opening one and never asking (the server waits request_timeout)
     would keep its connection for good (review). Nor one of higher standing than the peer dialled (a stranger's
     announcement would close a registered node's connection). The lowest standing goes first, then the node's own

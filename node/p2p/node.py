@@ -410,7 +410,7 @@ class Mesh:
     async def _make_room(self, info: PeerInfo) -> None:
         """Close the connection `connection_to_close` names, if any."""
         swarm = self.host.get_network()
-        spared = self.fetcher.downloading_from() | self._closing
+        spared = self.fetcher.downloading_from() | self.server.uploading_to() | self._closing
         doomed = connection_to_close(swarm, self.standing.level, info.peer_id, spared, TProtocol(PROTOCOL_ID))
         if doomed is None:
             return

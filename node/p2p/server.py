@@ -46,6 +46,7 @@ class AdapterServer:
         # slots: peers without standing (Mesh sets PeerStanding.level; UNKNOWN until then) share half of them.
         self.standing: Standing = lambda _p: UNKNOWN
         self._strangers = 0
+        self._uploading: Counter[str] = Counter()  # peers a package is going out to now (an asked request)
         self.served = 0
         # a stranger's failed streams are logged at most every 10 s (streams cost it nothing: a line each filled logs)
         self._log_stranger_failed = Throttled(log, logging.WARNING)
@@ -102,15 +103,24 @@ class AdapterServer:
         # A reader taking less than min_rate would hold the slot: the whole upload has a deadline.
         limit = self.config.transfer_grace + self.config.header_timeout + size / self.config.min_rate
         gone, sent = trio.Event(), False
-        with trio.move_on_after(limit) as scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_watch_for_reset, stream, gone, nursery.cancel_scope)
-                    await self.send_package(stream, Path(pkg.path), adapter_id)
-                    sent = True
-                    nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
+        peer = _peer_of(stream)
+        self._uploading[peer] += 1
+        try:
+            with trio.move_on_after(limit) as scope:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_watch_for_reset, stream, gone, nursery.cancel_scope)
+                        await self.send_package(stream, Path(pkg.path), adapter_id)
+                        sent = True
+                        # END written is not END read: the muxer buffers megabytes, and the connection must stay
+                        # (uploading_to) until the peer has read it all and closed its side (the watcher ends this)
+                        await gone.wait()
+                except BaseExceptionGroup as group:
+                    raise first_error(group) from None
+        finally:
+            self._uploading[peer] -= 1
+            if not self._uploading[peer]:
+                del self._uploading[peer]
         if gone.is_set() and not sent:
             raise ProviderError("peer closed or reset the stream before the END frame")
         if scope.cancelled_caught:
@@ -118,6 +128,14 @@ class AdapterServer:
         self.served += 1
         log.info("served adapter %s to %s (%d bytes)", adapter_id, _peer_of(stream), size)
         await stream.close()
+
+    def uploading_to(self) -> set[str]:
+        """Peers a package is going out to now: each asked for one this node holds, and reads it at min_rate or
+        faster (or its upload ends at its deadline). Their connections are not closed to make room for a dial
+        (`host.connection_to_close`), whatever their standing: a stranger's new idle connections made the node
+        close an honest newcomer's download partway (red team). What a stranger shields so is bounded by its
+        share of the upload slots and paid for in reading whole packages."""
+        return set(self._uploading)
 
     async def send_package(self, stream: ByteStream, pkg_dir: Path, adapter_id: str) -> None:
         """Write the package's frames; a test peer overrides this to misbehave."""
@@ -132,9 +150,9 @@ class AdapterServer:
 
 
 async def _watch_for_reset(stream, gone: trio.Event, scope: trio.CancelScope) -> None:
-    # The fetcher sends nothing after its REQUEST and keeps its side open until END: anything else
-    # (a reset, which the muxer may report as EOF, a close, stray bytes) means it gave up, and ends
-    # the upload at once, so its slot is free now rather than when the upload's deadline passes.
+    # The fetcher sends nothing after its REQUEST and keeps its side open until it has read END: anything
+    # else (a reset, which the muxer may report as EOF, a close, stray bytes) means it is done or gave up,
+    # and ends the upload at once, so its slot is free now rather than when the upload's deadline passes.
     try:
         await stream.read(1)
     except Exception:

@@ -16,6 +16,7 @@ import pytest
 
 from node.adapters import AdapterStore
 from node.p2p import P2PConfig, P2PNode
+from tests.utils.factories import make_base, make_package
 from tests.utils.gateway import poll
 from tests.utils.p2p import REPO, PeerProcess
 
@@ -159,3 +160,62 @@ def test_a_dial_to_a_dead_address_closes_no_connection(tmp_path, packages):
         strangers.wait(30)
         for peer in (victim, friend):
             peer.stop()
+
+
+@pytest.fixture(scope="module")
+def big_package(tmp_path_factory, packages):
+    """A 2.9 MB package: its download, at a pace above the server's minimum, outlasts the victim's own fetch."""
+    work = tmp_path_factory.mktemp("big")
+    base = make_base(work / "base", hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8, num_kv_heads=4)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return make_package(base, work / "pkg", name="big", rank=16, targets=targets)
+
+
+def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big_package):
+    """An honest peer with no standing (an `adapter fetch`, or a node registered since the registry was last read)
+    downloading from the node; strangers' inbound connections, newer than its own, bring the node to its cap. The
+    node's next dial closed the oldest connection of no standing, the download's, after 1.4 of its 2.9 MB (red
+    team): an upload under way is spared whatever the peer's standing."""
+    pkg, other = big_package, packages.main
+    owners = {pkg.adapter_id: packages.owner, other.adapter_id: packages.owner}
+    (tmp_path / "owners.json").write_text(json.dumps(owners))
+    AdapterStore(tmp_path / "p").install(other.path)
+    provider = PeerProcess(store=tmp_path / "p", owners=tmp_path / "owners.json")
+    registered = _strangers("/ip4/127.0.0.1/tcp/1/p2p/" + _dead_addr().split("/p2p/")[1], "--listeners", "5")
+    nodes = _line(registered)["listeners"]
+    trusted = {a.split("/p2p/")[1] for a in nodes} | {provider.peer_id}
+    store = AdapterStore(tmp_path / "v")
+    store.install(pkg.path)
+    config = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", max_connections=8)  # 4 inbound slots
+    victim = P2PNode(
+        seed=os.urandom(32),
+        store=store,
+        owner_of=owners.get,
+        config=config,
+        base_dir=packages.base,
+        trusted_peer=trusted.__contains__,
+    )
+    victim.start()
+    procs = [registered]
+    try:
+        for addr in nodes:  # the registered nodes it dials at start
+            victim.connect(addr)
+        cmd = [sys.executable, "-m", "tests.node.p2p.slow_downloader", victim.listen_addrs[0], pkg.adapter_id]
+        honest = subprocess.Popen([*cmd, str(400 * 1024)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        procs.append(honest)
+        assert _line(honest) == {"receiving": True}
+        procs.append(_strangers(victim.listen_addrs[0], "--inbound", "2"))
+        assert _line(procs[-1])["inbound"] == 2
+        poll(lambda: len(victim.connected_peers()) == 8, timeout=30)
+
+        victim.fetch(other.adapter_id, providers=provider.addrs)
+
+        got = _line(honest, 120)
+        assert got["ok"], got
+        assert got["bytes"] >= sum(f.size for f in pkg.manifest.files)
+    finally:
+        victim.stop()
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(30)
+        provider.stop()
