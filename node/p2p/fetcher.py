@@ -5,6 +5,7 @@ loop; Mesh (node.py) builds it with the host, Discovery (who holds the adapter) 
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -212,14 +213,17 @@ class Fetcher:
         ids, and relay announcements each signed by a throw-away key with a dead address): the rest of the
         attempts are kept for peers with standing, a registered node that failed a moment ago included. A node
         registered since this one last read the registry (every 5 minutes, node.daemon) has no standing yet: the
-        cap still holds for it, since each made-up provider a fetch tries costs a dial's timeout.
+        cap still holds for it, since each made-up provider a fetch tries costs a dial's timeout. Those of one
+        rank go in a random order: in the order discovery found them, strangers who put their records first
+        (fresh ids at addresses that stall) kept an honest provider past the cap out of fetch after fetch.
         """
         order: dict[str, Provider] = {}
         for prov in given:
             if prov.peer_id != self.peer_id:
                 order.setdefault(prov.peer_id, prov)
+        candidates = [p for p in found if p.peer_id not in order and p.peer_id != self.peer_id]
         ranked = sorted(
-            (p for p in found if p.peer_id not in order and p.peer_id != self.peer_id),
+            random.sample(candidates, len(candidates)),  # shuffled, then a stable sort: random within a rank
             key=lambda p: self.standing.rank(p.peer_id, p.source),
         )
         tried = unknown = 0
