@@ -76,6 +76,14 @@ WHITESPACE_MAX = 64
 _JSON_OPTIONS = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{WHITESPACE_MAX}}}"}
 # Fewer lexer states than llguidance's default (250,000 at 1-2 kB each): a schema needing more is refused
 MAX_LEXER_STATES = 50_000
+# A cached grammar is compiled again once its copies have made this many masks. They grow the lexer they share
+# with it, and llguidance says nothing of its size: one key's regexes built to grow it (a new state at every byte,
+# each state's row 256 wide) held 37 MiB a grammar after their requests ended, 2.4 GiB in a cache of 64 (red team;
+# up to 76 MiB at MAX_LEXER_STATES, measured). A compile costs about a millisecond and its first mask; an honest
+# schema's JSON answers of a few hundred tokens reuse one for a few requests.
+RETIRE_MASKS = 1024
+# Compiled grammars kept (LRU): with RETIRE_MASKS, what the cache can hold after its requests ended
+GRAMMAR_CACHE_SIZE = 16
 # A smaller grammar than llguidance's default (500,000 symbols). Compiles run one at a time on the node's
 # compile thread, where a schema of products (allOf of anyOfs: 2 kB of JSON for thousands of alternatives)
 # took 1.3 s to be refused at the default, and one just under it 0.5 s plus 0.5 s for its first mask: six such
@@ -286,7 +294,7 @@ class GrammarBudget:
 class Matcher:
     """One sequence's place in its grammar. Used by one thread at a time (the engine's)."""
 
-    __slots__ = ("_m", "_words", "_vocab", "_slow", "_budget", "_end_row", "_named_row")
+    __slots__ = ("_m", "_words", "_vocab", "_slow", "_budget", "_end_row", "_named_row", "_of")
 
     def __init__(
         self,
@@ -295,8 +303,10 @@ class Matcher:
         budget: GrammarBudget | None = None,
         end_row: torch.Tensor | None = None,
         named_row: torch.Tensor | None = None,
+        of: _Cached | None = None,
     ) -> None:
         self._m = inner  # llguidance.LLMatcher
+        self._of = of  # the cached grammar it is a copy of: its masks are counted there (RETIRE_MASKS)
         self._vocab = vocab_size
         self._words = (vocab_size + 31) // 32
         self._end_row = end_row  # a mask row allowing only the end tokens (Grammars.end_row)
@@ -329,6 +339,8 @@ class Matcher:
         if (self._slow or self._budget.slow) and self._end_row is not None:
             bitmask[row] = self._end_row
             return
+        if self._of is not None:
+            self._of.masks += 1  # one thread per matcher, and a count off by a few under a race does no harm
         started = time.thread_time()
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr() + row * bitmask.stride(0) * 4, self._words * 4)
         if self._named_row is not None:
@@ -370,12 +382,26 @@ class Matcher:
         return self._m.is_accepting()
 
 
+class _Cached:
+    """A compiled grammar in the cache, and the masks its copies have made."""
+
+    __slots__ = ("proto", "masks")
+
+    def __init__(self, proto) -> None:
+        self.proto, self.masks = proto, 0
+
+    @property
+    def retired(self) -> bool:
+        return self.masks >= RETIRE_MASKS
+
+
 class Grammars:
     """The engine's grammar compiler: one per tokenizer. matcher() may run on any thread; the compiled grammars
     are cached (LRU, `cache_size` of them, each a spec's for one cache salt: more clients of one spec than that
-    compile it again, about a millisecond each) and each sequence gets its own copy of one."""
+    compile it again, about a millisecond each; each compiled again after RETIRE_MASKS masks of its copies) and
+    each sequence gets its own copy of one."""
 
-    def __init__(self, tokenizer, vocab_size: int, *, cache_size: int = 64, eos_ids=None) -> None:
+    def __init__(self, tokenizer, vocab_size: int, *, cache_size: int = GRAMMAR_CACHE_SIZE, eos_ids=None) -> None:
         import llguidance
         import llguidance.gbnf_to_lark
         import llguidance.hf
@@ -411,7 +437,7 @@ class Grammars:
                 self.named_row[full] |= _bit(k)
         # (spec, share) -> prototype: copies of one prototype share its lexer's states (below), so requests share one
         # only under one cache salt, as they share cached prompt KV (GenerationRequest.cache_salt)
-        self._cache: OrderedDict[tuple[GuidedSpec, str | None], object] = OrderedDict()
+        self._cache: OrderedDict[tuple[GuidedSpec, str | None], _Cached] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -419,7 +445,8 @@ class Grammars:
         """Whether the spec's grammar is compiled already for requests of cache salt `share` (a matcher of it
         costs a copy, not a compile)."""
         with self._lock:
-            return (spec, share) in self._cache
+            hit = self._cache.get((spec, share))
+            return hit is not None and not hit.retired
 
     def forget(self, spec: GuidedSpec, share: str | None = None) -> None:
         """Drop the spec's compiled grammar of cache salt `share`: a matcher of it failed in the library
@@ -438,21 +465,26 @@ class Grammars:
         whose lexer grows with every token, spent them, and the other's request already running failed on its
         next mask, billed (red team). A salt's requests share a prototype of their own: one client's walks spend
         no other client's lexer (the gateway gives each key its own salt)."""
+        return self._cached(spec, share, compile).proto
+
+    def _cached(self, spec: GuidedSpec, share: str | None, compile: bool) -> _Cached:
         key = (spec, share)
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None:
+            if hit is not None and hit.retired:  # its lexer has grown for long enough: freed once its copies end
+                del self._cache[key]
+            elif hit is not None:
                 self._cache.move_to_end(key)
                 return hit
         if not compile:
             raise NotCompiled(f"the grammar of {spec.type} is not compiled")
-        proto = self._compile(spec)  # outside the lock: llguidance releases the GIL while it compiles
+        made = _Cached(self._compile(spec))  # outside the lock: llguidance releases the GIL while it compiles
         with self._lock:
-            proto = self._cache.setdefault(key, proto)
+            made = self._cache.setdefault(key, made)
             self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return proto
+        return made
 
     def _compile(self, spec: GuidedSpec):
         LLMatcher = self._llg.LLMatcher
@@ -522,8 +554,8 @@ class Grammars:
         """A fresh matcher at the start of the spec's grammar, a copy of cache salt `share`'s prototype (compiled),
         counting its CPU in `budget` (one per request, shared by its sequences; None: its own); GrammarError when
         the schema cannot be compiled, NotCompiled when it is not compiled and `compile` is False."""
-        proto = self.compiled(spec, share, compile=compile)
-        return Matcher(proto.deep_copy(), self.vocab_size, budget, self.end_row, self.named_row)
+        cached = self._cached(spec, share, compile)
+        return Matcher(cached.proto.deep_copy(), self.vocab_size, budget, self.end_row, self.named_row, of=cached)
 
     def new_bitmask(self, rows: int) -> torch.Tensor:
         """[rows, ceil(vocab_size / 32)] int32 on the CPU, every token allowed (Matcher.fill overwrites a row)."""
