@@ -185,16 +185,27 @@ async def answers_tcp(addrs: Collection[Multiaddr], timeout: float) -> bool:
     return False
 
 
-def connection_to_close(swarm, standing: Callable[[str], int], dialing, spared: Collection[str], busy: TProtocol):
+def connection_to_close(
+    swarm,
+    standing: Callable[[str], int],
+    dialing,
+    spared: Collection[str],
+    busy: TProtocol,
+    uploading: Collection[str] = (),
+):
     """The peer whose connection goes so that this node can dial `dialing`, when every connection slot is taken
     (None when none need go, or none may). py-libp2p refuses a dial at max_connections and its pruner trims only
     above it, so 60 strangers' idle inbound connections and 4 of the node's own kept it from dialling any new
     provider, for as long as they were held (red team: an honest provider unreachable 100 s and more).
 
-    Never a `spared` peer's (one this node is fetching from or uploading a package to, or closing for another dial:
-    two dials at once closed one connection, and one failed), nor one carrying a `busy` stream of a peer with standing:
-    a stranger's stream does not count, since opening one and never asking (the server waits request_timeout)
-    would keep its connection for good (review). Nor one of higher standing than the peer dialled (a stranger's
+    Never a `spared` peer's (one this node is fetching from, or closing for another dial: two dials at once closed
+    one connection, and one failed), nor one carrying a `busy` stream of a peer with standing: a stranger's stream
+    does not count, since opening one and never asking (the server waits request_timeout) would keep its
+    connection for good (review). Nor one a package is going out on (`uploading`) to a peer with standing or over
+    a connection the peer dialled: strangers' new idle connections made the node close an honest newcomer's
+    download partway (red team), while strangers the node dialled, asking for a package it seeds and reading
+    nothing, would keep every connection it may close (red team on that fix). Nor one of higher standing than the
+    peer dialled (a stranger's
     announcement would close a registered node's connection). The lowest standing goes first, then the node's own
     dials before a peer's, then the oldest. While the inbound slots are all taken, only the node's own dials may
     go: a stranger's slot, freed, would be a stranger's again before the dial ends. While they are not, a stranger
@@ -214,6 +225,8 @@ def connection_to_close(swarm, standing: Callable[[str], int], dialing, spared: 
         if level > ceiling or (inbound and inbound_full):
             continue
         if level > UNKNOWN and any(s.get_protocol() == busy for c in conns for s in c.get_streams()):
+            continue
+        if pid in uploading and (level > UNKNOWN or inbound):
             continue
         key = (level, inbound, min(getattr(c, "_created_at", 0.0) for c in conns))
         if best_key is None or key < best_key:

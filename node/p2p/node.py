@@ -393,11 +393,13 @@ class Mesh:
             del self._evicted[info.peer_id.to_base58()]
             swarm.unblock_peer(info.peer_id)
         try:
-            if at_cap(swarm, info.peer_id) and not dial_blocked(swarm, info.peer_id):
-                if not await answers_tcp(info.addrs, self.config.dial_timeout):
-                    raise P2PError(f"nothing answered at its {len(info.addrs)} address(es)")
-                await self._make_room(info)
+            # one timeout for all of it: an address that answered TCP only after seconds, then stalled the handshake,
+            # doubled the dial (red team)
             with trio.fail_after(self.config.dial_timeout):
+                if at_cap(swarm, info.peer_id) and not dial_blocked(swarm, info.peer_id):
+                    if not await answers_tcp(info.addrs, self.config.dial_timeout):
+                        raise P2PError(f"nothing answered at its {len(info.addrs)} address(es)")
+                    await self._make_room(info)
                 await self.host.connect(info)
         except trio.TooSlowError as e:
             raise P2PError(f"dialing {info.peer_id} timed out after {self.config.dial_timeout:g}s") from e
@@ -410,8 +412,10 @@ class Mesh:
     async def _make_room(self, info: PeerInfo) -> None:
         """Close the connection `connection_to_close` names, if any."""
         swarm = self.host.get_network()
-        spared = self.fetcher.downloading_from() | self.server.uploading_to() | self._closing
-        doomed = connection_to_close(swarm, self.standing.level, info.peer_id, spared, TProtocol(PROTOCOL_ID))
+        spared = self.fetcher.downloading_from() | self._closing
+        doomed = connection_to_close(
+            swarm, self.standing.level, info.peer_id, spared, TProtocol(PROTOCOL_ID), self.server.uploading_to()
+        )
         if doomed is None:
             return
         pid = doomed.to_base58()

@@ -130,11 +130,11 @@ class AdapterServer:
         await stream.close()
 
     def uploading_to(self) -> set[str]:
-        """Peers a package is going out to now: each asked for one this node holds, and reads it at min_rate or
-        faster (or its upload ends at its deadline). Their connections are not closed to make room for a dial
-        (`host.connection_to_close`), whatever their standing: a stranger's new idle connections made the node
-        close an honest newcomer's download partway (red team). What a stranger shields so is bounded by its
-        share of the upload slots and paid for in reading whole packages."""
+        """Peers a package is going out to now: each asked for one this node holds, until it has read END and
+        closed its side, or its upload's deadline passed. `host.connection_to_close` spares their connections where
+        the peer has standing or dialled this node. A stranger may ask and read nothing: what it shields so is
+        bounded by the upload slots strangers share (half of max_inbound_streams), each for one upload's deadline
+        at a time."""
         return set(self._uploading)
 
     async def send_package(self, stream: ByteStream, pkg_dir: Path, adapter_id: str) -> None:

@@ -4,10 +4,11 @@ made to dial them); with `--busy`, a listener the target dialled keeps an adapte
 connection, asking nothing (opened again every second, as the target's server drops it after its request
 timeout), so that the connection looks like a transfer. Prints {"inbound": n, "listeners": [full multiaddrs]} once
 every dial is done (then {"busy": n} once each listener has its first stream open), and holds everything until
-stdin closes. `--redial` hosts dial the target again every few milliseconds whenever they are not connected to
-it, to take any inbound slot that comes free.
+stdin closes. With `--ask ADAPTER_ID` too, each such stream asks for that package (one the target seeds: adapter
+ids are public) and then reads nothing, so that the target is uploading to it. `--redial` hosts dial the target
+again every few milliseconds whenever they are not connected to it, to take any inbound slot that comes free.
 
-    python -m tests.node.p2p.holding_peers TARGET_MULTIADDR --inbound 2 --listeners 4 [--busy] [--redial 3]
+    python -m tests.node.p2p.holding_peers TARGET_MULTIADDR --inbound 2 --listeners 4 [--busy [--ask ID]] [--redial 3]
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
+from common.wire import canonical_json
 from node.p2p.config import P2PConfig
 from node.p2p.host import build_host, full_addrs, route_libp2p_logging
-from node.p2p.protocol import PROTOCOL_ID
+from node.p2p.protocol import PROTOCOL_ID, Kind, write_frame
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
-async def _busy(host, peer, counts: dict, total: int) -> None:
-    """Once `peer` has dialled this host: an adapter stream to it, asking nothing, opened again every second. When
-    every busy listener has its first one open, {"busy": n} is printed."""
+async def _busy(host, peer, total: int, ask: str | None, *, counts: dict) -> None:
+    """Once `peer` has dialled this host: an adapter stream to it, asking nothing (or for `ask`'s package, then
+    reading nothing), opened again every second. When every busy listener has its first one open, {"busy": n} is
+    printed."""
     while not host.get_network().get_connections(peer):
         await trio.sleep(0.1)
     first = True
@@ -42,6 +45,8 @@ async def _busy(host, peer, counts: dict, total: int) -> None:
             try:
                 with trio.fail_after(3):
                     stream = await host.new_stream(peer, [TProtocol(PROTOCOL_ID)])
+                    if ask:
+                        await write_frame(stream, Kind.REQUEST, canonical_json({"adapter_id": ask}), timeout=3)
                 nursery.start_soon(_held, stream)
                 if first:
                     first, counts["busy"] = False, counts.get("busy", 0) + 1
@@ -68,7 +73,7 @@ async def _host(target, counts: dict, *, busy: tuple = (), task_status=trio.TASK
         if target is None:
             task_status.started(full_addrs(host)[0])
             if busy:
-                await _busy(host, busy[0], counts, busy[1])
+                await _busy(host, *busy, counts=counts)
         else:
             try:
                 with trio.fail_after(10):
@@ -99,6 +104,7 @@ async def main() -> None:
     ap.add_argument("--inbound", type=int, default=0)
     ap.add_argument("--listeners", type=int, default=0)
     ap.add_argument("--busy", action="store_true")
+    ap.add_argument("--ask")
     ap.add_argument("--redial", type=int, default=0)
     args = ap.parse_args()
     route_libp2p_logging()
@@ -108,7 +114,7 @@ async def main() -> None:
         for _ in range(args.inbound):
             await nursery.start(_host, target, counts)
         for _ in range(args.listeners):
-            busy = (target.peer_id, args.listeners) if args.busy else ()
+            busy = (target.peer_id, args.listeners, args.ask) if args.busy else ()
             counts["listeners"].append(await nursery.start(functools.partial(_host, None, counts, busy=busy)))
         for _ in range(args.redial):
             await nursery.start(_redial, target)

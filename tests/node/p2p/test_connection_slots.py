@@ -5,17 +5,21 @@ for as long as the strangers held on (red team: 100 s and more, then py-libp2p's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from node.adapters import AdapterStore
-from node.p2p import P2PConfig, P2PNode
+from node.p2p import P2PConfig, P2PError, P2PNode
 from tests.utils.factories import make_base, make_package
 from tests.utils.gateway import poll
 from tests.utils.p2p import REPO, PeerProcess
@@ -38,14 +42,17 @@ def _line(proc: subprocess.Popen, timeout: float = 60.0) -> dict:
     return json.loads(proc.stdout.readline())
 
 
-@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+@pytest.mark.parametrize("busy", ["", "busy", "asking"])
 def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provider(tmp_path, packages, busy):
     """busy: the strangers it dialled keep an adapter stream open back to it, asking nothing: a connection carrying
-    a transfer was never closed, so they kept their slots (review)."""
-    pkg = packages.main
+    a transfer was never closed, so they kept their slots (review). asking: the streams ask for a package the node
+    seeds and read nothing: an upload under way spared its connection, whatever the peer's standing, and the node
+    could close none (red team on that fix: 10 fetches of 10 failed over 45 s)."""
+    pkg, seeded = packages.main, packages.stalled
     owners = tmp_path / "owners.json"
-    owners.write_text(json.dumps({pkg.adapter_id: packages.owner}))
+    owners.write_text(json.dumps({pkg.adapter_id: packages.owner, seeded.adapter_id: packages.owner}))
     AdapterStore(tmp_path / "h").install(pkg.path)
+    AdapterStore(tmp_path / "v").install(seeded.path)
     honest = PeerProcess(store=tmp_path / "h", owners=owners, base=packages.base)
     friend = PeerProcess(store=tmp_path / "f", owners=owners)  # the victim's bootstrap peer: trusted
     victim = PeerProcess(
@@ -55,7 +62,10 @@ def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provi
         bootstrap=friend.addrs,
         config={"max_connections": MAX_CONNECTIONS},
     )
-    strangers = _strangers(victim.addrs[0], "--inbound", "2", "--listeners", "3", *(["--busy"] if busy else []))
+    asking = ["--ask", seeded.adapter_id] if busy == "asking" else []
+    strangers = _strangers(
+        victim.addrs[0], "--inbound", "2", "--listeners", "3", *(["--busy", *asking] if busy else [])
+    )
     try:
         held = _line(strangers)
         assert held["inbound"] == 2
@@ -122,8 +132,6 @@ def test_two_dials_at_once_each_get_a_slot_strangers_cannot_take(tmp_path, packa
 def _dead_addr() -> str:
     """A full multiaddr where nothing listens (a port just released) for a peer id nobody holds: a node registered
     with a dead address, or a provider gone."""
-    import socket
-
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.peer.id import ID
 
@@ -219,3 +227,58 @@ def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big
             proc.stdin.close()
             proc.wait(30)
         provider.stop()
+
+
+class _LateThenSilent:
+    """A stranger's address: its listen queue full (backlog 0, one connection of its own never accepted) until
+    `late` seconds after arm(), so a SYN is dropped and the one retransmitted after that gets in; every connection
+    it accepts then is held open, silent (no libp2p handshake)."""
+
+    def __init__(self, late: float) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(0)
+        self.port = self.server.getsockname()[1]
+        self.filler = socket.create_connection(("127.0.0.1", self.port))
+        self.late, self.held, self.done = late, [], threading.Event()
+
+    def arm(self) -> None:
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        if self.done.wait(self.late):  # the attack's own delay
+            return
+        self.server.settimeout(0.05)
+        while not self.done.is_set():
+            with contextlib.suppress(OSError):
+                self.held.append(self.server.accept()[0])
+
+    def close(self) -> None:
+        self.done.set()
+        for s in (*self.held, self.filler, self.server):
+            s.close()
+
+
+def test_a_dial_at_the_cap_keeps_to_its_timeout_whatever_the_address_does(tmp_path):
+    """At the cap, an address that accepted TCP only after 3 s and then stalled the handshake held the dial 3 s in
+    the check that it answers and a whole dial_timeout more in the dial (8.3 s of 5, red team): one timeout holds
+    for both."""
+    config = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", max_connections=MAX_CONNECTIONS)
+    victim = P2PNode(seed=os.urandom(32), store=AdapterStore(tmp_path / "v"), owner_of=lambda _a: None, config=config)
+    victim.start()
+    strangers = _strangers(victim.listen_addrs[0], "--inbound", "2", "--listeners", "4")
+    late = _LateThenSilent(2.5)
+    try:
+        for addr in _line(strangers)["listeners"]:
+            victim.connect(addr)
+        poll(lambda: len(victim.connected_peers()) == MAX_CONNECTIONS, timeout=30)
+        late.arm()
+        started = time.monotonic()
+        with pytest.raises(P2PError, match="timed out"):
+            victim.connect(f"/ip4/127.0.0.1/tcp/{late.port}/p2p/{_dead_addr().split('/p2p/')[1]}")
+        assert time.monotonic() - started < config.dial_timeout + 1.5  # 8.3 s before: the check's 3 s, then 5
+    finally:
+        strangers.stdin.close()
+        strangers.wait(30)
+        late.close()
+        victim.stop()
