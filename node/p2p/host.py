@@ -201,12 +201,10 @@ def connection_to_close(
     Never a `spared` peer's (one this node is fetching from, or closing for another dial: two dials at once closed
     one connection, and one failed), nor one carrying a `busy` stream of a peer with standing: a stranger's stream
     does not count, since opening one and never asking (the server waits request_timeout) would keep its
-    connection for good (review). Nor one a package is going out on (`uploading`) to a peer with standing or over
-    a connection the peer dialled: strangers' new idle connections made the node close an honest newcomer's
-    download partway (red team), while strangers the node dialled, asking for a package it seeds and reading
-    nothing, would keep every connection it may close (red team on that fix). Nor one of higher standing than the
-    peer dialled (a stranger's
-    announcement would close a registered node's connection). The lowest standing goes first, then the node's own
+    connection for good (review). Nor one of a peer reading a package from this node (`uploading`: the server
+    tells, by its writes past the muxer's first window; asking alone is not enough). Nor one of higher standing
+    than the peer dialled (a stranger's announcement would close a registered node's connection). The lowest
+    standing goes first, then the node's own
     dials before a peer's, then the oldest. While the inbound slots are all taken, only the node's own dials may
     go: a stranger's slot, freed, would be a stranger's again before the dial ends. While they are not, a stranger
     dialling again at once may still take the slot first; the dial then fails, and the next one tries again
@@ -226,7 +224,7 @@ def connection_to_close(
             continue
         if level > UNKNOWN and any(s.get_protocol() == busy for c in conns for s in c.get_streams()):
             continue
-        if pid in uploading and (level > UNKNOWN or inbound):
+        if pid in uploading:
             continue
         key = (level, inbound, min(getattr(c, "_created_at", 0.0) for c in conns))
         if best_key is None or key < best_key:

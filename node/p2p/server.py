@@ -27,6 +27,38 @@ from node.p2p.standing import UNKNOWN, Standing
 
 log = logging.getLogger(__name__)
 
+# What the muxer takes from a writer before its reader says it made room (yamux's initial window): past that many
+# bytes of a package, each write completes only as the peer reads
+UNREAD_WINDOW = 256 * 1024
+# An upload counts as read (uploading_to) while a write past UNREAD_WINDOW completed this recently: the last
+# window's bytes, read after END at the minimum rate, take about a second
+READ_RECENTLY_S = 3.0
+
+
+class _Upload:
+    """One package going out: to whom, how many bytes written, and when a write last showed the peer reading."""
+
+    __slots__ = ("peer", "sent", "read_at")
+
+    def __init__(self, peer: str) -> None:
+        self.peer, self.sent, self.read_at = peer, 0, float("-inf")
+
+
+class _Counted:
+    """The upload's stream, its writes counted on the _Upload."""
+
+    def __init__(self, stream, upload: _Upload) -> None:
+        self._stream, self._upload = stream, upload
+
+    async def write(self, data) -> None:
+        await self._stream.write(data)
+        self._upload.sent += len(data)
+        if self._upload.sent > UNREAD_WINDOW:
+            self._upload.read_at = trio.current_time()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
 
 class AdapterServer:
     """Stream handler: one request per stream, close on success, reset on error.
@@ -46,7 +78,7 @@ class AdapterServer:
         # slots: peers without standing (Mesh sets PeerStanding.level; UNKNOWN until then) share half of them.
         self.standing: Standing = lambda _p: UNKNOWN
         self._strangers = 0
-        self._uploading: Counter[str] = Counter()  # peers a package is going out to now (an asked request)
+        self._uploads: set[_Upload] = set()  # packages going out now
         self.served = 0
         # a stranger's failed streams are logged at most every 10 s (streams cost it nothing: a line each filled logs)
         self._log_stranger_failed = Throttled(log, logging.WARNING)
@@ -103,24 +135,22 @@ class AdapterServer:
         # A reader taking less than min_rate would hold the slot: the whole upload has a deadline.
         limit = self.config.transfer_grace + self.config.header_timeout + size / self.config.min_rate
         gone, sent = trio.Event(), False
-        peer = _peer_of(stream)
-        self._uploading[peer] += 1
+        upload = _Upload(_peer_of(stream))
+        self._uploads.add(upload)
         try:
             with trio.move_on_after(limit) as scope:
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_watch_for_reset, stream, gone, nursery.cancel_scope)
-                        await self.send_package(stream, Path(pkg.path), adapter_id)
+                        await self.send_package(_Counted(stream, upload), Path(pkg.path), adapter_id)
                         sent = True
-                        # END written is not END read: the muxer buffers megabytes, and the connection must stay
-                        # (uploading_to) until the peer has read it all and closed its side (the watcher ends this)
+                        # END written is not END read: the muxer holds the last window, and the connection is
+                        # spared (uploading_to) while the peer reads it, until it closes its side (the watcher)
                         await gone.wait()
                 except BaseExceptionGroup as group:
                     raise first_error(group) from None
         finally:
-            self._uploading[peer] -= 1
-            if not self._uploading[peer]:
-                del self._uploading[peer]
+            self._uploads.discard(upload)
         if gone.is_set() and not sent:
             raise ProviderError("peer closed or reset the stream before the END frame")
         if scope.cancelled_caught:
@@ -130,12 +160,16 @@ class AdapterServer:
         await stream.close()
 
     def uploading_to(self) -> set[str]:
-        """Peers a package is going out to now: each asked for one this node holds, until it has read END and
-        closed its side, or its upload's deadline passed. `host.connection_to_close` spares their connections where
-        the peer has standing or dialled this node. A stranger may ask and read nothing: what it shields so is
-        bounded by the upload slots strangers share (half of max_inbound_streams), each for one upload's deadline
-        at a time."""
-        return set(self._uploading)
+        """Peers reading a package from this node now: past the muxer's first window, a write of it completed
+        within READ_RECENTLY_S. `host.connection_to_close` spares their connections, whatever their standing or
+        whoever dialled: strangers' new idle connections made the node close an honest newcomer's download
+        partway (red team). Asking is not enough: strangers asking for a package the node seeds and reading
+        nothing kept every connection it could close, the node's own dials to them (red team on that fix) or
+        theirs to it (red team on the next); to be spared a stranger must read, at the minimum rate at least, for
+        no longer than an upload's deadline a slot. A package within the first window (256 KiB: a moment's
+        download) shows no reading and spares nothing."""
+        now = trio.current_time()
+        return {u.peer for u in self._uploads if now - u.read_at <= READ_RECENTLY_S}
 
     async def send_package(self, stream: ByteStream, pkg_dir: Path, adapter_id: str) -> None:
         """Write the package's frames; a test peer overrides this to misbehave."""

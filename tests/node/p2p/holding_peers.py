@@ -4,8 +4,9 @@ made to dial them); with `--busy`, a listener the target dialled keeps an adapte
 connection, asking nothing (opened again every second, as the target's server drops it after its request
 timeout), so that the connection looks like a transfer. Prints {"inbound": n, "listeners": [full multiaddrs]} once
 every dial is done (then {"busy": n} once each listener has its first stream open), and holds everything until
-stdin closes. With `--ask ADAPTER_ID` too, each such stream asks for that package (one the target seeds: adapter
-ids are public) and then reads nothing, so that the target is uploading to it. `--redial` hosts dial the target
+stdin closes. With `--ask ADAPTER_ID`, each such stream asks for that package (one the target seeds: adapter
+ids are public) and then reads nothing, so that the target is uploading to it; the `--inbound` hosts then keep
+such streams open too ({"busy": n} counts them all). `--redial` hosts dial the target
 again every few milliseconds whenever they are not connected to it, to take any inbound slot that comes free.
 
     python -m tests.node.p2p.holding_peers TARGET_MULTIADDR --inbound 2 --listeners 4 [--busy [--ask ID]] [--redial 3]
@@ -34,9 +35,8 @@ LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
 async def _busy(host, peer, total: int, ask: str | None, *, counts: dict) -> None:
-    """Once `peer` has dialled this host: an adapter stream to it, asking nothing (or for `ask`'s package, then
-    reading nothing), opened again every second. When every busy listener has its first one open, {"busy": n} is
-    printed."""
+    """Once connected to `peer`: an adapter stream to it, asking nothing (or for `ask`'s package, then reading
+    nothing), opened again every second. When every busy host has its first one open, {"busy": n} is printed."""
     while not host.get_network().get_connections(peer):
         await trio.sleep(0.1)
     first = True
@@ -82,6 +82,8 @@ async def _host(target, counts: dict, *, busy: tuple = (), task_status=trio.TASK
             except Exception as e:  # reported in the count: the test says what it expected
                 print(f"dial failed: {e}", file=sys.stderr)
             task_status.started(None)
+            if busy:
+                await _busy(host, *busy, counts=counts)
         await trio.sleep_forever()
 
 
@@ -111,11 +113,13 @@ async def main() -> None:
     target = info_from_p2p_addr(Multiaddr(args.target))
     counts: dict = {"inbound": 0, "listeners": []}
     async with trio.open_nursery() as nursery:
+        total = (args.listeners if args.busy else 0) + (args.inbound if args.ask else 0)
+        busy = (target.peer_id, total, args.ask)
         for _ in range(args.inbound):
-            await nursery.start(_host, target, counts)
+            await nursery.start(functools.partial(_host, target, counts, busy=busy if args.ask else ()))
         for _ in range(args.listeners):
-            busy = (target.peer_id, args.listeners, args.ask) if args.busy else ()
-            counts["listeners"].append(await nursery.start(functools.partial(_host, None, counts, busy=busy)))
+            listener = functools.partial(_host, None, counts, busy=busy if args.busy else ())
+            counts["listeners"].append(await nursery.start(listener))
         for _ in range(args.redial):
             await nursery.start(_redial, target)
         _say({"inbound": counts["inbound"], "listeners": counts["listeners"]})

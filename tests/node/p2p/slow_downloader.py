@@ -1,9 +1,10 @@
 """An honest peer with no standing on its target (a `loramesh adapter fetch`, or a node registered since the target
 last read the registry) downloading one adapter at RATE bytes a second, above the server's minimum rate. Prints
-{"receiving": true} once the first bytes came, then {"ok": bool, "bytes": n, "error": str | None} when the
-download ended, and holds its connection until stdin closes.
+{"receiving": true} once 512 KiB came, then {"ok": bool, "bytes": n, "error": str | None} when the
+download ended, and holds its connection until stdin closes. With --dialled, it prints {"listening": multiaddr}
+and waits for the target to dial it (as the target's DHT or a fetch may), then downloads over that connection.
 
-    python -m tests.node.p2p.slow_downloader TARGET_MULTIADDR ADAPTER_ID RATE
+    python -m tests.node.p2p.slow_downloader TARGET_MULTIADDR ADAPTER_ID RATE [--dialled]
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from node.p2p.config import P2PConfig
-from node.p2p.host import build_host, route_libp2p_logging
+from node.p2p.host import build_host, full_addrs, route_libp2p_logging
 from node.p2p.protocol import PROTOCOL_ID, Pace, request_package
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
+RECEIVING = 512 * 1024  # read when it says it is receiving: past the sender's first window, as reading shows
 
 
 def _say(obj: dict) -> None:
@@ -40,7 +42,7 @@ class _Paced:
 
     async def read(self, n: int | None = None) -> bytes:
         data = await self.stream.read(min(n or 16384, 16384))
-        if not self.got and data:
+        if self.got < RECEIVING <= self.got + len(data):
             _say({"receiving": True})
         self.got += len(data)
         ahead = self.got / self.rate - (time.monotonic() - self.start)
@@ -52,12 +54,17 @@ class _Paced:
         await self.stream.write(data)
 
 
-async def main(target: str, adapter_id: str, rate: float) -> None:
+async def main(target: str, adapter_id: str, rate: float, dialled: bool) -> None:
     info = info_from_p2p_addr(Multiaddr(target))
     route_libp2p_logging()
     _, host = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
     async with host.run(listen_addrs=[Multiaddr(LISTEN)]):
-        await host.connect(info)
+        if dialled:
+            _say({"listening": full_addrs(host)[0]})
+            while not host.get_network().get_connections(info.peer_id):
+                await trio.sleep(0.05)
+        else:
+            await host.connect(info)
         stream = await host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID)])
         paced, error = _Paced(stream, rate), None
         try:
@@ -73,4 +80,4 @@ async def main(target: str, adapter_id: str, rate: float) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    trio.run(main, sys.argv[1], sys.argv[2], float(sys.argv[3]), "--dialled" in sys.argv[4:])

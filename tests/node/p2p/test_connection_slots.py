@@ -72,8 +72,8 @@ def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provi
         poll(lambda: friend.peer_id in victim.call("status")["peers"], timeout=30)  # the bootstrap dial, at start
         for addr in held["listeners"]:  # the node's own dials, to strangers (as to providers it was told of)
             assert victim.call("connect", addr=addr)["ok"]
-        if busy:
-            assert _line(strangers) == {"busy": 3}
+        if busy:  # asking: the inbound strangers' streams ask too
+            assert _line(strangers) == {"busy": 5 if asking else 3}
         assert len(victim.call("status")["peers"]) == MAX_CONNECTIONS
 
         got = victim.call("fetch", adapter_id=pkg.adapter_id, providers=honest.addrs, timeout=60)
@@ -179,11 +179,13 @@ def big_package(tmp_path_factory, packages):
     return make_package(base, work / "pkg", name="big", rank=16, targets=targets)
 
 
-def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big_package):
+@pytest.mark.parametrize("dialled", [False, True], ids=["it-dialled", "node-dialled"])
+def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big_package, dialled):
     """An honest peer with no standing (an `adapter fetch`, or a node registered since the registry was last read)
     downloading from the node; strangers' inbound connections, newer than its own, bring the node to its cap. The
     node's next dial closed the oldest connection of no standing, the download's, after 1.4 of its 2.9 MB (red
-    team): an upload under way is spared whatever the peer's standing."""
+    team): an upload being read is spared whatever the peer's standing, and whoever dialled (node-dialled: over a
+    connection the node made, as its DHT or a fetch may, it was still cut, red team on that fix)."""
     pkg, other = big_package, packages.main
     owners = {pkg.adapter_id: packages.owner, other.adapter_id: packages.owner}
     (tmp_path / "owners.json").write_text(json.dumps(owners))
@@ -209,8 +211,11 @@ def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big
         for addr in nodes:  # the registered nodes it dials at start
             victim.connect(addr)
         cmd = [sys.executable, "-m", "tests.node.p2p.slow_downloader", victim.listen_addrs[0], pkg.adapter_id]
-        honest = subprocess.Popen([*cmd, str(400 * 1024)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        cmd += [str(400 * 1024), *(["--dialled"] if dialled else [])]
+        honest = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         procs.append(honest)
+        if dialled:
+            victim.connect(_line(honest)["listening"])
         assert _line(honest) == {"receiving": True}
         procs.append(_strangers(victim.listen_addrs[0], "--inbound", "2"))
         assert _line(procs[-1])["inbound"] == 2
@@ -282,3 +287,49 @@ def test_a_dial_at_the_cap_keeps_to_its_timeout_whatever_the_address_does(tmp_pa
         strangers.wait(30)
         late.close()
         victim.stop()
+
+
+def test_strangers_asking_for_a_package_and_reading_nothing_shield_no_connection(tmp_path, packages):
+    """Two strangers dial in and keep asking for a package the node seeds, reading nothing; the node's other
+    connections are its dials to registered nodes. An upload over a connection the peer dialled was spared however
+    it went: no connection could go, and 35 fetches of 35 from a provider with no standing failed over 62 s (red
+    team). Asking is not reading: theirs go."""
+    pkg, seeded = packages.main, packages.stalled
+    owners = {pkg.adapter_id: packages.owner, seeded.adapter_id: packages.owner}
+    (tmp_path / "owners.json").write_text(json.dumps(owners))
+    AdapterStore(tmp_path / "p").install(pkg.path)
+    provider = PeerProcess(store=tmp_path / "p", owners=tmp_path / "owners.json")
+    registered = _strangers("/ip4/127.0.0.1/tcp/1/p2p/" + _dead_addr().split("/p2p/")[1], "--listeners", "6")
+    nodes = _line(registered)["listeners"]
+    store = AdapterStore(tmp_path / "v")
+    store.install(seeded.path)
+    trusted = {a.split("/p2p/")[1] for a in nodes}
+    config = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", max_connections=8)  # 4 inbound slots
+    victim = P2PNode(
+        seed=os.urandom(32),
+        store=store,
+        owner_of=owners.get,
+        config=config,
+        base_dir=packages.base,
+        trusted_peer=trusted.__contains__,
+    )
+    victim.start()
+    procs = [registered]
+    try:
+        for addr in nodes:
+            victim.connect(addr)
+        procs.append(_strangers(victim.listen_addrs[0], "--inbound", "2", "--ask", seeded.adapter_id))
+        assert _line(procs[-1])["inbound"] == 2
+        assert _line(procs[-1]) == {"busy": 2}
+        poll(lambda: len(victim.connected_peers()) == 8, timeout=30)
+
+        got = victim.fetch(pkg.adapter_id, providers=provider.addrs)
+
+        assert got.adapter_id == pkg.adapter_id
+        assert trusted <= set(victim.connected_peers())  # a stranger's connection went, no registered node's
+    finally:
+        victim.stop()
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(30)
+        provider.stop()
