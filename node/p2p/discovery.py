@@ -18,8 +18,10 @@ GossipSub and DHT it uses.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +61,14 @@ MAX_ADDRS = 16
 FUTURE_SKEW_S = 5.0
 # 1,024 ids of 66 characters plus quotes and commas, 16 addresses and the signature fit in ~76 KB.
 MAX_ANNOUNCEMENT_BYTES = 96 * 1024
+# Announcements signed by peers with no standing that this node takes and relays: on average this many a second,
+# STRANGER_BURST at once. Any key signs one, and GossipSub's own limit (10 messages a second per forwarding peer)
+# let one stranger's 25 a second, each from a fresh key, mute the honest relay that passed them on: its
+# neighbour dropped every announcement it relayed, an honest holder's included (red team). That limit is off
+# (Mesh); this one counts signers, whoever forwards. Registered and trusted peers' announcements are not counted.
+STRANGER_ANNOUNCEMENTS_PER_S = 5.0
+STRANGER_BURST = 50
+CHECKED_KEPT = 1024  # announcements the validator checked, kept for the receive loop (not verified twice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +193,11 @@ class ProviderBook:
             return False
         return True
 
+    def knows(self, ann: Announcement) -> bool:
+        """Whether the book holds this peer's announcement or a newer one (a replay: not relayed again)."""
+        old = self._latest.get(ann.peer_id)
+        return old is not None and old.ann.ts_ms >= ann.ts_ms
+
     def _over(self, ann: Announcement, old: _Entry | None) -> bool:
         """Would keeping `ann` (replacing `old`) put the book over a bound?"""
         grows = len(ann.adapters) - (len(old.ann.adapters) if old is not None else 0)
@@ -275,6 +290,8 @@ class Discovery:
         # what a flood of announcements would log line by line (any peer id may send them), at most every 10 s
         self._log_dropped = Throttled(log, logging.INFO)
         self._log_book_full = Throttled(log, logging.WARNING)
+        self._strangers_budget, self._budget_at = float(STRANGER_BURST), time.monotonic()
+        self._checked: OrderedDict[bytes, Announcement] = OrderedDict()  # digest of the bytes -> announcement
 
     async def subscribe(self):
         """Check every announcement GossipSub relays and join the topic (GossipSub must be ready)."""
@@ -361,11 +378,30 @@ class Discovery:
     # -- receiving announcements -----------------------------------------------------------
 
     def _validate_gossip(self, _forwarder: ID, msg) -> bool:
+        """Whether GossipSub takes and relays `msg`: a valid announcement, newer than what the book holds of its
+        signer, within the budget of announcements from signers with no standing."""
         try:
-            self._verify(msg.data)
+            ann = self._verify(msg.data)
         except AnnouncementError as e:
             self._log_dropped("dropped announcement: %s", e)
             return False
+        if self.book.knows(ann):
+            return False
+        if self.standing.level(ann.peer_id) == UNKNOWN and not self._spend_stranger_budget():
+            self._log_dropped("dropped announcement of %s: strangers' announcements over their budget", ann.peer_id)
+            return False
+        self._checked[hashlib.sha256(msg.data).digest()] = ann
+        while len(self._checked) > CHECKED_KEPT:
+            self._checked.popitem(last=False)
+        return True
+
+    def _spend_stranger_budget(self) -> bool:
+        now = time.monotonic()
+        refill = (now - self._budget_at) * STRANGER_ANNOUNCEMENTS_PER_S
+        self._strangers_budget, self._budget_at = min(STRANGER_BURST, self._strangers_budget + refill), now
+        if self._strangers_budget < 1:
+            return False
+        self._strangers_budget -= 1
         return True
 
     def _verify(self, data: bytes) -> Announcement:
@@ -375,8 +411,9 @@ class Discovery:
 
     async def _receive_announcements(self, subscription) -> None:
         async for msg in subscription:
+            ann = self._checked.pop(hashlib.sha256(msg.data).digest(), None)  # the validator's, checked already
             try:
-                ann = self._verify(msg.data)
+                ann = ann or self._verify(msg.data)
             except AnnouncementError as e:
                 self._log_dropped("dropped announcement: %s", e)
                 continue

@@ -28,8 +28,8 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12
+from libp2p.pubsub.pubsub import Pubsub, get_content_addressed_msg_id
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -41,6 +41,7 @@ from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, Progress, TransferStatus
 from node.p2p.host import (
+    MeshGossipSub,
     answers_tcp,
     at_cap,
     block_dials,
@@ -266,7 +267,7 @@ class Mesh:
         self.dht = KadDHT(self.host, DHTMode.SERVER)
         bound_provider_store(self.dht.provider_store, config.dht_max_provider_keys)
         bound_dht_streams(self.dht)
-        self.gossipsub = GossipSub(
+        self.gossipsub = MeshGossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
             degree=6,
             degree_low=4,
@@ -274,8 +275,12 @@ class Mesh:
             heartbeat_initial_delay=0.1,
             heartbeat_interval=1,
             eclipse_protection_enabled=False,  # all peers of a small or local mesh share one IP
+            # its 10 messages a second per forwarding peer let one stranger's flood mute an honest relay, all it
+            # relayed dropped by its neighbour (red team); Discovery bounds strangers' announcements by signer
+            spam_protection_enabled=False,
         )
-        self.pubsub = Pubsub(self.host, self.gossipsub)
+        # a message is known by its bytes: one signed announcement wrapped again and again is one message
+        self.pubsub = Pubsub(self.host, self.gossipsub, msg_id_constructor=get_content_addressed_msg_id)
         guard_stream_handlers(self.host)  # adapter, Kademlia, GossipSub, identify: all registered by now
         self.standing = PeerStanding(
             base_backoff=config.backoff_base, max_backoff=config.backoff_max, trusted=trusted_peer or (lambda _p: False)
