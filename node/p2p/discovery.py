@@ -61,13 +61,20 @@ MAX_ADDRS = 16
 FUTURE_SKEW_S = 5.0
 # 1,024 ids of 66 characters plus quotes and commas, 16 addresses and the signature fit in ~76 KB.
 MAX_ANNOUNCEMENT_BYTES = 96 * 1024
-# Announcements signed by peers with no standing that this node takes and relays: on average this many a second,
-# STRANGER_BURST at once. Any key signs one, and GossipSub's own limit (10 messages a second per forwarding peer)
-# let one stranger's 25 a second, each from a fresh key, mute the honest relay that passed them on: its
-# neighbour dropped every announcement it relayed, an honest holder's included (red team). That limit is off
-# (Mesh); this one counts signers, whoever forwards. Registered and trusted peers' announcements are not counted.
-STRANGER_ANNOUNCEMENTS_PER_S = 5.0
-STRANGER_BURST = 50
+# GossipSub's own limit (10 messages a second per forwarding peer) let one stranger's 25 announcements a second,
+# each from a fresh key, mute the honest relay that passed them on: its neighbour dropped every announcement it
+# relayed, an honest holder's included (red team). That limit is off (Mesh); these count signers, whoever
+# forwards. A signer the book knows, or one with standing, has an announcement taken at most every
+# SIGNER_GAP_S. One new to the book and with no standing (any key signs one) takes the newcomers' budget: on
+# average NEWCOMERS_PER_S a second, NEWCOMERS_BURST at once. A flood of fresh keys then delays only a newcomer's
+# first announcement; one budget for every stranger let one key's flood silence an unregistered node (red team).
+SIGNER_GAP_S = 1.0
+NEWCOMERS_PER_S = 5.0
+NEWCOMERS_BURST = 50
+SIGNERS_KEPT = 4096  # signers whose last announcement's time is kept for SIGNER_GAP_S
+# This node's own announcements, at least this far apart (announce_soon's after fetches coalesce): peers take one
+# a SIGNER_GAP_S, and the newest, dropped, would leave them a stale list until the next round
+ANNOUNCE_SPACING_S = 1.5 * SIGNER_GAP_S
 CHECKED_KEPT = 1024  # announcements the validator checked, kept for the receive loop (not verified twice)
 
 
@@ -193,6 +200,10 @@ class ProviderBook:
             return False
         return True
 
+    def holds(self, peer_id: str) -> bool:
+        """Whether the book holds an announcement of this peer."""
+        return peer_id in self._latest
+
     def knows(self, ann: Announcement) -> bool:
         """Whether the book holds this peer's announcement or a newer one (a replay: not relayed again)."""
         old = self._latest.get(ann.peer_id)
@@ -290,7 +301,10 @@ class Discovery:
         # what a flood of announcements would log line by line (any peer id may send them), at most every 10 s
         self._log_dropped = Throttled(log, logging.INFO)
         self._log_book_full = Throttled(log, logging.WARNING)
-        self._strangers_budget, self._budget_at = float(STRANGER_BURST), time.monotonic()
+        self._newcomers_budget, self._budget_at = float(NEWCOMERS_BURST), time.monotonic()
+        self._publishing = trio.Lock()  # one announcement of its own at a time, ANNOUNCE_SPACING_S apart
+        self._published_at = float("-inf")
+        self._signed_at: OrderedDict[str, float] = OrderedDict()  # signer -> when its last one was taken
         self._checked: OrderedDict[bytes, Announcement] = OrderedDict()  # digest of the bytes -> announcement
 
     async def subscribe(self):
@@ -345,9 +359,13 @@ class Discovery:
             log.warning("DHT provide queue full; %s will be provided on the next round", adapter_id)
 
     async def _publish_announcement(self) -> None:
-        newest = list(self.held)[-MAX_ADAPTERS:]  # more would make peers refuse the whole announcement
-        ann = Announcement(self.peer_id, tuple(full_addrs(self.host)), tuple(sorted(newest)), int(time.time() * 1000))
-        await self.pubsub.publish(TOPIC, sign_announcement(ann, self._key))
+        async with self._publishing:
+            await trio.sleep_until(self._published_at + ANNOUNCE_SPACING_S)
+            newest = list(self.held)[-MAX_ADAPTERS:]  # more would make peers refuse the whole announcement
+            now_ms = int(time.time() * 1000)
+            ann = Announcement(self.peer_id, tuple(full_addrs(self.host)), tuple(sorted(newest)), now_ms)
+            await self.pubsub.publish(TOPIC, sign_announcement(ann, self._key))
+            self._published_at = trio.current_time()
 
     async def _announce_loop(self) -> None:
         while True:
@@ -378,30 +396,43 @@ class Discovery:
     # -- receiving announcements -----------------------------------------------------------
 
     def _validate_gossip(self, _forwarder: ID, msg) -> bool:
-        """Whether GossipSub takes and relays `msg`: a valid announcement, newer than what the book holds of its
-        signer, within the budget of announcements from signers with no standing."""
+        """Whether GossipSub takes and relays `msg` (this node's own publish included): an announcement on the topic
+        alone (py-libp2p runs the validator once per topic a message names), valid, newer than what the book holds
+        of its signer, and within the signer's pace (SIGNER_GAP_S) or the newcomers' budget."""
+        if list(msg.topicIDs) != [TOPIC]:
+            return False
         try:
             ann = self._verify(msg.data)
         except AnnouncementError as e:
             self._log_dropped("dropped announcement: %s", e)
             return False
-        if self.book.knows(ann):
-            return False
-        if self.standing.level(ann.peer_id) == UNKNOWN and not self._spend_stranger_budget():
-            self._log_dropped("dropped announcement of %s: strangers' announcements over their budget", ann.peer_id)
-            return False
+        if ann.peer_id != self.peer_id:  # its own: always (its budget was spent by a stranger's flood, red team)
+            if self.book.knows(ann) or not self._paced(ann.peer_id):
+                return False
         self._checked[hashlib.sha256(msg.data).digest()] = ann
         while len(self._checked) > CHECKED_KEPT:
             self._checked.popitem(last=False)
         return True
 
-    def _spend_stranger_budget(self) -> bool:
+    def _paced(self, signer: str) -> bool:
+        """Take an announcement of `signer` now? Charged to it (SIGNER_GAP_S) and, for a newcomer with no standing,
+        to the newcomers' budget."""
         now = time.monotonic()
-        refill = (now - self._budget_at) * STRANGER_ANNOUNCEMENTS_PER_S
-        self._strangers_budget, self._budget_at = min(STRANGER_BURST, self._strangers_budget + refill), now
-        if self._strangers_budget < 1:
+        last = self._signed_at.get(signer)
+        if last is not None and now - last < SIGNER_GAP_S:
             return False
-        self._strangers_budget -= 1
+        newcomer = last is None and not self.book.holds(signer) and self.standing.level(signer) == UNKNOWN
+        if newcomer:
+            refill = (now - self._budget_at) * NEWCOMERS_PER_S
+            self._newcomers_budget, self._budget_at = min(NEWCOMERS_BURST, self._newcomers_budget + refill), now
+            if self._newcomers_budget < 1:
+                self._log_dropped("dropped announcement of %s: new signers' announcements over their budget", signer)
+                return False
+            self._newcomers_budget -= 1
+        self._signed_at[signer] = now
+        self._signed_at.move_to_end(signer)
+        while len(self._signed_at) > SIGNERS_KEPT:
+            self._signed_at.popitem(last=False)
         return True
 
     def _verify(self, data: bytes) -> Announcement:

@@ -27,21 +27,18 @@ from node.p2p.standing import UNKNOWN, Standing
 
 log = logging.getLogger(__name__)
 
-# What the muxer takes from a writer before its reader says it made room (yamux's initial window): past that many
-# bytes of a package, each write completes only as the peer reads
+# What the muxer takes from a writer before its reader says it made room (yamux's initial window): a write past
+# that many bytes of a package completes only once the peer has read some
 UNREAD_WINDOW = 256 * 1024
-# An upload counts as read (uploading_to) while a write past UNREAD_WINDOW completed this recently: the last
-# window's bytes, read after END at the minimum rate, take about a second
-READ_RECENTLY_S = 3.0
 
 
 class _Upload:
-    """One package going out: to whom, how many bytes written, and when a write last showed the peer reading."""
+    """One package going out: to whom, and how many bytes written."""
 
-    __slots__ = ("peer", "sent", "read_at")
+    __slots__ = ("peer", "sent")
 
     def __init__(self, peer: str) -> None:
-        self.peer, self.sent, self.read_at = peer, 0, float("-inf")
+        self.peer, self.sent = peer, 0
 
 
 class _Counted:
@@ -53,8 +50,6 @@ class _Counted:
     async def write(self, data) -> None:
         await self._stream.write(data)
         self._upload.sent += len(data)
-        if self._upload.sent > UNREAD_WINDOW:
-            self._upload.read_at = trio.current_time()
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
@@ -160,16 +155,17 @@ class AdapterServer:
         await stream.close()
 
     def uploading_to(self) -> set[str]:
-        """Peers reading a package from this node now: past the muxer's first window, a write of it completed
-        within READ_RECENTLY_S. `host.connection_to_close` spares their connections, whatever their standing or
-        whoever dialled: strangers' new idle connections made the node close an honest newcomer's download
-        partway (red team). Asking is not enough: strangers asking for a package the node seeds and reading
-        nothing kept every connection it could close, the node's own dials to them (red team on that fix) or
-        theirs to it (red team on the next); to be spared a stranger must read, at the minimum rate at least, for
-        no longer than an upload's deadline a slot. A package within the first window (256 KiB: a moment's
-        download) shows no reading and spares nothing."""
-        now = trio.current_time()
-        return {u.peer for u in self._uploads if now - u.read_at <= READ_RECENTLY_S}
+        """Peers reading a package from this node now: more of it than the muxer's first window has gone out, and
+        the upload has not ended (the peer has not closed its side after END, and its deadline has not passed).
+        `host.connection_to_close` spares their connections, whatever their standing or whoever dialled: strangers'
+        new idle connections made the node close an honest newcomer's download partway (red team). Asking is not
+        enough: strangers asking for a package the node seeds and reading nothing kept every connection it could
+        close, the node's own dials to them (red team on that fix) or theirs to it (red team on the next). Whether
+        the peer goes on reading once every byte is out is not seen (the muxer buffers up to its window, which
+        grows to 16 MiB; a time since the last write cut honest downloads): a stranger that read its first window
+        is spared until its upload's deadline, in the upload slots strangers share. A package within the first
+        window (256 KiB, a moment's download) spares nothing."""
+        return {u.peer for u in self._uploads if u.sent > UNREAD_WINDOW}
 
     async def send_package(self, stream: ByteStream, pkg_dir: Path, adapter_id: str) -> None:
         """Write the package's frames; a test peer overrides this to misbehave."""

@@ -355,16 +355,16 @@ def test_the_dht_bound_never_evicts_what_this_node_provides():
 
 
 # last in the module: it spends the target's budget for strangers' announcements, which refills in seconds
-def test_strangers_announcements_are_held_to_their_budget_and_a_trusted_peers_still_arrive(arena, packages):
+def test_new_signers_announcements_are_held_to_their_budget_and_a_trusted_peers_still_arrive(arena, packages):
     """GossipSub's own limit (10 messages a second per forwarding peer) is off: one stranger's 25 announcements a
     second, each from a fresh key, muted the honest relay that passed them on, its neighbour dropping everything
-    it relayed (red team). Announcements of signers with no standing are counted instead, whoever forwards them;
-    a trusted peer's are not."""
-    from node.p2p.discovery import STRANGER_BURST
+    it relayed (red team). Announcements of signers new to the node with no standing are counted instead, whoever
+    forwards them; a trusted peer's are not."""
+    from node.p2p.discovery import NEWCOMERS_BURST
 
     ids = ["0x" + os.urandom(32).hex()]
-    assert arena.m.call("announce", adapters=ids, fakes=STRANGER_BURST + 30, timeout=120)["ok"]
-    _wait_for_log(arena.t, r"strangers' announcements over their budget", timeout=30)
+    assert arena.m.call("announce", adapters=ids, fakes=NEWCOMERS_BURST + 30, interval=0.01, timeout=120)["ok"]
+    _wait_for_log(arena.t, r"new signers' announcements over their budget", timeout=30)
     assert arena.h.call("announce", adapter_id=packages.main.adapter_id)["ok"]  # h: the target's bootstrap peer
     found = arena.t.call("providers", adapter_id=packages.main.adapter_id, wait=5)["providers"]
     assert arena.h.peer_id in [p["peer_id"] for p in found]

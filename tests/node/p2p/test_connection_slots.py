@@ -170,6 +170,44 @@ def test_a_dial_to_a_dead_address_closes_no_connection(tmp_path, packages):
             peer.stop()
 
 
+def _stop(node: P2PNode, procs: list[subprocess.Popen], *peers: PeerProcess) -> None:
+    node.stop()
+    for proc in procs:  # stdin closed ends a helper process
+        proc.stdin.close()
+        proc.wait(30)
+    for peer in peers:
+        peer.stop()
+
+
+def _node_among_registered(tmp_path, packages, owners: dict, holds, registered: int, *trusted_too: str):
+    """A node (max_connections 8: 4 inbound slots) holding `holds`, connected to `registered` peers it trusts (the
+    registered nodes it dials at start: listeners of a holding_peers process, which is returned to be ended) and
+    trusting `trusted_too`. Returns (node, that process, the registered peers' ids)."""
+    proc = _strangers("/ip4/127.0.0.1/tcp/1/p2p/" + _dead_addr().split("/p2p/")[1], "--listeners", str(registered))
+    nodes = _line(proc)["listeners"]
+    ids = {a.split("/p2p/")[1] for a in nodes}
+    store = AdapterStore(tmp_path / "v")
+    store.install(holds.path)
+    config = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", max_connections=8)
+    trusted = ids | set(trusted_too)
+    node = P2PNode(
+        seed=os.urandom(32),
+        store=store,
+        owner_of=owners.get,
+        config=config,
+        base_dir=packages.base,
+        trusted_peer=trusted.__contains__,
+    )
+    node.start()
+    try:
+        for addr in nodes:
+            node.connect(addr)
+    except BaseException:
+        _stop(node, [proc])
+        raise
+    return node, proc, ids
+
+
 @pytest.fixture(scope="module")
 def big_package(tmp_path_factory, packages):
     """A 2.9 MB package: its download, at a pace above the server's minimum, outlasts the victim's own fetch."""
@@ -191,25 +229,9 @@ def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big
     (tmp_path / "owners.json").write_text(json.dumps(owners))
     AdapterStore(tmp_path / "p").install(other.path)
     provider = PeerProcess(store=tmp_path / "p", owners=tmp_path / "owners.json")
-    registered = _strangers("/ip4/127.0.0.1/tcp/1/p2p/" + _dead_addr().split("/p2p/")[1], "--listeners", "5")
-    nodes = _line(registered)["listeners"]
-    trusted = {a.split("/p2p/")[1] for a in nodes} | {provider.peer_id}
-    store = AdapterStore(tmp_path / "v")
-    store.install(pkg.path)
-    config = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", max_connections=8)  # 4 inbound slots
-    victim = P2PNode(
-        seed=os.urandom(32),
-        store=store,
-        owner_of=owners.get,
-        config=config,
-        base_dir=packages.base,
-        trusted_peer=trusted.__contains__,
-    )
-    victim.start()
+    victim, registered, _ = _node_among_registered(tmp_path, packages, owners, pkg, 5, provider.peer_id)
     procs = [registered]
     try:
-        for addr in nodes:  # the registered nodes it dials at start
-            victim.connect(addr)
         cmd = [sys.executable, "-m", "tests.node.p2p.slow_downloader", victim.listen_addrs[0], pkg.adapter_id]
         cmd += [str(400 * 1024), *(["--dialled"] if dialled else [])]
         honest = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -227,11 +249,7 @@ def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big
         assert got["ok"], got
         assert got["bytes"] >= sum(f.size for f in pkg.manifest.files)
     finally:
-        victim.stop()
-        for proc in procs:
-            proc.stdin.close()
-            proc.wait(30)
-        provider.stop()
+        _stop(victim, procs, provider)
 
 
 class _LateThenSilent:
@@ -299,25 +317,9 @@ def test_strangers_asking_for_a_package_and_reading_nothing_shield_no_connection
     (tmp_path / "owners.json").write_text(json.dumps(owners))
     AdapterStore(tmp_path / "p").install(pkg.path)
     provider = PeerProcess(store=tmp_path / "p", owners=tmp_path / "owners.json")
-    registered = _strangers("/ip4/127.0.0.1/tcp/1/p2p/" + _dead_addr().split("/p2p/")[1], "--listeners", "6")
-    nodes = _line(registered)["listeners"]
-    store = AdapterStore(tmp_path / "v")
-    store.install(seeded.path)
-    trusted = {a.split("/p2p/")[1] for a in nodes}
-    config = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", max_connections=8)  # 4 inbound slots
-    victim = P2PNode(
-        seed=os.urandom(32),
-        store=store,
-        owner_of=owners.get,
-        config=config,
-        base_dir=packages.base,
-        trusted_peer=trusted.__contains__,
-    )
-    victim.start()
+    victim, registered, trusted = _node_among_registered(tmp_path, packages, owners, seeded, 6)
     procs = [registered]
     try:
-        for addr in nodes:
-            victim.connect(addr)
         procs.append(_strangers(victim.listen_addrs[0], "--inbound", "2", "--ask", seeded.adapter_id))
         assert _line(procs[-1])["inbound"] == 2
         assert _line(procs[-1]) == {"busy": 2}
@@ -328,8 +330,4 @@ def test_strangers_asking_for_a_package_and_reading_nothing_shield_no_connection
         assert got.adapter_id == pkg.adapter_id
         assert trusted <= set(victim.connected_peers())  # a stranger's connection went, no registered node's
     finally:
-        victim.stop()
-        for proc in procs:
-            proc.stdin.close()
-            proc.wait(30)
-        provider.stop()
+        _stop(victim, procs, provider)

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from types import SimpleNamespace
 
+import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12
 from libp2p.pubsub.pb import rpc_pb2
 
-from node.p2p.discovery import MAX_ANNOUNCEMENT_BYTES, TOPIC
+from node.adapters import AdapterStore
+from node.p2p import P2PConfig, P2PNode
+from node.p2p.discovery import (
+    MAX_ANNOUNCEMENT_BYTES,
+    NEWCOMERS_BURST,
+    SIGNER_GAP_S,
+    TOPIC,
+    Announcement,
+    sign_announcement,
+)
 from node.p2p.host import LIBP2P_TARGET, MeshGossipSub, _Forward
 
 
@@ -70,3 +81,55 @@ def test_one_line_of_the_library_logs_once_an_interval(caplog):
     forward.emit(record(10, 1000))
     assert caplog.records[-1].levelno == logging.WARNING
     assert caplog.records[-1].getMessage() == "peer 1000: too many (and 999 more like it since the line before)"
+
+
+@pytest.fixture
+def discovery(tmp_path):
+    """A running node's Discovery (its validator is called here as GossipSub calls it: with no peer, nothing
+    else touches it meanwhile)."""
+    node = P2PNode(
+        seed=os.urandom(32),
+        store=AdapterStore(tmp_path / "s"),
+        owner_of=lambda _a: None,
+        config=P2PConfig(listen="/ip4/127.0.0.1/tcp/0"),
+    )
+    node.start()
+    yield node._m().discovery
+    node.stop()
+
+
+def _message(key_pair, ts_ms: int, topics=(TOPIC,)) -> rpc_pb2.Message:
+    ann = Announcement(str(ID.from_pubkey(key_pair.public_key)), ("/ip4/127.0.0.1/tcp/1",), (), ts_ms)
+    return rpc_pb2.Message(data=sign_announcement(ann, key_pair.private_key), topicIDs=list(topics))
+
+
+def test_a_flood_of_new_signers_leaves_known_signers_and_the_nodes_own_announcements_through(discovery):
+    """One budget for every stranger's announcements let one key's flood silence an unregistered node, its own
+    publish included (py-libp2p runs the validator on it): 0 of 20 arrived (red team). New signers share a budget;
+    a signer the book holds, and the node itself, are held to a pace of their own."""
+    now, forwarder = int(time.time() * 1000), _peer()
+    known = create_new_key_pair()
+    first = _message(known, now - 5000)
+    assert discovery._validate_gossip(forwarder, first)
+    discovery.book.add(discovery._verify(first.data))  # as the receive loop does
+    flood = [_message(create_new_key_pair(), now) for _ in range(NEWCOMERS_BURST + 20)]
+    taken = sum(discovery._validate_gossip(forwarder, m) for m in flood)
+    assert NEWCOMERS_BURST - 1 <= taken < NEWCOMERS_BURST + 4  # (the first took one) the rest wait for a refill
+    discovery._signed_at[str(ID.from_pubkey(known.public_key))] -= SIGNER_GAP_S  # its pace allows one more
+    assert discovery._validate_gossip(forwarder, _message(known, now))
+    assert not discovery._validate_gossip(forwarder, _message(known, now + 1))  # within its pace
+    assert not discovery._validate_gossip(forwarder, first)  # a replay of what the book holds is not relayed
+    own = Announcement(discovery.peer_id, ("/ip4/127.0.0.1/tcp/1",), (), now)
+    mine = rpc_pb2.Message(data=sign_announcement(own, discovery._key), topicIDs=[TOPIC])
+    assert discovery._validate_gossip(forwarder, mine) and discovery._validate_gossip(forwarder, mine)
+
+
+def test_a_message_naming_the_topic_more_than_once_is_refused(discovery):
+    """py-libp2p runs a topic's validator once per time a message names it: one message naming it 60 times spent
+    60 of the newcomers' budget (red team)."""
+    key = create_new_key_pair()
+    now = int(time.time() * 1000)
+    assert not discovery._validate_gossip(_peer(), _message(key, now, topics=[TOPIC] * 60))
+    assert not discovery._validate_gossip(_peer(), _message(key, now, topics=[TOPIC, "other"]))
+    assert discovery._newcomers_budget == NEWCOMERS_BURST
+    assert discovery._validate_gossip(_peer(), _message(key, now))
