@@ -421,7 +421,8 @@ class Discovery:
         last = self._signed_at.get(signer)
         if last is not None and now - last < SIGNER_GAP_S:
             return False
-        newcomer = last is None and not self.book.holds(signer) and self.standing.level(signer) == UNKNOWN
+        # new: not in the book (a key the full book refused stays new) and no standing
+        newcomer = not self.book.holds(signer) and self.standing.level(signer) == UNKNOWN
         if newcomer:
             refill = (now - self._budget_at) * NEWCOMERS_PER_S
             self._newcomers_budget, self._budget_at = min(NEWCOMERS_BURST, self._newcomers_budget + refill), now

@@ -112,10 +112,14 @@ def test_a_flood_of_new_signers_leaves_known_signers_and_the_nodes_own_announcem
     first = _message(known, now - 5000)
     assert discovery._validate_gossip(forwarder, first)
     discovery.book.add(discovery._verify(first.data))  # as the receive loop does
-    flood = [_message(create_new_key_pair(), now) for _ in range(NEWCOMERS_BURST + 20)]
-    taken = sum(discovery._validate_gossip(forwarder, m) for m in flood)
+    keys = [create_new_key_pair() for _ in range(NEWCOMERS_BURST + 20)]
+    taken = sum(discovery._validate_gossip(forwarder, _message(k, now)) for k in keys)
     assert NEWCOMERS_BURST - 1 <= taken < NEWCOMERS_BURST + 4  # (the first took one) the rest wait for a refill
-    discovery._signed_at[str(ID.from_pubkey(known.public_key))] -= SIGNER_GAP_S  # its pace allows one more
+    for signer in list(discovery._signed_at):
+        discovery._signed_at[signer] -= SIGNER_GAP_S  # every signer's pace allows one more
+    # a key taken once that the book does not hold (it was full) is still new: the budget, not a pace of its own
+    discovery._newcomers_budget, discovery._budget_at = 0.0, time.monotonic()  # spent, whatever refilled meanwhile
+    assert not discovery._validate_gossip(forwarder, _message(keys[0], now + 1))
     assert discovery._validate_gossip(forwarder, _message(known, now))
     assert not discovery._validate_gossip(forwarder, _message(known, now + 1))  # within its pace
     assert not discovery._validate_gossip(forwarder, first)  # a replay of what the book holds is not relayed
