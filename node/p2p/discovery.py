@@ -66,8 +66,9 @@ MAX_ANNOUNCEMENT_BYTES = 96 * 1024
 # relayed, an honest holder's included (red team). That limit is off (Mesh); these count signers, whoever
 # forwards. A signer the book knows, or one with standing, has an announcement taken at most every
 # SIGNER_GAP_S. One new to the book and with no standing (any key signs one) takes the newcomers' budget: on
-# average NEWCOMERS_PER_S a second, NEWCOMERS_BURST at once. A flood of fresh keys then delays only a newcomer's
-# first announcement; one budget for every stranger let one key's flood silence an unregistered node (red team).
+# average NEWCOMERS_PER_S a second, NEWCOMERS_BURST at once. While a flood of fresh keys lasts, a newcomer's
+# announcements get through only as often as they win a token; peers the book holds are not touched (one budget
+# for every stranger let one key's flood silence an unregistered node, red team).
 SIGNER_GAP_S = 1.0
 NEWCOMERS_PER_S = 5.0
 NEWCOMERS_BURST = 50
@@ -301,7 +302,8 @@ class Discovery:
         # what a flood of announcements would log line by line (any peer id may send them), at most every 10 s
         self._log_dropped = Throttled(log, logging.INFO)
         self._log_book_full = Throttled(log, logging.WARNING)
-        self._newcomers_budget, self._budget_at = float(NEWCOMERS_BURST), time.monotonic()
+        self._clock = time.monotonic  # the budget's and the paces' clock
+        self._newcomers_budget, self._budget_at = float(NEWCOMERS_BURST), self._clock()
         self._publishing = trio.Lock()  # one announcement of its own at a time, ANNOUNCE_SPACING_S apart
         self._published_at = float("-inf")
         self._signed_at: OrderedDict[str, float] = OrderedDict()  # signer -> when its last one was taken
@@ -395,7 +397,7 @@ class Discovery:
 
     # -- receiving announcements -----------------------------------------------------------
 
-    def _validate_gossip(self, _forwarder: ID, msg) -> bool:
+    def _validate_gossip(self, forwarder: ID, msg) -> bool:
         """Whether GossipSub takes and relays `msg` (this node's own publish included): an announcement on the topic
         alone (py-libp2p runs the validator once per topic a message names), valid, newer than what the book holds
         of its signer, and within the signer's pace (SIGNER_GAP_S) or the newcomers' budget."""
@@ -406,9 +408,10 @@ class Discovery:
         except AnnouncementError as e:
             self._log_dropped("dropped announcement: %s", e)
             return False
-        if ann.peer_id != self.peer_id:  # its own: always (its budget was spent by a stranger's flood, red team)
-            if self.book.knows(ann) or not self._paced(ann.peer_id):
-                return False
+        # its own publish always (its budget was spent by a stranger's flood, red team); by who forwards it, not who
+        # signed it: a stranger relaying this node's old announcements again is held to the checks
+        if forwarder != self.pubsub.my_id and (self.book.knows(ann) or not self._paced(ann.peer_id)):
+            return False
         self._checked[hashlib.sha256(msg.data).digest()] = ann
         while len(self._checked) > CHECKED_KEPT:
             self._checked.popitem(last=False)
@@ -417,7 +420,7 @@ class Discovery:
     def _paced(self, signer: str) -> bool:
         """Take an announcement of `signer` now? Charged to it (SIGNER_GAP_S) and, for a newcomer with no standing,
         to the newcomers' budget."""
-        now = time.monotonic()
+        now = self._clock()
         last = self._signed_at.get(signer)
         if last is not None and now - last < SIGNER_GAP_S:
             return False

@@ -177,15 +177,24 @@ async def answers_tcp(addrs: Collection[Multiaddr], timeout: float) -> bool:
         host = next((names[k] for k in ("ip4", "ip6", "dns4", "dns6", "dns") if k in names), None)
         if host is not None and "tcp" in names:
             targets.append((host, int(names["tcp"])))
+    answered = False
+
+    async def knock(host: str, port: int, scope: trio.CancelScope) -> None:
+        nonlocal answered
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return
+        answered = True
+        scope.cancel()  # one is enough
+        await stream.aclose()
+
+    # all at once: an address that drops SYNs (a private one a peer lists first) must not use up the time
     with trio.move_on_after(timeout):
-        for host, port in targets:
-            try:
-                stream = await trio.open_tcp_stream(host, port)
-            except OSError:
-                continue
-            await stream.aclose()
-            return True
-    return False
+        async with trio.open_nursery() as nursery:
+            for host, port in targets:
+                nursery.start_soon(knock, host, port, nursery.cancel_scope)
+    return answered
 
 
 def connection_to_close(
@@ -207,8 +216,8 @@ def connection_to_close(
     connection for good (review). Nor one of a peer reading a package from this node (`uploading`: the server
     tells, by its writes past the muxer's first window; asking alone is not enough). Nor one of higher standing
     than the peer dialled (a stranger's announcement would close a registered node's connection). The lowest
-    standing goes first, then the node's own
-    dials before a peer's, then the oldest. While the inbound slots are all taken, only the node's own dials may
+    standing goes first, then the node's own dials before a peer's, then the oldest. While the inbound slots are
+    all taken, only the node's own dials may
     go: a stranger's slot, freed, would be a stranger's again before the dial ends. While they are not, a stranger
     dialling again at once may still take the slot first; the dial then fails, and the next one tries again
     (holding inbound connections back meanwhile let strangers shut honest peers out, red team)."""
@@ -245,8 +254,13 @@ class MeshGossipSub(GossipSub):
     def _get_peers_to_send(self, topic_ids, msg_forwarder, origin, msg_id=None):
         peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
         if self.pubsub is not None and origin == self.pubsub.my_id:
+            unwanted = msg_id if msg_id is not None else object()
             for topic in topic_ids:
-                peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p in self.peer_protocol)
+                peers.update(
+                    p
+                    for p in self.pubsub.peer_topics.get(topic, ())
+                    if p in self.peer_protocol and unwanted not in self.dont_send_message_ids.get(p, ())
+                )
             peers.discard(origin)
         return peers
 

@@ -402,7 +402,8 @@ class Mesh:
             # doubled the dial (red team)
             with trio.fail_after(self.config.dial_timeout):
                 if at_cap(swarm, info.peer_id) and not dial_blocked(swarm, info.peer_id):
-                    if not await answers_tcp(info.addrs, self.config.dial_timeout):
+                    # no address given (a DHT record without any): py-libp2p dials what its peerstore holds
+                    if info.addrs and not await answers_tcp(info.addrs, self.config.dial_timeout):
                         raise P2PError(f"nothing answered at its {len(info.addrs)} address(es)")
                     await self._make_room(info)
                 await self.host.connect(info)

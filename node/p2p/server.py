@@ -139,9 +139,13 @@ class AdapterServer:
                         nursery.start_soon(_watch_for_reset, stream, gone, nursery.cancel_scope)
                         await self.send_package(_Counted(stream, upload), Path(pkg.path), adapter_id)
                         sent = True
-                        # END written is not END read: the muxer holds the last window, and the connection is
-                        # spared (uploading_to) while the peer reads it, until it closes its side (the watcher)
-                        await gone.wait()
+                        if upload.sent > UNREAD_WINDOW:
+                            # END written is not END read: the muxer holds the last window, and the connection is
+                            # spared (uploading_to) while the peer reads it, until it closes its side (the
+                            # watcher). A package within the first window ends here, as before: no peer that
+                            # asked and never closed holds a slot past END
+                            await gone.wait()
+                        nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
                     raise first_error(group) from None
         finally:
@@ -155,8 +159,9 @@ class AdapterServer:
         await stream.close()
 
     def uploading_to(self) -> set[str]:
-        """Peers reading a package from this node now: more of it than the muxer's first window has gone out, and
-        the upload has not ended (the peer has not closed its side after END, and its deadline has not passed).
+        """Peers reading a package from this node now: more of it than the muxer's first window has gone out (a
+        count taken as each frame's write completes: with 1 MiB DATA frames, once the peer has read about 768 KiB),
+        and the upload has not ended (the peer has not closed its side after END, and its deadline has not passed).
         `host.connection_to_close` spares their connections, whatever their standing or whoever dialled: strangers'
         new idle connections made the node close an honest newcomer's download partway (red team). Asking is not
         enough: strangers asking for a package the node seeds and reading nothing kept every connection it could

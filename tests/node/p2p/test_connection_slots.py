@@ -29,17 +29,38 @@ pytestmark = pytest.mark.integration
 MAX_CONNECTIONS = 6  # 2 inbound slots (max_connections less the 4 kept for the node's own dials)
 
 
+def _process(module: str, *args: str) -> subprocess.Popen:
+    """A helper process (`python -m module args`); its stdin closed ends it. Its stdout is read unbuffered
+    (`_line`): a buffered readline took two lines at once, and the second one was never seen."""
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+
+
 def _strangers(target: str, *args: str) -> subprocess.Popen:
-    """The strangers' process (holding_peers.py) against `target`; its stdin closed ends it."""
-    cmd = [sys.executable, "-m", "tests.node.p2p.holding_peers", target, *args]
-    return subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    """The strangers' process (holding_peers.py) against `target`."""
+    return _process("tests.node.p2p.holding_peers", target, *args)
+
+
+_unread: dict[int, bytes] = {}  # a process's output read but not yet taken as lines (by pid)
+
+
+def _said(proc: subprocess.Popen) -> bool:
+    """Whether the process has a line for `_line` now."""
+    if b"\n" not in _unread.get(proc.pid, b"") and select.select([proc.stdout], [], [], 0)[0]:
+        _unread[proc.pid] = _unread.get(proc.pid, b"") + os.read(proc.stdout.fileno(), 65536)
+    return b"\n" in _unread.get(proc.pid, b"")
 
 
 def _line(proc: subprocess.Popen, timeout: float = 60.0) -> dict:
-    """The strangers' next JSON line, within `timeout`."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, f"the strangers said nothing within {timeout} s"
-    return json.loads(proc.stdout.readline())
+    """The process's next JSON line, within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in _unread.get(proc.pid, b""):
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
+        assert chunk, f"the process said nothing within {timeout} s (or ended)"
+        _unread[proc.pid] = _unread.get(proc.pid, b"") + chunk
+    line, _, _unread[proc.pid] = _unread[proc.pid].partition(b"\n")
+    return json.loads(line)
 
 
 @pytest.mark.parametrize("busy", ["", "busy", "asking"])
@@ -84,8 +105,7 @@ def test_a_node_with_every_slot_held_by_strangers_still_fetches_from_a_new_provi
         # a stranger's connection made room (its own dial to one), never the trusted peer's
         assert len(peers) <= MAX_CONNECTIONS and honest.peer_id in peers and friend.peer_id in peers
     finally:
-        strangers.stdin.close()
-        strangers.wait(30)
+        _end(strangers)
         for peer in (victim, friend, honest):
             peer.stop()
 
@@ -122,8 +142,7 @@ def test_two_dials_at_once_each_get_a_slot_strangers_cannot_take(tmp_path, packa
         assert [g.adapter_id for g in got] == [a.adapter_id, b.adapter_id]
         assert friend.peer_id in victim.connected_peers()
     finally:
-        strangers.stdin.close()
-        strangers.wait(30)
+        _end(strangers)
         victim.stop()
         for peer in (friend, *providers):
             peer.stop()
@@ -164,42 +183,55 @@ def test_a_dial_to_a_dead_address_closes_no_connection(tmp_path, packages):
 
         assert set(victim.call("status")["peers"]) == before
     finally:
-        strangers.stdin.close()
-        strangers.wait(30)
+        _end(strangers)
         for peer in (victim, friend):
             peer.stop()
 
 
-def _stop(node: P2PNode, procs: list[subprocess.Popen], *peers: PeerProcess) -> None:
-    node.stop()
-    for proc in procs:  # stdin closed ends a helper process
-        proc.stdin.close()
+def _end(proc: subprocess.Popen) -> None:
+    """End a helper process: its stdin closed, killed if it lingers."""
+    proc.stdin.close()
+    try:
         proc.wait(30)
-    for peer in peers:
-        peer.stop()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
+def _stop(node: P2PNode | None, procs: list[subprocess.Popen], *peers: PeerProcess) -> None:
+    try:
+        if node is not None:
+            node.stop()
+    finally:
+        for proc in procs:
+            _end(proc)
+        for peer in peers:
+            peer.stop()
 
 
 def _node_among_registered(tmp_path, packages, owners: dict, holds, registered: int, *trusted_too: str):
     """A node (max_connections 8: 4 inbound slots) holding `holds`, connected to `registered` peers it trusts (the
     registered nodes it dials at start: listeners of a holding_peers process, which is returned to be ended) and
     trusting `trusted_too`. Returns (node, that process, the registered peers' ids)."""
-    proc = _strangers("/ip4/127.0.0.1/tcp/1/p2p/" + _dead_addr().split("/p2p/")[1], "--listeners", str(registered))
-    nodes = _line(proc)["listeners"]
-    ids = {a.split("/p2p/")[1] for a in nodes}
-    store = AdapterStore(tmp_path / "v")
-    store.install(holds.path)
-    config = P2PConfig(listen="/ip4/127.0.0.1/tcp/0", max_connections=8)
-    trusted = ids | set(trusted_too)
-    node = P2PNode(
-        seed=os.urandom(32),
-        store=store,
-        owner_of=owners.get,
-        config=config,
-        base_dir=packages.base,
-        trusted_peer=trusted.__contains__,
+    proc, node = (
+        _strangers("/ip4/127.0.0.1/tcp/1/p2p/" + _dead_addr().split("/p2p/")[1], "--listeners", str(registered)),
+        None,
     )
-    node.start()
     try:
+        nodes = _line(proc)["listeners"]
+        ids = {a.split("/p2p/")[1] for a in nodes}
+        store = AdapterStore(tmp_path / "v")
+        store.install(holds.path)
+        trusted = ids | set(trusted_too)
+        node = P2PNode(
+            seed=os.urandom(32),
+            store=store,
+            owner_of=owners.get,
+            config=P2PConfig(listen="/ip4/127.0.0.1/tcp/0", max_connections=8),
+            base_dir=packages.base,
+            trusted_peer=trusted.__contains__,
+        )
+        node.start()
         for addr in nodes:
             node.connect(addr)
     except BaseException:
@@ -210,9 +242,10 @@ def _node_among_registered(tmp_path, packages, owners: dict, holds, registered: 
 
 @pytest.fixture(scope="module")
 def big_package(tmp_path_factory, packages):
-    """A 2.9 MB package: its download, at a pace above the server's minimum, outlasts the victim's own fetch."""
+    """A 5.8 MB package: its download, at a pace above the server's minimum, outlasts the strangers' start and the
+    victim's own fetch."""
     work = tmp_path_factory.mktemp("big")
-    base = make_base(work / "base", hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8, num_kv_heads=4)
+    base = make_base(work / "base", hidden_size=512, intermediate_size=2048, num_layers=8, num_heads=8, num_kv_heads=4)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     return make_package(base, work / "pkg", name="big", rank=16, targets=targets)
 
@@ -232,9 +265,8 @@ def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big
     victim, registered, _ = _node_among_registered(tmp_path, packages, owners, pkg, 5, provider.peer_id)
     procs = [registered]
     try:
-        cmd = [sys.executable, "-m", "tests.node.p2p.slow_downloader", victim.listen_addrs[0], pkg.adapter_id]
-        cmd += [str(400 * 1024), *(["--dialled"] if dialled else [])]
-        honest = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        args = [victim.listen_addrs[0], pkg.adapter_id, str(300 * 1024), *(["--dialled"] if dialled else [])]
+        honest = _process("tests.node.p2p.slow_downloader", *args)
         procs.append(honest)
         if dialled:
             victim.connect(_line(honest)["listening"])
@@ -245,6 +277,7 @@ def test_a_download_under_way_is_not_closed_to_make_room(tmp_path, packages, big
 
         victim.fetch(other.adapter_id, providers=provider.addrs)
 
+        assert not _said(honest), "the download ended before the dial: the test showed nothing"
         got = _line(honest, 120)
         assert got["ok"], got
         assert got["bytes"] >= sum(f.size for f in pkg.manifest.files)
@@ -301,8 +334,7 @@ def test_a_dial_at_the_cap_keeps_to_its_timeout_whatever_the_address_does(tmp_pa
             victim.connect(f"/ip4/127.0.0.1/tcp/{late.port}/p2p/{_dead_addr().split('/p2p/')[1]}")
         assert time.monotonic() - started < config.dial_timeout + 1.5  # 8.3 s before: the check's 3 s, then 5
     finally:
-        strangers.stdin.close()
-        strangers.wait(30)
+        _end(strangers)
         late.close()
         victim.stop()
 
