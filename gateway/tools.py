@@ -9,7 +9,8 @@ How each `tool_choice` is served (as vLLM serves them):
   answer's content is stripped, a stream holds whitespace until text follows it). Nothing constrains it: a
   block that does not parse stays text. A block ends at its first `</tool_call>`, or, when that one is inside
   a JSON string (a call whose string arguments hold the tag) and what it closes is no call, at the first one
-  outside a string.
+  outside a string. With `parallel_tool_calls: false`, calls after the first are left out (vLLM's way); an
+  answer cut short by max_tokens ends "length", and a block it left open is content.
 - "required": the answer is constrained by the node's grammar to a JSON array of at least one
   `{"name": <one of the tools>, "arguments": <that tool's parameters>}`, so it always parses and matches the
   schemas (unless cut short by max_tokens: the calls it finished, and the rest as content).
@@ -150,11 +151,19 @@ class ToolPlan:
             return [{"type": "function", "function": self.functions[self.name]}]
         return [{"type": "function", "function": f} for f in self.functions.values()]
 
+    @property
+    def free_calls(self) -> float:
+        """How many of the calls an `auto` answer writes are taken: one without parallel calls, else all (the
+        grammar bounds a constrained answer's to max_calls; nothing bounds a free one's but max_tokens)."""
+        return 1 if self.max_calls == 1 else float("inf")
+
     def called_reason(self, reason: str) -> str:
         """The finish_reason of an answer that calls tools, which ended with `reason`: "tool_calls", but "stop"
         for a function the request named (OpenAI's answer, and vLLM's: the client asked for that call, the model
-        did not choose it); a constrained answer cut short by max_tokens keeps "length", as vLLM's does."""
-        if reason != "stop" and self.choice != "auto":
+        did not choose it). An answer cut short by max_tokens keeps "length", as OpenAI's does, whatever the
+        choice: code that looks for "length" to know an answer is cut must find it (an `auto` answer cut in its
+        second call said "tool_calls", its unclosed block sent as content; compat audit)."""
+        if reason != "stop":
             return reason
         return "stop" if self.choice == "function" else "tool_calls"
 
@@ -518,10 +527,12 @@ class ToolStream:
                 return out  # undecided, or (final) an OPEN never closed: close() sends it as text
             end, call = got
             block, self.held, self._block = self.held[:end], self.held[end:], None
-            if call is not None and self._index < self.plan.max_calls:
-                out.append(self._delta([call]))
-            else:
+            if call is None:
                 self._text(out, block)
+            elif self._index < self.plan.free_calls:
+                out.append(self._delta([call]))
+            # else a call past what the request allows (`parallel_tool_calls: false`): left out, as vLLM leaves it,
+            # not sent as its markup in the content (compat audit)
 
     def _text(self, out: list[dict], text: str) -> None:
         """Content: sent up to its trailing whitespace, which waits for the text after it. The first content after

@@ -268,9 +268,9 @@ def test_one_call_only_when_parallel_calls_are_off():
     text = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_time"}</tool_call>'
     auto = tool_plan([WEATHER, TIME], "auto", parallel=False)
     content, calls = auto.answer(text)
-    assert len(calls) == 1 and content == '<tool_call>{"name": "get_time"}</tool_call>'
-    _, streamed, _ = _stream(auto, [text])
-    assert len(streamed) == 1
+    assert len(calls) == 1 and content is None  # the second call left out, not sent as markup (compat audit)
+    sent, streamed, _ = _stream(auto, [text])
+    assert len(streamed) == 1 and not sent
 
 
 def test_a_deeply_nested_call_is_text_not_a_crash():
@@ -417,3 +417,12 @@ def test_reading_blocks_is_linear_in_the_answer(monkeypatch, block):
     content, calls, _ = _stream(plan, [text[i : i + 7] for i in range(0, len(text), 7)])
     assert (content, calls) == (text, [])
     assert counter.read <= 3 * len(text), counter.read / len(text)
+
+
+def test_an_answer_cut_short_ends_length_whatever_the_tool_choice():
+    """ "length" is kept for every choice (auto said "tool_calls"; compat audit); an answer that ended calls."""
+    assert {c: _plan(c).called_reason("length") for c in ("auto", "required")} == {
+        "auto": "length",
+        "required": "length",
+    }
+    assert [_plan(c).called_reason("stop") for c in ("auto", "required")] == ["tool_calls", "tool_calls"]

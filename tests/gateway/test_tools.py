@@ -5,6 +5,7 @@ function always give valid calls (whole and streamed), auto takes a tool's resul
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -210,3 +211,42 @@ def test_parameters_that_are_not_an_object_are_refused_as_openai_refuses_them(oa
     got = chat(oai, tools=[untyped], tool_choice="required", max_tokens=None, n=3, seed=5, temperature=1.0)
     done = [c for c in got.choices if c.finish_reason != "length"]  # random weights may list calls to the end
     assert done and all(isinstance(json.loads(t.function.arguments), dict) for c in done for t in c.message.tool_calls)
+
+
+# an `auto` answer in the Hermes tags, written by the node as a trained model would (guided_regex forces the text)
+TAGGED = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c"}}</tool_call>'
+TWO_CALLS = TAGGED + TAGGED.replace("Rome", "Oslo")
+
+
+def _tagged_answer(oai, **kw) -> list[tuple[str, str | None, list[str]]]:
+    """(finish_reason, content, each call's arguments) of the answer whole, then streamed."""
+    got = chat(oai, **kw).choices[0]
+    answers = [(got.finish_reason, got.message.content, [c.function.arguments for c in got.message.tool_calls or ()])]
+    content, calls, finish = "", {}, None
+    for chunk in chat(oai, stream=True, **kw):
+        for d in chunk.choices:
+            content += d.delta.content or ""
+            for c in d.delta.tool_calls or ():
+                calls[c.index] = calls.get(c.index, "") + (c.function.arguments or "")
+            finish = d.finish_reason or finish
+    return answers + [(finish, content or None, list(calls.values()))]
+
+
+def test_auto_calls_in_tags_parallel_or_one_and_cut_short(oai):
+    """Two calls written: both taken; with parallel_tool_calls false the first only, the second not sent as its
+    markup in the content; cut by max_tokens inside the second, the answer ends "length" (it said "tool_calls",
+    so code looking for a cut answer never saw one; compat audit). Whole and streamed alike."""
+    kw = {
+        "tools": [WEATHER],
+        "tool_choice": "auto",
+        "temperature": 0,
+        "extra_body": {"guided_regex": re.escape(TWO_CALLS)},
+    }
+    rome, oslo = '{"city": "Rome", "unit": "c"}', '{"city": "Oslo", "unit": "c"}'
+    # max_tokens None: what the tiny context leaves after the tools (the answer ends with the regex, before it)
+    assert _tagged_answer(oai, max_tokens=None, **kw) == [("tool_calls", None, [rome, oslo])] * 2
+    one = _tagged_answer(oai, max_tokens=None, parallel_tool_calls=False, **kw)
+    assert one == [("tool_calls", None, [rome])] * 2
+    full = chat(oai, max_tokens=None, **kw).usage.completion_tokens
+    cut = _tagged_answer(oai, max_tokens=full - 10, **kw)
+    assert cut[0] == cut[1] and cut[0][0] == "length" and cut[0][2] == [rome], cut
