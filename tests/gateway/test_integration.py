@@ -288,10 +288,12 @@ def test_repeated_requests_stay_on_one_node(net):
 def test_errors(net):
     with pytest.raises(openai.AuthenticationError):
         client(net, "lm-not-a-key").models.list()
-    slow = client(net, net.limited)
-    slow.models.list()
+    slow = client(net, net.limited)  # one request a minute
+    for _ in range(3):  # the model list costs no node's work and takes none of it (a UI asks it on every page)
+        assert slow.models.list().data and slow.models.retrieve("acme/capitals").id == "acme/capitals"
+    slow.completions.create(model="acme/capitals", prompt="x", max_tokens=1)
     with pytest.raises(openai.RateLimitError) as ei:
-        slow.models.list()
+        slow.completions.create(model="acme/capitals", prompt="x", max_tokens=1)
     assert int(ei.value.response.headers["retry-after"]) >= 1
     with pytest.raises(openai.NotFoundError):
         client(net).completions.create(model="acme/nothing", prompt="x")
