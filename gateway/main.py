@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from common.http import BodyLimitMiddleware, error_responses
-from common.wire import error_body, restore_recursion_limit
+from common.wire import error_body, hex0x, restore_recursion_limit
 from gateway.chain_registry import RegistryView
 from gateway.errors import ERROR_STATUSES, BadRequest, GatewayError
 from gateway.lorax_api import LORAX_PATHS, LoraxRequest
@@ -89,6 +90,31 @@ class _AnswerUnhandled:
             await JSONResponse(_error(scope.get("path", ""), INTERNAL_ERROR, 500), status_code=500)(
                 scope, receive, send
             )
+
+
+class _RequestId:
+    """Every answer carries an `X-Request-Id`, as OpenAI's do (users quote it when they report a problem): a
+    served request's own id (its usage record's), set by ServedRequest; for an error before the request had one,
+    a new id. (Only answers served had one, and the openai SDK's `e.request_id` was None on every error; compat
+    audit.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                    rid = scope.get("state", {}).get("rid") or hex0x(secrets.token_bytes(32))
+                    message = message | {"headers": headers + [(b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, with_id)
 
 
 def _error(path: str, body: dict, status: int) -> dict:
@@ -200,6 +226,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         overrides={"/internal/": settings.max_heartbeat_bytes},
         shape=_error,
     )
+    app.add_middleware(_RequestId)  # outermost: the body limit's and the last resort's answers get an id too
     _add_error_handlers(app, gw)
     app.include_router(internal.router)
     app.include_router(openai.router)

@@ -235,6 +235,8 @@ class ServedRequest:
             # nothing is "-": any string a client sends would otherwise be a time series kept for good)
             if self.target is not None:
                 http.state.model = self.target.label
+            if self.rid:  # an error from here on carries the request's own id (gateway.main._RequestId)
+                http.state.rid = self.rid
         if self.auth.key.tokens_per_minute:  # the request's most tokens, taken before it runs
             cost = self.prompt_tokens + self.max_tokens
             self.reserved = cost if await asyncio.to_thread(d.admission.reserve, self.auth.key, cost) else 0

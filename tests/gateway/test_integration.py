@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,8 +287,10 @@ def test_repeated_requests_stay_on_one_node(net):
 
 
 def test_errors(net):
-    with pytest.raises(openai.AuthenticationError):
+    ids = set()  # every error carries a request id, as OpenAI's do (the SDK's e.request_id was None; compat audit)
+    with pytest.raises(openai.AuthenticationError) as ei:
         client(net, "lm-not-a-key").models.list()
+    ids.add(ei.value.request_id)
     slow = client(net, net.limited)  # one request a minute
     for _ in range(3):  # the model list costs no node's work and takes none of it (a UI asks it on every page)
         assert slow.models.list().data and slow.models.retrieve("acme/capitals").id == "acme/capitals"
@@ -295,11 +298,22 @@ def test_errors(net):
     with pytest.raises(openai.RateLimitError) as ei:
         slow.completions.create(model="acme/capitals", prompt="x", max_tokens=1)
     assert int(ei.value.response.headers["retry-after"]) >= 1
-    with pytest.raises(openai.NotFoundError):
+    ids.add(ei.value.request_id)
+    with pytest.raises(openai.NotFoundError) as ei:
         client(net).completions.create(model="acme/nothing", prompt="x")
+    ids.add(ei.value.request_id)
     with pytest.raises(openai.BadRequestError) as ei:
         client(net).completions.create(model="acme/capitals", prompt="x", n=17)
     assert ei.value.body["param"] == "n"
+    ids.add(ei.value.request_id)
+    too_large = httpx.post(
+        net.gw + "/v1/completions", content=b" " * (5 << 20), headers={"Authorization": f"Bearer {net.key}"}
+    )
+    assert too_large.status_code == 413
+    ids.add(too_large.headers.get("x-request-id"))
+    assert len(ids) == 5 and all(i and re.fullmatch("0x[0-9a-f]{64}", i) for i in ids), ids
+    served = client(net).completions.with_raw_response.create(model="acme/capitals", prompt="x", max_tokens=1)
+    assert len(served.headers.get_list("x-request-id")) == 1  # a served answer's own id, not a second one
 
 
 def test_client_disconnect_is_recorded_with_the_nodes_receipt(net):
