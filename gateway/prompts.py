@@ -86,6 +86,14 @@ async def tokenize(t: ChatTemplates, target: Target, req: TokenizeRequest) -> di
     return {"count": len(ids), "max_model_len": context, "tokens": ids, "token_strs": strs}
 
 
+async def input_tokens(t: ChatTemplates, target: Target, req: ChatRequest) -> dict:
+    """The Responses API's input token count (`POST /v1/responses/input_tokens`, the openai SDK's
+    `responses.input_tokens.count`): the `input_tokens` a response to the same request is billed, its chat (`req`,
+    what the Responses request is) rendered as /tokenize renders one. (It was taken for a stored response's
+    route: a 404 saying no responses are stored; compat audit.)"""
+    return {"object": "response.input_tokens", "input_tokens": len(await chat_prompt(t, target.base_model_id, req))}
+
+
 async def detokenize(t: ChatTemplates, target: Target, req: DetokenizeRequest) -> dict:
     """vLLM's /detokenize answer: token ids as text (special tokens left out, as an echoed prompt of ids)."""
     base = target.base_model_id

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible routes: models, completions, chat completions, responses; and vLLM's /tokenize and /detokenize
-(API key required)."""
+"""The OpenAI-compatible routes: models, completions, chat completions, responses (and their input token count);
+and vLLM's /tokenize and /detokenize (API key required)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from common.http import ANSWER_OR_EVENTS
 from gateway.deps import AuthDep, GatewayDep, KeyDep
 from gateway.errors import ResponseNotStored
 from gateway.openai_api import DetokenizeRequest, TokenizeRequest, parse_request
-from gateway.prompts import detokenize, tokenize
+from gateway.prompts import detokenize, input_tokens, tokenize
 from gateway.request import ServedRequest
+from gateway.responses_api import ResponsesRequest
 
 router = APIRouter()
 
@@ -43,6 +44,15 @@ async def chat_completions(request: Request, auth: AuthDep, gw: GatewayDep):
 async def responses(request: Request, auth: AuthDep, gw: GatewayDep):
     """API key: an OpenAI response (body: ResponsesRequest; served as the chat it is, nothing stored)."""
     return await ServedRequest(gw.deps, auth, api="responses").respond(request)
+
+
+@router.post("/v1/responses/input_tokens", operation_id="count_input_tokens")
+async def count_input_tokens(request: Request, auth: AuthDep, gw: GatewayDep) -> dict:
+    """API key: the input tokens a Responses request is billed (body: ResponsesRequest; free, counted against the
+    key's requests per minute as /tokenize is). Before the stored responses' routes, which would take its path."""
+    req = await parse_request(ResponsesRequest, await request.body(), gw.settings.max_body_bytes)
+    target = gw.catalog.resolve_request(req.model, req.adapter_weights, auth.key, auth.private)
+    return await input_tokens(gw.templates, target, req.as_chat())
 
 
 # a route a method, each with its own operation id (a route serving several methods gives them one)

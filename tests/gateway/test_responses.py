@@ -289,3 +289,28 @@ def test_a_stored_response_is_none_said_in_one_line(served, oai):
             call()
         assert e.value.body["code"] == "response_not_found" and "stores no responses" in e.value.body["message"]
     assert httpx.get(served.url + "/v1/responses/resp_123", timeout=10).status_code == 401
+
+
+def test_input_tokens_count_what_a_response_is_billed(served, oai):
+    """`responses.input_tokens.count` (the SDK's strict types) is the `input_tokens` of the response to the same
+    input, instructions and tools; what a response refuses it refuses (it was a 404 saying no response is stored;
+    compat audit)."""
+    asks = [
+        {"input": QUESTION},
+        {"input": QUESTION, "instructions": INSTRUCTIONS},
+        {"input": [{"role": "user", "content": QUESTION}], "tools": [WEATHER], "tool_choice": "auto"},
+    ]
+    strict = openai.OpenAI(base_url=served.url + "/v1", api_key=served.api_key, _strict_response_validation=True)
+    counts = []
+    for ask in asks:
+        counted = strict.responses.input_tokens.count(model=TINY, **ask)
+        assert counted.object == "response.input_tokens"
+        assert counted.input_tokens == respond(oai, **GREEDY | ask).usage.input_tokens
+        counts.append(counted.input_tokens)
+    assert counts[0] < counts[1] < counts[2]
+    refused(
+        lambda: oai.responses.input_tokens.count(model=TINY, input=QUESTION, previous_response_id="resp_1"),
+        "previous_response_id",
+    )
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.input_tokens.count(model="acme/nothing", input=QUESTION)
