@@ -36,7 +36,7 @@ from common.logs import Throttled
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json
 from node.adapters.errors import shown
 from node.p2p.config import P2PConfig
-from node.p2p.errors import AnnouncementError, P2PError
+from node.p2p.errors import AnnouncementError, P2PError, StaleAnnouncement
 from node.p2p.host import addr_str, full_addrs
 from node.p2p.standing import UNKNOWN, PeerStanding, Standing
 
@@ -127,7 +127,7 @@ def verify_announcement(data: bytes, *, now: float, max_age: float, future_skew:
     if not isinstance(peer_id, str) or len(peer_id) > 128:
         raise AnnouncementError("announcement peer_id must be a base58 peer id string")
     if ts < (now - max_age) * 1000 or ts > (now + future_skew) * 1000:
-        raise AnnouncementError(
+        raise StaleAnnouncement(
             f"announcement from {shown(peer_id)} is stale or future-dated (ts {ts} ms, now {now * 1000:.0f})"
         )
     if canonical_json(doc) != bytes(data):
@@ -407,6 +407,8 @@ class Discovery:
             ann = self._verify(msg.data)
         except AnnouncementError as e:
             self._log_dropped("dropped announcement: %s", e)
+            if forwarder != self.pubsub.my_id and not isinstance(e, StaleAnnouncement):
+                self.pubsub.strike(forwarder, f"an announcement that fails its checks ({e})")
             return False
         # its own publish always (its budget was spent by a stranger's flood, red team); by who forwards it, not who
         # signed it: a stranger relaying this node's old announcements again is held to the checks

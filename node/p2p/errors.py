@@ -41,3 +41,9 @@ class NoProviders(FetchError):
 
 class AnnouncementError(ValueError):
     """An announcement that is malformed, unsigned, forged or stale."""
+
+
+class StaleAnnouncement(AnnouncementError):
+    """An announcement dated outside this node's window, which an honest peer may pass on (clocks differ): refused,
+    and not held against the peer that forwarded it (node/p2p/gossip.py). Another version is not: it would come on
+    another topic."""

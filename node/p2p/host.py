@@ -5,7 +5,6 @@ multiaddr strings (…/p2p/<peer id>) peers dial, and py-libp2p's log records ro
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import os
@@ -20,7 +19,6 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
-from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.rcmgr import Direction
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -242,33 +240,6 @@ def connection_to_close(
         if best_key is None or key < best_key:
             best, best_key = peer_id, key
     return best
-
-
-class MeshGossipSub(GossipSub):
-    """py-libp2p 0.8.1's GossipSub, with the node's own messages sent to every peer on the topic (flood publish,
-    go-libp2p's default), not its mesh alone: 16 strangers that joined the meshes and forwarded nothing had an
-    honest holder's neighbour prune it, and the holder's announcements reached that neighbour 0 times in 10 (the
-    first after 120 s, red team). And the equivocation check keeps a digest of each message, not the message:
-    1,000 announcements of up to 96 KB were held for good (98 MB measured)."""
-
-    def _get_peers_to_send(self, topic_ids, msg_forwarder, origin, msg_id=None):
-        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
-        if self.pubsub is not None and origin == self.pubsub.my_id:
-            unwanted = msg_id if msg_id is not None else object()
-            for topic in topic_ids:
-                peers.update(
-                    p
-                    for p in self.pubsub.peer_topics.get(topic, ())
-                    if p in self.peer_protocol and unwanted not in self.dont_send_message_ids.get(p, ())
-                )
-            peers.discard(origin)
-        return peers
-
-    def _check_equivocation(self, msg) -> bool:
-        key = msg.from_id + msg.seqno
-        digest = hashlib.sha256(msg.data + b"\0".join(t.encode() for t in msg.topicIDs)).digest()
-        seen = self.equivocation_detection.setdefault(key, digest)
-        return seen == digest
 
 
 def refuse_taken_port(listen: str) -> None:

@@ -29,7 +29,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12
-from libp2p.pubsub.pubsub import Pubsub, get_content_addressed_msg_id
+from libp2p.pubsub.pubsub import get_content_addressed_msg_id
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -40,8 +40,8 @@ from node.p2p.config import P2PConfig
 from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, Progress, TransferStatus
+from node.p2p.gossip import GuardedPubsub, MeshGossipSub
 from node.p2p.host import (
-    MeshGossipSub,
     answers_tcp,
     at_cap,
     block_dials,
@@ -280,7 +280,7 @@ class Mesh:
             spam_protection_enabled=False,
         )
         # a message is known by its bytes: one signed announcement wrapped again and again is one message
-        self.pubsub = Pubsub(self.host, self.gossipsub, msg_id_constructor=get_content_addressed_msg_id)
+        self.pubsub = GuardedPubsub(self.host, self.gossipsub, msg_id_constructor=get_content_addressed_msg_id)
         guard_stream_handlers(self.host)  # adapter, Kademlia, GossipSub, identify: all registered by now
         self.standing = PeerStanding(
             base_backoff=config.backoff_base, max_backoff=config.backoff_max, trusted=trusted_peer or (lambda _p: False)

@@ -8,6 +8,9 @@ none of its checks. Prints {"ok", "peer_id", "addrs"} once listening, then answe
   {"cmd": "connect", "addr"}                              dial a peer (and join its GossipSub mesh)
   {"cmd": "publish", "nested": N} / {"hex": ...}          publish raw bytes on the announcement topic
   {"cmd": "pubsub_garbage", "addr"}                       send a peer a GossipSub RPC that is not protobuf
+  {"cmd": "flood", "peer", "kind", "count"}               send a connected peer `count` RPCs on the GossipSub
+        stream it has: badsig (a message on the topic whose signature does not verify), foreign_graft (GRAFTs
+        for made-up topics)
   {"cmd": "announce", "adapters", "fakes": N, "future_s": S, "own": bool, "interval": s}
         signed announcements: from N made-up peer ids (each with its own key), or from this peer
         (own) for `adapters`, dated S seconds ahead
@@ -38,6 +41,7 @@ from libp2p.kad_dht.provider_store import ProviderStore
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_varint_prefixed
@@ -189,6 +193,20 @@ class Malice:
             await stream.write(encode_varint_prefixed(b"\xff" * 64))
             await trio.sleep(0.5)
             return {}
+        if op == "flood":
+            stream = self.pubsub.peers[ID.from_base58(cmd["peer"])]
+            for i in range(cmd["count"]):
+                if cmd["kind"] == "badsig":
+                    msg = rpc_pb2.Message(
+                        data=b"x" * 64, topicIDs=[TOPIC], from_id=self.host.get_id().to_bytes(), seqno=os.urandom(8)
+                    )
+                    msg.signature = os.urandom(64)
+                    rpc = rpc_pb2.RPC(publish=[msg])
+                else:
+                    grafts = [rpc_pb2.ControlGraft(topicID=f"made-up-{i}-{j}") for j in range(20)]
+                    rpc = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(graft=grafts))
+                await stream.write(encode_varint_prefixed(rpc.SerializeToString()))
+            return {"sent": cmd["count"]}
         if op == "serve":
             self.faults[cmd["adapter_id"]] = (cmd["fault"], Path(cmd["pkg"]))
             return {}
