@@ -25,7 +25,7 @@ from node.p2p.discovery import (
     Announcement,
     sign_announcement,
 )
-from node.p2p.gossip import BAN_S, STRIKES_ALLOWED, MeshGossipSub
+from node.p2p.gossip import BAN_S, REFUSED_BURST, STRIKES_ALLOWED, MeshGossipSub
 from node.p2p.host import LIBP2P_TARGET, _Forward
 
 
@@ -231,3 +231,36 @@ def test_a_peer_past_its_strikes_is_cut_off_from_gossip_for_a_while(node, discov
     assert not discovery.book.holds(str(ID.from_pubkey(signer.public_key)))
     clock[0] += BAN_S
     assert not pubsub.is_peer_blacklisted(sid)  # the ban ends
+
+
+def test_announcements_past_the_budget_are_refused_before_any_signature_and_a_flood_of_them_struck(node, discovery):
+    """A flood of fresh keys' announcements past the newcomers' budget cost the node two pubsub signatures and the
+    announcement's own checked each: 0.9 of a core (red team). They are refused before any signature is checked,
+    and a peer passing on more such refusals than an honest relay could (REFUSED_BURST at once) is struck."""
+    pubsub = node._m().pubsub
+    discovery._clock = pubsub._clock = lambda: 1000.0  # no refill, no allowance regained
+    discovery._newcomers_budget, discovery._budget_at = 0.0, 1000.0
+    stranger, relay = create_new_key_pair(), create_new_key_pair()
+    flood = _signed(stranger, _message(create_new_key_pair(), int(time.time() * 1000)).data)
+    flood.signature = bytes(64)  # checked, it would be a strike at once: the precheck refuses it first
+    sid = ID.from_pubkey(stranger.public_key)
+
+    def send(count: int) -> None:
+        async def push() -> None:
+            for _ in range(count):
+                await pubsub.push_msg(sid, flood)
+
+        node._thread.call(push)
+
+    send(int(REFUSED_BURST))
+    assert not pubsub.is_peer_blacklisted(sid)  # as many as an honest relay may pass on at once
+    send(STRIKES_ALLOWED + 1)
+    assert pubsub.is_peer_blacklisted(sid)
+    discovery._newcomers_budget = 1.0  # the budget refilled: the same bytes from an honest relay are taken
+    honest = create_new_key_pair()
+    node._thread.call(
+        pubsub.push_msg,
+        ID.from_pubkey(relay.public_key),
+        _signed(relay, _message(honest, int(time.time() * 1000)).data),
+    )
+    _poll(lambda: discovery.book.holds(str(ID.from_pubkey(honest.public_key))))
