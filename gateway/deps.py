@@ -22,9 +22,7 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
 async def identify(request: Request, gw: GatewayDep) -> AuthContext:
-    """The request's API key (AuthError, 401), not counted against its rate limits: for reads no node works for.
-    (The model list counted: UIs such as Open WebUI ask for it on every page, and a key of 4 requests a minute had
-    one chat left after three lists; compat audit.)"""
+    """The request's API key (AuthError, 401)."""
     header = request.headers.get("authorization")
     admission = gw.admission
     # a cached key answers on the event loop; only a miss pays the worker thread and the database
@@ -39,5 +37,14 @@ async def authenticate(request: Request, gw: GatewayDep) -> AuthContext:
     return auth
 
 
-KeyDep = Annotated[AuthContext, Depends(identify)]
+async def list_reader(request: Request, gw: GatewayDep) -> AuthContext:
+    """The request's API key (AuthError, 401) for a model-list read: not counted against its requests per minute
+    (UIs such as Open WebUI ask on every page, and a key of 4 requests a minute had one chat left after three
+    lists; compat audit), but held to Admission.admit_listing's bound (RateLimited, 429)."""
+    auth = await identify(request, gw)
+    gw.admission.admit_listing(auth.key)
+    return auth
+
+
+ListingDep = Annotated[AuthContext, Depends(list_reader)]
 AuthDep = Annotated[AuthContext, Depends(authenticate)]

@@ -7,6 +7,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from common.wire import sha256_hex
-from gateway.errors import AuthError
-from gateway.ratelimit import RateLimiter
+from gateway.errors import AuthError, RateLimited
+from gateway.ratelimit import RateLimiter, TokenBucket
 from gateway.tables import AdapterGrant, ApiKey, KeyPolicy
 from ledger.models import utcnow
 from ledger.types import registry_name_problem
@@ -273,17 +274,39 @@ def _secret(authorization: str | None) -> str:
     return secret.strip()
 
 
+# Model-list reads one key may make, in this process: not counted against its requests per minute (UIs ask on
+# every page) but bounded, as a list walks every registered adapter on the event loop.
+MODEL_LISTS_PER_MINUTE = 600
+MODEL_LIST_KEYS_KEPT = 4096
+
+
 class Admission:
     """API keys (through the key cache) and their rate limits."""
 
     def __init__(self, keys: KeyCache, limiter: RateLimiter) -> None:
         self.keys = keys
         self.limiter = limiter
+        self._lists: OrderedDict[int, TokenBucket] = OrderedDict()  # key id -> its model-list reads
         self._key_tpm: dict[int, int | None] = {}  # key id -> tokens per minute, as last authenticated
         # keys revoked lately (refresh_revoked): their requests still running end at their next token
         self.revoked: frozenset[int] = frozenset()
         # token charges are written after the answer, one at a time, off the caller's thread (the event loop)
         self._charges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rate-charges")
+
+    def admit_listing(self, key: KeyInfo) -> None:
+        """RateLimited (429) past MODEL_LISTS_PER_MINUTE model-list reads of `key` here (no database)."""
+        now = time.monotonic()
+        bucket = self._lists.pop(key.id, None) or TokenBucket.full(MODEL_LISTS_PER_MINUTE, now)
+        self._lists[key.id] = bucket
+        while len(self._lists) > MODEL_LIST_KEYS_KEPT:
+            self._lists.popitem(last=False)
+        bucket.refill(now)
+        if (wait := bucket.wait_for(1)) > 0:
+            raise RateLimited(
+                f"this key's {MODEL_LISTS_PER_MINUTE} model-list reads per minute are used up; retry later",
+                retry_after=wait,
+            )
+        bucket.level -= 1
 
     def authenticate(self, authorization: str | None) -> AuthContext:
         """The key named by an `Authorization: Bearer` header and the private adapter names (blocking: DB

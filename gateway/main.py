@@ -93,10 +93,10 @@ class _AnswerUnhandled:
 
 
 class _RequestId:
-    """Every answer carries an `X-Request-Id`, as OpenAI's do (users quote it when they report a problem): a
-    served request's own id (its usage record's), set by ServedRequest; for an error before the request had one,
-    a new id. (Only answers served had one, and the openai SDK's `e.request_id` was None on every error; compat
-    audit.)"""
+    """Every answer carries an `X-Request-Id`, as OpenAI's do (users quote it when they report a problem): the id
+    ServedRequest gave the request, once it has one (its completion record carries it, and its usage record where
+    it was served); for an answer before that, a new id. (Only answers served had one, and the openai SDK's
+    `e.request_id` was None on every error; compat audit.)"""
 
     def __init__(self, app) -> None:
         self.app = app

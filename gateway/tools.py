@@ -578,6 +578,8 @@ class ToolStream:
             rest = held[self._reader.pos :] if streamed else held
             return [{"content": rest}] if rest else []
         out = self._blocks(final=True)
+        if self._block is not None and self._index >= self.plan.free_calls:
+            self.held = ""  # a call cut short where no more are taken: left out as a whole one is (review)
         self._text(out, self.held)
         self.held, self._block = "", None
         if self._space and not self.called:  # an answer without calls is all content, as a whole one is

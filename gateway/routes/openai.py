@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from common.http import ANSWER_OR_EVENTS
-from gateway.deps import AuthDep, GatewayDep, KeyDep
+from gateway.deps import AuthDep, GatewayDep, ListingDep
 from gateway.errors import ResponseNotStored
 from gateway.openai_api import DetokenizeRequest, TokenizeRequest, parse_request
 from gateway.prompts import detokenize, input_tokens, tokenize
@@ -17,13 +17,13 @@ router = APIRouter()
 
 
 @router.get("/v1/models")
-async def models(auth: KeyDep, gw: GatewayDep) -> dict:
+async def models(auth: ListingDep, gw: GatewayDep) -> dict:
     """API key (not counted against its requests per minute): the models this key may use."""
     return {"object": "list", "data": gw.catalog.list_models(auth.key, auth.private)}
 
 
 @router.get("/v1/models/{model:path}")
-async def model(model: str, auth: KeyDep, gw: GatewayDep) -> dict:
+async def model(model: str, auth: ListingDep, gw: GatewayDep) -> dict:
     """API key (not counted against its requests per minute): one model this key may use."""
     return gw.catalog.model_object(model, auth.key, auth.private)
 

@@ -224,3 +224,18 @@ def test_what_a_request_reserved_and_did_not_use_is_given_back(tmp_path, tiny_ba
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 21  # the stand-in makes 20 at most
         # 41 were reserved, 21 used: 20 back (and the refill since, 0.83 a second: a slow box may take seconds)
         poll(lambda: 50 - 4 - 21 <= level() < 50 - 4 - 21 + 10, timeout=10)
+
+
+def test_model_list_reads_are_bounded_per_key_apart_from_its_requests_per_minute():
+    """The model list takes nothing from a key's requests per minute (compat audit) but has a bound of its own,
+    per key: a list walks every registered adapter on the event loop (review)."""
+    from gateway.keys import MODEL_LISTS_PER_MINUTE, Admission, KeyInfo
+
+    admission = Admission(keys=None, limiter=None)
+    key, other = (KeyInfo(i, "k", "lm-x", 1, None, frozenset()) for i in (1, 2))
+    for _ in range(MODEL_LISTS_PER_MINUTE):
+        admission.admit_listing(key)
+    with pytest.raises(RateLimited) as e:
+        admission.admit_listing(key)
+    assert 0 < e.value.retry_after <= 1
+    admission.admit_listing(other)  # another key's reads are its own

@@ -271,6 +271,10 @@ def test_one_call_only_when_parallel_calls_are_off():
     assert len(calls) == 1 and content is None  # the second call left out, not sent as markup (compat audit)
     sent, streamed, _ = _stream(auto, [text])
     assert len(streamed) == 1 and not sent
+    cut = text[: len(text) - 12]  # the second call cut short (max_tokens): left out too, whole and streamed
+    assert auto.answer(cut)[0] is None and _stream(auto, [cut])[0] == ""
+    many = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>' * 10
+    assert len(_plan("auto").answer(many)[1]) == 10  # with parallel calls, all a free answer writes
 
 
 def test_a_deeply_nested_call_is_text_not_a_crash():
