@@ -8,7 +8,11 @@ so a strike is:
 - a message on topics other than exactly the node's one (a topic named twice included);
 - a message whose pubsub signature does not verify (or that has none);
 - an announcement that fails its checks, as Discovery's validator finds (`strike`), other than by age or pace;
-- a control frame (IHAVE, GRAFT, PRUNE) naming a topic the node does not subscribe to, once per frame.
+- a control frame (IHAVE, GRAFT, PRUNE) naming a topic the node does not subscribe to, once per frame;
+- a subscription to another topic, or leaving the node's topic (an honest peer closes its connection);
+- past REFUSED_PER_S, announcements refused before their signatures are checked (`precheck`: over their
+  signer's pace, past the newcomers' budget, or older than what the book holds of their signer).
+Strikes go down by one a minute, so a rare false one never adds up to a ban.
 (Red team: one stranger cycling a few hundred frames of these held a victim at a full core for 5 to 9 times less
 CPU of its own; py-libp2p caches no bad signature, and answers a GRAFT for a made-up topic with a signed PRUNE.)
 
@@ -38,6 +42,7 @@ STRIKES_ALLOWED = 16  # what no honest peer sends, taken from one peer before it
 BAN_S = 600.0  # how long a peer cut off stays so (peer ids cost nothing: its next connection is a new one anyway)
 BANNED_KEPT = 4096  # peers kept cut off at once; the oldest ban ends first
 STRUCK_KEPT = 4096  # peers with strikes remembered at once
+STRIKE_FORGIVEN_S = 60.0  # a peer's strikes go down by one each this long
 # Messages refused before their signatures are checked (`precheck`: a signer over its pace, the newcomers' budget
 # spent) that one peer may send a second, and at once: an honest relay passes on what its own checks took, in a
 # network of N nodes about N/30 a second (each announces every 30 s), so a network of 6,000 keeps within it; past
@@ -63,11 +68,14 @@ class GuardedPubsub(Pubsub):
     """py-libp2p's Pubsub with strikes against peers that send what no honest peer sends (the module's docstring),
     and no cache of validation verdicts."""
 
-    def __init__(self, *args, clock: Callable[[], float] = time.monotonic, **kwargs) -> None:
+    def __init__(self, *args, topics: frozenset[str], clock: Callable[[], float] = time.monotonic, **kwargs) -> None:
+        """topics: the only ones the node's peers use (known from the start: a peer's subscription may come before
+        the node's own)."""
         super().__init__(*args, **kwargs)
+        self.known_topics = topics
         self.validation_cache = _NoVerdicts()
         self._clock = clock
-        self._strikes: OrderedDict[ID, int] = OrderedDict()
+        self._strikes: OrderedDict[ID, tuple[float, float]] = OrderedDict()  # peer -> (strikes, when counted)
         self._banned: OrderedDict[ID, float] = OrderedDict()  # peer -> when its ban ends
         self._log_ban = Throttled(log, logging.WARNING)  # strangers make it happen
         # cheap checks run before the signatures (Discovery's pace and budget): False refuses the message, no strike
@@ -78,17 +86,20 @@ class GuardedPubsub(Pubsub):
         """Count what `peer` sent against it (`why`: what it was); past STRIKES_ALLOWED it is cut off."""
         if peer == self.my_id or peer in self._banned:
             return
-        count = self._strikes.pop(peer, 0) + 1
+        now = self._clock()
+        count, at = self._strikes.pop(peer, (0.0, now))
+        # one forgiven each STRIKE_FORGIVEN_S: a rare false strike (a race, a peer's bug) never adds up to a ban
+        count = max(0.0, count - (now - at) / STRIKE_FORGIVEN_S) + 1
         if count <= STRIKES_ALLOWED:
-            self._strikes[peer] = count
+            self._strikes[peer] = (count, now)
             while len(self._strikes) > STRUCK_KEPT:
                 self._strikes.popitem(last=False)
             return
         self._log_ban(
-            "peer %s cut off from gossip for %.0f s: %d items no honest peer sends (the last: %s)",
+            "peer %s cut off from gossip for %.0f s: more than %d items no honest peer sends (the last: %s)",
             peer,
             BAN_S,
-            count,
+            STRIKES_ALLOWED,
             why,
         )
         self._banned[peer] = self._clock() + BAN_S
@@ -120,9 +131,19 @@ class GuardedPubsub(Pubsub):
             self.remove_from_blacklist(peer_id)
         return super().is_peer_blacklisted(peer_id)
 
+    def handle_subscription(self, origin_id: ID, sub_message) -> None:
+        # subscriptions to other topics are not kept, and leaving the topic is not how an honest peer leaves (it
+        # closes the connection): a peer toggling subscriptions held a node at 0.9 of a core (re-attack)
+        if sub_message.topicid not in self.known_topics:
+            self.strike(origin_id, "a subscription to a topic the node does not know")
+            return
+        if not sub_message.subscribe:
+            self.strike(origin_id, "an unsubscription from the node's topic")
+        super().handle_subscription(origin_id, sub_message)
+
     async def push_msg(self, msg_forwarder: ID, msg) -> None:
         if msg_forwarder != self.my_id and not self.is_peer_blacklisted(msg_forwarder):
-            if len(msg.topicIDs) != 1 or msg.topicIDs[0] not in self.topic_ids:
+            if len(msg.topicIDs) != 1 or msg.topicIDs[0] not in self.known_topics:
                 self.strike(msg_forwarder, "a message on other topics than the node's")
                 return
             if self._is_msg_seen(msg):
@@ -179,7 +200,7 @@ class MeshGossipSub(GossipSub):
         if isinstance(self.pubsub, GuardedPubsub) and rpc.HasField("control"):
             if self.pubsub.is_peer_blacklisted(sender_peer_id):
                 return
-            known = self.pubsub.topic_ids
+            known = self.pubsub.known_topics
             foreign = False
             for kind in ("ihave", "graft", "prune"):
                 entries = getattr(rpc.control, kind)

@@ -37,7 +37,7 @@ from common.logs import Throttled
 from common.wire import restore_recursion_limit
 from node.adapters import AdapterStore, VerifiedPackage
 from node.p2p.config import P2PConfig
-from node.p2p.discovery import Discovery, Provider
+from node.p2p.discovery import TOPIC, Discovery, Provider
 from node.p2p.errors import P2PError
 from node.p2p.fetcher import Fetcher, OwnerOf, Progress, TransferStatus
 from node.p2p.gossip import GuardedPubsub, MeshGossipSub
@@ -280,7 +280,9 @@ class Mesh:
             spam_protection_enabled=False,
         )
         # a message is known by its bytes: one signed announcement wrapped again and again is one message
-        self.pubsub = GuardedPubsub(self.host, self.gossipsub, msg_id_constructor=get_content_addressed_msg_id)
+        self.pubsub = GuardedPubsub(
+            self.host, self.gossipsub, topics=frozenset({TOPIC}), msg_id_constructor=get_content_addressed_msg_id
+        )
         guard_stream_handlers(self.host)  # adapter, Kademlia, GossipSub, identify: all registered by now
         self.standing = PeerStanding(
             base_backoff=config.backoff_base, max_backoff=config.backoff_max, trusted=trusted_peer or (lambda _p: False)
