@@ -284,7 +284,7 @@ class ResponsesRequest(BaseModel):
         out: list[dict] = []
         if self.instructions is not None:
             out.append({"role": "system", "content": self.instructions})
-        items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input or []
         for item in items:
             if isinstance(item, MessageItem):
                 last = out[-1] if out else None
@@ -578,3 +578,15 @@ class ResponseEvents:
                 "response.function_call_arguments.done", **where, name=item["name"], arguments=item["arguments"]
             )
         return out + self._event("response.output_item.done", output_index=where["output_index"], item=item)
+
+
+class InputTokensRequest(ResponsesRequest):
+    """`POST /v1/responses/input_tokens` (the openai SDK's `responses.input_tokens.count`): a Responses request
+    whose `input` may be left out, its instructions and tools counted alone (as OpenAI's is)."""
+
+    input: str | Annotated[list[Item], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+
+    def check(self) -> None:
+        if self.input is None and self.instructions is None:
+            raise BadRequest("send input or instructions to count", param="input")
+        super().check()

@@ -11,7 +11,7 @@ from gateway.errors import ResponseNotStored
 from gateway.openai_api import DetokenizeRequest, TokenizeRequest, parse_request
 from gateway.prompts import detokenize, input_tokens, tokenize
 from gateway.request import ServedRequest
-from gateway.responses_api import ResponsesRequest
+from gateway.responses_api import InputTokensRequest
 
 router = APIRouter()
 
@@ -48,9 +48,9 @@ async def responses(request: Request, auth: AuthDep, gw: GatewayDep):
 
 @router.post("/v1/responses/input_tokens", operation_id="count_input_tokens")
 async def count_input_tokens(request: Request, auth: AuthDep, gw: GatewayDep) -> dict:
-    """API key: the input tokens a Responses request is billed (body: ResponsesRequest; free, counted against the
+    """API key: the input tokens a Responses request is billed (body: InputTokensRequest; free, counted against the
     key's requests per minute as /tokenize is). Before the stored responses' routes, which would take its path."""
-    req = await parse_request(ResponsesRequest, await request.body(), gw.settings.max_body_bytes)
+    req = await parse_request(InputTokensRequest, await request.body(), gw.settings.max_body_bytes)
     target = gw.catalog.resolve_request(req.model, req.adapter_weights, auth.key, auth.private)
     return await input_tokens(gw.templates, target, req.as_chat())
 

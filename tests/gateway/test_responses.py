@@ -308,6 +308,9 @@ def test_input_tokens_count_what_a_response_is_billed(served, oai):
         assert counted.input_tokens == respond(oai, **GREEDY | ask).usage.input_tokens
         counts.append(counted.input_tokens)
     assert counts[0] < counts[1] < counts[2]
+    alone = strict.responses.input_tokens.count(model=TINY, instructions=INSTRUCTIONS)  # input may be left out
+    assert 0 < alone.input_tokens < counts[1]
+    refused(lambda: oai.responses.input_tokens.count(model=TINY), "input")
     refused(
         lambda: oai.responses.input_tokens.count(model=TINY, input=QUESTION, previous_response_id="resp_1"),
         "previous_response_id",
