@@ -33,7 +33,8 @@ async def authenticate(request: Request, gw: GatewayDep) -> AuthContext:
     """The request's API key (AuthError, 401) within its rate limits (RateLimited, 429)."""
     auth = await identify(request, gw)
     if gw.admission.limited(auth.key):  # the key's buckets are in the database the gateways share
-        await asyncio.to_thread(gw.admission.admit, auth.key)
+        # where they stand goes out on the answer (gateway.main._AnswerHeaders)
+        request.state.ratelimit = await asyncio.to_thread(gw.admission.admit, auth.key)
     return auth
 
 

@@ -331,19 +331,18 @@ class Admission:
         """Whether admitting the key asks the database (it has a limit)."""
         return bool(key.requests_per_minute or key.tokens_per_minute)
 
-    def admit(self, key: KeyInfo) -> None:
+    def admit(self, key: KeyInfo) -> dict[str, str]:
         """RateLimited (429) when the key is over its requests or tokens per minute (blocking when `limited`:
-        the buckets are shared with the other gateways through the database)."""
-        self.limiter.admit(key.id, rpm=key.requests_per_minute, tpm=key.tokens_per_minute)
+        the buckets are shared with the other gateways through the database); the key's x-ratelimit headers."""
+        return self.limiter.admit(key.id, rpm=key.requests_per_minute, tpm=key.tokens_per_minute)
 
-    def reserve(self, key: KeyInfo, tokens: int) -> bool:
+    def reserve(self, key: KeyInfo, tokens: int) -> dict[str, str] | None:
         """Take the most tokens a request may use from the key's tokens per minute before it runs (RateLimited,
-        429, when they are not there; blocking). True when something was taken, to be settled by
-        `charge_tokens(key id, used - tokens)` once the request ended."""
+        429, when they are not there; blocking). None when nothing was taken; else the tokens' x-ratelimit headers
+        after it, and what was taken is settled by `charge_tokens(key id, used - tokens)` once the request ended."""
         if not key.tokens_per_minute:
-            return False
-        self.limiter.reserve(key.id, tokens, tpm=key.tokens_per_minute)
-        return True
+            return None
+        return self.limiter.reserve(key.id, tokens, tpm=key.tokens_per_minute)
 
     def refresh_revoked(self, within_s: float) -> None:
         """Read the keys revoked in the last `within_s` seconds (as long as a request may run): revoking a key

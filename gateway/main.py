@@ -92,11 +92,12 @@ class _AnswerUnhandled:
             )
 
 
-class _RequestId:
+class _AnswerHeaders:
     """Every answer carries an `X-Request-Id`, as OpenAI's do (users quote it when they report a problem): the id
     ServedRequest gave the request, once it has one (its completion record carries it, and its usage record where
     it was served); for an answer before that, a new id. (Only answers served had one, and the openai SDK's
-    `e.request_id` was None on every error; compat audit.)"""
+    `e.request_id` was None on every error; compat audit.) And a key with limits gets OpenAI's x-ratelimit headers:
+    where its buckets stand after the request was admitted and its tokens reserved (a 429 carries its own)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -109,9 +110,15 @@ class _RequestId:
         async def with_id(message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
-                if not any(name.lower() == b"x-request-id" for name, _ in headers):
-                    rid = scope.get("state", {}).get("rid") or hex0x(secrets.token_bytes(32))
-                    message = message | {"headers": headers + [(b"x-request-id", rid.encode())]}
+                present = {name.lower() for name, _ in headers}
+                state = scope.get("state", {})
+                if b"x-request-id" not in present:
+                    rid = state.get("rid") or hex0x(secrets.token_bytes(32))
+                    headers.append((b"x-request-id", rid.encode()))
+                for name, value in (state.get("ratelimit") or {}).items():
+                    if name.encode() not in present:
+                        headers.append((name.encode(), value.encode()))
+                message = message | {"headers": headers}
             await send(message)
 
         await self.app(scope, receive, with_id)
@@ -226,7 +233,7 @@ def create_app(settings: GatewaySettings | None = None, *, chain_client=None, se
         overrides={"/internal/": settings.max_heartbeat_bytes},
         shape=_error,
     )
-    app.add_middleware(_RequestId)  # outermost: the body limit's and the last resort's answers get an id too
+    app.add_middleware(_AnswerHeaders)  # outermost: the body limit's and the last resort's answers get an id too
     _add_error_handlers(app, gw)
     app.include_router(internal.router)
     app.include_router(openai.router)

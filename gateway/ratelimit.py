@@ -10,6 +10,7 @@ processes may be on different machines); a clock skew between gateways shifts a 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,19 +69,23 @@ class RateLimiter:
     def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
         self.engine, self.clock = engine, clock
 
-    def admit(self, key_id: int, *, rpm: int | None, tpm: int | None) -> None:
-        """Count one request, or raise RateLimited (with Retry-After) when either bucket is empty."""
+    def admit(self, key_id: int, *, rpm: int | None, tpm: int | None) -> dict[str, str]:
+        """Count one request, or raise RateLimited (with Retry-After) when either bucket is empty; the key's
+        x-ratelimit headers after it ({} for a key without limits)."""
         limits = {k: v for k, v in ((REQUESTS, rpm), (TOKENS, tpm)) if v}
-        if limits:
-            self._update(key_id, limits, lambda buckets: _take_request(buckets, rpm, tpm))
+        if not limits:
+            return {}
+        return self._update(key_id, limits, lambda buckets: _take_request(buckets, rpm, tpm))
 
-    def reserve(self, key_id: int, tokens: int, *, tpm: int | None) -> None:
+    def reserve(self, key_id: int, tokens: int, *, tpm: int | None) -> dict[str, str]:
         """Take the most tokens a request may use before it runs (prompt + max_tokens for every sequence), or
         raise RateLimited when the bucket does not hold them (a request larger than the whole limit needs a full
         bucket). Charged only after the fact, every request admitted while the bucket held one token ran to its
-        full size, side by side; `charge_tokens` gives the unused part back once it ended."""
-        if tpm and tokens > 0:
-            self._update(key_id, {TOKENS: tpm}, lambda buckets: _take_tokens(buckets[TOKENS], tokens, tpm))
+        full size, side by side; `charge_tokens` gives the unused part back once it ended. The tokens bucket's
+        x-ratelimit headers after it ({} when nothing was taken)."""
+        if not (tpm and tokens > 0):
+            return {}
+        return self._update(key_id, {TOKENS: tpm}, lambda buckets: _take_tokens(buckets[TOKENS], tokens, tpm))
 
     def charge_tokens(self, key_id: int, tokens: int, *, tpm: int | None) -> None:
         """Charge tokens a finished request used beyond its reservation; a negative count gives back what it
@@ -93,10 +98,13 @@ class RateLimiter:
 
             self._update(key_id, {TOKENS: tpm}, charge)
 
-    def _update(self, key_id: int, limits: dict[str, int], change: Callable[[dict[str, TokenBucket]], None]) -> None:
-        """Lock the key's buckets, refill them to now, apply `change`, write them back; RateLimited from
-        `change` leaves them as they were. Two gateways creating a key's first bucket at once: one insert
-        loses on the primary key (PostgreSQL locks no row that does not exist yet) and is tried again."""
+    def _update(
+        self, key_id: int, limits: dict[str, int], change: Callable[[dict[str, TokenBucket]], None]
+    ) -> dict[str, str]:
+        """Lock the key's buckets, refill them to now, apply `change`, write them back, and say where they stand
+        (limit_headers); RateLimited from `change` leaves them as they were, and carries where they stand. Two
+        gateways creating a key's first bucket at once: one insert loses on the primary key (PostgreSQL locks no
+        row that does not exist yet) and is tried again."""
         for attempt in (1, 2):
             try:
                 with Session(self.engine, expire_on_commit=False) as session:
@@ -116,18 +124,44 @@ class RateLimiter:
                         else:
                             buckets[kind] = TokenBucket(capacity, row.level, row.stamp)
                             buckets[kind].refill(now)
-                    change(buckets)
+                    try:
+                        change(buckets)
+                    except RateLimited as e:
+                        e.headers.update(limit_headers(buckets))
+                        raise
                     for kind, b in buckets.items():
                         row = rows.get(kind) or RateBucket(key_id=key_id, kind=kind)
                         row.capacity, row.level, row.stamp = int(b.capacity), b.level, b.stamp
                         session.add(row)
                     session.commit()
-                    return
+                    return limit_headers(buckets)
             except IntegrityError:
                 if attempt == 2:
                     raise _unavailable("a bucket row could not be created") from None
             except SQLAlchemyError as e:
                 raise _unavailable(type(e).__name__) from e
+
+
+def limit_headers(buckets: dict[str, TokenBucket]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} for a key's buckets as they stand: the limit
+    per minute, what is left now, and how long until the bucket is full again (read by clients that pace
+    themselves: LiteLLM, the OpenAI cookbook's parallel processor)."""
+    out = {}
+    for kind, b in sorted(buckets.items()):
+        out[f"x-ratelimit-limit-{kind}"] = str(int(b.capacity))
+        out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(b.level)))
+        out[f"x-ratelimit-reset-{kind}"] = _duration(max(0.0, b.capacity - b.level) / b.rate)
+    return out
+
+
+def _duration(seconds: float) -> str:
+    """A time as OpenAI's headers write it: "20ms", "1s", "6m0s"."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 def _take_request(buckets: dict[str, TokenBucket], rpm: int | None, tpm: int | None) -> None:

@@ -235,11 +235,14 @@ class ServedRequest:
             # nothing is "-": any string a client sends would otherwise be a time series kept for good)
             if self.target is not None:
                 http.state.model = self.target.label
-            if self.rid:  # an error from here on carries the request's own id (gateway.main._RequestId)
+            if self.rid:  # an error from here on carries the request's own id (gateway.main._AnswerHeaders)
                 http.state.rid = self.rid
         if self.auth.key.tokens_per_minute:  # the request's most tokens, taken before it runs
             cost = self.prompt_tokens + self.max_tokens
-            self.reserved = cost if await asyncio.to_thread(d.admission.reserve, self.auth.key, cost) else 0
+            taken = await asyncio.to_thread(d.admission.reserve, self.auth.key, cost)
+            self.reserved = cost if taken is not None else 0
+            if taken:  # the tokens left after it, on the answer (gateway.main._AnswerHeaders)
+                http.state.ratelimit = getattr(http.state, "ratelimit", {}) | taken
         try:
             await self.start()
         except BaseException:  # nothing was served: the reservation goes back

@@ -294,10 +294,18 @@ def test_errors(net):
     slow = client(net, net.limited)  # one request a minute
     for _ in range(3):  # the model list costs no node's work and takes none of it (a UI asks it on every page)
         assert slow.models.list().data and slow.models.retrieve("acme/capitals").id == "acme/capitals"
-    slow.completions.create(model="acme/capitals", prompt="x", max_tokens=1)
+    served = slow.completions.with_raw_response.create(model="acme/capitals", prompt="x", max_tokens=1)
+    # where the key's bucket stands, in OpenAI's headers (the answer's and the refusal's)
+    assert (served.headers["x-ratelimit-limit-requests"], served.headers["x-ratelimit-remaining-requests"]) == (
+        "1",
+        "0",
+    )
     with pytest.raises(openai.RateLimitError) as ei:
         slow.completions.create(model="acme/capitals", prompt="x", max_tokens=1)
     assert int(ei.value.response.headers["retry-after"]) >= 1
+    assert ei.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert ei.value.response.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert "x-ratelimit-limit-requests" not in client(net).models.with_raw_response.list().headers  # no limits
     ids.add(ei.value.request_id)
     with pytest.raises(openai.NotFoundError) as ei:
         client(net).completions.create(model="acme/nothing", prompt="x")

@@ -239,3 +239,29 @@ def test_model_list_reads_are_bounded_per_key_apart_from_its_requests_per_minute
         admission.admit_listing(key)
     assert 0 < e.value.retry_after <= 1
     admission.admit_listing(other)  # another key's reads are its own
+
+
+def test_where_a_keys_buckets_stand_is_said_in_openais_headers(db):
+    """OpenAI's x-ratelimit headers, which clients that pace themselves read: after an admission, after a
+    reservation, and on a refusal."""
+    clock = [1000.0]
+    rl = RateLimiter(db, lambda: clock[0])
+    assert rl.admit(1, rpm=None, tpm=None) == {}
+    first = rl.admit(1, rpm=2, tpm=600)
+    assert first == {
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "30s",  # one of 2 a minute to refill
+        "x-ratelimit-limit-tokens": "600",
+        "x-ratelimit-remaining-tokens": "600",
+        "x-ratelimit-reset-tokens": "0s",
+    }
+    reserved = rl.reserve(1, 450, tpm=600)
+    assert reserved["x-ratelimit-remaining-tokens"] == "150" and reserved["x-ratelimit-reset-tokens"] == "45s"
+    clock[0] += 0.25
+    rl.admit(1, rpm=2, tpm=600)
+    with pytest.raises(RateLimited) as e:
+        rl.admit(1, rpm=2, tpm=600)
+    assert e.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert e.value.headers["x-ratelimit-reset-requests"] == "1m0s" and "Retry-After" in e.value.headers
+    assert rl.reserve(1, 1, tpm=600)["x-ratelimit-reset-tokens"] == "45s"  # 448.5 tokens short, at 10 a second
