@@ -14,6 +14,7 @@ none of its checks. Prints {"ok", "peer_id", "addrs"} once listening, then answe
   {"cmd": "announce", "adapters", "fakes": N, "future_s": S, "own": bool, "interval": s}
         signed announcements: from N made-up peer ids (each with its own key), or from this peer
         (own) for `adapters`, dated S seconds ahead
+  {"cmd": "connected", "peer"}                            whether this peer has a connection to `peer`
   {"cmd": "serve", "adapter_id", "fault", "pkg"}          answer REQUESTs for adapter_id with a fault:
         nested_manifest (1 MiB of "["), nested_signature (64 KiB of "[" after the real manifest),
         dup_manifest (the manifest with a key repeated), trickle (real frames at 1 byte/s)
@@ -207,6 +208,8 @@ class Malice:
                     rpc = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(graft=grafts))
                 await stream.write(encode_varint_prefixed(rpc.SerializeToString()))
             return {"sent": cmd["count"]}
+        if op == "connected":
+            return {"connected": ID.from_base58(cmd["peer"]) in self.host.get_connected_peers()}
         if op == "serve":
             self.faults[cmd["adapter_id"]] = (cmd["fault"], Path(cmd["pkg"]))
             return {}

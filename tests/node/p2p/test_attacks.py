@@ -379,6 +379,10 @@ def test_a_peer_flooding_messages_no_honest_peer_sends_is_cut_off_from_gossip(ar
 
     assert arena.m.call("flood", peer=arena.t.peer_id, kind="badsig", count=4 * STRIKES_ALLOWED)["ok"]
     _wait_for_log(arena.t, rf"peer {arena.m.peer_id} cut off from gossip", timeout=30)
+    deadline = time.monotonic() + 30  # and its connection closed: the stream it sends on is read no more
+    while arena.m.call("connected", peer=arena.t.peer_id)["connected"]:
+        assert time.monotonic() < deadline, "the stranger's connection is still open"
+        time.sleep(0.1)
     assert arena.h.call("announce", adapter_id=packages.main.adapter_id)["ok"]
     found = arena.t.call("providers", adapter_id=packages.main.adapter_id, wait=5)["providers"]
     assert arena.h.peer_id in [p["peer_id"] for p in found]
