@@ -107,7 +107,7 @@ class _AnswerHeaders:
             await self.app(scope, receive, send)
             return
 
-        async def with_id(message) -> None:
+        async def with_headers(message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
                 present = {name.lower() for name, _ in headers}
@@ -121,7 +121,7 @@ class _AnswerHeaders:
                 message = message | {"headers": headers}
             await send(message)
 
-        await self.app(scope, receive, with_id)
+        await self.app(scope, receive, with_headers)
 
 
 def _error(path: str, body: dict, status: int) -> dict:

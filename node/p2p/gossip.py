@@ -1,16 +1,16 @@
 """The node's GossipSub and pubsub: py-libp2p 0.8.1's, with what strangers send counted by the peer that sends it.
 
 Signed announcements are bounded by signer (node/p2p/discovery.py); here, what no honest peer sends is a strike
-against the peer that sent it, and a peer past STRIKES_ALLOWED is cut off from the node's pubsub for BAN_S: its
-connection closed, and its pubsub streams refused and its messages dropped (py-libp2p's blacklist) if it comes
-back. An honest loramesh peer forwards only what its own validator took, on the one topic every node subscribes to,
-so a strike is:
+against the peer that sent it, and a peer past STRIKES_ALLOWED is cut off from the node's pubsub for BAN_S:
+forgotten as a dead peer is, its connection closed, and closed again if it comes back (its messages dropped:
+py-libp2p's blacklist). An honest loramesh peer forwards only what its own validator took, on the one topic every
+node subscribes to, so a strike is:
 - a message naming the node's topic and anything else, or the topic twice (py-libp2p drops one that names
   only other topics before it is read further);
 - a message whose pubsub signature does not verify (or that has none);
 - an announcement that fails its checks, as Discovery's validator finds (`strike`), other than by age or pace;
 - a control frame (IHAVE, GRAFT, PRUNE) naming a topic the node does not subscribe to, once per frame;
-- a subscription to another topic, or leaving the node's topic (an honest peer closes its connection);
+- a subscription to another topic, or leaving the node's topic (an honest peer closes its connection).
 Strikes go down by one a minute, so a rare false one never adds up to a ban. What the node refuses for its own
 state (`precheck`: an announcement over its signer's pace, past the newcomers' budget, or no newer than what the
 book holds of its signer) is refused before any signature is checked and is no strike; the same bytes from the
@@ -103,7 +103,7 @@ class GuardedPubsub(Pubsub):
             STRIKES_ALLOWED,
             why,
         )
-        self._banned[peer] = self._clock() + BAN_S
+        self._banned[peer] = now + BAN_S
         while len(self._banned) > BANNED_KEPT:
             self.remove_from_blacklist(self._banned.popitem(last=False)[0])
         self._cut_off(peer)
@@ -165,7 +165,7 @@ class GuardedPubsub(Pubsub):
                 return
             if self._is_msg_seen(msg):
                 return
-            refused = (msg_forwarder, self._msg_id_constructor(msg))
+            refused = (msg_forwarder, self._msg_id_constructor(msg))  # the id: the bytes' digest
             copies = self._refused_ids.get(refused)
             if copies is not None:
                 self._refused_ids[refused] = copies + 1
@@ -173,7 +173,7 @@ class GuardedPubsub(Pubsub):
                     self.strike(msg_forwarder, "a message refused before, sent again and again")
                 return
             if self.precheck is not None and not self.precheck(msg_forwarder, msg):
-                self._refused(msg_forwarder, msg)
+                self._refused(refused)
                 return
             # checked here as well as by the library (which says nothing of a failure): a bad signature is a strike
             if self.strict_signing and not signature_validator(msg):
@@ -181,13 +181,13 @@ class GuardedPubsub(Pubsub):
                 return
         await super().push_msg(msg_forwarder, msg)
 
-    def _refused(self, peer: ID, msg) -> None:
-        """A message of `peer` the precheck refused: kept, so the same bytes from the same peer cost a lookup only,
-        and past REFUSED_COPIES of them each is a strike (a flood cycling prebuilt announcements past the
-        newcomers' budget held a node at 0.91 of a core). The refusal itself is no strike: what a node refuses for
-        pace or budget depends on its own state, and a stranger could have an honest relay pass on what this node
-        refuses (review). Another peer's copy of the same bytes is judged as it comes."""
-        self._refused_ids[(peer, self._msg_id_constructor(msg))] = 0
+    def _refused(self, refused: tuple[ID, bytes]) -> None:
+        """A message the precheck refused (the peer that sent it, its id): kept, so the same bytes from the same peer
+        cost a lookup only, and past REFUSED_COPIES of them each is a strike (a flood cycling prebuilt announcements
+        past the newcomers' budget held a node at 0.91 of a core). The refusal itself is no strike: what a node
+        refuses for pace or budget depends on its own state, and a stranger could have an honest relay pass on what
+        this node refuses (review). Another peer's copy of the same bytes is judged as it comes."""
+        self._refused_ids[refused] = 0
         while len(self._refused_ids) > REFUSED_KEPT:
             self._refused_ids.popitem(last=False)
 
