@@ -163,9 +163,10 @@ class GuardedPubsub(Pubsub):
             if len(msg.topicIDs) != 1 or msg.topicIDs[0] not in self.known_topics:
                 self.strike(msg_forwarder, "a message on other topics than the node's")
                 return
-            if self._is_msg_seen(msg):
+            msg_id = self._msg_id_constructor(msg)  # the bytes' digest, taken once for both lookups (a flood's path)
+            if self.seen_messages.has(msg_id):
                 return
-            refused = (msg_forwarder, self._msg_id_constructor(msg))  # the id: the bytes' digest
+            refused = (msg_forwarder, msg_id)
             copies = self._refused_ids.get(refused)
             if copies is not None:
                 self._refused_ids[refused] = copies + 1
