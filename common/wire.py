@@ -8,9 +8,12 @@ share is defined here once; a format one package owns stays in that package.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import math
+import operator
 import re
 import sys
 from typing import Any
@@ -257,7 +260,14 @@ MAX_JSON_DEPTH = 64
 # that long reached a tensor constructor once (top_k) and failed the engine step of every request beside it
 MAX_JSON_INT_DIGITS = 80
 _STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: linear, no backtracking
-_BRACKETS = re.compile(r"[\[\]{}]")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")  # deleted by bytes.translate, in one C pass
+_OPENS_CLOSES = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+# each digit read as 0, each exponent mark as e and each sign as -: a long integer is then a long run of 0s, and a
+# number out of a double's range holds an exponent of 3 digits or more ("e000", "e-000") or a run of 81 digits (with at
+# most 80 digits before the point and an exponent under 100, a number is below 1e181); bytes.find looks for each in C
+_NUMBER_SHAPES = bytes.maketrans(b"0123456789eE+-", b"0000000000ee--")
+_BIG_EXPONENTS = (b"e000", b"e-000")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a JSON string spells a UTF-16 surrogate
 SANE_RECURSION_LIMIT = 1000
 
 
@@ -277,13 +287,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _bounded_int(text: str, limit: int) -> int:
-    digits = len(text) - (text[0] == "-")
-    if digits > limit:
-        raise UntrustedJSONError(f"an integer of {digits} digits is out of range (at most {limit})")
-    return int(text)
-
-
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -293,19 +296,41 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
-def json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> int:
-    """Deepest nesting of arrays and objects in `text` (stops counting once past `limit`)."""
-    depth = deepest = 0
-    for m in _BRACKETS.finditer(_STRINGS.sub('""', text)):
-        if m.group() in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    break
-        else:
-            depth -= 1
-    return deepest
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays and objects in `text` (brackets inside strings do not count; "[[[" is 3 deep)."""
+    return _depth(_outside_brackets(_STRINGS.sub('""', text)))
+
+
+def nested_deeper(text: str, limit: int) -> bool:
+    """Whether arrays and objects in `text` nest deeper than `limit` (brackets inside strings do not count)."""
+    return _too_deep(_outside_brackets(_STRINGS.sub('""', text)), limit)
+
+
+def _too_deep(brackets: bytes, limit: int) -> bool:
+    # `brackets`: those outside the text's strings, nothing else. A regular expression of `limit` nested possessive
+    # groups takes brackets balanced within the limit in one linear pass of C; what it refuses (too deep, or
+    # unbalanced, which is no JSON either but may still be shallow) is measured exactly, also in C
+    if _nesting(limit).fullmatch(brackets) is not None:
+        return False
+    return _depth(brackets) > limit
+
+
+def _outside_brackets(outside: str) -> bytes:
+    return outside.encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
+
+
+def _depth(brackets: bytes) -> int:
+    # each opening bracket counts 2 and each closing one 0, so after i brackets the depth is the running sum less i
+    steps = brackets.translate(_OPENS_CLOSES)
+    return max(0, max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0))
+
+
+@functools.lru_cache(maxsize=16)
+def _nesting(limit: int) -> re.Pattern:
+    pattern = b""
+    for _ in range(limit):
+        pattern = rb"(?:[\[{]" + pattern + rb"[\]}])*+"
+    return re.compile(pattern)
 
 
 def compact_json(value: Any) -> bytes:
@@ -341,16 +366,20 @@ def parse_json(
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError as e:
             raise UntrustedJSONError(f"{what} is not valid UTF-8 (byte {e.start})") from None
-    if json_depth(text, max_depth) > max_depth:
+    # what follows reads the text outside its strings, each check in one pass of C: a Python call per number or per
+    # value (how it was) cost 10 times the decoder's own time, 1 s of the gateway's CPU for a 4 MB body of empty objects
+    outside = _STRINGS.sub('""', text)
+    outside_bytes = outside.encode("utf-8", "surrogatepass")
+    if _too_deep(outside_bytes.translate(None, _NOT_BRACKETS), max_depth):
         raise UntrustedJSONError(f"{what} is nested deeper than {max_depth} levels")
+    shapes = outside_bytes.translate(_NUMBER_SHAPES)
+    if max_int_digits is not None and b"0" * (max_int_digits + 1) in shapes:
+        _check_int_digits(outside, max_int_digits)
+    # a number out of a double's range is looked for number by number only where the text may hold one
+    big = b"0" * 81 in shapes or any(e in shapes for e in _BIG_EXPONENTS)
+    parse_float = _finite_float if finite_floats and big else None
     try:
-        obj = json.loads(
-            text,
-            parse_constant=_no_constant,
-            parse_float=_finite_float if finite_floats else float,
-            parse_int=None if max_int_digits is None else lambda t: _bounded_int(t, max_int_digits),
-            object_pairs_hook=_unique_keys,
-        )
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=parse_float, object_pairs_hook=_unique_keys)
     except UntrustedJSONError as e:
         raise UntrustedJSONError(f"{what}: {e}") from None
     except (json.JSONDecodeError, RecursionError) as e:
@@ -359,8 +388,24 @@ def parse_json(
         ) from None
     except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
         raise UntrustedJSONError(f"{what}: {str(e).split(';')[0]}") from None
-    _check_strings(obj, what)
+    if _SURROGATE_ESCAPE.search(text) is not None:  # only an escape can make a lone surrogate
+        _check_strings(obj, what)
     return obj
+
+
+@functools.lru_cache(maxsize=8)
+def _long_integer(limit: int) -> re.Pattern:
+    # an integer token (no point or exponent next to it) of more than `limit` digits, in text outside strings
+    return re.compile(r"(?<![0-9.eE+\-])-?[0-9]{" + str(limit + 1) + r",}+(?![.eE])")
+
+
+def _check_int_digits(outside: str, limit: int) -> None:
+    # before the decoder (Python's own int() of 4,301 digits or more is a ValueError saying less); run where the text
+    # holds a long run of digits, which may also be a float's
+    found = _long_integer(limit).search(outside)
+    if found is not None:
+        digits = len(found.group()) - found.group().startswith("-")
+        raise UntrustedJSONError(f"an integer of {digits} digits is out of range (at most {limit})")
 
 
 def _check_strings(obj: Any, what: str) -> None:

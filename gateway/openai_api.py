@@ -56,7 +56,7 @@ from common.wire import (
     error_body,
     grammar_problem,
     guided_shape,
-    json_depth,
+    nested_deeper,
     parse_json,
     sse_frame,
 )
@@ -530,7 +530,7 @@ def _template_kwargs(v: dict | None) -> dict | None:
     text = json.dumps(v)
     if len(text) > MAX_TEMPLATE_KWARGS_BYTES:
         raise ValueError(f"the variables are more than {MAX_TEMPLATE_KWARGS_BYTES} bytes of JSON")
-    if json_depth(text, MAX_TEMPLATE_KWARGS_DEPTH) > MAX_TEMPLATE_KWARGS_DEPTH:
+    if nested_deeper(text, MAX_TEMPLATE_KWARGS_DEPTH):
         raise ValueError(f"the variables are nested more than {MAX_TEMPLATE_KWARGS_DEPTH} deep")
     return v
 

@@ -36,7 +36,7 @@ from common.wire import (
     UntrustedJSONError,
     compact_json,
     guided_shape,
-    json_depth,
+    nested_deeper,
     parse_json,
 )
 from gateway.errors import BadRequest
@@ -77,7 +77,7 @@ def tool_plan(tools: list | None, tool_choice: object | None, *, parallel: bool 
     text = json.dumps(tools, ensure_ascii=False)
     if len(text.encode()) > MAX_TOOLS_BYTES:
         raise BadRequest(f"tools are more than {MAX_TOOLS_BYTES} bytes of JSON", param="tools")
-    if json_depth(text, MAX_TOOL_DEPTH) > MAX_TOOL_DEPTH:
+    if nested_deeper(text, MAX_TOOL_DEPTH):
         raise BadRequest(f"tools are nested more than {MAX_TOOL_DEPTH} deep", param="tools")
     functions: dict[str, dict] = {}
     for i, t in enumerate(tools):

@@ -3,10 +3,15 @@ a process or pass through as a value no canonical form can hold."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from common.wire import UntrustedJSONError, is_id, json_depth, parse_json
 
@@ -87,3 +92,128 @@ def test_nested_brackets_after_the_ethereum_libraries_raised_the_recursion_limit
 def test_an_id_has_one_spelling(value):
     assert not is_id(value)
     assert is_id("0x" + "0a" * 32)
+
+
+# ---- the parser's checks in C against the same checks made value by value --------------------------------------
+# `_reference` is the parser as it was before its checks moved into C (a Python call per number, per object and per
+# value): slow, and plainly right. The fast one must take and refuse exactly the same texts, with the same values.
+
+_REF_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _reference(text: str, max_depth: int, max_int_digits: int | None) -> object:
+    depth = deepest = 0
+    for ch in _REF_STRINGS.sub('""', text):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > max_depth:
+        raise UntrustedJSONError("deep")
+
+    def bounded_int(t: str) -> int:
+        if max_int_digits is not None and len(t) - t.startswith("-") > max_int_digits:
+            raise UntrustedJSONError("long")
+        return int(t)
+
+    def finite(t: str) -> float:
+        if math.isinf(float(t)):
+            raise UntrustedJSONError("inf")
+        return float(t)
+
+    def unique(pairs):
+        if len(dict(pairs)) != len(pairs):
+            raise UntrustedJSONError("dup")
+        return dict(pairs)
+
+    def no_constant(name):
+        raise UntrustedJSONError("constant")
+
+    try:
+        obj = json.loads(
+            text, parse_int=bounded_int, parse_float=finite, parse_constant=no_constant, object_pairs_hook=unique
+        )
+    except ValueError as e:  # JSONDecodeError and Python's own bound on int() are ValueErrors
+        raise UntrustedJSONError(str(e)) from None
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        for s in [o] if isinstance(o, str) else list(o) if isinstance(o, dict) else []:
+            s.encode("utf-8")  # a lone surrogate: UnicodeEncodeError
+        stack.extend(o.values() if isinstance(o, dict) else o if isinstance(o, list) else [])
+    return obj
+
+
+def _outcome(parse, text: str) -> tuple:
+    try:
+        return ("taken", json.dumps(parse(text), ensure_ascii=False, allow_nan=True))
+    except (UntrustedJSONError, UnicodeEncodeError):
+        return ("refused",)
+
+
+_digits = st.text("0123456789", min_size=1, max_size=100)
+_number = st.one_of(
+    st.integers(-(10**85), 10**85).map(str),
+    st.builds(
+        lambda sign, whole, frac, exp: sign + whole.lstrip("0").rjust(1, "0") + frac + exp,
+        st.sampled_from(["", "-"]),
+        _digits,
+        st.one_of(st.just(""), _digits.map(lambda d: "." + d)),
+        st.one_of(
+            st.just(""),
+            st.builds(lambda e, s, d: e + s + d, st.sampled_from("eE"), st.sampled_from(["", "+", "-"]), _digits),
+        ),
+    ),
+)
+_string_parts = st.sampled_from(
+    ["a", " ", "[", "]", "{", "}", ",", ":", "1e400", "9" * 90, "\\\\", '\\"', "\\n", "\\u0041", "\\ud800", "\\udc00"]
+    + ["\\ud83d\\ude00", "\\\\ud800", "é", "😀"]
+)
+_string = st.lists(_string_parts, max_size=6).map(lambda parts: '"' + "".join(parts) + '"')
+_scalar = st.one_of(_number, _string, st.sampled_from(["true", "false", "null", "NaN", "-Infinity"]))
+_space = st.sampled_from(["", " ", "\n"])
+
+
+def _containers(children):
+    arrays = st.lists(children, max_size=5).map(lambda xs: "[" + ",".join(xs) + "]")
+    keys = st.sampled_from(['"a"', '"b"', '"\\u0061"', '"[{"', '"\\ud800"'])  # few: duplicates come up often
+    pairs = st.lists(st.tuples(keys, _space, children), max_size=4)
+    objects = pairs.map(lambda ps: "{" + ",".join(k + s + ":" + v for k, s, v in ps) + "}")
+    return st.one_of(arrays, objects)
+
+
+_json_text = st.recursive(_scalar, _containers, max_leaves=20)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=_json_text,
+    cut=st.one_of(st.none(), st.integers(0, 200)),
+    extra=st.sampled_from(["", "]", "}", "[", ",1"]),
+    max_depth=st.sampled_from([1, 2, 3, 64]),
+    max_int_digits=st.sampled_from([80, 3, None]),
+)
+def test_the_checks_in_c_take_and_refuse_what_the_value_by_value_checks_do(text, cut, extra, max_depth, max_int_digits):
+    text = (text if cut is None else text[:cut]) + extra
+    fast = _outcome(
+        lambda t: parse_json(t, max_bytes=1 << 20, max_depth=max_depth, max_int_digits=max_int_digits), text
+    )
+    assert fast == _outcome(lambda t: _reference(t, max_depth, max_int_digits), text), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": [[1, 2], {"b": "]]]}}}"}], "c": "[[[["}',
+        "[" * 64 + "]" * 64,
+        "[" * 65 + "]" * 65,
+        "[" * 64,
+        "]" + "[" * 200,
+        "[1e308, 1.7976931348623157e308, 1.8e308, 1e-400, " + "9" * 80 + ".5e99, " + "9" * 81 + ".5]",
+        '["\\ud83d\\ude00", "\\\\ud800", "\\ud800"]',
+        '{"a": 1, "\\u0061": 2}',
+    ],
+)
+def test_edges_taken_and_refused_alike(text):
+    assert _outcome(lambda t: parse_json(t, max_bytes=1 << 20), text) == _outcome(lambda t: _reference(t, 64, 80), text)
