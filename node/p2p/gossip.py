@@ -18,6 +18,15 @@ same peer again cost a lookup, and past REFUSED_COPIES of them each is a strike.
 (Red team: one stranger cycling a few hundred frames of these held a victim at a full core for 5 to 9 times less
 CPU of its own; py-libp2p caches no bad signature, and answers a GRAFT for a made-up topic with a signed PRUNE.)
 
+Peer ids cost nothing, addresses do: a network (host.network_of: an IPv4 address's /24 and an IPv6 address's /64
+when public, the address alone otherwise, read from the peer's connection) from which PROBATION_AFTER peers were cut
+off within BAN_S is on probation, and any peer from it is cut off by its first strike, until BAN_S after the last
+of those. Peers from it that earn no strike are untouched: an honest peer behind the attacker's address (every peer
+of a local mesh shares 127.0.0.1) keeps its gossip. (Red team: a stranger taking a new peer id for every 16 strikes
+cost a node 2.6 times its own CPU with 96 KB announcements that fail their checks, four of them 0.89 of a core;
+measured again, 3.0 times before and 1.0 after: what is left is a connection's own cost, about even.) A peer whose
+address cannot be read has its STRIKES_ALLOWED, as before.
+
 py-libp2p's cache of validation verdicts is off: the key is the message's bytes, but the validator's verdict also
 depends on the topics, the forwarder, the signer's pace and the book. A stranger that sent an honest announcement's
 bytes first under a topic named twice had "invalid" cached for 300 s, and the honest copy refused from the cache; and
@@ -37,6 +46,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.validators import signature_validator
 
 from common.logs import Throttled
+from node.p2p.host import network_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,14 @@ REFUSED_KEPT = 16384  # (peer, message id) pairs the precheck refused, remembere
 # Copies of a message refused before that one peer may send again: an honest peer passes a message on once, and
 # again only when asked (an IWANT, for the 3 heartbeats the message is offered)
 REFUSED_COPIES = 5
+# Peers cut off from one network within BAN_S that put it on probation: 3, not 2, so one broken or hostile client
+# behind a shared address (a NAT, a cluster) and one false ban do not; a stranger rotating peer ids gets 3 x 16
+# strikes' worth of free work per network per BAN_S, and 1 strike per peer id after that
+PROBATION_AFTER = 3
+# Strikes a peer from a network on probation may earn: none, its first cuts it off. A new peer id costs its maker a
+# key, a connection and a handshake, about what they cost the node: one bad item per id no longer pays
+STRIKES_ON_PROBATION = 0
+PROBATION_KEPT = 4096  # networks with peers cut off remembered at once (the oldest record forgotten first)
 
 
 class _NoVerdicts:
@@ -82,31 +100,84 @@ class GuardedPubsub(Pubsub):
         self.precheck: Callable[[ID, object], bool] | None = None
         # (peer, message id) the precheck refused -> copies of it the peer sent since
         self._refused_ids: OrderedDict[tuple[ID, bytes], int] = OrderedDict()
+        # network (network_of) -> when its latest peers were cut off (at most PROBATION_AFTER, the oldest first)
+        self._cut_offs: OrderedDict[str, tuple[float, ...]] = OrderedDict()
+        self._log_probation = Throttled(log, logging.WARNING)
 
     def strike(self, peer: ID, why: str) -> None:
-        """Count what `peer` sent against it (`why`: what it was); past STRIKES_ALLOWED it is cut off."""
+        """Count what `peer` sent against it (`why`: what it was); past STRIKES_ALLOWED it is cut off, past
+        STRIKES_ON_PROBATION if its network is on probation (the module's docstring)."""
         if peer == self.my_id or peer in self._banned:
             return
         now = self._clock()
         count, at = self._strikes.pop(peer, (0.0, now))
         # one forgiven each STRIKE_FORGIVEN_S: a rare false strike (a race, a peer's bug) never adds up to a ban
         count = max(0.0, count - (now - at) / STRIKE_FORGIVEN_S) + 1
-        if count <= STRIKES_ALLOWED:
+        # its network read only when it counts: a record to check, or a cut-off to remember
+        network = self._network(peer) if self._cut_offs or count > STRIKES_ALLOWED else None
+        allowed = STRIKES_ON_PROBATION if self._on_probation(network, now) else STRIKES_ALLOWED
+        if count <= allowed:
             self._strikes[peer] = (count, now)
             while len(self._strikes) > STRUCK_KEPT:
                 self._strikes.popitem(last=False)
             return
         self._log_ban(
-            "peer %s cut off from gossip for %.0f s: more than %d items no honest peer sends (the last: %s)",
+            "peer %s cut off from gossip for %.0f s: %s (the last: %s)",
             peer,
             BAN_S,
-            STRIKES_ALLOWED,
+            f"more than {allowed} items no honest peer sends"
+            if allowed == STRIKES_ALLOWED
+            else f"an item no honest peer sends, its network {network} on probation",
             why,
         )
         self._banned[peer] = now + BAN_S
         while len(self._banned) > BANNED_KEPT:
             self.remove_from_blacklist(self._banned.popitem(last=False)[0])
+        if network is not None:
+            self._record_cut_off(network, now)
         self._cut_off(peer)
+
+    def _network(self, peer: ID) -> str | None:
+        """The network (host.network_of) of `peer`'s connection: its pubsub stream's, else any the swarm holds;
+        None when there is none or its remote address cannot be read."""
+        stream = self.peers.get(peer)
+        conns = [stream.muxed_conn] if stream is not None else []
+        try:
+            conns += [conn.muxed_conn for conn in self.host.get_network().get_connections(peer)]
+        except Exception as e:
+            log.debug("the connections of %s: %s", peer, e)
+        for conn in conns:
+            try:
+                remote = conn.get_remote_address()
+            except Exception:
+                continue
+            if remote and remote[0]:
+                return network_of(str(remote[0]))
+        return None
+
+    def _on_probation(self, network: str | None, now: float) -> bool:
+        """Whether PROBATION_AFTER peers from `network` were cut off within BAN_S (its record forgotten once not)."""
+        times = self._cut_offs.get(network) if network is not None else None
+        if times is None:
+            return False
+        if now - times[-1] >= BAN_S:  # the latest too long ago: the record ends
+            del self._cut_offs[network]
+            return False
+        return len(times) >= PROBATION_AFTER and now - times[0] < BAN_S
+
+    def _record_cut_off(self, network: str, now: float) -> None:
+        recent = tuple(t for t in self._cut_offs.pop(network, ()) if now - t < BAN_S)
+        self._cut_offs[network] = (*recent, now)[-PROBATION_AFTER:]
+        while len(self._cut_offs) > PROBATION_KEPT:
+            self._cut_offs.popitem(last=False)
+        if len(recent) == PROBATION_AFTER - 1:  # on probation from now (each later cut-off only extends it)
+            self._log_probation(
+                "network %s on probation for %.0f s: %d of its peers cut off from gossip within that time; its peers "
+                "are cut off by their first item no honest peer sends",
+                network,
+                BAN_S,
+                PROBATION_AFTER,
+            )
 
     def _cut_off(self, peer: ID) -> None:
         """Blacklist `peer` and forget it as a dead peer is forgotten (its stream, queue, subscriptions and mesh

@@ -11,6 +11,11 @@ none of its checks. Prints {"ok", "peer_id", "addrs"} once listening, then answe
   {"cmd": "flood", "peer", "kind", "count"}               send a connected peer `count` RPCs on the GossipSub
         stream it has: badsig (a message on the topic whose signature does not verify), foreign_graft (GRAFTs
         for made-up topics)
+  {"cmd": "rotate", "addr", "kind", "ids", "per_id", "wait", "seconds"}
+        a new peer id (key, connection, Noise handshake) each time: up to `ids` of them (or for `seconds`), one
+        after the other, each opens a GossipSub stream to the target, sends `per_id` copies of one message of
+        `kind` (badsig; badann: a 96 KB announcement, validly pubsub-signed, whose own signature is wrong) and waits
+        up to `wait` s for the target to close its connection. Answers how many it closed, and its own CPU seconds
   {"cmd": "announce", "adapters", "fakes": N, "future_s": S, "own": bool, "interval": s}
         signed announcements: from N made-up peer ids (each with its own key), or from this peer
         (own) for `adapters`, dated S seconds ahead
@@ -43,14 +48,14 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX, Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_varint_prefixed
 from multiaddr import Multiaddr
 
 from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
 from node.p2p.config import P2PConfig
-from node.p2p.discovery import TOPIC, Announcement, dht_key, sign_announcement
+from node.p2p.discovery import MAX_ANNOUNCEMENT_BYTES, TOPIC, Announcement, dht_key, sign_announcement
 from node.p2p.host import build_host, full_addrs, route_libp2p_logging
 from node.p2p.protocol import HEADER, PROTOCOL_ID, Kind, encode, encode_header, package_sections
 
@@ -155,6 +160,46 @@ class Malice:
             for key in keys:
                 await ProviderStore(host)._send_add_provider(target.peer_id, key)
 
+    # -- a new peer id for every few strikes ------------------------------------------------
+
+    async def rotate(self, cmd: dict) -> dict:
+        target = info_from_p2p_addr(Multiaddr(cmd["addr"]))
+        data = _bad_announcement() if cmd["kind"] == "badann" else b"x" * 64
+        ids, closed, sent = 0, 0, 0
+        cpu0, until = time.process_time(), time.monotonic() + cmd.get("seconds", float("inf"))
+        while ids < cmd.get("ids", 1 << 62) and time.monotonic() < until:
+            ids += 1
+            key_pair, host = build_host(os.urandom(32), P2PConfig(listen=LISTEN))
+            async with host.run(listen_addrs=[Multiaddr(LISTEN)]):
+                try:
+                    with trio.fail_after(10):
+                        await host.connect(target)
+                        stream = await host.new_stream(target.peer_id, [PROTOCOL_ID_V12, PROTOCOL_ID_V11])
+                except Exception:
+                    continue  # refused or timed out: the next id
+                msg = rpc_pb2.Message(
+                    data=data, topicIDs=[TOPIC], from_id=host.get_id().to_bytes(), seqno=os.urandom(8)
+                )
+                if cmd["kind"] == "badsig":
+                    msg.signature = os.urandom(64)
+                else:  # signed as py-libp2p signs: the pubsub signature verifies, the announcement's does not
+                    msg.signature = key_pair.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+                    msg.key = key_pair.public_key.serialize()
+                frame = encode_varint_prefixed(rpc_pb2.RPC(publish=[msg]).SerializeToString())
+                try:
+                    for _ in range(cmd["per_id"]):
+                        with trio.fail_after(5):
+                            await stream.write(frame)
+                        sent += 1
+                except Exception:
+                    pass  # closed by the target meanwhile
+                with trio.move_on_after(cmd.get("wait", 5.0)):
+                    while target.peer_id in host.get_network().get_connections_map():
+                        await trio.sleep(0.02)
+                if target.peer_id not in host.get_network().get_connections_map():
+                    closed += 1
+        return {"ids": ids, "closed": closed, "sent": sent, "cpu_s": time.process_time() - cpu0}
+
     # -- commands -------------------------------------------------------------------------
 
     async def command(self, cmd: dict) -> dict:
@@ -195,7 +240,10 @@ class Malice:
             await trio.sleep(0.5)
             return {}
         if op == "flood":
-            stream = self.pubsub.peers[ID.from_base58(cmd["peer"])]
+            target = ID.from_base58(cmd["peer"])
+            # its own pubsub stream, or a new one where the library's failed to open ("fail to read from multiselect
+            # communicator" at times on a loaded machine: the test then failed before any strike)
+            stream = self.pubsub.peers.get(target) or await self.host.new_stream(target, [TProtocol(PROTOCOL_ID_V11)])
             for i in range(cmd["count"]):
                 if cmd["kind"] == "badsig":
                     msg = rpc_pb2.Message(
@@ -208,6 +256,8 @@ class Malice:
                     rpc = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(graft=grafts))
                 await stream.write(encode_varint_prefixed(rpc.SerializeToString()))
             return {"sent": cmd["count"]}
+        if op == "rotate":
+            return await self.rotate(cmd)
         if op == "connected":
             return {"connected": ID.from_base58(cmd["peer"]) in self.host.get_connected_peers()}
         if op == "serve":
@@ -240,6 +290,22 @@ class Malice:
                 await self.provide_keys(target, keys[i : i + 10])
             return {"keys": len(keys)}
         raise ValueError(f"unknown command {op!r}")
+
+
+def _bad_announcement() -> bytes:
+    """An announcement as big as the node takes (96 KB), fresh and well formed, that fails only its last check: its
+    signature is another key's (the most a node spends on one that fails)."""
+    signer, other = create_new_key_pair(os.urandom(32)), create_new_key_pair(os.urandom(32))
+    pid = ID.from_pubkey(signer.public_key).to_base58()
+    adapters = tuple("0x" + os.urandom(32).hex() for _ in range(1024))
+    ts = int(time.time() * 1000)
+
+    def signed(pad: int) -> bytes:
+        addrs = (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}", "/dns4/" + "a" * pad)
+        return sign_announcement(Announcement(pid, addrs, adapters, ts), other.private_key)
+
+    room = MAX_ANNOUNCEMENT_BYTES - 64 - len(signed(0))
+    return signed(max(0, room))
 
 
 async def _lines(stream: trio.lowlevel.FdStream):

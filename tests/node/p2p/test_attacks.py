@@ -387,3 +387,23 @@ def test_a_peer_flooding_messages_no_honest_peer_sends_is_cut_off_from_gossip(ar
     found = arena.t.call("providers", adapter_id=packages.main.adapter_id, wait=5)["providers"]
     assert arena.h.peer_id in [p["peer_id"] for p in found]
     assert_still_serving(arena, packages)
+
+
+def test_a_stranger_taking_a_new_peer_id_for_every_ban_is_cut_off_by_its_first_strike(arena, packages):
+    """Strikes are per peer id, and peer ids cost nothing: a stranger taking a new one (key, connection, handshake)
+    for every STRIKES_ALLOWED strikes of 96 KB announcements that fail their checks cost a node 2.6 times its own
+    CPU (red team). Once PROBATION_AFTER peers from one network were cut off, a new peer id from it is cut off by
+    its first strike; the honest peer behind the same address (127.0.0.1) earns none, and its announcements still
+    arrive. (After the test above: the malicious peer is cut off already.)"""
+    from node.p2p.gossip import PROBATION_AFTER, STRIKES_ALLOWED
+
+    addr = arena.t.addrs[0]
+    got = arena.m.call("rotate", addr=addr, kind="badsig", ids=PROBATION_AFTER, per_id=STRIKES_ALLOWED + 1, wait=10)
+    assert got["ok"] and got["closed"] == PROBATION_AFTER, got
+    got = arena.m.call("rotate", addr=addr, kind="badann", ids=1, per_id=1, wait=10)
+    assert got["ok"] and got["closed"] == 1, got  # its one announcement that fails its checks, and it is closed
+    _wait_for_log(arena.t, r"network 127\.0\.0\.1 on probation", timeout=10)
+    assert arena.h.call("announce", adapter_id=packages.main.adapter_id)["ok"]
+    found = arena.t.call("providers", adapter_id=packages.main.adapter_id, wait=5)["providers"]
+    assert arena.h.peer_id in [p["peer_id"] for p in found]
+    assert_still_serving(arena, packages)

@@ -9,11 +9,14 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+from multiaddr import Multiaddr
 
 from node.adapters import AdapterStore
 from node.p2p import P2PConfig, P2PNode
@@ -26,7 +29,7 @@ from node.p2p.discovery import (
     sign_announcement,
 )
 from node.p2p.gossip import BAN_S, REFUSED_COPIES, STRIKE_FORGIVEN_S, STRIKES_ALLOWED, MeshGossipSub
-from node.p2p.host import LIBP2P_TARGET, _Forward
+from node.p2p.host import LIBP2P_TARGET, _Forward, build_host, full_addrs
 
 
 def _gossipsub() -> MeshGossipSub:
@@ -344,3 +347,77 @@ def test_a_peer_cut_off_is_forgotten_as_a_dead_peer_is_and_a_graft_in_the_frame_
     assert pubsub.is_peer_blacklisted(peer) and queue.closed
     assert peer not in gossipsub.mesh.get(TOPIC, ()) and peer not in gossipsub.peer_protocol
     assert peer not in pubsub.peer_queues and peer not in pubsub.peer_topics.get(TOPIC, ())
+
+
+def _from_loopback(node, count: int) -> list:
+    """`count` new peer ids, each holding a real connection to `node` from 127.0.0.1 (a bare host, TCP + Noise +
+    Yamux, no pubsub of its own), kept until the node closes it or stops: their key pairs."""
+    mesh = node._m()
+    target = info_from_p2p_addr(Multiaddr(full_addrs(mesh.host)[0]))
+
+    async def hold(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        key_pair, host = build_host(os.urandom(32), P2PConfig(listen="/ip4/127.0.0.1/tcp/0"))
+        async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            await host.connect(target)
+            task_status.started(key_pair)
+            await trio.sleep_forever()
+
+    async def start() -> list:
+        return [await mesh._nursery.start(hold) for _ in range(count)]
+
+    pairs = node._thread.call(start)
+
+    async def connected() -> bool:
+        held = mesh.host.get_network().get_connections_map()
+        return all(ID.from_pubkey(pair.public_key) in held for pair in pairs)
+
+    _poll(lambda: node._thread.call(connected))  # the node's side of each connection as well
+    return pairs
+
+
+def test_a_network_whose_peers_were_cut_off_again_and_again_is_on_probation(node, discovery):
+    """Strikes are per peer id, and peer ids cost nothing: a stranger taking a new one for every STRIKES_ALLOWED
+    strikes cost a node 2.6 times its own CPU with 96 KB announcements that fail their checks (red team). Once
+    PROBATION_AFTER peers from one network were cut off within BAN_S, any peer from it is cut off by its first
+    strike, until BAN_S after the last; a peer from it that earns none (every peer of a local mesh shares
+    127.0.0.1) keeps its gossip, and a peer whose address cannot be read has its STRIKES_ALLOWED."""
+    from node.p2p.gossip import PROBATION_AFTER, PROBATION_KEPT
+
+    pubsub = node._m().pubsub
+    clock = [0.0]
+    pubsub._clock = lambda: clock[0]
+    *cut, newcomer, honest, later = _from_loopback(node, PROBATION_AFTER + 3)
+    junk = _signed(create_new_key_pair(), b"not an announcement")  # its pubsub signature verifies: one strike
+
+    def send(pair, count: int) -> ID:
+        peer = ID.from_pubkey(pair.public_key)
+        for _ in range(count):
+            node._thread.call(pubsub.push_msg, peer, junk)
+        return peer
+
+    for pair in cut:  # each its whole allowance, the last one included: the network is on no probation before
+        peer = send(pair, STRIKES_ALLOWED)
+        assert not pubsub.is_peer_blacklisted(peer)
+        send(pair, 1)
+        assert pubsub.is_peer_blacklisted(peer)
+    assert pubsub.is_peer_blacklisted(send(newcomer, 1))  # a new peer id from there: its first strike cuts it off
+    unread = _peer()  # no connection: its address cannot be read, and it has its allowance as before
+    for _ in range(STRIKES_ALLOWED):
+        node._thread.call(pubsub.push_msg, unread, junk)
+    assert not pubsub.is_peer_blacklisted(unread)
+    now = int(time.time() * 1000)
+    hid = ID.from_pubkey(honest.public_key)
+    node._thread.call(pubsub.push_msg, hid, _signed(honest, _message(honest, now).data))
+    _poll(lambda: discovery.book.holds(str(hid)))
+    assert not pubsub.is_peer_blacklisted(hid)
+    clock[0] += BAN_S  # BAN_S after the last cut-off: the bans and the probation end
+    peer = send(later, STRIKES_ALLOWED)
+    assert not pubsub.is_peer_blacklisted(peer)
+    assert not pubsub.is_peer_blacklisted(ID.from_pubkey(newcomer.public_key))
+
+    async def many_networks() -> int:  # and the records are bounded
+        for i in range(PROBATION_KEPT + 10):
+            pubsub._record_cut_off(f"10.0.{i // 256}.{i % 256}", clock[0])
+        return len(pubsub._cut_offs)
+
+    assert node._thread.call(many_networks) == PROBATION_KEPT
