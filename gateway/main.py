@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -97,7 +98,9 @@ class _AnswerHeaders:
     ServedRequest gave the request, once it has one (its completion record carries it, and its usage record where
     it was served); for an answer before that, a new id. (Only answers served had one, and the openai SDK's
     `e.request_id` was None on every error; compat audit.) And a key with limits gets OpenAI's x-ratelimit headers:
-    where its buckets stand after the request was admitted and its tokens reserved (a 429 carries its own)."""
+    where its buckets stand after the request was admitted and its tokens reserved (a 429 carries its own). And
+    OpenAI's `openai-processing-ms`: the milliseconds from the request's arrival to its answer's first byte (for a
+    stream, to its headers; the SDK logs it)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -106,6 +109,7 @@ class _AnswerHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrived = time.perf_counter()
 
         async def with_headers(message) -> None:
             if message["type"] == "http.response.start":
@@ -118,6 +122,7 @@ class _AnswerHeaders:
                 for name, value in (state.get("ratelimit") or {}).items():
                     if name.encode() not in present:
                         headers.append((name.encode(), value.encode()))
+                headers.append((b"openai-processing-ms", str(round((time.perf_counter() - arrived) * 1000)).encode()))
                 message = message | {"headers": headers}
             await send(message)
 
@@ -270,7 +275,8 @@ def _add_error_handlers(app: FastAPI, gw: Gateway) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = _error(request.url.path, error_body(str(exc.detail), type=kind, code=None), exc.status_code)
-        return JSONResponse(body, status_code=exc.status_code)
+        # a 405's Allow names the methods the route takes (it was dropped here)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -4,6 +4,7 @@ and vLLM's /tokenize and /detokenize (API key required)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.http import ANSWER_OR_EVENTS
 from gateway.deps import AuthDep, GatewayDep, ListingDep
@@ -61,8 +62,11 @@ async def count_input_tokens(request: Request, auth: AuthDep, gw: GatewayDep) ->
 @router.post("/v1/responses/{response_id}", operation_id="update_response")
 @router.get("/v1/responses/{response_id}/{action:path}", operation_id="read_response_part")
 @router.post("/v1/responses/{response_id}/{action:path}", operation_id="act_on_response")
-async def stored_response(response_id: str, auth: AuthDep) -> None:
-    """API key: a stored response, its input items, its cancellation: none here, said in one line (404)."""
+async def stored_response(request: Request, response_id: str, auth: AuthDep) -> None:
+    """API key: a stored response, its input items, its cancellation: none here, said in one line (404). GET or DELETE
+    on the input token count's own path is a 405 (it was the 404 of a response named "input_tokens"; review)."""
+    if request.url.path.rstrip("/").endswith("/responses/input_tokens"):
+        raise StarletteHTTPException(405, "the input token count takes POST", headers={"Allow": "POST"})
     raise ResponseNotStored(
         "this gateway stores no responses (store is not supported): keep the response you were sent, and send the "
         "whole conversation in input"

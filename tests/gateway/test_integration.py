@@ -322,6 +322,10 @@ def test_errors(net):
     assert len(ids) == 5 and all(i and re.fullmatch("0x[0-9a-f]{64}", i) for i in ids), ids
     served = client(net).completions.with_raw_response.create(model="acme/capitals", prompt="x", max_tokens=1)
     assert len(served.headers.get_list("x-request-id")) == 1  # a served answer's own id, not a second one
+    # OpenAI's processing time, on answers and errors alike: the milliseconds to the answer's first byte
+    for headers in (served.headers, too_large.headers, ei.value.response.headers):
+        assert len(headers.get_list("openai-processing-ms")) == 1 and headers["openai-processing-ms"].isdigit()
+    assert int(served.headers["openai-processing-ms"]) >= 1  # the node was asked
 
 
 def test_client_disconnect_is_recorded_with_the_nodes_receipt(net):

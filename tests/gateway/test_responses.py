@@ -317,3 +317,11 @@ def test_input_tokens_count_what_a_response_is_billed(served, oai):
     )
     with pytest.raises(openai.NotFoundError):
         oai.responses.input_tokens.count(model="acme/nothing", input=QUESTION)
+    # its path with another method is no stored response named "input_tokens" (review), nor is any POST-only route
+    auth = {"Authorization": f"Bearer {served.api_key}"}
+    for method, path in [("GET", "/v1/responses/input_tokens"), ("DELETE", "/v1/responses/input_tokens")] + [
+        ("GET", "/v1/chat/completions")
+    ]:
+        answer = httpx.request(method, served.url + path, headers=auth, timeout=10)
+        assert (answer.status_code, answer.headers.get("allow")) == (405, "POST"), (method, path, answer.text)
+        assert answer.json()["error"]["type"] == "invalid_request_error"
