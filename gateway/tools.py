@@ -492,6 +492,9 @@ class ToolStream:
         self._block: _Block | None = None  # the block `held` opens with, while it is undecided
         self._space = ""  # whitespace that ended the content sent so far: sent when text follows it
         self._sent = False  # some content was sent
+        # a call was taken out just after whitespace: the whitespace after it is dropped, one run standing for both
+        # sides ("hi <call> there" was "hi  there"; review)
+        self._cut = False
         self._reader = CallArrayReader(plan.functions) if plan.choice == "required" else None
 
     def push(self, text: str) -> list[dict]:
@@ -529,7 +532,9 @@ class ToolStream:
             block, self.held, self._block = self.held[:end], self.held[end:], None
             if call is None:
                 self._text(out, block)
-            elif self._index < self.plan.free_calls:
+                continue
+            self._cut = self._cut or bool(self._space)
+            if self._index < self.plan.free_calls:
                 out.append(self._delta([call]))
             # else a call past what the request allows (`parallel_tool_calls: false`): left out, as vLLM leaves it,
             # not sent as its markup in the content (compat audit)
@@ -537,7 +542,12 @@ class ToolStream:
     def _text(self, out: list[dict], text: str) -> None:
         """Content: sent up to its trailing whitespace, which waits for the text after it. The first content after
         a call starts at its first non-whitespace character, as a whole answer's does (whitespace that came
-        before any call was sent, unknowing, with the text after it)."""
+        before any call was sent, unknowing, with the text after it); so does content after a call that followed
+        whitespace (`_cut`)."""
+        if self._cut:
+            if not text.strip():
+                return
+            text, self._cut = text.lstrip(), False
         body = text.rstrip()
         if not body:
             self._space += text
