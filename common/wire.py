@@ -267,7 +267,8 @@ _OPENS_CLOSES = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 # most 80 digits before the point and an exponent under 100, a number is below 1e181); bytes.find looks for each in C
 _NUMBER_SHAPES = bytes.maketrans(b"0123456789eE+-", b"0000000000ee--")
 _BIG_EXPONENTS = (b"e000", b"e-000")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a JSON string spells a UTF-16 surrogate
+# how a JSON string spells a UTF-16 surrogate, or (text given as str, not decoded here) holds one
+_SURROGATE = re.compile("\\\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 SANE_RECURSION_LIMIT = 1000
 
 
@@ -388,7 +389,7 @@ def parse_json(
         ) from None
     except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
         raise UntrustedJSONError(f"{what}: {str(e).split(';')[0]}") from None
-    if _SURROGATE_ESCAPE.search(text) is not None:  # only an escape can make a lone surrogate
+    if _SURROGATE.search(text) is not None:  # only an escape, or a str given as it is, can hold a lone surrogate
         _check_strings(obj, what)
     return obj
 

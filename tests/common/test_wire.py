@@ -168,7 +168,7 @@ _number = st.one_of(
 )
 _string_parts = st.sampled_from(
     ["a", " ", "[", "]", "{", "}", ",", ":", "1e400", "9" * 90, "\\\\", '\\"', "\\n", "\\u0041", "\\ud800", "\\udc00"]
-    + ["\\ud83d\\ude00", "\\\\ud800", "é", "😀"]
+    + ["\\ud83d\\ude00", "\\\\ud800", "é", "😀", "\ud800"]  # the last a lone surrogate in a str given as it is
 )
 _string = st.lists(_string_parts, max_size=6).map(lambda parts: '"' + "".join(parts) + '"')
 _scalar = st.one_of(_number, _string, st.sampled_from(["true", "false", "null", "NaN", "-Infinity"]))
@@ -213,6 +213,7 @@ def test_the_checks_in_c_take_and_refuse_what_the_value_by_value_checks_do(text,
         "[1e308, 1.7976931348623157e308, 1.8e308, 1e-400, " + "9" * 80 + ".5e99, " + "9" * 81 + ".5]",
         '["\\ud83d\\ude00", "\\\\ud800", "\\ud800"]',
         '{"a": 1, "\\u0061": 2}',
+        '["\ud800"]',  # a str holding a lone surrogate as it is, not as an escape
     ],
 )
 def test_edges_taken_and_refused_alike(text):
