@@ -259,16 +259,21 @@ MAX_JSON_DEPTH = 64
 # the longest integer untrusted JSON may hold: a uint256 is 78 digits; Python's own bound is 4,300, and a number
 # that long reached a tensor constructor once (top_k) and failed the engine step of every request beside it
 MAX_JSON_INT_DIGITS = 80
-_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: linear, no backtracking
+# a string, or one never closed, blanked through to the end: the decoder fails there, reading nothing after it. Unrolled
+# and possessive, it never backtracks (a pattern that needed the closing quote scanned to the end from every quote of
+# an unclosed string: 52 s for 120 kB of \" with none, review)
+_STRINGS = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")  # deleted by bytes.translate, in one C pass
 _OPENS_CLOSES = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_DEPTH_CHUNK = 4096  # brackets followed at a time past the balanced ones: a refusal stops within a chunk of its cause
 # each digit read as 0, each exponent mark as e and each sign as -: a long integer is then a long run of 0s, and a
 # number out of a double's range holds an exponent of 3 digits or more ("e000", "e-000") or a run of 81 digits (with at
 # most 80 digits before the point and an exponent under 100, a number is below 1e181); bytes.find looks for each in C
 _NUMBER_SHAPES = bytes.maketrans(b"0123456789eE+-", b"0000000000ee--")
 _BIG_EXPONENTS = (b"e000", b"e-000")
-# how a JSON string spells a UTF-16 surrogate, or (text given as str, not decoded here) holds one
-_SURROGATE = re.compile("\\\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+# how a JSON string spells a UTF-16 surrogate (a literal prefix: found fast)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # one as it is, in a str given to the parser (bytes decoded hold none)
 SANE_RECURSION_LIMIT = 1000
 
 
@@ -309,11 +314,21 @@ def nested_deeper(text: str, limit: int) -> bool:
 
 def _too_deep(brackets: bytes, limit: int) -> bool:
     # `brackets`: those outside the text's strings, nothing else. A regular expression of `limit` nested possessive
-    # groups takes brackets balanced within the limit in one linear pass of C; what it refuses (too deep, or
-    # unbalanced, which is no JSON either but may still be shallow) is measured exactly, also in C
-    if _nesting(limit).fullmatch(brackets) is not None:
-        return False
-    return _depth(brackets) > limit
+    # groups reads, in one linear pass of C, the brackets that balance within the limit; after them (depth 0) the
+    # depth is followed a chunk at a time, and stops where it passes the limit, or where a bracket closes what is
+    # not open (the decoder fails there, reading no further)
+    done = _nesting(limit).match(brackets).end() if limit <= MAX_JSON_DEPTH else 0
+    steps = brackets.translate(_OPENS_CLOSES)
+    depth = 0
+    for start in range(done, len(steps), _DEPTH_CHUNK):
+        chunk = steps[start : start + _DEPTH_CHUNK]
+        running = list(map(operator.sub, itertools.accumulate(chunk), itertools.count(1)))
+        if depth + max(running) > limit:
+            return True
+        if depth + min(running) < 0:
+            return False
+        depth += running[-1]
+    return False
 
 
 def _outside_brackets(outside: str) -> bytes:
@@ -374,7 +389,7 @@ def parse_json(
     if _too_deep(outside_bytes.translate(None, _NOT_BRACKETS), max_depth):
         raise UntrustedJSONError(f"{what} is nested deeper than {max_depth} levels")
     shapes = outside_bytes.translate(_NUMBER_SHAPES)
-    if max_int_digits is not None and b"0" * (max_int_digits + 1) in shapes:
+    if max_int_digits is not None and max_int_digits < len(shapes) and b"0" * (max_int_digits + 1) in shapes:
         _check_int_digits(outside, max_int_digits)
     # a number out of a double's range is looked for number by number only where the text may hold one
     big = b"0" * 81 in shapes or any(e in shapes for e in _BIG_EXPONENTS)
@@ -389,7 +404,9 @@ def parse_json(
         ) from None
     except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
         raise UntrustedJSONError(f"{what}: {str(e).split(';')[0]}") from None
-    if _SURROGATE.search(text) is not None:  # only an escape, or a str given as it is, can hold a lone surrogate
+    # only an escape, or a str given as it is, can hold a lone surrogate (two searches: one pattern for both read every
+    # character, 3 times the decoder's time on a long prompt)
+    if _SURROGATE_ESCAPE.search(text) is not None or (isinstance(data, str) and _SURROGATE.search(text) is not None):
         _check_strings(obj, what)
     return obj
 

@@ -58,6 +58,19 @@ def test_brackets_inside_strings_do_not_count_as_nesting():
     assert parse_json("[" * 64 + "]" * 64, max_bytes=1000) is not None
 
 
+def test_a_string_never_closed_is_blanked_through_to_the_end_in_one_match():
+    """The pattern that blanks strings needed a closing quote: on 120 kB of \\" without one it scanned to the end
+    from every quote, 52 s of CPU for one body (review). Now one match takes it to the end, where the decoder
+    fails."""
+    from common.wire import _STRINGS
+
+    text = '[1, "' + '\\"' * 1000
+    assert [m.span() for m in _STRINGS.finditer(text)] == [(4, len(text))]
+    assert _STRINGS.sub('""', '["a", "b\\') == '["", ""'  # a lone backslash at the very end too
+    with pytest.raises(UntrustedJSONError, match="Unterminated string"):
+        parse_json(text, max_bytes=1 << 20)
+
+
 def test_nested_brackets_after_the_ethereum_libraries_raised_the_recursion_limit_do_not_kill_the_process():
     # py_ecc sets sys.setrecursionlimit(100000) at import; the C decoder then overflows the C stack (SIGSEGV)
     # on deep nesting. The parser must refuse first, in a process that has imported them.
