@@ -1,7 +1,8 @@
 """A node's libp2p host: built from the node seed (TCP + Noise + Yamux only; an inbound connection's slot given
-back when it closes, and a cap on those from one network), the check that its port is free, the guard that keeps
-one stream's error from stopping the host, the bounds on what the DHT keeps and serves for strangers, the full
-multiaddr strings (…/p2p/<peer id>) peers dial, and py-libp2p's log records routed into ours."""
+back when it closes, a cap on those from one network, and a pace on those from a network on probation), the check
+that its port is free, the guard that keeps one stream's error from stopping the host, the bounds on what the DHT
+keeps and serves for strangers, the full multiaddr strings (…/p2p/<peer id>) peers dial, and py-libp2p's log records
+routed into ours."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 
 import trio
@@ -26,6 +27,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
+from common.logs import Throttled
 from node.p2p.config import P2PConfig
 from node.p2p.errors import P2PError
 from node.p2p.standing import UNKNOWN
@@ -104,9 +106,65 @@ def _remote_network(conn) -> str:
     return network_of(str(remote[0])) if remote else "?"
 
 
+# The least time between two new inbound connections taken from a network on probation (`pace_inbound`). 0.5 s, not
+# more: py-libp2p dials an address 4 times over about 0.7 s (retries after 0.1, 0.2 and 0.4 s) and then keeps from
+# dialling the peer for 60 s (its negative cache), so one dial of an honest peer behind that network spans a whole
+# interval and gets in unless another connection from there took it meanwhile. Not less: each connection taken costs
+# the node its Noise handshake, Yamux, identify and a pubsub stream, 20-30 ms of CPU (measured), 2 a second at
+# most from the network
+PROBATION_CONNECT_S = 0.5
+PACED_KEPT = 4096  # networks whose last connection taken on probation is remembered at once (oldest forgotten)
+
+
+class _InboundPace:
+    """When each network on probation (`on_probation`, set by `pace_inbound` once the pubsub exists; None until
+    then) last had a new inbound connection taken; one within PROBATION_CONNECT_S of that is refused."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.on_probation: Callable[[str], bool] | None = None
+        self._clock = clock
+        self._taken: OrderedDict[str, float] = OrderedDict()  # network -> when its last connection was taken
+        self._log = Throttled(log, logging.INFO)  # strangers make it happen
+
+    def admit(self, network: str) -> bool:
+        """Whether a new inbound connection from `network` may go on to its handshake (the time it was taken is
+        kept when it may)."""
+        now = self._clock()
+        # the oldest first: those PROBATION_CONNECT_S old and more decide nothing any more
+        while self._taken and now - next(iter(self._taken.values())) >= PROBATION_CONNECT_S:
+            self._taken.popitem(last=False)
+        if self.on_probation is None or not self.on_probation(network):
+            return True
+        last = self._taken.get(network)
+        if last is not None:
+            self._log(
+                "inbound connection from %s closed before its handshake: its network is on probation, and took one "
+                "%.2f s ago (one per %.1f s)",
+                network,
+                now - last,
+                PROBATION_CONNECT_S,
+            )
+            return False
+        self._taken[network] = now
+        while len(self._taken) > PACED_KEPT:
+            self._taken.popitem(last=False)
+        return True
+
+
+def pace_inbound(host, on_probation: Callable[[str], bool]) -> None:
+    """From now on, take at most one new inbound connection per PROBATION_CONNECT_S from a network `on_probation`
+    names (network_of's), closing the rest before their Noise handshake. The pubsub tells (GuardedPubsub.on_probation)
+    and is built after the host: hence a hook, set once it exists. Peer ids cost nothing: a stranger taking a new one
+    per connection had each cut off by its first strike, and still cost the node each connection's handshake,
+    Yamux, identify and pubsub stream, about as much CPU as it spent itself (red team). The node's own dials are not
+    paced."""
+    host.get_network()._loramesh_inbound_pace.on_probation = on_probation
+
+
 def _bound_inbound(swarm, per_network: int) -> None:
-    """End the swarm's handler task of an inbound connection when the connection closes, and take at most
-    `per_network` inbound connections from one network (`network_of`) at once.
+    """End the swarm's handler task of an inbound connection when the connection closes, take at most
+    `per_network` inbound connections from one network (`network_of`) at once, and from a network on probation at
+    most one new one per PROBATION_CONNECT_S (`pace_inbound`).
 
     After the upgrade the handler waited for the whole host to stop, and held its inbound slot until then: after
     max_connections - min_connections inbound connections in its life, all long closed, a node accepted none and
@@ -118,6 +176,7 @@ def _bound_inbound(swarm, per_network: int) -> None:
     /64 is as many addresses as it likes."""
     slots = _InboundSlots(int(swarm._inbound_limiter.total_tokens))
     swarm._inbound_limiter = slots
+    pace = swarm._loramesh_inbound_pace = _InboundPace()
     upgrade = swarm.upgrade_inbound_raw_conn
     held: Counter[str] = Counter()
 
@@ -128,6 +187,9 @@ def _bound_inbound(swarm, per_network: int) -> None:
         if held[net] >= per_network:
             await raw_conn.close()
             raise _InboundConnectionClosed(f"{held[net]} inbound connections from {net} already")
+        if not pace.admit(net):  # closed before the Noise handshake: what a connection costs is mostly after it
+            await raw_conn.close()
+            raise _InboundConnectionClosed(f"{net} on probation took an inbound connection within the interval")
         held[net] += 1
         try:
             muxed = await upgrade(raw_conn, maddr)

@@ -52,6 +52,7 @@ from node.p2p.host import (
     dial_blocked,
     full_addrs,
     guard_stream_handlers,
+    pace_inbound,
     refuse_taken_port,
     route_libp2p_logging,
 )
@@ -283,6 +284,7 @@ class Mesh:
         self.pubsub = GuardedPubsub(
             self.host, self.gossipsub, topics=frozenset({TOPIC}), msg_id_constructor=get_content_addressed_msg_id
         )
+        pace_inbound(self.host, self.pubsub.on_probation)  # its networks on probation: their connections paced
         guard_stream_handlers(self.host)  # adapter, Kademlia, GossipSub, identify: all registered by now
         self.standing = PeerStanding(
             base_backoff=config.backoff_base, max_backoff=config.backoff_max, trusted=trusted_peer or (lambda _p: False)

@@ -9,13 +9,16 @@ none of its checks. Prints {"ok", "peer_id", "addrs"} once listening, then answe
   {"cmd": "publish", "nested": N} / {"hex": ...}          publish raw bytes on the announcement topic
   {"cmd": "pubsub_garbage", "addr"}                       send a peer a GossipSub RPC that is not protobuf
   {"cmd": "flood", "peer", "kind", "count"}               send a connected peer `count` RPCs on the GossipSub
-        stream it has: badsig (a message on the topic whose signature does not verify), foreign_graft (GRAFTs
-        for made-up topics)
+        stream it has (fewer, answered as `sent`, where the peer resets the stream meanwhile): badsig (a message
+        on the topic whose signature does not verify), foreign_graft (GRAFTs for made-up topics)
   {"cmd": "rotate", "addr", "kind", "ids", "per_id", "wait", "seconds"}
         a new peer id (key, connection, Noise handshake) each time: up to `ids` of them (or for `seconds`), one
         after the other, each opens a GossipSub stream to the target, sends `per_id` copies of one message of
         `kind` (badsig; badann: a 96 KB announcement, validly pubsub-signed, whose own signature is wrong) and waits
-        up to `wait` s for the target to close its connection. Answers how many it closed, and its own CPU seconds
+        up to `wait` s for the target to close its connection. Answers how many completed the handshake
+        (`handshakes`), how many it closed, and its own CPU seconds
+  {"cmd": "burst", "addr", "ids"}                         `ids` new peer ids (hosts started first) dial the target
+        all at once; answers how many completed the handshake
   {"cmd": "announce", "adapters", "fakes": N, "future_s": S, "own": bool, "interval": s}
         signed announcements: from N made-up peer ids (each with its own key), or from this peer
         (own) for `adapters`, dated S seconds ahead
@@ -33,6 +36,7 @@ none of its checks. Prints {"ok", "peer_id", "addrs"} once listening, then answe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -165,7 +169,7 @@ class Malice:
     async def rotate(self, cmd: dict) -> dict:
         target = info_from_p2p_addr(Multiaddr(cmd["addr"]))
         data = _bad_announcement() if cmd["kind"] == "badann" else b"x" * 64
-        ids, closed, sent = 0, 0, 0
+        ids, handshakes, closed, sent = 0, 0, 0, 0
         cpu0, until = time.process_time(), time.monotonic() + cmd.get("seconds", float("inf"))
         while ids < cmd.get("ids", 1 << 62) and time.monotonic() < until:
             ids += 1
@@ -174,6 +178,7 @@ class Malice:
                 try:
                     with trio.fail_after(10):
                         await host.connect(target)
+                        handshakes += 1
                         stream = await host.new_stream(target.peer_id, [PROTOCOL_ID_V12, PROTOCOL_ID_V11])
                 except Exception:
                     continue  # refused or timed out: the next id
@@ -198,7 +203,38 @@ class Malice:
                         await trio.sleep(0.02)
                 if target.peer_id not in host.get_network().get_connections_map():
                     closed += 1
-        return {"ids": ids, "closed": closed, "sent": sent, "cpu_s": time.process_time() - cpu0}
+        return {
+            "ids": ids,
+            "handshakes": handshakes,
+            "closed": closed,
+            "sent": sent,
+            "cpu_s": time.process_time() - cpu0,
+        }
+
+    async def burst(self, cmd: dict) -> dict:
+        """`ids` new peer ids dial the target at once: their hosts are all listening before the first dial."""
+        target = info_from_p2p_addr(Multiaddr(cmd["addr"]))
+        hosts = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(cmd["ids"])]
+        handshakes = 0
+
+        async def dial(host) -> None:
+            nonlocal handshakes
+            try:
+                with trio.fail_after(10):
+                    await host.connect(target)
+                handshakes += 1
+            except Exception:
+                pass  # refused or timed out
+
+        async with contextlib.AsyncExitStack() as stack:
+            for host in hosts:
+                await stack.enter_async_context(host.run(listen_addrs=[Multiaddr(LISTEN)]))
+            start = time.monotonic()
+            async with trio.open_nursery() as nursery:
+                for host in hosts:
+                    nursery.start_soon(dial, host)
+            seconds = time.monotonic() - start
+        return {"ids": len(hosts), "handshakes": handshakes, "seconds": seconds}
 
     # -- commands -------------------------------------------------------------------------
 
@@ -244,6 +280,7 @@ class Malice:
             # its own pubsub stream, or a new one where the library's failed to open ("fail to read from multiselect
             # communicator" at times on a loaded machine: the test then failed before any strike)
             stream = self.pubsub.peers.get(target) or await self.host.new_stream(target, [TProtocol(PROTOCOL_ID_V11)])
+            sent = 0
             for i in range(cmd["count"]):
                 if cmd["kind"] == "badsig":
                     msg = rpc_pb2.Message(
@@ -254,10 +291,16 @@ class Malice:
                 else:
                     grafts = [rpc_pb2.ControlGraft(topicID=f"made-up-{i}-{j}") for j in range(20)]
                     rpc = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(graft=grafts))
-                await stream.write(encode_varint_prefixed(rpc.SerializeToString()))
-            return {"sent": cmd["count"]}
+                try:
+                    await stream.write(encode_varint_prefixed(rpc.SerializeToString()))
+                except Exception:  # cut off meanwhile: the target reset the stream (the test then looks at its log)
+                    break
+                sent += 1
+            return {"sent": sent}
         if op == "rotate":
             return await self.rotate(cmd)
+        if op == "burst":
+            return await self.burst(cmd)
         if op == "connected":
             return {"connected": ID.from_base58(cmd["peer"]) in self.host.get_connected_peers()}
         if op == "serve":

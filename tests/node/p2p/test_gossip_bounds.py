@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -421,3 +422,70 @@ def test_a_network_whose_peers_were_cut_off_again_and_again_is_on_probation(node
         return len(pubsub._cut_offs)
 
     assert node._thread.call(many_networks) == PROBATION_KEPT
+
+
+def test_a_network_on_probation_has_its_new_inbound_connections_paced(node):
+    """Cut off by its first strike, a new peer id from a network on probation still cost the node its connection's
+    handshake, Yamux, identify and pubsub stream (red team: about what it cost the stranger). The node takes one
+    new inbound connection from such a network per PROBATION_CONNECT_S, the rest closed before their handshake:
+    of 6 new peer ids dialling at once, one or two get in. One dial of py-libp2p's (4 tries over about 0.7 s) made
+    right after a connection was taken still gets in; the node's own dials to the network are not paced; other
+    networks are not paced; and what the pace remembers is bounded."""
+    from node.p2p import host as host_module
+    from node.p2p.gossip import PROBATION_AFTER
+
+    mesh = node._m()
+    pubsub = mesh.pubsub
+
+    async def put_on_probation() -> None:
+        for _ in range(PROBATION_AFTER):
+            pubsub._record_cut_off("127.0.0.1", pubsub._clock())
+
+    node._thread.call(put_on_probation)
+    assert pubsub.on_probation("127.0.0.1") and not pubsub.on_probation("127.0.0.2")
+    target = info_from_p2p_addr(Multiaddr(full_addrs(mesh.host)[0]))
+    listen = "/ip4/127.0.0.1/tcp/0"
+
+    async def dials() -> tuple[int, float, float]:
+        hosts = [build_host(os.urandom(32), P2PConfig(listen=listen))[1] for _ in range(9)]
+        handshakes = 0
+
+        async def dial(host) -> None:
+            nonlocal handshakes
+            try:
+                with trio.fail_after(10):
+                    await host.connect(target)
+                handshakes += 1
+            except Exception:
+                pass  # closed before its handshake, 4 times over
+
+        async with contextlib.AsyncExitStack() as stack:
+            for host in hosts:
+                await stack.enter_async_context(host.run(listen_addrs=[Multiaddr(listen)]))
+            start = time.monotonic()
+            async with trio.open_nursery() as nursery:  # 6 at once
+                for host in hosts[:6]:
+                    nursery.start_soon(dial, host)
+            burst = time.monotonic() - start
+            with trio.fail_after(10):
+                start = time.monotonic()
+                await hosts[6].connect(target)
+                await hosts[7].connect(target)  # right after one was taken: its first tries are refused
+                both = time.monotonic() - start
+                # the node dials out to the network as it likes (from its own thread: this loop must answer)
+                await trio.to_thread.run_sync(node.connect, full_addrs(hosts[8])[0])
+            return handshakes, burst, both
+
+    handshakes, burst, both = trio.run(dials)
+    # taken at least PROBATION_CONNECT_S apart, however loaded the machine: all 6 got in before, in a fraction of it
+    assert 1 <= handshakes <= 1 + burst / host_module.PROBATION_CONNECT_S, (handshakes, burst)
+    # the second taken an interval after the first was (it got in: its later tries were taken)
+    assert both >= host_module.PROBATION_CONNECT_S, both
+
+    clock = [0.0]
+    pace = host_module._InboundPace(clock=lambda: clock[0])  # bounded: one record a network, kept an interval
+    pace.on_probation = lambda network: True
+    assert all(pace.admit(f"10.0.{i // 256}.{i % 256}") for i in range(host_module.PACED_KEPT + 10))
+    assert len(pace._taken) == host_module.PACED_KEPT and not pace.admit("10.0.16.9")
+    clock[0] += host_module.PROBATION_CONNECT_S
+    assert pace.admit("10.0.16.9") and len(pace._taken) == 1
