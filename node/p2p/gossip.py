@@ -18,17 +18,18 @@ same peer again cost a lookup, and past REFUSED_COPIES of them each is a strike.
 (Red team: one stranger cycling a few hundred frames of these held a victim at a full core for 5 to 9 times less
 CPU of its own; py-libp2p caches no bad signature, and answers a GRAFT for a made-up topic with a signed PRUNE.)
 
-Peer ids cost nothing, addresses do: a network (host.network_of: an IPv4 address's /24 and an IPv6 address's /64
-when public, the address alone otherwise, read from the peer's connection) from which PROBATION_AFTER peers were cut
-off within BAN_S is on probation, and any peer from it is cut off by its first strike, until BAN_S after the last
-of those. Peers from it that earn no strike are untouched: an honest peer behind the attacker's address (every peer
-of a local mesh shares 127.0.0.1) keeps its gossip. (Red team: a stranger taking a new peer id for every 16 strikes
-cost a node 2.6 times its own CPU with 96 KB announcements that fail their checks, four of them 0.89 of a core;
-measured again, 3.0 times before and 1.0 after: what is left is a connection's own cost, about even.) A peer whose
-address cannot be read has its STRIKES_ALLOWED, as before. What a connection costs is paced as well: the host takes
-one new inbound connection from a network on probation per host.PROBATION_CONNECT_S and closes the rest before their
-handshake (`on_probation`, host.pace_inbound). One stranger taking a new peer id per announcement cost the node 0.19
-CPU s/s, now 0.03; four at once 0.60, now 0.06 (measured).
+Peer ids cost nothing, addresses do: a network (host.network_of: an IPv4 address's /24 and an IPv6 address's /64 when
+public, the address alone otherwise, read from the peer's connection) whose peers earned PROBATION_STRIKES (what
+PROBATION_AFTER peers cut off earn) within about BAN_S is on probation, and any peer from it is cut off by its first
+strike, until BAN_S after the network's last. (Counted as cut-offs first: a stranger that left each peer id at 16
+strikes put no network on probation, re-attack.) Peers from it that earn no strike are untouched: an honest peer behind
+the attacker's address (every peer of a local mesh shares 127.0.0.1) keeps its gossip. (Red team: a stranger taking a
+new peer id for every 16 strikes cost a node 2.6 times its own CPU with 96 KB announcements that fail their checks, four
+of them 0.89 of a core; measured again, 3.0 times before and 1.0 after: what is left is a connection's own cost, about
+even.) A peer whose address cannot be read has its STRIKES_ALLOWED, as before. What a connection costs is paced as well:
+the host takes one new inbound connection from a network on probation per host.PROBATION_CONNECT_S and closes the rest
+before their handshake (`on_probation`, host.pace_inbound). One stranger taking a new peer id per announcement cost the
+node 0.19 CPU s/s, now 0.03; four at once 0.60, now 0.06 (measured).
 
 py-libp2p's cache of validation verdicts is off: the key is the message's bytes, but the validator's verdict also
 depends on the topics, the forwarder, the signer's pace and the book. A stranger that sent an honest announcement's
@@ -62,14 +63,23 @@ REFUSED_KEPT = 16384  # (peer, message id) pairs the precheck refused, remembere
 # Copies of a message refused before that one peer may send again: an honest peer passes a message on once, and
 # again only when asked (an IWANT, for the 3 heartbeats the message is offered)
 REFUSED_COPIES = 5
+# Copies are counted within this long of the refusal, py-libp2p's seen cache's time: an honest relay whose own seen
+# cache forgot a message may take it again later from a stranger and pass it on once more, and copies counted for good
+# would add up to strikes against it, round after round (re-attack, from reading the code)
+REFUSED_ROUND_S = 120.0
 # Peers cut off from one network within BAN_S that put it on probation: 3, not 2, so one broken or hostile client
-# behind a shared address (a NAT, a cluster) and one false ban do not; a stranger rotating peer ids gets 3 x 16
-# strikes' worth of free work per network per BAN_S, and 1 strike per peer id after that
+# behind a shared address (a NAT, a cluster) and one false ban do not. Counted as the strikes they earn, every strike
+# from the network: a stranger that left each peer id at 16 strikes, never cut off, put no network on probation and
+# still cost the node 2.9 times its own CPU (re-attack)
 PROBATION_AFTER = 3
+PROBATION_STRIKES = PROBATION_AFTER * (STRIKES_ALLOWED + 1)
+# a network's strikes go down by PROBATION_STRIKES each BAN_S: an honest network would need 51 false strikes in
+# about 10 minutes to be put on probation (which ends BAN_S after its last strike; the count starts again from 0)
+NETWORK_FORGIVEN_S = BAN_S / PROBATION_STRIKES
 # Strikes a peer from a network on probation may earn: none, its first cuts it off. A new peer id costs its maker a
 # key, a connection and a handshake, about what they cost the node: one bad item per id no longer pays
 STRIKES_ON_PROBATION = 0
-PROBATION_KEPT = 4096  # networks with peers cut off remembered at once (the oldest record forgotten first)
+PROBATION_KEPT = 4096  # networks with strikes remembered at once (the oldest record forgotten first)
 
 
 class _NoVerdicts:
@@ -102,9 +112,10 @@ class GuardedPubsub(Pubsub):
         # cheap checks run before the signatures (Discovery's pace and budget): False refuses the message, no strike
         self.precheck: Callable[[ID, object], bool] | None = None
         # (peer, message id) the precheck refused -> copies of it the peer sent since
-        self._refused_ids: OrderedDict[tuple[ID, bytes], int] = OrderedDict()
-        # network (network_of) -> when its latest peers were cut off (at most PROBATION_AFTER, the oldest first)
-        self._cut_offs: OrderedDict[str, tuple[float, ...]] = OrderedDict()
+        self._refused_ids: OrderedDict[tuple[ID, bytes], tuple[int, float]] = OrderedDict()  # -> (copies, refused at)
+        # network (network_of) -> (its strikes, when counted, when its probation ends): its strikes decayed as a
+        # peer's are, at NETWORK_FORGIVEN_S
+        self._network_strikes: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
         self._log_probation = Throttled(log, logging.WARNING)
 
     def strike(self, peer: ID, why: str) -> None:
@@ -116,8 +127,9 @@ class GuardedPubsub(Pubsub):
         count, at = self._strikes.pop(peer, (0.0, now))
         # one forgiven each STRIKE_FORGIVEN_S: a rare false strike (a race, a peer's bug) never adds up to a ban
         count = max(0.0, count - (now - at) / STRIKE_FORGIVEN_S) + 1
-        # its network read only when it counts: a record to check, or a cut-off to remember
-        network = self._network(peer) if self._cut_offs or count > STRIKES_ALLOWED else None
+        network = self._network(peer)
+        if network is not None:
+            self._count_network(network, now)
         allowed = STRIKES_ON_PROBATION if self._on_probation(network, now) else STRIKES_ALLOWED
         if count <= allowed:
             self._strikes[peer] = (count, now)
@@ -136,8 +148,6 @@ class GuardedPubsub(Pubsub):
         self._banned[peer] = now + BAN_S
         while len(self._banned) > BANNED_KEPT:
             self.remove_from_blacklist(self._banned.popitem(last=False)[0])
-        if network is not None:
-            self._record_cut_off(network, now)
         self._cut_off(peer)
 
     def _network(self, peer: ID) -> str | None:
@@ -164,28 +174,28 @@ class GuardedPubsub(Pubsub):
         return self._on_probation(network, self._clock())
 
     def _on_probation(self, network: str | None, now: float) -> bool:
-        """Whether PROBATION_AFTER peers from `network` were cut off within BAN_S (its record forgotten once not)."""
-        times = self._cut_offs.get(network) if network is not None else None
-        if times is None:
-            return False
-        if now - times[-1] >= BAN_S:  # the latest too long ago: the record ends
-            del self._cut_offs[network]
-            return False
-        return len(times) >= PROBATION_AFTER and now - times[0] < BAN_S
+        """Whether `network` earned PROBATION_STRIKES (less what time forgave, NETWORK_FORGIVEN_S each) within BAN_S
+        of its last strike."""
+        record = self._network_strikes.get(network) if network is not None else None
+        return record is not None and now < record[2]
 
-    def _record_cut_off(self, network: str, now: float) -> None:
-        recent = tuple(t for t in self._cut_offs.pop(network, ()) if now - t < BAN_S)
-        self._cut_offs[network] = (*recent, now)[-PROBATION_AFTER:]
-        while len(self._cut_offs) > PROBATION_KEPT:
-            self._cut_offs.popitem(last=False)
-        if len(recent) == PROBATION_AFTER - 1:  # on probation from now (each later cut-off only extends it)
-            self._log_probation(
-                "network %s on probation for %.0f s: %d of its peers cut off from gossip within that time; its peers "
-                "are cut off by their first item no honest peer sends",
-                network,
-                BAN_S,
-                PROBATION_AFTER,
-            )
+    def _count_network(self, network: str, now: float, strikes: int = 1) -> None:
+        count, at, until = self._network_strikes.pop(network, (0.0, now, 0.0))
+        count = max(0.0, count - (now - at) / NETWORK_FORGIVEN_S) + strikes
+        if now < until or count >= PROBATION_STRIKES:  # on probation (again), until BAN_S from now
+            if now >= until:
+                self._log_probation(
+                    "network %s on probation: %d items no honest peer sends from its peers (as many as %d peers cut "
+                    "off earn); its peers are cut off by their first, until %.0f s after its last",
+                    network,
+                    PROBATION_STRIKES,
+                    PROBATION_AFTER,
+                    BAN_S,
+                )
+            count, until = 0.0, now + BAN_S
+        self._network_strikes[network] = (count, now, until)
+        while len(self._network_strikes) > PROBATION_KEPT:
+            self._network_strikes.popitem(last=False)
 
     def _cut_off(self, peer: ID) -> None:
         """Blacklist `peer` and forget it as a dead peer is forgotten (its stream, queue, subscriptions and mesh
@@ -246,9 +256,9 @@ class GuardedPubsub(Pubsub):
             if self.seen_messages.has(msg_id):
                 return
             refused = (msg_forwarder, msg_id)
-            copies = self._refused_ids.get(refused)
-            if copies is not None:
-                self._refused_ids[refused] = copies + 1
+            copies, at = self._refused_ids.get(refused, (-1, 0.0))
+            if copies >= 0 and self._clock() - at < REFUSED_ROUND_S:
+                self._refused_ids[refused] = (copies + 1, at)
                 if copies >= REFUSED_COPIES:
                     self.strike(msg_forwarder, "a message refused before, sent again and again")
                 return
@@ -267,7 +277,8 @@ class GuardedPubsub(Pubsub):
         past the newcomers' budget held a node at 0.91 of a core). The refusal itself is no strike: what a node
         refuses for pace or budget depends on its own state, and a stranger could have an honest relay pass on what
         this node refuses (review). Another peer's copy of the same bytes is judged as it comes."""
-        self._refused_ids[refused] = 0
+        self._refused_ids.pop(refused, None)  # a new round: the newest last, the first forgotten
+        self._refused_ids[refused] = (0, self._clock())
         while len(self._refused_ids) > REFUSED_KEPT:
             self._refused_ids.popitem(last=False)
 

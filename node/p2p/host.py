@@ -86,6 +86,9 @@ class _InboundConnectionClosed(Exception):
     """Ends py-libp2p's handler task of an inbound connection once the connection has closed."""
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def network_of(address: str) -> str:
     """The network one party is taken to hold, for caps that peer ids (free) cannot get around: a public IPv4
     address's /24 and a public IPv6 address's /64 (a host is given a /64 of its own, a cloud account many addresses
@@ -94,16 +97,30 @@ def network_of(address: str) -> str:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # an IPv4 address written as IPv6 is its IPv4 network: mapped, 6to4 (one IPv4 owner had 65,536 /64s), Teredo
+        # (each address was its own network) and NAT64's well-known prefix (every IPv4 peer was one /64); re-attack
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip.teredo is not None:
+            ip = ip.teredo[1]
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if not ip.is_global:
         return str(ip)
     return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))
 
 
-def _remote_network(conn) -> str:
+def _remote_address(conn) -> str:
     remote = conn.get_remote_address() if hasattr(conn, "get_remote_address") else None
-    return network_of(str(remote[0])) if remote else "?"
+    return str(remote[0]) if remote else "?"
+
+
+def _remote_network(conn) -> str:
+    address = _remote_address(conn)
+    return network_of(address) if address != "?" else "?"
 
 
 # The least time between two new inbound connections taken from a network on probation (`pace_inbound`). 0.5 s, not
@@ -113,6 +130,10 @@ def _remote_network(conn) -> str:
 # the node its Noise handshake, Yamux, identify and a pubsub stream, 20-30 ms of CPU (measured), 2 a second at
 # most from the network
 PROBATION_CONNECT_S = 0.5
+# ... and from one address in it: connections from an address whose interval is not over are closed without taking
+# the network's, so one address's bare TCP connects (a stranger's loop at 20 a second let 1 of 8 honest dials from the
+# same network in; re-attack) leave the network's other addresses theirs, 16 a second between them at most
+NETWORK_CONNECT_S = PROBATION_CONNECT_S / 8
 PACED_KEPT = 4096  # networks whose last connection taken on probation is remembered at once (oldest forgotten)
 
 
@@ -126,26 +147,32 @@ class _InboundPace:
         self._taken: OrderedDict[str, float] = OrderedDict()  # network -> when its last connection was taken
         self._log = Throttled(log, logging.INFO)  # strangers make it happen
 
-    def admit(self, network: str) -> bool:
-        """Whether a new inbound connection from `network` may go on to its handshake (the time it was taken is
-        kept when it may)."""
+    def admit(self, address: str, network: str) -> bool:
+        """Whether a new inbound connection from `address` (in `network`, network_of's) may go on to its handshake:
+        one per PROBATION_CONNECT_S from the address and one per NETWORK_CONNECT_S from the network while it is on
+        probation (when it may, the times it was taken are kept)."""
         now = self._clock()
         # the oldest first: those PROBATION_CONNECT_S old and more decide nothing any more
         while self._taken and now - next(iter(self._taken.values())) >= PROBATION_CONNECT_S:
             self._taken.popitem(last=False)
         if self.on_probation is None or not self.on_probation(network):
             return True
-        last = self._taken.get(network)
-        if last is not None:
-            self._log(
-                "inbound connection from %s closed before its handshake: its network is on probation, and took one "
-                "%.2f s ago (one per %.1f s)",
-                network,
-                now - last,
-                PROBATION_CONNECT_S,
-            )
-            return False
-        self._taken[network] = now
+        for key, interval in ((f"address {address}", PROBATION_CONNECT_S), (f"network {network}", NETWORK_CONNECT_S)):
+            last = self._taken.get(key)
+            if last is not None and now - last < interval:
+                self._log(
+                    "inbound connection from %s closed before its handshake: its network %s is on probation, and "
+                    "the %s took one %.2f s ago (one per %.2f s)",
+                    address,
+                    network,
+                    key.split()[0],
+                    now - last,
+                    interval,
+                )
+                return False
+        for key in (f"address {address}", f"network {network}"):
+            self._taken.pop(key, None)
+            self._taken[key] = now
         while len(self._taken) > PACED_KEPT:
             self._taken.popitem(last=False)
         return True
@@ -183,11 +210,14 @@ def _bound_inbound(swarm, per_network: int) -> None:
     async def upgrade_inbound(raw_conn, maddr):
         if not slots.holds():  # not the task of the swarm's inbound handler
             return await upgrade(raw_conn, maddr)
-        net = _remote_network(raw_conn)
+        address = _remote_address(raw_conn)
+        net = network_of(address) if address != "?" else "?"
         if held[net] >= per_network:
             await raw_conn.close()
             raise _InboundConnectionClosed(f"{held[net]} inbound connections from {net} already")
-        if not pace.admit(net):  # closed before the Noise handshake: what a connection costs is mostly after it
+        if not pace.admit(
+            address, net
+        ):  # closed before the Noise handshake: what a connection costs is mostly after it
             await raw_conn.close()
             raise _InboundConnectionClosed(f"{net} on probation took an inbound connection within the interval")
         held[net] += 1

@@ -266,6 +266,33 @@ def test_announcements_past_the_budget_are_refused_before_any_signature_and_thei
     _poll(lambda: discovery.book.holds(str(ID.from_pubkey(holder.public_key))))
 
 
+def test_copies_of_a_refused_message_are_counted_within_one_round_of_the_seen_cache(node, discovery):
+    """An honest relay whose seen cache forgot a message may take it again from a stranger and pass it on once more:
+    copies counted for good added up to strikes against it, round after round (re-attack). They are counted within
+    REFUSED_ROUND_S of the refusal."""
+    from node.p2p.gossip import REFUSED_ROUND_S
+
+    pubsub = node._m().pubsub
+    clock = [0.0]
+    pubsub._clock = lambda: clock[0]
+    discovery._clock = lambda: 1000.0  # no refill: the node refuses it for its budget each time
+    discovery._newcomers_budget, discovery._budget_at = 0.0, 1000.0
+    relay, holder = create_new_key_pair(), create_new_key_pair()
+    copy = _signed(relay, _message(holder, int(time.time() * 1000)).data)
+    rid = ID.from_pubkey(relay.public_key)
+
+    async def push(count: int) -> None:
+        for _ in range(count):
+            await pubsub.push_msg(rid, copy)
+
+    for _ in range(STRIKES_ALLOWED + 2):  # a round after another, each with what an honest relay sends at most
+        node._thread.call(push, 1 + REFUSED_COPIES)
+        clock[0] += REFUSED_ROUND_S
+    assert rid not in pubsub._strikes and not pubsub.is_peer_blacklisted(rid)
+    node._thread.call(push, 2 + REFUSED_COPIES)  # within one round, one copy more than that: a strike
+    assert pubsub._strikes[rid][0] == 1
+
+
 def test_subscriptions_to_other_topics_and_leaving_the_topic_are_strikes_and_strikes_are_forgiven(node):
     """A peer toggling subscriptions to made-up topics held a node at 0.9 of a core, past every other bound
     (re-attack): subscriptions to other topics are not kept and are strikes, and so is leaving the node's topic (an
@@ -418,10 +445,34 @@ def test_a_network_whose_peers_were_cut_off_again_and_again_is_on_probation(node
 
     async def many_networks() -> int:  # and the records are bounded
         for i in range(PROBATION_KEPT + 10):
-            pubsub._record_cut_off(f"10.0.{i // 256}.{i % 256}", clock[0])
-        return len(pubsub._cut_offs)
+            pubsub._count_network(f"10.0.{i // 256}.{i % 256}", clock[0])
+        return len(pubsub._network_strikes)
 
     assert node._thread.call(many_networks) == PROBATION_KEPT
+
+
+def test_a_network_whose_peers_each_stop_short_of_a_ban_is_on_probation_too(node):
+    """A stranger that left each peer id at STRIKES_ALLOWED strikes, never cut off, put no network on probation
+    (only cut-offs were counted) and cost a node 2.9 times its own CPU (re-attack). Every strike counts against the
+    network: past PROBATION_STRIKES it is on probation, and a new peer id from it is cut off by its first strike."""
+    from node.p2p.gossip import PROBATION_STRIKES
+
+    pubsub = node._m().pubsub
+    clock = [0.0]
+    pubsub._clock = lambda: clock[0]
+    stoppers = -(-PROBATION_STRIKES // STRIKES_ALLOWED)  # each at its allowance, together past the network's
+    *short, newcomer = _from_loopback(node, stoppers + 1)
+    junk = _signed(create_new_key_pair(), b"not an announcement")
+    for pair in short:
+        peer = ID.from_pubkey(pair.public_key)
+        for _ in range(STRIKES_ALLOWED if pair is not short[-1] else PROBATION_STRIKES % STRIKES_ALLOWED or 16):
+            node._thread.call(pubsub.push_msg, peer, junk)
+    assert pubsub.on_probation("127.0.0.1")
+    peer = ID.from_pubkey(newcomer.public_key)
+    node._thread.call(pubsub.push_msg, peer, junk)
+    assert pubsub.is_peer_blacklisted(peer)  # its first strike
+    clock[0] += BAN_S  # BAN_S after the network's last strike, its probation ends
+    assert not pubsub.on_probation("127.0.0.1")
 
 
 def test_a_network_on_probation_has_its_new_inbound_connections_paced(node):
@@ -432,14 +483,13 @@ def test_a_network_on_probation_has_its_new_inbound_connections_paced(node):
     right after a connection was taken still gets in; the node's own dials to the network are not paced; other
     networks are not paced; and what the pace remembers is bounded."""
     from node.p2p import host as host_module
-    from node.p2p.gossip import PROBATION_AFTER
+    from node.p2p.gossip import PROBATION_STRIKES
 
     mesh = node._m()
     pubsub = mesh.pubsub
 
     async def put_on_probation() -> None:
-        for _ in range(PROBATION_AFTER):
-            pubsub._record_cut_off("127.0.0.1", pubsub._clock())
+        pubsub._count_network("127.0.0.1", pubsub._clock(), PROBATION_STRIKES)
 
     node._thread.call(put_on_probation)
     assert pubsub.on_probation("127.0.0.1") and not pubsub.on_probation("127.0.0.2")
@@ -485,7 +535,15 @@ def test_a_network_on_probation_has_its_new_inbound_connections_paced(node):
     clock = [0.0]
     pace = host_module._InboundPace(clock=lambda: clock[0])  # bounded: one record a network, kept an interval
     pace.on_probation = lambda network: True
-    assert all(pace.admit(f"10.0.{i // 256}.{i % 256}") for i in range(host_module.PACED_KEPT + 10))
-    assert len(pace._taken) == host_module.PACED_KEPT and not pace.admit("10.0.16.9")
+    assert all(pace.admit(f"10.0.{i // 256}.{i % 256}", f"net {i}") for i in range(host_module.PACED_KEPT))
+    assert len(pace._taken) == host_module.PACED_KEPT
     clock[0] += host_module.PROBATION_CONNECT_S
-    assert pace.admit("10.0.16.9") and len(pace._taken) == 1
+    assert pace.admit("10.0.16.9", "net 0") and len(pace._taken) == 2
+    # one address's connections take its own interval, not its network's: a stranger's bare TCP connects from one
+    # address kept every honest dial from the same network out (re-attack)
+    net = "1.2.3.0/24"
+    assert pace.admit("1.2.3.4", net)
+    clock[0] += host_module.NETWORK_CONNECT_S
+    assert not any(pace.admit("1.2.3.4", net) for _ in range(100))  # its address's interval is not over
+    assert pace.admit("1.2.3.5", net)  # another address of the network: the network's is
+    assert not pace.admit("1.2.3.6", net)  # and again only past the network's interval
