@@ -27,9 +27,10 @@ the attacker's address (every peer of a local mesh shares 127.0.0.1) keeps its g
 new peer id for every 16 strikes cost a node 2.6 times its own CPU with 96 KB announcements that fail their checks, four
 of them 0.89 of a core; measured again, 3.0 times before and 1.0 after: what is left is a connection's own cost, about
 even.) A peer whose address cannot be read has its STRIKES_ALLOWED, as before. What a connection costs is paced as well:
-the host takes one new inbound connection from a network on probation per host.PROBATION_CONNECT_S and closes the rest
-before their handshake (`on_probation`, host.pace_inbound). One stranger taking a new peer id per announcement cost the
-node 0.19 CPU s/s, now 0.03; four at once 0.60, now 0.06 (measured).
+the host takes a new inbound connection from a network on probation once per host.PROBATION_CONNECT_S from each of its
+addresses and once per host.NETWORK_CONNECT_S from the network, and closes the rest before their handshake
+(`on_probation`, host.pace_inbound). One stranger taking a new peer id per announcement cost the node 0.19 CPU s/s, now
+0.03; four at once 0.60, now 0.06 (measured).
 
 py-libp2p's cache of validation verdicts is off: the key is the message's bytes, but the validator's verdict also
 depends on the topics, the forwarder, the signer's pace and the book. A stranger that sent an honest announcement's
