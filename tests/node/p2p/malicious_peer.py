@@ -215,25 +215,10 @@ class Malice:
         """`ids` new peer ids dial the target at once: their hosts are all listening before the first dial."""
         target = info_from_p2p_addr(Multiaddr(cmd["addr"]))
         hosts = [build_host(os.urandom(32), P2PConfig(listen=LISTEN))[1] for _ in range(cmd["ids"])]
-        handshakes = 0
-
-        async def dial(host) -> None:
-            nonlocal handshakes
-            try:
-                with trio.fail_after(10):
-                    await host.connect(target)
-                handshakes += 1
-            except Exception:
-                pass  # refused or timed out
-
         async with contextlib.AsyncExitStack() as stack:
             for host in hosts:
                 await stack.enter_async_context(host.run(listen_addrs=[Multiaddr(LISTEN)]))
-            start = time.monotonic()
-            async with trio.open_nursery() as nursery:
-                for host in hosts:
-                    nursery.start_soon(dial, host)
-            seconds = time.monotonic() - start
+            handshakes, seconds = await dial_at_once(hosts, target)
         return {"ids": len(hosts), "handshakes": handshakes, "seconds": seconds}
 
     # -- commands -------------------------------------------------------------------------
@@ -333,6 +318,26 @@ class Malice:
                 await self.provide_keys(target, keys[i : i + 10])
             return {"keys": len(keys)}
         raise ValueError(f"unknown command {op!r}")
+
+
+async def dial_at_once(hosts, target) -> tuple[int, float]:
+    """Each of `hosts` (running) dials `target` at once: how many got in (a handshake), and the seconds it took."""
+    handshakes = 0
+
+    async def dial(host) -> None:
+        nonlocal handshakes
+        try:
+            with trio.fail_after(10):
+                await host.connect(target)
+            handshakes += 1
+        except Exception:
+            pass  # refused (closed before its handshake, 4 tries over) or timed out
+
+    start = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for host in hosts:
+            nursery.start_soon(dial, host)
+    return handshakes, time.monotonic() - start
 
 
 def _bad_announcement() -> bytes:

@@ -31,6 +31,7 @@ from node.p2p.discovery import (
 )
 from node.p2p.gossip import BAN_S, REFUSED_COPIES, STRIKE_FORGIVEN_S, STRIKES_ALLOWED, MeshGossipSub
 from node.p2p.host import LIBP2P_TARGET, _Forward, build_host, full_addrs
+from tests.node.p2p.malicious_peer import dial_at_once
 
 
 def _gossipsub() -> MeshGossipSub:
@@ -498,25 +499,10 @@ def test_a_network_on_probation_has_its_new_inbound_connections_paced(node):
 
     async def dials() -> tuple[int, float, float]:
         hosts = [build_host(os.urandom(32), P2PConfig(listen=listen))[1] for _ in range(9)]
-        handshakes = 0
-
-        async def dial(host) -> None:
-            nonlocal handshakes
-            try:
-                with trio.fail_after(10):
-                    await host.connect(target)
-                handshakes += 1
-            except Exception:
-                pass  # closed before its handshake, 4 times over
-
         async with contextlib.AsyncExitStack() as stack:
             for host in hosts:
                 await stack.enter_async_context(host.run(listen_addrs=[Multiaddr(listen)]))
-            start = time.monotonic()
-            async with trio.open_nursery() as nursery:  # 6 at once
-                for host in hosts[:6]:
-                    nursery.start_soon(dial, host)
-            burst = time.monotonic() - start
+            handshakes, burst = await dial_at_once(hosts[:6], target)  # 6 at once
             with trio.fail_after(10):
                 start = time.monotonic()
                 await hosts[6].connect(target)
