@@ -622,7 +622,7 @@ class LLMEngine:
         # the token histories only when a penalty needs them (process_logits reads them per row that asks)
         hist = {}
         if any(p.processed for p in params):
-            hist = dict(prompts=[s.prompt_token_ids for s in seqs], outputs=[s.output_token_ids for s in seqs])
+            hist = dict(prompts=[s.prompt_seen() for s in seqs], outputs=[s.output_token_ids for s in seqs])
         if self.device.type == "cuda":  # batched on the device, one copy of the ids to the host
             steps = [len(s.output_token_ids) for s in seqs]
             drawn = draw_on_device(logits, params, [s.seed for s in seqs], steps, eos_ids=self.eos_ids, **hist)

@@ -70,7 +70,7 @@ def verify(
     for i, (s, d) in enumerate(zip(seqs, drafts, strict=True)):
         for j in range(len(d) + 1):  # position j sees the row's history plus the first j drafted tokens
             params.append(s.params)
-            prompts.append(s.prompt_token_ids)
+            prompts.append(s.prompt_seen())
             outputs.append(s.output_token_ids + d[:j])
             owner.append(i)
     starts = [0]

@@ -19,17 +19,33 @@ def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
     return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.int64)
 
 
+def _seen(prompts: list[list[int] | torch.Tensor], outputs: list[list[int]], pad: int) -> torch.Tensor:
+    """Each row's prompt ids (a list, or the tensor of its distinct ids a sequence keeps: Sequence.prompt_seen)
+    then its output ids -> int64 [N, longest] padded with `pad`."""
+    rows = [
+        torch.cat(
+            (
+                p if isinstance(p, torch.Tensor) else torch.tensor(p, dtype=torch.int64),
+                torch.tensor(o, dtype=torch.int64),
+            )
+        )
+        for p, o in zip(prompts, outputs, strict=True)
+    ]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+
+
 def process_logits(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    prompts: Sequence[list[int]] | None = None,
+    prompts: Sequence[list[int] | torch.Tensor] | None = None,
     outputs: Sequence[list[int]] | None = None,
     eos_ids: Iterable[int] = (),
 ) -> torch.Tensor:
     """logits [B, V] float32 -> the logits each row's draw is made from (a new tensor when any row changes;
     the same tensor, untouched, when none asks: a batch of plain rows costs nothing here).
 
-    Semantics, for each row i that asks (outputs_i: the tokens it generated, prompts_i its prompt):
+    Semantics, for each row i that asks (outputs_i: the tokens it generated, prompts_i its prompt, or its distinct
+    ids as a tensor: a repetition is penalized once per distinct id):
       l[t] += logit_bias_i[t]
       l[t] = -inf for t in stop_token_ids_i (and the EOS ids unless ignore_eos) while len(outputs_i) < min_tokens_i
       l[t] = -inf for t not in allowed_token_ids_i, when given
@@ -90,7 +106,7 @@ def process_logits(
         lg[:, :v] = logits[pen_t]
         out = to_device(_padded([outputs[i] for i in pen], v), dev)  # [N, Lo]
         if any(params[i].repetition_penalty != 1 for i in pen):
-            seen = to_device(_padded([prompts[i] + outputs[i] for i in pen], v), dev)  # [N, Lp + Lo]
+            seen = to_device(_seen([prompts[i] for i in pen], [outputs[i] for i in pen], v), dev)  # [N, Lp + Lo]
             x = lg.gather(1, seen)
             lg.scatter_(1, seen, torch.where(x > 0, x / rep, x * rep))
         lg.scatter_add_(1, out, (-freq).expand(out.shape).contiguous())  # -frequency per occurrence

@@ -30,7 +30,7 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator],
     *,
-    prompts: Sequence[list[int]] | None = None,
+    prompts: Sequence[list[int] | torch.Tensor] | None = None,
     outputs: Sequence[list[int]] | None = None,
     eos_ids: Iterable[int] = (),
 ) -> list[int]:
@@ -216,7 +216,7 @@ def sample_on_device(
     seeds: list[int],
     steps: list[int],
     *,
-    prompts: Sequence[list[int]] | None = None,
+    prompts: Sequence[list[int] | torch.Tensor] | None = None,
     outputs: Sequence[list[int]] | None = None,
     eos_ids: Iterable[int] = (),
 ) -> list[int]:
@@ -230,7 +230,7 @@ def draw_on_device(
     seeds: list[int],
     steps: list[int],
     *,
-    prompts: Sequence[list[int]] | None = None,
+    prompts: Sequence[list[int] | torch.Tensor] | None = None,
     outputs: Sequence[list[int]] | None = None,
     eos_ids: Iterable[int] = (),
 ) -> torch.Tensor:
