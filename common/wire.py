@@ -308,7 +308,8 @@ def json_depth(text: str) -> int:
 
 
 def nested_deeper(text: str, limit: int) -> bool:
-    """Whether arrays and objects in `text` nest deeper than `limit` (brackets inside strings do not count)."""
+    """Whether arrays and objects in JSON `text` nest deeper than `limit` (brackets inside strings do not count; in
+    text that is no JSON, only up to where a bracket closes what is not open, where a decoder would stop)."""
     return _too_deep(_outside_brackets(_STRINGS.sub('""', text)), limit)
 
 

@@ -65,7 +65,7 @@ async def count_input_tokens(request: Request, auth: AuthDep, gw: GatewayDep) ->
 async def stored_response(request: Request, response_id: str, auth: AuthDep) -> None:
     """API key: a stored response, its input items, its cancellation: none here, said in one line (404). GET or DELETE
     on the input token count's own path is a 405 (it was the 404 of a response named "input_tokens"; review)."""
-    if request.url.path.rstrip("/").endswith("/responses/input_tokens"):
+    if response_id == "input_tokens" and request.method in ("GET", "DELETE") and not request.path_params.get("action"):
         raise StarletteHTTPException(405, "the input token count takes POST", headers={"Allow": "POST"})
     raise ResponseNotStored(
         "this gateway stores no responses (store is not supported): keep the response you were sent, and send the "

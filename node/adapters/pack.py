@@ -15,6 +15,7 @@ from common.wire import canonical_json
 from ledger.types import MAX_DATASETS, Domain
 from node.adapters.basemodel import base_model_id, base_model_name, read_config
 from node.adapters.errors import PackageError
+from node.adapters.limits import MAX_FILES
 from node.adapters.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -157,6 +158,8 @@ def pack_adapter(
     base = resolve_base_dir(peft_dir, base_dir)
     check_lora_tensors(read_safetensors_header(peft_dir / WEIGHTS_FILE), lora, read_config(base))
     files = _package_files(peft_dir)
+    if len(files) > MAX_FILES:  # what every node's manifest check refuses, refused before anything is copied
+        raise PackageError(f"{peft_dir} holds {len(files)} files; a package holds at most {MAX_FILES}")
     check_extra_bytes([(p.name, p.stat().st_size) for p in files])
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"output folder {out_dir} is not empty")

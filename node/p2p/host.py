@@ -123,28 +123,30 @@ def _remote_network(conn) -> str:
     return network_of(address) if address != "?" else "?"
 
 
-# The least time between two new inbound connections taken from a network on probation (`pace_inbound`). 0.5 s, not
-# more: py-libp2p dials an address 4 times over about 0.7 s (retries after 0.1, 0.2 and 0.4 s) and then keeps from
-# dialling the peer for 60 s (its negative cache), so one dial of an honest peer behind that network spans a whole
-# interval and gets in unless another connection from there took it meanwhile. Not less: each connection taken costs
-# the node its Noise handshake, Yamux, identify and a pubsub stream, 20-30 ms of CPU (measured), 2 a second at
-# most from the network
+# The least time between two new inbound connections taken from one address of a network on probation
+# (`pace_inbound`). 0.5 s, not more: py-libp2p dials an address 4 times over about 0.7 s (retries after 0.1, 0.2 and
+# 0.4 s) and then keeps from dialling the peer for 60 s (its negative cache), so one dial of an honest peer behind that
+# address spans a whole interval and gets in unless another connection from there took it meanwhile. Not less: each
+# connection taken costs the node its Noise handshake, Yamux, identify and a pubsub stream, 20-30 ms of CPU
+# (measured), 2 a second at most from the address
 PROBATION_CONNECT_S = 0.5
 # ... and from one address in it: connections from an address whose interval is not over are closed without taking
 # the network's, so one address's bare TCP connects (a stranger's loop at 20 a second let 1 of 8 honest dials from the
 # same network in; re-attack) leave the network's other addresses theirs, 16 a second between them at most
 NETWORK_CONNECT_S = PROBATION_CONNECT_S / 8
-PACED_KEPT = 4096  # networks whose last connection taken on probation is remembered at once (oldest forgotten)
+PACED_KEPT = 4096  # addresses and networks whose last connection taken is remembered at once (oldest forgotten)
 
 
 class _InboundPace:
-    """When each network on probation (`on_probation`, set by `pace_inbound` once the pubsub exists; None until
-    then) last had a new inbound connection taken; one within PROBATION_CONNECT_S of that is refused."""
+    """When each address and network on probation (`on_probation`, set by `pace_inbound` once the pubsub exists;
+    None until then) last had a new inbound connection taken: one within PROBATION_CONNECT_S of its address's, or
+    NETWORK_CONNECT_S of its network's, is refused."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.on_probation: Callable[[str], bool] | None = None
         self._clock = clock
-        self._taken: OrderedDict[str, float] = OrderedDict()  # network -> when its last connection was taken
+        # "address A" or "network N" -> when its last connection was taken (the oldest first)
+        self._taken: OrderedDict[str, float] = OrderedDict()
         self._log = Throttled(log, logging.INFO)  # strangers make it happen
 
     def admit(self, address: str, network: str) -> bool:
@@ -179,8 +181,9 @@ class _InboundPace:
 
 
 def pace_inbound(host, on_probation: Callable[[str], bool]) -> None:
-    """From now on, take at most one new inbound connection per PROBATION_CONNECT_S from a network `on_probation`
-    names (network_of's), closing the rest before their Noise handshake. The pubsub tells (GuardedPubsub.on_probation)
+    """From now on, take at most one new inbound connection per PROBATION_CONNECT_S from an address, and per
+    NETWORK_CONNECT_S from a network, that `on_probation` names (network_of's), closing the rest before their Noise
+    handshake. The pubsub tells (GuardedPubsub.on_probation)
     and is built after the host: hence a hook, set once it exists. Peer ids cost nothing: a stranger taking a new one
     per connection had each cut off by its first strike, and still cost the node each connection's handshake,
     Yamux, identify and pubsub stream, about as much CPU as it spent itself (red team). The node's own dials are not
@@ -190,8 +193,8 @@ def pace_inbound(host, on_probation: Callable[[str], bool]) -> None:
 
 def _bound_inbound(swarm, per_network: int) -> None:
     """End the swarm's handler task of an inbound connection when the connection closes, take at most
-    `per_network` inbound connections from one network (`network_of`) at once, and from a network on probation at
-    most one new one per PROBATION_CONNECT_S (`pace_inbound`).
+    `per_network` inbound connections from one network (`network_of`) at once, and from a network on probation new
+    ones at a pace (`pace_inbound`).
 
     After the upgrade the handler waited for the whole host to stop, and held its inbound slot until then: after
     max_connections - min_connections inbound connections in its life, all long closed, a node accepted none and

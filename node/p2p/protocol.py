@@ -36,7 +36,6 @@ from libp2p.stream_muxer.exceptions import MuxedStreamError
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
 from node.adapters.errors import shown
-from node.adapters.limits import MAX_FILES
 from node.adapters.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from node.p2p.errors import BadBytes, FrameError, ProviderError, ProviderRefused, ProviderTimeout
 
@@ -269,8 +268,6 @@ def plan_transfer(manifest_bytes: bytes, adapter_id: str, *, max_bytes: int) -> 
         raise BadBytes("provider sent a manifest that is not in canonical form")
     if manifest.adapter_id != adapter_id:
         raise BadBytes(f"manifest hashes to {manifest.adapter_id}, not the requested adapter id {adapter_id}")
-    if len(manifest.files) > MAX_FILES:
-        raise BadBytes(f"manifest lists {len(manifest.files)} files; at most {MAX_FILES} are accepted")
     plan = TransferPlan(adapter_id, tuple(PlannedFile(f.path, f.size, f.sha256) for f in manifest.files))
     if plan.total_bytes > max_bytes:
         raise BadBytes(f"package is {plan.total_bytes} bytes; this node accepts at most {max_bytes}")

@@ -325,3 +325,5 @@ def test_input_tokens_count_what_a_response_is_billed(served, oai):
         answer = httpx.request(method, served.url + path, headers=auth, timeout=10)
         assert (answer.status_code, answer.headers.get("allow")) == (405, "POST"), (method, path, answer.text)
         assert answer.json()["error"]["type"] == "invalid_request_error"
+    for path in ("/v1/responses/input_tokens/", "/v1/responses/resp_1/responses/input_tokens"):  # no 405 (review)
+        assert httpx.post(served.url + path, headers=auth, json={}, timeout=10).status_code == 404, path

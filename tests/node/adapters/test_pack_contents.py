@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import pytest
 from eth_account import Account
@@ -100,6 +101,19 @@ def test_a_padded_manifest_is_refused_before_a_byte_is_fetched(tiny_base, peft, 
 
 
 NOTES = {"path": "notes.txt", "sha256": "0" * 64}
+
+
+def test_a_folder_of_more_files_than_a_package_holds_is_refused_in_one_line_before_anything_is_copied(
+    tiny_base, peft, tmp_path
+):
+    """The manifest's bound on its files (64) came through packing as pydantic's many-line error, after the files
+    were copied (review)."""
+    folder = shutil.copytree(peft, tmp_path / "peft")  # the fixture's folder is shared
+    for i in range(MAX_FILES):
+        (folder / f"extra{i}.txt").write_text("x")
+    with pytest.raises(PackageError, match=rf"holds \d+ files; a package holds at most {MAX_FILES}$"):
+        pack_adapter(folder, tmp_path / "pkg", name="alice/x", account=Account.create(), base_dir=tiny_base)
+    assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg.partial-*"))
 
 
 def test_a_manifests_entries_are_bounded_before_they_are_read_one_by_one(tiny_base, peft, tmp_path):

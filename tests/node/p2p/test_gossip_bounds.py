@@ -519,7 +519,8 @@ def test_a_network_on_probation_has_its_new_inbound_connections_paced(node):
     assert both >= host_module.PROBATION_CONNECT_S, both
 
     clock = [0.0]
-    pace = host_module._InboundPace(clock=lambda: clock[0])  # bounded: one record a network, kept an interval
+    # bounded: a record an address and a network, kept an interval
+    pace = host_module._InboundPace(clock=lambda: clock[0])
     pace.on_probation = lambda network: True
     assert all(pace.admit(f"10.0.{i // 256}.{i % 256}", f"net {i}") for i in range(host_module.PACED_KEPT))
     assert len(pace._taken) == host_module.PACED_KEPT
