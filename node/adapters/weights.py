@@ -388,6 +388,7 @@ _PEFT_FIELDS: dict[str, tuple[Any, str]] = {
     "use_bdlora": (_empty, "null"),
     "arrow_config": (_empty, "null"),
     "kasa_config": (_empty, "null"),
+    "astra_config": (_empty, "null"),  # PEFT 0.22: used only with init_lora_weights "astra", which is refused
     "init_lora_weights": (_init, "true, false, 'gaussian' or 'eva'"),
     "qalora_group_size": (_any, ""),  # used only with use_qalora
     "megatron_core": (_any, ""),  # used only with megatron_config
