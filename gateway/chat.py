@@ -152,10 +152,10 @@ class ChatTemplates:
 
     def sent_chars(
         self, base_model_id: str, ids: list[int], stops: list[str], stop_ids: set[int], ended: bool
-    ) -> tuple[int, int | None]:
+    ) -> tuple[int, int | None, str | None]:
         """What an honest node sends for a sequence of these token ids (its tokenizer loaded; blocking): the
-        characters of its text, and the position of the token that completes a stop string (None: none does),
-        after which it sends nothing. Its detokenizer run over the ids as the engine runs it
+        characters of its text, and the position of the token that completes a stop string and that string
+        (None, None: none does), after which it sends nothing. Its detokenizer run over the ids as the engine runs it
         (node.engine.llm_engine._emit): a stop token id ends the sequence without its text, a stop string ends
         it before the string; the text still held back (half a character, a possible stop string's start) is
         sent when the sequence `ended` there, not when it was cut off."""
@@ -166,10 +166,10 @@ class ChatTemplates:
             if tid in stop_ids:
                 break
             if stream.push(tid)[1]:
-                return len(stream.text), i
+                return len(stream.text), i, stream.stopped
         if ended:
             stream.flush()
-        return len(stream.text), None
+        return len(stream.text), None, None
 
     def pieces(self, base_model_id: str, ids: list[int]) -> list[str]:
         """The tokenizer's own strings of these ids (its vocabulary's entries: "Ġthe", "▁the"; blocking)."""

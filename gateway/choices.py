@@ -9,8 +9,11 @@ and its finish reason; then the answer in OpenAI's shapes, whole or as chunks.
   alone: the token the node makes is counted (billed) but not shown, and the choice ends at "length".
 - chat tools: each choice's text is read back into content and `tool_calls` (gateway.tools), its finish reason
   "tool_calls" when it called one.
-- a sequence ends at its end token (`end_ids`: the base's EOS ids unless ignore_eos, and the stop token ids), as
-  the node ends it: a token the node streams after it is past the sequence's end, like one past max_tokens."""
+- a sequence ends at its end token (the base's EOS ids unless ignore_eos, and the request's stop token ids), as
+  the node ends it: a token the node streams after it is past the sequence's end, like one past max_tokens.
+- vLLM's `stop_reason`: the stop token id that ended a sequence (as the gateway relayed it; an EOS id is None,
+  as vLLM has it), or the stop string the node names in its finish event, taken only where it is one of the
+  request's (the end of the request holds the node to it: gateway.request.ServedRequest._misreported)."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class Sequence:
     scored: list[Scored] = field(default_factory=list)  # one per token, when logprobs are asked
     reason: str | None = None  # the node's finish reason for it ("stop" | "length")
     ended: bool = False  # its end token (EOS, a stop token id) was relayed: nothing may follow it
+    stop_reason: str | int | None = None  # the stop token id or stop string that ended it (vLLM's)
     # streaming state
     opened: bool = False  # its first chunk (the chat role, the echoed prompt) was sent
     closed: bool = False  # its finish chunk was sent
@@ -64,13 +68,18 @@ class Choices:
         texts: TokenTexts | None = None,
         plan: ToolPlan | None = None,
         token_chars: int = MAX_TOKEN_CHARS,
-        end_ids: frozenset[int] = frozenset(),
+        eos_ids: frozenset[int] = frozenset(),
+        stop_ids: frozenset[int] = frozenset(),
+        stops: tuple[str, ...] = (),
     ) -> None:
+        """`eos_ids`: the base's end tokens (none with ignore_eos); `stop_ids`, `stops`: the request's stop token
+        ids and stop strings."""
         self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
         self.max_tokens, self.logprobs, self.echo, self.shown = max_tokens, logprobs, echo, shown
         self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
         self.token_chars = token_chars  # the most characters a token's text may hold, on average over a sequence
-        self.end_ids = end_ids
+        self.eos_ids, self.stop_ids, self.stops = eos_ids, stop_ids, stops
+        self.end_ids = eos_ids | stop_ids
         # best_of ranks its sequences by their log-probabilities, shown or not
         self.scores = logprobs or per_prompt != n
         self.seqs = [Sequence(k // per_prompt) for k in range(len(prompts) * per_prompt)]
@@ -114,6 +123,8 @@ class Choices:
         tid = tid if type(tid) is int else -1  # (a hostile id may be anything: a list is unhashable)
         s.ids.append(tid)
         s.ended = tid in self.end_ids
+        if tid in self.stop_ids and tid not in self.eos_ids:
+            s.stop_reason = tid
         scored = read_token(ev) if self.scores else None
         if scored is not None:
             s.scored.append(scored)
@@ -126,6 +137,9 @@ class Choices:
             return False
         reason = ev.get("finish_reason")
         s.reason = reason if reason in ("stop", "length") else "stop"
+        named = ev.get("stop_string")
+        if s.reason == "stop" and s.stop_reason is None and isinstance(named, str) and named in self.stops:
+            s.stop_reason = named
         return True
 
     def take_prompt(self, ev: dict) -> bool:
@@ -151,6 +165,11 @@ class Choices:
             return "length"
         r = s.reason or ("stop" if s.ended else "length" if cut or s.count >= self.max_tokens else overall)
         return finish_reason(r)
+
+    def stop_reason(self, k: int) -> str | int | None:
+        """Sequence k's vLLM stop_reason: None unless a stop token id or stop string ended it (the prompt alone,
+        echoed with max_tokens 0, ended at "length")."""
+        return self.seqs[k].stop_reason if self.shown else None
 
     # ------------------------------------------------------------------ the whole answer
 
@@ -196,7 +215,7 @@ class Choices:
             else:
                 choice = {"index": i, "text": self._echo_text(s.prompt) + text}
                 choice["logprobs"] = self._completion_logprobs(k).obj() if self.logprobs else None
-            out.append(choice | {"finish_reason": reason})
+            out.append(choice | {"finish_reason": reason, "stop_reason": self.stop_reason(k)})
         return out
 
     # ------------------------------------------------------------------ streamed (no best_of: all are returned)
@@ -275,7 +294,7 @@ class Choices:
             out += b"".join(b.delta(d, k) for d in s.tools.close())
             if s.tools.called:
                 reason = self.plan.called_reason(reason)
-        return out + b.finish(reason, k, cut=ended == "length")
+        return out + b.finish(reason, k, cut=ended == "length", stop_reason=self.stop_reason(k))
 
     def release_held(self, b: ChunkBuilder) -> bytes:
         """Every sequence's held-back tool text as content chunks: the stream failed before its end, and what

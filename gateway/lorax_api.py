@@ -381,7 +381,10 @@ class LoraxAnswer:
         if k not in self._stops:
             s = self.c.seqs[k]
             stopped = finish_reason(s, reason, bool(self.p.stop)) == "stop_sequence"
-            self._stops[k] = stop_kept(self.c.texts, s, self.p.stop) if stopped else ""
+            # the stop string the node named (Choices.take_finish: one of the request's, held to the tokens at
+            # the end); a node of an older release names none, and its tokens are decoded again to find it
+            named = s.stop_reason if isinstance(s.stop_reason, str) else None
+            self._stops[k] = (named or stop_kept(self.c.texts, s, self.p.stop)) if stopped else ""
         return self._stops[k]
 
     def _text(self, k: int, reason: str) -> str:
@@ -443,7 +446,7 @@ class LoraxAnswer:
             return b""
         return sse_frame(frame)
 
-    def finish(self, reason: str, index: int = 0, *, cut: bool = False) -> bytes:
+    def finish(self, reason: str, index: int = 0, *, cut: bool = False, stop_reason: str | int | None = None) -> bytes:
         """The last frame: the held last token's, or where the sequence ended on a token not known to be its last
         (a stop sequence, the node stopped) or on none, a special token of no text, carrying generated_text and
         details. The stop sequence it ended on (kept in the text, as LoRAX keeps it) is the held token's text's

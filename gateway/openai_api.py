@@ -4,9 +4,10 @@ Every field OpenAI's or vLLM's completions and chat endpoints define is either h
 (400, `param` = the field); a field neither defines is refused the same way, never silently ignored. Fields
 accepted without effect, because the gateway already behaves as they ask: `user`, `safety_identifier`,
 `prompt_cache_key` (identifiers the gateway keeps no use for), `metadata`, `store` (false only: nothing is kept
-for later), `service_tier` ("auto" / "default"), `modalities` (["text"]),
+for later), `modalities` (["text"]),
 `stream_options.include_obfuscation` (nothing is padded), and in the messages a client sends back what the
-openai SDK gives it of an answer (`annotations`, `audio: null`, `parsed`, a tool call's `parsed_arguments`)."""
+openai SDK gives it of an answer (`annotations`, `audio: null`, `parsed`, a tool call's `parsed_arguments`).
+`service_tier` ("auto" / "default") is answered with the tier that served it, "default", as OpenAI answers."""
 
 from __future__ import annotations
 
@@ -792,12 +793,16 @@ def usage_dict(
     return usage
 
 
+# the only tier there is: what OpenAI answers a request of "auto" or "default" served at standard priority
+SERVED_TIER = "default"
+
+
 def finish_reason(node_reason: str | None) -> str:
     return "length" if node_reason == "length" else "stop"
 
 
 def completion_response(rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
-    """choices: {"index", "text", "logprobs", "finish_reason"} each."""
+    """choices: {"index", "text", "logprobs", "finish_reason", "stop_reason"} each."""
     return {
         "id": "cmpl-" + rid[2:],
         "object": "text_completion",
@@ -808,9 +813,12 @@ def completion_response(rid: str, created: int, model: str, choices: list[dict],
     }
 
 
-def chat_response(rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
-    """choices: {"index", "message", "logprobs", "finish_reason"} each."""
-    return {
+def chat_response(
+    rid: str, created: int, model: str, choices: list[dict], usage: dict, service_tier: str | None = None
+) -> dict:
+    """choices: {"index", "message", "logprobs", "finish_reason", "stop_reason"} each. `service_tier`: the
+    request's, answered with the tier that served it (OpenAI's body names it where the request did)."""
+    body = {
         "id": "chatcmpl-" + rid[2:],
         "object": "chat.completion",
         "created": created,
@@ -818,6 +826,9 @@ def chat_response(rid: str, created: int, model: str, choices: list[dict], usage
         "choices": choices,
         "usage": usage,
     }
+    if service_tier is not None:
+        body["service_tier"] = SERVED_TIER
+    return body
 
 
 def chat_message(content: str | None, tool_calls: list[dict]) -> dict:
@@ -839,15 +850,20 @@ class ChunkBuilder:
         model: str,
         include_usage: bool,
         usage_so_far: Callable[[], dict] | None = None,
+        service_tier: str | None = None,
     ) -> None:
-        """`usage_so_far`: vLLM's continuous_usage_stats, the usage of what was relayed so far on every chunk."""
+        """`usage_so_far`: vLLM's continuous_usage_stats, the usage of what was relayed so far on every chunk;
+        `service_tier`: the request's (every chunk then names the tier that served it, as chat_response)."""
         self.chat, self.created, self.model, self.include_usage = chat, created, model, include_usage
         self.usage_so_far = usage_so_far
+        self.tier = None if service_tier is None else SERVED_TIER
         self.id = ("chatcmpl-" if chat else "cmpl-") + rid[2:]
         self.object = "chat.completion.chunk" if chat else "text_completion"
 
     def _chunk(self, choices: list, usage: dict | None = None) -> bytes:
         obj = {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices}
+        if self.tier is not None:
+            obj["service_tier"] = self.tier
         if self.include_usage:
             obj["usage"] = usage if usage is not None or self.usage_so_far is None else self.usage_so_far()
         return sse_frame(obj)
@@ -868,11 +884,13 @@ class ChunkBuilder:
         """A chat delta ({"content"} or {"tool_calls"}, or {} carrying logprobs alone)."""
         return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
 
-    def finish(self, reason: str, index: int = 0, *, cut: bool = False) -> bytes:
-        """A choice's end (`cut`: it reached max_tokens, which a chat's finish_reason of calls does not say)."""
+    def finish(self, reason: str, index: int = 0, *, cut: bool = False, stop_reason: str | int | None = None) -> bytes:
+        """A choice's end (`cut`: it reached max_tokens, which a chat's finish_reason of calls does not say), with
+        vLLM's stop_reason (the stop token id or string that ended it)."""
+        end = {"finish_reason": reason, "stop_reason": stop_reason}
         if self.chat:
-            return self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
-        return self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": reason}])
+            return self._chunk([{"index": index, "delta": {}, "logprobs": None} | end])
+        return self._chunk([{"index": index, "text": "", "logprobs": None} | end])
 
     def usage(self, usage: dict) -> bytes:
         return self._chunk([], usage)

@@ -271,6 +271,7 @@ class ServedRequest:
                     if req.continuous_usage
                     else None
                 ),
+                service_tier=req.service_tier if self.chat else None,
             )
         if req.stream:
             return WriteBoundedStreamingResponse(
@@ -313,9 +314,11 @@ class ServedRequest:
                     self.finish_reason, bool(self.overrun)
                 )
             else:
-                build = chat_response if self.chat else completion_response
                 choices = self.choices.answer(self.finish_reason, bool(self.overrun))
-                body = build(self.rid, created, req.model, choices, usage)
+                if self.chat:
+                    body = chat_response(self.rid, created, req.model, choices, usage, req.service_tier)
+                else:
+                    body = completion_response(self.rid, created, req.model, choices, usage)
             return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
         # a long answer (n choices with logprobs: up to tens of MB) is built off the event loop, which it held
@@ -449,7 +452,9 @@ class ServedRequest:
             texts=token_texts,
             plan=req.plan if self.chat else None,
             token_chars=t.token_chars(base),
-            end_ids=frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else t.end_ids(base)),
+            eos_ids=frozenset() if req.ignore_eos else t.end_ids(base),
+            stop_ids=frozenset(req.stop_token_ids or ()),
+            stops=tuple(req.stop_list()),
         )
         if (echoed := self.choices.echoed_positions()) > d.settings.max_echoed_positions:
             raise BadRequest(
@@ -1021,8 +1026,9 @@ class ServedRequest:
 
     async def _misreported(self) -> str | None:
         """What the node's tokens belie, to be held against it (None: nothing): a token id past any the model
-        has, or a sequence whose text is shorter than what an honest node sends for its token ids (the gateway
-        runs the node's detokenizer over them, with the request's stop strings and stop token ids). The
+        has, or a sequence whose text is shorter than what an honest node sends for its token ids, or that it says
+        a stop string ended when its tokens end on none or another (the gateway runs the node's detokenizer over
+        them, with the request's stop strings and stop token ids). The
         gateway counts token events: a node that sent tokens without their text would bill padding nobody
         sees. Run at the end, once per sequence, off the event loop unless the sequences are short."""
         t, base = self.d.templates, self.target.base_model_id
@@ -1058,9 +1064,13 @@ class ServedRequest:
                 if not stops and s.chars >= len(t.decode(base, s.ids)):
                     continue  # all the text there is (the usual case, one decode); with stop strings, see below
                 ended = whole or s.ended or s.reason is not None or s.count >= c.max_tokens
-                honest, stop_at = t.sent_chars(base, s.ids, stops, stop_ids, ended)
+                honest, stop_at, stopped = t.sent_chars(base, s.ids, stops, stop_ids, ended)
                 if stop_at is not None and stop_at < len(s.ids) - 1:
                     return f"node streamed {len(s.ids) - 1 - stop_at} tokens of choice {k} past its stop string"
+                if isinstance(s.stop_reason, str) and s.stop_reason != stopped:
+                    # the stop string the client was told (stop_reason; LoRAX's text ends with it) is the node's
+                    # word: it must be the one its tokens complete
+                    return f"node named a stop string of choice {k} that its tokens do not end on"
                 if s.chars < honest:
                     return (
                         f"node's text for choice {k} is {honest - s.chars} characters shorter than an honest node "

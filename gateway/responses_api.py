@@ -30,6 +30,7 @@ from common.wire import MAX_LOGPROBS, sse_frame
 from gateway.errors import BadRequest
 from gateway.openai_api import (
     MAX_MESSAGES,
+    SERVED_TIER,
     STRICT,
     AdapterWeights,
     ChatRequest,
@@ -413,6 +414,7 @@ class ResponseShape:
             "parallel_tool_calls": r.parallel_tool_calls is not False,
             "previous_response_id": None,
             "reasoning": None,
+            "service_tier": SERVED_TIER,
             "store": False,
             "temperature": 1.0 if r.temperature is None else r.temperature,
             "text": {"format": fmt or {"type": "text"}},
@@ -481,7 +483,8 @@ class ResponseEvents:
                 )
         return out
 
-    def finish(self, reason: str, index: int = 0, *, cut: bool = False) -> bytes:
+    def finish(self, reason: str, index: int = 0, *, cut: bool = False, stop_reason: str | int | None = None) -> bytes:
+        """The answer's end (the Responses API has no stop_reason)."""
         self.cut = cut or reason == "length"
         status = self._status()
         if not self.shape.output:  # an answer of no text and no call is one message of what it held, maybe empty

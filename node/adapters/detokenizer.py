@@ -28,6 +28,7 @@ class TextStream:
         self._prefix = 0  # ids[_prefix:_read] decode to text already consumed
         self._read = 0
         self.pending = ""  # decoded, not yet emitted (a possible stop-string prefix)
+        self.stopped: str | None = None  # the stop string that ended the text (vLLM's stop_reason)
         self._emitted: list[str] = []  # a list, joined when read: `text +=` copied the whole text at every token
 
     @property
@@ -59,7 +60,7 @@ class TextStream:
         for k, s in enumerate(self.stop):
             end = self._advance(k, s, new)
             if end is not None:
-                out, self.pending = self.pending[: start + end - len(s)], ""
+                out, self.pending, self.stopped = self.pending[: start + end - len(s)], "", s
                 self._emitted.append(out)
                 return out, True
         hold = max(self._matched, default=0)  # the longest end of the text that could begin a stop string

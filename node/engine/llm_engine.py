@@ -662,7 +662,7 @@ class LLMEngine:
         seq.finish_reason = reason
         group = seq.group
         group.unfinished -= 1
-        events: list = [SequenceFinishEvent(seq.request_id, seq.index, reason)]
+        events: list = [SequenceFinishEvent(seq.request_id, seq.index, reason, seq.stream.stopped)]
         if group.unfinished == 0:
             events.append(self._end_group(group, None))
         return events

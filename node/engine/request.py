@@ -319,11 +319,13 @@ class TokenEvent:
 
 @dataclass(slots=True, frozen=True)
 class SequenceFinishEvent:
-    """Sequence `index` of a request ended ("stop" | "length"); the request's FinishEvent comes after all."""
+    """Sequence `index` of a request ended ("stop" | "length"); the request's FinishEvent comes after all.
+    `stop_string`: the request's stop string that ended it (a stop token id is the sequence's last token)."""
 
     request_id: str
     index: int
     finish_reason: str
+    stop_string: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

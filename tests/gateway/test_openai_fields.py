@@ -51,6 +51,42 @@ def test_eos_min_tokens_ignore_eos_and_stop_token_ids(oai):
     refused(lambda: complete(oai, extra_body={"stop_token_ids": [100000]}), "stop_token_ids")
 
 
+def test_stop_reason_names_the_stop_token_id_or_string(served, oai):
+    """vLLM's stop_reason: the stop token id or stop string that ended a choice, whole and streamed, else None;
+    the node names the string, and the gateway holds it to the tokens (the usage row is not disputed)."""
+
+    def reason(choice):
+        return choice.model_extra["stop_reason"]
+
+    eos = complete(oai, temperature=0, logit_bias={str(EOS): 100})
+    assert (eos.choices[0].finish_reason, reason(eos.choices[0])) == ("stop", None)
+    # an end token listed as a stop id too is still the end token (vLLM's order)
+    both = complete(oai, temperature=0, logit_bias={str(EOS): 100}, extra_body={"stop_token_ids": [EOS]})
+    assert reason(both.choices[0]) is None
+    by_id = complete(oai, temperature=0, logit_bias={"300": 100}, extra_body={"stop_token_ids": [7, 300]})
+    assert reason(by_id.choices[0]) == 300
+    greedy = complete(oai, temperature=0, max_tokens=16).choices[0].text
+    assert reason(complete(oai, temperature=0, max_tokens=16).choices[0]) is None  # length
+    stop = next(greedy[i : i + 2] for i in range(4, len(greedy) - 1) if greedy[i : i + 2].strip())
+    ask = dict(temperature=0, max_tokens=16, stop=["\x01never", stop])
+    whole = agree(served, oai.completions.with_raw_response.create(model=TINY, prompt=PROMPT, **ask))
+    assert whole.choices[0].text == greedy[: greedy.index(stop)] and reason(whole.choices[0]) == stop
+    chunks = list(complete(oai, stream=True, **ask))
+    ends = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert [(c.finish_reason, reason(c)) for c in ends] == [("stop", stop)]
+    said = chat(oai, temperature=0, max_tokens=16).choices[0].message.content
+    cut = next(said[i : i + 2] for i in range(2, len(said) - 1) if said[i : i + 2].strip())
+    answer = chat(oai, temperature=0, max_tokens=16, stop=[cut])
+    assert answer.choices[0].message.content == said[: said.index(cut)] and reason(answer.choices[0]) == cut
+
+
+def test_service_tier_is_answered_with_the_tier_that_served(oai):
+    assert chat(oai, service_tier="auto").service_tier == "default"
+    assert chat(oai).service_tier is None  # named only where the request named it, as OpenAI's
+    chunks = list(chat(oai, service_tier="default", stream=True))
+    assert chunks and {c.service_tier for c in chunks} == {"default"}
+
+
 def test_penalties_change_a_greedy_answer(oai):
     greedy = complete(oai, temperature=0, max_tokens=24).choices[0].text
     for field in ({"presence_penalty": 2}, {"frequency_penalty": 2}, {"extra_body": {"repetition_penalty": 2.0}}):

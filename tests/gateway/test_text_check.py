@@ -163,6 +163,11 @@ def bases(tiny_base, tmp_path_factory) -> dict[str, Base]:
 def honest_texts(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> list[str]:
     """The text of each token event an honest node sends while it generates `ids` (max_tokens: all of them):
     the engine's own _emit on a sequence of its own, up to the token that ends the sequence."""
+    return honest_run(tok, ids, stops, stop_ids)[0]
+
+
+def honest_run(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> tuple[list[str], str | None]:
+    """honest_texts, and the stop string the node names in its finish event (None: none ended the sequence)."""
     params = SamplingParams(max_tokens=max(len(ids), 1), stop=tuple(stops), stop_token_ids=tuple(stop_ids))
     seq = Sequence("r", None, [tok.bos_token_id], params, tok, torch.device("cpu"), seed=0)
     # _emit reads only these of the engine: which ids end a sequence, and the context (never reached here)
@@ -173,7 +178,7 @@ def honest_texts(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> 
         texts.append(event.text)
         if reason is not None:
             break
-    return texts
+    return texts, seq.stream.stopped
 
 
 def disputed(
@@ -185,10 +190,12 @@ def disputed(
     *,
     cut: bool,
     max_tokens: int | None = None,
+    stop_string: str | None = None,
 ) -> str | None:
     """What the gateway holds against a node that streamed these token events for a request of one sequence
     (max_tokens: len(ids) unless given), as ServedRequest relays them and then checks them: None when nothing.
-    `cut`: the request ended before the node's finish (aborted, the stream broken), else with it."""
+    `cut`: the request ended before the node's finish (aborted, the stream broken), else with it, which names
+    `stop_string` as the one that ended the sequence."""
     t = base.templates
     max_tokens = max(max_tokens or len(ids), 1)
     req = CompletionRequest(
@@ -201,7 +208,9 @@ def disputed(
         n=1,
         max_tokens=req.max_tokens,
         token_chars=t.token_chars(base.bid),
-        end_ids=frozenset(stop_ids) | t.end_ids(base.bid),
+        eos_ids=t.end_ids(base.bid),
+        stop_ids=frozenset(stop_ids),
+        stops=tuple(stops),
     )
     for tid, text in zip(ids, texts):
         ev = {"type": "token", "index": 0, "token_id": tid, "text": text}
@@ -209,7 +218,7 @@ def disputed(
         assert not c.full(0) and not c.too_long(0, ev), f"{base.name}: the relay refused {ev} after {c.seqs[0]}"
         c.take_token(0, ev)
     if not cut:
-        c.take_finish(0, {"type": "finish", "index": 0, "finish_reason": "stop"})
+        c.take_finish(0, {"type": "finish", "index": 0, "finish_reason": "stop", "stop_string": stop_string})
     # _misreported reads these of the request being served
     served = SimpleNamespace(
         d=SimpleNamespace(templates=t),
@@ -226,9 +235,11 @@ def disputed(
 def relay(base: Base, ids: list[int], stops: list[str], stop_ids: list[int], cut: int | None) -> str | None:
     """An honest node generates `ids` (up to where it ends the sequence); the request is cut after `cut` token
     events (None: it is not). What the gateway holds against the node."""
-    texts = honest_texts(base.tok, ids, stops, stop_ids)
+    texts, stopped = honest_run(base.tok, ids, stops, stop_ids)
     n = len(texts) if cut is None else min(cut, len(texts))
-    return disputed(base, ids[:n], texts[:n], stops, stop_ids, cut=cut is not None, max_tokens=len(ids))
+    return disputed(
+        base, ids[:n], texts[:n], stops, stop_ids, cut=cut is not None, max_tokens=len(ids), stop_string=stopped
+    )
 
 
 @st.composite
@@ -332,3 +343,24 @@ def test_a_node_that_pads_is_disputed(bases, name):
     # honest text at first, then padding, and the stream broken before the finish: a cut excuses only text an
     # honest node still holds back, and plain text is sent with its token
     assert disputed(base, ids, honest[:half] + [""] * (len(ids) - half), stops, [], cut=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_node_naming_a_stop_string_its_tokens_do_not_end_on_is_disputed(bases, name):
+    """The stop string a node names in its finish event reaches the client (vLLM's stop_reason; the end of a
+    LoRAX answer's text): it must be the one its tokens complete, not another of the request's, and none where
+    no stop string ended them."""
+    base = bases[name]
+    ids = base.tok.encode(PADDED, add_special_tokens=False)
+    stops = ["lazy", "world"]  # "lazy" comes first in the text
+    texts, stopped = honest_run(base.tok, ids, stops, [])
+    n = len(texts)
+    assert stopped == "lazy" and n < len(ids)
+    assert disputed(base, ids[:n], texts, stops, [], cut=False, stop_string="lazy") is None
+    assert disputed(base, ids[:n], texts, stops, [], cut=False, stop_string="world")
+    # a sequence no stop string ended: naming one is disputed, naming none is not
+    stops = ["END", "QQQ"]
+    whole, stopped = honest_run(base.tok, ids, stops, [])
+    assert stopped is None and len(whole) == len(ids)
+    assert disputed(base, ids, whole, stops, [], cut=False) is None
+    assert disputed(base, ids, whole, stops, [], cut=False, stop_string="END")

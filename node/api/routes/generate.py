@@ -360,7 +360,10 @@ async def _sse(node: NodeApi, stream):
                     frame |= {"logprob": _lp(ev.logprob), "top_logprobs": [[t, _lp(v)] for t, v in ev.top_logprobs]}
                 yield sse_frame(frame)
             elif isinstance(ev, SequenceFinishEvent):
-                yield sse_frame({"type": "finish", "index": ev.index, "finish_reason": ev.finish_reason})
+                frame = {"type": "finish", "index": ev.index, "finish_reason": ev.finish_reason}
+                if ev.stop_string is not None:
+                    frame["stop_string"] = ev.stop_string
+                yield sse_frame(frame)
             elif isinstance(ev, PromptLogprobsEvent):  # a whole prompt's scores: encoded on a worker thread
                 yield await asyncio.to_thread(_prompt_logprobs_frame, ev)
     finally:
