@@ -302,11 +302,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
-def json_depth(text: str) -> int:
-    """Deepest nesting of arrays and objects in `text` (brackets inside strings do not count; "[[[" is 3 deep)."""
-    return _depth(_outside_brackets(_STRINGS.sub('""', text)))
-
-
 def nested_deeper(text: str, limit: int) -> bool:
     """Whether arrays and objects in JSON `text` nest deeper than `limit` (brackets inside strings do not count; in
     text that is no JSON, only up to where a bracket closes what is not open, where a decoder would stop)."""
@@ -317,7 +312,8 @@ def _too_deep(brackets: bytes, limit: int) -> bool:
     # `brackets`: those outside the text's strings, nothing else. A regular expression of `limit` nested possessive
     # groups reads, in one linear pass of C, the brackets that balance within the limit; after them (depth 0) the
     # depth is followed a chunk at a time, and stops where it passes the limit, or where a bracket closes what is
-    # not open (the decoder fails there, reading no further)
+    # not open (the decoder fails there, reading no further). Each opening bracket steps 2 and each closing one 0,
+    # so after i brackets the depth is the running sum less i
     done = _nesting(limit).match(brackets).end() if limit <= MAX_JSON_DEPTH else 0
     steps = brackets.translate(_OPENS_CLOSES)
     depth = 0
@@ -334,12 +330,6 @@ def _too_deep(brackets: bytes, limit: int) -> bool:
 
 def _outside_brackets(outside: str) -> bytes:
     return outside.encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
-
-
-def _depth(brackets: bytes) -> int:
-    # each opening bracket counts 2 and each closing one 0, so after i brackets the depth is the running sum less i
-    steps = brackets.translate(_OPENS_CLOSES)
-    return max(0, max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0))
 
 
 @functools.lru_cache(maxsize=16)

@@ -100,8 +100,10 @@ class NodeRejected(ValueError):
         self.status, self.code, self.reason = status, code, reason
 
 
-# a link in a node's words: scheme://..., or www....
-_LINK = re.compile(r"[a-z][a-z0-9+.-]*://\S*|www\.\S*", re.IGNORECASE)
+# a link in a node's words: scheme://..., or www.... Matched only from the start of a run of a scheme's letters
+# (with what precedes it in the run): tried from every letter of a run of letters without "://", the scheme's part
+# cost time growing with the square of the run (1.1 ms for 500 letters, 113 ms for 5,000; 0.02 and 0.2 now)
+_LINK = re.compile(r"(?<![a-z0-9+.-])[a-z0-9+.-]*+://\S*|www\.\S*", re.IGNORECASE)
 
 
 def _quoted(reason: str) -> str:

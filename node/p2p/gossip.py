@@ -51,7 +51,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.validators import signature_validator
 
 from common.logs import Throttled
-from node.p2p.host import network_of
+from node.p2p.host import network_of, remote_address
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,8 @@ class GuardedPubsub(Pubsub):
             conns += [conn.muxed_conn for conn in self.host.get_network().get_connections(peer)]
         except Exception as e:
             log.debug("the connections of %s: %s", peer, e)
-        for conn in conns:
-            try:
-                remote = conn.get_remote_address()
-            except Exception:
-                continue
-            if remote and remote[0]:
-                return network_of(str(remote[0]))
-        return None
+        address = next((a for a in map(remote_address, conns) if a is not None), None)
+        return None if address is None else network_of(address)
 
     def on_probation(self, network: str) -> bool:
         """Whether `network` (host.network_of's) is on probation now: the host takes its new inbound connections

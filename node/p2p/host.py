@@ -113,14 +113,14 @@ def network_of(address: str) -> str:
     return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))
 
 
-def _remote_address(conn) -> str:
-    remote = conn.get_remote_address() if hasattr(conn, "get_remote_address") else None
-    return str(remote[0]) if remote else "?"
-
-
-def _remote_network(conn) -> str:
-    address = _remote_address(conn)
-    return network_of(address) if address != "?" else "?"
+def remote_address(conn) -> str | None:
+    """The remote IP address of a connection (raw or muxed) or a stream; None where it has none or it cannot be
+    read (a connection closing)."""
+    try:
+        remote = conn.get_remote_address() if hasattr(conn, "get_remote_address") else None
+    except Exception:
+        return None
+    return str(remote[0]) if remote and remote[0] else None
 
 
 # The least time between two new inbound connections taken from one address of a network on probation
@@ -213,8 +213,8 @@ def _bound_inbound(swarm, per_network: int) -> None:
     async def upgrade_inbound(raw_conn, maddr):
         if not slots.holds():  # not the task of the swarm's inbound handler
             return await upgrade(raw_conn, maddr)
-        address = _remote_address(raw_conn)
-        net = network_of(address) if address != "?" else "?"
+        address = remote_address(raw_conn) or "?"  # those unread are one network ("?" is no address)
+        net = network_of(address)
         if held[net] >= per_network:
             await raw_conn.close()
             raise _InboundConnectionClosed(f"{held[net]} inbound connections from {net} already")
@@ -430,7 +430,7 @@ def bound_dht_streams(dht) -> None:
     held: Counter[str] = Counter()  # streams open, by peer and by network
 
     async def handle_stream(stream) -> None:
-        keys = (f"peer {stream.muxed_conn.peer_id}", f"network {_remote_network(stream)}")
+        keys = (f"peer {stream.muxed_conn.peer_id}", f"network {network_of(remote_address(stream) or '?')}")
         if held[keys[0]] >= DHT_STREAMS_PER_PEER or held[keys[1]] >= DHT_STREAMS_PER_NETWORK:
             await reset_stream(stream)
             return

@@ -151,3 +151,29 @@ def test_a_heartbeats_api_url_makes_no_log_line_of_its_own(world, caplog):
             assert httpx.post(gw.url + "/internal/heartbeat", json=doc, timeout=10).status_code == 200
     lines = [rec.getMessage() for rec in caplog.records if "heartbeats api_url" in rec.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "words,shown",
+    [
+        ("see https://evil.example/x now", '"see [link removed] now"'),
+        ("x1.HTTP://evil", '"[link removed]"'),  # the run before the scheme goes with it
+        ("go to www.evil.example", '"go to [link removed]"'),
+        ("the field a.b.c is wrong", '"the field a.b.c is wrong"'),  # a dotted path is no link
+    ],
+)
+def test_a_nodes_reason_is_shown_without_its_links(words, shown):
+    from gateway.node_client import _quoted
+
+    assert _quoted(words) == shown
+
+
+def test_the_link_pattern_starts_once_per_run_of_a_schemes_letters():
+    """Tried from every letter of a run with no "://" after it, the pattern cost time growing with the square of
+    the run. Each match attempt is counted here by the positions the pattern may start at: one per run."""
+    from gateway.node_client import _LINK
+
+    run = "a" * 2_000
+    starts = [i for i in range(len(run) + 1) if _LINK.match(run + "://x", i) is not None]
+    assert starts == [0]
+    assert _LINK.sub("", "word " * 400) == "word " * 400
