@@ -152,6 +152,20 @@ class Choices:
         self.prompt_scored[p] = read_prompt(self.prompts[p], ev.get("entries")) or []
         return True
 
+    def unsent(self) -> int:
+        """Tokens relayed whose text never went out: what each sequence's tool stream still holds back (a block
+        not yet decided, whitespace no text has followed yet) where the stream ended without its close, the
+        client gone. Counted back from each sequence's end; a token whose text went out in part went out."""
+        n = 0
+        for s in self.seqs:
+            held = s.tools.held_chars() if s.tools is not None and not s.closed else 0
+            for text in reversed(s.texts if held else ()):
+                if len(text) > held:
+                    break
+                held -= len(text)
+                n += 1
+        return n
+
     @property
     def relayed(self) -> int:
         """Tokens relayed in all sequences: the completion tokens billed."""

@@ -55,7 +55,7 @@ class BadRequest(GatewayError, ValueError):
 
 class GrammarFailed(BadRequest):
     """The request's own grammar failed it after its first token (the node's word, believed of a guided request):
-    its tokens are billed, whole answers too (gateway.request)."""
+    a stream's tokens, sent, are billed; a whole answer's, never sent, are not (gateway.request)."""
 
     code = "grammar_failed"
 

@@ -204,7 +204,8 @@ class ServedRequest:
         self.engine_error = False  # the node sent an error event (its text is logged, never relayed)
         # that event said the request's own grammar failed it (believed only of a request with one, and only once
         # the node then ended the request as it should: a done event), and the node did: the client's request, not
-        # the node, is at fault, and the tokens made are billed, whole answers too
+        # the node, is at fault: the client hears so, and a stream's tokens, sent, are billed (a whole answer's, not
+        # sent, are not: finish)
         self._grammar_claim = False
         self.grammar_failed = False
         self.failure: str | None = None  # the node broke off after the first token
@@ -283,13 +284,13 @@ class ServedRequest:
                 media_type="text/event-stream",
                 headers=headers | {"Cache-Control": "no-cache"},
             )
-        self.buffered = True  # an error answer delivers none of the text: then nothing is billed
+        self.buffered = True  # an error answer, or a client gone before it, gets none of the text: nothing is billed
         try:
             stayed = await self._gather(http)
         except BaseException:
             self.finish_detached(client_gone=True)
             raise
-        if not stayed:  # nobody reads the answer; the node is aborted, what it made until now is billed
+        if not stayed:  # nobody reads the answer: the node is aborted, and nothing is billed (finish)
             await asyncio.shield(d.background.spawn(self.finish(client_gone=True)))
             return Response(status_code=HTTP_CLIENT_CLOSED, headers=headers)
         if self.key_revoked:  # none of the answer is given, and none billed (`withheld`)
@@ -298,7 +299,9 @@ class ServedRequest:
         await asyncio.shield(d.background.spawn(self.finish()))
         if self.failure and self.grammar_failed:
             raise GrammarFailed(
-                f"{self.failure}; its {self.n_tokens} tokens are billed", param=self.req.guided_field(), headers=headers
+                f"{self.failure}; none of its {self.n_tokens} tokens are billed",
+                param=self.req.guided_field(),
+                headers=headers,
             )
         if self.failure:
             raise UpstreamError(f"{self.failure}; the completion is incomplete", code="node_failed", headers=headers)
@@ -1006,8 +1009,12 @@ class ServedRequest:
             error=self.failure,
             aborted=self.aborted,
             node_lost=self.node_lost,
-            withheld=self.buffered
-            and (self.key_revoked or (bool(self.failure) and not client_gone and not self.grammar_failed)),
+            # a whole answer not sent (an error instead, the client gone before it) delivered nothing: billed
+            # nothing. Billing a client that left what was read until then paid a node that made every token at
+            # once and then sent nothing more until the client's timeout; taking a node's word that the request's
+            # grammar failed it, one that said so of any guided request (red team)
+            withheld=self.buffered and (self.key_revoked or client_gone or bool(self.failure)),
+            unsent=self.choices.unsent() if client_gone and not self.buffered else 0,
             misreported=misreported,
         )
         self.result = await d.book.record(end)

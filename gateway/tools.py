@@ -510,6 +510,13 @@ class ToolStream:
         self._blocks_read = 0  # of MAX_BLOCKS
         self._reader = CallArrayReader(plan.functions) if plan.choice == "required" else None
 
+    def held_chars(self) -> int:
+        """The characters at the end of what was pushed in that were not sent out: what `release` would send (the
+        whitespace before a call taken out is not at the end, and a call's text went out as the call)."""
+        if self._reader is not None:
+            return len(self.held) - (self._reader.pos if self.called else 0)
+        return len(self.held) + (0 if self._cut else len(self._space))
+
     def push(self, text: str) -> list[dict]:
         if self.plan.choice == "none":
             return [{"content": text}] if text else []

@@ -93,10 +93,11 @@ class RequestEnd:
     abort (no receipt is expected).
     `reconciled`: the gateway died mid-request, so it has no completion count of its own: the receipt's,
     capped at max_tokens and the context, is billed.
-    `withheld`: the client was answered with an error instead of the text (a non-streaming request whose node
-    failed): nothing was delivered, so nothing is billed. The receipt is still judged against the counts sent
-    and relayed, then the request is recorded at 0 + 0 tokens. (A non-streaming client that left is not: it
-    pays for the tokens read until it left, as a streaming one does.)"""
+    `withheld`: the client was answered with an error instead of the text, or left before a whole answer was
+    sent (a non-streaming request): nothing was delivered, so nothing is billed. The receipt is still judged
+    against the counts sent and relayed, then the request is recorded at 0 + 0 tokens.
+    `unsent`: of the completion tokens relayed, those whose text never reached a streaming client that left (held
+    back for a tool call not yet decided): judged as relayed, not billed."""
 
     request_id: str
     model: str
@@ -118,6 +119,7 @@ class RequestEnd:
     node_lost: bool = False
     reconciled: bool = False
     withheld: bool = False
+    unsent: int = 0
     misreported: str | None = None  # what the node's tokens belie (ServedRequest._misreported): a dispute
     max_tokens: int | None = None
     context_len: int | None = None
@@ -345,6 +347,7 @@ class UsageRecorder:
                 self._disputed(end)
             if end.withheld:  # judged above on what was sent and relayed; billed for what was delivered: none
                 end.prompt_tokens = end.completion_tokens = 0
+            end.completion_tokens -= min(end.unsent, end.completion_tokens)
             if end.ensemble is None and receipt is not None and "ensemble" in receipt:
                 end.ensemble = tuple((aid, w) for aid, w in receipt["ensemble"])
             usage = dict(

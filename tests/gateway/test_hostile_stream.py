@@ -243,8 +243,8 @@ def test_a_node_that_lists_allowed_token_ids_and_ignores_them_is_disputed(tmp_pa
 @pytest.mark.parametrize("then_close", [False, True], ids=["done", "stream-cut"])
 def test_a_grammar_failure_is_believed_only_of_a_node_that_then_ends_the_request(world, then_close):
     """A node's error event saying the request's own grammar failed it (guided_failed) makes a whole answer a 400
-    to the client and bills its tokens; a node that then fails in its own way (the stream cut, no done event) is
-    the one at fault, as any broken node: a 502, and a withheld answer billed nothing (review)."""
+    to the client (billed nothing: none of it was sent); a node that then fails in its own way (the stream cut, no
+    done event) is the one at fault, as any broken node: a 502 (review)."""
     gw, engine, key, node = world
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30)
     prompt = "ENGINE_ERROR AFTER_1 GUIDED" + (" THEN_CLOSE" if then_close else "")
@@ -256,4 +256,4 @@ def test_a_grammar_failure_is_believed_only_of_a_node_that_then_ends_the_request
         assert u.completion_tokens == 0
     else:
         assert ei.value.status_code == 400 and ei.value.body["param"] == "guided_regex"
-        assert done.status == RequestStatus.GRAMMAR_FAILED and u.completion_tokens == 1
+        assert done.status == RequestStatus.GRAMMAR_FAILED and (u.completion_tokens, u.node_completion_tokens) == (0, 1)

@@ -22,6 +22,7 @@ And nothing is lost or doubled: the client gets the call, and the rest of the an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
@@ -75,9 +76,11 @@ ANSWERS = {
 @dataclass
 class ScriptedNode(StandInNode):
     """The stand-in node (tests/utils/gateway.py), whose answer to every generate is `answer`, LONG_ENTRY characters
-    a token event, in one write; its receipt and usage count the tokens it sent."""
+    a token event, in one write; its receipt and usage count the tokens it sent. With `hold`, it then sends nothing
+    more until the request is aborted (at most 60 s), and ends it so."""
 
     answer: str = ""
+    hold: bool = False
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -92,10 +95,18 @@ class ScriptedNode(StandInNode):
             # id 10 decodes to one character: the text is never shorter than the ids say (no dispute for that)
             frames = [sse_frame({"type": "token", "text": p, "token_id": 10}) for p in pieces]
             usage = {"prompt_tokens": n_prompt, "completion_tokens": len(pieces)}
-            done = sse_frame({"type": "done", "finish_reason": "stop", "usage": usage, **self.receipt(rid, "stop")})
+            hold = self.hold
 
             async def events():
-                yield b"".join(frames) + done
+                yield b"".join(frames)
+                reason = "stop"
+                if hold:
+                    for _ in range(600):
+                        if rid in self.aborted:
+                            break
+                        await asyncio.sleep(0.1)
+                    reason = "abort"
+                yield sse_frame({"type": "done", "finish_reason": reason, "usage": usage, **self.receipt(rid, reason)})
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -267,3 +278,40 @@ def test_a_hostile_tool_answer_costs_what_relaying_its_text_costs(world, benign,
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (u.prompt_tokens, u.completion_tokens)
     assert (u.node_prompt_tokens, u.node_completion_tokens) == (u.prompt_tokens, u.completion_tokens)
     assert u.completion_tokens == events
+
+
+@pytest.mark.parametrize("tools", [False, True], ids=["text", "held for a call"])
+def test_a_streaming_client_that_leaves_pays_none_of_the_text_held_back_for_a_call(world, tools):
+    """A node opened a `<tool_call>` block and sent nothing more: the gateway holds the block's text back (it may
+    yet be a call) until it is decided, and the client, having read nothing, leaves at its timeout. Its tokens were
+    relayed to the gateway's answer, never to the client: they were billed (red team: 173 tokens settled, none
+    delivered). The same text without tools reaches the client, and is billed."""
+    gw, engine, key, node = world
+    node.answer, node.hold = TOOL_CALL_OPEN + '{"name": "get_weather", "arguments": {"city": "' + "Paris " * 300, True
+    events = -(-len(node.answer) // LONG_ENTRY)
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 64, "stream": True}
+    got = ""
+    try:
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json=body | ({"tools": [WEATHER]} if tools else {}),
+            timeout=httpx.Timeout(30, read=2),
+        ) as r:
+            rid = r.headers["x-request-id"]
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    got += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+    except httpx.ReadTimeout:
+        pass  # the client gives up waiting
+    finally:
+        node.answer, node.hold = "", False
+    done, u = record_of(engine, rid)
+    assert done.status == RequestStatus.CLIENT_CLOSED and u.status != RecordStatus.DISPUTED, (done.error, u.error)
+    assert u.node_completion_tokens == events
+    if tools:
+        assert got == "" and (u.completion_tokens, done.completion_tokens) == (0, 0)
+    else:
+        assert got == TOOL_CALL_OPEN + '{"name": "get_weather", "arguments": {"city": "' + "Paris " * 300
+        assert u.completion_tokens == events
