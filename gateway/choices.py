@@ -71,14 +71,16 @@ class Choices:
         eos_ids: frozenset[int] = frozenset(),
         stop_ids: frozenset[int] = frozenset(),
         stops: tuple[str, ...] = (),
+        keep_stop: bool = False,
     ) -> None:
         """`eos_ids`: the base's end tokens (none with ignore_eos); `stop_ids`, `stops`: the request's stop token
-        ids and stop strings."""
+        ids and stop strings; `keep_stop`: the stop string that ended a choice ends its text (vLLM's
+        include_stop_str_in_output)."""
         self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
         self.max_tokens, self.logprobs, self.echo, self.shown = max_tokens, logprobs, echo, shown
         self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
         self.token_chars = token_chars  # the most characters a token's text may hold, on average over a sequence
-        self.eos_ids, self.stop_ids, self.stops = eos_ids, stop_ids, stops
+        self.eos_ids, self.stop_ids, self.stops, self.keep_stop = eos_ids, stop_ids, stops, keep_stop
         self.end_ids = eos_ids | stop_ids
         # best_of ranks its sequences by their log-probabilities, shown or not
         self.scores = logprobs or per_prompt != n
@@ -180,6 +182,26 @@ class Choices:
         r = s.reason or ("stop" if s.ended else "length" if cut or s.count >= self.max_tokens else overall)
         return finish_reason(r)
 
+    def stop_text(self, k: int, reason: str) -> str:
+        """The stop string that ended sequence k, whose OpenAI finish reason is `reason` ("": none did): the one
+        the node named (take_finish), else, from a node of an older release that names none, read back from its
+        tokens. The node relays the text before the stop string it met (node.adapters.detokenizer.TextStream, the
+        first asked that the text holds), so the decoding of its tokens goes on past the relayed text with it. A
+        blocking decode of at most max_tokens ids (the base's token texts loaded: needs_token_texts)."""
+        s = self.seqs[k]
+        if reason != "stop" or s.ended or not self.stops:
+            return ""
+        if isinstance(s.stop_reason, str):
+            return s.stop_reason
+        if self.texts is None:
+            return ""
+        relayed = "".join(s.texts)
+        decoded = self.texts.tok.decode([i for i in s.ids if 0 <= i < self.texts.size], skip_special_tokens=True)
+        if not decoded.startswith(relayed):  # not what an honest node relays for these ids: nothing to read back
+            return ""
+        rest = decoded[len(relayed) :]
+        return next((stop for stop in self.stops if rest.startswith(stop)), "")
+
     def stop_reason(self, k: int) -> str | int | None:
         """Sequence k's vLLM stop_reason: None unless a stop token id or stop string ended it (the prompt alone,
         echoed with max_tokens 0, ended at "length")."""
@@ -220,6 +242,8 @@ class Choices:
         for i, k in enumerate(self.picked()):
             s = self.seqs[k]
             text, reason = "".join(s.texts) if self.shown else "", self.reason(k, overall, cut)
+            if self.keep_stop and self.shown:
+                text += self.stop_text(k, reason)
             if self.chat:
                 content, calls = self.plan.answer(text) if self.plan is not None else (text, [])
                 if calls:
@@ -304,6 +328,8 @@ class Choices:
         out = self._open(b, k)
         s.closed = True
         reason = ended = self.reason(k, overall, cut)
+        if self.keep_stop and self.shown and (stop := self.stop_text(k, ended)):
+            out += self._chunk(b, k, stop, None)
         if s.tools is not None:
             out += b"".join(b.delta(d, k) for d in s.tools.close())
             if s.tools.called:

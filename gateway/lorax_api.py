@@ -26,7 +26,7 @@ context is refused, never cut), `typical_p`, `watermark`, other adapter sources,
 methods, an adapter_id with a '+' (adapters are combined in merged_adapters), a temperature of 0 when sampled
 (do_sample, best_of), and any field LoRAX does not define. As in LoRAX (whose text is the decoding of every token
 generated), the stop sequence that ended a generation is part of its text, where /v1/completions leaves it out
-(OpenAI's way, as the node sends it): the writer reads which one it was back from the tokens (`stop_kept`). The seed
+(OpenAI's way, as the node sends it): the node names it (`Choices.stop_text`). The seed
 in details is the one an answer was sampled with: given by the client, or drawn by the gateway when none was (none
 when the answer is greedy, a temperature of 0 included, or one of best_of's)."""
 
@@ -229,7 +229,8 @@ class LoraxCompletion(CompletionRequest):
         return "max_new_tokens"
 
     def needs_token_texts(self) -> bool:
-        # with stop sequences, the base's tokenizer reads back the one the node cut from the text (stop_kept)
+        # with stop sequences, a node of an older release does not name the one it cut from the text: the base's
+        # tokenizer reads it back (Choices.stop_text)
         return super().needs_token_texts() or bool(self.stop)
 
 
@@ -331,22 +332,6 @@ def finish_reason(seq: Sequence, reason: str, stops: bool) -> str:
     return "eos_token" if seq.ended or not stops else "stop_sequence"
 
 
-def stop_kept(texts: TokenTexts | None, seq: Sequence, stops: list[str]) -> str:
-    """The stop sequence the node cut from the end of the sequence's text ("": none found): the node relays the
-    text before the stop string it met (node.adapters.detokenizer.TextStream, looking for them in the order asked),
-    so the decoding of its tokens goes on past the relayed text with that string, the first asked that starts
-    there. What followed it in its token is not kept: LoRAX stops where its text ends with the stop sequence. A
-    blocking decode, of at most max_new_tokens ids, once per sequence that ended on a stop."""
-    if texts is None or not stops:
-        return ""
-    relayed = "".join(seq.texts)
-    decoded = texts.tok.decode([i for i in seq.ids if 0 <= i < texts.size], skip_special_tokens=True)
-    if not decoded.startswith(relayed):  # not what an honest node relays for these ids: nothing to read back
-        return ""
-    rest = decoded[len(relayed) :]
-    return next((stop for stop in stops if rest.startswith(stop)), "")
-
-
 def _valid(tid: int) -> bool:
     return 0 <= tid < TOKEN_ID_LIMIT
 
@@ -371,7 +356,7 @@ class LoraxAnswer:
         self.prefix = req.inputs if self.p.return_full_text else ""
         self.k = self.p.return_k_alternatives or 0
         self._last: dict | None = None  # the frame of a token known to be the last, held for the finish
-        self._stops: dict[int, str] = {}  # sequence -> the stop sequence it ended on, read back (stop_kept)
+        self._stops: dict[int, str] = {}  # sequence -> the stop sequence it ended on (Choices.stop_text)
 
     def _seed(self) -> int | None:
         return self.p.seed if self.p.sampled else None
@@ -379,12 +364,7 @@ class LoraxAnswer:
     def _stop(self, k: int, reason: str) -> str:
         """The stop sequence sequence k ended on, which LoRAX keeps in its text ("": it ended otherwise)."""
         if k not in self._stops:
-            s = self.c.seqs[k]
-            stopped = finish_reason(s, reason, bool(self.p.stop)) == "stop_sequence"
-            # the stop string the node named (Choices.take_finish: one of the request's, held to the tokens at
-            # the end); a node of an older release names none, and its tokens are decoded again to find it
-            named = s.stop_reason if isinstance(s.stop_reason, str) else None
-            self._stops[k] = (named or stop_kept(self.c.texts, s, self.p.stop)) if stopped else ""
+            self._stops[k] = self.c.stop_text(k, reason)
         return self._stops[k]
 
     def _text(self, k: int, reason: str) -> str:

@@ -265,10 +265,17 @@ class _Sampling(BaseModel):
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = None
     # an ensemble's weights, one per adapter named in `model` ("alice/a+bob/b"), in that order
     adapter_weights: AdapterWeights | None = None
+    # vLLM's: the stop string that ended a choice ends its text (the node leaves it out of the text, and names it)
+    include_stop_str_in_output: bool | None = None
     # accepted, no effect (see the module's docstring)
     user: Identifier | None = None
     safety_identifier: Identifier | None = None
     prompt_cache_key: Identifier | None = None
+
+    def needs_token_texts(self) -> bool:
+        """Whether the answer is written with the base's token texts (loaded before dispatch): a stop string kept in
+        the text is read back from the tokens of a node of an older release, which does not name it."""
+        return bool(self.include_stop_str_in_output and self.stop)
 
     @field_validator("logit_bias")
     @classmethod
@@ -421,8 +428,7 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
     def needs_token_texts(self) -> bool:
-        """Whether the answer is written with the base's token texts (logprobs, echo): loaded before dispatch."""
-        return self.node_logprobs() is not None or bool(self.echo)
+        return super().needs_token_texts() or self.node_logprobs() is not None or bool(self.echo)
 
 
 class TextPart(BaseModel):
@@ -660,7 +666,7 @@ class ChatRequest(_Rendered, _Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def needs_token_texts(self) -> bool:
-        return self.node_logprobs() is not None
+        return super().needs_token_texts() or self.node_logprobs() is not None
 
 
 class TokenizeRequest(_Rendered):

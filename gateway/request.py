@@ -458,6 +458,7 @@ class ServedRequest:
             eos_ids=frozenset() if req.ignore_eos else t.end_ids(base),
             stop_ids=frozenset(req.stop_token_ids or ()),
             stops=tuple(req.stop_list()),
+            keep_stop=bool(req.include_stop_str_in_output),
         )
         if (echoed := self.choices.echoed_positions()) > d.settings.max_echoed_positions:
             raise BadRequest(

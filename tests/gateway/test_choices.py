@@ -288,3 +288,35 @@ def test_a_call_cut_short_by_max_tokens_ends_length_whole_and_streamed(texts, ch
         whole_answer = Choices(chat=True, prompts=[[1]], per_prompt=1, n=1, max_tokens=40, plan=plan)
         feed(whole_answer, [token(0, 70, whole)])
         assert whole_answer.answer(overall, cut=False)[0]["finish_reason"] == want
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "older node"])
+def test_the_stop_string_that_ended_a_choice_ends_its_text_when_kept(tok, texts, named):
+    """vLLM's include_stop_str_in_output: the node leaves the stop string out of the text and names it in its
+    finish event; a node of an older release names none, and the gateway reads it back from the tokens (the
+    decoding goes on past the text relayed with it). Whole and streamed, with its stop_reason."""
+    from node.adapters.detokenizer import TextStream
+
+    stops = ("again", " world")
+    ids, stream, events = tok.encode("hello world again", add_special_tokens=False), TextStream(tok, stops), []
+    for tid in ids:  # as the node's detokenizer relays them, up to the token that completes a stop string
+        text, hit = stream.push(tid)
+        events.append(token(0, tid, text))
+        if hit:
+            break
+    assert stream.stopped == " world" and len(events) < len(ids)
+    before = "".join(e["text"] for e in events)
+    finish = {"type": "finish", "index": 0, "finish_reason": "stop"} | ({"stop_string": " world"} if named else {})
+    kept = []
+    for keep in (False, True):
+        c = Choices(
+            chat=False, prompts=[[1]], per_prompt=1, n=1, max_tokens=len(ids), texts=texts, stops=stops, keep_stop=keep
+        )
+        feed(c, [*events, finish])
+        (whole,) = c.answer(None, False)
+        b = ChunkBuilder(chat=False, rid=RID, created=1, model="m", include_usage=False)
+        streamed = c.chunk(b, 0, before, None) + c.close(b, 0, None, False)
+        assert "".join(f["choices"][0]["text"] for f in frames(streamed)) == whole["text"]
+        assert whole["stop_reason"] == (" world" if named else None)
+        kept.append(whole["text"])
+    assert kept == [before, before + " world"]

@@ -438,7 +438,16 @@ class _Texts:
 
 
 def _choices(stop: bool = False) -> tuple[LoraxAnswer, Choices]:
-    c = Choices(chat=False, prompts=[[1, 5]], per_prompt=1, n=1, max_tokens=4, logprobs=True, eos_ids=frozenset({2}))
+    c = Choices(
+        chat=False,
+        prompts=[[1, 5]],
+        per_prompt=1,
+        n=1,
+        max_tokens=4,
+        logprobs=True,
+        eos_ids=frozenset({2}),
+        stops=("zz",) if stop else (),
+    )
     c.texts = _Texts()
     params = {"details": True} | ({"stop": ["zz"]} if stop else {})
     req = LoraxGenerateStream.model_validate({"inputs": "hi", "parameters": params})
@@ -479,7 +488,16 @@ def test_the_end_token_is_eos_token_and_a_stop_without_it_a_stop_sequence():
 def _stopped(stops: list[str], relayed: list[tuple[int, str]], stream: bool, most: int = 8) -> dict | list[dict]:
     """The answer (whole, or the stream's frames) of a sequence the node ended on a stop ("stop", no end token)
     after relaying these (token id, text) with its tokenizer's texts known; `most`: max_new_tokens."""
-    c = Choices(chat=False, prompts=[[1, 5]], per_prompt=1, n=1, max_tokens=most, logprobs=True, eos_ids=frozenset({2}))
+    c = Choices(
+        chat=False,
+        prompts=[[1, 5]],
+        per_prompt=1,
+        n=1,
+        max_tokens=most,
+        logprobs=True,
+        eos_ids=frozenset({2}),
+        stops=tuple(stops),  # the request's, as the path gives them (gateway.request)
+    )
     c.texts = _Texts()
     route = LoraxGenerateStream if stream else LoraxGenerate
     req = route.model_validate({"inputs": "hi", "parameters": {"details": True, "stop": stops}})

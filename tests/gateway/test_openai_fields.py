@@ -74,10 +74,18 @@ def test_stop_reason_names_the_stop_token_id_or_string(served, oai):
     chunks = list(complete(oai, stream=True, **ask))
     ends = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason is not None]
     assert [(c.finish_reason, reason(c)) for c in ends] == [("stop", stop)]
+    # vLLM's include_stop_str_in_output: the text ends with the stop string, whole and streamed
+    keep = {"extra_body": {"include_stop_str_in_output": True}}
+    kept = agree(served, oai.completions.with_raw_response.create(model=TINY, prompt=PROMPT, **ask, **keep))
+    assert kept.choices[0].text == greedy[: greedy.index(stop) + len(stop)] and reason(kept.choices[0]) == stop
+    streamed = "".join(c.choices[0].text for c in complete(oai, stream=True, **ask, **keep) if c.choices)
+    assert streamed == kept.choices[0].text
     said = chat(oai, temperature=0, max_tokens=16).choices[0].message.content
     cut = next(said[i : i + 2] for i in range(2, len(said) - 1) if said[i : i + 2].strip())
     answer = chat(oai, temperature=0, max_tokens=16, stop=[cut])
     assert answer.choices[0].message.content == said[: said.index(cut)] and reason(answer.choices[0]) == cut
+    answer = chat(oai, temperature=0, max_tokens=16, stop=[cut], extra_body={"include_stop_str_in_output": True})
+    assert answer.choices[0].message.content == said[: said.index(cut) + len(cut)]
 
 
 def test_service_tier_is_answered_with_the_tier_that_served(oai):
