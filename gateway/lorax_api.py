@@ -21,9 +21,9 @@ context leaves, at most the gateway's max_max_tokens, as a chat's max_tokens), `
 or a warper given, whatever its value), `details` (the tokens with their logprobs, finish_reason "length" /
 "eos_token" / "stop_sequence"), `return_full_text`, `decoder_input_details` (the prompt's positions: echo with
 logprobs), `return_k_alternatives` (up to 5, the completions' logprobs bound), `response_format` (json_object,
-with or without a schema, or json_schema: structured output). Refused by name: `truncate` (a prompt past the
-context is refused, never cut), `typical_p`, `watermark`, other adapter sources, other merge strategies and sign
-methods, an adapter_id with a '+' (adapters are combined in merged_adapters), a temperature of 0 when sampled
+with or without a schema, or json_schema: structured output), `truncate` (the inputs' last tokens only, once the
+gateway tokenized them). Refused by name: `typical_p`, `watermark`, other adapter sources, other merge strategies
+and sign methods, an adapter_id with a '+' (adapters are combined in merged_adapters), a temperature of 0 when sampled
 (do_sample, best_of), and any field LoRAX does not define. As in LoRAX (whose text is the decoding of every token
 generated), the stop sequence that ended a generation is part of its text, where /v1/completions leaves it out
 (OpenAI's way, as the node sends it): the node names it (`Choices.stop_text`). The seed
@@ -151,8 +151,8 @@ class LoraxParameters(BaseModel):
     decoder_input_details: bool = False
     return_k_alternatives: Annotated[int, Field(ge=1, le=COMPLETION_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
+    truncate: Annotated[int, Field(ge=1)] | None = None  # the inputs' last tokens only (vLLM's truncate_prompt_tokens)
     # refused unless at their defaults (check)
-    truncate: int | None = None
     typical_p: float | None = None
     watermark: bool = False
 
@@ -175,7 +175,6 @@ class LoraxParameters(BaseModel):
 
     def check(self, stream: bool) -> None:
         refused = {
-            "truncate": "a prompt past the context is refused, never cut: send the inputs to be counted",
             "typical_p": "typical decoding is not one of this gateway's samplers",
             "watermark": "answers are not watermarked here",
         }
@@ -227,6 +226,9 @@ class LoraxCompletion(CompletionRequest):
 
     def tokens_field(self) -> str:
         return "max_new_tokens"
+
+    def truncate_field(self) -> str:
+        return "truncate"
 
     def needs_token_texts(self) -> bool:
         # with stop sequences, a node of an older release does not name the one it cut from the text: the base's
@@ -305,6 +307,7 @@ class LoraxRequest(BaseModel):
             "echo": (p.details and p.decoder_input_details) or None,  # the prompt's positions, from the node
             "response_format": p.response_format.completion_format() if p.response_format else None,
             "adapter_weights": weights,
+            "truncate_prompt_tokens": p.truncate,
         }
         # each value is within its completion field's type (LoRAX's fields are typed as narrowly), so this
         # validation cannot fail (tests/gateway/test_lorax_api.py tries every field at its bounds)

@@ -267,6 +267,8 @@ class _Sampling(BaseModel):
     adapter_weights: AdapterWeights | None = None
     # vLLM's: the stop string that ended a choice ends its text (the node leaves it out of the text, and names it)
     include_stop_str_in_output: bool | None = None
+    # vLLM's: each prompt's last k tokens only (-1: as many as the context holds), cut once the gateway tokenized it
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
     # accepted, no effect (see the module's docstring)
     user: Identifier | None = None
     safety_identifier: Identifier | None = None
@@ -297,6 +299,12 @@ class _Sampling(BaseModel):
         field)."""
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
+        if self.truncate_prompt_tokens == 0:
+            raise BadRequest(
+                f"{self.truncate_field()} keeps a prompt's last tokens: at least 1, or -1 for as many as the context "
+                "holds",
+                param=self.truncate_field(),
+            )
         shapes = self._shapes()
         if len(shapes) > 1:
             raise BadRequest(
@@ -327,6 +335,25 @@ class _Sampling(BaseModel):
     def tokens_field(self) -> str:
         """The field `wanted_tokens` came from (what an error about it names)."""
         return "max_tokens"
+
+    def truncate_field(self) -> str:
+        """The field truncate_prompt_tokens came from (what an error about it names)."""
+        return "truncate_prompt_tokens"
+
+    def truncated(self, prompts: list[list[int]], context: int | None) -> list[list[int]]:
+        """The prompts cut to their last truncate_prompt_tokens tokens (-1: the context's length; None: as they
+        are), as vLLM cuts them; more than the context is refused, as vLLM refuses it."""
+        keep = self.truncate_prompt_tokens
+        if keep is None or (keep == -1 and context is None):
+            return prompts
+        if keep == -1:
+            keep = context
+        elif context is not None and keep > context:
+            raise BadRequest(
+                f"{self.truncate_field()} ({keep}) is more than this model's maximum context length ({context} tokens)",
+                param=self.truncate_field(),
+            )
+        return [ids[-keep:] for ids in prompts]
 
     def _shapes(self) -> list[tuple[str, dict]]:
         """(field, the node's `guided` value) of each field that constrains the answer's shape."""

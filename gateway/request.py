@@ -398,6 +398,8 @@ class ServedRequest:
             raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
         context = t.context_len(base)
         prompts, texts = await self._prompts(req, base)
+        if (cut := req.truncated(prompts, context)) != prompts:
+            prompts, texts = cut, None  # an echo shows the prompts as cut (decoded below)
         for ids in prompts:
             if not ids:
                 raise BadRequest("the prompt is empty; expected at least one token", param=req.PROMPT_FIELD)

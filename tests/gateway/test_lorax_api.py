@@ -121,6 +121,20 @@ def test_greedy_generate_is_the_completion_of_the_same_adapter_and_prompt(client
     assert client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=8, details=False).details is None
 
 
+def test_truncate_keeps_the_inputs_last_tokens(client, oai):
+    """LoRAX's truncate: the inputs' last tokens only, as the completion of those tokens answers (and bills)."""
+    whole = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=8)
+    cut = client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=8, truncate=2, decoder_input_details=True)
+    assert whole.details.prompt_tokens > 2 and cut.details.prompt_tokens == 2
+    c = completion(oai, NAMES[0], extra_body={"truncate_prompt_tokens": 2})
+    assert cut.generated_text == c.choices[0].text and c.usage.prompt_tokens == 2
+    assert [t.id for t in cut.details.prefill] == [t.id for t in whole_prefill(client)][-2:]
+
+
+def whole_prefill(client) -> list:
+    return client.generate(PROMPT, adapter_id=NAMES[0], max_new_tokens=1, decoder_input_details=True).details.prefill
+
+
 def test_streamed_tokens_make_the_whole_answer(client):
     whole = client.generate(PROMPT, adapter_id=NAMES[1], max_new_tokens=10)
     frames = list(client.generate_stream(PROMPT, adapter_id=NAMES[1], max_new_tokens=10))
@@ -305,7 +319,8 @@ def test_each_unsupported_field_or_value_is_refused_by_name(gw, client):
     refused(lambda: gen(adapter_source="local"), "adapter_source")
     refused(lambda: gen(watermark=True), "watermark")
     refused(lambda: gen(typical_p=0.5), "typical_p")
-    refused(lambda: gen(truncate=10), "truncate")
+    refused(lambda: gen(truncate=10**6), "truncate")  # more than the context
+    refused(lambda: gen(truncate=0), "truncate")
     refused(lambda: gen(temperature=3.0), "temperature")
     refused(lambda: gen(max_new_tokens=10**7), "max_new_tokens")
     refused(lambda: gen(return_k_alternatives=50), "return_k_alternatives")

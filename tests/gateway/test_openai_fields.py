@@ -88,6 +88,28 @@ def test_stop_reason_names_the_stop_token_id_or_string(served, oai):
     assert answer.choices[0].message.content == said[: said.index(cut) + len(cut)]
 
 
+def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(served, oai, tokenizer):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens, answered and billed as that prompt would be."""
+    ids, keep = list(range(5, 25)), {"extra_body": {"truncate_prompt_tokens": 4}}
+    ask = dict(model=TINY, prompt=ids, max_tokens=8, temperature=0)
+    cut = agree(served, oai.completions.with_raw_response.create(**ask, **keep))
+    assert cut.usage.prompt_tokens == 4
+    assert cut.choices[0].text == complete(oai, prompt=ids[-4:], temperature=0).choices[0].text
+    assert (
+        complete(oai, prompt=ids, echo=True, max_tokens=1, **keep)
+        .choices[0]
+        .text.startswith(tokenizer.decode(ids[-4:]))
+    )
+    as_text = complete(oai, prompt=[PROMPT, PROMPT + PROMPT], **keep)  # each prompt of a list, text too
+    assert as_text.usage.prompt_tokens == 8
+    assert complete(oai, prompt=ids, extra_body={"truncate_prompt_tokens": -1}).usage.prompt_tokens == len(ids)
+    assert chat(oai, extra_body={"truncate_prompt_tokens": 3}).usage.prompt_tokens == 3
+    refused(lambda: complete(oai, extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens")
+    assert "maximum context length" in refused(
+        lambda: complete(oai, extra_body={"truncate_prompt_tokens": 10**6}), "truncate_prompt_tokens"
+    )
+
+
 def test_service_tier_is_answered_with_the_tier_that_served(oai):
     assert chat(oai, service_tier="auto").service_tier == "default"
     assert chat(oai).service_tier is None  # named only where the request named it, as OpenAI's
