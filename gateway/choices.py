@@ -72,15 +72,18 @@ class Choices:
         stop_ids: frozenset[int] = frozenset(),
         stops: tuple[str, ...] = (),
         keep_stop: bool = False,
+        named: bool = False,
     ) -> None:
         """`eos_ids`: the base's end tokens (none with ignore_eos); `stop_ids`, `stops`: the request's stop token
         ids and stop strings; `keep_stop`: the stop string that ended a choice ends its text (vLLM's
-        include_stop_str_in_output)."""
+        include_stop_str_in_output); `named`: the logprobs' tokens named by their ids (vLLM's
+        return_tokens_as_token_ids)."""
         self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
         self.max_tokens, self.logprobs, self.echo, self.shown = max_tokens, logprobs, echo, shown
         self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
         self.token_chars = token_chars  # the most characters a token's text may hold, on average over a sequence
         self.eos_ids, self.stop_ids, self.stops, self.keep_stop = eos_ids, stop_ids, stops, keep_stop
+        self.named = named
         self.end_ids = eos_ids | stop_ids
         # best_of ranks its sequences by their log-probabilities, shown or not
         self.scores = logprobs or per_prompt != n
@@ -139,9 +142,9 @@ class Choices:
             return False
         reason = ev.get("finish_reason")
         s.reason = reason if reason in ("stop", "length") else "stop"
-        named = ev.get("stop_string")
-        if s.reason == "stop" and s.stop_reason is None and isinstance(named, str) and named in self.stops:
-            s.stop_reason = named
+        claim = ev.get("stop_string")
+        if s.reason == "stop" and s.stop_reason is None and isinstance(claim, str) and claim in self.stops:
+            s.stop_reason = claim
         return True
 
     def take_prompt(self, ev: dict) -> bool:
@@ -224,7 +227,7 @@ class Choices:
 
     def _completion_logprobs(self, k: int) -> CompletionLogprobs:
         s = self.seqs[k]
-        lp = CompletionLogprobs(self.texts)
+        lp = CompletionLogprobs(self.texts, named=self.named)
         if self.echo:
             for pos in self.prompt_scored[s.prompt] or ():
                 lp.add(pos, 0 if pos.token_id in self.texts.special else None)
@@ -234,7 +237,10 @@ class Choices:
         return lp
 
     def _chat_logprobs(self, k: int) -> dict:
-        return {"content": [chat_entry(self.texts, pos) for pos in self.seqs[k].scored], "refusal": None}
+        return {
+            "content": [chat_entry(self.texts, pos, named=self.named) for pos in self.seqs[k].scored],
+            "refusal": None,
+        }
 
     def answer(self, overall: str | None, cut: bool) -> list[dict]:
         """The choices of a whole (non-streamed) answer."""
@@ -268,7 +274,7 @@ class Choices:
             s.tools = self.plan.stream() if self.plan is not None else None
             return b.role(k)
         if self.logprobs:
-            s.logprobs = CompletionLogprobs(self.texts)
+            s.logprobs = CompletionLogprobs(self.texts, named=self.named)
         if not self.echo:
             return b""
         lp = None
@@ -276,7 +282,7 @@ class Choices:
             for pos in self.prompt_scored[s.prompt] or ():
                 s.logprobs.add(pos, 0 if pos.token_id in self.texts.special else None)
             lp = s.logprobs.obj()
-            s.logprobs = CompletionLogprobs(self.texts, len(self._echo_text(s.prompt)))
+            s.logprobs = CompletionLogprobs(self.texts, len(self._echo_text(s.prompt)), named=self.named)
         return b.token(self._echo_text(s.prompt), k, lp)
 
     def open_all(self, b: ChunkBuilder) -> bytes:
@@ -294,7 +300,7 @@ class Choices:
         if not self.shown:
             return opening
         if scored is not None and self.chat:
-            lp = {"content": [chat_entry(self.texts, scored)]}
+            lp = {"content": [chat_entry(self.texts, scored, named=self.named)]}
         elif scored is not None:
             lp = self.seqs[k].logprobs.add(scored, len(text))
         return opening + self._chunk(b, k, text, lp)

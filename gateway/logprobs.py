@@ -148,12 +148,18 @@ class TokenTexts:
         return self.get(token_id)[0]
 
 
+def token_id_name(token_id: int) -> str:
+    """A token named by its id, as vLLM's return_tokens_as_token_ids names it: what a text cannot say (the bytes of
+    half a character, two tokens of one text) the id does."""
+    return f"token_id:{token_id}"
+
+
 class CompletionLogprobs:
     """One completion choice's logprobs object, built position by position; `offset` is where the next token
-    starts in the choice's text (text_offset)."""
+    starts in the choice's text (text_offset); `named`: tokens named by their ids (token_id_name)."""
 
-    def __init__(self, texts: TokenTexts, offset: int = 0) -> None:
-        self.texts, self.offset = texts, offset
+    def __init__(self, texts: TokenTexts, offset: int = 0, *, named: bool = False) -> None:
+        self.texts, self.offset, self.named = texts, offset, named
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict | None] = []
@@ -162,18 +168,20 @@ class CompletionLogprobs:
     def add(self, s: Scored, width: int | None = None) -> dict:
         """Add a position (`width`: the characters it adds to the text; default its token's); the position alone,
         as a streamed chunk's logprobs object."""
-        token = self.texts.text(s.token_id)
+        name = token_id_name if self.named else self.texts.text
+        text = self.texts.text(s.token_id)
+        token = name(s.token_id)
         if s.logprob is None:
             top = None
         else:  # the sampled token is listed beside the most likely ones, as OpenAI lists it
-            top = {self.texts.text(i): lp for i, lp in s.top}
+            top = {name(i): lp for i, lp in s.top}
             top.setdefault(token, s.logprob)
         one = {"tokens": [token], "token_logprobs": [s.logprob], "top_logprobs": [top], "text_offset": [self.offset]}
         self.tokens.append(token)
         self.token_logprobs.append(s.logprob)
         self.top_logprobs.append(top)
         self.text_offset.append(self.offset)
-        self.offset += len(token) if width is None else width
+        self.offset += len(text) if width is None else width
         return one
 
     def obj(self) -> dict:
@@ -185,11 +193,16 @@ class CompletionLogprobs:
         }
 
 
-def chat_entry(texts: TokenTexts, s: Scored) -> dict:
-    """One chat position: the token, its log-probability and bytes, and the most likely alternatives."""
+def chat_entry(texts: TokenTexts, s: Scored, *, named: bool = False) -> dict:
+    """One chat position: the token (`named`: by its id, token_id_name), its log-probability and bytes, and the most
+    likely alternatives."""
 
     def one(tid: int, lp: float | None) -> dict:
         token, raw = texts.get(tid)
-        return {"token": token, "logprob": FLOOR if lp is None else lp, "bytes": list(raw)}
+        return {
+            "token": token_id_name(tid) if named else token,
+            "logprob": FLOOR if lp is None else lp,
+            "bytes": list(raw),
+        }
 
     return one(s.token_id, s.logprob) | {"top_logprobs": [one(i, lp) for i, lp in s.top]}

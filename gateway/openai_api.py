@@ -267,6 +267,8 @@ class _Sampling(BaseModel):
     adapter_weights: AdapterWeights | None = None
     # vLLM's: the stop string that ended a choice ends its text (the node leaves it out of the text, and names it)
     include_stop_str_in_output: bool | None = None
+    # vLLM's: the logprobs' tokens named "token_id:<id>" (what a text cannot say, the id does)
+    return_tokens_as_token_ids: bool | None = None
     # vLLM's: each prompt's last k tokens only (-1: as many as the context holds), cut once the gateway tokenized it
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
     # accepted, no effect (see the module's docstring)

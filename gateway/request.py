@@ -461,6 +461,7 @@ class ServedRequest:
             stop_ids=frozenset(req.stop_token_ids or ()),
             stops=tuple(req.stop_list()),
             keep_stop=bool(req.include_stop_str_in_output),
+            named=bool(req.return_tokens_as_token_ids),
         )
         if (echoed := self.choices.echoed_positions()) > d.settings.max_echoed_positions:
             raise BadRequest(

@@ -198,6 +198,33 @@ def test_chat_logprobs_whole_and_streamed(oai):
     assert streamed == [e.token for e in content]
 
 
+def test_return_tokens_as_token_ids_names_each_token_by_its_id(oai, tokenizer):
+    """vLLM's return_tokens_as_token_ids: "token_id:<id>" for each token and alternative, whole and streamed (the
+    ids decode to the text; offsets and bytes stay the text's)."""
+    ids = {"extra_body": {"return_tokens_as_token_ids": True}}
+    plain = complete(oai, temperature=0, logprobs=2, echo=True).choices[0]
+    named = complete(oai, temperature=0, logprobs=2, echo=True, **ids).choices[0]
+    lp = named.logprobs
+    assert all(t.startswith("token_id:") for t in lp.tokens) and lp.text_offset == plain.logprobs.text_offset
+    assert (
+        tokenizer.decode([int(t.split(":")[1]) for t in lp.tokens], skip_special_tokens=True)
+        == named.text
+        == plain.text
+    )
+    assert all(top is None or lp.tokens[i] in top for i, top in enumerate(lp.top_logprobs))
+    streamed = [
+        t
+        for c in complete(oai, temperature=0, logprobs=2, stream=True, **ids)
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.tokens
+    ]
+    assert streamed == lp.tokens[-8:]
+    said = chat(oai, temperature=0, logprobs=True, top_logprobs=2, **ids).choices[0].logprobs.content
+    before = chat(oai, temperature=0, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    assert [e.bytes for e in said] == [e.bytes for e in before]
+    assert all(e.token.startswith("token_id:") and e.top_logprobs[0].token.startswith("token_id:") for e in said)
+
+
 def test_echo_with_logprobs(oai):
     got = complete(oai, echo=True, logprobs=1, temperature=0, max_tokens=3).choices[0]
     plain = complete(oai, temperature=0, max_tokens=3).choices[0]
