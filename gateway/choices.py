@@ -160,9 +160,11 @@ class Choices:
     def unsent(self) -> int:
         """Tokens relayed whose text never went out: what each sequence's tool stream still holds back (a block
         not yet decided, whitespace no text has followed yet) where the stream ended without its close, the
-        client gone. Counted back from each sequence's end; a token whose text went out in part went out."""
+        client gone. Counted back from each sequence's end; a token whose text went out in part went out. None
+        when logprobs are shown: each token's logprobs entry (its text and bytes) went out as it came (re-attack: a
+        client read the held text so, and paid nothing for it)."""
         n = 0
-        for s in self.seqs:
+        for s in self.seqs if not self.logprobs else ():
             held = s.tools.held_chars() if s.tools is not None and not s.closed else 0
             for text in reversed(s.texts if held else ()):
                 if len(text) > held:

@@ -1018,9 +1018,11 @@ class ServedRequest:
             # once and then sent nothing more until the client's timeout; taking a node's word that the request's
             # grammar failed it, one that said so of any guided request (red team)
             withheld=self.buffered and (self.key_revoked or client_gone or bool(self.failure)),
-            unsent=self.choices.unsent() if client_gone and not self.buffered else 0,
+            # (a revoked key's stream is sent what was held back, after this: release_held)
+            unsent=self.choices.unsent() if client_gone and not self.buffered and not self.key_revoked else 0,
             misreported=misreported,
         )
+        made = sum(self.usage)  # the gateway's counts, before the record takes out what was not delivered
         self.result = await d.book.record(end)
         m = d.metrics
         m.requests.labels(self.target.label, status).inc()
@@ -1030,9 +1032,13 @@ class ServedRequest:
         m.tokens.labels(self.target.label, "prompt").inc(end.prompt_tokens)
         m.tokens.labels(self.target.label, "completion").inc(end.completion_tokens)
         # what it used beyond its reservation, or (negative) the unused part back; a request a sibling's
-        # reconciliation closed first (this gateway taken for dead) was settled by that sibling
+        # reconciliation closed first (this gateway taken for dead) was settled by that sibling. What a client had
+        # nodes make counts, billed or not: a whole answer it left or its grammar failed, the text held back when
+        # it left a stream (refunded, --tpm let a client that left every answer have them made without limit;
+        # re-attack); what a failed node made for a whole answer does not
+        used = made if client_gone or self.grammar_failed else end.prompt_tokens + end.completion_tokens
         if self.key_id is not None and self.result != "already_closed":
-            d.admission.charge_tokens(self.key_id, end.prompt_tokens + end.completion_tokens - self.reserved)
+            d.admission.charge_tokens(self.key_id, used - self.reserved)
         return self.result
 
     async def _misreported(self) -> str | None:

@@ -347,7 +347,9 @@ class UsageRecorder:
                 self._disputed(end)
             if end.withheld:  # judged above on what was sent and relayed; billed for what was delivered: none
                 end.prompt_tokens = end.completion_tokens = 0
+            # once: a record the outbox refused is recorded again from this same end (outbox_tick)
             end.completion_tokens -= min(end.unsent, end.completion_tokens)
+            end.unsent = 0
             if end.ensemble is None and receipt is not None and "ensemble" in receipt:
                 end.ensemble = tuple((aid, w) for aid, w in receipt["ensemble"])
             usage = dict(

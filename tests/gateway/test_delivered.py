@@ -191,3 +191,54 @@ def test_nonstream_client_that_left_stops_the_node_and_pays_nothing(w, prompt, d
     # the receipt is judged against what was read: the node made at least that
     assert u.status == RecordStatus.PENDING and u.node_completion_tokens >= 1, u.error
     assert disputed(gw) == []
+
+
+def test_a_keys_tokens_per_minute_count_what_a_client_that_left_had_made(w):
+    """A non-streaming client that leaves pays nothing, but its key's --tpm counts the prompt and the tokens read
+    until it left: refunded whole, a client leaving each answer just before its end had nodes make tokens without
+    limit (re-attack: 8 requests of 100 tokens under a --tpm of 250, none refused)."""
+    import threading
+
+    from sqlmodel import Session
+
+    from gateway.keys import create_key
+    from gateway.tables import RateBucket
+    from tests.utils.gateway import poll
+
+    gw, engine, key, node = w
+    tpm = 60  # a token a second refilled: what the charge left is read before the bucket is full again
+    secret, info = create_key(engine, name="leaves", tpm=tpm)
+
+    def bucket() -> RateBucket | None:
+        with Session(engine) as s:
+            return s.get(RateBucket, (info.id, "tokens"))
+
+    def ask() -> None:  # one token, then nothing: the client leaves after 1 s
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                gw.url + "/v1/completions",
+                headers={"Authorization": f"Bearer {secret}"},
+                timeout=1.0,
+                json={"model": TINY, "prompt": "GATE_AFTER_1", "max_tokens": 5},
+            )
+
+    node.gate.clear()
+    client = threading.Thread(target=ask)
+    client.start()
+    try:
+        # the request's tokens reserved as it was admitted (the bucket is made full by its admission first)
+        reserved = poll(lambda: (b := bucket()) is not None and b.level < tpm - 1 and b, timeout=10)
+        client.join(30)
+        rid = node.requests[-1]["request_id"]
+        done, u = record_of(engine, rid)
+    finally:
+        node.gate.set()
+        client.join(30)
+    prompt = u.node_prompt_tokens
+    assert (u.prompt_tokens, u.completion_tokens) == (0, 0) and prompt > 0
+    charged = poll(lambda: (b := bucket()) is not None and b.stamp > reserved.stamp and b, timeout=10)
+    # the bucket as the reservation left it, refilled to the charge (a token a second), then given back what the
+    # request reserved (its prompt and max_tokens) and did not use: all but the prompt and the one token read
+    refilled = reserved.level + (charged.stamp - reserved.stamp) * tpm / 60
+    assert refilled + 5 < tpm, "the bucket refilled before the charge: the test cannot tell the charge"
+    assert charged.level == pytest.approx(min(tpm, refilled + (prompt + 5) - (prompt + 1)), abs=0.01), prompt

@@ -27,7 +27,7 @@ import json
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import openai
@@ -41,7 +41,7 @@ from gateway.tables import RequestStatus
 from ledger.models import RecordStatus
 from node.adapters.basemodel import base_model_id
 from tests.gateway import TINY
-from tests.utils.gateway import StandInNode, gateway_over, record_of
+from tests.utils.gateway import StandInNode, poll, record_of, served_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -76,11 +76,13 @@ ANSWERS = {
 @dataclass
 class ScriptedNode(StandInNode):
     """The stand-in node (tests/utils/gateway.py), whose answer to every generate is `answer`, LONG_ENTRY characters
-    a token event, in one write; its receipt and usage count the tokens it sent. With `hold`, it then sends nothing
-    more until the request is aborted (at most 60 s), and ends it so."""
+    a token event, in one write, each with a log-probability; its receipt and usage count the tokens it sent. With
+    `hold`, it then sends nothing more until the request is aborted, and ends it so, or until `release` is set, and
+    sends one more token (at most 60 s)."""
 
     answer: str = ""
     hold: bool = False
+    release: threading.Event = field(default_factory=threading.Event)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -93,19 +95,23 @@ class ScriptedNode(StandInNode):
             n_prompt = len(body.get("prompt_token_ids") or [])
             self.seen[rid] = [len(pieces), n_prompt, int(time.time() * 1000), body.get("adapter_id")]
             # id 10 decodes to one character: the text is never shorter than the ids say (no dispute for that)
-            frames = [sse_frame({"type": "token", "text": p, "token_id": 10}) for p in pieces]
-            usage = {"prompt_tokens": n_prompt, "completion_tokens": len(pieces)}
+            token = {"type": "token", "token_id": 10, "logprob": -0.5, "top_logprobs": []}
+            frames = [sse_frame(token | {"text": p}) for p in pieces]
             hold = self.hold
 
             async def events():
                 yield b"".join(frames)
                 reason = "stop"
-                if hold:
-                    for _ in range(600):
-                        if rid in self.aborted:
-                            break
-                        await asyncio.sleep(0.1)
-                    reason = "abort"
+                for _ in range(600 if hold else 0):
+                    if rid in self.aborted:
+                        reason = "abort"
+                        break
+                    if self.release.is_set():
+                        self.seen[rid][0] += 1
+                        yield sse_frame(token | {"text": "."})
+                        break
+                    await asyncio.sleep(0.1)
+                usage = {"prompt_tokens": n_prompt, "completion_tokens": self.seen[rid][0]}
                 yield sse_frame({"type": "done", "finish_reason": reason, "usage": usage, **self.receipt(rid, reason)})
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -131,14 +137,21 @@ def long_base(tmp_path_factory, tiny_base):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, long_base):
+def served(tmp_path_factory, long_base):
+    """(gateway, its database engine, an API key, the scripted node, the gateway's service)."""
     from transformers import AutoTokenizer
 
     node = ScriptedNode(
         Identity.generate(), base_model_id(long_base), tokenizer=AutoTokenizer.from_pretrained(str(long_base))
     )
-    with gateway_over(node, tmp_path_factory.mktemp("gw"), long_base, heartbeat_ttl_s=600) as (gw, engine, key):
-        yield gw, engine, key, node
+    with served_gateway(node, tmp_path_factory.mktemp("gw"), long_base, heartbeat_ttl_s=600) as got:
+        gw, engine, key, _, service = got
+        yield gw, engine, key, node, service
+
+
+@pytest.fixture(scope="module")
+def world(served):
+    return served[:4]
 
 
 class Probe:
@@ -280,38 +293,79 @@ def test_a_hostile_tool_answer_costs_what_relaying_its_text_costs(world, benign,
     assert u.completion_tokens == events
 
 
-@pytest.mark.parametrize("tools", [False, True], ids=["text", "held for a call"])
-def test_a_streaming_client_that_leaves_pays_none_of_the_text_held_back_for_a_call(world, tools):
-    """A node opened a `<tool_call>` block and sent nothing more: the gateway holds the block's text back (it may
-    yet be a call) until it is decided, and the client, having read nothing, leaves at its timeout. Its tokens were
-    relayed to the gateway's answer, never to the client: they were billed (red team: 173 tokens settled, none
-    delivered). The same text without tools reaches the client, and is billed."""
-    gw, engine, key, node = world
-    node.answer, node.hold = TOOL_CALL_OPEN + '{"name": "get_weather", "arguments": {"city": "' + "Paris " * 300, True
-    events = -(-len(node.answer) // LONG_ENTRY)
-    body = {"model": TINY, "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 64, "stream": True}
-    got = ""
+HELD = TOOL_CALL_OPEN + '{"name": "get_weather", "arguments": {"city": "' + "Paris " * 300
+
+
+def stream_chat(gw, secret: str, body: dict, got: dict) -> None:
+    """A streamed chat read until its end, or until nothing came for 2 s (the client leaves): its request id, the
+    text it received as content and, with logprobs, the positions it received (each with its token's text)."""
     try:
         with httpx.stream(
             "POST",
             gw.url + "/v1/chat/completions",
-            headers={"Authorization": f"Bearer {key}"},
-            json=body | ({"tools": [WEATHER]} if tools else {}),
+            headers={"Authorization": f"Bearer {secret}"},
+            json=body,
             timeout=httpx.Timeout(30, read=2),
         ) as r:
-            rid = r.headers["x-request-id"]
+            got["rid"] = r.headers["x-request-id"]
             for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    got += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+                for c in json.loads(line[6:]).get("choices", ()) if line.startswith("data: {") else ():
+                    got["content"] += c["delta"].get("content") or ""
+                    got["logprobs"] += len((c.get("logprobs") or {}).get("content") or ())
     except httpx.ReadTimeout:
         pass  # the client gives up waiting
+
+
+@pytest.mark.parametrize("case", ["text", "held for a call", "held, logprobs shown"])
+def test_a_streaming_client_that_leaves_pays_none_of_the_text_held_back_for_a_call(world, case):
+    """A node opened a `<tool_call>` block and sent nothing more: the gateway holds the block's text back (it may
+    yet be a call) until it is decided, and the client, having read nothing, leaves at its timeout. Its tokens were
+    relayed to the gateway's answer, never to the client: they were billed (red team: 173 tokens settled, none
+    delivered). The same text without tools reaches the client, and is billed; so does the held text's logprobs
+    entries (each token's text), which go out as they come (re-attack: read so, 153 tokens were free)."""
+    gw, engine, key, node = world
+    node.answer, node.hold = HELD, True
+    events = -(-len(HELD) // LONG_ENTRY)
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 64, "stream": True}
+    body |= {"tools": [WEATHER]} if case != "text" else {}
+    body |= {"logprobs": True} if case == "held, logprobs shown" else {}
+    got = {"content": "", "logprobs": 0, "rid": None}
+    try:
+        stream_chat(gw, key, body, got)
     finally:
         node.answer, node.hold = "", False
-    done, u = record_of(engine, rid)
+    done, u = record_of(engine, got["rid"])
     assert done.status == RequestStatus.CLIENT_CLOSED and u.status != RecordStatus.DISPUTED, (done.error, u.error)
     assert u.node_completion_tokens == events
-    if tools:
-        assert got == "" and (u.completion_tokens, done.completion_tokens) == (0, 0)
-    else:
-        assert got == TOOL_CALL_OPEN + '{"name": "get_weather", "arguments": {"city": "' + "Paris " * 300
-        assert u.completion_tokens == events
+    assert got["content"] == (HELD if case == "text" else "")
+    assert got["logprobs"] == (events if case == "held, logprobs shown" else 0)
+    assert (u.completion_tokens, done.completion_tokens) == ((0, 0) if case == "held for a call" else (events, events))
+
+
+def test_a_revoked_keys_stream_is_billed_the_held_text_it_is_then_sent(served):
+    """A key revoked while its stream holds a tool call's text back: the stream ends at the node's next token, the
+    held text sent to the client before the error, and billed (re-attack: counted as never sent, it was free)."""
+    from gateway.keys import create_key, revoke_key
+
+    gw, engine, _, node, service = served
+    secret, info = create_key(engine, name="revoked mid-call")
+    node.answer, node.hold = HELD, True
+    node.release.clear()
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 64, "stream": True}
+    got = {"content": "", "logprobs": 0, "rid": None}
+    client = threading.Thread(target=stream_chat, args=(gw, secret, body | {"tools": [WEATHER]}, got), daemon=True)
+    client.start()
+    try:
+        poll(lambda: got["rid"], timeout=30)  # the stream is open: the node sent what it holds
+        revoke_key(engine, info.id)
+        service.admission.refresh_revoked(3600)
+        assert info.id in service.admission.revoked
+        node.release.set()  # the node's next token: the gateway ends the stream there
+        client.join(30)
+    finally:
+        node.answer, node.hold = "", False
+        node.release.set()
+    events = -(-len(HELD) // LONG_ENTRY)
+    done, u = record_of(engine, got["rid"])
+    assert got["content"] == HELD and u.status != RecordStatus.DISPUTED, u.error
+    assert (u.completion_tokens, done.completion_tokens) == (events, events)

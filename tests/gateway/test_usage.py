@@ -106,6 +106,19 @@ def test_receipt_that_matches_writes_both(setup):
     assert done[0].status == "ok" and done[0].error is None
 
 
+def test_text_a_client_that_left_never_got_is_taken_out_once(setup):
+    """`unsent` (a tool call's text held back when a streaming client left) comes out of the billed count once:
+    an end the outbox refused is recorded again as it is, and took it out again (re-attack: 85 billed, 29 after a
+    retry)."""
+    engine, ident, rec = setup
+    end = end_for(ident, completion=6, claimed=(3, 6), unsent=2, aborted=True, status=RequestStatus.CLIENT_CLOSED)
+    assert rec.record(end) == "recorded"
+    assert rec.record(end) == "already_closed"  # the same end again, as a retry records it
+    assert (end.completion_tokens, end.unsent) == (4, 0)
+    _, (u,) = rows(engine)
+    assert (u.completion_tokens, u.node_completion_tokens) == (4, 6) and u.status == RecordStatus.PENDING
+
+
 def test_inflated_receipt_is_disputed_at_the_gateways_count(setup):
     engine, ident, rec = setup
     end = end_for(ident, prompt=5, completion=2, claimed=(5_000_000, 5_000_000))
