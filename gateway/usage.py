@@ -120,6 +120,7 @@ class RequestEnd:
     reconciled: bool = False
     withheld: bool = False
     unsent: int = 0
+    counted: tuple[int, int] | None = None  # (prompt, completion) as the gateway counted them: set by the recorder
     misreported: str | None = None  # what the node's tokens belie (ServedRequest._misreported): a dispute
     max_tokens: int | None = None
     context_len: int | None = None
@@ -319,6 +320,13 @@ class UsageRecorder:
         receipt = None
         usage = None
         result = "not_served"
+        # the counts are judged, then made what is billed, on `end` itself (the caller reads them back): a record
+        # the outbox refused is recorded again from the same end, and starts again from the gateway's counts
+        # (judged against the billed ones, an honest node's receipt was disputed; review)
+        if end.counted is None:
+            end.counted = (end.prompt_tokens, end.completion_tokens)
+        end.prompt_tokens, end.completion_tokens = end.counted
+        end.disputed = None
         # what the node said, as far as it reaches the row: a finish reason of the receipt's, an error without
         # NUL (PostgreSQL refused "stop\x00" in every retry of the close: the request stayed open, its dispute
         # unwritten, and reconciliation later billed the node's claim)
@@ -347,9 +355,7 @@ class UsageRecorder:
                 self._disputed(end)
             if end.withheld:  # judged above on what was sent and relayed; billed for what was delivered: none
                 end.prompt_tokens = end.completion_tokens = 0
-            # once: a record the outbox refused is recorded again from this same end (outbox_tick)
             end.completion_tokens -= min(end.unsent, end.completion_tokens)
-            end.unsent = 0
             if end.ensemble is None and receipt is not None and "ensemble" in receipt:
                 end.ensemble = tuple((aid, w) for aid, w in receipt["ensemble"])
             usage = dict(

@@ -21,7 +21,6 @@ from ledger.errors import ChainUnavailable, DeploymentMismatch, LedgerError, Seq
 from ledger.log_reader import MAX_SPAN, LogReader, web3_query
 from ledger.merkle import MaxPrices, MerkleTree, batch_id_for, pack_records, record_bounds, unpack_records
 from ledger.transport import (
-    GAS_MARGIN,
     FeeAboveCap,
     FeePolicy,
     GasTooLow,
@@ -94,11 +93,19 @@ def _address_word(address: str) -> bytes:
     return bytes(12) + bytes.fromhex(to_checksum_address(address)[2:])
 
 
-def _gas_key(records: Sequence[SettleRecord], max_prices: MaxPrices) -> tuple[int, int, int, int]:
+def _gas_key(
+    records: Sequence[SettleRecord], max_prices: MaxPrices, datasets: dict[str, int]
+) -> tuple[int, int, int, int, int] | None:
     """A batch's shape, which its gas follows: records, adapter entries, adapters (an entry repeating an adapter
-    reads no split from the registry: far cheaper than another adapter's), nodes."""
-    entries = set(zip((r.adapter_id for r in records), record_bounds(records, max_prices), strict=True))
-    return len(records), len(entries), len({a for a, _ in entries}), len({r.node_id for r in records})
+    reads no split from the registry: far cheaper than another adapter's), nodes, and the datasets its entries pay
+    (each a payee credited: up to 16 an entry, the most of a batch's gas; one limit for every batch of the other
+    four ran a batch of adapters with 16 datasets out of gas, and every batch pipelined behind it reverted: red
+    team). `datasets`: adapter id -> its datasets, as read (adapter_price); None when one is not known."""
+    entries = set(zip((to_id(r.adapter_id) for r in records), record_bounds(records, max_prices), strict=True))
+    paid = [datasets.get(a) for a, _ in entries]
+    if None in paid:
+        return None
+    return len(records), len(entries), len({a for a, _ in entries}), len({r.node_id for r in records}), sum(paid)
 
 
 def decode_records_settled(log: dict) -> list[SettledRecord]:
@@ -196,9 +203,10 @@ class ChainClient:
         self.ledger = self.w3.eth.contract(address=deployment.ledger, abi=led_abi)
         self.decoder = RevertDecoder([reg_abi, led_abi])
         self.tx = Transactor(self.w3, self.decoder, deployment.chain_id, account, receipt_timeout, fee_policy)
-        # settleBatch gas limit by (records, adapters, nodes): one estimate per shape, raised when a batch
-        # needs more (a batch's gas grows with each of the three, most with its adapters' datasets)
-        self._settle_gas: dict[int, int] = {}
+        # settleBatch gas limit by shape (_gas_key): one estimate per shape, raised when a batch needs more
+        self._settle_gas: dict[tuple, int] = {}
+        # adapter id -> the datasets its records pay, as adapterSplit said (an adapter's datasets never change)
+        self._datasets: dict[str, int] = {ZERO_ID: 0}
         # events and settled records, read in spans the provider answers (the widest first: most allow it)
         self.logs = LogReader(self.rpc_url, span=MAX_SPAN)
 
@@ -413,8 +421,11 @@ class ChainClient:
         """The adapter's price per 1,000 tokens as settlement reads it (the registry's adapterSplit);
         UnknownAdapter when it is not registered. One raw eth_call: the settler prices every batch."""
         out = self.tx.raw_call(self.registry.address, ADAPTER_SPLIT_SELECTOR + id_bytes(adapter_id))
-        if len(out) < 2 * _WORD:
+        if len(out) < 3 * _WORD:
             raise DeploymentMismatch(f"adapterSplit at {self.registry.address} returned {len(out)} bytes")
+        at = int.from_bytes(out[2 * _WORD : 3 * _WORD], "big")  # where datasetIds' length is
+        if at + _WORD <= len(out):  # (the settlement's gas key: _gas_key)
+            self._datasets[to_id(adapter_id)] = int.from_bytes(out[at : at + _WORD], "big")
         return int.from_bytes(out[_WORD : 2 * _WORD], "big")
 
     def price_floor(self, adapter_id: str) -> PriceFloor:
@@ -620,7 +631,7 @@ class ChainClient:
         GasTooLow. max_prices: what the caller priced the records at (settle_calldata); the
         ledger refuses the batch when one costs more now (PriceAboveQuote)."""
         data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_prices)
-        key = _gas_key(records, max_prices)
+        key = _gas_key(records, max_prices, self._datasets)
         if simulate or key not in self._settle_gas:
             try:
                 estimate = self.tx.estimate(self.ledger.address, data)
@@ -634,7 +645,9 @@ class ChainClient:
                 estimate = self.tx.estimate(
                     self.ledger.address, settle_calldata(batch_id, root, expected, records, max_prices)
                 )
-            need = int(estimate * GAS_MARGIN) + 10_000
+            need = self.tx.gas_limit(estimate)
+            if key is None:  # a shape not known whole: estimated every time
+                return self.tx.send_data(self.ledger.address, data, gas=need)
             self._settle_gas[key] = max(self._settle_gas.get(key, 0), need)
         return self.tx.send_data(self.ledger.address, data, gas=self._settle_gas[key])
 
@@ -663,7 +676,7 @@ class ChainClient:
         try:
             return self.tx.wait(tx_hash, timeout, replay=replay, light=light)
         except GasTooLow:
-            self._settle_gas.pop(_gas_key(records, max_prices), None)
+            self._settle_gas.pop(_gas_key(records, max_prices, self._datasets), None)
             raise
 
     def settle_batch(
@@ -686,7 +699,7 @@ class ChainClient:
         if merkle_root is None:
             merkle_root = MerkleTree.from_records(records, first_sequence).root_hex
         data = settle_calldata(batch_id, merkle_root, first_sequence, records, max_prices)
-        gas = int(self.tx.estimate(self.ledger.address, data) * GAS_MARGIN) + 10_000
+        gas = self.tx.gas_limit(self.tx.estimate(self.ledger.address, data))
         return self.tx.wait(self.tx.send_data(self.ledger.address, data, gas=gas))
 
     def is_settled(self, batch_id: str) -> bool:

@@ -106,17 +106,37 @@ def test_receipt_that_matches_writes_both(setup):
     assert done[0].status == "ok" and done[0].error is None
 
 
-def test_text_a_client_that_left_never_got_is_taken_out_once(setup):
-    """`unsent` (a tool call's text held back when a streaming client left) comes out of the billed count once:
-    an end the outbox refused is recorded again as it is, and took it out again (re-attack: 85 billed, 29 after a
+@pytest.mark.parametrize("billed", ["withheld", "unsent"])
+def test_an_end_the_outbox_refused_is_judged_and_billed_again_from_the_gateways_counts(setup, monkeypatch, billed):
+    """The recorder judges the receipt against the gateway's counts, then makes them what is billed (none of a
+    whole answer never sent; less a tool call's text held back from a streaming client that left), on the end
+    itself. An end the outbox refused is recorded again as it is (outbox_tick): judged against the billed counts,
+    an honest node was disputed (review), and the held text came out twice (re-attack: 85 billed, 29 after a
     retry)."""
+    from sqlalchemy.exc import OperationalError
+
+    import gateway.usage
+
     engine, ident, rec = setup
-    end = end_for(ident, completion=6, claimed=(3, 6), unsent=2, aborted=True, status=RequestStatus.CLIENT_CLOSED)
-    assert rec.record(end) == "recorded"
-    assert rec.record(end) == "already_closed"  # the same end again, as a retry records it
-    assert (end.completion_tokens, end.unsent) == (4, 0)
+    real, calls = gateway.usage.add_usage_record, []
+
+    def refused_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gateway.usage, "add_usage_record", refused_once)
+    kw = {"withheld": True} if billed == "withheld" else {"unsent": 2}
+    end = end_for(ident, completion=6, claimed=(3, 6), aborted=True, status=RequestStatus.CLIENT_CLOSED, **kw)
+    with pytest.raises(UsageError):
+        rec.record(end)
+    assert rec.record(end) == "recorded", end.disputed  # as outbox_tick records it again
+    assert rec.record(end) == "already_closed"
     _, (u,) = rows(engine)
-    assert (u.completion_tokens, u.node_completion_tokens) == (4, 6) and u.status == RecordStatus.PENDING
+    assert u.status == RecordStatus.PENDING and (u.node_prompt_tokens, u.node_completion_tokens) == (3, 6)
+    want = (0, 0) if billed == "withheld" else (3, 4)
+    assert (u.prompt_tokens, u.completion_tokens) == (end.prompt_tokens, end.completion_tokens) == want
 
 
 def test_inflated_receipt_is_disputed_at_the_gateways_count(setup):

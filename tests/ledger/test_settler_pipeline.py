@@ -77,10 +77,10 @@ def test_max_in_flight_one_is_sequential(anvil_chain, engine):
     assert [settler.step(), settler.step(), settler.step(), settler.step()] == [5, 5, 5, 0]
 
 
-def test_gas_limit_too_low_is_detected_and_resent(anvil_chain, engine):
-    """The limit learned from a cheap batch (one adapter, no datasets) is too low for a batch of the same
-    shape (records, adapters, nodes) whose adapter pays five datasets to fresh payees, each a fresh reward
-    slot: it runs out of gas, and the next step re-estimates."""
+def test_a_batch_paying_more_datasets_is_estimated_not_sent_with_a_cheaper_batchs_limit(anvil_chain, engine):
+    """The datasets a batch pays are part of its shape: the limit learned from a batch of one adapter and no
+    datasets ran a batch of the same records, adapters and nodes whose adapter pays five datasets out of gas (red
+    team: with 16 datasets an adapter, a batch out of gas had every batch pipelined behind it revert)."""
     env = anvil_chain
     cheap = register_sample(env, shares=())
     payees = tuple(env.new_account() for _ in range(5))
@@ -88,14 +88,36 @@ def test_gas_limit_too_low_is_detected_and_resent(anvil_chain, engine):
     first = add_records(engine, [cheap], 4)
     client = env.client(env.settler)
     settler = Settler(engine, client, SettlerConfig(batch_size=4, interval=0, max_in_flight=4))
-    assert settler.step() == 4  # probe: the gas limit for 4 records comes from this cheap batch
+    assert settler.step() == 4  # probe: the gas limit for 4 records of no datasets comes from this batch
+    settler._probe = False  # the pipe is open: a batch of a shape it knows would be sent without estimating
     later = add_records(engine, dear, 4)
+    assert settler.step() == 4
+    assert [b.attempts for b in _batches(engine)] == [1, 1]
+    assert set(settled_on_chain(client, first + later).values()) == {1}
+
+
+def test_gas_limit_too_low_is_detected_and_resent(anvil_chain, engine):
+    """The limit learned from a batch whose datasets' payees were paid before is too low for a batch of the same
+    shape whose payees are new, each a fresh reward slot: it runs out of gas, and the next step re-estimates."""
+    env = anvil_chain
+    payees = tuple(env.new_account() for _ in range(5))
+    warm = register_sample(env, shares=(1000,) * 5, payees=payees)
+    paid_before = register_sample(env, shares=(1000,) * 5, payees=payees, operator=warm.operator)
+    fresh = register_sample(env, shares=(1000,) * 5, payees=tuple(env.new_account() for _ in range(5)))
+    add_records(engine, [paid_before], 4)
+    assert Settler(engine, env.client(env.settler), SettlerConfig(batch_size=4, interval=0)).step() == 4
+    first = add_records(engine, [warm], 4)
+    client = env.client(env.settler)  # a settler whose limits are learned anew
+    settler = Settler(engine, client, SettlerConfig(batch_size=4, interval=0, max_in_flight=4))
+    assert settler.step() == 4  # probe: the limit for this shape comes from payees paid before
+    settler._probe = False
+    later = add_records(engine, [fresh], 4)
     with pytest.raises(GasTooLow):
         settler.step()
-    b = _batches(engine)[1]
+    b = _batches(engine)[2]
     assert b.status == BatchStatus.SENT and b.attempts == 1 and not client.is_settled(b.batch_id)
     assert settler.step() == 4  # probing again: estimated, resent, settled
-    b = _batches(engine)[1]
+    b = _batches(engine)[2]
     assert b.status == BatchStatus.SETTLED and b.attempts == 2
     assert set(settled_on_chain(client, first + later).values()) == {1}
 
@@ -158,3 +180,29 @@ def test_refused_transaction_raises_transaction_failed(anvil_chain):
     with pytest.raises(E.TransactionFailed, match="refused"):
         client.tx.send_data(env.deployment.ledger, b"", gas=100_000)
     assert client.tx._nonce is None  # read again from the chain next time
+
+
+def test_a_batch_near_the_blocks_gas_limit_is_sent_within_it(anvil_chain, engine):
+    """A batch is sent with its estimate and a margin, at most the latest block's gas limit: a limit above it is
+    refused by every node, on every step (red team: a batch estimated at 28.5M gas, sent with 35.6M on a chain of
+    30M blocks, stopped settlement for good)."""
+    env = anvil_chain
+    reg = register_sample(env, shares=(1000,) * 5, payees=tuple(env.new_account() for _ in range(5)))
+    w3 = env.client().w3
+    add_records(engine, [reg], 4)
+    assert Settler(engine, env.client(env.settler), SettlerConfig(batch_size=4, interval=0)).step() == 4
+    add_records(engine, [reg], 4)  # its payees paid now: the same gas as the next batch of it
+    assert Settler(engine, env.client(env.settler), SettlerConfig(batch_size=4, interval=0)).step() == 4
+    used = w3.eth.get_transaction_receipt(_batches(engine)[1].tx_hash)["gasUsed"]
+    was = w3.eth.get_block("latest")["gasLimit"]
+    w3.provider.make_request("anvil_setBlockGasLimit", [hex(used * 115 // 100)])  # under used x 1.25
+    w3.provider.make_request("evm_mine", [])  # the latest block has it
+    try:
+        later = add_records(engine, [reg], 4)
+        client = env.client(env.settler)  # no limit learned: estimated
+        assert Settler(engine, client, SettlerConfig(batch_size=4, interval=0)).step() == 4
+        assert set(settled_on_chain(client, later).values()) == {1}
+        assert w3.eth.get_transaction(_batches(engine)[2].tx_hash)["gas"] <= used * 115 // 100
+    finally:
+        w3.provider.make_request("anvil_setBlockGasLimit", [hex(was)])
+        w3.provider.make_request("evm_mine", [])

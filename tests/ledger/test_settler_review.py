@@ -287,7 +287,9 @@ def test_abandon_waits_for_every_account_that_sent_the_batch(anvil_chain, engine
 
     y = Settler(engine, env.client(y_acct), cfg)
     y._probe = False  # the pipe is open: Y sends without simulating
-    y.client._settle_gas[(2, 1, 1, 1)] = 2_000_000  # (records, adapter entries, adapters, nodes)
+    y.client.adapter_price(reg.adapter_id)  # its datasets, part of the batch's shape
+    # (records, adapter entries, adapters, nodes, datasets paid)
+    y.client._settle_gas[(2, 1, 1, 1, len(reg.dataset_ids))] = 2_000_000
     x_busy = []
     quiet = y._senders_quiet
     monkeypatch.setattr(
