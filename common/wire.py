@@ -104,7 +104,16 @@ CACHE_SALT_FEATURE = "cache_salt"
 ALLOWED_TOKEN_IDS_FEATURE = "allowed_token_ids"
 BAD_WORDS_FEATURE = "bad_words_token_ids"
 GUIDED_GRAMMAR_FEATURE = "guided_grammar"  # guided {"type": "grammar"}: an older node refuses the type
-GENERATE_FEATURES = (CACHE_SALT_FEATURE, ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE, GUIDED_GRAMMAR_FEATURE)
+# not a field: the node names, in a sequence's finish event, the stop string that ended it (an older node's are
+# read back from its tokens: gateway.choices.Choices.stop_text)
+STOP_STRING_FEATURE = "stop_string"
+GENERATE_FEATURES = (
+    CACHE_SALT_FEATURE,
+    ALLOWED_TOKEN_IDS_FEATURE,
+    BAD_WORDS_FEATURE,
+    GUIDED_GRAMMAR_FEATURE,
+    STOP_STRING_FEATURE,
+)
 # vLLM's allowed_token_ids: the only ids a sequence may draw, at most this many (made a mask on the device once a
 # request; the bound keeps the body and that making small)
 MAX_ALLOWED_TOKEN_IDS = 4096

@@ -198,13 +198,15 @@ class ChatTemplates:
         generation_prompt: bool = True,
         continue_final: bool = False,
         param: str = "messages",
+        cut: bool = False,
     ) -> list[int]:
         """Chat messages (and the request's tools) rendered by the base's template, as token ids, exactly as
         `adapter train` renders its chat data (node.adapters.prompts; blocking); `extra`: the request's own
         template variables (chat_template_kwargs). A rendered text too long for the context is refused before
         it is tokenized: what the template renders around and from the messages (role markup, tool calls) is
         counted only here. generation_prompt: the assistant's turn opened after the messages; continue_final: the
-        final (assistant) message left open, the answer going on with it."""
+        final (assistant) message left open, the answer going on with it; cut: the ids are cut to their last ones
+        afterwards (truncate_prompt_tokens), so a text longer than the context is tokenized whole."""
         from jinja2 import TemplateError
 
         from node.adapters.prompts import NoChatTemplate, chat_text, text_ids
@@ -239,7 +241,8 @@ class ChatTemplates:
                     param="chat_template_kwargs",
                 ) from None
             raise
-        self.check_length(base_model_id, len(text), param=param)
+        if not cut:
+            self.check_length(base_model_id, len(text), param=param)
         return text_ids(tok, text)
 
 

@@ -72,18 +72,24 @@ class Choices:
         stop_ids: frozenset[int] = frozenset(),
         stops: tuple[str, ...] = (),
         keep_stop: bool = False,
-        named: bool = False,
+        ids_as_tokens: bool = False,
     ) -> None:
         """`eos_ids`: the base's end tokens (none with ignore_eos); `stop_ids`, `stops`: the request's stop token
         ids and stop strings; `keep_stop`: the stop string that ended a choice ends its text (vLLM's
-        include_stop_str_in_output); `named`: the logprobs' tokens named by their ids (vLLM's
+        include_stop_str_in_output); `ids_as_tokens`: the logprobs' tokens named by their ids (vLLM's
         return_tokens_as_token_ids)."""
         self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
         self.max_tokens, self.logprobs, self.echo, self.shown = max_tokens, logprobs, echo, shown
         self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
         self.token_chars = token_chars  # the most characters a token's text may hold, on average over a sequence
         self.eos_ids, self.stop_ids, self.stops, self.keep_stop = eos_ids, stop_ids, stops, keep_stop
-        self.named = named
+        # a constrained tool choice's answer is its calls' JSON: no stop string is added to it
+        if plan is not None and plan.choice in ("required", "function"):
+            self.keep_stop = False
+        self.ids_as_tokens = ids_as_tokens
+        # the node names the stop string that ended a sequence (its release lists STOP_STRING_FEATURE): none named
+        # is none met. Set once the node is chosen; an older node's are read back from its tokens (stop_text)
+        self.names_stops = False
         self.end_ids = eos_ids | stop_ids
         # best_of ranks its sequences by their log-probabilities, shown or not
         self.scores = logprobs or per_prompt != n
@@ -143,7 +149,8 @@ class Choices:
         reason = ev.get("finish_reason")
         s.reason = reason if reason in ("stop", "length") else "stop"
         claim = ev.get("stop_string")
-        if s.reason == "stop" and s.stop_reason is None and isinstance(claim, str) and claim in self.stops:
+        # (a sequence ended by its end token met no stop string, whatever the node says)
+        if s.reason == "stop" and not s.ended and isinstance(claim, str) and claim in self.stops:
             s.stop_reason = claim
         return True
 
@@ -198,7 +205,7 @@ class Choices:
             return ""
         if isinstance(s.stop_reason, str):
             return s.stop_reason
-        if self.texts is None:
+        if self.names_stops or self.texts is None:
             return ""
         relayed = "".join(s.texts)
         decoded = self.texts.tok.decode([i for i in s.ids if 0 <= i < self.texts.size], skip_special_tokens=True)
@@ -207,10 +214,10 @@ class Choices:
         rest = decoded[len(relayed) :]
         return next((stop for stop in self.stops if rest.startswith(stop)), "")
 
-    def stop_reason(self, k: int) -> str | int | None:
-        """Sequence k's vLLM stop_reason: None unless a stop token id or stop string ended it (the prompt alone,
-        echoed with max_tokens 0, ended at "length")."""
-        return self.seqs[k].stop_reason if self.shown else None
+    def stop_reason(self, k: int, reason: str) -> str | int | None:
+        """Sequence k's vLLM stop_reason, its OpenAI finish reason being `reason`: None unless a stop token id or
+        stop string ended it (the prompt alone, echoed with max_tokens 0, ended at "length")."""
+        return self.seqs[k].stop_reason if self.shown and reason == "stop" else None
 
     # ------------------------------------------------------------------ the whole answer
 
@@ -229,7 +236,7 @@ class Choices:
 
     def _completion_logprobs(self, k: int) -> CompletionLogprobs:
         s = self.seqs[k]
-        lp = CompletionLogprobs(self.texts, named=self.named)
+        lp = CompletionLogprobs(self.texts, named=self.ids_as_tokens)
         if self.echo:
             for pos in self.prompt_scored[s.prompt] or ():
                 lp.add(pos, 0 if pos.token_id in self.texts.special else None)
@@ -240,7 +247,7 @@ class Choices:
 
     def _chat_logprobs(self, k: int) -> dict:
         return {
-            "content": [chat_entry(self.texts, pos, named=self.named) for pos in self.seqs[k].scored],
+            "content": [chat_entry(self.texts, pos, named=self.ids_as_tokens) for pos in self.seqs[k].scored],
             "refusal": None,
         }
 
@@ -250,6 +257,7 @@ class Choices:
         for i, k in enumerate(self.picked()):
             s = self.seqs[k]
             text, reason = "".join(s.texts) if self.shown else "", self.reason(k, overall, cut)
+            ended = reason  # (a call's finish reason says it called, not how the text ended)
             if self.keep_stop and self.shown:
                 text += self.stop_text(k, reason)
             if self.chat:
@@ -261,7 +269,7 @@ class Choices:
             else:
                 choice = {"index": i, "text": self._echo_text(s.prompt) + text}
                 choice["logprobs"] = self._completion_logprobs(k).obj() if self.logprobs else None
-            out.append(choice | {"finish_reason": reason, "stop_reason": self.stop_reason(k)})
+            out.append(choice | {"finish_reason": reason, "stop_reason": self.stop_reason(k, ended)})
         return out
 
     # ------------------------------------------------------------------ streamed (no best_of: all are returned)
@@ -276,7 +284,7 @@ class Choices:
             s.tools = self.plan.stream() if self.plan is not None else None
             return b.role(k)
         if self.logprobs:
-            s.logprobs = CompletionLogprobs(self.texts, named=self.named)
+            s.logprobs = CompletionLogprobs(self.texts, named=self.ids_as_tokens)
         if not self.echo:
             return b""
         lp = None
@@ -284,7 +292,7 @@ class Choices:
             for pos in self.prompt_scored[s.prompt] or ():
                 s.logprobs.add(pos, 0 if pos.token_id in self.texts.special else None)
             lp = s.logprobs.obj()
-            s.logprobs = CompletionLogprobs(self.texts, len(self._echo_text(s.prompt)), named=self.named)
+            s.logprobs = CompletionLogprobs(self.texts, len(self._echo_text(s.prompt)), named=self.ids_as_tokens)
         return b.token(self._echo_text(s.prompt), k, lp)
 
     def open_all(self, b: ChunkBuilder) -> bytes:
@@ -302,7 +310,7 @@ class Choices:
         if not self.shown:
             return opening
         if scored is not None and self.chat:
-            lp = {"content": [chat_entry(self.texts, scored, named=self.named)]}
+            lp = {"content": [chat_entry(self.texts, scored, named=self.ids_as_tokens)]}
         elif scored is not None:
             lp = self.seqs[k].logprobs.add(scored, len(text))
         return opening + self._chunk(b, k, text, lp)
@@ -342,7 +350,7 @@ class Choices:
             out += b"".join(b.delta(d, k) for d in s.tools.close())
             if s.tools.called:
                 reason = self.plan.called_reason(reason)
-        return out + b.finish(reason, k, cut=ended == "length", stop_reason=self.stop_reason(k))
+        return out + b.finish(reason, k, cut=ended == "length", stop_reason=self.stop_reason(k, ended))
 
     def release_held(self, b: ChunkBuilder) -> bytes:
         """Every sequence's held-back tool text as content chunks: the stream failed before its end, and what

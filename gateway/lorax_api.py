@@ -26,7 +26,7 @@ gateway tokenized them). Refused by name: `typical_p`, `watermark`, other adapte
 and sign methods, an adapter_id with a '+' (adapters are combined in merged_adapters), a temperature of 0 when sampled
 (do_sample, best_of), and any field LoRAX does not define. As in LoRAX (whose text is the decoding of every token
 generated), the stop sequence that ended a generation is part of its text, where /v1/completions leaves it out
-(OpenAI's way, as the node sends it): the node names it (`Choices.stop_text`). The seed
+(OpenAI's way, as the node sends it) unless asked to keep it: the node names it (`Choices.stop_text`). The seed
 in details is the one an answer was sampled with: given by the client, or drawn by the gateway when none was (none
 when the answer is greedy, a temperature of 0 included, or one of best_of's)."""
 

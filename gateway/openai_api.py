@@ -457,6 +457,7 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
     def needs_token_texts(self) -> bool:
+        """Whether the answer is written with the base's token texts (logprobs, echo, a kept stop string)."""
         return super().needs_token_texts() or self.node_logprobs() is not None or bool(self.echo)
 
 
@@ -639,8 +640,9 @@ class ChatRequest(_Rendered, _Sampling):
     # accepted, no effect (see the module's docstring)
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
     store: bool | None = None
-    service_tier: Literal["auto", "default"] | None = None
     modalities: list[Literal["text"]] | None = None
+    # answered with the tier that served it (chat_response, ChunkBuilder)
+    service_tier: Literal["auto", "default"] | None = None
 
     def check(self) -> None:
         super().check()

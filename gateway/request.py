@@ -28,6 +28,7 @@ from common.wire import (
     GUIDED_FAILED,
     GUIDED_GRAMMAR_FEATURE,
     MAX_BAD_WORD_TOKENS,
+    STOP_STRING_FEATURE,
     features_needed,
     hex0x,
 )
@@ -461,7 +462,7 @@ class ServedRequest:
             stop_ids=frozenset(req.stop_token_ids or ()),
             stops=tuple(req.stop_list()),
             keep_stop=bool(req.include_stop_str_in_output),
-            named=bool(req.return_tokens_as_token_ids),
+            ids_as_tokens=bool(req.return_tokens_as_token_ids),
         )
         if (echoed := self.choices.echoed_positions()) > d.settings.max_echoed_positions:
             raise BadRequest(
@@ -480,11 +481,11 @@ class ServedRequest:
 
     async def _prompts(self, req: ChatRequest | CompletionRequest, base: str) -> tuple[list[list[int]], list | None]:
         """The request's prompts as token ids, and their texts where the client sent text (completions)."""
-        t = self.d.templates
+        t, cut = self.d.templates, req.truncate_prompt_tokens is not None
         if self.chat:
-            return [await chat_prompt(t, base, req)], None
+            return [await chat_prompt(t, base, req, cut=cut)], None
         given = req.prompt_list()
-        return await text_prompts(t, base, given), None if isinstance(given[0], list) else given
+        return await text_prompts(t, base, given, cut=cut), None if isinstance(given[0], list) else given
 
     def _max_tokens(self, req: ChatRequest | CompletionRequest, prompt: int, context: int | None) -> int:
         """The tokens each sequence may generate: the request's max_tokens (completions: 16 by default, as
@@ -698,6 +699,7 @@ class ServedRequest:
             if self.target.adapter_id is not None:
                 node.local.saw_loaded(self.target.adapter_id)
             self.node, self.up, self._it, self._first = node, up, it, first
+            self.choices.names_stops = STOP_STRING_FEATURE in node.features
             self._hold = hold.pop_all()
             return True
 

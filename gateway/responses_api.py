@@ -16,8 +16,8 @@ that forces a call it is dropped (the answer is the call). Nothing is stored: `s
 (send the conversation in `input`; a stored response's routes answer 404 in one line), as are the built-in tools
 (web search, files, computer use), images and files, and `reasoning` (the bases here have no separate
 reasoning). Accepted without effect, as on the chat endpoint: `user`,
-`safety_identifier`, `prompt_cache_key`, `metadata`, `service_tier` ("auto" / "default"), `truncation`
-("disabled"), `stream_options.include_obfuscation`, `text.verbosity` ("medium")."""
+`safety_identifier`, `prompt_cache_key`, `metadata`, `truncation` ("disabled"), `stream_options.include_obfuscation`,
+`text.verbosity` ("medium"); `service_tier` ("auto" / "default") is answered with the tier that served it."""
 
 from __future__ import annotations
 

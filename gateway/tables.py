@@ -66,7 +66,7 @@ class RequestStatus:
     CLIENT_CLOSED = "client_closed"  # the client went away; the node was aborted
     NODE_FAILED = "node_failed"  # the node failed after the first token
     # the request's own grammar failed it after the first token (the node's word, believed of a guided request):
-    # the client is answered with an error and billed for the tokens made
+    # the client is answered with an error: a stream is billed the tokens it was sent, a whole answer nothing
     GRAMMAR_FAILED = "grammar_failed"
     NOT_SERVED = "not_served"  # no node produced a token (all failed, or the node refused the request)
     RECONCILED = "reconciled"  # its gateway died mid-request; closed later from the node's stored receipt

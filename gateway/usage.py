@@ -86,10 +86,11 @@ class UsageError(RuntimeError):
 class RequestEnd:
     """How one request ended, as the gateway saw it; receipt and signature come from the node.
 
-    prompt_tokens / completion_tokens are the gateway's counts (what is billed): the prompt ids it sent, the
-    token events it relayed to the client. `served`: a node took the request (it answered with its first
-    event), so its prompt was processed. `aborted`: the request did not end on its own (the gateway aborted
-    it, or the node's stream broke first). `node_lost`: the node's stream broke and it did not answer the
+    prompt_tokens / completion_tokens are the gateway's counts: the prompt ids it sent, the token events it relayed
+    to the client; the recorder makes them what is billed (`withheld`, `unsent`), keeping them in `counted`.
+    `served`: a node took the request (it answered with its first event), so its prompt was processed. `aborted`:
+    the request did not end on its own (the gateway aborted it, or the node's stream broke first). `node_lost`:
+    the node's stream broke and it did not answer the
     abort (no receipt is expected).
     `reconciled`: the gateway died mid-request, so it has no completion count of its own: the receipt's,
     capped at max_tokens and the context, is billed.

@@ -134,6 +134,34 @@ def test_chat_logprobs_and_tool_calls(texts):
     assert b["message"]["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
 
 
+def test_a_stop_reason_is_only_of_a_choice_a_stop_ended(texts):
+    """A stop string named for a sequence its end token ended, or a stop id's sequence the node says ended at
+    "length", is no stop_reason (review)."""
+    c = Choices(
+        chat=False,
+        prompts=[[1]],
+        per_prompt=2,
+        n=2,
+        max_tokens=4,
+        eos_ids=frozenset({EOS}),
+        stop_ids=frozenset({300}),
+        stops=("###",),
+    )
+    feed(
+        c,
+        [
+            token(0, 7, "a"),
+            token(0, EOS, ""),
+            {"type": "finish", "index": 0, "finish_reason": "stop", "stop_string": "###"},
+        ],
+    )
+    feed(c, [token(1, 300, ""), {"type": "finish", "index": 1, "finish_reason": "length"}])
+    assert [(ch["finish_reason"], ch["stop_reason"]) for ch in c.answer(None, False)] == [
+        ("stop", None),
+        ("length", None),
+    ]
+
+
 def test_stream_chunks_name_their_choice_and_skip_empty_tokens(texts):
     b = ChunkBuilder(chat=False, rid=RID, created=1, model="m", include_usage=False)
     c = Choices(chat=False, prompts=[[1]], per_prompt=2, n=2, max_tokens=4)
@@ -290,11 +318,14 @@ def test_a_call_cut_short_by_max_tokens_ends_length_whole_and_streamed(texts, ch
         assert whole_answer.answer(overall, cut=False)[0]["finish_reason"] == want
 
 
-@pytest.mark.parametrize("named", [True, False], ids=["named", "older node"])
-def test_the_stop_string_that_ended_a_choice_ends_its_text_when_kept(tok, texts, named):
+@pytest.mark.parametrize(
+    "named,names_stops", [(True, True), (False, False), (False, True)], ids=["named", "older", "none"]
+)
+def test_the_stop_string_that_ended_a_choice_ends_its_text_when_kept(tok, texts, named, names_stops):
     """vLLM's include_stop_str_in_output: the node leaves the stop string out of the text and names it in its
     finish event; a node of an older release names none, and the gateway reads it back from the tokens (the
-    decoding goes on past the text relayed with it). Whole and streamed, with its stop_reason."""
+    decoding goes on past the text relayed with it). A node that names stop strings and named none met none (its
+    tokens are not decoded again). Whole and streamed, with its stop_reason."""
     from node.adapters.detokenizer import TextStream
 
     stops = ("again", " world")
@@ -312,6 +343,7 @@ def test_the_stop_string_that_ended_a_choice_ends_its_text_when_kept(tok, texts,
         c = Choices(
             chat=False, prompts=[[1]], per_prompt=1, n=1, max_tokens=len(ids), texts=texts, stops=stops, keep_stop=keep
         )
+        c.names_stops = names_stops
         feed(c, [*events, finish])
         (whole,) = c.answer(None, False)
         b = ChunkBuilder(chat=False, rid=RID, created=1, model="m", include_usage=False)
@@ -319,4 +351,4 @@ def test_the_stop_string_that_ended_a_choice_ends_its_text_when_kept(tok, texts,
         assert "".join(f["choices"][0]["text"] for f in frames(streamed)) == whole["text"]
         assert whole["stop_reason"] == (" world" if named else None)
         kept.append(whole["text"])
-    assert kept == [before, before + " world"]
+    assert kept == [before, before + ("" if names_stops and not named else " world")]

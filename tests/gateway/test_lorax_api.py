@@ -129,6 +129,8 @@ def test_truncate_keeps_the_inputs_last_tokens(client, oai):
     c = completion(oai, NAMES[0], extra_body={"truncate_prompt_tokens": 2})
     assert cut.generated_text == c.choices[0].text and c.usage.prompt_tokens == 2
     assert [t.id for t in cut.details.prefill] == [t.id for t in whole_prefill(client)][-2:]
+    long = client.generate("word " * 2000, adapter_id=NAMES[0], max_new_tokens=4, truncate=100)  # past the context
+    assert long.details.prompt_tokens == 100
 
 
 def whole_prefill(client) -> list:

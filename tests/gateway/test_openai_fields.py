@@ -104,6 +104,10 @@ def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(served, oai, toke
     assert as_text.usage.prompt_tokens == 8
     assert complete(oai, prompt=ids, extra_body={"truncate_prompt_tokens": -1}).usage.prompt_tokens == len(ids)
     assert chat(oai, extra_body={"truncate_prompt_tokens": 3}).usage.prompt_tokens == 3
+    # a text longer than the context is cut, not refused as too long before it is tokenized (review)
+    long, cut = "word " * 2000, {"extra_body": {"truncate_prompt_tokens": 100}}
+    assert complete(oai, prompt=long, **cut).usage.prompt_tokens == 100
+    assert chat(oai, messages=[{"role": "user", "content": long}], **cut).usage.prompt_tokens == 100
     refused(lambda: complete(oai, extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens")
     assert "maximum context length" in refused(
         lambda: complete(oai, extra_body={"truncate_prompt_tokens": 10**6}), "truncate_prompt_tokens"
