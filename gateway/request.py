@@ -1090,6 +1090,9 @@ class ServedRequest:
                     # the stop string the client was told (stop_reason; LoRAX's text ends with it) is the node's
                     # word: it must be the one its tokens complete
                     return f"node named a stop string of choice {k} that its tokens do not end on"
+                if c.names_stops and stopped is not None and s.reason == "stop" and s.stop_reason is None:
+                    # a node whose release names them, naming none, said none was met (stop_text)
+                    return f"node named no stop string for choice {k}, whose tokens end on one"
                 if s.chars < honest:
                     return (
                         f"node's text for choice {k} is {honest - s.chars} characters shorter than an honest node "

@@ -212,6 +212,7 @@ def disputed(
         stop_ids=frozenset(stop_ids),
         stops=tuple(stops),
     )
+    c.names_stops = True  # a node of this release: it names the stop string that ended a sequence
     for tid, text in zip(ids, texts):
         ev = {"type": "token", "index": 0, "token_id": tid, "text": text}
         # the relay's own checks: an honest node's events are all taken
@@ -358,6 +359,7 @@ def test_a_node_naming_a_stop_string_its_tokens_do_not_end_on_is_disputed(bases,
     assert stopped == "lazy" and n < len(ids)
     assert disputed(base, ids[:n], texts, stops, [], cut=False, stop_string="lazy") is None
     assert disputed(base, ids[:n], texts, stops, [], cut=False, stop_string="world")
+    assert disputed(base, ids[:n], texts, stops, [], cut=False)  # naming none: none met, it said
     # a sequence no stop string ended: naming one is disputed, naming none is not
     stops = ["END", "QQQ"]
     whole, stopped = honest_run(base.tok, ids, stops, [])
