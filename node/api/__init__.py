@@ -25,9 +25,11 @@ POST /v1/generate                            gateway-signed
     usage.prompt_tokens_details: of the prompt tokens, those read from the prefix cache, and those this request
       wrote into it (its full blocks not found there; each prompt counted once whatever n); shown, never billed.
       A node of before cache_write_tokens sends cached_tokens alone.
-    stream (text/event-stream): `data: {"type":"token","text":str,"token_id":int}` per token (text holds
-      only complete characters, possibly ""), then `data: {"type":"done","finish_reason","usage","receipt",
-      "signature"}`; an engine failure sends `data: {"type":"error","message"}` before the done event.
+    stream (text/event-stream): `data: {"type":"token","index","text":str,"token_id":int}` per token (text
+      holds only complete characters, possibly ""), `data: {"type":"finish","index","finish_reason"}` as each
+      sequence ends (with "stop_string", the request's stop string that ended it, where one did: the feature
+      "stop_string"), then `data: {"type":"done","finish_reason","usage","receipt","signature"}`; an engine
+      failure sends `data: {"type":"error","message"}` before the done event.
       A client that disconnects aborts its request. A streaming request whose adapter is not ready within
       HEADERS_AFTER_S (fetched from peers) is answered 200 at once; an adapter or engine refusal then comes as
       `{"type":"error","message","code"}` and a done event with a signed 0-token receipt (so a slow fetch is
