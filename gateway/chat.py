@@ -133,11 +133,27 @@ class ChatTemplates:
                 f"{what} token id {max(ids)} is not in the model's vocabulary of {texts.size}", param=param
             )
 
-    def encode(self, base_model_id: str, text: str) -> list[int]:
-        """A completion prompt's token ids, exactly as the node would encode the text (blocking)."""
-        from node.adapters.prompts import completion_ids
+    def encode(self, base_model_id: str, text: str, keep: int | None = None) -> list[int]:
+        """A completion prompt's token ids, exactly as the node would encode the text (blocking); `keep`: only
+        the last ones are wanted (truncate_prompt_tokens), and a long text's end alone is encoded (_tail)."""
+        from node.adapters.prompts import completion_ids, text_ids
 
-        return completion_ids(self._tokenizer(base_model_id), text)
+        tok = self._tokenizer(base_model_id)
+        if (tail := self._tail(base_model_id, text, keep)) is not None:
+            return text_ids(tok, tail)[1:]
+        return completion_ids(tok, text)
+
+    def _tail(self, base_model_id: str, text: str, keep: int | None) -> str | None:
+        """The end of a text of which only the last `keep` tokens are wanted, where the text is longer than they
+        can be: no token stands for more characters than the longest in the vocabulary, so they lie in the last
+        keep x longest characters; two tokens more, the first of which may be a piece of one (its caller drops
+        it). Tokenized whole, the 4 MB a body may hold took 3 to 4 s of a worker thread, where a prompt that is
+        not cut is refused as too long before it is tokenized (check_length). None: the text is short enough."""
+        texts = self.token_texts.get(base_model_id)
+        if keep is None or texts is None:
+            return None
+        end = (keep + 2) * texts.longest
+        return text[-end:] if len(text) > end else None
 
     def bad_words(self, base_model_id: str, words: list[str]) -> list[list[int]]:
         """vLLM's bad_words as the token id sequences the node bans (node.adapters.prompts.bad_word_ids;
@@ -198,15 +214,15 @@ class ChatTemplates:
         generation_prompt: bool = True,
         continue_final: bool = False,
         param: str = "messages",
-        cut: bool = False,
+        keep: int | None = None,
     ) -> list[int]:
         """Chat messages (and the request's tools) rendered by the base's template, as token ids, exactly as
         `adapter train` renders its chat data (node.adapters.prompts; blocking); `extra`: the request's own
         template variables (chat_template_kwargs). A rendered text too long for the context is refused before
         it is tokenized: what the template renders around and from the messages (role markup, tool calls) is
         counted only here. generation_prompt: the assistant's turn opened after the messages; continue_final: the
-        final (assistant) message left open, the answer going on with it; cut: the ids are cut to their last ones
-        afterwards (truncate_prompt_tokens), so a text longer than the context is tokenized whole."""
+        final (assistant) message left open, the answer going on with it; keep: only the last ids are wanted
+        (truncate_prompt_tokens): a text longer than the context is not refused, and its end alone is tokenized."""
         from jinja2 import TemplateError
 
         from node.adapters.prompts import NoChatTemplate, chat_text, text_ids
@@ -241,8 +257,10 @@ class ChatTemplates:
                     param="chat_template_kwargs",
                 ) from None
             raise
-        if not cut:
+        if keep is None:
             self.check_length(base_model_id, len(text), param=param)
+        if (tail := self._tail(base_model_id, text, keep)) is not None:
+            return text_ids(tok, tail)[1:]
         return text_ids(tok, text)
 
 

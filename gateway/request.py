@@ -481,11 +481,15 @@ class ServedRequest:
 
     async def _prompts(self, req: ChatRequest | CompletionRequest, base: str) -> tuple[list[list[int]], list | None]:
         """The request's prompts as token ids, and their texts where the client sent text (completions)."""
-        t, cut = self.d.templates, req.truncate_prompt_tokens is not None
+        t, keep, context = self.d.templates, req.truncate_prompt_tokens, self.d.templates.context_len(base)
+        if keep is not None and context is not None:  # -1: as many as the context holds; more is refused (truncated)
+            keep = context if keep == -1 else min(keep, context)
+        elif keep == -1:  # no context known: nothing is cut
+            keep = None
         if self.chat:
-            return [await chat_prompt(t, base, req, cut=cut)], None
+            return [await chat_prompt(t, base, req, keep=keep)], None
         given = req.prompt_list()
-        return await text_prompts(t, base, given, cut=cut), None if isinstance(given[0], list) else given
+        return await text_prompts(t, base, given, keep=keep), None if isinstance(given[0], list) else given
 
     def _max_tokens(self, req: ChatRequest | CompletionRequest, prompt: int, context: int | None) -> int:
         """The tokens each sequence may generate: the request's max_tokens (completions: 16 by default, as

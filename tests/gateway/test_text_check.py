@@ -366,3 +366,17 @@ def test_a_node_naming_a_stop_string_its_tokens_do_not_end_on_is_disputed(bases,
     assert stopped is None and len(whole) == len(ids)
     assert disputed(base, ids, whole, stops, [], cut=False) is None
     assert disputed(base, ids, whole, stops, [], cut=False, stop_string="END")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_prompt_cut_to_its_last_tokens_is_tokenized_at_its_end_alone(bases, name):
+    """truncate_prompt_tokens: a text longer than its last k tokens can be has only its end tokenized (4 MB
+    tokenized whole took 3 to 4 s of a worker thread); the last k ids are the whole text's."""
+    base = bases[name]
+    t, text = base.templates, PADDED * 40
+    whole = t.encode(base.bid, text)
+    for keep in (1, 7, 50):
+        tail = t._tail(base.bid, text, keep)
+        assert tail is not None and len(tail) < len(text) // 4
+        assert t.encode(base.bid, text, keep)[-keep:] == whole[-keep:], keep
+    assert t._tail(base.bid, "short", 50) is None and t.encode(base.bid, "short", 50) == t.encode(base.bid, "short")
