@@ -136,11 +136,11 @@ class ChatTemplates:
     def encode(self, base_model_id: str, text: str, keep: int | None = None) -> list[int]:
         """A completion prompt's token ids, exactly as the node would encode the text (blocking); `keep`: only
         the last ones are wanted (truncate_prompt_tokens), and a long text's end alone is encoded (_tail)."""
-        from node.adapters.prompts import completion_ids, text_ids
+        from node.adapters.prompts import completion_ids
 
         tok = self._tokenizer(base_model_id)
-        if (tail := self._tail(base_model_id, text, keep)) is not None:
-            return text_ids(tok, tail)[1:]
+        if (ids := self._tail_ids(base_model_id, tok, text, keep)) is not None:
+            return ids
         return completion_ids(tok, text)
 
     def _tail(self, base_model_id: str, text: str, keep: int | None) -> str | None:
@@ -154,6 +154,13 @@ class ChatTemplates:
             return None
         end = (keep + 2) * texts.longest
         return text[-end:] if len(text) > end else None
+
+    def _tail_ids(self, base_model_id: str, tok, text: str, keep: int | None) -> list[int] | None:
+        """The ids of _tail's end of the text, its first (maybe a piece of a token) dropped; None as _tail."""
+        from node.adapters.prompts import text_ids
+
+        tail = self._tail(base_model_id, text, keep)
+        return None if tail is None else text_ids(tok, tail)[1:]
 
     def bad_words(self, base_model_id: str, words: list[str]) -> list[list[int]]:
         """vLLM's bad_words as the token id sequences the node bans (node.adapters.prompts.bad_word_ids;
@@ -259,8 +266,8 @@ class ChatTemplates:
             raise
         if keep is None:
             self.check_length(base_model_id, len(text), param=param)
-        if (tail := self._tail(base_model_id, text, keep)) is not None:
-            return text_ids(tok, tail)[1:]
+        if (ids := self._tail_ids(base_model_id, tok, text, keep)) is not None:
+            return ids
         return text_ids(tok, text)
 
 

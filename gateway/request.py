@@ -398,7 +398,7 @@ class ServedRequest:
         if not d.directory.live(base):
             raise NoNodeAvailable(f"no live node serves the base model of {req.model!r} right now; retry later")
         context = t.context_len(base)
-        prompts, texts = await self._prompts(req, base)
+        prompts, texts = await self._prompts(req, base, context)
         if (cut := req.truncated(prompts, context)) != prompts:
             prompts, texts = cut, None  # an echo shows the prompts as cut (decoded below)
         for ids in prompts:
@@ -479,9 +479,11 @@ class ServedRequest:
         self.max_tokens = self.limit = max_tokens * seqs
         self.context_len = context if seqs == 1 else None
 
-    async def _prompts(self, req: ChatRequest | CompletionRequest, base: str) -> tuple[list[list[int]], list | None]:
+    async def _prompts(
+        self, req: ChatRequest | CompletionRequest, base: str, context: int | None
+    ) -> tuple[list[list[int]], list | None]:
         """The request's prompts as token ids, and their texts where the client sent text (completions)."""
-        t, keep, context = self.d.templates, req.truncate_prompt_tokens, self.d.templates.context_len(base)
+        t, keep = self.d.templates, req.truncate_prompt_tokens
         if keep is not None and context is not None:  # -1: as many as the context holds; more is refused (truncated)
             keep = context if keep == -1 else min(keep, context)
         elif keep == -1:  # no context known: nothing is cut
@@ -1028,7 +1030,6 @@ class ServedRequest:
             unsent=self.choices.unsent() if client_gone and not self.buffered and not self.key_revoked else 0,
             misreported=misreported,
         )
-        made = sum(self.usage)  # the gateway's counts, before the record takes out what was not delivered
         self.result = await d.book.record(end)
         m = d.metrics
         m.requests.labels(self.target.label, status).inc()
@@ -1042,7 +1043,8 @@ class ServedRequest:
         # nodes make counts, billed or not: a whole answer it left or its grammar failed, the text held back when
         # it left a stream (refunded, --tpm let a client that left every answer have them made without limit;
         # re-attack); what a failed node made for a whole answer does not
-        used = made if client_gone or self.grammar_failed else end.prompt_tokens + end.completion_tokens
+        # (end.counted: the gateway's counts, before the record took out what was not delivered)
+        used = sum(end.counted) if client_gone or self.grammar_failed else end.prompt_tokens + end.completion_tokens
         if self.key_id is not None and self.result != "already_closed":
             d.admission.charge_tokens(self.key_id, used - self.reserved)
         return self.result

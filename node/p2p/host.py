@@ -183,8 +183,8 @@ class _InboundPace:
 def pace_inbound(host, on_probation: Callable[[str], bool]) -> None:
     """From now on, take at most one new inbound connection per PROBATION_CONNECT_S from an address, and per
     NETWORK_CONNECT_S from a network, that `on_probation` names (network_of's), closing the rest before their Noise
-    handshake. The pubsub tells (GuardedPubsub.on_probation)
-    and is built after the host: hence a hook, set once it exists. Peer ids cost nothing: a stranger taking a new one
+    handshake. The pubsub tells (GuardedPubsub.on_probation) and is built after the host: hence a hook, set once it
+    exists. Peer ids cost nothing: a stranger taking a new one
     per connection had each cut off by its first strike, and still cost the node each connection's handshake,
     Yamux, identify and pubsub stream, about as much CPU as it spent itself (red team). The node's own dials are not
     paced."""
