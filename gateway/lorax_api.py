@@ -327,12 +327,13 @@ class LoraxGenerateStream(LoraxRequest):
 # ---------------------------------------------------------------------------------------------- the answer
 
 
-def finish_reason(seq: Sequence, reason: str, stops: bool) -> str:
-    """LoRAX's finish reason of a sequence whose OpenAI one is `reason`: a stop is its end token, or with stop
-    sequences asked and no end token relayed, one of them."""
+def finish_reason(reason: str, stop: str) -> str:
+    """LoRAX's finish reason of a sequence whose OpenAI one is `reason` and which ended on the stop sequence `stop`
+    ("": none, LoraxAnswer._stop): a stop is that stop sequence where there is one, else its end token (a node that
+    says it stopped on neither is taken at its word that it stopped, as OpenAI's "stop" does)."""
     if reason == "length":
         return "length"
-    return "eos_token" if seq.ended or not stops else "stop_sequence"
+    return "stop_sequence" if stop else "eos_token"
 
 
 def _valid(tid: int) -> bool:
@@ -391,7 +392,7 @@ class LoraxAnswer:
         s, reason = self.c.seqs[k], self.c.reason(k, overall, cut)
         return {
             "generated_text": self._text(k, reason),
-            "finish_reason": finish_reason(s, reason, bool(self.p.stop)),
+            "finish_reason": finish_reason(reason, self._stop(k, reason)),
             "generated_tokens": s.count,
             "seed": self._seed(),
             "prefill": self._prefill(s.prompt),
@@ -448,7 +449,7 @@ class LoraxAnswer:
         frame["details"] = None
         if self.p.details:
             frame["details"] = {
-                "finish_reason": finish_reason(s, reason, bool(self.p.stop)),
+                "finish_reason": finish_reason(reason, stop),
                 "prompt_tokens": self.prompt_tokens,
                 "generated_tokens": s.count,
                 "seed": self._seed(),

@@ -476,28 +476,31 @@ def _frames(raw: bytes) -> list[dict]:
     return [json.loads(line[5:]) for line in raw.decode().splitlines() if line.startswith("data:")]
 
 
-def test_the_end_token_is_eos_token_and_a_stop_without_it_a_stop_sequence():
-    """Random weights rarely end a sequence: the finish reasons LoRAX names, from the sequences the path gathers."""
-    for stop, ids, reason in (
-        (False, [7, 2], "eos_token"),
-        (True, [7, 2], "eos_token"),
-        (True, [7, 8], "stop_sequence"),
+def test_the_end_token_is_eos_token_and_a_stop_on_a_stop_sequence_a_stop_sequence():
+    """Random weights rarely end a sequence: the finish reasons LoRAX names, from the sequences the path gathers. A
+    stop on neither the end token nor a stop sequence the node names or its tokens end on is no stop sequence
+    (review: it was named one where stop sequences were asked)."""
+    for stop, ids, named, reason in (
+        (False, [7, 2], None, "eos_token"),
+        (True, [7, 2], None, "eos_token"),
+        (True, [7, 8], "zz", "stop_sequence"),
+        (True, [7, 8], None, "eos_token"),
     ):
         w, c = _choices(stop)
         out = b""
         for tid in ids:
             text, scored = c.take_token(0, {"token_id": tid, "text": "" if tid == 2 else "a", "logprob": -0.5})
             out += c.chunk(w, 0, text, scored)
-        c.take_finish(0, {"finish_reason": "stop"})
+        c.take_finish(0, {"finish_reason": "stop"} | ({"stop_string": named} if named else {}))
         out += c.close_all(w, "stop", False) + w.end({})
         frames = [StreamResponse(**f) for f in _frames(out)]
         ended = ids[-1] == 2  # the end token is known to be the last: its frame is the last one
         assert [f.token.id for f in frames[: len(ids)]] == ids and len(frames) == len(ids) + (not ended)
-        assert [f.token.special for f in frames] == [False, True] if ended else [False, False, True]
-        if not ended:  # the end came after the last token was sent: a special token of no text carries it
-            assert (frames[-1].token.text, frames[-1].token.id) == ("", 0)
+        assert [f.token.special for f in frames] == [False, True] if ended else [False, False, not named]
+        if not ended:  # the end came after the last token was sent: a token of id 0 carries it, and the stop's text
+            assert (frames[-1].token.text, frames[-1].token.id) == (named or "", 0)
         assert frames[-1].details.finish_reason == reason and frames[-1].details.generated_tokens == len(ids)
-        assert frames[-1].generated_text == "".join("" if t == 2 else "a" for t in ids)
+        assert frames[-1].generated_text == "".join("" if t == 2 else "a" for t in ids) + (named or "")
         assert "".join(f.token.text for f in frames if not f.token.special) == frames[-1].generated_text
         assert all(f.generated_text is None for f in frames[:-1])
 
@@ -535,7 +538,7 @@ def test_the_stop_string_the_node_cut_is_read_back_from_the_tokens_and_kept():
     node looks for them in the order asked) and puts it back: the last token's text in details, and the stream's
     last frame (a token of that text, not special, so the tokens' texts make generated_text). What follows the stop
     string in its token is not kept (LoRAX stops only where the text ends with it). A stop the decoding does not
-    show there (a node that ended for another reason) adds nothing."""
+    show there (a node that ended for another reason) adds nothing, and names no stop sequence."""
     for stops, relayed, kept in (
         (["zz", "bc"], [(7, "a"), (8, "")], "abc"),  # "bcd": cut before "bc"; "d" dropped
         (["b", "bcd"], [(7, "a"), (8, "")], "ab"),  # both start there: the first asked
@@ -547,11 +550,12 @@ def test_the_stop_string_the_node_cut_is_read_back_from_the_tokens_and_kept():
         tokens = whole["details"]["tokens"]
         assert [t["id"] for t in tokens] == [tid for tid, _ in relayed]
         assert "".join(t["text"] for t in tokens) == kept and whole["details"]["generated_tokens"] == len(relayed)
-        assert whole["details"]["finish_reason"] == "stop_sequence"
+        reason = "eos_token" if kept == "".join(t for _, t in relayed) else "stop_sequence"
+        assert whole["details"]["finish_reason"] == reason
         frames = [StreamResponse(**f) for f in _stopped(stops, relayed, stream=True)]
         assert [f.token.id for f in frames[: len(relayed)]] == [tid for tid, _ in relayed]
         last = frames[-1]
-        assert last.generated_text == kept and last.details.finish_reason == "stop_sequence"
+        assert last.generated_text == kept and last.details.finish_reason == reason
         assert "".join(f.token.text for f in frames if not f.token.special) == kept
         assert last.details.generated_tokens == len(relayed)
         assert last.token.special == (kept == "".join(t for _, t in relayed))
