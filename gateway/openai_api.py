@@ -271,10 +271,22 @@ class _Sampling(BaseModel):
     return_tokens_as_token_ids: bool | None = None
     # vLLM's: each prompt's last k tokens only (-1: as many as the context holds), cut once the gateway tokenized it
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    # vLLM's, taken at the value vLLM serves by default and refused by name at any other (check): a priority of 0
+    # (vLLM refuses any other unless started with priority scheduling), special tokens' text left out of the answer
+    # (skip_special_tokens; so spaces_between_special_tokens, about that text, has no effect), and special tokens
+    # added to the prompt as the endpoint adds them (ADDS_SPECIAL_TOKENS)
+    priority: int | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    add_special_tokens: bool | None = None
     # accepted, no effect (see the module's docstring)
     user: Identifier | None = None
     safety_identifier: Identifier | None = None
     prompt_cache_key: Identifier | None = None
+
+    # whether the prompt is encoded with the tokenizer's special tokens: a completion's is (its BOS, where it has
+    # one), a chat's is not (its template writes them), as vLLM's add_special_tokens defaults (node.adapters.prompts)
+    ADDS_SPECIAL_TOKENS: ClassVar[bool] = True
 
     def needs_token_texts(self) -> bool:
         """Whether the answer is written with the base's token texts (loaded before dispatch): a stop string kept in
@@ -301,6 +313,23 @@ class _Sampling(BaseModel):
         field)."""
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
+        if self.priority not in (None, 0):
+            raise BadRequest(
+                f"priority {self.priority} needs priority scheduling, which this gateway does not do: send 0",
+                param="priority",
+            )
+        if self.skip_special_tokens is False:
+            raise BadRequest(
+                "skip_special_tokens false is not supported: answers leave special tokens' text out",
+                param="skip_special_tokens",
+            )
+        if self.add_special_tokens not in (None, self.ADDS_SPECIAL_TOKENS):
+            raise BadRequest(
+                f"add_special_tokens {str(self.add_special_tokens).lower()} is not supported here: this endpoint's "
+                f"prompts are encoded {'with' if self.ADDS_SPECIAL_TOKENS else 'without'} the tokenizer's special "
+                "tokens",
+                param="add_special_tokens",
+            )
         if self.truncate_prompt_tokens == 0:
             raise BadRequest(
                 f"{self.truncate_field()} keeps a prompt's last tokens: at least 1, or -1 for as many as the context "
@@ -630,6 +659,8 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSA
 
 
 class ChatRequest(_Rendered, _Sampling):
+    ADDS_SPECIAL_TOKENS: ClassVar[bool] = False
+
     messages: Messages
     _guided: tuple[dict | None] | None = PrivateAttr(default=None)  # (guided(),) once check() built it
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None

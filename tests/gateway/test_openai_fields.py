@@ -121,6 +121,28 @@ def test_service_tier_is_answered_with_the_tier_that_served(oai):
     assert chunks and {c.service_tier for c in chunks} == {"default"}
 
 
+def test_vllms_defaults_are_taken_and_the_other_values_refused_by_name(oai):
+    """priority 0, skip_special_tokens true, spaces_between_special_tokens (no effect where special tokens are
+    skipped) and add_special_tokens as each endpoint adds them: vLLM's defaults, the answer as without them (they
+    were refused as unknown fields). Any other value is refused by name."""
+    vllm = {"priority": 0, "skip_special_tokens": True, "spaces_between_special_tokens": False}
+    greedy = complete(oai, temperature=0)
+    got = complete(oai, temperature=0, extra_body=vllm | {"add_special_tokens": True})
+    assert (got.choices[0].text, got.usage.prompt_tokens) == (greedy.choices[0].text, greedy.usage.prompt_tokens)
+    greedy = chat(oai, temperature=0)
+    got = chat(oai, temperature=0, extra_body=vllm | {"add_special_tokens": False})
+    assert (got.choices[0].message.content, got.usage.prompt_tokens) == (
+        greedy.choices[0].message.content,
+        greedy.usage.prompt_tokens,
+    )
+    refused(lambda: complete(oai, extra_body={"priority": 1}), "priority")
+    refused(lambda: chat(oai, extra_body={"priority": -5}), "priority")
+    refused(lambda: complete(oai, extra_body={"skip_special_tokens": False}), "skip_special_tokens")
+    refused(lambda: complete(oai, extra_body={"add_special_tokens": False}), "add_special_tokens")
+    refused(lambda: chat(oai, extra_body={"add_special_tokens": True}), "add_special_tokens")
+    refused(lambda: chat(oai, extra_body={"priority": "0"}), "priority")  # strict, as every field
+
+
 def test_penalties_change_a_greedy_answer(oai):
     greedy = complete(oai, temperature=0, max_tokens=24).choices[0].text
     for field in ({"presence_penalty": 2}, {"frequency_penalty": 2}, {"extra_body": {"repetition_penalty": 2.0}}):
