@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gateway.errors import BadRequest, BaseNotConfigured
@@ -17,6 +19,20 @@ log = logging.getLogger(__name__)
 # the most characters a token's text may hold when the base's vocabulary is not known here (no vocabulary of a
 # model served today has an entry near it)
 MAX_TOKEN_CHARS = 1024
+
+
+@contextmanager
+def _encoding(param: str) -> Iterator[None]:
+    """A client's text the base's tokenizer cannot encode is the request's mistake, a 400 naming its field, not a
+    500: the tokenizers library raises a bare Exception for it (a Unigram model without an unknown token, given a
+    character it has no piece for: red team)."""
+    try:
+        yield
+    except Exception as e:
+        if type(e) is not Exception:  # anything else is ours (a BadRequest made below it, a bug), as it is
+            raise
+        said = " ".join(str(e).split())[:200]
+        raise BadRequest(f"this model's tokenizer cannot encode the {param}: {said}", param=param) from None
 
 
 class ChatTemplates:
@@ -105,11 +121,7 @@ class ChatTemplates:
         """Refuse a prompt of `chars` characters that holds at least as many tokens as the context, before
         tokenizing it: no token stands for more characters than the longest in the vocabulary, so the prompt
         has at least chars / longest tokens (tokenizing 20 MB of text costs a process tens of seconds)."""
-        context, texts = self.context.get(base_model_id), self.token_texts.get(base_model_id)
-        if context is None or texts is None:
-            return
-        longest = texts.longest
-        at_least = -(-chars // longest)
+        at_least, context = self._fewest_tokens(base_model_id, chars)
         if at_least >= context:
             raise BadRequest(
                 f"the prompt has at least {at_least} tokens ({chars} characters); the model's "
@@ -117,6 +129,13 @@ class ChatTemplates:
                 code="context_length_exceeded",
                 param=param,
             )
+
+    def _fewest_tokens(self, base_model_id: str, chars: int) -> tuple[int, int]:
+        """(the fewest tokens a text of `chars` characters can be, the context); (0, 1) where either is unknown."""
+        context, texts = self.context.get(base_model_id), self.token_texts.get(base_model_id)
+        if context is None or texts is None:
+            return 0, 1
+        return -(-chars // texts.longest), context
 
     def token_chars(self, base_model_id: str) -> int:
         """The most characters of text a node may send per token of the base: its longest vocabulary entry,
@@ -133,15 +152,16 @@ class ChatTemplates:
                 f"{what} token id {max(ids)} is not in the model's vocabulary of {texts.size}", param=param
             )
 
-    def encode(self, base_model_id: str, text: str, keep: int | None = None) -> list[int]:
+    def encode(self, base_model_id: str, text: str, keep: int | None = None, param: str = "prompt") -> list[int]:
         """A completion prompt's token ids, exactly as the node would encode the text (blocking); `keep`: only
         the last ones are wanted (truncate_prompt_tokens), and a long text's end alone is encoded (_tail)."""
         from node.adapters.prompts import completion_ids
 
         tok = self._tokenizer(base_model_id)
-        if (ids := self._tail_ids(base_model_id, tok, text, keep)) is not None:
-            return ids
-        return completion_ids(tok, text)
+        with _encoding(param):
+            if (ids := self._tail_ids(base_model_id, tok, text, keep, param)) is not None:
+                return ids
+            return completion_ids(tok, text)
 
     def _tail(self, base_model_id: str, text: str, keep: int | None) -> str | None:
         """The end of a text of which only the last `keep` tokens are wanted, where the text is longer than they
@@ -155,19 +175,37 @@ class ChatTemplates:
         end = (keep + 2) * texts.longest
         return text[-end:] if len(text) > end else None
 
-    def _tail_ids(self, base_model_id: str, tok, text: str, keep: int | None) -> list[int] | None:
-        """The ids of _tail's end of the text, its first (maybe a piece of a token) dropped; None as _tail."""
+    def _tail_ids(self, base_model_id: str, tok, text: str, keep: int | None, param: str) -> list[int] | None:
+        """The ids of _tail's end of the text, its first (maybe a piece of a token) dropped, where their last `keep`
+        are the whole text's: the same end one character longer tokenizes to the same last `keep`. Else (the cut
+        fell inside a run whose tokens pair up from the run's start: "\n" x 3,001 on a byte-level BPE, red team)
+        None, and the text is tokenized whole, as it would be uncut: one too long to be the prompt uncut
+        (check_length) is refused rather than tokenized whole. None as _tail too."""
         from node.adapters.prompts import text_ids
 
         tail = self._tail(base_model_id, text, keep)
-        return None if tail is None else text_ids(tok, tail)[1:]
+        if tail is None:
+            return None
+        ids = text_ids(tok, tail)[1:]
+        if ids[-keep:] == text_ids(tok, text[-len(tail) - 1 :])[1:][-keep:]:
+            return ids
+        at_least, context = self._fewest_tokens(base_model_id, len(text))
+        if at_least >= context:
+            raise BadRequest(
+                f"the prompt's last {keep} tokens cannot be found from its end alone (it ends inside a run of "
+                f"characters whose tokens depend on where the run begins), and its {len(text)} characters are too "
+                f"many to tokenize whole (at least {at_least} tokens, the context holds {context}): send less of it",
+                param=param,
+            )
+        return None
 
     def bad_words(self, base_model_id: str, words: list[str]) -> list[list[int]]:
         """vLLM's bad_words as the token id sequences the node bans (node.adapters.prompts.bad_word_ids;
         blocking)."""
         from node.adapters.prompts import bad_word_ids
 
-        return bad_word_ids(self._tokenizer(base_model_id), words)
+        with _encoding("bad_words"):
+            return bad_word_ids(self._tokenizer(base_model_id), words)
 
     def decode(self, base_model_id: str, ids: list[int]) -> str:
         """Token ids as text, without the special tokens (a prompt given as ids, echoed back; blocking)."""
@@ -266,9 +304,10 @@ class ChatTemplates:
             raise
         if keep is None:
             self.check_length(base_model_id, len(text), param=param)
-        if (ids := self._tail_ids(base_model_id, tok, text, keep)) is not None:
-            return ids
-        return text_ids(tok, text)
+        with _encoding(param):
+            if (ids := self._tail_ids(base_model_id, tok, text, keep, param)) is not None:
+                return ids
+            return text_ids(tok, text)
 
 
 def _load_tokenizer(base_dir: Path):

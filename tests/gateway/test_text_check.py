@@ -380,3 +380,52 @@ def test_a_prompt_cut_to_its_last_tokens_is_tokenized_at_its_end_alone(bases, na
         assert tail is not None and len(tail) < len(text) // 4
         assert t.encode(base.bid, text, keep)[-keep:] == whole[-keep:], keep
     assert t._tail(base.bid, "short", 50) is None and t.encode(base.bid, "short", 50) == t.encode(base.bid, "short")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("ch", ["\n", "l"])
+def test_a_cut_inside_a_run_whose_tokens_pair_up_from_its_start_is_the_whole_texts(bases, name, ch):
+    """A run of one character that BPE merges in pairs ("\\n\\n", "ll") is tokenized from where it starts: its
+    end alone, cut at another parity, gave other last ids than the whole text's (red team: [386, 386] for [386,
+    201]). Such an end is found out (one character more gives other last ids) and the text tokenized whole, as it
+    would be uncut; one too long to be a prompt uncut is refused, never cut wrong."""
+    from gateway.errors import BadRequest
+
+    base = bases[name]
+    t = base.templates
+    head = "Q"
+    if name == "metaspace_unigram":  # its pieces have no "\n", "l" nor "Q" (test_a_character_..._is_a_400)
+        head, ch = "The ", "o"
+    for length in (3001, 3002, 3003):
+        text = head + ch * length
+        whole = t.encode(base.bid, text)
+        for keep in (1, 2, 5):
+            assert t._tail(base.bid, text, keep) is not None  # longer than its last k tokens can be
+            assert t.encode(base.bid, text, keep)[-keep:] == whole[-keep:], (length, keep)
+    context, t.context[base.bid] = t.context[base.bid], 8  # the same runs, too long for the context uncut
+    refused = False
+    try:
+        for text in (head + ch * 3001, head + ch * 3002):
+            try:
+                assert t.encode(base.bid, text, 2)[-2:] == t.encode(base.bid, text)[-2:]  # its end alone sufficed
+            except BadRequest as e:
+                assert "cannot be found from its end alone" in str(e) and e.param == "prompt"
+                refused = True
+        assert refused or name in ("metaspace_unigram", "tiny"), name  # the pairing tokenizers have such runs
+    finally:
+        t.context[base.bid] = context
+
+
+def test_a_character_the_tokenizer_cannot_encode_is_a_400(bases):
+    """A Unigram model without an unknown token raises a bare Exception for a character it has no piece for: a
+    prompt of one was a 500 (red team); it is a 400 naming the field, cut or not, and so is such a bad word."""
+    from gateway.errors import BadRequest
+
+    base = bases["metaspace_unigram"]
+    t = base.templates
+    for keep in (None, 2):
+        with pytest.raises(BadRequest, match="cannot encode the prompt") as e:
+            t.encode(base.bid, "1234 " * (1000 if keep else 1), keep)
+        assert e.value.param == "prompt"
+    with pytest.raises(BadRequest, match="cannot encode the bad_words"):
+        t.bad_words(base.bid, ["1234"])
