@@ -35,6 +35,7 @@ class Sequence:
     reason: str | None = None  # the node's finish reason for it ("stop" | "length")
     ended: bool = False  # its end token (EOS, a stop token id) was relayed: nothing may follow it
     stop_reason: str | int | None = None  # the stop token id or stop string that ended it (vLLM's)
+    named: str | None = None  # the stop string the node's finish event named, taken or not (held to its tokens)
     # streaming state
     opened: bool = False  # its first chunk (the chat role, the echoed prompt) was sent
     closed: bool = False  # its finish chunk was sent
@@ -149,8 +150,10 @@ class Choices:
         reason = ev.get("finish_reason")
         s.reason = reason if reason in ("stop", "length") else "stop"
         claim = ev.get("stop_string")
-        # (a sequence ended by its end token met no stop string, whatever the node says)
-        if s.reason == "stop" and not s.ended and isinstance(claim, str) and claim in self.stops:
+        s.named = claim if isinstance(claim, str) else None
+        # (a sequence ended by its end token met no stop string, whatever the node says, and one of no tokens has
+        # no token that completed one: its last token's text would end with it)
+        if s.reason == "stop" and not s.ended and s.count and isinstance(claim, str) and claim in self.stops:
             s.stop_reason = claim
         return True
 

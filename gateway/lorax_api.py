@@ -430,6 +430,10 @@ class LoraxAnswer:
             return b""
         return sse_frame(frame)
 
+    def held(self) -> int:
+        """Tokens relayed whose frame has not gone out: the last one, held for the finish (`token`)."""
+        return 1 if self._last is not None else 0
+
     def finish(self, reason: str, index: int = 0, *, cut: bool = False, stop_reason: str | int | None = None) -> bytes:
         """The last frame: the held last token's, or where the sequence ended on a token not known to be its last
         (a stop sequence, the node stopped) or on none, a special token of no text, carrying generated_text and

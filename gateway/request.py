@@ -218,6 +218,7 @@ class ServedRequest:
         self.result: str | None = None
         # the client gets the text only once the request ended well (a non-streaming answer)
         self.buffered = False
+        self.lorax_stream: LoraxAnswer | None = None  # a streamed LoRAX answer's writer (it holds a last token)
 
     # ------------------------------------------------------------------ the answer
 
@@ -256,7 +257,7 @@ class ServedRequest:
         if req.stream and self.responses is not None:
             builder = ResponseEvents(self.responses, self.rid, created)
         elif req.stream and self.lorax is not None:
-            builder = LoraxAnswer(self.lorax, self.choices, self.prompt_tokens)
+            builder = self.lorax_stream = LoraxAnswer(self.lorax, self.choices, self.prompt_tokens)
         elif req.stream:
             builder = ChunkBuilder(
                 chat=self.chat,
@@ -1027,7 +1028,7 @@ class ServedRequest:
             # grammar failed it, one that said so of any guided request (red team)
             withheld=self.buffered and (self.key_revoked or client_gone or bool(self.failure)),
             # (a revoked key's stream is sent what was held back, after this: release_held)
-            unsent=self.choices.unsent() if client_gone and not self.buffered and not self.key_revoked else 0,
+            unsent=self._unsent() if client_gone and not self.buffered and not self.key_revoked else 0,
             misreported=misreported,
         )
         self.result = await d.book.record(end)
@@ -1048,6 +1049,11 @@ class ServedRequest:
         if self.key_id is not None and self.result != "already_closed":
             d.admission.charge_tokens(self.key_id, used - self.reserved)
         return self.result
+
+    def _unsent(self) -> int:
+        """Tokens relayed whose text a streaming client that left never got: what tool streams hold back
+        (Choices.unsent), and a LoRAX stream's last token, held for the finish that never came (red team: billed)."""
+        return self.choices.unsent() + (self.lorax_stream.held() if self.lorax_stream is not None else 0)
 
     async def _misreported(self) -> str | None:
         """What the node's tokens belie, to be held against it (None: nothing): a token id past any the model
@@ -1092,12 +1098,15 @@ class ServedRequest:
                 honest, stop_at, stopped = t.sent_chars(base, s.ids, stops, stop_ids, ended)
                 if stop_at is not None and stop_at < len(s.ids) - 1:
                     return f"node streamed {len(s.ids) - 1 - stop_at} tokens of choice {k} past its stop string"
-                if isinstance(s.stop_reason, str) and s.stop_reason != stopped:
+                if s.named is not None and s.named != stopped:
                     # the stop string the client was told (stop_reason; LoRAX's text ends with it) is the node's
-                    # word: it must be the one its tokens complete
+                    # word: it must be the one its tokens complete; so must one it was not told (named for a
+                    # sequence its end token ended, or of no tokens, or that the request did not ask for)
                     return f"node named a stop string of choice {k} that its tokens do not end on"
-                if c.names_stops and stopped is not None and s.reason == "stop" and s.stop_reason is None:
-                    # a node whose release names them, naming none, said none was met (stop_text)
+                if c.names_stops and stopped is not None and s.stop_reason is None and (s.reason or whole):
+                    # a node whose release names them, naming none, said none was met (stop_text): so does one that
+                    # says the sequence's length ended it (the engine reads stop strings first), or that sends no
+                    # finish event for it (red team: the client was told "length", or not told the stop string)
                     return f"node named no stop string for choice {k}, whose tokens end on one"
                 if s.chars < honest:
                     return (

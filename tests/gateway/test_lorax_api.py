@@ -505,7 +505,9 @@ def test_the_end_token_is_eos_token_and_a_stop_on_a_stop_sequence_a_stop_sequenc
         assert all(f.generated_text is None for f in frames[:-1])
 
 
-def _stopped(stops: list[str], relayed: list[tuple[int, str]], stream: bool, most: int = 8) -> dict | list[dict]:
+def _stopped(
+    stops: list[str], relayed: list[tuple[int, str]], stream: bool, most: int = 8, named: str | None = None
+) -> dict | list[dict]:
     """The answer (whole, or the stream's frames) of a sequence the node ended on a stop ("stop", no end token)
     after relaying these (token id, text) with its tokenizer's texts known; `most`: max_new_tokens."""
     c = Choices(
@@ -526,7 +528,7 @@ def _stopped(stops: list[str], relayed: list[tuple[int, str]], stream: bool, mos
     for tid, text in relayed:
         text, scored = c.take_token(0, {"token_id": tid, "text": text, "logprob": -0.5})
         out += c.chunk(w, 0, text, scored)
-    c.take_finish(0, {"finish_reason": "stop"})
+    c.take_finish(0, {"finish_reason": "stop"} | ({"stop_string": named} if named else {}))
     if not stream:
         return w.whole("stop", False)
     return _frames(out + c.close_all(w, "stop", False) + w.end({}))
@@ -563,6 +565,17 @@ def test_the_stop_string_the_node_cut_is_read_back_from_the_tokens_and_kept():
     frames = [StreamResponse(**f) for f in _stopped(["bc"], [(7, "a"), (8, "")], stream=True, most=2)]
     assert [(f.token.id, f.token.text, f.token.special) for f in frames] == [(7, "a", False), (8, "bc", False)]
     assert frames[-1].generated_text == "abc" and frames[-1].details.finish_reason == "stop_sequence"
+
+
+def test_a_stop_string_named_for_a_sequence_of_no_tokens_is_not_taken():
+    """No token completed it: a node naming a stop string first (its finish before any token) made the whole answer
+    with details a 500 (red team: its last token's text was read from an empty list); the answer is of no tokens,
+    ended by none of them, whole and streamed."""
+    whole = _stopped(["zz"], [], stream=False, named="zz")
+    assert whole["generated_text"] == "" and whole["details"]["tokens"] == []
+    assert whole["details"]["finish_reason"] == "eos_token"
+    [last] = [StreamResponse(**f) for f in _stopped(["zz"], [], stream=True, named="zz")]
+    assert last.generated_text == "" and (last.token.text, last.token.special) == ("", True)
 
 
 def test_a_stream_the_node_broke_off_ends_in_the_error_the_client_raises_as_incomplete():

@@ -36,6 +36,7 @@ from tests.utils.gateway import poll, record_of
 from tests.utils.rogue_tools import (
     ANSWERS,
     CALL,
+    LONG_ENTRY,
     WEATHER,
     make_long_base,
     relay,
@@ -170,3 +171,32 @@ def test_a_revoked_keys_stream_is_billed_the_held_text_it_is_then_sent(served):
     done, u = record_of(engine, got["rid"])
     assert got["content"] == HELD and u.status != RecordStatus.DISPUTED, u.error
     assert (u.completion_tokens, done.completion_tokens) == (events, events)
+
+
+def test_a_lorax_streams_last_token_held_for_a_finish_that_never_comes_is_not_billed(world):
+    """A LoRAX stream's last token (its max_new_tokens-th) goes out with the finish, as LoRAX's last frame: a node
+    that sends it and then nothing, until the client leaves, had it billed, never sent (red team: 4 billed, 3
+    received)."""
+    gw, engine, key, node = world
+    node.answer, node.hold = "x" * (3 * LONG_ENTRY), True
+    node.release.clear()  # nothing more comes
+    frames, rid = 0, None
+    try:
+        with httpx.stream(
+            "POST",
+            gw.url + "/generate_stream",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"inputs": "Weather?", "parameters": {"max_new_tokens": 3}},
+            timeout=httpx.Timeout(30, read=2),
+        ) as r:
+            rid = r.headers["x-request-id"]
+            for line in r.iter_lines():
+                frames += line.startswith("data:")
+    except httpx.ReadTimeout:
+        pass  # the client gives up waiting
+    finally:
+        node.answer, node.hold = "", False
+    done, u = record_of(engine, rid)
+    assert done.status == RequestStatus.CLIENT_CLOSED and u.status != RecordStatus.DISPUTED, (done.error, u.error)
+    assert (frames, u.node_completion_tokens) == (2, 3)
+    assert (u.completion_tokens, done.completion_tokens) == (2, 2)

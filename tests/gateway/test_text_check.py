@@ -191,11 +191,13 @@ def disputed(
     cut: bool,
     max_tokens: int | None = None,
     stop_string: str | None = None,
+    said: str | None = "stop",
 ) -> str | None:
     """What the gateway holds against a node that streamed these token events for a request of one sequence
     (max_tokens: len(ids) unless given), as ServedRequest relays them and then checks them: None when nothing.
     `cut`: the request ended before the node's finish (aborted, the stream broken), else with it, which names
-    `stop_string` as the one that ended the sequence."""
+    `stop_string` as the one that ended the sequence, and `said` as the sequence's finish reason (None: the node
+    sent no finish event for it, only the request's end)."""
     t = base.templates
     max_tokens = max(max_tokens or len(ids), 1)
     req = CompletionRequest(
@@ -218,8 +220,8 @@ def disputed(
         # the relay's own checks: an honest node's events are all taken
         assert not c.full(0) and not c.too_long(0, ev), f"{base.name}: the relay refused {ev} after {c.seqs[0]}"
         c.take_token(0, ev)
-    if not cut:
-        c.take_finish(0, {"type": "finish", "index": 0, "finish_reason": "stop", "stop_string": stop_string})
+    if not cut and said is not None:
+        c.take_finish(0, {"type": "finish", "index": 0, "finish_reason": said, "stop_string": stop_string})
     # _misreported reads these of the request being served
     served = SimpleNamespace(
         d=SimpleNamespace(templates=t),
@@ -360,12 +362,24 @@ def test_a_node_naming_a_stop_string_its_tokens_do_not_end_on_is_disputed(bases,
     assert disputed(base, ids[:n], texts, stops, [], cut=False, stop_string="lazy") is None
     assert disputed(base, ids[:n], texts, stops, [], cut=False, stop_string="world")
     assert disputed(base, ids[:n], texts, stops, [], cut=False)  # naming none: none met, it said
+    # its length said to have ended it, or no finish event at all: none met, it said (red team: not disputed, the
+    # client told "length" and given the text without the stop string it asked to keep)
+    assert disputed(base, ids[:n], texts, stops, [], cut=False, said="length")
+    assert disputed(base, ids[:n], texts, stops, [], cut=False, said=None)
+    assert disputed(base, ids[:n], texts, stops, [], cut=False, said="length", max_tokens=n)  # at max_tokens too
+    # named where no token completed it: a sequence of none (the name not taken: red team, a LoRAX answer with
+    # details was a 500), or one its end token ended
+    assert disputed(base, [], [], stops, [], cut=False, stop_string="lazy", max_tokens=8)
+    eos = min(t for t in base.templates.end_ids(base.bid))
+    assert disputed(base, [*ids[: n - 1], eos], [*texts[: n - 1], ""], stops, [], cut=False, stop_string="lazy")
     # a sequence no stop string ended: naming one is disputed, naming none is not
     stops = ["END", "QQQ"]
     whole, stopped = honest_run(base.tok, ids, stops, [])
     assert stopped is None and len(whole) == len(ids)
     assert disputed(base, ids, whole, stops, [], cut=False) is None
     assert disputed(base, ids, whole, stops, [], cut=False, stop_string="END")
+    assert disputed(base, ids, whole, stops, [], cut=False, said="length") is None
+    assert disputed(base, ids, whole, stops, [], cut=False, said=None) is None
 
 
 @pytest.mark.parametrize("name", NAMES)
