@@ -60,6 +60,11 @@ BASE_PRICE_FLOOR_SELECTOR = function_signature_to_4byte_selector("basePriceFloor
 RECORDS_SETTLED_SIGNATURE = "RecordsSettled(bytes32,address,uint64,bytes32[],bytes32[],uint256[],bytes)"
 RECORDS_SETTLED_TOPIC = hex0x(keccak(text=RECORDS_SETTLED_SIGNATURE))
 RECORDS_SETTLED_DATA = ("uint64", "bytes32[]", "bytes32[]", "uint256[]", "bytes")
+# A storage slot written from zero costs 20,000 gas, one that holds a value 2,900: an account a batch pays for the
+# first time (or after it withdrew all it had) costs this much more than the estimate of a batch of the same shape
+# whose accounts held rewards. The limit learned for a shape allows it for each account the shape pays (_gas_key):
+# gas not used is not paid for, and a batch out of gas had the batches pipelined behind it revert (red team)
+FRESH_SLOT_GAS = 17_100
 _WORD = 32
 _BATCH_WORDS = 6  # getBatch: merkleRoot, settler, settledBlock, recordCount, totalFees, firstSequence
 
@@ -645,9 +650,10 @@ class ChainClient:
                 estimate = self.tx.estimate(
                     self.ledger.address, settle_calldata(batch_id, root, expected, records, max_prices)
                 )
-            need = self.tx.gas_limit(estimate)
             if key is None:  # a shape not known whole: estimated every time
-                return self.tx.send_data(self.ledger.address, data, gas=need)
+                return self.tx.send_data(self.ledger.address, data, gas=self.tx.gas_limit(estimate))
+            _, _, adapters, nodes, datasets = key  # each an account paid: an owner, an operator, a payee
+            need = self.tx.gas_limit(estimate + FRESH_SLOT_GAS * (adapters + nodes + datasets))
             self._settle_gas[key] = max(self._settle_gas.get(key, 0), need)
         return self.tx.send_data(self.ledger.address, data, gas=self._settle_gas[key])
 

@@ -96,9 +96,13 @@ def test_a_batch_paying_more_datasets_is_estimated_not_sent_with_a_cheaper_batch
     assert set(settled_on_chain(client, first + later).values()) == {1}
 
 
-def test_gas_limit_too_low_is_detected_and_resent(anvil_chain, engine):
-    """The limit learned from a batch whose datasets' payees were paid before is too low for a batch of the same
-    shape whose payees are new, each a fresh reward slot: it runs out of gas, and the next step re-estimates."""
+def test_a_batch_whose_payees_are_new_runs_within_the_limit_learned_from_one_whose_payees_were_paid(
+    anvil_chain, engine
+):
+    """The limit learned from a batch whose datasets' payees were paid before is used for a batch of the same
+    shape whose payees are new, each a reward slot written from zero: the limit allows that for every account a
+    shape pays, so it settles at its first send (before, it ran out of gas, and every batch pipelined behind it
+    reverted: red team)."""
     env = anvil_chain
     payees = tuple(env.new_account() for _ in range(5))
     warm = register_sample(env, shares=(1000,) * 5, payees=payees)
@@ -112,12 +116,30 @@ def test_gas_limit_too_low_is_detected_and_resent(anvil_chain, engine):
     assert settler.step() == 4  # probe: the limit for this shape comes from payees paid before
     settler._probe = False
     later = add_records(engine, [fresh], 4)
+    assert settler.step() == 4
+    assert [b.attempts for b in _batches(engine)] == [1, 1, 1]
+    assert set(settled_on_chain(client, first + later).values()) == {1}
+
+
+def test_gas_limit_too_low_is_detected_and_resent(anvil_chain, engine):
+    """A batch sent with a limit learned for its shape that proves too low (a chain whose costs changed) runs out of
+    gas: that is seen, and the next step estimates it again and resends it."""
+    env = anvil_chain
+    reg = register_sample(env, shares=(1000,) * 5, payees=tuple(env.new_account() for _ in range(5)))
+    first = add_records(engine, [reg], 4)
+    client = env.client(env.settler)
+    settler = Settler(engine, client, SettlerConfig(batch_size=4, interval=0, max_in_flight=4))
+    assert settler.step() == 4  # probe: the limit for this shape is learned
+    settler._probe = False
+    [key] = client._settle_gas
+    client._settle_gas[key] = 100_000  # under what the shape needs
+    later = add_records(engine, [reg], 4)
     with pytest.raises(GasTooLow):
         settler.step()
-    b = _batches(engine)[2]
+    b = _batches(engine)[1]
     assert b.status == BatchStatus.SENT and b.attempts == 1 and not client.is_settled(b.batch_id)
     assert settler.step() == 4  # probing again: estimated, resent, settled
-    b = _batches(engine)[2]
+    b = _batches(engine)[1]
     assert b.status == BatchStatus.SETTLED and b.attempts == 2
     assert set(settled_on_chain(client, first + later).values()) == {1}
 
