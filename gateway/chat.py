@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 # the most characters a token's text may hold when the base's vocabulary is not known here (no vocabulary of a
 # model served today has an entry near it)
 MAX_TOKEN_CHARS = 1024
+# The most characters of a prompt cut to its last tokens (truncate_prompt_tokens) that is tokenized although a prompt
+# of its length could not be served uncut (check_length): a cut is made on the whole text's ids, as vLLM makes it (its
+# end alone tokenized gave other last ids wherever BPE merges run across the cut: review, red team), and 1 MB of text
+# takes a worker thread about a second to tokenize (4 MB, 3 to 4 s)
+MAX_CUT_CHARS = 1 << 20
 
 
 @contextmanager
@@ -152,52 +157,27 @@ class ChatTemplates:
                 f"{what} token id {max(ids)} is not in the model's vocabulary of {texts.size}", param=param
             )
 
-    def encode(self, base_model_id: str, text: str, keep: int | None = None, param: str = "prompt") -> list[int]:
-        """A completion prompt's token ids, exactly as the node would encode the text (blocking); `keep`: only
-        the last ones are wanted (truncate_prompt_tokens), and a long text's end alone is encoded (_tail)."""
+    def encode(self, base_model_id: str, text: str, param: str = "prompt") -> list[int]:
+        """A completion prompt's token ids, exactly as the node would encode the text (blocking). Its length is
+        checked by the caller first (check_length; a prompt to be cut to its last tokens, check_cut: it is tokenized
+        whole all the same)."""
         from node.adapters.prompts import completion_ids
 
-        tok = self._tokenizer(base_model_id)
         with _encoding(param):
-            if (ids := self._tail_ids(base_model_id, tok, text, keep, param)) is not None:
-                return ids
-            return completion_ids(tok, text)
+            return completion_ids(self._tokenizer(base_model_id), text)
 
-    def _tail(self, base_model_id: str, text: str, keep: int | None) -> str | None:
-        """The end of a text of which only the last `keep` tokens are wanted, where the text is longer than they
-        can be: no token stands for more characters than the longest in the vocabulary, so they lie in the last
-        keep x longest characters; two tokens more, the first of which may be a piece of one (its caller drops
-        it). Tokenized whole, the 4 MB a body may hold took 3 to 4 s of a worker thread, where a prompt that is
-        not cut is refused as too long before it is tokenized (check_length). None: the text is short enough."""
-        texts = self.token_texts.get(base_model_id)
-        if keep is None or texts is None:
-            return None
-        end = (keep + 2) * texts.longest
-        return text[-end:] if len(text) > end else None
-
-    def _tail_ids(self, base_model_id: str, tok, text: str, keep: int | None, param: str) -> list[int] | None:
-        """The ids of _tail's end of the text, its first (maybe a piece of a token) dropped, where their last `keep`
-        are the whole text's: the same end one character longer tokenizes to the same last `keep`. Else (the cut
-        fell inside a run whose tokens pair up from the run's start: "\n" x 3,001 on a byte-level BPE, red team)
-        None, and the text is tokenized whole, as it would be uncut: one too long to be the prompt uncut
-        (check_length) is refused rather than tokenized whole. None as _tail too."""
-        from node.adapters.prompts import text_ids
-
-        tail = self._tail(base_model_id, text, keep)
-        if tail is None:
-            return None
-        ids = text_ids(tok, tail)[1:]
-        if ids[-keep:] == text_ids(tok, text[-len(tail) - 1 :])[1:][-keep:]:
-            return ids
-        at_least, context = self._fewest_tokens(base_model_id, len(text))
-        if at_least >= context:
+    def check_cut(self, base_model_id: str, chars: int, *, param: str = "prompt") -> None:
+        """Refuse a prompt of `chars` characters that is to be cut to its last tokens when it is too long both to be
+        served uncut (check_length's bound) and to be tokenized whole all the same (MAX_CUT_CHARS): which are its
+        last tokens only the whole text's tokenization says."""
+        at_least, context = self._fewest_tokens(base_model_id, chars)
+        if at_least >= context and chars > MAX_CUT_CHARS:
             raise BadRequest(
-                f"the prompt's last {keep} tokens cannot be found from its end alone (it ends inside a run of "
-                f"characters whose tokens depend on where the run begins), and its {len(text)} characters are too "
-                f"many to tokenize whole (at least {at_least} tokens, the context holds {context}): send less of it",
+                f"the prompt is {chars} characters (at least {at_least} tokens, the context holds {context}): a "
+                f"prompt cut to its last tokens is tokenized whole to find them, and one this long only up to "
+                f"{MAX_CUT_CHARS} characters: send less of it",
                 param=param,
             )
-        return None
 
     def bad_words(self, base_model_id: str, words: list[str]) -> list[list[int]]:
         """vLLM's bad_words as the token id sequences the node bans (node.adapters.prompts.bad_word_ids;
@@ -267,7 +247,8 @@ class ChatTemplates:
         it is tokenized: what the template renders around and from the messages (role markup, tool calls) is
         counted only here. generation_prompt: the assistant's turn opened after the messages; continue_final: the
         final (assistant) message left open, the answer going on with it; keep: only the last ids are wanted
-        (truncate_prompt_tokens): a text longer than the context is not refused, and its end alone is tokenized."""
+        (truncate_prompt_tokens): a text longer than the context is tokenized whole all the same (check_cut), and cut
+        by the caller."""
         from jinja2 import TemplateError
 
         from node.adapters.prompts import NoChatTemplate, chat_text, text_ids
@@ -304,9 +285,9 @@ class ChatTemplates:
             raise
         if keep is None:
             self.check_length(base_model_id, len(text), param=param)
+        else:
+            self.check_cut(base_model_id, len(text), param=param)
         with _encoding(param):
-            if (ids := self._tail_ids(base_model_id, tok, text, keep, param)) is not None:
-                return ids
             return text_ids(tok, text)
 
 

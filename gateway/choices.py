@@ -151,9 +151,11 @@ class Choices:
         s.reason = reason if reason in ("stop", "length") else "stop"
         claim = ev.get("stop_string")
         s.named = claim if isinstance(claim, str) else None
-        # (a sequence ended by its end token met no stop string, whatever the node says, and one of no tokens has
-        # no token that completed one: its last token's text would end with it)
-        if s.reason == "stop" and not s.ended and s.count and isinstance(claim, str) and claim in self.stops:
+        # taken where a token may have completed it: not where a stop token id ended the sequence (its text is not
+        # read) nor where there is no token (its last token's text would end with it). Its end token can: the
+        # engine reads that token's text too, and it lets go of held half characters that may complete one (review:
+        # a client that forced that had an honest node disputed). What it names is held to its tokens (_misreported)
+        if s.reason == "stop" and s.stop_reason is None and s.count and isinstance(claim, str) and claim in self.stops:
             s.stop_reason = claim
         return True
 
@@ -204,11 +206,11 @@ class Choices:
         first asked that the text holds), so the decoding of its tokens goes on past the relayed text with it. A
         blocking decode of at most max_tokens ids (the base's token texts loaded: needs_token_texts)."""
         s = self.seqs[k]
-        if reason != "stop" or s.ended or not self.stops:
+        if reason != "stop" or not self.stops:
             return ""
         if isinstance(s.stop_reason, str):
             return s.stop_reason
-        if self.names_stops or self.texts is None:
+        if s.ended or self.names_stops or self.texts is None:
             return ""
         relayed = "".join(s.texts)
         decoded = self.texts.tok.decode([i for i in s.ids if 0 <= i < self.texts.size], skip_special_tokens=True)

@@ -40,7 +40,8 @@ async def chat_prompt(
 ) -> list[int]:
     """A chat's messages (and tools, and the template's own variables) rendered by the base's template, as ids;
     `keep`: only the last ids are wanted (truncate_prompt_tokens), so a chat longer than the context is rendered
-    (on a worker thread; the body limit bounds it) and the end of its text tokenized (ChatTemplates._tail)."""
+    (on a worker thread; the body limit bounds it) and its text tokenized whole all the same, up to a bound
+    (ChatTemplates.check_cut)."""
     tools, extra = req.template_tools(), req.chat_template_kwargs
     tool_chars = len(json.dumps(tools)) if tools else 0
     extra_chars = len(json.dumps(extra)) if extra else 0
@@ -49,8 +50,7 @@ async def chat_prompt(
     # once rendered, billed nothing: red team); what the template renders of the rest (its markup) is held to the
     # context by `render` before the text is tokenized, all on a worker thread unless the chat is short
     chars = sum(m.template_chars() for m in req.messages)
-    if keep is None:
-        t.check_length(base, chars + tool_chars, param=req.PROMPT_FIELD)
+    (t.check_length if keep is None else t.check_cut)(base, chars + tool_chars, param=req.PROMPT_FIELD)
     given = chars + TEMPLATE_MARKUP_CHARS * len(req.messages) + tool_chars + extra_chars
 
     def render(base_id: str) -> list[int]:
@@ -70,9 +70,9 @@ async def text_prompts(
         for ids in given:
             t.check_ids(base, ids)
         return given
-    for text in given if keep is None else ():
-        t.check_length(base, len(text))
-    return [await blocking(t, len(text), t.encode, base, text, keep) for text in given]
+    for text in given:
+        (t.check_length if keep is None else t.check_cut)(base, len(text))
+    return [await blocking(t, len(text), t.encode, base, text) for text in given]
 
 
 async def tokenize(t: ChatTemplates, target: Target, req: TokenizeRequest) -> dict:

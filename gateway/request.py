@@ -1085,6 +1085,9 @@ class ServedRequest:
             and not self.aborted
             and not self.failure
         )
+        # the node ended the request itself, "abort" included (its operator's): a sequence whose token completed a stop
+        # string had its finish event sent with that token, before any abort could come (review)
+        node_ended = self.done is not None and not self.aborted and not self.failure
         stops, stop_ids = req.stop_list(), set(req.stop_token_ids or ())
 
         def check() -> str | None:
@@ -1101,9 +1104,10 @@ class ServedRequest:
                 if s.named is not None and s.named != stopped:
                     # the stop string the client was told (stop_reason; LoRAX's text ends with it) is the node's
                     # word: it must be the one its tokens complete; so must one it was not told (named for a
-                    # sequence its end token ended, or of no tokens, or that the request did not ask for)
+                    # sequence of no tokens, or one a stop token id ended, or a string the request's stop strings
+                    # do not hold)
                     return f"node named a stop string of choice {k} that its tokens do not end on"
-                if c.names_stops and stopped is not None and s.stop_reason is None and (s.reason or whole):
+                if c.names_stops and stopped is not None and s.stop_reason is None and (s.reason or node_ended):
                     # a node whose release names them, naming none, said none was met (stop_text): so does one that
                     # says the sequence's length ended it (the engine reads stop strings first), or that sends no
                     # finish event for it (red team: the client was told "length", or not told the stop string)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import torch
 from hypothesis import given, settings
@@ -166,19 +167,20 @@ def honest_texts(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> 
     return honest_run(tok, ids, stops, stop_ids)[0]
 
 
-def honest_run(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> tuple[list[str], str | None]:
-    """honest_texts, and the stop string the node names in its finish event (None: none ended the sequence)."""
+def honest_run(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> tuple[list[str], str | None, str]:
+    """honest_texts, the stop string the node names in its finish event (None: none ended the sequence), and its
+    finish reason there ("stop", or "length" at the last of `ids`, max_tokens)."""
     params = SamplingParams(max_tokens=max(len(ids), 1), stop=tuple(stops), stop_token_ids=tuple(stop_ids))
     seq = Sequence("r", None, [tok.bos_token_id], params, tok, torch.device("cpu"), seed=0)
     # _emit reads only these of the engine: which ids end a sequence, and the context (never reached here)
     engine = SimpleNamespace(eos_ids=frozenset({EOS}), max_len=len(ids) + 2)
-    texts = []
+    texts, reason = [], "stop"
     for t in ids:
         (event,), reason = LLMEngine._emit(engine, seq, t, None)
         texts.append(event.text)
         if reason is not None:
             break
-    return texts, seq.stream.stopped
+    return texts, seq.stream.stopped, reason or "stop"
 
 
 def disputed(
@@ -192,12 +194,13 @@ def disputed(
     max_tokens: int | None = None,
     stop_string: str | None = None,
     said: str | None = "stop",
+    done: str = "stop",
 ) -> str | None:
     """What the gateway holds against a node that streamed these token events for a request of one sequence
     (max_tokens: len(ids) unless given), as ServedRequest relays them and then checks them: None when nothing.
     `cut`: the request ended before the node's finish (aborted, the stream broken), else with it, which names
     `stop_string` as the one that ended the sequence, and `said` as the sequence's finish reason (None: the node
-    sent no finish event for it, only the request's end)."""
+    sent no finish event for it, only the request's end, whose reason is `done`)."""
     t = base.templates
     max_tokens = max(max_tokens or len(ids), 1)
     req = CompletionRequest(
@@ -228,7 +231,7 @@ def disputed(
         target=SimpleNamespace(base_model_id=base.bid),
         choices=c,
         req=req,
-        done=None if cut else {"type": "done", "finish_reason": "stop"},
+        done=None if cut else {"type": "done", "finish_reason": done},
         aborted=cut,
         failure=None,
     )
@@ -238,10 +241,18 @@ def disputed(
 def relay(base: Base, ids: list[int], stops: list[str], stop_ids: list[int], cut: int | None) -> str | None:
     """An honest node generates `ids` (up to where it ends the sequence); the request is cut after `cut` token
     events (None: it is not). What the gateway holds against the node."""
-    texts, stopped = honest_run(base.tok, ids, stops, stop_ids)
+    texts, stopped, reason = honest_run(base.tok, ids, stops, stop_ids)
     n = len(texts) if cut is None else min(cut, len(texts))
     return disputed(
-        base, ids[:n], texts[:n], stops, stop_ids, cut=cut is not None, max_tokens=len(ids), stop_string=stopped
+        base,
+        ids[:n],
+        texts[:n],
+        stops,
+        stop_ids,
+        cut=cut is not None,
+        max_tokens=len(ids),
+        stop_string=stopped,
+        said=reason,
     )
 
 
@@ -276,6 +287,27 @@ def _lone_byte(base: Base) -> int:
     """The token of the byte 0xFF, never part of UTF-8 ("<0xFF>"; "ÿ" in GPT-2's byte alphabet)."""
     vocab = base.tok.get_vocab()
     return vocab["<0xFF>"] if "<0xFF>" in vocab else vocab["ÿ"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_held_half_characters_let_go_on_the_end_token_may_complete_a_stop_string(bases, name):
+    """Seven tokens of half a character each, held, then the end token: the engine lets the held run go on its
+    eighth token (MAX_HELD_TOKENS), and the text it lets go completes the stop string "\ufffd" on the end token; it
+    ends the sequence there and names the string. That honest node was disputed ("named no stop string"), and a
+    client forces it with min_tokens and logit_bias (review); the string is taken, and held to the tokens."""
+    base = bases[name]
+    ids, stops = [_lone_byte(base)] * 7 + [EOS], ["\ufffd"]
+    texts, stopped, reason = honest_run(base.tok, ids, stops, [])
+    assert (len(texts), stopped, reason) == (8, "\ufffd", "stop")
+    assert disputed(base, ids, texts, stops, [], cut=False, stop_string=stopped) is None
+    assert disputed(base, ids, texts, stops, [], cut=False)  # naming none, as the node did before, is disputed
+    if name == "byte_level":  # a plain stop string: a token of several characters, its last one half
+        h = _held_token(base)
+        plain = base.tok.decode([h]).rstrip("\ufffd")
+        ids, stops = [h] * 7 + [EOS], [plain]
+        texts, stopped, reason = honest_run(base.tok, ids, stops, [])
+        assert (stopped, reason) == (plain, "stop")
+        assert disputed(base, ids, texts, stops, [], cut=False, stop_string=stopped) is None
 
 
 def _held_token(base: Base) -> int:
@@ -356,7 +388,7 @@ def test_a_node_naming_a_stop_string_its_tokens_do_not_end_on_is_disputed(bases,
     base = bases[name]
     ids = base.tok.encode(PADDED, add_special_tokens=False)
     stops = ["lazy", "world"]  # "lazy" comes first in the text
-    texts, stopped = honest_run(base.tok, ids, stops, [])
+    texts, stopped, _ = honest_run(base.tok, ids, stops, [])
     n = len(texts)
     assert stopped == "lazy" and n < len(ids)
     assert disputed(base, ids[:n], texts, stops, [], cut=False, stop_string="lazy") is None
@@ -366,6 +398,7 @@ def test_a_node_naming_a_stop_string_its_tokens_do_not_end_on_is_disputed(bases,
     # client told "length" and given the text without the stop string it asked to keep)
     assert disputed(base, ids[:n], texts, stops, [], cut=False, said="length")
     assert disputed(base, ids[:n], texts, stops, [], cut=False, said=None)
+    assert disputed(base, ids[:n], texts, stops, [], cut=False, said=None, done="abort")  # its own abort (review)
     assert disputed(base, ids[:n], texts, stops, [], cut=False, said="length", max_tokens=n)  # at max_tokens too
     # named where no token completed it: a sequence of none (the name not taken: red team, a LoRAX answer with
     # details was a 500), or one its end token ended
@@ -374,7 +407,7 @@ def test_a_node_naming_a_stop_string_its_tokens_do_not_end_on_is_disputed(bases,
     assert disputed(base, [*ids[: n - 1], eos], [*texts[: n - 1], ""], stops, [], cut=False, stop_string="lazy")
     # a sequence no stop string ended: naming one is disputed, naming none is not
     stops = ["END", "QQQ"]
-    whole, stopped = honest_run(base.tok, ids, stops, [])
+    whole, stopped, _ = honest_run(base.tok, ids, stops, [])
     assert stopped is None and len(whole) == len(ids)
     assert disputed(base, ids, whole, stops, [], cut=False) is None
     assert disputed(base, ids, whole, stops, [], cut=False, stop_string="END")
@@ -382,64 +415,88 @@ def test_a_node_naming_a_stop_string_its_tokens_do_not_end_on_is_disputed(bases,
     assert disputed(base, ids, whole, stops, [], cut=False, said=None) is None
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_a_prompt_cut_to_its_last_tokens_is_tokenized_at_its_end_alone(bases, name):
-    """truncate_prompt_tokens: a text longer than its last k tokens can be has only its end tokenized (4 MB
-    tokenized whole took 3 to 4 s of a worker thread); the last k ids are the whole text's."""
-    base = bases[name]
-    t, text = base.templates, PADDED * 40
-    whole = t.encode(base.bid, text)
-    for keep in (1, 7, 50):
-        tail = t._tail(base.bid, text, keep)
-        assert tail is not None and len(tail) < len(text) // 4
-        assert t.encode(base.bid, text, keep)[-keep:] == whole[-keep:], keep
-    assert t._tail(base.bid, "short", 50) is None and t.encode(base.bid, "short", 50) == t.encode(base.bid, "short")
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("ch", ["\n", "l"])
-def test_a_cut_inside_a_run_whose_tokens_pair_up_from_its_start_is_the_whole_texts(bases, name, ch):
-    """A run of one character that BPE merges in pairs ("\\n\\n", "ll") is tokenized from where it starts: its
-    end alone, cut at another parity, gave other last ids than the whole text's (red team: [386, 386] for [386,
-    201]). Such an end is found out (one character more gives other last ids) and the text tokenized whole, as it
-    would be uncut; one too long to be a prompt uncut is refused, never cut wrong."""
+def test_a_prompt_to_be_cut_is_tokenized_whole_up_to_a_bound(bases):
+    """truncate_prompt_tokens: a prompt to be cut to its last tokens is tokenized whole, as vLLM cuts it (its end
+    alone gave other last ids wherever BPE merges run across the cut: "\n" x 3,001 on a byte-level BPE, red team;
+    "ab" x 109 on a BPE that merges "ab" and "abc", review). A text too long to be a prompt uncut is still tokenized
+    up to MAX_CUT_CHARS characters (about a second of a worker thread), and refused past it, never cut otherwise."""
+    from gateway.chat import MAX_CUT_CHARS
     from gateway.errors import BadRequest
 
-    base = bases[name]
+    base = bases["byte_level"]
     t = base.templates
-    head = "Q"
-    if name == "metaspace_unigram":  # its pieces have no "\n", "l" nor "Q" (test_a_character_..._is_a_400)
-        head, ch = "The ", "o"
-    for length in (3001, 3002, 3003):
-        text = head + ch * length
-        whole = t.encode(base.bid, text)
-        for keep in (1, 2, 5):
-            assert t._tail(base.bid, text, keep) is not None  # longer than its last k tokens can be
-            assert t.encode(base.bid, text, keep)[-keep:] == whole[-keep:], (length, keep)
-    context, t.context[base.bid] = t.context[base.bid], 8  # the same runs, too long for the context uncut
-    refused = False
-    try:
-        for text in (head + ch * 3001, head + ch * 3002):
-            try:
-                assert t.encode(base.bid, text, 2)[-2:] == t.encode(base.bid, text)[-2:]  # its end alone sufficed
-            except BadRequest as e:
-                assert "cannot be found from its end alone" in str(e) and e.param == "prompt"
-                refused = True
-        assert refused or name in ("metaspace_unigram", "tiny"), name  # the pairing tokenizers have such runs
-    finally:
-        t.context[base.bid] = context
+    context = t.context[base.bid]
+    longest = t.token_texts[base.bid].longest
+    beyond = context * longest  # no prompt uncut this long fits the context
+    with pytest.raises(BadRequest, match="context"):
+        t.check_length(base.bid, beyond)
+    t.check_cut(base.bid, max(beyond, MAX_CUT_CHARS))  # tokenized whole, then cut
+    with pytest.raises(BadRequest, match="a prompt cut to its last tokens is tokenized whole") as e:
+        t.check_cut(base.bid, max(beyond, MAX_CUT_CHARS) + 1, param="messages")
+    assert e.value.param == "messages"
+
+
+def _repeats_bpe() -> PreTrainedTokenizerFast:
+    """A byte-level BPE that has learnt merges of "ab" and "abc" repeated (as released ones learn "hahaha", hex and
+    base64 runs): a run of them is tokenized from where it begins."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 3 + [unit * n for unit in ("ab", "abc") for n in range(2, 30)], trainer=trainer)
+    return _wrap(tok)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("api", ["openai", "lorax"])
+@pytest.mark.parametrize("case", ["newlines", "repeats"])
+def test_the_node_is_sent_the_whole_texts_last_ids(tmp_path, api, case):
+    """End to end: a completion prompt cut to its last tokens (truncate_prompt_tokens; LoRAX's truncate) sends the
+    node the whole text's last ids, billed as sent. Its end alone tokenized gave others: "Q" + 3,001 newlines on a
+    byte-level BPE, cut to 2 ([386, 386] for [386, 201]: red team), and "Q" + "abc" x 90 on one that merges "abc"
+    runs, cut to 1 (where the end one character longer agreed: review)."""
+    from transformers import AutoTokenizer
+
+    from common.identity import Identity
+    from node.adapters.basemodel import base_model_id
+    from tests.utils.gateway import StandInNode, record_of, served_gateway
+
+    made, text, keep = (
+        (_byte_level(), "Q" + "\n" * 3001, 2) if case == "newlines" else (_repeats_bpe(), "Q" + "abc" * 90, 1)
+    )
+    base = _base_folder(made, tmp_path / "bl", "bl")
+    tok = AutoTokenizer.from_pretrained(str(base))
+    expected = tok.encode(text)[-keep:]
+    node = StandInNode(Identity.generate(), base_model_id(base), base_model_name="bl", tokens=1)
+    with served_gateway(node, tmp_path / "gw", base) as (gw, engine, key, _, _):
+        if api == "openai":
+            body, path = (
+                {"model": "bl", "prompt": text, "max_tokens": 1, "truncate_prompt_tokens": keep},
+                "/v1/completions",
+            )
+        else:
+            body, path = {"inputs": text, "parameters": {"max_new_tokens": 1, "truncate": keep}}, "/generate"
+        r = httpx.post(gw.url + path, headers={"Authorization": f"Bearer {key}"}, json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        assert node.requests[-1]["prompt_token_ids"] == expected
+        _, u = record_of(engine, r.headers["x-request-id"])
+        assert u.prompt_tokens == keep
 
 
 def test_a_character_the_tokenizer_cannot_encode_is_a_400(bases):
     """A Unigram model without an unknown token raises a bare Exception for a character it has no piece for: a
-    prompt of one was a 500 (red team); it is a 400 naming the field, cut or not, and so is such a bad word."""
+    prompt of one was a 500 (red team); it is a 400 naming the field, and so is such a bad word."""
     from gateway.errors import BadRequest
 
     base = bases["metaspace_unigram"]
     t = base.templates
-    for keep in (None, 2):
-        with pytest.raises(BadRequest, match="cannot encode the prompt") as e:
-            t.encode(base.bid, "1234 " * (1000 if keep else 1), keep)
-        assert e.value.param == "prompt"
+    with pytest.raises(BadRequest, match="cannot encode the prompt") as e:
+        t.encode(base.bid, "1234 ")
+    assert e.value.param == "prompt"
     with pytest.raises(BadRequest, match="cannot encode the bad_words"):
         t.bad_words(base.bid, ["1234"])
