@@ -135,8 +135,10 @@ def test_chat_logprobs_and_tool_calls(texts):
 
 
 def test_a_stop_reason_is_only_of_a_choice_a_stop_ended(texts):
-    """A stop string named for a sequence its end token ended, or a stop id's sequence the node says ended at
-    "length", is no stop_reason (review)."""
+    """A stop id's sequence the node says ended at "length" has no stop_reason (review). A stop string named for a
+    sequence its end token ended is its stop_reason: the engine's end token may let go of held text that completes
+    one (a later review: the name not taken, an honest node was disputed); a false name is disputed at the end
+    (tests/gateway/test_text_check.py)."""
     c = Choices(
         chat=False,
         prompts=[[1]],
@@ -157,7 +159,7 @@ def test_a_stop_reason_is_only_of_a_choice_a_stop_ended(texts):
     )
     feed(c, [token(1, 300, ""), {"type": "finish", "index": 1, "finish_reason": "length"}])
     assert [(ch["finish_reason"], ch["stop_reason"]) for ch in c.answer(None, False)] == [
-        ("stop", None),
+        ("stop", "###"),
         ("length", None),
     ]
 
