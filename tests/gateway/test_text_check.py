@@ -67,18 +67,19 @@ def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
-def _byte_level() -> PreTrainedTokenizerFast:
-    """GPT-2 / Llama-3's shape: bytes mapped to printable characters, merges learnt across a character's bytes."""
+def _byte_level(more: tuple[str, ...] = (), vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """GPT-2 / Llama-3's shape: bytes mapped to printable characters, merges learnt across a character's bytes
+    (from the corpus and `more` texts)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
+    tok.train_from_iterator(CORPUS * 3 + list(more), trainer=trainer)
     return _wrap(tok)
 
 
@@ -439,17 +440,7 @@ def test_a_prompt_to_be_cut_is_tokenized_whole_up_to_a_bound(bases):
 def _repeats_bpe() -> PreTrainedTokenizerFast:
     """A byte-level BPE that has learnt merges of "ab" and "abc" repeated (as released ones learn "hahaha", hex and
     base64 runs): a run of them is tokenized from where it begins."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=800,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 3 + [unit * n for unit in ("ab", "abc") for n in range(2, 30)], trainer=trainer)
-    return _wrap(tok)
+    return _byte_level(tuple(unit * n for unit in ("ab", "abc") for n in range(2, 30)), vocab_size=800)
 
 
 @pytest.mark.integration
