@@ -166,16 +166,18 @@ class ChatTemplates:
         with _encoding(param):
             return completion_ids(self._tokenizer(base_model_id), text)
 
-    def check_cut(self, base_model_id: str, chars: int, *, param: str = "prompt") -> None:
-        """Refuse a prompt of `chars` characters that is to be cut to its last tokens when it is too long both to be
-        served uncut (check_length's bound) and to be tokenized whole all the same (MAX_CUT_CHARS): which are its
-        last tokens only the whole text's tokenization says."""
-        at_least, context = self._fewest_tokens(base_model_id, chars)
-        if at_least >= context and chars > MAX_CUT_CHARS:
+    def check_cut(self, base_model_id: str, chars: list[int], *, param: str = "prompt") -> None:
+        """Refuse prompts of `chars` characters each, to be cut to their last tokens, when those too long to be
+        served uncut (check_length's bound) are more than MAX_CUT_CHARS in all: which are a prompt's last tokens
+        only the whole text's tokenization says, and the bound is the request's (a request of 4 prompts of 1 MiB
+        held a worker thread 5 s: re-attack)."""
+        context = self._fewest_tokens(base_model_id, 0)[1]
+        beyond = sum(c for c in chars if self._fewest_tokens(base_model_id, c)[0] >= context)
+        if beyond > MAX_CUT_CHARS:
             raise BadRequest(
-                f"the prompt is {chars} characters (at least {at_least} tokens, the context holds {context}): a "
-                f"prompt cut to its last tokens is tokenized whole to find them, and one this long only up to "
-                f"{MAX_CUT_CHARS} characters: send less of it",
+                f"the prompt is {beyond} characters too long for the context's {context} tokens uncut: a prompt cut "
+                f"to its last tokens is tokenized whole to find them, and such prompts only up to {MAX_CUT_CHARS} "
+                "characters a request: send less of it",
                 param=param,
             )
 
@@ -286,7 +288,7 @@ class ChatTemplates:
         if keep is None:
             self.check_length(base_model_id, len(text), param=param)
         else:
-            self.check_cut(base_model_id, len(text), param=param)
+            self.check_cut(base_model_id, [len(text)], param=param)
         with _encoding(param):
             return text_ids(tok, text)
 

@@ -50,7 +50,10 @@ async def chat_prompt(
     # once rendered, billed nothing: red team); what the template renders of the rest (its markup) is held to the
     # context by `render` before the text is tokenized, all on a worker thread unless the chat is short
     chars = sum(m.template_chars() for m in req.messages)
-    (t.check_length if keep is None else t.check_cut)(base, chars + tool_chars, param=req.PROMPT_FIELD)
+    if keep is None:
+        t.check_length(base, chars + tool_chars, param=req.PROMPT_FIELD)
+    else:
+        t.check_cut(base, [chars + tool_chars], param=req.PROMPT_FIELD)
     given = chars + TEMPLATE_MARKUP_CHARS * len(req.messages) + tool_chars + extra_chars
 
     def render(base_id: str) -> list[int]:
@@ -70,8 +73,10 @@ async def text_prompts(
         for ids in given:
             t.check_ids(base, ids)
         return given
-    for text in given:
-        (t.check_length if keep is None else t.check_cut)(base, len(text))
+    if keep is not None:
+        t.check_cut(base, [len(text) for text in given])
+    for text in given if keep is None else ():
+        t.check_length(base, len(text))
     return [await blocking(t, len(text), t.encode, base, text) for text in given]
 
 

@@ -431,10 +431,15 @@ def test_a_prompt_to_be_cut_is_tokenized_whole_up_to_a_bound(bases):
     beyond = context * longest  # no prompt uncut this long fits the context
     with pytest.raises(BadRequest, match="context"):
         t.check_length(base.bid, beyond)
-    t.check_cut(base.bid, max(beyond, MAX_CUT_CHARS))  # tokenized whole, then cut
+    t.check_cut(base.bid, [max(beyond, MAX_CUT_CHARS)])  # tokenized whole, then cut
     with pytest.raises(BadRequest, match="a prompt cut to its last tokens is tokenized whole") as e:
-        t.check_cut(base.bid, max(beyond, MAX_CUT_CHARS) + 1, param="messages")
+        t.check_cut(base.bid, [max(beyond, MAX_CUT_CHARS) + 1], param="messages")
     assert e.value.param == "messages"
+    # the bound is the request's: prompts each under it, past it in all (4 of 1 MiB held a thread 5 s: re-attack)
+    assert beyond < MAX_CUT_CHARS // 2  # the tiny context's
+    t.check_cut(base.bid, [MAX_CUT_CHARS // 2] * 2 + [beyond - longest])  # what may fit uncut is not counted
+    with pytest.raises(BadRequest, match="a prompt cut to its last tokens is tokenized whole"):
+        t.check_cut(base.bid, [MAX_CUT_CHARS // 2] * 2 + [beyond])
 
 
 def _repeats_bpe() -> PreTrainedTokenizerFast:
