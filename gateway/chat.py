@@ -175,9 +175,9 @@ class ChatTemplates:
         beyond = sum(c for c in chars if self._fewest_tokens(base_model_id, c)[0] >= context)
         if beyond > MAX_CUT_CHARS:
             raise BadRequest(
-                f"the prompt is {beyond} characters too long for the context's {context} tokens uncut: a prompt cut "
+                f"the prompts the context's {context} tokens cannot hold uncut are {beyond} characters: a prompt cut "
                 f"to its last tokens is tokenized whole to find them, and such prompts only up to {MAX_CUT_CHARS} "
-                "characters a request: send less of it",
+                "characters a request: send less of them",
                 param=param,
             )
 
