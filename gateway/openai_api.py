@@ -225,6 +225,17 @@ class StructuredOutputs(BaseModel):
         return guided_shape("json_object")
 
 
+def special_tokens_as_encoded(given: bool | None, adds: bool) -> None:
+    """vLLM's add_special_tokens, taken only at the value a prompt of this kind is encoded with (`adds`: the
+    tokenizer's special tokens added, as to a completion's; not, as to a chat's, whose template writes them)."""
+    if given not in (None, adds):
+        raise BadRequest(
+            f"add_special_tokens {str(given).lower()} is not supported here: this prompt is encoded "
+            f"{'with' if adds else 'without'} the tokenizer's special tokens",
+            param="add_special_tokens",
+        )
+
+
 class _Sampling(BaseModel):
     """Fields both endpoints share."""
 
@@ -323,13 +334,7 @@ class _Sampling(BaseModel):
                 "skip_special_tokens false is not supported: answers leave special tokens' text out",
                 param="skip_special_tokens",
             )
-        if self.add_special_tokens not in (None, self.ADDS_SPECIAL_TOKENS):
-            raise BadRequest(
-                f"add_special_tokens {str(self.add_special_tokens).lower()} is not supported here: this endpoint's "
-                f"prompts are encoded {'with' if self.ADDS_SPECIAL_TOKENS else 'without'} the tokenizer's special "
-                "tokens",
-                param="add_special_tokens",
-            )
+        special_tokens_as_encoded(self.add_special_tokens, self.ADDS_SPECIAL_TOKENS)
         if self.truncate_prompt_tokens == 0:
             raise BadRequest(
                 f"{self.truncate_field()} keeps a prompt's last tokens: at least 1, or -1 for as many as the context "
@@ -734,17 +739,19 @@ class ChatRequest(_Rendered, _Sampling):
 class TokenizeRequest(_Rendered):
     """vLLM's /tokenize: a completion's `prompt` (text) or a chat's `messages` (with what a chat renders them with:
     tools, tool_choice, template variables, add_generation_prompt, continue_final_message), counted as the
-    gateway counts the prompt it bills. vLLM's add_special_tokens is not taken: the ids are those a completion or
-    a chat of this prompt is sent."""
+    gateway counts the prompt it bills. vLLM's add_special_tokens is taken at the value the ids are sent with (a
+    completion's prompt with the tokenizer's special tokens, a chat's without), and refused at the other."""
 
     model: Annotated[str, Field(min_length=1)]
     prompt: str | None = None
     messages: Messages | None = None
     return_token_strs: bool | None = False
+    add_special_tokens: bool | None = None
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise BadRequest("send either prompt (a completion's) or messages (a chat's)", param="prompt")
+        special_tokens_as_encoded(self.add_special_tokens, self.messages is None)
         if self.messages is None:
             for field in _Rendered.model_fields:
                 if getattr(self, field) is not None:

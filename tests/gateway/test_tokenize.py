@@ -111,11 +111,21 @@ def test_what_cannot_be_honoured_is_refused_by_name(served, oai):
     assert "either prompt" in error(both, 400, "prompt")
     error(post(served, "/tokenize", {"model": TINY}), 400, "prompt")
     error(post(served, "/tokenize", {"model": TINY, "prompt": PROMPT, "tools": TOOLS}), 400, "tools")
+    # vLLM's add_special_tokens: only as the ids are sent (a completion's prompt with them, a chat's without)
     error(
         post(served, "/tokenize", {"model": TINY, "prompt": PROMPT, "add_special_tokens": False}),
         400,
         "add_special_tokens",
     )
+    error(
+        post(served, "/tokenize", {"model": TINY, "messages": MESSAGES, "add_special_tokens": True}),
+        400,
+        "add_special_tokens",
+    )
+    for body in ({"prompt": PROMPT}, {"messages": MESSAGES}):
+        plain = post(served, "/tokenize", {"model": TINY} | body)
+        said = post(served, "/tokenize", {"model": TINY, "add_special_tokens": "prompt" in body} | body)
+        assert said.status_code == 200 and said.json()["tokens"] == plain.json()["tokens"]
     error(post(served, "/tokenize", {"model": TINY, "prompt": "x" * 100_000}), 400, "prompt")  # past the context
     long = post(served, "/tokenize", {"model": TINY, "prompt": "the " * CONTEXT})  # past it, found once tokenized
     assert "context holds 512" in error(long, 400, "prompt")
