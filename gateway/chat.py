@@ -241,16 +241,16 @@ class ChatTemplates:
         generation_prompt: bool = True,
         continue_final: bool = False,
         param: str = "messages",
-        keep: int | None = None,
+        cut: bool = False,
     ) -> list[int]:
         """Chat messages (and the request's tools) rendered by the base's template, as token ids, exactly as
         `adapter train` renders its chat data (node.adapters.prompts; blocking); `extra`: the request's own
         template variables (chat_template_kwargs). A rendered text too long for the context is refused before
         it is tokenized: what the template renders around and from the messages (role markup, tool calls) is
         counted only here. generation_prompt: the assistant's turn opened after the messages; continue_final: the
-        final (assistant) message left open, the answer going on with it; keep: only the last ids are wanted
-        (truncate_prompt_tokens): a text longer than the context is tokenized whole all the same (check_cut), and cut
-        by the caller."""
+        final (assistant) message left open, the answer going on with it; cut: the ids are cut to their last ones
+        by the caller (truncate_prompt_tokens): a text longer than the context is tokenized whole all the same
+        (check_cut)."""
         from jinja2 import TemplateError
 
         from node.adapters.prompts import NoChatTemplate, chat_text, text_ids
@@ -285,10 +285,10 @@ class ChatTemplates:
                     param="chat_template_kwargs",
                 ) from None
             raise
-        if keep is None:
-            self.check_length(base_model_id, len(text), param=param)
-        else:
+        if cut:
             self.check_cut(base_model_id, [len(text)], param=param)
+        else:
+            self.check_length(base_model_id, len(text), param=param)
         with _encoding(param):
             return text_ids(tok, text)
 

@@ -36,12 +36,12 @@ async def blocking(templates: ChatTemplates, size: int, fn, base: str, *args):
 
 
 async def chat_prompt(
-    t: ChatTemplates, base: str, req: ChatRequest | TokenizeRequest, *, keep: int | None = None
+    t: ChatTemplates, base: str, req: ChatRequest | TokenizeRequest, *, cut: bool = False
 ) -> list[int]:
     """A chat's messages (and tools, and the template's own variables) rendered by the base's template, as ids;
-    `keep`: only the last ids are wanted (truncate_prompt_tokens), so a chat longer than the context is rendered
-    (on a worker thread; the body limit bounds it) and its text tokenized whole all the same, up to a bound
-    (ChatTemplates.check_cut)."""
+    `cut`: the ids are cut to their last ones afterwards (truncate_prompt_tokens), so a chat longer than the
+    context is rendered (on a worker thread; the body limit bounds it) and its text tokenized whole all the same, up
+    to a bound (ChatTemplates.check_cut)."""
     tools, extra = req.template_tools(), req.chat_template_kwargs
     tool_chars = len(json.dumps(tools)) if tools else 0
     extra_chars = len(json.dumps(extra)) if extra else 0
@@ -50,33 +50,34 @@ async def chat_prompt(
     # once rendered, billed nothing: red team); what the template renders of the rest (its markup) is held to the
     # context by `render` before the text is tokenized, all on a worker thread unless the chat is short
     chars = sum(m.template_chars() for m in req.messages)
-    if keep is None:
-        t.check_length(base, chars + tool_chars, param=req.PROMPT_FIELD)
-    else:
+    if cut:
         t.check_cut(base, [chars + tool_chars], param=req.PROMPT_FIELD)
+    else:
+        t.check_length(base, chars + tool_chars, param=req.PROMPT_FIELD)
     given = chars + TEMPLATE_MARKUP_CHARS * len(req.messages) + tool_chars + extra_chars
 
     def render(base_id: str) -> list[int]:
         messages = req.chat_messages()
         prompt, go_on = req.generation_prompt(), bool(req.continue_final_message)
-        return t.render(base_id, messages, tools, extra, prompt, go_on, req.PROMPT_FIELD, keep)
+        return t.render(base_id, messages, tools, extra, prompt, go_on, req.PROMPT_FIELD, cut)
 
     return await blocking(t, given, render, base)
 
 
 async def text_prompts(
-    t: ChatTemplates, base: str, given: list[str] | list[list[int]], *, keep: int | None = None
+    t: ChatTemplates, base: str, given: list[str] | list[list[int]], *, cut: bool = False
 ) -> list[list[int]]:
-    """Completion prompts as ids: texts encoded as the node would, ids checked against the vocabulary; `keep`: as
+    """Completion prompts as ids: texts encoded as the node would, ids checked against the vocabulary; `cut`: as
     chat_prompt's."""
     if isinstance(given[0], list):
         for ids in given:
             t.check_ids(base, ids)
         return given
-    if keep is not None:
+    if cut:
         t.check_cut(base, [len(text) for text in given])
-    for text in given if keep is None else ():
-        t.check_length(base, len(text))
+    else:
+        for text in given:
+            t.check_length(base, len(text))
     return [await blocking(t, len(text), t.encode, base, text) for text in given]
 
 

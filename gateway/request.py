@@ -485,14 +485,12 @@ class ServedRequest:
     ) -> tuple[list[list[int]], list | None]:
         """The request's prompts as token ids, and their texts where the client sent text (completions)."""
         t, keep = self.d.templates, req.truncate_prompt_tokens
-        if keep is not None and context is not None:  # -1: as many as the context holds; more is refused (truncated)
-            keep = context if keep == -1 else min(keep, context)
-        elif keep == -1:  # no context known: nothing is cut
-            keep = None
+        # the ids are cut to their last ones afterwards (truncated; -1 with no context known cuts nothing)
+        cut = keep is not None and not (keep == -1 and context is None)
         if self.chat:
-            return [await chat_prompt(t, base, req, keep=keep)], None
+            return [await chat_prompt(t, base, req, cut=cut)], None
         given = req.prompt_list()
-        return await text_prompts(t, base, given, keep=keep), None if isinstance(given[0], list) else given
+        return await text_prompts(t, base, given, cut=cut), None if isinstance(given[0], list) else given
 
     def _max_tokens(self, req: ChatRequest | CompletionRequest, prompt: int, context: int | None) -> int:
         """The tokens each sequence may generate: the request's max_tokens (completions: 16 by default, as
