@@ -7,6 +7,8 @@ and its finish reason; then the answer in OpenAI's shapes, whole or as chunks.
 - `echo` (completions): the prompt's text before each choice's text, and with logprobs the prompt's positions
   first (the first one unscored), from the node's prompt_logprobs. With max_tokens 0 (`shown` False) the prompt
   alone: the token the node makes is counted (billed) but not shown, and the choice ends at "length".
+- vLLM's `prompt_logprobs` (a whole answer): each prompt's positions scored in vLLM's shape, in each of its
+  completion choices, or once in a chat's answer.
 - chat tools: each choice's text is read back into content and `tool_calls` (gateway.tools), its finish reason
   "tool_calls" when it called one.
 - a sequence ends at its end token (the base's EOS ids unless ignore_eos, and the request's stop token ids), as
@@ -19,8 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.wire import MAX_LOGPROBS
 from gateway.chat import MAX_TOKEN_CHARS
-from gateway.logprobs import CompletionLogprobs, Scored, TokenTexts, chat_entry, read_prompt, read_token
+from gateway.logprobs import CompletionLogprobs, Scored, TokenTexts, chat_entry, prompt_entry, read_prompt, read_token
 from gateway.openai_api import ChunkBuilder, chat_message, finish_reason
 from gateway.tools import ToolPlan, ToolStream
 
@@ -74,11 +77,15 @@ class Choices:
         stops: tuple[str, ...] = (),
         keep_stop: bool = False,
         ids_as_tokens: bool = False,
+        echo_top: int = MAX_LOGPROBS,
+        prompt_top: int | None = None,
     ) -> None:
         """`eos_ids`: the base's end tokens (none with ignore_eos); `stop_ids`, `stops`: the request's stop token
         ids and stop strings; `keep_stop`: the stop string that ended a choice ends its text (vLLM's
         include_stop_str_in_output); `ids_as_tokens`: the logprobs' tokens named by their ids (vLLM's
-        return_tokens_as_token_ids)."""
+        return_tokens_as_token_ids); `echo_top`: the alternatives an echoed prompt's positions list (the
+        request's logprobs); `prompt_top`: vLLM's prompt_logprobs, answered (None: not asked). The node scores
+        the prompts once, with the larger of the two: each is cut to its own here."""
         self.chat, self.prompts, self.per_prompt, self.n = chat, prompts, per_prompt, n
         self.max_tokens, self.logprobs, self.echo, self.shown = max_tokens, logprobs, echo, shown
         self.prompt_texts, self.texts, self.plan = prompt_texts, texts, plan
@@ -88,6 +95,7 @@ class Choices:
         if plan is not None and plan.choice in ("required", "function"):
             self.keep_stop = False
         self.ids_as_tokens = ids_as_tokens
+        self.echo_top, self.prompt_top = echo_top, prompt_top
         # the node names the stop string that ended a sequence (its release lists STOP_STRING_FEATURE): none named
         # is none met. Set once the node is chosen; an older node's are read back from its tokens (stop_text)
         self.names_stops = False
@@ -97,9 +105,14 @@ class Choices:
         self.seqs = [Sequence(k // per_prompt) for k in range(len(prompts) * per_prompt)]
         self.prompt_scored: list[list[Scored] | None] = [None] * len(prompts)
 
-    def echoed_positions(self) -> int:
-        """The prompt positions the answer repeats: each choice echoes its prompt (0 without echo)."""
-        return self.n * sum(map(len, self.prompts)) if self.echo else 0
+    def repeated_positions(self) -> int:
+        """The prompt positions the answer repeats: each completion choice echoes its prompt, and lists its
+        positions' scores (prompt_logprobs); a chat lists them once."""
+        total = sum(map(len, self.prompts))
+        scored = self.prompt_top is not None
+        if self.chat:
+            return total if scored else 0
+        return self.n * total * (self.echo + scored)
 
     # ------------------------------------------------------------------ the node's events
 
@@ -244,7 +257,7 @@ class Choices:
         lp = CompletionLogprobs(self.texts, named=self.ids_as_tokens)
         if self.echo:
             for pos in self.prompt_scored[s.prompt] or ():
-                lp.add(pos, 0 if pos.token_id in self.texts.special else None)
+                lp.add(pos.most_likely(self.echo_top), 0 if pos.token_id in self.texts.special else None)
             lp.offset = len(self._echo_text(s.prompt))
         for pos, text in zip(s.scored, s.texts, strict=False) if self.shown else ():
             lp.add(pos, len(text))
@@ -255,6 +268,14 @@ class Choices:
             "content": [chat_entry(self.texts, pos, named=self.ids_as_tokens) for pos in self.seqs[k].scored],
             "refusal": None,
         }
+
+    def prompt_logprobs(self, p: int) -> list[dict | None] | None:
+        """Prompt p's positions in vLLM's prompt_logprobs shape, None where not asked; where the node sent no
+        scores for it (or none that describe it), each position is null."""
+        if self.prompt_top is None:
+            return None
+        scored = self.prompt_scored[p] or [Scored(tid, None) for tid in self.prompts[p]]
+        return [prompt_entry(self.texts, pos.most_likely(self.prompt_top)) for pos in scored]
 
     def answer(self, overall: str | None, cut: bool) -> list[dict]:
         """The choices of a whole (non-streamed) answer."""
@@ -274,7 +295,10 @@ class Choices:
             else:
                 choice = {"index": i, "text": self._echo_text(s.prompt) + text}
                 choice["logprobs"] = self._completion_logprobs(k).obj() if self.logprobs else None
-            out.append(choice | {"finish_reason": reason, "stop_reason": self.stop_reason(k, ended)})
+            choice |= {"finish_reason": reason, "stop_reason": self.stop_reason(k, ended)}
+            if not self.chat and self.prompt_top is not None:
+                choice["prompt_logprobs"] = self.prompt_logprobs(s.prompt)
+            out.append(choice)
         return out
 
     # ------------------------------------------------------------------ streamed (no best_of: all are returned)
@@ -295,7 +319,7 @@ class Choices:
         lp = None
         if self.logprobs:
             for pos in self.prompt_scored[s.prompt] or ():
-                s.logprobs.add(pos, 0 if pos.token_id in self.texts.special else None)
+                s.logprobs.add(pos.most_likely(self.echo_top), 0 if pos.token_id in self.texts.special else None)
             lp = s.logprobs.obj()
             s.logprobs = CompletionLogprobs(self.texts, len(self._echo_text(s.prompt)), named=self.ids_as_tokens)
         return b.token(self._echo_text(s.prompt), k, lp)

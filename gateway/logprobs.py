@@ -4,6 +4,8 @@ gateway names the tokens with its own tokenizer (the base's, which ChatTemplates
 - completions: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`; each position's
   top_logprobs dict holds the `logprobs` most likely tokens and the sampled one, as OpenAI's does.
 - chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}`.
+- vLLM's prompt_logprobs: one entry per prompt position, the first null, each else `{token id: {"logprob", "rank",
+  "decoded_token"}}` for the prompt's token and the most likely ones.
 
 What a node sends is untrusted: a value that is not what the protocol says is read as missing, never a crash,
 and no number the gateway writes is NaN or infinite (JSON has none)."""
@@ -24,12 +26,18 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece's byte fall
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """One position: the token, its log-probability (None: not scored, as a prompt's first token), and the most
-    likely alternatives as (token id, log-probability), descending."""
+    """One position: the token, its log-probability (None: not scored, as a prompt's first token), the most
+    likely alternatives as (token id, log-probability), descending, and (a prompt's position) the token's rank in
+    the vocabulary, where the node said it."""
 
     token_id: int
     logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
+
+    def most_likely(self, k: int) -> Scored:
+        """The position with its k most likely alternatives at most (a node may send more than it was asked)."""
+        return self if len(self.top) <= k else Scored(self.token_id, self.logprob, self.top[:k], self.rank)
 
 
 def _number(v: object) -> float | None:
@@ -75,7 +83,22 @@ def read_prompt(ids: list[int], entries: object) -> list[Scored] | None:
     for tid, e in zip(ids[1:], entries[1:], strict=True):
         if not isinstance(e, dict):
             return None
-        out.append(Scored(tid, _number(e.get("logprob")), read_top(e.get("top_logprobs"))))
+        rank = _id(e.get("rank"))
+        out.append(Scored(tid, _number(e.get("logprob")), read_top(e.get("top_logprobs")), rank or None))
+    return out
+
+
+def prompt_entry(texts: TokenTexts, s: Scored) -> dict | None:
+    """One prompt position in vLLM's prompt_logprobs shape: {token id: {"logprob", "rank", "decoded_token"}} for
+    the prompt's token, then its most likely alternatives (ranked in the order the node listed them); None for a
+    position not scored (the first)."""
+    if s.logprob is None:
+        return None
+    out = {str(s.token_id): {"logprob": s.logprob, "rank": s.rank, "decoded_token": texts.text(s.token_id)}}
+    for r, (tid, lp) in enumerate(s.top, 1):
+        if tid == s.token_id and s.rank is None:  # the node said no rank; its place among the top says it
+            out[str(tid)]["rank"] = r
+        out.setdefault(str(tid), {"logprob": lp, "rank": r, "decoded_token": texts.text(tid)})
     return out
 
 

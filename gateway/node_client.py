@@ -49,9 +49,10 @@ DRAIN_TIMEOUT_S = 0.5  # how long a finished stream's end may take to arrive bef
 # the largest answers taken from a node: one SSE event (a token, or the done event with its receipt), an error
 # body, an abort's or a stored receipt
 MAX_EVENT_BYTES = 64 << 10
-# A prompt_logprobs event holds one entry per prompt token: token id, log-probability and `k` top pairs; this
-# bounds an entry's JSON (ids < 2^32, floats written in full), so the event's bound follows the request.
-PROMPT_ENTRY_BYTES, TOP_PAIR_BYTES = 96, 48
+# A prompt_logprobs event holds one entry per prompt token: token id, log-probability, rank and `k` top pairs;
+# this bounds an entry's JSON (ids and ranks < 2^32, floats written in full), so the event's bound follows the
+# request.
+PROMPT_ENTRY_BYTES, TOP_PAIR_BYTES = 112, 48
 
 
 def event_limit(body: dict) -> int:

@@ -282,6 +282,9 @@ class _Sampling(BaseModel):
     return_tokens_as_token_ids: bool | None = None
     # vLLM's: each prompt's last k tokens only (-1: as many as the context holds), cut once the gateway tokenized it
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    # vLLM's: each prompt position's log-probability and its k most likely tokens, in a whole answer (-1, the whole
+    # vocabulary, is refused: a node sends at most MAX_LOGPROBS a position)
+    prompt_logprobs: Annotated[int, Field(ge=-1)] | None = None
     # vLLM's, taken at the value vLLM serves by default and refused by name at any other (check): a priority of 0
     # (vLLM refuses any other unless started with priority scheduling), special tokens' text left out of the answer
     # (skip_special_tokens; so spaces_between_special_tokens, about that text, has no effect), and special tokens
@@ -302,7 +305,12 @@ class _Sampling(BaseModel):
     def needs_token_texts(self) -> bool:
         """Whether the answer is written with the base's token texts (loaded before dispatch): a stop string kept in
         the text is read back from the tokens of a node of an older release, which does not name it."""
-        return bool(self.include_stop_str_in_output and self.stop)
+        return bool(self.include_stop_str_in_output and self.stop) or self.prompt_scores() is not None
+
+    def prompt_scores(self) -> int | None:
+        """The alternatives each prompt position lists in the answer's prompt_logprobs; None when it has none: not
+        asked, or streamed (vLLM streams none, and refuses more than 0 with a stream: check)."""
+        return None if self.stream else self.prompt_logprobs
 
     @field_validator("logit_bias")
     @classmethod
@@ -335,6 +343,14 @@ class _Sampling(BaseModel):
                 param="skip_special_tokens",
             )
         special_tokens_as_encoded(self.add_special_tokens, self.ADDS_SPECIAL_TOKENS)
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise BadRequest(
+                f"prompt_logprobs {self.prompt_logprobs} is not supported: at most {MAX_LOGPROBS} tokens a position "
+                "(-1, the whole vocabulary, is not served here)",
+                param="prompt_logprobs",
+            )
+        if self.prompt_logprobs and self.stream:
+            raise BadRequest("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
         if self.truncate_prompt_tokens == 0:
             raise BadRequest(
                 f"{self.truncate_field()} keeps a prompt's last tokens: at least 1, or -1 for as many as the context "
@@ -889,10 +905,17 @@ def completion_response(rid: str, created: int, model: str, choices: list[dict],
 
 
 def chat_response(
-    rid: str, created: int, model: str, choices: list[dict], usage: dict, service_tier: str | None = None
+    rid: str,
+    created: int,
+    model: str,
+    choices: list[dict],
+    usage: dict,
+    service_tier: str | None = None,
+    prompt_logprobs: list | None = None,
 ) -> dict:
     """choices: {"index", "message", "logprobs", "finish_reason", "stop_reason"} each. `service_tier`: the
-    request's, answered with the tier that served it (OpenAI's body names it where the request did)."""
+    request's, answered with the tier that served it (OpenAI's body names it where the request did);
+    `prompt_logprobs`: vLLM's, where the request asked (the answer's, not a choice's: a chat has one prompt)."""
     body = {
         "id": "chatcmpl-" + rid[2:],
         "object": "chat.completion",
@@ -903,6 +926,8 @@ def chat_response(
     }
     if service_tier is not None:
         body["service_tier"] = SERVED_TIER
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs
     return body
 
 

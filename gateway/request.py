@@ -321,14 +321,16 @@ class ServedRequest:
             else:
                 choices = self.choices.answer(self.finish_reason, bool(self.overrun))
                 if self.chat:
-                    body = chat_response(self.rid, created, req.model, choices, usage, req.service_tier)
+                    body = chat_response(
+                        self.rid, created, req.model, choices, usage, req.service_tier, self.choices.prompt_logprobs(0)
+                    )
                 else:
                     body = completion_response(self.rid, created, req.model, choices, usage)
             return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
         # a long answer (n choices with logprobs: up to tens of MB) is built off the event loop, which it held
         # for seconds (attack review); a short one is not worth the thread hop
-        big = self.usage[1] + self.choices.echoed_positions() >= LARGE_ANSWER_TOKENS
+        big = self.usage[1] + self.choices.repeated_positions() >= LARGE_ANSWER_TOKENS
         content = await asyncio.to_thread(render) if big else render()
         return Response(content, media_type="application/json", headers=headers)
 
@@ -435,7 +437,9 @@ class ServedRequest:
         if echo and texts is None:  # prompts given as token ids are echoed as their text
             texts = [await blocking(t, len(ids), t.decode, base, ids) for ids in prompts]
         self.rid = hex0x(secrets.token_bytes(32))
-        prompt_logprobs = req.logprobs if echo and req.logprobs is not None else None
+        # the node scores the prompts once, for the echo's logprobs and vLLM's prompt_logprobs alike
+        echo_top = req.logprobs if echo else None
+        prompt_logprobs = max((k for k in (echo_top, req.prompt_scores()) if k is not None), default=None)
         self.node_body = to_node_request(
             req,
             target,
@@ -464,13 +468,17 @@ class ServedRequest:
             stops=tuple(req.stop_list()),
             keep_stop=bool(req.include_stop_str_in_output),
             ids_as_tokens=bool(req.return_tokens_as_token_ids),
+            echo_top=echo_top or 0,
+            prompt_top=req.prompt_scores(),
         )
-        if (echoed := self.choices.echoed_positions()) > d.settings.max_echoed_positions:
+        if (repeated := self.choices.repeated_positions()) > d.settings.max_echoed_positions:
+            what = "echo repeats" if echo else "prompt_logprobs scores"
+            each = "" if self.chat else f" in each of the {req.choices} choices"
             raise BadRequest(
-                f"echo repeats the prompts in each of the {req.choices} choices: {echoed} token positions, more than "
+                f"{what} the prompts{each}: {repeated} token positions, more than "
                 f"this gateway answers ({d.settings.max_echoed_positions}); ask for fewer choices, fewer prompts or "
                 "shorter ones",
-                param="echo",
+                param="echo" if echo else "prompt_logprobs",
             )
         seqs = len(self.choices.seqs)
         self.prompt_tokens = sum(map(len, prompts))

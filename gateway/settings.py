@@ -89,8 +89,9 @@ class GatewaySettings(ServiceSettings):
     # its prompt, at most max_max_tokens
     default_max_tokens: int = Field(default=16, ge=1)
     max_max_tokens: int = Field(default=4096, ge=1)
-    # echo repeats each prompt in every choice of it (with logprobs one entry per position): a request whose n
-    # times its prompts' tokens is more is refused (n=16 echoing 8,000-token prompts with 5 top logprobs, 128,000
+    # echo repeats each prompt in every choice of it (with logprobs one entry per position), and so does vLLM's
+    # prompt_logprobs (a chat's once): a request whose n times its prompts' tokens (twice with both) is more is
+    # refused (n=16 echoing 8,000-token prompts with 5 top logprobs, 128,000
     # positions, was a 73 MB answer and seconds of the gateway's CPU for one small request); the default is a
     # quarter of that, still 16 prompts of 2,048 tokens scored in one request, or one prompt of 32k
     max_echoed_positions: int = Field(default=32_768, ge=1)

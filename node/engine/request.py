@@ -297,11 +297,13 @@ TopLogprobs = tuple[tuple[int, float], ...]  # (token id, log-probability), most
 
 @dataclass(slots=True, frozen=True)
 class TokenLogprob:
-    """One position's score: the token's log-probability under the model's raw distribution, and the top ones."""
+    """One position's score: the token's log-probability under the model's raw distribution, and the top ones;
+    a prompt position's also says the token's rank in the vocabulary (1: the most likely), as vLLM's do."""
 
     token_id: int
     logprob: float
     top_logprobs: TopLogprobs = ()
+    rank: int | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -120,6 +120,34 @@ def test_completion_logprobs_with_echo(tok, texts):
     assert c0.answer("stop", cut=False)[0]["logprobs"]["top_logprobs"] == [{texts.text(70): -0.25}]
 
 
+def test_prompt_logprobs_as_a_hostile_node_sends_them(texts):
+    """vLLM's prompt_logprobs read from a node that sends more alternatives than asked and ranks that are not
+    ranks: each position lists k at most, a rank is taken only as a count (else where the token stands among the
+    top, else null); a prompt the node sent no scores for is null at each position."""
+    prompt = [1, 70, 71, 72]
+    entries = [
+        None,
+        {"token_id": 70, "logprob": -0.5, "top_logprobs": [[70, -0.5]] + [[200 + i, -1.0 - i] for i in range(30)]},
+        {"token_id": 71, "logprob": -3.0, "top_logprobs": [[9, -0.1], [71, -3.0]], "rank": True},
+        {"token_id": 72, "logprob": -7.0, "top_logprobs": [[9, -0.1], [8, -0.2]], "rank": -4},
+    ]
+    c = Choices(
+        chat=False, prompts=[prompt, [1, 5]], per_prompt=1, n=1, max_tokens=4, logprobs=True, echo=True,
+        prompt_texts=["a", "b"], texts=texts, echo_top=1, prompt_top=2,
+    )  # fmt: skip
+    feed(c, [{"type": "prompt_logprobs", "prompt_index": 0, "entries": entries}])
+    feed(c, [token(0, 5, "x", -0.25, [(5, -0.25)]), token(1, 5, "x", -0.25, [(5, -0.25)])])
+    first, second = c.answer("length", cut=False)
+    plp = first["prompt_logprobs"]
+    assert plp[0] is None and [len(e) for e in plp[1:]] == [2, 2, 3]
+    assert plp[1]["70"] == {"logprob": -0.5, "rank": 1, "decoded_token": texts.text(70)}
+    assert plp[1]["200"]["rank"] == 2 and plp[2]["71"]["rank"] == 2 and plp[3]["72"]["rank"] is None
+    assert [len(t) for t in first["logprobs"]["top_logprobs"][1:4]] == [1, 2, 2]  # echo's k 1, and its own token
+    assert second["prompt_logprobs"] == [None, None]
+    c.prompt_top = None  # not asked: no field, as before
+    assert "prompt_logprobs" not in c.answer("length", cut=False)[0]
+
+
 def test_chat_logprobs_and_tool_calls(texts):
     plan = tool_plan([{"type": "function", "function": {"name": "f"}}], "auto")
     c = Choices(chat=True, prompts=[[1]], per_prompt=2, n=2, max_tokens=40, logprobs=True, texts=texts, plan=plan)

@@ -328,6 +328,61 @@ def test_echo_is_bounded_by_n_times_the_prompts(oai):
     assert len(got.choices) == 4 and all(len(c.logprobs.tokens) == 481 for c in got.choices)
 
 
+def test_prompt_logprobs_score_each_prompt_position_as_vllms_do(served, oai, tokenizer):
+    """vLLM's prompt_logprobs (refused as unknown before): each prompt position, the first null, as {token id:
+    {logprob, rank, decoded_token}} for the prompt's token and the k most likely; in each completion choice, once
+    in a chat's answer; the same scores echo's logprobs give, each cut to its own k where both are asked."""
+    ids = tokenizer(PROMPT)["input_ids"]
+    got = agree(
+        served,
+        oai.completions.with_raw_response.create(
+            model=TINY,
+            prompt=PROMPT,
+            max_tokens=2,
+            temperature=0,
+            echo=True,
+            logprobs=1,
+            extra_body={"prompt_logprobs": 3},
+        ),
+    ).choices[0]
+    plp, echo = got.prompt_logprobs, got.logprobs
+    assert len(plp) == len(ids) and plp[0] is None and echo.token_logprobs[0] is None
+    for j in range(1, len(ids)):
+        entry = plp[j]
+        mine = entry[str(ids[j])]
+        assert mine["logprob"] == echo.token_logprobs[j] <= 0 and mine["decoded_token"] == tokenizer.decode([ids[j]])
+        assert mine["rank"] == 1 + sum(e["logprob"] > mine["logprob"] for e in entry.values()) or mine["rank"] > 3
+        top = sorted((e for e in entry.values() if e["rank"] <= 3), key=lambda e: e["rank"])
+        assert [e["rank"] for e in top] == [1, 2, 3] and all(a["logprob"] >= b["logprob"] for a, b in zip(top, top[1:]))
+        assert len(echo.top_logprobs[j]) <= 2  # echo's own k (1) and its token, not prompt_logprobs' 3
+        assert max(echo.top_logprobs[j].values()) == top[0]["logprob"]
+    # n choices of two prompts: each choice scores its own prompt; a chat once, for its rendered prompt
+    two = complete(
+        oai, prompt=[PROMPT, "Once upon"], n=2, temperature=0, max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    own = [None] + [{str(ids[j]): plp[j][str(ids[j])]} for j in range(1, len(ids))]  # k 0: the token alone
+    assert [c.prompt_logprobs for c in two.choices[:2]] == [own, own]
+    assert len(two.choices[2].prompt_logprobs) == len(tokenizer("Once upon")["input_ids"])
+    c = chat(oai, temperature=0, max_tokens=2, extra_body={"prompt_logprobs": 1})
+    scored = c.model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == c.usage.prompt_tokens and all(1 <= len(e) <= 2 for e in scored[1:])
+    # streamed: 0 is taken and answered as without it (vLLM streams no prompt scores); more is refused
+    plain = "".join(x.choices[0].text for x in complete(oai, temperature=0, stream=True) if x.choices)
+    zero = complete(oai, temperature=0, stream=True, extra_body={"prompt_logprobs": 0})
+    assert "".join(x.choices[0].text for x in zero if x.choices) == plain
+    refused(lambda: complete(oai, stream=True, extra_body={"prompt_logprobs": 1}), "prompt_logprobs")
+    refused(lambda: chat(oai, stream=True, extra_body={"prompt_logprobs": 2}), "prompt_logprobs")
+    assert "whole vocabulary" in refused(lambda: complete(oai, extra_body={"prompt_logprobs": -1}), "prompt_logprobs")
+    refused(lambda: chat(oai, extra_body={"prompt_logprobs": 21}), "prompt_logprobs")
+    # the answer's size is bounded as echo's is: n choices each scoring their prompt count against the same bound
+    long = [5 + (i % 200) for i in range(480)]
+    message = refused(
+        lambda: complete(oai, prompt=[long] * 2, n=3, max_tokens=1, extra_body={"prompt_logprobs": 5}),
+        "prompt_logprobs",
+    )
+    assert "2880 token positions" in message and "2048" in message
+
+
 def test_streams_name_their_choices_and_send_no_empty_token(oai):
     chunks = list(complete(oai, n=2, seed=4, temperature=1.0, stream=True, stream_options={"include_usage": True}))
     whole = complete(oai, n=2, seed=4, temperature=1.0)

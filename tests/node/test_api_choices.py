@@ -86,6 +86,9 @@ def test_logprobs_and_prompt_logprobs_on_the_wire(node):
     (prompt,) = whole["prompt_logprobs"]
     assert prompt[0] is None and [e["token_id"] for e in prompt[1:]] == P1[1:]
     assert all(len(e["top_logprobs"]) == 2 for e in prompt[1:])
+    for e in prompt[1:]:  # each prompt token's rank: 1 where it is the most likely, else past those before it
+        before = sum(lp > e["logprob"] for _, lp in e["top_logprobs"])
+        assert e["rank"] == 1 + before if before < 2 else e["rank"] > 2
     events = _sse(c, body)
     assert events[0] == {"type": "prompt_logprobs", "prompt_index": 0, "entries": prompt}
     tokens = [e for e in events if e["type"] == "token"]

@@ -217,10 +217,14 @@ def _lp(x: float) -> float:
 
 
 def _entry(e: TokenLogprob | None) -> dict | None:
-    """A scored position on the wire: {"token_id", "logprob", "top_logprobs": [[id, logprob], ...]}."""
+    """A scored position on the wire: {"token_id", "logprob", "top_logprobs": [[id, logprob], ...]}, and a prompt
+    position's "rank" (the token's in the vocabulary, 1 the most likely)."""
     if e is None:
         return None
-    return {"token_id": e.token_id, "logprob": _lp(e.logprob), "top_logprobs": [[t, _lp(v)] for t, v in e.top_logprobs]}
+    out = {"token_id": e.token_id, "logprob": _lp(e.logprob), "top_logprobs": [[t, _lp(v)] for t, v in e.top_logprobs]}
+    if e.rank is not None:
+        out["rank"] = e.rank
+    return out
 
 
 def _prompt_logprobs_frame(ev: PromptLogprobsEvent) -> bytes:

@@ -49,17 +49,21 @@ def score(
         lp = logits_of(hidden[lo : lo + len(part)]).float().log_softmax(dim=-1)  # [<= SCORE_CHUNK, V]
         t = to_device(torch.tensor(part, dtype=torch.int64), lp.device)
         chosen = lp.gather(1, t[:, None]).squeeze(1)
+        ranks = ((lp > chosen[:, None]).sum(dim=-1) + 1).tolist()  # 1 + the tokens more likely than it
         vals = ids = None
         if k > 0:
             vals, ids = lp.topk(k, dim=-1)
-        out += _entries(part, chosen.tolist(), vals, ids, [k] * len(part))
+        out += _entries(part, chosen.tolist(), vals, ids, [k] * len(part), ranks)
     return out
 
 
-def _entries(tokens: list[int], chosen: list[float], vals, ids, ks: list[int]) -> list[TokenLogprob]:
+def _entries(
+    tokens: list[int], chosen: list[float], vals, ids, ks: list[int], ranks: list[int] | None = None
+) -> list[TokenLogprob]:
     vals = vals.tolist() if vals is not None else [[]] * len(tokens)
     ids = ids.tolist() if ids is not None else [[]] * len(tokens)
+    ranks = ranks if ranks is not None else [None] * len(tokens)
     return [
-        TokenLogprob(t, lp, tuple(zip(i[:k], v[:k], strict=True)))
-        for t, lp, v, i, k in zip(tokens, chosen, vals, ids, ks, strict=True)
+        TokenLogprob(t, lp, tuple(zip(i[:k], v[:k], strict=True)), r)
+        for t, lp, v, i, k, r in zip(tokens, chosen, vals, ids, ks, ranks, strict=True)
     ]

@@ -88,6 +88,9 @@ def test_logprobs_equal_peft_log_softmax_in_a_mixed_batch(llama_world, reference
                 entry, row = pe.entries[j], want[j - 1]
                 assert entry.token_id == prompt[j] and abs(entry.logprob - row[prompt[j]].item()) < ATOL
                 assert [tid for tid, _ in entry.top_logprobs] == row.topk(3).indices.tolist()
+                # its rank: 1 + the tokens more likely than it (a token within the tolerance may count either way)
+                lp = row[prompt[j]].item()
+                assert 1 + (row > lp + ATOL).sum().item() <= entry.rank <= 1 + (row > lp - ATOL).sum().item()
             assert fin.prompt_logprobs == (pe.entries,)
     finally:
         engine.close()
