@@ -374,7 +374,7 @@ def adapter_verify(
     console.print(
         f"  adapter id  {pkg.adapter_id}\n  signer      {pkg.signer}\n  signed for  {describe(pkg.domain)}"
         f"\n  price       {m.price_per_1k_tokens} (smallest unit) per 1k tokens"
-        f"\n  base model  {m.base_model.name} ({m.base_model.id})"
+        f"\n  base model  {escape(m.base_model.name)} ({m.base_model.id})"
         f"\n  lora        rank {m.lora.rank}, targets {', '.join(m.lora.targets)}"
     )
     for d in m.datasets:

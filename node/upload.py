@@ -290,11 +290,14 @@ class PackageInstaller:
         from eth_utils import to_checksum_address
 
         from node.adapters import verify_manifest_and_signature
+        from node.adapters.basemodel import read_config
+        from node.adapters.verify import check_for_base
 
         with open_upload(data, max_package_bytes=self.max_package_bytes) as up:
             adapter_id = up.manifest.adapter_id
             if expected_adapter_id is not None and adapter_id != expected_adapter_id:
                 raise UploadRefused(f"package is adapter {adapter_id}, not {expected_adapter_id} as asked")
+            check_for_base(up.manifest, read_config(self.base_dir))  # before a weight byte is written or hashed
             owner = self.owner_of(adapter_id)
             if self.on_chain and owner is None:
                 raise UploadRefused(f"adapter {adapter_id} is not registered on chain: publish it first")

@@ -16,6 +16,7 @@ MAX_EXTRA_BYTES = 1 << 20
 
 # Bytes read before parsing, for files a stranger may have written (uploads, peers, downloads).
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_BASE_NAME_CHARS = 256  # a base model's human name in a manifest (a folder's or a hub id's)
 MAX_SIGNATURE_BYTES = 4096  # signature.json is ~400 bytes; the p2p SIGNATURE frame has the same limit
 MAX_ADAPTER_CONFIG_BYTES = 256 << 10
 # A LoRA of every target on 128 layers has ~1,800 tensors at ~150 header bytes each: 4 MiB is ample,

@@ -22,6 +22,7 @@ from ledger.types import (
 from node.adapters.errors import PackageError, shown
 from node.adapters.limits import (
     MAX_ADAPTER_CONFIG_BYTES,
+    MAX_BASE_NAME_CHARS,
     MAX_EXTRA_BYTES,
     MAX_FILES,
     MAX_LORA_ALPHA,
@@ -118,8 +119,17 @@ class DatasetShare(_Strict):
 
 
 class BaseModelRef(_Strict):
-    name: Annotated[str, Field(min_length=1)]
+    # a human name, printed by the CLI and in errors: printable, one line (red team: a signed name forged a
+    # "signer" line in `adapter verify`, and 500 KB of it went into errors)
+    name: Annotated[str, Field(min_length=1, max_length=MAX_BASE_NAME_CHARS)]
     id: Id
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if not v.isprintable():
+            raise ValueError("a base model's name is printable characters on one line")
+        return v
 
 
 class LoraInfo(_Strict):

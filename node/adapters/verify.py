@@ -30,6 +30,7 @@ from node.adapters.weights import (
     TensorInfo,
     check_lora_tensors,
     is_pickle_file,
+    max_weights_bytes,
     read_lora_buffer,
     read_lora_config,
     read_safetensors_header,
@@ -107,6 +108,24 @@ def check_files(pkg_dir: Path, manifest: Manifest, *, hashes: bool = True) -> No
             raise DamagedFiles(
                 f"file {entry.path!r} does not match its sha256 in the manifest (modified after signing)"
             )
+
+
+def check_for_base(manifest: Manifest, base_config: dict) -> None:
+    """The manifest is for this base, and its weights file is no larger than its rank and targets make it on this
+    base: checked before a byte of the package is fetched, uploaded or hashed."""
+    base_id = base_model_id_from_config(base_config)
+    if manifest.base_model.id != base_id:
+        raise PackageError(
+            f"adapter is for base model {manifest.base_model.name} ({manifest.base_model.id}), "
+            f"not this base ({base_id})"
+        )
+    limit = max_weights_bytes(manifest.lora.rank, manifest.lora.targets, base_config)
+    size = next((f.size for f in manifest.files if f.path == WEIGHTS_FILE), 0)
+    if size > limit:
+        raise PackageError(
+            f"{WEIGHTS_FILE} is {size} bytes; a rank {manifest.lora.rank} adapter of its "
+            f"{len(manifest.lora.targets)} targets on this base is at most {limit}"
+        )
 
 
 def check_weights(
@@ -206,6 +225,10 @@ def verify_package(
     if not pkg_dir.is_dir():
         raise PackageError(f"{pkg_dir} is not a folder")  # the path the caller gave
     manifest = read_manifest(pkg_dir)
+    base_config = None
+    if base_dir is not None:
+        base_config = read_config(base_dir)
+        check_for_base(manifest, base_config)
     check_files(pkg_dir, manifest, hashes=hashes)
     signer, signed_for = None, None
     if require_signature or (pkg_dir / SIGNATURE_FILE).exists() or (pkg_dir / SIGNATURE_FILE).is_symlink():
@@ -215,15 +238,6 @@ def verify_package(
             if require_signature:
                 raise
     _check_owner(signer, expected_owner)
-    base_config = None
-    if base_dir is not None:
-        base_config = read_config(base_dir)
-        base_id = base_model_id_from_config(base_config)
-        if manifest.base_model.id != base_id:
-            raise PackageError(
-                f"adapter is for base model {manifest.base_model.name} ({manifest.base_model.id}), "
-                f"not this base ({base_id})"
-            )
     lora, tensors = check_weights(pkg_dir, manifest, base_config, values=hashes if values is None else values)
     return VerifiedPackage(
         path=pkg_dir,

@@ -26,7 +26,15 @@ CONFIG_FILE = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER_BYTES = MAX_SAFETENSORS_HEADER_BYTES
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# the dtypes a LoRA weight may be stored in: PEFT saves the model's. F64 is refused: 4x bf16's bytes on disk and in
+# the host cache, which counts adapters, not bytes, and past the pinned pool's float32 buffers (red team)
+_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+_WIDEST_FLOAT_BYTES = 4
+# A header's bound, from what it holds: one entry per tensor (its PEFT key, dtype, shape and offsets: 512 bytes is
+# several times the longest) and `__metadata__` (red team: 4 MiB of metadata in a package that verified made every
+# later read of its header, one per peer's request, 80 ms of CPU and 31 MB)
+HEADER_BYTES_PER_TENSOR = 512
+MAX_METADATA_BYTES = 64 << 10
 _MAX_DIMS = 8
 _MAX_INT = (1 << 63) - 1  # every size and offset fits the int64 that torch and the format's readers use
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -149,6 +157,13 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise PackageError(f"{path.name}: __metadata__ must map strings to strings")
+    if (held := sum(len(k) + len(v) for k, v in meta.items())) > MAX_METADATA_BYTES:
+        raise PackageError(f"{path.name}: __metadata__ holds {held} characters; at most {MAX_METADATA_BYTES}")
+    if n > header_bound(len(header) - ("__metadata__" in header)):
+        raise PackageError(
+            f"{path.name}: header of {n} bytes for {len(header)} entries; at most {HEADER_BYTES_PER_TENSOR} bytes "
+            "an entry beside the metadata"
+        )
     data_start = 8 + n
     body = size - data_start
     tensors: dict[str, TensorInfo] = {}
@@ -172,6 +187,22 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     if pos != body:
         raise PackageError(f"{path.name}: {body - pos} bytes of trailing data after the last tensor")
     return tensors
+
+
+def header_bound(tensors: int) -> int:
+    """The largest header a file of `tensors` tensors may have (safetensors pads it to 8 bytes)."""
+    return MAX_METADATA_BYTES + HEADER_BYTES_PER_TENSOR * tensors + 8
+
+
+def max_weights_bytes(rank: int, targets: tuple[str, ...], base_config: dict) -> int:
+    """The largest adapter_model.safetensors a LoRA of `rank` on `targets` of this base may be: every layer's A and
+    B of each target in the widest dtype taken, and their header. A manifest that lists a larger one is refused
+    before its bytes are fetched (red team: 268 MB of junk behind a 40 KB adapter's tensors were downloaded, written
+    and hashed before the framing check refused them)."""
+    dims = config_module_dims(base_config)
+    layers = base_config["num_hidden_layers"]
+    elements = layers * sum(rank * sum(dims.get(t, (0, 0))) for t in targets)
+    return 8 + header_bound(2 * layers * len(targets)) + _WIDEST_FLOAT_BYTES * elements
 
 
 def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> TensorInfo:
@@ -475,7 +506,8 @@ def check_lora_tensors(tensors: dict[str, TensorInfo], lora: LoraConfig, base_co
             raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} targets {module}, not in target_modules")
         if info.dtype not in _FLOAT_DTYPES or len(info.shape) != 2:
             raise PackageError(
-                f"{WEIGHTS_FILE}: tensor {shown_name} must be a 2-D float matrix, got {info.dtype}{list(info.shape)}"
+                f"{WEIGHTS_FILE}: tensor {shown_name} must be a 2-D float matrix (F32, F16 or BF16), got "
+                f"{info.dtype}{list(info.shape)}"
             )
         if layers is not None and layer >= layers:
             raise PackageError(f"{WEIGHTS_FILE}: tensor {shown_name} is for layer {layer}; the base has {layers}")

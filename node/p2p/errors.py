@@ -35,6 +35,11 @@ class UnregisteredAdapter(FetchError):
     """The adapter id has no registered owner, so no bytes for it can be trusted."""
 
 
+class UnfitAdapter(FetchError):
+    """The adapter's signed manifest, the same from every provider, says this node cannot take it (another base,
+    or a weights file larger than its rank and targets make it): no other provider is tried, none is blamed."""
+
+
 class NoProviders(FetchError):
     """Discovery found no peer that holds the adapter."""
 

@@ -20,6 +20,7 @@ from multiaddr import Multiaddr
 
 from common.wire import is_id
 from node.adapters import AdapterStore, PackageError, VerifiedPackage
+from node.adapters.basemodel import read_config
 from node.p2p.config import P2PConfig
 from node.p2p.discovery import Discovery, Provider
 from node.p2p.errors import (
@@ -242,6 +243,7 @@ class Fetcher:
         self, prov: Provider, adapter_id: str, owner: str, status: TransferStatus, on_progress: Progress | None
     ) -> VerifiedPackage:
         stream = await self._open_stream(_peer_info(prov))
+        base_config = await trio.to_thread.run_sync(read_config, self.base_dir) if self.base_dir is not None else None
         tmp = Path(await trio.to_thread.run_sync(self.store.tmp_dir))
         try:
 
@@ -257,6 +259,7 @@ class Fetcher:
                     max_bytes=self.config.max_package_bytes,
                     on_bytes=on_bytes,
                     pace=Pace(self.config.header_timeout, self.config.min_rate, self.config.transfer_grace),
+                    base_config=base_config,
                 )
             except BaseException:
                 with trio.move_on_after(2):

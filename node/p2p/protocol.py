@@ -35,9 +35,10 @@ from libp2p.stream_muxer.exceptions import MuxedStreamError
 
 from common.wire import UntrustedJSONError, canonical_json, is_id, parse_json, sha256_hex
 from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
-from node.adapters.errors import shown
+from node.adapters.errors import PackageError, shown
 from node.adapters.manifest import MAX_MANIFEST_BYTES, parse_manifest
-from node.p2p.errors import BadBytes, FrameError, ProviderError, ProviderRefused, ProviderTimeout
+from node.adapters.verify import check_for_base
+from node.p2p.errors import BadBytes, FrameError, ProviderError, ProviderRefused, ProviderTimeout, UnfitAdapter
 
 # -- frames ----------------------------------------------------------------------------------------
 
@@ -255,8 +256,12 @@ class TransferPlan:
         return sum(f.size for f in self.files)
 
 
-def plan_transfer(manifest_bytes: bytes, adapter_id: str, *, max_bytes: int) -> TransferPlan:
-    """Check the manifest against `adapter_id` and return its file list; BadBytes otherwise."""
+def plan_transfer(
+    manifest_bytes: bytes, adapter_id: str, *, max_bytes: int, base_config: dict | None = None
+) -> TransferPlan:
+    """Check the manifest against `adapter_id` and return its file list; BadBytes otherwise. With `base_config`
+    (the fetching node's base), UnfitAdapter where the manifest says it cannot be served on that base: before
+    any file's byte arrives."""
     try:
         doc = parse_json(manifest_bytes, max_bytes=MAX_MANIFEST_BYTES, max_depth=8, what="manifest")
         manifest = parse_manifest(doc)
@@ -268,6 +273,11 @@ def plan_transfer(manifest_bytes: bytes, adapter_id: str, *, max_bytes: int) -> 
         raise BadBytes("provider sent a manifest that is not in canonical form")
     if manifest.adapter_id != adapter_id:
         raise BadBytes(f"manifest hashes to {manifest.adapter_id}, not the requested adapter id {adapter_id}")
+    if base_config is not None:
+        try:
+            check_for_base(manifest, base_config)
+        except PackageError as e:
+            raise UnfitAdapter(f"adapter {adapter_id} cannot be served here: {e}") from None
     plan = TransferPlan(adapter_id, tuple(PlannedFile(f.path, f.size, f.sha256) for f in manifest.files))
     if plan.total_bytes > max_bytes:
         raise BadBytes(f"package is {plan.total_bytes} bytes; this node accepts at most {max_bytes}")
@@ -331,8 +341,10 @@ async def request_package(
     max_bytes: int,
     on_bytes: ByteProgress | None = None,
     pace: Pace | None = None,
+    base_config: dict | None = None,
 ) -> TransferPlan:
-    """Ask for `adapter_id` and write the package into the empty folder `dest`, checking every byte.
+    """Ask for `adapter_id` and write the package into the empty folder `dest`, checking every byte (and, with
+    `base_config`, that the manifest fits that base: plan_transfer).
 
     Nothing a provider sends is parsed before it is known to be what was asked for: the manifest's
     bytes must hash to the adapter id (so they are the canonical manifest, byte for byte), and the
@@ -354,7 +366,7 @@ async def request_package(
             f"manifest bytes do not hash to the requested adapter id {adapter_id} "
             "(altered, non-canonical or another adapter's)"
         )
-    plan = plan_transfer(first.payload, adapter_id, max_bytes=max_bytes)
+    plan = plan_transfer(first.payload, adapter_id, max_bytes=max_bytes, base_config=base_config)
     signature = await reader.expect(Kind.SIGNATURE)
     signature_bytes = check_signature_frame(signature.payload)
     (dest / MANIFEST_FILE).write_bytes(first.payload)

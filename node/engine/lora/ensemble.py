@@ -66,6 +66,14 @@ def combine_lora(
         a_cat = torch.cat([a for a, _, _ in abw], dim=0).to(dtype).contiguous()  # [r, in]
         # weight in float32, then the serving dtype: one rounding, as for a single adapter's scaling
         b_cat = torch.cat([b.float() * w for _, b, w in abw], dim=1).to(dtype).contiguous()  # [out, r]
+        # each component fits float16 (verify.check_values), times its weight (up to MAX_ENSEMBLE_WEIGHT) it may
+        # not: a slot of inf answered an ensemble with nothing, billed (red team)
+        if not torch.isfinite(b_cat).all():
+            layer, target = lt
+            raise AdapterIncompatibleError(
+                f"ensemble {name}: its weights make layer {layer} {target}'s LoRA B overflow {str(dtype)[6:]}; "
+                "ask for smaller weights"
+            )
         weights[lt] = (a_cat, b_cat)
     if not weights:
         raise AdapterIncompatibleError(f"ensemble {name} holds no LoRA weights")

@@ -150,6 +150,25 @@ def test_concatenated_rank_above_the_slot_rank_is_refused(llama_world):
         engine.close()
 
 
+def test_weights_that_overflow_the_slots_dtype_are_refused():
+    """Each component fits float16 (B x scaling <= 65,504: verify.check_values); times its weight it may not. Two
+    such adapters at weight 8 made a float16 slot of inf, whose answers were empty and billed (red team)."""
+    from node.engine.lora.ensemble import combine_lora
+    from node.engine.lora.errors import AdapterIncompatibleError
+    from node.engine.lora.weights import LoadedAdapter
+
+    def hot(i: int, b: float) -> LoadedAdapter:
+        w = {(0, "q_proj"): (torch.full((4, 8), 0.01), torch.full((8, 4), b))}
+        return LoadedAdapter(adapter_id=f"0x{i}", name=f"a{i}", rank=4, weights=w, scaling=2.0)
+
+    parts = [(hot(1, 30_000.0), 8.0), (hot(2, 30_000.0), 8.0)]
+    assert combine_lora("k", "e", parts, 16, torch.float32).weights[(0, "q_proj")][1].isfinite().all()
+    with pytest.raises(AdapterIncompatibleError, match="layer 0 q_proj's LoRA B overflow float16"):
+        combine_lora("k", "e", parts, 16, torch.float16)
+    ok = combine_lora("k", "e", [(hot(1, 30_000.0), 1.0), (hot(2, 1.0), 8.0)], 16, torch.float16)
+    assert ok.weights[(0, "q_proj")][1].isfinite().all()
+
+
 @pytest.mark.parametrize(
     ("components", "message"),
     [
