@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 WordList = Annotated[tuple[str, ...], NoDecode]  # a list; space-separated in the environment (split_words)
 
@@ -47,6 +53,10 @@ class SettingsError(ValueError):
 class ServiceSettings(BaseSettings):
     """Subclass with `model_config = SettingsConfigDict(env_prefix="LORAMESH_<SERVICE>_", extra="forbid")`;
     load with `load(config_file, **flags)`."""
+
+    # no setting is infinite or NaN (merged into each subclass's config): `inf` passed `gt=0` and then failed
+    # where it was used, a traceback on every database connection (red team)
+    model_config = SettingsConfigDict(allow_inf_nan=False)
 
     # the TOML file read by `load`; set per call, never a field (it is not a setting of the service)
     _config_file: ClassVar[Path | None] = None

@@ -43,6 +43,7 @@ from gateway.directory import NodeDirectory
 from gateway.errors import GatewayError
 from ledger.types import api_url_problem
 from node.gateway_hello import HELLO_PATH, make_hello
+from node.heartbeat import MAX_HEARTBEAT_CONTAINERS
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class NodeGreeter:
             except (httpx.HTTPError, httpx.InvalidURL, ValueError, OSError) as e:  # a registered URL may be anything
                 return self._failed(node_id, url, f"unreachable: {type(e).__name__}")
         if status != 200:
-            text = answer[:300].decode("utf-8", "replace")
+            text = answer[:300].decode("utf-8", "replace")  # quoted below: a line of the log is never a node's
             if status == 403 and "not_settler" in text and not self._warned_not_settler:
                 self._warned_not_settler = True
                 log.warning(
@@ -166,13 +167,21 @@ class NodeGreeter:
                     "list this gateway (--gateway) never heartbeat to it",
                     self.account.address,
                 )
-            return self._failed(node_id, url, f"refused ({status}): {text}")
-        try:
-            heartbeat = parse_json(answer, max_bytes=self.max_answer_bytes, what="hello answer")
+            return self._failed(node_id, url, f"refused ({status}): {text!r}")
+
+        def take() -> str | None:  # on a worker thread, as a heartbeat is taken (NodeDirectory.take_heartbeat)
+            heartbeat = parse_json(
+                answer, max_bytes=self.max_answer_bytes, max_containers=MAX_HEARTBEAT_CONTAINERS, what="hello answer"
+            )
             body = heartbeat.get("body") if isinstance(heartbeat, dict) else None
             if not isinstance(body, dict) or body.get("node_id") != node_id:  # another node's heartbeat
-                return self._failed(node_id, url, "answered with a heartbeat that is not its own")
-            await asyncio.to_thread(self.directory.accept_heartbeat, heartbeat)
+                return "answered with a heartbeat that is not its own"
+            self.directory.accept_heartbeat(heartbeat)
+            return None
+
+        try:
+            if (refused := await asyncio.to_thread(take)) is not None:
+                return self._failed(node_id, url, refused)
         except GatewayError as e:
             if e.code != "stale_heartbeat":  # stale: it heartbeated here meanwhile, which is what we wanted
                 return self._failed(node_id, url, f"its heartbeat was refused: {e.message}")

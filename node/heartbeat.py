@@ -41,6 +41,13 @@ MAX_KEY_ANSWER_BYTES = 4096
 MAX_HEARTBEAT_ANSWER_BYTES = 64 * 1024
 # Statuses larger than this are not a heartbeat but an attack on the gateway's memory.
 MAX_STATUS_BYTES = 64 * 1024
+# the resident adapters a heartbeat lists, by id alone: all gateways read of them (gateway.directory)
+MAX_RESIDENT = 256
+# the JSON objects and arrays a gateway parses of a heartbeat, or of a hello's answer (one a resident adapter, and a
+# few dozen more): anyone may send heartbeats, and thousands of them cost the parser Python calls and garbage
+# collections (red team: 90 kB of `[{},{},...]` a request made a flooded gateway's other answers 18 times slower,
+# and of `[[],[],...]` 50 to 120 times, parsed off the event loop)
+MAX_HEARTBEAT_CONTAINERS = 4 * MAX_RESIDENT
 # A gateway that keeps failing is warned about when it starts failing and then once a minute, with the count:
 # the operator sees it without a line every beat.
 WARN_EVERY_S = 60.0
@@ -52,6 +59,18 @@ MAX_HELLO_GATEWAYS = 64
 MAX_GATEWAYS_PER_SETTLER = 8
 # the error code of a gateway refusing a heartbeat that names another gateway's key (gateway.directory)
 ANOTHER_GATEWAY = "heartbeat_for_another_gateway"
+
+
+def heartbeat_status(status: dict) -> dict:
+    """What a heartbeat carries of the node's /status: all of it but its adapter tables and p2p state, which no
+    gateway reads, with the resident adapters listed by id (MAX_RESIDENT at most). The whole slot table, each
+    adapter named, passed MAX_STATUS_BYTES at about 350 slots, and every gateway refused the node's heartbeats
+    (red team)."""
+    out = {k: v for k, v in status.items() if k not in ("resident_adapters", "cached_adapters", "p2p")}
+    resident = status.get("resident_adapters")
+    ids = [a.get("adapter_id") for a in (resident if isinstance(resident, list) else ()) if isinstance(a, dict)]
+    out["resident_adapters"] = [{"adapter_id": a} for a in ids[:MAX_RESIDENT]]
+    return out
 
 
 class HeartbeatError(ValueError):
@@ -196,7 +215,7 @@ class HeartbeatSender:
         status = self.status_fn()
         if inspect.isawaitable(status):
             status = await status
-        return status
+        return heartbeat_status(status)
 
     async def heartbeat_doc(self, gateway_key: str, status: dict | None = None) -> dict:
         """A heartbeat signed now for the gateway with `gateway_key` (what a beat sends, and what a hello is
@@ -296,7 +315,8 @@ class HeartbeatSender:
                 self._warned_at.pop(url, None)
                 log.info("heartbeats reach gateway %s again", url)
         else:
-            self._failed(url, f"refused ({status}): {answer[:200].decode('utf-8', 'replace')}")
+            # quoted: a gateway's words, newlines and escapes included, never make a line of this node's log
+            self._failed(url, f"refused ({status}): {answer[:200].decode('utf-8', 'replace')!r}")
         return status
 
     def _failed(self, url: str, why: str) -> None:

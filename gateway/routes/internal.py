@@ -7,10 +7,9 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from common.wire import UntrustedJSONError, parse_json
 from gateway import dns
 from gateway.deps import GatewayDep
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import GatewayError
 
 router = APIRouter()
 
@@ -54,13 +53,9 @@ async def gateway_key(gw: GatewayDep) -> dict:
 async def heartbeat(request: Request, gw: GatewayDep) -> dict:
     """Public: a node's signed heartbeat (the signature and the chain's registry are the authentication).
     The answer names this gateway's key, so a node learns whose signed calls to accept."""
+    raw = await request.body()
     try:
-        doc = parse_json(await request.body(), max_bytes=gw.settings.max_heartbeat_bytes, what="heartbeat")
-    except UntrustedJSONError as e:
-        gw.metrics.heartbeats.labels("refused").inc()
-        raise BadRequest(str(e), param="heartbeat") from e
-    try:
-        entry = await asyncio.to_thread(gw.directory.accept_heartbeat, doc)
+        entry = await asyncio.to_thread(gw.directory.take_heartbeat, raw, gw.settings.max_heartbeat_bytes)
     except GatewayError:
         gw.metrics.heartbeats.labels("refused").inc()
         raise

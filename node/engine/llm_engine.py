@@ -723,7 +723,9 @@ class LLMEngine:
     def tokens_per_s(self) -> float:
         """Generated tokens per second over the last few seconds."""
         now = time.monotonic()
-        recent = [n for t, n in self._rate if t >= now - RATE_WINDOW_S]
+        # read from the event loop (GET /status, heartbeats) while the engine thread appends: a copy made in C, at
+        # once (iterating the deque itself raised "deque mutated during iteration", a 500; red team)
+        recent = [n for t, n in self._rate.copy() if t >= now - RATE_WINDOW_S]
         return round(sum(recent) / RATE_WINDOW_S, 2)
 
     def generate(self, requests: list[GenerationRequest]) -> dict[str, FinishEvent]:

@@ -38,7 +38,8 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        # a list made in C, at once: read from the event loop (status) while the engine thread adds queues
+        return sum(len(q) for q in list(self.queues.values()))
 
     def has_work(self) -> bool:
         return bool(self.running) or self.num_waiting > 0

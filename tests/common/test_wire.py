@@ -51,6 +51,17 @@ def test_size_is_checked_before_anything_is_decoded():
         parse_json(b"\xff" * 10, max_bytes=10)
 
 
+def test_containers_are_counted_outside_strings_where_a_caller_bounds_them():
+    """Heartbeats anyone may send: 90 kB of `[{},{},...]` or `[[],[],...]` cost a gateway's process 12 ms or a
+    garbage collection of its heap (175 ms) to parse; counted first, in one pass of C."""
+    ok = json.dumps({"a": [{"b": "[[[{{{"}] * 3})
+    assert parse_json(ok, max_bytes=1 << 10, max_containers=5)["a"][0]["b"] == "[[[{{{"
+    for body in ("[" + "{}," * 5 + "{}]", "[" + "[]," * 5 + "[]]"):
+        with pytest.raises(UntrustedJSONError, match="hb holds 7 objects and arrays, more than 6"):
+            parse_json(body, max_bytes=1 << 10, max_containers=6, what="hb")
+    assert len(parse_json("[" + "[]," * 5 + "[]]", max_bytes=1 << 10)) == 6  # no bound unless asked
+
+
 def test_brackets_inside_strings_do_not_count_as_nesting():
     deep_text = '{"prompt": "' + "[" * 10_000 + '\\"' + "{" * 10_000 + '"}'
     assert not nested_deeper(deep_text, 1) and nested_deeper(deep_text, 0)

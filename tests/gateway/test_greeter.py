@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import secrets
 import socket
 import ssl
@@ -549,3 +550,27 @@ def test_the_lookup_threads_resolve_as_the_system_does(monkeypatch):
     by_name, literal, status = asyncio.run(run())
     assert {(r["host"], r["port"], r["family"]) for r in by_name} == {("127.0.0.1", 8080, socket.AF_INET)}
     assert literal == ["127.0.0.1"] and status == 204
+
+
+def test_a_nodes_refusal_never_makes_a_line_of_the_gateways_log(caplog):
+    """Anyone who registers a node and answers the hello with a 500 wrote its own lines, and terminal escapes,
+    into the gateway's log (red team): its words are quoted."""
+    forged = "\n2026-12-07 23:59:59,000 ERROR gateway.settlement: deposit stolen\x1b[2J"
+    body = forged.encode()
+    server = RawServer(
+        lambda conn: conn.sendall(
+            f"HTTP/1.1 500 X\r\ncontent-type: text/plain\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+        )
+    )
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            return await greeter({NODE: server.url}).greet_once(client)
+
+    try:
+        assert "refused (500)" in asyncio.run(run())[NODE]
+    finally:
+        server.close()
+    (line,) = [r.getMessage() for r in caplog.records if "hello to node" in r.getMessage()]
+    assert "\n" not in line and "\x1b" not in line and "\\n2026-12-07" in line

@@ -82,6 +82,7 @@ def test_the_environment_alone_works_lists_space_separated(monkeypatch):
         ('store = "s"\nport = 1\n', "missing setting base: give --base, LORAMESH_NODE_BASE or base in a --config file"),
         ('base = "b"\nstore = "s"\nport = 70000\n', "setting port: "),
         ('base = "b"\nstore = "s"\nport = 1\nslots = 0\n', "setting slots: "),
+        ('base = "b"\nstore = "s"\nport = 1\nheartbeat_interval = inf\n', "Input should be a finite number"),
     ],
 )
 def test_a_bad_setting_is_refused_in_one_line(tmp_path, text, message):
@@ -258,3 +259,12 @@ def test_more_slots_or_kv_blocks_than_memory_is_one_line_naming_them(tiny_base):
         LLMEngine(EngineConfig(tiny_base, num_slots=10**9, num_kv_blocks=4))
     with pytest.raises(ValueError, match=r"^10000000000000 KV cache blocks need [\d.]+ GiB of cpu memory, more than"):
         LLMEngine(EngineConfig(tiny_base, num_kv_blocks=10**13))
+
+
+@pytest.mark.parametrize("name", ["heartbeat_max_skew_s", "db_busy_timeout_s", "node_timeout_s"])
+def test_no_gateway_setting_is_infinite(tmp_path, name):
+    """`inf` passed `gt=0`, then failed where it was used: int(inf) on every database connection (red team)."""
+    from gateway.settings import GatewaySettings
+
+    with pytest.raises(SettingsError, match=f"setting {name}: Input should be a finite number"):
+        GatewaySettings.load(write(tmp_path, f"{name} = inf\n"))
