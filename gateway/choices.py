@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from common.wire import MAX_LOGPROBS
 from gateway.chat import MAX_TOKEN_CHARS
 from gateway.logprobs import CompletionLogprobs, Scored, TokenTexts, chat_entry, prompt_entry, read_prompt, read_token
-from gateway.openai_api import ChunkBuilder, chat_message, finish_reason
+from gateway.openai_api import COMPLETION_LOGPROBS, ChunkBuilder, chat_message, finish_reason
 from gateway.tools import ToolPlan, ToolStream
 
 
@@ -107,12 +107,19 @@ class Choices:
 
     def repeated_positions(self) -> int:
         """The prompt positions the answer repeats: each completion choice echoes its prompt, and lists its
-        positions' scores (prompt_logprobs); a chat lists them once."""
+        positions' scores (prompt_logprobs); a chat lists them once. A prompt_logprobs position counts as
+        prompt_weight() echoed ones."""
         total = sum(map(len, self.prompts))
-        scored = self.prompt_top is not None
+        scored = self.prompt_weight() if self.prompt_top is not None else 0
         if self.chat:
-            return total if scored else 0
+            return total * scored
         return self.n * total * (self.echo + scored)
+
+    def prompt_weight(self) -> int:
+        """The echoed positions a prompt_logprobs position counts as: its entries (k + 1) over an echoed position's
+        most (COMPLETION_LOGPROBS + 1), rounded up. Counted as one, k = 20 made answers 10 times the bound's echo
+        (46 MB) and held the gateway's loop 2 s (review)."""
+        return -(-((self.prompt_top or 0) + 1) // (COMPLETION_LOGPROBS + 1))
 
     # ------------------------------------------------------------------ the node's events
 
@@ -279,7 +286,7 @@ class Choices:
 
     def answer(self, overall: str | None, cut: bool) -> list[dict]:
         """The choices of a whole (non-streamed) answer."""
-        out = []
+        out, scored = [], {}  # each prompt's prompt_logprobs built once, shared by its choices
         for i, k in enumerate(self.picked()):
             s = self.seqs[k]
             text, reason = "".join(s.texts) if self.shown else "", self.reason(k, overall, cut)
@@ -297,7 +304,9 @@ class Choices:
                 choice["logprobs"] = self._completion_logprobs(k).obj() if self.logprobs else None
             choice |= {"finish_reason": reason, "stop_reason": self.stop_reason(k, ended)}
             if not self.chat and self.prompt_top is not None:
-                choice["prompt_logprobs"] = self.prompt_logprobs(s.prompt)
+                if s.prompt not in scored:
+                    scored[s.prompt] = self.prompt_logprobs(s.prompt)
+                choice["prompt_logprobs"] = scored[s.prompt]
             out.append(choice)
         return out
 

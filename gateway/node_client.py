@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.http import read_capped
+from common.http import parse_off_loop, read_capped
 from common.serving import KEEP_ALIVE_S as SERVER_KEEP_ALIVE_S
 from common.wire import UntrustedJSONError, parse_json, read_error
 from gateway import dns
@@ -165,7 +165,7 @@ class UpstreamStream:
         async for line in self._lines:
             if line == "" and data:
                 payload, data, size = "\n".join(data), [], 0
-                yield _event(payload, self.max_event_bytes)
+                yield await parse_off_loop(payload, _event, payload, self.max_event_bytes)
                 since = time.monotonic()
                 continue
             if self.idle_s is not None and time.monotonic() - since > self.idle_s:
@@ -176,7 +176,8 @@ class UpstreamStream:
                 if size > self.max_event_bytes:  # one event without end: refused before it is buffered further
                     raise UntrustedJSONError(f"node event is more than {self.max_event_bytes} bytes")
         if data:
-            yield _event("\n".join(data), self.max_event_bytes)
+            payload = "\n".join(data)
+            yield await parse_off_loop(payload, _event, payload, self.max_event_bytes)
 
     async def aclose(self, *, drain: bool = False) -> None:
         """Close the stream. drain=True (the node sent its done event) first reads the rest, the end of

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.wire import UntrustedJSONError, canonical_json, parse_json, sha256_hex
+from node.adapters.limits import MAX_BASE_NAME_CHARS
 
 # Keys of config.json that describe how a checkpoint was saved, not what the model is.
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"})
@@ -77,5 +78,7 @@ def eos_token_ids(base_dir: str | Path, tokenizer=None) -> frozenset[int]:
 
 
 def base_model_name(base_dir: str | Path) -> str:
-    """A human name for the base model: the one recorded at creation, else the folder's name."""
-    return str(read_config(base_dir).get(NAME_KEY) or Path(base_dir).resolve().name)
+    """A human name for the base model: the one recorded at creation, else the folder's name; one printable line of
+    at most MAX_BASE_NAME_CHARS, as a manifest holds it (a folder may be named with a no-break space)."""
+    name = str(read_config(base_dir).get(NAME_KEY) or Path(base_dir).resolve().name)
+    return "".join(c if c.isprintable() else " " for c in name)[:MAX_BASE_NAME_CHARS].strip() or "base"

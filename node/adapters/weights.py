@@ -201,8 +201,9 @@ def max_weights_bytes(rank: int, targets: tuple[str, ...], base_config: dict) ->
     and hashed before the framing check refused them)."""
     dims = config_module_dims(base_config)
     layers = base_config["num_hidden_layers"]
-    elements = layers * sum(rank * sum(dims.get(t, (0, 0))) for t in targets)
-    return 8 + header_bound(2 * layers * len(targets)) + _WIDEST_FLOAT_BYTES * elements
+    known = set(targets) & set(dims)  # each once (the manifest's are: manifest.LoraInfo)
+    elements = layers * sum(rank * sum(dims[t]) for t in known)
+    return 8 + header_bound(2 * layers * len(known)) + _WIDEST_FLOAT_BYTES * elements
 
 
 def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> TensorInfo:

@@ -266,6 +266,8 @@ def plan_transfer(
         doc = parse_json(manifest_bytes, max_bytes=MAX_MANIFEST_BYTES, max_depth=8, what="manifest")
         manifest = parse_manifest(doc)
     except ValueError as e:  # PackageError and UntrustedJSONError are ValueErrors
+        if sha256_hex(bytes(manifest_bytes)) == adapter_id:  # the adapter's own manifest: every provider sends it
+            raise UnfitAdapter(f"adapter {adapter_id} cannot be served here: its manifest is refused: {e}") from None
         raise BadBytes(f"provider sent an invalid manifest: {e}") from e
     if manifest.canonical_bytes() != bytes(manifest_bytes):
         # the id is the hash of the canonical form: other bytes (duplicate keys, spaces, key order)

@@ -381,6 +381,13 @@ def test_prompt_logprobs_score_each_prompt_position_as_vllms_do(served, oai, tok
         "prompt_logprobs",
     )
     assert "2880 token positions" in message and "2048" in message
+    # a position of 21 entries counts as 4 of echo's 6: 480 x 2 x 4 = 3,840; one choice, 1,920, is answered
+    message = refused(
+        lambda: complete(oai, prompt=long, n=2, max_tokens=1, extra_body={"prompt_logprobs": 20}), "prompt_logprobs"
+    )
+    assert "3840 token positions" in message and "prompt_logprobs 20 counting as 4" in message
+    got = complete(oai, prompt=long, max_tokens=1, extra_body={"prompt_logprobs": 20}).choices[0].prompt_logprobs
+    assert len(got) == 480 and all(len(e) in (20, 21) for e in got[1:])
 
 
 def test_streams_name_their_choices_and_send_no_empty_token(oai):

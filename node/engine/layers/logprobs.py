@@ -49,7 +49,7 @@ def score(
         lp = logits_of(hidden[lo : lo + len(part)]).float().log_softmax(dim=-1)  # [<= SCORE_CHUNK, V]
         t = to_device(torch.tensor(part, dtype=torch.int64), lp.device)
         chosen = lp.gather(1, t[:, None]).squeeze(1)
-        ranks = ((lp > chosen[:, None]).sum(dim=-1) + 1).tolist()  # 1 + the tokens more likely than it
+        ranks = (lp >= chosen[:, None]).sum(dim=-1).tolist()  # the tokens at least as likely, itself too (vLLM's)
         vals = ids = None
         if k > 0:
             vals, ids = lp.topk(k, dim=-1)

@@ -4,6 +4,7 @@ base, a header bloated with metadata, float64 weights, a base model name that is
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -172,3 +173,36 @@ def test_adapter_verify_prints_the_base_name_as_written(honest, tiny_base, publi
     got = CliRunner().invoke(app, ["adapter", "verify", str(pkg)], env={"COLUMNS": "200"})
     assert got.exit_code == 0, got.output
     assert "base model  [/bold][link=https://evil.example]x (0x" in got.output
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [("down_proj",) * 3, ("v_proj", "q_proj"), ("q_proj", "made_up"), ()],
+    ids=["twice", "order", "unknown", "none"],
+)
+def test_a_manifests_targets_are_as_pack_writes_them(honest, targets):
+    """The bound is counted from the manifest's targets: one listed 20,000 times made it 3,400 times an honest
+    adapter's (review). A manifest whose own bytes name the adapter is the adapter's fault over p2p, not its
+    provider's: UnfitAdapter, no provider blamed."""
+    from common.wire import canonical_json
+
+    doc = json.loads(honest.manifest.canonical_bytes())
+    doc["lora"]["targets"] = list(targets)
+    raw = canonical_json(doc)
+    with pytest.raises(UnfitAdapter, match="targets are one or more of"):
+        plan_transfer(raw, "0x" + hashlib.sha256(raw).hexdigest(), max_bytes=1 << 30)
+
+
+def test_a_base_folders_name_is_made_one_printable_line(tiny_base, tmp_path):
+    """A folder named with a no-break space made pack fail with a raw validation error (review)."""
+    import shutil
+
+    from node.adapters.basemodel import base_model_name
+
+    folder = tmp_path / "Llama 3\xa08B\n"
+    shutil.copytree(tiny_base, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("loramesh_base_name", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert base_model_name(folder) == "Llama 3 8B"
+    assert BaseModelRef(name=base_model_name(folder), id="0x" + "11" * 32).name == "Llama 3 8B"

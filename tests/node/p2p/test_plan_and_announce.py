@@ -15,7 +15,7 @@ from common.wire import canonical_json
 from node.adapters.manifest import BaseModelRef, FileEntry, LoraInfo, Manifest
 from node.p2p.config import P2PConfig
 from node.p2p.discovery import Announcement, ProviderBook, sign_announcement, verify_announcement
-from node.p2p.errors import AnnouncementError, BadBytes
+from node.p2p.errors import AnnouncementError, BadBytes, UnfitAdapter
 from node.p2p.protocol import FileHasher, PlannedFile, plan_transfer
 
 
@@ -50,7 +50,7 @@ def test_plan_refuses_a_path_escape_before_anything_is_written():
     doc = json.loads(_manifest(a_json=b"{}").canonical_bytes())
     doc["files"][0]["path"] = "../../etc/passwd"
     raw = canonical_json(doc)
-    with pytest.raises(BadBytes, match="escapes the package folder"):
+    with pytest.raises(UnfitAdapter, match="escapes the package folder"):  # its own bytes: no provider's fault
         plan_transfer(raw, "0x" + hashlib.sha256(raw).hexdigest(), max_bytes=100)
 
 
