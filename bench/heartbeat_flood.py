@@ -2,15 +2,16 @@
 the same run. `POST /internal/heartbeat` is public (its signature and the chain's registry are its authentication),
 so anyone may send it bodies that parse to nothing a heartbeat is.
 
-    python bench/heartbeat_flood.py [--seconds 5] [--body-kib 90] [--connections 8] [--rounds 2]
+    python bench/heartbeat_flood.py [--seconds 5] [--body-kib 250] [--connections 8] [--rounds 2]
 
 A real gateway (`loramesh gateway run`, its own process) while a client process floods the route over --connections
 connections with bodies of --body-kib KiB: `junk` (bytes that are no JSON, refused at their first byte), `objects`
-(`[{},{},...]`: a Python call an object) and `arrays` (`[[],[],...]`: allocated by the ten thousand, they set the
-garbage collector off over the gateway's heap); a heartbeat may hold 1,024 of them. Meanwhile GET /health is timed
-every 20 ms. Per flood and round: /health's median and 90th percentile, its ratio to idle, and the heartbeats
-answered (by status). The default body is the largest the gateway reads (`max_heartbeat_bytes`, 96 KiB); a larger
-one is refused with 413 before it is read. No assertions: never run as a test."""
+(`[{},{},...]`: a Python call an object), `arrays` (`[[],[],...]`: allocated by the ten thousand, they set the
+garbage collector off over the gateway's heap), `keys` (one object of many keys) and `numbers` (`[1.5,1.5,...]`); a
+heartbeat may hold 1,024 objects and arrays and 8,192 values. Meanwhile GET /health is timed every 20 ms. Per flood
+and round: /health's median and 90th percentile, its ratio to idle, and the heartbeats answered (by status). The
+default body is about the largest the gateway reads (`max_heartbeat_bytes`, 256 KiB); a larger one is refused with
+413 before it is read. No assertions: never run as a test."""
 
 from __future__ import annotations
 
@@ -29,12 +30,20 @@ import httpx  # noqa: E402
 
 from tests.utils.gateway import make_db, start_gateway_process  # noqa: E402
 
+KINDS = ("junk", "objects", "arrays", "keys", "numbers")
+
 
 def body_of(kind: str, size: int) -> bytes:
     if kind == "junk":
         return b"x" * size
-    item = b"{}" if kind == "objects" else b"[]"
-    return b"[" + (item + b",") * ((size - 10) // 3) + item + b"]"
+    if kind == "keys":
+        n, keys = 0, []
+        while n < size - 16:
+            keys.append(b'"%d":0' % len(keys))
+            n += len(keys[-1]) + 1
+        return b"{" + b",".join(keys) + b"}"
+    item = {"objects": b"{}", "arrays": b"[]", "numbers": b"1.5"}[kind]
+    return b"[" + (item + b",") * ((size - 10) // (len(item) + 1)) + item + b"]"
 
 
 async def _flood(url: str, kind: str, size: int, seconds: float, connections: int) -> dict[int, int]:
@@ -71,7 +80,7 @@ def probe(url: str, seconds: float) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--body-kib", type=int, default=90)
+    ap.add_argument("--body-kib", type=int, default=250)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--flood", nargs=2, help=argparse.SUPPRESS)  # the client process: URL KIND
@@ -91,7 +100,7 @@ def main() -> None:
         for rnd in range(1, a.rounds + 1):
             idle = statistics.median(probe(url, a.seconds))
             print(f"| {rnd} | none | {idle:.1f} | | 1.00x | |", flush=True)
-            for kind in ("junk", "objects", "arrays"):
+            for kind in KINDS:
                 args = [sys.executable, __file__, "--seconds", str(a.seconds), "--body-kib", str(a.body_kib)]
                 args += ["--connections", str(a.connections), "--flood", url, kind]
                 flood = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)

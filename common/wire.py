@@ -364,6 +364,7 @@ def parse_json(
     max_int_digits: int | None = MAX_JSON_INT_DIGITS,
     finite_floats: bool = True,
     max_containers: int | None = None,
+    max_separators: int | None = None,
     what: str = "JSON",
 ) -> Any:
     """Parse untrusted JSON within limits, or raise UntrustedJSONError with one clear line.
@@ -374,7 +375,8 @@ def parse_json(
     and lone surrogates in strings (they cannot be encoded back); with `max_containers`, more objects and arrays
     than that: an object costs a Python call (its duplicate keys checked), and allocating arrays by the ten thousand
     sets the garbage collector off over the whole heap (90 kB of `[{},{},...]` held the GIL 12 ms, of `[[],[],...]`
-    up to 175 ms in a gateway's process).
+    up to 175 ms in a gateway's process); with `max_separators`, more commas and colons than that (one object of
+    12,000 keys, or an array of 24,000 numbers, held the GIL as long: re-attack).
     """
     size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
     if size > max_bytes:
@@ -394,6 +396,8 @@ def parse_json(
         raise UntrustedJSONError(f"{what} is nested deeper than {max_depth} levels")
     if max_containers is not None and (n := outside_bytes.count(b"{") + outside_bytes.count(b"[")) > max_containers:
         raise UntrustedJSONError(f"{what} holds {n} objects and arrays, more than {max_containers}")
+    if max_separators is not None and (n := outside_bytes.count(b",") + outside_bytes.count(b":")) > max_separators:
+        raise UntrustedJSONError(f"{what} holds {n} values, more than {max_separators}")
     shapes = outside_bytes.translate(_NUMBER_SHAPES)
     if max_int_digits is not None and max_int_digits < len(shapes) and b"0" * (max_int_digits + 1) in shapes:
         _check_int_digits(outside, max_int_digits)

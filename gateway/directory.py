@@ -18,6 +18,7 @@ from ledger.types import api_url_problem
 from node.heartbeat import (
     ANOTHER_GATEWAY,
     MAX_HEARTBEAT_CONTAINERS,
+    MAX_HEARTBEAT_SEPARATORS,
     MAX_RESIDENT,  # resident adapter ids read from a heartbeat (a node's slots number a few dozen)
     HeartbeatError,
     UnsignedHeartbeatError,
@@ -193,7 +194,13 @@ class NodeDirectory:
         256 kB of `[{},{},...]` held it 20 ms a request, and a flood anyone may send made every answer of the
         gateway 40 times slower (red team)."""
         try:
-            doc = parse_json(raw, max_bytes=max_bytes, max_containers=MAX_HEARTBEAT_CONTAINERS, what="heartbeat")
+            doc = parse_json(
+                raw,
+                max_bytes=max_bytes,
+                max_containers=MAX_HEARTBEAT_CONTAINERS,
+                max_separators=MAX_HEARTBEAT_SEPARATORS,
+                what="heartbeat",
+            )
         except UntrustedJSONError as e:
             raise BadRequest(str(e), param="heartbeat") from e
         return self.accept_heartbeat(doc)

@@ -43,7 +43,7 @@ from gateway.directory import NodeDirectory
 from gateway.errors import GatewayError
 from ledger.types import api_url_problem
 from node.gateway_hello import HELLO_PATH, make_hello
-from node.heartbeat import MAX_HEARTBEAT_CONTAINERS
+from node.heartbeat import MAX_HEARTBEAT_CONTAINERS, MAX_HEARTBEAT_SEPARATORS
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,11 @@ class NodeGreeter:
 
         def take() -> str | None:  # on a worker thread, as a heartbeat is taken (NodeDirectory.take_heartbeat)
             heartbeat = parse_json(
-                answer, max_bytes=self.max_answer_bytes, max_containers=MAX_HEARTBEAT_CONTAINERS, what="hello answer"
+                answer,
+                max_bytes=self.max_answer_bytes,
+                max_containers=MAX_HEARTBEAT_CONTAINERS,
+                max_separators=MAX_HEARTBEAT_SEPARATORS,
+                what="hello answer",
             )
             body = heartbeat.get("body") if isinstance(heartbeat, dict) else None
             if not isinstance(body, dict) or body.get("node_id") != node_id:  # another node's heartbeat

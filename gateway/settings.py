@@ -52,9 +52,11 @@ class GatewaySettings(ServiceSettings):
     # request bodies above this are refused with 413 before they are read; a prompt larger than the context
     # could hold is refused without tokenizing it (see gateway.chat.ChatTemplates.check_length)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
-    # a heartbeat as a node sends it: its signed body (at most node.heartbeat.MAX_STATUS_BYTES, 64 kB) and signature,
-    # with JSON's spaces; more was parsed only to be refused (256 kB: 20 ms of a thread each)
-    max_heartbeat_bytes: int = Field(default=96 << 10, ge=1024)
+    # a heartbeat as a node sends it: its signed body (at most node.heartbeat.MAX_STATUS_BYTES, 64 kB) and signature;
+    # a node of the previous release writes it with JSON's spaces, and with httpx 0.27 its non-ASCII text as \u
+    # escapes, 12 bytes for a 4-byte character (re-attack: 160 kB). What it costs to parse is bounded by its count
+    # of objects, arrays and values (node.heartbeat), not its bytes
+    max_heartbeat_bytes: int = Field(default=256 << 10, ge=1024)
     connect_timeout_s: float = Field(default=3.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)  # nodes tried before the first token
     # a node failing of its own what other nodes serve is kept out 5 s, then 10, 20, ... up to this (gateway.directory)

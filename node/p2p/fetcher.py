@@ -18,8 +18,15 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from common.wire import is_id
-from node.adapters import AdapterStore, PackageError, VerifiedPackage
+from common.wire import is_id, sha256_hex
+from node.adapters import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    AdapterStore,
+    PackageError,
+    VerifiedPackage,
+    verify_manifest_and_signature,
+)
 from node.adapters.basemodel import read_config
 from node.p2p.config import P2PConfig
 from node.p2p.discovery import Discovery, Provider
@@ -30,6 +37,7 @@ from node.p2p.errors import (
     P2PError,
     ProviderError,
     ProviderTimeout,
+    UnfitAdapter,
     UnregisteredAdapter,
 )
 from node.p2p.host import addr_str
@@ -298,7 +306,19 @@ class Fetcher:
 
     def _install(self, tmp: Path, owner: str) -> VerifiedPackage:
         # request_package hashed every byte against the manifest on arrival; the rest is checked here
-        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True)
+        manifest, signature = (tmp / MANIFEST_FILE).read_bytes(), (tmp / SIGNATURE_FILE).read_bytes()
+        try:
+            return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True)
+        except PackageError as e:
+            # the files are the manifest's, which is the adapter's (its bytes are its id): only the signature frame
+            # is the provider's own. With the owner's signature, the package itself is unfit, and every provider
+            # would send it: none is blamed, none more is tried (re-attack: a float64 package an older node took was
+            # downloaded from each honest provider in turn, and each one's standing marked failed)
+            try:
+                verify_manifest_and_signature(manifest, signature, domain=self.store.domain, expected_owner=owner)
+            except PackageError:
+                raise e from None
+            raise UnfitAdapter(f"adapter {sha256_hex(manifest)} cannot be served here: {e}") from None
 
 
 async def _quietly(fn) -> None:

@@ -281,8 +281,10 @@ def plan_transfer(
         except PackageError as e:
             raise UnfitAdapter(f"adapter {adapter_id} cannot be served here: {e}") from None
     plan = TransferPlan(adapter_id, tuple(PlannedFile(f.path, f.size, f.sha256) for f in manifest.files))
-    if plan.total_bytes > max_bytes:
-        raise BadBytes(f"package is {plan.total_bytes} bytes; this node accepts at most {max_bytes}")
+    if plan.total_bytes > max_bytes:  # the manifest's own word, as every provider sends it
+        raise UnfitAdapter(
+            f"adapter {adapter_id}: package is {plan.total_bytes} bytes; this node accepts at most {max_bytes}"
+        )
     return plan
 
 

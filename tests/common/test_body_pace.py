@@ -63,7 +63,7 @@ def test_a_body_that_stops_coming_is_408_on_the_gateways_public_and_keyed_routes
     node = StandInNode(Identity.generate(), base_model_id(tiny_base))
     with gateway_over(node, tmp_path, tiny_base, heartbeat_ttl_s=600) as (gw, _, key):
         started = time.monotonic()
-        socks = _hold(gw.url, "/internal/heartbeat", 90_000)
+        socks = _hold(gw.url, "/internal/heartbeat", 200_000)
         socks += _hold(gw.url, "/v1/completions", 900_000, headers=f"Authorization: Bearer {key}\r\n")
         assert _answers(socks) == [b"HTTP/1.1 408 Request Timeout"] * len(socks)
         assert time.monotonic() - started < GRACE_S + 5

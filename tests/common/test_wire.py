@@ -60,6 +60,11 @@ def test_containers_are_counted_outside_strings_where_a_caller_bounds_them():
         with pytest.raises(UntrustedJSONError, match="hb holds 7 objects and arrays, more than 6"):
             parse_json(body, max_bytes=1 << 10, max_containers=6, what="hb")
     assert len(parse_json("[" + "[]," * 5 + "[]]", max_bytes=1 << 10)) == 6  # no bound unless asked
+    # and values: one object of many keys, an array of many numbers (re-attack)
+    for body in ("{" + ",".join(f'"{i}":0' for i in range(4)) + "}", "[" + ",".join("1.5" for _ in range(8)) + "]"):
+        with pytest.raises(UntrustedJSONError, match="hb holds [0-9]+ values, more than 6"):
+            parse_json(body, max_bytes=1 << 10, max_separators=6, what="hb")
+    assert parse_json('{"a": ",:,:,:,:", "b": [1, 2]}', max_bytes=1 << 10, max_separators=4)["b"] == [1, 2]
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting():

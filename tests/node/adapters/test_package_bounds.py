@@ -8,6 +8,7 @@ import hashlib
 import io
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import trio
@@ -206,3 +207,28 @@ def test_a_base_folders_name_is_made_one_printable_line(tiny_base, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     assert base_model_name(folder) == "Llama 3 8B"
     assert BaseModelRef(name=base_model_name(folder), id="0x" + "11" * 32).name == "Llama 3 8B"
+
+
+def test_an_unfit_package_with_its_owners_signature_blames_no_provider(honest, tiny_base, publisher, tmp_path):
+    """Every byte of a fetched package hashed to its manifest, which is the adapter's: where the node's checks then
+    refuse it (float64 weights, which an older node took) and the owner signed it, no provider sent anything but
+    the adapter, and each one would send it: UnfitAdapter ends the fetch (re-attack: each honest provider was
+    downloaded from in turn and marked failed). A signature not the owner's is the provider's own (PackageError)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from eth_account import Account
+    from safetensors.torch import load_file, save_file
+
+    from node.p2p.fetcher import Fetcher
+
+    unfit = writable_copy(honest.path, tmp_path / "f64")
+    save_file({k: v.double() for k, v in load_file(unfit / WEIGHTS_FILE).items()}, str(unfit / WEIGHTS_FILE))
+    resign(unfit, tiny_base, publisher)
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    fetcher = SimpleNamespace(store=store, base_dir=tiny_base)  # what _install reads of the fetcher
+    with pytest.raises(UnfitAdapter, match="cannot be served here: .* got F64"):
+        Fetcher._install(fetcher, Path(shutil.copytree(unfit, tmp_path / "tmp1")), publisher.address)
+    stranger = Account.create()
+    with pytest.raises(PackageError, match="registered owner"):
+        Fetcher._install(fetcher, Path(shutil.copytree(unfit, tmp_path / "tmp2")), stranger.address)
