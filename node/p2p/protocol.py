@@ -259,9 +259,10 @@ class TransferPlan:
 def plan_transfer(
     manifest_bytes: bytes, adapter_id: str, *, max_bytes: int, base_config: dict | None = None
 ) -> TransferPlan:
-    """Check the manifest against `adapter_id` and return its file list; BadBytes otherwise. With `base_config`
-    (the fetching node's base), UnfitAdapter where the manifest says it cannot be served on that base: before
-    any file's byte arrives."""
+    """Check the manifest against `adapter_id` and return its file list. BadBytes where the bytes are not the
+    adapter's (the provider's fault); UnfitAdapter where they are and say this node cannot take it (they do not
+    parse here, the package is larger than `max_bytes`, or, with `base_config`, it cannot be served on the
+    fetching node's base): before any file's byte arrives, and the same from every provider."""
     try:
         doc = parse_json(manifest_bytes, max_bytes=MAX_MANIFEST_BYTES, max_depth=8, what="manifest")
         manifest = parse_manifest(doc)
