@@ -149,6 +149,19 @@ def _kept(status: dict) -> dict:
     }
 
 
+def read_heartbeat(raw: bytes, max_bytes: int, what: str = "heartbeat") -> object:
+    """A heartbeat's (or a hello answer's) bytes parsed within its bounds, on a worker thread: anyone may send one.
+    Parsed on the event loop, 256 kB of `[{},{},...]` held it 20 ms a request, and a flood made every answer of the
+    gateway 40 times slower (red team); its objects, arrays and values are counted first (node.heartbeat)."""
+    return parse_json(
+        raw,
+        max_bytes=max_bytes,
+        max_containers=MAX_HEARTBEAT_CONTAINERS,
+        max_separators=MAX_HEARTBEAT_SEPARATORS,
+        what=what,
+    )
+
+
 def _features(listed: object) -> frozenset[str]:
     """The generate features a heartbeat's status lists that this gateway knows (whatever else it lists is
     ignored)."""
@@ -190,17 +203,9 @@ class NodeDirectory:
         self._lock = threading.Lock()
 
     def take_heartbeat(self, raw: bytes, max_bytes: int) -> NodeEntry:
-        """A heartbeat's bytes parsed and accepted, on the caller's worker thread: parsed on the event loop,
-        256 kB of `[{},{},...]` held it 20 ms a request, and a flood anyone may send made every answer of the
-        gateway 40 times slower (red team)."""
+        """A heartbeat's bytes parsed (read_heartbeat) and accepted, on the caller's worker thread."""
         try:
-            doc = parse_json(
-                raw,
-                max_bytes=max_bytes,
-                max_containers=MAX_HEARTBEAT_CONTAINERS,
-                max_separators=MAX_HEARTBEAT_SEPARATORS,
-                what="heartbeat",
-            )
+            doc = read_heartbeat(raw, max_bytes)
         except UntrustedJSONError as e:
             raise BadRequest(str(e), param="heartbeat") from e
         return self.accept_heartbeat(doc)

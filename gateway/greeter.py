@@ -36,14 +36,13 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from common.http import bounded_call
-from common.wire import UntrustedJSONError, parse_json
+from common.wire import UntrustedJSONError
 from gateway import dns
 from gateway.chain_registry import RegistryView
-from gateway.directory import NodeDirectory
+from gateway.directory import NodeDirectory, read_heartbeat
 from gateway.errors import GatewayError
 from ledger.types import api_url_problem
 from node.gateway_hello import HELLO_PATH, make_hello
-from node.heartbeat import MAX_HEARTBEAT_CONTAINERS, MAX_HEARTBEAT_SEPARATORS
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +169,7 @@ class NodeGreeter:
             return self._failed(node_id, url, f"refused ({status}): {text!r}")
 
         def take() -> str | None:  # on a worker thread, as a heartbeat is taken (NodeDirectory.take_heartbeat)
-            heartbeat = parse_json(
-                answer,
-                max_bytes=self.max_answer_bytes,
-                max_containers=MAX_HEARTBEAT_CONTAINERS,
-                max_separators=MAX_HEARTBEAT_SEPARATORS,
-                what="hello answer",
-            )
+            heartbeat = read_heartbeat(answer, self.max_answer_bytes, what="hello answer")
             body = heartbeat.get("body") if isinstance(heartbeat, dict) else None
             if not isinstance(body, dict) or body.get("node_id") != node_id:  # another node's heartbeat
                 return "answered with a heartbeat that is not its own"

@@ -25,6 +25,7 @@ from node.p2p.errors import UnfitAdapter
 from node.p2p.protocol import package_frames, plan_transfer, request_package
 from node.upload import PackageInstaller, tar_package
 from tests.node.adapters.test_untrusted_package import header_of, with_header
+from tests.node.p2p.test_transfer import CutStream
 from tests.utils.factories import make_peft_adapter, resign, writable_copy
 
 PAD = 4 << 20  # junk behind the tensors: 50x the honest adapter (a real attack pads gigabytes)
@@ -89,7 +90,7 @@ def test_a_padded_weights_file_is_refused_from_its_manifest(padded, tiny_base, p
     adapter_id = read_manifest(padded).adapter_id
     assert plan_transfer(manifest_bytes, adapter_id, max_bytes=1 << 30).total_bytes > PAD  # no base: as before
     wire = b"".join(bytes(f) for f in package_frames(padded, adapter_id))
-    stream = _Stream(wire)
+    stream = CutStream(wire, itertools.repeat(64 << 10))  # a provider's answer, read in 64 KiB pieces
 
     async def fetch():
         dest = tmp_path / "dest"
@@ -100,30 +101,8 @@ def test_a_padded_weights_file_is_refused_from_its_manifest(padded, tiny_base, p
 
     with pytest.raises(UnfitAdapter, match=f"adapter {adapter_id} cannot be served here: .* at most"):
         trio.run(fetch)
-    assert stream.left >= len(wire) - (128 << 10)  # two reads of the wire at most: the junk was never read
+    assert len(stream.data) >= len(wire) - (128 << 10)  # two reads of the wire at most: the junk was never read
     assert not (tmp_path / "dest" / WEIGHTS_FILE).exists()
-
-
-class _Stream:
-    """A provider's answer, read in 64 KiB pieces."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.cuts = memoryview(data), itertools.repeat(64 << 10)
-
-    @property
-    def left(self) -> int:
-        return len(self.data)
-
-    async def read(self, n: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint()
-        if not self.data:
-            raise EOFError
-        take = min(n or len(self.data), next(self.cuts))
-        piece, self.data = self.data[:take].tobytes(), self.data[take:]
-        return piece
-
-    async def write(self, data: bytes) -> None:
-        pass
 
 
 def test_a_header_bloated_with_metadata_is_refused(honest, tiny_base, publisher, tmp_path):
