@@ -497,7 +497,7 @@ def adapter_fetch(
     owner_of = owner_lookup(client)
     p2p = P2PNode(
         seed=Identity.generate().node_seed,
-        store=AdapterStore(store, domain=client.domain),
+        store=(into := AdapterStore(store, domain=client.domain)),
         owner_of=owner_of,
         config=P2PConfig(listen=listen, bootstrap=tuple(bootstrap)),
         base_dir=base,
@@ -517,6 +517,7 @@ def adapter_fetch(
 
         with p2p:
             pkg = p2p.fetch(adapter_id, on_progress=show)
+    into.keep(adapter_id)  # fetched by the operator's hand: theirs, not a node's cache
     console.print(
         f"[green]fetched[/] {escape(pkg.name)} -> {escape(str(pkg.path))}"
         f"\n  signer      {pkg.signer} (the registered owner)"
@@ -690,6 +691,25 @@ def node_run(
         int | None,
         typer.Option("--max-package-bytes", min=1, help="Largest adapter package accepted by upload (default 4 GiB)."),
     ] = None,
+    max_cache_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-cache-bytes",
+            min=1,
+            help="Disk the adapters this node fetched for requests may take together; past it the least recently "
+            "loaded are deleted (none loaded in the last 5 minutes), else the fetch is refused (503). Uploads and "
+            "pins are the operator's: never deleted, not counted. [default: 64 GiB]",
+        ),
+    ] = None,
+    min_free_disk_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--min-free-disk-bytes",
+            min=0,
+            help="Free space a fetch leaves on the store's disk, deleting fetched adapters as above to keep it. "
+            "[default: 1 GiB]",
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -747,6 +767,8 @@ def node_run(
             data_dir=data_dir,
             trust_gateway_keys=trust_gateway_key,
             max_package_bytes=max_package_bytes,
+            max_cache_bytes=max_cache_bytes,
+            min_free_disk_bytes=min_free_disk_bytes,
         )
     except SettingsError as e:
         raise typer.BadParameter(str(e)) from None

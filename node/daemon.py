@@ -34,6 +34,10 @@ from node.upload import MAX_PACKAGE_BYTES, PackageInstaller
 
 log = logging.getLogger(__name__)
 
+# Anyone who registers adapters and sends requests decides what a node fetches: without a bound its disk fills.
+MAX_CACHE_BYTES = 64 * 2**30  # ~380 adapters of rank 16 on all targets of an 8B base (168 MB each)
+MIN_FREE_DISK_BYTES = 2**30  # the node's database, logs and downloads in progress share the disk
+
 # how often a node reads the registry's nodes again, to know the ones registered after it started
 REGISTRY_PEERS_S = 300.0
 
@@ -58,6 +62,9 @@ class DaemonConfig:
     data_dir: Path = DEFAULT_DATA_DIR  # holds operator.token
     trusted_gateway_keys: tuple[str, ...] = ()  # empty: trust the keys the --gateway URLs announce
     max_package_bytes: int = MAX_PACKAGE_BYTES
+    # the adapters it fetched for requests, together (the least recently loaded evicted first: AdapterStore)
+    max_cache_bytes: int = MAX_CACHE_BYTES
+    min_free_disk_bytes: int = MIN_FREE_DISK_BYTES  # what a fetch leaves free of the store's disk
     # every body but an upload's and a generate call's (node/api/models.py:generate_body_bytes)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
@@ -66,8 +73,10 @@ class DaemonConfig:
         for k in self.trusted_gateway_keys:
             if not is_gateway_key(k):
                 raise ValueError(f"trusted gateway key {k[:80]!r} is not 64 hex digits (a raw Ed25519 public key)")
-        if self.max_package_bytes <= 0 or self.max_body_bytes <= 0:
+        if self.max_package_bytes <= 0 or self.max_body_bytes <= 0 or self.max_cache_bytes <= 0:
             raise ValueError("size limits must be > 0 bytes")
+        if self.min_free_disk_bytes < 0:
+            raise ValueError(f"free disk to keep must be >= 0 bytes, got {self.min_free_disk_bytes}")
         if self.bootstrap and self.listen is None:
             raise ValueError("--bootstrap needs --listen: a node without a p2p host cannot join the mesh")
         if self.heartbeat_interval <= 0:
@@ -98,7 +107,12 @@ class NodeDaemon:
     def __init__(self, config: DaemonConfig, engine_config: EngineConfig, identity: Identity) -> None:
         self.config = config
         self.identity = identity
-        self.store = AdapterStore(config.store, base_dir=config.base)
+        self.store = AdapterStore(
+            config.store,
+            base_dir=config.base,
+            max_cache_bytes=config.max_cache_bytes,
+            min_free_bytes=config.min_free_disk_bytes,
+        )
         if n := self.store.clean_tmp():
             log.info("removed %d unfinished package writes from the store", n)
         self.chain = None
@@ -313,7 +327,8 @@ class NodeDaemon:
     # ---- p2p ----
     async def _fetch(self, adapter_id: str) -> Path | None:
         """The engine's last resort for an adapter the store lacks: fetch it through the mesh, then from the
-        operator's adapter sources in order."""
+        operator's adapter sources in order. StoreFull, before any download, when the store has no room."""
+        await asyncio.to_thread(self.store.make_room)
         if self.p2p is not None:
             from node.p2p import FetchError, P2PError
 

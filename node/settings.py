@@ -69,6 +69,8 @@ class NodeSettings(ServiceSettings):
     # the node's folder and limits
     data_dir: Path | None = None  # holds operator.token (the daemon's default: .loramesh/node)
     max_package_bytes: int | None = Field(default=None, ge=1)
+    max_cache_bytes: int | None = Field(default=None, ge=1)  # the adapters fetched for requests, together
+    min_free_disk_bytes: int | None = Field(default=None, ge=0)  # what fetches leave free of the store's disk
     max_body_bytes: int | None = Field(
         default=None, ge=1
     )  # every request body but an upload's and a gateway's generate call's (sized for the base)
@@ -110,6 +112,8 @@ class NodeSettings(ServiceSettings):
             "heartbeat_interval": self.heartbeat_interval,
             "data_dir": self.data_dir,
             "max_package_bytes": self.max_package_bytes,
+            "max_cache_bytes": self.max_cache_bytes,
+            "min_free_disk_bytes": self.min_free_disk_bytes,
             "max_body_bytes": self.max_body_bytes,
         }
         return DaemonConfig(

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from common.http import DownloadError, download
+from node.adapters.errors import StoreFull
 from node.adapters.verify import VerifiedPackage
 from node.upload import SPOOL_IN_MEMORY_BYTES, PackageInstaller
 
@@ -61,7 +62,9 @@ class HttpRegistry:
                 raise SourceError(f"{self.shown} unreachable: {type(e).__name__}: {e}") from None
             data.seek(0)
             try:
-                return await asyncio.to_thread(installer.install, data, expected_adapter_id=adapter_id)
+                return await asyncio.to_thread(installer.install, data, expected_adapter_id=adapter_id, cached=True)
+            except StoreFull:  # this node's disk, not the source's package: no back-off for the source
+                raise
             except Exception as e:  # the upload checks' errors (PackageError, UploadRefused, ...): one line
                 raise SourceError(
                     f"{self.shown} gave a package for {adapter_id} that was refused: {installer.without_paths(str(e))}"

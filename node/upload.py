@@ -283,10 +283,13 @@ class PackageInstaller:
         """Where an upload too big for memory is spooled while it arrives (on the store's file system)."""
         return self.store.root / ".tmp"
 
-    def install(self, data: BinaryIO, *, expected_adapter_id: str | None = None) -> VerifiedPackage:
+    def install(
+        self, data: BinaryIO, *, expected_adapter_id: str | None = None, cached: bool = False
+    ) -> VerifiedPackage:
         """Check the upload's manifest, signature and on-chain owner before writing any weight byte, then
         write each file capped at its declared size, and let the store verify and install the whole.
-        `expected_adapter_id`: the package must be that adapter (a source asked for it by id)."""
+        `expected_adapter_id`: the package must be that adapter (a source asked for it by id); `cached`: fetched
+        for a request, not uploaded by the operator (AdapterStore.install_from_tmp)."""
         from eth_utils import to_checksum_address
 
         from node.adapters import verify_manifest_and_signature
@@ -311,7 +314,9 @@ class PackageInstaller:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         # every file was hashed against the signed manifest as it was written
-        return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True)
+        return self.store.install_from_tmp(
+            tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True, cached=cached
+        )
 
     def without_paths(self, message: str) -> str:
         """An error for a remote caller, with this machine's folders taken out."""

@@ -15,6 +15,11 @@ class ForeignSignature(PackageError):
     fine elsewhere, but this registry cannot vouch for it."""
 
 
+class StoreFull(RuntimeError):
+    """The store cannot take a fetched package: its cache of fetched adapters is at its bound, or the disk at its
+    floor, and nothing it may evict is old enough. Not the package's fault, nor its provider's."""
+
+
 def shown(value: object, limit: int = 64) -> str:
     """A value from a package, for a message: repr'd (so no newline or control character can split the
     one-line error) and cut to `limit` characters."""

@@ -8,6 +8,13 @@ file's size, modification time and inode), and a later read re-hashes only a pac
 longer match their stamp. A 168 MB adapter then loads without reading its bytes twice (hashing cost
 ~150 ms of a cold load on the H200 host, bench/NOTES.md); a file rewritten since (by a writer that
 changes its time, size or inode) is hashed again and refused if it no longer matches its manifest.
+
+Packages the node fetched on its own (from peers or an adapter source, for a request) are a cache: anyone who can
+register adapters and send requests decides what it fetches, so its disk would fill. Each such entry has a marker
+in `root/.cached/` whose time is its last load; an install that would take the fetched entries past `max_cache_bytes`,
+or the disk under `min_free_bytes`, first removes the least recently loaded of them (none loaded in the last
+`EVICT_GRACE_S`), and is refused (StoreFull) if that is not enough. What the operator put there (an upload, `adapter
+fetch --store`, a pin) has no marker and is never removed, nor are entries from before markers existed.
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common.files import WRITER, WRITER_PATTERN, writer_gone
 from ledger.types import Domain
-from node.adapters.errors import ForeignSignature, PackageError
+from node.adapters.errors import ForeignSignature, PackageError, StoreFull
 from node.adapters.manifest import MANIFEST_FILE, check_id
 from node.adapters.verify import VerifiedPackage, verify_package
 
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 INSTALL_LOCK = ".install.lock"  # in the store's root: installs take it in turn (AdapterStore._installing)
 INSTALL_LOCK_WAIT_S = 60.0  # an install holds it for renames only: past this its holder is stuck, not busy
 TMP_IDLE_S = 600.0  # a temporary folder unwritten this long at a node's start is a dead writer's (clean_tmp)
+CACHED_DIR = ".cached"  # root/.cached/<adapter id>: an entry fetched for a request; its mtime is its last load
+EVICT_GRACE_S = 300.0  # an entry loaded (or fetched) this recently is not evicted: a load or fetch may be reading it
 _TMP_NAME = re.compile(rf"(?:pkg|rm)-{WRITER_PATTERN}-")  # a temporary folder's writer (tmp_dir, remove)
 _STORE_LOCKS: dict[str, threading.Lock] = {}  # a store's real path -> its installs' lock in this process
 _THREADS_LOCK = threading.Lock()
@@ -45,14 +55,28 @@ class AdapterStore:
     """Verified adapter packages on disk, addressed by adapter id. With a `domain` (the node's
     deployment) only packages signed for that chain and registry are installed or read back."""
 
-    def __init__(self, root: str | Path, *, base_dir: str | Path | None = None, domain: Domain | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        base_dir: str | Path | None = None,
+        domain: Domain | None = None,
+        max_cache_bytes: int | None = None,
+        min_free_bytes: int = 0,
+    ):
+        """`max_cache_bytes`: the most the entries installed with `cached=True` may take together (None: no bound);
+        `min_free_bytes`: such an install leaves at least this much of the disk free, or evicts, or is refused."""
         self.root = Path(root)
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.domain = domain
+        self.max_cache_bytes = max_cache_bytes
+        self.min_free_bytes = min_free_bytes
+        self.on_evicted: list[Callable[[str], None]] = []  # called with each id evicted, on the installing thread
         self._tmp_root = self.root / ".tmp"
         self._tmp_root.mkdir(parents=True, exist_ok=True)
         self._stamps = self.root / ".verified"
         self._stamps.mkdir(exist_ok=True)
+        self._cached = self.root / CACHED_DIR  # made by the first cached install
 
     def path_for(self, adapter_id: str) -> Path:
         return self.root / check_id(adapter_id)
@@ -151,12 +175,16 @@ class AdapterStore:
         expected_owner: str | None = None,
         base_dir: str | Path | None = None,
         hashes_checked: bool = False,
+        cached: bool = False,
     ) -> VerifiedPackage:
         """Verify a filled temporary folder and rename it into place; the folder is gone afterwards either way.
 
         `base_dir` (else the store's own) makes the check include the base model's identity and shapes.
         `hashes_checked`: the writer hashed every file against this manifest as it wrote it (the p2p
         transfer does), so reading the files back to hash them again would only cost time.
+        `cached`: fetched for a request, not put here by the operator: held to the cache's bounds, and evictable
+        (StoreFull when no room can be made). An id installed already keeps its standing, but the operator's
+        install of a cached one makes it the operator's.
         """
         try:
             pkg = verify_package(
@@ -169,7 +197,7 @@ class AdapterStore:
             )
             final = self.path_for(pkg.adapter_id)
             with self._installing():
-                return self._put_in_place(tmp, pkg, final)
+                return self._put_in_place(tmp, pkg, final, cached=cached)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -210,9 +238,11 @@ class AdapterStore:
         finally:
             threads.release()
 
-    def _put_in_place(self, tmp: Path, pkg: VerifiedPackage, final: Path) -> VerifiedPackage:
+    def _put_in_place(self, tmp: Path, pkg: VerifiedPackage, final: Path, *, cached: bool) -> VerifiedPackage:
         """The verified temporary folder `tmp` as the store's entry for `pkg` (_installing held; the caller removes
         `tmp` on a failure)."""
+        if not cached:
+            self.keep(pkg.adapter_id)  # the operator's now, whichever copy ends up in place
         if (final / MANIFEST_FILE).is_file():
             try:
                 existing = self.get(pkg.adapter_id, verify_hashes=False)
@@ -222,9 +252,15 @@ class AdapterStore:
             if existing is not None and existing.signer == pkg.signer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return existing
+            was_cached = self._cached_marker(pkg.adapter_id).exists()
             self.remove(pkg.adapter_id)  # signed for another registry, or by someone else: superseded
+            cached = cached and was_cached  # what the operator put here stays theirs
         if final.exists():  # a leftover without a manifest cannot be a finished install
             shutil.rmtree(final)
+        if cached:
+            self._make_room(_folder_bytes(tmp), self.max_cache_bytes)
+            self._cached.mkdir(exist_ok=True)
+            self._cached_marker(pkg.adapter_id).touch()  # loaded soon: a fresh fetch is in its grace
         for p in tmp.iterdir():
             os.chmod(p, 0o444)
         self._drop_stamp(pkg.adapter_id)
@@ -241,6 +277,7 @@ class AdapterStore:
             return False
         doomed = Path(tempfile.mkdtemp(prefix=f"rm-{WRITER}-", dir=self._tmp_root))  # one a removal
         self._drop_stamp(adapter_id)
+        self.keep(adapter_id)
         try:
             os.replace(path, doomed)  # disappear atomically (over the empty folder), then delete at leisure
         except FileNotFoundError:  # another removal took it first
@@ -248,6 +285,84 @@ class AdapterStore:
         finally:
             shutil.rmtree(doomed, ignore_errors=True)
         return True
+
+    # ---- the cache of fetched packages ----
+    def _cached_marker(self, adapter_id: str) -> Path:
+        return self._cached / check_id(adapter_id)
+
+    def touch(self, adapter_id: str) -> None:
+        """Say a fetched entry was just loaded (the engine, before it reads it): evicted last, and not within
+        EVICT_GRACE_S. A peer's download of it is no use of this node's: only the engine calls this."""
+        with contextlib.suppress(FileNotFoundError):  # the operator's, or gone
+            os.utime(self._cached_marker(adapter_id))
+
+    def keep(self, adapter_id: str) -> None:
+        """Make an entry the operator's (a pin): never evicted, outside the cache's bound."""
+        self._cached_marker(adapter_id).unlink(missing_ok=True)
+
+    def make_room(self, incoming: int = 0) -> None:
+        """Evict what the cache must so that `incoming` more fetched bytes fit; StoreFull when they cannot. With 0,
+        a cheap look before a fetch downloads anything: a store over its bounds with nothing evictable says so."""
+        with self._installing():
+            self._make_room(incoming, self.max_cache_bytes)
+
+    def cached_bytes(self) -> int:
+        """What the fetched entries take on disk."""
+        return sum(size for _, size, _ in self._cache_entries())
+
+    def _cache_entries(self) -> list[tuple[str, int, float]]:
+        """The fetched entries as (adapter id, bytes, last load), least recently loaded first."""
+        out = []
+        markers = self._cached.iterdir() if self._cached.is_dir() else ()
+        for marker in markers:
+            try:
+                used = marker.stat().st_mtime
+                size = _folder_bytes(self.path_for(marker.name))
+            except (OSError, ValueError):  # a stray file, or an entry removed since: no bytes of the cache
+                continue
+            out.append((marker.name, size, used))
+        return sorted(out, key=lambda e: (e[2], e[0]))
+
+    def _make_room(self, incoming: int, max_cache_bytes: int | None) -> None:
+        # _installing held: two installs must not both count the same room
+        if max_cache_bytes is None and self.min_free_bytes <= 0:
+            return
+        entries = self._cache_entries()
+        used = sum(size for _, size, _ in entries)
+
+        def short() -> bool:
+            over = max_cache_bytes is not None and used + incoming > max_cache_bytes
+            # `incoming` sits in the store's .tmp already, on this disk: what is free now is what is left after
+            return over or (self.min_free_bytes > 0 and shutil.disk_usage(self.root).free < self.min_free_bytes)
+
+        if not short():
+            return
+        now = time.time()
+        for adapter_id, size, last in entries:
+            if now - last < EVICT_GRACE_S:
+                break  # the rest were loaded more recently still
+            if self.remove(adapter_id):
+                used -= size
+                log.info(
+                    "evicted fetched adapter %s (%d bytes, last loaded %.0f s ago) to make room",
+                    adapter_id,
+                    size,
+                    now - last,
+                )
+                for callback in self.on_evicted:
+                    callback(adapter_id)
+            if not short():
+                return
+        bound = f"a bound of {max_cache_bytes:,}" if max_cache_bytes is not None else "no bound"
+        why = (
+            f"each fetched adapter it holds was loaded in the last {EVICT_GRACE_S:g} s"
+            if used
+            else "it holds no fetched adapter to evict"
+        )
+        raise StoreFull(
+            f"this node's store has no room for {incoming:,} more bytes: fetched adapters take {used:,} bytes against "
+            f"{bound}, and {self.min_free_bytes:,} bytes of disk are kept free; {why}"
+        )
 
     def clean_tmp(self, *, idle_s: float = TMP_IDLE_S) -> int:
         """Remove temporary folders left by a process that died mid-write; returns how many. A folder's name says
@@ -271,3 +386,8 @@ class AdapterStore:
                 p.unlink(missing_ok=True)
             n += 1
         return n
+
+
+def _folder_bytes(path: Path) -> int:
+    """The bytes of a package folder's files."""
+    return sum(p.lstat().st_size for p in path.iterdir())

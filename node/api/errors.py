@@ -9,6 +9,7 @@ from node.engine import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
     AdapterSlotsBusyError,
+    AdapterStoreFullError,
 )
 
 
@@ -28,6 +29,8 @@ def adapter_error(e: AdapterError) -> ApiError:
         return ApiError(409, str(e), "adapter_base_mismatch")
     if isinstance(e, AdapterSlotsBusyError):
         return ApiError(503, str(e), "slots_busy")
+    if isinstance(e, AdapterStoreFullError):  # busy with what it holds: another node, or later, may serve it
+        return ApiError(503, str(e), "store_full")
     if isinstance(e, AdapterIncompatibleError):
         return ApiError(422, str(e), "adapter_incompatible")
     return ApiError(500, str(e), "adapter_error")

@@ -20,6 +20,7 @@ from node.engine.lora.errors import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
     AdapterSlotsBusyError,
+    AdapterStoreFullError,
 )
 from node.engine.lora.kernels.base import LoRAKernel
 from node.engine.lora.kernels.torch_ref import TorchLoRAKernel
@@ -47,6 +48,7 @@ __all__ = [
     "AdapterManager",
     "AdapterNotFoundError",
     "AdapterSlotsBusyError",
+    "AdapterStoreFullError",
     "DuplicateRequestError",
     "EngineBusyError",
     "AsyncEngine",

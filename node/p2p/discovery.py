@@ -18,6 +18,7 @@ GossipSub and DHT it uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -321,6 +322,7 @@ class Discovery:
 
     async def start(self, nursery: trio.Nursery, subscription) -> None:
         """Hold what the store holds and run the announce, DHT-provide and receive loops in `nursery`."""
+        self.store.on_evicted.append(self.forget)
         held = await trio.to_thread.run_sync(_oldest_first, self.store)
         self.held.update(dict.fromkeys(held))
         if len(self.held) > MAX_ADAPTERS:
@@ -349,6 +351,17 @@ class Discovery:
         """Hold `adapter_id` (a fetch just installed it) and wake the announce loop to say so."""
         self._hold(adapter_id)
         self._announce_now.set()
+
+    def stop(self) -> None:
+        """Stop hearing of the store's evictions (the mesh stops; a node started again builds a new Discovery)."""
+        with contextlib.suppress(ValueError):
+            self.store.on_evicted.remove(self.forget)
+
+    def forget(self, adapter_id: str) -> None:
+        """The store evicted `adapter_id` (AdapterStore.on_evicted, on the installing thread): its announcements
+        stop naming it, so peers do not ask, and blame, a node for what it no longer holds. One dict operation,
+        atomic under the GIL beside the p2p thread's own; DHT records already given out expire on their own."""
+        self.held.pop(adapter_id, None)
 
     def _hold(self, adapter_id: str) -> None:
         self.held.pop(adapter_id, None)

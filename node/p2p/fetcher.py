@@ -308,7 +308,9 @@ class Fetcher:
         # request_package hashed every byte against the manifest on arrival; the rest is checked here
         manifest, signature = (tmp / MANIFEST_FILE).read_bytes(), (tmp / SIGNATURE_FILE).read_bytes()
         try:
-            return self.store.install_from_tmp(tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True)
+            return self.store.install_from_tmp(
+                tmp, expected_owner=owner, base_dir=self.base_dir, hashes_checked=True, cached=True
+            )
         except PackageError as e:
             # the files are the manifest's, which is the adapter's (its bytes are its id): only the signature frame
             # is the provider's own. With the owner's signature, the package itself is unfit, and every provider

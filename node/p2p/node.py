@@ -338,6 +338,7 @@ class Mesh:
                         yield self
                     finally:
                         self._nursery = None
+                        self.discovery.stop()
                         nursery.cancel_scope.cancel()
 
     @property

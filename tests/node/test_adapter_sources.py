@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -433,3 +434,43 @@ def test_a_sources_credentials_stay_out_of_what_is_shown(registry, tiny_base, tm
     with pytest.raises(SourceError) as e:
         fetch(url, "0x" + "ee" * 32, installer(tmp_path, tiny_base))
     assert "s3cr3t" not in str(e.value) and "s3cr3t" not in str(source) and str(source).startswith("http://127.0.0.1")
+
+
+def test_a_nodes_fetches_are_held_to_its_cache_bound(tiny_base, tmp_path):
+    """An owner of many adapters had a node fetch each for a request and keep it for good: its disk filled. Past
+    `--max-cache-bytes` the node evicts what it loaded least recently, and answers 503 while all it fetched was
+    loaded too recently to go; the gateway takes that as busy, not faulty."""
+    from node.adapters.store import CACHED_DIR, EVICT_GRACE_S
+
+    root = tmp_path / "registry"
+    root.mkdir()
+    pkgs = [make_package(tiny_base, tmp_path / f"p{i}", name=f"acme/p{i}", seed=20 + i) for i in range(2)]
+    for pkg in pkgs:
+        (root / f"{pkg.adapter_id}.tar").write_bytes(tar_package(pkg.path))
+    size = sum(p.stat().st_size for p in pkgs[0].path.iterdir())
+    proc, url = start("static", root)
+    gw = Gateway()
+    node = start_daemon(tmp_path, tiny_base, trusted=(gw.public_hex,), adapter_sources=(url,), max_cache_bytes=size)
+    store = node.daemon.store
+    try:
+        with gw.client(node.url, node.node_id) as client:
+
+            def ask(pkg):
+                body = {"adapter_id": pkg.adapter_id, "prompt_token_ids": [1, 5, 6], "max_tokens": 1, "temperature": 0}
+                return client.post("/v1/generate", json=body)
+
+            assert ask(pkgs[0]).status_code == 200
+            r = ask(pkgs[1])  # the first was fetched just now: it may not go yet
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_full", r.text
+            assert "no room for" in r.json()["error"]["message"]
+            assert store.has(pkgs[0].adapter_id) and not store.has(pkgs[1].adapter_id)
+            old = time.time() - EVICT_GRACE_S - 1
+            os.utime(store.root / CACHED_DIR / pkgs[0].adapter_id, (old, old))
+            r = ask(pkgs[1])
+            assert r.status_code == 200, r.text
+            assert not store.has(pkgs[0].adapter_id) and store.has(pkgs[1].adapter_id)
+            assert store.cached_bytes() <= size
+    finally:
+        node.stop()
+        proc.kill()
+        proc.wait()

@@ -100,6 +100,7 @@ class PeerProcess:
         log_path: Path | None = None,
         start_timeout: float = 60.0,
         config: dict | None = None,
+        max_cache_bytes: int | None = None,
     ):
         args = [
             "--store",
@@ -125,6 +126,8 @@ class PeerProcess:
             args += ["--faults", str(faults)]
         if config:
             args += ["--config", json.dumps(config)]
+        if max_cache_bytes is not None:
+            args += ["--max-cache-bytes", str(max_cache_bytes)]
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(

@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--announce-interval", type=float, default=30.0)
     ap.add_argument("--config", default="{}", help="more P2PConfig fields as a JSON object (tests: small limits)")
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--max-cache-bytes", type=int, default=None, help="the store's bound on what it fetched")
     ap.add_argument("--faults", type=Path, default=None, help="JSON {adapter_id: fault}: serve those adapters badly")
     return ap.parse_args(argv)
 
@@ -122,7 +123,7 @@ def run(argv: list[str] | None = None) -> None:
     )
     node = P2PNode(
         seed=seed,
-        store=AdapterStore(args.store),
+        store=AdapterStore(args.store, max_cache_bytes=args.max_cache_bytes),
         owner_of=owners_from_file(args.owners),
         config=config,
         base_dir=args.base,

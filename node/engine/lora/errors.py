@@ -22,3 +22,7 @@ class AdapterIncompatibleError(AdapterError):
 
 class AdapterSlotsBusyError(AdapterError):
     """Every slot holds a pinned or in-use adapter."""
+
+
+class AdapterStoreFullError(AdapterError):
+    """The node's store has no room to fetch the adapter into (node/adapters/store.py:StoreFull)."""

@@ -19,6 +19,7 @@ from node.engine.lora.errors import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
     AdapterSlotsBusyError,
+    AdapterStoreFullError,
 )
 from node.engine.lora.weights import LoadedAdapter
 
@@ -180,12 +181,16 @@ class AdapterManager:
 
     def _from_fetched(self, adapter_id: str, fetch: Future, done: Future) -> None:
         """Loader thread, once the fetch has ended: decode what it installed."""
+        from node.adapters.errors import StoreFull
+
         try:
             path = fetch.result()
         except TimeoutError:
             raise AdapterNotFoundError(
                 f"adapter {adapter_id}: no peer delivered it within {self.fetch_timeout:g} s"
             ) from None
+        except StoreFull as e:
+            raise AdapterStoreFullError(f"cannot fetch adapter {adapter_id}: {e}") from None
         pkg = self._from_store(adapter_id) if path is not None else None
         if pkg is None and path is not None:
             from node.adapters import verify_package
@@ -273,6 +278,7 @@ class AdapterManager:
         from node.adapters import PackageError
         from node.adapters.errors import DamagedFiles
 
+        self.store.touch(adapter_id)  # loaded now: a fetched copy is evicted last (before the read: its grace)
         try:
             if self.verify_hashes:
                 return self.store.get(adapter_id)
@@ -397,6 +403,8 @@ class AdapterManager:
             self.release(adapter_id)
             if pin is True:
                 self._pinned.add(adapter_id)
+                if self.store is not None:  # the operator's choice: its package is theirs on disk too, never evicted
+                    self.store.keep(adapter_id)
             elif pin is False:
                 self._pinned.discard(adapter_id)
             return slot

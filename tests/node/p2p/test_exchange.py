@@ -112,3 +112,38 @@ def test_registered_adapter_nobody_holds(mesh, packages):
     assert not got["ok"] and got["type"] == "NoProviders"
     assert f"no peer announced adapter {adapter_id}" in got["error"]
     _nothing_half_written(mesh.c_store, adapter_id)
+
+
+def test_a_fetcher_over_its_cache_bound_evicts_stops_announcing_and_blames_nobody(mesh, packages, tmp_path):
+    """A node's fetches are held to its cache bound (node/adapters/store.py): what it loaded least recently goes,
+    its announcements stop naming it (peers would ask for it, and mark the node failed), and a fetch with no room
+    ends with StoreFull, no provider tried after the first nor blamed."""
+    import time
+
+    from node.adapters.store import CACHED_DIR, EVICT_GRACE_S
+    from tests.utils.p2p import PeerProcess
+
+    first, second = packages.main, packages.stalled  # A holds both honestly
+    size = max(sum(p.stat().st_size for p in pkg.path.iterdir()) for pkg in (first, second))  # room for one
+    d = PeerProcess(
+        store=tmp_path / "d", owners=mesh.owners, base=packages.base, bootstrap=mesh.a.addrs, max_cache_bytes=size
+    )
+    try:
+        got = d.call("fetch", adapter_id=first.adapter_id, providers=[mesh.a.addrs[0]])
+        assert got["ok"], got
+        assert first.adapter_id in d.call("status")["held"]
+        got = d.call("fetch", adapter_id=second.adapter_id, providers=[mesh.a.addrs[0], mesh.b.addrs[0]])
+        assert not got["ok"] and got["type"] == "StoreFull", got  # the first was fetched just now
+        transfer = next(t for t in d.call("status")["transfers"] if t["adapter_id"] == second.adapter_id)
+        assert transfer["attempts"] == 1 and transfer["failures"] == [], transfer
+        _nothing_half_written(tmp_path / "d", second.adapter_id)
+
+        old = time.time() - EVICT_GRACE_S - 1
+        os.utime(tmp_path / "d" / CACHED_DIR / first.adapter_id, (old, old))
+        got = d.call("fetch", adapter_id=second.adapter_id, providers=[mesh.a.addrs[0]])
+        assert got["ok"], got
+        held = d.call("status")["held"]
+        assert second.adapter_id in held and first.adapter_id not in held
+        assert not (tmp_path / "d" / first.adapter_id).exists()
+    finally:
+        d.stop()

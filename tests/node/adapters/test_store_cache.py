@@ -1,0 +1,129 @@
+"""The store's cache of fetched adapters (node/adapters/store.py): anyone who registers adapters and sends requests
+decides what a node fetches, and without a bound its disk filled (a node's store had no quota: each fetched package
+stayed for good). Fetched entries are held to `max_cache_bytes` and the disk to `min_free_bytes`, the least
+recently loaded evicted first; what the operator put there is never evicted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+from eth_account import Account
+
+from node.adapters import AdapterStore
+from node.adapters.errors import StoreFull
+from node.adapters.store import CACHED_DIR, EVICT_GRACE_S
+from tests.utils.factories import make_package
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_base, tmp_path_factory):
+    """Four signed packages of one size, each its own adapter."""
+    root = tmp_path_factory.mktemp("cache-src")
+    account = Account.create()
+    return [make_package(tiny_base, root / f"p{i}", account=account, name=f"acme/p{i}", seed=i) for i in range(4)]
+
+
+def size_of(pkg) -> int:
+    return sum(p.stat().st_size for p in pkg.path.iterdir())
+
+
+def fetched(store: AdapterStore, pkg) -> None:
+    """Install as the fetcher does: a copy in the store's .tmp, installed as cached."""
+    tmp = store.tmp_dir()
+    for p in pkg.path.iterdir():
+        shutil.copyfile(p, tmp / p.name)
+    store.install_from_tmp(tmp, cached=True)
+
+
+def loaded_ago(store: AdapterStore, pkg, seconds: float) -> None:
+    """As if the engine last loaded it `seconds` ago."""
+    t = time.time() - seconds
+    os.utime(store.root / CACHED_DIR / pkg.adapter_id, (t, t))
+
+
+def test_fetched_adapters_stay_within_the_bound_least_recently_loaded_going_first(packages, tiny_base, tmp_path):
+    a, b, c, _ = packages
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base, max_cache_bytes=2 * size_of(a) + 1000)
+    evicted: list[str] = []
+    store.on_evicted.append(evicted.append)
+    fetched(store, a)
+    fetched(store, b)
+    loaded_ago(store, a, EVICT_GRACE_S + 100)
+    loaded_ago(store, b, EVICT_GRACE_S + 200)  # loaded before a: it goes first
+    fetched(store, c)
+    assert evicted == [b.adapter_id]
+    assert store.has(a.adapter_id) and store.has(c.adapter_id) and not store.has(b.adapter_id)
+    assert store.cached_bytes() <= store.max_cache_bytes
+    store.touch(a.adapter_id)  # the engine loads a: now c is the least recently loaded
+    loaded_ago(store, c, EVICT_GRACE_S + 1)
+    fetched(store, b)
+    assert evicted == [b.adapter_id, c.adapter_id] and store.has(a.adapter_id) and store.has(b.adapter_id)
+
+
+def test_nothing_loaded_within_the_grace_is_evicted_and_the_fetch_is_refused(packages, tiny_base, tmp_path):
+    a, b, _, _ = packages
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base, max_cache_bytes=size_of(a) + 1000)
+    fetched(store, a)  # fetched just now: a load may be reading it
+    with pytest.raises(StoreFull, match="loaded in the last 300 s"):
+        fetched(store, b)
+    assert store.has(a.adapter_id) and not store.has(b.adapter_id)
+    assert not list((store.root / ".tmp").iterdir())  # the refused copy is gone too
+    loaded_ago(store, a, EVICT_GRACE_S + 1)
+    fetched(store, b)
+    assert not store.has(a.adapter_id) and store.has(b.adapter_id)
+
+
+def test_what_the_operator_put_there_is_never_evicted_nor_counted(packages, tiny_base, tmp_path):
+    a, b, c, d = packages
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base, max_cache_bytes=size_of(a) + 1000)
+    store.install(a.path)  # an upload
+    fetched(store, b)
+    store.keep(b.adapter_id)  # pinned: the operator's now
+    fetched(store, c)  # the cache holds c alone: a and b are not counted
+    assert store.cached_bytes() == size_of(c)
+    loaded_ago(store, c, EVICT_GRACE_S + 1)
+    fetched(store, d)
+    assert [store.has(p.adapter_id) for p in packages] == [True, True, False, True]
+    # the operator's install of a cached entry makes it theirs; a fetch of theirs leaves it theirs
+    store.install(d.path)
+    fetched(store, a)
+    assert store.cached_bytes() == 0
+
+
+def test_a_fetch_keeps_the_disk_floor_or_is_refused(packages, tiny_base, tmp_path):
+    a, b, _, _ = packages
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    fetched(store, a)
+    loaded_ago(store, a, EVICT_GRACE_S + 1)
+    store.min_free_bytes = shutil.disk_usage(tmp_path).free + 2**50  # a floor no eviction can reach
+    with pytest.raises(StoreFull, match="no fetched adapter to evict"):
+        fetched(store, b)
+    assert not store.has(a.adapter_id) and not store.has(b.adapter_id)  # a was evicted trying
+    with pytest.raises(StoreFull):
+        store.make_room()  # the look before a download says so at once
+    store.min_free_bytes = 0
+    fetched(store, b)
+
+
+def test_a_store_over_its_bound_with_nothing_evictable_refuses_before_a_download(packages, tiny_base, tmp_path):
+    a, _, _, _ = packages
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    fetched(store, a)
+    store.max_cache_bytes = size_of(a) // 2  # the operator lowered the bound since
+    with pytest.raises(StoreFull):
+        store.make_room()
+    loaded_ago(store, a, EVICT_GRACE_S + 1)
+    store.make_room()
+    assert not store.has(a.adapter_id)
+
+
+def test_a_store_without_bounds_makes_no_markers_of_its_own(packages, tiny_base, tmp_path):
+    """`adapter fetch --store`'s store, and every store before this: nothing it holds is ever evicted."""
+    a, _, _, _ = packages
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base)
+    store.install(a.path)
+    assert not (store.root / CACHED_DIR).exists()
+    store.make_room(10**15)  # no bound: nothing to say
