@@ -357,6 +357,8 @@ class NodeDaemon:
             "p2p_fetches": self.fetched,
             "p2p_fetched_bytes": self.fetched_bytes,
             "source_fetches": self.source_fetches,
+            "store_evictions": self.store.evictions,  # fetched packages deleted to make room
+            "store_full_refusals": self.store.refusals,
         }
         hb = self.heartbeat
         return out if hb is None else out | {"heartbeats_sent": hb.sent, "heartbeats_failed": hb.failed}

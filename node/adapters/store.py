@@ -72,6 +72,8 @@ class AdapterStore:
         self.max_cache_bytes = max_cache_bytes
         self.min_free_bytes = min_free_bytes
         self.on_evicted: list[Callable[[str], None]] = []  # called with each id evicted, on the installing thread
+        self.evictions = 0  # fetched packages deleted to make room (GET /metrics)
+        self.refusals = 0  # fetches refused for want of room (StoreFull)
         self._tmp_root = self.root / ".tmp"
         self._tmp_root.mkdir(parents=True, exist_ok=True)
         self._stamps = self.root / ".verified"
@@ -343,6 +345,7 @@ class AdapterStore:
                 break  # the rest were loaded more recently still
             if self.remove(adapter_id):
                 used -= size
+                self.evictions += 1
                 log.info(
                     "evicted fetched adapter %s (%d bytes, last loaded %.0f s ago) to make room",
                     adapter_id,
@@ -359,6 +362,7 @@ class AdapterStore:
             if used
             else "it holds no fetched adapter to evict"
         )
+        self.refusals += 1
         raise StoreFull(
             f"this node's store has no room for {incoming:,} more bytes: fetched adapters take {used:,} bytes against "
             f"{bound}, and {self.min_free_bytes:,} bytes of disk are kept free; {why}"

@@ -470,6 +470,9 @@ def test_a_nodes_fetches_are_held_to_its_cache_bound(tiny_base, tmp_path):
             assert r.status_code == 200, r.text
             assert not store.has(pkgs[0].adapter_id) and store.has(pkgs[1].adapter_id)
             assert store.cached_bytes() <= size
+            metrics = client.get("/metrics").text
+        assert "loramesh_node_store_evictions_total 1.0" in metrics
+        assert "loramesh_node_store_full_refusals_total 1.0" in metrics
     finally:
         node.stop()
         proc.kill()
