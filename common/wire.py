@@ -107,12 +107,15 @@ GUIDED_GRAMMAR_FEATURE = "guided_grammar"  # guided {"type": "grammar"}: an olde
 # not a field: the node names, in a sequence's finish event, the stop string that ended it (an older node's are
 # read back from its tokens: gateway.choices.Choices.stop_text)
 STOP_STRING_FEATURE = "stop_string"
+# vLLM's skip_special_tokens (false: special tokens' text in the answer): sent only to a node that lists it
+SKIP_SPECIAL_TOKENS_FEATURE = "skip_special_tokens"
 GENERATE_FEATURES = (
     CACHE_SALT_FEATURE,
     ALLOWED_TOKEN_IDS_FEATURE,
     BAD_WORDS_FEATURE,
     GUIDED_GRAMMAR_FEATURE,
     STOP_STRING_FEATURE,
+    SKIP_SPECIAL_TOKENS_FEATURE,
 )
 # vLLM's allowed_token_ids: the only ids a sequence may draw, at most this many (made a mask on the device once a
 # request; the bound keeps the body and that making small)
@@ -192,7 +195,7 @@ def features_needed(body: dict) -> frozenset[str]:
     """The generate features a node must list to be sent this generate body: those of fields an older node refuses
     (cache_salt is not one: it is left out for a node that does not list it). Sent to one that refuses it while
     another serves it, the refusing node was taken for one that refuses what it can serve."""
-    needed = {f for f in (ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE) if f in body}
+    needed = {f for f in (ALLOWED_TOKEN_IDS_FEATURE, BAD_WORDS_FEATURE, SKIP_SPECIAL_TOKENS_FEATURE) if f in body}
     guided = body.get("guided")
     if isinstance(guided, dict) and guided.get("type") == "grammar":
         needed.add(GUIDED_GRAMMAR_FEATURE)

@@ -189,22 +189,34 @@ class ChatTemplates:
         with _encoding("bad_words"):
             return bad_word_ids(self._tokenizer(base_model_id), words)
 
-    def decode(self, base_model_id: str, ids: list[int]) -> str:
-        """Token ids as text, without the special tokens (a prompt given as ids, echoed back; blocking)."""
-        return self._tokenizer(base_model_id).decode(ids, skip_special_tokens=True)
+    def decode(self, base_model_id: str, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        """Token ids as text, without the special tokens unless `skip_special_tokens` is false (a prompt given as
+        ids, echoed back; blocking)."""
+        return self._tokenizer(base_model_id).decode(ids, skip_special_tokens=skip_special_tokens)
 
     def sent_chars(
-        self, base_model_id: str, ids: list[int], stops: list[str], stop_ids: set[int], ended: bool
+        self,
+        base_model_id: str,
+        ids: list[int],
+        stops: list[str],
+        stop_ids: set[int],
+        ended: bool,
+        *,
+        skip_special_tokens: bool = True,
+        unshown: frozenset[int] = frozenset(),
     ) -> tuple[int, int | None, str | None]:
         """What an honest node sends for a sequence of these token ids (its tokenizer loaded; blocking): the
         characters of its text, and the position of the token that completes a stop string and that string
         (None, None: none does), after which it sends nothing. Its detokenizer run over the ids as the engine runs it
-        (node.engine.llm_engine._emit): a stop token id ends the sequence without its text, a stop string ends
-        it before the string; the text still held back (half a character, a possible stop string's start) is
-        sent when the sequence `ended` there, not when it was cut off."""
+        (node.engine.llm_engine._emit): a stop token id ends the sequence without its text, a stop string ends it
+        before the string; the text still held back (half a character, a possible stop string's start) is sent when
+        the sequence `ended` there, not when it was cut off. `skip_special_tokens`, `unshown`: as the node's
+        TextStream takes them."""
         from node.adapters.detokenizer import TextStream
 
-        stream = TextStream(self._tokenizer(base_model_id), tuple(stops))
+        stream = TextStream(
+            self._tokenizer(base_model_id), tuple(stops), skip_special_tokens=skip_special_tokens, unshown=unshown
+        )
         for i, tid in enumerate(ids):
             if tid in stop_ids:
                 break

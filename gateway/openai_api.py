@@ -285,13 +285,15 @@ class _Sampling(BaseModel):
     # vLLM's: each prompt position's log-probability and its k most likely tokens, in a whole answer (-1, the whole
     # vocabulary, is refused: a node sends at most MAX_LOGPROBS a position)
     prompt_logprobs: Annotated[int, Field(ge=-1)] | None = None
-    # vLLM's, taken at the value vLLM serves by default and refused by name at any other (check): a priority of 0
-    # (vLLM refuses any other unless started with priority scheduling), special tokens' text left out of the answer
-    # (skip_special_tokens; so spaces_between_special_tokens, about that text, has no effect), and special tokens
-    # added to the prompt as the endpoint adds them (ADDS_SPECIAL_TOKENS)
-    priority: int | None = None
+    # vLLM's: false writes special tokens' text into the answer, as any token's (the end token's excepted, as
+    # vLLM's); sent only to nodes that list it (common.wire.SKIP_SPECIAL_TOKENS_FEATURE)
     skip_special_tokens: bool | None = None
+    # vLLM's, taken and with no effect: the bases' tokenizers are fast ones, whose decoding has no such choice
     spaces_between_special_tokens: bool | None = None
+    # vLLM's, taken at the value vLLM serves by default and refused by name at any other (check): a priority of 0
+    # (vLLM refuses any other unless started with priority scheduling), and special tokens added to the prompt as
+    # the endpoint adds them (ADDS_SPECIAL_TOKENS)
+    priority: int | None = None
     add_special_tokens: bool | None = None
     # accepted, no effect (see the module's docstring)
     user: Identifier | None = None
@@ -336,11 +338,6 @@ class _Sampling(BaseModel):
             raise BadRequest(
                 f"priority {self.priority} needs priority scheduling, which this gateway does not do: send 0",
                 param="priority",
-            )
-        if self.skip_special_tokens is False:
-            raise BadRequest(
-                "skip_special_tokens false is not supported: answers leave special tokens' text out",
-                param="skip_special_tokens",
             )
         special_tokens_as_encoded(self.add_special_tokens, self.ADDS_SPECIAL_TOKENS)
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
@@ -858,6 +855,7 @@ def to_node_request(
         "logprobs": (req.node_logprobs(), None),
         "prompt_logprobs": (prompt_logprobs, None),
         "guided": (req.guided(), None),
+        "skip_special_tokens": (req.skip_special_tokens is not False, True),
     }
     body.update({k: v for k, (v, default) in optional.items() if v != default})
     if target.ensemble is not None:

@@ -1112,16 +1112,23 @@ class ServedRequest:
         # string had its finish event sent with that token, before any abort could come (review)
         node_ended = self.done is not None and not self.aborted and not self.failure
         stops, stop_ids = req.stop_list(), set(req.stop_token_ids or ())
+        # special tokens' text shown (skip_special_tokens false, which only nodes that list it are sent): but for the
+        # end tokens' (node.adapters.detokenizer.TextStream)
+        skip = req.skip_special_tokens is not False
+        unshown = frozenset() if skip else c.eos_ids
 
         def check() -> str | None:
             for k, s in enumerate(c.seqs):
                 # every id, a padded row's (past the tokenizer's, no text) too: the node's detokenizer counts them
                 # among the tokens it holds half a character for, and so must its re-run here (red team: leaving
                 # them out, the two disagreed on a stop string and an honest node was disputed)
-                if not stops and s.chars >= len(t.decode(base, s.ids)):
+                shown = [i for i in s.ids if i not in unshown] if unshown else s.ids
+                if not stops and s.chars >= len(t.decode(base, shown, skip_special_tokens=skip)):
                     continue  # all the text there is (the usual case, one decode); with stop strings, see below
                 ended = whole or s.ended or s.reason is not None or s.count >= c.max_tokens
-                honest, stop_at, stopped = t.sent_chars(base, s.ids, stops, stop_ids, ended)
+                honest, stop_at, stopped = t.sent_chars(
+                    base, s.ids, stops, stop_ids, ended, skip_special_tokens=skip, unshown=unshown
+                )
                 if stop_at is not None and stop_at < len(s.ids) - 1:
                     return f"node streamed {len(s.ids) - 1 - stop_at} tokens of choice {k} past its stop string"
                 if s.named is not None and s.named != stopped:

@@ -16,9 +16,21 @@ MAX_HELD_TOKENS = 8
 class TextStream:
     """Feeds generated token ids, returns the text that became final with each."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        stop: tuple[str, ...] = (),
+        *,
+        skip_special_tokens: bool = True,
+        unshown: frozenset[int] = frozenset(),
+    ) -> None:
+        """`skip_special_tokens` (vLLM's): special tokens' text left out (the default), or written as any token's but
+        for the `unshown` ids' (the end tokens that end a sequence: vLLM shows no text of theirs). The ids are held all
+        the same (MAX_HELD_TOKENS counts them): only their text is left out, so the text with skipping is as before."""
         self.tokenizer = tokenizer
         self.stop = stop
+        self.skip = skip_special_tokens
+        self.unshown = frozenset() if skip_special_tokens else unshown
         # per stop string, the longest end of the text that begins it (Knuth-Morris-Pratt): each character is
         # looked at once per stop string. Trying every prefix against the end at every token cost 18x the
         # decoding itself with four stop strings of 255 repeated characters, on the node and again on the gateway
@@ -36,12 +48,16 @@ class TextStream:
         """Everything emitted."""
         return "".join(self._emitted)
 
+    def _decode(self, ids: list[int]) -> str:
+        if self.unshown:
+            ids = [i for i in ids if i not in self.unshown]
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
     def _decode_new(self) -> str:
         if self.tokenizer is None:
             return ""
-        dec = self.tokenizer.decode
-        before = dec(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        after = dec(self.ids[self._prefix :], skip_special_tokens=True)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
         # an incomplete multi-byte character decodes to U+FFFD: wait for its remaining bytes
         complete = len(after) > len(before) and not after.endswith("\ufffd")
         if complete or len(self.ids) - self._read >= MAX_HELD_TOKENS:
@@ -73,8 +89,8 @@ class TextStream:
         """At the end: emit held-back text and any trailing undecodable bytes (as U+FFFD)."""
         tail = ""
         if self.tokenizer is not None and self._read < len(self.ids):
-            before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-            after = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+            before = self._decode(self.ids[self._prefix : self._read])
+            after = self._decode(self.ids[self._prefix :])
             tail = after[len(before) :]
             self._prefix = self._read = len(self.ids)
         out, self.pending = self.pending + tail, ""

@@ -99,6 +99,7 @@ class GenerateBody(BaseModel):
         | None
     ) = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # vLLM's (common.wire.SKIP_SPECIAL_TOKENS_FEATURE)
     min_tokens: Annotated[int, Field(ge=0)] = 0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Penalty = 0.0

@@ -270,6 +270,7 @@ class LLMEngine:
                             else None
                         ),
                         cache_salt=req.cache_salt,
+                        end_ids=self.eos_ids,
                     )
                 )
         return SequenceGroup(seqs, sum(len(ids) for ids in prompts))

@@ -106,6 +106,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt position
     n: int = 1  # sequences per prompt
     guided: GuidedSpec | None = None  # the grammar the text must follow (node.engine.grammar)
+    skip_special_tokens: bool = True  # vLLM's: special tokens' text left out of the text (the end token's always is)
     # made once a request, for every step of its sequences (layers.logits_processor; a per-step cache keyed by the
     # lists missed every time past its size, and hashed 4,096 ids a row a step where it hit): the one-token bad
     # words, and the longer ones by the token before their last; the mask of ids not allowed per (device, width)

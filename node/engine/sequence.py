@@ -73,7 +73,9 @@ class Sequence:
         prompt_index: int = 0,
         matcher=None,
         cache_salt: str | None = None,
+        end_ids: frozenset[int] = frozenset(),
     ) -> None:
+        """`end_ids`: the base's end tokens, whose text is not shown where special tokens' is (TextStream)."""
         self.request_id = request_id
         self.adapter_id = adapter_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -93,7 +95,12 @@ class Sequence:
         self.slot = -1  # adapter slot while running; -1 = base model
         self.generator = seeded_generator(seed, device)
         self.seed = seed  # the on-device sampler draws from (seed, token index) instead
-        self.stream = TextStream(tokenizer, params.stop)
+        self.stream = TextStream(
+            tokenizer,
+            params.stop,
+            skip_special_tokens=params.skip_special_tokens,
+            unshown=frozenset() if params.ignore_eos else end_ids,
+        )
         self.finish_reason: str | None = None
         self.started_at = now_ms()
         self.error: str | None = None

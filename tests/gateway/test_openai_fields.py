@@ -122,9 +122,9 @@ def test_service_tier_is_answered_with_the_tier_that_served(oai):
 
 
 def test_vllms_defaults_are_taken_and_the_other_values_refused_by_name(oai):
-    """priority 0, skip_special_tokens true, spaces_between_special_tokens (no effect where special tokens are
-    skipped) and add_special_tokens as each endpoint adds them: vLLM's defaults, the answer as without them (they
-    were refused as unknown fields). Any other value is refused by name."""
+    """priority 0, skip_special_tokens true, spaces_between_special_tokens (no effect with a fast tokenizer) and
+    add_special_tokens as each endpoint adds them: vLLM's defaults, the answer as without them (they were refused as
+    unknown fields). Any other value is refused by name."""
     vllm = {"priority": 0, "skip_special_tokens": True, "spaces_between_special_tokens": False}
     greedy = complete(oai, temperature=0)
     got = complete(oai, temperature=0, extra_body=vllm | {"add_special_tokens": True})
@@ -137,10 +137,30 @@ def test_vllms_defaults_are_taken_and_the_other_values_refused_by_name(oai):
     )
     refused(lambda: complete(oai, extra_body={"priority": 1}), "priority")
     refused(lambda: chat(oai, extra_body={"priority": -5}), "priority")
-    refused(lambda: complete(oai, extra_body={"skip_special_tokens": False}), "skip_special_tokens")
     refused(lambda: complete(oai, extra_body={"add_special_tokens": False}), "add_special_tokens")
     refused(lambda: chat(oai, extra_body={"add_special_tokens": True}), "add_special_tokens")
     refused(lambda: chat(oai, extra_body={"priority": "0"}), "priority")  # strict, as every field
+
+
+def test_skip_special_tokens_false_writes_their_text_but_the_end_tokens(served, oai):
+    """vLLM's skip_special_tokens false (refused before): special tokens' text in the answer, whole and streamed,
+    the end token's left out as vLLM leaves it; the gateway's check of the node's text decodes as the node did (the
+    usage row is not disputed)."""
+    bos = {"logit_bias": {"1": 100}, "temperature": 0, "max_tokens": 3}  # <s>, a special token, drawn each step
+    shown = {"skip_special_tokens": False}
+    got = agree(served, oai.completions.with_raw_response.create(model=TINY, prompt=PROMPT, **bos, extra_body=shown))
+    assert got.choices[0].text == "<s><s><s>" and got.choices[0].finish_reason == "length"
+    assert complete(oai, **bos).choices[0].text == ""  # the default: left out
+    streamed = complete(oai, **bos, stream=True, extra_body=shown)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "<s><s><s>"
+    reply = agree(
+        served, oai.chat.completions.with_raw_response.create(model=TINY, messages=MESSAGES, **bos, extra_body=shown)
+    )
+    assert reply.choices[0].message.content == "<s><s><s>"
+    # the end token ends the answer without its text, shown or not
+    eos = {"logit_bias": {str(EOS): 100}, "temperature": 0}
+    got = agree(served, oai.completions.with_raw_response.create(model=TINY, prompt=PROMPT, **eos, extra_body=shown))
+    assert (got.choices[0].text, got.choices[0].finish_reason, got.usage.completion_tokens) == ("", "stop", 1)
 
 
 def test_penalties_change_a_greedy_answer(oai):

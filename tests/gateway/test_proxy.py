@@ -475,29 +475,32 @@ def test_each_key_has_its_own_prefix_cache_salt_on_nodes_that_know_the_field(w):
         ("allowed_token_ids", [10, 3], "allowed_token_ids"),
         ("bad_words", ["ab", "c"], "bad_words_token_ids"),
         ("guided_grammar", 'start: " t0"', "guided_grammar"),
+        ("skip_special_tokens", False, "skip_special_tokens"),
     ],
 )
 def test_a_request_with_a_later_field_goes_only_to_nodes_that_list_it(w, field, value, feature):
-    """allowed_token_ids, bad_words and a grammar change the answer: a node of an older release (which does not list
-    the field, and refuses a body with a field or guided type it does not know) is not sent it, and without one that
-    lists it the client hears why, by the field's name; the request goes to one that does."""
+    """allowed_token_ids, bad_words, a grammar and special tokens' text change the answer: a node of an older
+    release (which does not list the field, and refuses a body with a field or guided type it does not know) is not
+    sent it, and without one that lists it the client hears why, by the field's name; the request goes to one that
+    does."""
 
     def ask():
         before = [len(n.requests) for n in w.nodes]
         w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=1, extra_body={field: value})
         return [(n, b) for n, k in zip(w.nodes, before) for b in n.requests[k:]]
 
+    before = [len(n.requests) for n in w.nodes]
     with pytest.raises(openai.APIStatusError) as ei:
         ask()
     assert ei.value.status_code == 503 and f"takes {field} right now" in ei.value.body["message"]
-    assert all(not n.requests or feature not in n.requests[-1] and "guided" not in n.requests[-1] for n in w.nodes)
+    assert [len(n.requests) for n in w.nodes] == before  # neither was sent it
     newer, older = w.nodes
     try:
         newer.features = [feature, "some_later_field"]
         w.beat()
         for _ in range(4):
             ((node, body),) = ask()
-            assert node is newer and (body.get(feature) or body["guided"]["type"] == "grammar")
+            assert node is newer and (feature in body or body["guided"]["type"] == "grammar")
         # a request without the field still goes to either
         w.client().completions.create(model="acme/alpha", prompt="x", max_tokens=1)
     finally:

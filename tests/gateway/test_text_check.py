@@ -168,11 +168,15 @@ def honest_texts(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> 
     return honest_run(tok, ids, stops, stop_ids)[0]
 
 
-def honest_run(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> tuple[list[str], str | None, str]:
+def honest_run(
+    tok, ids: list[int], stops: list[str], stop_ids: list[int], skip: bool = True
+) -> tuple[list[str], str | None, str]:
     """honest_texts, the stop string the node names in its finish event (None: none ended the sequence), and its
-    finish reason there ("stop", or "length" at the last of `ids`, max_tokens)."""
-    params = SamplingParams(max_tokens=max(len(ids), 1), stop=tuple(stops), stop_token_ids=tuple(stop_ids))
-    seq = Sequence("r", None, [tok.bos_token_id], params, tok, torch.device("cpu"), seed=0)
+    finish reason there ("stop", or "length" at the last of `ids`, max_tokens). `skip`: skip_special_tokens."""
+    params = SamplingParams(
+        max_tokens=max(len(ids), 1), stop=tuple(stops), stop_token_ids=tuple(stop_ids), skip_special_tokens=skip
+    )
+    seq = Sequence("r", None, [tok.bos_token_id], params, tok, torch.device("cpu"), seed=0, end_ids=frozenset({EOS}))
     # _emit reads only these of the engine: which ids end a sequence, and the context (never reached here)
     engine = SimpleNamespace(eos_ids=frozenset({EOS}), max_len=len(ids) + 2)
     texts, reason = [], "stop"
@@ -196,6 +200,7 @@ def disputed(
     stop_string: str | None = None,
     said: str | None = "stop",
     done: str = "stop",
+    skip: bool = True,
 ) -> str | None:
     """What the gateway holds against a node that streamed these token events for a request of one sequence
     (max_tokens: len(ids) unless given), as ServedRequest relays them and then checks them: None when nothing.
@@ -205,7 +210,12 @@ def disputed(
     t = base.templates
     max_tokens = max(max_tokens or len(ids), 1)
     req = CompletionRequest(
-        model="m", prompt=[1], max_tokens=max_tokens, stop=stops or None, stop_token_ids=stop_ids or None
+        model="m",
+        prompt=[1],
+        max_tokens=max_tokens,
+        stop=stops or None,
+        stop_token_ids=stop_ids or None,
+        skip_special_tokens=None if skip else False,
     )
     c = Choices(
         chat=False,
@@ -239,10 +249,12 @@ def disputed(
     return asyncio.run(ServedRequest._misreported(served))
 
 
-def relay(base: Base, ids: list[int], stops: list[str], stop_ids: list[int], cut: int | None) -> str | None:
+def relay(
+    base: Base, ids: list[int], stops: list[str], stop_ids: list[int], cut: int | None, skip: bool = True
+) -> str | None:
     """An honest node generates `ids` (up to where it ends the sequence); the request is cut after `cut` token
-    events (None: it is not). What the gateway holds against the node."""
-    texts, stopped, reason = honest_run(base.tok, ids, stops, stop_ids)
+    events (None: it is not). What the gateway holds against the node. `skip`: skip_special_tokens."""
+    texts, stopped, reason = honest_run(base.tok, ids, stops, stop_ids, skip)
     n = len(texts) if cut is None else min(cut, len(texts))
     return disputed(
         base,
@@ -254,6 +266,7 @@ def relay(base: Base, ids: list[int], stops: list[str], stop_ids: list[int], cut
         max_tokens=len(ids),
         stop_string=stopped,
         said=reason,
+        skip=skip,
     )
 
 
@@ -282,6 +295,31 @@ def test_an_honest_node_is_never_disputed(bases, name, data):
     base = bases[name]
     ids, stops, stop_ids, cut = data.draw(requests(base))
     assert relay(base, ids, stops, stop_ids, cut) is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_an_honest_node_showing_special_tokens_is_never_disputed(bases, name, data):
+    """skip_special_tokens false: the special tokens' text is sent, the end token's is not (vLLM's); the gateway's
+    check decodes as the node did."""
+    base = bases[name]
+    ids, stops, stop_ids, cut = data.draw(requests(base))
+    assert relay(base, ids, stops, stop_ids, cut, skip=False) is None
+    texts = honest_texts_shown(base, ids, stop_ids)
+    if texts is not None:  # padding: the special tokens' text left out, as if skipped, is disputed
+        short = [base.tok.decode([i], skip_special_tokens=True) for i in ids[: len(texts)]]
+        if sum(map(len, short)) < sum(map(len, texts)):
+            assert disputed(base, ids[: len(texts)], short, [], stop_ids, cut=False, skip=False) is not None
+
+
+def honest_texts_shown(base: Base, ids: list[int], stop_ids: list[int]) -> list[str] | None:
+    """An honest node's texts with special tokens shown and no stop strings, when every token's text stands on its own
+    (None: a character spans tokens, and a token-by-token decode would not be the node's text)."""
+    texts = honest_run(base.tok, ids, [], stop_ids, skip=False)[0]
+    whole = base.tok.decode([i for i in ids[: len(texts)] if i != EOS], skip_special_tokens=False)
+    alone = "".join(base.tok.decode([i], skip_special_tokens=False) for i in ids[: len(texts)] if i != EOS)
+    return texts if whole == alone == "".join(texts) else None
 
 
 def _lone_byte(base: Base) -> int:

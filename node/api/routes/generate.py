@@ -270,6 +270,7 @@ async def _submit(node: NodeApi, rid: str, body: GenerateBody):
             prompt_logprobs=body.prompt_logprobs,
             n=body.n,
             guided=guided,
+            skip_special_tokens=body.skip_special_tokens,
         )
         req = GenerationRequest(
             rid,
