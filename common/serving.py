@@ -13,11 +13,13 @@ import contextlib
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import threading
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +198,107 @@ def listening_socket(host: str, port: int, name: str) -> socket.socket:
 # and get a ReadError (2 of 2,000 requests in the gateway soak). A server that waits longer than its
 # clients never races them.
 KEEP_ALIVE_S = 30
+# A connection not in a request (just opened, or past its last answer and the keep-alive) has this long to send a
+# request's whole head, and an answer the client has stopped reading may wait this long for it. uvicorn has no
+# such bounds: a stranger's connections that never finished a head, or never read their answers, stayed open
+# for good (red team: 400 of them held 400 of a node's descriptors 47 s on; under systemd's 1,024 its /health
+# then failed for everyone).
+HEAD_TIMEOUT_S = 10.0
+WRITE_STALL_S = 60.0
+
+
+class GuardedHttp(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools) with two deadlines it lacks: a request's head within HEAD_TIMEOUT_S of
+    the connection's start, or within KEEP_ALIVE_S + HEAD_TIMEOUT_S of its last answer (a head sent a byte at a time
+    never arms uvicorn's keep-alive again); and a write blocked on a client that reads nothing aborts the connection
+    after WRITE_STALL_S (the task answering it waited for ever). Neither touches a request being answered: a
+    request's body has its own pace (common.http.BodyLimitMiddleware), and an answer that is being read is never
+    blocked for long."""
+
+    head_timeout_s = HEAD_TIMEOUT_S
+    write_stall_s = WRITE_STALL_S
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._await_head(self.head_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._head_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # the next request's head is in already: it is answered next
+        super().on_response_complete()
+        if not pipelined:
+            self._await_head(self.timeout_keep_alive + self.head_timeout_s)
+
+    def _await_head(self, seconds: float) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered: its head came after all (a pipelined one)
+        if not self.transport.is_closing():
+            self.transport.abort()  # nothing of ours is waiting to be sent
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_stall_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        if not self.transport.is_closing():
+            self.logger.info("closing a connection whose client read nothing for %.0f s", self.write_stall_s)
+        self.transport.abort()  # not close(): that waits to send what the client does not read
+
+
+def raise_open_files_limit() -> int:
+    """The soft limit on open descriptors raised to the hard one, as servers do (each connection is one; systemd's
+    soft default, 1,024, is a few hundred strangers' connections); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's own ceiling (nr_open) by default
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # a container that refuses it: the limit stays as it was
+        return soft
+    return target
+
+
+def server_config(app, *, host: str, port: int, graceful_timeout: float, **more) -> uvicorn.Config:
+    """uvicorn's config for our servers (the tests' too): GuardedHttp, our keep-alive, our logging level."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=graceful_timeout,
+        lifespan="on",
+        timeout_keep_alive=KEEP_ALIVE_S,
+        http=GuardedHttp,
+        **more,
+    )
 
 
 def serve(
@@ -205,14 +308,10 @@ def serve(
     process then; this says so in one line), ShutdownFailed if the app's own shutdown raised. sock: host:port
     bound already (listening_socket), by a caller with slow work to do before it serves."""
     app = _StartupFailure(app)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_graceful_shutdown=graceful_timeout,
-        lifespan="on",
-        timeout_keep_alive=KEEP_ALIVE_S,
+    limit = raise_open_files_limit()
+    log.debug("%s may hold %d open descriptors", name, limit)
+    config = server_config(
+        app, host=host, port=port, graceful_timeout=graceful_timeout
     )  # which sets up uvicorn's loggers: the filter goes on after
     server = GracefulServer(config)
     # bound before the app starts: uvicorn binds after the app's start-up, in which a node registers on chain and

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from common.http import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, error_responses
 from common.wire import error_body, node_id_of
@@ -20,6 +21,7 @@ from node.api.errors import ApiError, validation_message
 from node.api.models import generate_body_bytes
 from node.api.routes import adapters, generate, hello, status
 from node.engine import AsyncEngine
+from node.gateway_hello import HELLO_PATH, MAX_HELLO_BYTES
 from node.health import NodeHealth
 from node.metrics import NodeMetrics
 from node.receipts import public_key_bytes
@@ -111,12 +113,14 @@ def create_app(
     app = FastAPI(title="loramesh node", lifespan=lifespan, responses=error_responses(ERRORS))
     app.state.node = node
     app.state.status_doc = node.status_doc
-    overrides = {"/v1/generate": node.generate_body_bytes}
+    # a hello is small: a stranger's 1 MiB bodies, held while they trickled in, cost 1 MB of memory each
+    overrides = {"/v1/generate": node.generate_body_bytes, HELLO_PATH: MAX_HELLO_BYTES}
     if uploads is not None:  # the upload route's own limit; the load route under it keeps the usual one
         overrides |= {"/v1/adapters": uploads.max_bytes, "/v1/adapters/": max_body_bytes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, overrides=overrides)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _crash)
     app.include_router(status.router)
     app.include_router(adapters.router)
@@ -135,6 +139,12 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     message = validation_message(exc.errors(), located_in=("body", "path"))
     return JSONResponse(error_body(message, code="invalid_request"), status_code=400)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    # nothing went wrong here, and nobody is left to answer: a caller hanging up mid-body (any stranger, on a public
+    # route) wrote two tracebacks, 15 kB, to the log each time (red team); answered quietly, outside the last resort
+    return JSONResponse(error_body("the client went away", code="client_disconnected"), status_code=400)
 
 
 async def _crash(request: Request, exc: Exception) -> JSONResponse:

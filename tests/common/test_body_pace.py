@@ -92,7 +92,7 @@ def test_a_body_that_stops_coming_is_408_on_a_nodes_hello_route(short_grace, tmp
         engine, Ed25519PrivateKey.generate(), trusted_gateways=set(), operator_token="t", on_gateway_hello=on_hello
     )
     with ServerThread(app) as server:
-        socks = _hold(server.url, "/internal/gateway-hello", 1_000_000)
+        socks = _hold(server.url, "/internal/gateway-hello", 4096)  # a hello's most (node.gateway_hello)
         assert _answers(socks) == [b"HTTP/1.1 408 Request Timeout"] * len(socks)
 
 

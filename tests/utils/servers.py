@@ -5,9 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-import uvicorn
-
-from common.serving import GracefulServer
+from common.serving import GracefulServer, server_config
 from devnet.anvil import free_port
 
 
@@ -18,11 +16,8 @@ class ServerThread:
     def __init__(self, app, port: int | None = None) -> None:
         self.port = port or free_port()
         # lifespan "on": an app whose start-up fails must fail the test, not serve half-configured
-        self.server = GracefulServer(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=3
-            )
-        )
+        # the servers' own protocol and keep-alive (common.serving.GuardedHttp)
+        self.server = GracefulServer(server_config(app, host="127.0.0.1", port=self.port, graceful_timeout=3))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
