@@ -260,7 +260,7 @@ class AdapterStore:
         if final.exists():  # a leftover without a manifest cannot be a finished install
             shutil.rmtree(final)
         if cached:
-            self._make_room(_folder_bytes(tmp), self.max_cache_bytes)
+            self._make_room(_folder_bytes(tmp))
             self._cached.mkdir(exist_ok=True)
             self._cached_marker(pkg.adapter_id).touch()  # loaded soon: a fresh fetch is in its grace
         for p in tmp.iterdir():
@@ -279,13 +279,13 @@ class AdapterStore:
             return False
         doomed = Path(tempfile.mkdtemp(prefix=f"rm-{WRITER}-", dir=self._tmp_root))  # one a removal
         self._drop_stamp(adapter_id)
-        self.keep(adapter_id)
         try:
             os.replace(path, doomed)  # disappear atomically (over the empty folder), then delete at leisure
         except FileNotFoundError:  # another removal took it first
             return False
         finally:
             shutil.rmtree(doomed, ignore_errors=True)
+        self.keep(adapter_id)  # after: a process killed between the two leaves a marker of nothing, not an entry unseen
         return True
 
     # ---- the cache of fetched packages ----
@@ -306,7 +306,7 @@ class AdapterStore:
         """Evict what the cache must so that `incoming` more fetched bytes fit; StoreFull when they cannot. With 0,
         a cheap look before a fetch downloads anything: a store over its bounds with nothing evictable says so."""
         with self._installing():
-            self._make_room(incoming, self.max_cache_bytes)
+            self._make_room(incoming)
 
     def cached_bytes(self) -> int:
         """What the fetched entries take on disk."""
@@ -325,8 +325,9 @@ class AdapterStore:
             out.append((marker.name, size, used))
         return sorted(out, key=lambda e: (e[2], e[0]))
 
-    def _make_room(self, incoming: int, max_cache_bytes: int | None) -> None:
+    def _make_room(self, incoming: int) -> None:
         # _installing held: two installs must not both count the same room
+        max_cache_bytes = self.max_cache_bytes
         if max_cache_bytes is None and self.min_free_bytes <= 0:
             return
         entries = self._cache_entries()
@@ -357,11 +358,12 @@ class AdapterStore:
             if not short():
                 return
         bound = f"a bound of {max_cache_bytes:,}" if max_cache_bytes is not None else "no bound"
-        why = (
-            f"each fetched adapter it holds was loaded in the last {EVICT_GRACE_S:g} s"
-            if used
-            else "it holds no fetched adapter to evict"
-        )
+        if max_cache_bytes is not None and incoming > max_cache_bytes:
+            why = "the package alone is larger than the bound"
+        elif used:
+            why = f"each fetched adapter it holds was loaded in the last {EVICT_GRACE_S:g} s"
+        else:
+            why = "it holds no fetched adapter to evict"
         self.refusals += 1
         raise StoreFull(
             f"this node's store has no room for {incoming:,} more bytes: fetched adapters take {used:,} bytes against "
