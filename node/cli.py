@@ -697,8 +697,8 @@ def node_run(
             "--max-cache-bytes",
             min=1,
             help="Disk the adapters this node fetched for requests may take together; past it the least recently "
-            "loaded are deleted (none loaded in the last 5 minutes), else the fetch is refused (503). Uploads and "
-            "pins are the operator's: never deleted, not counted. [default: 64 GiB]",
+            "used are deleted (none used in the last minute, loading, or being sent to a peer), else the fetch is "
+            "refused (503). Uploads and pins are the operator's: never deleted, not counted. [default: 64 GiB]",
         ),
     ] = None,
     min_free_disk_bytes: Annotated[

@@ -11,10 +11,12 @@ changes its time, size or inode) is hashed again and refused if it no longer mat
 
 Packages the node fetched on its own (from peers or an adapter source, for a request) are a cache: anyone who can
 register adapters and send requests decides what it fetches, so its disk would fill. Each such entry has a marker
-in `root/.cached/` whose time is its last load; an install that would take the fetched entries past `max_cache_bytes`,
-or the disk under `min_free_bytes`, first removes the least recently loaded of them (none loaded in the last
-`EVICT_GRACE_S`), and is refused (StoreFull) if that is not enough. What the operator put there (an upload, `adapter
-fetch --store`, a pin) has no marker and is never removed, nor are entries from before markers existed.
+in `root/.cached/` whose time is its last use (installed, loaded, or serving a request: the engine says so once a
+minute); an install that would take the fetched entries past `max_cache_bytes`, or the disk under `min_free_bytes`,
+first removes the least recently used of them, and is refused (StoreFull), removing nothing, if that cannot be
+enough. Never removed: what the `protected` callbacks name (what the engine loads or may read again, what the p2p
+server is sending), an entry used in the last `EVICT_GRACE_S`, and what the operator put there (an upload, `adapter
+fetch --store`, a pin: no marker), as entries from before markers existed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from common.files import WRITER, WRITER_PATTERN, writer_gone
@@ -45,7 +47,7 @@ INSTALL_LOCK = ".install.lock"  # in the store's root: installs take it in turn 
 INSTALL_LOCK_WAIT_S = 60.0  # an install holds it for renames only: past this its holder is stuck, not busy
 TMP_IDLE_S = 600.0  # a temporary folder unwritten this long at a node's start is a dead writer's (clean_tmp)
 CACHED_DIR = ".cached"  # root/.cached/<adapter id>: an entry fetched for a request; its mtime is its last load
-EVICT_GRACE_S = 300.0  # an entry loaded (or fetched) this recently is not evicted: a load or fetch may be reading it
+EVICT_GRACE_S = 60.0  # an entry used this recently is not evicted: it was just fetched for a load, say
 _TMP_NAME = re.compile(rf"(?:pkg|rm)-{WRITER_PATTERN}-")  # a temporary folder's writer (tmp_dir, remove)
 _STORE_LOCKS: dict[str, threading.Lock] = {}  # a store's real path -> its installs' lock in this process
 _THREADS_LOCK = threading.Lock()
@@ -72,6 +74,9 @@ class AdapterStore:
         self.max_cache_bytes = max_cache_bytes
         self.min_free_bytes = min_free_bytes
         self.on_evicted: list[Callable[[str], None]] = []  # called with each id evicted, on the installing thread
+        # each names adapter ids in use now, never evicted (the engine's held and loading ones, the p2p uploads);
+        # called on the installing thread, with the install lock held: quick, and taking no lock of the store's
+        self.protected: list[Callable[[], Iterable[str]]] = []
         self.evictions = 0  # fetched packages deleted to make room (GET /metrics)
         self.refusals = 0  # fetches refused for want of room (StoreFull)
         self._tmp_root = self.root / ".tmp"
@@ -293,8 +298,8 @@ class AdapterStore:
         return self._cached / check_id(adapter_id)
 
     def touch(self, adapter_id: str) -> None:
-        """Say a fetched entry was just loaded (the engine, before it reads it): evicted last, and not within
-        EVICT_GRACE_S. A peer's download of it is no use of this node's: only the engine calls this."""
+        """Say a fetched entry was just used (the engine, before it reads it and as it serves it): evicted last, and
+        not within EVICT_GRACE_S. A peer's download of it is no use of this node's: only the engine calls this."""
         with contextlib.suppress(FileNotFoundError):  # the operator's, or gone
             os.utime(self._cached_marker(adapter_id))
 
@@ -326,48 +331,70 @@ class AdapterStore:
         return sorted(out, key=lambda e: (e[2], e[0]))
 
     def _make_room(self, incoming: int) -> None:
-        # _installing held: two installs must not both count the same room
-        max_cache_bytes = self.max_cache_bytes
-        if max_cache_bytes is None and self.min_free_bytes <= 0:
+        # _installing held: two installs must not both count the same room. All or nothing: an eviction that could
+        # not make enough room removed every entry it could before it refused (review)
+        bound, floor = self.max_cache_bytes, self.min_free_bytes
+        if bound is None and floor <= 0:
             return
         entries = self._cache_entries()
         used = sum(size for _, size, _ in entries)
-
-        def short() -> bool:
-            over = max_cache_bytes is not None and used + incoming > max_cache_bytes
-            # `incoming` sits in the store's .tmp already, on this disk: what is free now is what is left after
-            return over or (self.min_free_bytes > 0 and shutil.disk_usage(self.root).free < self.min_free_bytes)
-
-        if not short():
+        free = shutil.disk_usage(self.root).free if floor > 0 else 0  # `incoming` is in the store's .tmp already
+        over = 0 if bound is None else max(0, used + incoming - bound)
+        under = max(0, floor - free) if floor > 0 else 0
+        if not over and not under:
             return
         now = time.time()
-        for adapter_id, size, last in entries:
-            if now - last < EVICT_GRACE_S:
-                break  # the rest were loaded more recently still
+        in_use = self._in_use()
+        doomed, freed = [], 0
+        for adapter_id, size, last in entries:  # least recently used first
+            if freed >= max(over, under):
+                break
+            if adapter_id in in_use or now - last < EVICT_GRACE_S:
+                continue
+            doomed.append((adapter_id, size, last))
+            freed += size
+        if freed < max(over, under):
+            self.refusals += 1
+            raise StoreFull(self._full(incoming, used, free, over, under))
+        for adapter_id, size, last in doomed:
+            # looked at again: a load may have begun since the list was made (it would fetch it again, whole)
+            if adapter_id in self._in_use() or time.time() - self._last_use(adapter_id) < EVICT_GRACE_S:
+                continue
             if self.remove(adapter_id):
-                used -= size
                 self.evictions += 1
                 log.info(
-                    "evicted fetched adapter %s (%d bytes, last loaded %.0f s ago) to make room",
+                    "evicted fetched adapter %s (%d bytes, last used %.0f s ago) to make room",
                     adapter_id,
                     size,
                     now - last,
                 )
                 for callback in self.on_evicted:
                     callback(adapter_id)
-            if not short():
-                return
-        bound = f"a bound of {max_cache_bytes:,}" if max_cache_bytes is not None else "no bound"
-        if max_cache_bytes is not None and incoming > max_cache_bytes:
-            why = "the package alone is larger than the bound"
-        elif used:
-            why = f"each fetched adapter it holds was loaded in the last {EVICT_GRACE_S:g} s"
-        else:
-            why = "it holds no fetched adapter to evict"
-        self.refusals += 1
-        raise StoreFull(
-            f"this node's store has no room for {incoming:,} more bytes: fetched adapters take {used:,} bytes against "
-            f"{bound}, and {self.min_free_bytes:,} bytes of disk are kept free; {why}"
+
+    def _in_use(self) -> set[str]:
+        return {aid for names in self.protected for aid in names()}
+
+    def _last_use(self, adapter_id: str) -> float:
+        try:
+            return self._cached_marker(adapter_id).stat().st_mtime
+        except OSError:  # gone: the operator's now, or removed
+            return float("inf")
+
+    def _full(self, incoming: int, used: int, free: int, over: int, under: int) -> str:
+        """StoreFull's one line: which bound, and why no eviction could meet it."""
+        if over and incoming > (self.max_cache_bytes or 0):
+            return (
+                f"this node's store cannot take a fetched package of {incoming:,} bytes: its bound for fetched "
+                f"adapters is {self.max_cache_bytes:,} bytes"
+            )
+        what = (
+            f"fetched adapters take {used:,} of {self.max_cache_bytes:,} bytes"
+            if over
+            else f"{free:,} bytes of its disk are free, under the {self.min_free_bytes:,} it keeps"
+        )
+        return (
+            f"this node's store has no room for {incoming:,} more bytes: {what}, and what it could evict is in use "
+            f"(held or loading, being sent to a peer, or used in the last {EVICT_GRACE_S:g} s)"
         )
 
     def clean_tmp(self, *, idle_s: float = TMP_IDLE_S) -> int:

@@ -216,6 +216,10 @@ class AsyncEngine:
         """Slots, queue and throughput (for /status)."""
         return self.core.status()
 
+    def adapters_in_use(self) -> set[str]:
+        """The adapter ids the engine holds, loads or fetches now (any thread; AdapterManager.in_use)."""
+        return self.core.adapters.in_use()
+
     def call(self, fn: Callable) -> Future:
         """Run `fn` on the engine thread between steps."""
         fut: Future = Future()

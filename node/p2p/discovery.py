@@ -313,6 +313,7 @@ class Discovery:
         self._published_at = float("-inf")
         self._signed_at: OrderedDict[str, float] = OrderedDict()  # signer -> when its last one was taken
         self._checked: OrderedDict[bytes, Announcement] = OrderedDict()  # digest of the bytes -> announcement
+        self._trio_token: trio.lowlevel.TrioToken | None = None  # the p2p loop's, once started (forget)
 
     async def subscribe(self):
         """Check every announcement GossipSub relays and join the topic (GossipSub must be ready)."""
@@ -322,6 +323,7 @@ class Discovery:
 
     async def start(self, nursery: trio.Nursery, subscription) -> None:
         """Hold what the store holds and run the announce, DHT-provide and receive loops in `nursery`."""
+        self._trio_token = trio.lowlevel.current_trio_token()  # forget's way back onto this loop, from any thread
         self.store.on_evicted.append(self.forget)
         held = await trio.to_thread.run_sync(_oldest_first, self.store)
         self.held.update(dict.fromkeys(held))
@@ -359,9 +361,13 @@ class Discovery:
 
     def forget(self, adapter_id: str) -> None:
         """The store evicted `adapter_id` (AdapterStore.on_evicted, on the installing thread): its announcements
-        stop naming it, so peers do not ask, and blame, a node for what it no longer holds. One dict operation,
-        atomic under the GIL beside the p2p thread's own; DHT records already given out expire on their own."""
+        stop naming it, the next one at once, so peers do not ask a node for what it no longer holds (a peer that
+        asks is told so, and blames no one: fetcher.Fetcher). One dict operation, atomic under the GIL beside the
+        p2p thread's own; DHT records already given out expire on their own."""
         self.held.pop(adapter_id, None)
+        if self._trio_token is not None:
+            with contextlib.suppress(trio.RunFinishedError):  # the mesh has stopped
+                self._trio_token.run_sync_soon(lambda: self._announce_now.set())
 
     def _hold(self, adapter_id: str) -> None:
         self.held.pop(adapter_id, None)

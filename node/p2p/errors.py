@@ -23,6 +23,11 @@ class ProviderRefused(ProviderError):
     """A provider answered with an error frame (does not hold the adapter, busy)."""
 
 
+class ProviderLacks(ProviderRefused):
+    """A provider answered that it does not hold the adapter (it evicted it since it said it did, say): it is
+    not asked again for it by this fetch, and not held to be failing (anyone may say it, and only costs an ask)."""
+
+
 class BadBytes(ProviderError):
     """A provider sent bytes that do not match the adapter id or the manifest's hashes and sizes."""
 

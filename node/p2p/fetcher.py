@@ -36,6 +36,7 @@ from node.p2p.errors import (
     NoProviders,
     P2PError,
     ProviderError,
+    ProviderLacks,
     ProviderTimeout,
     UnfitAdapter,
     UnregisteredAdapter,
@@ -188,6 +189,13 @@ class Fetcher:
             self._set(status, on_progress)
             try:
                 pkg = await self._fetch_from(prov, adapter_id, owner, status, on_progress)
+            except ProviderLacks as e:  # it said so at once (an eviction since its announcement): no fault of its
+                log.info("provider %s no longer holds %s", prov.peer_id, adapter_id)
+                failures.append(f"{prov.peer_id}: {e}")
+                self._set(replace(self.transfers[adapter_id], failures=tuple(failures)), on_progress)
+                if prov.source == "dht":
+                    self.discovery.drop_dht_record(adapter_id, prov.peer_id)
+                continue
             # trio's Broken/ClosedResourceError: the provider's side of the stream went away under a read or
             # write (seen in CI with a tampering provider that hangs up); that provider failed, not the fetch
             except (

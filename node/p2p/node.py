@@ -15,6 +15,7 @@ coroutine on the trio loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -180,6 +181,10 @@ class P2PNode:
         book = self._m().discovery.book
         return len(book), book.id_count
 
+    def failures(self, peer_id: str) -> int:
+        """The failed fetches from `peer_id` its standing counts (each backs it off), 0 once one succeeds."""
+        return self._m().standing.failures(peer_id)
+
     def dht_key_count(self) -> int:
         """Content keys the DHT keeps provider records for (bounded: P2PConfig.dht_max_provider_keys)."""
         return len(self._m().dht.provider_store.providers)
@@ -330,6 +335,7 @@ class Mesh:
                 subscription = await self.discovery.subscribe()
                 async with background_trio_service(self.dht), trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self.server.store.protected.append(self.server.uploading)
                     await self.discovery.start(nursery, subscription)
                     nursery.start_soon(self._routing_table_loop)
                     if self.config.bootstrap:
@@ -339,6 +345,8 @@ class Mesh:
                     finally:
                         self._nursery = None
                         self.discovery.stop()
+                        with contextlib.suppress(ValueError):
+                            self.server.store.protected.remove(self.server.uploading)
                         nursery.cancel_scope.cancel()
 
     @property

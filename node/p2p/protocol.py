@@ -38,13 +38,24 @@ from node.adapters import MANIFEST_FILE, SIGNATURE_FILE
 from node.adapters.errors import PackageError, shown
 from node.adapters.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from node.adapters.verify import check_for_base
-from node.p2p.errors import BadBytes, FrameError, ProviderError, ProviderRefused, ProviderTimeout, UnfitAdapter
+from node.p2p.errors import (
+    BadBytes,
+    FrameError,
+    ProviderError,
+    ProviderLacks,
+    ProviderRefused,
+    ProviderTimeout,
+    UnfitAdapter,
+)
 
 # -- frames ----------------------------------------------------------------------------------------
 
 PROTOCOL_ID = "/loramesh/adapter/1.0.0"
 HEADER = struct.Struct(">BI")
 MAX_PAYLOAD = 1 << 20  # 1 MiB: one DATA frame; also the cap for manifest and signature
+NOT_HELD = (
+    "this node does not hold adapter"  # how an ERROR frame's reason begins for an adapter not held (ProviderLacks)
+)
 
 
 class Kind(enum.IntEnum):
@@ -363,7 +374,8 @@ async def request_package(
     first = await reader.read_frame()
     if first.kind == Kind.ERROR:
         reason = "".join(c if c.isprintable() else "?" for c in first.payload.decode("utf-8", "replace")[:200])
-        raise ProviderRefused(f"provider refused: {reason}")  # one line, whatever the provider sent
+        kind = ProviderLacks if reason.startswith(NOT_HELD) else ProviderRefused
+        raise kind(f"provider refused: {reason}")  # one line, whatever the provider sent
     if first.kind != Kind.MANIFEST:
         raise FrameError(f"expected a MANIFEST frame, got {first.kind.name}")
     if sha256_hex(first.payload) != adapter_id:

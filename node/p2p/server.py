@@ -14,6 +14,7 @@ from node.p2p.config import P2PConfig
 from node.p2p.errors import FrameError, ProviderError, ProviderTimeout
 from node.p2p.host import reset_stream
 from node.p2p.protocol import (
+    NOT_HELD,
     ByteStream,
     FrameReader,
     Kind,
@@ -33,12 +34,12 @@ UNREAD_WINDOW = 256 * 1024
 
 
 class _Upload:
-    """One package going out: to whom, and how many bytes written."""
+    """One package going out: which, to whom, and how many bytes written."""
 
-    __slots__ = ("peer", "sent")
+    __slots__ = ("adapter_id", "peer", "sent")
 
-    def __init__(self, peer: str) -> None:
-        self.peer, self.sent = peer, 0
+    def __init__(self, peer: str, adapter_id: str = "") -> None:
+        self.peer, self.adapter_id, self.sent = peer, adapter_id, 0
 
 
 class _Counted:
@@ -122,7 +123,7 @@ class AdapterServer:
         # Hashes were checked at install and the client checks every byte again; sizes are re-checked here.
         pkg = await trio.to_thread.run_sync(lambda: self.store.get(adapter_id, verify_hashes=False))
         if pkg is None:
-            await self._refuse(stream, f"this node does not hold adapter {adapter_id}")
+            await self._refuse(stream, f"{NOT_HELD} {adapter_id}")
             return
         # at DEBUG, and at INFO once served: a stranger asking and resetting at once wrote a line a stream
         log.debug("serving adapter %s to %s", adapter_id, _peer_of(stream))
@@ -130,7 +131,7 @@ class AdapterServer:
         # A reader taking less than min_rate would hold the slot: the whole upload has a deadline.
         limit = self.config.transfer_grace + self.config.header_timeout + size / self.config.min_rate
         gone, sent = trio.Event(), False
-        upload = _Upload(_peer_of(stream))
+        upload = _Upload(_peer_of(stream), adapter_id)
         self._uploads.add(upload)
         try:
             with trio.move_on_after(limit) as scope:
@@ -157,6 +158,10 @@ class AdapterServer:
         self.served += 1
         log.info("served adapter %s to %s (%d bytes)", adapter_id, _peer_of(stream), size)
         await stream.close()
+
+    def uploading(self) -> set[str]:
+        """The adapter ids going out now (any thread: the store does not evict them, AdapterStore.protected)."""
+        return {u.adapter_id for u in list(self._uploads)}
 
     def uploading_to(self) -> set[str]:
         """Peers reading a package from this node now: more of it than the muxer's first window has gone out (a

@@ -100,6 +100,7 @@ def _handle(node: P2PNode, cmd: dict) -> dict:
             "book_peers": book_peers,
             "book_ids": book_ids,
             "dht_keys": node.dht_key_count(),
+            "failures": {p: node.failures(p) for p in cmd.get("failures_of", ())},
         }
     raise ValueError(f"unknown command {op!r}")
 

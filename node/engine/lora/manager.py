@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ MAX_ENSEMBLE_SPECS = 4096
 MAX_FAILED_LOADS = 1024
 # how long a fetch of an adapter the store lacks may take, from peers and the operator's sources together
 FETCH_TIMEOUT_S = 300.0
+USE_TOLD_S = 60.0  # the store hears of an adapter's use at most this often (a file's time set, on the engine thread)
 
 
 class AdapterManager:
@@ -91,6 +93,7 @@ class AdapterManager:
         self._failed: OrderedDict[str, AdapterError] = OrderedDict()  # oldest first, at most MAX_FAILED_LOADS
         self._names: dict[str, str] = {}  # of the adapters in the host cache or a slot (status shows them)
         self._ensembles_held: set[str] = set()  # the ensembles in the host cache or a slot
+        self._told: dict[str, float] = {}  # adapter id -> when the store was last told of its use (_used)
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
         self.counters = {"disk_loads": 0, "slot_loads": 0, "slot_hits": 0, "evictions": 0, "cpu_evictions": 0}
@@ -272,6 +275,26 @@ class AdapterManager:
             raise self._not_found(adapter_id)
         return pkg
 
+    def in_use(self) -> set[str]:
+        """The adapter ids whose copies on disk this manager may read now (any thread; AdapterStore.protected): those
+        it loads or fetches, and those it holds as a slot image alone (CUDA), which an ensemble reads again to
+        combine them. Not what it holds decoded: a bound on disk below the host cache would then hold every new
+        adapter out until one left the cache, which only a new adapter's load makes happen."""
+        with self._lock:
+            imaged = {aid for aid, a in self._cpu.items() if not a.weights}
+            return set(self._inflight) | set(self._loading) | imaged
+
+    def _used(self, adapter_id: str) -> None:
+        """Tell the store an adapter served a request (its copy on disk is evicted least recently used first: a hot
+        adapter, loaded once long ago and held since, went first; review), at most once a minute an adapter."""
+        now = time.monotonic()
+        if self.store is None or now - self._told.get(adapter_id, -USE_TOLD_S) < USE_TOLD_S:
+            return
+        self._told[adapter_id] = now
+        while len(self._told) > 4 * (self.cpu_cache_size + self.num_slots):
+            self._told.pop(next(iter(self._told)))
+        self.store.touch(adapter_id)
+
     def _from_store(self, adapter_id: str):
         """The installed package, None when the store lacks it; a copy damaged in the store is dropped and
         fetched again when this node fetches (a node that does not keeps the error: its operator acts)."""
@@ -301,6 +324,7 @@ class AdapterManager:
                 self._resident.move_to_end(adapter_id)
                 self._refs[adapter_id] = self._refs.get(adapter_id, 0) + 1
                 self.counters["slot_hits"] += 1
+                self._used(adapter_id)
                 return self._resident[adapter_id]
             if adapter_id in self._loading:
                 slot, copy = self._loading[adapter_id]
@@ -316,6 +340,7 @@ class AdapterManager:
                 self.load(adapter_id)
                 return None
             self._cpu.move_to_end(adapter_id)
+            self._used(adapter_id)
             slot = self._take_slot(adapter_id)
             if slot is None:
                 return None

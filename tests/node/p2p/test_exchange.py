@@ -145,5 +145,14 @@ def test_a_fetcher_over_its_cache_bound_evicts_stops_announcing_and_blames_nobod
         held = d.call("status")["held"]
         assert second.adapter_id in held and first.adapter_id not in held
         assert not (tmp_path / "d" / first.adapter_id).exists()
+        # a peer that asks D for what it evicted is told so, and holds nothing against D (it tries the next)
+        e = PeerProcess(store=tmp_path / "e", owners=mesh.owners, base=packages.base, bootstrap=mesh.a.addrs)
+        try:
+            got = e.call("fetch", adapter_id=first.adapter_id, providers=[d.addrs[0], mesh.a.addrs[0]])
+            assert got["ok"] and got["attempts"] == 2 and got["peer_id"] == mesh.a.peer_id, got
+            assert "does not hold adapter" in got["failures"][0]
+            assert e.call("status", failures_of=[d.peer_id])["failures"] == {d.peer_id: 0}
+        finally:
+            e.stop()
     finally:
         d.stop()

@@ -260,7 +260,9 @@ def test_a_node_whose_store_holds_more_adapters_than_one_announcement_starts_its
     new.mkdir()
     os.utime(old, (1, 1))
     paths = {a: new if a == ids[0] else old for a in ids}  # ids[0] installed last
-    store = SimpleNamespace(list=lambda: [SimpleNamespace(adapter_id=a, path=paths[a]) for a in sorted(ids)])
+    store = SimpleNamespace(
+        list=lambda: [SimpleNamespace(adapter_id=a, path=paths[a]) for a in sorted(ids)], on_evicted=[]
+    )
     d = _discovery(store)
 
     class Quiet:  # a subscription nobody publishes on
