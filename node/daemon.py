@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 # Anyone who registers adapters and sends requests decides what a node fetches: without a bound its disk fills.
 MAX_CACHE_BYTES = 64 * 2**30  # ~380 adapters of rank 16 on all targets of an 8B base (168 MB each)
 MIN_FREE_DISK_BYTES = 2**30  # the node's database, logs and downloads in progress share the disk
-# fetches downloading at once: each writes its package into the store's .tmp before the store's bounds are
-# applied to it, so requests for many adapters at once overshot them by as many packages (review)
-MAX_FETCHES = 4
 
 # how often a node reads the registry's nodes again, to know the ones registered after it started
 REGISTRY_PEERS_S = 300.0
@@ -174,7 +171,6 @@ class NodeDaemon:
         self.heartbeat: HeartbeatSender | None = None
         self.fetched = self.fetched_bytes = 0  # adapters fetched through the mesh, and their package bytes
         self.source_fetches = 0  # adapters fetched from the operator's sources
-        self._fetching = asyncio.Semaphore(MAX_FETCHES)
         # the ledger's settlers, whose gateways may say hello: none when the operator lists the gateways to trust
         takes_hellos = self.chain is not None and not config.trusted_gateway_keys
         self.settlers = SettlerRoster(self.chain.settler_changes) if takes_hellos else None
@@ -332,12 +328,10 @@ class NodeDaemon:
     # ---- p2p ----
     async def _fetch(self, adapter_id: str) -> Path | None:
         """The engine's last resort for an adapter the store lacks: fetch it through the mesh, then from the
-        operator's adapter sources in order. StoreFull, before any download, when the store has no room."""
-        async with self._fetching:
-            await asyncio.to_thread(self.store.make_room)
-            return await self._fetch_now(adapter_id)
-
-    async def _fetch_now(self, adapter_id: str) -> Path | None:
+        operator's adapter sources in order. StoreFull, before any download, when the store has no room (a fetch over
+        p2p holds its package's room from its manifest on: AdapterStore.reserve; a source's, at most 2 at once, is
+        counted as it is installed)."""
+        await asyncio.to_thread(self.store.make_room)
         if self.p2p is not None:
             from node.p2p import FetchError, P2PError
 

@@ -77,6 +77,8 @@ class AdapterStore:
         # each names adapter ids in use now, never evicted (the engine's held and loading ones, the p2p uploads);
         # called on the installing thread, with the install lock held: quick, and taking no lock of the store's
         self.protected: list[Callable[[], Iterable[str]]] = []
+        self._reserved = 0  # bytes of fetches downloading now, room made for them (reserve)
+        self._reserved_lock = threading.Lock()
         self.evictions = 0  # fetched packages deleted to make room (GET /metrics)
         self.refusals = 0  # fetches refused for want of room (StoreFull)
         self._tmp_root = self.root / ".tmp"
@@ -313,6 +315,20 @@ class AdapterStore:
         with self._installing():
             self._make_room(incoming)
 
+    def reserve(self, nbytes: int) -> None:
+        """Make room for a fetch of `nbytes` about to download (its manifest read: nothing of it written yet), and
+        hold that room until `release`: fetches downloading at once each count the others' (review: 6 at once, each
+        let in by a look that counted none, overshot the bound by 6 packages). StoreFull when it cannot be made."""
+        with self._installing():
+            self._make_room(nbytes)
+            with self._reserved_lock:
+                self._reserved += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """A reserved fetch ended (installed, where its bytes now count as the cache's, or given up)."""
+        with self._reserved_lock:
+            self._reserved = max(0, self._reserved - nbytes)
+
     def cached_bytes(self) -> int:
         """What the fetched entries take on disk."""
         return sum(size for _, size, _ in self._cache_entries())
@@ -337,8 +353,12 @@ class AdapterStore:
         if bound is None and floor <= 0:
             return
         entries = self._cache_entries()
-        used = sum(size for _, size, _ in entries)
-        free = shutil.disk_usage(self.root).free if floor > 0 else 0  # `incoming` is in the store's .tmp already
+        # the room held for fetches still downloading counts as used: what they have written is in .tmp, on this
+        # disk (counted once more, at most: the conservative side); `incoming` is in .tmp already, or reserved
+        with self._reserved_lock:
+            reserved = self._reserved
+        used = sum(size for _, size, _ in entries) + reserved
+        free = shutil.disk_usage(self.root).free - reserved if floor > 0 else 0
         over = 0 if bound is None else max(0, used + incoming - bound)
         under = max(0, floor - free) if floor > 0 else 0
         if not over and not under:

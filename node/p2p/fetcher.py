@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# a provider that no longer holds an adapter says so within this of being asked (a dial done, a store looked in);
+# one that takes longer cost the fetch its wait, and is held to it as a provider that stalls
+PROMPT_ANSWER_S = 2.0
+
 OwnerOf = Callable[[str], str | None]  # adapter id -> its registered owner's address, None if unregistered
 # finished fetches (done or failed) whose progress is kept for the status page, the newest: a client naming many
 # adapters this node lacks made it keep one for each, for good, in every heartbeat (250 made gateways refuse them)
@@ -177,6 +181,7 @@ class Fetcher:
             raise NoProviders(f"no peer announced adapter {adapter_id} within {self.config.discover_timeout:g}s")
         failures: list[str] = []
         for attempt, prov in enumerate(order, start=1):
+            asked = trio.current_time()
             status = replace(
                 status,
                 state="downloading",
@@ -189,12 +194,16 @@ class Fetcher:
             self._set(status, on_progress)
             try:
                 pkg = await self._fetch_from(prov, adapter_id, owner, status, on_progress)
-            except ProviderLacks as e:  # it said so at once (an eviction since its announcement): no fault of its
-                log.info("provider %s no longer holds %s", prov.peer_id, adapter_id)
+            except ProviderLacks as e:
                 failures.append(f"{prov.peer_id}: {e}")
                 self._set(replace(self.transfers[adapter_id], failures=tuple(failures)), on_progress)
                 if prov.source == "dht":
                     self.discovery.drop_dht_record(adapter_id, prov.peer_id)
+                if trio.current_time() - asked <= PROMPT_ANSWER_S:  # an eviction since its announcement: no fault
+                    log.info("provider %s no longer holds %s", prov.peer_id, adapter_id)
+                else:  # said late, it cost the fetch its wait: a provider that stalls, as any other (re-attack)
+                    log.warning("provider %s failed for %s: %s", prov.peer_id, adapter_id, e)
+                    self.standing.failed(prov.peer_id)
                 continue
             # trio's Broken/ClosedResourceError: the provider's side of the stream went away under a read or
             # write (seen in CI with a tampering provider that hangs up); that provider failed, not the fetch
@@ -261,6 +270,18 @@ class Fetcher:
         stream = await self._open_stream(_peer_info(prov))
         base_config = await trio.to_thread.run_sync(read_config, self.base_dir) if self.base_dir is not None else None
         tmp = Path(await trio.to_thread.run_sync(self.store.tmp_dir))
+        held = 0  # the room the store holds for this download (AdapterStore.reserve), given back before the install
+
+        async def admit(nbytes: int) -> None:
+            nonlocal held
+            await trio.to_thread.run_sync(self.store.reserve, nbytes)  # StoreFull: not the provider's fault
+            held = nbytes
+
+        def give_back() -> None:
+            nonlocal held
+            self.store.release(held)
+            held = 0
+
         try:
 
             def on_bytes(done: int, total: int) -> None:
@@ -276,6 +297,7 @@ class Fetcher:
                     on_bytes=on_bytes,
                     pace=Pace(self.config.header_timeout, self.config.min_rate, self.config.transfer_grace),
                     base_config=base_config,
+                    admit=admit,
                 )
             except BaseException:
                 with trio.move_on_after(2):
@@ -284,8 +306,10 @@ class Fetcher:
             with trio.move_on_after(2):
                 await _quietly(stream.close)
             self._set(replace(self.transfers[adapter_id], state="verifying"), on_progress)
+            give_back()  # the install counts the package itself, in .tmp
             return await trio.to_thread.run_sync(self._install, tmp, owner)
         finally:
+            give_back()
             if tmp.exists():  # shielded: on cancellation the partial download must still go
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(shutil.rmtree, tmp, True)

@@ -24,7 +24,7 @@ import hashlib
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -358,9 +358,11 @@ async def request_package(
     on_bytes: ByteProgress | None = None,
     pace: Pace | None = None,
     base_config: dict | None = None,
+    admit: Callable[[int], Awaitable[None]] | None = None,
 ) -> TransferPlan:
     """Ask for `adapter_id` and write the package into the empty folder `dest`, checking every byte (and, with
-    `base_config`, that the manifest fits that base: plan_transfer).
+    `base_config`, that the manifest fits that base: plan_transfer). `admit` is awaited with the package's size
+    once its manifest is read, before any file's byte: it raises to take none (the store has no room for it).
 
     Nothing a provider sends is parsed before it is known to be what was asked for: the manifest's
     bytes must hash to the adapter id (so they are the canonical manifest, byte for byte), and the
@@ -384,6 +386,8 @@ async def request_package(
             "(altered, non-canonical or another adapter's)"
         )
     plan = plan_transfer(first.payload, adapter_id, max_bytes=max_bytes, base_config=base_config)
+    if admit is not None:
+        await admit(plan.total_bytes)
     signature = await reader.expect(Kind.SIGNATURE)
     signature_bytes = check_signature_frame(signature.payload)
     (dest / MANIFEST_FILE).write_bytes(first.payload)

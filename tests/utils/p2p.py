@@ -15,7 +15,8 @@ from pathlib import Path
 
 import trio
 
-from node.p2p.protocol import Kind, encode_header, package_sections, write_frame
+from node.p2p.fetcher import PROMPT_ANSWER_S
+from node.p2p.protocol import NOT_HELD, Kind, encode_header, package_sections, write_frame
 from node.p2p.server import AdapterServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +65,19 @@ async def _oversize(server, stream, pkg_dir, adapter_id):
         await write_frame(stream, kind, payload, timeout=server.timeout)
 
 
-FAULTS = {"tamper": _tamper, "stall": _stall, "drop": _drop, "oversize": _oversize}
+async def _late_not_held(server, stream, pkg_dir, adapter_id):
+    """Say it does not hold the adapter, as a node that evicted it does, but only after a wait past a prompt answer."""
+    await trio.sleep(PROMPT_ANSWER_S + 0.5)  # within the tests' read timeout (3 s)
+    await server._refuse(stream, f"{NOT_HELD} {adapter_id}")
+
+
+FAULTS = {
+    "tamper": _tamper,
+    "stall": _stall,
+    "drop": _drop,
+    "oversize": _oversize,
+    "late_not_held": _late_not_held,
+}
 
 
 class FaultyServer(AdapterServer):

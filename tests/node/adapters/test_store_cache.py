@@ -149,6 +149,22 @@ def test_what_is_in_use_is_never_evicted_and_an_eviction_that_cannot_be_enough_r
     assert huge.has(a.adapter_id) and huge.evictions == 0
 
 
+def test_downloads_under_way_hold_their_room(packages, tiny_base, tmp_path):
+    """Review: fetches let in at once each by a look that counted none of the others overshot the bound by as many
+    packages. A p2p fetch reserves its package's size once its manifest is read; the others count it."""
+    a, b, _, _ = packages
+    store = AdapterStore(tmp_path / "store", base_dir=tiny_base, max_cache_bytes=2 * size_of(a) + 1000)
+    store.reserve(size_of(a))
+    store.reserve(size_of(a))  # two downloads under way: the bound is taken
+    with pytest.raises(StoreFull, match="no room"):
+        store.reserve(size_of(a))
+    with pytest.raises(StoreFull):
+        fetched(store, b)  # an install is held to it too
+    store.release(size_of(a))
+    fetched(store, b)  # one download gave its room back
+    assert store.has(b.adapter_id)
+
+
 def test_a_store_without_bounds_makes_no_markers_of_its_own(packages, tiny_base, tmp_path):
     """`adapter fetch --store`'s store, and every store before this: nothing it holds is ever evicted."""
     a, _, _, _ = packages

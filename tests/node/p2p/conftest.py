@@ -26,6 +26,7 @@ class Packages:
     dropped: VerifiedPackage  # F resets the stream mid-file; A holds a good copy
     oversized: VerifiedPackage  # F announces a 64 MiB frame; nobody else holds it
     foreign: VerifiedPackage  # F holds a copy signed by a stranger, not the registered owner
+    late: VerifiedPackage  # F says it does not hold it, after a wait; A holds it
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def packages(tmp_path_factory) -> Packages:
     owner, stranger = Account.create(), Account.create()
     made = {
         name: make_package(base, work / name, account=owner, name=name, seed=i)
-        for i, name in enumerate(["main", "tampered", "stalled", "dropped", "oversized"])
+        for i, name in enumerate(["main", "tampered", "stalled", "dropped", "oversized", "late"])
     }
     foreign = make_package(base, work / "foreign", account=stranger, name="foreign", seed=99)
     torch.set_num_threads(threads)  # as found: later modules' engines would run on one thread otherwise
@@ -63,7 +64,10 @@ def mesh(tmp_path_factory, packages: Packages):
     owners = work / "owners.json"  # stand-in for the chain registry: adapter id -> owner address
     owners.write_text(
         json.dumps(
-            {pkg.adapter_id: p.owner for pkg in (p.main, p.tampered, p.stalled, p.dropped, p.oversized, p.foreign)}
+            {
+                pkg.adapter_id: p.owner
+                for pkg in (p.main, p.tampered, p.stalled, p.dropped, p.oversized, p.foreign, p.late)
+            }
         )
     )
     faults = work / "faults.json"
@@ -74,13 +78,14 @@ def mesh(tmp_path_factory, packages: Packages):
                 p.stalled.adapter_id: "stall",
                 p.dropped.adapter_id: "drop",
                 p.oversized.adapter_id: "oversize",
+                p.late.adapter_id: "late_not_held",
             }
         )
     )
     store_a, store_f = AdapterStore(work / "a"), AdapterStore(work / "f")
-    for pkg in (p.main, p.tampered, p.stalled, p.dropped):
+    for pkg in (p.main, p.tampered, p.stalled, p.dropped, p.late):
         store_a.install(pkg.path)
-    for pkg in (p.tampered, p.stalled, p.dropped, p.oversized, p.foreign):
+    for pkg in (p.tampered, p.stalled, p.dropped, p.oversized, p.foreign, p.late):
         store_f.install(pkg.path)
     started: list[PeerProcess] = []
     try:

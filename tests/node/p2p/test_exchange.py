@@ -75,6 +75,16 @@ def test_bad_provider_then_good_one(mesh, packages, which, reason):
     assert list((mesh.c_store / ".tmp").iterdir()) == []
 
 
+def test_a_provider_saying_late_that_it_does_not_hold_it_is_held_to_its_wait(mesh, packages):
+    """Re-attack: a peer that does not hold an adapter is excused (ProviderLacks) only when it says so at once; one
+    that answers so after a wait cost the fetch that wait (10 s each fetch, never backed off) and is held to it."""
+    before = mesh.c.call("status", failures_of=[mesh.f.peer_id])["failures"][mesh.f.peer_id]
+    got = mesh.c.call("fetch", adapter_id=packages.late.adapter_id, providers=[mesh.f.addrs[0], mesh.a.addrs[0]])
+    assert got["ok"] and got["attempts"] == 2 and got["peer_id"] == mesh.a.peer_id, got
+    assert "does not hold adapter" in got["failures"][0]
+    assert mesh.c.call("status", failures_of=[mesh.f.peer_id])["failures"][mesh.f.peer_id] == before + 1
+
+
 def test_oversized_frame_refused(mesh, packages):
     pkg = packages.oversized
     got = mesh.c.call("fetch", adapter_id=pkg.adapter_id, providers=[mesh.f.addrs[0]])
