@@ -62,7 +62,7 @@ class DaemonConfig:
     data_dir: Path = DEFAULT_DATA_DIR  # holds operator.token
     trusted_gateway_keys: tuple[str, ...] = ()  # empty: trust the keys the --gateway URLs announce
     max_package_bytes: int = MAX_PACKAGE_BYTES
-    # the adapters it fetched for requests, together (the least recently loaded evicted first: AdapterStore)
+    # the adapters it fetched for requests, together (the least recently used evicted first: AdapterStore)
     max_cache_bytes: int = MAX_CACHE_BYTES
     min_free_disk_bytes: int = MIN_FREE_DISK_BYTES  # what a fetch leaves free of the store's disk
     # every body but an upload's and a generate call's (node/api/models.py:generate_body_bytes)
@@ -141,7 +141,7 @@ class NodeDaemon:
         self.sources = Sources([HttpRegistry(u) for u in config.adapter_sources], budget_s=FETCH_TIMEOUT_S)
         fetches = self.p2p is not None or bool(self.sources)
         self.engine = AsyncEngine(engine_config, store=self.store, fetcher=self._fetch if fetches else None)
-        self.store.protected.append(self.engine.adapters_in_use)  # never evicted from under a load or a slot
+        self.store.protected.append(self.engine.adapters_in_use)  # never evicted from under a load
         self.operator_token, self.operator_token_path = ensure_operator_token(config.data_dir)
         self.uploads = PackageInstaller(
             self.store,

@@ -302,7 +302,7 @@ class AdapterStore:
     def touch(self, adapter_id: str) -> None:
         """Say a fetched entry was just used (the engine, before it reads it and as it serves it): evicted last, and
         not within EVICT_GRACE_S. A peer's download of it is no use of this node's: only the engine calls this."""
-        with contextlib.suppress(FileNotFoundError):  # the operator's, or gone
+        with contextlib.suppress(FileNotFoundError, ValueError):  # the operator's, gone, or no entry's id at all
             os.utime(self._cached_marker(adapter_id))
 
     def keep(self, adapter_id: str) -> None:

@@ -217,7 +217,7 @@ class AsyncEngine:
         return self.core.status()
 
     def adapters_in_use(self) -> set[str]:
-        """The adapter ids the engine holds, loads or fetches now (any thread; AdapterManager.in_use)."""
+        """The adapter ids whose packages the engine may read now (any thread; AdapterManager.in_use)."""
         return self.core.adapters.in_use()
 
     def call(self, fn: Callable) -> Future:

@@ -24,8 +24,8 @@ class ProviderRefused(ProviderError):
 
 
 class ProviderLacks(ProviderRefused):
-    """A provider answered that it does not hold the adapter (it evicted it since it said it did, say): it is
-    not asked again for it by this fetch, and not held to be failing (anyone may say it, and only costs an ask)."""
+    """A provider answered that it does not hold the adapter (it evicted it since it said it did, say): it is not asked
+    again for it by this fetch, and, when it said so at once, not held to be failing (fetcher.PROMPT_ANSWER_S)."""
 
 
 class BadBytes(ProviderError):
