@@ -189,10 +189,19 @@ class ChatTemplates:
         with _encoding("bad_words"):
             return bad_word_ids(self._tokenizer(base_model_id), words)
 
-    def decode(self, base_model_id: str, ids: list[int], *, skip_special_tokens: bool = True) -> str:
-        """Token ids as text, without the special tokens unless `skip_special_tokens` is false (a prompt given as
-        ids, echoed back; blocking)."""
-        return self._tokenizer(base_model_id).decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(
+        self,
+        base_model_id: str,
+        ids: list[int],
+        *,
+        skip_special_tokens: bool = True,
+        unshown: frozenset[int] = frozenset(),
+    ) -> str:
+        """Token ids as text, without the special tokens unless `skip_special_tokens` is false, and then without the
+        `unshown` ids' (a prompt given as ids, echoed back; a node's sequence, as it shows it; blocking)."""
+        from node.adapters.detokenizer import shown_text
+
+        return shown_text(self._tokenizer(base_model_id), ids, skip_special_tokens=skip_special_tokens, unshown=unshown)
 
     def sent_chars(
         self,

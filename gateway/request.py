@@ -1122,8 +1122,7 @@ class ServedRequest:
                 # every id, a padded row's (past the tokenizer's, no text) too: the node's detokenizer counts them
                 # among the tokens it holds half a character for, and so must its re-run here (red team: leaving
                 # them out, the two disagreed on a stop string and an honest node was disputed)
-                shown = [i for i in s.ids if i not in unshown] if unshown else s.ids
-                if not stops and s.chars >= len(t.decode(base, shown, skip_special_tokens=skip)):
+                if not stops and s.chars >= len(t.decode(base, s.ids, skip_special_tokens=skip, unshown=unshown)):
                     continue  # all the text there is (the usual case, one decode); with stop strings, see below
                 ended = whole or s.ended or s.reason is not None or s.count >= c.max_tokens
                 honest, stop_at, stopped = t.sent_chars(

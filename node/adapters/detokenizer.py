@@ -49,9 +49,7 @@ class TextStream:
         return "".join(self._emitted)
 
     def _decode(self, ids: list[int]) -> str:
-        if self.unshown:
-            ids = [i for i in ids if i not in self.unshown]
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        return shown_text(self.tokenizer, ids, skip_special_tokens=self.skip, unshown=self.unshown)
 
     def _decode_new(self) -> str:
         if self.tokenizer is None:
@@ -111,6 +109,16 @@ class TextStream:
                     return i + 1
         self._matched[k] = m
         return None
+
+
+def shown_text(
+    tokenizer, ids: list[int], *, skip_special_tokens: bool = True, unshown: frozenset[int] = frozenset()
+) -> str:
+    """The text of `ids` as a node shows it: special tokens' left out, or (`skip_special_tokens` false) written but
+    for the `unshown` ids' (TextStream's decoding, and the gateway's of a node's whole sequence)."""
+    if unshown and not skip_special_tokens:
+        ids = [i for i in ids if i not in unshown]
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 @lru_cache(maxsize=1024)
